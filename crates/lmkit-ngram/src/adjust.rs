@@ -1,0 +1,113 @@
+//! Kneser-Ney adjusted counts, computed in one streaming pass over the suffix-sorted records.
+//!
+//! For the highest order, and for n-grams that begin with `<s>` (they cannot be extended to the
+//! left), the adjusted count is the raw count. For every other n-gram `g` of a lower order it is the
+//! continuation count N1+(• g): the number of distinct words seen right before `g` (Kneser & Ney
+//! 1995; Chen & Goodman 1998, §3.5).
+
+use crate::count::NONE;
+
+/// The n-grams of one order with their adjusted counts, keys flattened in word order.
+#[derive(Clone, Debug, Default)]
+pub struct CountTable {
+    pub n: usize,
+    pub keys: Vec<u32>,
+    pub counts: Vec<u64>,
+}
+
+impl CountTable {
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    pub fn key(&self, i: usize) -> &[u32] {
+        &self.keys[i * self.n..(i + 1) * self.n]
+    }
+}
+
+struct Group {
+    /// Reversed suffix of the open group (empty when none is open).
+    key: Vec<u32>,
+    count: u64,
+    last_ext: u32,
+}
+
+/// Consumes reversed records in sorted order and builds a [`CountTable`] per order.
+pub struct Adjuster {
+    order: usize,
+    groups: Vec<Group>,
+    tables: Vec<CountTable>,
+}
+
+impl Adjuster {
+    pub fn new(order: usize) -> Self {
+        Adjuster {
+            order,
+            groups: (0..order).map(|_| Group { key: Vec::new(), count: 0, last_ext: NONE }).collect(),
+            tables: (1..=order).map(|n| CountTable { n, ..Default::default() }).collect(),
+        }
+    }
+
+    /// One unique reversed record (last word first, `NONE`-padded) and its raw count.
+    pub fn push(&mut self, rec: &[u32], count: u64) {
+        let len = rec.iter().position(|&x| x == NONE).unwrap_or(self.order);
+        for n in 1..=len {
+            if self.groups[n - 1].key.as_slice() != &rec[..n] {
+                self.flush(n);
+                self.groups[n - 1].key.extend_from_slice(&rec[..n]);
+            }
+            let g = &mut self.groups[n - 1];
+            if n == len {
+                g.count += count; // highest order, or begins with <s>: raw count
+            } else if rec[n] != g.last_ext {
+                g.count += 1; // a new distinct left extension
+                g.last_ext = rec[n];
+            }
+        }
+    }
+
+    fn flush(&mut self, n: usize) {
+        let g = &mut self.groups[n - 1];
+        if g.key.is_empty() {
+            return;
+        }
+        let t = &mut self.tables[n - 1];
+        t.keys.extend(g.key.iter().rev());
+        t.counts.push(g.count);
+        g.key.clear();
+        g.count = 0;
+        g.last_ext = NONE;
+    }
+
+    pub fn finish(mut self) -> Vec<CountTable> {
+        for n in 1..=self.order {
+            self.flush(n);
+        }
+        self.tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continuation_counts_count_distinct_left_words() {
+        // order 2 records (reversed): "a b" twice, "c b" once, "<s> b" (raw) once; ids a=3 b=4 c=5
+        let mut recs = vec![vec![4u32, 3], vec![4, 5], vec![4, 1]];
+        recs.sort();
+        let counts = [2u64, 1, 1];
+        let mut adj = Adjuster::new(2);
+        for (r, c) in recs.iter().zip(counts) {
+            adj.push(r, c);
+        }
+        let t = adj.finish();
+        assert_eq!(t[0].keys, vec![4]);
+        assert_eq!(t[0].counts, vec![3]); // left words <s>, a, c
+        assert_eq!(t[1].len(), 3);
+    }
+}

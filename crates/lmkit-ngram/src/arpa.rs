@@ -1,0 +1,182 @@
+//! ARPA back-off model files (the text format of SRILM and KenLM), read and written.
+
+use crate::error::{NgramError, Result};
+use crate::tables::{NgramTables, OrderEntries};
+use crate::tokenize::{Tokenization, BOS, EOS, UNK};
+use rustc_hash::FxHashMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+/// log10 probability given to `<unk>` when an ARPA file lacks it (as KenLM does).
+pub const MISSING_UNK_LOG10_PROB: f32 = -100.0;
+
+/// Writes `tables` as ARPA. Entries of each order are written in table order.
+pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<()> {
+    writeln!(w, "\\data\\")?;
+    for o in &tables.orders {
+        writeln!(w, "ngram {}={}", o.n, o.len())?;
+    }
+    let mut line = String::new();
+    for o in &tables.orders {
+        writeln!(w, "\n\\{}-grams:", o.n)?;
+        for i in 0..o.len() {
+            use std::fmt::Write as _;
+            line.clear();
+            // `{}` on f32 prints the shortest text that reads back to the same f32.
+            let _ = write!(line, "{}\t", o.log10_prob[i]);
+            for (k, &id) in o.key(i).iter().enumerate() {
+                if k > 0 {
+                    line.push(' ');
+                }
+                line.push_str(&tables.vocab[id as usize]);
+            }
+            if let Some(b) = o.log10_backoff[i] {
+                let _ = write!(line, "\t{b}");
+            }
+            line.push('\n');
+            w.write_all(line.as_bytes())?;
+        }
+    }
+    writeln!(w, "\n\\end\\")
+}
+
+/// Writes an ARPA file atomically (temporary file, fsync, rename).
+pub fn save_arpa(tables: &NgramTables, path: &Path) -> Result<()> {
+    crate::atomic::write_atomic(path, |w| write_arpa(tables, w))
+}
+
+struct LineReader<'a, R: BufRead> {
+    r: R,
+    path: &'a Path,
+    line_no: u64,
+    buf: String,
+}
+
+impl<'a, R: BufRead> LineReader<'a, R> {
+    fn next(&mut self) -> Result<Option<&str>> {
+        self.buf.clear();
+        let mut bytes = Vec::new();
+        let n = self.r.read_until(b'\n', &mut bytes).map_err(|e| NgramError::io(self.path, e))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.line_no += 1;
+        match String::from_utf8(bytes) {
+            Ok(s) => self.buf = s,
+            Err(e) => return Err(self.err(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()))),
+        }
+        Ok(Some(self.buf.trim_end_matches(['\n', '\r'])))
+    }
+
+    fn err(&self, msg: impl Into<String>) -> NgramError {
+        NgramError::Arpa { path: self.path.to_path_buf(), line: self.line_no, msg: msg.into() }
+    }
+
+    /// Next line that is not blank; an error at end of file.
+    fn next_nonblank(&mut self, expecting: &str) -> Result<String> {
+        loop {
+            match self.next()? {
+                None => return Err(self.err(format!("unexpected end of file (truncated?) while expecting {expecting}"))),
+                Some(l) if l.trim().is_empty() => continue,
+                Some(l) => return Ok(l.to_string()),
+            }
+        }
+    }
+}
+
+/// Reads an ARPA model. Text before `\data\` is ignored, as in other ARPA readers.
+pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Result<NgramTables> {
+    let mut lr = LineReader { r, path, line_no: 0, buf: String::new() };
+    loop {
+        match lr.next()? {
+            None => return Err(lr.err("no `\\data\\` header found; is this an ARPA file?")),
+            Some(l) if l.trim() == "\\data\\" => break,
+            Some(_) => {}
+        }
+    }
+    let mut declared: Vec<usize> = Vec::new();
+    let first_section = loop {
+        let l = lr.next_nonblank("`ngram N=count` lines")?;
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("ngram ") {
+            let (n, c) = rest.split_once('=').ok_or_else(|| lr.err(format!("expected `ngram N=count`, got `{l}`")))?;
+            let n: usize = n.trim().parse().map_err(|_| lr.err(format!("bad order in `{l}`")))?;
+            let c: usize = c.trim().parse().map_err(|_| lr.err(format!("bad count in `{l}`")))?;
+            if n != declared.len() + 1 {
+                return Err(lr.err(format!("orders must be declared as 1, 2, 3...; got `{l}`")));
+            }
+            declared.push(c);
+        } else {
+            break l.to_string();
+        }
+    };
+    if declared.is_empty() {
+        return Err(lr.err("no `ngram N=count` lines after `\\data\\`"));
+    }
+
+    let mut vocab: Vec<String> = Vec::new();
+    let mut ids: FxHashMap<String, u32> = FxHashMap::default();
+    let mut orders = Vec::new();
+    let mut header = first_section;
+    for (idx, &count) in declared.iter().enumerate() {
+        let n = idx + 1;
+        if header.trim() != format!("\\{n}-grams:") {
+            return Err(lr.err(format!("expected `\\{n}-grams:`, got `{}`", header.trim())));
+        }
+        let mut o = OrderEntries { n, ..Default::default() };
+        o.keys.reserve(count * n);
+        for k in 0..count {
+            let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
+            let mut fields = l.split_whitespace();
+            let prob = parse_f32(fields.next(), &lr, "probability")?;
+            for _ in 0..n {
+                let w = fields.next().ok_or_else(|| lr.err(format!("expected {n} words in `{l}`")))?;
+                if w.starts_with('\\') {
+                    return Err(lr.err(format!("section ended after {k} of {count} {n}-grams")));
+                }
+                let id = if n == 1 {
+                    let id = vocab.len() as u32;
+                    if ids.insert(w.to_string(), id).is_some() {
+                        return Err(lr.err(format!("unigram `{w}` appears twice")));
+                    }
+                    vocab.push(w.to_string());
+                    id
+                } else {
+                    *ids.get(w).ok_or_else(|| lr.err(format!("word `{w}` is not among the unigrams")))?
+                };
+                o.keys.push(id);
+            }
+            let backoff = match fields.next() {
+                None => None,
+                b => Some(parse_f32(b, &lr, "back-off weight")?),
+            };
+            if fields.next().is_some() {
+                return Err(lr.err(format!("too many fields for a {n}-gram in `{l}`")));
+            }
+            o.log10_prob.push(prob);
+            o.log10_backoff.push(backoff);
+        }
+        orders.push(o);
+        header = lr.next_nonblank(if n == declared.len() { "`\\end\\`" } else { "the next section" })?;
+    }
+    if header.trim() != "\\end\\" {
+        return Err(lr.err(format!("expected `\\end\\`, got `{}`", header.trim())));
+    }
+    for special in [BOS, EOS] {
+        if !ids.contains_key(special) {
+            return Err(lr.err(format!("the model has no `{special}` unigram")));
+        }
+    }
+    if !ids.contains_key(UNK) {
+        vocab.push(UNK.to_string());
+        orders[0].keys.push(vocab.len() as u32 - 1);
+        orders[0].log10_prob.push(MISSING_UNK_LOG10_PROB);
+        orders[0].log10_backoff.push(None);
+    }
+    Ok(NgramTables { vocab, orders, tokenization })
+}
+
+fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) -> Result<f32> {
+    let s = s.ok_or_else(|| lr.err(format!("missing {what}")))?;
+    s.parse::<f32>().map_err(|_| lr.err(format!("bad {what} `{s}`")))
+}

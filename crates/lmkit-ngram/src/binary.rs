@@ -1,0 +1,279 @@
+//! The `.lmkb` binary model: one little-endian image that is memory-mapped and queried in place.
+//!
+//! Layout (every section starts at a multiple of 8):
+//! ```text
+//! header (192 bytes): magic "LMKB", version, order, flags (bit 0: character tokens),
+//!   vocab size, ids of <unk> <s> </s>, vocab hash slots, per order (1..=8) entry count and hash slots,
+//!   total file length, FNV-1a checksum of the preceding header bytes
+//! vocab offsets   (vocab size + 1) × u32, into the vocab bytes
+//! vocab bytes     UTF-8 words, concatenated
+//! vocab table     slots × (u64 hash, u32 id, u32 unused)      open addressing, linear probing
+//! order n table   slots × (u64 n-gram hash, f32 log10 prob, f32 log10 back-off), for n = 1..=order
+//! ```
+//! N-grams are keyed by a 64-bit hash of their ids, as in KenLM's probing structure: collisions
+//! between distinct n-grams are possible in principle and negligible in practice (2^-64 per pair).
+
+use crate::count::MAX_ORDER;
+use crate::error::{NgramError, Result};
+use crate::tables::NgramTables;
+use crate::tokenize::{Tokenization, BOS, EOS, UNK};
+use std::path::Path;
+
+pub const MAGIC: &[u8; 4] = b"LMKB";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 192;
+const CHECKSUM_AT: usize = 176;
+pub const SLOT_LEN: usize = 16;
+
+pub(crate) fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Hash of the 1-gram `w`; extend it leftwards word by word with [`extend_hash`].
+pub(crate) fn start_hash(w: u32) -> u64 {
+    mix(u64::from(w) ^ 0x9e37_79b9_7f4a_7c15)
+}
+
+pub(crate) fn extend_hash(h: u64, w: u32) -> u64 {
+    mix(h.rotate_left(17) ^ u64::from(w).wrapping_add(0x632b_e59b_d9b4_e019))
+}
+
+/// Stored hashes are never 0: 0 marks an empty slot.
+pub(crate) fn nonzero(h: u64) -> u64 {
+    h.max(1)
+}
+
+/// Hash of a key in word order (hashed from its last word to its first).
+pub(crate) fn ngram_hash(key: &[u32]) -> u64 {
+    let mut it = key.iter().rev();
+    let mut h = start_hash(*it.next().unwrap_or(&0));
+    for &w in it {
+        h = extend_hash(h, w);
+    }
+    nonzero(h)
+}
+
+pub(crate) fn word_hash(word: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in word {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    nonzero(mix(h))
+}
+
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash-table size for `n` entries: a power of two with load factor at most 2/3.
+pub(crate) fn slots_for(n: usize) -> usize {
+    (n + n / 2 + 1).next_power_of_two()
+}
+
+pub(crate) fn align8(x: usize) -> usize {
+    (x + 7) & !7
+}
+
+/// Section offsets of an image, derived from its header values.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Layout {
+    pub vocab_offsets: usize,
+    pub vocab_bytes: usize,
+    pub vocab_table: usize,
+    pub order_tables: Vec<usize>,
+    pub total: usize,
+}
+
+impl Layout {
+    pub fn new(vocab_size: usize, vocab_bytes_len: usize, vocab_slots: usize, order_slots: &[usize]) -> Option<Self> {
+        let vocab_offsets = HEADER_LEN;
+        let vocab_bytes = align8(vocab_offsets.checked_add((vocab_size.checked_add(1)?).checked_mul(4)?)?);
+        let vocab_table = align8(vocab_bytes.checked_add(vocab_bytes_len)?);
+        let mut at = vocab_table.checked_add(vocab_slots.checked_mul(SLOT_LEN)?)?;
+        let mut order_tables = Vec::new();
+        for &s in order_slots {
+            order_tables.push(at);
+            at = at.checked_add(s.checked_mul(SLOT_LEN)?)?;
+        }
+        Some(Layout { vocab_offsets, vocab_bytes, vocab_table, order_tables, total: at })
+    }
+}
+
+/// Builds the binary image of `tables`.
+pub fn build_image(tables: &NgramTables) -> Vec<u8> {
+    let order = tables.order();
+    let words_len: usize = tables.vocab.iter().map(|w| w.len()).sum();
+    let vocab_slots = slots_for(tables.vocab.len());
+    let order_slots: Vec<usize> = tables.orders.iter().map(|o| slots_for(o.len())).collect();
+    let layout = Layout::new(tables.vocab.len(), words_len, vocab_slots, &order_slots)
+        .expect("model sizes overflow usize"); // only for absurd in-memory sizes
+    let mut img = vec![0u8; layout.total];
+    let id_of = |w: &str| tables.id_of(w).unwrap_or(u32::MAX);
+
+    let put32 = |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    img[0..4].copy_from_slice(MAGIC);
+    put32(&mut img, 4, VERSION);
+    put32(&mut img, 8, order as u32);
+    put32(&mut img, 12, u32::from(tables.tokenization == Tokenization::Chars));
+    put32(&mut img, 16, tables.vocab.len() as u32);
+    put32(&mut img, 20, id_of(UNK));
+    put32(&mut img, 24, id_of(BOS));
+    put32(&mut img, 28, id_of(EOS));
+    put64(&mut img, 32, vocab_slots as u64);
+    for (i, o) in tables.orders.iter().enumerate() {
+        put64(&mut img, 40 + 16 * i, o.len() as u64);
+        put64(&mut img, 48 + 16 * i, order_slots[i] as u64);
+    }
+    put64(&mut img, 168, layout.total as u64);
+    let checksum = fnv(&img[..CHECKSUM_AT]);
+    put64(&mut img, CHECKSUM_AT, checksum);
+
+    let mut off = 0u32;
+    for (i, w) in tables.vocab.iter().enumerate() {
+        put32(&mut img, layout.vocab_offsets + 4 * i, off);
+        let at = layout.vocab_bytes + off as usize;
+        img[at..at + w.len()].copy_from_slice(w.as_bytes());
+        off += w.len() as u32;
+    }
+    put32(&mut img, layout.vocab_offsets + 4 * tables.vocab.len(), off);
+
+    for (id, w) in tables.vocab.iter().enumerate() {
+        let h = word_hash(w.as_bytes());
+        let slot = free_slot(&img, layout.vocab_table, vocab_slots, h);
+        put64(&mut img, slot, h);
+        put32(&mut img, slot + 8, id as u32);
+    }
+    for (o, (&base, &slots)) in tables.orders.iter().zip(layout.order_tables.iter().zip(&order_slots)) {
+        for i in 0..o.len() {
+            let h = ngram_hash(o.key(i));
+            let slot = free_slot(&img, base, slots, h);
+            put64(&mut img, slot, h);
+            img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
+            img[slot + 12..slot + 16].copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
+        }
+    }
+    img
+}
+
+/// First slot at or after `h`'s home slot that is empty or already holds `h`.
+fn free_slot(img: &[u8], base: usize, slots: usize, h: u64) -> usize {
+    let mask = slots - 1;
+    let mut i = (h as usize) & mask;
+    loop {
+        let at = base + i * SLOT_LEN;
+        let stored = u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
+        if stored == 0 || stored == h {
+            return at;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/// Writes `tables` as a `.lmkb` file atomically.
+pub fn save_binary(tables: &NgramTables, path: &Path) -> Result<()> {
+    let img = build_image(tables);
+    crate::atomic::write_atomic(path, |w| std::io::Write::write_all(w, &img))
+}
+
+/// Header values of an image, checked against its length.
+#[derive(Clone, Debug)]
+pub(crate) struct Header {
+    pub order: usize,
+    pub tokenization: Tokenization,
+    pub vocab_size: usize,
+    pub unk: u32,
+    pub bos: u32,
+    pub eos: u32,
+    pub vocab_slots: usize,
+    pub counts: Vec<u64>,
+    pub order_slots: Vec<usize>,
+    pub layout: Layout,
+}
+
+pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
+    let bad = |msg: String| NgramError::Binary { path: path.to_path_buf(), msg };
+    if img.len() < HEADER_LEN || &img[0..4] != MAGIC {
+        return Err(bad("missing LMKB magic bytes (not an lmkit binary model, or truncated)".into()));
+    }
+    let r32 = |at: usize| u32::from_le_bytes(img[at..at + 4].try_into().expect("4-byte slice"));
+    let r64 = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
+    if r32(4) != VERSION {
+        return Err(bad(format!("format version {} is not supported (this build reads {VERSION})", r32(4))));
+    }
+    if r64(CHECKSUM_AT) != fnv(&img[..CHECKSUM_AT]) {
+        return Err(bad("header checksum mismatch (file corrupt)".into()));
+    }
+    let order = r32(8) as usize;
+    if order == 0 || order > MAX_ORDER {
+        return Err(bad(format!("order {order} out of range 1..={MAX_ORDER}")));
+    }
+    let tokenization = if r32(12) & 1 == 1 { Tokenization::Chars } else { Tokenization::Words };
+    let vocab_size = r32(16) as usize;
+    let (unk, bos, eos) = (r32(20), r32(24), r32(28));
+    if [unk, bos, eos].iter().any(|&id| id as usize >= vocab_size) {
+        return Err(bad("special token ids out of range".into()));
+    }
+    let usize_of = |v: u64| usize::try_from(v).map_err(|_| bad(format!("size {v} too large")));
+    let pow2 = |s: usize, what: &str| {
+        if s.is_power_of_two() {
+            Ok(s)
+        } else {
+            Err(bad(format!("{what} hash table size {s} is not a power of two")))
+        }
+    };
+    let vocab_slots = pow2(usize_of(r64(32))?, "vocabulary")?;
+    let mut counts = Vec::new();
+    let mut order_slots = Vec::new();
+    for i in 0..order {
+        counts.push(r64(40 + 16 * i));
+        order_slots.push(pow2(usize_of(r64(48 + 16 * i))?, "n-gram")?);
+        if counts[i] as usize >= order_slots[i] {
+            return Err(bad(format!("order {} has more entries than hash slots", i + 1)));
+        }
+    }
+    if vocab_size >= vocab_slots {
+        return Err(bad("vocabulary larger than its hash table".into()));
+    }
+    let total = usize_of(r64(168))?;
+    if img.len() != total {
+        return Err(bad(format!("file is {} bytes but the header says {total} (truncated or corrupt)", img.len())));
+    }
+    // The word bytes length is the last vocab offset; the offsets section must be in bounds first.
+    let offsets_end = HEADER_LEN + 4 * (vocab_size + 1);
+    if offsets_end > img.len() {
+        return Err(bad("vocabulary offsets run past the end of the file".into()));
+    }
+    let words_len = r32(HEADER_LEN + 4 * vocab_size) as usize;
+    let layout = Layout::new(vocab_size, words_len, vocab_slots, &order_slots)
+        .ok_or_else(|| bad("section sizes overflow".into()))?;
+    if layout.total != total {
+        return Err(bad(format!("sections add up to {} bytes, file has {total}", layout.total)));
+    }
+    let mut prev = 0u32;
+    for i in 0..=vocab_size {
+        let o = r32(HEADER_LEN + 4 * i);
+        if o < prev || o as usize > words_len {
+            return Err(bad(format!("vocabulary offset {i} out of order or out of bounds")));
+        }
+        if i > 0 {
+            let word = &img[layout.vocab_bytes + prev as usize..layout.vocab_bytes + o as usize];
+            if std::str::from_utf8(word).is_err() {
+                return Err(bad(format!("vocabulary word {} is not valid UTF-8", i - 1)));
+            }
+        }
+        prev = o;
+    }
+    Ok(Header { order, tokenization, vocab_size, unk, bos, eos, vocab_slots, counts, order_slots, layout })
+}

@@ -1,0 +1,255 @@
+//! Querying a back-off model: word lookup, the back-off recursion, sentence scores and perplexity.
+//!
+//! log10 p(w | h) = prob(longest stored n-gram ending in w) + Σ back-off(h_j) over the stored
+//! contexts h_j longer than that n-gram's context — the standard ARPA back-off rule, as KenLM applies it.
+
+use crate::arpa::read_arpa;
+use crate::binary::{build_image, extend_hash, nonzero, parse_header, start_hash, word_hash, Header, SLOT_LEN};
+use crate::error::{NgramError, Result};
+use crate::tables::NgramTables;
+use crate::tokenize::{tokens, Tokenization};
+use std::io::{BufReader, Read};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Mapped(m) => m,
+        }
+    }
+}
+
+/// A loaded n-gram model (from ARPA, built in memory; or from `.lmkb`, memory-mapped).
+pub struct Model {
+    data: Storage,
+    h: Header,
+    path: PathBuf,
+}
+
+/// The score of one predicted token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WordScore {
+    pub word: String,
+    pub log10_prob: f32,
+    /// Length of the longest n-gram found for this word (1 = unigram).
+    pub ngram_len: usize,
+    pub oov: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SentenceScore {
+    pub log10_prob: f32,
+    pub words: Vec<WordScore>,
+}
+
+/// Perplexity over a text, counted as KenLM's `query` counts it: every word and `</s>` is a token;
+/// OOVs are reported separately and excluded from the second figure.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Perplexity {
+    pub sentences: u64,
+    pub tokens: u64,
+    pub oovs: u64,
+    pub log10_prob: f64,
+    pub log10_prob_oov: f64,
+}
+
+impl Perplexity {
+    pub fn add(&mut self, s: &SentenceScore) {
+        self.sentences += 1;
+        self.tokens += s.words.len() as u64;
+        for w in &s.words {
+            self.log10_prob += f64::from(w.log10_prob);
+            if w.oov {
+                self.oovs += 1;
+                self.log10_prob_oov += f64::from(w.log10_prob);
+            }
+        }
+    }
+
+    pub fn including_oovs(&self) -> f64 {
+        10f64.powf(-self.log10_prob / self.tokens as f64)
+    }
+
+    pub fn excluding_oovs(&self) -> f64 {
+        10f64.powf(-(self.log10_prob - self.log10_prob_oov) / (self.tokens - self.oovs) as f64)
+    }
+}
+
+impl Model {
+    /// Opens an ARPA or `.lmkb` file (told apart by the file's first bytes, not its name).
+    /// `tokenization` applies to ARPA files; a binary model carries its own.
+    pub fn open(path: &Path, tokenization: Tokenization) -> Result<Model> {
+        let file = std::fs::File::open(path).map_err(|e| NgramError::io(path, e))?;
+        let mut magic = [0u8; 4];
+        let n = (&file).take(4).read(&mut magic).map_err(|e| NgramError::io(path, e))?;
+        if n == 4 && &magic == crate::binary::MAGIC {
+            // SAFETY: the map is read-only; a model file must not be modified while it is in use
+            // (lmkit itself only ever replaces model files by atomic rename, which is safe).
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| NgramError::io(path, e))?;
+            Self::from_storage(Storage::Mapped(map), path)
+        } else {
+            let file = std::fs::File::open(path).map_err(|e| NgramError::io(path, e))?;
+            let tables = read_arpa(BufReader::with_capacity(1 << 20, file), path, tokenization)?;
+            Ok(Self::from_tables(&tables, path))
+        }
+    }
+
+    /// Builds a queryable model from tables in memory.
+    pub fn from_tables(tables: &NgramTables, path: &Path) -> Model {
+        let img = build_image(tables);
+        Self::from_storage(Storage::Owned(img), path).expect("a freshly built image is valid")
+    }
+
+    fn from_storage(data: Storage, path: &Path) -> Result<Model> {
+        let h = parse_header(&data, path)?;
+        Ok(Model { data, h, path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn order(&self) -> usize {
+        self.h.order
+    }
+
+    pub fn tokenization(&self) -> Tokenization {
+        self.h.tokenization
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.h.vocab_size
+    }
+
+    /// Number of n-grams of each order.
+    pub fn counts(&self) -> &[u64] {
+        &self.h.counts
+    }
+
+    fn r32(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.data[at..at + 4].try_into().expect("4-byte slice"))
+    }
+
+    fn r64(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.data[at..at + 8].try_into().expect("8-byte slice"))
+    }
+
+    /// The word with id `id` (`id < vocab_size`).
+    pub fn word(&self, id: u32) -> &str {
+        let base = self.h.layout.vocab_bytes;
+        let a = self.r32(self.h.layout.vocab_offsets + 4 * id as usize) as usize;
+        let b = self.r32(self.h.layout.vocab_offsets + 4 * id as usize + 4) as usize;
+        // Validated as UTF-8 when the model was opened.
+        std::str::from_utf8(&self.data[base + a..base + b]).unwrap_or("")
+    }
+
+    pub fn word_id(&self, word: &str) -> Option<u32> {
+        let h = word_hash(word.as_bytes());
+        let mask = self.h.vocab_slots - 1;
+        let mut i = (h as usize) & mask;
+        loop {
+            let at = self.h.layout.vocab_table + i * SLOT_LEN;
+            match self.r64(at) {
+                0 => return None,
+                s if s == h => {
+                    let id = self.r32(at + 8);
+                    if (id as usize) < self.h.vocab_size && self.word(id) == word {
+                        return Some(id);
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// (log10 prob, log10 back-off) of the n-gram of order `n` with hash `h`.
+    fn lookup(&self, n: usize, h: u64) -> Option<(f32, f32)> {
+        let h = nonzero(h);
+        let base = self.h.layout.order_tables[n - 1];
+        let mask = self.h.order_slots[n - 1] - 1;
+        let mut i = (h as usize) & mask;
+        loop {
+            let at = base + i * SLOT_LEN;
+            match self.r64(at) {
+                0 => return None,
+                s if s == h => {
+                    let p = f32::from_le_bytes(self.data[at + 8..at + 12].try_into().expect("4-byte slice"));
+                    let b = f32::from_le_bytes(self.data[at + 12..at + 16].try_into().expect("4-byte slice"));
+                    return Some((p, b));
+                }
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// log10 p(w | history) and the length of the n-gram used; `history` is most recent first.
+    pub fn score_id(&self, history: &[u32], w: u32) -> (f32, usize) {
+        let max_ctx = history.len().min(self.h.order - 1);
+        let mut h = start_hash(w);
+        let (mut prob, mut len) = match self.lookup(1, h) {
+            Some((p, _)) => (p, 1),
+            None => return (self.lookup(1, start_hash(self.h.unk)).map_or(-100.0, |x| x.0), 1),
+        };
+        for (k, &ctx_word) in history.iter().take(max_ctx).enumerate() {
+            h = extend_hash(h, ctx_word);
+            match self.lookup(k + 2, h) {
+                Some((p, _)) => {
+                    prob = p;
+                    len = k + 2;
+                }
+                None => break,
+            }
+        }
+        // Back off from every stored context longer than the found n-gram's context.
+        let mut ctx = 0u64;
+        for (j, &ctx_word) in history.iter().take(max_ctx).enumerate() {
+            ctx = if j == 0 { start_hash(ctx_word) } else { extend_hash(ctx, ctx_word) };
+            if j + 1 < len {
+                continue;
+            }
+            match self.lookup(j + 1, ctx) {
+                Some((_, b)) => prob += b,
+                None => break,
+            }
+        }
+        (prob, len)
+    }
+
+    /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
+    pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
+        let keep = self.h.order.saturating_sub(1);
+        let mut history: Vec<u32> = Vec::with_capacity(words.len() + 1); // most recent last
+        if bos {
+            history.push(self.h.bos);
+        }
+        let mut out = SentenceScore { log10_prob: 0.0, words: Vec::with_capacity(words.len() + 1) };
+        let eos_word = crate::tokenize::EOS;
+        let items = words.iter().copied().chain(eos.then_some(eos_word));
+        for (i, word) in items.enumerate() {
+            let is_eos = eos && i == words.len();
+            let id = if is_eos { Some(self.h.eos) } else { self.word_id(word) };
+            let oov = id.is_none() || id == Some(self.h.unk);
+            let id = id.unwrap_or(self.h.unk);
+            let ctx: Vec<u32> = history.iter().rev().take(keep).copied().collect();
+            let (p, len) = self.score_id(&ctx, id);
+            out.log10_prob += p;
+            out.words.push(WordScore { word: word.to_string(), log10_prob: p, ngram_len: len, oov });
+            history.push(id);
+        }
+        out
+    }
+
+    /// Tokenizes `line` with the model's tokenization and scores it as a sentence.
+    pub fn score_line(&self, line: &str) -> SentenceScore {
+        self.score_tokens(&tokens(line, self.h.tokenization), true, true)
+    }
+}
