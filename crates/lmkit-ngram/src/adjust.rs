@@ -47,8 +47,19 @@ impl Adjuster {
     pub fn new(order: usize) -> Self {
         Adjuster {
             order,
-            groups: (0..order).map(|_| Group { key: Vec::new(), count: 0, last_ext: NONE }).collect(),
-            tables: (1..=order).map(|n| CountTable { n, ..Default::default() }).collect(),
+            groups: (0..order)
+                .map(|_| Group {
+                    key: Vec::new(),
+                    count: 0,
+                    last_ext: NONE,
+                })
+                .collect(),
+            tables: (1..=order)
+                .map(|n| CountTable {
+                    n,
+                    ..Default::default()
+                })
+                .collect(),
         }
     }
 
@@ -98,7 +109,7 @@ mod tests {
     #[test]
     fn continuation_counts_count_distinct_left_words() {
         // order 2 records (reversed): "a b" twice, "c b" once, "<s> b" (raw) once; ids a=3 b=4 c=5
-        let mut recs = vec![vec![4u32, 3], vec![4, 5], vec![4, 1]];
+        let mut recs = [vec![4u32, 3], vec![4, 5], vec![4, 1]];
         recs.sort();
         let counts = [2u64, 1, 1];
         let mut adj = Adjuster::new(2);

@@ -50,33 +50,56 @@ struct LineReader<'a, R: BufRead> {
     path: &'a Path,
     line_no: u64,
     buf: String,
+    /// False when the last line read had no newline: the file ended mid-line.
+    complete: bool,
 }
 
 impl<'a, R: BufRead> LineReader<'a, R> {
     fn next(&mut self) -> Result<Option<&str>> {
         self.buf.clear();
         let mut bytes = Vec::new();
-        let n = self.r.read_until(b'\n', &mut bytes).map_err(|e| NgramError::io(self.path, e))?;
+        let n = self
+            .r
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| NgramError::io(self.path, e))?;
         if n == 0 {
             return Ok(None);
         }
         self.line_no += 1;
+        self.complete = bytes.ends_with(b"\n");
         match String::from_utf8(bytes) {
             Ok(s) => self.buf = s,
-            Err(e) => return Err(self.err(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()))),
+            Err(e) => {
+                return Err(self.err(format!(
+                    "invalid UTF-8 at byte {}",
+                    e.utf8_error().valid_up_to()
+                )))
+            }
         }
         Ok(Some(self.buf.trim_end_matches(['\n', '\r'])))
     }
 
     fn err(&self, msg: impl Into<String>) -> NgramError {
-        NgramError::Arpa { path: self.path.to_path_buf(), line: self.line_no, msg: msg.into() }
+        let mut msg = msg.into();
+        if !self.complete {
+            msg.push_str(" (the file ends mid-line: truncated?)");
+        }
+        NgramError::Arpa {
+            path: self.path.to_path_buf(),
+            line: self.line_no,
+            msg,
+        }
     }
 
     /// Next line that is not blank; an error at end of file.
     fn next_nonblank(&mut self, expecting: &str) -> Result<String> {
         loop {
             match self.next()? {
-                None => return Err(self.err(format!("unexpected end of file (truncated?) while expecting {expecting}"))),
+                None => {
+                    return Err(self.err(format!(
+                        "unexpected end of file (truncated?) while expecting {expecting}"
+                    )))
+                }
                 Some(l) if l.trim().is_empty() => continue,
                 Some(l) => return Ok(l.to_string()),
             }
@@ -86,7 +109,13 @@ impl<'a, R: BufRead> LineReader<'a, R> {
 
 /// Reads an ARPA model. Text before `\data\` is ignored, as in other ARPA readers.
 pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Result<NgramTables> {
-    let mut lr = LineReader { r, path, line_no: 0, buf: String::new() };
+    let mut lr = LineReader {
+        r,
+        path,
+        line_no: 0,
+        buf: String::new(),
+        complete: true,
+    };
     loop {
         match lr.next()? {
             None => return Err(lr.err("no `\\data\\` header found; is this an ARPA file?")),
@@ -99,9 +128,17 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         let l = lr.next_nonblank("`ngram N=count` lines")?;
         let l = l.trim();
         if let Some(rest) = l.strip_prefix("ngram ") {
-            let (n, c) = rest.split_once('=').ok_or_else(|| lr.err(format!("expected `ngram N=count`, got `{l}`")))?;
-            let n: usize = n.trim().parse().map_err(|_| lr.err(format!("bad order in `{l}`")))?;
-            let c: usize = c.trim().parse().map_err(|_| lr.err(format!("bad count in `{l}`")))?;
+            let (n, c) = rest
+                .split_once('=')
+                .ok_or_else(|| lr.err(format!("expected `ngram N=count`, got `{l}`")))?;
+            let n: usize = n
+                .trim()
+                .parse()
+                .map_err(|_| lr.err(format!("bad order in `{l}`")))?;
+            let c: usize = c
+                .trim()
+                .parse()
+                .map_err(|_| lr.err(format!("bad count in `{l}`")))?;
             if n != declared.len() + 1 {
                 return Err(lr.err(format!("orders must be declared as 1, 2, 3...; got `{l}`")));
             }
@@ -123,14 +160,19 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         if header.trim() != format!("\\{n}-grams:") {
             return Err(lr.err(format!("expected `\\{n}-grams:`, got `{}`", header.trim())));
         }
-        let mut o = OrderEntries { n, ..Default::default() };
+        let mut o = OrderEntries {
+            n,
+            ..Default::default()
+        };
         o.keys.reserve(count * n);
         for k in 0..count {
             let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
             let mut fields = l.split_whitespace();
             let prob = parse_f32(fields.next(), &lr, "probability")?;
             for _ in 0..n {
-                let w = fields.next().ok_or_else(|| lr.err(format!("expected {n} words in `{l}`")))?;
+                let w = fields
+                    .next()
+                    .ok_or_else(|| lr.err(format!("expected {n} words in `{l}`")))?;
                 if w.starts_with('\\') {
                     return Err(lr.err(format!("section ended after {k} of {count} {n}-grams")));
                 }
@@ -142,7 +184,8 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
                     vocab.push(w.to_string());
                     id
                 } else {
-                    *ids.get(w).ok_or_else(|| lr.err(format!("word `{w}` is not among the unigrams")))?
+                    *ids.get(w)
+                        .ok_or_else(|| lr.err(format!("word `{w}` is not among the unigrams")))?
                 };
                 o.keys.push(id);
             }
@@ -157,7 +200,11 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
             o.log10_backoff.push(backoff);
         }
         orders.push(o);
-        header = lr.next_nonblank(if n == declared.len() { "`\\end\\`" } else { "the next section" })?;
+        header = lr.next_nonblank(if n == declared.len() {
+            "`\\end\\`"
+        } else {
+            "the next section"
+        })?;
     }
     if header.trim() != "\\end\\" {
         return Err(lr.err(format!("expected `\\end\\`, got `{}`", header.trim())));
@@ -173,10 +220,15 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         orders[0].log10_prob.push(MISSING_UNK_LOG10_PROB);
         orders[0].log10_backoff.push(None);
     }
-    Ok(NgramTables { vocab, orders, tokenization })
+    Ok(NgramTables {
+        vocab,
+        orders,
+        tokenization,
+    })
 }
 
 fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) -> Result<f32> {
     let s = s.ok_or_else(|| lr.err(format!("missing {what}")))?;
-    s.parse::<f32>().map_err(|_| lr.err(format!("bad {what} `{s}`")))
+    s.parse::<f32>()
+        .map_err(|_| lr.err(format!("bad {what} `{s}`")))
 }

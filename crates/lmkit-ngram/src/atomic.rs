@@ -4,13 +4,19 @@ use crate::error::{NgramError, Result};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-pub fn write_atomic(path: &Path, f: impl FnOnce(&mut BufWriter<&std::fs::File>) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    f: impl FnOnce(&mut BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let io = |e| NgramError::io(path, e);
-    let tmp = tempfile::Builder::new().prefix(".lmkit-tmp-").tempfile_in(dir).map_err(io)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".lmkit-tmp-")
+        .tempfile_in(dir)
+        .map_err(io)?;
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
         f(&mut w).map_err(io)?;

@@ -96,9 +96,15 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    pub fn new(vocab_size: usize, vocab_bytes_len: usize, vocab_slots: usize, order_slots: &[usize]) -> Option<Self> {
+    pub fn new(
+        vocab_size: usize,
+        vocab_bytes_len: usize,
+        vocab_slots: usize,
+        order_slots: &[usize],
+    ) -> Option<Self> {
         let vocab_offsets = HEADER_LEN;
-        let vocab_bytes = align8(vocab_offsets.checked_add((vocab_size.checked_add(1)?).checked_mul(4)?)?);
+        let vocab_bytes =
+            align8(vocab_offsets.checked_add((vocab_size.checked_add(1)?).checked_mul(4)?)?);
         let vocab_table = align8(vocab_bytes.checked_add(vocab_bytes_len)?);
         let mut at = vocab_table.checked_add(vocab_slots.checked_mul(SLOT_LEN)?)?;
         let mut order_tables = Vec::new();
@@ -106,7 +112,13 @@ impl Layout {
             order_tables.push(at);
             at = at.checked_add(s.checked_mul(SLOT_LEN)?)?;
         }
-        Some(Layout { vocab_offsets, vocab_bytes, vocab_table, order_tables, total: at })
+        Some(Layout {
+            vocab_offsets,
+            vocab_bytes,
+            vocab_table,
+            order_tables,
+            total: at,
+        })
     }
 }
 
@@ -121,12 +133,18 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
     let mut img = vec![0u8; layout.total];
     let id_of = |w: &str| tables.id_of(w).unwrap_or(u32::MAX);
 
-    let put32 = |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    let put64 = |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 =
+        |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
     img[0..4].copy_from_slice(MAGIC);
     put32(&mut img, 4, VERSION);
     put32(&mut img, 8, order as u32);
-    put32(&mut img, 12, u32::from(tables.tokenization == Tokenization::Chars));
+    put32(
+        &mut img,
+        12,
+        u32::from(tables.tokenization == Tokenization::Chars),
+    );
     put32(&mut img, 16, tables.vocab.len() as u32);
     put32(&mut img, 20, id_of(UNK));
     put32(&mut img, 24, id_of(BOS));
@@ -155,13 +173,18 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
         put64(&mut img, slot, h);
         put32(&mut img, slot + 8, id as u32);
     }
-    for (o, (&base, &slots)) in tables.orders.iter().zip(layout.order_tables.iter().zip(&order_slots)) {
+    for (o, (&base, &slots)) in tables
+        .orders
+        .iter()
+        .zip(layout.order_tables.iter().zip(&order_slots))
+    {
         for i in 0..o.len() {
             let h = ngram_hash(o.key(i));
             let slot = free_slot(&img, base, slots, h);
             put64(&mut img, slot, h);
             img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
-            img[slot + 12..slot + 16].copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
+            img[slot + 12..slot + 16]
+                .copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
         }
     }
     img
@@ -203,14 +226,22 @@ pub(crate) struct Header {
 }
 
 pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
-    let bad = |msg: String| NgramError::Binary { path: path.to_path_buf(), msg };
+    let bad = |msg: String| NgramError::Binary {
+        path: path.to_path_buf(),
+        msg,
+    };
     if img.len() < HEADER_LEN || &img[0..4] != MAGIC {
-        return Err(bad("missing LMKB magic bytes (not an lmkit binary model, or truncated)".into()));
+        return Err(bad(
+            "missing LMKB magic bytes (not an lmkit binary model, or truncated)".into(),
+        ));
     }
     let r32 = |at: usize| u32::from_le_bytes(img[at..at + 4].try_into().expect("4-byte slice"));
     let r64 = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
     if r32(4) != VERSION {
-        return Err(bad(format!("format version {} is not supported (this build reads {VERSION})", r32(4))));
+        return Err(bad(format!(
+            "format version {} is not supported (this build reads {VERSION})",
+            r32(4)
+        )));
     }
     if r64(CHECKSUM_AT) != fnv(&img[..CHECKSUM_AT]) {
         return Err(bad("header checksum mismatch (file corrupt)".into()));
@@ -219,7 +250,11 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     if order == 0 || order > MAX_ORDER {
         return Err(bad(format!("order {order} out of range 1..={MAX_ORDER}")));
     }
-    let tokenization = if r32(12) & 1 == 1 { Tokenization::Chars } else { Tokenization::Words };
+    let tokenization = if r32(12) & 1 == 1 {
+        Tokenization::Chars
+    } else {
+        Tokenization::Words
+    };
     let vocab_size = r32(16) as usize;
     let (unk, bos, eos) = (r32(20), r32(24), r32(28));
     if [unk, bos, eos].iter().any(|&id| id as usize >= vocab_size) {
@@ -230,7 +265,9 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         if s.is_power_of_two() {
             Ok(s)
         } else {
-            Err(bad(format!("{what} hash table size {s} is not a power of two")))
+            Err(bad(format!(
+                "{what} hash table size {s} is not a power of two"
+            )))
         }
     };
     let vocab_slots = pow2(usize_of(r64(32))?, "vocabulary")?;
@@ -240,7 +277,10 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         counts.push(r64(40 + 16 * i));
         order_slots.push(pow2(usize_of(r64(48 + 16 * i))?, "n-gram")?);
         if counts[i] as usize >= order_slots[i] {
-            return Err(bad(format!("order {} has more entries than hash slots", i + 1)));
+            return Err(bad(format!(
+                "order {} has more entries than hash slots",
+                i + 1
+            )));
         }
     }
     if vocab_size >= vocab_slots {
@@ -248,7 +288,10 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     }
     let total = usize_of(r64(168))?;
     if img.len() != total {
-        return Err(bad(format!("file is {} bytes but the header says {total} (truncated or corrupt)", img.len())));
+        return Err(bad(format!(
+            "file is {} bytes but the header says {total} (truncated or corrupt)",
+            img.len()
+        )));
     }
     // The word bytes length is the last vocab offset; the offsets section must be in bounds first.
     let offsets_end = HEADER_LEN + 4 * (vocab_size + 1);
@@ -259,13 +302,18 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     let layout = Layout::new(vocab_size, words_len, vocab_slots, &order_slots)
         .ok_or_else(|| bad("section sizes overflow".into()))?;
     if layout.total != total {
-        return Err(bad(format!("sections add up to {} bytes, file has {total}", layout.total)));
+        return Err(bad(format!(
+            "sections add up to {} bytes, file has {total}",
+            layout.total
+        )));
     }
     let mut prev = 0u32;
     for i in 0..=vocab_size {
         let o = r32(HEADER_LEN + 4 * i);
         if o < prev || o as usize > words_len {
-            return Err(bad(format!("vocabulary offset {i} out of order or out of bounds")));
+            return Err(bad(format!(
+                "vocabulary offset {i} out of order or out of bounds"
+            )));
         }
         if i > 0 {
             let word = &img[layout.vocab_bytes + prev as usize..layout.vocab_bytes + o as usize];
@@ -275,5 +323,16 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         }
         prev = o;
     }
-    Ok(Header { order, tokenization, vocab_size, unk, bos, eos, vocab_slots, counts, order_slots, layout })
+    Ok(Header {
+        order,
+        tokenization,
+        vocab_size,
+        unk,
+        bos,
+        eos,
+        vocab_slots,
+        counts,
+        order_slots,
+        layout,
+    })
 }

@@ -36,7 +36,12 @@ pub struct CountOptions {
 
 impl Default for CountOptions {
     fn default() -> Self {
-        CountOptions { order: 3, tokenization: Tokenization::Words, memory_bytes: 1 << 30, temp_dir: None }
+        CountOptions {
+            order: 3,
+            tokenization: Tokenization::Words,
+            memory_bytes: 1 << 30,
+            temp_dir: None,
+        }
     }
 }
 
@@ -81,13 +86,20 @@ fn count_impl<const N: usize>(
     let capacity = (opts.memory_bytes / record_bytes).max(1024);
     let temp_dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut vocab = Vocab::default();
-    let mut stats = CorpusStats { files: inputs.len(), ..Default::default() };
+    let mut stats = CorpusStats {
+        files: inputs.len(),
+        ..Default::default()
+    };
     let mut buf: Vec<[u32; N]> = Vec::new();
     let mut runs: Vec<File> = Vec::new();
     let mut sentence: Vec<u32> = Vec::new();
     let mut line = Vec::new();
 
-    let total: u64 = inputs.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let total: u64 = inputs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     progress.begin("counting n-grams", total);
     for path in inputs {
         let file = File::open(path).map_err(|e| NgramError::io(path, e))?;
@@ -95,7 +107,9 @@ fn count_impl<const N: usize>(
         let mut line_no = 0u64;
         loop {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(|e| NgramError::io(path, e))?;
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| NgramError::io(path, e))?;
             if n == 0 {
                 break;
             }
@@ -117,7 +131,11 @@ fn count_impl<const N: usize>(
                 sentence.push(vocab.insert(tok));
             });
             if let Some(token) = reserved {
-                return Err(NgramError::ReservedToken { path: path.clone(), line: line_no, token: token.to_string() });
+                return Err(NgramError::ReservedToken {
+                    path: path.clone(),
+                    line: line_no,
+                    token: token.to_string(),
+                });
             }
             if sentence.len() == 1 {
                 stats.blank_lines += 1;
@@ -142,8 +160,14 @@ fn count_impl<const N: usize>(
     }
     progress.finish();
     if stats.sentences == 0 {
-        let what = inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        return Err(NgramError::EmptyCorpus { what: format!("no non-blank line in {what}") });
+        let what = inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(NgramError::EmptyCorpus {
+            what: format!("no non-blank line in {what}"),
+        });
     }
 
     if runs.is_empty() {
@@ -184,13 +208,19 @@ fn write_run<const N: usize>(buf: &mut Vec<[u32; N]>, dir: &Path) -> Result<File
         }
     });
     res.map_err(|e| NgramError::io(dir, e))?;
-    let mut file = w.into_inner().map_err(|e| NgramError::io(dir, e.into_error()))?;
+    let mut file = w
+        .into_inner()
+        .map_err(|e| NgramError::io(dir, e.into_error()))?;
     file.rewind().map_err(|e| NgramError::io(dir, e))?;
     buf.clear();
     Ok(file)
 }
 
-fn write_record<const N: usize>(w: &mut impl Write, rec: &[u32; N], count: u64) -> std::io::Result<()> {
+fn write_record<const N: usize>(
+    w: &mut impl Write,
+    rec: &[u32; N],
+    count: u64,
+) -> std::io::Result<()> {
     for id in rec {
         w.write_all(&id.to_le_bytes())?;
     }
@@ -213,9 +243,16 @@ fn read_record<const N: usize>(r: &mut impl Read) -> std::io::Result<Option<([u3
 }
 
 /// k-way merge of sorted runs, summing the counts of equal records.
-fn merge_runs<const N: usize>(runs: Vec<File>, dir: &Path, sink: &mut dyn FnMut(&[u32], u64)) -> Result<()> {
+fn merge_runs<const N: usize>(
+    runs: Vec<File>,
+    dir: &Path,
+    sink: &mut dyn FnMut(&[u32], u64),
+) -> Result<()> {
     let io = |e| NgramError::io(dir, e);
-    let mut readers: Vec<_> = runs.into_iter().map(|f| BufReader::with_capacity(1 << 16, f)).collect();
+    let mut readers: Vec<_> = runs
+        .into_iter()
+        .map(|f| BufReader::with_capacity(1 << 16, f))
+        .collect();
     let mut heads: Vec<u64> = vec![0; readers.len()];
     let mut heap = BinaryHeap::new();
     for (i, r) in readers.iter_mut().enumerate() {

@@ -11,9 +11,17 @@ pub enum NgramError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: line is not valid UTF-8 (byte {byte}); convert the file to UTF-8 (e.g. `iconv -f CP949 -t UTF-8`)")]
-    InvalidUtf8 { path: PathBuf, line: u64, byte: usize },
+    InvalidUtf8 {
+        path: PathBuf,
+        line: u64,
+        byte: usize,
+    },
     #[error("{path}:{line}: the corpus contains the reserved token `{token}`; remove it or replace it before training")]
-    ReservedToken { path: PathBuf, line: u64, token: String },
+    ReservedToken {
+        path: PathBuf,
+        line: u64,
+        token: String,
+    },
     #[error("order must be between 1 and {max}, got {order}")]
     BadOrder { order: usize, max: usize },
     #[error("the corpus is empty: {what}; give at least one non-blank line of text")]
@@ -21,7 +29,11 @@ pub enum NgramError {
     #[error("{path}: no input files found (a directory is searched recursively for *.txt files)")]
     NoInputFiles { path: PathBuf },
     #[error("{path}:{line}: ARPA file is malformed: {msg}")]
-    Arpa { path: PathBuf, line: u64, msg: String },
+    Arpa {
+        path: PathBuf,
+        line: u64,
+        msg: String,
+    },
     #[error("{path}: not a valid lmkit binary model: {msg}; rebuild it with `lmkit ngram convert` or `lmkit ngram train`")]
     Binary { path: PathBuf, msg: String },
     #[error("{path}: unsupported model file extension; use .arpa (text) or .lmkb (binary)")]
@@ -30,7 +42,10 @@ pub enum NgramError {
 
 impl NgramError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        NgramError::Io { path: path.into(), source }
+        NgramError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -36,12 +36,27 @@ impl Discounts {
     pub fn from_count_of_counts(t: [u64; 4]) -> Self {
         let [t1, t2, t3, t4] = t.map(|x| x as f64);
         let y = t1 / (t1 + 2.0 * t2);
-        let d = [1.0 - 2.0 * y * t2 / t1, 2.0 - 3.0 * y * t3 / t2, 3.0 - 4.0 * y * t4 / t3];
-        let valid = d.iter().enumerate().all(|(k, &dk)| dk.is_finite() && dk > 0.0 && dk <= (k + 1) as f64);
+        let d = [
+            1.0 - 2.0 * y * t2 / t1,
+            2.0 - 3.0 * y * t3 / t2,
+            3.0 - 4.0 * y * t4 / t3,
+        ];
+        let valid = d
+            .iter()
+            .enumerate()
+            .all(|(k, &dk)| dk.is_finite() && dk > 0.0 && dk <= (k + 1) as f64);
         if valid {
-            Discounts { d, count_of_counts: t, fallback: false }
+            Discounts {
+                d,
+                count_of_counts: t,
+                fallback: false,
+            }
         } else {
-            Discounts { d: FALLBACK_DISCOUNTS, count_of_counts: t, fallback: true }
+            Discounts {
+                d: FALLBACK_DISCOUNTS,
+                count_of_counts: t,
+                fallback: true,
+            }
         }
     }
 
@@ -73,7 +88,11 @@ pub struct Estimate {
 }
 
 /// Turns adjusted counts (one table per order, any key order) into a back-off model.
-pub fn estimate(mut counts: Vec<CountTable>, vocab: Vec<String>, tokenization: Tokenization) -> Estimate {
+pub fn estimate(
+    mut counts: Vec<CountTable>,
+    vocab: Vec<String>,
+    tokenization: Tokenization,
+) -> Estimate {
     let order = counts.len();
     let discounts: Vec<Discounts> = counts.iter().map(|t| Discounts::of(&t.counts)).collect();
 
@@ -112,7 +131,11 @@ pub fn estimate(mut counts: Vec<CountTable>, vocab: Vec<String>, tokenization: T
             start = end;
         }
         let mut p = vec![0.0f64; t.len()];
-        let lower = if n > 1 { Some((&counts[n - 2], &probs[n - 2])) } else { None };
+        let lower = if n > 1 {
+            Some((&counts[n - 2], &probs[n - 2]))
+        } else {
+            None
+        };
         let uniform = 1.0 / (t.len() as f64 - 1.0); // |V| without <s>
         for &(s, e, sum, gamma) in &groups {
             if let Some((lt, _)) = lower {
@@ -123,10 +146,16 @@ pub fn estimate(mut counts: Vec<CountTable>, vocab: Vec<String>, tokenization: T
             p[s..e].par_iter_mut().enumerate().for_each(|(k, pk)| {
                 let i = s + k;
                 let a = t.counts[i];
-                let u = if sum > 0.0 { (a as f64 - disc.discount(a)) / sum } else { 0.0 };
+                let u = if sum > 0.0 {
+                    (a as f64 - disc.discount(a)) / sum
+                } else {
+                    0.0
+                };
                 let backed_off = match lower {
                     None => uniform,
-                    Some((lt, lp)) => find_sorted(&lt.keys, n - 1, &t.key(i)[1..]).map_or(0.0, |j| lp[j]),
+                    Some((lt, lp)) => {
+                        find_sorted(&lt.keys, n - 1, &t.key(i)[1..]).map_or(0.0, |j| lp[j])
+                    }
                 };
                 *pk = u + gamma * backed_off;
             });
@@ -142,13 +171,31 @@ pub fn estimate(mut counts: Vec<CountTable>, vocab: Vec<String>, tokenization: T
             let log10_prob = p
                 .iter()
                 .enumerate()
-                .map(|(i, &x)| if t.n == 1 && t.keys[i] == BOS_ID { BOS_LOG10_PROB } else { x.log10() as f32 })
+                .map(|(i, &x)| {
+                    if t.n == 1 && t.keys[i] == BOS_ID {
+                        BOS_LOG10_PROB
+                    } else {
+                        x.log10() as f32
+                    }
+                })
                 .collect();
             let log10_backoff = g.iter().map(|x| x.map(|v| v.log10() as f32)).collect();
-            OrderEntries { n: t.n, keys: t.keys.clone(), log10_prob, log10_backoff }
+            OrderEntries {
+                n: t.n,
+                keys: t.keys.clone(),
+                log10_prob,
+                log10_backoff,
+            }
         })
         .collect();
-    Estimate { tables: NgramTables { vocab, orders, tokenization }, discounts }
+    Estimate {
+        tables: NgramTables {
+            vocab,
+            orders,
+            tokenization,
+        },
+        discounts,
+    }
 }
 
 fn sort_table(t: CountTable) -> CountTable {
@@ -158,7 +205,11 @@ fn sort_table(t: CountTable) -> CountTable {
         keys.extend_from_slice(t.key(i));
     }
     let counts = idx.iter().map(|&i| t.counts[i]).collect();
-    CountTable { n: t.n, keys, counts }
+    CountTable {
+        n: t.n,
+        keys,
+        counts,
+    }
 }
 
 #[cfg(test)]

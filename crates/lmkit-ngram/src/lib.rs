@@ -54,15 +54,23 @@ pub struct Trained {
 /// Counts `inputs` and estimates an interpolated modified Kneser-Ney model.
 pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -> Result<Trained> {
     if opts.order == 0 || opts.order > MAX_ORDER {
-        return Err(NgramError::BadOrder { order: opts.order, max: MAX_ORDER });
+        return Err(NgramError::BadOrder {
+            order: opts.order,
+            max: MAX_ORDER,
+        });
     }
     let mut adjuster = adjust::Adjuster::new(opts.order);
-    let (vocab, stats) = count::count_ngrams(inputs, opts, progress, &mut |rec, c| adjuster.push(rec, c))?;
+    let (vocab, stats) =
+        count::count_ngrams(inputs, opts, progress, &mut |rec, c| adjuster.push(rec, c))?;
     progress.begin("estimating", 0);
     let counts = adjuster.finish();
     let est = kneser_ney::estimate(counts, vocab.into_words(), opts.tokenization);
     progress.finish();
-    Ok(Trained { tables: est.tables, discounts: est.discounts, stats })
+    Ok(Trained {
+        tables: est.tables,
+        discounts: est.discounts,
+        stats,
+    })
 }
 
 /// The files under `path`: the file itself, or every `*.txt` below a directory, sorted by path.
@@ -76,7 +84,9 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| NgramError::io(&dir, e))? {
             let p = entry.map_err(|e| NgramError::io(&dir, e))?.path();
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
                 continue;
             }
             if p.is_dir() {
@@ -88,7 +98,9 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
-        return Err(NgramError::NoInputFiles { path: path.to_path_buf() });
+        return Err(NgramError::NoInputFiles {
+            path: path.to_path_buf(),
+        });
     }
     Ok(out)
 }
@@ -98,14 +110,20 @@ pub fn save(tables: &NgramTables, path: &Path) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("arpa") => arpa::save_arpa(tables, path),
         Some("lmkb") => binary::save_binary(tables, path),
-        _ => Err(NgramError::UnknownFormat { path: path.to_path_buf() }),
+        _ => Err(NgramError::UnknownFormat {
+            path: path.to_path_buf(),
+        }),
     }
 }
 
 /// Converts an ARPA file to the binary format.
 pub fn convert(arpa_path: &Path, out: &Path, tokenization: Tokenization) -> Result<NgramTables> {
     let file = std::fs::File::open(arpa_path).map_err(|e| NgramError::io(arpa_path, e))?;
-    let tables = arpa::read_arpa(std::io::BufReader::with_capacity(1 << 20, file), arpa_path, tokenization)?;
+    let tables = arpa::read_arpa(
+        std::io::BufReader::with_capacity(1 << 20, file),
+        arpa_path,
+        tokenization,
+    )?;
     save(&tables, out)?;
     Ok(tables)
 }

@@ -4,7 +4,9 @@
 //! contexts h_j longer than that n-gram's context — the standard ARPA back-off rule, as KenLM applies it.
 
 use crate::arpa::read_arpa;
-use crate::binary::{build_image, extend_hash, nonzero, parse_header, start_hash, word_hash, Header, SLOT_LEN};
+use crate::binary::{
+    build_image, extend_hash, nonzero, parse_header, start_hash, word_hash, Header, SLOT_LEN,
+};
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
 use crate::tokenize::{tokens, Tokenization};
@@ -89,7 +91,10 @@ impl Model {
     pub fn open(path: &Path, tokenization: Tokenization) -> Result<Model> {
         let file = std::fs::File::open(path).map_err(|e| NgramError::io(path, e))?;
         let mut magic = [0u8; 4];
-        let n = (&file).take(4).read(&mut magic).map_err(|e| NgramError::io(path, e))?;
+        let n = (&file)
+            .take(4)
+            .read(&mut magic)
+            .map_err(|e| NgramError::io(path, e))?;
         if n == 4 && &magic == crate::binary::MAGIC {
             // SAFETY: the map is read-only; a model file must not be modified while it is in use
             // (lmkit itself only ever replaces model files by atomic rename, which is safe).
@@ -110,7 +115,11 @@ impl Model {
 
     fn from_storage(data: Storage, path: &Path) -> Result<Model> {
         let h = parse_header(&data, path)?;
-        Ok(Model { data, h, path: path.to_path_buf() })
+        Ok(Model {
+            data,
+            h,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -182,8 +191,14 @@ impl Model {
             match self.r64(at) {
                 0 => return None,
                 s if s == h => {
-                    let p = f32::from_le_bytes(self.data[at + 8..at + 12].try_into().expect("4-byte slice"));
-                    let b = f32::from_le_bytes(self.data[at + 12..at + 16].try_into().expect("4-byte slice"));
+                    let p = f32::from_le_bytes(
+                        self.data[at + 8..at + 12].try_into().expect("4-byte slice"),
+                    );
+                    let b = f32::from_le_bytes(
+                        self.data[at + 12..at + 16]
+                            .try_into()
+                            .expect("4-byte slice"),
+                    );
                     return Some((p, b));
                 }
                 _ => i = (i + 1) & mask,
@@ -197,7 +212,13 @@ impl Model {
         let mut h = start_hash(w);
         let (mut prob, mut len) = match self.lookup(1, h) {
             Some((p, _)) => (p, 1),
-            None => return (self.lookup(1, start_hash(self.h.unk)).map_or(-100.0, |x| x.0), 1),
+            None => {
+                return (
+                    self.lookup(1, start_hash(self.h.unk))
+                        .map_or(-100.0, |x| x.0),
+                    1,
+                )
+            }
         };
         for (k, &ctx_word) in history.iter().take(max_ctx).enumerate() {
             h = extend_hash(h, ctx_word);
@@ -212,7 +233,11 @@ impl Model {
         // Back off from every stored context longer than the found n-gram's context.
         let mut ctx = 0u64;
         for (j, &ctx_word) in history.iter().take(max_ctx).enumerate() {
-            ctx = if j == 0 { start_hash(ctx_word) } else { extend_hash(ctx, ctx_word) };
+            ctx = if j == 0 {
+                start_hash(ctx_word)
+            } else {
+                extend_hash(ctx, ctx_word)
+            };
             if j + 1 < len {
                 continue;
             }
@@ -231,18 +256,30 @@ impl Model {
         if bos {
             history.push(self.h.bos);
         }
-        let mut out = SentenceScore { log10_prob: 0.0, words: Vec::with_capacity(words.len() + 1) };
+        let mut out = SentenceScore {
+            log10_prob: 0.0,
+            words: Vec::with_capacity(words.len() + 1),
+        };
         let eos_word = crate::tokenize::EOS;
         let items = words.iter().copied().chain(eos.then_some(eos_word));
         for (i, word) in items.enumerate() {
             let is_eos = eos && i == words.len();
-            let id = if is_eos { Some(self.h.eos) } else { self.word_id(word) };
+            let id = if is_eos {
+                Some(self.h.eos)
+            } else {
+                self.word_id(word)
+            };
             let oov = id.is_none() || id == Some(self.h.unk);
             let id = id.unwrap_or(self.h.unk);
             let ctx: Vec<u32> = history.iter().rev().take(keep).copied().collect();
             let (p, len) = self.score_id(&ctx, id);
             out.log10_prob += p;
-            out.words.push(WordScore { word: word.to_string(), log10_prob: p, ngram_len: len, oov });
+            out.words.push(WordScore {
+                word: word.to_string(),
+                log10_prob: p,
+                ngram_len: len,
+                oov,
+            });
             history.push(id);
         }
         out

@@ -61,11 +61,17 @@ mod tests {
 
     #[test]
     fn words_split_on_any_whitespace() {
-        assert_eq!(tokens("  a\tb  c \n", Tokenization::Words), vec!["a", "b", "c"]);
+        assert_eq!(
+            tokens("  a\tb  c \n", Tokenization::Words),
+            vec!["a", "b", "c"]
+        );
     }
 
     #[test]
     fn chars_mark_word_boundaries_once() {
-        assert_eq!(tokens(" 나는  버스 ", Tokenization::Chars), vec!["나", "는", SPACE_TOKEN, "버", "스"]);
+        assert_eq!(
+            tokens(" 나는  버스 ", Tokenization::Chars),
+            vec!["나", "는", SPACE_TOKEN, "버", "스"]
+        );
     }
 }

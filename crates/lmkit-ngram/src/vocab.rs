@@ -15,7 +15,10 @@ pub struct Vocab {
 
 impl Default for Vocab {
     fn default() -> Self {
-        let mut v = Vocab { words: Vec::new(), ids: FxHashMap::default() };
+        let mut v = Vocab {
+            words: Vec::new(),
+            ids: FxHashMap::default(),
+        };
         for w in [UNK, BOS, EOS] {
             v.insert(w);
         }

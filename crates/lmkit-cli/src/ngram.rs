@@ -1,0 +1,308 @@
+//! `lmkit ngram ...`: train, convert, score, ppl, rank, info.
+
+use crate::progress::Bar;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lmkit_ngram::{Model, Perplexity, Tokenization, TrainOptions};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum NgramCommand {
+    /// Count a corpus and estimate an interpolated modified Kneser-Ney model
+    #[command(
+        after_help = "Examples:\n  lmkit ngram train --order 3 --input data/en --output en.arpa\n  \
+        lmkit ngram train --order 5 --chars --input data/ko --output ko.lmkb"
+    )]
+    Train(TrainArgs),
+    /// Convert an ARPA model to the memory-mapped binary format
+    #[command(after_help = "Example:\n  lmkit ngram convert en.arpa en.lmkb")]
+    Convert {
+        /// ARPA model to read
+        arpa: PathBuf,
+        /// Binary model to write (.lmkb)
+        output: PathBuf,
+        /// The ARPA model is over characters (as trained with --chars)
+        #[arg(long)]
+        chars: bool,
+    },
+    /// Print the log10 probability of each sentence (one per line, from --input or stdin)
+    #[command(
+        after_help = "Examples:\n  echo 'In the beginning' | lmkit ngram score --model en.arpa\n  \
+        lmkit ngram score --model en.lmkb --input sentences.txt --verbose"
+    )]
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Sentences, one per line (default: standard input)
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Also print each word's log10 probability and the n-gram length used
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Perplexity of a text file, with OOVs counted separately (as KenLM's `query` does)
+    #[command(after_help = "Example:\n  lmkit ngram ppl --model en.lmkb --input held_out.txt")]
+    Ppl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text, one sentence per line
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Rank candidate sentences by probability, most likely first
+    #[command(
+        after_help = "Examples:\n  lmkit ngram rank --model ko.lmkb '나는 버스를 탔다' '나는 버스를 태운다'\n  \
+        lmkit ngram rank --model en.arpa --input candidates.txt"
+    )]
+    Rank {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Candidate sentences
+        candidates: Vec<String>,
+        /// Read candidates from a file, one per line
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Show a model's order, vocabulary size and n-gram counts
+    #[command(after_help = "Example:\n  lmkit ngram info en.lmkb")]
+    Info {
+        model: PathBuf,
+        #[arg(long)]
+        chars: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Model order N (1..=8)
+    #[arg(long, default_value_t = 3)]
+    order: usize,
+    /// Corpus: a text file (one sentence per line) or a directory searched for *.txt
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output model: .arpa (text, KenLM-compatible) or .lmkb (binary, memory-mapped)
+    #[arg(long)]
+    output: PathBuf,
+    /// Character n-grams (whitespace becomes the token ▁) instead of whitespace words
+    #[arg(long)]
+    chars: bool,
+    /// Memory budget for counting in MiB; larger corpora spill sorted runs to disk
+    #[arg(long, default_value_t = 1024)]
+    memory_mb: usize,
+    /// Directory for sorted runs (default: the system temporary directory)
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model file (.arpa or .lmkb)
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Tokenize into characters (for ARPA models trained with --chars; .lmkb models know this)
+    #[arg(long)]
+    chars: bool,
+}
+
+fn tokenization(chars: bool) -> Tokenization {
+    if chars {
+        Tokenization::Chars
+    } else {
+        Tokenization::Words
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Model> {
+    Ok(Model::open(&m.model, tokenization(m.chars))?)
+}
+
+/// Lines of `path` (or stdin), with a clear error on invalid UTF-8.
+fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
+    let (reader, name): (Box<dyn BufRead>, String) = match path {
+        Some(p) => (
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(p).with_context(|| format!("{}", p.display()))?,
+            )),
+            p.display().to_string(),
+        ),
+        None => (Box::new(std::io::stdin().lock()), "<stdin>".to_string()),
+    };
+    let mut out = Vec::new();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let bytes = line.with_context(|| name.clone())?;
+        let s = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{name}:{}: line is not valid UTF-8 (byte {})",
+                i + 1,
+                e.utf8_error().valid_up_to()
+            )
+        })?;
+        out.push(s.trim_end_matches('\r').to_string());
+    }
+    Ok(out)
+}
+
+pub fn run(cmd: NgramCommand) -> Result<()> {
+    match cmd {
+        NgramCommand::Train(a) => train(a),
+        NgramCommand::Convert {
+            arpa,
+            output,
+            chars,
+        } => {
+            let t0 = Instant::now();
+            let tables = lmkit_ngram::convert(&arpa, &output, tokenization(chars))?;
+            eprintln!(
+                "wrote {} ({} n-grams, order {}) in {:.2}s",
+                output.display(),
+                tables.orders.iter().map(|o| o.len()).sum::<usize>(),
+                tables.order(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        NgramCommand::Score {
+            model,
+            input,
+            verbose,
+        } => {
+            let m = load(&model)?;
+            let out = std::io::stdout();
+            let mut out = BufWriter::new(out.lock());
+            for line in read_lines(input.as_deref())? {
+                let s = m.score_line(&line);
+                writeln!(out, "{:.6}\t{}", s.log10_prob, line)?;
+                if verbose {
+                    for w in &s.words {
+                        let oov = if w.oov { "\tOOV" } else { "" };
+                        writeln!(
+                            out,
+                            "\t{}\t{:.6}\t{}-gram{oov}",
+                            w.word, w.log10_prob, w.ngram_len
+                        )?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        NgramCommand::Ppl { model, input } => {
+            let m = load(&model)?;
+            let mut ppl = Perplexity::default();
+            for line in read_lines(Some(&input))? {
+                if !line.trim().is_empty() {
+                    ppl.add(&m.score_line(&line));
+                }
+            }
+            if ppl.tokens == 0 {
+                bail!("{}: no non-blank lines to score", input.display());
+            }
+            println!("Perplexity including OOVs:\t{:.4}", ppl.including_oovs());
+            println!("Perplexity excluding OOVs:\t{:.4}", ppl.excluding_oovs());
+            println!("OOVs:\t{}", ppl.oovs);
+            println!("Tokens:\t{}", ppl.tokens);
+            println!("Sentences:\t{}", ppl.sentences);
+            println!("log10 probability:\t{:.4}", ppl.log10_prob);
+            Ok(())
+        }
+        NgramCommand::Rank {
+            model,
+            candidates,
+            input,
+        } => {
+            let m = load(&model)?;
+            let mut cands = candidates;
+            if let Some(p) = input {
+                cands.extend(
+                    read_lines(Some(&p))?
+                        .into_iter()
+                        .filter(|l| !l.trim().is_empty()),
+                );
+            }
+            if cands.is_empty() {
+                bail!("no candidates: give sentences as arguments or --input FILE");
+            }
+            let mut scored: Vec<(f32, usize, &String)> = cands
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (m.score_line(c).log10_prob, i, c))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (rank, (lp, _, c)) in scored.iter().enumerate() {
+                println!("{}\t{:.6}\t{}", rank + 1, lp, c);
+            }
+            Ok(())
+        }
+        NgramCommand::Info { model, chars } => {
+            let t0 = Instant::now();
+            let m = Model::open(&model, tokenization(chars))?;
+            println!("model:\t{}", model.display());
+            println!("loaded in:\t{:.3} ms", t0.elapsed().as_secs_f64() * 1e3);
+            println!("order:\t{}", m.order());
+            println!("tokens:\t{}", m.tokenization().name());
+            println!("vocabulary:\t{}", m.vocab_size());
+            for (i, c) in m.counts().iter().enumerate() {
+                println!("{}-grams:\t{c}", i + 1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut inputs = Vec::new();
+    for p in &a.input {
+        inputs.extend(lmkit_ngram::collect_inputs(p)?);
+    }
+    let opts = TrainOptions {
+        order: a.order,
+        tokenization: tokenization(a.chars),
+        memory_bytes: a.memory_mb.saturating_mul(1 << 20),
+        temp_dir: a.temp_dir,
+    };
+    // Fail on a bad output name before spending time on counting.
+    match a.output.extension().and_then(|e| e.to_str()) {
+        Some("arpa") | Some("lmkb") => {}
+        _ => bail!(
+            "{}: the output must end in .arpa (text) or .lmkb (binary)",
+            a.output.display()
+        ),
+    }
+    let trained = lmkit_ngram::train(&inputs, &opts, &Bar::default())?;
+    lmkit_ngram::save(&trained.tables, &a.output)?;
+    let s = &trained.stats;
+    eprintln!(
+        "read {} file(s), {} lines ({} blank), {} sentences, {} tokens, {} bytes",
+        s.files, s.lines, s.blank_lines, s.sentences, s.tokens, s.bytes
+    );
+    if s.runs_on_disk > 0 {
+        eprintln!("counting spilled {} sorted runs to disk", s.runs_on_disk);
+    }
+    eprintln!(
+        "vocabulary: {} (with <s>, </s>, <unk>)",
+        trained.tables.vocab.len()
+    );
+    for (o, d) in trained.tables.orders.iter().zip(&trained.discounts) {
+        let note = if d.fallback {
+            " (fallback: too little data for estimated discounts)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "{}-grams: {:>9}   discounts D1={:.4} D2={:.4} D3+={:.4}{note}",
+            o.n,
+            o.len(),
+            d.d[0],
+            d.d[1],
+            d.d[2]
+        );
+    }
+    eprintln!(
+        "wrote {} in {:.2}s",
+        a.output.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! Renders library progress reports as terminal progress bars (hidden when stderr is not a terminal).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Bar {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl lmkit_ngram::Progress for Bar {
+    fn begin(&self, stage: &str, total: u64) {
+        let bar = if total > 0 {
+            ProgressBar::new(total).with_style(
+                ProgressStyle::with_template(
+                    "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            )
+        } else {
+            ProgressBar::new_spinner()
+        };
+        bar.set_message(stage.to_string());
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some(bar);
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(b) = b.as_ref() {
+                b.inc(n);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(b) = b.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
+}

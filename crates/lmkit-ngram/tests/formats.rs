@@ -1,0 +1,175 @@
+//! ARPA and binary files: round trips, identical scores, and clear errors on damaged files.
+
+use lmkit_ngram::arpa::{read_arpa, write_arpa};
+use lmkit_ngram::{
+    convert, save, train, Model, NgramError, NoProgress, Tokenization, TrainOptions,
+};
+use std::path::{Path, PathBuf};
+
+const TEXT: &str =
+    "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\nthe cat ate the fish\n";
+
+fn trained(dir: &Path, order: usize) -> lmkit_ngram::NgramTables {
+    let p = dir.join("c.txt");
+    std::fs::write(&p, TEXT).unwrap();
+    train(
+        &[p],
+        &TrainOptions {
+            order,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap()
+    .tables
+}
+
+#[test]
+fn arpa_round_trip_keeps_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = trained(dir.path(), 3);
+    let mut buf = Vec::new();
+    write_arpa(&t, &mut buf).unwrap();
+    let back = read_arpa(&buf[..], Path::new("x.arpa"), Tokenization::Words).unwrap();
+    // Ids may be renumbered; compare the models' scores and sizes instead of raw tables.
+    assert_eq!(
+        back.orders.iter().map(|o| o.len()).collect::<Vec<_>>(),
+        t.orders.iter().map(|o| o.len()).collect::<Vec<_>>()
+    );
+    let a = Model::from_tables(&t, Path::new("a"));
+    let b = Model::from_tables(&back, Path::new("b"));
+    for s in [
+        "the cat sat",
+        "a dog and a cat ate",
+        "unknown words here",
+        "the",
+    ] {
+        assert_eq!(a.score_line(s), b.score_line(s), "{s}");
+    }
+}
+
+#[test]
+fn binary_and_arpa_give_identical_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = trained(dir.path(), 4);
+    let arpa = dir.path().join("m.arpa");
+    let bin = dir.path().join("m.lmkb");
+    save(&t, &arpa).unwrap();
+    convert(&arpa, &bin, Tokenization::Words).unwrap();
+    let a = Model::open(&arpa, Tokenization::Words).unwrap();
+    let b = Model::open(&bin, Tokenization::Words).unwrap();
+    assert_eq!(a.counts(), b.counts());
+    for s in ["the cat sat on the log", "a a a", "dog", "zebra cat"] {
+        assert_eq!(a.score_line(s), b.score_line(s), "{s}");
+    }
+}
+
+fn arpa_err(text: &str) -> String {
+    match read_arpa(text.as_bytes(), Path::new("bad.arpa"), Tokenization::Words) {
+        Err(e @ NgramError::Arpa { .. }) => e.to_string(),
+        other => panic!("expected an ARPA error, got {other:?}"),
+    }
+}
+
+#[test]
+fn damaged_arpa_files_are_reported_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut good = Vec::new();
+    write_arpa(&trained(dir.path(), 2), &mut good).unwrap();
+    let good = String::from_utf8(good).unwrap();
+    // Truncated in the middle of the bigrams.
+    let cut = &good[..good.find("\\2-grams:").unwrap() + 40];
+    let e = arpa_err(cut);
+    assert!(e.contains("bad.arpa:") && e.contains("truncated"), "{e}");
+    // Missing \end\.
+    let e = arpa_err(good.trim_end().trim_end_matches("\\end\\"));
+    assert!(e.contains("end of file"), "{e}");
+    // A non-numeric probability.
+    let e = arpa_err(&good.replacen("-99\t<s>", "abc\t<s>", 1));
+    assert!(e.contains("bad probability `abc`"), "{e}");
+    // Not an ARPA file at all.
+    assert!(arpa_err("hello\nworld\n").contains("no `\\data\\` header"));
+    // A bigram over an unknown word.
+    let e = arpa_err("\\data\\\nngram 1=2\nngram 2=1\n\n\\1-grams:\n-1\t<s>\n-1\t</s>\n\n\\2-grams:\n-1\t<s> x\n\n\\end\\\n");
+    assert!(
+        e.contains("bad.arpa:10") && e.contains("`x` is not among the unigrams"),
+        "{e}"
+    );
+}
+
+fn binary_err(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p: PathBuf = dir.path().join("bad.lmkb");
+    std::fs::write(&p, bytes).unwrap();
+    match Model::open(&p, Tokenization::Words) {
+        Err(e @ NgramError::Binary { .. }) => e.to_string(),
+        Err(e) => panic!("expected a binary-format error, got {e}"),
+        Ok(_) => panic!("a damaged file loaded"),
+    }
+}
+
+#[test]
+fn damaged_binary_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.lmkb");
+    save(&trained(dir.path(), 3), &p).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    assert!(binary_err(&good[..good.len() - 7]).contains("truncated"));
+    assert!(binary_err(&good[..100]).contains("truncated"));
+    let mut flipped = good.clone();
+    flipped[9] ^= 0x40; // order field
+    assert!(binary_err(&flipped).contains("checksum"));
+    let mut vocab = good.clone();
+    vocab[192 + 4] = 0xff; // second vocab offset, past the header checksum
+    assert!(binary_err(&vocab).contains("vocabulary"));
+    let mut magic = good;
+    magic[0..4].copy_from_slice(b"LMKB");
+    magic[4] = 9;
+    assert!(binary_err(&magic).contains("version"));
+}
+
+#[test]
+fn bad_corpora_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.txt");
+    let opts = TrainOptions::default();
+
+    std::fs::write(&p, "\n  \n\n").unwrap();
+    let e = train(std::slice::from_ref(&p), &opts, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("corpus is empty") && e.contains("c.txt"), "{e}");
+
+    std::fs::write(&p, b"good line\nbad \xff\xfe line\n").unwrap();
+    let e = train(std::slice::from_ref(&p), &opts, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("c.txt:2") && e.contains("UTF-8"), "{e}");
+
+    std::fs::write(&p, "a b\nc </s> d\n").unwrap();
+    let e = train(std::slice::from_ref(&p), &opts, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("c.txt:2") && e.contains("</s>"), "{e}");
+
+    let e = train(
+        std::slice::from_ref(&p),
+        &TrainOptions {
+            order: 0,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(e, NgramError::BadOrder { order: 0, .. }));
+
+    let e = train(&[dir.path().join("missing.txt")], &opts, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("missing.txt"), "{e}");
+}
