@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job on the bundled corpus: build n-gram language models for English (words) and Korean
+# (characters), then score, rank and measure perplexity on held-out text.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+cargo build --release --locked -p lmkit-cli
+lmkit="$root/target/release/lmkit"
+out="${LMKIT_OUT:-$root/runs/quickstart}"
+mkdir -p "$out"
+
+# Hold out every 20th line for evaluation.
+awk 'NR % 20 != 0' data/en/web_bible.txt > "$out/en.train.txt"
+awk 'NR % 20 == 0' data/en/web_bible.txt > "$out/en.held.txt"
+cat data/ko/*.txt | awk 'NR % 20 != 0' > "$out/ko.train.txt"
+cat data/ko/*.txt | awk 'NR % 20 == 0' > "$out/ko.held.txt"
+
+echo "== English word 3-gram (ARPA, then binary)"
+"$lmkit" ngram train --order 3 --input "$out/en.train.txt" --output "$out/en.arpa"
+"$lmkit" ngram convert "$out/en.arpa" "$out/en.lmkb"
+"$lmkit" ngram ppl --model "$out/en.lmkb" --input "$out/en.held.txt"
+echo "== English: rank candidate sentences"
+"$lmkit" ngram rank --model "$out/en.lmkb" \
+  "In the beginning, God created the heavens and the earth." \
+  "In the beginning, God created the earth and the heavens." \
+  "The beginning in, created God the earth heavens and the."
+
+echo "== Korean character 5-gram (binary)"
+"$lmkit" ngram train --order 5 --chars --input "$out/ko.train.txt" --output "$out/ko.lmkb"
+"$lmkit" ngram ppl --model "$out/ko.lmkb" --input "$out/ko.held.txt"
+echo "== Korean: rank candidate sentences"
+"$lmkit" ngram rank --model "$out/ko.lmkb" "나는 버스를 탔다" "나는 버스를 태운다" "국민은 법 앞에 평등하다" "국민은 법 앞에 평등한다"
+echo "models and splits are in $out"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: Rust unit + integration tests, then the parity tests against the
+# reference implementations (KenLM, ...) in a Python virtualenv that this script sets up once.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+venv="$(bash scripts/setup-python.sh)"
+cargo build --release --locked -p lmkit-cli
+cargo test --release --locked --workspace
+LMKIT_BIN="$root/target/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity
