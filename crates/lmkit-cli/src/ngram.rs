@@ -3,7 +3,9 @@
 use crate::progress::Bar;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use lmkit_ngram::{Model, Perplexity, Tokenization, TrainOptions};
+use lmkit_ngram::tokenize::{tokens, EOS};
+use lmkit_ngram::{Model, Perplexity, SentenceScore, Tokenization, TrainOptions};
+use rayon::prelude::*;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -171,16 +173,18 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             let m = load(&model)?;
             let out = std::io::stdout();
             let mut out = BufWriter::new(out.lock());
-            for line in read_lines(input.as_deref())? {
-                let s = m.score_line(&line);
+            let lines = read_lines(input.as_deref())?;
+            let scores: Vec<SentenceScore> = lines.par_iter().map(|l| m.score_line(l)).collect();
+            for (line, s) in lines.iter().zip(&scores) {
                 writeln!(out, "{:.6}\t{}", s.log10_prob, line)?;
                 if verbose {
-                    for w in &s.words {
+                    let toks = tokens(line, m.tokenization());
+                    for (word, w) in toks.iter().copied().chain(Some(EOS)).zip(&s.words) {
                         let oov = if w.oov { "\tOOV" } else { "" };
                         writeln!(
                             out,
-                            "\t{}\t{:.6}\t{}-gram{oov}",
-                            w.word, w.log10_prob, w.ngram_len
+                            "\t{word}\t{:.6}\t{}-gram{oov}",
+                            w.log10_prob, w.ngram_len
                         )?;
                     }
                 }
@@ -189,12 +193,15 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
         }
         NgramCommand::Ppl { model, input } => {
             let m = load(&model)?;
-            let mut ppl = Perplexity::default();
-            for line in read_lines(Some(&input))? {
-                if !line.trim().is_empty() {
-                    ppl.add(&m.score_line(&line));
-                }
-            }
+            let lines = read_lines(Some(&input))?;
+            let ppl = lines
+                .par_iter()
+                .filter(|l| !l.trim().is_empty())
+                .fold(Perplexity::default, |mut acc, l| {
+                    acc.add(&m.score_line(l));
+                    acc
+                })
+                .reduce(Perplexity::default, Perplexity::merge);
             if ppl.tokens == 0 {
                 bail!("{}: no non-blank lines to score", input.display());
             }

@@ -36,10 +36,9 @@ pub struct Model {
     path: PathBuf,
 }
 
-/// The score of one predicted token.
+/// The score of one predicted token (the sentence's words in order, then `</s>` when asked for).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WordScore {
-    pub word: String,
     pub log10_prob: f32,
     /// Length of the longest n-gram found for this word (1 = unigram).
     pub ngram_len: usize,
@@ -74,6 +73,16 @@ impl Perplexity {
                 self.log10_prob_oov += f64::from(w.log10_prob);
             }
         }
+    }
+
+    /// Sums two partial counts (for scoring in parallel).
+    pub fn merge(mut self, other: Perplexity) -> Perplexity {
+        self.sentences += other.sentences;
+        self.tokens += other.tokens;
+        self.oovs += other.oovs;
+        self.log10_prob += other.log10_prob;
+        self.log10_prob_oov += other.log10_prob_oov;
+        self
     }
 
     pub fn including_oovs(&self) -> f64 {
@@ -252,35 +261,33 @@ impl Model {
     /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
     pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
         let keep = self.h.order.saturating_sub(1);
-        let mut history: Vec<u32> = Vec::with_capacity(words.len() + 1); // most recent last
-        if bos {
-            history.push(self.h.bos);
+        // Context ids, most recent first, at most order-1 of them.
+        let mut ctx: Vec<u32> = Vec::with_capacity(keep + 1);
+        if bos && keep > 0 {
+            ctx.push(self.h.bos);
         }
         let mut out = SentenceScore {
             log10_prob: 0.0,
             words: Vec::with_capacity(words.len() + 1),
         };
-        let eos_word = crate::tokenize::EOS;
-        let items = words.iter().copied().chain(eos.then_some(eos_word));
-        for (i, word) in items.enumerate() {
-            let is_eos = eos && i == words.len();
-            let id = if is_eos {
-                Some(self.h.eos)
-            } else {
-                self.word_id(word)
-            };
-            let oov = id.is_none() || id == Some(self.h.unk);
+        let ids = words
+            .iter()
+            .map(|w| self.word_id(w))
+            .chain(eos.then_some(Some(self.h.eos)));
+        for id in ids {
+            let oov = id.is_none_or(|id| id == self.h.unk);
             let id = id.unwrap_or(self.h.unk);
-            let ctx: Vec<u32> = history.iter().rev().take(keep).copied().collect();
             let (p, len) = self.score_id(&ctx, id);
             out.log10_prob += p;
             out.words.push(WordScore {
-                word: word.to_string(),
                 log10_prob: p,
                 ngram_len: len,
                 oov,
             });
-            history.push(id);
+            if keep > 0 {
+                ctx.insert(0, id);
+                ctx.truncate(keep);
+            }
         }
         out
     }
