@@ -6,7 +6,13 @@ mod progress;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lmkit", version, about = "lmkit: build, train, evaluate and serve language models", long_about = None)]
+#[command(
+    name = "lmkit",
+    version,
+    about = "lmkit: build, train, evaluate and serve language models",
+    after_help = "Example:\n  lmkit ngram train --order 3 --input data/en --output en.lmkb\n  \
+                  lmkit ngram rank --model en.lmkb 'In the beginning' 'beginning the In'"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

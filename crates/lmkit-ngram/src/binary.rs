@@ -59,12 +59,7 @@ pub(crate) fn ngram_hash(key: &[u32]) -> u64 {
 }
 
 pub(crate) fn word_hash(word: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in word {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    nonzero(mix(h))
+    nonzero(mix(fnv(word)))
 }
 
 pub(crate) fn fnv(bytes: &[u8]) -> u64 {
