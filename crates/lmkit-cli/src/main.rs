@@ -1,5 +1,6 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 
+mod data;
 mod ngram;
 mod progress;
 
@@ -20,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Corpus preparation: normalize, filter, deduplicate, split
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Statistical n-gram language models (modified Kneser-Ney, ARPA/KenLM-compatible)
     #[command(subcommand)]
     Ngram(ngram::NgramCommand),
@@ -28,6 +32,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Data(cmd) => data::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
     };
     if let Err(e) = result {

@@ -8,7 +8,7 @@ pub struct Bar {
     bar: Mutex<Option<ProgressBar>>,
 }
 
-impl lmkit_ngram::Progress for Bar {
+impl Bar {
     fn begin(&self, stage: &str, total: u64) {
         let bar = if total > 0 {
             ProgressBar::new(total).with_style(
@@ -43,3 +43,22 @@ impl lmkit_ngram::Progress for Bar {
         }
     }
 }
+
+/// Each library has its own progress trait (they share no crate); all render through [`Bar`].
+macro_rules! impl_progress {
+    ($($t:path),*) => {$(
+        impl $t for Bar {
+            fn begin(&self, stage: &str, total: u64) {
+                Bar::begin(self, stage, total)
+            }
+            fn advance(&self, n: u64) {
+                Bar::advance(self, n)
+            }
+            fn finish(&self) {
+                Bar::finish(self)
+            }
+        }
+    )*};
+}
+
+impl_progress!(lmkit_ngram::Progress, lmkit_data::Progress);

@@ -1,0 +1,215 @@
+//! `lmkit data ...`: corpus preparation.
+
+use crate::progress::Bar;
+use anyhow::Result;
+use clap::{Args, Subcommand, ValueEnum};
+use lmkit_data::{
+    FilterOptions, MinHashOptions, NormalizeOptions, PrepareOptions, Shingle, TxtUnit,
+};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Clean, filter, deduplicate and split a corpus into JSONL shards with a report
+    #[command(
+        after_help = "Examples:\n  lmkit data prepare --input data/en data/ko --output prepared/\n  \
+        lmkit data prepare --input dump.jsonl.gz --text-field content --dates --jaccard 0.7 --output out/\n\n\
+        Writes OUTPUT/train-00000.jsonl..., OUTPUT/val-00000.jsonl... ({\"text\", \"source\"} per line)\n\
+        and OUTPUT/report.json; a summary goes to stderr."
+    )]
+    Prepare(PrepareArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Unit {
+    Line,
+    Paragraph,
+    File,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShingleArg {
+    Chars,
+    Words,
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// Input files or directories (.txt, .jsonl, and their .gz; directories are searched recursively)
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory
+    #[arg(long)]
+    output: PathBuf,
+    /// JSON field holding the text in .jsonl inputs
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// What a document is in .txt inputs
+    #[arg(long, value_enum, default_value = "line")]
+    unit: Unit,
+    /// Skip (and count in the report) invalid UTF-8 and broken JSONL lines instead of failing
+    #[arg(long)]
+    skip_bad: bool,
+    /// Keep text as it is instead of applying Unicode NFKC
+    #[arg(long)]
+    no_nfkc: bool,
+    /// Rewrite English and Korean dates as YYYY-MM-DD
+    #[arg(long)]
+    dates: bool,
+    /// Switch every quality filter off
+    #[arg(long)]
+    no_filters: bool,
+    /// Minimum document length in characters (0: off)
+    #[arg(long, default_value_t = FilterOptions::default().min_chars)]
+    min_chars: usize,
+    /// Maximum document length in characters (0: off)
+    #[arg(long, default_value_t = FilterOptions::default().max_chars)]
+    max_chars: usize,
+    /// Minimum number of words (0: off)
+    #[arg(long, default_value_t = FilterOptions::default().min_words)]
+    min_words: usize,
+    /// Minimum share of letters among non-space characters (0: off)
+    #[arg(long, default_value_t = FilterOptions::default().min_letter_ratio)]
+    min_letter_ratio: f64,
+    /// Maximum share of repeated lines (1: off)
+    #[arg(long, default_value_t = FilterOptions::default().max_dup_line_ratio)]
+    max_dup_line_ratio: f64,
+    /// Maximum share of characters in the most repeated word bigram (1: off)
+    #[arg(long, default_value_t = FilterOptions::default().max_top_bigram_ratio)]
+    max_top_bigram_ratio: f64,
+    /// Maximum share of boilerplate lines (cookie/legal/navigation text) (1: off)
+    #[arg(long, default_value_t = FilterOptions::default().max_boilerplate_ratio)]
+    max_boilerplate_ratio: f64,
+    /// Keep exact duplicates
+    #[arg(long)]
+    no_exact_dedup: bool,
+    /// Keep near duplicates (no MinHash deduplication)
+    #[arg(long)]
+    no_near_dedup: bool,
+    /// Jaccard similarity at which a document counts as a near duplicate
+    #[arg(long, default_value_t = MinHashOptions::default().threshold)]
+    jaccard: f64,
+    /// Shingles for MinHash
+    #[arg(long, value_enum, default_value = "chars")]
+    shingle: ShingleArg,
+    /// Shingle length (characters or words)
+    #[arg(long, default_value_t = MinHashOptions::default().shingle_size)]
+    shingle_size: usize,
+    /// Number of MinHash permutations
+    #[arg(long, default_value_t = MinHashOptions::default().num_perm)]
+    num_perm: usize,
+    /// Share of documents for the validation split
+    #[arg(long, default_value_t = 0.01)]
+    val_fraction: f64,
+    /// Seed of the split hash (change it for a different split)
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Documents per output shard
+    #[arg(long, default_value_t = 100_000)]
+    shard_docs: usize,
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Prepare(a) => prepare(a),
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let mut inputs = Vec::new();
+    for p in &a.input {
+        inputs.extend(lmkit_data::collect_inputs(p)?);
+    }
+    let filters = (!a.no_filters).then_some(FilterOptions {
+        min_chars: a.min_chars,
+        max_chars: a.max_chars,
+        min_words: a.min_words,
+        min_letter_ratio: a.min_letter_ratio,
+        max_dup_line_ratio: a.max_dup_line_ratio,
+        max_top_bigram_ratio: a.max_top_bigram_ratio,
+        max_boilerplate_ratio: a.max_boilerplate_ratio,
+    });
+    let near = (!a.no_near_dedup).then(|| MinHashOptions {
+        shingle: match a.shingle {
+            ShingleArg::Chars => Shingle::Chars,
+            ShingleArg::Words => Shingle::Words,
+        },
+        shingle_size: a.shingle_size,
+        num_perm: a.num_perm,
+        threshold: a.jaccard,
+        ..Default::default()
+    });
+    let opts = PrepareOptions {
+        txt_unit: match a.unit {
+            Unit::Line => TxtUnit::Line,
+            Unit::Paragraph => TxtUnit::Paragraph,
+            Unit::File => TxtUnit::File,
+        },
+        text_field: a.text_field,
+        skip_bad: a.skip_bad,
+        normalize: NormalizeOptions {
+            nfkc: !a.no_nfkc,
+            dates: a.dates,
+        },
+        filters,
+        exact_dedup: !a.no_exact_dedup,
+        near_dedup: near,
+        val_fraction: a.val_fraction,
+        split_seed: a.split_seed,
+        shard_docs: a.shard_docs,
+        ..Default::default()
+    };
+    let r = lmkit_data::prepare(&inputs, &a.output, &opts, &Bar::default())?;
+    let mb = |b: u64| b as f64 / 1e6;
+    eprintln!(
+        "read        {:>9} docs {:>9.2} MB from {} file(s) in {:.2}s ({:.1} MB/s)",
+        r.read.docs,
+        mb(r.read.bytes),
+        r.inputs.len(),
+        r.seconds,
+        mb(r.input_bytes) / r.seconds.max(1e-9)
+    );
+    if r.skipped_bad > 0 {
+        eprintln!(
+            "skipped bad {:>9} records (see report.json for examples)",
+            r.skipped_bad
+        );
+    }
+    eprintln!(
+        "normalized  {:>9} docs changed, {} dates rewritten",
+        r.normalized_changed_docs, r.dates_rewritten
+    );
+    for (why, t) in &r.filtered {
+        eprintln!(
+            "filtered    {:>9} docs {:>9.2} MB  {why}",
+            t.docs,
+            mb(t.bytes)
+        );
+    }
+    eprintln!(
+        "exact dups  {:>9} docs {:>9.2} MB",
+        r.exact_duplicates.removed.docs,
+        mb(r.exact_duplicates.removed.bytes)
+    );
+    if let Some((b, rows)) = r.lsh_bands_rows {
+        eprintln!(
+            "near dups   {:>9} docs {:>9.2} MB  (MinHash LSH {b} bands x {rows} rows)",
+            r.near_duplicates.removed.docs,
+            mb(r.near_duplicates.removed.bytes)
+        );
+    }
+    eprintln!(
+        "train       {:>9} docs {:>9.2} MB in {} shard(s)",
+        r.train.docs,
+        mb(r.train.bytes),
+        r.train.shards.len()
+    );
+    eprintln!(
+        "validation  {:>9} docs {:>9.2} MB in {} shard(s)",
+        r.validation.docs,
+        mb(r.validation.bytes),
+        r.validation.shards.len()
+    );
+    eprintln!("report      {}", a.output.join("report.json").display());
+    Ok(())
+}

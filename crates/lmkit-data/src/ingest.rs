@@ -1,0 +1,246 @@
+//! Reading documents from text and JSONL files, plain or gzip-compressed, one file or directories.
+
+use crate::error::{DataError, Result};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// How a `.txt` file is cut into documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxtUnit {
+    /// Each non-blank line is a document.
+    #[default]
+    Line,
+    /// Blank lines separate documents.
+    Paragraph,
+    /// The whole file is one document.
+    File,
+}
+
+#[derive(Clone, Debug)]
+pub struct IngestOptions {
+    pub txt_unit: TxtUnit,
+    /// JSON field holding the text in `.jsonl` files.
+    pub text_field: String,
+    /// Skip (and count) invalid records instead of failing.
+    pub skip_bad: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            txt_unit: TxtUnit::Line,
+            text_field: "text".into(),
+            skip_bad: false,
+        }
+    }
+}
+
+/// One document and where it came from (`path:line`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Doc {
+    pub text: String,
+    pub source: String,
+}
+
+/// A record that was skipped under `skip_bad`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    pub source: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Txt,
+    Jsonl,
+}
+
+fn format_of(path: &Path) -> Option<(Format, bool)> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let (stem, gz) = match name.strip_suffix(".gz") {
+        Some(s) => (s.to_string(), true),
+        None => (name, false),
+    };
+    if stem.ends_with(".txt") {
+        Some((Format::Txt, gz))
+    } else if stem.ends_with(".jsonl") || stem.ends_with(".json") {
+        Some((Format::Jsonl, gz))
+    } else {
+        None
+    }
+}
+
+/// The input files under `path`: the file itself, or every .txt/.jsonl(.gz) below a directory.
+pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))? {
+            let p = entry.map_err(|e| DataError::io(&dir, e))?.path();
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if format_of(&p).is_some() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(DataError::NoInputFiles {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Streams the documents of one file to `f`, in order. Bad records are an error, or passed to
+/// `skipped` when `opts.skip_bad`.
+pub fn read_docs(
+    path: &Path,
+    opts: &IngestOptions,
+    on_bytes: &mut dyn FnMut(u64),
+    skipped: &mut dyn FnMut(Skipped),
+    f: &mut dyn FnMut(Doc) -> Result<()>,
+) -> Result<()> {
+    let (format, gz) = format_of(path).unwrap_or((Format::Txt, false));
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let raw: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, raw);
+    let display = path.display().to_string();
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    let mut pending = String::new(); // paragraph/file accumulation
+    let mut pending_start = 0u64;
+    let bad = |line: u64, msg: String| DataError::BadRecord {
+        path: path.to_path_buf(),
+        line,
+        msg,
+    };
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
+            if gz {
+                DataError::BadRecord {
+                    path: path.to_path_buf(),
+                    line: line_no + 1,
+                    msg: format!("gzip stream is corrupt or truncated: {e}"),
+                }
+            } else {
+                DataError::io(path, e)
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        on_bytes(n as u64);
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t.trim_end_matches(['\n', '\r']),
+            Err(e) => {
+                let msg = format!("line is not valid UTF-8 (byte {})", e.valid_up_to());
+                if opts.skip_bad {
+                    skipped(Skipped {
+                        source: format!("{display}:{line_no}"),
+                        reason: msg,
+                    });
+                    continue;
+                }
+                return Err(bad(line_no, msg));
+            }
+        };
+        match format {
+            Format::Jsonl => {
+                if text.trim().is_empty() {
+                    continue;
+                }
+                match json_text(text, &opts.text_field) {
+                    Ok(t) => f(Doc {
+                        text: t,
+                        source: format!("{display}:{line_no}"),
+                    })?,
+                    Err(msg) if opts.skip_bad => skipped(Skipped {
+                        source: format!("{display}:{line_no}"),
+                        reason: msg,
+                    }),
+                    Err(msg) => return Err(bad(line_no, msg)),
+                }
+            }
+            Format::Txt => match opts.txt_unit {
+                TxtUnit::Line => {
+                    if !text.trim().is_empty() {
+                        f(Doc {
+                            text: text.to_string(),
+                            source: format!("{display}:{line_no}"),
+                        })?;
+                    }
+                }
+                TxtUnit::Paragraph | TxtUnit::File => {
+                    if text.trim().is_empty() && opts.txt_unit == TxtUnit::Paragraph {
+                        if !pending.trim().is_empty() {
+                            f(Doc {
+                                text: std::mem::take(&mut pending),
+                                source: format!("{display}:{pending_start}"),
+                            })?;
+                        }
+                        pending.clear();
+                        continue;
+                    }
+                    if pending.is_empty() {
+                        pending_start = line_no;
+                    } else {
+                        pending.push('\n');
+                    }
+                    pending.push_str(text);
+                }
+            },
+        }
+    }
+    if !pending.trim().is_empty() {
+        f(Doc {
+            text: pending,
+            source: format!("{display}:{pending_start}"),
+        })?;
+    }
+    Ok(())
+}
+
+fn json_text(line: &str, field: &str) -> std::result::Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    match v.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!(
+            "field `{field}` is not a string (found {})",
+            json_kind(other)
+        )),
+        None => Err(format!(
+            "missing field `{field}` (choose the text field with --text-field)"
+        )),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,420 @@
+//! Corpus preparation: ingest (txt, jsonl, directories, gzip) → normalize (NFKC, whitespace,
+//! controls, optional dates) → quality filters → exact and MinHash near-duplicate removal →
+//! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
+
+pub mod dates;
+pub mod error;
+pub mod filters;
+pub mod ingest;
+pub mod minhash;
+pub mod normalize;
+pub mod shards;
+
+pub use error::{DataError, Result};
+pub use filters::{DropReason, FilterOptions};
+pub use ingest::{collect_inputs, Doc, IngestOptions, TxtUnit};
+pub use minhash::{MinHashOptions, Shingle};
+pub use normalize::NormalizeOptions;
+
+use rayon::prelude::*;
+use rustc_hash::FxHashSet;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
+
+/// Progress reports from long-running work; the library never prints.
+pub trait Progress: Sync {
+    /// A stage starts; `total` is in bytes, 0 when unknown.
+    fn begin(&self, _stage: &str, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+    fn finish(&self) {}
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PrepareOptions {
+    pub txt_unit: TxtUnit,
+    pub text_field: String,
+    pub skip_bad: bool,
+    pub normalize: NormalizeOptions,
+    /// `None` switches all quality filters off.
+    pub filters: Option<FilterOptions>,
+    pub exact_dedup: bool,
+    /// `None` switches near-duplicate removal off.
+    pub near_dedup: Option<MinHashOptions>,
+    /// Share of documents sent to the validation split (by content hash).
+    pub val_fraction: f64,
+    pub split_seed: u64,
+    pub shard_docs: usize,
+    /// How many examples of each kind of removal go into the report.
+    pub report_samples: usize,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        let ingest = IngestOptions::default();
+        PrepareOptions {
+            txt_unit: ingest.txt_unit,
+            text_field: ingest.text_field.clone(),
+            skip_bad: ingest.skip_bad,
+            normalize: NormalizeOptions::default(),
+            filters: Some(FilterOptions::default()),
+            exact_dedup: true,
+            near_dedup: Some(MinHashOptions::default()),
+            val_fraction: 0.01,
+            split_seed: 0,
+            shard_docs: 100_000,
+            report_samples: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Tally {
+    pub docs: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, bytes: usize) {
+        self.docs += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DupSample {
+    pub removed: String,
+    pub kept: String,
+    /// Estimated Jaccard similarity (1 for exact duplicates).
+    pub jaccard: f64,
+    pub removed_text: String,
+    pub kept_text: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FilteredSample {
+    pub source: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DedupReport {
+    pub removed: Tally,
+    pub samples: Vec<DupSample>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SplitReport {
+    pub docs: u64,
+    pub bytes: u64,
+    pub shards: Vec<PathBuf>,
+}
+
+/// What every step kept and dropped, and why (written as `report.json`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub inputs: Vec<PathBuf>,
+    pub input_bytes: u64,
+    /// Documents read (bytes: their text before normalization).
+    pub read: Tally,
+    pub skipped_bad: u64,
+    pub skipped_samples: Vec<ingest::Skipped>,
+    pub normalized_changed_docs: u64,
+    pub dates_rewritten: u64,
+    pub filtered: BTreeMap<String, Tally>,
+    /// A few dropped documents for each filter.
+    pub filtered_samples: BTreeMap<String, Vec<FilteredSample>>,
+    pub exact_duplicates: DedupReport,
+    pub near_duplicates: DedupReport,
+    /// LSH bands × rows used for near-duplicate candidates.
+    pub lsh_bands_rows: Option<(usize, usize)>,
+    pub train: SplitReport,
+    pub validation: SplitReport,
+    pub options: Option<PrepareOptions>,
+    pub seconds: f64,
+}
+
+struct Processed {
+    text: String,
+    changed: bool,
+    dates: usize,
+    drop: Option<DropReason>,
+    exact: u128,
+    signature: Option<Vec<u32>>,
+}
+
+fn preview(text: &str) -> String {
+    let mut s: String = text.chars().take(120).collect();
+    if s.len() < text.len() {
+        s.push('…');
+    }
+    s
+}
+
+fn validate(o: &PrepareOptions) -> Result<()> {
+    let bad = |name, value: String, msg: &str| {
+        Err(DataError::BadOption {
+            name,
+            value,
+            msg: msg.into(),
+        })
+    };
+    if !(0.0..1.0).contains(&o.val_fraction) {
+        return bad(
+            "val_fraction",
+            o.val_fraction.to_string(),
+            "must be in [0, 1)",
+        );
+    }
+    if let Some(m) = &o.near_dedup {
+        if !(m.threshold > 0.0 && m.threshold <= 1.0) {
+            return bad("jaccard", m.threshold.to_string(), "must be in (0, 1]");
+        }
+        if m.num_perm == 0 || m.shingle_size == 0 {
+            return bad(
+                "num_perm/shingle_size",
+                format!("{}/{}", m.num_perm, m.shingle_size),
+                "must be at least 1",
+            );
+        }
+    }
+    if o.shard_docs == 0 {
+        return bad("shard_docs", "0".into(), "must be at least 1");
+    }
+    Ok(())
+}
+
+/// Runs the whole preparation of `inputs` into `out_dir` and returns (and writes) the report.
+pub fn prepare(
+    inputs: &[PathBuf],
+    out_dir: &Path,
+    opts: &PrepareOptions,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    validate(opts)?;
+    let t0 = std::time::Instant::now();
+    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
+    let ingest = IngestOptions {
+        txt_unit: opts.txt_unit,
+        text_field: opts.text_field.clone(),
+        skip_bad: opts.skip_bad,
+    };
+    let hasher = opts.near_dedup.clone().map(minhash::MinHasher::new);
+    let mut index = opts
+        .near_dedup
+        .as_ref()
+        .map(|m| minhash::LshIndex::new(m.num_perm, m.threshold));
+    let mut st = State {
+        report: Report {
+            inputs: inputs.to_vec(),
+            options: Some(opts.clone()),
+            ..Default::default()
+        },
+        exact_seen: FxHashSet::default(),
+        exact_first: rustc_hash::FxHashMap::default(),
+        kept_meta: Vec::new(),
+        train: shards::ShardWriter::new(out_dir, "train", opts.shard_docs),
+        val: shards::ShardWriter::new(out_dir, "val", opts.shard_docs),
+    };
+    st.report.lsh_bands_rows = index.as_ref().map(|i| i.bands_rows());
+    let any_gz = inputs
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "gz"));
+    let total: u64 = inputs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    st.report.input_bytes = total;
+    progress.begin("preparing", if any_gz { 0 } else { total });
+
+    const BATCH: usize = 4096;
+    let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
+    for path in inputs {
+        let mut skipped = Vec::new();
+        ingest::read_docs(
+            path,
+            &ingest,
+            &mut |n| progress.advance(n),
+            &mut |s| skipped.push(s),
+            &mut |doc| {
+                batch.push(doc);
+                if batch.len() >= BATCH {
+                    st.process(
+                        std::mem::take(&mut batch),
+                        opts,
+                        hasher.as_ref(),
+                        index.as_mut(),
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        st.report.skipped_bad += skipped.len() as u64;
+        let room = opts
+            .report_samples
+            .saturating_sub(st.report.skipped_samples.len());
+        st.report
+            .skipped_samples
+            .extend(skipped.into_iter().take(room));
+    }
+    st.process(batch, opts, hasher.as_ref(), index.as_mut())?;
+    progress.finish();
+    if st.report.read.docs == 0 {
+        let what = inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(DataError::EmptyInput { what });
+    }
+    st.train.finish()?;
+    st.val.finish()?;
+    let mut report = st.report;
+    report.train = SplitReport {
+        docs: st.train.docs,
+        bytes: st.train.bytes,
+        shards: st.train.paths,
+    };
+    report.validation = SplitReport {
+        docs: st.val.docs,
+        bytes: st.val.bytes,
+        shards: st.val.paths,
+    };
+    report.seconds = t0.elapsed().as_secs_f64();
+    let report_path = out_dir.join("report.json");
+    let json =
+        serde_json::to_vec_pretty(&report).map_err(|e| DataError::io(&report_path, e.into()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".lmkit-tmp-")
+        .tempfile_in(out_dir)
+        .map_err(|e| DataError::io(out_dir, e))?;
+    std::fs::write(tmp.path(), json).map_err(|e| DataError::io(&report_path, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| DataError::io(&report_path, e))?;
+    tmp.persist(&report_path)
+        .map_err(|e| DataError::io(&report_path, e.error))?;
+    Ok(report)
+}
+
+struct State {
+    report: Report,
+    exact_seen: FxHashSet<u128>,
+    /// Source and preview of the first document with each content hash (for report samples).
+    exact_first: rustc_hash::FxHashMap<u128, (String, String)>,
+    /// Source and preview of each document in the near-duplicate index, by index id.
+    kept_meta: Vec<(String, String)>,
+    train: shards::ShardWriter,
+    val: shards::ShardWriter,
+}
+
+impl State {
+    fn process(
+        &mut self,
+        batch: Vec<Doc>,
+        opts: &PrepareOptions,
+        hasher: Option<&minhash::MinHasher>,
+        mut index: Option<&mut minhash::LshIndex>,
+    ) -> Result<()> {
+        // The per-document work runs on all cores; decisions that depend on earlier documents
+        // (deduplication) are taken in input order below, so the output is deterministic.
+        let done: Vec<Processed> = batch
+            .par_iter()
+            .map(|d| {
+                let (text, dates) = normalize::normalize(&d.text, &opts.normalize);
+                let drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
+                let signature = match (drop, hasher) {
+                    (None, Some(h)) => Some(h.signature(&text)),
+                    _ => None,
+                };
+                Processed {
+                    changed: text != d.text,
+                    exact: xxh3_128(text.as_bytes()),
+                    text,
+                    dates,
+                    drop,
+                    signature,
+                }
+            })
+            .collect();
+        let samples = opts.report_samples;
+        for (doc, p) in batch.iter().zip(done) {
+            let r = &mut self.report;
+            r.read.add(doc.text.len());
+            r.normalized_changed_docs += u64::from(p.changed);
+            r.dates_rewritten += p.dates as u64;
+            if let Some(reason) = p.drop {
+                let key = serde_json::to_value(reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                r.filtered.entry(key.clone()).or_default().add(p.text.len());
+                let examples = r.filtered_samples.entry(key).or_default();
+                if examples.len() < samples {
+                    examples.push(FilteredSample {
+                        source: doc.source.clone(),
+                        text: preview(&p.text),
+                    });
+                }
+                continue;
+            }
+            if p.text.is_empty() {
+                r.filtered.entry("empty".into()).or_default().add(0);
+                continue;
+            }
+            if opts.exact_dedup {
+                if !self.exact_seen.insert(p.exact) {
+                    let e = &mut r.exact_duplicates;
+                    e.removed.add(p.text.len());
+                    if e.samples.len() < samples {
+                        let (kept, kept_text) =
+                            self.exact_first.get(&p.exact).cloned().unwrap_or_default();
+                        e.samples.push(DupSample {
+                            removed: doc.source.clone(),
+                            kept,
+                            jaccard: 1.0,
+                            removed_text: preview(&p.text),
+                            kept_text,
+                        });
+                    }
+                    continue;
+                }
+                if self.exact_first.len() < 100_000 {
+                    self.exact_first
+                        .insert(p.exact, (doc.source.clone(), preview(&p.text)));
+                }
+            }
+            if let (Some(idx), Some(sig)) = (index.as_deref_mut(), p.signature.as_ref()) {
+                if let Some((id, j)) = idx.query_or_insert(sig) {
+                    let n = &mut r.near_duplicates;
+                    n.removed.add(p.text.len());
+                    if n.samples.len() < samples {
+                        let (kept, kept_text) =
+                            self.kept_meta.get(id as usize).cloned().unwrap_or_default();
+                        n.samples.push(DupSample {
+                            removed: doc.source.clone(),
+                            kept,
+                            jaccard: j,
+                            removed_text: preview(&p.text),
+                            kept_text,
+                        });
+                    }
+                    continue;
+                }
+                self.kept_meta.push((doc.source.clone(), preview(&p.text)));
+            }
+            let bucket = xxh3_64_with_seed(p.text.as_bytes(), opts.split_seed) % 1_000_000;
+            if (bucket as f64) < opts.val_fraction * 1_000_000.0 {
+                self.val.write(&p.text, &doc.source)?;
+            } else {
+                self.train.write(&p.text, &doc.source)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! MinHash signatures (Broder 1997) and banded locality-sensitive hashing for near-duplicate
+//! detection (Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3.4).
+//!
+//! Two documents become candidates when any band of `rows` signature values agrees, which happens
+//! with probability 1 - (1 - J^rows)^bands for Jaccard similarity J; candidates are then confirmed by
+//! the share of equal signature values (an unbiased estimate of J) against the threshold.
+
+use rustc_hash::FxHashMap;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Mersenne prime 2^61 - 1 for the universal hash family (a·x + b) mod p.
+const P: u64 = (1 << 61) - 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shingle {
+    /// Character n-grams (work for any script, Korean included).
+    #[default]
+    Chars,
+    /// Word n-grams.
+    Words,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MinHashOptions {
+    pub shingle: Shingle,
+    pub shingle_size: usize,
+    pub num_perm: usize,
+    /// Jaccard similarity at or above which a document is a near duplicate.
+    pub threshold: f64,
+    pub seed: u64,
+}
+
+impl Default for MinHashOptions {
+    fn default() -> Self {
+        MinHashOptions {
+            shingle: Shingle::Chars,
+            shingle_size: 5,
+            num_perm: 128,
+            threshold: 0.8,
+            seed: 1,
+        }
+    }
+}
+
+pub struct MinHasher {
+    opts: MinHashOptions,
+    a: Vec<u64>,
+    b: Vec<u64>,
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn mul_mod_p(a: u64, x: u64) -> u64 {
+    let prod = u128::from(a) * u128::from(x);
+    let lo = (prod as u64) & P;
+    let hi = (prod >> 61) as u64;
+    let s = lo + hi;
+    if s >= P {
+        s - P
+    } else {
+        s
+    }
+}
+
+impl MinHasher {
+    pub fn new(opts: MinHashOptions) -> Self {
+        let mut state = opts.seed;
+        let a = (0..opts.num_perm)
+            .map(|_| splitmix(&mut state) % (P - 1) + 1)
+            .collect();
+        let b = (0..opts.num_perm)
+            .map(|_| splitmix(&mut state) % P)
+            .collect();
+        MinHasher { opts, a, b }
+    }
+
+    pub fn options(&self) -> &MinHashOptions {
+        &self.opts
+    }
+
+    /// The shingle hashes of `text` (a text shorter than one shingle is one shingle).
+    fn shingles(&self, text: &str, mut f: impl FnMut(u64)) {
+        let k = self.opts.shingle_size.max(1);
+        let seed = self.opts.seed;
+        match self.opts.shingle {
+            Shingle::Chars => {
+                let starts: Vec<usize> = text
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .chain([text.len()])
+                    .collect();
+                let n = starts.len() - 1;
+                if n <= k {
+                    f(xxh3_64_with_seed(text.as_bytes(), seed));
+                    return;
+                }
+                for i in 0..=n - k {
+                    f(xxh3_64_with_seed(
+                        &text.as_bytes()[starts[i]..starts[i + k]],
+                        seed,
+                    ));
+                }
+            }
+            Shingle::Words => {
+                let words: Vec<&str> = text.split_whitespace().collect();
+                if words.len() <= k {
+                    f(xxh3_64_with_seed(words.join(" ").as_bytes(), seed));
+                    return;
+                }
+                for w in words.windows(k) {
+                    f(xxh3_64_with_seed(w.join(" ").as_bytes(), seed));
+                }
+            }
+        }
+    }
+
+    /// The MinHash signature of `text`: for each permutation, the minimum hash over its shingles.
+    pub fn signature(&self, text: &str) -> Vec<u32> {
+        let mut sig = vec![u64::MAX; self.opts.num_perm];
+        self.shingles(text, |h| {
+            let x = h & P;
+            for (i, s) in sig.iter_mut().enumerate() {
+                let v = (mul_mod_p(self.a[i], x) + self.b[i]) % P;
+                if v < *s {
+                    *s = v;
+                }
+            }
+        });
+        sig.into_iter().map(|v| v as u32).collect()
+    }
+}
+
+/// Share of equal positions: the MinHash estimate of Jaccard similarity.
+pub fn estimate_jaccard(a: &[u32], b: &[u32]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
+/// Bands × rows (bands·rows ≤ num_perm) whose S-curve 1-(1-J^r)^b crosses 1/2 nearest the threshold.
+pub fn lsh_params(num_perm: usize, threshold: f64) -> (usize, usize) {
+    let mut best = (1, num_perm.max(1));
+    let mut best_err = f64::MAX;
+    for rows in 1..=num_perm.max(1) {
+        let bands = num_perm / rows;
+        if bands == 0 {
+            break;
+        }
+        // J at which the candidate probability is 1/2.
+        let half = (1.0 - 0.5f64.powf(1.0 / bands as f64)).powf(1.0 / rows as f64);
+        // Aim a little below the threshold so that true duplicates are rarely missed.
+        let err = (half - (threshold - 0.05)).abs();
+        if err < best_err {
+            best_err = err;
+            best = (bands, rows);
+        }
+    }
+    best
+}
+
+/// Near-duplicate index over kept documents.
+pub struct LshIndex {
+    bands: usize,
+    rows: usize,
+    threshold: f64,
+    buckets: Vec<FxHashMap<u64, Vec<u32>>>,
+    signatures: Vec<u32>,
+    num_perm: usize,
+}
+
+impl LshIndex {
+    pub fn new(num_perm: usize, threshold: f64) -> Self {
+        let (bands, rows) = lsh_params(num_perm, threshold);
+        LshIndex {
+            bands,
+            rows,
+            threshold,
+            buckets: vec![FxHashMap::default(); bands],
+            signatures: Vec::new(),
+            num_perm,
+        }
+    }
+
+    pub fn bands_rows(&self) -> (usize, usize) {
+        (self.bands, self.rows)
+    }
+
+    fn band_key(&self, sig: &[u32], band: usize) -> u64 {
+        let part = &sig[band * self.rows..(band + 1) * self.rows];
+        let bytes: Vec<u8> = part.iter().flat_map(|v| v.to_le_bytes()).collect();
+        xxh3_64_with_seed(&bytes, band as u64)
+    }
+
+    /// The first indexed document that `sig` duplicates (id, estimated Jaccard); otherwise `sig` is
+    /// indexed as a new document and `None` is returned.
+    pub fn query_or_insert(&mut self, sig: &[u32]) -> Option<(u32, f64)> {
+        let keys: Vec<u64> = (0..self.bands).map(|b| self.band_key(sig, b)).collect();
+        let mut best: Option<(u32, f64)> = None;
+        for (b, key) in keys.iter().enumerate() {
+            if let Some(ids) = self.buckets[b].get(key) {
+                for &id in ids {
+                    let other = &self.signatures
+                        [id as usize * self.num_perm..(id as usize + 1) * self.num_perm];
+                    let j = estimate_jaccard(sig, other);
+                    if j >= self.threshold
+                        && best.is_none_or(|(bid, bj)| j > bj || (j == bj && id < bid))
+                    {
+                        best = Some((id, j));
+                    }
+                }
+            }
+        }
+        if best.is_some() {
+            return best;
+        }
+        let id = (self.signatures.len() / self.num_perm) as u32;
+        self.signatures.extend_from_slice(sig);
+        for (b, key) in keys.into_iter().enumerate() {
+            self.buckets[b].entry(key).or_default().push(id);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jaccard_exact(a: &str, b: &str, k: usize) -> f64 {
+        let sh = |t: &str| -> std::collections::HashSet<String> {
+            let c: Vec<char> = t.chars().collect();
+            c.windows(k).map(|w| w.iter().collect()).collect()
+        };
+        let (x, y) = (sh(a), sh(b));
+        x.intersection(&y).count() as f64 / x.union(&y).count() as f64
+    }
+
+    #[test]
+    fn signature_estimates_jaccard() {
+        let m = MinHasher::new(MinHashOptions {
+            num_perm: 512,
+            ..Default::default()
+        });
+        let a = "The quick brown fox jumps over the lazy dog near the river bank today.";
+        let b = "The quick brown fox jumps over the lazy cat near the river bank today.";
+        let c = "Completely different words about Korean tax law and its statutes.";
+        let est = estimate_jaccard(&m.signature(a), &m.signature(b));
+        let exact = jaccard_exact(a, b, 5);
+        assert!(
+            (est - exact).abs() < 0.08,
+            "estimate {est} vs exact {exact}"
+        );
+        assert!(estimate_jaccard(&m.signature(a), &m.signature(c)) < 0.1);
+        assert_eq!(m.signature(a), m.signature(a));
+    }
+
+    #[test]
+    fn lsh_curve_sits_near_threshold() {
+        let (b, r) = lsh_params(128, 0.8);
+        assert!(b * r <= 128);
+        let p = |j: f64| 1.0 - (1.0 - j.powi(r as i32)).powi(b as i32);
+        assert!(p(0.9) > 0.95, "p(0.9) = {}", p(0.9));
+        assert!(p(0.5) < 0.05, "p(0.5) = {}", p(0.5));
+    }
+}

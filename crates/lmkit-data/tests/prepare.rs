@@ -1,0 +1,263 @@
+//! End-to-end corpus preparation: planted duplicates are removed, distinct texts kept, every
+//! document is accounted for in the report, the output is deterministic, bad input is reported.
+
+use lmkit_data::{prepare, DataError, NoProgress, NormalizeOptions, PrepareOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+fn distinct_sentences(n: usize) -> Vec<String> {
+    // Sentences built from different word choices so that no two are near duplicates.
+    let subjects = [
+        "The farmer",
+        "A sailor",
+        "Our teacher",
+        "The old king",
+        "My sister",
+        "The tax office",
+        "A young poet",
+    ];
+    let verbs = [
+        "carried",
+        "painted",
+        "examined",
+        "forgot",
+        "sold",
+        "repaired",
+        "described",
+    ];
+    let objects = [
+        "a wooden boat",
+        "the northern road",
+        "seven red apples",
+        "an ancient map",
+        "the broken clock",
+        "a quiet garden",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "{} {} {} on day {} while {} waited near gate {}.",
+                subjects[i % 7],
+                verbs[(i / 7) % 7],
+                objects[(i / 49) % 6],
+                i * 37 % 1000,
+                ["everyone", "nobody", "the crowd", "a child"][i % 4],
+                i
+            )
+        })
+        .collect()
+}
+
+fn lines(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+    {
+        for l in std::fs::read_to_string(f).unwrap().lines() {
+            out.push(serde_json::from_str(l).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn planted_duplicates_are_removed_and_everything_is_accounted_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = distinct_sentences(300);
+    let originals = docs.clone();
+    // Exact duplicates (also after normalization: extra spaces, full-width letters).
+    docs.push(originals[5].clone());
+    docs.push(format!("  {}  ", originals[6].replace(' ', "   ")));
+    docs.push(originals[7].replace("The", "Ｔｈｅ"));
+    // Near duplicates: one word changed in a long sentence.
+    let long = "In the first year of the reign the council met in the great hall and decided that every village should keep a record of its harvest, its wells and its roads for the coming winter.";
+    docs.push(long.to_string());
+    docs.push(long.replace("coming winter", "coming winters"));
+    docs.push(long.replace("great hall", "grand hall"));
+    // Too short, too few letters.
+    docs.push("ok".into());
+    docs.push("12345 67890 12345 67890 !!!".into());
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, docs.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let opts = PrepareOptions {
+        val_fraction: 0.1,
+        ..Default::default()
+    };
+    let r = prepare(std::slice::from_ref(&input), &out, &opts, &NoProgress).unwrap();
+
+    assert_eq!(r.read.docs, docs.len() as u64);
+    assert_eq!(
+        r.exact_duplicates.removed.docs, 3,
+        "{:?}",
+        r.exact_duplicates.samples
+    );
+    assert_eq!(
+        r.near_duplicates.removed.docs, 2,
+        "{:?}",
+        r.near_duplicates.samples
+    );
+    assert!(r
+        .near_duplicates
+        .samples
+        .iter()
+        .all(|s| s.kept.ends_with(&format!(":{}", 304)) && s.jaccard >= 0.8));
+    assert_eq!(r.filtered["too_short"].docs, 1);
+    assert_eq!(r.filtered["few_letters"].docs, 1);
+    let filtered: u64 = r.filtered.values().map(|t| t.docs).sum();
+    assert_eq!(
+        r.read.docs,
+        filtered
+            + r.exact_duplicates.removed.docs
+            + r.near_duplicates.removed.docs
+            + r.train.docs
+            + r.validation.docs
+    );
+    // Every distinct sentence survives, in one split or the other.
+    let kept: Vec<String> = lines(&out)
+        .iter()
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect();
+    for s in &originals {
+        assert!(kept.contains(s), "lost: {s}");
+    }
+    assert!(
+        r.validation.docs > 10 && r.validation.docs < 60,
+        "val = {}",
+        r.validation.docs
+    );
+    assert!(out.join("report.json").exists());
+
+    // Deterministic: a second run writes the same bytes.
+    let out2 = dir.path().join("out2");
+    prepare(&[input], &out2, &opts, &NoProgress).unwrap();
+    for name in ["train-00000.jsonl", "val-00000.jsonl"] {
+        assert_eq!(
+            std::fs::read(out.join(name)).unwrap(),
+            std::fs::read(out2.join(name)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn jsonl_gzip_and_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::default(),
+    );
+    writeln!(
+        gz,
+        r#"{{"content": "이 법은 2024년 8월 26일부터 시행한다. 부칙은 따로 정한다.", "id": 1}}"#
+    )
+    .unwrap();
+    writeln!(
+        gz,
+        r#"{{"content": "The act took effect on August 26, 2024 across the country.", "id": 2}}"#
+    )
+    .unwrap();
+    gz.finish().unwrap();
+    let opts = PrepareOptions {
+        text_field: "content".into(),
+        normalize: NormalizeOptions {
+            nfkc: true,
+            dates: true,
+        },
+        val_fraction: 0.0,
+        ..Default::default()
+    };
+    let out = dir.path().join("out");
+    let r = prepare(&[path], &out, &opts, &NoProgress).unwrap();
+    assert_eq!(r.dates_rewritten, 2);
+    let texts: Vec<String> = lines(&out)
+        .iter()
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        texts[0],
+        "이 법은 2024-08-26부터 시행한다. 부칙은 따로 정한다."
+    );
+    assert_eq!(
+        texts[1],
+        "The act took effect on 2024-08-26 across the country."
+    );
+    assert!(lines(&out)[0]["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("docs.jsonl.gz:1"));
+}
+
+#[test]
+fn bad_records_fail_with_file_and_line_or_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &path,
+        b"{\"text\": \"a perfectly fine first document here\"}\n{\"text\": broken\n{\"body\": \"no text field at all\"}\n{\"text\": 42}\n\xff\xfe\n{\"text\": \"another perfectly fine document here\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let e = prepare(
+        std::slice::from_ref(&path),
+        &out,
+        &PrepareOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, DataError::BadRecord { line: 2, .. })
+            && msg.contains("bad.jsonl:2")
+            && msg.contains("malformed JSON"),
+        "{msg}"
+    );
+
+    let opts = PrepareOptions {
+        skip_bad: true,
+        val_fraction: 0.0,
+        ..Default::default()
+    };
+    let r = prepare(std::slice::from_ref(&path), &out, &opts, &NoProgress).unwrap();
+    assert_eq!(r.skipped_bad, 4);
+    assert_eq!(r.train.docs, 2);
+    let reasons: Vec<&str> = r
+        .skipped_samples
+        .iter()
+        .map(|s| s.reason.as_str())
+        .collect();
+    assert!(
+        reasons[1].contains("missing field `text`")
+            && reasons[2].contains("not a string")
+            && reasons[3].contains("UTF-8"),
+        "{reasons:?}"
+    );
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n   \n").unwrap();
+    let e = prepare(&[empty], &out, &PrepareOptions::default(), &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("no documents"), "{e}");
+
+    let corrupt = dir.path().join("c.txt.gz");
+    std::fs::write(&corrupt, b"\x1f\x8b\x08\x00garbage").unwrap();
+    let e = prepare(&[corrupt], &out, &PrepareOptions::default(), &NoProgress).unwrap_err();
+    assert!(
+        e.to_string().contains("c.txt.gz") && e.to_string().contains("gzip"),
+        "{e}"
+    );
+
+    let bad_opt = PrepareOptions {
+        val_fraction: 1.5,
+        ..Default::default()
+    };
+    assert!(matches!(
+        prepare(&[path], &out, &bad_opt, &NoProgress),
+        Err(DataError::BadOption { .. })
+    ));
+}
