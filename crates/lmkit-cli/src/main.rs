@@ -3,6 +3,7 @@
 mod data;
 mod ngram;
 mod progress;
+mod tokenizer;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,9 @@ enum Command {
     /// Corpus preparation: normalize, filter, deduplicate, split
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
     /// Statistical n-gram language models (modified Kneser-Ney, ARPA/KenLM-compatible)
     #[command(subcommand)]
     Ngram(ngram::NgramCommand),
@@ -34,6 +38,7 @@ fn main() {
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
+        Command::Tokenizer(cmd) => tokenizer::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,273 @@
+//! `lmkit tokenizer ...`: train, encode (to stdout or token shards), decode, stats.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lmkit_data::IngestOptions;
+use lmkit_tokenize::{ShardWriter, TrainOptions};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer; writes DIR/tokenizer.json and DIR/tokenizer_config.json
+    #[command(
+        after_help = "Examples:\n  lmkit tokenizer train --input data/en data/ko --vocab-size 8192 --output tok/\n  \
+        lmkit tokenizer train --input prepared/ --vocab-size 16000 --special '<|tool|>' --output tok/"
+    )]
+    Train {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Output directory
+        #[arg(long)]
+        output: PathBuf,
+        /// Vocabulary size, special tokens included
+        #[arg(long, default_value_t = 8192)]
+        vocab_size: usize,
+        /// Minimum pair frequency for a merge
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        /// Extra special tokens (the defaults are <|endoftext|> <|pad|> <|mask|> <|system|> <|user|> <|assistant|> <|end|>)
+        #[arg(long)]
+        special: Vec<String>,
+    },
+    /// Encode text: ids per line on stdout, or token shards for training with --shards DIR
+    #[command(
+        after_help = "Examples:\n  echo '안녕하세요, world' | lmkit tokenizer encode --tokenizer tok/\n  \
+        lmkit tokenizer encode --tokenizer tok/ --input prepared/ --shards shards/"
+    )]
+    Encode {
+        /// tokenizer.json or the directory holding it
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Inputs (default: standard input, one text per line)
+        #[command(flatten)]
+        input: OptInputArgs,
+        /// Write token shards (tokens-NNNNN.bin + .json) into this directory instead of printing ids
+        #[arg(long)]
+        shards: Option<PathBuf>,
+        /// Tokens per shard
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: u64,
+    },
+    /// Decode ids (space-separated, one sequence per line; from the arguments or stdin)
+    #[command(
+        after_help = "Example:\n  echo '101 2040 33' | lmkit tokenizer decode --tokenizer tok/"
+    )]
+    Decode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Ids to decode
+        ids: Vec<u32>,
+    },
+    /// Tokens per byte and per word on some text, to judge a vocabulary
+    #[command(
+        after_help = "Example:\n  lmkit tokenizer stats --tokenizer tok/ --input data/en data/ko"
+    )]
+    Stats {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[command(flatten)]
+        input: InputArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct InputArgs {
+    /// Text files or directories (.txt: a document per line; .jsonl: the --text-field; .gz too)
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// JSON field holding the text in .jsonl inputs
+    #[arg(long, default_value = "text")]
+    text_field: String,
+}
+
+#[derive(Args)]
+pub struct OptInputArgs {
+    /// Text files or directories (.txt: a document per line; .jsonl: the --text-field; .gz too)
+    #[arg(long, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// JSON field holding the text in .jsonl inputs
+    #[arg(long, default_value = "text")]
+    text_field: String,
+}
+
+fn files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        out.extend(lmkit_data::collect_inputs(p)?);
+    }
+    Ok(out)
+}
+
+fn ingest(text_field: &str) -> IngestOptions {
+    IngestOptions {
+        text_field: text_field.to_string(),
+        ..Default::default()
+    }
+}
+
+fn stdin_lines() -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in std::io::stdin().lock().split(b'\n').enumerate() {
+        let bytes = line.context("<stdin>")?;
+        let s = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "<stdin>:{}: not valid UTF-8 (byte {})",
+                i + 1,
+                e.utf8_error().valid_up_to()
+            )
+        })?;
+        out.push(s.trim_end_matches('\r').to_string());
+    }
+    Ok(out)
+}
+
+pub fn run(cmd: TokenizerCommand) -> Result<()> {
+    match cmd {
+        TokenizerCommand::Train {
+            input,
+            output,
+            vocab_size,
+            min_frequency,
+            special,
+        } => {
+            let t0 = Instant::now();
+            let mut opts = TrainOptions {
+                vocab_size,
+                min_frequency,
+                ingest: ingest(&input.text_field),
+                ..Default::default()
+            };
+            for s in special {
+                if !opts.special_tokens.contains(&s) {
+                    opts.special_tokens.push(s);
+                }
+            }
+            let inputs = files(&input.input)?;
+            eprintln!(
+                "training byte-level BPE (vocab {vocab_size}) on {} file(s)...",
+                inputs.len()
+            );
+            let tk = lmkit_tokenize::train(&inputs, &opts)?;
+            lmkit_tokenize::save(&tk, &output, &opts.special_tokens)?;
+            eprintln!(
+                "wrote {} (vocab {}) in {:.1}s",
+                output.join("tokenizer.json").display(),
+                tk.get_vocab_size(true),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        TokenizerCommand::Encode {
+            tokenizer,
+            input,
+            shards,
+            shard_tokens,
+        } => {
+            let tk = lmkit_tokenize::load(&tokenizer)?;
+            let texts = if input.input.is_empty() {
+                stdin_lines()?
+            } else {
+                lmkit_tokenize::bpe::read_texts(&files(&input.input)?, &ingest(&input.text_field))?
+            };
+            match shards {
+                None => {
+                    let mut out = BufWriter::new(std::io::stdout().lock());
+                    for chunk in texts.chunks(4096) {
+                        for ids in lmkit_tokenize::encode_batch(&tk, chunk)? {
+                            let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                            writeln!(out, "{}", line.join(" "))?;
+                        }
+                    }
+                    Ok(())
+                }
+                Some(dir) => {
+                    let t0 = Instant::now();
+                    let eot = tk.token_to_id(lmkit_tokenize::ENDOFTEXT);
+                    if eot.is_none() {
+                        eprintln!(
+                            "warning: the tokenizer has no {} token; documents are not separated",
+                            lmkit_tokenize::ENDOFTEXT
+                        );
+                    }
+                    let mut w = ShardWriter::new(&dir, tk.get_vocab_size(true), eot, shard_tokens)?;
+                    let mut bytes = 0u64;
+                    for chunk in texts.chunks(4096) {
+                        for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, chunk)?)
+                        {
+                            bytes += t.len() as u64;
+                            w.write_document(&ids)?;
+                        }
+                    }
+                    w.finish()?;
+                    let secs = t0.elapsed().as_secs_f64();
+                    eprintln!(
+                        "wrote {} tokens from {} documents ({:.2} MB) into {} shard(s) in {} in {:.2}s ({:.1} MB/s)",
+                        w.tokens,
+                        w.documents,
+                        bytes as f64 / 1e6,
+                        w.paths.len(),
+                        dir.display(),
+                        secs,
+                        bytes as f64 / 1e6 / secs.max(1e-9)
+                    );
+                    Ok(())
+                }
+            }
+        }
+        TokenizerCommand::Decode { tokenizer, ids } => {
+            let tk = lmkit_tokenize::load(&tokenizer)?;
+            let seqs: Vec<Vec<u32>> = if ids.is_empty() {
+                stdin_lines()?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        l.split_whitespace()
+                            .map(|t| {
+                                t.parse::<u32>().with_context(|| {
+                                    format!("<stdin>:{}: `{t}` is not a token id", i + 1)
+                                })
+                            })
+                            .collect::<Result<Vec<u32>>>()
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![ids]
+            };
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for s in seqs {
+                writeln!(out, "{}", lmkit_tokenize::decode(&tk, &s)?)?;
+            }
+            Ok(())
+        }
+        TokenizerCommand::Stats { tokenizer, input } => {
+            let tk = lmkit_tokenize::load(&tokenizer)?;
+            println!(
+                "| input | documents | MB | tokens | tokens/byte | bytes/token | tokens/word |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            for p in &input.input {
+                let texts = lmkit_tokenize::bpe::read_texts(
+                    &files(std::slice::from_ref(p))?,
+                    &ingest(&input.text_field),
+                )?;
+                if texts.is_empty() {
+                    bail!("{}: no text", p.display());
+                }
+                let s = lmkit_tokenize::bpe::stats(&tk, &texts)?;
+                println!(
+                    "| {} | {} | {:.2} | {} | {:.3} | {:.2} | {:.2} |",
+                    p.display(),
+                    s.documents,
+                    s.bytes as f64 / 1e6,
+                    s.tokens,
+                    s.tokens_per_byte(),
+                    s.bytes_per_token(),
+                    s.tokens_per_word()
+                );
+            }
+            Ok(())
+        }
+    }
+}

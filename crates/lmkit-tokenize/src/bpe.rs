@@ -1,0 +1,230 @@
+//! Byte-level BPE (the GPT-2 scheme: bytes mapped to printable characters, then merges) trained and
+//! saved with Hugging Face `tokenizers`, so the result is a `tokenizer.json` that Python
+//! `tokenizers` and `transformers` load unchanged. No normalizer: decode(encode(x)) == x for any text.
+
+use crate::error::{Result, TokenizeError};
+use std::path::{Path, PathBuf};
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerBuilder,
+};
+
+pub const ENDOFTEXT: &str = "<|endoftext|>";
+
+/// Special tokens added by default: end of text, padding, masking (for BERT-style models) and
+/// chat roles.
+pub const DEFAULT_SPECIAL_TOKENS: &[&str] = &[
+    ENDOFTEXT,
+    "<|pad|>",
+    "<|mask|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+];
+
+/// The chat template written to `tokenizer_config.json` (Jinja, as `transformers` reads it).
+pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub vocab_size: usize,
+    pub min_frequency: u64,
+    pub special_tokens: Vec<String>,
+    /// How documents are read from the inputs (txt unit, JSONL text field).
+    pub ingest: lmkit_data::IngestOptions,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            vocab_size: 8192,
+            min_frequency: 2,
+            special_tokens: DEFAULT_SPECIAL_TOKENS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ingest: lmkit_data::IngestOptions::default(),
+        }
+    }
+}
+
+fn tk_err(e: impl std::fmt::Display) -> TokenizeError {
+    TokenizeError::Tokenizer(e.to_string())
+}
+
+/// Reads every document of `inputs` (txt lines or JSONL records, plain or gzip).
+pub fn read_texts(inputs: &[PathBuf], ingest: &lmkit_data::IngestOptions) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    for path in inputs {
+        lmkit_data::ingest::read_docs(path, ingest, &mut |_| {}, &mut |_| {}, &mut |d| {
+            texts.push(d.text);
+            Ok(())
+        })?;
+    }
+    Ok(texts)
+}
+
+/// Trains a byte-level BPE tokenizer on the documents of `inputs`.
+pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
+    let min_vocab = 256 + opts.special_tokens.len();
+    if opts.vocab_size < min_vocab {
+        return Err(TokenizeError::BadOption {
+            name: "vocab_size",
+            value: opts.vocab_size.to_string(),
+            msg: format!(
+                "must be at least {min_vocab} (256 bytes + {} special tokens)",
+                opts.special_tokens.len()
+            ),
+        });
+    }
+    let texts = read_texts(inputs, &opts.ingest)?;
+    if texts.iter().all(|t| t.trim().is_empty()) {
+        let what = inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(TokenizeError::Empty { what });
+    }
+    let specials: Vec<AddedToken> = opts
+        .special_tokens
+        .iter()
+        .map(|s| AddedToken::from(s.clone(), true))
+        .collect();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(opts.vocab_size)
+        .min_frequency(opts.min_frequency)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .show_progress(false)
+        .build();
+    let byte_level = ByteLevel::new(false, true, true);
+    let mut tk = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(byte_level)))
+    .with_post_processor(Some(PostProcessorWrapper::ByteLevel(byte_level)))
+    .with_decoder(Some(DecoderWrapper::ByteLevel(byte_level)))
+    .build()
+    .map_err(tk_err)?;
+    tk.train(&mut trainer, texts.iter()).map_err(tk_err)?;
+    let json = serde_json::to_string(&tk).map_err(tk_err)?;
+    json.parse::<Tokenizer>().map_err(tk_err)
+}
+
+/// Loads `tokenizer.json` (or a directory containing it).
+pub fn load(path: &Path) -> Result<Tokenizer> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| TokenizeError::io(&file, e))?;
+    text.parse::<Tokenizer>().map_err(|e| TokenizeError::Load {
+        path: file.clone(),
+        msg: e.to_string(),
+    })
+}
+
+/// Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) into `dir`,
+/// each atomically.
+pub fn save(tk: &Tokenizer, dir: &Path, special_tokens: &[String]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TokenizeError::io(dir, e))?;
+    let json = tk.to_string(true).map_err(tk_err)?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let has = |t: &str| special_tokens.iter().any(|s| s == t).then(|| t.to_string());
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": has(ENDOFTEXT),
+        "eos_token": has(ENDOFTEXT),
+        "unk_token": serde_json::Value::Null,
+        "pad_token": has("<|pad|>"),
+        "mask_token": has("<|mask|>"),
+        "add_prefix_space": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 1_000_000_000_000_000_000u64,
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
+    });
+    let text = serde_json::to_string_pretty(&config).map_err(tk_err)?;
+    write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
+}
+
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |e| TokenizeError::io(path, e);
+    let tmp = tempfile::Builder::new()
+        .prefix(".lmkit-tmp-")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    std::fs::write(tmp.path(), bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Encodes texts (no special tokens added), in parallel.
+pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+    let enc = tk
+        .encode_batch(texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), false)
+        .map_err(tk_err)?;
+    Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+}
+
+pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {
+    let vocab = tk.get_vocab_size(true) as u32;
+    if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(TokenizeError::BadOption {
+            name: "id",
+            value: bad.to_string(),
+            msg: format!("out of range for a vocabulary of {vocab}"),
+        });
+    }
+    tk.decode(ids, false).map_err(tk_err)
+}
+
+/// Compression statistics of a tokenizer on some texts.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TokenStats {
+    pub documents: u64,
+    pub bytes: u64,
+    pub words: u64,
+    pub tokens: u64,
+}
+
+impl TokenStats {
+    pub fn tokens_per_byte(&self) -> f64 {
+        self.tokens as f64 / self.bytes.max(1) as f64
+    }
+    pub fn bytes_per_token(&self) -> f64 {
+        self.bytes as f64 / self.tokens.max(1) as f64
+    }
+    pub fn tokens_per_word(&self) -> f64 {
+        self.tokens as f64 / self.words.max(1) as f64
+    }
+}
+
+pub fn stats(tk: &Tokenizer, texts: &[String]) -> Result<TokenStats> {
+    let mut s = TokenStats::default();
+    for chunk in texts.chunks(4096) {
+        let ids = encode_batch(tk, chunk)?;
+        for (t, i) in chunk.iter().zip(ids) {
+            s.documents += 1;
+            s.bytes += t.len() as u64;
+            s.words += t.split_whitespace().count() as u64;
+            s.tokens += i.len() as u64;
+        }
+    }
+    Ok(s)
+}

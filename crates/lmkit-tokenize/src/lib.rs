@@ -1,0 +1,14 @@
+//! Tokenizers: byte-level BPE training and use through Hugging Face `tokenizers` (tokenizer.json),
+//! special and chat-role tokens, and token shards (writer + memory-mapped reader) for training.
+
+pub mod bpe;
+pub mod error;
+pub mod shards;
+
+pub use bpe::{
+    decode, encode_batch, load, save, train, TokenStats, TrainOptions, DEFAULT_SPECIAL_TOKENS,
+    ENDOFTEXT,
+};
+pub use error::{Result, TokenizeError};
+pub use shards::{Dtype, ShardHeader, ShardWriter, TokenDataset, TokenShard};
+pub use tokenizers::Tokenizer;

@@ -1,0 +1,174 @@
+//! BPE training, exact round trips in English and Korean, token shards, and bad input.
+
+use lmkit_tokenize::{
+    decode, encode_batch, load, save, train, ShardWriter, TokenDataset, TokenShard, TokenizeError,
+    TrainOptions,
+};
+use std::path::{Path, PathBuf};
+
+const CORPUS: &str = "In the beginning, God created the heavens and the earth.\n\
+The earth was formless and empty.\n\
+대한민국은 민주공화국이다.\n\
+대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.\n\
+모든 국민은 법 앞에 평등하다.\n";
+
+fn corpus(dir: &Path) -> Vec<PathBuf> {
+    let p = dir.join("c.txt");
+    std::fs::write(&p, CORPUS.repeat(20)).unwrap();
+    vec![p]
+}
+
+fn small() -> TrainOptions {
+    TrainOptions {
+        vocab_size: 400,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn round_trips_are_exact_in_english_and_korean() {
+    let dir = tempfile::tempdir().unwrap();
+    let tk = train(&corpus(dir.path()), &small()).unwrap();
+    assert_eq!(tk.get_vocab_size(true), 400);
+    let texts: Vec<String> = [
+        "In the beginning, God created the heavens and the earth.",
+        "모든 국민은 법 앞에 평등하다.",
+        "  leading and   multiple spaces\tand tabs\nand newlines  ",
+        "unseen words: 헌법재판소, quixotic, 🙂 emoji, ①, café, naïve",
+        "",
+        "<|endoftext|> literal special token text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ids = encode_batch(&tk, &texts).unwrap();
+    for (t, i) in texts.iter().zip(&ids) {
+        assert_eq!(&decode(&tk, i).unwrap(), t);
+    }
+    // Frequent words become single tokens; special tokens have their own ids.
+    let eot = tk.token_to_id("<|endoftext|>").unwrap();
+    assert_eq!(eot, 0);
+    assert!(ids[5].contains(&eot));
+    assert!(ids[0].len() < texts[0].len() / 2, "{:?}", ids[0]);
+}
+
+#[test]
+fn saved_tokenizer_loads_back_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small();
+    let tk = train(&corpus(dir.path()), &opts).unwrap();
+    let out = dir.path().join("tok");
+    save(&tk, &out, &opts.special_tokens).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["eos_token"], "<|endoftext|>");
+    assert!(config["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("add_generation_prompt"));
+    let back = load(&out).unwrap();
+    let t = vec![CORPUS.to_string()];
+    assert_eq!(
+        encode_batch(&tk, &t).unwrap(),
+        encode_batch(&back, &t).unwrap()
+    );
+}
+
+#[test]
+fn shards_hold_documents_and_read_back_across_boundaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let tk = train(&corpus(dir.path()), &small()).unwrap();
+    let texts: Vec<String> = CORPUS.lines().map(String::from).collect();
+    let ids = encode_batch(&tk, &texts).unwrap();
+    let eot = tk.token_to_id("<|endoftext|>");
+    let sd = dir.path().join("shards");
+    let mut w = ShardWriter::new(&sd, tk.get_vocab_size(true), eot, 16).unwrap();
+    for i in &ids {
+        w.write_document(i).unwrap();
+    }
+    w.finish().unwrap();
+    assert!(w.paths.len() > 1);
+    let mut expected: Vec<u32> = Vec::new();
+    for i in &ids {
+        expected.extend(i);
+        expected.push(eot.unwrap());
+    }
+    let ds = TokenDataset::open_dir(&sd).unwrap();
+    assert_eq!(ds.len(), expected.len() as u64);
+    assert_eq!(ds.window(0, expected.len()), expected);
+    assert_eq!(ds.window(10, 25), expected[10..35].to_vec());
+    assert_eq!(
+        ds.window(expected.len() as u64 - 3, 10),
+        expected[expected.len() - 3..].to_vec()
+    );
+    assert_eq!(ds.shards[0].header.dtype, lmkit_tokenize::Dtype::U16);
+    assert_eq!(
+        std::fs::metadata(&w.paths[0]).unwrap().len(),
+        2 * ds.shards[0].header.count
+    );
+
+    // A truncated shard is refused with its path.
+    let bin = &w.paths[0];
+    let bytes = std::fs::read(bin).unwrap();
+    std::fs::write(bin, &bytes[..bytes.len() - 2]).unwrap();
+    let e = TokenShard::open(bin).err().unwrap().to_string();
+    assert!(
+        e.contains("tokens-00000.bin") && e.contains("truncated"),
+        "{e}"
+    );
+    std::fs::write(bin.with_extension("json"), "{ not json").unwrap();
+    let e = TokenShard::open(bin).err().unwrap().to_string();
+    assert!(
+        e.contains("tokens-00000.json") && e.contains("bad shard header"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_input_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = train(
+        &corpus(dir.path()),
+        &TrainOptions {
+            vocab_size: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TokenizeError::BadOption {
+                name: "vocab_size",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    assert!(matches!(
+        train(&[empty], &small()),
+        Err(TokenizeError::Empty { .. })
+    ));
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"fine\n\xff\xfe\n").unwrap();
+    let e = train(&[bad], &small()).unwrap_err().to_string();
+    assert!(e.contains("bad.txt:2") && e.contains("UTF-8"), "{e}");
+
+    let junk = dir.path().join("tokenizer.json");
+    std::fs::write(&junk, "{\"model\": 3}").unwrap();
+    let e = load(&junk).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("cannot load tokenizer"),
+        "{e}"
+    );
+    assert!(load(&dir.path().join("missing")).is_err());
+
+    let tk = train(&corpus(dir.path()), &small()).unwrap();
+    let e = decode(&tk, &[1, 2, 99999]).unwrap_err().to_string();
+    assert!(e.contains("99999") && e.contains("out of range"), "{e}");
+}
