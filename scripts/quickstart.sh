@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the bundled corpus: build n-gram language models for English (words) and Korean
-# (characters), then score, rank and measure perplexity on held-out text.
+# The main job on the bundled corpus: prepare the corpus (clean, filter, deduplicate, split), train a
+# byte-level BPE tokenizer and write token shards, then build n-gram language models for English
+# (words) and Korean (characters) and score, rank and measure perplexity on held-out text.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -8,6 +9,13 @@ cargo build --release --locked -p lmkit-cli
 lmkit="$root/target/release/lmkit"
 out="${LMKIT_OUT:-$root/runs/quickstart}"
 mkdir -p "$out"
+
+echo "== Prepare the corpus: normalize, filter, deduplicate, split"
+"$lmkit" data prepare --input data/en data/ko --dates --output "$out/prepared"
+echo "== Train a byte-level BPE tokenizer and write token shards"
+"$lmkit" tokenizer train --input "$out"/prepared/train-*.jsonl --vocab-size 8192 --output "$out/tokenizer"
+"$lmkit" tokenizer stats --tokenizer "$out/tokenizer" --input data/en data/ko
+"$lmkit" tokenizer encode --tokenizer "$out/tokenizer" --input "$out/prepared" --shards "$out/shards"
 
 # Hold out every 20th line for evaluation.
 awk 'NR % 20 != 0' data/en/web_bible.txt > "$out/en.train.txt"

@@ -62,13 +62,18 @@ def korean(work):
     # those official texts are taken (fields below), none of the package's own annotations.
     fields = ("재결요지", "주문", "요지", "원문조각")
     seen, lines = set(), []
+    # The package labels some excerpts with its own notes: strip the labels, drop annotated lines.
+    labels = re.compile(r"^\((안건명 원문|안건명|법문|답변 인용|부칙 §\d+)\)\s*")
+    annotation = re.compile(r"택슬리|미확보|조회 불가|미전개|덤프|\.txt|API|인용이 없다|준용 구조|원문 결합|^\([^)]*—")
 
     def walk(o):
         if isinstance(o, dict):
             for k, v in o.items():
                 if k in fields and isinstance(v, str):
                     for line in v.splitlines():
-                        line = " ".join(line.split()).replace("…", "").strip()
+                        line = labels.sub("", " ".join(line.split()).replace("…", "").strip())
+                        if annotation.search(line):
+                            continue
                         if len(line) >= 10 and line not in seen and re.search("[가-힣]", line):
                             seen.add(line)
                             lines.append(line)

@@ -72,7 +72,8 @@ fn format_of(path: &Path) -> Option<(Format, bool)> {
     }
 }
 
-/// The input files under `path`: the file itself, or every .txt/.jsonl(.gz) below a directory.
+/// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, else as text),
+/// or every .txt/.jsonl (plain or .gz) below a directory.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
     if meta.is_file() {
@@ -88,9 +89,18 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
             {
                 continue;
             }
+            // In a directory only .txt and .jsonl (plain or gzip) are documents: `.json` files there
+            // are metadata, such as the report.json that `lmkit data prepare` writes.
+            let listed = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_ascii_lowercase())
+                .is_some_and(|n| {
+                    let n = n.strip_suffix(".gz").unwrap_or(&n);
+                    n.ends_with(".txt") || n.ends_with(".jsonl")
+                });
             if p.is_dir() {
                 stack.push(p);
-            } else if format_of(&p).is_some() {
+            } else if listed {
                 out.push(p);
             }
         }

@@ -8,9 +8,6 @@
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Mersenne prime 2^61 - 1 for the universal hash family (a·x + b) mod p.
-const P: u64 = (1 << 61) - 1;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Shingle {
@@ -57,27 +54,14 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn mul_mod_p(a: u64, x: u64) -> u64 {
-    let prod = u128::from(a) * u128::from(x);
-    let lo = (prod as u64) & P;
-    let hi = (prod >> 61) as u64;
-    let s = lo + hi;
-    if s >= P {
-        s - P
-    } else {
-        s
-    }
-}
-
 impl MinHasher {
     pub fn new(opts: MinHashOptions) -> Self {
         let mut state = opts.seed;
+        // Multiply-add-shift hashing (Dietzfelbinger 1996): h(x) = (a·x + b mod 2^64) >> 32, a odd.
         let a = (0..opts.num_perm)
-            .map(|_| splitmix(&mut state) % (P - 1) + 1)
+            .map(|_| splitmix(&mut state) | 1)
             .collect();
-        let b = (0..opts.num_perm)
-            .map(|_| splitmix(&mut state) % P)
-            .collect();
+        let b = (0..opts.num_perm).map(|_| splitmix(&mut state)).collect();
         MinHasher { opts, a, b }
     }
 
@@ -123,17 +107,14 @@ impl MinHasher {
 
     /// The MinHash signature of `text`: for each permutation, the minimum hash over its shingles.
     pub fn signature(&self, text: &str) -> Vec<u32> {
-        let mut sig = vec![u64::MAX; self.opts.num_perm];
-        self.shingles(text, |h| {
-            let x = h & P;
-            for (i, s) in sig.iter_mut().enumerate() {
-                let v = (mul_mod_p(self.a[i], x) + self.b[i]) % P;
-                if v < *s {
-                    *s = v;
-                }
+        let mut sig = vec![u32::MAX; self.opts.num_perm];
+        self.shingles(text, |x| {
+            // Branch-free so that the loop vectorizes.
+            for ((s, &a), &b) in sig.iter_mut().zip(&self.a).zip(&self.b) {
+                *s = (*s).min((a.wrapping_mul(x).wrapping_add(b) >> 32) as u32);
             }
         });
-        sig.into_iter().map(|v| v as u32).collect()
+        sig
     }
 }
 

@@ -1,0 +1,169 @@
+//! `lmkit data prepare` and `lmkit tokenizer ...` run as a user runs them.
+
+use std::process::{Command, Stdio};
+
+fn lmkit(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn prepare_then_train_encode_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = d.join("c.txt");
+    let mut text: String = (0..200)
+        .map(|i| {
+            format!(
+                "Sentence number {i} talks about the {} river and {} hills.\n",
+                i * 7 % 13,
+                i % 5
+            )
+        })
+        .collect();
+    text.push_str("Sentence number 3 talks about the 8 river and 3 hills.\n"); // exact duplicate of line 4
+    text.push_str("대한민국은 민주공화국이다. 모든 국민은 법 앞에 평등하다.\n");
+    std::fs::write(&corpus, text).unwrap();
+    let prepared = d.join("prepared");
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--output",
+            prepared.to_str().unwrap(),
+            "--val-fraction",
+            "0",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("exact dups") && err.contains("report"),
+        "{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prepared.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["exact_duplicates"]["removed"]["docs"], 1);
+
+    let tok = d.join("tok");
+    let (ok, _, err) = lmkit(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            prepared.to_str().unwrap(),
+            "--vocab-size",
+            "300",
+            "--output",
+            tok.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, ids, err) = lmkit(
+        &["tokenizer", "encode", "--tokenizer", tok.to_str().unwrap()],
+        "모든 국민은 river\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, back, err) = lmkit(
+        &["tokenizer", "decode", "--tokenizer", tok.to_str().unwrap()],
+        &ids,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(back, "모든 국민은 river\n");
+
+    let shards = d.join("shards");
+    let (ok, _, err) = lmkit(
+        &[
+            "tokenizer",
+            "encode",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--input",
+            prepared.to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+        ],
+        "",
+    );
+    let kept = report["train"]["docs"].as_u64().unwrap();
+    assert!(
+        ok && err.contains(&format!("tokens from {kept} documents")),
+        "{err}"
+    );
+    assert!(shards.join("tokens-00000.bin").exists() && shards.join("tokens-00000.json").exists());
+
+    let (ok, table, _) = lmkit(
+        &[
+            "tokenizer",
+            "stats",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--input",
+            corpus.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok && table.contains("tokens/byte"), "{table}");
+
+    let (ok, _, err) = lmkit(
+        &["tokenizer", "decode", "--tokenizer", tok.to_str().unwrap()],
+        "1 2 x\n",
+    );
+    assert!(
+        !ok && err.contains("<stdin>:1") && err.contains("`x`"),
+        "{err}"
+    );
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            d.join("nope").to_str().unwrap(),
+            "--output",
+            d.join("o").to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("nope"), "{err}");
+}
+
+#[test]
+fn data_and_tokenizer_help_have_examples() {
+    for sub in [
+        &["data", "prepare"][..],
+        &["tokenizer", "train"],
+        &["tokenizer", "encode"],
+        &["tokenizer", "decode"],
+        &["tokenizer", "stats"],
+    ] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let (ok, help, _) = lmkit(&args, "");
+        assert!(
+            ok && help.contains(&format!("lmkit {}", sub[0])),
+            "{sub:?}: {help}"
+        );
+    }
+}
