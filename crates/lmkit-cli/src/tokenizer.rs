@@ -1,9 +1,10 @@
 //! `lmkit tokenizer ...`: train, encode (to stdout or token shards), decode, stats.
 
+use crate::progress::Bar;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use lmkit_data::IngestOptions;
-use lmkit_tokenize::{ShardWriter, TrainOptions};
+use lmkit_tokenize::{DocStream, ShardWriter, TrainOptions};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -166,24 +167,32 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             shard_tokens,
         } => {
             let tk = lmkit_tokenize::load(&tokenizer)?;
-            let texts = if input.input.is_empty() {
-                stdin_lines()?
+            // Documents come from a reader thread (files) or stdin, a chunk at a time.
+            let mut docs = (!input.input.is_empty())
+                .then(|| -> Result<DocStream> {
+                    Ok(DocStream::open(
+                        files(&input.input)?,
+                        ingest(&input.text_field),
+                    ))
+                })
+                .transpose()?;
+            let mut stdin = if docs.is_none() {
+                Some(stdin_lines()?.into_iter())
             } else {
-                lmkit_tokenize::bpe::read_texts(&files(&input.input)?, &ingest(&input.text_field))?
+                None
             };
-            match shards {
-                None => {
-                    let mut out = BufWriter::new(std::io::stdout().lock());
-                    for chunk in texts.chunks(4096) {
-                        for ids in lmkit_tokenize::encode_batch(&tk, chunk)? {
-                            let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-                            writeln!(out, "{}", line.join(" "))?;
-                        }
-                    }
-                    Ok(())
+            let mut next_chunk = || -> Vec<String> {
+                match (&mut docs, &mut stdin) {
+                    (Some(d), _) => d.next_chunk(4096),
+                    (None, Some(s)) => s.by_ref().take(4096).collect(),
+                    (None, None) => Vec::new(),
                 }
+            };
+            let t0 = Instant::now();
+            let bar = Bar::default();
+            let mut bytes = 0u64;
+            let mut writer = match &shards {
                 Some(dir) => {
-                    let t0 = Instant::now();
                     let eot = tk.token_to_id(lmkit_tokenize::ENDOFTEXT);
                     if eot.is_none() {
                         eprintln!(
@@ -191,30 +200,53 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                             lmkit_tokenize::ENDOFTEXT
                         );
                     }
-                    let mut w = ShardWriter::new(&dir, tk.get_vocab_size(true), eot, shard_tokens)?;
-                    let mut bytes = 0u64;
-                    for chunk in texts.chunks(4096) {
-                        for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, chunk)?)
-                        {
-                            bytes += t.len() as u64;
-                            w.write_document(&ids)?;
+                    lmkit_data::Progress::begin(&bar, "encoding", 0);
+                    Some(ShardWriter::new(
+                        dir,
+                        tk.get_vocab_size(true),
+                        eot,
+                        shard_tokens,
+                    )?)
+                }
+                None => None,
+            };
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            loop {
+                let chunk = next_chunk();
+                if chunk.is_empty() {
+                    break;
+                }
+                for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, &chunk)?) {
+                    bytes += t.len() as u64;
+                    match writer.as_mut() {
+                        Some(w) => w.write_document(&ids)?,
+                        None => {
+                            let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                            writeln!(out, "{}", line.join(" "))?;
                         }
                     }
-                    w.finish()?;
-                    let secs = t0.elapsed().as_secs_f64();
-                    eprintln!(
-                        "wrote {} tokens from {} documents ({:.2} MB) into {} shard(s) in {} in {:.2}s ({:.1} MB/s)",
-                        w.tokens,
-                        w.documents,
-                        bytes as f64 / 1e6,
-                        w.paths.len(),
-                        dir.display(),
-                        secs,
-                        bytes as f64 / 1e6 / secs.max(1e-9)
-                    );
-                    Ok(())
                 }
+                lmkit_data::Progress::advance(&bar, chunk.len() as u64);
             }
+            lmkit_data::Progress::finish(&bar);
+            if let Some(d) = docs {
+                d.finish()?;
+            }
+            if let (Some(w), Some(dir)) = (writer.as_mut(), &shards) {
+                w.finish()?;
+                let secs = t0.elapsed().as_secs_f64();
+                eprintln!(
+                    "wrote {} tokens from {} documents ({:.2} MB) into {} shard(s) in {} in {:.2}s ({:.1} MB/s)",
+                    w.tokens,
+                    w.documents,
+                    bytes as f64 / 1e6,
+                    w.paths.len(),
+                    dir.display(),
+                    secs,
+                    bytes as f64 / 1e6 / secs.max(1e-9)
+                );
+            }
+            Ok(())
         }
         TokenizerCommand::Decode { tokenizer, ids } => {
             let tk = lmkit_tokenize::load(&tokenizer)?;
@@ -248,14 +280,14 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             );
             println!("|---|---|---|---|---|---|---|");
             for p in &input.input {
-                let texts = lmkit_tokenize::bpe::read_texts(
+                let s = lmkit_tokenize::bpe::stats(
+                    &tk,
                     &files(std::slice::from_ref(p))?,
                     &ingest(&input.text_field),
                 )?;
-                if texts.is_empty() {
+                if s.documents == 0 {
                     bail!("{}: no text", p.display());
                 }
-                let s = lmkit_tokenize::bpe::stats(&tk, &texts)?;
                 println!(
                     "| {} | {} | {:.2} | {} | {:.3} | {:.2} | {:.2} |",
                     p.display(),

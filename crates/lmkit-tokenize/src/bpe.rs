@@ -55,18 +55,6 @@ fn tk_err(e: impl std::fmt::Display) -> TokenizeError {
     TokenizeError::Tokenizer(e.to_string())
 }
 
-/// Reads every document of `inputs` (txt lines or JSONL records, plain or gzip).
-pub fn read_texts(inputs: &[PathBuf], ingest: &lmkit_data::IngestOptions) -> Result<Vec<String>> {
-    let mut texts = Vec::new();
-    for path in inputs {
-        lmkit_data::ingest::read_docs(path, ingest, &mut |_| {}, &mut |_| {}, &mut |d| {
-            texts.push(d.text);
-            Ok(())
-        })?;
-    }
-    Ok(texts)
-}
-
 /// Trains a byte-level BPE tokenizer on the documents of `inputs`.
 pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
     let min_vocab = 256 + opts.special_tokens.len();
@@ -79,15 +67,6 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
                 opts.special_tokens.len()
             ),
         });
-    }
-    let texts = read_texts(inputs, &opts.ingest)?;
-    if texts.iter().all(|t| t.trim().is_empty()) {
-        let what = inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(TokenizeError::Empty { what });
     }
     let specials: Vec<AddedToken> = opts
         .special_tokens
@@ -116,7 +95,23 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
     .with_decoder(Some(DecoderWrapper::ByteLevel(byte_level)))
     .build()
     .map_err(tk_err)?;
-    tk.train(&mut trainer, texts.iter()).map_err(tk_err)?;
+    let mut docs = crate::stream::DocStream::open(inputs.to_vec(), opts.ingest.clone());
+    let mut non_blank = 0u64;
+    let trained = tk.train(
+        &mut trainer,
+        docs.by_ref()
+            .inspect(|d| non_blank += u64::from(!d.trim().is_empty())),
+    );
+    docs.finish()?; // a read error part-way is an error, not a smaller training set
+    trained.map_err(tk_err)?;
+    if non_blank == 0 {
+        let what = inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(TokenizeError::Empty { what });
+    }
     let json = serde_json::to_string(&tk).map_err(tk_err)?;
     json.parse::<Tokenizer>().map_err(tk_err)
 }
@@ -215,16 +210,26 @@ impl TokenStats {
     }
 }
 
-pub fn stats(tk: &Tokenizer, texts: &[String]) -> Result<TokenStats> {
+/// Compression statistics over the documents of `inputs`, streamed.
+pub fn stats(
+    tk: &Tokenizer,
+    inputs: &[PathBuf],
+    ingest: &lmkit_data::IngestOptions,
+) -> Result<TokenStats> {
     let mut s = TokenStats::default();
-    for chunk in texts.chunks(4096) {
-        let ids = encode_batch(tk, chunk)?;
-        for (t, i) in chunk.iter().zip(ids) {
+    let mut docs = crate::stream::DocStream::open(inputs.to_vec(), ingest.clone());
+    loop {
+        let chunk = docs.next_chunk(4096);
+        if chunk.is_empty() {
+            break;
+        }
+        for (t, i) in chunk.iter().zip(encode_batch(tk, &chunk)?) {
             s.documents += 1;
             s.bytes += t.len() as u64;
             s.words += t.split_whitespace().count() as u64;
             s.tokens += i.len() as u64;
         }
     }
+    docs.finish()?;
     Ok(s)
 }

@@ -4,6 +4,7 @@
 pub mod bpe;
 pub mod error;
 pub mod shards;
+pub mod stream;
 
 pub use bpe::{
     decode, encode_batch, load, save, train, TokenStats, TrainOptions, DEFAULT_SPECIAL_TOKENS,
@@ -11,4 +12,5 @@ pub use bpe::{
 };
 pub use error::{Result, TokenizeError};
 pub use shards::{Dtype, ShardHeader, ShardWriter, TokenDataset, TokenShard};
+pub use stream::DocStream;
 pub use tokenizers::Tokenizer;
