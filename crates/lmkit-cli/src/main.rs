@@ -1,6 +1,7 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 
 mod data;
+mod model;
 mod ngram;
 mod progress;
 mod tokenizer;
@@ -28,6 +29,9 @@ enum Command {
     /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Neural checkpoints (Hugging Face layout): info, logits
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Statistical n-gram language models (modified Kneser-Ney, ARPA/KenLM-compatible)
     #[command(subcommand)]
     Ngram(ngram::NgramCommand),
@@ -37,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
     };

@@ -1,0 +1,91 @@
+//! `lmkit model ...`: inspect a checkpoint and print its logits (for checks against other tools).
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use lmkit_models::{CausalLm, DecoderConfig, Device, Tensor};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Print a checkpoint's architecture and sizes
+    #[command(after_help = "Example:\n  lmkit model info runs/gpt/")]
+    Info { model: PathBuf },
+    /// Print the logits for a sequence of token ids as JSON ([position][vocab])
+    #[command(
+        after_help = "Examples:\n  lmkit model logits --model runs/gpt/ --ids 1,5,9\n  \
+        lmkit model logits --model runs/gpt/ --ids 1,5,9 --incremental   # one token at a time through the KV cache"
+    )]
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Feed the ids one at a time through the KV cache instead of all at once
+        #[arg(long)]
+        incremental: bool,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    let dev = Device::Cpu;
+    match cmd {
+        ModelCommand::Info { model } => {
+            let (m, cfg) = CausalLm::load(&model, &dev)?;
+            match &cfg {
+                DecoderConfig::Gpt2(c) => println!(
+                    "architecture:\tGPT2LMHeadModel\nlayers:\t{}\nheads:\t{}\nn_embd:\t{}\nvocab_size:\t{}\npositions:\t{}",
+                    c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_positions
+                ),
+                DecoderConfig::Llama(c) => println!(
+                    "architecture:\tLlamaForCausalLM\nlayers:\t{}\nheads:\t{} (kv {})\nhidden_size:\t{}\nvocab_size:\t{}\npositions:\t{}",
+                    c.num_hidden_layers,
+                    c.num_attention_heads,
+                    c.num_kv_heads(),
+                    c.hidden_size,
+                    c.vocab_size,
+                    c.max_position_embeddings
+                ),
+            }
+            println!("cache layers:\t{}", m.num_layers());
+            Ok(())
+        }
+        ModelCommand::Logits {
+            model,
+            ids,
+            incremental,
+        } => {
+            let (m, cfg) = CausalLm::load(&model, &dev)?;
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
+                bail!(
+                    "token id {bad} is out of range for vocab_size {}",
+                    cfg.vocab_size()
+                );
+            }
+            if ids.len() > cfg.max_positions() {
+                bail!(
+                    "{} ids exceed the model's {} positions",
+                    ids.len(),
+                    cfg.max_positions()
+                );
+            }
+            let mut cache = m.new_cache();
+            let rows: Vec<Vec<f32>> = if incremental {
+                let mut rows = Vec::new();
+                for &id in &ids {
+                    let x = Tensor::new(&[[id]], &dev)?;
+                    rows.extend(m.forward(&x, &mut cache)?.squeeze(0)?.to_vec2::<f32>()?);
+                }
+                rows
+            } else {
+                let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+                m.forward(&x, &mut cache)?.squeeze(0)?.to_vec2::<f32>()?
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            serde_json::to_writer(&mut out, &rows).context("writing logits")?;
+            writeln!(out)?;
+            Ok(())
+        }
+    }
+}

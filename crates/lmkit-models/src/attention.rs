@@ -1,0 +1,33 @@
+//! Scaled dot-product attention with a causal mask (Vaswani et al. 2017).
+
+use candle_core::Tensor;
+
+/// softmax(q·kᵀ/√d + causal mask)·v for q [b, h, t, d] and k, v [b, h, s, d] with s ≥ t; the t
+/// queries are the last t of the s positions.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, t, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = if t > 1 {
+        // Query i (absolute position s - t + i) sees keys 0..=s - t + i.
+        let offset = s - t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..s).map(move |j| {
+                    if j <= offset + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(att.dtype())?;
+        att.broadcast_add(&mask)?
+    } else {
+        att
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    att.matmul(&v.contiguous()?)
+}

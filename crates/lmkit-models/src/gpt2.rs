@@ -1,0 +1,145 @@
+//! GPT-2 (Radford et al. 2019): learned positions, pre-norm LayerNorm, GELU MLP, tied embeddings.
+//! Tensors are named and shaped as in transformers' `GPT2LMHeadModel` (its `Conv1D` layers store
+//! weights as [in, out]).
+
+use crate::config::Gpt2Config;
+use crate::kv_cache::KvCache;
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, LayerNormConfig, VarBuilder};
+
+/// transformers' `Conv1D`: y = x·W + b with W of shape [in, out].
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(n_in: usize, n_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Conv1D {
+            weight: vb.get((n_in, n_out), "weight")?,
+            bias: vb.get(n_out, "bias")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: usize,
+    act: String,
+}
+
+impl Block {
+    fn new(cfg: &Gpt2Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let e = cfg.n_embd;
+        let ln = LayerNormConfig {
+            eps: cfg.layer_norm_epsilon,
+            ..Default::default()
+        };
+        Ok(Block {
+            ln_1: layer_norm(e, ln, vb.pp("ln_1"))?,
+            c_attn: Conv1D::new(e, 3 * e, vb.pp("attn.c_attn"))?,
+            attn_proj: Conv1D::new(e, e, vb.pp("attn.c_proj"))?,
+            ln_2: layer_norm(e, ln, vb.pp("ln_2"))?,
+            c_fc: Conv1D::new(e, cfg.n_inner(), vb.pp("mlp.c_fc"))?,
+            mlp_proj: Conv1D::new(cfg.n_inner(), e, vb.pp("mlp.c_proj"))?,
+            n_head: cfg.n_head,
+            act: cfg.activation_function.clone(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let hd = e / self.n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, i * e, e)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let y = crate::attention::causal_attention(&q, &k, &v)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, e))?;
+        let x = (x + self.attn_proj.forward(&y)?)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        let h = match self.act.as_str() {
+            "relu" => h.relu()?,
+            "gelu" => h.gelu_erf()?,
+            _ => h.gelu()?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
+        };
+        x + self.mlp_proj.forward(&h)?
+    }
+}
+
+pub struct Gpt2 {
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+    pub cfg: Gpt2Config,
+}
+
+impl Gpt2 {
+    pub fn new(cfg: &Gpt2Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let t = vb.pp("transformer");
+        let wte = embedding(cfg.vocab_size, cfg.n_embd, t.pp("wte"))?;
+        let wpe = embedding(cfg.n_positions, cfg.n_embd, t.pp("wpe"))?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, t.pp(format!("h.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        let ln = LayerNormConfig {
+            eps: cfg.layer_norm_epsilon,
+            ..Default::default()
+        };
+        let ln_f = layer_norm(cfg.n_embd, ln, t.pp("ln_f"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            wte.embeddings().clone()
+        } else {
+            vb.get((cfg.vocab_size, cfg.n_embd), "lm_head.weight")?
+        };
+        Ok(Gpt2 {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let start = cache.len();
+        let pos = Tensor::arange(start as u32, (start + t) as u32, ids.device())?;
+        let mut x = self
+            .wte
+            .forward(ids)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, cache, i)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,141 @@
+//! Neural language models on candle. Decoder-only Transformers in two flavours that share
+//! attention and KV-cache code: GPT-2 style and Llama style. Configs read/write Hugging Face
+//! `config.json`; weights load from HF `model.safetensors` with HF tensor names.
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod gpt2;
+pub mod kv_cache;
+pub mod llama;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{DecoderConfig, Gpt2Config, LlamaConfig};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+
+use std::path::{Path, PathBuf};
+
+/// A causal language model loaded from a checkpoint directory.
+pub enum CausalLm {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+/// The safetensors files of a checkpoint: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|_| ModelError::Io {
+        path: single.clone(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no model.safetensors (nor model.safetensors.index.json) in the checkpoint directory",
+        ),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: index.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Config {
+            path: index.clone(),
+            msg: "missing `weight_map`".into(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+impl CausalLm {
+    /// Loads `dir/config.json` and the weights (f32) onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
+        let cfg = DecoderConfig::load(&dir.join("config.json"))?;
+        let files = weight_files(dir)?;
+        for f in &files {
+            if !f.exists() {
+                return Err(ModelError::Io {
+                    path: f.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "weight file missing",
+                    ),
+                });
+            }
+        }
+        // SAFETY: the files are memory-mapped read-only; they must not change while the model is
+        // loaded (checkpoints are replaced by atomic rename, never rewritten in place).
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+                .map_err(|e| ModelError::Tensor {
+                path: dir.to_path_buf(),
+                name: "*".into(),
+                msg: first_line(&e),
+            })?;
+        Self::from_var_builder(&cfg, vb, dir).map(|m| (m, cfg))
+    }
+
+    /// Builds the model from any variable source (a checkpoint, or fresh variables for training).
+    pub fn from_var_builder(
+        cfg: &DecoderConfig,
+        vb: candle_nn::VarBuilder,
+        path: &Path,
+    ) -> Result<CausalLm> {
+        let built = match cfg {
+            DecoderConfig::Gpt2(c) => gpt2::Gpt2::new(c, vb).map(CausalLm::Gpt2),
+            DecoderConfig::Llama(c) => llama::Llama::new(c, vb).map(CausalLm::Llama),
+        };
+        built.map_err(|e| {
+            // candle may append a backtrace to its message; the first line says what failed.
+            let msg = first_line(&e);
+            // candle names the tensor in its message ("cannot find tensor X", "shape mismatch for X").
+            let name = msg
+                .split_whitespace()
+                .find(|w| {
+                    w.contains('.') && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                })
+                .unwrap_or("?")
+                .trim_end_matches([',', ':'])
+                .to_string();
+            ModelError::Tensor {
+                path: path.to_path_buf(),
+                name,
+                msg,
+            }
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            CausalLm::Gpt2(m) => m.num_layers(),
+            CausalLm::Llama(m) => m.num_layers(),
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers())
+    }
+
+    /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(match self {
+            CausalLm::Gpt2(m) => m.forward(ids, cache)?,
+            CausalLm::Llama(m) => m.forward(ids, cache)?,
+        })
+    }
+}

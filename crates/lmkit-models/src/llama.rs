@@ -1,0 +1,175 @@
+//! Llama-style decoder (Touvron et al. 2023): RMSNorm, rotary position embeddings (Su et al. 2021,
+//! in the non-interleaved "rotate half" layout transformers uses), SwiGLU MLP and grouped-query
+//! attention. Tensor names follow transformers' `LlamaForCausalLM`.
+
+use crate::config::LlamaConfig;
+use crate::kv_cache::KvCache;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+/// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
+        let d = cfg.head_dim();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, d / 2), dev)?;
+        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Rope {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Layer {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, hd, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
+        let a = vb.pp("self_attn");
+        let m = vb.pp("mlp");
+        Ok(Layer {
+            input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            q_proj: linear_b(
+                h,
+                cfg.num_attention_heads * hd,
+                cfg.attention_bias,
+                a.pp("q_proj"),
+            )?,
+            k_proj: linear_b(h, kv * hd, cfg.attention_bias, a.pp("k_proj"))?,
+            v_proj: linear_b(h, kv * hd, cfg.attention_bias, a.pp("v_proj"))?,
+            o_proj: linear_b(
+                cfg.num_attention_heads * hd,
+                h,
+                cfg.attention_bias,
+                a.pp("o_proj"),
+            )?,
+            post_attention_layernorm: rms_norm(
+                h,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            gate_proj: linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj"))?,
+            up_proj: linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj"))?,
+            down_proj: linear_b(cfg.intermediate_size, h, cfg.mlp_bias, m.pp("down_proj"))?,
+            n_head: cfg.num_attention_heads,
+            n_kv: kv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let start = cache.len();
+        let h = self.input_layernorm.forward(x)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+        let q = rope.apply(&heads(self.q_proj.forward(&h)?, self.n_head)?, start)?;
+        let k = rope.apply(&heads(self.k_proj.forward(&h)?, self.n_kv)?, start)?;
+        let v = heads(self.v_proj.forward(&h)?, self.n_kv)?.contiguous()?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
+        let rep = self.n_head / self.n_kv;
+        let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                return Ok(x.clone());
+            }
+            let (b, kv, s, d) = x.dims4()?;
+            x.unsqueeze(2)?
+                .expand((b, kv, rep, s, d))?
+                .reshape((b, kv * rep, s, d))
+        };
+        let y = crate::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_head * self.head_dim))?;
+        let x = (x + self.o_proj.forward(&y)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let gated =
+            (candle_nn::ops::silu(&self.gate_proj.forward(&h)?)? * self.up_proj.forward(&h)?)?;
+        x + self.down_proj.forward(&gated)?
+    }
+}
+
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    pub cfg: LlamaConfig,
+}
+
+impl Llama {
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.embeddings().clone()
+        } else {
+            vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.rope, cache, i)?;
+        }
+        let x = self.norm.forward(&x)?;
+        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,93 @@
+"""transformers parity for the decoders: random-initialised GPT2LMHeadModel and LlamaForCausalLM
+built from small configs and saved with save_pretrained load in lmkit and give the same logits
+(all at once and token by token through the KV cache), and broken checkpoints are refused with
+the field or tensor named."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+ATOL = 1e-4
+
+
+def randomize_norms(model, gen):
+    # Default init makes norm weights 1 and biases 0, which would hide a missing or swapped tensor.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def build(kind, tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+                          tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    randomize_norms(model, gen)
+    model.eval()
+    out = tmp_path / kind
+    model.save_pretrained(out, safe_serialization=True)
+    return model, out
+
+
+def lmkit_logits(lmkit, path, ids, incremental=False):
+    args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids))]
+    if incremental:
+        args.append("--incremental")
+    return np.array(json.loads(lmkit(*args)), dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_logits_match(lmkit, tmp_path, kind):
+    model, path = build(kind, tmp_path)
+    ids = [int(x) for x in torch.randint(0, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, path, ids)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+    got_inc = lmkit_logits(lmkit, path, ids, incremental=True)
+    assert np.abs(got_inc - want).max() < ATOL, np.abs(got_inc - want).max()
+
+
+def expect_failure(lmkit_bin, path, *needles):
+    import subprocess
+    p = subprocess.run([lmkit_bin, "model", "logits", "--model", str(path), "--ids", "1,2"], capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout
+    for n in needles:
+        assert n in p.stderr, p.stderr
+
+
+def test_broken_checkpoints_are_refused(tmp_path):
+    import os
+    from conftest import ROOT
+    lmkit_bin = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    model, path = build("gpt2", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+
+    bad = dict(cfg, n_head=5)
+    (path / "config.json").write_text(json.dumps(bad))
+    expect_failure(lmkit_bin, path, "config.json", "n_embd (48) must be a multiple of n_head (5)")
+
+    (path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(path / "model.safetensors")
+    missing = {k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.weight"}
+    save_file(missing, path / "model.safetensors", metadata={"format": "pt"})
+    expect_failure(lmkit_bin, path, "transformer.h.1.mlp.c_fc.weight")
+
+    misshaped = dict(tensors)
+    misshaped["transformer.wpe.weight"] = torch.zeros(10, 48)
+    save_file(misshaped, path / "model.safetensors", metadata={"format": "pt"})
+    expect_failure(lmkit_bin, path, "transformer.wpe.weight")
+
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    expect_failure(lmkit_bin, path, str(path))
