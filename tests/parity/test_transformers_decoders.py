@@ -91,3 +91,17 @@ def test_broken_checkpoints_are_refused(tmp_path):
 
     (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     expect_failure(lmkit_bin, path, str(path))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_matches(lmkit, tmp_path, kind, penalty):
+    model, path = build(kind, tmp_path)
+    prompt = [3, 14, 15, 9, 26]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                             repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                "--ignore-eos", "--max-tokens", "16", "--repetition-penalty", str(penalty))
+    assert [int(x) for x in got.split()] == want

@@ -1,6 +1,7 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 
 mod data;
+mod generate;
 mod model;
 mod ngram;
 mod progress;
@@ -29,6 +30,8 @@ enum Command {
     /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Generate text with a checkpoint (KV cache, sampling, stop strings, streaming)
+    Generate(generate::GenerateArgs),
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -41,6 +44,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Generate(a) => generate::run(a),
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),

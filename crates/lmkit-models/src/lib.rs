@@ -9,6 +9,8 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 
+/// candle's error type, for crates that handle tensors from these models.
+pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DecoderConfig, Gpt2Config, LlamaConfig};
 pub use error::{ModelError, Result};

@@ -1,0 +1,160 @@
+//! `lmkit generate`: continue a prompt with a checkpoint, streaming the text.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use lmkit_infer::{generate, Finish, GenerateOptions, SamplingParams, TextStream};
+use lmkit_models::{CausalLm, Device};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit generate --model runs/gpt/ --prompt 'In the beginning' --max-tokens 50\n  \
+    lmkit generate --model runs/gpt/ --prompt '대한민국은' --temperature 0.7 --top-k 40 --seed 1 --stop '\\n'\n  \
+    lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids"
+)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json or its directory (default: the model directory)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Prompt text
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Vec<u32>,
+    /// Maximum number of new tokens
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy)
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep only the k most likely tokens
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Penalty (> 1) for tokens already in the text
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed (the same seed gives the same text)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the text contains this string (repeatable; not included in the output)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Greedy decoding (same as --temperature 0)
+    #[arg(long)]
+    greedy: bool,
+    /// Keep going past the end-of-sequence token
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print the generated token ids instead of text
+    #[arg(long)]
+    ids: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (model, cfg) = CausalLm::load(&a.model, &dev)?;
+    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.clone());
+    let needs_tokenizer = a.prompt.is_some() || !a.ids;
+    let tokenizer = if needs_tokenizer {
+        Some(lmkit_tokenize::load(&tok_path)?)
+    } else {
+        None
+    };
+    if let Some(tk) = &tokenizer {
+        let n = tk.get_vocab_size(true);
+        if n > cfg.vocab_size() {
+            bail!(
+                "the tokenizer ({}) has {n} tokens but the model's vocab_size is {}: they do not belong together",
+                tok_path.display(),
+                cfg.vocab_size()
+            );
+        }
+    }
+    let prompt: Vec<u32> = match (&a.prompt, &tokenizer) {
+        (Some(text), Some(tk)) => {
+            lmkit_tokenize::encode_batch(tk, std::slice::from_ref(text))?.remove(0)
+        }
+        _ => a.prompt_ids.clone(),
+    };
+    if prompt.is_empty() {
+        bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3");
+    }
+    if let Some(bad) = prompt.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
+        bail!(
+            "prompt token id {bad} is out of range for vocab_size {}",
+            cfg.vocab_size()
+        );
+    }
+    let sampling = SamplingParams {
+        temperature: if a.greedy { 0.0 } else { a.temperature },
+        top_k: a.top_k,
+        top_p: (a.top_p < 1.0).then_some(a.top_p),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling,
+        eos_token_id: if a.ignore_eos {
+            None
+        } else {
+            cfg.eos_token_id()
+        },
+        max_positions: cfg.max_positions(),
+    };
+    let mut out = std::io::stdout().lock();
+    let (ids, finish) = match (&tokenizer, a.ids) {
+        (Some(tk), false) => {
+            let mut stream = TextStream::new(tk, a.stop.clone());
+            let mut err = None;
+            let res = generate(
+                &model,
+                &prompt,
+                &opts,
+                &mut |_, all| match stream.push(all) {
+                    Ok(delta) => {
+                        let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+                        !stream.stopped
+                    }
+                    Err(e) => {
+                        err = Some(e);
+                        false
+                    }
+                },
+            )?;
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+            let tail = stream.finish(&res.0)?;
+            write!(out, "{tail}")?;
+            writeln!(out)?;
+            res
+        }
+        _ => {
+            let res = generate(&model, &prompt, &opts, &mut |_, _| true)?;
+            let line: Vec<String> = res.0.iter().map(|i| i.to_string()).collect();
+            writeln!(out, "{}", line.join(" "))?;
+            res
+        }
+    };
+    let why = match finish {
+        Finish::Eos => "end of sequence",
+        Finish::Length => "max tokens",
+        Finish::Context => "context full",
+        Finish::Stopped => "stop string",
+    };
+    eprintln!(
+        "[{} prompt tokens, {} generated, stopped: {why}]",
+        prompt.len(),
+        ids.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Text generation with lmkit's decoders: KV-cached decoding, sampling, stop conditions, streaming.
+
+pub mod sampling;
+
+pub use sampling::{sample, Rng, SamplingParams};
+
+use lmkit_models::{CausalLm, Device, ModelError, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Candle(#[from] lmkit_models::candle_error::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, InferError>;
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The end-of-sequence token was produced.
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+    /// The model's context is full.
+    Context,
+    /// The caller's callback asked to stop (a stop string, a closed connection...).
+    Stopped,
+}
+
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop at this token (not included in the output); `None` never stops on a token.
+    pub eos_token_id: Option<u32>,
+    /// The model's number of positions.
+    pub max_positions: usize,
+}
+
+/// Generates up to `max_tokens` tokens after `prompt`. `on_token` sees each new token with all
+/// tokens generated so far and returns false to stop. Returns the generated ids and why it stopped.
+pub fn generate(
+    model: &CausalLm,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(u32, &[u32]) -> bool,
+) -> Result<(Vec<u32>, Finish)> {
+    opts.sampling.validate().map_err(InferError::Invalid)?;
+    if prompt.is_empty() {
+        return Err(InferError::Invalid(
+            "the prompt is empty: give at least one token".into(),
+        ));
+    }
+    if prompt.len() >= opts.max_positions {
+        return Err(InferError::Invalid(format!(
+            "the prompt has {} tokens but the model's context holds {}",
+            prompt.len(),
+            opts.max_positions
+        )));
+    }
+    let dev = Device::Cpu;
+    let mut cache = model.new_cache();
+    let mut rng = Rng::new(opts.sampling.seed);
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    loop {
+        if out.len() >= opts.max_tokens {
+            return Ok((out, Finish::Length));
+        }
+        if history.len() >= opts.max_positions {
+            return Ok((out, Finish::Context));
+        }
+        let logits = model.forward(&input, &mut cache)?;
+        let t = logits.dim(1)?;
+        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
+        let next = sample(&last, &history, &opts.sampling, &mut rng);
+        if Some(next) == opts.eos_token_id {
+            return Ok((out, Finish::Eos));
+        }
+        out.push(next);
+        history.push(next);
+        if !on_token(next, &out) {
+            return Ok((out, Finish::Stopped));
+        }
+        input = Tensor::new(&[[next]], &dev)?;
+    }
+}
+
+/// Turns a growing list of generated ids into text deltas for streaming: holds back output while
+/// the text ends inside a multi-byte character, and cuts at the first stop string.
+pub struct TextStream<'a> {
+    tokenizer: &'a lmkit_tokenize::Tokenizer,
+    stops: Vec<String>,
+    emitted: usize,
+    pub stopped: bool,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a lmkit_tokenize::Tokenizer, stops: Vec<String>) -> Self {
+        TextStream {
+            tokenizer,
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            emitted: 0,
+            stopped: false,
+        }
+    }
+
+    /// The new text since the last call (possibly empty), given all generated ids.
+    pub fn push(&mut self, generated: &[u32]) -> Result<String> {
+        let text = lmkit_tokenize::decode(self.tokenizer, generated)
+            .map_err(|e| InferError::Invalid(e.to_string()))?;
+        let mut end = text.len();
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            end = cut;
+            self.stopped = true;
+        } else {
+            if text.ends_with('\u{FFFD}') {
+                end = text.trim_end_matches('\u{FFFD}').len(); // an incomplete UTF-8 sequence so far
+            }
+            // Hold back a tail that could be the start of a stop string.
+            let hold = self
+                .stops
+                .iter()
+                .map(|s| longest_prefix_suffix(&text[..end], s))
+                .max()
+                .unwrap_or(0);
+            end -= hold;
+        }
+        if end <= self.emitted {
+            return Ok(String::new());
+        }
+        let delta = text[self.emitted..end].to_string();
+        self.emitted = end;
+        Ok(delta)
+    }
+
+    /// What is left to print at the end (held-back text that turned out not to be a stop string).
+    pub fn finish(&mut self, generated: &[u32]) -> Result<String> {
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let text = lmkit_tokenize::decode(self.tokenizer, generated)
+            .map_err(|e| InferError::Invalid(e.to_string()))?;
+        let delta = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(delta)
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}

@@ -1,0 +1,170 @@
+//! The generation loop's stop conditions and the text stream's stop strings and UTF-8 handling.
+
+use candle_nn::{VarBuilder, VarMap};
+use lmkit_infer::{generate, Finish, GenerateOptions, SamplingParams, TextStream};
+use lmkit_models::{CausalLm, DType, DecoderConfig, Device, Gpt2Config};
+use std::path::Path;
+
+fn tiny_model() -> (CausalLm, DecoderConfig) {
+    let cfg = DecoderConfig::Gpt2(Gpt2Config {
+        vocab_size: 50,
+        n_positions: 12,
+        n_embd: 16,
+        n_layer: 1,
+        n_head: 2,
+        n_inner: None,
+        activation_function: "gelu_new".into(),
+        layer_norm_epsilon: 1e-5,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+    });
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    (
+        CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap(),
+        cfg,
+    )
+}
+
+fn opts(max_tokens: usize, eos: Option<u32>, sampling: SamplingParams) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling,
+        eos_token_id: eos,
+        max_positions: 12,
+    }
+}
+
+#[test]
+fn stops_on_length_context_eos_and_callback() {
+    let (m, _) = tiny_model();
+    let (ids, why) = generate(
+        &m,
+        &[1, 2],
+        &opts(5, None, SamplingParams::greedy()),
+        &mut |_, _| true,
+    )
+    .unwrap();
+    assert_eq!((ids.len(), why), (5, Finish::Length));
+    let (ids, why) = generate(
+        &m,
+        &[1, 2],
+        &opts(100, None, SamplingParams::greedy()),
+        &mut |_, _| true,
+    )
+    .unwrap();
+    assert_eq!((ids.len(), why), (10, Finish::Context));
+    // The greedy continuation's first token, declared as EOS, ends generation at once.
+    let first = ids[0];
+    let (ids, why) = generate(
+        &m,
+        &[1, 2],
+        &opts(5, Some(first), SamplingParams::greedy()),
+        &mut |_, _| true,
+    )
+    .unwrap();
+    assert_eq!((ids.len(), why), (0, Finish::Eos));
+    let (ids, why) = generate(
+        &m,
+        &[1, 2],
+        &opts(5, None, SamplingParams::greedy()),
+        &mut |_, all| all.len() < 2,
+    )
+    .unwrap();
+    assert_eq!((ids.len(), why), (2, Finish::Stopped));
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed() {
+    let (m, _) = tiny_model();
+    let run = |seed| {
+        let s = SamplingParams {
+            temperature: 1.5,
+            top_k: Some(20),
+            top_p: Some(0.9),
+            repetition_penalty: 1.1,
+            seed,
+        };
+        generate(&m, &[3], &opts(8, None, s), &mut |_, _| true)
+            .unwrap()
+            .0
+    };
+    assert_eq!(run(5), run(5));
+    assert!(
+        (0..5)
+            .map(run)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1
+    );
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let (m, _) = tiny_model();
+    let e = generate(
+        &m,
+        &[],
+        &opts(5, None, SamplingParams::greedy()),
+        &mut |_, _| true,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("prompt is empty"), "{e}");
+    let e = generate(
+        &m,
+        &[1; 12],
+        &opts(5, None, SamplingParams::greedy()),
+        &mut |_, _| true,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("context holds 12"), "{e}");
+    let bad = SamplingParams {
+        top_p: Some(1.5),
+        ..Default::default()
+    };
+    let e = generate(&m, &[1], &opts(5, None, bad), &mut |_, _| true).unwrap_err();
+    assert!(e.to_string().contains("top_p"), "{e}");
+}
+
+#[test]
+fn text_stream_cuts_at_stop_strings_and_holds_partial_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, "hello world. 안녕하세요 세계.\n".repeat(50)).unwrap();
+    let tk = lmkit_tokenize::train(
+        &[corpus],
+        &lmkit_tokenize::TrainOptions {
+            vocab_size: 300,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids =
+        lmkit_tokenize::encode_batch(&tk, &["hello world. 안녕하세요 세계. more".to_string()])
+            .unwrap()
+            .remove(0);
+
+    // Without stop strings the deltas add up to the text, and no delta ever holds a broken character.
+    let mut s = TextStream::new(&tk, vec![]);
+    let mut text = String::new();
+    for n in 1..=ids.len() {
+        let d = s.push(&ids[..n]).unwrap();
+        assert!(!d.contains('\u{FFFD}'));
+        text.push_str(&d);
+    }
+    text.push_str(&s.finish(&ids).unwrap());
+    assert_eq!(text, "hello world. 안녕하세요 세계. more");
+
+    // With a stop string the output ends right before it.
+    let mut s = TextStream::new(&tk, vec!["세계".into()]);
+    let mut text = String::new();
+    for n in 1..=ids.len() {
+        text.push_str(&s.push(&ids[..n]).unwrap());
+        if s.stopped {
+            break;
+        }
+    }
+    assert!(s.stopped);
+    assert_eq!(text, "hello world. 안녕하세요 ");
+}
