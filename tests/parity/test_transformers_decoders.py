@@ -105,3 +105,30 @@ def test_greedy_generation_matches(lmkit, tmp_path, kind, penalty):
     got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
                 "--ignore-eos", "--max-tokens", "16", "--repetition-penalty", str(penalty))
     assert [int(x) for x in got.split()] == want
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. 고양이가 매트 위에 앉았다.\n" * 60, encoding="utf-8")
+    lmkit("tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", tmp_path / "tok")
+    lmkit("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--input", corpus, "--shards", tmp_path / "shards")
+    model = ('model_type = "gpt2"\nn_positions = 32\nn_embd = 32\nn_layer = 2\nn_head = 4\n' if kind == "gpt2" else
+             'model_type = "llama"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\n'
+             'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 32\n')
+    (tmp_path / "run.toml").write_text(
+        f'[model]\n{model}\n[data]\ntrain = "{tmp_path}/shards"\ntokenizer = "{tmp_path}/tok"\n\n'
+        f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 5\nwarmup_steps = 2\n'
+        f'eval_every = 5\neval_batches = 1\n')
+    lmkit("train", "--config", tmp_path / "run.toml")
+    ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, tmp_path / "out", ids)
+    assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+    # The tokenizer files in the checkpoint load in transformers too.
+    tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    assert tok.decode(tok("고양이가 매트")["input_ids"]) == "고양이가 매트"

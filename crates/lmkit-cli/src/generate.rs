@@ -61,7 +61,10 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, cfg) = CausalLm::load(&a.model, &dev)?;
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.clone());
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| lmkit_models::resolve_checkpoint(&a.model));
     let needs_tokenizer = a.prompt.is_some() || !a.ids;
     let tokenizer = if needs_tokenizer {
         Some(lmkit_tokenize::load(&tok_path)?)

@@ -6,6 +6,7 @@ mod model;
 mod ngram;
 mod progress;
 mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
+    Train(train::TrainArgs),
     /// Statistical n-gram language models (modified Kneser-Ney, ARPA/KenLM-compatible)
     #[command(subcommand)]
     Ngram(ngram::NgramCommand),
@@ -48,6 +51,7 @@ fn main() {
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
+        Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -28,6 +28,6 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     } else {
         att
     };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let att = crate::ops::softmax_last_dim(&att)?;
     att.matmul(&v.contiguous()?)
 }

@@ -4,8 +4,9 @@
 
 use crate::config::Gpt2Config;
 use crate::kv_cache::KvCache;
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, LayerNormConfig, VarBuilder};
+use crate::ops::LayerNorm;
+use candle_core::{Module, Tensor, D};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 /// transformers' `Conv1D`: y = x·W + b with W of shape [in, out].
 struct Conv1D {
@@ -40,15 +41,12 @@ struct Block {
 impl Block {
     fn new(cfg: &Gpt2Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let e = cfg.n_embd;
-        let ln = LayerNormConfig {
-            eps: cfg.layer_norm_epsilon,
-            ..Default::default()
-        };
+        let eps = cfg.layer_norm_epsilon;
         Ok(Block {
-            ln_1: layer_norm(e, ln, vb.pp("ln_1"))?,
+            ln_1: LayerNorm::new(e, eps, vb.pp("ln_1"))?,
             c_attn: Conv1D::new(e, 3 * e, vb.pp("attn.c_attn"))?,
             attn_proj: Conv1D::new(e, e, vb.pp("attn.c_proj"))?,
-            ln_2: layer_norm(e, ln, vb.pp("ln_2"))?,
+            ln_2: LayerNorm::new(e, eps, vb.pp("ln_2"))?,
             c_fc: Conv1D::new(e, cfg.n_inner(), vb.pp("mlp.c_fc"))?,
             mlp_proj: Conv1D::new(cfg.n_inner(), e, vb.pp("mlp.c_proj"))?,
             n_head: cfg.n_head,
@@ -103,11 +101,8 @@ impl Gpt2 {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::new(cfg, t.pp(format!("h.{i}"))))
             .collect::<candle_core::Result<_>>()?;
-        let ln = LayerNormConfig {
-            eps: cfg.layer_norm_epsilon,
-            ..Default::default()
-        };
-        let ln_f = layer_norm(cfg.n_embd, ln, t.pp("ln_f"))?;
+        let eps = cfg.layer_norm_epsilon;
+        let ln_f = LayerNorm::new(cfg.n_embd, eps, t.pp("ln_f"))?;
         let lm_head = if cfg.tie_word_embeddings {
             wte.embeddings().clone()
         } else {
@@ -140,6 +135,6 @@ impl Gpt2 {
             x = block.forward(&x, cache, i)?;
         }
         let x = self.ln_f.forward(&x)?;
-        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        x.broadcast_matmul(&self.lm_head.t()?)
     }
 }

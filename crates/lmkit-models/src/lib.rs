@@ -8,6 +8,7 @@ pub mod error;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
+pub mod ops;
 
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
@@ -60,13 +61,28 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// `dir` itself, or the checkpoint that `dir/latest` names when `dir` has no config.json.
+pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
+    if !dir.join("config.json").exists() {
+        if let Ok(name) = std::fs::read_to_string(dir.join("latest")) {
+            let ckpt = dir.join(name.trim());
+            if ckpt.join("config.json").exists() {
+                return ckpt;
+            }
+        }
+    }
+    dir.to_path_buf()
+}
+
 fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 impl CausalLm {
-    /// Loads `dir/config.json` and the weights (f32) onto `device`.
+    /// Loads `dir/config.json` and the weights (f32) onto `device`. A training output directory
+    /// (with a `latest` file naming its newest checkpoint) loads that checkpoint.
     pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
+        let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let files = weight_files(dir)?;
         for f in &files {

@@ -4,8 +4,9 @@
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
+use crate::ops::RmsNorm;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_b, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
 
 /// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
 struct Rope {
@@ -34,7 +35,7 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        crate::ops::rope(x, &cos, &sin)
     }
 }
 
@@ -59,7 +60,7 @@ impl Layer {
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
         Ok(Layer {
-            input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             q_proj: linear_b(
                 h,
                 cfg.num_attention_heads * hd,
@@ -74,7 +75,7 @@ impl Layer {
                 cfg.attention_bias,
                 a.pp("o_proj"),
             )?,
-            post_attention_layernorm: rms_norm(
+            post_attention_layernorm: RmsNorm::new(
                 h,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
@@ -142,7 +143,7 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
             .collect::<candle_core::Result<_>>()?;
-        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.embeddings().clone()
         } else {
@@ -170,6 +171,6 @@ impl Llama {
             x = layer.forward(&x, &self.rope, cache, i)?;
         }
         let x = self.norm.forward(&x)?;
-        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        x.broadcast_matmul(&self.lm_head.t()?)
     }
 }

@@ -1,0 +1,99 @@
+//! `lmkit train`: train a model from a TOML run config.
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lmkit_train::{RunConfig, TrainProgress};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit train --config configs/gpt-small.toml\n  \
+    lmkit train --config configs/gpt-small.toml --set train.max_steps=2000 --set model.n_layer=6\n  \
+    lmkit train --config configs/gpt-small.toml --resume        # continue after a crash or a stop\n\n\
+    Writes OUT/ckpt-NNNNNN/ (a Hugging Face model directory + trainer_state/), OUT/latest,\n\
+    OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir."
+)]
+pub struct TrainArgs {
+    /// Run configuration (TOML with [model], [data] and [train] sections)
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a field: section.field=value (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from OUT/latest with the same loss curve
+    #[arg(long)]
+    resume: bool,
+    /// Shorthand for --set train.max_steps=N
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Shorthand for --set train.max_time=SECONDS
+    #[arg(long)]
+    max_time: Option<f64>,
+}
+
+struct Bar(Mutex<Option<ProgressBar>>);
+
+impl TrainProgress for Bar {
+    fn start(&self, first: usize, max: usize) {
+        let b = ProgressBar::new(max as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_position(first as u64);
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(b);
+        }
+    }
+    fn step(&self, step: usize, loss: f64, tps: f64) {
+        if let Ok(g) = self.0.lock() {
+            if let Some(b) = g.as_ref() {
+                b.set_position(step as u64);
+                b.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
+            }
+        }
+    }
+    fn message(&self, msg: &str) {
+        match self.0.lock().ok().and_then(|g| g.clone()) {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+    fn finish(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            if let Some(b) = g.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut overrides = a.overrides.clone();
+    if let Some(n) = a.max_steps {
+        overrides.push(format!("train.max_steps={n}"));
+    }
+    if let Some(s) = a.max_time {
+        overrides.push(format!("train.max_time={s}"));
+    }
+    let cfg = RunConfig::load(&a.config, &overrides)?;
+    let s = lmkit_train::train(&cfg, a.resume, &Bar(Mutex::new(None)))?;
+    eprintln!(
+        "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",
+        s.parameters,
+        s.steps,
+        s.final_loss,
+        s.val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
+        s.tokens_per_sec
+    );
+    eprintln!("checkpoint {}", s.checkpoint.display());
+    eprintln!(
+        "metrics   {}",
+        cfg.train.out_dir.join("metrics.jsonl").display()
+    );
+    eprintln!("loss plot {}", cfg.train.out_dir.join("loss.svg").display());
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Run configuration: a TOML file (`lmkit train --config run.toml`) whose every field can be
+//! overridden on the command line with `--set section.field=value`.
+
+use crate::error::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The model as a Hugging Face config (`model_type = "gpt2"` or `"llama"` plus its fields);
+    /// `vocab_size` defaults to the tokenizer's.
+    pub model: toml::Table,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory of training token shards (`lmkit tokenizer encode --shards`).
+    pub train: PathBuf,
+    /// Validation shards; by default the last `val_fraction` of the training stream is held out.
+    #[serde(default)]
+    pub val: Option<PathBuf>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Tokenizer directory or tokenizer.json, copied into every checkpoint.
+    pub tokenizer: PathBuf,
+}
+
+fn default_val_fraction() -> f64 {
+    0.02
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub out_dir: PathBuf,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub max_steps: usize,
+    /// Stop (with a checkpoint) after this many seconds.
+    pub max_time: Option<f64>,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: off).
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub save_every: usize,
+    pub log_every: usize,
+    /// Checkpoints kept (oldest removed first).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            out_dir: PathBuf::from("runs/gpt"),
+            seq_len: 128,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 50,
+            max_steps: 1000,
+            max_time: None,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 0,
+            eval_every: 100,
+            eval_batches: 8,
+            save_every: 100,
+            log_every: 10,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads `path` and applies `overrides` (`section.field=value`, value in TOML syntax; bare
+    /// words are taken as strings).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let mut value: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| TrainError::Config {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|msg| TrainError::Config {
+                path: path.to_path_buf(),
+                msg,
+            })?;
+        }
+        let cfg: RunConfig =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| TrainError::Config {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })?;
+        cfg.validate().map_err(|msg| TrainError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        for (name, v) in [
+            ("train.seq_len", t.seq_len),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.max_steps", t.max_steps),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return Err(format!(
+                "need 0 ≤ train.min_lr ({}) ≤ train.lr ({}) and lr > 0",
+                t.min_lr, t.lr
+            ));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return Err("train.beta1 and train.beta2 must be in [0, 1)".into());
+        }
+        if !(0.0..0.5).contains(&self.data.val_fraction) {
+            return Err("data.val_fraction must be in [0, 0.5)".into());
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(table: &mut toml::Table, o: &str) -> std::result::Result<(), String> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| format!("override `{o}` is not `section.field=value`"))?;
+    let value: toml::Value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("override `{o}` has no field name"))?;
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` in `{key}` is not a section"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}

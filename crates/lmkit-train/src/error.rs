@@ -1,0 +1,36 @@
+//! Training errors, naming the file or field at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Model(#[from] lmkit_models::ModelError),
+    #[error(transparent)]
+    Tokenize(#[from] lmkit_tokenize::TokenizeError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: cannot resume: {msg}")]
+    Resume { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Data(String),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;

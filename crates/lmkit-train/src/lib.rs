@@ -1,0 +1,501 @@
+//! Training: the causal-LM objective on token shards with AdamW (no decay on norms, biases and
+//! embeddings), linear warmup + cosine decay, gradient clipping and accumulation, deterministic
+//! seeding (batch contents depend only on seed and step), periodic validation, atomic checkpoints
+//! and an exact resume, `metrics.jsonl` and a loss plot.
+
+pub mod adamw;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod safetensors_io;
+
+pub use config::{DataConfig, RunConfig, TrainConfig};
+pub use error::{Result, TrainError};
+
+use adamw::{clip_grad_norm, lr_at, AdamW, Param};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lmkit_models::{CausalLm, DecoderConfig};
+use lmkit_tokenize::TokenDataset;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Progress reports from training; the library never prints.
+pub trait TrainProgress {
+    fn start(&self, _first_step: usize, _max_steps: usize) {}
+    fn step(&self, _step: usize, _loss: f64, _tokens_per_sec: f64) {}
+    fn message(&self, _msg: &str) {}
+    fn finish(&self) {}
+}
+
+pub struct NoProgress;
+impl TrainProgress for NoProgress {}
+
+pub struct Summary {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub tokens_per_sec: f64,
+    pub parameters: usize,
+}
+
+/// splitmix64, for data sampling and initialisation that depend only on (seed, step).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = mix(self.0);
+        self.0
+    }
+    fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        // Box-Muller
+        (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos()
+    }
+}
+
+/// The model's `config.json` as JSON, with the fields transformers needs to pick the class.
+fn hf_config(
+    model: &toml::Table,
+    vocab_size: usize,
+    eot: Option<u32>,
+) -> Result<(serde_json::Value, DecoderConfig)> {
+    let mut v = serde_json::to_value(model).map_err(|e| TrainError::Data(e.to_string()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| TrainError::Data("[model] must be a table".into()))?;
+    obj.entry("vocab_size")
+        .or_insert(serde_json::json!(vocab_size));
+    if let Some(id) = eot {
+        obj.entry("bos_token_id").or_insert(serde_json::json!(id));
+        obj.entry("eos_token_id").or_insert(serde_json::json!(id));
+    }
+    let arch = match obj.get("model_type").and_then(|m| m.as_str()) {
+        Some("gpt2") => "GPT2LMHeadModel",
+        Some("llama") => "LlamaForCausalLM",
+        other => {
+            return Err(TrainError::Data(format!(
+                "[model] model_type must be \"gpt2\" or \"llama\", got {other:?}"
+            )))
+        }
+    };
+    obj.insert("architectures".into(), serde_json::json!([arch]));
+    obj.insert("torch_dtype".into(), serde_json::json!("float32"));
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| TrainError::io("config.json", e))?;
+    std::fs::write(tmp.path(), serde_json::to_vec(&v).unwrap_or_default())
+        .map_err(|e| TrainError::io(tmp.path(), e))?;
+    let cfg = DecoderConfig::load(tmp.path()).map_err(|e| {
+        TrainError::Data(
+            e.to_string()
+                .replace(&tmp.path().display().to_string(), "[model]"),
+        )
+    })?;
+    Ok((v, cfg))
+}
+
+/// GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2·layers), zero
+/// biases, unit norm gains (Radford et al. 2019, §2.3). Deterministic in `seed`.
+fn init_weights(vm: &VarMap, n_layer: usize, seed: u64) -> Result<()> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        let var = &data[*name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let is_norm = name.contains("ln_") || name.contains("norm");
+        let t = if name.ends_with("bias") {
+            Tensor::zeros(shape, DType::F32, &Device::Cpu)?
+        } else if is_norm {
+            Tensor::ones(shape, DType::F32, &Device::Cpu)?
+        } else {
+            let residual =
+                name.contains("c_proj") || name.contains("o_proj") || name.contains("down_proj");
+            let std = if residual {
+                0.02 / (2.0 * n_layer as f64).sqrt()
+            } else {
+                0.02
+            };
+            let mut rng = Rng(mix(seed ^ mix(i as u64 + 1)));
+            let vals: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+            Tensor::from_vec(vals, shape, &Device::Cpu)?
+        };
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+fn params(vm: &VarMap) -> Result<Vec<Param>> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+    let mut names: Vec<String> = data.keys().cloned().collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let no_decay = name.ends_with("bias")
+                || name.contains("ln_")
+                || name.contains("norm")
+                || name.contains("wte")
+                || name.contains("wpe")
+                || name.contains("embed_tokens");
+            Param {
+                var: data[&name].clone(),
+                decay: !no_decay,
+                name,
+            }
+        })
+        .collect())
+}
+
+/// Token windows for training or evaluation: a range of the stream, sampled by (seed, step).
+struct Split<'a> {
+    ds: &'a TokenDataset,
+    start: u64,
+    len: u64,
+}
+
+impl Split<'_> {
+    fn batch(&self, seed: u64, batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let mut rng = Rng(seed);
+        let span = self.len - seq as u64 - 1;
+        let mut x = Vec::with_capacity(batch * seq);
+        let mut y = Vec::with_capacity(batch * seq);
+        for _ in 0..batch {
+            let s = self.start + rng.next() % (span + 1);
+            let w = self.ds.window(s, seq + 1);
+            x.extend_from_slice(&w[..seq]);
+            y.extend_from_slice(&w[1..]);
+        }
+        Ok((
+            Tensor::from_vec(x, (batch, seq), &Device::Cpu)?,
+            Tensor::from_vec(y, (batch, seq), &Device::Cpu)?,
+        ))
+    }
+}
+
+fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let mut cache = model.new_cache();
+    let logits = model.forward(x, &mut cache)?;
+    let (b, t, v) = logits.dims3()?;
+    Ok(candle_nn::loss::cross_entropy(
+        &logits.reshape((b * t, v))?,
+        &y.reshape(b * t)?,
+    )?)
+}
+
+/// Trains per `cfg`, from scratch or (with `resume`) from `out_dir/latest`.
+pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Result<Summary> {
+    let t = &cfg.train;
+    let tk_path = &cfg.data.tokenizer;
+    let tokenizer = lmkit_tokenize::load(tk_path)?;
+    let tk_dir = if tk_path.is_dir() {
+        tk_path.clone()
+    } else {
+        tk_path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let eot = tokenizer.token_to_id(lmkit_tokenize::ENDOFTEXT);
+    let tk_vocab = tokenizer.get_vocab_size(true);
+    let (config_json, model_cfg) = hf_config(&cfg.model, tk_vocab, eot)?;
+    if tk_vocab > model_cfg.vocab_size() {
+        return Err(TrainError::Data(format!(
+            "the tokenizer has {tk_vocab} tokens but [model] vocab_size is {}",
+            model_cfg.vocab_size()
+        )));
+    }
+    if t.seq_len > model_cfg.max_positions() {
+        return Err(TrainError::Data(format!(
+            "train.seq_len ({}) exceeds the model's positions ({})",
+            t.seq_len,
+            model_cfg.max_positions()
+        )));
+    }
+
+    let ds = TokenDataset::open_dir(&cfg.data.train)?;
+    if ds.vocab_size() > model_cfg.vocab_size() {
+        return Err(TrainError::Data(format!(
+            "{}: shards use a vocabulary of {} but the model has {}",
+            cfg.data.train.display(),
+            ds.vocab_size(),
+            model_cfg.vocab_size()
+        )));
+    }
+    let val_ds = match &cfg.data.val {
+        Some(p) => Some(TokenDataset::open_dir(p)?),
+        None => None,
+    };
+    let need = t.seq_len as u64 + 2;
+    let held = if val_ds.is_none() {
+        (ds.len() as f64 * cfg.data.val_fraction) as u64
+    } else {
+        0
+    };
+    let train_split = Split {
+        ds: &ds,
+        start: 0,
+        len: ds.len() - held,
+    };
+    let val_split = match &val_ds {
+        Some(v) => Some(Split {
+            ds: v,
+            start: 0,
+            len: v.len(),
+        }),
+        None if held >= need => Some(Split {
+            ds: &ds,
+            start: ds.len() - held,
+            len: held,
+        }),
+        None => None,
+    };
+    if train_split.len < need || val_split.as_ref().is_some_and(|v| v.len < need) {
+        return Err(TrainError::Data(format!(
+            "{}: {} tokens is too few for train.seq_len {} (and the validation hold-out)",
+            cfg.data.train.display(),
+            ds.len(),
+            t.seq_len
+        )));
+    }
+
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = CausalLm::from_var_builder(&model_cfg, vb, Path::new("[model]"))?;
+    let n_layer = model.num_layers();
+    init_weights(&vm, n_layer, t.seed)?;
+    let mut opt = AdamW::new(params(&vm)?, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+    let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
+    let out = &t.out_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let metrics_path = out.join("metrics.jsonl");
+
+    let mut step = 0usize;
+    let mut tokens_seen = 0u64;
+    let mut elapsed_before = 0.0;
+    if resume {
+        let dir = checkpoint::latest(out)?;
+        let state: checkpoint::TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("trainer_state/state.json"))
+                .map_err(|e| TrainError::io(&dir, e))?,
+        )
+        .map_err(|e| TrainError::Resume {
+            path: dir.clone(),
+            msg: format!("bad state.json: {e}"),
+        })?;
+        if state.model != config_json {
+            return Err(TrainError::Resume {
+                path: dir,
+                msg: "the checkpoint was trained with a different [model] config".into(),
+            });
+        }
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+        let moments = candle_core::safetensors::load(
+            dir.join("trainer_state/optimizer.safetensors"),
+            &Device::Cpu,
+        )?;
+        for (i, p) in opt.params.iter().enumerate() {
+            let missing = |what: &str| TrainError::Resume {
+                path: dir.clone(),
+                msg: format!("{what} `{}` missing", p.name),
+            };
+            p.var
+                .set(weights.get(&p.name).ok_or_else(|| missing("weight"))?)?;
+            opt.m[i] = moments
+                .get(&format!("m.{}", p.name))
+                .ok_or_else(|| missing("first moment of"))?
+                .clone();
+            opt.v[i] = moments
+                .get(&format!("v.{}", p.name))
+                .ok_or_else(|| missing("second moment of"))?
+                .clone();
+        }
+        opt.step = state.step;
+        step = state.step;
+        tokens_seen = state.tokens_seen;
+        elapsed_before = state.elapsed_seconds;
+        metrics::truncate_after(&metrics_path, step)?;
+        progress.message(&format!("resumed from {} at step {step}", dir.display()));
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).map_err(|e| TrainError::io(&metrics_path, e))?;
+    }
+    let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
+    std::fs::write(out.join("run.toml"), toml_text).map_err(|e| TrainError::io(out, e))?;
+
+    let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
+    let save = |opt: &AdamW, step: usize, tokens_seen: u64, elapsed: f64| -> Result<PathBuf> {
+        let weights: Vec<(String, Tensor)> = opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect();
+        let mut moments = Vec::new();
+        for (i, p) in opt.params.iter().enumerate() {
+            moments.push((format!("m.{}", p.name), opt.m[i].clone()));
+            moments.push((format!("v.{}", p.name), opt.v[i].clone()));
+        }
+        let state = checkpoint::TrainerState {
+            step,
+            seed: t.seed,
+            tokens_seen,
+            elapsed_seconds: elapsed,
+            model: config_json.clone(),
+        };
+        let files = checkpoint::CheckpointFiles {
+            config_json: &config_json,
+            weights: &weights,
+            optimizer: &moments,
+            state: &state,
+            tokenizer_dir: &tk_dir,
+            generation_config: &generation_config,
+        };
+        let dir = checkpoint::save(out, step, &files, t.keep_checkpoints)?;
+        let _ = metrics::plot(&metrics::read(&metrics_path), &out.join("loss.svg"));
+        Ok(dir)
+    };
+
+    let evaluate = |model: &CausalLm| -> Result<Option<f64>> {
+        let Some(v) = &val_split else { return Ok(None) };
+        let mut total = 0.0;
+        for k in 0..t.eval_batches.max(1) {
+            let (x, y) = v.batch(
+                mix(t.seed ^ 0x5eed_e7a1 ^ mix(k as u64)),
+                t.batch_size,
+                t.seq_len,
+            )?;
+            total += loss_of(model, &x, &y)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(Some(total / t.eval_batches.max(1) as f64))
+    };
+
+    progress.start(step, t.max_steps);
+    let t0 = Instant::now();
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    let mut window_tokens = 0u64;
+    let mut window_start = Instant::now();
+    let mut tps = 0.0;
+    let mut checkpoint_dir = None;
+    while step < t.max_steps {
+        let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
+        let mut grads: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| p.var.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let mut loss_sum = 0.0;
+        for micro in 0..t.grad_accum {
+            let (x, y) = train_split.batch(
+                mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1)),
+                t.batch_size,
+                t.seq_len,
+            )?;
+            let loss = loss_of(&model, &x, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = (loss / t.grad_accum as f64)?.backward()?;
+            for (acc, p) in grads.iter_mut().zip(&opt.params) {
+                if let Some(gi) = g.get(p.var.as_tensor()) {
+                    *acc = (&*acc + gi)?;
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, t.grad_clip)?;
+        opt.step(&grads, lr)?;
+        step += 1;
+        last_loss = loss_sum / t.grad_accum as f64;
+        if !last_loss.is_finite() {
+            return Err(TrainError::Data(format!(
+                "loss became {last_loss} at step {step}; lower train.lr or check the data"
+            )));
+        }
+        let n_tok = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+        tokens_seen += n_tok;
+        window_tokens += n_tok;
+        progress.step(step, last_loss, tps);
+        if step.is_multiple_of(t.log_every.max(1)) || step == t.max_steps {
+            tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            window_tokens = 0;
+            window_start = Instant::now();
+            metrics::append(
+                &metrics_path,
+                &metrics::Record {
+                    step,
+                    loss: Some(last_loss),
+                    lr: Some(lr),
+                    grad_norm: Some(grad_norm),
+                    tokens_per_sec: Some(tps),
+                    tokens: Some(tokens_seen),
+                    val_loss: None,
+                },
+            )?;
+        }
+        if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.max_steps) {
+            last_val = evaluate(&model)?;
+            if let Some(v) = last_val {
+                metrics::append(
+                    &metrics_path,
+                    &metrics::Record {
+                        step,
+                        val_loss: Some(v),
+                        loss: None,
+                        lr: None,
+                        grad_norm: None,
+                        tokens_per_sec: None,
+                        tokens: None,
+                    },
+                )?;
+                progress.message(&format!(
+                    "step {step}: train loss {last_loss:.4}, validation loss {v:.4}"
+                ));
+            }
+        }
+        let out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
+        if (t.save_every > 0 && step.is_multiple_of(t.save_every))
+            || step == t.max_steps
+            || out_of_time
+        {
+            checkpoint_dir = Some(save(
+                &opt,
+                step,
+                tokens_seen,
+                elapsed_before + t0.elapsed().as_secs_f64(),
+            )?);
+        }
+        if out_of_time {
+            progress.message(&format!("train.max_time reached at step {step}"));
+            break;
+        }
+    }
+    progress.finish();
+    let checkpoint = match checkpoint_dir {
+        Some(d) => d,
+        None => save(
+            &opt,
+            step,
+            tokens_seen,
+            elapsed_before + t0.elapsed().as_secs_f64(),
+        )?,
+    };
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    Ok(Summary {
+        steps: step,
+        final_loss: last_loss,
+        val_loss: last_val,
+        checkpoint,
+        tokens_per_sec: tokens_seen as f64 / (elapsed_before + secs),
+        parameters: n_params,
+    })
+}
