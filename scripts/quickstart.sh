@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled corpus: prepare the corpus (clean, filter, deduplicate, split), train a
-# byte-level BPE tokenizer and write token shards, then build n-gram language models for English
-# (words) and Korean (characters) and score, rank and measure perplexity on held-out text.
+# byte-level BPE tokenizer and write token shards, build n-gram language models for English (words)
+# and Korean (characters) and score, rank and measure perplexity on held-out text, then train a
+# small GPT for a few minutes and generate text with it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -38,4 +39,9 @@ echo "== Korean character 5-gram (binary)"
 "$lmkit" ngram ppl --model "$out/ko.lmkb" --input "$out/ko.held.txt"
 echo "== Korean: rank candidate sentences"
 "$lmkit" ngram rank --model "$out/ko.lmkb" "나는 버스를 탔다" "나는 버스를 태운다" "국민은 법 앞에 평등하다" "국민은 법 앞에 평등한다"
-echo "models and splits are in $out"
+echo "== Train a small GPT (configs/gpt-small.toml; at most ${LMKIT_TRAIN_SECONDS:-180} s) and generate"
+"$lmkit" train --config configs/gpt-small.toml --set "train.out_dir=\"$out/gpt\"" \
+  --set "data.train=\"$out/shards\"" --set "data.tokenizer=\"$out/tokenizer\"" --max-time "${LMKIT_TRAIN_SECONDS:-180}"
+"$lmkit" generate --model "$out/gpt" --prompt "In the beginning" --max-tokens 40 --seed 1
+"$lmkit" generate --model "$out/gpt" --prompt "대한민국은" --max-tokens 40 --seed 1
+echo "models, splits, shards, checkpoints, metrics.jsonl and loss.svg are in $out"

@@ -43,7 +43,21 @@ enum Command {
     Ngram(ngram::NgramCommand),
 }
 
+/// Tensor code allocates and frees large temporaries at every op. By default glibc hands freed
+/// memory back to the kernel, so each reuse page-faults and the kernel zeroes it again (a third of
+/// training time in profiles). Keeping freed memory in the process measured ~10-25% faster training.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),

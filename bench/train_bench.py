@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Training and decoding speed: lmkit vs PyTorch eager (transformers GPT2LMHeadModel) on one
+GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
+
+usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
+
+Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
+(Kaplan et al. 2020 / the PaLM appendix convention), so GFLOP/s = tokens/s · flops_per_token / 1e9.
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(cmd, **kw):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if p.returncode:
+        sys.exit(f"{cmd} failed: {p.stderr}")
+    return p
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    a = ap.parse_args()
+    lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
+    threads = torch.get_num_threads()
+
+    # Data for lmkit: tokenizer + shards from the bundled corpus.
+    run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", a.vocab, "--output", tmp / "tok"])
+    run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
+
+    # Peak f32 GEMM.
+    n = 2048
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x @ y
+    gemm = 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+    non_emb = a.layers * 12 * a.dim * a.dim
+    flops_per_token = 6 * (non_emb + a.vocab * a.dim) + 6 * a.layers * a.ctx * a.dim
+    tokens_per_step = a.batch * a.ctx
+
+    # lmkit: `lmkit train` for warmup + steps; tokens/s from metrics.jsonl (steps after the first).
+    (tmp / "run.toml").write_text(f"""
+[model]
+model_type = "gpt2"
+n_positions = {a.ctx}
+n_embd = {a.dim}
+n_layer = {a.layers}
+n_head = {a.heads}
+vocab_size = {a.vocab}
+[data]
+train = "{tmp}/shards"
+tokenizer = "{tmp}/tok"
+[train]
+out_dir = "{tmp}/out"
+seq_len = {a.ctx}
+batch_size = {a.batch}
+max_steps = {a.steps + 1}
+warmup_steps = 1
+eval_every = 0
+save_every = 0
+log_every = 1
+""")
+    run([lm, "train", "--config", tmp / "run.toml"])
+    recs = [json.loads(l) for l in (tmp / "out/metrics.jsonl").read_text().splitlines()]
+    step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
+    lm_tps = len(step_tps) / sum(1 / t for t in step_tps)
+
+    # PyTorch eager: the same model in transformers, AdamW, cross-entropy, clipping.
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
+                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    data = torch.randint(0, a.vocab, (a.batch, a.ctx + 1))
+
+    def step():
+        out = model(data[:, :-1], labels=data[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    pt_tps = a.steps * tokens_per_step / (time.perf_counter() - t0)
+
+    # Decoding with a KV cache: greedy, prompt of 8 tokens, batch 1, on lmkit's checkpoint.
+    ckpt = tmp / "out" / (tmp / "out" / "latest").read_text().strip()
+    prompt = "1,2,3,4,5,6,7,8"
+    t0 = time.perf_counter()
+    run([lm, "generate", "--model", ckpt, "--prompt-ids", prompt, "--greedy", "--ids", "--ignore-eos", "--max-tokens", a.decode_tokens])
+    lm_dec = a.decode_tokens / (time.perf_counter() - t0)
+    hf = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        hf.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+        t0 = time.perf_counter()
+        hf.generate(ids, do_sample=False, max_new_tokens=a.decode_tokens, min_new_tokens=a.decode_tokens, pad_token_id=0)
+        hf_dec = a.decode_tokens / (time.perf_counter() - t0)
+
+    print(f"config: {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token; {os.cpu_count()} cores, torch threads {threads}")
+    print()
+    print("| measure | lmkit | PyTorch eager | lmkit/PyTorch |")
+    print("|---|---|---|---|")
+    print(f"| training tokens/s | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
+    print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
+    print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}) | | {gemm:.1f} | |")
+    print(f"| greedy decode tokens/s (KV cache, batch 1; lmkit incl. process start+load) | {lm_dec:,.1f} | {hf_dec:,.1f} | {lm_dec / hf_dec:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
