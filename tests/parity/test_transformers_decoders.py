@@ -132,3 +132,13 @@ def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
     # The tokenizer files in the checkpoint load in transformers too.
     tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
     assert tok.decode(tok("고양이가 매트")["input_ids"]) == "고양이가 매트"
+    # The chat template renders the same prompt in transformers and in `lmkit chat`.
+    import os, subprocess
+    from conftest import ROOT
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "고양이는 어디에?"}]
+    want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    p = subprocess.run([os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit")), "chat", "--model", str(tmp_path / "out"),
+                        "--system", "Be brief.", "--max-tokens", "2", "--print-prompt"],
+                       input="고양이는 어디에?\n", capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"[prompt] {want}" in p.stderr.splitlines()

@@ -1,5 +1,6 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 
+mod chat;
 mod data;
 mod generate;
 mod model;
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a checkpoint through its chat template (system prompt, history, streaming)
+    Chat(chat::ChatArgs),
     /// Corpus preparation: normalize, filter, deduplicate, split
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -60,6 +63,7 @@ fn main() {
     tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Chat(a) => chat::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(a) => generate::run(a),
         Command::Model(cmd) => model::run(cmd),

@@ -150,6 +150,25 @@ fn prepare_then_train_encode_decode() {
 }
 
 #[test]
+fn model_stage_help_has_examples() {
+    for sub in [
+        &["train"][..],
+        &["generate"],
+        &["chat"],
+        &["model", "info"],
+        &["model", "logits"],
+    ] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let (ok, help, _) = lmkit(&args, "");
+        assert!(
+            ok && help.contains(&format!("lmkit {}", sub[0])),
+            "{sub:?}: {help}"
+        );
+    }
+}
+
+#[test]
 fn data_and_tokenizer_help_have_examples() {
     for sub in [
         &["data", "prepare"][..],

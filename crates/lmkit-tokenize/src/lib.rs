@@ -2,6 +2,7 @@
 //! special and chat-role tokens, and token shards (writer + memory-mapped reader) for training.
 
 pub mod bpe;
+pub mod chat;
 pub mod error;
 pub mod shards;
 pub mod stream;

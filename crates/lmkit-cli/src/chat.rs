@@ -1,0 +1,138 @@
+//! `lmkit chat`: an interactive conversation with a checkpoint, through its chat template.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
+use lmkit_models::{CausalLm, Device};
+use lmkit_tokenize::chat::{load_template, render, Message};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  lmkit chat --model runs/quickstart/gpt --system 'You answer in one sentence.'\n\n\
+    Type a message and press Enter. /reset clears the conversation, /quit (or end of input) leaves."
+)]
+pub struct ChatArgs {
+    /// Checkpoint directory
+    #[arg(long)]
+    model: PathBuf,
+    /// The chatbot's role, sent as the system message
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum tokens per reply
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print each rendered prompt (the chat template's output) to stderr
+    #[arg(long)]
+    print_prompt: bool,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let (model, cfg) = CausalLm::load(&dir, &dev)?;
+    let tk = lmkit_tokenize::load(&dir)?;
+    let template = load_template(&dir)?.with_context(|| {
+        format!(
+            "{}: tokenizer_config.json has no chat_template",
+            dir.display()
+        )
+    })?;
+    let end_id = tk.token_to_id("<|end|>").or(cfg.eos_token_id());
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: (a.top_p < 1.0).then_some(a.top_p),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    let mut turn = 0u64;
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            writeln!(out)?;
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => return Ok(()),
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                writeln!(out, "(conversation cleared)")?;
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        // Drop the oldest exchanges (never the system message) until the prompt leaves room to answer.
+        let prompt_ids = loop {
+            let prompt = render(&template, &history, true)?;
+            let ids = lmkit_tokenize::encode_batch(&tk, &[prompt.clone()])?.remove(0);
+            if ids.len() + a.max_tokens.min(16) < cfg.max_positions() {
+                if a.print_prompt {
+                    eprintln!("[prompt] {prompt}");
+                }
+                break ids;
+            }
+            let first = history.iter().position(|m| m.role != "system");
+            match first {
+                Some(i) if history.len() - i > 1 => {
+                    history.remove(i);
+                }
+                _ => bail!(
+                    "the message is too long for the model's context of {} tokens",
+                    cfg.max_positions()
+                ),
+            }
+        };
+        let room = cfg.max_positions() - prompt_ids.len();
+        let opts = GenerateOptions {
+            max_tokens: a.max_tokens.min(room),
+            sampling: SamplingParams {
+                seed: sampling.seed.wrapping_add(turn),
+                ..sampling.clone()
+            },
+            eos_token_id: end_id,
+            max_positions: cfg.max_positions(),
+        };
+        turn += 1;
+        let mut stream = TextStream::new(
+            &tk,
+            vec!["<|end|>".into(), "<|user|>".into(), "<|endoftext|>".into()],
+        );
+        let (ids, _) = generate(&model, &prompt_ids, &opts, &mut |_, all| {
+            if let Ok(delta) = stream.push(all) {
+                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+            }
+            !stream.stopped
+        })?;
+        write!(out, "{}", stream.finish(&ids)?)?;
+        writeln!(out)?;
+        let reply = lmkit_tokenize::decode(&tk, &ids)?;
+        let reply = reply
+            .split("<|end|>")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        history.push(Message::new("assistant", &reply));
+    }
+}
