@@ -85,7 +85,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         // Drop the oldest exchanges (never the system message) until the prompt leaves room to answer.
         let prompt_ids = loop {
             let prompt = render(&template, &history, true)?;
-            let ids = lmkit_tokenize::encode_batch(&tk, &[prompt.clone()])?.remove(0);
+            let ids = lmkit_tokenize::encode_batch(&tk, std::slice::from_ref(&prompt))?.remove(0);
             if ids.len() + a.max_tokens.min(16) < cfg.max_positions() {
                 if a.print_prompt {
                     eprintln!("[prompt] {prompt}");
