@@ -124,6 +124,17 @@ impl Gpt2 {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        self.hidden(ids, cache)?
+            .broadcast_matmul(&self.lm_head.t()?)
+    }
+
+    /// The output projection [vocab, n_embd].
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final (normalised) hidden states [batch, seq, n_embd], before the output projection.
+    pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let start = cache.len();
         let pos = Tensor::arange(start as u32, (start + t) as u32, ids.device())?;
@@ -134,7 +145,6 @@ impl Gpt2 {
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, cache, i)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        x.broadcast_matmul(&self.lm_head.t()?)
+        self.ln_f.forward(&x)
     }
 }

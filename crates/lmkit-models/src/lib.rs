@@ -149,6 +149,22 @@ impl CausalLm {
         KvCache::new(self.num_layers())
     }
 
+    /// Final hidden states [batch, seq, dim] for `ids`, before the output projection.
+    pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(match self {
+            CausalLm::Gpt2(m) => m.hidden(ids, cache)?,
+            CausalLm::Llama(m) => m.hidden(ids, cache)?,
+        })
+    }
+
+    /// The output projection [vocab, dim] (the token embeddings when they are tied).
+    pub fn lm_head(&self) -> &Tensor {
+        match self {
+            CausalLm::Gpt2(m) => m.lm_head(),
+            CausalLm::Llama(m) => m.lm_head(),
+        }
+    }
+
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(match self {

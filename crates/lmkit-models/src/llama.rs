@@ -166,11 +166,21 @@ impl Llama {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        self.hidden(ids, cache)?
+            .broadcast_matmul(&self.lm_head.t()?)
+    }
+
+    /// The output projection [vocab, hidden_size].
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final (normalised) hidden states [batch, seq, hidden_size], before the output projection.
+    pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &self.rope, cache, i)?;
         }
-        let x = self.norm.forward(&x)?;
-        x.broadcast_matmul(&self.lm_head.t()?)
+        self.norm.forward(&x)
     }
 }

@@ -189,14 +189,31 @@ impl Split<'_> {
     }
 }
 
+/// Rows of logits computed at a time in the loss, so that [rows, vocab] temporaries stay small
+/// enough for the allocator to reuse instead of full [batch·seq, vocab] ones.
+const LOSS_CHUNK_ROWS: usize = 512;
+
+/// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
 fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let mut cache = model.new_cache();
-    let logits = model.forward(x, &mut cache)?;
-    let (b, t, v) = logits.dims3()?;
-    Ok(candle_nn::loss::cross_entropy(
-        &logits.reshape((b * t, v))?,
-        &y.reshape(b * t)?,
-    )?)
+    let h = model.hidden(x, &mut cache)?;
+    let (b, t, c) = h.dims3()?;
+    let n = b * t;
+    let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
+    let w = model.lm_head().t()?;
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
+        let len = LOSS_CHUNK_ROWS.min(n - start);
+        let logits = h.narrow(0, start, len)?.matmul(&w)?;
+        let part =
+            (candle_nn::loss::cross_entropy(&logits, &y.narrow(0, start, len)?)? * len as f64)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    let total = total.ok_or_else(|| TrainError::Data("empty batch".into()))?;
+    Ok((total / n as f64)?)
 }
 
 /// Trains per `cfg`, from scratch or (with `resume`) from `out_dir/latest`.
