@@ -181,12 +181,19 @@ impl DecoderConfig {
             path: path.to_path_buf(),
             source: e,
         })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(v, path)
+    }
+
+    /// Validates a config given as JSON; `path` names it in errors.
+    pub fn from_json(v: serde_json::Value, path: &Path) -> Result<DecoderConfig> {
         let bad = |msg: String| ModelError::Config {
             path: path.to_path_buf(),
             msg,
         };
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let model_type = v
             .get("model_type")
             .and_then(|m| m.as_str())

@@ -122,18 +122,13 @@ impl Gpt2 {
         self.blocks.len()
     }
 
-    /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        self.hidden(ids, cache)?
-            .broadcast_matmul(&self.lm_head.t()?)
-    }
-
     /// The output projection [vocab, n_embd].
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }
 
-    /// Final (normalised) hidden states [batch, seq, n_embd], before the output projection.
+    /// Final (normalised) hidden states [batch, seq, n_embd] for `ids` [batch, seq] that follow
+    /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
     pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let start = cache.len();

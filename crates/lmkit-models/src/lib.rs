@@ -167,9 +167,8 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(match self {
-            CausalLm::Gpt2(m) => m.forward(ids, cache)?,
-            CausalLm::Llama(m) => m.forward(ids, cache)?,
-        })
+        Ok(self
+            .hidden(ids, cache)?
+            .broadcast_matmul(&self.lm_head().t()?)?)
     }
 }

@@ -164,18 +164,13 @@ impl Llama {
         self.layers.len()
     }
 
-    /// Logits [batch, seq, vocab] for `ids` [batch, seq] that follow `cache.len()` earlier positions.
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        self.hidden(ids, cache)?
-            .broadcast_matmul(&self.lm_head.t()?)
-    }
-
     /// The output projection [vocab, hidden_size].
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }
 
-    /// Final (normalised) hidden states [batch, seq, hidden_size], before the output projection.
+    /// Final (normalised) hidden states [batch, seq, hidden_size] for `ids` [batch, seq] that follow
+    /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
     pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {

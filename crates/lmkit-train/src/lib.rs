@@ -91,15 +91,7 @@ fn hf_config(
     };
     obj.insert("architectures".into(), serde_json::json!([arch]));
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| TrainError::io("config.json", e))?;
-    std::fs::write(tmp.path(), serde_json::to_vec(&v).unwrap_or_default())
-        .map_err(|e| TrainError::io(tmp.path(), e))?;
-    let cfg = DecoderConfig::load(tmp.path()).map_err(|e| {
-        TrainError::Data(
-            e.to_string()
-                .replace(&tmp.path().display().to_string(), "[model]"),
-        )
-    })?;
+    let cfg = DecoderConfig::from_json(v.clone(), Path::new("[model]"))?;
     Ok((v, cfg))
 }
 
