@@ -3,6 +3,7 @@
 mod chat;
 mod data;
 mod generate;
+mod lines;
 mod model;
 mod ngram;
 mod progress;

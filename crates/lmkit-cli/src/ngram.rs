@@ -1,13 +1,14 @@
 //! `lmkit ngram ...`: train, convert, score, ppl, rank, info.
 
+use crate::lines::read_lines;
 use crate::progress::Bar;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use lmkit_ngram::tokenize::{tokens, EOS};
 use lmkit_ngram::{Model, Perplexity, SentenceScore, Tokenization, TrainOptions};
 use rayon::prelude::*;
-use std::io::{BufRead, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -118,32 +119,6 @@ fn tokenization(chars: bool) -> Tokenization {
 
 fn load(m: &ModelArgs) -> Result<Model> {
     Ok(Model::open(&m.model, tokenization(m.chars))?)
-}
-
-/// Lines of `path` (or stdin), with a clear error on invalid UTF-8.
-fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
-    let (reader, name): (Box<dyn BufRead>, String) = match path {
-        Some(p) => (
-            Box::new(std::io::BufReader::new(
-                std::fs::File::open(p).with_context(|| format!("{}", p.display()))?,
-            )),
-            p.display().to_string(),
-        ),
-        None => (Box::new(std::io::stdin().lock()), "<stdin>".to_string()),
-    };
-    let mut out = Vec::new();
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let bytes = line.with_context(|| name.clone())?;
-        let s = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{name}:{}: line is not valid UTF-8 (byte {})",
-                i + 1,
-                e.utf8_error().valid_up_to()
-            )
-        })?;
-        out.push(s.trim_end_matches('\r').to_string());
-    }
-    Ok(out)
 }
 
 pub fn run(cmd: NgramCommand) -> Result<()> {

@@ -1,11 +1,12 @@
 //! `lmkit tokenizer ...`: train, encode (to stdout or token shards), decode, stats.
 
+use crate::lines::read_lines;
 use crate::progress::Bar;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use lmkit_data::IngestOptions;
 use lmkit_tokenize::{DocStream, ShardWriter, TrainOptions};
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -108,22 +109,6 @@ fn ingest(text_field: &str) -> IngestOptions {
     }
 }
 
-fn stdin_lines() -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (i, line) in std::io::stdin().lock().split(b'\n').enumerate() {
-        let bytes = line.context("<stdin>")?;
-        let s = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "<stdin>:{}: not valid UTF-8 (byte {})",
-                i + 1,
-                e.utf8_error().valid_up_to()
-            )
-        })?;
-        out.push(s.trim_end_matches('\r').to_string());
-    }
-    Ok(out)
-}
-
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
         TokenizerCommand::Train {
@@ -177,7 +162,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 })
                 .transpose()?;
             let mut stdin = if docs.is_none() {
-                Some(stdin_lines()?.into_iter())
+                Some(read_lines(None)?.into_iter())
             } else {
                 None
             };
@@ -251,7 +236,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
         TokenizerCommand::Decode { tokenizer, ids } => {
             let tk = lmkit_tokenize::load(&tokenizer)?;
             let seqs: Vec<Vec<u32>> = if ids.is_empty() {
-                stdin_lines()?
+                read_lines(None)?
                     .iter()
                     .enumerate()
                     .map(|(i, l)| {
