@@ -118,6 +118,21 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
     Ok(final_dir)
 }
 
+/// Removes temporary checkpoint directories left by a run that died while writing one.
+pub fn remove_partial(out: &Path) {
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".tmp-ckpt-"))
+            {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+}
+
 /// The checkpoint `out/latest` names.
 pub fn latest(out: &Path) -> Result<PathBuf> {
     let p = out.join(LATEST);

@@ -291,6 +291,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let out = &t.out_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let metrics_path = out.join("metrics.jsonl");
+    checkpoint::remove_partial(out);
 
     let mut step = 0usize;
     let mut tokens_seen = 0u64;

@@ -101,11 +101,16 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
     let reference = lmkit_train::metrics::read(&whole.join("metrics.jsonl"));
     let final_weights = std::fs::read(straight.checkpoint.join("model.safetensors")).unwrap();
 
-    // The same run, killed right after its step-6 checkpoint, then resumed.
+    // The same run, killed right after its step-6 checkpoint (and while writing the next one), then resumed.
     std::fs::remove_dir_all(&whole).unwrap();
     run_until(&cfg, 6);
+    std::fs::create_dir(whole.join(".tmp-ckpt-crashed")).unwrap();
     let resumed = train(&cfg, true, &NoProgress).unwrap();
     assert_eq!(resumed.steps, 12);
+    assert!(
+        !whole.join(".tmp-ckpt-crashed").exists(),
+        "a partial checkpoint was left behind"
+    );
     // Everything but the measured speed is identical: losses, gradient norms, learning rates.
     let strip = |rs: Vec<lmkit_train::metrics::Record>| {
         rs.into_iter()
