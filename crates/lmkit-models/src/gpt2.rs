@@ -78,7 +78,7 @@ impl Block {
         let h = match self.act.as_str() {
             "relu" => h.relu()?,
             "gelu" => h.gelu_erf()?,
-            _ => h.gelu()?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
+            _ => crate::ops::gelu_tanh(&h)?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
         };
         x + self.mlp_proj.forward(&h)?
     }

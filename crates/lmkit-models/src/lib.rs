@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;

@@ -6,12 +6,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Softmax over the last dimension (max-subtracted for stability).
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
+pub use crate::fused::{gelu_tanh, softmax_last_dim};
 
 /// LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) · weight + bias over the last dim.
 pub struct LayerNorm {

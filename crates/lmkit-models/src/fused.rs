@@ -1,0 +1,234 @@
+//! Fused CPU kernels with analytic backward passes, for ops whose candle backward is a long chain
+//! of elementwise tensor ops (measured by `examples/op_bench.rs`: GELU's backward took 10x its
+//! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64; other devices and
+//! dtypes fall back to composed ops. tests/gradients.rs checks them against finite differences.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+fn slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused kernel: the input must be contiguous"),
+    }
+}
+
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Applies `f` to one tensor's data (f32 or f64), producing a tensor of the same shape.
+macro_rules! unary_kernel {
+    ($s:expr, $l:expr, $f:expr) => {{
+        let out = match $s {
+            CpuStorage::F32(v) => CpuStorage::F32($f(slice(v, $l)?)),
+            CpuStorage::F64(v) => CpuStorage::F64($f(slice(v, $l)?)),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, $l.shape().clone()))
+    }};
+}
+
+/// Applies `f` to two same-shaped tensors' data.
+macro_rules! binary_kernel {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:expr) => {{
+        let out = match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32($f(slice(a, $l1)?, slice(b, $l2)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64($f(slice(a, $l1)?, slice(b, $l2)?))
+            }
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, $l1.shape().clone()))
+    }};
+}
+
+// ---------------------------------------------------------------- softmax over the last dim
+
+struct Softmax;
+struct SoftmaxBwd;
+
+fn softmax_rows<T: Float + Send + Sync>(x: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, r)| {
+            let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            let mut sum = T::zero();
+            for (oi, &xi) in o.iter_mut().zip(r) {
+                *oi = (xi - m).exp();
+                sum = sum + *oi;
+            }
+            let inv = T::one() / sum;
+            o.iter_mut().for_each(|oi| *oi = *oi * inv);
+        });
+    out
+}
+
+/// dx = y ⊙ (dy − Σ_j dy_j y_j), row by row.
+fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(d)
+        .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
+        .for_each(|(o, (yr, gr))| {
+            let dot = yr
+                .iter()
+                .zip(gr)
+                .fold(T::zero(), |a, (&yi, &gi)| a + yi * gi);
+            for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
+                *oi = yi * (gi - dot);
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "lmkit-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l.dims().last().unwrap_or(&1);
+        unary_kernel!(s, l, |x| softmax_rows(x, d))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            y.contiguous()?
+                .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&1);
+        binary_kernel!(s1, l1, s2, l2, |y, g| softmax_bwd_rows(y, g, d))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(x) {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+// ---------------------------------------------------------------- GELU, tanh approximation
+
+struct Gelu;
+struct GeluBwd;
+
+fn c<T: Float>(v: f64) -> T {
+    T::from(v).unwrap_or_else(T::zero)
+}
+
+/// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
+fn gelu<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
+    let (k, a, half) = (
+        c::<T>((2.0 / std::f64::consts::PI).sqrt()),
+        c::<T>(0.044715),
+        c::<T>(0.5),
+    );
+    x.par_iter()
+        .map(|&v| half * v * (T::one() + (k * (v + a * v * v * v)).tanh()))
+        .collect()
+}
+
+/// dy/dx = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²).
+fn gelu_bwd<T: Float + Send + Sync>(x: &[T], g: &[T]) -> Vec<T> {
+    let (k, a, half, three) = (
+        c::<T>((2.0 / std::f64::consts::PI).sqrt()),
+        c::<T>(0.044715),
+        c::<T>(0.5),
+        c::<T>(3.0),
+    );
+    x.par_iter()
+        .zip(g.par_iter())
+        .map(|(&v, &gi)| {
+            let t = (k * (v + a * v * v * v)).tanh();
+            let d = half * (T::one() + t)
+                + half * v * (T::one() - t * t) * k * (T::one() + three * a * v * v);
+            gi * d
+        })
+        .collect()
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "lmkit-gelu-tanh"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        unary_kernel!(s, l, gelu)
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)?,
+        ))
+    }
+}
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-gelu-tanh-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        binary_kernel!(s1, l1, s2, l2, gelu_bwd)
+    }
+}
+
+/// GELU with the tanh approximation.
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(x) {
+        return x.contiguous()?.apply_op1(Gelu);
+    }
+    x.gelu()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_kernels_match_candle_ops() {
+        let x = Tensor::randn(0f32, 2.0, (4, 7, 33), &Device::Cpu).unwrap();
+        let diff = |a: Tensor, b: Tensor| {
+            a.sub(&b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(gelu_tanh(&x).unwrap(), x.gelu().unwrap()) < 1e-5);
+        assert!(
+            diff(
+                softmax_last_dim(&x).unwrap(),
+                candle_nn::ops::softmax_last_dim(&x).unwrap()
+            ) < 1e-6
+        );
+    }
+}
