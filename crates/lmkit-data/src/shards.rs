@@ -35,8 +35,7 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, text: &str, source: &str) -> Result<()> {
-        let dir = self.dir.clone();
-        let io = |e| DataError::io(&dir, e);
+        let io = |e| DataError::io(&self.dir, e);
         if self.current.is_none() {
             let tmp = tempfile::Builder::new()
                 .prefix(".lmkit-tmp-")

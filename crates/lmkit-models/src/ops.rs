@@ -28,7 +28,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32.max(dtype))?;
+        let x = x.to_dtype(compute_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -57,7 +57,7 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32.max(dtype))?;
+        let x = x.to_dtype(compute_dtype(dtype))?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
             .to_dtype(dtype)?
@@ -65,18 +65,12 @@ impl Module for RmsNorm {
     }
 }
 
-trait MaxDType {
-    fn max(self, other: DType) -> DType;
-}
-
-impl MaxDType for DType {
-    /// The wider of two float types (f64 stays f64; everything else computes in f32).
-    fn max(self, other: DType) -> DType {
-        if other == DType::F64 {
-            DType::F64
-        } else {
-            self
-        }
+/// Norms compute in f32, or in f64 for f64 inputs.
+fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

@@ -79,8 +79,7 @@ impl ShardWriter {
 
     /// Appends one document's ids (and the end-of-text id).
     pub fn write_document(&mut self, ids: &[u32]) -> Result<()> {
-        let dir = self.dir.clone();
-        let io = |e| TokenizeError::io(&dir, e);
+        let io = |e| TokenizeError::io(&self.dir, e);
         if self.current.is_none() {
             let tmp = tempfile::Builder::new()
                 .prefix(".lmkit-tmp-")
