@@ -3,6 +3,7 @@
 GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
+       [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
 (Kaplan et al. 2020 / the PaLM appendix convention), so GFLOP/s = tokens/s · flops_per_token / 1e9.
@@ -38,7 +39,14 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both lmkit and PyTorch)")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
     threads = torch.get_num_threads()
@@ -48,12 +56,14 @@ def main():
     run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
 
     # Peak f32 GEMM.
-    n = 2048
-    x, y = torch.randn(n, n), torch.randn(n, n)
+    n = 2048 if dev.type == "cpu" else 8192
+    x, y = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     x @ y
+    sync()
     t0 = time.perf_counter()
     for _ in range(5):
         x @ y
+    sync()
     gemm = 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
     non_emb = a.layers * 12 * a.dim * a.dim
@@ -81,6 +91,7 @@ warmup_steps = 1
 eval_every = 0
 save_every = 0
 log_every = 1
+device = "{a.device}"
 """)
     run([lm, "train", "--config", tmp / "run.toml"])
     recs = [json.loads(l) for l in (tmp / "out/metrics.jsonl").read_text().splitlines()]
@@ -91,9 +102,9 @@ log_every = 1
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
-                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    data = torch.randint(0, a.vocab, (a.batch, a.ctx + 1))
+    data = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), device=dev)
 
     def step():
         out = model(data[:, :-1], labels=data[:, :-1])
@@ -103,33 +114,37 @@ log_every = 1
         opt.zero_grad(set_to_none=True)
 
     step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()
+    sync()
     pt_tps = a.steps * tokens_per_step / (time.perf_counter() - t0)
 
     # Decoding with a KV cache: greedy, prompt of 8 tokens, batch 1, on lmkit's checkpoint.
     ckpt = tmp / "out" / (tmp / "out" / "latest").read_text().strip()
     prompt = "1,2,3,4,5,6,7,8"
     t0 = time.perf_counter()
-    run([lm, "generate", "--model", ckpt, "--prompt-ids", prompt, "--greedy", "--ids", "--ignore-eos", "--max-tokens", a.decode_tokens])
+    run([lm, "generate", "--model", ckpt, "--prompt-ids", prompt, "--greedy", "--ids", "--ignore-eos", "--max-tokens", a.decode_tokens, "--device", a.device])
     lm_dec = a.decode_tokens / (time.perf_counter() - t0)
-    hf = GPT2LMHeadModel.from_pretrained(ckpt).eval()
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    hf = GPT2LMHeadModel.from_pretrained(ckpt).to(dev).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=dev)
     with torch.no_grad():
         hf.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+        sync()
         t0 = time.perf_counter()
         hf.generate(ids, do_sample=False, max_new_tokens=a.decode_tokens, min_new_tokens=a.decode_tokens, pad_token_id=0)
+        sync()
         hf_dec = a.decode_tokens / (time.perf_counter() - t0)
 
     print(f"config: {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token; {os.cpu_count()} cores, torch threads {threads}")
+          f"{flops_per_token / 1e6:.1f} MFLOP/token; device {a.device}; {os.cpu_count()} cores, torch threads {threads}")
     print()
     print("| measure | lmkit | PyTorch eager | lmkit/PyTorch |")
     print("|---|---|---|---|")
     print(f"| training tokens/s | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
     print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
-    print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}) | | {gemm:.1f} | |")
+    print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")
     print(f"| greedy decode tokens/s (KV cache, batch 1; lmkit incl. process start+load) | {lm_dec:,.1f} | {hf_dec:,.1f} | {lm_dec / hf_dec:.2f}x |")
 
 

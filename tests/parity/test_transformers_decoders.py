@@ -1,8 +1,10 @@
 """transformers parity for the decoders: random-initialised GPT2LMHeadModel and LlamaForCausalLM
 built from small configs and saved with save_pretrained load in lmkit and give the same logits
 (all at once and token by token through the KV cache), and broken checkpoints are refused with
-the field or tensor named."""
+the field or tensor named. LMKIT_TEST_DEVICE=cuda runs lmkit's side on the GPU (a build with
+--features cuda, named by LMKIT_BIN)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 ATOL = 1e-4
+DEVICE = os.environ.get("LMKIT_TEST_DEVICE", "cpu")
 
 
 def randomize_norms(model, gen):
@@ -40,7 +43,7 @@ def build(kind, tmp_path):
 
 
 def lmkit_logits(lmkit, path, ids, incremental=False):
-    args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids))]
+    args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), "--device", DEVICE]
     if incremental:
         args.append("--incremental")
     return np.array(json.loads(lmkit(*args)), dtype=np.float32)
@@ -103,7 +106,7 @@ def test_greedy_generation_matches(lmkit, tmp_path, kind, penalty):
                              repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)
     want = out[0, len(prompt):].tolist()
     got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
-                "--ignore-eos", "--max-tokens", "16", "--repetition-penalty", str(penalty))
+                "--ignore-eos", "--max-tokens", "16", "--repetition-penalty", str(penalty), "--device", DEVICE)
     assert [int(x) for x in got.split()] == want
 
 
@@ -121,7 +124,7 @@ def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
         f'[model]\n{model}\n[data]\ntrain = "{tmp_path}/shards"\ntokenizer = "{tmp_path}/tok"\n\n'
         f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 5\nwarmup_steps = 2\n'
         f'eval_every = 5\neval_batches = 1\n')
-    lmkit("train", "--config", tmp_path / "run.toml")
+    lmkit("train", "--config", tmp_path / "run.toml", "--set", f"train.device={DEVICE}")
     ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
     hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     ids = [3, 17, 42, 99, 7, 250, 12, 5]

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
-use lmkit_models::{CausalLm, Device};
+use lmkit_models::CausalLm;
 use lmkit_tokenize::chat::{load_template, render, Message};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -36,10 +36,13 @@ pub struct ChatArgs {
     /// Print each rendered prompt (the chat template's output) to stderr
     #[arg(long)]
     print_prompt: bool,
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = lmkit_models::parse_device(&a.device)?;
     let dir = lmkit_models::resolve_checkpoint(&a.model);
     let (model, cfg) = CausalLm::load(&dir, &dev)?;
     let tk = lmkit_tokenize::load(&dir)?;

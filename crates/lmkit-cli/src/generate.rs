@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use lmkit_infer::{generate, Finish, GenerateOptions, SamplingParams, TextStream};
-use lmkit_models::{CausalLm, Device};
+use lmkit_models::CausalLm;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -56,10 +56,13 @@ pub struct GenerateArgs {
     /// Print the generated token ids instead of text
     #[arg(long)]
     ids: bool,
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = lmkit_models::parse_device(&a.device)?;
     let (model, cfg) = CausalLm::load(&a.model, &dev)?;
     let tok_path = a
         .tokenizer

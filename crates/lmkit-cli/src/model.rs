@@ -25,14 +25,16 @@ pub enum ModelCommand {
         /// Feed the ids one at a time through the KV cache instead of all at once
         #[arg(long)]
         incremental: bool,
+        /// Where to run: cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
-    let dev = Device::Cpu;
     match cmd {
         ModelCommand::Info { model } => {
-            let (m, cfg) = CausalLm::load(&model, &dev)?;
+            let (m, cfg) = CausalLm::load(&model, &Device::Cpu)?;
             match &cfg {
                 DecoderConfig::Gpt2(c) => println!(
                     "architecture:\tGPT2LMHeadModel\nlayers:\t{}\nheads:\t{}\nn_embd:\t{}\nvocab_size:\t{}\npositions:\t{}",
@@ -53,9 +55,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         }
         ModelCommand::Logits {
             model,
+            device,
             ids,
             incremental,
         } => {
+            let dev = lmkit_models::parse_device(&device)?;
             let (m, cfg) = CausalLm::load(&model, &dev)?;
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
                 bail!(

@@ -4,7 +4,7 @@ pub mod sampling;
 
 pub use sampling::{sample, Rng, SamplingParams};
 
-use lmkit_models::{CausalLm, Device, ModelError, Tensor};
+use lmkit_models::{CausalLm, ModelError, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -31,6 +31,7 @@ pub enum Finish {
     Stopped,
 }
 
+#[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -38,6 +39,80 @@ pub struct GenerateOptions {
     pub eos_token_id: Option<u32>,
     /// The model's number of positions.
     pub max_positions: usize,
+}
+
+/// One sequence being decoded: its KV cache, sampler state and tokens so far. Each `step` runs
+/// the model once and yields one token, so a scheduler can interleave many sequences.
+pub struct Decoder {
+    cache: lmkit_models::KvCache,
+    rng: Rng,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    /// Tokens not yet fed to the model: the prompt at first, then the last sampled token.
+    pending: Vec<u32>,
+    opts: GenerateOptions,
+}
+
+/// What one decoding step produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Token(u32),
+    Done(Finish),
+}
+
+impl Decoder {
+    /// Checks the options and the prompt against the model's context.
+    pub fn new(model: &CausalLm, prompt: &[u32], opts: GenerateOptions) -> Result<Decoder> {
+        opts.sampling.validate().map_err(InferError::Invalid)?;
+        if prompt.is_empty() {
+            return Err(InferError::Invalid(
+                "the prompt is empty: give at least one token".into(),
+            ));
+        }
+        if prompt.len() >= opts.max_positions {
+            return Err(InferError::Invalid(format!(
+                "the prompt has {} tokens but the model's context holds {}",
+                prompt.len(),
+                opts.max_positions
+            )));
+        }
+        Ok(Decoder {
+            cache: model.new_cache(),
+            rng: Rng::new(opts.sampling.seed),
+            history: prompt.to_vec(),
+            generated: Vec::new(),
+            pending: prompt.to_vec(),
+            opts,
+        })
+    }
+
+    /// The tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Runs the model on the pending tokens and samples the next one.
+    pub fn step(&mut self, model: &CausalLm) -> Result<Step> {
+        if self.generated.len() >= self.opts.max_tokens {
+            return Ok(Step::Done(Finish::Length));
+        }
+        if self.history.len() >= self.opts.max_positions {
+            return Ok(Step::Done(Finish::Context));
+        }
+        let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&input, &mut self.cache)?;
+        let t = logits.dim(1)?;
+        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
+        let next = sample(&last, &self.history, &self.opts.sampling, &mut self.rng);
+        if Some(next) == self.opts.eos_token_id {
+            return Ok(Step::Done(Finish::Eos));
+        }
+        self.generated.push(next);
+        self.history.push(next);
+        self.pending.clear();
+        self.pending.push(next);
+        Ok(Step::Token(next))
+    }
 }
 
 /// Generates up to `max_tokens` tokens after `prompt`. `on_token` sees each new token with all
@@ -48,45 +123,16 @@ pub fn generate(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(u32, &[u32]) -> bool,
 ) -> Result<(Vec<u32>, Finish)> {
-    opts.sampling.validate().map_err(InferError::Invalid)?;
-    if prompt.is_empty() {
-        return Err(InferError::Invalid(
-            "the prompt is empty: give at least one token".into(),
-        ));
-    }
-    if prompt.len() >= opts.max_positions {
-        return Err(InferError::Invalid(format!(
-            "the prompt has {} tokens but the model's context holds {}",
-            prompt.len(),
-            opts.max_positions
-        )));
-    }
-    let dev = Device::Cpu;
-    let mut cache = model.new_cache();
-    let mut rng = Rng::new(opts.sampling.seed);
-    let mut history: Vec<u32> = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    let mut d = Decoder::new(model, prompt, opts.clone())?;
     loop {
-        if out.len() >= opts.max_tokens {
-            return Ok((out, Finish::Length));
+        match d.step(model)? {
+            Step::Done(why) => return Ok((d.generated, why)),
+            Step::Token(t) => {
+                if !on_token(t, &d.generated) {
+                    return Ok((d.generated, Finish::Stopped));
+                }
+            }
         }
-        if history.len() >= opts.max_positions {
-            return Ok((out, Finish::Context));
-        }
-        let logits = model.forward(&input, &mut cache)?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
-        let next = sample(&last, &history, &opts.sampling, &mut rng);
-        if Some(next) == opts.eos_token_id {
-            return Ok((out, Finish::Eos));
-        }
-        out.push(next);
-        history.push(next);
-        if !on_token(next, &out) {
-            return Ok((out, Finish::Stopped));
-        }
-        input = Tensor::new(&[[next]], &dev)?;
     }
 }
 

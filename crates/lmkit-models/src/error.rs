@@ -20,6 +20,8 @@ pub enum ModelError {
         name: String,
         msg: String,
     },
+    #[error("{0}")]
+    Device(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod fused;
 pub mod gpt2;
@@ -15,6 +16,7 @@ pub mod ops;
 pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{DecoderConfig, Gpt2Config, LlamaConfig};
+pub use device::parse_device;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 
@@ -144,6 +146,11 @@ impl CausalLm {
             CausalLm::Gpt2(m) => m.num_layers(),
             CausalLm::Llama(m) => m.num_layers(),
         }
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> &Device {
+        self.lm_head().device()
     }
 
     pub fn new_cache(&self) -> KvCache {

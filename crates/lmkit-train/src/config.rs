@@ -60,6 +60,8 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Checkpoints kept (oldest removed first).
     pub keep_checkpoints: usize,
+    /// Where to train: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -85,6 +87,7 @@ impl Default for TrainConfig {
             save_every: 100,
             log_every: 10,
             keep_checkpoints: 2,
+            device: "cpu".into(),
         }
     }
 }

@@ -97,7 +97,7 @@ fn hf_config(
 
 /// GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2·layers), zero
 /// biases, unit norm gains (Radford et al. 2019, §2.3). Deterministic in `seed`.
-fn init_weights(vm: &VarMap, n_layer: usize, seed: u64) -> Result<()> {
+fn init_weights(vm: &VarMap, n_layer: usize, seed: u64, dev: &Device) -> Result<()> {
     let data = vm
         .data()
         .lock()
@@ -125,7 +125,7 @@ fn init_weights(vm: &VarMap, n_layer: usize, seed: u64) -> Result<()> {
             let vals: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
             Tensor::from_vec(vals, shape, &Device::Cpu)?
         };
-        var.set(&t)?;
+        var.set(&t.to_device(dev)?)?;
     }
     Ok(())
 }
@@ -163,7 +163,7 @@ struct Split<'a> {
 }
 
 impl Split<'_> {
-    fn batch(&self, seed: u64, batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+    fn batch(&self, seed: u64, batch: usize, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
         let mut rng = Rng(seed);
         let span = self.len - seq as u64 - 1;
         let mut x = Vec::with_capacity(batch * seq);
@@ -175,8 +175,8 @@ impl Split<'_> {
             y.extend_from_slice(&w[1..]);
         }
         Ok((
-            Tensor::from_vec(x, (batch, seq), &Device::Cpu)?,
-            Tensor::from_vec(y, (batch, seq), &Device::Cpu)?,
+            Tensor::from_vec(x, (batch, seq), dev)?,
+            Tensor::from_vec(y, (batch, seq), dev)?,
         ))
     }
 }
@@ -281,11 +281,12 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         )));
     }
 
+    let dev = lmkit_models::parse_device(&t.device)?;
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let model = CausalLm::from_var_builder(&model_cfg, vb, Path::new("[model]"))?;
     let n_layer = model.num_layers();
-    init_weights(&vm, n_layer, t.seed)?;
+    init_weights(&vm, n_layer, t.seed, &dev)?;
     let mut opt = AdamW::new(params(&vm)?, t.beta1, t.beta2, t.eps, t.weight_decay)?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let out = &t.out_dir;
@@ -312,10 +313,10 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 msg: "the checkpoint was trained with a different [model] config".into(),
             });
         }
-        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev)?;
         let moments = candle_core::safetensors::load(
             dir.join("trainer_state/optimizer.safetensors"),
-            &Device::Cpu,
+            &dev,
         )?;
         for (i, p) in opt.params.iter().enumerate() {
             let missing = |what: &str| TrainError::Resume {
@@ -385,6 +386,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 mix(t.seed ^ 0x5eed_e7a1 ^ mix(k as u64)),
                 t.batch_size,
                 t.seq_len,
+                &dev,
             )?;
             total += loss_of(model, &x, &y)?.to_scalar::<f32>()? as f64;
         }
@@ -412,6 +414,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1)),
                 t.batch_size,
                 t.seq_len,
+                &dev,
             )?;
             let loss = loss_of(&model, &x, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;

@@ -209,4 +209,7 @@ fn bad_configs_name_the_field() {
     .unwrap()
     .to_string();
     assert!(e.contains("cannot resume"), "{e}");
+    let cfg = RunConfig::load(&p, &["model.n_head=2".into(), "train.device=tpu".into()]).unwrap();
+    let e = train(&cfg, false, &NoProgress).err().unwrap().to_string();
+    assert!(e.contains("unknown device `tpu`"), "{e}");
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks on a CUDA machine, for an lmkit built with `--features cuda`:
+#   LMKIT_BIN=path/to/lmkit bash bench/gpu_check.sh [OUT_DIR]
+# 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
+# 2. the same tiny training run on CPU and on the GPU: loss curves side by side;
+# 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU.
+set -uo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+bin="${LMKIT_BIN:?set LMKIT_BIN to an lmkit built with --features cuda}"
+out="${1:-$(mktemp -d)}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+echo "== parity with transformers, lmkit on cuda"
+LMKIT_BIN="$bin" LMKIT_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
+  "$here/tests/parity/test_transformers_decoders.py" 2>&1 | tail -15
+
+echo "== the same training run on cpu and cuda"
+tmp="$(mktemp -d)"
+"$bin" tokenizer train --input "$here/data/en" --vocab-size 2048 --output "$tmp/tok" >/dev/null
+"$bin" tokenizer encode --tokenizer "$tmp/tok" --input "$here/data/en" --shards "$tmp/shards" >/dev/null
+for dev in cpu cuda; do
+  "$bin" train --config "$here/configs/gpt-small.toml" --set "data.train=\"$tmp/shards\"" \
+    --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/$dev\"" --set train.max_steps=40 \
+    --set train.eval_every=20 --set train.save_every=40 --set "train.device=\"$dev\"" 2>/dev/null
+  cp "$tmp/$dev/metrics.jsonl" "$out/metrics-$dev.jsonl"
+done
+"$py" - "$tmp" <<'PY'
+import json, sys
+runs = {d: [json.loads(l) for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl")] for d in ("cpu", "cuda")}
+steps = {d: {r["step"]: r for r in rs if "loss" in r} for d, rs in runs.items()}
+print("| step | loss cpu | loss cuda | |diff| | tok/s cpu | tok/s cuda |")
+print("|---|---|---|---|---|---|")
+for s in sorted(set(steps["cpu"]) & set(steps["cuda"])):
+    a, b = steps["cpu"][s], steps["cuda"][s]
+    if s % 10 == 0 or s == 1:
+        print(f"| {s} | {a['loss']:.4f} | {b['loss']:.4f} | {abs(a['loss'] - b['loss']):.2e} | {a.get('tokens_per_sec', 0):,.0f} | {b.get('tokens_per_sec', 0):,.0f} |")
+PY
+
+echo "== speed vs PyTorch on the GPU"
+LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20
+LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8

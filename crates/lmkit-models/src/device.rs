@@ -1,0 +1,56 @@
+//! Choosing where tensors live: `cpu` (the default), `cuda` or `cuda:N`.
+
+use crate::error::{ModelError, Result};
+use candle_core::Device;
+
+/// Parses a device name as the command line and run configs write it.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let s = spec.trim().to_ascii_lowercase();
+    let ordinal = match s.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map_err(|_| {
+                ModelError::Device(format!(
+                    "`{spec}`: the GPU number after `cuda:` must be a whole number, e.g. cuda:0"
+                ))
+            })?,
+            None => {
+                return Err(ModelError::Device(format!(
+                    "unknown device `{spec}` (expected cpu, cuda or cuda:N)"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(ModelError::Device(format!(
+            "`{spec}`: this lmkit was built without CUDA support; rebuild it with \
+             `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use cpu"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        ModelError::Device(format!(
+            "`{spec}`: could not open the GPU: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_rejects_bad_ones() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device(" CPU ").unwrap().is_cpu());
+        let e = parse_device("tpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device `tpu`"), "{e}");
+        let e = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("whole number"), "{e}");
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_device("cuda").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
+}
