@@ -18,6 +18,19 @@ pub enum DataCommand {
         and OUTPUT/report.json; a summary goes to stderr."
     )]
     Prepare(PrepareArgs),
+    /// Write the preference pairs people picked on `lmkit serve`'s review page as JSONL
+    #[command(
+        after_help = "Example:\n  lmkit data export-preferences --db lmkit-completions.sqlite --output prefs.jsonl\n\n\
+        Each line is {\"prompt\", \"chosen\", \"rejected\"}, the shape preference tuning (DPO, reward models) reads."
+    )]
+    ExportPreferences {
+        /// The server's SQLite database
+        #[arg(long)]
+        db: std::path::PathBuf,
+        /// Output JSONL file (written atomically)
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,7 +125,31 @@ pub struct PrepareArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare(a) => prepare(a),
+        DataCommand::ExportPreferences { db, output } => export_preferences(&db, &output),
     }
+}
+
+fn export_preferences(db: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    if !db.exists() {
+        anyhow::bail!("{}: no such database (give the --db that `lmkit serve` wrote)", db.display());
+    }
+    let store = lmkit_serve::store::Store::open(db)?;
+    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        output.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let n = store.export_preferences(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, output)?;
+    std::io::stderr().flush().ok();
+    eprintln!("wrote {n} preference pairs to {}", output.display());
+    Ok(())
 }
 
 fn prepare(a: PrepareArgs) -> Result<()> {

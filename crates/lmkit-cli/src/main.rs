@@ -7,6 +7,7 @@ mod lines;
 mod model;
 mod ngram;
 mod progress;
+mod serve;
 mod tokenizer;
 mod train;
 
@@ -40,6 +41,8 @@ enum Command {
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
+    Serve(serve::ServeArgs),
     /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
     Train(train::TrainArgs),
     /// Statistical n-gram language models (modified Kneser-Ney, ARPA/KenLM-compatible)
@@ -70,6 +73,7 @@ fn main() {
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
+        Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {

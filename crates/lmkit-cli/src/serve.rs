@@ -1,0 +1,113 @@
+//! `lmkit serve`: the OpenAI-compatible HTTP server.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lmkit_serve::moderation::{Moderator, Policy};
+use lmkit_serve::{Limits, ServeConfig};
+use std::path::PathBuf;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit serve runs/quickstart/gpt\n  \
+    lmkit serve runs/quickstart/gpt --port 8080 --api-key sk-local-1 --db reviews.sqlite\n  \
+    lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n\n\
+    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
+    GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
+    better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
+    preference pairs with `lmkit data export-preferences`."
+)]
+pub struct ServeArgs {
+    /// Checkpoint directory (or a training output directory: its latest checkpoint)
+    model: PathBuf,
+    /// Address to bind (127.0.0.1 keeps the server local; 0.0.0.0 opens it to the network)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Accepted API key (repeatable); without any key the API is open
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// File of accepted API keys, one per line
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// SQLite database of completions, ratings and preference pairs
+    #[arg(long, default_value = "lmkit-completions.sqlite")]
+    db: PathBuf,
+    /// Name clients give as `model` (default: the model directory's name)
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Where to run the model: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Sequences decoded at once (their steps interleave)
+    #[arg(long, default_value_t = 8)]
+    max_active: usize,
+    /// Sequences accepted, queued or decoding, before answering 429
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest request body in bytes
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Most new tokens per choice
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Most choices (`n`) per request
+    #[arg(long, default_value_t = 8)]
+    max_n: usize,
+    /// Moderation rules, one `category: regex` per line
+    #[arg(long)]
+    moderation_rules: Option<PathBuf>,
+    /// What to do with flagged prompts and completions: refuse, flag or off
+    #[arg(long, default_value = "refuse")]
+    moderation_policy: String,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let policy: Policy = a
+        .moderation_policy
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let moderator = match &a.moderation_rules {
+        Some(p) => Moderator::load(p, policy).map_err(anyhow::Error::msg)?,
+        None => Moderator::none(),
+    };
+    let mut api_keys = a.api_keys.clone();
+    if let Some(f) = &a.api_keys_file {
+        api_keys.extend(lmkit_serve::read_keys(f)?);
+    }
+    if api_keys.is_empty() && a.host != "127.0.0.1" && a.host != "localhost" && a.host != "::1" {
+        eprintln!(
+            "warning: serving on {} without an API key: anyone who can reach it can use the model",
+            a.host
+        );
+    }
+    let cfg = ServeConfig {
+        model_dir: a.model.clone(),
+        device: a.device.clone(),
+        model_name: a.model_name.clone(),
+        host: a.host.clone(),
+        port: a.port,
+        api_keys,
+        db: a.db.clone(),
+        limits: Limits {
+            max_body_bytes: a.max_body_bytes,
+            max_tokens: a.max_tokens,
+            max_n: a.max_n,
+            ..Limits::default()
+        },
+        max_active: a.max_active,
+        max_queue: a.max_queue,
+        moderator,
+    };
+    let (host, port) = (cfg.host.clone(), cfg.port);
+    let state = lmkit_serve::load_state(cfg)?;
+    let name = state.model_name.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(lmkit_serve::serve(state, &host, port, |addr| {
+        eprintln!("serving `{name}` on http://{addr} (chat page: http://{addr}/, review: http://{addr}/review); Ctrl-C stops");
+    }))?;
+    Ok(())
+}

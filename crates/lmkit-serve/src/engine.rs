@@ -1,0 +1,173 @@
+//! The model worker: one thread owns the model and interleaves the decoding steps of every
+//! active sequence, so that many clients make progress at once and a new request starts
+//! between two steps of the others instead of waiting for them to finish.
+
+use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
+use lmkit_models::CausalLm;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the worker reports for one sequence.
+#[derive(Debug)]
+pub enum Event {
+    Token(u32),
+    Done(Finish),
+    Error(String),
+}
+
+/// One sequence to decode. Events go to `events` tagged with `index`; the worker drops the job
+/// when `cancel` is set or the receiving side is gone (a client that disconnected).
+pub struct Job {
+    pub index: usize,
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    pub events: UnboundedSender<(usize, Event)>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// The submitting side of the worker, with the count of jobs queued or running.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The queue is full: try again later.
+    Busy,
+    /// The worker has stopped.
+    Closed,
+}
+
+impl Engine {
+    /// Starts the worker thread. At most `max_active` sequences decode at once; up to
+    /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`.
+    pub fn start(model: CausalLm, max_active: usize, max_queue: usize) -> Engine {
+        let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
+        let depth = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(AtomicUsize::new(0));
+        let (d, a) = (depth.clone(), active.clone());
+        std::thread::Builder::new()
+            .name("lmkit-engine".into())
+            .spawn(move || worker(model, rx, d, a, max_active.max(1)))
+            .expect("spawning the model thread");
+        Engine {
+            tx,
+            depth,
+            active,
+            max_queue: max_queue.max(1),
+        }
+    }
+
+    /// Queues all `jobs` or none of them.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<(), Rejected> {
+        let n = jobs.len();
+        let before = self.depth.fetch_add(n, Ordering::SeqCst);
+        if before + n > self.max_queue {
+            self.depth.fetch_sub(n, Ordering::SeqCst);
+            return Err(Rejected::Busy);
+        }
+        for (k, job) in jobs.into_iter().enumerate() {
+            match self.tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => {
+                    // Cannot happen while depth bounds the channel; keep the job rather than lose it.
+                    if self.tx.send(job).is_err() {
+                        self.depth.fetch_sub(n - k, Ordering::SeqCst);
+                        return Err(Rejected::Closed);
+                    }
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.depth.fetch_sub(n - k, Ordering::SeqCst);
+                    return Err(Rejected::Closed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Jobs queued or decoding.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Jobs decoding now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+}
+
+struct Running {
+    index: usize,
+    decoder: Decoder,
+    events: UnboundedSender<(usize, Event)>,
+    cancel: Arc<AtomicBool>,
+}
+
+fn admit(model: &CausalLm, job: Job, active: &mut Vec<Running>, depth: &AtomicUsize) {
+    match Decoder::new(model, &job.prompt, job.opts) {
+        Ok(decoder) => active.push(Running {
+            index: job.index,
+            decoder,
+            events: job.events,
+            cancel: job.cancel,
+        }),
+        Err(e) => {
+            let _ = job.events.send((job.index, Event::Error(e.to_string())));
+            depth.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn worker(
+    model: CausalLm,
+    rx: Receiver<Job>,
+    depth: Arc<AtomicUsize>,
+    active_count: Arc<AtomicUsize>,
+    max_active: usize,
+) {
+    let mut active: Vec<Running> = Vec::new();
+    let mut open = true;
+    loop {
+        if active.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(job) => admit(&model, job, &mut active, &depth),
+                Err(_) => return,
+            }
+        }
+        while open && active.len() < max_active {
+            match rx.try_recv() {
+                Ok(job) => admit(&model, job, &mut active, &depth),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        active_count.store(active.len(), Ordering::SeqCst);
+        active.retain_mut(|r| {
+            if r.cancel.load(Ordering::SeqCst) || r.events.is_closed() {
+                depth.fetch_sub(1, Ordering::SeqCst);
+                return false;
+            }
+            let (event, keep) = match r.decoder.step(&model) {
+                Ok(Step::Token(t)) => (Event::Token(t), true),
+                Ok(Step::Done(why)) => (Event::Done(why), false),
+                Err(e) => (Event::Error(e.to_string()), false),
+            };
+            let keep = r.events.send((r.index, event)).is_ok() && keep;
+            if !keep {
+                depth.fetch_sub(1, Ordering::SeqCst);
+            }
+            keep
+        });
+        active_count.store(active.len(), Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,259 @@
+//! `lmkit serve`: an OpenAI-compatible HTTP API over an lmkit checkpoint (completions and chat
+//! completions, streamed as Server-Sent Events), with API keys, request limits, a bounded queue,
+//! moderation of prompts and completions, a SQLite store of every completion, Prometheus
+//! metrics, and web pages for chatting and for reviewing completions.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod moderation;
+pub mod store;
+pub mod web;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::Engine;
+use error::ApiError;
+use lmkit_models::CausalLm;
+use moderation::Moderator;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Model(#[from] lmkit_models::ModelError),
+    #[error(transparent)]
+    Tokenize(#[from] lmkit_tokenize::TokenizeError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Limits on what one request may ask for.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Most new tokens one choice may produce.
+    pub max_tokens: usize,
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
+    /// Seconds suggested in Retry-After when the queue is full.
+    pub retry_after: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_tokens: 1024,
+            max_n: 8,
+            retry_after: 1,
+        }
+    }
+}
+
+pub struct ServeConfig {
+    pub model_dir: PathBuf,
+    pub device: String,
+    /// The name clients use in `model` (default: the model directory's name).
+    pub model_name: Option<String>,
+    pub host: String,
+    pub port: u16,
+    /// Accepted API keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    pub db: PathBuf,
+    pub limits: Limits,
+    /// Sequences decoded at once.
+    pub max_active: usize,
+    /// Sequences accepted (queued or decoding) before answering 429.
+    pub max_queue: usize,
+    pub moderator: Moderator,
+}
+
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: lmkit_tokenize::Tokenizer,
+    pub template: Option<String>,
+    pub model_name: String,
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub eos: Option<u32>,
+    pub chat_end: Option<u32>,
+    pub moderator: Moderator,
+    pub store: Arc<Store>,
+    pub metrics: metrics::Metrics,
+    pub api_keys: Vec<String>,
+    pub limits: Limits,
+    pub created: i64,
+}
+
+/// Reads API keys from a file: one per line, blank lines and `#` comments skipped.
+pub fn read_keys(path: &Path) -> Result<Vec<String>, ServeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ServeError::Config(format!("{}: {e}", path.display())))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if keys.is_empty() {
+        return Err(ServeError::Config(format!(
+            "{}: no API keys in the file (one per line)",
+            path.display()
+        )));
+    }
+    Ok(keys)
+}
+
+/// Loads the model and its tokenizer and starts the model worker.
+pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
+    let dir = lmkit_models::resolve_checkpoint(&cfg.model_dir);
+    let device = lmkit_models::parse_device(&cfg.device)?;
+    let (model, mcfg) = CausalLm::load(&dir, &device)?;
+    let tokenizer = lmkit_tokenize::load(&dir)?;
+    let template = lmkit_tokenize::chat::load_template(&dir)?;
+    let tk_vocab = tokenizer.get_vocab_size(true);
+    if tk_vocab > mcfg.vocab_size() {
+        return Err(ServeError::Config(format!(
+            "{}: the tokenizer has {tk_vocab} tokens but the model's vocab_size is {}",
+            dir.display(),
+            mcfg.vocab_size()
+        )));
+    }
+    let store = Store::open(&cfg.db)?;
+    let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+        cfg.model_dir
+            .canonicalize()
+            .unwrap_or(cfg.model_dir.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lmkit".into())
+    });
+    let chat_end = tokenizer.token_to_id("<|end|>");
+    Ok(Arc::new(AppState {
+        engine: Engine::start(model, cfg.max_active, cfg.max_queue),
+        template,
+        model_name,
+        max_positions: mcfg.max_positions(),
+        vocab_size: mcfg.vocab_size(),
+        eos: mcfg.eos_token_id(),
+        chat_end,
+        tokenizer,
+        moderator: cfg.moderator,
+        store: Arc::new(store),
+        metrics: metrics::Metrics::default(),
+        api_keys: cfg.api_keys,
+        limits: cfg.limits,
+        created: store::now(),
+    }))
+}
+
+async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !state.api_keys.is_empty() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|k| state.api_keys.iter().any(|x| x == k)) {
+            state.metrics.request("unauthorized", 401);
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmkit"}],
+    }))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "model": state.model_name, "queue_depth": state.engine.depth()}))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state
+            .metrics
+            .render(state.engine.depth(), state.engine.active()),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint (see GET /v1/models, POST /v1/completions, POST /v1/chat/completions)",
+    )
+}
+
+/// The HTTP routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let protected = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/review/api/recent", get(web::recent))
+        .route("/review/api/rate", post(web::rate))
+        .route("/review/api/pair", get(web::pair))
+        .route("/review/api/prefer", post(web::prefer))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(protected)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/", get(web::chat_page))
+        .route("/review", get(web::review_page))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves until Ctrl-C. `on_ready` gets the bound address (port 0 picks a free one).
+pub async fn serve(
+    state: Arc<AppState>,
+    host: &str,
+    port: u16,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let addr = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| ServeError::Bind {
+            addr: addr.clone(),
+            source: e,
+        })?;
+    let local = listener.local_addr().map_err(|e| ServeError::Bind {
+        addr: addr.clone(),
+        source: e,
+    })?;
+    on_ready(local);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| ServeError::Bind { addr, source: e })
+}

@@ -1,0 +1,146 @@
+//! Moderation of prompts and completions by a configurable rule list: each rule is a category and a
+//! regular expression (case-insensitive). What happens to flagged text is the server's policy.
+
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Refuse flagged prompts (400) and cut flagged completions (finish_reason `content_filter`).
+    Refuse,
+    /// Answer, but mark the response and the log as flagged.
+    Flag,
+    /// No moderation.
+    Off,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Policy, String> {
+        match s {
+            "refuse" => Ok(Policy::Refuse),
+            "flag" => Ok(Policy::Flag),
+            "off" => Ok(Policy::Off),
+            _ => Err(format!(
+                "unknown moderation policy `{s}` (expected refuse, flag or off)"
+            )),
+        }
+    }
+}
+
+struct Rule {
+    category: String,
+    re: regex::Regex,
+}
+
+/// The outcome of checking one text.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Verdict {
+    pub flagged: bool,
+    /// Categories of the rules that matched, in rule order, without repeats.
+    pub categories: Vec<String>,
+}
+
+pub struct Moderator {
+    rules: Vec<Rule>,
+    pub policy: Policy,
+}
+
+impl Moderator {
+    pub fn none() -> Moderator {
+        Moderator {
+            rules: Vec::new(),
+            policy: Policy::Off,
+        }
+    }
+
+    /// Parses rules, one per line: `category: regex`. Blank lines and `#` comments are skipped.
+    /// `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str, policy: Policy) -> Result<Moderator, String> {
+        let mut rules = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (cat, pat) = line.split_once(':').ok_or_else(|| {
+                format!(
+                    "{origin}:{}: expected `category: regex`, got `{line}`",
+                    i + 1
+                )
+            })?;
+            let (cat, pat) = (cat.trim(), pat.trim());
+            if cat.is_empty() || pat.is_empty() {
+                return Err(format!(
+                    "{origin}:{}: both the category and the regex must be non-empty",
+                    i + 1
+                ));
+            }
+            let re = regex::RegexBuilder::new(pat)
+                .case_insensitive(true)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| format!("{origin}:{}: bad regex: {e}", i + 1))?;
+            rules.push(Rule {
+                category: cat.to_string(),
+                re,
+            });
+        }
+        Ok(Moderator { rules, policy })
+    }
+
+    pub fn load(path: &Path, policy: Policy) -> Result<Moderator, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Moderator::parse(&text, &path.display().to_string(), policy)
+    }
+
+    pub fn active(&self) -> bool {
+        self.policy != Policy::Off && !self.rules.is_empty()
+    }
+
+    pub fn check(&self, text: &str) -> Verdict {
+        let mut v = Verdict::default();
+        if self.policy == Policy::Off {
+            return v;
+        }
+        for r in &self.rules {
+            if r.re.is_match(text) && !v.categories.contains(&r.category) {
+                v.categories.push(r.category.clone());
+            }
+        }
+        v.flagged = !v.categories.is_empty();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_case_insensitively_and_bad_lines_are_named() {
+        let m = Moderator::parse(
+            "# comment\n\nviolence: \\bkill (him|her)\\b\nspam: buy now\nviolence: \\bstab\\b\n",
+            "rules.txt",
+            Policy::Refuse,
+        )
+        .unwrap();
+        assert!(m.active());
+        let v = m.check("I will KILL him and stab ... BUY NOW");
+        assert!(v.flagged);
+        assert_eq!(v.categories, vec!["violence", "spam"]);
+        assert!(!m.check("a kind word").flagged);
+        let e = Moderator::parse("ok: a\nno colon here\n", "r.txt", Policy::Flag)
+            .err()
+            .unwrap();
+        assert!(e.starts_with("r.txt:2:"), "{e}");
+        let e = Moderator::parse("x: (unclosed\n", "r.txt", Policy::Flag)
+            .err()
+            .unwrap();
+        assert!(e.contains("r.txt:1: bad regex"), "{e}");
+        let off = Moderator::parse("x: a\n", "r", Policy::Off).unwrap();
+        assert!(!off.check("a").flagged);
+        assert!("sometimes".parse::<Policy>().is_err());
+    }
+}

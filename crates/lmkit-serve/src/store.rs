@@ -1,0 +1,363 @@
+//! The SQLite store (WAL mode) of every completion, people's ratings of them, and preference
+//! pairs ("A is better than B") for later preference tuning.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {msg}")]
+    Db { path: PathBuf, msg: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One stored completion (one choice of a request).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Completion {
+    pub id: String,
+    pub request_id: String,
+    pub created: i64,
+    pub endpoint: String,
+    pub model: String,
+    /// The prompt text the model saw (for chat: the rendered chat template).
+    pub prompt: String,
+    /// Chat messages as JSON, for chat requests.
+    pub messages: Option<String>,
+    pub output: String,
+    /// Sampling parameters as JSON.
+    pub params: String,
+    /// The moderation result as JSON.
+    pub moderation: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub latency_ms: f64,
+    pub finish_reason: String,
+    pub rating: Option<i64>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS completions (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    messages TEXT,
+    output TEXT NOT NULL,
+    params TEXT NOT NULL,
+    moderation TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    finish_reason TEXT NOT NULL,
+    rating INTEGER,
+    rated_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS completions_created ON completions(created);
+CREATE INDEX IF NOT EXISTS completions_prompt ON completions(prompt);
+CREATE TABLE IF NOT EXISTS preferences (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created INTEGER NOT NULL,
+    chosen_id TEXT NOT NULL REFERENCES completions(id),
+    rejected_id TEXT NOT NULL REFERENCES completions(id)
+);
+";
+
+const COLUMNS: &str = "id, request_id, created, endpoint, model, prompt, messages, output, params, \
+    moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating";
+
+fn row(r: &rusqlite::Row) -> rusqlite::Result<Completion> {
+    Ok(Completion {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        created: r.get(2)?,
+        endpoint: r.get(3)?,
+        model: r.get(4)?,
+        prompt: r.get(5)?,
+        messages: r.get(6)?,
+        output: r.get(7)?,
+        params: r.get(8)?,
+        moderation: r.get(9)?,
+        prompt_tokens: r.get(10)?,
+        completion_tokens: r.get(11)?,
+        latency_ms: r.get(12)?,
+        finish_reason: r.get(13)?,
+        rating: r.get(14)?,
+    })
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, in WAL mode.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+        }
+        let db = |e: rusqlite::Error| StoreError::Db {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        let conn = Connection::open(path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Db {
+                path: path.to_path_buf(),
+                msg: format!("could not switch to WAL mode (got `{mode}`)"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous=NORMAL;")
+            .map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(|e| StoreError::Db {
+            path: path.to_path_buf(),
+            msg: format!("{e} (is this an lmkit completions database?)"),
+        })?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| StoreError::Db {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })
+    }
+
+    pub fn insert(&self, c: &Completion) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO completions ({COLUMNS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                ),
+                params![
+                    c.id,
+                    c.request_id,
+                    c.created,
+                    c.endpoint,
+                    c.model,
+                    c.prompt,
+                    c.messages,
+                    c.output,
+                    c.params,
+                    c.moderation,
+                    c.prompt_tokens,
+                    c.completion_tokens,
+                    c.latency_ms,
+                    c.finish_reason,
+                    c.rating
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Completion>> {
+        self.with(|conn| {
+            conn.query_row(
+                &format!("SELECT {COLUMNS} FROM completions WHERE id = ?1"),
+                [id],
+                row,
+            )
+            .optional()
+        })
+    }
+
+    /// The newest completions first; `unrated` keeps only those nobody rated yet.
+    pub fn recent(&self, limit: usize, unrated: bool) -> Result<Vec<Completion>> {
+        let filter = if unrated { "WHERE rating IS NULL" } else { "" };
+        self.with(|conn| {
+            let mut st = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM completions {filter} ORDER BY created DESC, rowid DESC LIMIT ?1"
+            ))?;
+            let rows = st.query_map([limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn count(&self) -> Result<i64> {
+        self.with(|conn| conn.query_row("SELECT COUNT(*) FROM completions", [], |r| r.get(0)))
+    }
+
+    /// Records a person's rating (e.g. -1, 0, 1 or 1..5) of a completion.
+    pub fn rate(&self, id: &str, rating: i64) -> Result<()> {
+        let n = self.with(|conn| {
+            conn.execute(
+                "UPDATE completions SET rating = ?1, rated_at = ?2 WHERE id = ?3",
+                params![rating, now(), id],
+            )
+        })?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no completion with id `{id}`")));
+        }
+        Ok(())
+    }
+
+    /// Two different completions of one prompt, for a person to pick the better one.
+    pub fn pair(&self) -> Result<Option<(Completion, Completion)>> {
+        let rows = self.with(|conn| {
+            let prompt: Option<String> = conn
+                .query_row(
+                    "SELECT prompt FROM completions GROUP BY prompt \
+                     HAVING COUNT(DISTINCT output) >= 2 ORDER BY RANDOM() LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(prompt) = prompt else {
+                return Ok(Vec::new());
+            };
+            let mut st = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM completions WHERE prompt = ?1 ORDER BY RANDOM()"
+            ))?;
+            let rows = st.query_map([prompt], row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let Some(a) = rows.first().cloned() else {
+            return Ok(None);
+        };
+        Ok(rows.into_iter().find(|b| b.output != a.output).map(|b| (a, b)))
+    }
+
+    /// Stores "`chosen` is better than `rejected`"; both must be completions of the same prompt.
+    pub fn prefer(&self, chosen: &str, rejected: &str) -> Result<i64> {
+        let a = self
+            .get(chosen)?
+            .ok_or_else(|| StoreError::NotFound(format!("no completion with id `{chosen}`")))?;
+        let b = self
+            .get(rejected)?
+            .ok_or_else(|| StoreError::NotFound(format!("no completion with id `{rejected}`")))?;
+        if a.prompt != b.prompt || chosen == rejected {
+            return Err(StoreError::NotFound(
+                "a preference pair needs two different completions of the same prompt".into(),
+            ));
+        }
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO preferences (created, chosen_id, rejected_id) VALUES (?1, ?2, ?3)",
+                params![now(), chosen, rejected],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    /// Writes every preference pair as a JSONL line `{"prompt", "chosen", "rejected"}`; returns
+    /// how many were written.
+    pub fn export_preferences(&self, out: &mut dyn Write) -> Result<usize> {
+        let rows: Vec<(String, String, String)> = self.with(|conn| {
+            let mut st = conn.prepare(
+                "SELECT c.prompt, c.output, r.output FROM preferences p \
+                 JOIN completions c ON c.id = p.chosen_id \
+                 JOIN completions r ON r.id = p.rejected_id ORDER BY p.id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })?;
+        for (prompt, chosen, rejected) in &rows {
+            let line = serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected });
+            writeln!(out, "{line}").map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        }
+        Ok(rows.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion(id: &str, prompt: &str, output: &str) -> Completion {
+        Completion {
+            id: id.into(),
+            request_id: id.into(),
+            created: now(),
+            endpoint: "completions".into(),
+            model: "m".into(),
+            prompt: prompt.into(),
+            messages: None,
+            output: output.into(),
+            params: "{}".into(),
+            moderation: "{}".into(),
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            latency_ms: 1.5,
+            finish_reason: "stop".into(),
+            rating: None,
+        }
+    }
+
+    #[test]
+    fn stores_rates_pairs_and_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("sub/log.sqlite")).unwrap();
+        s.insert(&completion("a", "Q?", "yes")).unwrap();
+        s.insert(&completion("b", "Q?", "no")).unwrap();
+        s.insert(&completion("c", "other", "x")).unwrap();
+        assert_eq!(s.count().unwrap(), 3);
+        assert_eq!(s.get("a").unwrap().unwrap().output, "yes");
+        s.rate("a", 1).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().rating, Some(1));
+        assert!(s.rate("zzz", 1).is_err());
+        assert_eq!(s.recent(10, true).unwrap().len(), 2);
+        let (x, y) = s.pair().unwrap().unwrap();
+        assert_eq!(x.prompt, "Q?");
+        assert_ne!(x.output, y.output);
+        s.prefer("a", "b").unwrap();
+        assert!(s.prefer("a", "c").is_err(), "different prompts");
+        let mut out = Vec::new();
+        assert_eq!(s.export_preferences(&mut out).unwrap(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"prompt": "Q?", "chosen": "yes", "rejected": "no"})
+        );
+        // Reopening sees the same rows, and a duplicate id is refused rather than overwritten.
+        drop(s);
+        let s = Store::open(&dir.path().join("sub/log.sqlite")).unwrap();
+        assert_eq!(s.count().unwrap(), 3);
+        assert!(s.insert(&completion("a", "Q?", "again")).is_err());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.sqlite");
+        std::fs::write(&p, b"this is not sqlite at all, just text, long enough to matter....").unwrap();
+        let e = Store::open(&p).err().unwrap().to_string();
+        assert!(e.contains("x.sqlite"), "{e}");
+    }
+}
