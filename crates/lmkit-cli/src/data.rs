@@ -132,14 +132,23 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 fn export_preferences(db: &std::path::Path, output: &std::path::Path) -> Result<()> {
     use std::io::Write;
     if !db.exists() {
-        anyhow::bail!("{}: no such database (give the --db that `lmkit serve` wrote)", db.display());
+        anyhow::bail!(
+            "{}: no such database (give the --db that `lmkit serve` wrote)",
+            db.display()
+        );
     }
     let store = lmkit_serve::store::Store::open(db)?;
-    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        output.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        output
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
     let n = store.export_preferences(&mut w)?;

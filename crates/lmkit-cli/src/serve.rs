@@ -7,15 +7,13 @@ use lmkit_serve::{Limits, ServeConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]
-#[command(
-    after_help = "Examples:\n  lmkit serve runs/quickstart/gpt\n  \
+#[command(after_help = "Examples:\n  lmkit serve runs/quickstart/gpt\n  \
     lmkit serve runs/quickstart/gpt --port 8080 --api-key sk-local-1 --db reviews.sqlite\n  \
     lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n\n\
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
     GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
-    preference pairs with `lmkit data export-preferences`."
-)]
+    preference pairs with `lmkit data export-preferences`.")]
 pub struct ServeArgs {
     /// Checkpoint directory (or a training output directory: its latest checkpoint)
     model: PathBuf,
@@ -63,10 +61,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let policy: Policy = a
-        .moderation_policy
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let policy: Policy = a.moderation_policy.parse().map_err(anyhow::Error::msg)?;
     let moderator = match &a.moderation_rules {
         Some(p) => Moderator::load(p, policy).map_err(anyhow::Error::msg)?,
         None => Moderator::none(),

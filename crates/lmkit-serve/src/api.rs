@@ -85,7 +85,6 @@ enum Content {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
@@ -139,7 +138,10 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
     let s: Sampling = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.into_inner().to_string();
-        match msg.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        match msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
             Some(field) => ApiError::invalid(field, format!("unknown field `{field}`")),
             None => ApiError::invalid(&path, format!("`{path}`: {msg}")),
         }
@@ -149,14 +151,22 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                format!("the model `{m}` does not exist; this server serves `{}`", state.model_name),
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    state.model_name
+                ),
             )
             .code("model_not_found"));
         }
     }
     let limit = state.limits.max_tokens;
     let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
-        Some(0) => return Err(ApiError::invalid("max_tokens", "`max_tokens` must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "`max_tokens` must be at least 1",
+            ))
+        }
         Some(m) if m as usize > limit => {
             return Err(ApiError::invalid(
                 "max_tokens",
@@ -167,7 +177,10 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
     };
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature", "`temperature` must be between 0 and 2"));
+        return Err(ApiError::invalid(
+            "temperature",
+            "`temperature` must be between 0 and 2",
+        ));
     }
     let top_p = s.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -180,7 +193,10 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             format!("`n` must be between 1 and {}", state.limits.max_n),
         ));
     }
-    for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
         if v.is_some_and(|v| v != 0.0) {
             return Err(ApiError::invalid(
                 name,
@@ -188,7 +204,10 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             ));
         }
     }
-    if s.logprobs.as_ref().is_some_and(|l| !l.is_null() && l != &json!(false)) {
+    if s.logprobs
+        .as_ref()
+        .is_some_and(|l| !l.is_null() && l != &json!(false))
+    {
         return Err(ApiError::invalid("logprobs", "`logprobs` is not supported"));
     }
     let stops = match s.stop {
@@ -209,9 +228,7 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
         repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
         seed: s.seed.unwrap_or_else(|| fresh_id() ^ now() as u64),
     };
-    sampling
-        .validate()
-        .map_err(|m| ApiError::invalid("", m))?;
+    sampling.validate().map_err(|m| ApiError::invalid("", m))?;
     let _ = s.user;
     Ok(Params {
         max_tokens,
@@ -233,7 +250,9 @@ fn fresh_id() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut x = t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut x = t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^ (x >> 33)
@@ -274,7 +293,11 @@ fn finish_room(state: &AppState, prep: &mut Prepared) -> Result<usize, ApiError>
     }
     let room = ctx - len;
     let default = if prep.chat { room } else { 16 };
-    let want = prep.params.max_tokens.unwrap_or(default).min(state.limits.max_tokens);
+    let want = prep
+        .params
+        .max_tokens
+        .unwrap_or(default)
+        .min(state.limits.max_tokens);
     Ok(want.min(room))
 }
 
@@ -348,7 +371,7 @@ pub async fn completions(
         })
     }
     .await;
-    respond(state, result, started).await
+    respond(state, "completions", result, started).await
 }
 
 pub async fn chat_completions(
@@ -369,7 +392,14 @@ pub async fn chat_completions(
             let de = messages;
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = format!("messages{}", e.path().to_string().trim_start_matches('.'));
-                ApiError::invalid(&path, format!("`{path}`: {}", e.into_inner()))
+                let msg = e.into_inner().to_string();
+                if msg.contains("untagged enum Content") {
+                    return ApiError::invalid(
+                        &path,
+                        format!("`{path}` must be a string or a list of text parts"),
+                    );
+                }
+                ApiError::invalid(&path, format!("`{path}`: {msg}"))
             })?
         };
         let params = sampling(&state, v)?;
@@ -442,7 +472,7 @@ pub async fn chat_completions(
         })
     }
     .await;
-    respond(state, result, started).await
+    respond(state, "chat/completions", result, started).await
 }
 
 fn finish_reason(f: Finish) -> &'static str {
@@ -469,24 +499,35 @@ struct Outcome {
     verdict: Verdict,
 }
 
-async fn respond(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started: Instant) -> Response {
-    let endpoint = match &prepared {
-        Ok(p) => p.endpoint,
-        Err(_) => "invalid",
-    };
+async fn respond(
+    state: Arc<AppState>,
+    endpoint: &'static str,
+    prepared: Result<Prepared, ApiError>,
+    started: Instant,
+) -> Response {
     let r = run(state.clone(), prepared, started).await;
     let r = match r {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     state.metrics.request(endpoint, r.status().as_u16());
-    if !r.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")) {
-        state.metrics.latency(endpoint, started.elapsed().as_secs_f64());
+    if !r
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    {
+        state
+            .metrics
+            .latency(endpoint, started.elapsed().as_secs_f64());
     }
     r
 }
 
-async fn run(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started: Instant) -> Result<Response, ApiError> {
+async fn run(
+    state: Arc<AppState>,
+    prepared: Result<Prepared, ApiError>,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let mut prep = prepared?;
     let max_tokens = finish_room(&state, &mut prep)?;
     if prep.prompt_verdict.flagged {
@@ -511,7 +552,9 @@ async fn run(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started
         .code("content_policy_violation"));
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let cancels: Vec<Arc<AtomicBool>> = (0..prep.params.n).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let cancels: Vec<Arc<AtomicBool>> = (0..prep.params.n)
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
     let jobs = (0..prep.params.n)
         .map(|i| Job {
             index: i,
@@ -554,7 +597,8 @@ async fn run(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started
         tokio::spawn(async move {
             let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
             log(&st, &prep, &outcome, started).await;
-            st.metrics.latency(prep.endpoint, started.elapsed().as_secs_f64());
+            st.metrics
+                .latency(prep.endpoint, started.elapsed().as_secs_f64());
             if include_usage {
                 let _ = out_tx.send(Chunk::Usage {
                     prompt: prep.prompt_ids.len(),
@@ -569,12 +613,17 @@ async fn run(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started
                     return None;
                 }
                 match rx.recv().await {
-                    Some(c) => Some((Ok::<_, Infallible>(sse_chunk(&id, &model, created, chat, c)), (rx, false))),
+                    Some(c) => Some((
+                        Ok::<_, Infallible>(sse_chunk(&id, &model, created, chat, c)),
+                        (rx, false),
+                    )),
                     None => Some((Ok(SseEvent::default().data("[DONE]")), (rx, true))),
                 }
             }
         });
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     let outcome = drive(&state, &prep, rx, &cancels, None, started).await;
     log(&state, &prep, &outcome, started).await;
@@ -616,7 +665,11 @@ async fn run(state: Arc<AppState>, prepared: Result<Prepared, ApiError>, started
 }
 
 fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chunk) -> SseEvent {
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let choice = |index: usize, text: Option<&str>, reason: Option<&str>| {
         if chat {
             let delta = match text {
@@ -629,13 +682,21 @@ fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chunk) -> SseEv
         }
     };
     let v = match c {
-        Chunk::Delta { index, text } => json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [choice(index, Some(&text), None)]}),
-        Chunk::Finish { index, reason } => json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [choice(index, None, Some(reason))]}),
-        Chunk::Usage { prompt, completion } => json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}),
-        Chunk::Error(e) => json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}),
+        Chunk::Delta { index, text } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [choice(index, Some(&text), None)]})
+        }
+        Chunk::Finish { index, reason } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [choice(index, None, Some(reason))]})
+        }
+        Chunk::Usage { prompt, completion } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+        }
+        Chunk::Error(e) => {
+            json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+        }
     };
     SseEvent::default().data(v.to_string())
 }
@@ -669,7 +730,9 @@ async fn drive(
         }
     };
     while reasons.iter().any(|r| r.is_none()) {
-        let Some((i, ev)) = rx.recv().await else { break };
+        let Some((i, ev)) = rx.recv().await else {
+            break;
+        };
         if reasons[i].is_some() {
             continue;
         }
@@ -683,10 +746,16 @@ async fn drive(
                 let d = streams[i].push(&ids[i]).unwrap_or_default();
                 (d, streams[i].stopped.then_some("stop"))
             }
-            Event::Done(f) => (streams[i].finish(&ids[i]).unwrap_or_default(), Some(finish_reason(f))),
+            Event::Done(f) => (
+                streams[i].finish(&ids[i]).unwrap_or_default(),
+                Some(finish_reason(f)),
+            ),
             Event::Error(msg) => {
                 eprintln!("lmkit serve: {} choice {i}: {msg}", prep.id);
-                send(Chunk::Error(ApiError::internal(format!("generation failed: {msg}"))), &mut client_gone);
+                send(
+                    Chunk::Error(ApiError::internal(format!("generation failed: {msg}"))),
+                    &mut client_gone,
+                );
                 (String::new(), Some("error"))
             }
         };
@@ -705,14 +774,26 @@ async fn drive(
                 done = Some("content_filter");
             } else {
                 texts[i] = candidate;
-                send(Chunk::Delta { index: i, text: delta }, &mut client_gone);
+                send(
+                    Chunk::Delta {
+                        index: i,
+                        text: delta,
+                    },
+                    &mut client_gone,
+                );
             }
         }
         if let Some(r) = done {
             reasons[i] = Some(r);
             cancels[i].store(true, Ordering::SeqCst);
             if r != "error" {
-                send(Chunk::Finish { index: i, reason: r }, &mut client_gone);
+                send(
+                    Chunk::Finish {
+                        index: i,
+                        reason: r,
+                    },
+                    &mut client_gone,
+                );
             }
         }
         if client_gone {
@@ -741,10 +822,15 @@ async fn drive(
         state.metrics.flagged();
     }
     let completion_tokens = ids.iter().map(|v| v.len()).sum();
-    state.metrics.tokens(prep.prompt_ids.len() as u64, completion_tokens as u64);
+    state
+        .metrics
+        .tokens(prep.prompt_ids.len() as u64, completion_tokens as u64);
     Outcome {
         texts,
-        reasons: reasons.into_iter().map(|r| r.unwrap_or("cancelled")).collect(),
+        reasons: reasons
+            .into_iter()
+            .map(|r| r.unwrap_or("cancelled"))
+            .collect(),
         tokens: ids.iter().map(|v| v.len()).collect(),
         completion_tokens,
         verdict,
@@ -766,7 +852,11 @@ async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, started: Insta
         .zip(&o.reasons)
         .enumerate()
         .map(|(i, (t, r))| Completion {
-            id: if o.texts.len() == 1 { prep.id.clone() } else { format!("{}-{i}", prep.id) },
+            id: if o.texts.len() == 1 {
+                prep.id.clone()
+            } else {
+                format!("{}-{i}", prep.id)
+            },
             request_id: prep.id.clone(),
             created: now(),
             endpoint: prep.endpoint.to_string(),

@@ -28,11 +28,7 @@ impl ApiError {
 
     /// A request the client must fix (400), naming the field at fault.
     pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
-        let mut e = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            message,
-        );
+        let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         if !param.is_empty() {
             e.param = Some(param.to_string());
         }
@@ -65,11 +61,7 @@ impl ApiError {
     }
 
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            message,
-        )
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 }
 

@@ -81,7 +81,12 @@ impl Metrics {
     }
 
     pub fn latency(&self, endpoint: &str, seconds: f64) {
-        self.with(|m| m.latency.entry(endpoint.into()).or_default().observe(seconds));
+        self.with(|m| {
+            m.latency
+                .entry(endpoint.into())
+                .or_default()
+                .observe(seconds)
+        });
     }
 
     pub fn first_token(&self, seconds: f64) {

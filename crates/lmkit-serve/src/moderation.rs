@@ -90,8 +90,7 @@ impl Moderator {
     }
 
     pub fn load(path: &Path, policy: Policy) -> Result<Moderator, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Moderator::parse(&text, &path.display().to_string(), policy)
     }
 

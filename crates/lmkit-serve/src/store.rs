@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS preferences (
 );
 ";
 
-const COLUMNS: &str = "id, request_id, created, endpoint, model, prompt, messages, output, params, \
+const COLUMNS: &str =
+    "id, request_id, created, endpoint, model, prompt, messages, output, params, \
     moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating";
 
 fn row(r: &rusqlite::Row) -> rusqlite::Result<Completion> {
@@ -220,7 +221,9 @@ impl Store {
             )
         })?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no completion with id `{id}`")));
+            return Err(StoreError::NotFound(format!(
+                "no completion with id `{id}`"
+            )));
         }
         Ok(())
     }
@@ -248,7 +251,10 @@ impl Store {
         let Some(a) = rows.first().cloned() else {
             return Ok(None);
         };
-        Ok(rows.into_iter().find(|b| b.output != a.output).map(|b| (a, b)))
+        Ok(rows
+            .into_iter()
+            .find(|b| b.output != a.output)
+            .map(|b| (a, b)))
     }
 
     /// Stores "`chosen` is better than `rejected`"; both must be completions of the same prompt.
@@ -286,7 +292,8 @@ impl Store {
             rows.collect()
         })?;
         for (prompt, chosen, rejected) in &rows {
-            let line = serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected });
+            let line =
+                serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected });
             writeln!(out, "{line}").map_err(|e| StoreError::Io {
                 path: self.path.clone(),
                 source: e,
@@ -356,7 +363,11 @@ mod tests {
     fn a_file_that_is_not_a_database_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.sqlite");
-        std::fs::write(&p, b"this is not sqlite at all, just text, long enough to matter....").unwrap();
+        std::fs::write(
+            &p,
+            b"this is not sqlite at all, just text, long enough to matter....",
+        )
+        .unwrap();
         let e = Store::open(&p).err().unwrap().to_string();
         assert!(e.contains("x.sqlite"), "{e}");
     }

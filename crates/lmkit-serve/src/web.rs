@@ -78,7 +78,10 @@ pub async fn rate(
 ) -> Result<Json<Value>, ApiError> {
     let r: Rate = json_body(body)?;
     if !(-5..=5).contains(&r.rating) {
-        return Err(ApiError::invalid("rating", "`rating` must be between -5 and 5"));
+        return Err(ApiError::invalid(
+            "rating",
+            "`rating` must be between -5 and 5",
+        ));
     }
     let store = state.store.clone();
     let id = r.id.clone();

@@ -1,0 +1,555 @@
+//! The HTTP API end to end on a tiny trained model: answers equal lmkit's own generation,
+//! streaming reassembles to the stored text, auth, limits, bad input, moderation, a full queue,
+//! client disconnects, and the review API with preference export.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use lmkit_serve::moderation::{Moderator, Policy};
+use lmkit_serve::{load_state, router, AppState, Limits, ServeConfig};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use tower::ServiceExt;
+
+/// A 2-step-trained GPT-2 checkpoint (with tokenizer and chat template), made once per test run.
+fn model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-model");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = "the cat sat on the mat and the dog sat on the log.\n".repeat(40);
+        let corpus = dir.join("c.txt");
+        std::fs::write(&corpus, &text).unwrap();
+        let opts = lmkit_tokenize::TrainOptions {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        let tk = lmkit_tokenize::train(std::slice::from_ref(&corpus), &opts).unwrap();
+        lmkit_tokenize::save(&tk, &dir.join("tok"), &opts.special_tokens).unwrap();
+        let ids = lmkit_tokenize::encode_batch(&tk, &[text]).unwrap();
+        let mut w = lmkit_tokenize::ShardWriter::new(
+            &dir.join("shards"),
+            tk.get_vocab_size(true),
+            tk.token_to_id("<|endoftext|>"),
+            1 << 20,
+        )
+        .unwrap();
+        w.write_document(&ids[0]).unwrap();
+        w.finish().unwrap();
+        let cfg = format!(
+            "[model]\nmodel_type = \"gpt2\"\nn_positions = 64\nn_embd = 32\nn_layer = 2\nn_head = 2\n\
+             [data]\ntrain = \"{d}/shards\"\ntokenizer = \"{d}/tok\"\nval_fraction = 0.0\n\
+             [train]\nout_dir = \"{d}/out\"\nseq_len = 16\nbatch_size = 4\nmax_steps = 2\nwarmup_steps = 1\n\
+             eval_every = 0\nsave_every = 2\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("run.toml"), cfg).unwrap();
+        let run = lmkit_train::RunConfig::load(&dir.join("run.toml"), &[]).unwrap();
+        lmkit_train::train(&run, false, &lmkit_train::NoProgress).unwrap();
+        dir.join("out")
+    })
+    .clone()
+}
+
+fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Arc<AppState> {
+    load_state(ServeConfig {
+        model_dir: model_dir(),
+        device: "cpu".into(),
+        model_name: Some("tiny".into()),
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        db: db.to_path_buf(),
+        limits: Limits {
+            max_body_bytes: 64 * 1024,
+            max_tokens: 200,
+            ..Limits::default()
+        },
+        max_active: 4,
+        max_queue,
+        moderator,
+    })
+    .unwrap()
+}
+
+async fn call(
+    st: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    body: impl Into<Body>,
+    key: Option<&str>,
+) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let resp = router(st.clone())
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, bytes, headers)
+}
+
+async fn post(st: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, Value) {
+    let (s, b, _) = call(st, "POST", path, body.to_string(), None).await;
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn greedy_reference(prompt: &str, max_tokens: usize) -> String {
+    let (model, cfg) =
+        lmkit_models::CausalLm::load(&model_dir(), &lmkit_models::Device::Cpu).unwrap();
+    let tk = lmkit_tokenize::load(&lmkit_models::resolve_checkpoint(&model_dir())).unwrap();
+    let ids = lmkit_tokenize::encode_batch(&tk, &[prompt.to_string()])
+        .unwrap()
+        .remove(0);
+    let opts = lmkit_infer::GenerateOptions {
+        max_tokens,
+        sampling: lmkit_infer::SamplingParams::greedy(),
+        eos_token_id: cfg.eos_token_id(),
+        max_positions: cfg.max_positions(),
+    };
+    let (out, _) = lmkit_infer::generate(&model, &ids, &opts, &mut |_, _| true).unwrap();
+    lmkit_tokenize::decode(&tk, &out).unwrap()
+}
+
+/// Data payloads of an SSE body, in order.
+fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test]
+async fn completions_and_chat_match_local_generation_and_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 16);
+    let (s, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "the cat", "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, greedy_reference("the cat", 12));
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let row = st.store.get(v["id"].as_str().unwrap()).unwrap().unwrap();
+    assert_eq!(
+        (row.prompt.as_str(), row.output.as_str()),
+        ("the cat", text)
+    );
+
+    // A stop string cuts the text before it.
+    let stop: String = text.chars().skip(4).take(3).collect();
+    let (_, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "the cat", "max_tokens": 12, "temperature": 0, "stop": [stop.clone()]}),
+    )
+    .await;
+    let cut = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // n choices with a seed: reproducible, each stored.
+    let body = json!({"prompt": "the", "max_tokens": 8, "n": 3, "seed": 7, "temperature": 1.0});
+    let (_, a) = post(&st, "/v1/completions", body.clone()).await;
+    let (_, b) = post(&st, "/v1/completions", body).await;
+    assert_eq!(a["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(a["choices"], b["choices"]);
+    assert!(st
+        .store
+        .get(&format!("{}-2", a["id"].as_str().unwrap()))
+        .unwrap()
+        .is_some());
+
+    // Streaming chat: the chunks reassemble to the stored reply; usage comes last, then [DONE].
+    let (s, body, headers) = call(
+        &st,
+        "POST",
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the dog"}],
+               "max_tokens": 10, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})
+        .to_string(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(&body);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 1);
+    let id = chunks[0]["id"].as_str().unwrap();
+    let row = st.store.get(id).unwrap().unwrap();
+    assert_eq!(row.output, text);
+    assert!(row.prompt.contains("<|system|>Be brief.") && row.prompt.ends_with("<|assistant|>"));
+    // The chat reply equals local greedy generation on the rendered prompt (up to the end token).
+    let want = greedy_reference(&row.prompt, 10);
+    assert!(want.starts_with(&text), "{want:?} vs {text:?}");
+
+    let (s, b, _) = call(&st, "GET", "/metrics", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let m = String::from_utf8(b).unwrap();
+    assert!(
+        m.contains("lmkit_requests_total{endpoint=\"completions\",status=\"200\"} 4"),
+        "{m}"
+    );
+    assert!(m.contains("lmkit_queue_depth 0"), "{m}");
+}
+
+#[tokio::test]
+async fn auth_limits_and_bad_input_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(
+        &dir.path().join("db.sqlite"),
+        &["k1", "k2"],
+        Moderator::none(),
+        16,
+    );
+    let ok = json!({"prompt": "the", "max_tokens": 2}).to_string();
+    let (s, b, _) = call(&st, "POST", "/v1/completions", ok.clone(), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(String::from_utf8_lossy(&b).contains("invalid_api_key"));
+    let (s, _, _) = call(&st, "POST", "/v1/completions", ok.clone(), Some("nope")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = call(&st, "GET", "/v1/models", Body::empty(), Some("k2")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = call(&st, "GET", "/health", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK, "health needs no key");
+
+    let cases: Vec<(Body, StatusCode, &str, &str)> = vec![
+        (
+            "{\"prompt\": ".into(),
+            StatusCode::BAD_REQUEST,
+            "",
+            "not valid JSON",
+        ),
+        (
+            b"{\"prompt\": \"\xff\"}".to_vec().into(),
+            StatusCode::BAD_REQUEST,
+            "",
+            "not valid UTF-8",
+        ),
+        (
+            json!({"prompt": "a", "bogus": 1}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "bogus",
+            "unknown field `bogus`",
+        ),
+        (
+            json!({"prompt": "a", "max_tokens": "ten"})
+                .to_string()
+                .into(),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+            "invalid type",
+        ),
+        (
+            json!({"prompt": 5}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "prompt",
+            "must be a string",
+        ),
+        (
+            json!({"max_tokens": 3}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "prompt",
+            "required",
+        ),
+        (
+            json!({"prompt": "a", "max_tokens": 100000})
+                .to_string()
+                .into(),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+            "at most 200",
+        ),
+        (
+            json!({"prompt": "a", "temperature": 3}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "temperature",
+            "between 0 and 2",
+        ),
+        (
+            json!({"prompt": "a", "n": 99}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "n",
+            "between 1 and 8",
+        ),
+        (
+            json!({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]})
+                .to_string()
+                .into(),
+            StatusCode::BAD_REQUEST,
+            "stop",
+            "up to 4",
+        ),
+        (
+            json!({"prompt": "a", "model": "gpt-9"}).to_string().into(),
+            StatusCode::NOT_FOUND,
+            "",
+            "does not exist",
+        ),
+        (
+            json!({"prompt": "the cat ".repeat(100)}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "prompt",
+            "context holds 64",
+        ),
+        (
+            json!({"prompt": [1, 2, 99999]}).to_string().into(),
+            StatusCode::BAD_REQUEST,
+            "prompt",
+            "out of range",
+        ),
+        (
+            "x".repeat(100_000).into(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "",
+            "larger than",
+        ),
+    ];
+    for (body, status, param, needle) in cases {
+        let (s, b, _) = call(&st, "POST", "/v1/completions", body, Some("k1")).await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, status, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{needle}: {msg}");
+        if !param.is_empty() {
+            assert_eq!(v["error"]["param"], param, "{v}");
+        }
+    }
+    let chat_cases = [
+        (json!({"messages": []}), "messages", "must not be empty"),
+        (
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+            "messages[0].role",
+            "must be system",
+        ),
+        (
+            json!({"messages": [{"role": "user"}]}),
+            "messages[0]",
+            "content",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}),
+            "messages[0].content",
+            "text content",
+        ),
+    ];
+    for (body, param, needle) in chat_cases {
+        let (s, b, _) = call(
+            &st,
+            "POST",
+            "/v1/chat/completions",
+            body.to_string(),
+            Some("k1"),
+        )
+        .await;
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]["param"].as_str().unwrap().starts_with(param),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{v}"
+        );
+    }
+    let (s, _, _) = call(&st, "GET", "/v1/nothing", Body::empty(), Some("k1")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Still serving after all that.
+    let (s, _, _) = call(&st, "POST", "/v1/completions", ok, Some("k1")).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn moderation_refuses_or_flags_and_logs_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "violence: \\bkill\\b\n";
+    let st = state(
+        &dir.path().join("db.sqlite"),
+        &[],
+        Moderator::parse(rules, "rules", Policy::Refuse).unwrap(),
+        16,
+    );
+    let (s, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "I will KILL the cat", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "content_policy_violation");
+    assert!(v["error"]["message"].as_str().unwrap().contains("violence"));
+    let rows = st.store.recent(10, false).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].finish_reason, "content_filter");
+    assert!(rows[0].moderation.contains("violence"));
+
+    let st = state(
+        &dir.path().join("db2.sqlite"),
+        &[],
+        Moderator::parse(rules, "rules", Policy::Flag).unwrap(),
+        16,
+    );
+    let (s, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "kill", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["moderation"]["prompt"]["flagged"], true);
+    assert_eq!(v["moderation"]["prompt"]["categories"], json!(["violence"]));
+    let row = st.store.get(v["id"].as_str().unwrap()).unwrap().unwrap();
+    assert!(row.moderation.contains("\"flagged\":true"));
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 2);
+    let long =
+        json!({"prompt": "the", "max_tokens": 200, "stream": true, "temperature": 1.0, "n": 2})
+            .to_string();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .body(Body::from(long))
+        .unwrap();
+    let resp = router(st.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some());
+    // Two sequences hold the whole queue: the next request is turned away with Retry-After.
+    let (s, b, h) = call(
+        &st,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "a"}).to_string(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert!(h.contains_key("retry-after"));
+    // Dropping the stream (a client that went away) frees the queue well before 200 tokens.
+    drop(body);
+    let t0 = std::time::Instant::now();
+    while st.engine.depth() > 0 {
+        assert!(t0.elapsed().as_secs() < 20, "generation was not cancelled");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The cancelled request is still logged, marked as such.
+    let t0 = std::time::Instant::now();
+    loop {
+        let rows = st.store.recent(10, false).unwrap();
+        if rows.len() == 2 {
+            assert!(
+                rows.iter().all(|r| r.finish_reason == "cancelled"),
+                "{rows:?}"
+            );
+            assert!(rows.iter().all(|r| r.completion_tokens < 200));
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "no log rows: {rows:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (s, _, _) = call(
+        &st,
+        "POST",
+        "/v1/completions",
+        json!({"prompt": "a", "max_tokens": 2}).to_string(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn review_api_rates_pairs_and_exports_preferences() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 16);
+    let (_, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "the", "max_tokens": 6, "n": 2, "seed": 3, "temperature": 1.5}),
+    )
+    .await;
+    let id = v["id"].as_str().unwrap();
+    let (a, b) = (format!("{id}-0"), format!("{id}-1"));
+    let (s, _) = post(&st, "/review/api/rate", json!({"id": a, "rating": 1})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(st.store.get(&a).unwrap().unwrap().rating, Some(1));
+    let (s, _) = post(
+        &st,
+        "/review/api/rate",
+        json!({"id": "missing", "rating": 1}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = post(&st, "/review/api/rate", json!({"id": a, "rating": "great"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, b2, _) = call(&st, "GET", "/review/api/pair", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let p: Value = serde_json::from_slice(&b2).unwrap();
+    if v["choices"][0]["text"] != v["choices"][1]["text"] {
+        assert_eq!(p["prompt"], "the");
+    }
+    let (s, _) = post(
+        &st,
+        "/review/api/prefer",
+        json!({"chosen": a, "rejected": b}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut out = Vec::new();
+    assert_eq!(st.store.export_preferences(&mut out).unwrap(), 1);
+    let line: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(line["prompt"], "the");
+    assert_eq!(line["chosen"], v["choices"][0]["text"]);
+    assert_eq!(line["rejected"], v["choices"][1]["text"]);
+    let (s, page, _) = call(&st, "GET", "/review", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8(page)
+        .unwrap()
+        .contains("/review/api/prefer"));
+}
