@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Load test of `lmkit serve` on loopback: N concurrent streaming clients vs one client at a time.
+
+usage: ~/.cache/lmkit/venv/bin/python bench/serve_bench.py [--model DIR] [--clients 8] [--requests 32] [--max-tokens 48]
+
+Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
+depend on the weights) is made from the bundled English corpus. Each request streams a chat
+completion; latency is the time to the last chunk, TTFT the time to the first content chunk.
+After the run every request must have a row in the server's SQLite log.
+"""
+import argparse
+import os
+import pathlib
+import sqlite3
+import statistics
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPTS = ["In the beginning", "And God said", "The word of the LORD", "Blessed are", "And it came to pass",
+           "Now the serpent", "Hear, O Israel", "The LORD is my shepherd"]
+
+
+def run(lm, *args):
+    p = subprocess.run([lm, *map(str, args)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"lmkit {args[0]} failed: {p.stderr}")
+
+
+def make_model(lm, tmp):
+    run(lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", "8192", "--output", tmp / "tok")
+    run(lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards")
+    run(lm, "train", "--config", ROOT / "configs/gpt-small.toml", "--set", f'data.train="{tmp}/shards"',
+        "--set", f'data.tokenizer="{tmp}/tok"', "--set", f'train.out_dir="{tmp}/gpt"', "--max-steps", "1")
+    return tmp / "gpt"
+
+
+def one(c, i, max_tokens):
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = c.chat.completions.create(model="bench", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                       max_tokens=max_tokens, temperature=0.8, seed=i, stream=True,
+                                       stream_options={"include_usage": True})
+    for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return time.perf_counter() - t0, ttft or 0.0, tokens
+
+
+def phase(c, clients, requests, max_tokens, offset):
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        res = list(ex.map(lambda i: one(c, offset + i, max_tokens), range(requests)))
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in res)
+    ttft = sorted(r[1] for r in res)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]
+    toks = sum(r[2] for r in res)
+    return {"requests": requests, "p50": statistics.median(lat), "p99": q(lat, 0.99), "ttft50": statistics.median(ttft),
+            "tokens": toks, "tps": toks / wall, "wall": wall}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-active", type=int, default=8)
+    a = ap.parse_args()
+    lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-serve-bench-"))
+    model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
+    db = tmp / "db.sqlite"
+    proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", db,
+                             "--max-active", str(a.max_active), "--max-queue", "256"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        if "serving" not in line:
+            raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
+        url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+        one(c, 0, 4)  # warm-up
+        seq = phase(c, 1, max(4, a.requests // 4), a.max_tokens, 1000)
+        par = phase(c, a.clients, a.requests, a.max_tokens, 2000)
+        rows = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(finish_reason = 'cancelled') FROM completions").fetchone()
+        sent = 1 + seq["requests"] + par["requests"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"model {model}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; server --max-active {a.max_active}")
+    print()
+    print("| clients | requests | p50 latency s | p99 latency s | p50 time to first token s | completion tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("1 (one at a time)", seq), (str(a.clients), par)):
+        print(f"| {name} | {r['requests']} | {r['p50']:.3f} | {r['p99']:.3f} | {r['ttft50']:.3f} | {r['tps']:.1f} |")
+    print()
+    print(f"throughput ratio {a.clients} clients / 1: {par['tps'] / seq['tps']:.2f}x; "
+          f"log rows {rows[0]} for {sent} requests sent ({rows[1] or 0} cancelled); errors: 0")
+    if rows[0] != sent:
+        raise SystemExit("log rows lost")
+
+
+if __name__ == "__main__":
+    main()
