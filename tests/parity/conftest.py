@@ -20,3 +20,36 @@ def lmkit():
         return p.stdout
 
     return run
+
+
+SERVER_KEY = "sk-lmkit-test"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    lm = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+
+    def run(*args):
+        p = subprocess.run([lm, *map(str, args)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    corpus = tmp / "c.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log.\n" * 50, encoding="utf-8")
+    run("tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", tmp / "tok")
+    run("tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", corpus, "--shards", tmp / "shards")
+    (tmp / "run.toml").write_text(
+        f'[model]\nmodel_type = "gpt2"\nn_positions = 128\nn_embd = 32\nn_layer = 2\nn_head = 2\n'
+        f'[data]\ntrain = "{tmp}/shards"\ntokenizer = "{tmp}/tok"\nval_fraction = 0.0\n'
+        f'[train]\nout_dir = "{tmp}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 3\nwarmup_steps = 1\n'
+        f'eval_every = 0\nsave_every = 3\n')
+    run("train", "--config", tmp / "run.toml")
+    proc = subprocess.Popen([lm, "serve", tmp / "out", "--port", "0", "--api-key", SERVER_KEY, "--model-name", "tiny",
+                             "--db", tmp / "db.sqlite"], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "serving" in line, line
+    base = line.split("on http://")[1].split()[0]
+    yield {"base": f"http://{base}", "url": f"http://{base}/v1", "model": tmp / "out", "db": tmp / "db.sqlite", "run": run}
+    proc.terminate()
+    proc.wait(timeout=10)
