@@ -44,4 +44,19 @@ echo "== Train a small GPT (configs/gpt-small.toml; at most ${LMKIT_TRAIN_SECOND
   --set "data.train=\"$out/shards\"" --set "data.tokenizer=\"$out/tokenizer\"" --max-time "${LMKIT_TRAIN_SECONDS:-180}"
 "$lmkit" generate --model "$out/gpt" --prompt "In the beginning" --max-tokens 40 --seed 1
 "$lmkit" generate --model "$out/gpt" --prompt "대한민국은" --max-tokens 40 --seed 1
-echo "models, splits, shards, checkpoints, metrics.jsonl and loss.svg are in $out"
+echo "== Serve it over the OpenAI-compatible API and ask once"
+"$lmkit" serve "$out/gpt" --port 0 --db "$out/completions.sqlite" 2> "$out/serve.log" &
+server=$!
+for _ in $(seq 100); do grep -q "serving" "$out/serve.log" && break; sleep 0.1; done
+addr="$(grep -o 'http://[0-9.]*:[0-9]*' "$out/serve.log" | head -1)"
+python3 - "$addr" <<'PY'
+import json, sys, urllib.request
+body = {"messages": [{"role": "user", "content": "In the beginning"}], "max_tokens": 30, "seed": 1}
+req = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+r = json.load(urllib.request.urlopen(req))
+print("POST /v1/chat/completions ->", repr(r["choices"][0]["message"]["content"]), r["usage"])
+PY
+kill "$server"; wait "$server" 2>/dev/null || true
+echo "models, splits, shards, checkpoints, metrics.jsonl, loss.svg and completions.sqlite are in $out"
+echo "serve it yourself: $lmkit serve $out/gpt   (then open http://127.0.0.1:8000/ for the chat page)"
