@@ -91,27 +91,88 @@ impl Decoder {
         &self.generated
     }
 
-    /// Runs the model on the pending tokens and samples the next one.
-    pub fn step(&mut self, model: &CausalLm) -> Result<Step> {
+    /// Why decoding must end before another step, if it must.
+    fn limit(&self) -> Option<Finish> {
         if self.generated.len() >= self.opts.max_tokens {
-            return Ok(Step::Done(Finish::Length));
+            Some(Finish::Length)
+        } else if self.history.len() >= self.opts.max_positions {
+            Some(Finish::Context)
+        } else {
+            None
         }
-        if self.history.len() >= self.opts.max_positions {
-            return Ok(Step::Done(Finish::Context));
-        }
-        let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&input, &mut self.cache)?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
-        let next = sample(&last, &self.history, &self.opts.sampling, &mut self.rng);
+    }
+
+    /// Samples from the logits of the last position and records the token.
+    fn take(&mut self, last: &[f32]) -> Step {
+        let next = sample(last, &self.history, &self.opts.sampling, &mut self.rng);
         if Some(next) == self.opts.eos_token_id {
-            return Ok(Step::Done(Finish::Eos));
+            return Step::Done(Finish::Eos);
         }
         self.generated.push(next);
         self.history.push(next);
         self.pending.clear();
         self.pending.push(next);
-        Ok(Step::Token(next))
+        Step::Token(next)
+    }
+
+    /// Runs the model on the pending tokens and samples the next one.
+    pub fn step(&mut self, model: &CausalLm) -> Result<Step> {
+        if let Some(why) = self.limit() {
+            return Ok(Step::Done(why));
+        }
+        let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&input, &mut self.cache)?;
+        let t = logits.dim(1)?;
+        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
+        Ok(self.take(&last))
+    }
+
+    /// One step for each decoder. Those past their prompt (one pending token each) go through
+    /// the model together in one batched pass; a decoder still to read its prompt runs alone.
+    pub fn step_many(model: &CausalLm, decoders: &mut [&mut Decoder]) -> Vec<Result<Step>> {
+        let mut out: Vec<Option<Result<Step>>> = decoders.iter().map(|_| None).collect();
+        let mut batch = Vec::new();
+        for (i, d) in decoders.iter_mut().enumerate() {
+            if let Some(why) = d.limit() {
+                out[i] = Some(Ok(Step::Done(why)));
+            } else if d.pending.len() == 1 {
+                batch.push(i);
+            } else {
+                out[i] = Some(d.step(model));
+            }
+        }
+        if batch.len() == 1 {
+            out[batch[0]] = Some(decoders[batch[0]].step(model));
+        } else if !batch.is_empty() {
+            let ids: Vec<u32> = batch.iter().map(|&i| decoders[i].pending[0]).collect();
+            let logits = (|| -> Result<Vec<Vec<f32>>> {
+                let input = Tensor::from_vec(ids, (batch.len(), 1), model.device())?;
+                let mut caches: Vec<&mut lmkit_models::KvCache> = decoders
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| batch.contains(i))
+                    .map(|(_, d)| &mut d.cache)
+                    .collect();
+                let logits = model.forward_rows(&input, &mut caches)?;
+                Ok(logits.squeeze(1)?.to_vec2()?)
+            })();
+            match logits {
+                Ok(rows) => {
+                    for (&i, row) in batch.iter().zip(&rows) {
+                        out[i] = Some(Ok(decoders[i].take(row)));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for &i in &batch {
+                        out[i] = Some(Err(InferError::Invalid(msg.clone())));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(InferError::Invalid("decoder skipped".into()))))
+            .collect()
     }
 }
 

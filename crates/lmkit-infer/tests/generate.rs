@@ -168,3 +168,74 @@ fn text_stream_cuts_at_stop_strings_and_holds_partial_characters() {
     assert!(s.stopped);
     assert_eq!(text, "hello world. 안녕하세요 ");
 }
+
+/// A model with random (not zero) weights from a config in Hugging Face's JSON form.
+fn random_model(config: &str) -> CausalLm {
+    let v: serde_json::Value = serde_json::from_str(config).unwrap();
+    let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
+    for var in vm.all_vars() {
+        let t = lmkit_models::Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+        var.set(&t).unwrap();
+    }
+    model
+}
+
+#[test]
+fn batched_steps_equal_one_sequence_at_a_time() {
+    for config in [
+        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
+        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 40}"#,
+    ] {
+        let m = random_model(config);
+        let o = GenerateOptions {
+            max_tokens: 9,
+            sampling: SamplingParams::greedy(),
+            eos_token_id: None,
+            max_positions: 40,
+        };
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4, 6], &[30, 31]];
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&m, p, &o, &mut |_, _| true).unwrap().0)
+            .collect();
+        // Different lengths and limits, so that the batch changes as sequences finish.
+        let mut ds: Vec<lmkit_infer::Decoder> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let o = GenerateOptions {
+                    max_tokens: 9 - i,
+                    ..o.clone()
+                };
+                lmkit_infer::Decoder::new(&m, p, o).unwrap()
+            })
+            .collect();
+        let mut done = vec![false; ds.len()];
+        let mut rounds = 0;
+        while done.iter().any(|d| !d) {
+            let mut live: Vec<&mut lmkit_infer::Decoder> = ds
+                .iter_mut()
+                .zip(&done)
+                .filter(|(_, d)| !**d)
+                .map(|(d, _)| d)
+                .collect();
+            let res = lmkit_infer::Decoder::step_many(&m, &mut live);
+            let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
+            for (i, r) in idx.into_iter().zip(res) {
+                if matches!(r.unwrap(), lmkit_infer::Step::Done(_)) {
+                    done[i] = true;
+                }
+            }
+            rounds += 1;
+            assert!(rounds < 50);
+        }
+        for (i, d) in ds.iter().enumerate() {
+            assert_eq!(d.generated(), &want[i][..9 - i], "{config} sequence {i}");
+        }
+    }
+}

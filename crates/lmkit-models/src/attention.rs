@@ -1,6 +1,39 @@
 //! Scaled dot-product attention with a causal mask (Vaswani et al. 2017).
 
+use crate::kv_cache::KvCache;
 use candle_core::Tensor;
+
+/// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), or one
+/// cache per batch row (sequences at different positions decoded together). `attend` gets the
+/// rows' q, k, v ([rows, heads, t, head_dim]) and their cache, and returns their output.
+pub fn attend_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    caches: &mut [&mut KvCache],
+    attend: impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    if let [cache] = caches {
+        return attend(q, k, v, cache);
+    }
+    let b = q.dim(0)?;
+    if caches.len() != b {
+        candle_core::bail!("{} caches for a batch of {b} rows", caches.len());
+    }
+    let rows = caches
+        .iter_mut()
+        .enumerate()
+        .map(|(r, cache)| {
+            attend(
+                &q.narrow(0, r, 1)?,
+                &k.narrow(0, r, 1)?,
+                &v.narrow(0, r, 1)?,
+                cache,
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}
 
 /// softmax(q·kᵀ/√d + causal mask)·v for q [b, h, t, d] and k, v [b, h, s, d] with s ≥ t; the t
 /// queries are the last t of the s positions.

@@ -57,7 +57,7 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t, e) = x.dims3()?;
@@ -70,8 +70,10 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let y = crate::attention::causal_attention(&q, &k, &v)?;
+        let y = crate::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
+            let (k, v) = cache.append(layer, k, v)?;
+            crate::attention::causal_attention(q, &k, &v)
+        })?;
         let y = y.transpose(1, 2)?.reshape((b, t, e))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
         let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
@@ -129,16 +131,21 @@ impl Gpt2 {
 
     /// Final (normalised) hidden states [batch, seq, n_embd] for `ids` [batch, seq] that follow
     /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
-    pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Final hidden states for `ids` [batch, t]: with one cache, the batch continues its cached
+    /// positions; with one cache per row, each row continues its own.
+    pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let start = cache.len();
-        let pos = Tensor::arange(start as u32, (start + t) as u32, ids.device())?;
+        let pos: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (c.len()..c.len() + t).map(|p| p as u32))
+            .collect();
+        let pos = Tensor::from_vec(pos, (caches.len(), t), ids.device())?;
         let mut x = self
             .wte
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&pos)?)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, cache, i)?;
+            x = block.forward(&x, caches, i)?;
         }
         self.ln_f.forward(&x)
     }

@@ -159,10 +159,23 @@ impl CausalLm {
 
     /// Final hidden states [batch, seq, dim] for `ids`, before the output projection.
     pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.hidden_rows(ids, &mut [cache])
+    }
+
+    /// Like `hidden`, with one cache per batch row: sequences at different positions (each with
+    /// its own history) advance together, sharing the weight reads of one batched pass.
+    pub fn hidden_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
         Ok(match self {
-            CausalLm::Gpt2(m) => m.hidden(ids, cache)?,
-            CausalLm::Llama(m) => m.hidden(ids, cache)?,
+            CausalLm::Gpt2(m) => m.hidden(ids, caches)?,
+            CausalLm::Llama(m) => m.hidden(ids, caches)?,
         })
+    }
+
+    /// Logits [batch, seq, vocab] for `ids` [batch, seq], row r continuing `caches[r]`.
+    pub fn forward_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        Ok(self
+            .hidden_rows(ids, caches)?
+            .broadcast_matmul(&self.lm_head().t()?)?)
     }
 
     /// The output projection [vocab, dim] (the token embeddings when they are tied).

@@ -93,17 +93,15 @@ impl Layer {
         &self,
         x: &Tensor,
         rope: &Rope,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let start = cache.len();
         let h = self.input_layernorm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = rope.apply(&heads(self.q_proj.forward(&h)?, self.n_head)?, start)?;
-        let k = rope.apply(&heads(self.k_proj.forward(&h)?, self.n_kv)?, start)?;
-        let v = heads(self.v_proj.forward(&h)?, self.n_kv)?.contiguous()?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let q = heads(self.q_proj.forward(&h)?, self.n_head)?;
+        let k = heads(self.k_proj.forward(&h)?, self.n_kv)?;
+        let v = heads(self.v_proj.forward(&h)?, self.n_kv)?;
         // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
         let rep = self.n_head / self.n_kv;
         let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
@@ -115,7 +113,13 @@ impl Layer {
                 .expand((b, kv, rep, s, d))?
                 .reshape((b, kv * rep, s, d))
         };
-        let y = crate::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)?;
+        let y = crate::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
+            let start = cache.len();
+            let q = rope.apply(q, start)?;
+            let k = rope.apply(k, start)?;
+            let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
+            crate::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)
+        })?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
@@ -171,10 +175,12 @@ impl Llama {
 
     /// Final (normalised) hidden states [batch, seq, hidden_size] for `ids` [batch, seq] that follow
     /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
-    pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Final hidden states for `ids` [batch, t]: with one cache, the batch continues its cached
+    /// positions; with one cache per row, each row continues its own.
+    pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rope, cache, i)?;
+            x = layer.forward(&x, &self.rope, caches, i)?;
         }
         self.norm.forward(&x)
     }

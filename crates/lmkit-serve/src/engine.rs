@@ -1,6 +1,6 @@
-//! The model worker: one thread owns the model and interleaves the decoding steps of every
-//! active sequence, so that many clients make progress at once and a new request starts
-//! between two steps of the others instead of waiting for them to finish.
+//! The model worker: one thread owns the model and advances every active sequence by one token
+//! per round, the sequences past their prompt in one batched pass (continuous batching: a new
+//! request joins at the next round instead of waiting for the others to finish).
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
@@ -152,22 +152,34 @@ fn worker(
             }
         }
         active_count.store(active.len(), Ordering::SeqCst);
-        active.retain_mut(|r| {
-            if r.cancel.load(Ordering::SeqCst) || r.events.is_closed() {
-                depth.fetch_sub(1, Ordering::SeqCst);
-                return false;
-            }
-            let (event, keep) = match r.decoder.step(&model) {
-                Ok(Step::Token(t)) => (Event::Token(t), true),
-                Ok(Step::Done(why)) => (Event::Done(why), false),
-                Err(e) => (Event::Error(e.to_string()), false),
-            };
-            let keep = r.events.send((r.index, event)).is_ok() && keep;
-            if !keep {
+        active.retain(|r| {
+            let gone = r.cancel.load(Ordering::SeqCst) || r.events.is_closed();
+            if gone {
                 depth.fetch_sub(1, Ordering::SeqCst);
             }
-            keep
+            !gone
         });
+        // One step for every active sequence; those past their prompt share one batched pass.
+        let mut decoders: Vec<&mut Decoder> = active.iter_mut().map(|r| &mut r.decoder).collect();
+        let results = Decoder::step_many(&model, &mut decoders);
+        let keep: Vec<bool> = active
+            .iter()
+            .zip(results)
+            .map(|(r, res)| {
+                let (event, more) = match res {
+                    Ok(Step::Token(t)) => (Event::Token(t), true),
+                    Ok(Step::Done(why)) => (Event::Done(why), false),
+                    Err(e) => (Event::Error(e.to_string()), false),
+                };
+                let keep = r.events.send((r.index, event)).is_ok() && more;
+                if !keep {
+                    depth.fetch_sub(1, Ordering::SeqCst);
+                }
+                keep
+            })
+            .collect();
+        let mut keep = keep.into_iter();
+        active.retain(|_| keep.next().unwrap_or(false));
         active_count.store(active.len(), Ordering::SeqCst);
     }
 }

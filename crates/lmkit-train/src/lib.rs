@@ -314,10 +314,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             });
         }
         let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev)?;
-        let moments = candle_core::safetensors::load(
-            dir.join("trainer_state/optimizer.safetensors"),
-            &dev,
-        )?;
+        let moments =
+            candle_core::safetensors::load(dir.join("trainer_state/optimizer.safetensors"), &dev)?;
         for (i, p) in opt.params.iter().enumerate() {
             let missing = |what: &str| TrainError::Resume {
                 path: dir.clone(),
