@@ -5,6 +5,7 @@ mod data;
 mod generate;
 mod lines;
 mod model;
+mod moderation;
 mod ngram;
 mod progress;
 mod serve;
@@ -41,6 +42,9 @@ enum Command {
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Moderation: train the text classifier, check texts against rules and classifier
+    #[command(subcommand)]
+    Moderation(moderation::ModerationCommand),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
     Serve(serve::ServeArgs),
     /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
@@ -73,6 +77,7 @@ fn main() {
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
+        Command::Moderation(cmd) => moderation::run(cmd),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
     };

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Moderation rules, one `category: regex` per line
     #[arg(long)]
     moderation_rules: Option<PathBuf>,
+    /// Moderation classifier directory (from `lmkit moderation train`)
+    #[arg(long)]
+    moderation_classifier: Option<PathBuf>,
     /// What to do with flagged prompts and completions: refuse, flag or off
     #[arg(long, default_value = "refuse")]
     moderation_policy: String,
@@ -62,9 +65,14 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let policy: Policy = a.moderation_policy.parse().map_err(anyhow::Error::msg)?;
-    let moderator = match &a.moderation_rules {
-        Some(p) => Moderator::load(p, policy).map_err(anyhow::Error::msg)?,
-        None => Moderator::none(),
+    let moderator = if a.moderation_rules.is_none() && a.moderation_classifier.is_none() {
+        Moderator::none()
+    } else {
+        crate::moderation::moderator(
+            a.moderation_rules.as_ref(),
+            a.moderation_classifier.as_ref(),
+            policy,
+        )?
     };
     let mut api_keys = a.api_keys.clone();
     if let Some(f) = &a.api_keys_file {

@@ -4,6 +4,7 @@
 //! metrics, and web pages for chatting and for reviewing completions.
 
 pub mod api;
+pub mod classifier;
 pub mod engine;
 pub mod error;
 pub mod metrics;

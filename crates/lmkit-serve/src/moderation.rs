@@ -43,6 +43,7 @@ pub struct Verdict {
 
 pub struct Moderator {
     rules: Vec<Rule>,
+    classifier: Option<crate::classifier::Classifier>,
     pub policy: Policy,
 }
 
@@ -50,6 +51,7 @@ impl Moderator {
     pub fn none() -> Moderator {
         Moderator {
             rules: Vec::new(),
+            classifier: None,
             policy: Policy::Off,
         }
     }
@@ -86,7 +88,11 @@ impl Moderator {
                 re,
             });
         }
-        Ok(Moderator { rules, policy })
+        Ok(Moderator {
+            rules,
+            classifier: None,
+            policy,
+        })
     }
 
     pub fn load(path: &Path, policy: Policy) -> Result<Moderator, String> {
@@ -94,8 +100,14 @@ impl Moderator {
         Moderator::parse(&text, &path.display().to_string(), policy)
     }
 
+    /// Adds a trained classifier (see `crate::classifier`); its category is reported when it flags.
+    pub fn with_classifier(mut self, c: crate::classifier::Classifier) -> Moderator {
+        self.classifier = Some(c);
+        self
+    }
+
     pub fn active(&self) -> bool {
-        self.policy != Policy::Off && !self.rules.is_empty()
+        self.policy != Policy::Off && (!self.rules.is_empty() || self.classifier.is_some())
     }
 
     pub fn check(&self, text: &str) -> Verdict {
@@ -106,6 +118,11 @@ impl Moderator {
         for r in &self.rules {
             if r.re.is_match(text) && !v.categories.contains(&r.category) {
                 v.categories.push(r.category.clone());
+            }
+        }
+        if let Some(c) = &self.classifier {
+            if c.flags(text) && !v.categories.contains(&c.info.category) {
+                v.categories.push(c.info.category.clone());
             }
         }
         v.flagged = !v.categories.is_empty();
