@@ -157,6 +157,10 @@ fn model_stage_help_has_examples() {
         &["chat"],
         &["model", "info"],
         &["model", "logits"],
+        &["serve"],
+        &["moderation", "train"],
+        &["moderation", "check"],
+        &["data", "export-preferences"],
     ] {
         let mut args = sub.to_vec();
         args.push("--help");
@@ -185,4 +189,27 @@ fn data_and_tokenizer_help_have_examples() {
             "{sub:?}: {help}"
         );
     }
+}
+
+#[test]
+fn export_preferences_names_a_missing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("none.sqlite");
+    let out = dir.path().join("prefs.jsonl");
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "export-preferences",
+            "--db",
+            db.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(
+        !ok && err.contains("none.sqlite") && err.contains("no such database"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
