@@ -26,8 +26,9 @@ SERVER_KEY = "sk-lmkit-test"
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+def tiny_model(tmp_path_factory):
+    """A GPT-2 checkpoint trained for 3 steps by lmkit (tokenizer and chat template included)."""
+    tmp = tmp_path_factory.mktemp("tiny")
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
 
     def run(*args):
@@ -45,11 +46,19 @@ def server(tmp_path_factory):
         f'[train]\nout_dir = "{tmp}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 3\nwarmup_steps = 1\n'
         f'eval_every = 0\nsave_every = 3\n')
     run("train", "--config", tmp / "run.toml")
-    proc = subprocess.Popen([lm, "serve", tmp / "out", "--port", "0", "--api-key", SERVER_KEY, "--model-name", "tiny",
+    return {"dir": tmp / "out", "tmp": tmp, "run": run, "bin": lm}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    lm, run = tiny_model["bin"], tiny_model["run"]
+    proc = subprocess.Popen([lm, "serve", tiny_model["dir"], "--port", "0", "--api-key", SERVER_KEY, "--model-name", "tiny",
                              "--db", tmp / "db.sqlite"], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     assert "serving" in line, line
     base = line.split("on http://")[1].split()[0]
-    yield {"base": f"http://{base}", "url": f"http://{base}/v1", "model": tmp / "out", "db": tmp / "db.sqlite", "run": run}
+    yield {"base": f"http://{base}", "url": f"http://{base}/v1", "model": tiny_model["dir"], "db": tmp / "db.sqlite",
+           "run": run}
     proc.terminate()
     proc.wait(timeout=10)

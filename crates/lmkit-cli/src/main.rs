@@ -2,6 +2,7 @@
 
 mod chat;
 mod data;
+mod eval;
 mod generate;
 mod lines;
 mod model;
@@ -34,6 +35,9 @@ enum Command {
     /// Corpus preparation: normalize, filter, deduplicate, split
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Evaluate any model: perplexity and bits per byte, sentence ranking, log-likelihood tasks
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
@@ -73,6 +77,7 @@ fn main() {
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),
         Command::Data(cmd) => data::run(cmd),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),

@@ -9,14 +9,17 @@ pub struct Bar {
 }
 
 impl Bar {
-    fn begin(&self, stage: &str, total: u64) {
+    fn begin(&self, stage: &str, total: u64, bytes: bool) {
+        let template = if bytes {
+            "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+        } else {
+            "{msg:>18} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}"
+        };
         let bar = if total > 0 {
             ProgressBar::new(total).with_style(
-                ProgressStyle::with_template(
-                    "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             )
         } else {
             ProgressBar::new_spinner()
@@ -46,10 +49,10 @@ impl Bar {
 
 /// Each library has its own progress trait (they share no crate); all render through [`Bar`].
 macro_rules! impl_progress {
-    ($($t:path),*) => {$(
+    ($bytes:expr; $($t:path),*) => {$(
         impl $t for Bar {
             fn begin(&self, stage: &str, total: u64) {
-                Bar::begin(self, stage, total)
+                Bar::begin(self, stage, total, $bytes)
             }
             fn advance(&self, n: u64) {
                 Bar::advance(self, n)
@@ -61,4 +64,5 @@ macro_rules! impl_progress {
     )*};
 }
 
-impl_progress!(lmkit_ngram::Progress, lmkit_data::Progress);
+impl_progress!(true; lmkit_ngram::Progress, lmkit_data::Progress);
+impl_progress!(false; lmkit_eval::Progress);

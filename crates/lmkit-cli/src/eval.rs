@@ -1,0 +1,186 @@
+//! `lmkit eval ...`: perplexity and bits per byte, sentence ranking, log-likelihood tasks.
+
+use crate::lines::read_lines;
+use crate::progress::Bar;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use lmkit_eval::{tasks, Scorer};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A checkpoint directory (GPT-2/Llama) or an n-gram model file (.arpa / .lmkb)
+    #[arg(long)]
+    model: PathBuf,
+    /// The ARPA model counts characters (as `lmkit ngram train --chars`)
+    #[arg(long)]
+    chars: bool,
+    /// Where to run a neural model: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Scorer> {
+        let dev = lmkit_models::parse_device(&self.device)?;
+        Ok(Scorer::load(&self.model, &dev, self.chars)?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Perplexity, bits per token and bits per byte of a text file (one document per line)
+    #[command(
+        after_help = "Examples:\n  lmkit eval ppl --model runs/quickstart/gpt --input runs/quickstart/en.held.txt\n  \
+        lmkit eval ppl --model runs/quickstart/en.lmkb --input runs/quickstart/en.held.txt\n\n\
+        Bits per byte (bits of the whole text, newlines included, over its UTF-8 bytes) compare models\n\
+        with different tokenizers, n-gram and neural alike."
+    )]
+    Ppl {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        input: PathBuf,
+        /// Neural models: tokens the window advances by (default: half the context)
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rank candidate sentences by probability, most likely first (log10 probabilities)
+    #[command(
+        after_help = "Examples:\n  lmkit eval rank --model runs/quickstart/gpt 'In the beginning God created' 'beginning the In created God'\n  \
+        lmkit eval rank --model runs/quickstart/gpt --input candidates.txt"
+    )]
+    Rank {
+        #[command(flatten)]
+        model: ModelArgs,
+        candidates: Vec<String>,
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Multiple-choice / classification tasks scored by log-likelihood (JSONL task files)
+    #[command(
+        after_help = "Example:\n  lmkit eval tasks --model runs/quickstart/gpt --tasks bench/tasks/en-bible-cloze.jsonl --output results.json\n\n\
+        Task lines: {\"context\", \"choices\", \"answer\"} | {\"premise\", \"hypothesis\", \"label\"} |\n\
+        {\"sentence1\", \"sentence2\", \"label\"} | {\"text\", \"labels\", \"label\"}. Prints a Markdown table of\n\
+        acc (highest log-likelihood) and acc_norm (per byte of the choice)."
+    )]
+    Tasks {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, required = true, num_args = 1..)]
+        tasks: Vec<PathBuf>,
+        /// Write the results as JSON
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Write every example's choice log-likelihoods as JSONL
+        #[arg(long)]
+        details: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Ppl {
+            model,
+            input,
+            stride,
+            json,
+        } => {
+            let s = model.load()?;
+            let lines = read_lines(Some(&input))?;
+            if lines.iter().all(|l| l.trim().is_empty()) {
+                bail!("{}: no text to evaluate", input.display());
+            }
+            let e = s.eval_text(&lines, stride, &Bar::default())?;
+            if json {
+                let mut v = serde_json::to_value(&e)?;
+                v["perplexity"] = e.perplexity().into();
+                v["bits_per_token"] = e.bits_per_token().into();
+                v["bits_per_byte"] = e.bits_per_byte().into();
+                println!("{v}");
+            } else {
+                println!(
+                    "lines:\t{}\nbytes:\t{}\ntokens:\t{}",
+                    e.lines, e.bytes, e.tokens
+                );
+                if matches!(s, Scorer::Ngram(_)) {
+                    println!("oov:\t{}", e.oov);
+                }
+                println!(
+                    "perplexity:\t{:.4}\nbits per token:\t{:.4}\nbits per byte:\t{:.4}",
+                    e.perplexity(),
+                    e.bits_per_token(),
+                    e.bits_per_byte()
+                );
+            }
+            Ok(())
+        }
+        EvalCommand::Rank {
+            model,
+            candidates,
+            input,
+        } => {
+            let s = model.load()?;
+            let mut cands = candidates;
+            if let Some(p) = input {
+                cands.extend(
+                    read_lines(Some(&p))?
+                        .into_iter()
+                        .filter(|l| !l.trim().is_empty()),
+                );
+            }
+            if cands.is_empty() {
+                bail!("no candidates: give sentences as arguments or --input FILE");
+            }
+            let mut scored = Vec::new();
+            for (i, c) in cands.iter().enumerate() {
+                scored.push((s.sentence_log10(c)?, i, c));
+            }
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (rank, (lp, _, c)) in scored.iter().enumerate() {
+                println!("{}\t{:.6}\t{}", rank + 1, lp, c);
+            }
+            Ok(())
+        }
+        EvalCommand::Tasks {
+            model,
+            tasks: files,
+            output,
+            details,
+        } => {
+            let s = model.load()?;
+            let mut results = Vec::new();
+            let mut detail_lines = Vec::new();
+            for f in &files {
+                let examples = tasks::load(f)?;
+                let name = f
+                    .file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let (r, scored) = tasks::run(&s, &name, &examples, &Bar::default())?;
+                for (i, sc) in scored.iter().enumerate() {
+                    detail_lines.push(serde_json::json!({"task": name, "index": i, "loglikelihoods": sc.loglikelihoods,
+                        "answer": sc.answer, "pick": sc.pick, "pick_norm": sc.pick_norm}));
+                }
+                results.push(r);
+            }
+            print!("{}", tasks::markdown(&results));
+            if let Some(p) = output {
+                let v = serde_json::json!({"model": model.model, "results": results});
+                std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
+            }
+            if let Some(p) = details {
+                let mut w = std::io::BufWriter::new(std::fs::File::create(&p)?);
+                for l in detail_lines {
+                    writeln!(w, "{l}")?;
+                }
+                w.flush()?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Evaluation for every model kind lmkit makes: perplexity and bits per byte on a text file
+//! (comparable across tokenizers, and between n-gram and neural models), sentence scoring and
+//! ranking, and log-likelihood multiple-choice tasks in the style of lm-evaluation-harness.
+
+pub mod tasks;
+
+use candle_core::{DType, Device, Tensor, D};
+use lmkit_models::CausalLm;
+use lmkit_ngram::{Model as NgramModel, Tokenization};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] lmkit_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Ngram(#[from] lmkit_ngram::NgramError),
+    #[error(transparent)]
+    Tokenize(#[from] lmkit_tokenize::TokenizeError),
+    #[error("{path}: {msg}")]
+    Input { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// Progress over units of work (lines or examples); the library never prints.
+pub trait Progress: Sync {
+    fn begin(&self, _what: &str, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+    fn finish(&self) {}
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// A neural causal LM with its tokenizer.
+pub struct Neural {
+    pub model: CausalLm,
+    pub tokenizer: lmkit_tokenize::Tokenizer,
+    /// The document separator, also the context of a text's first token.
+    pub eot: u32,
+    pub context: usize,
+}
+
+/// Any model that gives text a probability.
+pub enum Scorer {
+    Neural(Box<Neural>),
+    Ngram(NgramModel),
+}
+
+/// Totals of one evaluation over a text.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TextEval {
+    pub lines: u64,
+    /// UTF-8 bytes of the text, one newline per line included.
+    pub bytes: u64,
+    /// Tokens predicted (each line's tokens and its end-of-line / end-of-text token).
+    pub tokens: u64,
+    /// Negative log-likelihood of all predicted tokens, in nats.
+    pub nll: f64,
+    /// n-gram models: tokens outside the vocabulary (scored as `<unk>`).
+    pub oov: u64,
+}
+
+impl TextEval {
+    pub fn perplexity(&self) -> f64 {
+        (self.nll / self.tokens.max(1) as f64).exp()
+    }
+    pub fn bits_per_token(&self) -> f64 {
+        self.nll / std::f64::consts::LN_2 / self.tokens.max(1) as f64
+    }
+    pub fn bits_per_byte(&self) -> f64 {
+        self.nll / std::f64::consts::LN_2 / self.bytes.max(1) as f64
+    }
+}
+
+impl Scorer {
+    /// A checkpoint directory (neural) or an `.arpa`/`.lmkb` file (n-gram; `chars` for ARPA
+    /// models of characters).
+    pub fn load(path: &Path, device: &Device, chars: bool) -> Result<Scorer> {
+        if path.is_file() {
+            let tok = if chars {
+                Tokenization::Chars
+            } else {
+                Tokenization::Words
+            };
+            return Ok(Scorer::Ngram(NgramModel::open(path, tok)?));
+        }
+        let dir = lmkit_models::resolve_checkpoint(path);
+        let (model, cfg) = CausalLm::load(&dir, device)?;
+        let tokenizer = lmkit_tokenize::load(&dir)?;
+        let eot = tokenizer
+            .token_to_id(lmkit_tokenize::ENDOFTEXT)
+            .or(cfg.eos_token_id())
+            .ok_or_else(|| EvalError::Input {
+                path: dir.clone(),
+                msg: "the tokenizer has no <|endoftext|> and config.json no eos_token_id".into(),
+            })?;
+        Ok(Scorer::Neural(Box::new(Neural {
+            model,
+            tokenizer,
+            eot,
+            context: cfg.max_positions(),
+        })))
+    }
+
+    /// Perplexity and bits per byte of `lines` (each line a document). Neural models read the
+    /// text as one stream (`<|endoftext|>` after each line) in windows of the model's context,
+    /// advancing by `stride` tokens (default: half the context) so that every token after the
+    /// first window sees at least `context - stride` tokens of history.
+    pub fn eval_text(
+        &self,
+        lines: &[String],
+        stride: Option<usize>,
+        progress: &dyn Progress,
+    ) -> Result<TextEval> {
+        let mut e = TextEval {
+            lines: lines.len() as u64,
+            bytes: lines.iter().map(|l| l.len() as u64 + 1).sum(),
+            ..Default::default()
+        };
+        match self {
+            Scorer::Ngram(m) => {
+                progress.begin("scoring", lines.len() as u64);
+                for l in lines {
+                    let s = m.score_line(l);
+                    e.nll -= s.log10_prob as f64 * std::f64::consts::LN_10;
+                    e.tokens += s.words.len() as u64;
+                    e.oov += s.words.iter().filter(|w| w.oov).count() as u64;
+                    progress.advance(1);
+                }
+            }
+            Scorer::Neural(n) => {
+                let enc = lmkit_tokenize::encode_batch(&n.tokenizer, lines)?;
+                let mut ids = vec![n.eot];
+                for l in enc {
+                    ids.extend(l);
+                    ids.push(n.eot);
+                }
+                let lp = n.token_logprobs(&ids, stride, progress)?;
+                e.tokens = lp.len() as u64;
+                e.nll = -lp.iter().map(|&x| x as f64).sum::<f64>();
+            }
+        }
+        progress.finish();
+        Ok(e)
+    }
+
+    /// log10 probability of a sentence on its own (from the start of a text to its end), as
+    /// `lmkit ngram rank` scores it.
+    pub fn sentence_log10(&self, s: &str) -> Result<f64> {
+        match self {
+            Scorer::Ngram(m) => Ok(m.score_line(s).log10_prob as f64),
+            Scorer::Neural(n) => {
+                let mut ids = vec![n.eot];
+                ids.extend(lmkit_tokenize::encode_batch(&n.tokenizer, &[s.to_string()])?.remove(0));
+                ids.push(n.eot);
+                let lp = n.token_logprobs(&ids, None, &NoProgress)?;
+                Ok(lp.iter().map(|&x| x as f64).sum::<f64>() / std::f64::consts::LN_10)
+            }
+        }
+    }
+
+    /// Natural-log probability of `continuation` after `context`.
+    pub fn loglikelihood(&self, context: &str, continuation: &str) -> Result<f64> {
+        match self {
+            Scorer::Ngram(m) => {
+                let t = m.tokenization();
+                let joined = format!("{context}{continuation}");
+                let full = lmkit_ngram::tokenize::tokens(&joined, t);
+                let ctx = lmkit_ngram::tokenize::tokens(context, t);
+                let a = m.score_tokens(&full, true, false).log10_prob as f64;
+                let b = m.score_tokens(&ctx, true, false).log10_prob as f64;
+                Ok((a - b) * std::f64::consts::LN_10)
+            }
+            Scorer::Neural(n) => n.loglikelihood(context, continuation),
+        }
+    }
+}
+
+impl Neural {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(lmkit_tokenize::encode_batch(&self.tokenizer, &[text.to_string()])?.remove(0))
+    }
+
+    /// As lm-evaluation-harness does: spaces ending the context move to the continuation; the
+    /// two are tokenized separately; an empty context becomes `<|endoftext|>`; the input is cut
+    /// from the left to the model's context.
+    pub fn loglikelihood(&self, context: &str, continuation: &str) -> Result<f64> {
+        let trimmed = context.trim_end_matches(' ');
+        let moved = &context[trimmed.len()..];
+        let cont = self.encode(&format!("{moved}{continuation}"))?;
+        if cont.is_empty() {
+            return Err(EvalError::Invalid(format!(
+                "the continuation {continuation:?} is empty"
+            )));
+        }
+        let mut ctx = self.encode(trimmed)?;
+        if ctx.is_empty() {
+            ctx.push(self.eot);
+        }
+        let mut all = ctx;
+        all.extend(&cont);
+        let keep = (self.context + 1).min(all.len());
+        let all = &all[all.len() - keep..];
+        let logits = self.logits(&all[..all.len() - 1])?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let n = cont.len().min(all.len() - 1);
+        let rows = lp.narrow(0, lp.dim(0)? - n, n)?;
+        let targets = Tensor::new(&all[all.len() - n..], rows.device())?.unsqueeze(1)?;
+        let picked: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+        Ok(picked.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Logits [t, vocab] (f32) of one sequence.
+    fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        let x = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let mut cache = self.model.new_cache();
+        Ok(self
+            .model
+            .forward(&x, &mut cache)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// log p(ids[i] | ids[..i]) for i ≥ 1, with strided windows over long inputs.
+    pub fn token_logprobs(
+        &self,
+        ids: &[u32],
+        stride: Option<usize>,
+        progress: &dyn Progress,
+    ) -> Result<Vec<f32>> {
+        let ctx = self.context;
+        let stride = stride.unwrap_or(ctx / 2).clamp(1, ctx);
+        let mut out = Vec::with_capacity(ids.len().saturating_sub(1));
+        progress.begin("scoring", ids.len().saturating_sub(1) as u64);
+        // `done`: tokens ids[1..=done] are scored.
+        let mut done = 0usize;
+        let mut begin = 0usize;
+        while done + 1 < ids.len() {
+            let end = (begin + ctx).min(ids.len());
+            let window = &ids[begin..end];
+            let logits = self.logits(window)?;
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            // Position j of the window predicts ids[begin + j + 1]; score the new ones.
+            let first = done - begin; // predicts ids[done + 1]
+            let n = end - 1 - done;
+            let rows = lp.narrow(0, first, n)?;
+            let targets = Tensor::new(&ids[done + 1..end], rows.device())?.unsqueeze(1)?;
+            let picked: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+            out.extend(picked);
+            progress.advance(n as u64);
+            done = end - 1;
+            if end == ids.len() {
+                break;
+            }
+            begin = (begin + stride).min(done);
+        }
+        Ok(out)
+    }
+}
