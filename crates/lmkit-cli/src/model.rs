@@ -49,6 +49,17 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     c.vocab_size,
                     c.max_position_embeddings
                 ),
+                DecoderConfig::Rnn(c) => println!(
+                    "architecture:\t{}\nlayers:\t{}\nhidden_size:\t{}\nembedding_size:\t{}\nvocab_size:\t{}",
+                    match c.cell {
+                        lmkit_models::Cell::Rnn => "RNN (tanh)",
+                        lmkit_models::Cell::Lstm => "LSTM",
+                    },
+                    c.num_layers,
+                    c.hidden_size,
+                    c.embedding_size(),
+                    c.vocab_size
+                ),
             }
             println!("cache layers:\t{}", m.num_layers());
             Ok(())

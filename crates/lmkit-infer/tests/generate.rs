@@ -190,6 +190,10 @@ fn batched_steps_equal_one_sequence_at_a_time() {
         r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 40}"#,
+        r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
+            "num_layers": 2, "max_position_embeddings": 40}"#,
+        r#"{"model_type": "lmkit_rnn", "cell": "rnn", "vocab_size": 61, "hidden_size": 20,
+            "embedding_size": 12, "num_layers": 1, "max_position_embeddings": 40}"#,
     ] {
         let m = random_model(config);
         let o = GenerateOptions {

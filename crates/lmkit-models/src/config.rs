@@ -167,11 +167,89 @@ impl LlamaConfig {
     }
 }
 
+fn rnn_context() -> usize {
+    1024
+}
+
+/// The recurrent cell of an [`RnnConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    /// Elman RNN: h' = tanh(W_ih x + b_ih + W_hh h + b_hh)
+    Rnn,
+    /// LSTM with PyTorch's gate order (input, forget, cell, output)
+    Lstm,
+}
+
+/// lmkit's recurrent language model (`model_type` "lmkit_rnn"): embedding → multi-layer RNN or
+/// LSTM (tensors named as in PyTorch's `nn.RNN` / `nn.LSTM` under `rnn.`) → output layer.
+/// transformers has no such class; the layout loads into plain PyTorch modules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RnnConfig {
+    pub model_type: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    pub cell: Cell,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the token embeddings (default: hidden_size).
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
+    pub num_layers: usize,
+    /// Dropout between layers and before the output layer, in training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Output layer = embedding matrix (needs embedding_size == hidden_size).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Longest text read at once in evaluation and generation (the state carries no limit).
+    #[serde(default = "rnn_context")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl RnnConfig {
+    pub fn embedding_size(&self) -> usize {
+        self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout ({}) must be in [0, 1)", self.dropout));
+        }
+        if self.tie_word_embeddings && self.embedding_size() != self.hidden_size {
+            return Err(format!(
+                "tie_word_embeddings needs embedding_size ({}) == hidden_size ({})",
+                self.embedding_size(),
+                self.hidden_size
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A decoder config, told apart by `model_type`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecoderConfig {
     Gpt2(Gpt2Config),
     Llama(LlamaConfig),
+    Rnn(RnnConfig),
 }
 
 impl DecoderConfig {
@@ -206,6 +284,9 @@ impl DecoderConfig {
             "llama" => {
                 DecoderConfig::Llama(serde_json::from_value(v).map_err(|e| bad(e.to_string()))?)
             }
+            "lmkit_rnn" => {
+                DecoderConfig::Rnn(serde_json::from_value(v).map_err(|e| bad(e.to_string()))?)
+            }
             _ => {
                 return Err(ModelError::UnsupportedModel {
                     path: path.to_path_buf(),
@@ -216,6 +297,7 @@ impl DecoderConfig {
         match &cfg {
             DecoderConfig::Gpt2(c) => c.validate(),
             DecoderConfig::Llama(c) => c.validate(),
+            DecoderConfig::Rnn(c) => c.validate(),
         }
         .map_err(bad)?;
         Ok(cfg)
@@ -225,6 +307,7 @@ impl DecoderConfig {
         match self {
             DecoderConfig::Gpt2(c) => c.vocab_size,
             DecoderConfig::Llama(c) => c.vocab_size,
+            DecoderConfig::Rnn(c) => c.vocab_size,
         }
     }
 
@@ -232,6 +315,7 @@ impl DecoderConfig {
         match self {
             DecoderConfig::Gpt2(c) => c.n_positions,
             DecoderConfig::Llama(c) => c.max_position_embeddings,
+            DecoderConfig::Rnn(c) => c.max_position_embeddings,
         }
     }
 
@@ -239,6 +323,7 @@ impl DecoderConfig {
         match self {
             DecoderConfig::Gpt2(c) => c.eos_token_id,
             DecoderConfig::Llama(c) => c.eos_token_id,
+            DecoderConfig::Rnn(c) => c.eos_token_id,
         }
     }
 }

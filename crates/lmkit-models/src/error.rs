@@ -12,7 +12,7 @@ pub enum ModelError {
     },
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error("{path}: unsupported model_type `{model_type}` (supported: gpt2, llama)")]
+    #[error("{path}: unsupported model_type `{model_type}` (supported: gpt2, llama, lmkit_rnn)")]
     UnsupportedModel { path: PathBuf, model_type: String },
     #[error("{path}: tensor `{name}`: {msg} (is the checkpoint complete and made for this config.json?)")]
     Tensor {

@@ -6,6 +6,8 @@ use candle_core::Tensor;
 #[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Recurrent models keep, per layer, the last hidden state (and LSTM cell state) instead.
+    pub(crate) recurrent: Vec<Option<(Tensor, Option<Tensor>)>>,
     len: usize,
 }
 
@@ -13,6 +15,7 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: vec![None; num_layers],
+            recurrent: vec![None; num_layers],
             len: 0,
         }
     }
@@ -45,8 +48,14 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// Recurrent models: `n` more positions were read.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.recurrent.iter_mut().for_each(|l| *l = None);
         self.len = 0;
     }
 }

@@ -11,11 +11,12 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 pub mod ops;
+pub mod rnn;
 
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
-pub use config::{DecoderConfig, Gpt2Config, LlamaConfig};
+pub use config::{Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 pub use device::parse_device;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 pub enum CausalLm {
     Gpt2(gpt2::Gpt2),
     Llama(llama::Llama),
+    Rnn(rnn::RnnLm),
 }
 
 /// The safetensors files of a checkpoint: `model.safetensors`, or the shards listed in
@@ -120,6 +122,7 @@ impl CausalLm {
         let built = match cfg {
             DecoderConfig::Gpt2(c) => gpt2::Gpt2::new(c, vb).map(CausalLm::Gpt2),
             DecoderConfig::Llama(c) => llama::Llama::new(c, vb).map(CausalLm::Llama),
+            DecoderConfig::Rnn(c) => rnn::RnnLm::new(c, vb).map(CausalLm::Rnn),
         };
         built.map_err(|e| {
             // candle may append a backtrace to its message; the first line says what failed.
@@ -145,6 +148,14 @@ impl CausalLm {
         match self {
             CausalLm::Gpt2(m) => m.num_layers(),
             CausalLm::Llama(m) => m.num_layers(),
+            CausalLm::Rnn(m) => m.num_layers(),
+        }
+    }
+
+    /// Switches training-only behaviour (dropout) on or off.
+    pub fn set_training(&self, on: bool) {
+        if let CausalLm::Rnn(m) = self {
+            m.set_training(on);
         }
     }
 
@@ -168,6 +179,7 @@ impl CausalLm {
         Ok(match self {
             CausalLm::Gpt2(m) => m.hidden(ids, caches)?,
             CausalLm::Llama(m) => m.hidden(ids, caches)?,
+            CausalLm::Rnn(m) => m.hidden(ids, caches)?,
         })
     }
 
@@ -183,6 +195,7 @@ impl CausalLm {
         match self {
             CausalLm::Gpt2(m) => m.lm_head(),
             CausalLm::Llama(m) => m.lm_head(),
+            CausalLm::Rnn(m) => m.lm_head(),
         }
     }
 

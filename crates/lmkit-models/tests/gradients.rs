@@ -1,10 +1,10 @@
 //! Gradient check: autograd gradients of the language-model loss equal central finite differences
-//! (in f64) for every parameter tensor of small GPT-2 and Llama models — attention, softmax, norms,
-//! rotary embeddings, MLPs and embeddings included.
+//! (in f64) for every parameter tensor of small GPT-2, Llama, RNN and LSTM models — attention,
+//! softmax, norms, rotary embeddings, MLPs, recurrences and embeddings included.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use lmkit_models::{CausalLm, DecoderConfig, Gpt2Config, LlamaConfig};
+use lmkit_models::{CausalLm, Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 use std::path::Path;
 
 fn loss(m: &CausalLm, x: &Tensor, y: &Tensor) -> Tensor {
@@ -126,4 +126,28 @@ fn llama_gradients_match_finite_differences() {
         bos_token_id: None,
         eos_token_id: None,
     }));
+}
+
+fn rnn(cell: Cell, tie: bool) -> DecoderConfig {
+    DecoderConfig::Rnn(RnnConfig {
+        model_type: "lmkit_rnn".into(),
+        architectures: Vec::new(),
+        torch_dtype: None,
+        cell,
+        vocab_size: 11,
+        hidden_size: 6,
+        embedding_size: if tie { None } else { Some(5) },
+        num_layers: 2,
+        dropout: 0.0,
+        tie_word_embeddings: tie,
+        max_position_embeddings: 8,
+        bos_token_id: None,
+        eos_token_id: None,
+    })
+}
+
+#[test]
+fn rnn_and_lstm_gradients_match_finite_differences() {
+    check(rnn(Cell::Rnn, false));
+    check(rnn(Cell::Lstm, true));
 }

@@ -83,9 +83,10 @@ fn hf_config(
     let arch = match obj.get("model_type").and_then(|m| m.as_str()) {
         Some("gpt2") => "GPT2LMHeadModel",
         Some("llama") => "LlamaForCausalLM",
+        Some("lmkit_rnn") => "LmkitRnnForCausalLM",
         other => {
             return Err(TrainError::Data(format!(
-                "[model] model_type must be \"gpt2\" or \"llama\", got {other:?}"
+                "[model] model_type must be \"gpt2\", \"llama\" or \"lmkit_rnn\", got {other:?}"
             )))
         }
     };
@@ -97,7 +98,15 @@ fn hf_config(
 
 /// GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2·layers), zero
 /// biases, unit norm gains (Radford et al. 2019, §2.3). Deterministic in `seed`.
-fn init_weights(vm: &VarMap, n_layer: usize, seed: u64, dev: &Device) -> Result<()> {
+///
+/// Recurrent layers (`rnn.*`) get PyTorch's initialisation instead: U(−1/√H, 1/√H).
+fn init_weights(
+    vm: &VarMap,
+    n_layer: usize,
+    rnn_hidden: Option<usize>,
+    seed: u64,
+    dev: &Device,
+) -> Result<()> {
     let data = vm
         .data()
         .lock()
@@ -109,7 +118,14 @@ fn init_weights(vm: &VarMap, n_layer: usize, seed: u64, dev: &Device) -> Result<
         let shape = var.shape().clone();
         let n = shape.elem_count();
         let is_norm = name.contains("ln_") || name.contains("norm");
-        let t = if name.ends_with("bias") {
+        let t = if let (Some(h), true) = (rnn_hidden, name.starts_with("rnn.")) {
+            let k = 1.0 / (h as f64).sqrt();
+            let mut rng = Rng(mix(seed ^ mix(i as u64 + 1)));
+            let vals: Vec<f32> = (0..n)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * k) as f32)
+                .collect();
+            Tensor::from_vec(vals, shape, &Device::Cpu)?
+        } else if name.ends_with("bias") {
             Tensor::zeros(shape, DType::F32, &Device::Cpu)?
         } else if is_norm {
             Tensor::ones(shape, DType::F32, &Device::Cpu)?
@@ -141,6 +157,8 @@ fn params(vm: &VarMap) -> Result<Vec<Param>> {
         .into_iter()
         .map(|name| {
             let no_decay = name.ends_with("bias")
+                || name.contains(".bias_")
+                || name.contains("embedding")
                 || name.contains("ln_")
                 || name.contains("norm")
                 || name.contains("wte")
@@ -286,7 +304,11 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let model = CausalLm::from_var_builder(&model_cfg, vb, Path::new("[model]"))?;
     let n_layer = model.num_layers();
-    init_weights(&vm, n_layer, t.seed, &dev)?;
+    let rnn_hidden = match &model_cfg {
+        lmkit_models::DecoderConfig::Rnn(c) => Some(c.hidden_size),
+        _ => None,
+    };
+    init_weights(&vm, n_layer, rnn_hidden, t.seed, &dev)?;
     let mut opt = AdamW::new(params(&vm)?, t.beta1, t.beta2, t.eps, t.weight_decay)?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let out = &t.out_dir;
@@ -378,6 +400,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
 
     let evaluate = |model: &CausalLm| -> Result<Option<f64>> {
         let Some(v) = &val_split else { return Ok(None) };
+        model.set_training(false);
         let mut total = 0.0;
         for k in 0..t.eval_batches.max(1) {
             let (x, y) = v.batch(
@@ -414,6 +437,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 t.seq_len,
                 &dev,
             )?;
+            model.set_training(true);
             let loss = loss_of(&model, &x, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let g = (loss / t.grad_accum as f64)?.backward()?;

@@ -86,6 +86,24 @@ fn loss_goes_near_zero_on_a_repetitive_corpus() {
 }
 
 #[test]
+fn an_lstm_learns_the_repetitive_corpus_too() {
+    let dir = tempfile::tempdir().unwrap();
+    data(
+        dir.path(),
+        &"the cat sat on the mat. the dog sat on the log.\n".repeat(200),
+    );
+    let mut cfg = config(dir.path(), "");
+    cfg.model = "model_type = \"lmkit_rnn\"\ncell = \"lstm\"\nhidden_size = 48\nnum_layers = 1\ntie_word_embeddings = true\n"
+        .parse()
+        .unwrap();
+    cfg.train.max_steps = 300;
+    cfg.train.lr = 2e-2;
+    cfg.train.min_lr = 2e-3;
+    let s = train(&cfg, false, &NoProgress).unwrap();
+    assert!(s.final_loss < 0.5, "final loss {}", s.final_loss);
+}
+
+#[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
     let dir = tempfile::tempdir().unwrap();
     data(

@@ -1,0 +1,179 @@
+//! Recurrent language models: Elman RNN (tanh) and LSTM (Hochreiter & Schmidhuber 1997), several
+//! layers, tensors laid out as PyTorch's `nn.RNN` / `nn.LSTM` (`weight_ih_l{k}` [gates·H, in],
+//! `weight_hh_l{k}` [gates·H, H], `bias_ih_l{k}`, `bias_hh_l{k}`; LSTM gates in the order input,
+//! forget, cell, output); output layer `lm_head.weight` without bias. The state carried between calls lives in the [`KvCache`].
+
+use crate::config::{Cell, RnnConfig};
+use crate::kv_cache::KvCache;
+use candle_core::{Module, Tensor, D};
+use candle_nn::{embedding, Embedding, VarBuilder};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+struct Layer {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    // Kept apart (not pre-summed): the optimizer updates each variable in place.
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+pub struct RnnLm {
+    embedding: Embedding,
+    layers: Vec<Layer>,
+    lm_head: Tensor,
+    hidden: usize,
+    cell: Cell,
+    dropout: f64,
+    training: AtomicBool,
+    pub cfg: RnnConfig,
+}
+
+impl RnnLm {
+    pub fn new(cfg: &RnnConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let gates = match cfg.cell {
+            Cell::Rnn => 1,
+            Cell::Lstm => 4,
+        };
+        let embedding = embedding(cfg.vocab_size, cfg.embedding_size(), vb.pp("embedding"))?;
+        let r = vb.pp("rnn");
+        let layers = (0..cfg.num_layers)
+            .map(|k| {
+                let input = if k == 0 { cfg.embedding_size() } else { h };
+                Ok(Layer {
+                    w_ih: r.get((gates * h, input), &format!("weight_ih_l{k}"))?,
+                    w_hh: r.get((gates * h, h), &format!("weight_hh_l{k}"))?,
+                    b_ih: r.get(gates * h, &format!("bias_ih_l{k}"))?,
+                    b_hh: r.get(gates * h, &format!("bias_hh_l{k}"))?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embedding.embeddings().clone()
+        } else {
+            vb.get((cfg.vocab_size, h), "lm_head.weight")?
+        };
+        Ok(RnnLm {
+            embedding,
+            layers,
+            lm_head,
+            hidden: h,
+            cell: cfg.cell,
+            dropout: cfg.dropout,
+            training: AtomicBool::new(false),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Dropout is applied only while training.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    fn drop(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            candle_nn::ops::dropout(&x, self.dropout as f32)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// The starting state of `layer` for the batch: each cache's saved state, zeros where none.
+    fn initial(
+        &self,
+        caches: &[&mut KvCache],
+        layer: usize,
+        b: usize,
+        like: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let zeros = |rows: usize| Tensor::zeros((rows, self.hidden), like.dtype(), like.device());
+        let rows = if caches.len() == 1 { b } else { 1 };
+        let mut hs = Vec::with_capacity(caches.len());
+        let mut cs = Vec::with_capacity(caches.len());
+        for c in caches {
+            match &c.recurrent[layer] {
+                Some((h, c)) => {
+                    hs.push(h.clone());
+                    cs.push(match c {
+                        Some(c) => c.clone(),
+                        None => zeros(rows)?,
+                    });
+                }
+                None => {
+                    hs.push(zeros(rows)?);
+                    cs.push(zeros(rows)?);
+                }
+            }
+        }
+        Ok((Tensor::cat(&hs, 0)?, Tensor::cat(&cs, 0)?))
+    }
+
+    /// Final hidden states [batch, t, hidden] for `ids` [batch, t], continuing from the state in
+    /// the cache (one cache for the batch, or one per row).
+    pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if caches.len() != 1 && caches.len() != b {
+            candle_core::bail!("{} caches for a batch of {b} rows", caches.len());
+        }
+        let mut x = self.embedding.forward(ids)?;
+        let h4 = self.hidden;
+        for (k, layer) in self.layers.iter().enumerate() {
+            if k > 0 {
+                x = self.drop(x)?;
+            }
+            // Input projections of all steps at once; only the recurrence runs step by step.
+            let pre = x
+                .broadcast_matmul(&layer.w_ih.t()?)?
+                .broadcast_add(&layer.b_ih)?
+                .broadcast_add(&layer.b_hh)?;
+            let (mut h, mut c) = self.initial(caches, k, b, &x)?;
+            let w_hh = layer.w_hh.t()?;
+            let mut outs = Vec::with_capacity(t);
+            for s in 0..t {
+                let g = (pre.narrow(1, s, 1)?.squeeze(1)? + h.matmul(&w_hh)?)?;
+                match self.cell {
+                    Cell::Rnn => h = g.tanh()?,
+                    Cell::Lstm => {
+                        let gate = |i: usize| g.narrow(D::Minus1, i * h4, h4);
+                        let i = candle_nn::ops::sigmoid(&gate(0)?)?;
+                        let f = candle_nn::ops::sigmoid(&gate(1)?)?;
+                        let gg = gate(2)?.tanh()?;
+                        let o = candle_nn::ops::sigmoid(&gate(3)?)?;
+                        c = ((f * &c)? + (i * gg)?)?;
+                        h = (o * c.tanh()?)?;
+                    }
+                }
+                outs.push(h.clone());
+            }
+            // Save the state: for the whole batch, or row by row.
+            let cell = matches!(self.cell, Cell::Lstm);
+            if let [cache] = caches {
+                cache.recurrent[k] = Some((h.detach(), cell.then(|| c.detach())));
+            } else {
+                for (r, cache) in caches.iter_mut().enumerate() {
+                    cache.recurrent[k] = Some((
+                        h.narrow(0, r, 1)?.detach(),
+                        if cell {
+                            Some(c.narrow(0, r, 1)?.detach())
+                        } else {
+                            None
+                        },
+                    ));
+                }
+            }
+            x = Tensor::stack(&outs, 1)?;
+        }
+        for c in caches.iter_mut() {
+            c.advance(t);
+        }
+        self.drop(x)
+    }
+}
