@@ -1,6 +1,7 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 
 mod chat;
+mod compare;
 mod data;
 mod eval;
 mod generate;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Chat with a checkpoint through its chat template (system prompt, history, streaming)
     Chat(chat::ChatArgs),
+    /// Train an n-gram model, an RNN, an LSTM and a GPT on the same data and compare them
+    Compare(compare::CompareArgs),
     /// Corpus preparation: normalize, filter, deduplicate, split
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -76,6 +79,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),

@@ -33,7 +33,7 @@ pub struct TrainArgs {
     max_time: Option<f64>,
 }
 
-struct Bar(Mutex<Option<ProgressBar>>);
+pub(crate) struct Bar(pub(crate) Mutex<Option<ProgressBar>>);
 
 impl TrainProgress for Bar {
     fn start(&self, first: usize, max: usize) {
