@@ -48,6 +48,18 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// Recurrent models: the saved state of `layer` (hidden, and cell for an LSTM), if any.
+    pub fn recurrent(&self, layer: usize) -> Option<&(Tensor, Option<Tensor>)> {
+        self.recurrent.get(layer).and_then(|s| s.as_ref())
+    }
+
+    /// Recurrent models: replaces the saved state of `layer`.
+    pub fn set_recurrent(&mut self, layer: usize, h: Tensor, c: Option<Tensor>) {
+        if let Some(s) = self.recurrent.get_mut(layer) {
+            *s = Some((h, c));
+        }
+    }
+
     /// Recurrent models: `n` more positions were read.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;

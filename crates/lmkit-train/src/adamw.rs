@@ -56,15 +56,17 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (i, p) in self.params.iter().enumerate() {
-            let g = &grads[i];
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Gradients come out of backward with the op graph of the whole step attached;
+            // moments built on them would keep every step's activations alive. Detach.
+            let g = &grads[i].detach();
+            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?.detach();
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.eps)?)?;
             let mut theta = p.var.as_tensor().clone();
             if p.decay && self.weight_decay > 0.0 {
                 theta = (&theta * (1.0 - lr * self.weight_decay))?;
             }
-            p.var.set(&(theta - (update * lr)?)?)?;
+            p.var.set(&(theta - (update * lr)?)?.detach())?;
             self.m[i] = m;
             self.v[i] = v;
         }

@@ -16,7 +16,7 @@ pub use error::{Result, TrainError};
 use adamw::{clip_grad_norm, lr_at, AdamW, Param};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use lmkit_models::{CausalLm, DecoderConfig};
+use lmkit_models::{CausalLm, DecoderConfig, KvCache};
 use lmkit_tokenize::TokenDataset;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -199,14 +199,55 @@ impl Split<'_> {
     }
 }
 
+impl Split<'_> {
+    /// Truncated backpropagation through time: row r of every batch reads its own contiguous
+    /// stretch of the split, window after window (micro-step `m`), so that the recurrent state
+    /// carried from one window continues into the next. `true` when the streams start over.
+    fn stream_batch(
+        &self,
+        m: u64,
+        batch: usize,
+        seq: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor, bool)> {
+        let seg = self.len / batch as u64;
+        let per = seg.saturating_sub(1) / seq as u64;
+        if per == 0 {
+            return Err(TrainError::Data(format!(
+                "{} training tokens are too few for {batch} streams of windows of {seq} tokens",
+                self.len
+            )));
+        }
+        let k = m % per;
+        let mut x = Vec::with_capacity(batch * seq);
+        let mut y = Vec::with_capacity(batch * seq);
+        for r in 0..batch as u64 {
+            let w = self
+                .ds
+                .window(self.start + r * seg + k * seq as u64, seq + 1);
+            x.extend_from_slice(&w[..seq]);
+            y.extend_from_slice(&w[1..]);
+        }
+        Ok((
+            Tensor::from_vec(x, (batch, seq), dev)?,
+            Tensor::from_vec(y, (batch, seq), dev)?,
+            k == 0,
+        ))
+    }
+}
+
 /// Rows of logits computed at a time in the loss, so that [rows, vocab] temporaries stay small
 /// enough for the allocator to reuse instead of full [batch·seq, vocab] ones.
 const LOSS_CHUNK_ROWS: usize = 512;
 
 /// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
 fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let mut cache = model.new_cache();
-    let h = model.hidden(x, &mut cache)?;
+    loss_with(model, x, y, &mut model.new_cache())
+}
+
+/// `loss_of` continuing from (and updating) `cache`: the carried state of recurrent models.
+fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    let h = model.hidden(x, cache)?;
     let (b, t, c) = h.dims3()?;
     let n = b * t;
     let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
@@ -316,6 +357,9 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let metrics_path = out.join("metrics.jsonl");
     checkpoint::remove_partial(out);
 
+    // Recurrent models carry their state from one window of a stream to the next.
+    let mut carried: Option<KvCache> =
+        matches!(model_cfg, DecoderConfig::Rnn(_)).then(|| model.new_cache());
     let mut step = 0usize;
     let mut tokens_seen = 0u64;
     let mut elapsed_before = 0.0;
@@ -354,6 +398,17 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 .ok_or_else(|| missing("second moment of"))?
                 .clone();
         }
+        if let Some(cache) = &mut carried {
+            for l in 0..n_layer {
+                if let Some(h) = moments.get(&format!("carried.{l}.h")) {
+                    cache.set_recurrent(
+                        l,
+                        h.clone(),
+                        moments.get(&format!("carried.{l}.c")).cloned(),
+                    );
+                }
+            }
+        }
         opt.step = state.step;
         step = state.step;
         tokens_seen = state.tokens_seen;
@@ -367,7 +422,12 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     std::fs::write(out.join("run.toml"), toml_text).map_err(|e| TrainError::io(out, e))?;
 
     let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
-    let save = |opt: &AdamW, step: usize, tokens_seen: u64, elapsed: f64| -> Result<PathBuf> {
+    let save = |opt: &AdamW,
+                carried: &Option<KvCache>,
+                step: usize,
+                tokens_seen: u64,
+                elapsed: f64|
+     -> Result<PathBuf> {
         let weights: Vec<(String, Tensor)> = opt
             .params
             .iter()
@@ -377,6 +437,16 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         for (i, p) in opt.params.iter().enumerate() {
             moments.push((format!("m.{}", p.name), opt.m[i].clone()));
             moments.push((format!("v.{}", p.name), opt.v[i].clone()));
+        }
+        if let Some(cache) = carried {
+            for l in 0..n_layer {
+                if let Some((h, c)) = cache.recurrent(l) {
+                    moments.push((format!("carried.{l}.h"), h.clone()));
+                    if let Some(c) = c {
+                        moments.push((format!("carried.{l}.c"), c.clone()));
+                    }
+                }
+            }
         }
         let state = checkpoint::TrainerState {
             step,
@@ -431,19 +501,32 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             .collect::<candle_core::Result<_>>()?;
         let mut loss_sum = 0.0;
         for micro in 0..t.grad_accum {
-            let (x, y) = train_split.batch(
-                mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1)),
-                t.batch_size,
-                t.seq_len,
-                &dev,
-            )?;
             model.set_training(true);
-            let loss = loss_of(&model, &x, &y)?;
+            let loss = match &mut carried {
+                Some(cache) => {
+                    let m = (step * t.grad_accum + micro) as u64;
+                    let (x, y, fresh) =
+                        train_split.stream_batch(m, t.batch_size, t.seq_len, &dev)?;
+                    if fresh {
+                        cache.clear();
+                    }
+                    loss_with(&model, &x, &y, cache)?
+                }
+                None => {
+                    let (x, y) = train_split.batch(
+                        mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1)),
+                        t.batch_size,
+                        t.seq_len,
+                        &dev,
+                    )?;
+                    loss_of(&model, &x, &y)?
+                }
+            };
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let g = (loss / t.grad_accum as f64)?.backward()?;
             for (acc, p) in grads.iter_mut().zip(&opt.params) {
                 if let Some(gi) = g.get(p.var.as_tensor()) {
-                    *acc = (&*acc + gi)?;
+                    *acc = (&*acc + gi.detach())?;
                 }
             }
         }
@@ -504,6 +587,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         {
             checkpoint_dir = Some(save(
                 &opt,
+                &carried,
                 step,
                 tokens_seen,
                 elapsed_before + t0.elapsed().as_secs_f64(),
@@ -519,6 +603,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         Some(d) => d,
         None => save(
             &opt,
+            &carried,
             step,
             tokens_seen,
             elapsed_before + t0.elapsed().as_secs_f64(),

@@ -105,6 +105,18 @@ fn an_lstm_learns_the_repetitive_corpus_too() {
 
 #[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
+    check_resume(None);
+}
+
+/// The LSTM's state, carried from window to window of its streams, is restored on resume too.
+#[test]
+fn an_lstm_resumes_exactly_with_its_carried_state() {
+    check_resume(Some(
+        "model_type = \"lmkit_rnn\"\ncell = \"lstm\"\nhidden_size = 24\nnum_layers = 2\n",
+    ));
+}
+
+fn check_resume(model: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     data(
         dir.path(),
@@ -112,6 +124,9 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
     );
     let whole = config(dir.path(), "").train.out_dir.clone();
     let mut cfg = config(dir.path(), "");
+    if let Some(m) = model {
+        cfg.model = m.parse().unwrap();
+    }
     cfg.train.max_steps = 12;
     cfg.train.save_every = 6;
     cfg.train.eval_every = 6;
