@@ -3,6 +3,7 @@
 mod chat;
 mod compare;
 mod data;
+mod encoder;
 mod eval;
 mod generate;
 mod lines;
@@ -41,6 +42,10 @@ enum Command {
     /// Evaluate any model: perplexity and bits per byte, sentence ranking, log-likelihood tasks
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Fill the mask tokens of a text with a BERT checkpoint
+    FillMask(encoder::FillMaskArgs),
+    /// Sentence embeddings (mean pooling) with a BERT checkpoint
+    Embed(encoder::EmbedArgs),
     /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
@@ -81,6 +86,8 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Data(cmd) => data::run(cmd),
+        Command::Embed(a) => encoder::embed(a),
+        Command::FillMask(a) => encoder::fill_mask(a),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),
         Command::Model(cmd) => model::run(cmd),

@@ -31,6 +31,20 @@ pub enum ModelCommand {
     },
 }
 
+/// The `model_type` of a checkpoint's config.json ("" when unreadable; loading reports why).
+pub fn model_type(dir: &std::path::Path) -> String {
+    let dir = lmkit_models::resolve_checkpoint(dir);
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("model_type")
+                .and_then(|m| m.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Info { model } => {
@@ -71,6 +85,30 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             incremental,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
+            if model_type(&model) == "bert" {
+                // Masked-LM logits of the whole sequence (bidirectional: no incremental mode).
+                if incremental {
+                    bail!(
+                        "--incremental is for causal models; BERT reads the whole sequence at once"
+                    );
+                }
+                let m = lmkit_models::bert::Bert::load(&model, &dev)?;
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= m.cfg.vocab_size) {
+                    bail!(
+                        "token id {bad} is out of range for vocab_size {}",
+                        m.cfg.vocab_size
+                    );
+                }
+                let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+                let rows = m
+                    .mlm_logits(&m.hidden(&x, None)?)?
+                    .squeeze(0)?
+                    .to_vec2::<f32>()?;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                serde_json::to_writer(&mut out, &rows).context("writing logits")?;
+                writeln!(out)?;
+                return Ok(());
+            }
             let (m, cfg) = CausalLm::load(&model, &dev)?;
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
                 bail!(

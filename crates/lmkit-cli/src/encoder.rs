@@ -1,0 +1,128 @@
+//! `lmkit fill-mask` and `lmkit embed`: using a BERT checkpoint.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lmkit_models::bert::Bert;
+use lmkit_models::Tensor;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  lmkit fill-mask --model runs/bert \"In the beginning God created the <|mask|> and the earth.\"\n\n\
+    Prints the most likely tokens for each mask position with their probabilities."
+)]
+pub struct FillMaskArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Text with one or more mask tokens (the tokenizer's mask token, e.g. <|mask|> or [MASK])
+    text: String,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  lmkit embed --model runs/bert --input sentences.txt --output vectors.jsonl\n\n\
+    One JSON line per input line: {\"text\", \"embedding\"} (mean of the last hidden states)."
+)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// One text per line (default: standard input)
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Output JSONL (default: standard output)
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn mask_token(tk: &lmkit_tokenize::Tokenizer) -> Option<(String, u32)> {
+    ["<|mask|>", "[MASK]", "<mask>"]
+        .iter()
+        .find_map(|t| tk.token_to_id(t).map(|id| (t.to_string(), id)))
+}
+
+pub fn fill_mask(a: FillMaskArgs) -> Result<()> {
+    let dev = lmkit_models::parse_device(&a.device)?;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let m = Bert::load(&dir, &dev)?;
+    let tk = lmkit_tokenize::load(&dir)?;
+    let (mask, mask_id) = mask_token(&tk).context("the tokenizer has no mask token")?;
+    if !a.text.contains(&mask) {
+        bail!("the text has no {mask} to fill");
+    }
+    let ids = lmkit_tokenize::encode_batch(&tk, std::slice::from_ref(&a.text))?.remove(0);
+    let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+    let logits = m.mlm_logits(&m.hidden(&x, None)?)?.squeeze(0)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+    for (pos, _) in ids.iter().enumerate().filter(|(_, &id)| id == mask_id) {
+        let mut best: Vec<(usize, f32)> = probs[pos].iter().copied().enumerate().collect();
+        best.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shown: Vec<String> = best
+            .iter()
+            .take(a.top_k)
+            .map(|(id, p)| {
+                let t = lmkit_tokenize::decode(&tk, &[*id as u32]).unwrap_or_default();
+                format!("{t:?} {p:.4}")
+            })
+            .collect();
+        println!("position {pos}: {}", shown.join(", "));
+    }
+    Ok(())
+}
+
+pub fn embed(a: EmbedArgs) -> Result<()> {
+    let dev = lmkit_models::parse_device(&a.device)?;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let m = Bert::load(&dir, &dev)?;
+    let tk = lmkit_tokenize::load(&dir)?;
+    let lines: Vec<String> = crate::lines::read_lines(a.input.as_deref())?
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let mut out: Box<dyn Write> = match &a.output {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for chunk in lines.chunks(32) {
+        let v = embed_texts(&m, &tk, chunk, &dev)?;
+        for (t, e) in chunk.iter().zip(v) {
+            writeln!(out, "{}", serde_json::json!({"text": t, "embedding": e}))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Mean-pooled embeddings of `texts` (padded to the longest, cut to the model's positions).
+pub fn embed_texts(
+    m: &Bert,
+    tk: &lmkit_tokenize::Tokenizer,
+    texts: &[String],
+    dev: &lmkit_models::Device,
+) -> Result<Vec<Vec<f32>>> {
+    let enc = lmkit_tokenize::encode_batch(tk, texts)?;
+    let t = enc
+        .iter()
+        .map(|e| e.len().clamp(1, m.cfg.max_position_embeddings))
+        .max()
+        .unwrap_or(1);
+    let pad = m.cfg.pad_token_id.unwrap_or(0);
+    let mut ids = Vec::with_capacity(texts.len() * t);
+    let mut mask = Vec::with_capacity(texts.len() * t);
+    for e in &enc {
+        let e = &e[..e.len().min(t)];
+        ids.extend_from_slice(e);
+        ids.extend(std::iter::repeat_n(pad, t - e.len()));
+        mask.extend(std::iter::repeat_n(1u32, e.len().max(1)));
+        mask.extend(std::iter::repeat_n(0u32, t - e.len().max(1)));
+    }
+    let ids = Tensor::from_vec(ids, (texts.len(), t), dev)?;
+    let mask = Tensor::from_vec(mask, (texts.len(), t), dev)?;
+    Ok(m.embed(&ids, &mask)?.to_vec2::<f32>()?)
+}

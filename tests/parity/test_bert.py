@@ -1,0 +1,71 @@
+"""BERT parity with transformers: a random-initialised BertForMaskedLM saved with save_pretrained
+loads in lmkit and gives the same masked-LM logits; mean-pooled sentence embeddings equal the
+ones computed from transformers' hidden states; a broken checkpoint is refused by name."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import BertConfig, BertForMaskedLM
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bert")
+    ckpt = tiny_model["dir"] / (tiny_model["dir"] / "latest").read_text().strip()
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=64, pad_token_id=tok.token_to_id("<|pad|>"))
+    model = BertForMaskedLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_(torch.randn(p.shape) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / f, out / f)
+    return {"dir": out, "model": model, "tok": tok, "run": tiny_model["run"], "bin": tiny_model["bin"]}
+
+
+def test_mlm_logits_match(bert):
+    ids = [int(x) for x in torch.randint(0, bert["model"].config.vocab_size, (19,), generator=torch.Generator().manual_seed(4))]
+    with torch.no_grad():
+        want = bert["model"](torch.tensor([ids])).logits[0].numpy()
+    got = np.array(json.loads(bert["run"]("model", "logits", "--model", bert["dir"], "--ids", ",".join(map(str, ids)))),
+                   dtype=np.float32)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+
+
+def test_embeddings_are_mean_pooled_hidden_states(bert, tmp_path):
+    texts = ["the cat sat on the mat", "a dog", "고양이가 매트 위에 앉았다 and the log"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = bert["run"]("embed", "--model", bert["dir"], "--input", tmp_path / "in.txt")
+    got = [json.loads(l) for l in out.splitlines()]
+    assert [g["text"] for g in got] == texts
+    for g, t in zip(got, texts):
+        ids = bert["tok"].encode(t).ids
+        with torch.no_grad():
+            h = bert["model"].bert(torch.tensor([ids])).last_hidden_state[0]
+        want = h.mean(0).numpy()
+        assert np.abs(np.array(g["embedding"]) - want).max() < ATOL
+
+
+def test_fill_mask_and_broken_checkpoints(bert, tmp_path):
+    out = bert["run"]("fill-mask", "--model", bert["dir"], "the cat <|mask|> on the mat", "--top-k", "3")
+    assert out.startswith("position ") and out.count("\"") >= 6
+    import subprocess
+    bad = tmp_path / "bad"
+    shutil.copytree(bert["dir"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_attention_heads"] = 5
+    (bad / "config.json").write_text(json.dumps(cfg))
+    p = subprocess.run([bert["bin"], "model", "logits", "--model", bad, "--ids", "1,2"], capture_output=True, text=True)
+    assert p.returncode == 1 and "hidden_size (32) must be a multiple of num_attention_heads (5)" in p.stderr, p.stderr
