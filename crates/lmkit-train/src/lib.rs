@@ -16,6 +16,7 @@ pub use error::{Result, TrainError};
 use adamw::{clip_grad_norm, lr_at, AdamW, Param};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use lmkit_models::bert::{Bert, BertConfig};
 use lmkit_models::{CausalLm, DecoderConfig, KvCache};
 use lmkit_tokenize::TokenDataset;
 use std::path::{Path, PathBuf};
@@ -64,18 +65,120 @@ impl Rng {
     }
 }
 
+/// What `[model]` describes: a causal decoder, or a BERT encoder trained as a masked LM.
+enum Spec {
+    Decoder(DecoderConfig),
+    Bert(BertConfig),
+}
+
+impl Spec {
+    fn vocab_size(&self) -> usize {
+        match self {
+            Spec::Decoder(c) => c.vocab_size(),
+            Spec::Bert(c) => c.vocab_size,
+        }
+    }
+    fn max_positions(&self) -> usize {
+        match self {
+            Spec::Decoder(c) => c.max_positions(),
+            Spec::Bert(c) => c.max_position_embeddings,
+        }
+    }
+}
+
+/// The model being trained, with what its objective needs.
+enum Net {
+    Causal(CausalLm),
+    Masked {
+        bert: Bert,
+        mask_id: u32,
+        /// Tokens never masked (special tokens).
+        keep: Vec<u32>,
+    },
+}
+
+impl Net {
+    fn set_training(&self, on: bool) {
+        if let Net::Causal(m) = self {
+            m.set_training(on);
+        }
+    }
+
+    /// The batch's loss: next-token cross-entropy, or masked-LM cross-entropy with masks drawn
+    /// from `seed`.
+    fn loss(&self, x: &Tensor, y: &Tensor, seed: u64) -> Result<Tensor> {
+        match self {
+            Net::Causal(m) => loss_of(m, x, y),
+            Net::Masked {
+                bert,
+                mask_id,
+                keep,
+            } => mlm_loss(bert, x, *mask_id, keep, seed),
+        }
+    }
+}
+
+/// Masked-LM loss (Devlin et al. 2019): 15% of the tokens are picked (80% masked, 10% random,
+/// 10% kept) and predicted from both sides.
+fn mlm_loss(bert: &Bert, x: &Tensor, mask_id: u32, keep: &[u32], seed: u64) -> Result<Tensor> {
+    let (b, t) = x.dims2()?;
+    let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
+    let mut rng = Rng(mix(seed));
+    let vocab = bert.cfg.vocab_size as u32;
+    let (input, targets) =
+        lmkit_models::bert::mask_tokens(&ids, mask_id, vocab, keep, &mut || rng.uniform());
+    let (mut rows, mut want) = (Vec::new(), Vec::new());
+    for (i, tg) in targets.iter().enumerate() {
+        if let Some(id) = tg {
+            rows.push(i as u32);
+            want.push(*id);
+        }
+    }
+    if rows.is_empty() {
+        // Nothing picked in this (tiny) batch: predict the first token instead.
+        rows.push(0);
+        want.push(ids[0]);
+    }
+    let dev = x.device();
+    let h = bert.hidden(&Tensor::from_vec(input, (b, t), dev)?, None)?;
+    let h = h
+        .reshape((b * t, h.dim(2)?))?
+        .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+    let logits = bert.mlm_logits(&h)?;
+    Ok(candle_nn::loss::cross_entropy(
+        &logits,
+        &Tensor::new(want.as_slice(), dev)?,
+    )?)
+}
+
 /// The model's `config.json` as JSON, with the fields transformers needs to pick the class.
 fn hf_config(
     model: &toml::Table,
     vocab_size: usize,
     eot: Option<u32>,
-) -> Result<(serde_json::Value, DecoderConfig)> {
+    pad: Option<u32>,
+) -> Result<(serde_json::Value, Spec)> {
     let mut v = serde_json::to_value(model).map_err(|e| TrainError::Data(e.to_string()))?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| TrainError::Data("[model] must be a table".into()))?;
     obj.entry("vocab_size")
         .or_insert(serde_json::json!(vocab_size));
+    if obj.get("model_type").and_then(|m| m.as_str()) == Some("bert") {
+        if let Some(id) = pad {
+            obj.entry("pad_token_id").or_insert(serde_json::json!(id));
+        }
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForMaskedLM"]),
+        );
+        obj.insert("torch_dtype".into(), serde_json::json!("float32"));
+        let cfg: BertConfig = serde_json::from_value(v.clone())
+            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
+        cfg.validate()
+            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
+        return Ok((v, Spec::Bert(cfg)));
+    }
     if let Some(id) = eot {
         obj.entry("bos_token_id").or_insert(serde_json::json!(id));
         obj.entry("eos_token_id").or_insert(serde_json::json!(id));
@@ -86,14 +189,14 @@ fn hf_config(
         Some("lmkit_rnn") => "LmkitRnnForCausalLM",
         other => {
             return Err(TrainError::Data(format!(
-                "[model] model_type must be \"gpt2\", \"llama\" or \"lmkit_rnn\", got {other:?}"
+                "[model] model_type must be \"gpt2\", \"llama\", \"lmkit_rnn\" or \"bert\", got {other:?}"
             )))
         }
     };
     obj.insert("architectures".into(), serde_json::json!([arch]));
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
     let cfg = DecoderConfig::from_json(v.clone(), Path::new("[model]"))?;
-    Ok((v, cfg))
+    Ok((v, Spec::Decoder(cfg)))
 }
 
 /// GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2·layers), zero
@@ -117,7 +220,7 @@ fn init_weights(
         let var = &data[*name];
         let shape = var.shape().clone();
         let n = shape.elem_count();
-        let is_norm = name.contains("ln_") || name.contains("norm");
+        let is_norm = name.contains("ln_") || name.contains("norm") || name.contains("LayerNorm");
         let t = if let (Some(h), true) = (rnn_hidden, name.starts_with("rnn.")) {
             let k = 1.0 / (h as f64).sqrt();
             let mut rng = Rng(mix(seed ^ mix(i as u64 + 1)));
@@ -161,6 +264,7 @@ fn params(vm: &VarMap) -> Result<Vec<Param>> {
                 || name.contains("embedding")
                 || name.contains("ln_")
                 || name.contains("norm")
+                || name.contains("LayerNorm")
                 || name.contains("wte")
                 || name.contains("wpe")
                 || name.contains("embed_tokens");
@@ -279,7 +383,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     };
     let eot = tokenizer.token_to_id(lmkit_tokenize::ENDOFTEXT);
     let tk_vocab = tokenizer.get_vocab_size(true);
-    let (config_json, model_cfg) = hf_config(&cfg.model, tk_vocab, eot)?;
+    let pad = tokenizer.token_to_id("<|pad|>");
+    let (config_json, model_cfg) = hf_config(&cfg.model, tk_vocab, eot, pad)?;
     if tk_vocab > model_cfg.vocab_size() {
         return Err(TrainError::Data(format!(
             "the tokenizer has {tk_vocab} tokens but [model] vocab_size is {}",
@@ -343,10 +448,33 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let dev = lmkit_models::parse_device(&t.device)?;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let model = CausalLm::from_var_builder(&model_cfg, vb, Path::new("[model]"))?;
-    let n_layer = model.num_layers();
+    let model = match &model_cfg {
+        Spec::Decoder(c) => Net::Causal(CausalLm::from_var_builder(c, vb, Path::new("[model]"))?),
+        Spec::Bert(c) => {
+            let mask_id = tokenizer.token_to_id("<|mask|>").ok_or_else(|| {
+                TrainError::Data(format!(
+                    "{}: masked-LM training needs a <|mask|> token in the tokenizer",
+                    tk_path.display()
+                ))
+            })?;
+            let keep = lmkit_tokenize::DEFAULT_SPECIAL_TOKENS
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t))
+                .collect();
+            Net::Masked {
+                bert: Bert::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
+                mask_id,
+                keep,
+            }
+        }
+    };
+    let n_layer = match (&model, &model_cfg) {
+        (Net::Causal(m), _) => m.num_layers(),
+        (_, Spec::Bert(c)) => c.num_hidden_layers,
+        _ => 1,
+    };
     let rnn_hidden = match &model_cfg {
-        lmkit_models::DecoderConfig::Rnn(c) => Some(c.hidden_size),
+        Spec::Decoder(DecoderConfig::Rnn(c)) => Some(c.hidden_size),
         _ => None,
     };
     init_weights(&vm, n_layer, rnn_hidden, t.seed, &dev)?;
@@ -358,8 +486,10 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     checkpoint::remove_partial(out);
 
     // Recurrent models carry their state from one window of a stream to the next.
-    let mut carried: Option<KvCache> =
-        matches!(model_cfg, DecoderConfig::Rnn(_)).then(|| model.new_cache());
+    let mut carried: Option<KvCache> = match (&model, &model_cfg) {
+        (Net::Causal(m), Spec::Decoder(DecoderConfig::Rnn(_))) => Some(m.new_cache()),
+        _ => None,
+    };
     let mut step = 0usize;
     let mut tokens_seen = 0u64;
     let mut elapsed_before = 0.0;
@@ -468,7 +598,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         Ok(dir)
     };
 
-    let evaluate = |model: &CausalLm| -> Result<Option<f64>> {
+    let evaluate = |model: &Net| -> Result<Option<f64>> {
         let Some(v) = &val_split else { return Ok(None) };
         model.set_training(false);
         let mut total = 0.0;
@@ -479,7 +609,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 t.seq_len,
                 &dev,
             )?;
-            total += loss_of(model, &x, &y)?.to_scalar::<f32>()? as f64;
+            let seed = mix(t.seed ^ 0x0a5c ^ mix(k as u64));
+            total += model.loss(&x, &y, seed)?.to_scalar::<f32>()? as f64;
         }
         Ok(Some(total / t.eval_batches.max(1) as f64))
     };
@@ -504,22 +635,21 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             model.set_training(true);
             let loss = match &mut carried {
                 Some(cache) => {
+                    let Net::Causal(model) = &model else {
+                        unreachable!("only recurrent decoders carry state")
+                    };
                     let m = (step * t.grad_accum + micro) as u64;
                     let (x, y, fresh) =
                         train_split.stream_batch(m, t.batch_size, t.seq_len, &dev)?;
                     if fresh {
                         cache.clear();
                     }
-                    loss_with(&model, &x, &y, cache)?
+                    loss_with(model, &x, &y, cache)?
                 }
                 None => {
-                    let (x, y) = train_split.batch(
-                        mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1)),
-                        t.batch_size,
-                        t.seq_len,
-                        &dev,
-                    )?;
-                    loss_of(&model, &x, &y)?
+                    let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
+                    let (x, y) = train_split.batch(seed, t.batch_size, t.seq_len, &dev)?;
+                    model.loss(&x, &y, seed ^ 0x3a5c)?
                 }
             };
             loss_sum += loss.to_scalar::<f32>()? as f64;

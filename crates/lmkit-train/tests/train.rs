@@ -104,6 +104,35 @@ fn an_lstm_learns_the_repetitive_corpus_too() {
 }
 
 #[test]
+fn bert_learns_to_fill_masks_in_a_repetitive_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    data(
+        dir.path(),
+        &"the cat sat on the mat. the dog sat on the log.\n".repeat(200),
+    );
+    let mut cfg = config(dir.path(), "");
+    cfg.model = "model_type = \"bert\"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 2\nintermediate_size = 64\nmax_position_embeddings = 32\n"
+        .parse()
+        .unwrap();
+    cfg.train.max_steps = 1000;
+    cfg.train.batch_size = 16;
+    cfg.train.warmup_steps = 20;
+    cfg.train.lr = 3e-3;
+    cfg.train.min_lr = 3e-4;
+    cfg.train.eval_every = 1000;
+    let s = train(&cfg, false, &NoProgress).unwrap();
+    assert!(s.final_loss < 0.3, "final loss {}", s.final_loss);
+    assert!(
+        s.val_loss.unwrap() < 0.3,
+        "validation loss {:?}",
+        s.val_loss
+    );
+    let m = lmkit_models::bert::Bert::load(&dir.path().join("out"), &lmkit_models::Device::Cpu)
+        .unwrap();
+    assert_eq!(m.cfg.num_hidden_layers, 2);
+}
+
+#[test]
 fn resume_repeats_the_uninterrupted_run_exactly() {
     check_resume(None);
 }
