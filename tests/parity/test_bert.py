@@ -88,3 +88,30 @@ def test_lmkit_trained_bert_loads_in_transformers(bert, tiny_model, tmp_path):
     got = np.array(json.loads(bert["run"]("model", "logits", "--model", tmp_path / "out", "--ids", ",".join(map(str, ids)))),
                    dtype=np.float32)
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+
+
+def test_server_embeddings_through_the_openai_client(bert, tiny_model, tmp_path):
+    import subprocess
+    import openai
+    proc = subprocess.Popen([tiny_model["bin"], "serve", tiny_model["dir"], "--port", "0", "--db", tmp_path / "db.sqlite",
+                             "--embedding-model", bert["dir"]], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving" in line, line
+        c = openai.OpenAI(base_url="http://" + line.split("on http://")[1].split()[0] + "/v1", api_key="x", max_retries=0)
+        name = bert["dir"].name
+        assert name in [m.id for m in c.models.list().data]
+        texts = ["the cat sat on the mat", "a dog"]
+        r = c.embeddings.create(model=name, input=texts)
+        (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+        want = [json.loads(l)["embedding"] for l in bert["run"]("embed", "--model", bert["dir"], "--input",
+                                                               tmp_path / "in.txt").splitlines()]
+        assert [d.index for d in r.data] == [0, 1]
+        for d, w in zip(r.data, want):
+            assert np.abs(np.array(d.embedding) - np.array(w)).max() < 1e-5
+        assert r.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError):
+            c.embeddings.create(model=name, input="cat " * 200)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Moderation rules, one `category: regex` per line
     #[arg(long)]
     moderation_rules: Option<PathBuf>,
+    /// A BERT checkpoint to serve POST /v1/embeddings with
+    #[arg(long)]
+    embedding_model: Option<PathBuf>,
     /// Moderation classifier directory (from `lmkit moderation train`)
     #[arg(long)]
     moderation_classifier: Option<PathBuf>,
@@ -101,6 +104,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_active: a.max_active,
         max_queue: a.max_queue,
         moderator,
+        embedding_model: a.embedding_model.clone(),
     };
     let (host, port) = (cfg.host.clone(), cfg.port);
     let state = lmkit_serve::load_state(cfg)?;

@@ -270,3 +270,32 @@ fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
         .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
         .unwrap_or(0)
 }
+
+/// Mean-pooled embeddings of `texts` (padded to the longest, cut to the model's positions).
+pub fn embed_texts(
+    m: &lmkit_models::bert::Bert,
+    tk: &lmkit_tokenize::Tokenizer,
+    texts: &[String],
+    dev: &lmkit_models::Device,
+) -> Result<Vec<Vec<f32>>> {
+    let enc =
+        lmkit_tokenize::encode_batch(tk, texts).map_err(|e| InferError::Invalid(e.to_string()))?;
+    let t = enc
+        .iter()
+        .map(|e| e.len().clamp(1, m.cfg.max_position_embeddings))
+        .max()
+        .unwrap_or(1);
+    let pad = m.cfg.pad_token_id.unwrap_or(0);
+    let mut ids = Vec::with_capacity(texts.len() * t);
+    let mut mask = Vec::with_capacity(texts.len() * t);
+    for e in &enc {
+        let e = &e[..e.len().min(t)];
+        ids.extend_from_slice(e);
+        ids.extend(std::iter::repeat_n(pad, t - e.len()));
+        mask.extend(std::iter::repeat_n(1u32, e.len().max(1)));
+        mask.extend(std::iter::repeat_n(0u32, t - e.len().max(1)));
+    }
+    let ids = Tensor::from_vec(ids, (texts.len(), t), dev)?;
+    let mask = Tensor::from_vec(mask, (texts.len(), t), dev)?;
+    Ok(m.embed(&ids, &mask)?.to_vec2::<f32>()?)
+}

@@ -887,3 +887,129 @@ async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, started: Insta
         Err(e) => eprintln!("lmkit serve: could not store {}: {e}", prep.id),
     }
 }
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingRequest {
+    input: EmbeddingInput,
+    model: Option<String>,
+    encoding_format: Option<String>,
+    user: Option<String>,
+}
+
+/// `POST /v1/embeddings`: mean-pooled sentence embeddings from the BERT given with
+/// `--embedding-model`.
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let r = async {
+        let text = body_text(body, state.limits.max_body_bytes)?;
+        let req: EmbeddingRequest = parse(&text)?;
+        let emb = state.embedder.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "this server has no embedding model: start it with --embedding-model DIR (a BERT checkpoint)",
+            )
+            .code("model_not_found")
+        })?;
+        if let Some(m) = &req.model {
+            if m != &emb.name {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the model `{m}` does not exist; embeddings come from `{}`", emb.name),
+                )
+                .code("model_not_found"));
+            }
+        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(f) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("`encoding_format` must be float or base64, not `{f}`"),
+                ))
+            }
+        };
+        let _ = req.user;
+        let inputs = match req.input {
+            EmbeddingInput::One(s) => vec![s],
+            EmbeddingInput::Many(v) => v,
+        };
+        if inputs.is_empty() || inputs.len() > 256 {
+            return Err(ApiError::invalid("input", "`input` takes 1 to 256 texts"));
+        }
+        let tokens: usize = lmkit_tokenize::encode_batch(&emb.tokenizer, &inputs)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                if ids.len() > emb.model.cfg.max_position_embeddings {
+                    Err(ApiError::invalid(
+                        &format!("input[{i}]"),
+                        format!(
+                            "input {i} has {} tokens; the embedding model reads at most {}",
+                            ids.len(),
+                            emb.model.cfg.max_position_embeddings
+                        ),
+                    )
+                    .code("context_length_exceeded"))
+                } else {
+                    Ok(ids.len())
+                }
+            })
+            .sum::<Result<usize, ApiError>>()?;
+        let vectors = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(inputs.len());
+            for chunk in inputs.chunks(32) {
+                out.extend(lmkit_infer::embed_texts(&emb.model, &emb.tokenizer, chunk, &emb.device)?);
+            }
+            Ok::<_, lmkit_infer::InferError>((out, emb.name.clone()))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("embedding failed: {e}")))?;
+        let (vectors, name) = vectors;
+        let data: Vec<Value> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let e = if base64 {
+                    // Little-endian f32s, as OpenAI's clients decode them.
+                    use base64::Engine;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": e})
+            })
+            .collect();
+        state.metrics.tokens(tokens as u64, 0);
+        Ok::<_, ApiError>(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    }
+    .await;
+    let r = r.unwrap_or_else(|e| e.into_response());
+    state.metrics.request("embeddings", r.status().as_u16());
+    state
+        .metrics
+        .latency("embeddings", started.elapsed().as_secs_f64());
+    r
+}

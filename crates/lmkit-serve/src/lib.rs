@@ -84,6 +84,16 @@ pub struct ServeConfig {
     /// Sequences accepted (queued or decoding) before answering 429.
     pub max_queue: usize,
     pub moderator: Moderator,
+    /// A BERT checkpoint for `POST /v1/embeddings`.
+    pub embedding_model: Option<PathBuf>,
+}
+
+/// The encoder behind `/v1/embeddings`.
+pub struct Embedder {
+    pub model: lmkit_models::bert::Bert,
+    pub tokenizer: lmkit_tokenize::Tokenizer,
+    pub name: String,
+    pub device: lmkit_models::Device,
 }
 
 pub struct AppState {
@@ -101,6 +111,7 @@ pub struct AppState {
     pub api_keys: Vec<String>,
     pub limits: Limits,
     pub created: i64,
+    pub embedder: Option<Arc<Embedder>>,
 }
 
 /// Reads API keys from a file: one per line, blank lines and `#` comments skipped.
@@ -147,6 +158,23 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
             .unwrap_or_else(|| "lmkit".into())
     });
     let chat_end = tokenizer.token_to_id("<|end|>");
+    let embedder = match &cfg.embedding_model {
+        Some(p) => {
+            let d = lmkit_models::resolve_checkpoint(p);
+            Some(Arc::new(Embedder {
+                model: lmkit_models::bert::Bert::load(&d, &device)?,
+                tokenizer: lmkit_tokenize::load(&d)?,
+                name: p
+                    .canonicalize()
+                    .unwrap_or(p.clone())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "embeddings".into()),
+                device: device.clone(),
+            }))
+        }
+        None => None,
+    };
     Ok(Arc::new(AppState {
         engine: Engine::start(model, cfg.max_active, cfg.max_queue),
         template,
@@ -162,6 +190,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         api_keys: cfg.api_keys,
         limits: cfg.limits,
         created: store::now(),
+        embedder,
     }))
 }
 
@@ -184,7 +213,10 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmkit"}],
+        "data": std::iter::once(state.model_name.clone())
+            .chain(state.embedder.iter().map(|e| e.name.clone()))
+            .map(|id| json!({"id": id, "object": "model", "created": state.created, "owned_by": "lmkit"}))
+            .collect::<Vec<_>>(),
     }))
 }
 
@@ -216,6 +248,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .route("/review/api/recent", get(web::recent))
         .route("/review/api/rate", post(web::rate))
         .route("/review/api/pair", get(web::pair))

@@ -70,6 +70,7 @@ fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Ar
         max_active: 4,
         max_queue,
         moderator,
+        embedding_model: None,
     })
     .unwrap()
 }
