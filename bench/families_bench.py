@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Training speed of each model family in lmkit next to its PyTorch equivalent, same run, same
+machine: RNN (tanh) and LSTM vs torch.nn.RNN / torch.nn.LSTM, BERT masked-LM vs transformers'
+BertForMaskedLM, GPT vs GPT2LMHeadModel. Same sizes, batch, sequence length and optimizer (AdamW,
+clipping); tokens/s over the steps after the first.
+
+usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+V = 8192
+
+
+def run(cmd):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"{cmd} failed: {p.stderr}")
+
+
+class RecurrentLM(torch.nn.Module):
+    def __init__(self, cell, hidden, layers):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(V, hidden)
+        kind = torch.nn.LSTM if cell == "lstm" else torch.nn.RNN
+        self.rnn = kind(hidden, hidden, num_layers=layers, batch_first=True)
+        self.lm_head = torch.nn.Linear(hidden, V, bias=False)
+        self.lm_head.weight = self.embedding.weight
+
+    def forward(self, x):
+        out, _ = self.rnn(self.embedding(x))
+        return self.lm_head(out)
+
+
+def torch_tps(model, loss_fn, batch, seq, steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    data = torch.randint(5, V, (batch, seq + 1))
+
+    def step():
+        loss = loss_fn(model, data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch * seq / (time.perf_counter() - t0)
+
+
+def causal_loss(model, data):
+    logits = model(data[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, V), data[:, 1:].reshape(-1))
+
+
+def mlm_loss(model, data):
+    x = data[:, :-1].clone()
+    pick = torch.rand(x.shape) < 0.15
+    labels = torch.where(pick, x, torch.full_like(x, -100))
+    x[pick & (torch.rand(x.shape) < 0.8)] = 2
+    return model(input_ids=x, labels=labels).loss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    a = ap.parse_args()
+    lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-families-"))
+    run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", V, "--output", tmp / "tok"])
+    run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    families = [
+        ("RNN (tanh), 2×256", 'model_type = "lmkit_rnn"\ncell = "rnn"\nhidden_size = 256\nnum_layers = 2\ntie_word_embeddings = true\n',
+         lambda: RecurrentLM("rnn", 256, 2), causal_loss),
+        ("LSTM, 2×256", 'model_type = "lmkit_rnn"\ncell = "lstm"\nhidden_size = 256\nnum_layers = 2\ntie_word_embeddings = true\n',
+         lambda: RecurrentLM("lstm", 256, 2), causal_loss),
+        ("BERT masked LM, 4 layers × 256", 'model_type = "bert"\nhidden_size = 256\nnum_hidden_layers = 4\nnum_attention_heads = 4\n'
+         f'intermediate_size = 1024\nmax_position_embeddings = {a.seq}\n',
+         lambda: BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                            intermediate_size=1024, max_position_embeddings=a.seq,
+                                            hidden_dropout_prob=0, attention_probs_dropout_prob=0)), mlm_loss),
+        ("GPT, 4 layers × 256", f'model_type = "gpt2"\nn_positions = {a.seq}\nn_embd = 256\nn_layer = 4\nn_head = 4\n',
+         lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=a.seq, n_embd=256, n_layer=4, n_head=4,
+                                            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)),
+         lambda m, d: m(d[:, :-1], labels=d[:, :-1]).loss),
+    ]
+    rows = []
+    for name, model_toml, make, loss_fn in families:
+        out = tmp / name.split()[0].lower()
+        (tmp / "run.toml").write_text(
+            f"[model]\n{model_toml}\n[data]\ntrain = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n"
+            f"[train]\nout_dir = \"{out}\"\nseq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n"
+            "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
+        run([lm, "train", "--config", tmp / "run.toml"])
+        recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
+        lm_tps = len(tps) / sum(1 / t for t in tps)
+        torch.manual_seed(0)
+        pt = torch_tps(make(), loss_fn, a.batch, a.seq, a.steps)
+        rows.append((name, lm_tps, pt))
+    print(f"batch {a.batch}, sequence {a.seq}, vocab {V}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print()
+    print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch |")
+    print("|---|---|---|---|")
+    for name, l, p in rows:
+        print(f"| {name} | {l:,.0f} | {p:,.0f} | {l / p:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
