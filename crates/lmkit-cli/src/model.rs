@@ -25,6 +25,9 @@ pub enum ModelCommand {
         /// Feed the ids one at a time through the KV cache instead of all at once
         #[arg(long)]
         incremental: bool,
+        /// Encoder-decoder models: the source token ids (`--ids` are then the decoder's inputs)
+        #[arg(long, value_delimiter = ',')]
+        source_ids: Vec<u32>,
         /// Where to run: cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -83,8 +86,27 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             device,
             ids,
             incremental,
+            source_ids,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
+            if model_type(&model) == "bart" {
+                if source_ids.is_empty() {
+                    bail!("an encoder-decoder model needs --source-ids");
+                }
+                let m = lmkit_models::bart::Bart::load(&model, &dev)?;
+                let v = m.cfg.vocab_size;
+                if let Some(bad) = ids.iter().chain(&source_ids).find(|&&i| i as usize >= v) {
+                    bail!("token id {bad} is out of range for vocab_size {v}");
+                }
+                let src = Tensor::new(source_ids.as_slice(), &dev)?.unsqueeze(0)?;
+                let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+                let memory = m.encode(&src, None)?;
+                let rows = m.decode(&x, &memory, None)?.squeeze(0)?.to_vec2::<f32>()?;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                serde_json::to_writer(&mut out, &rows).context("writing logits")?;
+                writeln!(out)?;
+                return Ok(());
+            }
             if model_type(&model) == "bert" {
                 // Masked-LM logits of the whole sequence (bidirectional: no incremental mode).
                 if incremental {

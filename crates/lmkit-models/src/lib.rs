@@ -3,6 +3,7 @@
 //! `config.json`; weights load from HF `model.safetensors` with HF tensor names.
 
 pub mod attention;
+pub mod bart;
 pub mod bert;
 pub mod config;
 pub mod device;

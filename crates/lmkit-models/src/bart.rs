@@ -1,0 +1,348 @@
+//! The encoder-decoder Transformer of "Attention is all you need" (Vaswani et al. 2017) in the
+//! layout of transformers' `BartForConditionalGeneration`: a bidirectional encoder, a decoder with
+//! masked self-attention and cross-attention, post-norm layers, learned positions (offset 2),
+//! shared token embeddings tied to the output layer plus `final_logits_bias`.
+
+use crate::error::{ModelError, Result};
+use crate::ops::LayerNorm;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{linear, Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn gelu() -> String {
+    "gelu".into()
+}
+
+/// transformers' `BartConfig` (the fields this implementation reads).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BartConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub encoder_attention_heads: usize,
+    pub decoder_attention_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub decoder_ffn_dim: usize,
+    #[serde(default = "gelu")]
+    pub activation_function: String,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub scale_embedding: bool,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub decoder_start_token_id: Option<u32>,
+}
+
+impl BartConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (heads, name) in [
+            (self.encoder_attention_heads, "encoder_attention_heads"),
+            (self.decoder_attention_heads, "decoder_attention_heads"),
+        ] {
+            if heads == 0 || !self.d_model.is_multiple_of(heads) {
+                return Err(format!(
+                    "d_model ({}) must be a multiple of {name} ({heads})",
+                    self.d_model
+                ));
+            }
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("encoder_layers", self.encoder_layers),
+            ("decoder_layers", self.decoder_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<BartConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let bad = |msg: String| ModelError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if mt != "bart" {
+            return Err(ModelError::UnsupportedModel {
+                path: path.to_path_buf(),
+                model_type: mt.to_string(),
+            });
+        }
+        let cfg: BartConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// The first decoder input.
+    pub fn start_token(&self) -> u32 {
+        self.decoder_start_token_id
+            .or(self.eos_token_id)
+            .unwrap_or(2)
+    }
+}
+
+fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    match name {
+        "relu" => x.relu(),
+        "gelu_new" => crate::ops::gelu_tanh(x),
+        _ => x.gelu_erf(),
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(d: usize, heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Attention {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads,
+        })
+    }
+
+    /// Queries from `x` [b, t, d], keys/values from `kv` [b, s, d]; `bias` is added to the scores.
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let s = kv.dim(1)?;
+        let hd = d / self.heads;
+        let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?, t)?;
+        let k = split(self.k.forward(kv)?, s)?;
+        let v = split(self.v.forward(kv)?, s)?;
+        let mut att = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            att = att.broadcast_add(bias)?;
+        }
+        let att = crate::ops::softmax_last_dim(&att)?;
+        self.out
+            .forward(&att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?)
+    }
+}
+
+struct Layer {
+    self_attn: Attention,
+    self_norm: LayerNorm,
+    cross: Option<(Attention, LayerNorm)>,
+    fc1: Linear,
+    fc2: Linear,
+    final_norm: LayerNorm,
+    act: String,
+}
+
+impl Layer {
+    fn new(cfg: &BartConfig, decoder: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.d_model;
+        let (heads, ffn) = if decoder {
+            (cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
+        } else {
+            (cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
+        };
+        let cross = if decoder {
+            Some((
+                Attention::new(d, heads, vb.pp("encoder_attn"))?,
+                LayerNorm::new(d, 1e-5, vb.pp("encoder_attn_layer_norm"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Layer {
+            self_attn: Attention::new(d, heads, vb.pp("self_attn"))?,
+            self_norm: LayerNorm::new(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
+            cross,
+            fc1: linear(d, ffn, vb.pp("fc1"))?,
+            fc2: linear(ffn, d, vb.pp("fc2"))?,
+            final_norm: LayerNorm::new(d, 1e-5, vb.pp("final_layer_norm"))?,
+            act: cfg.activation_function.clone(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        self_bias: Option<&Tensor>,
+        memory: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self
+            .self_norm
+            .forward(&(x + self.self_attn.forward(x, x, self_bias)?)?)?;
+        let x = match (&self.cross, memory) {
+            (Some((attn, norm)), Some((mem, bias))) => {
+                norm.forward(&(&x + attn.forward(&x, mem, bias)?)?)?
+            }
+            _ => x,
+        };
+        let h = self.fc2.forward(&act(&self.act, &self.fc1.forward(&x)?)?)?;
+        self.final_norm.forward(&(x + h)?)
+    }
+}
+
+struct Stack {
+    positions: Embedding,
+    norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl Stack {
+    fn new(cfg: &BartConfig, decoder: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let n = if decoder {
+            cfg.decoder_layers
+        } else {
+            cfg.encoder_layers
+        };
+        Ok(Stack {
+            positions: candle_nn::embedding(
+                cfg.max_position_embeddings + 2,
+                cfg.d_model,
+                vb.pp("embed_positions"),
+            )?,
+            norm: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("layernorm_embedding"))?,
+            layers: (0..n)
+                .map(|i| Layer::new(cfg, decoder, vb.pp(format!("layers.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+}
+
+pub struct Bart {
+    shared: Embedding,
+    encoder: Stack,
+    decoder: Stack,
+    final_logits_bias: Tensor,
+    embed_scale: f64,
+    pub cfg: BartConfig,
+}
+
+/// Additive bias [b, 1, 1, s] that hides padding (mask 0) from attention.
+fn padding_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))
+}
+
+impl Bart {
+    pub fn new(cfg: &BartConfig, vb: VarBuilder) -> candle_core::Result<Bart> {
+        let m = vb.pp("model");
+        let shared = if m.contains_tensor("shared.weight")
+            || !m.contains_tensor("encoder.embed_tokens.weight")
+        {
+            candle_nn::embedding(cfg.vocab_size, cfg.d_model, m.pp("shared"))?
+        } else {
+            candle_nn::embedding(cfg.vocab_size, cfg.d_model, m.pp("encoder.embed_tokens"))?
+        };
+        Ok(Bart {
+            encoder: Stack::new(cfg, false, m.pp("encoder"))?,
+            decoder: Stack::new(cfg, true, m.pp("decoder"))?,
+            final_logits_bias: vb.get((1, cfg.vocab_size), "final_logits_bias")?,
+            embed_scale: if cfg.scale_embedding {
+                (cfg.d_model as f64).sqrt()
+            } else {
+                1.0
+            },
+            shared,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Bart> {
+        let dir = crate::resolve_checkpoint(dir);
+        let cfg = BartConfig::load(&dir.join("config.json"))?;
+        let files = crate::weight_files(&dir)?;
+        // SAFETY: read-only map of files that are replaced by rename, never rewritten in place.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+            .map_err(|e| ModelError::Tensor {
+                path: dir.clone(),
+                name: "*".into(),
+                msg: e.to_string().lines().next().unwrap_or_default().to_string(),
+            })?;
+        Bart::new(&cfg, vb).map_err(|e| {
+            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
+            ModelError::Tensor {
+                path: dir.clone(),
+                name: msg
+                    .split_whitespace()
+                    .find(|w| w.contains('.'))
+                    .unwrap_or("?")
+                    .trim_end_matches([',', ':'])
+                    .to_string(),
+                msg,
+            }
+        })
+    }
+
+    fn embed(&self, stack: &Stack, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let t = ids.dim(1)?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "{t} tokens exceed max_position_embeddings ({})",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let pos = Tensor::arange(2u32, t as u32 + 2, ids.device())?;
+        let x = (self.shared.forward(ids)? * self.embed_scale)?
+            .broadcast_add(&stack.positions.forward(&pos)?)?;
+        stack.norm.forward(&x)
+    }
+
+    /// Encoder states [b, s, d] for `ids` [b, s] (`mask` 1 for tokens, 0 for padding).
+    pub fn encode(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let bias = mask.map(padding_bias).transpose()?;
+        let mut x = self.embed(&self.encoder, ids)?;
+        for l in &self.encoder.layers {
+            x = l.forward(&x, bias.as_ref(), None)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits [b, t, vocab] for decoder inputs `ids` [b, t] given encoder states.
+    pub fn decode(
+        &self,
+        ids: &Tensor,
+        memory: &Tensor,
+        memory_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let t = ids.dim(1)?;
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), ids.device())?;
+        let mem_bias = memory_mask.map(padding_bias).transpose()?;
+        let mut x = self.embed(&self.decoder, ids)?;
+        for l in &self.decoder.layers {
+            x = l.forward(&x, Some(&causal), Some((memory, mem_bias.as_ref())))?;
+        }
+        x.broadcast_matmul(&self.shared.embeddings().t()?)?
+            .broadcast_add(&self.final_logits_bias)
+    }
+}
