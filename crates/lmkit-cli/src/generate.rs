@@ -11,7 +11,8 @@ use std::path::PathBuf;
 #[command(
     after_help = "Examples:\n  lmkit generate --model runs/gpt/ --prompt 'In the beginning' --max-tokens 50\n  \
     lmkit generate --model runs/gpt/ --prompt '대한민국은' --temperature 0.7 --top-k 40 --seed 1 --stop '\\n'\n  \
-    lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids"
+    lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids\n  \
+    lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder"
 )]
 pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
@@ -23,6 +24,9 @@ pub struct GenerateArgs {
     /// Prompt text
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
+    /// Encoder-decoder models: the text to translate or summarize
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
+    source: Option<String>,
     /// Prompt as comma-separated token ids
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
@@ -61,7 +65,70 @@ pub struct GenerateArgs {
     device: String,
 }
 
+/// Encoder-decoder models: decode a reply to `--source` (no KV cache; the decoder re-reads its
+/// output each step).
+fn run_seq2seq(a: &GenerateArgs, source: &str) -> Result<()> {
+    let dev = lmkit_models::parse_device(&a.device)?;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let m = lmkit_models::bart::Bart::load(&dir, &dev)?;
+    let tk = lmkit_tokenize::load(a.tokenizer.as_deref().unwrap_or(&dir))?;
+    let mut src = lmkit_tokenize::encode_batch(&tk, &[source.to_string()])?.remove(0);
+    src.truncate(m.cfg.max_position_embeddings);
+    if src.is_empty() {
+        anyhow::bail!("--source is empty");
+    }
+    let memory = m.encode(
+        &lmkit_models::Tensor::new(src.as_slice(), &dev)?.unsqueeze(0)?,
+        None,
+    )?;
+    let sampling = SamplingParams {
+        temperature: if a.greedy { 0.0 } else { a.temperature },
+        top_k: a.top_k,
+        top_p: (a.top_p < 1.0).then_some(a.top_p),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let mut rng = lmkit_infer::Rng::new(a.seed);
+    let mut ids = vec![m.cfg.start_token()];
+    let mut out = Vec::new();
+    let eos = m.cfg.eos_token_id;
+    let mut stream = TextStream::new(&tk, a.stop.clone());
+    let mut stdout = std::io::stdout().lock();
+    while out.len() < a.max_tokens && ids.len() < m.cfg.max_position_embeddings {
+        let x = lmkit_models::Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+        let logits = m.decode(&x, &memory, None)?.squeeze(0)?;
+        let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
+        let next = lmkit_infer::sample(&last, &out, &sampling, &mut rng);
+        if Some(next) == eos && !a.ignore_eos {
+            break;
+        }
+        ids.push(next);
+        out.push(next);
+        if a.ids {
+            continue;
+        }
+        let delta = stream.push(&out)?;
+        stdout.write_all(delta.as_bytes())?;
+        stdout.flush()?;
+        if stream.stopped {
+            break;
+        }
+    }
+    if a.ids {
+        let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
+        writeln!(stdout, "{}", line.join(" "))?;
+    } else {
+        write!(stdout, "{}", stream.finish(&out)?)?;
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if let Some(src) = &a.source {
+        return run_seq2seq(&a, src);
+    }
     let dev = lmkit_models::parse_device(&a.device)?;
     let (model, cfg) = CausalLm::load(&a.model, &dev)?;
     let tok_path = a

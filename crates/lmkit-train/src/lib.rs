@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod safetensors_io;
+pub mod seq2seq;
 
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
@@ -16,6 +17,7 @@ pub use error::{Result, TrainError};
 use adamw::{clip_grad_norm, lr_at, AdamW, Param};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use lmkit_models::bart::{Bart, BartConfig};
 use lmkit_models::bert::{Bert, BertConfig};
 use lmkit_models::{CausalLm, DecoderConfig, KvCache};
 use lmkit_tokenize::TokenDataset;
@@ -69,6 +71,19 @@ impl Rng {
 enum Spec {
     Decoder(DecoderConfig),
     Bert(BertConfig),
+    Bart(BartConfig),
+}
+
+/// Where batches come from: windows of a token stream, or source/target pairs.
+enum Batches<'a> {
+    Stream {
+        train: Split<'a>,
+        val: Option<Split<'a>>,
+    },
+    Pairs {
+        train: Vec<seq2seq::Pair>,
+        val: Vec<seq2seq::Pair>,
+    },
 }
 
 impl Spec {
@@ -76,12 +91,14 @@ impl Spec {
         match self {
             Spec::Decoder(c) => c.vocab_size(),
             Spec::Bert(c) => c.vocab_size,
+            Spec::Bart(c) => c.vocab_size,
         }
     }
     fn max_positions(&self) -> usize {
         match self {
             Spec::Decoder(c) => c.max_positions(),
             Spec::Bert(c) => c.max_position_embeddings,
+            Spec::Bart(c) => c.max_position_embeddings,
         }
     }
 }
@@ -94,6 +111,12 @@ enum Net {
         mask_id: u32,
         /// Tokens never masked (special tokens).
         keep: Vec<u32>,
+    },
+    Seq2seq {
+        bart: Bart,
+        start: u32,
+        end: u32,
+        pad: u32,
     },
 }
 
@@ -114,6 +137,9 @@ impl Net {
                 mask_id,
                 keep,
             } => mlm_loss(bert, x, *mask_id, keep, seed),
+            Net::Seq2seq { .. } => Err(TrainError::Data(
+                "an encoder-decoder model trains on source/target pairs".into(),
+            )),
         }
     }
 }
@@ -151,6 +177,38 @@ fn mlm_loss(bert: &Bert, x: &Tensor, mask_id: u32, keep: &[u32], seed: u64) -> R
     )?)
 }
 
+/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`.
+fn pair_loss(
+    net: &Net,
+    pairs: &[seq2seq::Pair],
+    seed: u64,
+    batch: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let Net::Seq2seq {
+        bart,
+        start,
+        end,
+        pad,
+    } = net
+    else {
+        return Err(TrainError::Data(
+            "source/target pairs need an encoder-decoder model (model_type = \"bart\")".into(),
+        ));
+    };
+    let mut rng = Rng(mix(seed));
+    let b = seq2seq::batch(
+        pairs,
+        batch,
+        &mut || rng.next() as usize,
+        *start,
+        *end,
+        *pad,
+        dev,
+    )?;
+    seq2seq::loss(bart, &b)
+}
+
 /// The model's `config.json` as JSON, with the fields transformers needs to pick the class.
 fn hf_config(
     model: &toml::Table,
@@ -179,6 +237,28 @@ fn hf_config(
             .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
         return Ok((v, Spec::Bert(cfg)));
     }
+    if obj.get("model_type").and_then(|m| m.as_str()) == Some("bart") {
+        for (k, id) in [
+            ("pad_token_id", pad),
+            ("bos_token_id", eot),
+            ("eos_token_id", eot),
+            ("decoder_start_token_id", eot),
+        ] {
+            if let Some(id) = id {
+                obj.entry(k).or_insert(serde_json::json!(id));
+            }
+        }
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["BartForConditionalGeneration"]),
+        );
+        obj.insert("torch_dtype".into(), serde_json::json!("float32"));
+        let cfg: BartConfig = serde_json::from_value(v.clone())
+            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
+        cfg.validate()
+            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
+        return Ok((v, Spec::Bart(cfg)));
+    }
     if let Some(id) = eot {
         obj.entry("bos_token_id").or_insert(serde_json::json!(id));
         obj.entry("eos_token_id").or_insert(serde_json::json!(id));
@@ -189,7 +269,7 @@ fn hf_config(
         Some("lmkit_rnn") => "LmkitRnnForCausalLM",
         other => {
             return Err(TrainError::Data(format!(
-                "[model] model_type must be \"gpt2\", \"llama\", \"lmkit_rnn\" or \"bert\", got {other:?}"
+                "[model] model_type must be \"gpt2\", \"llama\", \"lmkit_rnn\", \"bert\" or \"bart\", got {other:?}"
             )))
         }
     };
@@ -391,7 +471,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             model_cfg.vocab_size()
         )));
     }
-    if t.seq_len > model_cfg.max_positions() {
+    if !matches!(model_cfg, Spec::Bart(_)) && t.seq_len > model_cfg.max_positions() {
         return Err(TrainError::Data(format!(
             "train.seq_len ({}) exceeds the model's positions ({})",
             t.seq_len,
@@ -399,51 +479,68 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         )));
     }
 
-    let ds = TokenDataset::open_dir(&cfg.data.train)?;
-    if ds.vocab_size() > model_cfg.vocab_size() {
-        return Err(TrainError::Data(format!(
-            "{}: shards use a vocabulary of {} but the model has {}",
-            cfg.data.train.display(),
-            ds.vocab_size(),
-            model_cfg.vocab_size()
-        )));
-    }
-    let val_ds = match &cfg.data.val {
-        Some(p) => Some(TokenDataset::open_dir(p)?),
-        None => None,
-    };
-    let need = t.seq_len as u64 + 2;
-    let held = if val_ds.is_none() {
-        (ds.len() as f64 * cfg.data.val_fraction) as u64
+    let ds: TokenDataset;
+    let val_ds: Option<TokenDataset>;
+    let data = if let Spec::Bart(_) = &model_cfg {
+        let (train, val) = seq2seq::load_pairs(
+            &cfg.data.train,
+            cfg.data.val.as_deref(),
+            cfg.data.val_fraction,
+            &tokenizer,
+            model_cfg.max_positions(),
+        )?;
+        Batches::Pairs { train, val }
     } else {
-        0
-    };
-    let train_split = Split {
-        ds: &ds,
-        start: 0,
-        len: ds.len() - held,
-    };
-    let val_split = match &val_ds {
-        Some(v) => Some(Split {
-            ds: v,
-            start: 0,
-            len: v.len(),
-        }),
-        None if held >= need => Some(Split {
+        ds = TokenDataset::open_dir(&cfg.data.train)?;
+        if ds.vocab_size() > model_cfg.vocab_size() {
+            return Err(TrainError::Data(format!(
+                "{}: shards use a vocabulary of {} but the model has {}",
+                cfg.data.train.display(),
+                ds.vocab_size(),
+                model_cfg.vocab_size()
+            )));
+        }
+        val_ds = match &cfg.data.val {
+            Some(p) => Some(TokenDataset::open_dir(p)?),
+            None => None,
+        };
+        let need = t.seq_len as u64 + 2;
+        let held = if val_ds.is_none() {
+            (ds.len() as f64 * cfg.data.val_fraction) as u64
+        } else {
+            0
+        };
+        let train_split = Split {
             ds: &ds,
-            start: ds.len() - held,
-            len: held,
-        }),
-        None => None,
+            start: 0,
+            len: ds.len() - held,
+        };
+        let val_split = match &val_ds {
+            Some(v) => Some(Split {
+                ds: v,
+                start: 0,
+                len: v.len(),
+            }),
+            None if held >= need => Some(Split {
+                ds: &ds,
+                start: ds.len() - held,
+                len: held,
+            }),
+            None => None,
+        };
+        if train_split.len < need || val_split.as_ref().is_some_and(|v| v.len < need) {
+            return Err(TrainError::Data(format!(
+                "{}: {} tokens is too few for train.seq_len {} (and the validation hold-out)",
+                cfg.data.train.display(),
+                ds.len(),
+                t.seq_len
+            )));
+        }
+        Batches::Stream {
+            train: train_split,
+            val: val_split,
+        }
     };
-    if train_split.len < need || val_split.as_ref().is_some_and(|v| v.len < need) {
-        return Err(TrainError::Data(format!(
-            "{}: {} tokens is too few for train.seq_len {} (and the validation hold-out)",
-            cfg.data.train.display(),
-            ds.len(),
-            t.seq_len
-        )));
-    }
 
     let dev = lmkit_models::parse_device(&t.device)?;
     let vm = VarMap::new();
@@ -467,10 +564,17 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 keep,
             }
         }
+        Spec::Bart(c) => Net::Seq2seq {
+            bart: Bart::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
+            start: c.start_token(),
+            end: c.eos_token_id.unwrap_or(2),
+            pad: c.pad_token_id.unwrap_or(0),
+        },
     };
     let n_layer = match (&model, &model_cfg) {
         (Net::Causal(m), _) => m.num_layers(),
         (_, Spec::Bert(c)) => c.num_hidden_layers,
+        (_, Spec::Bart(c)) => c.encoder_layers.max(c.decoder_layers),
         _ => 1,
     };
     let rnn_hidden = match &model_cfg {
@@ -599,18 +703,21 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     };
 
     let evaluate = |model: &Net| -> Result<Option<f64>> {
-        let Some(v) = &val_split else { return Ok(None) };
         model.set_training(false);
         let mut total = 0.0;
         for k in 0..t.eval_batches.max(1) {
-            let (x, y) = v.batch(
-                mix(t.seed ^ 0x5eed_e7a1 ^ mix(k as u64)),
-                t.batch_size,
-                t.seq_len,
-                &dev,
-            )?;
-            let seed = mix(t.seed ^ 0x0a5c ^ mix(k as u64));
-            total += model.loss(&x, &y, seed)?.to_scalar::<f32>()? as f64;
+            let seed = mix(t.seed ^ 0x5eed_e7a1 ^ mix(k as u64));
+            let loss = match &data {
+                Batches::Stream { val: Some(v), .. } => {
+                    let (x, y) = v.batch(seed, t.batch_size, t.seq_len, &dev)?;
+                    model.loss(&x, &y, mix(t.seed ^ 0x0a5c ^ mix(k as u64)))?
+                }
+                Batches::Pairs { val, .. } if !val.is_empty() => {
+                    pair_loss(model, val, seed, t.batch_size, &dev)?
+                }
+                _ => return Ok(None),
+            };
+            total += loss.to_scalar::<f32>()? as f64;
         }
         Ok(Some(total / t.eval_batches.max(1) as f64))
     };
@@ -633,8 +740,17 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         let mut loss_sum = 0.0;
         for micro in 0..t.grad_accum {
             model.set_training(true);
-            let loss = match &mut carried {
-                Some(cache) => {
+            let loss = match (&data, &mut carried) {
+                (Batches::Pairs { train, .. }, _) => {
+                    let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
+                    pair_loss(&model, train, seed, t.batch_size, &dev)?
+                }
+                (
+                    Batches::Stream {
+                        train: train_split, ..
+                    },
+                    Some(cache),
+                ) => {
                     let Net::Causal(model) = &model else {
                         unreachable!("only recurrent decoders carry state")
                     };
@@ -646,7 +762,12 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                     }
                     loss_with(model, &x, &y, cache)?
                 }
-                None => {
+                (
+                    Batches::Stream {
+                        train: train_split, ..
+                    },
+                    None,
+                ) => {
                     let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
                     let (x, y) = train_split.batch(seed, t.batch_size, t.seq_len, &dev)?;
                     model.loss(&x, &y, seed ^ 0x3a5c)?
