@@ -75,3 +75,27 @@ def test_lmkit_trained_seq2seq_loads_in_transformers_and_generates_the_same(lmki
     out = lmkit("generate", "--model", tmp_path / "out", "--source", "the cat sat on the mat", "--greedy", "--ids",
                 "--ignore-eos", "--max-tokens", "8")
     assert [int(x) for x in out.split()] == ref
+
+
+def test_seq2seq_eval_matches_transformers(lmkit, tiny_model, tmp_path):
+    model, path = build(tmp_path)
+    import shutil
+    ckpt = tiny_model["dir"] / (tiny_model["dir"] / "latest").read_text().strip()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ckpt / f, path / f)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pairs = [{"source": "the cat sat", "target": "on the mat"}, {"source": "a dog", "target": "the log"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    got = json.loads(lmkit("eval", "ppl", "--model", path, "--input", tmp_path / "p.jsonl", "--json"))
+    nll, n = 0.0, 0
+    for p in pairs:
+        src, tgt = tok.encode(p["source"]).ids, tok.encode(p["target"]).ids + [2]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([src]),
+                                         decoder_input_ids=torch.tensor([[2] + tgt[:-1]])).logits[0].double(), -1)
+        nll -= sum(lp[i, t].item() for i, t in enumerate(tgt))
+        n += len(tgt)
+    assert got["tokens"] == n
+    assert abs(got["nll"] - nll) < 1e-3
+    assert got["bytes"] == sum(len(p["target"]) + 1 for p in pairs)

@@ -115,3 +115,22 @@ def test_server_embeddings_through_the_openai_client(bert, tiny_model, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_pseudo_perplexity_matches_transformers(bert, tmp_path):
+    lines = ["the cat sat on the mat", "a dog sat"]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    got = json.loads(bert["run"]("eval", "ppl", "--model", bert["dir"], "--input", tmp_path / "t.txt", "--json"))
+    mask = bert["tok"].token_to_id("<|mask|>")
+    nll, n = 0.0, 0
+    for l in lines:
+        ids = bert["tok"].encode(l).ids
+        for i in range(len(ids)):
+            x = list(ids)
+            x[i] = mask
+            with torch.no_grad():
+                lp = torch.log_softmax(bert["model"](torch.tensor([x])).logits[0, i].double(), -1)
+            nll -= lp[ids[i]].item()
+            n += 1
+    assert got["tokens"] == n
+    assert abs(got["nll"] - nll) < 1e-3

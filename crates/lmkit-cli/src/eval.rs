@@ -107,8 +107,15 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
                     "lines:\t{}\nbytes:\t{}\ntokens:\t{}",
                     e.lines, e.bytes, e.tokens
                 );
-                if matches!(s, Scorer::Ngram(_)) {
-                    println!("oov:\t{}", e.oov);
+                match s {
+                    Scorer::Ngram(_) => println!("oov:\t{}", e.oov),
+                    Scorer::Masked(_) => println!(
+                        "(BERT: pseudo-log-likelihood, each token scored with itself masked)"
+                    ),
+                    Scorer::Seq2seq(_) => println!(
+                        "(encoder-decoder: log p(target | source); bytes are the targets')"
+                    ),
+                    Scorer::Neural(_) => {}
                 }
                 println!(
                     "perplexity:\t{:.4}\nbits per token:\t{:.4}\nbits per byte:\t{:.4}",

@@ -2,6 +2,7 @@
 //! (comparable across tokenizers, and between n-gram and neural models), sentence scoring and
 //! ranking, and log-likelihood multiple-choice tasks in the style of lm-evaluation-harness.
 
+pub mod encoders;
 pub mod tasks;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -50,6 +51,10 @@ pub struct Neural {
 pub enum Scorer {
     Neural(Box<Neural>),
     Ngram(NgramModel),
+    /// BERT: pseudo-log-likelihood.
+    Masked(Box<encoders::Masked>),
+    /// Encoder-decoder: log p(target | source).
+    Seq2seq(Box<encoders::Seq2seq>),
 }
 
 /// Totals of one evaluation over a text.
@@ -91,6 +96,43 @@ impl Scorer {
             return Ok(Scorer::Ngram(NgramModel::open(path, tok)?));
         }
         let dir = lmkit_models::resolve_checkpoint(path);
+        let model_type = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        if model_type == "bert" {
+            let tokenizer = lmkit_tokenize::load(&dir)?;
+            let mask_id = ["<|mask|>", "[MASK]", "<mask>"]
+                .iter()
+                .find_map(|t| tokenizer.token_to_id(t))
+                .ok_or_else(|| EvalError::Input {
+                    path: dir.clone(),
+                    msg: "the tokenizer has no mask token".into(),
+                })?;
+            return Ok(Scorer::Masked(Box::new(encoders::Masked {
+                model: lmkit_models::bert::Bert::load(&dir, device)?,
+                tokenizer,
+                mask_id,
+            })));
+        }
+        if model_type == "bart" {
+            let tokenizer = lmkit_tokenize::load(&dir)?;
+            let model = lmkit_models::bart::Bart::load(&dir, device)?;
+            let eot = tokenizer
+                .token_to_id(lmkit_tokenize::ENDOFTEXT)
+                .or(model.cfg.eos_token_id)
+                .unwrap_or(2);
+            return Ok(Scorer::Seq2seq(Box::new(encoders::Seq2seq {
+                model,
+                tokenizer,
+                eot,
+            })));
+        }
         let (model, cfg) = CausalLm::load(&dir, device)?;
         let tokenizer = lmkit_tokenize::load(&dir)?;
         let eot = tokenizer
@@ -145,6 +187,27 @@ impl Scorer {
                 e.tokens = lp.len() as u64;
                 e.nll = -lp.iter().map(|&x| x as f64).sum::<f64>();
             }
+            Scorer::Masked(m) => {
+                progress.begin("scoring", lines.len() as u64);
+                for l in lines {
+                    let lp = m.token_logprobs(l)?;
+                    e.tokens += lp.len() as u64;
+                    e.nll -= lp.iter().map(|&x| x as f64).sum::<f64>();
+                    progress.advance(1);
+                }
+            }
+            Scorer::Seq2seq(m) => {
+                progress.begin("scoring", lines.len() as u64);
+                e.bytes = 0;
+                for l in lines {
+                    let (src, tgt) = encoders::Seq2seq::split_line(l)?;
+                    e.bytes += tgt.len() as u64 + 1;
+                    let lp = m.token_logprobs(&src, &tgt)?;
+                    e.tokens += lp.len() as u64;
+                    e.nll -= lp.iter().map(|&x| x as f64).sum::<f64>();
+                    progress.advance(1);
+                }
+            }
         }
         progress.finish();
         Ok(e)
@@ -162,6 +225,16 @@ impl Scorer {
                 let lp = n.token_logprobs(&ids, None, &NoProgress)?;
                 Ok(lp.iter().map(|&x| x as f64).sum::<f64>() / std::f64::consts::LN_10)
             }
+            Scorer::Masked(m) => Ok(m.token_logprobs(s)?.iter().map(|&x| x as f64).sum::<f64>()
+                / std::f64::consts::LN_10),
+            Scorer::Seq2seq(m) => {
+                let (src, tgt) = encoders::Seq2seq::split_line(s)?;
+                Ok(m.token_logprobs(&src, &tgt)?
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>()
+                    / std::f64::consts::LN_10)
+            }
         }
     }
 
@@ -178,6 +251,14 @@ impl Scorer {
                 Ok((a - b) * std::f64::consts::LN_10)
             }
             Scorer::Neural(n) => n.loglikelihood(context, continuation),
+            // The context is the source; the choice is scored as the target (without the end).
+            Scorer::Seq2seq(m) => {
+                let lp = m.token_logprobs(context, continuation)?;
+                Ok(lp[..lp.len() - 1].iter().map(|&x| x as f64).sum())
+            }
+            Scorer::Masked(_) => Err(EvalError::Invalid(
+                "log-likelihood tasks need a causal or encoder-decoder model, not BERT".into(),
+            )),
         }
     }
 }

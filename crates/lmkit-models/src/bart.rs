@@ -301,6 +301,11 @@ impl Bart {
         })
     }
 
+    /// Where the weights live.
+    pub fn word_device(&self) -> &Device {
+        self.shared.embeddings().device()
+    }
+
     fn embed(&self, stack: &Stack, ids: &Tensor) -> candle_core::Result<Tensor> {
         let t = ids.dim(1)?;
         if t > self.cfg.max_position_embeddings {

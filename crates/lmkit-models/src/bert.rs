@@ -265,6 +265,11 @@ impl Bert {
         Ok(x)
     }
 
+    /// Where the weights live.
+    pub fn word_device(&self) -> &Device {
+        self.word.embeddings().device()
+    }
+
     /// Masked-LM logits [b, t, vocab] from hidden states.
     pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let x = act(&self.cfg.hidden_act, &self.head_dense.forward(hidden)?)?;
