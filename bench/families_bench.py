@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Training speed of each model family in lmkit next to its PyTorch equivalent, same run, same
 machine: RNN (tanh) and LSTM vs torch.nn.RNN / torch.nn.LSTM, BERT masked-LM vs transformers'
-BertForMaskedLM, GPT vs GPT2LMHeadModel. Same sizes, batch, sequence length and optimizer (AdamW,
-clipping); tokens/s over the steps after the first.
+BertForMaskedLM, GPT vs GPT2LMHeadModel, the encoder-decoder vs BartForConditionalGeneration (on
+verse → next-verse pairs of the bundled corpus; tokens = source + target). Same sizes, batch,
+sequence length and optimizer (AdamW, clipping); tokens/s over the steps after the first.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
 """
@@ -99,6 +100,51 @@ def main():
          lambda m, d: m(d[:, :-1], labels=d[:, :-1]).loss),
     ]
     rows = []
+    # Encoder-decoder: verse -> next verse, at most 64 tokens a side.
+    from tokenizers import Tokenizer
+    from transformers import BartConfig, BartForConditionalGeneration
+    verses = [l for l in (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").splitlines()[1:] if l.strip()][:4000]
+    with open(tmp / "pairs.jsonl", "w") as f:
+        for a_, b_ in zip(verses, verses[1:]):
+            f.write(json.dumps({"source": a_, "target": b_}) + "\n")
+    tok = Tokenizer.from_file(str(tmp / "tok/tokenizer.json"))
+    enc = [(tok.encode(a_).ids[:64], tok.encode(b_).ids[:63]) for a_, b_ in zip(verses, verses[1:])]
+    bart_toml = ('model_type = "bart"\nd_model = 256\nencoder_layers = 2\ndecoder_layers = 2\nencoder_attention_heads = 4\n'
+                 'decoder_attention_heads = 4\nencoder_ffn_dim = 1024\ndecoder_ffn_dim = 1024\nmax_position_embeddings = 64\n')
+    out = tmp / "bart"
+    (tmp / "run.toml").write_text(
+        f"[model]\n{bart_toml}\n[data]\ntrain = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n"
+        f"[train]\nout_dir = \"{out}\"\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n"
+        "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
+    run([lm, "train", "--config", tmp / "run.toml"])
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
+    bart_lm = len(tps) / sum(1 / t for t in tps)
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2,
+                                                   encoder_attention_heads=4, decoder_attention_heads=4,
+                                                   encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=64,
+                                                   dropout=0, attention_dropout=0, activation_dropout=0, pad_token_id=1))
+    opt = torch.optim.AdamW(bart.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+
+    def bart_step():
+        pick = [enc[i] for i in torch.randint(0, len(enc), (a.batch,), generator=gen).tolist()]
+        s = max(len(p[0]) for p in pick)
+        t_ = max(len(p[1]) + 1 for p in pick)
+        src = torch.tensor([p[0] + [1] * (s - len(p[0])) for p in pick])
+        lab = torch.tensor([p[1] + [2] + [-100] * (t_ - len(p[1]) - 1) for p in pick])
+        loss = bart(input_ids=src, attention_mask=(src != 1).long(), labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bart.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return sum(len(p[0]) + len(p[1]) + 1 for p in pick)
+
+    bart_step()
+    t0 = time.perf_counter()
+    n_tok = sum(bart_step() for _ in range(a.steps))
+    bart_pt = n_tok / (time.perf_counter() - t0)
     for name, model_toml, make, loss_fn in families:
         out = tmp / name.split()[0].lower()
         (tmp / "run.toml").write_text(
@@ -116,6 +162,7 @@ def main():
     print()
     print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch |")
     print("|---|---|---|---|")
+    rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt))
     for name, l, p in rows:
         print(f"| {name} | {l:,.0f} | {p:,.0f} | {l / p:.2f}x |")
 

@@ -177,14 +177,15 @@ fn mlm_loss(bert: &Bert, x: &Tensor, mask_id: u32, keep: &[u32], seed: u64) -> R
     )?)
 }
 
-/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`.
+/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`, and the
+/// number of real tokens the batch held.
 fn pair_loss(
     net: &Net,
     pairs: &[seq2seq::Pair],
     seed: u64,
     batch: usize,
     dev: &Device,
-) -> Result<Tensor> {
+) -> Result<(Tensor, u64)> {
     let Net::Seq2seq {
         bart,
         start,
@@ -206,7 +207,7 @@ fn pair_loss(
         *pad,
         dev,
     )?;
-    seq2seq::loss(bart, &b)
+    Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
 }
 
 /// The model's `config.json` as JSON, with the fields transformers needs to pick the class.
@@ -713,7 +714,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                     model.loss(&x, &y, mix(t.seed ^ 0x0a5c ^ mix(k as u64)))?
                 }
                 Batches::Pairs { val, .. } if !val.is_empty() => {
-                    pair_loss(model, val, seed, t.batch_size, &dev)?
+                    pair_loss(model, val, seed, t.batch_size, &dev)?.0
                 }
                 _ => return Ok(None),
             };
@@ -738,12 +739,15 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             .map(|p| p.var.zeros_like())
             .collect::<candle_core::Result<_>>()?;
         let mut loss_sum = 0.0;
+        let mut pair_tokens = 0u64;
         for micro in 0..t.grad_accum {
             model.set_training(true);
             let loss = match (&data, &mut carried) {
                 (Batches::Pairs { train, .. }, _) => {
                     let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
-                    pair_loss(&model, train, seed, t.batch_size, &dev)?
+                    let (loss, n) = pair_loss(&model, train, seed, t.batch_size, &dev)?;
+                    pair_tokens += n;
+                    loss
                 }
                 (
                     Batches::Stream {
@@ -790,7 +794,10 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 "loss became {last_loss} at step {step}; lower train.lr or check the data"
             )));
         }
-        let n_tok = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+        let n_tok = match &data {
+            Batches::Pairs { .. } => pair_tokens,
+            Batches::Stream { .. } => (t.batch_size * t.seq_len * t.grad_accum) as u64,
+        };
         tokens_seen += n_tok;
         window_tokens += n_tok;
         progress.step(step, last_loss, tps);

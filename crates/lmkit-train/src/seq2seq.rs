@@ -78,6 +78,8 @@ pub struct PairBatch {
     dec_in: Tensor,
     labels: Vec<u32>,
     label_mask: Vec<bool>,
+    /// Real (unpadded) source and target tokens, for throughput.
+    pub tokens: usize,
 }
 
 /// `batch` pairs drawn by `pick(i)` (an index into `pairs`).
@@ -91,6 +93,10 @@ pub fn batch(
     dev: &Device,
 ) -> Result<PairBatch> {
     let chosen: Vec<&Pair> = (0..batch).map(|_| &pairs[pick() % pairs.len()]).collect();
+    let tokens = chosen
+        .iter()
+        .map(|p| p.source.len() + p.target.len() + 1)
+        .sum();
     let s = chosen
         .iter()
         .map(|p| p.source.len().max(1))
@@ -128,6 +134,7 @@ pub fn batch(
         dec_in: Tensor::from_vec(dec_in, (batch, t), dev)?,
         labels,
         label_mask,
+        tokens,
     })
 }
 
