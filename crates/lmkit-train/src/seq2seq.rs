@@ -157,3 +157,39 @@ pub fn loss(m: &Bart, b: &PairBatch) -> Result<Tensor> {
         &Tensor::new(want.as_slice(), dev)?,
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_load_split_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.txt");
+        std::fs::write(&corpus, "the cat sat on the mat\n".repeat(20)).unwrap();
+        let opts = lmkit_tokenize::TrainOptions {
+            vocab_size: 280,
+            ..Default::default()
+        };
+        let tk = lmkit_tokenize::train(std::slice::from_ref(&corpus), &opts).unwrap();
+        let p = dir.path().join("p.jsonl");
+        let line = "{\"source\": \"the cat\", \"target\": \"sat on the mat\"}\n";
+        std::fs::write(&p, line.repeat(10)).unwrap();
+        let (train, val) = load_pairs(&p, None, 0.2, &tk, 3).unwrap();
+        assert_eq!((train.len(), val.len()), (8, 2));
+        assert!(
+            train[0].source.len() <= 3 && train[0].target.len() <= 2,
+            "cut to the positions"
+        );
+        let b = batch(&train, 4, &mut || 0, 2, 2, 1, &Device::Cpu).unwrap();
+        assert_eq!(b.labels.len(), b.label_mask.len());
+        std::fs::write(&p, format!("{line}{{\"source\": \"x\"}}\n")).unwrap();
+        let e = load_pairs(&p, None, 0.0, &tk, 8).err().unwrap().to_string();
+        assert!(e.contains("p.jsonl:2") && e.contains("`target`"), "{e}");
+        std::fs::write(&p, "{oops\n").unwrap();
+        let e = load_pairs(&p, None, 0.0, &tk, 8).err().unwrap().to_string();
+        assert!(e.contains("p.jsonl:1: not valid JSON"), "{e}");
+        std::fs::write(&p, "\n\n").unwrap();
+        assert!(load_pairs(&p, None, 0.0, &tk, 8).is_err());
+    }
+}
