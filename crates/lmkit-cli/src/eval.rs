@@ -132,26 +132,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             input,
         } => {
             let s = model.load()?;
-            let mut cands = candidates;
-            if let Some(p) = input {
-                cands.extend(
-                    read_lines(Some(&p))?
-                        .into_iter()
-                        .filter(|l| !l.trim().is_empty()),
-                );
-            }
-            if cands.is_empty() {
-                bail!("no candidates: give sentences as arguments or --input FILE");
-            }
-            let mut scored = Vec::new();
-            for (i, c) in cands.iter().enumerate() {
-                scored.push((s.sentence_log10(c)?, i, c));
-            }
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            for (rank, (lp, _, c)) in scored.iter().enumerate() {
-                println!("{}\t{:.6}\t{}", rank + 1, lp, c);
-            }
-            Ok(())
+            crate::lines::rank(candidates, input.as_deref(), |c| Ok(s.sentence_log10(c)?))
         }
         EvalCommand::Tasks {
             model,

@@ -29,3 +29,31 @@ pub fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
     }
     Ok(out)
 }
+
+/// `lmkit ngram rank` / `lmkit eval rank`: candidates from the arguments and `input` (non-empty
+/// lines), scored by `log10`, printed most likely first as `rank<TAB>log10 p<TAB>sentence`.
+pub fn rank(
+    mut candidates: Vec<String>,
+    input: Option<&Path>,
+    mut log10: impl FnMut(&str) -> Result<f64>,
+) -> Result<()> {
+    if let Some(p) = input {
+        candidates.extend(
+            read_lines(Some(p))?
+                .into_iter()
+                .filter(|l| !l.trim().is_empty()),
+        );
+    }
+    if candidates.is_empty() {
+        anyhow::bail!("no candidates: give sentences as arguments or --input FILE");
+    }
+    let mut scored = Vec::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        scored.push((log10(c)?, i, c));
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (rank, (lp, _, c)) in scored.iter().enumerate() {
+        println!("{}\t{:.6}\t{}", rank + 1, lp, c);
+    }
+    Ok(())
+}

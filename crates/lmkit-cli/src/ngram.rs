@@ -194,27 +194,9 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             input,
         } => {
             let m = load(&model)?;
-            let mut cands = candidates;
-            if let Some(p) = input {
-                cands.extend(
-                    read_lines(Some(&p))?
-                        .into_iter()
-                        .filter(|l| !l.trim().is_empty()),
-                );
-            }
-            if cands.is_empty() {
-                bail!("no candidates: give sentences as arguments or --input FILE");
-            }
-            let mut scored: Vec<(f32, usize, &String)> = cands
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (m.score_line(c).log10_prob, i, c))
-                .collect();
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            for (rank, (lp, _, c)) in scored.iter().enumerate() {
-                println!("{}\t{:.6}\t{}", rank + 1, lp, c);
-            }
-            Ok(())
+            crate::lines::rank(candidates, input.as_deref(), |c| {
+                Ok(m.score_line(c).log10_prob as f64)
+            })
         }
         NgramCommand::Info { model, chars } => {
             let t0 = Instant::now();

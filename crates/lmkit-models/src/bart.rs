@@ -278,27 +278,8 @@ impl Bart {
     pub fn load(dir: &Path, device: &Device) -> Result<Bart> {
         let dir = crate::resolve_checkpoint(dir);
         let cfg = BartConfig::load(&dir.join("config.json"))?;
-        let files = crate::weight_files(&dir)?;
-        // SAFETY: read-only map of files that are replaced by rename, never rewritten in place.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-            .map_err(|e| ModelError::Tensor {
-                path: dir.clone(),
-                name: "*".into(),
-                msg: e.to_string().lines().next().unwrap_or_default().to_string(),
-            })?;
-        Bart::new(&cfg, vb).map_err(|e| {
-            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
-            ModelError::Tensor {
-                path: dir.clone(),
-                name: msg
-                    .split_whitespace()
-                    .find(|w| w.contains('.'))
-                    .unwrap_or("?")
-                    .trim_end_matches([',', ':'])
-                    .to_string(),
-                msg,
-            }
-        })
+        let vb = crate::mmap_weights(&dir, device)?;
+        Bart::new(&cfg, vb).map_err(|e| crate::tensor_error(&dir, e))
     }
 
     /// Where the weights live.

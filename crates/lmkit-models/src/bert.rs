@@ -212,27 +212,8 @@ impl Bert {
     pub fn load(dir: &Path, device: &Device) -> Result<Bert> {
         let dir = crate::resolve_checkpoint(dir);
         let cfg = BertConfig::load(&dir.join("config.json"))?;
-        let files = crate::weight_files(&dir)?;
-        // SAFETY: read-only map of files that are replaced by rename, never rewritten in place.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-            .map_err(|e| ModelError::Tensor {
-                path: dir.clone(),
-                name: "*".into(),
-                msg: e.to_string().lines().next().unwrap_or_default().to_string(),
-            })?;
-        Bert::new(&cfg, vb).map_err(|e| {
-            let msg = e.to_string().lines().next().unwrap_or_default().to_string();
-            ModelError::Tensor {
-                path: dir.clone(),
-                name: msg
-                    .split_whitespace()
-                    .find(|w| w.contains('.'))
-                    .unwrap_or("?")
-                    .trim_end_matches([',', ':'])
-                    .to_string(),
-                msg,
-            }
-        })
+        let vb = crate::mmap_weights(&dir, device)?;
+        Bert::new(&cfg, vb).map_err(|e| crate::tensor_error(&dir, e))
     }
 
     /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.

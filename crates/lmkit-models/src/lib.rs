@@ -81,6 +81,46 @@ pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// A variable source over a checkpoint's safetensors files (memory-mapped, f32).
+pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
+    let files = weight_files(dir)?;
+    for f in &files {
+        if !f.exists() {
+            return Err(ModelError::Io {
+                path: f.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "weight file missing"),
+            });
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only; they must not change while the model is
+    // loaded (checkpoints are replaced by atomic rename, never rewritten in place).
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(
+        |e| ModelError::Tensor {
+            path: dir.to_path_buf(),
+            name: "*".into(),
+            msg: first_line(&e),
+        },
+    )
+}
+
+/// A model-construction error naming the tensor candle's message names.
+pub(crate) fn tensor_error(path: &Path, e: candle_core::Error) -> ModelError {
+    // candle may append a backtrace to its message; the first line says what failed.
+    let msg = first_line(&e);
+    // candle names the tensor in its message ("cannot find tensor X", "shape mismatch for X").
+    let name = msg
+        .split_whitespace()
+        .find(|w| w.contains('.') && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic()))
+        .unwrap_or("?")
+        .trim_end_matches([',', ':'])
+        .to_string();
+    ModelError::Tensor {
+        path: path.to_path_buf(),
+        name,
+        msg,
+    }
+}
+
 fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
@@ -91,27 +131,7 @@ impl CausalLm {
     pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
         let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let files = weight_files(dir)?;
-        for f in &files {
-            if !f.exists() {
-                return Err(ModelError::Io {
-                    path: f.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "weight file missing",
-                    ),
-                });
-            }
-        }
-        // SAFETY: the files are memory-mapped read-only; they must not change while the model is
-        // loaded (checkpoints are replaced by atomic rename, never rewritten in place).
-        let vb =
-            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-                .map_err(|e| ModelError::Tensor {
-                path: dir.to_path_buf(),
-                name: "*".into(),
-                msg: first_line(&e),
-            })?;
+        let vb = mmap_weights(dir, device)?;
         Self::from_var_builder(&cfg, vb, dir).map(|m| (m, cfg))
     }
 
@@ -126,24 +146,7 @@ impl CausalLm {
             DecoderConfig::Llama(c) => llama::Llama::new(c, vb).map(CausalLm::Llama),
             DecoderConfig::Rnn(c) => rnn::RnnLm::new(c, vb).map(CausalLm::Rnn),
         };
-        built.map_err(|e| {
-            // candle may append a backtrace to its message; the first line says what failed.
-            let msg = first_line(&e);
-            // candle names the tensor in its message ("cannot find tensor X", "shape mismatch for X").
-            let name = msg
-                .split_whitespace()
-                .find(|w| {
-                    w.contains('.') && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-                })
-                .unwrap_or("?")
-                .trim_end_matches([',', ':'])
-                .to_string();
-            ModelError::Tensor {
-                path: path.to_path_buf(),
-                name,
-                msg,
-            }
-        })
+        built.map_err(|e| tensor_error(path, e))
     }
 
     pub fn num_layers(&self) -> usize {

@@ -134,6 +134,21 @@ fn body_text(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<String
         .map_err(|e| ApiError::invalid("", format!("the body is not valid UTF-8: {e}")))
 }
 
+/// Reads a JSON object body and takes out its required `field`: (the field, the rest).
+fn split_body(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+    field: &str,
+) -> Result<(Value, Value), ApiError> {
+    let mut v: Value = parse(&body_text(body, limit)?)?;
+    let taken = v
+        .as_object_mut()
+        .ok_or_else(|| ApiError::invalid("", "the body must be a JSON object"))?
+        .remove(field)
+        .ok_or_else(|| ApiError::invalid(field, format!("`{field}` is required")))?;
+    Ok((taken, v))
+}
+
 fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
     let s: Sampling = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
         let path = e.path().to_string();
@@ -307,15 +322,8 @@ pub async fn completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let text = body_text(body, state.limits.max_body_bytes)?;
-        let mut v: Value = parse(&text)?;
-        let obj = v
-            .as_object_mut()
-            .ok_or_else(|| ApiError::invalid("", "the body must be a JSON object"))?;
-        let prompt = obj
-            .remove("prompt")
-            .ok_or_else(|| ApiError::invalid("prompt", "`prompt` is required"))?;
-        if let Some(e) = obj.remove("echo") {
+        let (prompt, mut v) = split_body(body, state.limits.max_body_bytes, "prompt")?;
+        if let Some(e) = v.as_object_mut().and_then(|o| o.remove("echo")) {
             if e != json!(false) && !e.is_null() {
                 return Err(ApiError::invalid("echo", "`echo` is not supported"));
             }
@@ -380,14 +388,7 @@ pub async fn chat_completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let text = body_text(body, state.limits.max_body_bytes)?;
-        let mut v: Value = parse(&text)?;
-        let obj = v
-            .as_object_mut()
-            .ok_or_else(|| ApiError::invalid("", "the body must be a JSON object"))?;
-        let messages = obj
-            .remove("messages")
-            .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?;
+        let (messages, v) = split_body(body, state.limits.max_body_bytes, "messages")?;
         let messages: Vec<ChatMessage> = {
             let de = messages;
             serde_path_to_error::deserialize(de).map_err(|e| {
