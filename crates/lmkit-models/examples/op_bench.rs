@@ -103,6 +103,10 @@ fn main() -> candle_core::Result<()> {
         let logits = x2.as_tensor().matmul(&lm.as_tensor().t()?)?;
         candle_nn::loss::cross_entropy(&logits, &targets)
     })?;
+    time("lm_head + cross-entropy, lmkit fused", reps, || {
+        let logits = x2.as_tensor().matmul(&lm.as_tensor().t()?)?;
+        lmkit_models::fused::cross_entropy_sum(&logits, &targets)? / 2048.0
+    })?;
     time("transpose(1,2)+reshape [8,6,256,64]", reps, || {
         q.as_tensor().transpose(1, 2)?.reshape((b, t, c))
     })?;

@@ -205,10 +205,157 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
 }
 
+// ---------------------------------------------------------------- cross-entropy
+
+/// Σ over rows of −log softmax(logits)[target]; backward (softmax − one-hot)·grad in one pass.
+struct CrossEntropySum;
+struct CrossEntropyGrad {
+    scale: f64,
+}
+
+fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> candle_core::Result<&'a [u32]> {
+    let t = match s {
+        CpuStorage::U32(t) => slice(t, l)?,
+        _ => candle_core::bail!("cross-entropy: targets must be u32"),
+    };
+    if let Some(bad) = t.iter().find(|&&y| y as usize >= v) {
+        candle_core::bail!("cross-entropy: target {bad} is outside the vocabulary of {v}");
+    }
+    Ok(t)
+}
+
+fn log_sum_exp<T: Float>(r: &[T]) -> T {
+    let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    m + r.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln()
+}
+
+fn ce_sum<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize) -> f64 {
+    x.par_chunks(v)
+        .zip(t.par_iter())
+        .map(|(r, &y)| {
+            (log_sum_exp(r) - r[y as usize])
+                .to_f64()
+                .unwrap_or(f64::NAN)
+        })
+        .sum()
+}
+
+fn ce_grad<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
+    let scale = T::from(scale).unwrap_or_else(T::zero);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v)
+        .zip(x.par_chunks(v).zip(t.par_iter()))
+        .for_each(|(o, (r, &y))| {
+            let lse = log_sum_exp(r);
+            for (oi, &xi) in o.iter_mut().zip(r) {
+                *oi = (xi - lse).exp() * scale;
+            }
+            o[y as usize] = o[y as usize] - scale;
+        });
+    out
+}
+
+impl CustomOp2 for CrossEntropySum {
+    fn name(&self) -> &'static str {
+        "lmkit-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = *l1.dims().last().unwrap_or(&1);
+        let t = targets(s2, l2, v)?;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(vec![ce_sum(slice(x, l1)?, t, v) as f32]),
+            CpuStorage::F64(x) => CpuStorage::F64(vec![ce_sum(slice(x, l1)?, t, v)]),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, Shape::from(())))
+    }
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale })?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "lmkit-cross-entropy-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = *l1.dims().last().unwrap_or(&1);
+        let t = targets(s2, l2, v)?;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(ce_grad(slice(x, l1)?, t, v, self.scale)),
+            CpuStorage::F64(x) => CpuStorage::F64(ce_grad(slice(x, l1)?, t, v, self.scale)),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Summed (not averaged) cross-entropy of `logits` [n, vocab] against `targets` [n] (u32).
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(logits) && targets.dtype() == DType::U32 && targets.device().is_cpu() {
+        return logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, CrossEntropySum);
+    }
+    let n = logits.dim(0)?;
+    candle_nn::loss::cross_entropy(logits, targets)? * n as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn fused_cross_entropy_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 3.0, (9, 17), &dev).unwrap())
+            .unwrap();
+        let t = Tensor::new(&[0u32, 16, 3, 3, 8, 1, 15, 2, 9], &dev).unwrap();
+        let ours = (cross_entropy_sum(x.as_tensor(), &t).unwrap() * 0.5).unwrap();
+        let reference = (candle_nn::loss::cross_entropy(x.as_tensor(), &t).unwrap() * 4.5).unwrap();
+        let (a, b) = (
+            ours.to_scalar::<f64>().unwrap(),
+            reference.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-10, "{a} vs {b}");
+        let ga = ours.backward().unwrap();
+        let gb = reference.backward().unwrap();
+        let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "{d}");
+        let bad = Tensor::new(&[17u32; 9], &dev).unwrap();
+        let e = cross_entropy_sum(x.as_tensor(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+    }
 
     #[test]
     fn fused_kernels_match_candle_ops() {

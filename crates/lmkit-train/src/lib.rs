@@ -441,8 +441,7 @@ fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> R
     for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
         let len = LOSS_CHUNK_ROWS.min(n - start);
         let logits = h.narrow(0, start, len)?.matmul(&w)?;
-        let part =
-            (candle_nn::loss::cross_entropy(&logits, &y.narrow(0, start, len)?)? * len as f64)?;
+        let part = lmkit_models::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
         total = Some(match total {
             Some(t) => (t + part)?,
             None => part,
