@@ -63,10 +63,20 @@ fn main() -> candle_core::Result<()> {
     time("broadcast_matmul [8,256,384]·[384x1152]", reps, || {
         x3.as_tensor().broadcast_matmul(w.as_tensor())
     })?;
-    time("broadcast_add bias [8,256,1152]+[1152]", reps, || {
-        x3.as_tensor()
-            .broadcast_matmul(w.as_tensor())?
-            .broadcast_add(bias.as_tensor())
+    time(
+        "matmul + broadcast_add bias [8,256,1152]+[1152]",
+        reps,
+        || {
+            x3.as_tensor()
+                .broadcast_matmul(w.as_tensor())?
+                .broadcast_add(bias.as_tensor())
+        },
+    )?;
+    time("matmul + bias, lmkit fused", reps, || {
+        lmkit_models::fused::add_bias(
+            &x3.as_tensor().broadcast_matmul(w.as_tensor())?,
+            bias.as_tensor(),
+        )
     })?;
     time("gelu (tanh), candle [2048,1536]", reps, || {
         big.as_tensor().gelu()

@@ -205,6 +205,105 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
 }
 
+// ---------------------------------------------------------------- bias add
+
+/// x [.., n] + b [n]; backward: dx = dy, db = the column sums of dy (one pass over contiguous
+/// rows; candle's broadcast backward sums over the leading dims with strided reads).
+struct AddBias;
+struct ColumnSum;
+
+fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
+    let n = b.len();
+    let mut out = x.to_vec();
+    out.par_chunks_mut(n).for_each(|r| {
+        for (o, &bi) in r.iter_mut().zip(b) {
+            *o = *o + bi;
+        }
+    });
+    out
+}
+
+fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
+    let rows = x.len() / n.max(1);
+    let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    x.par_chunks(per * n)
+        .map(|block| {
+            let mut acc = vec![T::zero(); n];
+            for r in block.chunks(n) {
+                for (a, &v) in acc.iter_mut().zip(r) {
+                    *a = *a + v;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![T::zero(); n],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x = *x + y;
+                }
+                a
+            },
+        )
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "lmkit-add-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(b)) => {
+                CpuStorage::F32(add_rows(slice(x, l1)?, slice(b, l2)?))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(b)) => {
+                CpuStorage::F64(add_rows(slice(x, l1)?, slice(b, l2)?))
+            }
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = dy.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "lmkit-column-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(column_sums(slice(x, l)?, n)),
+            CpuStorage::F64(x) => CpuStorage::F64(column_sums(slice(x, l)?, n)),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// `x + bias` with `bias` [n] broadcast over the rows of `x` [.., n].
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(x) && bias.dtype() == x.dtype() && bias.device().is_cpu() && bias.rank() == 1 {
+        return x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias);
+    }
+    x.broadcast_add(bias)
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// Σ over rows of −log softmax(logits)[target]; backward (softmax − one-hot)·grad in one pass.
@@ -325,6 +424,37 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn fused_bias_add_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap())
+            .unwrap();
+        let b = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, 7, &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap();
+        let ours = add_bias(x.as_tensor(), b.as_tensor()).unwrap();
+        let reference = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max((&ours - &reference).unwrap()) < 1e-15);
+        let ga = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (reference * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &b] {
+            let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
+            assert!(max(d) < 1e-12);
+        }
+    }
 
     #[test]
     fn fused_cross_entropy_matches_candle_in_value_and_gradient() {

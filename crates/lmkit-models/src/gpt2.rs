@@ -23,7 +23,7 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+        crate::fused::add_bias(&x.broadcast_matmul(&self.weight)?, &self.bias)
     }
 }
 
