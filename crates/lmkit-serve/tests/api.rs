@@ -39,7 +39,7 @@ fn model_dir() -> PathBuf {
         w.write_document(&ids[0]).unwrap();
         w.finish().unwrap();
         let cfg = format!(
-            "[model]\nmodel_type = \"gpt2\"\nn_positions = 64\nn_embd = 32\nn_layer = 2\nn_head = 2\n\
+            "[model]\nmodel_type = \"gpt2\"\nn_positions = 1024\nn_embd = 32\nn_layer = 2\nn_head = 2\n\
              [data]\ntrain = \"{d}/shards\"\ntokenizer = \"{d}/tok\"\nval_fraction = 0.0\n\
              [train]\nout_dir = \"{d}/out\"\nseq_len = 16\nbatch_size = 4\nmax_steps = 2\nwarmup_steps = 1\n\
              eval_every = 0\nsave_every = 2\n",
@@ -64,7 +64,7 @@ fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Ar
         db: db.to_path_buf(),
         limits: Limits {
             max_body_bytes: 64 * 1024,
-            max_tokens: 200,
+            max_tokens: 2000,
             ..Limits::default()
         },
         max_active: 4,
@@ -294,7 +294,7 @@ async fn auth_limits_and_bad_input_get_clear_errors() {
                 .into(),
             StatusCode::BAD_REQUEST,
             "max_tokens",
-            "at most 200",
+            "at most 2000",
         ),
         (
             json!({"prompt": "a", "temperature": 3}).to_string().into(),
@@ -323,10 +323,12 @@ async fn auth_limits_and_bad_input_get_clear_errors() {
             "does not exist",
         ),
         (
-            json!({"prompt": "the cat ".repeat(100)}).to_string().into(),
+            json!({"prompt": "the cat ".repeat(1000)})
+                .to_string()
+                .into(),
             StatusCode::BAD_REQUEST,
             "prompt",
-            "context holds 64",
+            "context holds 1024",
         ),
         (
             json!({"prompt": [1, 2, 99999]}).to_string().into(),
@@ -443,8 +445,9 @@ async fn moderation_refuses_or_flags_and_logs_the_decision() {
 async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     let dir = tempfile::tempdir().unwrap();
     let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 2);
+    // Long enough (the whole context) that it cannot finish before the client leaves.
     let long =
-        json!({"prompt": "the", "max_tokens": 200, "stream": true, "temperature": 1.0, "n": 2})
+        json!({"prompt": "the", "max_tokens": 2000, "stream": true, "temperature": 1.0, "n": 2})
             .to_string();
     let req = Request::builder()
         .method("POST")
@@ -472,7 +475,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
         String::from_utf8_lossy(&b)
     );
     assert!(h.contains_key("retry-after"));
-    // Dropping the stream (a client that went away) frees the queue well before 200 tokens.
+    // Dropping the stream (a client that went away) frees the queue well before the context fills.
     drop(body);
     let t0 = std::time::Instant::now();
     while st.engine.depth() > 0 {
@@ -488,7 +491,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
                 rows.iter().all(|r| r.finish_reason == "cancelled"),
                 "{rows:?}"
             );
-            assert!(rows.iter().all(|r| r.completion_tokens < 200));
+            assert!(rows.iter().all(|r| r.completion_tokens < 1000));
             break;
         }
         assert!(t0.elapsed().as_secs() < 20, "no log rows: {rows:?}");
