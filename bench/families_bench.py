@@ -42,6 +42,17 @@ class RecurrentLM(torch.nn.Module):
         return self.lm_head(out)
 
 
+def lmkit_tps(lm, tmp, name, model_toml, data_toml, train_toml):
+    """Trains with `lmkit train` and returns the mean (harmonic) tokens/s of the steps after the first."""
+    out = tmp / name
+    (tmp / "run.toml").write_text(f"[model]\n{model_toml}\n[data]\n{data_toml}[train]\nout_dir = \"{out}\"\n{train_toml}"
+                                  "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
+    run([lm, "train", "--config", tmp / "run.toml"])
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
+    return len(tps) / sum(1 / t for t in tps)
+
+
 def torch_tps(model, loss_fn, batch, seq, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.randint(5, V, (batch, seq + 1))
@@ -111,15 +122,8 @@ def main():
     enc = [(tok.encode(a_).ids[:64], tok.encode(b_).ids[:63]) for a_, b_ in zip(verses, verses[1:])]
     bart_toml = ('model_type = "bart"\nd_model = 256\nencoder_layers = 2\ndecoder_layers = 2\nencoder_attention_heads = 4\n'
                  'decoder_attention_heads = 4\nencoder_ffn_dim = 1024\ndecoder_ffn_dim = 1024\nmax_position_embeddings = 64\n')
-    out = tmp / "bart"
-    (tmp / "run.toml").write_text(
-        f"[model]\n{bart_toml}\n[data]\ntrain = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n"
-        f"[train]\nout_dir = \"{out}\"\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n"
-        "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
-    run([lm, "train", "--config", tmp / "run.toml"])
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
-    bart_lm = len(tps) / sum(1 / t for t in tps)
+    bart_lm = lmkit_tps(lm, tmp, "bart", bart_toml, f"train = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n",
+                        f"batch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2,
                                                    encoder_attention_heads=4, decoder_attention_heads=4,
@@ -146,15 +150,9 @@ def main():
     n_tok = sum(bart_step() for _ in range(a.steps))
     bart_pt = n_tok / (time.perf_counter() - t0)
     for name, model_toml, make, loss_fn in families:
-        out = tmp / name.split()[0].lower()
-        (tmp / "run.toml").write_text(
-            f"[model]\n{model_toml}\n[data]\ntrain = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n"
-            f"[train]\nout_dir = \"{out}\"\nseq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n"
-            "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
-        run([lm, "train", "--config", tmp / "run.toml"])
-        recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
-        lm_tps = len(tps) / sum(1 / t for t in tps)
+        lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), model_toml,
+                           f"train = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n",
+                           f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
         torch.manual_seed(0)
         pt = torch_tps(make(), loss_fn, a.batch, a.seq, a.steps)
         rows.append((name, lm_tps, pt))

@@ -3,7 +3,7 @@
 //! masked self-attention and cross-attention, post-norm layers, learned positions (offset 2),
 //! shared token embeddings tied to the output layer plus `final_logits_bias`.
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::ops::LayerNorm;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Embedding, Linear, VarBuilder};
@@ -67,26 +67,7 @@ impl BartConfig {
     }
 
     pub fn load(path: &Path) -> Result<BartConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let bad = |msg: String| ModelError::Config {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if mt != "bart" {
-            return Err(ModelError::UnsupportedModel {
-                path: path.to_path_buf(),
-                model_type: mt.to_string(),
-            });
-        }
-        let cfg: BartConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        cfg.validate().map_err(bad)?;
-        Ok(cfg)
+        crate::config::load_typed(path, "bart", BartConfig::validate)
     }
 
     /// The first decoder input.

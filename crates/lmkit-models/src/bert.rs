@@ -2,7 +2,7 @@
 //! transformers' `BertForMaskedLM` lays it out (post-norm layers, learned positions, token types,
 //! tied output embeddings), plus mean-pooled sentence embeddings.
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::ops::LayerNorm;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
@@ -79,26 +79,7 @@ impl BertConfig {
 
     /// Reads and validates a `config.json` with `model_type` "bert".
     pub fn load(path: &Path) -> Result<BertConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let bad = |msg: String| ModelError::Config {
-            path: path.to_path_buf(),
-            msg,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if mt != "bert" {
-            return Err(ModelError::UnsupportedModel {
-                path: path.to_path_buf(),
-                model_type: mt.to_string(),
-            });
-        }
-        let cfg: BertConfig = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        cfg.validate().map_err(bad)?;
-        Ok(cfg)
+        crate::config::load_typed(path, "bert", BertConfig::validate)
     }
 }
 

@@ -244,6 +244,35 @@ impl RnnConfig {
     }
 }
 
+/// Reads `config.json` for a model family that must have `model_type` `expected`, deserializes and
+/// validates it, naming the file in every error.
+pub(crate) fn load_typed<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: &str,
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let bad = |msg: String| ModelError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+    if mt != expected {
+        return Err(ModelError::UnsupportedModel {
+            path: path.to_path_buf(),
+            model_type: mt.to_string(),
+        });
+    }
+    let cfg: T = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+    validate(&cfg).map_err(bad)?;
+    Ok(cfg)
+}
+
 /// A decoder config, told apart by `model_type`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecoderConfig {
