@@ -81,6 +81,7 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
+    lmkit_models::blas::choose_openblas_core();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),

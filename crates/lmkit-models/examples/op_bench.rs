@@ -5,6 +5,7 @@
 //! usage: cargo run --release -p lmkit-models --example op_bench
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use lmkit_models::blas;
 use std::time::Instant;
 
 fn time(
@@ -54,12 +55,18 @@ fn main() -> candle_core::Result<()> {
         "shapes: batch {b}, context {t}, dim {c}, heads {h}, vocab {v}; {} threads",
         candle_core::utils::get_num_threads()
     );
+    println!("CPU matmul for the lmkit BLAS rows: {}", blas::backend());
     println!();
     println!("| op | forward ms | backward ms |");
     println!("|---|---|---|");
     time("matmul 2-D [2048x384]·[384x1152]", reps, || {
         x2.as_tensor().matmul(w.as_tensor())
     })?;
+    time(
+        "matmul 2-D [2048x384]·[384x1152], lmkit BLAS",
+        reps,
+        || blas::matmul(x2.as_tensor(), w.as_tensor()),
+    )?;
     time("broadcast_matmul [8,256,384]·[384x1152]", reps, || {
         x3.as_tensor().broadcast_matmul(w.as_tensor())
     })?;
@@ -87,6 +94,11 @@ fn main() -> candle_core::Result<()> {
     time("matmul MLP [2048x384]·[384x1536]", reps, || {
         x2.as_tensor().matmul(w_mlp.as_tensor())
     })?;
+    time(
+        "matmul MLP [2048x384]·[384x1536], lmkit BLAS",
+        reps,
+        || blas::matmul(x2.as_tensor(), w_mlp.as_tensor()),
+    )?;
     time("layer norm (lmkit ops) [8,256,384]", reps, || {
         let x = x3.as_tensor();
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -98,6 +110,11 @@ fn main() -> candle_core::Result<()> {
     time("attention scores q·kᵀ [8,6,256,64]", reps, || {
         q.as_tensor().matmul(&k.as_tensor().t()?)
     })?;
+    time(
+        "attention scores q·kᵀ [8,6,256,64], lmkit BLAS",
+        reps,
+        || blas::matmul(q.as_tensor(), &k.as_tensor().t()?),
+    )?;
     time("softmax, candle ops [8,6,256,256]", reps, || {
         let x = att.as_tensor();
         let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
@@ -108,6 +125,9 @@ fn main() -> candle_core::Result<()> {
     })?;
     time("lm_head [2048x384]·[384x8192]", reps, || {
         x2.as_tensor().matmul(&lm.as_tensor().t()?)
+    })?;
+    time("lm_head [2048x384]·[384x8192], lmkit BLAS", reps, || {
+        blas::matmul(x2.as_tensor(), &lm.as_tensor().t()?)
     })?;
     time("lm_head + cross-entropy", reps, || {
         let logits = x2.as_tensor().matmul(&lm.as_tensor().t()?)?;

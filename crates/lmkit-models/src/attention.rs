@@ -41,7 +41,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     let (_, _, t, d) = q.dims4()?;
     let s = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = (crate::blas::matmul(q, &k.t()?)? * scale)?;
     let att = if t > 1 {
         // Query i (absolute position s - t + i) sees keys 0..=s - t + i.
         let offset = s - t;
@@ -62,5 +62,5 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
         att
     };
     let att = crate::ops::softmax_last_dim(&att)?;
-    att.matmul(&v.contiguous()?)
+    crate::blas::matmul(&att, v)
 }

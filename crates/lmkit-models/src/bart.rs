@@ -5,8 +5,9 @@
 
 use crate::error::Result;
 use crate::ops::LayerNorm;
+use crate::ops::{linear, Linear};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -123,13 +124,16 @@ impl Attention {
         let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?, t)?;
         let k = split(self.k.forward(kv)?, s)?;
         let v = split(self.v.forward(kv)?, s)?;
-        let mut att = q.matmul(&k.t()?)?;
+        let mut att = crate::blas::matmul(&q, &k.t()?)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
         let att = crate::ops::softmax_last_dim(&att)?;
-        self.out
-            .forward(&att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?)
+        self.out.forward(
+            &crate::blas::matmul(&att, &v)?
+                .transpose(1, 2)?
+                .reshape((b, t, d))?,
+        )
     }
 }
 
@@ -309,7 +313,7 @@ impl Bart {
         for l in &self.decoder.layers {
             x = l.forward(&x, Some(&causal), Some((memory, mem_bias.as_ref())))?;
         }
-        x.broadcast_matmul(&self.shared.embeddings().t()?)?
+        crate::blas::matmul(&x, &self.shared.embeddings().t()?)?
             .broadcast_add(&self.final_logits_bias)
     }
 }

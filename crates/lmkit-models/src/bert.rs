@@ -4,8 +4,9 @@
 
 use crate::error::Result;
 use crate::ops::LayerNorm;
+use crate::ops::{linear, Linear};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -134,12 +135,14 @@ impl Layer {
         let q = (split(self.query.forward(x)?)? * (1.0 / (d as f64).sqrt()))?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let mut att = q.matmul(&k.t()?)?;
+        let mut att = crate::blas::matmul(&q, &k.t()?)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
         let att = crate::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let y = crate::blas::matmul(&att, &v)?
+            .transpose(1, 2)?
+            .reshape((b, t, h))?;
         let x = self.attn_norm.forward(&(x + self.attn_out.forward(&y)?)?)?;
         let m = self
             .output
@@ -236,8 +239,7 @@ impl Bert {
     pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let x = act(&self.cfg.hidden_act, &self.head_dense.forward(hidden)?)?;
         let x = self.head_norm.forward(&x)?;
-        x.broadcast_matmul(&self.decoder.t()?)?
-            .broadcast_add(&self.decoder_bias)
+        crate::blas::matmul(&x, &self.decoder.t()?)?.broadcast_add(&self.decoder_bias)
     }
 
     /// Sentence embeddings [b, h]: the mean of the last hidden states over real tokens.

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod bart;
 pub mod bert;
+pub mod blas;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -190,9 +191,10 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq], row r continuing `caches[r]`.
     pub fn forward_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        Ok(self
-            .hidden_rows(ids, caches)?
-            .broadcast_matmul(&self.lm_head().t()?)?)
+        Ok(blas::matmul(
+            &self.hidden_rows(ids, caches)?,
+            &self.lm_head().t()?,
+        )?)
     }
 
     /// The output projection [vocab, dim] (the token embeddings when they are tied).
@@ -206,8 +208,9 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self
-            .hidden(ids, cache)?
-            .broadcast_matmul(&self.lm_head().t()?)?)
+        Ok(blas::matmul(
+            &self.hidden(ids, cache)?,
+            &self.lm_head().t()?,
+        )?)
     }
 }

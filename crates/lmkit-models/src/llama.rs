@@ -5,8 +5,9 @@
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::ops::RmsNorm;
+use crate::ops::{linear_b, Linear};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_b, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 /// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
 struct Rope {

@@ -1,0 +1,534 @@
+//! Matrix products on the CPU through a system BLAS library, loaded at run time.
+//!
+//! candle's CPU matmul (the `gemm` crate) reaches about a third of the f32 GEMM throughput that
+//! OpenBLAS or MKL reach on the same cores, and matrix products are most of a training step. Any
+//! library exporting the CBLAS functions `cblas_sgemm`/`cblas_dgemm` (OpenBLAS, BLIS, MKL) is
+//! opened on first use; nothing is linked at build time, so a machine without one still runs, on
+//! candle's matmul. `LMKIT_BLAS=/path/to/libopenblas.so` picks a library, `LMKIT_BLAS=off`
+//! disables the path. [`backend`] says which is in use.
+//!
+//! [`matmul`] is a differentiable CustomOp: its backward is two more products through the same
+//! library (transposed operands are passed as BLAS transpose flags, not copied).
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+type Gemm<T> = unsafe extern "C" fn(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: T,
+    a: *const T,
+    lda: i32,
+    b: *const T,
+    ldb: i32,
+    beta: T,
+    c: *mut T,
+    ldc: i32,
+);
+
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+struct Blas {
+    sgemm: Gemm<f32>,
+    dgemm: Gemm<f64>,
+    path: String,
+    /// The library runs each call on the calling thread (OpenBLAS told so at load): lmkit splits
+    /// products over rayon's threads itself, so no second thread pool competes for the cores.
+    single_threaded: bool,
+    // Keeps the library mapped for as long as the function pointers above are used.
+    _lib: libloading::Library,
+}
+
+/// Libraries tried, in order, when `LMKIT_BLAS` is not set.
+const CANDIDATES: &[&str] = &[
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libopenblas.dylib",
+    "libmkl_rt.so.2",
+    "libmkl_rt.so",
+    "libblis.so.4",
+    "libblis.so",
+];
+
+struct Loaded {
+    blas: Option<Blas>,
+    note: String,
+}
+
+/// OpenBLAS releases older than the CPU they run on fall back to their slowest generic kernels
+/// (Debian 12's 0.3.21 takes a Sapphire Rapids Xeon for a Prescott: 3-5x slower GEMM). Unless
+/// the user chose one, name the kernel family the CPU supports; other libraries ignore this.
+///
+/// Called by [`open`]; a program should call it at the start of `main`, before it starts
+/// threads, since it may set an environment variable.
+pub fn choose_openblas_core() {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let core = if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+            "SkylakeX"
+        } else if has!("avx2") && has!("fma") {
+            "Haswell"
+        } else {
+            return;
+        };
+        // Read by OpenBLAS when it is loaded.
+        std::env::set_var("OPENBLAS_CORETYPE", core);
+    }
+}
+
+fn open(path: &str) -> Result<Blas, String> {
+    choose_openblas_core();
+    // SAFETY: loading a shared library runs its initialisers; the candidates are BLAS libraries,
+    // and the symbols are declared with the CBLAS signatures.
+    unsafe {
+        let lib = libloading::Library::new(path).map_err(|e| e.to_string())?;
+        let sgemm = *lib
+            .get::<Gemm<f32>>(b"cblas_sgemm\0")
+            .map_err(|e| e.to_string())?;
+        let dgemm = *lib
+            .get::<Gemm<f64>>(b"cblas_dgemm\0")
+            .map_err(|e| e.to_string())?;
+        type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
+        let core = match lib.get::<CoreName>(b"openblas_get_corename\0") {
+            Ok(f) => {
+                let p = f();
+                if p.is_null() {
+                    String::new()
+                } else {
+                    let name = std::ffi::CStr::from_ptr(p).to_string_lossy();
+                    format!(" (OpenBLAS, {name} kernels)")
+                }
+            }
+            Err(_) => String::new(),
+        };
+        // OpenBLAS's own worker threads spin (sched_yield) between calls, taking cores from the
+        // rayon threads that run every other op; with one thread per call there are none.
+        type SetThreads = unsafe extern "C" fn(n: std::ffi::c_int);
+        let single_threaded = match lib.get::<SetThreads>(b"openblas_set_num_threads\0") {
+            Ok(f) => {
+                f(1);
+                true
+            }
+            Err(_) => false,
+        };
+        Ok(Blas {
+            sgemm,
+            dgemm,
+            single_threaded,
+            path: format!("{path}{core}"),
+            _lib: lib,
+        })
+    }
+}
+
+fn loaded() -> &'static Loaded {
+    static LOADED: OnceLock<Loaded> = OnceLock::new();
+    LOADED.get_or_init(|| match std::env::var("LMKIT_BLAS") {
+        Ok(v) if matches!(v.as_str(), "off" | "0" | "none" | "") => Loaded {
+            blas: None,
+            note: "candle gemm (LMKIT_BLAS=off)".into(),
+        },
+        Ok(path) => match open(&path) {
+            Ok(b) => Loaded {
+                note: format!("BLAS {}", b.path),
+                blas: Some(b),
+            },
+            Err(e) => Loaded {
+                blas: None,
+                note: format!(
+                    "candle gemm (LMKIT_BLAS={path} could not be used: {e}; \
+                     point it at a library exporting cblas_sgemm, or unset it)"
+                ),
+            },
+        },
+        Err(_) => {
+            for c in CANDIDATES {
+                if let Ok(b) = open(c) {
+                    return Loaded {
+                        note: format!("BLAS {}", b.path),
+                        blas: Some(b),
+                    };
+                }
+            }
+            Loaded {
+                blas: None,
+                note: "candle gemm (no BLAS library found; installing OpenBLAS, e.g. \
+                       `apt install libopenblas0-pthread`, makes CPU matrix products ~3x faster)"
+                    .into(),
+            }
+        }
+    })
+}
+
+fn blas() -> Option<&'static Blas> {
+    loaded().blas.as_ref()
+}
+
+/// Which CPU matmul is in use, e.g. "BLAS libopenblas.so.0" or "candle gemm (…why…)".
+pub fn backend() -> &'static str {
+    &loaded().note
+}
+
+/// How one operand's last two dims [rows, cols] lie in memory, in BLAS terms.
+#[derive(Clone, Copy)]
+struct Mat {
+    trans: bool,
+    ld: usize,
+}
+
+/// Element (i, j) must be at i·ld + j (row-major) or j·ld + i (transposed); `None` when neither.
+fn describe(rows: usize, cols: usize, sr: usize, sc: usize) -> Option<Mat> {
+    let ld = if rows == 1 { cols.max(1) } else { sr };
+    if (cols == 1 || sc == 1) && ld >= cols.max(1) {
+        return Some(Mat { trans: false, ld });
+    }
+    let ld = if cols == 1 { rows.max(1) } else { sc };
+    if (rows == 1 || sr == 1) && ld >= rows.max(1) {
+        return Some(Mat { trans: true, ld });
+    }
+    None
+}
+
+/// Offsets of each matrix of a [batch..., r, c] layout, batch dims flattened in row-major order.
+fn batch_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let nb = dims.len() - 2;
+    let mut offs = vec![l.start_offset()];
+    for d in 0..nb {
+        offs = offs
+            .iter()
+            .flat_map(|&o| (0..dims[d]).map(move |i| o + i * strides[d]))
+            .collect();
+    }
+    offs
+}
+
+struct BlasMatmul;
+
+fn gemm_batched<T: Copy + Default + Send + Sync>(
+    gemm: Gemm<T>,
+    split: bool,
+    one: T,
+    a: &[T],
+    la: &Layout,
+    b: &[T],
+    lb: &Layout,
+) -> candle_core::Result<(Vec<T>, Shape)> {
+    let (da, db) = (la.dims(), lb.dims());
+    let r = da.len();
+    let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+    let (oa, ob) = (batch_offsets(la), batch_offsets(lb));
+    let mut out = vec![T::default(); oa.len() * m * n];
+    let mut shape = da[..r - 1].to_vec();
+    shape.push(n);
+    if m == 0 || n == 0 || k == 0 {
+        return Ok((out, shape.into()));
+    }
+    let (sa, sb) = (la.stride(), lb.stride());
+    let ma = describe(m, k, sa[r - 2], sa[r - 1]);
+    let mb = describe(k, n, sb[r - 2], sb[r - 1]);
+    let (Some(ma), Some(mb)) = (ma, mb) else {
+        candle_core::bail!("blas matmul: operands must be row-major or transposed matrices")
+    };
+    if [m, n, k, ma.ld, mb.ld]
+        .iter()
+        .any(|&v| v > i32::MAX as usize)
+    {
+        candle_core::bail!("blas matmul: a dimension exceeds the BLAS 32-bit index range");
+    }
+    // Rows i0.. of `a` start i0·ld (row-major) or i0 (transposed) elements further on.
+    let a_row = if ma.trans { 1 } else { ma.ld };
+    let run = |c: &mut [T], oa: usize, ob: usize, rows: usize| {
+        // SAFETY: `describe` checked that every element (i, j) of both operands lies at the
+        // offsets BLAS will read (offset + i·ld + j or + j·ld + i within candle's storage, whose
+        // layout addresses the same elements; `rows` ≤ m rows from `oa`); `c` holds exactly
+        // rows·n elements with ldc = n.
+        unsafe {
+            gemm(
+                ROW_MAJOR,
+                if ma.trans { TRANS } else { NO_TRANS },
+                if mb.trans { TRANS } else { NO_TRANS },
+                rows as i32,
+                n as i32,
+                k as i32,
+                one,
+                a[oa..].as_ptr(),
+                ma.ld as i32,
+                b[ob..].as_ptr(),
+                mb.ld as i32,
+                T::default(),
+                c.as_mut_ptr(),
+                n as i32,
+            )
+        }
+    };
+    let nb = oa.len();
+    let threads = rayon::current_num_threads().max(1);
+    // With a single-threaded library, each product is split into row blocks over the threads
+    // (enough blocks for every thread when there are fewer products than threads); with a
+    // threaded one, only many small products (attention heads) run side by side.
+    let rows_per = if split && nb < threads {
+        m.div_ceil(threads.div_ceil(nb)).max(m.min(32))
+    } else {
+        m
+    };
+    let product = |c: &mut [T], oa: usize, ob: usize| {
+        if rows_per < m {
+            c.par_chunks_mut(rows_per * n)
+                .enumerate()
+                .for_each(|(i, cc)| run(cc, oa + i * rows_per * a_row, ob, cc.len() / n));
+        } else {
+            run(c, oa, ob, m)
+        }
+    };
+    if nb > 1 && (split || m * n * k < 1 << 22) {
+        out.par_chunks_mut(m * n)
+            .zip(oa.par_iter().zip(ob.par_iter()))
+            .for_each(|(c, (&oa, &ob))| product(c, oa, ob));
+    } else {
+        out.chunks_mut(m * n)
+            .zip(oa.iter().zip(ob.iter()))
+            .for_each(|(c, (&oa, &ob))| product(c, oa, ob));
+    }
+    Ok((out, shape.into()))
+}
+
+impl CustomOp2 for BlasMatmul {
+    fn name(&self) -> &'static str {
+        "blas-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(blas) = blas() else {
+            candle_core::bail!("blas matmul: no BLAS library is loaded")
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (v, s) = gemm_batched(blas.sgemm, blas.single_threaded, 1f32, a, l1, b, l2)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (v, s) = gemm_batched(blas.dgemm, blas.single_threaded, 1f64, a, l1, b, l2)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!("blas matmul: f32 or f64 operands of one dtype only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(matmul(grad, &b.t()?)?), Some(matmul(&a.t()?, grad)?)))
+    }
+}
+
+fn usable(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cpu()
+        && b.device().is_cpu()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.dtype() == b.dtype()
+        && a.rank() >= 2
+        && b.rank() >= 2
+        && blas().is_some()
+}
+
+/// Strides that `describe` cannot express (e.g. a permuted view) are made contiguous first.
+fn blas_ready(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (dims, st) = (x.dims(), x.stride());
+    let r = dims.len();
+    if describe(dims[r - 2], dims[r - 1], st[r - 2], st[r - 1]).is_some() {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
+}
+
+/// `a · b` with candle's `broadcast_matmul` semantics, through BLAS on the CPU when a library is
+/// loaded ([`backend`]), through candle otherwise.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !usable(a, b) || a.dim(candle_core::D::Minus1)? != b.dim(candle_core::D::Minus2)? {
+        return a.broadcast_matmul(b);
+    }
+    let (ra, rb) = (a.rank(), b.rank());
+    if rb == 2 && ra > 2 {
+        // [..., m, k] · [k, n]: one product over all rows of `a`.
+        let dims = a.dims().to_vec();
+        let a2 = a.reshape(((dims[..ra - 1].iter().product::<usize>()), dims[ra - 1]))?;
+        let y = blas_ready(&a2)?.apply_op2(&blas_ready(b)?, BlasMatmul)?;
+        let mut out = dims[..ra - 1].to_vec();
+        out.push(b.dim(1)?);
+        return y.reshape(out);
+    }
+    if ra == rb && a.dims()[..ra - 2] == b.dims()[..rb - 2] {
+        return blas_ready(a)?.apply_op2(&blas_ready(b)?, BlasMatmul);
+    }
+    a.broadcast_matmul(b)
+}
+
+/// Whether [`matmul`] goes through BLAS for CPU f32/f64 tensors in this process.
+pub fn available() -> bool {
+    blas().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Without a BLAS library every product goes through candle and these tests compare candle
+    /// with itself; CI installs OpenBLAS and sets LMKIT_REQUIRE_BLAS=1 so that cannot happen there.
+    fn blas_or_skip() -> bool {
+        if available() {
+            return true;
+        }
+        if std::env::var_os("LMKIT_REQUIRE_BLAS").is_some() {
+            panic!(
+                "LMKIT_REQUIRE_BLAS is set but no BLAS was loaded: {}",
+                backend()
+            );
+        }
+        eprintln!("skipped: {}", backend());
+        false
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Value and both gradients of Σ (a·b ⊙ r) equal candle's, for operands built by `make`
+    /// from contiguous variables (so views: transposes, permutes, narrows).
+    fn check(
+        da: &[usize],
+        db: &[usize],
+        dtype: DType,
+        make: impl Fn(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) {
+        let dev = Device::Cpu;
+        let va = Var::randn(0f32, 1.0, da, &dev).unwrap();
+        let vb = Var::randn(0f32, 1.0, db, &dev).unwrap();
+        let (va, vb) = (
+            Var::from_tensor(&va.to_dtype(dtype).unwrap()).unwrap(),
+            Var::from_tensor(&vb.to_dtype(dtype).unwrap()).unwrap(),
+        );
+        let (a, b) = make(va.as_tensor(), vb.as_tensor()).unwrap();
+        let ours = matmul(&a, &b).unwrap();
+        // candle's own matmul refuses some strided views: give it contiguous copies.
+        let theirs = a
+            .contiguous()
+            .unwrap()
+            .broadcast_matmul(&b.contiguous().unwrap())
+            .unwrap();
+        let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+        assert!(max_diff(&ours, &theirs) < tol, "{da:?}·{db:?} forward");
+        let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&va, &vb] {
+            let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(max_diff(x, y) < tol * 10.0, "{da:?}·{db:?} gradient");
+        }
+    }
+
+    #[test]
+    fn products_and_gradients_equal_candle() {
+        if !blas_or_skip() {
+            return;
+        }
+        for dtype in [DType::F32, DType::F64] {
+            let same = |a: &Tensor, b: &Tensor| Ok((a.clone(), b.clone()));
+            check(&[5, 7], &[7, 3], dtype, same);
+            // Linear layer: x [b, t, in] · Wᵀ with W [out, in].
+            check(&[2, 5, 7], &[3, 7], dtype, |a, b| Ok((a.clone(), b.t()?)));
+            // Transposed left operand (the weight gradient's form).
+            check(&[7, 5], &[7, 3], dtype, |a, b| Ok((a.t()?, b.clone())));
+            // Attention: [b, h, t, d] · [b, h, d, s] from kᵀ, and a head-split (permuted) view.
+            check(&[2, 3, 4, 8], &[2, 3, 6, 8], dtype, |a, b| {
+                Ok((a.clone(), b.t()?))
+            });
+            check(&[2, 4, 3, 8], &[2, 3, 8, 6], dtype, |a, b| {
+                Ok((a.transpose(1, 2)?, b.clone()))
+            });
+            // A permuted view BLAS cannot describe (copied first), and a narrowed one.
+            check(&[4, 3, 5], &[3, 6], dtype, |a, b| {
+                Ok((a.permute((2, 0, 1))?.narrow(0, 1, 3)?, b.clone()))
+            });
+            check(&[6, 9], &[9, 4], dtype, |a, b| {
+                Ok((a.narrow(1, 2, 5)?, b.narrow(0, 2, 5)?))
+            });
+            // Products large enough to be split into row blocks over the threads.
+            check(&[3, 50, 16], &[9, 16], dtype, |a, b| {
+                Ok((a.clone(), b.t()?))
+            });
+            check(&[100, 70], &[100, 9], dtype, |a, b| Ok((a.t()?, b.clone())));
+            // Single rows and columns (decoding one token).
+            check(&[1, 7], &[7, 1], dtype, same);
+            check(&[3, 1, 7], &[7, 5], dtype, same);
+        }
+    }
+
+    #[test]
+    fn empty_and_mismatched_shapes() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((3, 0), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros((0, 4), DType::F32, &dev).unwrap();
+        let y = matmul(&a, &b).unwrap();
+        assert_eq!(y.dims(), &[3, 4]);
+        assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let c = Tensor::zeros((5, 4), DType::F32, &dev).unwrap();
+        let err = matmul(&a.reshape((0, 3)).unwrap(), &c).unwrap_err();
+        assert!(err.to_string().contains("shape"), "{err}");
+    }
+
+    #[test]
+    fn layouts() {
+        let m = describe(4, 3, 3, 1).unwrap();
+        assert!(!m.trans && m.ld == 3);
+        let m = describe(4, 3, 1, 4).unwrap();
+        assert!(m.trans && m.ld == 4);
+        assert!(describe(4, 3, 2, 2).is_none());
+        // A broadcast (stride 0) row cannot be one.
+        assert!(describe(4, 3, 0, 1).is_none());
+    }
+}
