@@ -107,6 +107,11 @@ fn main() -> candle_core::Result<()> {
         xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(gain.as_tensor())
     })?;
+    let zero = Var::zeros(c, DType::F32, &dev)?;
+    time("layer norm, lmkit fused [8,256,384]", reps, || {
+        lmkit_models::fused::layer_norm(x3.as_tensor(), gain.as_tensor(), zero.as_tensor(), 1e-5)?
+            .ok_or_else(|| candle_core::Error::Msg("not fused".into()))
+    })?;
     time("attention scores q·kᵀ [8,6,256,64]", reps, || {
         q.as_tensor().matmul(&k.as_tensor().t()?)
     })?;

@@ -3,7 +3,7 @@
 //! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64; other devices and
 //! dtypes fall back to composed ops. tests/gradients.rs checks them against finite differences.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -366,6 +366,180 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_add(bias)
 }
 
+// ---------------------------------------------------------------- layer norm
+
+/// y = (x − mean)·rstd·w + b over the last dim, rstd = 1/√(var + eps) (Ba et al. 2016). The
+/// backward pass gives dx, dw and db from one pass over the rows:
+/// x̂ = (x − mean)·rstd, ĝ = dy·w, dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), dw = Σ dy·x̂, db = Σ dy.
+struct LayerNormOp {
+    eps: f64,
+}
+/// Inputs (x, w, dy); output [dx (x's size) | dw (n) | db (n)] flattened, split by `layer_norm`.
+struct LayerNormBwd {
+    eps: f64,
+}
+
+/// Rows per parallel task of the layer-norm kernels.
+const LN_ROWS: usize = 32;
+
+fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
+    let n = T::from(r.len()).unwrap_or_else(T::one);
+    let mean = r.iter().fold(T::zero(), |a, &v| a + v) / n;
+    let var = r
+        .iter()
+        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+        / n;
+    (mean, T::one() / (var + eps).sqrt())
+}
+
+fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let eps = c::<T>(eps);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n * LN_ROWS)
+        .zip(x.par_chunks(n * LN_ROWS))
+        .for_each(|(o, xs)| {
+            for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
+                let (mean, rstd) = row_stats(r, eps);
+                for (((o, &v), &wi), &bi) in o.iter_mut().zip(r).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * wi + bi;
+                }
+            }
+        });
+    out
+}
+
+fn layer_norm_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let eps = c::<T>(eps);
+    let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
+    let mut out = vec![T::zero(); x.len() + 2 * n];
+    let (dx, _) = out.split_at_mut(x.len());
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut(n * LN_ROWS)
+        .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
+        .map(|(dxs, (xs, gs))| {
+            let mut acc = vec![T::zero(); 2 * n];
+            let (dw, db) = acc.split_at_mut(n);
+            for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+                let (mean, rstd) = row_stats(r, eps);
+                let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
+                for (((&v, &gi), &wi), (dwi, dbi)) in
+                    r.iter().zip(g).zip(w).zip(dw.iter_mut().zip(db.iter_mut()))
+                {
+                    let xh = (v - mean) * rstd;
+                    let gh = gi * wi;
+                    sum_g = sum_g + gh;
+                    sum_gx = sum_gx + gh * xh;
+                    *dwi = *dwi + gi * xh;
+                    *dbi = *dbi + gi;
+                }
+                let (mg, mgx) = (sum_g * inv_n, sum_gx * inv_n);
+                for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
+                    let xh = (v - mean) * rstd;
+                    *d = rstd * (gi * wi - mg - xh * mgx);
+                }
+            }
+            acc
+        })
+        .collect();
+    let len = x.len();
+    for p in partial {
+        for (o, v) in out[len..].iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "lmkit-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                layer_norm_rows(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                layer_norm_rows(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = w.dim(0)?;
+        let all = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let len = x.elem_count();
+        Ok((
+            Some(all.narrow(0, 0, len)?.reshape(x.shape())?),
+            Some(all.narrow(0, len, n)?),
+            Some(all.narrow(0, len + n, n)?),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-layer-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(
+                layer_norm_bwd_rows(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(
+                layer_norm_bwd_rows(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
+            ),
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        };
+        let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// LayerNorm over the last dim with weight `w` and bias `b` ([n] each): the fused kernel on the
+/// CPU in f32/f64, `None` elsewhere (the caller composes it from tensor ops).
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().is_cpu() && t.dims() == [n];
+    if !(fused_ok(x) && same(w) && same(b)) {
+        return Ok(None);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+        .map(Some)
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// Σ over rows of −log softmax(logits)[target]; backward (softmax − one-hot)·grad in one pass.
@@ -516,6 +690,59 @@ mod tests {
             let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
             assert!(max(d) < 1e-12);
         }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], sd: f64| {
+            candle_core::Var::from_tensor(&Tensor::randn(0.5f64, sd, shape, &dev).unwrap()).unwrap()
+        };
+        // 70 rows: more than one parallel task, the last one partial.
+        let (x, w, b) = (var(&[2, 35, 9], 2.0), var(&[9], 1.0), var(&[9], 1.0));
+        let r = Tensor::randn(0f64, 1.0, (2, 35, 9), &dev).unwrap();
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+            .unwrap()
+            .expect("fused on the CPU in f64");
+        let reference = {
+            let x = x.as_tensor();
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            xc.broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w.as_tensor())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap()
+        };
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max((&ours - &reference).unwrap()) < 1e-12);
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
+            assert!(max(d) < 1e-10);
+        }
+        // Not fused (composed by the caller) for other dtypes.
+        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+        assert!(layer_norm(&x32, w.as_tensor(), b.as_tensor(), 1e-5)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

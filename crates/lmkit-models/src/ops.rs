@@ -27,6 +27,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(compute_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
