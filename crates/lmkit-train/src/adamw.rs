@@ -2,7 +2,8 @@
 //! moments (Kingma & Ba 2015). Its state (moments, step) is plain tensors so that a checkpoint can
 //! save and restore it exactly.
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 pub struct Param {
     pub name: String,
@@ -56,6 +57,24 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (i, p) in self.params.iter().enumerate() {
+            let decay = if p.decay { self.weight_decay } else { 0.0 };
+            let k = Coeffs {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                bc1,
+                bc2,
+                eps: self.eps,
+                lr,
+                keep: 1.0 - lr * decay,
+            };
+            if let Some((theta, m, v)) =
+                fused_update(p.var.as_tensor(), &grads[i], &self.m[i], &self.v[i], &k)?
+            {
+                p.var.set(&theta)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             // Gradients come out of backward with the op graph of the whole step attached;
             // moments built on them would keep every step's activations alive. Detach.
             let g = &grads[i].detach();
@@ -74,6 +93,79 @@ impl AdamW {
     }
 }
 
+struct Coeffs {
+    beta1: f64,
+    beta2: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    lr: f64,
+    /// 1 − lr·weight decay (1 for parameters without decay).
+    keep: f64,
+}
+
+/// Runs `f` on the contiguous data of each tensor when all are f32 on the CPU.
+fn with_f32_slices<R>(ts: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> R) -> Option<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; 4] = [&[]; 4];
+    for (slot, (st, l)) in slices.iter_mut().zip(guards.iter()) {
+        match (&**st, l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => *slot = &v[a..b],
+            _ => return None,
+        }
+    }
+    let n = slices[0].len();
+    if slices.iter().any(|s| s.len() != n) {
+        return None;
+    }
+    Some(f(slices))
+}
+
+/// The whole AdamW update of one f32 CPU parameter in one parallel pass (the composed version
+/// below makes ~14 full-size temporaries per parameter): new (θ, m, v), or `None` elsewhere.
+fn fused_update(
+    theta: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &Coeffs,
+) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+    let (b1, b2) = (k.beta1 as f32, k.beta2 as f32);
+    let (ib1, ib2) = ((1.0 - k.beta1) as f32, (1.0 - k.beta2) as f32);
+    let (ibc1, ibc2) = ((1.0 / k.bc1) as f32, (1.0 / k.bc2) as f32);
+    let (eps, lr, keep) = (k.eps as f32, k.lr as f32, k.keep as f32);
+    let out = with_f32_slices([theta, g, m, v], |[th, g, m, v]| {
+        let n = th.len();
+        let (mut th2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        const BLOCK: usize = 1 << 14;
+        th2.par_chunks_mut(BLOCK)
+            .zip(m2.par_chunks_mut(BLOCK).zip(v2.par_chunks_mut(BLOCK)))
+            .enumerate()
+            .for_each(|(bi, (to, (mo, vo)))| {
+                let r = bi * BLOCK..bi * BLOCK + to.len();
+                let (th, g, m, v) = (&th[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
+                for j in 0..to.len() {
+                    let mj = b1 * m[j] + ib1 * g[j];
+                    let vj = b2 * v[j] + ib2 * (g[j] * g[j]);
+                    let update = (mj * ibc1) / ((vj * ibc2).sqrt() + eps);
+                    to[j] = th[j] * keep - lr * update;
+                    mo[j] = mj;
+                    vo[j] = vj;
+                }
+            });
+        (th2, m2, v2)
+    });
+    let Some((th2, m2, v2)) = out else {
+        return Ok(None);
+    };
+    let (shape, dev) = (theta.shape(), theta.device());
+    Ok(Some((
+        Tensor::from_vec(th2, shape, dev)?,
+        Tensor::from_vec(m2, shape, dev)?,
+        Tensor::from_vec(v2, shape, dev)?,
+    )))
+}
+
 /// Learning rate at `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr` at
 /// `max_steps` (Loshchilov & Hutter 2017, without restarts).
 pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, max_steps: usize) -> f64 {
@@ -89,7 +181,15 @@ pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, max_steps: usize)
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
     let mut total = 0.0f64;
     for g in grads.iter() {
-        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let fast = with_f32_slices([g, g, g, g], |[x, ..]| {
+            x.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+                .sum::<f64>()
+        });
+        total += match fast {
+            Some(s) => s,
+            None => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+        };
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -114,6 +214,50 @@ mod tests {
         assert!((lr_at(55, 1.0, 0.1, 10, 100) - 0.55).abs() < 1e-12);
         assert!((lr_at(100, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
         assert!((lr_at(500, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fused_cpu_update_equals_the_composed_update() {
+        // f32 on the CPU takes the fused kernel, f64 the composed tensor ops: same trajectory.
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1.0, (40_000,), &dev).unwrap();
+        let run = |dtype: candle_core::DType| {
+            let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+            let mut opt = AdamW::new(
+                vec![Param {
+                    name: "w".into(),
+                    var: var.clone(),
+                    decay: true,
+                }],
+                0.9,
+                0.95,
+                1e-8,
+                0.1,
+            )
+            .unwrap();
+            for s in 0..5 {
+                let g =
+                    ((var.as_tensor().sin().unwrap() * (s as f64 + 1.0)).unwrap() + 0.01).unwrap();
+                opt.step(&[g], 1e-2).unwrap();
+            }
+            let w = var.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
+            let m = opt.m[0].to_dtype(candle_core::DType::F64).unwrap();
+            (w, m, opt.m[0].dtype())
+        };
+        let (w32, m32, d32) = run(candle_core::DType::F32);
+        let (w64, m64, _) = run(candle_core::DType::F64);
+        assert_eq!(d32, candle_core::DType::F32);
+        for (a, b) in [(w32, w64), (m32, m64)] {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-5, "fused vs composed: {d}");
+        }
     }
 
     #[test]
