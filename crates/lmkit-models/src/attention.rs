@@ -41,7 +41,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     let (_, _, t, d) = q.dims4()?;
     let s = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let att = (crate::blas::matmul(q, &k.t()?)? * scale)?;
+    let att = crate::blas::matmul(q, &k.t()?)?;
+    if let Some(att) = crate::fused::causal_softmax(&att, scale)? {
+        return crate::blas::matmul(&att, v);
+    }
+    let att = (att * scale)?;
     let att = if t > 1 {
         // Query i (absolute position s - t + i) sees keys 0..=s - t + i.
         let offset = s - t;

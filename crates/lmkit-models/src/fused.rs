@@ -48,18 +48,36 @@ macro_rules! binary_kernel {
 
 // ---------------------------------------------------------------- softmax over the last dim
 
-struct Softmax;
-struct SoftmaxBwd;
+/// softmax(scale·x) over the last dim; with `causal = Some(offset)`, row i of each [t, d] matrix
+/// sees columns 0..=offset + i only (the rest are 0), as causal attention's mask gives — without
+/// building or adding the mask, and without exponentiating the masked half.
+struct Softmax {
+    scale: f64,
+    causal: Option<usize>,
+}
+struct SoftmaxBwd {
+    scale: f64,
+}
 
-fn softmax_rows<T: Float + Send + Sync>(x: &[T], d: usize) -> Vec<T> {
+fn softmax_rows<T: Float + Send + Sync>(
+    x: &[T],
+    t: usize,
+    d: usize,
+    scale: f64,
+    causal: Option<usize>,
+) -> Vec<T> {
+    let scale = c::<T>(scale);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .for_each(|(o, r)| {
-            let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        .enumerate()
+        .for_each(|(row, (o, r))| {
+            let seen = causal.map_or(d, |off| (off + row % t + 1).min(d));
+            let (o, r) = (&mut o[..seen], &r[..seen]);
+            let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b)) * scale;
             let mut sum = T::zero();
             for (oi, &xi) in o.iter_mut().zip(r) {
-                *oi = (xi - m).exp();
+                *oi = (xi * scale - m).exp();
                 sum = sum + *oi;
             }
             let inv = T::one() / sum;
@@ -68,8 +86,9 @@ fn softmax_rows<T: Float + Send + Sync>(x: &[T], d: usize) -> Vec<T> {
     out
 }
 
-/// dx = y ⊙ (dy − Σ_j dy_j y_j), row by row.
-fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+/// dx = scale·y ⊙ (dy − Σ_j dy_j y_j), row by row (0 where y is masked to 0).
+fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize, scale: f64) -> Vec<T> {
+    let scale = c::<T>(scale);
     let mut out = vec![T::zero(); y.len()];
     out.par_chunks_mut(d)
         .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
@@ -79,7 +98,7 @@ fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize) -> Vec<
                 .zip(gr)
                 .fold(T::zero(), |a, (&yi, &gi)| a + yi * gi);
             for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
-                *oi = yi * (gi - dot);
+                *oi = scale * yi * (gi - dot);
             }
         });
     out
@@ -90,14 +109,20 @@ impl CustomOp1 for Softmax {
         "lmkit-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = *l.dims().last().unwrap_or(&1);
-        unary_kernel!(s, l, |x| softmax_rows(x, d))
+        let dims = l.dims();
+        let d = *dims.last().unwrap_or(&1);
+        let t = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            1
+        };
+        unary_kernel!(s, l, |x| softmax_rows(x, t, d, self.scale, self.causal))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            y.contiguous()?
-                .apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?,
-        ))
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
@@ -113,18 +138,37 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *l1.dims().last().unwrap_or(&1);
-        binary_kernel!(s1, l1, s2, l2, |y, g| softmax_bwd_rows(y, g, d))
+        binary_kernel!(s1, l1, s2, l2, |y, g| softmax_bwd_rows(y, g, d, self.scale))
     }
 }
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
-        return x.contiguous()?.apply_op1(Softmax);
+        let op = Softmax {
+            scale: 1.0,
+            causal: None,
+        };
+        return x.contiguous()?.apply_op1(op);
     }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Causal attention weights from scores x [.., t, s]: softmax(scale·x) where query i (absolute
+/// position s − t + i) sees keys 0..=s − t + i. The fused kernel on the CPU in f32/f64, `None`
+/// elsewhere (the caller builds the mask).
+pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Option<Tensor>> {
+    let (t, s) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+    if !fused_ok(x) || s < t {
+        return Ok(None);
+    }
+    let op = Softmax {
+        scale,
+        causal: Some(s - t),
+    };
+    x.contiguous()?.apply_op1(op).map(Some)
 }
 
 // ---------------------------------------------------------------- GELU, tanh approximation
@@ -689,6 +733,58 @@ mod tests {
         for v in [&x, &b] {
             let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
             assert!(max(d) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_scale_mask_softmax_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        for (t, s) in [(5usize, 5usize), (3, 7), (1, 4)] {
+            let x = candle_core::Var::from_tensor(
+                &Tensor::randn(0f64, 2.0, (2, 3, t, s), &dev).unwrap(),
+            )
+            .unwrap();
+            let r = Tensor::randn(0f64, 1.0, (2, 3, t, s), &dev).unwrap();
+            let ours = causal_softmax(x.as_tensor(), 0.3).unwrap().expect("fused");
+            let mask: Vec<f64> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| {
+                        if j <= s - t + i {
+                            0.0
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, s), &dev).unwrap();
+            let z = (x.as_tensor() * 0.3).unwrap().broadcast_add(&mask).unwrap();
+            let e = z
+                .broadcast_sub(&z.max_keepdim(D::Minus1).unwrap())
+                .unwrap()
+                .exp()
+                .unwrap();
+            let reference = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+            let max = |t: Tensor| {
+                t.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            assert!(max((&ours - &reference).unwrap()) < 1e-12, "t={t} s={s}");
+            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap()).unwrap();
+            assert!(max(d) < 1e-12, "gradient t={t} s={s}");
         }
     }
 
