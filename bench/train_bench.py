@@ -2,7 +2,7 @@
 """Training and decoding speed: lmkit vs PyTorch eager (transformers GPT2LMHeadModel) on one
 GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
 
-usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
+usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,8 @@ def run(cmd, **kw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternate lmkit and PyTorch training this many times; medians are reported")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--dim", type=int, default=384)
@@ -93,10 +97,12 @@ save_every = 0
 log_every = 1
 device = "{a.device}"
 """)
-    run([lm, "train", "--config", tmp / "run.toml"])
-    recs = [json.loads(l) for l in (tmp / "out/metrics.jsonl").read_text().splitlines()]
-    step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
-    lm_tps = len(step_tps) / sum(1 / t for t in step_tps)
+    def lmkit_train():
+        shutil.rmtree(tmp / "out", ignore_errors=True)
+        run([lm, "train", "--config", tmp / "run.toml"])
+        recs = [json.loads(l) for l in (tmp / "out/metrics.jsonl").read_text().splitlines()]
+        step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
+        return len(step_tps) / sum(1 / t for t in step_tps)
 
     # PyTorch eager: the same model in transformers, AdamW, cross-entropy, clipping.
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -113,13 +119,22 @@ device = "{a.device}"
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
+    def torch_train():
         step()
-    sync()
-    pt_tps = a.steps * tokens_per_step / (time.perf_counter() - t0)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        sync()
+        return a.steps * tokens_per_step / (time.perf_counter() - t0)
+
+    # The two sides alternate, so that a machine whose speed drifts (shared cores) affects both.
+    lm_runs, pt_runs = [], []
+    for _ in range(a.rounds):
+        lm_runs.append(lmkit_train())
+        pt_runs.append(torch_train())
+    lm_tps, pt_tps = statistics.median(lm_runs), statistics.median(pt_runs)
+    ratios = sorted(l / p for l, p in zip(lm_runs, pt_runs))
 
     # Decoding with a KV cache: greedy, prompt of 8 tokens, batch 1, on lmkit's checkpoint.
     ckpt = tmp / "out" / (tmp / "out" / "latest").read_text().strip()
@@ -142,7 +157,9 @@ device = "{a.device}"
     print()
     print("| measure | lmkit | PyTorch eager | lmkit/PyTorch |")
     print("|---|---|---|---|")
-    print(f"| training tokens/s | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
+    print(f"| training tokens/s (median of {a.rounds} alternating rounds) | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
+    print(f"| training tokens/s, each round | {' / '.join(f'{v:,.0f}' for v in lm_runs)} | "
+          f"{' / '.join(f'{v:,.0f}' for v in pt_runs)} | {' / '.join(f'{r:.2f}x' for r in ratios)} (sorted) |")
     print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
     print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")
     print(f"| greedy decode tokens/s (KV cache, batch 1; lmkit incl. process start+load) | {lm_dec:,.1f} | {hf_dec:,.1f} | {lm_dec / hf_dec:.2f}x |")

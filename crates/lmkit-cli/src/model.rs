@@ -145,7 +145,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     cfg.max_positions()
                 );
             }
-            let mut cache = m.new_cache();
+            let mut cache = if incremental {
+                m.new_cache()
+            } else {
+                m.single_pass_cache()
+            };
             let rows: Vec<Vec<f32>> = if incremental {
                 let mut rows = Vec::new();
                 for &id in &ids {

@@ -303,7 +303,7 @@ impl Neural {
     /// Logits [t, vocab] (f32) of one sequence.
     fn logits(&self, ids: &[u32]) -> Result<Tensor> {
         let x = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let mut cache = self.model.new_cache();
+        let mut cache = self.model.single_pass_cache();
         Ok(self
             .model
             .forward(&x, &mut cache)?

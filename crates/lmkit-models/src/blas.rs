@@ -396,6 +396,311 @@ pub fn available() -> bool {
     blas().is_some()
 }
 
+// ---------------------------------------------------------------- fused causal self-attention
+
+/// A raw pointer that parallel tasks share, each writing its own disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut<T>(*mut T);
+// SAFETY: used only for writes to disjoint elements (see each use).
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
+
+/// One row-major gemm call: C[m×n] (ldc) = op(A)[m×k] · op(B)[k×n].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Copy + Default>(
+    gemm: Gemm<T>,
+    one: T,
+    (m, n, k): (usize, usize, usize),
+    (a, lda, ta): (*const T, usize, bool),
+    (b, ldb, tb): (*const T, usize, bool),
+    (c, ldc): (*mut T, usize),
+) {
+    let tr = |t: bool| if t { TRANS } else { NO_TRANS };
+    gemm(
+        ROW_MAJOR,
+        tr(ta),
+        tr(tb),
+        m as i32,
+        n as i32,
+        k as i32,
+        one,
+        a,
+        lda as i32,
+        b,
+        ldb as i32,
+        T::default(),
+        c,
+        ldc as i32,
+    )
+}
+
+/// Shapes of a packed [b, t, 3·c] q|k|v tensor split into `heads` heads of `hd` dims.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl Heads {
+    fn c(&self) -> usize {
+        self.heads * self.hd
+    }
+    /// Offsets of q, k, v of head `h` of batch row `bi` in the packed tensor (row stride 3c).
+    fn qkv(&self, bi: usize, h: usize) -> (usize, usize, usize) {
+        let q = bi * self.t * 3 * self.c() + h * self.hd;
+        (q, q + self.c(), q + 2 * self.c())
+    }
+}
+
+/// P = causal softmax(scale · q·kᵀ) for one head, into `p` [t, t] (zeros above the diagonal).
+fn attention_probs<T: num_traits::Float + Default>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    s: Heads,
+    bi: usize,
+    h: usize,
+    scale: T,
+    p: &mut [T],
+) {
+    let (t, c3) = (s.t, 3 * s.c());
+    let (q, k, _) = s.qkv(bi, h);
+    // SAFETY: q and k rows lie at q + i·3c .. + hd within `qkv` ([b, t, 3c]); p holds t·t.
+    unsafe {
+        gemm_raw(
+            gemm,
+            T::one(),
+            (t, t, s.hd),
+            (qkv[q..].as_ptr(), c3, false),
+            (qkv[k..].as_ptr(), c3, true),
+            (p.as_mut_ptr(), t),
+        )
+    };
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let (seen, masked) = row.split_at_mut(i + 1);
+        let m = seen.iter().fold(T::neg_infinity(), |a, &v| a.max(v)) * scale;
+        let mut sum = T::zero();
+        for v in seen.iter_mut() {
+            *v = (*v * scale - m).exp();
+            sum = sum + *v;
+        }
+        let inv = T::one() / sum;
+        seen.iter_mut().for_each(|v| *v = *v * inv);
+        masked.iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    s: Heads,
+) -> Vec<T> {
+    let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
+    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let mut y = vec![T::zero(); s.b * t * c];
+    let out = SharedOut(y.as_mut_ptr());
+    (0..s.b * s.heads).into_par_iter().for_each_init(
+        || vec![T::zero(); t * t],
+        |p, task| {
+            let (bi, h) = (task / s.heads, task % s.heads);
+            attention_probs(gemm, qkv, s, bi, h, scale, p);
+            let (_, _, v) = s.qkv(bi, h);
+            let out = out;
+            // SAFETY: task (bi, h) writes only y[bi, :, h·hd .. (h+1)·hd] (ldc = c), which no
+            // other task writes; v rows lie within `qkv`.
+            unsafe {
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (t, hd, t),
+                    (p.as_ptr(), t, false),
+                    (qkv[v..].as_ptr(), c3, false),
+                    (out.0.add(bi * t * c + h * hd), c),
+                )
+            };
+        },
+    );
+    y
+}
+
+/// Gradient of the packed q|k|v from dy [b, t, c], recomputing each head's P:
+/// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q.
+fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    dy: &[T],
+    s: Heads,
+) -> Vec<T> {
+    let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
+    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let out = SharedOut(dqkv.as_mut_ptr());
+    (0..s.b * s.heads).into_par_iter().for_each_init(
+        || (vec![T::zero(); t * t], vec![T::zero(); t * t]),
+        |(p, dp), task| {
+            let (bi, h) = (task / s.heads, task % s.heads);
+            attention_probs(gemm, qkv, s, bi, h, scale, p);
+            let (q, k, v) = s.qkv(bi, h);
+            let dy_h = dy[bi * t * c + h * hd..].as_ptr();
+            let out = out;
+            // SAFETY: task (bi, h) writes only its head's q, k and v columns of dqkv[bi]
+            // (offsets q, k, v with ldc = 3c), which no other task writes; reads stay within
+            // `qkv`, `dy` ([b, t, c], ld c) and the t×t scratch buffers.
+            unsafe {
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (t, hd, t),
+                    (p.as_ptr(), t, true),
+                    (dy_h, c, false),
+                    (out.0.add(v), c3),
+                );
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (t, t, hd),
+                    (dy_h, c, false),
+                    (qkv[v..].as_ptr(), c3, true),
+                    (dp.as_mut_ptr(), t),
+                );
+            }
+            for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                let dot = pr
+                    .iter()
+                    .zip(dr.iter())
+                    .fold(T::zero(), |a, (&pi, &di)| a + pi * di);
+                for (d, &pi) in dr.iter_mut().zip(pr) {
+                    *d = scale * pi * (*d - dot);
+                }
+            }
+            // SAFETY: as above.
+            unsafe {
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (t, hd, t),
+                    (dp.as_ptr(), t, false),
+                    (qkv[k..].as_ptr(), c3, false),
+                    (out.0.add(q), c3),
+                );
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (t, hd, t),
+                    (dp.as_ptr(), t, true),
+                    (qkv[q..].as_ptr(), c3, false),
+                    (out.0.add(k), c3),
+                );
+            }
+        },
+    );
+    dqkv
+}
+
+struct CausalSelfAttention {
+    heads: usize,
+}
+struct CausalSelfAttentionBwd {
+    heads: usize,
+}
+
+fn heads_of(l: &Layout, heads: usize) -> candle_core::Result<Heads> {
+    let &[b, t, c3] = l.dims() else {
+        candle_core::bail!("fused attention: q|k|v must be [batch, seq, 3·dim]")
+    };
+    if c3 % (3 * heads) != 0 {
+        candle_core::bail!("fused attention: {c3} is not 3 × {heads} heads × head dim");
+    }
+    Ok(Heads {
+        b,
+        t,
+        heads,
+        hd: c3 / 3 / heads,
+    })
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused attention: inputs must be contiguous"),
+    }
+}
+
+impl candle_core::CustomOp1 for CausalSelfAttention {
+    fn name(&self) -> &'static str {
+        "lmkit-causal-self-attention"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(blas) = blas() else {
+            candle_core::bail!("fused attention: no BLAS library is loaded")
+        };
+        let s = heads_of(l, self.heads)?;
+        let y = match st {
+            CpuStorage::F32(v) => CpuStorage::F32(attention_fwd(blas.sgemm, contiguous(v, l)?, s)),
+            CpuStorage::F64(v) => CpuStorage::F64(attention_fwd(blas.dgemm, contiguous(v, l)?, s)),
+            _ => candle_core::bail!("fused attention: f32 or f64 only"),
+        };
+        Ok((y, (s.b, s.t, s.c()).into()))
+    }
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = CausalSelfAttentionBwd { heads: self.heads };
+        Ok(Some(qkv.apply_op2_no_bwd(&dy.contiguous()?, &op)?))
+    }
+}
+
+impl CustomOp2 for CausalSelfAttentionBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-causal-self-attention-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(blas) = blas() else {
+            candle_core::bail!("fused attention: no BLAS library is loaded")
+        };
+        let s = heads_of(l1, self.heads)?;
+        if l2.dims() != [s.b, s.t, s.c()] {
+            candle_core::bail!("fused attention: gradient shape {:?}", l2.dims());
+        }
+        let g = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(d)) => CpuStorage::F32(attention_bwd(
+                blas.sgemm,
+                contiguous(x, l1)?,
+                contiguous(d, l2)?,
+                s,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(d)) => CpuStorage::F64(attention_bwd(
+                blas.dgemm,
+                contiguous(x, l1)?,
+                contiguous(d, l2)?,
+                s,
+            )),
+            _ => candle_core::bail!("fused attention: f32 or f64 only"),
+        };
+        Ok((g, l1.shape().clone()))
+    }
+}
+
+/// Causal multi-head self-attention straight from the packed projection `qkv` [b, t, 3·c]
+/// (q | k | v, as GPT-2's `c_attn` gives it) to the heads' concatenated output [b, t, c]:
+/// per (row, head), P = causal softmax(q·kᵀ/√d), y = P·v, with BLAS products on strided views of
+/// `qkv` — no head split, transposes, mask or separate softmax in the graph. The backward pass
+/// recomputes P instead of keeping it. `None` when it does not apply (not CPU f32/f64, or no
+/// BLAS library): the caller uses the composed attention.
+pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Option<Tensor>> {
+    if !(qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64) && available()) {
+        return Ok(None);
+    }
+    qkv.contiguous()?
+        .apply_op1(CausalSelfAttention { heads })
+        .map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +814,57 @@ mod tests {
             // Single rows and columns (decoding one token).
             check(&[1, 7], &[7, 1], dtype, same);
             check(&[3, 1, 7], &[7, 5], dtype, same);
+        }
+    }
+
+    #[test]
+    fn fused_self_attention_equals_the_composed_attention() {
+        if !blas_or_skip() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (b, t, heads, hd) = (2usize, 7usize, 3usize, 4usize);
+        let c = heads * hd;
+        for dtype in [DType::F64, DType::F32] {
+            let qkv = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (b, t, 3 * c), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let r = Tensor::randn(0f32, 1.0, (b, t, c), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let ours = causal_self_attention(qkv.as_tensor(), heads)
+                .unwrap()
+                .expect("fused with BLAS");
+            let split = |i: usize| {
+                qkv.as_tensor()
+                    .narrow(2, i * c, c)?
+                    .reshape((b, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (split(0).unwrap(), split(1).unwrap(), split(2).unwrap());
+            let reference = crate::attention::causal_attention(&q, &k, &v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, c))
+                .unwrap();
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            assert!(max_diff(&ours, &reference) < tol, "{dtype:?} forward");
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (x, y) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
+            assert!(max_diff(x, y) < tol, "{dtype:?} gradient");
         }
     }
 

@@ -63,6 +63,13 @@ impl Block {
         let (b, t, e) = x.dims3()?;
         let hd = e / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        if let [cache] = caches {
+            if cache.discards_kv() {
+                if let Some(y) = crate::blas::causal_self_attention(&qkv, self.n_head)? {
+                    return self.mlp(&(x + self.attn_proj.forward(&y)?)?);
+                }
+            }
+        }
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * e, e)?
                 .reshape((b, t, self.n_head, hd))?
@@ -75,8 +82,12 @@ impl Block {
             crate::attention::causal_attention(q, &k, &v)
         })?;
         let y = y.transpose(1, 2)?.reshape((b, t, e))?;
-        let x = (x + self.attn_proj.forward(&y)?)?;
-        let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        self.mlp(&(x + self.attn_proj.forward(&y)?)?)
+    }
+
+    /// x + MLP(LayerNorm(x)).
+    fn mlp(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.c_fc.forward(&self.ln_2.forward(x)?)?;
         let h = match self.act.as_str() {
             "relu" => h.relu()?,
             "gelu" => h.gelu_erf()?,

@@ -9,6 +9,9 @@ pub struct KvCache {
     /// Recurrent models keep, per layer, the last hidden state (and LSTM cell state) instead.
     pub(crate) recurrent: Vec<Option<(Tensor, Option<Tensor>)>>,
     len: usize,
+    /// Keys and values are not needed after this pass (training, scoring whole windows): layers
+    /// may skip storing them and use attention kernels that never materialise them.
+    discard_kv: bool,
 }
 
 impl KvCache {
@@ -17,7 +20,21 @@ impl KvCache {
             layers: vec![None; num_layers],
             recurrent: vec![None; num_layers],
             len: 0,
+            discard_kv: false,
         }
+    }
+
+    /// A cache for one pass whose keys and values are not reused (see [`KvCache::discards_kv`]).
+    pub fn single_pass(num_layers: usize) -> Self {
+        KvCache {
+            discard_kv: true,
+            ..KvCache::new(num_layers)
+        }
+    }
+
+    /// Whether this pass's keys and values may be dropped: a fresh [`KvCache::single_pass`] cache.
+    pub fn discards_kv(&self) -> bool {
+        self.discard_kv && self.len == 0
     }
 
     /// Positions already cached.

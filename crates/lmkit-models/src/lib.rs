@@ -174,6 +174,12 @@ impl CausalLm {
         KvCache::new(self.num_layers())
     }
 
+    /// A cache for one full pass whose keys/values are not reused (training, scoring): lets
+    /// attention use the fused kernel.
+    pub fn single_pass_cache(&self) -> KvCache {
+        KvCache::single_pass(self.num_layers())
+    }
+
     /// Final hidden states [batch, seq, dim] for `ids`, before the output projection.
     pub fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.hidden_rows(ids, &mut [cache])

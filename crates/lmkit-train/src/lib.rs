@@ -427,7 +427,7 @@ const LOSS_CHUNK_ROWS: usize = 512;
 
 /// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
 fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    loss_with(model, x, y, &mut model.new_cache())
+    loss_with(model, x, y, &mut model.single_pass_cache())
 }
 
 /// `loss_of` continuing from (and updating) `cache`: the carried state of recurrent models.
