@@ -405,6 +405,13 @@ struct SharedOut<T>(*mut T);
 unsafe impl<T> Send for SharedOut<T> {}
 unsafe impl<T> Sync for SharedOut<T> {}
 
+impl<T> SharedOut<T> {
+    /// The element `i` places on (a method, so closures capture the Send/Sync wrapper).
+    fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// One row-major gemm call: C[m×n] (ldc) = op(A)[m×k] · op(B)[k×n].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw<T: Copy + Default>(
@@ -506,7 +513,6 @@ fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
             let (bi, h) = (task / s.heads, task % s.heads);
             attention_probs(gemm, qkv, s, bi, h, scale, p);
             let (_, _, v) = s.qkv(bi, h);
-            let out = out;
             // SAFETY: task (bi, h) writes only y[bi, :, h·hd .. (h+1)·hd] (ldc = c), which no
             // other task writes; v rows lie within `qkv`.
             unsafe {
@@ -516,7 +522,7 @@ fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
                     (t, hd, t),
                     (p.as_ptr(), t, false),
                     (qkv[v..].as_ptr(), c3, false),
-                    (out.0.add(bi * t * c + h * hd), c),
+                    (out.at(bi * t * c + h * hd), c),
                 )
             };
         },
@@ -543,7 +549,6 @@ fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
             attention_probs(gemm, qkv, s, bi, h, scale, p);
             let (q, k, v) = s.qkv(bi, h);
             let dy_h = dy[bi * t * c + h * hd..].as_ptr();
-            let out = out;
             // SAFETY: task (bi, h) writes only its head's q, k and v columns of dqkv[bi]
             // (offsets q, k, v with ldc = 3c), which no other task writes; reads stay within
             // `qkv`, `dy` ([b, t, c], ld c) and the t×t scratch buffers.
@@ -554,7 +559,7 @@ fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
                     (t, hd, t),
                     (p.as_ptr(), t, true),
                     (dy_h, c, false),
-                    (out.0.add(v), c3),
+                    (out.at(v), c3),
                 );
                 gemm_raw(
                     gemm,
@@ -582,7 +587,7 @@ fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
                     (t, hd, t),
                     (dp.as_ptr(), t, false),
                     (qkv[k..].as_ptr(), c3, false),
-                    (out.0.add(q), c3),
+                    (out.at(q), c3),
                 );
                 gemm_raw(
                     gemm,
@@ -590,7 +595,7 @@ fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
                     (t, hd, t),
                     (dp.as_ptr(), t, true),
                     (qkv[q..].as_ptr(), c3, false),
-                    (out.0.add(k), c3),
+                    (out.at(k), c3),
                 );
             }
         },
