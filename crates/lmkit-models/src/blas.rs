@@ -396,6 +396,103 @@ pub fn available() -> bool {
     blas().is_some()
 }
 
+// ---------------------------------------------------------------- linear layer
+
+/// y = x·w + b for x [.., k] (contiguous; its rows form one [rows, k] matrix), w [k, n] (a
+/// transposed view is fine) and b [n]: one graph node instead of a product and a bias add, whose
+/// gradient accumulations in candle's backward pass each cost a full-size zero fill and add.
+struct Affine;
+
+fn add_bias_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(y: &mut [T], b: &[T]) {
+    y.par_chunks_mut(b.len() * 64).for_each(|rows| {
+        for r in rows.chunks_mut(b.len()) {
+            for (o, &bi) in r.iter_mut().zip(b) {
+                *o = *o + bi;
+            }
+        }
+    });
+}
+
+impl candle_core::CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "lmkit-affine"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(blas) = blas() else {
+            candle_core::bail!("blas affine: no BLAS library is loaded")
+        };
+        let dims = lx.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let rows = lx.shape().elem_count() / k.max(1);
+        let Some((start, _)) = lx.contiguous_offsets() else {
+            candle_core::bail!("blas affine: the input must be contiguous")
+        };
+        let l2 = Layout::contiguous_with_offset((rows, k), start);
+        let n = lw.dims()[1];
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        let out = match (sx, sw, sb) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let (mut y, _) =
+                    gemm_batched(blas.sgemm, blas.single_threaded, 1f32, x, &l2, w, lw)?;
+                add_bias_rows(&mut y, contiguous(b, lb)?);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let (mut y, _) =
+                    gemm_batched(blas.dgemm, blas.single_threaded, 1f64, x, &l2, w, lw)?;
+                add_bias_rows(&mut y, contiguous(b, lb)?);
+                CpuStorage::F64(y)
+            }
+            _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
+        };
+        Ok((out, shape.into()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (k, n) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let dy2 = dy.contiguous()?.reshape((rows, n))?;
+        let dx = matmul(&dy2, &w.t()?)?.reshape(x.shape())?;
+        let dw = matmul(&x.reshape((rows, k))?.t()?, &dy2)?;
+        let db = crate::fused::column_sum(&dy2)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `x·w + b` for x [.., k], w [k, n], b [n] (or `x·w` without b): one fused node through BLAS on
+/// the CPU when a library is loaded, [`matmul`] and the fused bias add otherwise.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let Some(b) = b else {
+        return matmul(x, w);
+    };
+    let fits = usable(x, w)
+        && w.rank() == 2
+        && b.dtype() == x.dtype()
+        && b.device().is_cpu()
+        && b.dims() == [w.dim(1)?]
+        && x.dim(candle_core::D::Minus1)? == w.dim(0)?;
+    if !fits {
+        return crate::fused::add_bias(&matmul(x, w)?, b);
+    }
+    x.contiguous()?
+        .apply_op3(&blas_ready(w)?, &b.contiguous()?, Affine)
+}
+
 // ---------------------------------------------------------------- fused causal self-attention
 
 /// A raw pointer that parallel tasks share, each writing its own disjoint elements.
@@ -870,6 +967,63 @@ mod tests {
                 .unwrap();
             let (x, y) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
             assert!(max_diff(x, y) < tol, "{dtype:?} gradient");
+        }
+    }
+
+    #[test]
+    fn fused_linear_equals_product_plus_bias() {
+        if !blas_or_skip() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            for transposed in [false, true] {
+                let var = |shape: &[usize]| {
+                    Var::from_tensor(
+                        &Tensor::randn(0f32, 1.0, shape, &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                // 3 × 50 rows: split into row blocks over the threads.
+                let (x, b) = (var(&[3, 50, 6]), var(&[5]));
+                let wv = if transposed {
+                    var(&[5, 6])
+                } else {
+                    var(&[6, 5])
+                };
+                let w = if transposed {
+                    wv.as_tensor().t().unwrap()
+                } else {
+                    wv.as_tensor().clone()
+                };
+                let r = Tensor::randn(0f32, 1.0, (3, 50, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let ours = linear(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
+                let reference = x
+                    .as_tensor()
+                    .broadcast_matmul(&w.contiguous().unwrap())
+                    .unwrap()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap();
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+                assert!(max_diff(&ours, &reference) < tol, "{dtype:?} forward");
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (reference * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for v in [&x, &wv, &b] {
+                    let (p, q) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                    assert!(max_diff(p, q) < tol * 10.0, "{dtype:?} gradient");
+                }
+            }
         }
     }
 

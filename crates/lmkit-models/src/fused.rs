@@ -382,7 +382,7 @@ impl CustomOp2 for AddBias {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = dy.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        let db = column_sum(dy)?;
         Ok((Some(dy.clone()), Some(db)))
     }
 }
@@ -400,6 +400,11 @@ impl CustomOp1 for ColumnSum {
         };
         Ok((out, Shape::from(n)))
     }
+}
+
+/// Column sums of `x` [.., n] → [n] (no backward): the bias gradient.
+pub(crate) fn column_sum(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ColumnSum)
 }
 
 /// `x + bias` with `bias` [n] broadcast over the rows of `x` [.., n].

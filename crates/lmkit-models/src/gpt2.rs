@@ -23,7 +23,7 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::fused::add_bias(&crate::blas::matmul(x, &self.weight)?, &self.bias)
+        crate::blas::linear(x, &self.weight, Some(&self.bias))
     }
 }
 

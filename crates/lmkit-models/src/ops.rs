@@ -90,8 +90,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// A linear layer y = x·Wᵀ + b (W stored [out, in], as PyTorch's `nn.Linear`), created like
-/// candle-nn's (same tensor names and initialisation) but multiplying through
-/// [`crate::blas::matmul`] and adding the bias with the fused CPU kernel.
+/// candle-nn's (same tensor names and initialisation) but computed by [`crate::blas::linear`].
 pub struct Linear(candle_nn::Linear);
 
 /// A [`Linear`] layer with or without bias, named `weight`/`bias` under `vb`.
@@ -111,10 +110,6 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = crate::blas::matmul(x, &self.0.weight().t()?)?;
-        match self.0.bias() {
-            Some(b) => crate::fused::add_bias(&y, b),
-            None => Ok(y),
-        }
+        crate::blas::linear(x, &self.0.weight().t()?, self.0.bias())
     }
 }
