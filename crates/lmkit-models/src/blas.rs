@@ -175,6 +175,14 @@ fn blas() -> Option<&'static Blas> {
     loaded().blas.as_ref()
 }
 
+/// The loaded library, for a kernel (`what`) that cannot run without one.
+fn require(what: &str) -> candle_core::Result<&'static Blas> {
+    match blas() {
+        Some(b) => Ok(b),
+        None => candle_core::bail!("{what}: no BLAS library is loaded ({})", backend()),
+    }
+}
+
 /// Which CPU matmul is in use, e.g. "BLAS libopenblas.so.0" or "candle gemm (…why…)".
 pub fn backend() -> &'static str {
     &loaded().note
@@ -321,9 +329,7 @@ impl CustomOp2 for BlasMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(blas) = blas() else {
-            candle_core::bail!("blas matmul: no BLAS library is loaded")
-        };
+        let blas = require("blas matmul")?;
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 let (v, s) = gemm_batched(blas.sgemm, blas.single_threaded, 1f32, a, l1, b, l2)?;
@@ -426,9 +432,7 @@ impl candle_core::CustomOp3 for Affine {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(blas) = blas() else {
-            candle_core::bail!("blas affine: no BLAS library is loaded")
-        };
+        let blas = require("blas affine")?;
         let dims = lx.dims();
         let k = *dims.last().unwrap_or(&0);
         let rows = lx.shape().elem_count() / k.max(1);
@@ -734,9 +738,7 @@ impl candle_core::CustomOp1 for CausalSelfAttention {
         "lmkit-causal-self-attention"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(blas) = blas() else {
-            candle_core::bail!("fused attention: no BLAS library is loaded")
-        };
+        let blas = require("fused attention")?;
         let s = heads_of(l, self.heads)?;
         let y = match st {
             CpuStorage::F32(v) => CpuStorage::F32(attention_fwd(blas.sgemm, contiguous(v, l)?, s)),
@@ -762,9 +764,7 @@ impl CustomOp2 for CausalSelfAttentionBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(blas) = blas() else {
-            candle_core::bail!("fused attention: no BLAS library is loaded")
-        };
+        let blas = require("fused attention")?;
         let s = heads_of(l1, self.heads)?;
         if l2.dims() != [s.b, s.t, s.c()] {
             candle_core::bail!("fused attention: gradient shape {:?}", l2.dims());
@@ -840,6 +840,27 @@ mod tests {
             .unwrap()
     }
 
+    /// `ours` equals `reference` within `tol`, and so do the gradients of Σ (· ⊙ r) for `vars`
+    /// (r random, the same for both).
+    fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, what: &str) {
+        assert!(max_diff(&ours, &reference) < tol, "{what}: forward");
+        let r = Tensor::randn(0f32, 1.0, ours.dims(), ours.device())
+            .unwrap()
+            .to_dtype(ours.dtype())
+            .unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in vars {
+            let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(max_diff(x, y) < tol * 10.0, "{what}: gradient");
+        }
+    }
+
     /// Value and both gradients of Σ (a·b ⊙ r) equal candle's, for operands built by `make`
     /// from contiguous variables (so views: transposes, permutes, narrows).
     fn check(
@@ -864,22 +885,7 @@ mod tests {
             .broadcast_matmul(&b.contiguous().unwrap())
             .unwrap();
         let tol = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
-        assert!(max_diff(&ours, &theirs) < tol, "{da:?}·{db:?} forward");
-        let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&va, &vb] {
-            let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(max_diff(x, y) < tol * 10.0, "{da:?}·{db:?} gradient");
-        }
+        assert_same(ours, theirs, &[&va, &vb], tol, &format!("{da:?}·{db:?}"));
     }
 
     #[test]
@@ -935,10 +941,6 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-            let r = Tensor::randn(0f32, 1.0, (b, t, c), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
             let ours = causal_self_attention(qkv.as_tensor(), heads)
                 .unwrap()
                 .expect("fused with BLAS");
@@ -957,16 +959,7 @@ mod tests {
                 .reshape((b, t, c))
                 .unwrap();
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
-            assert!(max_diff(&ours, &reference) < tol, "{dtype:?} forward");
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (x, y) = (g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
-            assert!(max_diff(x, y) < tol, "{dtype:?} gradient");
+            assert_same(ours, reference, &[&qkv], tol, &format!("{dtype:?}"));
         }
     }
 
@@ -999,10 +992,6 @@ mod tests {
                 } else {
                     wv.as_tensor().clone()
                 };
-                let r = Tensor::randn(0f32, 1.0, (3, 50, 5), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
                 let ours = linear(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
                 let reference = x
                     .as_tensor()
@@ -1011,18 +1000,7 @@ mod tests {
                     .broadcast_add(b.as_tensor())
                     .unwrap();
                 let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
-                assert!(max_diff(&ours, &reference) < tol, "{dtype:?} forward");
-                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let g2 = (reference * &r)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for v in [&x, &wv, &b] {
-                    let (p, q) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                    assert!(max_diff(p, q) < tol * 10.0, "{dtype:?} gradient");
-                }
+                assert_same(ours, reference, &[&x, &wv, &b], tol, &format!("{dtype:?}"));
             }
         }
     }

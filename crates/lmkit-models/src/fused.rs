@@ -46,6 +46,21 @@ macro_rules! binary_kernel {
     }};
 }
 
+/// Applies `f` to three tensors' data (all f32 or all f64), giving the output storage.
+macro_rules! ternary_kernel {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, $f:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                CpuStorage::F32($f(slice(a, $l1)?, slice(b, $l2)?, slice(c, $l3)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                CpuStorage::F64($f(slice(a, $l1)?, slice(b, $l2)?, slice(c, $l3)?))
+            }
+            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
+        }
+    };
+}
+
 // ---------------------------------------------------------------- softmax over the last dim
 
 /// softmax(scale·x) over the last dim; with `causal = Some(offset)`, row i of each [t, d] matrix
@@ -514,15 +529,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
-                layer_norm_rows(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
-                layer_norm_rows(slice(x, l1)?, slice(w, l2)?, slice(b, l3)?, self.eps),
-            ),
-            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
-        };
+        let out = ternary_kernel!(s1, l1, s2, l2, s3, l3, |x, w, b| layer_norm_rows(
+            x, w, b, self.eps
+        ));
         Ok((out, l1.shape().clone()))
     }
     fn bwd(
@@ -557,15 +566,9 @@ impl CustomOp3 for LayerNormBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(
-                layer_norm_bwd_rows(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(
-                layer_norm_bwd_rows(slice(x, l1)?, slice(w, l2)?, slice(g, l3)?, self.eps),
-            ),
-            _ => candle_core::bail!("fused kernel: f32 or f64 only"),
-        };
+        let out = ternary_kernel!(s1, l1, s2, l2, s3, l3, |x, w, g| layer_norm_bwd_rows(
+            x, w, g, self.eps
+        ));
         let len = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }

@@ -216,6 +216,16 @@ mod tests {
         assert!((lr_at(500, 1.0, 0.1, 10, 100) - 0.1).abs() < 1e-12);
     }
 
+    /// AdamW over one decayed parameter: β₁ 0.9, eps 1e-8, weight decay 0.1.
+    fn one_param(var: &Var, beta2: f64) -> AdamW {
+        let p = Param {
+            name: "w".into(),
+            var: var.clone(),
+            decay: true,
+        };
+        AdamW::new(vec![p], 0.9, beta2, 1e-8, 0.1).unwrap()
+    }
+
     #[test]
     fn fused_cpu_update_equals_the_composed_update() {
         // f32 on the CPU takes the fused kernel, f64 the composed tensor ops: same trajectory.
@@ -223,18 +233,7 @@ mod tests {
         let init = Tensor::randn(0f32, 1.0, (40_000,), &dev).unwrap();
         let run = |dtype: candle_core::DType| {
             let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
-            let mut opt = AdamW::new(
-                vec![Param {
-                    name: "w".into(),
-                    var: var.clone(),
-                    decay: true,
-                }],
-                0.9,
-                0.95,
-                1e-8,
-                0.1,
-            )
-            .unwrap();
+            let mut opt = one_param(&var, 0.95);
             for s in 0..5 {
                 let g =
                     ((var.as_tensor().sin().unwrap() * (s as f64 + 1.0)).unwrap() + 0.01).unwrap();
@@ -265,18 +264,7 @@ mod tests {
         // After one step, m̂ = g and v̂ = g², so θ ← θ(1 - lr·wd) - lr·g/(|g| + eps).
         let dev = Device::Cpu;
         let var = Var::from_vec(vec![1.0f32, -2.0, 3.0], 3, &dev).unwrap();
-        let mut opt = AdamW::new(
-            vec![Param {
-                name: "w".into(),
-                var: var.clone(),
-                decay: true,
-            }],
-            0.9,
-            0.999,
-            1e-8,
-            0.1,
-        )
-        .unwrap();
+        let mut opt = one_param(&var, 0.999);
         let g = Tensor::new(&[0.5f32, -0.25, 0.0], &dev).unwrap();
         opt.step(&[g], 0.01).unwrap();
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
