@@ -184,6 +184,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_positions: cfg.max_positions(),
     };
     let mut out = std::io::stdout().lock();
+    let started = std::time::Instant::now();
     let (ids, finish) = match (&tokenizer, a.ids) {
         (Some(tk), false) => {
             let mut stream = TextStream::new(tk, a.stop.clone());
@@ -224,10 +225,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Finish::Context => "context full",
         Finish::Stopped => "stop string",
     };
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "[{} prompt tokens, {} generated, stopped: {why}]",
+        "[{} prompt tokens, {} generated in {secs:.3} s ({:.1} tokens/s), stopped: {why}]",
         prompt.len(),
-        ids.len()
+        ids.len(),
+        ids.len() as f64 / secs.max(1e-9)
     );
     Ok(())
 }

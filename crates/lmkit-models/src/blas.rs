@@ -35,9 +35,26 @@ const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
 
+type Gemv<T> = unsafe extern "C" fn(
+    layout: i32,
+    trans: i32,
+    m: i32,
+    n: i32,
+    alpha: T,
+    a: *const T,
+    lda: i32,
+    x: *const T,
+    incx: i32,
+    beta: T,
+    y: *mut T,
+    incy: i32,
+);
+
 struct Blas {
     sgemm: Gemm<f32>,
     dgemm: Gemm<f64>,
+    sgemv: Gemv<f32>,
+    dgemv: Gemv<f64>,
     path: String,
     /// The library runs each call on the calling thread (OpenBLAS told so at load): lmkit splits
     /// products over rayon's threads itself, so no second thread pool competes for the cores.
@@ -99,6 +116,12 @@ fn open(path: &str) -> Result<Blas, String> {
         let dgemm = *lib
             .get::<Gemm<f64>>(b"cblas_dgemm\0")
             .map_err(|e| e.to_string())?;
+        let sgemv = *lib
+            .get::<Gemv<f32>>(b"cblas_sgemv\0")
+            .map_err(|e| e.to_string())?;
+        let dgemv = *lib
+            .get::<Gemv<f64>>(b"cblas_dgemv\0")
+            .map_err(|e| e.to_string())?;
         type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
         let core = match lib.get::<CoreName>(b"openblas_get_corename\0") {
             Ok(f) => {
@@ -125,6 +148,8 @@ fn open(path: &str) -> Result<Blas, String> {
         Ok(Blas {
             sgemm,
             dgemm,
+            sgemv,
+            dgemv,
             single_threaded,
             path: format!("{path}{core}"),
             _lib: lib,
@@ -225,8 +250,10 @@ fn batch_offsets(l: &Layout) -> Vec<usize> {
 
 struct BlasMatmul;
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_batched<T: Copy + Default + Send + Sync>(
     gemm: Gemm<T>,
+    gemv: Gemv<T>,
     split: bool,
     one: T,
     a: &[T],
@@ -286,6 +313,53 @@ fn gemm_batched<T: Copy + Default + Send + Sync>(
     };
     let nb = oa.len();
     let threads = rayon::current_num_threads().max(1);
+    if m == 1 {
+        // One row (decoding a token): a matrix-vector product streams `b` once, where gemm
+        // would first pack all of it; columns are split over the threads.
+        let cols_per = if split {
+            n.div_ceil(threads).max(64)
+        } else {
+            n
+        };
+        let x_inc = if ma.trans { ma.ld } else { 1 };
+        let gemv_cols = |c: &mut [std::mem::MaybeUninit<T>], oa: usize, ob: usize, j0: usize| {
+            let cols = c.len();
+            // Columns j0.. of `b` start j0 (row-major) or j0·ld (transposed) elements further on.
+            let (bo, trans, rows_b, cols_b) = if mb.trans {
+                (ob + j0 * mb.ld, NO_TRANS, cols, k)
+            } else {
+                (ob + j0, TRANS, k, cols)
+            };
+            // SAFETY: `describe` checked both operands' layouts; the `cols` columns of `b` from
+            // j0 and the k elements of `a` (stride x_inc) lie within the storages; `c` holds
+            // exactly `cols` elements.
+            unsafe {
+                gemv(
+                    ROW_MAJOR,
+                    trans,
+                    rows_b as i32,
+                    cols_b as i32,
+                    one,
+                    b[bo..].as_ptr(),
+                    mb.ld as i32,
+                    a[oa..].as_ptr(),
+                    x_inc as i32,
+                    T::default(),
+                    c.as_mut_ptr().cast::<T>(),
+                    1,
+                )
+            }
+        };
+        out.par_chunks_mut(n)
+            .zip(oa.par_iter().zip(ob.par_iter()))
+            .for_each(|(c, (&oa, &ob))| {
+                c.par_chunks_mut(cols_per)
+                    .enumerate()
+                    .for_each(|(i, cc)| gemv_cols(cc, oa, ob, i * cols_per))
+            });
+        // SAFETY: every output element was written by one gemv call above.
+        return Ok((unsafe { out.assume_init() }.into_vec(), shape.into()));
+    }
     // With a single-threaded library, each product is split into row blocks over the threads
     // (enough blocks for every thread when there are fewer products than threads); with a
     // threaded one, only many small products (attention heads) run side by side.
@@ -332,11 +406,29 @@ impl CustomOp2 for BlasMatmul {
         let blas = require("blas matmul")?;
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (v, s) = gemm_batched(blas.sgemm, blas.single_threaded, 1f32, a, l1, b, l2)?;
+                let (v, s) = gemm_batched(
+                    blas.sgemm,
+                    blas.sgemv,
+                    blas.single_threaded,
+                    1f32,
+                    a,
+                    l1,
+                    b,
+                    l2,
+                )?;
                 Ok((CpuStorage::F32(v), s))
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (v, s) = gemm_batched(blas.dgemm, blas.single_threaded, 1f64, a, l1, b, l2)?;
+                let (v, s) = gemm_batched(
+                    blas.dgemm,
+                    blas.dgemv,
+                    blas.single_threaded,
+                    1f64,
+                    a,
+                    l1,
+                    b,
+                    l2,
+                )?;
                 Ok((CpuStorage::F64(v), s))
             }
             _ => candle_core::bail!("blas matmul: f32 or f64 operands of one dtype only"),
@@ -445,14 +537,30 @@ impl candle_core::CustomOp3 for Affine {
         *shape.last_mut().unwrap_or(&mut 0) = n;
         let out = match (sx, sw, sb) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (mut y, _) =
-                    gemm_batched(blas.sgemm, blas.single_threaded, 1f32, x, &l2, w, lw)?;
+                let (mut y, _) = gemm_batched(
+                    blas.sgemm,
+                    blas.sgemv,
+                    blas.single_threaded,
+                    1f32,
+                    x,
+                    &l2,
+                    w,
+                    lw,
+                )?;
                 add_bias_rows(&mut y, contiguous(b, lb)?);
                 CpuStorage::F32(y)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (mut y, _) =
-                    gemm_batched(blas.dgemm, blas.single_threaded, 1f64, x, &l2, w, lw)?;
+                let (mut y, _) = gemm_batched(
+                    blas.dgemm,
+                    blas.dgemv,
+                    blas.single_threaded,
+                    1f64,
+                    x,
+                    &l2,
+                    w,
+                    lw,
+                )?;
                 add_bias_rows(&mut y, contiguous(b, lb)?);
                 CpuStorage::F64(y)
             }
@@ -919,6 +1027,14 @@ mod tests {
                 Ok((a.clone(), b.t()?))
             });
             check(&[100, 70], &[100, 9], dtype, |a, b| Ok((a.t()?, b.clone())));
+            // One row (decoding a token): matrix-vector products, columns split over threads;
+            // row-major and transposed right operands, a strided row, a batch of single rows.
+            check(&[1, 7], &[7, 300], dtype, same);
+            check(&[1, 7], &[300, 7], dtype, |a, b| Ok((a.clone(), b.t()?)));
+            check(&[7, 1], &[7, 130], dtype, |a, b| Ok((a.t()?, b.clone())));
+            check(&[2, 3, 1, 8], &[2, 3, 5, 8], dtype, |a, b| {
+                Ok((a.clone(), b.t()?))
+            });
             // Single rows and columns (decoding one token).
             check(&[1, 7], &[7, 1], dtype, same);
             check(&[3, 1, 7], &[7, 5], dtype, same);
