@@ -7,8 +7,13 @@ use candle_nn::{VarBuilder, VarMap};
 use lmkit_models::{CausalLm, Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 use std::path::Path;
 
-fn loss(m: &CausalLm, x: &Tensor, y: &Tensor) -> Tensor {
-    let mut cache = m.new_cache();
+/// With `single_pass`, GPT-2 takes the fused attention kernel (the training path).
+fn loss(m: &CausalLm, x: &Tensor, y: &Tensor, single_pass: bool) -> Tensor {
+    let mut cache = if single_pass {
+        m.single_pass_cache()
+    } else {
+        m.new_cache()
+    };
     let logits = m.forward(x, &mut cache).unwrap();
     let (b, t, v) = logits.dims3().unwrap();
     candle_nn::loss::cross_entropy(
@@ -18,7 +23,7 @@ fn loss(m: &CausalLm, x: &Tensor, y: &Tensor) -> Tensor {
     .unwrap()
 }
 
-fn check(cfg: DecoderConfig) {
+fn check(cfg: DecoderConfig, single_pass: bool) {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let m = CausalLm::from_var_builder(
@@ -54,7 +59,7 @@ fn check(cfg: DecoderConfig) {
     }
     let x = Tensor::new(&[[1u32, 5, 7, 2, 9, 3], [4, 4, 8, 0, 6, 1]], &dev).unwrap();
     let y = Tensor::new(&[[5u32, 7, 2, 9, 3, 1], [4, 8, 0, 6, 1, 2]], &dev).unwrap();
-    let grads = loss(&m, &x, &y).backward().unwrap();
+    let grads = loss(&m, &x, &y, single_pass).backward().unwrap();
     let h = 1e-5;
     for (name, var) in &vars {
         let g = grads
@@ -68,12 +73,12 @@ fn check(cfg: DecoderConfig) {
             plus[k] += h;
             var.set(&Tensor::from_vec(plus, var.shape(), &dev).unwrap())
                 .unwrap();
-            let lp = loss(&m, &x, &y).to_scalar::<f64>().unwrap();
+            let lp = loss(&m, &x, &y, single_pass).to_scalar::<f64>().unwrap();
             let mut minus = orig.clone();
             minus[k] -= h;
             var.set(&Tensor::from_vec(minus, var.shape(), &dev).unwrap())
                 .unwrap();
-            let lm = loss(&m, &x, &y).to_scalar::<f64>().unwrap();
+            let lm = loss(&m, &x, &y, single_pass).to_scalar::<f64>().unwrap();
             var.set(&Tensor::from_vec(orig.clone(), var.shape(), &dev).unwrap())
                 .unwrap();
             let numeric = (lp - lm) / (2.0 * h);
@@ -90,7 +95,7 @@ fn check(cfg: DecoderConfig) {
 
 #[test]
 fn gpt2_gradients_match_finite_differences() {
-    check(DecoderConfig::Gpt2(Gpt2Config {
+    let cfg = DecoderConfig::Gpt2(Gpt2Config {
         vocab_size: 11,
         n_positions: 8,
         n_embd: 8,
@@ -102,30 +107,36 @@ fn gpt2_gradients_match_finite_differences() {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
-    }));
+    });
+    // Composed attention (decoding) and the fused attention + linear kernels (training).
+    check(cfg.clone(), false);
+    check(cfg, true);
 }
 
 #[test]
 fn llama_gradients_match_finite_differences() {
-    check(DecoderConfig::Llama(LlamaConfig {
-        vocab_size: 11,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        head_dim: None,
-        max_position_embeddings: 8,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        hidden_act: "silu".into(),
-        tie_word_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
-    }));
+    check(
+        DecoderConfig::Llama(LlamaConfig {
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            max_position_embeddings: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            hidden_act: "silu".into(),
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        }),
+        false,
+    );
 }
 
 fn rnn(cell: Cell, tie: bool) -> DecoderConfig {
@@ -148,6 +159,6 @@ fn rnn(cell: Cell, tie: bool) -> DecoderConfig {
 
 #[test]
 fn rnn_and_lstm_gradients_match_finite_differences() {
-    check(rnn(Cell::Rnn, false));
-    check(rnn(Cell::Lstm, true));
+    check(rnn(Cell::Rnn, false), false);
+    check(rnn(Cell::Lstm, true), false);
 }
