@@ -58,6 +58,8 @@ struct Sampling {
     top_k: Option<usize>,
     /// lmkit extension: CTRL-style penalty (> 1) for tokens already in the text.
     repetition_penalty: Option<f32>,
+    /// lmkit extension (as in vLLM): keep generating past the end-of-sequence token.
+    ignore_eos: Option<bool>,
     n: Option<u64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
@@ -99,6 +101,7 @@ struct Params {
     stream: bool,
     include_usage: bool,
     stops: Vec<String>,
+    ignore_eos: bool,
     json: Value,
 }
 
@@ -255,6 +258,7 @@ fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         stops,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
         json: v,
     })
 }
@@ -372,8 +376,8 @@ pub async fn completions(
             prompt_text,
             messages: None,
             prompt_ids,
+            eos: state.eos.filter(|_| !params.ignore_eos),
             params,
-            eos: state.eos,
             stops,
             prompt_verdict: verdict,
         })
@@ -466,8 +470,8 @@ pub async fn chat_completions(
             prompt_text,
             messages: serde_json::to_string(&msgs).ok(),
             prompt_ids,
+            eos: state.chat_end.or(state.eos).filter(|_| !params.ignore_eos),
             params,
-            eos: state.chat_end.or(state.eos),
             stops,
             prompt_verdict: verdict,
         })

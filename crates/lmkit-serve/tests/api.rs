@@ -445,10 +445,11 @@ async fn moderation_refuses_or_flags_and_logs_the_decision() {
 async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     let dir = tempfile::tempdir().unwrap();
     let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 2);
-    // Long enough (the whole context) that it cannot finish before the client leaves.
-    let long =
-        json!({"prompt": "the", "max_tokens": 2000, "stream": true, "temperature": 1.0, "n": 2})
-            .to_string();
+    // Long enough (the whole context, end-of-sequence ignored) that it cannot finish before the
+    // client leaves.
+    let long = json!({"prompt": "the", "max_tokens": 2000, "stream": true, "temperature": 1.0,
+                      "n": 2, "ignore_eos": true})
+    .to_string();
     let req = Request::builder()
         .method("POST")
         .uri("/v1/completions")
