@@ -2,7 +2,7 @@
 //!
 //! candle's CPU matmul (the `gemm` crate) reaches about a third of the f32 GEMM throughput that
 //! OpenBLAS or MKL reach on the same cores, and matrix products are most of a training step. Any
-//! library exporting the CBLAS functions `cblas_sgemm`/`cblas_dgemm` (OpenBLAS, BLIS, MKL) is
+//! library exporting the CBLAS functions `cblas_[sd]gemm`/`cblas_[sd]gemv` (OpenBLAS, BLIS, MKL) is
 //! opened on first use; nothing is linked at build time, so a machine without one still runs, on
 //! candle's matmul. `LMKIT_BLAS=/path/to/libopenblas.so` picks a library, `LMKIT_BLAS=off`
 //! disables the path. [`backend`] says which is in use.
@@ -77,6 +77,15 @@ const CANDIDATES: &[&str] = &[
 struct Loaded {
     blas: Option<Blas>,
     note: String,
+}
+
+impl From<Blas> for Loaded {
+    fn from(b: Blas) -> Loaded {
+        Loaded {
+            note: format!("BLAS {}", b.path),
+            blas: Some(b),
+        }
+    }
 }
 
 /// OpenBLAS releases older than the CPU they run on fall back to their slowest generic kernels
@@ -165,25 +174,19 @@ fn loaded() -> &'static Loaded {
             note: "candle gemm (LMKIT_BLAS=off)".into(),
         },
         Ok(path) => match open(&path) {
-            Ok(b) => Loaded {
-                note: format!("BLAS {}", b.path),
-                blas: Some(b),
-            },
+            Ok(b) => Loaded::from(b),
             Err(e) => Loaded {
                 blas: None,
                 note: format!(
                     "candle gemm (LMKIT_BLAS={path} could not be used: {e}; \
-                     point it at a library exporting cblas_sgemm, or unset it)"
+                     point it at a CBLAS library (OpenBLAS, MKL, BLIS), or unset it)"
                 ),
             },
         },
         Err(_) => {
             for c in CANDIDATES {
                 if let Ok(b) = open(c) {
-                    return Loaded {
-                        note: format!("BLAS {}", b.path),
-                        blas: Some(b),
-                    };
+                    return Loaded::from(b);
                 }
             }
             Loaded {
@@ -250,6 +253,30 @@ fn batch_offsets(l: &Layout) -> Vec<usize> {
 
 struct BlasMatmul;
 
+impl Blas {
+    /// a · b for f32 or f64 CPU operands ([batch..., m, k] · [batch..., k, n]).
+    fn product(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let split = self.single_threaded;
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (v, s) = gemm_batched(self.sgemm, self.sgemv, split, 1f32, a, l1, b, l2)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (v, s) = gemm_batched(self.dgemm, self.dgemv, split, 1f64, a, l1, b, l2)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!("blas matmul: f32 or f64 operands of one dtype only"),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gemm_batched<T: Copy + Default + Send + Sync>(
     gemm: Gemm<T>,
@@ -293,21 +320,13 @@ fn gemm_batched<T: Copy + Default + Send + Sync>(
         // layout addresses the same elements; `rows` ≤ m rows from `oa`); `c` holds exactly
         // rows·n elements with ldc = n.
         unsafe {
-            gemm(
-                ROW_MAJOR,
-                if ma.trans { TRANS } else { NO_TRANS },
-                if mb.trans { TRANS } else { NO_TRANS },
-                rows as i32,
-                n as i32,
-                k as i32,
+            gemm_raw(
+                gemm,
                 one,
-                a[oa..].as_ptr(),
-                ma.ld as i32,
-                b[ob..].as_ptr(),
-                mb.ld as i32,
-                T::default(),
-                c.as_mut_ptr().cast::<T>(),
-                n as i32,
+                (rows, n, k),
+                (a[oa..].as_ptr(), ma.ld, ma.trans),
+                (b[ob..].as_ptr(), mb.ld, mb.trans),
+                (c.as_mut_ptr().cast::<T>(), n),
             )
         }
     };
@@ -403,36 +422,7 @@ impl CustomOp2 for BlasMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let blas = require("blas matmul")?;
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (v, s) = gemm_batched(
-                    blas.sgemm,
-                    blas.sgemv,
-                    blas.single_threaded,
-                    1f32,
-                    a,
-                    l1,
-                    b,
-                    l2,
-                )?;
-                Ok((CpuStorage::F32(v), s))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (v, s) = gemm_batched(
-                    blas.dgemm,
-                    blas.dgemv,
-                    blas.single_threaded,
-                    1f64,
-                    a,
-                    l1,
-                    b,
-                    l2,
-                )?;
-                Ok((CpuStorage::F64(v), s))
-            }
-            _ => candle_core::bail!("blas matmul: f32 or f64 operands of one dtype only"),
-        }
+        require("blas matmul")?.product(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -453,7 +443,7 @@ fn usable(a: &Tensor, b: &Tensor) -> bool {
         && a.dtype() == b.dtype()
         && a.rank() >= 2
         && b.rank() >= 2
-        && blas().is_some()
+        && available()
 }
 
 /// Strides that `describe` cannot express (e.g. a permuted view) are made contiguous first.
@@ -501,16 +491,6 @@ pub fn available() -> bool {
 /// gradient accumulations in candle's backward pass each cost a full-size zero fill and add.
 struct Affine;
 
-fn add_bias_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(y: &mut [T], b: &[T]) {
-    y.par_chunks_mut(b.len() * 64).for_each(|rows| {
-        for r in rows.chunks_mut(b.len()) {
-            for (o, &bi) in r.iter_mut().zip(b) {
-                *o = *o + bi;
-            }
-        }
-    });
-}
-
 impl candle_core::CustomOp3 for Affine {
     fn name(&self) -> &'static str {
         "lmkit-affine"
@@ -535,37 +515,16 @@ impl candle_core::CustomOp3 for Affine {
         let n = lw.dims()[1];
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = n;
-        let out = match (sx, sw, sb) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (mut y, _) = gemm_batched(
-                    blas.sgemm,
-                    blas.sgemv,
-                    blas.single_threaded,
-                    1f32,
-                    x,
-                    &l2,
-                    w,
-                    lw,
-                )?;
-                add_bias_rows(&mut y, contiguous(b, lb)?);
-                CpuStorage::F32(y)
+        let (mut out, _) = blas.product(sx, &l2, sw, lw)?;
+        match (&mut out, sb) {
+            (CpuStorage::F32(y), CpuStorage::F32(b)) => {
+                crate::fused::add_bias_in_place(y, contiguous(b, lb)?)
             }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (mut y, _) = gemm_batched(
-                    blas.dgemm,
-                    blas.dgemv,
-                    blas.single_threaded,
-                    1f64,
-                    x,
-                    &l2,
-                    w,
-                    lw,
-                )?;
-                add_bias_rows(&mut y, contiguous(b, lb)?);
-                CpuStorage::F64(y)
+            (CpuStorage::F64(y), CpuStorage::F64(b)) => {
+                crate::fused::add_bias_in_place(y, contiguous(b, lb)?)
             }
-            _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
-        };
+            _ => candle_core::bail!("blas affine: the bias must have the input's dtype"),
+        }
         Ok((out, shape.into()))
     }
     fn bwd(
@@ -694,16 +653,7 @@ fn attention_probs<T: num_traits::Float + Default>(
         )
     };
     for (i, row) in p.chunks_mut(t).enumerate() {
-        let (seen, masked) = row.split_at_mut(i + 1);
-        let m = seen.iter().fold(T::neg_infinity(), |a, &v| a.max(v)) * scale;
-        let mut sum = T::zero();
-        for v in seen.iter_mut() {
-            *v = (*v * scale - m).exp();
-            sum = sum + *v;
-        }
-        let inv = T::one() / sum;
-        seen.iter_mut().for_each(|v| *v = *v * inv);
-        masked.iter_mut().for_each(|v| *v = T::zero());
+        crate::fused::softmax_row(row, i + 1, scale);
     }
 }
 
@@ -780,13 +730,7 @@ fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
                 );
             }
             for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                let dot = pr
-                    .iter()
-                    .zip(dr.iter())
-                    .fold(T::zero(), |a, (&pi, &di)| a + pi * di);
-                for (d, &pi) in dr.iter_mut().zip(pr) {
-                    *d = scale * pi * (*d - dot);
-                }
+                crate::fused::softmax_bwd_row(pr, dr, scale);
             }
             // SAFETY: as above.
             unsafe {

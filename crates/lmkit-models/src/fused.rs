@@ -74,6 +74,31 @@ struct SoftmaxBwd {
     scale: f64,
 }
 
+/// In place: row[..seen] ← softmax(scale·row[..seen]), row[seen..] ← 0.
+pub(crate) fn softmax_row<T: Float>(row: &mut [T], seen: usize, scale: T) {
+    let (seen, masked) = row.split_at_mut(seen);
+    let m = seen.iter().fold(T::neg_infinity(), |a, &b| a.max(b)) * scale;
+    let mut sum = T::zero();
+    for v in seen.iter_mut() {
+        *v = (*v * scale - m).exp();
+        sum = sum + *v;
+    }
+    let inv = T::one() / sum;
+    seen.iter_mut().for_each(|v| *v = *v * inv);
+    masked.iter_mut().for_each(|v| *v = T::zero());
+}
+
+/// In place: g ← scale·y ⊙ (g − Σ_j g_j y_j), the softmax backward of one row.
+pub(crate) fn softmax_bwd_row<T: Float>(y: &[T], g: &mut [T], scale: T) {
+    let dot = y
+        .iter()
+        .zip(g.iter())
+        .fold(T::zero(), |a, (&yi, &gi)| a + yi * gi);
+    for (gi, &yi) in g.iter_mut().zip(y) {
+        *gi = scale * yi * (*gi - dot);
+    }
+}
+
 fn softmax_rows<T: Float + Send + Sync>(
     x: &[T],
     t: usize,
@@ -82,40 +107,21 @@ fn softmax_rows<T: Float + Send + Sync>(
     causal: Option<usize>,
 ) -> Vec<T> {
     let scale = c::<T>(scale);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .enumerate()
-        .for_each(|(row, (o, r))| {
-            let seen = causal.map_or(d, |off| (off + row % t + 1).min(d));
-            let (o, r) = (&mut o[..seen], &r[..seen]);
-            let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b)) * scale;
-            let mut sum = T::zero();
-            for (oi, &xi) in o.iter_mut().zip(r) {
-                *oi = (xi * scale - m).exp();
-                sum = sum + *oi;
-            }
-            let inv = T::one() / sum;
-            o.iter_mut().for_each(|oi| *oi = *oi * inv);
-        });
+    let mut out = x.to_vec();
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let seen = causal.map_or(d, |off| (off + row % t + 1).min(d));
+        softmax_row(o, seen, scale);
+    });
     out
 }
 
 /// dx = scale·y ⊙ (dy − Σ_j dy_j y_j), row by row (0 where y is masked to 0).
 fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize, scale: f64) -> Vec<T> {
     let scale = c::<T>(scale);
-    let mut out = vec![T::zero(); y.len()];
+    let mut out = dy.to_vec();
     out.par_chunks_mut(d)
-        .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
-        .for_each(|(o, (yr, gr))| {
-            let dot = yr
-                .iter()
-                .zip(gr)
-                .fold(T::zero(), |a, (&yi, &gi)| a + yi * gi);
-            for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
-                *oi = scale * yi * (gi - dot);
-            }
-        });
+        .zip(y.par_chunks(d))
+        .for_each(|(g, yr)| softmax_bwd_row(yr, g, scale));
     out
 }
 
@@ -333,14 +339,20 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
 struct AddBias;
 struct ColumnSum;
 
-fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
-    let n = b.len();
-    let mut out = x.to_vec();
-    out.par_chunks_mut(n).for_each(|r| {
-        for (o, &bi) in r.iter_mut().zip(b) {
-            *o = *o + bi;
+/// In place: every row of `y` [.., n] plus `b` [n].
+pub(crate) fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
+    y.par_chunks_mut(b.len().max(1) * 64).for_each(|rows| {
+        for r in rows.chunks_mut(b.len().max(1)) {
+            for (o, &bi) in r.iter_mut().zip(b) {
+                *o = *o + bi;
+            }
         }
     });
+}
+
+fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
+    let mut out = x.to_vec();
+    add_bias_in_place(&mut out, b);
     out
 }
 

@@ -104,17 +104,20 @@ struct Coeffs {
     keep: f64,
 }
 
-/// Runs `f` on the contiguous data of each tensor when all are f32 on the CPU.
-fn with_f32_slices<R>(ts: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> R) -> Option<R> {
+/// Runs `f` on the contiguous data of each tensor when all are f32 on the CPU, of equal length.
+fn with_f32_slices<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Option<R> {
     let guards = ts.map(|t| t.storage_and_layout());
-    let mut slices: [&[f32]; 4] = [&[]; 4];
+    let mut slices: [&[f32]; N] = [&[]; N];
     for (slot, (st, l)) in slices.iter_mut().zip(guards.iter()) {
         match (&**st, l.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => *slot = &v[a..b],
             _ => return None,
         }
     }
-    let n = slices[0].len();
+    let n = slices.first().map_or(0, |s| s.len());
     if slices.iter().any(|s| s.len() != n) {
         return None;
     }
@@ -181,7 +184,7 @@ pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, max_steps: usize)
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
     let mut total = 0.0f64;
     for g in grads.iter() {
-        let fast = with_f32_slices([g, g, g, g], |[x, ..]| {
+        let fast = with_f32_slices([g], |[x]| {
             x.par_chunks(1 << 14)
                 .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
                 .sum::<f64>()
