@@ -67,6 +67,19 @@ pub struct GenerateArgs {
 
 /// Encoder-decoder models: decode a reply to `--source` (no KV cache; the decoder re-reads its
 /// output each step).
+impl GenerateArgs {
+    /// The sampling settings the flags ask for (--greedy means temperature 0).
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: if self.greedy { 0.0 } else { self.temperature },
+            top_k: self.top_k,
+            top_p: (self.top_p < 1.0).then_some(self.top_p),
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
 fn run_seq2seq(a: &GenerateArgs, source: &str) -> Result<()> {
     let dev = lmkit_models::parse_device(&a.device)?;
     let dir = lmkit_models::resolve_checkpoint(&a.model);
@@ -81,13 +94,7 @@ fn run_seq2seq(a: &GenerateArgs, source: &str) -> Result<()> {
         &lmkit_models::Tensor::new(src.as_slice(), &dev)?.unsqueeze(0)?,
         None,
     )?;
-    let sampling = SamplingParams {
-        temperature: if a.greedy { 0.0 } else { a.temperature },
-        top_k: a.top_k,
-        top_p: (a.top_p < 1.0).then_some(a.top_p),
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-    };
+    let sampling = a.sampling();
     sampling.validate().map_err(anyhow::Error::msg)?;
     let mut rng = lmkit_infer::Rng::new(a.seed);
     let mut ids = vec![m.cfg.start_token()];
@@ -166,13 +173,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             cfg.vocab_size()
         );
     }
-    let sampling = SamplingParams {
-        temperature: if a.greedy { 0.0 } else { a.temperature },
-        top_k: a.top_k,
-        top_p: (a.top_p < 1.0).then_some(a.top_p),
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-    };
+    let sampling = a.sampling();
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling,

@@ -34,19 +34,7 @@ pub enum ModelCommand {
     },
 }
 
-/// The `model_type` of a checkpoint's config.json ("" when unreadable; loading reports why).
-pub fn model_type(dir: &std::path::Path) -> String {
-    let dir = lmkit_models::resolve_checkpoint(dir);
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("model_type")
-                .and_then(|m| m.as_str())
-                .map(String::from)
-        })
-        .unwrap_or_default()
-}
+use lmkit_models::model_type;
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {

@@ -96,15 +96,7 @@ impl Scorer {
             return Ok(Scorer::Ngram(NgramModel::open(path, tok)?));
         }
         let dir = lmkit_models::resolve_checkpoint(path);
-        let model_type = std::fs::read_to_string(dir.join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| {
-                v.get("model_type")
-                    .and_then(|m| m.as_str())
-                    .map(String::from)
-            })
-            .unwrap_or_default();
+        let model_type = lmkit_models::model_type(&dir);
         if model_type == "bert" {
             let tokenizer = lmkit_tokenize::load(&dir)?;
             let mask_id = ["<|mask|>", "[MASK]", "<mask>"]

@@ -82,6 +82,20 @@ pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The `model_type` of a checkpoint's config.json ("" when unreadable; loading reports why).
+pub fn model_type(dir: &Path) -> String {
+    let dir = resolve_checkpoint(dir);
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v.get("model_type")
+                .and_then(|m| m.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
 /// A variable source over a checkpoint's safetensors files (memory-mapped, f32).
 pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
     let files = weight_files(dir)?;
