@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-type Gemm<T> = unsafe extern "C" fn(
+pub(crate) type Gemm<T> = unsafe extern "C" fn(
     layout: i32,
     trans_a: i32,
     trans_b: i32,
@@ -50,7 +50,7 @@ type Gemv<T> = unsafe extern "C" fn(
     incy: i32,
 );
 
-struct Blas {
+pub(crate) struct Blas {
     sgemm: Gemm<f32>,
     dgemm: Gemm<f64>,
     sgemv: Gemv<f32>,
@@ -204,7 +204,7 @@ fn blas() -> Option<&'static Blas> {
 }
 
 /// The loaded library, for a kernel (`what`) that cannot run without one.
-fn require(what: &str) -> candle_core::Result<&'static Blas> {
+pub(crate) fn require(what: &str) -> candle_core::Result<&'static Blas> {
     match blas() {
         Some(b) => Ok(b),
         None => candle_core::bail!("{what}: no BLAS library is loaded ({})", backend()),
@@ -581,10 +581,23 @@ impl<T> SharedOut<T> {
 }
 
 /// One row-major gemm call: C[m×n] (ldc) = op(A)[m×k] · op(B)[k×n].
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw<T: Copy + Default>(
     gemm: Gemm<T>,
     one: T,
+    mnk: (usize, usize, usize),
+    a: (*const T, usize, bool),
+    b: (*const T, usize, bool),
+    c: (*mut T, usize),
+) {
+    gemm_raw_beta(gemm, one, T::default(), mnk, a, b, c)
+}
+
+/// One row-major gemm call: C[m×n] (ldc) = alpha·op(A)[m×k] · op(B)[k×n] + beta·C.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw_beta<T: Copy + Default>(
+    gemm: Gemm<T>,
+    alpha: T,
+    beta: T,
     (m, n, k): (usize, usize, usize),
     (a, lda, ta): (*const T, usize, bool),
     (b, ldb, tb): (*const T, usize, bool),
@@ -598,24 +611,129 @@ unsafe fn gemm_raw<T: Copy + Default>(
         m as i32,
         n as i32,
         k as i32,
-        one,
+        alpha,
         a,
         lda as i32,
         b,
         ldb as i32,
-        T::default(),
+        beta,
         c,
         ldc as i32,
     )
 }
 
+/// f32 and f64: the element types the BLAS kernels run in.
+pub(crate) trait BlasFloat:
+    num_traits::Float + Default + Send + Sync + candle_core::WithDType
+{
+    fn gemm(blas: &Blas) -> Gemm<Self>;
+}
+
+impl BlasFloat for f32 {
+    fn gemm(blas: &Blas) -> Gemm<f32> {
+        blas.sgemm
+    }
+}
+
+impl BlasFloat for f64 {
+    fn gemm(blas: &Blas) -> Gemm<f64> {
+        blas.dgemm
+    }
+}
+
+/// An operand of [`gemm_par`]: row-major data with leading dimension `ld`, used as stored or
+/// transposed.
+pub(crate) struct Operand<'a, T> {
+    pub data: &'a [T],
+    pub ld: usize,
+    pub trans: bool,
+}
+
+/// `data` [rows, ld] used as stored.
+pub(crate) fn plain<T>(data: &[T], ld: usize) -> Operand<'_, T> {
+    Operand {
+        data,
+        ld,
+        trans: false,
+    }
+}
+
+/// `data` [rows, ld] used transposed.
+pub(crate) fn transposed<T>(data: &[T], ld: usize) -> Operand<'_, T> {
+    Operand {
+        data,
+        ld,
+        trans: true,
+    }
+}
+
+/// C [m×n] (contiguous rows) = op(A)[m×k] · op(B)[k×n], plus C's previous contents when
+/// `accumulate`: row blocks of C over rayon's threads (the library itself runs single-threaded).
+pub(crate) fn gemm_par<T: BlasFloat>(
+    blas: &Blas,
+    (m, n, k): (usize, usize, usize),
+    a: Operand<T>,
+    b: Operand<T>,
+    c: &mut [T],
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    // The last element BLAS reads of an op(X) of r×s stored with leading dimension ld.
+    let extent = |(r, s): (usize, usize), x: &Operand<T>| {
+        let (rows, cols) = if x.trans { (s, r) } else { (r, s) };
+        (x.ld >= cols && (rows == 0 || cols == 0 || (rows - 1) * x.ld + cols <= x.data.len()))
+            .then_some(())
+    };
+    if extent((m, k), &a).is_none() || extent((k, n), &b).is_none() || c.len() != m * n {
+        candle_core::bail!("blas product: operand sizes do not match {m}×{k}·{k}×{n}");
+    }
+    if [m, n, k, a.ld, b.ld].iter().any(|&v| v > i32::MAX as usize) {
+        candle_core::bail!("blas matmul: a dimension exceeds the BLAS 32-bit index range");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(T::zero());
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per = if blas.single_threaded {
+        m.div_ceil(threads).max(16)
+    } else {
+        m
+    };
+    let a_row = if a.trans { 1 } else { a.ld };
+    let beta = if accumulate { T::one() } else { T::zero() };
+    let gemm = T::gemm(blas);
+    c.par_chunks_mut(rows_per * n)
+        .enumerate()
+        .for_each(|(i, cc)| {
+            // SAFETY: the extents checked above hold every element BLAS reads of op(A) rows
+            // i·rows_per.. (offset i·rows_per·a_row) and of op(B); `cc` holds its rows·n elements.
+            unsafe {
+                gemm_raw_beta(
+                    gemm,
+                    T::one(),
+                    beta,
+                    (cc.len() / n, n, k),
+                    (a.data[i * rows_per * a_row..].as_ptr(), a.ld, a.trans),
+                    (b.data.as_ptr(), b.ld, b.trans),
+                    (cc.as_mut_ptr(), n),
+                )
+            }
+        });
+    Ok(())
+}
+
 /// Shapes of a packed [b, t, 3·c] q|k|v tensor split into `heads` heads of `hd` dims.
 #[derive(Clone, Copy)]
-struct Heads {
-    b: usize,
-    t: usize,
-    heads: usize,
-    hd: usize,
+pub(crate) struct Heads {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub hd: usize,
 }
 
 impl Heads {
@@ -657,7 +775,7 @@ fn attention_probs<T: num_traits::Float + Default>(
     }
 }
 
-fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
+pub(crate) fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
     gemm: Gemm<T>,
     qkv: &[T],
     s: Heads,
@@ -691,7 +809,7 @@ fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
 
 /// Gradient of the packed q|k|v from dy [b, t, c], recomputing each head's P:
 /// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q.
-fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
+pub(crate) fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
     gemm: Gemm<T>,
     qkv: &[T],
     dy: &[T],

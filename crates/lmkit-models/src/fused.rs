@@ -205,7 +205,7 @@ fn c<T: Float>(v: f64) -> T {
 /// f32 uses a rational approximation (the one Eigen uses for floats: odd degree-13 numerator,
 /// even degree-6 denominator, clamped at ±7.9053) whose loop the compiler vectorises — libm's
 /// scalar `tanhf` was a tenth of a training step. Max error vs exact tanh: see the test, < 1e-6.
-trait Tanh: Float + Send + Sync {
+pub(crate) trait Tanh: Float + Send + Sync {
     fn tanh_fast(self) -> Self;
 }
 
@@ -267,7 +267,7 @@ fn map_blocks<T: Copy + Send + Sync + Default>(
 }
 
 /// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
-fn gelu<T: Tanh + Default>(x: &[T]) -> Vec<T> {
+pub(crate) fn gelu<T: Tanh + Default>(x: &[T]) -> Vec<T> {
     let (k, a, half) = (
         c::<T>((2.0 / std::f64::consts::PI).sqrt()),
         c::<T>(0.044715),
@@ -279,7 +279,7 @@ fn gelu<T: Tanh + Default>(x: &[T]) -> Vec<T> {
 }
 
 /// dy/dx = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²).
-fn gelu_bwd<T: Tanh + Default>(x: &[T], g: &[T]) -> Vec<T> {
+pub(crate) fn gelu_bwd<T: Tanh + Default>(x: &[T], g: &[T]) -> Vec<T> {
     let (k, a, half, three) = (
         c::<T>((2.0 / std::f64::consts::PI).sqrt()),
         c::<T>(0.044715),
@@ -356,7 +356,7 @@ fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
     out
 }
 
-fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
+pub(crate) fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
     let rows = x.len() / n.max(1);
     let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
     x.par_chunks(per * n)
@@ -468,7 +468,12 @@ fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
     (mean, T::one() / (var + eps).sqrt())
 }
 
-fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn layer_norm_rows<T: Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    eps: f64,
+) -> Vec<T> {
     let n = w.len();
     let eps = c::<T>(eps);
     let mut out = vec![T::zero(); x.len()];
@@ -486,11 +491,25 @@ fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) 
 }
 
 fn layer_norm_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() + 2 * w.len()];
+    let (dx, dwb) = out.split_at_mut(x.len());
+    dwb.copy_from_slice(&layer_norm_bwd_into(x, w, dy, eps, dx, false));
+    out
+}
+
+/// LayerNorm's backward over rows of x (stats recomputed): dx into `dx` (added to what it holds
+/// when `add`), and the weight and bias gradients returned as [dw | db].
+pub(crate) fn layer_norm_bwd_into<T: Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: f64,
+    dx: &mut [T],
+    add: bool,
+) -> Vec<T> {
     let n = w.len();
     let eps = c::<T>(eps);
     let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
-    let mut out = vec![T::zero(); x.len() + 2 * n];
-    let (dx, _) = out.split_at_mut(x.len());
     let partial: Vec<Vec<T>> = dx
         .par_chunks_mut(n * LN_ROWS)
         .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
@@ -511,17 +530,18 @@ fn layer_norm_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: 
                     *dbi = *dbi + gi;
                 }
                 let (mg, mgx) = (sum_g * inv_n, sum_gx * inv_n);
+                let base = if add { T::one() } else { T::zero() };
                 for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
                     let xh = (v - mean) * rstd;
-                    *d = rstd * (gi * wi - mg - xh * mgx);
+                    *d = base * *d + rstd * (gi * wi - mg - xh * mgx);
                 }
             }
             acc
         })
         .collect();
-    let len = x.len();
+    let mut out = vec![T::zero(); 2 * n];
     for p in partial {
-        for (o, v) in out[len..].iter_mut().zip(p) {
+        for (o, v) in out.iter_mut().zip(p) {
             *o = *o + v;
         }
     }
@@ -623,7 +643,7 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> candle_core::Result<&
     Ok(t)
 }
 
-fn log_sum_exp<T: Float>(r: &[T]) -> T {
+pub(crate) fn log_sum_exp<T: Float>(r: &[T]) -> T {
     let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
     m + r.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln()
 }
@@ -641,17 +661,23 @@ fn ce_sum<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize) -> f64 {
 
 fn ce_grad<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).unwrap_or_else(T::zero);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(v)
-        .zip(x.par_chunks(v).zip(t.par_iter()))
-        .for_each(|(o, (r, &y))| {
-            let lse = log_sum_exp(r);
-            for (oi, &xi) in o.iter_mut().zip(r) {
-                *oi = (xi - lse).exp() * scale;
-            }
-            o[y as usize] = o[y as usize] - scale;
-        });
+    let mut out = x.to_vec();
+    out.par_chunks_mut(v).zip(t.par_iter()).for_each(|(r, &y)| {
+        ce_row_in_place(r, y as usize, scale);
+    });
     out
+}
+
+/// In place: logits `r` → scale·(softmax(r) − one_hot(y)); returns the row's cross-entropy
+/// −log softmax(r)[y].
+pub(crate) fn ce_row_in_place<T: Float>(r: &mut [T], y: usize, scale: T) -> T {
+    let lse = log_sum_exp(r);
+    let loss = lse - r[y];
+    for v in r.iter_mut() {
+        *v = (*v - lse).exp() * scale;
+    }
+    r[y] = r[y] - scale;
+    loss
 }
 
 impl CustomOp2 for CrossEntropySum {

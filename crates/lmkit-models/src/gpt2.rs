@@ -8,6 +8,9 @@ use crate::ops::LayerNorm;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 
+mod train;
+pub use train::LossAndGrads;
+
 /// transformers' `Conv1D`: y = x·W + b with W of shape [in, out].
 struct Conv1D {
     weight: Tensor,

@@ -451,6 +451,15 @@ fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> R
     Ok((total / n as f64)?)
 }
 
+/// Adds a gradient contribution to a parameter's running sum (the first one is kept as is).
+fn add_grad(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g,
+    });
+    Ok(())
+}
+
 /// Trains per `cfg`, from scratch or (with `resume`) from `out_dir/latest`.
 pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Result<Summary> {
     let t = &cfg.train;
@@ -725,6 +734,12 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         Ok(Some(total / t.eval_batches.max(1) as f64))
     };
 
+    let param_index: std::collections::HashMap<_, _> = opt
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.var.as_tensor().id(), i))
+        .collect();
     progress.start(step, t.max_steps);
     let t0 = Instant::now();
     let mut last_loss = f64::NAN;
@@ -735,11 +750,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let mut checkpoint_dir = None;
     while step < t.max_steps {
         let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
-        let mut grads: Vec<Tensor> = opt
-            .params
-            .iter()
-            .map(|p| p.var.zeros_like())
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params.len()];
         let mut loss_sum = 0.0;
         let mut pair_tokens = 0u64;
         for micro in 0..t.grad_accum {
@@ -776,6 +787,19 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 ) => {
                     let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
                     let (x, y) = train_split.batch(seed, t.batch_size, t.seq_len, &dev)?;
+                    if let Net::Causal(CausalLm::Gpt2(gpt2)) = &model {
+                        // GPT-2 on the CPU: the hand-written pass, without an autograd graph.
+                        let scale = 1.0 / t.grad_accum as f64;
+                        if let Some(r) = gpt2.loss_and_grads(&x, &y, scale)? {
+                            loss_sum += r.loss;
+                            for (p, gi) in r.grads {
+                                if let Some(&i) = param_index.get(&p.id()) {
+                                    add_grad(&mut grads[i], gi)?;
+                                }
+                            }
+                            continue;
+                        }
+                    }
                     model.loss(&x, &y, seed ^ 0x3a5c)?
                 }
             };
@@ -783,10 +807,15 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
             let g = (loss / t.grad_accum as f64)?.backward()?;
             for (acc, p) in grads.iter_mut().zip(&opt.params) {
                 if let Some(gi) = g.get(p.var.as_tensor()) {
-                    *acc = (&*acc + gi.detach())?;
+                    add_grad(acc, gi.detach())?;
                 }
             }
         }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&opt.params)
+            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
         let grad_norm = clip_grad_norm(&mut grads, t.grad_clip)?;
         opt.step(&grads, lr)?;
         step += 1;
