@@ -624,7 +624,7 @@ unsafe fn gemm_raw_beta<T: Copy + Default>(
 
 /// f32 and f64: the element types the BLAS kernels run in.
 pub(crate) trait BlasFloat:
-    num_traits::Float + Default + Send + Sync + candle_core::WithDType
+    num_traits::Float + Default + Send + Sync + std::ops::AddAssign + candle_core::WithDType
 {
     fn gemm(blas: &Blas) -> Gemm<Self>;
 }

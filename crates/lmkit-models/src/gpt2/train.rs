@@ -398,7 +398,7 @@ impl Gpt2 {
         for (r, row) in dx.chunks(c).enumerate() {
             let id = ids[r] as usize;
             for (o, &d) in dwte[id * c..(id + 1) * c].iter_mut().zip(row) {
-                *o = *o + d;
+                *o += d;
             }
         }
         let mut dwpe = vec![T::zero(); cfg.n_positions * c];
@@ -409,7 +409,7 @@ impl Gpt2 {
                 for bi in 0..b {
                     let row = &dx[(bi * t + pos) * c..(bi * t + pos + 1) * c];
                     for (o, &d) in o.iter_mut().zip(row) {
-                        *o = *o + d;
+                        *o += d;
                     }
                 }
             });
