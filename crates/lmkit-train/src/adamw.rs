@@ -2,7 +2,7 @@
 //! moments (Kingma & Ba 2015). Its state (moments, step) is plain tensors so that a checkpoint can
 //! save and restore it exactly.
 
-use candle_core::{CpuStorage, Storage, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 pub struct Param {
@@ -50,8 +50,9 @@ impl AdamW {
         })
     }
 
-    /// One update with gradients `grads` (aligned with `params`) at learning rate `lr`.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+    /// One update with gradients `grads` (aligned with `params`) times `grad_scale` (the
+    /// clipping factor, 1 for none) at learning rate `lr`.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> candle_core::Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -66,18 +67,14 @@ impl AdamW {
                 eps: self.eps,
                 lr,
                 keep: 1.0 - lr * decay,
+                grad_scale,
             };
-            if let Some((theta, m, v)) =
-                fused_update(p.var.as_tensor(), &grads[i], &self.m[i], &self.v[i], &k)?
-            {
-                p.var.set(&theta)?;
-                self.m[i] = m;
-                self.v[i] = v;
+            if fused_update(p.var.as_tensor(), &grads[i], &self.m[i], &self.v[i], &k)? {
                 continue;
             }
             // Gradients come out of backward with the op graph of the whole step attached;
             // moments built on them would keep every step's activations alive. Detach.
-            let g = &grads[i].detach();
+            let g = &(grads[i].detach() * grad_scale)?;
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?.detach();
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.eps)?)?;
@@ -102,71 +99,143 @@ struct Coeffs {
     lr: f64,
     /// 1 − lr·weight decay (1 for parameters without decay).
     keep: f64,
+    /// Factor on the gradient (clipping).
+    grad_scale: f64,
 }
 
-/// Runs `f` on the contiguous data of each tensor when all are f32 on the CPU, of equal length.
-fn with_f32_slices<const N: usize, R>(
-    ts: [&Tensor; N],
-    f: impl FnOnce([&[f32]; N]) -> R,
-) -> Option<R> {
-    let guards = ts.map(|t| t.storage_and_layout());
-    let mut slices: [&[f32]; N] = [&[]; N];
-    for (slot, (st, l)) in slices.iter_mut().zip(guards.iter()) {
-        match (&**st, l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => *slot = &v[a..b],
-            _ => return None,
-        }
+/// The contiguous f32 data of a CPU storage.
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
     }
-    let n = slices.first().map_or(0, |s| s.len());
-    if slices.iter().any(|s| s.len() != n) {
-        return None;
-    }
-    Some(f(slices))
 }
 
-/// The whole AdamW update of one f32 CPU parameter in one parallel pass (the composed version
-/// below makes ~14 full-size temporaries per parameter): new (θ, m, v), or `None` elsewhere.
+fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
+    }
+}
+
+/// Elements per parallel task of the optimizer's passes.
+const BLOCK: usize = 1 << 14;
+
+/// In place: m ← β·m + (1 − β)·(s·g), or with (s·g)² for the second moment.
+struct Moment {
+    beta: f32,
+    scale: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "lmkit-adamw-moment"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
+        let (b, ib, s) = (self.beta, 1.0 - self.beta, self.scale);
+        m.par_chunks_mut(BLOCK)
+            .zip(g.par_chunks(BLOCK))
+            .for_each(|(m, g)| {
+                if self.square {
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = b * *m + ib * ((s * g) * (s * g)));
+                } else {
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = b * *m + ib * (s * g));
+                }
+            });
+        Ok(())
+    }
+}
+
+/// In place: θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
+struct Apply {
+    keep: f32,
+    lr: f32,
+    ibc1: f32,
+    ibc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "lmkit-adamw-apply"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let th = f32_data_mut(s1, l1)?;
+        let (m, v) = (f32_data(s2, l2)?, f32_data(s3, l3)?);
+        th.par_chunks_mut(BLOCK)
+            .zip(m.par_chunks(BLOCK).zip(v.par_chunks(BLOCK)))
+            .for_each(|(th, (m, v))| {
+                for ((t, &m), &v) in th.iter_mut().zip(m).zip(v) {
+                    let update = (m * self.ibc1) / ((v * self.ibc2).sqrt() + self.eps);
+                    *t = *t * self.keep - self.lr * update;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The AdamW update of one f32 CPU parameter as three in-place parallel passes (moments, then
+/// θ) — no temporaries, where the composed version below makes ~14 full-size ones per
+/// parameter. `false` (nothing done) for other dtypes, devices or layouts.
 fn fused_update(
     theta: &Tensor,
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
     k: &Coeffs,
-) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
-    let (b1, b2) = (k.beta1 as f32, k.beta2 as f32);
-    let (ib1, ib2) = ((1.0 - k.beta1) as f32, (1.0 - k.beta2) as f32);
-    let (ibc1, ibc2) = ((1.0 / k.bc1) as f32, (1.0 / k.bc2) as f32);
-    let (eps, lr, keep) = (k.eps as f32, k.lr as f32, k.keep as f32);
-    let out = with_f32_slices([theta, g, m, v], |[th, g, m, v]| {
-        let n = th.len();
-        let (mut th2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        const BLOCK: usize = 1 << 14;
-        th2.par_chunks_mut(BLOCK)
-            .zip(m2.par_chunks_mut(BLOCK).zip(v2.par_chunks_mut(BLOCK)))
-            .enumerate()
-            .for_each(|(bi, (to, (mo, vo)))| {
-                let r = bi * BLOCK..bi * BLOCK + to.len();
-                let (th, g, m, v) = (&th[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
-                for j in 0..to.len() {
-                    let mj = b1 * m[j] + ib1 * g[j];
-                    let vj = b2 * v[j] + ib2 * (g[j] * g[j]);
-                    let update = (mj * ibc1) / ((vj * ibc2).sqrt() + eps);
-                    to[j] = th[j] * keep - lr * update;
-                    mo[j] = mj;
-                    vo[j] = vj;
-                }
-            });
-        (th2, m2, v2)
+) -> candle_core::Result<bool> {
+    let n = theta.elem_count();
+    let fits = [theta, g, m, v].iter().all(|t| {
+        t.device().is_cpu()
+            && t.dtype() == candle_core::DType::F32
+            && t.is_contiguous()
+            && t.elem_count() == n
     });
-    let Some((th2, m2, v2)) = out else {
-        return Ok(None);
+    if !fits {
+        return Ok(false);
+    }
+    let scale = k.grad_scale as f32;
+    let first = Moment {
+        beta: k.beta1 as f32,
+        scale,
+        square: false,
     };
-    let (shape, dev) = (theta.shape(), theta.device());
-    Ok(Some((
-        Tensor::from_vec(th2, shape, dev)?,
-        Tensor::from_vec(m2, shape, dev)?,
-        Tensor::from_vec(v2, shape, dev)?,
-    )))
+    m.inplace_op2(g, &first)?;
+    let second = Moment {
+        beta: k.beta2 as f32,
+        scale,
+        square: true,
+    };
+    v.inplace_op2(g, &second)?;
+    let apply = Apply {
+        keep: k.keep as f32,
+        lr: k.lr as f32,
+        ibc1: (1.0 / k.bc1) as f32,
+        ibc2: (1.0 / k.bc2) as f32,
+        eps: k.eps as f32,
+    };
+    theta.inplace_op3(m, v, &apply)?;
+    Ok(true)
 }
 
 /// Learning rate at `step` (0-based): linear warmup to `lr`, then cosine decay to `min_lr` at
@@ -180,28 +249,42 @@ pub fn lr_at(step: usize, lr: f64, min_lr: f64, warmup: usize, max_steps: usize)
     min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// Scales `grads` so that their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
+/// The global L2 norm of `grads` (summed in a fixed order: the same value every run).
+pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
     let mut total = 0.0f64;
-    for g in grads.iter() {
-        let fast = with_f32_slices([g], |[x]| {
-            x.par_chunks(1 << 14)
+    for g in grads {
+        let fast = (g.device().is_cpu() && g.dtype() == candle_core::DType::F32).then(|| {
+            let (st, l) = g.storage_and_layout();
+            let Storage::Cpu(cs) = &*st else {
+                return None;
+            };
+            let x = f32_data(cs, l).ok()?;
+            let parts: Vec<f64> = x
+                .par_chunks(BLOCK)
                 .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-                .sum::<f64>()
+                .collect();
+            Some(parts.iter().sum::<f64>())
         });
-        total += match fast {
+        total += match fast.flatten() {
             Some(s) => s,
-            None => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+            None => g
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
         };
     }
-    let norm = total.sqrt();
+    Ok(total.sqrt())
+}
+
+/// The factor that brings gradients of global norm `norm` down to at most `max_norm` (1 when
+/// they are within it, or `max_norm` ≤ 0: no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 #[cfg(test)]
@@ -231,35 +314,49 @@ mod tests {
 
     #[test]
     fn fused_cpu_update_equals_the_composed_update() {
-        // f32 on the CPU takes the fused kernel, f64 the composed tensor ops: same trajectory.
+        // f32 on the CPU takes the fused kernel, f64 the composed tensor ops: same trajectory,
+        // with a gradient factor (clipping) that changes from step to step.
         let dev = Device::Cpu;
         let init = Tensor::randn(0f32, 1.0, (40_000,), &dev).unwrap();
-        let run = |dtype: candle_core::DType| {
+        let run = |dtype: candle_core::DType, scaled: bool| {
             let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
             let mut opt = one_param(&var, 0.95);
             for s in 0..5 {
                 let g =
                     ((var.as_tensor().sin().unwrap() * (s as f64 + 1.0)).unwrap() + 0.01).unwrap();
-                opt.step(&[g], 1e-2).unwrap();
+                let scale = if scaled {
+                    1.0 / (1.0 + s as f64).powi(3)
+                } else {
+                    1.0
+                };
+                opt.step(&[g], 1e-2, scale).unwrap();
             }
             let w = var.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
             let m = opt.m[0].to_dtype(candle_core::DType::F64).unwrap();
             (w, m, opt.m[0].dtype())
         };
-        let (w32, m32, d32) = run(candle_core::DType::F32);
-        let (w64, m64, _) = run(candle_core::DType::F64);
-        assert_eq!(d32, candle_core::DType::F32);
-        for (a, b) in [(w32, w64), (m32, m64)] {
-            let d = (a - b)
+        let max_diff = |a: Tensor, b: Tensor| {
+            (a - b)
                 .unwrap()
                 .abs()
                 .unwrap()
                 .max(0)
                 .unwrap()
                 .to_scalar::<f64>()
-                .unwrap();
+                .unwrap()
+        };
+        let (w32, m32, d32) = run(candle_core::DType::F32, true);
+        let (w64, m64, _) = run(candle_core::DType::F64, true);
+        assert_eq!(d32, candle_core::DType::F32);
+        for (a, b) in [(w32.clone(), w64), (m32, m64)] {
+            let d = max_diff(a, b);
             assert!(d < 1e-5, "fused vs composed: {d}");
         }
+        let (w_unscaled, _, _) = run(candle_core::DType::F32, false);
+        assert!(
+            max_diff(w32, w_unscaled) > 1e-4,
+            "the gradient factor had no effect"
+        );
     }
 
     #[test]
@@ -269,7 +366,7 @@ mod tests {
         let var = Var::from_vec(vec![1.0f32, -2.0, 3.0], 3, &dev).unwrap();
         let mut opt = one_param(&var, 0.999);
         let g = Tensor::new(&[0.5f32, -0.25, 0.0], &dev).unwrap();
-        opt.step(&[g], 0.01).unwrap();
+        opt.step(&[g], 0.01, 1.0).unwrap();
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         let want = [
             1.0 * (1.0 - 0.001) - 0.01,
@@ -284,24 +381,16 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_norm() {
         let dev = Device::Cpu;
-        let mut g = vec![
+        let g = vec![
             Tensor::new(&[3.0f32], &dev).unwrap(),
             Tensor::new(&[4.0f32], &dev).unwrap(),
         ];
-        let before = clip_grad_norm(&mut g, 1.0).unwrap();
+        let before = grad_norm(&g).unwrap();
         assert!((before - 5.0).abs() < 1e-6);
-        let after: f32 = g
-            .iter()
-            .map(|t| {
-                t.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .sum::<f32>()
-            .sqrt();
-        assert!((after - 1.0).abs() < 1e-4);
+        let s = clip_scale(before, 1.0);
+        let scaled: Vec<Tensor> = g.iter().map(|t| (t * s).unwrap()).collect();
+        assert!((grad_norm(&scaled).unwrap() - 1.0).abs() < 1e-4);
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(50.0, 0.0), 1.0);
     }
 }

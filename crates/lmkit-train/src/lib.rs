@@ -14,7 +14,7 @@ pub mod seq2seq;
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 
-use adamw::{clip_grad_norm, lr_at, AdamW, Param};
+use adamw::{clip_scale, grad_norm, lr_at, AdamW, Param};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lmkit_models::bart::{Bart, BartConfig};
@@ -811,13 +811,13 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 }
             }
         }
-        let mut grads: Vec<Tensor> = grads
+        let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&opt.params)
             .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut grads, t.grad_clip)?;
-        opt.step(&grads, lr)?;
+        let grad_norm = grad_norm(&grads)?;
+        opt.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
         step += 1;
         last_loss = loss_sum / t.grad_accum as f64;
         if !last_loss.is_finite() {
