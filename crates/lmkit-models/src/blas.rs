@@ -624,7 +624,7 @@ unsafe fn gemm_raw_beta<T: Copy + Default>(
 
 /// f32 and f64: the element types the BLAS kernels run in.
 pub(crate) trait BlasFloat:
-    num_traits::Float + Default + Send + Sync + std::ops::AddAssign + candle_core::WithDType
+    crate::fused::FastMath + Default + std::ops::AddAssign + candle_core::WithDType
 {
     fn gemm(blas: &Blas) -> Gemm<Self>;
 }
@@ -747,8 +747,20 @@ impl Heads {
     }
 }
 
+/// Rows per block of the causal attention products: row block [r0, r1) needs keys 0..r1 only,
+/// so the products skip the masked upper triangle block by block (~60% of the full work at
+/// t = 256). Tests use small blocks so that short sequences span several.
+const CAUSAL_BLOCK: usize = if cfg!(test) { 3 } else { 64 };
+
+/// Row blocks [r0, r1) of a t-row causal attention.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
+}
+
 /// P = causal softmax(scale · q·kᵀ) for one head, into `p` [t, t] (zeros above the diagonal).
-fn attention_probs<T: num_traits::Float + Default>(
+fn attention_probs<T: BlasFloat>(
     gemm: Gemm<T>,
     qkv: &[T],
     s: Heads,
@@ -759,27 +771,27 @@ fn attention_probs<T: num_traits::Float + Default>(
 ) {
     let (t, c3) = (s.t, 3 * s.c());
     let (q, k, _) = s.qkv(bi, h);
-    // SAFETY: q and k rows lie at q + i·3c .. + hd within `qkv` ([b, t, 3c]); p holds t·t.
-    unsafe {
-        gemm_raw(
-            gemm,
-            T::one(),
-            (t, t, s.hd),
-            (qkv[q..].as_ptr(), c3, false),
-            (qkv[k..].as_ptr(), c3, true),
-            (p.as_mut_ptr(), t),
-        )
-    };
+    for (r0, r1) in causal_blocks(t) {
+        // SAFETY: q rows r0..r1 and k rows 0..r1 lie at q/k + i·3c .. + hd within `qkv`
+        // ([b, t, 3c]); the block writes p[r0..r1, 0..r1] (ldc t) within its t·t elements.
+        unsafe {
+            gemm_raw(
+                gemm,
+                T::one(),
+                (r1 - r0, r1, s.hd),
+                (qkv[q + r0 * c3..].as_ptr(), c3, false),
+                (qkv[k..].as_ptr(), c3, true),
+                (p[r0 * t..].as_mut_ptr(), t),
+            )
+        };
+    }
     for (i, row) in p.chunks_mut(t).enumerate() {
         crate::fused::softmax_row(row, i + 1, scale);
     }
 }
 
-pub(crate) fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
-    gemm: Gemm<T>,
-    qkv: &[T],
-    s: Heads,
-) -> Vec<T> {
+/// The attention output [b, t, c] of the packed q|k|v.
+pub(crate) fn attention_fwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], s: Heads) -> Vec<T> {
     let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let mut y = vec![T::zero(); s.b * t * c];
@@ -790,31 +802,31 @@ pub(crate) fn attention_fwd<T: num_traits::Float + Default + Send + Sync>(
             let (bi, h) = (task / s.heads, task % s.heads);
             attention_probs(gemm, qkv, s, bi, h, scale, p);
             let (_, _, v) = s.qkv(bi, h);
-            // SAFETY: task (bi, h) writes only y[bi, :, h·hd .. (h+1)·hd] (ldc = c), which no
-            // other task writes; v rows lie within `qkv`.
-            unsafe {
-                gemm_raw(
-                    gemm,
-                    T::one(),
-                    (t, hd, t),
-                    (p.as_ptr(), t, false),
-                    (qkv[v..].as_ptr(), c3, false),
-                    (out.at(bi * t * c + h * hd), c),
-                )
-            };
+            for (r0, r1) in causal_blocks(t) {
+                // SAFETY: task (bi, h) writes only y[bi, r0..r1, h·hd .. (h+1)·hd] (ldc = c),
+                // which no other task writes; P rows r0..r1 need v rows 0..r1 only (P is 0 above
+                // the diagonal), which lie within `qkv`.
+                unsafe {
+                    gemm_raw(
+                        gemm,
+                        T::one(),
+                        (r1 - r0, hd, r1),
+                        (p[r0 * t..].as_ptr(), t, false),
+                        (qkv[v..].as_ptr(), c3, false),
+                        (out.at(bi * t * c + r0 * c + h * hd), c),
+                    )
+                };
+            }
         },
     );
     y
 }
 
-/// Gradient of the packed q|k|v from dy [b, t, c], recomputing each head's P:
-/// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q.
-pub(crate) fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
-    gemm: Gemm<T>,
-    qkv: &[T],
-    dy: &[T],
-    s: Heads,
-) -> Vec<T> {
+/// Gradient of the packed q|k|v from dy [b, t, c], recomputing each head's P (keeping them from
+/// the forward pass measured no faster: [b, heads, t, t] per block streams through memory twice):
+/// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q,
+/// each product restricted to the causal blocks (P and dS are 0 above the diagonal).
+pub(crate) fn attention_bwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], dy: &[T], s: Heads) -> Vec<T> {
     let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let mut dqkv = vec![T::zero(); qkv.len()];
@@ -825,49 +837,57 @@ pub(crate) fn attention_bwd<T: num_traits::Float + Default + Send + Sync>(
             let (bi, h) = (task / s.heads, task % s.heads);
             attention_probs(gemm, qkv, s, bi, h, scale, p);
             let (q, k, v) = s.qkv(bi, h);
-            let dy_h = dy[bi * t * c + h * hd..].as_ptr();
-            // SAFETY: task (bi, h) writes only its head's q, k and v columns of dqkv[bi]
-            // (offsets q, k, v with ldc = 3c), which no other task writes; reads stay within
-            // `qkv`, `dy` ([b, t, c], ld c) and the t×t scratch buffers.
-            unsafe {
-                gemm_raw(
-                    gemm,
-                    T::one(),
-                    (t, hd, t),
-                    (p.as_ptr(), t, true),
-                    (dy_h, c, false),
-                    (out.at(v), c3),
-                );
-                gemm_raw(
-                    gemm,
-                    T::one(),
-                    (t, t, hd),
-                    (dy_h, c, false),
-                    (qkv[v..].as_ptr(), c3, true),
-                    (dp.as_mut_ptr(), t),
-                );
+            let dy_h = bi * t * c + h * hd;
+            for (r0, r1) in causal_blocks(t) {
+                // SAFETY: task (bi, h) writes only its head's q, k and v columns of dqkv[bi]
+                // (offsets q, k, v with ldc = 3c), which no other task writes; reads stay within
+                // `qkv`, `dy` ([b, t, c], ld c) and the t×t buffers. Rows r0..r1 of dV are
+                // P[r0.., r0..r1]ᵀ·dY[r0..] (P[i, j] = 0 for i < j); dP rows r0..r1 need
+                // columns 0..r1 only.
+                unsafe {
+                    gemm_raw(
+                        gemm,
+                        T::one(),
+                        (r1 - r0, hd, t - r0),
+                        (p[r0 * t + r0..].as_ptr(), t, true),
+                        (dy[dy_h + r0 * c..].as_ptr(), c, false),
+                        (out.at(v + r0 * c3), c3),
+                    );
+                    gemm_raw(
+                        gemm,
+                        T::one(),
+                        (r1 - r0, r1, hd),
+                        (dy[dy_h + r0 * c..].as_ptr(), c, false),
+                        (qkv[v..].as_ptr(), c3, true),
+                        (dp[r0 * t..].as_mut_ptr(), t),
+                    );
+                }
             }
-            for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                crate::fused::softmax_bwd_row(pr, dr, scale);
+            for (i, (pr, dr)) in p.chunks(t).zip(dp.chunks_mut(t)).enumerate() {
+                crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
+                dr[i + 1..].iter_mut().for_each(|v| *v = T::zero());
             }
-            // SAFETY: as above.
-            unsafe {
-                gemm_raw(
-                    gemm,
-                    T::one(),
-                    (t, hd, t),
-                    (dp.as_ptr(), t, false),
-                    (qkv[k..].as_ptr(), c3, false),
-                    (out.at(q), c3),
-                );
-                gemm_raw(
-                    gemm,
-                    T::one(),
-                    (t, hd, t),
-                    (dp.as_ptr(), t, true),
-                    (qkv[q..].as_ptr(), c3, false),
-                    (out.at(k), c3),
-                );
+            for (r0, r1) in causal_blocks(t) {
+                // SAFETY: as above; dS[r0..r1, 0..r1]·K[0..r1] gives dQ rows r0..r1, and
+                // dS[r0.., r0..r1]ᵀ·Q[r0..] gives dK rows r0..r1 (dS[i, j] = 0 for i < j).
+                unsafe {
+                    gemm_raw(
+                        gemm,
+                        T::one(),
+                        (r1 - r0, hd, r1),
+                        (dp[r0 * t..].as_ptr(), t, false),
+                        (qkv[k..].as_ptr(), c3, false),
+                        (out.at(q + r0 * c3), c3),
+                    );
+                    gemm_raw(
+                        gemm,
+                        T::one(),
+                        (r1 - r0, hd, t - r0),
+                        (dp[r0 * t + r0..].as_ptr(), t, true),
+                        (qkv[q + r0 * c3..].as_ptr(), c3, false),
+                        (out.at(k + r0 * c3), c3),
+                    );
+                }
             }
         },
     );

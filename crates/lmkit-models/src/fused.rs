@@ -74,32 +74,80 @@ struct SoftmaxBwd {
     scale: f64,
 }
 
-/// In place: row[..seen] ← softmax(scale·row[..seen]), row[seen..] ← 0.
-pub(crate) fn softmax_row<T: Float>(row: &mut [T], seen: usize, scale: T) {
-    let (seen, masked) = row.split_at_mut(seen);
-    let m = seen.iter().fold(T::neg_infinity(), |a, &b| a.max(b)) * scale;
-    let mut sum = T::zero();
-    for v in seen.iter_mut() {
-        *v = (*v * scale - m).exp();
-        sum = sum + *v;
+multiversion! {
+    /// In place: row[..seen] ← softmax(scale·row[..seen]) (scale > 0), row[seen..] ← 0.
+    pub(crate) fn softmax_row<T: FastMath>(row: &mut [T], seen: usize, scale: T) {
+        let (seen, masked) = row.split_at_mut(seen);
+        let m = max_of(seen) * scale;
+        for v in seen.iter_mut() {
+            *v = (*v * scale - m).exp_fast();
+        }
+        let inv = T::one() / sum_of(seen);
+        seen.iter_mut().for_each(|v| *v = *v * inv);
+        masked.iter_mut().for_each(|v| *v = T::zero());
     }
-    let inv = T::one() / sum;
-    seen.iter_mut().for_each(|v| *v = *v * inv);
-    masked.iter_mut().for_each(|v| *v = T::zero());
 }
 
-/// In place: g ← scale·y ⊙ (g − Σ_j g_j y_j), the softmax backward of one row.
-pub(crate) fn softmax_bwd_row<T: Float>(y: &[T], g: &mut [T], scale: T) {
-    let dot = y
+multiversion! {
+    /// In place: g ← scale·y ⊙ (g − Σ_j g_j y_j), the softmax backward of one row.
+    pub(crate) fn softmax_bwd_row<T: FastMath>(y: &[T], g: &mut [T], scale: T) {
+        let dot = dot_of(y, g);
+        for (gi, &yi) in g.iter_mut().zip(y) {
+            *gi = scale * yi * (*gi - dot);
+        }
+    }
+}
+
+/// Independent partial results the reductions below keep, so that they vectorise (a single
+/// running float sum cannot be reordered into vector lanes).
+const LANES: usize = 16;
+
+/// Σ f(i) over `len` elements through LANES partial sums, in a fixed order.
+#[inline(always)]
+fn lane_sum<T: Float>(len: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let full = len / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = *a + f(base + j);
+        }
+    }
+    let mut s = (full..len).fold(T::zero(), |a, i| a + f(i));
+    for a in acc {
+        s = s + a;
+    }
+    s
+}
+
+#[inline(always)]
+fn sum_of<T: Float>(x: &[T]) -> T {
+    lane_sum(x.len(), |i| x[i])
+}
+
+#[inline(always)]
+fn dot_of<T: Float>(x: &[T], y: &[T]) -> T {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    lane_sum(n, |i| x[i] * y[i])
+}
+
+#[inline(always)]
+fn max_of<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let m = chunks
+        .remainder()
         .iter()
-        .zip(g.iter())
-        .fold(T::zero(), |a, (&yi, &gi)| a + yi * gi);
-    for (gi, &yi) in g.iter_mut().zip(y) {
-        *gi = scale * yi * (*gi - dot);
-    }
+        .fold(T::neg_infinity(), |a, &v| a.max(v));
+    acc.iter().fold(m, |a, &v| a.max(v))
 }
 
-fn softmax_rows<T: Float + Send + Sync>(
+fn softmax_rows<T: FastMath>(
     x: &[T],
     t: usize,
     d: usize,
@@ -116,7 +164,7 @@ fn softmax_rows<T: Float + Send + Sync>(
 }
 
 /// dx = scale·y ⊙ (dy − Σ_j dy_j y_j), row by row (0 where y is masked to 0).
-fn softmax_bwd_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], d: usize, scale: f64) -> Vec<T> {
+fn softmax_bwd_rows<T: FastMath>(y: &[T], dy: &[T], d: usize, scale: f64) -> Vec<T> {
     let scale = c::<T>(scale);
     let mut out = dy.to_vec();
     out.par_chunks_mut(d)
@@ -205,17 +253,21 @@ fn c<T: Float>(v: f64) -> T {
 /// f32 uses a rational approximation (the one Eigen uses for floats: odd degree-13 numerator,
 /// even degree-6 denominator, clamped at ±7.9053) whose loop the compiler vectorises — libm's
 /// scalar `tanhf` was a tenth of a training step. Max error vs exact tanh: see the test, < 1e-6.
-pub(crate) trait Tanh: Float + Send + Sync {
+pub(crate) trait FastMath: Float + Send + Sync {
     fn tanh_fast(self) -> Self;
+    fn exp_fast(self) -> Self;
 }
 
-impl Tanh for f64 {
+impl FastMath for f64 {
     fn tanh_fast(self) -> f64 {
         self.tanh()
     }
+    fn exp_fast(self) -> f64 {
+        self.exp()
+    }
 }
 
-impl Tanh for f32 {
+impl FastMath for f32 {
     #[inline(always)]
     fn tanh_fast(self) -> f32 {
         const A: [f32; 7] = [
@@ -236,6 +288,34 @@ impl Tanh for f32 {
         }
         let q = ((B[3] * x2 + B[2]) * x2 + B[1]) * x2 + B[0];
         x * p / q
+    }
+
+    /// eˣ as Cephes' `expf` computes it (x = n·ln2 + r, |r| ≤ ½ln2, degree-7 polynomial in r,
+    /// 2ⁿ built from its bits), branch-free so that loops over it vectorise (libm's `expf` is a
+    /// scalar call). Max relative error vs f64 exp: see the test, < 3e-7.
+    #[inline(always)]
+    fn exp_fast(self) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+        let x = self.clamp(-87.336_55, 88.376_26);
+        let t = x * LOG2E + ROUND;
+        let n = t - ROUND;
+        let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 0.166_666_65)
+            * r
+            + 0.5;
+        let y = p * r * r + r + 1.0;
+        let scaled = y * f32::from_bits(((ni + 127) as u32) << 23);
+        if self < -87.336_55 {
+            0.0
+        } else {
+            scaled
+        }
     }
 }
 
@@ -303,7 +383,7 @@ fn gelu_consts<T: Float>() -> (T, T) {
 
 multiversion! {
     /// One block of the GELU forward: o = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
-    fn gelu_block<T: Tanh>(x: &[T], o: &mut [T]) {
+    fn gelu_block<T: FastMath>(x: &[T], o: &mut [T]) {
         let (k, a) = gelu_consts::<T>();
         let half = c::<T>(0.5);
         for (o, &v) in o.iter_mut().zip(x) {
@@ -314,7 +394,7 @@ multiversion! {
 
 multiversion! {
     /// One block of the GELU backward: o = g · [½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)].
-    fn gelu_bwd_block<T: Tanh>(x: &[T], g: &[T], o: &mut [T]) {
+    fn gelu_bwd_block<T: FastMath>(x: &[T], g: &[T], o: &mut [T]) {
         let (k, a) = gelu_consts::<T>();
         let (half, three) = (c::<T>(0.5), c::<T>(3.0));
         for ((o, &v), &gi) in o.iter_mut().zip(x).zip(g) {
@@ -327,7 +407,7 @@ multiversion! {
 }
 
 /// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
-pub(crate) fn gelu<T: Tanh + Default>(x: &[T]) -> Vec<T> {
+pub(crate) fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
     out.par_chunks_mut(BLOCK)
         .zip(x.par_chunks(BLOCK))
@@ -336,7 +416,7 @@ pub(crate) fn gelu<T: Tanh + Default>(x: &[T]) -> Vec<T> {
 }
 
 /// dy/dx · g for the tanh GELU.
-pub(crate) fn gelu_bwd<T: Tanh + Default>(x: &[T], g: &[T]) -> Vec<T> {
+pub(crate) fn gelu_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
     out.par_chunks_mut(BLOCK)
         .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
@@ -508,39 +588,71 @@ struct LayerNormBwd {
 /// Rows per parallel task of the layer-norm kernels.
 const LN_ROWS: usize = 32;
 
+#[inline(always)]
 fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
     let n = T::from(r.len()).unwrap_or_else(T::one);
-    let mean = r.iter().fold(T::zero(), |a, &v| a + v) / n;
-    let var = r
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / n;
+    let mean = sum_of(r) / n;
+    let var = lane_sum(r.len(), |i| (r[i] - mean) * (r[i] - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
 }
 
-pub(crate) fn layer_norm_rows<T: Float + Send + Sync>(
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    eps: f64,
-) -> Vec<T> {
+multiversion! {
+    /// LayerNorm of the rows of `xs` into `o`.
+    fn layer_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], b: &[T], eps: T) {
+        let n = w.len();
+        for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
+            let (mean, rstd) = row_stats(r, eps);
+            for (((o, &v), &wi), &bi) in o.iter_mut().zip(r).zip(w).zip(b) {
+                *o = (v - mean) * rstd * wi + bi;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm's backward over the rows of `xs`: dx into `dxs` (added to it when `add`),
+    /// dw and db added to `acc` [dw | db].
+    fn layer_norm_bwd_block<T: FastMath>(
+        dxs: &mut [T],
+        xs: &[T],
+        gs: &[T],
+        w: &[T],
+        eps: T,
+        add: bool,
+        acc: &mut [T],
+    ) {
+        let n = w.len();
+        let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
+        let (dw, db) = acc.split_at_mut(n);
+        let base = if add { T::one() } else { T::zero() };
+        for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+            let (mean, rstd) = row_stats(r, eps);
+            let sum_g = lane_sum(n, |i| g[i] * w[i]);
+            let sum_gx = lane_sum(n, |i| g[i] * w[i] * ((r[i] - mean) * rstd));
+            for (((&v, &gi), dwi), dbi) in r.iter().zip(g).zip(dw.iter_mut()).zip(db.iter_mut()) {
+                *dwi = *dwi + gi * ((v - mean) * rstd);
+                *dbi = *dbi + gi;
+            }
+            let (mg, mgx) = (sum_g * inv_n, sum_gx * inv_n);
+            for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
+                let xh = (v - mean) * rstd;
+                *d = base * *d + rstd * (gi * wi - mg - xh * mgx);
+            }
+        }
+    }
+}
+
+pub(crate) fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let n = w.len();
     let eps = c::<T>(eps);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(n * LN_ROWS)
         .zip(x.par_chunks(n * LN_ROWS))
-        .for_each(|(o, xs)| {
-            for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
-                let (mean, rstd) = row_stats(r, eps);
-                for (((o, &v), &wi), &bi) in o.iter_mut().zip(r).zip(w).zip(b) {
-                    *o = (v - mean) * rstd * wi + bi;
-                }
-            }
-        });
+        .for_each(|(o, xs)| layer_norm_block(o, xs, w, b, eps));
     out
 }
 
-fn layer_norm_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+fn layer_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
     let mut out = vec![T::zero(); x.len() + 2 * w.len()];
     let (dx, dwb) = out.split_at_mut(x.len());
     dwb.copy_from_slice(&layer_norm_bwd_into(x, w, dy, eps, dx, false));
@@ -549,7 +661,7 @@ fn layer_norm_bwd_rows<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: 
 
 /// LayerNorm's backward over rows of x (stats recomputed): dx into `dx` (added to what it holds
 /// when `add`), and the weight and bias gradients returned as [dw | db].
-pub(crate) fn layer_norm_bwd_into<T: Float + Send + Sync>(
+pub(crate) fn layer_norm_bwd_into<T: FastMath>(
     x: &[T],
     w: &[T],
     dy: &[T],
@@ -559,33 +671,12 @@ pub(crate) fn layer_norm_bwd_into<T: Float + Send + Sync>(
 ) -> Vec<T> {
     let n = w.len();
     let eps = c::<T>(eps);
-    let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
     let partial: Vec<Vec<T>> = dx
         .par_chunks_mut(n * LN_ROWS)
         .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
         .map(|(dxs, (xs, gs))| {
             let mut acc = vec![T::zero(); 2 * n];
-            let (dw, db) = acc.split_at_mut(n);
-            for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
-                let (mean, rstd) = row_stats(r, eps);
-                let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
-                for (((&v, &gi), &wi), (dwi, dbi)) in
-                    r.iter().zip(g).zip(w).zip(dw.iter_mut().zip(db.iter_mut()))
-                {
-                    let xh = (v - mean) * rstd;
-                    let gh = gi * wi;
-                    sum_g = sum_g + gh;
-                    sum_gx = sum_gx + gh * xh;
-                    *dwi = *dwi + gi * xh;
-                    *dbi = *dbi + gi;
-                }
-                let (mg, mgx) = (sum_g * inv_n, sum_gx * inv_n);
-                let base = if add { T::one() } else { T::zero() };
-                for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
-                    let xh = (v - mean) * rstd;
-                    *d = base * *d + rstd * (gi * wi - mg - xh * mgx);
-                }
-            }
+            layer_norm_bwd_block(dxs, xs, gs, w, eps, add, &mut acc);
             acc
         })
         .collect();
@@ -693,12 +784,15 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> candle_core::Result<&
     Ok(t)
 }
 
-pub(crate) fn log_sum_exp<T: Float>(r: &[T]) -> T {
-    let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-    m + r.iter().fold(T::zero(), |a, &x| a + (x - m).exp()).ln()
+multiversion! {
+    /// log Σ exp(r), shifted by the row's max.
+    pub(crate) fn log_sum_exp<T: FastMath>(r: &[T]) -> T {
+        let m = max_of(r);
+        m + lane_sum(r.len(), |i| (r[i] - m).exp_fast()).ln()
+    }
 }
 
-fn ce_sum<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize) -> f64 {
+fn ce_sum<T: FastMath>(x: &[T], t: &[u32], v: usize) -> f64 {
     x.par_chunks(v)
         .zip(t.par_iter())
         .map(|(r, &y)| {
@@ -709,7 +803,7 @@ fn ce_sum<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize) -> f64 {
         .sum()
 }
 
-fn ce_grad<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
+fn ce_grad<T: FastMath>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).unwrap_or_else(T::zero);
     let mut out = x.to_vec();
     out.par_chunks_mut(v).zip(t.par_iter()).for_each(|(r, &y)| {
@@ -720,14 +814,21 @@ fn ce_grad<T: Float + Send + Sync>(x: &[T], t: &[u32], v: usize, scale: f64) -> 
 
 /// In place: logits `r` → scale·(softmax(r) − one_hot(y)); returns the row's cross-entropy
 /// −log softmax(r)[y].
-pub(crate) fn ce_row_in_place<T: Float>(r: &mut [T], y: usize, scale: T) -> T {
+pub(crate) fn ce_row_in_place<T: FastMath>(r: &mut [T], y: usize, scale: T) -> T {
     let lse = log_sum_exp(r);
     let loss = lse - r[y];
-    for v in r.iter_mut() {
-        *v = (*v - lse).exp() * scale;
-    }
+    softmax_scaled(r, lse, scale);
     r[y] = r[y] - scale;
     loss
+}
+
+multiversion! {
+    /// In place: r ← exp(r − lse)·scale.
+    fn softmax_scaled<T: FastMath>(r: &mut [T], lse: T, scale: T) {
+        for v in r.iter_mut() {
+            *v = (*v - lse).exp_fast() * scale;
+        }
+    }
 }
 
 impl CustomOp2 for CrossEntropySum {
@@ -989,6 +1090,25 @@ mod tests {
             })
             .fold(0f64, f64::max);
         assert!(worst < 1e-6, "f32 tanh approximation off by {worst}");
+        let worst_exp = (-870_000..=880_000)
+            .map(|i| {
+                let x = (i as f64 * 1e-4) as f32;
+                let want = (x as f64).exp();
+                (x.exp_fast() as f64 - want).abs() / want
+            })
+            .fold(0f64, f64::max);
+        assert!(worst_exp < 3e-7, "f32 exp off by {worst_exp} (relative)");
+        assert_eq!((-100f32).exp_fast(), 0.0);
+        assert_eq!(0f32.exp_fast(), 1.0);
+        assert!(f32::NAN.exp_fast().is_nan());
+        // The vectorised reductions against plain sums, at lengths around the lane count.
+        for n in [0usize, 1, 15, 16, 17, 100] {
+            let v: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+            assert!((sum_of(&v) - v.iter().sum::<f64>()).abs() < 1e-12);
+            assert!((dot_of(&v, &v) - v.iter().map(|a| a * a).sum::<f64>()).abs() < 1e-12);
+            let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(max_of(&v), m);
+        }
         assert!(
             diff(
                 softmax_last_dim(&x).unwrap(),

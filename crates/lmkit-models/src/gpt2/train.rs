@@ -10,7 +10,7 @@
 
 use super::Gpt2;
 use crate::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
-use crate::fused::{self, Tanh};
+use crate::fused;
 use candle_core::{Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -36,14 +36,14 @@ enum Act {
 }
 
 impl Act {
-    fn forward<T: BlasFloat + Tanh>(self, h: &[T]) -> Vec<T> {
+    fn forward<T: BlasFloat>(self, h: &[T]) -> Vec<T> {
         match self {
             Act::GeluTanh => fused::gelu(h),
             Act::Relu => h.par_iter().map(|&v| Float::max(v, T::zero())).collect(),
         }
     }
 
-    fn backward<T: BlasFloat + Tanh>(self, h: &[T], dg: &[T]) -> Vec<T> {
+    fn backward<T: BlasFloat>(self, h: &[T], dg: &[T]) -> Vec<T> {
         match self {
             Act::GeluTanh => fused::gelu_bwd(h, dg),
             Act::Relu => h
@@ -153,7 +153,7 @@ impl Gpt2 {
         }
     }
 
-    fn pass<T: BlasFloat + Tanh>(
+    fn pass<T: BlasFloat>(
         &self,
         blas: &Blas,
         act: Act,
@@ -205,7 +205,7 @@ impl Gpt2 {
     /// The pass itself over the parameters' data (`p`, in `param_tensors` order): the mean loss
     /// and the gradients (times `scale`) in the same order.
     #[allow(clippy::too_many_arguments)]
-    fn backprop<T: BlasFloat + Tanh>(
+    fn backprop<T: BlasFloat>(
         &self,
         blas: &Blas,
         act: Act,
