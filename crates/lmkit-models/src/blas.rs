@@ -677,13 +677,52 @@ pub(crate) fn gemm_par<T: BlasFloat>(
     c: &mut [T],
     accumulate: bool,
 ) -> candle_core::Result<()> {
+    if c.len() != m * n {
+        candle_core::bail!(
+            "blas product: the output holds {} elements, not {m}×{n}",
+            c.len()
+        );
+    }
+    // SAFETY: `c` holds m·n initialised elements.
+    unsafe { gemm_into(blas, (m, n, k), a, b, c.as_mut_ptr(), accumulate) }
+}
+
+/// A new [m×n] = op(A)[m×k] · op(B)[k×n] (as [`gemm_par`]), not zero-filled first: BLAS
+/// writes every element.
+pub(crate) fn product<T: BlasFloat>(
+    blas: &Blas,
+    (m, n, k): (usize, usize, usize),
+    a: Operand<T>,
+    b: Operand<T>,
+) -> candle_core::Result<Vec<T>> {
+    let mut out = Box::<[T]>::new_uninit_slice(m * n);
+    // SAFETY: `out` has room for m·n elements; with accumulate = false every one is written
+    // (by BLAS with beta = 0, or zeroed when k = 0) before `assume_init`.
+    unsafe {
+        gemm_into(blas, (m, n, k), a, b, out.as_mut_ptr().cast::<T>(), false)?;
+        Ok(out.assume_init().into_vec())
+    }
+}
+
+/// The body of [`gemm_par`] and [`product`], writing C through `c`.
+///
+/// # Safety
+/// `c` must be valid for writes of m·n elements (and hold initialised ones when `accumulate`).
+unsafe fn gemm_into<T: BlasFloat>(
+    blas: &Blas,
+    (m, n, k): (usize, usize, usize),
+    a: Operand<T>,
+    b: Operand<T>,
+    c: *mut T,
+    accumulate: bool,
+) -> candle_core::Result<()> {
     // The last element BLAS reads of an op(X) of r×s stored with leading dimension ld.
     let extent = |(r, s): (usize, usize), x: &Operand<T>| {
         let (rows, cols) = if x.trans { (s, r) } else { (r, s) };
         (x.ld >= cols && (rows == 0 || cols == 0 || (rows - 1) * x.ld + cols <= x.data.len()))
             .then_some(())
     };
-    if extent((m, k), &a).is_none() || extent((k, n), &b).is_none() || c.len() != m * n {
+    if extent((m, k), &a).is_none() || extent((k, n), &b).is_none() {
         candle_core::bail!("blas product: operand sizes do not match {m}×{k}·{k}×{n}");
     }
     if [m, n, k, a.ld, b.ld].iter().any(|&v| v > i32::MAX as usize) {
@@ -694,7 +733,8 @@ pub(crate) fn gemm_par<T: BlasFloat>(
     }
     if k == 0 {
         if !accumulate {
-            c.fill(T::zero());
+            // SAFETY: the caller's guarantee; all-zero bits are 0.0 in f32 and f64.
+            unsafe { std::ptr::write_bytes(c, 0, m * n) };
         }
         return Ok(());
     }
@@ -707,23 +747,25 @@ pub(crate) fn gemm_par<T: BlasFloat>(
     let a_row = if a.trans { 1 } else { a.ld };
     let beta = if accumulate { T::one() } else { T::zero() };
     let gemm = T::gemm(blas);
-    c.par_chunks_mut(rows_per * n)
-        .enumerate()
-        .for_each(|(i, cc)| {
-            // SAFETY: the extents checked above hold every element BLAS reads of op(A) rows
-            // i·rows_per.. (offset i·rows_per·a_row) and of op(B); `cc` holds its rows·n elements.
-            unsafe {
-                gemm_raw_beta(
-                    gemm,
-                    T::one(),
-                    beta,
-                    (cc.len() / n, n, k),
-                    (a.data[i * rows_per * a_row..].as_ptr(), a.ld, a.trans),
-                    (b.data.as_ptr(), b.ld, b.trans),
-                    (cc.as_mut_ptr(), n),
-                )
-            }
-        });
+    let out = SharedOut(c);
+    (0..m.div_ceil(rows_per)).into_par_iter().for_each(|i| {
+        let r0 = i * rows_per;
+        let rows = rows_per.min(m - r0);
+        // SAFETY: the extents checked above hold every element BLAS reads of op(A) rows
+        // r0..r0 + rows (offset r0·a_row) and of op(B); block i alone writes C rows
+        // r0..r0 + rows, within the m·n elements the caller provides.
+        unsafe {
+            gemm_raw_beta(
+                gemm,
+                T::one(),
+                beta,
+                (rows, n, k),
+                (a.data[r0 * a_row..].as_ptr(), a.ld, a.trans),
+                (b.data.as_ptr(), b.ld, b.trans),
+                (out.at(r0 * n), n),
+            )
+        }
+    });
     Ok(())
 }
 

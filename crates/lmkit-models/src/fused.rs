@@ -102,33 +102,47 @@ multiversion! {
 /// running float sum cannot be reordered into vector lanes).
 const LANES: usize = 16;
 
-/// Σ f(i) over `len` elements through LANES partial sums, in a fixed order.
+/// Σ f(x_i, y_i, z_i) over equal-length slices through LANES partial sums, in a fixed order.
+/// (Slices rather than indices: bounds checks in the loop would stop it vectorising.)
 #[inline(always)]
-fn lane_sum<T: Float>(len: usize, f: impl Fn(usize) -> T) -> T {
+fn lane_sum3<T: Float>(x: &[T], y: &[T], z: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let n = x.len().min(y.len()).min(z.len());
+    let (x, y, z) = (&x[..n], &y[..n], &z[..n]);
     let mut acc = [T::zero(); LANES];
-    let full = len / LANES * LANES;
-    for base in (0..full).step_by(LANES) {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = *a + f(base + j);
+    let full = n / LANES * LANES;
+    for ((xc, yc), zc) in x[..full]
+        .chunks_exact(LANES)
+        .zip(y[..full].chunks_exact(LANES))
+        .zip(z[..full].chunks_exact(LANES))
+    {
+        for (((a, &xi), &yi), &zi) in acc.iter_mut().zip(xc).zip(yc).zip(zc) {
+            *a = *a + f(xi, yi, zi);
         }
     }
-    let mut s = (full..len).fold(T::zero(), |a, i| a + f(i));
+    let mut s = T::zero();
+    for ((&xi, &yi), &zi) in x[full..].iter().zip(&y[full..]).zip(&z[full..]) {
+        s = s + f(xi, yi, zi);
+    }
     for a in acc {
         s = s + a;
     }
     s
 }
 
+/// Σ f(x_i) (see [`lane_sum3`]).
+#[inline(always)]
+fn lane_sum<T: Float>(x: &[T], f: impl Fn(T) -> T) -> T {
+    lane_sum3(x, x, x, |v, _, _| f(v))
+}
+
 #[inline(always)]
 fn sum_of<T: Float>(x: &[T]) -> T {
-    lane_sum(x.len(), |i| x[i])
+    lane_sum(x, |v| v)
 }
 
 #[inline(always)]
 fn dot_of<T: Float>(x: &[T], y: &[T]) -> T {
-    let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &y[..n]);
-    lane_sum(n, |i| x[i] * y[i])
+    lane_sum3(x, y, y, |a, b, _| a * b)
 }
 
 #[inline(always)]
@@ -592,7 +606,7 @@ const LN_ROWS: usize = 32;
 fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
     let n = T::from(r.len()).unwrap_or_else(T::one);
     let mean = sum_of(r) / n;
-    let var = lane_sum(r.len(), |i| (r[i] - mean) * (r[i] - mean)) / n;
+    let var = lane_sum(r, |v| (v - mean) * (v - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
 }
 
@@ -627,8 +641,8 @@ multiversion! {
         let base = if add { T::one() } else { T::zero() };
         for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
             let (mean, rstd) = row_stats(r, eps);
-            let sum_g = lane_sum(n, |i| g[i] * w[i]);
-            let sum_gx = lane_sum(n, |i| g[i] * w[i] * ((r[i] - mean) * rstd));
+            let sum_g = dot_of(g, w);
+            let sum_gx = lane_sum3(g, w, r, |gi, wi, v| gi * wi * ((v - mean) * rstd));
             for (((&v, &gi), dwi), dbi) in r.iter().zip(g).zip(dw.iter_mut()).zip(db.iter_mut()) {
                 *dwi = *dwi + gi * ((v - mean) * rstd);
                 *dbi = *dbi + gi;
@@ -788,7 +802,7 @@ multiversion! {
     /// log Σ exp(r), shifted by the row's max.
     pub(crate) fn log_sum_exp<T: FastMath>(r: &[T]) -> T {
         let m = max_of(r);
-        m + lane_sum(r.len(), |i| (r[i] - m).exp_fast()).ln()
+        m + lane_sum(r, |v| (v - m).exp_fast()).ln()
     }
 }
 

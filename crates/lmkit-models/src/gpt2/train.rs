@@ -332,58 +332,36 @@ impl Gpt2 {
             let g = &mut grads[2 + PER_BLOCK * l..2 + PER_BLOCK * (l + 1)];
             // xo = xm + act(h)·W_proj + b_proj
             g[11] = fused::column_sums(&dx, c);
-            g[10] = vec![T::zero(); hid * c];
             let gt = transposed(&s.g, hid);
-            blas::gemm_par(blas, (hid, c, n), gt, plain(&dx, c), &mut g[10], false)?;
-            let mut dg = vec![T::zero(); n * hid];
+            g[10] = blas::product(blas, (hid, c, n), gt, plain(&dx, c))?;
             let w_proj_t = transposed(lp(l, 10), c);
-            blas::gemm_par(blas, (n, hid, c), plain(&dx, c), w_proj_t, &mut dg, false)?;
+            let dg = blas::product(blas, (n, hid, c), plain(&dx, c), w_proj_t)?;
             let dh = act.backward(&s.h, &dg);
             drop(dg);
             // h = LN2(xm)·W_fc + b_fc
             g[9] = fused::column_sums(&dh, hid);
-            g[8] = vec![T::zero(); c * hid];
             let a2t = transposed(&s.a2, c);
-            blas::gemm_par(blas, (c, hid, n), a2t, plain(&dh, hid), &mut g[8], false)?;
-            let mut da2 = vec![T::zero(); n * c];
+            g[8] = blas::product(blas, (c, hid, n), a2t, plain(&dh, hid))?;
             let w_fc_t = transposed(lp(l, 8), hid);
-            blas::gemm_par(blas, (n, c, hid), plain(&dh, hid), w_fc_t, &mut da2, false)?;
+            let da2 = blas::product(blas, (n, c, hid), plain(&dh, hid), w_fc_t)?;
             drop(dh);
             let d = fused::layer_norm_bwd_into(&s.xm, lp(l, 6), &da2, eps, &mut dx, true);
             g[6] = d[..c].to_vec();
             g[7] = d[c..].to_vec();
             // xm = x + attention(qkv)·W_o + b_o
             g[5] = fused::column_sums(&dx, c);
-            g[4] = vec![T::zero(); c * c];
             let yt = transposed(&s.y, c);
-            blas::gemm_par(blas, (c, c, n), yt, plain(&dx, c), &mut g[4], false)?;
-            let mut dy = vec![T::zero(); n * c];
+            g[4] = blas::product(blas, (c, c, n), yt, plain(&dx, c))?;
             let w_o_t = transposed(lp(l, 4), c);
-            blas::gemm_par(blas, (n, c, c), plain(&dx, c), w_o_t, &mut dy, false)?;
+            let dy = blas::product(blas, (n, c, c), plain(&dx, c), w_o_t)?;
             let dqkv = blas::attention_bwd(gemm, &s.qkv, &dy, heads);
             drop(dy);
             // qkv = LN1(x)·W_attn + b_attn
             g[3] = fused::column_sums(&dqkv, 3 * c);
-            g[2] = vec![T::zero(); c * 3 * c];
             let a1t = transposed(&s.a1, c);
-            blas::gemm_par(
-                blas,
-                (c, 3 * c, n),
-                a1t,
-                plain(&dqkv, 3 * c),
-                &mut g[2],
-                false,
-            )?;
-            let mut da1 = vec![T::zero(); n * c];
+            g[2] = blas::product(blas, (c, 3 * c, n), a1t, plain(&dqkv, 3 * c))?;
             let w_attn_t = transposed(lp(l, 2), 3 * c);
-            blas::gemm_par(
-                blas,
-                (n, c, 3 * c),
-                plain(&dqkv, 3 * c),
-                w_attn_t,
-                &mut da1,
-                false,
-            )?;
+            let da1 = blas::product(blas, (n, c, 3 * c), plain(&dqkv, 3 * c), w_attn_t)?;
             let d = fused::layer_norm_bwd_into(&s.x, lp(l, 0), &da1, eps, &mut dx, true);
             g[0] = d[..c].to_vec();
             g[1] = d[c..].to_vec();
