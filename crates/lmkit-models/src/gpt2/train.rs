@@ -70,8 +70,18 @@ struct Saved<T> {
 }
 
 /// `bias` repeated for `rows` rows: the starting value of a product accumulated onto it.
-fn rows_of<T: Copy>(bias: &[T], rows: usize) -> Vec<T> {
-    bias.repeat(rows)
+fn rows_of<T: BlasFloat>(bias: &[T], rows: usize) -> Vec<T> {
+    let mut out = Box::<[T]>::new_uninit_slice(bias.len() * rows);
+    out.par_chunks_mut(bias.len().max(1) * 64)
+        .for_each(|block| {
+            for row in block.chunks_mut(bias.len().max(1)) {
+                for (o, &b) in row.iter_mut().zip(bias) {
+                    o.write(b);
+                }
+            }
+        });
+    // SAFETY: every element was written just above (each row a copy of `bias`).
+    unsafe { out.assume_init() }.into_vec()
 }
 
 /// `x` plus `bias` on every row.
