@@ -779,6 +779,150 @@ pub fn layer_norm(
         .map(Some)
 }
 
+// ---------------------------------------------------------------- RMS norm
+
+/// RMSNorm (Zhang & Sennrich 2019) over the last dim: y = x / √(mean(x²) + eps) · w.
+struct RmsNormOp {
+    eps: f64,
+}
+/// Inputs (x, w, dy); output [dx (x's size) | dw (n)] flattened, split by `rms_norm`.
+struct RmsNormBwd {
+    eps: f64,
+}
+
+#[inline(always)]
+fn rms_rstd<T: Float>(r: &[T], eps: T) -> T {
+    let n = T::from(r.len()).unwrap_or_else(T::one);
+    T::one() / (lane_sum(r, |v| v * v) / n + eps).sqrt()
+}
+
+multiversion! {
+    /// RMSNorm of the rows of `xs` into `o`.
+    fn rms_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], eps: T) {
+        let n = w.len();
+        for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
+            let rstd = rms_rstd(r, eps);
+            for ((o, &v), &wi) in o.iter_mut().zip(r).zip(w) {
+                *o = v * rstd * wi;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// RMSNorm's backward over the rows of `xs`: dx = rstd·(g·w − x̂·mean(g·w·x̂)) into `dxs`,
+    /// dw += g·x̂ into `dw` (x̂ = x·rstd).
+    fn rms_norm_bwd_block<T: FastMath>(dxs: &mut [T], xs: &[T], gs: &[T], w: &[T], eps: T, dw: &mut [T]) {
+        let n = w.len();
+        let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
+        for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
+            let rstd = rms_rstd(r, eps);
+            let m = lane_sum3(g, w, r, |gi, wi, v| gi * wi * v) * rstd * inv_n;
+            for ((&v, &gi), dwi) in r.iter().zip(g).zip(dw.iter_mut()) {
+                *dwi = *dwi + gi * v * rstd;
+            }
+            for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
+                *d = rstd * (gi * wi - v * rstd * m);
+            }
+        }
+    }
+}
+
+fn rms_norm_rows<T: FastMath>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let eps = c::<T>(eps);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n * LN_ROWS)
+        .zip(x.par_chunks(n * LN_ROWS))
+        .for_each(|(o, xs)| rms_norm_block(o, xs, w, eps));
+    out
+}
+
+fn rms_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let n = w.len();
+    let eps = c::<T>(eps);
+    let mut out = vec![T::zero(); x.len() + n];
+    let (dx, dw) = out.split_at_mut(x.len());
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut(n * LN_ROWS)
+        .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
+        .map(|(dxs, (xs, gs))| {
+            let mut acc = vec![T::zero(); n];
+            rms_norm_bwd_block(dxs, xs, gs, w, eps, &mut acc);
+            acc
+        })
+        .collect();
+    for p in partial {
+        for (o, v) in dw.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    out
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "lmkit-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        binary_kernel!(s1, l1, s2, l2, |x, w| rms_norm_rows(x, w, self.eps))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = w.dim(0)?;
+        let all = x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let len = x.elem_count();
+        Ok((
+            Some(all.narrow(0, 0, len)?.reshape(x.shape())?),
+            Some(all.narrow(0, len, n)?),
+        ))
+    }
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = ternary_kernel!(s1, l1, s2, l2, s3, l3, |x, w, g| rms_norm_bwd_rows(
+            x, w, g, self.eps
+        ));
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// RMSNorm over the last dim with weight `w` [n]: the fused kernel on the CPU in f32/f64, `None`
+/// elsewhere (the caller composes it from tensor ops).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    if !(fused_ok(x) && w.dtype() == x.dtype() && w.device().is_cpu() && w.dims() == [n]) {
+        return Ok(None);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNormOp { eps })
+        .map(Some)
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// Σ over rows of −log softmax(logits)[target]; backward (softmax − one-hot)·grad in one pass.
@@ -997,6 +1141,52 @@ mod tests {
             let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap()).unwrap();
             assert!(max(d) < 1e-12, "gradient t={t} s={s}");
         }
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], sd: f64| {
+            candle_core::Var::from_tensor(&Tensor::randn(0.5f64, sd, shape, &dev).unwrap()).unwrap()
+        };
+        // 70 rows: more than one parallel task, the last one partial; 19 dims: lanes + a rest.
+        let (x, w) = (var(&[2, 35, 19], 2.0), var(&[19], 1.0));
+        let r = Tensor::randn(0f64, 1.0, (2, 35, 19), &dev).unwrap();
+        let ours = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)
+            .unwrap()
+            .expect("fused on the CPU in f64");
+        let reference = {
+            let x = x.as_tensor();
+            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w.as_tensor())
+                .unwrap()
+        };
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max((&ours - &reference).unwrap()) < 1e-12);
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
+            assert!(max(d) < 1e-10);
+        }
+        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+        assert!(rms_norm(&x32, w.as_tensor(), 1e-6).unwrap().is_none());
     }
 
     #[test]

@@ -59,6 +59,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = crate::fused::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(compute_dtype(dtype))?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
