@@ -923,6 +923,114 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<
         .map(Some)
 }
 
+// ---------------------------------------------------------------- rotary embedding
+
+/// Rotary embedding in the "rotate half" layout of x [.., t, d] with cos/sin [t, d/2]:
+/// (x₁, x₂) → (x₁·cos − x₂·sin, x₂·cos + x₁·sin). Its backward is the rotation by −θ (`inverse`).
+struct RopeOp {
+    inverse: bool,
+}
+
+multiversion! {
+    /// Rotates each row of `xs` (d values, position `pos0 + row` modulo t) into `o`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_block<T: FastMath>(
+        o: &mut [T],
+        xs: &[T],
+        cos: &[T],
+        sin: &[T],
+        t: usize,
+        pos0: usize,
+        sign: T,
+    ) {
+        let half = cos.len() / t.max(1);
+        for (row, (o, x)) in o.chunks_mut(2 * half).zip(xs.chunks(2 * half)).enumerate() {
+            let pos = (pos0 + row) % t;
+            let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for i in 0..half.min(x1.len()).min(x2.len()).min(o1.len()).min(o2.len()) {
+                let si = sign * s[i];
+                o1[i] = x1[i] * c[i] - x2[i] * si;
+                o2[i] = x2[i] * c[i] + x1[i] * si;
+            }
+        }
+    }
+}
+
+fn rope_rows<T: FastMath>(x: &[T], cos: &[T], sin: &[T], t: usize, inverse: bool) -> Vec<T> {
+    let d = 2 * cos.len() / t.max(1);
+    let sign = if inverse { -T::one() } else { T::one() };
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d.max(1) * LN_ROWS)
+        .zip(x.par_chunks(d.max(1) * LN_ROWS))
+        .enumerate()
+        .for_each(|(i, (o, xs))| rope_block(o, xs, cos, sin, t, i * LN_ROWS, sign));
+    out
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "lmkit-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = l2.dims()[0];
+        let out = ternary_kernel!(s1, l1, s2, l2, s3, l3, |x, c, s| rope_rows(
+            x,
+            c,
+            s,
+            t,
+            self.inverse
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = RopeOp {
+            inverse: !self.inverse,
+        };
+        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding of x [.., t, d] with cos/sin [t, d/2] ("rotate half" layout): the fused kernel
+/// on the CPU in f32/f64 (gradient for x only: the tables are constants), `None` elsewhere.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let dims = x.dims();
+    let (r, d) = (dims.len(), *dims.last().unwrap_or(&0));
+    let fits = fused_ok(x)
+        && r >= 2
+        && d % 2 == 0
+        && [cos, sin].iter().all(|c| {
+            c.dtype() == x.dtype() && c.device().is_cpu() && c.dims() == [dims[r - 2], d / 2]
+        });
+    if !fits {
+        return Ok(None);
+    }
+    x.contiguous()?
+        .apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            RopeOp { inverse: false },
+        )
+        .map(Some)
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// Σ over rows of −log softmax(logits)[target]; backward (softmax − one-hot)·grad in one pass.
@@ -1141,6 +1249,61 @@ mod tests {
             let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap()).unwrap();
             assert!(max(d) < 1e-12, "gradient t={t} s={s}");
         }
+    }
+
+    #[test]
+    fn fused_rope_matches_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        // 2·3·40 rows: several parallel tasks, positions wrapping within each; head dim 6.
+        let x =
+            candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 40, 6), &dev).unwrap())
+                .unwrap();
+        let ang = Tensor::randn(0f64, 2.0, (40, 3), &dev).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let r = Tensor::randn(0f64, 1.0, (2, 3, 40, 6), &dev).unwrap();
+        let ours = rope(x.as_tensor(), &cos, &sin)
+            .unwrap()
+            .expect("fused in f64");
+        let reference = {
+            let x = x.as_tensor();
+            let x1 = x.narrow(D::Minus1, 0, 3).unwrap();
+            let x2 = x.narrow(D::Minus1, 3, 3).unwrap();
+            let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            let c2 = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap();
+            let s2 = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap();
+            (x.broadcast_mul(&c2).unwrap() + rotated.broadcast_mul(&s2).unwrap()).unwrap()
+        };
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(max((&ours - &reference).unwrap()) < 1e-12);
+        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap()).unwrap();
+        assert!(max(d) < 1e-12);
+        // Tables that do not match the positions: not fused (the caller's composed ops report it).
+        let (c39, s39) = (cos.narrow(0, 0, 39).unwrap(), sin.narrow(0, 0, 39).unwrap());
+        assert!(rope(x.as_tensor(), &c39, &s39).unwrap().is_none());
+        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+        let (c32, s32) = (
+            cos.to_dtype(DType::F32).unwrap(),
+            sin.to_dtype(DType::F32).unwrap(),
+        );
+        let f32_ours = rope(&x32, &c32, &s32).unwrap().expect("fused in f32");
+        let f32_ref = reference.to_dtype(DType::F32).unwrap();
+        assert!(max((f32_ours - f32_ref).unwrap().to_dtype(DType::F64).unwrap()) < 1e-5);
     }
 
     #[test]

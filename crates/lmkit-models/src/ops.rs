@@ -83,6 +83,9 @@ fn compute_dtype(dtype: DType) -> DType {
 /// Rotary embedding in the "rotate half" layout (transformers' Llama): x·cos + rotate_half(x)·sin
 /// with x [b, h, t, d] and cos/sin [t, d/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = crate::fused::rope(x, cos, sin)? {
+        return Ok(y);
+    }
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
