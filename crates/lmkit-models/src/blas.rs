@@ -1038,6 +1038,7 @@ pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_same;
     use candle_core::{Device, Var};
 
     /// Without a BLAS library every product goes through candle and these tests compare candle
@@ -1054,43 +1055,6 @@ mod tests {
         }
         eprintln!("skipped: {}", backend());
         false
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// `ours` equals `reference` within `tol`, and so do the gradients of Σ (· ⊙ r) for `vars`
-    /// (r random, the same for both).
-    fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, what: &str) {
-        assert!(max_diff(&ours, &reference) < tol, "{what}: forward");
-        let r = Tensor::randn(0f32, 1.0, ours.dims(), ours.device())
-            .unwrap()
-            .to_dtype(ours.dtype())
-            .unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in vars {
-            let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(max_diff(x, y) < tol * 10.0, "{what}: gradient");
-        }
     }
 
     /// Value and both gradients of Σ (a·b ⊙ r) equal candle's, for operands built by `make`

@@ -657,12 +657,46 @@ multiversion! {
 }
 
 pub(crate) fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
-    let n = w.len();
     let eps = c::<T>(eps);
+    norm_rows_fwd(x, w.len(), |o, xs| layer_norm_block(o, xs, w, b, eps))
+}
+
+/// A row-wise norm's forward: `block(out rows, x rows)` over blocks of LN_ROWS rows of n, in
+/// parallel.
+fn norm_rows_fwd<T: FastMath>(x: &[T], n: usize, block: impl Fn(&mut [T], &[T]) + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(n * LN_ROWS)
         .zip(x.par_chunks(n * LN_ROWS))
-        .for_each(|(o, xs)| layer_norm_block(o, xs, w, b, eps));
+        .for_each(|(o, xs)| block(o, xs));
+    out
+}
+
+/// A row-wise norm's backward: `block(dx rows, x rows, dy rows, acc)` over blocks of LN_ROWS rows
+/// of n in parallel, each block adding its parameter gradients into its own `acc_len` zeros;
+/// returns those summed in block order (the same total every run).
+fn norm_rows_bwd<T: FastMath>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    n: usize,
+    acc_len: usize,
+    block: impl Fn(&mut [T], &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut(n * LN_ROWS)
+        .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
+        .map(|(dxs, (xs, gs))| {
+            let mut acc = vec![T::zero(); acc_len];
+            block(dxs, xs, gs, &mut acc);
+            acc
+        })
+        .collect();
+    let mut out = vec![T::zero(); acc_len];
+    for p in partial {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
     out
 }
 
@@ -683,24 +717,10 @@ pub(crate) fn layer_norm_bwd_into<T: FastMath>(
     dx: &mut [T],
     add: bool,
 ) -> Vec<T> {
-    let n = w.len();
     let eps = c::<T>(eps);
-    let partial: Vec<Vec<T>> = dx
-        .par_chunks_mut(n * LN_ROWS)
-        .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
-        .map(|(dxs, (xs, gs))| {
-            let mut acc = vec![T::zero(); 2 * n];
-            layer_norm_bwd_block(dxs, xs, gs, w, eps, add, &mut acc);
-            acc
-        })
-        .collect();
-    let mut out = vec![T::zero(); 2 * n];
-    for p in partial {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o = *o + v;
-        }
-    }
-    out
+    norm_rows_bwd(x, dy, dx, w.len(), 2 * w.len(), |dxs, xs, gs, acc| {
+        layer_norm_bwd_block(dxs, xs, gs, w, eps, add, acc)
+    })
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -829,13 +849,8 @@ multiversion! {
 }
 
 fn rms_norm_rows<T: FastMath>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
-    let n = w.len();
     let eps = c::<T>(eps);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n * LN_ROWS)
-        .zip(x.par_chunks(n * LN_ROWS))
-        .for_each(|(o, xs)| rms_norm_block(o, xs, w, eps));
-    out
+    norm_rows_fwd(x, w.len(), |o, xs| rms_norm_block(o, xs, w, eps))
 }
 
 fn rms_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
@@ -843,20 +858,9 @@ fn rms_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T
     let eps = c::<T>(eps);
     let mut out = vec![T::zero(); x.len() + n];
     let (dx, dw) = out.split_at_mut(x.len());
-    let partial: Vec<Vec<T>> = dx
-        .par_chunks_mut(n * LN_ROWS)
-        .zip(x.par_chunks(n * LN_ROWS).zip(dy.par_chunks(n * LN_ROWS)))
-        .map(|(dxs, (xs, gs))| {
-            let mut acc = vec![T::zero(); n];
-            rms_norm_bwd_block(dxs, xs, gs, w, eps, &mut acc);
-            acc
-        })
-        .collect();
-    for p in partial {
-        for (o, v) in dw.iter_mut().zip(p) {
-            *o = *o + v;
-        }
-    }
+    dw.copy_from_slice(&norm_rows_bwd(x, dy, dx, n, n, |dxs, xs, gs, acc| {
+        rms_norm_bwd_block(dxs, xs, gs, w, eps, acc)
+    }));
     out
 }
 
@@ -1166,6 +1170,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{assert_same, max_diff};
     use candle_core::Device;
 
     #[test]
@@ -1260,7 +1265,6 @@ mod tests {
                 .unwrap();
         let ang = Tensor::randn(0f64, 2.0, (40, 3), &dev).unwrap();
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
-        let r = Tensor::randn(0f64, 1.0, (2, 3, 40, 6), &dev).unwrap();
         let ours = rope(x.as_tensor(), &cos, &sin)
             .unwrap()
             .expect("fused in f64");
@@ -1273,26 +1277,13 @@ mod tests {
             let s2 = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap();
             (x.broadcast_mul(&c2).unwrap() + rotated.broadcast_mul(&s2).unwrap()).unwrap()
         };
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(max((&ours - &reference).unwrap()) < 1e-12);
-        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (&reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x.as_tensor()).unwrap()).unwrap();
-        assert!(max(d) < 1e-12);
+        assert_same(
+            ours,
+            reference.clone(),
+            &[&x],
+            1e-12,
+            "fused_rope_matches_composed_ops_in_value_and_gradient",
+        );
         // Tables that do not match the positions: not fused (the caller's composed ops report it).
         let (c39, s39) = (cos.narrow(0, 0, 39).unwrap(), sin.narrow(0, 0, 39).unwrap());
         assert!(rope(x.as_tensor(), &c39, &s39).unwrap().is_none());
@@ -1303,7 +1294,7 @@ mod tests {
         );
         let f32_ours = rope(&x32, &c32, &s32).unwrap().expect("fused in f32");
         let f32_ref = reference.to_dtype(DType::F32).unwrap();
-        assert!(max((f32_ours - f32_ref).unwrap().to_dtype(DType::F64).unwrap()) < 1e-5);
+        assert!(max_diff(&f32_ours, &f32_ref) < 1e-5);
     }
 
     #[test]
@@ -1314,7 +1305,6 @@ mod tests {
         };
         // 70 rows: more than one parallel task, the last one partial; 19 dims: lanes + a rest.
         let (x, w) = (var(&[2, 35, 19], 2.0), var(&[19], 1.0));
-        let r = Tensor::randn(0f64, 1.0, (2, 35, 19), &dev).unwrap();
         let ours = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)
             .unwrap()
             .expect("fused on the CPU in f64");
@@ -1326,28 +1316,13 @@ mod tests {
                 .broadcast_mul(w.as_tensor())
                 .unwrap()
         };
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(max((&ours - &reference).unwrap()) < 1e-12);
-        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w] {
-            let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
-            assert!(max(d) < 1e-10);
-        }
+        assert_same(
+            ours,
+            reference.clone(),
+            &[&x, &w],
+            1e-11,
+            "fused_rms_norm_matches_composed_ops_in_value_and_gradient",
+        );
         let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
         assert!(rms_norm(&x32, w.as_tensor(), 1e-6).unwrap().is_none());
     }
@@ -1360,7 +1335,6 @@ mod tests {
         };
         // 70 rows: more than one parallel task, the last one partial.
         let (x, w, b) = (var(&[2, 35, 9], 2.0), var(&[9], 1.0), var(&[9], 1.0));
-        let r = Tensor::randn(0f64, 1.0, (2, 35, 9), &dev).unwrap();
         let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
             .unwrap()
             .expect("fused on the CPU in f64");
@@ -1376,28 +1350,13 @@ mod tests {
                 .broadcast_add(b.as_tensor())
                 .unwrap()
         };
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(max((&ours - &reference).unwrap()) < 1e-12);
-        let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            let d = (ga.get(v.as_tensor()).unwrap() - gb.get(v.as_tensor()).unwrap()).unwrap();
-            assert!(max(d) < 1e-10);
-        }
+        assert_same(
+            ours,
+            reference.clone(),
+            &[&x, &w, &b],
+            1e-11,
+            "fused_layer_norm_matches_composed_ops_in_value_and_gradient",
+        );
         // Not fused (composed by the caller) for other dtypes.
         let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
         assert!(layer_norm(&x32, w.as_tensor(), b.as_tensor(), 1e-5)

@@ -415,6 +415,7 @@ mod tests {
     use crate::config::Gpt2Config;
     use crate::gpt2::Gpt2;
     use crate::kv_cache::KvCache;
+    use crate::testing::max_diff;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -491,29 +492,8 @@ mod tests {
         assert_eq!(vm.all_vars().len(), expected);
         for (p, ours_g) in &ours.grads {
             let want = g.get(p).expect("every parameter has a gradient");
-            let diff = (ours_g - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let size = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_diff(ours_g, want);
+            let size = max_diff(want, &want.zeros_like().unwrap());
             assert!(size > 0.0, "a zero gradient tests nothing ({:?})", p.dims());
             assert!(
                 diff <= tol * size.max(1.0),
