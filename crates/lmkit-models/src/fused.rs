@@ -494,7 +494,8 @@ pub(crate) fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
     });
 }
 
-fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
+/// `x` [.., n] plus `b` [n] on every row, as a new buffer.
+pub(crate) fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
     let mut out = x.to_vec();
     add_bias_in_place(&mut out, b);
     out

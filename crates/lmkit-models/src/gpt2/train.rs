@@ -84,13 +84,6 @@ fn rows_of<T: BlasFloat>(bias: &[T], rows: usize) -> Vec<T> {
     unsafe { out.assume_init() }.into_vec()
 }
 
-/// `x` plus `bias` on every row.
-fn plus_bias<T: BlasFloat>(x: &[T], bias: &[T]) -> Vec<T> {
-    let mut out = x.to_vec();
-    fused::add_bias_in_place(&mut out, bias);
-    out
-}
-
 impl Gpt2 {
     /// Every parameter tensor, in a fixed order: wte, wpe, per block (ln_1 w/b, c_attn w/b,
     /// attn.c_proj w/b, ln_2 w/b, c_fc w/b, mlp.c_proj w/b), ln_f w/b, and lm_head when untied.
@@ -266,7 +259,7 @@ impl Gpt2 {
             let w_attn = plain(lp(l, 2), 3 * c);
             blas::gemm_par(blas, (n, 3 * c, c), plain(&a1, c), w_attn, &mut qkv, true)?;
             let y = blas::attention_fwd(gemm, &qkv, heads);
-            let mut xm = plus_bias(&x, lp(l, 5));
+            let mut xm = fused::add_rows(&x, lp(l, 5));
             blas::gemm_par(
                 blas,
                 (n, c, c),
@@ -280,7 +273,7 @@ impl Gpt2 {
             let w_fc = plain(lp(l, 8), hid);
             blas::gemm_par(blas, (n, hid, c), plain(&a2, c), w_fc, &mut h, true)?;
             let g = act.forward(&h);
-            let mut xo = plus_bias(&xm, lp(l, 11));
+            let mut xo = fused::add_rows(&xm, lp(l, 11));
             let w_proj = plain(lp(l, 10), c);
             blas::gemm_par(blas, (n, c, hid), plain(&g, hid), w_proj, &mut xo, true)?;
             saved.push(Saved {
