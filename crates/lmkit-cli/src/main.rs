@@ -1,4 +1,5 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
+#![forbid(unsafe_code)]
 
 mod chat;
 mod compare;
@@ -66,22 +67,9 @@ enum Command {
     Ngram(ngram::NgramCommand),
 }
 
-/// Tensor code allocates and frees large temporaries at every op. By default glibc hands freed
-/// memory back to the kernel, so each reuse page-faults and the kernel zeroes it again (a third of
-/// training time in profiles). Keeping freed memory in the process measured ~10-25% faster training.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 fn main() {
-    tune_allocator();
-    lmkit_models::blas::choose_openblas_core();
+    lmkit_kernels::system::tune_allocator();
+    lmkit_kernels::blas::choose_openblas_core();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Chat(a) => chat::run(a),

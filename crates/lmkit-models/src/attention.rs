@@ -41,9 +41,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     let (_, _, t, d) = q.dims4()?;
     let s = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let att = crate::blas::matmul(q, &k.t()?)?;
-    if let Some(att) = crate::fused::causal_softmax(&att, scale)? {
-        return crate::blas::matmul(&att, v);
+    let att = lmkit_kernels::blas::matmul(q, &k.t()?)?;
+    if let Some(att) = lmkit_kernels::fused::causal_softmax(&att, scale)? {
+        return lmkit_kernels::blas::matmul(&att, v);
     }
     let att = (att * scale)?;
     let att = if t > 1 {
@@ -66,5 +66,5 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
         att
     };
     let att = crate::ops::softmax_last_dim(&att)?;
-    crate::blas::matmul(&att, v)
+    lmkit_kernels::blas::matmul(&att, v)
 }

@@ -124,13 +124,13 @@ impl Attention {
         let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?, t)?;
         let k = split(self.k.forward(kv)?, s)?;
         let v = split(self.v.forward(kv)?, s)?;
-        let mut att = crate::blas::matmul(&q, &k.t()?)?;
+        let mut att = lmkit_kernels::blas::matmul(&q, &k.t()?)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
         let att = crate::ops::softmax_last_dim(&att)?;
         self.out.forward(
-            &crate::blas::matmul(&att, &v)?
+            &lmkit_kernels::blas::matmul(&att, &v)?
                 .transpose(1, 2)?
                 .reshape((b, t, d))?,
         )
@@ -313,7 +313,7 @@ impl Bart {
         for l in &self.decoder.layers {
             x = l.forward(&x, Some(&causal), Some((memory, mem_bias.as_ref())))?;
         }
-        crate::blas::matmul(&x, &self.shared.embeddings().t()?)?
+        lmkit_kernels::blas::matmul(&x, &self.shared.embeddings().t()?)?
             .broadcast_add(&self.final_logits_bias)
     }
 }

@@ -135,12 +135,12 @@ impl Layer {
         let q = (split(self.query.forward(x)?)? * (1.0 / (d as f64).sqrt()))?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let mut att = crate::blas::matmul(&q, &k.t()?)?;
+        let mut att = lmkit_kernels::blas::matmul(&q, &k.t()?)?;
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
         let att = crate::ops::softmax_last_dim(&att)?;
-        let y = crate::blas::matmul(&att, &v)?
+        let y = lmkit_kernels::blas::matmul(&att, &v)?
             .transpose(1, 2)?
             .reshape((b, t, h))?;
         let x = self.attn_norm.forward(&(x + self.attn_out.forward(&y)?)?)?;
@@ -239,7 +239,7 @@ impl Bert {
     pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let x = act(&self.cfg.hidden_act, &self.head_dense.forward(hidden)?)?;
         let x = self.head_norm.forward(&x)?;
-        crate::blas::matmul(&x, &self.decoder.t()?)?.broadcast_add(&self.decoder_bias)
+        lmkit_kernels::blas::matmul(&x, &self.decoder.t()?)?.broadcast_add(&self.decoder_bias)
     }
 
     /// Sentence embeddings [b, h]: the mean of the last hidden states over real tokens.

@@ -26,7 +26,7 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::blas::linear(x, &self.weight, Some(&self.bias))
+        lmkit_kernels::blas::linear(x, &self.weight, Some(&self.bias))
     }
 }
 
@@ -68,7 +68,7 @@ impl Block {
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
         if let [cache] = caches {
             if cache.discards_kv() {
-                if let Some(y) = crate::blas::causal_self_attention(&qkv, self.n_head)? {
+                if let Some(y) = lmkit_kernels::blas::causal_self_attention(&qkv, self.n_head)? {
                     return self.mlp(&(x + self.attn_proj.forward(&y)?)?);
                 }
             }

@@ -5,11 +5,9 @@
 pub mod attention;
 pub mod bart;
 pub mod bert;
-pub mod blas;
 pub mod config;
 pub mod device;
 pub mod error;
-pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
@@ -107,15 +105,13 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::Var
             });
         }
     }
-    // SAFETY: the files are memory-mapped read-only; they must not change while the model is
-    // loaded (checkpoints are replaced by atomic rename, never rewritten in place).
-    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }.map_err(
-        |e| ModelError::Tensor {
+    lmkit_kernels::system::mmap_safetensors(&files, DType::F32, device).map_err(|e| {
+        ModelError::Tensor {
             path: dir.to_path_buf(),
             name: "*".into(),
             msg: first_line(&e),
-        },
-    )
+        }
+    })
 }
 
 /// A model-construction error naming the tensor candle's message names.
@@ -211,7 +207,7 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq], row r continuing `caches[r]`.
     pub fn forward_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        Ok(blas::matmul(
+        Ok(lmkit_kernels::blas::matmul(
             &self.hidden_rows(ids, caches)?,
             &self.lm_head().t()?,
         )?)
@@ -228,59 +224,9 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(blas::matmul(
+        Ok(lmkit_kernels::blas::matmul(
             &self.hidden(ids, cache)?,
             &self.lm_head().t()?,
         )?)
-    }
-}
-
-/// Comparison helpers shared by the kernel tests.
-#[cfg(test)]
-pub(crate) mod testing {
-    use candle_core::{DType, Tensor, Var};
-
-    /// Max |a − b| over all elements, as f64.
-    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// `ours` equals `reference` within `tol`, and so do the gradients of Σ (· ⊙ r) for `vars`
-    /// (r random, the same for both).
-    pub(crate) fn assert_same(
-        ours: Tensor,
-        reference: Tensor,
-        vars: &[&Var],
-        tol: f64,
-        what: &str,
-    ) {
-        assert!(max_diff(&ours, &reference) < tol, "{what}: forward");
-        let r = Tensor::randn(0f32, 1.0, ours.dims(), ours.device())
-            .unwrap()
-            .to_dtype(ours.dtype())
-            .unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in vars {
-            let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(max_diff(x, y) < tol * 10.0, "{what}: gradient");
-        }
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use crate::fused::{gelu_tanh, softmax_last_dim};
+pub use lmkit_kernels::fused::{gelu_tanh, softmax_last_dim};
 
 /// LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) · weight + bias over the last dim.
 pub struct LayerNorm {
@@ -27,7 +27,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+        if let Some(y) = lmkit_kernels::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
             return Ok(y);
         }
         let dtype = x.dtype();
@@ -59,7 +59,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = crate::fused::rms_norm(x, &self.weight, self.eps)? {
+        if let Some(y) = lmkit_kernels::fused::rms_norm(x, &self.weight, self.eps)? {
             return Ok(y);
         }
         let dtype = x.dtype();
@@ -83,7 +83,7 @@ fn compute_dtype(dtype: DType) -> DType {
 /// Rotary embedding in the "rotate half" layout (transformers' Llama): x·cos + rotate_half(x)·sin
 /// with x [b, h, t, d] and cos/sin [t, d/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if let Some(y) = crate::fused::rope(x, cos, sin)? {
+    if let Some(y) = lmkit_kernels::fused::rope(x, cos, sin)? {
         return Ok(y);
     }
     let d = x.dim(D::Minus1)?;
@@ -96,7 +96,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// A linear layer y = x·Wᵀ + b (W stored [out, in], as PyTorch's `nn.Linear`), created like
-/// candle-nn's (same tensor names and initialisation) but computed by [`crate::blas::linear`].
+/// candle-nn's (same tensor names and initialisation) but computed by [`lmkit_kernels::blas::linear`].
 pub struct Linear(candle_nn::Linear);
 
 /// A [`Linear`] layer with or without bias, named `weight`/`bias` under `vb`.
@@ -116,6 +116,6 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::blas::linear(x, &self.0.weight().t()?, self.0.bias())
+        lmkit_kernels::blas::linear(x, &self.0.weight().t()?, self.0.bias())
     }
 }

@@ -130,14 +130,15 @@ impl RnnLm {
                 x = self.drop(x)?;
             }
             // Input projections of all steps at once; only the recurrence runs step by step.
-            let pre = crate::blas::matmul(&x, &layer.w_ih.t()?)?
+            let pre = lmkit_kernels::blas::matmul(&x, &layer.w_ih.t()?)?
                 .broadcast_add(&layer.b_ih)?
                 .broadcast_add(&layer.b_hh)?;
             let (mut h, mut c) = self.initial(caches, k, b, &x)?;
             let w_hh = layer.w_hh.t()?;
             let mut outs = Vec::with_capacity(t);
             for s in 0..t {
-                let g = (pre.narrow(1, s, 1)?.squeeze(1)? + crate::blas::matmul(&h, &w_hh)?)?;
+                let g =
+                    (pre.narrow(1, s, 1)?.squeeze(1)? + lmkit_kernels::blas::matmul(&h, &w_hh)?)?;
                 match self.cell {
                     Cell::Rnn => h = g.tanh()?,
                     Cell::Lstm => {

@@ -440,8 +440,8 @@ fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> R
     let mut total: Option<Tensor> = None;
     for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
         let len = LOSS_CHUNK_ROWS.min(n - start);
-        let logits = lmkit_models::blas::matmul(&h.narrow(0, start, len)?, &w)?;
-        let part = lmkit_models::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
+        let logits = lmkit_kernels::blas::matmul(&h.narrow(0, start, len)?, &w)?;
+        let part = lmkit_kernels::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
         total = Some(match total {
             Some(t) => (t + part)?,
             None => part,
@@ -553,7 +553,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
 
     let dev = lmkit_models::parse_device(&t.device)?;
     if dev.is_cpu() {
-        progress.message(&format!("CPU matmul: {}", lmkit_models::blas::backend()));
+        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
     }
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);

@@ -9,9 +9,10 @@
 //! gradient to the autograd path's (which tests/gradients.rs holds to finite differences).
 
 use super::Gpt2;
-use crate::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
-use crate::fused;
 use candle_core::{Storage, Tensor, WithDType};
+use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
+use lmkit_kernels::buffers::rows_of;
+use lmkit_kernels::fused;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -67,21 +68,6 @@ struct Saved<T> {
     a2: Vec<T>,
     h: Vec<T>,
     g: Vec<T>,
-}
-
-/// `bias` repeated for `rows` rows: the starting value of a product accumulated onto it.
-fn rows_of<T: BlasFloat>(bias: &[T], rows: usize) -> Vec<T> {
-    let mut out = Box::<[T]>::new_uninit_slice(bias.len() * rows);
-    out.par_chunks_mut(bias.len().max(1) * 64)
-        .for_each(|block| {
-            for row in block.chunks_mut(bias.len().max(1)) {
-                for (o, &b) in row.iter_mut().zip(bias) {
-                    o.write(b);
-                }
-            }
-        });
-    // SAFETY: every element was written just above (each row a copy of `bias`).
-    unsafe { out.assume_init() }.into_vec()
 }
 
 impl Gpt2 {
@@ -408,9 +394,9 @@ mod tests {
     use crate::config::Gpt2Config;
     use crate::gpt2::Gpt2;
     use crate::kv_cache::KvCache;
-    use crate::testing::max_diff;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
+    use lmkit_kernels::testing::max_diff;
 
     fn config(tied: bool, act: &str) -> Gpt2Config {
         serde_json::from_value(serde_json::json!({
@@ -439,7 +425,7 @@ mod tests {
 
     /// The hand-written pass against candle's autograd through the model's graph (fused ops).
     fn compare(dtype: DType, tied: bool, act: &str, tol: f64) {
-        if !crate::blas::available() {
+        if !lmkit_kernels::blas::available() {
             assert!(
                 std::env::var_os("LMKIT_REQUIRE_BLAS").is_none(),
                 "LMKIT_REQUIRE_BLAS is set but no BLAS library loaded"
@@ -510,7 +496,7 @@ mod tests {
 
     #[test]
     fn bad_batches_are_reported() {
-        if !crate::blas::available() {
+        if !lmkit_kernels::blas::available() {
             return;
         }
         let dev = Device::Cpu;

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-pub(crate) type Gemm<T> = unsafe extern "C" fn(
+pub type Gemm<T> = unsafe extern "C" fn(
     layout: i32,
     trans_a: i32,
     trans_b: i32,
@@ -50,7 +50,7 @@ type Gemv<T> = unsafe extern "C" fn(
     incy: i32,
 );
 
-pub(crate) struct Blas {
+pub struct Blas {
     sgemm: Gemm<f32>,
     dgemm: Gemm<f64>,
     sgemv: Gemv<f32>,
@@ -204,7 +204,7 @@ fn blas() -> Option<&'static Blas> {
 }
 
 /// The loaded library, for a kernel (`what`) that cannot run without one.
-pub(crate) fn require(what: &str) -> candle_core::Result<&'static Blas> {
+pub fn require(what: &str) -> candle_core::Result<&'static Blas> {
     match blas() {
         Some(b) => Ok(b),
         None => candle_core::bail!("{what}: no BLAS library is loaded ({})", backend()),
@@ -569,9 +569,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
 /// A raw pointer that parallel tasks share, each writing its own disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedOut<T>(*mut T);
-// SAFETY: used only for writes to disjoint elements (see each use).
-unsafe impl<T> Send for SharedOut<T> {}
-unsafe impl<T> Sync for SharedOut<T> {}
+// SAFETY: used only for writes of `T` values to disjoint elements (see each use), which is
+// sound when `T` itself may be sent to another thread.
+unsafe impl<T: Send> Send for SharedOut<T> {}
+// SAFETY: as above; shared references to the wrapper only hand out the pointer.
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 impl<T> SharedOut<T> {
     /// The element `i` places on (a method, so closures capture the Send/Sync wrapper).
@@ -581,6 +583,9 @@ impl<T> SharedOut<T> {
 }
 
 /// One row-major gemm call: C[m×n] (ldc) = op(A)[m×k] · op(B)[k×n].
+///
+/// # Safety
+/// As [`gemm_raw_beta`].
 unsafe fn gemm_raw<T: Copy + Default>(
     gemm: Gemm<T>,
     one: T,
@@ -589,10 +594,16 @@ unsafe fn gemm_raw<T: Copy + Default>(
     b: (*const T, usize, bool),
     c: (*mut T, usize),
 ) {
-    gemm_raw_beta(gemm, one, T::default(), mnk, a, b, c)
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { gemm_raw_beta(gemm, one, T::default(), mnk, a, b, c) }
 }
 
 /// One row-major gemm call: C[m×n] (ldc) = alpha·op(A)[m×k] · op(B)[k×n] + beta·C.
+///
+/// # Safety
+/// `gemm` must be a CBLAS gemm; A, B and C must hold every element op(A), op(B) and C span
+/// with their leading dimensions (C writable, and initialised when beta ≠ 0); every dimension
+/// must fit in an `i32`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw_beta<T: Copy + Default>(
     gemm: Gemm<T>,
@@ -604,26 +615,29 @@ unsafe fn gemm_raw_beta<T: Copy + Default>(
     (c, ldc): (*mut T, usize),
 ) {
     let tr = |t: bool| if t { TRANS } else { NO_TRANS };
-    gemm(
-        ROW_MAJOR,
-        tr(ta),
-        tr(tb),
-        m as i32,
-        n as i32,
-        k as i32,
-        alpha,
-        a,
-        lda as i32,
-        b,
-        ldb as i32,
-        beta,
-        c,
-        ldc as i32,
-    )
+    // SAFETY: the caller's guarantee on the pointers, extents and dimensions.
+    unsafe {
+        gemm(
+            ROW_MAJOR,
+            tr(ta),
+            tr(tb),
+            m as i32,
+            n as i32,
+            k as i32,
+            alpha,
+            a,
+            lda as i32,
+            b,
+            ldb as i32,
+            beta,
+            c,
+            ldc as i32,
+        )
+    }
 }
 
 /// f32 and f64: the element types the BLAS kernels run in.
-pub(crate) trait BlasFloat:
+pub trait BlasFloat:
     crate::fused::FastMath + Default + std::ops::AddAssign + candle_core::WithDType
 {
     fn gemm(blas: &Blas) -> Gemm<Self>;
@@ -643,14 +657,14 @@ impl BlasFloat for f64 {
 
 /// An operand of [`gemm_par`]: row-major data with leading dimension `ld`, used as stored or
 /// transposed.
-pub(crate) struct Operand<'a, T> {
+pub struct Operand<'a, T> {
     pub data: &'a [T],
     pub ld: usize,
     pub trans: bool,
 }
 
 /// `data` [rows, ld] used as stored.
-pub(crate) fn plain<T>(data: &[T], ld: usize) -> Operand<'_, T> {
+pub fn plain<T>(data: &[T], ld: usize) -> Operand<'_, T> {
     Operand {
         data,
         ld,
@@ -659,7 +673,7 @@ pub(crate) fn plain<T>(data: &[T], ld: usize) -> Operand<'_, T> {
 }
 
 /// `data` [rows, ld] used transposed.
-pub(crate) fn transposed<T>(data: &[T], ld: usize) -> Operand<'_, T> {
+pub fn transposed<T>(data: &[T], ld: usize) -> Operand<'_, T> {
     Operand {
         data,
         ld,
@@ -669,7 +683,7 @@ pub(crate) fn transposed<T>(data: &[T], ld: usize) -> Operand<'_, T> {
 
 /// C [m×n] (contiguous rows) = op(A)[m×k] · op(B)[k×n], plus C's previous contents when
 /// `accumulate`: row blocks of C over rayon's threads (the library itself runs single-threaded).
-pub(crate) fn gemm_par<T: BlasFloat>(
+pub fn gemm_par<T: BlasFloat>(
     blas: &Blas,
     (m, n, k): (usize, usize, usize),
     a: Operand<T>,
@@ -689,7 +703,7 @@ pub(crate) fn gemm_par<T: BlasFloat>(
 
 /// A new [m×n] = op(A)[m×k] · op(B)[k×n] (as [`gemm_par`]), not zero-filled first: BLAS
 /// writes every element.
-pub(crate) fn product<T: BlasFloat>(
+pub fn product<T: BlasFloat>(
     blas: &Blas,
     (m, n, k): (usize, usize, usize),
     a: Operand<T>,
@@ -771,7 +785,7 @@ unsafe fn gemm_into<T: BlasFloat>(
 
 /// Shapes of a packed [b, t, 3·c] q|k|v tensor split into `heads` heads of `hd` dims.
 #[derive(Clone, Copy)]
-pub(crate) struct Heads {
+pub struct Heads {
     pub b: usize,
     pub t: usize,
     pub heads: usize,
@@ -833,7 +847,7 @@ fn attention_probs<T: BlasFloat>(
 }
 
 /// The attention output [b, t, c] of the packed q|k|v.
-pub(crate) fn attention_fwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], s: Heads) -> Vec<T> {
+pub fn attention_fwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], s: Heads) -> Vec<T> {
     let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let mut y = vec![T::zero(); s.b * t * c];
@@ -868,7 +882,7 @@ pub(crate) fn attention_fwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], s: Heads) ->
 /// the forward pass measured no faster: [b, heads, t, t] per block streams through memory twice):
 /// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q,
 /// each product restricted to the causal blocks (P and dS are 0 above the diagonal).
-pub(crate) fn attention_bwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], dy: &[T], s: Heads) -> Vec<T> {
+pub fn attention_bwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], dy: &[T], s: Heads) -> Vec<T> {
     let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let mut dqkv = vec![T::zero(); qkv.len()];
@@ -1039,6 +1053,26 @@ pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<
 mod tests {
     use super::*;
     use crate::testing::assert_same;
+
+    /// softmax(q·kᵀ/√d + causal mask)·v in plain candle ops: the reference for the fused kernel.
+    fn composed_causal_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (_, _, t, d) = q.dims4()?;
+        let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(att.dtype())?;
+        let att = att.broadcast_add(&mask)?;
+        let e = att
+            .broadcast_sub(&att.max_keepdim(candle_core::D::Minus1)?)?
+            .exp()?;
+        e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?
+            .matmul(v)
+    }
     use candle_core::{Device, Var};
 
     /// Without a BLAS library every product goes through candle and these tests compare candle
@@ -1156,7 +1190,7 @@ mod tests {
                     .contiguous()
             };
             let (q, k, v) = (split(0).unwrap(), split(1).unwrap(), split(2).unwrap());
-            let reference = crate::attention::causal_attention(&q, &k, &v)
+            let reference = composed_causal_attention(&q, &k, &v)
                 .unwrap()
                 .transpose(1, 2)
                 .unwrap()

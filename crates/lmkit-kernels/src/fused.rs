@@ -1,7 +1,7 @@
 //! Fused CPU kernels with analytic backward passes, for ops whose candle backward is a long chain
 //! of elementwise tensor ops (measured by `examples/op_bench.rs`: GELU's backward took 10x its
 //! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64; other devices and
-//! dtypes fall back to composed ops. tests/gradients.rs checks them against finite differences.
+//! dtypes fall back to composed ops. lmkit-models/tests/gradients.rs checks them against finite differences.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
@@ -76,7 +76,7 @@ struct SoftmaxBwd {
 
 multiversion! {
     /// In place: row[..seen] ← softmax(scale·row[..seen]) (scale > 0), row[seen..] ← 0.
-    pub(crate) fn softmax_row<T: FastMath>(row: &mut [T], seen: usize, scale: T) {
+    pub fn softmax_row<T: FastMath>(row: &mut [T], seen: usize, scale: T) {
         let (seen, masked) = row.split_at_mut(seen);
         let m = max_of(seen) * scale;
         for v in seen.iter_mut() {
@@ -90,7 +90,7 @@ multiversion! {
 
 multiversion! {
     /// In place: g ← scale·y ⊙ (g − Σ_j g_j y_j), the softmax backward of one row.
-    pub(crate) fn softmax_bwd_row<T: FastMath>(y: &[T], g: &mut [T], scale: T) {
+    pub fn softmax_bwd_row<T: FastMath>(y: &[T], g: &mut [T], scale: T) {
         let dot = dot_of(y, g);
         for (gi, &yi) in g.iter_mut().zip(y) {
             *gi = scale * yi * (*gi - dot);
@@ -267,7 +267,7 @@ fn c<T: Float>(v: f64) -> T {
 /// f32 uses a rational approximation (the one Eigen uses for floats: odd degree-13 numerator,
 /// even degree-6 denominator, clamped at ±7.9053) whose loop the compiler vectorises — libm's
 /// scalar `tanhf` was a tenth of a training step. Max error vs exact tanh: see the test, < 1e-6.
-pub(crate) trait FastMath: Float + Send + Sync {
+pub trait FastMath: Float + Send + Sync {
     fn tanh_fast(self) -> Self;
     fn exp_fast(self) -> Self;
 }
@@ -336,7 +336,7 @@ impl FastMath for f32 {
 /// Which vector instructions the elementwise kernels may use: 2 = AVX-512, 1 = AVX2 with FMA,
 /// 0 = the build's baseline (SSE2 on x86-64: 4 floats per instruction).
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn simd_level() -> u8 {
+pub fn simd_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
         use std::arch::is_x86_feature_detected as has;
@@ -421,7 +421,7 @@ multiversion! {
 }
 
 /// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
-pub(crate) fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
+pub fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
     out.par_chunks_mut(BLOCK)
         .zip(x.par_chunks(BLOCK))
@@ -430,7 +430,7 @@ pub(crate) fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
 }
 
 /// dy/dx · g for the tanh GELU.
-pub(crate) fn gelu_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
+pub fn gelu_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
     out.par_chunks_mut(BLOCK)
         .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
@@ -484,7 +484,7 @@ struct AddBias;
 struct ColumnSum;
 
 /// In place: every row of `y` [.., n] plus `b` [n].
-pub(crate) fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
+pub fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
     y.par_chunks_mut(b.len().max(1) * 64).for_each(|rows| {
         for r in rows.chunks_mut(b.len().max(1)) {
             for (o, &bi) in r.iter_mut().zip(b) {
@@ -495,13 +495,13 @@ pub(crate) fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
 }
 
 /// `x` [.., n] plus `b` [n] on every row, as a new buffer.
-pub(crate) fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
+pub fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
     let mut out = x.to_vec();
     add_bias_in_place(&mut out, b);
     out
 }
 
-pub(crate) fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
+pub fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
     let rows = x.len() / n.max(1);
     let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
     x.par_chunks(per * n)
@@ -575,7 +575,7 @@ impl CustomOp1 for ColumnSum {
 }
 
 /// Column sums of `x` [.., n] → [n] (no backward): the bias gradient.
-pub(crate) fn column_sum(x: &Tensor) -> candle_core::Result<Tensor> {
+pub fn column_sum(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&ColumnSum)
 }
 
@@ -657,7 +657,7 @@ multiversion! {
     }
 }
 
-pub(crate) fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+pub fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let eps = c::<T>(eps);
     norm_rows_fwd(x, w.len(), |o, xs| layer_norm_block(o, xs, w, b, eps))
 }
@@ -710,7 +710,7 @@ fn layer_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec
 
 /// LayerNorm's backward over rows of x (stats recomputed): dx into `dx` (added to what it holds
 /// when `add`), and the weight and bias gradients returned as [dw | db].
-pub(crate) fn layer_norm_bwd_into<T: FastMath>(
+pub fn layer_norm_bwd_into<T: FastMath>(
     x: &[T],
     w: &[T],
     dy: &[T],
@@ -1057,7 +1057,7 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> candle_core::Result<&
 
 multiversion! {
     /// log Σ exp(r), shifted by the row's max.
-    pub(crate) fn log_sum_exp<T: FastMath>(r: &[T]) -> T {
+    pub fn log_sum_exp<T: FastMath>(r: &[T]) -> T {
         let m = max_of(r);
         m + lane_sum(r, |v| (v - m).exp_fast()).ln()
     }
@@ -1085,7 +1085,7 @@ fn ce_grad<T: FastMath>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
 
 /// In place: logits `r` → scale·(softmax(r) − one_hot(y)); returns the row's cross-entropy
 /// −log softmax(r)[y].
-pub(crate) fn ce_row_in_place<T: FastMath>(r: &mut [T], y: usize, scale: T) -> T {
+pub fn ce_row_in_place<T: FastMath>(r: &mut [T], y: usize, scale: T) -> T {
     let lse = log_sum_exp(r);
     let loss = lse - r[y];
     softmax_scaled(r, lse, scale);

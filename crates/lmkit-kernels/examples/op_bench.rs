@@ -2,10 +2,10 @@
 //! bench/train_bench.py (batch 8, context 256, 384 dims, 6 heads, vocab 8192), to find where
 //! training time goes.
 //!
-//! usage: cargo run --release -p lmkit-models --example op_bench
+//! usage: cargo run --release -p lmkit-kernels --example op_bench
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use lmkit_models::blas;
+use lmkit_kernels::blas;
 use std::time::Instant;
 
 fn time(
@@ -80,7 +80,7 @@ fn main() -> candle_core::Result<()> {
         },
     )?;
     time("matmul + bias, lmkit fused", reps, || {
-        lmkit_models::fused::add_bias(
+        lmkit_kernels::fused::add_bias(
             &x3.as_tensor().broadcast_matmul(w.as_tensor())?,
             bias.as_tensor(),
         )
@@ -89,7 +89,7 @@ fn main() -> candle_core::Result<()> {
         big.as_tensor().gelu()
     })?;
     time("gelu (tanh), lmkit fused [2048,1536]", reps, || {
-        lmkit_models::ops::gelu_tanh(big.as_tensor())
+        lmkit_kernels::fused::gelu_tanh(big.as_tensor())
     })?;
     time("matmul MLP [2048x384]·[384x1536]", reps, || {
         x2.as_tensor().matmul(w_mlp.as_tensor())
@@ -109,7 +109,7 @@ fn main() -> candle_core::Result<()> {
     })?;
     let zero = Var::zeros(c, DType::F32, &dev)?;
     time("layer norm, lmkit fused [8,256,384]", reps, || {
-        lmkit_models::fused::layer_norm(x3.as_tensor(), gain.as_tensor(), zero.as_tensor(), 1e-5)?
+        lmkit_kernels::fused::layer_norm(x3.as_tensor(), gain.as_tensor(), zero.as_tensor(), 1e-5)?
             .ok_or_else(|| candle_core::Error::Msg("not fused".into()))
     })?;
     time("attention scores q·kᵀ [8,6,256,64]", reps, || {
@@ -126,7 +126,7 @@ fn main() -> candle_core::Result<()> {
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
     })?;
     time("softmax, lmkit fused [8,6,256,256]", reps, || {
-        lmkit_models::ops::softmax_last_dim(att.as_tensor())
+        lmkit_kernels::fused::softmax_last_dim(att.as_tensor())
     })?;
     time("lm_head [2048x384]·[384x8192]", reps, || {
         x2.as_tensor().matmul(&lm.as_tensor().t()?)
@@ -140,7 +140,7 @@ fn main() -> candle_core::Result<()> {
     })?;
     time("lm_head + cross-entropy, lmkit fused", reps, || {
         let logits = x2.as_tensor().matmul(&lm.as_tensor().t()?)?;
-        lmkit_models::fused::cross_entropy_sum(&logits, &targets)? / 2048.0
+        lmkit_kernels::fused::cross_entropy_sum(&logits, &targets)? / 2048.0
     })?;
     time("transpose(1,2)+reshape [8,6,256,64]", reps, || {
         q.as_tensor().transpose(1, 2)?.reshape((b, t, c))

@@ -1,0 +1,130 @@
+//! Atomic file writes: data goes to a uniquely named temporary file beside the target, is fsynced,
+//! and is renamed over the target only when complete. A crash leaves the old file or the new one,
+//! never a part; two writers never share a temporary name.
+
+use crate::error::{PathError, PathResultExt};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Prefix of temporary files, so that readers and cleanup can tell them apart.
+pub const TEMP_PREFIX: &str = ".lmkit-tmp-";
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// A file being written under a temporary name in `dir`; [`AtomicFile::commit`] gives it its
+/// name. Dropped without a commit, the temporary file is removed.
+pub struct AtomicFile {
+    dir: PathBuf,
+    writer: BufWriter<std::fs::File>,
+    temp: tempfile::TempPath,
+}
+
+impl AtomicFile {
+    /// Starts a file in `dir` (which must exist).
+    pub fn create_in(dir: &Path) -> Result<AtomicFile, PathError> {
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)
+            .at(dir)?;
+        let (file, temp) = tmp.into_parts();
+        Ok(AtomicFile {
+            dir: dir.to_path_buf(),
+            writer: BufWriter::with_capacity(1 << 20, file),
+            temp,
+        })
+    }
+
+    /// Starts a file that will become `path`.
+    pub fn create_for(path: &Path) -> Result<AtomicFile, PathError> {
+        Self::create_in(parent_of(path))
+    }
+
+    pub fn writer(&mut self) -> &mut BufWriter<std::fs::File> {
+        &mut self.writer
+    }
+
+    /// Flushes, fsyncs and renames the file to `path` (in the same directory).
+    pub fn commit(self, path: &Path) -> Result<(), PathError> {
+        let AtomicFile {
+            dir, writer, temp, ..
+        } = self;
+        let file = writer.into_inner().map_err(|e| e.into_error()).at(path)?;
+        file.sync_all().at(path)?;
+        temp.persist(path).map_err(|e| e.error).at(path)?;
+        // The rename is durable once the directory is synced (best effort: not every
+        // filesystem lets a directory be opened for it).
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// Writes `path` atomically with what `f` writes.
+pub fn write_atomic(
+    path: &Path,
+    f: impl FnOnce(&mut BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), PathError> {
+    let mut file = AtomicFile::create_for(path)?;
+    f(file.writer()).at(path)?;
+    file.commit(path)
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
+    write_atomic(path, |w| w.write_all(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_whole_files_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        write_atomic_bytes(&p, b"one").unwrap();
+        write_atomic(&p, |w| w.write_all(b"two")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        write_atomic_bytes(&p, b"old").unwrap();
+        let e = write_atomic(&p, |w| {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::other("disk on fire"))
+        });
+        assert!(e.unwrap_err().to_string().contains("disk on fire"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn uncommitted_files_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut f = AtomicFile::create_in(dir.path()).unwrap();
+            f.write_all(b"x").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

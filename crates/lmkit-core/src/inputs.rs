@@ -1,0 +1,117 @@
+//! Input discovery: a file, or the files of accepted names below a directory.
+
+use crate::error::PathError;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("{}: symbolic link loop (it leads back to {}); remove the link or give a path below it", path.display(), ancestor.display())]
+    Loop { path: PathBuf, ancestor: PathBuf },
+    #[error("{}: no input files found ({what})", path.display())]
+    NoInputFiles { path: PathBuf, what: String },
+}
+
+/// `path` itself when it is a file; otherwise every file below the directory whose name
+/// `accept` takes, sorted by path. Hidden files and directories (names starting with `.`) are
+/// skipped; symbolic links are followed, and a link that loops is an error. `what` describes
+/// the accepted files for the error when none is found.
+pub fn collect_inputs(
+    path: &Path,
+    what: &str,
+    accept: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>, InputError> {
+    let meta = std::fs::metadata(path).map_err(|e| PathError::new(path, e))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let walk = walkdir::WalkDir::new(path)
+        .follow_links(true)
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    for entry in walk {
+        let entry = entry.map_err(|e| {
+            let at = e.path().unwrap_or(path).to_path_buf();
+            if let Some(ancestor) = e.loop_ancestor() {
+                return InputError::Loop {
+                    path: at,
+                    ancestor: ancestor.to_path_buf(),
+                };
+            }
+            match e.into_io_error() {
+                Some(io) => InputError::Io(PathError::new(at, io)),
+                None => InputError::Io(PathError::new(at, std::io::Error::other("walk failed"))),
+            }
+        })?;
+        if entry.file_type().is_file() && accept(&entry.file_name().to_string_lossy()) {
+            out.push(entry.into_path());
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(InputError::NoInputFiles {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txt(name: &str) -> bool {
+        name.ends_with(".txt")
+    }
+
+    #[test]
+    fn finds_accepted_files_sorted_and_skips_hidden() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
+        std::fs::create_dir_all(d.path().join(".git")).unwrap();
+        for f in [
+            "b/c/z.txt",
+            "a.txt",
+            "b/y.json",
+            ".hidden.txt",
+            ".git/x.txt",
+        ] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let got = collect_inputs(d.path(), "*.txt", txt).unwrap();
+        let rel: Vec<_> = got
+            .iter()
+            .map(|p| {
+                p.strip_prefix(d.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(rel, ["a.txt", "b/c/z.txt"]);
+        let file = d.path().join("b/y.json");
+        assert_eq!(collect_inputs(&file, "", txt).unwrap(), vec![file]);
+    }
+
+    #[test]
+    fn empty_missing_and_looping_inputs_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let e = collect_inputs(d.path(), "*.txt", txt).unwrap_err();
+        assert!(
+            e.to_string().contains("no input files found (*.txt)"),
+            "{e}"
+        );
+        let e = collect_inputs(&d.path().join("nope"), "*.txt", txt).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        #[cfg(unix)]
+        {
+            std::fs::create_dir(d.path().join("sub")).unwrap();
+            std::os::unix::fs::symlink(d.path(), d.path().join("sub/up")).unwrap();
+            let e = collect_inputs(d.path(), "*.txt", txt).unwrap_err();
+            assert!(e.to_string().contains("loop"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! What every stage of lmkit shares, with one home each: progress reports ([`Progress`]), atomic
+//! file writes ([`atomic`]), input discovery ([`inputs`]), seeded random numbers ([`rng`]), the
+//! error that names a file ([`PathError`]) and the special-token names ([`tokens`]).
+
+pub mod atomic;
+pub mod error;
+pub mod inputs;
+pub mod mmap;
+pub mod progress;
+pub mod rng;
+pub mod tokens;
+
+pub use atomic::{write_atomic, write_atomic_bytes, AtomicFile};
+pub use error::{PathError, PathResultExt};
+pub use inputs::collect_inputs;
+pub use progress::{NoProgress, Progress, Unit};

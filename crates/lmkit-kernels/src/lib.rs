@@ -1,0 +1,24 @@
+//! lmkit's compute kernels, and the only crate of the workspace with `unsafe` code (besides one
+//! read-only memory map in `lmkit-core`).
+//!
+//! - [`blas`]: matrix products through a BLAS library opened at run time (OpenBLAS, MKL, BLIS),
+//!   with candle's matmul as the fallback, and the fused attention products built on them.
+//! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
+//!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
+//!   run time, wrapped as candle custom ops with analytic backward passes.
+//! - [`adamw`]: the in-place AdamW update and the gradient norm.
+//! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
+//! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
+//!
+//! Each kernel runs on CPU f32/f64 tensors and reports "not mine" (or falls back to composed
+//! candle ops) for other devices and dtypes, so models stay device-agnostic. Every `unsafe`
+//! block carries a `SAFETY` note; raw product entry points check operand extents first.
+
+pub mod adamw;
+pub mod blas;
+pub mod buffers;
+pub mod fused;
+pub mod system;
+
+#[doc(hidden)]
+pub mod testing;

@@ -1,0 +1,40 @@
+//! Comparison helpers for kernel tests here and in the crates that use the kernels.
+use candle_core::{DType, Tensor, Var};
+
+/// Max |a − b| over all elements, as f64.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// `ours` equals `reference` within `tol`, and so do the gradients of Σ (· ⊙ r) for `vars`
+/// (r random, the same for both).
+pub fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, what: &str) {
+    assert!(max_diff(&ours, &reference) < tol, "{what}: forward");
+    let r = Tensor::randn(0f32, 1.0, ours.dims(), ours.device())
+        .unwrap()
+        .to_dtype(ours.dtype())
+        .unwrap();
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (reference * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in vars {
+        let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert!(max_diff(x, y) < tol * 10.0, "{what}: gradient");
+    }
+}
