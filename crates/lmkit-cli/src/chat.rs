@@ -119,7 +119,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
         turn += 1;
         let mut stream = TextStream::new(
             &tk,
-            vec!["<|end|>".into(), "<|user|>".into(), "<|endoftext|>".into()],
+            lmkit_core::tokens::CHAT_STOPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         );
         let (ids, _) = generate(&model, &prompt_ids, &opts, &mut |_, all| {
             if let Ok(delta) = stream.push(all) {

@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lmkit_eval::Scorer;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -161,7 +160,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         let cfg = lmkit_train::RunConfig::load(&cfg_path, &[])?;
         eprintln!("training {name} for {} s", a.seconds);
         let t0 = Instant::now();
-        let summary = lmkit_train::train(&cfg, false, &crate::train::Bar(Mutex::new(None)))?;
+        let summary = lmkit_train::train(&cfg, false, &crate::progress::Bar::default())?;
         let secs = t0.elapsed().as_secs_f64();
         let dev = lmkit_models::parse_device(&a.device)?;
         let scorer = Scorer::load(&dir, &dev, false)?;

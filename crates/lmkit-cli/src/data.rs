@@ -143,19 +143,9 @@ fn export_preferences(db: &std::path::Path, output: &std::path::Path) -> Result<
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        output
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-    let n = store.export_preferences(&mut w)?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, output)?;
+    let mut file = lmkit_core::AtomicFile::create_for(output)?;
+    let n = store.export_preferences(file.writer())?;
+    file.commit(output)?;
     std::io::stderr().flush().ok();
     eprintln!("wrote {n} preference pairs to {}", output.display());
     Ok(())

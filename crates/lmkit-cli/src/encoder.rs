@@ -42,7 +42,7 @@ pub struct EmbedArgs {
 }
 
 fn mask_token(tk: &lmkit_tokenize::Tokenizer) -> Option<(String, u32)> {
-    ["<|mask|>", "[MASK]", "<mask>"]
+    lmkit_core::tokens::MASK_TOKENS
         .iter()
         .find_map(|t| tk.token_to_id(t).map(|id| (t.to_string(), id)))
 }

@@ -34,7 +34,7 @@ pub enum ModelCommand {
     },
 }
 
-use lmkit_models::model_type;
+use lmkit_models::{kind_of, Kind};
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
@@ -77,7 +77,8 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             source_ids,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
-            if model_type(&model) == "bart" {
+            let kind = kind_of(&model)?;
+            if kind == Kind::Seq2seq {
                 if source_ids.is_empty() {
                     bail!("an encoder-decoder model needs --source-ids");
                 }
@@ -95,7 +96,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 writeln!(out)?;
                 return Ok(());
             }
-            if model_type(&model) == "bert" {
+            if kind == Kind::Masked {
                 // Masked-LM logits of the whole sequence (bidirectional: no incremental mode).
                 if incremental {
                     bail!(

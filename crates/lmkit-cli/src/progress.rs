@@ -1,6 +1,8 @@
-//! Renders library progress reports as terminal progress bars (hidden when stderr is not a terminal).
+//! Renders library progress reports ([`lmkit_core::Progress`]) as terminal progress bars (hidden
+//! when stderr is not a terminal).
 
 use indicatif::{ProgressBar, ProgressStyle};
+use lmkit_core::{Progress, Unit};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -9,11 +11,21 @@ pub struct Bar {
 }
 
 impl Bar {
-    fn begin(&self, stage: &str, total: u64, bytes: bool) {
-        let template = if bytes {
-            "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-        } else {
-            "{msg:>18} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}"
+    fn with(&self, f: impl FnOnce(&ProgressBar)) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(b) = b.as_ref() {
+                f(b);
+            }
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn begin(&self, stage: &str, total: u64, unit: Unit) {
+        let template = match unit {
+            Unit::Bytes => "{msg:>18} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            Unit::Items => "{msg:>18} [{bar:30}] {human_pos}/{human_len} {per_sec} eta {eta}",
+            Unit::Steps => "{bar:30} {pos}/{len} steps  {msg}  eta {eta}",
         };
         let bar = if total > 0 {
             ProgressBar::new(total).with_style(
@@ -24,17 +36,30 @@ impl Bar {
         } else {
             ProgressBar::new_spinner()
         };
-        bar.set_message(stage.to_string());
+        if unit != Unit::Steps {
+            bar.set_message(stage.to_string());
+        }
         if let Ok(mut b) = self.bar.lock() {
             *b = Some(bar);
         }
     }
 
+    fn set_position(&self, pos: u64) {
+        self.with(|b| b.set_position(pos));
+    }
+
     fn advance(&self, n: u64) {
-        if let Ok(b) = self.bar.lock() {
-            if let Some(b) = b.as_ref() {
-                b.inc(n);
-            }
+        self.with(|b| b.inc(n));
+    }
+
+    fn status(&self, msg: &str) {
+        self.with(|b| b.set_message(msg.to_string()));
+    }
+
+    fn message(&self, msg: &str) {
+        match self.bar.lock().ok().and_then(|g| g.clone()) {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
         }
     }
 
@@ -46,23 +71,3 @@ impl Bar {
         }
     }
 }
-
-/// Each library has its own progress trait (they share no crate); all render through [`Bar`].
-macro_rules! impl_progress {
-    ($bytes:expr; $($t:path),*) => {$(
-        impl $t for Bar {
-            fn begin(&self, stage: &str, total: u64) {
-                Bar::begin(self, stage, total, $bytes)
-            }
-            fn advance(&self, n: u64) {
-                Bar::advance(self, n)
-            }
-            fn finish(&self) {
-                Bar::finish(self)
-            }
-        }
-    )*};
-}
-
-impl_progress!(true; lmkit_ngram::Progress, lmkit_data::Progress);
-impl_progress!(false; lmkit_eval::Progress);

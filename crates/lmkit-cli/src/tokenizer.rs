@@ -185,7 +185,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                             lmkit_tokenize::ENDOFTEXT
                         );
                     }
-                    lmkit_data::Progress::begin(&bar, "encoding", 0);
+                    lmkit_core::Progress::begin(&bar, "encoding", 0, lmkit_core::Unit::Bytes);
                     Some(ShardWriter::new(
                         dir,
                         tk.get_vocab_size(true),
@@ -211,9 +211,9 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                         }
                     }
                 }
-                lmkit_data::Progress::advance(&bar, chunk.len() as u64);
+                lmkit_core::Progress::advance(&bar, chunk.len() as u64);
             }
-            lmkit_data::Progress::finish(&bar);
+            lmkit_core::Progress::finish(&bar);
             if let Some(d) = docs {
                 d.finish()?;
             }

@@ -1,11 +1,10 @@
 //! `lmkit train`: train a model from a TOML run config.
 
+use crate::progress::Bar;
 use anyhow::Result;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use lmkit_train::{RunConfig, TrainProgress};
+use lmkit_train::RunConfig;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 #[derive(Args)]
 #[command(
@@ -33,42 +32,6 @@ pub struct TrainArgs {
     max_time: Option<f64>,
 }
 
-pub(crate) struct Bar(pub(crate) Mutex<Option<ProgressBar>>);
-
-impl TrainProgress for Bar {
-    fn start(&self, first: usize, max: usize) {
-        let b = ProgressBar::new(max as u64).with_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.set_position(first as u64);
-        if let Ok(mut g) = self.0.lock() {
-            *g = Some(b);
-        }
-    }
-    fn step(&self, step: usize, loss: f64, tps: f64) {
-        if let Ok(g) = self.0.lock() {
-            if let Some(b) = g.as_ref() {
-                b.set_position(step as u64);
-                b.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
-            }
-        }
-    }
-    fn message(&self, msg: &str) {
-        match self.0.lock().ok().and_then(|g| g.clone()) {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
-        }
-    }
-    fn finish(&self) {
-        if let Ok(mut g) = self.0.lock() {
-            if let Some(b) = g.take() {
-                b.finish_and_clear();
-            }
-        }
-    }
-}
-
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut overrides = a.overrides.clone();
     if let Some(n) = a.max_steps {
@@ -78,7 +41,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         overrides.push(format!("train.max_time={s}"));
     }
     let cfg = RunConfig::load(&a.config, &overrides)?;
-    let s = lmkit_train::train(&cfg, a.resume, &Bar(Mutex::new(None)))?;
+    let s = lmkit_train::train(&cfg, a.resume, &Bar::default())?;
     eprintln!(
         "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",
         s.parameters,

@@ -1,6 +1,7 @@
 //! What every stage of lmkit shares, with one home each: progress reports ([`Progress`]), atomic
 //! file writes ([`atomic`]), input discovery ([`inputs`]), seeded random numbers ([`rng`]), the
 //! error that names a file ([`PathError`]) and the special-token names ([`tokens`]).
+#![deny(unsafe_code)]
 
 pub mod atomic;
 pub mod error;

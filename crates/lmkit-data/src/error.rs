@@ -4,20 +4,16 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
     #[error("{path}:{line}: {msg} (use --skip-bad to skip and count such lines instead)")]
     BadRecord {
         path: PathBuf,
         line: u64,
         msg: String,
     },
-    #[error("{path}: no input files found (a directory is searched recursively for .txt, .jsonl and their .gz)")]
-    NoInputFiles { path: PathBuf },
+    #[error(transparent)]
+    Inputs(#[from] lmkit_core::inputs::InputError),
     #[error("no documents in the input ({what}); give at least one non-blank document")]
     EmptyInput { what: String },
     #[error("invalid option {name}={value}: {msg}")]
@@ -30,10 +26,7 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io(lmkit_core::PathError::new(path, source))
     }
 }
 

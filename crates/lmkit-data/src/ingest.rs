@@ -75,43 +75,17 @@ fn format_of(path: &Path) -> Option<(Format, bool)> {
 /// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, else as text),
 /// or every .txt/.jsonl (plain or .gz) below a directory.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    if meta.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, e))? {
-            let p = entry.map_err(|e| DataError::io(&dir, e))?.path();
-            if p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            {
-                continue;
-            }
-            // In a directory only .txt and .jsonl (plain or gzip) are documents: `.json` files there
-            // are metadata, such as the report.json that `lmkit data prepare` writes.
-            let listed = p
-                .file_name()
-                .map(|n| n.to_string_lossy().to_ascii_lowercase())
-                .is_some_and(|n| {
-                    let n = n.strip_suffix(".gz").unwrap_or(&n);
-                    n.ends_with(".txt") || n.ends_with(".jsonl")
-                });
-            if p.is_dir() {
-                stack.push(p);
-            } else if listed {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    if out.is_empty() {
-        return Err(DataError::NoInputFiles {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    Ok(lmkit_core::collect_inputs(
+        path,
+        "a directory is searched recursively for .txt, .jsonl and their .gz",
+        |name| {
+            // In a directory only .txt and .jsonl (plain or gzip) are documents: `.json` files
+            // there are metadata, such as the report.json that `lmkit data prepare` writes.
+            let n = name.to_ascii_lowercase();
+            let n = n.strip_suffix(".gz").unwrap_or(&n);
+            n.ends_with(".txt") || n.ends_with(".jsonl")
+        },
+    )?)
 }
 
 /// Streams the documents of one file to `f`, in order. Bad records are an error, or passed to

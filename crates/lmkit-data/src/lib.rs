@@ -1,6 +1,7 @@
 //! Corpus preparation: ingest (txt, jsonl, directories, gzip) → normalize (NFKC, whitespace,
 //! controls, optional dates) → quality filters → exact and MinHash near-duplicate removal →
 //! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
+#![forbid(unsafe_code)]
 
 pub mod dates;
 pub mod error;
@@ -23,16 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
 
-/// Progress reports from long-running work; the library never prints.
-pub trait Progress: Sync {
-    /// A stage starts; `total` is in bytes, 0 when unknown.
-    fn begin(&self, _stage: &str, _total: u64) {}
-    fn advance(&self, _n: u64) {}
-    fn finish(&self) {}
-}
-
-pub struct NoProgress;
-impl Progress for NoProgress {}
+pub use lmkit_core::{NoProgress, Progress, Unit};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PrepareOptions {
@@ -230,7 +222,7 @@ pub fn prepare(
         .map(|m| m.len())
         .sum();
     st.report.input_bytes = total;
-    progress.begin("preparing", if any_gz { 0 } else { total });
+    progress.begin("preparing", if any_gz { 0 } else { total }, Unit::Bytes);
 
     const BATCH: usize = 4096;
     let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
@@ -289,16 +281,7 @@ pub fn prepare(
     let report_path = out_dir.join("report.json");
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| DataError::io(&report_path, e.into()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".lmkit-tmp-")
-        .tempfile_in(out_dir)
-        .map_err(|e| DataError::io(out_dir, e))?;
-    std::fs::write(tmp.path(), json).map_err(|e| DataError::io(&report_path, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| DataError::io(&report_path, e))?;
-    tmp.persist(&report_path)
-        .map_err(|e| DataError::io(&report_path, e.error))?;
+    lmkit_core::write_atomic_bytes(&report_path, &json)?;
     Ok(report)
 }
 

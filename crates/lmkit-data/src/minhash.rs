@@ -5,6 +5,7 @@
 //! with probability 1 - (1 - J^rows)^bands for Jaccard similarity J; candidates are then confirmed by
 //! the share of equal signature values (an unbiased estimate of J) against the threshold.
 
+use lmkit_core::rng::{Random, SplitMix64};
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -46,22 +47,12 @@ pub struct MinHasher {
     b: Vec<u64>,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 impl MinHasher {
     pub fn new(opts: MinHashOptions) -> Self {
-        let mut state = opts.seed;
+        let mut rng = SplitMix64::new(opts.seed);
         // Multiply-add-shift hashing (Dietzfelbinger 1996): h(x) = (a·x + b mod 2^64) >> 32, a odd.
-        let a = (0..opts.num_perm)
-            .map(|_| splitmix(&mut state) | 1)
-            .collect();
-        let b = (0..opts.num_perm).map(|_| splitmix(&mut state)).collect();
+        let a = (0..opts.num_perm).map(|_| rng.next_u64() | 1).collect();
+        let b = (0..opts.num_perm).map(|_| rng.next_u64()).collect();
         MinHasher { opts, a, b }
     }
 

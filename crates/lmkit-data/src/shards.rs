@@ -2,7 +2,8 @@
 //! shard is written to a temporary file, fsynced and renamed into place when complete.
 
 use crate::error::{DataError, Result};
-use std::io::{BufWriter, Write};
+use lmkit_core::AtomicFile;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -15,7 +16,7 @@ pub struct ShardWriter {
     dir: PathBuf,
     prefix: String,
     shard_docs: usize,
-    current: Option<(BufWriter<std::fs::File>, tempfile::TempPath, usize)>,
+    current: Option<(AtomicFile, usize)>,
     pub paths: Vec<PathBuf>,
     pub docs: u64,
     pub bytes: u64,
@@ -37,15 +38,10 @@ impl ShardWriter {
     pub fn write(&mut self, text: &str, source: &str) -> Result<()> {
         let io = |e| DataError::io(&self.dir, e);
         if self.current.is_none() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".lmkit-tmp-")
-                .tempfile_in(&self.dir)
-                .map_err(io)?;
-            let (file, path) = tmp.into_parts();
-            self.current = Some((BufWriter::with_capacity(1 << 20, file), path, 0));
+            self.current = Some((AtomicFile::create_in(&self.dir)?, 0));
         }
         let full = match self.current.as_mut() {
-            Some((w, _, n)) => {
+            Some((w, n)) => {
                 serde_json::to_writer(&mut *w, &Record { text, source })
                     .map_err(|e| io(e.into()))?;
                 w.write_all(b"\n").map_err(io)?;
@@ -63,16 +59,11 @@ impl ShardWriter {
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        if let Some((w, tmp, _)) = self.current.take() {
+        if let Some((file, _)) = self.current.take() {
             let path = self
                 .dir
                 .join(format!("{}-{:05}.jsonl", self.prefix, self.paths.len()));
-            let file = w
-                .into_inner()
-                .map_err(|e| DataError::io(&path, e.into_error()))?;
-            file.sync_all().map_err(|e| DataError::io(&path, e))?;
-            tmp.persist(&path)
-                .map_err(|e| DataError::io(&path, e.error))?;
+            file.commit(&path)?;
             self.paths.push(path);
         }
         Ok(())

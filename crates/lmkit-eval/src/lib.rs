@@ -1,6 +1,7 @@
 //! Evaluation for every model kind lmkit makes: perplexity and bits per byte on a text file
 //! (comparable across tokenizers, and between n-gram and neural models), sentence scoring and
 //! ranking, and log-likelihood multiple-choice tasks in the style of lm-evaluation-harness.
+#![forbid(unsafe_code)]
 
 pub mod encoders;
 pub mod tasks;
@@ -28,15 +29,7 @@ pub enum EvalError {
 
 pub type Result<T> = std::result::Result<T, EvalError>;
 
-/// Progress over units of work (lines or examples); the library never prints.
-pub trait Progress: Sync {
-    fn begin(&self, _what: &str, _total: u64) {}
-    fn advance(&self, _n: u64) {}
-    fn finish(&self) {}
-}
-
-pub struct NoProgress;
-impl Progress for NoProgress {}
+pub use lmkit_core::{NoProgress, Progress, Unit};
 
 /// A neural causal LM with its tokenizer.
 pub struct Neural {
@@ -96,10 +89,10 @@ impl Scorer {
             return Ok(Scorer::Ngram(NgramModel::open(path, tok)?));
         }
         let dir = lmkit_models::resolve_checkpoint(path);
-        let model_type = lmkit_models::model_type(&dir);
-        if model_type == "bert" {
+        let kind = lmkit_models::kind_of(&dir)?;
+        if kind == lmkit_models::Kind::Masked {
             let tokenizer = lmkit_tokenize::load(&dir)?;
-            let mask_id = ["<|mask|>", "[MASK]", "<mask>"]
+            let mask_id = lmkit_core::tokens::MASK_TOKENS
                 .iter()
                 .find_map(|t| tokenizer.token_to_id(t))
                 .ok_or_else(|| EvalError::Input {
@@ -112,7 +105,7 @@ impl Scorer {
                 mask_id,
             })));
         }
-        if model_type == "bart" {
+        if kind == lmkit_models::Kind::Seq2seq {
             let tokenizer = lmkit_tokenize::load(&dir)?;
             let model = lmkit_models::bart::Bart::load(&dir, device)?;
             let eot = tokenizer
@@ -159,7 +152,7 @@ impl Scorer {
         };
         match self {
             Scorer::Ngram(m) => {
-                progress.begin("scoring", lines.len() as u64);
+                progress.begin("scoring", lines.len() as u64, Unit::Items);
                 for l in lines {
                     let s = m.score_line(l);
                     e.nll -= s.log10_prob as f64 * std::f64::consts::LN_10;
@@ -180,7 +173,7 @@ impl Scorer {
                 e.nll = -lp.iter().map(|&x| x as f64).sum::<f64>();
             }
             Scorer::Masked(m) => {
-                progress.begin("scoring", lines.len() as u64);
+                progress.begin("scoring", lines.len() as u64, Unit::Items);
                 for l in lines {
                     let lp = m.token_logprobs(l)?;
                     e.tokens += lp.len() as u64;
@@ -189,7 +182,7 @@ impl Scorer {
                 }
             }
             Scorer::Seq2seq(m) => {
-                progress.begin("scoring", lines.len() as u64);
+                progress.begin("scoring", lines.len() as u64, Unit::Items);
                 e.bytes = 0;
                 for l in lines {
                     let (src, tgt) = encoders::Seq2seq::split_line(l)?;
@@ -313,7 +306,7 @@ impl Neural {
         let ctx = self.context;
         let stride = stride.unwrap_or(ctx / 2).clamp(1, ctx);
         let mut out = Vec::with_capacity(ids.len().saturating_sub(1));
-        progress.begin("scoring", ids.len().saturating_sub(1) as u64);
+        progress.begin("scoring", ids.len().saturating_sub(1) as u64, Unit::Items);
         // `done`: tokens ids[1..=done] are scored.
         let mut done = 0usize;
         let mut begin = 0usize;

@@ -233,7 +233,7 @@ pub fn run(
     examples: &[Example],
     progress: &dyn Progress,
 ) -> Result<(TaskResult, Vec<Scored>)> {
-    progress.begin(name, examples.len() as u64);
+    progress.begin(name, examples.len() as u64, crate::Unit::Items);
     let mut scored = Vec::with_capacity(examples.len());
     for ex in examples {
         scored.push(score(scorer, ex)?);

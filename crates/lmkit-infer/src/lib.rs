@@ -1,8 +1,9 @@
 //! Text generation with lmkit's decoders: KV-cached decoding, sampling, stop conditions, streaming.
+#![forbid(unsafe_code)]
 
 pub mod sampling;
 
-pub use sampling::{sample, Rng, SamplingParams};
+pub use sampling::{sample, Random, Rng, SamplingParams};
 
 use lmkit_models::{CausalLm, ModelError, Tensor};
 

@@ -58,28 +58,9 @@ impl SamplingParams {
     }
 }
 
-/// splitmix64: small, fast and reproducible across platforms.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The generator sampling draws from (splitmix64: the same sequence on every platform).
+pub type Rng = lmkit_core::rng::SplitMix64;
+pub use lmkit_core::rng::Random;
 
 /// Divides positive logits and multiplies negative ones of tokens in `history` by `penalty`.
 pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {

@@ -4,16 +4,16 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error("{path}: unsupported model_type `{model_type}` (supported: gpt2, llama, lmkit_rnn)")]
-    UnsupportedModel { path: PathBuf, model_type: String },
+    #[error("{path}: unsupported model_type `{model_type}` (supported: {supported})")]
+    UnsupportedModel {
+        path: PathBuf,
+        model_type: String,
+        supported: String,
+    },
     #[error("{path}: tensor `{name}`: {msg} (is the checkpoint complete and made for this config.json?)")]
     Tensor {
         path: PathBuf,

@@ -1,26 +1,28 @@
-//! Neural language models on candle. Decoder-only Transformers in two flavours that share
-//! attention and KV-cache code: GPT-2 style and Llama style. Configs read/write Hugging Face
-//! `config.json`; weights load from HF `model.safetensors` with HF tensor names.
+//! Neural language models on candle, one file per family in [`families`] (GPT-2, Llama, lmkit's
+//! RNN/LSTM, BERT, BART), built from shared [`layers`]; [`registry`] is the one place that tells
+//! families apart by `model_type`. Configs read and write Hugging Face `config.json`; weights load
+//! from Hugging Face `model.safetensors` with Hugging Face tensor names.
+#![forbid(unsafe_code)]
 
-pub mod attention;
-pub mod bart;
-pub mod bert;
-pub mod config;
 pub mod device;
 pub mod error;
-pub mod gpt2;
-pub mod kv_cache;
-pub mod llama;
-pub mod ops;
-pub mod rnn;
+pub mod families;
+pub mod layers;
+pub mod registry;
+
+pub use families::{bart, bert, gpt2, llama, rnn};
 
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
-pub use config::{Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 pub use device::parse_device;
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use families::gpt2::Gpt2Config;
+pub use families::llama::LlamaConfig;
+pub use families::rnn::{Cell, RnnConfig};
+pub use families::{FamilyConfig, Kind, ParamRole, SpecialIds};
+pub use layers::kv_cache::KvCache;
+pub use registry::{DecoderConfig, ModelConfig};
 
 use std::path::{Path, PathBuf};
 
@@ -39,12 +41,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|_| ModelError::Io {
-        path: single.clone(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no model.safetensors (nor model.safetensors.index.json) in the checkpoint directory",
-        ),
+    let text = std::fs::read_to_string(&index).map_err(|_| {
+        ModelError::Io(lmkit_core::PathError::new(
+            single.clone(),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors (nor model.safetensors.index.json) in the checkpoint directory",
+            ),
+        ))
     })?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
         path: index.clone(),
@@ -80,18 +84,10 @@ pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// The `model_type` of a checkpoint's config.json ("" when unreadable; loading reports why).
-pub fn model_type(dir: &Path) -> String {
-    let dir = resolve_checkpoint(dir);
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("model_type")
-                .and_then(|m| m.as_str())
-                .map(String::from)
-        })
-        .unwrap_or_default()
+/// What the checkpoint in `dir` computes (causal, masked or sequence-to-sequence), from its
+/// config.json; an unreadable or unsupported config is an error naming the file.
+pub fn kind_of(dir: &Path) -> Result<Kind> {
+    Ok(ModelConfig::load_dir(dir)?.kind())
 }
 
 /// A variable source over a checkpoint's safetensors files (memory-mapped, f32).
@@ -99,10 +95,10 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::Var
     let files = weight_files(dir)?;
     for f in &files {
         if !f.exists() {
-            return Err(ModelError::Io {
-                path: f.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "weight file missing"),
-            });
+            return Err(ModelError::Io(lmkit_core::PathError::new(
+                f.clone(),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "weight file missing"),
+            )));
         }
     }
     lmkit_kernels::system::mmap_safetensors(&files, DType::F32, device).map_err(|e| {
@@ -166,6 +162,12 @@ impl CausalLm {
             CausalLm::Llama(m) => m.num_layers(),
             CausalLm::Rnn(m) => m.num_layers(),
         }
+    }
+
+    /// Whether the model carries a recurrent state (instead of keys and values) from one
+    /// window of text to the next.
+    pub fn is_recurrent(&self) -> bool {
+        matches!(self, CausalLm::Rnn(_))
     }
 
     /// Switches training-only behaviour (dropout) on or off.

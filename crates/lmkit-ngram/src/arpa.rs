@@ -42,7 +42,7 @@ pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<(
 
 /// Writes an ARPA file atomically (temporary file, fsync, rename).
 pub fn save_arpa(tables: &NgramTables, path: &Path) -> Result<()> {
-    crate::atomic::write_atomic(path, |w| write_arpa(tables, w))
+    Ok(lmkit_core::write_atomic(path, |w| write_arpa(tables, w))?)
 }
 
 struct LineReader<'a, R: BufRead> {

@@ -25,14 +25,8 @@ pub const HEADER_LEN: usize = 192;
 const CHECKSUM_AT: usize = 176;
 pub const SLOT_LEN: usize = 16;
 
-pub(crate) fn mix(mut x: u64) -> u64 {
-    // splitmix64 finaliser
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
+/// The hash of the tables: splitmix64's output function (part of the file format).
+pub(crate) use lmkit_core::rng::finalize as mix;
 
 /// Hash of the 1-gram `w`; extend it leftwards word by word with [`extend_hash`].
 pub(crate) fn start_hash(w: u32) -> u64 {
@@ -202,7 +196,7 @@ fn free_slot(img: &[u8], base: usize, slots: usize, h: u64) -> usize {
 /// Writes `tables` as a `.lmkb` file atomically.
 pub fn save_binary(tables: &NgramTables, path: &Path) -> Result<()> {
     let img = build_image(tables);
-    crate::atomic::write_atomic(path, |w| std::io::Write::write_all(w, &img))
+    Ok(lmkit_core::write_atomic_bytes(path, &img)?)
 }
 
 /// Header values of an image, checked against its length.

@@ -10,7 +10,7 @@
 use crate::error::{NgramError, Result};
 use crate::tokenize::{for_each_token, Tokenization, BOS, EOS};
 use crate::vocab::{Vocab, BOS_ID, EOS_ID};
-use crate::Progress;
+use crate::{Progress, Unit};
 use rayon::slice::ParallelSliceMut;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -100,7 +100,7 @@ fn count_impl<const N: usize>(
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    progress.begin("counting n-grams", total);
+    progress.begin("counting n-grams", total, Unit::Bytes);
     for path in inputs {
         let file = File::open(path).map_err(|e| NgramError::io(path, e))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);

@@ -4,12 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NgramError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
     #[error("{path}:{line}: line is not valid UTF-8 (byte {byte}); convert the file to UTF-8 (e.g. `iconv -f CP949 -t UTF-8`)")]
     InvalidUtf8 {
         path: PathBuf,
@@ -26,8 +22,8 @@ pub enum NgramError {
     BadOrder { order: usize, max: usize },
     #[error("the corpus is empty: {what}; give at least one non-blank line of text")]
     EmptyCorpus { what: String },
-    #[error("{path}: no input files found (a directory is searched recursively for *.txt files)")]
-    NoInputFiles { path: PathBuf },
+    #[error(transparent)]
+    Inputs(#[from] lmkit_core::inputs::InputError),
     #[error("{path}:{line}: ARPA file is malformed: {msg}")]
     Arpa {
         path: PathBuf,
@@ -42,10 +38,7 @@ pub enum NgramError {
 
 impl NgramError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        NgramError::Io {
-            path: path.into(),
-            source,
-        }
+        NgramError::Io(lmkit_core::PathError::new(path, source))
     }
 }
 

@@ -8,10 +8,10 @@
 //! let model = Model::from_tables(&est.tables, "model.arpa".as_ref());
 //! println!("{}", model.score_line("the cat sat").log10_prob);
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod adjust;
 pub mod arpa;
-mod atomic;
 pub mod binary;
 pub mod count;
 pub mod error;
@@ -30,17 +30,7 @@ pub use tokenize::Tokenization;
 
 use std::path::{Path, PathBuf};
 
-/// Progress reports from long-running work; the library never prints.
-pub trait Progress: Sync {
-    /// A stage starts; `total` is in the stage's units (bytes for counting), 0 when unknown.
-    fn begin(&self, _stage: &str, _total: u64) {}
-    fn advance(&self, _n: u64) {}
-    fn finish(&self) {}
-}
-
-/// Reports nothing.
-pub struct NoProgress;
-impl Progress for NoProgress {}
+pub use lmkit_core::{NoProgress, Progress, Unit};
 
 pub type TrainOptions = count::CountOptions;
 
@@ -62,7 +52,7 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
     let mut adjuster = adjust::Adjuster::new(opts.order);
     let (vocab, stats) =
         count::count_ngrams(inputs, opts, progress, &mut |rec, c| adjuster.push(rec, c))?;
-    progress.begin("estimating", 0);
+    progress.begin("estimating", 0, Unit::Items);
     let counts = adjuster.finish();
     let est = kneser_ney::estimate(counts, vocab.into_words(), opts.tokenization);
     progress.finish();
@@ -75,34 +65,11 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
 
 /// The files under `path`: the file itself, or every `*.txt` below a directory, sorted by path.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).map_err(|e| NgramError::io(path, e))?;
-    if meta.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| NgramError::io(&dir, e))? {
-            let p = entry.map_err(|e| NgramError::io(&dir, e))?.path();
-            if p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "txt") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    if out.is_empty() {
-        return Err(NgramError::NoInputFiles {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    Ok(lmkit_core::collect_inputs(
+        path,
+        "a directory is searched recursively for *.txt files",
+        |name| name.ends_with(".txt"),
+    )?)
 }
 
 /// Saves `tables` as ARPA (`.arpa`) or binary (`.lmkb`), chosen by the file extension.

@@ -105,9 +105,7 @@ impl Model {
             .read(&mut magic)
             .map_err(|e| NgramError::io(path, e))?;
         if n == 4 && &magic == crate::binary::MAGIC {
-            // SAFETY: the map is read-only; a model file must not be modified while it is in use
-            // (lmkit itself only ever replaces model files by atomic rename, which is safe).
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| NgramError::io(path, e))?;
+            let map = lmkit_core::mmap::map_readonly(path)?;
             Self::from_storage(Storage::Mapped(map), path)
         } else {
             let file = std::fs::File::open(path).map_err(|e| NgramError::io(path, e))?;

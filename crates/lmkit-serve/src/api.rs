@@ -458,7 +458,7 @@ pub async fn chat_completions(
             .join("\n");
         let verdict = state.moderator.check(&said);
         let mut stops = params.stops.clone();
-        for s in ["<|end|>", "<|user|>", "<|endoftext|>"] {
+        for s in lmkit_core::tokens::CHAT_STOPS {
             if !stops.iter().any(|x| x == s) {
                 stops.push(s.to_string());
             }

@@ -203,14 +203,10 @@ pub fn train(
     )?;
     let json = serde_json::to_string_pretty(&info).unwrap_or_default();
     let path = out.join("classifier.json");
-    let part = out.join(".classifier.json.tmp");
-    std::fs::write(&part, json)
-        .and_then(|_| std::fs::File::open(&part)?.sync_all())
-        .and_then(|_| std::fs::rename(&part, &path))
-        .map_err(|e| ClassifierError::Data {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+    lmkit_core::write_atomic_bytes(&path, json.as_bytes()).map_err(|e| ClassifierError::Data {
+        path: path.clone(),
+        msg: e.io_error().to_string(),
+    })?;
     Ok(info)
 }
 

@@ -2,6 +2,7 @@
 //! completions, streamed as Server-Sent Events), with API keys, request limits, a bounded queue,
 //! moderation of prompts and completions, a SQLite store of every completion, Prometheus
 //! metrics, and web pages for chatting and for reviewing completions.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod classifier;

@@ -13,11 +13,8 @@ pub enum StoreError {
     Db { path: PathBuf, msg: String },
     #[error("{0}")]
     NotFound(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -115,10 +112,8 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode.
     pub fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(dir.to_path_buf(), e)))?;
         }
         let db = |e: rusqlite::Error| StoreError::Db {
             path: path.to_path_buf(),
@@ -294,10 +289,8 @@ impl Store {
         for (prompt, chosen, rejected) in &rows {
             let line =
                 serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected });
-            writeln!(out, "{line}").map_err(|e| StoreError::Io {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            writeln!(out, "{line}")
+                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
         }
         Ok(rows.len())
     }

@@ -11,19 +11,8 @@ use tokenizers::{
     Tokenizer, TokenizerBuilder,
 };
 
-pub const ENDOFTEXT: &str = "<|endoftext|>";
-
-/// Special tokens added by default: end of text, padding, masking (for BERT-style models) and
-/// chat roles.
-pub const DEFAULT_SPECIAL_TOKENS: &[&str] = &[
-    ENDOFTEXT,
-    "<|pad|>",
-    "<|mask|>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|end|>",
-];
+pub use lmkit_core::tokens::{DEFAULT_SPECIAL_TOKENS, ENDOFTEXT};
+use lmkit_core::tokens::{MASK, PAD};
 
 /// The chat template written to `tokenizer_config.json` (Jinja, as `transformers` reads it).
 pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
@@ -135,38 +124,25 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
 pub fn save(tk: &Tokenizer, dir: &Path, special_tokens: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TokenizeError::io(dir, e))?;
     let json = tk.to_string(true).map_err(tk_err)?;
-    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    lmkit_core::write_atomic_bytes(&dir.join("tokenizer.json"), json.as_bytes())?;
     let has = |t: &str| special_tokens.iter().any(|s| s == t).then(|| t.to_string());
     let config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": has(ENDOFTEXT),
         "eos_token": has(ENDOFTEXT),
         "unk_token": serde_json::Value::Null,
-        "pad_token": has("<|pad|>"),
-        "mask_token": has("<|mask|>"),
+        "pad_token": has(PAD),
+        "mask_token": has(MASK),
         "add_prefix_space": false,
         "clean_up_tokenization_spaces": false,
         "model_max_length": 1_000_000_000_000_000_000u64,
         "chat_template": DEFAULT_CHAT_TEMPLATE,
     });
     let text = serde_json::to_string_pretty(&config).map_err(tk_err)?;
-    write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
-}
-
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let io = |e| TokenizeError::io(path, e);
-    let tmp = tempfile::Builder::new()
-        .prefix(".lmkit-tmp-")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    std::fs::write(tmp.path(), bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    Ok(lmkit_core::write_atomic_bytes(
+        &dir.join("tokenizer_config.json"),
+        text.as_bytes(),
+    )?)
 }
 
 /// Encodes texts (no special tokens added), in parallel.

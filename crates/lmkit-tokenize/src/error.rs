@@ -4,12 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
     #[error(transparent)]
     Data(#[from] lmkit_data::DataError),
     #[error("{path}: cannot load tokenizer: {msg}")]
@@ -30,10 +26,7 @@ pub enum TokenizeError {
 
 impl TokenizeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        TokenizeError::Io {
-            path: path.into(),
-            source,
-        }
+        TokenizeError::Io(lmkit_core::PathError::new(path, source))
     }
 }
 

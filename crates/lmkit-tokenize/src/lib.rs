@@ -1,5 +1,6 @@
 //! Tokenizers: byte-level BPE training and use through Hugging Face `tokenizers` (tokenizer.json),
 //! special and chat-role tokens, and token shards (writer + memory-mapped reader) for training.
+#![forbid(unsafe_code)]
 
 pub mod bpe;
 pub mod chat;

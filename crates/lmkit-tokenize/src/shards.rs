@@ -3,8 +3,9 @@
 //! documents). Written atomically; read by memory map.
 
 use crate::error::{Result, TokenizeError};
+use lmkit_core::AtomicFile;
 use serde::{Deserialize, Serialize};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +51,7 @@ pub struct ShardWriter {
     dtype: Dtype,
     eot_id: Option<u32>,
     shard_tokens: u64,
-    current: Option<(BufWriter<std::fs::File>, tempfile::TempPath, u64, u64)>,
+    current: Option<(AtomicFile, u64, u64)>,
     pub paths: Vec<PathBuf>,
     pub tokens: u64,
     pub documents: u64,
@@ -81,15 +82,10 @@ impl ShardWriter {
     pub fn write_document(&mut self, ids: &[u32]) -> Result<()> {
         let io = |e| TokenizeError::io(&self.dir, e);
         if self.current.is_none() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".lmkit-tmp-")
-                .tempfile_in(&self.dir)
-                .map_err(io)?;
-            let (f, p) = tmp.into_parts();
-            self.current = Some((BufWriter::with_capacity(1 << 20, f), p, 0, 0));
+            self.current = Some((AtomicFile::create_in(&self.dir)?, 0, 0));
         }
         let dtype = self.dtype;
-        let full = if let Some((w, _, count, docs)) = self.current.as_mut() {
+        let full = if let Some((w, count, docs)) = self.current.as_mut() {
             for &id in ids.iter().chain(self.eot_id.as_ref()) {
                 match dtype {
                     Dtype::U16 => w.write_all(&(id as u16).to_le_bytes()),
@@ -112,13 +108,9 @@ impl ShardWriter {
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        if let Some((w, tmp, count, docs)) = self.current.take() {
+        if let Some((file, count, docs)) = self.current.take() {
             let stem = format!("tokens-{:05}", self.paths.len());
             let bin = self.dir.join(format!("{stem}.bin"));
-            let file = w
-                .into_inner()
-                .map_err(|e| TokenizeError::io(&bin, e.into_error()))?;
-            file.sync_all().map_err(|e| TokenizeError::io(&bin, e))?;
             let header = ShardHeader {
                 format: FORMAT.into(),
                 vocab_size: self.vocab_size,
@@ -130,9 +122,8 @@ impl ShardWriter {
             let json = serde_json::to_vec_pretty(&header)
                 .map_err(|e| TokenizeError::Tokenizer(e.to_string()))?;
             // The header goes last: a shard without one is incomplete and is not read.
-            tmp.persist(&bin)
-                .map_err(|e| TokenizeError::io(&bin, e.error))?;
-            crate::bpe::write_atomic(&self.dir.join(format!("{stem}.json")), &json)?;
+            file.commit(&bin)?;
+            lmkit_core::write_atomic_bytes(&self.dir.join(format!("{stem}.json")), &json)?;
             self.paths.push(bin);
         }
         Ok(())
@@ -171,9 +162,7 @@ impl TokenShard {
                 header.format
             )));
         }
-        let file = std::fs::File::open(bin).map_err(|e| TokenizeError::io(bin, e))?;
-        // SAFETY: read-only map of a shard that lmkit only ever replaces by atomic rename.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TokenizeError::io(bin, e))?;
+        let map = lmkit_core::mmap::map_readonly(bin)?;
         let want = header.count * header.dtype.width() as u64;
         if map.len() as u64 != want {
             return Err(bad(format!(

@@ -93,14 +93,7 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
         let _ = d.sync_all();
     }
     let latest = out.join(LATEST);
-    let t = tempfile::Builder::new()
-        .prefix(".tmp-latest-")
-        .tempfile_in(out)
-        .map_err(io(out))?;
-    std::fs::write(t.path(), &name).map_err(io(&latest))?;
-    t.as_file().sync_all().map_err(io(&latest))?;
-    t.persist(&latest)
-        .map_err(|e| TrainError::io(&latest, e.error))?;
+    lmkit_core::write_atomic_bytes(&latest, name.as_bytes())?;
 
     let mut all: Vec<PathBuf> = std::fs::read_dir(out)
         .map_err(io(out))?

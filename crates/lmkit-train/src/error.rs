@@ -4,12 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lmkit_core::PathError),
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error(transparent)]
@@ -26,10 +22,7 @@ pub enum TrainError {
 
 impl TrainError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        TrainError::Io {
-            path: path.into(),
-            source,
-        }
+        TrainError::Io(lmkit_core::PathError::new(path, source))
     }
 }
 

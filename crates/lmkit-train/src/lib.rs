@@ -2,6 +2,7 @@
 //! embeddings), linear warmup + cosine decay, gradient clipping and accumulation, deterministic
 //! seeding (batch contents depend only on seed and step), periodic validation, atomic checkpoints
 //! and an exact resume, `metrics.jsonl` and a loss plot.
+#![forbid(unsafe_code)]
 
 pub mod adamw;
 pub mod checkpoint;
@@ -17,23 +18,16 @@ pub use error::{Result, TrainError};
 use adamw::{clip_scale, grad_norm, lr_at, AdamW, Param};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use lmkit_models::bart::{Bart, BartConfig};
-use lmkit_models::bert::{Bert, BertConfig};
-use lmkit_models::{CausalLm, DecoderConfig, KvCache};
+use lmkit_models::bart::Bart;
+use lmkit_models::bert::Bert;
+use lmkit_models::{CausalLm, Kind, KvCache, ModelConfig, ParamRole, SpecialIds};
 use lmkit_tokenize::TokenDataset;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Progress reports from training; the library never prints.
-pub trait TrainProgress {
-    fn start(&self, _first_step: usize, _max_steps: usize) {}
-    fn step(&self, _step: usize, _loss: f64, _tokens_per_sec: f64) {}
-    fn message(&self, _msg: &str) {}
-    fn finish(&self) {}
-}
-
-pub struct NoProgress;
-impl TrainProgress for NoProgress {}
+use lmkit_core::rng::{mix, MixChain, Random};
+use lmkit_core::Unit;
+pub use lmkit_core::{NoProgress, Progress};
 
 pub struct Summary {
     pub steps: usize,
@@ -42,36 +36,6 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     pub tokens_per_sec: f64,
     pub parameters: usize,
-}
-
-/// splitmix64, for data sampling and initialisation that depend only on (seed, step).
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = mix(self.0);
-        self.0
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        // Box-Muller
-        (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos()
-    }
-}
-
-/// What `[model]` describes: a causal decoder, or a BERT encoder trained as a masked LM.
-enum Spec {
-    Decoder(DecoderConfig),
-    Bert(BertConfig),
-    Bart(BartConfig),
 }
 
 /// Where batches come from: windows of a token stream, or source/target pairs.
@@ -84,23 +48,6 @@ enum Batches<'a> {
         train: Vec<seq2seq::Pair>,
         val: Vec<seq2seq::Pair>,
     },
-}
-
-impl Spec {
-    fn vocab_size(&self) -> usize {
-        match self {
-            Spec::Decoder(c) => c.vocab_size(),
-            Spec::Bert(c) => c.vocab_size,
-            Spec::Bart(c) => c.vocab_size,
-        }
-    }
-    fn max_positions(&self) -> usize {
-        match self {
-            Spec::Decoder(c) => c.max_positions(),
-            Spec::Bert(c) => c.max_position_embeddings,
-            Spec::Bart(c) => c.max_position_embeddings,
-        }
-    }
 }
 
 /// The model being trained, with what its objective needs.
@@ -149,10 +96,10 @@ impl Net {
 fn mlm_loss(bert: &Bert, x: &Tensor, mask_id: u32, keep: &[u32], seed: u64) -> Result<Tensor> {
     let (b, t) = x.dims2()?;
     let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
-    let mut rng = Rng(mix(seed));
+    let mut rng = MixChain::new(mix(seed));
     let vocab = bert.cfg.vocab_size as u32;
     let (input, targets) =
-        lmkit_models::bert::mask_tokens(&ids, mask_id, vocab, keep, &mut || rng.uniform());
+        lmkit_models::bert::mask_tokens(&ids, mask_id, vocab, keep, &mut || rng.uniform_open());
     let (mut rows, mut want) = (Vec::new(), Vec::new());
     for (i, tg) in targets.iter().enumerate() {
         if let Some(id) = tg {
@@ -197,11 +144,11 @@ fn pair_loss(
             "source/target pairs need an encoder-decoder model (model_type = \"bart\")".into(),
         ));
     };
-    let mut rng = Rng(mix(seed));
+    let mut rng = MixChain::new(mix(seed));
     let b = seq2seq::batch(
         pairs,
         batch,
-        &mut || rng.next() as usize,
+        &mut || rng.next_u64() as usize,
         *start,
         *end,
         *pad,
@@ -210,127 +157,80 @@ fn pair_loss(
     Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
 }
 
-/// The model's `config.json` as JSON, with the fields transformers needs to pick the class.
+/// The model's `config.json` as JSON — `[model]` with the vocabulary size, the tokenizer's
+/// special-token ids and the class name transformers needs — and the validated config.
 fn hf_config(
     model: &toml::Table,
     vocab_size: usize,
-    eot: Option<u32>,
-    pad: Option<u32>,
-) -> Result<(serde_json::Value, Spec)> {
+    ids: SpecialIds,
+) -> Result<(serde_json::Value, ModelConfig)> {
     let mut v = serde_json::to_value(model).map_err(|e| TrainError::Data(e.to_string()))?;
+    let at = Path::new("[model]");
+    let family = lmkit_models::registry::family_of(&v, at)?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| TrainError::Data("[model] must be a table".into()))?;
     obj.entry("vocab_size")
         .or_insert(serde_json::json!(vocab_size));
-    if obj.get("model_type").and_then(|m| m.as_str()) == Some("bert") {
-        if let Some(id) = pad {
-            obj.entry("pad_token_id").or_insert(serde_json::json!(id));
+    for (field, id) in family.token_id_fields(ids) {
+        if let Some(id) = id {
+            obj.entry(field).or_insert(serde_json::json!(id));
         }
-        obj.insert(
-            "architectures".into(),
-            serde_json::json!(["BertForMaskedLM"]),
-        );
-        obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-        let cfg: BertConfig = serde_json::from_value(v.clone())
-            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
-        cfg.validate()
-            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
-        return Ok((v, Spec::Bert(cfg)));
     }
-    if obj.get("model_type").and_then(|m| m.as_str()) == Some("bart") {
-        for (k, id) in [
-            ("pad_token_id", pad),
-            ("bos_token_id", eot),
-            ("eos_token_id", eot),
-            ("decoder_start_token_id", eot),
-        ] {
-            if let Some(id) = id {
-                obj.entry(k).or_insert(serde_json::json!(id));
-            }
-        }
-        obj.insert(
-            "architectures".into(),
-            serde_json::json!(["BartForConditionalGeneration"]),
-        );
-        obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-        let cfg: BartConfig = serde_json::from_value(v.clone())
-            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
-        cfg.validate()
-            .map_err(|e| TrainError::Data(format!("[model]: {e}")))?;
-        return Ok((v, Spec::Bart(cfg)));
-    }
-    if let Some(id) = eot {
-        obj.entry("bos_token_id").or_insert(serde_json::json!(id));
-        obj.entry("eos_token_id").or_insert(serde_json::json!(id));
-    }
-    let arch = match obj.get("model_type").and_then(|m| m.as_str()) {
-        Some("gpt2") => "GPT2LMHeadModel",
-        Some("llama") => "LlamaForCausalLM",
-        Some("lmkit_rnn") => "LmkitRnnForCausalLM",
-        other => {
-            return Err(TrainError::Data(format!(
-                "[model] model_type must be \"gpt2\", \"llama\", \"lmkit_rnn\", \"bert\" or \"bart\", got {other:?}"
-            )))
-        }
-    };
-    obj.insert("architectures".into(), serde_json::json!([arch]));
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!([family.architecture]),
+    );
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-    let cfg = DecoderConfig::from_json(v.clone(), Path::new("[model]"))?;
-    Ok((v, Spec::Decoder(cfg)))
+    let cfg = ModelConfig::from_json(v.clone(), at)?;
+    Ok((v, cfg))
 }
 
-/// GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/√(2·layers), zero
-/// biases, unit norm gains (Radford et al. 2019, §2.3). Deterministic in `seed`.
-///
-/// Recurrent layers (`rnn.*`) get PyTorch's initialisation instead: U(−1/√H, 1/√H).
-fn init_weights(
-    vm: &VarMap,
-    n_layer: usize,
-    rnn_hidden: Option<usize>,
-    seed: u64,
-    dev: &Device,
-) -> Result<()> {
+/// Initial weights by parameter role (see [`ParamRole`]): GPT-2's N(0, 0.02) with residual
+/// projections scaled by 1/√(2·layers), zero biases and unit norm gains (Radford et al. 2019,
+/// §2.3); PyTorch's U(−1/√H, 1/√H) for recurrent layers. Deterministic in `seed`.
+fn init_weights(vm: &VarMap, cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<()> {
     let data = vm
         .data()
         .lock()
         .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
+    let n_layer = cfg.num_layers();
     for (i, name) in names.iter().enumerate() {
         let var = &data[*name];
         let shape = var.shape().clone();
         let n = shape.elem_count();
-        let is_norm = name.contains("ln_") || name.contains("norm") || name.contains("LayerNorm");
-        let t = if let (Some(h), true) = (rnn_hidden, name.starts_with("rnn.")) {
-            let k = 1.0 / (h as f64).sqrt();
-            let mut rng = Rng(mix(seed ^ mix(i as u64 + 1)));
-            let vals: Vec<f32> = (0..n)
-                .map(|_| ((rng.uniform() * 2.0 - 1.0) * k) as f32)
-                .collect();
-            Tensor::from_vec(vals, shape, &Device::Cpu)?
-        } else if name.ends_with("bias") {
-            Tensor::zeros(shape, DType::F32, &Device::Cpu)?
-        } else if is_norm {
-            Tensor::ones(shape, DType::F32, &Device::Cpu)?
-        } else {
-            let residual =
-                name.contains("c_proj") || name.contains("o_proj") || name.contains("down_proj");
-            let std = if residual {
-                0.02 / (2.0 * n_layer as f64).sqrt()
-            } else {
-                0.02
-            };
-            let mut rng = Rng(mix(seed ^ mix(i as u64 + 1)));
-            let vals: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
-            Tensor::from_vec(vals, shape, &Device::Cpu)?
+        let mut rng = MixChain::new(mix(seed ^ mix(i as u64 + 1)));
+        let normal = |rng: &mut MixChain, std: f64| -> Vec<f32> {
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
+        };
+        let t = match cfg.param_role(name) {
+            ParamRole::Recurrent { hidden, .. } => {
+                let k = 1.0 / (hidden as f64).sqrt();
+                let vals: Vec<f32> = (0..n)
+                    .map(|_| ((rng.uniform_open() * 2.0 - 1.0) * k) as f32)
+                    .collect();
+                Tensor::from_vec(vals, shape, &Device::Cpu)?
+            }
+            ParamRole::Bias => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+            ParamRole::NormGain => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+            ParamRole::Embedding | ParamRole::Weight => {
+                Tensor::from_vec(normal(&mut rng, 0.02), shape, &Device::Cpu)?
+            }
+            ParamRole::ResidualOut => Tensor::from_vec(
+                normal(&mut rng, 0.02 / (2.0 * n_layer as f64).sqrt()),
+                shape,
+                &Device::Cpu,
+            )?,
         };
         var.set(&t.to_device(dev)?)?;
     }
     Ok(())
 }
 
-fn params(vm: &VarMap) -> Result<Vec<Param>> {
+/// The optimizer's parameters in name order, weight decay by role.
+fn params(vm: &VarMap, cfg: &ModelConfig) -> Result<Vec<Param>> {
     let data = vm
         .data()
         .lock()
@@ -339,21 +239,10 @@ fn params(vm: &VarMap) -> Result<Vec<Param>> {
     names.sort();
     Ok(names
         .into_iter()
-        .map(|name| {
-            let no_decay = name.ends_with("bias")
-                || name.contains(".bias_")
-                || name.contains("embedding")
-                || name.contains("ln_")
-                || name.contains("norm")
-                || name.contains("LayerNorm")
-                || name.contains("wte")
-                || name.contains("wpe")
-                || name.contains("embed_tokens");
-            Param {
-                var: data[&name].clone(),
-                decay: !no_decay,
-                name,
-            }
+        .map(|name| Param {
+            var: data[&name].clone(),
+            decay: cfg.param_role(&name).decays(),
+            name,
         })
         .collect())
 }
@@ -367,12 +256,12 @@ struct Split<'a> {
 
 impl Split<'_> {
     fn batch(&self, seed: u64, batch: usize, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let mut rng = Rng(seed);
+        let mut rng = MixChain::new(seed);
         let span = self.len - seq as u64 - 1;
         let mut x = Vec::with_capacity(batch * seq);
         let mut y = Vec::with_capacity(batch * seq);
         for _ in 0..batch {
-            let s = self.start + rng.next() % (span + 1);
+            let s = self.start + rng.next_u64() % (span + 1);
             let w = self.ds.window(s, seq + 1);
             x.extend_from_slice(&w[..seq]);
             y.extend_from_slice(&w[1..]);
@@ -461,7 +350,7 @@ fn add_grad(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
 }
 
 /// Trains per `cfg`, from scratch or (with `resume`) from `out_dir/latest`.
-pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Result<Summary> {
+pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<Summary> {
     let t = &cfg.train;
     let tk_path = &cfg.data.tokenizer;
     let tokenizer = lmkit_tokenize::load(tk_path)?;
@@ -472,15 +361,16 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     };
     let eot = tokenizer.token_to_id(lmkit_tokenize::ENDOFTEXT);
     let tk_vocab = tokenizer.get_vocab_size(true);
-    let pad = tokenizer.token_to_id("<|pad|>");
-    let (config_json, model_cfg) = hf_config(&cfg.model, tk_vocab, eot, pad)?;
+    let pad = tokenizer.token_to_id(lmkit_core::tokens::PAD);
+    let (config_json, model_cfg) = hf_config(&cfg.model, tk_vocab, SpecialIds { eot, pad })?;
+    let seq2seq = model_cfg.kind() == Kind::Seq2seq;
     if tk_vocab > model_cfg.vocab_size() {
         return Err(TrainError::Data(format!(
             "the tokenizer has {tk_vocab} tokens but [model] vocab_size is {}",
             model_cfg.vocab_size()
         )));
     }
-    if !matches!(model_cfg, Spec::Bart(_)) && t.seq_len > model_cfg.max_positions() {
+    if !seq2seq && t.seq_len > model_cfg.max_positions() {
         return Err(TrainError::Data(format!(
             "train.seq_len ({}) exceeds the model's positions ({})",
             t.seq_len,
@@ -490,7 +380,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
 
     let ds: TokenDataset;
     let val_ds: Option<TokenDataset>;
-    let data = if let Spec::Bart(_) = &model_cfg {
+    let data = if seq2seq {
         let (train, val) = seq2seq::load_pairs(
             &cfg.data.train,
             cfg.data.val.as_deref(),
@@ -558,14 +448,15 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let model = match &model_cfg {
-        Spec::Decoder(c) => Net::Causal(CausalLm::from_var_builder(c, vb, Path::new("[model]"))?),
-        Spec::Bert(c) => {
-            let mask_id = tokenizer.token_to_id("<|mask|>").ok_or_else(|| {
-                TrainError::Data(format!(
-                    "{}: masked-LM training needs a <|mask|> token in the tokenizer",
-                    tk_path.display()
-                ))
-            })?;
+        ModelConfig::Bert(c) => {
+            let mask_id = tokenizer
+                .token_to_id(lmkit_core::tokens::MASK)
+                .ok_or_else(|| {
+                    TrainError::Data(format!(
+                        "{}: masked-LM training needs a <|mask|> token in the tokenizer",
+                        tk_path.display()
+                    ))
+                })?;
             let keep = lmkit_tokenize::DEFAULT_SPECIAL_TOKENS
                 .iter()
                 .filter_map(|t| tokenizer.token_to_id(t))
@@ -576,25 +467,31 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
                 keep,
             }
         }
-        Spec::Bart(c) => Net::Seq2seq {
+        ModelConfig::Bart(c) => Net::Seq2seq {
             bart: Bart::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
             start: c.start_token(),
             end: c.eos_token_id.unwrap_or(2),
             pad: c.pad_token_id.unwrap_or(0),
         },
+        causal => {
+            let Some(c) = causal.clone().into_decoder() else {
+                return Err(TrainError::Data(format!(
+                    "[model]: no training objective for a {:?} model",
+                    causal.kind()
+                )));
+            };
+            Net::Causal(CausalLm::from_var_builder(&c, vb, Path::new("[model]"))?)
+        }
     };
-    let n_layer = match (&model, &model_cfg) {
-        (Net::Causal(m), _) => m.num_layers(),
-        (_, Spec::Bert(c)) => c.num_hidden_layers,
-        (_, Spec::Bart(c)) => c.encoder_layers.max(c.decoder_layers),
-        _ => 1,
-    };
-    let rnn_hidden = match &model_cfg {
-        Spec::Decoder(DecoderConfig::Rnn(c)) => Some(c.hidden_size),
-        _ => None,
-    };
-    init_weights(&vm, n_layer, rnn_hidden, t.seed, &dev)?;
-    let mut opt = AdamW::new(params(&vm)?, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+    let n_layer = model_cfg.num_layers();
+    init_weights(&vm, &model_cfg, t.seed, &dev)?;
+    let mut opt = AdamW::new(
+        params(&vm, &model_cfg)?,
+        t.beta1,
+        t.beta2,
+        t.eps,
+        t.weight_decay,
+    )?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let out = &t.out_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
@@ -602,8 +499,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
     checkpoint::remove_partial(out);
 
     // Recurrent models carry their state from one window of a stream to the next.
-    let mut carried: Option<KvCache> = match (&model, &model_cfg) {
-        (Net::Causal(m), Spec::Decoder(DecoderConfig::Rnn(_))) => Some(m.new_cache()),
+    let mut carried: Option<KvCache> = match &model {
+        Net::Causal(m) if m.is_recurrent() => Some(m.new_cache()),
         _ => None,
     };
     let mut step = 0usize;
@@ -740,7 +637,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         .enumerate()
         .map(|(i, p)| (p.var.as_tensor().id(), i))
         .collect();
-    progress.start(step, t.max_steps);
+    progress.begin("training", t.max_steps as u64, Unit::Steps);
+    progress.set_position(step as u64);
     let t0 = Instant::now();
     let mut last_loss = f64::NAN;
     let mut last_val = None;
@@ -831,7 +729,8 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn TrainProgress) -> Res
         };
         tokens_seen += n_tok;
         window_tokens += n_tok;
-        progress.step(step, last_loss, tps);
+        progress.set_position(step as u64);
+        progress.status(&format!("loss {last_loss:.4}  {tps:.0} tok/s"));
         if step.is_multiple_of(t.log_every.max(1)) || step == t.max_steps {
             tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
             window_tokens = 0;

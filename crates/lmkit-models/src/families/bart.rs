@@ -3,9 +3,11 @@
 //! masked self-attention and cross-attention, post-norm layers, learned positions (offset 2),
 //! shared token embeddings tied to the output layer plus `final_logits_bias`.
 
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
 use crate::error::Result;
-use crate::ops::LayerNorm;
-use crate::ops::{linear, Linear};
+use crate::layers::ops::LayerNorm;
+use crate::layers::ops::{linear, Linear};
+use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -68,7 +70,7 @@ impl BartConfig {
     }
 
     pub fn load(path: &Path) -> Result<BartConfig> {
-        crate::config::load_typed(path, "bart", BartConfig::validate)
+        crate::registry::load_family(path)
     }
 
     /// The first decoder input.
@@ -79,10 +81,54 @@ impl BartConfig {
     }
 }
 
+impl FamilyConfig for BartConfig {
+    const MODEL_TYPE: &'static str = "bart";
+    const ARCHITECTURE: &'static str = "BartForConditionalGeneration";
+    const KIND: Kind = Kind::Seq2seq;
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        BartConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.encoder_layers.max(self.decoder_layers)
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+        vec![
+            ("pad_token_id", ids.pad),
+            ("bos_token_id", ids.eot),
+            ("eos_token_id", ids.eot),
+            ("decoder_start_token_id", ids.eot),
+        ]
+    }
+    fn param_role(&self, name: &str) -> ParamRole {
+        if name.ends_with("bias") {
+            ParamRole::Bias
+        } else if name.contains("norm") {
+            ParamRole::NormGain
+        } else if name.contains("shared.") || name.contains("embed_") {
+            ParamRole::Embedding
+        } else {
+            ParamRole::Weight
+        }
+    }
+    fn into_model_config(self) -> ModelConfig {
+        ModelConfig::Bart(self)
+    }
+}
+
 fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
     match name {
         "relu" => x.relu(),
-        "gelu_new" => crate::ops::gelu_tanh(x),
+        "gelu_new" => crate::layers::ops::gelu_tanh(x),
         _ => x.gelu_erf(),
     }
 }
@@ -128,7 +174,7 @@ impl Attention {
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
-        let att = crate::ops::softmax_last_dim(&att)?;
+        let att = crate::layers::ops::softmax_last_dim(&att)?;
         self.out.forward(
             &lmkit_kernels::blas::matmul(&att, &v)?
                 .transpose(1, 2)?

@@ -2,14 +2,124 @@
 //! Tensors are named and shaped as in transformers' `GPT2LMHeadModel` (its `Conv1D` layers store
 //! weights as [in, out]).
 
-use crate::config::Gpt2Config;
-use crate::kv_cache::KvCache;
-use crate::ops::LayerNorm;
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use crate::layers::kv_cache::KvCache;
+use crate::layers::ops::LayerNorm;
+use crate::registry::ModelConfig;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
+use serde::{Deserialize, Serialize};
 
 mod train;
 pub use train::LossAndGrads;
+
+fn default_true() -> bool {
+    true
+}
+fn gpt2_eps() -> f64 {
+    1e-5
+}
+fn gelu_new() -> String {
+    "gelu_new".into()
+}
+
+/// `GPT2LMHeadModel` (transformers `GPT2Config`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// MLP width; `None` means 4·n_embd.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "gelu_new")]
+    pub activation_function: String,
+    #[serde(default = "gpt2_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl Gpt2Config {
+    pub fn n_inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "n_embd ({}) must be a multiple of n_head ({})",
+                self.n_embd, self.n_head
+            ));
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_layer", self.n_layer),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if !matches!(
+            self.activation_function.as_str(),
+            "gelu_new" | "gelu" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(format!(
+                "activation_function `{}` is not supported",
+                self.activation_function
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FamilyConfig for Gpt2Config {
+    const MODEL_TYPE: &'static str = "gpt2";
+    const ARCHITECTURE: &'static str = "GPT2LMHeadModel";
+    const KIND: Kind = Kind::Causal;
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        Gpt2Config::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.n_positions
+    }
+    fn num_layers(&self) -> usize {
+        self.n_layer
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+        vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
+    }
+    fn param_role(&self, name: &str) -> ParamRole {
+        if name.ends_with("bias") {
+            ParamRole::Bias
+        } else if name.contains(".ln_") {
+            ParamRole::NormGain
+        } else if name.contains(".wte.") || name.contains(".wpe.") {
+            ParamRole::Embedding
+        } else if name.ends_with("c_proj.weight") {
+            ParamRole::ResidualOut
+        } else {
+            ParamRole::Weight
+        }
+    }
+    fn into_model_config(self) -> ModelConfig {
+        ModelConfig::Gpt2(self)
+    }
+}
 
 /// transformers' `Conv1D`: y = x·W + b with W of shape [in, out].
 struct Conv1D {
@@ -80,9 +190,9 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let y = crate::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
+        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
             let (k, v) = cache.append(layer, k, v)?;
-            crate::attention::causal_attention(q, &k, &v)
+            crate::layers::attention::causal_attention(q, &k, &v)
         })?;
         let y = y.transpose(1, 2)?.reshape((b, t, e))?;
         self.mlp(&(x + self.attn_proj.forward(&y)?)?)
@@ -94,7 +204,7 @@ impl Block {
         let h = match self.act.as_str() {
             "relu" => h.relu()?,
             "gelu" => h.gelu_erf()?,
-            _ => crate::ops::gelu_tanh(&h)?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
+            _ => crate::layers::ops::gelu_tanh(&h)?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
         };
         x + self.mlp_proj.forward(&h)?
     }

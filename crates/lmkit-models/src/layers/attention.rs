@@ -1,6 +1,6 @@
 //! Scaled dot-product attention with a causal mask (Vaswani et al. 2017).
 
-use crate::kv_cache::KvCache;
+use crate::layers::kv_cache::KvCache;
 use candle_core::Tensor;
 
 /// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), or one
@@ -65,6 +65,6 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     } else {
         att
     };
-    let att = crate::ops::softmax_last_dim(&att)?;
+    let att = crate::layers::ops::softmax_last_dim(&att)?;
     lmkit_kernels::blas::matmul(&att, v)
 }

@@ -391,9 +391,9 @@ impl Gpt2 {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Gpt2Config;
-    use crate::gpt2::Gpt2;
-    use crate::kv_cache::KvCache;
+    use crate::families::gpt2::Gpt2;
+    use crate::families::gpt2::Gpt2Config;
+    use crate::layers::kv_cache::KvCache;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_kernels::testing::max_diff;

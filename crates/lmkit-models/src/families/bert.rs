@@ -2,9 +2,11 @@
 //! transformers' `BertForMaskedLM` lays it out (post-norm layers, learned positions, token types,
 //! tied output embeddings), plus mean-pooled sentence embeddings.
 
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
 use crate::error::Result;
-use crate::ops::LayerNorm;
-use crate::ops::{linear, Linear};
+use crate::layers::ops::LayerNorm;
+use crate::layers::ops::{linear, Linear};
+use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -80,14 +82,53 @@ impl BertConfig {
 
     /// Reads and validates a `config.json` with `model_type` "bert".
     pub fn load(path: &Path) -> Result<BertConfig> {
-        crate::config::load_typed(path, "bert", BertConfig::validate)
+        crate::registry::load_family(path)
+    }
+}
+
+impl FamilyConfig for BertConfig {
+    const MODEL_TYPE: &'static str = "bert";
+    const ARCHITECTURE: &'static str = "BertForMaskedLM";
+    const KIND: Kind = Kind::Masked;
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        BertConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        None
+    }
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+        vec![("pad_token_id", ids.pad)]
+    }
+    fn param_role(&self, name: &str) -> ParamRole {
+        if name.ends_with("bias") {
+            ParamRole::Bias
+        } else if name.contains("LayerNorm") {
+            ParamRole::NormGain
+        } else if name.contains("_embeddings.") {
+            ParamRole::Embedding
+        } else {
+            ParamRole::Weight
+        }
+    }
+    fn into_model_config(self) -> ModelConfig {
+        ModelConfig::Bert(self)
     }
 }
 
 fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
     match name {
         "relu" => x.relu(),
-        "gelu_new" => crate::ops::gelu_tanh(x),
+        "gelu_new" => crate::layers::ops::gelu_tanh(x),
         _ => x.gelu_erf(),
     }
 }
@@ -139,7 +180,7 @@ impl Layer {
         if let Some(bias) = bias {
             att = att.broadcast_add(bias)?;
         }
-        let att = crate::ops::softmax_last_dim(&att)?;
+        let att = crate::layers::ops::softmax_last_dim(&att)?;
         let y = lmkit_kernels::blas::matmul(&att, &v)?
             .transpose(1, 2)?
             .reshape((b, t, h))?;

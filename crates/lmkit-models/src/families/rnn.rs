@@ -3,11 +3,132 @@
 //! `weight_hh_l{k}` [gates·H, H], `bias_ih_l{k}`, `bias_hh_l{k}`; LSTM gates in the order input,
 //! forget, cell, output); output layer `lm_head.weight` without bias. The state carried between calls lives in the [`KvCache`].
 
-use crate::config::{Cell, RnnConfig};
-use crate::kv_cache::KvCache;
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use crate::layers::kv_cache::KvCache;
+use crate::registry::ModelConfig;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+fn rnn_context() -> usize {
+    1024
+}
+
+/// The recurrent cell of an [`RnnConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cell {
+    /// Elman RNN: h' = tanh(W_ih x + b_ih + W_hh h + b_hh)
+    Rnn,
+    /// LSTM with PyTorch's gate order (input, forget, cell, output)
+    Lstm,
+}
+
+/// lmkit's recurrent language model (`model_type` "lmkit_rnn"): embedding → multi-layer RNN or
+/// LSTM (tensors named as in PyTorch's `nn.RNN` / `nn.LSTM` under `rnn.`) → output layer.
+/// transformers has no such class; the layout loads into plain PyTorch modules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RnnConfig {
+    pub model_type: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    pub cell: Cell,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the token embeddings (default: hidden_size).
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
+    pub num_layers: usize,
+    /// Dropout between layers and before the output layer, in training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Output layer = embedding matrix (needs embedding_size == hidden_size).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Longest text read at once in evaluation and generation (the state carries no limit).
+    #[serde(default = "rnn_context")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl RnnConfig {
+    pub fn embedding_size(&self) -> usize {
+        self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout ({}) must be in [0, 1)", self.dropout));
+        }
+        if self.tie_word_embeddings && self.embedding_size() != self.hidden_size {
+            return Err(format!(
+                "tie_word_embeddings needs embedding_size ({}) == hidden_size ({})",
+                self.embedding_size(),
+                self.hidden_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FamilyConfig for RnnConfig {
+    const MODEL_TYPE: &'static str = "lmkit_rnn";
+    const ARCHITECTURE: &'static str = "LmkitRnnForCausalLM";
+    const KIND: Kind = Kind::Causal;
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        RnnConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+        vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
+    }
+    fn param_role(&self, name: &str) -> ParamRole {
+        if let Some(rest) = name.strip_prefix("rnn.") {
+            ParamRole::Recurrent {
+                hidden: self.hidden_size,
+                bias: rest.starts_with("bias_"),
+            }
+        } else if name.ends_with("bias") {
+            ParamRole::Bias
+        } else if name.starts_with("embedding.") {
+            ParamRole::Embedding
+        } else {
+            ParamRole::Weight
+        }
+    }
+    fn into_model_config(self) -> ModelConfig {
+        ModelConfig::Rnn(self)
+    }
+}
 
 struct Layer {
     w_ih: Tensor,

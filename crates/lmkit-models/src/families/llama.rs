@@ -2,12 +2,151 @@
 //! in the non-interleaved "rotate half" layout transformers uses), SwiGLU MLP and grouped-query
 //! attention. Tensor names follow transformers' `LlamaForCausalLM`.
 
-use crate::config::LlamaConfig;
-use crate::kv_cache::KvCache;
-use crate::ops::RmsNorm;
-use crate::ops::{linear_b, Linear};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use crate::layers::kv_cache::KvCache;
+use crate::layers::ops::RmsNorm;
+use crate::layers::ops::{linear_b, Linear};
+use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+fn llama_eps() -> f64 {
+    1e-6
+}
+fn rope_theta() -> f64 {
+    10_000.0
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+/// `LlamaForCausalLM` (transformers `LlamaConfig`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: key/value heads (defaults to num_attention_heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub max_position_embeddings: usize,
+    #[serde(default = "llama_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let h = self.num_attention_heads;
+        if h == 0 || (self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h)) {
+            return Err(format!(
+                "hidden_size ({}) must be a multiple of num_attention_heads ({h})",
+                self.hidden_size
+            ));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || !h.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads ({h}) must be a multiple of num_key_value_heads ({kv})"
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim()
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act `{}` is not supported (silu)",
+                self.hidden_act
+            ));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err("rope_scaling is not supported yet".into());
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FamilyConfig for LlamaConfig {
+    const MODEL_TYPE: &'static str = "llama";
+    const ARCHITECTURE: &'static str = "LlamaForCausalLM";
+    const KIND: Kind = Kind::Causal;
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        LlamaConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+        vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
+    }
+    fn param_role(&self, name: &str) -> ParamRole {
+        if name.ends_with("bias") {
+            ParamRole::Bias
+        } else if name.ends_with("norm.weight") {
+            ParamRole::NormGain
+        } else if name.contains("embed_tokens") {
+            ParamRole::Embedding
+        } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+            ParamRole::ResidualOut
+        } else {
+            ParamRole::Weight
+        }
+    }
+    fn into_model_config(self) -> ModelConfig {
+        ModelConfig::Llama(self)
+    }
+}
 
 /// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
 struct Rope {
@@ -36,7 +175,7 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
-        crate::ops::rope(x, &cos, &sin)
+        crate::layers::ops::rope(x, &cos, &sin)
     }
 }
 
@@ -114,12 +253,12 @@ impl Layer {
                 .expand((b, kv, rep, s, d))?
                 .reshape((b, kv * rep, s, d))
         };
-        let y = crate::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
+        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
             let start = cache.len();
             let q = rope.apply(q, start)?;
             let k = rope.apply(k, start)?;
             let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-            crate::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)
+            crate::layers::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)
         })?;
         let y = y
             .transpose(1, 2)?

@@ -1,0 +1,85 @@
+//! One file per model family: its serde `Config` (Hugging Face `config.json` field names), its
+//! modules built from a `VarBuilder` with Hugging Face tensor names, and what the rest of lmkit
+//! needs to know about it, through [`FamilyConfig`]. [`crate::registry`] lists the families.
+//! `ADDING_A_FAMILY.md` beside this crate's manifest shows how to add one.
+
+pub mod bart;
+pub mod bert;
+pub mod gpt2;
+pub mod llama;
+pub mod rnn;
+
+use crate::registry::ModelConfig;
+
+/// What a model computes, which decides how it is trained, scored and served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Next-token prediction (decoders, recurrent models): generation, perplexity.
+    Causal,
+    /// A bidirectional encoder with a masked-LM head: fill-mask, embeddings, pseudo-likelihood.
+    Masked,
+    /// An encoder-decoder: target given source.
+    Seq2seq,
+}
+
+/// What a parameter tensor is. Initialisation and weight decay follow from it, so training
+/// never guesses from tensor names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamRole {
+    /// Token, position or token-type embeddings: N(0, 0.02); no weight decay.
+    Embedding,
+    /// The weight of a linear layer: N(0, 0.02); decayed.
+    Weight,
+    /// The last projection of a residual branch: N(0, 0.02/√(2·layers)) (Radford et al. 2019,
+    /// §2.3); decayed.
+    ResidualOut,
+    /// The gain of a layer or RMS norm: ones; no weight decay.
+    NormGain,
+    /// Any bias (of a linear layer, a norm or the output layer): zeros; no weight decay.
+    Bias,
+    /// A recurrent layer's weights (`bias`: its biases): U(−1/√hidden, 1/√hidden) as PyTorch's
+    /// `nn.RNN`/`nn.LSTM`; weights decayed, biases not.
+    Recurrent { hidden: usize, bias: bool },
+}
+
+impl ParamRole {
+    /// Whether AdamW's weight decay applies.
+    pub fn decays(&self) -> bool {
+        match self {
+            ParamRole::Weight | ParamRole::ResidualOut => true,
+            ParamRole::Recurrent { bias, .. } => !bias,
+            ParamRole::Embedding | ParamRole::NormGain | ParamRole::Bias => false,
+        }
+    }
+}
+
+/// Special-token ids of the tokenizer a new model is trained with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpecialIds {
+    /// End of text (`<|endoftext|>`).
+    pub eot: Option<u32>,
+    pub pad: Option<u32>,
+}
+
+/// What a family tells the rest of lmkit. Implemented by each family's config.
+pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
+    /// `model_type` in `config.json`.
+    const MODEL_TYPE: &'static str;
+    /// The transformers class written to `architectures` when lmkit creates a model.
+    const ARCHITECTURE: &'static str;
+    const KIND: Kind;
+
+    /// Checks what serde cannot: divisibility, supported activations, math-changing options.
+    fn validate(&self) -> Result<(), String>;
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence the model reads at once.
+    fn max_positions(&self) -> usize;
+    /// Layers of the deepest stack (scales residual-branch initialisation).
+    fn num_layers(&self) -> usize;
+    fn eos_token_id(&self) -> Option<u32>;
+    /// `config.json` token-id fields a new model takes from its tokenizer (when not given).
+    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)>;
+    /// The role of the parameter tensor named `name` (Hugging Face name).
+    fn param_role(&self, name: &str) -> ParamRole;
+    fn into_model_config(self) -> ModelConfig;
+}
