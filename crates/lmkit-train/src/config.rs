@@ -62,6 +62,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Where to train: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     pub device: String,
+    /// How gradients are computed: "auto" (a hand-written pass where the model has one on
+    /// this device, the autograd graph elsewhere) or "autograd" (always the graph).
+    pub backward: crate::passes::Backward,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +91,7 @@ impl Default for TrainConfig {
             log_every: 10,
             keep_checkpoints: 2,
             device: "cpu".into(),
+            backward: crate::passes::Backward::Auto,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod passes;
 pub mod safetensors_io;
 pub mod seq2seq;
 
@@ -637,6 +638,10 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
         .enumerate()
         .map(|(i, p)| (p.var.as_tensor().id(), i))
         .collect();
+    let hand_pass = match &model {
+        Net::Causal(m) => passes::for_model(m, t.backward),
+        _ => None,
+    };
     progress.begin("training", t.max_steps as u64, Unit::Steps);
     progress.set_position(step as u64);
     let t0 = Instant::now();
@@ -685,10 +690,9 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
                 ) => {
                     let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
                     let (x, y) = train_split.batch(seed, t.batch_size, t.seq_len, &dev)?;
-                    if let Net::Causal(CausalLm::Gpt2(gpt2)) = &model {
-                        // GPT-2 on the CPU: the hand-written pass, without an autograd graph.
+                    if let Some(pass) = &hand_pass {
                         let scale = 1.0 / t.grad_accum as f64;
-                        if let Some(r) = gpt2.loss_and_grads(&x, &y, scale)? {
+                        if let Some(r) = pass.loss_and_grads(&x, &y, scale)? {
                             loss_sum += r.loss;
                             for (p, gi) in r.grads {
                                 if let Some(&i) = param_index.get(&p.id()) {

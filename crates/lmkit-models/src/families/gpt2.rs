@@ -10,9 +10,6 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-mod train;
-pub use train::LossAndGrads;
-
 fn default_true() -> bool {
     true
 }
@@ -210,6 +207,132 @@ impl Block {
     }
 }
 
+/// GPT-2's parameters by name, in one fixed order ([`Gpt2Params::into_vec`]): what a
+/// hand-written training pass reads (`P` = tensors or their data) and writes (gradients).
+#[derive(Clone, Debug, Default)]
+pub struct Gpt2Params<P> {
+    pub wte: P,
+    pub wpe: P,
+    pub blocks: Vec<Gpt2BlockParams<P>>,
+    pub ln_f_w: P,
+    pub ln_f_b: P,
+    /// The output layer; `None` when it is the token embedding (tied).
+    pub lm_head: Option<P>,
+}
+
+/// One block's parameters: `c_attn` (packed q|k|v), `attn_proj` (`attn.c_proj`), `c_fc` and
+/// `mlp_proj` (`mlp.c_proj`) in transformers' Conv1D layout ([in, out]).
+#[derive(Clone, Debug, Default)]
+pub struct Gpt2BlockParams<P> {
+    pub ln_1_w: P,
+    pub ln_1_b: P,
+    pub c_attn_w: P,
+    pub c_attn_b: P,
+    pub attn_proj_w: P,
+    pub attn_proj_b: P,
+    pub ln_2_w: P,
+    pub ln_2_b: P,
+    pub c_fc_w: P,
+    pub c_fc_b: P,
+    pub mlp_proj_w: P,
+    pub mlp_proj_b: P,
+}
+
+impl<P> Gpt2BlockParams<P> {
+    fn into_vec(self) -> [P; 12] {
+        [
+            self.ln_1_w,
+            self.ln_1_b,
+            self.c_attn_w,
+            self.c_attn_b,
+            self.attn_proj_w,
+            self.attn_proj_b,
+            self.ln_2_w,
+            self.ln_2_b,
+            self.c_fc_w,
+            self.c_fc_b,
+            self.mlp_proj_w,
+            self.mlp_proj_b,
+        ]
+    }
+
+    fn try_map<Q, E>(self, f: &mut impl FnMut(P) -> Result<Q, E>) -> Result<Gpt2BlockParams<Q>, E> {
+        Ok(Gpt2BlockParams {
+            ln_1_w: f(self.ln_1_w)?,
+            ln_1_b: f(self.ln_1_b)?,
+            c_attn_w: f(self.c_attn_w)?,
+            c_attn_b: f(self.c_attn_b)?,
+            attn_proj_w: f(self.attn_proj_w)?,
+            attn_proj_b: f(self.attn_proj_b)?,
+            ln_2_w: f(self.ln_2_w)?,
+            ln_2_b: f(self.ln_2_b)?,
+            c_fc_w: f(self.c_fc_w)?,
+            c_fc_b: f(self.c_fc_b)?,
+            mlp_proj_w: f(self.mlp_proj_w)?,
+            mlp_proj_b: f(self.mlp_proj_b)?,
+        })
+    }
+
+    fn as_ref(&self) -> Gpt2BlockParams<&P> {
+        Gpt2BlockParams {
+            ln_1_w: &self.ln_1_w,
+            ln_1_b: &self.ln_1_b,
+            c_attn_w: &self.c_attn_w,
+            c_attn_b: &self.c_attn_b,
+            attn_proj_w: &self.attn_proj_w,
+            attn_proj_b: &self.attn_proj_b,
+            ln_2_w: &self.ln_2_w,
+            ln_2_b: &self.ln_2_b,
+            c_fc_w: &self.c_fc_w,
+            c_fc_b: &self.c_fc_b,
+            mlp_proj_w: &self.mlp_proj_w,
+            mlp_proj_b: &self.mlp_proj_b,
+        }
+    }
+}
+
+impl<P> Gpt2Params<P> {
+    /// Every parameter in a fixed order: wte, wpe, each block's (as [`Gpt2BlockParams`] lists
+    /// them), ln_f, and lm_head when untied.
+    pub fn into_vec(self) -> Vec<P> {
+        let mut v = vec![self.wte, self.wpe];
+        for b in self.blocks {
+            v.extend(b.into_vec());
+        }
+        v.extend([self.ln_f_w, self.ln_f_b]);
+        v.extend(self.lm_head);
+        v
+    }
+
+    /// The same parameters through `f` (stopping at its first error).
+    pub fn try_map<Q, E>(self, mut f: impl FnMut(P) -> Result<Q, E>) -> Result<Gpt2Params<Q>, E> {
+        Ok(Gpt2Params {
+            wte: f(self.wte)?,
+            wpe: f(self.wpe)?,
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(|b| b.try_map(&mut f))
+                .collect::<Result<_, E>>()?,
+            ln_f_w: f(self.ln_f_w)?,
+            ln_f_b: f(self.ln_f_b)?,
+            lm_head: self.lm_head.map(&mut f).transpose()?,
+        })
+    }
+
+    /// References to the parameters, by name.
+    pub fn as_ref(&self) -> Gpt2Params<&P> {
+        Gpt2Params {
+            wte: &self.wte,
+            wpe: &self.wpe,
+            blocks: self.blocks.iter().map(Gpt2BlockParams::as_ref).collect(),
+            ln_f_w: &self.ln_f_w,
+            ln_f_b: &self.ln_f_b,
+            lm_head: self.lm_head.as_ref(),
+        }
+    }
+}
+
 pub struct Gpt2 {
     wte: Embedding,
     wpe: Embedding,
@@ -246,6 +369,36 @@ impl Gpt2 {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The parameter tensors by name.
+    pub fn params(&self) -> Gpt2Params<&Tensor> {
+        let tied = self.lm_head.id() == self.wte.embeddings().id();
+        Gpt2Params {
+            wte: self.wte.embeddings(),
+            wpe: self.wpe.embeddings(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Gpt2BlockParams {
+                    ln_1_w: &b.ln_1.weight,
+                    ln_1_b: &b.ln_1.bias,
+                    c_attn_w: &b.c_attn.weight,
+                    c_attn_b: &b.c_attn.bias,
+                    attn_proj_w: &b.attn_proj.weight,
+                    attn_proj_b: &b.attn_proj.bias,
+                    ln_2_w: &b.ln_2.weight,
+                    ln_2_b: &b.ln_2.bias,
+                    c_fc_w: &b.c_fc.weight,
+                    c_fc_b: &b.c_fc.bias,
+                    mlp_proj_w: &b.mlp_proj.weight,
+                    mlp_proj_b: &b.mlp_proj.bias,
+                })
+                .collect(),
+            ln_f_w: &self.ln_f.weight,
+            ln_f_b: &self.ln_f.bias,
+            lm_head: (!tied).then_some(&self.lm_head),
+        }
     }
 
     /// The output projection [vocab, n_embd].
