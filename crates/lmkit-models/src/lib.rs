@@ -24,6 +24,7 @@ pub use families::{FamilyConfig, Kind, ParamRole, SpecialIds};
 pub use layers::kv_cache::KvCache;
 pub use registry::{DecoderConfig, ModelConfig};
 
+use candle_core::Module;
 use std::path::{Path, PathBuf};
 
 /// A causal language model loaded from a checkpoint directory.
@@ -209,10 +210,16 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq], row r continuing `caches[r]`.
     pub fn forward_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        Ok(lmkit_kernels::blas::matmul(
-            &self.hidden_rows(ids, caches)?,
-            &self.lm_head().t()?,
-        )?)
+        Ok(self.output().forward(&self.hidden_rows(ids, caches)?)?)
+    }
+
+    /// The output layer (its weight is the token embeddings when they are tied).
+    pub fn output(&self) -> &layers::linear::Linear {
+        match self {
+            CausalLm::Gpt2(m) => m.output(),
+            CausalLm::Llama(m) => m.output(),
+            CausalLm::Rnn(m) => m.output(),
+        }
     }
 
     /// The output projection [vocab, dim] (the token embeddings when they are tied).
@@ -226,9 +233,6 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(lmkit_kernels::blas::matmul(
-            &self.hidden(ids, cache)?,
-            &self.lm_head().t()?,
-        )?)
+        Ok(self.output().forward(&self.hidden(ids, cache)?)?)
     }
 }

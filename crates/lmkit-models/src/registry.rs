@@ -6,7 +6,7 @@ use crate::error::{ModelError, Result};
 use crate::families::{
     bart::BartConfig, bert::BertConfig, gpt2::Gpt2Config, llama::LlamaConfig, rnn::RnnConfig,
 };
-use crate::families::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use crate::families::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use std::path::Path;
 
 /// One registered family.
@@ -15,7 +15,7 @@ pub struct Family {
     pub architecture: &'static str,
     pub kind: Kind,
     parse: fn(serde_json::Value) -> std::result::Result<ModelConfig, String>,
-    token_id_fields: fn(SpecialIds) -> Vec<(&'static str, Option<u32>)>,
+    token_id_fields: fn(SpecialIds) -> TokenIdFields,
 }
 
 fn parse<C: FamilyConfig>(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
@@ -36,7 +36,7 @@ impl Family {
     }
 
     /// Token-id fields a new model of this family takes from its tokenizer.
-    pub fn token_id_fields(&self, ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    pub fn token_id_fields(&self, ids: SpecialIds) -> TokenIdFields {
         (self.token_id_fields)(ids)
     }
 }

@@ -17,7 +17,7 @@ pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 
 use adamw::{clip_scale, grad_norm, lr_at, AdamW, Param};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lmkit_models::bart::Bart;
 use lmkit_models::bert::Bert;
@@ -326,11 +326,11 @@ fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> R
     let (b, t, c) = h.dims3()?;
     let n = b * t;
     let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
-    let w = model.lm_head().t()?;
+    let output = model.output();
     let mut total: Option<Tensor> = None;
     for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
         let len = LOSS_CHUNK_ROWS.min(n - start);
-        let logits = lmkit_kernels::blas::matmul(&h.narrow(0, start, len)?, &w)?;
+        let logits = output.forward(&h.narrow(0, start, len)?)?;
         let part = lmkit_kernels::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
         total = Some(match total {
             Some(t) => (t + part)?,

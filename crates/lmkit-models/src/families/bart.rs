@@ -3,12 +3,13 @@
 //! masked self-attention and cross-attention, post-norm layers, learned positions (offset 2),
 //! shared token embeddings tied to the output layer plus `final_logits_bias`.
 
-use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::error::Result;
+use crate::layers::attention::{attention, padding_bias, Mask};
+use crate::layers::linear::{linear, Linear};
 use crate::layers::ops::LayerNorm;
-use crate::layers::ops::{linear, Linear};
 use crate::registry::ModelConfig;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -101,7 +102,7 @@ impl FamilyConfig for BartConfig {
     fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![
             ("pad_token_id", ids.pad),
             ("bos_token_id", ids.eot),
@@ -152,13 +153,8 @@ impl Attention {
         })
     }
 
-    /// Queries from `x` [b, t, d], keys/values from `kv` [b, s, d]; `bias` is added to the scores.
-    fn forward(
-        &self,
-        x: &Tensor,
-        kv: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    /// Queries from `x` [b, t, d], keys/values from `kv` [b, s, d], seen through `mask`.
+    fn forward(&self, x: &Tensor, kv: &Tensor, mask: Mask) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let s = kv.dim(1)?;
         let hd = d / self.heads;
@@ -170,13 +166,9 @@ impl Attention {
         let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?, t)?;
         let k = split(self.k.forward(kv)?, s)?;
         let v = split(self.v.forward(kv)?, s)?;
-        let mut att = lmkit_kernels::blas::matmul(&q, &k.t()?)?;
-        if let Some(bias) = bias {
-            att = att.broadcast_add(bias)?;
-        }
-        let att = crate::layers::ops::softmax_last_dim(&att)?;
+        // Queries scaled before the product, as transformers' BartAttention.
         self.out.forward(
-            &lmkit_kernels::blas::matmul(&att, &v)?
+            &attention(&q, &k, &v, mask, 1.0)?
                 .transpose(1, 2)?
                 .reshape((b, t, d))?,
         )
@@ -223,15 +215,15 @@ impl Layer {
     fn forward(
         &self,
         x: &Tensor,
-        self_bias: Option<&Tensor>,
+        self_mask: Mask,
         memory: Option<(&Tensor, Option<&Tensor>)>,
     ) -> candle_core::Result<Tensor> {
         let x = self
             .self_norm
-            .forward(&(x + self.self_attn.forward(x, x, self_bias)?)?)?;
+            .forward(&(x + self.self_attn.forward(x, x, self_mask)?)?)?;
         let x = match (&self.cross, memory) {
             (Some((attn, norm)), Some((mem, bias))) => {
-                norm.forward(&(&x + attn.forward(&x, mem, bias)?)?)?
+                norm.forward(&(&x + attn.forward(&x, mem, Mask::Bias(bias))?)?)?
             }
             _ => x,
         };
@@ -271,15 +263,10 @@ pub struct Bart {
     shared: Embedding,
     encoder: Stack,
     decoder: Stack,
-    final_logits_bias: Tensor,
+    /// The output layer: the shared embeddings plus `final_logits_bias`.
+    output: Linear,
     embed_scale: f64,
     pub cfg: BartConfig,
-}
-
-/// Additive bias [b, 1, 1, s] that hides padding (mask 0) from attention.
-fn padding_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, s) = mask.dims2()?;
-    ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))
 }
 
 impl Bart {
@@ -292,10 +279,16 @@ impl Bart {
         } else {
             candle_nn::embedding(cfg.vocab_size, cfg.d_model, m.pp("encoder.embed_tokens"))?
         };
+        let final_logits_bias = vb.get((1, cfg.vocab_size), "final_logits_bias")?;
+        let output = Linear::from_weight(
+            shared.embeddings().clone(),
+            Some(final_logits_bias.reshape(cfg.vocab_size)?),
+            "final_logits",
+        );
         Ok(Bart {
             encoder: Stack::new(cfg, false, m.pp("encoder"))?,
             decoder: Stack::new(cfg, true, m.pp("decoder"))?,
-            final_logits_bias: vb.get((1, cfg.vocab_size), "final_logits_bias")?,
+            output,
             embed_scale: if cfg.scale_embedding {
                 (cfg.d_model as f64).sqrt()
             } else {
@@ -337,7 +330,7 @@ impl Bart {
         let bias = mask.map(padding_bias).transpose()?;
         let mut x = self.embed(&self.encoder, ids)?;
         for l in &self.encoder.layers {
-            x = l.forward(&x, bias.as_ref(), None)?;
+            x = l.forward(&x, Mask::Bias(bias.as_ref()), None)?;
         }
         Ok(x)
     }
@@ -349,17 +342,11 @@ impl Bart {
         memory: &Tensor,
         memory_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let t = ids.dim(1)?;
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, t), ids.device())?;
         let mem_bias = memory_mask.map(padding_bias).transpose()?;
         let mut x = self.embed(&self.decoder, ids)?;
         for l in &self.decoder.layers {
-            x = l.forward(&x, Some(&causal), Some((memory, mem_bias.as_ref())))?;
+            x = l.forward(&x, Mask::Causal, Some((memory, mem_bias.as_ref())))?;
         }
-        lmkit_kernels::blas::matmul(&x, &self.shared.embeddings().t()?)?
-            .broadcast_add(&self.final_logits_bias)
+        self.output.forward(&x)
     }
 }

@@ -2,10 +2,11 @@
 //! transformers' `BertForMaskedLM` lays it out (post-norm layers, learned positions, token types,
 //! tied output embeddings), plus mean-pooled sentence embeddings.
 
-use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::error::Result;
+use crate::layers::attention::{attention, padding_bias, Mask};
+use crate::layers::linear::{linear, Linear};
 use crate::layers::ops::LayerNorm;
-use crate::layers::ops::{linear, Linear};
 use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -106,7 +107,7 @@ impl FamilyConfig for BertConfig {
     fn eos_token_id(&self) -> Option<u32> {
         None
     }
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![("pad_token_id", ids.pad)]
     }
     fn param_role(&self, name: &str) -> ParamRole {
@@ -176,12 +177,8 @@ impl Layer {
         let q = (split(self.query.forward(x)?)? * (1.0 / (d as f64).sqrt()))?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let mut att = lmkit_kernels::blas::matmul(&q, &k.t()?)?;
-        if let Some(bias) = bias {
-            att = att.broadcast_add(bias)?;
-        }
-        let att = crate::layers::ops::softmax_last_dim(&att)?;
-        let y = lmkit_kernels::blas::matmul(&att, &v)?
+        // Queries scaled before the product, as transformers' BertSelfAttention.
+        let y = attention(&q, &k, &v, Mask::Bias(bias), 1.0)?
             .transpose(1, 2)?
             .reshape((b, t, h))?;
         let x = self.attn_norm.forward(&(x + self.attn_out.forward(&y)?)?)?;
@@ -200,8 +197,8 @@ pub struct Bert {
     layers: Vec<Layer>,
     head_dense: Linear,
     head_norm: LayerNorm,
-    decoder: Tensor,
-    decoder_bias: Tensor,
+    /// The masked-LM output layer (its weight tied to the word embeddings unless untied).
+    decoder: Linear,
     pub cfg: BertConfig,
 }
 
@@ -227,8 +224,11 @@ impl Bert {
             layers,
             head_dense: linear(h, h, p.pp("transform.dense"))?,
             head_norm: LayerNorm::new(h, cfg.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-            decoder,
-            decoder_bias: p.get(cfg.vocab_size, "bias")?,
+            decoder: Linear::from_weight(
+                decoder,
+                Some(p.get(cfg.vocab_size, "bias")?),
+                "cls.predictions.decoder",
+            ),
             cfg: cfg.clone(),
         })
     }
@@ -258,13 +258,7 @@ impl Bert {
             .broadcast_add(&self.position.forward(&pos)?)?
             .add(&self.token_type.forward(&types)?)?;
         let mut x = self.emb_norm.forward(&x)?;
-        let bias = match mask {
-            Some(m) => {
-                let m = m.to_dtype(DType::F32)?;
-                Some(((m - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?)
-            }
-            None => None,
-        };
+        let bias = mask.map(padding_bias).transpose()?;
         for l in &self.layers {
             x = l.forward(&x, bias.as_ref())?;
         }
@@ -280,7 +274,7 @@ impl Bert {
     pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let x = act(&self.cfg.hidden_act, &self.head_dense.forward(hidden)?)?;
         let x = self.head_norm.forward(&x)?;
-        lmkit_kernels::blas::matmul(&x, &self.decoder.t()?)?.broadcast_add(&self.decoder_bias)
+        self.decoder.forward(&x)
     }
 
     /// Sentence embeddings [b, h]: the mean of the last hidden states over real tokens.

@@ -2,8 +2,9 @@
 //! Tensors are named and shaped as in transformers' `GPT2LMHeadModel` (its `Conv1D` layers store
 //! weights as [in, out]).
 
-use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
+use crate::layers::linear::Linear;
 use crate::layers::ops::LayerNorm;
 use crate::registry::ModelConfig;
 use candle_core::{Module, Tensor, D};
@@ -97,7 +98,7 @@ impl FamilyConfig for Gpt2Config {
     fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
     }
     fn param_role(&self, name: &str) -> ParamRole {
@@ -118,32 +119,13 @@ impl FamilyConfig for Gpt2Config {
     }
 }
 
-/// transformers' `Conv1D`: y = x·W + b with W of shape [in, out].
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn new(n_in: usize, n_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Conv1D {
-            weight: vb.get((n_in, n_out), "weight")?,
-            bias: vb.get(n_out, "bias")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        lmkit_kernels::blas::linear(x, &self.weight, Some(&self.bias))
-    }
-}
-
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Conv1D,
-    attn_proj: Conv1D,
+    c_attn: Linear,
+    attn_proj: Linear,
     ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+    c_fc: Linear,
+    mlp_proj: Linear,
     n_head: usize,
     act: String,
 }
@@ -154,11 +136,11 @@ impl Block {
         let eps = cfg.layer_norm_epsilon;
         Ok(Block {
             ln_1: LayerNorm::new(e, eps, vb.pp("ln_1"))?,
-            c_attn: Conv1D::new(e, 3 * e, vb.pp("attn.c_attn"))?,
-            attn_proj: Conv1D::new(e, e, vb.pp("attn.c_proj"))?,
+            c_attn: Linear::conv1d(e, 3 * e, vb.pp("attn.c_attn"))?,
+            attn_proj: Linear::conv1d(e, e, vb.pp("attn.c_proj"))?,
             ln_2: LayerNorm::new(e, eps, vb.pp("ln_2"))?,
-            c_fc: Conv1D::new(e, cfg.n_inner(), vb.pp("mlp.c_fc"))?,
-            mlp_proj: Conv1D::new(cfg.n_inner(), e, vb.pp("mlp.c_proj"))?,
+            c_fc: Linear::conv1d(e, cfg.n_inner(), vb.pp("mlp.c_fc"))?,
+            mlp_proj: Linear::conv1d(cfg.n_inner(), e, vb.pp("mlp.c_proj"))?,
             n_head: cfg.n_head,
             act: cfg.activation_function.clone(),
         })
@@ -338,7 +320,7 @@ pub struct Gpt2 {
     wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     pub cfg: Gpt2Config,
 }
 
@@ -357,6 +339,7 @@ impl Gpt2 {
         } else {
             vb.get((cfg.vocab_size, cfg.n_embd), "lm_head.weight")?
         };
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
         Ok(Gpt2 {
             wte,
             wpe,
@@ -373,7 +356,7 @@ impl Gpt2 {
 
     /// The parameter tensors by name.
     pub fn params(&self) -> Gpt2Params<&Tensor> {
-        let tied = self.lm_head.id() == self.wte.embeddings().id();
+        let tied = self.lm_head.weight().id() == self.wte.embeddings().id();
         Gpt2Params {
             wte: self.wte.embeddings(),
             wpe: self.wpe.embeddings(),
@@ -383,26 +366,31 @@ impl Gpt2 {
                 .map(|b| Gpt2BlockParams {
                     ln_1_w: &b.ln_1.weight,
                     ln_1_b: &b.ln_1.bias,
-                    c_attn_w: &b.c_attn.weight,
-                    c_attn_b: &b.c_attn.bias,
-                    attn_proj_w: &b.attn_proj.weight,
-                    attn_proj_b: &b.attn_proj.bias,
+                    c_attn_w: b.c_attn.weight(),
+                    c_attn_b: b.c_attn.bias().expect("Conv1D layers have a bias"),
+                    attn_proj_w: b.attn_proj.weight(),
+                    attn_proj_b: b.attn_proj.bias().expect("Conv1D layers have a bias"),
                     ln_2_w: &b.ln_2.weight,
                     ln_2_b: &b.ln_2.bias,
-                    c_fc_w: &b.c_fc.weight,
-                    c_fc_b: &b.c_fc.bias,
-                    mlp_proj_w: &b.mlp_proj.weight,
-                    mlp_proj_b: &b.mlp_proj.bias,
+                    c_fc_w: b.c_fc.weight(),
+                    c_fc_b: b.c_fc.bias().expect("Conv1D layers have a bias"),
+                    mlp_proj_w: b.mlp_proj.weight(),
+                    mlp_proj_b: b.mlp_proj.bias().expect("Conv1D layers have a bias"),
                 })
                 .collect(),
             ln_f_w: &self.ln_f.weight,
             ln_f_b: &self.ln_f.bias,
-            lm_head: (!tied).then_some(&self.lm_head),
+            lm_head: (!tied).then_some(self.lm_head.weight()),
         }
     }
 
     /// The output projection [vocab, n_embd].
     pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// The output layer (logits = hidden states through it).
+    pub fn output(&self) -> &Linear {
         &self.lm_head
     }
 

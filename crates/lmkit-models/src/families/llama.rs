@@ -2,10 +2,10 @@
 //! in the non-interleaved "rotate half" layout transformers uses), SwiGLU MLP and grouped-query
 //! attention. Tensor names follow transformers' `LlamaForCausalLM`.
 
-use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
+use crate::layers::linear::{linear_b, Linear};
 use crate::layers::ops::RmsNorm;
-use crate::layers::ops::{linear_b, Linear};
 use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -127,7 +127,7 @@ impl FamilyConfig for LlamaConfig {
     fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
     }
     fn param_role(&self, name: &str) -> ParamRole {
@@ -242,23 +242,13 @@ impl Layer {
         let q = heads(self.q_proj.forward(&h)?, self.n_head)?;
         let k = heads(self.k_proj.forward(&h)?, self.n_kv)?;
         let v = heads(self.v_proj.forward(&h)?, self.n_kv)?;
-        // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
-        let rep = self.n_head / self.n_kv;
-        let repeat = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if rep == 1 {
-                return Ok(x.clone());
-            }
-            let (b, kv, s, d) = x.dims4()?;
-            x.unsqueeze(2)?
-                .expand((b, kv, rep, s, d))?
-                .reshape((b, kv * rep, s, d))
-        };
         let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
             let start = cache.len();
             let q = rope.apply(q, start)?;
             let k = rope.apply(k, start)?;
             let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-            crate::layers::attention::causal_attention(&q, &repeat(&k)?, &repeat(&v)?)
+            // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
+            crate::layers::attention::causal_attention(&q, &k, &v)
         })?;
         let y = y
             .transpose(1, 2)?
@@ -275,7 +265,7 @@ pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope: Rope,
     pub cfg: LlamaConfig,
 }
@@ -293,6 +283,7 @@ impl Llama {
         } else {
             vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
         };
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Llama {
             embed_tokens,
@@ -310,6 +301,11 @@ impl Llama {
 
     /// The output projection [vocab, hidden_size].
     pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// The output layer (logits = hidden states through it).
+    pub fn output(&self) -> &Linear {
         &self.lm_head
     }
 

@@ -61,6 +61,9 @@ pub struct SpecialIds {
     pub pad: Option<u32>,
 }
 
+/// `config.json` token-id fields and their values (`None`: the tokenizer has no such token).
+pub type TokenIdFields = Vec<(&'static str, Option<u32>)>;
+
 /// What a family tells the rest of lmkit. Implemented by each family's config.
 pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     /// `model_type` in `config.json`.
@@ -78,7 +81,7 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     fn num_layers(&self) -> usize;
     fn eos_token_id(&self) -> Option<u32>;
     /// `config.json` token-id fields a new model takes from its tokenizer (when not given).
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)>;
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields;
     /// The role of the parameter tensor named `name` (Hugging Face name).
     fn param_role(&self, name: &str) -> ParamRole;
     fn into_model_config(self) -> ModelConfig;

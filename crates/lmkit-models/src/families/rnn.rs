@@ -3,8 +3,9 @@
 //! `weight_hh_l{k}` [gates·H, H], `bias_ih_l{k}`, `bias_hh_l{k}`; LSTM gates in the order input,
 //! forget, cell, output); output layer `lm_head.weight` without bias. The state carried between calls lives in the [`KvCache`].
 
-use super::{FamilyConfig, Kind, ParamRole, SpecialIds};
+use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
+use crate::layers::linear::Linear;
 use crate::registry::ModelConfig;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -108,7 +109,7 @@ impl FamilyConfig for RnnConfig {
     fn eos_token_id(&self) -> Option<u32> {
         self.eos_token_id
     }
-    fn token_id_fields(ids: SpecialIds) -> Vec<(&'static str, Option<u32>)> {
+    fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
     }
     fn param_role(&self, name: &str) -> ParamRole {
@@ -141,7 +142,7 @@ struct Layer {
 pub struct RnnLm {
     embedding: Embedding,
     layers: Vec<Layer>,
-    lm_head: Tensor,
+    lm_head: Linear,
     hidden: usize,
     cell: Cell,
     dropout: f64,
@@ -174,6 +175,7 @@ impl RnnLm {
         } else {
             vb.get((cfg.vocab_size, h), "lm_head.weight")?
         };
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
         Ok(RnnLm {
             embedding,
             layers,
@@ -191,6 +193,11 @@ impl RnnLm {
     }
 
     pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// The output layer (logits = hidden states through it).
+    pub fn output(&self) -> &Linear {
         &self.lm_head
     }
 

@@ -1,7 +1,122 @@
-//! Scaled dot-product attention with a causal mask (Vaswani et al. 2017).
+//! Scaled dot-product attention (Vaswani et al. 2017), the one implementation every family
+//! calls: causal (decoders), bidirectional with a padding bias (encoders) and cross-attention
+//! (encoder-decoders), with grouped-query key/value heads, over a KV cache when decoding.
+//! On the CPU the causal softmax is one fused kernel (masked half skipped); GPT-2's packed
+//! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences.
 
 use crate::layers::kv_cache::KvCache;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+
+/// Which keys each query sees.
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// The t queries are the last t of the s key positions; query i sees keys 0..=s − t + i.
+    Causal,
+    /// Every key, plus an additive bias broadcast to the scores [b, heads, t, s] (padding:
+    /// [`padding_bias`]), if any.
+    Bias(Option<&'a Tensor>),
+}
+
+/// softmax(scale·q·kᵀ + mask)·v for q [b, h, t, d] and k, v [b, h_kv, s, d] with h a multiple
+/// of h_kv (grouped-query attention: each key/value head serves h / h_kv query heads). Models
+/// whose reference implementation scales the queries before the product pass those and
+/// `scale` = 1.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (_, heads, t, _) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("attention: {heads} query heads for {kv_heads} key/value heads");
+    }
+    let (k, v) = (
+        repeat_kv(k, heads / kv_heads)?,
+        repeat_kv(v, heads / kv_heads)?,
+    );
+    let s = k.dim(2)?;
+    let att = lmkit_kernels::blas::matmul(q, &k.t()?)?;
+    let att = match mask {
+        Mask::Causal => {
+            if let Some(p) = lmkit_kernels::fused::causal_softmax(&att, scale)? {
+                return lmkit_kernels::blas::matmul(&p, &v);
+            }
+            let att = scaled(att, scale)?;
+            if t > 1 {
+                att.broadcast_add(&causal_bias(t, s, att.dtype(), q.device())?)?
+            } else {
+                att
+            }
+        }
+        Mask::Bias(bias) => {
+            let att = scaled(att, scale)?;
+            match bias {
+                Some(b) => att.broadcast_add(b)?,
+                None => att,
+            }
+        }
+    };
+    let p = crate::layers::ops::softmax_last_dim(&att)?;
+    lmkit_kernels::blas::matmul(&p, &v)
+}
+
+fn scaled(att: Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if scale == 1.0 {
+        Ok(att)
+    } else {
+        att * scale
+    }
+}
+
+/// Causal attention with the usual 1/√d scale.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let d = q.dim(3)?;
+    attention(q, k, v, Mask::Causal, 1.0 / (d as f64).sqrt())
+}
+
+/// Each of the h_kv heads of `x` [b, h_kv, s, d] repeated `rep` times in place: [b, h_kv·rep, s, d].
+pub fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, rep, s, d))?
+        .reshape((b, kv * rep, s, d))
+}
+
+/// The causal mask as an additive bias [t, s]: 0 where query i (position s − t + i) may see
+/// key j, −∞ elsewhere.
+pub fn causal_bias(
+    t: usize,
+    s: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let offset = s.saturating_sub(t);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)
+}
+
+/// Additive bias [b, 1, 1, s] that hides padding (`mask` [b, s]: 1 for tokens, 0 for padding)
+/// from attention: 0 or −10⁹ (finite, so a row of only padding stays defined).
+pub fn padding_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))
+}
 
 /// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), or one
 /// cache per batch row (sequences at different positions decoded together). `attend` gets the
@@ -35,36 +150,60 @@ pub fn attend_rows(
     Tensor::cat(&rows, 0)
 }
 
-/// softmax(q·kᵀ/√d + causal mask)·v for q [b, h, t, d] and k, v [b, h, s, d] with s ≥ t; the t
-/// queries are the last t of the s positions.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, t, d) = q.dims4()?;
-    let s = k.dim(2)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let att = lmkit_kernels::blas::matmul(q, &k.t()?)?;
-    if let Some(att) = lmkit_kernels::fused::causal_softmax(&att, scale)? {
-        return lmkit_kernels::blas::matmul(&att, v);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        lmkit_kernels::testing::max_diff(a, b)
     }
-    let att = (att * scale)?;
-    let att = if t > 1 {
-        // Query i (absolute position s - t + i) sees keys 0..=s - t + i.
-        let offset = s - t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..s).map(move |j| {
-                    if j <= offset + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(att.dtype())?;
-        att.broadcast_add(&mask)?
-    } else {
-        att
-    };
-    let att = crate::layers::ops::softmax_last_dim(&att)?;
-    lmkit_kernels::blas::matmul(&att, v)
+
+    #[test]
+    fn masks_and_grouped_heads_agree_with_their_definitions() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f64, 1.0, s, &dev).unwrap();
+        let (q, k, v) = (r(&[2, 4, 3, 8]), r(&[2, 2, 5, 8]), r(&[2, 2, 5, 8]));
+        let scale = 1.0 / 8f64.sqrt();
+        // Grouped-query attention = repeated heads.
+        let (kr, vr) = (repeat_kv(&k, 2).unwrap(), repeat_kv(&v, 2).unwrap());
+        assert_eq!(kr.dims(), [2, 4, 5, 8]);
+        let grouped = attention(&q, &k, &v, Mask::Causal, scale).unwrap();
+        let repeated = attention(&q, &kr, &vr, Mask::Causal, scale).unwrap();
+        assert!(max_diff(&grouped, &repeated) < 1e-12);
+        // The fused causal path = the causal bias through the bias path.
+        let bias = causal_bias(3, 5, DType::F64, &dev).unwrap();
+        let biased = attention(&q, &kr, &vr, Mask::Bias(Some(&bias)), scale).unwrap();
+        assert!(max_diff(&grouped, &biased) < 1e-12);
+        // Pre-scaled queries with scale 1 = scale inside.
+        let pre = attention(
+            &(&q * scale).unwrap(),
+            &kr,
+            &vr,
+            Mask::Bias(Some(&bias)),
+            1.0,
+        )
+        .unwrap();
+        assert!(max_diff(&pre, &biased) < 1e-12);
+        // The last query of a causal pass sees every key: same as no mask.
+        let all = attention(&q, &kr, &vr, Mask::Bias(None), scale).unwrap();
+        let last = |x: &Tensor| x.narrow(2, 2, 1).unwrap();
+        assert!(max_diff(&last(&grouped), &last(&all)) < 1e-12);
+        assert!(max_diff(&grouped, &all) > 1e-3, "the mask changed nothing");
+        // Padding: a padded key gets no weight.
+        let mask = Tensor::new(&[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]], &dev).unwrap();
+        let pad = padding_bias(&mask).unwrap().to_dtype(DType::F64).unwrap();
+        let padded = attention(&q, &kr, &vr, Mask::Bias(Some(&pad)), scale).unwrap();
+        let cut = |x: &Tensor| x.narrow(0, 0, 1).unwrap().narrow(2, 0, 4).unwrap();
+        let short = attention(
+            &q.narrow(0, 0, 1).unwrap(),
+            &cut(&kr),
+            &cut(&vr),
+            Mask::Bias(None),
+            scale,
+        )
+        .unwrap();
+        assert!(max_diff(&padded.narrow(0, 0, 1).unwrap(), &short) < 1e-9);
+        assert!(attention(&q, &r(&[2, 3, 5, 8]), &v, Mask::Causal, scale).is_err());
+    }
 }

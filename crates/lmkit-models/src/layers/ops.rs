@@ -94,28 +94,3 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
-
-/// A linear layer y = x·Wᵀ + b (W stored [out, in], as PyTorch's `nn.Linear`), created like
-/// candle-nn's (same tensor names and initialisation) but computed by [`lmkit_kernels::blas::linear`].
-pub struct Linear(candle_nn::Linear);
-
-/// A [`Linear`] layer with or without bias, named `weight`/`bias` under `vb`.
-pub fn linear_b(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> candle_core::Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb).map(Linear)
-}
-
-/// A [`Linear`] layer with bias.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    linear_b(in_dim, out_dim, true, vb)
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        lmkit_kernels::blas::linear(x, &self.0.weight().t()?, self.0.bias())
-    }
-}
