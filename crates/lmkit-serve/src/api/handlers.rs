@@ -1,0 +1,438 @@
+//! The endpoint handlers: `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`.
+
+use super::*;
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let (prompt, mut v) = split_body(body, state.limits.max_body_bytes, "prompt")?;
+        if let Some(e) = v.as_object_mut().and_then(|o| o.remove("echo")) {
+            if e != json!(false) && !e.is_null() {
+                return Err(ApiError::invalid("echo", "`echo` is not supported"));
+            }
+        }
+        let prompt: Prompt = serde_json::from_value(prompt).map_err(|_| {
+            ApiError::invalid(
+                "prompt",
+                "`prompt` must be a string, a list of one string, or a list of token ids",
+            )
+        })?;
+        let params = sampling(&state, v)?;
+        let (prompt_text, prompt_ids) = match prompt {
+            Prompt::Text(t) => {
+                let ids = encode(&state, &t)?;
+                (t, ids)
+            }
+            Prompt::Texts(mut v) if v.len() == 1 => {
+                let t = v.remove(0);
+                let ids = encode(&state, &t)?;
+                (t, ids)
+            }
+            Prompt::Texts(_) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "send one prompt per request (a list of several prompts is not supported; use `n` for several completions)",
+                ))
+            }
+            Prompt::Ids(ids) => {
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= state.vocab_size) {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {bad} is out of range for the vocabulary of {}", state.vocab_size),
+                    ));
+                }
+                let t = lmkit_tokenize::decode(&state.tokenizer, &ids)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                (t, ids)
+            }
+        };
+        let verdict = state.moderator.check(&prompt_text);
+        let stops = params.stops.clone();
+        Ok::<_, ApiError>(Prepared {
+            endpoint: "completions",
+            chat: false,
+            id: format!("cmpl-{:016x}", fresh_id()),
+            prompt_text,
+            messages: None,
+            prompt_ids,
+            eos: state.eos.filter(|_| !params.ignore_eos),
+            params,
+            stops,
+            prompt_verdict: verdict,
+        })
+    }
+    .await;
+    respond(state, "completions", result, started).await
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let (messages, v) = split_body(body, state.limits.max_body_bytes, "messages")?;
+        let messages: Vec<ChatMessage> = {
+            let de = messages;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = format!("messages{}", e.path().to_string().trim_start_matches('.'));
+                let msg = e.into_inner().to_string();
+                if msg.contains("untagged enum Content") {
+                    return ApiError::invalid(
+                        &path,
+                        format!("`{path}` must be a string or a list of text parts"),
+                    );
+                }
+                ApiError::invalid(&path, format!("`{path}`: {msg}"))
+            })?
+        };
+        let params = sampling(&state, v)?;
+        if messages.is_empty() {
+            return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+        }
+        let template = state.template.as_deref().ok_or_else(|| {
+            ApiError::invalid(
+                "messages",
+                "this model has no chat template (tokenizer_config.json `chat_template`); use /v1/completions",
+            )
+        })?;
+        let mut msgs = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role` must be system, user or assistant, not `{}`", m.role),
+                ));
+            }
+            let content = match &m.content {
+                Content::Text(t) => t.clone(),
+                Content::Parts(parts) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => s.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content"),
+                                    "only text content parts (`{\"type\": \"text\", \"text\": ...}`) are supported",
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            let _ = &m.name;
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            msgs.push(lmkit_tokenize::chat::Message::new(role, &content));
+        }
+        let prompt_text = lmkit_tokenize::chat::render(template, &msgs, true)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let prompt_ids = encode(&state, &prompt_text)?;
+        let said: String = msgs
+            .iter()
+            .filter(|m| m.role != "assistant")
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let verdict = state.moderator.check(&said);
+        let mut stops = params.stops.clone();
+        for s in lmkit_core::tokens::CHAT_STOPS {
+            if !stops.iter().any(|x| x == s) {
+                stops.push(s.to_string());
+            }
+        }
+        Ok::<_, ApiError>(Prepared {
+            endpoint: "chat/completions",
+            chat: true,
+            id: format!("chatcmpl-{:016x}", fresh_id()),
+            prompt_text,
+            messages: serde_json::to_string(&msgs).ok(),
+            prompt_ids,
+            eos: state.chat_end.or(state.eos).filter(|_| !params.ignore_eos),
+            params,
+            stops,
+            prompt_verdict: verdict,
+        })
+    }
+    .await;
+    respond(state, "chat/completions", result, started).await
+}
+
+pub(super) async fn respond(
+    state: Arc<AppState>,
+    endpoint: &'static str,
+    prepared: Result<Prepared, ApiError>,
+    started: Instant,
+) -> Response {
+    let r = run(state.clone(), prepared, started).await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.request(endpoint, r.status().as_u16());
+    if !r
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    {
+        state
+            .metrics
+            .latency(endpoint, started.elapsed().as_secs_f64());
+    }
+    r
+}
+
+pub(super) async fn run(
+    state: Arc<AppState>,
+    prepared: Result<Prepared, ApiError>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let mut prep = prepared?;
+    let max_tokens = finish_room(&state, &mut prep)?;
+    if prep.prompt_verdict.flagged {
+        state.metrics.flagged();
+    }
+    if prep.prompt_verdict.flagged && state.moderator.policy == Policy::Refuse {
+        let outcome = Outcome {
+            texts: vec![String::new()],
+            reasons: vec!["content_filter"],
+            tokens: vec![0],
+            completion_tokens: 0,
+            verdict: Verdict::default(),
+        };
+        log(&state, &prep, &outcome, started).await;
+        return Err(ApiError::invalid(
+            if prep.chat { "messages" } else { "prompt" },
+            format!(
+                "the prompt was refused by moderation (categories: {})",
+                prep.prompt_verdict.categories.join(", ")
+            ),
+        )
+        .code("content_policy_violation"));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancels: Vec<Arc<AtomicBool>> = (0..prep.params.n)
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
+    let jobs = (0..prep.params.n)
+        .map(|i| Job {
+            index: i,
+            prompt: prep.prompt_ids.clone(),
+            opts: GenerateOptions {
+                max_tokens,
+                sampling: SamplingParams {
+                    seed: prep.params.sampling.seed.wrapping_add(i as u64),
+                    ..prep.params.sampling.clone()
+                },
+                eos_token_id: prep.eos,
+                max_positions: state.max_positions,
+            },
+            events: tx.clone(),
+            cancel: cancels[i].clone(),
+        })
+        .collect();
+    drop(tx);
+    match state.engine.submit(jobs) {
+        Ok(()) => {}
+        Err(Rejected::Busy) => return Err(ApiError::busy(state.limits.retry_after)),
+        Err(Rejected::Closed) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model worker has stopped; restart the server",
+            ))
+        }
+    }
+    if prep.params.stream {
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Chunk>();
+        let created = now();
+        let (id, model, chat, include_usage) = (
+            prep.id.clone(),
+            state.model_name.clone(),
+            prep.chat,
+            prep.params.include_usage,
+        );
+        let st = state.clone();
+        tokio::spawn(async move {
+            let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
+            log(&st, &prep, &outcome, started).await;
+            st.metrics
+                .latency(prep.endpoint, started.elapsed().as_secs_f64());
+            if include_usage {
+                let _ = out_tx.send(Chunk::Usage {
+                    prompt: prep.prompt_ids.len(),
+                    completion: outcome.completion_tokens,
+                });
+            }
+        });
+        let stream = futures_util::stream::unfold((out_rx, false), move |(mut rx, done)| {
+            let (id, model) = (id.clone(), model.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(c) => Some((
+                        Ok::<_, Infallible>(sse_chunk(&id, &model, created, chat, c)),
+                        (rx, false),
+                    )),
+                    None => Some((Ok(SseEvent::default().data("[DONE]")), (rx, true))),
+                }
+            }
+        });
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let outcome = drive(&state, &prep, rx, &cancels, None, started).await;
+    log(&state, &prep, &outcome, started).await;
+    if outcome.reasons.contains(&"error") {
+        return Err(ApiError::internal("generation failed; see the server log"));
+    }
+    let created = now();
+    let choices: Vec<Value> = outcome
+        .texts
+        .iter()
+        .zip(&outcome.reasons)
+        .enumerate()
+        .map(|(i, (t, r))| {
+            if prep.chat {
+                json!({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": null})
+            } else {
+                json!({"index": i, "text": t, "finish_reason": r, "logprobs": null})
+            }
+        })
+        .collect();
+    let body = json!({
+        "id": prep.id,
+        "object": if prep.chat { "chat.completion" } else { "text_completion" },
+        "created": created,
+        "model": state.model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prep.prompt_ids.len(),
+            "completion_tokens": outcome.completion_tokens,
+            "total_tokens": prep.prompt_ids.len() + outcome.completion_tokens,
+        },
+        "moderation": {
+            "prompt": prep.prompt_verdict,
+            "completion": outcome.verdict,
+            "policy": format!("{:?}", state.moderator.policy).to_lowercase(),
+        },
+    });
+    Ok(Json(body).into_response())
+}
+
+/// `POST /v1/embeddings`: mean-pooled sentence embeddings from the BERT given with
+/// `--embedding-model`.
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let r = async {
+        let text = body_text(body, state.limits.max_body_bytes)?;
+        let req: EmbeddingRequest = parse(&text)?;
+        let emb = state.embedder.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "this server has no embedding model: start it with --embedding-model DIR (a BERT checkpoint)",
+            )
+            .code("model_not_found")
+        })?;
+        if let Some(m) = &req.model {
+            if m != &emb.name {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the model `{m}` does not exist; embeddings come from `{}`", emb.name),
+                )
+                .code("model_not_found"));
+            }
+        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(f) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("`encoding_format` must be float or base64, not `{f}`"),
+                ))
+            }
+        };
+        let _ = req.user;
+        let inputs = match req.input {
+            EmbeddingInput::One(s) => vec![s],
+            EmbeddingInput::Many(v) => v,
+        };
+        if inputs.is_empty() || inputs.len() > 256 {
+            return Err(ApiError::invalid("input", "`input` takes 1 to 256 texts"));
+        }
+        let tokens: usize = lmkit_tokenize::encode_batch(&emb.tokenizer, &inputs)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                if ids.len() > emb.model.cfg.max_position_embeddings {
+                    Err(ApiError::invalid(
+                        &format!("input[{i}]"),
+                        format!(
+                            "input {i} has {} tokens; the embedding model reads at most {}",
+                            ids.len(),
+                            emb.model.cfg.max_position_embeddings
+                        ),
+                    )
+                    .code("context_length_exceeded"))
+                } else {
+                    Ok(ids.len())
+                }
+            })
+            .sum::<Result<usize, ApiError>>()?;
+        let vectors = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(inputs.len());
+            for chunk in inputs.chunks(32) {
+                out.extend(lmkit_infer::embed_texts(&emb.model, &emb.tokenizer, chunk, &emb.device)?);
+            }
+            Ok::<_, lmkit_infer::InferError>((out, emb.name.clone()))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("embedding failed: {e}")))?;
+        let (vectors, name) = vectors;
+        let data: Vec<Value> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let e = if base64 {
+                    // Little-endian f32s, as OpenAI's clients decode them.
+                    use base64::Engine;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": e})
+            })
+            .collect();
+        state.metrics.tokens(tokens as u64, 0);
+        Ok::<_, ApiError>(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    }
+    .await;
+    let r = r.unwrap_or_else(|e| e.into_response());
+    state.metrics.request("embeddings", r.status().as_u16());
+    state
+        .metrics
+        .latency("embeddings", started.elapsed().as_secs_f64());
+    r
+}

@@ -1,0 +1,60 @@
+//! From a checked request to what the engine runs: prompt tokens, room left in the context, request ids.
+
+use super::*;
+
+pub(super) fn fresh_id() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = t ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 33)
+}
+
+/// A request ready for the engine.
+pub(super) struct Prepared {
+    pub(super) endpoint: &'static str,
+    pub(super) chat: bool,
+    pub(super) id: String,
+    pub(super) prompt_text: String,
+    pub(super) messages: Option<String>,
+    pub(super) prompt_ids: Vec<u32>,
+    pub(super) params: Params,
+    pub(super) eos: Option<u32>,
+    pub(super) stops: Vec<String>,
+    pub(super) prompt_verdict: Verdict,
+}
+
+pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    lmkit_tokenize::encode_batch(&state.tokenizer, &[text.to_string()])
+        .map(|mut v| v.remove(0))
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))
+}
+
+pub(super) fn finish_room(state: &AppState, prep: &mut Prepared) -> Result<usize, ApiError> {
+    let ctx = state.max_positions;
+    let len = prep.prompt_ids.len();
+    if len == 0 {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if len >= ctx {
+        return Err(ApiError::invalid(
+            if prep.chat { "messages" } else { "prompt" },
+            format!("the prompt has {len} tokens but the model's context holds {ctx}; shorten it"),
+        )
+        .code("context_length_exceeded"));
+    }
+    let room = ctx - len;
+    let default = if prep.chat { room } else { 16 };
+    let want = prep
+        .params
+        .max_tokens
+        .unwrap_or(default)
+        .min(state.limits.max_tokens);
+    Ok(want.min(room))
+}

@@ -1,0 +1,200 @@
+//! Running the choices through the engine and answering: one JSON response, or Server-Sent Events in OpenAI's chunk format.
+
+use super::*;
+
+pub(super) fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Eos | Finish::Stopped => "stop",
+        Finish::Length | Finish::Context => "length",
+    }
+}
+
+/// One piece of a streamed response.
+pub(super) enum Chunk {
+    Delta { index: usize, text: String },
+    Finish { index: usize, reason: &'static str },
+    Usage { prompt: usize, completion: usize },
+    Error(ApiError),
+}
+
+pub(super) struct Outcome {
+    pub(super) texts: Vec<String>,
+    pub(super) reasons: Vec<&'static str>,
+    /// Tokens generated per choice.
+    pub(super) tokens: Vec<usize>,
+    pub(super) completion_tokens: usize,
+    pub(super) verdict: Verdict,
+}
+
+pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chunk) -> SseEvent {
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let choice = |index: usize, text: Option<&str>, reason: Option<&str>| {
+        if chat {
+            let delta = match text {
+                Some(t) => json!({"role": "assistant", "content": t}),
+                None => json!({}),
+            };
+            json!({"index": index, "delta": delta, "finish_reason": reason, "logprobs": null})
+        } else {
+            json!({"index": index, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+        }
+    };
+    let v = match c {
+        Chunk::Delta { index, text } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [choice(index, Some(&text), None)]})
+        }
+        Chunk::Finish { index, reason } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [choice(index, None, Some(reason))]})
+        }
+        Chunk::Usage { prompt, completion } => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+        }
+        Chunk::Error(e) => {
+            json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+        }
+    };
+    SseEvent::default().data(v.to_string())
+}
+
+/// Collects the engine's events for every choice into text, applying stop strings and
+/// moderation; with `out`, streams each piece as it comes. Stops all choices when the client
+/// goes away.
+pub(super) async fn drive(
+    state: &AppState,
+    prep: &Prepared,
+    mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    cancels: &[Arc<AtomicBool>],
+    out: Option<&mpsc::UnboundedSender<Chunk>>,
+    started: Instant,
+) -> Outcome {
+    let n = prep.params.n;
+    let mut streams: Vec<TextStream> = (0..n)
+        .map(|_| TextStream::new(&state.tokenizer, prep.stops.clone()))
+        .collect();
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut texts = vec![String::new(); n];
+    let mut reasons: Vec<Option<&'static str>> = vec![None; n];
+    let mut verdict = Verdict::default();
+    let mut first = true;
+    let mut client_gone = false;
+    let send = |c: Chunk, gone: &mut bool| {
+        if let Some(o) = out {
+            if o.send(c).is_err() {
+                *gone = true;
+            }
+        }
+    };
+    while reasons.iter().any(|r| r.is_none()) {
+        let Some((i, ev)) = rx.recv().await else {
+            break;
+        };
+        if reasons[i].is_some() {
+            continue;
+        }
+        let (delta, done) = match ev {
+            Event::Token(t) => {
+                if first {
+                    state.metrics.first_token(started.elapsed().as_secs_f64());
+                    first = false;
+                }
+                ids[i].push(t);
+                let d = streams[i].push(&ids[i]).unwrap_or_default();
+                (d, streams[i].stopped.then_some("stop"))
+            }
+            Event::Done(f) => (
+                streams[i].finish(&ids[i]).unwrap_or_default(),
+                Some(finish_reason(f)),
+            ),
+            Event::Error(msg) => {
+                eprintln!("lmkit serve: {} choice {i}: {msg}", prep.id);
+                send(
+                    Chunk::Error(ApiError::internal(format!("generation failed: {msg}"))),
+                    &mut client_gone,
+                );
+                (String::new(), Some("error"))
+            }
+        };
+        let mut done = done;
+        if !delta.is_empty() {
+            let mut candidate = texts[i].clone();
+            candidate.push_str(&delta);
+            let v = state.moderator.check(&candidate);
+            if v.flagged && state.moderator.policy == Policy::Refuse {
+                for c in v.categories {
+                    if !verdict.categories.contains(&c) {
+                        verdict.categories.push(c);
+                    }
+                }
+                verdict.flagged = true;
+                done = Some("content_filter");
+            } else {
+                texts[i] = candidate;
+                send(
+                    Chunk::Delta {
+                        index: i,
+                        text: delta,
+                    },
+                    &mut client_gone,
+                );
+            }
+        }
+        if let Some(r) = done {
+            reasons[i] = Some(r);
+            cancels[i].store(true, Ordering::SeqCst);
+            if r != "error" {
+                send(
+                    Chunk::Finish {
+                        index: i,
+                        reason: r,
+                    },
+                    &mut client_gone,
+                );
+            }
+        }
+        if client_gone {
+            for (c, r) in cancels.iter().zip(reasons.iter_mut()) {
+                c.store(true, Ordering::SeqCst);
+                r.get_or_insert("cancelled");
+            }
+        }
+    }
+    for (c, r) in cancels.iter().zip(reasons.iter_mut()) {
+        c.store(true, Ordering::SeqCst);
+        r.get_or_insert("cancelled");
+    }
+    if !verdict.flagged {
+        for t in &texts {
+            let v = state.moderator.check(t);
+            for c in v.categories {
+                if !verdict.categories.contains(&c) {
+                    verdict.categories.push(c);
+                }
+            }
+        }
+        verdict.flagged = !verdict.categories.is_empty();
+    }
+    if verdict.flagged {
+        state.metrics.flagged();
+    }
+    let completion_tokens = ids.iter().map(|v| v.len()).sum();
+    state
+        .metrics
+        .tokens(prep.prompt_ids.len() as u64, completion_tokens as u64);
+    Outcome {
+        texts,
+        reasons: reasons
+            .into_iter()
+            .map(|r| r.unwrap_or("cancelled"))
+            .collect(),
+        tokens: ids.iter().map(|v| v.len()).collect(),
+        completion_tokens,
+        verdict,
+    }
+}

@@ -1,0 +1,102 @@
+//! The request bodies of the OpenAI-compatible endpoints, as serde reads them (unknown fields refused).
+
+use super::*;
+
+/// A string or a list of strings (`stop`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt`: text, one text in a list, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamOptions {
+    pub(super) include_usage: Option<bool>,
+}
+
+/// The sampling fields shared by both endpoints.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Sampling {
+    pub(super) model: Option<String>,
+    pub(super) max_tokens: Option<u64>,
+    pub(super) max_completion_tokens: Option<u64>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    /// lmkit extension: keep the k most likely tokens.
+    pub(super) top_k: Option<usize>,
+    /// lmkit extension: CTRL-style penalty (> 1) for tokens already in the text.
+    pub(super) repetition_penalty: Option<f32>,
+    /// lmkit extension (as in vLLM): keep generating past the end-of-sequence token.
+    pub(super) ignore_eos: Option<bool>,
+    pub(super) n: Option<u64>,
+    pub(super) stream: Option<bool>,
+    pub(super) stream_options: Option<StreamOptions>,
+    pub(super) stop: Option<OneOrMany>,
+    pub(super) seed: Option<u64>,
+    pub(super) user: Option<String>,
+    pub(super) presence_penalty: Option<f32>,
+    pub(super) frequency_penalty: Option<f32>,
+    pub(super) logprobs: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ChatMessage {
+    pub(super) role: String,
+    pub(super) content: Content,
+    pub(super) name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct ContentPart {
+    #[serde(rename = "type")]
+    pub(super) kind: String,
+    pub(super) text: Option<String>,
+}
+
+/// Checked request parameters.
+pub(super) struct Params {
+    pub(super) max_tokens: Option<usize>,
+    pub(super) sampling: SamplingParams,
+    pub(super) n: usize,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+    pub(super) stops: Vec<String>,
+    pub(super) ignore_eos: bool,
+    pub(super) json: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EmbeddingRequest {
+    pub(super) input: EmbeddingInput,
+    pub(super) model: Option<String>,
+    pub(super) encoding_format: Option<String>,
+    pub(super) user: Option<String>,
+}

@@ -1,0 +1,164 @@
+//! Reading and checking request bodies: size, UTF-8, JSON, field types and ranges, each error naming its field.
+
+use super::*;
+
+pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_str(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid("", format!("the body is not valid JSON: {msg}"))
+        } else if path == "." || path.is_empty() {
+            ApiError::invalid("", format!("bad request: {msg}"))
+        } else {
+            ApiError::invalid(&path, format!("`{path}`: {msg}"))
+        }
+    })
+}
+
+pub(super) fn body_text(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<String, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body is larger than the server's limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::invalid("", format!("could not read the body: {e}"))
+        }
+    })?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| ApiError::invalid("", format!("the body is not valid UTF-8: {e}")))
+}
+
+/// Reads a JSON object body and takes out its required `field`: (the field, the rest).
+pub(super) fn split_body(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+    field: &str,
+) -> Result<(Value, Value), ApiError> {
+    let mut v: Value = parse(&body_text(body, limit)?)?;
+    let taken = v
+        .as_object_mut()
+        .ok_or_else(|| ApiError::invalid("", "the body must be a JSON object"))?
+        .remove(field)
+        .ok_or_else(|| ApiError::invalid(field, format!("`{field}` is required")))?;
+    Ok((taken, v))
+}
+
+pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
+    let s: Sampling = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        match msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            Some(field) => ApiError::invalid(field, format!("unknown field `{field}`")),
+            None => ApiError::invalid(&path, format!("`{path}`: {msg}")),
+        }
+    })?;
+    if let Some(m) = &s.model {
+        if m != &state.model_name {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    state.model_name
+                ),
+            )
+            .code("model_not_found"));
+        }
+    }
+    let limit = state.limits.max_tokens;
+    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "`max_tokens` must be at least 1",
+            ))
+        }
+        Some(m) if m as usize > limit => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("`max_tokens` is {m}; this server allows at most {limit}"),
+            ))
+        }
+        m => m.map(|m| m as usize),
+    };
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            "`temperature` must be between 0 and 2",
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n as usize > state.limits.max_n {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be between 1 and {}", state.limits.max_n),
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                name,
+                format!("`{name}` is not supported (use `repetition_penalty`); leave it out or 0"),
+            ));
+        }
+    }
+    if s.logprobs
+        .as_ref()
+        .is_some_and(|l| !l.is_null() && l != &json!(false))
+    {
+        return Err(ApiError::invalid("logprobs", "`logprobs` is not supported"));
+    }
+    let stops = match s.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if stops.len() > 4 || stops.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::invalid(
+            "stop",
+            "`stop` takes up to 4 non-empty strings of at most 256 bytes",
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_k: s.top_k,
+        top_p: (top_p < 1.0).then_some(top_p),
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        seed: s.seed.unwrap_or_else(|| fresh_id() ^ now() as u64),
+    };
+    sampling.validate().map_err(|m| ApiError::invalid("", m))?;
+    let _ = s.user;
+    Ok(Params {
+        max_tokens,
+        sampling,
+        n: n as usize,
+        stream: s.stream.unwrap_or(false),
+        include_usage: s
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        stops,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+        json: v,
+    })
+}
