@@ -7,8 +7,11 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod config;
+mod data;
 pub mod error;
+mod init;
 pub mod metrics;
+mod objective;
 pub mod passes;
 pub mod safetensors_io;
 pub mod seq2seq;
@@ -16,17 +19,18 @@ pub mod seq2seq;
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 
-use adamw::{clip_scale, grad_norm, lr_at, AdamW, Param};
-use candle_core::{DType, Device, Module, Tensor};
+use adamw::{clip_scale, grad_norm, lr_at, AdamW};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use lmkit_models::bart::Bart;
-use lmkit_models::bert::Bert;
-use lmkit_models::{CausalLm, Kind, KvCache, ModelConfig, ParamRole, SpecialIds};
+use data::{Batches, Split};
+use init::{hf_config, init_weights, params};
+use lmkit_models::{Kind, KvCache, SpecialIds};
 use lmkit_tokenize::TokenDataset;
+use objective::{loss_with, pair_loss, Net};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lmkit_core::rng::{mix, MixChain, Random};
+use lmkit_core::rng::mix;
 use lmkit_core::Unit;
 pub use lmkit_core::{NoProgress, Progress};
 
@@ -37,308 +41,6 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     pub tokens_per_sec: f64,
     pub parameters: usize,
-}
-
-/// Where batches come from: windows of a token stream, or source/target pairs.
-enum Batches<'a> {
-    Stream {
-        train: Split<'a>,
-        val: Option<Split<'a>>,
-    },
-    Pairs {
-        train: Vec<seq2seq::Pair>,
-        val: Vec<seq2seq::Pair>,
-    },
-}
-
-/// The model being trained, with what its objective needs.
-enum Net {
-    Causal(CausalLm),
-    Masked {
-        bert: Bert,
-        mask_id: u32,
-        /// Tokens never masked (special tokens).
-        keep: Vec<u32>,
-    },
-    Seq2seq {
-        bart: Bart,
-        start: u32,
-        end: u32,
-        pad: u32,
-    },
-}
-
-impl Net {
-    fn set_training(&self, on: bool) {
-        if let Net::Causal(m) = self {
-            m.set_training(on);
-        }
-    }
-
-    /// The batch's loss: next-token cross-entropy, or masked-LM cross-entropy with masks drawn
-    /// from `seed`.
-    fn loss(&self, x: &Tensor, y: &Tensor, seed: u64) -> Result<Tensor> {
-        match self {
-            Net::Causal(m) => loss_of(m, x, y),
-            Net::Masked {
-                bert,
-                mask_id,
-                keep,
-            } => mlm_loss(bert, x, *mask_id, keep, seed),
-            Net::Seq2seq { .. } => Err(TrainError::Data(
-                "an encoder-decoder model trains on source/target pairs".into(),
-            )),
-        }
-    }
-}
-
-/// Masked-LM loss (Devlin et al. 2019): 15% of the tokens are picked (80% masked, 10% random,
-/// 10% kept) and predicted from both sides.
-fn mlm_loss(bert: &Bert, x: &Tensor, mask_id: u32, keep: &[u32], seed: u64) -> Result<Tensor> {
-    let (b, t) = x.dims2()?;
-    let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
-    let mut rng = MixChain::new(mix(seed));
-    let vocab = bert.cfg.vocab_size as u32;
-    let (input, targets) =
-        lmkit_models::bert::mask_tokens(&ids, mask_id, vocab, keep, &mut || rng.uniform_open());
-    let (mut rows, mut want) = (Vec::new(), Vec::new());
-    for (i, tg) in targets.iter().enumerate() {
-        if let Some(id) = tg {
-            rows.push(i as u32);
-            want.push(*id);
-        }
-    }
-    if rows.is_empty() {
-        // Nothing picked in this (tiny) batch: predict the first token instead.
-        rows.push(0);
-        want.push(ids[0]);
-    }
-    let dev = x.device();
-    let h = bert.hidden(&Tensor::from_vec(input, (b, t), dev)?, None)?;
-    let h = h
-        .reshape((b * t, h.dim(2)?))?
-        .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
-    let logits = bert.mlm_logits(&h)?;
-    Ok(candle_nn::loss::cross_entropy(
-        &logits,
-        &Tensor::new(want.as_slice(), dev)?,
-    )?)
-}
-
-/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`, and the
-/// number of real tokens the batch held.
-fn pair_loss(
-    net: &Net,
-    pairs: &[seq2seq::Pair],
-    seed: u64,
-    batch: usize,
-    dev: &Device,
-) -> Result<(Tensor, u64)> {
-    let Net::Seq2seq {
-        bart,
-        start,
-        end,
-        pad,
-    } = net
-    else {
-        return Err(TrainError::Data(
-            "source/target pairs need an encoder-decoder model (model_type = \"bart\")".into(),
-        ));
-    };
-    let mut rng = MixChain::new(mix(seed));
-    let b = seq2seq::batch(
-        pairs,
-        batch,
-        &mut || rng.next_u64() as usize,
-        *start,
-        *end,
-        *pad,
-        dev,
-    )?;
-    Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
-}
-
-/// The model's `config.json` as JSON — `[model]` with the vocabulary size, the tokenizer's
-/// special-token ids and the class name transformers needs — and the validated config.
-fn hf_config(
-    model: &toml::Table,
-    vocab_size: usize,
-    ids: SpecialIds,
-) -> Result<(serde_json::Value, ModelConfig)> {
-    let mut v = serde_json::to_value(model).map_err(|e| TrainError::Data(e.to_string()))?;
-    let at = Path::new("[model]");
-    let family = lmkit_models::registry::family_of(&v, at)?;
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| TrainError::Data("[model] must be a table".into()))?;
-    obj.entry("vocab_size")
-        .or_insert(serde_json::json!(vocab_size));
-    for (field, id) in family.token_id_fields(ids) {
-        if let Some(id) = id {
-            obj.entry(field).or_insert(serde_json::json!(id));
-        }
-    }
-    obj.insert(
-        "architectures".into(),
-        serde_json::json!([family.architecture]),
-    );
-    obj.insert("torch_dtype".into(), serde_json::json!("float32"));
-    let cfg = ModelConfig::from_json(v.clone(), at)?;
-    Ok((v, cfg))
-}
-
-/// Initial weights by parameter role (see [`ParamRole`]): GPT-2's N(0, 0.02) with residual
-/// projections scaled by 1/√(2·layers), zero biases and unit norm gains (Radford et al. 2019,
-/// §2.3); PyTorch's U(−1/√H, 1/√H) for recurrent layers. Deterministic in `seed`.
-fn init_weights(vm: &VarMap, cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<()> {
-    let data = vm
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let n_layer = cfg.num_layers();
-    for (i, name) in names.iter().enumerate() {
-        let var = &data[*name];
-        let shape = var.shape().clone();
-        let n = shape.elem_count();
-        let mut rng = MixChain::new(mix(seed ^ mix(i as u64 + 1)));
-        let normal = |rng: &mut MixChain, std: f64| -> Vec<f32> {
-            (0..n).map(|_| (rng.normal() * std) as f32).collect()
-        };
-        let t = match cfg.param_role(name) {
-            ParamRole::Recurrent { hidden, .. } => {
-                let k = 1.0 / (hidden as f64).sqrt();
-                let vals: Vec<f32> = (0..n)
-                    .map(|_| ((rng.uniform_open() * 2.0 - 1.0) * k) as f32)
-                    .collect();
-                Tensor::from_vec(vals, shape, &Device::Cpu)?
-            }
-            ParamRole::Bias => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-            ParamRole::NormGain => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
-            ParamRole::Embedding | ParamRole::Weight => {
-                Tensor::from_vec(normal(&mut rng, 0.02), shape, &Device::Cpu)?
-            }
-            ParamRole::ResidualOut => Tensor::from_vec(
-                normal(&mut rng, 0.02 / (2.0 * n_layer as f64).sqrt()),
-                shape,
-                &Device::Cpu,
-            )?,
-        };
-        var.set(&t.to_device(dev)?)?;
-    }
-    Ok(())
-}
-
-/// The optimizer's parameters in name order, weight decay by role.
-fn params(vm: &VarMap, cfg: &ModelConfig) -> Result<Vec<Param>> {
-    let data = vm
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
-    let mut names: Vec<String> = data.keys().cloned().collect();
-    names.sort();
-    Ok(names
-        .into_iter()
-        .map(|name| Param {
-            var: data[&name].clone(),
-            decay: cfg.param_role(&name).decays(),
-            name,
-        })
-        .collect())
-}
-
-/// Token windows for training or evaluation: a range of the stream, sampled by (seed, step).
-struct Split<'a> {
-    ds: &'a TokenDataset,
-    start: u64,
-    len: u64,
-}
-
-impl Split<'_> {
-    fn batch(&self, seed: u64, batch: usize, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let mut rng = MixChain::new(seed);
-        let span = self.len - seq as u64 - 1;
-        let mut x = Vec::with_capacity(batch * seq);
-        let mut y = Vec::with_capacity(batch * seq);
-        for _ in 0..batch {
-            let s = self.start + rng.next_u64() % (span + 1);
-            let w = self.ds.window(s, seq + 1);
-            x.extend_from_slice(&w[..seq]);
-            y.extend_from_slice(&w[1..]);
-        }
-        Ok((
-            Tensor::from_vec(x, (batch, seq), dev)?,
-            Tensor::from_vec(y, (batch, seq), dev)?,
-        ))
-    }
-}
-
-impl Split<'_> {
-    /// Truncated backpropagation through time: row r of every batch reads its own contiguous
-    /// stretch of the split, window after window (micro-step `m`), so that the recurrent state
-    /// carried from one window continues into the next. `true` when the streams start over.
-    fn stream_batch(
-        &self,
-        m: u64,
-        batch: usize,
-        seq: usize,
-        dev: &Device,
-    ) -> Result<(Tensor, Tensor, bool)> {
-        let seg = self.len / batch as u64;
-        let per = seg.saturating_sub(1) / seq as u64;
-        if per == 0 {
-            return Err(TrainError::Data(format!(
-                "{} training tokens are too few for {batch} streams of windows of {seq} tokens",
-                self.len
-            )));
-        }
-        let k = m % per;
-        let mut x = Vec::with_capacity(batch * seq);
-        let mut y = Vec::with_capacity(batch * seq);
-        for r in 0..batch as u64 {
-            let w = self
-                .ds
-                .window(self.start + r * seg + k * seq as u64, seq + 1);
-            x.extend_from_slice(&w[..seq]);
-            y.extend_from_slice(&w[1..]);
-        }
-        Ok((
-            Tensor::from_vec(x, (batch, seq), dev)?,
-            Tensor::from_vec(y, (batch, seq), dev)?,
-            k == 0,
-        ))
-    }
-}
-
-/// Rows of logits computed at a time in the loss, so that [rows, vocab] temporaries stay small
-/// enough for the allocator to reuse instead of full [batch·seq, vocab] ones.
-const LOSS_CHUNK_ROWS: usize = 512;
-
-/// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
-fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    loss_with(model, x, y, &mut model.single_pass_cache())
-}
-
-/// `loss_of` continuing from (and updating) `cache`: the carried state of recurrent models.
-fn loss_with(model: &CausalLm, x: &Tensor, y: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-    let h = model.hidden(x, cache)?;
-    let (b, t, c) = h.dims3()?;
-    let n = b * t;
-    let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
-    let output = model.output();
-    let mut total: Option<Tensor> = None;
-    for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
-        let len = LOSS_CHUNK_ROWS.min(n - start);
-        let logits = output.forward(&h.narrow(0, start, len)?)?;
-        let part = lmkit_kernels::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
-        total = Some(match total {
-            Some(t) => (t + part)?,
-            None => part,
-        });
-    }
-    let total = total.ok_or_else(|| TrainError::Data("empty batch".into()))?;
-    Ok((total / n as f64)?)
 }
 
 /// Adds a gradient contribution to a parameter's running sum (the first one is kept as is).
@@ -448,42 +150,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
     }
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let model = match &model_cfg {
-        ModelConfig::Bert(c) => {
-            let mask_id = tokenizer
-                .token_to_id(lmkit_core::tokens::MASK)
-                .ok_or_else(|| {
-                    TrainError::Data(format!(
-                        "{}: masked-LM training needs a <|mask|> token in the tokenizer",
-                        tk_path.display()
-                    ))
-                })?;
-            let keep = lmkit_tokenize::DEFAULT_SPECIAL_TOKENS
-                .iter()
-                .filter_map(|t| tokenizer.token_to_id(t))
-                .collect();
-            Net::Masked {
-                bert: Bert::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
-                mask_id,
-                keep,
-            }
-        }
-        ModelConfig::Bart(c) => Net::Seq2seq {
-            bart: Bart::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
-            start: c.start_token(),
-            end: c.eos_token_id.unwrap_or(2),
-            pad: c.pad_token_id.unwrap_or(0),
-        },
-        causal => {
-            let Some(c) = causal.clone().into_decoder() else {
-                return Err(TrainError::Data(format!(
-                    "[model]: no training objective for a {:?} model",
-                    causal.kind()
-                )));
-            };
-            Net::Causal(CausalLm::from_var_builder(&c, vb, Path::new("[model]"))?)
-        }
-    };
+    let model = Net::build(&model_cfg, vb, &tokenizer, tk_path)?;
     let n_layer = model_cfg.num_layers();
     init_weights(&vm, &model_cfg, t.seed, &dev)?;
     let mut opt = AdamW::new(

@@ -1,0 +1,100 @@
+//! A new model: its `config.json` from `[model]` and the tokenizer, its initial weights and its
+//! optimizer parameters, both decided by each tensor's role.
+
+use crate::adamw::Param;
+use crate::error::{Result, TrainError};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use lmkit_core::rng::{mix, MixChain, Random};
+use lmkit_models::{ModelConfig, ParamRole, SpecialIds};
+use std::path::Path;
+
+/// The model's `config.json` as JSON — `[model]` with the vocabulary size, the tokenizer's
+/// special-token ids and the class name transformers needs — and the validated config.
+pub(crate) fn hf_config(
+    model: &toml::Table,
+    vocab_size: usize,
+    ids: SpecialIds,
+) -> Result<(serde_json::Value, ModelConfig)> {
+    let mut v = serde_json::to_value(model).map_err(|e| TrainError::Data(e.to_string()))?;
+    let at = Path::new("[model]");
+    let family = lmkit_models::registry::family_of(&v, at)?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| TrainError::Data("[model] must be a table".into()))?;
+    obj.entry("vocab_size")
+        .or_insert(serde_json::json!(vocab_size));
+    for (field, id) in family.token_id_fields(ids) {
+        if let Some(id) = id {
+            obj.entry(field).or_insert(serde_json::json!(id));
+        }
+    }
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!([family.architecture]),
+    );
+    obj.insert("torch_dtype".into(), serde_json::json!("float32"));
+    let cfg = ModelConfig::from_json(v.clone(), at)?;
+    Ok((v, cfg))
+}
+
+/// Initial weights by parameter role (see [`ParamRole`]): GPT-2's N(0, 0.02) with residual
+/// projections scaled by 1/√(2·layers), zero biases and unit norm gains (Radford et al. 2019,
+/// §2.3); PyTorch's U(−1/√H, 1/√H) for recurrent layers. Deterministic in `seed`.
+pub(crate) fn init_weights(vm: &VarMap, cfg: &ModelConfig, seed: u64, dev: &Device) -> Result<()> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let n_layer = cfg.num_layers();
+    for (i, name) in names.iter().enumerate() {
+        let var = &data[*name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let mut rng = MixChain::new(mix(seed ^ mix(i as u64 + 1)));
+        let normal = |rng: &mut MixChain, std: f64| -> Vec<f32> {
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
+        };
+        let t = match cfg.param_role(name) {
+            ParamRole::Recurrent { hidden, .. } => {
+                let k = 1.0 / (hidden as f64).sqrt();
+                let vals: Vec<f32> = (0..n)
+                    .map(|_| ((rng.uniform_open() * 2.0 - 1.0) * k) as f32)
+                    .collect();
+                Tensor::from_vec(vals, shape, &Device::Cpu)?
+            }
+            ParamRole::Bias => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+            ParamRole::NormGain => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+            ParamRole::Embedding | ParamRole::Weight => {
+                Tensor::from_vec(normal(&mut rng, 0.02), shape, &Device::Cpu)?
+            }
+            ParamRole::ResidualOut => Tensor::from_vec(
+                normal(&mut rng, 0.02 / (2.0 * n_layer as f64).sqrt()),
+                shape,
+                &Device::Cpu,
+            )?,
+        };
+        var.set(&t.to_device(dev)?)?;
+    }
+    Ok(())
+}
+
+/// The optimizer's parameters in name order, weight decay by role.
+pub(crate) fn params(vm: &VarMap, cfg: &ModelConfig) -> Result<Vec<Param>> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+    let mut names: Vec<String> = data.keys().cloned().collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|name| Param {
+            var: data[&name].clone(),
+            decay: cfg.param_role(&name).decays(),
+            name,
+        })
+        .collect())
+}

@@ -1,0 +1,209 @@
+//! What is minimised: next-token cross-entropy (decoders, recurrent models), masked-LM
+//! cross-entropy (BERT) or target-given-source cross-entropy (the encoder-decoder).
+
+use crate::error::{Result, TrainError};
+use crate::seq2seq;
+use candle_core::{Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use lmkit_core::rng::{mix, MixChain, Random};
+use lmkit_models::bart::Bart;
+use lmkit_models::bert::Bert;
+use lmkit_models::{CausalLm, KvCache, ModelConfig};
+use std::path::Path;
+
+/// The model being trained, with what its objective needs.
+pub(crate) enum Net {
+    Causal(CausalLm),
+    Masked {
+        bert: Bert,
+        mask_id: u32,
+        /// Tokens never masked (special tokens).
+        keep: Vec<u32>,
+    },
+    Seq2seq {
+        bart: Bart,
+        start: u32,
+        end: u32,
+        pad: u32,
+    },
+}
+
+impl Net {
+    pub(crate) fn set_training(&self, on: bool) {
+        if let Net::Causal(m) = self {
+            m.set_training(on);
+        }
+    }
+
+    /// The batch's loss: next-token cross-entropy, or masked-LM cross-entropy with masks drawn
+    /// from `seed`.
+    pub(crate) fn loss(&self, x: &Tensor, y: &Tensor, seed: u64) -> Result<Tensor> {
+        match self {
+            Net::Causal(m) => loss_of(m, x, y),
+            Net::Masked {
+                bert,
+                mask_id,
+                keep,
+            } => mlm_loss(bert, x, *mask_id, keep, seed),
+            Net::Seq2seq { .. } => Err(TrainError::Data(
+                "an encoder-decoder model trains on source/target pairs".into(),
+            )),
+        }
+    }
+}
+
+/// Masked-LM loss (Devlin et al. 2019): 15% of the tokens are picked (80% masked, 10% random,
+/// 10% kept) and predicted from both sides.
+pub(crate) fn mlm_loss(
+    bert: &Bert,
+    x: &Tensor,
+    mask_id: u32,
+    keep: &[u32],
+    seed: u64,
+) -> Result<Tensor> {
+    let (b, t) = x.dims2()?;
+    let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
+    let mut rng = MixChain::new(mix(seed));
+    let vocab = bert.cfg.vocab_size as u32;
+    let (input, targets) =
+        lmkit_models::bert::mask_tokens(&ids, mask_id, vocab, keep, &mut || rng.uniform_open());
+    let (mut rows, mut want) = (Vec::new(), Vec::new());
+    for (i, tg) in targets.iter().enumerate() {
+        if let Some(id) = tg {
+            rows.push(i as u32);
+            want.push(*id);
+        }
+    }
+    if rows.is_empty() {
+        // Nothing picked in this (tiny) batch: predict the first token instead.
+        rows.push(0);
+        want.push(ids[0]);
+    }
+    let dev = x.device();
+    let h = bert.hidden(&Tensor::from_vec(input, (b, t), dev)?, None)?;
+    let h = h
+        .reshape((b * t, h.dim(2)?))?
+        .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+    let logits = bert.mlm_logits(&h)?;
+    Ok(candle_nn::loss::cross_entropy(
+        &logits,
+        &Tensor::new(want.as_slice(), dev)?,
+    )?)
+}
+
+/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`, and the
+/// number of real tokens the batch held.
+pub(crate) fn pair_loss(
+    net: &Net,
+    pairs: &[seq2seq::Pair],
+    seed: u64,
+    batch: usize,
+    dev: &Device,
+) -> Result<(Tensor, u64)> {
+    let Net::Seq2seq {
+        bart,
+        start,
+        end,
+        pad,
+    } = net
+    else {
+        return Err(TrainError::Data(
+            "source/target pairs need an encoder-decoder model (model_type = \"bart\")".into(),
+        ));
+    };
+    let mut rng = MixChain::new(mix(seed));
+    let b = seq2seq::batch(
+        pairs,
+        batch,
+        &mut || rng.next_u64() as usize,
+        *start,
+        *end,
+        *pad,
+        dev,
+    )?;
+    Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
+}
+
+/// Rows of logits computed at a time in the loss, so that [rows, vocab] temporaries stay small
+/// enough for the allocator to reuse instead of full [batch·seq, vocab] ones.
+pub(crate) const LOSS_CHUNK_ROWS: usize = 512;
+
+/// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
+pub(crate) fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    loss_with(model, x, y, &mut model.single_pass_cache())
+}
+
+/// `loss_of` continuing from (and updating) `cache`: the carried state of recurrent models.
+pub(crate) fn loss_with(
+    model: &CausalLm,
+    x: &Tensor,
+    y: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let h = model.hidden(x, cache)?;
+    let (b, t, c) = h.dims3()?;
+    let n = b * t;
+    let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
+    let output = model.output();
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
+        let len = LOSS_CHUNK_ROWS.min(n - start);
+        let logits = output.forward(&h.narrow(0, start, len)?)?;
+        let part = lmkit_kernels::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    let total = total.ok_or_else(|| TrainError::Data("empty batch".into()))?;
+    Ok((total / n as f64)?)
+}
+
+impl Net {
+    /// A new model of `cfg` on the variables of `vb`, with what its objective needs from the
+    /// tokenizer (at `tk_path`, named in errors).
+    pub(crate) fn build(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        tokenizer: &lmkit_tokenize::Tokenizer,
+        tk_path: &Path,
+    ) -> Result<Net> {
+        Ok(match cfg {
+            ModelConfig::Bert(c) => {
+                let mask_id = tokenizer
+                    .token_to_id(lmkit_core::tokens::MASK)
+                    .ok_or_else(|| {
+                        TrainError::Data(format!(
+                            "{}: masked-LM training needs a <|mask|> token in the tokenizer",
+                            tk_path.display()
+                        ))
+                    })?;
+                let keep = lmkit_tokenize::DEFAULT_SPECIAL_TOKENS
+                    .iter()
+                    .filter_map(|t| tokenizer.token_to_id(t))
+                    .collect();
+                Net::Masked {
+                    bert: Bert::new(c, vb)
+                        .map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
+                    mask_id,
+                    keep,
+                }
+            }
+            ModelConfig::Bart(c) => Net::Seq2seq {
+                bart: Bart::new(c, vb).map_err(|e| TrainError::Data(format!("[model]: {e}")))?,
+                start: c.start_token(),
+                end: c.eos_token_id.unwrap_or(2),
+                pad: c.pad_token_id.unwrap_or(0),
+            },
+            causal => {
+                let Some(c) = causal.clone().into_decoder() else {
+                    return Err(TrainError::Data(format!(
+                        "[model]: no training objective for a {:?} model",
+                        causal.kind()
+                    )));
+                };
+                Net::Causal(CausalLm::from_var_builder(&c, vb, Path::new("[model]"))?)
+            }
+        })
+    }
+}
