@@ -6,6 +6,7 @@ verse → next-verse pairs of the bundled corpus; tokens = source + target). Sam
 sequence length and optimizer (AdamW, clipping); tokens/s over the steps after the first.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
+       [--baseline OTHER_LMKIT]   # also train each family with another lmkit binary, right after lmkit
 """
 import argparse
 import json
@@ -89,6 +90,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--baseline", help="another lmkit binary (e.g. built from an earlier commit) measured alongside")
     a = ap.parse_args()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-families-"))
@@ -122,8 +124,10 @@ def main():
     enc = [(tok.encode(a_).ids[:64], tok.encode(b_).ids[:63]) for a_, b_ in zip(verses, verses[1:])]
     bart_toml = ('model_type = "bart"\nd_model = 256\nencoder_layers = 2\ndecoder_layers = 2\nencoder_attention_heads = 4\n'
                  'decoder_attention_heads = 4\nencoder_ffn_dim = 1024\ndecoder_ffn_dim = 1024\nmax_position_embeddings = 64\n')
-    bart_lm = lmkit_tps(lm, tmp, "bart", bart_toml, f"train = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n",
-                        f"batch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
+    bart_args = (bart_toml, f"train = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n",
+                 f"batch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
+    bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args)
+    bart_base = lmkit_tps(a.baseline, tmp, "bart-base", *bart_args) if a.baseline else None
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2,
                                                    encoder_attention_heads=4, decoder_attention_heads=4,
@@ -150,19 +154,27 @@ def main():
     n_tok = sum(bart_step() for _ in range(a.steps))
     bart_pt = n_tok / (time.perf_counter() - t0)
     for name, model_toml, make, loss_fn in families:
-        lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), model_toml,
-                           f"train = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n",
-                           f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
+        args = (model_toml, f"train = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n",
+                f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
+        lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), *args)
+        base = lmkit_tps(a.baseline, tmp, name.split()[0].lower() + "-base", *args) if a.baseline else None
         torch.manual_seed(0)
         pt = torch_tps(make(), loss_fn, a.batch, a.seq, a.steps)
-        rows.append((name, lm_tps, pt))
+        rows.append((name, lm_tps, pt, base))
     print(f"batch {a.batch}, sequence {a.seq}, vocab {V}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print()
-    print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch |")
-    print("|---|---|---|---|")
-    rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt))
-    for name, l, p in rows:
-        print(f"| {name} | {l:,.0f} | {p:,.0f} | {l / p:.2f}x |")
+    rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt, bart_base))
+    if a.baseline:
+        print(f"baseline: {a.baseline}")
+        print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch | baseline lmkit tokens/s | lmkit/baseline |")
+        print("|---|---|---|---|---|---|")
+        for name, l, p, b in rows:
+            print(f"| {name} | {l:,.0f} | {p:,.0f} | {l / p:.2f}x | {b:,.0f} | {l / b:.2f}x |")
+    else:
+        print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch |")
+        print("|---|---|---|---|")
+        for name, l, p, _ in rows:
+            print(f"| {name} | {l:,.0f} | {p:,.0f} | {l / p:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
+       [--baseline OTHER_LMKIT]   # also train with another lmkit binary (e.g. built from an earlier commit),
+                                  # alternating with the others in every round: is a change no slower?
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
 (Kaplan et al. 2020 / the PaLM appendix convention), so GFLOP/s = tokens/s · flops_per_token / 1e9.
@@ -45,6 +47,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both lmkit and PyTorch)")
+    ap.add_argument("--baseline", help="another lmkit binary to train with in the same rounds")
     a = ap.parse_args()
     dev = torch.device(a.device)
 
@@ -98,10 +101,10 @@ save_every = 0
 log_every = 1
 device = "{a.device}"
 """)
-    def lmkit_train():
-        shutil.rmtree(tmp / "out", ignore_errors=True)
-        run([lm, "train", "--config", tmp / "run.toml"])
-        recs = [json.loads(l) for l in (tmp / "out/metrics.jsonl").read_text().splitlines()]
+    def lmkit_train(binary=lm, out="out"):
+        shutil.rmtree(tmp / out, ignore_errors=True)
+        run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"'])
+        recs = [json.loads(l) for l in (tmp / out / "metrics.jsonl").read_text().splitlines()]
         step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
         return len(step_tps) / sum(1 / t for t in step_tps)
 
@@ -130,10 +133,12 @@ device = "{a.device}"
         return a.steps * tokens_per_step / (time.perf_counter() - t0)
 
     # The two sides alternate, so that a machine whose speed drifts (shared cores) affects both.
-    lm_runs, pt_runs = [], []
+    lm_runs, pt_runs, base_runs = [], [], []
     for _ in range(a.rounds):
         lm_runs.append(lmkit_train())
         pt_runs.append(torch_train())
+        if a.baseline:
+            base_runs.append(lmkit_train(a.baseline, "baseline"))
     lm_tps, pt_tps = statistics.median(lm_runs), statistics.median(pt_runs)
     ratios = sorted(l / p for l, p in zip(lm_runs, pt_runs))
 
@@ -164,6 +169,10 @@ device = "{a.device}"
     print(f"| training tokens/s (median of {a.rounds} alternating rounds) | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
     print(f"| training tokens/s, each round | {' / '.join(f'{v:,.0f}' for v in lm_runs)} | "
           f"{' / '.join(f'{v:,.0f}' for v in pt_runs)} | {' / '.join(f'{r:.2f}x' for r in ratios)} (sorted) |")
+    if base_runs:
+        base_tps = statistics.median(base_runs)
+        print(f"| training tokens/s, baseline lmkit `{a.baseline}` (median; each round) | {base_tps:,.0f} "
+              f"({' / '.join(f'{v:,.0f}' for v in base_runs)}) | | lmkit/baseline {lm_tps / base_tps:.2f}x |")
     print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
     print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")
     print(f"| greedy decode tokens/s (KV cache, batch 1; lmkit incl. process start+load) | {lm_dec:,.1f} | {hf_dec:,.1f} | {lm_dec / hf_dec:.2f}x |")
