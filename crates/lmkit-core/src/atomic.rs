@@ -74,6 +74,63 @@ impl Write for AtomicFile {
     }
 }
 
+/// A directory being filled under a temporary name in its parent; [`AtomicDir::commit`] renames
+/// it to its final name. Dropped without a commit, it is removed with its contents.
+pub struct AtomicDir {
+    parent: PathBuf,
+    temp: tempfile::TempDir,
+}
+
+impl AtomicDir {
+    /// Starts a directory in `parent` (created if missing).
+    pub fn create_in(parent: &Path) -> Result<AtomicDir, PathError> {
+        std::fs::create_dir_all(parent).at(parent)?;
+        let temp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempdir_in(parent)
+            .at(parent)?;
+        Ok(AtomicDir {
+            parent: parent.to_path_buf(),
+            temp,
+        })
+    }
+
+    /// Where to write the directory's files.
+    pub fn path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// Renames the directory to `name` in its parent, replacing a directory of that name.
+    pub fn commit(self, name: &str) -> Result<PathBuf, PathError> {
+        let target = self.parent.join(name);
+        if target.exists() {
+            std::fs::remove_dir_all(&target).at(&target)?;
+        }
+        let kept = self.temp.keep();
+        std::fs::rename(&kept, &target).at(&target)?;
+        if let Ok(d) = std::fs::File::open(&self.parent) {
+            let _ = d.sync_all();
+        }
+        Ok(target)
+    }
+}
+
+/// Removes the temporary files and directories a writer that died left in `dir`.
+pub fn remove_temporaries(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
+}
+
 /// Writes `path` atomically with what `f` writes.
 pub fn write_atomic(
     path: &Path,
@@ -116,6 +173,31 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("disk on fire"));
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn directories_appear_whole_or_not_at_all() {
+        let root = tempfile::tempdir().unwrap();
+        let d = AtomicDir::create_in(root.path()).unwrap();
+        std::fs::write(d.path().join("a"), "1").unwrap();
+        let names = || -> Vec<String> {
+            let mut v: Vec<_> = std::fs::read_dir(root.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(names()[0].starts_with(TEMP_PREFIX));
+        let done = d.commit("ckpt").unwrap();
+        assert_eq!(std::fs::read_to_string(done.join("a")).unwrap(), "1");
+        assert_eq!(names(), ["ckpt"]);
+        drop(AtomicDir::create_in(root.path()).unwrap());
+        assert_eq!(names(), ["ckpt"]);
+        std::fs::create_dir(root.path().join(format!("{TEMP_PREFIX}left"))).unwrap();
+        std::fs::write(root.path().join(format!("{TEMP_PREFIX}file")), "x").unwrap();
+        remove_temporaries(root.path());
+        assert_eq!(names(), ["ckpt"]);
     }
 
     #[test]

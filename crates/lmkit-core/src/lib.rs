@@ -11,7 +11,7 @@ pub mod progress;
 pub mod rng;
 pub mod tokens;
 
-pub use atomic::{write_atomic, write_atomic_bytes, AtomicFile};
+pub use atomic::{write_atomic, write_atomic_bytes, AtomicDir, AtomicFile};
 pub use error::{PathError, PathResultExt};
 pub use inputs::collect_inputs;
 pub use progress::{NoProgress, Progress, Unit};

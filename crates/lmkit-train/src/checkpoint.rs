@@ -56,11 +56,7 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 
 /// Writes checkpoint `step` under `out` and points `out/latest` at it; removes all but the newest `keep`.
 pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-ckpt-")
-        .tempdir_in(out)
-        .map_err(io(out))?;
+    let tmp = lmkit_core::AtomicDir::create_in(out)?;
     let dir = tmp.path();
     write_json(&dir.join("config.json"), files.config_json)?;
     write_json(&dir.join("generation_config.json"), files.generation_config)?;
@@ -83,15 +79,7 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
     write_json(&ts.join("state.json"), files.state)?;
 
     let name = format!("ckpt-{step:06}");
-    let final_dir = out.join(&name);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &final_dir).map_err(io(&final_dir))?;
-    if let Ok(d) = std::fs::File::open(out) {
-        let _ = d.sync_all();
-    }
+    let final_dir = tmp.commit(&name)?;
     let latest = out.join(LATEST);
     lmkit_core::write_atomic_bytes(&latest, name.as_bytes())?;
 
@@ -113,17 +101,7 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
 
 /// Removes temporary checkpoint directories left by a run that died while writing one.
 pub fn remove_partial(out: &Path) {
-    if let Ok(entries) = std::fs::read_dir(out) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(".tmp-ckpt-"))
-            {
-                let _ = std::fs::remove_dir_all(&p);
-            }
-        }
-    }
+    lmkit_core::atomic::remove_temporaries(out);
 }
 
 /// The checkpoint `out/latest` names.

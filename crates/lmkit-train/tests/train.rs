@@ -166,11 +166,11 @@ fn check_resume(model: Option<&str>) {
     // The same run, killed right after its step-6 checkpoint (and while writing the next one), then resumed.
     std::fs::remove_dir_all(&whole).unwrap();
     run_until(&cfg, 6);
-    std::fs::create_dir(whole.join(".tmp-ckpt-crashed")).unwrap();
+    std::fs::create_dir(whole.join(".lmkit-tmp-crashed")).unwrap();
     let resumed = train(&cfg, true, &NoProgress).unwrap();
     assert_eq!(resumed.steps, 12);
     assert!(
-        !whole.join(".tmp-ckpt-crashed").exists(),
+        !whole.join(".lmkit-tmp-crashed").exists(),
         "a partial checkpoint was left behind"
     );
     // Everything but the measured speed is identical: losses, gradient norms, learning rates.

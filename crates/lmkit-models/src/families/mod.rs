@@ -64,6 +64,11 @@ pub struct SpecialIds {
 /// `config.json` token-id fields and their values (`None`: the tokenizer has no such token).
 pub type TokenIdFields = Vec<(&'static str, Option<u32>)>;
 
+/// The token-id fields of a decoder: text starts and ends with the end-of-text token.
+pub fn decoder_token_ids(ids: SpecialIds) -> TokenIdFields {
+    vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
+}
+
 /// What a family tells the rest of lmkit. Implemented by each family's config.
 pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     /// `model_type` in `config.json`.

@@ -110,7 +110,7 @@ impl FamilyConfig for RnnConfig {
         self.eos_token_id
     }
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
-        vec![("bos_token_id", ids.eot), ("eos_token_id", ids.eot)]
+        super::decoder_token_ids(ids)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if let Some(rest) = name.strip_prefix("rnn.") {
