@@ -1,11 +1,36 @@
 //! Key/value cache for incremental decoding: per layer, keys and values of all earlier positions
-//! ([batch, kv_heads, seq, head_dim]), extended along the sequence axis.
+//! ([batch, kv_heads, seq, head_dim]) in buffers allocated ahead (capacity doubling), so that a
+//! decoding step writes its own position instead of copying the whole history.
 
 use candle_core::Tensor;
 
+/// Positions a layer's buffers hold at least once decoding continues a first pass.
+const FIRST_CAPACITY: usize = 64;
+
+/// One layer's keys and values.
+#[derive(Clone)]
+enum Slot {
+    /// As the first pass gave them ([batch, kv_heads, len, head_dim]): kept without a copy, so
+    /// that a pass that is never continued (training, scoring) costs nothing.
+    First(Tensor, Tensor),
+    /// Buffers of [batch, kv_heads, capacity, head_dim], the first `len` positions used.
+    Buffered(Tensor, Tensor),
+}
+
+/// Buffers of `capacity` positions (shaped like `k` otherwise) holding `k`, `v` at position 0.
+fn buffers(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let mut dims = k.dims().to_vec();
+    dims[2] = capacity;
+    let bk = Tensor::zeros(dims.as_slice(), k.dtype(), k.device())?;
+    let bv = bk.zeros_like()?;
+    bk.slice_set(&k.contiguous()?, 2, 0)?;
+    bv.slice_set(&v.contiguous()?, 2, 0)?;
+    Ok((bk, bv))
+}
+
 #[derive(Default, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<Slot>>,
     /// Recurrent models keep, per layer, the last hidden state (and LSTM cell state) instead.
     pub(crate) recurrent: Vec<Option<(Tensor, Option<Tensor>)>>,
     len: usize,
@@ -47,22 +72,50 @@ impl KvCache {
     }
 
     /// Adds this step's keys/values for `layer` and returns the full ones. The cached length grows
-    /// once the last layer has been appended.
+    /// once the last layer has been appended. The first pass gets its own tensors back (so that
+    /// gradients flow through a whole-sequence pass, and nothing is copied); the next one moves
+    /// them into buffers with room to grow, and later ones get views of those buffers.
     pub fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k.clone(), v.clone()),
+        let Some(slot) = self.layers.get_mut(layer) else {
+            candle_core::bail!("KV cache: layer {layer} of {}", self.layers.len());
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
+        let start = self.len;
+        let end = start + k.dim(2)?;
+        let out = match slot.take() {
+            None if start == 0 => {
+                *slot = Some(Slot::First(k.clone(), v.clone()));
+                (k.clone(), v.clone())
+            }
+            None => {
+                candle_core::bail!("KV cache: layer {layer} has no keys for its {start} positions")
+            }
+            Some(kept) => {
+                let (bk, bv) = match kept {
+                    Slot::Buffered(bk, bv) if end <= bk.dim(2)? => (bk, bv),
+                    Slot::Buffered(bk, bv) => {
+                        let cap = end.max(2 * bk.dim(2)?);
+                        buffers(&bk.narrow(2, 0, start)?, &bv.narrow(2, 0, start)?, cap)?
+                    }
+                    Slot::First(fk, fv) => {
+                        buffers(&fk, &fv, end.max(2 * start).max(FIRST_CAPACITY))?
+                    }
+                };
+                bk.slice_set(&k.contiguous()?, 2, start)?;
+                bv.slice_set(&v.contiguous()?, 2, start)?;
+                let out = (bk.narrow(2, 0, end)?, bv.narrow(2, 0, end)?);
+                *slot = Some(Slot::Buffered(bk, bv));
+                out
+            }
+        };
         if layer + 1 == self.layers.len() {
-            self.len = k.dim(2)?;
+            self.len = end;
         }
-        Ok((k, v))
+        Ok(out)
     }
 
     /// Recurrent models: the saved state of `layer` (hidden, and cell for an LSTM), if any.
@@ -86,5 +139,49 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.recurrent.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn appends_equal_concatenation_across_growth() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(2);
+        let mut all: Vec<Tensor> = Vec::new();
+        // A first pass of 5 positions, then single steps past the first capacity.
+        for (i, t) in std::iter::once(5)
+            .chain(std::iter::repeat_n(1, 70))
+            .enumerate()
+        {
+            let k = Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap();
+            let v = (&k * 2.0).unwrap();
+            let mut got = None;
+            for layer in 0..2 {
+                got = Some(cache.append(layer, &k, &v).unwrap());
+            }
+            all.push(k);
+            let (gk, gv) = got.unwrap();
+            let want = Tensor::cat(&all, 2).unwrap();
+            assert_eq!(gk.dims(), want.dims(), "step {i}");
+            let d = (gk - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            let d = (gv - (want * 2.0).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(cache.len(), 5 + i);
+        }
+        cache.clear();
+        assert!(cache.is_empty());
+        let k = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
+        assert_eq!(cache.append(0, &k, &k).unwrap().0.dims(), [1, 1, 2, 4]);
+        assert!(cache.append(5, &k, &k).is_err());
     }
 }
