@@ -3,6 +3,7 @@
 //! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64; other devices and
 //! dtypes fall back to composed ops. lmkit-models/tests/gradients.rs checks them against finite differences.
 
+use crate::simd::simd_versions;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -74,7 +75,7 @@ struct SoftmaxBwd {
     scale: f64,
 }
 
-multiversion! {
+simd_versions! {
     /// In place: row[..seen] ← softmax(scale·row[..seen]) (scale > 0), row[seen..] ← 0.
     pub fn softmax_row<T: FastMath>(row: &mut [T], seen: usize, scale: T) {
         let (seen, masked) = row.split_at_mut(seen);
@@ -88,7 +89,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+simd_versions! {
     /// In place: g ← scale·y ⊙ (g − Σ_j g_j y_j), the softmax backward of one row.
     pub fn softmax_bwd_row<T: FastMath>(y: &[T], g: &mut [T], scale: T) {
         let dot = dot_of(y, g);
@@ -333,57 +334,6 @@ impl FastMath for f32 {
     }
 }
 
-/// Which vector instructions the elementwise kernels may use: 2 = AVX-512, 1 = AVX2 with FMA,
-/// 0 = the build's baseline (SSE2 on x86-64: 4 floats per instruction).
-#[cfg(target_arch = "x86_64")]
-pub fn simd_level() -> u8 {
-    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-            2
-        } else if has!("avx2") && has!("fma") {
-            1
-        } else {
-            0
-        }
-    })
-}
-
-/// Defines `fn name<T: Bound>(args)` whose body is compiled three times — for AVX-512, for AVX2
-/// with FMA, and for the baseline — and picks the widest this CPU runs. The build targets
-/// baseline x86-64, where these loops vectorise 4 floats wide; compiled inside the wider
-/// versions, the same loops run 8 or 16 wide.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<T: $b:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name<T: $b>($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn inner<T: $b>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-                fn v512<T: $b>($($arg: $ty),*) $(-> $ret)? {
-                    inner($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v256<T: $b>($($arg: $ty),*) $(-> $ret)? {
-                    inner($($arg),*)
-                }
-                match $crate::fused::simd_level() {
-                    // SAFETY: simd_level checked that the CPU has these features.
-                    2 => return unsafe { v512($($arg),*) },
-                    // SAFETY: as above.
-                    1 => return unsafe { v256($($arg),*) },
-                    _ => {}
-                }
-            }
-            inner($($arg),*)
-        }
-    };
-}
-pub(crate) use multiversion;
-
 /// Elements per parallel task of the elementwise kernels.
 const BLOCK: usize = 1 << 14;
 
@@ -395,7 +345,7 @@ fn gelu_consts<T: Float>() -> (T, T) {
     )
 }
 
-multiversion! {
+simd_versions! {
     /// One block of the GELU forward: o = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
     fn gelu_block<T: FastMath>(x: &[T], o: &mut [T]) {
         let (k, a) = gelu_consts::<T>();
@@ -406,7 +356,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+simd_versions! {
     /// One block of the GELU backward: o = g · [½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)].
     fn gelu_bwd_block<T: FastMath>(x: &[T], g: &[T], o: &mut [T]) {
         let (k, a) = gelu_consts::<T>();
@@ -611,7 +561,7 @@ fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
     (mean, T::one() / (var + eps).sqrt())
 }
 
-multiversion! {
+simd_versions! {
     /// LayerNorm of the rows of `xs` into `o`.
     fn layer_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], b: &[T], eps: T) {
         let n = w.len();
@@ -624,7 +574,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+simd_versions! {
     /// LayerNorm's backward over the rows of `xs`: dx into `dxs` (added to it when `add`),
     /// dw and db added to `acc` [dw | db].
     fn layer_norm_bwd_block<T: FastMath>(
@@ -817,7 +767,7 @@ fn rms_rstd<T: Float>(r: &[T], eps: T) -> T {
     T::one() / (lane_sum(r, |v| v * v) / n + eps).sqrt()
 }
 
-multiversion! {
+simd_versions! {
     /// RMSNorm of the rows of `xs` into `o`.
     fn rms_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], eps: T) {
         let n = w.len();
@@ -830,7 +780,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+simd_versions! {
     /// RMSNorm's backward over the rows of `xs`: dx = rstd·(g·w − x̂·mean(g·w·x̂)) into `dxs`,
     /// dw += g·x̂ into `dw` (x̂ = x·rstd).
     fn rms_norm_bwd_block<T: FastMath>(dxs: &mut [T], xs: &[T], gs: &[T], w: &[T], eps: T, dw: &mut [T]) {
@@ -936,7 +886,7 @@ struct RopeOp {
     inverse: bool,
 }
 
-multiversion! {
+simd_versions! {
     /// Rotates each row of `xs` (d values, position `pos0 + row` modulo t) into `o`.
     #[allow(clippy::too_many_arguments)]
     fn rope_block<T: FastMath>(
@@ -1055,7 +1005,7 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> candle_core::Result<&
     Ok(t)
 }
 
-multiversion! {
+simd_versions! {
     /// log Σ exp(r), shifted by the row's max.
     pub fn log_sum_exp<T: FastMath>(r: &[T]) -> T {
         let m = max_of(r);
@@ -1093,7 +1043,7 @@ pub fn ce_row_in_place<T: FastMath>(r: &mut [T], y: usize, scale: T) -> T {
     loss
 }
 
-multiversion! {
+simd_versions! {
     /// In place: r ← exp(r − lse)·scale.
     fn softmax_scaled<T: FastMath>(r: &mut [T], lse: T, scale: T) {
         for v in r.iter_mut() {

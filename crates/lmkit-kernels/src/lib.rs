@@ -5,7 +5,7 @@
 //!   with candle's matmul as the fallback, and the fused attention products built on them.
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
 //!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
-//!   run time, wrapped as candle custom ops with analytic backward passes.
+//!   run time ([`simd`]), wrapped as candle custom ops with analytic backward passes.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
@@ -18,6 +18,7 @@ pub mod adamw;
 pub mod blas;
 pub mod buffers;
 pub mod fused;
+pub mod simd;
 pub mod system;
 
 #[doc(hidden)]
