@@ -6,6 +6,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+bash scripts/setup-system.sh
 cargo build --release --locked -p lmkit-cli
 lmkit="$root/target/release/lmkit"
 out="${LMKIT_OUT:-$root/runs/quickstart}"

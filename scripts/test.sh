@@ -4,6 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+bash scripts/setup-system.sh --tests
 venv="$(bash scripts/setup-python.sh)"
 cargo build --release --locked -p lmkit-cli
 cargo test --release --locked --workspace
