@@ -41,7 +41,7 @@ echo "== Korean character 5-gram (binary)"
 echo "== Korean: rank candidate sentences"
 "$lmkit" ngram rank --model "$out/ko.lmkb" "나는 버스를 탔다" "나는 버스를 태운다" "국민은 법 앞에 평등하다" "국민은 법 앞에 평등한다"
 echo "== Train a small GPT (configs/gpt-small.toml; at most ${LMKIT_TRAIN_SECONDS:-180} s) and generate"
-"$lmkit" train --config configs/gpt-small.toml --set "train.out_dir=\"$out/gpt\"" \
+"$lmkit" train --overwrite --config configs/gpt-small.toml --set "train.out_dir=\"$out/gpt\"" \
   --set "data.train=\"$out/shards\"" --set "data.tokenizer=\"$out/tokenizer\"" --max-time "${LMKIT_TRAIN_SECONDS:-180}"
 "$lmkit" generate --model "$out/gpt" --prompt "In the beginning" --max-tokens 40 --seed 1
 "$lmkit" generate --model "$out/gpt" --prompt "대한민국은" --max-tokens 40 --seed 1

@@ -160,7 +160,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
         let cfg = lmkit_train::RunConfig::load(&cfg_path, &[])?;
         eprintln!("training {name} for {} s", a.seconds);
         let t0 = Instant::now();
-        let summary = lmkit_train::train(&cfg, false, &crate::progress::Bar::default())?;
+        let summary = lmkit_train::train(
+            &cfg,
+            lmkit_train::Start::Overwrite,
+            &crate::progress::Bar::default(),
+        )?;
         let secs = t0.elapsed().as_secs_f64();
         let dev = lmkit_models::parse_device(&a.device)?;
         let scorer = Scorer::load(&dir, &dev, false)?;

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[command(
     after_help = "Examples:\n  lmkit train --config configs/gpt-small.toml\n  \
     lmkit train --config configs/gpt-small.toml --set train.max_steps=2000 --set model.n_layer=6\n  \
-    lmkit train --config configs/gpt-small.toml --resume        # continue after a crash or a stop\n\n\
+    lmkit train --config configs/gpt-small.toml --resume        # continue after a crash or a stop\n  \
+    lmkit train --config configs/gpt-small.toml --overwrite     # start again in the same OUT\n\n\
     Writes OUT/ckpt-NNNNNN/ (a Hugging Face model directory + trainer_state/), OUT/latest,\n\
     OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir."
 )]
@@ -22,8 +23,12 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
     /// Continue from OUT/latest with the same loss curve
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start a new run in an OUT that holds another run, removing that run's checkpoints,
+    /// latest, metrics.jsonl and loss.svg first (without this, such an OUT is refused)
+    #[arg(long)]
+    overwrite: bool,
     /// Shorthand for --set train.max_steps=N
     #[arg(long)]
     max_steps: Option<usize>,
@@ -41,7 +46,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         overrides.push(format!("train.max_time={s}"));
     }
     let cfg = RunConfig::load(&a.config, &overrides)?;
-    let s = lmkit_train::train(&cfg, a.resume, &Bar::default())?;
+    let start = if a.resume {
+        lmkit_train::Start::Resume
+    } else if a.overwrite {
+        lmkit_train::Start::Overwrite
+    } else {
+        lmkit_train::Start::New
+    };
+    let s = lmkit_train::train(&cfg, start, &Bar::default())?;
     eprintln!(
         "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",
         s.parameters,

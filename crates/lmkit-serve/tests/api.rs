@@ -47,7 +47,7 @@ fn model_dir() -> PathBuf {
         );
         std::fs::write(dir.join("run.toml"), cfg).unwrap();
         let run = lmkit_train::RunConfig::load(&dir.join("run.toml"), &[]).unwrap();
-        lmkit_train::train(&run, false, &lmkit_train::NoProgress).unwrap();
+        lmkit_train::train(&run, lmkit_train::Start::New, &lmkit_train::NoProgress).unwrap();
         dir.join("out")
     })
     .clone()

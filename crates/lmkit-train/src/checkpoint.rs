@@ -20,6 +20,91 @@ pub struct TrainerState {
     pub elapsed_seconds: f64,
     /// The model config the weights belong to (checked on resume).
     pub model: serde_json::Value,
+    /// Which run wrote the checkpoint: only a run's own checkpoints are ever pruned.
+    #[serde(default)]
+    pub run_id: String,
+}
+
+/// How a run starts in its output directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; the directory must not hold another one.
+    New,
+    /// Continue the run in the directory from the checkpoint `latest` names.
+    Resume,
+    /// A new run replacing the one in the directory: its checkpoints, `latest`, metrics and plot
+    /// are removed first.
+    Overwrite,
+}
+
+/// The files of a run in `out`, other than its checkpoints.
+const RUN_FILES: &[&str] = &[LATEST, "metrics.jsonl", "loss.svg", "run.toml"];
+
+/// The checkpoint directories in `out` (`ckpt-N` holding a trainer state), by step.
+fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            let step = name.strip_prefix("ckpt-")?.parse().ok()?;
+            p.join("trainer_state").is_dir().then_some((step, p))
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// What of a run `out` holds, described for an error; `None` when it holds none.
+pub fn existing_run(out: &Path) -> Option<String> {
+    let ckpts = checkpoints(out);
+    let mut what = Vec::new();
+    if let Some((_, last)) = ckpts.last() {
+        let name = last.file_name().unwrap_or_default().to_string_lossy();
+        what.push(format!("{} checkpoint(s), the last {name}", ckpts.len()));
+    }
+    for f in RUN_FILES {
+        if out.join(f).exists() {
+            what.push((*f).to_string());
+        }
+    }
+    (!what.is_empty()).then(|| what.join(", "))
+}
+
+/// Removes the run in `out` (checkpoints and run files), leaving other files alone.
+pub fn remove_run(out: &Path) -> Result<()> {
+    for (_, dir) in checkpoints(out) {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    for f in RUN_FILES {
+        let p = out.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// A new run's id (time and process; unique among the runs of one directory).
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{:016x}",
+        lmkit_core::rng::mix(nanos ^ (u64::from(std::process::id()) << 32))
+    )
+}
+
+/// The run id of the checkpoint in `dir` ("" when unreadable or written before run ids).
+fn run_id_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("trainer_state/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<TrainerState>(&t).ok())
+        .map(|s| s.run_id)
+        .unwrap_or_default()
 }
 
 pub struct CheckpointFiles<'a> {
@@ -83,18 +168,17 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
     let latest = out.join(LATEST);
     lmkit_core::write_atomic_bytes(&latest, name.as_bytes())?;
 
-    let mut all: Vec<PathBuf> = std::fs::read_dir(out)
-        .map_err(io(out))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("ckpt-"))
-        })
+    // Prune this run's oldest checkpoints (by step, not name: ckpt-1000000 sorts before
+    // ckpt-999999); another run's are never touched.
+    let ours: Vec<PathBuf> = checkpoints(out)
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| run_id_of(p) == files.state.run_id)
         .collect();
-    all.sort();
-    for old in all.iter().rev().skip(keep.max(1)) {
-        let _ = std::fs::remove_dir_all(old);
+    for old in ours.iter().rev().skip(keep.max(1)) {
+        if *old != final_dir {
+            let _ = std::fs::remove_dir_all(old);
+        }
     }
     Ok(final_dir)
 }

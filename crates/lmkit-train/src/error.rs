@@ -16,6 +16,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("{path}: cannot resume: {msg}")]
     Resume { path: PathBuf, msg: String },
+    #[error("{path} holds another run ({what}); continue it with --resume, replace it with --overwrite, or set another train.out_dir")]
+    RunExists { path: PathBuf, what: String },
     #[error("{0}")]
     Data(String),
 }

@@ -16,6 +16,7 @@ pub mod passes;
 pub mod safetensors_io;
 pub mod seq2seq;
 
+pub use checkpoint::Start;
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 
@@ -52,8 +53,10 @@ fn add_grad(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Trains per `cfg`, from scratch or (with `resume`) from `out_dir/latest`.
-pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<Summary> {
+/// Trains per `cfg`: a new run, or (`Start::Resume`) the run in `out_dir` from its `latest`
+/// checkpoint. A new run refuses a directory that holds another run unless `Start::Overwrite`.
+pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<Summary> {
+    let resume = start == Start::Resume;
     let t = &cfg.train;
     let tk_path = &cfg.data.tokenizer;
     let tokenizer = lmkit_tokenize::load(tk_path)?;
@@ -165,6 +168,19 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let metrics_path = out.join("metrics.jsonl");
     checkpoint::remove_partial(out);
+    match start {
+        Start::New => {
+            if let Some(what) = checkpoint::existing_run(out) {
+                return Err(TrainError::RunExists {
+                    path: out.clone(),
+                    what,
+                });
+            }
+        }
+        Start::Overwrite => checkpoint::remove_run(out)?,
+        Start::Resume => {}
+    }
+    let mut run_id = checkpoint::new_run_id();
 
     // Recurrent models carry their state from one window of a stream to the next.
     let mut carried: Option<KvCache> = match &model {
@@ -221,16 +237,17 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
             }
         }
         opt.step = state.step;
+        if !state.run_id.is_empty() {
+            run_id = state.run_id.clone();
+        }
         step = state.step;
         tokens_seen = state.tokens_seen;
         elapsed_before = state.elapsed_seconds;
         metrics::truncate_after(&metrics_path, step)?;
         progress.message(&format!("resumed from {} at step {step}", dir.display()));
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(|e| TrainError::io(&metrics_path, e))?;
     }
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    std::fs::write(out.join("run.toml"), toml_text).map_err(|e| TrainError::io(out, e))?;
+    lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
 
     let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
     let save = |opt: &AdamW,
@@ -265,6 +282,7 @@ pub fn train(cfg: &RunConfig, resume: bool, progress: &dyn Progress) -> Result<S
             tokens_seen,
             elapsed_seconds: elapsed,
             model: config_json.clone(),
+            run_id: run_id.clone(),
         };
         let files = checkpoint::CheckpointFiles {
             config_json: &config_json,

@@ -1,7 +1,7 @@
 //! Training end to end on tiny data: the loss falls near zero on a repetitive corpus, a resumed run
 //! repeats the uninterrupted one exactly, checkpoints load as models, bad configs are refused.
 
-use lmkit_train::{train, NoProgress, RunConfig};
+use lmkit_train::{train, NoProgress, RunConfig, Start};
 use std::path::Path;
 
 /// A tokenizer and token shards for `text` under `dir`.
@@ -76,7 +76,7 @@ fn loss_goes_near_zero_on_a_repetitive_corpus() {
     cfg.train.max_steps = 400;
     cfg.train.lr = 1e-2;
     cfg.train.min_lr = 1e-3;
-    let s = train(&cfg, false, &NoProgress).unwrap();
+    let s = train(&cfg, Start::New, &NoProgress).unwrap();
     assert!(s.final_loss < 0.3, "final loss {}", s.final_loss);
     // The checkpoint is a model directory that loads and predicts the corpus.
     let (m, _) =
@@ -99,7 +99,7 @@ fn an_lstm_learns_the_repetitive_corpus_too() {
     cfg.train.max_steps = 300;
     cfg.train.lr = 2e-2;
     cfg.train.min_lr = 2e-3;
-    let s = train(&cfg, false, &NoProgress).unwrap();
+    let s = train(&cfg, Start::New, &NoProgress).unwrap();
     assert!(s.final_loss < 0.5, "final loss {}", s.final_loss);
 }
 
@@ -120,7 +120,7 @@ fn bert_learns_to_fill_masks_in_a_repetitive_corpus() {
     cfg.train.lr = 3e-3;
     cfg.train.min_lr = 3e-4;
     cfg.train.eval_every = 1000;
-    let s = train(&cfg, false, &NoProgress).unwrap();
+    let s = train(&cfg, Start::New, &NoProgress).unwrap();
     assert!(s.final_loss < 0.3, "final loss {}", s.final_loss);
     assert!(
         s.val_loss.unwrap() < 0.3,
@@ -159,7 +159,7 @@ fn check_resume(model: Option<&str>) {
     cfg.train.max_steps = 12;
     cfg.train.save_every = 6;
     cfg.train.eval_every = 6;
-    let straight = train(&cfg, false, &NoProgress).unwrap();
+    let straight = train(&cfg, Start::New, &NoProgress).unwrap();
     let reference = lmkit_train::metrics::read(&whole.join("metrics.jsonl"));
     let final_weights = std::fs::read(straight.checkpoint.join("model.safetensors")).unwrap();
 
@@ -167,7 +167,7 @@ fn check_resume(model: Option<&str>) {
     std::fs::remove_dir_all(&whole).unwrap();
     run_until(&cfg, 6);
     std::fs::create_dir(whole.join(".lmkit-tmp-crashed")).unwrap();
-    let resumed = train(&cfg, true, &NoProgress).unwrap();
+    let resumed = train(&cfg, Start::Resume, &NoProgress).unwrap();
     assert_eq!(resumed.steps, 12);
     assert!(
         !whole.join(".lmkit-tmp-crashed").exists(),
@@ -198,7 +198,7 @@ fn check_resume(model: Option<&str>) {
 /// and metrics are removed, as if the process had been killed then.
 fn run_until(cfg: &RunConfig, stop_step: usize) {
     let out = &cfg.train.out_dir;
-    train(cfg, false, &NoProgress).unwrap();
+    train(cfg, Start::New, &NoProgress).unwrap();
     for e in std::fs::read_dir(out).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
@@ -224,7 +224,10 @@ fn bad_configs_name_the_field() {
     .unwrap();
     std::fs::write(&p, base.replace("n_head = 2", "n_head = 3")).unwrap();
     let cfg = RunConfig::load(&p, &[]).unwrap();
-    let e = train(&cfg, false, &NoProgress).err().unwrap().to_string();
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("n_embd (32) must be a multiple of n_head (3)"),
         "{e}"
@@ -244,7 +247,10 @@ fn bad_configs_name_the_field() {
         .to_string();
     assert!(e.contains("typo_field"), "{e}");
     let cfg = RunConfig::load(&p, &["model.n_head=2".into(), "train.seq_len=64".into()]).unwrap();
-    let e = train(&cfg, false, &NoProgress).err().unwrap().to_string();
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("seq_len (64) exceeds the model's positions (32)"),
         "{e}"
@@ -254,7 +260,10 @@ fn bad_configs_name_the_field() {
         &["model.n_head=2".into(), "model.vocab_size=100".into()],
     )
     .unwrap();
-    let e = train(&cfg, false, &NoProgress).err().unwrap().to_string();
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
     let n = lmkit_tokenize::load(&dir.path().join("tok"))
         .unwrap()
         .get_vocab_size(true);
@@ -264,7 +273,7 @@ fn bad_configs_name_the_field() {
     );
     let e = train(
         &RunConfig::load(&p, &["model.n_head=2".into()]).unwrap(),
-        true,
+        Start::Resume,
         &NoProgress,
     )
     .err()
@@ -272,6 +281,94 @@ fn bad_configs_name_the_field() {
     .to_string();
     assert!(e.contains("cannot resume"), "{e}");
     let cfg = RunConfig::load(&p, &["model.n_head=2".into(), "train.device=tpu".into()]).unwrap();
-    let e = train(&cfg, false, &NoProgress).err().unwrap().to_string();
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("unknown device `tpu`"), "{e}");
+}
+
+/// A new run never lands on another run's files: refused unless told to overwrite, and pruning
+/// keeps every checkpoint another run wrote, whatever its name.
+#[test]
+fn runs_never_destroy_each_others_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    data(dir.path(), &"one two three four. five six.\n".repeat(60));
+    let mut cfg = config(dir.path(), "keep_checkpoints = 1");
+    cfg.train.max_steps = 4;
+    cfg.train.save_every = 2;
+    cfg.train.eval_every = 0;
+    let out = cfg.train.out_dir.clone();
+    train(&cfg, Start::New, &NoProgress).unwrap();
+    let metrics = std::fs::read(out.join("metrics.jsonl")).unwrap();
+
+    // A second new run into the same directory is refused, and touches nothing.
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("holds another run") && e.contains("ckpt-000004") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics);
+    assert_eq!(
+        std::fs::read_to_string(out.join("latest")).unwrap(),
+        "ckpt-000004"
+    );
+
+    // Another run's checkpoint in the directory (named to sort last, as a longer run's would).
+    let other = out.join("ckpt-9999999");
+    copy_dir(&out.join("ckpt-000004"), &other);
+    let state = other.join("trainer_state/state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v["run_id"] = "someone-else".into();
+    std::fs::write(&state, v.to_string()).unwrap();
+
+    // Resuming prunes only the run's own older checkpoints.
+    cfg.train.max_steps = 8;
+    let s = train(&cfg, Start::Resume, &NoProgress).unwrap();
+    assert_eq!(s.steps, 8);
+    assert!(other.exists(), "another run's checkpoint was pruned");
+    assert!(s.checkpoint.ends_with("ckpt-000008") && s.checkpoint.exists());
+    assert!(!out.join("ckpt-000006").exists() && !out.join("ckpt-000004").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("latest")).unwrap(),
+        "ckpt-000008"
+    );
+
+    // --overwrite replaces the run: its checkpoints and metrics go, other files stay.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    cfg.train.max_steps = 2;
+    let s = train(&cfg, Start::Overwrite, &NoProgress).unwrap();
+    assert_eq!(s.steps, 2);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "ckpt-000002",
+            "latest",
+            "loss.svg",
+            "metrics.jsonl",
+            "notes.txt",
+            "run.toml"
+        ]
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }
