@@ -57,9 +57,10 @@ impl Progress for Bar {
     }
 
     fn message(&self, msg: &str) {
+        // A hidden bar (stderr not a terminal) prints nothing: log lines go straight to stderr.
         match self.bar.lock().ok().and_then(|g| g.clone()) {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
+            Some(b) if !b.is_hidden() => b.println(msg),
+            _ => eprintln!("{msg}"),
         }
     }
 

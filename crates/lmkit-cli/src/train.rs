@@ -37,6 +37,21 @@ pub struct TrainArgs {
     max_time: Option<f64>,
 }
 
+/// Ctrl-C or SIGTERM: the run stops after the current step with a checkpoint; a second one quits
+/// at once (the last checkpoint stays whole: checkpoints are written atomically).
+pub(crate) fn stop_on_signals() {
+    let installed = ctrlc::set_handler(|| {
+        if lmkit_core::stop::request() {
+            eprintln!("\nstopping now");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step with a checkpoint (again to quit at once)");
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C will not save a checkpoint: {e}");
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut overrides = a.overrides.clone();
     if let Some(n) = a.max_steps {
@@ -53,6 +68,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         lmkit_train::Start::New
     };
+    stop_on_signals();
     let s = lmkit_train::train(&cfg, start, &Bar::default())?;
     eprintln!(
         "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",

@@ -9,6 +9,7 @@ pub mod inputs;
 pub mod mmap;
 pub mod progress;
 pub mod rng;
+pub mod stop;
 pub mod tokens;
 
 pub use atomic::{write_atomic, write_atomic_bytes, AtomicDir, AtomicFile};

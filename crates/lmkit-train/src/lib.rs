@@ -458,9 +458,11 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
             }
         }
         let out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
+        let interrupted = lmkit_core::stop::requested();
         if (t.save_every > 0 && step.is_multiple_of(t.save_every))
             || step == t.max_steps
             || out_of_time
+            || interrupted
         {
             checkpoint_dir = Some(save(
                 &opt,
@@ -472,6 +474,12 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         }
         if out_of_time {
             progress.message(&format!("train.max_time reached at step {step}"));
+            break;
+        }
+        if interrupted {
+            progress.message(&format!(
+                "stopped at step {step} with a checkpoint; continue with --resume"
+            ));
             break;
         }
     }

@@ -1,0 +1,129 @@
+//! `lmkit train` run as a user runs it: stopped by a signal, continued with --resume.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn lmkit(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tokenizer and shards under `d`, and a run config training into `d/out` for many steps.
+fn setup(d: &Path) -> std::path::PathBuf {
+    let corpus = d.join("c.txt");
+    let text: String = (0..300)
+        .map(|i| {
+            format!(
+                "Line {i} is about the {} river and the {} hills.\n",
+                i % 7,
+                i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&corpus, text).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (ok, err) = lmkit(&[
+        "tokenizer",
+        "train",
+        "--input",
+        &s(&corpus),
+        "--vocab-size",
+        "300",
+        "--output",
+        &s(&d.join("tok")),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = lmkit(&[
+        "tokenizer",
+        "encode",
+        "--tokenizer",
+        &s(&d.join("tok")),
+        "--input",
+        &s(&corpus),
+        "--shards",
+        &s(&d.join("shards")),
+    ]);
+    assert!(ok, "{err}");
+    let cfg = d.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\nmodel_type = \"gpt2\"\nn_positions = 32\nn_embd = 16\nn_layer = 1\nn_head = 2\n\
+             [data]\ntrain = \"{d}/shards\"\ntokenizer = \"{d}/tok\"\n\
+             [train]\nout_dir = \"{d}/out\"\nseq_len = 16\nbatch_size = 2\nmax_steps = 1000000\n\
+             warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_training_with_a_checkpoint_that_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = setup(d);
+    let cfg = cfg.to_str().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(["train", "--config", cfg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few steps, then send SIGINT as Ctrl-C does.
+    let metrics = d.join("out/metrics.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("continue with --resume"), "{err}");
+    let latest = std::fs::read_to_string(d.join("out/latest")).unwrap();
+    let step: usize = latest
+        .trim()
+        .strip_prefix("ckpt-")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3..1_000_000).contains(&step), "{latest}");
+    assert!(d
+        .join("out")
+        .join(latest.trim())
+        .join("model.safetensors")
+        .exists());
+
+    // The checkpoint continues, and a new run may not start over it.
+    let (ok, err) = lmkit(&[
+        "train",
+        "--config",
+        cfg,
+        "--resume",
+        "--max-steps",
+        &(step + 2).to_string(),
+    ]);
+    assert!(ok && err.contains(&format!("at step {step}")), "{err}");
+    let (ok, err) = lmkit(&["train", "--config", cfg, "--max-steps", "2"]);
+    assert!(!ok && err.contains("holds another run"), "{err}");
+}
