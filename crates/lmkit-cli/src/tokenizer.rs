@@ -176,8 +176,18 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             let t0 = Instant::now();
             let bar = Bar::default();
             let mut bytes = 0u64;
-            let mut writer = match &shards {
-                Some(dir) => {
+            // Shards are written as a whole: into a temporary directory that replaces `dir` (and
+            // any earlier shards there) only when encoding succeeds.
+            let output = match &shards {
+                Some(dir) => Some(lmkit_core::OutputDir::create(
+                    dir,
+                    "a token shard (tokens-NNNNN.bin/.json)",
+                    |n| n.starts_with("tokens-") && (n.ends_with(".bin") || n.ends_with(".json")),
+                )?),
+                None => None,
+            };
+            let mut writer = match &output {
+                Some(staging) => {
                     let eot = tk.token_to_id(lmkit_tokenize::ENDOFTEXT);
                     if eot.is_none() {
                         eprintln!(
@@ -187,7 +197,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                     }
                     lmkit_core::Progress::begin(&bar, "encoding", 0, lmkit_core::Unit::Bytes);
                     Some(ShardWriter::new(
-                        dir,
+                        staging.path(),
                         tk.get_vocab_size(true),
                         eot,
                         shard_tokens,
@@ -217,8 +227,9 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             if let Some(d) = docs {
                 d.finish()?;
             }
-            if let (Some(w), Some(dir)) = (writer.as_mut(), &shards) {
+            if let (Some(w), Some(output), Some(dir)) = (writer.as_mut(), output, &shards) {
                 w.finish()?;
+                output.commit()?;
                 let secs = t0.elapsed().as_secs_f64();
                 eprintln!(
                     "wrote {} tokens from {} documents ({:.2} MB) into {} shard(s) in {} in {:.2}s ({:.1} MB/s)",

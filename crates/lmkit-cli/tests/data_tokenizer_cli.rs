@@ -213,3 +213,113 @@ fn export_preferences_names_a_missing_database() {
     );
     assert!(!out.exists());
 }
+
+/// Shards and prepared corpora are written as a whole: a new run leaves no stale files of an
+/// earlier one, a failed run leaves the earlier outputs as they were, and a directory holding
+/// anything else is refused.
+#[test]
+fn outputs_are_replaced_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let big = d.join("big.txt");
+    let text: String = (0..400)
+        .map(|i| format!("Document {i} mentions the {} lake.\n", i % 11))
+        .collect();
+    std::fs::write(&big, &text).unwrap();
+    let small = d.join("small.txt");
+    std::fs::write(&small, "A short one.\nAnother.\n").unwrap();
+    let bad = d.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\nnot json\n",
+    )
+    .unwrap();
+    let tok = d.join("tok");
+    let (ok, _, err) = lmkit(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            &s(&big),
+            "--vocab-size",
+            "300",
+            "--output",
+            &s(&tok),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let shards = d.join("shards");
+    let encode = |input: &std::path::Path| {
+        lmkit(
+            &[
+                "tokenizer",
+                "encode",
+                "--tokenizer",
+                &s(&tok),
+                "--input",
+                &s(input),
+                "--shards",
+                &s(&shards),
+                "--shard-tokens",
+                "500",
+            ],
+            "",
+        )
+    };
+    let names = |p: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (ok, _, err) = encode(&big);
+    assert!(ok, "{err}");
+    assert!(names(&shards).len() > 4, "{:?}", names(&shards));
+    let (ok, _, err) = encode(&small);
+    assert!(ok, "{err}");
+    assert_eq!(names(&shards), ["tokens-00000.bin", "tokens-00000.json"]);
+    let before = std::fs::read(shards.join("tokens-00000.bin")).unwrap();
+    let (ok, _, err) = encode(&bad);
+    assert!(!ok && err.contains("bad.jsonl:3"), "{err}");
+    assert_eq!(
+        std::fs::read(shards.join("tokens-00000.bin")).unwrap(),
+        before
+    );
+    assert_eq!(names(&shards).len(), 2);
+    assert_eq!(
+        names(d),
+        ["bad.jsonl", "big.txt", "shards", "small.txt", "tok"]
+    );
+    std::fs::write(shards.join("notes.txt"), "mine").unwrap();
+    let (ok, _, err) = encode(&small);
+    assert!(!ok && err.contains("notes.txt"), "{err}");
+    assert!(shards.join("notes.txt").exists());
+
+    let prepared = d.join("prepared");
+    let prepare = |input: &std::path::Path| {
+        lmkit(
+            &[
+                "data",
+                "prepare",
+                "--input",
+                &s(input),
+                "--output",
+                &s(&prepared),
+            ],
+            "",
+        )
+    };
+    let (ok, _, err) = prepare(&big);
+    assert!(ok, "{err}");
+    let (ok, _, err) = prepare(&bad);
+    assert!(!ok && err.contains("bad.jsonl:3"), "{err}");
+    let report = std::fs::read_to_string(prepared.join("report.json")).unwrap();
+    assert!(
+        report.contains("big.txt") && report.contains(&s(&prepared)),
+        "{report}"
+    );
+}

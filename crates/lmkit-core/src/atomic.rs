@@ -115,6 +115,92 @@ impl AtomicDir {
     }
 }
 
+/// A directory of outputs made as a whole: files are written into a temporary sibling
+/// directory ([`OutputDir::path`]), which takes the target's place on [`OutputDir::commit`]. A
+/// run that fails or is killed leaves the target as it was; a run that succeeds leaves only its
+/// own outputs there, never stale ones from an earlier run. A target that holds anything other
+/// than earlier outputs of the same kind is refused up front, so nothing else is ever deleted.
+pub struct OutputDir {
+    target: PathBuf,
+    staging: AtomicDir,
+}
+
+/// Why an output directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputDirError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("{}: holds `{name}`, which is not {what}; give an empty or new directory", dir.display())]
+    Foreign {
+        dir: PathBuf,
+        name: String,
+        what: String,
+    },
+}
+
+impl OutputDir {
+    /// Prepares to write `target`. `is_output` tells the file names that earlier runs of the
+    /// same command write (they are replaced); `what` names them in errors.
+    pub fn create(
+        target: &Path,
+        what: &str,
+        is_output: impl Fn(&str) -> bool,
+    ) -> Result<OutputDir, OutputDirError> {
+        if target.exists() {
+            for e in std::fs::read_dir(target).at(target)? {
+                let name = e.at(target)?.file_name().to_string_lossy().into_owned();
+                if !is_output(&name) && !name.starts_with(TEMP_PREFIX) {
+                    return Err(OutputDirError::Foreign {
+                        dir: target.to_path_buf(),
+                        name,
+                        what: what.to_string(),
+                    });
+                }
+            }
+        }
+        // (Temporaries in the parent are left alone: another command may be writing there.)
+        let parent = parent_of(target);
+        Ok(OutputDir {
+            target: target.to_path_buf(),
+            staging: AtomicDir::create_in(parent)?,
+        })
+    }
+
+    /// Where this run writes its outputs until the commit.
+    pub fn path(&self) -> &Path {
+        self.staging.path()
+    }
+
+    /// The final path of `file`, a path under [`OutputDir::path`].
+    pub fn final_path(&self, file: &Path) -> PathBuf {
+        match file.strip_prefix(self.staging.path()) {
+            Ok(rel) => self.target.join(rel),
+            Err(_) => file.to_path_buf(),
+        }
+    }
+
+    /// Puts the outputs in the target's place; the earlier outputs there are removed.
+    pub fn commit(self) -> Result<PathBuf, PathError> {
+        let target = self.target;
+        let parent = parent_of(&target).to_path_buf();
+        let old = if target.exists() {
+            let old = AtomicDir::create_in(&parent)?;
+            let aside = old.path().join("old");
+            std::fs::rename(&target, &aside).at(&target)?;
+            Some(old)
+        } else {
+            None
+        };
+        let kept = self.staging.temp.keep();
+        std::fs::rename(&kept, &target).at(&target)?;
+        if let Ok(d) = std::fs::File::open(&parent) {
+            let _ = d.sync_all();
+        }
+        drop(old); // removes the earlier outputs
+        Ok(target)
+    }
+}
+
 /// Removes the temporary files and directories a writer that died left in `dir`.
 pub fn remove_temporaries(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -198,6 +284,51 @@ mod tests {
         std::fs::write(root.path().join(format!("{TEMP_PREFIX}file")), "x").unwrap();
         remove_temporaries(root.path());
         assert_eq!(names(), ["ckpt"]);
+    }
+
+    #[test]
+    fn output_dirs_replace_earlier_outputs_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("shards");
+        let is_shard = |n: &str| n.starts_with("part-");
+        let write = |files: &[&str]| {
+            let out = OutputDir::create(&target, "a shard", is_shard).unwrap();
+            for f in files {
+                std::fs::write(out.path().join(f), f).unwrap();
+            }
+            let p = out.final_path(&out.path().join(files[0]));
+            assert_eq!(p, target.join(files[0]));
+            out.commit().unwrap();
+        };
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        write(&["part-0", "part-1", "part-2"]);
+        write(&["part-0"]);
+        assert_eq!(names(&target), ["part-0"], "a stale part survived");
+        assert_eq!(names(root.path()), ["shards"]);
+        // A run that fails midway leaves the earlier outputs whole.
+        {
+            let out = OutputDir::create(&target, "a shard", is_shard).unwrap();
+            std::fs::write(out.path().join("part-0"), "half").unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(target.join("part-0")).unwrap(),
+            "part-0"
+        );
+        assert_eq!(names(root.path()), ["shards"]);
+        // Someone else's file: refused, nothing touched.
+        std::fs::write(target.join("notes.txt"), "mine").unwrap();
+        let e = OutputDir::create(&target, "a shard", is_shard)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert_eq!(names(&target), ["notes.txt", "part-0"]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod rng;
 pub mod stop;
 pub mod tokens;
 
-pub use atomic::{write_atomic, write_atomic_bytes, AtomicDir, AtomicFile};
+pub use atomic::{write_atomic, write_atomic_bytes, AtomicDir, AtomicFile, OutputDir};
 pub use error::{PathError, PathResultExt};
 pub use inputs::collect_inputs;
 pub use progress::{NoProgress, Progress, Unit};

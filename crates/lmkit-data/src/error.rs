@@ -14,6 +14,8 @@ pub enum DataError {
     },
     #[error(transparent)]
     Inputs(#[from] lmkit_core::inputs::InputError),
+    #[error(transparent)]
+    Output(#[from] lmkit_core::atomic::OutputDirError),
     #[error("no documents in the input ({what}); give at least one non-blank document")]
     EmptyInput { what: String },
     #[error("invalid option {name}={value}: {msg}")]

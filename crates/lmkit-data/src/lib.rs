@@ -180,7 +180,14 @@ fn validate(o: &PrepareOptions) -> Result<()> {
     Ok(())
 }
 
+/// The files `prepare` writes: its shards and report (replaced by a new run into the directory).
+fn is_prepare_output(name: &str) -> bool {
+    name == "report.json"
+        || ((name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".jsonl"))
+}
+
 /// Runs the whole preparation of `inputs` into `out_dir` and returns (and writes) the report.
+/// The directory is filled as a whole when the run succeeds (see [`lmkit_core::OutputDir`]).
 pub fn prepare(
     inputs: &[PathBuf],
     out_dir: &Path,
@@ -189,7 +196,12 @@ pub fn prepare(
 ) -> Result<Report> {
     validate(opts)?;
     let t0 = std::time::Instant::now();
-    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
+    let output = lmkit_core::OutputDir::create(
+        out_dir,
+        "an output of `lmkit data prepare`",
+        is_prepare_output,
+    )?;
+    let out_dir = output.path();
     let ingest = IngestOptions {
         txt_unit: opts.txt_unit,
         text_field: opts.text_field.clone(),
@@ -267,21 +279,23 @@ pub fn prepare(
     st.train.finish()?;
     st.val.finish()?;
     let mut report = st.report;
+    let finals = |paths: Vec<PathBuf>| paths.iter().map(|p| output.final_path(p)).collect();
     report.train = SplitReport {
         docs: st.train.docs,
         bytes: st.train.bytes,
-        shards: st.train.paths,
+        shards: finals(st.train.paths),
     };
     report.validation = SplitReport {
         docs: st.val.docs,
         bytes: st.val.bytes,
-        shards: st.val.paths,
+        shards: finals(st.val.paths),
     };
     report.seconds = t0.elapsed().as_secs_f64();
     let report_path = out_dir.join("report.json");
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| DataError::io(&report_path, e.into()))?;
     lmkit_core::write_atomic_bytes(&report_path, &json)?;
+    output.commit()?;
     Ok(report)
 }
 
