@@ -558,3 +558,47 @@ async fn review_api_rates_pairs_and_exports_preferences() {
         .unwrap()
         .contains("/review/api/prefer"));
 }
+
+/// A client that leaves a non-streaming request: its choices are cancelled, stored and counted.
+#[tokio::test]
+async fn a_non_streaming_request_whose_client_leaves_is_cancelled_stored_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 4);
+    let long = json!({"prompt": "the", "max_tokens": 2000, "temperature": 1.0, "ignore_eos": true})
+        .to_string();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(long))
+        .unwrap();
+    // The client goes away (its request future is dropped) once generation has started.
+    let pending = tokio::spawn(router(st.clone()).oneshot(req));
+    let t0 = std::time::Instant::now();
+    while st.engine.depth() == 0 {
+        assert!(t0.elapsed().as_secs() < 20, "generation did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    pending.abort();
+    assert!(pending.await.unwrap_err().is_cancelled());
+    let t0 = std::time::Instant::now();
+    loop {
+        let rows = st.store.recent(10, false).unwrap();
+        if let [row] = rows.as_slice() {
+            assert_eq!(row.finish_reason, "cancelled", "{row:?}");
+            assert!(row.completion_tokens < 1000, "{row:?}");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "no log row: {rows:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(st.engine.depth(), 0);
+    let (s, b, _) = call(&st, "GET", "/metrics", "", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8_lossy(&b);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("status=\"499\"") && l.contains("completions")),
+        "{text}"
+    );
+}

@@ -288,8 +288,23 @@ pub(super) async fn run(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let outcome = drive(&state, &prep, rx, &cancels, None, started).await;
-    log(&state, &prep, &outcome, started).await;
+    // A client that leaves drops this handler; the choices then end (cancelled) and are still
+    // stored and counted, by a task of their own.
+    let watch = ClientWatch {
+        state: state.clone(),
+        endpoint: prep.endpoint,
+        cancels: cancels.clone(),
+        armed: true,
+    };
+    let st = state.clone();
+    let (prep, outcome) = tokio::spawn(async move {
+        let outcome = drive(&st, &prep, rx, &cancels, None, started).await;
+        log(&st, &prep, &outcome, started).await;
+        (prep, outcome)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))?;
+    watch.disarm();
     if outcome.reasons.contains(&"error") {
         return Err(ApiError::internal("generation failed; see the server log"));
     }
@@ -435,4 +450,30 @@ pub async fn embeddings(
         .metrics
         .latency("embeddings", started.elapsed().as_secs_f64());
     r
+}
+
+/// Armed while a non-streaming request waits for its choices: dropped armed (the client left
+/// and the handler with it), it cancels them and counts the request as 499 (client closed).
+struct ClientWatch {
+    state: Arc<AppState>,
+    endpoint: &'static str,
+    cancels: Vec<Arc<AtomicBool>>,
+    armed: bool,
+}
+
+impl ClientWatch {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        if self.armed {
+            for c in &self.cancels {
+                c.store(true, Ordering::SeqCst);
+            }
+            self.state.metrics.request(self.endpoint, 499);
+        }
+    }
 }
