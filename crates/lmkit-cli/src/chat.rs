@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
-use lmkit_tokenize::chat::{load_template, render, Message};
+use lmkit_tokenize::chat::{encode_chat, load_template, Message};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -87,8 +87,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         history.push(Message::new("user", line));
         // Drop the oldest exchanges (never the system message) until the prompt leaves room to answer.
         let prompt_ids = loop {
-            let prompt = render(&template, &history, true)?;
-            let ids = lmkit_tokenize::encode_batch(&tk, std::slice::from_ref(&prompt))?.remove(0);
+            let (prompt, ids) = encode_chat(&tk, &template, &history, true)?;
             if ids.len() + a.max_tokens.min(16) < cfg.max_positions() {
                 if a.print_prompt {
                     eprintln!("[prompt] {prompt}");

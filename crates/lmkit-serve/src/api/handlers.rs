@@ -129,12 +129,13 @@ pub async fn chat_completions(
             let role = if m.role == "developer" { "system" } else { m.role.as_str() };
             msgs.push(lmkit_tokenize::chat::Message::new(role, &content));
         }
-        let prompt_text = lmkit_tokenize::chat::render(template, &msgs, true)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let prompt_ids = encode(&state, &prompt_text)?;
+        // Message contents are encoded as plain text: typed control tokens cannot forge turns.
+        let (prompt_text, prompt_ids) =
+            lmkit_tokenize::chat::encode_chat(&state.tokenizer, template, &msgs, true)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        // Every message is moderated, assistant turns the client sent included.
         let said: String = msgs
             .iter()
-            .filter(|m| m.role != "assistant")
             .map(|m| m.content.as_str())
             .collect::<Vec<_>>()
             .join("\n");
