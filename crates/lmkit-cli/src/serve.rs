@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// File of accepted API keys, one per line
     #[arg(long)]
     api_keys_file: Option<PathBuf>,
+    /// A host name clients may use to reach the server (repeatable). By default a server bound
+    /// to loopback answers only to localhost/127.0.0.1/[::1] (so that a web page cannot rebind a
+    /// name of its own to it), and one bound elsewhere to any name.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// SQLite database of completions, ratings and preference pairs
     #[arg(long, default_value = "lmkit-completions.sqlite")]
     db: PathBuf,
@@ -94,6 +99,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         host: a.host.clone(),
         port: a.port,
         api_keys,
+        allowed_hosts: a.allowed_hosts.clone(),
         db: a.db.clone(),
         limits: Limits {
             max_body_bytes: a.max_body_bytes,

@@ -8,14 +8,14 @@ pub mod api;
 pub mod classifier;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod metrics;
 pub mod moderation;
 pub mod store;
 pub mod web;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -78,6 +78,9 @@ pub struct ServeConfig {
     pub port: u16,
     /// Accepted API keys; empty means no authentication.
     pub api_keys: Vec<String>,
+    /// Host names requests may use (empty: the loopback names when bound to loopback, any
+    /// otherwise); see [`guard::allowed_hosts`].
+    pub allowed_hosts: Vec<String>,
     pub db: PathBuf,
     pub limits: Limits,
     /// Sequences decoded at once.
@@ -110,6 +113,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub metrics: metrics::Metrics,
     pub api_keys: Vec<String>,
+    /// `None`: any Host.
+    pub allowed_hosts: Option<Vec<String>>,
     pub limits: Limits,
     pub created: i64,
     pub embedder: Option<Arc<Embedder>>,
@@ -136,6 +141,11 @@ pub fn read_keys(path: &Path) -> Result<Vec<String>, ServeError> {
 
 /// Loads the model and its tokenizer and starts the model worker.
 pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
+    if cfg.api_keys.iter().any(|k| k.trim().is_empty()) {
+        return Err(ServeError::Config(
+            "an API key is empty; give non-empty keys (or none, for no authentication)".into(),
+        ));
+    }
     let dir = lmkit_models::resolve_checkpoint(&cfg.model_dir);
     let device = lmkit_models::parse_device(&cfg.device)?;
     let (model, mcfg) = CausalLm::load(&dir, &device)?;
@@ -188,27 +198,12 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         moderator: cfg.moderator,
         store: Arc::new(store),
         metrics: metrics::Metrics::default(),
+        allowed_hosts: guard::allowed_hosts(&cfg.host, &cfg.allowed_hosts),
         api_keys: cfg.api_keys,
         limits: cfg.limits,
         created: store::now(),
         embedder,
     }))
-}
-
-async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if !state.api_keys.is_empty() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|k| state.api_keys.iter().any(|x| x == k)) {
-            state.metrics.request("unauthorized", 401);
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    next.run(req).await
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -222,6 +217,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    if !state.api_keys.is_empty() {
+        // Open without a key: nothing beyond "up".
+        return Json(json!({"status": "ok"}));
+    }
     Json(json!({"status": "ok", "model": state.model_name, "queue_depth": state.engine.depth()}))
 }
 
@@ -254,14 +253,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/review/api/rate", post(web::rate))
         .route("/review/api/pair", get(web::pair))
         .route("/review/api/prefer", post(web::prefer))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+        // With API keys, the metrics (request counts and timings) need one too; /health stays
+        // open for load balancers and tells only that the server is up.
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::auth,
+        ));
     Router::new()
         .merge(protected)
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
         .route("/", get(web::chat_page))
         .route("/review", get(web::review_page))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
+        ))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
 }

@@ -61,6 +61,7 @@ fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Ar
         host: "127.0.0.1".into(),
         port: 0,
         api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        allowed_hosts: Vec::new(),
         db: db.to_path_buf(),
         limits: Limits {
             max_body_bytes: 64 * 1024,
@@ -453,6 +454,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     let req = Request::builder()
         .method("POST")
         .uri("/v1/completions")
+        .header("content-type", "application/json")
         .body(Body::from(long))
         .unwrap();
     let resp = router(st.clone()).oneshot(req).await.unwrap();
@@ -601,4 +603,118 @@ async fn a_non_streaming_request_whose_client_leaves_is_cancelled_stored_and_cou
             .any(|l| l.contains("status=\"499\"") && l.contains("completions")),
         "{text}"
     );
+}
+
+/// Cross-site and rebinding requests, non-JSON bodies, key handling and page headers.
+#[tokio::test]
+async fn requests_from_other_sites_and_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &["k1"], Moderator::none(), 8);
+    let send =
+        |headers: Vec<(&'static str, &'static str)>, path: &'static str, body: &'static str| {
+            let st = st.clone();
+            async move {
+                let mut req = Request::builder()
+                    .method(if body.is_empty() { "GET" } else { "POST" })
+                    .uri(path);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                let resp = router(st)
+                    .oneshot(req.body(Body::from(body)).unwrap())
+                    .await
+                    .unwrap();
+                let (status, h) = (resp.status(), resp.headers().clone());
+                let b = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, h, String::from_utf8_lossy(&b).into_owned())
+            }
+        };
+    let body = r#"{"prompt": "the", "max_tokens": 1}"#;
+    let json = ("content-type", "application/json");
+    let key = ("authorization", "bearer k1");
+    // The scheme in any case; a wrong key gets a challenge.
+    let (s, _, b) = send(
+        vec![json, key, ("host", "127.0.0.1:8000")],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, h, _) = send(
+        vec![json, ("authorization", "Bearer k2")],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(h.contains_key("www-authenticate"));
+    // A form post from another site (no JSON type), a page of another origin, a rebound name.
+    let (s, _, b) = send(
+        vec![("content-type", "text/plain"), key],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{b}");
+    let (s, _, b) = send(
+        vec![
+            json,
+            key,
+            ("host", "127.0.0.1:8000"),
+            ("origin", "http://evil.example"),
+        ],
+        "/review/api/prefer",
+        r#"{"id": "x"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(b.contains("evil.example"), "{b}");
+    let (s, _, b) = send(
+        vec![json, key, ("host", "evil.example:8000")],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(b.contains("--allowed-host"), "{b}");
+    // The server's own page may call it.
+    let (s, _, b) = send(
+        vec![
+            json,
+            key,
+            ("host", "localhost:8000"),
+            ("origin", "http://localhost:8000"),
+        ],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // With keys, /metrics needs one and /health says only "up"; pages refuse to be framed.
+    let (s, _, _) = send(vec![], "/metrics", "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, b) = send(vec![], "/health", "").await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, r#"{"status":"ok"}"#));
+    let (s, h, _) = send(vec![], "/", "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h.get("x-frame-options").unwrap(), "DENY");
+    // An empty key is refused at start-up.
+    let e = load_state(ServeConfig {
+        model_dir: model_dir(),
+        device: "cpu".into(),
+        model_name: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: vec!["".into()],
+        allowed_hosts: Vec::new(),
+        db: dir.path().join("db2.sqlite"),
+        limits: Limits::default(),
+        max_active: 1,
+        max_queue: 1,
+        moderator: Moderator::none(),
+        embedding_model: None,
+    })
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("empty"), "{e}");
 }
