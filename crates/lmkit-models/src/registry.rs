@@ -158,6 +158,22 @@ impl ModelConfig {
         with_family!(self, c => c.param_role(name))
     }
 
+    /// The `config.json` fields this family reads (and writes), sorted.
+    pub fn known_fields(&self) -> Vec<String> {
+        let v = with_family!(self, c => serde_json::to_value(c)).unwrap_or_default();
+        let mut keys: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        for k in ["model_type", "architectures", "torch_dtype"] {
+            if !keys.iter().any(|x| x == k) {
+                keys.push(k.to_string());
+            }
+        }
+        keys.sort();
+        keys
+    }
+
     /// The causal-LM config, when this is a causal family.
     pub fn into_decoder(self) -> Option<DecoderConfig> {
         match self {

@@ -35,6 +35,16 @@ pub(crate) fn hf_config(
     );
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
     let cfg = ModelConfig::from_json(v.clone(), at)?;
+    // A typo (`n_layers`) would otherwise be ignored and written to config.json: `[model]` takes
+    // only the fields its family reads, as `[train]` and `[data]` do.
+    let known = cfg.known_fields();
+    if let Some(bad) = model.keys().find(|k| !known.contains(k)) {
+        return Err(TrainError::Data(format!(
+            "[model]: unknown field `{bad}` for model_type `{}` (its fields: {})",
+            family.model_type,
+            known.join(", ")
+        )));
+    }
     Ok((v, cfg))
 }
 

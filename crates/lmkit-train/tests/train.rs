@@ -286,6 +286,16 @@ fn bad_configs_name_the_field() {
         .unwrap()
         .to_string();
     assert!(e.contains("unknown device `tpu`"), "{e}");
+    // A typo in [model] is refused, naming the fields the family reads.
+    let cfg = RunConfig::load(&p, &["model.n_head=2".into(), "model.n_layers=4".into()]).unwrap();
+    let e = train(&cfg, Start::New, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("unknown field `n_layers`") && e.contains("n_layer,"),
+        "{e}"
+    );
 }
 
 /// A new run never lands on another run's files: refused unless told to overwrite, and pruning
