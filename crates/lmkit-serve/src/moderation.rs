@@ -110,18 +110,22 @@ impl Moderator {
         self.policy != Policy::Off && (!self.rules.is_empty() || self.classifier.is_some())
     }
 
+    /// Checks `text` as written and as [`fold`]ed, so that fullwidth letters, invisible
+    /// characters and look-alike letters do not slip past the rules.
     pub fn check(&self, text: &str) -> Verdict {
         let mut v = Verdict::default();
         if self.policy == Policy::Off {
             return v;
         }
+        let folded = fold(text);
+        let forms = [text, folded.as_str()];
         for r in &self.rules {
-            if r.re.is_match(text) && !v.categories.contains(&r.category) {
+            if forms.iter().any(|t| r.re.is_match(t)) && !v.categories.contains(&r.category) {
                 v.categories.push(r.category.clone());
             }
         }
         if let Some(c) = &self.classifier {
-            if c.flags(text) && !v.categories.contains(&c.info.category) {
+            if forms.iter().any(|t| c.flags(t)) && !v.categories.contains(&c.info.category) {
                 v.categories.push(c.info.category.clone());
             }
         }
@@ -130,9 +134,78 @@ impl Moderator {
     }
 }
 
+/// Characters that render as nothing (or only steer rendering): zero-width spaces and joiners,
+/// word joiner, byte-order mark, soft hyphen, bidirectional controls, variation selectors.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{E0000}'..='\u{E007F}')
+}
+
+/// Latin letters that Cyrillic and Greek ones are mistaken for (Unicode's confusables for the
+/// lower-case letters people use to dodge word filters).
+fn unconfuse(c: char) -> char {
+    match c {
+        'а' | 'α' => 'a',
+        'в' => 'b',
+        'с' | 'ϲ' => 'c',
+        'ԁ' => 'd',
+        'е' | 'ε' => 'e',
+        'һ' => 'h',
+        'і' | 'ι' | 'ı' => 'i',
+        'ј' => 'j',
+        'к' | 'κ' => 'k',
+        'м' => 'm',
+        'п' | 'η' => 'n',
+        'о' | 'ο' | 'σ' => 'o',
+        'р' | 'ρ' => 'p',
+        'ԛ' => 'q',
+        'г' => 'r',
+        'ѕ' => 's',
+        'т' | 'τ' => 't',
+        'υ' => 'u',
+        'ν' => 'v',
+        'ԝ' | 'ω' => 'w',
+        'х' | 'χ' => 'x',
+        'у' | 'γ' => 'y',
+        'ᴢ' => 'z',
+        c => c,
+    }
+}
+
+/// The form rules also see: NFKC (fullwidth and styled letters to plain ones), invisible
+/// characters removed, lower case, look-alike letters folded to Latin.
+pub fn fold(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    text.nfkc()
+        .filter(|&c| !invisible(c))
+        .flat_map(char::to_lowercase)
+        .map(unconfuse)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disguised_words_are_still_caught() {
+        let m = Moderator::parse("spam: \\bbuy now\\b\n", "rules.txt", Policy::Refuse).unwrap();
+        for disguised in [
+            "ＢＵＹ ＮＯＷ",                      // fullwidth
+            "b\u{200B}uy n\u{200D}ow",            // zero-width characters
+            "bսy nоw".replace('ս', "u").as_str(), // Cyrillic о
+            "buy\u{00AD} now",                    // soft hyphen
+            "𝐛𝐮𝐲 𝐧𝐨𝐰",                            // mathematical bold
+            "вuy now",                            // Cyrillic в for b
+        ] {
+            assert!(m.check(disguised).flagged, "{disguised:?} got through");
+        }
+        assert!(!m.check("buying nothing now").flagged);
+        assert_eq!(fold("모든 국민은"), "모든 국민은");
+    }
 
     #[test]
     fn rules_match_case_insensitively_and_bad_lines_are_named() {
