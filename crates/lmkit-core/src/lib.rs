@@ -6,6 +6,7 @@
 pub mod atomic;
 pub mod error;
 pub mod inputs;
+pub mod memory;
 pub mod mmap;
 pub mod progress;
 pub mod rng;

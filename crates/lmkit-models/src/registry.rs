@@ -158,6 +158,14 @@ impl ModelConfig {
         with_family!(self, c => c.param_role(name))
     }
 
+    pub fn width(&self) -> usize {
+        with_family!(self, c => c.width())
+    }
+
+    pub fn num_parameters(&self) -> u64 {
+        with_family!(self, c => c.num_parameters())
+    }
+
     /// The `config.json` fields this family reads (and writes), sorted.
     pub fn known_fields(&self) -> Vec<String> {
         let v = with_family!(self, c => serde_json::to_value(c)).unwrap_or_default();
@@ -344,6 +352,13 @@ mod tests {
             assert_eq!(cfg.vocab_size(), 20);
             let vars = variables(&cfg);
             assert!(!vars.is_empty());
+            let counted: usize = vars.iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+            assert_eq!(
+                cfg.num_parameters(),
+                counted as u64,
+                "{}",
+                family.model_type
+            );
             let mut embeddings = 0;
             for (name, dims) in &vars {
                 let role = cfg.param_role(name);

@@ -44,9 +44,19 @@ fn tk_err(e: impl std::fmt::Display) -> TokenizeError {
     TokenizeError::Tokenizer(e.to_string())
 }
 
+/// The largest vocabulary `train` builds (2²¹).
+pub const MAX_VOCAB: usize = 1 << 21;
+
 /// Trains a byte-level BPE tokenizer on the documents of `inputs`.
 pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
     let min_vocab = 256 + opts.special_tokens.len();
+    if opts.vocab_size > MAX_VOCAB {
+        return Err(TokenizeError::BadOption {
+            name: "vocab_size",
+            value: opts.vocab_size.to_string(),
+            msg: format!("must be at most {MAX_VOCAB} (large open models use 32k-256k)"),
+        });
+    }
     if opts.vocab_size < min_vocab {
         return Err(TokenizeError::BadOption {
             name: "vocab_size",

@@ -48,6 +48,18 @@ pub(crate) fn hf_config(
     Ok((v, cfg))
 }
 
+/// Bytes a training run of `cfg` needs, roughly: f32 weights, gradients and AdamW's two
+/// moments (4 × 4 bytes a parameter), the activations a step keeps for its backward pass (about
+/// 24 residual-stream widths per layer and token), and the output layer's logits, computed in
+/// chunks of 512 rows. Returns (total, parameter part, activation part).
+pub(crate) fn memory_estimate(cfg: &ModelConfig, batch: usize, seq: usize) -> (f64, f64, f64) {
+    let params = cfg.num_parameters() as f64 * 16.0;
+    let tokens = batch as f64 * seq as f64;
+    let acts = tokens * cfg.num_layers() as f64 * cfg.width() as f64 * 24.0 * 4.0
+        + tokens.min(512.0) * cfg.vocab_size() as f64 * 4.0 * 3.0;
+    (params + acts, params, acts)
+}
+
 /// Initial weights by parameter role (see [`ParamRole`]): GPT-2's N(0, 0.02) with residual
 /// projections scaled by 1/√(2·layers), zero biases and unit norm gains (Radford et al. 2019,
 /// §2.3); PyTorch's U(−1/√H, 1/√H) for recurrent layers. Deterministic in `seed`.

@@ -286,6 +286,22 @@ fn bad_configs_name_the_field() {
         .unwrap()
         .to_string();
     assert!(e.contains("unknown device `tpu`"), "{e}");
+    // Sizes that cannot work are refused with a reason, before any allocation.
+    for (set, want) in [
+        ("model.n_embd=0", "n_embd must be positive"),
+        ("model.n_embd=100000000", "needs about"),
+        (
+            "train.batch_size=100000000",
+            "activations of batch 100000000",
+        ),
+    ] {
+        let cfg = RunConfig::load(&p, &["model.n_head=2".into(), set.into()]).unwrap();
+        let e = train(&cfg, Start::New, &NoProgress)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(want), "{set}: {e}");
+    }
     // A typo in [model] is refused, naming the fields the family reads.
     let cfg = RunConfig::load(&p, &["model.n_head=2".into(), "model.n_layers=4".into()]).unwrap();
     let e = train(&cfg, Start::New, &NoProgress)

@@ -59,6 +59,9 @@ impl BartConfig {
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("encoder_ffn_dim", self.encoder_ffn_dim),
+            ("decoder_ffn_dim", self.decoder_ffn_dim),
             ("encoder_layers", self.encoder_layers),
             ("decoder_layers", self.decoder_layers),
             ("max_position_embeddings", self.max_position_embeddings),
@@ -96,6 +99,9 @@ impl FamilyConfig for BartConfig {
     fn max_positions(&self) -> usize {
         self.max_position_embeddings
     }
+    fn width(&self) -> usize {
+        self.d_model
+    }
     fn num_layers(&self) -> usize {
         self.encoder_layers.max(self.decoder_layers)
     }
@@ -109,6 +115,21 @@ impl FamilyConfig for BartConfig {
             ("eos_token_id", ids.eot),
             ("decoder_start_token_id", ids.eot),
         ]
+    }
+    fn num_parameters(&self) -> u64 {
+        let (v, d, p) = (
+            self.vocab_size as u64,
+            self.d_model as u64,
+            self.max_position_embeddings as u64 + 2,
+        );
+        let attn = 4 * (d * d + d);
+        let ffn = |f: u64| d * f + f + f * d + d;
+        let enc = attn + 2 * d + ffn(self.encoder_ffn_dim as u64) + 2 * d;
+        let dec = 2 * (attn + 2 * d) + ffn(self.decoder_ffn_dim as u64) + 2 * d;
+        let stacks = 2 * (p * d + 2 * d)
+            + self.encoder_layers as u64 * enc
+            + self.decoder_layers as u64 * dec;
+        v * d + stacks + v
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -63,6 +63,7 @@ impl BertConfig {
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
@@ -101,6 +102,9 @@ impl FamilyConfig for BertConfig {
     fn max_positions(&self) -> usize {
         self.max_position_embeddings
     }
+    fn width(&self) -> usize {
+        self.hidden_size
+    }
     fn num_layers(&self) -> usize {
         self.num_hidden_layers
     }
@@ -109,6 +113,18 @@ impl FamilyConfig for BertConfig {
     }
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         vec![("pad_token_id", ids.pad)]
+    }
+    fn num_parameters(&self) -> u64 {
+        let (v, h, i) = (
+            self.vocab_size as u64,
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+        );
+        let embeddings =
+            (v + self.max_position_embeddings as u64 + self.type_vocab_size as u64) * h + 2 * h;
+        let layer = 4 * (h * h + h) + 4 * h + (h * i + i) + (i * h + h);
+        let head = (h * h + h) + 2 * h + v + if self.tie_word_embeddings { 0 } else { v * h };
+        embeddings + self.num_hidden_layers as u64 * layer + head
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -58,6 +58,8 @@ impl Gpt2Config {
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
+            ("n_embd", self.n_embd),
+            ("n_inner", self.n_inner()),
             ("n_positions", self.n_positions),
             ("n_layer", self.n_layer),
         ] {
@@ -92,6 +94,9 @@ impl FamilyConfig for Gpt2Config {
     fn max_positions(&self) -> usize {
         self.n_positions
     }
+    fn width(&self) -> usize {
+        self.n_embd
+    }
     fn num_layers(&self) -> usize {
         self.n_layer
     }
@@ -100,6 +105,17 @@ impl FamilyConfig for Gpt2Config {
     }
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         super::decoder_token_ids(ids)
+    }
+    fn num_parameters(&self) -> u64 {
+        let (v, p, c, i) = (
+            self.vocab_size as u64,
+            self.n_positions as u64,
+            self.n_embd as u64,
+            self.n_inner() as u64,
+        );
+        let block = 4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * i + i) + (i * c + c);
+        let head = if self.tie_word_embeddings { 0 } else { v * c };
+        v * c + p * c + self.n_layer as u64 * block + 2 * c + head
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -96,6 +96,8 @@ impl LlamaConfig {
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("head_dim", self.head_dim()),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
         ] {
@@ -121,6 +123,9 @@ impl FamilyConfig for LlamaConfig {
     fn max_positions(&self) -> usize {
         self.max_position_embeddings
     }
+    fn width(&self) -> usize {
+        self.hidden_size
+    }
     fn num_layers(&self) -> usize {
         self.num_hidden_layers
     }
@@ -129,6 +134,26 @@ impl FamilyConfig for LlamaConfig {
     }
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         super::decoder_token_ids(ids)
+    }
+    fn num_parameters(&self) -> u64 {
+        let (v, h, i) = (
+            self.vocab_size as u64,
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+        );
+        let (q, kv) = (
+            (self.num_attention_heads * self.head_dim()) as u64,
+            (self.num_kv_heads() * self.head_dim()) as u64,
+        );
+        let attn_bias = if self.attention_bias {
+            q + 2 * kv + h
+        } else {
+            0
+        };
+        let mlp_bias = if self.mlp_bias { 2 * i + h } else { 0 };
+        let layer = 2 * h + h * q + 2 * h * kv + q * h + attn_bias + 3 * h * i + mlp_bias;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u64 * layer + h + head
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -82,11 +82,16 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     fn vocab_size(&self) -> usize;
     /// The longest sequence the model reads at once.
     fn max_positions(&self) -> usize;
+    /// Width of the residual stream (the hidden size), for memory estimates.
+    fn width(&self) -> usize;
     /// Layers of the deepest stack (scales residual-branch initialisation).
     fn num_layers(&self) -> usize;
     fn eos_token_id(&self) -> Option<u32>;
     /// `config.json` token-id fields a new model takes from its tokenizer (when not given).
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields;
+    /// Parameters of a model of this config (tied tensors once): what memory checks count
+    /// before anything is allocated.
+    fn num_parameters(&self) -> u64;
     /// The role of the parameter tensor named `name` (Hugging Face name).
     fn param_role(&self, name: &str) -> ParamRole;
     fn into_model_config(self) -> ModelConfig;

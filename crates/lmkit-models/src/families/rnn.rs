@@ -67,6 +67,7 @@ impl RnnConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         for (name, v) in [
             ("vocab_size", self.vocab_size),
+            ("embedding_size", self.embedding_size()),
             ("hidden_size", self.hidden_size),
             ("num_layers", self.num_layers),
             ("max_position_embeddings", self.max_position_embeddings),
@@ -103,6 +104,9 @@ impl FamilyConfig for RnnConfig {
     fn max_positions(&self) -> usize {
         self.max_position_embeddings
     }
+    fn width(&self) -> usize {
+        self.hidden_size.max(self.embedding_size())
+    }
     fn num_layers(&self) -> usize {
         self.num_layers
     }
@@ -111,6 +115,25 @@ impl FamilyConfig for RnnConfig {
     }
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields {
         super::decoder_token_ids(ids)
+    }
+    fn num_parameters(&self) -> u64 {
+        let (v, h, e) = (
+            self.vocab_size as u64,
+            self.hidden_size as u64,
+            self.embedding_size() as u64,
+        );
+        let gates = match self.cell {
+            Cell::Rnn => 1,
+            Cell::Lstm => 4,
+        };
+        let layers: u64 = (0..self.num_layers as u64)
+            .map(|k| {
+                let input = if k == 0 { e } else { h };
+                gates * h * (input + h) + 2 * gates * h
+            })
+            .sum();
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * e + layers + head
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if let Some(rest) = name.strip_prefix("rnn.") {
