@@ -57,6 +57,12 @@ pub struct ServeArgs {
     /// Most choices (`n`) per request
     #[arg(long, default_value_t = 8)]
     max_n: usize,
+    /// Seconds a client has to send a request's headers, and then its body
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    /// Connections open at once (more are closed)
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
     /// Moderation rules, one `category: regex` per line
     #[arg(long)]
     moderation_rules: Option<PathBuf>,
@@ -105,6 +111,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_body_bytes: a.max_body_bytes,
             max_tokens: a.max_tokens,
             max_n: a.max_n,
+            read_timeout_secs: a.read_timeout,
+            max_connections: a.max_connections,
             ..Limits::default()
         },
         max_active: a.max_active,

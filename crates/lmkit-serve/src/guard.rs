@@ -79,7 +79,7 @@ pub async fn check(State(state): State<Arc<AppState>>, req: Request, next: Next)
             ));
         }
     }
-    if req.method() == Method::POST {
+    let req = if req.method() == Method::POST {
         let json = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -94,7 +94,44 @@ pub async fn check(State(state): State<Arc<AppState>>, req: Request, next: Next)
             )
             .into_response();
         }
-    }
+        // The body must arrive within the read timeout (a slow client cannot hold a request
+        // open); it is read here, up to the size limit, and handed on whole.
+        let (parts, body) = req.into_parts();
+        let limit = state.limits.max_body_bytes;
+        let wait = std::time::Duration::from_secs(state.limits.read_timeout_secs.max(1));
+        let limited = http_body_util::Limited::new(body, limit);
+        match tokio::time::timeout(wait, http_body_util::BodyExt::collect(limited)).await {
+            Err(_) => {
+                state.metrics.request("timeout", 408);
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        wait.as_secs()
+                    ),
+                )
+                .into_response();
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("the request body is larger than the server's limit of {limit} bytes"),
+                )
+                .into_response();
+            }
+            Ok(Err(e)) => {
+                return ApiError::invalid("", format!("could not read the body: {e}"))
+                    .into_response()
+            }
+            Ok(Ok(collected)) => {
+                Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))
+            }
+        }
+    } else {
+        req
+    };
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));

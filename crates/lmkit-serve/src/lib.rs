@@ -56,6 +56,10 @@ pub struct Limits {
     pub max_n: usize,
     /// Seconds suggested in Retry-After when the queue is full.
     pub retry_after: u64,
+    /// Seconds a client has to send a request's headers, and then its body.
+    pub read_timeout_secs: u64,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +69,8 @@ impl Default for Limits {
             max_tokens: 1024,
             max_n: 8,
             retry_after: 1,
+            read_timeout_secs: 30,
+            max_connections: 256,
         }
     }
 }
@@ -275,12 +281,18 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves until Ctrl-C. `on_ready` gets the bound address (port 0 picks a free one).
+///
+/// Connections are served by hyper directly (not `axum::serve`) so that a client gets
+/// `limits.read_timeout_secs` to send its headers (a slow client cannot hold a connection open
+/// forever) and at most `limits.max_connections` are open at once.
 pub async fn serve(
     state: Arc<AppState>,
     host: &str,
     port: u16,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
     let addr = format!("{host}:{port}");
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -293,10 +305,51 @@ pub async fn serve(
         source: e,
     })?;
     on_ready(local);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| ServeError::Bind { addr, source: e })
+    let app = router(state.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.limits.max_connections.max(1),
+    ));
+    let read_timeout = std::time::Duration::from_secs(state.limits.read_timeout_secs.max(1));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    eprintln!("lmkit serve: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.metrics.request("connection_refused", 503);
+            drop(stream);
+            continue;
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    // Let open requests finish (streams included), for a while.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
 }

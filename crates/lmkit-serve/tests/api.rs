@@ -718,3 +718,85 @@ async fn requests_from_other_sites_and_names_are_refused() {
     .expect("refused");
     assert!(e.to_string().contains("empty"), "{e}");
 }
+
+/// A slow client is cut off after the read timeout, and connections beyond the limit are closed
+/// at once (the served process, over real sockets on 127.0.0.1; bounded waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_time_out_and_connections_are_limited() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let st = load_state(ServeConfig {
+        model_dir: model_dir(),
+        device: "cpu".into(),
+        model_name: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: Vec::new(),
+        allowed_hosts: Vec::new(),
+        db: dir.path().join("db.sqlite"),
+        limits: Limits {
+            read_timeout_secs: 1,
+            max_connections: 2,
+            ..Limits::default()
+        },
+        max_active: 1,
+        max_queue: 4,
+        moderator: Moderator::none(),
+        embedding_model: None,
+    })
+    .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(lmkit_serve::serve(st, "127.0.0.1", 0, move |a| {
+        let _ = tx.send(a);
+    }));
+    let addr = rx.await.unwrap();
+    // Closed by the server: read returns 0 bytes (or an error), within `limit`.
+    async fn closed_within(s: &mut tokio::net::TcpStream, limit: u64) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let deadline = std::time::Duration::from_secs(limit);
+        let t0 = std::time::Instant::now();
+        loop {
+            match tokio::time::timeout(deadline.saturating_sub(t0.elapsed()), s.read(&mut buf))
+                .await
+            {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue, // a 408 answer before the close
+            }
+        }
+    }
+    // Headers that never end: closed after about a second.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(
+        closed_within(&mut slow, 10).await,
+        "a slow client held its connection"
+    );
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(500));
+    // Two idle connections fill the limit; a third is closed at once.
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut c, 1).await,
+        "a connection over the limit was kept"
+    );
+    // The open ones still work.
+    a.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        a.read_to_string(&mut reply),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    server.abort();
+}
