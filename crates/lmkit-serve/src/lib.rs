@@ -147,6 +147,14 @@ pub fn read_keys(path: &Path) -> Result<Vec<String>, ServeError> {
 
 /// Loads the model and its tokenizer and starts the model worker.
 pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
+    if cfg.limits.max_n > cfg.max_queue {
+        // A request for more choices than the queue holds could never be accepted: clients
+        // would retry its 429 forever.
+        return Err(ServeError::Config(format!(
+            "--max-n ({}) exceeds --max-queue ({}); raise --max-queue or lower --max-n",
+            cfg.limits.max_n, cfg.max_queue
+        )));
+    }
     if cfg.api_keys.iter().any(|k| k.trim().is_empty()) {
         return Err(ServeError::Config(
             "an API key is empty; give non-empty keys (or none, for no authentication)".into(),
@@ -240,6 +248,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "this endpoint does not take that method (the API's endpoints are POSTs, /v1/models a GET)",
+    )
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         axum::http::StatusCode::NOT_FOUND,
@@ -272,6 +288,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(web::chat_page))
         .route("/review", get(web::review_page))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::check,

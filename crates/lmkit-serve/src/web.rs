@@ -42,11 +42,9 @@ fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| ApiError::invalid("", e.to_string()))?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::invalid(&path, format!("`{path}`: {}", e.into_inner()))
-    })
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| ApiError::invalid("", format!("the body is not valid UTF-8: {e}")))?;
+    crate::api::parse_json(text)
 }
 
 #[derive(Deserialize)]

@@ -66,6 +66,7 @@ fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Ar
         limits: Limits {
             max_body_bytes: 64 * 1024,
             max_tokens: 2000,
+            max_n: max_queue.min(8),
             ..Limits::default()
         },
         max_active: 4,
@@ -258,6 +259,18 @@ async fn auth_limits_and_bad_input_get_clear_errors() {
             "not valid JSON",
         ),
         (
+            "{\"prompt\": \"a\"} trailing".into(),
+            StatusCode::BAD_REQUEST,
+            "",
+            "trailing characters",
+        ),
+        (
+            "{\"prompt\": \"a\", \"max_tokens\": 1, \"max_tokens\": 5000}".into(),
+            StatusCode::BAD_REQUEST,
+            "",
+            "duplicate key `max_tokens`",
+        ),
+        (
             b"{\"prompt\": \"\xff\"}".to_vec().into(),
             StatusCode::BAD_REQUEST,
             "",
@@ -354,6 +367,14 @@ async fn auth_limits_and_bad_input_get_clear_errors() {
             assert_eq!(v["error"]["param"], param, "{v}");
         }
     }
+    // A wrong method gets an OpenAI-style error body too.
+    let (s, b, _) = call(&st, "GET", "/v1/completions", Body::empty(), Some("k1")).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("method"),
+        "{v}"
+    );
     let chat_cases = [
         (json!({"messages": []}), "messages", "must not be empty"),
         (
@@ -710,13 +731,32 @@ async fn requests_from_other_sites_and_names_are_refused() {
         db: dir.path().join("db2.sqlite"),
         limits: Limits::default(),
         max_active: 1,
-        max_queue: 1,
+        max_queue: 8,
         moderator: Moderator::none(),
         embedding_model: None,
     })
     .err()
     .expect("refused");
     assert!(e.to_string().contains("empty"), "{e}");
+    // More choices per request than the queue holds could never be served.
+    let e = load_state(ServeConfig {
+        model_dir: model_dir(),
+        device: "cpu".into(),
+        model_name: None,
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_keys: Vec::new(),
+        allowed_hosts: Vec::new(),
+        db: dir.path().join("db3.sqlite"),
+        limits: Limits::default(),
+        max_active: 1,
+        max_queue: 2,
+        moderator: Moderator::none(),
+        embedding_model: None,
+    })
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("--max-queue"), "{e}");
 }
 
 /// A slow client is cut off after the read timeout, and connections beyond the limit are closed
@@ -737,6 +777,7 @@ async fn slow_clients_time_out_and_connections_are_limited() {
         limits: Limits {
             read_timeout_secs: 1,
             max_connections: 2,
+            max_n: 4,
             ..Limits::default()
         },
         max_active: 1,

@@ -10,6 +10,7 @@ mod types;
 mod validate;
 
 pub use handlers::{chat_completions, completions, embeddings};
+pub(crate) use validate::parse as parse_json;
 
 use crate::engine::{Event, Job, Rejected};
 use crate::error::ApiError;
