@@ -82,6 +82,9 @@ pub struct InputArgs {
     /// JSON field holding the text in .jsonl inputs
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// Skip (and count) bad records instead of stopping at the first
+    #[arg(long)]
+    skip_bad: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +95,9 @@ pub struct OptInputArgs {
     /// JSON field holding the text in .jsonl inputs
     #[arg(long, default_value = "text")]
     text_field: String,
+    /// Skip (and count) bad records instead of stopping at the first
+    #[arg(long)]
+    skip_bad: bool,
 }
 
 fn files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -102,9 +108,10 @@ fn files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn ingest(text_field: &str) -> IngestOptions {
+fn ingest(text_field: &str, skip_bad: bool) -> IngestOptions {
     IngestOptions {
         text_field: text_field.to_string(),
+        skip_bad,
         ..Default::default()
     }
 }
@@ -122,7 +129,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             let mut opts = TrainOptions {
                 vocab_size,
                 min_frequency,
-                ingest: ingest(&input.text_field),
+                ingest: ingest(&input.text_field, input.skip_bad),
                 ..Default::default()
             };
             for s in special {
@@ -157,7 +164,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 .then(|| -> Result<DocStream> {
                     Ok(DocStream::open(
                         files(&input.input)?,
-                        ingest(&input.text_field),
+                        ingest(&input.text_field, input.skip_bad),
                     ))
                 })
                 .transpose()?;
@@ -225,7 +232,14 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             }
             lmkit_core::Progress::finish(&bar);
             if let Some(d) = docs {
+                let (read, skipped) = (d.documents, d.skipped());
                 d.finish()?;
+                if skipped > 0 {
+                    if read == 0 {
+                        anyhow::bail!("every record of the input was bad ({skipped} skipped): nothing to encode");
+                    }
+                    eprintln!("skipped {skipped} bad record(s)");
+                }
             }
             if let (Some(w), Some(output), Some(dir)) = (writer.as_mut(), output, &shards) {
                 w.finish()?;
@@ -279,7 +293,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 let s = lmkit_tokenize::bpe::stats(
                     &tk,
                     &files(std::slice::from_ref(p))?,
-                    &ingest(&input.text_field),
+                    &ingest(&input.text_field, input.skip_bad),
                 )?;
                 if s.documents == 0 {
                     bail!("{}: no text", p.display());

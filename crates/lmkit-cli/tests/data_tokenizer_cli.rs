@@ -294,6 +294,49 @@ fn outputs_are_replaced_whole_or_not_at_all() {
         names(d),
         ["bad.jsonl", "big.txt", "shards", "small.txt", "tok"]
     );
+    // The error's suggestion exists: --skip-bad skips and counts; all-bad input still fails.
+    let skip = |input: &std::path::Path, out: &std::path::Path| {
+        lmkit(
+            &[
+                "tokenizer",
+                "encode",
+                "--tokenizer",
+                &s(&tok),
+                "--input",
+                &s(input),
+                "--shards",
+                &s(out),
+                "--skip-bad",
+            ],
+            "",
+        )
+    };
+    assert!(err.contains("--skip-bad"), "{err}");
+    let (ok, _, err) = skip(&bad, &d.join("skipped"));
+    assert!(ok && err.contains("skipped 1 bad record"), "{err}");
+    let all_bad = d.join("all-bad.jsonl");
+    std::fs::write(&all_bad, "nope\nnot json either\n").unwrap();
+    let (ok, _, err) = skip(&all_bad, &d.join("none"));
+    assert!(
+        !ok && err.contains("every record of the input was bad"),
+        "{err}"
+    );
+    assert!(!d.join("none").exists());
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            &s(&all_bad),
+            "--output",
+            &s(&d.join("p2")),
+            "--skip-bad",
+        ],
+        "",
+    );
+    assert!(!ok, "{err}");
+    std::fs::remove_dir_all(d.join("skipped")).unwrap();
+    std::fs::remove_file(&all_bad).unwrap();
     std::fs::write(shards.join("notes.txt"), "mine").unwrap();
     let (ok, _, err) = encode(&small);
     assert!(!ok && err.contains("notes.txt"), "{err}");
