@@ -145,6 +145,19 @@ fn an_lstm_resumes_exactly_with_its_carried_state() {
     ));
 }
 
+/// Llama and BERT (masks drawn from the seed and step) resume exactly too.
+#[test]
+fn llama_and_bert_resume_exactly() {
+    check_resume(Some(
+        "model_type = \"llama\"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\n\
+         num_attention_heads = 2\nmax_position_embeddings = 32\n",
+    ));
+    check_resume(Some(
+        "model_type = \"bert\"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 2\n\
+         intermediate_size = 64\nmax_position_embeddings = 32\n",
+    ));
+}
+
 fn check_resume(model: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     data(
@@ -167,8 +180,11 @@ fn check_resume(model: Option<&str>) {
     std::fs::remove_dir_all(&whole).unwrap();
     run_until(&cfg, 6);
     std::fs::create_dir(whole.join(".lmkit-tmp-crashed")).unwrap();
-    let resumed = train(&cfg, Start::Resume, &NoProgress).unwrap();
+    let steps = CountSteps::default();
+    let resumed = train(&cfg, Start::Resume, &steps).unwrap();
     assert_eq!(resumed.steps, 12);
+    // Only the steps after the checkpoint ran (a restart from step 0 would run all twelve).
+    assert_eq!(steps.0.load(std::sync::atomic::Ordering::SeqCst), 6);
     assert!(
         !whole.join(".lmkit-tmp-crashed").exists(),
         "a partial checkpoint was left behind"
@@ -192,6 +208,16 @@ fn check_resume(model: Option<&str>) {
         std::fs::read(resumed.checkpoint.join("model.safetensors")).unwrap(),
         final_weights
     );
+}
+
+/// Counts the optimisation steps a run reports.
+#[derive(Default)]
+struct CountSteps(std::sync::atomic::AtomicUsize);
+
+impl lmkit_train::Progress for CountSteps {
+    fn status(&self, _msg: &str) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Trains `cfg` and simulates a crash right after the checkpoint at `stop_step`: later checkpoints
