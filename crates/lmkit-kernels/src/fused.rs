@@ -1274,8 +1274,27 @@ mod tests {
             1e-11,
             "fused_rms_norm_matches_composed_ops_in_value_and_gradient",
         );
-        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
-        assert!(rms_norm(&x32, w.as_tensor(), 1e-6).unwrap().is_none());
+        // f32 (the training dtype; the AVX2/AVX-512 code paths) against the same composed ops.
+        let f32var = |v: &candle_core::Var| {
+            candle_core::Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()
+        };
+        let (x32, w32) = (f32var(&x), f32var(&w));
+        let ours = rms_norm(x32.as_tensor(), w32.as_tensor(), 1e-6)
+            .unwrap()
+            .expect("fused on the CPU in f32");
+        let reference = {
+            let x = x32.as_tensor();
+            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w32.as_tensor())
+                .unwrap()
+        };
+        assert_same(ours, reference, &[&x32, &w32], 1e-4, "rms_norm f32");
+        // Mixed dtypes are not fused (the caller composes).
+        assert!(rms_norm(x32.as_tensor(), w.as_tensor(), 1e-6)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -1308,11 +1327,33 @@ mod tests {
             1e-11,
             "fused_layer_norm_matches_composed_ops_in_value_and_gradient",
         );
-        // Not fused (composed by the caller) for other dtypes.
-        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
-        assert!(layer_norm(&x32, w.as_tensor(), b.as_tensor(), 1e-5)
+        // f32 (the training dtype; the AVX2/AVX-512 code paths) against the same composed ops.
+        let f32var = |v: &candle_core::Var| {
+            candle_core::Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()
+        };
+        let (x32, w32, b32) = (f32var(&x), f32var(&w), f32var(&b));
+        let ours = layer_norm(x32.as_tensor(), w32.as_tensor(), b32.as_tensor(), 1e-5)
             .unwrap()
-            .is_none());
+            .expect("fused on the CPU in f32");
+        let reference = {
+            let x = x32.as_tensor();
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            xc.broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(w32.as_tensor())
+                .unwrap()
+                .broadcast_add(b32.as_tensor())
+                .unwrap()
+        };
+        assert_same(ours, reference, &[&x32, &w32, &b32], 1e-4, "layer_norm f32");
+        // Mixed dtypes are not fused (the caller composes).
+        assert!(
+            layer_norm(x32.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
