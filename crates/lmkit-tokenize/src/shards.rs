@@ -172,11 +172,21 @@ impl TokenShard {
                 header.dtype
             )));
         }
-        Ok(TokenShard {
+        let shard = TokenShard {
             map,
             header,
             path: bin.to_path_buf(),
-        })
+        };
+        // Every id inside the vocabulary the header names (a scan of the mapped file: a corrupt
+        // or foreign shard fails here, naming itself, not deep inside a training step).
+        let vocab = shard.header.vocab_size as u64;
+        if let Some(i) = (0..shard.len()).find(|&i| u64::from(shard.get(i)) >= vocab) {
+            return Err(bad(format!(
+                "token {i} is id {} but the vocabulary has {vocab} ids: corrupt, or written for another tokenizer",
+                shard.get(i)
+            )));
+        }
+        Ok(shard)
     }
 
     pub fn len(&self) -> usize {

@@ -108,9 +108,19 @@ fn shards_hold_documents_and_read_back_across_boundaries() {
         2 * ds.shards[0].header.count
     );
 
-    // A truncated shard is refused with its path.
+    // A shard holding an id outside its vocabulary is refused with its path.
     let bin = &w.paths[0];
     let bytes = std::fs::read(bin).unwrap();
+    let mut bad = bytes.clone();
+    bad[2..4].copy_from_slice(&u16::MAX.to_le_bytes());
+    std::fs::write(bin, &bad).unwrap();
+    let e = TokenShard::open(bin).err().unwrap().to_string();
+    assert!(
+        e.contains("tokens-00000.bin") && e.contains("token 1 is id 65535"),
+        "{e}"
+    );
+
+    // A truncated shard is refused with its path.
     std::fs::write(bin, &bytes[..bytes.len() - 2]).unwrap();
     let e = TokenShard::open(bin).err().unwrap().to_string();
     assert!(
