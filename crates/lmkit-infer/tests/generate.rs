@@ -177,7 +177,7 @@ fn random_model(config: &str) -> CausalLm {
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
     for var in vm.all_vars() {
-        let t = lmkit_models::Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+        let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
         var.set(&t).unwrap();
     }
     model

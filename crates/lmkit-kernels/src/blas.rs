@@ -1173,7 +1173,7 @@ mod tests {
         let c = heads * hd;
         for dtype in [DType::F64, DType::F32] {
             let qkv = Var::from_tensor(
-                &Tensor::randn(0f32, 1.0, (b, t, 3 * c), &dev)
+                &crate::testing::randn(0f32, 1.0, (b, t, 3 * c), &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap(),
@@ -1211,7 +1211,7 @@ mod tests {
             for transposed in [false, true] {
                 let var = |shape: &[usize]| {
                     Var::from_tensor(
-                        &Tensor::randn(0f32, 1.0, shape, &dev)
+                        &crate::testing::randn(0f32, 1.0, shape, &dev)
                             .unwrap()
                             .to_dtype(dtype)
                             .unwrap(),

@@ -1127,10 +1127,13 @@ mod tests {
     #[test]
     fn fused_bias_add_matches_candle_in_value_and_gradient() {
         let dev = Device::Cpu;
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap())
+        let x = candle_core::Var::from_tensor(
+            &crate::testing::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap(),
+        )
+        .unwrap();
+        let b = candle_core::Var::from_tensor(&crate::testing::randn(0f64, 1.0, 7, &dev).unwrap())
             .unwrap();
-        let b = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, 7, &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap();
+        let w = crate::testing::randn(0f64, 1.0, (3, 5, 7), &dev).unwrap();
         let ours = add_bias(x.as_tensor(), b.as_tensor()).unwrap();
         let reference = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
         let max = |t: Tensor| {
@@ -1160,10 +1163,10 @@ mod tests {
         let dev = Device::Cpu;
         for (t, s) in [(5usize, 5usize), (3, 7), (1, 4)] {
             let x = candle_core::Var::from_tensor(
-                &Tensor::randn(0f64, 2.0, (2, 3, t, s), &dev).unwrap(),
+                &crate::testing::randn(0f64, 2.0, (2, 3, t, s), &dev).unwrap(),
             )
             .unwrap();
-            let r = Tensor::randn(0f64, 1.0, (2, 3, t, s), &dev).unwrap();
+            let r = crate::testing::randn(0f64, 1.0, (2, 3, t, s), &dev).unwrap();
             let ours = causal_softmax(x.as_tensor(), 0.3).unwrap().expect("fused");
             let mask: Vec<f64> = (0..t)
                 .flat_map(|i| {
@@ -1211,10 +1214,11 @@ mod tests {
     fn fused_rope_matches_composed_ops_in_value_and_gradient() {
         let dev = Device::Cpu;
         // 2·3·40 rows: several parallel tasks, positions wrapping within each; head dim 6.
-        let x =
-            candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 40, 6), &dev).unwrap())
-                .unwrap();
-        let ang = Tensor::randn(0f64, 2.0, (40, 3), &dev).unwrap();
+        let x = candle_core::Var::from_tensor(
+            &crate::testing::randn(0f64, 1.0, (2, 3, 40, 6), &dev).unwrap(),
+        )
+        .unwrap();
+        let ang = crate::testing::randn(0f64, 2.0, (40, 3), &dev).unwrap();
         let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
         let ours = rope(x.as_tensor(), &cos, &sin)
             .unwrap()
@@ -1252,7 +1256,8 @@ mod tests {
     fn fused_rms_norm_matches_composed_ops_in_value_and_gradient() {
         let dev = Device::Cpu;
         let var = |shape: &[usize], sd: f64| {
-            candle_core::Var::from_tensor(&Tensor::randn(0.5f64, sd, shape, &dev).unwrap()).unwrap()
+            candle_core::Var::from_tensor(&crate::testing::randn(0.5f64, sd, shape, &dev).unwrap())
+                .unwrap()
         };
         // 70 rows: more than one parallel task, the last one partial; 19 dims: lanes + a rest.
         let (x, w) = (var(&[2, 35, 19], 2.0), var(&[19], 1.0));
@@ -1301,7 +1306,8 @@ mod tests {
     fn fused_layer_norm_matches_composed_ops_in_value_and_gradient() {
         let dev = Device::Cpu;
         let var = |shape: &[usize], sd: f64| {
-            candle_core::Var::from_tensor(&Tensor::randn(0.5f64, sd, shape, &dev).unwrap()).unwrap()
+            candle_core::Var::from_tensor(&crate::testing::randn(0.5f64, sd, shape, &dev).unwrap())
+                .unwrap()
         };
         // 70 rows: more than one parallel task, the last one partial.
         let (x, w, b) = (var(&[2, 35, 9], 2.0), var(&[9], 1.0), var(&[9], 1.0));
@@ -1359,8 +1365,10 @@ mod tests {
     #[test]
     fn fused_cross_entropy_matches_candle_in_value_and_gradient() {
         let dev = Device::Cpu;
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 3.0, (9, 17), &dev).unwrap())
-            .unwrap();
+        let x = candle_core::Var::from_tensor(
+            &crate::testing::randn(0f64, 3.0, (9, 17), &dev).unwrap(),
+        )
+        .unwrap();
         let t = Tensor::new(&[0u32, 16, 3, 3, 8, 1, 15, 2, 9], &dev).unwrap();
         let ours = (cross_entropy_sum(x.as_tensor(), &t).unwrap() * 0.5).unwrap();
         let reference = (candle_nn::loss::cross_entropy(x.as_tensor(), &t).unwrap() * 4.5).unwrap();
@@ -1389,7 +1397,7 @@ mod tests {
 
     #[test]
     fn fused_kernels_match_candle_ops() {
-        let x = Tensor::randn(0f32, 2.0, (4, 7, 33), &Device::Cpu).unwrap();
+        let x = crate::testing::randn(0f32, 2.0, (4, 7, 33), &Device::Cpu).unwrap();
         let diff = |a: Tensor, b: Tensor| {
             a.sub(&b)
                 .unwrap()

@@ -22,7 +22,7 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// (r random, the same for both).
 pub fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, what: &str) {
     assert!(max_diff(&ours, &reference) < tol, "{what}: forward");
-    let r = Tensor::randn(0f32, 1.0, ours.dims(), ours.device())
+    let r = randn(0f32, 1.0, ours.dims(), ours.device())
         .unwrap()
         .to_dtype(ours.dtype())
         .unwrap();
@@ -37,4 +37,32 @@ pub fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, wha
         let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(max_diff(x, y) < tol * 10.0, "{what}: gradient");
     }
+}
+
+thread_local! {
+    /// Draws so far on this thread: each test (a thread of its own) gets the same inputs every run.
+    static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Like `Tensor::randn`, but seeded: candle's CPU generator cannot be seeded, and a failure seen
+/// once must be seen again.
+pub fn randn<T: candle_core::WithDType, S: Into<candle_core::Shape>>(
+    mean: T,
+    std: f64,
+    shape: S,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    use lmkit_core::rng::{Random, SplitMix64};
+    let shape = shape.into();
+    let draw = DRAWS.with(|d| {
+        let n = d.get();
+        d.set(n + 1);
+        n
+    });
+    let mut rng = SplitMix64::new(0x7e57 ^ lmkit_core::rng::mix(draw));
+    let mean = mean.to_f64();
+    let values: Vec<f64> = (0..shape.elem_count())
+        .map(|_| mean + std * rng.normal())
+        .collect();
+    Tensor::from_vec(values, shape, device)?.to_dtype(T::DTYPE)
 }

@@ -142,7 +142,7 @@ mod tests {
         // f32 on the CPU takes the fused kernel, f64 the composed tensor ops: same trajectory,
         // with a gradient factor (clipping) that changes from step to step.
         let dev = Device::Cpu;
-        let init = Tensor::randn(0f32, 1.0, (40_000,), &dev).unwrap();
+        let init = lmkit_kernels::testing::randn(0f32, 1.0, (40_000,), &dev).unwrap();
         let run = |dtype: candle_core::DType, scaled: bool| {
             let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
             let mut opt = one_param(&var, 0.95);

@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn masks_and_grouped_heads_agree_with_their_definitions() {
         let dev = Device::Cpu;
-        let r = |s: &[usize]| Tensor::randn(0f64, 1.0, s, &dev).unwrap();
+        let r = |s: &[usize]| lmkit_kernels::testing::randn(0f64, 1.0, s, &dev).unwrap();
         let (q, k, v) = (r(&[2, 4, 3, 8]), r(&[2, 2, 5, 8]), r(&[2, 2, 5, 8]));
         let scale = 1.0 / 8f64.sqrt();
         // Grouped-query attention = repeated heads.

@@ -157,7 +157,7 @@ mod tests {
             .chain(std::iter::repeat_n(1, 70))
             .enumerate()
         {
-            let k = Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap();
+            let k = lmkit_kernels::testing::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap();
             let v = (&k * 2.0).unwrap();
             let mut got = None;
             for layer in 0..2 {

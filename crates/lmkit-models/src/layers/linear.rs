@@ -122,15 +122,15 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
         let dense = Linear::new(3, 4, true, vb.pp("a")).unwrap();
         assert_eq!(dense.path(), "a");
-        let w = Tensor::randn(0f64, 1.0, (3, 4), &dev).unwrap();
-        let b = Tensor::randn(0f64, 1.0, 4, &dev).unwrap();
+        let w = lmkit_kernels::testing::randn(0f64, 1.0, (3, 4), &dev).unwrap();
+        let b = lmkit_kernels::testing::randn(0f64, 1.0, 4, &dev).unwrap();
         let conv = Linear {
             weight: Weight::Transposed(w.clone()),
             bias: Some(b.clone()),
             path: "c".into(),
         };
         let same = Linear::from_weight(w.t().unwrap().contiguous().unwrap(), Some(b), "d");
-        let x = Tensor::randn(0f64, 1.0, (2, 5, 3), &dev).unwrap();
+        let x = lmkit_kernels::testing::randn(0f64, 1.0, (2, 5, 3), &dev).unwrap();
         let (y1, y2) = (conv.forward(&x).unwrap(), same.forward(&x).unwrap());
         let d = (y1 - y2).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f64>().unwrap() < 1e-12);

@@ -405,7 +405,7 @@ mod tests {
         let model = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
         // Every parameter random (VarBuilder's defaults leave weights and norms at 0).
         for var in vm.all_vars() {
-            let r = Tensor::randn(0.0, 0.5, var.shape(), &dev).unwrap();
+            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
             var.set(&r.to_dtype(dtype).unwrap()).unwrap();
         }
         let (x, y) = batch(&dev);
