@@ -99,7 +99,17 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
     let trained = tk.train(
         &mut trainer,
         docs.by_ref()
-            .inspect(|d| non_blank += u64::from(!d.trim().is_empty())),
+            .inspect(|d| non_blank += u64::from(!d.trim().is_empty()))
+            .flat_map(|d| {
+                if d.len() <= MAX_PIECE_BYTES {
+                    vec![d]
+                } else {
+                    pieces(&d, MAX_PIECE_BYTES)
+                        .into_iter()
+                        .map(String::from)
+                        .collect()
+                }
+            }),
     );
     docs.finish()?; // a read error part-way is an error, not a smaller training set
     trained.map_err(tk_err)?;
@@ -155,12 +165,61 @@ pub fn save(tk: &Tokenizer, dir: &Path, special_tokens: &[String]) -> Result<()>
     )?)
 }
 
-/// Encodes texts (no special tokens added), in parallel.
+/// The longest piece of text encoded or trained on at once: a longer document is cut into
+/// pieces, so that one huge line (or one huge "word") cannot take memory without bound (a
+/// 200 MB line took over 13 GB).
+pub const MAX_PIECE_BYTES: usize = 1 << 16;
+
+/// `text` cut into pieces of at most `max` bytes (`max` ≥ 8). A cut goes just before a space
+/// that follows a non-space character — where byte-level and metaspace pre-tokenizers split
+/// anyway, so the pieces encode to the same tokens as the whole — when the last quarter of the
+/// piece has one; otherwise at a character boundary.
+pub fn pieces(text: &str, max: usize) -> Vec<&str> {
+    let max = max.max(8);
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut end = max;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let window = &rest[..end];
+        let cut = window
+            .char_indices()
+            .rev()
+            .take_while(|&(i, _)| i >= end - end / 4)
+            .find(|&(i, c)| c == ' ' && i > 0 && !window[..i].ends_with(char::is_whitespace))
+            .map_or(end, |(i, _)| i);
+        out.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    out.push(rest);
+    out
+}
+
+/// Encodes texts (no special tokens added), in parallel; texts over [`MAX_PIECE_BYTES`] are
+/// encoded a piece at a time (see [`pieces`]) and their ids joined.
 pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
-    let enc = tk
-        .encode_batch(texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), false)
-        .map_err(tk_err)?;
-    Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    if texts.iter().all(|t| t.len() <= MAX_PIECE_BYTES) {
+        let enc = tk
+            .encode_batch(texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), false)
+            .map_err(tk_err)?;
+        return Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect());
+    }
+    let mut owner = Vec::new();
+    let mut all = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        for p in pieces(t, MAX_PIECE_BYTES) {
+            owner.push(i);
+            all.push(p);
+        }
+    }
+    let enc = tk.encode_batch(all, false).map_err(tk_err)?;
+    let mut out = vec![Vec::new(); texts.len()];
+    for (i, e) in owner.into_iter().zip(enc) {
+        out[i].extend_from_slice(e.get_ids());
+    }
+    Ok(out)
 }
 
 pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {

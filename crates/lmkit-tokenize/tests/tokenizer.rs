@@ -182,3 +182,34 @@ fn bad_input_is_reported() {
     let e = decode(&tk, &[1, 2, 99999]).unwrap_err().to_string();
     assert!(e.contains("99999") && e.contains("out of range"), "{e}");
 }
+
+/// Texts longer than a piece are encoded a piece at a time: the same tokens where the text has
+/// spaces, exact round trips always, and bounded memory for one huge word.
+#[test]
+fn long_texts_encode_in_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let tk = lmkit_tokenize::train(&corpus(dir.path()), &small()).unwrap();
+    let words: String = (0..40_000)
+        .map(|i| format!("word{} and  more, ", i % 97))
+        .collect();
+    assert!(words.len() > 3 * lmkit_tokenize::MAX_PIECE_BYTES);
+    let ps = lmkit_tokenize::pieces(&words, lmkit_tokenize::MAX_PIECE_BYTES);
+    assert!(
+        ps.len() > 3
+            && ps
+                .iter()
+                .all(|p| p.len() <= lmkit_tokenize::MAX_PIECE_BYTES)
+    );
+    assert_eq!(ps.concat(), words);
+    let whole = tk.encode(words.as_str(), false).unwrap().get_ids().to_vec();
+    let pieced = encode_batch(&tk, std::slice::from_ref(&words))
+        .unwrap()
+        .remove(0);
+    assert_eq!(pieced, whole, "cutting at spaces changed the tokens");
+    // One 300 KB "word" (no spaces; multi-byte characters): cut at character boundaries.
+    let huge: String = "가나다ab".repeat(30_000);
+    let ids = encode_batch(&tk, std::slice::from_ref(&huge))
+        .unwrap()
+        .remove(0);
+    assert_eq!(lmkit_tokenize::decode(&tk, &ids).unwrap(), huge);
+}
