@@ -206,18 +206,21 @@ pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
             .map_err(tk_err)?;
         return Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect());
     }
-    let mut owner = Vec::new();
-    let mut all = Vec::new();
-    for (i, t) in texts.iter().enumerate() {
-        for p in pieces(t, MAX_PIECE_BYTES) {
-            owner.push(i);
-            all.push(p);
-        }
-    }
-    let enc = tk.encode_batch(all, false).map_err(tk_err)?;
+    // Pieces go through in batches of a few MB: an encoding keeps ~100 bytes per token
+    // (strings, offsets, masks), so only the ids of earlier batches are kept.
     let mut out = vec![Vec::new(); texts.len()];
-    for (i, e) in owner.into_iter().zip(enc) {
-        out[i].extend_from_slice(e.get_ids());
+    let all: Vec<(usize, &str)> = texts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| pieces(t, MAX_PIECE_BYTES).into_iter().map(move |p| (i, p)))
+        .collect();
+    for group in all.chunks(64) {
+        let enc = tk
+            .encode_batch(group.iter().map(|&(_, p)| p).collect::<Vec<_>>(), false)
+            .map_err(tk_err)?;
+        for (&(i, _), e) in group.iter().zip(enc) {
+            out[i].extend_from_slice(e.get_ids());
+        }
     }
     Ok(out)
 }
