@@ -137,14 +137,22 @@ pub fn estimate(
             None
         };
         let uniform = 1.0 / (t.len() as f64 - 1.0); // |V| without <s>
-        for &(s, e, sum, gamma) in &groups {
+                                                    // Which group each entry is in; then one parallel pass over all entries (a pass per
+                                                    // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
+        let mut group_of = vec![0u32; t.len()];
+        for (g, &(s, e, _, gamma)) in groups.iter().enumerate() {
+            group_of[s..e].fill(g as u32);
             if let Some((lt, _)) = lower {
                 if let Some(i) = find_sorted(&lt.keys, n - 1, &t.key(s)[..n - 1]) {
                     gammas[n - 2][i] = Some(gamma);
                 }
             }
-            p[s..e].par_iter_mut().enumerate().for_each(|(k, pk)| {
-                let i = s + k;
+        }
+        p.par_iter_mut()
+            .with_min_len(1 << 12)
+            .enumerate()
+            .for_each(|(i, pk)| {
+                let (_, _, sum, gamma) = groups[group_of[i] as usize];
                 let a = t.counts[i];
                 let u = if sum > 0.0 {
                     (a as f64 - disc.discount(a)) / sum
@@ -159,7 +167,6 @@ pub fn estimate(
                 };
                 *pk = u + gamma * backed_off;
             });
-        }
         probs.push(p);
     }
 
