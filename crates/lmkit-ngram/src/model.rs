@@ -94,6 +94,17 @@ impl Perplexity {
     }
 }
 
+/// What scoring carries from one word to the next: the most recent words (most recent first,
+/// at most order − 1) and, for the first `len` of them, the back-off weights of the stored
+/// contexts they form.
+#[derive(Clone, Copy, Default)]
+struct State {
+    words: [u32; crate::MAX_ORDER],
+    words_len: usize,
+    backoffs: [f32; crate::MAX_ORDER],
+    len: usize,
+}
+
 impl Model {
     /// Opens an ARPA or `.lmkb` file (told apart by the file's first bytes, not its name).
     /// `tokenization` applies to ARPA files; a binary model carries its own.
@@ -256,13 +267,83 @@ impl Model {
         (prob, len)
     }
 
+    /// The state after reading `w` in `state`: the contexts that end with `w` and are stored,
+    /// with their back-off weights (KenLM's `State`), so that the next word adds them without
+    /// looking them up again.
+    fn next_state(&self, state: &State, w: u32) -> State {
+        let mut next = State::default();
+        let keep = self.h.order.saturating_sub(1);
+        if keep == 0 {
+            return next;
+        }
+        // The history: the most recent words, as many as the order keeps, stored or not.
+        next.words_len = (state.words_len + 1).min(keep);
+        next.words[0] = w;
+        next.words[1..next.words_len].copy_from_slice(&state.words[..next.words_len - 1]);
+        // The back-off weights of the contexts it forms, while they are stored.
+        let mut h = start_hash(w);
+        for k in 0..next.words_len {
+            if k > 0 {
+                h = extend_hash(h, next.words[k]);
+            }
+            match self.lookup(k + 1, h) {
+                Some((_, b)) => {
+                    next.backoffs[k] = b;
+                    next.len = k + 1;
+                }
+                None => break,
+            }
+        }
+        next
+    }
+
+    /// log10 p(w | state), the length of the n-gram used, and the state after `w`: the longest
+    /// stored n-gram ending in `w` within the state's history, plus the back-off weights of the
+    /// longer stored contexts (carried in the state). One probe per n-gram gives both the
+    /// probability and the back-off the next word needs (KenLM's way).
+    fn score_in_state(&self, state: &State, w: u32) -> (f32, usize, State) {
+        let keep = self.h.order.saturating_sub(1);
+        let mut h = start_hash(w);
+        let Some((p1, b1)) = self.lookup(1, h) else {
+            let p = self
+                .lookup(1, start_hash(self.h.unk))
+                .map_or(-100.0, |x| x.0);
+            return (p, 1, self.next_state(state, w));
+        };
+        let mut next = State::default();
+        if keep > 0 {
+            next.words_len = (state.words_len + 1).min(keep);
+            next.words[0] = w;
+            next.words[1..next.words_len].copy_from_slice(&state.words[..next.words_len - 1]);
+            next.backoffs[0] = b1;
+            next.len = 1;
+        }
+        let (mut prob, mut len) = (p1, 1);
+        for k in 0..state.words_len {
+            h = extend_hash(h, state.words[k]);
+            match self.lookup(k + 2, h) {
+                Some((p, b)) => {
+                    prob = p;
+                    len = k + 2;
+                    if k + 2 <= keep {
+                        next.backoffs[k + 1] = b;
+                        next.len = k + 2;
+                    }
+                }
+                None => break,
+            }
+        }
+        for j in (len - 1)..state.len {
+            prob += state.backoffs[j];
+        }
+        (prob, len, next)
+    }
+
     /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
     pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
-        let keep = self.h.order.saturating_sub(1);
-        // Context ids, most recent first, at most order-1 of them.
-        let mut ctx: Vec<u32> = Vec::with_capacity(keep + 1);
-        if bos && keep > 0 {
-            ctx.push(self.h.bos);
+        let mut state = State::default();
+        if bos && self.h.order > 1 {
+            state = self.next_state(&state, self.h.bos);
         }
         let mut out = SentenceScore {
             log10_prob: 0.0,
@@ -275,17 +356,14 @@ impl Model {
         for id in ids {
             let oov = id.is_none_or(|id| id == self.h.unk);
             let id = id.unwrap_or(self.h.unk);
-            let (p, len) = self.score_id(&ctx, id);
+            let (p, len, next) = self.score_in_state(&state, id);
             out.log10_prob += p;
             out.words.push(WordScore {
                 log10_prob: p,
                 ngram_len: len,
                 oov,
             });
-            if keep > 0 {
-                ctx.insert(0, id);
-                ctx.truncate(keep);
-            }
+            state = next;
         }
         out
     }
