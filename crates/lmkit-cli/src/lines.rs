@@ -6,28 +6,53 @@ use std::path::Path;
 
 /// Lines of `path` (or stdin), with a clear error on invalid UTF-8.
 pub fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for_line_chunks(path, usize::MAX, |chunk| {
+        out.extend(chunk);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Streams the lines of `path` (or stdin) to `f`, `chunk` lines at a time, so that a large
+/// input is never held whole; invalid UTF-8 is an error naming the line.
+pub fn for_line_chunks(
+    path: Option<&Path>,
+    chunk: usize,
+    mut f: impl FnMut(Vec<String>) -> Result<()>,
+) -> Result<()> {
     let (reader, name): (Box<dyn BufRead>, String) = match path {
         Some(p) => (
-            Box::new(std::io::BufReader::new(
+            Box::new(std::io::BufReader::with_capacity(
+                1 << 20,
                 std::fs::File::open(p).with_context(|| format!("{}", p.display()))?,
             )),
             p.display().to_string(),
         ),
         None => (Box::new(std::io::stdin().lock()), "<stdin>".to_string()),
     };
-    let mut out = Vec::new();
+    let mut buf = Vec::new();
     for (i, line) in reader.split(b'\n').enumerate() {
         let bytes = line.with_context(|| name.clone())?;
-        let s = String::from_utf8(bytes).map_err(|e| {
+        let mut s = String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "{name}:{}: line is not valid UTF-8 (byte {})",
                 i + 1,
                 e.utf8_error().valid_up_to()
             )
         })?;
-        out.push(s.trim_end_matches('\r').to_string());
+        if s.ends_with('\r') {
+            s.pop();
+        }
+        buf.push(s);
+        if buf.len() >= chunk {
+            f(std::mem::take(&mut buf))?;
+        }
     }
-    Ok(out)
+    if !buf.is_empty() {
+        f(buf)?;
+    }
+    Ok(())
 }
 
 /// `lmkit ngram rank` / `lmkit eval rank`: candidates from the arguments and `input` (non-empty

@@ -168,15 +168,20 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
         }
         NgramCommand::Ppl { model, input } => {
             let m = load(&model)?;
-            let lines = read_lines(Some(&input))?;
-            let ppl = lines
-                .par_iter()
-                .filter(|l| !l.trim().is_empty())
-                .fold(Perplexity::default, |mut acc, l| {
-                    acc.add(&m.score_line(l));
-                    acc
-                })
-                .reduce(Perplexity::default, Perplexity::merge);
+            // Streamed a chunk of lines at a time (scored in parallel): memory stays bounded.
+            let mut ppl = Perplexity::default();
+            crate::lines::for_line_chunks(Some(&input), 1 << 16, |lines| {
+                let part = lines
+                    .par_iter()
+                    .filter(|l| !l.trim().is_empty())
+                    .fold(Perplexity::default, |mut acc, l| {
+                        acc.add(&m.score_line(l));
+                        acc
+                    })
+                    .reduce(Perplexity::default, Perplexity::merge);
+                ppl = Perplexity::merge(std::mem::take(&mut ppl), part);
+                Ok(())
+            })?;
             if ppl.tokens == 0 {
                 bail!("{}: no non-blank lines to score", input.display());
             }
