@@ -127,3 +127,90 @@ fn a_signal_stops_training_with_a_checkpoint_that_resumes() {
     let (ok, err) = lmkit(&["train", "--config", cfg, "--max-steps", "2"]);
     assert!(!ok && err.contains("holds another run"), "{err}");
 }
+
+/// `lmkit compare` trains its four models and reports finite held-out bits per byte; run again
+/// into the same output, it replaces its own runs. `lmkit eval rank` puts a corpus sentence above
+/// its scrambled words.
+#[test]
+fn compare_and_eval_rank_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text: String = (0..400)
+        .map(|i| {
+            format!(
+                "the {} river runs past the {} hills.\n",
+                ["red", "blue", "old"][i % 3],
+                i % 7
+            )
+        })
+        .collect();
+    std::fs::create_dir(d.join("in")).unwrap();
+    std::fs::write(d.join("in/c.txt"), text).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for seconds in ["1", "0.5"] {
+        let (ok, err) = lmkit(&[
+            "compare",
+            "--input",
+            &s(&d.join("in")),
+            "--output",
+            &s(&d.join("out")),
+            "--seconds",
+            seconds,
+            "--vocab-size",
+            "300",
+            "--ngram-order",
+            "4",
+        ]);
+        assert!(ok, "{err}");
+    }
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/results.json")).unwrap())
+            .unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in rows {
+        let bpb = r["bits_per_byte"].as_f64().unwrap();
+        assert!(bpb.is_finite() && bpb > 0.0 && bpb < 16.0, "{r}");
+    }
+    assert!(
+        rows[0]["tokens_per_sec"].is_null(),
+        "the n-gram row has no training speed"
+    );
+    assert!(rows[1..]
+        .iter()
+        .all(|r| r["tokens_per_sec"].as_f64().unwrap() > 0.0));
+
+    let (ok, err) = lmkit(&[
+        "ngram",
+        "train",
+        "--order",
+        "3",
+        "--input",
+        &s(&d.join("in")),
+        "--output",
+        &s(&d.join("m.lmkb")),
+    ]);
+    assert!(ok, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args([
+            "eval",
+            "rank",
+            "--model",
+            &s(&d.join("m.lmkb")),
+            "hills the past runs river blue the",
+            "the blue river runs past the hills",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = table.lines().next().unwrap_or_default();
+    assert!(
+        first.ends_with("the blue river runs past the hills"),
+        "{table}"
+    );
+}
