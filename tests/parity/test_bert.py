@@ -59,8 +59,22 @@ def test_embeddings_are_mean_pooled_hidden_states(bert, tmp_path):
 
 
 def test_fill_mask_and_broken_checkpoints(bert, tmp_path):
-    out = bert["run"]("fill-mask", "--model", bert["dir"], "the cat <|mask|> on the mat", "--top-k", "3")
+    text = "the cat <|mask|> on the mat"
+    out = bert["run"]("fill-mask", "--model", bert["dir"], text, "--top-k", "3")
     assert out.startswith("position ") and out.count("\"") >= 6
+    # The same predictions as transformers: tokens and probabilities at the masked position.
+    import re
+    ids = bert["tok"].encode(text).ids
+    pos = ids.index(bert["tok"].token_to_id("<|mask|>"))
+    with torch.no_grad():
+        p = torch.softmax(bert["model"](torch.tensor([ids])).logits[0, pos], -1)
+    top = torch.topk(p, 3)
+    want = [(bert["tok"].decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]
+    line = out.splitlines()[0]
+    assert line.startswith(f"position {pos}: "), line
+    got = [(json.loads(t), float(v)) for t, v in re.findall(r'("(?:[^"\\]|\\.)*") ([0-9.]+)', line)]
+    assert [g[0] for g in got] == [w[0] for w in want], (got, want)
+    assert all(abs(g[1] - w[1]) < 1e-3 for g, w in zip(got, want)), (got, want)
     import subprocess
     bad = tmp_path / "bad"
     shutil.copytree(bert["dir"], bad)
