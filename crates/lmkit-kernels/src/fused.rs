@@ -1252,6 +1252,28 @@ mod tests {
         assert!(max_diff(&f32_ours, &f32_ref) < 1e-5);
     }
 
+    /// x / sqrt(mean(x²) + 1e-6) · w in plain tensor ops: the reference for the fused RMSNorm.
+    fn composed_rms_norm(x: &Tensor, w: &Tensor) -> Tensor {
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
+    }
+
+    /// (x − mean) / sqrt(var + 1e-5) · w + b in plain tensor ops: the reference for LayerNorm.
+    fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        xc.broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap()
+    }
+
     #[test]
     fn fused_rms_norm_matches_composed_ops_in_value_and_gradient() {
         let dev = Device::Cpu;
@@ -1264,14 +1286,7 @@ mod tests {
         let ours = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)
             .unwrap()
             .expect("fused on the CPU in f64");
-        let reference = {
-            let x = x.as_tensor();
-            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(w.as_tensor())
-                .unwrap()
-        };
+        let reference = composed_rms_norm(x.as_tensor(), w.as_tensor());
         assert_same(
             ours,
             reference.clone(),
@@ -1287,14 +1302,7 @@ mod tests {
         let ours = rms_norm(x32.as_tensor(), w32.as_tensor(), 1e-6)
             .unwrap()
             .expect("fused on the CPU in f32");
-        let reference = {
-            let x = x32.as_tensor();
-            let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(w32.as_tensor())
-                .unwrap()
-        };
+        let reference = composed_rms_norm(x32.as_tensor(), w32.as_tensor());
         assert_same(ours, reference, &[&x32, &w32], 1e-4, "rms_norm f32");
         // Mixed dtypes are not fused (the caller composes).
         assert!(rms_norm(x32.as_tensor(), w.as_tensor(), 1e-6)
@@ -1314,18 +1322,7 @@ mod tests {
         let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
             .unwrap()
             .expect("fused on the CPU in f64");
-        let reference = {
-            let x = x.as_tensor();
-            let mean = x.mean_keepdim(D::Minus1).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            xc.broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(w.as_tensor())
-                .unwrap()
-                .broadcast_add(b.as_tensor())
-                .unwrap()
-        };
+        let reference = composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor());
         assert_same(
             ours,
             reference.clone(),
@@ -1341,18 +1338,7 @@ mod tests {
         let ours = layer_norm(x32.as_tensor(), w32.as_tensor(), b32.as_tensor(), 1e-5)
             .unwrap()
             .expect("fused on the CPU in f32");
-        let reference = {
-            let x = x32.as_tensor();
-            let mean = x.mean_keepdim(D::Minus1).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let v = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-            xc.broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(w32.as_tensor())
-                .unwrap()
-                .broadcast_add(b32.as_tensor())
-                .unwrap()
-        };
+        let reference = composed_layer_norm(x32.as_tensor(), w32.as_tensor(), b32.as_tensor());
         assert_same(ours, reference, &[&x32, &w32, &b32], 1e-4, "layer_norm f32");
         // Mixed dtypes are not fused (the caller composes).
         assert!(

@@ -53,26 +53,36 @@ fn model_dir() -> PathBuf {
     .clone()
 }
 
-fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Arc<AppState> {
-    load_state(ServeConfig {
+/// The test model's server config, with `db` and `max_queue`, default limits otherwise.
+fn config(db: &Path, max_queue: usize) -> ServeConfig {
+    ServeConfig {
         model_dir: model_dir(),
         device: "cpu".into(),
         model_name: Some("tiny".into()),
         host: "127.0.0.1".into(),
         port: 0,
-        api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        api_keys: Vec::new(),
         allowed_hosts: Vec::new(),
         db: db.to_path_buf(),
+        limits: Limits::default(),
+        max_active: 4,
+        max_queue,
+        moderator: Moderator::none(),
+        embedding_model: None,
+    }
+}
+
+fn state(db: &Path, keys: &[&str], moderator: Moderator, max_queue: usize) -> Arc<AppState> {
+    load_state(ServeConfig {
+        api_keys: keys.iter().map(|k| k.to_string()).collect(),
         limits: Limits {
             max_body_bytes: 64 * 1024,
             max_tokens: 2000,
             max_n: max_queue.min(8),
             ..Limits::default()
         },
-        max_active: 4,
-        max_queue,
         moderator,
-        embedding_model: None,
+        ..config(db, max_queue)
     })
     .unwrap()
 }
@@ -721,38 +731,17 @@ async fn requests_from_other_sites_and_names_are_refused() {
     assert_eq!(h.get("x-frame-options").unwrap(), "DENY");
     // An empty key is refused at start-up.
     let e = load_state(ServeConfig {
-        model_dir: model_dir(),
-        device: "cpu".into(),
-        model_name: None,
-        host: "127.0.0.1".into(),
-        port: 0,
         api_keys: vec!["".into()],
-        allowed_hosts: Vec::new(),
-        db: dir.path().join("db2.sqlite"),
-        limits: Limits::default(),
         max_active: 1,
-        max_queue: 8,
-        moderator: Moderator::none(),
-        embedding_model: None,
+        ..config(&dir.path().join("db2.sqlite"), 8)
     })
     .err()
     .expect("refused");
     assert!(e.to_string().contains("empty"), "{e}");
     // More choices per request than the queue holds could never be served.
     let e = load_state(ServeConfig {
-        model_dir: model_dir(),
-        device: "cpu".into(),
-        model_name: None,
-        host: "127.0.0.1".into(),
-        port: 0,
-        api_keys: Vec::new(),
-        allowed_hosts: Vec::new(),
-        db: dir.path().join("db3.sqlite"),
-        limits: Limits::default(),
         max_active: 1,
-        max_queue: 2,
-        moderator: Moderator::none(),
-        embedding_model: None,
+        ..config(&dir.path().join("db3.sqlite"), 2)
     })
     .err()
     .expect("refused");
@@ -766,14 +755,6 @@ async fn slow_clients_time_out_and_connections_are_limited() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let st = load_state(ServeConfig {
-        model_dir: model_dir(),
-        device: "cpu".into(),
-        model_name: None,
-        host: "127.0.0.1".into(),
-        port: 0,
-        api_keys: Vec::new(),
-        allowed_hosts: Vec::new(),
-        db: dir.path().join("db.sqlite"),
         limits: Limits {
             read_timeout_secs: 1,
             max_connections: 2,
@@ -781,9 +762,7 @@ async fn slow_clients_time_out_and_connections_are_limited() {
             ..Limits::default()
         },
         max_active: 1,
-        max_queue: 4,
-        moderator: Moderator::none(),
-        embedding_model: None,
+        ..config(&dir.path().join("db.sqlite"), 4)
     })
     .unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
