@@ -4,7 +4,9 @@
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
 # 2. the same tiny training run on CPU and on the GPU: loss curves side by side;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU.
+# Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 set -uo pipefail
+failed=()
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${LMKIT_BIN:?set LMKIT_BIN to an lmkit built with --features cuda}"
 out="${1:-$(mktemp -d)}"
@@ -14,7 +16,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 echo "== parity with transformers, lmkit on cuda"
 LMKIT_BIN="$bin" LMKIT_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
-  "$here/tests/parity/test_transformers_decoders.py" 2>&1 | tail -15
+  "$here/tests/parity/test_transformers_decoders.py" > "$out/parity.log" 2>&1 || failed+=("parity on cuda")
+tail -15 "$out/parity.log"
 
 echo "== the same training run on cpu and cuda"
 tmp="$(mktemp -d)"
@@ -23,8 +26,9 @@ tmp="$(mktemp -d)"
 for dev in cpu cuda; do
   "$bin" train --config "$here/configs/gpt-small.toml" --set "data.train=\"$tmp/shards\"" \
     --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/$dev\"" --set train.max_steps=40 \
-    --set train.eval_every=20 --set train.save_every=40 --set "train.device=\"$dev\"" 2>/dev/null
-  cp "$tmp/$dev/metrics.jsonl" "$out/metrics-$dev.jsonl"
+    --set train.eval_every=20 --set train.save_every=40 --set "train.device=\"$dev\"" \
+    2>"$out/train-$dev.log" || failed+=("training on $dev")
+  cp "$tmp/$dev/metrics.jsonl" "$out/metrics-$dev.jsonl" 2>/dev/null || true
 done
 "$py" - "$tmp" <<'PY'
 import json, sys
@@ -32,12 +36,23 @@ runs = {d: [json.loads(l) for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl")] for
 steps = {d: {r["step"]: r for r in rs if "loss" in r} for d, rs in runs.items()}
 print("| step | loss cpu | loss cuda | |diff| | tok/s cpu | tok/s cuda |")
 print("|---|---|---|---|---|---|")
+worst = 0.0
 for s in sorted(set(steps["cpu"]) & set(steps["cuda"])):
     a, b = steps["cpu"][s], steps["cuda"][s]
+    worst = max(worst, abs(a["loss"] - b["loss"]))
     if s % 10 == 0 or s == 1:
         print(f"| {s} | {a['loss']:.4f} | {b['loss']:.4f} | {abs(a['loss'] - b['loss']):.2e} | {a.get('tokens_per_sec', 0):,.0f} | {b.get('tokens_per_sec', 0):,.0f} |")
+# The same run on two devices: the curves may differ by rounding only.
+sys.exit(0 if steps["cpu"] and worst < 1e-3 else f"cpu and cuda losses differ by {worst:.2e}")
 PY
+[ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
 
 echo "== speed vs PyTorch on the GPU"
-LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20
-LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8
+LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 || failed+=("bench small")
+LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --layers 12 --heads 12 --dim 768 \
+  --ctx 1024 --batch 8 || failed+=("bench large")
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]} (logs in $out)" >&2
+  exit 1
+fi
+echo "all GPU checks passed (logs in $out)"
