@@ -820,3 +820,72 @@ async fn slow_clients_time_out_and_connections_are_limited() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     server.abort();
 }
+
+/// Sampling through the server: a seed repeats a sample, another seed (almost surely) differs,
+/// top_k = 1 is greedy; /metrics histograms count every request, cumulatively.
+#[tokio::test]
+async fn sampling_parameters_and_metrics_histograms() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 8);
+    let ask = |body: Value| {
+        let st = st.clone();
+        async move {
+            let (s, v) = post(&st, "/v1/completions", body).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let sample = |seed: u64| json!({"prompt": "the", "max_tokens": 24, "temperature": 1.5, "seed": seed, "ignore_eos": true});
+    let a = ask(sample(1)).await;
+    assert_eq!(ask(sample(1)).await, a, "the same seed gave another sample");
+    let others: Vec<String> =
+        futures_join(vec![ask(sample(2)), ask(sample(3)), ask(sample(4))]).await;
+    assert!(
+        others.iter().any(|o| *o != a),
+        "every seed gave the same sample"
+    );
+    let greedy =
+        ask(json!({"prompt": "the", "max_tokens": 12, "temperature": 0, "ignore_eos": true})).await;
+    let top1 = ask(
+        json!({"prompt": "the", "max_tokens": 12, "temperature": 1.5, "top_k": 1, "seed": 9,
+                         "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(top1, greedy, "top_k = 1 must be greedy");
+
+    let (_, b, _) = call(&st, "GET", "/metrics", "", None).await;
+    let text = String::from_utf8_lossy(&b);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+    };
+    let count = value("lmkit_request_duration_seconds_count{endpoint=\"completions\"}");
+    assert_eq!(count, 7.0, "{text}");
+    assert_eq!(
+        value("lmkit_request_duration_seconds_bucket{endpoint=\"completions\",le=\"+Inf\"}"),
+        count
+    );
+    // Buckets are cumulative: never decreasing.
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("lmkit_request_duration_seconds_bucket{endpoint=\"completions\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        buckets.len() > 2 && buckets.windows(2).all(|w| w[0] <= w[1]),
+        "{buckets:?}"
+    );
+    assert_eq!(value("lmkit_time_to_first_token_seconds_count"), 7.0);
+}
+
+/// Runs the futures one after the other (the test runtime has one thread).
+async fn futures_join<F: std::future::Future<Output = String>>(fs: Vec<F>) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in fs {
+        out.push(f.await);
+    }
+    out
+}
