@@ -102,6 +102,16 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::Var
             )));
         }
     }
+    let bad = |name: String, msg: String| ModelError::Tensor {
+        path: dir.to_path_buf(),
+        name,
+        msg,
+    };
+    if let Some(name) = lmkit_kernels::system::non_finite_tensor(&files)
+        .map_err(|e| bad("*".into(), first_line(&e)))?
+    {
+        return Err(bad(name, "holds NaN or infinite values".into()));
+    }
     lmkit_kernels::system::mmap_safetensors(&files, DType::F32, device).map_err(|e| {
         ModelError::Tensor {
             path: dir.to_path_buf(),
