@@ -8,7 +8,6 @@ use candle_core::Tensor;
 const FIRST_CAPACITY: usize = 64;
 
 /// One layer's keys and values.
-#[derive(Clone)]
 enum Slot {
     /// As the first pass gave them ([batch, kv_heads, len, head_dim]): kept without a copy, so
     /// that a pass that is never continued (training, scoring) costs nothing.
@@ -28,7 +27,8 @@ fn buffers(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<(Tens
     Ok((bk, bv))
 }
 
-#[derive(Default, Clone)]
+/// Not `Clone`: decoding writes the key/value buffers in place, so two copies would share them.
+#[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<Slot>>,
     /// Recurrent models keep, per layer, the last hidden state (and LSTM cell state) instead.
@@ -42,7 +42,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             recurrent: vec![None; num_layers],
             len: 0,
             discard_kv: false,
