@@ -100,17 +100,23 @@ impl AtomicDir {
         self.temp.path()
     }
 
-    /// Renames the directory to `name` in its parent, replacing a directory of that name.
-    pub fn commit(self, name: &str) -> Result<PathBuf, PathError> {
-        let target = self.parent.join(name);
-        if target.exists() {
-            std::fs::remove_dir_all(&target).at(&target)?;
-        }
+    /// Renames the directory to `name` in its parent. A directory already of that name is moved
+    /// aside first and removed only once the new one is in place.
+    pub fn commit(self, name: impl AsRef<std::ffi::OsStr>) -> Result<PathBuf, PathError> {
+        let target = self.parent.join(name.as_ref());
+        let old = if target.exists() {
+            let old = AtomicDir::create_in(&self.parent)?;
+            std::fs::rename(&target, old.path().join("old")).at(&target)?;
+            Some(old)
+        } else {
+            None
+        };
         let kept = self.temp.keep();
         std::fs::rename(&kept, &target).at(&target)?;
         if let Ok(d) = std::fs::File::open(&self.parent) {
             let _ = d.sync_all();
         }
+        drop(old); // removes the earlier directory
         Ok(target)
     }
 }
@@ -181,23 +187,13 @@ impl OutputDir {
 
     /// Puts the outputs in the target's place; the earlier outputs there are removed.
     pub fn commit(self) -> Result<PathBuf, PathError> {
-        let target = self.target;
-        let parent = parent_of(&target).to_path_buf();
-        let old = if target.exists() {
-            let old = AtomicDir::create_in(&parent)?;
-            let aside = old.path().join("old");
-            std::fs::rename(&target, &aside).at(&target)?;
-            Some(old)
-        } else {
-            None
-        };
-        let kept = self.staging.temp.keep();
-        std::fs::rename(&kept, &target).at(&target)?;
-        if let Ok(d) = std::fs::File::open(&parent) {
-            let _ = d.sync_all();
-        }
-        drop(old); // removes the earlier outputs
-        Ok(target)
+        let name = self.target.file_name().ok_or_else(|| {
+            PathError::new(
+                &self.target,
+                std::io::Error::other("an output directory needs a name of its own"),
+            )
+        })?;
+        self.staging.commit(name)
     }
 }
 
