@@ -267,54 +267,28 @@ impl Model {
         (prob, len)
     }
 
-    /// The state after reading `w` in `state`: the contexts that end with `w` and are stored,
-    /// with their back-off weights (KenLM's `State`), so that the next word adds them without
-    /// looking them up again.
-    fn next_state(&self, state: &State, w: u32) -> State {
-        let mut next = State::default();
-        let keep = self.h.order.saturating_sub(1);
-        if keep == 0 {
-            return next;
-        }
-        // The history: the most recent words, as many as the order keeps, stored or not.
-        next.words_len = (state.words_len + 1).min(keep);
-        next.words[0] = w;
-        next.words[1..next.words_len].copy_from_slice(&state.words[..next.words_len - 1]);
-        // The back-off weights of the contexts it forms, while they are stored.
-        let mut h = start_hash(w);
-        for k in 0..next.words_len {
-            if k > 0 {
-                h = extend_hash(h, next.words[k]);
-            }
-            match self.lookup(k + 1, h) {
-                Some((_, b)) => {
-                    next.backoffs[k] = b;
-                    next.len = k + 1;
-                }
-                None => break,
-            }
-        }
-        next
-    }
-
     /// log10 p(w | state), the length of the n-gram used, and the state after `w`: the longest
     /// stored n-gram ending in `w` within the state's history, plus the back-off weights of the
     /// longer stored contexts (carried in the state). One probe per n-gram gives both the
     /// probability and the back-off the next word needs (KenLM's way).
     fn score_in_state(&self, state: &State, w: u32) -> (f32, usize, State) {
         let keep = self.h.order.saturating_sub(1);
-        let mut h = start_hash(w);
-        let Some((p1, b1)) = self.lookup(1, h) else {
-            let p = self
-                .lookup(1, start_hash(self.h.unk))
-                .map_or(-100.0, |x| x.0);
-            return (p, 1, self.next_state(state, w));
-        };
+        // The history: the most recent words, as many as the order keeps, stored or not.
         let mut next = State::default();
         if keep > 0 {
             next.words_len = (state.words_len + 1).min(keep);
             next.words[0] = w;
             next.words[1..next.words_len].copy_from_slice(&state.words[..next.words_len - 1]);
+        }
+        let mut h = start_hash(w);
+        let Some((p1, b1)) = self.lookup(1, h) else {
+            // Not even a unigram: `<unk>`'s probability, and no stored context ends in `w`.
+            let p = self
+                .lookup(1, start_hash(self.h.unk))
+                .map_or(-100.0, |x| x.0);
+            return (p, 1, next);
+        };
+        if keep > 0 {
             next.backoffs[0] = b1;
             next.len = 1;
         }
@@ -343,7 +317,7 @@ impl Model {
     pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
         let mut state = State::default();
         if bos && self.h.order > 1 {
-            state = self.next_state(&state, self.h.bos);
+            state = self.score_in_state(&state, self.h.bos).2;
         }
         let mut out = SentenceScore {
             log10_prob: 0.0,
