@@ -18,47 +18,49 @@ pub fn tune_allocator() {
     }
 }
 
-/// A variable source over safetensors files, memory-mapped, with tensors as `dtype` on `device`.
-pub fn mmap_safetensors(
-    files: &[PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<candle_nn::VarBuilder<'static>> {
-    // SAFETY: the files are mapped read-only; they must not change while the model is loaded
-    // (lmkit replaces checkpoints by atomic rename, never rewriting them in place).
-    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-}
+/// Safetensors files mapped once: checked for non-finite values, then read by a `VarBuilder`.
+pub struct MappedWeights(candle_core::safetensors::MmapedSafetensors);
 
-/// The first tensor of the safetensors `files` holding a NaN or an infinity (float tensors are
-/// checked by their exponent bits, in parallel), if any: a model loaded from such weights would
-/// give NaN logits with no hint why.
-pub fn non_finite_tensor(files: &[PathBuf]) -> candle_core::Result<Option<String>> {
-    use rayon::prelude::*;
-    use safetensors::Dtype;
-    // SAFETY: read-only maps of checkpoint files, which lmkit replaces by atomic rename only.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
-    let mut views = st.tensors();
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, view) in views {
-        let data = view.data();
-        // (bytes per value, exponent mask): all exponent bits set is NaN or ±infinity.
-        let (width, mask): (usize, u64) = match view.dtype() {
-            Dtype::F64 => (8, 0x7FF0_0000_0000_0000),
-            Dtype::F32 => (4, 0x7F80_0000),
-            Dtype::F16 => (2, 0x7C00),
-            Dtype::BF16 => (2, 0x7F80),
-            _ => continue,
-        };
-        let bad = data.par_chunks(width * 4096).any(|block| {
-            block.chunks_exact(width).any(|b| {
-                let mut v = [0u8; 8];
-                v[..width].copy_from_slice(b);
-                u64::from_le_bytes(v) & mask == mask
-            })
-        });
-        if bad {
-            return Ok(Some(name));
-        }
+impl MappedWeights {
+    /// Maps `files` (a tensor in several files: the last one's).
+    pub fn open(files: &[PathBuf]) -> candle_core::Result<MappedWeights> {
+        // SAFETY: the files are mapped read-only; they must not change while the model is
+        // loaded (lmkit replaces checkpoints by atomic rename, never rewriting them in place).
+        Ok(MappedWeights(unsafe {
+            candle_core::safetensors::MmapedSafetensors::multi(files)
+        }?))
     }
-    Ok(None)
+
+    /// The first tensor (by name) holding a NaN or an infinity, if any: a model loaded from
+    /// such weights would give NaN logits with no hint why. Float tensors are checked by their
+    /// exponent bits, in parallel.
+    pub fn non_finite_tensor(&self) -> Option<String> {
+        use rayon::prelude::*;
+        use safetensors::Dtype;
+        let mut views = self.0.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        views.into_iter().find_map(|(name, view)| {
+            // (bytes per value, exponent mask): all exponent bits set is NaN or ±infinity.
+            let (width, mask): (usize, u64) = match view.dtype() {
+                Dtype::F64 => (8, 0x7FF0_0000_0000_0000),
+                Dtype::F32 => (4, 0x7F80_0000),
+                Dtype::F16 => (2, 0x7C00),
+                Dtype::BF16 => (2, 0x7F80),
+                _ => return None,
+            };
+            let bad = view.data().par_chunks(width * 4096).any(|block| {
+                block.chunks_exact(width).any(|b| {
+                    let mut v = [0u8; 8];
+                    v[..width].copy_from_slice(b);
+                    u64::from_le_bytes(v) & mask == mask
+                })
+            });
+            bad.then_some(name)
+        })
+    }
+
+    /// A variable source over the mapped tensors, as `dtype` on `device`.
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
+        candle_nn::VarBuilder::from_backend(Box::new(self.0), dtype, device.clone())
+    }
 }

@@ -107,18 +107,12 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::Var
         name,
         msg,
     };
-    if let Some(name) = lmkit_kernels::system::non_finite_tensor(&files)
-        .map_err(|e| bad("*".into(), first_line(&e)))?
-    {
+    let weights = lmkit_kernels::system::MappedWeights::open(&files)
+        .map_err(|e| bad("*".into(), first_line(&e)))?;
+    if let Some(name) = weights.non_finite_tensor() {
         return Err(bad(name, "holds NaN or infinite values".into()));
     }
-    lmkit_kernels::system::mmap_safetensors(&files, DType::F32, device).map_err(|e| {
-        ModelError::Tensor {
-            path: dir.to_path_buf(),
-            name: "*".into(),
-            msg: first_line(&e),
-        }
-    })
+    Ok(weights.into_var_builder(DType::F32, device))
 }
 
 /// A model-construction error naming the tensor candle's message names.
