@@ -135,7 +135,7 @@ impl ModelConfig {
     }
 
     pub fn kind(&self) -> Kind {
-        with_family!(self, c => kind_of(c))
+        self.family().kind
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -197,10 +197,6 @@ fn family_model_type<C: FamilyConfig>(_: &C) -> &'static str {
     C::MODEL_TYPE
 }
 
-fn kind_of<C: FamilyConfig>(_: &C) -> Kind {
-    C::KIND
-}
-
 /// The config of a causal language model ([`Kind::Causal`] families).
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecoderConfig {
@@ -226,14 +222,6 @@ impl DecoderConfig {
                 "model_type `{model_type}` is not a causal language model ({kind:?}); this command needs one"
             ),
         })
-    }
-
-    pub fn to_model_config(&self) -> ModelConfig {
-        match self.clone() {
-            DecoderConfig::Gpt2(c) => ModelConfig::Gpt2(c),
-            DecoderConfig::Llama(c) => ModelConfig::Llama(c),
-            DecoderConfig::Rnn(c) => ModelConfig::Rnn(c),
-        }
     }
 
     pub fn vocab_size(&self) -> usize {
