@@ -48,16 +48,33 @@ pub(crate) fn hf_config(
     Ok((v, cfg))
 }
 
-/// Bytes a training run of `cfg` needs, roughly: f32 weights, gradients and AdamW's two
-/// moments (4 × 4 bytes a parameter), the activations a step keeps for its backward pass (about
-/// 24 residual-stream widths per layer and token), and the output layer's logits, computed in
-/// chunks of 512 rows. Returns (total, parameter part, activation part).
-pub(crate) fn memory_estimate(cfg: &ModelConfig, batch: usize, seq: usize) -> (f64, f64, f64) {
+/// Refuses a run of `cfg` that cannot fit in the memory the machine has, before anything is
+/// allocated (an allocation failure aborts the process). The estimate, roughly: f32 weights,
+/// gradients and AdamW's two moments (4 × 4 bytes a parameter), the activations a step keeps for
+/// its backward pass (about 24 residual-stream widths per layer and token), and the output
+/// layer's logits, computed in chunks of 512 rows.
+pub(crate) fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize) -> Result<()> {
+    let Some(avail) = lmkit_core::memory::available() else {
+        return Ok(());
+    };
     let params = cfg.num_parameters() as f64 * 16.0;
     let tokens = batch as f64 * seq as f64;
     let acts = tokens * cfg.num_layers() as f64 * cfg.width() as f64 * 24.0 * 4.0
         + tokens.min(512.0) * cfg.vocab_size() as f64 * 4.0 * 3.0;
-    (params + acts, params, acts)
+    if params + acts <= avail as f64 {
+        return Ok(());
+    }
+    use lmkit_core::memory::gib;
+    Err(TrainError::Data(format!(
+        "this run needs about {} ({} parameters: {} for weights, gradients and optimizer \
+         state; {} for activations of batch {batch} × {seq} tokens) but {} are available; \
+         shrink [model] or train.batch_size / train.seq_len",
+        gib(params + acts),
+        cfg.num_parameters(),
+        gib(params),
+        gib(acts),
+        gib(avail as f64)
+    )))
 }
 
 /// Initial weights by parameter role (see [`ParamRole`]): GPT-2's N(0, 0.02) with residual

@@ -84,29 +84,12 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         )));
     }
 
-    // Refuse a run that cannot fit before anything is allocated (an allocation failure aborts).
     let seq = if seq2seq {
         model_cfg.max_positions()
     } else {
         t.seq_len
     };
-    let (need, for_params, for_acts) = init::memory_estimate(&model_cfg, t.batch_size, seq);
-    if let Some(avail) = lmkit_core::memory::available() {
-        if need > avail as f64 {
-            use lmkit_core::memory::gib;
-            return Err(TrainError::Data(format!(
-                "this run needs about {} ({} parameters: {} for weights, gradients and optimizer \
-                 state; {} for activations of batch {} × {seq} tokens) but {} are available; \
-                 shrink [model] or train.batch_size / train.seq_len",
-                gib(need),
-                model_cfg.num_parameters(),
-                gib(for_params),
-                gib(for_acts),
-                t.batch_size,
-                gib(avail as f64)
-            )));
-        }
-    }
+    init::check_memory(&model_cfg, t.batch_size, seq)?;
     let ds: TokenDataset;
     let val_ds: Option<TokenDataset>;
     let data = if seq2seq {
