@@ -251,23 +251,22 @@ fn outputs_are_replaced_whole_or_not_at_all() {
     );
     assert!(ok, "{err}");
     let shards = d.join("shards");
-    let encode = |input: &std::path::Path| {
-        lmkit(
-            &[
-                "tokenizer",
-                "encode",
-                "--tokenizer",
-                &s(&tok),
-                "--input",
-                &s(input),
-                "--shards",
-                &s(&shards),
-                "--shard-tokens",
-                "500",
-            ],
-            "",
-        )
+    // `tokenizer encode --input INPUT --shards OUT` with `extra` flags.
+    let encode_into = |input: &std::path::Path, out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "tokenizer".to_string(),
+            "encode".into(),
+            "--tokenizer".into(),
+            s(&tok),
+            "--input".into(),
+            s(input),
+            "--shards".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        lmkit(&args.iter().map(String::as_str).collect::<Vec<_>>(), "")
     };
+    let encode = |input: &std::path::Path| encode_into(input, &shards, &["--shard-tokens", "500"]);
     let names = |p: &std::path::Path| -> Vec<String> {
         let mut v: Vec<_> = std::fs::read_dir(p)
             .unwrap()
@@ -295,22 +294,8 @@ fn outputs_are_replaced_whole_or_not_at_all() {
         ["bad.jsonl", "big.txt", "shards", "small.txt", "tok"]
     );
     // The error's suggestion exists: --skip-bad skips and counts; all-bad input still fails.
-    let skip = |input: &std::path::Path, out: &std::path::Path| {
-        lmkit(
-            &[
-                "tokenizer",
-                "encode",
-                "--tokenizer",
-                &s(&tok),
-                "--input",
-                &s(input),
-                "--shards",
-                &s(out),
-                "--skip-bad",
-            ],
-            "",
-        )
-    };
+    let skip =
+        |input: &std::path::Path, out: &std::path::Path| encode_into(input, out, &["--skip-bad"]);
     assert!(err.contains("--skip-bad"), "{err}");
     let (ok, _, err) = skip(&bad, &d.join("skipped"));
     assert!(ok && err.contains("skipped 1 bad record"), "{err}");
