@@ -117,6 +117,16 @@ async fn call(
     (status, bytes, headers)
 }
 
+/// A JSON `POST /v1/completions` with `body`, for tests that drive the response themselves.
+fn completion_request(body: &Value) -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
 async fn post(st: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, Value) {
     let (s, b, _) = call(st, "POST", path, body.to_string(), None).await;
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
@@ -480,15 +490,11 @@ async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     // Long enough (the whole context, end-of-sequence ignored) that it cannot finish before the
     // client leaves.
     let long = json!({"prompt": "the", "max_tokens": 2000, "stream": true, "temperature": 1.0,
-                      "n": 2, "ignore_eos": true})
-    .to_string();
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(long))
+                      "n": 2, "ignore_eos": true});
+    let resp = router(st.clone())
+        .oneshot(completion_request(&long))
+        .await
         .unwrap();
-    let resp = router(st.clone()).oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
@@ -597,16 +603,9 @@ async fn review_api_rates_pairs_and_exports_preferences() {
 async fn a_non_streaming_request_whose_client_leaves_is_cancelled_stored_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let st = state(&dir.path().join("db.sqlite"), &[], Moderator::none(), 4);
-    let long = json!({"prompt": "the", "max_tokens": 2000, "temperature": 1.0, "ignore_eos": true})
-        .to_string();
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(long))
-        .unwrap();
+    let long = json!({"prompt": "the", "max_tokens": 2000, "temperature": 1.0, "ignore_eos": true});
     // The client goes away (its request future is dropped) once generation has started.
-    let pending = tokio::spawn(router(st.clone()).oneshot(req));
+    let pending = tokio::spawn(router(st.clone()).oneshot(completion_request(&long)));
     let t0 = std::time::Instant::now();
     while st.engine.depth() == 0 {
         assert!(t0.elapsed().as_secs() < 20, "generation did not start");
