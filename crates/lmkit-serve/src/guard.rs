@@ -65,12 +65,19 @@ pub async fn check(State(state): State<Arc<AppState>>, req: Request, next: Next)
         }
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        // A page may call the server only from the server's own address (or an allowed host).
+        // A page may call the server only from the server's own origin — host and port, so a
+        // page another local server serves on another port is refused — or from a host given
+        // with --allowed-host (not merely a loopback name).
         let o = origin.to_str().unwrap_or("null");
-        let o_host = o.split_once("://").map(|(_, rest)| host_name(rest));
-        let same = o_host.as_ref().is_some_and(|oh| {
-            host.as_deref().map(host_name).as_ref() == Some(oh)
-                || state.allowed_hosts.as_ref().is_some_and(|a| a.contains(oh))
+        let authority = o
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/').to_ascii_lowercase());
+        let same = authority.as_ref().is_some_and(|a| {
+            host.as_deref()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .as_ref()
+                == Some(a)
+                || state.allowed_origin_hosts.contains(&host_name(a))
         });
         if !same {
             state.metrics.request("forbidden", 403);

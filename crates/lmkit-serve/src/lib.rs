@@ -121,6 +121,9 @@ pub struct AppState {
     pub api_keys: Vec<String>,
     /// `None`: any Host.
     pub allowed_hosts: Option<Vec<String>>,
+    /// Host names given with `--allowed-host` (lower case): pages from them may call the server
+    /// even when the Host they reach it by differs (a reverse proxy).
+    pub allowed_origin_hosts: Vec<String>,
     pub limits: Limits,
     pub created: i64,
     pub embedder: Option<Arc<Embedder>>,
@@ -213,6 +216,11 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         store: Arc::new(store),
         metrics: metrics::Metrics::default(),
         allowed_hosts: guard::allowed_hosts(&cfg.host, &cfg.allowed_hosts),
+        allowed_origin_hosts: cfg
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
         api_keys: cfg.api_keys,
         limits: cfg.limits,
         created: store::now(),

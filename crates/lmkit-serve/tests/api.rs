@@ -707,6 +707,19 @@ async fn requests_from_other_sites_and_names_are_refused() {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     assert!(b.contains("--allowed-host"), "{b}");
+    // A page another local server serves (same name, another port) may not.
+    let (s, _, b) = send(
+        vec![
+            json,
+            key,
+            ("host", "localhost:8000"),
+            ("origin", "http://localhost:9999"),
+        ],
+        "/v1/completions",
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     // The server's own page may call it.
     let (s, _, b) = send(
         vec![
