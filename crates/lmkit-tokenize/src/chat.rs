@@ -82,9 +82,7 @@ pub fn encode_chat(
         .iter()
         .any(|m| specials.iter().any(|s| m.content.contains(s.as_str())));
     let encode = |tk: &tokenizers::Tokenizer, s: &str| -> Result<Vec<u32>> {
-        tk.encode(s, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| TokenizeError::Tokenizer(e.to_string()))
+        Ok(crate::encode_batch(tk, &[s.to_string()])?.remove(0))
     };
     if !forged {
         let ids = encode(tk, &text)?;
