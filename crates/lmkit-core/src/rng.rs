@@ -15,6 +15,19 @@ pub fn mix(x: u64) -> u64 {
     finalize(x.wrapping_add(GOLDEN_GAMMA))
 }
 
+/// An id unlikely to repeat, across processes and calls: the time, the process id and a
+/// per-process counter, mixed (for request and run ids, not for anything secret).
+pub fn fresh_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    mix(nanos ^ (u64::from(std::process::id()) << 32) ^ mix(n))
+}
+
 /// A source of 64-bit random words, and the distributions lmkit draws from them.
 pub trait Random {
     fn next_u64(&mut self) -> u64;
@@ -81,6 +94,12 @@ mod tests {
         let mut r = SplitMix64::new(1234567);
         assert_eq!(r.next_u64(), 6457827717110365317);
         assert_eq!(r.next_u64(), 3203168211198807973);
+    }
+
+    #[test]
+    fn fresh_ids_differ() {
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| fresh_id()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 
     #[test]

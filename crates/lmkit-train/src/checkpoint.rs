@@ -86,16 +86,9 @@ pub fn remove_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A new run's id (time and process; unique among the runs of one directory).
+/// A new run's id.
 pub fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!(
-        "{:016x}",
-        lmkit_core::rng::mix(nanos ^ (u64::from(std::process::id()) << 32))
-    )
+    format!("{:016x}", lmkit_core::rng::fresh_id())
 }
 
 /// The run id of the checkpoint in `dir` ("" when unreadable or written before run ids).

@@ -1,20 +1,8 @@
-//! From a checked request to what the engine runs: prompt tokens, room left in the context, request ids.
+//! From a checked request to what the engine runs: prompt tokens and the room left in the
+//! context.
 
 use super::*;
-
-pub(super) fn fresh_id() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut x = t ^ COUNTER
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^ (x >> 33)
-}
+pub(super) use lmkit_core::rng::fresh_id;
 
 /// A request ready for the engine.
 pub(super) struct Prepared {
