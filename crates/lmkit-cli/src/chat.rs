@@ -48,7 +48,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let tk = lmkit_tokenize::load(&dir)?;
     let template = load_template(&dir)?.with_context(|| {
         format!(
-            "{}: tokenizer_config.json has no chat_template",
+            "{}: no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
             dir.display()
         )
     })?;

@@ -12,6 +12,7 @@ mod model;
 mod moderation;
 mod ngram;
 mod progress;
+mod prompt;
 mod serve;
 mod tokenizer;
 mod train;
@@ -55,6 +56,9 @@ enum Command {
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Prompts: render a conversation through a model's chat template
+    #[command(subcommand)]
+    Prompt(prompt::PromptCommand),
     /// Moderation: train the text classifier, check texts against rules and classifier
     #[command(subcommand)]
     Moderation(moderation::ModerationCommand),
@@ -81,6 +85,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
+        Command::Prompt(cmd) => prompt::run(cmd),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Moderation(cmd) => moderation::run(cmd),
         Command::Serve(a) => serve::run(a),

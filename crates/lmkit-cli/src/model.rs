@@ -31,7 +31,46 @@ pub enum ModelCommand {
         /// Where to run: cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Write the logits to this file as a NumPy .npy array (f32) instead of JSON on stdout
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
+}
+
+/// Writes `rows` (equal lengths) as a little-endian f32 NumPy array, atomically.
+fn write_npy(path: &std::path::Path, rows: &[Vec<f32>]) -> Result<()> {
+    let cols = rows.first().map_or(0, |r| r.len());
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {cols}), }}",
+        rows.len()
+    );
+    // Magic (6) + version (2) + length (2) + header + newline, padded to a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + rows.len() * cols * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for r in rows {
+        for v in r {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    lmkit_core::write_atomic_bytes(path, &bytes)?;
+    Ok(())
+}
+
+/// The logits: to `output` as .npy, or as JSON on stdout.
+fn emit(rows: &[Vec<f32>], output: Option<&std::path::Path>) -> Result<()> {
+    if let Some(path) = output {
+        return write_npy(path, rows);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer(&mut out, rows).context("writing logits")?;
+    writeln!(out)?;
+    Ok(())
 }
 
 use lmkit_models::{kind_of, Kind};
@@ -75,6 +114,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             ids,
             incremental,
             source_ids,
+            output,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
             let kind = kind_of(&model)?;
@@ -91,10 +131,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
                 let memory = m.encode(&src, None)?;
                 let rows = m.decode(&x, &memory, None)?.squeeze(0)?.to_vec2::<f32>()?;
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                serde_json::to_writer(&mut out, &rows).context("writing logits")?;
-                writeln!(out)?;
-                return Ok(());
+                return emit(&rows, output.as_deref());
             }
             if kind == Kind::Masked {
                 // Masked-LM logits of the whole sequence (bidirectional: no incremental mode).
@@ -115,10 +152,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     .mlm_logits(&m.hidden(&x, None)?)?
                     .squeeze(0)?
                     .to_vec2::<f32>()?;
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                serde_json::to_writer(&mut out, &rows).context("writing logits")?;
-                writeln!(out)?;
-                return Ok(());
+                return emit(&rows, output.as_deref());
             }
             let (m, cfg) = CausalLm::load(&model, &dev)?;
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
@@ -150,10 +184,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
                 m.forward(&x, &mut cache)?.squeeze(0)?.to_vec2::<f32>()?
             };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            serde_json::to_writer(&mut out, &rows).context("writing logits")?;
-            writeln!(out)?;
-            Ok(())
+            emit(&rows, output.as_deref())
         }
     }
 }

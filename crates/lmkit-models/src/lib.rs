@@ -7,6 +7,7 @@
 pub mod device;
 pub mod error;
 pub mod families;
+pub mod gguf;
 pub mod layers;
 pub mod registry;
 
@@ -88,6 +89,9 @@ pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
 /// What the checkpoint in `dir` computes (causal, masked or sequence-to-sequence), from its
 /// config.json; an unreadable or unsupported config is an error naming the file.
 pub fn kind_of(dir: &Path) -> Result<Kind> {
+    if gguf::is_gguf(dir) {
+        return Ok(Kind::Causal);
+    }
     Ok(ModelConfig::load_dir(dir)?.kind())
 }
 
@@ -140,7 +144,14 @@ fn first_line(e: &candle_core::Error) -> String {
 impl CausalLm {
     /// Loads `dir/config.json` and the weights (f32) onto `device`. A training output directory
     /// (with a `latest` file naming its newest checkpoint) loads that checkpoint.
+    /// A GGUF file (llama / qwen2 / qwen3) loads with its weights kept quantized.
     pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
+        if gguf::is_gguf(dir) {
+            let mut g = gguf::Gguf::open(dir)?;
+            let m = llama::Llama::from_gguf(&mut g, device)?;
+            let cfg = DecoderConfig::Llama(m.cfg.clone());
+            return Ok((CausalLm::Llama(m), cfg));
+        }
         let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let vb = mmap_weights(dir, device)?;
@@ -184,7 +195,11 @@ impl CausalLm {
 
     /// Where the weights live.
     pub fn device(&self) -> &Device {
-        self.lm_head().device()
+        match self {
+            CausalLm::Gpt2(m) => m.lm_head().device(),
+            CausalLm::Llama(m) => &m.device,
+            CausalLm::Rnn(m) => m.lm_head().device(),
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -223,15 +238,6 @@ impl CausalLm {
             CausalLm::Gpt2(m) => m.output(),
             CausalLm::Llama(m) => m.output(),
             CausalLm::Rnn(m) => m.output(),
-        }
-    }
-
-    /// The output projection [vocab, dim] (the token embeddings when they are tied).
-    pub fn lm_head(&self) -> &Tensor {
-        match self {
-            CausalLm::Gpt2(m) => m.lm_head(),
-            CausalLm::Llama(m) => m.lm_head(),
-            CausalLm::Rnn(m) => m.lm_head(),
         }
     }
 

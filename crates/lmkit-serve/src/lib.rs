@@ -109,7 +109,7 @@ pub struct Embedder {
 pub struct AppState {
     pub engine: Engine,
     pub tokenizer: lmkit_tokenize::Tokenizer,
-    pub template: Option<String>,
+    pub template: Option<lmkit_tokenize::chat::ChatTemplate>,
     pub model_name: String,
     pub max_positions: usize,
     pub vocab_size: usize,

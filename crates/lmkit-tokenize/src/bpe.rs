@@ -127,6 +127,10 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
 
 /// Loads `tokenizer.json` (or a directory containing it).
 pub fn load(path: &Path) -> Result<Tokenizer> {
+    if crate::gguf::is_gguf(path) {
+        let meta = crate::gguf::GgufMeta::read(path)?;
+        return crate::gguf::tokenizer(path, &meta);
+    }
     let file = if path.is_dir() {
         path.join("tokenizer.json")
     } else {

@@ -5,6 +5,8 @@
 pub mod bpe;
 pub mod chat;
 pub mod error;
+pub mod gguf;
+mod jinja;
 pub mod shards;
 pub mod stream;
 

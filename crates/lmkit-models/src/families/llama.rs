@@ -7,9 +7,11 @@ use crate::layers::kv_cache::KvCache;
 use crate::layers::linear::{linear_b, Linear};
 use crate::layers::ops::RmsNorm;
 use crate::registry::ModelConfig;
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 fn llama_eps() -> f64 {
     1e-6
@@ -254,6 +256,59 @@ impl Layer {
         })
     }
 
+    /// Layer `i` of a GGUF file (`blk.{i}.*`), under transformers' tensor paths.
+    fn from_gguf(
+        cfg: &LlamaConfig,
+        g: &mut crate::gguf::Gguf,
+        i: usize,
+        dev: &Device,
+    ) -> crate::Result<Self> {
+        let (h, hd, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
+        let nh = cfg.num_attention_heads;
+        let interleaved = g.rope_interleaved()?;
+        let blk = format!("blk.{i}");
+        let hf = format!("model.layers.{i}");
+        let mut proj = |name: &str, path: &str, out: usize, inp: usize, heads: Option<usize>| {
+            let mut q = g.qtensor(&format!("{blk}.{name}.weight"), &[out, inp], dev)?;
+            if let (Some(heads), true) = (heads, interleaved) {
+                q = crate::gguf::unpermute_rows(q, heads)?;
+            }
+            let bias_name = format!("{blk}.{name}.bias");
+            let bias = if g.has_tensor(&bias_name) {
+                Some(g.tensor(&bias_name, &[out], dev)?)
+            } else {
+                None
+            };
+            Ok::<_, crate::ModelError>(Linear::quantized(q, bias, &format!("{hf}.{path}"))?)
+        };
+        let q_proj = proj("attn_q", "self_attn.q_proj", nh * hd, h, Some(nh))?;
+        let k_proj = proj("attn_k", "self_attn.k_proj", kv * hd, h, Some(kv))?;
+        let v_proj = proj("attn_v", "self_attn.v_proj", kv * hd, h, None)?;
+        let o_proj = proj("attn_output", "self_attn.o_proj", h, nh * hd, None)?;
+        let i_size = cfg.intermediate_size;
+        let gate_proj = proj("ffn_gate", "mlp.gate_proj", i_size, h, None)?;
+        let up_proj = proj("ffn_up", "mlp.up_proj", i_size, h, None)?;
+        let down_proj = proj("ffn_down", "mlp.down_proj", h, i_size, None)?;
+        let mut norm = |name: &str, size: usize| -> crate::Result<RmsNorm> {
+            let w = g.tensor(&format!("{blk}.{name}.weight"), &[size], dev)?;
+            Ok(RmsNorm::from_weight(w, cfg.rms_norm_eps))
+        };
+        Ok(Layer {
+            input_layernorm: norm("attn_norm", h)?,
+            post_attention_layernorm: norm("ffn_norm", h)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+            n_head: nh,
+            n_kv: kv,
+            head_dim: hd,
+        })
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -286,13 +341,29 @@ impl Layer {
     }
 }
 
+/// The token embeddings: a dense table, or a GGUF's quantized one (rows dequantized as looked up).
+enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized(Arc<QTensor>),
+}
+
+impl TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(ids),
+            TokenEmbedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
 pub struct Llama {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
     pub cfg: LlamaConfig,
+    pub device: Device,
 }
 
 impl Llama {
@@ -311,22 +382,47 @@ impl Llama {
         let lm_head = Linear::from_weight(lm_head, None, "lm_head");
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Llama {
-            embed_tokens,
+            embed_tokens: TokenEmbedding::Dense(embed_tokens),
             layers,
             norm,
             lm_head,
             rope,
             cfg: cfg.clone(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// A model from a GGUF file (architectures llama, qwen2, qwen3): block-quantized weights stay
+    /// quantized, norms and biases become f32.
+    pub fn from_gguf(g: &mut crate::gguf::Gguf, dev: &Device) -> crate::Result<Self> {
+        let cfg = g.llama_config()?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = Arc::new(g.qtensor("token_embd.weight", &[v, h], dev)?);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::from_gguf(&cfg, g, i, dev))
+            .collect::<crate::Result<_>>()?;
+        let norm =
+            RmsNorm::from_weight(g.tensor("output_norm.weight", &[h], dev)?, cfg.rms_norm_eps);
+        let head = if cfg.tie_word_embeddings {
+            g.qtensor("token_embd.weight", &[v, h], dev)?
+        } else {
+            g.qtensor("output.weight", &[v, h], dev)?
+        };
+        let lm_head = Linear::quantized(head, None, "lm_head")?;
+        let rope = Rope::new(&cfg, DType::F32, dev)?;
+        Ok(Llama {
+            embed_tokens: TokenEmbedding::Quantized(embed),
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg,
+            device: dev.clone(),
         })
     }
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    /// The output projection [vocab, hidden_size].
-    pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.weight()
     }
 
     /// The output layer (logits = hidden states through it).

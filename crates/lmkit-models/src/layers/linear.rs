@@ -3,8 +3,10 @@
 //! bias on the CPU). Each layer knows its tensor path (`model.layers.0.self_attn.q_proj`), the key
 //! under which adapters and quantized weights are looked up.
 
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::{Arc, OnceLock};
 
 /// How the weight is stored.
 #[derive(Clone, Debug)]
@@ -13,6 +15,10 @@ enum Weight {
     Dense(Tensor),
     /// [in, out], as transformers' `Conv1D` (GPT-2).
     Transposed(Tensor),
+    /// [out, in] in one of GGML's block-quantized types (a GGUF checkpoint): products quantize
+    /// the activations and run the quantized dot products; the dense copy is made only when
+    /// something asks for the weight itself.
+    Quantized(QMatMul, Arc<OnceLock<Tensor>>),
 }
 
 #[derive(Clone, Debug)]
@@ -59,10 +65,43 @@ impl Linear {
         }
     }
 
-    /// The weight as stored ([out, in] dense, [in, out] for Conv1D).
+    /// A layer over a GGUF tensor [out, in]: block-quantized types stay quantized, float ones
+    /// (f32, f16, bf16) become dense f32.
+    pub fn quantized(
+        weight: QTensor,
+        bias: Option<Tensor>,
+        path: &str,
+    ) -> candle_core::Result<Self> {
+        let weight = match QMatMul::from_qtensor(weight)? {
+            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
+                Weight::Dense(w.to_dtype(candle_core::DType::F32)?)
+            }
+            q => Weight::Quantized(q, Arc::default()),
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            path: path.to_string(),
+        })
+    }
+
+    /// Whether the weight is block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized(..))
+    }
+
+    /// The weight as stored ([out, in] dense, [in, out] for Conv1D); a quantized layer gives its
+    /// dequantized copy (f32, made once, at the first call).
     pub fn weight(&self) -> &Tensor {
         match &self.weight {
             Weight::Dense(w) | Weight::Transposed(w) => w,
+            Weight::Quantized(q, dense) => dense.get_or_init(|| {
+                let QMatMul::QTensor(t) = q else {
+                    unreachable!("float GGUF tensors are stored dense")
+                };
+                t.dequantize(&t.device())
+                    .expect("a loaded GGUF tensor dequantizes")
+            }),
         }
     }
 
@@ -71,6 +110,16 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Transposed(w) => w.t(),
+            Weight::Quantized(..) => Ok(self.weight().clone()),
+        }
+    }
+
+    /// Where the weight lives.
+    pub fn device(&self) -> candle_core::Device {
+        match &self.weight {
+            Weight::Dense(w) | Weight::Transposed(w) => w.device().clone(),
+            Weight::Quantized(QMatMul::QTensor(t), _) => t.device(),
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => t.device().clone(),
         }
     }
 
@@ -89,6 +138,13 @@ impl Module for Linear {
         let w_in_out = match &self.weight {
             Weight::Dense(w) => w.t()?,
             Weight::Transposed(w) => w.clone(),
+            Weight::Quantized(q, _) => {
+                let y = q.forward(&x.contiguous()?)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
         };
         lmkit_kernels::blas::linear(x, &w_in_out, self.bias.as_ref())
     }

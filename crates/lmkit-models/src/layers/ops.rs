@@ -55,6 +55,11 @@ impl RmsNorm {
             eps,
         })
     }
+
+    /// A norm over an existing gain vector.
+    pub fn from_weight(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
 }
 
 impl Module for RmsNorm {

@@ -93,10 +93,10 @@ pub async fn chat_completions(
         if messages.is_empty() {
             return Err(ApiError::invalid("messages", "`messages` must not be empty"));
         }
-        let template = state.template.as_deref().ok_or_else(|| {
+        let template = state.template.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 "messages",
-                "this model has no chat template (tokenizer_config.json `chat_template`); use /v1/completions",
+                "this model has no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`); use /v1/completions",
             )
         })?;
         let mut msgs = Vec::new();

@@ -1,0 +1,362 @@
+//! GGUF checkpoints (llama.cpp's format): one file with the hyper-parameters and tokenizer as
+//! metadata and the weights in GGML's block-quantized types. Read with candle's GGUF reader;
+//! every tensor is checked against the file's size when it is opened, so a truncated or damaged
+//! file is an error naming the file (and tensor), not a crash later.
+
+use crate::error::{ModelError, Result};
+use crate::families::llama::LlamaConfig;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+use std::borrow::Cow;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The architectures (`general.architecture`) lmkit runs from a GGUF file.
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// Whether `path` is a GGUF file (by its magic bytes, whatever its name).
+pub fn is_gguf(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// An open GGUF file.
+pub struct Gguf {
+    path: PathBuf,
+    content: Content,
+    file: std::fs::File,
+}
+
+impl Gguf {
+    /// Reads the header and checks that every tensor lies inside the file.
+    pub fn open(path: &Path) -> Result<Gguf> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| ModelError::Io(lmkit_core::PathError::new(path, e)))?;
+        let bad = |msg: String| ModelError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let content = Content::read(&mut file)
+            .map_err(|e| bad(format!("not a readable GGUF file: {}", first_line(&e))))?;
+        let size = file
+            .metadata()
+            .map_err(|e| ModelError::Io(lmkit_core::PathError::new(path, e)))?
+            .len();
+        for (name, info) in &content.tensor_infos {
+            let n = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if !n.is_multiple_of(block) {
+                return Err(bad(format!(
+                    "tensor `{name}` has {n} values, not a whole number of {:?} blocks of {block}",
+                    info.ggml_dtype
+                )));
+            }
+            let bytes = (n / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|s| s.checked_add(bytes));
+            if end.is_none_or(|end| end > size) {
+                return Err(bad(format!(
+                    "tensor `{name}` ({bytes} bytes at offset {}) lies beyond the end of the file ({size} bytes): the file is truncated or damaged",
+                    info.offset
+                )));
+            }
+        }
+        Ok(Gguf {
+            path: path.to_path_buf(),
+            content,
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn bad(&self, msg: String) -> ModelError {
+        ModelError::Config {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// A string metadata value.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer metadata value of any width (a negative one is absent).
+    pub fn int(&self, key: &str) -> Option<u64> {
+        Some(match self.get(key)? {
+            Value::U8(v) => *v as u64,
+            Value::U16(v) => *v as u64,
+            Value::U32(v) => *v as u64,
+            Value::U64(v) => *v,
+            Value::I8(v) => u64::try_from(*v).ok()?,
+            Value::I16(v) => u64::try_from(*v).ok()?,
+            Value::I32(v) => u64::try_from(*v).ok()?,
+            Value::I64(v) => u64::try_from(*v).ok()?,
+            _ => return None,
+        })
+    }
+
+    /// A float metadata value.
+    pub fn float(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            _ => self.int(key).map(|v| v as f64),
+        }
+    }
+
+    fn need_int(&self, key: &str) -> Result<usize> {
+        self.int(key)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.bad(format!("metadata `{key}` is missing or not an integer")))
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<&str> {
+        self.str("general.architecture")
+            .ok_or_else(|| self.bad("metadata `general.architecture` is missing".into()))
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// The shape of tensor `name` (PyTorch order: [rows, columns]).
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.content.tensor_infos.get(name).map(|i| i.shape.dims())
+    }
+
+    /// The storage type of tensor `name`.
+    pub fn dtype(&self, name: &str) -> Option<GgmlDType> {
+        self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
+    }
+
+    /// The tensor names, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .content
+            .tensor_infos
+            .keys()
+            .map(|s| s.as_str())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Tensor `name` as stored, checked to have `shape`.
+    pub fn qtensor(&mut self, name: &str, shape: &[usize], dev: &Device) -> Result<QTensor> {
+        let have = self.shape(name).map(|s| s.to_vec());
+        match have {
+            None => {
+                return Err(ModelError::Tensor {
+                    path: self.path.clone(),
+                    name: name.into(),
+                    msg: "missing from the GGUF file".into(),
+                })
+            }
+            Some(have) if have != shape => {
+                return Err(ModelError::Tensor {
+                    path: self.path.clone(),
+                    name: name.into(),
+                    msg: format!("shape {have:?}, expected {shape:?}"),
+                })
+            }
+            Some(_) => {}
+        }
+        self.content
+            .tensor(&mut self.file, name, dev)
+            .map_err(|e| ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.into(),
+                msg: first_line(&e),
+            })
+    }
+
+    /// Tensor `name` dequantized to f32, checked finite.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
+        let t = self.qtensor(name, shape, dev)?.dequantize(dev)?;
+        let finite = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.into(),
+                msg: "holds NaN or infinite values".into(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// The decoder config of a llama / qwen2 / qwen3 file, from its metadata.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?.to_string();
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(self.bad(format!(
+                "architecture `{arch}` is not supported (supported: {})",
+                ARCHITECTURES.join(", ")
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        if let Some(kind) = self.str(&key("rope.scaling.type")) {
+            if kind != "none" {
+                return Err(self.bad(format!(
+                    "rope scaling `{kind}` ({}) is not supported yet",
+                    key("rope.scaling.type")
+                )));
+            }
+        }
+        let hidden = self.need_int(&key("embedding_length"))?;
+        let heads = self.need_int(&key("attention.head_count"))?;
+        let head_dim = self.int(&key("attention.key_length")).map(|v| v as usize);
+        let vocab = self
+            .shape("token_embd.weight")
+            .map(|s| s[0])
+            .ok_or_else(|| self.bad("tensor `token_embd.weight` is missing".into()))?;
+        let cfg = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.need_int(&key("feed_forward_length"))?,
+            num_hidden_layers: self.need_int(&key("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: self
+                .int(&key("attention.head_count_kv"))
+                .map(|v| v as usize),
+            head_dim,
+            max_position_embeddings: self.need_int(&key("context_length"))?,
+            rms_norm_eps: self
+                .float(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
+            hidden_act: "silu".into(),
+            tie_word_embeddings: !self.has_tensor("output.weight"),
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            bos_token_id: self.int("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            eos_token_id: self.int("tokenizer.ggml.eos_token_id").map(|v| v as u32),
+        };
+        cfg.validate().map_err(|m| self.bad(m))?;
+        if let Some(dims) = self.int(&key("rope.dimension_count")) {
+            if dims as usize != cfg.head_dim() {
+                return Err(self.bad(format!(
+                    "partial rotary embeddings ({} = {dims}, head_dim {}) are not supported",
+                    key("rope.dimension_count"),
+                    cfg.head_dim()
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Whether this file's query/key rows are in llama.cpp's interleaved rotary order (its
+    /// converter permutes them for the `llama` architecture; qwen2/3 keep transformers' order).
+    pub fn rope_interleaved(&self) -> Result<bool> {
+        Ok(self.architecture()? == "llama")
+    }
+}
+
+/// A query/key projection [heads·head_dim, in] whose rows llama.cpp's converter permuted (within
+/// each head, rows 2j and 2j+1 hold transformers' rows j and j + head_dim/2) back in
+/// transformers' order. Rows of a block-quantized tensor are whole blocks, so this moves bytes.
+pub fn unpermute_rows(t: QTensor, heads: usize) -> Result<QTensor> {
+    let (rows, cols) = t.shape().dims2()?;
+    let dtype = t.dtype();
+    let device = t.device();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = t.data()?;
+    if heads == 0 || !rows.is_multiple_of(heads) || data.len() != rows * row_bytes {
+        return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+            "cannot un-permute a [{rows}, {cols}] tensor into {heads} heads"
+        ))));
+    }
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for s in 0..2 {
+            for j in 0..half {
+                let to = h * hd + s * half + j;
+                let from = h * hd + 2 * j + s;
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &device, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermuting_undoes_llama_cpp_s_permutation() {
+        let dev = Device::Cpu;
+        let (heads, hd, cols) = (2, 4, 32);
+        // transformers' rows: row r is all r.
+        let rows: Vec<f32> = (0..heads * hd)
+            .flat_map(|r| std::iter::repeat_n(r as f32, cols))
+            .collect();
+        // llama.cpp's permutation: reshape(heads, 2, hd/2, cols).swapaxes(1, 2).
+        let mut permuted = Vec::new();
+        for h in 0..heads {
+            for j in 0..hd / 2 {
+                for s in 0..2 {
+                    let r = h * hd + s * (hd / 2) + j;
+                    permuted.extend_from_slice(&rows[r * cols..(r + 1) * cols]);
+                }
+            }
+        }
+        let t = Tensor::from_vec(permuted, (heads * hd, cols), &dev).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let back = unpermute_rows(q, heads)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, row) in back.iter().enumerate() {
+            assert!(row.iter().all(|&v| (v - r as f32).abs() < 0.05), "{r}");
+        }
+    }
+
+    #[test]
+    fn damaged_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, b"GGUF\x03\0\0\0").unwrap();
+        let e = Gguf::open(&p).err().unwrap().to_string();
+        assert!(e.contains("m.gguf") && e.contains("GGUF"), "{e}");
+        std::fs::write(&p, b"NOPE1234").unwrap();
+        assert!(!is_gguf(&p));
+        let e = Gguf::open(&p).err().unwrap().to_string();
+        assert!(e.contains("m.gguf"), "{e}");
+    }
+}

@@ -1,0 +1,217 @@
+//! The tokenizer and chat template a GGUF file carries in its metadata (`tokenizer.ggml.*`,
+//! `tokenizer.chat_template`), rebuilt as a Hugging Face tokenizer that splits text as llama.cpp
+//! does for the file's pre-tokenizer type.
+
+use crate::error::{Result, TokenizeError};
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::io::Read;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// Whether `path` is a GGUF file (by its magic bytes).
+pub fn is_gguf(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// The metadata of a GGUF file.
+pub struct GgufMeta {
+    content: Content,
+}
+
+impl GgufMeta {
+    pub fn read(path: &Path) -> Result<GgufMeta> {
+        let mut f = std::fs::File::open(path).map_err(|e| TokenizeError::io(path, e))?;
+        let content = Content::read(&mut f).map_err(|e| TokenizeError::Load {
+            path: path.to_path_buf(),
+            msg: format!(
+                "not a readable GGUF file: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
+        })?;
+        Ok(GgufMeta { content })
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn int(&self, key: &str) -> Option<u32> {
+        self.get(key)?.to_u32().ok().or_else(|| {
+            self.get(key)?
+                .to_i32()
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+        })
+    }
+
+    fn strings(&self, key: &str) -> Option<Vec<&str>> {
+        match self.get(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Some(s.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
+    fn ints(&self, key: &str) -> Option<Vec<i64>> {
+        match self.get(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.to_i32()
+                        .map(|x| x as i64)
+                        .or_else(|_| v.to_u32().map(|x| x as i64))
+                })
+                .collect::<std::result::Result<_, _>>()
+                .ok(),
+            _ => None,
+        }
+    }
+
+    /// The chat template (`tokenizer.chat_template`), if the file has one.
+    pub fn chat_template(&self) -> Option<String> {
+        self.str("tokenizer.chat_template").map(String::from)
+    }
+
+    /// The text of special token `which` (`bos`, `eos`, `unk`, `padding`), by its id.
+    pub fn special_token(&self, which: &str) -> Option<String> {
+        let id = self.int(&format!("tokenizer.ggml.{which}_token_id"))? as usize;
+        self.strings("tokenizer.ggml.tokens")?
+            .get(id)
+            .map(|s| s.to_string())
+    }
+}
+
+/// Splitting rules of llama.cpp's pre-tokenizer types (llama-vocab.cpp), as Hugging Face
+/// pre-tokenizers.
+fn pre_tokenizer(pre: &str) -> Option<(serde_json::Value, bool)> {
+    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let byte_level = |use_regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |re: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    let seq = |items: Vec<serde_json::Value>| serde_json::json!({"type": "Sequence", "pretokenizers": items});
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => (byte_level(true), false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => (
+            seq(vec![
+                serde_json::json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ]),
+            false,
+        ),
+        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" => {
+            (seq(vec![split(LLAMA3), byte_level(false)]), true)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "megrez" => {
+            (seq(vec![split(QWEN2), byte_level(false)]), false)
+        }
+        _ => return None,
+    })
+}
+
+/// The tokenizer of a GGUF file. Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE, the
+/// kind of Llama 3, Qwen2/3, SmolLM2 and GPT-NeoX models) with the pre-tokenizer types above.
+pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
+    let bad = |msg: String| TokenizeError::Load {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let model = meta.str("tokenizer.ggml.model").ok_or_else(|| {
+        bad("metadata `tokenizer.ggml.model` is missing: the file carries no tokenizer".into())
+    })?;
+    if model != "gpt2" {
+        return Err(bad(format!(
+            "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2, byte-level BPE)"
+        )));
+    }
+    let pre_name = meta.str("tokenizer.ggml.pre").unwrap_or("default");
+    let (pre, ignore_merges) = pre_tokenizer(pre_name).ok_or_else(|| {
+        bad(format!(
+            "tokenizer.ggml.pre `{pre_name}` is not supported yet (its splitting rules are not known here)"
+        ))
+    })?;
+    let tokens = meta
+        .strings("tokenizer.ggml.tokens")
+        .ok_or_else(|| bad("metadata `tokenizer.ggml.tokens` is missing".into()))?;
+    let merges = meta
+        .strings("tokenizer.ggml.merges")
+        .ok_or_else(|| bad("metadata `tokenizer.ggml.merges` is missing".into()))?;
+    let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(bad(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        vocab.insert(tok.to_string(), id.into());
+        // llama.cpp's token types: 3 control, 4 user-defined (both matched in text as a whole).
+        let ty = types.get(id).copied().unwrap_or(1);
+        if ty == 3 || ty == 4 {
+            added.push(
+                serde_json::json!({"id": id, "content": tok, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": ty == 3}),
+            );
+        }
+    }
+    for (i, m) in merges.iter().enumerate() {
+        if m.split_once(' ').is_none() {
+            return Err(bad(format!(
+                "tokenizer.ggml.merges[{i}] `{m}` is not two tokens separated by a space"
+            )));
+        }
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+    });
+    let tk: Tokenizer = serde_json::to_string(&json)
+        .map_err(|e| bad(e.to_string()))?
+        .parse()
+        .map_err(|e: tokenizers::Error| bad(format!("rebuilding the tokenizer: {e}")))?;
+    Ok(tk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_pre_tokenizer_builds() {
+        for pre in ["default", "smollm", "llama-bpe", "qwen2"] {
+            let (json, _) = pre_tokenizer(pre).unwrap();
+            let _: tokenizers::PreTokenizerWrapper = serde_json::from_value(json).unwrap();
+        }
+        assert!(pre_tokenizer("nonesuch").is_none());
+    }
+}
