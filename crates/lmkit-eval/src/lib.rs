@@ -77,10 +77,10 @@ impl TextEval {
 }
 
 impl Scorer {
-    /// A checkpoint directory (neural) or an `.arpa`/`.lmkb` file (n-gram; `chars` for ARPA
-    /// models of characters).
+    /// A checkpoint directory or GGUF file (neural) or an `.arpa`/`.lmkb` file (n-gram; `chars`
+    /// for ARPA models of characters).
     pub fn load(path: &Path, device: &Device, chars: bool) -> Result<Scorer> {
-        if path.is_file() {
+        if path.is_file() && !lmkit_models::gguf::is_gguf(path) {
             let tok = if chars {
                 Tokenization::Chars
             } else {

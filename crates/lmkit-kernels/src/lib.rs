@@ -6,6 +6,7 @@
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
 //!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
 //!   run time ([`simd`]), wrapped as candle custom ops with analytic backward passes.
+//! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
@@ -18,6 +19,7 @@ pub mod adamw;
 pub mod blas;
 pub mod buffers;
 pub mod fused;
+pub mod quant;
 pub mod simd;
 pub mod system;
 

@@ -92,7 +92,20 @@ pub fn kind_of(dir: &Path) -> Result<Kind> {
     if gguf::is_gguf(dir) {
         return Ok(Kind::Causal);
     }
+    not_a_model_file(dir)?;
     Ok(ModelConfig::load_dir(dir)?.kind())
+}
+
+/// A file given where a model is expected must be GGUF: anything else is an error saying so
+/// (instead of one about a `config.json` inside it).
+fn not_a_model_file(path: &Path) -> Result<()> {
+    if path.is_file() {
+        return Err(ModelError::Config {
+            path: path.to_path_buf(),
+            msg: "not a GGUF file (it does not start with `GGUF`); a Hugging Face model is a directory with config.json".into(),
+        });
+    }
+    Ok(())
 }
 
 /// A variable source over a checkpoint's safetensors files (memory-mapped, f32).
@@ -152,6 +165,7 @@ impl CausalLm {
             let cfg = DecoderConfig::Llama(m.cfg.clone());
             return Ok((CausalLm::Llama(m), cfg));
         }
+        not_a_model_file(dir)?;
         let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let vb = mmap_weights(dir, device)?;

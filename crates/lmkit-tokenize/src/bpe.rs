@@ -230,12 +230,16 @@ pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
 }
 
 pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {
-    let vocab = tk.get_vocab_size(true) as u32;
-    if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+    // (`get_vocab_size(true)` builds the whole vocabulary as a map: too slow for every step of
+    // streamed decoding.)
+    if let Some(bad) = ids.iter().find(|&&id| tk.id_to_token(id).is_none()) {
         return Err(TokenizeError::BadOption {
             name: "id",
             value: bad.to_string(),
-            msg: format!("out of range for a vocabulary of {vocab}"),
+            msg: format!(
+                "out of range for a vocabulary of {}",
+                tk.get_vocab_size(true)
+            ),
         });
     }
     tk.decode(ids, false).map_err(tk_err)

@@ -3,7 +3,7 @@
 //! bias on the CPU). Each layer knows its tensor path (`model.layers.0.self_attn.q_proj`), the key
 //! under which adapters and quantized weights are looked up.
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::{Arc, OnceLock};
@@ -139,7 +139,14 @@ impl Module for Linear {
             Weight::Dense(w) => w.t()?,
             Weight::Transposed(w) => w.clone(),
             Weight::Quantized(q, _) => {
-                let y = q.forward(&x.contiguous()?)?;
+                let y = match q {
+                    // candle multiplies Q4_1 blocks one value at a time; lmkit's kernel uses SIMD.
+                    QMatMul::QTensor(t) if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() => {
+                        let (n, k) = t.shape().dims2()?;
+                        lmkit_kernels::quant::q4_1_matmul(x, &t.data()?, n, k)?
+                    }
+                    q => q.forward(&x.contiguous()?)?,
+                };
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

@@ -1,0 +1,228 @@
+//! Products with block-quantized weights in GGML's layouts for the types whose dot products
+//! candle runs one value at a time: Q4_1 (4-bit values with a scale and a minimum per block of
+//! 32), against activations quantized to Q8_1 as llama.cpp quantizes them, with an AVX2 dot
+//! product chosen at run time.
+
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per block.
+pub const QK: usize = 32;
+/// Bytes of one Q4_1 block: scale d (f16), minimum m (f16), 16 bytes of nibbles (value j in the
+/// low nibble of byte j, value j+16 in its high nibble); a value is d·q + m.
+pub const Q4_1_BYTES: usize = 20;
+
+/// One Q8_1 block: scale d, d times the sum of the quantized values, 32 signed bytes.
+#[derive(Clone, Copy)]
+struct Q8_1 {
+    d: f32,
+    s: f32,
+    qs: [i8; QK],
+}
+
+/// ggml's `quantize_row_q8_1_ref`: per block, d = max|x|/127, q = round(x/d), and s = d·Σq,
+/// with d and s rounded to f16 as the format stores them.
+fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
+    out.clear();
+    for block in x.chunks_exact(QK) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(block) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        out.push(Q8_1 {
+            d: f16::from_f32(d).to_f32(),
+            s: f16::from_f32(sum as f32 * d).to_f32(),
+            qs,
+        });
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Σ over blocks of one Q4_1 row · one Q8_1 row, one value at a time.
+fn dot_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(x) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let q = b[4 + j];
+            sumi += (q & 0x0F) as i32 * y.qs[j] as i32 + (q >> 4) as i32 * y.qs[j + QK / 2] as i32;
+        }
+        acc += sumi as f32 * d * y.d + m * y.s;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Q4_1_BYTES, Q8_1, QK};
+    use std::arch::x86_64::*;
+
+    /// As `dot_scalar`, 32 values per step: nibbles widened to bytes, byte products summed in
+    /// pairs (`maddubs`), then in fours, scaled and accumulated in f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(w: &[u8], x: &[Q8_1]) -> f32 {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(x) {
+            // d and m: two f16 at the block's start, widened together (F16C).
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+            mins += m * y.s;
+            // SAFETY: `b` holds Q4_1_BYTES = 4 + 16 bytes, `y.qs` 32: the loads stay inside.
+            let (packed, qy) = unsafe {
+                (
+                    _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i),
+                    _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i),
+                )
+            };
+            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            let pairs = _mm256_maddubs_epi16(qx, qy);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc);
+        }
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1) + mins
+    }
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    const _: () = assert!(QK == 32);
+}
+
+fn dot(w: &[u8], x: &[Q8_1]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(avx2::available) {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            return unsafe { avx2::dot(w, x) };
+        }
+    }
+    dot_scalar(w, x)
+}
+
+/// Output columns one parallel task computes (for every row of the input).
+const COLUMNS_PER_TASK: usize = 32;
+/// Products (rows × columns × depth) below which one thread does the whole product.
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 19;
+
+/// x [.., k] (f32, CPU) times a Q4_1 weight [n, k] (its raw blocks, row-major)ᵀ: [.., n].
+pub fn q4_1_matmul(x: &Tensor, w: &[u8], n: usize, k: usize) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) || !k.is_multiple_of(QK) || w.len() != n * k / QK * Q4_1_BYTES {
+        candle_core::bail!(
+            "q4_1 product: input {dims:?} against a [{n}, {k}] weight of {} bytes",
+            w.len()
+        );
+    }
+    if !matches!(x.device(), Device::Cpu) {
+        candle_core::bail!("q4_1 product: the input must be on the CPU");
+    }
+    let m = x.elem_count() / k;
+    let xs = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let blocks = k / QK;
+    let mut q = Vec::with_capacity(m * blocks);
+    let mut row = Vec::with_capacity(blocks);
+    for r in xs.chunks_exact(k) {
+        quantize_q8_1(r, &mut row);
+        q.extend_from_slice(&row);
+    }
+    let row_bytes = blocks * Q4_1_BYTES;
+    // Column-major tiles: each task computes COLUMNS_PER_TASK outputs for every input row, so
+    // its weight rows stay in cache while the inputs stream past.
+    let tile = |tile: &[u8]| {
+        let cols = tile.len() / row_bytes;
+        let mut out = vec![0f32; m * cols];
+        for (i, xq) in q.chunks_exact(blocks).enumerate() {
+            for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
+                out[i * cols + c] = dot(wr, xq);
+            }
+        }
+        out
+    };
+    let chunk = row_bytes * COLUMNS_PER_TASK;
+    // Small products (one decoding step's projections) cost less than waking the thread pool.
+    let tiles: Vec<Vec<f32>> = if m * n * k < PARALLEL_MIN_PRODUCTS {
+        w.chunks(chunk).map(tile).collect()
+    } else {
+        w.par_chunks(chunk).map(tile).collect()
+    };
+    let mut y = vec![0f32; m * n];
+    for (t, tile) in tiles.iter().enumerate() {
+        let c0 = t * COLUMNS_PER_TASK;
+        let cols = tile.len() / m.max(1);
+        for i in 0..m {
+            y[i * n + c0..i * n + c0 + cols].copy_from_slice(&tile[i * cols..(i + 1) * cols]);
+        }
+    }
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("checked non-empty") = n;
+    Tensor::from_vec(y, out_dims, x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Module;
+
+    #[test]
+    fn matches_candle_s_q4_1_product() {
+        let dev = Device::Cpu;
+        let (m, n, k) = (5, 70, 96);
+        let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let x = crate::testing::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let wq = q.dequantize(&dev).unwrap();
+        let ours = q4_1_matmul(&x, &bytes, n, k).unwrap();
+        let theirs = candle_core::quantized::QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        assert_eq!(ours.dims(), [1, m, n]);
+        // Outputs are sums of 96 products of N(0, 1) values (about ±10); quantizing the
+        // activations to 8 bits moves them by up to ~0.15 (candle's product too). Candle stores
+        // the Q8_1 block sums rounded twice (f16(Σq)·f16(d)); llama.cpp and this kernel round
+        // once (f16(Σq·d)), which moves the results apart by a few hundredths.
+        let exact = x.matmul(&wq.t().unwrap().unsqueeze(0).unwrap()).unwrap();
+        assert!(crate::testing::max_diff(&ours, &exact) < 0.25);
+        let d = crate::testing::max_diff(&ours, &theirs);
+        assert!(d < 0.06, "{d}");
+        // The scalar and vector dot products agree.
+        let mut xq = Vec::new();
+        quantize_q8_1(
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..k],
+            &mut xq,
+        );
+        let row = &bytes[..k / QK * Q4_1_BYTES];
+        assert!((dot(row, &xq) - dot_scalar(row, &xq)).abs() < 1e-3);
+    }
+}
