@@ -24,7 +24,7 @@ def randomize_norms(model, gen):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
 
 
-def build(kind, tmp_path):
+def build(kind, tmp_path, **overrides):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if kind == "gpt2":
@@ -34,6 +34,8 @@ def build(kind, tmp_path):
         cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
                           tie_word_embeddings=False)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
         model = LlamaForCausalLM(cfg)
     randomize_norms(model, gen)
     model.eval()
@@ -60,6 +62,44 @@ def test_logits_match(lmkit, tmp_path, kind):
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
     got_inc = lmkit_logits(lmkit, path, ids, incremental=True)
     assert np.abs(got_inc - want).max() < ATOL, np.abs(got_inc - want).max()
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("layout", ["4.x", "5.x"])
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING, {"rope_type": "linear", "factor": 2.0}])
+def test_rope_variants_match(lmkit, tmp_path, layout, scaling):
+    """Llama 3 and linear rope scaling, and transformers 5.x's config layout (`rope_parameters`
+    holding rope_theta and the scaling; no top-level rope_theta) with the same weights: the same
+    logits as transformers 4.x computes from its own layout. A theta far from the default makes a
+    config that is not read show."""
+    model, path = build("llama", tmp_path, rope_theta=500000.0, rope_scaling=scaling)
+    cfg = json.loads((path / "config.json").read_text())
+    if layout == "5.x":
+        params = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.pop("rope_theta"))
+        cfg.pop("rope_scaling", None)
+        cfg["rope_parameters"] = params
+        (path / "config.json").write_text(json.dumps(cfg))
+    ids = [int(x) for x in torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, path, ids)
+    assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+
+
+def test_config_keys_that_change_the_math_are_not_ignored(tmp_path):
+    import os
+    from conftest import ROOT
+    lmkit_bin = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    model, path = build("llama", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value, needle in [("sliding_window", 8, "sliding_window"),
+                               ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+                               ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e4}, "dynamic")]:
+        (path / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        expect_failure(lmkit_bin, path, "config.json", needle)
 
 
 def expect_failure(lmkit_bin, path, *needles):

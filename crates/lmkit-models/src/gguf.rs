@@ -254,6 +254,8 @@ impl Gguf {
             attention_bias: false,
             mlp_bias: false,
             rope_scaling: None,
+            rope_parameters: None,
+            other: Default::default(),
             bos_token_id: self.int("tokenizer.ggml.bos_token_id").map(|v| v as u32),
             eos_token_id: self.int("tokenizer.ggml.eos_token_id").map(|v| v as u32),
         };

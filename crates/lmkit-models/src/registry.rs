@@ -169,9 +169,10 @@ impl ModelConfig {
     /// The `config.json` fields this family reads (and writes), sorted.
     pub fn known_fields(&self) -> Vec<String> {
         let v = with_family!(self, c => serde_json::to_value(c)).unwrap_or_default();
+        let unread = with_family!(self, c => c.unread_fields());
         let mut keys: Vec<String> = v
             .as_object()
-            .map(|o| o.keys().cloned().collect())
+            .map(|o| o.keys().filter(|k| !unread.contains(k)).cloned().collect())
             .unwrap_or_default();
         for k in ["model_type", "architectures", "torch_dtype"] {
             if !keys.iter().any(|x| x == k) {

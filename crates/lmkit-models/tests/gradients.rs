@@ -132,6 +132,8 @@ fn llama_gradients_match_finite_differences() {
             attention_bias: false,
             mlp_bias: false,
             rope_scaling: None,
+            rope_parameters: None,
+            other: Default::default(),
             bos_token_id: None,
             eos_token_id: None,
         }),

@@ -276,6 +276,40 @@ mod tests {
     }
 
     #[test]
+    fn templates_load_from_every_place_transformers_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(load_template(d).unwrap(), None);
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}],
+                "bos_token": {"content": "<s>", "special": true}, "eos_token": "</s>"}"#,
+        )
+        .unwrap();
+        let t = load_template(d).unwrap().unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "<s>D");
+        assert_eq!(t.eos_token.as_deref(), Some("</s>"));
+        // transformers 5.x: the template in its own file, which wins.
+        std::fs::write(
+            d.join("chat_template.jinja"),
+            "{% for m in messages %}\n{{ m.content.upper() }}{% if loop.last %}{% break %}{% endif %}\n{% endfor %}{{ raise_exception('no') if messages|length == 0 }}",
+        )
+        .unwrap();
+        let t = load_template(d).unwrap().unwrap();
+        // Blocks are trimmed as transformers trims them; Python's str methods work.
+        assert_eq!(
+            t.render(
+                &[Message::new("user", "hi"), Message::new("user", "x")],
+                false
+            )
+            .unwrap(),
+            "HIX"
+        );
+        let e = t.render(&[], false).unwrap_err().to_string();
+        assert!(e.contains("no"), "{e}");
+    }
+
+    #[test]
     fn default_template_renders_roles_and_generation_prompt() {
         let msgs = [
             Message::new("system", "Be brief."),

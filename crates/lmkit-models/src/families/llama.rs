@@ -49,13 +49,61 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// transformers 4.x rope scaling (`{"rope_type": "llama3" | "linear", ...}`).
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x: `rope_theta` and the scaling in one object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Keys this family does not read, kept so that a config read and written again keeps them;
+    /// those that would change the computation are refused by `validate`.
+    #[serde(flatten, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
+
+/// How positions rotate queries and keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear(f64),
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Config keys of other decoders that change what a model computes; a `llama` config that sets
+/// them is not a model lmkit would compute correctly.
+const UNREAD_MATH_KEYS: &[&str] = &[
+    "sliding_window",
+    "use_sliding_window",
+    "partial_rotary_factor",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "use_qk_norm",
+    "qk_layernorm",
+    "no_rope_layers",
+    "layer_types",
+    "attention_chunk_size",
+    "logits_scaling",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "attention_multiplier",
+];
 
 impl LlamaConfig {
     pub fn num_kv_heads(&self) -> usize {
@@ -93,8 +141,16 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err("rope_scaling is not supported yet".into());
+        self.rope()?;
+        for key in UNREAD_MATH_KEYS {
+            match self.other.get(*key) {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+                Some(v) => {
+                    return Err(format!(
+                        "`{key}` ({v}) changes the computation and is not supported for model_type llama"
+                    ))
+                }
+            }
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -108,6 +164,93 @@ impl LlamaConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl LlamaConfig {
+    /// The rotary embedding: `rope_parameters` (transformers 5.x) or `rope_theta` and
+    /// `rope_scaling` (4.x). Scaling types other than linear and llama3 are errors.
+    pub fn rope(&self) -> std::result::Result<RopeSpec, String> {
+        let params = self.rope_parameters.as_ref().filter(|v| !v.is_null());
+        let theta = match params {
+            Some(p) => match p.get("rope_theta") {
+                Some(t) => t
+                    .as_f64()
+                    .ok_or("rope_parameters.rope_theta must be a number")?,
+                None => self.rope_theta,
+            },
+            None => self.rope_theta,
+        };
+        let (scaling, field) = match (params, self.rope_scaling.as_ref().filter(|v| !v.is_null())) {
+            (Some(p), _) => (p, "rope_parameters"),
+            (None, Some(s)) => (s, "rope_scaling"),
+            (None, None) => {
+                return Ok(RopeSpec {
+                    theta,
+                    scaling: RopeScaling::None,
+                })
+            }
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| -> std::result::Result<f64, String> {
+            scaling
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| format!("{field}.{k} is missing or not a number ({kind} scaling)"))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear(num("factor")?),
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(format!(
+                    "{field}: rope type `{other}` is not supported (default, linear, llama3)"
+                ))
+            }
+        };
+        Ok(RopeSpec { theta, scaling })
+    }
+
+    /// The inverse frequencies θ_i = theta^(-2i/d), scaled as the config says.
+    pub fn inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
+        let spec = self.rope()?;
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / spec.theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let scaled: Vec<f64> = match spec.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear(f) => base.iter().map(|v| v / f).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: old,
+            } => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / hi {
+                        f
+                    } else if wavelen > old / lo {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        };
+        Ok(scaled.into_iter().map(|v| v as f32).collect())
     }
 }
 
@@ -173,6 +316,9 @@ impl FamilyConfig for LlamaConfig {
     fn into_model_config(self) -> ModelConfig {
         ModelConfig::Llama(self)
     }
+    fn unread_fields(&self) -> Vec<String> {
+        self.other.keys().cloned().collect()
+    }
 }
 
 /// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
@@ -184,9 +330,7 @@ struct Rope {
 impl Rope {
     fn new(cfg: &LlamaConfig, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
         let d = cfg.head_dim();
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / d as f32))
-            .collect();
+        let inv = cfg.inv_freq().map_err(candle_core::Error::Msg)?;
         let inv = Tensor::from_vec(inv, (1, d / 2), dev)?;
         let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
             .to_dtype(DType::F32)?

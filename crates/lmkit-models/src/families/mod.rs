@@ -95,4 +95,8 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     /// The role of the parameter tensor named `name` (Hugging Face name).
     fn param_role(&self, name: &str) -> ParamRole;
     fn into_model_config(self) -> ModelConfig;
+    /// Keys of the config this family keeps without reading them (not among its fields).
+    fn unread_fields(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
