@@ -279,8 +279,13 @@ pub fn embed_texts(
     texts: &[String],
     dev: &lmkit_models::Device,
 ) -> Result<Vec<Vec<f32>>> {
-    let enc =
-        lmkit_tokenize::encode_batch(tk, texts).map_err(|e| InferError::Invalid(e.to_string()))?;
+    let max_len = m
+        .pooling
+        .max_seq_length
+        .unwrap_or(usize::MAX)
+        .min(m.cfg.max_position_embeddings);
+    let enc = lmkit_tokenize::encode_with_specials(tk, texts, max_len)
+        .map_err(|e| InferError::Invalid(e.to_string()))?;
     let t = enc
         .iter()
         .map(|e| e.len().clamp(1, m.cfg.max_position_embeddings))

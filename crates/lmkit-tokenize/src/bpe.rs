@@ -137,10 +137,41 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
         path.to_path_buf()
     };
     let text = std::fs::read_to_string(&file).map_err(|e| TokenizeError::io(&file, e))?;
-    text.parse::<Tokenizer>().map_err(|e| TokenizeError::Load {
+    let mut tk = text.parse::<Tokenizer>().map_err(|e| TokenizeError::Load {
         path: file.clone(),
         msg: e.to_string(),
-    })
+    })?;
+    // Lengths are lmkit's to decide (a tokenizer.json may pad or cut every text to 128 tokens).
+    tk.with_padding(None);
+    tk.with_truncation(None).map_err(tk_err)?;
+    Ok(tk)
+}
+
+/// Encodes texts for an encoder as transformers' tokenizer call does: special tokens added (the
+/// `[CLS] … [SEP]` of BERT-style tokenizers) and each text cut to `max_len` tokens, specials
+/// included.
+pub fn encode_with_specials(
+    tk: &Tokenizer,
+    texts: &[String],
+    max_len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut tk = tk.clone();
+    tk.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: max_len,
+        ..Default::default()
+    }))
+    .map_err(tk_err)?;
+    // Only the start of a text is read: a huge line is cut before it is encoded whole.
+    let heads: Vec<&str> = texts
+        .iter()
+        .map(|t| pieces(t, MAX_PIECE_BYTES)[0])
+        .collect();
+    Ok(tk
+        .encode_batch(heads, true)
+        .map_err(tk_err)?
+        .into_iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect())
 }
 
 /// Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) into `dir`,

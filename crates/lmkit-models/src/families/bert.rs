@@ -205,32 +205,201 @@ impl Layer {
     }
 }
 
+/// The masked-LM head (`cls.predictions`).
+struct MlmHead {
+    dense: Linear,
+    norm: LayerNorm,
+    /// The output layer (its weight tied to the word embeddings unless untied).
+    decoder: Linear,
+}
+
+/// How token states become one sentence vector (sentence-transformers' Pooling and Normalize
+/// modules).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PoolingMode {
+    Mean,
+    Cls,
+    Max,
+    MeanSqrtLen,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pooling {
+    pub mode: PoolingMode,
+    /// L2-normalise the pooled vector.
+    pub normalize: bool,
+    /// Tokens read per text (longer texts are cut), when the model says.
+    pub max_seq_length: Option<usize>,
+}
+
+impl Default for Pooling {
+    fn default() -> Self {
+        Pooling {
+            mode: PoolingMode::Mean,
+            normalize: false,
+            max_seq_length: None,
+        }
+    }
+}
+
+impl Pooling {
+    /// The pooling of a sentence-transformers directory (`modules.json`); mean pooling without
+    /// normalisation for a plain encoder directory. Modules that would change the vectors and are
+    /// not supported (Dense layers, other pooling modes) are errors naming the file.
+    pub fn load(dir: &Path) -> Result<Pooling> {
+        let modules_path = dir.join("modules.json");
+        if !modules_path.exists() {
+            return Ok(Pooling::default());
+        }
+        let bad = |path: &Path, msg: String| crate::ModelError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let modules = crate::registry::read_json(&modules_path)?;
+        let list = modules
+            .as_array()
+            .ok_or_else(|| bad(&modules_path, "expected a list of modules".into()))?;
+        let mut pooling = Pooling::default();
+        for m in list {
+            let kind = m.get("type").and_then(|t| t.as_str()).unwrap_or("");
+            let sub = dir.join(m.get("path").and_then(|p| p.as_str()).unwrap_or(""));
+            match kind.rsplit('.').next().unwrap_or("") {
+                "Transformer" => {
+                    let cfg = sub.join("sentence_bert_config.json");
+                    if cfg.exists() {
+                        let v = crate::registry::read_json(&cfg)?;
+                        pooling.max_seq_length = v
+                            .get("max_seq_length")
+                            .and_then(|n| n.as_u64())
+                            .map(|n| n as usize);
+                    }
+                }
+                "Pooling" => {
+                    let cfg_path = sub.join("config.json");
+                    let v = crate::registry::read_json(&cfg_path)?;
+                    let on = |k: &str| v.get(k).and_then(|b| b.as_bool()).unwrap_or(false);
+                    let modes: Vec<PoolingMode> = [
+                        ("pooling_mode_mean_tokens", PoolingMode::Mean),
+                        ("pooling_mode_cls_token", PoolingMode::Cls),
+                        ("pooling_mode_max_tokens", PoolingMode::Max),
+                        (
+                            "pooling_mode_mean_sqrt_len_tokens",
+                            PoolingMode::MeanSqrtLen,
+                        ),
+                    ]
+                    .into_iter()
+                    .filter(|(k, _)| on(k))
+                    .map(|(_, m)| m)
+                    .collect();
+                    for other in ["pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken"] {
+                        if on(other) {
+                            return Err(bad(&cfg_path, format!("`{other}` is not supported")));
+                        }
+                    }
+                    if v.get("include_prompt").and_then(|b| b.as_bool()) == Some(false) {
+                        return Err(bad(
+                            &cfg_path,
+                            "`include_prompt: false` is not supported".into(),
+                        ));
+                    }
+                    match modes.as_slice() {
+                        [one] => pooling.mode = *one,
+                        _ => {
+                            return Err(bad(
+                                &cfg_path,
+                                format!(
+                                    "exactly one pooling mode must be on (found {})",
+                                    modes.len()
+                                ),
+                            ))
+                        }
+                    }
+                }
+                "Normalize" => pooling.normalize = true,
+                _ => {
+                    return Err(bad(
+                        &modules_path,
+                        format!(
+                            "module `{kind}` is not supported (Transformer, Pooling, Normalize)"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(pooling)
+    }
+
+    /// Sentence vectors [b, h] from token states [b, t, h] and `mask` [b, t] (1 = token).
+    pub fn pool(&self, h: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let m = mask.to_dtype(h.dtype())?.unsqueeze(2)?;
+        let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+        let v = match self.mode {
+            PoolingMode::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
+            PoolingMode::Mean => h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?,
+            PoolingMode::MeanSqrtLen => {
+                h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count.sqrt()?)?
+            }
+            PoolingMode::Max => {
+                // Padding gets a large negative value, as sentence-transformers does.
+                let neg = ((m.ones_like()? - &m)? * -1e9)?;
+                h.broadcast_add(&neg)?.max(1)?
+            }
+        };
+        if !self.normalize {
+            return Ok(v);
+        }
+        let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        v.broadcast_div(&norm)
+    }
+}
+
 pub struct Bert {
     word: Embedding,
     position: Embedding,
     token_type: Embedding,
     emb_norm: LayerNorm,
     layers: Vec<Layer>,
-    head_dense: Linear,
-    head_norm: LayerNorm,
-    /// The masked-LM output layer (its weight tied to the word embeddings unless untied).
-    decoder: Linear,
+    /// Absent in a `BertModel` checkpoint (an encoder without the masked-LM head).
+    head: Option<MlmHead>,
+    pub pooling: Pooling,
     pub cfg: BertConfig,
 }
 
 impl Bert {
+    /// A `BertForMaskedLM` (tensors under `bert.` and `cls.predictions.`), as training creates it.
     pub fn new(cfg: &BertConfig, vb: VarBuilder) -> candle_core::Result<Bert> {
+        Self::build(cfg, vb.pp("bert"), Some(vb.pp("cls.predictions")))
+    }
+
+    fn build(
+        cfg: &BertConfig,
+        vb: VarBuilder,
+        head: Option<VarBuilder>,
+    ) -> candle_core::Result<Bert> {
         let h = cfg.hidden_size;
-        let e = vb.pp("bert.embeddings");
+        let e = vb.pp("embeddings");
         let word = embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, vb.pp(format!("bert.encoder.layer.{i}"))))
+            .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let p = vb.pp("cls.predictions");
-        let decoder = if cfg.tie_word_embeddings {
-            word.embeddings().clone()
-        } else {
-            p.get((cfg.vocab_size, h), "decoder.weight")?
+        let head = match head {
+            Some(p) => {
+                let decoder = if cfg.tie_word_embeddings {
+                    word.embeddings().clone()
+                } else {
+                    p.get((cfg.vocab_size, h), "decoder.weight")?
+                };
+                Some(MlmHead {
+                    dense: linear(h, h, p.pp("transform.dense"))?,
+                    norm: LayerNorm::new(h, cfg.layer_norm_eps, p.pp("transform.LayerNorm"))?,
+                    decoder: Linear::from_weight(
+                        decoder,
+                        Some(p.get(cfg.vocab_size, "bias")?),
+                        "cls.predictions.decoder",
+                    ),
+                })
+            }
+            None => None,
         };
         Ok(Bert {
             position: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
@@ -238,23 +407,30 @@ impl Bert {
             emb_norm: LayerNorm::new(h, cfg.layer_norm_eps, e.pp("LayerNorm"))?,
             word,
             layers,
-            head_dense: linear(h, h, p.pp("transform.dense"))?,
-            head_norm: LayerNorm::new(h, cfg.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-            decoder: Linear::from_weight(
-                decoder,
-                Some(p.get(cfg.vocab_size, "bias")?),
-                "cls.predictions.decoder",
-            ),
+            head,
+            pooling: Pooling::default(),
             cfg: cfg.clone(),
         })
     }
 
-    /// Loads `dir/config.json` and `dir/model.safetensors` (f32) onto `device`.
+    /// Loads `dir/config.json` and its weights (f32) onto `device`: a `BertForMaskedLM`, or an
+    /// encoder saved as `BertModel` (tensors under `bert.` or at the top level, no masked-LM
+    /// head), with the sentence-transformers pooling of the directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Bert> {
         let dir = crate::resolve_checkpoint(dir);
         let cfg = BertConfig::load(&dir.join("config.json"))?;
         let vb = crate::mmap_weights(&dir, device)?;
-        Bert::new(&cfg, vb).map_err(|e| crate::tensor_error(&dir, e))
+        let root = if vb.contains_tensor("embeddings.word_embeddings.weight") {
+            vb.clone()
+        } else {
+            vb.pp("bert")
+        };
+        let head = vb
+            .contains_tensor("cls.predictions.bias")
+            .then(|| vb.pp("cls.predictions"));
+        let mut m = Bert::build(&cfg, root, head).map_err(|e| crate::tensor_error(&dir, e))?;
+        m.pooling = Pooling::load(&dir)?;
+        Ok(m)
     }
 
     /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.
@@ -286,19 +462,28 @@ impl Bert {
         self.word.embeddings().device()
     }
 
-    /// Masked-LM logits [b, t, vocab] from hidden states.
-    pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let x = act(&self.cfg.hidden_act, &self.head_dense.forward(hidden)?)?;
-        let x = self.head_norm.forward(&x)?;
-        self.decoder.forward(&x)
+    /// Whether the checkpoint has the masked-LM head.
+    pub fn has_mlm_head(&self) -> bool {
+        self.head.is_some()
     }
 
-    /// Sentence embeddings [b, h]: the mean of the last hidden states over real tokens.
+    /// Masked-LM logits [b, t, vocab] from hidden states.
+    pub fn mlm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(head) = &self.head else {
+            candle_core::bail!(
+                "this checkpoint is an encoder without the masked-LM head (BertModel): it gives embeddings, not token predictions"
+            )
+        };
+        let x = act(&self.cfg.hidden_act, &head.dense.forward(hidden)?)?;
+        let x = head.norm.forward(&x)?;
+        head.decoder.forward(&x)
+    }
+
+    /// Sentence embeddings [b, h]: the last hidden states pooled (and normalised) as the
+    /// model's pooling says; by default the mean over real tokens.
     pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, Some(mask))?;
-        let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let sum = h.broadcast_mul(&m)?.sum(1)?;
-        sum.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::MAX)?)
+        self.pooling.pool(&h, mask)
     }
 }
 
