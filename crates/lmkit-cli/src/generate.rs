@@ -186,25 +186,30 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
+    // When the first token arrives, the prompt has been read (and one token sampled).
+    let first = std::cell::Cell::new(None);
+    let mark = || {
+        if first.get().is_none() {
+            first.set(Some(started.elapsed().as_secs_f64()));
+        }
+    };
     let (ids, finish) = match (&tokenizer, a.ids) {
         (Some(tk), false) => {
             let mut stream = TextStream::new(tk, a.stop.clone());
             let mut err = None;
-            let res = generate(
-                &model,
-                &prompt,
-                &opts,
-                &mut |_, all| match stream.push(all) {
-                    Ok(delta) => {
-                        let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-                        !stream.stopped
-                    }
-                    Err(e) => {
-                        err = Some(e);
-                        false
-                    }
-                },
-            )?;
+            let res = generate(&model, &prompt, &opts, &mut |_, all| match {
+                mark();
+                stream.push(all)
+            } {
+                Ok(delta) => {
+                    let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+                    !stream.stopped
+                }
+                Err(e) => {
+                    err = Some(e);
+                    false
+                }
+            })?;
             if let Some(e) = err {
                 return Err(e.into());
             }
@@ -214,7 +219,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             res
         }
         _ => {
-            let res = generate(&model, &prompt, &opts, &mut |_, _| true)?;
+            let res = generate(&model, &prompt, &opts, &mut |_, _| {
+                mark();
+                true
+            })?;
             let line: Vec<String> = res.0.iter().map(|i| i.to_string()).collect();
             writeln!(out, "{}", line.join(" "))?;
             res
@@ -227,11 +235,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Finish::Stopped => "stop string",
     };
     let secs = started.elapsed().as_secs_f64();
+    let prompt_secs = first.get().unwrap_or(secs);
+    // Decoding speed: the tokens after the first, over the time after the first.
+    let decode_rate = ids.len().saturating_sub(1) as f64 / (secs - prompt_secs).max(1e-9);
     eprintln!(
-        "[{} prompt tokens, {} generated in {secs:.3} s ({:.1} tokens/s), stopped: {why}]",
+        "[{} prompt tokens in {prompt_secs:.3} s ({:.1} tokens/s), {} generated in {secs:.3} s ({decode_rate:.1} tokens/s after the first), stopped: {why}]",
         prompt.len(),
+        prompt.len() as f64 / prompt_secs.max(1e-9),
         ids.len(),
-        ids.len() as f64 / secs.max(1e-9)
     );
     Ok(())
 }

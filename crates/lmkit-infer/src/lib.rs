@@ -122,9 +122,9 @@ impl Decoder {
             return Ok(Step::Done(why));
         }
         let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&input, &mut self.cache)?;
-        let t = logits.dim(1)?;
-        let last: Vec<f32> = logits.squeeze(0)?.get(t - 1)?.to_vec1()?;
+        // Only the last position's logits are sampled from.
+        let logits = model.forward_last(&input, &mut self.cache)?;
+        let last: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         Ok(self.take(&last))
     }
 

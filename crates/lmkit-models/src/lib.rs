@@ -255,6 +255,16 @@ impl CausalLm {
         }
     }
 
+    /// Logits [batch, vocab] of the last position only (what sampling needs): the output layer,
+    /// the largest product of a prompt pass, runs on one position instead of all.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.hidden(ids, cache)?;
+        let t = hidden.dim(1)?;
+        Ok(self
+            .output()
+            .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?)
+    }
+
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.output().forward(&self.hidden(ids, cache)?)?)
