@@ -197,17 +197,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (Some(tk), false) => {
             let mut stream = TextStream::new(tk, a.stop.clone());
             let mut err = None;
-            let res = generate(&model, &prompt, &opts, &mut |_, all| match {
+            let res = generate(&model, &prompt, &opts, &mut |_, all| {
                 mark();
-                stream.push(all)
-            } {
-                Ok(delta) => {
-                    let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-                    !stream.stopped
-                }
-                Err(e) => {
-                    err = Some(e);
-                    false
+                match stream.push(all) {
+                    Ok(delta) => {
+                        let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+                        !stream.stopped
+                    }
+                    Err(e) => {
+                        err = Some(e);
+                        false
+                    }
                 }
             })?;
             if let Some(e) = err {
