@@ -1,7 +1,8 @@
-//! Products with block-quantized weights in GGML's layouts for the types whose dot products
-//! candle runs one value at a time: Q4_1 (4-bit values with a scale and a minimum per block of
-//! 32), against activations quantized to Q8_1 as llama.cpp quantizes them, with an AVX2 dot
-//! product chosen at run time.
+//! Products with block-quantized weights in GGML's layouts, against activations quantized to
+//! 8 bits per block as llama.cpp quantizes them, with AVX2 dot products chosen at run time, on
+//! lmkit's thread pool: Q4_1 (4-bit values with a scale and a minimum per block of 32; candle
+//! multiplies these one value at a time) and Q8_0 (8-bit values with a scale; candle's kernel
+//! runs on a second thread pool that competes with lmkit's for the cores).
 
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -13,7 +14,28 @@ pub const QK: usize = 32;
 /// low nibble of byte j, value j+16 in its high nibble); a value is d·q + m.
 pub const Q4_1_BYTES: usize = 20;
 
-/// One Q8_1 block: scale d, d times the sum of the quantized values, 32 signed bytes.
+/// Bytes of one Q8_0 block: scale d (f16), 32 signed bytes; a value is d·q.
+pub const Q8_0_BYTES: usize = 34;
+
+/// The weight types this module multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QType {
+    Q4_1,
+    Q8_0,
+}
+
+impl QType {
+    /// Bytes per block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_1 => Q4_1_BYTES,
+            QType::Q8_0 => Q8_0_BYTES,
+        }
+    }
+}
+
+/// One quantized activation block: scale d, d times the sum of the quantized values, 32 signed
+/// bytes (ggml's Q8_1; Q8_0 is the same without the sum).
 #[derive(Clone, Copy)]
 struct Q8_1 {
     d: f32,
@@ -62,9 +84,24 @@ fn dot_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
     acc
 }
 
+/// Σ over blocks of one Q8_0 row · one activation row, one value at a time.
+fn dot_q8_0_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(x) {
+        let d = f16_at(b, 0);
+        let sumi: i32 = b[2..]
+            .iter()
+            .zip(&y.qs)
+            .map(|(&q, &v)| q as i8 as i32 * v as i32)
+            .sum();
+        acc += sumi as f32 * d * y.d;
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q4_1_BYTES, Q8_1, QK};
+    use super::{Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
     use std::arch::x86_64::*;
 
     /// As `dot_scalar`, 32 values per step: nibbles widened to bytes, byte products summed in
@@ -97,11 +134,42 @@ mod avx2 {
             let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc);
         }
+        hsum(acc) + mins
+    }
+
+    /// As `dot_q8_0_scalar`: signed byte products through `maddubs` (|w| times x with w's sign).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[u8], x: &[Q8_1]) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(x) {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                u16::from_le_bytes([b[0], b[1]]) as i32,
+            )));
+            // SAFETY: `b` holds 2 + 32 bytes, `y.qs` 32: the loads stay inside.
+            let (qw, qy) = unsafe {
+                (
+                    _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i),
+                    _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i),
+                )
+            };
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qy, qw));
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1) + mins
+        _mm_cvtss_f32(s1)
     }
 
     pub(super) fn available() -> bool {
@@ -113,34 +181,49 @@ mod avx2 {
     const _: () = assert!(QK == 32);
 }
 
-fn dot(w: &[u8], x: &[Q8_1]) -> f32 {
+fn dot(ty: QType, w: &[u8], x: &[Q8_1]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *AVX2.get_or_init(avx2::available) {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-            return unsafe { avx2::dot(w, x) };
+            return unsafe {
+                match ty {
+                    QType::Q4_1 => avx2::dot(w, x),
+                    QType::Q8_0 => avx2::dot_q8_0(w, x),
+                }
+            };
         }
     }
-    dot_scalar(w, x)
+    match ty {
+        QType::Q4_1 => dot_scalar(w, x),
+        QType::Q8_0 => dot_q8_0_scalar(w, x),
+    }
 }
 
 /// Output columns one parallel task computes (for every row of the input).
 const COLUMNS_PER_TASK: usize = 32;
 /// Products (rows × columns × depth) below which one thread does the whole product.
-const PARALLEL_MIN_PRODUCTS: usize = 1 << 19;
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
 
-/// x [.., k] (f32, CPU) times a Q4_1 weight [n, k] (its raw blocks, row-major)ᵀ: [.., n].
-pub fn q4_1_matmul(x: &Tensor, w: &[u8], n: usize, k: usize) -> candle_core::Result<Tensor> {
+/// x [.., k] (f32, CPU) times a weight [n, k] of type `ty` (its raw blocks, row-major)ᵀ: [.., n].
+pub fn quant_matmul(
+    x: &Tensor,
+    w: &[u8],
+    ty: QType,
+    n: usize,
+    k: usize,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.last() != Some(&k) || !k.is_multiple_of(QK) || w.len() != n * k / QK * Q4_1_BYTES {
+    if dims.last() != Some(&k) || !k.is_multiple_of(QK) || w.len() != n * k / QK * ty.block_bytes()
+    {
         candle_core::bail!(
-            "q4_1 product: input {dims:?} against a [{n}, {k}] weight of {} bytes",
+            "{ty:?} product: input {dims:?} against a [{n}, {k}] weight of {} bytes",
             w.len()
         );
     }
     if !matches!(x.device(), Device::Cpu) {
-        candle_core::bail!("q4_1 product: the input must be on the CPU");
+        candle_core::bail!("{ty:?} product: the input must be on the CPU");
     }
     let m = x.elem_count() / k;
     let xs = x
@@ -154,7 +237,7 @@ pub fn q4_1_matmul(x: &Tensor, w: &[u8], n: usize, k: usize) -> candle_core::Res
         quantize_q8_1(r, &mut row);
         q.extend_from_slice(&row);
     }
-    let row_bytes = blocks * Q4_1_BYTES;
+    let row_bytes = blocks * ty.block_bytes();
     // Column-major tiles: each task computes COLUMNS_PER_TASK outputs for every input row, so
     // its weight rows stay in cache while the inputs stream past.
     let tile = |tile: &[u8]| {
@@ -162,7 +245,7 @@ pub fn q4_1_matmul(x: &Tensor, w: &[u8], n: usize, k: usize) -> candle_core::Res
         let mut out = vec![0f32; m * cols];
         for (i, xq) in q.chunks_exact(blocks).enumerate() {
             for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
-                out[i * cols + c] = dot(wr, xq);
+                out[i * cols + c] = dot(ty, wr, xq);
             }
         }
         out
@@ -202,7 +285,7 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let bytes = q.data().unwrap().to_vec();
         let wq = q.dequantize(&dev).unwrap();
-        let ours = q4_1_matmul(&x, &bytes, n, k).unwrap();
+        let ours = quant_matmul(&x, &bytes, QType::Q4_1, n, k).unwrap();
         let theirs = candle_core::quantized::QMatMul::from_qtensor(q)
             .unwrap()
             .forward(&x)
@@ -223,6 +306,31 @@ mod tests {
             &mut xq,
         );
         let row = &bytes[..k / QK * Q4_1_BYTES];
-        assert!((dot(row, &xq) - dot_scalar(row, &xq)).abs() < 1e-3);
+        assert!((dot(QType::Q4_1, row, &xq) - dot_scalar(row, &xq)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn matches_candle_s_q8_0_product() {
+        let dev = Device::Cpu;
+        let (m, n, k) = (3, 37, 128);
+        let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let x = crate::testing::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let ours = quant_matmul(&x, &bytes, QType::Q8_0, n, k).unwrap();
+        let theirs = candle_core::quantized::QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        // Same activation quantization and the same integer sums: equal up to float order.
+        let d = crate::testing::max_diff(&ours, &theirs);
+        assert!(d < 1e-3, "{d}");
+        let mut xq = Vec::new();
+        quantize_q8_1(
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..k],
+            &mut xq,
+        );
+        let row = &bytes[..k / QK * Q8_0_BYTES];
+        assert!((dot(QType::Q8_0, row, &xq) - dot_q8_0_scalar(row, &xq)).abs() < 1e-3);
     }
 }

@@ -28,10 +28,20 @@ pub fn attention(
     mask: Mask,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let (_, heads, t, _) = q.dims4()?;
+    let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!("attention: {heads} query heads for {kv_heads} key/value heads");
+    }
+    if t == 1 && heads != kv_heads && matches!(mask, Mask::Causal | Mask::Bias(None)) {
+        // One query per head (a decoding step) sees every key: the query heads that share a
+        // key/value head go through it as the rows of one product, instead of copying the
+        // keys and values once per query head.
+        let rep = heads / kv_heads;
+        let q = q.contiguous()?.reshape((b, kv_heads, rep, d))?;
+        let att = scaled(lmkit_kernels::blas::matmul(&q, &k.t()?)?, scale)?;
+        let p = crate::layers::ops::softmax_last_dim(&att)?;
+        return lmkit_kernels::blas::matmul(&p, v)?.reshape((b, heads, 1, d));
     }
     let (k, v) = (
         repeat_kv(k, heads / kv_heads)?,

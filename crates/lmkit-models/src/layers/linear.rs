@@ -140,10 +140,13 @@ impl Module for Linear {
             Weight::Transposed(w) => w.clone(),
             Weight::Quantized(q, _) => {
                 let y = match q {
-                    // candle multiplies Q4_1 blocks one value at a time; lmkit's kernel uses SIMD.
-                    QMatMul::QTensor(t) if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() => {
+                    // Q4_1 and Q8_0 on lmkit's kernels (see lmkit_kernels::quant).
+                    QMatMul::QTensor(t)
+                        if t.device().is_cpu() && own_kernel(t.dtype()).is_some() =>
+                    {
                         let (n, k) = t.shape().dims2()?;
-                        lmkit_kernels::quant::q4_1_matmul(x, &t.data()?, n, k)?
+                        let ty = own_kernel(t.dtype()).expect("checked in the guard");
+                        lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
                     }
                     q => q.forward(&x.contiguous()?)?,
                 };
@@ -154,6 +157,15 @@ impl Module for Linear {
             }
         };
         lmkit_kernels::blas::linear(x, &w_in_out, self.bias.as_ref())
+    }
+}
+
+/// The block types lmkit multiplies with its own kernels.
+fn own_kernel(dtype: GgmlDType) -> Option<lmkit_kernels::quant::QType> {
+    match dtype {
+        GgmlDType::Q4_1 => Some(lmkit_kernels::quant::QType::Q4_1),
+        GgmlDType::Q8_0 => Some(lmkit_kernels::quant::QType::Q8_0),
+        _ => None,
     }
 }
 
