@@ -163,6 +163,67 @@ mod avx2 {
         hsum(acc)
     }
 
+    /// `dot` of one Q4_1 row against four activation rows: each weight block is widened once.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4(w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for (i, b) in w.chunks_exact(Q4_1_BYTES).enumerate() {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+            // SAFETY: `b` holds 4 + 16 bytes.
+            let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };
+            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            for r in 0..4 {
+                let y = &x[r][i];
+                mins[r] += m * y.s;
+                // SAFETY: `y.qs` holds 32 bytes.
+                let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+                let sums =
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc[r]);
+            }
+        }
+        [
+            hsum(acc[0]) + mins[0],
+            hsum(acc[1]) + mins[1],
+            hsum(acc[2]) + mins[2],
+            hsum(acc[3]) + mins[3],
+        ]
+    }
+
+    /// `dot_q8_0` of one Q8_0 row against four activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4_q8_0(w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (i, b) in w.chunks_exact(Q8_0_BYTES).enumerate() {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                u16::from_le_bytes([b[0], b[1]]) as i32,
+            )));
+            // SAFETY: `b` holds 2 + 32 bytes.
+            let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };
+            let aw = _mm256_sign_epi8(qw, qw);
+            for r in 0..4 {
+                let y = &x[r][i];
+                // SAFETY: `y.qs` holds 32 bytes.
+                let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+                let pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qy, qw));
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc[r]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
     #[target_feature(enable = "avx2")]
     fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
@@ -199,6 +260,24 @@ fn dot(ty: QType, w: &[u8], x: &[Q8_1]) -> f32 {
         QType::Q4_1 => dot_scalar(w, x),
         QType::Q8_0 => dot_q8_0_scalar(w, x),
     }
+}
+
+/// `dot` of one weight row against four activation rows.
+fn dot4(ty: QType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(avx2::available) {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            return unsafe {
+                match ty {
+                    QType::Q4_1 => avx2::dot4(w, x),
+                    QType::Q8_0 => avx2::dot4_q8_0(w, x),
+                }
+            };
+        }
+    }
+    x.map(|r| dot(ty, w, r))
 }
 
 /// Output columns one parallel task computes (for every row of the input).
@@ -243,7 +322,19 @@ pub fn quant_matmul(
     let tile = |tile: &[u8]| {
         let cols = tile.len() / row_bytes;
         let mut out = vec![0f32; m * cols];
-        for (i, xq) in q.chunks_exact(blocks).enumerate() {
+        let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
+        // Four input rows at a time share each weight block's decoding.
+        let mut i = 0;
+        while i + 4 <= m {
+            let four = [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]];
+            for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
+                for (r, v) in dot4(ty, wr, four).into_iter().enumerate() {
+                    out[(i + r) * cols + c] = v;
+                }
+            }
+            i += 4;
+        }
+        for (i, xq) in rows.iter().enumerate().skip(i) {
             for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
                 out[i * cols + c] = dot(ty, wr, xq);
             }
@@ -279,7 +370,7 @@ mod tests {
     #[test]
     fn matches_candle_s_q4_1_product() {
         let dev = Device::Cpu;
-        let (m, n, k) = (5, 70, 96);
+        let (m, n, k) = (7, 70, 96);
         let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let x = crate::testing::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
@@ -312,7 +403,7 @@ mod tests {
     #[test]
     fn matches_candle_s_q8_0_product() {
         let dev = Device::Cpu;
-        let (m, n, k) = (3, 37, 128);
+        let (m, n, k) = (6, 37, 128);
         let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let x = crate::testing::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();

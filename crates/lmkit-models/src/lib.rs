@@ -234,6 +234,12 @@ impl CausalLm {
     /// Like `hidden`, with one cache per batch row: sequences at different positions (each with
     /// its own history) advance together, sharing the weight reads of one batched pass.
     pub fn hidden_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if rayon::current_thread_index().is_none() {
+            // Run the pass on a thread of the pool its parallel products use: that thread then
+            // takes part in them, instead of the caller's thread sleeping through each product
+            // while the pool's threads spin through the caller's sequential work.
+            return rayon::scope(|_| self.hidden_rows(ids, caches));
+        }
         Ok(match self {
             CausalLm::Gpt2(m) => m.hidden(ids, caches)?,
             CausalLm::Llama(m) => m.hidden(ids, caches)?,
