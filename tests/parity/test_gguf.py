@@ -156,3 +156,34 @@ def test_broken_gguf_files_are_refused_by_name(tiny_model, tmp_path, case, needl
     assert r.returncode != 0
     assert p.name in r.stderr and needle in r.stderr, r.stderr
     assert "panicked" not in r.stderr
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16"])
+def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
+    """An lmkit-trained Llama written by `lmkit quantize`: llama.cpp loads the file, tokenizes as
+    lmkit does, and decodes greedily the same 32 tokens as lmkit on the same file."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. 고양이가 매트 위에 앉았다. 1234 dogs!\n" * 80, encoding="utf-8")
+    lmkit("tokenizer", "train", "--input", corpus, "--vocab-size", "320", "--output", tmp_path / "tok")
+    lmkit("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--input", corpus, "--shards", tmp_path / "shards")
+    (tmp_path / "run.toml").write_text(
+        '[model]\nmodel_type = "llama"\nhidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 2\n'
+        'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\n'
+        f'[data]\ntrain = "{tmp_path}/shards"\ntokenizer = "{tmp_path}/tok"\nval_fraction = 0.0\n'
+        f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 32\nbatch_size = 4\nmax_steps = 30\nwarmup_steps = 2\n'
+        'eval_every = 0\nsave_every = 30\nlr = 0.01\n')
+    lmkit("train", "--config", tmp_path / "run.toml")
+    gguf = tmp_path / f"m-{qtype}.gguf"
+    lmkit("quantize", tmp_path / "out", gguf, "--type", qtype)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=2, verbose=False)
+    text = "the cat sat on 고양이가"
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids == [int(i) for i in lmkit("tokenizer", "encode", "--tokenizer", gguf, stdin=text + "\n").split()]
+    ref = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        ref.append(tok)
+        if len(ref) == 32:
+            break
+    got = lmkit("generate", "--model", gguf, "--prompt-ids", ",".join(map(str, ids)), "--greedy", "--ignore-eos",
+                "--max-tokens", "32", "--ids")
+    assert [int(i) for i in got.split()] == ref

@@ -13,6 +13,7 @@ mod moderation;
 mod ngram;
 mod progress;
 mod prompt;
+mod quantize;
 mod serve;
 mod tokenizer;
 mod train;
@@ -62,6 +63,8 @@ enum Command {
     /// Moderation: train the text classifier, check texts against rules and classifier
     #[command(subcommand)]
     Moderation(moderation::ModerationCommand),
+    /// Write a Llama-family checkpoint as a GGUF file (q8_0, q4_k, ...) that llama.cpp runs
+    Quantize(quantize::QuantizeArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
     Serve(serve::ServeArgs),
     /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
@@ -86,6 +89,7 @@ fn main() {
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Prompt(cmd) => prompt::run(cmd),
+        Command::Quantize(a) => quantize::run(a),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Moderation(cmd) => moderation::run(cmd),
         Command::Serve(a) => serve::run(a),

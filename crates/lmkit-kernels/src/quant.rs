@@ -174,7 +174,9 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         for (i, b) in w.chunks_exact(Q4_1_BYTES).enumerate() {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
             let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
             // SAFETY: `b` holds 4 + 16 bytes.
             let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };

@@ -279,6 +279,239 @@ impl Gguf {
     }
 }
 
+/// The types `lmkit quantize` writes, by the names llama.cpp's tools use, with llama.cpp's
+/// `general.file_type` code.
+pub const QUANT_TYPES: &[(&str, GgmlDType, u32)] = &[
+    ("f32", GgmlDType::F32, 0),
+    ("f16", GgmlDType::F16, 1),
+    ("q4_0", GgmlDType::Q4_0, 2),
+    ("q4_1", GgmlDType::Q4_1, 3),
+    ("q8_0", GgmlDType::Q8_0, 7),
+    ("q4_k", GgmlDType::Q4K, 14),
+    ("q5_k", GgmlDType::Q5K, 16),
+    ("q6_k", GgmlDType::Q6K, 18),
+];
+
+/// What [`write_llama`] wrote.
+#[derive(Debug, Default)]
+pub struct QuantizeReport {
+    pub tensors: usize,
+    /// Tensors whose rows are not a whole number of blocks of the asked type, written as Q8_0
+    /// (or f16) instead.
+    pub fallbacks: Vec<String>,
+    pub bytes: u64,
+}
+
+/// Writes the Llama-family checkpoint in `dir` (config.json + safetensors) as a GGUF file of
+/// weight type `ty` that llama.cpp runs: transformers' tensor names mapped to llama.cpp's, query
+/// and key rows permuted to its rotary layout, norms kept f32; `tokenizer` is the
+/// `tokenizer.ggml.*` metadata. Written atomically.
+pub fn write_llama(
+    dir: &Path,
+    out: &Path,
+    ty: &str,
+    tokenizer: Vec<(String, Value)>,
+) -> Result<QuantizeReport> {
+    let (_, dtype, file_type) =
+        *QUANT_TYPES
+            .iter()
+            .find(|(n, ..)| *n == ty)
+            .ok_or_else(|| ModelError::Config {
+                path: out.to_path_buf(),
+                msg: format!(
+                    "unknown quantization type `{ty}` (supported: {})",
+                    QUANT_TYPES
+                        .iter()
+                        .map(|t| t.0)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+    let dir = crate::resolve_checkpoint(dir);
+    let cfg_path = dir.join("config.json");
+    let cfg: LlamaConfig = crate::registry::load_family(&cfg_path)?;
+    let bad = |msg: String| ModelError::Config {
+        path: cfg_path.clone(),
+        msg,
+    };
+    if cfg.attention_bias || cfg.mlp_bias {
+        return Err(bad(
+            "biases have no place in llama.cpp's `llama` architecture".into(),
+        ));
+    }
+    let rope = cfg.rope().map_err(&bad)?;
+    if rope.scaling != crate::families::llama::RopeScaling::None {
+        return Err(bad("rope scaling is not written to GGUF yet".into()));
+    }
+    let dev = Device::Cpu;
+    let vb = crate::mmap_weights(&dir, &dev)?;
+    let (h, v, i_size) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (nh, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let mut report = QuantizeReport::default();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let get = |name: &str, shape: &[usize]| {
+        vb.get(shape, name)
+            .map_err(|e| crate::tensor_error(&dir, e))
+    };
+    let mut put =
+        |gguf: String, t: Tensor, norm: bool, report: &mut QuantizeReport| -> Result<()> {
+            let cols = *t.dims().last().unwrap_or(&0);
+            let want = if norm { GgmlDType::F32 } else { dtype };
+            let use_ty = if cols.is_multiple_of(want.block_size()) {
+                want
+            } else {
+                report.fallbacks.push(gguf.clone());
+                if cols.is_multiple_of(32) {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::F16
+                }
+            };
+            tensors.push((gguf, QTensor::quantize(&t, use_ty)?));
+            Ok(())
+        };
+    // llama.cpp's rotary layout: within each head, rows j and j + head_dim/2 side by side.
+    let permute = |t: Tensor, heads: usize| -> Result<Tensor> {
+        Ok(t.reshape((heads, 2, hd / 2, h))?
+            .transpose(1, 2)?
+            .reshape((heads * hd, h))?
+            .contiguous()?)
+    };
+    let embed = get("model.embed_tokens.weight", &[v, h])?;
+    put(
+        "token_embd.weight".into(),
+        embed.clone(),
+        false,
+        &mut report,
+    )?;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let b = format!("blk.{l}");
+        put(
+            format!("{b}.attn_norm.weight"),
+            get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            true,
+            &mut report,
+        )?;
+        let q = permute(
+            get(&format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h])?,
+            nh,
+        )?;
+        put(format!("{b}.attn_q.weight"), q, false, &mut report)?;
+        let k = permute(
+            get(&format!("{p}.self_attn.k_proj.weight"), &[kv * hd, h])?,
+            kv,
+        )?;
+        put(format!("{b}.attn_k.weight"), k, false, &mut report)?;
+        put(
+            format!("{b}.attn_v.weight"),
+            get(&format!("{p}.self_attn.v_proj.weight"), &[kv * hd, h])?,
+            false,
+            &mut report,
+        )?;
+        put(
+            format!("{b}.attn_output.weight"),
+            get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd])?,
+            false,
+            &mut report,
+        )?;
+        put(
+            format!("{b}.ffn_norm.weight"),
+            get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            true,
+            &mut report,
+        )?;
+        put(
+            format!("{b}.ffn_gate.weight"),
+            get(&format!("{p}.mlp.gate_proj.weight"), &[i_size, h])?,
+            false,
+            &mut report,
+        )?;
+        put(
+            format!("{b}.ffn_up.weight"),
+            get(&format!("{p}.mlp.up_proj.weight"), &[i_size, h])?,
+            false,
+            &mut report,
+        )?;
+        put(
+            format!("{b}.ffn_down.weight"),
+            get(&format!("{p}.mlp.down_proj.weight"), &[h, i_size])?,
+            false,
+            &mut report,
+        )?;
+    }
+    put(
+        "output_norm.weight".into(),
+        get("model.norm.weight", &[h])?,
+        true,
+        &mut report,
+    )?;
+    if !cfg.tie_word_embeddings {
+        put(
+            "output.weight".into(),
+            get("lm_head.weight", &[v, h])?,
+            false,
+            &mut report,
+        )?;
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String(name)),
+        ("general.file_type".into(), Value::U32(file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("llama.vocab_size".into(), Value::U32(v as u32)),
+        (
+            "llama.context_length".into(),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        ("llama.embedding_length".into(), Value::U32(h as u32)),
+        (
+            "llama.block_count".into(),
+            Value::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(i_size as u32),
+        ),
+        ("llama.attention.head_count".into(), Value::U32(nh as u32)),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(kv as u32),
+        ),
+        ("llama.attention.key_length".into(), Value::U32(hd as u32)),
+        ("llama.attention.value_length".into(), Value::U32(hd as u32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base".into(), Value::F32(rope.theta as f32)),
+        ("llama.rope.dimension_count".into(), Value::U32(hd as u32)),
+    ];
+    meta.extend(tokenizer);
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", cfg.bos_token_id),
+        ("tokenizer.ggml.eos_token_id", cfg.eos_token_id),
+    ] {
+        if let Some(id) = id {
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.into(), Value::U32(id)));
+        }
+    }
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    candle_core::quantized::gguf_file::write(&mut buf, &meta_refs, &tensor_refs)?;
+    let bytes = buf.into_inner();
+    lmkit_core::write_atomic_bytes(out, &bytes)?;
+    report.tensors = tensors.len();
+    report.bytes = bytes.len() as u64;
+    Ok(report)
+}
+
 /// A query/key projection [heads·head_dim, in] whose rows llama.cpp's converter permuted (within
 /// each head, rows 2j and 2j+1 hold transformers' rows j and j + head_dim/2) back in
 /// transformers' order. Rows of a block-quantized tensor are whole blocks, so this moves bytes.

@@ -109,7 +109,7 @@ fn pre_tokenizer(pre: &str) -> Option<(serde_json::Value, bool)> {
     let split = |re: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let seq = |items: Vec<serde_json::Value>| serde_json::json!({"type": "Sequence", "pretokenizers": items});
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => (byte_level(true), false),
+        "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => (byte_level(true), false),
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => (
             seq(vec![
                 serde_json::json!({"type": "Digits", "individual_digits": true}),
@@ -142,6 +142,7 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
             "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2, byte-level BPE)"
         )));
     }
+    // (llama.cpp's `default` splits otherwise than GPT-2; files made since 2024 name theirs.)
     let pre_name = meta.str("tokenizer.ggml.pre").unwrap_or("default");
     let (pre, ignore_merges) = pre_tokenizer(pre_name).ok_or_else(|| {
         bad(format!(
@@ -202,13 +203,124 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
     Ok(tk)
 }
 
+/// The `tokenizer.ggml.*` metadata (and `tokenizer.chat_template`) that describe `tk` to
+/// llama.cpp: byte-level BPE tokenizers whose splitting rules match one of llama.cpp's
+/// pre-tokenizer types. Token types: special added tokens are control tokens, other added
+/// tokens user-defined.
+pub fn metadata(
+    tk: &Tokenizer,
+    template: Option<&crate::chat::ChatTemplate>,
+) -> Result<Vec<(String, Value)>> {
+    let bad = |msg: String| {
+        TokenizeError::Tokenizer(format!("cannot write this tokenizer to GGUF: {msg}"))
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&tk.to_string(false).map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let model = &json["model"];
+    if model["type"] != "BPE" {
+        return Err(bad(format!(
+            "model type {} (only byte-level BPE has a GGUF form here)",
+            model["type"]
+        )));
+    }
+    let pre = &json["pre_tokenizer"];
+    let pre_name = ["gpt-2", "smollm", "llama-bpe", "qwen2"]
+        .into_iter()
+        .find(|name| pre_tokenizer(name).is_some_and(|(p, _)| &p == pre))
+        .ok_or_else(|| {
+            bad(format!(
+                "its pre-tokenizer matches none of llama.cpp's types: {pre}"
+            ))
+        })?;
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("no vocabulary".into()))?;
+    let added = tk.get_added_tokens_decoder();
+    let size = vocab
+        .values()
+        .filter_map(|v| v.as_u64())
+        .chain(added.keys().map(|&k| k as u64))
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut tokens: Vec<Option<String>> = vec![None; size];
+    for (t, id) in vocab {
+        if let Some(id) = id.as_u64() {
+            tokens[id as usize] = Some(t.clone());
+        }
+    }
+    let mut types = vec![1i32; size];
+    for (&id, t) in &added {
+        tokens[id as usize] = Some(t.content.clone());
+        types[id as usize] = if t.special { 3 } else { 4 };
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.map(Value::String)
+                .ok_or_else(|| bad(format!("no token has id {i} (ids must be contiguous)")))
+        })
+        .collect::<Result<_>>()?;
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .ok_or_else(|| bad("no merges".into()))?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            ))),
+            other => Err(bad(format!(
+                "a merge is neither \"a b\" nor [a, b]: {other}"
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    let mut out = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String(pre_name.into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".to_string(),
+            Value::Bool(false),
+        ),
+    ];
+    let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tk.token_to_id(t));
+    if let Some(t) = template {
+        out.push((
+            "tokenizer.chat_template".into(),
+            Value::String(t.source.clone()),
+        ));
+        if let Some(id) = id_of(&t.bos_token) {
+            out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(id)));
+        }
+        if let Some(id) = id_of(&t.eos_token) {
+            out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_listed_pre_tokenizer_builds() {
-        for pre in ["default", "smollm", "llama-bpe", "qwen2"] {
+        for pre in ["gpt-2", "smollm", "llama-bpe", "qwen2"] {
             let (json, _) = pre_tokenizer(pre).unwrap();
             let _: tokenizers::PreTokenizerWrapper = serde_json::from_value(json).unwrap();
         }
