@@ -39,11 +39,14 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     if !r.fallbacks.is_empty() {
+        let shown: Vec<&str> = r.fallbacks.iter().take(4).map(|s| s.as_str()).collect();
         eprintln!(
-            "{} tensors have rows that are not whole {} blocks and were written as q8_0 (or f16): {}",
+            "{} of {} tensors have rows that are not whole {} blocks and were written as q8_0 (or f16): {}{}",
             r.fallbacks.len(),
+            r.tensors,
             a.ty,
-            r.fallbacks.join(", ")
+            shown.join(", "),
+            if r.fallbacks.len() > shown.len() { ", ..." } else { "" }
         );
     }
     Ok(())

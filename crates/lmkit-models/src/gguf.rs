@@ -353,10 +353,31 @@ pub fn write_llama(
         vb.get(shape, name)
             .map_err(|e| crate::tensor_error(&dir, e))
     };
+    // The output layer (the token embeddings when tied) loses the most to few bits: as
+    // llama.cpp's presets do, it gets at least Q6_K (Q8_0 where rows are not whole Q6_K blocks).
+    let output_name = if cfg.tie_word_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    let few_bits = matches!(
+        dtype,
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q5K
+    );
     let mut put =
         |gguf: String, t: Tensor, norm: bool, report: &mut QuantizeReport| -> Result<()> {
             let cols = *t.dims().last().unwrap_or(&0);
-            let want = if norm { GgmlDType::F32 } else { dtype };
+            let want = if norm {
+                GgmlDType::F32
+            } else if few_bits && gguf == output_name {
+                if cols.is_multiple_of(256) {
+                    GgmlDType::Q6K
+                } else {
+                    GgmlDType::Q8_0
+                }
+            } else {
+                dtype
+            };
             let use_ty = if cols.is_multiple_of(want.block_size()) {
                 want
             } else {

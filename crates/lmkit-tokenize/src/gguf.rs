@@ -224,10 +224,22 @@ pub fn metadata(
             model["type"]
         )));
     }
+    // Offsets do not change ids: `trim_offsets` is left out of the comparison.
+    fn ids_only(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(o) => o
+                .iter()
+                .filter(|(k, _)| k.as_str() != "trim_offsets")
+                .map(|(k, v)| (k.clone(), ids_only(v)))
+                .collect(),
+            serde_json::Value::Array(a) => a.iter().map(ids_only).collect(),
+            other => other.clone(),
+        }
+    }
     let pre = &json["pre_tokenizer"];
     let pre_name = ["gpt-2", "smollm", "llama-bpe", "qwen2"]
         .into_iter()
-        .find(|name| pre_tokenizer(name).is_some_and(|(p, _)| &p == pre))
+        .find(|name| pre_tokenizer(name).is_some_and(|(p, _)| ids_only(&p) == ids_only(pre)))
         .ok_or_else(|| {
             bad(format!(
                 "its pre-tokenizer matches none of llama.cpp's types: {pre}"
