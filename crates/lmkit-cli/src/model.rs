@@ -106,6 +106,31 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 ),
             }
             println!("cache layers:\t{}", m.num_layers());
+            let params = lmkit_models::ModelConfig::from_decoder(&cfg).num_parameters();
+            println!("parameters:\t{params}");
+            if lmkit_models::gguf::is_gguf(&model) {
+                let g = lmkit_models::gguf::Gguf::open(&model)?;
+                let mut counts = std::collections::BTreeMap::new();
+                for name in g.tensor_names() {
+                    if let Some(t) = g.dtype(name) {
+                        *counts.entry(format!("{t:?}")).or_insert(0) += 1;
+                    }
+                }
+                let types: Vec<String> = counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+                println!("format:\tGGUF ({})", g.architecture()?);
+                println!("weights:\t{}", types.join(", "));
+            } else {
+                println!("format:\tHugging Face directory (weights read as f32)");
+            }
+            let dir = lmkit_models::resolve_checkpoint(&model);
+            let template = lmkit_tokenize::chat::load_template(&dir)?;
+            println!(
+                "chat template:\t{}",
+                match &template {
+                    Some(t) => format!("yes ({} characters)", t.source.len()),
+                    None => "none".into(),
+                }
+            );
             Ok(())
         }
         ModelCommand::Logits {

@@ -183,6 +183,15 @@ impl ModelConfig {
         keys
     }
 
+    /// The model config of a causal-LM config.
+    pub fn from_decoder(cfg: &DecoderConfig) -> ModelConfig {
+        match cfg.clone() {
+            DecoderConfig::Gpt2(c) => ModelConfig::Gpt2(c),
+            DecoderConfig::Llama(c) => ModelConfig::Llama(c),
+            DecoderConfig::Rnn(c) => ModelConfig::Rnn(c),
+        }
+    }
+
     /// The causal-LM config, when this is a causal family.
     pub fn into_decoder(self) -> Option<DecoderConfig> {
         match self {
