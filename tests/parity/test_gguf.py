@@ -187,3 +187,68 @@ def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
     got = lmkit("generate", "--model", gguf, "--prompt-ids", ",".join(map(str, ids)), "--greedy", "--ignore-eos",
                 "--max-tokens", "32", "--ids")
     assert [int(i) for i in got.split()] == ref
+
+
+def hf_to_gguf(model, arch, path):
+    """A random-initialised transformers Qwen2/Qwen3 model written as an f32 GGUF file under
+    llama.cpp's names (these architectures keep transformers' rotary layout: no permutation)."""
+    from gguf import GGUFWriter
+
+    c = model.config
+    w = GGUFWriter(str(path), arch=arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in model.state_dict().items():
+        stem, kind = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            _, _, i, rest = stem.split(".", 3)
+            out = f"blk.{i}.{layer[rest]}"
+        else:
+            out = names[stem]
+        w.add_tensor(f"{out}.{kind}", t.float().numpy().copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_files_match_transformers(lmkit, tmp_path, arch):
+    """Qwen2 (query/key/value biases) and Qwen3 (RMS norms over each query and key head) from GGUF:
+    the logits of the transformers model the file was written from, all at once and through the
+    KV cache."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rope_theta=50000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=False)
+    model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2"
+             else Qwen3ForCausalLM(Qwen3Config(head_dim=32, **kw))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.5 + (1.0 if "norm" in name else 0.0))
+    path = tmp_path / f"{arch}.gguf"
+    hf_to_gguf(model, arch, path)
+    ids = [int(x) for x in torch.randint(0, 96, (17,), generator=torch.Generator().manual_seed(4))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    for extra in [(), ("--incremental",)]:
+        got = np.array(json.loads(lmkit("model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), *extra)))
+        assert np.abs(got - want).max() < 1e-4, (extra, np.abs(got - want).max())

@@ -352,6 +352,9 @@ impl Rope {
 
 struct Layer {
     input_layernorm: RmsNorm,
+    /// Qwen3: RMS norms over each query and key head before the rotation.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -372,6 +375,8 @@ impl Layer {
         let m = vb.pp("mlp");
         Ok(Layer {
             input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            q_norm: None,
+            k_norm: None,
             q_proj: linear_b(
                 h,
                 cfg.num_attention_heads * hd,
@@ -433,13 +438,33 @@ impl Layer {
         let gate_proj = proj("ffn_gate", "mlp.gate_proj", i_size, h, None)?;
         let up_proj = proj("ffn_up", "mlp.up_proj", i_size, h, None)?;
         let down_proj = proj("ffn_down", "mlp.down_proj", h, i_size, None)?;
+        let mut head_norm = |name: &str| -> crate::Result<Option<RmsNorm>> {
+            let full = format!("{blk}.{name}.weight");
+            if !g.has_tensor(&full) {
+                return Ok(None);
+            }
+            let w = g.tensor(&full, &[hd], dev)?;
+            Ok(Some(RmsNorm::from_weight(w, cfg.rms_norm_eps)))
+        };
+        let (q_norm, k_norm) = (head_norm("attn_q_norm")?, head_norm("attn_k_norm")?);
+        if g.architecture()? == "qwen3" && (q_norm.is_none() || k_norm.is_none()) {
+            return Err(crate::ModelError::Tensor {
+                path: g.path().to_path_buf(),
+                name: format!("{blk}.attn_q_norm.weight"),
+                msg: "missing: a qwen3 layer normalises its query and key heads".into(),
+            });
+        }
         let mut norm = |name: &str, size: usize| -> crate::Result<RmsNorm> {
             let w = g.tensor(&format!("{blk}.{name}.weight"), &[size], dev)?;
             Ok(RmsNorm::from_weight(w, cfg.rms_norm_eps))
         };
+        let input_layernorm = norm("attn_norm", h)?;
+        let post_attention_layernorm = norm("ffn_norm", h)?;
         Ok(Layer {
-            input_layernorm: norm("attn_norm", h)?,
-            post_attention_layernorm: norm("ffn_norm", h)?,
+            q_norm,
+            k_norm,
+            input_layernorm,
+            post_attention_layernorm,
             q_proj,
             k_proj,
             v_proj,
@@ -463,8 +488,12 @@ impl Layer {
         let (b, t, _) = x.dims3()?;
         let h = self.input_layernorm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = heads(self.q_proj.forward(&h)?, self.n_head)?;
-        let k = heads(self.k_proj.forward(&h)?, self.n_kv)?;
+        let mut q = heads(self.q_proj.forward(&h)?, self.n_head)?;
+        let mut k = heads(self.k_proj.forward(&h)?, self.n_kv)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q.contiguous()?)?;
+            k = kn.forward(&k.contiguous()?)?;
+        }
         let v = heads(self.v_proj.forward(&h)?, self.n_kv)?;
         let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
             let start = cache.len();
