@@ -185,3 +185,27 @@ def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
                        input="고양이는 어디에?\n", capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert f"[prompt] {want}" in p.stderr.splitlines()
+
+
+def test_eos_lists_load_and_every_id_stops_generation(lmkit, tmp_path):
+    """Llama 3 / Qwen2.5 write `eos_token_id` as a list (config.json and generation_config.json):
+    the config loads, and generation stops at any listed id, as transformers' generate does."""
+    model, path = build("llama", tmp_path)
+    prompt = [3, 14, 15, 9, 26]
+    free = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                 "--ignore-eos", "--max-tokens", "12")
+    free = [int(x) for x in free.split()]
+    stop = free[4]
+    first = free.index(stop)
+    unused = [i for i in range(101) if i not in free][:2]
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=unused)))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused[0], stop]}))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                             eos_token_id=[unused[0], stop], pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    got = [int(x) for x in lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy",
+                                 "--ids", "--max-tokens", "12").split()]
+    assert got == free[:first]
+    assert want[:first + 1] == free[:first] + [stop]

@@ -52,7 +52,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
             dir.display()
         )
     })?;
-    let end_id = tk.token_to_id("<|end|>").or(cfg.eos_token_id());
+    // lmkit's own end-of-turn token, and the model's end-of-text ids.
+    let mut end_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
+    end_ids.extend(lmkit_models::stop_token_ids(&dir)?);
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -112,7 +114,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 seed: sampling.seed.wrapping_add(turn),
                 ..sampling.clone()
             },
-            eos_token_id: end_id,
+            stop_ids: end_ids.clone(),
             max_positions: cfg.max_positions(),
         };
         turn += 1;

@@ -177,10 +177,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling,
-        eos_token_id: if a.ignore_eos {
-            None
+        stop_ids: if a.ignore_eos {
+            Vec::new()
         } else {
-            cfg.eos_token_id()
+            lmkit_models::stop_token_ids(&a.model)?
         },
         max_positions: cfg.max_positions(),
     };

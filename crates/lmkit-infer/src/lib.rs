@@ -36,8 +36,8 @@ pub enum Finish {
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-    /// Stop at this token (not included in the output); `None` never stops on a token.
-    pub eos_token_id: Option<u32>,
+    /// Stop at any of these tokens (not included in the output); empty: never stop on a token.
+    pub stop_ids: Vec<u32>,
     /// The model's number of positions.
     pub max_positions: usize,
 }
@@ -106,7 +106,7 @@ impl Decoder {
     /// Samples from the logits of the last position and records the token.
     fn take(&mut self, last: &[f32]) -> Step {
         let next = sample(last, &self.history, &self.opts.sampling, &mut self.rng);
-        if Some(next) == self.opts.eos_token_id {
+        if self.opts.stop_ids.contains(&next) {
             return Step::Done(Finish::Eos);
         }
         self.generated.push(next);

@@ -31,7 +31,7 @@ fn opts(max_tokens: usize, eos: Option<u32>, sampling: SamplingParams) -> Genera
     GenerateOptions {
         max_tokens,
         sampling,
-        eos_token_id: eos,
+        stop_ids: eos.into_iter().collect(),
         max_positions: 12,
     }
 }
@@ -199,7 +199,7 @@ fn batched_steps_equal_one_sequence_at_a_time() {
         let o = GenerateOptions {
             max_tokens: 9,
             sampling: SamplingParams::greedy(),
-            eos_token_id: None,
+            stop_ids: Vec::new(),
             max_positions: 40,
         };
         let prompts: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4, 6], &[30, 31]];

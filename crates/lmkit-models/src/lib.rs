@@ -86,6 +86,40 @@ pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The ids that end generation for the model at `path`: `eos_token_id` of config.json and of
+/// generation_config.json (each one id or a list), or a GGUF file's `tokenizer.ggml.eos_token_id`
+/// (and its end-of-turn token, when it names one).
+pub fn stop_token_ids(path: &Path) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = Vec::new();
+    if gguf::is_gguf(path) {
+        let g = gguf::Gguf::open(path)?;
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = g.int(key) {
+                ids.push(id as u32);
+            }
+        }
+    } else {
+        let dir = resolve_checkpoint(path);
+        for name in ["config.json", "generation_config.json"] {
+            let file = dir.join(name);
+            if !file.exists() {
+                continue;
+            }
+            let v = registry::read_json(&file)?;
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|n| n as u32)),
+                Some(serde_json::Value::Array(list)) => {
+                    ids.extend(list.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    Ok(ids)
+}
+
 /// What the checkpoint in `dir` computes (causal, masked or sequence-to-sequence), from its
 /// config.json; an unreadable or unsupported config is an error naming the file.
 pub fn kind_of(dir: &Path) -> Result<Kind> {

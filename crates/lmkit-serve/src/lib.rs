@@ -113,7 +113,8 @@ pub struct AppState {
     pub model_name: String,
     pub max_positions: usize,
     pub vocab_size: usize,
-    pub eos: Option<u32>,
+    /// The model's end-of-text ids (config.json, generation_config.json or GGUF metadata).
+    pub eos: Vec<u32>,
     pub chat_end: Option<u32>,
     pub moderator: Moderator,
     pub store: Arc<Store>,
@@ -209,7 +210,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         model_name,
         max_positions: mcfg.max_positions(),
         vocab_size: mcfg.vocab_size(),
-        eos: mcfg.eos_token_id(),
+        eos: lmkit_models::stop_token_ids(&dir)?,
         chat_end,
         tokenizer,
         moderator: cfg.moderator,

@@ -142,7 +142,7 @@ fn greedy_reference(prompt: &str, max_tokens: usize) -> String {
     let opts = lmkit_infer::GenerateOptions {
         max_tokens,
         sampling: lmkit_infer::SamplingParams::greedy(),
-        eos_token_id: cfg.eos_token_id(),
+        stop_ids: cfg.eos_token_id().into_iter().collect(),
         max_positions: cfg.max_positions(),
     };
     let (out, _) = lmkit_infer::generate(&model, &ids, &opts, &mut |_, _| true).unwrap();

@@ -41,6 +41,7 @@ pub struct Gpt2Config {
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
+    #[serde(with = "super::one_or_first")]
     pub eos_token_id: Option<u32>,
 }
 

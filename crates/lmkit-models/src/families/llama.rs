@@ -57,7 +57,7 @@ pub struct LlamaConfig {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
+    #[serde(default, with = "super::one_or_first")]
     pub eos_token_id: Option<u32>,
     /// Keys this family does not read, kept so that a config read and written again keeps them;
     /// those that would change the computation are refused by `validate`.

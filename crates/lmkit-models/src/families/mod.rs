@@ -100,3 +100,31 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
         Vec::new()
     }
 }
+
+/// `eos_token_id` as transformers writes it: one id or a list (Llama 3, Qwen2.5 instruct); a list
+/// reads as its first id here (all of them stop generation: [`crate::stop_token_ids`]).
+pub(crate) mod one_or_first {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Ok(match Option::<OneOrMany>::deserialize(d)? {
+            None => None,
+            Some(OneOrMany::One(id)) => Some(id),
+            Some(OneOrMany::Many(ids)) => ids.first().copied(),
+        })
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(id) => s.serialize_u32(*id),
+            None => s.serialize_none(),
+        }
+    }
+}

@@ -58,7 +58,7 @@ pub async fn completions(
             prompt_text,
             messages: None,
             prompt_ids,
-            eos: state.eos.filter(|_| !params.ignore_eos),
+            eos: if params.ignore_eos { Vec::new() } else { state.eos.clone() },
             params,
             stops,
             prompt_verdict: verdict,
@@ -153,7 +153,11 @@ pub async fn chat_completions(
             prompt_text,
             messages: serde_json::to_string(&msgs).ok(),
             prompt_ids,
-            eos: state.chat_end.or(state.eos).filter(|_| !params.ignore_eos),
+            eos: if params.ignore_eos {
+                Vec::new()
+            } else {
+                state.chat_end.iter().chain(&state.eos).copied().collect()
+            },
             params,
             stops,
             prompt_verdict: verdict,
@@ -229,7 +233,7 @@ pub(super) async fn run(
                     seed: prep.params.sampling.seed.wrapping_add(i as u64),
                     ..prep.params.sampling.clone()
                 },
-                eos_token_id: prep.eos,
+                stop_ids: prep.eos.clone(),
                 max_positions: state.max_positions,
             },
             events: tx.clone(),

@@ -13,7 +13,8 @@ pub(super) struct Prepared {
     pub(super) messages: Option<String>,
     pub(super) prompt_ids: Vec<u32>,
     pub(super) params: Params,
-    pub(super) eos: Option<u32>,
+    /// Token ids that end the completion (none with `ignore_eos`).
+    pub(super) eos: Vec<u32>,
     pub(super) stops: Vec<String>,
     pub(super) prompt_verdict: Verdict,
 }
