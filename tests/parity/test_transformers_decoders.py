@@ -209,3 +209,60 @@ def test_eos_lists_load_and_every_id_stops_generation(lmkit, tmp_path):
                                  "--ids", "--max-tokens", "12").split()]
     assert got == free[:first]
     assert want[:first + 1] == free[:first] + [stop]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_llama_like_families_match(lmkit, tmp_path, family):
+    """Mistral, Qwen2 (query/key/value biases) and Qwen3 (RMS norms over query and key heads,
+    head_dim apart from hidden_size / heads) saved by transformers: the same logits, all at once
+    and token by token, and greedy generation."""
+    from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=50000.0,
+              tie_word_embeddings=False)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=64, **kw))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=False, sliding_window=32, **kw))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.5 + (1.0 if "norm" in name else 0.0))
+    model.eval()
+    path = tmp_path / family
+    model.save_pretrained(path, safe_serialization=True)
+    ids = [int(x) for x in torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(5))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    for incremental in [False, True]:
+        got = lmkit_logits(lmkit, path, ids, incremental=incremental)
+        assert np.abs(got - want).max() < ATOL, (incremental, np.abs(got - want).max())
+    prompt = ids[:5]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                             eos_token_id=None, pad_token_id=0)
+    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                "--ignore-eos", "--max-tokens", "12")
+    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+    info = lmkit("model", "info", path)
+    assert model.config.architectures[0] in info
+
+
+def test_mistral_beyond_its_window_is_refused(tmp_path):
+    import os
+    from conftest import ROOT
+    from transformers import MistralConfig, MistralForCausalLM
+    lmkit_bin = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    model = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                             sliding_window=8))
+    model.save_pretrained(tmp_path / "m")
+    import subprocess
+    p = subprocess.run([lmkit_bin, "model", "logits", "--model", str(tmp_path / "m"), "--ids", ",".join(["1"] * 9)],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "sliding_window (8)" in p.stderr, p.stderr

@@ -85,7 +85,8 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_positions
                 ),
                 DecoderConfig::Llama(c) => println!(
-                    "architecture:\tLlamaForCausalLM\nlayers:\t{}\nheads:\t{} (kv {})\nhidden_size:\t{}\nvocab_size:\t{}\npositions:\t{}",
+                    "architecture:\t{}\nlayers:\t{}\nheads:\t{} (kv {})\nhidden_size:\t{}\nvocab_size:\t{}\npositions:\t{}",
+                    c.arch.architecture(),
                     c.num_hidden_layers,
                     c.num_attention_heads,
                     c.num_kv_heads(),

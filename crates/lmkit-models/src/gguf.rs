@@ -235,6 +235,11 @@ impl Gguf {
             .map(|s| s[0])
             .ok_or_else(|| self.bad("tensor `token_embd.weight` is missing".into()))?;
         let cfg = LlamaConfig {
+            arch: match arch.as_str() {
+                "qwen2" => crate::families::llama::Arch::Qwen2,
+                "qwen3" => crate::families::llama::Arch::Qwen3,
+                _ => crate::families::llama::Arch::Llama,
+            },
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.need_int(&key("feed_forward_length"))?,

@@ -24,7 +24,42 @@ fn parse<C: FamilyConfig>(v: serde_json::Value) -> std::result::Result<ModelConf
     Ok(cfg.into_model_config())
 }
 
+/// A Llama-like decoder of `model_type` `arch`'s: a Llama config with its differences on.
+fn parse_variant(
+    v: serde_json::Value,
+    arch: crate::families::llama::Arch,
+) -> std::result::Result<ModelConfig, String> {
+    let mut cfg: LlamaConfig = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    cfg.arch = arch;
+    cfg.validate()?;
+    Ok(ModelConfig::Llama(cfg))
+}
+
+fn parse_mistral(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
+    parse_variant(v, crate::families::llama::Arch::Mistral)
+}
+fn parse_qwen2(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
+    parse_variant(v, crate::families::llama::Arch::Qwen2)
+}
+fn parse_qwen3(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
+    parse_variant(v, crate::families::llama::Arch::Qwen3)
+}
+
 impl Family {
+    /// A Llama-like decoder (see [`crate::families::llama::Arch`]).
+    const fn llama_variant(
+        arch: crate::families::llama::Arch,
+        parse: fn(serde_json::Value) -> std::result::Result<ModelConfig, String>,
+    ) -> Family {
+        Family {
+            model_type: arch.model_type(),
+            architecture: arch.architecture(),
+            kind: Kind::Causal,
+            parse,
+            token_id_fields: LlamaConfig::token_id_fields,
+        }
+    }
+
     const fn of<C: FamilyConfig>() -> Family {
         Family {
             model_type: C::MODEL_TYPE,
@@ -45,6 +80,9 @@ impl Family {
 pub static FAMILIES: &[Family] = &[
     Family::of::<Gpt2Config>(),
     Family::of::<LlamaConfig>(),
+    Family::llama_variant(crate::families::llama::Arch::Mistral, parse_mistral),
+    Family::llama_variant(crate::families::llama::Arch::Qwen2, parse_qwen2),
+    Family::llama_variant(crate::families::llama::Arch::Qwen3, parse_qwen3),
     Family::of::<RnnConfig>(),
     Family::of::<BertConfig>(),
     Family::of::<BartConfig>(),
@@ -127,7 +165,11 @@ impl ModelConfig {
     }
 
     pub fn family(&self) -> &'static Family {
-        let model_type = with_family!(self, c => family_model_type(c));
+        let model_type = match self {
+            // One config type serves the Llama-like decoders; its `arch` says which.
+            ModelConfig::Llama(c) => c.arch.model_type(),
+            _ => with_family!(self, c => family_model_type(c)),
+        };
         FAMILIES
             .iter()
             .find(|f| f.model_type == model_type)
@@ -298,7 +340,7 @@ mod tests {
             "gpt2" => {
                 serde_json::json!({"n_positions": 16, "n_embd": 8, "n_layer": 2, "n_head": 2, "tie_word_embeddings": false})
             }
-            "llama" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
                 serde_json::json!({"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16, "attention_bias": true})
             }

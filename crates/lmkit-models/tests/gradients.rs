@@ -133,6 +133,7 @@ fn llama_gradients_match_finite_differences() {
             mlp_bias: false,
             rope_scaling: None,
             rope_parameters: None,
+            arch: Default::default(),
             other: Default::default(),
             bos_token_id: None,
             eos_token_id: None,

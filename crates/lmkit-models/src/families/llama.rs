@@ -23,9 +23,53 @@ fn silu() -> String {
     "silu".into()
 }
 
-/// `LlamaForCausalLM` (transformers `LlamaConfig`).
+/// The decoders that are Llama with a difference, read from their own `model_type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arch {
+    #[default]
+    Llama,
+    /// Mistral: sliding-window attention (`sliding_window`).
+    Mistral,
+    /// Qwen2: biases on the query, key and value projections (not the output one).
+    Qwen2,
+    /// Qwen3: RMS norms over each query and key head (`q_norm`, `k_norm`), no biases.
+    Qwen3,
+}
+
+impl Arch {
+    pub const fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    pub const fn architecture(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// Biases on q, k, v (and on o).
+    fn biases(self, cfg: &LlamaConfig) -> (bool, bool) {
+        match self {
+            Arch::Qwen2 => (true, false),
+            _ => (cfg.attention_bias, cfg.attention_bias),
+        }
+    }
+}
+
+/// `LlamaForCausalLM` (transformers `LlamaConfig`), and the variants of [`Arch`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Which of the Llama-like decoders (from `model_type`; not a config key of its own).
+    #[serde(skip)]
+    pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -143,13 +187,27 @@ impl LlamaConfig {
         }
         self.rope()?;
         for key in UNREAD_MATH_KEYS {
+            let read = match (self.arch, *key) {
+                // Mistral's window is applied; Qwen2/3 name one but use it only when
+                // `use_sliding_window` is on (refused as an unread key).
+                (Arch::Mistral, "sliding_window") => true,
+                (Arch::Qwen2 | Arch::Qwen3, "sliding_window") => true,
+                // Every layer attending over the whole context is what lmkit computes.
+                (_, "layer_types") => self.other.get("layer_types").is_some_and(|v| {
+                    v.as_array()
+                        .is_some_and(|l| l.iter().all(|t| t == "full_attention"))
+                }),
+                _ => false,
+            };
+            if read {
+                continue;
+            }
             match self.other.get(*key) {
                 None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-                Some(v) => {
-                    return Err(format!(
-                        "`{key}` ({v}) changes the computation and is not supported for model_type llama"
-                    ))
-                }
+                Some(v) => return Err(format!(
+                    "`{key}` ({v}) changes the computation and is not supported for model_type {}",
+                    self.arch.model_type()
+                )),
             }
         }
         for (name, v) in [
@@ -218,6 +276,18 @@ impl LlamaConfig {
             }
         };
         Ok(RopeSpec { theta, scaling })
+    }
+
+    /// Mistral's attention window: each position sees itself and the `window - 1` before it.
+    pub fn sliding_window(&self) -> Option<usize> {
+        if self.arch != Arch::Mistral {
+            return None;
+        }
+        self.other
+            .get("sliding_window")
+            .and_then(|w| w.as_u64())
+            .map(|w| w as usize)
+            .filter(|&w| w < self.max_position_embeddings)
     }
 
     /// The inverse frequencies θ_i = theta^(-2i/d), scaled as the config says.
@@ -290,11 +360,14 @@ impl FamilyConfig for LlamaConfig {
             (self.num_attention_heads * self.head_dim()) as u64,
             (self.num_kv_heads() * self.head_dim()) as u64,
         );
-        let attn_bias = if self.attention_bias {
-            q + 2 * kv + h
-        } else {
-            0
-        };
+        let (qkv_bias, o_bias) = self.arch.biases(self);
+        let attn_bias = if qkv_bias { q + 2 * kv } else { 0 }
+            + if o_bias { h } else { 0 }
+            + if self.arch == Arch::Qwen3 {
+                2 * self.head_dim() as u64
+            } else {
+                0
+            };
         let mlp_bias = if self.mlp_bias { 2 * i + h } else { 0 };
         let layer = 2 * h + h * q + 2 * h * kv + q * h + attn_bias + 3 * h * i + mlp_bias;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
@@ -373,24 +446,23 @@ impl Layer {
         let (h, hd, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_kv_heads());
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
+        let (qkv_bias, o_bias) = cfg.arch.biases(cfg);
+        let (q_norm, k_norm) = if cfg.arch == Arch::Qwen3 {
+            (
+                Some(RmsNorm::new(hd, cfg.rms_norm_eps, a.pp("q_norm"))?),
+                Some(RmsNorm::new(hd, cfg.rms_norm_eps, a.pp("k_norm"))?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(Layer {
             input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            q_norm: None,
-            k_norm: None,
-            q_proj: linear_b(
-                h,
-                cfg.num_attention_heads * hd,
-                cfg.attention_bias,
-                a.pp("q_proj"),
-            )?,
-            k_proj: linear_b(h, kv * hd, cfg.attention_bias, a.pp("k_proj"))?,
-            v_proj: linear_b(h, kv * hd, cfg.attention_bias, a.pp("v_proj"))?,
-            o_proj: linear_b(
-                cfg.num_attention_heads * hd,
-                h,
-                cfg.attention_bias,
-                a.pp("o_proj"),
-            )?,
+            q_norm,
+            k_norm,
+            q_proj: linear_b(h, cfg.num_attention_heads * hd, qkv_bias, a.pp("q_proj"))?,
+            k_proj: linear_b(h, kv * hd, qkv_bias, a.pp("k_proj"))?,
+            v_proj: linear_b(h, kv * hd, qkv_bias, a.pp("v_proj"))?,
+            o_proj: linear_b(cfg.num_attention_heads * hd, h, o_bias, a.pp("o_proj"))?,
             post_attention_layernorm: RmsNorm::new(
                 h,
                 cfg.rms_norm_eps,
@@ -608,6 +680,14 @@ impl Llama {
     /// Final hidden states for `ids` [batch, t]: with one cache, the batch continues its cached
     /// positions; with one cache per row, each row continues its own.
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
+        if let Some(window) = self.cfg.sliding_window() {
+            let end = caches.iter().map(|c| c.len()).max().unwrap_or(0) + ids.dim(1)?;
+            if end > window {
+                candle_core::bail!(
+                    "{end} positions exceed this model's sliding_window ({window}); attention limited to a window is not implemented yet"
+                );
+            }
+        }
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &self.rope, caches, i)?;
