@@ -204,10 +204,12 @@ impl LlamaConfig {
             }
             match self.other.get(*key) {
                 None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-                Some(v) => return Err(format!(
+                Some(v) => {
+                    return Err(format!(
                     "`{key}` ({v}) changes the computation and is not supported for model_type {}",
                     self.arch.model_type()
-                )),
+                ))
+                }
             }
         }
         for (name, v) in [
