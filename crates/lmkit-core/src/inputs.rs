@@ -115,3 +115,16 @@ mod tests {
         }
     }
 }
+
+/// Whether `path` is a GGUF file (llama.cpp's model format), by its magic bytes, whatever its name.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    if !path.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}

@@ -9,23 +9,12 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The architectures (`general.architecture`) lmkit runs from a GGUF file.
 pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
 
-/// Whether `path` is a GGUF file (by its magic bytes, whatever its name).
-pub fn is_gguf(path: &Path) -> bool {
-    if !path.is_file() {
-        return false;
-    }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
-}
+pub use lmkit_core::is_gguf;
 
 /// An open GGUF file.
 pub struct Gguf {

@@ -4,21 +4,10 @@
 
 use crate::error::{Result, TokenizeError};
 use candle_core::quantized::gguf_file::{Content, Value};
-use std::io::Read;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-/// Whether `path` is a GGUF file (by its magic bytes).
-pub fn is_gguf(path: &Path) -> bool {
-    if !path.is_file() {
-        return false;
-    }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
-}
+pub use lmkit_core::is_gguf;
 
 /// The metadata of a GGUF file.
 pub struct GgufMeta {
