@@ -59,6 +59,19 @@ pub fn collect_inputs(
     Ok(out)
 }
 
+/// Whether `path` is a GGUF file (llama.cpp's model format), by its magic bytes, whatever its name.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    if !path.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,17 +127,4 @@ mod tests {
             assert!(e.to_string().contains("loop"), "{e}");
         }
     }
-}
-
-/// Whether `path` is a GGUF file (llama.cpp's model format), by its magic bytes, whatever its name.
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    if !path.is_file() {
-        return false;
-    }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
 }
