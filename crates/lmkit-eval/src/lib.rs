@@ -276,24 +276,35 @@ impl Neural {
         all.extend(&cont);
         let keep = (self.context + 1).min(all.len());
         let all = &all[all.len() - keep..];
-        let logits = self.logits(&all[..all.len() - 1])?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let n = cont.len().min(all.len() - 1);
-        let rows = lp.narrow(0, lp.dim(0)? - n, n)?;
-        let targets = Tensor::new(&all[all.len() - n..], rows.device())?.unsqueeze(1)?;
-        let picked: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+        let picked = self.picked(
+            &all[..all.len() - 1],
+            all.len() - 1 - n,
+            &all[all.len() - n..],
+        )?;
         Ok(picked.iter().map(|&x| x as f64).sum())
     }
 
-    /// Logits [t, vocab] (f32) of one sequence.
-    fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+    /// Positions scored through the output layer at once: a long window's logits
+    /// ([positions, vocab], f32) are never all in memory.
+    const LOGIT_ROWS: usize = 512;
+
+    /// log p(targets[j] | ids[..first + j + 1]) for each j: one pass over `ids`, then the output
+    /// layer and log-softmax on the scored positions only, a block of rows at a time.
+    fn picked(&self, ids: &[u32], first: usize, targets: &[u32]) -> Result<Vec<f32>> {
         let x = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
         let mut cache = self.model.single_pass_cache();
-        Ok(self
-            .model
-            .forward(&x, &mut cache)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?)
+        let hidden = self.model.hidden(&x, &mut cache)?.squeeze(0)?;
+        let mut out = Vec::with_capacity(targets.len());
+        for (b, chunk) in targets.chunks(Self::LOGIT_ROWS).enumerate() {
+            let rows = hidden.narrow(0, first + b * Self::LOGIT_ROWS, chunk.len())?;
+            let logits =
+                candle_nn::Module::forward(self.model.output(), &rows)?.to_dtype(DType::F32)?;
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let t = Tensor::new(chunk, lp.device())?.unsqueeze(1)?;
+            out.extend(lp.gather(&t, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+        }
+        Ok(out)
     }
 
     /// log p(ids[i] | ids[..i]) for i ≥ 1, with strided windows over long inputs.
@@ -313,15 +324,10 @@ impl Neural {
         while done + 1 < ids.len() {
             let end = (begin + ctx).min(ids.len());
             let window = &ids[begin..end];
-            let logits = self.logits(window)?;
-            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             // Position j of the window predicts ids[begin + j + 1]; score the new ones.
             let first = done - begin; // predicts ids[done + 1]
             let n = end - 1 - done;
-            let rows = lp.narrow(0, first, n)?;
-            let targets = Tensor::new(&ids[done + 1..end], rows.device())?.unsqueeze(1)?;
-            let picked: Vec<f32> = rows.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
-            out.extend(picked);
+            out.extend(self.picked(window, first, &ids[done + 1..end])?);
             progress.advance(n as u64);
             done = end - 1;
             if end == ids.len() {

@@ -7,6 +7,9 @@
 use crate::layers::kv_cache::KvCache;
 use candle_core::{DType, Tensor};
 
+/// Queries whose causal scores are computed at once; longer passes go in blocks of this many.
+const QUERY_BLOCK: usize = 512;
+
 /// Which keys each query sees.
 #[derive(Clone, Copy, Debug)]
 pub enum Mask<'a> {
@@ -43,11 +46,29 @@ pub fn attention(
         let p = crate::layers::ops::softmax_last_dim(&att)?;
         return lmkit_kernels::blas::matmul(&p, v)?.reshape((b, heads, 1, d));
     }
+    let s = k.dim(2)?;
+    if matches!(mask, Mask::Causal) && t > QUERY_BLOCK {
+        // Long causal passes (scoring a long window) in blocks of queries: each block's scores
+        // are [b, h, block, keys it sees] instead of one [b, h, t, s], and the keys after a
+        // block's last query are never multiplied. Rows come out as the one-pass softmax gives.
+        let mut rows = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        for r0 in (0..t).step_by(QUERY_BLOCK) {
+            let n = QUERY_BLOCK.min(t - r0);
+            let keys = s - t + r0 + n;
+            rows.push(attention(
+                &q.narrow(2, r0, n)?,
+                &k.narrow(2, 0, keys)?,
+                &v.narrow(2, 0, keys)?,
+                Mask::Causal,
+                scale,
+            )?);
+        }
+        return Tensor::cat(&rows, 2);
+    }
     let (k, v) = (
         repeat_kv(k, heads / kv_heads)?,
         repeat_kv(v, heads / kv_heads)?,
     );
-    let s = k.dim(2)?;
     let att = lmkit_kernels::blas::matmul(q, &k.t()?)?;
     let att = match mask {
         Mask::Causal => {
