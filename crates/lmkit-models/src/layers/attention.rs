@@ -191,6 +191,27 @@ mod tests {
     }
 
     #[test]
+    fn long_passes_in_query_blocks_equal_one_pass() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| lmkit_kernels::testing::randn(0f64, 1.0, s, &dev).unwrap();
+        // 3 query blocks, the last one partial; 4 query heads over 2 key/value heads; the
+        // queries the last t of s positions (a continued window).
+        let (t, s) = (QUERY_BLOCK * 2 + 37, QUERY_BLOCK * 2 + 50);
+        let (q, k, v) = (r(&[1, 4, t, 8]), r(&[1, 2, s, 8]), r(&[1, 2, s, 8]));
+        let got = attention(&q, &k, &v, Mask::Causal, 0.3).unwrap();
+        let (k2, v2) = (repeat_kv(&k, 2).unwrap(), repeat_kv(&v, 2).unwrap());
+        let att = (q.matmul(&k2.t().unwrap()).unwrap() * 0.3).unwrap();
+        let att = att
+            .broadcast_add(&causal_bias(t, s, DType::F64, &dev).unwrap())
+            .unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&att)
+            .unwrap()
+            .matmul(&v2)
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-10, "{}", max_diff(&got, &want));
+    }
+
+    #[test]
     fn masks_and_grouped_heads_agree_with_their_definitions() {
         let dev = Device::Cpu;
         let r = |s: &[usize]| lmkit_kernels::testing::randn(0f64, 1.0, s, &dev).unwrap();
