@@ -8,7 +8,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup-system.sh
 cargo build --release --locked -p lmkit-cli
-lmkit="$root/target/release/lmkit"
+lmkit="${CARGO_TARGET_DIR:-$root/target}/release/lmkit"
 out="${LMKIT_OUT:-$root/runs/quickstart}"
 mkdir -p "$out"
 

@@ -10,4 +10,5 @@ export LMKIT_REQUIRE_BLAS="${LMKIT_REQUIRE_BLAS:-1}"
 venv="$(bash scripts/setup-python.sh)"
 cargo build --release --locked -p lmkit-cli
 cargo test --release --locked --workspace
-LMKIT_BIN="$root/target/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity
+# The binary cargo just built (in $CARGO_TARGET_DIR when that is set).
+LMKIT_BIN="${CARGO_TARGET_DIR:-$root/target}/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity
