@@ -104,6 +104,34 @@ mod avx2 {
     use super::{Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
     use std::arch::x86_64::*;
 
+    /// A Q4_1 block's scale d and minimum m: two f16 at its start, widened together.
+    #[target_feature(enable = "avx2,f16c")]
+    fn q4_1_scales(b: &[u8]) -> (f32, f32) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            b[0], b[1], b[2], b[3],
+        ])));
+        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)))
+    }
+
+    /// A Q8_0 block's scale d (an f16 at its start).
+    #[target_feature(enable = "avx2,f16c")]
+    fn q8_0_scale(b: &[u8]) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([b[0], b[1]]) as i32,
+        )))
+    }
+
+    /// A Q4_1 block's 32 values as bytes (nibbles of bytes 4..20: low ones first).
+    #[target_feature(enable = "avx2")]
+    fn q4_1_values(b: &[u8]) -> __m256i {
+        // SAFETY: a Q4_1 block holds 4 + 16 bytes: the 16-byte load at 4 stays inside.
+        let packed = unsafe { _mm_loadu_si128(b[4..Q4_1_BYTES].as_ptr() as *const __m128i) };
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
     /// As `dot_scalar`, 32 values per step: nibbles widened to bytes, byte products summed in
     /// pairs (`maddubs`), then in fours, scaled and accumulated in f32 lanes.
     ///
@@ -111,26 +139,15 @@ mod avx2 {
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(w: &[u8], x: &[Q8_1]) -> f32 {
-        let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(x) {
-            // d and m: two f16 at the block's start, widened together (F16C).
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-                b[0], b[1], b[2], b[3],
-            ])));
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+            let (d, m) = q4_1_scales(b);
             mins += m * y.s;
-            // SAFETY: `b` holds Q4_1_BYTES = 4 + 16 bytes, `y.qs` 32: the loads stay inside.
-            let (packed, qy) = unsafe {
-                (
-                    _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i),
-                    _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i),
-                )
-            };
-            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
-            let pairs = _mm256_maddubs_epi16(qx, qy);
+            // SAFETY: `y.qs` holds 32 bytes.
+            let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+            let pairs = _mm256_maddubs_epi16(q4_1_values(b), qy);
             let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc);
         }
@@ -146,9 +163,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(x) {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                u16::from_le_bytes([b[0], b[1]]) as i32,
-            )));
+            let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes, `y.qs` 32: the loads stay inside.
             let (qw, qy) = unsafe {
                 (
@@ -169,18 +184,12 @@ mod avx2 {
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot4(w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
-        let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         for (i, b) in w.chunks_exact(Q4_1_BYTES).enumerate() {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-                b[0], b[1], b[2], b[3],
-            ])));
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
-            // SAFETY: `b` holds 4 + 16 bytes.
-            let packed = unsafe { _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i) };
-            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), mask);
+            let (d, m) = q4_1_scales(b);
+            let qx = q4_1_values(b);
             for r in 0..4 {
                 let y = &x[r][i];
                 mins[r] += m * y.s;
@@ -208,9 +217,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         for (i, b) in w.chunks_exact(Q8_0_BYTES).enumerate() {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                u16::from_le_bytes([b[0], b[1]]) as i32,
-            )));
+            let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes.
             let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };
             let aw = _mm256_sign_epi8(qw, qw);
@@ -244,11 +251,17 @@ mod avx2 {
     const _: () = assert!(QK == 32);
 }
 
+/// Whether the AVX2 dot products run on this CPU (checked once).
+#[cfg(target_arch = "x86_64")]
+fn vector() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(avx2::available)
+}
+
 fn dot(ty: QType, w: &[u8], x: &[Q8_1]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(avx2::available) {
+        if vector() {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
             return unsafe {
                 match ty {
@@ -268,8 +281,7 @@ fn dot(ty: QType, w: &[u8], x: &[Q8_1]) -> f32 {
 fn dot4(ty: QType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(avx2::available) {
+        if vector() {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
             return unsafe {
                 match ty {
@@ -319,12 +331,12 @@ pub fn quant_matmul(
         q.extend_from_slice(&row);
     }
     let row_bytes = blocks * ty.block_bytes();
+    let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
     // Column-major tiles: each task computes COLUMNS_PER_TASK outputs for every input row, so
     // its weight rows stay in cache while the inputs stream past.
     let tile = |tile: &[u8]| {
         let cols = tile.len() / row_bytes;
         let mut out = vec![0f32; m * cols];
-        let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
         // Four input rows at a time share each weight block's decoding.
         let mut i = 0;
         while i + 4 <= m {
