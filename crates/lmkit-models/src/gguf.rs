@@ -4,15 +4,15 @@
 //! file is an error naming the file (and tensor), not a crash later.
 
 use crate::error::{ModelError, Result};
-use crate::families::llama::LlamaConfig;
+use crate::families::llama::{Arch, LlamaConfig};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-/// The architectures (`general.architecture`) lmkit runs from a GGUF file.
-pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+/// The architectures lmkit runs from a GGUF file (`general.architecture` is their `model_type`).
+pub const ARCHITECTURES: &[Arch] = &[Arch::Llama, Arch::Qwen2, Arch::Qwen3];
 
 pub use lmkit_core::is_gguf;
 
@@ -32,8 +32,12 @@ impl Gguf {
             path: path.to_path_buf(),
             msg,
         };
-        let content = Content::read(&mut file)
-            .map_err(|e| bad(format!("not a readable GGUF file: {}", first_line(&e))))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            bad(format!(
+                "not a readable GGUF file: {}",
+                crate::first_line(&e)
+            ))
+        })?;
         let size = file
             .metadata()
             .map_err(|e| ModelError::Io(lmkit_core::PathError::new(path, e)))?
@@ -125,6 +129,22 @@ impl Gguf {
             .ok_or_else(|| self.bad("metadata `general.architecture` is missing".into()))
     }
 
+    /// The decoder the file holds, when it is one lmkit runs.
+    pub fn arch(&self) -> Result<Arch> {
+        let name = self.architecture()?;
+        ARCHITECTURES
+            .iter()
+            .copied()
+            .find(|a| a.model_type() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.model_type()).collect();
+                self.bad(format!(
+                    "architecture `{name}` is not supported (supported: {})",
+                    known.join(", ")
+                ))
+            })
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
@@ -176,7 +196,7 @@ impl Gguf {
             .map_err(|e| ModelError::Tensor {
                 path: self.path.clone(),
                 name: name.into(),
-                msg: first_line(&e),
+                msg: crate::first_line(&e),
             })
     }
 
@@ -200,14 +220,8 @@ impl Gguf {
 
     /// The decoder config of a llama / qwen2 / qwen3 file, from its metadata.
     pub fn llama_config(&self) -> Result<LlamaConfig> {
-        let arch = self.architecture()?.to_string();
-        if !ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(self.bad(format!(
-                "architecture `{arch}` is not supported (supported: {})",
-                ARCHITECTURES.join(", ")
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
+        let arch = self.arch()?;
+        let key = |k: &str| format!("{}.{k}", arch.model_type());
         if let Some(kind) = self.str(&key("rope.scaling.type")) {
             if kind != "none" {
                 return Err(self.bad(format!(
@@ -224,11 +238,7 @@ impl Gguf {
             .map(|s| s[0])
             .ok_or_else(|| self.bad("tensor `token_embd.weight` is missing".into()))?;
         let cfg = LlamaConfig {
-            arch: match arch.as_str() {
-                "qwen2" => crate::families::llama::Arch::Qwen2,
-                "qwen3" => crate::families::llama::Arch::Qwen3,
-                _ => crate::families::llama::Arch::Llama,
-            },
+            arch,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.need_int(&key("feed_forward_length"))?,
@@ -269,7 +279,7 @@ impl Gguf {
     /// Whether this file's query/key rows are in llama.cpp's interleaved rotary order (its
     /// converter permutes them for the `llama` architecture; qwen2/3 keep transformers' order).
     pub fn rope_interleaved(&self) -> Result<bool> {
-        Ok(self.architecture()? == "llama")
+        Ok(self.arch()? == Arch::Llama)
     }
 }
 
@@ -392,68 +402,51 @@ pub fn write_llama(
             .reshape((heads * hd, h))?
             .contiguous()?)
     };
-    let embed = get("model.embed_tokens.weight", &[v, h])?;
     put(
         "token_embd.weight".into(),
-        embed.clone(),
+        get("model.embed_tokens.weight", &[v, h])?,
         false,
         &mut report,
     )?;
+    // Each layer tensor: llama.cpp's name, transformers', its shape, whether it is a norm, and
+    // the heads whose rows take llama.cpp's rotary layout.
+    let layer = [
+        ("attn_norm", "input_layernorm", vec![h], true, None),
+        (
+            "attn_q",
+            "self_attn.q_proj",
+            vec![nh * hd, h],
+            false,
+            Some(nh),
+        ),
+        (
+            "attn_k",
+            "self_attn.k_proj",
+            vec![kv * hd, h],
+            false,
+            Some(kv),
+        ),
+        ("attn_v", "self_attn.v_proj", vec![kv * hd, h], false, None),
+        (
+            "attn_output",
+            "self_attn.o_proj",
+            vec![h, nh * hd],
+            false,
+            None,
+        ),
+        ("ffn_norm", "post_attention_layernorm", vec![h], true, None),
+        ("ffn_gate", "mlp.gate_proj", vec![i_size, h], false, None),
+        ("ffn_up", "mlp.up_proj", vec![i_size, h], false, None),
+        ("ffn_down", "mlp.down_proj", vec![h, i_size], false, None),
+    ];
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let b = format!("blk.{l}");
-        put(
-            format!("{b}.attn_norm.weight"),
-            get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            true,
-            &mut report,
-        )?;
-        let q = permute(
-            get(&format!("{p}.self_attn.q_proj.weight"), &[nh * hd, h])?,
-            nh,
-        )?;
-        put(format!("{b}.attn_q.weight"), q, false, &mut report)?;
-        let k = permute(
-            get(&format!("{p}.self_attn.k_proj.weight"), &[kv * hd, h])?,
-            kv,
-        )?;
-        put(format!("{b}.attn_k.weight"), k, false, &mut report)?;
-        put(
-            format!("{b}.attn_v.weight"),
-            get(&format!("{p}.self_attn.v_proj.weight"), &[kv * hd, h])?,
-            false,
-            &mut report,
-        )?;
-        put(
-            format!("{b}.attn_output.weight"),
-            get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * hd])?,
-            false,
-            &mut report,
-        )?;
-        put(
-            format!("{b}.ffn_norm.weight"),
-            get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            true,
-            &mut report,
-        )?;
-        put(
-            format!("{b}.ffn_gate.weight"),
-            get(&format!("{p}.mlp.gate_proj.weight"), &[i_size, h])?,
-            false,
-            &mut report,
-        )?;
-        put(
-            format!("{b}.ffn_up.weight"),
-            get(&format!("{p}.mlp.up_proj.weight"), &[i_size, h])?,
-            false,
-            &mut report,
-        )?;
-        put(
-            format!("{b}.ffn_down.weight"),
-            get(&format!("{p}.mlp.down_proj.weight"), &[h, i_size])?,
-            false,
-            &mut report,
-        )?;
+        for (gguf, hf, shape, norm, heads) in &layer {
+            let mut t = get(&format!("model.layers.{l}.{hf}.weight"), shape)?;
+            if let Some(heads) = heads {
+                t = permute(t, *heads)?;
+            }
+            put(format!("blk.{l}.{gguf}.weight"), t, *norm, &mut report)?;
+        }
     }
     put(
         "output_norm.weight".into(),
@@ -556,10 +549,6 @@ pub fn unpermute_rows(t: QTensor, heads: usize) -> Result<QTensor> {
     }
     let storage = QStorage::from_data(Cow::Owned(out), &device, dtype)?;
     Ok(QTensor::new(storage, (rows, cols))?)
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 #[cfg(test)]

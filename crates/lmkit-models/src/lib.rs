@@ -184,7 +184,7 @@ pub(crate) fn tensor_error(path: &Path, e: candle_core::Error) -> ModelError {
     }
 }
 
-fn first_line(e: &candle_core::Error) -> String {
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 

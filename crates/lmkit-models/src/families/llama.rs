@@ -521,7 +521,7 @@ impl Layer {
             Ok(Some(RmsNorm::from_weight(w, cfg.rms_norm_eps)))
         };
         let (q_norm, k_norm) = (head_norm("attn_q_norm")?, head_norm("attn_k_norm")?);
-        if g.architecture()? == "qwen3" && (q_norm.is_none() || k_norm.is_none()) {
+        if cfg.arch == Arch::Qwen3 && (q_norm.is_none() || k_norm.is_none()) {
             return Err(crate::ModelError::Tensor {
                 path: g.path().to_path_buf(),
                 name: format!("{blk}.attn_q_norm.weight"),

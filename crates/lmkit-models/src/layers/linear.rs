@@ -85,11 +85,6 @@ impl Linear {
         })
     }
 
-    /// Whether the weight is block-quantized.
-    pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quantized(..))
-    }
-
     /// The weight as stored ([out, in] dense, [in, out] for Conv1D); a quantized layer gives its
     /// dequantized copy (f32, made once, at the first call).
     pub fn weight(&self) -> &Tensor {
@@ -114,15 +109,6 @@ impl Linear {
         }
     }
 
-    /// Where the weight lives.
-    pub fn device(&self) -> candle_core::Device {
-        match &self.weight {
-            Weight::Dense(w) | Weight::Transposed(w) => w.device().clone(),
-            Weight::Quantized(QMatMul::QTensor(t), _) => t.device(),
-            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => t.device().clone(),
-        }
-    }
-
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -139,16 +125,19 @@ impl Module for Linear {
             Weight::Dense(w) => w.t()?,
             Weight::Transposed(w) => w.clone(),
             Weight::Quantized(q, _) => {
-                let y = match q {
-                    // Q4_1 and Q8_0 on lmkit's kernels (see lmkit_kernels::quant).
-                    QMatMul::QTensor(t)
-                        if t.device().is_cpu() && own_kernel(t.dtype()).is_some() =>
-                    {
+                // Q4_1 and Q8_0 on lmkit's kernels (see lmkit_kernels::quant).
+                let own = match q {
+                    QMatMul::QTensor(t) if t.device().is_cpu() => {
+                        own_kernel(t.dtype()).map(|ty| (t, ty))
+                    }
+                    _ => None,
+                };
+                let y = match own {
+                    Some((t, ty)) => {
                         let (n, k) = t.shape().dims2()?;
-                        let ty = own_kernel(t.dtype()).expect("checked in the guard");
                         lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
                     }
-                    q => q.forward(&x.contiguous()?)?,
+                    None => q.forward(&x.contiguous()?)?,
                 };
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
