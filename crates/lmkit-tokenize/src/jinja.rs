@@ -45,6 +45,31 @@ impl Dump {
         }
     }
 
+    /// `items` between `brackets`, separated and indented as `json.dumps` does (`[]`/`{}` when
+    /// empty); `item` writes one.
+    fn container(
+        &self,
+        brackets: (char, char),
+        items: &[Value],
+        level: usize,
+        out: &mut String,
+        mut item: impl FnMut(&Value, &mut String) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        out.push(brackets.0);
+        if !items.is_empty() {
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(self.comma());
+                }
+                self.newline(level + 1, out);
+                item(x, out)?;
+            }
+            self.newline(level, out);
+        }
+        out.push(brackets.1);
+        Ok(())
+    }
+
     fn value(&self, v: &Value, level: usize, out: &mut String) -> Result<(), Error> {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -60,45 +85,23 @@ impl Dump {
             ValueKind::String => self.string(v.as_str().unwrap_or_default(), out),
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = v.try_iter()?.collect();
-                if items.is_empty() {
-                    out.push_str("[]");
-                    return Ok(());
-                }
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(self.comma());
-                    }
-                    self.newline(level + 1, out);
-                    self.value(item, level + 1, out)?;
-                }
-                self.newline(level, out);
-                out.push(']');
+                self.container(('[', ']'), &items, level, out, |item, out| {
+                    self.value(item, level + 1, out)
+                })?;
             }
             ValueKind::Map => {
                 let mut keys: Vec<Value> = v.try_iter()?.collect();
                 if self.sort_keys {
                     keys.sort_by_key(|k| k.to_string());
                 }
-                if keys.is_empty() {
-                    out.push_str("{}");
-                    return Ok(());
-                }
-                out.push('{');
-                for (i, k) in keys.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(self.comma());
-                    }
-                    self.newline(level + 1, out);
+                self.container(('{', '}'), &keys, level, out, |k, out| {
                     match k.as_str() {
                         Some(s) => self.string(s, out),
                         None => self.string(&k.to_string(), out),
                     }
                     out.push_str(": ");
-                    self.value(&v.get_item(k)?, level + 1, out)?;
-                }
-                self.newline(level, out);
-                out.push('}');
+                    self.value(&v.get_item(k)?, level + 1, out)
+                })?;
             }
             _ => {
                 return Err(Error::new(
