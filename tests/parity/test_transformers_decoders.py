@@ -150,16 +150,18 @@ def test_greedy_generation_matches(lmkit, tmp_path, kind, penalty):
     assert [int(x) for x in got.split()] == want
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
 def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. 고양이가 매트 위에 앉았다.\n" * 60, encoding="utf-8")
     lmkit("tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", tmp_path / "tok")
     lmkit("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--input", corpus, "--shards", tmp_path / "shards")
-    model = ('model_type = "gpt2"\nn_positions = 32\nn_embd = 32\nn_layer = 2\nn_head = 4\n' if kind == "gpt2" else
-             'model_type = "llama"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\n'
-             'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 32\n')
+    model = {"gpt2": 'model_type = "gpt2"\nn_positions = 32\nn_embd = 32\nn_layer = 2\nn_head = 4\n',
+             "llama": 'model_type = "llama"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\n'
+                      'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 32\n',
+             "gpt_neox": 'model_type = "gpt_neox"\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n'
+                         'num_attention_heads = 4\nmax_position_embeddings = 32\nrotary_pct = 0.5\n'}[kind]
     (tmp_path / "run.toml").write_text(
         f'[model]\n{model}\n[data]\ntrain = "{tmp_path}/shards"\ntokenizer = "{tmp_path}/tok"\n\n'
         f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 5\nwarmup_steps = 2\n'
@@ -251,6 +253,54 @@ def test_llama_like_families_match(lmkit, tmp_path, family):
     assert [int(x) for x in got.split()] == out[0, 5:].tolist()
     info = lmkit("model", "info", path)
     assert model.config.architectures[0] in info
+
+
+@pytest.mark.parametrize("variant", ["polyglot", "sequential", "5.x", "tied-full-rotary"])
+def test_gpt_neox_matches(lmkit, tmp_path, variant):
+    """GPT-NeoX (the architecture of Polyglot-ko and Pythia) saved by transformers: per-head
+    interleaved fused q|k|v, rotation of part of each head, the parallel residual (and the
+    sequential one), LayerNorm biases; the same logits all at once and through the KV cache, and
+    greedy generation. "5.x" rewrites the config as transformers 5.x does (the rotary base and
+    share inside `rope_parameters`)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=103, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, rotary_pct=0.5, rotary_emb_base=30000, hidden_act="gelu",
+              use_parallel_residual=True, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0)
+    if variant == "sequential":
+        kw.update(use_parallel_residual=False, rotary_pct=0.25, hidden_act="gelu_new")
+    if variant == "tied-full-rotary":
+        kw.update(rotary_pct=1.0, tie_word_embeddings=True)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kw))
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.eval()
+    path = tmp_path / variant
+    model.save_pretrained(path, safe_serialization=True)
+    if variant == "5.x":
+        cfg = json.loads((path / "config.json").read_text())
+        for key in ["rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta", "rope_scaling"]:
+            cfg.pop(key, None)
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 30000.0, "partial_rotary_factor": 0.5}
+        (path / "config.json").write_text(json.dumps(cfg))
+    ids = [int(x) for x in torch.randint(0, 103, (40,), generator=torch.Generator().manual_seed(5))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    for incremental in [False, True]:
+        got = lmkit_logits(lmkit, path, ids, incremental=incremental)
+        assert np.abs(got - want).max() < ATOL, (incremental, np.abs(got - want).max())
+    prompt = ids[:5]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                             eos_token_id=None, pad_token_id=0)
+    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                "--ignore-eos", "--max-tokens", "12")
+    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+    assert "GPTNeoXForCausalLM" in lmkit("model", "info", path)
 
 
 def test_mistral_beyond_its_window_is_refused(tmp_path):

@@ -84,6 +84,16 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     "architecture:\tGPT2LMHeadModel\nlayers:\t{}\nheads:\t{}\nn_embd:\t{}\nvocab_size:\t{}\npositions:\t{}",
                     c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_positions
                 ),
+                DecoderConfig::GptNeox(c) => println!(
+                    "architecture:\tGPTNeoXForCausalLM\nlayers:\t{}\nheads:\t{}\nhidden_size:\t{}\nrotary dims:\t{} of {}\nvocab_size:\t{}\npositions:\t{}",
+                    c.num_hidden_layers,
+                    c.num_attention_heads,
+                    c.hidden_size,
+                    c.rotary_dims(),
+                    c.head_dim(),
+                    c.vocab_size,
+                    c.max_position_embeddings
+                ),
                 DecoderConfig::Llama(c) => println!(
                     "architecture:\t{}\nlayers:\t{}\nheads:\t{} (kv {})\nhidden_size:\t{}\nvocab_size:\t{}\npositions:\t{}",
                     c.arch.architecture(),

@@ -1,5 +1,5 @@
 //! Neural language models on candle, one file per family in [`families`] (GPT-2, Llama, lmkit's
-//! RNN/LSTM, BERT, BART), built from shared [`layers`]; [`registry`] is the one place that tells
+//! GPT-NeoX, RNN/LSTM, BERT, BART), built from shared [`layers`]; [`registry`] is the one place that tells
 //! families apart by `model_type`. Configs read and write Hugging Face `config.json`; weights load
 //! from Hugging Face `model.safetensors` with Hugging Face tensor names.
 #![forbid(unsafe_code)]
@@ -11,7 +11,7 @@ pub mod gguf;
 pub mod layers;
 pub mod registry;
 
-pub use families::{bart, bert, gpt2, llama, rnn};
+pub use families::{bart, bert, gpt2, gpt_neox, llama, rnn};
 
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 /// A causal language model loaded from a checkpoint directory.
 pub enum CausalLm {
     Gpt2(gpt2::Gpt2),
+    GptNeox(gpt_neox::GptNeox),
     Llama(llama::Llama),
     Rnn(rnn::RnnLm),
 }
@@ -214,6 +215,7 @@ impl CausalLm {
     ) -> Result<CausalLm> {
         let built = match cfg {
             DecoderConfig::Gpt2(c) => gpt2::Gpt2::new(c, vb).map(CausalLm::Gpt2),
+            DecoderConfig::GptNeox(c) => gpt_neox::GptNeox::new(c, vb).map(CausalLm::GptNeox),
             DecoderConfig::Llama(c) => llama::Llama::new(c, vb).map(CausalLm::Llama),
             DecoderConfig::Rnn(c) => rnn::RnnLm::new(c, vb).map(CausalLm::Rnn),
         };
@@ -223,6 +225,7 @@ impl CausalLm {
     pub fn num_layers(&self) -> usize {
         match self {
             CausalLm::Gpt2(m) => m.num_layers(),
+            CausalLm::GptNeox(m) => m.num_layers(),
             CausalLm::Llama(m) => m.num_layers(),
             CausalLm::Rnn(m) => m.num_layers(),
         }
@@ -245,6 +248,7 @@ impl CausalLm {
     pub fn device(&self) -> &Device {
         match self {
             CausalLm::Gpt2(m) => m.lm_head().device(),
+            CausalLm::GptNeox(m) => m.device(),
             CausalLm::Llama(m) => &m.device,
             CausalLm::Rnn(m) => m.lm_head().device(),
         }
@@ -276,6 +280,7 @@ impl CausalLm {
         }
         Ok(match self {
             CausalLm::Gpt2(m) => m.hidden(ids, caches)?,
+            CausalLm::GptNeox(m) => m.hidden(ids, caches)?,
             CausalLm::Llama(m) => m.hidden(ids, caches)?,
             CausalLm::Rnn(m) => m.hidden(ids, caches)?,
         })
@@ -290,6 +295,7 @@ impl CausalLm {
     pub fn output(&self) -> &layers::linear::Linear {
         match self {
             CausalLm::Gpt2(m) => m.output(),
+            CausalLm::GptNeox(m) => m.output(),
             CausalLm::Llama(m) => m.output(),
             CausalLm::Rnn(m) => m.output(),
         }

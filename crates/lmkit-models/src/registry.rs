@@ -4,7 +4,8 @@
 
 use crate::error::{ModelError, Result};
 use crate::families::{
-    bart::BartConfig, bert::BertConfig, gpt2::Gpt2Config, llama::LlamaConfig, rnn::RnnConfig,
+    bart::BartConfig, bert::BertConfig, gpt2::Gpt2Config, gpt_neox::GptNeoxConfig,
+    llama::LlamaConfig, rnn::RnnConfig,
 };
 use crate::families::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use std::path::Path;
@@ -79,6 +80,7 @@ impl Family {
 /// Every family, one line each.
 pub static FAMILIES: &[Family] = &[
     Family::of::<Gpt2Config>(),
+    Family::of::<GptNeoxConfig>(),
     Family::of::<LlamaConfig>(),
     Family::llama_variant(crate::families::llama::Arch::Mistral, parse_mistral),
     Family::llama_variant(crate::families::llama::Arch::Qwen2, parse_qwen2),
@@ -114,6 +116,7 @@ pub fn family_of(v: &serde_json::Value, path: &Path) -> Result<&'static Family> 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelConfig {
     Gpt2(Gpt2Config),
+    GptNeox(GptNeoxConfig),
     Llama(LlamaConfig),
     Rnn(RnnConfig),
     Bert(BertConfig),
@@ -125,6 +128,7 @@ macro_rules! with_family {
     ($cfg:expr, $c:ident => $body:expr) => {
         match $cfg {
             ModelConfig::Gpt2($c) => $body,
+            ModelConfig::GptNeox($c) => $body,
             ModelConfig::Llama($c) => $body,
             ModelConfig::Rnn($c) => $body,
             ModelConfig::Bert($c) => $body,
@@ -229,6 +233,7 @@ impl ModelConfig {
     pub fn from_decoder(cfg: &DecoderConfig) -> ModelConfig {
         match cfg.clone() {
             DecoderConfig::Gpt2(c) => ModelConfig::Gpt2(c),
+            DecoderConfig::GptNeox(c) => ModelConfig::GptNeox(c),
             DecoderConfig::Llama(c) => ModelConfig::Llama(c),
             DecoderConfig::Rnn(c) => ModelConfig::Rnn(c),
         }
@@ -238,6 +243,7 @@ impl ModelConfig {
     pub fn into_decoder(self) -> Option<DecoderConfig> {
         match self {
             ModelConfig::Gpt2(c) => Some(DecoderConfig::Gpt2(c)),
+            ModelConfig::GptNeox(c) => Some(DecoderConfig::GptNeox(c)),
             ModelConfig::Llama(c) => Some(DecoderConfig::Llama(c)),
             ModelConfig::Rnn(c) => Some(DecoderConfig::Rnn(c)),
             ModelConfig::Bert(_) | ModelConfig::Bart(_) => None,
@@ -253,6 +259,7 @@ fn family_model_type<C: FamilyConfig>(_: &C) -> &'static str {
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecoderConfig {
     Gpt2(Gpt2Config),
+    GptNeox(GptNeoxConfig),
     Llama(LlamaConfig),
     Rnn(RnnConfig),
 }
@@ -298,6 +305,7 @@ macro_rules! with_decoder {
     ($cfg:expr, $c:ident => $body:expr) => {
         match $cfg {
             DecoderConfig::Gpt2($c) => $body,
+            DecoderConfig::GptNeox($c) => $body,
             DecoderConfig::Llama($c) => $body,
             DecoderConfig::Rnn($c) => $body,
         }
@@ -343,6 +351,10 @@ mod tests {
             "llama" | "mistral" | "qwen2" | "qwen3" => {
                 serde_json::json!({"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16, "attention_bias": true})
+            }
+            "gpt_neox" => {
+                serde_json::json!({"hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": 16, "rotary_pct": 0.5})
             }
             "lmkit_rnn" => {
                 serde_json::json!({"model_type": "lmkit_rnn", "cell": "lstm", "hidden_size": 8, "num_layers": 2})
@@ -427,7 +439,7 @@ mod tests {
             }
             assert!(embeddings >= 1, "{}: no embedding found", family.model_type);
             // Every residual stack has its output projections scaled.
-            if matches!(family.model_type, "gpt2" | "llama") {
+            if matches!(family.model_type, "gpt2" | "llama" | "gpt_neox") {
                 let scaled = vars
                     .iter()
                     .filter(|(n, _)| cfg.param_role(n) == ParamRole::ResidualOut)

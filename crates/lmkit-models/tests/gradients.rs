@@ -1,5 +1,5 @@
 //! Gradient check: autograd gradients of the language-model loss equal central finite differences
-//! (in f64) for every parameter tensor of small GPT-2, Llama, RNN and LSTM models — attention,
+//! (in f64) for every parameter tensor of small GPT-2, Llama, GPT-NeoX, RNN and LSTM models — attention,
 //! softmax, norms, rotary embeddings, MLPs, recurrences and embeddings included.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -164,4 +164,19 @@ fn rnn(cell: Cell, tie: bool) -> DecoderConfig {
 fn rnn_and_lstm_gradients_match_finite_differences() {
     check(rnn(Cell::Rnn, false), false);
     check(rnn(Cell::Lstm, true), false);
+}
+
+#[test]
+fn gpt_neox_gradients_match_finite_differences() {
+    // Partial rotation (half of each head), both residual layouts.
+    for parallel in [true, false] {
+        let cfg: lmkit_models::gpt_neox::GptNeoxConfig =
+            serde_json::from_value(serde_json::json!({
+                "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": 8, "rotary_pct": 0.5,
+                "use_parallel_residual": parallel,
+            }))
+            .unwrap();
+        check(DecoderConfig::GptNeox(cfg), false);
+    }
 }

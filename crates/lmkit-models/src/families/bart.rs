@@ -70,7 +70,7 @@ impl BartConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        Ok(())
+        crate::layers::ops::check_activation("activation_function", &self.activation_function)
     }
 
     pub fn load(path: &Path) -> Result<BartConfig> {
@@ -147,13 +147,7 @@ impl FamilyConfig for BartConfig {
     }
 }
 
-fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
-    match name {
-        "relu" => x.relu(),
-        "gelu_new" => crate::layers::ops::gelu_tanh(x),
-        _ => x.gelu_erf(),
-    }
-}
+use crate::layers::ops::activation as act;
 
 struct Attention {
     q: Linear,

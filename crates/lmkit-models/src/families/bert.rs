@@ -73,13 +73,7 @@ impl BertConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
-            return Err(format!(
-                "hidden_act `{}` is not supported (gelu, gelu_new, relu)",
-                self.hidden_act
-            ));
-        }
-        Ok(())
+        crate::layers::ops::check_activation("hidden_act", &self.hidden_act)
     }
 
     /// Reads and validates a `config.json` with `model_type` "bert".
@@ -142,13 +136,7 @@ impl FamilyConfig for BertConfig {
     }
 }
 
-fn act(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
-    match name {
-        "relu" => x.relu(),
-        "gelu_new" => crate::layers::ops::gelu_tanh(x),
-        _ => x.gelu_erf(),
-    }
-}
+use crate::layers::ops::activation as act;
 
 struct Layer {
     query: Linear,

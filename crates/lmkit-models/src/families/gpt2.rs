@@ -68,16 +68,7 @@ impl Gpt2Config {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if !matches!(
-            self.activation_function.as_str(),
-            "gelu_new" | "gelu" | "gelu_pytorch_tanh" | "relu"
-        ) {
-            return Err(format!(
-                "activation_function `{}` is not supported",
-                self.activation_function
-            ));
-        }
-        Ok(())
+        crate::layers::ops::check_activation("activation_function", &self.activation_function)
     }
 }
 
@@ -197,11 +188,7 @@ impl Block {
     /// x + MLP(LayerNorm(x)).
     fn mlp(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.c_fc.forward(&self.ln_2.forward(x)?)?;
-        let h = match self.act.as_str() {
-            "relu" => h.relu()?,
-            "gelu" => h.gelu_erf()?,
-            _ => crate::layers::ops::gelu_tanh(&h)?, // gelu_new / gelu_pytorch_tanh: the tanh approximation
-        };
+        let h = crate::layers::ops::activation(&self.act, &h)?;
         x + self.mlp_proj.forward(&h)?
     }
 }

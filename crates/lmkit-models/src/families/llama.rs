@@ -6,6 +6,7 @@ use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
 use crate::layers::linear::{linear_b, Linear};
 use crate::layers::ops::RmsNorm;
+use crate::layers::rope::Rope;
 use crate::registry::ModelConfig;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor};
@@ -109,26 +110,7 @@ pub struct LlamaConfig {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-/// How positions rotate queries and keys.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RopeSpec {
-    pub theta: f64,
-    pub scaling: RopeScaling,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum RopeScaling {
-    None,
-    /// Positions divided by `factor`.
-    Linear(f64),
-    /// Llama 3.1's frequency-dependent scaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
-}
+pub use crate::layers::rope::{RopeScaling, RopeSpec};
 
 /// Config keys of other decoders that change what a model computes; a `llama` config that sets
 /// them is not a model lmkit would compute correctly.
@@ -231,53 +213,7 @@ impl LlamaConfig {
     /// The rotary embedding: `rope_parameters` (transformers 5.x) or `rope_theta` and
     /// `rope_scaling` (4.x). Scaling types other than linear and llama3 are errors.
     pub fn rope(&self) -> std::result::Result<RopeSpec, String> {
-        let params = self.rope_parameters.as_ref().filter(|v| !v.is_null());
-        let theta = match params {
-            Some(p) => match p.get("rope_theta") {
-                Some(t) => t
-                    .as_f64()
-                    .ok_or("rope_parameters.rope_theta must be a number")?,
-                None => self.rope_theta,
-            },
-            None => self.rope_theta,
-        };
-        let (scaling, field) = match (params, self.rope_scaling.as_ref().filter(|v| !v.is_null())) {
-            (Some(p), _) => (p, "rope_parameters"),
-            (None, Some(s)) => (s, "rope_scaling"),
-            (None, None) => {
-                return Ok(RopeSpec {
-                    theta,
-                    scaling: RopeScaling::None,
-                })
-            }
-        };
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
-        let num = |k: &str| -> std::result::Result<f64, String> {
-            scaling
-                .get(k)
-                .and_then(|v| v.as_f64())
-                .ok_or_else(|| format!("{field}.{k} is missing or not a number ({kind} scaling)"))
-        };
-        let scaling = match kind {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear(num("factor")?),
-            "llama3" => RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            },
-            other => {
-                return Err(format!(
-                    "{field}: rope type `{other}` is not supported (default, linear, llama3)"
-                ))
-            }
-        };
-        Ok(RopeSpec { theta, scaling })
+        RopeSpec::from_config(self.rope_theta, &self.rope_scaling, &self.rope_parameters)
     }
 
     /// Mistral's attention window: each position sees itself and the `window - 1` before it.
@@ -294,35 +230,7 @@ impl LlamaConfig {
 
     /// The inverse frequencies θ_i = theta^(-2i/d), scaled as the config says.
     pub fn inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
-        let spec = self.rope()?;
-        let d = self.head_dim();
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / spec.theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
-        let scaled: Vec<f64> = match spec.scaling {
-            RopeScaling::None => base,
-            RopeScaling::Linear(f) => base.iter().map(|v| v / f).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor: lo,
-                high_freq_factor: hi,
-                original_max_position_embeddings: old,
-            } => base
-                .iter()
-                .map(|&f| {
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen < old / hi {
-                        f
-                    } else if wavelen > old / lo {
-                        f / factor
-                    } else {
-                        let smooth = (old / wavelen - lo) / (hi - lo);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect(),
-        };
-        Ok(scaled.into_iter().map(|v| v as f32).collect())
+        Ok(self.rope()?.inv_freq(self.head_dim()))
     }
 }
 
@@ -396,33 +304,9 @@ impl FamilyConfig for LlamaConfig {
     }
 }
 
-/// cos/sin tables [max_positions, head_dim/2] for θ_i = base^(-2i/d).
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(cfg: &LlamaConfig, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
-        let d = cfg.head_dim();
-        let inv = cfg.inv_freq().map_err(candle_core::Error::Msg)?;
-        let inv = Tensor::from_vec(inv, (1, d / 2), dev)?;
-        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?;
-        let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Rope {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
-    }
-
-    fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
-        crate::layers::ops::rope(x, &cos, &sin)
-    }
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, dev: &Device) -> candle_core::Result<Rope> {
+    let inv = cfg.inv_freq().map_err(candle_core::Error::Msg)?;
+    Rope::new(inv, cfg.max_position_embeddings, dtype, dev)
 }
 
 struct Layer {
@@ -627,7 +511,7 @@ impl Llama {
             vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
         };
         let lm_head = Linear::from_weight(lm_head, None, "lm_head");
-        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Llama {
             embed_tokens: TokenEmbedding::Dense(embed_tokens),
             layers,
@@ -656,7 +540,7 @@ impl Llama {
             g.qtensor("output.weight", &[v, h], dev)?
         };
         let lm_head = Linear::quantized(head, None, "lm_head")?;
-        let rope = Rope::new(&cfg, DType::F32, dev)?;
+        let rope = rope_tables(&cfg, DType::F32, dev)?;
         Ok(Llama {
             embed_tokens: TokenEmbedding::Quantized(embed),
             layers,

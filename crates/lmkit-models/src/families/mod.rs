@@ -6,6 +6,7 @@
 pub mod bart;
 pub mod bert;
 pub mod gpt2;
+pub mod gpt_neox;
 pub mod llama;
 pub mod rnn;
 

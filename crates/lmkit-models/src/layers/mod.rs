@@ -7,3 +7,4 @@ pub mod attention;
 pub mod kv_cache;
 pub mod linear;
 pub mod ops;
+pub mod rope;

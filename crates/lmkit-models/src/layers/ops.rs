@@ -76,6 +76,41 @@ impl Module for RmsNorm {
     }
 }
 
+/// The activation functions of transformers' `ACT2FN` that lmkit computes.
+pub const ACTIVATIONS: &[&str] = &[
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "relu",
+    "silu",
+];
+
+/// `Err` naming `field` when `name` is not one of [`ACTIVATIONS`].
+pub fn check_activation(field: &str, name: &str) -> Result<(), String> {
+    if ACTIVATIONS.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} `{name}` is not supported ({})",
+            ACTIVATIONS.join(", ")
+        ))
+    }
+}
+
+/// The activation transformers names `name` (checked by [`check_activation`] when the config
+/// was read): `gelu` is the exact (erf) one; `gelu_new`, `gelu_pytorch_tanh` and `gelu_fast` are
+/// the tanh approximation.
+pub fn activation(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+    match name {
+        "gelu" => x.gelu_erf(),
+        "relu" => x.relu(),
+        "silu" => candle_nn::ops::silu(x),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => gelu_tanh(x),
+        other => candle_core::bail!("activation `{other}` is not supported"),
+    }
+}
+
 /// Norms compute in f32, or in f64 for f64 inputs.
 fn compute_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {

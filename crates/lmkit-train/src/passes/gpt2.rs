@@ -78,8 +78,8 @@ impl TrainPass for Gpt2Pass<'_> {
         let model = self.0;
         let act = match model.cfg.activation_function.as_str() {
             "relu" => Act::Relu,
-            "gelu" => return Ok(None), // erf GELU: no fused kernel
-            _ => Act::GeluTanh,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
+            _ => return Ok(None), // erf GELU, SiLU: no fused kernel
         };
         let params = model.params();
         if !params.wte.device().is_cpu() || !blas::available() {

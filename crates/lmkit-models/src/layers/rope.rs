@@ -1,0 +1,204 @@
+//! Rotary position embeddings (Su et al. 2021) in the "rotate half" layout transformers uses:
+//! how a config asks for them (`rope_theta` and `rope_scaling` of transformers 4.x, or
+//! `rope_parameters` of 5.x) and the cos/sin tables applied to queries and keys, over the whole
+//! head or (GPT-NeoX's `rotary_pct`) its first dimensions.
+
+use candle_core::{DType, Device, Tensor, D};
+
+/// How positions rotate queries and keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear(f64),
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// A config's `rope_parameters` object, when it has a non-null one.
+pub fn parameters(rope_parameters: &Option<serde_json::Value>) -> Option<&serde_json::Value> {
+    rope_parameters.as_ref().filter(|v| !v.is_null())
+}
+
+impl RopeSpec {
+    /// The rotation a config asks for: `rope_parameters` (transformers 5.x: `rope_theta` and the
+    /// scaling in one object) or `theta` and `rope_scaling` (4.x). Scaling types other than
+    /// linear and llama3 are errors naming the field.
+    pub fn from_config(
+        theta: f64,
+        rope_scaling: &Option<serde_json::Value>,
+        rope_parameters: &Option<serde_json::Value>,
+    ) -> Result<RopeSpec, String> {
+        let params = parameters(rope_parameters);
+        let theta = match params.and_then(|p| p.get("rope_theta")) {
+            Some(t) => t
+                .as_f64()
+                .ok_or("rope_parameters.rope_theta must be a number")?,
+            None => theta,
+        };
+        let (scaling, field) = match (params, rope_scaling.as_ref().filter(|v| !v.is_null())) {
+            (Some(p), _) => (p, "rope_parameters"),
+            (None, Some(s)) => (s, "rope_scaling"),
+            (None, None) => {
+                return Ok(RopeSpec {
+                    theta,
+                    scaling: RopeScaling::None,
+                })
+            }
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| -> Result<f64, String> {
+            scaling
+                .get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| format!("{field}.{k} is missing or not a number ({kind} scaling)"))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear(num("factor")?),
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(format!(
+                    "{field}: rope type `{other}` is not supported (default, linear, llama3)"
+                ))
+            }
+        };
+        Ok(RopeSpec { theta, scaling })
+    }
+
+    /// The inverse frequencies θ_i = theta^(-2i/dim) of `dim` rotated dimensions, scaled as the
+    /// spec says.
+    pub fn inv_freq(&self, dim: usize) -> Vec<f32> {
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
+        let scaled: Vec<f64> = match self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear(f) => base.iter().map(|v| v / f).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: old,
+            } => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / hi {
+                        f
+                    } else if wavelen > old / lo {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        };
+        scaled.into_iter().map(|v| v as f32).collect()
+    }
+}
+
+/// cos/sin tables [max_positions, rotated/2] applied to the first `rotated` dimensions of each
+/// head (all of them unless the model rotates part of the head).
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    rotated: usize,
+}
+
+impl Rope {
+    pub fn new(
+        inv_freq: Vec<f32>,
+        max_positions: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = inv_freq.len();
+        let inv = Tensor::from_vec(inv_freq, (1, half), dev)?;
+        let pos = Tensor::arange(0u32, max_positions as u32, dev)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Rope {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            rotated: 2 * half,
+        })
+    }
+
+    /// `x` [b, h, t, d] at positions `start..start + t`, rotated.
+    pub fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let d = x.dim(D::Minus1)?;
+        if self.rotated == 0 {
+            return Ok(x.clone());
+        }
+        if self.rotated >= d {
+            return crate::layers::ops::rope(x, &cos, &sin);
+        }
+        let turned = crate::layers::ops::rope(&x.narrow(D::Minus1, 0, self.rotated)?, &cos, &sin)?;
+        let kept = x.narrow(D::Minus1, self.rotated, d - self.rotated)?;
+        Tensor::cat(&[&turned, &kept], D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_rotation_turns_the_first_dimensions_only() {
+        let dev = Device::Cpu;
+        let x = lmkit_kernels::testing::randn(0f32, 1.0, &[1, 2, 5, 8], &dev).unwrap();
+        let spec = RopeSpec::from_config(10_000.0, &None, &None).unwrap();
+        let part = Rope::new(spec.inv_freq(4), 16, DType::F32, &dev).unwrap();
+        let y = part.apply(&x, 3).unwrap();
+        let whole = Rope::new(spec.inv_freq(4), 16, DType::F32, &dev).unwrap();
+        let head = whole.apply(&x.narrow(3, 0, 4).unwrap(), 3).unwrap();
+        assert!(lmkit_kernels::testing::max_diff(&y.narrow(3, 0, 4).unwrap(), &head) < 1e-6);
+        assert!(
+            lmkit_kernels::testing::max_diff(
+                &y.narrow(3, 4, 4).unwrap(),
+                &x.narrow(3, 4, 4).unwrap()
+            ) == 0.0
+        );
+        // Position 0 is not rotated at all.
+        let y0 = part.apply(&x.narrow(2, 0, 1).unwrap(), 0).unwrap();
+        assert!(lmkit_kernels::testing::max_diff(&y0, &x.narrow(2, 0, 1).unwrap()) < 1e-7);
+    }
+
+    #[test]
+    fn rope_parameters_take_precedence_and_unknown_types_are_refused() {
+        let p =
+            Some(serde_json::json!({"rope_theta": 500.0, "rope_type": "linear", "factor": 2.0}));
+        let spec = RopeSpec::from_config(10_000.0, &None, &p).unwrap();
+        assert_eq!(spec.theta, 500.0);
+        assert_eq!(spec.scaling, RopeScaling::Linear(2.0));
+        let bad = Some(serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        let e = RopeSpec::from_config(10_000.0, &bad, &None).unwrap_err();
+        assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+    }
+}
