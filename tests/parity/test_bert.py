@@ -85,17 +85,20 @@ def test_fill_mask_and_broken_checkpoints(bert, tmp_path):
     assert p.returncode == 1 and "hidden_size (32) must be a multiple of num_attention_heads (5)" in p.stderr, p.stderr
 
 
-def test_lmkit_trained_bert_loads_in_transformers(bert, tiny_model, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_lmkit_trained_bert_loads_in_transformers(bert, tiny_model, tmp_path, family):
+    from transformers import AutoModelForMaskedLM
     tmp = tiny_model["tmp"]
     (tmp_path / "run.toml").write_text(
-        '[model]\nmodel_type = "bert"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 4\n'
+        f'[model]\nmodel_type = "{family}"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 4\n'
         'intermediate_size = 48\nmax_position_embeddings = 64\n'
         f'[data]\ntrain = "{tmp}/shards"\ntokenizer = "{tmp}/tok"\nval_fraction = 0.0\n'
         f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 3\nwarmup_steps = 1\n'
         'eval_every = 0\nsave_every = 3\nlr = 0.01\n')
     bert["run"]("train", "--config", tmp_path / "run.toml")
     ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
-    hf = BertForMaskedLM.from_pretrained(ckpt).eval()
+    hf = AutoModelForMaskedLM.from_pretrained(ckpt).eval()
+    assert type(hf).__name__ == {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[family]
     ids = [3, 17, 42, 99, 7, 250, 12, 5]
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()

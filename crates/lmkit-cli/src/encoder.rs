@@ -1,4 +1,5 @@
-//! `lmkit fill-mask` and `lmkit embed`: using a BERT checkpoint.
+//! `lmkit fill-mask`, `lmkit embed` and `lmkit classify`: using a BERT-like encoder (BERT,
+//! RoBERTa, XLM-RoBERTa).
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -39,6 +40,114 @@ pub struct EmbedArgs {
     output: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit classify --model sentiment-model/ \"I loved it\" \"Terrible service\"\n  \
+    lmkit classify --model ner-model/ --input sentences.txt\n\n\
+    The model is a fine-tuned encoder saved by transformers with its classification head.\n\
+    One JSON line per text. A sequence classifier (*ForSequenceClassification) prints\n\
+    {\"text\", \"label\", \"score\", \"scores\": {label: probability}}; a token classifier\n\
+    (*ForTokenClassification) prints {\"text\", \"tokens\": [{\"token\", \"label\", \"score\"}]}.\n\
+    Probabilities are a softmax over the labels, or one sigmoid per label when config.json says\n\
+    problem_type = multi_label_classification."
+)]
+pub struct ClassifyArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Texts to classify (or --input)
+    texts: Vec<String>,
+    /// One text per line (default, with no texts given: standard input)
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Probabilities from logits [n, labels]: a softmax per row, or independent sigmoids.
+fn label_probs(logits: &Tensor, multi_label: bool) -> Result<Vec<Vec<f32>>> {
+    let p = if multi_label {
+        candle_nn::ops::sigmoid(logits)?
+    } else {
+        candle_nn::ops::softmax_last_dim(logits)?
+    };
+    Ok(p.to_vec2::<f32>()?)
+}
+
+/// The best label of a probability row.
+fn best(labels: &[String], p: &[f32]) -> (String, f32) {
+    let (i, v) = p
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or((0, 0.0));
+    (labels.get(i).cloned().unwrap_or_default(), v)
+}
+
+pub fn classify(a: ClassifyArgs) -> Result<()> {
+    let dev = lmkit_models::parse_device(&a.device)?;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let m = Bert::load(&dir, &dev)?;
+    let Some(task) = m.task() else {
+        bail!(
+            "{}: no classification head (config.json's architectures names no *ForSequenceClassification or *ForTokenClassification); `lmkit embed` gives this model's sentence vectors",
+            dir.display()
+        );
+    };
+    let tk = lmkit_tokenize::load(&dir)?;
+    let texts = if a.texts.is_empty() {
+        crate::lines::read_lines(a.input.as_deref())?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    } else {
+        if a.input.is_some() {
+            bail!("give texts or --input, not both");
+        }
+        a.texts
+    };
+    let labels = m.labels();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for text in &texts {
+        let ids = lmkit_tokenize::encode_with_specials(
+            &tk,
+            std::slice::from_ref(text),
+            m.cfg.max_tokens(),
+        )?
+        .remove(0);
+        let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+        let logits = m.task_logits(&m.hidden(&x, None)?)?;
+        let line = match task {
+            lmkit_models::bert::Task::Sequence => {
+                let p = label_probs(&logits, m.multi_label())?.remove(0);
+                let (label, score) = best(labels, &p);
+                let scores: serde_json::Map<String, serde_json::Value> = labels
+                    .iter()
+                    .zip(&p)
+                    .map(|(l, v)| (l.clone(), serde_json::json!(v)))
+                    .collect();
+                serde_json::json!({"text": text, "label": label, "score": score, "scores": scores})
+            }
+            lmkit_models::bert::Task::Token => {
+                let rows = label_probs(&logits.squeeze(0)?, m.multi_label())?;
+                let tokens: Vec<serde_json::Value> = ids
+                    .iter()
+                    .zip(&rows)
+                    .map(|(&id, p)| {
+                        let (label, score) = best(labels, p);
+                        let token = tk.id_to_token(id).unwrap_or_default();
+                        serde_json::json!({"token": token, "label": label, "score": score})
+                    })
+                    .collect();
+                serde_json::json!({"text": text, "tokens": tokens})
+            }
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn mask_token(tk: &lmkit_tokenize::Tokenizer) -> Option<(String, u32)> {

@@ -45,10 +45,12 @@ enum Command {
     /// Evaluate any model: perplexity and bits per byte, sentence ranking, log-likelihood tasks
     #[command(subcommand)]
     Eval(eval::EvalCommand),
-    /// Fill the mask tokens of a text with a BERT checkpoint
+    /// Fill the mask tokens of a text with a BERT or RoBERTa checkpoint
     FillMask(encoder::FillMaskArgs),
-    /// Sentence embeddings (mean pooling) with a BERT checkpoint
+    /// Sentence embeddings (pooled as the model's sentence-transformers config says)
     Embed(encoder::EmbedArgs),
+    /// Label texts (or their tokens) with a fine-tuned encoder's classification head
+    Classify(encoder::ClassifyArgs),
     /// Byte-level BPE tokenizers: train, encode (token shards), decode, stats
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
@@ -83,6 +85,7 @@ fn main() {
         Command::Compare(a) => compare::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Embed(a) => encoder::embed(a),
+        Command::Classify(a) => encoder::classify(a),
         Command::FillMask(a) => encoder::fill_mask(a),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),

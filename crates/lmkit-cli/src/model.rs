@@ -75,9 +75,41 @@ fn emit(rows: &[Vec<f32>], output: Option<&std::path::Path>) -> Result<()> {
 
 use lmkit_models::{kind_of, Kind};
 
+/// `model info` of a BERT-like encoder: its family, sizes and head.
+fn encoder_info(model: &std::path::Path) -> Result<()> {
+    let m = lmkit_models::bert::Bert::load(model, &Device::Cpu)?;
+    let c = &m.cfg;
+    let head = match m.task() {
+        Some(t) => format!(
+            "{t:?} classification ({} labels: {})",
+            m.labels().len(),
+            m.labels().join(", ")
+        ),
+        None if m.has_mlm_head() => "masked LM".into(),
+        None => "none (encoder only)".into(),
+    };
+    println!(
+        "model_type:\t{}\nlayers:\t{}\nheads:\t{}\nhidden_size:\t{}\nvocab_size:\t{}\ntokens:\t{}\nhead:\t{head}\npooling:\t{:?}{}",
+        c.arch.model_type(),
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.hidden_size,
+        c.vocab_size,
+        c.max_tokens(),
+        m.pooling.mode,
+        if m.pooling.normalize { ", normalized" } else { "" }
+    );
+    let params = lmkit_models::ModelConfig::Bert(c.clone()).num_parameters();
+    println!("parameters:\t{params} (encoder and masked-LM head as configured)");
+    Ok(())
+}
+
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Info { model } => {
+            if kind_of(&model)? == Kind::Masked {
+                return encoder_info(&model);
+            }
             let (m, cfg) = CausalLm::load(&model, &Device::Cpu)?;
             match &cfg {
                 DecoderConfig::Gpt2(c) => println!(
@@ -184,10 +216,20 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     );
                 }
                 let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
-                let rows = m
-                    .mlm_logits(&m.hidden(&x, None)?)?
-                    .squeeze(0)?
-                    .to_vec2::<f32>()?;
+                let h = m.hidden(&x, None)?;
+                // A classification checkpoint gives its head's logits (one row for a sequence
+                // head, one per token for a token head); otherwise the masked-LM logits.
+                let logits = if m.task().is_some() {
+                    m.task_logits(&h)?
+                } else {
+                    m.mlm_logits(&h)?.squeeze(0)?
+                };
+                let logits = if logits.rank() == 3 {
+                    logits.squeeze(0)?
+                } else {
+                    logits
+                };
+                let rows = logits.to_vec2::<f32>()?;
                 return emit(&rows, output.as_deref());
             }
             let (m, cfg) = CausalLm::load(&model, &dev)?;

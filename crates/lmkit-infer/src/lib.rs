@@ -283,12 +283,12 @@ pub fn embed_texts(
         .pooling
         .max_seq_length
         .unwrap_or(usize::MAX)
-        .min(m.cfg.max_position_embeddings);
+        .min(m.cfg.max_tokens());
     let enc = lmkit_tokenize::encode_with_specials(tk, texts, max_len)
         .map_err(|e| InferError::Invalid(e.to_string()))?;
     let t = enc
         .iter()
-        .map(|e| e.len().clamp(1, m.cfg.max_position_embeddings))
+        .map(|e| e.len().clamp(1, m.cfg.max_tokens()))
         .max()
         .unwrap_or(1);
     let pad = m.cfg.pad_token_id.unwrap_or(0);

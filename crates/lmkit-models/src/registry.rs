@@ -46,6 +46,24 @@ fn parse_qwen3(v: serde_json::Value) -> std::result::Result<ModelConfig, String>
     parse_variant(v, crate::families::llama::Arch::Qwen3)
 }
 
+/// A BERT-like encoder of `model_type` `arch`'s.
+fn parse_encoder(
+    v: serde_json::Value,
+    arch: crate::families::bert::Encoder,
+) -> std::result::Result<ModelConfig, String> {
+    let mut cfg: BertConfig = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    cfg.arch = arch;
+    cfg.validate()?;
+    Ok(ModelConfig::Bert(cfg))
+}
+
+fn parse_roberta(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
+    parse_encoder(v, crate::families::bert::Encoder::Roberta)
+}
+fn parse_xlm_roberta(v: serde_json::Value) -> std::result::Result<ModelConfig, String> {
+    parse_encoder(v, crate::families::bert::Encoder::XlmRoberta)
+}
+
 impl Family {
     /// A Llama-like decoder (see [`crate::families::llama::Arch`]).
     const fn llama_variant(
@@ -58,6 +76,20 @@ impl Family {
             kind: Kind::Causal,
             parse,
             token_id_fields: LlamaConfig::token_id_fields,
+        }
+    }
+
+    /// A BERT-like encoder (see [`crate::families::bert::Encoder`]).
+    const fn encoder_variant(
+        arch: crate::families::bert::Encoder,
+        parse: fn(serde_json::Value) -> std::result::Result<ModelConfig, String>,
+    ) -> Family {
+        Family {
+            model_type: arch.model_type(),
+            architecture: arch.architecture(),
+            kind: Kind::Masked,
+            parse,
+            token_id_fields: BertConfig::token_id_fields,
         }
     }
 
@@ -87,6 +119,11 @@ pub static FAMILIES: &[Family] = &[
     Family::llama_variant(crate::families::llama::Arch::Qwen3, parse_qwen3),
     Family::of::<RnnConfig>(),
     Family::of::<BertConfig>(),
+    Family::encoder_variant(crate::families::bert::Encoder::Roberta, parse_roberta),
+    Family::encoder_variant(
+        crate::families::bert::Encoder::XlmRoberta,
+        parse_xlm_roberta,
+    ),
     Family::of::<BartConfig>(),
 ];
 
@@ -170,8 +207,10 @@ impl ModelConfig {
 
     pub fn family(&self) -> &'static Family {
         let model_type = match self {
-            // One config type serves the Llama-like decoders; its `arch` says which.
+            // One config type serves the Llama-like decoders, one the BERT-like encoders; their
+            // `arch` says which.
             ModelConfig::Llama(c) => c.arch.model_type(),
+            ModelConfig::Bert(c) => c.arch.model_type(),
             _ => with_family!(self, c => family_model_type(c)),
         };
         FAMILIES
@@ -359,7 +398,7 @@ mod tests {
             "lmkit_rnn" => {
                 serde_json::json!({"model_type": "lmkit_rnn", "cell": "lstm", "hidden_size": 8, "num_layers": 2})
             }
-            "bert" => {
+            "bert" | "roberta" | "xlm-roberta" => {
                 serde_json::json!({"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 12, "max_position_embeddings": 16, "tie_word_embeddings": false})
             }

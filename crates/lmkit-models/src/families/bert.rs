@@ -1,6 +1,9 @@
 //! BERT (Devlin et al. 2019): a bidirectional Transformer encoder with the masked-LM head, as
 //! transformers' `BertForMaskedLM` lays it out (post-norm layers, learned positions, token types,
-//! tied output embeddings), plus mean-pooled sentence embeddings.
+//! tied output embeddings), plus sentence embeddings pooled as sentence-transformers does. The
+//! same encoder read as RoBERTa (Liu et al. 2019) and XLM-RoBERTa (Conneau et al. 2020): positions
+//! counted from the padding id + 1, their own masked-LM head. Checkpoints with a sequence or token
+//! classification head (`*ForSequenceClassification`, `*ForTokenClassification`) load with it.
 
 use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::error::Result;
@@ -25,10 +28,58 @@ fn two() -> usize {
 fn yes() -> bool {
     true
 }
+fn absolute() -> String {
+    "absolute".into()
+}
+
+/// The encoders that are BERT with a difference, read from their own `model_type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoder {
+    #[default]
+    Bert,
+    /// RoBERTa: position ids start after the padding id; its own masked-LM head (`lm_head`).
+    Roberta,
+    /// XLM-RoBERTa: RoBERTa's layout (a larger, multilingual vocabulary).
+    XlmRoberta,
+}
+
+impl Encoder {
+    pub const fn model_type(self) -> &'static str {
+        match self {
+            Encoder::Bert => "bert",
+            Encoder::Roberta => "roberta",
+            Encoder::XlmRoberta => "xlm-roberta",
+        }
+    }
+
+    pub const fn architecture(self) -> &'static str {
+        match self {
+            Encoder::Bert => "BertForMaskedLM",
+            Encoder::Roberta => "RobertaForMaskedLM",
+            Encoder::XlmRoberta => "XLMRobertaForMaskedLM",
+        }
+    }
+
+    /// Where the encoder's tensors live in a model with a head.
+    const fn prefix(self) -> &'static str {
+        match self {
+            Encoder::Bert => "bert",
+            Encoder::Roberta | Encoder::XlmRoberta => "roberta",
+        }
+    }
+
+    /// RoBERTa's positions: padding_idx + 1 + the index among non-padding tokens.
+    const fn positions_after_padding(self) -> bool {
+        !matches!(self, Encoder::Bert)
+    }
+}
 
 /// transformers' `BertConfig`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
+    /// Which of the BERT-like encoders (from `model_type`; not a config key of its own).
+    #[serde(skip)]
+    pub arch: Encoder,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -49,6 +100,9 @@ pub struct BertConfig {
     pub hidden_dropout_prob: f64,
     #[serde(default)]
     pub attention_probs_dropout_prob: f64,
+    /// Only `absolute` (learned positions) is computed.
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
 }
 
 impl BertConfig {
@@ -73,12 +127,48 @@ impl BertConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
+        if self.position_embedding_type != "absolute" {
+            return Err(format!(
+                "position_embedding_type `{}` is not supported (absolute)",
+                self.position_embedding_type
+            ));
+        }
+        if self.arch.positions_after_padding() && self.max_position_embeddings <= self.pad() + 1 {
+            return Err(format!(
+                "max_position_embeddings ({}) leaves no position after the padding id ({})",
+                self.max_position_embeddings,
+                self.pad()
+            ));
+        }
         crate::layers::ops::check_activation("hidden_act", &self.hidden_act)
     }
 
-    /// Reads and validates a `config.json` with `model_type` "bert".
+    /// The padding id RoBERTa's positions count from (transformers' default 1).
+    fn pad(&self) -> usize {
+        self.pad_token_id.unwrap_or(1) as usize
+    }
+
+    /// The longest text the encoder reads: every position, less RoBERTa's offset.
+    pub fn max_tokens(&self) -> usize {
+        if self.arch.positions_after_padding() {
+            self.max_position_embeddings - self.pad() - 1
+        } else {
+            self.max_position_embeddings
+        }
+    }
+
+    /// Reads and validates a `config.json` of a BERT-like encoder (bert, roberta, xlm-roberta).
     pub fn load(path: &Path) -> Result<BertConfig> {
-        crate::registry::load_family(path)
+        match crate::registry::ModelConfig::load(path)? {
+            ModelConfig::Bert(c) => Ok(c),
+            other => Err(crate::ModelError::Config {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "model_type is `{}`, but this needs a BERT-like encoder (bert, roberta, xlm-roberta)",
+                    other.family().model_type
+                ),
+            }),
+        }
     }
 }
 
@@ -94,7 +184,7 @@ impl FamilyConfig for BertConfig {
         self.vocab_size
     }
     fn max_positions(&self) -> usize {
-        self.max_position_embeddings
+        self.max_tokens()
     }
     fn width(&self) -> usize {
         self.hidden_size
@@ -123,7 +213,7 @@ impl FamilyConfig for BertConfig {
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {
             ParamRole::Bias
-        } else if name.contains("LayerNorm") {
+        } else if name.contains("LayerNorm") || name.contains("layer_norm") {
             ParamRole::NormGain
         } else if name.contains("_embeddings.") {
             ParamRole::Embedding
@@ -193,12 +283,146 @@ impl Layer {
     }
 }
 
-/// The masked-LM head (`cls.predictions`).
+/// The masked-LM head (BERT's `cls.predictions`, RoBERTa's `lm_head`).
 struct MlmHead {
     dense: Linear,
     norm: LayerNorm,
     /// The output layer (its weight tied to the word embeddings unless untied).
     decoder: Linear,
+    /// BERT's head applies `hidden_act`; RoBERTa's always the exact GELU.
+    act: String,
+}
+
+impl MlmHead {
+    /// The head of `arch` under `p` (`cls.predictions` or `lm_head`).
+    fn new(
+        cfg: &BertConfig,
+        word: &Embedding,
+        p: VarBuilder,
+        path: &str,
+    ) -> candle_core::Result<MlmHead> {
+        let h = cfg.hidden_size;
+        let (dense, norm, act) = match cfg.arch {
+            Encoder::Bert => (
+                "transform.dense",
+                "transform.LayerNorm",
+                cfg.hidden_act.clone(),
+            ),
+            Encoder::Roberta | Encoder::XlmRoberta => ("dense", "layer_norm", "gelu".into()),
+        };
+        let decoder = if cfg.tie_word_embeddings {
+            word.embeddings().clone()
+        } else {
+            p.get((cfg.vocab_size, h), "decoder.weight")?
+        };
+        Ok(MlmHead {
+            dense: linear(h, h, p.pp(dense))?,
+            norm: LayerNorm::new(h, cfg.layer_norm_eps, p.pp(norm))?,
+            decoder: Linear::from_weight(
+                decoder,
+                Some(p.get(cfg.vocab_size, "bias")?),
+                &format!("{path}.decoder"),
+            ),
+            act,
+        })
+    }
+}
+
+/// The path of the masked-LM head in a checkpoint of `arch`.
+const fn mlm_path(arch: Encoder) -> &'static str {
+    match arch {
+        Encoder::Bert => "cls.predictions",
+        Encoder::Roberta | Encoder::XlmRoberta => "lm_head",
+    }
+}
+
+/// What a fine-tuned checkpoint's classification head predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// One label distribution per text (`*ForSequenceClassification`), from the first token's
+    /// state through a tanh layer (BERT's pooler, RoBERTa's `classifier.dense`).
+    Sequence,
+    /// One label distribution per token (`*ForTokenClassification`).
+    Token,
+}
+
+/// A classification head and its labels (`id2label` of config.json, in id order).
+struct TaskHead {
+    task: Task,
+    /// The tanh layer of a sequence head.
+    dense: Option<Linear>,
+    out: Linear,
+    labels: Vec<String>,
+    /// `problem_type: multi_label_classification`: independent sigmoids instead of a softmax.
+    multi_label: bool,
+}
+
+impl TaskHead {
+    /// The head named by config.json's `architectures`, if it is a classification head.
+    fn load(
+        cfg: &BertConfig,
+        raw: &serde_json::Value,
+        root: &VarBuilder,
+        vb: &VarBuilder,
+        config_path: &Path,
+    ) -> Result<Option<Box<TaskHead>>> {
+        let class = raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .unwrap_or("");
+        let task = if class.ends_with("ForSequenceClassification") {
+            Task::Sequence
+        } else if class.ends_with("ForTokenClassification") {
+            Task::Token
+        } else {
+            return Ok(None);
+        };
+        let bad = |msg: String| crate::ModelError::Config {
+            path: config_path.to_path_buf(),
+            msg,
+        };
+        let map = raw
+            .get("id2label")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad(format!("{class} needs `id2label` (its labels)")))?;
+        let mut labels = vec![None; map.len()];
+        for (k, v) in map {
+            let i: usize = k
+                .parse()
+                .ok()
+                .filter(|&i| i < labels.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "id2label: `{k}` is not a label id below {}",
+                        map.len()
+                    ))
+                })?;
+            labels[i] = Some(v.as_str().unwrap_or_default().to_string());
+        }
+        let labels: Vec<String> = labels.into_iter().map(Option::unwrap_or_default).collect();
+        let (h, n) = (cfg.hidden_size, labels.len());
+        let tensors = |e: candle_core::Error| crate::tensor_error(config_path, e);
+        let (dense, out) = match (task, cfg.arch) {
+            (Task::Token, _) => (None, linear(h, n, vb.pp("classifier")).map_err(tensors)?),
+            (Task::Sequence, Encoder::Bert) => (
+                Some(linear(h, h, root.pp("pooler.dense")).map_err(tensors)?),
+                linear(h, n, vb.pp("classifier")).map_err(tensors)?,
+            ),
+            (Task::Sequence, Encoder::Roberta | Encoder::XlmRoberta) => (
+                Some(linear(h, h, vb.pp("classifier.dense")).map_err(tensors)?),
+                linear(h, n, vb.pp("classifier.out_proj")).map_err(tensors)?,
+            ),
+        };
+        Ok(Some(Box::new(TaskHead {
+            task,
+            dense,
+            out,
+            labels,
+            multi_label: raw.get("problem_type").and_then(|p| p.as_str())
+                == Some("multi_label_classification"),
+        })))
+    }
 }
 
 /// How token states become one sentence vector (sentence-transformers' Pooling and Normalize
@@ -349,14 +573,18 @@ pub struct Bert {
     layers: Vec<Layer>,
     /// Absent in a `BertModel` checkpoint (an encoder without the masked-LM head).
     head: Option<MlmHead>,
+    /// A fine-tuned classification head, when the checkpoint has one.
+    task: Option<Box<TaskHead>>,
     pub pooling: Pooling,
     pub cfg: BertConfig,
 }
 
 impl Bert {
-    /// A `BertForMaskedLM` (tensors under `bert.` and `cls.predictions.`), as training creates it.
+    /// A `BertForMaskedLM` (tensors under `bert.` and `cls.predictions.`; RoBERTa's under
+    /// `roberta.` and `lm_head.`), as training creates it.
     pub fn new(cfg: &BertConfig, vb: VarBuilder) -> candle_core::Result<Bert> {
-        Self::build(cfg, vb.pp("bert"), Some(vb.pp("cls.predictions")))
+        let head = mlm_path(cfg.arch);
+        Self::build(cfg, vb.pp(cfg.arch.prefix()), Some(vb.pp(head)))
     }
 
     fn build(
@@ -370,25 +598,9 @@ impl Bert {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let head = match head {
-            Some(p) => {
-                let decoder = if cfg.tie_word_embeddings {
-                    word.embeddings().clone()
-                } else {
-                    p.get((cfg.vocab_size, h), "decoder.weight")?
-                };
-                Some(MlmHead {
-                    dense: linear(h, h, p.pp("transform.dense"))?,
-                    norm: LayerNorm::new(h, cfg.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-                    decoder: Linear::from_weight(
-                        decoder,
-                        Some(p.get(cfg.vocab_size, "bias")?),
-                        "cls.predictions.decoder",
-                    ),
-                })
-            }
-            None => None,
-        };
+        let head = head
+            .map(|p| MlmHead::new(cfg, &word, p, mlm_path(cfg.arch)))
+            .transpose()?;
         Ok(Bert {
             position: embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?,
             token_type: embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?,
@@ -396,27 +608,34 @@ impl Bert {
             word,
             layers,
             head,
+            task: None,
             pooling: Pooling::default(),
             cfg: cfg.clone(),
         })
     }
 
-    /// Loads `dir/config.json` and its weights (f32) onto `device`: a `BertForMaskedLM`, or an
-    /// encoder saved as `BertModel` (tensors under `bert.` or at the top level, no masked-LM
-    /// head), with the sentence-transformers pooling of the directory.
+    /// Loads `dir/config.json` and its weights (f32) onto `device`: a `*ForMaskedLM`, an
+    /// encoder saved without a head (`BertModel`, tensors under `bert.`/`roberta.` or at the
+    /// top level), or one with a classification head, with the sentence-transformers pooling of
+    /// the directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Bert> {
         let dir = crate::resolve_checkpoint(dir);
-        let cfg = BertConfig::load(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let cfg = BertConfig::load(&config_path)?;
         let vb = crate::mmap_weights(&dir, device)?;
         let root = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb.clone()
         } else {
-            vb.pp("bert")
+            vb.pp(cfg.arch.prefix())
         };
+        let path = mlm_path(cfg.arch);
         let head = vb
-            .contains_tensor("cls.predictions.bias")
-            .then(|| vb.pp("cls.predictions"));
-        let mut m = Bert::build(&cfg, root, head).map_err(|e| crate::tensor_error(&dir, e))?;
+            .contains_tensor(&format!("{path}.bias"))
+            .then(|| vb.pp(path));
+        let mut m =
+            Bert::build(&cfg, root.clone(), head).map_err(|e| crate::tensor_error(&dir, e))?;
+        let raw = crate::registry::read_json(&config_path)?;
+        m.task = TaskHead::load(&cfg, &raw, &root, &vb, &config_path)?;
         m.pooling = Pooling::load(&dir)?;
         Ok(m)
     }
@@ -424,13 +643,35 @@ impl Bert {
     /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.
     pub fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
+        if t > self.cfg.max_tokens() {
             candle_core::bail!(
-                "{t} tokens exceed max_position_embeddings ({})",
+                "{t} tokens exceed the {} this model reads (max_position_embeddings {})",
+                self.cfg.max_tokens(),
                 self.cfg.max_position_embeddings
             );
         }
-        let pos = Tensor::arange(0u32, t as u32, ids.device())?;
+        let pos = if self.cfg.arch.positions_after_padding() {
+            // transformers' create_position_ids_from_input_ids: padding keeps the padding id,
+            // the n-th other token gets padding id + n.
+            let pad = self.cfg.pad() as u32;
+            let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+            let pos: Vec<u32> = rows
+                .iter()
+                .flat_map(|row| {
+                    row.iter().scan(pad, move |n, &id| {
+                        Some(if id == pad {
+                            pad
+                        } else {
+                            *n += 1;
+                            *n
+                        })
+                    })
+                })
+                .collect();
+            Tensor::from_vec(pos, (b, t), ids.device())?
+        } else {
+            Tensor::arange(0u32, t as u32, ids.device())?
+        };
         let types = Tensor::zeros((b, t), DType::U32, ids.device())?;
         let x = self
             .word
@@ -462,9 +703,41 @@ impl Bert {
                 "this checkpoint is an encoder without the masked-LM head (BertModel): it gives embeddings, not token predictions"
             )
         };
-        let x = act(&self.cfg.hidden_act, &head.dense.forward(hidden)?)?;
+        let x = act(&head.act, &head.dense.forward(hidden)?)?;
         let x = head.norm.forward(&x)?;
         head.decoder.forward(&x)
+    }
+
+    /// The classification head's task, when the checkpoint has one.
+    pub fn task(&self) -> Option<Task> {
+        self.task.as_ref().map(|t| t.task)
+    }
+
+    /// The classification head's labels in id order (empty without one).
+    pub fn labels(&self) -> &[String] {
+        self.task.as_ref().map_or(&[], |t| &t.labels)
+    }
+
+    /// Whether the labels are independent (sigmoid per label) rather than one softmax.
+    pub fn multi_label(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| t.multi_label)
+    }
+
+    /// The classification head's logits: [b, labels] for a sequence head (from the first
+    /// token), [b, t, labels] for a token head.
+    pub fn task_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(head) = &self.task else {
+            candle_core::bail!(
+                "this checkpoint has no classification head (config.json's architectures names no *ForSequenceClassification or *ForTokenClassification)"
+            )
+        };
+        match (&head.task, &head.dense) {
+            (Task::Sequence, Some(dense)) => {
+                let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                head.out.forward(&dense.forward(&first)?.tanh()?)
+            }
+            _ => head.out.forward(hidden),
+        }
     }
 
     /// Sentence embeddings [b, h]: the last hidden states pooled (and normalised) as the

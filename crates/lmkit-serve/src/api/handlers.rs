@@ -398,13 +398,13 @@ pub async fn embeddings(
             .iter()
             .enumerate()
             .map(|(i, ids)| {
-                if ids.len() > emb.model.cfg.max_position_embeddings {
+                if ids.len() > emb.model.cfg.max_tokens() {
                     Err(ApiError::invalid(
                         &format!("input[{i}]"),
                         format!(
                             "input {i} has {} tokens; the embedding model reads at most {}",
                             ids.len(),
-                            emb.model.cfg.max_position_embeddings
+                            emb.model.cfg.max_tokens()
                         ),
                     )
                     .code("context_length_exceeded"))
