@@ -10,6 +10,12 @@ use rayon::prelude::*;
 
 /// Values per block.
 pub const QK: usize = 32;
+
+/// How far ahead of the block being multiplied the weight bytes are fetched into cache: a
+/// decoding step reads each weight once, from memory, and with the hardware prefetcher alone
+/// the dot products wait on it (measured: fetching 2 KiB ahead halved the time of [1536, 576]
+/// and [576, 1536] Q4_1 products whose weights were not in cache).
+const PREFETCH: usize = 2048;
 /// Bytes of one Q4_1 block: scale d (f16), minimum m (f16), 16 bytes of nibbles (value j in the
 /// low nibble of byte j, value j+16 in its high nibble); a value is d·q + m.
 pub const Q4_1_BYTES: usize = 20;
@@ -101,7 +107,7 @@ fn dot_q8_0_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
+    use super::{PREFETCH, Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
     use std::arch::x86_64::*;
 
     /// A Q4_1 block's scale d and minimum m: two f16 at its start, widened together.
@@ -143,6 +149,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(x) {
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
             let (d, m) = q4_1_scales(b);
             mins += m * y.s;
             // SAFETY: `y.qs` holds 32 bytes.
@@ -163,6 +170,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(x) {
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
             let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes, `y.qs` 32: the loads stay inside.
             let (qw, qy) = unsafe {
@@ -188,6 +196,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         for (i, b) in w.chunks_exact(Q4_1_BYTES).enumerate() {
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
             let (d, m) = q4_1_scales(b);
             let qx = q4_1_values(b);
             for r in 0..4 {
@@ -217,6 +226,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         for (i, b) in w.chunks_exact(Q8_0_BYTES).enumerate() {
+            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
             let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes.
             let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };

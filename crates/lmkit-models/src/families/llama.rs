@@ -4,7 +4,7 @@
 
 use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
-use crate::layers::linear::{linear_b, Linear};
+use crate::layers::linear::{linear_b, Fanout, Linear};
 use crate::layers::ops::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::registry::ModelConfig;
@@ -314,13 +314,12 @@ struct Layer {
     /// Qwen3: RMS norms over each query and key head before the rotation.
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj, v_proj.
+    qkv: Fanout,
     o_proj: Linear,
     post_attention_layernorm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj, up_proj.
+    gate_up: Fanout,
     down_proj: Linear,
     n_head: usize,
     n_kv: usize,
@@ -345,17 +344,27 @@ impl Layer {
             input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             q_norm,
             k_norm,
-            q_proj: linear_b(h, cfg.num_attention_heads * hd, qkv_bias, a.pp("q_proj"))?,
-            k_proj: linear_b(h, kv * hd, qkv_bias, a.pp("k_proj"))?,
-            v_proj: linear_b(h, kv * hd, qkv_bias, a.pp("v_proj"))?,
+            qkv: Fanout::new(
+                vec![
+                    linear_b(h, cfg.num_attention_heads * hd, qkv_bias, a.pp("q_proj"))?,
+                    linear_b(h, kv * hd, qkv_bias, a.pp("k_proj"))?,
+                    linear_b(h, kv * hd, qkv_bias, a.pp("v_proj"))?,
+                ],
+                &a.prefix(),
+            )?,
             o_proj: linear_b(cfg.num_attention_heads * hd, h, o_bias, a.pp("o_proj"))?,
             post_attention_layernorm: RmsNorm::new(
                 h,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            gate_proj: linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj"))?,
-            up_proj: linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj"))?,
+            gate_up: Fanout::new(
+                vec![
+                    linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj"))?,
+                    linear_b(h, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj"))?,
+                ],
+                &m.prefix(),
+            )?,
             down_proj: linear_b(cfg.intermediate_size, h, cfg.mlp_bias, m.pp("down_proj"))?,
             n_head: cfg.num_attention_heads,
             n_kv: kv,
@@ -419,16 +428,13 @@ impl Layer {
         let input_layernorm = norm("attn_norm", h)?;
         let post_attention_layernorm = norm("ffn_norm", h)?;
         Ok(Layer {
+            qkv: Fanout::new(vec![q_proj, k_proj, v_proj], &format!("{hf}.self_attn"))?,
+            gate_up: Fanout::new(vec![gate_proj, up_proj], &format!("{hf}.mlp"))?,
             q_norm,
             k_norm,
             input_layernorm,
             post_attention_layernorm,
-            q_proj,
-            k_proj,
-            v_proj,
             o_proj,
-            gate_proj,
-            up_proj,
             down_proj,
             n_head: nh,
             n_kv: kv,
@@ -446,13 +452,18 @@ impl Layer {
         let (b, t, _) = x.dims3()?;
         let h = self.input_layernorm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let mut q = heads(self.q_proj.forward(&h)?, self.n_head)?;
-        let mut k = heads(self.k_proj.forward(&h)?, self.n_kv)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(&h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q, k, v projections".into()))?;
+        let mut q = heads(q, self.n_head)?;
+        let mut k = heads(k, self.n_kv)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q.contiguous()?)?;
             k = kn.forward(&k.contiguous()?)?;
         }
-        let v = heads(self.v_proj.forward(&h)?, self.n_kv)?;
+        let v = heads(v, self.n_kv)?;
         let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
             let start = cache.len();
             let q = rope.apply(q, start)?;
@@ -466,8 +477,12 @@ impl Layer {
             .reshape((b, t, self.n_head * self.head_dim))?;
         let x = (x + self.o_proj.forward(&y)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        let gated =
-            (candle_nn::ops::silu(&self.gate_proj.forward(&h)?)? * self.up_proj.forward(&h)?)?;
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(&h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate, up projections".into()))?;
+        let gated = (candle_nn::ops::silu(&gate)? * up)?;
         x + self.down_proj.forward(&gated)?
     }
 }

@@ -85,6 +85,71 @@ impl Linear {
         })
     }
 
+    /// One layer computing the outputs of `parts` (which read the same input) side by side, when
+    /// they are all block-quantized in one of lmkit's own kernel types: one product quantizes
+    /// the input once and shares one pass of the thread pool (the query, key and value
+    /// projections of a decoding step). `None` when the parts cannot be stacked.
+    fn stacked(parts: &[Linear], path: &str) -> candle_core::Result<Option<Linear>> {
+        let mut data = Vec::new();
+        let mut biases = Vec::new();
+        let (mut rows, mut cols, mut dtype) = (0, None, None);
+        for part in parts {
+            let Weight::Quantized(QMatMul::QTensor(t), _) = &part.weight else {
+                return Ok(None);
+            };
+            if !t.device().is_cpu()
+                || own_kernel(t.dtype()).is_none()
+                || dtype.is_some_and(|d| d != t.dtype())
+            {
+                return Ok(None);
+            }
+            let (n, k) = t.shape().dims2()?;
+            if cols.is_some_and(|c| c != k) {
+                return Ok(None);
+            }
+            data.extend_from_slice(&t.data()?);
+            rows += n;
+            cols = Some(k);
+            dtype = Some(t.dtype());
+            biases.push(match &part.bias {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(n, candle_core::DType::F32, &t.device())?,
+            });
+        }
+        let (Some(k), Some(dtype)) = (cols, dtype) else {
+            return Ok(None);
+        };
+        let device = candle_core::Device::Cpu;
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Owned(data),
+            &device,
+            dtype,
+        )?;
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Linear {
+            weight: Weight::Quantized(
+                QMatMul::from_qtensor(QTensor::new(storage, (rows, k))?)?,
+                Arc::default(),
+            ),
+            bias,
+            path: path.to_string(),
+        }))
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> candle_core::Result<usize> {
+        match &self.weight {
+            Weight::Dense(w) => w.dim(0),
+            Weight::Transposed(w) => w.dim(1),
+            Weight::Quantized(QMatMul::QTensor(t), _) => t.shape().dims2().map(|(n, _)| n),
+            Weight::Quantized(..) => self.weight().dim(0),
+        }
+    }
+
     /// The weight as stored ([out, in] dense, [in, out] for Conv1D); a quantized layer gives its
     /// dequantized copy (f32, made once, at the first call).
     pub fn weight(&self) -> &Tensor {
@@ -171,6 +236,54 @@ pub fn linear_b(
 /// A [`Linear`] in `nn.Linear` layout with bias.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     Linear::new(in_dim, out_dim, true, vb)
+}
+
+/// Linear layers that read the same input (a layer's query, key and value projections; the gate
+/// and up projections of a gated MLP). Block-quantized alike, they are stacked into one layer:
+/// a decoding step then quantizes its input once and wakes the thread pool once for all of
+/// them, instead of once per layer.
+pub struct Fanout {
+    parts: Vec<Linear>,
+    /// The stacked layer and the output width of each part, when the parts were stacked.
+    stacked: Option<(Linear, Vec<usize>)>,
+}
+
+impl Fanout {
+    /// The parts, stacked when they can be (they are then kept only in the stacked layer).
+    pub fn new(parts: Vec<Linear>, path: &str) -> candle_core::Result<Fanout> {
+        let Some(stacked) = Linear::stacked(&parts, path)? else {
+            return Ok(Fanout {
+                parts,
+                stacked: None,
+            });
+        };
+        let widths = parts
+            .iter()
+            .map(|p| p.out_dim())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Fanout {
+            parts: Vec::new(),
+            stacked: Some((stacked, widths)),
+        })
+    }
+
+    /// Each part's output for `x`, in the order the parts were given.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let Some((layer, widths)) = &self.stacked else {
+            return self.parts.iter().map(|p| p.forward(x)).collect();
+        };
+        let y = layer.forward(x)?;
+        let last = y.rank() - 1;
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let part = y.narrow(last, start, w);
+                start += w;
+                part
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
