@@ -16,6 +16,7 @@
 //! block carries a `SAFETY` note; raw product entry points check operand extents first.
 
 pub mod adamw;
+pub mod attend;
 pub mod blas;
 pub mod buffers;
 pub mod fused;

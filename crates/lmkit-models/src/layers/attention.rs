@@ -36,6 +36,12 @@ pub fn attention(
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!("attention: {heads} query heads for {kv_heads} key/value heads");
     }
+    if t == 1 && matches!(mask, Mask::Causal | Mask::Bias(None)) {
+        // A decoding step: one query per head sees every key.
+        if let Some(y) = lmkit_kernels::attend::attend_one(q, k, v, scale)? {
+            return Ok(y);
+        }
+    }
     if t == 1 && heads != kv_heads && matches!(mask, Mask::Causal | Mask::Bias(None)) {
         // One query per head (a decoding step) sees every key: the query heads that share a
         // key/value head go through it as the rows of one product, instead of copying the

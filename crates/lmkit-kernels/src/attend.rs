@@ -1,0 +1,339 @@
+//! The attention of a decoding step: one query position per head against every cached key,
+//! computed in one loop per key/value head on the calling thread (f32, CPU). Through BLAS this
+//! was three small products per layer, each waking the thread pool, and the softmax between
+//! them; a loop reads each cached key and value row once for all the query heads that share it.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Keys read (batch × query heads × positions × head size) from which the key/value heads are
+/// split over the thread pool; below it, waking the pool costs more than the work.
+const PARALLEL_FROM: usize = 1 << 21;
+
+/// Key/value rows ahead of the one being read that are asked into cache: a step reads each
+/// cached row once, and the hardware prefetcher alone leaves the loop waiting on memory.
+const AHEAD: usize = 8;
+
+/// Asks the CPU to bring the cache line at `p` into cache; a hint that never faults.
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch accesses no memory as far as the program is concerned: any address is
+    // allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{prefetch, AHEAD};
+    use std::arch::x86_64::*;
+
+    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains.
+    #[target_feature(enable = "avx2,fma")]
+    fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n, the length of both slices.
+            unsafe {
+                a0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    _mm256_loadu_ps(y.as_ptr().add(i)),
+                    a0,
+                );
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+                    a1,
+                );
+            }
+            i += 16;
+        }
+        let a = _mm256_add_ps(a0, a1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+        for j in i..n {
+            s += x[j] * y[j];
+        }
+        s
+    }
+
+    /// o ← Σⱼ pⱼ·vⱼ (row j of `v` at j·stride, d values): 64 columns at a time, held in eight
+    /// registers across all the rows.
+    #[target_feature(enable = "avx2,fma")]
+    fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+        let d = o.len();
+        let mut c0 = 0;
+        while c0 + 64 <= d {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &pj) in p.iter().enumerate() {
+                prefetch(v.as_ptr().wrapping_add((j + AHEAD) * stride + c0));
+                let row = &v[j * stride + c0..j * stride + c0 + 64];
+                let w = _mm256_set1_ps(pj);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `row` holds 64 values and 8·c + 8 ≤ 64.
+                    let x = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * c)) };
+                    *a = _mm256_fmadd_ps(w, x, *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: c0 + 64 ≤ d, the length of `o`.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * c), *a) };
+            }
+            c0 += 64;
+        }
+        if c0 < d {
+            super::weighted_rows_scalar(p, &v[c0..], stride, &mut o[c0..]);
+        }
+    }
+
+    /// [`super::attend_group`] with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_group(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let rep = q.len() / d.max(1);
+        let s = scores.len() / rep.max(1);
+        for j in 0..s {
+            prefetch(k.as_ptr().wrapping_add((j + AHEAD) * stride));
+            let kr = &k[j * stride..j * stride + d];
+            for r in 0..rep {
+                scores[r * s + j] = dot(&q[r * d..(r + 1) * d], kr);
+            }
+        }
+        for (row, out) in scores.chunks_mut(s.max(1)).zip(o.chunks_mut(d.max(1))) {
+            crate::fused::softmax_row(row, s, scale);
+            weighted_rows(row, v, stride, out);
+        }
+    }
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+}
+
+/// o ← Σⱼ pⱼ·vⱼ, one value at a time.
+fn weighted_rows_scalar(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    let d = o.len();
+    o.iter_mut().for_each(|x| *x = 0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        for (x, &w) in o.iter_mut().zip(&v[j * stride..j * stride + d]) {
+            *x += pj * w;
+        }
+    }
+}
+
+/// The query heads that share one key/value head: for each query row of `q` (rep × d), its
+/// `scores` row ← softmax(scale·q·kⱼ) over the key rows (row j of `k` and `v` at j·stride), then
+/// its `o` row ← Σⱼ scoresⱼ·vⱼ.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(avx2::available) {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
+        }
+    }
+    let rep = q.len() / d.max(1);
+    let s = scores.len() / rep.max(1);
+    for j in 0..s {
+        let kr = &k[j * stride..j * stride + d];
+        for r in 0..rep {
+            scores[r * s + j] = q[r * d..(r + 1) * d]
+                .iter()
+                .zip(kr)
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+    for (row, out) in scores.chunks_mut(s.max(1)).zip(o.chunks_mut(d.max(1))) {
+        crate::fused::softmax_row(row, s, scale);
+        weighted_rows_scalar(row, v, stride, out);
+    }
+}
+
+/// Where row 0 of each (batch, head) matrix of a [b, heads, s, d] layout starts, and the step
+/// between rows (rows themselves contiguous).
+fn head_rows(l: &Layout) -> candle_core::Result<(Vec<usize>, usize)> {
+    let (dims, st) = (l.dims(), l.stride());
+    if dims.len() != 4 || st[3] != 1 {
+        candle_core::bail!(
+            "attend_one: keys and values must be [b, heads, s, d] with contiguous rows"
+        );
+    }
+    let starts = (0..dims[0])
+        .flat_map(|b| (0..dims[1]).map(move |h| l.start_offset() + b * st[0] + h * st[1]))
+        .collect();
+    Ok((starts, st[2]))
+}
+
+struct AttendOne {
+    scale: f64,
+}
+
+impl CustomOp3 for AttendOne {
+    fn name(&self) -> &'static str {
+        "lmkit-attend-one"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
+            candle_core::bail!("attend_one: f32 only");
+        };
+        let Some((q0, q1)) = lq.contiguous_offsets() else {
+            candle_core::bail!("attend_one: the queries must be contiguous");
+        };
+        let q = &q[q0..q1];
+        let heads = lq.dims()[1];
+        let (kd, vd) = (lk.dims(), lv.dims());
+        let (b, kv_heads, s, d) = (kd[0], kd[1], kd[2], kd[3]);
+        let (k_starts, stride) = head_rows(lk)?;
+        let (v_starts, v_stride) = head_rows(lv)?;
+        if vd != kd
+            || v_stride != stride
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || q.len() != b * heads * d
+        {
+            candle_core::bail!(
+                "attend_one: queries {:?} against keys {kd:?} and values {vd:?}",
+                lq.dims()
+            );
+        }
+        let end = |starts: &[usize]| {
+            starts
+                .iter()
+                .max()
+                .map_or(0, |&m| m + s.saturating_sub(1) * stride + d)
+        };
+        if s == 0 || end(&k_starts) > k.len() || end(&v_starts) > v.len() {
+            candle_core::bail!("attend_one: no keys, or keys and values past their storage");
+        }
+        let rep = heads / kv_heads;
+        let mut out = vec![0f32; b * heads * d];
+        // One task per key/value head: its query heads are adjacent rows of q and of out.
+        let group = |(i, o): (usize, &mut [f32])| {
+            let mut scores = vec![0f32; rep * s];
+            attend_group(
+                &q[i * rep * d..(i + 1) * rep * d],
+                &k[k_starts[i]..],
+                &v[v_starts[i]..],
+                d,
+                stride,
+                self.scale as f32,
+                &mut scores,
+                o,
+            );
+        };
+        if b * heads * s * d >= PARALLEL_FROM {
+            out.par_chunks_mut(rep * d).enumerate().for_each(group);
+        } else {
+            out.chunks_mut(rep * d).enumerate().for_each(group);
+        }
+        Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+}
+
+/// softmax(scale·q·kᵀ)·v for one query position per head (a decoding step, which sees every
+/// key): q [b, h, 1, d], k and v [b, h_kv, s, d] with h a multiple of h_kv (grouped-query heads)
+/// and contiguous rows (views of a KV cache's buffers are read in place). f32 on the CPU without
+/// gradients; `None` otherwise (the caller computes it another way).
+pub fn attend_one(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let fits = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4 && !t.track_op())
+        && q.dim(2)? == 1
+        && k.dims() == v.dims()
+        && k.stride() == v.stride()
+        && k.stride()[3] == 1;
+    if !fits {
+        return Ok(None);
+    }
+    q.contiguous()?
+        .apply_op3_no_bwd(k, v, &AttendOne { scale })
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The loop equals softmax(scale·q·kᵀ)·v computed by tensor ops, for grouped-query heads,
+    /// a batch of two, and keys/values that are views of larger buffers (as a KV cache gives).
+    #[test]
+    fn equals_the_composed_attention() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
+        let (b, h, kv, s, d) = (2, 6, 2, 37, 20);
+        let q = r(&[b, h, 1, d]);
+        let kb = r(&[b, kv, 64, d]);
+        let vb = r(&[b, kv, 64, d]);
+        let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
+        let got = attend_one(&q, &k, &v, 0.3)
+            .unwrap()
+            .expect("takes f32 CPU views");
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, kv, h / kv, s, d))
+                .unwrap()
+                .reshape((b, h, s, d))
+                .unwrap()
+        };
+        let att = (q.matmul(&rep(&k).t().unwrap()).unwrap() * 0.3).unwrap();
+        let p = candle_nn_softmax(&att);
+        let want = p.matmul(&rep(&v)).unwrap();
+        assert!(crate::testing::max_diff(&got, &want) < 1e-5);
+        // Tracked tensors (training) are left to the differentiable path.
+        let var = candle_core::Var::from_tensor(&q).unwrap();
+        assert!(attend_one(var.as_tensor(), &k, &v, 0.3).unwrap().is_none());
+    }
+
+    fn candle_nn_softmax(x: &Tensor) -> Tensor {
+        let m = x.max_keepdim(3).unwrap();
+        let e = x.broadcast_sub(&m).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
+    }
+}
