@@ -49,25 +49,27 @@ struct Q8_1 {
     qs: [i8; QK],
 }
 
-/// ggml's `quantize_row_q8_1_ref`: per block, d = max|x|/127, q = round(x/d), and s = d·Σq,
-/// with d and s rounded to f16 as the format stores them.
-fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
-    out.clear();
-    for block in x.chunks_exact(QK) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; QK];
-        let mut sum = 0i32;
-        for (q, v) in qs.iter_mut().zip(block) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
+crate::simd::simd_versions! {
+    /// ggml's Q8_1 quantization of activations: per block, d = max|x|/127, q = x/d rounded to
+    /// the nearest integer (ties to even, as llama.cpp's vector code rounds), and s = d·Σq, with
+    /// d and s rounded to f16 as the format stores them.
+    fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
+        out.clear();
+        for block in x.chunks_exact(QK) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(block) {
+                *q = (v * id).round_ties_even() as i8;
+            }
+            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+            out.push(Q8_1 {
+                d: f16::from_f32(d).to_f32(),
+                s: f16::from_f32(sum as f32 * d).to_f32(),
+                qs,
+            });
         }
-        out.push(Q8_1 {
-            d: f16::from_f32(d).to_f32(),
-            s: f16::from_f32(sum as f32 * d).to_f32(),
-            qs,
-        });
     }
 }
 

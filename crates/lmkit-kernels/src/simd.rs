@@ -49,5 +49,32 @@ macro_rules! simd_versions {
             inner($($arg),*)
         }
     };
+    // The same for a function without a type parameter.
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn inner($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn v512($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v256($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
+                match $crate::simd::simd_level() {
+                    // SAFETY: simd_level checked that the CPU has these features.
+                    2 => return unsafe { v512($($arg),*) },
+                    // SAFETY: as above.
+                    1 => return unsafe { v256($($arg),*) },
+                    _ => {}
+                }
+            }
+            inner($($arg),*)
+        }
+    };
 }
 pub(crate) use simd_versions;
