@@ -300,6 +300,10 @@ impl Neural {
             let rows = hidden.narrow(0, first + b * Self::LOGIT_ROWS, chunk.len())?;
             let logits =
                 candle_nn::Module::forward(self.model.output(), &rows)?.to_dtype(DType::F32)?;
+            if logits.device().is_cpu() {
+                out.extend(lmkit_models::layers::ops::target_log_probs(&logits, chunk)?);
+                continue;
+            }
             let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let t = Tensor::new(chunk, lp.device())?.unsqueeze(1)?;
             out.extend(lp.gather(&t, 1)?.squeeze(1)?.to_vec1::<f32>()?);

@@ -426,6 +426,110 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     x.gelu()
 }
 
+// ---------------------------------------------------------------- SwiGLU
+
+/// silu(g)·u, the gated MLP of Llama-style models (Shazeer 2020), in one pass: candle computes
+/// silu with a libm exp per value, then multiplies in a second pass. Backward: du = dy·silu(g)
+/// (this op again, on g and dy), dg = dy·u·σ(g)(1 + g(1 − σ(g))).
+struct SwiGlu;
+struct SwiGluGateGrad;
+
+simd_versions! {
+    /// One block of the forward: o = g·σ(g)·u.
+    fn swiglu_block<T: FastMath>(g: &[T], u: &[T], o: &mut [T]) {
+        for ((o, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+            let s = T::one() / (T::one() + (-gi).exp_fast());
+            *o = gi * s * ui;
+        }
+    }
+}
+
+simd_versions! {
+    /// One block of the gate's gradient: o = dy·u·σ(g)(1 + g(1 − σ(g))).
+    fn swiglu_gate_grad_block<T: FastMath>(g: &[T], u: &[T], dy: &[T], o: &mut [T]) {
+        for (((o, &gi), &ui), &di) in o.iter_mut().zip(g).zip(u).zip(dy) {
+            let s = T::one() / (T::one() + (-gi).exp_fast());
+            *o = di * ui * s * (T::one() + gi * (T::one() - s));
+        }
+    }
+}
+
+fn swiglu_rows<T: FastMath + Default>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); g.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+        .for_each(|(o, (g, u))| swiglu_block(g, u, o));
+    out
+}
+
+fn swiglu_gate_grad_rows<T: FastMath + Default>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); g.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(
+            g.par_chunks(BLOCK)
+                .zip(u.par_chunks(BLOCK).zip(dy.par_chunks(BLOCK))),
+        )
+        .for_each(|(o, (g, (u, dy)))| swiglu_gate_grad_block(g, u, dy, o));
+    out
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "lmkit-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        binary_kernel!(s1, l1, s2, l2, swiglu_rows)
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let du = g.apply_op2_no_bwd(&dy, &SwiGlu)?;
+        let dg = g.apply_op3_no_bwd(u, &dy, &SwiGluGateGrad)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+impl CustomOp3 for SwiGluGateGrad {
+    fn name(&self) -> &'static str {
+        "lmkit-swiglu-gate-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = ternary_kernel!(s1, l1, s2, l2, s3, l3, swiglu_gate_grad_rows);
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// silu(gate)·up: the fused kernel on the CPU in f32/f64 (same shapes), composed ops elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(gate)
+        && up.dtype() == gate.dtype()
+        && up.device().is_cpu()
+        && up.dims() == gate.dims()
+    {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
 // ---------------------------------------------------------------- bias add
 
 /// x [.., n] + b [n]; backward: dx = dy, db = the column sums of dy (one pass over contiguous
@@ -1013,6 +1117,27 @@ simd_versions! {
     }
 }
 
+/// log softmax(row)[target] of each row of `logits` [n, v] (f32 or f64, CPU): one pass over each
+/// row with the fused log-sum-exp, rows in parallel (what scoring a text needs, without the
+/// several full-size passes of a composed log-softmax and gather).
+pub fn target_log_probs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
+    let (n, v) = logits.dims2()?;
+    if n != targets.len() {
+        candle_core::bail!("target_log_probs: {n} rows for {} targets", targets.len());
+    }
+    if let Some(bad) = targets.iter().find(|&&y| y as usize >= v) {
+        candle_core::bail!("target_log_probs: target {bad} is outside the vocabulary of {v}");
+    }
+    let x = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(x.par_chunks(v.max(1))
+        .zip(targets.par_iter())
+        .map(|(r, &y)| r[y as usize] - log_sum_exp(r))
+        .collect())
+}
+
 fn ce_sum<T: FastMath>(x: &[T], t: &[u32], v: usize) -> f64 {
     x.par_chunks(v)
         .zip(t.par_iter())
@@ -1123,6 +1248,58 @@ mod tests {
     use super::*;
     use crate::testing::{assert_same, max_diff};
     use candle_core::Device;
+
+    #[test]
+    fn swiglu_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let g = candle_core::Var::from_tensor(
+            &crate::testing::randn(0f64, 2.0, (3, 70), &dev).unwrap(),
+        )
+        .unwrap();
+        let u = candle_core::Var::from_tensor(
+            &crate::testing::randn(0f64, 1.0, (3, 70), &dev).unwrap(),
+        )
+        .unwrap();
+        let w = crate::testing::randn(0f64, 1.0, (3, 70), &dev).unwrap();
+        let ours = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let theirs = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-9);
+        let go = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gt = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&g, &u] {
+            let d = max_diff(
+                go.get(v.as_tensor()).unwrap(),
+                gt.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-9, "{d}");
+        }
+    }
+
+    #[test]
+    fn target_log_probs_equal_the_log_softmax() {
+        let dev = Device::Cpu;
+        let x = crate::testing::randn(0f32, 3.0, (5, 1000), &dev).unwrap();
+        let t = [0u32, 999, 17, 500, 3];
+        let got = target_log_probs(&x, &t).unwrap();
+        let lp = candle_nn::ops::log_softmax(&x, D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, (&g, &y)) in got.iter().zip(&t).enumerate() {
+            assert!(
+                (g - lp[r][y as usize]).abs() < 1e-4,
+                "{g} vs {}",
+                lp[r][y as usize]
+            );
+        }
+        assert!(target_log_probs(&x, &[1, 2]).is_err());
+        assert!(target_log_probs(&x, &[0, 0, 0, 0, 1000]).is_err());
+    }
 
     #[test]
     fn fused_bias_add_matches_candle_in_value_and_gradient() {

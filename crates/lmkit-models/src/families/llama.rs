@@ -482,7 +482,7 @@ impl Layer {
             .forward(&h)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("gate, up projections".into()))?;
-        let gated = (candle_nn::ops::silu(&gate)? * up)?;
+        let gated = crate::layers::ops::swiglu(&gate, &up)?;
         x + self.down_proj.forward(&gated)?
     }
 }

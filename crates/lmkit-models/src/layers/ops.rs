@@ -6,7 +6,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use lmkit_kernels::fused::{gelu_tanh, softmax_last_dim};
+pub use lmkit_kernels::fused::{gelu_tanh, softmax_last_dim, swiglu, target_log_probs};
 
 /// LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) · weight + bias over the last dim.
 pub struct LayerNorm {
