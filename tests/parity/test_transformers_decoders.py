@@ -44,6 +44,23 @@ def build(kind, tmp_path, **overrides):
     return model, out
 
 
+def assert_logits_and_generation_match(lmkit, model, path, ids):
+    """lmkit's logits for `ids` (all at once and token by token through the KV cache) and its
+    greedy continuation of their first 5 equal transformers'."""
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    for incremental in [False, True]:
+        got = lmkit_logits(lmkit, path, ids, incremental=incremental)
+        assert np.abs(got - want).max() < ATOL, (incremental, np.abs(got - want).max())
+    prompt = ids[:5]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                             eos_token_id=None, pad_token_id=0)
+    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                "--ignore-eos", "--max-tokens", "12")
+    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+
+
 def lmkit_logits(lmkit, path, ids, incremental=False):
     args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), "--device", DEVICE]
     if incremental:
@@ -239,18 +256,7 @@ def test_llama_like_families_match(lmkit, tmp_path, family):
     path = tmp_path / family
     model.save_pretrained(path, safe_serialization=True)
     ids = [int(x) for x in torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(5))]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    for incremental in [False, True]:
-        got = lmkit_logits(lmkit, path, ids, incremental=incremental)
-        assert np.abs(got - want).max() < ATOL, (incremental, np.abs(got - want).max())
-    prompt = ids[:5]
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
-                             eos_token_id=None, pad_token_id=0)
-    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
-                "--ignore-eos", "--max-tokens", "12")
-    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+    assert_logits_and_generation_match(lmkit, model, path, ids)
     info = lmkit("model", "info", path)
     assert model.config.architectures[0] in info
 
@@ -288,18 +294,7 @@ def test_gpt_neox_matches(lmkit, tmp_path, variant):
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 30000.0, "partial_rotary_factor": 0.5}
         (path / "config.json").write_text(json.dumps(cfg))
     ids = [int(x) for x in torch.randint(0, 103, (40,), generator=torch.Generator().manual_seed(5))]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    for incremental in [False, True]:
-        got = lmkit_logits(lmkit, path, ids, incremental=incremental)
-        assert np.abs(got - want).max() < ATOL, (incremental, np.abs(got - want).max())
-    prompt = ids[:5]
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
-                             eos_token_id=None, pad_token_id=0)
-    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
-                "--ignore-eos", "--max-tokens", "12")
-    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+    assert_logits_and_generation_match(lmkit, model, path, ids)
     assert "GPTNeoXForCausalLM" in lmkit("model", "info", path)
 
 

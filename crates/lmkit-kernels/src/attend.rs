@@ -109,19 +109,14 @@ mod avx2 {
         scores: &mut [f32],
         o: &mut [f32],
     ) {
-        let rep = q.len() / d.max(1);
-        let s = scores.len() / rep.max(1);
-        for j in 0..s {
-            prefetch(k.as_ptr().wrapping_add((j + AHEAD) * stride));
-            let kr = &k[j * stride..j * stride + d];
-            for r in 0..rep {
-                scores[r * s + j] = dot(&q[r * d..(r + 1) * d], kr);
-            }
-        }
-        for (row, out) in scores.chunks_mut(s.max(1)).zip(o.chunks_mut(d.max(1))) {
-            crate::fused::softmax_row(row, s, scale);
-            weighted_rows(row, v, stride, out);
-        }
+        super::attend_group_with(
+            (q, k, v),
+            (d, stride, scale),
+            scores,
+            o,
+            |x, y| dot(x, y),
+            |p, v, stride, o| weighted_rows(p, v, stride, o),
+        )
     }
 
     pub(super) fn available() -> bool {
@@ -162,21 +157,39 @@ fn attend_group(
             return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
         }
     }
+    attend_group_with(
+        (q, k, v),
+        (d, stride, scale),
+        scores,
+        o,
+        |x, y| x.iter().zip(y).map(|(a, b)| a * b).sum(),
+        weighted_rows_scalar,
+    )
+}
+
+/// [`attend_group`] with the given dot product and weighted sum of rows (inlined into the
+/// vector version, whose target features the closures inherit).
+#[inline(always)]
+fn attend_group_with(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (d, stride, scale): (usize, usize, f32),
+    scores: &mut [f32],
+    o: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    weighted_rows: impl Fn(&[f32], &[f32], usize, &mut [f32]),
+) {
     let rep = q.len() / d.max(1);
     let s = scores.len() / rep.max(1);
     for j in 0..s {
+        prefetch(k.as_ptr().wrapping_add((j + AHEAD) * stride));
         let kr = &k[j * stride..j * stride + d];
         for r in 0..rep {
-            scores[r * s + j] = q[r * d..(r + 1) * d]
-                .iter()
-                .zip(kr)
-                .map(|(a, b)| a * b)
-                .sum();
+            scores[r * s + j] = dot(&q[r * d..(r + 1) * d], kr);
         }
     }
     for (row, out) in scores.chunks_mut(s.max(1)).zip(o.chunks_mut(d.max(1))) {
         crate::fused::softmax_row(row, s, scale);
-        weighted_rows_scalar(row, v, stride, out);
+        weighted_rows(row, v, stride, out);
     }
 }
 
@@ -329,6 +342,32 @@ mod tests {
         // Tracked tensors (training) are left to the differentiable path.
         let var = candle_core::Var::from_tensor(&q).unwrap();
         assert!(attend_one(var.as_tensor(), &k, &v, 0.3).unwrap().is_none());
+    }
+
+    /// The scalar loop (CPUs without AVX2) gives what the dispatched one gives.
+    #[test]
+    fn the_scalar_loop_agrees() {
+        let dev = Device::Cpu;
+        let r = |n: usize| {
+            crate::testing::randn(0f32, 1.0, n, &dev)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (rep, s, d, stride) = (3, 29, 72, 80);
+        let (q, k, v) = (r(rep * d), r(s * stride), r(s * stride));
+        let (mut s1, mut o1) = (vec![0f32; rep * s], vec![0f32; rep * d]);
+        let (mut s2, mut o2) = (s1.clone(), o1.clone());
+        attend_group(&q, &k, &v, d, stride, 0.2, &mut s1, &mut o1);
+        attend_group_with(
+            (&q, &k, &v),
+            (d, stride, 0.2),
+            &mut s2,
+            &mut o2,
+            |x, y| x.iter().zip(y).map(|(a, b)| a * b).sum(),
+            weighted_rows_scalar,
+        );
+        assert!(o1.iter().zip(&o2).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
     fn candle_nn_softmax(x: &Tensor) -> Tensor {

@@ -18,51 +18,24 @@ pub fn simd_level() -> u8 {
     })
 }
 
-/// Defines `fn name<T: Bound>(args)` whose body is compiled three times — for AVX-512, for AVX2
+/// Defines `fn name<T: Bound>(args)` (or `fn name(args)`) whose body is compiled three times — for AVX-512, for AVX2
 /// with FMA, and for the baseline — and picks the widest this CPU runs. The build targets
 /// baseline x86-64, where these loops vectorise 4 floats wide; compiled inside the wider
 /// versions, the same loops run 8 or 16 wide.
 macro_rules! simd_versions {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<T: $b:path>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$t:ident: $b:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name<T: $b>($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$t: $b>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn inner<T: $b>($($arg: $ty),*) $(-> $ret)? $body
+            fn inner $(<$t: $b>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-                fn v512<T: $b>($($arg: $ty),*) $(-> $ret)? {
+                fn v512 $(<$t: $b>)? ($($arg: $ty),*) $(-> $ret)? {
                     inner($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn v256<T: $b>($($arg: $ty),*) $(-> $ret)? {
-                    inner($($arg),*)
-                }
-                match $crate::simd::simd_level() {
-                    // SAFETY: simd_level checked that the CPU has these features.
-                    2 => return unsafe { v512($($arg),*) },
-                    // SAFETY: as above.
-                    1 => return unsafe { v256($($arg),*) },
-                    _ => {}
-                }
-            }
-            inner($($arg),*)
-        }
-    };
-    // The same for a function without a type parameter.
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn inner($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-                fn v512($($arg: $ty),*) $(-> $ret)? {
-                    inner($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v256($($arg: $ty),*) $(-> $ret)? {
+                fn v256 $(<$t: $b>)? ($($arg: $ty),*) $(-> $ret)? {
                     inner($($arg),*)
                 }
                 match $crate::simd::simd_level() {

@@ -57,7 +57,7 @@ impl BartConfig {
                 ));
             }
         }
-        for (name, v) in [
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
             ("encoder_ffn_dim", self.encoder_ffn_dim),
@@ -65,11 +65,7 @@ impl BartConfig {
             ("encoder_layers", self.encoder_layers),
             ("decoder_layers", self.decoder_layers),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         crate::layers::ops::check_activation("activation_function", &self.activation_function)
     }
 

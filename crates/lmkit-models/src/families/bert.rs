@@ -115,18 +115,14 @@ impl BertConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        for (name, v) in [
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         if self.position_embedding_type != "absolute" {
             return Err(format!(
                 "position_embedding_type `{}` is not supported (absolute)",

@@ -57,17 +57,13 @@ impl Gpt2Config {
                 self.n_embd, self.n_head
             ));
         }
-        for (name, v) in [
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_embd", self.n_embd),
             ("n_inner", self.n_inner()),
             ("n_positions", self.n_positions),
             ("n_layer", self.n_layer),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         crate::layers::ops::check_activation("activation_function", &self.activation_function)
     }
 }

@@ -125,17 +125,13 @@ impl FamilyConfig for GptNeoxConfig {
                 self.hidden_size
             ));
         }
-        for (name, v) in [
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         let share = self.rotary_dims() as f64 / self.head_dim() as f64;
         if !(0.0..=1.0).contains(&share) {
             return Err(format!(
@@ -151,16 +147,11 @@ impl FamilyConfig for GptNeoxConfig {
         }
         crate::layers::ops::check_activation("hidden_act", &self.hidden_act)?;
         self.rope()?;
-        for key in UNREAD_MATH_KEYS {
-            match self.other.get(*key) {
-                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-                Some(v) => {
-                    return Err(format!(
-                        "`{key}` ({v}) changes the computation and is not supported for model_type gpt_neox"
-                    ))
-                }
-            }
-        }
+        super::refuse_unread(
+            &self.other,
+            UNREAD_MATH_KEYS.iter().copied(),
+            Self::MODEL_TYPE,
+        )?;
         Ok(())
     }
     fn vocab_size(&self) -> usize {

@@ -168,43 +168,30 @@ impl LlamaConfig {
             ));
         }
         self.rope()?;
-        for key in UNREAD_MATH_KEYS {
-            let read = match (self.arch, *key) {
-                // Mistral's window is applied; Qwen2/3 name one but use it only when
-                // `use_sliding_window` is on (refused as an unread key).
-                (Arch::Mistral, "sliding_window") => true,
-                (Arch::Qwen2 | Arch::Qwen3, "sliding_window") => true,
-                // Every layer attending over the whole context is what lmkit computes.
-                (_, "layer_types") => self.other.get("layer_types").is_some_and(|v| {
-                    v.as_array()
-                        .is_some_and(|l| l.iter().all(|t| t == "full_attention"))
-                }),
-                _ => false,
-            };
-            if read {
-                continue;
-            }
-            match self.other.get(*key) {
-                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-                Some(v) => {
-                    return Err(format!(
-                    "`{key}` ({v}) changes the computation and is not supported for model_type {}",
-                    self.arch.model_type()
-                ))
-                }
-            }
-        }
-        for (name, v) in [
+        let read = |key: &str| match (self.arch, key) {
+            // Mistral's window is applied; Qwen2/3 name one but use it only when
+            // `use_sliding_window` is on (refused as an unread key).
+            (Arch::Mistral, "sliding_window") => true,
+            (Arch::Qwen2 | Arch::Qwen3, "sliding_window") => true,
+            // Every layer attending over the whole context is what lmkit computes.
+            (_, "layer_types") => self.other.get("layer_types").is_some_and(|v| {
+                v.as_array()
+                    .is_some_and(|l| l.iter().all(|t| t == "full_attention"))
+            }),
+            _ => false,
+        };
+        super::refuse_unread(
+            &self.other,
+            UNREAD_MATH_KEYS.iter().copied().filter(|k| !read(k)),
+            self.arch.model_type(),
+        )?;
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("head_dim", self.head_dim()),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }

@@ -102,6 +102,34 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     }
 }
 
+/// `Err` naming the first of `fields` (config key, value) that is zero.
+pub(crate) fn require_positive(fields: &[(&str, usize)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(format!("{name} must be positive")),
+        None => Ok(()),
+    }
+}
+
+/// `Err` naming the first of `keys` that a config sets (to anything but null or false) among the
+/// keys its family keeps without reading (`other`): keys that change what a model computes.
+pub(crate) fn refuse_unread<'a>(
+    other: &serde_json::Map<String, serde_json::Value>,
+    keys: impl IntoIterator<Item = &'a str>,
+    model_type: &str,
+) -> Result<(), String> {
+    for key in keys {
+        match other.get(key) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+            Some(v) => {
+                return Err(format!(
+                    "`{key}` ({v}) changes the computation and is not supported for model_type {model_type}"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `eos_token_id` as transformers writes it: one id or a list (Llama 3, Qwen2.5 instruct); a list
 /// reads as its first id here (all of them stop generation: [`crate::stop_token_ids`]).
 pub(crate) mod one_or_first {

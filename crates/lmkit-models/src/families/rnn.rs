@@ -65,17 +65,13 @@ impl RnnConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        for (name, v) in [
+        super::require_positive(&[
             ("vocab_size", self.vocab_size),
             ("embedding_size", self.embedding_size()),
             ("hidden_size", self.hidden_size),
             ("num_layers", self.num_layers),
             ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be positive"));
-            }
-        }
+        ])?;
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("dropout ({}) must be in [0, 1)", self.dropout));
         }
