@@ -206,6 +206,26 @@ def test_lmkit_trained_checkpoint_loads_in_transformers(lmkit, tmp_path, kind):
     assert f"[prompt] {want}" in p.stderr.splitlines()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_and_sharded_checkpoints_load(lmkit, tmp_path, dtype):
+    """A checkpoint saved in f16 or bf16 and split into shards (model.safetensors.index.json):
+    lmkit reads the half-precision weights into f32 and gives the logits transformers computes in
+    f32 from the same (rounded) weights."""
+    model, _ = build("llama", tmp_path)
+    half = model.to(getattr(torch, dtype))
+    path = tmp_path / dtype
+    half.save_pretrained(path, safe_serialization=True, max_shard_size="100KB")
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (path / "model.safetensors.index.json").exists(), shards
+    from transformers import LlamaForCausalLM
+    ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [int(x) for x in torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(6))]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, path, ids)
+    assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
+
+
 def test_eos_lists_load_and_every_id_stops_generation(lmkit, tmp_path):
     """Llama 3 / Qwen2.5 write `eos_token_id` as a list (config.json and generation_config.json):
     the config loads, and generation stops at any listed id, as transformers' generate does."""
