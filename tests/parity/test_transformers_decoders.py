@@ -138,6 +138,19 @@ def test_broken_checkpoints_are_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(bad))
     expect_failure(lmkit_bin, path, "config.json", "n_embd (48) must be a multiple of n_head (5)")
 
+    # Fewer layers in the config than in the weights: refused, not computed with a layer missing.
+    (path / "config.json").write_text(json.dumps(dict(cfg, n_layer=1)))
+    expect_failure(lmkit_bin, path, "config.json", "the weights hold 2 layers but the config says 1")
+
+    # transformers' GPT-2 keeps eos 50256 whatever the vocabulary: generation says it cannot stop
+    # on it, and runs to its token limit.
+    (path / "config.json").write_text(json.dumps(cfg))
+    import subprocess
+    p = subprocess.run([lmkit_bin, "generate", "--model", str(path), "--prompt-ids", "1,2", "--ids", "--greedy",
+                        "--max-tokens", "4"], capture_output=True, text=True)
+    assert p.returncode == 0 and len(p.stdout.split()) == 4, p
+    assert "end-of-text id [50256] is outside the vocabulary (97 tokens)" in p.stderr, p.stderr
+
     (path / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(path / "model.safetensors")
     missing = {k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.weight"}

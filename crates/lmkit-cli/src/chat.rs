@@ -54,7 +54,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     })?;
     // lmkit's own end-of-turn token, and the model's end-of-text ids.
     let mut end_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
-    end_ids.extend(lmkit_models::stop_token_ids(&dir)?);
+    end_ids.extend(crate::generate::stop_ids(&dir, cfg.vocab_size())?);
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

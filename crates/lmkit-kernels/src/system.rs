@@ -59,6 +59,11 @@ impl MappedWeights {
         })
     }
 
+    /// The names of the mapped tensors.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.0.tensors().into_iter().map(|(name, _)| name).collect()
+    }
+
     /// A variable source over the mapped tensors, as `dtype` on `device`.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
         candle_nn::VarBuilder::from_backend(Box::new(self.0), dtype, device.clone())

@@ -348,7 +348,7 @@ pub fn write_llama(
         return Err(bad("rope scaling is not written to GGUF yet".into()));
     }
     let dev = Device::Cpu;
-    let vb = crate::mmap_weights(&dir, &dev)?;
+    let vb = crate::mmap_weights(&dir, &dev, None)?;
     let (h, v, i_size) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
     let (nh, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let mut report = QuantizeReport::default();

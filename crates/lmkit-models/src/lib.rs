@@ -143,8 +143,29 @@ fn not_a_model_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A variable source over a checkpoint's safetensors files (memory-mapped, f32).
-pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
+/// The layers a checkpoint's tensor names hold: one more than the highest N of a `layers.N.`,
+/// `h.N.` (GPT-2) or `layer.N.` (BERT) path segment, if any name has one.
+fn layers_in(names: &[String]) -> Option<usize> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let parts: Vec<&str> = name.split('.').collect();
+            parts.windows(2).find_map(|w| match w {
+                ["layers" | "h" | "layer", n] => n.parse::<usize>().ok(),
+                _ => None,
+            })
+        })
+        .max()
+        .map(|n| n + 1)
+}
+
+/// A variable source over a checkpoint's safetensors files (memory-mapped, f32). With `layers`,
+/// weights for more layers than the config has are an error (they would be ignored silently).
+pub(crate) fn mmap_weights(
+    dir: &Path,
+    device: &Device,
+    layers: Option<usize>,
+) -> Result<candle_nn::VarBuilder<'static>> {
     let files = weight_files(dir)?;
     for f in &files {
         if !f.exists() {
@@ -163,6 +184,16 @@ pub(crate) fn mmap_weights(dir: &Path, device: &Device) -> Result<candle_nn::Var
         .map_err(|e| bad("*".into(), first_line(&e)))?;
     if let Some(name) = weights.non_finite_tensor() {
         return Err(bad(name, "holds NaN or infinite values".into()));
+    }
+    if let (Some(want), Some(have)) = (layers, layers_in(&weights.tensor_names())) {
+        if have > want {
+            return Err(ModelError::Config {
+                path: dir.join("config.json"),
+                msg: format!(
+                    "the weights hold {have} layers but the config says {want}; fix the layer count in config.json"
+                ),
+            });
+        }
     }
     Ok(weights.into_var_builder(DType::F32, device))
 }
@@ -203,7 +234,7 @@ impl CausalLm {
         not_a_model_file(dir)?;
         let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let vb = mmap_weights(dir, device)?;
+        let vb = mmap_weights(dir, device, Some(cfg.num_layers()))?;
         Self::from_var_builder(&cfg, vb, dir).map(|m| (m, cfg))
     }
 

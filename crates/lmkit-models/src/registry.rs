@@ -199,10 +199,11 @@ impl ModelConfig {
     /// Validates a config given as JSON; `path` names it in errors.
     pub fn from_json(v: serde_json::Value, path: &Path) -> Result<ModelConfig> {
         let family = family_of(&v, path)?;
-        (family.parse)(v).map_err(|msg| ModelError::Config {
+        let bad = |msg: String| ModelError::Config {
             path: path.to_path_buf(),
             msg,
-        })
+        };
+        (family.parse)(v).map_err(bad)
     }
 
     pub fn family(&self) -> &'static Family {
@@ -486,6 +487,31 @@ mod tests {
                 assert_eq!(scaled, 2 * 2, "{}", family.model_type);
             }
         }
+    }
+
+    #[test]
+    fn layer_counts_are_read_from_tensor_names() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            crate::layers_in(&names(&[
+                "model.layers.0.mlp.up_proj.weight",
+                "model.layers.11.input_layernorm.weight",
+                "lm_head.weight"
+            ])),
+            Some(12)
+        );
+        assert_eq!(
+            crate::layers_in(&names(&["transformer.h.3.attn.c_attn.weight"])),
+            Some(4)
+        );
+        assert_eq!(
+            crate::layers_in(&names(&["bert.encoder.layer.5.output.dense.bias"])),
+            Some(6)
+        );
+        assert_eq!(
+            crate::layers_in(&names(&["rnn.weight_ih_l0", "wte.weight"])),
+            None
+        );
     }
 
     #[test]

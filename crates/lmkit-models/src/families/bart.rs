@@ -313,7 +313,7 @@ impl Bart {
     pub fn load(dir: &Path, device: &Device) -> Result<Bart> {
         let dir = crate::resolve_checkpoint(dir);
         let cfg = BartConfig::load(&dir.join("config.json"))?;
-        let vb = crate::mmap_weights(&dir, device)?;
+        let vb = crate::mmap_weights(&dir, device, None)?;
         Bart::new(&cfg, vb).map_err(|e| crate::tensor_error(&dir, e))
     }
 

@@ -479,7 +479,7 @@ impl Bert {
         let dir = crate::resolve_checkpoint(dir);
         let config_path = dir.join("config.json");
         let cfg = BertConfig::load(&config_path)?;
-        let vb = crate::mmap_weights(&dir, device)?;
+        let vb = crate::mmap_weights(&dir, device, Some(cfg.num_hidden_layers))?;
         let root = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb.clone()
         } else {
