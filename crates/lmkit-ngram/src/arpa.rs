@@ -167,7 +167,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         o.keys.reserve(count * n);
         for k in 0..count {
             let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
-            let mut fields = l.split_whitespace();
+            let mut fields = crate::tokenize::kenlm_fields(&l);
             let prob = parse_f32(fields.next(), &lr, "probability")?;
             for _ in 0..n {
                 let w = fields
@@ -231,4 +231,19 @@ fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) ->
     let s = s.ok_or_else(|| lr.err(format!("missing {what}")))?;
     s.parse::<f32>()
         .map_err(|_| lr.err(format!("bad {what} `{s}`")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// KenLM's ARPA reader splits fields on ASCII spaces and tabs: a word holding a no-break space
+    /// (which lmplz writes as it found it) is one word.
+    #[test]
+    fn words_with_unicode_spaces_load() {
+        let arpa = "\\data\\\nngram 1=4\n\n\\1-grams:\n-1.0\t<s>\t-0.5\n-0.5\t</s>\n-0.7\ta\u{a0}b\t-0.1\n-2.0\t<unk>\n\n\\end\\\n";
+        let t = read_arpa(arpa.as_bytes(), Path::new("m.arpa"), Tokenization::Words).unwrap();
+        assert!(t.vocab.iter().any(|w| w == "a\u{a0}b"), "{:?}", t.vocab);
+        assert_eq!(t.vocab.len(), 4);
+    }
 }

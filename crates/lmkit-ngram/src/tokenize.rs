@@ -26,10 +26,22 @@ impl Tokenization {
     }
 }
 
+/// The bytes KenLM treats as spaces (`util::kSpaces`: tab, newline, vertical tab, form feed,
+/// carriage return, space). Words are split on these only, as lmplz and KenLM's ARPA reader split
+/// them: a no-break space or another Unicode space stays inside a word.
+pub fn is_kenlm_space(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\x0B' | '\x0C' | '\r' | ' ')
+}
+
+/// The fields of `line` between KenLM spaces (see [`is_kenlm_space`]).
+pub fn kenlm_fields(line: &str) -> impl Iterator<Item = &str> {
+    line.split(is_kenlm_space).filter(|w| !w.is_empty())
+}
+
 /// Calls `f` for each token of `line`, in order, without allocating.
 pub fn for_each_token<'a>(line: &'a str, mode: Tokenization, mut f: impl FnMut(&'a str)) {
     match mode {
-        Tokenization::Words => line.split_whitespace().for_each(f),
+        Tokenization::Words => kenlm_fields(line).for_each(f),
         Tokenization::Chars => {
             let line = line.trim();
             let mut in_space = false;
@@ -60,10 +72,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn words_split_on_any_whitespace() {
+    fn words_split_on_ascii_whitespace_only_as_kenlm_does() {
         assert_eq!(
-            tokens("  a\tb  c \n", Tokenization::Words),
-            vec!["a", "b", "c"]
+            tokens("  a\tb  c \x0b\x0cd\r\n", Tokenization::Words),
+            vec!["a", "b", "c", "d"]
+        );
+        // A no-break space and an ideographic space stay inside their words.
+        assert_eq!(
+            tokens("x\u{a0}y z\u{3000}w", Tokenization::Words),
+            vec!["x\u{a0}y", "z\u{3000}w"]
         );
     }
 
