@@ -4,7 +4,8 @@
 //! ```text
 //! header (192 bytes): magic "LMKB", version, order, flags (bit 0: character tokens),
 //!   vocab size, ids of <unk> <s> </s>, vocab hash slots, per order (1..=8) entry count and hash slots,
-//!   total file length, FNV-1a checksum of the preceding header bytes
+//!   total file length, FNV-1a checksum of the preceding header bytes, checksum of everything
+//!   after the header ([`body_checksum`]; 0 in files written before it existed: not checked)
 //! vocab offsets   (vocab size + 1) × u32, into the vocab bytes
 //! vocab bytes     UTF-8 words, concatenated
 //! vocab table     slots × (u64 hash, u32 id, u32 unused)      open addressing, linear probing
@@ -23,6 +24,7 @@ pub const MAGIC: &[u8; 4] = b"LMKB";
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 192;
 const CHECKSUM_AT: usize = 176;
+const BODY_CHECKSUM_AT: usize = 184;
 pub const SLOT_LEN: usize = 16;
 
 /// The hash of the tables: splitmix64's output function (part of the file format).
@@ -54,6 +56,25 @@ pub(crate) fn ngram_hash(key: &[u32]) -> u64 {
 
 pub(crate) fn word_hash(word: &[u8]) -> u64 {
     nonzero(mix(fnv(word)))
+}
+
+/// The checksum of an image's body (its bytes after the header): each 1 MiB chunk hashed 8 bytes
+/// at a time through [`mix`] (chunks in parallel), the chunk hashes then mixed in order; never 0.
+pub(crate) fn body_checksum(body: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    let chunk_hash = |chunk: &[u8]| {
+        let mut words = chunk.chunks_exact(8);
+        let mut h: u64 = 0x243f_6a88_85a3_08d3;
+        for w in &mut words {
+            h = mix(h ^ u64::from_le_bytes(w.try_into().expect("8-byte chunk")));
+        }
+        for &b in words.remainder() {
+            h = mix(h ^ u64::from(b));
+        }
+        h
+    };
+    let hashes: Vec<u64> = body.par_chunks(1 << 20).map(chunk_hash).collect();
+    nonzero(hashes.iter().fold(body.len() as u64, |h, &c| mix(h ^ c)))
 }
 
 pub(crate) fn fnv(bytes: &[u8]) -> u64 {
@@ -176,6 +197,8 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
                 .copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
         }
     }
+    let body = body_checksum(&img[HEADER_LEN..]);
+    put64(&mut img, BODY_CHECKSUM_AT, body);
     img
 }
 
@@ -212,6 +235,24 @@ pub(crate) struct Header {
     pub counts: Vec<u64>,
     pub order_slots: Vec<usize>,
     pub layout: Layout,
+}
+
+/// Checks the body against the checksum the header stores (files written before it existed
+/// store 0 and are not checked): a corrupted table would otherwise give wrong probabilities, or
+/// an infinite perplexity, with no error.
+pub(crate) fn check_body(img: &[u8], path: &Path) -> Result<()> {
+    let stored = u64::from_le_bytes(
+        img[BODY_CHECKSUM_AT..BODY_CHECKSUM_AT + 8]
+            .try_into()
+            .expect("8-byte slice"),
+    );
+    if stored != 0 && stored != body_checksum(&img[HEADER_LEN..]) {
+        return Err(NgramError::Binary {
+            path: path.to_path_buf(),
+            msg: "body checksum mismatch (file corrupt); write it again with `lmkit ngram train` or `lmkit ngram convert`".into(),
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {

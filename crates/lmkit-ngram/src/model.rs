@@ -133,6 +133,7 @@ impl Model {
 
     fn from_storage(data: Storage, path: &Path) -> Result<Model> {
         let h = parse_header(&data, path)?;
+        crate::binary::check_body(&data, path)?;
         Ok(Model {
             data,
             h,

@@ -122,6 +122,21 @@ fn damaged_binary_files_are_refused() {
     let mut vocab = good.clone();
     vocab[192 + 4] = 0xff; // second vocab offset, past the header checksum
     assert!(binary_err(&vocab).contains("vocabulary"));
+    // A probability in the last order's table (the file's end): found by the body checksum, where
+    // it used to load and score.
+    let mut prob = good.clone();
+    let last = (0..good.len() - 16)
+        .rev()
+        .step_by(16)
+        .find(|&at| good[at..at + 8] != [0; 8])
+        .expect("a filled slot");
+    prob[last + 10] ^= 0x01;
+    assert!(binary_err(&prob).contains("body checksum mismatch"));
+    // Files written before the body checksum existed (0 there) still load.
+    let mut old = good.clone();
+    old[184..192].copy_from_slice(&[0; 8]);
+    std::fs::write(dir.path().join("old.lmkb"), &old).unwrap();
+    assert!(Model::open(&dir.path().join("old.lmkb"), Tokenization::Words).is_ok());
     let mut magic = good;
     magic[0..4].copy_from_slice(b"LMKB");
     magic[4] = 9;
