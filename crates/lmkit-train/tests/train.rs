@@ -158,6 +158,16 @@ fn llama_and_bert_resume_exactly() {
     ));
 }
 
+/// BART (source/target pairs, teacher forcing) resumes exactly too.
+#[test]
+fn bart_resumes_exactly() {
+    check_resume(Some(
+        "model_type = \"bart\"\nd_model = 32\nencoder_layers = 1\ndecoder_layers = 2\n\
+         encoder_attention_heads = 2\ndecoder_attention_heads = 2\nencoder_ffn_dim = 48\n\
+         decoder_ffn_dim = 48\nmax_position_embeddings = 32\n",
+    ));
+}
+
 fn check_resume(model: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     data(
@@ -168,6 +178,21 @@ fn check_resume(model: Option<&str>) {
     let mut cfg = config(dir.path(), "");
     if let Some(m) = model {
         cfg.model = m.parse().unwrap();
+    }
+    if model.is_some_and(|m| m.contains("\"bart\"")) {
+        // An encoder-decoder trains on source/target pairs.
+        let pairs: String = (0..200)
+            .map(|i| {
+                let (s, t) = if i % 2 == 0 {
+                    ("alpha beta gamma", "delta epsilon")
+                } else {
+                    ("zeta eta", "theta alpha beta")
+                };
+                format!("{}\n", serde_json::json!({"source": s, "target": t}))
+            })
+            .collect();
+        std::fs::write(dir.path().join("pairs.jsonl"), pairs).unwrap();
+        cfg.data.train = dir.path().join("pairs.jsonl");
     }
     cfg.train.max_steps = 12;
     cfg.train.save_every = 6;
