@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: Rust unit + integration tests, then the parity tests against the
-# reference implementations (KenLM, ...) in a Python virtualenv that this script sets up once.
+# reference implementations (KenLM, ...) in a Python virtualenv that this script sets up once,
+# and the hostile-input suite (tests/hostile: bad input under a memory cap).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -11,4 +12,4 @@ venv="$(bash scripts/setup-python.sh)"
 cargo build --release --locked -p lmkit-cli
 cargo test --release --locked --workspace
 # The binary cargo just built (in $CARGO_TARGET_DIR when that is set).
-LMKIT_BIN="${CARGO_TARGET_DIR:-$root/target}/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity
+LMKIT_BIN="${CARGO_TARGET_DIR:-$root/target}/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity tests/hostile

@@ -164,7 +164,9 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
             n,
             ..Default::default()
         };
-        o.keys.reserve(count * n);
+        // The declared count is not trusted for memory: a damaged header would ask for any size
+        // (the entries are counted against it as they are read).
+        o.keys.reserve(count.min(1 << 20).saturating_mul(n));
         for k in 0..count {
             let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
             let mut fields = crate::tokenize::kenlm_fields(&l);
@@ -236,6 +238,15 @@ fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header declaring an absurd count is an error at the first missing entry, not an
+    /// allocation of that size.
+    #[test]
+    fn a_huge_declared_count_is_not_allocated() {
+        let arpa = "\\data\\\nngram 1=1000000000000\n\n\\1-grams:\n-1.0\t<s>\n\\end\\\n";
+        let e = read_arpa(arpa.as_bytes(), Path::new("m.arpa"), Tokenization::Words).unwrap_err();
+        assert!(e.to_string().contains("m.arpa"), "{e}");
+    }
 
     /// KenLM's ARPA reader splits fields on ASCII spaces and tabs: a word holding a no-break space
     /// (which lmplz writes as it found it) is one word.

@@ -1,0 +1,112 @@
+"""Hostile or mistaken input, table-driven: each case runs the lmkit binary on generated input
+with its address space capped (RLIMIT_AS, 4 GiB) and a time limit, and must end with a clear error
+(exit code 1, the file or field named in the message), not a panic, an abort on allocation or a
+hang, and must leave no partial output behind."""
+import json
+import os
+import pathlib
+import resource
+import struct
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+MEMORY = 4 << 30
+
+
+def run(args, cwd):
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+    return subprocess.run([BIN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          preexec_fn=cap)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and token shards of a small corpus, made without limits."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "c.txt").write_text("the cat sat on the mat. " * 2000 + "\n", encoding="utf-8")
+    for args in (["tokenizer", "train", "--input", "c.txt", "--vocab-size", "300", "--output", "tok"],
+                 ["tokenizer", "encode", "--tokenizer", "tok", "--input", "c.txt", "--shards", "shards"]):
+        p = subprocess.run([BIN, *args], cwd=d, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    return d
+
+
+def run_config(d, model=None, train=None):
+    m = {"model_type": "gpt2", "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2, **(model or {})}
+    t = {"out_dir": "out", "seq_len": 16, "batch_size": 4, "max_steps": 2, **(train or {})}
+    lines = ["[model]", *(f"{k} = {json.dumps(v)}" for k, v in m.items()),
+             "[data]", f'train = "{d}/shards"', f'tokenizer = "{d}/tok"',
+             "[train]", *(f"{k} = {json.dumps(v)}" for k, v in t.items())]
+    return "\n".join(lines) + "\n"
+
+
+def safetensors_claiming(n_bytes):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n_bytes // 4], "data_offsets": [0, n_bytes]}}).encode()
+    return struct.pack("<Q", len(header)) + header
+
+
+# (name, files to write {path: text or bytes}, arguments, text the error must contain, paths that must not exist)
+CASES = [
+    ("arpa declaring 10^12 unigrams",
+     {"m.arpa": "\\data\\\nngram 1=1000000000000\n\n\\1-grams:\n-1.0\t<s>\n\\end\\\n", "t.txt": "a b\n"},
+     ["ngram", "ppl", "-m", "m.arpa", "--input", "t.txt"], "m.arpa", []),
+    ("safetensors header claiming 4 TB",
+     {"m/config.json": json.dumps({"model_type": "gpt2", "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 1,
+                                   "vocab_size": 10}),
+      "m/model.safetensors": safetensors_claiming(4 << 40)},
+     ["model", "logits", "--model", "m", "--ids", "1,2"], "model.safetensors", []),
+    ("config with n_embd = 0",
+     {"m/config.json": json.dumps({"model_type": "gpt2", "n_positions": 8, "n_embd": 0, "n_layer": 1, "n_head": 1,
+                                   "vocab_size": 10})},
+     ["model", "logits", "--model", "m", "--ids", "1"], "n_embd must be positive", []),
+    ("tokenizer with 10^9 tokens",
+     {"c.txt": "a b c\n"},
+     ["tokenizer", "train", "--input", "c.txt", "--vocab-size", "1000000000", "--output", "tok"], "vocab_size",
+     ["tok"]),
+    ("truncated lmkb",
+     {"m.lmkb": b"LMKB" + b"\x01\x00\x00\x00" + b"\x00" * 40, "t.txt": "a\n"},
+     ["ngram", "ppl", "-m", "m.lmkb", "--input", "t.txt"], "m.lmkb", []),
+    ("not a GGUF",
+     {"m.gguf": b"GGUX" + b"\x00" * 64},
+     ["generate", "--model", "m.gguf", "--prompt-ids", "1", "--ids"], "m.gguf", []),
+]
+
+TRAIN_CASES = [
+    ("n_embd = 10^9", {"n_embd": 10**9}, None, "needs about"),
+    ("n_positions = 10^9", {"n_positions": 10**9}, None, "needs about"),
+    ("batch of 10^8 sequences", None, {"batch_size": 10**8}, "needs about"),
+    ("vocabulary of 10^9", {"vocab_size": 10**9}, None, "needs about"),
+]
+
+
+def check(p, needle):
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+    assert needle in p.stderr, p.stderr[-2000:]
+    for sign in ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE"):
+        assert sign not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,files,args,needle,absent", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error(tmp_path, name, files, args, needle, absent):
+    for path, content in files.items():
+        f = tmp_path / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        else:
+            f.write_text(content, encoding="utf-8")
+    check(run(args, tmp_path), needle)
+    for a in absent:
+        assert not (tmp_path / a).exists(), f"{a} was left behind"
+
+
+@pytest.mark.parametrize("name,model,train,needle", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_oversized_runs_are_refused_before_allocating(tmp_path, corpus, name, model, train, needle):
+    (tmp_path / "run.toml").write_text(run_config(corpus, model, train))
+    check(run(["train", "--config", "run.toml"], tmp_path), needle)
+    assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
