@@ -32,12 +32,15 @@ impl Gguf {
             path: path.to_path_buf(),
             msg,
         };
-        let content = Content::read(&mut file).map_err(|e| {
-            bad(format!(
-                "not a readable GGUF file: {}",
-                crate::first_line(&e)
-            ))
-        })?;
+        // Buffered: the reader takes every metadata string (tens of thousands of vocabulary
+        // tokens and merges) with its own small reads.
+        let content = Content::read(&mut std::io::BufReader::with_capacity(1 << 20, &mut file))
+            .map_err(|e| {
+                bad(format!(
+                    "not a readable GGUF file: {}",
+                    crate::first_line(&e)
+                ))
+            })?;
         let size = file
             .metadata()
             .map_err(|e| ModelError::Io(lmkit_core::PathError::new(path, e)))?

@@ -16,7 +16,9 @@ pub struct GgufMeta {
 
 impl GgufMeta {
     pub fn read(path: &Path) -> Result<GgufMeta> {
-        let mut f = std::fs::File::open(path).map_err(|e| TokenizeError::io(path, e))?;
+        let f = std::fs::File::open(path).map_err(|e| TokenizeError::io(path, e))?;
+        // Buffered: the reader takes each metadata string with its own small reads.
+        let mut f = std::io::BufReader::with_capacity(1 << 20, f);
         let content = Content::read(&mut f).map_err(|e| TokenizeError::Load {
             path: path.to_path_buf(),
             msg: format!(
