@@ -205,6 +205,10 @@ pub fn save(tk: &Tokenizer, dir: &Path, special_tokens: &[String]) -> Result<()>
 /// 200 MB line took over 13 GB).
 pub const MAX_PIECE_BYTES: usize = 1 << 16;
 
+/// Text encoded in one batch when a document is cut into pieces: an encoding keeps ~100 bytes
+/// per token, so a batch of 1 MiB of text holds at most ~100 MB of encodings at once.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// `text` cut into pieces of at most `max` bytes (`max` ≥ 8). A cut goes just before a space
 /// that follows a non-space character — where byte-level and metaspace pre-tokenizers split
 /// anyway, so the pieces encode to the same tokens as the whole — when the last quarter of the
@@ -241,21 +245,30 @@ pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
             .map_err(tk_err)?;
         return Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect());
     }
-    // Pieces go through in batches of a few MB: an encoding keeps ~100 bytes per token
-    // (strings, offsets, masks), so only the ids of earlier batches are kept.
+    // Pieces go through in batches of BATCH_BYTES; only the ids of earlier batches are kept.
     let mut out = vec![Vec::new(); texts.len()];
     let all: Vec<(usize, &str)> = texts
         .iter()
         .enumerate()
         .flat_map(|(i, t)| pieces(t, MAX_PIECE_BYTES).into_iter().map(move |p| (i, p)))
         .collect();
-    for group in all.chunks(64) {
+    let mut start = 0;
+    while start < all.len() {
+        // A batch holds up to 1 MiB of text (at least one piece).
+        let mut end = start + 1;
+        let mut bytes = all[start].1.len();
+        while end < all.len() && bytes + all[end].1.len() <= BATCH_BYTES {
+            bytes += all[end].1.len();
+            end += 1;
+        }
+        let group = &all[start..end];
         let enc = tk
             .encode_batch(group.iter().map(|&(_, p)| p).collect::<Vec<_>>(), false)
             .map_err(tk_err)?;
         for (&(i, _), e) in group.iter().zip(enc) {
             out[i].extend_from_slice(e.get_ids());
         }
+        start = end;
     }
     Ok(out)
 }
