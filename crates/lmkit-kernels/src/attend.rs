@@ -3,6 +3,7 @@
 //! was three small products per layer, each waking the thread pool, and the softmax between
 //! them; a loop reads each cached key and value row once for all the query heads that share it.
 
+use crate::simd::prefetch;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -14,22 +15,10 @@ const PARALLEL_FROM: usize = 1 << 21;
 /// cached row once, and the hardware prefetcher alone leaves the loop waiting on memory.
 const AHEAD: usize = 8;
 
-/// Asks the CPU to bring the cache line at `p` into cache; a hint that never faults.
-#[inline(always)]
-fn prefetch(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch accesses no memory as far as the program is concerned: any address is
-    // allowed.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{prefetch, AHEAD};
+    use super::AHEAD;
+    use crate::simd::prefetch;
     use std::arch::x86_64::*;
 
     /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains.
@@ -96,7 +85,7 @@ mod avx2 {
     /// [`super::attend_group`] with AVX2 and FMA.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA.
+    /// The CPU must have AVX2 and FMA (`simd_level` ≥ 1).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_group(
@@ -117,10 +106,6 @@ mod avx2 {
             |x, y| dot(x, y),
             |p, v, stride, o| weighted_rows(p, v, stride, o),
         )
-    }
-
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 }
 
@@ -150,12 +135,9 @@ fn attend_group(
     o: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(avx2::available) {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
-        }
+    if crate::simd::simd_level() >= 1 {
+        // SAFETY: simd_level checked that the CPU has AVX2 and FMA.
+        return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
     }
     attend_group_with(
         (q, k, v),

@@ -111,6 +111,7 @@ fn dot_q8_0_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{PREFETCH, Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
+    use crate::simd::prefetch;
     use std::arch::x86_64::*;
 
     /// A Q4_1 block's scale d and minimum m: two f16 at its start, widened together.
@@ -152,7 +153,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (b, y) in w.chunks_exact(Q4_1_BYTES).zip(x) {
-            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let (d, m) = q4_1_scales(b);
             mins += m * y.s;
             // SAFETY: `y.qs` holds 32 bytes.
@@ -173,7 +174,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(x) {
-            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes, `y.qs` 32: the loads stay inside.
             let (qw, qy) = unsafe {
@@ -199,7 +200,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         for (i, b) in w.chunks_exact(Q4_1_BYTES).enumerate() {
-            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let (d, m) = q4_1_scales(b);
             let qx = q4_1_values(b);
             for r in 0..4 {
@@ -229,7 +230,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         for (i, b) in w.chunks_exact(Q8_0_BYTES).enumerate() {
-            _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH) as *const i8);
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let d = q8_0_scale(b);
             // SAFETY: `b` holds 2 + 32 bytes.
             let qw = unsafe { _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i) };

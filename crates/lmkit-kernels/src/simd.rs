@@ -18,8 +18,22 @@ pub fn simd_level() -> u8 {
     })
 }
 
-/// Defines `fn name<T: Bound>(args)` (or `fn name(args)`) whose body is compiled three times — for AVX-512, for AVX2
-/// with FMA, and for the baseline — and picks the widest this CPU runs. The build targets
+/// Asks the CPU to bring the cache line at `p` into cache: a hint that never faults, so `p` may
+/// point anywhere (past the end of a buffer included).
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch accesses no memory as far as the program is concerned: any address is
+    // allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Defines `fn name<T: Bound>(args)` (or `fn name(args)`) whose body is compiled three times —
+/// for AVX-512, for AVX2 with FMA, and for the baseline — and picks the widest this CPU runs. The build targets
 /// baseline x86-64, where these loops vectorise 4 floats wide; compiled inside the wider
 /// versions, the same loops run 8 or 16 wide.
 macro_rules! simd_versions {
