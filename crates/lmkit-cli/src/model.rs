@@ -217,12 +217,13 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 }
                 let x = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
                 let h = m.hidden(&x, None)?;
-                // A classification checkpoint gives its head's logits (one row for a sequence
-                // head, one per token for a token head); otherwise the masked-LM logits.
+                // A classification checkpoint gives its head's logits ([1, labels] for a sequence
+                // head, [1, t, labels] for a token head); otherwise the masked-LM logits
+                // [1, t, vocab]. Rows: one per position, or the one row of the sequence.
                 let logits = if m.task().is_some() {
                     m.task_logits(&h)?
                 } else {
-                    m.mlm_logits(&h)?.squeeze(0)?
+                    m.mlm_logits(&h)?
                 };
                 let logits = if logits.rank() == 3 {
                     logits.squeeze(0)?

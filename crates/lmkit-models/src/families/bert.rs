@@ -156,7 +156,12 @@ impl BertConfig {
 
     /// Reads and validates a `config.json` of a BERT-like encoder (bert, roberta, xlm-roberta).
     pub fn load(path: &Path) -> Result<BertConfig> {
-        match crate::registry::ModelConfig::load(path)? {
+        Self::from_json(crate::registry::read_json(path)?, path)
+    }
+
+    /// Validates a `config.json` given as JSON; `path` names it in errors.
+    pub fn from_json(v: serde_json::Value, path: &Path) -> Result<BertConfig> {
+        match crate::registry::ModelConfig::from_json(v, path)? {
             ModelConfig::Bert(c) => Ok(c),
             other => Err(crate::ModelError::Config {
                 path: path.to_path_buf(),
@@ -343,12 +348,17 @@ pub enum Task {
     Token,
 }
 
+/// The layers of a classification head.
+enum HeadLayers {
+    /// The tanh layer over the first token's state, then the output layer.
+    Sequence { dense: Linear, out: Linear },
+    /// The output layer over every token's state.
+    Token { out: Linear },
+}
+
 /// A classification head and its labels (`id2label` of config.json, in id order).
 struct TaskHead {
-    task: Task,
-    /// The tanh layer of a sequence head.
-    dense: Option<Linear>,
-    out: Linear,
+    layers: HeadLayers,
     labels: Vec<String>,
     /// `problem_type: multi_label_classification`: independent sigmoids instead of a softmax.
     multi_label: bool,
@@ -400,21 +410,21 @@ impl TaskHead {
         let labels: Vec<String> = labels.into_iter().map(Option::unwrap_or_default).collect();
         let (h, n) = (cfg.hidden_size, labels.len());
         let tensors = |e: candle_core::Error| crate::tensor_error(config_path, e);
-        let (dense, out) = match (task, cfg.arch) {
-            (Task::Token, _) => (None, linear(h, n, vb.pp("classifier")).map_err(tensors)?),
-            (Task::Sequence, Encoder::Bert) => (
-                Some(linear(h, h, root.pp("pooler.dense")).map_err(tensors)?),
-                linear(h, n, vb.pp("classifier")).map_err(tensors)?,
-            ),
-            (Task::Sequence, Encoder::Roberta | Encoder::XlmRoberta) => (
-                Some(linear(h, h, vb.pp("classifier.dense")).map_err(tensors)?),
-                linear(h, n, vb.pp("classifier.out_proj")).map_err(tensors)?,
-            ),
+        let layers = match (task, cfg.arch) {
+            (Task::Token, _) => HeadLayers::Token {
+                out: linear(h, n, vb.pp("classifier")).map_err(tensors)?,
+            },
+            (Task::Sequence, Encoder::Bert) => HeadLayers::Sequence {
+                dense: linear(h, h, root.pp("pooler.dense")).map_err(tensors)?,
+                out: linear(h, n, vb.pp("classifier")).map_err(tensors)?,
+            },
+            (Task::Sequence, Encoder::Roberta | Encoder::XlmRoberta) => HeadLayers::Sequence {
+                dense: linear(h, h, vb.pp("classifier.dense")).map_err(tensors)?,
+                out: linear(h, n, vb.pp("classifier.out_proj")).map_err(tensors)?,
+            },
         };
         Ok(Some(Box::new(TaskHead {
-            task,
-            dense,
-            out,
+            layers,
             labels,
             multi_label: raw.get("problem_type").and_then(|p| p.as_str())
                 == Some("multi_label_classification"),
@@ -478,7 +488,9 @@ impl Bert {
     pub fn load(dir: &Path, device: &Device) -> Result<Bert> {
         let dir = crate::resolve_checkpoint(dir);
         let config_path = dir.join("config.json");
-        let cfg = BertConfig::load(&config_path)?;
+        // Read once: the config, and the head's class and labels beside it.
+        let raw = crate::registry::read_json(&config_path)?;
+        let cfg = BertConfig::from_json(raw.clone(), &config_path)?;
         let vb = crate::mmap_weights(&dir, device, Some(cfg.num_hidden_layers))?;
         let root = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb.clone()
@@ -491,7 +503,6 @@ impl Bert {
             .then(|| vb.pp(path));
         let mut m =
             Bert::build(&cfg, root.clone(), head).map_err(|e| crate::tensor_error(&dir, e))?;
-        let raw = crate::registry::read_json(&config_path)?;
         m.task = TaskHead::load(&cfg, &raw, &root, &vb, &config_path)?;
         m.pooling = Pooling::load(&dir)?;
         Ok(m)
@@ -567,7 +578,10 @@ impl Bert {
 
     /// The classification head's task, when the checkpoint has one.
     pub fn task(&self) -> Option<Task> {
-        self.task.as_ref().map(|t| t.task)
+        self.task.as_ref().map(|t| match t.layers {
+            HeadLayers::Sequence { .. } => Task::Sequence,
+            HeadLayers::Token { .. } => Task::Token,
+        })
     }
 
     /// The classification head's labels in id order (empty without one).
@@ -588,12 +602,12 @@ impl Bert {
                 "this checkpoint has no classification head (config.json's architectures names no *ForSequenceClassification or *ForTokenClassification)"
             )
         };
-        match (&head.task, &head.dense) {
-            (Task::Sequence, Some(dense)) => {
+        match &head.layers {
+            HeadLayers::Sequence { dense, out } => {
                 let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-                head.out.forward(&dense.forward(&first)?.tanh()?)
+                out.forward(&dense.forward(&first)?.tanh()?)
             }
-            _ => head.out.forward(hidden),
+            HeadLayers::Token { out } => out.forward(hidden),
         }
     }
 

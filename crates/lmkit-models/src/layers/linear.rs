@@ -85,14 +85,15 @@ impl Linear {
         })
     }
 
-    /// One layer computing the outputs of `parts` (which read the same input) side by side, when
-    /// they are all block-quantized in one of lmkit's own kernel types: one product quantizes
-    /// the input once and shares one pass of the thread pool (the query, key and value
-    /// projections of a decoding step). `None` when the parts cannot be stacked.
-    fn stacked(parts: &[Linear], path: &str) -> candle_core::Result<Option<Linear>> {
+    /// One layer computing the outputs of `parts` (which read the same input) side by side, and
+    /// each part's output width, when they are all block-quantized in one of lmkit's own kernel
+    /// types: one product quantizes the input once and shares one pass of the thread pool (the
+    /// query, key and value projections of a decoding step). `None` when they cannot be stacked.
+    fn stacked(parts: &[Linear], path: &str) -> candle_core::Result<Option<(Linear, Vec<usize>)>> {
         let mut data = Vec::new();
         let mut biases = Vec::new();
-        let (mut rows, mut cols, mut dtype) = (0, None, None);
+        let mut widths = Vec::new();
+        let (mut cols, mut dtype) = (None, None);
         for part in parts {
             let Weight::Quantized(QMatMul::QTensor(t), _) = &part.weight else {
                 return Ok(None);
@@ -108,7 +109,7 @@ impl Linear {
                 return Ok(None);
             }
             data.extend_from_slice(&t.data()?);
-            rows += n;
+            widths.push(n);
             cols = Some(k);
             dtype = Some(t.dtype());
             biases.push(match &part.bias {
@@ -130,24 +131,16 @@ impl Linear {
         } else {
             None
         };
-        Ok(Some(Linear {
+        let rows = widths.iter().sum::<usize>();
+        let layer = Linear {
             weight: Weight::Quantized(
                 QMatMul::from_qtensor(QTensor::new(storage, (rows, k))?)?,
                 Arc::default(),
             ),
             bias,
             path: path.to_string(),
-        }))
-    }
-
-    /// Output features.
-    pub fn out_dim(&self) -> candle_core::Result<usize> {
-        match &self.weight {
-            Weight::Dense(w) => w.dim(0),
-            Weight::Transposed(w) => w.dim(1),
-            Weight::Quantized(QMatMul::QTensor(t), _) => t.shape().dims2().map(|(n, _)| n),
-            Weight::Quantized(..) => self.weight().dim(0),
-        }
+        };
+        Ok(Some((layer, widths)))
     }
 
     /// The weight as stored ([out, in] dense, [in, out] for Conv1D); a quantized layer gives its
@@ -242,35 +235,26 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
 /// and up projections of a gated MLP). Block-quantized alike, they are stacked into one layer:
 /// a decoding step then quantizes its input once and wakes the thread pool once for all of
 /// them, instead of once per layer.
-pub struct Fanout {
-    parts: Vec<Linear>,
-    /// The stacked layer and the output width of each part, when the parts were stacked.
-    stacked: Option<(Linear, Vec<usize>)>,
+pub enum Fanout {
+    Apart(Vec<Linear>),
+    /// One layer whose output holds the parts' outputs side by side, with their widths.
+    Stacked(Linear, Vec<usize>),
 }
 
 impl Fanout {
     /// The parts, stacked when they can be (they are then kept only in the stacked layer).
     pub fn new(parts: Vec<Linear>, path: &str) -> candle_core::Result<Fanout> {
-        let Some(stacked) = Linear::stacked(&parts, path)? else {
-            return Ok(Fanout {
-                parts,
-                stacked: None,
-            });
-        };
-        let widths = parts
-            .iter()
-            .map(|p| p.out_dim())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Fanout {
-            parts: Vec::new(),
-            stacked: Some((stacked, widths)),
+        Ok(match Linear::stacked(&parts, path)? {
+            Some((layer, widths)) => Fanout::Stacked(layer, widths),
+            None => Fanout::Apart(parts),
         })
     }
 
     /// Each part's output for `x`, in the order the parts were given.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let Some((layer, widths)) = &self.stacked else {
-            return self.parts.iter().map(|p| p.forward(x)).collect();
+        let (layer, widths) = match self {
+            Fanout::Apart(parts) => return parts.iter().map(|p| p.forward(x)).collect(),
+            Fanout::Stacked(layer, widths) => (layer, widths),
         };
         let y = layer.forward(x)?;
         let last = y.rank() - 1;
