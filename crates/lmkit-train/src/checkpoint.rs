@@ -101,12 +101,29 @@ fn run_id_of(dir: &Path) -> String {
 }
 
 pub struct CheckpointFiles<'a> {
-    pub config_json: &'a serde_json::Value,
+    /// JSON files of the directory by name (config.json, generation_config.json; an adapter's
+    /// adapter_config.json).
+    pub json: &'a [(&'a str, &'a serde_json::Value)],
+    /// The weights' file name (model.safetensors; adapter_model.safetensors) and tensors.
+    pub weights_file: &'a str,
     pub weights: &'a [(String, Tensor)],
     pub optimizer: &'a [(String, Tensor)],
     pub state: &'a TrainerState,
-    pub tokenizer_dir: &'a Path,
-    pub generation_config: &'a serde_json::Value,
+    /// Files copied in where they exist (the tokenizer's).
+    pub copy: &'a [PathBuf],
+}
+
+/// The tokenizer files of a model directory that a checkpoint carries.
+pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+    [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .collect()
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -136,16 +153,16 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Result<PathBuf> {
     let tmp = lmkit_core::AtomicDir::create_in(out)?;
     let dir = tmp.path();
-    write_json(&dir.join("config.json"), files.config_json)?;
-    write_json(&dir.join("generation_config.json"), files.generation_config)?;
-    let weights = dir.join("model.safetensors");
+    for (name, v) in files.json {
+        write_json(&dir.join(name), v)?;
+    }
+    let weights = dir.join(files.weights_file);
     write_file(&weights, |w| {
         write_safetensors(files.weights, w).map_err(TrainError::from)
     })?;
-    for name in ["tokenizer.json", "tokenizer_config.json"] {
-        let src = files.tokenizer_dir.join(name);
-        if src.exists() {
-            std::fs::copy(&src, dir.join(name)).map_err(io(&src))?;
+    for src in files.copy {
+        if let (true, Some(name)) = (src.is_file(), src.file_name()) {
+            std::fs::copy(src, dir.join(name)).map_err(io(src))?;
         }
     }
     let ts = dir.join("trainer_state");
@@ -196,4 +213,56 @@ pub fn latest(out: &Path) -> Result<PathBuf> {
         });
     }
     Ok(dir)
+}
+
+/// Loads the checkpoint `out/latest` names into `opt` (weights from `weights_file`, moments
+/// from trainer_state/) after checking that it was written for `model` (the run's identity as
+/// stored in its state). Returns its directory, state and every tensor of its optimizer file.
+pub(crate) fn restore(
+    out: &Path,
+    opt: &mut crate::adamw::AdamW,
+    weights_file: &str,
+    model: &serde_json::Value,
+    dev: &candle_core::Device,
+) -> Result<(
+    PathBuf,
+    TrainerState,
+    std::collections::HashMap<String, Tensor>,
+)> {
+    let dir = latest(out)?;
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state/state.json"))
+            .map_err(|e| TrainError::io(&dir, e))?,
+    )
+    .map_err(|e| TrainError::Resume {
+        path: dir.clone(),
+        msg: format!("bad state.json: {e}"),
+    })?;
+    if state.model != *model {
+        return Err(TrainError::Resume {
+            path: dir,
+            msg: "the checkpoint was trained with a different configuration".into(),
+        });
+    }
+    let weights = candle_core::safetensors::load(dir.join(weights_file), dev)?;
+    let moments =
+        candle_core::safetensors::load(dir.join("trainer_state/optimizer.safetensors"), dev)?;
+    for (i, p) in opt.params.iter().enumerate() {
+        let missing = |what: &str| TrainError::Resume {
+            path: dir.clone(),
+            msg: format!("{what} `{}` missing", p.name),
+        };
+        p.var
+            .set(weights.get(&p.name).ok_or_else(|| missing("weight"))?)?;
+        opt.m[i] = moments
+            .get(&format!("m.{}", p.name))
+            .ok_or_else(|| missing("first moment of"))?
+            .clone();
+        opt.v[i] = moments
+            .get(&format!("v.{}", p.name))
+            .ok_or_else(|| missing("second moment of"))?
+            .clone();
+    }
+    opt.step = state.step;
+    Ok((dir, state, moments))
 }

@@ -15,12 +15,13 @@ mod objective;
 pub mod passes;
 pub mod safetensors_io;
 pub mod seq2seq;
+mod steps;
 
 pub use checkpoint::Start;
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 
-use adamw::{clip_scale, grad_norm, lr_at, AdamW};
+use adamw::AdamW;
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use data::{Batches, Split};
@@ -29,10 +30,9 @@ use lmkit_models::{Kind, KvCache, SpecialIds};
 use lmkit_tokenize::TokenDataset;
 use objective::{loss_with, pair_loss, Net};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use steps::{Grads, Micro};
 
 use lmkit_core::rng::mix;
-use lmkit_core::Unit;
 pub use lmkit_core::{NoProgress, Progress};
 
 pub struct Summary {
@@ -42,15 +42,6 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     pub tokens_per_sec: f64,
     pub parameters: usize,
-}
-
-/// Adds a gradient contribution to a parameter's running sum (the first one is kept as is).
-fn add_grad(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
-    *acc = Some(match acc.take() {
-        Some(a) => (a + g)?,
-        None => g,
-    });
-    Ok(())
 }
 
 /// Trains per `cfg`: a new run, or (`Start::Resume`) the run in `out_dir` from its `latest`
@@ -197,40 +188,8 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     let mut tokens_seen = 0u64;
     let mut elapsed_before = 0.0;
     if resume {
-        let dir = checkpoint::latest(out)?;
-        let state: checkpoint::TrainerState = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("trainer_state/state.json"))
-                .map_err(|e| TrainError::io(&dir, e))?,
-        )
-        .map_err(|e| TrainError::Resume {
-            path: dir.clone(),
-            msg: format!("bad state.json: {e}"),
-        })?;
-        if state.model != config_json {
-            return Err(TrainError::Resume {
-                path: dir,
-                msg: "the checkpoint was trained with a different [model] config".into(),
-            });
-        }
-        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev)?;
-        let moments =
-            candle_core::safetensors::load(dir.join("trainer_state/optimizer.safetensors"), &dev)?;
-        for (i, p) in opt.params.iter().enumerate() {
-            let missing = |what: &str| TrainError::Resume {
-                path: dir.clone(),
-                msg: format!("{what} `{}` missing", p.name),
-            };
-            p.var
-                .set(weights.get(&p.name).ok_or_else(|| missing("weight"))?)?;
-            opt.m[i] = moments
-                .get(&format!("m.{}", p.name))
-                .ok_or_else(|| missing("first moment of"))?
-                .clone();
-            opt.v[i] = moments
-                .get(&format!("v.{}", p.name))
-                .ok_or_else(|| missing("second moment of"))?
-                .clone();
-        }
+        let (dir, state, moments) =
+            checkpoint::restore(out, &mut opt, "model.safetensors", &config_json, &dev)?;
         if let Some(cache) = &mut carried {
             for l in 0..n_layer {
                 if let Some(h) = moments.get(&format!("carried.{l}.h")) {
@@ -242,7 +201,6 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 }
             }
         }
-        opt.step = state.step;
         if !state.run_id.is_empty() {
             run_id = state.run_id.clone();
         }
@@ -256,12 +214,8 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
 
     let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
-    let save = |opt: &AdamW,
-                carried: &Option<KvCache>,
-                step: usize,
-                tokens_seen: u64,
-                elapsed: f64|
-     -> Result<PathBuf> {
+    let tk_files = checkpoint::tokenizer_files(&tk_dir);
+    let save = |opt: &AdamW, carried: &Option<KvCache>, at: steps::Position| -> Result<PathBuf> {
         let weights: Vec<(String, Tensor)> = opt
             .params
             .iter()
@@ -283,22 +237,25 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
             }
         }
         let state = checkpoint::TrainerState {
-            step,
+            step: at.step,
             seed: t.seed,
-            tokens_seen,
-            elapsed_seconds: elapsed,
+            tokens_seen: at.tokens_seen,
+            elapsed_seconds: at.elapsed,
             model: config_json.clone(),
             run_id: run_id.clone(),
         };
         let files = checkpoint::CheckpointFiles {
-            config_json: &config_json,
+            json: &[
+                ("config.json", &config_json),
+                ("generation_config.json", &generation_config),
+            ],
+            weights_file: "model.safetensors",
             weights: &weights,
             optimizer: &moments,
             state: &state,
-            tokenizer_dir: &tk_dir,
-            generation_config: &generation_config,
+            copy: &tk_files,
         };
-        let dir = checkpoint::save(out, step, &files, t.keep_checkpoints)?;
+        let dir = checkpoint::save(out, at.step, &files, t.keep_checkpoints)?;
         let _ = metrics::plot(&metrics::read(&metrics_path), &out.join("loss.svg"));
         Ok(dir)
     };
@@ -323,190 +280,77 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         Ok(Some(total / t.eval_batches.max(1) as f64))
     };
 
-    let param_index: std::collections::HashMap<_, _> = opt
-        .params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.var.as_tensor().id(), i))
-        .collect();
     let hand_pass = match &model {
         Net::Causal(m) => passes::for_model(m, t.backward),
         _ => None,
     };
-    progress.begin("training", t.max_steps as u64, Unit::Steps);
-    progress.set_position(step as u64);
-    let t0 = Instant::now();
-    let mut last_loss = f64::NAN;
-    let mut last_val = None;
-    let mut window_tokens = 0u64;
-    let mut window_start = Instant::now();
-    let mut tps = 0.0;
-    let mut checkpoint_dir = None;
-    while step < t.max_steps {
-        let lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params.len()];
-        let mut loss_sum = 0.0;
-        let mut pair_tokens = 0u64;
-        for micro in 0..t.grad_accum {
-            model.set_training(true);
-            let loss = match (&data, &mut carried) {
-                (Batches::Pairs { train, .. }, _) => {
-                    let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
-                    let (loss, n) = pair_loss(&model, train, seed, t.batch_size, &dev)?;
-                    pair_tokens += n;
-                    loss
+    let carried = std::cell::RefCell::new(carried);
+    let stream_tokens = (t.batch_size * t.seq_len) as u64;
+    let mut micro = |step: usize, micro: usize, grads: &mut Grads| -> Result<Micro> {
+        model.set_training(true);
+        let scale = 1.0 / t.grad_accum as f64;
+        let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
+        let (loss, tokens) = match (&data, &mut *carried.borrow_mut()) {
+            (Batches::Pairs { train, .. }, _) => {
+                pair_loss(&model, train, seed, t.batch_size, &dev)?
+            }
+            (Batches::Stream { train, .. }, Some(cache)) => {
+                let Net::Causal(model) = &model else {
+                    unreachable!("only recurrent decoders carry state")
+                };
+                let m = (step * t.grad_accum + micro) as u64;
+                let (x, y, fresh) = train.stream_batch(m, t.batch_size, t.seq_len, &dev)?;
+                if fresh {
+                    cache.clear();
                 }
-                (
-                    Batches::Stream {
-                        train: train_split, ..
-                    },
-                    Some(cache),
-                ) => {
-                    let Net::Causal(model) = &model else {
-                        unreachable!("only recurrent decoders carry state")
-                    };
-                    let m = (step * t.grad_accum + micro) as u64;
-                    let (x, y, fresh) =
-                        train_split.stream_batch(m, t.batch_size, t.seq_len, &dev)?;
-                    if fresh {
-                        cache.clear();
-                    }
-                    loss_with(model, &x, &y, cache)?
-                }
-                (
-                    Batches::Stream {
-                        train: train_split, ..
-                    },
-                    None,
-                ) => {
-                    let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
-                    let (x, y) = train_split.batch(seed, t.batch_size, t.seq_len, &dev)?;
-                    if let Some(pass) = &hand_pass {
-                        let scale = 1.0 / t.grad_accum as f64;
-                        if let Some(r) = pass.loss_and_grads(&x, &y, scale)? {
-                            loss_sum += r.loss;
-                            for (p, gi) in r.grads {
-                                if let Some(&i) = param_index.get(&p.id()) {
-                                    add_grad(&mut grads[i], gi)?;
-                                }
-                            }
-                            continue;
+                (loss_with(model, &x, &y, cache)?, stream_tokens)
+            }
+            (Batches::Stream { train, .. }, None) => {
+                let (x, y) = train.batch(seed, t.batch_size, t.seq_len, &dev)?;
+                if let Some(pass) = &hand_pass {
+                    if let Some(r) = pass.loss_and_grads(&x, &y, scale)? {
+                        for (p, gi) in r.grads {
+                            grads.add(p.id(), gi)?;
                         }
+                        return Ok(Micro {
+                            loss: r.loss,
+                            tokens: stream_tokens,
+                        });
                     }
-                    model.loss(&x, &y, seed ^ 0x3a5c)?
                 }
-            };
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = (loss / t.grad_accum as f64)?.backward()?;
-            for (acc, p) in grads.iter_mut().zip(&opt.params) {
-                if let Some(gi) = g.get(p.var.as_tensor()) {
-                    add_grad(acc, gi.detach())?;
-                }
+                (model.loss(&x, &y, seed ^ 0x3a5c)?, stream_tokens)
             }
-        }
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&opt.params)
-            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = grad_norm(&grads)?;
-        opt.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
-        step += 1;
-        last_loss = loss_sum / t.grad_accum as f64;
-        if !last_loss.is_finite() {
-            return Err(TrainError::Data(format!(
-                "loss became {last_loss} at step {step}; lower train.lr or check the data"
-            )));
-        }
-        let n_tok = match &data {
-            Batches::Pairs { .. } => pair_tokens,
-            Batches::Stream { .. } => (t.batch_size * t.seq_len * t.grad_accum) as u64,
         };
-        tokens_seen += n_tok;
-        window_tokens += n_tok;
-        progress.set_position(step as u64);
-        progress.status(&format!("loss {last_loss:.4}  {tps:.0} tok/s"));
-        if step.is_multiple_of(t.log_every.max(1)) || step == t.max_steps {
-            tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-            window_tokens = 0;
-            window_start = Instant::now();
-            metrics::append(
-                &metrics_path,
-                &metrics::Record {
-                    step,
-                    loss: Some(last_loss),
-                    lr: Some(lr),
-                    grad_norm: Some(grad_norm),
-                    tokens_per_sec: Some(tps),
-                    tokens: Some(tokens_seen),
-                    val_loss: None,
-                },
-            )?;
-        }
-        if t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.max_steps) {
-            last_val = evaluate(&model)?;
-            if let Some(v) = last_val {
-                metrics::append(
-                    &metrics_path,
-                    &metrics::Record {
-                        step,
-                        val_loss: Some(v),
-                        loss: None,
-                        lr: None,
-                        grad_norm: None,
-                        tokens_per_sec: None,
-                        tokens: None,
-                    },
-                )?;
-                progress.message(&format!(
-                    "step {step}: train loss {last_loss:.4}, validation loss {v:.4}"
-                ));
-            }
-        }
-        let out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
-        let interrupted = lmkit_core::stop::requested();
-        if (t.save_every > 0 && step.is_multiple_of(t.save_every))
-            || step == t.max_steps
-            || out_of_time
-            || interrupted
-        {
-            checkpoint_dir = Some(save(
-                &opt,
-                &carried,
-                step,
-                tokens_seen,
-                elapsed_before + t0.elapsed().as_secs_f64(),
-            )?);
-        }
-        if out_of_time {
-            progress.message(&format!("train.max_time reached at step {step}"));
-            break;
-        }
-        if interrupted {
-            progress.message(&format!(
-                "stopped at step {step} with a checkpoint; continue with --resume"
-            ));
-            break;
-        }
-    }
-    progress.finish();
-    let checkpoint = match checkpoint_dir {
-        Some(d) => d,
-        None => save(
-            &opt,
-            &carried,
-            step,
-            tokens_seen,
-            elapsed_before + t0.elapsed().as_secs_f64(),
-        )?,
+        let value = loss.to_scalar::<f32>()? as f64;
+        grads.backward(&(loss * scale)?)?;
+        Ok(Micro {
+            loss: value,
+            tokens,
+        })
     };
-    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    let from = steps::Position {
+        step,
+        tokens_seen,
+        elapsed: elapsed_before,
+    };
+    let end = steps::run(
+        t,
+        &mut opt,
+        from,
+        &metrics_path,
+        progress,
+        steps::Hooks {
+            micro: &mut micro,
+            evaluate: &mut || evaluate(&model),
+            save: &mut |opt, at| save(opt, &carried.borrow(), at),
+        },
+    )?;
     Ok(Summary {
-        steps: step,
-        final_loss: last_loss,
-        val_loss: last_val,
-        checkpoint,
-        tokens_per_sec: tokens_seen as f64 / (elapsed_before + secs),
+        steps: end.at.step,
+        final_loss: end.last_loss,
+        val_loss: end.last_val,
+        checkpoint: end.checkpoint,
+        tokens_per_sec: end.at.tokens_seen as f64 / end.at.elapsed.max(1e-9),
         parameters: n_params,
     })
 }

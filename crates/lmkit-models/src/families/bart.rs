@@ -295,7 +295,7 @@ impl Bart {
             shared.embeddings().clone(),
             Some(final_logits_bias.reshape(cfg.vocab_size)?),
             "final_logits",
-        );
+        )?;
         Ok(Bart {
             encoder: Stack::new(cfg, false, m.pp("encoder"))?,
             decoder: Stack::new(cfg, true, m.pp("decoder"))?,

@@ -324,7 +324,7 @@ impl MlmHead {
                 decoder,
                 Some(p.get(cfg.vocab_size, "bias")?),
                 &format!("{path}.decoder"),
-            ),
+            )?,
             act,
         })
     }

@@ -339,7 +339,7 @@ impl Gpt2 {
         } else {
             vb.get((cfg.vocab_size, cfg.n_embd), "lm_head.weight")?
         };
-        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head")?;
         Ok(Gpt2 {
             wte,
             wpe,

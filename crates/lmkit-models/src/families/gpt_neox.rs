@@ -310,7 +310,7 @@ impl GptNeox {
             m.pp("final_layer_norm"),
         )?;
         let embed_out = if cfg.tie_word_embeddings {
-            Linear::from_weight(embed_in.embeddings().clone(), None, "embed_out")
+            Linear::from_weight(embed_in.embeddings().clone(), None, "embed_out")?
         } else {
             linear_b(cfg.hidden_size, cfg.vocab_size, false, vb.pp("embed_out"))?
         };

@@ -512,7 +512,7 @@ impl Llama {
         } else {
             vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
         };
-        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head")?;
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Llama {
             embed_tokens: TokenEmbedding::Dense(embed_tokens),

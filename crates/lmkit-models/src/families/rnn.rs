@@ -194,7 +194,7 @@ impl RnnLm {
         } else {
             vb.get((cfg.vocab_size, h), "lm_head.weight")?
         };
-        let lm_head = Linear::from_weight(lm_head, None, "lm_head");
+        let lm_head = Linear::from_weight(lm_head, None, "lm_head")?;
         Ok(RnnLm {
             embedding,
             layers,

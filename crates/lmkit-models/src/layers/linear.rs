@@ -8,6 +8,8 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::{Arc, OnceLock};
 
+use super::lora::{self, Lora};
+
 /// How the weight is stored.
 #[derive(Clone, Debug)]
 enum Weight {
@@ -26,6 +28,8 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     path: String,
+    /// A LoRA adapter added to the product (attached while the model is built with adapters).
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -42,6 +46,7 @@ impl Linear {
         Ok(Linear {
             weight: Weight::Dense(l.weight().clone()),
             bias: l.bias().cloned(),
+            lora: lora::attach(&path, in_dim, out_dim, false)?,
             path,
         })
     }
@@ -51,18 +56,25 @@ impl Linear {
         Ok(Linear {
             weight: Weight::Transposed(vb.get((in_dim, out_dim), "weight")?),
             bias: Some(vb.get(out_dim, "bias")?),
+            lora: lora::attach(&vb.prefix(), in_dim, out_dim, true)?,
             path: vb.prefix(),
         })
     }
 
     /// A layer over an existing [out, in] weight (an output layer tied to the token embeddings,
     /// or one stored under a name of its own), with an optional bias.
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>, path: &str) -> Self {
-        Linear {
+    pub fn from_weight(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        path: &str,
+    ) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        Ok(Linear {
             weight: Weight::Dense(weight),
             bias,
             path: path.to_string(),
-        }
+            lora: lora::attach(path, in_dim, out_dim, false)?,
+        })
     }
 
     /// A layer over a GGUF tensor [out, in]: block-quantized types stay quantized, float ones
@@ -72,6 +84,7 @@ impl Linear {
         bias: Option<Tensor>,
         path: &str,
     ) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = weight.shape().dims2()?;
         let weight = match QMatMul::from_qtensor(weight)? {
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
                 Weight::Dense(w.to_dtype(candle_core::DType::F32)?)
@@ -82,6 +95,7 @@ impl Linear {
             weight,
             bias,
             path: path.to_string(),
+            lora: lora::attach(path, in_dim, out_dim, false)?,
         })
     }
 
@@ -95,6 +109,9 @@ impl Linear {
         let mut widths = Vec::new();
         let (mut cols, mut dtype) = (None, None);
         for part in parts {
+            if part.lora.is_some() {
+                return Ok(None);
+            }
             let Weight::Quantized(QMatMul::QTensor(t), _) = &part.weight else {
                 return Ok(None);
             };
@@ -139,6 +156,7 @@ impl Linear {
             ),
             bias,
             path: path.to_string(),
+            lora: None,
         };
         Ok(Some((layer, widths)))
     }
@@ -175,10 +193,14 @@ impl Linear {
     pub fn path(&self) -> &str {
         &self.path
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The LoRA adapter added to this layer's product, if any.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// x·Wᵀ + b without the adapter.
+    fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w_in_out = match &self.weight {
             Weight::Dense(w) => w.t()?,
             Weight::Transposed(w) => w.clone(),
@@ -204,6 +226,16 @@ impl Module for Linear {
             }
         };
         lmkit_kernels::blas::linear(x, &w_in_out, self.bias.as_ref())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.base_forward(x)?;
+        match &self.lora {
+            Some(l) => y + l.forward(x)?,
+            None => Ok(y),
+        }
     }
 }
 
@@ -289,8 +321,9 @@ mod tests {
             weight: Weight::Transposed(w.clone()),
             bias: Some(b.clone()),
             path: "c".into(),
+            lora: None,
         };
-        let same = Linear::from_weight(w.t().unwrap().contiguous().unwrap(), Some(b), "d");
+        let same = Linear::from_weight(w.t().unwrap().contiguous().unwrap(), Some(b), "d").unwrap();
         let x = lmkit_kernels::testing::randn(0f64, 1.0, (2, 5, 3), &dev).unwrap();
         let (y1, y2) = (conv.forward(&x).unwrap(), same.forward(&x).unwrap());
         let d = (y1 - y2).unwrap().abs().unwrap().max_all().unwrap();

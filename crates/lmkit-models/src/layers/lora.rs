@@ -1,0 +1,533 @@
+//! LoRA adapters (Hu et al. 2021) as PEFT defines and stores them: a layer `y = x·Wᵀ + b` gains
+//! `scale · (x·Aᵀ)·Bᵀ` with A [r, in] and B [out, r], `scale = alpha / r` (or `alpha / √r` with
+//! rsLoRA). An adapter set is PEFT's directory: `adapter_config.json` + `adapter_model.safetensors`
+//! with keys `base_model.model.<layer path>.lora_A.weight` / `.lora_B.weight`.
+//!
+//! Adapters are attached to [`Linear`](super::linear::Linear) layers while a model is built
+//! ([`Adapters::build`]): each layer asks for the adapter of its tensor path, so no model file
+//! knows about adapters.
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// PEFT's prefix of a causal LM's module paths in a saved adapter.
+const PREFIX: &str = "base_model.model.";
+
+/// Which layers get an adapter: PEFT's `target_modules`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    /// Layer names (a path equal to one, or ending in `.name`), or `["all-linear"]`.
+    Names(Vec<String>),
+    /// `"all-linear"`: every linear layer but the output layer.
+    One(String),
+}
+
+impl Targets {
+    fn all_linear(&self) -> bool {
+        match self {
+            Targets::One(s) => s == "all-linear",
+            Targets::Names(v) => v.len() == 1 && v[0] == "all-linear",
+        }
+    }
+
+    /// Whether the layer at `path` is targeted (PEFT: the path equals a name or ends in `.name`).
+    pub fn matches(&self, path: &str) -> bool {
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        if self.all_linear() {
+            return !OUTPUT_LAYERS.contains(&leaf);
+        }
+        match self {
+            Targets::Names(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Targets::One(_) => false,
+        }
+    }
+}
+
+/// Output layers, which `all-linear` leaves out (as PEFT does).
+const OUTPUT_LAYERS: &[&str] = &["lm_head", "embed_out", "score", "classifier", "out_proj"];
+
+/// The adapter settings of a run (`[lora]`) and of `adapter_config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Targets,
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Targets {
+    Targets::One("all-linear".into())
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            target_modules: default_targets(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The factor the adapter's product is multiplied by.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.r == 0 {
+            return Err("lora.r must be at least 1".into());
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err("lora.alpha must be a positive number".into());
+        }
+        if self.dropout != 0.0 {
+            return Err(
+                "lora.dropout other than 0 is not implemented; set lora.dropout = 0".into(),
+            );
+        }
+        if let Targets::One(s) = &self.target_modules {
+            if s != "all-linear" {
+                return Err(format!(
+                    "lora.target_modules = \"{s}\": give a list of layer names (e.g. [\"q_proj\", \"v_proj\"]) or \"all-linear\""
+                ));
+            }
+        }
+        if let Targets::Names(v) = &self.target_modules {
+            if v.is_empty() {
+                return Err("lora.target_modules is empty".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One layer's adapter: A [r, in], B [out, r] and the scale.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in].
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = lmkit_kernels::blas::linear(x, &self.a.t()?, None)?;
+        lmkit_kernels::blas::linear(&h, &self.b.t()?, None)? * self.scale
+    }
+
+    /// `scale · B·A` [out, in]: what merging adds to the weight.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+enum Source {
+    /// New trainable adapters: A drawn as PEFT's default (Kaiming-uniform, bound 1/√in), B zero.
+    Fresh { seed: u64, device: Device },
+    /// Adapters read from a PEFT directory.
+    Loaded {
+        dir: PathBuf,
+        tensors: HashMap<String, Tensor>,
+    },
+}
+
+struct State {
+    source: Source,
+    /// Attached adapters by layer path, with the layer's storage (transposed: Conv1D).
+    attached: BTreeMap<String, (Lora, Option<Var>, Option<Var>, bool)>,
+}
+
+/// A set of adapters: created fresh for training or read from a PEFT directory, attached to a
+/// model's layers while it is built.
+#[derive(Clone)]
+pub struct Adapters {
+    pub spec: LoraSpec,
+    state: Arc<Mutex<State>>,
+}
+
+thread_local! {
+    static BUILDING: RefCell<Option<Adapters>> = const { RefCell::new(None) };
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The adapter for the layer at `path` ([in, out] sizes), when a model is being built with
+/// adapters that target it. Called by `Linear`'s constructors.
+pub(crate) fn attach(
+    path: &str,
+    in_dim: usize,
+    out_dim: usize,
+    transposed: bool,
+) -> candle_core::Result<Option<Lora>> {
+    BUILDING.with(|b| match &*b.borrow() {
+        Some(adapters) => adapters.attach(path, in_dim, out_dim, transposed),
+        None => Ok(None),
+    })
+}
+
+/// The peft `adapter_config.json` fields lmkit reads or writes.
+#[derive(Debug, Serialize, Deserialize)]
+struct PeftConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: Option<Targets>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    rank_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    alpha_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    layers_to_transform: Option<serde_json::Value>,
+}
+
+impl Adapters {
+    /// New adapters per `spec`, drawn from `seed`, trainable.
+    pub fn fresh(spec: LoraSpec, seed: u64, device: &Device) -> Self {
+        Adapters {
+            spec,
+            state: Arc::new(Mutex::new(State {
+                source: Source::Fresh {
+                    seed,
+                    device: device.clone(),
+                },
+                attached: BTreeMap::new(),
+            })),
+        }
+    }
+
+    /// Reads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    /// A training output directory loads the checkpoint its `latest` names.
+    pub fn load(dir: &Path, device: &Device) -> crate::Result<Self> {
+        let dir = crate::resolve_checkpoint(dir);
+        let cfg_path = dir.join("adapter_config.json");
+        let bad = |msg: String| crate::ModelError::Config {
+            path: cfg_path.clone(),
+            msg,
+        };
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            lmkit_core::PathError::new(
+                cfg_path.clone(),
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (an adapter is a PEFT directory with adapter_config.json)"),
+                ),
+            )
+        })?;
+        let c: PeftConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if let Some(t) = c.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(bad(format!("peft_type {t} is not supported (only LORA)")));
+        }
+        let refuse = |what: &str| Err(bad(format!("{what} is not supported")));
+        if c.use_dora {
+            return refuse("use_dora (DoRA)");
+        }
+        if c.bias.as_deref().is_some_and(|b| b != "none") {
+            return refuse("bias other than \"none\"");
+        }
+        if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return refuse("modules_to_save");
+        }
+        if c.rank_pattern.as_ref().is_some_and(|m| !m.is_empty())
+            || c.alpha_pattern.as_ref().is_some_and(|m| !m.is_empty())
+        {
+            return refuse("rank_pattern / alpha_pattern");
+        }
+        if c.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+            return refuse("layers_to_transform");
+        }
+        let spec = LoraSpec {
+            r: c.r,
+            alpha: c.lora_alpha,
+            dropout: 0.0,
+            target_modules: c.target_modules.unwrap_or(Targets::Names(Vec::new())),
+            use_rslora: c.use_rslora,
+        };
+        if spec.r == 0 || spec.alpha <= 0.0 {
+            return Err(bad("r and lora_alpha must be positive".into()));
+        }
+        let file = dir.join("adapter_model.safetensors");
+        if !file.exists() {
+            return Err(crate::ModelError::Io(lmkit_core::PathError::new(
+                file,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights missing"),
+            )));
+        }
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| crate::ModelError::Tensor {
+                path: file.clone(),
+                name: "*".into(),
+                msg: crate::first_line(&e),
+            })?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        for k in tensors.keys() {
+            if !k.starts_with(PREFIX)
+                || !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+            {
+                return Err(crate::ModelError::Tensor {
+                    path: file.clone(),
+                    name: k.clone(),
+                    msg: "not a LoRA A/B weight of a causal LM adapter (base_model.model.<layer>.lora_A.weight)".into(),
+                });
+            }
+        }
+        Ok(Adapters {
+            spec,
+            state: Arc::new(Mutex::new(State {
+                source: Source::Loaded { dir, tensors },
+                attached: BTreeMap::new(),
+            })),
+        })
+    }
+
+    /// Runs `build` (which constructs a model) with these adapters attached to the layers they
+    /// target; a loaded set must be used whole (an adapter for a layer the model does not have is
+    /// an error naming it).
+    pub fn build<T>(&self, build: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+        BUILDING.with(|b| *b.borrow_mut() = Some(self.clone()));
+        let built = build();
+        BUILDING.with(|b| *b.borrow_mut() = None);
+        let built = built?;
+        let st = lock(&self.state);
+        match &st.source {
+            Source::Loaded { dir, tensors } => {
+                if let Some(k) = tensors.keys().find(|k| {
+                    let path = k[PREFIX.len()..]
+                        .trim_end_matches(".weight")
+                        .trim_end_matches(".lora_A")
+                        .trim_end_matches(".lora_B");
+                    !st.attached.contains_key(path)
+                }) {
+                    return Err(crate::ModelError::Tensor {
+                        path: dir.join("adapter_model.safetensors"),
+                        name: k.clone(),
+                        msg: "this model has no such layer (was the adapter made for another base model?)".into(),
+                    });
+                }
+            }
+            Source::Fresh { .. } if st.attached.is_empty() => {
+                return Err(crate::ModelError::Config {
+                    path: PathBuf::from("[lora]"),
+                    msg: format!(
+                        "target_modules {:?} matches no layer of this model",
+                        self.spec.target_modules
+                    ),
+                });
+            }
+            Source::Fresh { .. } => {}
+        }
+        Ok(built)
+    }
+
+    fn attach(
+        &self,
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        transposed: bool,
+    ) -> candle_core::Result<Option<Lora>> {
+        let mut st = lock(&self.state);
+        let scale = self.spec.scale();
+        let (lora, vars) = match &st.source {
+            Source::Fresh { seed, device } => {
+                if !self.spec.target_modules.matches(path) {
+                    return Ok(None);
+                }
+                let r = self.spec.r;
+                let mut rng = lmkit_core::rng::MixChain::new(lmkit_core::rng::mix(
+                    seed ^ lmkit_core::rng::mix(fnv(path)),
+                ));
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let vals: Vec<f32> = (0..r * in_dim)
+                    .map(|_| {
+                        use lmkit_core::rng::Random;
+                        ((rng.next_f64() * 2.0 - 1.0) * bound) as f32
+                    })
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(vals, (r, in_dim), device)?)?;
+                let b = Var::from_tensor(&Tensor::zeros((out_dim, r), DType::F32, device)?)?;
+                let lora = Lora {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale,
+                };
+                (lora, (Some(a), Some(b)))
+            }
+            Source::Loaded { tensors, .. } => {
+                let (Some(a), Some(b)) = (
+                    tensors.get(&format!("{PREFIX}{path}.lora_A.weight")),
+                    tensors.get(&format!("{PREFIX}{path}.lora_B.weight")),
+                ) else {
+                    return Ok(None);
+                };
+                let (r, i) = a.dims2()?;
+                let (o, r2) = b.dims2()?;
+                if i != in_dim || o != out_dim || r != r2 {
+                    candle_core::bail!(
+                        "adapter for {path}: lora_A {:?} and lora_B {:?} do not fit a layer of {in_dim} inputs and {out_dim} outputs",
+                        a.dims(),
+                        b.dims()
+                    );
+                }
+                let lora = Lora {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale,
+                };
+                (lora, (None, None))
+            }
+        };
+        st.attached
+            .insert(path.to_string(), (lora.clone(), vars.0, vars.1, transposed));
+        Ok(Some(lora))
+    }
+
+    /// The trainable tensors of fresh adapters, under their PEFT keys (A before B per layer).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let st = lock(&self.state);
+        let mut out = Vec::new();
+        for (path, (_, a, b, _)) in &st.attached {
+            if let (Some(a), Some(b)) = (a, b) {
+                out.push((format!("{PREFIX}{path}.lora_A.weight"), a.clone()));
+                out.push((format!("{PREFIX}{path}.lora_B.weight"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// The attached adapters by layer path, with whether the layer stores its weight
+    /// transposed ([in, out], Conv1D).
+    pub fn attached(&self) -> Vec<(String, Lora, bool)> {
+        lock(&self.state)
+            .attached
+            .iter()
+            .map(|(p, (l, _, _, t))| (p.clone(), l.clone(), *t))
+            .collect()
+    }
+
+    /// `adapter_config.json` for the attached adapters (`base` is recorded as
+    /// `base_model_name_or_path`).
+    pub fn peft_config(&self, base: &str) -> serde_json::Value {
+        let attached = self.attached();
+        let mut names: Vec<String> = attached
+            .iter()
+            .map(|(p, ..)| p.rsplit('.').next().unwrap_or(p).to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        let fan_in_fan_out = attached.iter().any(|(_, _, t)| *t);
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.spec.r,
+            "lora_alpha": self.spec.alpha,
+            "lora_dropout": self.spec.dropout,
+            "target_modules": names,
+            "use_rslora": self.spec.use_rslora,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_dora": false,
+        })
+    }
+
+    /// The adapters' tensors under PEFT's keys, as `adapter_model.safetensors` holds them.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.attached()
+            .into_iter()
+            .flat_map(|(path, l, _)| {
+                [
+                    (format!("{PREFIX}{path}.lora_A.weight"), l.a),
+                    (format!("{PREFIX}{path}.lora_B.weight"), l.b),
+                ]
+            })
+            .collect()
+    }
+}
+
+/// FNV-1a of a layer path: each layer's adapter draws from its own stream, so adding a target
+/// does not change the others' initial values.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_match_as_peft() {
+        let t = Targets::Names(vec!["q_proj".into(), "v_proj".into()]);
+        assert!(t.matches("model.layers.0.self_attn.q_proj"));
+        assert!(!t.matches("model.layers.0.self_attn.k_proj"));
+        assert!(!t.matches("model.layers.0.self_attn.xq_proj"));
+        let all = Targets::One("all-linear".into());
+        assert!(all.matches("model.layers.3.mlp.down_proj"));
+        assert!(!all.matches("lm_head"));
+        assert!(Targets::Names(vec!["all-linear".into()]).matches("transformer.h.0.attn.c_attn"));
+    }
+
+    #[test]
+    fn scale_follows_rslora() {
+        let mut s = LoraSpec {
+            r: 16,
+            alpha: 32.0,
+            ..Default::default()
+        };
+        assert_eq!(s.scale(), 2.0);
+        s.use_rslora = true;
+        assert_eq!(s.scale(), 8.0);
+        s.dropout = 0.1;
+        assert!(s.validate().is_err());
+    }
+}

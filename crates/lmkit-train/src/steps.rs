@@ -1,0 +1,235 @@
+//! The optimisation loop every run shares (pretraining and fine-tuning): accumulation of micro
+//! batches, clipping, the AdamW step on the schedule, metrics, validation, checkpoints, the
+//! time limit and stopping on a signal. What a micro batch is, how validation is scored and what
+//! a checkpoint holds are the caller's.
+
+use crate::adamw::{clip_scale, grad_norm, lr_at, AdamW};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::metrics;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId};
+use lmkit_core::{Progress, Unit};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Gradients of one step, summed over its micro batches, aligned with the optimizer's params.
+pub(crate) struct Grads {
+    sums: Vec<Option<Tensor>>,
+    params: Vec<Tensor>,
+    index: HashMap<TensorId, usize>,
+}
+
+impl Grads {
+    fn new(opt: &AdamW) -> Self {
+        Grads {
+            sums: vec![None; opt.params.len()],
+            params: opt
+                .params
+                .iter()
+                .map(|p| p.var.as_tensor().clone())
+                .collect(),
+            index: opt
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.var.as_tensor().id(), i))
+                .collect(),
+        }
+    }
+
+    /// Adds `g` to the gradient of the parameter whose tensor is `param` (others are ignored).
+    pub(crate) fn add(&mut self, param: TensorId, g: Tensor) -> Result<()> {
+        if let Some(&i) = self.index.get(&param) {
+            let acc = &mut self.sums[i];
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+        Ok(())
+    }
+
+    /// Differentiates `loss` and adds every parameter's gradient.
+    pub(crate) fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        let g: GradStore = loss.backward()?;
+        for (i, p) in self.params.iter().enumerate() {
+            if let Some(gi) = g.get(p) {
+                let acc = &mut self.sums[i];
+                let gi = gi.detach();
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + gi)?,
+                    None => gi,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, opt: &AdamW) -> Result<Vec<Tensor>> {
+        Ok(self
+            .sums
+            .into_iter()
+            .zip(&opt.params)
+            .map(|(g, p)| g.map_or_else(|| p.var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?)
+    }
+}
+
+/// Where a run stands: at its start (0, or what a resumed checkpoint recorded) and at its end.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Position {
+    pub step: usize,
+    pub tokens_seen: u64,
+    /// Seconds trained before this process (a resumed run's earlier time).
+    pub elapsed: f64,
+}
+
+/// One micro batch's mean loss and the tokens it trained on.
+pub(crate) struct Micro {
+    pub loss: f64,
+    pub tokens: u64,
+}
+
+/// What the loop calls.
+pub(crate) struct Hooks<'a> {
+    /// Runs micro batch `micro` of step `step` (0-based), adding its gradients (already divided
+    /// by the number of micro batches the step averages over).
+    pub micro: &'a mut dyn FnMut(usize, usize, &mut Grads) -> Result<Micro>,
+    /// The validation loss, if the run has validation data.
+    pub evaluate: &'a mut dyn FnMut() -> Result<Option<f64>>,
+    /// Writes a checkpoint after `step` and returns its directory.
+    pub save: &'a mut dyn FnMut(&AdamW, Position) -> Result<PathBuf>,
+}
+
+pub(crate) struct End {
+    pub at: Position,
+    pub last_loss: f64,
+    pub last_val: Option<f64>,
+    pub checkpoint: PathBuf,
+}
+
+/// Trains from `from` to `t.max_steps` (or the time limit, or a stop request).
+pub(crate) fn run(
+    t: &TrainConfig,
+    opt: &mut AdamW,
+    from: Position,
+    metrics_path: &Path,
+    progress: &dyn Progress,
+    hooks: Hooks,
+) -> Result<End> {
+    let Hooks {
+        micro,
+        evaluate,
+        save,
+    } = hooks;
+    let mut at = from;
+    progress.begin("training", t.max_steps as u64, Unit::Steps);
+    progress.set_position(at.step as u64);
+    let t0 = Instant::now();
+    let now = |at: Position| Position {
+        elapsed: from.elapsed + t0.elapsed().as_secs_f64(),
+        ..at
+    };
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    let mut window_tokens = 0u64;
+    let mut window_start = Instant::now();
+    let mut tps = 0.0;
+    let mut checkpoint_dir = None;
+    while at.step < t.max_steps {
+        let lr = lr_at(at.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
+        let mut grads = Grads::new(opt);
+        let (mut loss_sum, mut n_tok) = (0.0, 0u64);
+        for m in 0..t.grad_accum {
+            let r = micro(at.step, m, &mut grads)?;
+            loss_sum += r.loss;
+            n_tok += r.tokens;
+        }
+        let grads = grads.finish(opt)?;
+        let norm = grad_norm(&grads)?;
+        opt.step(&grads, lr, clip_scale(norm, t.grad_clip))?;
+        at.step += 1;
+        last_loss = loss_sum / t.grad_accum as f64;
+        if !last_loss.is_finite() {
+            return Err(TrainError::Data(format!(
+                "loss became {last_loss} at step {}; lower train.lr or check the data",
+                at.step
+            )));
+        }
+        at.tokens_seen += n_tok;
+        window_tokens += n_tok;
+        progress.set_position(at.step as u64);
+        progress.status(&format!("loss {last_loss:.4}  {tps:.0} tok/s"));
+        if at.step.is_multiple_of(t.log_every.max(1)) || at.step == t.max_steps {
+            tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+            window_tokens = 0;
+            window_start = Instant::now();
+            metrics::append(
+                metrics_path,
+                &metrics::Record {
+                    step: at.step,
+                    loss: Some(last_loss),
+                    lr: Some(lr),
+                    grad_norm: Some(norm),
+                    tokens_per_sec: Some(tps),
+                    tokens: Some(at.tokens_seen),
+                    val_loss: None,
+                },
+            )?;
+        }
+        if t.eval_every > 0 && (at.step.is_multiple_of(t.eval_every) || at.step == t.max_steps) {
+            last_val = evaluate()?;
+            if let Some(v) = last_val {
+                metrics::append(
+                    metrics_path,
+                    &metrics::Record {
+                        step: at.step,
+                        val_loss: Some(v),
+                        loss: None,
+                        lr: None,
+                        grad_norm: None,
+                        tokens_per_sec: None,
+                        tokens: None,
+                    },
+                )?;
+                progress.message(&format!(
+                    "step {}: train loss {last_loss:.4}, validation loss {v:.4}",
+                    at.step
+                ));
+            }
+        }
+        let out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
+        let interrupted = lmkit_core::stop::requested();
+        if (t.save_every > 0 && at.step.is_multiple_of(t.save_every))
+            || at.step == t.max_steps
+            || out_of_time
+            || interrupted
+        {
+            checkpoint_dir = Some(save(opt, now(at))?);
+        }
+        if out_of_time {
+            progress.message(&format!("train.max_time reached at step {}", at.step));
+            break;
+        }
+        if interrupted {
+            progress.message(&format!(
+                "stopped at step {} with a checkpoint; continue with --resume",
+                at.step
+            ));
+            break;
+        }
+    }
+    progress.finish();
+    let checkpoint = match checkpoint_dir {
+        Some(d) => d,
+        None => save(opt, now(at))?,
+    };
+    Ok(End {
+        at: now(at),
+        last_loss,
+        last_val,
+        checkpoint,
+    })
+}
