@@ -6,6 +6,7 @@ mod compare;
 mod data;
 mod encoder;
 mod eval;
+mod finetune;
 mod generate;
 mod lines;
 mod model;
@@ -45,6 +46,9 @@ enum Command {
     /// Evaluate any model: perplexity and bits per byte, sentence ranking, log-likelihood tasks
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Fine-tune a model on instruction, chat or text data: all parameters, or LoRA adapters
+    /// (PEFT's format) on a Hugging Face or GGUF base
+    Finetune(finetune::FinetuneArgs),
     /// Fill the mask tokens of a text with a BERT or RoBERTa checkpoint
     FillMask(encoder::FillMaskArgs),
     /// Sentence embeddings (pooled as the model's sentence-transformers config says)
@@ -86,6 +90,7 @@ fn main() {
         Command::Data(cmd) => data::run(cmd),
         Command::Embed(a) => encoder::embed(a),
         Command::Classify(a) => encoder::classify(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::FillMask(a) => encoder::fill_mask(a),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),

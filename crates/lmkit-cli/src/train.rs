@@ -16,9 +16,16 @@ use std::path::PathBuf;
     OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir."
 )]
 pub struct TrainArgs {
-    /// Run configuration (TOML with [model], [data] and [train] sections)
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The options of every training command: config, overrides, how to start, limits.
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// Run configuration (TOML)
     #[arg(long)]
-    config: PathBuf,
+    pub config: PathBuf,
     /// Override a field: section.field=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -37,6 +44,47 @@ pub struct TrainArgs {
     max_time: Option<f64>,
 }
 
+impl RunArgs {
+    /// The `--set` overrides with the shorthands added.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut overrides = self.overrides.clone();
+        if let Some(n) = self.max_steps {
+            overrides.push(format!("train.max_steps={n}"));
+        }
+        if let Some(s) = self.max_time {
+            overrides.push(format!("train.max_time={s}"));
+        }
+        overrides
+    }
+
+    pub fn start(&self) -> lmkit_train::Start {
+        if self.resume {
+            lmkit_train::Start::Resume
+        } else if self.overwrite {
+            lmkit_train::Start::Overwrite
+        } else {
+            lmkit_train::Start::New
+        }
+    }
+}
+
+/// What a finished run prints.
+pub(crate) fn report(s: &lmkit_train::Summary, out: &std::path::Path) {
+    eprintln!(
+        "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",
+        s.parameters,
+        s.steps,
+        s.final_loss,
+        s.val_loss
+            .map(|v| format!(", validation loss {v:.4}"))
+            .unwrap_or_default(),
+        s.tokens_per_sec
+    );
+    eprintln!("checkpoint {}", s.checkpoint.display());
+    eprintln!("metrics   {}", out.join("metrics.jsonl").display());
+    eprintln!("loss plot {}", out.join("loss.svg").display());
+}
+
 /// Ctrl-C or SIGTERM: the run stops after the current step with a checkpoint; a second one quits
 /// at once (the last checkpoint stays whole: checkpoints are written atomically).
 pub(crate) fn stop_on_signals() {
@@ -53,38 +101,9 @@ pub(crate) fn stop_on_signals() {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut overrides = a.overrides.clone();
-    if let Some(n) = a.max_steps {
-        overrides.push(format!("train.max_steps={n}"));
-    }
-    if let Some(s) = a.max_time {
-        overrides.push(format!("train.max_time={s}"));
-    }
-    let cfg = RunConfig::load(&a.config, &overrides)?;
-    let start = if a.resume {
-        lmkit_train::Start::Resume
-    } else if a.overwrite {
-        lmkit_train::Start::Overwrite
-    } else {
-        lmkit_train::Start::New
-    };
+    let cfg = RunConfig::load(&a.run.config, &a.run.overrides())?;
     stop_on_signals();
-    let s = lmkit_train::train(&cfg, start, &Bar::default())?;
-    eprintln!(
-        "trained {} parameters for {} steps: train loss {:.4}{}, {:.0} tokens/s",
-        s.parameters,
-        s.steps,
-        s.final_loss,
-        s.val_loss
-            .map(|v| format!(", validation loss {v:.4}"))
-            .unwrap_or_default(),
-        s.tokens_per_sec
-    );
-    eprintln!("checkpoint {}", s.checkpoint.display());
-    eprintln!(
-        "metrics   {}",
-        cfg.train.out_dir.join("metrics.jsonl").display()
-    );
-    eprintln!("loss plot {}", cfg.train.out_dir.join("loss.svg").display());
+    let s = lmkit_train::train(&cfg, a.run.start(), &Bar::default())?;
+    report(&s, &cfg.train.out_dir);
     Ok(())
 }

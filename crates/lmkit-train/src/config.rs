@@ -100,26 +100,7 @@ impl RunConfig {
     /// Reads `path` and applies `overrides` (`section.field=value`, value in TOML syntax; bare
     /// words are taken as strings).
     pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        let mut value: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| TrainError::Config {
-                    path: path.to_path_buf(),
-                    msg: e.to_string(),
-                })?;
-        for o in overrides {
-            apply_override(&mut value, o).map_err(|msg| TrainError::Config {
-                path: path.to_path_buf(),
-                msg,
-            })?;
-        }
-        let cfg: RunConfig =
-            toml::Value::Table(value)
-                .try_into()
-                .map_err(|e: toml::de::Error| TrainError::Config {
-                    path: path.to_path_buf(),
-                    msg: e.to_string(),
-                })?;
+        let cfg: RunConfig = load_toml(path, overrides, |_| {})?;
         cfg.validate().map_err(|msg| TrainError::Config {
             path: path.to_path_buf(),
             msg,
@@ -128,31 +109,60 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let t = &self.train;
-        for (name, v) in [
-            ("train.seq_len", t.seq_len),
-            ("train.batch_size", t.batch_size),
-            ("train.grad_accum", t.grad_accum),
-            ("train.max_steps", t.max_steps),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be at least 1"));
-            }
-        }
-        if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
-            return Err(format!(
-                "need 0 ≤ train.min_lr ({}) ≤ train.lr ({}) and lr > 0",
-                t.min_lr, t.lr
-            ));
-        }
-        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            return Err("train.beta1 and train.beta2 must be in [0, 1)".into());
-        }
+        validate_train(&self.train)?;
         if !(0.0..0.5).contains(&self.data.val_fraction) {
             return Err("data.val_fraction must be in [0, 0.5)".into());
         }
         Ok(())
     }
+}
+
+/// Reads the TOML file `path`, lets `defaults` fill in the table, applies `overrides`
+/// (`section.field=value`) and deserializes; errors name the file.
+pub(crate) fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    overrides: &[String],
+    defaults: impl FnOnce(&mut toml::Table),
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let bad = |msg: String| TrainError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut value: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+    for o in overrides {
+        apply_override(&mut value, o).map_err(bad)?;
+    }
+    defaults(&mut value);
+    toml::Value::Table(value)
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))
+}
+
+/// Checks the `[train]` section's values.
+pub(crate) fn validate_train(t: &TrainConfig) -> std::result::Result<(), String> {
+    for (name, v) in [
+        ("train.seq_len", t.seq_len),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("train.max_steps", t.max_steps),
+    ] {
+        if v == 0 {
+            return Err(format!("{name} must be at least 1"));
+        }
+    }
+    if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+        return Err(format!(
+            "need 0 ≤ train.min_lr ({}) ≤ train.lr ({}) and lr > 0",
+            t.min_lr, t.lr
+        ));
+    }
+    if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+        return Err("train.beta1 and train.beta2 must be in [0, 1)".into());
+    }
+    Ok(())
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> std::result::Result<(), String> {

@@ -9,17 +9,20 @@ pub mod checkpoint;
 pub mod config;
 mod data;
 pub mod error;
+pub mod finetune;
 mod init;
 pub mod metrics;
 mod objective;
 pub mod passes;
 pub mod safetensors_io;
 pub mod seq2seq;
+pub mod sft;
 mod steps;
 
 pub use checkpoint::Start;
 pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
+pub use finetune::{finetune, FinetuneConfig};
 
 use adamw::AdamW;
 use candle_core::{DType, Tensor};
@@ -313,7 +316,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                             grads.add(p.id(), gi)?;
                         }
                         return Ok(Micro {
-                            loss: r.loss,
+                            loss: r.loss * scale,
                             tokens: stream_tokens,
                         });
                     }
@@ -321,7 +324,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 (model.loss(&x, &y, seed ^ 0x3a5c)?, stream_tokens)
             }
         };
-        let value = loss.to_scalar::<f32>()? as f64;
+        let value = loss.to_scalar::<f32>()? as f64 * scale;
         grads.backward(&(loss * scale)?)?;
         Ok(Micro {
             loss: value,

@@ -86,7 +86,7 @@ pub(crate) struct Position {
     pub elapsed: f64,
 }
 
-/// One micro batch's mean loss and the tokens it trained on.
+/// One micro batch's share of its step's mean loss, and the tokens it trained on.
 pub(crate) struct Micro {
     pub loss: f64,
     pub tokens: u64,
@@ -94,8 +94,8 @@ pub(crate) struct Micro {
 
 /// What the loop calls.
 pub(crate) struct Hooks<'a> {
-    /// Runs micro batch `micro` of step `step` (0-based), adding its gradients (already divided
-    /// by the number of micro batches the step averages over).
+    /// Runs micro batch `micro` of step `step` (0-based), adding its gradients: those of its
+    /// share of the step's loss (its mean divided by the number of micro batches, say).
     pub micro: &'a mut dyn FnMut(usize, usize, &mut Grads) -> Result<Micro>,
     /// The validation loss, if the run has validation data.
     pub evaluate: &'a mut dyn FnMut() -> Result<Option<f64>>,
@@ -151,7 +151,7 @@ pub(crate) fn run(
         let norm = grad_norm(&grads)?;
         opt.step(&grads, lr, clip_scale(norm, t.grad_clip))?;
         at.step += 1;
-        last_loss = loss_sum / t.grad_accum as f64;
+        last_loss = loss_sum;
         if !last_loss.is_finite() {
             return Err(TrainError::Data(format!(
                 "loss became {last_loss} at step {}; lower train.lr or check the data",

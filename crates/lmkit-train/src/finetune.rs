@@ -1,0 +1,472 @@
+//! Fine-tuning a loaded model (`lmkit finetune`): supervised fine-tuning on chat, Alpaca,
+//! prompt/completion or text rows (see [`crate::sft`]), of all parameters or of LoRA adapters
+//! on a frozen base (a Hugging Face directory, or a GGUF file whose weights stay quantized).
+//! The run shares pretraining's loop, schedule, checkpoints and exact resume; a LoRA checkpoint
+//! is a PEFT adapter directory.
+
+use crate::adamw::{AdamW, Param};
+use crate::checkpoint::{self, Start, TrainerState};
+use crate::config::{load_toml, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::sft::{self, Example, Renderer, SftDataConfig};
+use crate::steps::{self, Grads, Micro, Position};
+use crate::{metrics, Summary};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lmkit_core::Progress;
+use lmkit_models::layers::lora::{Adapters, LoraSpec};
+use lmkit_models::{CausalLm, DecoderConfig, ModelConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// The model tuned: a Hugging Face directory (or a training output directory), or a GGUF
+    /// file (LoRA only).
+    pub base: PathBuf,
+    pub data: SftDataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// LoRA adapters; without this section every parameter is tuned.
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+}
+
+impl FinetuneConfig {
+    /// Reads `path` with `overrides` (as [`crate::RunConfig::load`]); `[train]` fields left out
+    /// take fine-tuning defaults (learning rate 2e-4 with LoRA, 2e-5 without, no weight decay,
+    /// β₂ 0.999, 100 steps, batches of 4 sequences of up to 512 tokens).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<FinetuneConfig> {
+        let cfg: FinetuneConfig = load_toml(path, overrides, |table| {
+            let lora = table.contains_key("lora");
+            let train = table
+                .entry("train")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(train) = train.as_table_mut() {
+                let lr = if lora { 2e-4 } else { 2e-5 };
+                for (k, v) in [
+                    ("lr", toml::Value::Float(lr)),
+                    ("min_lr", toml::Value::Float(0.0)),
+                    ("warmup_steps", toml::Value::Integer(0)),
+                    ("weight_decay", toml::Value::Float(0.0)),
+                    ("beta2", toml::Value::Float(0.999)),
+                    ("max_steps", toml::Value::Integer(100)),
+                    ("batch_size", toml::Value::Integer(4)),
+                    ("seq_len", toml::Value::Integer(512)),
+                    ("eval_every", toml::Value::Integer(50)),
+                    ("save_every", toml::Value::Integer(50)),
+                    ("out_dir", toml::Value::String("runs/sft".into())),
+                ] {
+                    train.entry(k).or_insert(v);
+                }
+            }
+        })?;
+        let bad = |msg: String| TrainError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        crate::config::validate_train(&cfg.train).map_err(bad)?;
+        if !(0.0..0.5).contains(&cfg.data.val_fraction) {
+            return Err(bad("data.val_fraction must be in [0, 0.5)".into()));
+        }
+        if let Some(l) = &cfg.lora {
+            l.validate().map_err(bad)?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// The model being tuned and its trainable parameters.
+struct Tuned {
+    model: CausalLm,
+    max_positions: usize,
+    params: Vec<Param>,
+    adapters: Option<Adapters>,
+    /// The base's config.json (full fine-tuning writes it into every checkpoint).
+    config_json: Option<serde_json::Value>,
+}
+
+fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
+    let base = &cfg.base;
+    if let Some(spec) = &cfg.lora {
+        let adapters = Adapters::fresh(spec.clone(), cfg.train.seed, dev);
+        let (model, dcfg) = adapters.build(|| CausalLm::load(base, dev))?;
+        let params = adapters
+            .vars()
+            .into_iter()
+            .map(|(name, var)| Param {
+                name,
+                var,
+                decay: true,
+            })
+            .collect();
+        return Ok(Tuned {
+            model,
+            max_positions: dcfg.max_positions(),
+            params,
+            adapters: Some(adapters),
+            config_json: None,
+        });
+    }
+    if lmkit_models::gguf::is_gguf(base) {
+        return Err(TrainError::Data(format!(
+            "{}: a GGUF base keeps its weights quantized, so only adapters can be tuned on it; add a [lora] section",
+            base.display()
+        )));
+    }
+    let dir = lmkit_models::resolve_checkpoint(base);
+    let config_path = dir.join("config.json");
+    let dcfg = DecoderConfig::load(&config_path)?;
+    let config_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?,
+    )
+    .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
+    let vm = VarMap::new();
+    let model = CausalLm::from_var_builder(
+        &dcfg,
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+        &dir,
+    )?;
+    // The variables take the checkpoint's values.
+    {
+        let vars = vm
+            .data()
+            .lock()
+            .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+        let mut unset: std::collections::BTreeSet<&String> = vars.keys().collect();
+        for file in lmkit_models::weight_files(&dir)? {
+            for (name, t) in candle_core::safetensors::load(&file, dev)? {
+                if let Some(var) = vars.get(&name) {
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                    unset.remove(&name);
+                }
+            }
+        }
+        if let Some(name) = unset.first() {
+            return Err(TrainError::Data(format!(
+                "{}: tensor `{name}` not found in the weights",
+                dir.display()
+            )));
+        }
+    }
+    let mcfg = ModelConfig::from_decoder(&dcfg);
+    let params = crate::init::params(&vm, &mcfg)?;
+    Ok(Tuned {
+        model,
+        max_positions: dcfg.max_positions(),
+        params,
+        adapters: None,
+        config_json: Some(config_json),
+    })
+}
+
+/// A batch of examples: inputs [b, t] (padded), and for the predicted positions their flat
+/// index into [b·t] and target id.
+struct Batch {
+    x: Tensor,
+    rows: Tensor,
+    targets: Tensor,
+    count: usize,
+}
+
+fn make_batch(examples: &[&Example], dev: &Device) -> Result<Batch> {
+    let t = examples
+        .iter()
+        .map(|e| e.ids.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut x = vec![0u32; examples.len() * t];
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for (b, e) in examples.iter().enumerate() {
+        let n = e.ids.len().saturating_sub(1);
+        x[b * t..b * t + n].copy_from_slice(&e.ids[..n]);
+        for i in 0..n {
+            if e.train[i + 1] {
+                rows.push((b * t + i) as u32);
+                targets.push(e.ids[i + 1]);
+            }
+        }
+    }
+    let count = rows.len();
+    Ok(Batch {
+        x: Tensor::from_vec(x, (examples.len(), t), dev)?,
+        rows: Tensor::from_vec(rows, count, dev)?,
+        targets: Tensor::from_vec(targets, count, dev)?,
+        count,
+    })
+}
+
+/// The summed cross-entropy of a batch's predicted tokens.
+fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
+    let h = model.hidden(&b.x, &mut model.single_pass_cache())?;
+    let (n, t, c) = h.dims3()?;
+    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    let output = model.output();
+    let mut total: Option<Tensor> = None;
+    let chunk = crate::objective::LOSS_CHUNK_ROWS;
+    for start in (0..b.count).step_by(chunk) {
+        let len = chunk.min(b.count - start);
+        use candle_core::Module;
+        let logits = output.forward(&h.narrow(0, start, len)?)?;
+        let part =
+            lmkit_kernels::fused::cross_entropy_sum(&logits, &b.targets.narrow(0, start, len)?)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    total.ok_or_else(|| TrainError::Data("a batch with nothing to predict".into()))
+}
+
+/// What `finetune` read from the data, for the command to report.
+pub struct DataReport {
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub bad: usize,
+    pub bad_samples: Vec<String>,
+    pub empty: usize,
+    pub truncated: usize,
+}
+
+/// Fine-tunes per `cfg` (a new run, or `Start::Resume` from `train.out_dir`'s latest checkpoint).
+pub fn finetune(
+    cfg: &FinetuneConfig,
+    start: Start,
+    progress: &dyn Progress,
+) -> Result<(Summary, DataReport)> {
+    let t = &cfg.train;
+    let base = &cfg.base;
+    let dev = lmkit_models::parse_device(&t.device)?;
+    let tokenizer = lmkit_tokenize::load(base)?;
+    let template = lmkit_tokenize::chat::load_template(base)?;
+    let eos = match template.as_ref().and_then(|t| t.eos_token.clone()) {
+        Some(e) => Some(e),
+        None => lmkit_models::stop_token_ids(base)?
+            .first()
+            .and_then(|&id| tokenizer.id_to_token(id)),
+    };
+    let renderer = Renderer {
+        tokenizer: &tokenizer,
+        template: template.as_ref(),
+        eos,
+        format: cfg.data.format,
+        train_on: cfg.data.train_on,
+        max_tokens: t.seq_len + 1,
+    };
+    progress.message(&format!("reading {}", cfg.data.train.display()));
+    let read = renderer.read(&cfg.data.train, cfg.data.skip_bad)?;
+    let mut report = DataReport {
+        train_examples: 0,
+        val_examples: 0,
+        bad: read.bad,
+        bad_samples: read.bad_samples,
+        empty: read.empty,
+        truncated: read.truncated,
+    };
+    let (train, val) = match &cfg.data.val {
+        Some(p) => {
+            let v = renderer.read(p, cfg.data.skip_bad)?;
+            report.bad += v.bad;
+            report.empty += v.empty;
+            report.truncated += v.truncated;
+            (read.examples, v.examples)
+        }
+        None => sft::split(read.examples, cfg.data.val_fraction, t.seed),
+    };
+    if train.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{}: no example to train on ({} bad rows, {} with nothing left to predict after cutting to train.seq_len)",
+            cfg.data.train.display(),
+            report.bad,
+            report.empty
+        )));
+    }
+    report.train_examples = train.len();
+    report.val_examples = val.len();
+
+    if dev.is_cpu() {
+        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
+    }
+    let tuned = load_model(cfg, &dev)?;
+    let model = &tuned.model;
+    if t.seq_len > tuned.max_positions {
+        return Err(TrainError::Data(format!(
+            "train.seq_len ({}) exceeds the model's positions ({})",
+            t.seq_len, tuned.max_positions
+        )));
+    }
+    let mut opt = AdamW::new(tuned.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+    let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
+
+    let out = &t.out_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let metrics_path = out.join("metrics.jsonl");
+    checkpoint::remove_partial(out);
+    match start {
+        Start::New => {
+            if let Some(what) = checkpoint::existing_run(out) {
+                return Err(TrainError::RunExists {
+                    path: out.clone(),
+                    what,
+                });
+            }
+        }
+        Start::Overwrite => checkpoint::remove_run(out)?,
+        Start::Resume => {}
+    }
+    // What a checkpoint must have been written by to be resumed.
+    let identity = serde_json::json!({
+        "base": base.to_string_lossy(),
+        "lora": cfg.lora,
+        "data": cfg.data,
+        "seq_len": t.seq_len,
+    });
+    let mut run_id = checkpoint::new_run_id();
+    let weights_file = if tuned.adapters.is_some() {
+        "adapter_model.safetensors"
+    } else {
+        "model.safetensors"
+    };
+    let mut from = Position::default();
+    if start == Start::Resume {
+        let (dir, state, _) = checkpoint::restore(out, &mut opt, weights_file, &identity, &dev)?;
+        if !state.run_id.is_empty() {
+            run_id = state.run_id.clone();
+        }
+        from = Position {
+            step: state.step,
+            tokens_seen: state.tokens_seen,
+            elapsed: state.elapsed_seconds,
+        };
+        metrics::truncate_after(&metrics_path, from.step)?;
+        progress.message(&format!("resumed from {} at step {}", dir.display(), from.step));
+    }
+    let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
+    lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
+
+    let base_dir = if base.is_dir() {
+        Some(lmkit_models::resolve_checkpoint(base))
+    } else {
+        None
+    };
+    let mut copy = base_dir
+        .as_deref()
+        .map(checkpoint::tokenizer_files)
+        .unwrap_or_default();
+    let mut json: Vec<(&str, serde_json::Value)> = Vec::new();
+    match (&tuned.adapters, &tuned.config_json) {
+        (Some(a), _) => json.push((
+            "adapter_config.json",
+            a.peft_config(&std::path::absolute(base).unwrap_or(base.clone()).to_string_lossy()),
+        )),
+        (None, Some(c)) => {
+            json.push(("config.json", c.clone()));
+            if let Some(d) = &base_dir {
+                copy.push(d.join("generation_config.json"));
+            }
+        }
+        (None, None) => unreachable!("a full fine-tune has its base's config"),
+    }
+    let mut save = |opt: &AdamW, at: Position| -> Result<PathBuf> {
+        let weights: Vec<(String, Tensor)> = opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect();
+        let mut moments = Vec::new();
+        for (i, p) in opt.params.iter().enumerate() {
+            moments.push((format!("m.{}", p.name), opt.m[i].clone()));
+            moments.push((format!("v.{}", p.name), opt.v[i].clone()));
+        }
+        let state = TrainerState {
+            step: at.step,
+            seed: t.seed,
+            tokens_seen: at.tokens_seen,
+            elapsed_seconds: at.elapsed,
+            model: identity.clone(),
+            run_id: run_id.clone(),
+        };
+        let json_refs: Vec<(&str, &serde_json::Value)> =
+            json.iter().map(|(n, v)| (*n, v)).collect();
+        let files = checkpoint::CheckpointFiles {
+            json: &json_refs,
+            weights_file,
+            weights: &weights,
+            optimizer: &moments,
+            state: &state,
+            copy: &copy,
+        };
+        let dir = checkpoint::save(out, at.step, &files, t.keep_checkpoints)?;
+        let _ = metrics::plot(&metrics::read(&metrics_path), &out.join("loss.svg"));
+        Ok(dir)
+    };
+
+    let batch_of = |k: usize| -> Vec<&Example> {
+        sft::batch_indices(train.len(), t.batch_size, k, t.seed)
+            .into_iter()
+            .map(|i| &train[i])
+            .collect()
+    };
+    // The step's loss is the mean over all the tokens its micro batches predict.
+    let mut micro = |step: usize, m: usize, grads: &mut Grads| -> Result<Micro> {
+        model.set_training(true);
+        let step_tokens: usize = (0..t.grad_accum)
+            .map(|j| {
+                batch_of(step * t.grad_accum + j)
+                    .iter()
+                    .map(|e| e.targets())
+                    .sum::<usize>()
+            })
+            .sum();
+        let examples = batch_of(step * t.grad_accum + m);
+        let b = make_batch(&examples, &dev)?;
+        let share = (batch_loss_sum(model, &b)? / step_tokens.max(1) as f64)?;
+        let loss = share.to_scalar::<f32>()? as f64;
+        grads.backward(&share)?;
+        Ok(Micro {
+            loss,
+            tokens: examples.iter().map(|e| e.ids.len() as u64).sum(),
+        })
+    };
+    let mut evaluate = || -> Result<Option<f64>> {
+        if val.is_empty() {
+            return Ok(None);
+        }
+        model.set_training(false);
+        let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
+        let (mut sum, mut count) = (0.0, 0usize);
+        for chunk in val[..limit].chunks(t.batch_size) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let b = make_batch(&refs, &dev)?;
+            let s = batch_loss_sum(model, &b)?.detach();
+            sum += s.to_scalar::<f32>()? as f64;
+            count += b.count;
+        }
+        Ok(Some(sum / count.max(1) as f64))
+    };
+    let end = steps::run(
+        t,
+        &mut opt,
+        from,
+        &metrics_path,
+        progress,
+        steps::Hooks {
+            micro: &mut micro,
+            evaluate: &mut evaluate,
+            save: &mut save,
+        },
+    )?;
+    Ok((
+        Summary {
+            steps: end.at.step,
+            final_loss: end.last_loss,
+            val_loss: end.last_val,
+            checkpoint: end.checkpoint,
+            tokens_per_sec: end.at.tokens_seen as f64 / end.at.elapsed.max(1e-9),
+            parameters: n_params,
+        },
+        report,
+    ))
+}
