@@ -61,10 +61,12 @@ def assert_logits_and_generation_match(lmkit, model, path, ids):
     assert [int(x) for x in got.split()] == out[0, 5:].tolist()
 
 
-def lmkit_logits(lmkit, path, ids, incremental=False):
+def lmkit_logits(lmkit, path, ids, incremental=False, adapter=None):
     args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), "--device", DEVICE]
     if incremental:
         args.append("--incremental")
+    if adapter:
+        args += ["--adapter", adapter]
     return np.array(json.loads(lmkit(*args)), dtype=np.float32)
 
 

@@ -17,6 +17,9 @@ pub struct ChatArgs {
     /// Checkpoint directory
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter directory (PEFT's format, or a `lmkit finetune` output) added to the model
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The chatbot's role, sent as the system message
     #[arg(long)]
     system: Option<String>,
@@ -44,7 +47,7 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<()> {
     let dev = lmkit_models::parse_device(&a.device)?;
     let dir = lmkit_models::resolve_checkpoint(&a.model);
-    let (model, cfg) = CausalLm::load(&dir, &dev)?;
+    let (model, cfg) = CausalLm::load_adapted(&dir, a.adapter.as_deref(), &dev)?;
     let tk = lmkit_tokenize::load(&dir)?;
     let template = load_template(&dir)?.with_context(|| {
         format!(

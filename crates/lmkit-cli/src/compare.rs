@@ -167,7 +167,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         )?;
         let secs = t0.elapsed().as_secs_f64();
         let dev = lmkit_models::parse_device(&a.device)?;
-        let scorer = Scorer::load(&dir, &dev, false)?;
+        let scorer = Scorer::load(&dir, &dev, false, None)?;
         let eval = scorer.eval_text(&held, None, &crate::progress::Bar::default())?;
         rows.push(Row {
             name: name.to_string(),

@@ -19,12 +19,20 @@ pub struct ModelArgs {
     /// Where to run a neural model: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// A LoRA adapter directory (PEFT's format, or a `lmkit finetune` output) added to the model
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<Scorer> {
         let dev = lmkit_models::parse_device(&self.device)?;
-        Ok(Scorer::load(&self.model, &dev, self.chars)?)
+        Ok(Scorer::load(
+            &self.model,
+            &dev,
+            self.chars,
+            self.adapter.as_deref(),
+        )?)
     }
 }
 

@@ -18,6 +18,9 @@ pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter directory (PEFT's format, or a `lmkit finetune` output) added to the model
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// tokenizer.json or its directory (default: the model directory)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -137,7 +140,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return run_seq2seq(&a, src);
     }
     let dev = lmkit_models::parse_device(&a.device)?;
-    let (model, cfg) = CausalLm::load(&a.model, &dev)?;
+    let (model, cfg) = CausalLm::load_adapted(&a.model, a.adapter.as_deref(), &dev)?;
     let tok_path = a
         .tokenizer
         .clone()

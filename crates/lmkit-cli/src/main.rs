@@ -1,6 +1,7 @@
 //! `lmkit`: one subcommand per stage of a language model's life.
 #![forbid(unsafe_code)]
 
+mod adapter;
 mod chat;
 mod compare;
 mod data;
@@ -36,6 +37,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// LoRA adapters: merge one into its base model
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCommand),
     /// Chat with a checkpoint through its chat template (system prompt, history, streaming)
     Chat(chat::ChatArgs),
     /// Train an n-gram model, an RNN, an LSTM and a GPT on the same data and compare them
@@ -85,6 +89,7 @@ fn main() {
     lmkit_kernels::blas::choose_openblas_core();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Adapter(cmd) => adapter::run(cmd),
         Command::Chat(a) => chat::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Data(cmd) => data::run(cmd),

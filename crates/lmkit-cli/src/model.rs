@@ -34,6 +34,9 @@ pub enum ModelCommand {
         /// Write the logits to this file as a NumPy .npy array (f32) instead of JSON on stdout
         #[arg(long)]
         output: Option<PathBuf>,
+        /// A LoRA adapter directory (PEFT's format) added to a causal model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -183,6 +186,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             incremental,
             source_ids,
             output,
+            adapter,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
             let kind = kind_of(&model)?;
@@ -233,7 +237,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 let rows = logits.to_vec2::<f32>()?;
                 return emit(&rows, output.as_deref());
             }
-            let (m, cfg) = CausalLm::load(&model, &dev)?;
+            let (m, cfg) = CausalLm::load_adapted(&model, adapter.as_deref(), &dev)?;
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
                 bail!(
                     "token id {bad} is out of range for vocab_size {}",

@@ -79,7 +79,19 @@ impl TextEval {
 impl Scorer {
     /// A checkpoint directory or GGUF file (neural) or an `.arpa`/`.lmkb` file (n-gram; `chars`
     /// for ARPA models of characters).
-    pub fn load(path: &Path, device: &Device, chars: bool) -> Result<Scorer> {
+    /// With `adapter`, a LoRA adapter directory is added to a causal model.
+    pub fn load(
+        path: &Path,
+        device: &Device,
+        chars: bool,
+        adapter: Option<&Path>,
+    ) -> Result<Scorer> {
+        if adapter.is_some() && (path.is_file() && !lmkit_models::gguf::is_gguf(path)) {
+            return Err(EvalError::Invalid(format!(
+                "{}: --adapter is for neural models, not n-gram files",
+                path.display()
+            )));
+        }
         if path.is_file() && !lmkit_models::gguf::is_gguf(path) {
             let tok = if chars {
                 Tokenization::Chars
@@ -118,7 +130,7 @@ impl Scorer {
                 eot,
             })));
         }
-        let (model, cfg) = CausalLm::load(&dir, device)?;
+        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, device)?;
         let tokenizer = lmkit_tokenize::load(&dir)?;
         let eot = tokenizer
             .token_to_id(lmkit_tokenize::ENDOFTEXT)

@@ -76,10 +76,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// `dir` itself, or the checkpoint that `dir/latest` names when `dir` has no config.json.
 pub fn resolve_checkpoint(dir: &Path) -> PathBuf {
-    if !dir.join("config.json").exists() {
+    resolve_run(dir, "config.json")
+}
+
+/// `dir` itself, or the checkpoint that `dir/latest` names when `dir` has no `marker` file
+/// (config.json for a model, adapter_config.json for an adapter) and that checkpoint has one.
+pub fn resolve_run(dir: &Path, marker: &str) -> PathBuf {
+    if !dir.join(marker).exists() {
         if let Ok(name) = std::fs::read_to_string(dir.join("latest")) {
             let ckpt = dir.join(name.trim());
-            if ckpt.join("config.json").exists() {
+            if ckpt.join(marker).exists() {
                 return ckpt;
             }
         }
@@ -236,6 +242,19 @@ impl CausalLm {
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
         let vb = mmap_weights(dir, device, Some(cfg.num_layers()))?;
         Self::from_var_builder(&cfg, vb, dir).map(|m| (m, cfg))
+    }
+
+    /// [`load`](Self::load) with the LoRA adapter directory `adapter` (PEFT's format) added to
+    /// the layers it targets, when given.
+    pub fn load_adapted(
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: &Device,
+    ) -> Result<(CausalLm, DecoderConfig)> {
+        match adapter {
+            None => Self::load(dir, device),
+            Some(a) => layers::lora::Adapters::load(a, device)?.build(|| Self::load(dir, device)),
+        }
     }
 
     /// Builds the model from any variable source (a checkpoint, or fresh variables for training).

@@ -28,9 +28,13 @@ pub struct FinetuneConfig {
     pub data: SftDataConfig,
     #[serde(default)]
     pub train: TrainConfig,
-    /// LoRA adapters; without this section every parameter is tuned.
+    /// LoRA adapters; without this section (or `adapter`) every parameter is tuned.
     #[serde(default)]
     pub lora: Option<LoraSpec>,
+    /// Continue tuning this LoRA adapter directory (PEFT's format): its rank, alpha and target
+    /// layers are used, and its weights are the starting point.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl FinetuneConfig {
@@ -39,7 +43,7 @@ impl FinetuneConfig {
     /// β₂ 0.999, 100 steps, batches of 4 sequences of up to 512 tokens).
     pub fn load(path: &Path, overrides: &[String]) -> Result<FinetuneConfig> {
         let cfg: FinetuneConfig = load_toml(path, overrides, |table| {
-            let lora = table.contains_key("lora");
+            let lora = table.contains_key("lora") || table.contains_key("adapter");
             let train = table
                 .entry("train")
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -73,6 +77,11 @@ impl FinetuneConfig {
         if let Some(l) = &cfg.lora {
             l.validate().map_err(bad)?;
         }
+        if cfg.lora.is_some() && cfg.adapter.is_some() {
+            return Err(bad(
+                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -89,8 +98,12 @@ struct Tuned {
 
 fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
     let base = &cfg.base;
-    if let Some(spec) = &cfg.lora {
-        let adapters = Adapters::fresh(spec.clone(), cfg.train.seed, dev);
+    let adapters = match (&cfg.lora, &cfg.adapter) {
+        (Some(spec), _) => Some(Adapters::fresh(spec.clone(), cfg.train.seed, dev)),
+        (None, Some(dir)) => Some(Adapters::load(dir, dev)?.trainable()),
+        (None, None) => None,
+    };
+    if let Some(adapters) = adapters {
         let (model, dcfg) = adapters.build(|| CausalLm::load(base, dev))?;
         let params = adapters
             .vars()
@@ -123,11 +136,8 @@ fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
     )
     .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
     let vm = VarMap::new();
-    let model = CausalLm::from_var_builder(
-        &dcfg,
-        VarBuilder::from_varmap(&vm, DType::F32, dev),
-        &dir,
-    )?;
+    let model =
+        CausalLm::from_var_builder(&dcfg, VarBuilder::from_varmap(&vm, DType::F32, dev), &dir)?;
     // The variables take the checkpoint's values.
     {
         let vars = vm
@@ -320,6 +330,7 @@ pub fn finetune(
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
         "lora": cfg.lora,
+        "adapter": cfg.adapter,
         "data": cfg.data,
         "seq_len": t.seq_len,
     });
@@ -341,7 +352,11 @@ pub fn finetune(
             elapsed: state.elapsed_seconds,
         };
         metrics::truncate_after(&metrics_path, from.step)?;
-        progress.message(&format!("resumed from {} at step {}", dir.display(), from.step));
+        progress.message(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            from.step
+        ));
     }
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
     lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
@@ -359,7 +374,11 @@ pub fn finetune(
     match (&tuned.adapters, &tuned.config_json) {
         (Some(a), _) => json.push((
             "adapter_config.json",
-            a.peft_config(&std::path::absolute(base).unwrap_or(base.clone()).to_string_lossy()),
+            a.peft_config(
+                &std::path::absolute(base)
+                    .unwrap_or(base.clone())
+                    .to_string_lossy(),
+            ),
         )),
         (None, Some(c)) => {
             json.push(("config.json", c.clone()));

@@ -11,6 +11,7 @@ mod data;
 pub mod error;
 pub mod finetune;
 mod init;
+pub mod merge;
 pub mod metrics;
 mod objective;
 pub mod passes;

@@ -98,7 +98,10 @@ impl Renderer<'_> {
             let all: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
                 TrainError::Data(format!("{}: not a JSON array of rows: {e}", path.display()))
             })?;
-            all.into_iter().enumerate().map(|(i, v)| (i + 1, Ok(v))).collect()
+            all.into_iter()
+                .enumerate()
+                .map(|(i, v)| (i + 1, Ok(v)))
+                .collect()
         } else {
             text.lines()
                 .enumerate()
@@ -142,9 +145,7 @@ impl Renderer<'_> {
 
     /// One row as an example, and whether it was cut.
     pub fn example(&self, row: &serde_json::Value) -> std::result::Result<(Example, bool), String> {
-        let obj = row
-            .as_object()
-            .ok_or("a row must be a JSON object")?;
+        let obj = row.as_object().ok_or("a row must be a JSON object")?;
         let field = |name: &str| -> std::result::Result<Option<&str>, String> {
             match obj.get(name) {
                 None | Some(serde_json::Value::Null) => Ok(None),
@@ -169,10 +170,11 @@ impl Renderer<'_> {
         let eos = self.eos.as_deref().unwrap_or("");
         let (text, spans) = match format {
             Format::Chat => {
-                let messages: Vec<Message> = serde_json::from_value(
-                    obj.get("messages").cloned().unwrap_or_default(),
-                )
-                .map_err(|e| format!("`messages` must be a list of {{role, content}} strings: {e}"))?;
+                let messages: Vec<Message> =
+                    serde_json::from_value(obj.get("messages").cloned().unwrap_or_default())
+                        .map_err(|e| {
+                            format!("`messages` must be a list of {{role, content}} strings: {e}")
+                        })?;
                 self.chat(&messages)?
             }
             Format::Alpaca => {
@@ -185,7 +187,10 @@ impl Renderer<'_> {
                     } else {
                         format!("{instruction}\n\n{input}")
                     };
-                    self.chat(&[Message::new("user", &user), Message::new("assistant", output)])?
+                    self.chat(&[
+                        Message::new("user", &user),
+                        Message::new("assistant", output),
+                    ])?
                 } else {
                     let prompt = if input.is_empty() {
                         format!("{ALPACA_PROMPT}### Instruction:\n{instruction}\n\n### Response:\n")
@@ -194,19 +199,21 @@ impl Renderer<'_> {
                     };
                     let text = format!("{prompt}{output}{eos}");
                     let span = prompt.len()..text.len();
-                    (text, vec![span])
+                    (text, Vec::from([span]))
                 }
             }
             Format::PromptCompletion => {
                 let prompt = field("prompt")?.ok_or("`prompt` missing")?;
                 let completion = field("completion")?.ok_or("`completion` missing")?;
                 let text = format!("{prompt}{completion}{eos}");
-                (text.clone(), vec![prompt.len()..text.len()])
+                let span = prompt.len()..text.len();
+                (text, Vec::from([span]))
             }
             Format::Text => {
                 let t = field("text")?.ok_or("`text` missing")?;
                 let text = format!("{t}{eos}");
-                (text.clone(), vec![0..text.len()])
+                let span = 0..text.len();
+                (text, Vec::from([span]))
             }
             Format::Auto => unreachable!("resolved above"),
         };
@@ -231,7 +238,10 @@ impl Renderer<'_> {
 
     /// A conversation rendered through the chat template, with the byte ranges of its assistant
     /// turns.
-    fn chat(&self, messages: &[Message]) -> std::result::Result<(String, Vec<Range<usize>>), String> {
+    fn chat(
+        &self,
+        messages: &[Message],
+    ) -> std::result::Result<(String, Vec<Range<usize>>), String> {
         let template = self.template.ok_or(
             "the base model has no chat template (give prompt/completion rows, or a base with tokenizer_config.json's chat_template)",
         )?;
@@ -249,11 +259,8 @@ impl Renderer<'_> {
         if !messages.iter().any(|m| m.role == "assistant") {
             return Err("no assistant message to learn from".into());
         }
-        let render = |msgs: &[Message], gen: bool| {
-            template
-                .render(msgs, gen)
-                .map_err(|e| e.to_string())
-        };
+        let render =
+            |msgs: &[Message], gen: bool| template.render(msgs, gen).map_err(|e| e.to_string());
         let full = render(messages, false)?;
         let mut spans = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -410,7 +417,10 @@ mod tests {
             .unwrap();
         assert!(!ex.train[0]);
         assert!(ex.train[ex.train.len() - 1]);
-        assert_eq!(tk.id_to_token(*ex.ids.last().unwrap()).unwrap(), "<|im_end|>");
+        assert_eq!(
+            tk.id_to_token(*ex.ids.last().unwrap()).unwrap(),
+            "<|im_end|>"
+        );
         assert!(r.example(&serde_json::json!({"messages": []})).is_err());
         assert!(r.example(&serde_json::json!({"foo": 1})).is_err());
     }

@@ -153,10 +153,11 @@ impl Lora {
 enum Source {
     /// New trainable adapters: A drawn as PEFT's default (Kaiming-uniform, bound 1/√in), B zero.
     Fresh { seed: u64, device: Device },
-    /// Adapters read from a PEFT directory.
+    /// Adapters read from a PEFT directory (trainable: to continue tuning them).
     Loaded {
         dir: PathBuf,
         tensors: HashMap<String, Tensor>,
+        trainable: bool,
     },
 }
 
@@ -171,6 +172,8 @@ struct State {
 #[derive(Clone)]
 pub struct Adapters {
     pub spec: LoraSpec,
+    /// PEFT's `fan_in_fan_out`: the targeted layers store their weights [in, out] (Conv1D).
+    pub fan_in_fan_out: bool,
     state: Arc<Mutex<State>>,
 }
 
@@ -229,6 +232,7 @@ impl Adapters {
     pub fn fresh(spec: LoraSpec, seed: u64, device: &Device) -> Self {
         Adapters {
             spec,
+            fan_in_fan_out: false,
             state: Arc::new(Mutex::new(State {
                 source: Source::Fresh {
                     seed,
@@ -242,7 +246,7 @@ impl Adapters {
     /// Reads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
     /// A training output directory loads the checkpoint its `latest` names.
     pub fn load(dir: &Path, device: &Device) -> crate::Result<Self> {
-        let dir = crate::resolve_checkpoint(dir);
+        let dir = crate::resolve_run(dir, "adapter_config.json");
         let cfg_path = dir.join("adapter_config.json");
         let bad = |msg: String| crate::ModelError::Config {
             path: cfg_path.clone(),
@@ -318,11 +322,24 @@ impl Adapters {
         }
         Ok(Adapters {
             spec,
+            fan_in_fan_out: c.fan_in_fan_out,
             state: Arc::new(Mutex::new(State {
-                source: Source::Loaded { dir, tensors },
+                source: Source::Loaded {
+                    dir,
+                    tensors,
+                    trainable: false,
+                },
                 attached: BTreeMap::new(),
             })),
         })
+    }
+
+    /// These (loaded) adapters as trainable variables: tuning continues from them.
+    pub fn trainable(self) -> Self {
+        if let Source::Loaded { trainable, .. } = &mut lock(&self.state).source {
+            *trainable = true;
+        }
+        self
     }
 
     /// Runs `build` (which constructs a model) with these adapters attached to the layers they
@@ -335,7 +352,7 @@ impl Adapters {
         let built = built?;
         let st = lock(&self.state);
         match &st.source {
-            Source::Loaded { dir, tensors } => {
+            Source::Loaded { dir, tensors, .. } => {
                 if let Some(k) = tensors.keys().find(|k| {
                     let path = k[PREFIX.len()..]
                         .trim_end_matches(".weight")
@@ -398,7 +415,9 @@ impl Adapters {
                 };
                 (lora, (Some(a), Some(b)))
             }
-            Source::Loaded { tensors, .. } => {
+            Source::Loaded {
+                tensors, trainable, ..
+            } => {
                 let (Some(a), Some(b)) = (
                     tensors.get(&format!("{PREFIX}{path}.lora_A.weight")),
                     tensors.get(&format!("{PREFIX}{path}.lora_B.weight")),
@@ -414,12 +433,22 @@ impl Adapters {
                         b.dims()
                     );
                 }
-                let lora = Lora {
-                    a: a.clone(),
-                    b: b.clone(),
-                    scale,
-                };
-                (lora, (None, None))
+                if *trainable {
+                    let (a, b) = (Var::from_tensor(a)?, Var::from_tensor(b)?);
+                    let lora = Lora {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale,
+                    };
+                    (lora, (Some(a), Some(b)))
+                } else {
+                    let lora = Lora {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale,
+                    };
+                    (lora, (None, None))
+                }
             }
         };
         st.attached
@@ -427,7 +456,32 @@ impl Adapters {
         Ok(Some(lora))
     }
 
-    /// The trainable tensors of fresh adapters, under their PEFT keys (A before B per layer).
+    /// A loaded set's adapters by layer path, without a model.
+    pub fn layers(&self) -> Vec<(String, Lora)> {
+        let st = lock(&self.state);
+        let Source::Loaded { tensors, .. } = &st.source else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Lora)> = tensors
+            .iter()
+            .filter_map(|(k, a)| {
+                let path = k.strip_prefix(PREFIX)?.strip_suffix(".lora_A.weight")?;
+                let b = tensors.get(&format!("{PREFIX}{path}.lora_B.weight"))?;
+                Some((
+                    path.to_string(),
+                    Lora {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale: self.spec.scale(),
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+
+    /// The trainable tensors (fresh adapters, or loaded ones made trainable), under their PEFT keys (A before B per layer).
     pub fn vars(&self) -> Vec<(String, Var)> {
         let st = lock(&self.state);
         let mut out = Vec::new();

@@ -1,0 +1,228 @@
+"""Fine-tuning parity: `lmkit finetune`'s assistant-only loss equals transformers' loss with the
+labels its own `return_assistant_tokens_mask` gives (from a template with generation markers,
+while lmkit reads the same template without them); LoRA adapters written by lmkit load in PEFT
+with the same logits, PEFT's adapters load in lmkit likewise (Llama and GPT-2's Conv1D layers),
+LoRA gradients equal PEFT's on a fixed batch, `lmkit adapter merge` equals `merge_and_unload`,
+and a LoRA run resumes exactly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from test_transformers_decoders import lmkit_logits, randomize_norms
+
+PLAIN = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The same rendering, with the assistant's answer and end-of-turn token marked for transformers.
+MARKED = ("{% for message in messages %}<|{{ message['role'] }}|>{% if message['role'] == 'assistant' %}"
+          "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}{% else %}{{ message['content'] }}<|end|>"
+          "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "what is one plus two?"},
+     {"role": "assistant", "content": "it is three."}],
+    [{"role": "user", "content": "where is the cat?"}, {"role": "assistant", "content": "the cat sat on the mat."},
+     {"role": "user", "content": "and the dog?"}, {"role": "assistant", "content": "on the log."}],
+    [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat"}],
+]
+
+
+def make_base(lmkit, tmp_path, kind="llama"):
+    """A random-initialised model with an lmkit tokenizer and a chat template, as a HF directory."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. what is one plus two? it is three. where is the dog? on the log.\n" * 40)
+    lmkit("tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", tmp_path / "tok")
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=320, n_positions=128, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0,
+                         attn_pdrop=0)
+        model = GPT2LMHeadModel(cfg)
+    randomize_norms(model, torch.Generator().manual_seed(1))
+    base = tmp_path / f"base-{kind}"
+    model.eval().save_pretrained(base, safe_serialization=True)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        (base / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    tc = json.loads((base / "tokenizer_config.json").read_text())
+    assert tc["chat_template"] == PLAIN, "the test's marked template must match the tokenizer's"
+    return model, base
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def finetune(lmkit, tmp_path, base, extra="", steps=1, **train):
+    t = {"out_dir": f'"{tmp_path}/out"', "max_steps": steps, "batch_size": 3, "seq_len": 64, "lr": 1e-2, "min_lr": 1e-2,
+         "warmup_steps": 0, "eval_every": 0, "log_every": 1, "save_every": steps, "grad_clip": 0.0}
+    t.update(train)
+    (tmp_path / "sft.toml").write_text(
+        f'base = "{base}"\n{extra}\n[data]\ntrain = "{tmp_path}/rows.jsonl"\nval_fraction = 0.0\n[train]\n'
+        + "".join(f"{k} = {v}\n" for k, v in t.items()))
+    return tmp_path / "sft.toml"
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_masked_loss(model, tok, conversations, chat_template=MARKED):
+    """Summed cross-entropy over the assistant tokens transformers marks, and their count."""
+    total, count = 0.0, 0
+    for msgs in conversations:
+        enc = tok.apply_chat_template(msgs, chat_template=chat_template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        ids = torch.tensor([enc["input_ids"]])
+        mask = torch.tensor(enc["assistant_masks"], dtype=torch.bool)
+        labels = torch.where(mask, ids[0], torch.tensor(-100))
+        logits = model(ids).logits[0]
+        ce = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+        total += ce.item()
+        count += int((labels[1:] != -100).sum())
+    return total, count
+
+
+def test_assistant_only_loss_matches_transformers_masks(lmkit, tmp_path):
+    model, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    # Full fine-tuning: the first step's loss is the loss of the untouched base on all three rows.
+    lmkit("finetune", "--config", finetune(lmkit, tmp_path, base, lr=1e-6, min_lr=1e-6))
+    got = metrics(tmp_path / "out")[0]["loss"]
+    tok = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        total, count = hf_masked_loss(model, tok, CONVERSATIONS)
+    assert count > 10
+    assert abs(got - total / count) < 1e-4, (got, total / count)
+    # Turning masking off is the plain language-model loss over every token.
+    lmkit("finetune", "--config", tmp_path / "sft.toml", "--overwrite", "--train-on", "prompt")
+    got_all = metrics(tmp_path / "out")[0]["loss"]
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for msgs in CONVERSATIONS:
+            ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True)])
+            logits = model(ids).logits[0]
+            total += torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    assert abs(got_all - total / count) < 1e-4, (got_all, total / count)
+
+
+@pytest.mark.parametrize("lora", ['r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj", "down_proj"]',
+                                  'r = 4\nalpha = 16\ntarget_modules = "all-linear"\nuse_rslora = true'])
+def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
+    from peft import PeftModel
+    model, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    lmkit("finetune", "--config", finetune(lmkit, tmp_path, base, extra=f"[lora]\n{lora}", steps=3))
+    out = tmp_path / "out"
+    ckpt = out / (out / "latest").read_text().strip()
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    peft = PeftModel.from_pretrained(model, ckpt).eval()
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    with torch.no_grad():
+        want = peft(torch.tensor([ids])).logits[0].numpy()
+        plain = peft.get_base_model()
+    got = lmkit_logits(lmkit, base, ids, adapter=out)
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    without = lmkit_logits(lmkit, base, ids)
+    assert np.abs(got - without).max() > 1e-3, "the adapter changed nothing: the test would pass without it"
+    # Merging equals PEFT's merge_and_unload.
+    lmkit("adapter", "merge", base, out, tmp_path / "merged")
+    merged = peft.merge_and_unload()
+    with torch.no_grad():
+        want = merged(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, tmp_path / "merged", ids)
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    del plain
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_peft_adapter_loads_in_lmkit(lmkit, tmp_path, kind):
+    from peft import LoraConfig, get_peft_model
+    model, base = make_base(lmkit, tmp_path, kind)
+    targets = ["q_proj", "o_proj", "gate_proj"] if kind == "llama" else ["c_attn", "c_fc"]
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
+                     fan_in_fan_out=kind == "gpt2")
+    peft = get_peft_model(model, cfg).eval()
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    with torch.no_grad():
+        want = peft(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, base, ids, adapter=tmp_path / "adapter")
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+def test_lora_gradients_equal_peft(lmkit, tmp_path):
+    """Continuing a PEFT adapter for one step: lmkit's gradient norm (metrics.jsonl) equals PEFT's,
+    and after the step the adapter weights agree (AdamW from the same state)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    model, base = make_base(lmkit, tmp_path)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    lr = 1e-3
+    lmkit("finetune", "--config", finetune(lmkit, tmp_path, base, extra=f'adapter = "{tmp_path}/adapter"', lr=lr,
+                                           min_lr=lr, weight_decay=0.0))
+    got = metrics(tmp_path / "out")[0]
+    tok = AutoTokenizer.from_pretrained(base)
+    peft.train()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    total, count = hf_masked_loss(peft, tok, CONVERSATIONS)
+    loss = torch.tensor(0.0)
+    # Rebuild the loss as a tensor for backward (hf_masked_loss returns floats).
+    for msgs in CONVERSATIONS:
+        enc = tok.apply_chat_template(msgs, chat_template=MARKED, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.where(torch.tensor(enc["assistant_masks"], dtype=torch.bool), ids[0], torch.tensor(-100))
+        logits = peft(ids).logits[0]
+        loss = loss + torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+    loss = loss / count
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
+    assert abs(got["loss"] - loss.item()) < 1e-4, (got["loss"], loss.item())
+    assert abs(got["grad_norm"] - norm) < 1e-4 * max(1.0, norm), (got["grad_norm"], norm)
+    opt.step()
+    ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
+    mine = load_file(ckpt / "adapter_model.safetensors")
+    theirs = {k.replace(".default", ""): v for k, v in peft.state_dict().items() if "lora_" in k}
+    assert set(mine) == set(theirs), (sorted(mine)[:3], sorted(theirs)[:3])
+    for k, v in theirs.items():
+        assert torch.allclose(mine[k], v.detach(), atol=2e-6), k
+
+
+def test_lora_run_resumes_exactly(lmkit, tmp_path):
+    _, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS] * 3)
+    cfg = finetune(lmkit, tmp_path, base, extra="[lora]\nr = 4\ntarget_modules = \"all-linear\"", steps=6,
+                   batch_size=2, save_every=3)
+    lmkit("finetune", "--config", cfg)
+    whole = metrics(tmp_path / "out")
+    final = (tmp_path / "out" / "ckpt-000006" / "adapter_model.safetensors").read_bytes()
+    lmkit("finetune", "--config", cfg, "--overwrite", "--max-steps", "3")
+    lmkit("finetune", "--config", cfg, "--resume")
+    resumed = metrics(tmp_path / "out")
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
+    assert (tmp_path / "out" / "ckpt-000006" / "adapter_model.safetensors").read_bytes() == final
+
+
+def test_bad_rows_are_named_or_skipped(tmp_path, lmkit):
+    import os
+    import subprocess
+    from conftest import ROOT
+    _, base = make_base(lmkit, tmp_path)
+    rows = [{"messages": c} for c in CONVERSATIONS] + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    write_rows(tmp_path / "rows.jsonl", rows)
+    cfg = finetune(lmkit, tmp_path, base, extra="[lora]\nr = 2")
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    p = subprocess.run([binary, "finetune", "--config", cfg], capture_output=True, text=True)
+    assert p.returncode == 1 and "rows.jsonl:line 4" in p.stderr and "no assistant message" in p.stderr, p.stderr
+    p = subprocess.run([binary, "finetune", "--config", cfg, "--skip-bad"], capture_output=True, text=True)
+    assert p.returncode == 0 and "1 bad rows left out" in p.stderr, p.stderr
