@@ -217,7 +217,14 @@ impl Linear {
                         let (n, k) = t.shape().dims2()?;
                         lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
                     }
-                    None => q.forward(&x.contiguous()?)?,
+                    None => q.forward(&x.detach().contiguous()?)?,
+                };
+                // The quantized products are not differentiated; where a gradient must pass
+                // through the layer (adapters before it are trained), it is attached here.
+                let y = if x.track_op() {
+                    x.apply_op2(&y, QuantGrad(q.clone()))?
+                } else {
+                    y
                 };
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
@@ -236,6 +243,44 @@ impl Module for Linear {
             Some(l) => y + l.forward(x)?,
             None => Ok(y),
         }
+    }
+}
+
+/// Passes a quantized product's result through and gives its input the gradient
+/// `grad · W` (W dequantized for the call): what a frozen quantized layer needs when adapters
+/// before it are trained.
+struct QuantGrad(QMatMul);
+
+impl candle_core::CustomOp2 for QuantGrad {
+    fn name(&self) -> &'static str {
+        "quantized-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("quantized-linear-grad: the product must be contiguous");
+        }
+        Ok((y.clone(), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let w = match &self.0 {
+            QMatMul::QTensor(t) => t.dequantize(&t.device())?,
+            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.to_dtype(candle_core::DType::F32)?,
+        };
+        Ok((Some(grad.broadcast_matmul(&w)?), None))
     }
 }
 
@@ -330,5 +375,34 @@ mod tests {
         assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
         assert_eq!(conv.weight_out_in().unwrap().dims(), [4, 3]);
         assert_eq!(dense.forward(&x).unwrap().dims(), [2, 5, 4]);
+    }
+
+    #[test]
+    fn gradients_pass_through_quantized_layers() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = lmkit_kernels::testing::randn(0f32, 1.0, (32, 256), &dev).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dense = q.dequantize(&dev).unwrap();
+            let layer = Linear::quantized(q, None, "q").unwrap();
+            let x0 = lmkit_kernels::testing::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+            let x = candle_core::Var::from_tensor(&x0).unwrap();
+            let g = layer
+                .forward(x.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let got = g.get(x.as_tensor()).expect("a gradient for the input");
+            // d(sum(x·Wᵀ))/dx = ones · W
+            let want = Tensor::ones((3, 32), DType::F32, &dev)
+                .unwrap()
+                .matmul(&dense)
+                .unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{dtype:?}");
+        }
     }
 }
