@@ -100,7 +100,8 @@ def main():
         sys.exit(f"{BASE} missing: run bench/real_model_bench.py once (it writes SmolLM2 as an f32 directory)")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lora-bench-"))
     same = make_rows(tmp, a.steps * a.batch, a.seq)
-    print(f"{a.steps * a.batch} rows of {a.seq + 1} tokens ({same} re-encode to the same ids); "
+    print(f"{a.steps * a.batch} rows of {a.seq + 1} tokens (lmkit reads them as text and cuts them to the same length; "
+          f"{same} re-encode to exactly the same ids); "
           f"batch {a.batch}, {a.steps} steps, r=16 all-linear, {a.threads} threads")
     res = {"lmkit": [], "peft": []}
     for r in range(a.rounds):
