@@ -43,7 +43,7 @@ def answers(base, adapter, rows, tmp):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--test", type=int, default=30)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "sft-ko")
     a = ap.parse_args()
@@ -52,8 +52,8 @@ def main():
     subprocess.run([sys.executable, ROOT / "data/tools/make_sft_ko.py", "--out", data, "--test", str(a.test)], check=True)
     cfg = a.out / "sft.toml"
     cfg.write_text(f'base = "{base}"\n[data]\ntrain = "{data}/train.jsonl"\nval = "{data}/test.jsonl"\n'
-                   f'[train]\nout_dir = "{a.out}/run"\nmax_steps = {a.steps}\nbatch_size = 8\nseq_len = 192\n'
-                   f'lr = 1e-3\nwarmup_steps = 5\neval_every = {a.steps}\neval_batches = 8\nsave_every = {a.steps}\n'
+                   f'[train]\nout_dir = "{a.out}/run"\nmax_steps = {a.steps}\nbatch_size = 4\nseq_len = 384\n'
+                   f'lr = 1e-3\nwarmup_steps = 4\neval_every = {a.steps}\neval_batches = 8\nsave_every = {a.steps}\n'
                    f'[lora]\nr = 16\nalpha = 32\ntarget_modules = "all-linear"\n', encoding="utf-8")
     subprocess.run([LMKIT, "finetune", "--config", cfg, "--overwrite"], check=True)
     rows = [json.loads(line) for line in open(data / "test.jsonl", encoding="utf-8")]
@@ -65,7 +65,8 @@ def main():
     val = [json.loads(line) for line in open(a.out / "run" / "metrics.jsonl")]
     val = [m["val_loss"] for m in val if m.get("val_loss") is not None]
     print(f"\nheld-out exact match: before {em(before):.3f}, after {em(after):.3f} ({len(want)} questions)")
-    print(f"validation loss after {a.steps} steps: {val[-1]:.4f}" if val else "")
+    if len(val) >= 2:
+        print(f"validation loss: before {val[0]:.4f}, after {a.steps} steps {val[-1]:.4f}")
     for r, b, f, w in list(zip(rows, before, after, want))[:4]:
         print(f"\nQ: {r['messages'][0]['content'].splitlines()[-1][:100]}\n  want:   {w}\n  before: {b[:100]}\n  after:  {f[:100]}")
 

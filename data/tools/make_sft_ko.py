@@ -53,8 +53,8 @@ def main():
         print(f"exact match: {score(*a.score):.3f}")
         return
     text = (ROOT / "data/ko/tax_rulings.txt").read_text(encoding="utf-8")
-    # Sentences of 20-200 characters (the rulings separate clauses with two spaces).
-    lines = sorted({s.strip() for line in text.splitlines() for s in line.split("  ") if 20 <= len(s.strip()) <= 200})
+    # Sentences of 20-90 characters (the rulings separate clauses with two spaces).
+    lines = sorted({s.strip() for line in text.splitlines() for s in line.split("  ") if 20 <= len(s.strip()) <= 90})
     rng = random.Random(a.seed)
     rng.shuffle(lines)
     cut = len(lines) * 4 // 5

@@ -226,3 +226,21 @@ def test_bad_rows_are_named_or_skipped(tmp_path, lmkit):
     assert p.returncode == 1 and "rows.jsonl:line 4" in p.stderr and "no assistant message" in p.stderr, p.stderr
     p = subprocess.run([binary, "finetune", "--config", cfg, "--skip-bad"], capture_output=True, text=True)
     assert p.returncode == 0 and "1 bad rows left out" in p.stderr, p.stderr
+
+
+def test_lora_on_a_quantized_gguf_base_trains_every_adapter(lmkit, tmp_path):
+    """QLoRA: the base stays Q8_0, and the first step's loss and gradient norm are the f32
+    model's up to the quantization (gradients pass through the frozen quantized layers)."""
+    _, base = make_base(lmkit, tmp_path)
+    lmkit("quantize", base, tmp_path / "base.gguf", "--type", "q8_0")
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    lora = '[lora]\nr = 4\ntarget_modules = "all-linear"'
+    got = {}
+    for name, model in [("f32", base), ("q8_0", tmp_path / "base.gguf")]:
+        cfg = finetune(lmkit, tmp_path, model, extra=lora, steps=2)
+        lmkit("finetune", "--config", cfg, "--overwrite")
+        got[name] = metrics(tmp_path / "out")
+    for step in range(2):
+        f, q = got["f32"][step], got["q8_0"][step]
+        assert abs(f["loss"] - q["loss"]) < 0.02 * f["loss"], (f, q)
+        assert f["grad_norm"] > 0 and abs(f["grad_norm"] - q["grad_norm"]) < 0.05 * f["grad_norm"], (f, q)

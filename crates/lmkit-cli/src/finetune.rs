@@ -64,6 +64,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             String::new()
         },
     );
+    if let Some(v) = data.val_loss_before {
+        eprintln!("validation loss before tuning {v:.4}");
+    }
     for b in &data.bad_samples {
         eprintln!("  bad row: {b}");
     }

@@ -432,7 +432,11 @@ impl CustomOp2 for BlasMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(matmul(grad, &b.t()?)?), Some(matmul(&a.t()?, grad)?)))
+        // A frozen operand (a weight not being trained) gets no gradient: computing it would
+        // double the backward pass's work.
+        let da = a.track_op().then(|| matmul(grad, &b.t()?)).transpose()?;
+        let db = b.track_op().then(|| matmul(&a.t()?, grad)).transpose()?;
+        Ok((da, db))
     }
 }
 
@@ -531,17 +535,27 @@ impl candle_core::CustomOp3 for Affine {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (k, n) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
         let dy2 = dy.contiguous()?.reshape((rows, n))?;
-        let dx = matmul(&dy2, &w.t()?)?.reshape(x.shape())?;
-        let dw = matmul(&x.reshape((rows, k))?.t()?, &dy2)?;
-        let db = crate::fused::column_sum(&dy2)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Frozen operands (weights not being trained) get no gradient.
+        let dx = x
+            .track_op()
+            .then(|| matmul(&dy2, &w.t()?)?.reshape(x.shape()))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| matmul(&x.reshape((rows, k))?.t()?, &dy2))
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| crate::fused::column_sum(&dy2))
+            .transpose()?;
+        Ok((dx, dw, db))
     }
 }
 

@@ -213,25 +213,13 @@ fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     let h = model.hidden(&b.x, &mut model.single_pass_cache())?;
     let (n, t, c) = h.dims3()?;
     let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
-    let output = model.output();
-    let mut total: Option<Tensor> = None;
-    let chunk = crate::objective::LOSS_CHUNK_ROWS;
-    for start in (0..b.count).step_by(chunk) {
-        let len = chunk.min(b.count - start);
-        use candle_core::Module;
-        let logits = output.forward(&h.narrow(0, start, len)?)?;
-        let part =
-            lmkit_kernels::fused::cross_entropy_sum(&logits, &b.targets.narrow(0, start, len)?)?;
-        total = Some(match total {
-            Some(t) => (t + part)?,
-            None => part,
-        });
-    }
-    total.ok_or_else(|| TrainError::Data("a batch with nothing to predict".into()))
+    crate::objective::output_loss_sum(model.output(), &h, &b.targets)
 }
 
 /// What `finetune` read from the data, for the command to report.
 pub struct DataReport {
+    /// The validation loss of the model before tuning (a new run with validation data).
+    pub val_loss_before: Option<f64>,
     pub train_examples: usize,
     pub val_examples: usize,
     pub bad: usize,
@@ -268,6 +256,7 @@ pub fn finetune(
     progress.message(&format!("reading {}", cfg.data.train.display()));
     let read = renderer.read(&cfg.data.train, cfg.data.skip_bad)?;
     let mut report = DataReport {
+        val_loss_before: None,
         train_examples: 0,
         val_examples: 0,
         bad: read.bad,
@@ -465,6 +454,24 @@ pub fn finetune(
         }
         Ok(Some(sum / count.max(1) as f64))
     };
+    if from.step == 0 && t.eval_every > 0 {
+        report.val_loss_before = evaluate()?;
+        if let Some(v) = report.val_loss_before {
+            metrics::append(
+                &metrics_path,
+                &metrics::Record {
+                    step: 0,
+                    val_loss: Some(v),
+                    loss: None,
+                    lr: None,
+                    grad_norm: None,
+                    tokens_per_sec: None,
+                    tokens: None,
+                },
+            )?;
+            progress.message(&format!("validation loss before tuning: {v:.4}"));
+        }
+    }
     let end = steps::run(
         t,
         &mut opt,

@@ -124,9 +124,36 @@ pub(crate) fn pair_loss(
     Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
 }
 
-/// Rows of logits computed at a time in the loss, so that [rows, vocab] temporaries stay small
-/// enough for the allocator to reuse instead of full [batch·seq, vocab] ones.
-pub(crate) const LOSS_CHUNK_ROWS: usize = 512;
+/// Rows of logits computed at a time in the loss: at most 512, and few enough that a [rows,
+/// vocab] f32 temporary stays under 24 MiB. Larger blocks are mapped fresh from the kernel at
+/// every allocation (the allocator's mmap threshold is 32 MiB), and faulting and zeroing their
+/// pages took a quarter of a fine-tuning step with a 49k vocabulary.
+fn loss_chunk_rows(vocab: usize) -> usize {
+    ((24 << 20) / (4 * vocab.max(1))).clamp(16, 512)
+}
+
+/// The summed cross-entropy of predicting `targets` [n] from final hidden states `h` [n, c]
+/// through the output layer, computed a chunk of rows at a time.
+pub(crate) fn output_loss_sum(
+    output: &lmkit_models::layers::linear::Linear,
+    h: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let rows = loss_chunk_rows(output.dims()?.0);
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let logits = output.forward(&h.narrow(0, start, len)?)?;
+        let part =
+            lmkit_kernels::fused::cross_entropy_sum(&logits, &targets.narrow(0, start, len)?)?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+    }
+    total.ok_or_else(|| TrainError::Data("empty batch".into()))
+}
 
 /// Mean cross-entropy of next-token predictions, computed over row chunks of the output layer.
 pub(crate) fn loss_of(model: &CausalLm, x: &Tensor, y: &Tensor) -> Result<Tensor> {
@@ -144,18 +171,7 @@ pub(crate) fn loss_with(
     let (b, t, c) = h.dims3()?;
     let n = b * t;
     let (h, y) = (h.reshape((n, c))?, y.reshape(n)?);
-    let output = model.output();
-    let mut total: Option<Tensor> = None;
-    for start in (0..n).step_by(LOSS_CHUNK_ROWS) {
-        let len = LOSS_CHUNK_ROWS.min(n - start);
-        let logits = output.forward(&h.narrow(0, start, len)?)?;
-        let part = lmkit_kernels::fused::cross_entropy_sum(&logits, &y.narrow(0, start, len)?)?;
-        total = Some(match total {
-            Some(t) => (t + part)?,
-            None => part,
-        });
-    }
-    let total = total.ok_or_else(|| TrainError::Data("empty batch".into()))?;
+    let total = output_loss_sum(model.output(), &h, &y)?;
     Ok((total / n as f64)?)
 }
 

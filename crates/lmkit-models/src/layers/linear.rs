@@ -185,6 +185,16 @@ impl Linear {
         }
     }
 
+    /// (outputs, inputs), whatever the storage (nothing is dequantized).
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) => w.dims2(),
+            Weight::Transposed(w) => w.dims2().map(|(i, o)| (o, i)),
+            Weight::Quantized(QMatMul::QTensor(t), _) => t.shape().dims2(),
+            Weight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w), _) => w.dims2(),
+        }
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

@@ -141,7 +141,8 @@ impl Lora {
     /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = lmkit_kernels::blas::linear(x, &self.a.t()?, None)?;
-        lmkit_kernels::blas::linear(&h, &self.b.t()?, None)? * self.scale
+        // The scale goes on B [out, r], not on the [.., out] product.
+        lmkit_kernels::blas::linear(&h, &(&self.b * self.scale)?.t()?, None)
     }
 
     /// `scale · B·A` [out, in]: what merging adds to the weight.
