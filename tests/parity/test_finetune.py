@@ -244,3 +244,46 @@ def test_lora_on_a_quantized_gguf_base_trains_every_adapter(lmkit, tmp_path):
         f, q = got["f32"][step], got["q8_0"][step]
         assert abs(f["loss"] - q["loss"]) < 0.02 * f["loss"], (f, q)
         assert f["grad_norm"] > 0 and abs(f["grad_norm"] - q["grad_norm"]) < 0.05 * f["grad_norm"], (f, q)
+
+
+def test_server_routes_requests_to_adapters(lmkit, tmp_path):
+    """`lmkit serve BASE --adapter tuned=DIR`: /v1/models lists both; `model` picks the variant,
+    and greedy completions equal transformers' (base) and PEFT's (adapter) greedy generation."""
+    import os
+    import subprocess
+    import urllib.request
+    from peft import LoraConfig, get_peft_model
+    from conftest import ROOT
+    model, base = make_base(lmkit, tmp_path)
+    tok = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        ids = tok("the cat sat", return_tensors="pt")["input_ids"]
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False)).eval()
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)  # make the adapter change the greedy tokens
+        peft.save_pretrained(tmp_path / "adapter")
+        tuned = peft.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = {"base": tok.decode(plain[0, ids.shape[1]:]), "tuned": tok.decode(tuned[0, ids.shape[1]:])}
+    assert want["base"] != want["tuned"], "the adapter must change the output for this test to mean anything"
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    proc = subprocess.Popen([binary, "serve", base, "--port", "0", "--model-name", "base", "--adapter",
+                             f"tuned={tmp_path}/adapter", "--db", tmp_path / "db.sqlite"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving" in line, line + proc.stderr.read()
+        url = "http://" + line.split("on http://")[1].split()[0]
+        models = json.load(urllib.request.urlopen(url + "/v1/models"))
+        assert [m["id"] for m in models["data"]] == ["base", "tuned"]
+        for name in ["base", "tuned"]:
+            body = json.dumps({"model": name, "prompt": "the cat sat", "max_tokens": 8, "temperature": 0,
+                               "ignore_eos": True}).encode()
+            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            r = json.load(urllib.request.urlopen(req))
+            assert r["model"] == name
+            assert r["choices"][0]["text"] == want[name], (name, r["choices"][0]["text"], want[name])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

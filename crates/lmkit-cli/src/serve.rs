@@ -9,7 +9,8 @@ use std::path::PathBuf;
 #[derive(Args)]
 #[command(after_help = "Examples:\n  lmkit serve runs/quickstart/gpt\n  \
     lmkit serve runs/quickstart/gpt --port 8080 --api-key sk-local-1 --db reviews.sqlite\n  \
-    lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n\n\
+    lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n  \
+    lmkit serve smollm2/ --adapter legal=runs/sft-legal --adapter chat=runs/sft-chat   # model: \"legal\" picks an adapter\n\n\
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
     GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
@@ -39,6 +40,11 @@ pub struct ServeArgs {
     /// Name clients give as `model` (default: the model directory's name)
     #[arg(long)]
     model_name: Option<String>,
+    /// A LoRA adapter to serve beside the base model, chosen by requests whose `model` is NAME
+    /// (repeatable; the variants share the base's weights; a bare DIR is named after its
+    /// directory)
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
     /// Where to run the model: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -119,6 +125,23 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         moderator,
         embedding_model: a.embedding_model.clone(),
+        adapters: a
+            .adapters
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((name, dir)) if !name.is_empty() => (name.to_string(), PathBuf::from(dir)),
+                _ => {
+                    let dir = PathBuf::from(s);
+                    let name = dir
+                        .canonicalize()
+                        .unwrap_or(dir.clone())
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| s.clone());
+                    (name, dir)
+                }
+            })
+            .collect(),
     };
     let (host, port) = (cfg.host.clone(), cfg.port);
     let state = lmkit_serve::load_state(cfg)?;

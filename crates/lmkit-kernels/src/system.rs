@@ -68,4 +68,9 @@ impl MappedWeights {
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
         candle_nn::VarBuilder::from_backend(Box::new(self.0), dtype, device.clone())
     }
+
+    /// The tensors as a variable source of candle-nn.
+    pub fn into_backend(self) -> Box<dyn candle_nn::var_builder::SimpleBackend> {
+        Box::new(self.0)
+    }
 }

@@ -172,6 +172,15 @@ pub(crate) fn mmap_weights(
     device: &Device,
     layers: Option<usize>,
 ) -> Result<candle_nn::VarBuilder<'static>> {
+    Ok(checked_weights(dir, layers)?.into_var_builder(DType::F32, device))
+}
+
+/// A checkpoint's safetensors files, mapped and checked (non-finite values; with `layers`, more
+/// layers than the config has).
+fn checked_weights(
+    dir: &Path,
+    layers: Option<usize>,
+) -> Result<lmkit_kernels::system::MappedWeights> {
     let files = weight_files(dir)?;
     for f in &files {
         if !f.exists() {
@@ -201,7 +210,50 @@ pub(crate) fn mmap_weights(
             });
         }
     }
-    Ok(weights.into_var_builder(DType::F32, device))
+    Ok(weights)
+}
+
+/// A variable source that hands out one tensor per name however often it is asked: models built
+/// from it (a base and its adapted variants) share their weights' memory.
+struct SharedWeights {
+    inner: Box<dyn candle_nn::var_builder::SimpleBackend>,
+    seen: std::sync::Mutex<std::collections::HashMap<String, Tensor>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SharedWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = seen
+            .get(name)
+            .filter(|t| t.shape() == &s && t.dtype() == dtype)
+        {
+            return Ok(t.clone());
+        }
+        let t = self.inner.get(s, name, h, dtype, dev)?;
+        seen.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = seen.get(name).filter(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
+        let t = self.inner.get_unchecked(name, dtype, dev)?;
+        seen.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
 }
 
 /// A model-construction error naming the tensor candle's message names.
@@ -255,6 +307,52 @@ impl CausalLm {
             None => Self::load(dir, device),
             Some(a) => layers::lora::Adapters::load(a, device)?.build(|| Self::load(dir, device)),
         }
+    }
+
+    /// The model of `dir` once per entry of `adapters`: plain for `None`, with that adapter set
+    /// attached otherwise. The variants of a Hugging Face directory share the base weights'
+    /// memory (only the adapters are extra); those of a GGUF file each read the file.
+    pub fn load_variants(
+        dir: &Path,
+        adapters: &[Option<layers::lora::Adapters>],
+        device: &Device,
+    ) -> Result<(Vec<CausalLm>, DecoderConfig)> {
+        let build_one =
+            |a: &Option<layers::lora::Adapters>,
+             f: &dyn Fn() -> Result<(CausalLm, DecoderConfig)>| match a {
+                Some(a) => a.build(f),
+                None => f(),
+            };
+        let mut out = Vec::new();
+        let mut config = None;
+        if gguf::is_gguf(dir) {
+            for a in adapters {
+                let (m, c) = build_one(a, &|| Self::load(dir, device))?;
+                out.push(m);
+                config = Some(c);
+            }
+        } else {
+            not_a_model_file(dir)?;
+            let dir = &resolve_checkpoint(dir);
+            let cfg = DecoderConfig::load(&dir.join("config.json"))?;
+            let weights = checked_weights(dir, Some(cfg.num_layers()))?;
+            let shared = SharedWeights {
+                inner: weights.into_backend(),
+                seen: Default::default(),
+            };
+            let vb =
+                candle_nn::VarBuilder::from_backend(Box::new(shared), DType::F32, device.clone());
+            for a in adapters {
+                let (m, c) = build_one(a, &|| {
+                    Self::from_var_builder(&cfg, vb.clone(), dir).map(|m| (m, cfg.clone()))
+                })?;
+                out.push(m);
+                config = Some(c);
+            }
+        }
+        let config =
+            config.ok_or_else(|| ModelError::Device("no model variant asked for".into()))?;
+        Ok((out, config))
     }
 
     /// Builds the model from any variable source (a checkpoint, or fresh variables for training).

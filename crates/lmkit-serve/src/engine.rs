@@ -1,6 +1,7 @@
-//! The model worker: one thread owns the model and advances every active sequence by one token
-//! per round, the sequences past their prompt in one batched pass (continuous batching: a new
-//! request joins at the next round instead of waiting for the others to finish).
+//! The model worker: one thread owns the model (and its adapted variants, which share its
+//! weights) and advances every active sequence by one token per round, the sequences of one
+//! variant past their prompt in one batched pass (continuous batching: a new request joins at
+//! the next round instead of waiting for the others to finish).
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
@@ -21,6 +22,8 @@ pub enum Event {
 /// when `cancel` is set or the receiving side is gone (a client that disconnected).
 pub struct Job {
     pub index: usize,
+    /// Which model variant decodes it (0: the base; then one per adapter).
+    pub model: usize,
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
     pub events: UnboundedSender<(usize, Event)>,
@@ -48,14 +51,14 @@ pub enum Rejected {
 impl Engine {
     /// Starts the worker thread. At most `max_active` sequences decode at once; up to
     /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`.
-    pub fn start(model: CausalLm, max_active: usize, max_queue: usize) -> Engine {
+    pub fn start(models: Vec<CausalLm>, max_active: usize, max_queue: usize) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         let (d, a) = (depth.clone(), active.clone());
         std::thread::Builder::new()
             .name("lmkit-engine".into())
-            .spawn(move || worker(model, rx, d, a, max_active.max(1)))
+            .spawn(move || worker(models, rx, d, a, max_active.max(1)))
             .expect("spawning the model thread");
         Engine {
             tx,
@@ -105,15 +108,24 @@ impl Engine {
 
 struct Running {
     index: usize,
+    model: usize,
     decoder: Decoder,
     events: UnboundedSender<(usize, Event)>,
     cancel: Arc<AtomicBool>,
 }
 
-fn admit(model: &CausalLm, job: Job, active: &mut Vec<Running>, depth: &AtomicUsize) {
+fn admit(models: &[CausalLm], job: Job, active: &mut Vec<Running>, depth: &AtomicUsize) {
+    let Some(model) = models.get(job.model) else {
+        let _ = job
+            .events
+            .send((job.index, Event::Error("no such model".into())));
+        depth.fetch_sub(1, Ordering::SeqCst);
+        return;
+    };
     match Decoder::new(model, &job.prompt, job.opts) {
         Ok(decoder) => active.push(Running {
             index: job.index,
+            model: job.model,
             decoder,
             events: job.events,
             cancel: job.cancel,
@@ -126,7 +138,7 @@ fn admit(model: &CausalLm, job: Job, active: &mut Vec<Running>, depth: &AtomicUs
 }
 
 fn worker(
-    model: CausalLm,
+    models: Vec<CausalLm>,
     rx: Receiver<Job>,
     depth: Arc<AtomicUsize>,
     active_count: Arc<AtomicUsize>,
@@ -140,13 +152,13 @@ fn worker(
                 return;
             }
             match rx.recv() {
-                Ok(job) => admit(&model, job, &mut active, &depth),
+                Ok(job) => admit(&models, job, &mut active, &depth),
                 Err(_) => return,
             }
         }
         while open && active.len() < max_active {
             match rx.try_recv() {
-                Ok(job) => admit(&model, job, &mut active, &depth),
+                Ok(job) => admit(&models, job, &mut active, &depth),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
@@ -159,9 +171,30 @@ fn worker(
             }
             !gone
         });
-        // One step for every active sequence; those past their prompt share one batched pass.
-        let mut decoders: Vec<&mut Decoder> = active.iter_mut().map(|r| &mut r.decoder).collect();
-        let results = Decoder::step_many(&model, &mut decoders);
+        // One step for every active sequence; those of one variant past their prompt share one
+        // batched pass.
+        let mut results: Vec<Option<lmkit_infer::Result<Step>>> =
+            (0..active.len()).map(|_| None).collect();
+        for (m, model) in models.iter().enumerate() {
+            let (slots, mut decoders): (Vec<usize>, Vec<&mut Decoder>) = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, r)| r.model == m)
+                .map(|(i, r)| (i, &mut r.decoder))
+                .unzip();
+            if slots.is_empty() {
+                continue;
+            }
+            for (slot, res) in slots
+                .into_iter()
+                .zip(Decoder::step_many(model, &mut decoders))
+            {
+                results[slot] = Some(res);
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Ok(Step::Done(Finish::Length))));
         let keep: Vec<bool> = active
             .iter()
             .zip(results)

@@ -96,6 +96,8 @@ pub struct ServeConfig {
     pub moderator: Moderator,
     /// A BERT checkpoint for `POST /v1/embeddings`.
     pub embedding_model: Option<PathBuf>,
+    /// LoRA adapters served beside the base model, by the name requests give as `model`.
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 /// The encoder behind `/v1/embeddings`.
@@ -111,6 +113,8 @@ pub struct AppState {
     pub tokenizer: lmkit_tokenize::Tokenizer,
     pub template: Option<lmkit_tokenize::chat::ChatTemplate>,
     pub model_name: String,
+    /// The adapters' names: `model` = adapters[i] decodes with model variant i + 1.
+    pub adapters: Vec<String>,
     pub max_positions: usize,
     pub vocab_size: usize,
     /// The model's end-of-text ids (config.json, generation_config.json or GGUF metadata).
@@ -166,7 +170,13 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
     }
     let dir = lmkit_models::resolve_checkpoint(&cfg.model_dir);
     let device = lmkit_models::parse_device(&cfg.device)?;
-    let (model, mcfg) = CausalLm::load(&dir, &device)?;
+    let mut variants = vec![None];
+    for (name, path) in &cfg.adapters {
+        let a = lmkit_models::layers::lora::Adapters::load(path, &device)
+            .map_err(|e| ServeError::Config(format!("adapter `{name}`: {e}")))?;
+        variants.push(Some(a));
+    }
+    let (models, mcfg) = CausalLm::load_variants(&dir, &variants, &device)?;
     let tokenizer = lmkit_tokenize::load(&dir)?;
     let template = lmkit_tokenize::chat::load_template(&dir)?;
     let tk_vocab = tokenizer.get_vocab_size(true);
@@ -186,6 +196,13 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "lmkit".into())
     });
+    for (i, (name, _)) in cfg.adapters.iter().enumerate() {
+        if *name == model_name || cfg.adapters[..i].iter().any(|(n, _)| n == name) {
+            return Err(ServeError::Config(format!(
+                "the model name `{name}` is given twice; name each adapter (--adapter NAME=DIR) apart from the base (--model-name)"
+            )));
+        }
+    }
     let chat_end = tokenizer.token_to_id("<|end|>");
     let embedder = match &cfg.embedding_model {
         Some(p) => {
@@ -205,8 +222,9 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         None => None,
     };
     Ok(Arc::new(AppState {
-        engine: Engine::start(model, cfg.max_active, cfg.max_queue),
+        engine: Engine::start(models, cfg.max_active, cfg.max_queue),
         template,
+        adapters: cfg.adapters.iter().map(|(n, _)| n.clone()).collect(),
         model_name,
         max_positions: mcfg.max_positions(),
         vocab_size: mcfg.vocab_size(),
@@ -229,10 +247,21 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
     }))
 }
 
+impl AppState {
+    /// The name of model variant `i` (0: the base).
+    pub fn variant_name(&self, i: usize) -> &str {
+        match i {
+            0 => &self.model_name,
+            i => &self.adapters[i - 1],
+        }
+    }
+}
+
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(json!({
         "object": "list",
         "data": std::iter::once(state.model_name.clone())
+            .chain(state.adapters.iter().cloned())
             .chain(state.embedder.iter().map(|e| e.name.clone()))
             .map(|id| json!({"id": id, "object": "model", "created": state.created, "owned_by": "lmkit"}))
             .collect::<Vec<_>>(),

@@ -69,6 +69,7 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
         max_queue,
         moderator: Moderator::none(),
         embedding_model: None,
+        adapters: Vec::new(),
     }
 }
 

@@ -226,6 +226,7 @@ pub(super) async fn run(
     let jobs = (0..prep.params.n)
         .map(|i| Job {
             index: i,
+            model: prep.params.model,
             prompt: prep.prompt_ids.clone(),
             opts: GenerateOptions {
                 max_tokens,
@@ -257,7 +258,7 @@ pub(super) async fn run(
         let created = now();
         let (id, model, chat, include_usage) = (
             prep.id.clone(),
-            state.model_name.clone(),
+            state.variant_name(prep.params.model).to_string(),
             prep.chat,
             prep.params.include_usage,
         );
@@ -331,7 +332,7 @@ pub(super) async fn run(
         "id": prep.id,
         "object": if prep.chat { "chat.completion" } else { "text_completion" },
         "created": created,
-        "model": state.model_name,
+        "model": state.variant_name(prep.params.model),
         "choices": choices,
         "usage": {
             "prompt_tokens": prep.prompt_ids.len(),

@@ -25,7 +25,7 @@ pub(super) async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, sta
             request_id: prep.id.clone(),
             created: now(),
             endpoint: prep.endpoint.to_string(),
-            model: state.model_name.clone(),
+            model: state.variant_name(prep.params.model).to_string(),
             prompt: prep.prompt_text.clone(),
             messages: prep.messages.clone(),
             output: t.clone(),

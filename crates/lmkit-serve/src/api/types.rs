@@ -75,6 +75,8 @@ pub(super) struct ContentPart {
 
 /// Checked request parameters.
 pub(super) struct Params {
+    /// The model variant (0: the base; i: adapter i).
+    pub(super) model: usize,
     pub(super) max_tokens: Option<usize>,
     pub(super) sampling: SamplingParams,
     pub(super) n: usize,

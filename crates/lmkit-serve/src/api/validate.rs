@@ -140,19 +140,28 @@ pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             None => ApiError::invalid(&path, format!("`{path}`: {msg}")),
         }
     })?;
-    if let Some(m) = &s.model {
-        if m != &state.model_name {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!(
-                    "the model `{m}` does not exist; this server serves `{}`",
-                    state.model_name
-                ),
-            )
-            .code("model_not_found"));
-        }
-    }
+    let model = match &s.model {
+        None => 0,
+        Some(m) if *m == state.model_name => 0,
+        Some(m) => match state.adapters.iter().position(|a| a == m) {
+            Some(i) => i + 1,
+            None => {
+                let served: Vec<String> = std::iter::once(&state.model_name)
+                    .chain(&state.adapters)
+                    .map(|n| format!("`{n}`"))
+                    .collect();
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!(
+                        "the model `{m}` does not exist; this server serves {}",
+                        served.join(", ")
+                    ),
+                )
+                .code("model_not_found"));
+            }
+        },
+    };
     let limit = state.limits.max_tokens;
     let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
         Some(0) => {
@@ -225,6 +234,7 @@ pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
     sampling.validate().map_err(|m| ApiError::invalid("", m))?;
     let _ = s.user;
     Ok(Params {
+        model,
         max_tokens,
         sampling,
         n: n as usize,
