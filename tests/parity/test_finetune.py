@@ -287,3 +287,27 @@ def test_server_routes_requests_to_adapters(lmkit, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_loss_equals_unpacked_loss(lmkit, tmp_path, kind):
+    """data.pack = true puts the three conversations into one row of 128 positions (no attention
+    across them, positions restarting): the first step's loss and gradient norm equal those of the
+    three rows apart, and transformers' loss on each conversation alone."""
+    model, base = make_base(lmkit, tmp_path, kind)
+    tok = AutoTokenizer.from_pretrained(base)
+    lengths = [len(tok.apply_chat_template(c, tokenize=True)) - 1 for c in CONVERSATIONS]
+    assert sum(lengths) <= 128 and max(lengths) < 64, lengths
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    lora = "[lora]\nr = 4\ntarget_modules = \"all-linear\""
+    got = {}
+    for pack, batch in [(False, 3), (True, 1)]:
+        cfg = finetune(lmkit, tmp_path, base, extra=lora, batch_size=batch, seq_len=128)
+        lmkit("finetune", "--config", cfg, "--overwrite", "--set", f"data.pack={str(pack).lower()}")
+        got[pack] = metrics(tmp_path / "out")[0]
+    with torch.no_grad():
+        total, count = hf_masked_loss(model, tok, CONVERSATIONS)
+    assert abs(got[True]["loss"] - total / count) < 1e-4, (got, total / count)
+    assert abs(got[True]["loss"] - got[False]["loss"]) < 1e-5, got
+    assert abs(got[True]["grad_norm"] - got[False]["grad_norm"]) < 1e-4 * got[False]["grad_norm"], got
+    assert got[True]["tokens"] == got[False]["tokens"]

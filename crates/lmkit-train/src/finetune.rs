@@ -171,46 +171,63 @@ fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
     })
 }
 
-/// A batch of examples: inputs [b, t] (padded), and for the predicted positions their flat
-/// index into [b·t] and target id.
+/// A batch: inputs [b, t] (padded), for the predicted positions their flat index into [b·t]
+/// and target id, and for packed rows each row's sequence lengths.
 struct Batch {
     x: Tensor,
     rows: Tensor,
     targets: Tensor,
     count: usize,
+    segments: Option<Vec<Vec<usize>>>,
 }
 
-fn make_batch(examples: &[&Example], dev: &Device) -> Result<Batch> {
-    let t = examples
-        .iter()
-        .map(|e| e.ids.len().saturating_sub(1))
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut x = vec![0u32; examples.len() * t];
+/// A batch of rows, each holding one example or (`packed`) several one after another.
+fn make_batch(rows_of: &[Vec<&Example>], packed: bool, dev: &Device) -> Result<Batch> {
+    let len =
+        |row: &Vec<&Example>| -> usize { row.iter().map(|e| e.ids.len().saturating_sub(1)).sum() };
+    let t = rows_of.iter().map(len).max().unwrap_or(0).max(1);
+    let mut x = vec![0u32; rows_of.len() * t];
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
-    for (b, e) in examples.iter().enumerate() {
-        let n = e.ids.len().saturating_sub(1);
-        x[b * t..b * t + n].copy_from_slice(&e.ids[..n]);
-        for i in 0..n {
-            if e.train[i + 1] {
-                rows.push((b * t + i) as u32);
-                targets.push(e.ids[i + 1]);
+    let mut segments = Vec::with_capacity(rows_of.len());
+    for (b, row) in rows_of.iter().enumerate() {
+        let mut at = b * t;
+        let mut lens = Vec::with_capacity(row.len() + 1);
+        for e in row {
+            let n = e.ids.len().saturating_sub(1);
+            x[at..at + n].copy_from_slice(&e.ids[..n]);
+            for i in 0..n {
+                if e.train[i + 1] {
+                    rows.push((at + i) as u32);
+                    targets.push(e.ids[i + 1]);
+                }
             }
+            at += n;
+            lens.push(n);
         }
+        // Padding is a sequence of its own (it sees nothing before it, nothing sees it).
+        if at < (b + 1) * t {
+            lens.push((b + 1) * t - at);
+        }
+        lens.retain(|&n| n > 0);
+        segments.push(lens);
     }
     let count = rows.len();
     Ok(Batch {
-        x: Tensor::from_vec(x, (examples.len(), t), dev)?,
+        x: Tensor::from_vec(x, (rows_of.len(), t), dev)?,
         rows: Tensor::from_vec(rows, count, dev)?,
         targets: Tensor::from_vec(targets, count, dev)?,
         count,
+        segments: packed.then_some(segments),
     })
 }
 
 /// The summed cross-entropy of a batch's predicted tokens.
 fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
-    let h = model.hidden(&b.x, &mut model.single_pass_cache())?;
+    let mut cache = match &b.segments {
+        Some(s) => lmkit_models::KvCache::packed(model.num_layers(), s.clone()),
+        None => model.single_pass_cache(),
+    };
+    let h = model.hidden(&b.x, &mut cache)?;
     let (n, t, c) = h.dims3()?;
     let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
     crate::objective::output_loss_sum(model.output(), &h, &b.targets)
@@ -411,10 +428,32 @@ pub fn finetune(
         Ok(dir)
     };
 
-    let batch_of = |k: usize| -> Vec<&Example> {
-        sft::batch_indices(train.len(), t.batch_size, k, t.seed)
-            .into_iter()
-            .map(|i| &train[i])
+    let packed = cfg.data.pack;
+    if packed && model.is_recurrent() {
+        return Err(TrainError::Data(
+            "data.pack is for attention models; a recurrent model reads its rows as one sequence"
+                .into(),
+        ));
+    }
+    // Packed rows of the epochs so far, made as the run reaches them.
+    let packed_rows: std::cell::RefCell<Vec<Vec<usize>>> = Default::default();
+    let packed_epochs = std::cell::Cell::new(0usize);
+    let batch_of = |k: usize| -> Vec<Vec<&Example>> {
+        if !packed {
+            return sft::batch_indices(train.len(), t.batch_size, k, t.seed)
+                .into_iter()
+                .map(|i| vec![&train[i]])
+                .collect();
+        }
+        let mut rows = packed_rows.borrow_mut();
+        while rows.len() < (k + 1) * t.batch_size {
+            let order = sft::epoch_order(train.len(), packed_epochs.get(), t.seed);
+            rows.extend(sft::pack(&order, &train, t.seq_len));
+            packed_epochs.set(packed_epochs.get() + 1);
+        }
+        rows[k * t.batch_size..(k + 1) * t.batch_size]
+            .iter()
+            .map(|r| r.iter().map(|&i| &train[i]).collect())
             .collect()
     };
     // The step's loss is the mean over all the tokens its micro batches predict.
@@ -424,18 +463,19 @@ pub fn finetune(
             .map(|j| {
                 batch_of(step * t.grad_accum + j)
                     .iter()
+                    .flatten()
                     .map(|e| e.targets())
                     .sum::<usize>()
             })
             .sum();
         let examples = batch_of(step * t.grad_accum + m);
-        let b = make_batch(&examples, &dev)?;
+        let b = make_batch(&examples, packed, &dev)?;
         let share = (batch_loss_sum(model, &b)? / step_tokens.max(1) as f64)?;
         let loss = share.to_scalar::<f32>()? as f64;
         grads.backward(&share)?;
         Ok(Micro {
             loss,
-            tokens: examples.iter().map(|e| e.ids.len() as u64).sum(),
+            tokens: examples.iter().flatten().map(|e| e.ids.len() as u64).sum(),
         })
     };
     let mut evaluate = || -> Result<Option<f64>> {
@@ -446,8 +486,8 @@ pub fn finetune(
         let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
         let (mut sum, mut count) = (0.0, 0usize);
         for chunk in val[..limit].chunks(t.batch_size) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let b = make_batch(&refs, &dev)?;
+            let rows: Vec<Vec<&Example>> = chunk.iter().map(|e| vec![e]).collect();
+            let b = make_batch(&rows, false, &dev)?;
             let s = batch_loss_sum(model, &b)?.detach();
             sum += s.to_scalar::<f32>()? as f64;
             count += b.count;

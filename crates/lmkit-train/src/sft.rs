@@ -302,8 +302,15 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
+/// The order of `n` examples in `epoch`: a fresh seeded shuffle per epoch.
+pub fn epoch_order(n: usize, epoch: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(&mut order, mix(seed ^ mix(epoch as u64 + 0x5f7)));
+    order
+}
+
 /// The examples of micro batch `k` (counting from 0 over the whole run): consecutive slices of
-/// a fresh seeded order of all examples per epoch, so a batch depends only on seed and `k`.
+/// the epochs' orders, so a batch depends only on seed and `k`.
 pub fn batch_indices(n: usize, batch: usize, k: usize, seed: u64) -> Vec<usize> {
     let mut out = Vec::with_capacity(batch);
     let mut order_epoch = usize::MAX;
@@ -311,13 +318,31 @@ pub fn batch_indices(n: usize, batch: usize, k: usize, seed: u64) -> Vec<usize> 
     for pos in k * batch..(k + 1) * batch {
         let (epoch, i) = (pos / n, pos % n);
         if epoch != order_epoch {
-            order = (0..n).collect();
-            shuffle(&mut order, mix(seed ^ mix(epoch as u64 + 0x5f7)));
+            order = epoch_order(n, epoch, seed);
             order_epoch = epoch;
         }
         out.push(order[i]);
     }
     out
+}
+
+/// Packs examples, in `order`, into rows of at most `capacity` input positions (an example of n
+/// tokens takes n − 1: its inputs), each row holding consecutive examples.
+pub fn pack(order: &[usize], examples: &[Example], capacity: usize) -> Vec<Vec<usize>> {
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = usize::MAX;
+    for &i in order {
+        let n = examples[i].ids.len().saturating_sub(1);
+        if used.saturating_add(n) > capacity {
+            rows.push(Vec::new());
+            used = 0;
+        }
+        if let Some(row) = rows.last_mut() {
+            row.push(i);
+        }
+        used += n;
+    }
+    rows
 }
 
 /// The data files of a fine-tuning run, with their paths for messages.
@@ -338,6 +363,10 @@ pub struct SftDataConfig {
     /// Leave out (and count) rows that cannot be read instead of stopping.
     #[serde(default)]
     pub skip_bad: bool,
+    /// Pack several examples into each sequence of `train.seq_len` (no attention across them,
+    /// positions restarting): fewer padding positions, the same loss.
+    #[serde(default)]
+    pub pack: bool,
 }
 
 fn default_val_fraction() -> f64 {

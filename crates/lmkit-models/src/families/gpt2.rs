@@ -160,7 +160,8 @@ impl Block {
         let hd = e / self.n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
         if let [cache] = caches {
-            if cache.discards_kv() {
+            // (A packed pass attends sequence by sequence, below.)
+            if cache.discards_kv() && cache.segments().is_none() {
                 if let Some(y) = lmkit_kernels::blas::causal_self_attention(&qkv, self.n_head)? {
                     return self.mlp(&(x + self.attn_proj.forward(&y)?)?);
                 }
@@ -400,11 +401,19 @@ impl Gpt2 {
     /// positions; with one cache per row, each row continues its own.
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let pos: Vec<u32> = caches
-            .iter()
-            .flat_map(|c| (c.len()..c.len() + t).map(|p| p as u32))
-            .collect();
-        let pos = Tensor::from_vec(pos, (caches.len(), t), ids.device())?;
+        let pos: Vec<u32> = match caches {
+            [c] if c.segments().is_some() => c.packed_positions().unwrap_or_default(),
+            _ => caches
+                .iter()
+                .flat_map(|c| (c.len()..c.len() + t).map(|p| p as u32))
+                .collect(),
+        };
+        let rows = if pos.len() == t {
+            1
+        } else {
+            pos.len() / t.max(1)
+        };
+        let pos = Tensor::from_vec(pos, (rows, t), ids.device())?;
         let mut x = self
             .wte
             .forward(ids)?

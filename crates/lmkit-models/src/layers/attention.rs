@@ -174,6 +174,9 @@ pub fn attend_rows(
     attend: impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     if let [cache] = caches {
+        if let Some(segments) = cache.segments() {
+            return attend_packed(q, k, v, segments, cache.num_layers(), &attend);
+        }
         return attend(q, k, v, cache);
     }
     let b = q.dim(0)?;
@@ -192,6 +195,42 @@ pub fn attend_rows(
             )
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}
+
+/// A packed pass (see [`KvCache::packed`]): each row's sequences attend one at a time, each with
+/// a fresh cache (its positions start at 0), and their outputs are put back in place.
+fn attend_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<usize>],
+    num_layers: usize,
+    attend: &impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, _, t, _) = q.dims4()?;
+    if segments.len() != b || segments.iter().any(|s| s.iter().sum::<usize>() != t) {
+        candle_core::bail!(
+            "packed pass: the sequence lengths do not cover the {b} rows of {t} positions"
+        );
+    }
+    let mut rows = Vec::with_capacity(b);
+    for (r, lens) in segments.iter().enumerate() {
+        let (qr, kr, vr) = (q.narrow(0, r, 1)?, k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
+        let mut parts = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &n in lens {
+            let mut cache = KvCache::single_pass(num_layers);
+            parts.push(attend(
+                &qr.narrow(2, start, n)?,
+                &kr.narrow(2, start, n)?,
+                &vr.narrow(2, start, n)?,
+                &mut cache,
+            )?);
+            start += n;
+        }
+        rows.push(Tensor::cat(&parts, 2)?);
+    }
     Tensor::cat(&rows, 0)
 }
 

@@ -37,6 +37,8 @@ pub struct KvCache {
     /// Keys and values are not needed after this pass (training, scoring whole windows): layers
     /// may skip storing them and use attention kernels that never materialise them.
     discard_kv: bool,
+    /// Rows packed with several sequences (see [`KvCache::packed`]).
+    segments: Option<Vec<Vec<usize>>>,
 }
 
 impl KvCache {
@@ -46,7 +48,38 @@ impl KvCache {
             recurrent: vec![None; num_layers],
             len: 0,
             discard_kv: false,
+            segments: None,
         }
+    }
+
+    /// A single pass over rows that each hold several sequences one after another:
+    /// `segments[r]` are row r's sequence lengths (summing to the row's length). Each sequence
+    /// attends only to itself and its positions start at 0, so its outputs are those of a pass
+    /// over it alone (packing short examples into full rows wastes no compute on padding).
+    pub fn packed(num_layers: usize, segments: Vec<Vec<usize>>) -> Self {
+        KvCache {
+            segments: Some(segments),
+            ..KvCache::single_pass(num_layers)
+        }
+    }
+
+    /// The rows' sequence lengths of a packed pass.
+    pub fn segments(&self) -> Option<&[Vec<usize>]> {
+        self.segments.as_deref()
+    }
+
+    /// Position ids [rows × t] of a packed pass: each sequence counts from 0.
+    pub fn packed_positions(&self) -> Option<Vec<u32>> {
+        let segs = self.segments.as_ref()?;
+        Some(
+            segs.iter()
+                .flat_map(|row| row.iter().flat_map(|&n| 0..n as u32))
+                .collect(),
+        )
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// A cache for one pass whose keys and values are not reused (see [`KvCache::discards_kv`]).
