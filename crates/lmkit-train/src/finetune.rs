@@ -457,8 +457,13 @@ pub fn finetune(
             .collect()
     };
     // The step's loss is the mean over all the tokens its micro batches predict.
+    let adapters = tuned.adapters.as_ref();
     let mut micro = |step: usize, m: usize, grads: &mut Grads| -> Result<Micro> {
         model.set_training(true);
+        if let Some(a) = adapters {
+            let seed = t.seed ^ 0xd207_0a7e ^ ((step * 1024 + m) as u64 + 1);
+            a.set_dropout_seed(Some(lmkit_core::rng::mix(seed)));
+        }
         let step_tokens: usize = (0..t.grad_accum)
             .map(|j| {
                 batch_of(step * t.grad_accum + j)
@@ -483,6 +488,9 @@ pub fn finetune(
             return Ok(None);
         }
         model.set_training(false);
+        if let Some(a) = adapters {
+            a.set_dropout_seed(None);
+        }
         let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
         let (mut sum, mut count) = (0.0, 0usize);
         for chunk in val[..limit].chunks(t.batch_size) {

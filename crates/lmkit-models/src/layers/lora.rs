@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// PEFT's prefix of a causal LM's module paths in a saved adapter.
@@ -108,10 +109,8 @@ impl LoraSpec {
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return Err("lora.alpha must be a positive number".into());
         }
-        if self.dropout != 0.0 {
-            return Err(
-                "lora.dropout other than 0 is not implemented; set lora.dropout = 0".into(),
-            );
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err("lora.dropout must be in [0, 1)".into());
         }
         if let Targets::One(s) = &self.target_modules {
             if s != "all-linear" {
@@ -135,11 +134,61 @@ pub struct Lora {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
+    dropout: Option<Dropout>,
+}
+
+/// A layer's adapter dropout: probability, the layer's own stream key, and the set's seed for
+/// the current step (0: off, as outside training).
+#[derive(Clone, Debug)]
+struct Dropout {
+    p: f64,
+    key: u64,
+    seed: Arc<AtomicU64>,
+}
+
+impl Dropout {
+    /// The mask for `x` (kept values scaled by 1/(1−p)), drawn from the step's seed and the
+    /// layer's key: the same for the same step, so a resumed run draws the same masks.
+    fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use lmkit_core::rng::{mix, MixChain, Random};
+        use rayon::prelude::*;
+        let seed = self.seed.load(Ordering::Relaxed);
+        if seed == 0 || self.p == 0.0 {
+            return Ok(None);
+        }
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mut v = vec![0f32; x.elem_count()];
+        v.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut rng = MixChain::new(mix(seed ^ self.key ^ mix(c as u64 + 1)));
+                for e in chunk {
+                    *e = if rng.next_f64() < keep { scale } else { 0.0 };
+                }
+            });
+        Tensor::from_vec(v, x.shape(), x.device()).map(Some)
+    }
 }
 
 impl Lora {
-    /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in].
+    /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in] (x through dropout while training).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dropped;
+        let x = match self
+            .dropout
+            .as_ref()
+            .map(|d| d.mask(x))
+            .transpose()?
+            .flatten()
+        {
+            Some(m) => {
+                dropped = (x * m)?;
+                &dropped
+            }
+            None => x,
+        };
         let h = lmkit_kernels::blas::linear(x, &self.a.t()?, None)?;
         // The scale goes on B [out, r], not on the [.., out] product.
         lmkit_kernels::blas::linear(&h, &(&self.b * self.scale)?.t()?, None)
@@ -173,6 +222,8 @@ struct State {
 #[derive(Clone)]
 pub struct Adapters {
     pub spec: LoraSpec,
+    /// The current training step's dropout seed (0: no dropout).
+    dropout_seed: Arc<AtomicU64>,
     /// PEFT's `fan_in_fan_out`: the targeted layers store their weights [in, out] (Conv1D).
     pub fan_in_fan_out: bool,
     state: Arc<Mutex<State>>,
@@ -233,6 +284,7 @@ impl Adapters {
     pub fn fresh(spec: LoraSpec, seed: u64, device: &Device) -> Self {
         Adapters {
             spec,
+            dropout_seed: Arc::default(),
             fan_in_fan_out: false,
             state: Arc::new(Mutex::new(State {
                 source: Source::Fresh {
@@ -287,7 +339,7 @@ impl Adapters {
         let spec = LoraSpec {
             r: c.r,
             alpha: c.lora_alpha,
-            dropout: 0.0,
+            dropout: c.lora_dropout,
             target_modules: c.target_modules.unwrap_or(Targets::Names(Vec::new())),
             use_rslora: c.use_rslora,
         };
@@ -323,6 +375,7 @@ impl Adapters {
         }
         Ok(Adapters {
             spec,
+            dropout_seed: Arc::default(),
             fan_in_fan_out: c.fan_in_fan_out,
             state: Arc::new(Mutex::new(State {
                 source: Source::Loaded {
@@ -333,6 +386,14 @@ impl Adapters {
                 attached: BTreeMap::new(),
             })),
         })
+    }
+
+    /// Turns adapter dropout on for a training step (`Some(seed)`: each step its own seed) or
+    /// off (`None`: evaluation, inference).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        // 0 means off; a seed that happens to be 0 is taken as 1.
+        self.dropout_seed
+            .store(seed.map_or(0, |s| s.max(1)), Ordering::Relaxed);
     }
 
     /// These (loaded) adapters as trainable variables: tuning continues from them.
@@ -391,6 +452,11 @@ impl Adapters {
     ) -> candle_core::Result<Option<Lora>> {
         let mut st = lock(&self.state);
         let scale = self.spec.scale();
+        let dropout = (self.spec.dropout > 0.0).then(|| Dropout {
+            p: self.spec.dropout,
+            key: lmkit_core::rng::mix(fnv(path)),
+            seed: self.dropout_seed.clone(),
+        });
         let (lora, vars) = match &st.source {
             Source::Fresh { seed, device } => {
                 if !self.spec.target_modules.matches(path) {
@@ -413,6 +479,7 @@ impl Adapters {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
                     scale,
+                    dropout,
                 };
                 (lora, (Some(a), Some(b)))
             }
@@ -440,6 +507,7 @@ impl Adapters {
                         a: a.as_tensor().clone(),
                         b: b.as_tensor().clone(),
                         scale,
+                        dropout,
                     };
                     (lora, (Some(a), Some(b)))
                 } else {
@@ -447,6 +515,7 @@ impl Adapters {
                         a: a.clone(),
                         b: b.clone(),
                         scale,
+                        dropout: None,
                     };
                     (lora, (None, None))
                 }
@@ -474,6 +543,7 @@ impl Adapters {
                         a: a.clone(),
                         b: b.clone(),
                         scale: self.spec.scale(),
+                        dropout: None,
                     },
                 ))
             })
@@ -583,6 +653,8 @@ mod tests {
         s.use_rslora = true;
         assert_eq!(s.scale(), 8.0);
         s.dropout = 0.1;
+        assert!(s.validate().is_ok());
+        s.dropout = 1.0;
         assert!(s.validate().is_err());
     }
 }
