@@ -316,3 +316,53 @@ def test_packed_loss_equals_unpacked_loss(lmkit, tmp_path, kind):
     assert abs(got[True]["loss"] - got[False]["loss"]) < 1e-5, got
     assert abs(got[True]["grad_norm"] - got[False]["grad_norm"]) < 1e-4 * got[False]["grad_norm"], got
     assert got[True]["tokens"] == got[False]["tokens"]
+
+
+def test_full_fine_tuning_writes_a_transformers_checkpoint(lmkit, tmp_path):
+    """Without [lora] every parameter trains; the checkpoint is a model directory that
+    transformers loads with lmkit's logits, tokenizer and chat template beside it."""
+    from transformers import AutoModelForCausalLM
+    _, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    lmkit("finetune", "--config", finetune(lmkit, tmp_path, base, steps=2, lr=1e-3, min_lr=1e-3))
+    out = tmp_path / "out"
+    ckpt = out / (out / "latest").read_text().strip()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, out, ids)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - lmkit_logits(lmkit, base, ids)).max() > 1e-3, "the weights did not change"
+    assert AutoTokenizer.from_pretrained(ckpt).chat_template == PLAIN
+
+
+def test_prompt_completion_and_alpaca_rows(lmkit, tmp_path):
+    """prompt/completion rows train on the completion and the end-of-sequence token (as TRL
+    appends it); Alpaca rows go through the chat template as a user/assistant pair."""
+    model, base = make_base(lmkit, tmp_path)
+    tok = AutoTokenizer.from_pretrained(base)
+    pairs = [("what is one plus two?", " it is three."), ("where is the cat?", " on the mat.")]
+    write_rows(tmp_path / "rows.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
+    lmkit("finetune", "--config", finetune(lmkit, tmp_path, base, batch_size=2, lr=1e-6, min_lr=1e-6))
+    got = metrics(tmp_path / "out")[0]["loss"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, c in pairs:
+            text = p + c + tok.eos_token
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor([enc["input_ids"]])
+            labels = torch.tensor([i if s >= len(p) else -100 for i, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])])
+            logits = model(ids).logits[0]
+            total += torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+    assert abs(got - total / count) < 1e-4, (got, total / count)
+    # Alpaca as a JSON array: the same loss as the equivalent chat rows.
+    (tmp_path / "rows.json").write_text(json.dumps([{"instruction": p, "input": "", "output": c.strip()} for p, c in pairs]))
+    cfg = finetune(lmkit, tmp_path, base, batch_size=2, lr=1e-6, min_lr=1e-6)
+    lmkit("finetune", "--config", cfg, "--overwrite", "--set", f'data.train="{tmp_path}/rows.json"')
+    alpaca = metrics(tmp_path / "out")[0]["loss"]
+    with torch.no_grad():
+        total, count = hf_masked_loss(model, tok, [[{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]
+                                                   for p, c in pairs])
+    assert abs(alpaca - total / count) < 1e-4, (alpaca, total / count)
