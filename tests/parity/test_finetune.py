@@ -366,3 +366,26 @@ def test_prompt_completion_and_alpaca_rows(lmkit, tmp_path):
         total, count = hf_masked_loss(model, tok, [[{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]
                                                    for p, c in pairs])
     assert abs(alpaca - total / count) < 1e-4, (alpaca, total / count)
+
+
+def test_merge_into_a_gguf_base(lmkit, tmp_path):
+    """A GGUF base merges too (dequantized, written as a transformers directory with its tokenizer
+    and chat template): from an f32 GGUF the result equals merging into the original directory,
+    and transformers loads it with the same logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model, base = make_base(lmkit, tmp_path)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    lmkit("quantize", base, tmp_path / "base.gguf", "--type", "f32")
+    lmkit("adapter", "merge", base, tmp_path / "adapter", tmp_path / "from-hf")
+    lmkit("adapter", "merge", tmp_path / "base.gguf", tmp_path / "adapter", tmp_path / "from-gguf")
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    want = lmkit_logits(lmkit, tmp_path / "from-hf", ids)
+    got = lmkit_logits(lmkit, tmp_path / "from-gguf", ids)
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "from-gguf").eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - got).max() < 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "from-gguf").chat_template == PLAIN

@@ -279,6 +279,90 @@ impl Gguf {
         Ok(cfg)
     }
 
+    /// A llama / qwen2 / qwen3 file as a transformers checkpoint: its `config.json` and every
+    /// tensor under transformers' name, dequantized to f32 (query/key rows back in
+    /// transformers' order).
+    pub fn as_transformers(&mut self) -> Result<(serde_json::Value, Vec<(String, Tensor)>)> {
+        let cfg = self.llama_config()?;
+        let dev = Device::Cpu;
+        let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+        let (hd, nh, kv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
+        let interleaved = self.rope_interleaved()?;
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.tensor("token_embd.weight", &[v, h], &dev)?,
+            ),
+            (
+                "model.norm.weight".to_string(),
+                self.tensor("output_norm.weight", &[h], &dev)?,
+            ),
+        ];
+        if !cfg.tie_word_embeddings {
+            out.push((
+                "lm_head.weight".into(),
+                self.tensor("output.weight", &[v, h], &dev)?,
+            ));
+        }
+        for l in 0..cfg.num_hidden_layers {
+            let blk = format!("blk.{l}");
+            let hf = format!("model.layers.{l}");
+            let projections: [(&str, &str, usize, usize, Option<usize>); 7] = [
+                ("attn_q", "self_attn.q_proj", nh * hd, h, Some(nh)),
+                ("attn_k", "self_attn.k_proj", kv * hd, h, Some(kv)),
+                ("attn_v", "self_attn.v_proj", kv * hd, h, None),
+                ("attn_output", "self_attn.o_proj", h, nh * hd, None),
+                ("ffn_gate", "mlp.gate_proj", i, h, None),
+                ("ffn_up", "mlp.up_proj", i, h, None),
+                ("ffn_down", "mlp.down_proj", h, i, None),
+            ];
+            for (name, path, rows, cols, heads) in projections {
+                let mut q = self.qtensor(&format!("{blk}.{name}.weight"), &[rows, cols], &dev)?;
+                if let (Some(heads), true) = (heads, interleaved) {
+                    q = unpermute_rows(q, heads)?;
+                }
+                out.push((format!("{hf}.{path}.weight"), q.dequantize(&dev)?));
+                let bias = format!("{blk}.{name}.bias");
+                if self.has_tensor(&bias) {
+                    out.push((
+                        format!("{hf}.{path}.bias"),
+                        self.tensor(&bias, &[rows], &dev)?,
+                    ));
+                }
+            }
+            for (name, path, size) in [
+                ("attn_norm", "input_layernorm", h),
+                ("ffn_norm", "post_attention_layernorm", h),
+                ("attn_q_norm", "self_attn.q_norm", hd),
+                ("attn_k_norm", "self_attn.k_norm", hd),
+            ] {
+                let full = format!("{blk}.{name}.weight");
+                if self.has_tensor(&full) {
+                    out.push((
+                        format!("{hf}.{path}.weight"),
+                        self.tensor(&full, &[size], &dev)?,
+                    ));
+                }
+            }
+        }
+        let mut config = serde_json::to_value(&cfg).map_err(|e| self.bad(e.to_string()))?;
+        if let Some(map) = config.as_object_mut() {
+            map.retain(|_, v| !v.is_null());
+            map.insert("model_type".into(), cfg.arch.model_type().into());
+            map.insert(
+                "architectures".into(),
+                serde_json::json!([cfg.arch.architecture()]),
+            );
+            map.insert("torch_dtype".into(), "float32".into());
+            if cfg.attention_bias || out.iter().any(|(n, _)| n.ends_with("q_proj.bias")) {
+                if cfg.arch == Arch::Llama {
+                    map.insert("attention_bias".into(), true.into());
+                }
+            }
+        }
+        Ok((config, out))
+    }
+
     /// Whether this file's query/key rows are in llama.cpp's interleaved rotary order (its
     /// converter permutes them for the `llama` architecture; qwen2/3 keep transformers' order).
     pub fn rope_interleaved(&self) -> Result<bool> {

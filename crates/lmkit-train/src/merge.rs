@@ -8,28 +8,31 @@ use candle_core::{DType, Device, Tensor};
 use lmkit_models::layers::lora::Adapters;
 use std::path::Path;
 
-/// Merges `adapter` into the Hugging Face model directory `base` and writes the result to `out`
-/// (which must not exist). Returns the number of layers changed.
+/// Merges `adapter` into `base` — a Hugging Face model directory, or a GGUF file (dequantized:
+/// the merged model is f32) — and writes the result to `out` (which must not exist) as a
+/// Hugging Face model directory. Returns the number of layers changed.
 pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
-    if lmkit_models::gguf::is_gguf(base) {
-        return Err(TrainError::Data(format!(
-            "{}: merging into a GGUF base is not supported; merge into the Hugging Face directory it was made from",
-            base.display()
-        )));
-    }
     if out.exists() {
         return Err(TrainError::Data(format!(
             "{}: already exists; give a new directory (nothing is overwritten)",
             out.display()
         )));
     }
-    let dir = lmkit_models::resolve_checkpoint(base);
     let dev = Device::Cpu;
     let adapters = Adapters::load(adapter, &dev)?;
+    let gguf = lmkit_models::gguf::is_gguf(base);
+    let dir = lmkit_models::resolve_checkpoint(base);
+    let mut gguf_config = None;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for file in lmkit_models::weight_files(&dir)? {
-        for (name, t) in candle_core::safetensors::load(&file, &dev)? {
-            tensors.push((name, t.to_dtype(DType::F32)?));
+    if gguf {
+        let (config, all) = lmkit_models::gguf::Gguf::open(base)?.as_transformers()?;
+        gguf_config = Some(config);
+        tensors = all;
+    } else {
+        for file in lmkit_models::weight_files(&dir)? {
+            for (name, t) in candle_core::safetensors::load(&file, &dev)? {
+                tensors.push((name, t.to_dtype(DType::F32)?));
+            }
         }
     }
     let mut merged = 0;
@@ -72,9 +75,15 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     std::io::Write::flush(&mut w).map_err(|e| TrainError::io(&file, e))?;
     drop(w);
     f.sync_all().map_err(|e| TrainError::io(&file, e))?;
-    let mut copy = tokenizer_files(&dir);
-    copy.push(dir.join("config.json"));
-    copy.push(dir.join("generation_config.json"));
+    let mut copy = Vec::new();
+    match gguf_config {
+        Some(config) => write_gguf_side_files(base, &config, tmp.path())?,
+        None => {
+            copy = tokenizer_files(&dir);
+            copy.push(dir.join("config.json"));
+            copy.push(dir.join("generation_config.json"));
+        }
+    }
     for src in copy {
         if let (true, Some(name)) = (src.is_file(), src.file_name()) {
             std::fs::copy(&src, tmp.path().join(name)).map_err(|e| TrainError::io(&src, e))?;
@@ -85,4 +94,38 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
         .ok_or_else(|| TrainError::Data(format!("{}: not a directory name", out.display())))?;
     tmp.commit(name)?;
     Ok(merged)
+}
+
+/// config.json, tokenizer.json and tokenizer_config.json (chat template, special tokens) of a
+/// model read from the GGUF file `base`, written into `dir`.
+fn write_gguf_side_files(base: &Path, config: &serde_json::Value, dir: &Path) -> Result<()> {
+    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let p = dir.join(name);
+        let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Data(e.to_string()))?;
+        std::fs::write(&p, text).map_err(|e| TrainError::io(&p, e))
+    };
+    write("config.json", config)?;
+    let tk = lmkit_tokenize::load(base)?;
+    let p = dir.join("tokenizer.json");
+    tk.save(&p, false)
+        .map_err(|e| TrainError::Data(format!("{}: {e}", p.display())))?;
+    let meta = lmkit_tokenize::gguf::GgufMeta::read(base)?;
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+    });
+    for (key, which) in [
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unk"),
+        ("pad_token", "padding"),
+    ] {
+        if let Some(t) = meta.special_token(which) {
+            tc[key] = t.into();
+        }
+    }
+    if let Some(t) = meta.chat_template() {
+        tc["chat_template"] = t.into();
+    }
+    write("tokenizer_config.json", &tc)
 }
