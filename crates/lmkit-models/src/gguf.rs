@@ -354,10 +354,9 @@ impl Gguf {
                 serde_json::json!([cfg.arch.architecture()]),
             );
             map.insert("torch_dtype".into(), "float32".into());
-            if cfg.attention_bias || out.iter().any(|(n, _)| n.ends_with("q_proj.bias")) {
-                if cfg.arch == Arch::Llama {
-                    map.insert("attention_bias".into(), true.into());
-                }
+            // A llama file with projection biases (qwen2's are implied by its model_type).
+            if cfg.arch == Arch::Llama && out.iter().any(|(n, _)| n.ends_with("q_proj.bias")) {
+                map.insert("attention_bias".into(), true.into());
             }
         }
         Ok((config, out))
