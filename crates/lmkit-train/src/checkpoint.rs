@@ -100,6 +100,9 @@ fn run_id_of(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Tensors by name.
+pub(crate) type Named = Vec<(String, Tensor)>;
+
 pub struct CheckpointFiles<'a> {
     /// JSON files of the directory by name (config.json, generation_config.json; an adapter's
     /// adapter_config.json).
@@ -149,7 +152,8 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     })
 }
 
-/// Writes checkpoint `step` under `out` and points `out/latest` at it; removes all but the newest `keep`.
+/// Writes checkpoint `step` under `out` and points `out/latest` at it; removes all but the newest
+/// `keep`, and redraws the run's loss plot (`out/loss.svg`, from `out/metrics.jsonl`).
 pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Result<PathBuf> {
     let tmp = lmkit_core::AtomicDir::create_in(out)?;
     let dir = tmp.path();
@@ -190,6 +194,11 @@ pub fn save(out: &Path, step: usize, files: &CheckpointFiles, keep: usize) -> Re
             let _ = std::fs::remove_dir_all(old);
         }
     }
+    // The plot is a convenience: failing to draw it does not fail the checkpoint.
+    let _ = crate::metrics::plot(
+        &crate::metrics::read(&out.join("metrics.jsonl")),
+        &out.join("loss.svg"),
+    );
     Ok(final_dir)
 }
 
@@ -265,4 +274,43 @@ pub(crate) fn restore(
     }
     opt.step = state.step;
     Ok((dir, state, moments))
+}
+
+/// Makes `out` ready for a run starting as `start`: created, temporaries of a run that died
+/// while saving removed; a new run refuses a directory holding another run, an overwriting one
+/// removes it. Returns the path of the run's metrics.jsonl.
+pub(crate) fn prepare(out: &Path, start: Start) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    remove_partial(out);
+    match start {
+        Start::New => {
+            if let Some(what) = existing_run(out) {
+                return Err(TrainError::RunExists {
+                    path: out.to_path_buf(),
+                    what,
+                });
+            }
+        }
+        Start::Overwrite => remove_run(out)?,
+        Start::Resume => {}
+    }
+    Ok(out.join("metrics.jsonl"))
+}
+
+/// The optimizer's parameters by name, and its moments (`m.NAME`, `v.NAME`): what a checkpoint
+/// stores.
+pub(crate) fn optimizer_tensors(
+    opt: &crate::adamw::AdamW,
+) -> (Named, Named) {
+    let weights = opt
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    let mut moments = Vec::new();
+    for (i, p) in opt.params.iter().enumerate() {
+        moments.push((format!("m.{}", p.name), opt.m[i].clone()));
+        moments.push((format!("v.{}", p.name), opt.v[i].clone()));
+    }
+    (weights, moments)
 }

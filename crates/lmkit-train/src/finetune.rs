@@ -317,21 +317,7 @@ pub fn finetune(
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
 
     let out = &t.out_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    let metrics_path = out.join("metrics.jsonl");
-    checkpoint::remove_partial(out);
-    match start {
-        Start::New => {
-            if let Some(what) = checkpoint::existing_run(out) {
-                return Err(TrainError::RunExists {
-                    path: out.clone(),
-                    what,
-                });
-            }
-        }
-        Start::Overwrite => checkpoint::remove_run(out)?,
-        Start::Resume => {}
-    }
+    let metrics_path = checkpoint::prepare(out, start)?;
     // What a checkpoint must have been written by to be resumed.
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
@@ -395,16 +381,7 @@ pub fn finetune(
         (None, None) => unreachable!("a full fine-tune has its base's config"),
     }
     let mut save = |opt: &AdamW, at: Position| -> Result<PathBuf> {
-        let weights: Vec<(String, Tensor)> = opt
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect();
-        let mut moments = Vec::new();
-        for (i, p) in opt.params.iter().enumerate() {
-            moments.push((format!("m.{}", p.name), opt.m[i].clone()));
-            moments.push((format!("v.{}", p.name), opt.v[i].clone()));
-        }
+        let (weights, moments) = checkpoint::optimizer_tensors(opt);
         let state = TrainerState {
             step: at.step,
             seed: t.seed,
@@ -423,9 +400,7 @@ pub fn finetune(
             state: &state,
             copy: &copy,
         };
-        let dir = checkpoint::save(out, at.step, &files, t.keep_checkpoints)?;
-        let _ = metrics::plot(&metrics::read(&metrics_path), &out.join("loss.svg"));
-        Ok(dir)
+        checkpoint::save(out, at.step, &files, t.keep_checkpoints)
     };
 
     let packed = cfg.data.pack;
@@ -505,18 +480,7 @@ pub fn finetune(
     if from.step == 0 && t.eval_every > 0 {
         report.val_loss_before = evaluate()?;
         if let Some(v) = report.val_loss_before {
-            metrics::append(
-                &metrics_path,
-                &metrics::Record {
-                    step: 0,
-                    val_loss: Some(v),
-                    loss: None,
-                    lr: None,
-                    grad_norm: None,
-                    tokens_per_sec: None,
-                    tokens: None,
-                },
-            )?;
+            metrics::append(&metrics_path, &metrics::Record::validation(0, v))?;
             progress.message(&format!("validation loss before tuning: {v:.4}"));
         }
     }
@@ -532,15 +496,5 @@ pub fn finetune(
             save: &mut save,
         },
     )?;
-    Ok((
-        Summary {
-            steps: end.at.step,
-            final_loss: end.last_loss,
-            val_loss: end.last_val,
-            checkpoint: end.checkpoint,
-            tokens_per_sec: end.at.tokens_seen as f64 / end.at.elapsed.max(1e-9),
-            parameters: n_params,
-        },
-        report,
-    ))
+    Ok((end.summary(n_params), report))
 }

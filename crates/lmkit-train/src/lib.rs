@@ -26,7 +26,7 @@ pub use error::{Result, TrainError};
 pub use finetune::{finetune, FinetuneConfig};
 
 use adamw::AdamW;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use data::{Batches, Split};
 use init::{hf_config, init_weights, params};
@@ -166,21 +166,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     )?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let out = &t.out_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    let metrics_path = out.join("metrics.jsonl");
-    checkpoint::remove_partial(out);
-    match start {
-        Start::New => {
-            if let Some(what) = checkpoint::existing_run(out) {
-                return Err(TrainError::RunExists {
-                    path: out.clone(),
-                    what,
-                });
-            }
-        }
-        Start::Overwrite => checkpoint::remove_run(out)?,
-        Start::Resume => {}
-    }
+    let metrics_path = checkpoint::prepare(out, start)?;
     let mut run_id = checkpoint::new_run_id();
 
     // Recurrent models carry their state from one window of a stream to the next.
@@ -220,16 +206,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
     let tk_files = checkpoint::tokenizer_files(&tk_dir);
     let save = |opt: &AdamW, carried: &Option<KvCache>, at: steps::Position| -> Result<PathBuf> {
-        let weights: Vec<(String, Tensor)> = opt
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect();
-        let mut moments = Vec::new();
-        for (i, p) in opt.params.iter().enumerate() {
-            moments.push((format!("m.{}", p.name), opt.m[i].clone()));
-            moments.push((format!("v.{}", p.name), opt.v[i].clone()));
-        }
+        let (weights, mut moments) = checkpoint::optimizer_tensors(opt);
         if let Some(cache) = carried {
             for l in 0..n_layer {
                 if let Some((h, c)) = cache.recurrent(l) {
@@ -259,9 +236,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
             state: &state,
             copy: &tk_files,
         };
-        let dir = checkpoint::save(out, at.step, &files, t.keep_checkpoints)?;
-        let _ = metrics::plot(&metrics::read(&metrics_path), &out.join("loss.svg"));
-        Ok(dir)
+        checkpoint::save(out, at.step, &files, t.keep_checkpoints)
     };
 
     let evaluate = |model: &Net| -> Result<Option<f64>> {
@@ -349,12 +324,5 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
             save: &mut |opt, at| save(opt, &carried.borrow(), at),
         },
     )?;
-    Ok(Summary {
-        steps: end.at.step,
-        final_loss: end.last_loss,
-        val_loss: end.last_val,
-        checkpoint: end.checkpoint,
-        tokens_per_sec: end.at.tokens_seen as f64 / end.at.elapsed.max(1e-9),
-        parameters: n_params,
-    })
+    Ok(end.summary(n_params))
 }

@@ -22,6 +22,21 @@ pub struct Record {
     pub tokens: Option<u64>,
 }
 
+impl Record {
+    /// A validation loss after `step`.
+    pub fn validation(step: usize, val_loss: f64) -> Record {
+        Record {
+            step,
+            val_loss: Some(val_loss),
+            loss: None,
+            lr: None,
+            grad_norm: None,
+            tokens_per_sec: None,
+            tokens: None,
+        }
+    }
+}
+
 pub fn read(path: &Path) -> Vec<Record> {
     std::fs::read_to_string(path)
         .map(|t| {

@@ -110,6 +110,20 @@ pub(crate) struct End {
     pub checkpoint: PathBuf,
 }
 
+impl End {
+    /// What the run reports, with its trained parameter count.
+    pub(crate) fn summary(self, parameters: usize) -> crate::Summary {
+        crate::Summary {
+            steps: self.at.step,
+            final_loss: self.last_loss,
+            val_loss: self.last_val,
+            checkpoint: self.checkpoint,
+            tokens_per_sec: self.at.tokens_seen as f64 / self.at.elapsed.max(1e-9),
+            parameters,
+        }
+    }
+}
+
 /// Trains from `from` to `t.max_steps` (or the time limit, or a stop request).
 pub(crate) fn run(
     t: &TrainConfig,
@@ -182,18 +196,7 @@ pub(crate) fn run(
         if t.eval_every > 0 && (at.step.is_multiple_of(t.eval_every) || at.step == t.max_steps) {
             last_val = evaluate()?;
             if let Some(v) = last_val {
-                metrics::append(
-                    metrics_path,
-                    &metrics::Record {
-                        step: at.step,
-                        val_loss: Some(v),
-                        loss: None,
-                        lr: None,
-                        grad_norm: None,
-                        tokens_per_sec: None,
-                        tokens: None,
-                    },
-                )?;
+                metrics::append(metrics_path, &metrics::Record::validation(at.step, v))?;
                 progress.message(&format!(
                     "step {}: train loss {last_loss:.4}, validation loss {v:.4}",
                     at.step

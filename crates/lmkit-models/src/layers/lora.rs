@@ -473,15 +473,9 @@ impl Adapters {
                         ((rng.next_f64() * 2.0 - 1.0) * bound) as f32
                     })
                     .collect();
-                let a = Var::from_tensor(&Tensor::from_vec(vals, (r, in_dim), device)?)?;
-                let b = Var::from_tensor(&Tensor::zeros((out_dim, r), DType::F32, device)?)?;
-                let lora = Lora {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
-                    scale,
-                    dropout,
-                };
-                (lora, (Some(a), Some(b)))
+                let a = Tensor::from_vec(vals, (r, in_dim), device)?;
+                let b = Tensor::zeros((out_dim, r), DType::F32, device)?;
+                trainable_lora(&a, &b, scale, dropout)?
             }
             Source::Loaded {
                 tensors, trainable, ..
@@ -502,14 +496,7 @@ impl Adapters {
                     );
                 }
                 if *trainable {
-                    let (a, b) = (Var::from_tensor(a)?, Var::from_tensor(b)?);
-                    let lora = Lora {
-                        a: a.as_tensor().clone(),
-                        b: b.as_tensor().clone(),
-                        scale,
-                        dropout,
-                    };
-                    (lora, (Some(a), Some(b)))
+                    trainable_lora(a, b, scale, dropout)?
                 } else {
                     let lora = Lora {
                         a: a.clone(),
@@ -616,6 +603,26 @@ impl Adapters {
             })
             .collect()
     }
+}
+
+/// A trainable adapter's A and B variables (none for a frozen one).
+type TrainedVars = (Option<Var>, Option<Var>);
+
+/// An adapter whose A and B are new variables holding `a` and `b`, with the variables.
+fn trainable_lora(
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+) -> candle_core::Result<(Lora, TrainedVars)> {
+    let (a, b) = (Var::from_tensor(a)?, Var::from_tensor(b)?);
+    let lora = Lora {
+        a: a.as_tensor().clone(),
+        b: b.as_tensor().clone(),
+        scale,
+        dropout,
+    };
+    Ok((lora, (Some(a), Some(b))))
 }
 
 /// FNV-1a of a layer path: each layer's adapter draws from its own stream, so adding a target
