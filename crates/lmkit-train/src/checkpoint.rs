@@ -299,9 +299,7 @@ pub(crate) fn prepare(out: &Path, start: Start) -> Result<PathBuf> {
 
 /// The optimizer's parameters by name, and its moments (`m.NAME`, `v.NAME`): what a checkpoint
 /// stores.
-pub(crate) fn optimizer_tensors(
-    opt: &crate::adamw::AdamW,
-) -> (Named, Named) {
+pub(crate) fn optimizer_tensors(opt: &crate::adamw::AdamW) -> (Named, Named) {
     let weights = opt
         .params
         .iter()

@@ -253,6 +253,12 @@ pub fn finetune(
 ) -> Result<(Summary, DataReport)> {
     let t = &cfg.train;
     let base = &cfg.base;
+    if !base.exists() {
+        return Err(TrainError::Data(format!(
+            "base = \"{}\": no such file or directory (the base is a Hugging Face model directory, a training output directory or a GGUF file)",
+            base.display()
+        )));
+    }
     let dev = lmkit_models::parse_device(&t.device)?;
     let tokenizer = lmkit_tokenize::load(base)?;
     let template = lmkit_tokenize::chat::load_template(base)?;

@@ -433,8 +433,11 @@ impl Adapters {
                 return Err(crate::ModelError::Config {
                     path: PathBuf::from("[lora]"),
                     msg: format!(
-                        "target_modules {:?} matches no layer of this model",
-                        self.spec.target_modules
+                        "target_modules {} matches no layer of this model (layer names are those of its checkpoint: q_proj, v_proj, c_attn, query_key_value, ...)",
+                        match &self.spec.target_modules {
+                            Targets::Names(n) => format!("{n:?}"),
+                            Targets::One(s) => format!("{s:?}"),
+                        }
                     ),
                 });
             }
