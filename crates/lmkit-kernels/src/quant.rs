@@ -332,11 +332,20 @@ pub fn quant_matmul(
     if !matches!(x.device(), Device::Cpu) {
         candle_core::bail!("{ty:?} product: the input must be on the CPU");
     }
-    let m = x.elem_count() / k;
     let xs = x
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    let y = quant_product(&xs, w, ty, n, k);
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("checked non-empty") = n;
+    Tensor::from_vec(y, out_dims, x.device())
+}
+
+/// Rows of `xs` (each of `k` values) times a weight [n, k] of type `ty` (its raw blocks)ᵀ: the
+/// rows' outputs, n values each. The caller checks the sizes (see [`quant_matmul`]).
+pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
+    let m = xs.len() / k.max(1);
     let blocks = k / QK;
     let mut q = Vec::with_capacity(m * blocks);
     let mut row = Vec::with_capacity(blocks);
@@ -384,9 +393,7 @@ pub fn quant_matmul(
             y[i * n + c0..i * n + c0 + cols].copy_from_slice(&tile[i * cols..(i + 1) * cols]);
         }
     }
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("checked non-empty") = n;
-    Tensor::from_vec(y, out_dims, x.device())
+    y
 }
 
 #[cfg(test)]

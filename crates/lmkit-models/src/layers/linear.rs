@@ -222,19 +222,18 @@ impl Linear {
                     }
                     _ => None,
                 };
-                let y = match own {
-                    Some((t, ty)) => {
-                        let (n, k) = t.shape().dims2()?;
-                        lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
-                    }
-                    None => q.forward(&x.detach().contiguous()?)?,
-                };
-                // The quantized products are not differentiated; where a gradient must pass
-                // through the layer (adapters before it are trained), it is attached here.
+                // Where a gradient must pass through the layer (adapters before it are
+                // trained), the product is a node that gives its input one.
                 let y = if x.track_op() {
-                    x.apply_op2(&y, QuantGrad(q.clone()))?
+                    x.contiguous()?.apply_op1(FrozenQuant(q.clone()))?
                 } else {
-                    y
+                    match own {
+                        Some((t, ty)) => {
+                            let (n, k) = t.shape().dims2()?;
+                            lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
+                        }
+                        None => q.forward(&x.contiguous()?)?,
+                    }
                 };
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
@@ -256,45 +255,55 @@ impl Module for Linear {
     }
 }
 
-/// Passes a quantized product's result through and gives its input the gradient
-/// `grad · W` (W dequantized for the call): what a frozen quantized layer needs when adapters
-/// before it are trained.
-struct QuantGrad(QMatMul);
+/// A frozen block-quantized product `x·Wᵀ` as a node of the graph: its input gets the gradient
+/// `grad · W` (what a frozen quantized layer needs when adapters before it are trained).
+struct FrozenQuant(QMatMul);
 
-impl candle_core::CustomOp2 for QuantGrad {
+impl candle_core::CustomOp1 for FrozenQuant {
     fn name(&self) -> &'static str {
-        "quantized-linear-grad"
+        "frozen-quantized-linear"
     }
 
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
+        storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("quantized-linear-grad: the product must be contiguous");
+        let (candle_core::CpuStorage::F32(all), Some((start, end))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("frozen-quantized-linear: the input must be contiguous f32");
+        };
+        let xs = &all[start..end];
+        let mut dims = layout.dims().to_vec();
+        let QMatMul::QTensor(t) = &self.0 else {
+            candle_core::bail!("frozen-quantized-linear: the weight is not block-quantized");
+        };
+        let (n, k) = t.shape().dims2()?;
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen-quantized-linear: input {dims:?} against [{n}, {k}]");
         }
-        Ok((y.clone(), layout.shape().clone()))
+        let y = match own_kernel(t.dtype()) {
+            Some(ty) => lmkit_kernels::quant::quant_product(xs, &t.data()?, ty, n, k),
+            None => {
+                let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
+                self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        *dims.last_mut().expect("checked above") = n;
+        Ok((candle_core::CpuStorage::F32(y), dims.into()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let t = match &self.0 {
             QMatMul::QTensor(t) if t.device().is_cpu() => t,
             QMatMul::QTensor(t) => {
                 let w = t.dequantize(&t.device())?;
-                return Ok((Some(grad.broadcast_matmul(&w)?), None));
+                return Ok(Some(grad.broadcast_matmul(&w)?));
             }
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
                 let w = w.to_dtype(candle_core::DType::F32)?;
-                return Ok((Some(grad.broadcast_matmul(&w)?), None));
+                return Ok(Some(grad.broadcast_matmul(&w)?));
             }
         };
         // grad [.., n] · W [n, k], W dequantized a block of rows at a time: a large layer (the
@@ -321,7 +330,7 @@ impl candle_core::CustomOp2 for QuantGrad {
             });
         }
         let dx = dx.ok_or_else(|| candle_core::Error::Msg("empty quantized layer".into()))?;
-        Ok((Some(dx.reshape(x.shape())?), None))
+        Ok(Some(dx.reshape(x.shape())?))
     }
 }
 
