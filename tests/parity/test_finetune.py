@@ -39,6 +39,11 @@ def make_base(lmkit, tmp_path, kind="llama"):
         cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
+    elif kind == "gpt_neox":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        cfg = GPTNeoXConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5)
+        model = GPTNeoXForCausalLM(cfg)
     else:
         cfg = GPT2Config(vocab_size=320, n_positions=128, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0,
                          attn_pdrop=0)
@@ -140,11 +145,12 @@ def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
     del plain
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
 def test_peft_adapter_loads_in_lmkit(lmkit, tmp_path, kind):
     from peft import LoraConfig, get_peft_model
     model, base = make_base(lmkit, tmp_path, kind)
-    targets = ["q_proj", "o_proj", "gate_proj"] if kind == "llama" else ["c_attn", "c_fc"]
+    targets = {"llama": ["q_proj", "o_proj", "gate_proj"], "gpt2": ["c_attn", "c_fc"],
+               "gpt_neox": ["query_key_value", "dense_4h_to_h"]}[kind]
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
                      fan_in_fan_out=kind == "gpt2")
     peft = get_peft_model(model, cfg).eval()
@@ -294,7 +300,7 @@ def test_server_routes_requests_to_adapters(lmkit, tmp_path):
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
 def test_packed_loss_equals_unpacked_loss(lmkit, tmp_path, kind):
     """data.pack = true puts the three conversations into one row of 128 positions (no attention
     across them, positions restarting): the first step's loss and gradient norm equal those of the
