@@ -15,8 +15,9 @@ use lmkit_train::FinetuneConfig;
     lmkit finetune --config configs/sft-lora.toml --train-on prompt   # no masking: learn the prompts too\n\n\
     The config names the base (`base = \"DIR\"` or a .gguf file), [data] (train = rows: chat\n\
     JSONL {\"messages\": [...]}, Alpaca instruction/input/output, prompt/completion, or text),\n\
-    [train] and optionally [lora] (r, alpha, target_modules = [\"q_proj\", ...] or \"all-linear\",\n\
-    use_rslora). Without [lora] every parameter is tuned.\n\n\
+    [train] and optionally [lora] (r, alpha, dropout, target_modules = [\"q_proj\", ...] or\n\
+    \"all-linear\", use_rslora) or adapter = \"DIR\" (continue a PEFT adapter). Without them every\n\
+    parameter is tuned. data.pack = true packs short examples into full rows.\n\n\
     Writes OUT/ckpt-NNNNNN/ (with [lora]: a PEFT adapter directory, adapter_config.json +\n\
     adapter_model.safetensors, that `--adapter` and PEFT load; without: a model directory),\n\
     OUT/latest, OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir."
