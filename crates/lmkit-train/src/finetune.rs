@@ -86,25 +86,6 @@ impl FinetuneConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_example_config_loads_with_fine_tuning_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft-lora.toml");
-        let cfg = FinetuneConfig::load(&path, &["base=/elsewhere/model.gguf".into()]).unwrap();
-        assert_eq!(cfg.base, PathBuf::from("/elsewhere/model.gguf"));
-        let lora = cfg.lora.expect("[lora]");
-        assert_eq!((lora.r, lora.alpha, lora.scale()), (16, 32.0, 2.0));
-        assert_eq!(cfg.train.seq_len, 384);
-        // Left out of the file: fine-tuning's defaults, not pretraining's.
-        assert_eq!((cfg.train.weight_decay, cfg.train.beta2), (0.0, 0.999));
-        let both = FinetuneConfig::load(&path, &["adapter=\"x\"".into()]);
-        assert!(both.is_err(), "[lora] and adapter together are refused");
-    }
-}
-
 /// The model being tuned and its trainable parameters.
 struct Tuned {
     model: CausalLm,
@@ -522,4 +503,23 @@ pub fn finetune(
         },
     )?;
     Ok((end.summary(n_params), report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads_with_fine_tuning_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sft-lora.toml");
+        let cfg = FinetuneConfig::load(&path, &["base=/elsewhere/model.gguf".into()]).unwrap();
+        assert_eq!(cfg.base, PathBuf::from("/elsewhere/model.gguf"));
+        let lora = cfg.lora.expect("[lora]");
+        assert_eq!((lora.r, lora.alpha, lora.scale()), (16, 32.0, 2.0));
+        assert_eq!(cfg.train.seq_len, 384);
+        // Left out of the file: fine-tuning's defaults, not pretraining's.
+        assert_eq!((cfg.train.weight_decay, cfg.train.beta2), (0.0, 0.999));
+        let both = FinetuneConfig::load(&path, &["adapter=\"x\"".into()]);
+        assert!(both.is_err(), "[lora] and adapter together are refused");
+    }
 }
