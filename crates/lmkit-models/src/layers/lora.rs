@@ -18,6 +18,20 @@ use std::sync::{Arc, Mutex};
 /// PEFT's prefix of a causal LM's module paths in a saved adapter.
 const PREFIX: &str = "base_model.model.";
 
+/// PEFT's key of a layer's A or B matrix (`which`: "A" or "B").
+fn key(path: &str, which: &str) -> String {
+    format!("{PREFIX}{path}.lora_{which}.weight")
+}
+
+/// The layer path and matrix ("A" or "B") a PEFT key names, if it names one.
+fn parse_key(k: &str) -> Option<(&str, &str)> {
+    let (path, which) = k
+        .strip_prefix(PREFIX)?
+        .strip_suffix(".weight")?
+        .rsplit_once(".lora_")?;
+    matches!(which, "A" | "B").then_some((path, which))
+}
+
 /// Which layers get an adapter: PEFT's `target_modules`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -363,9 +377,7 @@ impl Adapters {
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         for k in tensors.keys() {
-            if !k.starts_with(PREFIX)
-                || !(k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
-            {
+            if parse_key(k).is_none() {
                 return Err(crate::ModelError::Tensor {
                     path: file.clone(),
                     name: k.clone(),
@@ -415,13 +427,10 @@ impl Adapters {
         let st = lock(&self.state);
         match &st.source {
             Source::Loaded { dir, tensors, .. } => {
-                if let Some(k) = tensors.keys().find(|k| {
-                    let path = k[PREFIX.len()..]
-                        .trim_end_matches(".weight")
-                        .trim_end_matches(".lora_A")
-                        .trim_end_matches(".lora_B");
-                    !st.attached.contains_key(path)
-                }) {
+                if let Some(k) = tensors
+                    .keys()
+                    .find(|k| parse_key(k).is_some_and(|(path, _)| !st.attached.contains_key(path)))
+                {
                     return Err(crate::ModelError::Tensor {
                         path: dir.join("adapter_model.safetensors"),
                         name: k.clone(),
@@ -483,10 +492,9 @@ impl Adapters {
             Source::Loaded {
                 tensors, trainable, ..
             } => {
-                let (Some(a), Some(b)) = (
-                    tensors.get(&format!("{PREFIX}{path}.lora_A.weight")),
-                    tensors.get(&format!("{PREFIX}{path}.lora_B.weight")),
-                ) else {
+                let (Some(a), Some(b)) =
+                    (tensors.get(&key(path, "A")), tensors.get(&key(path, "B")))
+                else {
                     return Ok(None);
                 };
                 let (r, i) = a.dims2()?;
@@ -525,8 +533,10 @@ impl Adapters {
         let mut out: Vec<(String, Lora)> = tensors
             .iter()
             .filter_map(|(k, a)| {
-                let path = k.strip_prefix(PREFIX)?.strip_suffix(".lora_A.weight")?;
-                let b = tensors.get(&format!("{PREFIX}{path}.lora_B.weight"))?;
+                let (path, "A") = parse_key(k)? else {
+                    return None;
+                };
+                let b = tensors.get(&key(path, "B"))?;
                 Some((
                     path.to_string(),
                     Lora {
@@ -548,8 +558,8 @@ impl Adapters {
         let mut out = Vec::new();
         for (path, (_, a, b, _)) in &st.attached {
             if let (Some(a), Some(b)) = (a, b) {
-                out.push((format!("{PREFIX}{path}.lora_A.weight"), a.clone()));
-                out.push((format!("{PREFIX}{path}.lora_B.weight"), b.clone()));
+                out.push((key(path, "A"), a.clone()));
+                out.push((key(path, "B"), b.clone()));
             }
         }
         out
@@ -598,12 +608,7 @@ impl Adapters {
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.attached()
             .into_iter()
-            .flat_map(|(path, l, _)| {
-                [
-                    (format!("{PREFIX}{path}.lora_A.weight"), l.a),
-                    (format!("{PREFIX}{path}.lora_B.weight"), l.b),
-                ]
-            })
+            .flat_map(|(path, l, _)| [(key(&path, "A"), l.a), (key(&path, "B"), l.b)])
             .collect()
     }
 }
@@ -650,6 +655,21 @@ mod tests {
         assert!(all.matches("model.layers.3.mlp.down_proj"));
         assert!(!all.matches("lm_head"));
         assert!(Targets::Names(vec!["all-linear".into()]).matches("transformer.h.0.attn.c_attn"));
+    }
+
+    #[test]
+    fn peft_keys_round_trip() {
+        let k = key("model.layers.0.self_attn.q_proj", "B");
+        assert_eq!(
+            k,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        );
+        assert_eq!(
+            parse_key(&k),
+            Some(("model.layers.0.self_attn.q_proj", "B"))
+        );
+        assert_eq!(parse_key("base_model.model.x.lora_C.weight"), None);
+        assert_eq!(parse_key("model.x.lora_A.weight"), None);
     }
 
     #[test]
