@@ -175,6 +175,24 @@ pub(crate) fn mmap_weights(
     Ok(checked_weights(dir, layers)?.into_var_builder(DType::F32, device))
 }
 
+/// Every tensor of a checkpoint directory's safetensors files, as f32, checked as loading checks
+/// them (no NaN or infinite values): for code that needs the tensors themselves (merging
+/// adapters, full fine-tuning).
+pub fn checkpoint_tensors(dir: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let weights = checked_weights(dir, None)?;
+    let names = weights.tensor_names();
+    let backend = weights.into_backend();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = backend
+                .get_unchecked(&name, DType::F32, device)
+                .map_err(|e| tensor_error(dir, e))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
 /// A checkpoint's safetensors files, mapped and checked (non-finite values; with `layers`, more
 /// layers than the config has).
 fn checked_weights(

@@ -145,12 +145,10 @@ fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
             .lock()
             .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
         let mut unset: std::collections::BTreeSet<&String> = vars.keys().collect();
-        for file in lmkit_models::weight_files(&dir)? {
-            for (name, t) in candle_core::safetensors::load(&file, dev)? {
-                if let Some(var) = vars.get(&name) {
-                    var.set(&t.to_dtype(DType::F32)?)?;
-                    unset.remove(&name);
-                }
+        for (name, t) in lmkit_models::checkpoint_tensors(&dir, dev)? {
+            if let Some(var) = vars.get(&name) {
+                var.set(&t)?;
+                unset.remove(&name);
             }
         }
         if let Some(name) = unset.first() {
@@ -439,21 +437,31 @@ pub fn finetune(
     };
     // The step's loss is the mean over all the tokens its micro batches predict.
     let adapters = tuned.adapters.as_ref();
+    // The tokens the current step predicts: (step, count).
+    let counted = std::cell::Cell::new(None::<(usize, usize)>);
     let mut micro = |step: usize, m: usize, grads: &mut Grads| -> Result<Micro> {
         model.set_training(true);
         if let Some(a) = adapters {
             let seed = t.seed ^ 0xd207_0a7e ^ ((step * 1024 + m) as u64 + 1);
             a.set_dropout_seed(Some(lmkit_core::rng::mix(seed)));
         }
-        let step_tokens: usize = (0..t.grad_accum)
-            .map(|j| {
-                batch_of(step * t.grad_accum + j)
-                    .iter()
-                    .flatten()
-                    .map(|e| e.targets())
-                    .sum::<usize>()
-            })
-            .sum();
+        // Counted once per step (at its first micro batch).
+        let step_tokens = match counted.get() {
+            Some((s, n)) if s == step => n,
+            _ => {
+                let n: usize = (0..t.grad_accum)
+                    .map(|j| {
+                        batch_of(step * t.grad_accum + j)
+                            .iter()
+                            .flatten()
+                            .map(|e| e.targets())
+                            .sum::<usize>()
+                    })
+                    .sum();
+                counted.set(Some((step, n)));
+                n
+            }
+        };
         let examples = batch_of(step * t.grad_accum + m);
         let b = make_batch(&examples, packed, &dev)?;
         let share = (batch_loss_sum(model, &b)? / step_tokens.max(1) as f64)?;

@@ -4,7 +4,7 @@
 use crate::checkpoint::tokenizer_files;
 use crate::error::{Result, TrainError};
 use crate::safetensors_io::write_safetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use lmkit_models::layers::lora::Adapters;
 use std::path::Path;
 
@@ -22,19 +22,12 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     let adapters = Adapters::load(adapter, &dev)?;
     let gguf = lmkit_models::gguf::is_gguf(base);
     let dir = lmkit_models::resolve_checkpoint(base);
-    let mut gguf_config = None;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    if gguf {
+    let (gguf_config, mut tensors) = if gguf {
         let (config, all) = lmkit_models::gguf::Gguf::open(base)?.as_transformers()?;
-        gguf_config = Some(config);
-        tensors = all;
+        (Some(config), all)
     } else {
-        for file in lmkit_models::weight_files(&dir)? {
-            for (name, t) in candle_core::safetensors::load(&file, &dev)? {
-                tensors.push((name, t.to_dtype(DType::F32)?));
-            }
-        }
-    }
+        (None, lmkit_models::checkpoint_tensors(&dir, &dev)?)
+    };
     let mut merged = 0;
     for (path, lora) in adapters.layers() {
         let name = format!("{path}.weight");
