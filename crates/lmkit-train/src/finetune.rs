@@ -87,19 +87,31 @@ impl FinetuneConfig {
 }
 
 /// The model being tuned and its trainable parameters.
-struct Tuned {
-    model: CausalLm,
-    max_positions: usize,
-    params: Vec<Param>,
-    adapters: Option<Adapters>,
+pub(crate) struct Tuned {
+    pub model: CausalLm,
+    /// The base it was loaded from.
+    pub base: PathBuf,
+    pub max_positions: usize,
+    pub params: Vec<Param>,
+    pub adapters: Option<Adapters>,
     /// The base's config.json (full fine-tuning writes it into every checkpoint).
-    config_json: Option<serde_json::Value>,
+    pub config_json: Option<serde_json::Value>,
 }
 
-fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
-    let base = &cfg.base;
-    let adapters = match (&cfg.lora, &cfg.adapter) {
-        (Some(spec), _) => Some(Adapters::fresh(spec.clone(), cfg.train.seed, dev)),
+/// What is tuned: `base` with new adapters (`lora`), with the adapters of `adapter` made
+/// trainable, or (neither) all of its parameters.
+#[derive(Clone, Copy)]
+pub(crate) struct Tuning<'a> {
+    pub base: &'a Path,
+    pub lora: Option<&'a LoraSpec>,
+    pub adapter: Option<&'a Path>,
+    pub seed: u64,
+}
+
+pub(crate) fn load_model(what: Tuning, dev: &Device) -> Result<Tuned> {
+    let base = what.base;
+    let adapters = match (what.lora, what.adapter) {
+        (Some(spec), _) => Some(Adapters::fresh(spec.clone(), what.seed, dev)),
         (None, Some(dir)) => Some(Adapters::load(dir, dev)?.trainable()),
         (None, None) => None,
     };
@@ -116,6 +128,7 @@ fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
             .collect();
         return Ok(Tuned {
             model,
+            base: base.to_path_buf(),
             max_positions: dcfg.max_positions(),
             params,
             adapters: Some(adapters),
@@ -162,11 +175,187 @@ fn load_model(cfg: &FinetuneConfig, dev: &Device) -> Result<Tuned> {
     let params = crate::init::params(&vm, &mcfg)?;
     Ok(Tuned {
         model,
+        base: base.to_path_buf(),
         max_positions: dcfg.max_positions(),
         params,
         adapters: None,
         config_json: Some(config_json),
     })
+}
+
+/// The base's tokenizer, chat template, and the text that ends a completion (the template's
+/// end-of-sequence token, or the model's first stop token).
+pub(crate) struct Vocab {
+    pub tokenizer: lmkit_tokenize::Tokenizer,
+    pub template: Option<lmkit_tokenize::chat::ChatTemplate>,
+    pub eos: Option<String>,
+}
+
+impl Vocab {
+    pub(crate) fn load(base: &Path) -> Result<Vocab> {
+        if !base.exists() {
+            return Err(TrainError::Data(format!(
+                "base = \"{}\": no such file or directory (the base is a Hugging Face model directory, a training output directory or a GGUF file)",
+                base.display()
+            )));
+        }
+        let tokenizer = lmkit_tokenize::load(base)?;
+        let template = lmkit_tokenize::chat::load_template(base)?;
+        let eos = match template.as_ref().and_then(|t| t.eos_token.clone()) {
+            Some(e) => Some(e),
+            None => lmkit_models::stop_token_ids(base)?
+                .first()
+                .and_then(|&id| tokenizer.id_to_token(id)),
+        };
+        Ok(Vocab {
+            tokenizer,
+            template,
+            eos,
+        })
+    }
+}
+
+/// Loads what is tuned, checking that `train.seq_len` fits the model.
+pub(crate) fn load_tuned(
+    what: Tuning,
+    t: &TrainConfig,
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<Tuned> {
+    if dev.is_cpu() {
+        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
+    }
+    let tuned = load_model(what, dev)?;
+    if t.seq_len > tuned.max_positions {
+        return Err(TrainError::Data(format!(
+            "train.seq_len ({}) exceeds the model's positions ({})",
+            t.seq_len, tuned.max_positions
+        )));
+    }
+    Ok(tuned)
+}
+
+/// A tuning run's output directory: its metrics file and how its checkpoints are written (a
+/// PEFT adapter directory when adapters are tuned, a model directory otherwise).
+pub(crate) struct Output {
+    pub out: PathBuf,
+    pub metrics_path: PathBuf,
+    identity: serde_json::Value,
+    run_id: String,
+    weights_file: &'static str,
+    json: Vec<(&'static str, serde_json::Value)>,
+    copy: Vec<PathBuf>,
+    seed: u64,
+    keep: usize,
+}
+
+impl Output {
+    /// Prepares `train.out_dir` for a new run (or, `Start::Resume`, restores the optimizer and
+    /// the position from its latest checkpoint, which must have the same `identity`), writes
+    /// `run.toml`, and returns the optimizer over `params` and the step to start from.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open(
+        tuned: &Tuned,
+        params: Vec<Param>,
+        t: &TrainConfig,
+        identity: serde_json::Value,
+        start: Start,
+        run_toml: &str,
+        dev: &Device,
+        progress: &dyn Progress,
+    ) -> Result<(Output, AdamW, Position)> {
+        let mut opt = AdamW::new(params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+        let out = &t.out_dir;
+        let metrics_path = checkpoint::prepare(out, start)?;
+        let mut run_id = checkpoint::new_run_id();
+        let weights_file = if tuned.adapters.is_some() {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        let mut from = Position::default();
+        if start == Start::Resume {
+            let (dir, state, _) = checkpoint::restore(out, &mut opt, weights_file, &identity, dev)?;
+            if !state.run_id.is_empty() {
+                run_id = state.run_id.clone();
+            }
+            from = Position {
+                step: state.step,
+                tokens_seen: state.tokens_seen,
+                elapsed: state.elapsed_seconds,
+            };
+            metrics::truncate_after(&metrics_path, from.step)?;
+            progress.message(&format!(
+                "resumed from {} at step {}",
+                dir.display(),
+                from.step
+            ));
+        }
+        lmkit_core::write_atomic_bytes(&out.join("run.toml"), run_toml.as_bytes())?;
+
+        let base = &tuned.base;
+        let base_dir = base
+            .is_dir()
+            .then(|| lmkit_models::resolve_checkpoint(base));
+        let mut copy = base_dir
+            .as_deref()
+            .map(checkpoint::tokenizer_files)
+            .unwrap_or_default();
+        let mut json: Vec<(&str, serde_json::Value)> = Vec::new();
+        match (&tuned.adapters, &tuned.config_json) {
+            (Some(a), _) => json.push((
+                "adapter_config.json",
+                a.peft_config(
+                    &std::path::absolute(base)
+                        .unwrap_or(base.clone())
+                        .to_string_lossy(),
+                ),
+            )),
+            (None, Some(c)) => {
+                json.push(("config.json", c.clone()));
+                if let Some(d) = &base_dir {
+                    copy.push(d.join("generation_config.json"));
+                }
+            }
+            (None, None) => unreachable!("a full fine-tune has its base's config"),
+        }
+        let output = Output {
+            out: out.clone(),
+            metrics_path,
+            identity,
+            run_id,
+            weights_file,
+            json,
+            copy,
+            seed: t.seed,
+            keep: t.keep_checkpoints,
+        };
+        Ok((output, opt, from))
+    }
+
+    /// Writes the checkpoint of `at` and returns its directory.
+    pub(crate) fn save(&self, opt: &AdamW, at: Position) -> Result<PathBuf> {
+        let (weights, moments) = checkpoint::optimizer_tensors(opt);
+        let state = TrainerState {
+            step: at.step,
+            seed: self.seed,
+            tokens_seen: at.tokens_seen,
+            elapsed_seconds: at.elapsed,
+            model: self.identity.clone(),
+            run_id: self.run_id.clone(),
+        };
+        let json_refs: Vec<(&str, &serde_json::Value)> =
+            self.json.iter().map(|(n, v)| (*n, v)).collect();
+        let files = checkpoint::CheckpointFiles {
+            json: &json_refs,
+            weights_file: self.weights_file,
+            weights: &weights,
+            optimizer: &moments,
+            state: &state,
+            copy: &self.copy,
+        };
+        checkpoint::save(&self.out, at.step, &files, self.keep)
+    }
 }
 
 /// A batch: inputs [b, t] (padded), for the predicted positions their flat index into [b·t]
@@ -251,25 +440,12 @@ pub fn finetune(
 ) -> Result<(Summary, DataReport)> {
     let t = &cfg.train;
     let base = &cfg.base;
-    if !base.exists() {
-        return Err(TrainError::Data(format!(
-            "base = \"{}\": no such file or directory (the base is a Hugging Face model directory, a training output directory or a GGUF file)",
-            base.display()
-        )));
-    }
     let dev = lmkit_models::parse_device(&t.device)?;
-    let tokenizer = lmkit_tokenize::load(base)?;
-    let template = lmkit_tokenize::chat::load_template(base)?;
-    let eos = match template.as_ref().and_then(|t| t.eos_token.clone()) {
-        Some(e) => Some(e),
-        None => lmkit_models::stop_token_ids(base)?
-            .first()
-            .and_then(|&id| tokenizer.id_to_token(id)),
-    };
+    let vocab = Vocab::load(base)?;
     let renderer = Renderer {
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        eos,
+        tokenizer: &vocab.tokenizer,
+        template: vocab.template.as_ref(),
+        eos: vocab.eos.clone(),
         format: cfg.data.format,
         train_on: cfg.data.train_on,
         max_tokens: t.seq_len + 1,
@@ -306,22 +482,13 @@ pub fn finetune(
     report.train_examples = train.len();
     report.val_examples = val.len();
 
-    if dev.is_cpu() {
-        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
-    }
-    let tuned = load_model(cfg, &dev)?;
-    let model = &tuned.model;
-    if t.seq_len > tuned.max_positions {
-        return Err(TrainError::Data(format!(
-            "train.seq_len ({}) exceeds the model's positions ({})",
-            t.seq_len, tuned.max_positions
-        )));
-    }
-    let mut opt = AdamW::new(tuned.params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
-    let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
-
-    let out = &t.out_dir;
-    let metrics_path = checkpoint::prepare(out, start)?;
+    let what = Tuning {
+        base,
+        lora: cfg.lora.as_ref(),
+        adapter: cfg.adapter.as_deref(),
+        seed: t.seed,
+    };
+    let mut tuned = load_tuned(what, t, &dev, progress)?;
     // What a checkpoint must have been written by to be resumed.
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
@@ -330,82 +497,15 @@ pub fn finetune(
         "data": cfg.data,
         "seq_len": t.seq_len,
     });
-    let mut run_id = checkpoint::new_run_id();
-    let weights_file = if tuned.adapters.is_some() {
-        "adapter_model.safetensors"
-    } else {
-        "model.safetensors"
-    };
-    let mut from = Position::default();
-    if start == Start::Resume {
-        let (dir, state, _) = checkpoint::restore(out, &mut opt, weights_file, &identity, &dev)?;
-        if !state.run_id.is_empty() {
-            run_id = state.run_id.clone();
-        }
-        from = Position {
-            step: state.step,
-            tokens_seen: state.tokens_seen,
-            elapsed: state.elapsed_seconds,
-        };
-        metrics::truncate_after(&metrics_path, from.step)?;
-        progress.message(&format!(
-            "resumed from {} at step {}",
-            dir.display(),
-            from.step
-        ));
-    }
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
-
-    let base_dir = if base.is_dir() {
-        Some(lmkit_models::resolve_checkpoint(base))
-    } else {
-        None
-    };
-    let mut copy = base_dir
-        .as_deref()
-        .map(checkpoint::tokenizer_files)
-        .unwrap_or_default();
-    let mut json: Vec<(&str, serde_json::Value)> = Vec::new();
-    match (&tuned.adapters, &tuned.config_json) {
-        (Some(a), _) => json.push((
-            "adapter_config.json",
-            a.peft_config(
-                &std::path::absolute(base)
-                    .unwrap_or(base.clone())
-                    .to_string_lossy(),
-            ),
-        )),
-        (None, Some(c)) => {
-            json.push(("config.json", c.clone()));
-            if let Some(d) = &base_dir {
-                copy.push(d.join("generation_config.json"));
-            }
-        }
-        (None, None) => unreachable!("a full fine-tune has its base's config"),
-    }
-    let mut save = |opt: &AdamW, at: Position| -> Result<PathBuf> {
-        let (weights, moments) = checkpoint::optimizer_tensors(opt);
-        let state = TrainerState {
-            step: at.step,
-            seed: t.seed,
-            tokens_seen: at.tokens_seen,
-            elapsed_seconds: at.elapsed,
-            model: identity.clone(),
-            run_id: run_id.clone(),
-        };
-        let json_refs: Vec<(&str, &serde_json::Value)> =
-            json.iter().map(|(n, v)| (*n, v)).collect();
-        let files = checkpoint::CheckpointFiles {
-            json: &json_refs,
-            weights_file,
-            weights: &weights,
-            optimizer: &moments,
-            state: &state,
-            copy: &copy,
-        };
-        checkpoint::save(out, at.step, &files, t.keep_checkpoints)
-    };
+    let params = std::mem::take(&mut tuned.params);
+    let (output, mut opt, from) = Output::open(
+        &tuned, params, t, identity, start, &toml_text, &dev, progress,
+    )?;
+    let model = &tuned.model;
+    let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
+    let metrics_path = output.metrics_path.clone();
+    let mut save = |opt: &AdamW, at: Position| output.save(opt, at);
 
     let packed = cfg.data.pack;
     if packed && model.is_recurrent() {
@@ -467,12 +567,12 @@ pub fn finetune(
         let share = (batch_loss_sum(model, &b)? / step_tokens.max(1) as f64)?;
         let loss = share.to_scalar::<f32>()? as f64;
         grads.backward(&share)?;
-        Ok(Micro {
+        Ok(Micro::new(
             loss,
-            tokens: examples.iter().flatten().map(|e| e.ids.len() as u64).sum(),
-        })
+            examples.iter().flatten().map(|e| e.ids.len() as u64).sum(),
+        ))
     };
-    let mut evaluate = || -> Result<Option<f64>> {
+    let evaluate = || -> Result<Option<f64>> {
         if val.is_empty() {
             return Ok(None);
         }
@@ -506,7 +606,7 @@ pub fn finetune(
         progress,
         steps::Hooks {
             micro: &mut micro,
-            evaluate: &mut evaluate,
+            evaluate: &mut || Ok(evaluate()?.map(Into::into)),
             save: &mut save,
         },
     )?;

@@ -291,10 +291,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                         for (p, gi) in r.grads {
                             grads.add(p.id(), gi)?;
                         }
-                        return Ok(Micro {
-                            loss: r.loss * scale,
-                            tokens: stream_tokens,
-                        });
+                        return Ok(Micro::new(r.loss * scale, stream_tokens));
                     }
                 }
                 (model.loss(&x, &y, seed ^ 0x3a5c)?, stream_tokens)
@@ -302,10 +299,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         };
         let value = loss.to_scalar::<f32>()? as f64 * scale;
         grads.backward(&(loss * scale)?)?;
-        Ok(Micro {
-            loss: value,
-            tokens,
-        })
+        Ok(Micro::new(value, tokens))
     };
     let from = steps::Position {
         step,
@@ -320,7 +314,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         progress,
         steps::Hooks {
             micro: &mut micro,
-            evaluate: &mut || evaluate(&model),
+            evaluate: &mut || Ok(evaluate(&model)?.map(Into::into)),
             save: &mut |opt, at| save(opt, &carried.borrow(), at),
         },
     )?;

@@ -2,8 +2,12 @@
 
 use crate::error::{Result, TrainError};
 use plotters::prelude::*;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+
+/// Quantities a run logs beside its loss, by name.
+pub type Extra = BTreeMap<String, f64>;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Record {
@@ -20,6 +24,10 @@ pub struct Record {
     pub tokens_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tokens: Option<u64>,
+    /// What else a run logs under its own names (preference tuning: `rewards/chosen`,
+    /// `rewards/margins`, ..., and `eval_`-prefixed for validation).
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub extra: Extra,
 }
 
 impl Record {
@@ -33,6 +41,7 @@ impl Record {
             grad_norm: None,
             tokens_per_sec: None,
             tokens: None,
+            extra: BTreeMap::new(),
         }
     }
 }
@@ -95,7 +104,7 @@ pub fn plot(records: &[Record], path: &Path) -> Result<()> {
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc("cross-entropy (nats/token)")
+            .y_desc("loss")
             .draw()?;
         chart
             .draw_series(LineSeries::new(train.clone(), &BLUE))?

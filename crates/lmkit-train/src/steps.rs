@@ -6,7 +6,7 @@
 use crate::adamw::{clip_scale, grad_norm, lr_at, AdamW};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::metrics;
+use crate::metrics::{self, Extra};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId};
 use lmkit_core::{Progress, Unit};
@@ -90,6 +90,44 @@ pub(crate) struct Position {
 pub(crate) struct Micro {
     pub loss: f64,
     pub tokens: u64,
+    /// Other quantities the run logs (each the micro batch's mean; the step logs their mean
+    /// over its micro batches).
+    pub extra: Extra,
+}
+
+impl Micro {
+    pub(crate) fn new(loss: f64, tokens: u64) -> Micro {
+        Micro {
+            loss,
+            tokens,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// A validation: its loss and what else the run logs about it.
+pub(crate) struct Validation {
+    pub loss: f64,
+    pub extra: Extra,
+}
+
+impl Validation {
+    /// Its line in metrics.jsonl, after `step`.
+    pub(crate) fn record(&self, step: usize) -> metrics::Record {
+        metrics::Record {
+            extra: self.extra.clone(),
+            ..metrics::Record::validation(step, self.loss)
+        }
+    }
+}
+
+impl From<f64> for Validation {
+    fn from(loss: f64) -> Self {
+        Validation {
+            loss,
+            extra: Extra::new(),
+        }
+    }
 }
 
 /// What the loop calls.
@@ -98,7 +136,7 @@ pub(crate) struct Hooks<'a> {
     /// share of the step's loss (its mean divided by the number of micro batches, say).
     pub micro: &'a mut dyn FnMut(usize, usize, &mut Grads) -> Result<Micro>,
     /// The validation loss, if the run has validation data.
-    pub evaluate: &'a mut dyn FnMut() -> Result<Option<f64>>,
+    pub evaluate: &'a mut dyn FnMut() -> Result<Option<Validation>>,
     /// Writes a checkpoint after `step` and returns its directory.
     pub save: &'a mut dyn FnMut(&AdamW, Position) -> Result<PathBuf>,
 }
@@ -156,10 +194,14 @@ pub(crate) fn run(
         let lr = lr_at(at.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         let mut grads = Grads::new(opt);
         let (mut loss_sum, mut n_tok) = (0.0, 0u64);
+        let mut extra = Extra::new();
         for m in 0..t.grad_accum {
             let r = micro(at.step, m, &mut grads)?;
             loss_sum += r.loss;
             n_tok += r.tokens;
+            for (k, v) in r.extra {
+                *extra.entry(k).or_default() += v / t.grad_accum as f64;
+            }
         }
         let grads = grads.finish(opt)?;
         let norm = grad_norm(&grads)?;
@@ -190,13 +232,16 @@ pub(crate) fn run(
                     tokens_per_sec: Some(tps),
                     tokens: Some(at.tokens_seen),
                     val_loss: None,
+                    extra,
                 },
             )?;
         }
         if t.eval_every > 0 && (at.step.is_multiple_of(t.eval_every) || at.step == t.max_steps) {
-            last_val = evaluate()?;
-            if let Some(v) = last_val {
-                metrics::append(metrics_path, &metrics::Record::validation(at.step, v))?;
+            let validation = evaluate()?;
+            last_val = validation.as_ref().map(|v| v.loss);
+            if let Some(v) = validation {
+                metrics::append(metrics_path, &v.record(at.step))?;
+                let v = v.loss;
                 progress.message(&format!(
                     "step {}: train loss {last_loss:.4}, validation loss {v:.4}",
                     at.step

@@ -249,8 +249,8 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base_forward(x)?;
         match &self.lora {
-            Some(l) => y + l.forward(x)?,
-            None => Ok(y),
+            Some(l) if l.is_on() => y + l.forward(x)?,
+            _ => Ok(y),
         }
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// PEFT's prefix of a causal LM's module paths in a saved adapter.
@@ -150,6 +150,8 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
     dropout: Option<Dropout>,
+    /// Set while the adapters are switched off (the base model alone answers).
+    off: Arc<AtomicBool>,
 }
 
 /// A layer's adapter dropout: probability, the layer's own stream key, and the set's seed for
@@ -187,6 +189,11 @@ impl Dropout {
 }
 
 impl Lora {
+    /// Whether the set this adapter belongs to is switched on.
+    pub fn is_on(&self) -> bool {
+        !self.off.load(Ordering::Relaxed)
+    }
+
     /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in] (x through dropout while training).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dropped;
@@ -238,6 +245,8 @@ pub struct Adapters {
     pub spec: LoraSpec,
     /// The current training step's dropout seed (0: no dropout).
     dropout_seed: Arc<AtomicU64>,
+    /// Set while the adapters are switched off.
+    off: Arc<AtomicBool>,
     /// PEFT's `fan_in_fan_out`: the targeted layers store their weights [in, out] (Conv1D).
     pub fan_in_fan_out: bool,
     state: Arc<Mutex<State>>,
@@ -299,6 +308,7 @@ impl Adapters {
         Adapters {
             spec,
             dropout_seed: Arc::default(),
+            off: Arc::default(),
             fan_in_fan_out: false,
             state: Arc::new(Mutex::new(State {
                 source: Source::Fresh {
@@ -388,6 +398,7 @@ impl Adapters {
         Ok(Adapters {
             spec,
             dropout_seed: Arc::default(),
+            off: Arc::default(),
             fan_in_fan_out: c.fan_in_fan_out,
             state: Arc::new(Mutex::new(State {
                 source: Source::Loaded {
@@ -406,6 +417,12 @@ impl Adapters {
         // 0 means off; a seed that happens to be 0 is taken as 1.
         self.dropout_seed
             .store(seed.map_or(0, |s| s.max(1)), Ordering::Relaxed);
+    }
+
+    /// Switches the adapters off (`false`: the model computes as its base alone, what preference
+    /// tuning takes as the reference) or back on.
+    pub fn set_enabled(&self, on: bool) {
+        self.off.store(!on, Ordering::Relaxed);
     }
 
     /// These (loaded) adapters as trainable variables: tuning continues from them.
@@ -487,7 +504,7 @@ impl Adapters {
                     .collect();
                 let a = Tensor::from_vec(vals, (r, in_dim), device)?;
                 let b = Tensor::zeros((out_dim, r), DType::F32, device)?;
-                trainable_lora(&a, &b, scale, dropout)?
+                trainable_lora(&a, &b, scale, dropout, &self.off)?
             }
             Source::Loaded {
                 tensors, trainable, ..
@@ -507,13 +524,14 @@ impl Adapters {
                     );
                 }
                 if *trainable {
-                    trainable_lora(a, b, scale, dropout)?
+                    trainable_lora(a, b, scale, dropout, &self.off)?
                 } else {
                     let lora = Lora {
                         a: a.clone(),
                         b: b.clone(),
                         scale,
                         dropout: None,
+                        off: self.off.clone(),
                     };
                     (lora, (None, None))
                 }
@@ -544,6 +562,7 @@ impl Adapters {
                         b: b.clone(),
                         scale: self.spec.scale(),
                         dropout: None,
+                        off: self.off.clone(),
                     },
                 ))
             })
@@ -622,6 +641,7 @@ fn trainable_lora(
     b: &Tensor,
     scale: f64,
     dropout: Option<Dropout>,
+    off: &Arc<AtomicBool>,
 ) -> candle_core::Result<(Lora, TrainedVars)> {
     let (a, b) = (Var::from_tensor(a)?, Var::from_tensor(b)?);
     let lora = Lora {
@@ -629,6 +649,7 @@ fn trainable_lora(
         b: b.as_tensor().clone(),
         scale,
         dropout,
+        off: off.clone(),
     };
     Ok((lora, (Some(a), Some(b))))
 }
