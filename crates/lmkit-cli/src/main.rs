@@ -5,6 +5,7 @@ mod adapter;
 mod chat;
 mod compare;
 mod data;
+mod dpo;
 mod encoder;
 mod eval;
 mod finetune;
@@ -53,6 +54,9 @@ enum Command {
     /// Fine-tune a model on instruction, chat or text data: all parameters, or LoRA adapters
     /// (PEFT's format) on a Hugging Face or GGUF base
     Finetune(finetune::FinetuneArgs),
+    /// Preference tuning on prompt/chosen/rejected pairs: DPO (sigmoid, robust, hinge, IPO),
+    /// SimPO and ORPO, of all parameters or LoRA adapters
+    Dpo(dpo::DpoArgs),
     /// Fill the mask tokens of a text with a BERT or RoBERTa checkpoint
     FillMask(encoder::FillMaskArgs),
     /// Sentence embeddings (pooled as the model's sentence-transformers config says)
@@ -93,6 +97,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Data(cmd) => data::run(cmd),
+        Command::Dpo(a) => dpo::run(a),
         Command::Embed(a) => encoder::embed(a),
         Command::Classify(a) => encoder::classify(a),
         Command::Finetune(a) => finetune::run(a),

@@ -360,16 +360,16 @@ impl Output {
 
 /// A batch: inputs [b, t] (padded), for the predicted positions their flat index into [b·t]
 /// and target id, and for packed rows each row's sequence lengths.
-struct Batch {
-    x: Tensor,
-    rows: Tensor,
-    targets: Tensor,
-    count: usize,
-    segments: Option<Vec<Vec<usize>>>,
+pub(crate) struct Batch {
+    pub x: Tensor,
+    pub rows: Tensor,
+    pub targets: Tensor,
+    pub count: usize,
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 /// A batch of rows, each holding one example or (`packed`) several one after another.
-fn make_batch(rows_of: &[Vec<&Example>], packed: bool, dev: &Device) -> Result<Batch> {
+pub(crate) fn make_batch(rows_of: &[Vec<&Example>], packed: bool, dev: &Device) -> Result<Batch> {
     let len =
         |row: &Vec<&Example>| -> usize { row.iter().map(|e| e.ids.len().saturating_sub(1)).sum() };
     let t = rows_of.iter().map(len).max().unwrap_or(0).max(1);

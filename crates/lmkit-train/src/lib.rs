@@ -8,6 +8,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 mod data;
+pub mod dpo;
 pub mod error;
 pub mod finetune;
 mod init;
@@ -15,6 +16,7 @@ pub mod merge;
 pub mod metrics;
 mod objective;
 pub mod passes;
+pub mod pref;
 pub mod safetensors_io;
 pub mod seq2seq;
 pub mod sft;
@@ -22,6 +24,7 @@ mod steps;
 
 pub use checkpoint::Start;
 pub use config::{DataConfig, RunConfig, TrainConfig};
+pub use dpo::{dpo, DpoConfig};
 pub use error::{Result, TrainError};
 pub use finetune::{finetune, FinetuneConfig};
 

@@ -67,9 +67,9 @@ pub struct Renderer<'a> {
 }
 
 /// What reading a file gave.
-#[derive(Debug, Default)]
-pub struct Read {
-    pub examples: Vec<Example>,
+#[derive(Debug)]
+pub struct Read<T = Example> {
+    pub examples: Vec<T>,
     /// Rows refused (with `skip_bad`), the first few errors kept.
     pub bad: usize,
     pub bad_samples: Vec<String>,
@@ -79,6 +79,86 @@ pub struct Read {
     pub truncated: usize,
 }
 
+/// The rows of `path` (JSONL, a JSON array, or `.txt` lines as `{"text"}` rows) with their line
+/// (or array position) numbers, and what a position is called in messages ("line" or "row").
+pub(crate) type Rows = Vec<(usize, std::result::Result<serde_json::Value, String>)>;
+
+pub(crate) fn read_rows(path: &Path) -> Result<(Rows, &'static str)> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let is_txt = path.extension().is_some_and(|e| e == "txt");
+    if is_txt {
+        let rows = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, Ok(serde_json::json!({ "text": l }))))
+            .collect();
+        return Ok((rows, "line"));
+    }
+    if text.trim_start().starts_with('[') {
+        let all: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+            TrainError::Data(format!("{}: not a JSON array of rows: {e}", path.display()))
+        })?;
+        let rows = all
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, Ok(v)))
+            .collect();
+        return Ok((rows, "row"));
+    }
+    let rows = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, serde_json::from_str(l).map_err(|e| e.to_string())))
+        .collect();
+    Ok((rows, "line"))
+}
+
+/// Reads the rows of `path`, each made into an item by `parse` (which also says whether it was
+/// cut); a row that fails is an error naming file and line or (with `skip_bad`) counted, and
+/// an item `useful` rejects (nothing left to train on) is counted as empty.
+pub(crate) fn read_with<T>(
+    path: &Path,
+    skip_bad: bool,
+    parse: impl Fn(&serde_json::Value) -> std::result::Result<(T, bool), String>,
+    useful: impl Fn(&T) -> bool,
+) -> Result<Read<T>> {
+    let (rows, what) = read_rows(path)?;
+    let mut out = Read {
+        examples: Vec::new(),
+        bad: 0,
+        bad_samples: Vec::new(),
+        empty: 0,
+        truncated: 0,
+    };
+    for (line, row) in rows {
+        match row.and_then(|v| parse(&v)) {
+            Ok((item, cut)) => {
+                out.truncated += cut as usize;
+                if useful(&item) {
+                    out.examples.push(item);
+                } else {
+                    out.empty += 1;
+                }
+            }
+            Err(msg) => {
+                let msg = format!("{}:{what} {line}: {msg}", path.display());
+                if !skip_bad {
+                    return Err(TrainError::Data(format!(
+                        "{msg} (fix the row, or pass --skip-bad to leave bad rows out)"
+                    )));
+                }
+                out.bad += 1;
+                if out.bad_samples.len() < 5 {
+                    out.bad_samples.push(msg);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 const ALPACA_PROMPT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
 
 impl Renderer<'_> {
@@ -86,61 +166,7 @@ impl Renderer<'_> {
     /// non-empty line one text row). A bad row is an error naming file and line, or (with
     /// `skip_bad`) counted.
     pub fn read(&self, path: &Path, skip_bad: bool) -> Result<Read> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        let is_txt = path.extension().is_some_and(|e| e == "txt");
-        let rows: Vec<(usize, std::result::Result<serde_json::Value, String>)> = if is_txt {
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| (i + 1, Ok(serde_json::json!({ "text": l }))))
-                .collect()
-        } else if text.trim_start().starts_with('[') {
-            let all: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-                TrainError::Data(format!("{}: not a JSON array of rows: {e}", path.display()))
-            })?;
-            all.into_iter()
-                .enumerate()
-                .map(|(i, v)| (i + 1, Ok(v)))
-                .collect()
-        } else {
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| (i + 1, serde_json::from_str(l).map_err(|e| e.to_string())))
-                .collect()
-        };
-        let what = if text.trim_start().starts_with('[') && !is_txt {
-            "row"
-        } else {
-            "line"
-        };
-        let mut out = Read::default();
-        for (line, row) in rows {
-            let ex = row.and_then(|v| self.example(&v));
-            match ex {
-                Ok((ex, cut)) => {
-                    out.truncated += cut as usize;
-                    if ex.targets() == 0 {
-                        out.empty += 1;
-                    } else {
-                        out.examples.push(ex);
-                    }
-                }
-                Err(msg) => {
-                    let msg = format!("{}:{what} {line}: {msg}", path.display());
-                    if !skip_bad {
-                        return Err(TrainError::Data(format!(
-                            "{msg} (fix the row, or pass --skip-bad to leave bad rows out)"
-                        )));
-                    }
-                    out.bad += 1;
-                    if out.bad_samples.len() < 5 {
-                        out.bad_samples.push(msg);
-                    }
-                }
-            }
-        }
-        Ok(out)
+        read_with(path, skip_bad, |v| self.example(v), |e| e.targets() > 0)
     }
 
     /// One row as an example, and whether it was cut.
@@ -217,9 +243,19 @@ impl Renderer<'_> {
             }
             Format::Auto => unreachable!("resolved above"),
         };
+        self.tokens(&text, &spans)
+    }
+
+    /// `text` tokenized, the tokens starting inside `spans` trained on (all, with
+    /// `TrainOn::Prompt`), cut to `max_tokens`; and whether it was cut.
+    pub(crate) fn tokens(
+        &self,
+        text: &str,
+        spans: &[Range<usize>],
+    ) -> std::result::Result<(Example, bool), String> {
         let enc = self
             .tokenizer
-            .encode(text.as_str(), false)
+            .encode(text, false)
             .map_err(|e| format!("tokenizer: {e}"))?;
         let mut ids = enc.get_ids().to_vec();
         let mut train: Vec<bool> = match self.train_on {
@@ -238,7 +274,7 @@ impl Renderer<'_> {
 
     /// A conversation rendered through the chat template, with the byte ranges of its assistant
     /// turns.
-    fn chat(
+    pub(crate) fn chat(
         &self,
         messages: &[Message],
     ) -> std::result::Result<(String, Vec<Range<usize>>), String> {
@@ -284,7 +320,7 @@ impl Renderer<'_> {
 /// Splits examples into training and validation sets: all of them train and `val` validates
 /// when given; otherwise a seeded `fraction` is held out (at least one example when the
 /// fraction is above 0 and there are two or more).
-pub fn split(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub fn split<T>(mut examples: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if fraction <= 0.0 || examples.len() < 2 {
         return (examples, Vec::new());
     }

@@ -1,0 +1,70 @@
+//! `lmkit dpo`: preference tuning (DPO and relatives) of a loaded model on prompt/chosen/rejected
+//! pairs, all parameters or LoRA adapters.
+
+use crate::progress::Bar;
+use crate::train::{report, stop_on_signals, RunArgs};
+use anyhow::Result;
+use clap::Args;
+use lmkit_train::DpoConfig;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit dpo --config configs/dpo-lora.toml\n  \
+    lmkit dpo --config configs/dpo-lora.toml --set dpo.loss='\"ipo\"' --set dpo.beta=0.5\n  \
+    lmkit dpo --config configs/dpo-lora.toml --resume      # continue after a crash or a stop\n\n\
+    The config names the base (`base = \"DIR\"` or a .gguf file), optionally a separate\n\
+    `reference` model, [data] (train = JSONL rows {\"prompt\", \"chosen\", \"rejected\"} as strings,\n\
+    or as message lists rendered through the chat template; `lmkit data export-preferences`\n\
+    writes them), [dpo] (loss = sigmoid | robust | hinge | ipo | simpo | orpo, beta,\n\
+    label_smoothing, simpo_gamma, sft_weight), [train] and optionally [lora] or adapter = \"DIR\".\n\n\
+    The reference model's log-probabilities are computed once and cached under\n\
+    ~/.cache/lmkit/reference-logps (or $LMKIT_CACHE) by the reference's weights and the data;\n\
+    with LoRA the reference is the base with the adapters off.\n\n\
+    Writes OUT/ckpt-NNNNNN/ (with [lora]: a PEFT adapter directory; without: a model directory),\n\
+    OUT/latest, OUT/metrics.jsonl (loss, rewards/chosen, rewards/rejected, rewards/margins,\n\
+    rewards/accuracies, logps/*, and eval_* for validation) and OUT/loss.svg."
+)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Leave out (and count) rows that cannot be read, instead of stopping at the first
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+pub fn run(a: DpoArgs) -> Result<()> {
+    let mut overrides = a.run.overrides();
+    if a.skip_bad {
+        overrides.push("data.skip_bad=true".into());
+    }
+    let cfg = DpoConfig::load(&a.run.config, &overrides)?;
+    stop_on_signals();
+    let (s, data) = lmkit_train::dpo(&cfg, a.run.start(), &Bar::default())?;
+    let mut notes = Vec::new();
+    if data.bad > 0 {
+        notes.push(format!("{} bad rows left out", data.bad));
+    }
+    if data.empty > 0 {
+        notes.push(format!(
+            "{} pairs with a side left without completion tokens",
+            data.empty
+        ));
+    }
+    if data.truncated > 0 {
+        notes.push(format!("{} pairs cut to train.seq_len", data.truncated));
+    }
+    eprintln!(
+        "data: {} training and {} validation pairs{}",
+        data.train_pairs,
+        data.val_pairs,
+        notes.iter().map(|n| format!(", {n}")).collect::<String>()
+    );
+    if let Some(r) = &data.reference {
+        eprintln!("reference log-probabilities: {r}");
+    }
+    for b in &data.bad_samples {
+        eprintln!("  bad row: {b}");
+    }
+    report(&s, &cfg.train.out_dir);
+    Ok(())
+}

@@ -1,0 +1,955 @@
+//! Preference tuning (`lmkit dpo`): Direct Preference Optimization and its relatives on
+//! prompt/chosen/rejected pairs (see [`crate::pref`]), of all parameters or of LoRA adapters.
+//!
+//! Losses, as TRL computes them (z is β times the policy's chosen-minus-rejected log-ratio over
+//! the reference's, log-probabilities summed over the completion tokens):
+//! - `sigmoid` (DPO, Rafailov et al. 2023): −(1−ε)·log σ(z) − ε·log σ(−z) (ε: label smoothing,
+//!   the conservative cDPO; 0 by default);
+//! - `robust` (Chowdhury et al. 2024): (−(1−ε)·log σ(z) + ε·log σ(−z)) / (1 − 2ε);
+//! - `hinge` (SLiC): max(0, 1 − z);
+//! - `ipo` (Azar et al. 2023): (d − 1/(2β))², d the log-ratio difference with each side's
+//!   log-ratio averaged over its completion tokens;
+//! - `simpo` (Meng et al. 2024, no reference): −log σ(β·(āc − ār) − γ) on the average
+//!   log-probabilities, plus `sft_weight` times the chosen completions' cross-entropy;
+//! - `orpo` (Hong et al. 2024, no reference): the chosen completions' cross-entropy − β·log σ of
+//!   the log odds ratio of the average log-probabilities.
+//!
+//! The reference model's log-probabilities are computed once, before training, and kept in a
+//! cache file keyed by the reference's weights and the tokenized data, so the reference is never
+//! held in memory beside the policy (with LoRA the reference is the base, adapters off).
+
+use crate::checkpoint::Start;
+use crate::config::{load_toml, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::finetune::{load_tuned, make_batch, Output, Tuned, Tuning, Vocab};
+use crate::metrics::{self, Extra};
+use crate::pref::Pair;
+use crate::sft::{self, Example, Format, Renderer, TrainOn};
+use crate::steps::{self, Grads, Micro, Position, Validation};
+use crate::Summary;
+use candle_core::{Device, Tensor};
+use lmkit_core::Progress;
+use lmkit_models::layers::lora::LoraSpec;
+use lmkit_models::CausalLm;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which preference loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    #[default]
+    Sigmoid,
+    Robust,
+    Hinge,
+    Ipo,
+    Simpo,
+    Orpo,
+}
+
+impl LossType {
+    /// Whether the loss compares the policy with a reference model.
+    pub fn needs_reference(self) -> bool {
+        !matches!(self, LossType::Simpo | LossType::Orpo)
+    }
+
+    /// Whether sequences are scored by their average (not summed) token log-probability.
+    fn averaged(self) -> bool {
+        matches!(self, LossType::Simpo | LossType::Orpo)
+    }
+}
+
+/// The `[dpo]` section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSpec {
+    #[serde(default)]
+    pub loss: LossType,
+    /// How far the policy may move from the reference (DPO's β; ORPO's λ; SimPO's β).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// The assumed share of flipped labels (sigmoid, robust, simpo), in [0, 0.5).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target reward margin γ.
+    #[serde(default = "default_gamma")]
+    pub simpo_gamma: f64,
+    /// Weight of the chosen completions' cross-entropy added to the loss (ORPO always adds it
+    /// with weight 1; SimPO with this weight, CPO's `cpo_alpha`; 0 by default).
+    #[serde(default)]
+    pub sft_weight: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+fn default_gamma() -> f64 {
+    0.5
+}
+
+impl Default for DpoSpec {
+    fn default() -> Self {
+        DpoSpec {
+            loss: LossType::default(),
+            beta: default_beta(),
+            label_smoothing: 0.0,
+            simpo_gamma: default_gamma(),
+            sft_weight: 0.0,
+        }
+    }
+}
+
+/// The data files of a preference run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefDataConfig {
+    /// Preference rows (JSONL or a JSON array): prompt/chosen/rejected.
+    pub train: PathBuf,
+    #[serde(default)]
+    pub val: Option<PathBuf>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default)]
+    pub skip_bad: bool,
+}
+
+fn default_val_fraction() -> f64 {
+    0.05
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DpoConfig {
+    /// The policy's starting point: a Hugging Face directory, a training output, or a GGUF file
+    /// (LoRA only).
+    pub base: PathBuf,
+    /// The reference model, when it is not the starting policy (the base, with the adapter of
+    /// `adapter` if given).
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    pub data: PrefDataConfig,
+    #[serde(default)]
+    pub dpo: DpoSpec,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl DpoConfig {
+    /// Reads `path` with `overrides`; `[train]` fields left out take preference-tuning defaults
+    /// (TRL's: learning rate 1e-6, or 5e-6 with LoRA; no weight decay; 100 steps of 4 pairs of
+    /// up to 512 tokens).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<DpoConfig> {
+        let cfg: DpoConfig = load_toml(path, overrides, |table| {
+            let lora = table.contains_key("lora") || table.contains_key("adapter");
+            let train = table
+                .entry("train")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(train) = train.as_table_mut() {
+                let lr = if lora { 5e-6 } else { 1e-6 };
+                for (k, v) in [
+                    ("lr", toml::Value::Float(lr)),
+                    ("min_lr", toml::Value::Float(0.0)),
+                    ("warmup_steps", toml::Value::Integer(0)),
+                    ("weight_decay", toml::Value::Float(0.0)),
+                    ("beta2", toml::Value::Float(0.999)),
+                    ("max_steps", toml::Value::Integer(100)),
+                    ("batch_size", toml::Value::Integer(4)),
+                    ("seq_len", toml::Value::Integer(512)),
+                    ("eval_every", toml::Value::Integer(50)),
+                    ("save_every", toml::Value::Integer(50)),
+                    ("out_dir", toml::Value::String("runs/dpo".into())),
+                ] {
+                    train.entry(k).or_insert(v);
+                }
+            }
+        })?;
+        let bad = |msg: String| TrainError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        crate::config::validate_train(&cfg.train).map_err(bad)?;
+        if !(0.0..0.5).contains(&cfg.data.val_fraction) {
+            return Err(bad("data.val_fraction must be in [0, 0.5)".into()));
+        }
+        let d = &cfg.dpo;
+        if !(d.beta.is_finite() && d.beta > 0.0) {
+            return Err(bad("dpo.beta must be a positive number".into()));
+        }
+        if !(0.0..0.5).contains(&d.label_smoothing) {
+            return Err(bad("dpo.label_smoothing must be in [0, 0.5)".into()));
+        }
+        if d.label_smoothing > 0.0
+            && !matches!(
+                d.loss,
+                LossType::Sigmoid | LossType::Robust | LossType::Simpo
+            )
+        {
+            return Err(bad(format!(
+                "dpo.label_smoothing applies to the sigmoid, robust and simpo losses, not {:?}",
+                d.loss
+            )));
+        }
+        if !(d.simpo_gamma.is_finite() && d.sft_weight.is_finite() && d.sft_weight >= 0.0) {
+            return Err(bad(
+                "dpo.simpo_gamma must be a number and dpo.sft_weight a number ≥ 0".into(),
+            ));
+        }
+        if cfg.reference.is_some() && !d.loss.needs_reference() {
+            return Err(bad(format!(
+                "the {:?} loss uses no reference model; leave `reference` out",
+                d.loss
+            )));
+        }
+        if let Some(l) = &cfg.lora {
+            l.validate().map_err(bad)?;
+        }
+        if cfg.lora.is_some() && cfg.adapter.is_some() {
+            return Err(bad(
+                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// A pair's sequences scored: log-probability sums and completion token counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub n_chosen: usize,
+    pub n_rejected: usize,
+}
+
+/// One pair's loss, its derivatives by the policy's chosen and rejected log-probability sums,
+/// and the implicit rewards logged.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairLoss {
+    pub loss: f64,
+    pub d_chosen: f64,
+    pub d_rejected: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// log σ(x), stable for large |x|.
+fn log_sigmoid(x: f64) -> f64 {
+    x.min(0.0) - (-x.abs()).exp().ln_1p()
+}
+
+/// log(1 − eˣ) for x < 0.
+fn log1mexp(x: f64) -> f64 {
+    if x > -std::f64::consts::LN_2 {
+        (-x.exp_m1()).ln()
+    } else {
+        (-x.exp()).ln_1p()
+    }
+}
+
+/// The loss of one pair: the policy's scores `policy`, the reference's `reference` (ignored by
+/// the reference-free losses).
+pub fn pair_loss(spec: &DpoSpec, policy: &Scored, reference: &Scored) -> PairLoss {
+    let (b, eps) = (spec.beta, spec.label_smoothing);
+    let (nc, nr) = (
+        policy.n_chosen.max(1) as f64,
+        policy.n_rejected.max(1) as f64,
+    );
+    // Smoothed logistic loss of z and its derivative.
+    let logistic = |z: f64| {
+        (
+            -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z),
+            sigmoid(z) - 1.0 + eps,
+        )
+    };
+    match spec.loss {
+        LossType::Sigmoid | LossType::Robust | LossType::Hinge | LossType::Ipo => {
+            let lc = policy.chosen - reference.chosen;
+            let lr = policy.rejected - reference.rejected;
+            let (loss, dc, dr) = match spec.loss {
+                LossType::Ipo => {
+                    let d = lc / nc - lr / nr - 1.0 / (2.0 * b);
+                    (d * d, 2.0 * d / nc, -2.0 * d / nr)
+                }
+                kind => {
+                    let z = b * (lc - lr);
+                    let (loss, dz) = match kind {
+                        LossType::Sigmoid => logistic(z),
+                        LossType::Robust => (
+                            (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z))
+                                / (1.0 - 2.0 * eps),
+                            ((1.0 - eps) * (sigmoid(z) - 1.0) - eps * sigmoid(z))
+                                / (1.0 - 2.0 * eps),
+                        ),
+                        _ => ((1.0 - z).max(0.0), if z < 1.0 { -1.0 } else { 0.0 }),
+                    };
+                    (loss, b * dz, -b * dz)
+                }
+            };
+            PairLoss {
+                loss,
+                d_chosen: dc,
+                d_rejected: dr,
+                reward_chosen: b * lc,
+                reward_rejected: b * lr,
+            }
+        }
+        LossType::Simpo => {
+            let (ac, ar) = (policy.chosen / nc, policy.rejected / nr);
+            let z = b * (ac - ar) - spec.simpo_gamma;
+            let (loss, dz) = logistic(z);
+            PairLoss {
+                loss,
+                d_chosen: b * dz / nc,
+                d_rejected: -b * dz / nr,
+                reward_chosen: b * ac,
+                reward_rejected: b * ar,
+            }
+        }
+        LossType::Orpo => {
+            // Average log-probabilities are below 0; a completion the model is sure of (0)
+            // is kept just below it so that its odds stay finite.
+            let (ac, ar) = (
+                (policy.chosen / nc).min(-1e-12),
+                (policy.rejected / nr).min(-1e-12),
+            );
+            let log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar));
+            let loss = -b * log_sigmoid(log_odds);
+            let dl = b * (sigmoid(log_odds) - 1.0);
+            PairLoss {
+                loss,
+                d_chosen: dl / (-ac.exp_m1()) / nc,
+                d_rejected: -dl / (-ar.exp_m1()) / nr,
+                reward_chosen: b * ac,
+                reward_rejected: b * ar,
+            }
+        }
+    }
+}
+
+/// The weight of the chosen completions' mean cross-entropy in the loss.
+fn nll_weight(spec: &DpoSpec) -> f64 {
+    match spec.loss {
+        LossType::Orpo => 1.0,
+        LossType::Simpo => spec.sft_weight,
+        _ => 0.0,
+    }
+}
+
+/// A batch's loss (the mean over its pairs, plus the cross-entropy term) with its derivatives
+/// by each sequence's log-probability sum (chosen then rejected, as `policy`), and the metrics
+/// TRL logs, each the batch's mean.
+fn batch_loss(spec: &DpoSpec, policy: &[Scored], reference: &[Scored]) -> (f64, Vec<f64>, Extra) {
+    let n = policy.len().max(1) as f64;
+    let mut loss = 0.0;
+    let mut d = vec![0.0; 2 * policy.len()];
+    let mut m = Extra::new();
+    let mut add = |k: &str, v: f64| *m.entry(k.to_string()).or_default() += v / n;
+    let avg = spec.loss.averaged();
+    for (i, (p, r)) in policy.iter().zip(reference).enumerate() {
+        let l = pair_loss(spec, p, r);
+        loss += l.loss / n;
+        d[i] = l.d_chosen / n;
+        d[policy.len() + i] = l.d_rejected / n;
+        add("rewards/chosen", l.reward_chosen);
+        add("rewards/rejected", l.reward_rejected);
+        add("rewards/margins", l.reward_chosen - l.reward_rejected);
+        add(
+            "rewards/accuracies",
+            (l.reward_chosen > l.reward_rejected) as u8 as f64,
+        );
+        let (c, rj) = if avg {
+            (
+                p.chosen / p.n_chosen.max(1) as f64,
+                p.rejected / p.n_rejected.max(1) as f64,
+            )
+        } else {
+            (p.chosen, p.rejected)
+        };
+        add("logps/chosen", c);
+        add("logps/rejected", rj);
+    }
+    let w = nll_weight(spec);
+    if w > 0.0 {
+        let tokens: usize = policy.iter().map(|p| p.n_chosen).sum::<usize>().max(1);
+        let nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / tokens as f64;
+        loss += w * nll;
+        for di in d.iter_mut().take(policy.len()) {
+            *di -= w / tokens as f64;
+        }
+        m.insert("nll_loss".into(), nll);
+    }
+    (loss, d, m)
+}
+
+/// Each sequence's summed cross-entropy over its scored tokens, as graph nodes (the negative
+/// log-probability sums).
+fn sequence_ce(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<Tensor>> {
+    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
+    let b = make_batch(&rows, false, dev)?;
+    let mut cache = model.single_pass_cache();
+    let h = model.hidden(&b.x, &mut cache)?;
+    let (n, t, c) = h.dims3()?;
+    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for e in seqs {
+        let k = e.targets();
+        out.push(crate::objective::output_loss_sum(
+            model.output(),
+            &h.narrow(0, at, k)?,
+            &b.targets.narrow(0, at, k)?,
+        )?);
+        at += k;
+    }
+    Ok(out)
+}
+
+/// The scores of `pairs` under `model` (no gradient), `batch` pairs at a time.
+fn score_pairs(
+    model: &CausalLm,
+    pairs: &[&Pair],
+    batch: usize,
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<Vec<Scored>> {
+    model.set_training(false);
+    let mut out = Vec::with_capacity(pairs.len());
+    progress.begin(
+        "reference log-probabilities",
+        pairs.len() as u64,
+        lmkit_core::Unit::Items,
+    );
+    for chunk in pairs.chunks(batch.max(1)) {
+        let seqs: Vec<&Example> = chunk
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(chunk.iter().map(|p| &p.rejected))
+            .collect();
+        let ce = sequence_ce(model, &seqs, dev)?;
+        let k = chunk.len();
+        for (i, p) in chunk.iter().enumerate() {
+            out.push(Scored {
+                chosen: -(ce[i].detach().to_scalar::<f32>()? as f64),
+                rejected: -(ce[k + i].detach().to_scalar::<f32>()? as f64),
+                n_chosen: p.chosen.targets(),
+                n_rejected: p.rejected.targets(),
+            });
+        }
+        progress.advance(k as u64);
+    }
+    progress.finish();
+    Ok(out)
+}
+
+/// Where cached reference log-probabilities live: `$LMKIT_CACHE`, else `$XDG_CACHE_HOME/lmkit`,
+/// else `~/.cache/lmkit`, under `reference-logps/`.
+fn cache_dir() -> PathBuf {
+    let root = std::env::var_os("LMKIT_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lmkit")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lmkit")))
+        .unwrap_or_else(|| PathBuf::from(".lmkit-cache"));
+    root.join("reference-logps")
+}
+
+/// A fingerprint of a model's weights: the contents of its weight files and config (a
+/// directory's, or a GGUF file), and of an adapter directory's.
+fn fingerprint(paths: &[&Path]) -> Result<u128> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for &p in paths {
+        let dir_files = |d: &Path| -> Result<Vec<PathBuf>> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+                .map_err(|e| TrainError::io(d, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.ends_with(".safetensors")
+                        || name.ends_with(".gguf")
+                        || name == "config.json"
+                        || name == "adapter_config.json"
+                })
+                .collect();
+            v.sort();
+            Ok(v)
+        };
+        let files = if p.is_dir() {
+            let d = lmkit_models::resolve_checkpoint(p);
+            let d = if d.join("adapter_config.json").exists() || d.join("config.json").exists() {
+                d
+            } else {
+                lmkit_models::resolve_run(p, "adapter_config.json")
+            };
+            dir_files(&d)?
+        } else {
+            vec![p.to_path_buf()]
+        };
+        for f in files {
+            let mut file = std::fs::File::open(&f).map_err(|e| TrainError::io(&f, e))?;
+            h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n =
+                    std::io::Read::read(&mut file, &mut buf).map_err(|e| TrainError::io(&f, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(h.digest128())
+}
+
+/// The cache key of reference scores: the reference's fingerprint and every pair's tokens.
+fn cache_key(model: u128, pairs: &[&Pair]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&model.to_le_bytes());
+    for p in pairs {
+        for e in [&p.chosen, &p.rejected] {
+            h.update(&(e.ids.len() as u64).to_le_bytes());
+            for (&id, &t) in e.ids.iter().zip(&e.train) {
+                h.update(&id.to_le_bytes());
+                h.update(&[t as u8]);
+            }
+        }
+    }
+    format!("{:032x}", h.digest128())
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    key: String,
+    scores: Vec<Scored>,
+}
+
+/// What `dpo` read and computed before training, for the command to report.
+pub struct PrefReport {
+    pub train_pairs: usize,
+    pub val_pairs: usize,
+    pub bad: usize,
+    pub bad_samples: Vec<String>,
+    pub empty: usize,
+    pub truncated: usize,
+    /// Where the reference log-probabilities came from (computed, or the cache file).
+    pub reference: Option<String>,
+}
+
+/// Tunes per `cfg` on preference pairs (a new run, or `Start::Resume`).
+pub fn dpo(
+    cfg: &DpoConfig,
+    start: Start,
+    progress: &dyn Progress,
+) -> Result<(Summary, PrefReport)> {
+    let t = &cfg.train;
+    let base = &cfg.base;
+    let spec = &cfg.dpo;
+    let dev = lmkit_models::parse_device(&t.device)?;
+    let vocab = Vocab::load(base)?;
+    let renderer = Renderer {
+        tokenizer: &vocab.tokenizer,
+        template: vocab.template.as_ref(),
+        eos: vocab.eos.clone(),
+        format: Format::Auto,
+        train_on: TrainOn::Completion,
+        max_tokens: t.seq_len + 1,
+    };
+    let read =
+        |p: &Path| sft::read_with(p, cfg.data.skip_bad, |v| renderer.pair(v), Pair::scorable);
+    progress.message(&format!("reading {}", cfg.data.train.display()));
+    let r = read(&cfg.data.train)?;
+    let mut report = PrefReport {
+        train_pairs: 0,
+        val_pairs: 0,
+        bad: r.bad,
+        bad_samples: r.bad_samples,
+        empty: r.empty,
+        truncated: r.truncated,
+        reference: None,
+    };
+    let (train, val) = match &cfg.data.val {
+        Some(p) => {
+            let v = read(p)?;
+            report.bad += v.bad;
+            report.empty += v.empty;
+            report.truncated += v.truncated;
+            (r.examples, v.examples)
+        }
+        None => sft::split(r.examples, cfg.data.val_fraction, t.seed),
+    };
+    if train.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{}: no pair to train on ({} bad rows, {} with a side left with no completion token after cutting to train.seq_len)",
+            cfg.data.train.display(),
+            report.bad,
+            report.empty
+        )));
+    }
+    report.train_pairs = train.len();
+    report.val_pairs = val.len();
+
+    let what = Tuning {
+        base,
+        lora: cfg.lora.as_ref(),
+        adapter: cfg.adapter.as_deref(),
+        seed: t.seed,
+    };
+    let mut tuned = load_tuned(what, t, &dev, progress)?;
+    let identity = serde_json::json!({
+        "base": base.to_string_lossy(),
+        "reference": cfg.reference,
+        "lora": cfg.lora,
+        "adapter": cfg.adapter,
+        "data": cfg.data,
+        "dpo": cfg.dpo,
+        "seq_len": t.seq_len,
+    });
+    let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
+    let params = std::mem::take(&mut tuned.params);
+    let (output, mut opt, from) = Output::open(
+        &tuned, params, t, identity, start, &toml_text, &dev, progress,
+    )?;
+    let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
+
+    // Reference scores for every pair, training then validation.
+    let all: Vec<&Pair> = train.iter().chain(&val).collect();
+    let reference: Vec<Scored> = if spec.loss.needs_reference() {
+        let (scores, source) = reference_scores(cfg, &tuned, from.step == 0, &all, &dev, progress)?;
+        report.reference = Some(source);
+        scores
+    } else {
+        vec![Scored::default(); all.len()]
+    };
+    let (ref_train, ref_val) = reference.split_at(train.len());
+
+    let model = &tuned.model;
+    let adapters = tuned.adapters.as_ref();
+    let mut micro = |step: usize, m: usize, grads: &mut Grads| -> Result<Micro> {
+        model.set_training(true);
+        if let Some(a) = adapters {
+            let seed = t.seed ^ 0xd90_5eed ^ ((step * 1024 + m) as u64 + 1);
+            a.set_dropout_seed(Some(lmkit_core::rng::mix(seed)));
+        }
+        let idx = sft::batch_indices(train.len(), t.batch_size, step * t.grad_accum + m, t.seed);
+        let pairs: Vec<&Pair> = idx.iter().map(|&i| &train[i]).collect();
+        let refs: Vec<Scored> = idx.iter().map(|&i| ref_train[i]).collect();
+        let (loss, extra, tokens) = pairs_loss(model, spec, &pairs, &refs, Some(grads), t, &dev)?;
+        Ok(Micro {
+            loss,
+            tokens,
+            extra,
+        })
+    };
+    let mut evaluate = || -> Result<Option<Validation>> {
+        if val.is_empty() {
+            return Ok(None);
+        }
+        model.set_training(false);
+        if let Some(a) = adapters {
+            a.set_dropout_seed(None);
+        }
+        let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
+        let (mut loss, mut extra, mut batches) = (0.0, Extra::new(), 0usize);
+        for (k, chunk) in val[..limit].chunks(t.batch_size).enumerate() {
+            let pairs: Vec<&Pair> = chunk.iter().collect();
+            let at = k * t.batch_size;
+            let refs = &ref_val[at..at + chunk.len()];
+            let (l, e, _) = pairs_loss(model, spec, &pairs, refs, None, t, &dev)?;
+            loss += l;
+            for (name, v) in e {
+                *extra.entry(format!("eval_{name}")).or_default() += v;
+            }
+            batches += 1;
+        }
+        for v in extra.values_mut() {
+            *v /= batches as f64;
+        }
+        Ok(Some(Validation {
+            loss: loss / batches as f64,
+            extra,
+        }))
+    };
+    if from.step == 0 && t.eval_every > 0 {
+        if let Some(v) = evaluate()? {
+            metrics::append(&output.metrics_path, &v.record(0))?;
+            progress.message(&format!("validation loss before tuning: {:.4}", v.loss));
+        }
+    }
+    let end = steps::run(
+        t,
+        &mut opt,
+        from,
+        &output.metrics_path,
+        progress,
+        steps::Hooks {
+            micro: &mut micro,
+            evaluate: &mut evaluate,
+            save: &mut |opt, at: Position| output.save(opt, at),
+        },
+    )?;
+    Ok((end.summary(n_params), report))
+}
+
+/// The loss of `pairs` (against `refs`) and its metrics; with `grads`, its gradients (the
+/// micro batch's share of the step's) are added. Also returns the tokens the batch held.
+fn pairs_loss(
+    model: &CausalLm,
+    spec: &DpoSpec,
+    pairs: &[&Pair],
+    refs: &[Scored],
+    grads: Option<&mut Grads>,
+    t: &TrainConfig,
+    dev: &Device,
+) -> Result<(f64, Extra, u64)> {
+    let seqs: Vec<&Example> = pairs
+        .iter()
+        .map(|p| &p.chosen)
+        .chain(pairs.iter().map(|p| &p.rejected))
+        .collect();
+    let tokens = seqs.iter().map(|e| e.ids.len() as u64).sum();
+    let ce = sequence_ce(model, &seqs, dev)?;
+    let k = pairs.len();
+    let mut policy = Vec::with_capacity(k);
+    for (i, p) in pairs.iter().enumerate() {
+        policy.push(Scored {
+            chosen: -(ce[i].to_scalar::<f32>()? as f64),
+            rejected: -(ce[k + i].to_scalar::<f32>()? as f64),
+            n_chosen: p.chosen.targets(),
+            n_rejected: p.rejected.targets(),
+        });
+    }
+    let (loss, d, extra) = batch_loss(spec, &policy, refs);
+    let share = 1.0 / t.grad_accum as f64;
+    if let Some(grads) = grads {
+        // The loss depends on the model only through the log-probability sums (−ce): its
+        // gradient is Σ dL/dlogp · ∇logp = ∇ Σ (−dL/dlogp) · ce.
+        let mut surrogate: Option<Tensor> = None;
+        for (c, di) in ce.iter().zip(&d) {
+            let term = (c * (-di * share))?;
+            surrogate = Some(match surrogate {
+                Some(s) => (s + term)?,
+                None => term,
+            });
+        }
+        if let Some(s) = surrogate {
+            grads.backward(&s)?;
+        }
+    }
+    Ok((loss * share, extra, tokens))
+}
+
+/// The reference's scores of `pairs`: from the cache, or computed (and cached) with the
+/// explicit reference model, with the policy itself at the start of a new run, or with the
+/// starting policy loaded again.
+fn reference_scores(
+    cfg: &DpoConfig,
+    tuned: &Tuned,
+    fresh_start: bool,
+    pairs: &[&Pair],
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<(Vec<Scored>, String)> {
+    let t = &cfg.train;
+    let mut sources: Vec<&Path> = Vec::new();
+    match &cfg.reference {
+        Some(r) => sources.push(r),
+        None => {
+            sources.push(&cfg.base);
+            if let Some(a) = &cfg.adapter {
+                sources.push(a);
+            }
+        }
+    }
+    for s in &sources {
+        if !s.exists() {
+            return Err(TrainError::Data(format!(
+                "reference = \"{}\": no such file or directory",
+                s.display()
+            )));
+        }
+    }
+    let key = cache_key(fingerprint(&sources)?, pairs);
+    let file = cache_dir().join(format!("{key}.json"));
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        if let Ok(c) = serde_json::from_str::<CacheFile>(&text) {
+            if c.key == key && c.scores.len() == pairs.len() {
+                return Ok((c.scores, format!("cached in {}", file.display())));
+            }
+        }
+    }
+    let scores = match &cfg.reference {
+        Some(r) => {
+            progress.message(&format!(
+                "scoring the pairs with the reference {}",
+                r.display()
+            ));
+            // Scored by the same code as the policy (a directory loads as a trainable model
+            // does); a GGUF file keeps its weights quantized.
+            let model = if lmkit_models::gguf::is_gguf(r) {
+                CausalLm::load(r, dev)?.0
+            } else {
+                let what = Tuning {
+                    base: r,
+                    lora: None,
+                    adapter: None,
+                    seed: t.seed,
+                };
+                crate::finetune::load_model(what, dev)?.model
+            };
+            score_pairs(&model, pairs, t.batch_size, dev, progress)?
+        }
+        None if fresh_start => {
+            // The policy before its first step is the reference (fresh adapters add nothing).
+            if let Some(a) = &tuned.adapters {
+                a.set_dropout_seed(None);
+            }
+            score_pairs(&tuned.model, pairs, t.batch_size, dev, progress)?
+        }
+        None => {
+            progress.message("scoring the pairs with the starting model (not in the cache)");
+            let what = Tuning {
+                base: &cfg.base,
+                lora: cfg.lora.as_ref(),
+                adapter: cfg.adapter.as_deref(),
+                seed: t.seed,
+            };
+            let start = crate::finetune::load_model(what, dev)?;
+            score_pairs(&start.model, pairs, t.batch_size, dev, progress)?
+        }
+    };
+    let saved = std::fs::create_dir_all(cache_dir()).is_ok()
+        && serde_json::to_vec(&CacheFile {
+            key,
+            scores: scores.clone(),
+        })
+        .ok()
+        .is_some_and(|bytes| lmkit_core::write_atomic_bytes(&file, &bytes).is_ok());
+    let source = if saved {
+        format!("computed, cached in {}", file.display())
+    } else {
+        "computed (the cache directory is not writable)".to_string()
+    };
+    Ok((scores, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(loss: LossType, eps: f64) -> DpoSpec {
+        DpoSpec {
+            loss,
+            beta: 0.3,
+            label_smoothing: eps,
+            simpo_gamma: 0.4,
+            sft_weight: 0.7,
+        }
+    }
+
+    #[test]
+    fn derivatives_match_finite_differences() {
+        let reference = Scored {
+            chosen: -14.0,
+            rejected: -9.5,
+            n_chosen: 7,
+            n_rejected: 4,
+        };
+        for loss in [
+            LossType::Sigmoid,
+            LossType::Robust,
+            LossType::Hinge,
+            LossType::Ipo,
+            LossType::Simpo,
+            LossType::Orpo,
+        ] {
+            let eps = if loss == LossType::Robust || loss == LossType::Sigmoid {
+                0.1
+            } else {
+                0.0
+            };
+            let s = spec(loss, eps);
+            for (pc, pr) in [(-12.0, -11.0), (-20.0, -3.0), (-1.5, -0.2)] {
+                let p = Scored {
+                    chosen: pc,
+                    rejected: pr,
+                    ..reference
+                };
+                let policy = [
+                    p,
+                    Scored {
+                        chosen: pc - 1.0,
+                        ..p
+                    },
+                ];
+                let refs = [reference, reference];
+                let (_, d, _) = batch_loss(&s, &policy, &refs);
+                let h = 1e-6;
+                for (i, di) in d.iter().enumerate() {
+                    let bump = |delta: f64| {
+                        let mut q = policy;
+                        let side = &mut q[i % 2];
+                        if i < 2 {
+                            side.chosen += delta;
+                        } else {
+                            side.rejected += delta;
+                        }
+                        batch_loss(&s, &q, &refs).0
+                    };
+                    let numeric = (bump(h) - bump(-h)) / (2.0 * h);
+                    assert!(
+                        (numeric - di).abs() < 1e-6,
+                        "{loss:?} at ({pc}, {pr}) sequence {i}: {numeric} vs {di}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dpo_starts_at_log_two_when_policy_is_reference() {
+        let p = Scored {
+            chosen: -5.0,
+            rejected: -7.0,
+            n_chosen: 3,
+            n_rejected: 3,
+        };
+        let l = pair_loss(&spec(LossType::Sigmoid, 0.0), &p, &p);
+        assert!((l.loss - std::f64::consts::LN_2).abs() < 1e-12);
+        assert_eq!((l.reward_chosen, l.reward_rejected), (0.0, 0.0));
+        // IPO pulls the averaged margin toward 1/(2β).
+        let l = pair_loss(&spec(LossType::Ipo, 0.0), &p, &p);
+        assert!((l.loss - (1.0f64 / 0.6).powi(2)).abs() < 1e-12);
+        assert!(log_sigmoid(-800.0).is_finite() && log_sigmoid(800.0) == 0.0);
+        assert!((log1mexp(-1e-9) - (1e-9f64).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_example_config_loads_and_bad_settings_are_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/dpo-lora.toml");
+        let cfg = DpoConfig::load(&path, &[]).unwrap();
+        assert_eq!(cfg.dpo.loss, LossType::Sigmoid);
+        assert_eq!(cfg.train.weight_decay, 0.0);
+        for bad in [
+            "dpo.beta=0",
+            "dpo.label_smoothing=0.5",
+            "dpo.loss=\"nope\"",
+            "reference=\"x\"\ndpo.loss=\"orpo\"",
+        ] {
+            let overrides: Vec<String> = bad.lines().map(String::from).collect();
+            assert!(DpoConfig::load(&path, &overrides).is_err(), "{bad}");
+        }
+    }
+}
