@@ -349,21 +349,31 @@ fn nll_weight(spec: &DpoSpec) -> f64 {
     }
 }
 
+/// The derivatives of a batch's loss by a pair's chosen and rejected log-probability sums: its
+/// own loss's share of the mean over `pairs`, and for the chosen side the cross-entropy term's
+/// (the mean over the batch's `chosen_tokens`).
+fn pair_gradient(spec: &DpoSpec, l: &PairLoss, pairs: usize, chosen_tokens: usize) -> (f64, f64) {
+    let n = pairs.max(1) as f64;
+    let nll = nll_weight(spec) / chosen_tokens.max(1) as f64;
+    (l.d_chosen / n - nll, l.d_rejected / n)
+}
+
 /// A batch's loss (the mean over its pairs, plus the cross-entropy term) with its derivatives
 /// by each sequence's log-probability sum (chosen then rejected, as `policy`), and the metrics
 /// TRL logs, each the batch's mean.
 fn batch_loss(spec: &DpoSpec, policy: &[Scored], reference: &[Scored]) -> (f64, Vec<f64>, Extra) {
-    let n = policy.len().max(1) as f64;
+    let k = policy.len();
+    let n = k.max(1) as f64;
+    let chosen_tokens: usize = policy.iter().map(|p| p.n_chosen).sum();
     let mut loss = 0.0;
-    let mut d = vec![0.0; 2 * policy.len()];
+    let mut d = vec![0.0; 2 * k];
     let mut m = Extra::new();
-    let mut add = |k: &str, v: f64| *m.entry(k.to_string()).or_default() += v / n;
+    let mut add = |name: &str, v: f64| *m.entry(name.to_string()).or_default() += v / n;
     let avg = spec.loss.averaged();
     for (i, (p, r)) in policy.iter().zip(reference).enumerate() {
         let l = pair_loss(spec, p, r);
         loss += l.loss / n;
-        d[i] = l.d_chosen / n;
-        d[policy.len() + i] = l.d_rejected / n;
+        (d[i], d[k + i]) = pair_gradient(spec, &l, k, chosen_tokens);
         add("rewards/chosen", l.reward_chosen);
         add("rewards/rejected", l.reward_rejected);
         add("rewards/margins", l.reward_chosen - l.reward_rejected);
@@ -384,45 +394,37 @@ fn batch_loss(spec: &DpoSpec, policy: &[Scored], reference: &[Scored]) -> (f64, 
     }
     let w = nll_weight(spec);
     if w > 0.0 {
-        let tokens: usize = policy.iter().map(|p| p.n_chosen).sum::<usize>().max(1);
-        let nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / tokens as f64;
+        let nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
         loss += w * nll;
-        for di in d.iter_mut().take(policy.len()) {
-            *di -= w / tokens as f64;
-        }
         m.insert("nll_loss".into(), nll);
     }
     (loss, d, m)
 }
 
-/// Each sequence's summed cross-entropy over its scored tokens, as graph nodes (the negative
-/// log-probability sums).
-fn sequence_ce(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<Tensor>> {
-    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
-    let b = make_batch(&rows, false, dev)?;
+/// A sequence's summed cross-entropy over its scored tokens (its negative log-probability
+/// sum), as a graph node.
+///
+/// Sequences go through the model one at a time: the graph of one is alive at once (a batch's
+/// would hold every intermediate of all its sequences until the backward pass), and no
+/// position is padding.
+fn sequence_ce(model: &CausalLm, e: &Example, dev: &Device) -> Result<Tensor> {
+    let b = make_batch(&[vec![e]], false, dev)?;
     let mut cache = model.single_pass_cache();
     let h = model.hidden(&b.x, &mut cache)?;
     let (n, t, c) = h.dims3()?;
     let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
-    let mut out = Vec::with_capacity(seqs.len());
-    let mut at = 0;
-    for e in seqs {
-        let k = e.targets();
-        out.push(crate::objective::output_loss_sum(
-            model.output(),
-            &h.narrow(0, at, k)?,
-            &b.targets.narrow(0, at, k)?,
-        )?);
-        at += k;
-    }
-    Ok(out)
+    crate::objective::output_loss_sum(model.output(), &h, &b.targets)
 }
 
-/// The scores of `pairs` under `model` (no gradient), `batch` pairs at a time.
+/// A sequence's log-probability sum, without gradient.
+fn sequence_logp(model: &CausalLm, e: &Example, dev: &Device) -> Result<f64> {
+    Ok(-(sequence_ce(model, e, dev)?.detach().to_scalar::<f32>()? as f64))
+}
+
+/// The scores of `pairs` under `model` (no gradient).
 fn score_pairs(
     model: &CausalLm,
     pairs: &[&Pair],
-    batch: usize,
     dev: &Device,
     progress: &dyn Progress,
 ) -> Result<Vec<Scored>> {
@@ -433,23 +435,14 @@ fn score_pairs(
         pairs.len() as u64,
         lmkit_core::Unit::Items,
     );
-    for chunk in pairs.chunks(batch.max(1)) {
-        let seqs: Vec<&Example> = chunk
-            .iter()
-            .map(|p| &p.chosen)
-            .chain(chunk.iter().map(|p| &p.rejected))
-            .collect();
-        let ce = sequence_ce(model, &seqs, dev)?;
-        let k = chunk.len();
-        for (i, p) in chunk.iter().enumerate() {
-            out.push(Scored {
-                chosen: -(ce[i].detach().to_scalar::<f32>()? as f64),
-                rejected: -(ce[k + i].detach().to_scalar::<f32>()? as f64),
-                n_chosen: p.chosen.targets(),
-                n_rejected: p.rejected.targets(),
-            });
-        }
-        progress.advance(k as u64);
+    for p in pairs {
+        out.push(Scored {
+            chosen: sequence_logp(model, &p.chosen, dev)?,
+            rejected: sequence_logp(model, &p.rejected, dev)?,
+            n_chosen: p.chosen.targets(),
+            n_rejected: p.rejected.targets(),
+        });
+        progress.advance(1);
     }
     progress.finish();
     Ok(out)
@@ -705,49 +698,58 @@ pub fn dpo(
 
 /// The loss of `pairs` (against `refs`) and its metrics; with `grads`, its gradients (the
 /// micro batch's share of the step's) are added. Also returns the tokens the batch held.
+///
+/// A pair's derivatives depend only on its own two scores (and the batch's token counts), so
+/// each pair is finished before the next: the chosen side's gradient is kept while the
+/// rejected side runs, and both are added once the pair's loss is known.
 fn pairs_loss(
     model: &CausalLm,
     spec: &DpoSpec,
     pairs: &[&Pair],
     refs: &[Scored],
-    grads: Option<&mut Grads>,
+    mut grads: Option<&mut Grads>,
     t: &TrainConfig,
     dev: &Device,
 ) -> Result<(f64, Extra, u64)> {
-    let seqs: Vec<&Example> = pairs
+    let tokens = pairs
         .iter()
-        .map(|p| &p.chosen)
-        .chain(pairs.iter().map(|p| &p.rejected))
-        .collect();
-    let tokens = seqs.iter().map(|e| e.ids.len() as u64).sum();
-    let ce = sequence_ce(model, &seqs, dev)?;
-    let k = pairs.len();
-    let mut policy = Vec::with_capacity(k);
-    for (i, p) in pairs.iter().enumerate() {
-        policy.push(Scored {
-            chosen: -(ce[i].to_scalar::<f32>()? as f64),
-            rejected: -(ce[k + i].to_scalar::<f32>()? as f64),
-            n_chosen: p.chosen.targets(),
-            n_rejected: p.rejected.targets(),
-        });
-    }
-    let (loss, d, extra) = batch_loss(spec, &policy, refs);
+        .map(|p| (p.chosen.ids.len() + p.rejected.ids.len()) as u64)
+        .sum();
+    let chosen_tokens: usize = pairs.iter().map(|p| p.chosen.targets()).sum();
     let share = 1.0 / t.grad_accum as f64;
-    if let Some(grads) = grads {
-        // The loss depends on the model only through the log-probability sums (−ce): its
-        // gradient is Σ dL/dlogp · ∇logp = ∇ Σ (−dL/dlogp) · ce.
-        let mut surrogate: Option<Tensor> = None;
-        for (c, di) in ce.iter().zip(&d) {
-            let term = (c * (-di * share))?;
-            surrogate = Some(match surrogate {
-                Some(s) => (s + term)?,
-                None => term,
-            });
-        }
-        if let Some(s) = surrogate {
-            grads.backward(&s)?;
-        }
+    let mut policy = Vec::with_capacity(pairs.len());
+    for (p, r) in pairs.iter().zip(refs) {
+        let (n_chosen, n_rejected) = (p.chosen.targets(), p.rejected.targets());
+        let scored = match grads.as_deref_mut() {
+            None => Scored {
+                chosen: sequence_logp(model, &p.chosen, dev)?,
+                rejected: sequence_logp(model, &p.rejected, dev)?,
+                n_chosen,
+                n_rejected,
+            },
+            Some(grads) => {
+                let ce = sequence_ce(model, &p.chosen, dev)?;
+                let chosen = -(ce.to_scalar::<f32>()? as f64);
+                let g_chosen = grads.gradients_of(&ce)?;
+                drop(ce);
+                let ce = sequence_ce(model, &p.rejected, dev)?;
+                let s = Scored {
+                    chosen,
+                    rejected: -(ce.to_scalar::<f32>()? as f64),
+                    n_chosen,
+                    n_rejected,
+                };
+                let l = pair_loss(spec, &s, r);
+                let (dc, dr) = pair_gradient(spec, &l, pairs.len(), chosen_tokens);
+                // d(loss)/d(params) = d·∇logp = −d·∇ce.
+                grads.backward(&(ce * (-dr * share))?)?;
+                grads.add_scaled(g_chosen, -dc * share)?;
+                s
+            }
+        };
+        policy.push(scored);
     }
+    let (loss, _, extra) = batch_loss(spec, &policy, refs);
     Ok((loss * share, extra, tokens))
 }
 
@@ -809,14 +811,14 @@ fn reference_scores(
                 };
                 crate::finetune::load_model(what, dev)?.model
             };
-            score_pairs(&model, pairs, t.batch_size, dev, progress)?
+            score_pairs(&model, pairs, dev, progress)?
         }
         None if fresh_start => {
             // The policy before its first step is the reference (fresh adapters add nothing).
             if let Some(a) = &tuned.adapters {
                 a.set_dropout_seed(None);
             }
-            score_pairs(&tuned.model, pairs, t.batch_size, dev, progress)?
+            score_pairs(&tuned.model, pairs, dev, progress)?
         }
         None => {
             progress.message("scoring the pairs with the starting model (not in the cache)");
@@ -827,7 +829,7 @@ fn reference_scores(
                 seed: t.seed,
             };
             let start = crate::finetune::load_model(what, dev)?;
-            score_pairs(&start.model, pairs, t.batch_size, dev, progress)?
+            score_pairs(&start.model, pairs, dev, progress)?
         }
     };
     let saved = std::fs::create_dir_all(cache_dir()).is_ok()

@@ -67,6 +67,31 @@ impl Grads {
         Ok(())
     }
 
+    /// The gradients of `loss` by each parameter (none where it does not depend on one), kept
+    /// apart from the step's sums.
+    pub(crate) fn gradients_of(&self, loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g: GradStore = loss.backward()?;
+        Ok(self
+            .params
+            .iter()
+            .map(|p| g.get(p).map(|gi| gi.detach()))
+            .collect())
+    }
+
+    /// Adds `scale` times gradients from [`Grads::gradients_of`] to the step's sums.
+    pub(crate) fn add_scaled(&mut self, g: Vec<Option<Tensor>>, scale: f64) -> Result<()> {
+        for (acc, gi) in self.sums.iter_mut().zip(g) {
+            if let Some(gi) = gi {
+                let gi = (gi * scale)?;
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + gi)?,
+                    None => gi,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn finish(self, opt: &AdamW) -> Result<Vec<Tensor>> {
         Ok(self
             .sums
