@@ -17,6 +17,7 @@ mod ngram;
 mod progress;
 mod prompt;
 mod quantize;
+mod reward;
 mod serve;
 mod tokenizer;
 mod train;
@@ -79,6 +80,9 @@ enum Command {
     Moderation(moderation::ModerationCommand),
     /// Write a Llama-family checkpoint as a GGUF file (q8_0, q4_k, ...) that llama.cpp runs
     Quantize(quantize::QuantizeArgs),
+    /// Reward models: train one on preference pairs, score texts with one
+    #[command(subcommand)]
+    Reward(reward::RewardCommand),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
     Serve(serve::ServeArgs),
     /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
@@ -110,6 +114,7 @@ fn main() {
         Command::Quantize(a) => quantize::run(a),
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Moderation(cmd) => moderation::run(cmd),
+        Command::Reward(cmd) => reward::run(cmd),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
     };

@@ -338,6 +338,16 @@ impl DecoderConfig {
     pub fn num_layers(&self) -> usize {
         with_decoder!(self, c => c.num_layers())
     }
+
+    /// The width of the final hidden states.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            DecoderConfig::Gpt2(c) => c.n_embd,
+            DecoderConfig::GptNeox(c) => c.hidden_size,
+            DecoderConfig::Llama(c) => c.hidden_size,
+            DecoderConfig::Rnn(c) => c.hidden_size,
+        }
+    }
 }
 
 /// `$body` with `$c` bound to the family config inside a [`DecoderConfig`].

@@ -401,19 +401,36 @@ fn batch_loss(spec: &DpoSpec, policy: &[Scored], reference: &[Scored]) -> (f64, 
     (loss, d, m)
 }
 
-/// A sequence's summed cross-entropy over its scored tokens (its negative log-probability
-/// sum), as a graph node.
-///
-/// Sequences go through the model one at a time: the graph of one is alive at once (a batch's
-/// would hold every intermediate of all its sequences until the backward pass), and no
-/// position is padding.
-fn sequence_ce(model: &CausalLm, e: &Example, dev: &Device) -> Result<Tensor> {
-    let b = make_batch(&[vec![e]], false, dev)?;
+/// Each sequence's summed cross-entropy over its scored tokens (its negative log-probability
+/// sum), as graph nodes; the sequences go through the model as one padded batch.
+fn sequences_ce(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<Tensor>> {
+    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
+    let b = make_batch(&rows, false, dev)?;
     let mut cache = model.single_pass_cache();
     let h = model.hidden(&b.x, &mut cache)?;
     let (n, t, c) = h.dims3()?;
     let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
-    crate::objective::output_loss_sum(model.output(), &h, &b.targets)
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for e in seqs {
+        let k = e.targets();
+        out.push(crate::objective::output_loss_sum(
+            model.output(),
+            &h.narrow(0, at, k)?,
+            &b.targets.narrow(0, at, k)?,
+        )?);
+        at += k;
+    }
+    Ok(out)
+}
+
+/// A sequence's summed cross-entropy (see [`sequences_ce`]) on its own: the graph of one
+/// sequence is alive at once (a batch's holds every intermediate of all its sequences until the
+/// backward pass), and no position is padding.
+fn sequence_ce(model: &CausalLm, e: &Example, dev: &Device) -> Result<Tensor> {
+    let mut ce = sequences_ce(model, &[e], dev)?;
+    ce.pop()
+        .ok_or_else(|| TrainError::Data("no sequence".into()))
 }
 
 /// A sequence's log-probability sum, without gradient.
@@ -639,7 +656,16 @@ pub fn dpo(
         let idx = sft::batch_indices(train.len(), t.batch_size, step * t.grad_accum + m, t.seed);
         let pairs: Vec<&Pair> = idx.iter().map(|&i| &train[i]).collect();
         let refs: Vec<Scored> = idx.iter().map(|&i| ref_train[i]).collect();
-        let (loss, extra, tokens) = pairs_loss(model, spec, &pairs, &refs, Some(grads), t, &dev)?;
+        let (loss, extra, tokens) = pairs_loss(
+            model,
+            adapters.is_some(),
+            spec,
+            &pairs,
+            &refs,
+            Some(grads),
+            t,
+            &dev,
+        )?;
         Ok(Micro {
             loss,
             tokens,
@@ -660,7 +686,7 @@ pub fn dpo(
             let pairs: Vec<&Pair> = chunk.iter().collect();
             let at = k * t.batch_size;
             let refs = &ref_val[at..at + chunk.len()];
-            let (l, e, _) = pairs_loss(model, spec, &pairs, refs, None, t, &dev)?;
+            let (l, e, _) = pairs_loss(model, true, spec, &pairs, refs, None, t, &dev)?;
             loss += l;
             for (name, v) in e {
                 *extra.entry(format!("eval_{name}")).or_default() += v;
@@ -700,10 +726,13 @@ pub fn dpo(
 /// micro batch's share of the step's) are added. Also returns the tokens the batch held.
 ///
 /// A pair's derivatives depend only on its own two scores (and the batch's token counts), so
-/// each pair is finished before the next: the chosen side's gradient is kept while the
-/// rejected side runs, and both are added once the pair's loss is known.
+/// each pair is finished before the next. With `per_sequence` (adapters) the chosen side's
+/// gradient is kept while the rejected side runs, and both are added once the pair's loss is
+/// known.
+#[allow(clippy::too_many_arguments)]
 fn pairs_loss(
     model: &CausalLm,
+    per_sequence: bool,
     spec: &DpoSpec,
     pairs: &[&Pair],
     refs: &[Scored],
@@ -727,7 +756,9 @@ fn pairs_loss(
                 n_chosen,
                 n_rejected,
             },
-            Some(grads) => {
+            // Adapters: one sequence at a time, the chosen side's (small) gradient kept while
+            // the rejected side runs.
+            Some(grads) if per_sequence => {
                 let ce = sequence_ce(model, &p.chosen, dev)?;
                 let chosen = -(ce.to_scalar::<f32>()? as f64);
                 let g_chosen = grads.gradients_of(&ce)?;
@@ -744,6 +775,22 @@ fn pairs_loss(
                 // d(loss)/d(params) = d·∇logp = −d·∇ce.
                 grads.backward(&(ce * (-dr * share))?)?;
                 grads.add_scaled(g_chosen, -dc * share)?;
+                s
+            }
+            // All parameters: a gradient is as large as the model, so the pair's two sequences
+            // go through together and one backward pass takes both.
+            Some(grads) => {
+                let ce = sequences_ce(model, &[&p.chosen, &p.rejected], dev)?;
+                let s = Scored {
+                    chosen: -(ce[0].to_scalar::<f32>()? as f64),
+                    rejected: -(ce[1].to_scalar::<f32>()? as f64),
+                    n_chosen,
+                    n_rejected,
+                };
+                let l = pair_loss(spec, &s, r);
+                let (dc, dr) = pair_gradient(spec, &l, pairs.len(), chosen_tokens);
+                let surrogate = ((&ce[0] * (-dc * share))? + (&ce[1] * (-dr * share))?)?;
+                grads.backward(&surrogate)?;
                 s
             }
         };

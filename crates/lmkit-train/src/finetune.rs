@@ -86,6 +86,74 @@ impl FinetuneConfig {
     }
 }
 
+/// A model directory's weights as trainable variables.
+pub(crate) struct Variables {
+    pub model: CausalLm,
+    pub vm: VarMap,
+    pub dcfg: DecoderConfig,
+    /// The directory's config.json.
+    pub config_json: serde_json::Value,
+}
+
+/// Loads the checkpoint of `base` (a model directory or a training output) into variables:
+/// `extra` may add variables of its own before the checkpoint's values are set (those the
+/// checkpoint has are set too), and the variables named in `optional` may be missing from it.
+pub(crate) fn load_variables(
+    base: &Path,
+    dev: &Device,
+    extra: impl FnOnce(&VarMap, &DecoderConfig) -> Result<()>,
+    optional: &[&str],
+) -> Result<Variables> {
+    let dir = lmkit_models::resolve_checkpoint(base);
+    let config_path = dir.join("config.json");
+    let dcfg = DecoderConfig::load(&config_path)?;
+    let config_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?,
+    )
+    .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
+    let vm = VarMap::new();
+    let model =
+        CausalLm::from_var_builder(&dcfg, VarBuilder::from_varmap(&vm, DType::F32, dev), &dir)?;
+    extra(&vm, &dcfg)?;
+    // The variables take the checkpoint's values.
+    {
+        let vars = vm
+            .data()
+            .lock()
+            .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
+        let mut unset: std::collections::BTreeSet<&String> = vars
+            .keys()
+            .filter(|k| !optional.contains(&k.as_str()))
+            .collect();
+        for (name, t) in lmkit_models::checkpoint_tensors(&dir, dev)? {
+            if let Some(var) = vars.get(&name) {
+                if var.dims() != t.dims() {
+                    return Err(TrainError::Data(format!(
+                        "{}: tensor `{name}` has shape {:?}, the model needs {:?}",
+                        dir.display(),
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                var.set(&t)?;
+                unset.remove(&name);
+            }
+        }
+        if let Some(name) = unset.first() {
+            return Err(TrainError::Data(format!(
+                "{}: tensor `{name}` not found in the weights",
+                dir.display()
+            )));
+        }
+    }
+    Ok(Variables {
+        model,
+        vm,
+        dcfg,
+        config_json,
+    })
+}
+
 /// The model being tuned and its trainable parameters.
 pub(crate) struct Tuned {
     pub model: CausalLm,
@@ -141,36 +209,8 @@ pub(crate) fn load_model(what: Tuning, dev: &Device) -> Result<Tuned> {
             base.display()
         )));
     }
-    let dir = lmkit_models::resolve_checkpoint(base);
-    let config_path = dir.join("config.json");
-    let dcfg = DecoderConfig::load(&config_path)?;
-    let config_json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?,
-    )
-    .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
-    let vm = VarMap::new();
-    let model =
-        CausalLm::from_var_builder(&dcfg, VarBuilder::from_varmap(&vm, DType::F32, dev), &dir)?;
-    // The variables take the checkpoint's values.
-    {
-        let vars = vm
-            .data()
-            .lock()
-            .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?;
-        let mut unset: std::collections::BTreeSet<&String> = vars.keys().collect();
-        for (name, t) in lmkit_models::checkpoint_tensors(&dir, dev)? {
-            if let Some(var) = vars.get(&name) {
-                var.set(&t)?;
-                unset.remove(&name);
-            }
-        }
-        if let Some(name) = unset.first() {
-            return Err(TrainError::Data(format!(
-                "{}: tensor `{name}` not found in the weights",
-                dir.display()
-            )));
-        }
-    }
+    let v = load_variables(base, dev, |_, _| Ok(()), &[])?;
+    let (model, vm, dcfg, config_json) = (v.model, v.vm, v.dcfg, v.config_json);
     let mcfg = ModelConfig::from_decoder(&dcfg);
     let params = crate::init::params(&vm, &mcfg)?;
     Ok(Tuned {
@@ -199,6 +239,8 @@ impl Vocab {
                 base.display()
             )));
         }
+        // A training output reads its latest checkpoint's files.
+        let base = &lmkit_models::resolve_checkpoint(base);
         let tokenizer = lmkit_tokenize::load(base)?;
         let template = lmkit_tokenize::chat::load_template(base)?;
         let eos = match template.as_ref().and_then(|t| t.eos_token.clone()) {

@@ -17,6 +17,7 @@ pub mod metrics;
 mod objective;
 pub mod passes;
 pub mod pref;
+pub mod reward;
 pub mod safetensors_io;
 pub mod seq2seq;
 pub mod sft;

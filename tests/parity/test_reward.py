@@ -1,0 +1,109 @@
+"""Reward-model parity: a transformers LlamaForSequenceClassification loads in lmkit and its first
+training step (Bradley-Terry loss with per-pair margins, gradient norm, accuracy, margin) equals
+TRL's RewardTrainer on the same pairs; the reward model lmkit writes loads in transformers with
+the same scores; and on synthetic preferences it learns to rank held-out pairs."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from test_dpo import PAIRS
+from test_finetune import make_base, metrics, write_rows
+
+
+def reward_config(tmp_path, base, steps=1, reward="", **train):
+    t = {"out_dir": f'"{tmp_path}/out"', "max_steps": steps, "batch_size": 3, "seq_len": 64, "lr": 1e-6,
+         "min_lr": 1e-6, "warmup_steps": 0, "eval_every": 0, "log_every": 1, "save_every": steps, "grad_clip": 0.0}
+    t.update(train)
+    path = tmp_path / "reward.toml"
+    path.write_text(f'base = "{base}"\n[data]\ntrain = "{tmp_path}/pairs.jsonl"\nval_fraction = 0.0\n'
+                    f"[reward]\n{reward}\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()))
+    return path
+
+
+def make_reward_base(lmkit, tmp_path):
+    """A LlamaForSequenceClassification (one label) made by transformers from the tiny base."""
+    _, base = make_base(lmkit, tmp_path)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    out = tmp_path / "rm0"
+    rm.save_pretrained(out, safe_serialization=True)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        (out / name).write_bytes((base / name).read_bytes())
+    return out, base
+
+
+def trl_reward_step(model_dir, rows, tmp_path, **reward_args):
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=1,
+                        report_to=[], use_cpu=True, save_strategy="no", bf16=False, **reward_args)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
+    return loss.item(), norm, logged
+
+
+@pytest.mark.parametrize("center", [None, 0.1])
+def test_reward_step_equals_trl(lmkit, tmp_path, center):
+    rm0, _ = make_reward_base(lmkit, tmp_path)
+    rows = [dict(r, margin=m) for r, m in zip(PAIRS, [0.5, 0.0, 1.5])]
+    write_rows(tmp_path / "pairs.jsonl", rows)
+    extra = f"center_rewards_coefficient = {center}" if center else ""
+    lmkit("reward", "train", "--config", reward_config(tmp_path, rm0, reward=extra))
+    got = metrics(tmp_path / "out")[0]
+    kw = {"center_rewards_coefficient": center} if center else {}
+    loss, norm, logged = trl_reward_step(rm0, rows, tmp_path, **kw)
+    assert abs(got["loss"] - loss) < 1e-4, (got["loss"], loss)
+    assert abs(got["grad_norm"] - norm) < 1e-4 * max(1.0, norm), (got["grad_norm"], norm)
+    for k in ["accuracy", "margin", "mean_reward", "min_reward", "max_reward"]:
+        assert abs(got[k] - logged[k]) < 1e-4, (k, got[k], logged[k])
+
+
+def test_trained_reward_model_loads_in_transformers_and_ranks(lmkit, tmp_path):
+    """From a causal LM: lmkit adds the head, trains on synthetic preferences (answers ending in
+    "yes" beat those ending in "no"), ranks held-out pairs, and transformers scores its checkpoint
+    as lmkit does."""
+    _, base = make_base(lmkit, tmp_path)
+    subjects = ["the cat", "the dog", "the mat", "the log", "one", "two", "three", "the cat and the dog",
+                "the log on the mat", "one plus two", "what is three", "where is the cat", "the dog sat",
+                "the cat sat", "it is one", "on the log"]
+    rows = [{"prompt": f"is it {s}?", "chosen": f" {s} yes", "rejected": f" {s} no"} for s in subjects]
+    write_rows(tmp_path / "pairs.jsonl", rows[:12])
+    write_rows(tmp_path / "val.jsonl", rows[12:])
+    cfg = reward_config(tmp_path, base, steps=30, lr=3e-3, min_lr=3e-3, batch_size=4, eval_every=30)
+    cfg.write_text(cfg.read_text().replace("val_fraction = 0.0", f'val = "{tmp_path}/val.jsonl"'))
+    lmkit("reward", "train", "--config", cfg)
+    evals = [r for r in metrics(tmp_path / "out") if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["eval_accuracy"] == 1.0, evals
+    assert evals[-1]["val_loss"] < 0.5 * math.log(2), evals
+    out = lmkit("reward", "score", "--model", tmp_path / "out", "--input", tmp_path / "val.jsonl")
+    scores = [json.loads(line) for line in out.splitlines()]
+    ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["pad_token_id"] is not None
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    texts = [r["prompt"] + r[side] + tok.eos_token for r in rows[12:] for side in ("chosen", "rejected")]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model(**batch).logits[:, 0].tolist()
+    got = [s[side] for s in scores for side in ("chosen", "rejected")]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
+    # Plain rows get one reward each.
+    write_rows(tmp_path / "one.jsonl", [{"prompt": "is it two?", "completion": " two yes"}])
+    one = json.loads(lmkit("reward", "score", "--model", ckpt, "--input", tmp_path / "one.jsonl"))
+    with torch.no_grad():
+        want = model(**tok(["is it two? two yes" + tok.eos_token], return_tensors="pt")).logits[0, 0].item()
+    assert abs(one["reward"] - want) < 1e-4
