@@ -537,4 +537,16 @@ mod tests {
         // Equal rewards: log 2.
         assert!((pair_loss(1.0, 1.0, 0.0, 0.0, 1).0 - std::f64::consts::LN_2).abs() < 1e-12);
     }
+
+    #[test]
+    fn the_example_config_loads_and_lora_is_refused_by_name() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/reward.toml");
+        let cfg = RewardConfig::load(&path, &[]).unwrap();
+        assert_eq!((cfg.train.lr, cfg.train.weight_decay), (1e-5, 0.0));
+        let err = RewardConfig::load(&path, &["lora.r=4".into()]).unwrap_err();
+        assert!(err.to_string().contains("LoRA"), "{err}");
+        assert!(
+            RewardConfig::load(&path, &["reward.center_rewards_coefficient=-1".into()]).is_err()
+        );
+    }
 }
