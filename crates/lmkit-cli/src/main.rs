@@ -18,6 +18,7 @@ mod progress;
 mod prompt;
 mod quantize;
 mod reward;
+mod rl;
 mod serve;
 mod tokenizer;
 mod train;
@@ -83,6 +84,9 @@ enum Command {
     /// Reward models: train one on preference pairs, score texts with one
     #[command(subcommand)]
     Reward(reward::RewardCommand),
+    /// Online reinforcement learning (GRPO): the policy samples, rules or a reward model score,
+    /// group-relative advantages update it
+    Rl(rl::RlArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
     Serve(serve::ServeArgs),
     /// Train a neural language model from a TOML run config (checkpoints, resume, metrics, plot)
@@ -115,6 +119,7 @@ fn main() {
         Command::Tokenizer(cmd) => tokenizer::run(cmd),
         Command::Moderation(cmd) => moderation::run(cmd),
         Command::Reward(cmd) => reward::run(cmd),
+        Command::Rl(a) => rl::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
     };

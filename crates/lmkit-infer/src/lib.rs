@@ -52,6 +52,8 @@ pub struct Decoder {
     /// Tokens not yet fed to the model: the prompt at first, then the last sampled token.
     pending: Vec<u32>,
     opts: GenerateOptions,
+    /// The stop token that ended decoding, if one did.
+    stopped_by: Option<u32>,
 }
 
 /// What one decoding step produced.
@@ -84,12 +86,18 @@ impl Decoder {
             generated: Vec::new(),
             pending: prompt.to_vec(),
             opts,
+            stopped_by: None,
         })
     }
 
     /// The tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.generated
+    }
+
+    /// The stop token that ended decoding (not in [`Decoder::generated`]), if one did.
+    pub fn stopped_by(&self) -> Option<u32> {
+        self.stopped_by
     }
 
     /// Why decoding must end before another step, if it must.
@@ -107,6 +115,7 @@ impl Decoder {
     fn take(&mut self, last: &[f32]) -> Step {
         let next = sample(last, &self.history, &self.opts.sampling, &mut self.rng);
         if self.opts.stop_ids.contains(&next) {
+            self.stopped_by = Some(next);
             return Step::Done(Finish::Eos);
         }
         self.generated.push(next);

@@ -18,6 +18,7 @@ mod objective;
 pub mod passes;
 pub mod pref;
 pub mod reward;
+pub mod rl;
 pub mod safetensors_io;
 pub mod seq2seq;
 pub mod sft;

@@ -1,0 +1,53 @@
+//! `lmkit rl`: online reinforcement learning (GRPO) with rewards from rules or a reward model.
+
+use crate::progress::Bar;
+use crate::train::{report, stop_on_signals, RunArgs};
+use anyhow::Result;
+use clap::Args;
+use lmkit_train::rl::RlConfig;
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  lmkit rl --config configs/grpo-lora.toml\n  \
+    lmkit rl --config configs/grpo-lora.toml --set rl.beta=0.04 --set rl.group_size=8\n  \
+    lmkit rl --config configs/grpo-lora.toml --resume\n\n\
+    The config names the base, [data] prompts (JSONL rows {\"prompt\": ...} or {\"messages\": [...]}),\n\
+    [rl] (algorithm = \"grpo\", group_size, max_new_tokens, temperature, top_p, top_k, beta,\n\
+    scale_rewards), [reward] (regex = \"...\": 1 on a match; command = \"...\": reads JSON lines\n\
+    {\"prompt\", \"completion\", \"row\"} and prints one number per line; model = \"DIR\": a reward\n\
+    model; those given are summed), [train] (batch_size = prompts per step) and optionally [lora].\n\n\
+    Writes checkpoints as `lmkit finetune` does, OUT/metrics.jsonl (loss, reward, reward_std,\n\
+    rewards/<source>, kl, completions/mean_length, time/generation and time/optimization per\n\
+    step) and OUT/completions.jsonl (every sampled completion with its reward and advantage)."
+)]
+pub struct RlArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Leave out (and count) prompt rows that cannot be read, instead of stopping at the first
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+pub fn run(a: RlArgs) -> Result<()> {
+    let mut overrides = a.run.overrides();
+    if a.skip_bad {
+        overrides.push("data.skip_bad=true".into());
+    }
+    let cfg = RlConfig::load(&a.run.config, &overrides)?;
+    stop_on_signals();
+    let (s, data) = lmkit_train::rl::rl(&cfg, a.run.start(), &Bar::default())?;
+    eprintln!(
+        "data: {} prompts{}",
+        data.prompts,
+        if data.bad > 0 {
+            format!(", {} bad rows left out", data.bad)
+        } else {
+            String::new()
+        }
+    );
+    for b in &data.bad_samples {
+        eprintln!("  bad row: {b}");
+    }
+    report(&s, &cfg.train.out_dir);
+    Ok(())
+}
