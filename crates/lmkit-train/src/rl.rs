@@ -469,23 +469,28 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         }
         let k = step * t.grad_accum + m;
         let chosen = sft::batch_indices(prompts.len(), t.batch_size, k, t.seed);
+        // Each prompt goes through the model once; its group continues from copies of the cache.
         let mut decoders = Vec::new();
+        let mut done = Vec::new();
         for (i, &p) in chosen.iter().enumerate() {
-            for g in 0..r.group_size {
-                let seed = mix(t.seed ^ mix((k * 4096 + i * 64 + g) as u64 + 0x61e0));
-                let opts = GenerateOptions {
+            let opts: Vec<GenerateOptions> = (0..r.group_size)
+                .map(|g| GenerateOptions {
                     max_tokens: r.max_new_tokens,
-                    sampling: sampling(r, seed),
+                    sampling: sampling(
+                        r,
+                        mix(t.seed ^ mix((k * 4096 + i * 64 + g) as u64 + 0x61e0)),
+                    ),
                     stop_ids: stop_ids.clone(),
                     max_positions,
-                };
-                decoders.push(
-                    Decoder::new(model, &prompts[p].ids, opts)
-                        .map_err(|e| TrainError::Data(e.to_string()))?,
-                );
+                })
+                .collect();
+            for (d, first) in Decoder::prefill_group(model, &prompts[p].ids, opts)
+                .map_err(|e| TrainError::Data(e.to_string()))?
+            {
+                done.push(matches!(first, Step::Done(_)));
+                decoders.push(d);
             }
         }
-        let mut done = vec![false; decoders.len()];
         while done.iter().any(|d| !d) {
             let mut active: Vec<&mut Decoder> = decoders
                 .iter_mut()

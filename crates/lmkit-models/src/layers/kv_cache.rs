@@ -168,6 +168,30 @@ impl KvCache {
         self.len += n;
     }
 
+    /// An independent copy: buffers that decoding writes in place are copied; the first pass's
+    /// keys and values (never written in place) are shared. Several continuations of one
+    /// prompt can then start from one pass over it.
+    pub fn fork(&self) -> candle_core::Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| {
+                Ok(match slot {
+                    None => None,
+                    Some(Slot::First(k, v)) => Some(Slot::First(k.clone(), v.clone())),
+                    Some(Slot::Buffered(k, v)) => Some(Slot::Buffered(k.copy()?, v.copy()?)),
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            recurrent: self.recurrent.clone(),
+            len: self.len,
+            discard_kv: self.discard_kv,
+            segments: self.segments.clone(),
+        })
+    }
+
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.recurrent.iter_mut().for_each(|l| *l = None);
