@@ -292,9 +292,11 @@ pub fn token_loss(advantage: f64, lp: f64, reference: Option<f64>, beta: f64) ->
     (-advantage + beta * kl, -advantage + beta * dkl, kl)
 }
 
-/// The log-probabilities of a sequence's scored tokens with their graph (for the policy).
-fn token_logps(model: &CausalLm, e: &Example, dev: &Device) -> Result<Tensor> {
-    let b = make_batch(&[vec![e]], false, dev)?;
+/// The log-probabilities of the scored tokens of `seqs` (one padded batch), sequence after
+/// sequence, with their graph (for the policy).
+fn token_logps(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Tensor> {
+    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
+    let b = make_batch(&rows, false, dev)?;
     let mut cache = model.single_pass_cache();
     let h = model.hidden(&b.x, &mut cache)?;
     let (n, t, c) = h.dims3()?;
@@ -311,9 +313,10 @@ fn token_logps(model: &CausalLm, e: &Example, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// The log-probabilities of a sequence's scored tokens, without gradient (for the reference).
-fn token_logps_value(model: &CausalLm, e: &Example, dev: &Device) -> Result<Vec<f32>> {
-    let b = make_batch(&[vec![e]], false, dev)?;
+/// The log-probabilities of the scored tokens of `seqs`, without gradient (for the reference).
+fn token_logps_value(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<f32>> {
+    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
+    let b = make_batch(&rows, false, dev)?;
     let mut cache = model.single_pass_cache();
     let h = model.hidden(&b.x, &mut cache)?.detach();
     let (n, t, c) = h.dims3()?;
@@ -322,6 +325,9 @@ fn token_logps_value(model: &CausalLm, e: &Example, dev: &Device) -> Result<Vec<
     let targets: Vec<u32> = b.targets.to_vec1()?;
     Ok(lmkit_kernels::fused::target_log_probs(&logits, &targets)?)
 }
+
+/// Positions (rows × the longest row) in one training pass over sampled sequences.
+const PASS_TOKENS: usize = 512;
 
 /// The reference for the KL penalty.
 enum Reference {
@@ -564,17 +570,30 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         let n_tokens: usize = seqs.iter().map(|e| e.targets()).sum();
         let norm = 1.0 / (n_tokens.max(1) * t.grad_accum) as f64;
         let (mut loss, mut kl_sum) = (0.0, 0.0);
-        for (e, &a) in seqs.iter().zip(&adv) {
-            if e.targets() == 0 {
-                continue;
+        // Sequences go through the model in passes of up to PASS_TOKENS positions: fewer passes
+        // over the weights, and one pass's graph alive at a time.
+        let order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].targets() > 0).collect();
+        let mut passes: Vec<Vec<usize>> = Vec::new();
+        for &i in &order {
+            let n = seqs[i].ids.len();
+            let fits = passes.last().is_some_and(|p| {
+                let longest = p.iter().map(|&j| seqs[j].ids.len()).max().unwrap_or(0);
+                longest.max(n) * (p.len() + 1) <= PASS_TOKENS
+            });
+            match passes.last_mut() {
+                Some(p) if fits => p.push(i),
+                _ => passes.push(vec![i]),
             }
+        }
+        for pass in &passes {
+            let batch: Vec<&Example> = pass.iter().map(|&i| &seqs[i]).collect();
             let refs: Option<Vec<f32>> = match &reference {
                 Reference::None => None,
-                Reference::Model(rm) => Some(token_logps_value(rm, e, &dev)?),
+                Reference::Model(rm) => Some(token_logps_value(rm, &batch, &dev)?),
                 Reference::AdaptersOff => {
                     let a = adapters.expect("adapters");
                     a.set_enabled(false);
-                    let v = token_logps_value(model, e, &dev);
+                    let v = token_logps_value(model, &batch, &dev);
                     a.set_enabled(true);
                     Some(v?)
                 }
@@ -584,15 +603,23 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
                 let seed = t.seed ^ 0x71_0a7e ^ ((k * 4096) as u64 + 1);
                 ad.set_dropout_seed(Some(mix(seed)));
             }
-            let lp = token_logps(model, e, &dev)?;
+            let lp = token_logps(model, &batch, &dev)?;
             let values: Vec<f32> = lp.to_vec1()?;
             let mut coef = Vec::with_capacity(values.len());
-            for (i, &v) in values.iter().enumerate() {
-                let (l, d, kl) =
-                    token_loss(a, v as f64, refs.as_ref().map(|r| r[i] as f64), r.beta);
-                loss += l * norm;
-                kl_sum += kl;
-                coef.push((d * norm) as f32);
+            let mut at = 0;
+            for &i in pass {
+                for _ in 0..seqs[i].targets() {
+                    let (l, d, kl) = token_loss(
+                        adv[i],
+                        values[at] as f64,
+                        refs.as_ref().map(|r| r[at] as f64),
+                        r.beta,
+                    );
+                    loss += l * norm;
+                    kl_sum += kl;
+                    coef.push((d * norm) as f32);
+                    at += 1;
+                }
             }
             let coef = Tensor::from_vec(coef, values.len(), &dev)?;
             grads.backward(&(lp * coef)?.sum_all()?)?;
