@@ -207,3 +207,43 @@ def lmkit_command():
     import os
     from conftest import ROOT
     return [os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))]
+
+
+RATED = [
+    {"prompt": "what is one plus two?", "completion": " it is three.", "label": True},
+    {"prompt": "where is the dog?", "completion": " the cat sat on the mat.", "label": False},
+    {"prompt": "where is the cat?", "completion": " the cat sat on the mat.", "label": True},
+    {"prompt": "what is one plus two?", "completion": " on the log.", "label": False},
+]
+
+
+def test_kto_step_equals_trl(lmkit, tmp_path):
+    """KTO on unpaired thumbs-up/down rows: the first step's loss, gradient norm, KL estimate (from
+    mismatched prompt/completion pairs, rotated within the batch as TRL pairs them) and rewards equal
+    TRL's KTOTrainer with a separate reference model."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+    _, base = make_base(lmkit, tmp_path)
+    reference = make_reference(base, tmp_path / "reference")
+    write_rows(tmp_path / "pairs.jsonl", RATED)
+    lmkit("dpo", "--config", dpo_config(tmp_path, base, extra=f'reference = "{reference}"', batch_size=4,
+                                        dpo='loss = "kto"\nbeta = 0.3\ndesirable_weight = 1.0\nundesirable_weight = 1.5'))
+    got = metrics(tmp_path / "out")[0]
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    ref = AutoModelForCausalLM.from_pretrained(reference)
+    tok = AutoTokenizer.from_pretrained(base)
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no", bf16=False, beta=0.3, desirable_weight=1.0,
+                     undesirable_weight=1.5)
+    trainer = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(RATED),
+                         processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
+    assert abs(got["loss"] - loss.item()) < 1e-4, (got["loss"], loss.item(), got, logged)
+    assert abs(got["grad_norm"] - norm) < 1e-4 * max(1.0, norm), (got["grad_norm"], norm)
+    assert abs(got["kl"] - logged["kl"]) < 1e-4, (got, logged)
+    assert got["kl"] > 0, "a zero KL estimate would not test it"

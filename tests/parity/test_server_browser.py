@@ -121,9 +121,17 @@ def test_review_export_dpo_serve_loop(lmkit, browser, tmp_path):
         for n in range(1, 4):
             wait.until(pick_a)
             wait.until(lambda d: con.execute("SELECT COUNT(*) FROM preferences").fetchone()[0] == n)
+        # Thumbs up on one completion, down on another (the unpaired rows KTO reads).
+        for n, rating in enumerate([1, -1], start=1):
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"button.rate[data-rating='{rating}']"))[0].click()
+            wait.until(lambda d: con.execute("SELECT COUNT(*) FROM completions WHERE rating IS NOT NULL")
+                       .fetchone()[0] == n)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    lmkit("data", "export-ratings", "--db", db, "--output", tmp_path / "ratings.jsonl")
+    rated = [json.loads(line) for line in (tmp_path / "ratings.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in rated) == [False, True] and all(r["prompt"] for r in rated), rated
     lmkit("data", "export-preferences", "--db", db, "--output", tmp_path / "prefs.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["chosen"] != r["rejected"] and r["prompt"] for r in rows), rows

@@ -31,6 +31,21 @@ pub enum DataCommand {
         #[arg(long)]
         output: std::path::PathBuf,
     },
+    /// Write the completions people rated on `lmkit serve`'s review page (thumbs up or down) as
+    /// JSONL
+    #[command(
+        after_help = "Example:\n  lmkit data export-ratings --db lmkit-completions.sqlite --output ratings.jsonl\n\n\
+        Each line is {\"prompt\", \"completion\", \"label\"} (label: rated above 0), the unpaired rows\n\
+        `lmkit dpo` reads with dpo.loss = \"kto\"."
+    )]
+    ExportRatings {
+        /// The server's SQLite database
+        #[arg(long)]
+        db: std::path::PathBuf,
+        /// Output JSONL file (written atomically)
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,11 +140,29 @@ pub struct PrepareArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare(a) => prepare(a),
-        DataCommand::ExportPreferences { db, output } => export_preferences(&db, &output),
+        DataCommand::ExportPreferences { db, output } => {
+            export(&db, &output, "preference pairs", |s, w| {
+                s.export_preferences(w)
+            })
+        }
+        DataCommand::ExportRatings { db, output } => {
+            export(&db, &output, "rated completions", |s, w| {
+                s.export_ratings(w)
+            })
+        }
     }
 }
 
-fn export_preferences(db: &std::path::Path, output: &std::path::Path) -> Result<()> {
+/// Writes `what` from the server's store `db` to `output` (atomically) with `write`.
+fn export(
+    db: &std::path::Path,
+    output: &std::path::Path,
+    what: &str,
+    write: impl FnOnce(
+        &lmkit_serve::store::Store,
+        &mut dyn std::io::Write,
+    ) -> Result<usize, lmkit_serve::store::StoreError>,
+) -> Result<()> {
     use std::io::Write;
     if !db.exists() {
         anyhow::bail!(
@@ -144,10 +177,10 @@ fn export_preferences(db: &std::path::Path, output: &std::path::Path) -> Result<
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut file = lmkit_core::AtomicFile::create_for(output)?;
-    let n = store.export_preferences(file.writer())?;
+    let n = write(&store, file.writer())?;
     file.commit(output)?;
     std::io::stderr().flush().ok();
-    eprintln!("wrote {n} preference pairs to {}", output.display());
+    eprintln!("wrote {n} {what} to {}", output.display());
     Ok(())
 }
 

@@ -15,8 +15,10 @@ use lmkit_train::DpoConfig;
     The config names the base (`base = \"DIR\"` or a .gguf file), optionally a separate\n\
     `reference` model, [data] (train = JSONL rows {\"prompt\", \"chosen\", \"rejected\"} as strings,\n\
     or as message lists rendered through the chat template; `lmkit data export-preferences`\n\
-    writes them), [dpo] (loss = sigmoid | robust | hinge | ipo | simpo | orpo, beta,\n\
-    label_smoothing, simpo_gamma, sft_weight), [train] and optionally [lora] or adapter = \"DIR\".\n\n\
+    writes them), [dpo] (loss = sigmoid | robust | hinge | ipo | simpo | orpo | kto, beta,\n\
+    label_smoothing, simpo_gamma, sft_weight, desirable_weight, undesirable_weight), [train] and\n\
+    optionally [lora] or adapter = \"DIR\". With loss = \"kto\" the rows are unpaired:\n\
+    {\"prompt\", \"completion\", \"label\": true|false}, as `lmkit data export-ratings` writes them.\n\n\
     The reference model's log-probabilities are computed once and cached under\n\
     ~/.cache/lmkit/reference-logps (or $LMKIT_CACHE) by the reference's weights and the data;\n\
     with LoRA the reference is the base with the adapters off.\n\n\

@@ -57,7 +57,7 @@ enum Command {
     /// (PEFT's format) on a Hugging Face or GGUF base
     Finetune(finetune::FinetuneArgs),
     /// Preference tuning on prompt/chosen/rejected pairs: DPO (sigmoid, robust, hinge, IPO),
-    /// SimPO and ORPO, of all parameters or LoRA adapters
+    /// SimPO and ORPO; KTO on thumbs-up/down rows; all parameters or LoRA adapters
     Dpo(dpo::DpoArgs),
     /// Fill the mask tokens of a text with a BERT or RoBERTa checkpoint
     FillMask(encoder::FillMaskArgs),

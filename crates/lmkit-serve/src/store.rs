@@ -274,6 +274,25 @@ impl Store {
         })
     }
 
+    /// Writes every rated completion as a JSONL line `{"prompt", "completion", "label"}` (label:
+    /// rated above 0), the unpaired rows KTO reads; returns how many.
+    pub fn export_ratings(&self, out: &mut dyn Write) -> Result<usize> {
+        let rows: Vec<(String, String, i64)> = self.with(|conn| {
+            let mut st = conn.prepare(
+                "SELECT prompt, output, rating FROM completions \
+                 WHERE rating IS NOT NULL AND rating != 0 ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })?;
+        for (prompt, completion, rating) in &rows {
+            let line = serde_json::json!({ "prompt": prompt, "completion": completion, "label": *rating > 0 });
+            writeln!(out, "{line}")
+                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
+        }
+        Ok(rows.len())
+    }
+
     /// Writes every preference pair as a JSONL line `{"prompt", "chosen", "rejected"}`; returns
     /// how many were written.
     pub fn export_preferences(&self, out: &mut dyn Write) -> Result<usize> {

@@ -45,6 +45,8 @@ pub enum LossType {
     Ipo,
     Simpo,
     Orpo,
+    /// KTO (Ethayarajh et al. 2024) on unpaired rows `{"prompt", "completion", "label"}`.
+    Kto,
 }
 
 impl LossType {
@@ -78,6 +80,15 @@ pub struct DpoSpec {
     /// with weight 1; SimPO with this weight, CPO's `cpo_alpha`; 0 by default).
     #[serde(default)]
     pub sft_weight: f64,
+    /// KTO: the weights of desirable and undesirable rows' losses.
+    #[serde(default = "default_one")]
+    pub desirable_weight: f64,
+    #[serde(default = "default_one")]
+    pub undesirable_weight: f64,
+}
+
+fn default_one() -> f64 {
+    1.0
 }
 
 fn default_beta() -> f64 {
@@ -96,6 +107,8 @@ impl Default for DpoSpec {
             label_smoothing: 0.0,
             simpo_gamma: default_gamma(),
             sft_weight: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }
@@ -197,6 +210,12 @@ impl DpoConfig {
         if !(d.simpo_gamma.is_finite() && d.sft_weight.is_finite() && d.sft_weight >= 0.0) {
             return Err(bad(
                 "dpo.simpo_gamma must be a number and dpo.sft_weight a number ≥ 0".into(),
+            ));
+        }
+        let positive = |w: f64| w.is_finite() && w > 0.0;
+        if !(positive(d.desirable_weight) && positive(d.undesirable_weight)) {
+            return Err(bad(
+                "dpo.desirable_weight and dpo.undesirable_weight must be positive numbers".into(),
             ));
         }
         if cfg.reference.is_some() && !d.loss.needs_reference() {
@@ -317,6 +336,16 @@ pub fn pair_loss(spec: &DpoSpec, policy: &Scored, reference: &Scored) -> PairLos
                 d_rejected: -b * dz / nr,
                 reward_chosen: b * ac,
                 reward_rejected: b * ar,
+            }
+        }
+        LossType::Kto => {
+            // Unpaired rows are scored by `kto_row`; a pair has no KTO loss.
+            PairLoss {
+                loss: 0.0,
+                d_chosen: 0.0,
+                d_rejected: 0.0,
+                reward_chosen: 0.0,
+                reward_rejected: 0.0,
             }
         }
         LossType::Orpo => {
@@ -546,6 +575,129 @@ struct CacheFile {
     scores: Vec<Scored>,
 }
 
+/// Unpaired (KTO) rows as pairs: each row's sequence, and the same prompt with the completion
+/// of the row before it within its block of `batch` rows (cyclically, as TRL pairs them for the
+/// KL estimate).
+fn read_unpaired(
+    renderer: &Renderer,
+    path: &Path,
+    skip_bad: bool,
+    batch: usize,
+) -> Result<sft::Read<Pair>> {
+    let r = sft::read_with(
+        path,
+        skip_bad,
+        |v| renderer.unpaired(v),
+        |u| u.example.targets() > 0,
+    )?;
+    let mut pairs = Vec::with_capacity(r.examples.len());
+    for block in r.examples.chunks(batch.max(1)) {
+        for (j, u) in block.iter().enumerate() {
+            let before = &block[(j + block.len() - 1) % block.len()];
+            let kl = renderer
+                .mismatched(u, before)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+            pairs.push(Pair {
+                chosen: u.example.clone(),
+                rejected: kl,
+                margin: None,
+                label: Some(u.label),
+            });
+        }
+    }
+    Ok(sft::Read {
+        examples: pairs,
+        bad: r.bad,
+        bad_samples: r.bad_samples,
+        empty: r.empty,
+        truncated: r.truncated,
+    })
+}
+
+/// One KTO row's loss share (of `n` rows) and its derivative by the row's log-probability sum,
+/// with the batch's KL estimate `kl` (not differentiated, as TRL).
+fn kto_row(spec: &DpoSpec, logratio: f64, desirable: bool, kl: f64, n: usize) -> (f64, f64) {
+    let b = spec.beta;
+    let n = n.max(1) as f64;
+    let (z, w, sign) = if desirable {
+        (b * (logratio - kl), spec.desirable_weight, 1.0)
+    } else {
+        (b * (kl - logratio), spec.undesirable_weight, -1.0)
+    };
+    let s = sigmoid(z);
+    // d(1 − σ(z))/dlogratio = −σ(z)(1 − σ(z))·dz/dlogratio.
+    (w * (1.0 - s) / n, -w * s * (1.0 - s) * b * sign / n)
+}
+
+/// A batch of KTO rows: its loss (gradients added with `grads`) and metrics.
+fn kto_loss(
+    model: &CausalLm,
+    spec: &DpoSpec,
+    rows: &[&Pair],
+    refs: &[Scored],
+    mut grads: Option<&mut Grads>,
+    t: &TrainConfig,
+    dev: &Device,
+) -> Result<(f64, Extra, u64)> {
+    let share = 1.0 / t.grad_accum as f64;
+    // The KL estimate: the policy's and the reference's log-probabilities of the mismatched
+    // sequences, their mean difference, at least 0.
+    let (mut kl_sum, mut kl_n) = (0.0, 0usize);
+    for (p, r) in rows.iter().zip(refs) {
+        if p.rejected.targets() > 0 {
+            kl_sum += sequence_logp(model, &p.rejected, dev)? - r.rejected;
+            kl_n += 1;
+        }
+    }
+    let kl = (kl_sum / kl_n.max(1) as f64).max(0.0);
+    let n = rows.len();
+    let mut loss = 0.0;
+    // (reward, log-probability) of the desirable and the undesirable rows.
+    let mut good: Vec<(f64, f64)> = Vec::new();
+    let mut bad: Vec<(f64, f64)> = Vec::new();
+    for (p, r) in rows.iter().zip(refs) {
+        let desirable = p.label.unwrap_or(true);
+        let logp = match grads.as_deref_mut() {
+            None => sequence_logp(model, &p.chosen, dev)?,
+            Some(g) => {
+                let ce = sequence_ce(model, &p.chosen, dev)?;
+                let logp = -(ce.to_scalar::<f32>()? as f64);
+                let (_, d) = kto_row(spec, logp - r.chosen, desirable, kl, n);
+                g.backward(&(ce * (-d * share))?)?;
+                logp
+            }
+        };
+        let (l, _) = kto_row(spec, logp - r.chosen, desirable, kl, n);
+        loss += l;
+        let side = if desirable { &mut good } else { &mut bad };
+        side.push((spec.beta * (logp - r.chosen), logp));
+    }
+    let mean = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+    };
+    let mut extra = Extra::new();
+    extra.insert("kl".into(), kl);
+    if !good.is_empty() {
+        extra.insert("rewards/chosen".into(), mean(&good, |x| x.0));
+        extra.insert("logps/chosen".into(), mean(&good, |x| x.1));
+    }
+    if !bad.is_empty() {
+        extra.insert("rewards/rejected".into(), mean(&bad, |x| x.0));
+        extra.insert("logps/rejected".into(), mean(&bad, |x| x.1));
+    }
+    if !good.is_empty() && !bad.is_empty() {
+        extra.insert(
+            "rewards/margins".into(),
+            mean(&good, |x| x.0) - mean(&bad, |x| x.0),
+        );
+    }
+    let tokens = rows
+        .iter()
+        .map(|p| (p.chosen.ids.len() + p.rejected.ids.len()) as u64)
+        .sum();
+    Ok((loss * share, extra, tokens))
+}
+
 /// What `dpo` read and computed before training, for the command to report.
 pub struct PrefReport {
     pub train_pairs: usize,
@@ -577,8 +729,13 @@ pub fn dpo(
         train_on: TrainOn::Completion,
         max_tokens: t.seq_len + 1,
     };
-    let read =
-        |p: &Path| sft::read_with(p, cfg.data.skip_bad, |v| renderer.pair(v), Pair::scorable);
+    let read = |p: &Path| {
+        if spec.loss == LossType::Kto {
+            read_unpaired(&renderer, p, cfg.data.skip_bad, t.batch_size)
+        } else {
+            sft::read_with(p, cfg.data.skip_bad, |v| renderer.pair(v), Pair::scorable)
+        }
+    };
     progress.message(&format!("reading {}", cfg.data.train.display()));
     let r = read(&cfg.data.train)?;
     let mut report = PrefReport {
@@ -656,16 +813,20 @@ pub fn dpo(
         let idx = sft::batch_indices(train.len(), t.batch_size, step * t.grad_accum + m, t.seed);
         let pairs: Vec<&Pair> = idx.iter().map(|&i| &train[i]).collect();
         let refs: Vec<Scored> = idx.iter().map(|&i| ref_train[i]).collect();
-        let (loss, extra, tokens) = pairs_loss(
-            model,
-            adapters.is_some(),
-            spec,
-            &pairs,
-            &refs,
-            Some(grads),
-            t,
-            &dev,
-        )?;
+        let (loss, extra, tokens) = if spec.loss == LossType::Kto {
+            kto_loss(model, spec, &pairs, &refs, Some(grads), t, &dev)?
+        } else {
+            pairs_loss(
+                model,
+                adapters.is_some(),
+                spec,
+                &pairs,
+                &refs,
+                Some(grads),
+                t,
+                &dev,
+            )?
+        };
         Ok(Micro {
             loss,
             tokens,
@@ -686,7 +847,11 @@ pub fn dpo(
             let pairs: Vec<&Pair> = chunk.iter().collect();
             let at = k * t.batch_size;
             let refs = &ref_val[at..at + chunk.len()];
-            let (l, e, _) = pairs_loss(model, true, spec, &pairs, refs, None, t, &dev)?;
+            let (l, e, _) = if spec.loss == LossType::Kto {
+                kto_loss(model, spec, &pairs, refs, None, t, &dev)?
+            } else {
+                pairs_loss(model, true, spec, &pairs, refs, None, t, &dev)?
+            };
             loss += l;
             for (name, v) in e {
                 *extra.entry(format!("eval_{name}")).or_default() += v;
@@ -905,6 +1070,8 @@ mod tests {
             label_smoothing: eps,
             simpo_gamma: 0.4,
             sft_weight: 0.7,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 
@@ -965,6 +1132,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn kto_derivatives_match_finite_differences() {
+        let s = DpoSpec {
+            desirable_weight: 1.3,
+            undesirable_weight: 0.7,
+            ..spec(LossType::Kto, 0.0)
+        };
+        for (x, label) in [(0.4, true), (-2.0, true), (0.4, false), (3.0, false)] {
+            let (_, d) = kto_row(&s, x, label, 0.25, 4);
+            let h = 1e-6;
+            let numeric = (kto_row(&s, x + h, label, 0.25, 4).0
+                - kto_row(&s, x - h, label, 0.25, 4).0)
+                / (2.0 * h);
+            assert!((numeric - d).abs() < 1e-8, "{x} {label}: {numeric} vs {d}");
+        }
+        // Rows at the KL estimate: 1 − σ(0) = ½, weighted.
+        assert!((kto_row(&s, 0.25, true, 0.25, 1).0 - 0.65).abs() < 1e-12);
     }
 
     #[test]

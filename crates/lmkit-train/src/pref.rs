@@ -21,6 +21,9 @@ pub struct Pair {
     pub rejected: Example,
     /// How much better the chosen completion is (a rating difference), when the row says.
     pub margin: Option<f64>,
+    /// Unpaired (KTO) rows: whether `chosen`'s completion is desirable; `rejected` is then the
+    /// same prompt with another row's completion (what the KL estimate scores).
+    pub label: Option<bool>,
 }
 
 impl Pair {
@@ -28,6 +31,14 @@ impl Pair {
     pub fn scorable(&self) -> bool {
         self.chosen.targets() > 0 && self.rejected.targets() > 0
     }
+}
+
+/// An unpaired (KTO) row, tokenized.
+pub struct Unpaired {
+    pub example: Example,
+    pub label: bool,
+    prompt: Side,
+    completion: Side,
 }
 
 enum Side {
@@ -103,9 +114,49 @@ impl Renderer<'_> {
                 chosen,
                 rejected,
                 margin,
+                label: None,
             },
             cut_c || cut_r,
         ))
+    }
+
+    /// An unpaired row `{"prompt", "completion", "label": true|false}` (strings, or message
+    /// lists), and whether it was cut.
+    pub fn unpaired(&self, row: &serde_json::Value) -> Result<(Unpaired, bool), String> {
+        let obj = row.as_object().ok_or("a row must be a JSON object")?;
+        let label = obj
+            .get("label")
+            .and_then(|l| l.as_bool())
+            .ok_or("`label` must be true (a desirable completion) or false")?;
+        let prompt = side(obj, "prompt")?;
+        let completion = side(obj, "completion")?;
+        let (example, cut) = match (&prompt, &completion) {
+            (Side::Text(p), Side::Text(c)) => self.text_sequence(p, c)?,
+            (Side::Messages(p), Side::Messages(c)) => self.chat_sequence(p, c, "completion")?,
+            _ => {
+                return Err(
+                    "`prompt` and `completion` must both be strings or both message lists".into(),
+                )
+            }
+        };
+        Ok((
+            Unpaired {
+                example,
+                label,
+                prompt,
+                completion,
+            },
+            cut,
+        ))
+    }
+
+    /// `prompt` followed by `completion`, the sequence a KL estimate scores.
+    pub fn mismatched(&self, prompt: &Unpaired, completion: &Unpaired) -> Result<Example, String> {
+        Ok(match (&prompt.prompt, &completion.completion) {
+            (Side::Text(p), Side::Text(c)) => self.text_sequence(p, c)?.0,
+            (Side::Messages(p), Side::Messages(c)) => self.chat_sequence(p, c, "completion")?.0,
+            _ => return Err("rows mix strings and message lists".into()),
+        })
     }
 
     fn text_sequence(&self, prompt: &str, completion: &str) -> Result<(Example, bool), String> {
