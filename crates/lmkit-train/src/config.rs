@@ -141,6 +141,83 @@ pub(crate) fn load_toml<T: serde::de::DeserializeOwned>(
         .map_err(|e: toml::de::Error| bad(e.to_string()))
 }
 
+/// The `[train]` values a tuning command (fine-tuning, preference tuning, RL) gives the fields
+/// its config leaves out; the rest of its defaults are shared: no warmup, no weight decay,
+/// β₂ 0.999.
+pub(crate) struct TuningDefaults {
+    /// The learning rate when every parameter trains, and when adapters do.
+    pub lr: (f64, f64),
+    /// A constant learning rate (min_lr = lr) instead of a decay to 0.
+    pub constant: bool,
+    pub max_steps: i64,
+    pub batch_size: i64,
+    pub seq_len: i64,
+    pub eval_every: i64,
+    pub save_every: i64,
+    pub out_dir: &'static str,
+}
+
+/// Reads a tuning config (see [`load_toml`]) with `d`'s defaults for `[train]`.
+pub(crate) fn load_tuning<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    overrides: &[String],
+    d: &TuningDefaults,
+) -> Result<T> {
+    load_toml(path, overrides, |table| {
+        let adapters = table.contains_key("lora") || table.contains_key("adapter");
+        let train = table
+            .entry("train")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(train) = train.as_table_mut() else {
+            return;
+        };
+        let lr = toml::Value::Float(if adapters { d.lr.1 } else { d.lr.0 });
+        let lr = train.entry("lr").or_insert(lr).clone();
+        let min_lr = if d.constant {
+            lr
+        } else {
+            toml::Value::Float(0.0)
+        };
+        for (k, v) in [
+            ("min_lr", min_lr),
+            ("warmup_steps", toml::Value::Integer(0)),
+            ("weight_decay", toml::Value::Float(0.0)),
+            ("beta2", toml::Value::Float(0.999)),
+            ("max_steps", toml::Value::Integer(d.max_steps)),
+            ("batch_size", toml::Value::Integer(d.batch_size)),
+            ("seq_len", toml::Value::Integer(d.seq_len)),
+            ("eval_every", toml::Value::Integer(d.eval_every)),
+            ("save_every", toml::Value::Integer(d.save_every)),
+            ("out_dir", toml::Value::String(d.out_dir.into())),
+        ] {
+            train.entry(k).or_insert(v);
+        }
+    })
+}
+
+/// The checks every tuning config shares: `[train]`, the held-out share (when the data has
+/// one), and `[lora]` (which excludes `adapter`).
+pub(crate) fn validate_tuning(
+    t: &TrainConfig,
+    val_fraction: Option<f64>,
+    lora: Option<&lmkit_models::layers::lora::LoraSpec>,
+    adapter: bool,
+) -> std::result::Result<(), String> {
+    validate_train(t)?;
+    if val_fraction.is_some_and(|v| !(0.0..0.5).contains(&v)) {
+        return Err("data.val_fraction must be in [0, 0.5)".into());
+    }
+    if let Some(l) = lora {
+        l.validate()?;
+        if adapter {
+            return Err(
+                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks the `[train]` section's values.
 pub(crate) fn validate_train(t: &TrainConfig) -> std::result::Result<(), String> {
     for (name, v) in [

@@ -19,13 +19,13 @@
 //! held in memory beside the policy (with LoRA the reference is the base, adapters off).
 
 use crate::checkpoint::Start;
-use crate::config::{load_toml, TrainConfig};
+use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
 use crate::finetune::{load_tuned, make_batch, Output, Tuned, Tuning, Vocab};
-use crate::metrics::{self, Extra};
+use crate::metrics::Extra;
 use crate::pref::Pair;
 use crate::sft::{self, Example, Format, Renderer, TrainOn};
-use crate::steps::{self, Grads, Micro, Position, Validation};
+use crate::steps::{Grads, Micro, Validation};
 use crate::Summary;
 use candle_core::{Device, Tensor};
 use lmkit_core::Progress;
@@ -157,38 +157,31 @@ impl DpoConfig {
     /// (TRL's: learning rate 1e-6, or 5e-6 with LoRA; no weight decay; 100 steps of 4 pairs of
     /// up to 512 tokens).
     pub fn load(path: &Path, overrides: &[String]) -> Result<DpoConfig> {
-        let cfg: DpoConfig = load_toml(path, overrides, |table| {
-            let lora = table.contains_key("lora") || table.contains_key("adapter");
-            let train = table
-                .entry("train")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(train) = train.as_table_mut() {
-                let lr = if lora { 5e-6 } else { 1e-6 };
-                for (k, v) in [
-                    ("lr", toml::Value::Float(lr)),
-                    ("min_lr", toml::Value::Float(0.0)),
-                    ("warmup_steps", toml::Value::Integer(0)),
-                    ("weight_decay", toml::Value::Float(0.0)),
-                    ("beta2", toml::Value::Float(0.999)),
-                    ("max_steps", toml::Value::Integer(100)),
-                    ("batch_size", toml::Value::Integer(4)),
-                    ("seq_len", toml::Value::Integer(512)),
-                    ("eval_every", toml::Value::Integer(50)),
-                    ("save_every", toml::Value::Integer(50)),
-                    ("out_dir", toml::Value::String("runs/dpo".into())),
-                ] {
-                    train.entry(k).or_insert(v);
-                }
-            }
-        })?;
+        let cfg: DpoConfig = load_tuning(
+            path,
+            overrides,
+            &TuningDefaults {
+                lr: (1e-6, 5e-6),
+                constant: false,
+                max_steps: 100,
+                batch_size: 4,
+                seq_len: 512,
+                eval_every: 50,
+                save_every: 50,
+                out_dir: "runs/dpo",
+            },
+        )?;
         let bad = |msg: String| TrainError::Config {
             path: path.to_path_buf(),
             msg,
         };
-        crate::config::validate_train(&cfg.train).map_err(bad)?;
-        if !(0.0..0.5).contains(&cfg.data.val_fraction) {
-            return Err(bad("data.val_fraction must be in [0, 0.5)".into()));
-        }
+        crate::config::validate_tuning(
+            &cfg.train,
+            Some(cfg.data.val_fraction),
+            cfg.lora.as_ref(),
+            cfg.adapter.is_some(),
+        )
+        .map_err(bad)?;
         let d = &cfg.dpo;
         if !(d.beta.is_finite() && d.beta > 0.0) {
             return Err(bad("dpo.beta must be a positive number".into()));
@@ -223,14 +216,6 @@ impl DpoConfig {
                 "the {:?} loss uses no reference model; leave `reference` out",
                 d.loss
             )));
-        }
-        if let Some(l) = &cfg.lora {
-            l.validate().map_err(bad)?;
-        }
-        if cfg.lora.is_some() && cfg.adapter.is_some() {
-            return Err(bad(
-                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
-            ));
         }
         Ok(cfg)
     }
@@ -866,24 +851,7 @@ pub fn dpo(
             extra,
         }))
     };
-    if from.step == 0 && t.eval_every > 0 {
-        if let Some(v) = evaluate()? {
-            metrics::append(&output.metrics_path, &v.record(0))?;
-            progress.message(&format!("validation loss before tuning: {:.4}", v.loss));
-        }
-    }
-    let end = steps::run(
-        t,
-        &mut opt,
-        from,
-        &output.metrics_path,
-        progress,
-        steps::Hooks {
-            micro: &mut micro,
-            evaluate: &mut evaluate,
-            save: &mut |opt, at: Position| output.save(opt, at),
-        },
-    )?;
+    let (end, _) = output.run(t, &mut opt, from, progress, &mut micro, &mut evaluate)?;
     Ok((end.summary(n_params), report))
 }
 

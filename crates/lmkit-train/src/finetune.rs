@@ -6,10 +6,10 @@
 
 use crate::adamw::{AdamW, Param};
 use crate::checkpoint::{self, Start, TrainerState};
-use crate::config::{load_toml, TrainConfig};
+use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
 use crate::sft::{self, Example, Renderer, SftDataConfig};
-use crate::steps::{self, Grads, Micro, Position};
+use crate::steps::{self, Grads, Micro, Position, Validation};
 use crate::{metrics, Summary};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -42,46 +42,30 @@ impl FinetuneConfig {
     /// take fine-tuning defaults (learning rate 2e-4 with LoRA, 2e-5 without, no weight decay,
     /// β₂ 0.999, 100 steps, batches of 4 sequences of up to 512 tokens).
     pub fn load(path: &Path, overrides: &[String]) -> Result<FinetuneConfig> {
-        let cfg: FinetuneConfig = load_toml(path, overrides, |table| {
-            let lora = table.contains_key("lora") || table.contains_key("adapter");
-            let train = table
-                .entry("train")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(train) = train.as_table_mut() {
-                let lr = if lora { 2e-4 } else { 2e-5 };
-                for (k, v) in [
-                    ("lr", toml::Value::Float(lr)),
-                    ("min_lr", toml::Value::Float(0.0)),
-                    ("warmup_steps", toml::Value::Integer(0)),
-                    ("weight_decay", toml::Value::Float(0.0)),
-                    ("beta2", toml::Value::Float(0.999)),
-                    ("max_steps", toml::Value::Integer(100)),
-                    ("batch_size", toml::Value::Integer(4)),
-                    ("seq_len", toml::Value::Integer(512)),
-                    ("eval_every", toml::Value::Integer(50)),
-                    ("save_every", toml::Value::Integer(50)),
-                    ("out_dir", toml::Value::String("runs/sft".into())),
-                ] {
-                    train.entry(k).or_insert(v);
-                }
-            }
-        })?;
-        let bad = |msg: String| TrainError::Config {
+        let cfg: FinetuneConfig = load_tuning(
+            path,
+            overrides,
+            &TuningDefaults {
+                lr: (2e-5, 2e-4),
+                constant: false,
+                max_steps: 100,
+                batch_size: 4,
+                seq_len: 512,
+                eval_every: 50,
+                save_every: 50,
+                out_dir: "runs/sft",
+            },
+        )?;
+        crate::config::validate_tuning(
+            &cfg.train,
+            Some(cfg.data.val_fraction),
+            cfg.lora.as_ref(),
+            cfg.adapter.is_some(),
+        )
+        .map_err(|msg| TrainError::Config {
             path: path.to_path_buf(),
             msg,
-        };
-        crate::config::validate_train(&cfg.train).map_err(bad)?;
-        if !(0.0..0.5).contains(&cfg.data.val_fraction) {
-            return Err(bad("data.val_fraction must be in [0, 0.5)".into()));
-        }
-        if let Some(l) = &cfg.lora {
-            l.validate().map_err(bad)?;
-        }
-        if cfg.lora.is_some() && cfg.adapter.is_some() {
-            return Err(bad(
-                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
-            ));
-        }
+        })?;
         Ok(cfg)
     }
 }
@@ -375,6 +359,49 @@ impl Output {
         Ok((output, opt, from))
     }
 
+    /// Trains from `from` with the shared loop, checkpoints written here. A new run with
+    /// validation data is validated first (logged as step 0); that validation is returned too.
+    pub(crate) fn run(
+        &self,
+        t: &TrainConfig,
+        opt: &mut AdamW,
+        from: Position,
+        progress: &dyn Progress,
+        micro: &mut dyn FnMut(usize, usize, &mut Grads) -> Result<Micro>,
+        evaluate: &mut dyn FnMut() -> Result<Option<Validation>>,
+    ) -> Result<(steps::End, Option<Validation>)> {
+        let mut before = None;
+        if from.step == 0 && t.eval_every > 0 {
+            before = evaluate()?;
+            if let Some(v) = &before {
+                metrics::append(&self.metrics_path, &v.record(0))?;
+                let extra: String = v
+                    .extra
+                    .iter()
+                    .filter(|(k, _)| k.ends_with("accuracy") || k.ends_with("accuracies"))
+                    .map(|(k, x)| format!(", {k} {x:.3}"))
+                    .collect();
+                progress.message(&format!(
+                    "validation before tuning: loss {:.4}{extra}",
+                    v.loss
+                ));
+            }
+        }
+        let end = steps::run(
+            t,
+            opt,
+            from,
+            &self.metrics_path,
+            progress,
+            steps::Hooks {
+                micro,
+                evaluate,
+                save: &mut |opt, at: Position| self.save(opt, at),
+            },
+        )?;
+        Ok((end, before))
+    }
+
     /// Writes the checkpoint of `at` and returns its directory.
     pub(crate) fn save(&self, opt: &AdamW, at: Position) -> Result<PathBuf> {
         let (weights, moments) = checkpoint::optimizer_tensors(opt);
@@ -546,8 +573,6 @@ pub fn finetune(
     )?;
     let model = &tuned.model;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
-    let metrics_path = output.metrics_path.clone();
-    let mut save = |opt: &AdamW, at: Position| output.save(opt, at);
 
     let packed = cfg.data.pack;
     if packed && model.is_recurrent() {
@@ -633,25 +658,9 @@ pub fn finetune(
         }
         Ok(Some(sum / count.max(1) as f64))
     };
-    if from.step == 0 && t.eval_every > 0 {
-        report.val_loss_before = evaluate()?;
-        if let Some(v) = report.val_loss_before {
-            metrics::append(&metrics_path, &metrics::Record::validation(0, v))?;
-            progress.message(&format!("validation loss before tuning: {v:.4}"));
-        }
-    }
-    let end = steps::run(
-        t,
-        &mut opt,
-        from,
-        &metrics_path,
-        progress,
-        steps::Hooks {
-            micro: &mut micro,
-            evaluate: &mut || Ok(evaluate()?.map(Into::into)),
-            save: &mut save,
-        },
-    )?;
+    let mut evaluate = || Ok(evaluate()?.map(Into::into));
+    let (end, before) = output.run(t, &mut opt, from, progress, &mut micro, &mut evaluate)?;
+    report.val_loss_before = before.map(|v| v.loss);
     Ok((end.summary(n_params), report))
 }
 

@@ -7,14 +7,14 @@
 
 use crate::adamw::Param;
 use crate::checkpoint::Start;
-use crate::config::{load_toml, TrainConfig};
+use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::dpo::PrefDataConfig;
 use crate::error::{Result, TrainError};
 use crate::finetune::{load_variables, Output, Tuned, Vocab};
 use crate::metrics::Extra;
 use crate::pref::Pair;
 use crate::sft::{self, Example, Format, Renderer, TrainOn};
-use crate::steps::{self, Grads, Micro, Position, Validation};
+use crate::steps::{Grads, Micro, Validation};
 use crate::Summary;
 use candle_core::{Device, IndexOp, Tensor, Var};
 use lmkit_core::rng::{mix, MixChain, Random};
@@ -49,31 +49,20 @@ impl RewardConfig {
     /// Reads `path` with `overrides`; `[train]` fields left out take TRL's reward defaults
     /// (learning rate 1e-5 constant, no weight decay, 100 steps of 4 pairs of up to 512 tokens).
     pub fn load(path: &Path, overrides: &[String]) -> Result<RewardConfig> {
-        let cfg: RewardConfig = load_toml(path, overrides, |table| {
-            if table.contains_key("lora") || table.contains_key("adapter") {
-                return;
-            }
-            let train = table
-                .entry("train")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(train) = train.as_table_mut() {
-                for (k, v) in [
-                    ("lr", toml::Value::Float(1e-5)),
-                    ("min_lr", toml::Value::Float(1e-5)),
-                    ("warmup_steps", toml::Value::Integer(0)),
-                    ("weight_decay", toml::Value::Float(0.0)),
-                    ("beta2", toml::Value::Float(0.999)),
-                    ("max_steps", toml::Value::Integer(100)),
-                    ("batch_size", toml::Value::Integer(4)),
-                    ("seq_len", toml::Value::Integer(512)),
-                    ("eval_every", toml::Value::Integer(50)),
-                    ("save_every", toml::Value::Integer(50)),
-                    ("out_dir", toml::Value::String("runs/reward".into())),
-                ] {
-                    train.entry(k).or_insert(v);
-                }
-            }
-        })
+        let cfg: RewardConfig = load_tuning(
+            path,
+            overrides,
+            &TuningDefaults {
+                lr: (1e-5, 1e-5),
+                constant: true,
+                max_steps: 100,
+                batch_size: 4,
+                seq_len: 512,
+                eval_every: 50,
+                save_every: 50,
+                out_dir: "runs/reward",
+            },
+        )
         .map_err(|e| match e {
             TrainError::Config { path, msg } if msg.contains("lora") || msg.contains("adapter") => {
                 TrainError::Config {
@@ -87,10 +76,8 @@ impl RewardConfig {
             path: path.to_path_buf(),
             msg,
         };
-        crate::config::validate_train(&cfg.train).map_err(bad)?;
-        if !(0.0..0.5).contains(&cfg.data.val_fraction) {
-            return Err(bad("data.val_fraction must be in [0, 0.5)".into()));
-        }
+        crate::config::validate_tuning(&cfg.train, Some(cfg.data.val_fraction), None, false)
+            .map_err(bad)?;
         if let Some(c) = cfg.reward.center_rewards_coefficient {
             if !(c.is_finite() && c >= 0.0) {
                 return Err(bad(
@@ -435,28 +422,7 @@ pub fn train(
                 .collect(),
         }))
     };
-    if from.step == 0 && t.eval_every > 0 {
-        if let Some(v) = evaluate()? {
-            crate::metrics::append(&output.metrics_path, &v.record(0))?;
-            progress.message(&format!(
-                "validation before training: loss {:.4}, accuracy {:.3}",
-                v.loss,
-                v.extra.get("eval_accuracy").copied().unwrap_or(f64::NAN)
-            ));
-        }
-    }
-    let end = steps::run(
-        t,
-        &mut opt,
-        from,
-        &output.metrics_path,
-        progress,
-        steps::Hooks {
-            micro: &mut micro,
-            evaluate: &mut evaluate,
-            save: &mut |opt, at: Position| output.save(opt, at),
-        },
-    )?;
+    let (end, _) = output.run(t, &mut opt, from, progress, &mut micro, &mut evaluate)?;
     Ok((end.summary(n_params), report))
 }
 

@@ -15,13 +15,13 @@
 //! base loaded again), or `reference = DIR`.
 
 use crate::checkpoint::Start;
-use crate::config::{load_toml, TrainConfig};
+use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
 use crate::finetune::{load_tuned, make_batch, Output, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::reward::RewardModel;
 use crate::sft::{self, Example};
-use crate::steps::{self, Grads, Micro, Position, Validation};
+use crate::steps::{Grads, Micro, Validation};
 use crate::Summary;
 use candle_core::{Device, Module, Tensor, D};
 use lmkit_core::rng::mix;
@@ -144,36 +144,26 @@ impl RlConfig {
     /// Reads `path` with `overrides`; `[train]` fields left out take RL defaults (learning rate
     /// 1e-6, or 1e-5 with LoRA, constant; no weight decay; 100 steps of 4 prompts).
     pub fn load(path: &Path, overrides: &[String]) -> Result<RlConfig> {
-        let cfg: RlConfig = load_toml(path, overrides, |table| {
-            let lora = table.contains_key("lora") || table.contains_key("adapter");
-            let train = table
-                .entry("train")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(train) = train.as_table_mut() {
-                let lr = if lora { 1e-5 } else { 1e-6 };
-                for (k, v) in [
-                    ("lr", toml::Value::Float(lr)),
-                    ("warmup_steps", toml::Value::Integer(0)),
-                    ("weight_decay", toml::Value::Float(0.0)),
-                    ("beta2", toml::Value::Float(0.999)),
-                    ("max_steps", toml::Value::Integer(100)),
-                    ("batch_size", toml::Value::Integer(4)),
-                    ("seq_len", toml::Value::Integer(1024)),
-                    ("eval_every", toml::Value::Integer(0)),
-                    ("save_every", toml::Value::Integer(50)),
-                    ("out_dir", toml::Value::String("runs/rl".into())),
-                ] {
-                    train.entry(k).or_insert(v);
-                }
-                let lr = train.get("lr").cloned().unwrap_or(toml::Value::Float(lr));
-                train.entry("min_lr").or_insert(lr);
-            }
-        })?;
+        let cfg: RlConfig = load_tuning(
+            path,
+            overrides,
+            &TuningDefaults {
+                lr: (1e-6, 1e-5),
+                constant: true,
+                max_steps: 100,
+                batch_size: 4,
+                seq_len: 1024,
+                eval_every: 0,
+                save_every: 50,
+                out_dir: "runs/rl",
+            },
+        )?;
         let bad = |msg: String| TrainError::Config {
             path: path.to_path_buf(),
             msg,
         };
-        crate::config::validate_train(&cfg.train).map_err(bad)?;
+        crate::config::validate_tuning(&cfg.train, None, cfg.lora.as_ref(), cfg.adapter.is_some())
+            .map_err(bad)?;
         let r = &cfg.rl;
         if r.algorithm != "grpo" {
             return Err(bad(format!(
@@ -213,14 +203,6 @@ impl RlConfig {
         if cfg.reference.is_some() && r.beta == 0.0 {
             return Err(bad(
                 "`reference` is only used with rl.beta > 0 (the KL penalty)".into(),
-            ));
-        }
-        if let Some(l) = &cfg.lora {
-            l.validate().map_err(bad)?;
-        }
-        if cfg.lora.is_some() && cfg.adapter.is_some() {
-            return Err(bad(
-                "give [lora] (new adapters) or adapter = DIR (continue one), not both".into(),
             ));
         }
         Ok(cfg)
@@ -657,18 +639,7 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         })
     };
     let mut evaluate = || -> Result<Option<Validation>> { Ok(None) };
-    let end = steps::run(
-        t,
-        &mut opt,
-        from,
-        &output.metrics_path,
-        progress,
-        steps::Hooks {
-            micro: &mut micro,
-            evaluate: &mut evaluate,
-            save: &mut |opt, at: Position| output.save(opt, at),
-        },
-    )?;
+    let (end, _) = output.run(t, &mut opt, from, progress, &mut micro, &mut evaluate)?;
     Ok((end.summary(n_params), report))
 }
 
