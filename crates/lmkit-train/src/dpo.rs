@@ -21,7 +21,7 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{load_tuned, make_batch, Output, Tuned, Tuning, Vocab};
+use crate::finetune::{begin, make_batch, Tuned, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::pref::Pair;
 use crate::sft::{self, Example, Format, Renderer, TrainOn};
@@ -721,27 +721,24 @@ pub fn dpo(
             sft::read_with(p, cfg.data.skip_bad, |v| renderer.pair(v), Pair::scorable)
         }
     };
-    progress.message(&format!("reading {}", cfg.data.train.display()));
-    let r = read(&cfg.data.train)?;
+    let sets = sft::read_sets(
+        &cfg.data.train,
+        cfg.data.val.as_deref(),
+        cfg.data.val_fraction,
+        t.seed,
+        progress,
+        read,
+    )?;
     let mut report = PrefReport {
-        train_pairs: 0,
-        val_pairs: 0,
-        bad: r.bad,
-        bad_samples: r.bad_samples,
-        empty: r.empty,
-        truncated: r.truncated,
+        train_pairs: sets.train.len(),
+        val_pairs: sets.val.len(),
+        bad: sets.bad,
+        bad_samples: sets.bad_samples,
+        empty: sets.empty,
+        truncated: sets.truncated,
         reference: None,
     };
-    let (train, val) = match &cfg.data.val {
-        Some(p) => {
-            let v = read(p)?;
-            report.bad += v.bad;
-            report.empty += v.empty;
-            report.truncated += v.truncated;
-            (r.examples, v.examples)
-        }
-        None => sft::split(r.examples, cfg.data.val_fraction, t.seed),
-    };
+    let (train, val) = (sets.train, sets.val);
     if train.is_empty() {
         return Err(TrainError::Data(format!(
             "{}: no pair to train on ({} bad rows, {} with a side left with no completion token after cutting to train.seq_len)",
@@ -750,8 +747,6 @@ pub fn dpo(
             report.empty
         )));
     }
-    report.train_pairs = train.len();
-    report.val_pairs = val.len();
 
     let what = Tuning {
         base,
@@ -759,7 +754,6 @@ pub fn dpo(
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
     };
-    let mut tuned = load_tuned(what, t, &dev, progress)?;
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
         "reference": cfg.reference,
@@ -770,10 +764,8 @@ pub fn dpo(
         "seq_len": t.seq_len,
     });
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    let params = std::mem::take(&mut tuned.params);
-    let (output, mut opt, from) = Output::open(
-        &tuned, params, t, identity, start, &toml_text, &dev, progress,
-    )?;
+    let (tuned, output, mut opt, from) =
+        begin(what, t, identity, &toml_text, start, &dev, progress)?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
 
     // Reference scores for every pair, training then validation.

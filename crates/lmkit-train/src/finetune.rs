@@ -261,6 +261,25 @@ pub(crate) fn load_tuned(
     Ok(tuned)
 }
 
+/// Loads what is tuned (see [`load_tuned`]) and opens the run's output directory (see
+/// [`Output::open`]): the model, the writer of its checkpoints, its optimizer and the step to
+/// start from.
+pub(crate) fn begin(
+    what: Tuning,
+    t: &TrainConfig,
+    identity: serde_json::Value,
+    run_toml: &str,
+    start: Start,
+    dev: &Device,
+    progress: &dyn Progress,
+) -> Result<(Tuned, Output, AdamW, Position)> {
+    let mut tuned = load_tuned(what, t, dev, progress)?;
+    let params = std::mem::take(&mut tuned.params);
+    let (output, opt, from) =
+        Output::open(&tuned, params, t, identity, start, run_toml, dev, progress)?;
+    Ok((tuned, output, opt, from))
+}
+
 /// A tuning run's output directory: its metrics file and how its checkpoints are written (a
 /// PEFT adapter directory when adapters are tuned, a model directory otherwise).
 pub(crate) struct Output {
@@ -519,27 +538,24 @@ pub fn finetune(
         train_on: cfg.data.train_on,
         max_tokens: t.seq_len + 1,
     };
-    progress.message(&format!("reading {}", cfg.data.train.display()));
-    let read = renderer.read(&cfg.data.train, cfg.data.skip_bad)?;
+    let sets = sft::read_sets(
+        &cfg.data.train,
+        cfg.data.val.as_deref(),
+        cfg.data.val_fraction,
+        t.seed,
+        progress,
+        |p| renderer.read(p, cfg.data.skip_bad),
+    )?;
     let mut report = DataReport {
         val_loss_before: None,
-        train_examples: 0,
-        val_examples: 0,
-        bad: read.bad,
-        bad_samples: read.bad_samples,
-        empty: read.empty,
-        truncated: read.truncated,
+        train_examples: sets.train.len(),
+        val_examples: sets.val.len(),
+        bad: sets.bad,
+        bad_samples: sets.bad_samples,
+        empty: sets.empty,
+        truncated: sets.truncated,
     };
-    let (train, val) = match &cfg.data.val {
-        Some(p) => {
-            let v = renderer.read(p, cfg.data.skip_bad)?;
-            report.bad += v.bad;
-            report.empty += v.empty;
-            report.truncated += v.truncated;
-            (read.examples, v.examples)
-        }
-        None => sft::split(read.examples, cfg.data.val_fraction, t.seed),
-    };
+    let (train, val) = (sets.train, sets.val);
     if train.is_empty() {
         return Err(TrainError::Data(format!(
             "{}: no example to train on ({} bad rows, {} with nothing left to predict after cutting to train.seq_len)",
@@ -548,8 +564,6 @@ pub fn finetune(
             report.empty
         )));
     }
-    report.train_examples = train.len();
-    report.val_examples = val.len();
 
     let what = Tuning {
         base,
@@ -557,7 +571,6 @@ pub fn finetune(
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
     };
-    let mut tuned = load_tuned(what, t, &dev, progress)?;
     // What a checkpoint must have been written by to be resumed.
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
@@ -567,10 +580,8 @@ pub fn finetune(
         "seq_len": t.seq_len,
     });
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    let params = std::mem::take(&mut tuned.params);
-    let (output, mut opt, from) = Output::open(
-        &tuned, params, t, identity, start, &toml_text, &dev, progress,
-    )?;
+    let (tuned, output, mut opt, from) =
+        begin(what, t, identity, &toml_text, start, &dev, progress)?;
     let model = &tuned.model;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
 

@@ -279,32 +279,29 @@ pub fn train(
     let vocab = Vocab::load(&cfg.base)?;
     let r = renderer(&vocab, t.seq_len);
     let read = |p: &Path| sft::read_with(p, cfg.data.skip_bad, |v| r.pair(v), Pair::scorable);
-    progress.message(&format!("reading {}", cfg.data.train.display()));
-    let got = read(&cfg.data.train)?;
-    let mut report = RewardReport {
-        train_pairs: 0,
-        val_pairs: 0,
-        bad: got.bad,
-        bad_samples: got.bad_samples,
-        truncated: got.truncated,
-    };
-    let (train, val) = match &cfg.data.val {
-        Some(p) => {
-            let v = read(p)?;
-            report.bad += v.bad;
-            report.truncated += v.truncated;
-            (got.examples, v.examples)
-        }
-        None => sft::split(got.examples, cfg.data.val_fraction, t.seed),
-    };
-    if train.is_empty() {
+    let sets = sft::read_sets(
+        &cfg.data.train,
+        cfg.data.val.as_deref(),
+        cfg.data.val_fraction,
+        t.seed,
+        progress,
+        read,
+    )?;
+    if sets.train.is_empty() {
         return Err(TrainError::Data(format!(
-            "{}: no pair to train on",
-            cfg.data.train.display()
+            "{}: no pair to train on ({} bad rows)",
+            cfg.data.train.display(),
+            sets.bad
         )));
     }
-    report.train_pairs = train.len();
-    report.val_pairs = val.len();
+    let report = RewardReport {
+        train_pairs: sets.train.len(),
+        val_pairs: sets.val.len(),
+        bad: sets.bad,
+        bad_samples: sets.bad_samples,
+        truncated: sets.truncated,
+    };
+    let (train, val) = (sets.train, sets.val);
     if dev.is_cpu() {
         progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
     }

@@ -17,7 +17,7 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{load_tuned, make_batch, Output, Tuning, Vocab};
+use crate::finetune::{begin, make_batch, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::reward::RewardModel;
 use crate::sft::{self, Example};
@@ -399,7 +399,6 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
     };
-    let mut tuned = load_tuned(what, t, &dev, progress)?;
     let identity = serde_json::json!({
         "base": cfg.base.to_string_lossy(),
         "reference": cfg.reference,
@@ -411,10 +410,8 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         "seq_len": t.seq_len,
     });
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    let params = std::mem::take(&mut tuned.params);
-    let (output, mut opt, from) = Output::open(
-        &tuned, params, t, identity, start, &toml_text, &dev, progress,
-    )?;
+    let (tuned, output, mut opt, from) =
+        begin(what, t, identity, &toml_text, start, &dev, progress)?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let samples_path = output.out.join("completions.jsonl");
     keep_samples_through(&samples_path, from.step)?;

@@ -159,6 +159,49 @@ pub(crate) fn read_with<T>(
     Ok(out)
 }
 
+/// A run's training and validation items, and what reading them counted (both files).
+pub(crate) struct Sets<T> {
+    pub train: Vec<T>,
+    pub val: Vec<T>,
+    pub bad: usize,
+    pub bad_samples: Vec<String>,
+    pub empty: usize,
+    pub truncated: usize,
+}
+
+/// Reads `train` and `val` with `read`; without `val`, a seeded `fraction` of the training
+/// items is held out.
+pub(crate) fn read_sets<T>(
+    train: &Path,
+    val: Option<&Path>,
+    fraction: f64,
+    seed: u64,
+    progress: &dyn lmkit_core::Progress,
+    read: impl Fn(&Path) -> Result<Read<T>>,
+) -> Result<Sets<T>> {
+    progress.message(&format!("reading {}", train.display()));
+    let r = read(train)?;
+    let mut sets = Sets {
+        train: Vec::new(),
+        val: Vec::new(),
+        bad: r.bad,
+        bad_samples: r.bad_samples,
+        empty: r.empty,
+        truncated: r.truncated,
+    };
+    (sets.train, sets.val) = match val {
+        Some(p) => {
+            let v = read(p)?;
+            sets.bad += v.bad;
+            sets.empty += v.empty;
+            sets.truncated += v.truncated;
+            (r.examples, v.examples)
+        }
+        None => split(r.examples, fraction, seed),
+    };
+    Ok(sets)
+}
+
 const ALPACA_PROMPT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
 
 impl Renderer<'_> {
