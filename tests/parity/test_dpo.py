@@ -39,14 +39,32 @@ def make_reference(base, out, seed=7):
     return out
 
 
-def dpo_config(tmp_path, base, extra="", dpo="", steps=1, **train):
+def run_config(tmp_path, name, head, sections, steps=1, **train):
+    """Writes a tiny run config `name`.toml: `head` lines, then TOML `sections` ({name: body}), then
+    [train] (one step of 3 rows at a constant tiny learning rate unless told)."""
     t = {"out_dir": f'"{tmp_path}/out"', "max_steps": steps, "batch_size": 3, "seq_len": 64, "lr": 1e-6,
          "min_lr": 1e-6, "warmup_steps": 0, "eval_every": 0, "log_every": 1, "save_every": steps, "grad_clip": 0.0}
     t.update(train)
-    path = tmp_path / "dpo.toml"
-    path.write_text(f'base = "{base}"\n{extra}\n[data]\ntrain = "{tmp_path}/pairs.jsonl"\nval_fraction = 0.0\n'
-                    f"[dpo]\n{dpo}\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()))
+    path = tmp_path / f"{name}.toml"
+    path.write_text(head + "\n" + "".join(f"[{k}]\n{v}\n" for k, v in sections.items())
+                    + "[train]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()))
     return path
+
+
+def dpo_config(tmp_path, base, extra="", dpo="", steps=1, **train):
+    data = f'train = "{tmp_path}/pairs.jsonl"\nval_fraction = 0.0'
+    return run_config(tmp_path, "dpo", f'base = "{base}"\n{extra}', {"data": data, "dpo": dpo}, steps, **train)
+
+
+def first_step(trainer):
+    """A TRL trainer's loss on its first batch, its gradient norm, and the metrics it logged."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
+    return loss.item(), norm, logged
 
 
 def trl_dpo_step(base, reference, rows, tmp_path, **dpo_args):
@@ -58,15 +76,8 @@ def trl_dpo_step(base, reference, rows, tmp_path, **dpo_args):
     tok = AutoTokenizer.from_pretrained(base)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=1,
                      report_to=[], use_cpu=True, save_strategy="no", bf16=False, **dpo_args)
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
-    return loss.item(), norm, logged
+    return first_step(DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tok))
 
 
 @pytest.mark.parametrize("loss_type,beta,smoothing", [("sigmoid", 0.1, 0.0), ("robust", 0.3, 0.2),
@@ -235,15 +246,9 @@ def test_kto_step_equals_trl(lmkit, tmp_path):
     args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=1, report_to=[],
                      use_cpu=True, save_strategy="no", bf16=False, beta=0.3, desirable_weight=1.0,
                      undesirable_weight=1.5)
-    trainer = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(RATED),
-                         processing_class=tok)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
-    assert abs(got["loss"] - loss.item()) < 1e-4, (got["loss"], loss.item(), got, logged)
+    loss, norm, logged = first_step(KTOTrainer(model=policy, ref_model=ref, args=args,
+                                               train_dataset=Dataset.from_list(RATED), processing_class=tok))
+    assert abs(got["loss"] - loss) < 1e-4, (got["loss"], loss, got, logged)
     assert abs(got["grad_norm"] - norm) < 1e-4 * max(1.0, norm), (got["grad_norm"], norm)
     assert abs(got["kl"] - logged["kl"]) < 1e-4, (got, logged)
     assert got["kl"] > 0, "a zero KL estimate would not test it"

@@ -9,18 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from test_dpo import PAIRS
+from test_dpo import PAIRS, first_step, run_config
 from test_finetune import make_base, metrics, write_rows
 
 
 def reward_config(tmp_path, base, steps=1, reward="", **train):
-    t = {"out_dir": f'"{tmp_path}/out"', "max_steps": steps, "batch_size": 3, "seq_len": 64, "lr": 1e-6,
-         "min_lr": 1e-6, "warmup_steps": 0, "eval_every": 0, "log_every": 1, "save_every": steps, "grad_clip": 0.0}
-    t.update(train)
-    path = tmp_path / "reward.toml"
-    path.write_text(f'base = "{base}"\n[data]\ntrain = "{tmp_path}/pairs.jsonl"\nval_fraction = 0.0\n'
-                    f"[reward]\n{reward}\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()))
-    return path
+    data = f'train = "{tmp_path}/pairs.jsonl"\nval_fraction = 0.0'
+    return run_config(tmp_path, "reward", f'base = "{base}"', {"data": data, "reward": reward}, steps, **train)
 
 
 def make_reward_base(lmkit, tmp_path):
@@ -44,14 +39,8 @@ def trl_reward_step(model_dir, rows, tmp_path, **reward_args):
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=1,
                         report_to=[], use_cpu=True, save_strategy="no", bf16=False, **reward_args)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in trainer.model.parameters() if p.grad is not None))
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if isinstance(v, list) and v}
-    return loss.item(), norm, logged
+    return first_step(RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tok))
 
 
 @pytest.mark.parametrize("center", [None, 0.1])

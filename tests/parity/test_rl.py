@@ -11,7 +11,7 @@ import re
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from test_dpo import make_reference
+from test_dpo import make_reference, run_config
 from test_finetune import make_base, metrics, write_rows
 from test_reward import make_reward_base
 
@@ -20,13 +20,9 @@ PROMPTS = [{"prompt": "where is the cat?"}, {"prompt": "what is one plus two?"},
 
 
 def rl_config(tmp_path, base, extra="", rl="", reward='regex = "a"', steps=1, **train):
-    t = {"out_dir": f'"{tmp_path}/out"', "max_steps": steps, "batch_size": 2, "seq_len": 64, "lr": 1e-6,
-         "min_lr": 1e-6, "log_every": 1, "save_every": steps, "grad_clip": 0.0}
-    t.update(train)
-    path = tmp_path / "rl.toml"
-    path.write_text(f'base = "{base}"\n{extra}\n[data]\nprompts = "{tmp_path}/prompts.jsonl"\n[rl]\n{rl}\n'
-                    f"[reward]\n{reward}\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in t.items()))
-    return path
+    train = {"batch_size": 2, **train}
+    return run_config(tmp_path, "rl", f'base = "{base}"\n{extra}',
+                      {"data": f'prompts = "{tmp_path}/prompts.jsonl"', "rl": rl, "reward": reward}, steps, **train)
 
 
 def completions(out):
