@@ -107,23 +107,26 @@ def test_review_export_dpo_serve_loop(lmkit, browser, tmp_path):
         con = sqlite3.connect(db)
         from selenium.common.exceptions import StaleElementReferenceException
 
-        def pick_a(d):
-            # The page may be replacing the pair as it is clicked: take the button afresh then.
-            try:
-                buttons = d.find_elements(By.ID, "prefer-A")
-                if buttons:
-                    buttons[0].click()
-                    return True
-            except StaleElementReferenceException:
-                pass
-            return False
+        def click(by, what):
+            """Clicks the first element found; the page may be replacing it as it is clicked,
+            and then it is looked up afresh."""
+            def attempt(d):
+                try:
+                    found = d.find_elements(by, what)
+                    if found:
+                        found[0].click()
+                        return True
+                except StaleElementReferenceException:
+                    pass
+                return False
+            wait.until(attempt)
 
         for n in range(1, 4):
-            wait.until(pick_a)
+            click(By.ID, "prefer-A")
             wait.until(lambda d: con.execute("SELECT COUNT(*) FROM preferences").fetchone()[0] == n)
         # Thumbs up on one completion, down on another (the unpaired rows KTO reads).
         for n, rating in enumerate([1, -1], start=1):
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"button.rate[data-rating='{rating}']"))[0].click()
+            click(By.CSS_SELECTOR, f"button.rate[data-rating='{rating}']")
             wait.until(lambda d: con.execute("SELECT COUNT(*) FROM completions WHERE rating IS NOT NULL")
                        .fetchone()[0] == n)
     finally:
