@@ -28,7 +28,7 @@ use lmkit_core::rng::mix;
 use lmkit_core::Progress;
 use lmkit_infer::sampling::SamplingParams;
 use lmkit_infer::{Decoder, GenerateOptions, Step};
-use lmkit_models::layers::lora::LoraSpec;
+use lmkit_models::layers::lora::{Adapters, LoraSpec};
 use lmkit_models::CausalLm;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -314,8 +314,8 @@ const PASS_TOKENS: usize = 512;
 /// The reference for the KL penalty.
 enum Reference {
     None,
-    /// The policy with its adapters switched off.
-    AdaptersOff,
+    /// The policy with these, its adapters, switched off.
+    AdaptersOff(Adapters),
     Model(Box<CausalLm>),
 }
 
@@ -420,8 +420,8 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         Reference::None
     } else if let Some(dir) = &cfg.reference {
         Reference::Model(Box::new(CausalLm::load(dir, &dev)?.0))
-    } else if tuned.adapters.is_some() {
-        Reference::AdaptersOff
+    } else if let Some(a) = &tuned.adapters {
+        Reference::AdaptersOff(a.clone())
     } else {
         progress.message("loading the base again as the KL reference");
         Reference::Model(Box::new(CausalLm::load(&cfg.base, &dev)?.0))
@@ -569,8 +569,7 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
             let refs: Option<Vec<f32>> = match &reference {
                 Reference::None => None,
                 Reference::Model(rm) => Some(token_logps_value(rm, &batch, &dev)?),
-                Reference::AdaptersOff => {
-                    let a = adapters.expect("adapters");
+                Reference::AdaptersOff(a) => {
                     a.set_enabled(false);
                     let v = token_logps_value(model, &batch, &dev);
                     a.set_enabled(true);
