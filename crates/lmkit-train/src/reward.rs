@@ -123,8 +123,33 @@ impl RewardModel {
         Ok(self.reward(ids, dev)?.detach().to_scalar::<f32>()? as f64)
     }
 
-    /// Loads a reward model directory (or training output) for scoring.
+    /// Loads a reward model directory (or training output) for scoring: its config.json must
+    /// name a `*ForSequenceClassification` architecture with one label (a causal LM would get a
+    /// random head).
     pub fn load(dir: &Path, dev: &Device) -> Result<RewardModel> {
+        let dir = &lmkit_models::resolve_checkpoint(dir);
+        let path = dir.join("config.json");
+        let cfg: serde_json::Value = std::fs::read_to_string(&path)
+            .map_err(|e| TrainError::io(&path, e))
+            .and_then(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))
+            })?;
+        let arch = cfg
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .unwrap_or("");
+        let labels = cfg
+            .get("id2label")
+            .and_then(|l| l.as_object())
+            .map_or(1, |l| l.len());
+        if !arch.ends_with("ForSequenceClassification") || labels != 1 {
+            return Err(TrainError::Data(format!(
+                "{}: not a reward model (architectures {arch:?}, {labels} labels); train one with `lmkit reward train`",
+                path.display()
+            )));
+        }
         let (m, _, _) = load_reward(dir, 0, dev)?;
         Ok(m)
     }
