@@ -154,3 +154,50 @@ def test_review_export_dpo_serve_loop(lmkit, browser, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_review_page_shows_conversations_counts_and_takes_keys(server, browser, tmp_path):
+    """The review page shows a chat completion as role-labelled messages with the model and
+    settings that produced it, counts progress, rates the highlighted card with the + key, filters
+    to rated completions, and exports ratings."""
+    import json
+    import urllib.request
+
+    def call(path, body=None):
+        req = urllib.request.Request(server["base"] + path, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {SERVER_KEY}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.read().decode()
+
+    reply = json.loads(call("/v1/chat/completions", {
+        "model": "tiny", "max_tokens": 5, "temperature": 0.7, "seed": 3,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "where is the mat?"}]}))
+    cid = reply["id"]
+    con = sqlite3.connect(server["db"])
+    stored = con.execute("SELECT id FROM completions WHERE request_id = ?", (cid,)).fetchone()[0]
+    b = browser
+    wait = WebDriverWait(b, 30)
+    b.set_window_size(1200, 900)
+    b.get(server["base"] + "/review")
+    b.find_element(By.ID, "key").send_keys(SERVER_KEY)
+    b.find_element(By.ID, "reload").click()
+    card = wait.until(lambda d: d.find_element(By.ID, "c-" + stored))
+    roles = [e.text.lower() for e in card.find_elements(By.CSS_SELECTOR, ".conversation .role")]
+    assert roles == ["system", "user"], roles
+    assert "where is the mat?" in card.text and "tiny" in card.text and "temperature 0.7" in card.text, card.text
+    wait.until(lambda d: "completions rated" in d.find_element(By.ID, "stats").text)
+    before = con.execute("SELECT COUNT(*) FROM completions WHERE rating IS NOT NULL").fetchone()[0]
+    first = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#list .card.focus"))
+    first_id = first.get_attribute("id")[2:]
+    b.save_screenshot(str(tmp_path / "review.png"))
+    b.find_element(By.TAG_NAME, "body").send_keys("+")
+    wait.until(lambda d: con.execute("SELECT rating FROM completions WHERE id = ?", (first_id,)).fetchone()[0] == 1)
+    assert con.execute("SELECT COUNT(*) FROM completions WHERE rating IS NOT NULL").fetchone()[0] == before + 1
+    from selenium.webdriver.support.ui import Select
+    Select(b.find_element(By.ID, "filter")).select_by_value("rated")
+    wait.until(lambda d: d.find_elements(By.ID, "c-" + first_id) and "rated good" in d.find_element(By.ID, "c-" + first_id).text)
+    lines = [json.loads(x) for x in call("/review/api/export?kind=ratings").splitlines()]
+    assert any(x["label"] is True for x in lines), lines
+    stats = json.loads(call("/review/api/stats"))
+    assert stats["rated"] == before + 1 and "tiny" in stats["models"], stats

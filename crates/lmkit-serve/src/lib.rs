@@ -310,6 +310,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/embeddings", post(api::embeddings))
         .route("/review/api/recent", get(web::recent))
+        .route("/review/api/stats", get(web::stats))
+        .route("/review/api/export", get(web::export))
         .route("/review/api/rate", post(web::rate))
         .route("/review/api/pair", get(web::pair))
         .route("/review/api/prefer", post(web::prefer))

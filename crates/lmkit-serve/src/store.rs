@@ -192,14 +192,59 @@ impl Store {
     }
 
     /// The newest completions first; `unrated` keeps only those nobody rated yet.
-    pub fn recent(&self, limit: usize, unrated: bool) -> Result<Vec<Completion>> {
-        let filter = if unrated { "WHERE rating IS NULL" } else { "" };
+    /// The newest completions: all, only the unrated or only the rated ones, and optionally only
+    /// those of one model (the request's `model`: base or adapter name).
+    pub fn recent(
+        &self,
+        limit: usize,
+        rated: Option<bool>,
+        model: Option<&str>,
+    ) -> Result<Vec<Completion>> {
+        let mut conditions = Vec::new();
+        match rated {
+            Some(false) => conditions.push("rating IS NULL"),
+            Some(true) => conditions.push("rating IS NOT NULL"),
+            None => {}
+        }
+        if model.is_some() {
+            conditions.push("model = ?2");
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
         self.with(|conn| {
             let mut st = conn.prepare(&format!(
                 "SELECT {COLUMNS} FROM completions {filter} ORDER BY created DESC, rowid DESC LIMIT ?1"
             ))?;
-            let rows = st.query_map([limit as i64], row)?;
+            let rows = match model {
+                Some(m) => st.query_map(params![limit as i64, m], row)?,
+                None => st.query_map(params![limit as i64], row)?,
+            };
             rows.collect()
+        })
+    }
+
+    /// How far review has come: completions, rated ones, preference pairs, and the models seen.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        self.with(|conn| {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM completions", [], |r| r.get(0))?;
+            let rated: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM completions WHERE rating IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            let pairs: i64 =
+                conn.query_row("SELECT COUNT(*) FROM preferences", [], |r| r.get(0))?;
+            let mut st = conn.prepare("SELECT DISTINCT model FROM completions ORDER BY model")?;
+            let models = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(serde_json::json!({
+                "completions": n, "rated": rated, "unrated": n - rated,
+                "preferences": pairs, "models": models,
+            }))
         })
     }
 
@@ -351,7 +396,7 @@ mod tests {
         s.rate("a", 1).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().rating, Some(1));
         assert!(s.rate("zzz", 1).is_err());
-        assert_eq!(s.recent(10, true).unwrap().len(), 2);
+        assert_eq!(s.recent(10, Some(false), None).unwrap().len(), 2);
         let (x, y) = s.pair().unwrap().unwrap();
         assert_eq!(x.prompt, "Q?");
         assert_ne!(x.output, y.output);

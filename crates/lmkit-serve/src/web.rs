@@ -50,7 +50,12 @@ fn json_body<T: serde::de::DeserializeOwned>(
 #[derive(Deserialize)]
 pub struct RecentQuery {
     limit: Option<usize>,
+    /// `unrated=true`: only completions nobody rated yet.
     unrated: Option<bool>,
+    /// `rated=true|false`: only rated / only unrated completions.
+    rated: Option<bool>,
+    /// Only this model's (base or adapter name) completions.
+    model: Option<String>,
 }
 
 pub async fn recent(
@@ -59,8 +64,63 @@ pub async fn recent(
 ) -> Result<Json<Value>, ApiError> {
     let store = state.store.clone();
     let limit = q.limit.unwrap_or(20).min(500);
-    let rows = blocking(move || store.recent(limit, q.unrated.unwrap_or(false))).await?;
+    let rated = match (q.unrated, q.rated) {
+        (Some(true), _) => Some(false),
+        (_, r) => r,
+    };
+    let model = q.model.filter(|m| !m.is_empty());
+    let rows = blocking(move || store.recent(limit, rated, model.as_deref())).await?;
     Ok(Json(json!({ "data": rows })))
+}
+
+/// Counts for the review page: completions, rated, unrated, preference pairs, models.
+pub async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    Ok(Json(blocking(move || store.stats()).await?))
+}
+
+#[derive(Deserialize)]
+pub struct ExportQuery {
+    /// `preferences` (A/B picks: DPO rows) or `ratings` (thumbs up/down: KTO rows).
+    kind: String,
+}
+
+/// The review store's picks or ratings as a JSONL download (what `lmkit data export-*` write).
+pub async fn export(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ExportQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let store = state.store.clone();
+    let kind = q.kind.clone();
+    if kind != "preferences" && kind != "ratings" {
+        return Err(ApiError::invalid(
+            "kind",
+            "`kind` must be `preferences` or `ratings`",
+        ));
+    }
+    let body = blocking(move || {
+        let mut out: Vec<u8> = Vec::new();
+        if kind == "preferences" {
+            store.export_preferences(&mut out)?;
+        } else {
+            store.export_ratings(&mut out)?;
+        }
+        Ok(out)
+    })
+    .await?;
+    let disposition = format!("attachment; filename=\"{}.jsonl\"", q.kind);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/jsonl".to_string(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
