@@ -597,6 +597,53 @@ async fn review_api_rates_pairs_and_exports_preferences() {
     assert!(String::from_utf8(page)
         .unwrap()
         .contains("/review/api/prefer"));
+    // Counts, the same export as the CLI's, and filters.
+    let (s, b, _) = call(&st, "GET", "/review/api/stats", Body::empty(), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let stats: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        (stats["preferences"].as_i64(), stats["rated"].as_i64()),
+        (Some(1), Some(1))
+    );
+    let (s, b, _) = call(
+        &st,
+        "GET",
+        "/review/api/export?kind=preferences",
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b, out);
+    let (s, _, _) = call(
+        &st,
+        "GET",
+        "/review/api/export?kind=secrets",
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, b, _) = call(
+        &st,
+        "GET",
+        "/review/api/recent?rated=true",
+        Body::empty(),
+        None,
+    )
+    .await;
+    let rated: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(rated["data"].as_array().map(|a| a.len()), Some(1));
+    let (_, b, _) = call(
+        &st,
+        "GET",
+        "/review/api/recent?model=nobody",
+        Body::empty(),
+        None,
+    )
+    .await;
+    let none: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(none["data"].as_array().map(|a| a.len()), Some(0));
 }
 
 /// A client that leaves a non-streaming request: its choices are cancelled, stored and counted.
