@@ -201,3 +201,22 @@ def test_review_page_shows_conversations_counts_and_takes_keys(server, browser, 
     assert any(x["label"] is True for x in lines), lines
     stats = json.loads(call("/review/api/stats"))
     assert stats["rated"] == before + 1 and "tiny" in stats["models"], stats
+    # A corrected answer with a comment: exported as a fine-tuning conversation.
+    second = json.loads(call("/v1/chat/completions", {
+        "model": "tiny", "max_tokens": 4, "temperature": 0.7, "seed": 4,
+        "messages": [{"role": "user", "content": "and the dog?"}]}))["id"]
+    sid = con.execute("SELECT id FROM completions WHERE request_id = ?", (second,)).fetchone()[0]
+    Select(b.find_element(By.ID, "filter")).select_by_value("unrated")
+    card = wait.until(lambda d: d.find_element(By.ID, "c-" + sid))
+    card.find_element(By.CSS_SELECTOR, "input.comment").send_keys("too vague")
+    card.find_element(By.CSS_SELECTOR, "button.correct").click()
+    box = card.find_element(By.CSS_SELECTOR, "textarea.correction")
+    box.clear()
+    box.send_keys("on the log.")
+    card.find_element(By.CSS_SELECTOR, "button.save-correction").click()
+    wait.until(lambda d: con.execute("SELECT correction FROM completions WHERE id = ?", (sid,)).fetchone()[0])
+    assert con.execute("SELECT rating, comment, correction FROM completions WHERE id = ?", (sid,)).fetchone() == \
+        (-1, "too vague", "on the log.")
+    rows = [json.loads(x) for x in call("/review/api/export?kind=corrections").splitlines()]
+    assert {"messages": [{"role": "user", "content": "and the dog?"},
+                         {"role": "assistant", "content": "on the log."}]} in rows, rows

@@ -46,6 +46,20 @@ pub enum DataCommand {
         #[arg(long)]
         output: std::path::PathBuf,
     },
+    /// Write the answers people corrected on `lmkit serve`'s review page as fine-tuning JSONL
+    #[command(
+        after_help = "Example:\n  lmkit data export-corrections --db lmkit-completions.sqlite --output sft.jsonl\n\n\
+        Chat completions become {\"messages\": [...]} rows ending with the corrected assistant answer,\n\
+        others {\"prompt\", \"completion\"}: the rows `lmkit finetune` reads."
+    )]
+    ExportCorrections {
+        /// The server's SQLite database
+        #[arg(long)]
+        db: std::path::PathBuf,
+        /// Output JSONL file (written atomically)
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -148,6 +162,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         DataCommand::ExportRatings { db, output } => {
             export(&db, &output, "rated completions", |s, w| {
                 s.export_ratings(w)
+            })
+        }
+        DataCommand::ExportCorrections { db, output } => {
+            export(&db, &output, "corrected answers", |s, w| {
+                s.export_corrections(w)
             })
         }
     }

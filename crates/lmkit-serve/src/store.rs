@@ -41,6 +41,10 @@ pub struct Completion {
     pub latency_ms: f64,
     pub finish_reason: String,
     pub rating: Option<i64>,
+    /// The rater's note.
+    pub comment: Option<String>,
+    /// The answer the rater wrote instead (exported as supervised fine-tuning data).
+    pub correction: Option<String>,
 }
 
 pub struct Store {
@@ -65,7 +69,9 @@ CREATE TABLE IF NOT EXISTS completions (
     latency_ms REAL NOT NULL,
     finish_reason TEXT NOT NULL,
     rating INTEGER,
-    rated_at INTEGER
+    rated_at INTEGER,
+    comment TEXT,
+    correction TEXT
 );
 CREATE INDEX IF NOT EXISTS completions_created ON completions(created);
 CREATE INDEX IF NOT EXISTS completions_prompt ON completions(prompt);
@@ -77,9 +83,16 @@ CREATE TABLE IF NOT EXISTS preferences (
 );
 ";
 
-const COLUMNS: &str =
-    "id, request_id, created, endpoint, model, prompt, messages, output, params, \
-    moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating";
+/// The columns a completion is stored with.
+macro_rules! columns {
+    () => {
+        "id, request_id, created, endpoint, model, prompt, messages, output, params, \
+         moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating"
+    };
+}
+const COLUMNS: &str = columns!();
+/// What reading a completion takes: its columns and the rater's comment and correction.
+const READ_COLUMNS: &str = concat!(columns!(), ", comment, correction");
 
 fn row(r: &rusqlite::Row) -> rusqlite::Result<Completion> {
     Ok(Completion {
@@ -98,6 +111,8 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<Completion> {
         latency_ms: r.get(12)?,
         finish_reason: r.get(13)?,
         rating: r.get(14)?,
+        comment: r.get(15)?,
+        correction: r.get(16)?,
     })
 }
 
@@ -137,6 +152,21 @@ impl Store {
             path: path.to_path_buf(),
             msg: format!("{e} (is this an lmkit completions database?)"),
         })?;
+        // Databases written before raters could comment or correct get the columns.
+        let mut have = std::collections::BTreeSet::new();
+        {
+            let mut st = conn.prepare("PRAGMA table_info(completions)").map_err(db)?;
+            let names = st.query_map([], |r| r.get::<_, String>(1)).map_err(db)?;
+            for n in names {
+                have.insert(n.map_err(db)?);
+            }
+        }
+        for col in ["comment", "correction"] {
+            if !have.contains(col) {
+                conn.execute_batch(&format!("ALTER TABLE completions ADD COLUMN {col} TEXT"))
+                    .map_err(db)?;
+            }
+        }
         Ok(Store {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -183,7 +213,7 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<Completion>> {
         self.with(|conn| {
             conn.query_row(
-                &format!("SELECT {COLUMNS} FROM completions WHERE id = ?1"),
+                &format!("SELECT {READ_COLUMNS} FROM completions WHERE id = ?1"),
                 [id],
                 row,
             )
@@ -216,7 +246,7 @@ impl Store {
         };
         self.with(|conn| {
             let mut st = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM completions {filter} ORDER BY created DESC, rowid DESC LIMIT ?1"
+                "SELECT {READ_COLUMNS} FROM completions {filter} ORDER BY created DESC, rowid DESC LIMIT ?1"
             ))?;
             let rows = match model {
                 Some(m) => st.query_map(params![limit as i64, m], row)?,
@@ -252,12 +282,20 @@ impl Store {
         self.with(|conn| conn.query_row("SELECT COUNT(*) FROM completions", [], |r| r.get(0)))
     }
 
-    /// Records a person's rating (e.g. -1, 0, 1 or 1..5) of a completion.
-    pub fn rate(&self, id: &str, rating: i64) -> Result<()> {
+    /// Records a person's rating (e.g. -1, 0, 1 or 1..5) of a completion, with an optional
+    /// comment and an optional corrected answer.
+    pub fn rate(
+        &self,
+        id: &str,
+        rating: i64,
+        comment: Option<&str>,
+        correction: Option<&str>,
+    ) -> Result<()> {
         let n = self.with(|conn| {
             conn.execute(
-                "UPDATE completions SET rating = ?1, rated_at = ?2 WHERE id = ?3",
-                params![rating, now(), id],
+                "UPDATE completions SET rating = ?1, rated_at = ?2, comment = ?3, correction = ?4 \
+                 WHERE id = ?5",
+                params![rating, now(), comment, correction, id],
             )
         })?;
         if n == 0 {
@@ -266,6 +304,35 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// Writes every corrected answer as supervised fine-tuning data, one JSONL line each: a chat
+    /// completion as `{"messages": [...the request's messages, the correction as the
+    /// assistant's]}`, any other as `{"prompt", "completion"}`; returns how many.
+    pub fn export_corrections(&self, out: &mut dyn Write) -> Result<usize> {
+        let rows: Vec<(String, Option<String>, String)> = self.with(|conn| {
+            let mut st = conn.prepare(
+                "SELECT prompt, messages, correction FROM completions \
+                 WHERE correction IS NOT NULL AND correction != '' ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })?;
+        for (prompt, messages, correction) in &rows {
+            let chat: Option<Vec<serde_json::Value>> = messages
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok());
+            let line = match chat {
+                Some(mut msgs) if !msgs.is_empty() => {
+                    msgs.push(serde_json::json!({"role": "assistant", "content": correction}));
+                    serde_json::json!({ "messages": msgs })
+                }
+                _ => serde_json::json!({ "prompt": prompt, "completion": correction }),
+            };
+            writeln!(out, "{line}")
+                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
+        }
+        Ok(rows.len())
     }
 
     /// Two different completions of one prompt, for a person to pick the better one.
@@ -283,7 +350,7 @@ impl Store {
                 return Ok(Vec::new());
             };
             let mut st = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM completions WHERE prompt = ?1 ORDER BY RANDOM()"
+                "SELECT {READ_COLUMNS} FROM completions WHERE prompt = ?1 ORDER BY RANDOM()"
             ))?;
             let rows = st.query_map([prompt], row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -381,6 +448,8 @@ mod tests {
             latency_ms: 1.5,
             finish_reason: "stop".into(),
             rating: None,
+            comment: None,
+            correction: None,
         }
     }
 
@@ -393,9 +462,9 @@ mod tests {
         s.insert(&completion("c", "other", "x")).unwrap();
         assert_eq!(s.count().unwrap(), 3);
         assert_eq!(s.get("a").unwrap().unwrap().output, "yes");
-        s.rate("a", 1).unwrap();
+        s.rate("a", 1, None, None).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().rating, Some(1));
-        assert!(s.rate("zzz", 1).is_err());
+        assert!(s.rate("zzz", 1, None, None).is_err());
         assert_eq!(s.recent(10, Some(false), None).unwrap().len(), 2);
         let (x, y) = s.pair().unwrap().unwrap();
         assert_eq!(x.prompt, "Q?");
@@ -414,6 +483,42 @@ mod tests {
         let s = Store::open(&dir.path().join("sub/log.sqlite")).unwrap();
         assert_eq!(s.count().unwrap(), 3);
         assert!(s.insert(&completion("a", "Q?", "again")).is_err());
+    }
+
+    #[test]
+    fn ratings_carry_comments_and_corrections_also_in_older_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.sqlite");
+        // A database from before comments and corrections.
+        let old = SCHEMA
+            .replace(",\n    comment TEXT,\n    correction TEXT", "")
+            .replace("rated_at INTEGER,", "rated_at INTEGER");
+        assert!(!old.contains("correction"));
+        Connection::open(&p).unwrap().execute_batch(&old).unwrap();
+        let s = Store::open(&p).unwrap();
+        s.insert(&completion("a", "Q?", "no idea")).unwrap();
+        let mut chat = completion("b", "<|user|>hi", "hm");
+        chat.messages = Some(r#"[{"role": "user", "content": "hi"}]"#.into());
+        s.insert(&chat).unwrap();
+        s.rate("a", -1, Some("wrong"), Some("yes")).unwrap();
+        s.rate("b", -1, None, Some("hello!")).unwrap();
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(
+            (a.comment.as_deref(), a.correction.as_deref()),
+            (Some("wrong"), Some("yes"))
+        );
+        let mut out = Vec::new();
+        assert_eq!(s.export_corrections(&mut out).unwrap(), 2);
+        let rows: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows.contains(&serde_json::json!({"prompt": "Q?", "completion": "yes"})));
+        assert!(rows.contains(&serde_json::json!({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]})));
+        let mut out = Vec::new();
+        assert_eq!(s.export_ratings(&mut out).unwrap(), 2);
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Ap
 
 #[derive(Deserialize)]
 pub struct ExportQuery {
-    /// `preferences` (A/B picks: DPO rows) or `ratings` (thumbs up/down: KTO rows).
+    /// `preferences` (A/B picks: DPO rows), `ratings` (thumbs up/down: KTO rows) or
+    /// `corrections` (corrected answers: fine-tuning rows).
     kind: String,
 }
 
@@ -93,19 +94,19 @@ pub async fn export(
     use axum::response::IntoResponse;
     let store = state.store.clone();
     let kind = q.kind.clone();
-    if kind != "preferences" && kind != "ratings" {
+    if !["preferences", "ratings", "corrections"].contains(&kind.as_str()) {
         return Err(ApiError::invalid(
             "kind",
-            "`kind` must be `preferences` or `ratings`",
+            "`kind` must be `preferences`, `ratings` or `corrections`",
         ));
     }
     let body = blocking(move || {
         let mut out: Vec<u8> = Vec::new();
-        if kind == "preferences" {
-            store.export_preferences(&mut out)?;
-        } else {
-            store.export_ratings(&mut out)?;
-        }
+        match kind.as_str() {
+            "preferences" => store.export_preferences(&mut out)?,
+            "ratings" => store.export_ratings(&mut out)?,
+            _ => store.export_corrections(&mut out)?,
+        };
         Ok(out)
     })
     .await?;
@@ -128,6 +129,12 @@ pub async fn export(
 struct Rate {
     id: String,
     rating: i64,
+    /// A note from the rater.
+    #[serde(default)]
+    comment: Option<String>,
+    /// The answer the rater would have wanted (exported as fine-tuning data).
+    #[serde(default)]
+    correction: Option<String>,
 }
 
 pub async fn rate(
@@ -143,7 +150,10 @@ pub async fn rate(
     }
     let store = state.store.clone();
     let id = r.id.clone();
-    blocking(move || store.rate(&r.id, r.rating)).await?;
+    let text = |t: Option<String>| t.filter(|t| !t.trim().is_empty());
+    let (comment, correction) = (text(r.comment), text(r.correction));
+    blocking(move || store.rate(&r.id, r.rating, comment.as_deref(), correction.as_deref()))
+        .await?;
     Ok(Json(json!({ "ok": true, "id": id })))
 }
 

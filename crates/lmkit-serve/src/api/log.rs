@@ -36,6 +36,8 @@ pub(super) async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, sta
             latency_ms,
             finish_reason: r.to_string(),
             rating: None,
+            comment: None,
+            correction: None,
         })
         .collect();
     let store = state.store.clone();
