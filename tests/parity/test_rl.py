@@ -125,3 +125,9 @@ def test_grpo_raises_a_verifiable_reward(lmkit, tmp_path):
     from test_dpo import lmkit_command
     p = subprocess.run([*lmkit_command(), "rl", "--config", str(cfg), "--overwrite"], capture_output=True, text=True)
     assert p.returncode != 0 and "bad.py" in p.stderr and "printed 1 numbers for 4 completions" in p.stderr, p.stderr
+    # One that hangs is stopped after reward.timeout_s.
+    cfg = rl_config(tmp_path, base, rl="group_size = 2\nmax_new_tokens = 3",
+                    reward='command = "exec sleep 30"\ntimeout_s = 1')
+    p = subprocess.run([*lmkit_command(), "rl", "--config", str(cfg), "--overwrite"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and "did not finish within 1 s" in p.stderr, p.stderr

@@ -76,6 +76,9 @@ fn default_temperature() -> f32 {
 fn default_true() -> bool {
     true
 }
+fn default_timeout() -> f64 {
+    300.0
+}
 
 impl Default for RlSpec {
     fn default() -> Self {
@@ -93,7 +96,7 @@ impl Default for RlSpec {
 }
 
 /// Where rewards come from (those given are summed).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSources {
     /// 1 when the completion matches this regular expression, else 0.
@@ -104,10 +107,24 @@ pub struct RewardSources {
     /// per line, in order.
     #[serde(default)]
     pub command: Option<String>,
+    /// Seconds the command may take per step before it is stopped and the run fails.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
     /// A reward model directory (`lmkit reward train`'s output or a transformers
     /// `*ForSequenceClassification`), scoring prompt + completion.
     #[serde(default)]
     pub model: Option<PathBuf>,
+}
+
+impl Default for RewardSources {
+    fn default() -> Self {
+        RewardSources {
+            regex: None,
+            command: None,
+            timeout_s: default_timeout(),
+            model: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -199,6 +216,11 @@ impl RlConfig {
         }
         if let Some(re) = &w.regex {
             regex::Regex::new(re).map_err(|e| bad(format!("reward.regex: {e}")))?;
+        }
+        if !(w.timeout_s.is_finite() && w.timeout_s > 0.0) {
+            return Err(bad(
+                "reward.timeout_s must be a positive number of seconds".into()
+            ));
         }
         if cfg.reference.is_some() && r.beta == 0.0 {
             return Err(bad(
@@ -518,7 +540,7 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
             add_source(&mut rewards, &mut parts, "rewards/regex", &got);
         }
         if let Some(cmd) = &cfg.reward.command {
-            let got = command_rewards(cmd, &samples, &prompts)?;
+            let got = command_rewards(cmd, cfg.reward.timeout_s, &samples, &prompts)?;
             add_source(&mut rewards, &mut parts, "rewards/command", &got);
         }
         if let Some(rm) = &reward_model {
@@ -650,7 +672,12 @@ fn add_source(rewards: &mut [f64], parts: &mut Extra, name: &str, got: &[f64]) {
 }
 
 /// Runs the reward command once over all samples.
-fn command_rewards(cmd: &str, samples: &[Sample], prompts: &[Prompt]) -> Result<Vec<f64>> {
+fn command_rewards(
+    cmd: &str,
+    timeout_s: f64,
+    samples: &[Sample],
+    prompts: &[Prompt],
+) -> Result<Vec<f64>> {
     let fail = |msg: String| TrainError::Data(format!("reward.command `{cmd}`: {msg}"));
     let mut input = String::new();
     for s in samples {
@@ -670,15 +697,37 @@ fn command_rewards(cmd: &str, samples: &[Sample], prompts: &[Prompt]) -> Result<
         .map_err(|e| fail(format!("cannot start: {e}")))?;
     let mut stdin = child.stdin.take().ok_or_else(|| fail("no stdin".into()))?;
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child.wait_with_output().map_err(|e| fail(format!("{e}")))?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(|e| fail(format!("{e}")))? {
+            Some(status) => break status,
+            None if t0.elapsed().as_secs_f64() > timeout_s => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!(
+                    "did not finish within {timeout_s} s (reward.timeout_s); it was stopped"
+                )));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    };
     let _ = writer.join();
-    if !out.status.success() {
-        return Err(fail(format!(
-            "exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     let got: Vec<f64> = text
         .lines()
