@@ -26,6 +26,19 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMKIT_CACHE", str(tmp_path / "cache"))
 
 
+SUBJECTS = ["the cat", "the dog", "the mat", "the log", "one", "two", "three", "the cat and the dog",
+            "the log on the mat", "one plus two", "what is three", "where is the cat", "the dog sat",
+            "the cat sat", "it is one", "on the log"]
+# Answers ending in "yes" are preferred to the same answers ending in "no".
+SYNTHETIC = [{"prompt": f"is it {s}?", "chosen": f" {s} yes", "rejected": f" {s} no"} for s in SUBJECTS]
+
+
+def write_synthetic_preferences(tmp_path):
+    """12 training pairs (pairs.jsonl) and 4 held-out ones with other prompts (val.jsonl)."""
+    write_rows(tmp_path / "pairs.jsonl", SYNTHETIC[:12])
+    write_rows(tmp_path / "val.jsonl", SYNTHETIC[12:])
+
+
 def make_reference(base, out, seed=7):
     """The base with every weight perturbed: a reference that differs from the policy."""
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -183,12 +196,7 @@ def test_dpo_learns_synthetic_preferences(lmkit, tmp_path):
     """Chosen answers end with "yes", rejected ones with "no": after a few dozen LoRA steps the held-out
     pairs (other prompts) are ranked correctly."""
     _, base = make_base(lmkit, tmp_path)
-    subjects = ["the cat", "the dog", "the mat", "the log", "one", "two", "three", "the cat and the dog",
-                "the log on the mat", "one plus two", "what is three", "where is the cat", "the dog sat",
-                "the cat sat", "it is one", "on the log"]
-    rows = [{"prompt": f"is it {s}?", "chosen": f" {s} yes", "rejected": f" {s} no"} for s in subjects]
-    write_rows(tmp_path / "pairs.jsonl", rows[:12])
-    write_rows(tmp_path / "val.jsonl", rows[12:])
+    write_synthetic_preferences(tmp_path)
     cfg = dpo_config(tmp_path, base, extra='[lora]\nr = 8\nalpha = 16\ntarget_modules = "all-linear"',
                      dpo="beta = 0.1", steps=30, lr=3e-3, min_lr=3e-3, batch_size=4, eval_every=30)
     text = cfg.read_text().replace("val_fraction = 0.0", f'val = "{tmp_path}/val.jsonl"')

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from test_dpo import PAIRS, first_step, run_config
+from test_dpo import PAIRS, SYNTHETIC, first_step, run_config, write_synthetic_preferences
 from test_finetune import make_base, metrics, write_rows
 
 
@@ -64,12 +64,8 @@ def test_trained_reward_model_loads_in_transformers_and_ranks(lmkit, tmp_path):
     "yes" beat those ending in "no"), ranks held-out pairs, and transformers scores its checkpoint
     as lmkit does."""
     _, base = make_base(lmkit, tmp_path)
-    subjects = ["the cat", "the dog", "the mat", "the log", "one", "two", "three", "the cat and the dog",
-                "the log on the mat", "one plus two", "what is three", "where is the cat", "the dog sat",
-                "the cat sat", "it is one", "on the log"]
-    rows = [{"prompt": f"is it {s}?", "chosen": f" {s} yes", "rejected": f" {s} no"} for s in subjects]
-    write_rows(tmp_path / "pairs.jsonl", rows[:12])
-    write_rows(tmp_path / "val.jsonl", rows[12:])
+    write_synthetic_preferences(tmp_path)
+    rows = SYNTHETIC
     cfg = reward_config(tmp_path, base, steps=30, lr=3e-3, min_lr=3e-3, batch_size=4, eval_every=30)
     cfg.write_text(cfg.read_text().replace("val_fraction = 0.0", f'val = "{tmp_path}/val.jsonl"'))
     lmkit("reward", "train", "--config", cfg)

@@ -227,6 +227,29 @@ impl Decoder {
     }
 }
 
+/// Steps the decoders not yet `done` together ([`Decoder::step_many`]) until every one is
+/// (`done[i]` marks decoder i finished, before and after); returns how many rounds it took.
+pub fn finish_all(model: &CausalLm, decoders: &mut [Decoder], done: &mut [bool]) -> Result<usize> {
+    let mut rounds = 0;
+    while done.iter().any(|d| !d) {
+        let mut live: Vec<&mut Decoder> = decoders
+            .iter_mut()
+            .zip(done.iter())
+            .filter(|(_, d)| !**d)
+            .map(|(dec, _)| dec)
+            .collect();
+        let stepped = Decoder::step_many(model, &mut live);
+        let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
+        for (i, s) in idx.into_iter().zip(stepped) {
+            if let Step::Done(_) = s? {
+                done[i] = true;
+            }
+        }
+        rounds += 1;
+    }
+    Ok(rounds)
+}
+
 /// Generates up to `max_tokens` tokens after `prompt`. `on_token` sees each new token with all
 /// tokens generated so far and returns false to stop. Returns the generated ids and why it stopped.
 pub fn generate(

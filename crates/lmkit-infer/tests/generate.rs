@@ -220,24 +220,8 @@ fn batched_steps_equal_one_sequence_at_a_time() {
             })
             .collect();
         let mut done = vec![false; ds.len()];
-        let mut rounds = 0;
-        while done.iter().any(|d| !d) {
-            let mut live: Vec<&mut lmkit_infer::Decoder> = ds
-                .iter_mut()
-                .zip(&done)
-                .filter(|(_, d)| !**d)
-                .map(|(d, _)| d)
-                .collect();
-            let res = lmkit_infer::Decoder::step_many(&m, &mut live);
-            let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
-            for (i, r) in idx.into_iter().zip(res) {
-                if matches!(r.unwrap(), lmkit_infer::Step::Done(_)) {
-                    done[i] = true;
-                }
-            }
-            rounds += 1;
-            assert!(rounds < 50);
-        }
+        let rounds = lmkit_infer::finish_all(&m, &mut ds, &mut done).unwrap();
+        assert!(rounds < 50);
         for (i, d) in ds.iter().enumerate() {
             assert_eq!(d.generated(), &want[i][..9 - i], "{config} sequence {i}");
         }
@@ -279,21 +263,7 @@ fn a_prefilled_group_samples_as_independent_decoders() {
             .map(|(_, s)| matches!(s, lmkit_infer::Step::Done(_)))
             .collect();
         let mut ds: Vec<lmkit_infer::Decoder> = group.into_iter().map(|(d, _)| d).collect();
-        while done.iter().any(|d| !d) {
-            let mut live: Vec<&mut lmkit_infer::Decoder> = ds
-                .iter_mut()
-                .zip(&done)
-                .filter(|(_, d)| !**d)
-                .map(|(d, _)| d)
-                .collect();
-            let res = lmkit_infer::Decoder::step_many(&m, &mut live);
-            let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
-            for (i, r) in idx.into_iter().zip(res) {
-                if matches!(r.unwrap(), lmkit_infer::Step::Done(_)) {
-                    done[i] = true;
-                }
-            }
-        }
+        lmkit_infer::finish_all(&m, &mut ds, &mut done).unwrap();
         let got: Vec<Vec<u32>> = ds.iter().map(|d| d.generated().to_vec()).collect();
         assert_eq!(got, want);
         assert!(

@@ -21,7 +21,7 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{begin, make_batch, Tuned, Tuning, Vocab};
+use crate::finetune::{begin, predicted_hidden, sequences_batch, Tuned, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::pref::Pair;
 use crate::sft::{self, Example, Format, Renderer, TrainOn};
@@ -121,14 +121,10 @@ pub struct PrefDataConfig {
     pub train: PathBuf,
     #[serde(default)]
     pub val: Option<PathBuf>,
-    #[serde(default = "default_val_fraction")]
+    #[serde(default = "crate::sft::default_val_fraction")]
     pub val_fraction: f64,
     #[serde(default)]
     pub skip_bad: bool,
-}
-
-fn default_val_fraction() -> f64 {
-    0.05
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -241,7 +237,7 @@ pub struct PairLoss {
     pub reward_rejected: f64,
 }
 
-fn sigmoid(x: f64) -> f64 {
+pub(crate) fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
     } else {
@@ -251,7 +247,7 @@ fn sigmoid(x: f64) -> f64 {
 }
 
 /// log σ(x), stable for large |x|.
-fn log_sigmoid(x: f64) -> f64 {
+pub(crate) fn log_sigmoid(x: f64) -> f64 {
     x.min(0.0) - (-x.abs()).exp().ln_1p()
 }
 
@@ -418,12 +414,8 @@ fn batch_loss(spec: &DpoSpec, policy: &[Scored], reference: &[Scored]) -> (f64, 
 /// Each sequence's summed cross-entropy over its scored tokens (its negative log-probability
 /// sum), as graph nodes; the sequences go through the model as one padded batch.
 fn sequences_ce(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<Tensor>> {
-    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
-    let b = make_batch(&rows, false, dev)?;
-    let mut cache = model.single_pass_cache();
-    let h = model.hidden(&b.x, &mut cache)?;
-    let (n, t, c) = h.dims3()?;
-    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    let b = sequences_batch(seqs, dev)?;
+    let h = predicted_hidden(model, &b)?;
     let mut out = Vec::with_capacity(seqs.len());
     let mut at = 0;
     for e in seqs {
@@ -706,14 +698,7 @@ pub fn dpo(
     let spec = &cfg.dpo;
     let dev = lmkit_models::parse_device(&t.device)?;
     let vocab = Vocab::load(base)?;
-    let renderer = Renderer {
-        tokenizer: &vocab.tokenizer,
-        template: vocab.template.as_ref(),
-        eos: vocab.eos.clone(),
-        format: Format::Auto,
-        train_on: TrainOn::Completion,
-        max_tokens: t.seq_len + 1,
-    };
+    let renderer = vocab.renderer(Format::Auto, TrainOn::Completion, t.seq_len + 1);
     let read = |p: &Path| {
         if spec.loss == LossType::Kto {
             read_unpaired(&renderer, p, cfg.data.skip_bad, t.batch_size)

@@ -239,6 +239,24 @@ impl Vocab {
             eos,
         })
     }
+
+    /// How rows become token ids with this vocabulary: rows of `format`, the loss on
+    /// `train_on`, cut to `max_tokens`.
+    pub(crate) fn renderer(
+        &self,
+        format: sft::Format,
+        train_on: sft::TrainOn,
+        max_tokens: usize,
+    ) -> Renderer<'_> {
+        Renderer {
+            tokenizer: &self.tokenizer,
+            template: self.template.as_ref(),
+            eos: self.eos.clone(),
+            format,
+            train_on,
+            max_tokens,
+        }
+    }
 }
 
 /// Loads what is tuned, checking that `train.seq_len` fits the model.
@@ -496,15 +514,27 @@ pub(crate) fn make_batch(rows_of: &[Vec<&Example>], packed: bool, dev: &Device) 
     })
 }
 
-/// The summed cross-entropy of a batch's predicted tokens.
-fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
+/// A batch of whole sequences, one per row.
+pub(crate) fn sequences_batch(seqs: &[&Example], dev: &Device) -> Result<Batch> {
+    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
+    make_batch(&rows, false, dev)
+}
+
+/// The final hidden states [count, dim] at a batch's predicted positions, in `b.targets`'
+/// order (packed rows attend only within their sequences).
+pub(crate) fn predicted_hidden(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     let mut cache = match &b.segments {
         Some(s) => lmkit_models::KvCache::packed(model.num_layers(), s.clone()),
         None => model.single_pass_cache(),
     };
     let h = model.hidden(&b.x, &mut cache)?;
     let (n, t, c) = h.dims3()?;
-    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    Ok(h.reshape((n * t, c))?.index_select(&b.rows, 0)?)
+}
+
+/// The summed cross-entropy of a batch's predicted tokens.
+fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
+    let h = predicted_hidden(model, b)?;
     crate::objective::output_loss_sum(model.output(), &h, &b.targets)
 }
 
@@ -530,14 +560,7 @@ pub fn finetune(
     let base = &cfg.base;
     let dev = lmkit_models::parse_device(&t.device)?;
     let vocab = Vocab::load(base)?;
-    let renderer = Renderer {
-        tokenizer: &vocab.tokenizer,
-        template: vocab.template.as_ref(),
-        eos: vocab.eos.clone(),
-        format: cfg.data.format,
-        train_on: cfg.data.train_on,
-        max_tokens: t.seq_len + 1,
-    };
+    let renderer = vocab.renderer(cfg.data.format, cfg.data.train_on, t.seq_len + 1);
     let sets = sft::read_sets(
         &cfg.data.train,
         cfg.data.val.as_deref(),

@@ -13,7 +13,7 @@ use crate::error::{Result, TrainError};
 use crate::finetune::{load_variables, Output, Tuned, Vocab};
 use crate::metrics::Extra;
 use crate::pref::Pair;
-use crate::sft::{self, Example, Format, Renderer, TrainOn};
+use crate::sft::{self, Example, Format, TrainOn};
 use crate::steps::{Grads, Micro, Validation};
 use crate::Summary;
 use candle_core::{Device, IndexOp, Tensor, Var};
@@ -259,12 +259,7 @@ fn load_reward(
 fn pair_loss(rc: f64, rr: f64, margin: f64, center: f64, n: usize) -> (f64, f64, f64) {
     let n = n.max(1) as f64;
     let z = rc - rr - margin;
-    let ls = z.min(0.0) - (-z.abs()).exp().ln_1p();
-    let s = if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        z.exp() / (1.0 + z.exp())
-    };
+    let (ls, s) = (crate::dpo::log_sigmoid(z), crate::dpo::sigmoid(z));
     let c = (rc + rr) * (rc + rr);
     let dc = 2.0 * center * (rc + rr);
     let loss = (-ls + center * c) / n;
@@ -280,19 +275,6 @@ pub struct RewardReport {
     pub truncated: usize,
 }
 
-/// The rendering of preference rows for a reward model: whole sequences (prompt and
-/// completion), cut to `max_tokens`.
-fn renderer(vocab: &Vocab, max_tokens: usize) -> Renderer<'_> {
-    Renderer {
-        tokenizer: &vocab.tokenizer,
-        template: vocab.template.as_ref(),
-        eos: vocab.eos.clone(),
-        format: Format::Auto,
-        train_on: TrainOn::Completion,
-        max_tokens,
-    }
-}
-
 /// Trains a reward model per `cfg`.
 pub fn train(
     cfg: &RewardConfig,
@@ -302,7 +284,8 @@ pub fn train(
     let t = &cfg.train;
     let dev = lmkit_models::parse_device(&t.device)?;
     let vocab = Vocab::load(&cfg.base)?;
-    let r = renderer(&vocab, t.seq_len);
+    // Whole sequences (prompt and completion), cut to train.seq_len.
+    let r = vocab.renderer(Format::Auto, TrainOn::Completion, t.seq_len);
     let read = |p: &Path| sft::read_with(p, cfg.data.skip_bad, |v| r.pair(v), Pair::scorable);
     let sets = sft::read_sets(
         &cfg.data.train,
@@ -469,10 +452,7 @@ pub fn score_file(
     let model = &lmkit_models::resolve_checkpoint(model);
     let vocab = Vocab::load(model)?;
     let rm = RewardModel::load(model, &dev)?;
-    let r = Renderer {
-        train_on: TrainOn::Prompt,
-        ..renderer(&vocab, max_tokens)
-    };
+    let r = vocab.renderer(Format::Auto, TrainOn::Prompt, max_tokens);
     let (rows, what) = sft::read_rows(input)?;
     progress.begin("scoring", rows.len() as u64, lmkit_core::Unit::Items);
     let mut out = Vec::with_capacity(rows.len());

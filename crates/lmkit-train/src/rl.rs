@@ -17,7 +17,7 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{begin, make_batch, Tuning, Vocab};
+use crate::finetune::{begin, predicted_hidden, sequences_batch, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::reward::RewardModel;
 use crate::sft::{self, Example};
@@ -299,12 +299,8 @@ pub fn token_loss(advantage: f64, lp: f64, reference: Option<f64>, beta: f64) ->
 /// The log-probabilities of the scored tokens of `seqs` (one padded batch), sequence after
 /// sequence, with their graph (for the policy).
 fn token_logps(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Tensor> {
-    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
-    let b = make_batch(&rows, false, dev)?;
-    let mut cache = model.single_pass_cache();
-    let h = model.hidden(&b.x, &mut cache)?;
-    let (n, t, c) = h.dims3()?;
-    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    let b = sequences_batch(seqs, dev)?;
+    let h = predicted_hidden(model, &b)?;
     let rows = 128.max((16 << 20) / (4 * model.output().dims()?.0.max(1)));
     let mut parts = Vec::new();
     for start in (0..b.count).step_by(rows) {
@@ -319,12 +315,8 @@ fn token_logps(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Tens
 
 /// The log-probabilities of the scored tokens of `seqs`, without gradient (for the reference).
 fn token_logps_value(model: &CausalLm, seqs: &[&Example], dev: &Device) -> Result<Vec<f32>> {
-    let rows: Vec<Vec<&Example>> = seqs.iter().map(|&e| vec![e]).collect();
-    let b = make_batch(&rows, false, dev)?;
-    let mut cache = model.single_pass_cache();
-    let h = model.hidden(&b.x, &mut cache)?.detach();
-    let (n, t, c) = h.dims3()?;
-    let h = h.reshape((n * t, c))?.index_select(&b.rows, 0)?;
+    let b = sequences_batch(seqs, dev)?;
+    let h = predicted_hidden(model, &b)?.detach();
     let logits = model.output().forward(&h)?.detach();
     let targets: Vec<u32> = b.targets.to_vec1()?;
     Ok(lmkit_kernels::fused::target_log_probs(&logits, &targets)?)
@@ -498,21 +490,8 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
                 decoders.push(d);
             }
         }
-        while done.iter().any(|d| !d) {
-            let mut active: Vec<&mut Decoder> = decoders
-                .iter_mut()
-                .zip(&done)
-                .filter(|(_, d)| !**d)
-                .map(|(dec, _)| dec)
-                .collect();
-            let stepped = Decoder::step_many(model, &mut active);
-            let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
-            for (i, s) in idx.into_iter().zip(stepped) {
-                if let Step::Done(_) = s.map_err(|e| TrainError::Data(e.to_string()))? {
-                    done[i] = true;
-                }
-            }
-        }
+        lmkit_infer::finish_all(model, &mut decoders, &mut done)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         let samples: Vec<Sample> = decoders
             .iter()
             .enumerate()

@@ -448,7 +448,7 @@ pub struct SftDataConfig {
     pub pack: bool,
 }
 
-fn default_val_fraction() -> f64 {
+pub(crate) fn default_val_fraction() -> f64 {
     0.05
 }
 
