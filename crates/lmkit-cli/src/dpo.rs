@@ -2,7 +2,7 @@
 //! pairs, all parameters or LoRA adapters.
 
 use crate::progress::Bar;
-use crate::train::{report, stop_on_signals, RunArgs};
+use crate::train::{report, report_data, stop_on_signals, TuneArgs};
 use anyhow::Result;
 use clap::Args;
 use lmkit_train::DpoConfig;
@@ -28,44 +28,31 @@ use lmkit_train::DpoConfig;
 )]
 pub struct DpoArgs {
     #[command(flatten)]
-    run: RunArgs,
-    /// Leave out (and count) rows that cannot be read, instead of stopping at the first
-    #[arg(long)]
-    skip_bad: bool,
+    tune: TuneArgs,
 }
 
 pub fn run(a: DpoArgs) -> Result<()> {
-    let mut overrides = a.run.overrides();
-    if a.skip_bad {
-        overrides.push("data.skip_bad=true".into());
-    }
-    let cfg = DpoConfig::load(&a.run.config, &overrides)?;
+    let a = a.tune;
+    let cfg = DpoConfig::load(&a.run.config, &a.overrides())?;
     stop_on_signals();
     let (s, data) = lmkit_train::dpo(&cfg, a.run.start(), &Bar::default())?;
-    let mut notes = Vec::new();
-    if data.bad > 0 {
-        notes.push(format!("{} bad rows left out", data.bad));
-    }
-    if data.empty > 0 {
-        notes.push(format!(
-            "{} pairs with a side left without completion tokens",
-            data.empty
-        ));
-    }
-    if data.truncated > 0 {
-        notes.push(format!("{} pairs cut to train.seq_len", data.truncated));
-    }
-    eprintln!(
-        "data: {} training and {} validation pairs{}",
-        data.train_pairs,
-        data.val_pairs,
-        notes.iter().map(|n| format!(", {n}")).collect::<String>()
+    report_data(
+        &format!(
+            "{} training and {} validation pairs",
+            data.train_pairs, data.val_pairs
+        ),
+        &[
+            (data.bad, "bad rows left out"),
+            (
+                data.empty,
+                "pairs with a side left without completion tokens",
+            ),
+            (data.truncated, "pairs cut to train.seq_len"),
+        ],
+        &data.bad_samples,
     );
     if let Some(r) = &data.reference {
         eprintln!("reference log-probabilities: {r}");
-    }
-    for b in &data.bad_samples {
-        eprintln!("  bad row: {b}");
     }
     report(&s, &cfg.train.out_dir);
     Ok(())

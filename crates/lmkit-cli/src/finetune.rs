@@ -2,7 +2,7 @@
 //! saved in PEFT's format).
 
 use crate::progress::Bar;
-use crate::train::{report, stop_on_signals, RunArgs};
+use crate::train::{report, report_data, stop_on_signals, TuneArgs};
 use anyhow::Result;
 use clap::Args;
 use lmkit_train::FinetuneConfig;
@@ -24,52 +24,36 @@ use lmkit_train::FinetuneConfig;
 )]
 pub struct FinetuneArgs {
     #[command(flatten)]
-    run: RunArgs,
+    tune: TuneArgs,
     /// Which tokens the loss is taken on: the answers (completion, the default) or every token
     /// of the rendered rows (prompt); shorthand for --set data.train_on=...
     #[arg(long, value_parser = ["completion", "prompt"])]
     train_on: Option<String>,
-    /// Leave out (and count) rows that cannot be read, instead of stopping at the first
-    #[arg(long)]
-    skip_bad: bool,
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    let mut overrides = a.run.overrides();
+    let mut overrides = a.tune.overrides();
     if let Some(t) = &a.train_on {
         overrides.push(format!("data.train_on=\"{t}\""));
     }
-    if a.skip_bad {
-        overrides.push("data.skip_bad=true".into());
-    }
+    let a = a.tune;
     let cfg = FinetuneConfig::load(&a.run.config, &overrides)?;
     stop_on_signals();
     let (s, data) = lmkit_train::finetune(&cfg, a.run.start(), &Bar::default())?;
-    eprintln!(
-        "data: {} training and {} validation examples{}{}{}",
-        data.train_examples,
-        data.val_examples,
-        if data.bad > 0 {
-            format!(", {} bad rows left out", data.bad)
-        } else {
-            String::new()
-        },
-        if data.empty > 0 {
-            format!(", {} rows with nothing to predict", data.empty)
-        } else {
-            String::new()
-        },
-        if data.truncated > 0 {
-            format!(", {} rows cut to train.seq_len", data.truncated)
-        } else {
-            String::new()
-        },
+    report_data(
+        &format!(
+            "{} training and {} validation examples",
+            data.train_examples, data.val_examples
+        ),
+        &[
+            (data.bad, "bad rows left out"),
+            (data.empty, "rows with nothing to predict"),
+            (data.truncated, "rows cut to train.seq_len"),
+        ],
+        &data.bad_samples,
     );
     if let Some(v) = data.val_loss_before {
         eprintln!("validation loss before tuning {v:.4}");
-    }
-    for b in &data.bad_samples {
-        eprintln!("  bad row: {b}");
     }
     report(&s, &cfg.train.out_dir);
     Ok(())

@@ -1,7 +1,7 @@
 //! `lmkit reward`: reward models on preference pairs (train), and rewards of texts (score).
 
 use crate::progress::Bar;
-use crate::train::{report, stop_on_signals, RunArgs};
+use crate::train::{report, report_data, stop_on_signals, TuneArgs};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -30,10 +30,7 @@ pub enum RewardCommand {
 )]
 pub struct TrainArgs {
     #[command(flatten)]
-    run: RunArgs,
-    /// Leave out (and count) rows that cannot be read, instead of stopping at the first
-    #[arg(long)]
-    skip_bad: bool,
+    tune: TuneArgs,
 }
 
 #[derive(Args)]
@@ -53,31 +50,21 @@ pub struct ScoreArgs {
 pub fn run(cmd: RewardCommand) -> Result<()> {
     match cmd {
         RewardCommand::Train(a) => {
-            let mut overrides = a.run.overrides();
-            if a.skip_bad {
-                overrides.push("data.skip_bad=true".into());
-            }
-            let cfg = lmkit_train::reward::RewardConfig::load(&a.run.config, &overrides)?;
+            let a = a.tune;
+            let cfg = lmkit_train::reward::RewardConfig::load(&a.run.config, &a.overrides())?;
             stop_on_signals();
             let (s, data) = lmkit_train::reward::train(&cfg, a.run.start(), &Bar::default())?;
-            eprintln!(
-                "data: {} training and {} validation pairs{}{}",
-                data.train_pairs,
-                data.val_pairs,
-                if data.bad > 0 {
-                    format!(", {} bad rows left out", data.bad)
-                } else {
-                    String::new()
-                },
-                if data.truncated > 0 {
-                    format!(", {} pairs cut to train.seq_len", data.truncated)
-                } else {
-                    String::new()
-                }
+            report_data(
+                &format!(
+                    "{} training and {} validation pairs",
+                    data.train_pairs, data.val_pairs
+                ),
+                &[
+                    (data.bad, "bad rows left out"),
+                    (data.truncated, "pairs cut to train.seq_len"),
+                ],
+                &data.bad_samples,
             );
-            for b in &data.bad_samples {
-                eprintln!("  bad row: {b}");
-            }
             report(&s, &cfg.train.out_dir);
         }
         RewardCommand::Score(a) => {

@@ -1,7 +1,7 @@
 //! `lmkit rl`: online reinforcement learning (GRPO) with rewards from rules or a reward model.
 
 use crate::progress::Bar;
-use crate::train::{report, stop_on_signals, RunArgs};
+use crate::train::{report, report_data, stop_on_signals, TuneArgs};
 use anyhow::Result;
 use clap::Args;
 use lmkit_train::rl::RlConfig;
@@ -22,32 +22,19 @@ use lmkit_train::rl::RlConfig;
 )]
 pub struct RlArgs {
     #[command(flatten)]
-    run: RunArgs,
-    /// Leave out (and count) prompt rows that cannot be read, instead of stopping at the first
-    #[arg(long)]
-    skip_bad: bool,
+    tune: TuneArgs,
 }
 
 pub fn run(a: RlArgs) -> Result<()> {
-    let mut overrides = a.run.overrides();
-    if a.skip_bad {
-        overrides.push("data.skip_bad=true".into());
-    }
-    let cfg = RlConfig::load(&a.run.config, &overrides)?;
+    let a = a.tune;
+    let cfg = RlConfig::load(&a.run.config, &a.overrides())?;
     stop_on_signals();
     let (s, data) = lmkit_train::rl::rl(&cfg, a.run.start(), &Bar::default())?;
-    eprintln!(
-        "data: {} prompts{}",
-        data.prompts,
-        if data.bad > 0 {
-            format!(", {} bad rows left out", data.bad)
-        } else {
-            String::new()
-        }
+    report_data(
+        &format!("{} prompts", data.prompts),
+        &[(data.bad, "bad rows left out")],
+        &data.bad_samples,
     );
-    for b in &data.bad_samples {
-        eprintln!("  bad row: {b}");
-    }
     report(&s, &cfg.train.out_dir);
     Ok(())
 }

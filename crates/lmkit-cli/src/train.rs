@@ -68,6 +68,41 @@ impl RunArgs {
     }
 }
 
+/// The options of the tuning commands, which read data rows: [`RunArgs`] and `--skip-bad`.
+#[derive(Args)]
+pub(crate) struct TuneArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Leave out (and count) rows that cannot be read, instead of stopping at the first
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+impl TuneArgs {
+    /// The overrides, `--skip-bad` among them.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut overrides = self.run.overrides();
+        if self.skip_bad {
+            overrides.push("data.skip_bad=true".into());
+        }
+        overrides
+    }
+}
+
+/// What a tuning command read: `read` ("12 training and 2 validation pairs"), each count in
+/// `counts` that is not zero with what it counts, and the first bad rows.
+pub(crate) fn report_data(read: &str, counts: &[(usize, &str)], bad_samples: &[String]) {
+    let notes: String = counts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!(", {n} {what}"))
+        .collect();
+    eprintln!("data: {read}{notes}");
+    for b in bad_samples {
+        eprintln!("  bad row: {b}");
+    }
+}
+
 /// What a finished run prints.
 pub(crate) fn report(s: &lmkit_train::Summary, out: &std::path::Path) {
     eprintln!(
