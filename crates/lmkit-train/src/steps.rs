@@ -39,29 +39,30 @@ impl Grads {
         }
     }
 
+    /// Adds `g` to the sum of parameter `i`'s gradient.
+    fn accumulate(&mut self, i: usize, g: Tensor) -> Result<()> {
+        let acc = &mut self.sums[i];
+        *acc = Some(match acc.take() {
+            Some(a) => (a + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+
     /// Adds `g` to the gradient of the parameter whose tensor is `param` (others are ignored).
     pub(crate) fn add(&mut self, param: TensorId, g: Tensor) -> Result<()> {
-        if let Some(&i) = self.index.get(&param) {
-            let acc = &mut self.sums[i];
-            *acc = Some(match acc.take() {
-                Some(a) => (a + g)?,
-                None => g,
-            });
+        match self.index.get(&param) {
+            Some(&i) => self.accumulate(i, g),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Differentiates `loss` and adds every parameter's gradient.
     pub(crate) fn backward(&mut self, loss: &Tensor) -> Result<()> {
-        let g: GradStore = loss.backward()?;
-        for (i, p) in self.params.iter().enumerate() {
-            if let Some(gi) = g.get(p) {
-                let acc = &mut self.sums[i];
-                let gi = gi.detach();
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + gi)?,
-                    None => gi,
-                });
+        let g = self.gradients_of(loss)?;
+        for (i, gi) in g.into_iter().enumerate() {
+            if let Some(gi) = gi {
+                self.accumulate(i, gi)?;
             }
         }
         Ok(())
@@ -80,13 +81,9 @@ impl Grads {
 
     /// Adds `scale` times gradients from [`Grads::gradients_of`] to the step's sums.
     pub(crate) fn add_scaled(&mut self, g: Vec<Option<Tensor>>, scale: f64) -> Result<()> {
-        for (acc, gi) in self.sums.iter_mut().zip(g) {
+        for (i, gi) in g.into_iter().enumerate() {
             if let Some(gi) = gi {
-                let gi = (gi * scale)?;
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + gi)?,
-                    None => gi,
-                });
+                self.accumulate(i, (gi * scale)?)?;
             }
         }
         Ok(())
