@@ -102,13 +102,11 @@ impl Decoder {
             return Ok(Vec::new());
         };
         let mut lead = Decoder::new(model, prompt, first.clone())?;
-        let last: Option<Vec<f32>> = if lead.limit().is_none() {
-            let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-            let logits = model.forward_last(&input, &mut lead.cache)?;
-            Some(logits.flatten_all()?.to_vec1()?)
-        } else {
-            None
-        };
+        let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+        let last: Vec<f32> = model
+            .forward_last(&input, &mut lead.cache)?
+            .flatten_all()?
+            .to_vec1()?;
         let mut out = Vec::with_capacity(opts.len());
         for o in opts {
             o.sampling.validate().map_err(InferError::Invalid)?;
@@ -121,10 +119,9 @@ impl Decoder {
                 opts: o,
                 stopped_by: None,
             };
-            let step = match (d.limit(), &last) {
-                (Some(why), _) => Step::Done(why),
-                (None, Some(last)) => d.take(last),
-                (None, None) => Step::Done(Finish::Length),
+            let step = match d.limit() {
+                Some(why) => Step::Done(why),
+                None => d.take(&last),
             };
             out.push((d, step));
         }
