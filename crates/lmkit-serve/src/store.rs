@@ -386,6 +386,21 @@ impl Store {
         })
     }
 
+    /// Writes `lines` to `out` as JSONL; returns how many.
+    fn write_lines(
+        &self,
+        out: &mut dyn Write,
+        lines: impl Iterator<Item = serde_json::Value>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for line in lines {
+            writeln!(out, "{line}")
+                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Writes every rated completion as a JSONL line `{"prompt", "completion", "label"}` (label:
     /// rated above 0), the unpaired rows KTO reads; returns how many.
     pub fn export_ratings(&self, out: &mut dyn Write) -> Result<usize> {
@@ -397,12 +412,12 @@ impl Store {
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })?;
-        for (prompt, completion, rating) in &rows {
-            let line = serde_json::json!({ "prompt": prompt, "completion": completion, "label": *rating > 0 });
-            writeln!(out, "{line}")
-                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
-        }
-        Ok(rows.len())
+        self.write_lines(
+            out,
+            rows.iter().map(|(prompt, completion, rating)| {
+                serde_json::json!({ "prompt": prompt, "completion": completion, "label": *rating > 0 })
+            }),
+        )
     }
 
     /// Writes every preference pair as a JSONL line `{"prompt", "chosen", "rejected"}`; returns
@@ -417,13 +432,12 @@ impl Store {
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })?;
-        for (prompt, chosen, rejected) in &rows {
-            let line =
-                serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected });
-            writeln!(out, "{line}")
-                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
-        }
-        Ok(rows.len())
+        self.write_lines(
+            out,
+            rows.iter().map(|(prompt, chosen, rejected)| {
+                serde_json::json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected })
+            }),
+        )
     }
 }
 
