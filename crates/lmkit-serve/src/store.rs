@@ -318,21 +318,21 @@ impl Store {
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
         })?;
-        for (prompt, messages, correction) in &rows {
-            let chat: Option<Vec<serde_json::Value>> = messages
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok());
-            let line = match chat {
-                Some(mut msgs) if !msgs.is_empty() => {
-                    msgs.push(serde_json::json!({"role": "assistant", "content": correction}));
-                    serde_json::json!({ "messages": msgs })
+        self.write_lines(
+            out,
+            rows.iter().map(|(prompt, messages, correction)| {
+                let chat: Option<Vec<serde_json::Value>> = messages
+                    .as_deref()
+                    .and_then(|m| serde_json::from_str(m).ok());
+                match chat {
+                    Some(mut msgs) if !msgs.is_empty() => {
+                        msgs.push(serde_json::json!({"role": "assistant", "content": correction}));
+                        serde_json::json!({ "messages": msgs })
+                    }
+                    _ => serde_json::json!({ "prompt": prompt, "completion": correction }),
                 }
-                _ => serde_json::json!({ "prompt": prompt, "completion": correction }),
-            };
-            writeln!(out, "{line}")
-                .map_err(|e| StoreError::Io(lmkit_core::PathError::new(self.path.clone(), e)))?;
-        }
-        Ok(rows.len())
+            }),
+        )
     }
 
     /// Two different completions of one prompt, for a person to pick the better one.
