@@ -19,39 +19,8 @@ const AHEAD: usize = 8;
 mod avx2 {
     use super::AHEAD;
     use crate::simd::prefetch;
+    use crate::vector::avx2::dot;
     use std::arch::x86_64::*;
-
-    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains.
-    #[target_feature(enable = "avx2,fma")]
-    fn dot(x: &[f32], y: &[f32]) -> f32 {
-        let n = x.len().min(y.len());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n, the length of both slices.
-            unsafe {
-                a0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    _mm256_loadu_ps(y.as_ptr().add(i)),
-                    a0,
-                );
-                a1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(y.as_ptr().add(i + 8)),
-                    a1,
-                );
-            }
-            i += 16;
-        }
-        let a = _mm256_add_ps(a0, a1);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-        for j in i..n {
-            s += x[j] * y[j];
-        }
-        s
-    }
 
     /// o ← Σⱼ pⱼ·vⱼ (row j of `v` at j·stride, d values): 64 columns at a time, held in eight
     /// registers across all the rows.

@@ -9,6 +9,7 @@
 //! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
+//! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
 //!
 //! Each kernel runs on CPU f32/f64 tensors and reports "not mine" (or falls back to composed
@@ -23,6 +24,7 @@ pub mod fused;
 pub mod quant;
 pub mod simd;
 pub mod system;
+pub mod vector;
 
 #[doc(hidden)]
 pub mod testing;

@@ -1,0 +1,132 @@
+//! Sentence embeddings for the index: a BERT-family encoder pooled as its sentence-transformers
+//! configuration says, batched by length (little padding) and always unit length, so that inner
+//! product is cosine similarity.
+
+use crate::{RagError, Result};
+use lmkit_models::bert::Bert;
+use lmkit_models::Device;
+use std::path::{Path, PathBuf};
+
+pub struct Embedder {
+    model: Bert,
+    tk: lmkit_tokenize::Tokenizer,
+    dev: Device,
+    pub dir: PathBuf,
+    /// Text tokens read per text (the model's limit less its special tokens).
+    pub max_tokens: usize,
+    pub dim: usize,
+    /// A hash of the configuration, tokenizer and weight files: an index answers queries
+    /// only with the model that built it.
+    pub fingerprint: String,
+}
+
+fn model_err(dir: &Path, e: impl std::fmt::Display) -> RagError {
+    RagError::Model(format!("{}: {e}", dir.display()))
+}
+
+/// xxh3 of the files that decide the vectors.
+fn fingerprint(dir: &Path) -> Result<String> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut names: Vec<PathBuf> = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| lmkit_core::PathError::new(dir, e))? {
+        let p = e.map_err(|e| lmkit_core::PathError::new(dir, e))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".safetensors")
+            || matches!(
+                name,
+                "config.json" | "tokenizer.json" | "modules.json" | "sentence_bert_config.json"
+            )
+        {
+            names.push(p);
+        }
+    }
+    let pooling = dir.join("1_Pooling").join("config.json");
+    if pooling.exists() {
+        names.push(pooling);
+    }
+    names.sort();
+    for p in names {
+        let bytes = lmkit_core::mmap::map_readonly(&p)?;
+        h.update(
+            p.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
+        h.update(&bytes);
+    }
+    Ok(format!("{:016x}", h.digest()))
+}
+
+impl Embedder {
+    pub fn load(dir: &Path) -> Result<Embedder> {
+        let dir = lmkit_models::resolve_checkpoint(dir);
+        let dev = Device::Cpu;
+        let model = Bert::load(&dir, &dev).map_err(|e| model_err(&dir, e))?;
+        let tk = lmkit_tokenize::load(&dir).map_err(|e| model_err(&dir, e))?;
+        let limit = model
+            .pooling
+            .max_seq_length
+            .unwrap_or(usize::MAX)
+            .min(model.cfg.max_tokens());
+        let specials = lmkit_tokenize::encode_with_specials(&tk, &[String::new()], limit)
+            .map_err(|e| model_err(&dir, e))?[0]
+            .len();
+        if limit <= specials + 8 {
+            return Err(model_err(
+                &dir,
+                format!("reads only {limit} tokens per text"),
+            ));
+        }
+        Ok(Embedder {
+            dim: model.cfg.hidden_size,
+            fingerprint: fingerprint(&dir)?,
+            max_tokens: limit - specials,
+            model,
+            tk,
+            dev,
+            dir,
+        })
+    }
+
+    /// Tokens of `text` without special tokens.
+    pub fn count(&self, text: &str) -> usize {
+        self.tk
+            .encode(text, false)
+            .map(|e| e.len())
+            .unwrap_or(text.len())
+    }
+
+    /// Unit vectors for `texts`, in order, `batch` texts per forward pass (sorted by length);
+    /// `progress` is told how many are done after each batch.
+    pub fn embed(
+        &self,
+        texts: &[String],
+        batch: usize,
+        progress: &dyn Fn(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        let mut done = 0;
+        for group in order.chunks(batch.max(1)) {
+            let part: Vec<String> = group.iter().map(|&i| texts[i].clone()).collect();
+            let v = lmkit_infer::embed_texts(&self.model, &self.tk, &part, &self.dev)
+                .map_err(|e| model_err(&self.dir, e))?;
+            for (&i, mut e) in group.iter().zip(v) {
+                normalize(&mut e);
+                out[i] = e;
+            }
+            done += group.len();
+            progress(done);
+        }
+        Ok(out)
+    }
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
