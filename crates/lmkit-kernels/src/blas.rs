@@ -582,7 +582,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
 
 /// A raw pointer that parallel tasks share, each writing its own disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedOut<T>(*mut T);
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
 // SAFETY: used only for writes of `T` values to disjoint elements (see each use), which is
 // sound when `T` itself may be sent to another thread.
 unsafe impl<T: Send> Send for SharedOut<T> {}
@@ -591,7 +591,7 @@ unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 impl<T> SharedOut<T> {
     /// The element `i` places on (a method, so closures capture the Send/Sync wrapper).
-    fn at(&self, i: usize) -> *mut T {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }
@@ -600,7 +600,7 @@ impl<T> SharedOut<T> {
 ///
 /// # Safety
 /// As [`gemm_raw_beta`].
-unsafe fn gemm_raw<T: Copy + Default>(
+pub(crate) unsafe fn gemm_raw<T: Copy + Default>(
     gemm: Gemm<T>,
     one: T,
     mnk: (usize, usize, usize),

@@ -271,6 +271,7 @@ fn c<T: Float>(v: f64) -> T {
 pub trait FastMath: Float + Send + Sync {
     fn tanh_fast(self) -> Self;
     fn exp_fast(self) -> Self;
+    fn erf_fast(self) -> Self;
 }
 
 impl FastMath for f64 {
@@ -279,6 +280,9 @@ impl FastMath for f64 {
     }
     fn exp_fast(self) -> f64 {
         self.exp()
+    }
+    fn erf_fast(self) -> f64 {
+        candle_core::cpu::erf::erf_f64(self)
     }
 }
 
@@ -331,6 +335,40 @@ impl FastMath for f32 {
         } else {
             scaled
         }
+    }
+
+    /// erf x as a rational function x·P(x²)/Q(x²) on [−4, 4] (±1 beyond, to f32 precision):
+    /// the approximation of Eigen's `generic_fast_erf_float` (|error| < 5e-7, see the test),
+    /// branch-free so that loops over it vectorise.
+    #[inline(always)]
+    fn erf_fast(self) -> f32 {
+        const A: [f32; 7] = [
+            -2.726_142_3e-10,
+            2.770_681_4e-8,
+            -2.101_024e-6,
+            -5.692_506_4e-5,
+            -7.349_906_3e-4,
+            -2.954_600_1e-3,
+            -1.609_603_3e-2,
+        ];
+        const B: [f32; 5] = [
+            -1.456_607_2e-5,
+            -2.133_740_6e-4,
+            -1.682_827e-3,
+            -7.373_329_4e-3,
+            -1.426_474e-2,
+        ];
+        let x = self.clamp(-4.0, 4.0);
+        let x2 = x * x;
+        let mut p = A[0];
+        for &a in &A[1..] {
+            p = p * x2 + a;
+        }
+        let mut q = B[0];
+        for &b in &B[1..] {
+            q = q * x2 + b;
+        }
+        x * p / q
     }
 }
 
@@ -424,6 +462,91 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
         return x.contiguous()?.apply_op1(Gelu);
     }
     x.gelu()
+}
+
+// ---------------------------------------------------------------- exact GELU
+
+/// The exact GELU, x·Φ(x) = ½x(1 + erf(x/√2)) (BERT's `gelu`): candle computes it with a scalar
+/// libm erf per value. Backward: Φ(x) + x·φ(x).
+struct GeluErf;
+struct GeluErfBwd;
+
+simd_versions! {
+    /// One block of the forward: o = ½x(1 + erf(x/√2)).
+    fn gelu_erf_block<T: FastMath>(x: &[T], o: &mut [T]) {
+        let (half, r2) = (c::<T>(0.5), c::<T>(std::f64::consts::FRAC_1_SQRT_2));
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = half * v * (T::one() + (v * r2).erf_fast());
+        }
+    }
+}
+
+simd_versions! {
+    /// One block of the backward: o = g·(½(1 + erf(x/√2)) + x·e^(−x²/2)/√(2π)).
+    fn gelu_erf_bwd_block<T: FastMath>(x: &[T], g: &[T], o: &mut [T]) {
+        let (half, r2) = (c::<T>(0.5), c::<T>(std::f64::consts::FRAC_1_SQRT_2));
+        let inv = c::<T>(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+        for ((o, &v), &gi) in o.iter_mut().zip(x).zip(g) {
+            let d = half * (T::one() + (v * r2).erf_fast()) + v * inv * (-half * v * v).exp_fast();
+            *o = gi * d;
+        }
+    }
+}
+
+/// y = x·Φ(x).
+pub fn gelu_erf_fwd<T: FastMath + Default>(x: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(x.par_chunks(BLOCK))
+        .for_each(|(o, x)| gelu_erf_block(x, o));
+    out
+}
+
+/// dy/dx · g for the exact GELU.
+pub fn gelu_erf_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
+        .for_each(|(o, (x, g))| gelu_erf_bwd_block(x, g, o));
+    out
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "lmkit-gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        unary_kernel!(s, l, gelu_erf_fwd)
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&dy.contiguous()?, &GeluErfBwd)?,
+        ))
+    }
+}
+
+impl CustomOp2 for GeluErfBwd {
+    fn name(&self) -> &'static str {
+        "lmkit-gelu-erf-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        binary_kernel!(s1, l1, s2, l2, gelu_erf_bwd)
+    }
+}
+
+/// The exact (erf) GELU.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(x) {
+        return x.contiguous()?.apply_op1(GeluErf);
+    }
+    x.gelu_erf()
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -1572,6 +1695,22 @@ mod tests {
                 .unwrap()
         };
         assert!(diff(gelu_tanh(&x).unwrap(), x.gelu().unwrap()) < 1e-5);
+        assert!(diff(gelu_erf(&x).unwrap(), x.gelu_erf().unwrap()) < 1e-6);
+        let worst_erf = (-60_000..=60_000)
+            .map(|i| {
+                let x = (i as f64 * 1e-4) as f32;
+                (x.erf_fast() as f64 - candle_core::cpu::erf::erf_f64(x as f64)).abs()
+            })
+            .fold(0f64, f64::max);
+        assert!(worst_erf < 5e-7, "f32 erf approximation off by {worst_erf}");
+        // The backward against a central difference of the f64 forward.
+        let xs: Vec<f64> = (-40..=40).map(|i| i as f64 * 0.1).collect();
+        let g = gelu_erf_bwd(&xs, &vec![1.0; xs.len()]);
+        for (x, d) in xs.iter().zip(g) {
+            let h = 1e-6;
+            let num = (gelu_erf_fwd(&[x + h])[0] - gelu_erf_fwd(&[x - h])[0]) / (2.0 * h);
+            assert!((num - d).abs() < 1e-8, "x {x}: {d} vs {num}");
+        }
         let worst = (-120_000..=120_000)
             .map(|i| {
                 let x = i as f64 * 1e-4;

@@ -6,6 +6,8 @@
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
 //!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
 //!   run time ([`simd`]), wrapped as candle custom ops with analytic backward passes.
+//! - [`padded_attention`]: encoder self-attention over a padded batch, each sequence over its
+//!   own tokens (inference).
 //! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
@@ -21,6 +23,7 @@ pub mod attend;
 pub mod blas;
 pub mod buffers;
 pub mod fused;
+pub mod padded_attention;
 pub mod quant;
 pub mod simd;
 pub mod system;

@@ -241,6 +241,8 @@ struct Layer {
     out_norm: LayerNorm,
     heads: usize,
     act: String,
+    /// query | key | value as one layer, made on first use by the inference path.
+    qkv: std::sync::OnceLock<Option<Linear>>,
 }
 
 impl Layer {
@@ -258,7 +260,50 @@ impl Layer {
             out_norm: LayerNorm::new(h, eps, vb.pp("output.LayerNorm"))?,
             heads: cfg.num_attention_heads,
             act: cfg.hidden_act.clone(),
+            qkv: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The three projections stacked ([3h, h]), unless one carries a LoRA adapter.
+    fn stacked_qkv(&self) -> candle_core::Result<Option<&Linear>> {
+        if let Some(l) = self.qkv.get() {
+            return Ok(l.as_ref());
+        }
+        let parts = [&self.query, &self.key, &self.value];
+        let made = if parts.iter().any(|p| p.lora().is_some()) {
+            None
+        } else {
+            let w: Vec<Tensor> = parts
+                .iter()
+                .map(|p| p.weight_out_in())
+                .collect::<candle_core::Result<_>>()?;
+            let b: Option<Vec<Tensor>> = parts.iter().map(|p| p.bias().cloned()).collect();
+            let b = b.map(|b| Tensor::cat(&b, 0)).transpose()?;
+            Some(Linear::from_weight(Tensor::cat(&w, 0)?, b, "qkv")?)
+        };
+        Ok(self.qkv.get_or_init(|| made).as_ref())
+    }
+
+    /// [`Layer::forward`] for inference on a batch whose row i has `lens[i]` real tokens: one
+    /// q|k|v product and each sequence attending over its own tokens (no score tensor or mask).
+    /// Padded rows come out as numbers that pooling ignores. `None` where that path does not apply.
+    fn forward_lens(&self, x: &Tensor, lens: &[usize]) -> candle_core::Result<Option<Tensor>> {
+        let Some(qkv) = self.stacked_qkv()? else {
+            return Ok(None);
+        };
+        let d = x.dim(2)? / self.heads;
+        let qkv = qkv.forward(x)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let Some(y) =
+            lmkit_kernels::padded_attention::encoder_attention(&qkv, self.heads, lens, scale)?
+        else {
+            return Ok(None);
+        };
+        let x = self.attn_norm.forward(&(x + self.attn_out.forward(&y)?)?)?;
+        let m = self
+            .output
+            .forward(&act(&self.act, &self.intermediate.forward(&x)?)?)?;
+        Ok(Some(self.out_norm.forward(&(x + m)?)?))
     }
 
     /// `bias`: additive attention bias [b, 1, 1, t] (0 for tokens, −∞ for padding), if any.
@@ -508,8 +553,8 @@ impl Bert {
         Ok(m)
     }
 
-    /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.
-    pub fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// The embedding layer's output [b, t, h] for `ids` [b, t] (normalised).
+    fn embeddings(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_tokens() {
             candle_core::bail!(
@@ -546,7 +591,12 @@ impl Bert {
             .forward(ids)?
             .broadcast_add(&self.position.forward(&pos)?)?
             .add(&self.token_type.forward(&types)?)?;
-        let mut x = self.emb_norm.forward(&x)?;
+        self.emb_norm.forward(&x)
+    }
+
+    /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.
+    pub fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut x = self.embeddings(ids)?;
         let bias = mask.map(padding_bias).transpose()?;
         for l in &self.layers {
             x = l.forward(&x, bias.as_ref())?;
@@ -613,9 +663,35 @@ impl Bert {
 
     /// Sentence embeddings [b, h]: the last hidden states pooled (and normalised) as the
     /// model's pooling says; by default the mean over real tokens.
+    /// Inference only (the fast path has no backward pass): each row attends over its real
+    /// tokens, which `mask` says come first.
     pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.hidden(ids, Some(mask))?;
+        let h = self.hidden_inference(ids, mask)?;
         self.pooling.pool(&h, mask)
+    }
+
+    /// [`Bert::hidden`] for inference, on rows whose real tokens come first (as `mask` says).
+    fn hidden_inference(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let lens: Vec<usize> = rows
+            .iter()
+            .map(|r| r.iter().filter(|&&m| m != 0).count())
+            .collect();
+        let leading = rows
+            .iter()
+            .zip(&lens)
+            .all(|(r, &n)| r[..n].iter().all(|&m| m != 0));
+        if !leading || ids.dim(1)? > self.cfg.max_tokens() {
+            return self.hidden(ids, Some(mask));
+        }
+        let mut x = self.embeddings(ids)?;
+        for l in &self.layers {
+            x = match l.forward_lens(&x, &lens)? {
+                Some(y) => y,
+                None => return self.hidden(ids, Some(mask)),
+            };
+        }
+        Ok(x)
     }
 }
 

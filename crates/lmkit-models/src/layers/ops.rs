@@ -103,7 +103,7 @@ pub fn check_activation(field: &str, name: &str) -> Result<(), String> {
 /// the tanh approximation.
 pub fn activation(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
     match name {
-        "gelu" => x.gelu_erf(),
+        "gelu" => lmkit_kernels::fused::gelu_erf(x),
         "relu" => x.relu(),
         "silu" => candle_nn::ops::silu(x),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => gelu_tanh(x),
