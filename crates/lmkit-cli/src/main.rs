@@ -10,6 +10,7 @@ mod encoder;
 mod eval;
 mod finetune;
 mod generate;
+mod index;
 mod lines;
 mod model;
 mod moderation;
@@ -17,6 +18,7 @@ mod ngram;
 mod progress;
 mod prompt;
 mod quantize;
+mod rag;
 mod reward;
 mod rl;
 mod serve;
@@ -70,6 +72,12 @@ enum Command {
     Tokenizer(tokenizer::TokenizerCommand),
     /// Generate text with a checkpoint (KV cache, sampling, stop strings, streaming)
     Generate(generate::GenerateArgs),
+    /// Vector indexes of documents: build (chunk + embed + HNSW + BM25), add, delete, search
+    #[command(subcommand)]
+    Index(index::IndexCommand),
+    /// Retrieval-augmented generation: answer from an index's passages, citing them
+    #[command(subcommand)]
+    Rag(rag::RagCommand),
     /// Neural checkpoints (Hugging Face layout): info, logits
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -112,6 +120,8 @@ fn main() {
         Command::FillMask(a) => encoder::fill_mask(a),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Generate(a) => generate::run(a),
+        Command::Index(cmd) => index::run(cmd),
+        Command::Rag(cmd) => rag::run(cmd),
         Command::Model(cmd) => model::run(cmd),
         Command::Ngram(cmd) => ngram::run(cmd),
         Command::Prompt(cmd) => prompt::run(cmd),

@@ -130,3 +130,49 @@ pub fn normalize(v: &mut [f32]) {
         v.iter_mut().for_each(|x| *x /= n);
     }
 }
+
+impl Embedder {
+    /// The model that built `manifest`'s index: `override_dir` if given, else the path the
+    /// manifest records; refused unless its fingerprint matches.
+    pub fn for_index(manifest: &crate::Manifest, override_dir: Option<&Path>) -> Result<Embedder> {
+        let dir = match override_dir {
+            Some(d) => d.to_path_buf(),
+            None => {
+                let d = PathBuf::from(&manifest.model.path);
+                if !d.exists() {
+                    return Err(RagError::Model(format!(
+                        "{}: the index's embedding model is not there any more; give its new place with --embedding-model",
+                        d.display()
+                    )));
+                }
+                d
+            }
+        };
+        let e = Embedder::load(&dir)?;
+        if e.fingerprint != manifest.model.fingerprint {
+            return Err(RagError::Model(format!(
+                "{}: not the model that built the index (fingerprint {} here, {} in the index's manifest, built with {}); queries must be embedded by the same model",
+                e.dir.display(),
+                e.fingerprint,
+                manifest.model.fingerprint,
+                manifest.model.path
+            )));
+        }
+        Ok(e)
+    }
+
+    /// The manifest's description of this model.
+    pub fn info(&self) -> crate::index::ModelInfo {
+        let path = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        crate::index::ModelInfo {
+            path: path.display().to_string(),
+            fingerprint: self.fingerprint.clone(),
+            dim: self.dim,
+        }
+    }
+
+    /// The unit vector of one query.
+    pub fn query(&self, text: &str) -> Result<Vec<f32>> {
+        Ok(self.embed(&[text.to_string()], 1, &|_| {})?.remove(0))
+    }
+}

@@ -155,6 +155,7 @@ trait Links: Sync {
 /// The layer-0 walk of the paper's algorithm 2 (and the upper-layer one during insertion):
 /// the `ef` nearest nodes that `allow` admits, nearest first. The walk goes through nodes that
 /// are not admitted too, so a filter narrows the results without cutting the graph.
+#[allow(clippy::too_many_arguments)]
 fn search_layer(
     links: &impl Links,
     rows: Rows,
@@ -344,7 +345,7 @@ impl Builder {
             .for_each_init(Visited::default, |vis, i| {
                 this.insert(rows, i as u32, vis);
                 let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                if d % 1024 == 0 {
+                if d.is_multiple_of(1024) {
                     progress(d);
                 }
             });

@@ -175,6 +175,8 @@ pub struct Index {
     pub manifest: Manifest,
     /// The generation read from disk (None: not on disk yet).
     on_disk: Option<u64>,
+    /// Saving replaces whatever index is in the directory.
+    replace: bool,
     vectors: Array<f32>,
     graph: Graph,
     chunks: Vec<ChunkInfo>,
@@ -191,6 +193,7 @@ impl Index {
             dir: dir.to_path_buf(),
             manifest,
             on_disk: None,
+            replace: false,
             vectors: Array::Owned(Vec::new()),
             graph: Graph::empty(m),
             chunks: Vec::new(),
@@ -261,6 +264,7 @@ impl Index {
         Ok(Index {
             dir: dir.to_path_buf(),
             on_disk: Some(manifest.generation),
+            replace: false,
             manifest,
             vectors,
             graph,
@@ -400,10 +404,15 @@ impl Index {
         Ok(gone)
     }
 
+    /// Makes [`Index::save`] replace an index already in the directory (readable or not).
+    pub fn replace_existing(&mut self) {
+        self.replace = true;
+    }
+
     /// Writes the index into its directory as a whole. Refuses when the index on disk changed
     /// since it was opened (another command wrote it), or when the directory holds other files.
     pub fn save(&mut self) -> Result<()> {
-        if self.dir.join("manifest.json").exists() {
+        if !self.replace && self.dir.join("manifest.json").exists() {
             let now = Manifest::read(&self.dir)?.generation;
             if self.on_disk != Some(now) {
                 return Err(RagError::Invalid(format!(
@@ -448,6 +457,7 @@ impl Index {
         lmkit_core::write_atomic_bytes(&mp, text.as_bytes())?;
         out.commit()?;
         self.on_disk = Some(self.manifest.generation);
+        self.replace = false;
         Ok(())
     }
 

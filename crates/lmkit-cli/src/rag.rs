@@ -1,0 +1,184 @@
+//! `lmkit rag ask`: retrieve passages from an index, answer from them through the chat template,
+//! and print the sources.
+
+use crate::index::Retrieval;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
+use lmkit_models::CausalLm;
+use lmkit_rag::index::Index;
+use lmkit_rag::prompt::{self, Source};
+use lmkit_tokenize::chat::{encode_chat, load_template, Message};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum RagCommand {
+    /// Answer a question from the passages an index retrieves for it, citing them
+    Ask(AskArgs),
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    lmkit rag ask --model SmolLM2-135M-Instruct.Q4_1.gguf --index docs.index \"How do I resume training?\"\n  \
+    lmkit rag ask --model chat-model/ --index ko.index -k 3 --show-prompt \"납세의무자는 누구인가?\"\n\n\
+    The question is searched in the index (hybrid by default), the best passages go into the\n\
+    prompt as numbered sources through the model's chat template, the model answers, and the\n\
+    sources are printed after the answer. Passages that do not fit the model's context are left\n\
+    out, the lowest-ranked first.")]
+pub struct AskArgs {
+    /// Chat model: checkpoint directory or GGUF file
+    #[arg(long)]
+    model: PathBuf,
+    /// A LoRA adapter directory added to the model
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The index to retrieve from
+    #[arg(long)]
+    index: PathBuf,
+    question: String,
+    #[command(flatten)]
+    retrieval: Retrieval,
+    /// The system message (default: answer from the sources only, cite them as [n])
+    #[arg(long)]
+    system: Option<String>,
+    /// Print the rendered prompt (to stderr) before answering
+    #[arg(long)]
+    show_prompt: bool,
+    /// Maximum tokens of the answer
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 decodes greedily
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object (answer, sources, prompt tokens) instead of text
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(cmd: RagCommand) -> Result<()> {
+    match cmd {
+        RagCommand::Ask(a) => ask(a),
+    }
+}
+
+fn ask(a: AskArgs) -> Result<()> {
+    if a.question.trim().is_empty() {
+        bail!("the question is empty");
+    }
+    let ix = Index::open(&a.index)?;
+    let opts = a.retrieval.options(4)?;
+    let e = a.retrieval.embedder(&ix)?;
+    let v = e.as_ref().map(|e| e.query(&a.question)).transpose()?;
+    let hits = ix.search(v.as_deref(), &a.question, &opts)?;
+    let mut sources = prompt::sources(&ix, &hits)?;
+    drop(e);
+
+    let dev = lmkit_models::parse_device(&a.device)?;
+    let dir = lmkit_models::resolve_checkpoint(&a.model);
+    let (model, cfg) = CausalLm::load_adapted(&dir, a.adapter.as_deref(), &dev)?;
+    let tk = lmkit_tokenize::load(&dir)?;
+    let template = load_template(&dir)?.with_context(|| {
+        format!(
+            "{}: no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
+            dir.display()
+        )
+    })?;
+    let system = a
+        .system
+        .clone()
+        .unwrap_or_else(|| prompt::SYSTEM.to_string());
+    let room_for_answer = a.max_tokens.min(cfg.max_positions() / 4).max(1);
+    // Drop the lowest-ranked sources until the prompt leaves room to answer.
+    let (text, ids) = loop {
+        let msgs = vec![
+            Message::new("system", &system),
+            Message::new("user", &prompt::user_message(&a.question, &sources)),
+        ];
+        let (text, ids) = encode_chat(&tk, &template, &msgs, true)?;
+        if ids.len() + room_for_answer <= cfg.max_positions() {
+            break (text, ids);
+        }
+        if sources.pop().is_none() {
+            bail!(
+                "the question alone does not fit the model's context of {} tokens",
+                cfg.max_positions()
+            );
+        }
+    };
+    if a.show_prompt {
+        eprintln!("{text}");
+    }
+    let mut stop_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
+    stop_ids.extend(crate::generate::stop_ids(&dir, cfg.vocab_size())?);
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: None,
+        top_p: (a.top_p < 1.0).then_some(a.top_p),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens.min(cfg.max_positions() - ids.len()),
+        sampling,
+        stop_ids,
+        max_positions: cfg.max_positions(),
+    };
+    let mut stream = TextStream::new(
+        &tk,
+        lmkit_core::tokens::CHAT_STOPS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    );
+    let mut out = std::io::stdout().lock();
+    let json = a.json;
+    let (gen, _) = generate(&model, &ids, &opts, &mut |_, all| {
+        if let Ok(delta) = stream.push(all) {
+            if !json {
+                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+            }
+        }
+        !stream.stopped
+    })?;
+    let tail = stream.finish(&gen)?;
+    let answer = lmkit_tokenize::decode(&tk, &gen)?;
+    let answer = lmkit_core::tokens::CHAT_STOPS
+        .iter()
+        .fold(answer, |s, stop| {
+            s.split(stop).next().unwrap_or_default().to_string()
+        })
+        .trim()
+        .to_string();
+    if json {
+        let line = serde_json::json!({
+            "question": a.question,
+            "answer": answer,
+            "sources": sources,
+            "prompt_tokens": ids.len(),
+            "completion_tokens": gen.len(),
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{tail}")?;
+        print_sources(&mut out, &sources)?;
+    }
+    Ok(())
+}
+
+fn print_sources(out: &mut impl Write, sources: &[Source]) -> Result<()> {
+    writeln!(out, "\nSources:")?;
+    for s in sources {
+        writeln!(out, "[{}] {} (score {:.4})", s.number, s.label(), s.score)?;
+    }
+    Ok(())
+}
