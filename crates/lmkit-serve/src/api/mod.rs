@@ -5,6 +5,7 @@
 mod handlers;
 mod log;
 mod prompt;
+pub mod retrieval;
 mod stream;
 mod types;
 mod validate;

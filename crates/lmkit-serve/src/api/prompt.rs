@@ -17,6 +17,8 @@ pub(super) struct Prepared {
     pub(super) eos: Vec<u32>,
     pub(super) stops: Vec<String>,
     pub(super) prompt_verdict: Verdict,
+    /// The passages retrieved into the prompt (`"retrieval"` requests).
+    pub(super) sources: Option<Vec<lmkit_rag::prompt::Source>>,
 }
 
 pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {

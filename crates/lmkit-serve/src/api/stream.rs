@@ -11,9 +11,20 @@ pub(super) fn finish_reason(f: Finish) -> &'static str {
 
 /// One piece of a streamed response.
 pub(super) enum Chunk {
-    Delta { index: usize, text: String },
-    Finish { index: usize, reason: &'static str },
-    Usage { prompt: usize, completion: usize },
+    Delta {
+        index: usize,
+        text: String,
+    },
+    Finish {
+        index: usize,
+        reason: &'static str,
+    },
+    Usage {
+        prompt: usize,
+        completion: usize,
+    },
+    /// The passages retrieved into the prompt, sent before the first token.
+    Sources(Vec<lmkit_rag::prompt::Source>),
     Error(ApiError),
 }
 
@@ -55,6 +66,10 @@ pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chun
         Chunk::Usage { prompt, completion } => {
             json!({"id": id, "object": object, "created": created, "model": model,
             "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+        }
+        Chunk::Sources(s) => {
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [], "sources": s})
         }
         Chunk::Error(e) => {
             json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
