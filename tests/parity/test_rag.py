@@ -293,3 +293,37 @@ def test_chat_page_lists_the_sources_of_a_reply(rag_server, browser):
     assert len(items) == 4, [i.text for i in items]
     assert "genesis.txt, lines" in items[0].text
     assert "six hundred years old" in items[0].get_attribute("title")
+
+
+def test_eval_retrieval_scores_match_the_search_results(bin_path, index, corpus, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    lines = corpus["genesis"].read_text(encoding="utf-8").split("\n")
+    picked = rng.sample([i for i, l in enumerate(lines, 1) if len(l.split()) >= 12], 12)
+    qs = []
+    for n in picked:
+        words = lines[n - 1].split()
+        keep = sorted(rng.sample(range(len(words)), len(words) * 2 // 3))
+        qs.append({"question": " ".join(words[i] for i in keep), "source": "genesis.txt", "lines": [n, n]})
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    got = json.loads(run(bin_path, "eval", "retrieval", "--index", index, "--questions", path, "-k", "5",
+                         "--json").stdout)
+    for mode in ["dense", "bm25", "hybrid"]:
+        ranks = []
+        for q in qs:
+            hits = search(bin_path, index, q["question"], "--mode", mode, "-k", "5")
+            ranks.append(next((i + 1 for i, h in enumerate(hits)
+                               if h["source"].endswith("genesis.txt") and h["lines"][0] <= q["lines"][0] <= h["lines"][1]),
+                              None))
+        s = got[mode]["all"]
+        assert s["questions"] == len(qs)
+        assert s["hit_at_1"] == pytest.approx(sum(r == 1 for r in ranks) / len(qs))
+        assert s["hit_at_k"] == pytest.approx(sum(r is not None for r in ranks) / len(qs))
+        assert s["mrr"] == pytest.approx(sum(1 / r for r in ranks if r) / len(qs))
+    assert got["bm25"]["all"]["hit_at_k"] >= 0.8 and got["hybrid"]["all"]["hit_at_k"] >= 0.8, got
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x", "source": "a"}\n')
+    p = run(bin_path, "eval", "retrieval", "--index", index, "--questions", bad, ok=False)
+    assert p.returncode == 1 and "bad.jsonl:1" in p.stderr, p.stderr

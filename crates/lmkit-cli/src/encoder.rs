@@ -27,7 +27,8 @@ pub struct FillMaskArgs {
 #[derive(Args)]
 #[command(
     after_help = "Example:\n  lmkit embed --model runs/bert --input sentences.txt --output vectors.jsonl\n\n\
-    One JSON line per input line: {\"text\", \"embedding\"} (mean of the last hidden states)."
+    One JSON line per input line: {\"text\", \"embedding\"}, pooled (and normalised) as the model's\n\
+    sentence-transformers configuration says (mean of the last hidden states for a plain encoder)."
 )]
 pub struct EmbedArgs {
     #[arg(long)]
@@ -38,6 +39,9 @@ pub struct EmbedArgs {
     /// Output JSONL (default: standard output)
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Texts per forward pass (batched by length)
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -198,11 +202,28 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    for chunk in lines.chunks(32) {
-        let v = lmkit_infer::embed_texts(&m, &tk, chunk, &dev)?;
-        for (t, e) in chunk.iter().zip(v) {
-            writeln!(out, "{}", serde_json::json!({"text": t, "embedding": e}))?;
+    // Batches of similar lengths (little padding); written in input order.
+    let mut order: Vec<usize> = (0..lines.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lines[i].len()));
+    let mut vectors = vec![Vec::new(); lines.len()];
+    let started = std::time::Instant::now();
+    for group in order.chunks(a.batch_size.max(1)) {
+        let texts: Vec<String> = group.iter().map(|&i| lines[i].clone()).collect();
+        for (&i, e) in group
+            .iter()
+            .zip(lmkit_infer::embed_texts(&m, &tk, &texts, &dev)?)
+        {
+            vectors[i] = e;
         }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "embedded {} texts in {secs:.2} s ({:.1} texts/s)",
+        lines.len(),
+        lines.len() as f64 / secs.max(1e-9)
+    );
+    for (t, e) in lines.iter().zip(vectors) {
+        writeln!(out, "{}", serde_json::json!({"text": t, "embedding": e}))?;
     }
     out.flush()?;
     Ok(())

@@ -88,6 +88,33 @@ pub enum EvalCommand {
         #[arg(long)]
         details: Option<PathBuf>,
     },
+    /// Retrieval quality of an index on a question set: hit@1, hit@5, hit@k and MRR for dense,
+    /// BM25 and hybrid search
+    #[command(
+        after_help = "Example:\n  python3 data/tools/make_retrieval_questions.py --output questions.jsonl\n  \
+        lmkit index build --embedding-model all-MiniLM-L6-v2/ --input data/en data/ko --output corpus.index\n  \
+        lmkit eval retrieval --index corpus.index --questions questions.jsonl\n\n\
+        Question lines: {\"question\", \"source\", \"lines\": [first, last]} (and optionally \"lang\"): a hit is a\n\
+        chunk of that source whose lines overlap. Prints a Markdown table per mode (and per language\n\
+        when the questions say), or JSON with --json."
+    )]
+    Retrieval {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        questions: PathBuf,
+        /// Search depth (hit@k, MRR over the first k)
+        #[arg(short = 'k', long = "top-k", default_value_t = 10)]
+        k: usize,
+        /// Modes to evaluate, comma-separated: dense, bm25, hybrid
+        #[arg(long, default_value = "dense,bm25,hybrid")]
+        modes: String,
+        /// The embedding model, when it has moved since the index was built
+        #[arg(long)]
+        embedding_model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
@@ -142,6 +169,21 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let s = model.load()?;
             crate::lines::rank(candidates, input.as_deref(), |c| Ok(s.sentence_log10(c)?))
         }
+        EvalCommand::Retrieval {
+            index,
+            questions,
+            k,
+            modes,
+            embedding_model,
+            json,
+        } => crate::index::eval_retrieval(
+            &index,
+            &questions,
+            k,
+            &modes,
+            embedding_model.as_deref(),
+            json,
+        ),
         EvalCommand::Tasks {
             model,
             tasks: files,

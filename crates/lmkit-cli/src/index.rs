@@ -443,3 +443,89 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("generation    {}", m.generation);
     Ok(())
 }
+
+/// `lmkit eval retrieval`.
+pub fn eval_retrieval(
+    index: &std::path::Path,
+    questions: &std::path::Path,
+    k: usize,
+    modes: &str,
+    embedding_model: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    use lmkit_rag::eval::{first_relevant, read_questions, score};
+    if k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let modes: Vec<(String, Mode)> = modes
+        .split(',')
+        .map(|m| match m.trim() {
+            "dense" => Ok(("dense".to_string(), Mode::Dense)),
+            "bm25" => Ok(("bm25".to_string(), Mode::Bm25)),
+            "hybrid" => Ok(("hybrid".to_string(), Mode::Hybrid)),
+            other => bail!("--modes: `{other}` is not dense, bm25 or hybrid"),
+        })
+        .collect::<Result<_>>()?;
+    let ix = Index::open(index)?;
+    let qs = read_questions(questions)?;
+    let needs_vectors = modes.iter().any(|(_, m)| *m != Mode::Bm25);
+    let vectors = if needs_vectors {
+        let e = Embedder::for_index(&ix.manifest, embedding_model)?;
+        let texts: Vec<String> = qs.iter().map(|q| q.question.clone()).collect();
+        let bar = Bar::default();
+        bar.begin("questions", texts.len() as u64, Unit::Items);
+        let v = e.embed(&texts, 32, &|n| bar.set_position(n as u64))?;
+        bar.finish();
+        Some(v)
+    } else {
+        None
+    };
+    // Groups: all questions, then each language the questions name.
+    let mut langs: Vec<String> = qs.iter().filter_map(|q| q.lang.clone()).collect();
+    langs.sort();
+    langs.dedup();
+    let mut report = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for (name, mode) in &modes {
+        let opts = SearchOptions {
+            k,
+            mode: *mode,
+            ..SearchOptions::default()
+        };
+        let mut ranks = Vec::with_capacity(qs.len());
+        for (i, q) in qs.iter().enumerate() {
+            let v = vectors.as_ref().map(|v| v[i].as_slice());
+            let hits = ix.search(v, &q.question, &opts)?;
+            ranks.push(first_relevant(&ix, &hits, q));
+        }
+        let mut groups = vec![("all".to_string(), score(&ranks, k))];
+        for l in &langs {
+            let r: Vec<Option<usize>> = qs
+                .iter()
+                .zip(&ranks)
+                .filter(|(q, _)| q.lang.as_deref() == Some(l))
+                .map(|(_, r)| *r)
+                .collect();
+            groups.push((l.clone(), score(&r, k)));
+        }
+        let mut m = serde_json::Map::new();
+        for (g, s) in groups {
+            rows.push(format!(
+                "| {name} | {g} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                s.questions, s.hit_at_1, s.hit_at_5, s.hit_at_k, s.mrr
+            ));
+            m.insert(g, serde_json::to_value(s)?);
+        }
+        report.insert(name.clone(), Value::Object(m));
+    }
+    if json {
+        println!("{}", Value::Object(report));
+    } else {
+        println!("| mode | questions | n | hit@1 | hit@5 | hit@{k} | MRR@{k} |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in rows {
+            println!("{r}");
+        }
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! The lmkit side of `bench/ann_bench.py`: builds an HNSW graph over raw vectors and times
-//! single-threaded queries at several `ef`, printing one JSON line per setting.
+//! single-threaded queries at several `ef` (the fastest of three passes), printing one JSON line
+//! per setting.
 //!
 //! ann_bench BASE.f32 QUERIES.f32 TRUTH.u32 DIM K M EF_CONSTRUCTION EF[,EF...]
 //! (little-endian f32 rows; TRUTH holds the exact top-K ids of each query, K per row).
@@ -53,17 +54,22 @@ fn main() {
     let build_s = t.elapsed().as_secs_f64();
     let nq = queries.len() / dim;
     for ef in efs {
-        let t = Instant::now();
-        let found: Vec<Vec<u32>> = queries
-            .chunks(dim)
-            .map(|q| {
-                g.search(rows, q, k, ef, None)
-                    .iter()
-                    .map(|n| n.id)
-                    .collect()
-            })
-            .collect();
-        let s = t.elapsed().as_secs_f64();
+        // The fastest of three passes over the queries (the machine's noise only slows).
+        let mut s = f64::INFINITY;
+        let mut found: Vec<Vec<u32>> = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            found = queries
+                .chunks(dim)
+                .map(|q| {
+                    g.search(rows, q, k, ef, None)
+                        .iter()
+                        .map(|n| n.id)
+                        .collect()
+                })
+                .collect();
+            s = s.min(t.elapsed().as_secs_f64());
+        }
         let hits: usize = found
             .iter()
             .zip(truth.chunks(k))

@@ -492,7 +492,7 @@ impl Index {
         let n = self.len();
         let ef = ef.unwrap_or(self.manifest.ef_search).max(k);
         let walk_cost =
-            (ef * 2 * self.manifest.hnsw.m) as f64 * (n as f64 / admitted.max(1) as f64);
+            (ef as f64 * 2.0 * self.manifest.hnsw.m as f64) * (n as f64 / admitted.max(1) as f64);
         let brute = exact || n <= self.manifest.exact_below || (admitted as f64) <= walk_cost;
         let found = if brute {
             hnsw::exact(self.rows(), q, k, allow)
@@ -535,10 +535,12 @@ impl Index {
             }
             (v, _) => v,
         };
+        // More results than chunks cannot come back (and a huge k must not size anything).
+        let k = o.k.min(self.len());
         let depth = if o.mode == Mode::Hybrid {
-            (4 * o.k).max(40)
+            k.saturating_mul(4).max(40).min(self.len())
         } else {
-            o.k
+            k
         };
         let dense = match (o.mode, v) {
             (Mode::Bm25, _) | (_, None) => Vec::new(),
@@ -575,7 +577,7 @@ impl Index {
             }
         }
         hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.node.cmp(&b.node)));
-        hits.truncate(o.k);
+        hits.truncate(k);
         Ok(hits)
     }
 }

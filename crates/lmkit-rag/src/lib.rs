@@ -9,6 +9,7 @@ pub mod bm25;
 pub mod chunk;
 pub mod embed;
 mod error;
+pub mod eval;
 pub mod filter;
 pub mod hnsw;
 pub mod index;
