@@ -202,20 +202,8 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    // Batches of similar lengths (little padding); written in input order.
-    let mut order: Vec<usize> = (0..lines.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lines[i].len()));
-    let mut vectors = vec![Vec::new(); lines.len()];
     let started = std::time::Instant::now();
-    for group in order.chunks(a.batch_size.max(1)) {
-        let texts: Vec<String> = group.iter().map(|&i| lines[i].clone()).collect();
-        for (&i, e) in group
-            .iter()
-            .zip(lmkit_infer::embed_texts(&m, &tk, &texts, &dev)?)
-        {
-            vectors[i] = e;
-        }
-    }
+    let vectors = lmkit_infer::embed_batched(&m, &tk, &lines, a.batch_size, &dev, &|_| {})?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "embedded {} texts in {secs:.2} s ({:.1} texts/s)",

@@ -342,6 +342,43 @@ fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Sentence embeddings of many texts, in input order: batches of `batch` texts of similar length
+/// (little padding), two batches at a time on the thread pool (one batch's single-threaded steps
+/// — tokenizing, pooling — then overlap the other's products); `progress` gets the count done.
+pub fn embed_batched(
+    m: &lmkit_models::bert::Bert,
+    tk: &lmkit_tokenize::Tokenizer,
+    texts: &[String],
+    batch: usize,
+    dev: &lmkit_models::Device,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+    let groups: Vec<&[usize]> = order.chunks(batch.max(1)).collect();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut out = vec![Vec::new(); texts.len()];
+    for pair in groups.chunks(2) {
+        let vectors: Vec<Vec<Vec<f32>>> = pair
+            .par_iter()
+            .map(|g| {
+                let part: Vec<String> = g.iter().map(|&i| texts[i].clone()).collect();
+                let v = embed_texts(m, tk, &part, dev)?;
+                let n = done.fetch_add(g.len(), std::sync::atomic::Ordering::Relaxed) + g.len();
+                progress(n);
+                Ok(v)
+            })
+            .collect::<Result<_>>()?;
+        for (g, v) in pair.iter().zip(vectors) {
+            for (&i, e) in g.iter().zip(v) {
+                out[i] = e;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Mean-pooled embeddings of `texts` (padded to the longest, cut to the model's positions).
 pub fn embed_texts(
     m: &lmkit_models::bert::Bert,

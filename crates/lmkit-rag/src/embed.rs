@@ -102,23 +102,12 @@ impl Embedder {
         &self,
         texts: &[String],
         batch: usize,
-        progress: &dyn Fn(usize),
+        progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<Vec<f32>>> {
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
-        let mut out = vec![Vec::new(); texts.len()];
-        let mut done = 0;
-        for group in order.chunks(batch.max(1)) {
-            let part: Vec<String> = group.iter().map(|&i| texts[i].clone()).collect();
-            let v = lmkit_infer::embed_texts(&self.model, &self.tk, &part, &self.dev)
+        let mut out =
+            lmkit_infer::embed_batched(&self.model, &self.tk, texts, batch, &self.dev, progress)
                 .map_err(|e| model_err(&self.dir, e))?;
-            for (&i, mut e) in group.iter().zip(v) {
-                normalize(&mut e);
-                out[i] = e;
-            }
-            done += group.len();
-            progress(done);
-        }
+        out.iter_mut().for_each(|v| normalize(v));
         Ok(out)
     }
 }

@@ -43,7 +43,7 @@ pub fn embed(
     embedder: &Embedder,
     chunks: &mut [NewChunk],
     batch: usize,
-    progress: &dyn Fn(usize),
+    progress: &(dyn Fn(usize) + Sync),
 ) -> Result<()> {
     let texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
     let vectors = embedder.embed(&texts, batch, progress)?;
