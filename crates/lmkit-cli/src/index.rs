@@ -8,8 +8,9 @@ use lmkit_rag::chunk::ChunkOptions;
 use lmkit_rag::embed::Embedder;
 use lmkit_rag::filter::Filter;
 use lmkit_rag::hnsw::HnswParams;
-use lmkit_rag::index::{Index, Manifest, NewChunk};
+use lmkit_rag::index::{Manifest, NewChunk};
 use lmkit_rag::{Mode, SearchOptions};
+use lmkit_rag::{Selector, Store};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -141,9 +142,10 @@ pub struct Retrieval {
     /// Results to return (default: 10 for `index search`, 4 for `rag ask`)
     #[arg(short = 'k', long = "top-k")]
     pub k: Option<usize>,
-    /// dense (embeddings), bm25 (keywords) or hybrid (both, fused by reciprocal rank)
-    #[arg(long, value_enum, default_value = "hybrid")]
-    pub mode: ModeArg,
+    /// dense (embeddings), bm25 (keywords) or hybrid (both, fused by reciprocal rank); default:
+    /// hybrid for a local index, dense for PostgreSQL (which has no BM25)
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     /// Only chunks matching KEY=VALUE or KEY!=VALUE (repeatable; `source` is the file path;
     /// wildcards * and ?)
     #[arg(long)]
@@ -160,14 +162,14 @@ pub struct Retrieval {
 }
 
 impl Retrieval {
-    pub fn options(&self, default_k: usize) -> Result<SearchOptions> {
+    pub fn options(&self, default_k: usize, ix: &Store) -> Result<SearchOptions> {
         let k = self.k.unwrap_or(default_k);
         if k == 0 {
             bail!("--top-k must be at least 1");
         }
         Ok(SearchOptions {
             k,
-            mode: self.mode.into(),
+            mode: self.mode.map_or(ix.default_mode(), Mode::from),
             ef: self.ef,
             exact: self.exact,
             filter: Filter::parse(&self.filter).map_err(anyhow::Error::msg)?,
@@ -175,12 +177,12 @@ impl Retrieval {
     }
 
     /// The query's embedder (none for BM25 alone).
-    pub fn embedder(&self, ix: &Index) -> Result<Option<Embedder>> {
-        if matches!(self.mode, ModeArg::Bm25) {
+    pub fn embedder(&self, ix: &Store) -> Result<Option<Embedder>> {
+        if matches!(self.mode, Some(ModeArg::Bm25)) {
             return Ok(None);
         }
         Ok(Some(Embedder::for_index(
-            &ix.manifest,
+            ix.manifest(),
             self.embedding_model.as_deref(),
         )?))
     }
@@ -268,7 +270,7 @@ fn prepare(e: &Embedder, ing: &Ingest, opts: ChunkOptions) -> Result<(Vec<NewChu
     Ok((chunks, sources))
 }
 
-fn insert(ix: &mut Index, chunks: Vec<NewChunk>) -> Result<Vec<u64>> {
+fn insert(ix: &mut Store, chunks: Vec<NewChunk>) -> Result<Vec<u64>> {
     let n = chunks.len();
     let bar = Bar::default();
     bar.begin("graph", n as u64, Unit::Items);
@@ -280,12 +282,6 @@ fn insert(ix: &mut Index, chunks: Vec<NewChunk>) -> Result<Vec<u64>> {
 }
 
 fn build(a: BuildArgs) -> Result<()> {
-    if a.output.join("manifest.json").exists() && !a.overwrite {
-        bail!(
-            "{}: already holds an index; add to it with `lmkit index add`, or pass --overwrite to replace it",
-            a.output.display()
-        );
-    }
     let e = Embedder::load(&a.embedding_model)?;
     let chunking = ChunkOptions {
         max_tokens: a.max_tokens.unwrap_or(200).min(e.max_tokens),
@@ -308,25 +304,35 @@ fn build(a: BuildArgs) -> Result<()> {
     if a.ef_search == 0 {
         bail!("--ef-search must be at least 1");
     }
-    let (chunks, _) = prepare(&e, &a.ingest, chunking)?;
     let mut m = Manifest::new(e.info(), chunking, hnsw);
     m.ef_search = a.ef_search;
     m.exact_below = a.exact_below;
-    let mut ix = Index::new(&a.output, m);
-    if a.overwrite {
-        ix.replace_existing();
+    if !lmkit_rag::pg::is_url(&a.output.to_string_lossy())
+        && a.output.join("manifest.json").exists()
+        && !a.overwrite
+    {
+        bail!(
+            "{}: already holds an index; add to it with `lmkit index add`, or pass --overwrite to replace it",
+            a.output.display()
+        );
     }
+    let (chunks, _) = prepare(&e, &a.ingest, chunking)?;
+    let mut ix = Store::create(&a.output, m, a.overwrite)?;
     insert(&mut ix, chunks)?;
     ix.save()?;
-    println!("{}: {} chunks", a.output.display(), ix.len());
+    println!("{}: {} chunks", a.output.display(), ix.len()?);
     Ok(())
 }
 
 fn add(a: AddArgs) -> Result<()> {
-    let mut ix = Index::open(&a.index)?;
-    let e = Embedder::for_index(&ix.manifest, a.embedding_model.as_deref())?;
-    let (chunks, sources) = prepare(&e, &a.ingest, ix.manifest.chunking)?;
-    let replaced = ix.delete(|c| sources.contains(&c.source))?;
+    let mut ix = Store::open(&a.index)?;
+    let e = Embedder::for_index(ix.manifest(), a.embedding_model.as_deref())?;
+    let (chunks, sources) = prepare(&e, &a.ingest, ix.manifest().chunking)?;
+    // The same files again: their old chunks go.
+    let replaced = ix.delete(&Selector {
+        paths: sources,
+        ..Selector::default()
+    })?;
     let ids = insert(&mut ix, chunks)?;
     ix.save()?;
     println!(
@@ -338,59 +344,57 @@ fn add(a: AddArgs) -> Result<()> {
         } else {
             String::new()
         },
-        ix.len()
+        ix.len()?
     );
     Ok(())
 }
 
 fn delete(a: DeleteArgs) -> Result<()> {
-    if a.source.is_empty() && a.id.is_empty() && a.filter.is_empty() {
+    let sel = Selector {
+        sources: a.source.clone(),
+        paths: Vec::new(),
+        ids: a.id.clone(),
+        filter: Filter::parse(&a.filter).map_err(anyhow::Error::msg)?,
+    };
+    if sel.is_empty() {
         bail!("say what to delete: --source PATH, --id N or --filter KEY=VALUE");
     }
-    let filter = Filter::parse(&a.filter).map_err(anyhow::Error::msg)?;
-    let mut ix = Index::open(&a.index)?;
-    let n = ix.delete(|c| {
-        a.source
-            .iter()
-            .any(|s| lmkit_rag::filter::glob(s, &c.source))
-            || a.id.contains(&c.id)
-            || (!filter.is_empty() && filter.matches(&c.source, &c.meta))
-    })?;
+    let mut ix = Store::open(&a.index)?;
+    let n = ix.delete(&sel)?;
     if n > 0 {
         ix.save()?;
     }
     println!(
         "{}: deleted {n} chunks; {} left",
         a.index.display(),
-        ix.len()
+        ix.len()?
     );
     Ok(())
 }
 
 fn search(a: SearchArgs) -> Result<()> {
-    let ix = Index::open(&a.index)?;
-    let opts = a.retrieval.options(10)?;
+    let mut ix = Store::open(&a.index)?;
+    let opts = a.retrieval.options(10, &ix)?;
     let e = a.retrieval.embedder(&ix)?;
     let v = e.as_ref().map(|e| e.query(&a.query)).transpose()?;
-    let hits = ix.search(v.as_deref(), &a.query, &opts)?;
-    for (i, h) in hits.iter().enumerate() {
-        let c = ix.chunk(h.node);
-        let text = ix.text(h.node)?;
+    let found = ix.search(v.as_deref(), &a.query, &opts)?;
+    for (i, f) in found.iter().enumerate() {
         if a.json {
             let line = serde_json::json!({
                 "rank": i + 1,
-                "score": h.score,
-                "id": c.id,
-                "source": c.source,
-                "lines": c.lines,
-                "meta": c.meta,
-                "dense": h.dense.map(|(r, s)| serde_json::json!({"rank": r, "similarity": s})),
-                "bm25": h.bm25.map(|(r, s)| serde_json::json!({"rank": r, "score": s})),
-                "text": text,
+                "score": f.score,
+                "id": f.id,
+                "source": f.source,
+                "lines": f.lines,
+                "meta": f.meta,
+                "dense": f.dense.map(|(r, s)| serde_json::json!({"rank": r, "similarity": s})),
+                "bm25": f.bm25.map(|(r, s)| serde_json::json!({"rank": r, "score": s})),
+                "text": f.text,
             });
             println!("{line}");
         } else {
-            let preview: String = text
+            let preview: String = f
+                .text
                 .chars()
                 .take(160)
                 .collect::<String>()
@@ -398,13 +402,13 @@ fn search(a: SearchArgs) -> Result<()> {
             println!(
                 "{:>3}. {:.4}  {}:{}-{}  #{}\n     {}{}",
                 i + 1,
-                h.score,
-                c.source,
-                c.lines[0],
-                c.lines[1],
-                c.id,
+                f.score,
+                f.source,
+                f.lines[0],
+                f.lines[1],
+                f.id,
                 preview,
-                if text.chars().count() > 160 {
+                if f.text.chars().count() > 160 {
                     "…"
                 } else {
                     ""
@@ -412,22 +416,18 @@ fn search(a: SearchArgs) -> Result<()> {
             );
         }
     }
-    if hits.is_empty() && !a.json {
+    if found.is_empty() && !a.json {
         println!("(no results)");
     }
     Ok(())
 }
 
 fn info(a: InfoArgs) -> Result<()> {
-    let ix = Index::open(&a.index)?;
-    let m = &ix.manifest;
-    let mut sources: Vec<&str> = ix.chunks().iter().map(|c| c.source.as_str()).collect();
-    sources.dedup();
-    let mut uniq = sources.clone();
-    uniq.sort_unstable();
-    uniq.dedup();
+    let mut ix = Store::open(&a.index)?;
+    let (n, sources) = (ix.len()?, ix.sources()?);
+    let m = ix.manifest();
     println!("index         {}", a.index.display());
-    println!("chunks        {} from {} sources", ix.len(), uniq.len());
+    println!("chunks        {n} from {sources} sources");
     println!(
         "model         {} ({} dims, fingerprint {})",
         m.model.path, m.model.dim, m.model.fingerprint
@@ -466,7 +466,7 @@ pub fn eval_retrieval(
             other => bail!("--modes: `{other}` is not dense, bm25 or hybrid"),
         })
         .collect::<Result<_>>()?;
-    let ix = Index::open(index)?;
+    let ix = lmkit_rag::Index::open(index)?;
     let qs = read_questions(questions)?;
     let needs_vectors = modes.iter().any(|(_, m)| *m != Mode::Bm25);
     let vectors = if needs_vectors {

@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
-use lmkit_rag::index::Index;
 use lmkit_rag::prompt::{self, Source};
+use lmkit_rag::Store;
 use lmkit_tokenize::chat::{encode_chat, load_template, Message};
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,12 +74,12 @@ fn ask(a: AskArgs) -> Result<()> {
     if a.question.trim().is_empty() {
         bail!("the question is empty");
     }
-    let ix = Index::open(&a.index)?;
-    let opts = a.retrieval.options(4)?;
+    let mut ix = Store::open(&a.index)?;
+    let opts = a.retrieval.options(4, &ix)?;
     let e = a.retrieval.embedder(&ix)?;
     let v = e.as_ref().map(|e| e.query(&a.question)).transpose()?;
-    let hits = ix.search(v.as_deref(), &a.question, &opts)?;
-    let mut sources = prompt::sources(&ix, &hits)?;
+    let found = ix.search(v.as_deref(), &a.question, &opts)?;
+    let mut sources = prompt::sources(&found);
     drop(e);
 
     let dev = lmkit_models::parse_device(&a.device)?;

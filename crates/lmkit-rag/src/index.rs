@@ -170,6 +170,51 @@ pub struct Hit {
     pub bm25: Option<(usize, f32)>,
 }
 
+/// A result with its chunk, as every backend returns it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Found {
+    pub id: u64,
+    pub source: String,
+    pub lines: [usize; 2],
+    pub meta: Map<String, Value>,
+    pub text: String,
+    /// Cosine similarity, BM25 score or fused reciprocal-rank score, as the mode gives.
+    pub score: f32,
+    /// Rank and similarity in the dense list, when the chunk was in it.
+    pub dense: Option<(usize, f32)>,
+    /// Rank and score in the BM25 list, when the chunk was in it.
+    pub bm25: Option<(usize, f32)>,
+}
+
+/// Which chunks a deletion takes: any whose source matches one of `sources` (wildcards) or is
+/// one of `paths` (exactly), whose id is in `ids`, or that pass a non-empty `filter`.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    pub sources: Vec<String>,
+    pub paths: Vec<String>,
+    pub ids: Vec<u64>,
+    pub filter: Filter,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+            && self.paths.is_empty()
+            && self.ids.is_empty()
+            && self.filter.is_empty()
+    }
+
+    pub fn matches(&self, c: &ChunkInfo) -> bool {
+        self.paths.contains(&c.source)
+            || self
+                .sources
+                .iter()
+                .any(|s| crate::filter::glob(s, &c.source))
+            || self.ids.contains(&c.id)
+            || (!self.filter.is_empty() && self.filter.matches(&c.source, &c.meta))
+    }
+}
+
 pub struct Index {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -301,6 +346,25 @@ impl Index {
                 format!("chunk {node} is not UTF-8"),
             )
         })
+    }
+
+    /// The hits with their chunks.
+    pub fn found(&self, hits: &[Hit]) -> Result<Vec<Found>> {
+        hits.iter()
+            .map(|h| {
+                let c = self.chunk(h.node);
+                Ok(Found {
+                    id: c.id,
+                    source: c.source.clone(),
+                    lines: c.lines,
+                    meta: c.meta.clone(),
+                    text: self.text(h.node)?.to_string(),
+                    score: h.score,
+                    dense: h.dense,
+                    bm25: h.bm25,
+                })
+            })
+            .collect()
     }
 
     /// The stored vector of a chunk.

@@ -14,9 +14,12 @@ pub mod filter;
 pub mod hnsw;
 pub mod index;
 pub mod ingest;
+pub mod pg;
 pub mod prompt;
 pub mod sources;
+pub mod store;
 pub mod words;
 
 pub use error::{RagError, Result};
-pub use index::{Hit, Index, Manifest, Mode, SearchOptions};
+pub use index::{Found, Hit, Index, Manifest, Mode, SearchOptions, Selector};
+pub use store::Store;

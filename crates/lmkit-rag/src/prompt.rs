@@ -43,19 +43,17 @@ pub fn user_message(question: &str, sources: &[Source]) -> String {
     s
 }
 
-/// The hits of a search as numbered sources.
-pub fn sources(ix: &crate::Index, hits: &[crate::Hit]) -> crate::Result<Vec<Source>> {
-    hits.iter()
+/// Search results as numbered sources.
+pub fn sources(found: &[crate::index::Found]) -> Vec<Source> {
+    found
+        .iter()
         .enumerate()
-        .map(|(i, h)| {
-            let c = ix.chunk(h.node);
-            Ok(Source {
-                number: i + 1,
-                source: c.source.clone(),
-                lines: c.lines,
-                text: ix.text(h.node)?.to_string(),
-                score: h.score,
-            })
+        .map(|(i, f)| Source {
+            number: i + 1,
+            source: f.source.clone(),
+            lines: f.lines,
+            text: f.text.clone(),
+            score: f.score,
         })
         .collect()
 }

@@ -228,13 +228,18 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
     };
     let retriever = match &cfg.index {
         Some(p) => {
-            let index = lmkit_rag::Index::open(p).map_err(|e| ServeError::Config(e.to_string()))?;
+            let config = |e: lmkit_rag::RagError| ServeError::Config(e.to_string());
+            let mut index = lmkit_rag::Store::open(p).map_err(config)?;
             let embedder = lmkit_rag::embed::Embedder::for_index(
-                &index.manifest,
+                index.manifest(),
                 cfg.index_embedding_model.as_deref(),
             )
-            .map_err(|e| ServeError::Config(e.to_string()))?;
-            Some(api::retrieval::Retriever { index, embedder })
+            .map_err(config)?;
+            Some(api::retrieval::Retriever {
+                chunks: index.len().map_err(config)?,
+                index: std::sync::Mutex::new(index),
+                embedder,
+            })
         }
         None => None,
     };
@@ -284,7 +289,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
             .map(|id| json!({"id": id, "object": "model", "created": state.created, "owned_by": "lmkit"}))
             .collect::<Vec<_>>(),
         // lmkit's own: the document index chat requests may retrieve from (`"retrieval"`).
-        "index": state.retriever.as_ref().map(|r| json!({"chunks": r.index.len()})),
+        "index": state.retriever.as_ref().map(|r| json!({"chunks": r.chunks})),
     }))
 }
 

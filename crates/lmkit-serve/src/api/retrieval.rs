@@ -2,7 +2,8 @@
 //! searched in the server's index (`lmkit serve --index`), the passages found go into that message
 //! as numbered sources, and the answer's response carries them in `sources`.
 //!
-//! `"retrieval": true` searches with the defaults (hybrid, 4 passages); an object sets
+//! `"retrieval": true` searches with the defaults (hybrid, or dense for a PostgreSQL index; 4
+//! passages); an object sets
 //! `k` (1–20), `mode` (`hybrid`, `dense`, `bm25`) and `filter` (a `KEY=VALUE` string or a list of
 //! them, as `lmkit index search --filter`).
 
@@ -11,9 +12,11 @@ use lmkit_rag::prompt::{self, Source};
 use lmkit_rag::{Mode, SearchOptions};
 use lmkit_tokenize::chat::Message;
 
-/// The index and the model that embeds queries for it.
+/// The index and the model that embeds queries for it (behind a lock: a PostgreSQL index holds
+/// one connection).
 pub struct Retriever {
-    pub index: lmkit_rag::Index,
+    pub index: std::sync::Mutex<lmkit_rag::Store>,
+    pub chunks: usize,
     pub embedder: lmkit_rag::embed::Embedder,
 }
 
@@ -63,11 +66,20 @@ pub(super) fn options(
     if !(1..=20).contains(&k) {
         return Err(bad(format!("`retrieval.k` must be from 1 to 20, not {k}")));
     }
-    let mode = match spec.mode.as_deref().unwrap_or("hybrid") {
-        "hybrid" => Mode::Hybrid,
-        "dense" => Mode::Dense,
-        "bm25" => Mode::Bm25,
-        m => {
+    let default = match &state.retriever {
+        Some(r) => r
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .default_mode(),
+        None => Mode::Hybrid,
+    };
+    let mode = match spec.mode.as_deref() {
+        None => default,
+        Some("hybrid") => Mode::Hybrid,
+        Some("dense") => Mode::Dense,
+        Some("bm25") => Mode::Bm25,
+        Some(m) => {
             return Err(bad(format!(
                 "`retrieval.mode` must be hybrid, dense or bm25, not `{m}`"
             )))
@@ -113,11 +125,11 @@ pub(super) async fn augment(
             Mode::Bm25 => None,
             _ => Some(r.embedder.query(&q).map_err(|e| e.to_string())?),
         };
-        let hits = r
-            .index
+        let mut ix = r.index.lock().unwrap_or_else(|p| p.into_inner());
+        let found = ix
             .search(v.as_deref(), &q, &opts)
             .map_err(|e| e.to_string())?;
-        prompt::sources(&r.index, &hits).map_err(|e| e.to_string())
+        Ok(prompt::sources(&found))
     })
     .await
     .map_err(|e| ApiError::internal(format!("retrieval failed: {e}")))?
