@@ -44,20 +44,53 @@ pub struct ChatArgs {
     device: String,
 }
 
+/// A chat model ready to answer: weights (with an adapter), tokenizer, chat template and the
+/// ids that end a reply.
+pub(crate) struct ChatModel {
+    pub model: CausalLm,
+    pub cfg: lmkit_models::DecoderConfig,
+    pub tk: lmkit_tokenize::Tokenizer,
+    pub template: lmkit_tokenize::chat::ChatTemplate,
+    /// lmkit's own end-of-turn token, and the model's end-of-text ids.
+    pub end_ids: Vec<u32>,
+}
+
+impl ChatModel {
+    pub fn load(
+        model: &std::path::Path,
+        adapter: Option<&std::path::Path>,
+        device: &str,
+    ) -> Result<ChatModel> {
+        let dev = lmkit_models::parse_device(device)?;
+        let dir = lmkit_models::resolve_checkpoint(model);
+        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, &dev)?;
+        let tk = lmkit_tokenize::load(&dir)?;
+        let template = load_template(&dir)?.with_context(|| {
+            format!(
+                "{}: no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
+                dir.display()
+            )
+        })?;
+        let mut end_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
+        end_ids.extend(crate::generate::stop_ids(&dir, cfg.vocab_size())?);
+        Ok(ChatModel {
+            model,
+            cfg,
+            tk,
+            template,
+            end_ids,
+        })
+    }
+}
+
 pub fn run(a: ChatArgs) -> Result<()> {
-    let dev = lmkit_models::parse_device(&a.device)?;
-    let dir = lmkit_models::resolve_checkpoint(&a.model);
-    let (model, cfg) = CausalLm::load_adapted(&dir, a.adapter.as_deref(), &dev)?;
-    let tk = lmkit_tokenize::load(&dir)?;
-    let template = load_template(&dir)?.with_context(|| {
-        format!(
-            "{}: no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
-            dir.display()
-        )
-    })?;
-    // lmkit's own end-of-turn token, and the model's end-of-text ids.
-    let mut end_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
-    end_ids.extend(crate::generate::stop_ids(&dir, cfg.vocab_size())?);
+    let ChatModel {
+        model,
+        cfg,
+        tk,
+        template,
+        end_ids,
+    } = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -2,13 +2,12 @@
 //! and print the sources.
 
 use crate::index::Retrieval;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
-use lmkit_models::CausalLm;
 use lmkit_rag::prompt::{self, Source};
 use lmkit_rag::Store;
-use lmkit_tokenize::chat::{encode_chat, load_template, Message};
+use lmkit_tokenize::chat::{encode_chat, Message};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -82,16 +81,13 @@ fn ask(a: AskArgs) -> Result<()> {
     let mut sources = prompt::sources(&found);
     drop(e);
 
-    let dev = lmkit_models::parse_device(&a.device)?;
-    let dir = lmkit_models::resolve_checkpoint(&a.model);
-    let (model, cfg) = CausalLm::load_adapted(&dir, a.adapter.as_deref(), &dev)?;
-    let tk = lmkit_tokenize::load(&dir)?;
-    let template = load_template(&dir)?.with_context(|| {
-        format!(
-            "{}: no chat template (chat_template.jinja, tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
-            dir.display()
-        )
-    })?;
+    let crate::chat::ChatModel {
+        model,
+        cfg,
+        tk,
+        template,
+        end_ids,
+    } = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
     let system = a
         .system
         .clone()
@@ -117,8 +113,6 @@ fn ask(a: AskArgs) -> Result<()> {
     if a.show_prompt {
         eprintln!("{text}");
     }
-    let mut stop_ids: Vec<u32> = tk.token_to_id("<|end|>").into_iter().collect();
-    stop_ids.extend(crate::generate::stop_ids(&dir, cfg.vocab_size())?);
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: None,
@@ -130,7 +124,7 @@ fn ask(a: AskArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens.min(cfg.max_positions() - ids.len()),
         sampling,
-        stop_ids,
+        stop_ids: end_ids,
         max_positions: cfg.max_positions(),
     };
     let mut stream = TextStream::new(
