@@ -134,6 +134,14 @@ fn main() {
         Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {
+        // A reader that went away (`lmkit … | head`) is not an error worth reporting.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(141);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
