@@ -105,7 +105,17 @@ impl Manifest {
                 ),
             ));
         }
+        m.validate().map_err(|e| RagError::corrupt(&p, e))?;
         Ok(m)
+    }
+
+    /// Settings no index could have been built with are refused.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.model.dim == 0 || self.model.dim > 65_536 {
+            return Err(format!("model.dim = {}", self.model.dim));
+        }
+        self.hnsw.validate()?;
+        self.chunking.validate()
     }
 }
 

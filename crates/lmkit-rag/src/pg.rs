@@ -137,6 +137,9 @@ impl PgIndex {
             .ok_or_else(|| RagError::Invalid(format!("table `{table}_manifest` is empty")))?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| RagError::Invalid(format!("table `{table}_manifest`: {e}")))?;
+        manifest
+            .validate()
+            .map_err(|e| RagError::Invalid(format!("table `{table}_manifest`: {e}")))?;
         Ok(PgIndex {
             client,
             table,
