@@ -50,6 +50,17 @@ def test_pgvector_top_k_equals_exact_search(bin_path, minilm, corpus, index, pg_
         # Similarities agree with the local index's.
         local = search(bin_path, index, q, "--mode", "dense", "--exact", "-k", "1")[0]
         assert abs(exact[0]["score"] - local["score"]) < 1e-5
+    # Retrieval evaluation runs against it too (dense only), and agrees with the local index's.
+    import json
+    qs = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    lines = corpus["genesis"].read_text(encoding="utf-8").split("\n")
+    for n in (5, 40, 165, 300):
+        qs.write(json.dumps({"question": lines[n - 1], "source": "genesis.txt", "lines": [n, n]}) + "\n")
+    qs.close()
+    got = json.loads(run(bin_path, "eval", "retrieval", "--index", url, "--questions", qs.name, "--json").stdout)
+    want = json.loads(run(bin_path, "eval", "retrieval", "--index", index, "--questions", qs.name, "--json",
+                          "--modes", "dense").stdout)
+    assert list(got) == ["dense"] and got["dense"]["all"]["hit_at_k"] == want["dense"]["all"]["hit_at_k"]
     # Building over it again is refused without --overwrite; BM25 is refused by name.
     p = run(bin_path, "index", "build", "--embedding-model", minilm, "--input", corpus["genesis"], "--output", url, ok=False)
     assert p.returncode == 1 and "--overwrite" in p.stderr

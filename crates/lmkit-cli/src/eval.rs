@@ -99,6 +99,7 @@ pub enum EvalCommand {
         when the questions say), or JSON with --json."
     )]
     Retrieval {
+        /// The index: a directory, or a postgres:// URL (dense only)
         #[arg(long)]
         index: PathBuf,
         #[arg(long)]
@@ -106,9 +107,10 @@ pub enum EvalCommand {
         /// Search depth (hit@k, MRR over the first k)
         #[arg(short = 'k', long = "top-k", default_value_t = 10)]
         k: usize,
-        /// Modes to evaluate, comma-separated: dense, bm25, hybrid
-        #[arg(long, default_value = "dense,bm25,hybrid")]
-        modes: String,
+        /// Modes to evaluate, comma-separated: dense, bm25, hybrid (default: all three; dense
+        /// for a PostgreSQL index)
+        #[arg(long)]
+        modes: Option<String>,
         /// The embedding model, when it has moved since the index was built
         #[arg(long)]
         embedding_model: Option<PathBuf>,
@@ -180,7 +182,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             &index,
             &questions,
             k,
-            &modes,
+            modes.as_deref(),
             embedding_model.as_deref(),
             json,
         ),

@@ -52,14 +52,16 @@ pub struct Ingest {
     Documents are cut into chunks of at most --max-tokens tokens (as the embedding model counts them)\n\
     that end at sentence or paragraph ends, --overlap tokens of whole sentences repeated between\n\
     neighbours; each chunk keeps its source file and line range. The index directory holds the\n\
-    vectors, an HNSW graph, the texts and a BM25 index; it is written as a whole.")]
+    vectors, an HNSW graph, the texts and a BM25 index; it is written as a whole. With\n\
+    --output postgres://USER@HOST/DB?table=NAME the chunks go into a PostgreSQL table with a\n\
+    pgvector HNSW index instead (dense search only).")]
 pub struct BuildArgs {
     /// A BERT-family sentence encoder directory (e.g. sentence-transformers' all-MiniLM-L6-v2)
     #[arg(long)]
     embedding_model: PathBuf,
     #[command(flatten)]
     ingest: Ingest,
-    /// The index directory to create
+    /// The index to create: a directory, or postgres://USER@HOST/DB?table=NAME (pgvector)
     #[arg(long)]
     output: PathBuf,
     /// Tokens per chunk at most (default: 200, or less when the model reads fewer)
@@ -91,6 +93,7 @@ pub struct BuildArgs {
     Chunks of a source file already in the index are replaced by the file's new chunks."
 )]
 pub struct AddArgs {
+    /// The index: a directory, or postgres://USER@HOST/DB?table=NAME (pgvector)
     index: PathBuf,
     #[command(flatten)]
     ingest: Ingest,
@@ -107,6 +110,7 @@ pub struct AddArgs {
     relinked around them), so later searches neither return nor walk through them."
 )]
 pub struct DeleteArgs {
+    /// The index: a directory, or postgres://USER@HOST/DB?table=NAME (pgvector)
     index: PathBuf,
     /// Source paths (wildcards * and ?) whose chunks to delete
     #[arg(long)]
@@ -197,6 +201,7 @@ impl Retrieval {
     object per hit with the whole text and the rank in each list)."
 )]
 pub struct SearchArgs {
+    /// The index: a directory, or postgres://USER@HOST/DB?table=NAME (pgvector)
     index: PathBuf,
     query: String,
     #[command(flatten)]
@@ -209,6 +214,7 @@ pub struct SearchArgs {
 #[derive(Args)]
 #[command(after_help = "Example:\n  lmkit index info docs.index")]
 pub struct InfoArgs {
+    /// The index: a directory, or postgres://USER@HOST/DB?table=NAME (pgvector)
     index: PathBuf,
 }
 
@@ -449,7 +455,7 @@ pub fn eval_retrieval(
     index: &std::path::Path,
     questions: &std::path::Path,
     k: usize,
-    modes: &str,
+    modes: Option<&str>,
     embedding_model: Option<&std::path::Path>,
     json: bool,
 ) -> Result<()> {
@@ -457,6 +463,11 @@ pub fn eval_retrieval(
     if k == 0 {
         bail!("--top-k must be at least 1");
     }
+    let mut ix = Store::open(index)?;
+    let modes = modes.unwrap_or(match ix.default_mode() {
+        Mode::Dense => "dense",
+        _ => "dense,bm25,hybrid",
+    });
     let modes: Vec<(String, Mode)> = modes
         .split(',')
         .map(|m| match m.trim() {
@@ -466,11 +477,10 @@ pub fn eval_retrieval(
             other => bail!("--modes: `{other}` is not dense, bm25 or hybrid"),
         })
         .collect::<Result<_>>()?;
-    let ix = lmkit_rag::Index::open(index)?;
     let qs = read_questions(questions)?;
     let needs_vectors = modes.iter().any(|(_, m)| *m != Mode::Bm25);
     let vectors = if needs_vectors {
-        let e = Embedder::for_index(&ix.manifest, embedding_model)?;
+        let e = Embedder::for_index(ix.manifest(), embedding_model)?;
         let texts: Vec<String> = qs.iter().map(|q| q.question.clone()).collect();
         let bar = Bar::default();
         bar.begin("questions", texts.len() as u64, Unit::Items);
@@ -495,8 +505,8 @@ pub fn eval_retrieval(
         let mut ranks = Vec::with_capacity(qs.len());
         for (i, q) in qs.iter().enumerate() {
             let v = vectors.as_ref().map(|v| v[i].as_slice());
-            let hits = ix.search(v, &q.question, &opts)?;
-            ranks.push(first_relevant(&ix, &hits, q));
+            let found = ix.search(v, &q.question, &opts)?;
+            ranks.push(first_relevant(&found, q));
         }
         let mut groups = vec![("all".to_string(), score(&ranks, k))];
         for l in &langs {

@@ -32,7 +32,7 @@ pub struct AskArgs {
     /// A LoRA adapter directory added to the model
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// The index to retrieve from
+    /// The index to retrieve from (a directory, or a postgres:// URL)
     #[arg(long)]
     index: PathBuf,
     question: String,

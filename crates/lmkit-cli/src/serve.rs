@@ -75,7 +75,7 @@ pub struct ServeArgs {
     /// A BERT checkpoint to serve POST /v1/embeddings with
     #[arg(long)]
     embedding_model: Option<PathBuf>,
-    /// A document index (`lmkit index build`): chat requests with `"retrieval": true` (or
+    /// A document index (`lmkit index build`: a directory or a postgres:// URL): chat requests with `"retrieval": true` (or
     /// {k, mode, filter}) answer from its passages and return them in `sources`
     #[arg(long)]
     index: Option<PathBuf>,

@@ -5,7 +5,7 @@
 //! when it comes from `source` (the path as the index records it, or a path ending with it) and
 //! its line range overlaps `lines`.
 
-use crate::{Index, RagError, Result};
+use crate::{Found, RagError, Result};
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 use std::path::Path;
@@ -52,20 +52,17 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     Ok(out)
 }
 
-/// Whether node `node` of `ix` answers `q`.
-pub fn relevant(ix: &Index, node: u32, q: &Question) -> bool {
-    let c = ix.chunk(node);
-    let same = c.source == q.source
-        || c.source
+/// Whether a result answers `q`.
+pub fn relevant(f: &Found, q: &Question) -> bool {
+    let same = f.source == q.source
+        || f.source
             .ends_with(&format!("/{}", q.source.trim_start_matches("./")));
-    same && c.lines[0] <= q.lines[1] && q.lines[0] <= c.lines[1]
+    same && f.lines[0] <= q.lines[1] && q.lines[0] <= f.lines[1]
 }
 
-/// The rank (1-based) of the first relevant hit.
-pub fn first_relevant(ix: &Index, hits: &[crate::Hit], q: &Question) -> Option<usize> {
-    hits.iter()
-        .position(|h| relevant(ix, h.node, q))
-        .map(|i| i + 1)
+/// The rank (1-based) of the first relevant result.
+pub fn first_relevant(found: &[Found], q: &Question) -> Option<usize> {
+    found.iter().position(|f| relevant(f, q)).map(|i| i + 1)
 }
 
 /// Hit rates and MRR over ranks (None: not found within the depth searched).
