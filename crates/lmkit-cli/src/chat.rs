@@ -81,16 +81,37 @@ impl ChatModel {
             end_ids,
         })
     }
+
+    /// Generates a reply to `prompt` (stopping at the chat stop strings), writing its text to
+    /// `echo` as it comes when given; returns the reply's token ids and the text held back at
+    /// its end (written by nobody yet).
+    pub fn stream_reply(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut echo: Option<&mut dyn Write>,
+    ) -> Result<(Vec<u32>, String)> {
+        let mut stream = TextStream::new(
+            &self.tk,
+            lmkit_core::tokens::CHAT_STOPS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        );
+        let (ids, _) = generate(&self.model, prompt, opts, &mut |_, all| {
+            if let (Ok(delta), Some(out)) = (stream.push(all), echo.as_mut()) {
+                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+            }
+            !stream.stopped
+        })?;
+        let tail = stream.finish(&ids)?;
+        Ok((ids, tail))
+    }
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let ChatModel {
-        model,
-        cfg,
-        tk,
-        template,
-        end_ids,
-    } = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let chat = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let (cfg, tk, template) = (&chat.cfg, &chat.tk, &chat.template);
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -125,7 +146,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         history.push(Message::new("user", line));
         // Drop the oldest exchanges (never the system message) until the prompt leaves room to answer.
         let prompt_ids = loop {
-            let (prompt, ids) = encode_chat(&tk, &template, &history, true)?;
+            let (prompt, ids) = encode_chat(tk, template, &history, true)?;
             if ids.len() + a.max_tokens.min(16) < cfg.max_positions() {
                 if a.print_prompt {
                     eprintln!("[prompt] {prompt}");
@@ -150,26 +171,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 seed: sampling.seed.wrapping_add(turn),
                 ..sampling.clone()
             },
-            stop_ids: end_ids.clone(),
+            stop_ids: chat.end_ids.clone(),
             max_positions: cfg.max_positions(),
         };
         turn += 1;
-        let mut stream = TextStream::new(
-            &tk,
-            lmkit_core::tokens::CHAT_STOPS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        );
-        let (ids, _) = generate(&model, &prompt_ids, &opts, &mut |_, all| {
-            if let Ok(delta) = stream.push(all) {
-                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-            }
-            !stream.stopped
-        })?;
-        write!(out, "{}", stream.finish(&ids)?)?;
+        let (ids, tail) = chat.stream_reply(&prompt_ids, &opts, Some(&mut out))?;
+        write!(out, "{tail}")?;
         writeln!(out)?;
-        let reply = lmkit_tokenize::decode(&tk, &ids)?;
+        let reply = lmkit_tokenize::decode(tk, &ids)?;
         let reply = reply
             .split("<|end|>")
             .next()

@@ -4,7 +4,7 @@
 use crate::index::Retrieval;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
+use lmkit_infer::{GenerateOptions, SamplingParams};
 use lmkit_rag::prompt::{self, Source};
 use lmkit_rag::Store;
 use lmkit_tokenize::chat::{encode_chat, Message};
@@ -81,13 +81,8 @@ fn ask(a: AskArgs) -> Result<()> {
     let mut sources = prompt::sources(&found);
     drop(e);
 
-    let crate::chat::ChatModel {
-        model,
-        cfg,
-        tk,
-        template,
-        end_ids,
-    } = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let (cfg, tk) = (&chat.cfg, &chat.tk);
     let system = a
         .system
         .clone()
@@ -99,7 +94,7 @@ fn ask(a: AskArgs) -> Result<()> {
             Message::new("system", &system),
             Message::new("user", &prompt::user_message(&a.question, &sources)),
         ];
-        let (text, ids) = encode_chat(&tk, &template, &msgs, true)?;
+        let (text, ids) = encode_chat(tk, &chat.template, &msgs, true)?;
         if ids.len() + room_for_answer <= cfg.max_positions() {
             break (text, ids);
         }
@@ -124,28 +119,13 @@ fn ask(a: AskArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens.min(cfg.max_positions() - ids.len()),
         sampling,
-        stop_ids: end_ids,
+        stop_ids: chat.end_ids.clone(),
         max_positions: cfg.max_positions(),
     };
-    let mut stream = TextStream::new(
-        &tk,
-        lmkit_core::tokens::CHAT_STOPS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    );
     let mut out = std::io::stdout().lock();
-    let json = a.json;
-    let (gen, _) = generate(&model, &ids, &opts, &mut |_, all| {
-        if let Ok(delta) = stream.push(all) {
-            if !json {
-                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-            }
-        }
-        !stream.stopped
-    })?;
-    let tail = stream.finish(&gen)?;
-    let answer = lmkit_tokenize::decode(&tk, &gen)?;
+    let echo: Option<&mut dyn Write> = if a.json { None } else { Some(&mut out) };
+    let (gen, tail) = chat.stream_reply(&ids, &opts, echo)?;
+    let answer = lmkit_tokenize::decode(tk, &gen)?;
     let answer = lmkit_core::tokens::CHAT_STOPS
         .iter()
         .fold(answer, |s, stop| {
@@ -153,7 +133,7 @@ fn ask(a: AskArgs) -> Result<()> {
         })
         .trim()
         .to_string();
-    if json {
+    if a.json {
         let line = serde_json::json!({
             "question": a.question,
             "answer": answer,
