@@ -1,6 +1,7 @@
 //! The SQLite store (WAL mode) of every completion, people's ratings of them, and preference
 //! pairs ("A is better than B") for later preference tuning.
 
+use rusqlite::types::FromSql;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::io::Write;
@@ -181,6 +182,15 @@ impl Store {
         })
     }
 
+    /// Every row of a three-column query (the exports read their rows so).
+    fn triples<A: FromSql, B: FromSql, C: FromSql>(&self, sql: &str) -> Result<Vec<(A, B, C)>> {
+        self.with(|conn| {
+            let mut st = conn.prepare(sql)?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
     pub fn insert(&self, c: &Completion) -> Result<()> {
         self.with(|conn| {
             conn.execute(
@@ -310,14 +320,10 @@ impl Store {
     /// completion as `{"messages": [...the request's messages, the correction as the
     /// assistant's]}`, any other as `{"prompt", "completion"}`; returns how many.
     pub fn export_corrections(&self, out: &mut dyn Write) -> Result<usize> {
-        let rows: Vec<(String, Option<String>, String)> = self.with(|conn| {
-            let mut st = conn.prepare(
-                "SELECT prompt, messages, correction FROM completions \
+        let rows: Vec<(String, Option<String>, String)> = self.triples(
+            "SELECT prompt, messages, correction FROM completions \
                  WHERE correction IS NOT NULL AND correction != '' ORDER BY created, id",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect()
-        })?;
+        )?;
         self.write_lines(
             out,
             rows.iter().map(|(prompt, messages, correction)| {
@@ -404,14 +410,10 @@ impl Store {
     /// Writes every rated completion as a JSONL line `{"prompt", "completion", "label"}` (label:
     /// rated above 0), the unpaired rows KTO reads; returns how many.
     pub fn export_ratings(&self, out: &mut dyn Write) -> Result<usize> {
-        let rows: Vec<(String, String, i64)> = self.with(|conn| {
-            let mut st = conn.prepare(
-                "SELECT prompt, output, rating FROM completions \
+        let rows: Vec<(String, String, i64)> = self.triples(
+            "SELECT prompt, output, rating FROM completions \
                  WHERE rating IS NOT NULL AND rating != 0 ORDER BY created, id",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect()
-        })?;
+        )?;
         self.write_lines(
             out,
             rows.iter().map(|(prompt, completion, rating)| {
@@ -423,15 +425,11 @@ impl Store {
     /// Writes every preference pair as a JSONL line `{"prompt", "chosen", "rejected"}`; returns
     /// how many were written.
     pub fn export_preferences(&self, out: &mut dyn Write) -> Result<usize> {
-        let rows: Vec<(String, String, String)> = self.with(|conn| {
-            let mut st = conn.prepare(
-                "SELECT c.prompt, c.output, r.output FROM preferences p \
+        let rows: Vec<(String, String, String)> = self.triples(
+            "SELECT c.prompt, c.output, r.output FROM preferences p \
                  JOIN completions c ON c.id = p.chosen_id \
                  JOIN completions r ON r.id = p.rejected_id ORDER BY p.id",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect()
-        })?;
+        )?;
         self.write_lines(
             out,
             rows.iter().map(|(prompt, chosen, rejected)| {
