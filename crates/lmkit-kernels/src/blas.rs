@@ -807,11 +807,11 @@ pub struct Heads {
 }
 
 impl Heads {
-    fn c(&self) -> usize {
+    pub(crate) fn c(&self) -> usize {
         self.heads * self.hd
     }
     /// Offsets of q, k, v of head `h` of batch row `bi` in the packed tensor (row stride 3c).
-    fn qkv(&self, bi: usize, h: usize) -> (usize, usize, usize) {
+    pub(crate) fn qkv(&self, bi: usize, h: usize) -> (usize, usize, usize) {
         let q = bi * self.t * 3 * self.c() + h * self.hd;
         (q, q + self.c(), q + 2 * self.c())
     }
@@ -971,7 +971,7 @@ struct CausalSelfAttentionBwd {
     heads: usize,
 }
 
-fn heads_of(l: &Layout, heads: usize) -> candle_core::Result<Heads> {
+pub(crate) fn heads_of(l: &Layout, heads: usize) -> candle_core::Result<Heads> {
     let &[b, t, c3] = l.dims() else {
         candle_core::bail!("fused attention: q|k|v must be [batch, seq, 3·dim]")
     };
@@ -986,7 +986,7 @@ fn heads_of(l: &Layout, heads: usize) -> candle_core::Result<Heads> {
     })
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("fused attention: inputs must be contiguous"),

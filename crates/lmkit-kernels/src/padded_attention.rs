@@ -3,7 +3,7 @@
 //! tensor or additive mask is built. Per (sequence, head): S = q·kᵀ over the first `len` rows,
 //! P = softmax(scale·S) row by row, y = P·v; padded rows of y are zero.
 
-use crate::blas::{gemm_raw, require, BlasFloat, Heads, SharedOut};
+use crate::blas::{contiguous, gemm_raw, heads_of, require, BlasFloat, Heads, SharedOut};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -17,8 +17,7 @@ pub fn padded_attention_fwd<T: BlasFloat>(
 ) -> candle_core::Result<Vec<T>> {
     let blas = require("encoder attention")?;
     let gemm = T::gemm(blas);
-    let (t, hd) = (s.t, s.hd);
-    let c = s.heads * hd;
+    let (t, hd, c) = (s.t, s.hd, s.c());
     let c3 = 3 * c;
     if qkv.len() != s.b * t * c3 || lens.len() != s.b || lens.iter().any(|&l| l > t) {
         candle_core::bail!(
@@ -36,8 +35,7 @@ pub fn padded_attention_fwd<T: BlasFloat>(
             if n == 0 {
                 return;
             }
-            let q = bi * t * c3 + h * hd;
-            let (k, v) = (q + c, q + 2 * c);
+            let (q, k, v) = s.qkv(bi, h);
             // SAFETY: q, k and v rows 0..n of (bi, h) lie at offset + i·3c .. + hd within `qkv`
             // (checked above: [b, t, 3c], n ≤ t); P is n×n (ldc n) within its t·t elements; task
             // (bi, h) alone writes y[bi, 0..n, h·hd .. (h+1)·hd] (ldc c).
@@ -81,37 +79,23 @@ impl CustomOp1 for PaddedAttention {
         "lmkit-encoder-attention"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[b, t, c3] = l.dims() else {
-            candle_core::bail!("encoder attention: q|k|v must be [batch, seq, 3·dim]")
-        };
-        if c3 % (3 * self.heads) != 0 {
-            candle_core::bail!(
-                "encoder attention: {c3} is not 3 × {} heads × head dim",
-                self.heads
-            );
-        }
-        let s = Heads {
-            b,
-            t,
-            heads: self.heads,
-            hd: c3 / 3 / self.heads,
-        };
-        let Some((a, z)) = l.contiguous_offsets() else {
-            candle_core::bail!("encoder attention: q|k|v must be contiguous")
-        };
+        let s = heads_of(l, self.heads)?;
         let y = match st {
             CpuStorage::F32(v) => CpuStorage::F32(padded_attention_fwd(
-                &v[a..z],
+                contiguous(v, l)?,
                 &self.lens,
                 s,
                 self.scale as f32,
             )?),
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(padded_attention_fwd(&v[a..z], &self.lens, s, self.scale)?)
-            }
+            CpuStorage::F64(v) => CpuStorage::F64(padded_attention_fwd(
+                contiguous(v, l)?,
+                &self.lens,
+                s,
+                self.scale,
+            )?),
             _ => candle_core::bail!("encoder attention: f32 or f64 only"),
         };
-        Ok((y, (b, t, c3 / 3).into()))
+        Ok((y, (s.b, s.t, s.c()).into()))
     }
 }
 
