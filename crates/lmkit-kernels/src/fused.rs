@@ -375,6 +375,31 @@ impl FastMath for f32 {
 /// Elements per parallel task of the elementwise kernels.
 const BLOCK: usize = 1 << 14;
 
+/// A new vector holding `f(x block, out block)` for each block of `x`, blocks on the thread pool.
+fn map_blocks<T: Default + Copy + Send + Sync>(
+    x: &[T],
+    f: impl Fn(&[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(x.par_chunks(BLOCK))
+        .for_each(|(o, x)| f(x, o));
+    out
+}
+
+/// [`map_blocks`] over two inputs of the same length.
+fn map_blocks2<T: Default + Copy + Send + Sync>(
+    x: &[T],
+    y: &[T],
+    f: impl Fn(&[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(x.par_chunks(BLOCK).zip(y.par_chunks(BLOCK)))
+        .for_each(|(o, (x, y))| f(x, y, o));
+    out
+}
+
 /// √(2/π), 0.044715: the constants of the tanh GELU.
 fn gelu_consts<T: Float>() -> (T, T) {
     (
@@ -410,20 +435,12 @@ simd_versions! {
 
 /// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
 pub fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK))
-        .for_each(|(o, x)| gelu_block(x, o));
-    out
+    map_blocks(x, gelu_block)
 }
 
 /// dy/dx · g for the tanh GELU.
 pub fn gelu_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
-        .for_each(|(o, (x, g))| gelu_bwd_block(x, g, o));
-    out
+    map_blocks2(x, g, gelu_bwd_block)
 }
 
 impl CustomOp1 for Gelu {
@@ -495,20 +512,12 @@ simd_versions! {
 
 /// y = x·Φ(x).
 pub fn gelu_erf_fwd<T: FastMath + Default>(x: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK))
-        .for_each(|(o, x)| gelu_erf_block(x, o));
-    out
+    map_blocks(x, gelu_erf_block)
 }
 
 /// dy/dx · g for the exact GELU.
 pub fn gelu_erf_bwd<T: FastMath + Default>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK).zip(g.par_chunks(BLOCK)))
-        .for_each(|(o, (x, g))| gelu_erf_bwd_block(x, g, o));
-    out
+    map_blocks2(x, g, gelu_erf_bwd_block)
 }
 
 impl CustomOp1 for GeluErf {
@@ -578,11 +587,7 @@ simd_versions! {
 }
 
 fn swiglu_rows<T: FastMath + Default>(g: &[T], u: &[T]) -> Vec<T> {
-    let mut out = vec![T::default(); g.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-        .for_each(|(o, (g, u))| swiglu_block(g, u, o));
-    out
+    map_blocks2(g, u, swiglu_block)
 }
 
 fn swiglu_gate_grad_rows<T: FastMath + Default>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
