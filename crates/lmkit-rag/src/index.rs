@@ -535,7 +535,7 @@ impl Index {
         Ok(())
     }
 
-    /// The nodes `filter` admits (None: all) and their number.
+    /// The nodes `filter` admits (None: all) and their number, worked out once per search.
     fn admitted(&self, filter: &Filter) -> (Option<Vec<bool>>, usize) {
         if filter.is_empty() {
             return (None, self.len());
@@ -552,15 +552,14 @@ impl Index {
     /// Dense search: exact for small collections, for `exact`, and when the filter admits so few
     /// chunks that brute force over them costs less than a filtered walk (which visits about
     /// ef·2m·(n / admitted) nodes); the graph otherwise.
-    pub fn dense(
+    fn dense(
         &self,
         q: &[f32],
         k: usize,
         ef: Option<usize>,
         exact: bool,
-        filter: &Filter,
+        (ok, admitted): (&Option<Vec<bool>>, usize),
     ) -> Vec<(u32, f32)> {
-        let (ok, admitted) = self.admitted(filter);
         let allow_fn = |i: u32| ok.as_ref().is_none_or(|v| v[i as usize]);
         let allow: Option<&(dyn Fn(u32) -> bool + Sync)> = ok.as_ref().map(|_| &allow_fn as _);
         let n = self.len();
@@ -576,9 +575,8 @@ impl Index {
         found.into_iter().map(|h| (h.id, 1.0 - h.d)).collect()
     }
 
-    /// BM25 search under a filter.
-    pub fn keyword(&self, query: &str, k: usize, filter: &Filter) -> Vec<(u32, f32)> {
-        let (ok, _) = self.admitted(filter);
+    /// BM25 search over the admitted nodes.
+    fn keyword(&self, query: &str, k: usize, ok: &Option<Vec<bool>>) -> Vec<(u32, f32)> {
         match ok {
             Some(v) => self.bm25.search(query, k, Some(&|i| v[i as usize])),
             None => self.bm25.search(query, k, None),
@@ -616,14 +614,15 @@ impl Index {
         } else {
             k
         };
+        let (ok, admitted) = self.admitted(&o.filter);
         let dense = match (o.mode, v) {
             (Mode::Bm25, _) | (_, None) => Vec::new(),
-            (_, Some(v)) => self.dense(v, depth, o.ef, o.exact, &o.filter),
+            (_, Some(v)) => self.dense(v, depth, o.ef, o.exact, (&ok, admitted)),
         };
         let keyword = if o.mode == Mode::Dense {
             Vec::new()
         } else {
-            self.keyword(text, depth, &o.filter)
+            self.keyword(text, depth, &ok)
         };
         let mut hits: Vec<Hit> = Vec::new();
         let mut at: rustc_hash::FxHashMap<u32, usize> = Default::default();
