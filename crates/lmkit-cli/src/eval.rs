@@ -4,8 +4,8 @@ use crate::lines::read_lines;
 use crate::progress::Bar;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use lmkit_eval::{tasks, Scorer};
-use std::io::Write;
+use lmkit_eval::Progress;
+use lmkit_eval::{harness, tasks, Scorer};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -71,10 +71,14 @@ pub enum EvalCommand {
     },
     /// Multiple-choice / classification tasks scored by log-likelihood (JSONL task files)
     #[command(
-        after_help = "Example:\n  lmkit eval tasks --model runs/quickstart/gpt --tasks bench/tasks/en-bible-cloze.jsonl --output results.json\n\n\
-        Task lines: {\"context\", \"choices\", \"answer\"} | {\"premise\", \"hypothesis\", \"label\"} |\n\
-        {\"sentence1\", \"sentence2\", \"label\"} | {\"text\", \"labels\", \"label\"}. Prints a Markdown table of\n\
-        acc (highest log-likelihood) and acc_norm (per byte of the choice)."
+        after_help = "Examples:\n  lmkit eval tasks --model runs/quickstart/gpt --tasks bench/tasks/en-bible-cloze.jsonl --output results.json\n  \
+        lmkit eval tasks --model SmolLM2-135M-Instruct.Q4_1.gguf --tasks bench/tasks/gen/*.yaml --limit 50 --details details.jsonl\n\n\
+        JSONL task lines: {\"context\", \"choices\", \"answer\"} | {\"premise\", \"hypothesis\", \"label\"} |\n\
+        {\"sentence1\", \"sentence2\", \"label\"} | {\"text\", \"labels\", \"label\"}: acc (highest log-likelihood) and\n\
+        acc_norm (per byte of the choice).\n\n\
+        YAML tasks follow lm-evaluation-harness's format (a subset; docs/tasks.md): generate_until tasks\n\
+        (stop strings, max_gen_toks; exact_match, squad_f1, rouge1/2/L, bleu, chrf, chrf++ after regex\n\
+        filters) and multiple_choice tasks (acc, acc_norm), few-shot drawn as the harness draws them."
     )]
     Tasks {
         #[command(flatten)]
@@ -84,9 +88,45 @@ pub enum EvalCommand {
         /// Write the results as JSON
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Write every example's choice log-likelihoods as JSONL
+        /// Write every example's details as JSONL (prompt, response, filtered answers, scores;
+        /// choice log-likelihoods for multiple choice)
         #[arg(long)]
         details: Option<PathBuf>,
+        /// YAML tasks: evaluate only the first N documents
+        #[arg(long)]
+        limit: Option<usize>,
+        /// YAML tasks: few-shot examples per prompt (default: the task's `num_fewshot`, else 0)
+        #[arg(long)]
+        num_fewshot: Option<usize>,
+        /// YAML tasks: seed of the few-shot draw (the harness's default)
+        #[arg(long, default_value_t = lmkit_eval::harness::DEFAULT_FEWSHOT_SEED)]
+        fewshot_seed: u64,
+        /// YAML tasks: render prompts through the model's chat template (description as the
+        /// system message, few-shot examples and the question in one user message)
+        #[arg(long)]
+        apply_chat_template: bool,
+        /// YAML generation tasks: prompts decoded together
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// YAML generation tasks with do_sample: the sampler's seed
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Score predictions against references: exact match, SQuAD F1, ROUGE-1/2/L (means over
+    /// examples), corpus BLEU, chrF and chrF++ (sacrebleu's defaults)
+    #[command(
+        after_help = "Example:\n  lmkit eval metrics --input predictions.jsonl\n\n\
+        Lines: {\"prediction\": TEXT, \"references\": [TEXT, ...]} (or \"reference\": TEXT). Prints JSON."
+    )]
+    Metrics {
+        #[arg(long)]
+        input: PathBuf,
+        /// exact_match: compare lower-cased
+        #[arg(long)]
+        ignore_case: bool,
+        /// exact_match: drop ASCII punctuation first
+        #[arg(long)]
+        ignore_punctuation: bool,
     },
     /// Retrieval quality of an index on a question set: hit@1, hit@5, hit@k and MRR for dense,
     /// BM25 and hybrid search
@@ -171,6 +211,36 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let s = model.load()?;
             crate::lines::rank(candidates, input.as_deref(), |c| Ok(s.sentence_log10(c)?))
         }
+        EvalCommand::Metrics {
+            input,
+            ignore_case,
+            ignore_punctuation,
+        } => {
+            let (preds, refs) = read_predictions(&input)?;
+            let em = lmkit_eval::metrics::ExactMatch {
+                ignore_case,
+                ignore_punctuation,
+                ..Default::default()
+            };
+            use lmkit_eval::metrics as m;
+            let n = preds.len() as f64;
+            let mean = |f: &dyn Fn(&str, &[String]) -> f64| {
+                preds.iter().zip(&refs).map(|(p, r)| f(p, r)).sum::<f64>() / n
+            };
+            let v = serde_json::json!({
+                "examples": preds.len(),
+                "exact_match": mean(&|p, r| em.score(p, r)),
+                "squad_f1": mean(&m::squad_f1),
+                "rouge1": mean(&|p, r| m::best(p, r, |a, b| m::rouge_n(a, b, 1))),
+                "rouge2": mean(&|p, r| m::best(p, r, |a, b| m::rouge_n(a, b, 2))),
+                "rougeL": mean(&|p, r| m::best(p, r, m::rouge_l)),
+                "bleu": m::corpus_bleu(&preds, &refs),
+                "chrf": m::corpus_chrf(&preds, &refs, 0),
+                "chrf++": m::corpus_chrf(&preds, &refs, 2),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         EvalCommand::Retrieval {
             index,
             questions,
@@ -191,11 +261,32 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             tasks: files,
             output,
             details,
+            limit,
+            num_fewshot,
+            fewshot_seed,
+            apply_chat_template,
+            batch_size,
+            seed,
         } => {
             let s = model.load()?;
             let mut results = Vec::new();
             let mut detail_lines = Vec::new();
+            let mut scores = Vec::new();
+            let opts = HarnessOptions {
+                limit,
+                num_fewshot,
+                fewshot_seed,
+                apply_chat_template,
+                batch_size,
+                seed,
+            };
             for f in &files {
+                if is_yaml(f) {
+                    let (sc, det) = run_harness_task(&s, &model.model, f, &opts)?;
+                    scores.extend(sc);
+                    detail_lines.extend(det);
+                    continue;
+                }
                 let examples = tasks::load(f)?;
                 let name = f
                     .file_stem()
@@ -208,19 +299,163 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
                 }
                 results.push(r);
             }
-            print!("{}", tasks::markdown(&results));
+            if !results.is_empty() {
+                print!("{}", tasks::markdown(&results));
+            }
+            if !scores.is_empty() {
+                if !results.is_empty() {
+                    println!();
+                }
+                print!("{}", harness::markdown(&scores));
+            }
             if let Some(p) = output {
-                let v = serde_json::json!({"model": model.model, "results": results});
-                std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
+                let mut v = serde_json::json!({"model": model.model, "results": results});
+                if !scores.is_empty() {
+                    v["scores"] = serde_json::to_value(&scores)?;
+                }
+                lmkit_core::atomic::write_atomic_bytes(
+                    &p,
+                    (serde_json::to_string_pretty(&v)? + "\n").as_bytes(),
+                )?;
             }
             if let Some(p) = details {
-                let mut w = std::io::BufWriter::new(std::fs::File::create(&p)?);
+                let mut text = String::new();
                 for l in detail_lines {
-                    writeln!(w, "{l}")?;
+                    text.push_str(&l.to_string());
+                    text.push('\n');
                 }
-                w.flush()?;
+                lmkit_core::atomic::write_atomic_bytes(&p, text.as_bytes())?;
             }
             Ok(())
         }
     }
+}
+
+fn is_yaml(p: &std::path::Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+pub(crate) struct HarnessOptions {
+    pub limit: Option<usize>,
+    pub num_fewshot: Option<usize>,
+    pub fewshot_seed: u64,
+    pub apply_chat_template: bool,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// The prompts of a YAML task's documents: plain text, or through the model's chat template.
+pub(crate) fn harness_prompts(
+    model: &std::path::Path,
+    rendered: &[harness::Rendered],
+    chat: bool,
+) -> Result<Vec<String>> {
+    if !chat {
+        return Ok(rendered.iter().map(|r| r.prompt.clone()).collect());
+    }
+    let dir = lmkit_models::resolve_checkpoint(model);
+    let Some(template) = lmkit_tokenize::chat::load_template(&dir)? else {
+        bail!(
+            "{}: --apply-chat-template: the model has no chat template",
+            dir.display()
+        );
+    };
+    rendered
+        .iter()
+        .map(|r| {
+            let mut msgs = Vec::new();
+            if !r.system.is_empty() {
+                msgs.push(lmkit_tokenize::chat::Message::new("system", &r.system));
+            }
+            msgs.push(lmkit_tokenize::chat::Message::new("user", &r.user));
+            Ok(template.render(&msgs, true)?)
+        })
+        .collect()
+}
+
+fn run_harness_task(
+    s: &Scorer,
+    model: &std::path::Path,
+    file: &std::path::Path,
+    o: &HarnessOptions,
+) -> Result<(Vec<harness::Score>, Vec<serde_json::Value>)> {
+    let task = harness::Task::load(file)?;
+    let shots = o.num_fewshot.unwrap_or(task.num_fewshot);
+    let rendered = task.render(shots, o.fewshot_seed, o.limit)?;
+    let prompts = harness_prompts(model, &rendered, o.apply_chat_template)?;
+    let bar = Bar::default();
+    match task.output_type {
+        harness::OutputType::GenerateUntil => {
+            let Scorer::Neural(n) = s else {
+                bail!(
+                    "{}: generation tasks need a causal language model (GPT-2, Llama-style or GGUF), not {}",
+                    file.display(),
+                    model.display()
+                );
+            };
+            bar.begin(&task.name, prompts.len() as u64, lmkit_eval::Unit::Items);
+            let responses =
+                n.generate_until(&prompts, &task.generation, o.seed, o.batch_size, &bar)?;
+            bar.finish();
+            Ok(harness::score_generations(
+                &task, shots, &rendered, &responses,
+            ))
+        }
+        harness::OutputType::MultipleChoice => {
+            bar.begin(&task.name, prompts.len() as u64, lmkit_eval::Unit::Items);
+            let mut lls = Vec::with_capacity(rendered.len());
+            for (r, p) in rendered.iter().zip(&prompts) {
+                let ll = task
+                    .choice_requests(r, p)
+                    .iter()
+                    .map(|(c, x)| s.loglikelihood(c, x))
+                    .collect::<lmkit_eval::Result<Vec<f64>>>()?;
+                lls.push(ll);
+                bar.advance(1);
+            }
+            bar.finish();
+            Ok(harness::score_choices(&task, shots, &rendered, &lls))
+        }
+    }
+}
+
+/// Reads {"prediction", "references" | "reference"} lines.
+fn read_predictions(path: &std::path::Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (mut preds, mut refs) = (Vec::new(), Vec::new());
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let bad = |m: &str| anyhow::anyhow!("{}: line {}: {m}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(l).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        let p = v
+            .get("prediction")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| bad("`prediction` (text) is missing"))?;
+        let r: Vec<String> = match (v.get("references"), v.get("reference")) {
+            (Some(serde_json::Value::Array(a)), _) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("`references` must be a list of texts"))?,
+            (None, Some(serde_json::Value::String(s))) => vec![s.clone()],
+            _ => {
+                return Err(bad(
+                    "give `references` (a list of texts) or `reference` (a text)",
+                ))
+            }
+        };
+        if r.is_empty() {
+            return Err(bad("`references` is empty"));
+        }
+        preds.push(p.to_string());
+        refs.push(r);
+    }
+    if preds.is_empty() {
+        bail!("{}: no predictions", path.display());
+    }
+    Ok((preds, refs))
 }

@@ -4,6 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod encoders;
+mod generate;
+pub mod harness;
+pub mod metrics;
+pub mod pyrandom;
 pub mod tasks;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -38,6 +42,8 @@ pub struct Neural {
     /// The document separator, also the context of a text's first token.
     pub eot: u32,
     pub context: usize,
+    /// End-of-sequence ids that end generation (config and generation config).
+    pub stop_ids: Vec<u32>,
 }
 
 /// Any model that gives text a probability.
@@ -144,6 +150,11 @@ impl Scorer {
             tokenizer,
             eot,
             context: cfg.max_positions(),
+            stop_ids: lmkit_models::stop_token_ids(&dir)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|&i| (i as usize) < cfg.vocab_size())
+                .collect(),
         })))
     }
 
