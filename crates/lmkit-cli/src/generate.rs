@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use lmkit_infer::{generate, Finish, GenerateOptions, SamplingParams, TextStream};
+use lmkit_infer::{generate_constrained, Finish, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +12,9 @@ use std::path::PathBuf;
     after_help = "Examples:\n  lmkit generate --model runs/gpt/ --prompt 'In the beginning' --max-tokens 50\n  \
     lmkit generate --model runs/gpt/ --prompt '대한민국은' --temperature 0.7 --top-k 40 --seed 1 --stop '\\n'\n  \
     lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids\n  \
-    lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder"
+    lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder\n  \
+    lmkit generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'A person: ' --json-schema person.json --greedy\n  \
+    lmkit generate --model runs/gpt/ --prompt 'Year: ' --regex '(19|20)[0-9]{2}'"
 )]
 pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
@@ -66,6 +68,8 @@ pub struct GenerateArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    constraint: crate::constraint::ConstraintArgs,
 }
 
 /// Encoder-decoder models: decode a reply to `--source` (no KV cache; the decoder re-reads its
@@ -187,6 +191,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
         max_positions: cfg.max_positions(),
     };
+    let mut constraint = match (a.constraint.spec()?, &tokenizer) {
+        (None, _) => None,
+        (Some(_), None) => {
+            bail!("constrained decoding needs the model's tokenizer (tokenizer.json)")
+        }
+        (Some(_), Some(_)) if a.ignore_eos => {
+            bail!("--ignore-eos cannot be combined with a constraint: the grammar decides where the text ends")
+        }
+        (Some(spec), Some(tk)) => Some(crate::constraint::compile(
+            &spec,
+            tk,
+            cfg.vocab_size(),
+            &opts.stop_ids,
+        )?),
+    };
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
     // When the first token arrives, the prompt has been read (and one token sampled).
@@ -200,19 +219,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (Some(tk), false) => {
             let mut stream = TextStream::new(tk, a.stop.clone());
             let mut err = None;
-            let res = generate(&model, &prompt, &opts, &mut |_, all| {
-                mark();
-                match stream.push(all) {
-                    Ok(delta) => {
-                        let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-                        !stream.stopped
+            let res =
+                generate_constrained(&model, &prompt, &opts, constraint.take(), &mut |_, all| {
+                    mark();
+                    match stream.push(all) {
+                        Ok(delta) => {
+                            let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+                            !stream.stopped
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            false
+                        }
                     }
-                    Err(e) => {
-                        err = Some(e);
-                        false
-                    }
-                }
-            })?;
+                })?;
             if let Some(e) = err {
                 return Err(e.into());
             }
@@ -222,10 +242,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             res
         }
         _ => {
-            let res = generate(&model, &prompt, &opts, &mut |_, _| {
-                mark();
-                true
-            })?;
+            let res =
+                generate_constrained(&model, &prompt, &opts, constraint.take(), &mut |_, _| {
+                    mark();
+                    true
+                })?;
             let line: Vec<String> = res.0.iter().map(|i| i.to_string()).collect();
             writeln!(out, "{}", line.join(" "))?;
             res

@@ -4,6 +4,7 @@
 mod adapter;
 mod chat;
 mod compare;
+mod constraint;
 mod data;
 mod dpo;
 mod encoder;

@@ -1,6 +1,7 @@
 //! Text generation with lmkit's decoders: KV-cached decoding, sampling, stop conditions, streaming.
 #![forbid(unsafe_code)]
 
+pub mod constrain;
 pub mod sampling;
 
 pub use sampling::{sample, Random, Rng, SamplingParams};
@@ -54,6 +55,9 @@ pub struct Decoder {
     opts: GenerateOptions,
     /// The stop token that ended decoding, if one did.
     stopped_by: Option<u32>,
+    /// A grammar the output must follow.
+    constraint: Option<constrain::Constraint>,
+    constraint_error: Option<String>,
 }
 
 /// What one decoding step produced.
@@ -87,7 +91,24 @@ impl Decoder {
             pending: prompt.to_vec(),
             opts,
             stopped_by: None,
+            constraint: None,
+            constraint_error: None,
         })
+    }
+
+    /// Makes every later token follow `c`.
+    pub fn constrain(&mut self, c: constrain::Constraint) {
+        self.constraint = Some(c);
+    }
+
+    /// Why the constraint ended decoding early, if it did (an engine error).
+    pub fn constraint_error(&self) -> Option<&str> {
+        self.constraint_error.as_deref()
+    }
+
+    /// Whether the output so far completes its constraint (true without one).
+    pub fn constraint_complete(&mut self) -> bool {
+        self.constraint.as_mut().is_none_or(|c| c.is_accepting())
     }
 
     /// Decoders that continue one prompt, one per set of options (each with its own sampler
@@ -118,6 +139,8 @@ impl Decoder {
                 pending: Vec::new(),
                 opts: o,
                 stopped_by: None,
+                constraint: None,
+                constraint_error: None,
             };
             let step = match d.limit() {
                 Some(why) => Step::Done(why),
@@ -151,7 +174,28 @@ impl Decoder {
 
     /// Samples from the logits of the last position and records the token.
     fn take(&mut self, last: &[f32]) -> Step {
-        let next = sample(last, &self.history, &self.opts.sampling, &mut self.rng);
+        let next = match &mut self.constraint {
+            None => sample(last, &self.history, &self.opts.sampling, &mut self.rng),
+            Some(c) => {
+                if c.is_stopped() {
+                    // The grammar is complete and allows nothing more.
+                    return Step::Done(Finish::Eos);
+                }
+                let mut masked = last.to_vec();
+                if let Err(e) = c.mask(&mut masked) {
+                    self.constraint_error = Some(e);
+                    return Step::Done(Finish::Stopped);
+                }
+                let next = sample(&masked, &self.history, &self.opts.sampling, &mut self.rng);
+                if self.opts.stop_ids.contains(&next) {
+                    // Allowed only where the grammar is complete; the engine does not take it.
+                } else if let Err(e) = c.consume(next) {
+                    self.constraint_error = Some(e);
+                    return Step::Done(Finish::Stopped);
+                }
+                next
+            }
+        };
         if self.opts.stop_ids.contains(&next) {
             self.stopped_by = Some(next);
             return Step::Done(Finish::Eos);
@@ -255,9 +299,28 @@ pub fn generate(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(u32, &[u32]) -> bool,
 ) -> Result<(Vec<u32>, Finish)> {
+    generate_constrained(model, prompt, opts, None, on_token)
+}
+
+/// [`generate`] with every token following `constraint` (when given). An engine failure is an
+/// error; output cut by `max_tokens` may be an incomplete match.
+pub fn generate_constrained(
+    model: &CausalLm,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    constraint: Option<constrain::Constraint>,
+    on_token: &mut dyn FnMut(u32, &[u32]) -> bool,
+) -> Result<(Vec<u32>, Finish)> {
     let mut d = Decoder::new(model, prompt, opts.clone())?;
+    if let Some(c) = constraint {
+        d.constrain(c);
+    }
     loop {
-        match d.step(model)? {
+        let step = d.step(model)?;
+        if let Some(e) = d.constraint_error() {
+            return Err(InferError::Invalid(format!("constrained decoding: {e}")));
+        }
+        match step {
             Step::Done(why) => return Ok((d.generated, why)),
             Step::Token(t) => {
                 if !on_token(t, &d.generated) {

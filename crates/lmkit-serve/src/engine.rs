@@ -28,6 +28,8 @@ pub struct Job {
     pub opts: GenerateOptions,
     pub events: UnboundedSender<(usize, Event)>,
     pub cancel: Arc<AtomicBool>,
+    /// A grammar the output must follow.
+    pub constraint: Option<lmkit_infer::constrain::Constraint>,
 }
 
 /// The submitting side of the worker, with the count of jobs queued or running.
@@ -123,10 +125,15 @@ fn admit(models: &[CausalLm], job: Job, active: &mut Vec<Running>, depth: &Atomi
         return;
     };
     match Decoder::new(model, &job.prompt, job.opts) {
-        Ok(decoder) => active.push(Running {
+        Ok(mut decoder) => active.push(Running {
+            decoder: {
+                if let Some(c) = job.constraint {
+                    decoder.constrain(c);
+                }
+                decoder
+            },
             index: job.index,
             model: job.model,
-            decoder,
             events: job.events,
             cancel: job.cancel,
         }),
@@ -201,6 +208,13 @@ fn worker(
             .map(|(r, res)| {
                 let (event, more) = match res {
                     Ok(Step::Token(t)) => (Event::Token(t), true),
+                    Ok(Step::Done(_)) if r.decoder.constraint_error().is_some() => (
+                        Event::Error(format!(
+                            "constrained decoding: {}",
+                            r.decoder.constraint_error().unwrap_or_default()
+                        )),
+                        false,
+                    ),
                     Ok(Step::Done(why)) => (Event::Done(why), false),
                     Err(e) => (Event::Error(e.to_string()), false),
                 };

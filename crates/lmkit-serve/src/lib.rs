@@ -137,6 +137,8 @@ pub struct AppState {
     pub created: i64,
     pub embedder: Option<Arc<Embedder>>,
     pub retriever: Option<api::retrieval::Retriever>,
+    /// The grammar engine for constrained output (`response_format`, `tools`), built on first use.
+    pub grammars: std::sync::OnceLock<Result<Arc<lmkit_infer::constrain::Grammars>, String>>,
 }
 
 /// Reads API keys from a file: one per line, blank lines and `#` comments skipped.
@@ -267,6 +269,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         created: store::now(),
         embedder,
         retriever,
+        grammars: std::sync::OnceLock::new(),
     }))
 }
 

@@ -20,6 +20,7 @@ pub async fn completions(
                 "`prompt` must be a string, a list of one string, or a list of token ids",
             )
         })?;
+        let structured = structured::options(&mut v, false)?;
         let params = sampling(&state, v)?;
         let (prompt_text, prompt_ids) = match prompt {
             Prompt::Text(t) => {
@@ -63,6 +64,7 @@ pub async fn completions(
             stops,
             prompt_verdict: verdict,
             sources: None,
+            structured,
         })
     }
     .await;
@@ -77,6 +79,7 @@ pub async fn chat_completions(
     let result = async {
         let (messages, mut v) = split_body(body, state.limits.max_body_bytes, "messages")?;
         let search = retrieval::options(&state, v.as_object_mut().and_then(|o| o.remove("retrieval")))?;
+        let structured = structured::options(&mut v, true)?;
         let messages: Vec<ChatMessage> = {
             let de = messages;
             serde_path_to_error::deserialize(de).map_err(|e| {
@@ -103,15 +106,22 @@ pub async fn chat_completions(
         })?;
         let mut msgs = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].role"),
-                    format!("`messages[{i}].role` must be system, user or assistant, not `{}`", m.role),
+                    format!("`messages[{i}].role` must be system, user, assistant or tool, not `{}`", m.role),
                 ));
             }
-            let content = match &m.content {
-                Content::Text(t) => t.clone(),
-                Content::Parts(parts) => {
+            let mut content = match &m.content {
+                None if m.role == "assistant" && m.tool_calls.is_some() => String::new(),
+                None => {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].content"),
+                        format!("`messages[{i}].content` is missing"),
+                    ))
+                }
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
                     let mut s = String::new();
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
@@ -128,7 +138,31 @@ pub async fn chat_completions(
                 }
             };
             let _ = &m.name;
-            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            // Calls and their results are shown to the model as text: most chat templates know
+            // no tool turns.
+            for c in m.tool_calls.iter().flatten() {
+                let f = c.get("function");
+                let name = f.and_then(|f| f.get("name")).cloned().unwrap_or(Value::Null);
+                let args = f
+                    .and_then(|f| f.get("arguments"))
+                    .and_then(|a| a.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()).or(Some(a.clone())))
+                    .unwrap_or(Value::Null);
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&json!({"name": name, "arguments": args}).to_string());
+            }
+            if m.role == "tool" {
+                content = format!(
+                    "Result of the function call{}: {content}",
+                    m.tool_call_id.as_ref().map(|id| format!(" {id}")).unwrap_or_default()
+                );
+            }
+            let role = match m.role.as_str() {
+                "developer" => "system",
+                "tool" => "user",
+                r => r,
+            };
             msgs.push(lmkit_tokenize::chat::Message::new(role, &content));
         }
         // Every message is moderated, assistant turns the client sent included (retrieved
@@ -139,6 +173,13 @@ pub async fn chat_completions(
             .collect::<Vec<_>>()
             .join("\n");
         let verdict = state.moderator.check(&said);
+        if let Some(t) = &structured.tools {
+            let text = structured::tools_prompt(t);
+            match msgs.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+                _ => msgs.insert(0, lmkit_tokenize::chat::Message::new("system", &text)),
+            }
+        }
         let encode = |msgs: &[lmkit_tokenize::chat::Message]| {
             lmkit_tokenize::chat::encode_chat(&state.tokenizer, template, msgs, true)
                 .map_err(|e| ApiError::internal(e.to_string()))
@@ -182,6 +223,7 @@ pub async fn chat_completions(
             stops,
             prompt_verdict: verdict,
             sources,
+            structured,
         })
     }
     .await;
@@ -240,6 +282,27 @@ pub(super) async fn run(
         )
         .code("content_policy_violation"));
     }
+    if prep.params.stream && prep.structured.tools.is_some() {
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming is not supported with `tools`; send the request without `stream`",
+        ));
+    }
+    let field = if prep.structured.tools.is_some() {
+        "tools"
+    } else {
+        "response_format"
+    };
+    let mut constraints = (0..prep.params.n)
+        .map(|_| {
+            prep.structured
+                .spec
+                .as_ref()
+                .map(|s| structured::compile(&state, s, field))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?
+        .into_iter();
     let (tx, rx) = mpsc::unbounded_channel();
     let cancels: Vec<Arc<AtomicBool>> = (0..prep.params.n)
         .map(|_| Arc::new(AtomicBool::new(false)))
@@ -260,6 +323,7 @@ pub(super) async fn run(
             },
             events: tx.clone(),
             cancel: cancels[i].clone(),
+            constraint: constraints.next().flatten(),
         })
         .collect();
     drop(tx);
@@ -345,7 +409,10 @@ pub(super) async fn run(
         .zip(&outcome.reasons)
         .enumerate()
         .map(|(i, (t, r))| {
-            if prep.chat {
+            let calls = prep.structured.tools.as_ref().and_then(|_| structured::tool_calls(t));
+            if let Some(calls) = calls {
+                json!({"index": i, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls", "logprobs": null})
+            } else if prep.chat {
                 json!({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": null})
             } else {
                 json!({"index": i, "text": t, "finish_reason": r, "logprobs": null})

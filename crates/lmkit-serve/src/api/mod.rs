@@ -7,6 +7,7 @@ mod log;
 mod prompt;
 pub mod retrieval;
 mod stream;
+mod structured;
 mod types;
 mod validate;
 

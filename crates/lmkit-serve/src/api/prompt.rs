@@ -19,6 +19,8 @@ pub(super) struct Prepared {
     pub(super) prompt_verdict: Verdict,
     /// The passages retrieved into the prompt (`"retrieval"` requests).
     pub(super) sources: Option<Vec<lmkit_rag::prompt::Source>>,
+    /// `response_format` / `tools`: the constraint on every choice.
+    pub(super) structured: super::structured::Structured,
 }
 
 pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {

@@ -55,8 +55,13 @@ pub(super) struct Sampling {
 #[serde(deny_unknown_fields)]
 pub(super) struct ChatMessage {
     pub(super) role: String,
-    pub(super) content: Content,
+    #[serde(default)]
+    pub(super) content: Option<Content>,
     pub(super) name: Option<String>,
+    /// An assistant turn that called functions (OpenAI's shape).
+    pub(super) tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn: the call it answers.
+    pub(super) tool_call_id: Option<String>,
 }
 
 #[derive(Deserialize)]
