@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lmkit_infer::{generate, GenerateOptions, SamplingParams, TextStream};
+use lmkit_infer::{generate_constrained, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
 use lmkit_tokenize::chat::{encode_chat, load_template, Message};
 use std::io::{BufRead, Write};
@@ -42,6 +42,9 @@ pub struct ChatArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Every reply follows this constraint
+    #[command(flatten)]
+    constraint: crate::constraint::ConstraintArgs,
 }
 
 /// A chat model ready to answer: weights (with an adapter), tokenizer, chat template and the
@@ -89,6 +92,7 @@ impl ChatModel {
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
+        constraint: Option<lmkit_infer::constrain::Constraint>,
         mut echo: Option<&mut dyn Write>,
     ) -> Result<(Vec<u32>, String)> {
         let mut stream = TextStream::new(
@@ -98,12 +102,13 @@ impl ChatModel {
                 .map(|s| s.to_string())
                 .collect(),
         );
-        let (ids, _) = generate(&self.model, prompt, opts, &mut |_, all| {
-            if let (Ok(delta), Some(out)) = (stream.push(all), echo.as_mut()) {
-                let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
-            }
-            !stream.stopped
-        })?;
+        let (ids, _) =
+            generate_constrained(&self.model, prompt, opts, constraint, &mut |_, all| {
+                if let (Ok(delta), Some(out)) = (stream.push(all), echo.as_mut()) {
+                    let _ = out.write_all(delta.as_bytes()).and_then(|_| out.flush());
+                }
+                !stream.stopped
+            })?;
         let tail = stream.finish(&ids)?;
         Ok((ids, tail))
     }
@@ -120,6 +125,13 @@ pub fn run(a: ChatArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
+    let spec = match a.constraint.spec()? {
+        Some(s) => Some((
+            crate::constraint::engine(tk, cfg.vocab_size(), &chat.end_ids)?,
+            s,
+        )),
+        None => None,
+    };
     let mut history: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -175,7 +187,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
             max_positions: cfg.max_positions(),
         };
         turn += 1;
-        let (ids, tail) = chat.stream_reply(&prompt_ids, &opts, Some(&mut out))?;
+        let constraint = spec
+            .as_ref()
+            .map(|(g, s)| crate::constraint::compile(g, s))
+            .transpose()?;
+        let (ids, tail) = chat.stream_reply(&prompt_ids, &opts, constraint, Some(&mut out))?;
         write!(out, "{tail}")?;
         writeln!(out)?;
         let reply = lmkit_tokenize::decode(tk, &ids)?;

@@ -57,15 +57,18 @@ impl ConstraintArgs {
     }
 }
 
-/// Compiles a constraint for a model's tokenizer (its whole vocabulary and stop ids).
-pub fn compile(
-    spec: &ConstraintSpec,
+/// The grammar engine for a model's tokenizer (its whole vocabulary and stop ids).
+pub fn engine(
     tokenizer: &lmkit_tokenize::Tokenizer,
     vocab_size: usize,
     stop_ids: &[u32],
-) -> Result<lmkit_infer::constrain::Constraint> {
-    let g = Grammars::new(tokenizer, vocab_size, stop_ids)
-        .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
+) -> Result<Grammars> {
+    Grammars::new(tokenizer, vocab_size, stop_ids)
+        .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))
+}
+
+/// One sequence's constraint.
+pub fn compile(g: &Grammars, spec: &ConstraintSpec) -> Result<lmkit_infer::constrain::Constraint> {
     g.compile(spec)
         .map_err(|e| anyhow::anyhow!("the constraint cannot be used: {e}"))
 }

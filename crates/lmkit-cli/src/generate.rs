@@ -200,10 +200,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("--ignore-eos cannot be combined with a constraint: the grammar decides where the text ends")
         }
         (Some(spec), Some(tk)) => Some(crate::constraint::compile(
+            &crate::constraint::engine(tk, cfg.vocab_size(), &opts.stop_ids)?,
             &spec,
-            tk,
-            cfg.vocab_size(),
-            &opts.stop_ids,
         )?),
     };
     let mut out = std::io::stdout().lock();

@@ -124,7 +124,7 @@ fn ask(a: AskArgs) -> Result<()> {
     };
     let mut out = std::io::stdout().lock();
     let echo: Option<&mut dyn Write> = if a.json { None } else { Some(&mut out) };
-    let (gen, tail) = chat.stream_reply(&ids, &opts, echo)?;
+    let (gen, tail) = chat.stream_reply(&ids, &opts, None, echo)?;
     let answer = lmkit_tokenize::decode(tk, &gen)?;
     let answer = lmkit_core::tokens::CHAT_STOPS
         .iter()
