@@ -84,6 +84,31 @@ def test_prompts_equal_the_harness(lmkit, tmp_path, name):
         assert ours[0]["targets"] == TEST[0]["aliases"]
 
 
+def test_chat_template_prompts_equal_the_harness(lmkit, tmp_path):
+    """--apply-chat-template: the description as the system message, the rest as one user turn."""
+    from lm_eval.api.task import ConfigurableTask
+    from transformers import AutoTokenizer
+
+    _, base = make_base(lmkit, tmp_path, kind="gpt2")
+    cfg = configs(write_data(tmp_path))["random"]
+    path = tmp_path / "chat.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    tok = AutoTokenizer.from_pretrained(base)
+
+    def template(msgs, add_generation_prompt=True):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=not add_generation_prompt)
+
+    t = ConfigurableTask(config=json.loads(json.dumps(cfg)))
+    t.set_fewshot_seed(1234)
+    t.build_all_requests(limit=4, apply_chat_template=True, chat_template=template)
+    ours = [json.loads(l) for l in lmkit("prompt", "render", "--task", path, "--model", base, "--apply-chat-template",
+                                         "--limit", 4, "--json").splitlines()]
+    theirs = {i.doc_id: i.args[0] for i in t.instances}
+    assert len(ours) == 4 and all(o["prompt"] == theirs[o["doc_index"]] for o in ours)
+    assert all(o["tokens"] > 0 for o in ours) and "Answer the question." in ours[0]["prompt"]
+
+
 def test_unsupported_settings_are_refused(tmp_path):
     import subprocess
     import os

@@ -325,6 +325,8 @@ fn environment() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    // A template that loops without end fails instead of hanging.
+    env.set_fuel(Some(5_000_000));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_filter(
         "regex_replace",
