@@ -92,25 +92,8 @@ pub enum EvalCommand {
         /// choice log-likelihoods for multiple choice)
         #[arg(long)]
         details: Option<PathBuf>,
-        /// YAML tasks: evaluate only the first N documents
-        #[arg(long)]
-        limit: Option<usize>,
-        /// YAML tasks: few-shot examples per prompt (default: the task's `num_fewshot`, else 0)
-        #[arg(long)]
-        num_fewshot: Option<usize>,
-        /// YAML tasks: seed of the few-shot draw (the harness's default)
-        #[arg(long, default_value_t = lmkit_eval::harness::DEFAULT_FEWSHOT_SEED)]
-        fewshot_seed: u64,
-        /// YAML tasks: render prompts through the model's chat template (description as the
-        /// system message, few-shot examples and the question in one user message)
-        #[arg(long)]
-        apply_chat_template: bool,
-        /// YAML generation tasks: prompts decoded together
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// YAML generation tasks with do_sample: the sampler's seed
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        harness: HarnessOptions,
     },
     /// Score predictions against references: exact match, SQuAD F1, ROUGE-1/2/L (means over
     /// examples), corpus BLEU, chrF and chrF++ (sacrebleu's defaults)
@@ -261,25 +244,12 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             tasks: files,
             output,
             details,
-            limit,
-            num_fewshot,
-            fewshot_seed,
-            apply_chat_template,
-            batch_size,
-            seed,
+            harness: opts,
         } => {
             let s = model.load()?;
             let mut results = Vec::new();
             let mut detail_lines = Vec::new();
             let mut scores = Vec::new();
-            let opts = HarnessOptions {
-                limit,
-                num_fewshot,
-                fewshot_seed,
-                apply_chat_template,
-                batch_size,
-                seed,
-            };
             for f in &files {
                 if is_yaml(f) {
                     let (sc, det) = run_harness_task(&s, &model.model, f, &opts)?;
@@ -335,13 +305,27 @@ fn is_yaml(p: &std::path::Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
 }
 
+#[derive(Args)]
 pub(crate) struct HarnessOptions {
-    pub limit: Option<usize>,
-    pub num_fewshot: Option<usize>,
-    pub fewshot_seed: u64,
-    pub apply_chat_template: bool,
-    pub batch_size: usize,
-    pub seed: u64,
+    /// YAML tasks: evaluate only the first N documents
+    #[arg(long)]
+    limit: Option<usize>,
+    /// YAML tasks: few-shot examples per prompt (default: the task's `num_fewshot`, else 0)
+    #[arg(long)]
+    num_fewshot: Option<usize>,
+    /// YAML tasks: seed of the few-shot draw (the harness's default)
+    #[arg(long, default_value_t = lmkit_eval::harness::DEFAULT_FEWSHOT_SEED)]
+    fewshot_seed: u64,
+    /// YAML tasks: render prompts through the model's chat template (description as the
+    /// system message, few-shot examples and the question in one user message)
+    #[arg(long)]
+    apply_chat_template: bool,
+    /// YAML generation tasks: prompts decoded together
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// YAML generation tasks with do_sample: the sampler's seed
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// The prompts of a YAML task's documents: plain text, or through the model's chat template.
