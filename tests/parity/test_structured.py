@@ -1,6 +1,6 @@
 """Structured output with the real SmolLM2-135M-Instruct: every constrained completion parses and
 validates against its schema (jsonschema), through `lmkit generate` and through `lmkit serve` with
-the official openai client (`response_format`, `tools`); unsupported schema features are a 400
+the official openai client (`response_format`, `tools`, streamed too); unsupported schema features are a 400
 that names them."""
 import json
 import pathlib
@@ -156,6 +156,26 @@ def test_unsupported_schema_features_are_refused(structured_server):
     assert "dependentSchemas" in str(e.value)
     with pytest.raises(openai.BadRequestError) as e:
         structured_server.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "x"}], max_tokens=5, stream=True,
-            tools=[WEATHER])
-    assert "stream" in str(e.value)
+            model="smollm2", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "nope" in str(e.value)
+
+
+def test_streamed_tool_calls(structured_server):
+    stream = structured_server.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What time is it in Paris?"}], tools=[WEATHER, TIME],
+        tool_choice="required", max_tokens=80, temperature=0, stream=True)
+    calls, finish, text = {}, None, ""
+    for ch in stream:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        text += d.content or ""
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            c["name"] += tc.function.name or ""
+            c["arguments"] += tc.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and not text and len(calls) == 1
+    spec = {"get_weather": WEATHER, "get_time": TIME}[calls[0]["name"]]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), spec["function"]["parameters"])

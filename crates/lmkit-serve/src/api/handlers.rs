@@ -282,12 +282,6 @@ pub(super) async fn run(
         )
         .code("content_policy_violation"));
     }
-    if prep.params.stream && prep.structured.tools.is_some() {
-        return Err(ApiError::invalid(
-            "stream",
-            "streaming is not supported with `tools`; send the request without `stream`",
-        ));
-    }
     let field = if prep.structured.tools.is_some() {
         "tools"
     } else {

@@ -25,6 +25,11 @@ pub(super) enum Chunk {
     },
     /// The passages retrieved into the prompt, sent before the first token.
     Sources(Vec<lmkit_rag::prompt::Source>),
+    /// A reply that turned out to be function calls (requests with `tools`).
+    ToolCalls {
+        index: usize,
+        calls: Vec<Value>,
+    },
     Error(ApiError),
 }
 
@@ -67,6 +72,19 @@ pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chun
             json!({"id": id, "object": object, "created": created, "model": model,
             "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
         }
+        Chunk::ToolCalls { index, calls } => {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .enumerate()
+                .map(|(k, mut c)| {
+                    c["index"] = json!(k);
+                    c
+                })
+                .collect();
+            json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": [{"index": index, "delta": {"role": "assistant", "content": null, "tool_calls": calls},
+                         "finish_reason": null, "logprobs": null}]})
+        }
         Chunk::Sources(s) => {
             json!({"id": id, "object": object, "created": created, "model": model,
             "choices": [], "sources": s})
@@ -99,6 +117,8 @@ pub(super) async fn drive(
     let mut verdict = Verdict::default();
     let mut first = true;
     let mut client_gone = false;
+    // With `tools`, a reply is held back while it may still be a call (it starts with `{`).
+    let mut holding = vec![prep.structured.tools.is_some(); n];
     let send = |c: Chunk, gone: &mut bool| {
         if let Some(o) = out {
             if o.send(c).is_err() {
@@ -151,13 +171,42 @@ pub(super) async fn drive(
                 done = Some("content_filter");
             } else {
                 texts[i] = candidate;
-                send(
+                let head = texts[i].trim_start();
+                if !holding[i] {
+                    send(
+                        Chunk::Delta {
+                            index: i,
+                            text: delta,
+                        },
+                        &mut client_gone,
+                    );
+                } else if !head.is_empty() && !head.starts_with('{') {
+                    holding[i] = false;
+                    send(
+                        Chunk::Delta {
+                            index: i,
+                            text: texts[i].clone(),
+                        },
+                        &mut client_gone,
+                    );
+                }
+            }
+        }
+        if let (Some(r), true) = (done, holding[i]) {
+            holding[i] = false;
+            match super::structured::tool_calls(&texts[i]) {
+                Some(calls) if r != "error" && r != "content_filter" => {
+                    send(Chunk::ToolCalls { index: i, calls }, &mut client_gone);
+                    done = Some("tool_calls");
+                }
+                _ if !texts[i].is_empty() => send(
                     Chunk::Delta {
                         index: i,
-                        text: delta,
+                        text: texts[i].clone(),
                     },
                     &mut client_gone,
-                );
+                ),
+                _ => {}
             }
         }
         if let Some(r) = done {
