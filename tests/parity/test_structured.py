@@ -104,6 +104,11 @@ def test_response_format_json_object_and_streaming(structured_server):
         stream=True, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMAS["choice"]}})
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     jsonschema.validate(json.loads(text), SCHEMAS["choice"])
+    # /v1/completions takes response_format too (as a request extension the client passes through).
+    r = structured_server.completions.create(
+        model="smollm2", prompt="Sentiment of 'what a dull, sad film' as JSON: ", max_tokens=60, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMAS["choice"]}}})
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS["choice"])
 
 
 WEATHER = {"type": "function", "function": {
