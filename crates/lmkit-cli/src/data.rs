@@ -13,11 +13,12 @@ pub enum DataCommand {
     /// Clean, filter, deduplicate and split a corpus into JSONL shards with a report
     #[command(
         after_help = "Examples:\n  lmkit data prepare --input data/en data/ko --output prepared/\n  \
-        lmkit data prepare --input dump.jsonl.gz --text-field content --dates --jaccard 0.7 --output out/\n\n\
+        lmkit data prepare --input dump.jsonl.gz --text-field content --dates --jaccard 0.7 --output out/\n  \
+        lmkit data prepare --input crawl/ --languages en,ko --pii --output out/\n\n\
         Writes OUTPUT/train-00000.jsonl..., OUTPUT/val-00000.jsonl... ({\"text\", \"source\"} per line)\n\
         and OUTPUT/report.json; a summary goes to stderr."
     )]
-    Prepare(PrepareArgs),
+    Prepare(Box<PrepareArgs>),
     /// Write the preference pairs people picked on `lmkit serve`'s review page as JSONL
     #[command(
         after_help = "Example:\n  lmkit data export-preferences --db lmkit-completions.sqlite --output prefs.jsonl\n\n\
@@ -122,6 +123,24 @@ pub struct PrepareArgs {
     /// Maximum share of boilerplate lines (cookie/legal/navigation text) (1: off)
     #[arg(long, default_value_t = FilterOptions::default().max_boilerplate_ratio)]
     max_boilerplate_ratio: f64,
+    /// Keep only documents in these languages, identified offline (ISO codes, comma-separated:
+    /// en,ko)
+    #[arg(long, value_name = "CODES")]
+    languages: Option<String>,
+    /// With --languages: the least confidence (0-1: how far the best language is ahead of the
+    /// next) to keep a document; 0 keeps every document whose best language is asked for
+    #[arg(long, default_value_t = 0.0, requires = "languages")]
+    lang_threshold: f64,
+    /// Mask personal data: e-mail addresses, phone numbers, IP addresses, Korean resident
+    /// registration numbers, card numbers (Luhn-checked)
+    #[arg(long)]
+    pii: bool,
+    /// With --pii: only these kinds (comma-separated: email,phone,ip,rrn,card)
+    #[arg(long, value_name = "KINDS", requires = "pii")]
+    pii_kinds: Option<String>,
+    /// With --pii: one replacement for every kind (default: <EMAIL>, <PHONE>, <IP>, <RRN>, <CARD>)
+    #[arg(long, value_name = "TEXT", requires = "pii")]
+    pii_replacement: Option<String>,
     /// Keep exact duplicates
     #[arg(long)]
     no_exact_dedup: bool,
@@ -153,7 +172,7 @@ pub struct PrepareArgs {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Prepare(a) => prepare(a),
+        DataCommand::Prepare(a) => prepare(*a),
         DataCommand::ExportPreferences { db, output } => {
             export(&db, &output, "preference pairs", |s, w| {
                 s.export_preferences(w)
@@ -217,6 +236,49 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         max_top_bigram_ratio: a.max_top_bigram_ratio,
         max_boilerplate_ratio: a.max_boilerplate_ratio,
     });
+    if !(0.0..=1.0).contains(&a.lang_threshold) {
+        anyhow::bail!(
+            "--lang-threshold must be from 0 to 1, not {}",
+            a.lang_threshold
+        );
+    }
+    let language = a
+        .languages
+        .as_deref()
+        .map(|l| -> Result<lmkit_data::lang::LanguageOptions> {
+            Ok(lmkit_data::lang::LanguageOptions {
+                keep: lmkit_data::lang::parse_codes(l)?,
+                min_confidence: a.lang_threshold,
+            })
+        })
+        .transpose()?;
+    let pii = if a.pii {
+        use lmkit_data::pii::Kind;
+        let kinds = match &a.pii_kinds {
+            None => Kind::ALL.to_vec(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    Kind::ALL
+                        .into_iter()
+                        .find(|k| k.name() == s)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--pii-kinds: `{s}` is not one of email, phone, ip, rrn, card"
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Some(lmkit_data::pii::PiiOptions {
+            kinds,
+            replacement: a.pii_replacement.clone(),
+        })
+    } else {
+        None
+    };
     let near = (!a.no_near_dedup).then(|| MinHashOptions {
         shingle: match a.shingle {
             ShingleArg::Chars => Shingle::Chars,
@@ -240,6 +302,8 @@ fn prepare(a: PrepareArgs) -> Result<()> {
             dates: a.dates,
         },
         filters,
+        language,
+        pii,
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
         val_fraction: a.val_fraction,
@@ -273,6 +337,24 @@ fn prepare(a: PrepareArgs) -> Result<()> {
             t.docs,
             mb(t.bytes)
         );
+    }
+    if !r.languages.is_empty() {
+        let mut langs: Vec<(&String, &lmkit_data::Tally)> = r.languages.iter().collect();
+        langs.sort_by_key(|(_, t)| std::cmp::Reverse(t.docs));
+        let top: Vec<String> = langs
+            .iter()
+            .take(6)
+            .map(|(l, t)| format!("{l} {}", t.docs))
+            .collect();
+        eprintln!("languages   {}", top.join(", "));
+    }
+    if !r.pii_masked.is_empty() {
+        let kinds: Vec<String> = r
+            .pii_masked
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        eprintln!("pii masked  {:>9} docs  ({})", r.pii_docs, kinds.join(", "));
     }
     eprintln!(
         "exact dups  {:>9} docs {:>9.2} MB",

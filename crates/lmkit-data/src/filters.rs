@@ -47,6 +47,8 @@ pub enum DropReason {
     RepeatedLines,
     RepeatedNgrams,
     Boilerplate,
+    /// Not one of the languages asked for, or identified with too little confidence.
+    Language,
 }
 
 /// Gopher applies its repeated n-gram criteria to documents of 50 words or more (shorter ones fail

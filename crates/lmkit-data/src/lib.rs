@@ -1,5 +1,6 @@
 //! Corpus preparation: ingest (txt, jsonl, directories, gzip) → normalize (NFKC, whitespace,
-//! controls, optional dates) → quality filters → exact and MinHash near-duplicate removal →
+//! controls, optional dates) → quality filters → language identification → personal-data
+//! masking → exact and MinHash near-duplicate removal →
 //! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
 #![forbid(unsafe_code)]
 
@@ -7,8 +8,10 @@ pub mod dates;
 pub mod error;
 pub mod filters;
 pub mod ingest;
+pub mod lang;
 pub mod minhash;
 pub mod normalize;
+pub mod pii;
 pub mod shards;
 
 pub use error::{DataError, Result};
@@ -34,6 +37,10 @@ pub struct PrepareOptions {
     pub normalize: NormalizeOptions,
     /// `None` switches all quality filters off.
     pub filters: Option<FilterOptions>,
+    /// Keep only these languages (`None`: no language identification).
+    pub language: Option<lang::LanguageOptions>,
+    /// Mask personal data (`None`: off).
+    pub pii: Option<pii::PiiOptions>,
     pub exact_dedup: bool,
     /// `None` switches near-duplicate removal off.
     pub near_dedup: Option<MinHashOptions>,
@@ -54,6 +61,8 @@ impl Default for PrepareOptions {
             skip_bad: ingest.skip_bad,
             normalize: NormalizeOptions::default(),
             filters: Some(FilterOptions::default()),
+            language: None,
+            pii: None,
             exact_dedup: true,
             near_dedup: Some(MinHashOptions::default()),
             val_fraction: 0.01,
@@ -120,6 +129,14 @@ pub struct Report {
     pub filtered: BTreeMap<String, Tally>,
     /// A few dropped documents for each filter.
     pub filtered_samples: BTreeMap<String, Vec<FilteredSample>>,
+    /// With language identification: the documents that passed the quality filters, by the
+    /// language found (ISO 639-3; `und` when undetermined), kept or not.
+    pub languages: BTreeMap<String, Tally>,
+    /// With masking: how many matches of each kind were masked, in how many documents, and a few
+    /// masked documents.
+    pub pii_masked: BTreeMap<String, u64>,
+    pub pii_docs: u64,
+    pub pii_samples: Vec<FilteredSample>,
     pub exact_duplicates: DedupReport,
     pub near_duplicates: DedupReport,
     /// LSH bands × rows used for near-duplicate candidates.
@@ -132,6 +149,8 @@ pub struct Report {
 
 struct Processed {
     text: String,
+    language: Option<&'static str>,
+    pii: Option<[u32; 5]>,
     changed: bool,
     dates: usize,
     drop: Option<DropReason>,
@@ -323,14 +342,33 @@ impl State {
         let done: Vec<Processed> = batch
             .par_iter()
             .map(|d| {
-                let (text, dates) = normalize::normalize(&d.text, &opts.normalize);
-                let drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
+                let (mut text, dates) = normalize::normalize(&d.text, &opts.normalize);
+                let changed = text != d.text;
+                let mut drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
+                let mut language = None;
+                if let (None, Some(l)) = (drop, &opts.language) {
+                    let (code, confidence) = lang::identify(&text);
+                    language = Some(code);
+                    if confidence < l.min_confidence || !l.keep.iter().any(|k| k == code) {
+                        drop = Some(DropReason::Language);
+                    }
+                }
+                let mut pii = None;
+                if let (None, Some(p)) = (drop, &opts.pii) {
+                    let (masked, counts) = pii::mask(&text, p);
+                    if let Some(m) = masked {
+                        text = m;
+                        pii = Some(counts);
+                    }
+                }
                 let signature = match (drop, hasher) {
                     (None, Some(h)) => Some(h.signature(&text)),
                     _ => None,
                 };
                 Processed {
-                    changed: text != d.text,
+                    changed,
+                    language,
+                    pii,
                     exact: xxh3_128(text.as_bytes()),
                     text,
                     dates,
@@ -345,6 +383,27 @@ impl State {
             r.read.add(doc.text.len());
             r.normalized_changed_docs += u64::from(p.changed);
             r.dates_rewritten += p.dates as u64;
+            if let Some(code) = p.language {
+                r.languages
+                    .entry(code.to_string())
+                    .or_default()
+                    .add(p.text.len());
+            }
+            if let Some(counts) = p.pii {
+                r.pii_docs += 1;
+                for k in pii::Kind::ALL {
+                    if counts[k as usize] > 0 {
+                        *r.pii_masked.entry(k.name().to_string()).or_default() +=
+                            counts[k as usize] as u64;
+                    }
+                }
+                if r.pii_samples.len() < samples {
+                    r.pii_samples.push(FilteredSample {
+                        source: doc.source.clone(),
+                        text: preview(&p.text),
+                    });
+                }
+            }
             if let Some(reason) = p.drop {
                 let key = serde_json::to_value(reason)
                     .ok()

@@ -261,3 +261,59 @@ fn bad_records_fail_with_file_and_line_or_are_counted() {
         Err(DataError::BadOption { .. })
     ));
 }
+
+/// Planted personal data in English and Korean is masked and counted; documents in other
+/// languages are dropped and counted under `language`.
+#[test]
+fn pii_is_masked_and_languages_filtered() {
+    use lmkit_data::{lang, pii};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(
+        &input,
+        "Please email the signed form to anna.kim@example.org before Friday, or call 415-555-0100.\n\
+         환불 문의는 고객센터 010-9876-5432 또는 support@shop.co.kr 으로 연락 주시기 바랍니다.\n\
+         신청서에 주민등록번호 851203-2345678 을 적지 말고 생년월일만 적어 주십시오.\n\
+         The payment from card 5500 0055 5555 5559 was refused for the order placed from 198.51.100.23.\n\
+         Le conseil municipal a voté hier soir le nouveau budget de la ville pour l'année prochaine.\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let opts = PrepareOptions {
+        language: Some(lang::LanguageOptions {
+            keep: lang::parse_codes("en,ko").unwrap(),
+            min_confidence: 0.0,
+        }),
+        pii: Some(pii::PiiOptions::default()),
+        val_fraction: 0.0,
+        ..Default::default()
+    };
+    let r = prepare(&[input], &out, &opts, &NoProgress).unwrap();
+    let text = std::fs::read_to_string(out.join("train-00000.jsonl")).unwrap();
+    for planted in [
+        "anna.kim@example.org",
+        "415-555-0100",
+        "010-9876-5432",
+        "support@shop.co.kr",
+        "851203-2345678",
+        "5500 0055 5555 5559",
+        "198.51.100.23",
+    ] {
+        assert!(!text.contains(planted), "{planted} left in {text}");
+    }
+    assert_eq!(text.lines().count(), 4, "{text}");
+    let count = |k: &str| r.pii_masked.get(k).copied().unwrap_or(0);
+    assert_eq!(
+        (
+            count("email"),
+            count("phone"),
+            count("rrn"),
+            count("card"),
+            count("ip")
+        ),
+        (2, 2, 1, 1, 1)
+    );
+    assert_eq!(r.pii_docs, 4);
+    assert_eq!(r.filtered["language"].docs, 1);
+    assert_eq!(r.languages["fra"].docs, 1);
+}
