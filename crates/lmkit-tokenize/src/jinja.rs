@@ -269,10 +269,10 @@ mod tests {
         )
         .unwrap();
         let ctx = minijinja::context! { v => Value::from_serialize(&v) };
-        // json.dumps(v, ensure_ascii=False) with the keys in this order (serde_json sorts them).
+        // json.dumps(v, ensure_ascii=False): keys in their order (serde_json's preserve_order).
         assert_eq!(
             render("{{ v | tojson }}", ctx.clone()),
-            r#"{"b": [1, 2.5, 3.0, true, null], "e": {}, "l": [], "name": "f", "s": "a\"b\n한"}"#
+            r#"{"name": "f", "b": [1, 2.5, 3.0, true, null], "s": "a\"b\n한", "e": {}, "l": []}"#
         );
         assert_eq!(
             render("{{ v.b | tojson(indent=2) }}", ctx.clone()),
