@@ -78,7 +78,8 @@ enum ShingleArg {
 
 #[derive(Args)]
 pub struct PrepareArgs {
-    /// Input files or directories (.txt, .jsonl, and their .gz; directories are searched recursively)
+    /// Input files or directories (.txt, .jsonl, and their .gz and .zst; directories are searched
+    /// recursively); `-` reads standard input (JSON Lines when it starts with `{`, else text)
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output directory

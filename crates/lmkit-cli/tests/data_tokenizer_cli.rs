@@ -351,3 +351,32 @@ fn outputs_are_replaced_whole_or_not_at_all() {
         "{report}"
     );
 }
+
+/// `--input -` reads standard input: JSON Lines when it opens with `{`, else one document per line.
+#[test]
+fn prepare_reads_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    for (input, text_field_doc) in [
+        (
+            "{\"text\": \"The first document read from standard input is long enough.\"}\n{\"text\": \"A second one, also from the standard input stream, mails x@y.org.\"}\n",
+            "The first document read from standard input is long enough.",
+        ),
+        (
+            "The first document read from standard input is long enough.\nA second one, also from the standard input stream, mails x@y.org.\n",
+            "The first document read from standard input is long enough.",
+        ),
+    ] {
+        let out = dir.path().join(format!("out{}", input.len()));
+        let o = out.to_str().unwrap();
+        let (ok, _, err) = lmkit(
+            &["data", "prepare", "--input", "-", "--output", o, "--val-fraction", "0", "--pii"],
+            input,
+        );
+        assert!(ok, "{err}");
+        assert!(err.contains("pii masked"), "{err}");
+        let shard = std::fs::read_to_string(out.join("train-00000.jsonl")).unwrap();
+        assert_eq!(shard.lines().count(), 2, "{shard}");
+        assert!(shard.contains(text_field_doc) && shard.contains("\"source\":\"-:1\""), "{shard}");
+        assert!(shard.contains("<EMAIL>") && !shard.contains("x@y.org"), "{shard}");
+    }
+}

@@ -57,32 +57,83 @@ enum Format {
     Jsonl,
 }
 
-fn format_of(path: &Path) -> Option<(Format, bool)> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+fn format_of(path: &Path) -> Option<(Format, Compression)> {
     let name = path.file_name()?.to_str()?.to_ascii_lowercase();
-    let (stem, gz) = match name.strip_suffix(".gz") {
-        Some(s) => (s.to_string(), true),
-        None => (name, false),
+    let (stem, c) = if let Some(s) = name.strip_suffix(".gz") {
+        (s.to_string(), Compression::Gzip)
+    } else if let Some(s) = name.strip_suffix(".zst") {
+        (s.to_string(), Compression::Zstd)
+    } else {
+        (name, Compression::None)
     };
     if stem.ends_with(".txt") {
-        Some((Format::Txt, gz))
+        Some((Format::Txt, c))
     } else if stem.ends_with(".jsonl") || stem.ends_with(".json") {
-        Some((Format::Jsonl, gz))
+        Some((Format::Jsonl, c))
     } else {
         None
     }
 }
 
+/// A Zstandard stream of one or more frames, decoded as one.
+struct ZstdFrames<R: BufRead> {
+    decoder: Option<ruzstd::decoding::StreamingDecoder<R, ruzstd::decoding::FrameDecoder>>,
+}
+
+impl<R: BufRead> ZstdFrames<R> {
+    fn new(r: R) -> std::io::Result<Self> {
+        let d = ruzstd::decoding::StreamingDecoder::new(r)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(ZstdFrames { decoder: Some(d) })
+    }
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let Some(d) = self.decoder.as_mut() else {
+                return Ok(0);
+            };
+            let n = d.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // This frame is done: another may follow.
+            let mut inner = self.decoder.take().unwrap().into_inner();
+            if inner.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            let d = ruzstd::decoding::StreamingDecoder::new(inner)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            self.decoder = Some(d);
+        }
+    }
+}
+
 /// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, else as text),
-/// or every .txt/.jsonl (plain or .gz) below a directory.
+/// or every .txt/.jsonl (plain, .gz or .zst) below a directory; `-` is standard input.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
+    if path == Path::new("-") {
+        return Ok(vec![path.to_path_buf()]);
+    }
     Ok(lmkit_core::collect_inputs(
         path,
-        "a directory is searched recursively for .txt, .jsonl and their .gz",
+        "a directory is searched recursively for .txt, .jsonl and their .gz and .zst",
         |name| {
-            // In a directory only .txt and .jsonl (plain or gzip) are documents: `.json` files
-            // there are metadata, such as the report.json that `lmkit data prepare` writes.
+            // In a directory only .txt and .jsonl (plain or compressed) are documents: `.json`
+            // files there are metadata, such as the report.json that `lmkit data prepare` writes.
             let n = name.to_ascii_lowercase();
-            let n = n.strip_suffix(".gz").unwrap_or(&n);
+            let n = n
+                .strip_suffix(".gz")
+                .or_else(|| n.strip_suffix(".zst"))
+                .unwrap_or(&n);
             n.ends_with(".txt") || n.ends_with(".jsonl")
         },
     )?)
@@ -97,14 +148,35 @@ pub fn read_docs(
     skipped: &mut dyn FnMut(Skipped),
     f: &mut dyn FnMut(Doc) -> Result<()>,
 ) -> Result<()> {
-    let (format, gz) = format_of(path).unwrap_or((Format::Txt, false));
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let raw: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
+    let stdin = path == Path::new("-");
+    let (mut format, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
+    let file: Box<dyn Read> = if stdin {
+        Box::new(std::io::stdin().lock())
     } else {
-        Box::new(file)
+        Box::new(File::open(path).map_err(|e| DataError::io(path, e))?)
     };
+    let raw: Box<dyn Read> = match compression {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Compression::Zstd => Box::new(
+            ZstdFrames::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| {
+                DataError::BadRecord {
+                    path: path.to_path_buf(),
+                    line: 1,
+                    msg: format!("not a Zstandard stream: {e}"),
+                }
+            })?,
+        ),
+        Compression::None => file,
+    };
+    let gz = compression != Compression::None;
     let mut reader = BufReader::with_capacity(1 << 20, raw);
+    if stdin {
+        // Standard input is JSON Lines when its first non-blank byte opens an object.
+        let head = reader.fill_buf().map_err(|e| DataError::io(path, e))?;
+        if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            format = Format::Jsonl;
+        }
+    }
     let display = path.display().to_string();
     let mut buf = Vec::new();
     let mut line_no = 0u64;
@@ -122,7 +194,7 @@ pub fn read_docs(
                 DataError::BadRecord {
                     path: path.to_path_buf(),
                     line: line_no + 1,
-                    msg: format!("gzip stream is corrupt or truncated: {e}"),
+                    msg: format!("compressed stream is corrupt or truncated: {e}"),
                 }
             } else {
                 DataError::io(path, e)

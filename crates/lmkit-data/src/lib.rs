@@ -1,4 +1,4 @@
-//! Corpus preparation: ingest (txt, jsonl, directories, gzip) → normalize (NFKC, whitespace,
+//! Corpus preparation: ingest (txt, jsonl, directories, gzip, zstd, standard input) → normalize (NFKC, whitespace,
 //! controls, optional dates) → quality filters → language identification → personal-data
 //! masking → exact and MinHash near-duplicate removal →
 //! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
@@ -244,9 +244,10 @@ pub fn prepare(
         val: shards::ShardWriter::new(out_dir, "val", opts.shard_docs),
     };
     st.report.lsh_bands_rows = index.as_ref().map(|i| i.bands_rows());
+    // Compressed input and standard input have no known length to show progress against.
     let any_gz = inputs
         .iter()
-        .any(|p| p.extension().is_some_and(|e| e == "gz"));
+        .any(|p| p.as_os_str() == "-" || p.extension().is_some_and(|e| e == "gz" || e == "zst"));
     let total: u64 = inputs
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())

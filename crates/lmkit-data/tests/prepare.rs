@@ -317,3 +317,44 @@ fn pii_is_masked_and_languages_filtered() {
     assert_eq!(r.filtered["language"].docs, 1);
     assert_eq!(r.languages["fra"].docs, 1);
 }
+
+/// Zstandard input of several frames (as `zstd` writes when files are concatenated) reads as one
+/// stream; a damaged one is an error naming the file.
+#[test]
+fn zstd_inputs_of_several_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("docs.jsonl.zst");
+    let rows = distinct_sentences(40);
+    let part = |r: &[String]| {
+        let text: String = r
+            .iter()
+            .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
+            .collect();
+        ruzstd::encoding::compress_to_vec(
+            text.as_bytes(),
+            ruzstd::encoding::CompressionLevel::Fastest,
+        )
+    };
+    let mut bytes = part(&rows[..25]);
+    bytes.extend(part(&rows[25..]));
+    std::fs::write(&input, &bytes).unwrap();
+    let opts = PrepareOptions {
+        val_fraction: 0.0,
+        ..Default::default()
+    };
+    let r = prepare(
+        std::slice::from_ref(&input),
+        &dir.path().join("out"),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(r.read.docs, 40);
+    bytes.truncate(bytes.len() / 3);
+    std::fs::write(&input, &bytes).unwrap();
+    let e = prepare(&[input], &dir.path().join("out2"), &opts, &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("docs.jsonl.zst"), "{e}");
+}
