@@ -124,6 +124,14 @@ pub struct PrepareArgs {
     /// Maximum share of boilerplate lines (cookie/legal/navigation text) (1: off)
     #[arg(long, default_value_t = FilterOptions::default().max_boilerplate_ratio)]
     max_boilerplate_ratio: f64,
+    /// FineWeb's line rules for web documents: enough lines ending in punctuation, not mostly
+    /// short lines, few characters in repeated lines, prose rather than lists
+    #[arg(long)]
+    fineweb_filters: bool,
+    /// Drop documents containing any word or phrase of this file (one per line, any case;
+    /// `#` comments)
+    #[arg(long, value_name = "FILE")]
+    banned_words: Option<PathBuf>,
     /// Keep only documents in these languages, identified offline (ISO codes, comma-separated:
     /// en,ko)
     #[arg(long, value_name = "CODES")]
@@ -228,6 +236,29 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     for p in &a.input {
         inputs.extend(lmkit_data::collect_inputs(p)?);
     }
+    let banned: Vec<String> = match &a.banned_words {
+        None => Vec::new(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                anyhow::anyhow!("{}: cannot read the banned words: {e}", p.display())
+            })?;
+            let words: Vec<String> = text
+                .lines()
+                .map(|l| l.trim().to_lowercase())
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            if words.is_empty() {
+                anyhow::bail!(
+                    "{}: no banned words in the file (one per line)",
+                    p.display()
+                );
+            }
+            words
+        }
+    };
+    if a.no_filters && (a.fineweb_filters || !banned.is_empty()) {
+        anyhow::bail!("--no-filters switches every filter off: leave it out to use --fineweb-filters or --banned-words");
+    }
     let filters = (!a.no_filters).then_some(FilterOptions {
         min_chars: a.min_chars,
         max_chars: a.max_chars,
@@ -236,6 +267,8 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         max_dup_line_ratio: a.max_dup_line_ratio,
         max_top_bigram_ratio: a.max_top_bigram_ratio,
         max_boilerplate_ratio: a.max_boilerplate_ratio,
+        fineweb: a.fineweb_filters,
+        banned_words: banned.clone(),
     });
     if !(0.0..=1.0).contains(&a.lang_threshold) {
         anyhow::bail!(

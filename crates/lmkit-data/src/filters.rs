@@ -20,7 +20,21 @@ pub struct FilterOptions {
     pub max_top_bigram_ratio: f64,
     /// Maximum share of lines that look like web boilerplate (1 disables).
     pub max_boilerplate_ratio: f64,
+    /// FineWeb's line rules for web documents (off by default: a one-line document is all or
+    /// nothing to them).
+    pub fineweb: bool,
+    /// Lower-case words or phrases that drop a document containing them (whole words where
+    /// the word is Latin letters and digits, anywhere in the text otherwise).
+    pub banned_words: Vec<String>,
 }
+
+/// FineWeb's thresholds (datatrove's `FineWebQualityFilter` defaults).
+pub const FINEWEB_LINE_PUNCT: f64 = 0.12;
+pub const FINEWEB_SHORT_LINE: f64 = 0.67;
+pub const FINEWEB_SHORT_LINE_CHARS: usize = 30;
+pub const FINEWEB_CHAR_DUP: f64 = 0.01;
+pub const FINEWEB_NEWLINE_PER_WORD: f64 = 0.3;
+const TERMINAL: &[char] = &['.', '!', '?', '"', '\'', '…', '。', '！', '？', '”', '’'];
 
 impl Default for FilterOptions {
     fn default() -> Self {
@@ -32,6 +46,8 @@ impl Default for FilterOptions {
             max_dup_line_ratio: 0.3,
             max_top_bigram_ratio: 0.2,
             max_boilerplate_ratio: 0.5,
+            fineweb: false,
+            banned_words: Vec::new(),
         }
     }
 }
@@ -47,6 +63,16 @@ pub enum DropReason {
     RepeatedLines,
     RepeatedNgrams,
     Boilerplate,
+    /// FineWeb: too few lines end in terminal punctuation.
+    LinePunctuation,
+    /// FineWeb: most lines are short (navigation, lists).
+    ShortLines,
+    /// FineWeb: too many characters in repeated lines.
+    DuplicateLineChars,
+    /// FineWeb: a list more than prose (many line breaks per word).
+    ListLike,
+    /// Contains a banned word.
+    BannedWords,
     /// Not one of the languages asked for, or identified with too little confidence.
     Language,
 }
@@ -124,6 +150,14 @@ pub fn check(text: &str, o: &FilterOptions) -> Option<DropReason> {
             return Some(DropReason::RepeatedNgrams);
         }
     }
+    if o.fineweb && !lines.is_empty() {
+        if let Some(r) = fineweb(text, &lines, words.len()) {
+            return Some(r);
+        }
+    }
+    if !o.banned_words.is_empty() && banned(text, &o.banned_words) {
+        return Some(DropReason::BannedWords);
+    }
     if o.max_boilerplate_ratio < 1.0 && !lines.is_empty() {
         let bp = lines
             .iter()
@@ -137,6 +171,56 @@ pub fn check(text: &str, o: &FilterOptions) -> Option<DropReason> {
         }
     }
     None
+}
+
+/// FineWeb's rules, in datatrove's order.
+fn fineweb(text: &str, lines: &[&str], words: usize) -> Option<DropReason> {
+    let n = lines.len() as f64;
+    let punct = lines
+        .iter()
+        .filter(|l| l.trim_end().ends_with(TERMINAL))
+        .count() as f64;
+    if punct / n < FINEWEB_LINE_PUNCT {
+        return Some(DropReason::LinePunctuation);
+    }
+    let short = lines
+        .iter()
+        .filter(|l| l.chars().count() <= FINEWEB_SHORT_LINE_CHARS)
+        .count() as f64;
+    if short / n > FINEWEB_SHORT_LINE {
+        return Some(DropReason::ShortLines);
+    }
+    let mut seen = rustc_hash::FxHashSet::default();
+    let dup_chars: usize = lines
+        .iter()
+        .filter(|l| !seen.insert(**l))
+        .map(|l| l.chars().count())
+        .sum();
+    let all_chars: usize = lines.iter().map(|l| l.chars().count()).sum();
+    if dup_chars as f64 > FINEWEB_CHAR_DUP * all_chars.max(1) as f64 {
+        return Some(DropReason::DuplicateLineChars);
+    }
+    let newlines = text.matches('\n').count() as f64;
+    if words > 0 && newlines / words as f64 > FINEWEB_NEWLINE_PER_WORD {
+        return Some(DropReason::ListLike);
+    }
+    None
+}
+
+fn banned(text: &str, words: &[String]) -> bool {
+    let lower = text.to_lowercase();
+    words.iter().any(|w| {
+        if !w.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') {
+            return lower.contains(w.as_str());
+        }
+        // A whole word: no ASCII letter or digit right before or after.
+        lower.match_indices(w.as_str()).any(|(i, m)| {
+            let before = lower[..i].chars().next_back();
+            let after = lower[i + m.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric())
+                && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+        })
+    })
 }
 
 #[cfg(test)]
@@ -194,9 +278,57 @@ mod tests {
             max_dup_line_ratio: 1.0,
             max_top_bigram_ratio: 1.0,
             max_boilerplate_ratio: 1.0,
+            fineweb: false,
+            banned_words: Vec::new(),
         };
         for t in ["hi", "12 34", "buy now buy now buy now", "cookie\ncookie"] {
             assert_eq!(check(t, &off), None, "{t}");
         }
+    }
+}
+
+#[cfg(test)]
+mod web_tests {
+    use super::*;
+
+    #[test]
+    fn fineweb_rules_and_banned_words() {
+        let o = FilterOptions {
+            fineweb: true,
+            banned_words: vec!["casino".into(), "무료 충전".into()],
+            ..Default::default()
+        };
+        let prose = "The council met on Monday to discuss the budget for next year.\nIt agreed to fund two new schools and repair the bridge.\nThe vote was unanimous.";
+        assert_eq!(check(prose, &o), None);
+        assert_eq!(
+            check(
+                "Home\nAbout us\nProducts and services here\nContact\nMenu of the day",
+                &o
+            ),
+            Some(DropReason::LinePunctuation)
+        );
+        assert_eq!(
+            check("Home.\nAbout us.\nProducts.\nContact.\nA much longer line that reads like a sentence.", &o),
+            Some(DropReason::ShortLines)
+        );
+        let dup = format!("{prose}\n{}", prose.lines().next().unwrap());
+        assert_eq!(check(&dup, &o), Some(DropReason::DuplicateLineChars));
+        assert_eq!(
+            check("Play at the Casino tonight and win big money.", &o),
+            Some(DropReason::BannedWords)
+        );
+        assert_eq!(
+            check("Occasional casinos are not the banned word itself.", &o),
+            None
+        );
+        // (A one-line Korean sentence is a "short line" to FineWeb: banned words alone here.)
+        let words_only = FilterOptions {
+            fineweb: false,
+            ..o.clone()
+        };
+        assert_eq!(
+            check("지금 가입하면 무료 충전 쿠폰을 드립니다.", &words_only),
+            Some(DropReason::BannedWords)
+        );
     }
 }
