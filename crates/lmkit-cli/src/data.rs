@@ -100,6 +100,9 @@ pub struct PrepareArgs {
     /// Rewrite English and Korean dates as YYYY-MM-DD
     #[arg(long)]
     dates: bool,
+    /// Repair mojibake: UTF-8 text once decoded as Windows-1252 (`cafÃ©` → `café`)
+    #[arg(long)]
+    fix_mojibake: bool,
     /// Switch every quality filter off
     #[arg(long)]
     no_filters: bool,
@@ -334,6 +337,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         normalize: NormalizeOptions {
             nfkc: !a.no_nfkc,
             dates: a.dates,
+            fix_mojibake: a.fix_mojibake,
         },
         filters,
         language,
@@ -365,6 +369,9 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         "normalized  {:>9} docs changed, {} dates rewritten",
         r.normalized_changed_docs, r.dates_rewritten
     );
+    if r.mojibake_fixed_docs > 0 {
+        eprintln!("mojibake    {:>9} docs repaired", r.mojibake_fixed_docs);
+    }
     for (why, t) in &r.filtered {
         eprintln!(
             "filtered    {:>9} docs {:>9.2} MB  {why}",

@@ -194,7 +194,14 @@ pub fn read_docs(
                 DataError::BadRecord {
                     path: path.to_path_buf(),
                     line: line_no + 1,
-                    msg: format!("compressed stream is corrupt or truncated: {e}"),
+                    msg: format!(
+                        "{} stream is corrupt or truncated: {e}",
+                        if compression == Compression::Gzip {
+                            "gzip"
+                        } else {
+                            "Zstandard"
+                        }
+                    ),
                 }
             } else {
                 DataError::io(path, e)

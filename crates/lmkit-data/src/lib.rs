@@ -10,6 +10,7 @@ pub mod filters;
 pub mod ingest;
 pub mod lang;
 pub mod minhash;
+pub mod mojibake;
 pub mod normalize;
 pub mod pii;
 pub mod shards;
@@ -125,6 +126,8 @@ pub struct Report {
     pub skipped_bad: u64,
     pub skipped_samples: Vec<ingest::Skipped>,
     pub normalized_changed_docs: u64,
+    /// Documents whose mojibake was repaired (`--fix-mojibake`).
+    pub mojibake_fixed_docs: u64,
     pub dates_rewritten: u64,
     pub filtered: BTreeMap<String, Tally>,
     /// A few dropped documents for each filter.
@@ -149,6 +152,7 @@ pub struct Report {
 
 struct Processed {
     text: String,
+    mojibake: bool,
     language: Option<&'static str>,
     pii: Option<[u32; 5]>,
     changed: bool,
@@ -343,7 +347,13 @@ impl State {
         let done: Vec<Processed> = batch
             .par_iter()
             .map(|d| {
-                let (mut text, dates) = normalize::normalize(&d.text, &opts.normalize);
+                let repaired = if opts.normalize.fix_mojibake {
+                    mojibake::fix(&d.text)
+                } else {
+                    None
+                };
+                let (mut text, dates) =
+                    normalize::normalize(repaired.as_deref().unwrap_or(&d.text), &opts.normalize);
                 let changed = text != d.text;
                 let mut drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
                 let mut language = None;
@@ -367,6 +377,7 @@ impl State {
                     _ => None,
                 };
                 Processed {
+                    mojibake: repaired.is_some(),
                     changed,
                     language,
                     pii,
@@ -383,6 +394,7 @@ impl State {
             let r = &mut self.report;
             r.read.add(doc.text.len());
             r.normalized_changed_docs += u64::from(p.changed);
+            r.mojibake_fixed_docs += u64::from(p.mojibake);
             r.dates_rewritten += p.dates as u64;
             if let Some(code) = p.language {
                 r.languages

@@ -7,6 +7,8 @@ use unicode_normalization::UnicodeNormalization;
 pub struct NormalizeOptions {
     pub nfkc: bool,
     pub dates: bool,
+    /// Repair UTF-8 that was read as Windows-1252 first (see [`crate::mojibake`]).
+    pub fix_mojibake: bool,
 }
 
 impl Default for NormalizeOptions {
@@ -14,6 +16,7 @@ impl Default for NormalizeOptions {
         NormalizeOptions {
             nfkc: true,
             dates: false,
+            fix_mojibake: false,
         }
     }
 }

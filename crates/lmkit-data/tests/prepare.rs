@@ -169,6 +169,7 @@ fn jsonl_gzip_and_dates() {
         normalize: NormalizeOptions {
             nfkc: true,
             dates: true,
+            fix_mojibake: false,
         },
         val_fraction: 0.0,
         ..Default::default()
