@@ -19,6 +19,25 @@ pub enum DataCommand {
         and OUTPUT/report.json; a summary goes to stderr."
     )]
     Prepare(Box<PrepareArgs>),
+    /// Statistics of a prepared corpus: documents per source, length and language histograms,
+    /// what each step removed (and an SVG chart of it)
+    #[command(
+        after_help = "Example:\n  lmkit data prepare --input data/en data/ko --output prepared/\n  \
+        lmkit data stats prepared/ --svg prepared/removed.svg\n\n\
+        Prints Markdown tables (or JSON with --json)."
+    )]
+    Stats {
+        /// The output directory of `lmkit data prepare`
+        dir: PathBuf,
+        /// Write a bar chart of what each step removed (SVG)
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Leave out language identification (faster)
+        #[arg(long)]
+        no_languages: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the preference pairs people picked on `lmkit serve`'s review page as JSONL
     #[command(
         after_help = "Example:\n  lmkit data export-preferences --db lmkit-completions.sqlite --output prefs.jsonl\n\n\
@@ -185,6 +204,24 @@ pub struct PrepareArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare(a) => prepare(*a),
+        DataCommand::Stats {
+            dir,
+            svg,
+            no_languages,
+            json,
+        } => {
+            let st = lmkit_data::stats::stats(&dir, !no_languages)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", lmkit_data::stats::markdown(&st));
+            }
+            if let Some(p) = svg {
+                lmkit_core::write_atomic_bytes(&p, lmkit_data::stats::removal_svg(&st).as_bytes())?;
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         DataCommand::ExportPreferences { db, output } => {
             export(&db, &output, "preference pairs", |s, w| {
                 s.export_preferences(w)

@@ -14,6 +14,7 @@ pub mod mojibake;
 pub mod normalize;
 pub mod pii;
 pub mod shards;
+pub mod stats;
 
 pub use error::{DataError, Result};
 pub use filters::{DropReason, FilterOptions};
@@ -81,7 +82,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, bytes: usize) {
+    pub(crate) fn add(&mut self, bytes: usize) {
         self.docs += 1;
         self.bytes += bytes as u64;
     }

@@ -359,3 +359,34 @@ fn zstd_inputs_of_several_frames() {
         .to_string();
     assert!(e.contains("docs.jsonl.zst"), "{e}");
 }
+
+/// `data stats` over a prepared directory: kept documents per source, lengths, languages, and
+/// the removals of report.json, charted.
+#[test]
+fn stats_of_a_prepared_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mixed.txt");
+    let mut lines = distinct_sentences(30);
+    lines.push(lines[0].clone());
+    lines.push("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.".into());
+    lines.push("hi".into());
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    prepare(&[input], &out, &PrepareOptions::default(), &NoProgress).unwrap();
+    let st = lmkit_data::stats::stats(&out, true).unwrap();
+    assert_eq!(st.kept, 31);
+    let per_source: u64 = st
+        .sources
+        .values()
+        .flat_map(|m| m.values())
+        .map(|t| t.docs)
+        .sum();
+    assert_eq!(per_source, 31);
+    assert_eq!(st.lengths.iter().map(|(_, n)| n).sum::<u64>(), 31);
+    assert_eq!(st.languages.get("kor"), Some(&1));
+    let removed: std::collections::BTreeMap<_, _> = st.removed.iter().cloned().collect();
+    assert_eq!((removed["exact_duplicate"], removed["too_short"]), (1, 1));
+    let svg = lmkit_data::stats::removal_svg(&st);
+    assert!(svg.starts_with("<svg") && svg.contains("exact_duplicate") && svg.contains(">31<"));
+    assert!(lmkit_data::stats::markdown(&st).contains("| (kept) | 31 |"));
+}
