@@ -154,6 +154,13 @@ pub struct PrepareArgs {
     /// `#` comments)
     #[arg(long, value_name = "FILE")]
     banned_words: Option<PathBuf>,
+    /// Drop .jsonl documents whose URL is on a domain of this file (one per line; subdomains
+    /// too; `#` comments)
+    #[arg(long, value_name = "FILE")]
+    url_blocklist: Option<PathBuf>,
+    /// With --url-blocklist: the JSON field holding each document's URL
+    #[arg(long, default_value = "url", requires = "url_blocklist")]
+    url_field: String,
     /// Keep only documents in these languages, identified offline (ISO codes, comma-separated:
     /// en,ko)
     #[arg(long, value_name = "CODES")]
@@ -296,6 +303,31 @@ fn prepare(a: PrepareArgs) -> Result<()> {
             words
         }
     };
+    let url_blocklist: Vec<String> = match &a.url_blocklist {
+        None => Vec::new(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                anyhow::anyhow!("{}: cannot read the URL block list: {e}", p.display())
+            })?;
+            let domains: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    l.trim()
+                        .trim_start_matches("*.")
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase()
+                })
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            if domains.is_empty() {
+                anyhow::bail!(
+                    "{}: no domains in the block list (one per line)",
+                    p.display()
+                );
+            }
+            domains
+        }
+    };
     if a.no_filters && (a.fineweb_filters || !banned.is_empty()) {
         anyhow::bail!("--no-filters switches every filter off: leave it out to use --fineweb-filters or --banned-words");
     }
@@ -379,6 +411,8 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         filters,
         language,
         pii,
+        url_blocklist,
+        url_field: a.url_field.clone(),
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
         val_fraction: a.val_fraction,

@@ -73,6 +73,8 @@ pub enum DropReason {
     ListLike,
     /// Contains a banned word.
     BannedWords,
+    /// Its URL is on a blocked domain.
+    BlockedUrl,
     /// Not one of the languages asked for, or identified with too little confidence.
     Language,
 }

@@ -25,6 +25,8 @@ pub struct IngestOptions {
     pub text_field: String,
     /// Skip (and count) invalid records instead of failing.
     pub skip_bad: bool,
+    /// JSON field holding the document's URL in `.jsonl` files (read when set).
+    pub url_field: Option<String>,
 }
 
 impl Default for IngestOptions {
@@ -33,6 +35,7 @@ impl Default for IngestOptions {
             txt_unit: TxtUnit::Line,
             text_field: "text".into(),
             skip_bad: false,
+            url_field: None,
         }
     }
 }
@@ -42,6 +45,8 @@ impl Default for IngestOptions {
 pub struct Doc {
     pub text: String,
     pub source: String,
+    /// The URL it was fetched from, when the input says (`url_field`).
+    pub url: Option<String>,
 }
 
 /// A record that was skipped under `skip_bad`.
@@ -231,10 +236,11 @@ pub fn read_docs(
                 if text.trim().is_empty() {
                     continue;
                 }
-                match json_text(text, &opts.text_field) {
-                    Ok(t) => f(Doc {
+                match json_text(text, &opts.text_field, opts.url_field.as_deref()) {
+                    Ok((t, url)) => f(Doc {
                         text: t,
                         source: format!("{display}:{line_no}"),
+                        url,
                     })?,
                     Err(msg) if opts.skip_bad => skipped(Skipped {
                         source: format!("{display}:{line_no}"),
@@ -249,6 +255,7 @@ pub fn read_docs(
                         f(Doc {
                             text: text.to_string(),
                             source: format!("{display}:{line_no}"),
+                            url: None,
                         })?;
                     }
                 }
@@ -258,6 +265,7 @@ pub fn read_docs(
                             f(Doc {
                                 text: std::mem::take(&mut pending),
                                 source: format!("{display}:{pending_start}"),
+                                url: None,
                             })?;
                         }
                         pending.clear();
@@ -277,16 +285,25 @@ pub fn read_docs(
         f(Doc {
             text: pending,
             source: format!("{display}:{pending_start}"),
+            url: None,
         })?;
     }
     Ok(())
 }
 
-fn json_text(line: &str, field: &str) -> std::result::Result<String, String> {
+fn json_text(
+    line: &str,
+    field: &str,
+    url_field: Option<&str>,
+) -> std::result::Result<(String, Option<String>), String> {
     let v: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let url = url_field
+        .and_then(|u| v.get(u))
+        .and_then(|u| u.as_str())
+        .map(str::to_string);
     match v.get(field) {
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(serde_json::Value::String(s)) => Ok((s.clone(), url)),
         Some(other) => Err(format!(
             "field `{field}` is not a string (found {})",
             json_kind(other)

@@ -43,6 +43,10 @@ pub struct PrepareOptions {
     pub language: Option<lang::LanguageOptions>,
     /// Mask personal data (`None`: off).
     pub pii: Option<pii::PiiOptions>,
+    /// Drop documents whose URL (the JSONL field `url_field`) is on one of these domains or
+    /// their subdomains (lower case).
+    pub url_blocklist: Vec<String>,
+    pub url_field: String,
     pub exact_dedup: bool,
     /// `None` switches near-duplicate removal off.
     pub near_dedup: Option<MinHashOptions>,
@@ -65,6 +69,8 @@ impl Default for PrepareOptions {
             filters: Some(FilterOptions::default()),
             language: None,
             pii: None,
+            url_blocklist: Vec::new(),
+            url_field: "url".into(),
             exact_dedup: true,
             near_dedup: Some(MinHashOptions::default()),
             val_fraction: 0.01,
@@ -230,6 +236,7 @@ pub fn prepare(
         txt_unit: opts.txt_unit,
         text_field: opts.text_field.clone(),
         skip_bad: opts.skip_bad,
+        url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
     };
     let hasher = opts.near_dedup.clone().map(minhash::MinHasher::new);
     let mut index = opts
@@ -324,6 +331,35 @@ pub fn prepare(
     Ok(report)
 }
 
+/// The host of a URL (`https://user@Sub.Example.com:8080/x` → `sub.example.com`).
+fn host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether the URL is on a blocked domain or one of its subdomains.
+fn blocked(url: Option<&str>, list: &[String]) -> bool {
+    let Some(url) = url.filter(|_| !list.is_empty()) else {
+        return false;
+    };
+    let h = host(url);
+    list.iter().any(|d| {
+        h == *d
+            || (h.len() > d.len()
+                && h.ends_with(d.as_str())
+                && h.as_bytes()[h.len() - d.len() - 1] == b'.')
+    })
+}
+
 struct State {
     report: Report,
     exact_seen: FxHashSet<u128>,
@@ -357,6 +393,9 @@ impl State {
                     normalize::normalize(repaired.as_deref().unwrap_or(&d.text), &opts.normalize);
                 let changed = text != d.text;
                 let mut drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
+                if drop.is_none() && blocked(d.url.as_deref(), &opts.url_blocklist) {
+                    drop = Some(DropReason::BlockedUrl);
+                }
                 let mut language = None;
                 if let (None, Some(l)) = (drop, &opts.language) {
                     let (code, confidence) = lang::identify(&text);
@@ -486,5 +525,25 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_blocked_domains() {
+        assert_eq!(
+            host("https://user@Sub.Example.com:8080/x?y"),
+            "sub.example.com"
+        );
+        assert_eq!(host("example.org/path"), "example.org");
+        let list = vec!["example.com".to_string()];
+        assert!(blocked(Some("http://example.com/a"), &list));
+        assert!(blocked(Some("https://news.example.com"), &list));
+        assert!(!blocked(Some("https://notexample.com"), &list));
+        assert!(!blocked(Some("https://example.com.evil.org"), &list));
+        assert!(!blocked(None, &list));
     }
 }
