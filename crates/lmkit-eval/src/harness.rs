@@ -563,7 +563,7 @@ impl Task {
         let generation = generation(path, cfg.get("generation_kwargs"), &fewshot_delimiter)?;
         let filters = filters(path, cfg.get("filter_list"))?;
         let metrics = metric_list(path, cfg.get("metric_list"), output_type)?;
-        let mut task = Task {
+        let task = Task {
             name,
             path: path.to_path_buf(),
             output_type,
@@ -589,7 +589,7 @@ impl Task {
         Ok(task)
     }
 
-    fn check_fewshot_source(&mut self) -> Result<()> {
+    fn check_fewshot_source(&self) -> Result<()> {
         if let Some(s) = &self.fewshot.split {
             if !self.splits.contains_key(s) {
                 return Err(err(
