@@ -278,56 +278,44 @@ fn export(
     Ok(())
 }
 
+/// The entries of a list file (one per line, `#` comments, blank lines skipped), normalised;
+/// empty without a file.
+fn read_list(
+    path: Option<&std::path::Path>,
+    what: &str,
+    normalise: impl Fn(&str) -> String,
+) -> Result<Vec<String>> {
+    let Some(p) = path else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the {what}: {e}", p.display()))?;
+    let list: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(normalise)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if list.is_empty() {
+        anyhow::bail!("{}: no {what} in the file (one per line)", p.display());
+    }
+    Ok(list)
+}
+
 fn prepare(a: PrepareArgs) -> Result<()> {
     let mut inputs = Vec::new();
     for p in &a.input {
         inputs.extend(lmkit_data::collect_inputs(p)?);
     }
-    let banned: Vec<String> = match &a.banned_words {
-        None => Vec::new(),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                anyhow::anyhow!("{}: cannot read the banned words: {e}", p.display())
-            })?;
-            let words: Vec<String> = text
-                .lines()
-                .map(|l| l.trim().to_lowercase())
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .collect();
-            if words.is_empty() {
-                anyhow::bail!(
-                    "{}: no banned words in the file (one per line)",
-                    p.display()
-                );
-            }
-            words
-        }
-    };
-    let url_blocklist: Vec<String> = match &a.url_blocklist {
-        None => Vec::new(),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                anyhow::anyhow!("{}: cannot read the URL block list: {e}", p.display())
-            })?;
-            let domains: Vec<String> = text
-                .lines()
-                .map(|l| {
-                    l.trim()
-                        .trim_start_matches("*.")
-                        .trim_end_matches('.')
-                        .to_ascii_lowercase()
-                })
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .collect();
-            if domains.is_empty() {
-                anyhow::bail!(
-                    "{}: no domains in the block list (one per line)",
-                    p.display()
-                );
-            }
-            domains
-        }
-    };
+    let banned = read_list(a.banned_words.as_deref(), "banned words", |l| {
+        l.to_lowercase()
+    })?;
+    let url_blocklist = read_list(a.url_blocklist.as_deref(), "domains", |l| {
+        l.trim_start_matches("*.")
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    })?;
     if a.no_filters && (a.fineweb_filters || !banned.is_empty()) {
         anyhow::bail!("--no-filters switches every filter off: leave it out to use --fineweb-filters or --banned-words");
     }
