@@ -150,6 +150,11 @@ pub struct PrepareArgs {
     /// short lines, few characters in repeated lines, prose rather than lists
     #[arg(long)]
     fineweb_filters: bool,
+    /// C4's rules for web text: remove lines without terminal punctuation, of fewer than 3 words,
+    /// or about JavaScript and policies; drop documents with "lorem ipsum", a curly bracket, or
+    /// fewer than 5 sentences left
+    #[arg(long)]
+    c4_filters: bool,
     /// Drop documents containing any word or phrase of this file (one per line, any case;
     /// `#` comments)
     #[arg(long, value_name = "FILE")]
@@ -401,6 +406,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         pii,
         url_blocklist,
         url_field: a.url_field.clone(),
+        c4: a.c4_filters,
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
         val_fraction: a.val_fraction,
@@ -428,6 +434,12 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         "normalized  {:>9} docs changed, {} dates rewritten",
         r.normalized_changed_docs, r.dates_rewritten
     );
+    if r.c4_lines_removed > 0 {
+        eprintln!(
+            "c4 lines    {:>9} removed from kept documents",
+            r.c4_lines_removed
+        );
+    }
     if r.mojibake_fixed_docs > 0 {
         eprintln!("mojibake    {:>9} docs repaired", r.mojibake_fixed_docs);
     }

@@ -75,6 +75,8 @@ pub enum DropReason {
     BannedWords,
     /// Its URL is on a blocked domain.
     BlockedUrl,
+    /// C4: "lorem ipsum", a curly bracket, or fewer than 5 sentences left after its line rules.
+    C4Document,
     /// Not one of the languages asked for, or identified with too little confidence.
     Language,
 }

@@ -4,6 +4,7 @@
 //! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
 #![forbid(unsafe_code)]
 
+pub mod c4;
 pub mod dates;
 pub mod error;
 pub mod filters;
@@ -43,6 +44,8 @@ pub struct PrepareOptions {
     pub language: Option<lang::LanguageOptions>,
     /// Mask personal data (`None`: off).
     pub pii: Option<pii::PiiOptions>,
+    /// C4's line rules and document rules for web text (see [`c4`]).
+    pub c4: bool,
     /// Drop documents whose URL (the JSONL field `url_field`) is on one of these domains or
     /// their subdomains (lower case).
     pub url_blocklist: Vec<String>,
@@ -69,6 +72,7 @@ impl Default for PrepareOptions {
             filters: Some(FilterOptions::default()),
             language: None,
             pii: None,
+            c4: false,
             url_blocklist: Vec::new(),
             url_field: "url".into(),
             exact_dedup: true,
@@ -147,6 +151,8 @@ pub struct Report {
     pub pii_masked: BTreeMap<String, u64>,
     pub pii_docs: u64,
     pub pii_samples: Vec<FilteredSample>,
+    /// With C4's rules: lines removed from documents that were kept.
+    pub c4_lines_removed: u64,
     pub exact_duplicates: DedupReport,
     pub near_duplicates: DedupReport,
     /// LSH bands × rows used for near-duplicate candidates.
@@ -159,6 +165,7 @@ pub struct Report {
 
 struct Processed {
     text: String,
+    c4_lines: usize,
     mojibake: bool,
     language: Option<&'static str>,
     pii: Option<[u32; 5]>,
@@ -392,7 +399,19 @@ impl State {
                 let (mut text, dates) =
                     normalize::normalize(repaired.as_deref().unwrap_or(&d.text), &opts.normalize);
                 let changed = text != d.text;
-                let mut drop = opts.filters.as_ref().and_then(|f| filters::check(&text, f));
+                let mut c4_lines = 0;
+                let mut drop = None;
+                if opts.c4 {
+                    match c4::apply(&text) {
+                        Ok((t, n)) => {
+                            text = t;
+                            c4_lines = n;
+                        }
+                        Err(r) => drop = Some(r),
+                    }
+                }
+                let mut drop =
+                    drop.or_else(|| opts.filters.as_ref().and_then(|f| filters::check(&text, f)));
                 if drop.is_none() && blocked(d.url.as_deref(), &opts.url_blocklist) {
                     drop = Some(DropReason::BlockedUrl);
                 }
@@ -417,6 +436,7 @@ impl State {
                     _ => None,
                 };
                 Processed {
+                    c4_lines,
                     mojibake: repaired.is_some(),
                     changed,
                     language,
@@ -435,6 +455,9 @@ impl State {
             r.read.add(doc.text.len());
             r.normalized_changed_docs += u64::from(p.changed);
             r.mojibake_fixed_docs += u64::from(p.mojibake);
+            if p.drop.is_none() {
+                r.c4_lines_removed += p.c4_lines as u64;
+            }
             r.dates_rewritten += p.dates as u64;
             if let Some(code) = p.language {
                 r.languages
