@@ -90,6 +90,12 @@ enum Unit {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CompressArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ShingleArg {
     Chars,
     Words,
@@ -211,6 +217,12 @@ pub struct PrepareArgs {
     /// Documents per output shard
     #[arg(long, default_value_t = 100_000)]
     shard_docs: usize,
+    /// Also start a new shard after this many megabytes of JSONL (before compression)
+    #[arg(long, value_name = "MB")]
+    shard_mb: Option<f64>,
+    /// Compress the shards: gzip (.jsonl.gz) or zstd (.jsonl.zst)
+    #[arg(long, value_enum)]
+    compress: Option<CompressArg>,
 }
 
 pub fn run(cmd: DataCommand) -> Result<()> {
@@ -412,6 +424,16 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         val_fraction: a.val_fraction,
         split_seed: a.split_seed,
         shard_docs: a.shard_docs,
+        shard_bytes: match a.shard_mb {
+            Some(mb) if mb.is_finite() && mb > 0.0 => (mb * 1e6) as u64,
+            Some(mb) => anyhow::bail!("--shard-mb must be a positive number, not {mb}"),
+            None => 0,
+        },
+        compression: match a.compress {
+            None => lmkit_data::shards::Compression::None,
+            Some(CompressArg::Gzip) => lmkit_data::shards::Compression::Gzip,
+            Some(CompressArg::Zstd) => lmkit_data::shards::Compression::Zstd,
+        },
         ..Default::default()
     };
     let r = lmkit_data::prepare(&inputs, &a.output, &opts, &Bar::default())?;

@@ -87,6 +87,23 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
     }
 }
 
+/// The whole decoded text of a plain, `.gz` or `.zst` file.
+pub fn read_text(path: &Path) -> Result<String> {
+    let (_, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut r: Box<dyn Read> = match compression {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Compression::Zstd => {
+            Box::new(ZstdFrames::new(BufReader::new(file)).map_err(|e| DataError::io(path, e))?)
+        }
+    };
+    let mut s = String::new();
+    r.read_to_string(&mut s)
+        .map_err(|e| DataError::io(path, e))?;
+    Ok(s)
+}
+
 /// A Zstandard stream of one or more frames, decoded as one.
 struct ZstdFrames<R: BufRead> {
     decoder: Option<ruzstd::decoding::StreamingDecoder<R, ruzstd::decoding::FrameDecoder>>,

@@ -57,6 +57,9 @@ pub struct PrepareOptions {
     pub val_fraction: f64,
     pub split_seed: u64,
     pub shard_docs: usize,
+    /// Start a new shard after about this many bytes of JSONL (0: no limit).
+    pub shard_bytes: u64,
+    pub compression: shards::Compression,
     /// How many examples of each kind of removal go into the report.
     pub report_samples: usize,
 }
@@ -80,6 +83,8 @@ impl Default for PrepareOptions {
             val_fraction: 0.01,
             split_seed: 0,
             shard_docs: 100_000,
+            shard_bytes: 0,
+            compression: shards::Compression::None,
             report_samples: 10,
         }
     }
@@ -220,7 +225,10 @@ fn validate(o: &PrepareOptions) -> Result<()> {
 /// The files `prepare` writes: its shards and report (replaced by a new run into the directory).
 fn is_prepare_output(name: &str) -> bool {
     name == "report.json"
-        || ((name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".jsonl"))
+        || ((name.starts_with("train-") || name.starts_with("val-"))
+            && [".jsonl", ".jsonl.gz", ".jsonl.zst"]
+                .iter()
+                .any(|s| name.ends_with(s)))
 }
 
 /// Runs the whole preparation of `inputs` into `out_dir` and returns (and writes) the report.
@@ -259,8 +267,20 @@ pub fn prepare(
         exact_seen: FxHashSet::default(),
         exact_first: rustc_hash::FxHashMap::default(),
         kept_meta: Vec::new(),
-        train: shards::ShardWriter::new(out_dir, "train", opts.shard_docs),
-        val: shards::ShardWriter::new(out_dir, "val", opts.shard_docs),
+        train: shards::ShardWriter::with(
+            out_dir,
+            "train",
+            opts.shard_docs,
+            opts.shard_bytes,
+            opts.compression,
+        ),
+        val: shards::ShardWriter::with(
+            out_dir,
+            "val",
+            opts.shard_docs,
+            opts.shard_bytes,
+            opts.compression,
+        ),
     };
     st.report.lsh_bands_rows = index.as_ref().map(|i| i.bands_rows());
     // Compressed input and standard input have no known length to show progress against.

@@ -1,5 +1,6 @@
-//! JSONL shard writer: `{prefix}-00000.jsonl`, ... with at most `shard_docs` documents each; every
-//! shard is written to a temporary file, fsynced and renamed into place when complete.
+//! JSONL shard writer: `{prefix}-00000.jsonl` (or `.jsonl.gz`, `.jsonl.zst`), ... with at most
+//! `shard_docs` documents and about `shard_bytes` bytes of JSONL each; every shard is written to
+//! a temporary file, fsynced and renamed into place when complete.
 
 use crate::error::{DataError, Result};
 use lmkit_core::AtomicFile;
@@ -12,11 +13,96 @@ pub struct Record<'a> {
     pub source: &'a str,
 }
 
+/// How shards are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    /// Zstandard, one frame per [`ZSTD_FRAME_BYTES`] of JSONL (any zstd reader reads the
+    /// frames as one stream).
+    Zstd,
+}
+
+impl Compression {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Compression::None => ".jsonl",
+            Compression::Gzip => ".jsonl.gz",
+            Compression::Zstd => ".jsonl.zst",
+        }
+    }
+}
+
+pub const ZSTD_FRAME_BYTES: usize = 4 << 20;
+
+enum Sink {
+    Plain(AtomicFile),
+    Gzip(flate2::write::GzEncoder<AtomicFile>),
+    Zstd(AtomicFile, Vec<u8>),
+}
+
+impl Sink {
+    fn new(dir: &Path, c: Compression) -> Result<Sink> {
+        let f = AtomicFile::create_in(dir)?;
+        Ok(match c {
+            Compression::None => Sink::Plain(f),
+            Compression::Gzip => Sink::Gzip(flate2::write::GzEncoder::new(
+                f,
+                flate2::Compression::default(),
+            )),
+            Compression::Zstd => Sink::Zstd(f, Vec::with_capacity(ZSTD_FRAME_BYTES)),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(f) => f.write_all(bytes),
+            Sink::Gzip(g) => g.write_all(bytes),
+            Sink::Zstd(f, buf) => {
+                buf.extend_from_slice(bytes);
+                if buf.len() >= ZSTD_FRAME_BYTES {
+                    flush_frame(f, buf)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn into_file(self) -> std::io::Result<AtomicFile> {
+        match self {
+            Sink::Plain(f) => Ok(f),
+            Sink::Gzip(g) => g.finish(),
+            Sink::Zstd(mut f, mut buf) => {
+                flush_frame(&mut f, &mut buf)?;
+                Ok(f)
+            }
+        }
+    }
+}
+
+fn flush_frame(f: &mut AtomicFile, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        let frame = ruzstd::encoding::compress_to_vec(
+            &buf[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        f.write_all(&frame)?;
+        buf.clear();
+    }
+    Ok(())
+}
+
 pub struct ShardWriter {
     dir: PathBuf,
     prefix: String,
     shard_docs: usize,
-    current: Option<(AtomicFile, usize)>,
+    shard_bytes: u64,
+    compression: Compression,
+    /// The open shard, its documents and JSONL bytes.
+    current: Option<(Sink, usize, u64)>,
+    line: Vec<u8>,
     pub paths: Vec<PathBuf>,
     pub docs: u64,
     pub bytes: u64,
@@ -24,11 +110,26 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     pub fn new(dir: &Path, prefix: &str, shard_docs: usize) -> Self {
+        Self::with(dir, prefix, shard_docs, 0, Compression::None)
+    }
+
+    /// `shard_bytes`: start a new shard once this many bytes of JSONL (before compression) are
+    /// in the current one (0: no limit).
+    pub fn with(
+        dir: &Path,
+        prefix: &str,
+        shard_docs: usize,
+        shard_bytes: u64,
+        compression: Compression,
+    ) -> Self {
         ShardWriter {
             dir: dir.to_path_buf(),
             prefix: prefix.to_string(),
             shard_docs: shard_docs.max(1),
+            shard_bytes,
+            compression,
             current: None,
+            line: Vec::new(),
             paths: Vec::new(),
             docs: 0,
             bytes: 0,
@@ -36,17 +137,21 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, text: &str, source: &str) -> Result<()> {
-        let io = |e| DataError::io(&self.dir, e);
+        let dir = self.dir.clone();
+        let io = |e| DataError::io(&dir, e);
         if self.current.is_none() {
-            self.current = Some((AtomicFile::create_in(&self.dir)?, 0));
+            self.current = Some((Sink::new(&self.dir, self.compression)?, 0, 0));
         }
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, &Record { text, source })
+            .map_err(|e| io(e.into()))?;
+        self.line.push(b'\n');
         let full = match self.current.as_mut() {
-            Some((w, n)) => {
-                serde_json::to_writer(&mut *w, &Record { text, source })
-                    .map_err(|e| io(e.into()))?;
-                w.write_all(b"\n").map_err(io)?;
+            Some((w, n, b)) => {
+                w.write_all(&self.line).map_err(io)?;
                 *n += 1;
-                *n >= self.shard_docs
+                *b += self.line.len() as u64;
+                *n >= self.shard_docs || (self.shard_bytes > 0 && *b >= self.shard_bytes)
             }
             None => false,
         };
@@ -59,10 +164,14 @@ impl ShardWriter {
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        if let Some((file, _)) = self.current.take() {
-            let path = self
-                .dir
-                .join(format!("{}-{:05}.jsonl", self.prefix, self.paths.len()));
+        if let Some((sink, _, _)) = self.current.take() {
+            let path = self.dir.join(format!(
+                "{}-{:05}{}",
+                self.prefix,
+                self.paths.len(),
+                self.compression.suffix()
+            ));
+            let file = sink.into_file().map_err(|e| DataError::io(&path, e))?;
             file.commit(&path)?;
             self.paths.push(path);
         }

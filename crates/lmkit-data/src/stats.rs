@@ -67,7 +67,7 @@ pub fn stats(dir: &Path, languages: bool) -> Result<Stats> {
                 .file_name()
                 .map(|n| dir.join(n))
                 .unwrap_or_default();
-            let body = std::fs::read_to_string(&name).map_err(|e| DataError::io(&name, e))?;
+            let body = crate::ingest::read_text(&name)?;
             let rows: Vec<(String, String)> = body
                 .lines()
                 .enumerate()

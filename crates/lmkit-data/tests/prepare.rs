@@ -390,3 +390,46 @@ fn stats_of_a_prepared_corpus() {
     assert!(svg.starts_with("<svg") && svg.contains("exact_duplicate") && svg.contains(">31<"));
     assert!(lmkit_data::stats::markdown(&st).contains("| (kept) | 31 |"));
 }
+
+/// Compressed shards (gzip, zstd) hold the same lines as plain ones, and rotate by size.
+#[test]
+fn compressed_shards_rotate_by_size() {
+    use lmkit_data::shards::Compression;
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, distinct_sentences(300).join("\n")).unwrap();
+    let run = |c: Compression, name: &str| {
+        let out = dir.path().join(name);
+        let opts = PrepareOptions {
+            val_fraction: 0.0,
+            shard_bytes: 8_000,
+            compression: c,
+            ..Default::default()
+        };
+        let r = prepare(std::slice::from_ref(&input), &out, &opts, &NoProgress).unwrap();
+        let mut lines = Vec::new();
+        for p in &r.train.shards {
+            let text = match c {
+                Compression::Gzip => {
+                    let mut s = String::new();
+                    flate2::read::MultiGzDecoder::new(std::fs::File::open(p).unwrap())
+                        .read_to_string(&mut s)
+                        .unwrap();
+                    s
+                }
+                _ => lmkit_data::ingest::read_text(p).unwrap(),
+            };
+            assert!(p.to_string_lossy().ends_with(c.suffix()), "{p:?}");
+            lines.extend(text.lines().map(str::to_string));
+        }
+        (r.train.shards.len(), lines)
+    };
+    let (n, plain) = run(Compression::None, "plain");
+    assert!(n >= 3, "{n} shards");
+    assert_eq!(plain.len(), 300);
+    for (c, name) in [(Compression::Gzip, "gz"), (Compression::Zstd, "zst")] {
+        let (m, lines) = run(c, name);
+        assert_eq!((m, &lines), (n, &plain), "{name}");
+    }
+}
