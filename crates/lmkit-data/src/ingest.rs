@@ -91,17 +91,28 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
 pub fn read_text(path: &Path) -> Result<String> {
     let (_, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut r: Box<dyn Read> = match compression {
-        Compression::None => Box::new(file),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => {
-            Box::new(ZstdFrames::new(BufReader::new(file)).map_err(|e| DataError::io(path, e))?)
-        }
-    };
+    let mut r = decoded(path, Box::new(file), compression)?;
     let mut s = String::new();
     r.read_to_string(&mut s)
         .map_err(|e| DataError::io(path, e))?;
     Ok(s)
+}
+
+/// The decompressed content of `file` (read from `path`).
+fn decoded(path: &Path, file: Box<dyn Read>, c: Compression) -> Result<Box<dyn Read>> {
+    Ok(match c {
+        Compression::None => file,
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Compression::Zstd => Box::new(
+            ZstdFrames::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| {
+                DataError::BadRecord {
+                    path: path.to_path_buf(),
+                    line: 1,
+                    msg: format!("not a Zstandard stream: {e}"),
+                }
+            })?,
+        ),
+    })
 }
 
 /// A Zstandard stream of one or more frames, decoded as one.
@@ -177,19 +188,7 @@ pub fn read_docs(
     } else {
         Box::new(File::open(path).map_err(|e| DataError::io(path, e))?)
     };
-    let raw: Box<dyn Read> = match compression {
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(
-            ZstdFrames::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| {
-                DataError::BadRecord {
-                    path: path.to_path_buf(),
-                    line: 1,
-                    msg: format!("not a Zstandard stream: {e}"),
-                }
-            })?,
-        ),
-        Compression::None => file,
-    };
+    let raw = decoded(path, file, compression)?;
     let gz = compression != Compression::None;
     let mut reader = BufReader::with_capacity(1 << 20, raw);
     if stdin {

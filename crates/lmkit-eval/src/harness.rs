@@ -321,6 +321,9 @@ const KNOWN: &[&str] = &[
     "unsafe_code",
 ];
 
+static PY_GROUP_REF: std::sync::LazyLock<Regex> =
+    std::sync::LazyLock::new(|| Regex::new(r"\\(\d+)").unwrap());
+
 fn environment() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
@@ -338,10 +341,7 @@ fn environment() -> minijinja::Environment<'static> {
                 minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
             })?;
             // Python's \1 group references become $1.
-            let repl = Regex::new(r"\\(\d+)")
-                .unwrap()
-                .replace_all(&repl, "$${$1}")
-                .into_owned();
+            let repl = PY_GROUP_REF.replace_all(&repl, "$${$1}").into_owned();
             Ok(re.replace_all(&s, repl.as_str()).into_owned())
         },
     );
@@ -611,29 +611,23 @@ impl Task {
 
     /// Where few-shot examples come from, as the harness decides: the few-shot split, inline
     /// samples, else the training, validation or test split.
-    fn fewshot_pool(&self) -> Vec<Value> {
-        let split = |s: &str| {
-            self.splits
-                .get(s)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        };
+    fn fewshot_pool(&self) -> &[Value] {
+        let split = |s: &str| self.splits.get(s).and_then(Value::as_array);
         if let Some(s) = &self.fewshot.split {
-            return split(s);
+            return split(s).map_or(&[], |v| v.as_slice());
         }
         if let Some(s) = &self.fewshot.samples {
-            return s.clone();
+            return s;
         }
         for s in [&self.training_split, &self.validation_split]
             .into_iter()
             .flatten()
         {
-            if let Some(v) = self.splits.get(s).and_then(Value::as_array) {
-                return v.clone();
+            if let Some(v) = split(s) {
+                return v;
             }
         }
-        self.docs().to_vec()
+        self.docs()
     }
 
     fn render_template(&self, template: &str, doc: &Value) -> Result<String> {
@@ -759,7 +753,7 @@ impl Task {
         let pool = if num_fewshot > 0 {
             self.fewshot_pool()
         } else {
-            Vec::new()
+            &[]
         };
         let exclude = self.fewshot.split == self.test_split;
         let mut rnd = PyRandom::new(seed);
@@ -773,7 +767,7 @@ impl Task {
             };
             let mut user = String::new();
             if num_fewshot > 0 {
-                let shots = self.sample(&pool, num_fewshot, exclude.then_some(doc), &mut rnd)?;
+                let shots = self.sample(pool, num_fewshot, exclude.then_some(doc), &mut rnd)?;
                 for fs in shots {
                     let q = self.text(&self.fewshot.doc_to_text, fs)?;
                     let c = self.choices(&self.fewshot.doc_to_choice, fs)?;

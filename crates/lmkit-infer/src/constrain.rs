@@ -32,8 +32,8 @@ pub struct ConstraintSpec {
 }
 
 /// JSON is written compactly with single spaces after `,` and `:` (no free whitespace: a small
-/// model given free whitespace can loop on newlines).
-fn compact(mut schema: Value) -> Value {
+/// model given free whitespace can loop on newlines); a schema's own `x-guidance` options win.
+pub fn compact(mut schema: Value) -> Value {
     if let Value::Object(o) = &mut schema {
         o.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})

@@ -248,13 +248,7 @@ fn tool_grammar(t: &Tools) -> Grammar {
         return Grammar::JsonSchema(schema);
     }
     // A plain answer (not starting with `{`) or a call.
-    let mut s = schema;
-    if let Value::Object(o) = &mut s {
-        o.insert(
-            "x-guidance".into(),
-            json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-        );
-    }
+    let s = lmkit_infer::constrain::compact(schema);
     Grammar::Lark(format!(
         "start: TEXT | call\nTEXT: /[^{{](.|\\n)*/\ncall: %json {s}\n"
     ))
