@@ -14,7 +14,8 @@ pub enum DataCommand {
     #[command(
         after_help = "Examples:\n  lmkit data prepare --input data/en data/ko --output prepared/\n  \
         lmkit data prepare --input dump.jsonl.gz --text-field content --dates --jaccard 0.7 --output out/\n  \
-        lmkit data prepare --input crawl/ --languages en,ko --pii --output out/\n\n\
+        lmkit data prepare --input crawl/ --languages en,ko --pii --output out/\n  \
+        lmkit data prepare --input CC-MAIN-*.warc.gz --c4-filters --languages en --output web/\n\n\
         Writes OUTPUT/train-00000.jsonl..., OUTPUT/val-00000.jsonl... ({\"text\", \"source\"} per line)\n\
         and OUTPUT/report.json; a summary goes to stderr."
     )]
@@ -103,8 +104,10 @@ enum ShingleArg {
 
 #[derive(Args)]
 pub struct PrepareArgs {
-    /// Input files or directories (.txt, .jsonl, and their .gz and .zst; directories are searched
-    /// recursively); `-` reads standard input (JSON Lines when it starts with `{`, else text)
+    /// Input files or directories (.txt, .jsonl, WARC/WET (.warc, .wet: each HTML page's main
+    /// text, boilerplate removed), .html/.htm pages, and their .gz and .zst; directories are
+    /// searched recursively); `-` reads standard input (JSON Lines when it starts with `{`, else
+    /// text)
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output directory
@@ -165,8 +168,8 @@ pub struct PrepareArgs {
     /// `#` comments)
     #[arg(long, value_name = "FILE")]
     banned_words: Option<PathBuf>,
-    /// Drop .jsonl documents whose URL is on a domain of this file (one per line; subdomains
-    /// too; `#` comments)
+    /// Drop documents whose URL is on a domain of this file (one per line; subdomains too; `#`
+    /// comments). The URL of a .jsonl document is its --url-field; of a WARC page, its target URI
     #[arg(long, value_name = "FILE")]
     url_blocklist: Option<PathBuf>,
     /// With --url-blocklist: the JSON field holding each document's URL
@@ -450,6 +453,18 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         eprintln!(
             "skipped bad {:>9} records (see report.json for examples)",
             r.skipped_bad
+        );
+    }
+    if !r.web_skipped.is_empty() {
+        let kinds: Vec<String> = r
+            .web_skipped
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        eprintln!(
+            "web pages   {:>9} gave no document ({})",
+            r.web_skipped.values().sum::<u64>(),
+            kinds.join(", ")
         );
     }
     eprintln!(

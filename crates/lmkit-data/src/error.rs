@@ -12,6 +12,9 @@ pub enum DataError {
         line: u64,
         msg: String,
     },
+    /// A file whose framing is broken (nothing after the fault can be read).
+    #[error("{path}: {msg}")]
+    BadFile { path: PathBuf, msg: String },
     #[error(transparent)]
     Inputs(#[from] lmkit_core::inputs::InputError),
     #[error(transparent)]

@@ -49,17 +49,31 @@ pub struct Doc {
     pub url: Option<String>,
 }
 
-/// A record that was skipped under `skip_bad`.
+/// A record that gave no document: a bad record skipped under `skip_bad` (`kind` "bad"), or a
+/// web page that holds none (`not-html`, `http-status`, `no-main-text`, `too-large`, `bad-http`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Skipped {
     pub source: String,
     pub reason: String,
+    #[serde(skip)]
+    pub kind: &'static str,
+}
+
+impl Skipped {
+    /// A malformed record (counted as bad; only skipped under `skip_bad`).
+    pub fn is_bad(&self) -> bool {
+        self.kind == "bad"
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
     Txt,
     Jsonl,
+    /// WARC or WET: one document per page ([`crate::warc`]).
+    Warc,
+    /// One HTML page: its main text is one document.
+    Html,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,6 +96,10 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
         Some((Format::Txt, c))
     } else if stem.ends_with(".jsonl") || stem.ends_with(".json") {
         Some((Format::Jsonl, c))
+    } else if stem.ends_with(".warc") || stem.ends_with(".wet") {
+        Some((Format::Warc, c))
+    } else if stem.ends_with(".html") || stem.ends_with(".htm") {
+        Some((Format::Html, c))
     } else {
         None
     }
@@ -150,15 +168,16 @@ impl<R: BufRead> Read for ZstdFrames<R> {
     }
 }
 
-/// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, else as text),
-/// or every .txt/.jsonl (plain, .gz or .zst) below a directory; `-` is standard input.
+/// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, WARC/WET if
+/// named .warc/.wet, a page if .html/.htm, else as text), or every such file (plain, .gz or .zst)
+/// below a directory except .json; `-` is standard input.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     if path == Path::new("-") {
         return Ok(vec![path.to_path_buf()]);
     }
     Ok(lmkit_core::collect_inputs(
         path,
-        "a directory is searched recursively for .txt, .jsonl and their .gz and .zst",
+        "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm and their .gz and .zst",
         |name| {
             // In a directory only .txt and .jsonl (plain or compressed) are documents: `.json`
             // files there are metadata, such as the report.json that `lmkit data prepare` writes.
@@ -167,7 +186,9 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
                 .strip_suffix(".gz")
                 .or_else(|| n.strip_suffix(".zst"))
                 .unwrap_or(&n);
-            n.ends_with(".txt") || n.ends_with(".jsonl")
+            [".txt", ".jsonl", ".warc", ".wet", ".html", ".htm"]
+                .iter()
+                .any(|s| n.ends_with(s))
         },
     )?)
 }
@@ -199,6 +220,33 @@ pub fn read_docs(
         }
     }
     let display = path.display().to_string();
+    match format {
+        Format::Warc => return read_warc(&mut reader, path, on_bytes, skipped, f),
+        Format::Html => {
+            let mut bytes = Vec::new();
+            reader
+                .read_to_end(&mut bytes)
+                .map_err(|e| DataError::io(path, e))?;
+            on_bytes(bytes.len() as u64);
+            return match crate::warc::html_doc(&bytes, None) {
+                crate::warc::Content::Text(text) => f(Doc {
+                    text,
+                    source: display,
+                    url: None,
+                }),
+                crate::warc::Content::Skipped(kind, reason) => {
+                    skipped(Skipped {
+                        source: display,
+                        reason,
+                        kind,
+                    });
+                    Ok(())
+                }
+                crate::warc::Content::Ignored => Ok(()),
+            };
+        }
+        Format::Txt | Format::Jsonl => {}
+    }
     let mut buf = Vec::new();
     let mut line_no = 0u64;
     let mut pending = String::new(); // paragraph/file accumulation
@@ -241,6 +289,7 @@ pub fn read_docs(
                     skipped(Skipped {
                         source: format!("{display}:{line_no}"),
                         reason: msg,
+                        kind: "bad",
                     });
                     continue;
                 }
@@ -261,11 +310,12 @@ pub fn read_docs(
                     Err(msg) if opts.skip_bad => skipped(Skipped {
                         source: format!("{display}:{line_no}"),
                         reason: msg,
+                        kind: "bad",
                     }),
                     Err(msg) => return Err(bad(line_no, msg)),
                 }
             }
-            Format::Txt => match opts.txt_unit {
+            Format::Txt | Format::Warc | Format::Html => match opts.txt_unit {
                 TxtUnit::Line => {
                     if !text.trim().is_empty() {
                         f(Doc {
@@ -305,6 +355,44 @@ pub fn read_docs(
         })?;
     }
     Ok(())
+}
+
+/// The pages of a WARC/WET stream, one document each (source `path#record`, URL from the record).
+fn read_warc(
+    reader: &mut dyn BufRead,
+    path: &Path,
+    on_bytes: &mut dyn FnMut(u64),
+    skipped: &mut dyn FnMut(Skipped),
+    f: &mut dyn FnMut(Doc) -> Result<()>,
+) -> Result<()> {
+    use crate::warc::{content, next_record, Content};
+    let display = path.display();
+    let mut number = 0u64;
+    loop {
+        let rec = next_record(reader, number + 1).map_err(|msg| DataError::BadFile {
+            path: path.to_path_buf(),
+            msg: format!("malformed WARC: {msg}"),
+        })?;
+        let Some(rec) = rec else {
+            return Ok(());
+        };
+        number += 1;
+        on_bytes(rec.bytes);
+        let source = format!("{display}#{number}");
+        match content(&rec) {
+            Content::Text(text) => f(Doc {
+                text,
+                source,
+                url: rec.uri,
+            })?,
+            Content::Skipped(kind, reason) => skipped(Skipped {
+                source,
+                reason,
+                kind,
+            }),
+            Content::Ignored => {}
+        }
+    }
 }
 
 fn json_text(

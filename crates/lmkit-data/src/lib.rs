@@ -8,6 +8,7 @@ pub mod c4;
 pub mod dates;
 pub mod error;
 pub mod filters;
+pub mod html;
 pub mod ingest;
 pub mod lang;
 pub mod minhash;
@@ -16,6 +17,7 @@ pub mod normalize;
 pub mod pii;
 pub mod shards;
 pub mod stats;
+pub mod warc;
 
 pub use error::{DataError, Result};
 pub use filters::{DropReason, FilterOptions};
@@ -141,6 +143,10 @@ pub struct Report {
     pub read: Tally,
     pub skipped_bad: u64,
     pub skipped_samples: Vec<ingest::Skipped>,
+    /// Web records (WARC) and pages that gave no document, by why: `not-html`, `http-status`
+    /// (not 2xx), `no-main-text`, `too-large`, `bad-http`.
+    pub web_skipped: BTreeMap<String, u64>,
+    pub web_skipped_samples: Vec<ingest::Skipped>,
     pub normalized_changed_docs: u64,
     /// Documents whose mojibake was repaired (`--fix-mojibake`).
     pub mojibake_fixed_docs: u64,
@@ -298,12 +304,31 @@ pub fn prepare(
     const BATCH: usize = 4096;
     let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
     for path in inputs {
-        let mut skipped = Vec::new();
+        let (mut bad, mut bad_samples) = (0u64, Vec::new());
+        let (mut web, mut web_samples) = (BTreeMap::<&'static str, u64>::new(), Vec::new());
+        let room = opts
+            .report_samples
+            .saturating_sub(st.report.skipped_samples.len());
+        let web_room = opts
+            .report_samples
+            .saturating_sub(st.report.web_skipped_samples.len());
         ingest::read_docs(
             path,
             &ingest,
             &mut |n| progress.advance(n),
-            &mut |s| skipped.push(s),
+            &mut |s| {
+                if s.is_bad() {
+                    bad += 1;
+                    if bad_samples.len() < room {
+                        bad_samples.push(s);
+                    }
+                } else {
+                    *web.entry(s.kind).or_default() += 1;
+                    if web_samples.len() < web_room {
+                        web_samples.push(s);
+                    }
+                }
+            },
             &mut |doc| {
                 batch.push(doc);
                 if batch.len() >= BATCH {
@@ -317,13 +342,12 @@ pub fn prepare(
                 Ok(())
             },
         )?;
-        st.report.skipped_bad += skipped.len() as u64;
-        let room = opts
-            .report_samples
-            .saturating_sub(st.report.skipped_samples.len());
-        st.report
-            .skipped_samples
-            .extend(skipped.into_iter().take(room));
+        st.report.skipped_bad += bad;
+        st.report.skipped_samples.extend(bad_samples);
+        for (k, n) in web {
+            *st.report.web_skipped.entry(k.to_string()).or_default() += n;
+        }
+        st.report.web_skipped_samples.extend(web_samples);
     }
     st.process(batch, opts, hasher.as_ref(), index.as_mut())?;
     progress.finish();

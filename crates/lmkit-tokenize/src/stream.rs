@@ -23,8 +23,10 @@ impl DocStream {
         let skipped = Arc::new(AtomicU64::new(0));
         let counter = skipped.clone();
         let reader = std::thread::spawn(move || -> Result<()> {
-            let mut count_skip = |_| {
-                counter.fetch_add(1, Ordering::Relaxed);
+            let mut count_skip = |s: lmkit_data::ingest::Skipped| {
+                if s.is_bad() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
             };
             for path in &inputs {
                 let mut stopped = false;

@@ -1,0 +1,164 @@
+"""Web inputs of `lmkit data prepare`: WARC/WET written by warcio (the reference WARC library), HTML
+main-text extraction compared with Python's trafilatura, and Parquet written by pyarrow."""
+
+import gzip
+import io
+import json
+import os
+import subprocess
+
+import pytest
+
+warcio = pytest.importorskip("warcio")
+trafilatura = pytest.importorskip("trafilatura")
+from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
+from warcio.warcwriter import WARCWriter  # noqa: E402
+
+EN = [
+    "After an absence of almost forty years, river otters have been seen again along the lower "
+    "reaches of the valley's main river, according to volunteers who have surveyed its banks every "
+    "spring since 1998.",
+    "The survey team found fresh tracks and droppings at eleven of the twenty sites they visit, and "
+    "a night camera near the old mill recorded a female with two cubs in late April.",
+    "Biologists credit cleaner water: the closure of two upstream tanneries and a new treatment "
+    "plant cut the river's nitrate levels by more than half over the past decade.",
+]
+KO = [
+    "국회는 어제 본회의를 열고 지방자치단체의 재정 자율성을 높이는 내용의 지방재정법 개정안을 재석 "
+    "의원 다수의 찬성으로 통과시켰다.",
+    "개정안은 지방자치단체가 자체 사업에 쓸 수 있는 예산의 범위를 넓히고, 중앙정부의 사전 승인 "
+    "절차를 간소화하는 것을 주요 내용으로 한다.",
+    "정부는 개정안이 공포되는 대로 시행령을 정비해 내년 상반기부터 새 제도를 적용할 계획이라고 밝혔다.",
+]
+LIST = [
+    "Volunteers walked all twenty survey sites between March and May, two people to each site, "
+    "recording tracks, droppings and feeding remains on a shared form.",
+    "Each record names the site, the date, the observer and what was found, and photographs are "
+    "kept with the form so that identifications can be checked later by the county recorder.",
+    "Results are published each autumn in the society's bulletin and sent to the national "
+    "mammal atlas, where they join records from more than three hundred other river surveys.",
+]
+
+
+def page(title, paras, lang="en", charset="utf-8"):
+    """A news page: navigation, cookie banner, sidebar, share buttons and footer around an article."""
+    body = "".join(f"<p>{p}</p>\n" for p in paras)
+    return f"""<!DOCTYPE html>
+<html lang="{lang}"><head><meta charset="{charset}"><title>{title} | Valley News</title>
+<style>body{{font-family:serif}}</style><script>var tracking = "do not keep";</script></head>
+<body>
+<header><nav><ul><li><a href="/">Home</a></li><li><a href="/news">News</a></li>
+<li><a href="/sport">Sport</a></li><li><a href="/contact">Contact us</a></li></ul></nav></header>
+<div class="cookie-banner">We use cookies to improve your experience. <a href="/privacy">Accept all cookies</a></div>
+<main><article><h1>{title}</h1>
+{body}</article>
+<aside class="sidebar"><h3>Most read</h3><ul><li><a href="/a">Council approves new bridge</a></li>
+<li><a href="/b">Local bakery wins national prize</a></li></ul></aside>
+</main>
+<div class="share-buttons"><a href="#">Share on Facebook</a> <a href="#">Share on X</a></div>
+<footer><p>Copyright 2026 Valley News. All rights reserved.</p>
+<p><a href="/terms">Terms</a> | <a href="/privacy">Privacy</a></p></footer>
+</body></html>"""
+
+
+PAGES = [
+    # (url, title, paragraphs, lang, charset, HTTP headers beyond Content-Type)
+    ("http://news.example.com/otters", "River otters return to the valley", EN, "en", "utf-8", []),
+    ("http://kr.example.org/law", "지방재정법 개정안 국회 통과", KO, "ko", "euc-kr", []),
+    ("http://blocked.example.net/survey", "How the survey works", LIST, "en", "utf-8",
+     [("Content-Encoding", "gzip")]),
+]
+
+
+def expected(title, paras):
+    return "\n".join([title, *paras])
+
+
+def write_warc(path):
+    with open(path, "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        w.write_record(w.create_warcinfo_record("test.warc.gz", {"software": "warcio"}))
+        for url, title, paras, lang, charset, extra in PAGES:
+            html = page(title, paras, lang, charset).encode(charset)
+            if ("Content-Encoding", "gzip") in extra:
+                html = gzip.compress(html)
+            headers = StatusAndHeaders(
+                "200 OK", [("Content-Type", f"text/html; charset={charset}"), *extra],
+                protocol="HTTP/1.1")
+            req = StatusAndHeaders("GET / HTTP/1.1", [("Host", "example.com")], is_http_request=True)
+            w.write_record(w.create_warc_record(url, "request", http_headers=req))
+            w.write_record(w.create_warc_record(url, "response", payload=io.BytesIO(html),
+                                                http_headers=headers))
+        gone = StatusAndHeaders("404 Not Found", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record("http://news.example.com/gone", "response",
+                                            payload=io.BytesIO(b"<p>gone</p>"), http_headers=gone))
+        png = StatusAndHeaders("200 OK", [("Content-Type", "image/png")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record("http://news.example.com/a.png", "response",
+                                            payload=io.BytesIO(b"\x89PNG\r\n"), http_headers=png))
+
+
+def read_shards(out):
+    docs = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("train-") and name.endswith(".jsonl"):
+            with open(out / name, encoding="utf-8") as f:
+                docs += [json.loads(l) for l in f]
+    return docs
+
+
+def test_warc_pages_give_their_main_text_as_trafilatura_does(lmkit, tmp_path):
+    warc = tmp_path / "crawl.warc.gz"
+    write_warc(warc)
+    out = tmp_path / "out"
+    lmkit("data", "prepare", "--input", warc, "--output", out, "--val-fraction", "0",
+          "--no-filters")
+    docs = read_shards(out)
+    texts = [d["text"] for d in docs]
+    want = [expected(t, p) for _, t, p, *_ in PAGES]
+    assert texts == want
+    # The reference extractor on the same pages gives the same text.
+    for (_, title, paras, lang, charset, _), got in zip(PAGES, texts):
+        ref = trafilatura.extract(page(title, paras, lang, charset))
+        assert got == ref
+    # Sources name the record; the report counts the pages that gave nothing, and why.
+    assert [d["source"].rsplit("#", 1)[1] for d in docs] == ["3", "5", "7"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["web_skipped"] == {"http-status": 1, "not-html": 1}
+
+
+def test_warc_urls_meet_the_blocklist_and_wet_text_is_read(lmkit, tmp_path):
+    warc = tmp_path / "crawl.warc.gz"
+    write_warc(warc)
+    block = tmp_path / "block.txt"
+    block.write_text("# spam\nexample.net\n")
+    wet = tmp_path / "crawl.warc.wet.gz"
+    with open(wet, "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        for i, text in enumerate([" ".join(EN), " ".join(KO)]):
+            w.write_record(w.create_warc_record(
+                f"http://wet.example.com/{i}", "conversion",
+                payload=io.BytesIO(text.encode()), warc_content_type="text/plain"))
+    out = tmp_path / "out"
+    lmkit("data", "prepare", "--input", warc, wet, "--output", out, "--val-fraction", "0",
+          "--no-filters", "--no-near-dedup", "--url-blocklist", block)
+    texts = [d["text"] for d in read_shards(out)]
+    assert texts == [expected(*PAGES[0][1:3]), expected(*PAGES[1][1:3]), " ".join(EN), " ".join(KO)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["filtered"]["blocked_url"]["docs"] == 1
+
+
+def test_a_truncated_warc_is_an_error_naming_the_file(tmp_path):
+    from conftest import ROOT
+    warc = tmp_path / "cut.warc"
+    raw = io.BytesIO()
+    w = WARCWriter(raw, gzip=False)
+    w.write_record(w.create_warc_record("http://x.example/", "resource",
+                                        payload=io.BytesIO(page("T", EN).encode()),
+                                        warc_content_type="text/html"))
+    warc.write_bytes(raw.getvalue()[:-200])
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+    p = subprocess.run([binary, "data", "prepare", "--input", warc, "--output", tmp_path / "o"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "cut.warc" in p.stderr and "record 1" in p.stderr and "panick" not in p.stderr
+    assert not (tmp_path / "o").exists()
