@@ -211,6 +211,11 @@ pub struct PrepareArgs {
     /// Number of MinHash permutations
     #[arg(long, default_value_t = MinHashOptions::default().num_perm)]
     num_perm: usize,
+    /// Memory cap in MiB for the deduplication indexes (content hashes, MinHash signatures, LSH
+    /// buckets); beyond it they move to sorted runs on disk in the output's temporary directory,
+    /// with the same result
+    #[arg(long = "memory-mb", alias = "memory", default_value_t = 4096)]
+    memory_mb: u64,
     /// Share of documents for the validation split
     #[arg(long, default_value_t = 0.01)]
     val_fraction: f64,
@@ -424,6 +429,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         c4: a.c4_filters,
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
+        memory: Some(a.memory_mb.saturating_mul(1 << 20)),
         val_fraction: a.val_fraction,
         split_seed: a.split_seed,
         shard_docs: a.shard_docs,
@@ -510,6 +516,12 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         r.exact_duplicates.removed.docs,
         mb(r.exact_duplicates.removed.bytes)
     );
+    if r.dedup_spills > 0 {
+        eprintln!(
+            "dedup index {:>9} times moved to disk (--memory-mb)",
+            r.dedup_spills
+        );
+    }
     if let Some((b, rows)) = r.lsh_bands_rows {
         eprintln!(
             "near dups   {:>9} docs {:>9.2} MB  (MinHash LSH {b} bands x {rows} rows)",

@@ -51,7 +51,7 @@ pub struct Doc {
 
 /// A record that gave no document: a bad record skipped under `skip_bad` (`kind` "bad"), or a
 /// web page that holds none (`not-html`, `http-status`, `no-main-text`, `too-large`, `bad-http`).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     pub source: String,
     pub reason: String,

@@ -6,6 +6,7 @@
 
 pub mod c4;
 pub mod dates;
+pub mod dedup;
 pub mod error;
 pub mod filters;
 pub mod html;
@@ -16,6 +17,7 @@ pub mod mojibake;
 pub mod normalize;
 pub mod pii;
 pub mod shards;
+pub mod spill;
 pub mod stats;
 pub mod warc;
 
@@ -26,7 +28,6 @@ pub use minhash::{MinHashOptions, Shingle};
 pub use normalize::NormalizeOptions;
 
 use rayon::prelude::*;
-use rustc_hash::FxHashSet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ pub struct PrepareOptions {
     pub exact_dedup: bool,
     /// `None` switches near-duplicate removal off.
     pub near_dedup: Option<MinHashOptions>,
+    /// Cap on the memory of the deduplication indexes in bytes: beyond it they move to sorted
+    /// runs on disk, with the same result (`None`: in memory).
+    pub memory: Option<u64>,
     /// Share of documents sent to the validation split (by content hash).
     pub val_fraction: f64,
     pub split_seed: u64,
@@ -82,6 +86,7 @@ impl Default for PrepareOptions {
             url_field: "url".into(),
             exact_dedup: true,
             near_dedup: Some(MinHashOptions::default()),
+            memory: None,
             val_fraction: 0.01,
             split_seed: 0,
             shard_docs: 100_000,
@@ -168,23 +173,29 @@ pub struct Report {
     pub near_duplicates: DedupReport,
     /// LSH bands × rows used for near-duplicate candidates.
     pub lsh_bands_rows: Option<(usize, usize)>,
+    /// Times the deduplication indexes reached `--memory` and moved to disk.
+    pub dedup_spills: u64,
     pub train: SplitReport,
     pub validation: SplitReport,
     pub options: Option<PrepareOptions>,
     pub seconds: f64,
 }
 
-struct Processed {
-    text: String,
-    c4_lines: usize,
-    mojibake: bool,
-    language: Option<&'static str>,
-    pii: Option<[u32; 5]>,
-    changed: bool,
-    dates: usize,
-    drop: Option<DropReason>,
-    exact: u128,
-    signature: Option<Vec<u32>>,
+/// One document after the per-document steps (everything but deduplication and the split).
+pub(crate) struct Processed {
+    pub(crate) source: String,
+    /// Bytes of its text as read.
+    pub(crate) read_bytes: u64,
+    pub(crate) text: String,
+    pub(crate) c4_lines: u32,
+    pub(crate) mojibake: bool,
+    pub(crate) language: Option<&'static str>,
+    pub(crate) pii: Option<[u32; 5]>,
+    pub(crate) changed: bool,
+    pub(crate) dates: u32,
+    pub(crate) drop: Option<DropReason>,
+    pub(crate) exact: u128,
+    pub(crate) signature: Option<Vec<u32>>,
 }
 
 fn preview(text: &str) -> String {
@@ -237,203 +248,86 @@ fn is_prepare_output(name: &str) -> bool {
                 .any(|s| name.ends_with(s)))
 }
 
-/// Runs the whole preparation of `inputs` into `out_dir` and returns (and writes) the report.
-/// The directory is filled as a whole when the run succeeds (see [`lmkit_core::OutputDir`]).
-pub fn prepare(
-    inputs: &[PathBuf],
-    out_dir: &Path,
-    opts: &PrepareOptions,
-    progress: &dyn Progress,
-) -> Result<Report> {
-    validate(opts)?;
-    let t0 = std::time::Instant::now();
-    let output = lmkit_core::OutputDir::create(
-        out_dir,
-        "an output of `lmkit data prepare`",
-        is_prepare_output,
-    )?;
-    let out_dir = output.path();
-    let ingest = IngestOptions {
-        txt_unit: opts.txt_unit,
-        text_field: opts.text_field.clone(),
-        skip_bad: opts.skip_bad,
-        url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
-    };
-    let hasher = opts.near_dedup.clone().map(minhash::MinHasher::new);
-    let mut index = opts
-        .near_dedup
-        .as_ref()
-        .map(|m| minhash::LshIndex::new(m.num_perm, m.threshold));
-    let mut st = State {
-        report: Report {
-            inputs: inputs.to_vec(),
-            options: Some(opts.clone()),
-            ..Default::default()
-        },
-        exact_seen: FxHashSet::default(),
-        exact_first: rustc_hash::FxHashMap::default(),
-        kept_meta: Vec::new(),
-        train: shards::ShardWriter::with(
-            out_dir,
-            "train",
-            opts.shard_docs,
-            opts.shard_bytes,
-            opts.compression,
-        ),
-        val: shards::ShardWriter::with(
-            out_dir,
-            "val",
-            opts.shard_docs,
-            opts.shard_bytes,
-            opts.compression,
-        ),
-    };
-    st.report.lsh_bands_rows = index.as_ref().map(|i| i.bands_rows());
-    // Compressed input and standard input have no known length to show progress against.
-    let any_gz = inputs
-        .iter()
-        .any(|p| p.as_os_str() == "-" || p.extension().is_some_and(|e| e == "gz" || e == "zst"));
-    let total: u64 = inputs
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    st.report.input_bytes = total;
-    progress.begin("preparing", if any_gz { 0 } else { total }, Unit::Bytes);
+/// What reading one input file gave besides its documents: bad records (under `skip_bad`) and
+/// web pages without a document, counted, with a few samples.
+#[derive(Default, Serialize, serde::Deserialize)]
+pub(crate) struct FileNotes {
+    pub(crate) bad: u64,
+    pub(crate) bad_samples: Vec<ingest::Skipped>,
+    pub(crate) web: BTreeMap<String, u64>,
+    pub(crate) web_samples: Vec<ingest::Skipped>,
+}
 
-    const BATCH: usize = 4096;
-    let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
-    for path in inputs {
-        let (mut bad, mut bad_samples) = (0u64, Vec::new());
-        let (mut web, mut web_samples) = (BTreeMap::<&'static str, u64>::new(), Vec::new());
-        let room = opts
-            .report_samples
-            .saturating_sub(st.report.skipped_samples.len());
-        let web_room = opts
-            .report_samples
-            .saturating_sub(st.report.web_skipped_samples.len());
+/// Documents go through the per-document steps this many at a time, on all cores.
+const BATCH: usize = 4096;
+
+/// The per-document steps: normalization, filters, language, masking, hashes and signatures.
+pub(crate) struct Analyzer<'a> {
+    opts: &'a PrepareOptions,
+    ingest: IngestOptions,
+    hasher: Option<minhash::MinHasher>,
+}
+
+impl<'a> Analyzer<'a> {
+    pub(crate) fn new(opts: &'a PrepareOptions) -> Self {
+        Analyzer {
+            opts,
+            ingest: IngestOptions {
+                txt_unit: opts.txt_unit,
+                text_field: opts.text_field.clone(),
+                skip_bad: opts.skip_bad,
+                url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
+            },
+            hasher: opts.near_dedup.clone().map(minhash::MinHasher::new),
+        }
+    }
+
+    /// Reads one input file and passes its documents, after the per-document steps, to `out` in
+    /// batches, in order.
+    pub(crate) fn read_file(
+        &self,
+        path: &Path,
+        progress: &dyn Progress,
+        out: &mut dyn FnMut(Vec<Processed>) -> Result<()>,
+    ) -> Result<FileNotes> {
+        let samples = self.opts.report_samples;
+        let mut notes = FileNotes::default();
+        let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
         ingest::read_docs(
             path,
-            &ingest,
+            &self.ingest,
             &mut |n| progress.advance(n),
             &mut |s| {
                 if s.is_bad() {
-                    bad += 1;
-                    if bad_samples.len() < room {
-                        bad_samples.push(s);
+                    notes.bad += 1;
+                    if notes.bad_samples.len() < samples {
+                        notes.bad_samples.push(s);
                     }
                 } else {
-                    *web.entry(s.kind).or_default() += 1;
-                    if web_samples.len() < web_room {
-                        web_samples.push(s);
+                    *notes.web.entry(s.kind.to_string()).or_default() += 1;
+                    if notes.web_samples.len() < samples {
+                        notes.web_samples.push(s);
                     }
                 }
             },
             &mut |doc| {
                 batch.push(doc);
                 if batch.len() >= BATCH {
-                    st.process(
-                        std::mem::take(&mut batch),
-                        opts,
-                        hasher.as_ref(),
-                        index.as_mut(),
-                    )?;
+                    out(self.analyze(std::mem::take(&mut batch)))?;
                 }
                 Ok(())
             },
         )?;
-        st.report.skipped_bad += bad;
-        st.report.skipped_samples.extend(bad_samples);
-        for (k, n) in web {
-            *st.report.web_skipped.entry(k.to_string()).or_default() += n;
+        if !batch.is_empty() {
+            out(self.analyze(batch))?;
         }
-        st.report.web_skipped_samples.extend(web_samples);
+        Ok(notes)
     }
-    st.process(batch, opts, hasher.as_ref(), index.as_mut())?;
-    progress.finish();
-    if st.report.read.docs == 0 {
-        let what = inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(DataError::EmptyInput { what });
-    }
-    st.train.finish()?;
-    st.val.finish()?;
-    let mut report = st.report;
-    let finals = |paths: Vec<PathBuf>| paths.iter().map(|p| output.final_path(p)).collect();
-    report.train = SplitReport {
-        docs: st.train.docs,
-        bytes: st.train.bytes,
-        shards: finals(st.train.paths),
-    };
-    report.validation = SplitReport {
-        docs: st.val.docs,
-        bytes: st.val.bytes,
-        shards: finals(st.val.paths),
-    };
-    report.seconds = t0.elapsed().as_secs_f64();
-    let report_path = out_dir.join("report.json");
-    let json =
-        serde_json::to_vec_pretty(&report).map_err(|e| DataError::io(&report_path, e.into()))?;
-    lmkit_core::write_atomic_bytes(&report_path, &json)?;
-    output.commit()?;
-    Ok(report)
-}
 
-/// The host of a URL (`https://user@Sub.Example.com:8080/x` → `sub.example.com`).
-fn host(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.chars().all(|c| c.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
-    host.trim_end_matches('.').to_ascii_lowercase()
-}
-
-/// Whether the URL is on a blocked domain or one of its subdomains.
-fn blocked(url: Option<&str>, list: &[String]) -> bool {
-    let Some(url) = url.filter(|_| !list.is_empty()) else {
-        return false;
-    };
-    let h = host(url);
-    list.iter().any(|d| {
-        h == *d
-            || (h.len() > d.len()
-                && h.ends_with(d.as_str())
-                && h.as_bytes()[h.len() - d.len() - 1] == b'.')
-    })
-}
-
-struct State {
-    report: Report,
-    exact_seen: FxHashSet<u128>,
-    /// Source and preview of the first document with each content hash (for report samples).
-    exact_first: rustc_hash::FxHashMap<u128, (String, String)>,
-    /// Source and preview of each document in the near-duplicate index, by index id.
-    kept_meta: Vec<(String, String)>,
-    train: shards::ShardWriter,
-    val: shards::ShardWriter,
-}
-
-impl State {
-    fn process(
-        &mut self,
-        batch: Vec<Doc>,
-        opts: &PrepareOptions,
-        hasher: Option<&minhash::MinHasher>,
-        mut index: Option<&mut minhash::LshIndex>,
-    ) -> Result<()> {
-        // The per-document work runs on all cores; decisions that depend on earlier documents
-        // (deduplication) are taken in input order below, so the output is deterministic.
-        let done: Vec<Processed> = batch
-            .par_iter()
+    fn analyze(&self, batch: Vec<Doc>) -> Vec<Processed> {
+        let opts = self.opts;
+        batch
+            .into_par_iter()
             .map(|d| {
                 let repaired = if opts.normalize.fix_mojibake {
                     mojibake::fix(&d.text)
@@ -475,34 +369,180 @@ impl State {
                         pii = Some(counts);
                     }
                 }
-                let signature = match (drop, hasher) {
+                let signature = match (drop, &self.hasher) {
                     (None, Some(h)) => Some(h.signature(&text)),
                     _ => None,
                 };
                 Processed {
-                    c4_lines,
+                    source: d.source,
+                    read_bytes: d.text.len() as u64,
+                    c4_lines: c4_lines as u32,
                     mojibake: repaired.is_some(),
                     changed,
                     language,
                     pii,
                     exact: xxh3_128(text.as_bytes()),
                     text,
-                    dates,
+                    dates: dates as u32,
                     drop,
                     signature,
                 }
             })
-            .collect();
+            .collect()
+    }
+}
+
+/// Bytes to show progress against (0 when any input is compressed or standard input: their
+/// length is not known), and the inputs' size.
+fn input_total(inputs: &[PathBuf]) -> (u64, u64) {
+    let compressed = inputs
+        .iter()
+        .any(|p| p.as_os_str() == "-" || p.extension().is_some_and(|e| e == "gz" || e == "zst"));
+    let total: u64 = inputs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    (if compressed { 0 } else { total }, total)
+}
+
+/// Runs the whole preparation of `inputs` into `out_dir` and returns (and writes) the report.
+/// The directory is filled as a whole when the run succeeds (see [`lmkit_core::OutputDir`]).
+pub fn prepare(
+    inputs: &[PathBuf],
+    out_dir: &Path,
+    opts: &PrepareOptions,
+    progress: &dyn Progress,
+) -> Result<Report> {
+    validate(opts)?;
+    let t0 = std::time::Instant::now();
+    let output = lmkit_core::OutputDir::create(
+        out_dir,
+        "an output of `lmkit data prepare`",
+        is_prepare_output,
+    )?;
+    let analyzer = Analyzer::new(opts);
+    let mut st = State::new(inputs, output.path(), opts);
+    let (shown, total) = input_total(inputs);
+    st.report.input_bytes = total;
+    progress.begin("preparing", shown, Unit::Bytes);
+    for path in inputs {
+        let notes = analyzer.read_file(path, progress, &mut |b| st.decide(b, opts))?;
+        st.add_notes(notes, opts.report_samples);
+    }
+    progress.finish();
+    st.finish(output, inputs, t0)
+}
+
+/// The host of a URL (`https://user@Sub.Example.com:8080/x` → `sub.example.com`).
+fn host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether the URL is on a blocked domain or one of its subdomains.
+fn blocked(url: Option<&str>, list: &[String]) -> bool {
+    let Some(url) = url.filter(|_| !list.is_empty()) else {
+        return false;
+    };
+    let h = host(url);
+    list.iter().any(|d| {
+        h == *d
+            || (h.len() > d.len()
+                && h.ends_with(d.as_str())
+                && h.as_bytes()[h.len() - d.len() - 1] == b'.')
+    })
+}
+
+/// The decisions that depend on earlier documents (deduplication) and the output: documents
+/// arrive in input order, so the result does not depend on how the per-document work was spread.
+pub(crate) struct State {
+    report: Report,
+    index: Option<minhash::LshIndex>,
+    exact_seen: dedup::ExactSet,
+    /// Source and preview of the first document with each content hash (for report samples).
+    exact_first: rustc_hash::FxHashMap<u128, (String, String)>,
+    exact_first_cap: usize,
+    /// Source and preview of each document in the near-duplicate index, by index id.
+    kept_meta: dedup::KeptMeta,
+    /// Where the deduplication indexes go when they reach `--memory` (removed at the end).
+    spill_dir: PathBuf,
+    train: shards::ShardWriter,
+    val: shards::ShardWriter,
+}
+
+impl State {
+    pub(crate) fn new(inputs: &[PathBuf], out_dir: &Path, opts: &PrepareOptions) -> State {
+        let index = opts
+            .near_dedup
+            .as_ref()
+            .map(|m| minhash::LshIndex::new(m.num_perm, m.threshold));
+        let shards = |name| {
+            shards::ShardWriter::with(
+                out_dir,
+                name,
+                opts.shard_docs,
+                opts.shard_bytes,
+                opts.compression,
+            )
+        };
+        State {
+            report: Report {
+                inputs: inputs.to_vec(),
+                options: Some(opts.clone()),
+                lsh_bands_rows: index.as_ref().map(|i| i.bands_rows()),
+                ..Default::default()
+            },
+            index,
+            exact_seen: dedup::ExactSet::default(),
+            exact_first: rustc_hash::FxHashMap::default(),
+            exact_first_cap: opts
+                .memory
+                .map_or(100_000, |m| (m / 4096).clamp(100, 100_000) as usize),
+            kept_meta: dedup::KeptMeta::default(),
+            spill_dir: out_dir.join(".dedup"),
+            train: shards("train"),
+            val: shards("val"),
+        }
+    }
+
+    /// Counts what reading a file gave besides documents (after its documents).
+    pub(crate) fn add_notes(&mut self, notes: FileNotes, samples: usize) {
+        let r = &mut self.report;
+        r.skipped_bad += notes.bad;
+        let room = samples.saturating_sub(r.skipped_samples.len());
+        r.skipped_samples
+            .extend(notes.bad_samples.into_iter().take(room));
+        for (k, n) in notes.web {
+            *r.web_skipped.entry(k).or_default() += n;
+        }
+        let room = samples.saturating_sub(r.web_skipped_samples.len());
+        r.web_skipped_samples
+            .extend(notes.web_samples.into_iter().take(room));
+    }
+
+    /// Deduplicates a batch of documents in order and writes the ones kept.
+    pub(crate) fn decide(&mut self, batch: Vec<Processed>, opts: &PrepareOptions) -> Result<()> {
         let samples = opts.report_samples;
-        for (doc, p) in batch.iter().zip(done) {
+        for p in batch {
             let r = &mut self.report;
-            r.read.add(doc.text.len());
+            r.read.docs += 1;
+            r.read.bytes += p.read_bytes;
             r.normalized_changed_docs += u64::from(p.changed);
             r.mojibake_fixed_docs += u64::from(p.mojibake);
             if p.drop.is_none() {
-                r.c4_lines_removed += p.c4_lines as u64;
+                r.c4_lines_removed += u64::from(p.c4_lines);
             }
-            r.dates_rewritten += p.dates as u64;
+            r.dates_rewritten += u64::from(p.dates);
             if let Some(code) = p.language {
                 r.languages
                     .entry(code.to_string())
@@ -519,7 +559,7 @@ impl State {
                 }
                 if r.pii_samples.len() < samples {
                     r.pii_samples.push(FilteredSample {
-                        source: doc.source.clone(),
+                        source: p.source.clone(),
                         text: preview(&p.text),
                     });
                 }
@@ -533,7 +573,7 @@ impl State {
                 let examples = r.filtered_samples.entry(key).or_default();
                 if examples.len() < samples {
                     examples.push(FilteredSample {
-                        source: doc.source.clone(),
+                        source: p.source.clone(),
                         text: preview(&p.text),
                     });
                 }
@@ -551,7 +591,7 @@ impl State {
                         let (kept, kept_text) =
                             self.exact_first.get(&p.exact).cloned().unwrap_or_default();
                         e.samples.push(DupSample {
-                            removed: doc.source.clone(),
+                            removed: p.source.clone(),
                             kept,
                             jaccard: 1.0,
                             removed_text: preview(&p.text),
@@ -560,20 +600,19 @@ impl State {
                     }
                     continue;
                 }
-                if self.exact_first.len() < 100_000 {
+                if self.exact_first.len() < self.exact_first_cap {
                     self.exact_first
-                        .insert(p.exact, (doc.source.clone(), preview(&p.text)));
+                        .insert(p.exact, (p.source.clone(), preview(&p.text)));
                 }
             }
-            if let (Some(idx), Some(sig)) = (index.as_deref_mut(), p.signature.as_ref()) {
+            if let (Some(idx), Some(sig)) = (self.index.as_mut(), p.signature.as_ref()) {
                 if let Some((id, j)) = idx.query_or_insert(sig) {
                     let n = &mut r.near_duplicates;
                     n.removed.add(p.text.len());
                     if n.samples.len() < samples {
-                        let (kept, kept_text) =
-                            self.kept_meta.get(id as usize).cloned().unwrap_or_default();
+                        let (kept, kept_text) = self.kept_meta.get(id);
                         n.samples.push(DupSample {
-                            removed: doc.source.clone(),
+                            removed: p.source.clone(),
                             kept,
                             jaccard: j,
                             removed_text: preview(&p.text),
@@ -582,16 +621,78 @@ impl State {
                     }
                     continue;
                 }
-                self.kept_meta.push((doc.source.clone(), preview(&p.text)));
+                self.kept_meta.push(p.source.clone(), preview(&p.text));
             }
             let bucket = xxh3_64_with_seed(p.text.as_bytes(), opts.split_seed) % 1_000_000;
             if (bucket as f64) < opts.val_fraction * 1_000_000.0 {
-                self.val.write(&p.text, &doc.source)?;
+                self.val.write(&p.text, &p.source)?;
             } else {
-                self.train.write(&p.text, &doc.source)?;
+                self.train.write(&p.text, &p.source)?;
+            }
+        }
+        if let Some(cap) = opts.memory {
+            let used = self.exact_seen.memory_bytes()
+                + self.kept_meta.memory_bytes()
+                + self.index.as_ref().map_or(0, |i| i.memory_bytes());
+            // The rest of the cap is left for the batch in flight and the report's samples.
+            if used as u64 > cap / 10 * 9 {
+                std::fs::create_dir_all(&self.spill_dir)
+                    .map_err(|e| DataError::io(&self.spill_dir, e))?;
+                self.exact_seen.spill_to(&self.spill_dir)?;
+                self.kept_meta.spill_to(&self.spill_dir)?;
+                if let Some(i) = self.index.as_mut() {
+                    i.spill_to(&self.spill_dir)?;
+                }
+                self.report.dedup_spills += 1;
             }
         }
         Ok(())
+    }
+
+    /// Writes the last shards and the report, and puts the output directory in place.
+    pub(crate) fn finish(
+        mut self,
+        output: lmkit_core::OutputDir,
+        inputs: &[PathBuf],
+        t0: std::time::Instant,
+    ) -> Result<Report> {
+        if self.report.read.docs == 0 {
+            let what = inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(DataError::EmptyInput { what });
+        }
+        self.train.finish()?;
+        self.val.finish()?;
+        // The on-disk indexes are mapped: unmap them before removing their files.
+        self.index = None;
+        self.exact_seen = dedup::ExactSet::default();
+        self.kept_meta = dedup::KeptMeta::default();
+        if self.spill_dir.exists() {
+            std::fs::remove_dir_all(&self.spill_dir)
+                .map_err(|e| DataError::io(&self.spill_dir, e))?;
+        }
+        let mut report = self.report;
+        let finals = |paths: Vec<PathBuf>| paths.iter().map(|p| output.final_path(p)).collect();
+        report.train = SplitReport {
+            docs: self.train.docs,
+            bytes: self.train.bytes,
+            shards: finals(self.train.paths),
+        };
+        report.validation = SplitReport {
+            docs: self.val.docs,
+            bytes: self.val.bytes,
+            shards: finals(self.val.paths),
+        };
+        report.seconds = t0.elapsed().as_secs_f64();
+        let report_path = output.path().join("report.json");
+        let json = serde_json::to_vec_pretty(&report)
+            .map_err(|e| DataError::io(&report_path, e.into()))?;
+        lmkit_core::write_atomic_bytes(&report_path, &json)?;
+        output.commit()?;
+        Ok(report)
     }
 }
 

@@ -136,14 +136,40 @@ pub fn lsh_params(num_perm: usize, threshold: f64) -> (usize, usize) {
     best
 }
 
-/// Near-duplicate index over kept documents.
+/// Bytes of a bucket map's slot (key, id list, control byte) and of an id list's allocation
+/// (the allocator's smallest chunk).
+const BUCKET_SLOT_BYTES: usize = 33;
+const ID_LIST_BYTES: usize = 32;
+
+/// Near-duplicate index over kept documents. Kept documents are numbered in the order they were
+/// kept; with [`LshIndex::spill_to`] the index can move what it holds to sorted runs on disk
+/// ([`crate::spill`]) and keep answering exactly as it would from memory.
 pub struct LshIndex {
     bands: usize,
     rows: usize,
     threshold: f64,
     buckets: Vec<FxHashMap<u64, Vec<u32>>>,
+    /// Signatures of the documents in memory (ids from `base`).
     signatures: Vec<u32>,
     num_perm: usize,
+    /// Documents whose keys and signatures are on disk (ids `0..base`).
+    base: u32,
+    disk: Option<DiskIndex>,
+}
+
+struct DiskIndex {
+    /// (band key u64, band u16, id u32) big-endian, looked up by key and band.
+    keys: crate::spill::Runs,
+    signatures: crate::spill::Blocks,
+}
+
+const KEY_RECORD: usize = 14;
+
+fn key_prefix(key: u64, band: usize) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..8].copy_from_slice(&key.to_be_bytes());
+    k[8..].copy_from_slice(&(band as u16).to_be_bytes());
+    k
 }
 
 impl LshIndex {
@@ -156,6 +182,8 @@ impl LshIndex {
             buckets: vec![FxHashMap::default(); bands],
             signatures: Vec::new(),
             num_perm,
+            base: 0,
+            disk: None,
         }
     }
 
@@ -169,29 +197,96 @@ impl LshIndex {
         xxh3_64_with_seed(&bytes, band as u64)
     }
 
+    /// Estimated bytes the part held in memory takes from the allocator: what is allocated,
+    /// twice over, because each buffer that grew by doubling left its smaller predecessors
+    /// behind (the allocator keeps them for reuse rather than returning them).
+    pub fn memory_bytes(&self) -> usize {
+        let maps: usize = self
+            .buckets
+            .iter()
+            .map(|m| m.capacity() * 8 / 7 * BUCKET_SLOT_BYTES + m.len() * ID_LIST_BYTES)
+            .sum();
+        2 * (self.signatures.capacity() * 4 + maps)
+    }
+
+    /// Moves everything in memory to sorted runs under `dir`.
+    pub fn spill_to(&mut self, dir: &std::path::Path) -> crate::Result<()> {
+        let row = self.num_perm * 4;
+        let disk = self.disk.get_or_insert_with(|| DiskIndex {
+            keys: crate::spill::Runs::new(dir, "lsh", KEY_RECORD, 10),
+            signatures: crate::spill::Blocks::new(dir, "signatures", row),
+        });
+        let mut recs: Vec<(u64, u16, u32)> = Vec::new();
+        for (band, map) in self.buckets.iter_mut().enumerate() {
+            for (key, ids) in std::mem::take(map) {
+                recs.extend(ids.into_iter().map(|id| (key, band as u16, id)));
+            }
+        }
+        recs.sort_unstable();
+        let mut bytes = Vec::with_capacity(recs.len() * KEY_RECORD);
+        for (key, band, id) in recs {
+            bytes.extend_from_slice(&key.to_be_bytes());
+            bytes.extend_from_slice(&band.to_be_bytes());
+            bytes.extend_from_slice(&id.to_be_bytes());
+        }
+        disk.keys.add(&bytes)?;
+        let sigs: Vec<u8> = self
+            .signatures
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        disk.signatures.add(&sigs)?;
+        self.base += (self.signatures.len() / self.num_perm) as u32;
+        self.signatures = Vec::new();
+        Ok(())
+    }
+
+    /// The signature of kept document `id`.
+    fn signature_of(&self, id: u32) -> std::borrow::Cow<'_, [u32]> {
+        if id >= self.base {
+            let at = (id - self.base) as usize * self.num_perm;
+            return std::borrow::Cow::Borrowed(&self.signatures[at..at + self.num_perm]);
+        }
+        let row = self
+            .disk
+            .as_ref()
+            .expect("ids below base are on disk")
+            .signatures
+            .get(id as usize);
+        std::borrow::Cow::Owned(
+            row.chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
+    }
+
     /// The first indexed document that `sig` duplicates (id, estimated Jaccard); otherwise `sig` is
     /// indexed as a new document and `None` is returned.
     pub fn query_or_insert(&mut self, sig: &[u32]) -> Option<(u32, f64)> {
         let keys: Vec<u64> = (0..self.bands).map(|b| self.band_key(sig, b)).collect();
         let mut best: Option<(u32, f64)> = None;
+        let mut consider = |id: u32, j: f64| {
+            if j >= self.threshold && best.is_none_or(|(bid, bj)| j > bj || (j == bj && id < bid)) {
+                best = Some((id, j));
+            }
+        };
         for (b, key) in keys.iter().enumerate() {
+            if let Some(disk) = &self.disk {
+                disk.keys.find(&key_prefix(*key, b), |rec| {
+                    let id = u32::from_be_bytes(rec[10..14].try_into().unwrap());
+                    consider(id, estimate_jaccard(sig, &self.signature_of(id)));
+                });
+            }
             if let Some(ids) = self.buckets[b].get(key) {
                 for &id in ids {
-                    let other = &self.signatures
-                        [id as usize * self.num_perm..(id as usize + 1) * self.num_perm];
-                    let j = estimate_jaccard(sig, other);
-                    if j >= self.threshold
-                        && best.is_none_or(|(bid, bj)| j > bj || (j == bj && id < bid))
-                    {
-                        best = Some((id, j));
-                    }
+                    consider(id, estimate_jaccard(sig, &self.signature_of(id)));
                 }
             }
         }
         if best.is_some() {
             return best;
         }
-        let id = (self.signatures.len() / self.num_perm) as u32;
+        let id = self.base + (self.signatures.len() / self.num_perm) as u32;
         self.signatures.extend_from_slice(sig);
         for (b, key) in keys.into_iter().enumerate() {
             self.buckets[b].entry(key).or_default().push(id);
@@ -230,6 +325,40 @@ mod tests {
         );
         assert!(estimate_jaccard(&m.signature(a), &m.signature(c)) < 0.1);
         assert_eq!(m.signature(a), m.signature(a));
+    }
+
+    #[test]
+    fn a_spilled_index_answers_as_the_one_in_memory() {
+        let m = MinHasher::new(MinHashOptions::default());
+        let texts: Vec<String> =
+            (0..600)
+                .map(|i| {
+                    let base = i % 150; // every text has near copies elsewhere in the list
+                    format!(
+                    "Document {base} tells of the {} river, the {} hills and the {} road west. {}",
+                    base * 7 % 31,
+                    base % 11,
+                    base * 3 % 17,
+                    if i >= 150 { format!("edit {}", i / 150) } else { String::new() }
+                )
+                })
+                .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut mem = LshIndex::new(128, 0.7);
+        let mut disk = LshIndex::new(128, 0.7);
+        let mut dups = 0;
+        for (i, t) in texts.iter().enumerate() {
+            let sig = m.signature(t);
+            let a = mem.query_or_insert(&sig);
+            let b = disk.query_or_insert(&sig);
+            assert_eq!(a, b, "document {i}");
+            dups += usize::from(a.is_some());
+            if i % 37 == 0 {
+                disk.spill_to(dir.path()).unwrap();
+                assert!(disk.buckets.iter().all(|b| b.is_empty()));
+            }
+        }
+        assert!(dups > 300, "{dups}");
     }
 
     #[test]

@@ -433,3 +433,92 @@ fn compressed_shards_rotate_by_size() {
         assert_eq!((m, &lines), (n, &plain), "{name}");
     }
 }
+
+/// A corpus of `n` lines of which about a third are near copies (one word changed) of earlier
+/// ones, and a few exact copies.
+fn corpus_with_copies(n: usize, seed: u64) -> String {
+    use lmkit_core::rng::{Random, SplitMix64};
+    let words = [
+        "river", "hill", "road", "town", "field", "forest", "lake", "bridge", "market", "school",
+        "church", "mill", "farm", "valley", "stream", "garden", "tower", "castle", "harbor",
+        "island",
+    ];
+    let mut rng = SplitMix64::new(seed);
+    let mut pick = |k: usize| (rng.next_u64() % k as u64) as usize;
+    let mut originals: Vec<Vec<String>> = Vec::new();
+    let mut out = String::new();
+    for i in 0..n {
+        let line = if !originals.is_empty() && pick(100) < 35 {
+            let mut copy = originals[pick(originals.len())].clone();
+            if pick(10) > 0 {
+                let at = pick(copy.len());
+                copy[at] = words[pick(words.len())].to_string();
+            }
+            copy.join(" ")
+        } else {
+            let len = 12 + pick(20);
+            let mut w = vec!["Record"];
+            w.extend((0..len).map(|_| words[pick(words.len())]));
+            let line = format!("{} {i}.", w.join(" "));
+            originals.push(line.split(' ').map(str::to_string).collect());
+            line
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+fn outputs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn dedup_under_a_memory_cap_equals_the_in_memory_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, corpus_with_copies(120_000, 7)).unwrap();
+    let inputs = [input];
+    let free = dir.path().join("free");
+    let opts = PrepareOptions {
+        filters: None,
+        ..Default::default()
+    };
+    let a = prepare(&inputs, &free, &opts, &NoProgress).unwrap();
+    let capped = dir.path().join("capped");
+    let b = prepare(
+        &inputs,
+        &capped,
+        &PrepareOptions {
+            memory: Some(64 << 20),
+            ..opts.clone()
+        },
+        &NoProgress,
+    )
+    .unwrap();
+    // The index outgrew the cap: it went to disk, more than once.
+    assert_eq!(a.dedup_spills, 0);
+    assert!(b.dedup_spills >= 2, "{}", b.dedup_spills);
+    assert!(a.near_duplicates.removed.docs > 20_000);
+    assert_eq!(
+        a.near_duplicates.removed.docs,
+        b.near_duplicates.removed.docs
+    );
+    assert_eq!(
+        a.exact_duplicates.removed.docs,
+        b.exact_duplicates.removed.docs
+    );
+    assert_eq!(outputs(&free), outputs(&capped));
+    // What was spilled is gone.
+    assert!(!capped.join(".dedup").exists());
+}
