@@ -16,6 +16,9 @@ pub enum DataCommand {
         lmkit data prepare --input dump.jsonl.gz --text-field content --dates --jaccard 0.7 --output out/\n  \
         lmkit data prepare --input crawl/ --languages en,ko --pii --output out/\n  \
         lmkit data prepare --input CC-MAIN-*.warc.gz --c4-filters --languages en --output web/\n\n\
+        Split over tasks (a Slurm array job, or any scheduler that gives an index):\n  \
+        sbatch --array=0-15 --wrap 'lmkit data prepare --input crawl/ --output out/ --tasks 16'\n  \
+        lmkit data prepare --input crawl/ --output out/ --tasks 16 --merge\n\n\
         Writes OUTPUT/train-00000.jsonl..., OUTPUT/val-00000.jsonl... ({\"text\", \"source\"} per line)\n\
         and OUTPUT/report.json; a summary goes to stderr."
     )]
@@ -231,6 +234,49 @@ pub struct PrepareArgs {
     /// Compress the shards: gzip (.jsonl.gz) or zstd (.jsonl.zst)
     #[arg(long, value_enum)]
     compress: Option<CompressArg>,
+    /// Split the run over N independent tasks (array jobs): each runs with --task I, then one
+    /// run with --merge writes the output, the same as a single run would
+    #[arg(long, value_name = "N")]
+    tasks: Option<usize>,
+    /// With --tasks: which task this is, 0-based (default: from Slurm's SLURM_ARRAY_TASK_ID
+    /// minus SLURM_ARRAY_TASK_MIN, or LMKIT_TASK)
+    #[arg(long, value_name = "I", requires = "tasks", conflicts_with = "merge")]
+    task: Option<usize>,
+    /// With --tasks: merge the finished tasks' parts into --output (and remove them)
+    #[arg(long, requires = "tasks")]
+    merge: bool,
+    /// With --tasks: where the tasks keep their parts (default: OUTPUT.tasks beside --output;
+    /// every task and the merge must see it)
+    #[arg(long, value_name = "DIR", requires = "tasks")]
+    tasks_dir: Option<PathBuf>,
+}
+
+/// The task index from the scheduler's environment: Slurm's array index (relative to the
+/// array's first index), or LMKIT_TASK.
+fn task_from_env() -> Result<usize> {
+    let var = |k: &str| std::env::var(k).ok();
+    let parse = |k: &str, v: String| -> Result<usize> {
+        v.trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{k}={v:?} is not a task index"))
+    };
+    if let Some(id) = var("SLURM_ARRAY_TASK_ID") {
+        let id = parse("SLURM_ARRAY_TASK_ID", id)?;
+        let min = match var("SLURM_ARRAY_TASK_MIN") {
+            Some(m) => parse("SLURM_ARRAY_TASK_MIN", m)?,
+            None => 0,
+        };
+        return id.checked_sub(min).ok_or_else(|| {
+            anyhow::anyhow!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")
+        });
+    }
+    if let Some(id) = var("LMKIT_TASK") {
+        return parse("LMKIT_TASK", id);
+    }
+    anyhow::bail!(
+        "--tasks needs --task I (0-based), --merge, or a scheduler's index: run as a Slurm array \
+         job (sbatch --array=0-N-1) or set LMKIT_TASK (e.g. LMKIT_TASK=$PBS_ARRAY_INDEX)"
+    )
 }
 
 pub fn run(cmd: DataCommand) -> Result<()> {
@@ -445,7 +491,31 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         },
         ..Default::default()
     };
-    let r = lmkit_data::prepare(&inputs, &a.output, &opts, &Bar::default())?;
+    let r = match a.tasks {
+        None => lmkit_data::prepare(&inputs, &a.output, &opts, &Bar::default())?,
+        Some(tasks) => {
+            let dir = a.tasks_dir.clone().unwrap_or_else(|| {
+                let mut name = a.output.file_name().unwrap_or_default().to_os_string();
+                name.push(".tasks");
+                a.output.with_file_name(name)
+            });
+            if !a.merge {
+                let task = match a.task {
+                    Some(t) => t,
+                    None => task_from_env()?,
+                };
+                let spec = lmkit_data::task::TaskSpec { task, tasks, dir };
+                let t = lmkit_data::task::run_task(&inputs, &spec, &opts, &Bar::default())?;
+                eprintln!(
+                    "task {} of {}: {} file(s) read, {} done before, {} docs in {:.2}s; \
+                     merge with --merge once every task is done",
+                    t.task, t.tasks, t.files_done, t.files_resumed, t.docs, t.seconds
+                );
+                return Ok(());
+            }
+            lmkit_data::task::merge(&inputs, &dir, tasks, &a.output, &opts, &Bar::default())?
+        }
+    };
     let mb = |b: u64| b as f64 / 1e6;
     eprintln!(
         "read        {:>9} docs {:>9.2} MB from {} file(s) in {:.2}s ({:.1} MB/s)",

@@ -380,3 +380,210 @@ fn prepare_reads_standard_input() {
         assert!(shard.contains("<EMAIL>") && !shard.contains("x@y.org"), "{shard}");
     }
 }
+
+/// Input files with near and exact copies across files (so deduplication spans tasks).
+fn corpus_files(dir: &std::path::Path, files: usize, lines: usize) -> Vec<String> {
+    let words = [
+        "river", "hill", "road", "town", "field", "forest", "lake", "bridge", "market", "school",
+        "church", "mill", "farm", "valley", "stream", "garden",
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |k: usize| {
+        // xorshift64*: a fixed sequence, so the corpus is the same every run.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % k
+    };
+    let mut originals: Vec<String> = Vec::new();
+    let mut paths = Vec::new();
+    for f in 0..files {
+        let mut text = String::new();
+        // Files get smaller one by one, so the tasks' shares are known (see below).
+        for i in 0..lines - f * lines / 10 {
+            let line = if !originals.is_empty() && next(100) < 30 {
+                let o = &originals[next(originals.len())];
+                if next(4) == 0 {
+                    o.clone()
+                } else {
+                    let (from, to) = (words[next(words.len())], words[next(words.len())]);
+                    o.replacen(from, to, 1)
+                }
+            } else {
+                let w: Vec<&str> = (0..12 + next(16))
+                    .map(|_| words[next(words.len())])
+                    .collect();
+                let line = format!("Entry {f}-{i}: {}.", w.join(" "));
+                originals.push(line.clone());
+                line
+            };
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let p = dir.join(format!("in-{f}.txt"));
+        std::fs::write(&p, text).unwrap();
+        paths.push(p.to_str().unwrap().to_string());
+    }
+    paths
+}
+
+fn shard_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sharded_runs_match_a_single_run_and_resume_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in");
+    std::fs::create_dir(&input).unwrap();
+    corpus_files(&input, 7, 15_000);
+    let input = input.to_str().unwrap();
+    let single = d.join("single");
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            input,
+            "--output",
+            single.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let want = shard_bytes(&single);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(single.join("report.json")).unwrap())
+            .unwrap();
+    assert!(
+        report["near_duplicates"]["removed"]["docs"]
+            .as_u64()
+            .unwrap()
+            > 1000
+    );
+    assert!(
+        report["exact_duplicates"]["removed"]["docs"]
+            .as_u64()
+            .unwrap()
+            > 1000
+    );
+
+    for tasks in [1usize, 2, 4] {
+        let out = d.join(format!("out{tasks}"));
+        let out_s = out.to_str().unwrap().to_string();
+        let n = tasks.to_string();
+        // Merging before the tasks ran is refused, naming what to do.
+        let (ok, _, err) = lmkit(
+            &[
+                "data", "prepare", "--input", input, "--output", &out_s, "--tasks", &n, "--merge",
+            ],
+            "",
+        );
+        assert!(!ok && err.contains("no tasks were run"), "{err}");
+        for t in 0..tasks {
+            let i = t.to_string();
+            let args = [
+                "data", "prepare", "--input", input, "--output", &out_s, "--tasks", &n, "--task",
+                &i,
+            ];
+            // Task 1 (task 0 with one task) is killed once its first input file is done, then run
+            // again: with files largest first it has two or more of them (4 tasks: files 1, 6).
+            if t == 1.min(tasks - 1) {
+                let tasks_dir = d.join(format!("out{tasks}.tasks"));
+                let parts = |dir: &std::path::Path| {
+                    std::fs::read_dir(dir)
+                        .map(|r| {
+                            r.filter_map(|e| e.ok())
+                                .filter(|e| e.file_name().to_string_lossy().starts_with("part-"))
+                                .count()
+                        })
+                        .unwrap_or(0)
+                };
+                let before = parts(&tasks_dir);
+                let mut child = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+                    .args(args)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let t0 = std::time::Instant::now();
+                while parts(&tasks_dir) == before && t0.elapsed().as_secs() < 60 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                child.kill().unwrap();
+                child.wait().unwrap();
+                let marker = tasks_dir.join(format!("task-{t:05}-of-{tasks:05}.done"));
+                assert!(
+                    !marker.exists(),
+                    "task {t} of {tasks} finished before the kill"
+                );
+                // A merge now names the unfinished task.
+                let (ok, _, err) = lmkit(
+                    &[
+                        "data", "prepare", "--input", input, "--output", &out_s, "--tasks", &n,
+                        "--merge",
+                    ],
+                    "",
+                );
+                assert!(
+                    !ok && err.contains(&format!("{t}")) && err.contains("not finished"),
+                    "{err}"
+                );
+                let (ok, _, err) = lmkit(&args, "");
+                assert!(ok, "{err}");
+                assert!(err.contains("1 done before"), "{err}");
+            } else {
+                let (ok, _, err) = lmkit(&args, "");
+                assert!(ok, "{err}");
+            }
+        }
+        let (ok, _, err) = lmkit(
+            &[
+                "data", "prepare", "--input", input, "--output", &out_s, "--tasks", &n, "--merge",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        assert_eq!(shard_bytes(&out), want, "{tasks} tasks");
+        assert!(!d.join(format!("out{tasks}.tasks")).exists());
+    }
+    // Tasks of another run are not mixed in: other options are refused.
+    let out = d.join("other").to_str().unwrap().to_string();
+    let (ok, _, err) = lmkit(
+        &[
+            "data", "prepare", "--input", input, "--output", &out, "--tasks", "2", "--task", "0",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            input,
+            "--output",
+            &out,
+            "--tasks",
+            "2",
+            "--task",
+            "1",
+            "--jaccard",
+            "0.5",
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("another run"), "{err}");
+}

@@ -53,7 +53,9 @@ impl Default for FilterOptions {
 }
 
 /// Why a document was dropped; the names are the keys of the report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     TooShort,

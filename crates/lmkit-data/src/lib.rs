@@ -19,6 +19,7 @@ pub mod pii;
 pub mod shards;
 pub mod spill;
 pub mod stats;
+pub mod task;
 pub mod warc;
 
 pub use error::{DataError, Result};
