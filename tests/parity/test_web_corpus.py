@@ -162,3 +162,75 @@ def test_a_truncated_warc_is_an_error_naming_the_file(tmp_path):
     assert p.returncode != 0
     assert "cut.warc" in p.stderr and "record 1" in p.stderr and "panick" not in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def texts_of(out, suffix=".jsonl"):
+    docs = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("train-") and name.endswith(suffix):
+            if suffix == ".parquet":
+                import pyarrow.parquet as pq
+                t = pq.read_table(out / name)
+                docs += list(zip(t.column("text").to_pylist(), t.column("source").to_pylist()))
+            else:
+                with open(out / name, encoding="utf-8") as f:
+                    docs += [(d["text"], d["source"]) for d in map(json.loads, f)]
+    return docs
+
+
+def test_parquet_inputs_in_every_codec_and_parquet_shards(lmkit, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [f"Document {i} tells of the {['river', 'hill', 'road', '강', '산'][i % 5]} number "
+            f"{i * 7919 % 10007} and nothing else at all." for i in range(3000)]
+    urls = [f"http://{'spam.example.com' if i % 10 == 0 else 'ok.example.org'}/{i}"
+            for i in range(3000)]
+    src = tmp_path / "in"
+    src.mkdir()
+    codecs = ["snappy", "zstd", "gzip", "lz4", "none"]
+    for k, codec in enumerate(codecs):
+        part = slice(k * 600, (k + 1) * 600)
+        table = pa.table({"id": list(range(600)), "content": rows[part], "url": urls[part]})
+        pq.write_table(table, src / f"part-{k}.parquet", compression=codec, row_group_size=128)
+    block = tmp_path / "block.txt"
+    block.write_text("spam.example.com\n")
+    common = ["--input", src, "--text-field", "content", "--val-fraction", "0", "--no-filters",
+              "--no-near-dedup", "--url-blocklist", block, "--url-field", "url"]
+    jsonl = tmp_path / "jsonl"
+    lmkit("data", "prepare", *common, "--output", jsonl)
+    got = texts_of(jsonl)
+    want = [r for i, r in enumerate(rows) if i % 10 != 0]
+    assert [t for t, _ in got] == want
+    assert got[0][1].endswith("part-0.parquet:2")  # row 1 is blocked
+    # Parquet shards hold the same documents, readable by pyarrow.
+    pq_out = tmp_path / "pq"
+    lmkit("data", "prepare", *common, "--output", pq_out, "--parquet", "--shard-docs", "1000")
+    assert texts_of(pq_out, ".parquet") == got
+    assert len([n for n in os.listdir(pq_out) if n.endswith(".parquet")]) == 3
+    stats = json.loads(lmkit("data", "stats", pq_out, "--json", "--no-languages"))
+    per_file = stats["sources"]["train"]
+    assert sorted(os.path.basename(f) for f in per_file) == [f"part-{k}.parquet" for k in range(5)]
+    assert sum(s["docs"] for s in per_file.values()) == len(got)
+
+
+def test_bad_parquet_rows_name_the_file_and_row(lmkit, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["A first document of some length here.", None,
+                                      "A third document of some length here."]}), path)
+    from conftest import ROOT
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+    p = subprocess.run([binary, "data", "prepare", "--input", path, "--output", tmp_path / "o"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "rows.parquet" in p.stderr and "row 2" in p.stderr
+    assert "null" in p.stderr
+    p = subprocess.run([binary, "data", "prepare", "--input", path, "--text-field", "body",
+                        "--output", tmp_path / "o"], capture_output=True, text=True)
+    assert p.returncode != 0 and "no column `body`" in p.stderr and "text" in p.stderr
+    lmkit("data", "prepare", "--input", path, "--output", tmp_path / "o", "--skip-bad",
+          "--val-fraction", "0", "--no-filters")
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["skipped_bad"] == 1 and report["train"]["docs"] == 2

@@ -108,15 +108,15 @@ enum ShingleArg {
 #[derive(Args)]
 pub struct PrepareArgs {
     /// Input files or directories (.txt, .jsonl, WARC/WET (.warc, .wet: each HTML page's main
-    /// text, boilerplate removed), .html/.htm pages, and their .gz and .zst; directories are
-    /// searched recursively); `-` reads standard input (JSON Lines when it starts with `{`, else
-    /// text)
+    /// text, boilerplate removed), .html/.htm pages, and their .gz and .zst; .parquet (the
+    /// --text-field column); directories are searched recursively); `-` reads standard input
+    /// (JSON Lines when it starts with `{`, else text)
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output directory
     #[arg(long)]
     output: PathBuf,
-    /// JSON field holding the text in .jsonl inputs
+    /// JSON field (.jsonl) or column (.parquet) holding the text
     #[arg(long, default_value = "text")]
     text_field: String,
     /// What a document is in .txt inputs
@@ -175,7 +175,7 @@ pub struct PrepareArgs {
     /// comments). The URL of a .jsonl document is its --url-field; of a WARC page, its target URI
     #[arg(long, value_name = "FILE")]
     url_blocklist: Option<PathBuf>,
-    /// With --url-blocklist: the JSON field holding each document's URL
+    /// With --url-blocklist: the JSON field (.jsonl) or column (.parquet) holding each document's URL
     #[arg(long, default_value = "url", requires = "url_blocklist")]
     url_field: String,
     /// Keep only documents in these languages, identified offline (ISO codes, comma-separated:
@@ -234,6 +234,10 @@ pub struct PrepareArgs {
     /// Compress the shards: gzip (.jsonl.gz) or zstd (.jsonl.zst)
     #[arg(long, value_enum)]
     compress: Option<CompressArg>,
+    /// Write the shards as Parquet (.parquet: `text` and `source` string columns, zstd pages)
+    /// instead of JSON Lines
+    #[arg(long, conflicts_with = "compress")]
+    parquet: bool,
     /// Split the run over N independent tasks (array jobs): each runs with --task I, then one
     /// run with --merge writes the output, the same as a single run would
     #[arg(long, value_name = "N")]
@@ -485,6 +489,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
             None => 0,
         },
         compression: match a.compress {
+            None if a.parquet => lmkit_data::shards::Compression::Parquet,
             None => lmkit_data::shards::Compression::None,
             Some(CompressArg::Gzip) => lmkit_data::shards::Compression::Gzip,
             Some(CompressArg::Zstd) => lmkit_data::shards::Compression::Zstd,

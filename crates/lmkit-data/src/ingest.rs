@@ -74,6 +74,8 @@ enum Format {
     Warc,
     /// One HTML page: its main text is one document.
     Html,
+    /// Parquet: a document per row ([`crate::parquet_io`]).
+    Parquet,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -100,6 +102,8 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
         Some((Format::Warc, c))
     } else if stem.ends_with(".html") || stem.ends_with(".htm") {
         Some((Format::Html, c))
+    } else if stem.ends_with(".parquet") && c == Compression::None {
+        Some((Format::Parquet, c))
     } else {
         None
     }
@@ -169,15 +173,16 @@ impl<R: BufRead> Read for ZstdFrames<R> {
 }
 
 /// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, WARC/WET if
-/// named .warc/.wet, a page if .html/.htm, else as text), or every such file (plain, .gz or .zst)
-/// below a directory except .json; `-` is standard input.
+/// named .warc/.wet, a page if .html/.htm, Parquet if .parquet, else as text), or every such file
+/// (plain, .gz or .zst; Parquet compresses inside) below a directory except .json; `-` is
+/// standard input.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     if path == Path::new("-") {
         return Ok(vec![path.to_path_buf()]);
     }
     Ok(lmkit_core::collect_inputs(
         path,
-        "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm and their .gz and .zst",
+        "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm (and their .gz and .zst) and .parquet",
         |name| {
             // In a directory only .txt and .jsonl (plain or compressed) are documents: `.json`
             // files there are metadata, such as the report.json that `lmkit data prepare` writes.
@@ -189,6 +194,7 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
             [".txt", ".jsonl", ".warc", ".wet", ".html", ".htm"]
                 .iter()
                 .any(|s| n.ends_with(s))
+                || name.to_ascii_lowercase().ends_with(".parquet")
         },
     )?)
 }
@@ -204,6 +210,17 @@ pub fn read_docs(
 ) -> Result<()> {
     let stdin = path == Path::new("-");
     let (mut format, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
+    if format == Format::Parquet {
+        return crate::parquet_io::read_docs(
+            path,
+            &opts.text_field,
+            opts.url_field.as_deref(),
+            opts.skip_bad,
+            on_bytes,
+            skipped,
+            f,
+        );
+    }
     let file: Box<dyn Read> = if stdin {
         Box::new(std::io::stdin().lock())
     } else {
@@ -245,7 +262,7 @@ pub fn read_docs(
                 crate::warc::Content::Ignored => Ok(()),
             };
         }
-        Format::Txt | Format::Jsonl => {}
+        Format::Txt | Format::Jsonl | Format::Parquet => {}
     }
     let mut buf = Vec::new();
     let mut line_no = 0u64;
@@ -315,7 +332,7 @@ pub fn read_docs(
                     Err(msg) => return Err(bad(line_no, msg)),
                 }
             }
-            Format::Txt | Format::Warc | Format::Html => match opts.txt_unit {
+            Format::Txt | Format::Warc | Format::Html | Format::Parquet => match opts.txt_unit {
                 TxtUnit::Line => {
                     if !text.trim().is_empty() {
                         f(Doc {

@@ -15,6 +15,7 @@ pub mod lang;
 pub mod minhash;
 pub mod mojibake;
 pub mod normalize;
+pub mod parquet_io;
 pub mod pii;
 pub mod shards;
 pub mod spill;
@@ -244,7 +245,7 @@ fn validate(o: &PrepareOptions) -> Result<()> {
 fn is_prepare_output(name: &str) -> bool {
     name == "report.json"
         || ((name.starts_with("train-") || name.starts_with("val-"))
-            && [".jsonl", ".jsonl.gz", ".jsonl.zst"]
+            && [".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]
                 .iter()
                 .any(|s| name.ends_with(s)))
 }
@@ -393,12 +394,14 @@ impl<'a> Analyzer<'a> {
     }
 }
 
-/// Bytes to show progress against (0 when any input is compressed or standard input: their
-/// length is not known), and the inputs' size.
+/// Bytes to show progress against (0 when any input is compressed, Parquet or standard input:
+/// the length of their text is not known), and the inputs' size.
 fn input_total(inputs: &[PathBuf]) -> (u64, u64) {
-    let compressed = inputs
-        .iter()
-        .any(|p| p.as_os_str() == "-" || p.extension().is_some_and(|e| e == "gz" || e == "zst"));
+    let compressed = inputs.iter().any(|p| {
+        p.as_os_str() == "-"
+            || p.extension()
+                .is_some_and(|e| e == "gz" || e == "zst" || e == "parquet")
+    });
     let total: u64 = inputs
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())

@@ -1,6 +1,7 @@
-//! JSONL shard writer: `{prefix}-00000.jsonl` (or `.jsonl.gz`, `.jsonl.zst`), ... with at most
-//! `shard_docs` documents and about `shard_bytes` bytes of JSONL each; every shard is written to
-//! a temporary file, fsynced and renamed into place when complete.
+//! Shard writer: `{prefix}-00000.jsonl` (or `.jsonl.gz`, `.jsonl.zst`, `.parquet`), ... with at
+//! most `shard_docs` documents and about `shard_bytes` bytes of JSONL (for Parquet: of text and
+//! source) each; every shard is written to a temporary file, fsynced and renamed into place when
+//! complete.
 
 use crate::error::{DataError, Result};
 use lmkit_core::AtomicFile;
@@ -13,7 +14,7 @@ pub struct Record<'a> {
     pub source: &'a str,
 }
 
-/// How shards are compressed.
+/// What shards are: JSON Lines, plain or compressed, or Parquet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
@@ -23,6 +24,8 @@ pub enum Compression {
     /// Zstandard, one frame per [`ZSTD_FRAME_BYTES`] of JSONL (any zstd reader reads the
     /// frames as one stream).
     Zstd,
+    /// Parquet files (`text`, `source` string columns; zstd-compressed pages).
+    Parquet,
 }
 
 impl Compression {
@@ -31,6 +34,7 @@ impl Compression {
             Compression::None => ".jsonl",
             Compression::Gzip => ".jsonl.gz",
             Compression::Zstd => ".jsonl.zst",
+            Compression::Parquet => ".parquet",
         }
     }
 }
@@ -41,6 +45,11 @@ enum Sink {
     Plain(AtomicFile),
     Gzip(flate2::write::GzEncoder<AtomicFile>),
     Zstd(AtomicFile, Vec<u8>),
+    Parquet(Box<crate::parquet_io::ShardFile>),
+}
+
+fn parquet_error(e: parquet::errors::ParquetError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 impl Sink {
@@ -53,7 +62,18 @@ impl Sink {
                 flate2::Compression::default(),
             )),
             Compression::Zstd => Sink::Zstd(f, Vec::with_capacity(ZSTD_FRAME_BYTES)),
+            Compression::Parquet => Sink::Parquet(Box::new(
+                crate::parquet_io::ShardFile::new(f)
+                    .map_err(|e| DataError::io(dir, parquet_error(e)))?,
+            )),
         })
+    }
+
+    fn write_doc(&mut self, text: &str, source: &str, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Parquet(p) => p.write(text, source).map_err(parquet_error),
+            _ => self.write_all(line),
+        }
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -67,6 +87,7 @@ impl Sink {
                 }
                 Ok(())
             }
+            Sink::Parquet(_) => unreachable!("Parquet shards take documents, not bytes"),
         }
     }
 
@@ -78,6 +99,7 @@ impl Sink {
                 flush_frame(&mut f, &mut buf)?;
                 Ok(f)
             }
+            Sink::Parquet(p) => p.finish().map_err(parquet_error),
         }
     }
 }
@@ -143,14 +165,19 @@ impl ShardWriter {
             self.current = Some((Sink::new(&self.dir, self.compression)?, 0, 0));
         }
         self.line.clear();
-        serde_json::to_writer(&mut self.line, &Record { text, source })
-            .map_err(|e| io(e.into()))?;
-        self.line.push(b'\n');
+        let size = if self.compression == Compression::Parquet {
+            (text.len() + source.len()) as u64
+        } else {
+            serde_json::to_writer(&mut self.line, &Record { text, source })
+                .map_err(|e| io(e.into()))?;
+            self.line.push(b'\n');
+            self.line.len() as u64
+        };
         let full = match self.current.as_mut() {
             Some((w, n, b)) => {
-                w.write_all(&self.line).map_err(io)?;
+                w.write_doc(text, source, &self.line).map_err(io)?;
                 *n += 1;
-                *b += self.line.len() as u64;
+                *b += size;
                 *n >= self.shard_docs || (self.shard_bytes > 0 && *b >= self.shard_bytes)
             }
             None => false,

@@ -67,27 +67,37 @@ pub fn stats(dir: &Path, languages: bool) -> Result<Stats> {
                 .file_name()
                 .map(|n| dir.join(n))
                 .unwrap_or_default();
-            let body = crate::ingest::read_text(&name)?;
-            let rows: Vec<(String, String)> = body
-                .lines()
-                .enumerate()
-                .map(|(i, l)| {
-                    let v: serde_json::Value =
-                        serde_json::from_str(l).map_err(|e| DataError::BadRecord {
-                            path: name.clone(),
-                            line: i as u64 + 1,
-                            msg: format!("not a prepared document: {e}"),
-                        })?;
-                    let text = v["text"].as_str().unwrap_or_default().to_string();
-                    let source = v["source"].as_str().unwrap_or_default();
-                    // `path:line` → path.
-                    let file = source
-                        .rsplit_once(':')
-                        .map_or(source, |(f, _)| f)
-                        .to_string();
-                    Ok((file, text))
-                })
-                .collect::<Result<_>>()?;
+            let rows: Vec<(String, String)> = if s.ends_with(".parquet") {
+                let mut rows = Vec::new();
+                crate::parquet_io::read_docs(
+                    &name,
+                    "text",
+                    Some("source"),
+                    false,
+                    &mut |_| {},
+                    &mut |_| {},
+                    &mut |d| {
+                        rows.push((source_file(d.url.as_deref().unwrap_or_default()), d.text));
+                        Ok(())
+                    },
+                )?;
+                rows
+            } else {
+                let body = crate::ingest::read_text(&name)?;
+                body.lines()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let v: serde_json::Value =
+                            serde_json::from_str(l).map_err(|e| DataError::BadRecord {
+                                path: name.clone(),
+                                line: i as u64 + 1,
+                                msg: format!("not a prepared document: {e}"),
+                            })?;
+                        let text = v["text"].as_str().unwrap_or_default().to_string();
+                        Ok((source_file(v["source"].as_str().unwrap_or_default()), text))
+                    })
+                    .collect::<Result<_>>()?
+            };
             let langs: Vec<&'static str> = if languages {
                 rows.par_iter()
                     .map(|(_, t)| crate::lang::identify(t).0)
@@ -191,4 +201,16 @@ pub fn markdown(st: &Stats) -> String {
     }
     s.push_str(&format!("| (kept) | {} |\n", st.kept));
     s
+}
+
+/// The file a document came from: its source without `:line`, `:row` or `#record`.
+fn source_file(source: &str) -> String {
+    for sep in ['#', ':'] {
+        if let Some((file, n)) = source.rsplit_once(sep) {
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                return file.to_string();
+            }
+        }
+    }
+    source.to_string()
 }
