@@ -34,16 +34,20 @@ pub enum Content {
     Skipped(&'static str, String),
 }
 
-/// Reads the next record, `Ok(None)` at the end. Errors say what is malformed; `line` is the
-/// byte offset's line count for messages.
+/// One line into `line` (cleared first); its length, 0 at the end.
+fn read_line(r: &mut dyn BufRead, line: &mut Vec<u8>) -> Result<usize, String> {
+    line.clear();
+    r.read_until(b'\n', line)
+        .map_err(|e| format!("read failed: {e}"))
+}
+
+/// Reads the next record (the `number`-th, named in errors), `Ok(None)` at the end. Errors say
+/// what is malformed.
 pub fn next_record(r: &mut dyn BufRead, number: u64) -> Result<Option<Record>, String> {
     let mut line = Vec::new();
     // Records are separated by blank lines; skip any before the version line.
     loop {
-        line.clear();
-        let n = r
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("read failed: {e}"))?;
+        let n = read_line(r, &mut line)?;
         if n == 0 {
             return Ok(None);
         }
@@ -64,10 +68,7 @@ pub fn next_record(r: &mut dyn BufRead, number: u64) -> Result<Option<Record>, S
     let mut length: Option<u64> = None;
     let mut header_bytes = line.len();
     loop {
-        line.clear();
-        let n = r
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("read failed: {e}"))?;
+        let n = read_line(r, &mut line)?;
         if n == 0 {
             return Err(format!("record {number}: the file ends inside its header"));
         }
