@@ -17,7 +17,7 @@ Then lmkit alone at a tenth of the corpus and at all of it with --memory-mb 256:
 stays flat as the corpus grows 10x (datatrove writes its signatures to disk, lmkit spills beyond
 the cap).
 
-datatrove is installed into its own venv (~/.cache/lmkit/datatrove-venv, `datatrove[processing]`)
+datatrove is installed into its own venv (~/.cache/lmkit/datatrove-venv, `datatrove[io,processing]` and spacy, its English word tokenizer)
 so that its dependencies do not move the test venv's pins. The corpus (JSONL, 8 files) is built
 once into ~/.cache/lmkit/bench/corpus-<MB>mb from the bundled data/en and data/ko: documents of
 5-20 lines with words changed, 20% of them near copies of an earlier one, 5% exact copies.
@@ -48,37 +48,44 @@ from datatrove.executor.local import LocalPipelineExecutor
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 
-mode, src, work, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-tasks = int(sys.argv[5])
 
-def run(pipeline, n=tasks, name="s"):
-    LocalPipelineExecutor(pipeline=pipeline, tasks=n, workers=workers,
-                          logging_dir=f"{work}/logs-{name}").run()
 
-if mode == "exact":
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupSignature,
-                                                      ExactFindDedups, ExactDedupFilter)
-    cfg = ExactDedupConfig(content_getter=lambda d: d.text)
-    run([JsonlReader(src), ExactDedupSignature(f"{work}/sigs", config=cfg)], name="sig")
-    run([ExactFindDedups(f"{work}/sigs", f"{work}/dups", config=cfg)], n=1, name="find")
-    run([JsonlReader(src), ExactDedupFilter(f"{work}/dups", config=cfg),
-         JsonlWriter(f"{work}/out")], name="filter")
-elif mode == "minhash":
-    from datatrove.pipeline.dedup import MinhashDedupSignature
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
-                                                  MinhashDedupCluster, MinhashDedupFilter)
-    cfg = MinhashConfig()
-    run([JsonlReader(src), MinhashDedupSignature(f"{work}/sigs", config=cfg)], name="sig")
-    run([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
-        n=cfg.num_buckets, name="buckets")
-    run([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)], n=1, name="cluster")
-    run([JsonlReader(src), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out")],
-        name="filter")
-elif mode == "filters":
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
-                                            GopherQualityFilter, GopherRepetitionFilter)
-    run([JsonlReader(src), GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(),
-         FineWebQualityFilter(), JsonlWriter(f"{work}/out")])
+def main():
+    mode, src, work, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    tasks = int(sys.argv[5])
+
+    def run(pipeline, n=tasks, name="s"):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=n, workers=workers,
+                              logging_dir=f"{work}/logs-{name}").run()
+
+    if mode == "exact":
+        from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupSignature,
+                                                          ExactFindDedups, ExactDedupFilter)
+        cfg = ExactDedupConfig(content_getter=lambda d: d.text)
+        run([JsonlReader(src), ExactDedupSignature(f"{work}/sigs", config=cfg)], name="sig")
+        run([ExactFindDedups(f"{work}/sigs", f"{work}/dups", config=cfg)], n=1, name="find")
+        run([JsonlReader(src), ExactDedupFilter(f"{work}/dups", config=cfg),
+             JsonlWriter(f"{work}/out", compression=None)], name="filter")
+    elif mode == "minhash":
+        from datatrove.pipeline.dedup import MinhashDedupSignature
+        from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
+                                                      MinhashDedupCluster, MinhashDedupFilter)
+        cfg = MinhashConfig()
+        run([JsonlReader(src), MinhashDedupSignature(f"{work}/sigs", config=cfg)], name="sig")
+        run([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
+            n=cfg.num_buckets, name="buckets")
+        run([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)], n=1, name="cluster")
+        run([JsonlReader(src), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out", compression=None)],
+            name="filter")
+    elif mode == "filters":
+        from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
+                                                GopherQualityFilter, GopherRepetitionFilter)
+        run([JsonlReader(src), GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(),
+             FineWebQualityFilter(), JsonlWriter(f"{work}/out", compression=None)])
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -86,9 +93,10 @@ def ensure_datatrove():
     py = DT_VENV / "bin/python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(DT_VENV)], check=True)
-    if subprocess.run([str(py), "-c", "import datatrove"], capture_output=True).returncode:
-        print("installing datatrove[processing] into", DT_VENV, file=sys.stderr)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "datatrove[processing]"], check=True)
+    if subprocess.run([str(py), "-c", "import datatrove, orjson, spacy"], capture_output=True).returncode:
+        print("installing datatrove[io,processing] into", DT_VENV, file=sys.stderr)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "datatrove[io,processing]", "spacy"],
+                       check=True)
     return py
 
 
