@@ -13,7 +13,7 @@ every 50 ms):
             four MinHash stages with its defaults
   filters   quality filters only: lmkit's Gopher-style filters + --c4-filters + --fineweb-filters
             vs datatrove's GopherRepetition + GopherQuality + C4Quality + FineWebQuality filters
-Then lmkit alone at a tenth of the corpus and at all of it with --memory-mb 256: its peak memory
+Then lmkit alone at a tenth of the corpus and at all of it with --memory-mb 64: its peak memory
 stays flat as the corpus grows 10x (datatrove writes its signatures to disk, lmkit spills beyond
 the cap).
 
@@ -144,20 +144,22 @@ def build_corpus(mb):
     return out
 
 
-def measure(cmd, env=None):
-    """Wall seconds and peak summed RSS (MB) of the process tree."""
+def measure(cmd, env=None, anon=None):
+    """Wall seconds and peak summed RSS (MB) of the process tree; with `anon` (a list), its peak
+    anonymous memory (RSS less file-backed pages such as memory-mapped files) goes there."""
     t0 = time.perf_counter()
     p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, env=env)
-    peak = [0]
+    peak = [0, 0]
 
     def poll():
         proc = psutil.Process(p.pid)
         while p.poll() is None:
             try:
-                rss = proc.memory_info().rss + sum(
-                    c.memory_info().rss for c in proc.children(recursive=True))
-                peak[0] = max(peak[0], rss)
+                infos = [proc.memory_info()] + [
+                    c.memory_info() for c in proc.children(recursive=True)]
+                peak[0] = max(peak[0], sum(i.rss for i in infos))
+                peak[1] = max(peak[1], sum(i.rss - i.shared for i in infos))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -168,6 +170,8 @@ def measure(cmd, env=None):
     th.join()
     if p.returncode:
         sys.exit(f"{cmd[:4]} failed: {err[-2000:]}")
+    if anon is not None:
+        anon.append(peak[1] / 1e6)
     return time.perf_counter() - t0, peak[0] / 1e6
 
 
@@ -224,10 +228,11 @@ def main():
               f"{dp:.0f} | {ds / ls:.1f}x |")
     if "scaling" in args.rows:
         print()
-        print("lmkit peak memory as the corpus grows 10x (all steps, --memory-mb 256):")
+        print("lmkit peak memory as the corpus grows 10x (all steps, --memory-mb 64; RSS counts the")
+        print("memory-mapped runs on disk, which the kernel can drop; anonymous memory does not):")
         print()
-        print("| input | seconds | peak MB |")
-        print("|---|---|---|")
+        print("| input | seconds | peak RSS MB | peak anonymous MB |")
+        print("|---|---|---|---|")
         small = tmp / "tenth"
         small.mkdir()
         for f in sorted(corpus.glob("*.jsonl")):
@@ -240,9 +245,10 @@ def main():
                     size -= len(line.encode())
         for name, src in [("a tenth", small), ("all", corpus)]:
             smb = sum(f.stat().st_size for f in src.glob("*.jsonl")) / 1e6
+            anon = []
             t, peak = measure([lm, "data", "prepare", "--input", src, "--output", tmp / f"scale-{name}",
-                               "--memory-mb", "256"], env)
-            print(f"| {name} ({smb:.0f} MB) | {t:.1f} | {peak:.0f} |")
+                               "--memory-mb", "64"], env, anon)
+            print(f"| {name} ({smb:.0f} MB) | {t:.1f} | {peak:.0f} | {anon[0]:.0f} |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -21,20 +21,94 @@ impl Default for NormalizeOptions {
     }
 }
 
+/// Hangul syllables: NFKC as they are, with no canonical combining class.
+const HANGUL: std::ops::RangeInclusive<char> = '\u{AC00}'..='\u{D7A3}';
+
+/// Dashes and curly quotes: NFKC as they are, and common in prose.
+fn stable_punctuation(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2013}' | '\u{2014}' | '\u{2018}' | '\u{2019}' | '\u{201C}' | '\u{201D}'
+    )
+}
+
+/// Whether `text` is surely in NFKC: ASCII, Hangul syllables, dashes and curly quotes are; from
+/// the first other character on, Unicode's quick check decides.
+fn is_nfkc(text: &str) -> bool {
+    match text.find(|c: char| !(c.is_ascii() || HANGUL.contains(&c) || stable_punctuation(c))) {
+        None => true,
+        Some(k) => {
+            unicode_normalization::is_nfkc_quick(text[k..].chars())
+                == unicode_normalization::IsNormalized::Yes
+        }
+    }
+}
+
+/// Characters that are never whitespace, controls or zero-width: copied through in runs.
+fn plain(c: char) -> bool {
+    ('\u{21}'..='\u{7E}').contains(&c)
+        || HANGUL.contains(&c)
+        || ('\u{4E00}'..='\u{9FFF}').contains(&c)
+        || ('\u{3041}'..='\u{30FF}').contains(&c)
+        || stable_punctuation(c)
+}
+
 /// The normalized text and the number of dates rewritten.
 pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
-    let text = text.replace("\r\n", "\n").replace('\r', "\n");
-    let text: String = if opts.nfkc {
-        text.nfkc().collect()
+    let text: std::borrow::Cow<str> = if text.contains('\r') {
+        text.replace("\r\n", "\n").replace('\r', "\n").into()
+    } else {
+        text.into()
+    };
+    // Most text is in NFKC already: the quick check spares composing it again.
+    let text: std::borrow::Cow<str> = if opts.nfkc && !is_nfkc(&text) {
+        text.nfkc().collect::<String>().into()
     } else {
         text
     };
     let mut out = String::with_capacity(text.len());
     let mut blank_run = 0;
     for line in text.split('\n') {
-        let mut clean = String::with_capacity(line.len());
+        // Keep at most one blank line between paragraphs.
+        let start = out.len();
+        if !out.is_empty() {
+            out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
+        }
+        let content = out.len();
         let mut space = false;
-        for c in line.chars() {
+        let bytes = line.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            // A run of plain characters goes in as it is: printable ASCII found byte by byte,
+            // then Hangul, kana and CJK ideographs.
+            let mut run = 0;
+            loop {
+                let ascii = bytes[i + run..]
+                    .iter()
+                    .position(|&b| !(0x21..0x7f).contains(&b))
+                    .unwrap_or(bytes.len() - i - run);
+                run += ascii;
+                let more: usize = line[i + run..]
+                    .chars()
+                    .take_while(|&c| !c.is_ascii() && plain(c))
+                    .map(char::len_utf8)
+                    .sum();
+                run += more;
+                if ascii == 0 && more == 0 || i + run == bytes.len() {
+                    break;
+                }
+            }
+            if run > 0 {
+                if space && out.len() > content {
+                    out.push(' ');
+                }
+                space = false;
+                out.push_str(&line[i..i + run]);
+                i += run;
+                continue;
+            }
+            let c = line[i..].chars().next().unwrap_or_default();
+            i += c.len_utf8();
             if matches!(
                 c,
                 '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
@@ -46,23 +120,19 @@ pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
             } else if c.is_control() {
                 continue;
             } else {
-                if space && !clean.is_empty() {
-                    clean.push(' ');
+                if space && out.len() > content {
+                    out.push(' ');
                 }
                 space = false;
-                clean.push(c);
+                out.push(c);
             }
         }
-        if clean.is_empty() {
+        if out.len() == content {
+            out.truncate(start);
             blank_run += 1;
-            continue;
+        } else {
+            blank_run = 0;
         }
-        if !out.is_empty() {
-            // Keep at most one blank line between paragraphs.
-            out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
-        }
-        blank_run = 0;
-        out.push_str(&clean);
     }
     if opts.dates {
         crate::dates::normalize_dates(&out)
@@ -86,5 +156,111 @@ mod tests {
         assert_eq!(normalize("x\ny", &o).0, "x\ny");
         // Korean compatibility jamo and precomposed syllables survive NFKC as syllables.
         assert_eq!(normalize("한국어", &o).0, "한국어");
+        // Runs of plain ASCII between spaces, controls and other scripts.
+        assert_eq!(
+            normalize("\u{1F}a  bc\u{7F}d\u{A0}é\u{200B}f\u{3000} 가\t", &o).0,
+            "a bcd éf 가"
+        );
+        assert_eq!(normalize("e\u{301}", &o).0, "é");
+        let raw = NormalizeOptions {
+            nfkc: false,
+            ..Default::default()
+        };
+        assert_eq!(normalize("ｆｕｌｌ e\u{301}", &raw).0, "ｆｕｌｌ e\u{301}");
+    }
+
+    /// The definition, one character at a time: what the run-by-run loop must equal.
+    fn by_chars(text: &str) -> String {
+        let text: String = text
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .nfkc()
+            .collect();
+        let mut lines = Vec::new();
+        let mut blank_run = 0;
+        for line in text.split('\n') {
+            let mut clean = String::new();
+            let mut space = false;
+            for c in line.chars() {
+                if matches!(
+                    c,
+                    '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
+                ) {
+                    continue;
+                }
+                if c.is_whitespace() {
+                    space = true;
+                } else if !c.is_control() {
+                    if space && !clean.is_empty() {
+                        clean.push(' ');
+                    }
+                    space = false;
+                    clean.push(c);
+                }
+            }
+            if clean.is_empty() {
+                blank_run += 1;
+                continue;
+            }
+            if !lines.is_empty() {
+                lines.push(if blank_run > 0 { "\n\n" } else { "\n" }.to_string());
+            }
+            blank_run = 0;
+            lines.push(clean);
+        }
+        lines.concat()
+    }
+
+    #[test]
+    fn runs_equal_the_character_definition() {
+        let pieces = [
+            "a",
+            "Bc",
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\r",
+            "\u{7}",
+            "\u{7F}",
+            "\u{A0}",
+            "é",
+            "e\u{301}",
+            "\u{200B}",
+            "\u{AD}",
+            "가",
+            "ｆ",
+            "①",
+            "\u{3000}",
+            "\u{85}",
+            ".",
+            "\n\n\n",
+            "한국어",
+            "“q”",
+            "\u{2026}",
+            "—",
+            "\u{11A8}",
+            "\u{1100}",
+            "\u{1161}",
+            "漢字",
+            "かな",
+            "・",
+            "\u{FF61}",
+            "\u{2000}",
+        ];
+        let mut rng = lmkit_core::rng::SplitMix64::new(3);
+        use lmkit_core::rng::Random;
+        for _ in 0..3000 {
+            let n = (rng.next_u64() % 12) as usize;
+            let text: String = (0..n)
+                .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
+                .collect();
+            assert_eq!(
+                normalize(&text, &NormalizeOptions::default()).0,
+                by_chars(&text),
+                "{text:?}"
+            );
+        }
     }
 }
