@@ -30,17 +30,22 @@ impl ExactSet {
         self.mem.insert(h)
     }
 
-    /// Estimated bytes taken from the allocator (twice what is allocated, as for
-    /// [`crate::minhash::LshIndex::memory_bytes`]).
+    /// Estimated bytes taken from the allocator (counted as in
+    /// [`crate::minhash::LshIndex::memory_bytes`]: allocated until the first spill, used after).
     pub fn memory_bytes(&self) -> usize {
-        2 * self.mem.capacity() * 8 / 7 * SLOT_BYTES
+        let slots = if self.disk.is_none() {
+            self.mem.capacity()
+        } else {
+            self.mem.len()
+        };
+        2 * slots * 8 / 7 * SLOT_BYTES
     }
 
     pub fn spill_to(&mut self, dir: &Path) -> Result<()> {
         let disk = self
             .disk
             .get_or_insert_with(|| Runs::new(dir, "exact", 16, 16));
-        let mut hashes: Vec<u128> = std::mem::take(&mut self.mem).into_iter().collect();
+        let mut hashes: Vec<u128> = self.mem.drain().collect();
         hashes.sort_unstable();
         let bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_be_bytes()).collect();
         disk.add(&bytes)

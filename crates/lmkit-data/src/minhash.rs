@@ -197,16 +197,31 @@ impl LshIndex {
         xxh3_64_with_seed(&bytes, band as u64)
     }
 
-    /// Estimated bytes the part held in memory takes from the allocator: what is allocated,
-    /// twice over, because each buffer that grew by doubling left its smaller predecessors
-    /// behind (the allocator keeps them for reuse rather than returning them).
+    /// Estimated bytes the part held in memory takes from the allocator. Until the first spill:
+    /// what is allocated, twice over, because each buffer that grew by doubling left its smaller
+    /// predecessors behind (the allocator keeps them for reuse rather than returning them). A
+    /// spill keeps the buffers; from then on what is used is counted (twice, as before), so the
+    /// buffers fill to what the first round allocated and do not grow again.
     pub fn memory_bytes(&self) -> usize {
+        let slot = BUCKET_SLOT_BYTES * 8 / 7;
         let maps: usize = self
             .buckets
             .iter()
-            .map(|m| m.capacity() * 8 / 7 * BUCKET_SLOT_BYTES + m.len() * ID_LIST_BYTES)
+            .map(|m| {
+                let slots = if self.disk.is_none() {
+                    m.capacity()
+                } else {
+                    m.len()
+                };
+                slots * slot + m.len() * ID_LIST_BYTES
+            })
             .sum();
-        2 * (self.signatures.capacity() * 4 + maps)
+        let sigs = if self.disk.is_none() {
+            self.signatures.capacity()
+        } else {
+            self.signatures.len()
+        };
+        2 * (sigs * 4 + maps)
     }
 
     /// Moves everything in memory to sorted runs under `dir`.
@@ -218,7 +233,7 @@ impl LshIndex {
         });
         let mut recs: Vec<(u64, u16, u32)> = Vec::new();
         for (band, map) in self.buckets.iter_mut().enumerate() {
-            for (key, ids) in std::mem::take(map) {
+            for (key, ids) in map.drain() {
                 recs.extend(ids.into_iter().map(|id| (key, band as u16, id)));
             }
         }
@@ -237,7 +252,7 @@ impl LshIndex {
             .collect();
         disk.signatures.add(&sigs)?;
         self.base += (self.signatures.len() / self.num_perm) as u32;
-        self.signatures = Vec::new();
+        self.signatures.clear();
         Ok(())
     }
 
