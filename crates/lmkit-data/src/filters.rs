@@ -83,6 +83,16 @@ pub enum DropReason {
     Language,
 }
 
+impl DropReason {
+    /// Its name in the report (`too_short`, `blocked_url`, ...).
+    pub fn key(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
 /// Gopher applies its repeated n-gram criteria to documents of 50 words or more (shorter ones fail
 /// its length filter first); in a short sentence one repeated bigram is normal language.
 pub const TOP_BIGRAM_MIN_WORDS: usize = 50;

@@ -109,6 +109,13 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
     }
 }
 
+/// Whether the size of `path` is the size of its text (not compressed, not Parquet, not standard
+/// input), so progress can be shown against it.
+pub(crate) fn size_is_text(path: &Path) -> bool {
+    path != Path::new("-")
+        && format_of(path).is_none_or(|(f, c)| c == Compression::None && f != Format::Parquet)
+}
+
 /// The whole decoded text of a plain, `.gz` or `.zst` file.
 pub fn read_text(path: &Path) -> Result<String> {
     let (_, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
@@ -184,17 +191,14 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
         path,
         "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm (and their .gz and .zst) and .parquet",
         |name| {
-            // In a directory only .txt and .jsonl (plain or compressed) are documents: `.json`
-            // files there are metadata, such as the report.json that `lmkit data prepare` writes.
+            // In a directory `.json` files are metadata, such as the report.json that `lmkit data
+            // prepare` writes, not documents.
             let n = name.to_ascii_lowercase();
-            let n = n
+            let stem = n
                 .strip_suffix(".gz")
                 .or_else(|| n.strip_suffix(".zst"))
                 .unwrap_or(&n);
-            [".txt", ".jsonl", ".warc", ".wet", ".html", ".htm"]
-                .iter()
-                .any(|s| n.ends_with(s))
-                || name.to_ascii_lowercase().ends_with(".parquet")
+            format_of(Path::new(name)).is_some() && !stem.ends_with(".json")
         },
     )?)
 }
@@ -245,22 +249,13 @@ pub fn read_docs(
                 .read_to_end(&mut bytes)
                 .map_err(|e| DataError::io(path, e))?;
             on_bytes(bytes.len() as u64);
-            return match crate::warc::html_doc(&bytes, None) {
-                crate::warc::Content::Text(text) => f(Doc {
-                    text,
-                    source: display,
-                    url: None,
-                }),
-                crate::warc::Content::Skipped(kind, reason) => {
-                    skipped(Skipped {
-                        source: display,
-                        reason,
-                        kind,
-                    });
-                    Ok(())
-                }
-                crate::warc::Content::Ignored => Ok(()),
-            };
+            return deliver(
+                crate::warc::html_doc(&bytes, None),
+                display,
+                None,
+                skipped,
+                f,
+            );
         }
         Format::Txt | Format::Jsonl | Format::Parquet => {}
     }
@@ -332,7 +327,8 @@ pub fn read_docs(
                     Err(msg) => return Err(bad(line_no, msg)),
                 }
             }
-            Format::Txt | Format::Warc | Format::Html | Format::Parquet => match opts.txt_unit {
+            // Text (the other formats were read above).
+            _ => match opts.txt_unit {
                 TxtUnit::Line => {
                     if !text.trim().is_empty() {
                         f(Doc {
@@ -382,7 +378,7 @@ fn read_warc(
     skipped: &mut dyn FnMut(Skipped),
     f: &mut dyn FnMut(Doc) -> Result<()>,
 ) -> Result<()> {
-    use crate::warc::{content, next_record, Content};
+    use crate::warc::{content, next_record};
     let display = path.display();
     let mut number = 0u64;
     loop {
@@ -396,19 +392,29 @@ fn read_warc(
         number += 1;
         on_bytes(rec.bytes);
         let source = format!("{display}#{number}");
-        match content(&rec) {
-            Content::Text(text) => f(Doc {
-                text,
-                source,
-                url: rec.uri,
-            })?,
-            Content::Skipped(kind, reason) => skipped(Skipped {
+        deliver(content(&rec), source, rec.uri, skipped, f)?;
+    }
+}
+
+/// Passes what a web page gave on: a document to `f`, a page without one to `skipped`.
+fn deliver(
+    content: crate::warc::Content,
+    source: String,
+    url: Option<String>,
+    skipped: &mut dyn FnMut(Skipped),
+    f: &mut dyn FnMut(Doc) -> Result<()>,
+) -> Result<()> {
+    match content {
+        crate::warc::Content::Text(text) => f(Doc { text, source, url }),
+        crate::warc::Content::Skipped(kind, reason) => {
+            skipped(Skipped {
                 source,
                 reason,
                 kind,
-            }),
-            Content::Ignored => {}
+            });
+            Ok(())
         }
+        crate::warc::Content::Ignored => Ok(()),
     }
 }
 

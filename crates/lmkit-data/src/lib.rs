@@ -245,9 +245,9 @@ fn validate(o: &PrepareOptions) -> Result<()> {
 fn is_prepare_output(name: &str) -> bool {
     name == "report.json"
         || ((name.starts_with("train-") || name.starts_with("val-"))
-            && [".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet"]
+            && shards::Compression::ALL
                 .iter()
-                .any(|s| name.ends_with(s)))
+                .any(|c| name.ends_with(c.suffix())))
 }
 
 /// What reading one input file gave besides its documents: bad records (under `skip_bad`) and
@@ -398,11 +398,7 @@ impl<'a> Analyzer<'a> {
 /// Bytes to show progress against (0 when any input is compressed, Parquet or standard input:
 /// the length of their text is not known), and the inputs' size.
 fn input_total(inputs: &[PathBuf]) -> (u64, u64) {
-    let compressed = inputs.iter().any(|p| {
-        p.as_os_str() == "-"
-            || p.extension()
-                .is_some_and(|e| e == "gz" || e == "zst" || e == "parquet")
-    });
+    let compressed = !inputs.iter().all(|p| ingest::size_is_text(p));
     let total: u64 = inputs
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -540,8 +536,7 @@ impl State {
         let samples = opts.report_samples;
         for p in batch {
             let r = &mut self.report;
-            r.read.docs += 1;
-            r.read.bytes += p.read_bytes;
+            r.read.add(p.read_bytes as usize);
             r.normalized_changed_docs += u64::from(p.changed);
             r.mojibake_fixed_docs += u64::from(p.mojibake);
             if p.drop.is_none() {
@@ -570,10 +565,7 @@ impl State {
                 }
             }
             if let Some(reason) = p.drop {
-                let key = serde_json::to_value(reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default();
+                let key = reason.key();
                 r.filtered.entry(key.clone()).or_default().add(p.text.len());
                 let examples = r.filtered_samples.entry(key).or_default();
                 if examples.len() < samples {

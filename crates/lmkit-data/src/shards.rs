@@ -29,6 +29,13 @@ pub enum Compression {
 }
 
 impl Compression {
+    pub const ALL: [Compression; 4] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Zstd,
+        Compression::Parquet,
+    ];
+
     pub fn suffix(self) -> &'static str {
         match self {
             Compression::None => ".jsonl",

@@ -12,7 +12,9 @@
 //! to `prepare` over the same inputs, whatever the number of tasks.
 
 use crate::error::{DataError, Result};
-use crate::{Analyzer, FileNotes, PrepareOptions, Processed, Progress, Report, State, Unit};
+use crate::{
+    Analyzer, DropReason, FileNotes, PrepareOptions, Processed, Progress, Report, State, Unit,
+};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -322,11 +324,7 @@ fn encode(w: &mut dyn Write, p: &Processed) -> std::io::Result<()> {
         }
         None => w.write_all(&[0])?,
     }
-    let drop = p
-        .drop
-        .and_then(|d| serde_json::to_value(d).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let drop = p.drop.map(DropReason::key).unwrap_or_default();
     put(w, drop.as_bytes())?;
     w.write_all(&p.exact.to_le_bytes())?;
     let sig = p.signature.as_deref().unwrap_or(&[]);
