@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks on a CUDA machine, for an lmkit built with `--features cuda`:
-#   LMKIT_BIN=path/to/lmkit bash bench/gpu_check.sh [OUT_DIR]
+# GPU checks and benchmarks on a CUDA machine, for an lmkit built with `--features cuda`
+# (scripts/build-cuda.sh builds one, also on a machine without a GPU):
+#   LMKIT_BIN=path/to/lmkit [LMKIT_GPU_TESTS=DIR] bash bench/gpu_check.sh [OUT_DIR]
+# 0. with LMKIT_GPU_TESTS, a directory of test executables built with the cuda feature
+#    (`cargo test --release --features cuda -p lmkit-train -p lmkit-kernels --no-run`): their GPU
+#    tests (the GPU training pass and AdamW against the CPU), which must find a GPU;
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
-# 2. the same tiny training run on CPU and on the GPU: loss curves side by side;
-# 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU.
+# 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
+# 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
+#    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 set -uo pipefail
 failed=()
@@ -13,6 +18,16 @@ out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+if [ -n "${LMKIT_GPU_TESTS:-}" ]; then
+  echo "== GPU unit tests"
+  for t in "$LMKIT_GPU_TESTS"/*; do
+    [ -x "$t" ] || continue
+    log="$out/test-$(basename "$t").log"
+    LMKIT_REQUIRE_CUDA=1 "$t" gpu --test-threads 1 > "$log" 2>&1 || failed+=("tests $(basename "$t")")
+    tail -8 "$log"
+  done
+fi
 
 echo "== parity with transformers, lmkit on cuda"
 LMKIT_BIN="$bin" LMKIT_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
@@ -26,7 +41,7 @@ tmp="$(mktemp -d)"
 for dev in cpu cuda; do
   "$bin" train --config "$here/configs/gpt-small.toml" --set "data.train=\"$tmp/shards\"" \
     --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/$dev\"" --set train.max_steps=40 \
-    --set train.eval_every=20 --set train.save_every=40 --set "train.device=\"$dev\"" \
+    --set train.eval_every=20 --set train.save_every=40 --set "train.device=\"$dev\"" --set train.tf32=false \
     2>"$out/train-$dev.log" || failed+=("training on $dev")
   cp "$tmp/$dev/metrics.jsonl" "$out/metrics-$dev.jsonl" 2>/dev/null || true
 done
@@ -48,7 +63,8 @@ PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
 
 echo "== speed vs PyTorch on the GPU"
-LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 || failed+=("bench small")
+LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 --baseline "$bin" \
+  --baseline-set 'train.backward="autograd"' || failed+=("bench small")
 LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --layers 12 --heads 12 --dim 768 \
   --ctx 1024 --batch 8 || failed+=("bench large")
 if [ ${#failed[@]} -gt 0 ]; then

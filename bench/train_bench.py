@@ -48,6 +48,17 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both lmkit and PyTorch)")
     ap.add_argument("--baseline", help="another lmkit binary to train with in the same rounds")
+    ap.add_argument("--torch-modes", default=None,
+                    help="comma-separated PyTorch sides: eager (f32), bf16 (eager, bf16 autocast + SDPA "
+                         "attention), compile (torch.compile of the bf16 side); default eager on the CPU, "
+                         "eager,bf16,compile on CUDA")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    ap.add_argument("--baseline-set", action="append", default=[],
+                    help="extra `--set KEY=VALUE` for the baseline's runs, e.g. 'train.backward=\"autograd\"' "
+                         "(with --baseline naming the same binary: the autograd path beside the hand-written one)")
+    ap.add_argument("--lmkit-set", action="append", default=[],
+                    help="extra `--set KEY=VALUE` for lmkit's training run (repeatable)")
     a = ap.parse_args()
     dev = torch.device(a.device)
 
@@ -101,44 +112,67 @@ save_every = 0
 log_every = 1
 device = "{a.device}"
 """)
-    def lmkit_train(binary=lm, out="out"):
+    def lmkit_train(binary=lm, out="out", extra=()):
         shutil.rmtree(tmp / out, ignore_errors=True)
-        run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"'])
+        sets = [x for kv in [*a.lmkit_set, *extra] for x in ("--set", kv)]
+        run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"', *sets])
         recs = [json.loads(l) for l in (tmp / out / "metrics.jsonl").read_text().splitlines()]
         step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
         return len(step_tps) / sum(1 / t for t in step_tps)
 
-    # PyTorch eager: the same model in transformers, AdamW, cross-entropy, clipping.
+    # PyTorch: the same model in transformers, AdamW, cross-entropy, clipping; one fresh model per side.
     from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
-                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    modes = (a.torch_modes or ("eager,bf16,compile" if dev.type == "cuda" else "eager")).split(",")
     data = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), device=dev)
 
-    def step():
-        out = model(data[:, :-1], labels=data[:, :-1])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def torch_side(mode):
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
+                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                         attn_implementation="sdpa" if mode != "eager" else "eager")
+        model = GPT2LMHeadModel(cfg).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=dev.type == "cuda" and mode != "eager")
+        fwd = torch.compile(model) if mode == "compile" else model
+        amp = mode in ("bf16", "compile")
 
-    def torch_train():
-        step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                out = fwd(data[:, :-1], labels=data[:, :-1])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def train():
             step()
-        sync()
-        return a.steps * tokens_per_step / (time.perf_counter() - t0)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            sync()
+            return a.steps * tokens_per_step / (time.perf_counter() - t0)
+        if mode == "compile":
+            t0 = time.perf_counter()
+            step()
+            step()
+            sync()
+            print(f"torch.compile: first steps took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return model, train
 
-    # The two sides alternate, so that a machine whose speed drifts (shared cores) affects both.
-    lm_runs, pt_runs, base_runs = [], [], []
+    sides = {m: torch_side(m) for m in modes}
+    model = sides[modes[0]][0]
+
+    # The sides alternate, so that a machine whose speed drifts (shared cores) affects all.
+    lm_runs, base_runs = [], []
+    pt = {m: [] for m in modes}
     for _ in range(a.rounds):
         lm_runs.append(lmkit_train())
-        pt_runs.append(torch_train())
+        for m in modes:
+            pt[m].append(sides[m][1]())
         if a.baseline:
-            base_runs.append(lmkit_train(a.baseline, "baseline"))
+            base_runs.append(lmkit_train(a.baseline, "baseline", a.baseline_set))
+    pt_runs = pt[modes[0]]
     lm_tps, pt_tps = statistics.median(lm_runs), statistics.median(pt_runs)
     ratios = sorted(l / p for l, p in zip(lm_runs, pt_runs))
 
@@ -164,14 +198,24 @@ device = "{a.device}"
     print(f"config: {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; device {a.device}; {os.cpu_count()} cores, torch threads {threads}")
     print()
-    print("| measure | lmkit | PyTorch eager | lmkit/PyTorch |")
+    label = {"eager": "PyTorch eager f32", "bf16": "PyTorch eager bf16 autocast + SDPA", "compile": "torch.compile bf16"}
+    print(f"| measure | lmkit | {label[modes[0]]} | lmkit/PyTorch |")
     print("|---|---|---|---|")
     print(f"| training tokens/s (median of {a.rounds} alternating rounds) | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
     print(f"| training tokens/s, each round | {' / '.join(f'{v:,.0f}' for v in lm_runs)} | "
           f"{' / '.join(f'{v:,.0f}' for v in pt_runs)} | {' / '.join(f'{r:.2f}x' for r in ratios)} (sorted) |")
+    for m in modes[1:]:
+        med = statistics.median(pt[m])
+        rs = sorted(l / p for l, p in zip(lm_runs, pt[m]))
+        print(f"| training tokens/s vs {label[m]} (median; each round) | {lm_tps:,.0f} | {med:,.0f} "
+              f"({' / '.join(f'{v:,.0f}' for v in pt[m])}) | {lm_tps / med:.2f}x ({' / '.join(f'{r:.2f}x' for r in rs)}) |")
+    if dev.type == "cuda":
+        mfu = lambda tps: f"{100 * tps * flops_per_token / (a.peak_tflops * 1e12):.1f}%"
+        print(f"| MFU (of {a.peak_tflops:.0f} TFLOP/s bf16 dense) | {mfu(lm_tps)} | "
+              + ", ".join(f"{m}: {mfu(statistics.median(pt[m]))}" for m in modes) + " | |")
     if base_runs:
         base_tps = statistics.median(base_runs)
-        print(f"| training tokens/s, baseline lmkit `{a.baseline}` (median; each round) | {base_tps:,.0f} "
+        print(f"| training tokens/s, baseline lmkit `{a.baseline}` {' '.join(a.baseline_set)} (median; each round) | {base_tps:,.0f} "
               f"({' / '.join(f'{v:,.0f}' for v in base_runs)}) | | lmkit/baseline {lm_tps / base_tps:.2f}x |")
     print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
     print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")

@@ -72,6 +72,25 @@ impl InplaceOp2 for Moment {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::cuda_backend::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::cuda_backend::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::cuda::Gpu;
+        let gpu = Gpu::of_storage(s2);
+        let (Some(m), Some(g)) = (Gpu::view_cuda(s1, l1), Gpu::view_cuda(s2, l2)) else {
+            candle_core::bail!("adamw: contiguous f32 tensors only");
+        };
+        if m.len() != g.len() {
+            candle_core::bail!("adamw: moment of {} for a gradient of {}", m.len(), g.len());
+        }
+        gpu.adam_moment(m, g, m.len(), (self.beta, self.scale), self.square)
+    }
 }
 
 /// In place: θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
@@ -108,6 +127,33 @@ impl InplaceOp3 for Apply {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::cuda_backend::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::cuda_backend::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::cuda_backend::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::cuda::Gpu;
+        let gpu = Gpu::of_storage(s2);
+        let views = (
+            Gpu::view_cuda(s1, l1),
+            Gpu::view_cuda(s2, l2),
+            Gpu::view_cuda(s3, l3),
+        );
+        let (Some(th), Some(m), Some(v)) = views else {
+            candle_core::bail!("adamw: contiguous f32 tensors only");
+        };
+        if m.len() != th.len() || v.len() != th.len() {
+            candle_core::bail!("adamw: moments of other sizes than the parameter");
+        }
+        let k = [self.keep, self.lr, self.ibc1, self.ibc2, self.eps];
+        gpu.adam_apply(th, m, v, th.len(), k)
+    }
 }
 
 /// The AdamW update of one f32 CPU parameter as three in-place parallel passes (moments, then
@@ -122,7 +168,7 @@ pub fn fused_update(
 ) -> candle_core::Result<bool> {
     let n = theta.elem_count();
     let fits = [theta, g, m, v].iter().all(|t| {
-        t.device().is_cpu()
+        (t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().same_device(theta.device())))
             && t.dtype() == candle_core::DType::F32
             && t.is_contiguous()
             && t.elem_count() == n
@@ -156,6 +202,10 @@ pub fn fused_update(
 
 /// The global L2 norm of `grads` (summed in a fixed order: the same value every run).
 pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(n) = cuda_grad_norm(grads)? {
+        return Ok(n);
+    }
     let mut total = 0.0f64;
     for g in grads {
         let fast = (g.device().is_cpu() && g.dtype() == candle_core::DType::F32).then(|| {
@@ -180,4 +230,79 @@ pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
         };
     }
     Ok(total.sqrt())
+}
+
+/// The global norm of gradients that all live on one GPU as contiguous f32 tensors, with one copy
+/// back to the host; `None` otherwise.
+#[cfg(feature = "cuda")]
+fn cuda_grad_norm(grads: &[Tensor]) -> candle_core::Result<Option<f64>> {
+    use crate::cuda::Gpu;
+    let Some(first) = grads.first() else {
+        return Ok(None);
+    };
+    let Some(gpu) = Gpu::of(first.device()) else {
+        return Ok(None);
+    };
+    let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(grads.len());
+    for (g, (st, l)) in grads.iter().zip(&guards) {
+        let storage: &Storage = st;
+        match (
+            g.device().same_device(first.device()),
+            Gpu::view(storage, l),
+        ) {
+            (true, Some(v)) => views.push(v),
+            _ => return Ok(None),
+        }
+    }
+    let total = gpu.sum_of_squares(&views)?;
+    drop(guards);
+    Ok(Some(total.sqrt()))
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+    use crate::testing::{max_diff, randn};
+    use candle_core::{Device, Var};
+
+    /// The in-place update and the gradient norm on a GPU equal the CPU's.
+    #[test]
+    fn gpu_update_and_norm_equal_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+            return;
+        };
+        let cpu = Device::Cpu;
+        let shape = (37, 129);
+        let [th, g, m, v] = [0, 1, 2, 3].map(|_| randn(0.0f32, 1.0, shape, &cpu).unwrap());
+        let v = v.abs().unwrap();
+        let k = Coeffs {
+            beta1: 0.9,
+            beta2: 0.95,
+            bc1: 0.1,
+            bc2: 0.05,
+            eps: 1e-8,
+            lr: 1e-2,
+            keep: 0.999,
+            grad_scale: 0.7,
+        };
+        let on = |d: &Device| {
+            let t = [&th, &g, &m, &v].map(|x| Var::from_tensor(&x.to_device(d).unwrap()).unwrap());
+            assert!(fused_update(&t[0], &t[1], &t[2], &t[3], &k).unwrap());
+            t.map(|x| x.as_tensor().to_device(&cpu).unwrap())
+        };
+        let (a, b) = (on(&cpu), on(&gpu));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(max_diff(x, y) < 1e-5, "{}", max_diff(x, y));
+        }
+        assert!(max_diff(&a[0], &th) > 1e-4, "the update changed nothing");
+        let grads = [&th, &g, &m].map(|x| x.to_device(&gpu).unwrap());
+        let cpu_norm = grad_norm(&[th.clone(), g.clone(), m.clone()]).unwrap();
+        let gpu_norm = grad_norm(&grads).unwrap();
+        assert!(
+            (cpu_norm - gpu_norm).abs() < 1e-9 * cpu_norm,
+            "{cpu_norm} vs {gpu_norm}"
+        );
+    }
 }

@@ -11,6 +11,8 @@
 //! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
+//! - `cuda` (feature `cuda`): device buffers, cuBLAS products and the CUDA kernels of the
+//!   hand-written training passes.
 //! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
 //!
@@ -22,6 +24,8 @@ pub mod adamw;
 pub mod attend;
 pub mod blas;
 pub mod buffers;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fused;
 pub mod padded_attention;
 pub mod quant;

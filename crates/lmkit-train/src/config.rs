@@ -65,6 +65,9 @@ pub struct TrainConfig {
     /// How gradients are computed: "auto" (a hand-written pass where the model has one on
     /// this device, the autograd graph elsewhere) or "autograd" (always the graph).
     pub backward: crate::passes::Backward,
+    /// On a CUDA device, f32 matrix products on the tensor cores in TF32 (10-bit mantissa inputs,
+    /// f32 accumulation), as PyTorch's `allow_tf32`; false for full f32 products.
+    pub tf32: bool,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +95,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             device: "cpu".into(),
             backward: crate::passes::Backward::Auto,
+            tf32: true,
         }
     }
 }

@@ -154,6 +154,10 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     };
 
     let dev = lmkit_models::parse_device(&t.device)?;
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(t.tf32);
+    }
     if dev.is_cpu() {
         progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
     }

@@ -82,7 +82,8 @@ impl TrainPass for Gpt2Pass<'_> {
             _ => return Ok(None), // erf GELU, SiLU: no fused kernel
         };
         let params = model.params();
-        if !params.wte.device().is_cpu() || !blas::available() {
+        let on_cpu = params.wte.device().is_cpu();
+        if (on_cpu && !blas::available()) || (!on_cpu && !cfg!(feature = "cuda")) {
             return Ok(None);
         }
         let (b, t) = ids.dims2()?;
@@ -95,19 +96,47 @@ impl TrainPass for Gpt2Pass<'_> {
         }
         let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
-        let blas = blas::require("GPT-2 training pass")?;
         let batch = Batch {
             ids: &ids,
             targets: &targets,
             b,
             t,
         };
+        check_batch(model, &batch)?;
+        if !on_cpu {
+            #[cfg(feature = "cuda")]
+            if params.wte.dtype() == candle_core::DType::F32 {
+                let gelu = matches!(act, Act::GeluTanh);
+                return super::gpt2_cuda::pass(model, &params, gelu, &ids, &targets, (b, t), scale);
+            }
+            return Ok(None);
+        }
+        let blas = blas::require("GPT-2 training pass")?;
         match params.wte.dtype() {
             candle_core::DType::F32 => pass::<f32>(model, &params, blas, act, &batch, scale),
             candle_core::DType::F64 => pass::<f64>(model, &params, blas, act, &batch, scale),
             _ => Ok(None),
         }
     }
+}
+
+/// Sequences longer than the model's positions and ids outside its vocabulary are errors.
+fn check_batch(model: &Gpt2, batch: &Batch) -> candle_core::Result<()> {
+    let cfg = &model.cfg;
+    let v = cfg.vocab_size;
+    if batch.t > cfg.n_positions {
+        candle_core::bail!(
+            "GPT-2: a sequence of {} tokens is longer than n_positions ({})",
+            batch.t,
+            cfg.n_positions
+        );
+    }
+    for (what, list) in [("token id", batch.ids), ("target", batch.targets)] {
+        if let Some(bad) = list.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("GPT-2: {what} {bad} is outside the vocabulary of {v}");
+        }
+    }
+    Ok(())
 }
 
 /// Token ids and next-token targets, [b, t] each, flattened.
@@ -126,20 +155,6 @@ fn pass<T: BlasFloat>(
     batch: &Batch,
     scale: f64,
 ) -> candle_core::Result<Option<LossAndGrads>> {
-    let cfg = &model.cfg;
-    let v = cfg.vocab_size;
-    if batch.t > cfg.n_positions {
-        candle_core::bail!(
-            "GPT-2: a sequence of {} tokens is longer than n_positions ({})",
-            batch.t,
-            cfg.n_positions
-        );
-    }
-    for (what, list) in [("token id", batch.ids), ("target", batch.targets)] {
-        if let Some(bad) = list.iter().find(|&&i| i as usize >= v) {
-            candle_core::bail!("GPT-2: {what} {bad} is outside the vocabulary of {v}");
-        }
-    }
     let guards = tensors
         .clone()
         .try_map(|p| Ok::<_, ()>(p.storage_and_layout()));

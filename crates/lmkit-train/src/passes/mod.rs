@@ -3,6 +3,8 @@
 //! tests; [`for_model`] picks the one for a model (or none: the graph is differentiated).
 
 pub mod gpt2;
+#[cfg(feature = "cuda")]
+mod gpt2_cuda;
 
 use candle_core::Tensor;
 use lmkit_models::CausalLm;

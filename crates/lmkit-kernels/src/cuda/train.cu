@@ -1,0 +1,265 @@
+// CUDA kernels of the hand-written training passes (f32 activations and gradients; the matrix
+// products are cuBLAS calls made from Rust). Each kernel mirrors a CPU kernel of fused.rs or
+// blas.rs, and the GPU pass is checked against the CPU pass.
+//
+// Layouts are row-major: activations [rows, cols], packed attention q|k|v [rows, 3·c].
+
+#include <stdint.h>
+
+#define WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum (or max) over a block of up to 1024 threads; every thread gets the result.
+__device__ float block_sum(float v, float* shared) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[wid] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* shared) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[wid] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// x[r] = wte[ids[r]] + wpe[r % t], one thread per element.
+extern "C" __global__ void embed_fwd(float* x, const float* wte, const float* wpe,
+                                     const uint32_t* ids, int n, int t, int c) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * c) return;
+    int r = i / c, j = i % c;
+    x[i] = wte[(int64_t)ids[r] * c + j] + wpe[(int64_t)(r % t) * c + j];
+}
+
+// Rows of dx into the embeddings' gradients: dwte[ids[r]] += dx[r] (atomic: one token id can
+// occur in many rows), dwpe[p] = Σ_b dx[b·t + p] (no atomics; dwpe's rows past t stay 0).
+extern "C" __global__ void embed_bwd_tokens(float* dwte, const float* dx, const uint32_t* ids,
+                                            int n, int c) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * c) return;
+    int r = i / c, j = i % c;
+    atomicAdd(&dwte[(int64_t)ids[r] * c + j], dx[i]);
+}
+
+extern "C" __global__ void embed_bwd_positions(float* dwpe, const float* dx, int b, int t, int c) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)t * c) return;
+    float s = 0.0f;
+    for (int bi = 0; bi < b; bi++) s += dx[(int64_t)bi * t * c + i];
+    dwpe[i] = s;
+}
+
+// out[r] = x[r] + bias (x may be null: out[r] = bias).
+extern "C" __global__ void add_rows(float* out, const float* x, const float* bias, int n, int c) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * c) return;
+    float v = bias[i % c];
+    out[i] = x ? x[i] + v : v;
+}
+
+// LayerNorm over rows, one warp per row; the mean and 1/std are kept for the backward pass.
+extern "C" __global__ void layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
+                                          const float* w, const float* b, int n, int c,
+                                          float eps) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= n) return;
+    const float* xr = x + (int64_t)row * c;
+    float s = 0.0f;
+    for (int j = lane; j < c; j += WARP) s += xr[j];
+    float m = warp_sum(s) / c;
+    float v = 0.0f;
+    for (int j = lane; j < c; j += WARP) {
+        float d = xr[j] - m;
+        v += d * d;
+    }
+    float rs = rsqrtf(warp_sum(v) / c + eps);
+    float* o = out + (int64_t)row * c;
+    for (int j = lane; j < c; j += WARP) o[j] = (xr[j] - m) * rs * w[j] + b[j];
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = rs;
+    }
+}
+
+// LayerNorm's backward, one warp per row: dx (= or +=) the input's gradient; prod[r, j] =
+// dy[r, j]·x̂[r, j], whose column sums (a product with a row of ones) give the weight's gradient.
+extern "C" __global__ void layer_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
+                                          const float* w, const float* mean, const float* rstd,
+                                          int n, int c, int accumulate) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= n) return;
+    int64_t off = (int64_t)row * c;
+    float m = mean[row], rs = rstd[row];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int j = lane; j < c; j += WARP) {
+        float xh = (x[off + j] - m) * rs;
+        float dn = dy[off + j] * w[j];
+        s1 += dn;
+        s2 += dn * xh;
+    }
+    s1 = warp_sum(s1) / c;
+    s2 = warp_sum(s2) / c;
+    for (int j = lane; j < c; j += WARP) {
+        float xh = (x[off + j] - m) * rs;
+        float g = dy[off + j];
+        float d = (g * w[j] - s1 - xh * s2) * rs;
+        dx[off + j] = accumulate ? dx[off + j] + d : d;
+        prod[off + j] = g * xh;
+    }
+}
+
+// GELU, tanh approximation (gelu_new), and its derivative.
+#define GELU_K 0.7978845608028654f  // sqrt(2/pi)
+extern "C" __global__ void gelu_fwd(float* out, const float* h, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float x = h[i];
+    out[i] = 0.5f * x * (1.0f + tanhf(GELU_K * (x + 0.044715f * x * x * x)));
+}
+
+extern "C" __global__ void gelu_bwd(float* dh, const float* h, const float* dg, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float x = h[i];
+    float u = GELU_K * (x + 0.044715f * x * x * x);
+    float th = tanhf(u);
+    float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+    dh[i] = dg[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
+}
+
+extern "C" __global__ void relu_fwd(float* out, const float* h, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    out[i] = fmaxf(h[i], 0.0f);
+}
+
+extern "C" __global__ void relu_bwd(float* dh, const float* h, const float* dg, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    dh[i] = h[i] > 0.0f ? dg[i] : 0.0f;
+}
+
+// Causal softmax in place over rows of [groups, t, t] scores: row i keeps columns 0..=i, scaled by
+// `scale`; the columns above the diagonal become 0. One warp per row.
+extern "C" __global__ void softmax_causal_fwd(float* p, int64_t rows, int t, float scale) {
+    int64_t row = (int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    int i = row % t;
+    float* r = p + row * t;
+    float mx = -INFINITY;
+    for (int j = lane; j <= i; j += WARP) mx = fmaxf(mx, r[j] * scale);
+    mx = warp_max(mx);
+    float s = 0.0f;
+    for (int j = lane; j <= i; j += WARP) {
+        float e = __expf(r[j] * scale - mx);
+        r[j] = e;
+        s += e;
+    }
+    float inv = 1.0f / warp_sum(s);
+    for (int j = lane; j < t; j += WARP) r[j] = j <= i ? r[j] * inv : 0.0f;
+}
+
+// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in place in dP; 0 above the diagonal.
+extern "C" __global__ void softmax_causal_bwd(float* dp, const float* p, int64_t rows, int t,
+                                              float scale) {
+    int64_t row = (int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    int i = row % t;
+    float* d = dp + row * t;
+    const float* pr = p + row * t;
+    float s = 0.0f;
+    for (int j = lane; j <= i; j += WARP) s += d[j] * pr[j];
+    s = warp_sum(s);
+    for (int j = lane; j < t; j += WARP) d[j] = j <= i ? scale * pr[j] * (d[j] - s) : 0.0f;
+}
+
+// Cross-entropy of each row of logits [rows, v] against its target, the logits replaced by the
+// loss's gradient times `sc` (softmax − one-hot); loss[r] = logsumexp − logit[target]. One block
+// per row.
+extern "C" __global__ void cross_entropy(float* logits, float* loss, const uint32_t* targets,
+                                         int v, float sc) {
+    __shared__ float shared[WARP];
+    int64_t row = blockIdx.x;
+    float* r = logits + row * v;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, r[j]);
+    mx = block_max(mx, shared);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(r[j] - mx);
+    s = block_sum(s, shared);
+    int y = targets[row];
+    float target_logit = r[y];
+    __syncthreads();
+    float inv = 1.0f / s;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float q = __expf(r[j] - mx) * inv;
+        r[j] = (q - (j == y ? 1.0f : 0.0f)) * sc;
+    }
+    if (threadIdx.x == 0) loss[row] = logf(s) + mx - target_logit;
+}
+
+// out = value everywhere (a row of ones for column sums as products).
+extern "C" __global__ void fill(float* out, float value, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) out[i] = value;
+}
+
+// AdamW, in place. First/second moment: m ← β·m + (1 − β)·(s·g) (squared for the second).
+extern "C" __global__ void adam_moment(float* m, const float* g, int64_t len, float beta,
+                                       float scale, int square) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float x = scale * g[i];
+    m[i] = beta * m[i] + (1.0f - beta) * (square ? x * x : x);
+}
+
+// θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
+extern "C" __global__ void adam_apply(float* th, const float* m, const float* v, int64_t len,
+                                      float keep, float lr, float ibc1, float ibc2, float eps) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float u = (m[i] * ibc1) / (sqrtf(v[i] * ibc2) + eps);
+    th[i] = th[i] * keep - lr * u;
+}
+
+// Partial sums of squares (in f64) of x: block k writes out[k]; the host adds the partials in
+// order, so the total is the same every run.
+extern "C" __global__ void sum_squares(double* out, const float* x, int64_t len) {
+    __shared__ double shared[WARP];
+    double s = 0.0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        double v = x[i];
+        s += v * v;
+    }
+    for (int o = WARP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    if (lane == 0) shared[wid] = s;
+    __syncthreads();
+    if (wid == 0) {
+        s = lane < nw ? shared[lane] : 0.0;
+        for (int o = WARP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (lane == 0) out[blockIdx.x] = s;
+    }
+}

@@ -1,0 +1,746 @@
+//! GPT-2's hand-written training pass on a CUDA GPU: the CPU pass's steps (gpt2.rs) over device
+//! buffers, with cuBLAS products (TF32 tensor cores by default) and the kernels of
+//! `lmkit_kernels::cuda`. No autograd graph: each activation is written once into a buffer kept
+//! for the backward pass, biases and residuals are folded into the products (beta = 1), and each
+//! gradient is written once. Attention keeps each head's probabilities [t, t] from the forward
+//! pass (batched products over the heads); the logits are made a chunk of rows at a time.
+//!
+//! Checked against the CPU pass (itself checked against autograd) in the tests below, which run
+//! where a GPU is present.
+
+use super::LossAndGrads;
+use candle_core::{Result, Tensor};
+use lmkit_kernels::cuda::{plain, transposed, Batched, Buf, Dev, Gpu};
+use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
+
+/// Logit elements made at a time (1 GiB of f32).
+const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
+
+/// One block's activations kept for the backward pass.
+struct Saved {
+    x: Buf<f32>,
+    ln1: Buf<f32>,
+    a1: Buf<f32>,
+    qkv: Buf<f32>,
+    att: Buf<f32>,
+    y: Buf<f32>,
+    xm: Buf<f32>,
+    ln2: Buf<f32>,
+    a2: Buf<f32>,
+    h: Buf<f32>,
+    g: Buf<f32>,
+}
+
+/// Attention sizes: batch, tokens, heads, head size.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl Heads {
+    fn c(&self) -> usize {
+        self.heads * self.hd
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.hd as f32).sqrt()
+    }
+}
+
+/// The loss and gradients of GPT-2 `model` on the GPU its parameters live on; `None` where the
+/// parameters are not contiguous f32 tensors on a CUDA device. `ids`/`targets` were checked
+/// against the vocabulary and `n_positions` by the caller.
+pub(super) fn pass(
+    model: &Gpt2,
+    tensors: &Gpt2Params<&Tensor>,
+    gelu: bool,
+    ids: &[u32],
+    targets: &[u32],
+    (b, t): (usize, usize),
+    scale: f64,
+) -> Result<Option<LossAndGrads>> {
+    let Some(mut gpu) = Gpu::of(tensors.wte.device()) else {
+        return Ok(None);
+    };
+    // TF32 products where candle's f32 products use them (`train.tf32`).
+    gpu.tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    let guards = tensors
+        .clone()
+        .try_map(|p| Ok::<_, ()>(p.storage_and_layout()));
+    let Ok(guards) = guards else {
+        return Ok(None);
+    };
+    let data = guards.as_ref().try_map(|(st, l)| {
+        let storage: &candle_core::Storage = st;
+        Gpu::view(storage, l).ok_or(())
+    });
+    let Ok(data) = data else {
+        return Ok(None);
+    };
+    let cfg = &model.cfg;
+    let dims = Dims {
+        b,
+        t,
+        c: cfg.n_embd,
+        hid: cfg.n_inner(),
+        v: cfg.vocab_size,
+        positions: cfg.n_positions,
+        eps: cfg.layer_norm_epsilon as f32,
+        heads: cfg.n_head,
+    };
+    let (loss, grads) = backprop(&gpu, &data, dims, gelu, ids, targets, scale)?;
+    drop(data);
+    drop(guards);
+    let grads = tensors
+        .clone()
+        .into_vec()
+        .into_iter()
+        .zip(grads.into_vec())
+        .map(|(p, g)| Ok((p.clone(), gpu.into_tensor(g, p.shape())?)))
+        .collect::<Result<_>>()?;
+    Ok(Some(LossAndGrads { loss, grads }))
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    hid: usize,
+    v: usize,
+    positions: usize,
+    eps: f32,
+    heads: usize,
+}
+
+/// Column sums of `src` [n, cols] (a row of ones times it) into a new buffer.
+fn column_sums(
+    gpu: &Gpu,
+    ones: Dev<f32>,
+    src: Dev<f32>,
+    n: usize,
+    cols: usize,
+) -> Result<Buf<f32>> {
+    let out = gpu.uninit(cols)?;
+    gpu.mm(
+        (1, cols, n),
+        plain(ones, n),
+        plain(src, cols),
+        (out.dev(), cols),
+        1.0,
+        0.0,
+        Batched::ONE,
+    )?;
+    Ok(out)
+}
+
+/// `a · b` into a new [rows, cols] buffer.
+fn product(
+    gpu: &Gpu,
+    (rows, cols, k): (usize, usize, usize),
+    a: lmkit_kernels::cuda::Mat,
+    b: lmkit_kernels::cuda::Mat,
+) -> Result<Buf<f32>> {
+    let out = gpu.uninit(rows * cols)?;
+    gpu.mm(
+        (rows, cols, k),
+        a,
+        b,
+        (out.dev(), cols),
+        1.0,
+        0.0,
+        Batched::ONE,
+    )?;
+    Ok(out)
+}
+
+/// Causal self-attention of the packed q|k|v [b·t, 3c] into y [b·t, c]; `att` gets each
+/// head's probabilities [b, heads, t, t].
+fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads) -> Result<()> {
+    let (t, hd, c) = (s.t, s.hd, s.c());
+    let tt = t * t;
+    for bi in 0..s.b {
+        let q = qkv.at(bi * t * 3 * c)?;
+        let k = q.at(c)?;
+        let p = att.at(bi * s.heads * tt)?;
+        // Scores Q·Kᵀ per head (scaled in the softmax).
+        gpu.mm(
+            (t, t, hd),
+            plain(q, 3 * c),
+            transposed(k, 3 * c),
+            (p, t),
+            1.0,
+            0.0,
+            Batched {
+                count: s.heads,
+                a: hd,
+                b: hd,
+                c: tt,
+            },
+        )?;
+    }
+    gpu.softmax_causal(att, s.b * s.heads * t, t, s.scale())?;
+    for bi in 0..s.b {
+        let v = qkv.at(bi * t * 3 * c + 2 * c)?;
+        let p = att.at(bi * s.heads * tt)?;
+        gpu.mm(
+            (t, hd, t),
+            plain(p, t),
+            plain(v, 3 * c),
+            (y.at(bi * t * c)?, c),
+            1.0,
+            0.0,
+            Batched {
+                count: s.heads,
+                a: tt,
+                b: hd,
+                c: hd,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Gradient of the packed q|k|v from dy [b·t, c]: dV = Pᵀ·dY, dP = dY·Vᵀ,
+/// dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q.
+fn attention_bwd(
+    gpu: &Gpu,
+    qkv: Dev<f32>,
+    att: Dev<f32>,
+    dy: Dev<f32>,
+    dqkv: Dev<f32>,
+    s: Heads,
+) -> Result<()> {
+    let (t, hd, c) = (s.t, s.hd, s.c());
+    let tt = t * t;
+    let dp = gpu.uninit(s.heads * tt)?;
+    let dp = dp.dev();
+    let per_head = |a, b, c| Batched {
+        count: s.heads,
+        a,
+        b,
+        c,
+    };
+    for bi in 0..s.b {
+        let q = qkv.at(bi * t * 3 * c)?;
+        let (k, v) = (q.at(c)?, q.at(2 * c)?);
+        let dq = dqkv.at(bi * t * 3 * c)?;
+        let (dk, dv) = (dq.at(c)?, dq.at(2 * c)?);
+        let p = att.at(bi * s.heads * tt)?;
+        let dyb = dy.at(bi * t * c)?;
+        gpu.mm(
+            (t, t, hd),
+            plain(dyb, c),
+            transposed(v, 3 * c),
+            (dp, t),
+            1.0,
+            0.0,
+            per_head(hd, hd, tt),
+        )?;
+        gpu.mm(
+            (t, hd, t),
+            transposed(p, t),
+            plain(dyb, c),
+            (dv, 3 * c),
+            1.0,
+            0.0,
+            per_head(tt, hd, hd),
+        )?;
+        gpu.softmax_causal_bwd(dp, p, s.heads * t, t, s.scale())?;
+        gpu.mm(
+            (t, hd, t),
+            plain(dp, t),
+            plain(k, 3 * c),
+            (dq, 3 * c),
+            1.0,
+            0.0,
+            per_head(tt, hd, hd),
+        )?;
+        gpu.mm(
+            (t, hd, t),
+            transposed(dp, t),
+            plain(q, 3 * c),
+            (dk, 3 * c),
+            1.0,
+            0.0,
+            per_head(tt, hd, hd),
+        )?;
+    }
+    Ok(())
+}
+
+fn backprop(
+    gpu: &Gpu,
+    p: &Gpt2Params<Dev<f32>>,
+    d: Dims,
+    gelu: bool,
+    ids: &[u32],
+    targets: &[u32],
+    scale: f64,
+) -> Result<(f64, Gpt2Params<Buf<f32>>)> {
+    let Dims {
+        b,
+        t,
+        c,
+        hid,
+        v,
+        eps,
+        ..
+    } = d;
+    let n = b * t;
+    let heads = Heads {
+        b,
+        t,
+        heads: d.heads,
+        hd: c / d.heads,
+    };
+    // LMKIT_CUDA_TIMING=1: each phase's time (the GPU synchronised at its end) on stderr.
+    let timing = std::env::var_os("LMKIT_CUDA_TIMING").is_some();
+    let mut phases: Vec<(&str, f64)> = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let mut mark = |what: &'static str| -> Result<()> {
+        if timing {
+            gpu.synchronize()?;
+            phases.push((what, clock.elapsed().as_secs_f64() * 1e3));
+            clock = std::time::Instant::now();
+        }
+        Ok(())
+    };
+    let ids_d = gpu.upload_u32(ids)?;
+    let targets_d = gpu.upload_u32(targets)?;
+    let lm = p.lm_head.unwrap_or(p.wte);
+
+    // Forward.
+    let mut x = gpu.uninit(n * c)?;
+    gpu.embed_fwd(x.dev(), p.wte, p.wpe, ids_d.dev(), (n, t, c), v)?;
+    let mut saved = Vec::with_capacity(p.blocks.len());
+    for w in &p.blocks {
+        let ln1 = gpu.uninit(2 * n)?;
+        let a1 = gpu.uninit(n * c)?;
+        gpu.layer_norm(
+            a1.dev(),
+            ln1.dev(),
+            x.dev(),
+            w.ln_1_w,
+            w.ln_1_b,
+            (n, c),
+            eps,
+        )?;
+        let qkv = gpu.uninit(n * 3 * c)?;
+        gpu.add_rows(qkv.dev(), None, w.c_attn_b, (n, 3 * c))?;
+        let one = Batched::ONE;
+        gpu.mm(
+            (n, 3 * c, c),
+            plain(a1.dev(), c),
+            plain(w.c_attn_w, 3 * c),
+            (qkv.dev(), 3 * c),
+            1.0,
+            1.0,
+            one,
+        )?;
+        let att = gpu.uninit(b * d.heads * t * t)?;
+        let y = gpu.uninit(n * c)?;
+        attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)?;
+        let xm = gpu.uninit(n * c)?;
+        gpu.add_rows(xm.dev(), Some(x.dev()), w.attn_proj_b, (n, c))?;
+        gpu.mm(
+            (n, c, c),
+            plain(y.dev(), c),
+            plain(w.attn_proj_w, c),
+            (xm.dev(), c),
+            1.0,
+            1.0,
+            one,
+        )?;
+        let ln2 = gpu.uninit(2 * n)?;
+        let a2 = gpu.uninit(n * c)?;
+        gpu.layer_norm(
+            a2.dev(),
+            ln2.dev(),
+            xm.dev(),
+            w.ln_2_w,
+            w.ln_2_b,
+            (n, c),
+            eps,
+        )?;
+        let h = gpu.uninit(n * hid)?;
+        gpu.add_rows(h.dev(), None, w.c_fc_b, (n, hid))?;
+        gpu.mm(
+            (n, hid, c),
+            plain(a2.dev(), c),
+            plain(w.c_fc_w, hid),
+            (h.dev(), hid),
+            1.0,
+            1.0,
+            one,
+        )?;
+        let g = gpu.uninit(n * hid)?;
+        gpu.act_fwd(gelu, g.dev(), h.dev(), n * hid)?;
+        let xo = gpu.uninit(n * c)?;
+        gpu.add_rows(xo.dev(), Some(xm.dev()), w.mlp_proj_b, (n, c))?;
+        gpu.mm(
+            (n, c, hid),
+            plain(g.dev(), hid),
+            plain(w.mlp_proj_w, c),
+            (xo.dev(), c),
+            1.0,
+            1.0,
+            one,
+        )?;
+        saved.push(Saved {
+            x: std::mem::replace(&mut x, xo),
+            ln1,
+            a1,
+            qkv,
+            att,
+            y,
+            xm,
+            ln2,
+            a2,
+            h,
+            g,
+        });
+    }
+    mark("blocks forward")?;
+    let lnf = gpu.uninit(2 * n)?;
+    let hf = gpu.uninit(n * c)?;
+    gpu.layer_norm(
+        hf.dev(),
+        lnf.dev(),
+        x.dev(),
+        p.ln_f_w,
+        p.ln_f_b,
+        (n, c),
+        eps,
+    )?;
+
+    // Output layer and cross-entropy, a chunk of rows at a time: the logits become their
+    // gradient in place, then give the hidden states' and the output weights' gradients.
+    let sc = (scale / n as f64) as f32;
+    let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
+    let logits = gpu.uninit(chunk * v)?;
+    let losses = gpu.uninit(n)?;
+    let dhf = gpu.uninit(n * c)?;
+    let dlm = gpu.uninit(v * c)?;
+    for r0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - r0);
+        let hc = hf.dev().at(r0 * c)?;
+        let lg = logits.dev();
+        gpu.mm(
+            (rows, v, c),
+            plain(hc, c),
+            transposed(lm, c),
+            (lg, v),
+            1.0,
+            0.0,
+            Batched::ONE,
+        )?;
+        gpu.cross_entropy(
+            lg,
+            losses.dev().at(r0)?,
+            targets_d.dev().at(r0)?,
+            (rows, v),
+            sc,
+        )?;
+        gpu.mm(
+            (rows, c, v),
+            plain(lg, v),
+            plain(lm, c),
+            (dhf.dev().at(r0 * c)?, c),
+            1.0,
+            0.0,
+            Batched::ONE,
+        )?;
+        gpu.mm(
+            (v, c, rows),
+            transposed(lg, v),
+            plain(hc, c),
+            (dlm.dev(), c),
+            1.0,
+            if r0 > 0 { 1.0 } else { 0.0 },
+            Batched::ONE,
+        )?;
+    }
+    drop(logits);
+    // Row losses summed in order on the host: the same total every run.
+    let loss = gpu
+        .download(&losses, n)?
+        .iter()
+        .map(|&l| l as f64)
+        .sum::<f64>()
+        / n as f64;
+
+    mark("output layer + loss")?;
+
+    // Backward.
+    let ones = gpu.uninit(n)?;
+    gpu.fill(ones.dev(), 1.0, n)?;
+    let ones = ones.dev();
+    let colsum = |src: Dev<f32>, cols: usize| column_sums(gpu, ones, src, n, cols);
+    let prod = gpu.uninit(n * c)?;
+    let dx = gpu.uninit(n * c)?;
+    gpu.layer_norm_bwd(
+        dx.dev(),
+        prod.dev(),
+        dhf.dev(),
+        x.dev(),
+        p.ln_f_w,
+        lnf.dev(),
+        (n, c),
+        false,
+    )?;
+    let ln_f_w = colsum(prod.dev(), c)?;
+    let ln_f_b = colsum(dhf.dev(), c)?;
+    drop(dhf);
+    let mut blocks = Vec::with_capacity(p.blocks.len());
+    for w in p.blocks.iter().rev() {
+        let s = saved.pop().expect("one saved entry per block");
+        let dxd = dx.dev();
+        // xo = xm + act(h)·W_proj + b_proj
+        let mlp_proj_b = colsum(dxd, c)?;
+        let mlp_proj_w = product(gpu, (hid, c, n), transposed(s.g.dev(), hid), plain(dxd, c))?;
+        let dh = product(gpu, (n, hid, c), plain(dxd, c), transposed(w.mlp_proj_w, c))?;
+        gpu.act_bwd(gelu, dh.dev(), s.h.dev(), dh.dev(), n * hid)?;
+        // h = LN2(xm)·W_fc + b_fc
+        let c_fc_b = colsum(dh.dev(), hid)?;
+        let c_fc_w = product(
+            gpu,
+            (c, hid, n),
+            transposed(s.a2.dev(), c),
+            plain(dh.dev(), hid),
+        )?;
+        let da2 = product(
+            gpu,
+            (n, c, hid),
+            plain(dh.dev(), hid),
+            transposed(w.c_fc_w, hid),
+        )?;
+        drop(dh);
+        gpu.layer_norm_bwd(
+            dxd,
+            prod.dev(),
+            da2.dev(),
+            s.xm.dev(),
+            w.ln_2_w,
+            s.ln2.dev(),
+            (n, c),
+            true,
+        )?;
+        let ln_2_w = colsum(prod.dev(), c)?;
+        let ln_2_b = colsum(da2.dev(), c)?;
+        drop(da2);
+        // xm = x + attention(qkv)·W_o + b_o
+        let attn_proj_b = colsum(dxd, c)?;
+        let attn_proj_w = product(gpu, (c, c, n), transposed(s.y.dev(), c), plain(dxd, c))?;
+        let dy = product(gpu, (n, c, c), plain(dxd, c), transposed(w.attn_proj_w, c))?;
+        let dqkv = gpu.uninit(n * 3 * c)?;
+        attention_bwd(gpu, s.qkv.dev(), s.att.dev(), dy.dev(), dqkv.dev(), heads)?;
+        drop(dy);
+        // qkv = LN1(x)·W_attn + b_attn
+        let c_attn_b = colsum(dqkv.dev(), 3 * c)?;
+        let c_attn_w = product(
+            gpu,
+            (c, 3 * c, n),
+            transposed(s.a1.dev(), c),
+            plain(dqkv.dev(), 3 * c),
+        )?;
+        let da1 = product(
+            gpu,
+            (n, c, 3 * c),
+            plain(dqkv.dev(), 3 * c),
+            transposed(w.c_attn_w, 3 * c),
+        )?;
+        drop(dqkv);
+        gpu.layer_norm_bwd(
+            dxd,
+            prod.dev(),
+            da1.dev(),
+            s.x.dev(),
+            w.ln_1_w,
+            s.ln1.dev(),
+            (n, c),
+            true,
+        )?;
+        let ln_1_w = colsum(prod.dev(), c)?;
+        let ln_1_b = colsum(da1.dev(), c)?;
+        blocks.push(Gpt2BlockParams {
+            ln_1_w,
+            ln_1_b,
+            c_attn_w,
+            c_attn_b,
+            attn_proj_w,
+            attn_proj_b,
+            ln_2_w,
+            ln_2_b,
+            c_fc_w,
+            c_fc_b,
+            mlp_proj_w,
+            mlp_proj_b,
+        });
+    }
+    blocks.reverse();
+    mark("blocks backward")?;
+
+    // Embeddings: rows of dx back to their token's and position's rows.
+    let tied = p.lm_head.is_none();
+    let (wte, lm_head) = if tied {
+        (dlm, None)
+    } else {
+        (gpu.zeros(v * c)?, Some(dlm))
+    };
+    let wpe = gpu.zeros(d.positions * c)?;
+    gpu.embed_bwd(wte.dev(), wpe.dev(), dx.dev(), ids_d.dev(), (b, t, c), v)?;
+    mark("embeddings backward")?;
+    if timing {
+        let parts: Vec<String> = phases
+            .iter()
+            .map(|(w, ms)| format!("{w} {ms:.2} ms"))
+            .collect();
+        eprintln!("cuda pass: {}", parts.join(", "));
+    }
+    Ok((
+        loss,
+        Gpt2Params {
+            wte,
+            wpe,
+            blocks,
+            ln_f_w,
+            ln_f_b,
+            lm_head,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::passes::gpt2::Gpt2Pass;
+    use crate::passes::TrainPass;
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use lmkit_kernels::testing::max_diff;
+    use lmkit_models::gpt2::Gpt2;
+    use lmkit_models::{Gpt2Config, KvCache};
+
+    /// The GPU, or `None` where there is none (then the test passes without checking, unless
+    /// LMKIT_REQUIRE_CUDA is set).
+    fn gpu() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
+                    "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    fn config(tied: bool, act: &str) -> Gpt2Config {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 301, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "n_inner": 96, "activation_function": act, "tie_word_embeddings": tied,
+        }))
+        .unwrap()
+    }
+
+    /// The GPU pass against candle's autograd on the CPU, on the same random weights and a batch
+    /// of 3 × 45 tokens (rows longer than a warp in the attention kernels).
+    fn compare(tied: bool, act: &str, tf32: bool, tol: f64) {
+        let Some(cuda) = gpu() else { return };
+        let cpu = Device::Cpu;
+        let cfg = config(tied, act);
+        let vm = VarMap::new();
+        let model = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &cpu)).unwrap();
+        for var in vm.all_vars() {
+            let r = lmkit_kernels::testing::randn(0.0f32, 0.5, var.shape(), &cpu).unwrap();
+            var.set(&r).unwrap();
+        }
+        let vm_gpu = VarMap::new();
+        let on_gpu = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm_gpu, DType::F32, &cuda)).unwrap();
+        {
+            let src = vm.data().lock().unwrap();
+            let dst = vm_gpu.data().lock().unwrap();
+            assert_eq!(src.len(), dst.len());
+            for (name, var) in src.iter() {
+                dst[name]
+                    .set(&var.as_tensor().to_device(&cuda).unwrap())
+                    .unwrap();
+            }
+        }
+        let (b, t) = (3, 45);
+        let mut s = 11u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % 301) as u32
+        };
+        let ids: Vec<u32> = (0..b * t).map(|_| next()).collect();
+        let tg: Vec<u32> = (0..b * t).map(|_| next()).collect();
+        let x = Tensor::from_vec(ids, (b, t), &cpu).unwrap();
+        let y = Tensor::from_vec(tg, (b, t), &cpu).unwrap();
+        let scale = 0.5;
+
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
+        let ours = Gpt2Pass(&on_gpu)
+            .loss_and_grads(
+                &x.to_device(&cuda).unwrap(),
+                &y.to_device(&cuda).unwrap(),
+                scale,
+            )
+            .unwrap()
+            .expect("the GPU pass applies");
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+
+        let h = model
+            .hidden(&x, &mut [&mut KvCache::single_pass(b)])
+            .unwrap()
+            .reshape((b * t, 64))
+            .unwrap();
+        let logits = h.matmul(&model.lm_head().t().unwrap()).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &y.flatten_all().unwrap()).unwrap();
+        let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (ours.loss - want_loss).abs() < tol * want_loss.abs().max(1.0),
+            "loss {} vs {want_loss}",
+            ours.loss
+        );
+        let g = (loss * scale).unwrap().backward().unwrap();
+        // The GPU pass's gradients, by the CPU parameter of the same name.
+        let by_id: std::collections::HashMap<_, _> = {
+            let dst = vm_gpu.data().lock().unwrap();
+            let src = vm.data().lock().unwrap();
+            src.iter()
+                .map(|(name, var)| (dst[name].as_tensor().id(), var.as_tensor().clone()))
+                .collect()
+        };
+        assert_eq!(ours.grads.len(), by_id.len());
+        for (p, ours_g) in &ours.grads {
+            let cpu_p = &by_id[&p.id()];
+            let want = g.get(cpu_p).expect("every parameter has a gradient");
+            let got = ours_g.to_device(&cpu).unwrap();
+            assert!(got.is_contiguous() && got.dims() == want.dims());
+            let diff = max_diff(&got, want);
+            let size = max_diff(want, &want.zeros_like().unwrap());
+            assert!(size > 0.0, "a zero gradient tests nothing ({:?})", p.dims());
+            assert!(
+                diff <= tol * size.max(1.0),
+                "gradient of {:?}: max diff {diff} (max {size})",
+                p.dims()
+            );
+        }
+    }
+
+    /// One test: the TF32 switch is process-wide.
+    #[test]
+    fn gpu_pass_equals_autograd_on_the_cpu() {
+        compare(true, "gelu_new", false, 1e-4);
+        compare(false, "gelu_new", false, 1e-4);
+        compare(true, "relu", false, 1e-4);
+        // TF32 products (10-bit mantissas): close, not equal.
+        compare(true, "gelu_new", true, 2e-2);
+    }
+}
