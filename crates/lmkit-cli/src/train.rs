@@ -11,13 +11,24 @@ use std::path::PathBuf;
     after_help = "Examples:\n  lmkit train --config configs/gpt-small.toml\n  \
     lmkit train --config configs/gpt-small.toml --set train.max_steps=2000 --set model.n_layer=6\n  \
     lmkit train --config configs/gpt-small.toml --resume        # continue after a crash or a stop\n  \
-    lmkit train --config configs/gpt-small.toml --overwrite     # start again in the same OUT\n\n\
+    lmkit train --config configs/gpt-small.toml --overwrite     # start again in the same OUT\n  \
+    lmkit train --config configs/gpt-small.toml --gpus 4        # data-parallel, one process per GPU\n\n\
     Writes OUT/ckpt-NNNNNN/ (a Hugging Face model directory + trainer_state/), OUT/latest,\n\
-    OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir."
+    OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir.\n\n\
+    Data-parallel: --procs/--gpus N start N processes on this machine; each trains on its\n\
+    train.batch_size rows of a batch of N x train.batch_size, and their gradients are averaged\n\
+    before every step. On several machines, start one `lmkit train` per process with torchrun's\n\
+    variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README.md, GPU)."
 )]
 pub struct TrainArgs {
     #[command(flatten)]
     run: RunArgs,
+    /// Data-parallel training with N processes on this machine (rank 0 writes the run)
+    #[arg(long, value_name = "N")]
+    procs: Option<usize>,
+    /// One process per GPU on this machine: --procs N with train.device="cuda", process i on cuda:i
+    #[arg(long, value_name = "N", conflicts_with = "procs")]
+    gpus: Option<usize>,
 }
 
 /// The options of every training command: config, overrides, how to start, limits.
@@ -138,7 +149,94 @@ pub(crate) fn stop_on_signals() {
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&a.run.config, &a.run.overrides())?;
     stop_on_signals();
+    if let Some(n) = a.procs.or(a.gpus) {
+        if std::env::var_os("WORLD_SIZE").is_some() {
+            anyhow::bail!("--procs/--gpus start a group themselves; WORLD_SIZE is already set");
+        }
+        if n == 0 {
+            anyhow::bail!("--procs/--gpus: the number of processes must be at least 1");
+        }
+        return launch(n, a.gpus.is_some());
+    }
     let s = lmkit_train::train(&cfg, a.run.start(), &Bar::default())?;
     report(&s, &cfg.train.out_dir);
+    Ok(())
+}
+
+/// Starts `n` copies of this command as one data-parallel group on this machine (torchrun's
+/// variables, rank 0's output shown, the others' kept and shown if they fail) and waits for all;
+/// when one fails, the others are stopped.
+fn launch(n: usize, gpus: bool) -> Result<()> {
+    let mut args: Vec<String> = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--procs" | "--gpus" => {
+                it.next();
+            }
+            _ if a.starts_with("--procs=") || a.starts_with("--gpus=") => {}
+            _ => args.push(a),
+        }
+    }
+    if gpus {
+        args.extend(["--set".to_string(), "train.device=\"cuda\"".to_string()]);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let logs = tempfile::tempdir()?;
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        if rank > 0 {
+            let log = std::fs::File::create(logs.path().join(format!("rank-{rank}.log")))?;
+            cmd.stdout(std::process::Stdio::null()).stderr(log);
+        }
+        children.push(cmd.spawn()?);
+    }
+    eprintln!("data-parallel group of {n} processes (rank 0's output below)");
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut running: Vec<usize> = (0..n).collect();
+    while !running.is_empty() {
+        let mut still = Vec::with_capacity(running.len());
+        for &rank in &running {
+            match children[rank].try_wait()? {
+                Some(status) if !status.success() => {
+                    failed.get_or_insert((rank, status));
+                }
+                Some(_) => {}
+                None => still.push(rank),
+            }
+        }
+        running = still;
+        if failed.is_some() {
+            for &rank in &running {
+                let _ = children[rank].kill();
+                let _ = children[rank].wait();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if let Some((rank, status)) = failed {
+        if rank > 0 {
+            let log = std::fs::read_to_string(logs.path().join(format!("rank-{rank}.log")))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            for line in tail.iter().rev() {
+                eprintln!("[rank {rank}] {line}");
+            }
+        }
+        anyhow::bail!(
+            "rank {rank} of the training group failed ({status}); the others were stopped"
+        );
+    }
     Ok(())
 }

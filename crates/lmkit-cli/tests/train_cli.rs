@@ -214,3 +214,80 @@ fn compare_and_eval_rank_work_end_to_end() {
         "{table}"
     );
 }
+
+/// Two processes with 2 rows each train like one process with the 4 rows: the same losses and
+/// the same model (up to the order of additions); only rank 0 writes the run.
+#[test]
+fn a_data_parallel_group_trains_like_one_process_with_the_whole_batch() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = setup(d.path());
+    let cfg = cfg.to_str().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let out_dir = format!("train.out_dir=\"{}\"", d.path().join(out).display());
+        let mut args = vec![
+            "train",
+            "--config",
+            cfg,
+            "--max-steps",
+            "6",
+            "--set",
+            &out_dir,
+        ];
+        args.extend(extra);
+        let (ok, err) = lmkit(&args);
+        assert!(ok, "{err}");
+        err
+    };
+    run("one", &["--set", "train.batch_size=4"]);
+    let err = run("two", &["--procs", "2", "--set", "train.batch_size=2"]);
+    assert!(err.contains("group of 2 processes"), "{err}");
+
+    let losses = |out: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(d.path().join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("loss").is_some_and(|v| !v.is_null()))
+            .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (one, two) = (losses("one"), losses("two"));
+    assert_eq!(one.len(), 6, "{one:?}");
+    assert_eq!(
+        one.iter().map(|r| r.0).collect::<Vec<_>>(),
+        two.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    for ((s, a), (_, b)) in one.iter().zip(&two) {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "step {s}: loss {a} alone, {b} in the group"
+        );
+    }
+    // The trained models give the same logits.
+    let logits = |out: &str| -> Vec<f64> {
+        let ckpt = d.path().join(out).join("ckpt-000006");
+        let o = Command::new(env!("CARGO_BIN_EXE_lmkit"))
+            .args([
+                "model",
+                "logits",
+                "--model",
+                ckpt.to_str().unwrap(),
+                "--ids",
+                "1,2,3",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Vec<Vec<f64>> = serde_json::from_slice(&o.stdout).unwrap();
+        v.concat()
+    };
+    let (a, b) = (logits("one"), logits("two"));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(!a.is_empty() && worst < 1e-4, "logits differ by {worst}");
+    // Weights that moved: the first step's logits are not the last's.
+    assert!(one[0].1 - one[5].1 > 0.01, "{one:?}");
+}

@@ -20,6 +20,8 @@ pub enum TrainError {
     RunExists { path: PathBuf, what: String },
     #[error("{0}")]
     Data(String),
+    #[error("training group: {0}")]
+    Group(String),
 }
 
 impl TrainError {

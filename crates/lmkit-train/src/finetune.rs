@@ -430,6 +430,7 @@ impl Output {
             from,
             &self.metrics_path,
             progress,
+            &mut crate::group::Group::single(),
             steps::Hooks {
                 micro,
                 evaluate,

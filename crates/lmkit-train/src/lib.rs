@@ -11,6 +11,7 @@ mod data;
 pub mod dpo;
 pub mod error;
 pub mod finetune;
+pub mod group;
 mod init;
 pub mod merge;
 pub mod metrics;
@@ -153,7 +154,15 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         }
     };
 
-    let dev = lmkit_models::parse_device(&t.device)?;
+    // Data-parallel training: this process's share of each batch (see `group`).
+    let fingerprint =
+        xxhash_rust::xxh3::xxh3_64(toml::to_string(cfg).unwrap_or_default().as_bytes());
+    let mut group = group::Group::from_env(fingerprint)?;
+    let device = match std::env::var("LOCAL_RANK") {
+        Ok(local) if group.world() > 1 && t.device == "cuda" => format!("cuda:{}", local.trim()),
+        _ => t.device.clone(),
+    };
+    let dev = lmkit_models::parse_device(&device)?;
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(t.tf32);
@@ -175,7 +184,13 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     )?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let out = &t.out_dir;
-    let metrics_path = checkpoint::prepare(out, start)?;
+    let writer = group.is_root();
+    // Only rank 0 writes the run's files.
+    let metrics_path = if writer {
+        checkpoint::prepare(out, start)?
+    } else {
+        out.join("metrics.jsonl")
+    };
     let mut run_id = checkpoint::new_run_id();
 
     // Recurrent models carry their state from one window of a stream to the next.
@@ -183,6 +198,13 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         Net::Causal(m) if m.is_recurrent() => Some(m.new_cache()),
         _ => None,
     };
+    if group.world() > 1 && (seq2seq || carried.is_some()) {
+        return Err(TrainError::Group(
+            "data-parallel training (WORLD_SIZE > 1) takes models trained on token shards \
+             without carried state (GPT-2, Llama-style, BERT); train this one in one process"
+                .into(),
+        ));
+    }
     let mut step = 0usize;
     let mut tokens_seen = 0u64;
     let mut elapsed_before = 0.0;
@@ -210,7 +232,9 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         progress.message(&format!("resumed from {} at step {step}", dir.display()));
     }
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
-    lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
+    if writer {
+        lmkit_core::write_atomic_bytes(&out.join("run.toml"), toml_text.as_bytes())?;
+    }
 
     let generation_config = serde_json::json!({ "bos_token_id": eot, "eos_token_id": eot, "do_sample": true, "temperature": 0.8, "top_p": 0.95 });
     let tk_files = checkpoint::tokenizer_files(&tk_dir);
@@ -274,6 +298,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     };
     let carried = std::cell::RefCell::new(carried);
     let stream_tokens = (t.batch_size * t.seq_len) as u64;
+    let (rank, world) = (group.rank(), group.world());
     let mut micro = |step: usize, micro: usize, grads: &mut Grads| -> Result<Micro> {
         model.set_training(true);
         let scale = 1.0 / t.grad_accum as f64;
@@ -294,7 +319,17 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 (loss_with(model, &x, &y, cache)?, stream_tokens)
             }
             (Batches::Stream { train, .. }, None) => {
-                let (x, y) = train.batch(seed, t.batch_size, t.seq_len, &dev)?;
+                let (x, y) = train.batch(seed, t.batch_size * world, t.seq_len, &dev)?;
+                // Each member trains on its rows of the group's batch.
+                let (x, y) = if world > 1 {
+                    let r0 = rank * t.batch_size;
+                    (
+                        x.narrow(0, r0, t.batch_size)?,
+                        y.narrow(0, r0, t.batch_size)?,
+                    )
+                } else {
+                    (x, y)
+                };
                 if let Some(pass) = &hand_pass {
                     if let Some(r) = pass.loss_and_grads(&x, &y, scale)? {
                         for (p, gi) in r.grads {
@@ -321,6 +356,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         from,
         &metrics_path,
         progress,
+        &mut group,
         steps::Hooks {
             micro: &mut micro,
             evaluate: &mut || Ok(evaluate(&model)?.map(Into::into)),

@@ -6,6 +6,7 @@
 use crate::adamw::{clip_scale, grad_norm, lr_at, AdamW};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
+use crate::group::Group;
 use crate::metrics::{self, Extra};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId};
@@ -184,6 +185,39 @@ impl End {
     }
 }
 
+/// The group's mean of every member's gradients and loss (each member computed them on its
+/// share of the batch), and whether any member reached the time limit or was asked to stop.
+fn reduce(
+    group: &mut Group,
+    grads: Vec<Tensor>,
+    loss: f64,
+    flags: [bool; 2],
+) -> Result<(Vec<Tensor>, f64, [bool; 2])> {
+    let total: usize = grads.iter().map(Tensor::elem_count).sum();
+    let mut buf = Vec::with_capacity(total + 3);
+    for g in &grads {
+        buf.extend(
+            g.flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?,
+        );
+    }
+    buf.push(loss as f32);
+    buf.extend(flags.map(|f| f as u8 as f32));
+    group.all_reduce_sum(&mut buf)?;
+    let inv = 1.0 / group.world() as f64;
+    let mut at = 0;
+    let mut mean = Vec::with_capacity(grads.len());
+    for g in &grads {
+        let n = g.elem_count();
+        let sum = Tensor::from_slice(&buf[at..at + n], g.shape(), g.device())?;
+        mean.push((sum * inv)?.to_dtype(g.dtype())?);
+        at += n;
+    }
+    let flags = [buf[total + 1] > 0.0, buf[total + 2] > 0.0];
+    Ok((mean, buf[total] as f64 * inv, flags))
+}
+
 /// Trains from `from` to `t.max_steps` (or the time limit, or a stop request).
 pub(crate) fn run(
     t: &TrainConfig,
@@ -191,6 +225,7 @@ pub(crate) fn run(
     from: Position,
     metrics_path: &Path,
     progress: &dyn Progress,
+    group: &mut Group,
     hooks: Hooks,
 ) -> Result<End> {
     let Hooks {
@@ -226,6 +261,21 @@ pub(crate) fn run(
             }
         }
         let grads = grads.finish(opt)?;
+        // Whether this step is the last (time limit, stop request): in a group, every member
+        // stops if one does, so that none waits for the others' gradients.
+        let mut out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
+        let mut interrupted = lmkit_core::stop::requested();
+        let grads = if group.world() > 1 {
+            let flags = [out_of_time, interrupted];
+            let (g, loss, flags) = reduce(group, grads, loss_sum, flags)?;
+            loss_sum = loss;
+            n_tok *= group.world() as u64;
+            [out_of_time, interrupted] = flags;
+            g
+        } else {
+            grads
+        };
+        let writer = group.is_root();
         let norm = grad_norm(&grads)?;
         opt.step(&grads, lr, clip_scale(norm, t.grad_clip))?;
         at.step += 1;
@@ -240,7 +290,7 @@ pub(crate) fn run(
         window_tokens += n_tok;
         progress.set_position(at.step as u64);
         progress.status(&format!("loss {last_loss:.4}  {tps:.0} tok/s"));
-        if at.step.is_multiple_of(t.log_every.max(1)) || at.step == t.max_steps {
+        if writer && (at.step.is_multiple_of(t.log_every.max(1)) || at.step == t.max_steps) {
             tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
             window_tokens = 0;
             window_start = Instant::now();
@@ -258,7 +308,10 @@ pub(crate) fn run(
                 },
             )?;
         }
-        if t.eval_every > 0 && (at.step.is_multiple_of(t.eval_every) || at.step == t.max_steps) {
+        if writer
+            && t.eval_every > 0
+            && (at.step.is_multiple_of(t.eval_every) || at.step == t.max_steps)
+        {
             let validation = evaluate()?;
             last_val = validation.as_ref().map(|v| v.loss);
             if let Some(v) = validation {
@@ -270,12 +323,15 @@ pub(crate) fn run(
                 ));
             }
         }
-        let out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
-        let interrupted = lmkit_core::stop::requested();
-        if (t.save_every > 0 && at.step.is_multiple_of(t.save_every))
-            || at.step == t.max_steps
-            || out_of_time
-            || interrupted
+        if group.world() == 1 {
+            out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
+            interrupted = lmkit_core::stop::requested();
+        }
+        if writer
+            && ((t.save_every > 0 && at.step.is_multiple_of(t.save_every))
+                || at.step == t.max_steps
+                || out_of_time
+                || interrupted)
         {
             checkpoint_dir = Some(save(opt, now(at))?);
         }
@@ -294,7 +350,12 @@ pub(crate) fn run(
     progress.finish();
     let checkpoint = match checkpoint_dir {
         Some(d) => d,
-        None => save(opt, now(at))?,
+        None if group.is_root() => save(opt, now(at))?,
+        // Other members: the run's directory (rank 0 wrote the checkpoint).
+        None => metrics_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
     };
     Ok(End {
         at: now(at),
