@@ -228,7 +228,9 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         step = state.step;
         tokens_seen = state.tokens_seen;
         elapsed_before = state.elapsed_seconds;
-        metrics::truncate_after(&metrics_path, step)?;
+        if writer {
+            metrics::truncate_after(&metrics_path, step)?;
+        }
         progress.message(&format!("resumed from {} at step {step}", dir.display()));
     }
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
