@@ -94,7 +94,8 @@ def test_rope_variants_match(lmkit, tmp_path, layout, scaling):
     holding rope_theta and the scaling; no top-level rope_theta) with the same weights: the same
     logits as transformers 4.x computes from its own layout. A theta far from the default makes a
     config that is not read show."""
-    model, path = build("llama", tmp_path, rope_theta=500000.0, rope_scaling=scaling)
+    # (rope_scaling=None is left out: transformers 5.x then has no rope_parameters at all)
+    model, path = build("llama", tmp_path, rope_theta=500000.0, **({"rope_scaling": scaling} if scaling else {}))
     cfg = json.loads((path / "config.json").read_text())
     if layout == "5.x":
         params = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.pop("rope_theta"))

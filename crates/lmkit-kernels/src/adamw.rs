@@ -1,6 +1,7 @@
 //! The AdamW update (Loshchilov & Hutter 2019, Algorithm 2; bias-corrected moments, Kingma & Ba
-//! 2015) as in-place CPU passes, and the global gradient norm. The optimizer's state and its
-//! composed fallback for other devices live in `lmkit_train::adamw`.
+//! 2015) as in-place passes (CPU, and CUDA kernels with the `cuda` feature), and the global
+//! gradient norm. The optimizer's state and its composed fallback for other devices live in
+//! `lmkit_train::adamw`.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -156,9 +157,10 @@ impl InplaceOp3 for Apply {
     }
 }
 
-/// The AdamW update of one f32 CPU parameter as three in-place parallel passes (moments, then
-/// θ) — no temporaries, where the composed version (`lmkit_train::adamw`) makes ~14 full-size ones per
-/// parameter. `false` (nothing done) for other dtypes, devices or layouts.
+/// The AdamW update of one f32 parameter (on the CPU, or a CUDA GPU with the `cuda` feature) as
+/// three in-place passes (moments, then θ) — no temporaries, where the composed version
+/// (`lmkit_train::adamw`) makes ~14 full-size ones per parameter. `false` (nothing done) for other
+/// dtypes, devices or layouts.
 pub fn fused_update(
     theta: &Tensor,
     g: &Tensor,

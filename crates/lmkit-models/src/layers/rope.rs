@@ -47,7 +47,21 @@ impl RopeSpec {
                 .ok_or("rope_parameters.rope_theta must be a number")?,
             None => theta,
         };
-        let (scaling, field) = match (params, rope_scaling.as_ref().filter(|v| !v.is_null())) {
+        let legacy = rope_scaling.as_ref().filter(|v| !v.is_null());
+        if let (Some(_), Some(_)) = (params, legacy) {
+            // Both layouts at once (a 5.x config with a 4.x key added): read both, and refuse
+            // them unless they ask for the same rotation.
+            let new = RopeSpec::from_config(theta, &None, rope_parameters)?;
+            let old = RopeSpec::from_config(theta, rope_scaling, &None)?;
+            if new.scaling != old.scaling {
+                return Err(format!(
+                    "rope_parameters ({:?}) and rope_scaling ({:?}) disagree; keep one of them",
+                    new.scaling, old.scaling
+                ));
+            }
+            return Ok(new);
+        }
+        let (scaling, field) = match (params, legacy) {
             (Some(p), _) => (p, "rope_parameters"),
             (None, Some(s)) => (s, "rope_scaling"),
             (None, None) => {
@@ -200,5 +214,18 @@ mod tests {
         let bad = Some(serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
         let e = RopeSpec::from_config(10_000.0, &bad, &None).unwrap_err();
         assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+        // A 4.x key beside a 5.x object is read too: refused when unsupported or different,
+        // accepted when it says the same.
+        let default = Some(serde_json::json!({"rope_theta": 500.0, "rope_type": "default"}));
+        let e = RopeSpec::from_config(10_000.0, &bad, &default).unwrap_err();
+        assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+        let linear = Some(serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+        let e = RopeSpec::from_config(10_000.0, &linear, &default).unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+        let same = RopeSpec::from_config(10_000.0, &linear, &p).unwrap();
+        assert_eq!(
+            (same.theta, same.scaling),
+            (500.0, RopeScaling::Linear(2.0))
+        );
     }
 }
