@@ -224,23 +224,25 @@ fn a_data_parallel_group_trains_like_one_process_with_the_whole_batch() {
     let cfg = cfg.to_str().unwrap();
     let run = |out: &str, extra: &[&str]| {
         let out_dir = format!("train.out_dir=\"{}\"", d.path().join(out).display());
-        let mut args = vec![
-            "train",
-            "--config",
-            cfg,
-            "--max-steps",
-            "6",
-            "--set",
-            &out_dir,
-        ];
+        let mut args = vec!["train", "--config", cfg, "--set", &out_dir];
         args.extend(extra);
         let (ok, err) = lmkit(&args);
         assert!(ok, "{err}");
         err
     };
-    run("one", &["--set", "train.batch_size=4"]);
-    let err = run("two", &["--procs", "2", "--set", "train.batch_size=2"]);
-    assert!(err.contains("group of 2 processes"), "{err}");
+    // Both stop after 3 steps (max_steps 3: its own schedule) and go on to 6 with --resume,
+    // the group's ranks from rank 0's checkpoint.
+    let one = ["--set", "train.batch_size=4"];
+    let group = ["--procs", "2", "--set", "train.batch_size=2"];
+    for (out, how) in [("one", &one[..]), ("two", &group[..])] {
+        let err = run(out, &[how, &["--max-steps", "3"]].concat());
+        assert_eq!(err.contains("group of 2 processes"), out == "two", "{err}");
+        let err = run(out, &[how, &["--max-steps", "6", "--resume"]].concat());
+        assert!(
+            err.contains("resumed from") && err.contains("step 3"),
+            "{err}"
+        );
+    }
 
     let losses = |out: &str| -> Vec<(u64, f64)> {
         std::fs::read_to_string(d.path().join(out).join("metrics.jsonl"))
