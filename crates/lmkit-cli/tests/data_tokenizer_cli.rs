@@ -419,6 +419,12 @@ fn corpus_files(dir: &std::path::Path, files: usize, lines: usize) -> Vec<String
             };
             text.push_str(&line);
             text.push('\n');
+            // Now and then a long line of numbers, which the quality filters drop.
+            if i % 997 == 0 {
+                let digits: Vec<String> = (0..60).map(|k| (k * 7919 + i).to_string()).collect();
+                text.push_str(&digits.join(" "));
+                text.push('\n');
+            }
         }
         let p = dir.join(format!("in-{f}.txt"));
         std::fs::write(&p, text).unwrap();
@@ -557,6 +563,27 @@ fn sharded_runs_match_a_single_run_and_resume_after_a_kill() {
         );
         assert!(ok, "{err}");
         assert_eq!(shard_bytes(&out), want, "{tasks} tasks");
+        // The report too: counts, byte totals and samples (dropped documents travel through the
+        // part files as their preview and length only).
+        let merged: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        let samples = report["filtered_samples"].as_object().unwrap();
+        assert!(
+            samples
+                .values()
+                .flat_map(|v| v.as_array().unwrap())
+                .any(|s| s["text"].as_str().unwrap().ends_with('…')),
+            "no long dropped document to check: {samples:?}"
+        );
+        for key in [
+            "filtered",
+            "filtered_samples",
+            "exact_duplicates",
+            "near_duplicates",
+        ] {
+            assert_eq!(merged[key], report[key], "{key}, {tasks} tasks");
+        }
         assert!(!d.join(format!("out{tasks}.tasks")).exists());
     }
     // Tasks of another run are not mixed in: other options are refused.

@@ -189,6 +189,9 @@ pub(crate) struct Processed {
     /// Bytes of its text as read.
     pub(crate) read_bytes: u64,
     pub(crate) text: String,
+    /// Bytes of the whole text where `text` holds only its beginning (a dropped document read
+    /// back from a part file: what the report needs is its length and its preview).
+    pub(crate) full_len: Option<usize>,
     pub(crate) c4_lines: u32,
     pub(crate) mojibake: bool,
     pub(crate) language: Option<&'static str>,
@@ -200,8 +203,18 @@ pub(crate) struct Processed {
     pub(crate) signature: Option<Vec<u32>>,
 }
 
+/// Characters of a document shown in the report's samples (more are marked with "…").
+pub(crate) const PREVIEW_CHARS: usize = 120;
+
+impl Processed {
+    /// Bytes of the document's text.
+    fn len(&self) -> usize {
+        self.full_len.unwrap_or(self.text.len())
+    }
+}
+
 fn preview(text: &str) -> String {
-    let mut s: String = text.chars().take(120).collect();
+    let mut s: String = text.chars().take(PREVIEW_CHARS).collect();
     if s.len() < text.len() {
         s.push('…');
     }
@@ -386,6 +399,7 @@ impl<'a> Analyzer<'a> {
                     pii,
                     exact: xxh3_128(text.as_bytes()),
                     text,
+                    full_len: None,
                     dates: dates as u32,
                     drop,
                     signature,
@@ -547,7 +561,7 @@ impl State {
                 r.languages
                     .entry(code.to_string())
                     .or_default()
-                    .add(p.text.len());
+                    .add(p.len());
             }
             if let Some(counts) = p.pii {
                 r.pii_docs += 1;
@@ -566,7 +580,7 @@ impl State {
             }
             if let Some(reason) = p.drop {
                 let key = reason.key();
-                r.filtered.entry(key.clone()).or_default().add(p.text.len());
+                r.filtered.entry(key.clone()).or_default().add(p.len());
                 let examples = r.filtered_samples.entry(key).or_default();
                 if examples.len() < samples {
                     examples.push(FilteredSample {
@@ -583,7 +597,7 @@ impl State {
             if opts.exact_dedup {
                 if !self.exact_seen.insert(p.exact) {
                     let e = &mut r.exact_duplicates;
-                    e.removed.add(p.text.len());
+                    e.removed.add(p.len());
                     if e.samples.len() < samples {
                         let (kept, kept_text) =
                             self.exact_first.get(&p.exact).cloned().unwrap_or_default();
@@ -605,7 +619,7 @@ impl State {
             if let (Some(idx), Some(sig)) = (self.index.as_mut(), p.signature.as_ref()) {
                 if let Some((id, j)) = idx.query_or_insert(sig) {
                     let n = &mut r.near_duplicates;
-                    n.removed.add(p.text.len());
+                    n.removed.add(p.len());
                     if n.samples.len() < samples {
                         let (kept, kept_text) = self.kept_meta.get(id);
                         n.samples.push(DupSample {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"LMKPART1";
+const MAGIC: &[u8; 8] = b"LMKPART2";
 const TAG_DOC: u8 = 1;
 const TAG_NOTES: u8 = 2;
 
@@ -310,7 +310,16 @@ fn encode(w: &mut dyn Write, p: &Processed) -> std::io::Result<()> {
     w.write_all(&[TAG_DOC])?;
     put(w, p.source.as_bytes())?;
     w.write_all(&p.read_bytes.to_le_bytes())?;
-    put(w, p.text.as_bytes())?;
+    // A dropped document keeps only what the report shows of it: its preview and its length.
+    let text = match p.drop {
+        Some(_) => match p.text.char_indices().nth(crate::PREVIEW_CHARS + 1) {
+            Some((end, _)) => &p.text[..end],
+            None => &p.text,
+        },
+        None => &p.text,
+    };
+    put(w, text.as_bytes())?;
+    w.write_all(&(p.len() as u64).to_le_bytes())?;
     w.write_all(&p.c4_lines.to_le_bytes())?;
     w.write_all(&p.dates.to_le_bytes())?;
     w.write_all(&[u8::from(p.mojibake) | u8::from(p.changed) << 1])?;
@@ -419,6 +428,14 @@ fn decode(r: &mut dyn Read) -> std::result::Result<(Processed, u64), String> {
     let source = string_of(r)?;
     let read_bytes = u64_of(r)?;
     let text = string_of(r)?;
+    let full_len = u64_of(r)? as usize;
+    if full_len < text.len() {
+        return Err(format!(
+            "a text of {} bytes said to have {full_len}",
+            text.len()
+        ));
+    }
+    let full_len = (full_len > text.len()).then_some(full_len);
     let c4_lines = u32_of(r)?;
     let dates = u32_of(r)?;
     let mut flags = [0u8; 1];
@@ -474,6 +491,7 @@ fn decode(r: &mut dyn Read) -> std::result::Result<(Processed, u64), String> {
             source,
             read_bytes,
             text,
+            full_len,
             c4_lines,
             dates,
             mojibake: flags[0] & 1 != 0,
@@ -486,4 +504,51 @@ fn decode(r: &mut dyn Read) -> std::result::Result<(Processed, u64), String> {
         },
         size as u64,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dropped document goes into a part file as its preview and length; a kept one whole.
+    #[test]
+    fn part_records_keep_what_the_report_needs() {
+        let long: String = "ab가".repeat(4000);
+        for (drop, text) in [
+            (None, long.clone()),
+            (Some(crate::DropReason::TooShort), long.clone()),
+            (Some(crate::DropReason::TooShort), "short".to_string()),
+        ] {
+            let p = Processed {
+                source: "f.txt:3".into(),
+                read_bytes: 7,
+                text: text.clone(),
+                full_len: None,
+                c4_lines: 1,
+                mojibake: false,
+                changed: true,
+                language: Some("eng"),
+                pii: None,
+                dates: 0,
+                drop,
+                exact: 42,
+                signature: None,
+            };
+            let mut buf = Vec::new();
+            encode(&mut buf, &p).unwrap();
+            let (q, _) = decode(&mut &buf[1..]).unwrap();
+            assert_eq!(q.len(), text.len());
+            assert_eq!(crate::preview(&q.text), crate::preview(&text));
+            if drop.is_some() && text.len() > 1000 {
+                assert!(
+                    buf.len() < 600,
+                    "{} bytes for a dropped document",
+                    buf.len()
+                );
+            } else {
+                assert_eq!(q.text, text);
+            }
+            assert_eq!((q.source, q.drop, q.exact), (p.source, p.drop, p.exact));
+        }
+    }
 }
