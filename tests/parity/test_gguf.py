@@ -252,3 +252,66 @@ def test_qwen_gguf_files_match_transformers(lmkit, tmp_path, arch):
     for extra in [(), ("--incremental",)]:
         got = np.array(json.loads(lmkit("model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), *extra)))
         assert np.abs(got - want).max() < 1e-4, (extra, np.abs(got - want).max())
+
+
+def spm_gguf(tmp_path, add_space_prefix=None):
+    """A SentencePiece BPE vocabulary (byte fallback) trained on the bundled English and Korean
+    text, written as a vocabulary-only GGUF (`tokenizer.ggml.model = llama`) as llama.cpp's
+    converter writes Llama 2's: pieces, scores and SentencePiece's token types."""
+    import gguf
+    import sentencepiece as spm
+    from conftest import ROOT
+    corpus = tmp_path / "spm.txt"
+    text = "".join(p.read_text(encoding="utf-8")[:150_000]
+                   for d in ("en", "ko") for p in sorted((ROOT / "data" / d).iterdir())[:1])
+    corpus.write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+                                   num_threads=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_block_count(1)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    kinds = [(sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6), (sp.is_unused, 5)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.get_piece_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    w.add_token_types([next((t for f, t in kinds if f(i)), 1) for i in range(sp.get_piece_size())])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, text, sp
+
+
+@pytest.mark.parametrize("add_space_prefix", [None, False])
+def test_sentencepiece_gguf_tokenizes_as_llama_cpp(lmkit, tmp_path, add_space_prefix):
+    """`tokenizer.ggml.model = llama`: the same ids as llama.cpp on the same file (byte fallback for
+    emoji and unseen characters, special tokens in text, spaces and tabs), and decoding gives the
+    text back."""
+    path, text, sp = spm_gguf(tmp_path, add_space_prefix)
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    lines = [t for t in TEXTS if "\n" not in t] + ["<s> in text </s> and <unk>", "  two  spaces", "ÅngströM café naïve ∑ 𝔘",
+                     "trailing space ", "끝"]
+    lines += [l for l in text.split("\n") if l.strip()][200:400]
+    got = lmkit("tokenizer", "encode", "--tokenizer", path, stdin="\n".join(lines) + "\n").splitlines()
+    assert len(got) == len(lines)
+    for line, ids in zip(lines, got):
+        assert [int(i) for i in ids.split()] == vocab.tokenize(line.encode(), add_bos=False, special=True), line
+    # Byte fallback is used (an emoji is not in a 1,000-piece vocabulary), and decoding restores the text.
+    emoji = [int(i) for i in got[2].split()]
+    assert any(sp.is_byte(i) for i in emoji), emoji
+    plain = [l for l in lines if "<" not in l and "\t" not in l and "  " not in l and not l.endswith(" ")][:50]
+    ids = lmkit("tokenizer", "encode", "--tokenizer", path, stdin="\n".join(plain) + "\n")
+    back = lmkit("tokenizer", "decode", "--tokenizer", path, stdin=ids).splitlines()
+    assert back == plain

@@ -77,6 +77,24 @@ impl GgufMeta {
         }
     }
 
+    fn floats(&self, key: &str) -> Option<Vec<f32>> {
+        match self.get(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)))
+                .collect::<std::result::Result<_, _>>()
+                .ok(),
+            _ => None,
+        }
+    }
+
+    fn flag(&self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
     /// The chat template (`tokenizer.chat_template`), if the file has one.
     pub fn chat_template(&self) -> Option<String> {
         self.str("tokenizer.chat_template").map(String::from)
@@ -119,7 +137,8 @@ fn pre_tokenizer(pre: &str) -> Option<(serde_json::Value, bool)> {
 }
 
 /// The tokenizer of a GGUF file. Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE, the
-/// kind of Llama 3, Qwen2/3, SmolLM2 and GPT-NeoX models) with the pre-tokenizer types above.
+/// kind of Llama 3, Qwen2/3, SmolLM2 and GPT-NeoX models) with the pre-tokenizer types above, and
+/// `llama` (SentencePiece BPE with byte fallback: Llama 1/2, Mistral 7B, Gemma-style vocabularies).
 pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
     let bad = |msg: String| TokenizeError::Load {
         path: path.to_path_buf(),
@@ -128,9 +147,13 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
     let model = meta.str("tokenizer.ggml.model").ok_or_else(|| {
         bad("metadata `tokenizer.ggml.model` is missing: the file carries no tokenizer".into())
     })?;
+    if model == "llama" {
+        return sentencepiece(meta).map_err(bad);
+    }
     if model != "gpt2" {
         return Err(bad(format!(
-            "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2, byte-level BPE)"
+            "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2, byte-level \
+             BPE; llama, SentencePiece BPE)"
         )));
     }
     // (llama.cpp's `default` splits otherwise than GPT-2; files made since 2024 name theirs.)
@@ -192,6 +215,103 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
         .parse()
         .map_err(|e: tokenizers::Error| bad(format!("rebuilding the tokenizer: {e}")))?;
     Ok(tk)
+}
+
+/// A SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types) as
+/// llama.cpp tokenizes with it: a space before the text (and after each special token) when
+/// `add_space_prefix` (the default), spaces as `▁`, adjacent pieces merged highest score first,
+/// characters outside the vocabulary as their UTF-8 bytes (`<0xNN>` tokens). In Hugging Face's
+/// terms (its Llama converter): a BPE model whose merges are every split of a token into two
+/// tokens, ordered by the merged token's score, with byte fallback.
+fn sentencepiece(meta: &GgufMeta) -> std::result::Result<Tokenizer, String> {
+    let tokens = meta
+        .strings("tokenizer.ggml.tokens")
+        .ok_or("metadata `tokenizer.ggml.tokens` is missing")?;
+    let scores = meta.floats("tokenizer.ggml.scores").ok_or(
+        "metadata `tokenizer.ggml.scores` is missing (a SentencePiece vocabulary needs them)",
+    )?;
+    let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
+    if scores.len() != tokens.len() || (!types.is_empty() && types.len() != tokens.len()) {
+        return Err(format!(
+            "{} tokens but {} scores and {} token types",
+            tokens.len(),
+            scores.len(),
+            types.len()
+        ));
+    }
+    let ty = |id: usize| types.get(id).copied().unwrap_or(1);
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut ids = std::collections::HashMap::with_capacity(tokens.len());
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        vocab.insert(tok.to_string(), id.into());
+        ids.entry(*tok).or_insert(id);
+        // Unknown (2), control (3) and user-defined (4) tokens are matched in text as a whole.
+        if matches!(ty(id), 2..=4) {
+            added.push(
+                serde_json::json!({"id": id, "content": tok, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": ty(id) != 4}),
+            );
+        }
+    }
+    // Every split of a normal token into two tokens, ordered by the token's score (highest
+    // first; then the longer left part, then the longer right part), each token's splits by the
+    // parts' ids.
+    let mut merges: Vec<(f32, usize, usize, usize, usize)> = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        if ty(id) != 1 {
+            continue;
+        }
+        let mut local = Vec::new();
+        for (cut, _) in tok.char_indices().skip(1) {
+            let (l, r) = tok.split_at(cut);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r)) {
+                local.push((scores[id], l.chars().count(), r.chars().count(), a, b));
+            }
+        }
+        local.sort_by_key(|m| (m.3, m.4));
+        merges.extend(local);
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(y.1.cmp(&x.1)).then(y.2.cmp(&x.2)));
+    let merges: Vec<[&str; 2]> = merges.iter().map(|m| [tokens[m.3], tokens[m.4]]).collect();
+    let unk = meta
+        .int("tokenizer.ggml.unknown_token_id")
+        .and_then(|i| tokens.get(i as usize))
+        .or_else(|| (0..tokens.len()).find(|&i| ty(i) == 2).map(|i| &tokens[i]))
+        .map(|t| t.to_string());
+    let space_prefix = meta.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let replace =
+        serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"});
+    let normalizer = if space_prefix {
+        serde_json::json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    serde_json::to_string(&json)
+        .map_err(|e| e.to_string())?
+        .parse()
+        .map_err(|e: tokenizers::Error| format!("rebuilding the SentencePiece tokenizer: {e}"))
 }
 
 /// The `tokenizer.ggml.*` metadata (and `tokenizer.chat_template`) that describe `tk` to
