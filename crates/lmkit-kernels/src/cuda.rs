@@ -349,6 +349,18 @@ impl Gpu {
         .map_err(Self::fail("gemm"))
     }
 
+    /// `c = a·b` ([`Gpu::mm`] with alpha 1, beta 0: c is overwritten).
+    pub fn set_product(
+        &self,
+        dims: (usize, usize, usize),
+        a: Mat,
+        b: Mat,
+        c: (Dev<f32>, usize),
+        batch: Batched,
+    ) -> Result<()> {
+        self.mm(dims, a, b, c, 1.0, 0.0, batch)
+    }
+
     /// Launches `name` with the given arguments (already checked by the caller).
     fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
         let f = self.dev.get_or_load_custom_func(name, MODULE, TRAIN_PTX)?;

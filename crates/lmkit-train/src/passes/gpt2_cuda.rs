@@ -47,6 +47,15 @@ impl Heads {
     fn scale(&self) -> f32 {
         1.0 / (self.hd as f32).sqrt()
     }
+    /// One product per head, the operands `a`, `b`, `c` elements apart from head to head.
+    fn per_head(&self, a: usize, b: usize, c: usize) -> Batched {
+        Batched {
+            count: self.heads,
+            a,
+            b,
+            c,
+        }
+    }
 }
 
 /// The loss and gradients of GPT-2 `model` on the GPU its parameters live on; `None` where the
@@ -124,16 +133,76 @@ fn column_sums(
     cols: usize,
 ) -> Result<Buf<f32>> {
     let out = gpu.uninit(cols)?;
-    gpu.mm(
+    gpu.set_product(
         (1, cols, n),
         plain(ones, n),
         plain(src, cols),
         (out.dev(), cols),
-        1.0,
-        0.0,
         Batched::ONE,
     )?;
     Ok(out)
+}
+
+/// A Conv1D layer into a new [n, out] buffer: `residual + input · w + bias` (no residual: the
+/// bias alone), the bias and residual written first and the product added (beta = 1).
+fn conv1d(
+    gpu: &Gpu,
+    residual: Option<Dev<f32>>,
+    input: Dev<f32>,
+    (w, bias): (Dev<f32>, Dev<f32>),
+    (n, out, inner): (usize, usize, usize),
+) -> Result<Buf<f32>> {
+    let y = gpu.uninit(n * out)?;
+    gpu.add_rows(y.dev(), residual, bias, (n, out))?;
+    gpu.mm(
+        (n, out, inner),
+        plain(input, inner),
+        plain(w, out),
+        (y.dev(), out),
+        1.0,
+        1.0,
+        Batched::ONE,
+    )?;
+    Ok(y)
+}
+
+/// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy:
+/// (dw, dbias, dinput).
+fn conv1d_bwd(
+    gpu: &Gpu,
+    ones: Dev<f32>,
+    dy: Dev<f32>,
+    input: Dev<f32>,
+    w: Dev<f32>,
+    (n, out, inner): (usize, usize, usize),
+) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
+    let db = column_sums(gpu, ones, dy, n, out)?;
+    let dw = product(
+        gpu,
+        (inner, out, n),
+        transposed(input, inner),
+        plain(dy, out),
+    )?;
+    let dinput = product(gpu, (n, inner, out), plain(dy, out), transposed(w, out))?;
+    Ok((dw, db, dinput))
+}
+
+/// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`) and
+/// (dw, db); `prod` is scratch [n, c]. `saved` = (the norm's input, its weight, its mean/rstd).
+fn norm_bwd(
+    gpu: &Gpu,
+    ones: Dev<f32>,
+    (dx, prod): (Dev<f32>, Dev<f32>),
+    dy: Dev<f32>,
+    (x, w, stats): (Dev<f32>, Dev<f32>, Dev<f32>),
+    (n, c): (usize, usize),
+    accumulate: bool,
+) -> Result<(Buf<f32>, Buf<f32>)> {
+    gpu.layer_norm_bwd(dx, prod, dy, x, w, stats, (n, c), accumulate)?;
+    Ok((
+        column_sums(gpu, ones, prod, n, c)?,
+        column_sums(gpu, ones, dy, n, c)?,
+    ))
 }
 
 /// `a · b` into a new [rows, cols] buffer.
@@ -144,15 +213,7 @@ fn product(
     b: lmkit_kernels::cuda::Mat,
 ) -> Result<Buf<f32>> {
     let out = gpu.uninit(rows * cols)?;
-    gpu.mm(
-        (rows, cols, k),
-        a,
-        b,
-        (out.dev(), cols),
-        1.0,
-        0.0,
-        Batched::ONE,
-    )?;
+    gpu.set_product((rows, cols, k), a, b, (out.dev(), cols), Batched::ONE)?;
     Ok(out)
 }
 
@@ -166,38 +227,24 @@ fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads)
         let k = q.at(c)?;
         let p = att.at(bi * s.heads * tt)?;
         // Scores Q·Kᵀ per head (scaled in the softmax).
-        gpu.mm(
+        gpu.set_product(
             (t, t, hd),
             plain(q, 3 * c),
             transposed(k, 3 * c),
             (p, t),
-            1.0,
-            0.0,
-            Batched {
-                count: s.heads,
-                a: hd,
-                b: hd,
-                c: tt,
-            },
+            s.per_head(hd, hd, tt),
         )?;
     }
     gpu.softmax_causal(att, s.b * s.heads * t, t, s.scale())?;
     for bi in 0..s.b {
         let v = qkv.at(bi * t * 3 * c + 2 * c)?;
         let p = att.at(bi * s.heads * tt)?;
-        gpu.mm(
+        gpu.set_product(
             (t, hd, t),
             plain(p, t),
             plain(v, 3 * c),
             (y.at(bi * t * c)?, c),
-            1.0,
-            0.0,
-            Batched {
-                count: s.heads,
-                a: tt,
-                b: hd,
-                c: hd,
-            },
+            s.per_head(tt, hd, hd),
         )?;
     }
     Ok(())
@@ -217,12 +264,6 @@ fn attention_bwd(
     let tt = t * t;
     let dp = gpu.uninit(s.heads * tt)?;
     let dp = dp.dev();
-    let per_head = |a, b, c| Batched {
-        count: s.heads,
-        a,
-        b,
-        c,
-    };
     for bi in 0..s.b {
         let q = qkv.at(bi * t * 3 * c)?;
         let (k, v) = (q.at(c)?, q.at(2 * c)?);
@@ -230,42 +271,34 @@ fn attention_bwd(
         let (dk, dv) = (dq.at(c)?, dq.at(2 * c)?);
         let p = att.at(bi * s.heads * tt)?;
         let dyb = dy.at(bi * t * c)?;
-        gpu.mm(
+        gpu.set_product(
             (t, t, hd),
             plain(dyb, c),
             transposed(v, 3 * c),
             (dp, t),
-            1.0,
-            0.0,
-            per_head(hd, hd, tt),
+            s.per_head(hd, hd, tt),
         )?;
-        gpu.mm(
+        gpu.set_product(
             (t, hd, t),
             transposed(p, t),
             plain(dyb, c),
             (dv, 3 * c),
-            1.0,
-            0.0,
-            per_head(tt, hd, hd),
+            s.per_head(tt, hd, hd),
         )?;
         gpu.softmax_causal_bwd(dp, p, s.heads * t, t, s.scale())?;
-        gpu.mm(
+        gpu.set_product(
             (t, hd, t),
             plain(dp, t),
             plain(k, 3 * c),
             (dq, 3 * c),
-            1.0,
-            0.0,
-            per_head(tt, hd, hd),
+            s.per_head(tt, hd, hd),
         )?;
-        gpu.mm(
+        gpu.set_product(
             (t, hd, t),
             transposed(dp, t),
             plain(q, 3 * c),
             (dk, 3 * c),
-            1.0,
-            0.0,
-            per_head(tt, hd, hd),
+            s.per_head(tt, hd, hd),
         )?;
     }
     Ok(())
@@ -328,32 +361,12 @@ fn backprop(
             (n, c),
             eps,
         )?;
-        let qkv = gpu.uninit(n * 3 * c)?;
-        gpu.add_rows(qkv.dev(), None, w.c_attn_b, (n, 3 * c))?;
-        let one = Batched::ONE;
-        gpu.mm(
-            (n, 3 * c, c),
-            plain(a1.dev(), c),
-            plain(w.c_attn_w, 3 * c),
-            (qkv.dev(), 3 * c),
-            1.0,
-            1.0,
-            one,
-        )?;
+        let qkv = conv1d(gpu, None, a1.dev(), (w.c_attn_w, w.c_attn_b), (n, 3 * c, c))?;
         let att = gpu.uninit(b * d.heads * t * t)?;
         let y = gpu.uninit(n * c)?;
         attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)?;
-        let xm = gpu.uninit(n * c)?;
-        gpu.add_rows(xm.dev(), Some(x.dev()), w.attn_proj_b, (n, c))?;
-        gpu.mm(
-            (n, c, c),
-            plain(y.dev(), c),
-            plain(w.attn_proj_w, c),
-            (xm.dev(), c),
-            1.0,
-            1.0,
-            one,
-        )?;
+        let attn_proj = (w.attn_proj_w, w.attn_proj_b);
+        let xm = conv1d(gpu, Some(x.dev()), y.dev(), attn_proj, (n, c, c))?;
         let ln2 = gpu.uninit(2 * n)?;
         let a2 = gpu.uninit(n * c)?;
         gpu.layer_norm(
@@ -365,30 +378,11 @@ fn backprop(
             (n, c),
             eps,
         )?;
-        let h = gpu.uninit(n * hid)?;
-        gpu.add_rows(h.dev(), None, w.c_fc_b, (n, hid))?;
-        gpu.mm(
-            (n, hid, c),
-            plain(a2.dev(), c),
-            plain(w.c_fc_w, hid),
-            (h.dev(), hid),
-            1.0,
-            1.0,
-            one,
-        )?;
+        let h = conv1d(gpu, None, a2.dev(), (w.c_fc_w, w.c_fc_b), (n, hid, c))?;
         let g = gpu.uninit(n * hid)?;
         gpu.act_fwd(gelu, g.dev(), h.dev(), n * hid)?;
-        let xo = gpu.uninit(n * c)?;
-        gpu.add_rows(xo.dev(), Some(xm.dev()), w.mlp_proj_b, (n, c))?;
-        gpu.mm(
-            (n, c, hid),
-            plain(g.dev(), hid),
-            plain(w.mlp_proj_w, c),
-            (xo.dev(), c),
-            1.0,
-            1.0,
-            one,
-        )?;
+        let mlp_proj = (w.mlp_proj_w, w.mlp_proj_b);
+        let xo = conv1d(gpu, Some(xm.dev()), g.dev(), mlp_proj, (n, c, hid))?;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
             ln1,
@@ -428,13 +422,11 @@ fn backprop(
         let rows = chunk.min(n - r0);
         let hc = hf.dev().at(r0 * c)?;
         let lg = logits.dev();
-        gpu.mm(
+        gpu.set_product(
             (rows, v, c),
             plain(hc, c),
             transposed(lm, c),
             (lg, v),
-            1.0,
-            0.0,
             Batched::ONE,
         )?;
         gpu.cross_entropy(
@@ -444,13 +436,11 @@ fn backprop(
             (rows, v),
             sc,
         )?;
-        gpu.mm(
+        gpu.set_product(
             (rows, c, v),
             plain(lg, v),
             plain(lm, c),
             (dhf.dev().at(r0 * c)?, c),
-            1.0,
-            0.0,
             Batched::ONE,
         )?;
         gpu.mm(
@@ -478,93 +468,48 @@ fn backprop(
     let ones = gpu.uninit(n)?;
     gpu.fill(ones.dev(), 1.0, n)?;
     let ones = ones.dev();
-    let colsum = |src: Dev<f32>, cols: usize| column_sums(gpu, ones, src, n, cols);
     let prod = gpu.uninit(n * c)?;
     let dx = gpu.uninit(n * c)?;
-    gpu.layer_norm_bwd(
-        dx.dev(),
-        prod.dev(),
+    let lnf = (x.dev(), p.ln_f_w, lnf.dev());
+    let (ln_f_w, ln_f_b) = norm_bwd(
+        gpu,
+        ones,
+        (dx.dev(), prod.dev()),
         dhf.dev(),
-        x.dev(),
-        p.ln_f_w,
-        lnf.dev(),
+        lnf,
         (n, c),
         false,
     )?;
-    let ln_f_w = colsum(prod.dev(), c)?;
-    let ln_f_b = colsum(dhf.dev(), c)?;
     drop(dhf);
     let mut blocks = Vec::with_capacity(p.blocks.len());
     for w in p.blocks.iter().rev() {
         let s = saved.pop().expect("one saved entry per block");
         let dxd = dx.dev();
         // xo = xm + act(h)·W_proj + b_proj
-        let mlp_proj_b = colsum(dxd, c)?;
-        let mlp_proj_w = product(gpu, (hid, c, n), transposed(s.g.dev(), hid), plain(dxd, c))?;
-        let dh = product(gpu, (n, hid, c), plain(dxd, c), transposed(w.mlp_proj_w, c))?;
+        let (mlp_proj_w, mlp_proj_b, dh) =
+            conv1d_bwd(gpu, ones, dxd, s.g.dev(), w.mlp_proj_w, (n, c, hid))?;
         gpu.act_bwd(gelu, dh.dev(), s.h.dev(), dh.dev(), n * hid)?;
         // h = LN2(xm)·W_fc + b_fc
-        let c_fc_b = colsum(dh.dev(), hid)?;
-        let c_fc_w = product(
-            gpu,
-            (c, hid, n),
-            transposed(s.a2.dev(), c),
-            plain(dh.dev(), hid),
-        )?;
-        let da2 = product(
-            gpu,
-            (n, c, hid),
-            plain(dh.dev(), hid),
-            transposed(w.c_fc_w, hid),
-        )?;
+        let (c_fc_w, c_fc_b, da2) =
+            conv1d_bwd(gpu, ones, dh.dev(), s.a2.dev(), w.c_fc_w, (n, hid, c))?;
         drop(dh);
-        gpu.layer_norm_bwd(
-            dxd,
-            prod.dev(),
-            da2.dev(),
-            s.xm.dev(),
-            w.ln_2_w,
-            s.ln2.dev(),
-            (n, c),
-            true,
-        )?;
-        let ln_2_w = colsum(prod.dev(), c)?;
-        let ln_2_b = colsum(da2.dev(), c)?;
+        let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
+        let (ln_2_w, ln_2_b) =
+            norm_bwd(gpu, ones, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
         drop(da2);
         // xm = x + attention(qkv)·W_o + b_o
-        let attn_proj_b = colsum(dxd, c)?;
-        let attn_proj_w = product(gpu, (c, c, n), transposed(s.y.dev(), c), plain(dxd, c))?;
-        let dy = product(gpu, (n, c, c), plain(dxd, c), transposed(w.attn_proj_w, c))?;
+        let (attn_proj_w, attn_proj_b, dy) =
+            conv1d_bwd(gpu, ones, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         attention_bwd(gpu, s.qkv.dev(), s.att.dev(), dy.dev(), dqkv.dev(), heads)?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
-        let c_attn_b = colsum(dqkv.dev(), 3 * c)?;
-        let c_attn_w = product(
-            gpu,
-            (c, 3 * c, n),
-            transposed(s.a1.dev(), c),
-            plain(dqkv.dev(), 3 * c),
-        )?;
-        let da1 = product(
-            gpu,
-            (n, c, 3 * c),
-            plain(dqkv.dev(), 3 * c),
-            transposed(w.c_attn_w, 3 * c),
-        )?;
+        let (c_attn_w, c_attn_b, da1) =
+            conv1d_bwd(gpu, ones, dqkv.dev(), s.a1.dev(), w.c_attn_w, (n, 3 * c, c))?;
         drop(dqkv);
-        gpu.layer_norm_bwd(
-            dxd,
-            prod.dev(),
-            da1.dev(),
-            s.x.dev(),
-            w.ln_1_w,
-            s.ln1.dev(),
-            (n, c),
-            true,
-        )?;
-        let ln_1_w = colsum(prod.dev(), c)?;
-        let ln_1_b = colsum(da1.dev(), c)?;
+        let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
+        let (ln_1_w, ln_1_b) =
+            norm_bwd(gpu, ones, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;
         blocks.push(Gpt2BlockParams {
             ln_1_w,
             ln_1_b,
