@@ -10,7 +10,7 @@
 
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
-use lmkit_kernels::cuda::{plain, transposed, Batched, Buf, Dev, Gpu};
+use lmkit_kernels::cuda::{plain, transposed, Batched, Buf, Dev, Gpu, Mat};
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
 
 /// Logit elements made at a time (1 GiB of f32).
@@ -188,7 +188,8 @@ fn conv1d_bwd(
 }
 
 /// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`) and
-/// (dw, db); `prod` is scratch [n, c]. `saved` = (the norm's input, its weight, its mean/rstd).
+/// (dw, db); `prod` is scratch [n, c]; `(x, w, stats)`: the norm's input, its weight, and the
+/// mean and 1/std its forward pass kept.
 fn norm_bwd(
     gpu: &Gpu,
     ones: Dev<f32>,
@@ -206,12 +207,7 @@ fn norm_bwd(
 }
 
 /// `a · b` into a new [rows, cols] buffer.
-fn product(
-    gpu: &Gpu,
-    (rows, cols, k): (usize, usize, usize),
-    a: lmkit_kernels::cuda::Mat,
-    b: lmkit_kernels::cuda::Mat,
-) -> Result<Buf<f32>> {
+fn product(gpu: &Gpu, (rows, cols, k): (usize, usize, usize), a: Mat, b: Mat) -> Result<Buf<f32>> {
     let out = gpu.uninit(rows * cols)?;
     gpu.set_product((rows, cols, k), a, b, (out.dev(), cols), Batched::ONE)?;
     Ok(out)
