@@ -371,9 +371,10 @@ fn backprop<T: BlasFloat>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::Gpt2Pass;
     use crate::passes::TrainPass;
+    use candle_core::backprop::GradStore;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_kernels::testing::max_diff;
@@ -386,6 +387,49 @@ mod tests {
             "n_inner": 24, "activation_function": act, "tie_word_embeddings": tied,
         }))
         .unwrap()
+    }
+
+    /// candle's autograd through the model's graph (fused ops), the reference the hand-written
+    /// passes are held to: the mean next-token cross-entropy of `x` → `y` and the gradients of
+    /// that loss times `scale`.
+    pub(crate) fn autograd_reference(
+        model: &Gpt2,
+        x: &Tensor,
+        y: &Tensor,
+        scale: f64,
+    ) -> (f64, GradStore) {
+        let (b, t) = x.dims2().unwrap();
+        let h = model
+            .hidden(x, &mut [&mut KvCache::single_pass(b)])
+            .unwrap()
+            .reshape((b * t, model.cfg.n_embd))
+            .unwrap();
+        let logits = h.matmul(&model.lm_head().t().unwrap()).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &y.flatten_all().unwrap()).unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        (value, (loss * scale).unwrap().backward().unwrap())
+    }
+
+    /// `got` within `tol`·max(1, max |want|) of `want`; a zero `want` is refused (it tests
+    /// nothing).
+    pub(crate) fn assert_gradient_close(got: &Tensor, want: &Tensor, tol: f64) {
+        assert_eq!(got.dims(), want.dims());
+        let diff = max_diff(got, want);
+        let size = max_diff(want, &want.zeros_like().unwrap());
+        assert!(
+            size > 0.0,
+            "a zero gradient tests nothing ({:?})",
+            want.dims()
+        );
+        assert!(
+            diff <= tol * size.max(1.0),
+            "gradient of {:?}: max diff {diff} (max {size})",
+            want.dims()
+        );
     }
 
     /// Random tokens and next tokens, [2, 9].
@@ -430,37 +474,18 @@ mod tests {
             .unwrap()
             .expect("fast path applies");
 
-        let h = model
-            .hidden(&x, &mut [&mut KvCache::single_pass(2)])
-            .unwrap()
-            .reshape((18, 16))
-            .unwrap();
-        let logits = h.matmul(&model.lm_head().t().unwrap()).unwrap();
-        let loss = candle_nn::loss::cross_entropy(&logits, &y.flatten_all().unwrap()).unwrap();
-        let want_loss = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let (want_loss, g) = autograd_reference(&model, &x, &y, scale);
         assert!(
             (ours.loss - want_loss).abs() < tol,
             "loss {} vs {want_loss}",
             ours.loss
         );
-        let g = (loss * scale).unwrap().backward().unwrap();
         let expected = if tied { 2 + 12 * 2 + 2 } else { 2 + 12 * 2 + 3 };
         assert_eq!(ours.grads.len(), expected);
         assert_eq!(vm.all_vars().len(), expected);
         for (p, ours_g) in &ours.grads {
             let want = g.get(p).expect("every parameter has a gradient");
-            let diff = max_diff(ours_g, want);
-            let size = max_diff(want, &want.zeros_like().unwrap());
-            assert!(size > 0.0, "a zero gradient tests nothing ({:?})", p.dims());
-            assert!(
-                diff <= tol * size.max(1.0),
-                "gradient of {:?}: max diff {diff} (max {size})",
-                p.dims()
-            );
+            assert_gradient_close(ours_g, want, tol);
         }
     }
 
