@@ -82,16 +82,28 @@ impl InplaceOp2 for Moment {
         s2: &candle_core::cuda_backend::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        use crate::cuda::Gpu;
-        let gpu = Gpu::of_storage(s2);
-        let (Some(m), Some(g)) = (Gpu::view_cuda(s1, l1), Gpu::view_cuda(s2, l2)) else {
-            candle_core::bail!("adamw: contiguous f32 tensors only");
-        };
-        if m.len() != g.len() {
-            candle_core::bail!("adamw: moment of {} for a gradient of {}", m.len(), g.len());
-        }
+        let [m, g] = cuda_views([(s1, l1), (s2, l2)])?;
+        let gpu = crate::cuda::Gpu::of_storage(s2);
         gpu.adam_moment(m, g, m.len(), (self.beta, self.scale), self.square)
     }
+}
+
+/// The device data of the optimizer's CUDA operands: contiguous f32 tensors of one size.
+#[cfg(feature = "cuda")]
+fn cuda_views<const N: usize>(
+    parts: [(&candle_core::cuda_backend::CudaStorage, &Layout); N],
+) -> candle_core::Result<[crate::cuda::Dev<f32>; N]> {
+    let mut views = Vec::with_capacity(N);
+    for (s, l) in parts {
+        match crate::cuda::Gpu::view_cuda(s, l) {
+            Some(v) => views.push(v),
+            None => candle_core::bail!("adamw: contiguous f32 tensors only"),
+        }
+    }
+    if views.iter().any(|v| v.len() != views[0].len()) {
+        candle_core::bail!("adamw: a parameter, gradient or moment of another size");
+    }
+    Ok(views.try_into().expect("N views"))
 }
 
 /// In place: θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
@@ -139,19 +151,8 @@ impl InplaceOp3 for Apply {
         s3: &candle_core::cuda_backend::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        use crate::cuda::Gpu;
-        let gpu = Gpu::of_storage(s2);
-        let views = (
-            Gpu::view_cuda(s1, l1),
-            Gpu::view_cuda(s2, l2),
-            Gpu::view_cuda(s3, l3),
-        );
-        let (Some(th), Some(m), Some(v)) = views else {
-            candle_core::bail!("adamw: contiguous f32 tensors only");
-        };
-        if m.len() != th.len() || v.len() != th.len() {
-            candle_core::bail!("adamw: moments of other sizes than the parameter");
-        }
+        let [th, m, v] = cuda_views([(s1, l1), (s2, l2), (s3, l3)])?;
+        let gpu = crate::cuda::Gpu::of_storage(s2);
         let k = [self.keep, self.lr, self.ibc1, self.ibc2, self.eps];
         gpu.adam_apply(th, m, v, th.len(), k)
     }

@@ -129,14 +129,23 @@ fn blocks(n: usize, per_block: usize) -> u32 {
 impl Gpu {
     /// The GPU of `device`, or `None` for other devices.
     pub fn of(device: &Device) -> Option<Gpu> {
-        let Device::Cuda(dev) = device else {
-            return None;
-        };
-        Some(Gpu {
+        match device {
+            Device::Cuda(dev) => Some(Gpu::on(dev)),
+            _ => None,
+        }
+    }
+
+    /// The GPU a CUDA storage lives on.
+    pub fn of_storage(storage: &CudaStorage) -> Gpu {
+        Gpu::on(&storage.device)
+    }
+
+    fn on(dev: &CudaDevice) -> Gpu {
+        Gpu {
             blas: dev.cublas_handle(),
             dev: dev.clone(),
             tf32: true,
-        })
+        }
     }
 
     fn fail<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
@@ -157,16 +166,6 @@ impl Gpu {
                 _t: PhantomData,
             },
             slice,
-        }
-    }
-
-    /// The GPU a CUDA storage lives on.
-    pub fn of_storage(storage: &CudaStorage) -> Gpu {
-        let dev = &storage.device;
-        Gpu {
-            blas: dev.cublas_handle(),
-            dev: dev.clone(),
-            tf32: true,
         }
     }
 
@@ -311,9 +310,6 @@ impl Gpu {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
         let f32t = cublas_sys::cudaDataType_t::CUDA_R_32F;
-        let int = |x: usize| -> Result<i32> {
-            i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda mm: {x} too large")))
-        };
         // Column-major cuBLAS computes cᵀ = bᵀ·aᵀ: a row-major matrix is its transpose in
         // column-major order, so the operands swap and keep their own transposition flags.
         // SAFETY: the addresses are live device buffers (borrowed tensors or buffers of the
@@ -385,6 +381,16 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches an elementwise kernel: a thread per element of `len`.
+    fn launch_elements(&self, name: &str, len: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, blocks(len, THREADS as usize), THREADS, args)
+    }
+
+    /// Launches a row kernel: a warp per row of `rows`.
+    fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, blocks(rows, THREADS as usize / 32), THREADS, args)
+    }
+
     /// x[r] = wte[ids[r]] + wpe[r mod t]; ids must be < wte's rows (checked by the caller).
     pub fn embed_fwd(
         &self,
@@ -404,7 +410,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::I(int(c)?),
         ];
-        self.launch("embed_fwd", blocks(n * c, THREADS as usize), THREADS, &args)
+        self.launch_elements("embed_fwd", n * c, &args)
     }
 
     /// dwte[ids[r]] += dx[r]; dwpe[p] = Σ_b dx[b·t + p] for p < t.
@@ -426,12 +432,7 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(c)?),
         ];
-        self.launch(
-            "embed_bwd_tokens",
-            blocks(n * c, THREADS as usize),
-            THREADS,
-            &args,
-        )?;
+        self.launch_elements("embed_bwd_tokens", n * c, &args)?;
         let args = [
             Arg::P(dwpe.need(t * c, "embed_bwd dwpe")?),
             Arg::P(dx.need(n * c, "embed_bwd dx")?),
@@ -439,12 +440,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::I(int(c)?),
         ];
-        self.launch(
-            "embed_bwd_positions",
-            blocks(t * c, THREADS as usize),
-            THREADS,
-            &args,
-        )
+        self.launch_elements("embed_bwd_positions", t * c, &args)
     }
 
     /// out[r] = x[r] + bias, or out[r] = bias without x.
@@ -465,7 +461,7 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(c)?),
         ];
-        self.launch("add_rows", blocks(n * c, THREADS as usize), THREADS, &args)
+        self.launch_elements("add_rows", n * c, &args)
     }
 
     /// LayerNorm of rows; mean and 1/std per row kept in `stats` ([2, n]).
@@ -492,8 +488,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::F(eps),
         ];
-        let rows_per_block = THREADS as usize / 32;
-        self.launch("layer_norm_fwd", blocks(n, rows_per_block), THREADS, &args)
+        self.launch_rows("layer_norm_fwd", n, &args)
     }
 
     /// LayerNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
@@ -523,8 +518,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        let rows_per_block = THREADS as usize / 32;
-        self.launch("layer_norm_bwd", blocks(n, rows_per_block), THREADS, &args)
+        self.launch_rows("layer_norm_bwd", n, &args)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU.
@@ -535,7 +529,7 @@ impl Gpu {
             Arg::L(len as i64),
         ];
         let name = if gelu { "gelu_fwd" } else { "relu_fwd" };
-        self.launch(name, blocks(len, THREADS as usize), THREADS, &args)
+        self.launch_elements(name, len, &args)
     }
 
     pub fn act_bwd(
@@ -553,7 +547,7 @@ impl Gpu {
             Arg::L(len as i64),
         ];
         let name = if gelu { "gelu_bwd" } else { "relu_bwd" };
-        self.launch(name, blocks(len, THREADS as usize), THREADS, &args)
+        self.launch_elements(name, len, &args)
     }
 
     /// Causal softmax in place over `rows` rows of length t (rows of [groups, t, t]).
@@ -564,13 +558,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::F(scale),
         ];
-        let rows_per_block = THREADS as usize / 32;
-        self.launch(
-            "softmax_causal_fwd",
-            blocks(rows, rows_per_block),
-            THREADS,
-            &args,
-        )
+        self.launch_rows("softmax_causal_fwd", rows, &args)
     }
 
     /// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place in dp.
@@ -589,13 +577,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::F(scale),
         ];
-        let rows_per_block = THREADS as usize / 32;
-        self.launch(
-            "softmax_causal_bwd",
-            blocks(rows, rows_per_block),
-            THREADS,
-            &args,
-        )
+        self.launch_rows("softmax_causal_bwd", rows, &args)
     }
 
     /// Cross-entropy of logits [rows, v] against targets; the logits become the gradient times
@@ -635,7 +617,7 @@ impl Gpu {
             Arg::F(scale),
             Arg::I(square as i32),
         ];
-        self.launch("adam_moment", blocks(len, THREADS as usize), THREADS, &args)
+        self.launch_elements("adam_moment", len, &args)
     }
 
     /// In place: θ ← keep·θ − lr·(m·ibc1) / (√(v·ibc2) + ε); `k` = (keep, lr, ibc1, ibc2, ε).
@@ -658,7 +640,7 @@ impl Gpu {
             Arg::F(k[3]),
             Arg::F(k[4]),
         ];
-        self.launch("adam_apply", blocks(len, THREADS as usize), THREADS, &args)
+        self.launch_elements("adam_apply", len, &args)
     }
 
     /// Σ x² over every array (in f64, partial sums added in a fixed order: the same value every
@@ -688,7 +670,7 @@ impl Gpu {
             Arg::F(value),
             Arg::L(len as i64),
         ];
-        self.launch("fill", blocks(len, THREADS as usize), THREADS, &args)
+        self.launch_elements("fill", len, &args)
     }
 }
 
