@@ -247,6 +247,15 @@ pub(crate) fn run(
     let mut window_start = Instant::now();
     let mut tps = 0.0;
     let mut checkpoint_dir = None;
+    // Only rank 0 of a group logs, validates and saves.
+    let writer = group.is_root();
+    // The time limit reached, a stop requested.
+    let limits = || {
+        [
+            t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m),
+            lmkit_core::stop::requested(),
+        ]
+    };
     while at.step < t.max_steps {
         let lr = lr_at(at.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps);
         let mut grads = Grads::new(opt);
@@ -263,8 +272,7 @@ pub(crate) fn run(
         let grads = grads.finish(opt)?;
         // Whether this step is the last (time limit, stop request): in a group, every member
         // stops if one does, so that none waits for the others' gradients.
-        let mut out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
-        let mut interrupted = lmkit_core::stop::requested();
+        let [mut out_of_time, mut interrupted] = limits();
         let grads = if group.world() > 1 {
             let flags = [out_of_time, interrupted];
             let (g, loss, flags) = reduce(group, grads, loss_sum, flags)?;
@@ -275,7 +283,6 @@ pub(crate) fn run(
         } else {
             grads
         };
-        let writer = group.is_root();
         let norm = grad_norm(&grads)?;
         opt.step(&grads, lr, clip_scale(norm, t.grad_clip))?;
         at.step += 1;
@@ -324,8 +331,7 @@ pub(crate) fn run(
             }
         }
         if group.world() == 1 {
-            out_of_time = t.max_time.is_some_and(|m| t0.elapsed().as_secs_f64() >= m);
-            interrupted = lmkit_core::stop::requested();
+            [out_of_time, interrupted] = limits();
         }
         if writer
             && ((t.save_every > 0 && at.step.is_multiple_of(t.save_every))
@@ -350,7 +356,7 @@ pub(crate) fn run(
     progress.finish();
     let checkpoint = match checkpoint_dir {
         Some(d) => d,
-        None if group.is_root() => save(opt, now(at))?,
+        None if writer => save(opt, now(at))?,
         // Other members: the run's directory (rank 0 wrote the checkpoint).
         None => metrics_path
             .parent()
