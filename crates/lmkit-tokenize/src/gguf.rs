@@ -170,26 +170,8 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
         .strings("tokenizer.ggml.merges")
         .ok_or_else(|| bad("metadata `tokenizer.ggml.merges` is missing".into()))?;
     let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
-    if !types.is_empty() && types.len() != tokens.len() {
-        return Err(bad(format!(
-            "tokenizer.ggml.token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
-    }
-    let mut vocab = serde_json::Map::with_capacity(tokens.len());
-    let mut added = Vec::new();
-    for (id, tok) in tokens.iter().enumerate() {
-        vocab.insert(tok.to_string(), id.into());
-        // llama.cpp's token types: 3 control, 4 user-defined (both matched in text as a whole).
-        let ty = types.get(id).copied().unwrap_or(1);
-        if ty == 3 || ty == 4 {
-            added.push(
-                serde_json::json!({"id": id, "content": tok, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": ty == 3}),
-            );
-        }
-    }
+    // Control (3) and user-defined (4) tokens are matched in text as a whole.
+    let (vocab, added) = vocabulary(&tokens, &types, 3..=4).map_err(bad)?;
     for (i, m) in merges.iter().enumerate() {
         if m.split_once(' ').is_none() {
             return Err(bad(format!(
@@ -210,11 +192,51 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
             "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
     });
-    let tk: Tokenizer = serde_json::to_string(&json)
-        .map_err(|e| bad(e.to_string()))?
+    from_json(&json).map_err(bad)
+}
+
+/// The vocabulary (token → id) and, as Hugging Face's `added_tokens`, the tokens whose llama.cpp
+/// type (`types`: one per token, or none) is in `whole`: those are matched in text as a whole,
+/// user-defined ones (4) as plain tokens, the others as special ones.
+fn vocabulary(
+    tokens: &[&str],
+    types: &[i64],
+    whole: std::ops::RangeInclusive<i64>,
+) -> std::result::Result<
+    (
+        serde_json::Map<String, serde_json::Value>,
+        Vec<serde_json::Value>,
+    ),
+    String,
+> {
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        ));
+    }
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = Vec::new();
+    for (id, tok) in tokens.iter().enumerate() {
+        vocab.insert(tok.to_string(), id.into());
+        let ty = types.get(id).copied().unwrap_or(1);
+        if whole.contains(&ty) {
+            added.push(
+                serde_json::json!({"id": id, "content": tok, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": ty != 4}),
+            );
+        }
+    }
+    Ok((vocab, added))
+}
+
+/// A tokenizer from its tokenizer.json form.
+fn from_json(json: &serde_json::Value) -> std::result::Result<Tokenizer, String> {
+    serde_json::to_string(json)
+        .map_err(|e| e.to_string())?
         .parse()
-        .map_err(|e: tokenizers::Error| bad(format!("rebuilding the tokenizer: {e}")))?;
-    Ok(tk)
+        .map_err(|e: tokenizers::Error| format!("rebuilding the tokenizer: {e}"))
 }
 
 /// A SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`: tokens, scores, types) as
@@ -230,29 +252,20 @@ fn sentencepiece(meta: &GgufMeta) -> std::result::Result<Tokenizer, String> {
     let scores = meta.floats("tokenizer.ggml.scores").ok_or(
         "metadata `tokenizer.ggml.scores` is missing (a SentencePiece vocabulary needs them)",
     )?;
-    let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
-    if scores.len() != tokens.len() || (!types.is_empty() && types.len() != tokens.len()) {
+    if scores.len() != tokens.len() {
         return Err(format!(
-            "{} tokens but {} scores and {} token types",
+            "{} tokens but {} scores",
             tokens.len(),
-            scores.len(),
-            types.len()
+            scores.len()
         ));
     }
+    let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
+    // Unknown (2), control (3) and user-defined (4) tokens are matched in text as a whole.
+    let (vocab, added) = vocabulary(&tokens, &types, 2..=4)?;
     let ty = |id: usize| types.get(id).copied().unwrap_or(1);
-    let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut ids = std::collections::HashMap::with_capacity(tokens.len());
-    let mut added = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
-        vocab.insert(tok.to_string(), id.into());
         ids.entry(*tok).or_insert(id);
-        // Unknown (2), control (3) and user-defined (4) tokens are matched in text as a whole.
-        if matches!(ty(id), 2..=4) {
-            added.push(
-                serde_json::json!({"id": id, "content": tok, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": ty(id) != 4}),
-            );
-        }
     }
     // Every split of a normal token into two tokens, ordered by the token's score (highest
     // first; then the longer left part, then the longer right part), each token's splits by the
@@ -308,10 +321,7 @@ fn sentencepiece(meta: &GgufMeta) -> std::result::Result<Tokenizer, String> {
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
             "ignore_merges": false, "vocab": vocab, "merges": merges},
     });
-    serde_json::to_string(&json)
-        .map_err(|e| e.to_string())?
-        .parse()
-        .map_err(|e: tokenizers::Error| format!("rebuilding the SentencePiece tokenizer: {e}"))
+    from_json(&json)
 }
 
 /// The `tokenizer.ggml.*` metadata (and `tokenizer.chat_template`) that describe `tk` to
