@@ -33,11 +33,7 @@ impl ExactSet {
     /// Estimated bytes taken from the allocator (counted as in
     /// [`crate::minhash::LshIndex::memory_bytes`]: allocated until the first spill, used after).
     pub fn memory_bytes(&self) -> usize {
-        let slots = if self.disk.is_none() {
-            self.mem.capacity()
-        } else {
-            self.mem.len()
-        };
+        let slots = crate::spill::counted(self.disk.is_some(), self.mem.capacity(), self.mem.len());
         2 * slots * 8 / 7 * SLOT_BYTES
     }
 

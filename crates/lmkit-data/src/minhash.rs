@@ -208,19 +208,15 @@ impl LshIndex {
             .buckets
             .iter()
             .map(|m| {
-                let slots = if self.disk.is_none() {
-                    m.capacity()
-                } else {
-                    m.len()
-                };
+                let slots = crate::spill::counted(self.disk.is_some(), m.capacity(), m.len());
                 slots * slot + m.len() * ID_LIST_BYTES
             })
             .sum();
-        let sigs = if self.disk.is_none() {
-            self.signatures.capacity()
-        } else {
-            self.signatures.len()
-        };
+        let sigs = crate::spill::counted(
+            self.disk.is_some(),
+            self.signatures.capacity(),
+            self.signatures.len(),
+        );
         2 * (sigs * 4 + maps)
     }
 

@@ -13,6 +13,17 @@ use std::path::{Path, PathBuf};
 /// Runs kept before they are merged into one.
 pub const MAX_RUNS: usize = 8;
 
+/// The elements a buffer is counted for in a memory estimate: its capacity until the index first
+/// spills (buffers that grew left their predecessors with the allocator), what it holds after (a
+/// spill keeps the buffers, which refill to their first size).
+pub fn counted(spilled: bool, capacity: usize, len: usize) -> usize {
+    if spilled {
+        len
+    } else {
+        capacity
+    }
+}
+
 /// Sorted runs of `rec`-byte records whose first `key` bytes are the lookup key.
 pub struct Runs {
     dir: PathBuf,
