@@ -303,6 +303,14 @@ impl<P> Gpt2Params<P> {
         })
     }
 
+    /// The same parameters through `f`.
+    pub fn map<Q>(self, mut f: impl FnMut(P) -> Q) -> Gpt2Params<Q> {
+        match self.try_map(|p| Ok::<_, std::convert::Infallible>(f(p))) {
+            Ok(q) => q,
+            Err(never) => match never {},
+        }
+    }
+
     /// References to the parameters, by name.
     pub fn as_ref(&self) -> Gpt2Params<&P> {
         Gpt2Params {

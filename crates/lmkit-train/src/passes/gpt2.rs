@@ -155,12 +155,7 @@ fn pass<T: BlasFloat>(
     batch: &Batch,
     scale: f64,
 ) -> candle_core::Result<Option<LossAndGrads>> {
-    let guards = tensors
-        .clone()
-        .try_map(|p| Ok::<_, ()>(p.storage_and_layout()));
-    let Ok(guards) = guards else {
-        return Ok(None);
-    };
+    let guards = tensors.clone().map(|p| p.storage_and_layout());
     let data = guards.as_ref().try_map(|(st, l)| {
         let storage: &Storage = st;
         let Storage::Cpu(cs) = storage else {

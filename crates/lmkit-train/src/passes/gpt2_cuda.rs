@@ -75,12 +75,7 @@ pub(super) fn pass(
     };
     // TF32 products where candle's f32 products use them (`train.tf32`).
     gpu.tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
-    let guards = tensors
-        .clone()
-        .try_map(|p| Ok::<_, ()>(p.storage_and_layout()));
-    let Ok(guards) = guards else {
-        return Ok(None);
-    };
+    let guards = tensors.clone().map(|p| p.storage_and_layout());
     let data = guards.as_ref().try_map(|(st, l)| {
         let storage: &candle_core::Storage = st;
         Gpu::view(storage, l).ok_or(())
