@@ -10,6 +10,9 @@
 #   python3-venv           the virtualenv of the parity tests' reference implementations
 #   libopenblas0-pthread   fast CPU matrix products (lmkit opens it at run time; ~3x candle's own)
 #   chromium, chromium-driver (--tests)   the browser test of the chat and review pages
+#   cmake, libboost-{program-options,system,thread,test}-dev, zlib1g-dev (--tests)
+#                          to build KenLM's lmplz/query from source (scripts/setup-kenlm.sh), the
+#                          n-gram estimator the parity tests compare lmkit's models with
 set -euo pipefail
 tests=0
 [ "${1:-}" = "--tests" ] && tests=1
@@ -23,6 +26,11 @@ grep -q 'libopenblas\.so\.0' <<<"$libs" || need+=(libopenblas0-pthread)
 if [ "$tests" = 1 ]; then
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
+  command -v cmake >/dev/null || need+=(cmake)
+  # Debian package names; a package counts as present when dpkg says it is installed.
+  for p in libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev zlib1g-dev; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" = "install ok installed" ] || need+=("$p")
+  done
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 

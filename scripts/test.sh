@@ -9,6 +9,8 @@ bash scripts/setup-system.sh --tests
 # The system BLAS is installed now: its tests must run, not skip.
 export LMKIT_REQUIRE_BLAS="${LMKIT_REQUIRE_BLAS:-1}"
 venv="$(bash scripts/setup-python.sh)"
+# KenLM's lmplz/build_binary/query, built once from the kenlm source package.
+export LMKIT_KENLM_BIN="${LMKIT_KENLM_BIN:-$(bash scripts/setup-kenlm.sh)}"
 cargo build --release --locked -p lmkit-cli
 cargo test --release --locked --workspace
 # The binary cargo just built (in $CARGO_TARGET_DIR when that is set).

@@ -22,6 +22,26 @@ def lmkit():
     return run
 
 
+@pytest.fixture(scope="session")
+def lmplz():
+    """Runs KenLM's own estimator (built from the kenlm source package by scripts/setup-kenlm.sh,
+    or found in $LMKIT_KENLM_BIN): lmplz(text_path, arpa_path, order, *flags)."""
+    bindir = os.environ.get("LMKIT_KENLM_BIN") or subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup-kenlm.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    exe = pathlib.Path(bindir) / "lmplz"
+    assert exe.exists(), f"{exe} missing: run bash scripts/setup-kenlm.sh"
+
+    def run(text, arpa, order, *flags, ok=True):
+        p = subprocess.run([str(exe), "-o", str(order), "-S", "256M", "-T", str(pathlib.Path(arpa).parent),
+                            "--text", str(text), "--arpa", str(arpa), *map(str, flags)], capture_output=True, text=True)
+        if ok:
+            assert p.returncode == 0, f"lmplz failed: {p.stderr[-2000:]}"
+        return p
+
+    run.bindir = pathlib.Path(bindir)
+    return run
+
+
 SERVER_KEY = "sk-lmkit-test"
 
 

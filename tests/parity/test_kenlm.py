@@ -102,3 +102,70 @@ def test_korean_characters(lmkit, tmp_path, order):
 def test_korean_words(lmkit, tmp_path):
     train, held = split(ROOT / "data/ko/tax_rulings.txt")
     check(lmkit, tmp_path, 3, train, held, chars=False)
+
+
+# --- Estimation parity: lmplz's own ARPA against lmkit's, on the same text. -------------------
+
+def read_arpa(path):
+    """{(order, ngram): (log10 prob, log10 back-off)} — a back-off lmplz writes as 0 and one lmkit
+    leaves out are the same thing."""
+    out, order = {}, 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("\\") and line.endswith("-grams:"):
+                order = int(line[1:line.index("-")])
+            elif order and line and not line.startswith("\\"):
+                parts = line.split("\t")
+                out[(order, parts[1])] = (float(parts[0]), float(parts[2]) if len(parts) > 2 else 0.0)
+    return out
+
+
+def assert_same_model(ours, theirs, tol=1e-6):
+    a, b = read_arpa(ours), read_arpa(theirs)
+    assert a.keys() == b.keys(), (f"n-gram sets differ: {len(a.keys() - b.keys())} only in lmkit "
+                                  f"(e.g. {sorted(a.keys() - b.keys())[:3]}), {len(b.keys() - a.keys())} only in lmplz "
+                                  f"(e.g. {sorted(b.keys() - a.keys())[:3]})")
+    worst_p = worst_b = 0.0
+    for k, (p, bo) in a.items():
+        q, bo2 = b[k]
+        if k != (1, "<s>"):  # never predicted: lmkit writes -99 (SRILM's convention), lmplz 0
+            worst_p = max(worst_p, abs(p - q))
+        worst_b = max(worst_b, abs(bo - bo2))
+    assert worst_p < tol and worst_b < tol, (worst_p, worst_b)
+    return len(a)
+
+
+def estimate_both(lmkit, lmplz, tmp_path, text, order, lmkit_flags=(), lmplz_flags=(), lmplz_text=None):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(text.encode("utf-8"))
+    ref_in = corpus
+    if lmplz_text is not None:
+        ref_in = tmp_path / "corpus.lmplz.txt"
+        ref_in.write_bytes(lmplz_text.encode("utf-8"))
+    ours, theirs = tmp_path / "lmkit.arpa", tmp_path / "lmplz.arpa"
+    lmkit("ngram", "train", "--order", order, "--input", corpus, "--output", ours, *lmkit_flags)
+    lmplz(ref_in, theirs, order, *lmplz_flags)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("order", [2, 3, 4, 5, 6])
+def test_estimation_equals_lmplz_english_words(lmkit, lmplz, tmp_path, order):
+    train = EN_TRAIN if order <= 3 else EN_TRAIN[: len(EN_TRAIN) // 3]
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, "\n".join(train) + "\n", order)
+    assert assert_same_model(ours, theirs) > 1000
+
+
+@pytest.mark.parametrize("order", [3, 5])
+def test_estimation_equals_lmplz_korean_characters(lmkit, lmplz, tmp_path, order):
+    train, _ = split(ROOT / "data/ko/law_and_bills.txt", every=8)
+    # lmplz sees the same characters as lmkit --chars: one token each, whitespace runs as ▁.
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, "\n".join(train) + "\n", order, ["--chars"],
+                                 lmplz_text="\n".join(char_tokens(s) for s in train) + "\n")
+    assert assert_same_model(ours, theirs) > 1000
+
+
+def test_estimation_equals_lmplz_korean_words(lmkit, lmplz, tmp_path):
+    train, _ = split(ROOT / "data/ko/tax_rulings.txt")
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, "\n".join(train) + "\n", 4)
+    assert assert_same_model(ours, theirs) > 1000
