@@ -89,6 +89,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let opts = lmkit_ngram::TrainOptions {
         order: a.ngram_order,
         tokenization: lmkit_ngram::Tokenization::Chars,
+        // The comparison runs on whatever corpus it is given, small ones too.
+        estimation: lmkit_ngram::EstimateOptions {
+            fallback: Some(lmkit_ngram::FALLBACK_DISCOUNTS),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let trained = lmkit_ngram::train(

@@ -16,7 +16,11 @@ pub enum NgramCommand {
     /// Count a corpus and estimate an interpolated modified Kneser-Ney model
     #[command(
         after_help = "Examples:\n  lmkit ngram train --order 3 --input data/en --output en.arpa\n  \
-        lmkit ngram train --order 5 --chars --input data/ko --output ko.lmkb"
+        lmkit ngram train --order 5 --chars --input data/ko --output ko.lmkb\n  \
+        zcat corpus.txt.gz | lmkit ngram train --order 4 --input - --output big.lmkb --prune 0 1 1\n  \
+        lmkit ngram train --order 3 --input corpus.txt.zst --limit-vocab words.txt --output small.arpa\n\n\
+        Every line is a sentence, blank lines too (an empty sentence), and words are split on spaces\n\
+        and tabs only: the same text gives the same model as KenLM's lmplz."
     )]
     Train(TrainArgs),
     /// Convert an ARPA model to the memory-mapped binary format
@@ -82,7 +86,8 @@ pub struct TrainArgs {
     /// Model order N (1..=8)
     #[arg(long, default_value_t = 3)]
     order: usize,
-    /// Corpus: a text file (one sentence per line) or a directory searched for *.txt
+    /// Corpus: text files (one sentence per line; .gz and .zst are decompressed), directories
+    /// searched for *.txt, *.txt.gz and *.txt.zst, or `-` for standard input
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output model: .arpa (text, KenLM-compatible) or .lmkb (binary, memory-mapped)
@@ -97,6 +102,90 @@ pub struct TrainArgs {
     /// Directory for sorted runs (default: the system temporary directory)
     #[arg(long)]
     temp_dir: Option<PathBuf>,
+    /// Drop <s>, </s> and <unk> found in the text instead of refusing it (lmplz --skip_symbols)
+    #[arg(long)]
+    skip_symbols: bool,
+    /// Leave out n-grams seen at most T times, one threshold per order (the last repeats; they
+    /// must not decrease), e.g. `--prune 0 1 2` (lmplz --prune)
+    #[arg(long, num_args = 1.., value_name = "T")]
+    prune: Vec<u64>,
+    /// Keep only n-grams made of the words in FILE (separated by spaces, tabs or newlines; lmplz
+    /// --limit_vocab_file)
+    #[arg(long, value_name = "FILE")]
+    limit_vocab: Option<PathBuf>,
+    /// Use these discounts for D1 D2 D3+ where the estimate from the counts fails (tiny or
+    /// artificial corpora); without a value 0.5 1 1.5; refused by default (lmplz
+    /// --discount_fallback)
+    #[arg(long, num_args = 0..=3, value_name = "D", default_missing_values = ["0.5", "1", "1.5"])]
+    discount_fallback: Option<Vec<f64>>,
+    /// Discounts of one order instead of estimated ones: ORDER=D1,D2,D3 (repeatable)
+    #[arg(long, value_name = "ORDER=D1,D2,D3")]
+    discounts: Vec<String>,
+}
+
+/// Three discounts D1 D2 D3+ from up to three values (the last repeats, as lmplz does), each
+/// within [0, k].
+fn three_discounts(option: &str, values: &[f64]) -> Result<[f64; 3]> {
+    if values.is_empty() || values.len() > 3 {
+        bail!("--{option}: give one to three discounts (for counts 1, 2 and 3+)");
+    }
+    let mut d = [0.0; 3];
+    for (k, slot) in d.iter_mut().enumerate() {
+        let v = values[k.min(values.len() - 1)];
+        if !(0.0..=(k + 1) as f64).contains(&v) {
+            bail!(
+                "--{option}: the discount for count {} is {v}, outside [0, {}]",
+                k + 1,
+                k + 1
+            );
+        }
+        *slot = v;
+    }
+    Ok(d)
+}
+
+fn estimate_options(a: &TrainArgs) -> Result<lmkit_ngram::EstimateOptions> {
+    let fallback = match &a.discount_fallback {
+        Some(v) => Some(three_discounts("discount-fallback", v)?),
+        None => None,
+    };
+    let mut given = vec![None; a.order];
+    for spec in &a.discounts {
+        let parsed = spec.split_once('=').and_then(|(n, ds)| {
+            let n: usize = n.trim().parse().ok()?;
+            let ds: Option<Vec<f64>> = ds.split(',').map(|d| d.trim().parse().ok()).collect();
+            Some((n, ds?))
+        });
+        let Some((n, ds)) = parsed else {
+            bail!("--discounts {spec}: expected ORDER=D1,D2,D3, e.g. 2=0.5,1,1.5");
+        };
+        if n == 0 || n > a.order {
+            bail!("--discounts {spec}: order {n} is not in 1..={}", a.order);
+        }
+        given[n - 1] = Some(three_discounts("discounts", &ds)?);
+    }
+    let limit_vocab = match &a.limit_vocab {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let words: Vec<String> = text
+                .split(lmkit_ngram::tokenize::is_lmplz_delimiter)
+                .filter(|w| !w.is_empty())
+                .map(str::to_string)
+                .collect();
+            if words.is_empty() {
+                bail!("{}: no words in the --limit-vocab file", path.display());
+            }
+            Some(words)
+        }
+        None => None,
+    };
+    Ok(lmkit_ngram::EstimateOptions {
+        prune: a.prune.clone(),
+        limit_vocab,
+        fallback,
+        given,
+    })
 }
 
 #[derive(Args)]
@@ -229,7 +318,9 @@ fn train(a: TrainArgs) -> Result<()> {
         order: a.order,
         tokenization: tokenization(a.chars),
         memory_bytes: a.memory_mb.saturating_mul(1 << 20),
-        temp_dir: a.temp_dir,
+        temp_dir: a.temp_dir.clone(),
+        skip_symbols: a.skip_symbols,
+        estimation: estimate_options(&a)?,
     };
     // Fail on a bad output name before spending time on counting.
     match a.output.extension().and_then(|e| e.to_str()) {
@@ -246,6 +337,12 @@ fn train(a: TrainArgs) -> Result<()> {
         "read {} file(s), {} lines ({} blank), {} sentences, {} tokens, {} bytes",
         s.files, s.lines, s.blank_lines, s.sentences, s.tokens, s.bytes
     );
+    if s.skipped_symbols > 0 {
+        eprintln!(
+            "dropped {} <s>, </s> and <unk> from the text (--skip-symbols)",
+            s.skipped_symbols
+        );
+    }
     if s.runs_on_disk > 0 {
         eprintln!("counting spilled {} sorted runs to disk", s.runs_on_disk);
     }
@@ -254,10 +351,12 @@ fn train(a: TrainArgs) -> Result<()> {
         trained.tables.vocab.len()
     );
     for (o, d) in trained.tables.orders.iter().zip(&trained.discounts) {
-        let note = if d.fallback {
-            " (fallback: too little data for estimated discounts)"
-        } else {
-            ""
+        let note = match d.source {
+            lmkit_ngram::DiscountSource::Estimated => "",
+            lmkit_ngram::DiscountSource::Fallback => {
+                " (--discount-fallback: the estimate from the counts failed)"
+            }
+            lmkit_ngram::DiscountSource::Given => " (given)",
         };
         eprintln!(
             "{}-grams: {:>9}   discounts D1={:.4} D2={:.4} D3+={:.4}{note}",

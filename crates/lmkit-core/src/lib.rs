@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod atomic;
+pub mod decompress;
 pub mod error;
 pub mod inputs;
 pub mod memory;

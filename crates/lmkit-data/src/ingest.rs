@@ -1,6 +1,7 @@
 //! Reading documents from text and JSONL files, plain or gzip-compressed, one file or directories.
 
 use crate::error::{DataError, Result};
+use lmkit_core::decompress::Compression;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -78,22 +79,9 @@ enum Format {
     Parquet,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Compression {
-    None,
-    Gzip,
-    Zstd,
-}
-
 fn format_of(path: &Path) -> Option<(Format, Compression)> {
     let name = path.file_name()?.to_str()?.to_ascii_lowercase();
-    let (stem, c) = if let Some(s) = name.strip_suffix(".gz") {
-        (s.to_string(), Compression::Gzip)
-    } else if let Some(s) = name.strip_suffix(".zst") {
-        (s.to_string(), Compression::Zstd)
-    } else {
-        (name, Compression::None)
-    };
+    let (stem, c) = Compression::split(&name);
     if stem.ends_with(".txt") {
         Some((Format::Txt, c))
     } else if stem.ends_with(".jsonl") || stem.ends_with(".json") {
@@ -129,54 +117,11 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// The decompressed content of `file` (read from `path`).
 fn decoded(path: &Path, file: Box<dyn Read>, c: Compression) -> Result<Box<dyn Read>> {
-    Ok(match c {
-        Compression::None => file,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(
-            ZstdFrames::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| {
-                DataError::BadRecord {
-                    path: path.to_path_buf(),
-                    line: 1,
-                    msg: format!("not a Zstandard stream: {e}"),
-                }
-            })?,
-        ),
+    c.decode(file).map_err(|e| DataError::BadRecord {
+        path: path.to_path_buf(),
+        line: 1,
+        msg: e.to_string(),
     })
-}
-
-/// A Zstandard stream of one or more frames, decoded as one.
-struct ZstdFrames<R: BufRead> {
-    decoder: Option<ruzstd::decoding::StreamingDecoder<R, ruzstd::decoding::FrameDecoder>>,
-}
-
-impl<R: BufRead> ZstdFrames<R> {
-    fn new(r: R) -> std::io::Result<Self> {
-        let d = ruzstd::decoding::StreamingDecoder::new(r)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        Ok(ZstdFrames { decoder: Some(d) })
-    }
-}
-
-impl<R: BufRead> Read for ZstdFrames<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let Some(d) = self.decoder.as_mut() else {
-                return Ok(0);
-            };
-            let n = d.read(buf)?;
-            if n > 0 || buf.is_empty() {
-                return Ok(n);
-            }
-            // This frame is done: another may follow.
-            let mut inner = self.decoder.take().unwrap().into_inner();
-            if inner.fill_buf()?.is_empty() {
-                return Ok(0);
-            }
-            let d = ruzstd::decoding::StreamingDecoder::new(inner)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-            self.decoder = Some(d);
-        }
-    }
 }
 
 /// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, WARC/WET if

@@ -13,6 +13,8 @@ pub struct CountTable {
     pub n: usize,
     pub keys: Vec<u32>,
     pub counts: Vec<u64>,
+    /// How often each n-gram occurs in the text (kept only when asked: pruning needs it).
+    pub raw: Vec<u64>,
 }
 
 impl CountTable {
@@ -33,24 +35,29 @@ struct Group {
     /// Reversed suffix of the open group (empty when none is open).
     key: Vec<u32>,
     count: u64,
+    raw: u64,
     last_ext: u32,
 }
 
 /// Consumes reversed records in sorted order and builds a [`CountTable`] per order.
 pub struct Adjuster {
     order: usize,
+    keep_raw: bool,
     groups: Vec<Group>,
     tables: Vec<CountTable>,
 }
 
 impl Adjuster {
-    pub fn new(order: usize) -> Self {
+    /// `keep_raw`: also record each n-gram's raw count ([`CountTable::raw`]).
+    pub fn new(order: usize, keep_raw: bool) -> Self {
         Adjuster {
             order,
+            keep_raw,
             groups: (0..order)
                 .map(|_| Group {
                     key: Vec::new(),
                     count: 0,
+                    raw: 0,
                     last_ext: NONE,
                 })
                 .collect(),
@@ -72,6 +79,7 @@ impl Adjuster {
                 self.groups[n - 1].key.extend_from_slice(&rec[..n]);
             }
             let g = &mut self.groups[n - 1];
+            g.raw += count;
             if n == len {
                 g.count += count; // highest order, or begins with <s>: raw count
             } else if rec[n] != g.last_ext {
@@ -89,8 +97,12 @@ impl Adjuster {
         let t = &mut self.tables[n - 1];
         t.keys.extend(g.key.iter().rev());
         t.counts.push(g.count);
+        if self.keep_raw {
+            t.raw.push(g.raw);
+        }
         g.key.clear();
         g.count = 0;
+        g.raw = 0;
         g.last_ext = NONE;
     }
 
@@ -112,13 +124,14 @@ mod tests {
         let mut recs = [vec![4u32, 3], vec![4, 5], vec![4, 1]];
         recs.sort();
         let counts = [2u64, 1, 1];
-        let mut adj = Adjuster::new(2);
+        let mut adj = Adjuster::new(2, true);
         for (r, c) in recs.iter().zip(counts) {
             adj.push(r, c);
         }
         let t = adj.finish();
         assert_eq!(t[0].keys, vec![4]);
         assert_eq!(t[0].counts, vec![3]); // left words <s>, a, c
+        assert_eq!(t[0].raw, vec![4]); // b occurs 4 times
         assert_eq!(t[1].len(), 3);
     }
 }

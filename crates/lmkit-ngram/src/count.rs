@@ -8,14 +8,16 @@
 //! groups every suffix together: that is the order the adjusted-count pass needs (as in KenLM's lmplz).
 
 use crate::error::{NgramError, Result};
-use crate::tokenize::{for_each_token, Tokenization, BOS, EOS};
+use crate::tokenize::{for_each_token, is_lmplz_delimiter, Tokenization, BOS, EOS, UNK};
 use crate::vocab::{Vocab, BOS_ID, EOS_ID};
 use crate::{Progress, Unit};
+use lmkit_core::decompress::{open_text, Compression};
 use rayon::slice::ParallelSliceMut;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::BufRead;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// Padding in a reversed record shorter than the model order.
@@ -32,6 +34,11 @@ pub struct CountOptions {
     pub memory_bytes: usize,
     /// Where sorted runs are written (default: the system temporary directory).
     pub temp_dir: Option<PathBuf>,
+    /// Drop `<s>`, `</s>` and `<unk>` found in the text (lmplz's `--skip_symbols`) instead of
+    /// refusing the corpus.
+    pub skip_symbols: bool,
+    /// How the counts become probabilities (pruning, discounts).
+    pub estimation: crate::kneser_ney::EstimateOptions,
 }
 
 impl Default for CountOptions {
@@ -41,6 +48,8 @@ impl Default for CountOptions {
             tokenization: Tokenization::Words,
             memory_bytes: 1 << 30,
             temp_dir: None,
+            skip_symbols: false,
+            estimation: Default::default(),
         }
     }
 }
@@ -50,8 +59,11 @@ pub struct CorpusStats {
     pub files: usize,
     pub bytes: u64,
     pub lines: u64,
+    /// Lines without a token: each is an empty sentence `<s> </s>`, as lmplz counts it.
     pub blank_lines: u64,
     pub sentences: u64,
+    /// `<s>`, `</s>` and `<unk>` dropped from the text (with `skip_symbols`).
+    pub skipped_symbols: u64,
     pub tokens: u64,
     /// Number of sorted runs spilled to disk (0 when everything fit in memory).
     pub runs_on_disk: usize,
@@ -95,15 +107,21 @@ fn count_impl<const N: usize>(
     let mut sentence: Vec<u32> = Vec::new();
     let mut line = Vec::new();
 
-    let total: u64 = inputs
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
+    // Progress against the input sizes where they are the text's size (not standard input, not
+    // compressed).
+    let plain = |p: &PathBuf| p != Path::new("-") && Compression::of(p) == Compression::None;
+    let total: u64 = if inputs.iter().all(plain) {
+        inputs
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    } else {
+        0
+    };
     progress.begin("counting n-grams", total, Unit::Bytes);
     for path in inputs {
-        let file = File::open(path).map_err(|e| NgramError::io(path, e))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut reader = open_text(path)?;
         let mut line_no = 0u64;
         loop {
             line.clear();
@@ -121,25 +139,39 @@ fn count_impl<const N: usize>(
                 line: line_no,
                 byte: e.valid_up_to(),
             })?;
+            let text = text.strip_suffix('\n').unwrap_or(text);
             sentence.clear();
             sentence.push(BOS_ID);
             let mut reserved = None;
-            for_each_token(text, opts.tokenization, |tok| {
-                if tok == BOS || tok == EOS {
-                    reserved.get_or_insert(tok);
+            let mut push = |tok: &str| {
+                if tok == BOS || tok == EOS || tok == UNK {
+                    if opts.skip_symbols {
+                        stats.skipped_symbols += 1;
+                    } else {
+                        reserved.get_or_insert(tok.to_string());
+                    }
+                    return;
                 }
                 sentence.push(vocab.insert(tok));
-            });
+            };
+            match opts.tokenization {
+                // lmplz's word delimiters: a vertical tab, a form feed or a Unicode space stays
+                // inside its word, as it does in lmplz.
+                Tokenization::Words => text
+                    .split(is_lmplz_delimiter)
+                    .filter(|w| !w.is_empty())
+                    .for_each(&mut push),
+                Tokenization::Chars => for_each_token(text, opts.tokenization, &mut push),
+            }
             if let Some(token) = reserved {
                 return Err(NgramError::ReservedToken {
                     path: path.clone(),
                     line: line_no,
-                    token: token.to_string(),
+                    token,
                 });
             }
             if sentence.len() == 1 {
                 stats.blank_lines += 1;
-                continue;
             }
             sentence.push(EOS_ID);
             stats.sentences += 1;
@@ -159,7 +191,7 @@ fn count_impl<const N: usize>(
         stats.lines += line_no;
     }
     progress.finish();
-    if stats.sentences == 0 {
+    if stats.tokens == 0 {
         let what = inputs
             .iter()
             .map(|p| p.display().to_string())

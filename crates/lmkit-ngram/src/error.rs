@@ -12,12 +12,20 @@ pub enum NgramError {
         line: u64,
         byte: usize,
     },
-    #[error("{path}:{line}: the corpus contains the reserved token `{token}`; remove it or replace it before training")]
+    #[error("{path}:{line}: the corpus contains the reserved token `{token}` (`<s>`, `</s>` and `<unk>` are the model's own); remove or replace it, or pass --skip-symbols to drop these tokens as lmplz --skip_symbols does")]
     ReservedToken {
         path: PathBuf,
         line: u64,
         token: String,
     },
+    #[error("cannot estimate Kneser-Ney discounts for {order}-grams: {why} (adjusted count-of-counts 1..4: {counts:?}); is the corpus tiny or artificial? Deduplicate it, give more text, or pass --discount-fallback (default 0.5 1 1.5) to use fixed discounts where the estimate fails, as lmplz --discount_fallback")]
+    Discounts {
+        order: usize,
+        why: String,
+        counts: [u64; 4],
+    },
+    #[error("--{option}: {msg}")]
+    BadOption { option: &'static str, msg: String },
     #[error("order must be between 1 and {max}, got {order}")]
     BadOrder { order: usize, max: usize },
     #[error("the corpus is empty: {what}; give at least one non-blank line of text")]

@@ -10,16 +10,75 @@
 //! Written as a back-off model, p(w|h) is the stored probability and γ(h) the back-off weight of h.
 
 use crate::adjust::CountTable;
+use crate::error::{NgramError, Result};
 use crate::tables::{find_sorted, sorted_order, NgramTables, OrderEntries};
-use crate::tokenize::Tokenization;
-use crate::vocab::{BOS_ID, UNK_ID};
+use crate::tokenize::{Tokenization, BOS, EOS, UNK};
+use crate::vocab::{BOS_ID, EOS_ID, UNK_ID};
 use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 
 /// log10 probability KenLM gives `<s>` (it is never predicted).
 pub const BOS_LOG10_PROB: f32 = -99.0;
-/// Discounts used when the count-of-counts cannot give valid ones (tiny corpora), as KenLM's
-/// `--discount_fallback`.
+/// The discounts lmplz's `--discount_fallback` uses when given no values.
 pub const FALLBACK_DISCOUNTS: [f64; 3] = [0.5, 1.0, 1.5];
+
+/// How adjusted counts become a model, beyond the method itself (lmplz's options).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EstimateOptions {
+    /// Per-order count thresholds (lmplz `--prune`): an n-gram of order n seen at most
+    /// `prune[n-1]` times is left out of the model and its mass goes to its context's back-off.
+    /// Non-decreasing; shorter than the order means the last value repeats; empty: no pruning.
+    pub prune: Vec<u64>,
+    /// Only n-grams made of these words are kept (lmplz `--limit_vocab_file`); `<s>`, `</s>` and
+    /// `<unk>` always are.
+    pub limit_vocab: Option<Vec<String>>,
+    /// Discounts for the orders whose estimate fails (lmplz `--discount_fallback`); `None`
+    /// refuses such a corpus, as lmplz does.
+    pub fallback: Option<[f64; 3]>,
+    /// Discounts given for an order instead of estimated (`given[n-1]` for order n).
+    pub given: Vec<Option<[f64; 3]>>,
+}
+
+impl EstimateOptions {
+    /// The pruning threshold of each order 1..=`order`, checked as lmplz checks them.
+    pub fn thresholds(&self, order: usize) -> Result<Vec<u64>> {
+        if self.prune.is_empty() {
+            return Ok(vec![0; order]);
+        }
+        let bad = |msg: String| {
+            Err(NgramError::BadOption {
+                option: "prune",
+                msg,
+            })
+        };
+        if self.prune.len() > order {
+            return bad(format!(
+                "{} thresholds given for a model of order {order}",
+                self.prune.len()
+            ));
+        }
+        if self.prune.windows(2).any(|w| w[0] > w[1]) {
+            return bad("thresholds must not decrease with the order (a lower order would lose n-grams that higher ones need as contexts)".into());
+        }
+        let mut t = self.prune.clone();
+        t.resize(order, *self.prune.last().expect("not empty"));
+        Ok(t)
+    }
+
+    /// Whether anything is pruned (then raw counts are needed).
+    pub fn prunes(&self) -> bool {
+        self.prune.iter().any(|&t| t > 0) || self.limit_vocab.is_some()
+    }
+}
+
+/// Where an order's discounts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscountSource {
+    Estimated,
+    /// The estimate failed and [`EstimateOptions::fallback`] was used.
+    Fallback,
+    Given,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Discounts {
@@ -27,13 +86,20 @@ pub struct Discounts {
     pub d: [f64; 3],
     /// Number of n-grams with adjusted count 1, 2, 3 and 4.
     pub count_of_counts: [u64; 4],
-    /// True when the estimate was out of range and [`FALLBACK_DISCOUNTS`] were used.
-    pub fallback: bool,
+    pub source: DiscountSource,
 }
 
 impl Discounts {
-    /// Chen & Goodman eq. 26: Y = t1/(t1+2t2), Dk = k - (k+1)·Y·t(k+1)/tk.
-    pub fn from_count_of_counts(t: [u64; 4]) -> Self {
+    /// Chen & Goodman eq. 26: Y = t1/(t1+2t2), Dk = k - (k+1)·Y·t(k+1)/tk, with lmplz's checks:
+    /// t1, t2 and t3 must be non-zero and each Dk within [0, k]; otherwise why not.
+    pub fn estimate(t: [u64; 4]) -> std::result::Result<[f64; 3], String> {
+        if let Some(k) = t[..3].iter().position(|&x| x == 0) {
+            return Err(format!(
+                "no n-grams with adjusted count {}, so the discount for count {} cannot be estimated",
+                k + 1,
+                k + 2
+            ));
+        }
         let [t1, t2, t3, t4] = t.map(|x| x as f64);
         let y = t1 / (t1 + 2.0 * t2);
         let d = [
@@ -41,33 +107,46 @@ impl Discounts {
             2.0 - 3.0 * y * t3 / t2,
             3.0 - 4.0 * y * t4 / t3,
         ];
-        let valid = d
-            .iter()
-            .enumerate()
-            .all(|(k, &dk)| dk.is_finite() && dk > 0.0 && dk <= (k + 1) as f64);
-        if valid {
-            Discounts {
-                d,
-                count_of_counts: t,
-                fallback: false,
-            }
-        } else {
-            Discounts {
-                d: FALLBACK_DISCOUNTS,
-                count_of_counts: t,
-                fallback: true,
+        for (k, &dk) in d.iter().enumerate() {
+            if !(0.0..=(k + 1) as f64).contains(&dk) {
+                return Err(format!(
+                    "the discount for count {} is {dk:.4}, outside [0, {}]",
+                    k + 1,
+                    k + 1
+                ));
             }
         }
+        Ok(d)
     }
 
-    pub fn of(counts: &[u64]) -> Self {
+    /// The discounts of order `n` from its adjusted counts, as `opts` says.
+    pub fn of(counts: &[u64], n: usize, opts: &EstimateOptions) -> Result<Self> {
         let mut t = [0u64; 4];
         for &c in counts {
             if (1..=4).contains(&c) {
                 t[c as usize - 1] += 1;
             }
         }
-        Self::from_count_of_counts(t)
+        let (d, source) = if let Some(Some(d)) = opts.given.get(n - 1) {
+            (*d, DiscountSource::Given)
+        } else {
+            match (Self::estimate(t), opts.fallback) {
+                (Ok(d), _) => (d, DiscountSource::Estimated),
+                (Err(_), Some(d)) => (d, DiscountSource::Fallback),
+                (Err(why), None) => {
+                    return Err(NgramError::Discounts {
+                        order: n,
+                        why,
+                        counts: t,
+                    })
+                }
+            }
+        };
+        Ok(Discounts {
+            d,
+            count_of_counts: t,
+            source,
+        })
     }
 
     fn discount(&self, a: u64) -> f64 {
@@ -87,14 +166,22 @@ pub struct Estimate {
     pub discounts: Vec<Discounts>,
 }
 
-/// Turns adjusted counts (one table per order, any key order) into a back-off model.
+/// Turns adjusted counts (one table per order, any key order) into a back-off model. The tables
+/// carry raw counts too when `opts` prunes.
 pub fn estimate(
     mut counts: Vec<CountTable>,
     vocab: Vec<String>,
     tokenization: Tokenization,
-) -> Estimate {
+    opts: &EstimateOptions,
+) -> Result<Estimate> {
     let order = counts.len();
-    let discounts: Vec<Discounts> = counts.iter().map(|t| Discounts::of(&t.counts)).collect();
+    let thresholds = opts.thresholds(order)?;
+    let prunes = opts.prunes();
+    let discounts = counts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Discounts::of(&t.counts, i + 1, opts))
+        .collect::<Result<Vec<_>>>()?;
 
     // <s> and <unk> are unigrams even when never predicted (adjusted count 0).
     let uni = &mut counts[0];
@@ -102,16 +189,61 @@ pub fn estimate(
         if !uni.keys.contains(&id) {
             uni.keys.push(id);
             uni.counts.push(0);
+            if prunes {
+                uni.raw.push(0);
+            }
         }
     }
     let counts: Vec<CountTable> = counts.into_iter().map(sort_table).collect();
+
+    // Which entries pruning leaves out: seen at most the order's threshold, or holding a word
+    // outside the allowed vocabulary; never the special unigrams.
+    let allowed: Option<Vec<bool>> = opts.limit_vocab.as_ref().map(|words| {
+        let ids: FxHashMap<&str, usize> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.as_str(), i))
+            .collect();
+        let mut ok = vec![false; vocab.len()];
+        for w in words.iter().map(String::as_str).chain([UNK, BOS, EOS]) {
+            if let Some(&i) = ids.get(w) {
+                ok[i] = true;
+            }
+        }
+        ok
+    });
+    let marked: Vec<Vec<bool>> = counts
+        .iter()
+        .enumerate()
+        .map(|(o, t)| {
+            if !prunes {
+                return Vec::new();
+            }
+            (0..t.len())
+                .into_par_iter()
+                .with_min_len(1 << 12)
+                .map(|i| {
+                    let key = t.key(i);
+                    if o == 0 && key[0] <= EOS_ID {
+                        return false;
+                    }
+                    t.raw[i] <= thresholds[o]
+                        || allowed
+                            .as_ref()
+                            .is_some_and(|ok| key.iter().any(|&w| !ok[w as usize]))
+                })
+                .collect()
+        })
+        .collect();
+    let is_marked = |o: usize, i: usize| prunes && marked[o][i];
 
     let mut probs: Vec<Vec<f64>> = Vec::with_capacity(order);
     let mut gammas: Vec<Vec<Option<f64>>> = counts.iter().map(|t| vec![None; t.len()]).collect();
     for n in 1..=order {
         let t = &counts[n - 1];
         let disc = &discounts[n - 1];
-        // Groups of entries sharing their context (the first n-1 words).
+        // Groups of entries sharing their context (the first n-1 words). The back-off mass of a
+        // group is the discounted mass of its kept entries plus all of its pruned entries' mass.
         let mut groups: Vec<(usize, usize, f64, f64)> = Vec::new(); // start, end, Σa, γ
         let mut start = 0;
         while start < t.len() {
@@ -121,8 +253,13 @@ pub fn estimate(
             while end < t.len() && &t.key(end)[..n - 1] == ctx {
                 let is_bos_unigram = n == 1 && t.key(end)[0] == BOS_ID;
                 if !is_bos_unigram {
-                    sum += t.counts[end];
-                    mass += disc.discount(t.counts[end]);
+                    let a = t.counts[end];
+                    sum += a;
+                    mass += if is_marked(n - 1, end) {
+                        a as f64
+                    } else {
+                        disc.discount(a)
+                    };
                 }
                 end += 1;
             }
@@ -136,7 +273,10 @@ pub fn estimate(
         } else {
             None
         };
-        let uniform = 1.0 / (t.len() as f64 - 1.0); // |V| without <s>
+        // |V| without <s>, counting only the words pruning keeps (so the unigrams sum to one
+        // over the model's own vocabulary, as lmplz has it).
+        let kept_words = (0..t.len()).filter(|&i| !is_marked(n - 1, i)).count();
+        let uniform = 1.0 / (kept_words as f64 - 1.0);
                                                     // Which group each entry is in; then one parallel pass over all entries (a pass per
                                                     // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
         let mut group_of = vec![0u32; t.len()];
@@ -170,39 +310,68 @@ pub fn estimate(
         probs.push(p);
     }
 
-    let orders = counts
+    let mut orders: Vec<OrderEntries> = counts
         .iter()
         .zip(probs)
         .zip(gammas)
-        .map(|((t, p), g)| {
-            let log10_prob = p
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
+        .enumerate()
+        .map(|(o, ((t, p), g))| {
+            let kept = |i: &usize| !is_marked(o, *i);
+            let mut keys = Vec::with_capacity(t.keys.len());
+            (0..t.len())
+                .filter(kept)
+                .for_each(|i| keys.extend_from_slice(t.key(i)));
+            let log10_prob = (0..t.len())
+                .filter(kept)
+                .map(|i| {
                     if t.n == 1 && t.keys[i] == BOS_ID {
                         BOS_LOG10_PROB
                     } else {
-                        x.log10() as f32
+                        p[i].log10() as f32
                     }
                 })
                 .collect();
-            let log10_backoff = g.iter().map(|x| x.map(|v| v.log10() as f32)).collect();
+            let log10_backoff = (0..t.len())
+                .filter(kept)
+                .map(|i| g[i].map(|v| v.log10() as f32))
+                .collect();
             OrderEntries {
                 n: t.n,
-                keys: t.keys.clone(),
+                keys,
                 log10_prob,
                 log10_backoff,
             }
         })
         .collect();
-    Estimate {
+    let vocab = if orders[0].len() < vocab.len() {
+        drop_pruned_words(&mut orders, vocab)
+    } else {
+        vocab
+    };
+    Ok(Estimate {
         tables: NgramTables {
             vocab,
             orders,
             tokenization,
         },
         discounts,
+    })
+}
+
+/// Renumbers the words so the vocabulary holds only the words that kept their unigram (in the same
+/// order, so sorted tables stay sorted).
+fn drop_pruned_words(orders: &mut [OrderEntries], vocab: Vec<String>) -> Vec<String> {
+    let mut new_id = vec![u32::MAX; vocab.len()];
+    let mut vocab: Vec<Option<String>> = vocab.into_iter().map(Some).collect();
+    let mut words = Vec::with_capacity(orders[0].len());
+    for &w in &orders[0].keys {
+        new_id[w as usize] = words.len() as u32;
+        words.push(vocab[w as usize].take().expect("each unigram once"));
     }
+    for o in orders.iter_mut() {
+        o.keys.iter_mut().for_each(|w| *w = new_id[*w as usize]);
+    }
+    words
 }
 
 fn sort_table(t: CountTable) -> CountTable {
@@ -212,10 +381,16 @@ fn sort_table(t: CountTable) -> CountTable {
         keys.extend_from_slice(t.key(i));
     }
     let counts = idx.iter().map(|&i| t.counts[i]).collect();
+    let raw = if t.raw.is_empty() {
+        Vec::new()
+    } else {
+        idx.iter().map(|&i| t.raw[i]).collect()
+    };
     CountTable {
         n: t.n,
         keys,
         counts,
+        raw,
     }
 }
 
@@ -225,18 +400,67 @@ mod tests {
 
     #[test]
     fn discounts_follow_chen_goodman_eq_26() {
-        let d = Discounts::from_count_of_counts([100, 40, 20, 10]);
+        let d = Discounts::of(
+            &[1; 100]
+                .iter()
+                .chain(&[2; 40])
+                .chain(&[3; 20])
+                .chain(&[4; 10])
+                .copied()
+                .collect::<Vec<_>>(),
+            1,
+            &EstimateOptions::default(),
+        )
+        .unwrap();
         let y = 100.0 / 180.0;
-        assert!(!d.fallback);
+        assert_eq!(d.source, DiscountSource::Estimated);
+        assert_eq!(d.count_of_counts, [100, 40, 20, 10]);
         assert!((d.d[0] - (1.0 - 2.0 * y * 40.0 / 100.0)).abs() < 1e-12);
         assert!((d.d[1] - (2.0 - 3.0 * y * 20.0 / 40.0)).abs() < 1e-12);
         assert!((d.d[2] - (3.0 - 4.0 * y * 10.0 / 20.0)).abs() < 1e-12);
     }
 
     #[test]
-    fn missing_count_of_counts_fall_back() {
-        let d = Discounts::from_count_of_counts([5, 0, 0, 0]);
-        assert!(d.fallback);
-        assert_eq!(d.d, FALLBACK_DISCOUNTS);
+    fn bad_estimates_are_refused_unless_a_fallback_is_given() {
+        // No count-3 n-grams: lmplz refuses, naming the order.
+        let counts = [1, 1, 2];
+        let err = Discounts::of(&counts, 2, &EstimateOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2-gram") && err.contains("--discount-fallback"),
+            "{err}"
+        );
+        let opts = EstimateOptions {
+            fallback: Some(FALLBACK_DISCOUNTS),
+            ..Default::default()
+        };
+        let d = Discounts::of(&counts, 2, &opts).unwrap();
+        assert_eq!(
+            (d.d, d.source),
+            (FALLBACK_DISCOUNTS, DiscountSource::Fallback)
+        );
+        // Given discounts win over an estimate.
+        let opts = EstimateOptions {
+            given: vec![None, Some([0.1, 0.2, 0.3])],
+            ..Default::default()
+        };
+        let d = Discounts::of(&counts, 2, &opts).unwrap();
+        assert_eq!((d.d, d.source), ([0.1, 0.2, 0.3], DiscountSource::Given));
+        // A count-of-counts giving a discount outside [0, k] is refused too.
+        assert!(Discounts::estimate([10, 1, 10, 0]).is_err()); // D2 < 0
+        assert!(Discounts::estimate([10, 5, 2, 0]).is_ok()); // t4 = 0 gives D3+ = 3: allowed
+    }
+
+    #[test]
+    fn pruning_thresholds_are_checked_and_padded() {
+        let o = |p: &[u64]| EstimateOptions {
+            prune: p.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(o(&[]).thresholds(3).unwrap(), vec![0, 0, 0]);
+        assert_eq!(o(&[0, 1]).thresholds(4).unwrap(), vec![0, 1, 1, 1]);
+        assert!(o(&[0, 2, 1]).thresholds(3).is_err());
+        assert!(o(&[0, 0, 0, 0]).thresholds(3).is_err());
     }
 }

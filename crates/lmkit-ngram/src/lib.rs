@@ -23,7 +23,7 @@ pub mod vocab;
 
 pub use count::{CorpusStats, MAX_ORDER};
 pub use error::{NgramError, Result};
-pub use kneser_ney::{Discounts, Estimate};
+pub use kneser_ney::{DiscountSource, Discounts, Estimate, EstimateOptions, FALLBACK_DISCOUNTS};
 pub use model::{Model, Perplexity, SentenceScore, WordScore};
 pub use tables::NgramTables;
 pub use tokenize::Tokenization;
@@ -49,12 +49,19 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
             max: MAX_ORDER,
         });
     }
-    let mut adjuster = adjust::Adjuster::new(opts.order);
+    // Reject bad pruning options before spending time on counting.
+    opts.estimation.thresholds(opts.order)?;
+    let mut adjuster = adjust::Adjuster::new(opts.order, opts.estimation.prunes());
     let (vocab, stats) =
         count::count_ngrams(inputs, opts, progress, &mut |rec, c| adjuster.push(rec, c))?;
     progress.begin("estimating", 0, Unit::Items);
     let counts = adjuster.finish();
-    let est = kneser_ney::estimate(counts, vocab.into_words(), opts.tokenization);
+    let est = kneser_ney::estimate(
+        counts,
+        vocab.into_words(),
+        opts.tokenization,
+        &opts.estimation,
+    )?;
     progress.finish();
     Ok(Trained {
         tables: est.tables,
@@ -63,12 +70,20 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
     })
 }
 
-/// The files under `path`: the file itself, or every `*.txt` below a directory, sorted by path.
+/// The files under `path`: the file itself, or every `*.txt` (plain, `.gz` or `.zst`) below a
+/// directory, sorted by path; `-` is standard input.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
+    if path == Path::new("-") {
+        return Ok(vec![path.to_path_buf()]);
+    }
     Ok(lmkit_core::collect_inputs(
         path,
-        "a directory is searched recursively for *.txt files",
-        |name| name.ends_with(".txt"),
+        "a directory is searched recursively for *.txt, *.txt.gz and *.txt.zst files",
+        |name| {
+            lmkit_core::decompress::Compression::split(name)
+                .0
+                .ends_with(".txt")
+        },
     )?)
 }
 

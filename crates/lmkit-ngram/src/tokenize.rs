@@ -33,6 +33,13 @@ pub fn is_kenlm_space(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\x0B' | '\x0C' | '\r' | ' ')
 }
 
+/// The bytes that separate words when lmplz counts a corpus (`"\0\t\n\r "` in its
+/// corpus_count.cc): fewer than [`is_kenlm_space`] — a vertical tab or a form feed stays inside a
+/// word there, so lmkit's counting keeps it too.
+pub fn is_lmplz_delimiter(c: char) -> bool {
+    matches!(c, '\0' | '\t' | '\n' | '\r' | ' ')
+}
+
 /// The fields of `line` between KenLM spaces (see [`is_kenlm_space`]).
 pub fn kenlm_fields(line: &str) -> impl Iterator<Item = &str> {
     line.split(is_kenlm_space).filter(|w| !w.is_empty())

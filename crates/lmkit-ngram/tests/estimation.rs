@@ -3,7 +3,10 @@
 
 use lmkit_ngram::adjust::Adjuster;
 use lmkit_ngram::count::{count_ngrams, CountOptions};
-use lmkit_ngram::{train, Model, NoProgress, Tokenization, TrainOptions};
+use lmkit_ngram::{
+    train, DiscountSource, EstimateOptions, Model, NoProgress, Tokenization, TrainOptions,
+    FALLBACK_DISCOUNTS,
+};
 use std::path::{Path, PathBuf};
 
 fn corpus(dir: &Path, text: &str) -> Vec<PathBuf> {
@@ -12,9 +15,14 @@ fn corpus(dir: &Path, text: &str) -> Vec<PathBuf> {
     vec![p]
 }
 
+/// These corpora are tiny: where the discounts cannot be estimated, lmplz's fallback ones apply.
 fn opts(order: usize) -> TrainOptions {
     TrainOptions {
         order,
+        estimation: EstimateOptions {
+            fallback: Some(FALLBACK_DISCOUNTS),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -42,8 +50,28 @@ fn bigram_model_matches_hand_computation() {
     let p_eos_b = 1.0 / 2.0 + 0.5 * p_eos;
 
     let dir = tempfile::tempdir().unwrap();
-    let t = train(&corpus(dir.path(), "a b\nb\n"), &opts(2), &NoProgress).unwrap();
-    assert!(t.discounts.iter().all(|d| d.fallback));
+    let files = corpus(dir.path(), "a b\nb\n");
+    // Without a fallback the corpus is refused, naming the order whose estimate fails.
+    let err = train(
+        &files,
+        &TrainOptions {
+            order: 2,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("1-grams") && err.contains("--discount-fallback"),
+        "{err}"
+    );
+    let t = train(&files, &opts(2), &NoProgress).unwrap();
+    assert!(t
+        .discounts
+        .iter()
+        .all(|d| d.source == DiscountSource::Fallback));
     let m = Model::from_tables(&t.tables, Path::new("mem"));
     let uni = |w: &str| 10f64.powf(m.score_id(&[], m.word_id(w).unwrap()).0 as f64);
     assert!(
@@ -75,7 +103,7 @@ fn bigram_model_matches_hand_computation() {
 #[test]
 fn adjusted_counts_use_raw_counts_only_where_no_left_word_exists() {
     let dir = tempfile::tempdir().unwrap();
-    let mut adj = Adjuster::new(3);
+    let mut adj = Adjuster::new(3, false);
     let (vocab, _) = count_ngrams(
         &corpus(dir.path(), "a b\na b\nc b\n"),
         &CountOptions {
@@ -111,16 +139,30 @@ fn adjusted_counts_use_raw_counts_only_where_no_left_word_exists() {
 }
 
 /// Σ_w p(w | h) = 1 over the whole vocabulary (without <s>) for every context tried: the estimate is
-/// a proper distribution at every order, whatever the discounts.
+/// a proper distribution at every order, whatever the discounts, and with pruning too (a pruned
+/// n-gram's mass goes to its context's back-off).
 #[test]
 fn conditional_distributions_sum_to_one() {
+    // The text is repeated 3 times: n-grams seen 3 times are pruned, those seen 6+ times kept.
+    for prune in [vec![], vec![0, 3], vec![0, 3, 3]] {
+        sums_to_one(prune);
+    }
+}
+
+fn sums_to_one(prune: Vec<u64>) {
     let text =
         "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\nthe cat ate the fish\n\
                 the dog ate the bone\non the mat the cat sat\nthe fish sat\na log and a mat\n"
             .repeat(3);
     let dir = tempfile::tempdir().unwrap();
     for order in 1..=4 {
-        let t = train(&corpus(dir.path(), &text), &opts(order), &NoProgress).unwrap();
+        let mut o = opts(order);
+        o.estimation.prune = prune.iter().copied().take(order).collect();
+        let t = train(&corpus(dir.path(), &text), &o, &NoProgress).unwrap();
+        if order > 1 && prune.len() > 1 {
+            let unpruned = train(&corpus(dir.path(), &text), &opts(order), &NoProgress).unwrap();
+            assert!(t.tables.orders[1].len() < unpruned.tables.orders[1].len());
+        }
         let m = Model::from_tables(&t.tables, Path::new("mem"));
         let id = |w: &str| m.word_id(w).unwrap();
         let contexts: Vec<Vec<u32>> = vec![
@@ -139,7 +181,7 @@ fn conditional_distributions_sum_to_one() {
                 .sum();
             assert!(
                 (total - 1.0).abs() < 1e-4,
-                "order {order}, context {ctx:?}: Σp = {total}"
+                "order {order}, prune {prune:?}, context {ctx:?}: Σp = {total}"
             );
         }
     }
@@ -176,9 +218,8 @@ fn character_models_mark_spaces() {
     let t = train(
         &corpus(dir.path(), "나는 버스를 탔다\n나는 집에 갔다\n"),
         &TrainOptions {
-            order: 3,
             tokenization: Tokenization::Chars,
-            ..Default::default()
+            ..opts(3)
         },
         &NoProgress,
     )
@@ -190,4 +231,73 @@ fn character_models_mark_spaces() {
     assert!(
         m.score_line("나는 버스를 탔다").log10_prob > m.score_line("나는 버스를 태운다").log10_prob
     );
+}
+
+#[test]
+fn every_line_is_a_sentence_and_words_split_as_lmplz_splits_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // A blank line and a line of spaces are empty sentences; a vertical tab or a no-break space
+    // stays inside its word; \r and tabs separate words.
+    let files = corpus(dir.path(), "a b\n\n  \t \na\u{b}b c\u{a0}d\r\te\n");
+    let t = train(&files, &opts(2), &NoProgress).unwrap();
+    assert_eq!(
+        (t.stats.lines, t.stats.blank_lines, t.stats.sentences),
+        (4, 2, 4)
+    );
+    let m = Model::from_tables(&t.tables, Path::new("mem"));
+    for w in ["a\u{b}b", "c\u{a0}d", "e"] {
+        assert!(m.word_id(w).is_some(), "{w:?}");
+    }
+    let bigrams = &t.tables.orders[1];
+    let (bos, eos) = (m.word_id("<s>").unwrap(), m.word_id("</s>").unwrap());
+    assert!((0..bigrams.len()).any(|i| bigrams.key(i) == [bos, eos]));
+
+    // The model's own symbols in the text: refused, or dropped when asked.
+    let files = corpus(dir.path(), "a b\nc <unk> d\n");
+    let err = train(&files, &opts(2), &NoProgress)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("corpus.txt:2") && err.contains("<unk>") && err.contains("--skip-symbols"),
+        "{err}"
+    );
+    let skip = TrainOptions {
+        skip_symbols: true,
+        ..opts(2)
+    };
+    let t = train(&files, &skip, &NoProgress).unwrap();
+    assert_eq!((t.stats.tokens, t.stats.skipped_symbols), (4, 1));
+}
+
+#[test]
+fn limited_vocabulary_drops_other_words_and_renumbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = corpus(
+        dir.path(),
+        &"the cat sat\nthe dog sat\na cat ran\n".repeat(3),
+    );
+    let mut o = opts(3);
+    o.estimation.limit_vocab = Some(vec!["the".into(), "cat".into(), "sat".into()]);
+    let t = train(&files, &o, &NoProgress).unwrap();
+    let mut words = t.tables.vocab.clone();
+    words.sort();
+    assert_eq!(words, ["</s>", "<s>", "<unk>", "cat", "sat", "the"]);
+    // Every key is a valid id and every n-gram holds allowed words only.
+    for ord in &t.tables.orders {
+        assert!(ord
+            .keys
+            .iter()
+            .all(|&w| (w as usize) < t.tables.vocab.len()));
+    }
+    let m = Model::from_tables(&t.tables, Path::new("mem"));
+    // The unigrams are a distribution over the words kept.
+    let bos = m.word_id("<s>").unwrap();
+    let total: f64 = (0..m.vocab_size() as u32)
+        .filter(|&w| w != bos)
+        .map(|w| 10f64.powf(m.score_id(&[], w).0 as f64))
+        .sum();
+    assert!((total - 1.0).abs() < 1e-4, "Σp = {total}");
+    assert!(m.score_line("the cat sat").words.iter().all(|w| !w.oov));
+    assert!(m.score_line("the dog sat").words[1].oov);
 }

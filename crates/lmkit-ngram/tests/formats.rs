@@ -16,6 +16,10 @@ fn trained(dir: &Path, order: usize) -> lmkit_ngram::NgramTables {
         &[p],
         &TrainOptions {
             order,
+            estimation: lmkit_ngram::EstimateOptions {
+                fallback: Some(lmkit_ngram::FALLBACK_DISCOUNTS),
+                ..Default::default()
+            },
             ..Default::default()
         },
         &NoProgress,

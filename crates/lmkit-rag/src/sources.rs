@@ -6,7 +6,7 @@
 use crate::{RagError, Result};
 use lmkit_core::PathError;
 use serde_json::{Map, Value};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 pub struct Document {
@@ -52,15 +52,7 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn open(path: &Path) -> Result<Box<dyn BufRead>> {
-    let f = std::fs::File::open(path).map_err(|e| PathError::new(path, e))?;
-    let gz = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-    Ok(if gz {
-        Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f)))
-    } else {
-        Box::new(BufReader::new(f))
-    })
+    Ok(lmkit_core::decompress::open_text(path)?)
 }
 
 /// The documents of one file. A file named on the command line that is neither text nor JSONL

@@ -81,6 +81,12 @@ fn train_tables(lines: &[&String], order: usize, tmp: &Path, name: &str) -> Resu
         tokenization: Tokenization::Chars,
         memory_bytes: 64 << 20,
         temp_dir: Some(tmp.to_path_buf()),
+        // Folds of small labelled sets can lack the counts the estimate needs.
+        estimation: lmkit_ngram::EstimateOptions {
+            fallback: Some(lmkit_ngram::FALLBACK_DISCOUNTS),
+            ..Default::default()
+        },
+        ..Default::default()
     };
     Ok(lmkit_ngram::train(&[path], &opts, &lmkit_ngram::NoProgress)?.tables)
 }
