@@ -120,7 +120,7 @@ def test_ngram_bits_per_byte_match_kenlm(tiny_model, tmp_path):
     run = tiny_model["run"]
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(LINES[:4] * 20) + "\n", encoding="utf-8")
-    run("ngram", "train", "--order", "3", "--input", corpus, "--output", tmp_path / "m.arpa")
+    run("ngram", "train", "--order", "3", "--input", corpus, "--output", tmp_path / "m.arpa", "--discount-fallback")
     held = tmp_path / "h.txt"
     held.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     got = json.loads(run("eval", "ppl", "--model", tmp_path / "m.arpa", "--input", held, "--json"))

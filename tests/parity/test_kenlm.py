@@ -1,7 +1,9 @@
 """KenLM parity: KenLM's own query code loads the ARPA files lmkit writes, and its sentence and
 per-word log10 scores and perplexities equal lmkit's (from the ARPA and from the binary model)."""
 import math
+import os
 import pathlib
+import subprocess
 
 import kenlm
 import pytest
@@ -169,3 +171,77 @@ def test_estimation_equals_lmplz_korean_words(lmkit, lmplz, tmp_path):
     train, _ = split(ROOT / "data/ko/tax_rulings.txt")
     ours, theirs = estimate_both(lmkit, lmplz, tmp_path, "\n".join(train) + "\n", 4)
     assert assert_same_model(ours, theirs) > 1000
+
+
+@pytest.mark.parametrize("prune", [["0", "1"], ["0", "1", "2"], ["0", "0", "1"]])
+def test_pruned_estimation_equals_lmplz(lmkit, lmplz, tmp_path, prune):
+    text = "\n".join(EN_TRAIN[:8000]) + "\n"
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, text, 4, ["--prune", *prune], ["--prune", *prune])
+    n = assert_same_model(ours, theirs)
+    # Pruning did remove n-grams (a test of nothing otherwise).
+    lmkit("ngram", "train", "--order", 4, "--input", tmp_path / "corpus.txt", "--output", tmp_path / "full.arpa")
+    assert n < len(read_arpa(tmp_path / "full.arpa")) * 0.8
+
+
+def test_limited_vocabulary_equals_lmplz(lmkit, lmplz, tmp_path):
+    train = EN_TRAIN[:8000]
+    counts = {}
+    for s in train:
+        for w in s.split():
+            counts[w] = counts.get(w, 0) + 1
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(sorted(counts, key=lambda w: -counts[w])[:1500]) + "\n", encoding="utf-8")
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, "\n".join(train) + "\n", 3,
+                                 ["--limit-vocab", vocab], ["--limit_vocab_file", vocab])
+    assert assert_same_model(ours, theirs) > 1000
+    assert sum(1 for k in read_arpa(ours) if k[0] == 1) == 1503  # the words given + <s> </s> <unk>
+
+
+def test_blank_lines_odd_spaces_and_symbols_count_as_in_lmplz(lmkit, lmplz, tmp_path):
+    lines = EN_TRAIN[:3000]
+    lines[5] = ""
+    lines[10] = "   \t  "
+    lines[20] = "a\x0bb c\x0cd e\u00a0f g\u3000h"  # only spaces, tabs and \r separate words in lmplz
+    lines[30] = "tab\tsep\rcr"
+    lines[40] = "the <unk> and </s> dropped"
+    text = "\n".join(lines) + "\n"
+    # The model's own symbols are refused by both unless they are to be dropped.
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    assert lmplz(tmp_path / "corpus.txt", tmp_path / "x.arpa", 3, ok=False).returncode != 0
+    bin_ = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    p = subprocess.run([bin_, "ngram", "train", "--order", "3", "--input", tmp_path / "corpus.txt",
+                        "--output", tmp_path / "refused.arpa"], capture_output=True, text=True)
+    assert p.returncode != 0 and "corpus.txt:41" in p.stderr and "--skip-symbols" in p.stderr, p.stderr
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, text, 3, ["--skip-symbols"], ["--skip_symbols"])
+    assert assert_same_model(ours, theirs) > 1000
+    assert (2, "<s> </s>") in read_arpa(ours)  # the blank lines are empty sentences
+
+
+def test_discounts_refused_or_fallen_back_as_in_lmplz(lmkit, lmplz, tmp_path):
+    # Every sentence twice: no n-gram is seen once, so the discounts cannot be estimated.
+    text = "".join(s + "\n" + s + "\n" for s in EN_TRAIN[:500])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    assert lmplz(corpus, tmp_path / "x.arpa", 3, ok=False).returncode != 0
+    bin_ = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    p = subprocess.run([bin_, "ngram", "train", "--order", "3", "--input", corpus, "--output", tmp_path / "y.arpa"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "--discount-fallback" in p.stderr, p.stderr
+    assert not (tmp_path / "y.arpa").exists()
+    for given in ([], ["0.4", "0.9", "1.2"]):
+        ours, theirs = estimate_both(lmkit, lmplz, tmp_path, text, 3, ["--discount-fallback", *given],
+                                     ["--discount_fallback", *given])
+        assert_same_model(ours, theirs)
+
+
+def test_compressed_and_standard_input_give_the_same_model(lmkit, tmp_path):
+    import gzip
+    text = "\n".join(EN_TRAIN[:2000]) + "\n"
+    plain, gz = tmp_path / "c.txt", tmp_path / "c.txt.gz"
+    plain.write_text(text, encoding="utf-8")
+    gz.write_bytes(gzip.compress(text.encode("utf-8")))
+    lmkit("ngram", "train", "--order", 3, "--input", plain, "--output", tmp_path / "a.arpa")
+    lmkit("ngram", "train", "--order", 3, "--input", gz, "--output", tmp_path / "b.arpa")
+    lmkit("ngram", "train", "--order", 3, "--input", "-", "--output", tmp_path / "c.arpa", stdin=text)
+    a = (tmp_path / "a.arpa").read_bytes()
+    assert a == (tmp_path / "b.arpa").read_bytes() == (tmp_path / "c.arpa").read_bytes()

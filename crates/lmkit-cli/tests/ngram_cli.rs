@@ -66,6 +66,8 @@ fn train_score_rank_ppl_and_convert() {
             s(&corpus),
             "--output",
             s(&arpa),
+            // A tiny corpus: its discounts cannot be estimated from the counts.
+            "--discount-fallback",
         ],
         None,
     );
@@ -149,6 +151,7 @@ fn character_models_remember_their_tokenization() {
             s(&corpus),
             "--output",
             s(&bin),
+            "--discount-fallback",
         ],
         None,
     );
@@ -210,6 +213,27 @@ fn bad_input_gives_clear_errors() {
     std::fs::create_dir(&empty).unwrap();
     let e = fails(&["ngram", "train", "--input", s(&empty), "--output", s(&out)]);
     assert!(e.contains("no input files"), "{e}");
+    // Without --discount-fallback a corpus this small is refused (as lmplz refuses it), and
+    // bad pruning thresholds are named.
+    let e = fails(&["ngram", "train", "--input", s(&corpus), "--output", s(&out)]);
+    assert!(
+        e.contains("--discount-fallback") && e.contains("2-grams"),
+        "{e}"
+    );
+    let e = fails(&[
+        "ngram",
+        "train",
+        "--input",
+        s(&corpus),
+        "--output",
+        s(&out),
+        "--prune",
+        "0",
+        "2",
+        "1",
+    ]);
+    assert!(e.contains("--prune") && e.contains("decrease"), "{e}");
+    assert!(!out.exists());
 
     let junk = dir.path().join("junk.arpa");
     std::fs::write(&junk, "\\data\\\nngram 1=5\n\n\\1-grams:\n-1\t<s>\n").unwrap();

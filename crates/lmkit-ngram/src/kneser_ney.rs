@@ -95,9 +95,8 @@ impl Discounts {
     pub fn estimate(t: [u64; 4]) -> std::result::Result<[f64; 3], String> {
         if let Some(k) = t[..3].iter().position(|&x| x == 0) {
             return Err(format!(
-                "no n-grams with adjusted count {}, so the discount for count {} cannot be estimated",
-                k + 1,
-                k + 2
+                "no n-grams with adjusted count {}, which the estimate needs",
+                k + 1
             ));
         }
         let [t1, t2, t3, t4] = t.map(|x| x as f64);
@@ -120,13 +119,8 @@ impl Discounts {
     }
 
     /// The discounts of order `n` from its adjusted counts, as `opts` says.
-    pub fn of(counts: &[u64], n: usize, opts: &EstimateOptions) -> Result<Self> {
-        let mut t = [0u64; 4];
-        for &c in counts {
-            if (1..=4).contains(&c) {
-                t[c as usize - 1] += 1;
-            }
-        }
+    pub fn of(table: &CountTable, n: usize, opts: &EstimateOptions) -> Result<Self> {
+        let t = table.count_of_counts();
         let (d, source) = if let Some(Some(d)) = opts.given.get(n - 1) {
             (*d, DiscountSource::Given)
         } else {
@@ -180,7 +174,7 @@ pub fn estimate(
     let discounts = counts
         .iter()
         .enumerate()
-        .map(|(i, t)| Discounts::of(&t.counts, i + 1, opts))
+        .map(|(i, t)| Discounts::of(t, i + 1, opts))
         .collect::<Result<Vec<_>>>()?;
 
     // <s> and <unk> are unigrams even when never predicted (adjusted count 0).
@@ -277,8 +271,8 @@ pub fn estimate(
         // over the model's own vocabulary, as lmplz has it).
         let kept_words = (0..t.len()).filter(|&i| !is_marked(n - 1, i)).count();
         let uniform = 1.0 / (kept_words as f64 - 1.0);
-                                                    // Which group each entry is in; then one parallel pass over all entries (a pass per
-                                                    // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
+        // Which group each entry is in; then one parallel pass over all entries (a pass per
+        // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
         let mut group_of = vec![0u32; t.len()];
         for (g, &(s, e, _, gamma)) in groups.iter().enumerate() {
             group_of[s..e].fill(g as u32);
@@ -391,6 +385,7 @@ fn sort_table(t: CountTable) -> CountTable {
         keys,
         counts,
         raw,
+        last_in_statistics: None,
     }
 }
 
@@ -398,16 +393,27 @@ fn sort_table(t: CountTable) -> CountTable {
 mod tests {
     use super::*;
 
+    fn table(counts: &[u64]) -> CountTable {
+        CountTable {
+            n: 1,
+            keys: vec![0; counts.len()],
+            counts: counts.to_vec(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn discounts_follow_chen_goodman_eq_26() {
         let d = Discounts::of(
-            &[1; 100]
-                .iter()
-                .chain(&[2; 40])
-                .chain(&[3; 20])
-                .chain(&[4; 10])
-                .copied()
-                .collect::<Vec<_>>(),
+            &table(
+                &[1; 100]
+                    .iter()
+                    .chain(&[2; 40])
+                    .chain(&[3; 20])
+                    .chain(&[4; 10])
+                    .copied()
+                    .collect::<Vec<_>>(),
+            ),
             1,
             &EstimateOptions::default(),
         )
@@ -424,7 +430,7 @@ mod tests {
     fn bad_estimates_are_refused_unless_a_fallback_is_given() {
         // No count-3 n-grams: lmplz refuses, naming the order.
         let counts = [1, 1, 2];
-        let err = Discounts::of(&counts, 2, &EstimateOptions::default())
+        let err = Discounts::of(&table(&counts), 2, &EstimateOptions::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -435,7 +441,7 @@ mod tests {
             fallback: Some(FALLBACK_DISCOUNTS),
             ..Default::default()
         };
-        let d = Discounts::of(&counts, 2, &opts).unwrap();
+        let d = Discounts::of(&table(&counts), 2, &opts).unwrap();
         assert_eq!(
             (d.d, d.source),
             (FALLBACK_DISCOUNTS, DiscountSource::Fallback)
@@ -445,7 +451,7 @@ mod tests {
             given: vec![None, Some([0.1, 0.2, 0.3])],
             ..Default::default()
         };
-        let d = Discounts::of(&counts, 2, &opts).unwrap();
+        let d = Discounts::of(&table(&counts), 2, &opts).unwrap();
         assert_eq!((d.d, d.source), ([0.1, 0.2, 0.3], DiscountSource::Given));
         // A count-of-counts giving a discount outside [0, k] is refused too.
         assert!(Discounts::estimate([10, 1, 10, 0]).is_err()); // D2 < 0
