@@ -1,17 +1,25 @@
 #!/usr/bin/env python3
-"""n-gram benchmark: lmkit vs KenLM on the bundled English corpus, measured in the same run.
+"""n-gram benchmark: lmkit next to KenLM's own programs (lmplz, build_binary, query), same run.
 
-usage: bash scripts/setup-python.sh  # once
-       ~/.cache/lmkit/venv/bin/python bench/ngram_bench.py [--orders 3 5]
+usage: ~/.cache/lmkit/venv/bin/python bench/ngram_bench.py [--order 5] [--rounds 3] [--big-mb 50]
 
-Prints, per order: model build time and peak memory, load time, and query throughput (tokens
-scored per second, every word plus </s>). The peer is the `kenlm` Python module (KenLM's C++ query
-code behind a thin Cython layer); KenLM's estimator `lmplz` is not in the package registries, so
-the peer's build column is empty and KenLM queries the ARPA file that lmkit wrote.
+KenLM's programs are built from the kenlm source package by scripts/setup-kenlm.sh (cached).
+Corpora: data/en (4.9 MB of English) and a larger one of --big-mb MB made from it: each copy of
+the text has a different third of its word types renamed (`word~k`), so unique n-grams keep
+growing with the size as they do in real text (a plain repetition would have no singletons and
+no estimable discounts).
+
+Rows (medians over --rounds, lmkit and KenLM alternated within each round, whole processes):
+- build: `lmkit ngram train` vs `lmplz` (both writing ARPA), wall time and peak RSS, and the
+  largest |difference| between the two ARPA files' log10 probabilities and back-offs;
+- binary: `lmkit ngram convert` (→ .lmkb) vs `build_binary` (probing; trie -q 8 for its size);
+- query: `lmkit ngram ppl` with 1 and 2 threads vs `query -v summary` (1 thread; KenLM's query has
+  no threads) on the corpus itself, tokens (words + </s>) per second of the whole process.
 """
 import argparse
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,91 +29,155 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "en" / "web_bible.txt"
 
 
-def run_measured(cmd, env=None):
-    """Runs cmd; returns (wall seconds, stdout)."""
+def run_rss(cmd, stdin=None, env=None):
+    """(wall seconds, peak RSS MiB, stdout) of one run, RSS from the child's rusage."""
+    out_r, out_w = os.pipe()
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **(env or {})})
-    out, err = p.communicate()
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        sys.exit(f"{cmd} failed:\n{err}")
-    return wall, out
-
-
-def peak_rss(cmd):
-    """Peak RSS (MiB) of one command, measured with os.wait4 on the child itself."""
     pid = os.fork()
     if pid == 0:
+        os.close(out_r)
+        if stdin:
+            fd = os.open(stdin, os.O_RDONLY)
+            os.dup2(fd, 0)
+        os.dup2(out_w, 1)
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        os.execvp(cmd[0], cmd)
+        os.execvpe(cmd[0], cmd, {**os.environ, **(env or {})})
+    os.close(out_w)
+    chunks = []
+    while True:
+        b = os.read(out_r, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(out_r)
     _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - t0
     if status:
         sys.exit(f"{cmd} failed with status {status}")
-    return usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
 
 
-KENLM_QUERY = r"""
-import sys, time, kenlm
-t0 = time.perf_counter(); m = kenlm.Model(sys.argv[1]); load = time.perf_counter() - t0
-lines = [l.strip() for l in open(sys.argv[2], encoding="utf-8") if l.strip()]
-t0 = time.perf_counter(); total = 0.0; tokens = 0
-for s in lines:
-    total += m.score(s, bos=True, eos=True); tokens += len(s.split()) + 1
-q = time.perf_counter() - t0
-print(load, q, tokens, total)
-"""
+def read_arpa(path):
+    out, order = {}, 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("\\") and line.endswith("-grams:"):
+                order = int(line[1:line.index("-")])
+            elif order and line and not line.startswith("\\"):
+                p = line.split("\t")
+                out[(order, p[1])] = (float(p[0]), float(p[2]) if len(p) > 2 else 0.0)
+    return out
+
+
+def max_diff(a_path, b_path):
+    a, b = read_arpa(a_path), read_arpa(b_path)
+    if a.keys() != b.keys():
+        return f"n-gram sets differ ({len(a.keys() ^ b.keys())})"
+    worst = max(max(abs(a[k][0] - b[k][0]) if k != (1, "<s>") else 0.0, abs(a[k][1] - b[k][1])) for k in a)
+    return f"{worst:.1e}"
+
+
+def make_big(path, mb):
+    lines = CORPUS.read_text(encoding="utf-8").splitlines()
+    want, k = mb * 1_000_000, 0
+    with open(path, "w", encoding="utf-8") as f:
+        size = 0
+        while size < want:
+            out = []
+            for line in lines:
+                words = [w + f"~{k}" if k and hash((w, k)) % 3 == 0 else w for w in line.split(" ")]
+                out.append(" ".join(words))
+            text = "\n".join(out) + "\n"
+            f.write(text)
+            size += len(text.encode("utf-8"))
+            k += 1
+
+
+def med(xs):
+    return statistics.median(xs)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--orders", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--order", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--big-mb", type=int, default=50, help="size of the larger corpus (0: skip it)")
     ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit")))
     args = ap.parse_args()
     if not os.path.exists(args.lmkit):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
-    lm = args.lmkit
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
-    nbytes = CORPUS.stat().st_size
-    rows = []
-    for order in args.orders:
-        arpa, binary = tmp / f"en{order}.arpa", tmp / f"en{order}.lmkb"
-        build_s, _ = run_measured([lm, "ngram", "train", "--order", str(order), "--input", str(CORPUS), "--output", str(arpa)])
-        build_mb = peak_rss([lm, "ngram", "train", "--order", str(order), "--input", str(CORPUS), "--output", str(arpa)])
-        binb_s, _ = run_measured([lm, "ngram", "train", "--order", str(order), "--input", str(CORPUS), "--output", str(binary)])
-        info = run_measured([lm, "ngram", "info", str(binary)])[1]
-        load_ms = float(info.split("loaded in:\t")[1].split()[0])
-        arpa_load = float(run_measured([lm, "ngram", "info", str(arpa)])[1].split("loaded in:\t")[1].split()[0])
-        q1_s, _ = run_measured([lm, "ngram", "ppl", "-m", str(binary), "--input", str(CORPUS)], {"RAYON_NUM_THREADS": "1"})
-        q_s, out = run_measured([lm, "ngram", "ppl", "-m", str(binary), "--input", str(CORPUS)])
-        tokens = int(out.split("Tokens:\t")[1].split()[0])
-        q_mb = peak_rss([lm, "ngram", "ppl", "-m", str(binary), "--input", str(CORPUS)])
-        lm_total = float(out.split("log10 probability:\t")[1].split()[0])
+    kenlm = pathlib.Path(os.environ.get("LMKIT_KENLM_BIN") or subprocess.run(
+        ["bash", str(ROOT / "scripts/setup-kenlm.sh")], capture_output=True, text=True, check=True).stdout.strip())
+    lm, order = args.lmkit, str(args.order)
+    os.environ["PYTHONHASHSEED"] = "0"
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-ngram-bench-"))
+    corpora = [("data/en", CORPUS)]
+    if args.big_mb:
+        big = tmp / "big.txt"
+        make_big(big, args.big_mb)
+        corpora.append((f"data/en → {args.big_mb} MB", big))
 
-        kq = subprocess.run([sys.executable, "-c", KENLM_QUERY, str(arpa), str(CORPUS)], capture_output=True, text=True, check=True)
-        k_load, k_q, k_tokens, k_total = map(float, kq.stdout.split())
-        k_mb = peak_rss([sys.executable, "-c", KENLM_QUERY, str(arpa), str(CORPUS)])
-        assert int(k_tokens) == tokens, (k_tokens, tokens)
-        n_ngrams = sum(int(l.split("\t")[1]) for l in info.splitlines() if "-grams:" in l)
-        rows.append((order, n_ngrams, build_s, binb_s, build_mb, arpa_load, load_ms, q_s, tokens / q_s, q_mb,
-                     k_load * 1e3, k_q, k_tokens / k_q, k_mb, abs(lm_total - k_total), tokens / q1_s))
+    print(f"order {order}, {args.rounds} rounds, {os.cpu_count()} cores; KenLM from {kenlm}")
+    build_rows, query_rows = [], []
+    for name, corpus in corpora:
+        mb = corpus.stat().st_size / 1e6
+        ours, theirs = tmp / "lmkit.arpa", tmp / "lmplz.arpa"
+        lk_bin, kl_bin, kl_trie = tmp / "m.lmkb", tmp / "m.probing", tmp / "m.trie"
+        t = {k: [] for k in ("lmkit", "lmplz", "convert", "build_binary", "q1", "q2", "kq")}
+        rss = {k: [] for k in t}
+        tokens = None
+        for _ in range(args.rounds):
+            for key, cmd in (
+                ("lmkit", [lm, "ngram", "train", "--order", order, "--input", str(corpus), "--output", str(ours)]),
+                ("lmplz", [str(kenlm / "lmplz"), "-o", order, "-T", str(tmp), "--text", str(corpus), "--arpa", str(theirs)]),
+                ("convert", [lm, "ngram", "convert", str(ours), str(lk_bin)]),
+                ("build_binary", [str(kenlm / "build_binary"), str(theirs), str(kl_bin)]),
+            ):
+                w, r, _ = run_rss(cmd)
+                t[key].append(w)
+                rss[key].append(r)
+            for key, cmd, env in (
+                ("q1", [lm, "ngram", "ppl", "-m", str(lk_bin), "--input", str(corpus)], {"RAYON_NUM_THREADS": "1"}),
+                ("kq", [str(kenlm / "query"), "-v", "summary", str(kl_bin)], None),
+                ("q2", [lm, "ngram", "ppl", "-m", str(lk_bin), "--input", str(corpus)], {"RAYON_NUM_THREADS": "2"}),
+            ):
+                w, r, out = run_rss(cmd, stdin=str(corpus) if key == "kq" else None, env=env)
+                t[key].append(w)
+                rss[key].append(r)
+                if key == "q1":
+                    tokens = int(out.split("Tokens:\t")[1].split()[0])
+                    ours_ppl = float(out.split("Perplexity including OOVs:\t")[1].split()[0])
+                if key == "kq":
+                    kenlm_ppl = float(out.split("Perplexity including OOVs:")[1].split()[0])
+        subprocess.run([str(kenlm / "build_binary"), "trie", "-q", "8", str(theirs), str(kl_trie)],
+                       capture_output=True, check=True)
+        n_grams = sum(int(l.split("=")[1]) for l in ours.read_text(encoding="utf-8", errors="replace")[:400].splitlines()
+                      if l.startswith("ngram "))
+        build_rows.append((name, mb, n_grams, med(t["lmkit"]), med(rss["lmkit"]), med(t["lmplz"]), med(rss["lmplz"]),
+                           max_diff(ours, theirs), med(t["convert"]), med(t["build_binary"]),
+                           lk_bin.stat().st_size / 1e6, kl_bin.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6))
+        query_rows.append((name, tokens, tokens / med(t["q1"]), tokens / med(t["q2"]), tokens / med(t["kq"]),
+                           med(rss["q1"]), med(rss["kq"]), ours_ppl, kenlm_ppl))
 
-    print(f"corpus: {CORPUS.relative_to(ROOT)} ({nbytes / 1e6:.1f} MB); machine: {os.cpu_count()} cores")
     print()
-    print("| order | n-grams | lmkit build → ARPA (s) | lmkit build → .lmkb (s) | lmkit build peak RSS (MiB) | KenLM build |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:,} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.0f} | n/a (lmplz not in registries) |")
+    print("| corpus | MB | n-grams | lmkit build s | lmplz s | lmkit/lmplz speed | RSS MiB lmkit / lmplz | max ARPA diff | "
+          "convert s / build_binary s | .lmkb / probing / trie-q8 MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in build_rows:
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:,} | {r[3]:.2f} | {r[5]:.2f} | {r[5] / r[3]:.2f}x | {r[4]:.0f} / {r[6]:.0f} | "
+              f"{r[7]} | {r[8]:.2f} / {r[9]:.2f} | {r[10]:.0f} / {r[11]:.0f} / {r[12]:.0f} |")
     print()
-    print("| order | load: lmkit ARPA (ms) | load: lmkit .lmkb mmap (ms) | load: KenLM ARPA (ms) | query: lmkit 1 thread (tokens/s) | query: lmkit all cores (tokens/s) | query: KenLM 1 thread (tokens/s) | lmkit/KenLM 1 thread | lmkit all cores/KenLM | query peak RSS lmkit / KenLM (MiB) | Σlog10 diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[5]:.0f} | {r[6]:.2f} | {r[10]:.0f} | {r[15]:,.0f} | {r[8]:,.0f} | {r[12]:,.0f} | {r[15] / r[12]:.2f}x | {r[8] / r[12]:.2f}x | {r[9]:.0f} / {r[13]:.0f} | {r[14]:.2e} |")
+    print("| corpus | tokens | lmkit 1 thread tok/s | lmkit 2 threads tok/s | KenLM query tok/s | 1 thread ratio | "
+          "2 threads ratio | RSS MiB lmkit / KenLM | perplexity lmkit / KenLM |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in query_rows:
+        print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:,.0f} | {r[4]:,.0f} | {r[2] / r[4]:.2f}x | {r[3] / r[4]:.2f}x | "
+              f"{r[5]:.0f} / {r[6]:.0f} | {r[7]:.2f} / {r[8]:.2f} |")
     print()
-    print("lmkit query time is the whole `lmkit ngram ppl` process (start, mmap load, read, tokenize, score);")
-    print("KenLM query time is the scoring loop only (Model.score per sentence), after loading.")
+    print("Whole processes: start, load (lmkit mmaps .lmkb; query populates its probing mmap), read, score.")
+    print("lmplz runs with its default memory (-S 80% of RAM; its RSS is what it touched).")
 
 
 if __name__ == "__main__":

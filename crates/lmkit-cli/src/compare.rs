@@ -106,7 +106,8 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let model = lmkit_ngram::Model::open(&ngram_path, lmkit_ngram::Tokenization::Chars)?;
     let ngrams: u64 = model.counts().iter().sum();
-    let eval = Scorer::Ngram(model).eval_text(&held, None, &crate::progress::Bar::default())?;
+    let eval =
+        Scorer::Ngram(Box::new(model)).eval_text(&held, None, &crate::progress::Bar::default())?;
     rows.push(Row {
         name: format!("{}-gram, characters (Kneser-Ney)", a.ngram_order),
         parameters: format!("{ngrams} n-grams"),

@@ -24,7 +24,10 @@ pub enum NgramCommand {
     )]
     Train(TrainArgs),
     /// Convert an ARPA model to the memory-mapped binary format
-    #[command(after_help = "Example:\n  lmkit ngram convert en.arpa en.lmkb")]
+    #[command(
+        after_help = "Examples:\n  lmkit ngram convert en.arpa en.lmkb                  # hash tables: fastest\n  \
+        lmkit ngram convert en.arpa en.q8.lmkb --quantize 8  # trie, 8-bit values: smallest"
+    )]
     Convert {
         /// ARPA model to read
         arpa: PathBuf,
@@ -33,6 +36,8 @@ pub enum NgramCommand {
         /// The ARPA model is over characters (as trained with --chars)
         #[arg(long)]
         chars: bool,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Print the log10 probability of each sentence (one per line, from --input or stdin)
     #[command(
@@ -121,6 +126,8 @@ pub struct TrainArgs {
     /// Discounts of one order instead of estimated ones: ORDER=D1,D2,D3 (repeatable)
     #[arg(long, value_name = "ORDER=D1,D2,D3")]
     discounts: Vec<String>,
+    #[command(flatten)]
+    layout: LayoutArgs,
 }
 
 /// Three discounts D1 D2 D3+ from up to three values (the last repeats, as lmplz does), each
@@ -188,6 +195,48 @@ fn estimate_options(a: &TrainArgs) -> Result<lmkit_ngram::EstimateOptions> {
     })
 }
 
+/// How a `.lmkb` model stores its n-grams.
+#[derive(Args)]
+pub struct LayoutArgs {
+    /// Store the n-grams in a bit-packed trie (several times smaller, slower to query) instead of
+    /// hash tables
+    #[arg(long)]
+    trie: bool,
+    /// Quantize probabilities and back-offs to BITS bits (1..=16; implies --trie), as KenLM's
+    /// `build_binary trie -q BITS`
+    #[arg(long, value_name = "BITS")]
+    quantize: Option<u32>,
+}
+
+impl LayoutArgs {
+    fn layout(&self) -> lmkit_ngram::BinaryLayout {
+        match (self.trie, self.quantize) {
+            (_, Some(bits)) => lmkit_ngram::BinaryLayout::Trie { bits },
+            (true, None) => lmkit_ngram::BinaryLayout::Trie { bits: 0 },
+            (false, None) => lmkit_ngram::BinaryLayout::Probing,
+        }
+    }
+
+    fn check(&self, output: &std::path::Path) -> Result<()> {
+        if let Some(bits) = self.quantize {
+            if !(1..=lmkit_ngram::binary::MAX_QUANT_BITS).contains(&bits) {
+                bail!(
+                    "--quantize {bits}: give 1..={} bits",
+                    lmkit_ngram::binary::MAX_QUANT_BITS
+                );
+            }
+        }
+        let binary = output.extension().and_then(|e| e.to_str()) == Some("lmkb");
+        if (self.trie || self.quantize.is_some()) && !binary {
+            bail!(
+                "{}: --trie and --quantize describe a binary model; name the output *.lmkb",
+                output.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 pub struct ModelArgs {
     /// Model file (.arpa or .lmkb)
@@ -217,9 +266,12 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             arpa,
             output,
             chars,
+            layout,
         } => {
             let t0 = Instant::now();
-            let tables = lmkit_ngram::convert(&arpa, &output, tokenization(chars))?;
+            layout.check(&output)?;
+            let tables =
+                lmkit_ngram::convert(&arpa, &output, tokenization(chars), layout.layout())?;
             eprintln!(
                 "wrote {} ({} n-grams, order {}) in {:.2}s",
                 output.display(),
@@ -299,6 +351,13 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             println!("loaded in:\t{:.3} ms", t0.elapsed().as_secs_f64() * 1e3);
             println!("order:\t{}", m.order());
             println!("tokens:\t{}", m.tokenization().name());
+            match m.layout() {
+                lmkit_ngram::BinaryLayout::Probing => println!("layout:\thash tables"),
+                lmkit_ngram::BinaryLayout::Trie { bits: 0 } => println!("layout:\ttrie"),
+                lmkit_ngram::BinaryLayout::Trie { bits } => {
+                    println!("layout:\ttrie, {bits}-bit values")
+                }
+            }
             println!("vocabulary:\t{}", m.vocab_size());
             for (i, c) in m.counts().iter().enumerate() {
                 println!("{}-grams:\t{c}", i + 1);
@@ -330,8 +389,9 @@ fn train(a: TrainArgs) -> Result<()> {
             a.output.display()
         ),
     }
+    a.layout.check(&a.output)?;
     let trained = lmkit_ngram::train(&inputs, &opts, &Bar::default())?;
-    lmkit_ngram::save(&trained.tables, &a.output)?;
+    lmkit_ngram::save_as(&trained.tables, &a.output, a.layout.layout())?;
     let s = &trained.stats;
     eprintln!(
         "read {} file(s), {} lines ({} blank), {} sentences, {} tokens, {} bytes",

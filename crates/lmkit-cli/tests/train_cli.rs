@@ -189,6 +189,8 @@ fn compare_and_eval_rank_work_end_to_end() {
         &s(&d.join("in")),
         "--output",
         &s(&d.join("m.lmkb")),
+        // A few lines of text: too few for estimated discounts.
+        "--discount-fallback",
     ]);
     assert!(ok, "{err}");
     let out = Command::new(env!("CARGO_BIN_EXE_lmkit"))

@@ -49,7 +49,7 @@ pub struct Neural {
 /// Any model that gives text a probability.
 pub enum Scorer {
     Neural(Box<Neural>),
-    Ngram(NgramModel),
+    Ngram(Box<NgramModel>),
     /// BERT: pseudo-log-likelihood.
     Masked(Box<encoders::Masked>),
     /// Encoder-decoder: log p(target | source).
@@ -104,7 +104,7 @@ impl Scorer {
             } else {
                 Tokenization::Words
             };
-            return Ok(Scorer::Ngram(NgramModel::open(path, tok)?));
+            return Ok(Scorer::Ngram(Box::new(NgramModel::open(path, tok)?)));
         }
         let dir = lmkit_models::resolve_checkpoint(path);
         let kind = lmkit_models::kind_of(&dir)?;

@@ -11,6 +11,10 @@
 //! vocab table     slots × (u64 hash, u32 id, u32 unused)      open addressing, linear probing
 //! order n table   slots × (u64 n-gram hash, f32 log10 prob, f32 log10 back-off), for n = 1..=order
 //! ```
+//! A second layout, the trie (flag bit 1; bits 8..15 of the flags hold the quantization bits, 0 for
+//! f32 values), keeps the header and vocabulary sections and replaces the hash tables with
+//! quantization tables and one bit-packed section per order ([`crate::trie`]); the per-order
+//! header field that holds the hash slots then holds the section's byte length.
 //! N-grams are keyed by a 64-bit hash of their ids, as in KenLM's probing structure: collisions
 //! between distinct n-grams are possible in principle and negligible in practice (2^-64 per pair).
 
@@ -101,45 +105,103 @@ pub(crate) struct Layout {
     pub vocab_offsets: usize,
     pub vocab_bytes: usize,
     pub vocab_table: usize,
+    /// Quantization tables (trie layout; empty otherwise).
+    pub quant: usize,
     pub order_tables: Vec<usize>,
     pub total: usize,
 }
 
 impl Layout {
+    /// `section_lens`: the byte length of each order's section; `quant_len`: of the
+    /// quantization tables before them.
     pub fn new(
         vocab_size: usize,
         vocab_bytes_len: usize,
         vocab_slots: usize,
-        order_slots: &[usize],
+        quant_len: usize,
+        section_lens: &[usize],
     ) -> Option<Self> {
         let vocab_offsets = HEADER_LEN;
         let vocab_bytes =
             align8(vocab_offsets.checked_add((vocab_size.checked_add(1)?).checked_mul(4)?)?);
         let vocab_table = align8(vocab_bytes.checked_add(vocab_bytes_len)?);
-        let mut at = vocab_table.checked_add(vocab_slots.checked_mul(SLOT_LEN)?)?;
+        let quant = vocab_table.checked_add(vocab_slots.checked_mul(SLOT_LEN)?)?;
+        let mut at = align8(quant.checked_add(quant_len)?);
         let mut order_tables = Vec::new();
-        for &s in order_slots {
+        for &len in section_lens {
             order_tables.push(at);
-            at = at.checked_add(s.checked_mul(SLOT_LEN)?)?;
+            at = align8(at.checked_add(len)?);
         }
         Some(Layout {
             vocab_offsets,
             vocab_bytes,
             vocab_table,
+            quant,
             order_tables,
             total: at,
         })
     }
 }
 
-/// Builds the binary image of `tables`.
+/// How a binary model stores its n-grams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BinaryLayout {
+    /// Hash tables: the fastest to query.
+    #[default]
+    Probing,
+    /// A bit-packed trie, probabilities and back-offs quantized to `bits` bits (0: kept as f32):
+    /// the smallest.
+    Trie { bits: u32 },
+}
+
+/// Builds the binary image of `tables` in the probing layout.
 pub fn build_image(tables: &NgramTables) -> Vec<u8> {
+    build_image_as(tables, BinaryLayout::Probing).expect("the probing layout takes any tables")
+}
+
+/// Builds the binary image of `tables` in `kind`'s layout. A trie needs every n-gram's suffix to
+/// be stored (lmplz's and lmkit's models have them); tables without are an error.
+pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8>> {
     let order = tables.order();
     let words_len: usize = tables.vocab.iter().map(|w| w.len()).sum();
     let vocab_slots = slots_for(tables.vocab.len());
-    let order_slots: Vec<usize> = tables.orders.iter().map(|o| slots_for(o.len())).collect();
-    let layout = Layout::new(tables.vocab.len(), words_len, vocab_slots, &order_slots)
-        .expect("model sizes overflow usize"); // only for absurd in-memory sizes
+    let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
+    let (flags, order_fields, quant_len, trie) = match kind {
+        BinaryLayout::Probing => {
+            let slots: Vec<usize> = tables.orders.iter().map(|o| slots_for(o.len())).collect();
+            (0u32, slots, 0, None)
+        }
+        BinaryLayout::Trie { bits } => {
+            if bits > MAX_QUANT_BITS {
+                return Err(NgramError::BadOption {
+                    option: "quantize",
+                    msg: format!("{bits} bits; use 1..={MAX_QUANT_BITS} (or 0 for f32 values)"),
+                });
+            }
+            let lens = crate::trie::section_lens(&counts, tables.vocab.len() as u64, bits)
+                .expect("in-memory sizes fit");
+            let sections = crate::trie::build_sections(tables, bits)?;
+            (
+                2 | (bits << 8),
+                lens,
+                crate::trie::quant_len(order, bits),
+                Some(sections),
+            )
+        }
+    };
+    let section_lens: Vec<usize> = if trie.is_some() {
+        order_fields.clone()
+    } else {
+        order_fields.iter().map(|s| s * SLOT_LEN).collect()
+    };
+    let layout = Layout::new(
+        tables.vocab.len(),
+        words_len,
+        vocab_slots,
+        quant_len,
+        &section_lens,
+    )
+    .expect("model sizes overflow usize"); // only for absurd in-memory sizes
     let mut img = vec![0u8; layout.total];
     let id_of = |w: &str| tables.id_of(w).unwrap_or(u32::MAX);
 
@@ -153,7 +215,7 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
     put32(
         &mut img,
         12,
-        u32::from(tables.tokenization == Tokenization::Chars),
+        u32::from(tables.tokenization == Tokenization::Chars) | flags,
     );
     put32(&mut img, 16, tables.vocab.len() as u32);
     put32(&mut img, 20, id_of(UNK));
@@ -162,7 +224,7 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
     put64(&mut img, 32, vocab_slots as u64);
     for (i, o) in tables.orders.iter().enumerate() {
         put64(&mut img, 40 + 16 * i, o.len() as u64);
-        put64(&mut img, 48 + 16 * i, order_slots[i] as u64);
+        put64(&mut img, 48 + 16 * i, order_fields[i] as u64);
     }
     put64(&mut img, 168, layout.total as u64);
     let checksum = fnv(&img[..CHECKSUM_AT]);
@@ -183,10 +245,19 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
         put64(&mut img, slot, h);
         put32(&mut img, slot + 8, id as u32);
     }
+    if let Some((quant, sections)) = trie {
+        img[layout.quant..layout.quant + quant.len()].copy_from_slice(&quant);
+        for (sec, &at) in sections.iter().zip(&layout.order_tables) {
+            img[at..at + sec.len()].copy_from_slice(sec);
+        }
+        let body = body_checksum(&img[HEADER_LEN..]);
+        put64(&mut img, BODY_CHECKSUM_AT, body);
+        return Ok(img);
+    }
     for (o, (&base, &slots)) in tables
         .orders
         .iter()
-        .zip(layout.order_tables.iter().zip(&order_slots))
+        .zip(layout.order_tables.iter().zip(&order_fields))
     {
         for i in 0..o.len() {
             let h = ngram_hash(o.key(i));
@@ -199,7 +270,7 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
     }
     let body = body_checksum(&img[HEADER_LEN..]);
     put64(&mut img, BODY_CHECKSUM_AT, body);
-    img
+    Ok(img)
 }
 
 /// First slot at or after `h`'s home slot that is empty or already holds `h`.
@@ -216,11 +287,20 @@ fn free_slot(img: &[u8], base: usize, slots: usize, h: u64) -> usize {
     }
 }
 
-/// Writes `tables` as a `.lmkb` file atomically.
-pub fn save_binary(tables: &NgramTables, path: &Path) -> Result<()> {
-    let img = build_image(tables);
+/// Writes `tables` as a `.lmkb` file atomically, in `kind`'s layout.
+pub fn save_binary(tables: &NgramTables, path: &Path, kind: BinaryLayout) -> Result<()> {
+    let img = build_image_as(tables, kind).map_err(|e| match e {
+        NgramError::Binary { msg, .. } => NgramError::Binary {
+            path: path.to_path_buf(),
+            msg,
+        },
+        e => e,
+    })?;
     Ok(lmkit_core::write_atomic_bytes(path, &img)?)
 }
+
+/// Most bits a quantized value may take.
+pub const MAX_QUANT_BITS: u32 = 16;
 
 /// Header values of an image, checked against its length.
 #[derive(Clone, Debug)]
@@ -233,7 +313,10 @@ pub(crate) struct Header {
     pub eos: u32,
     pub vocab_slots: usize,
     pub counts: Vec<u64>,
+    /// Hash slots per order (probing layout).
     pub order_slots: Vec<usize>,
+    /// Quantization bits of the trie layout (`None`: probing).
+    pub trie_bits: Option<u32>,
     pub layout: Layout,
 }
 
@@ -280,11 +363,16 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     if order == 0 || order > MAX_ORDER {
         return Err(bad(format!("order {order} out of range 1..={MAX_ORDER}")));
     }
-    let tokenization = if r32(12) & 1 == 1 {
+    let flags = r32(12);
+    let tokenization = if flags & 1 == 1 {
         Tokenization::Chars
     } else {
         Tokenization::Words
     };
+    let trie_bits = (flags & 2 != 0).then_some((flags >> 8) & 0xff);
+    if trie_bits.is_some_and(|b| b > MAX_QUANT_BITS) || flags & !0xff03 != 0 {
+        return Err(bad(format!("unknown flags {flags:#x}")));
+    }
     let vocab_size = r32(16) as usize;
     let (unk, bos, eos) = (r32(20), r32(24), r32(28));
     if [unk, bos, eos].iter().any(|&id| id as usize >= vocab_size) {
@@ -305,6 +393,10 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     let mut order_slots = Vec::new();
     for i in 0..order {
         counts.push(r64(40 + 16 * i));
+        if trie_bits.is_some() {
+            order_slots.push(usize_of(r64(48 + 16 * i))?);
+            continue;
+        }
         order_slots.push(pow2(usize_of(r64(48 + 16 * i))?, "n-gram")?);
         if counts[i] as usize >= order_slots[i] {
             return Err(bad(format!(
@@ -313,6 +405,29 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
             )));
         }
     }
+    let (quant_len, section_lens) = match trie_bits {
+        None => (
+            0,
+            order_slots
+                .iter()
+                .map(|s| s.checked_mul(SLOT_LEN))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("section sizes overflow".into()))?,
+        ),
+        Some(bits) => {
+            if counts[0] != vocab_size as u64 {
+                return Err(bad("the trie has not one unigram per word".into()));
+            }
+            let lens = crate::trie::section_lens(&counts, vocab_size as u64, bits)
+                .ok_or_else(|| bad("section sizes overflow".into()))?;
+            if lens != order_slots {
+                return Err(bad(
+                    "trie section lengths do not match the n-gram counts".into()
+                ));
+            }
+            (crate::trie::quant_len(order, bits), lens)
+        }
+    };
     if vocab_size >= vocab_slots {
         return Err(bad("vocabulary larger than its hash table".into()));
     }
@@ -329,7 +444,7 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         return Err(bad("vocabulary offsets run past the end of the file".into()));
     }
     let words_len = r32(HEADER_LEN + 4 * vocab_size) as usize;
-    let layout = Layout::new(vocab_size, words_len, vocab_slots, &order_slots)
+    let layout = Layout::new(vocab_size, words_len, vocab_slots, quant_len, &section_lens)
         .ok_or_else(|| bad("section sizes overflow".into()))?;
     if layout.total != total {
         return Err(bad(format!(
@@ -363,6 +478,7 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         vocab_slots,
         counts,
         order_slots,
+        trie_bits,
         layout,
     })
 }

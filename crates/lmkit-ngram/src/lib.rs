@@ -19,8 +19,10 @@ pub mod kneser_ney;
 pub mod model;
 pub mod tables;
 pub mod tokenize;
+mod trie;
 pub mod vocab;
 
+pub use binary::BinaryLayout;
 pub use count::{CorpusStats, MAX_ORDER};
 pub use error::{NgramError, Result};
 pub use kneser_ney::{DiscountSource, Discounts, Estimate, EstimateOptions, FALLBACK_DISCOUNTS};
@@ -87,11 +89,17 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     )?)
 }
 
-/// Saves `tables` as ARPA (`.arpa`) or binary (`.lmkb`), chosen by the file extension.
+/// Saves `tables` as ARPA (`.arpa`) or binary (`.lmkb`, probing layout), chosen by the file
+/// extension.
 pub fn save(tables: &NgramTables, path: &Path) -> Result<()> {
+    save_as(tables, path, binary::BinaryLayout::Probing)
+}
+
+/// [`save`], with the layout a `.lmkb` file takes.
+pub fn save_as(tables: &NgramTables, path: &Path, layout: binary::BinaryLayout) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("arpa") => arpa::save_arpa(tables, path),
-        Some("lmkb") => binary::save_binary(tables, path),
+        Some("lmkb") => binary::save_binary(tables, path, layout),
         _ => Err(NgramError::UnknownFormat {
             path: path.to_path_buf(),
         }),
@@ -99,13 +107,18 @@ pub fn save(tables: &NgramTables, path: &Path) -> Result<()> {
 }
 
 /// Converts an ARPA file to the binary format.
-pub fn convert(arpa_path: &Path, out: &Path, tokenization: Tokenization) -> Result<NgramTables> {
+pub fn convert(
+    arpa_path: &Path,
+    out: &Path,
+    tokenization: Tokenization,
+    layout: binary::BinaryLayout,
+) -> Result<NgramTables> {
     let file = std::fs::File::open(arpa_path).map_err(|e| NgramError::io(arpa_path, e))?;
     let tables = arpa::read_arpa(
         std::io::BufReader::with_capacity(1 << 20, file),
         arpa_path,
         tokenization,
     )?;
-    save(&tables, out)?;
+    save_as(&tables, out, layout)?;
     Ok(tables)
 }

@@ -10,6 +10,7 @@ use crate::binary::{
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
 use crate::tokenize::{tokens, Tokenization};
+use crate::trie::TrieView;
 use std::io::{BufReader, Read};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,17 @@ impl Deref for Storage {
 pub struct Model {
     data: Storage,
     h: Header,
+    /// The trie layout's sections (`None`: hash tables).
+    trie: Option<Box<TrieView>>,
     path: PathBuf,
+}
+
+/// Where a walk over the n-grams ending in one word stands: the hash of the n-gram found last
+/// (probing layout), or its entry's children (trie layout).
+#[derive(Clone, Copy)]
+enum Cursor {
+    Hash(u64),
+    Node((u64, u64)),
 }
 
 /// The score of one predicted token (the sentence's words in order, then `</s>` when asked for).
@@ -134,11 +145,64 @@ impl Model {
     fn from_storage(data: Storage, path: &Path) -> Result<Model> {
         let h = parse_header(&data, path)?;
         crate::binary::check_body(&data, path)?;
+        let trie = h.trie_bits.map(|bits| {
+            Box::new(TrieView::new(
+                &h.counts,
+                h.vocab_size as u64,
+                bits,
+                h.layout.quant,
+                h.layout.order_tables.clone(),
+            ))
+        });
         Ok(Model {
             data,
             h,
+            trie,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The layout of the model's n-grams.
+    pub fn layout(&self) -> crate::BinaryLayout {
+        match self.h.trie_bits {
+            None => crate::BinaryLayout::Probing,
+            Some(bits) => crate::BinaryLayout::Trie { bits },
+        }
+    }
+
+    /// (log10 prob, log10 back-off) of the unigram `w`, and the cursor to extend it.
+    #[inline]
+    fn first(&self, w: u32) -> Option<(f32, f32, Cursor)> {
+        match &self.trie {
+            None => {
+                let h = start_hash(w);
+                self.lookup(1, h).map(|(p, b)| (p, b, Cursor::Hash(h)))
+            }
+            Some(t) => {
+                if w as usize >= self.h.vocab_size {
+                    return None;
+                }
+                let (p, b, children) = t.entry(&self.data, 0, u64::from(w));
+                Some((p, b, Cursor::Node(children)))
+            }
+        }
+    }
+
+    /// The n-gram of order `n` that puts `word` before the (n−1)-gram at `c`.
+    #[inline]
+    fn extend(&self, n: usize, c: Cursor, word: u32) -> Option<(f32, f32, Cursor)> {
+        match (c, &self.trie) {
+            (Cursor::Hash(h), _) => {
+                let h = extend_hash(h, word);
+                self.lookup(n, h).map(|(p, b)| (p, b, Cursor::Hash(h)))
+            }
+            (Cursor::Node(range), Some(t)) => {
+                let i = t.find(&self.data, n - 1, range, word)?;
+                let (p, b, children) = t.entry(&self.data, n - 1, i);
+                Some((p, b, Cursor::Node(children)))
+            }
+            (Cursor::Node(_), None) => None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -228,41 +292,31 @@ impl Model {
     /// log10 p(w | history) and the length of the n-gram used; `history` is most recent first.
     pub fn score_id(&self, history: &[u32], w: u32) -> (f32, usize) {
         let max_ctx = history.len().min(self.h.order - 1);
-        let mut h = start_hash(w);
-        let (mut prob, mut len) = match self.lookup(1, h) {
-            Some((p, _)) => (p, 1),
-            None => {
-                return (
-                    self.lookup(1, start_hash(self.h.unk))
-                        .map_or(-100.0, |x| x.0),
-                    1,
-                )
-            }
+        let (mut prob, mut len, mut c) = match self.first(w) {
+            Some((p, _, c)) => (p, 1, c),
+            None => return (self.first(self.h.unk).map_or(-100.0, |x| x.0), 1),
         };
         for (k, &ctx_word) in history.iter().take(max_ctx).enumerate() {
-            h = extend_hash(h, ctx_word);
-            match self.lookup(k + 2, h) {
-                Some((p, _)) => {
+            match self.extend(k + 2, c, ctx_word) {
+                Some((p, _, next)) => {
                     prob = p;
                     len = k + 2;
+                    c = next;
                 }
                 None => break,
             }
         }
         // Back off from every stored context longer than the found n-gram's context.
-        let mut ctx = 0u64;
+        let mut ctx: Option<Cursor> = None;
         for (j, &ctx_word) in history.iter().take(max_ctx).enumerate() {
-            ctx = if j == 0 {
-                start_hash(ctx_word)
-            } else {
-                extend_hash(ctx, ctx_word)
+            let found = match ctx {
+                None => self.first(ctx_word),
+                Some(c) => self.extend(j + 1, c, ctx_word),
             };
-            if j + 1 < len {
-                continue;
-            }
-            match self.lookup(j + 1, ctx) {
-                Some((_, b)) => prob += b,
-                None => break,
+            let Some((_, b, c)) = found else { break };
+            ctx = Some(c);
+            if j + 1 >= len {
+                prob += b;
             }
         }
         (prob, len)
@@ -281,12 +335,9 @@ impl Model {
             next.words[0] = w;
             next.words[1..next.words_len].copy_from_slice(&state.words[..next.words_len - 1]);
         }
-        let mut h = start_hash(w);
-        let Some((p1, b1)) = self.lookup(1, h) else {
+        let Some((p1, b1, mut c)) = self.first(w) else {
             // Not even a unigram: `<unk>`'s probability, and no stored context ends in `w`.
-            let p = self
-                .lookup(1, start_hash(self.h.unk))
-                .map_or(-100.0, |x| x.0);
+            let p = self.first(self.h.unk).map_or(-100.0, |x| x.0);
             return (p, 1, next);
         };
         if keep > 0 {
@@ -295,9 +346,9 @@ impl Model {
         }
         let (mut prob, mut len) = (p1, 1);
         for k in 0..state.words_len {
-            h = extend_hash(h, state.words[k]);
-            match self.lookup(k + 2, h) {
-                Some((p, b)) => {
+            match self.extend(k + 2, c, state.words[k]) {
+                Some((p, b, next_c)) => {
+                    c = next_c;
                     prob = p;
                     len = k + 2;
                     if k + 2 <= keep {

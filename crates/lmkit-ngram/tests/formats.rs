@@ -2,30 +2,30 @@
 
 use lmkit_ngram::arpa::{read_arpa, write_arpa};
 use lmkit_ngram::{
-    convert, save, train, Model, NgramError, NoProgress, Tokenization, TrainOptions,
+    convert, save, save_as, train, BinaryLayout, Model, NgramError, NoProgress, Tokenization,
+    TrainOptions,
 };
 use std::path::{Path, PathBuf};
 
 const TEXT: &str =
     "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\nthe cat ate the fish\n";
 
+/// Options for small corpora: lmplz's fallback discounts where the estimate fails.
+fn fallback(order: usize) -> TrainOptions {
+    TrainOptions {
+        order,
+        estimation: lmkit_ngram::EstimateOptions {
+            fallback: Some(lmkit_ngram::FALLBACK_DISCOUNTS),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 fn trained(dir: &Path, order: usize) -> lmkit_ngram::NgramTables {
     let p = dir.join("c.txt");
     std::fs::write(&p, TEXT).unwrap();
-    train(
-        &[p],
-        &TrainOptions {
-            order,
-            estimation: lmkit_ngram::EstimateOptions {
-                fallback: Some(lmkit_ngram::FALLBACK_DISCOUNTS),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap()
-    .tables
+    train(&[p], &fallback(order), &NoProgress).unwrap().tables
 }
 
 #[test]
@@ -59,12 +59,134 @@ fn binary_and_arpa_give_identical_scores() {
     let arpa = dir.path().join("m.arpa");
     let bin = dir.path().join("m.lmkb");
     save(&t, &arpa).unwrap();
-    convert(&arpa, &bin, Tokenization::Words).unwrap();
+    convert(&arpa, &bin, Tokenization::Words, BinaryLayout::Probing).unwrap();
     let a = Model::open(&arpa, Tokenization::Words).unwrap();
     let b = Model::open(&bin, Tokenization::Words).unwrap();
     assert_eq!(a.counts(), b.counts());
     for s in ["the cat sat on the log", "a a a", "dog", "zebra cat"] {
         assert_eq!(a.score_line(s), b.score_line(s), "{s}");
+    }
+}
+
+/// A corpus big enough for every order to have many contexts: sentences over 40 words drawn by
+/// a fixed linear congruential sequence.
+fn varied_text() -> String {
+    let mut x: u64 = 7;
+    let mut out = String::new();
+    for _ in 0..400 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = 3 + (x >> 60) as usize;
+        for k in 0..len {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Skewed: low word numbers are frequent.
+            let w = ((x >> 33) % 40).min((x >> 45) % 40);
+            out.push_str(&format!("{}w{w}", if k > 0 { " " } else { "" }));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn trie_models_score_as_the_hash_tables_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, varied_text()).unwrap();
+    let probes: Vec<String> = varied_text()
+        .lines()
+        .take(60)
+        .map(|l| l.replace("w3 ", "w3 unknown "))
+        .collect();
+    for order in 1..=5 {
+        let opts = fallback(order);
+        let t = train(std::slice::from_ref(&corpus), &opts, &NoProgress)
+            .unwrap()
+            .tables;
+        let open = |name: &str, layout| {
+            let p = dir.path().join(name);
+            save_as(&t, &p, layout).unwrap();
+            Model::open(&p, Tokenization::Words).unwrap()
+        };
+        let hash = open("h.lmkb", BinaryLayout::Probing);
+        let trie = open("t.lmkb", BinaryLayout::Trie { bits: 0 });
+        let q8 = open("q.lmkb", BinaryLayout::Trie { bits: 8 });
+        assert_eq!(trie.layout(), BinaryLayout::Trie { bits: 0 });
+        let (mut sum_h, mut sum_q) = (0.0f64, 0.0f64);
+        for s in &probes {
+            let (a, b, q) = (hash.score_line(s), trie.score_line(s), q8.score_line(s));
+            assert_eq!(a, b, "order {order}: {s}");
+            for (x, y) in a.words.iter().zip(&q.words) {
+                assert_eq!(x.ngram_len, y.ngram_len);
+                assert!(
+                    (x.log10_prob - y.log10_prob).abs() < 0.15,
+                    "order {order}: {s}"
+                );
+            }
+            sum_h += a.log10_prob as f64;
+            sum_q += q.log10_prob as f64;
+        }
+        assert!(
+            (sum_h - sum_q).abs() < 0.01 * sum_h.abs(),
+            "{sum_h} vs {sum_q}"
+        );
+        // The lower-level query too, with histories that are not all stored.
+        for h in [vec![], vec![5], vec![5, 9, 2], vec![1, 1, 1, 1, 1]] {
+            for w in [0u32, 3, 7, 20, 41] {
+                assert_eq!(hash.score_id(&h, w), trie.score_id(&h, w), "{h:?} {w}");
+            }
+        }
+        if order > 1 {
+            let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
+            assert!(size("q.lmkb") < size("t.lmkb"), "order {order}");
+        }
+    }
+}
+
+#[test]
+fn a_trie_needs_every_suffix_and_survives_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    // "<s> a b" is stored but its suffix "a b" is not.
+    let arpa = "\\data\\\nngram 1=5\nngram 2=2\nngram 3=1\n\n\\1-grams:\n-1\t<unk>\n-99\t<s>\t-0.5\n-1\ta\t-0.3\n-1\tb\n-1\t</s>\n\n\\2-grams:\n-0.5\t<s> a\t-0.2\n-0.5\tb </s>\n\n\\3-grams:\n-0.1\t<s> a b\n\n\\end\\\n";
+    let t = read_arpa(arpa.as_bytes(), Path::new("x.arpa"), Tokenization::Words).unwrap();
+    let p = dir.path().join("t.lmkb");
+    let e = save_as(&t, &p, BinaryLayout::Trie { bits: 0 })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.lmkb") && e.contains("\"<s> a b\"") && e.contains("\"a b\""),
+        "{e}"
+    );
+    assert!(!p.exists());
+    // The hash tables take it.
+    save_as(&t, &p, BinaryLayout::Probing).unwrap();
+
+    // Random damage to a trie's sections (with the body checksum cleared, so it loads): scoring
+    // gives some numbers, never a panic or an endless search.
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, varied_text()).unwrap();
+    let t = train(&[corpus], &fallback(4), &NoProgress).unwrap().tables;
+    let p = dir.path().join("q.lmkb");
+    save_as(&t, &p, BinaryLayout::Trie { bits: 6 }).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let mut x: u64 = 3;
+    for _ in 0..20 {
+        let mut bad = good.clone();
+        bad[184..192].copy_from_slice(&[0; 8]);
+        for _ in 0..200 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let at = 192 + (x >> 20) as usize % (bad.len() - 192);
+            bad[at] ^= (x >> 8) as u8 | 1;
+        }
+        std::fs::write(&p, &bad).unwrap();
+        if let Ok(m) = Model::open(&p, Tokenization::Words) {
+            for s in varied_text().lines().take(20) {
+                let _ = m.score_line(s);
+            }
+        }
     }
 }
 

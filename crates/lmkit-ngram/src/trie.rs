@@ -1,0 +1,451 @@
+//! The trie layout of a `.lmkb` model (KenLM's `trie` structure, with optional quantization): the
+//! n-grams of each order are stored in suffix order — an n-gram `w1 … wn` is a child of its suffix
+//! `w2 … wn` and is keyed by its first word — so scoring `w` after a history walks from the unigram
+//! `w` to ever longer n-grams ending in `w`, one binary search among siblings per step.
+//!
+//! Each order is one bit-packed array (entries of equal width, read with unaligned 64-bit loads):
+//! ```text
+//! order 1:      prob | back-off | first child        (indexed by word id; f32 values)
+//! order 1<n<N:  word | prob | back-off | first child  (grouped by parent, sorted by word)
+//! order N:      word | prob
+//! ```
+//! Orders below N hold one extra entry at the end whose first-child field closes the last range.
+//! With quantization (`bits` = q) the probabilities and back-offs of orders ≥ 2 are q-bit codes
+//! into per-order tables of centres (equal-population bins over the sorted values, each centre the
+//! mean of its bin, as KenLM's `build_binary -q`); back-off 0 has its own exact code, since most
+//! n-grams that are never contexts carry it.
+
+use crate::error::{NgramError, Result};
+use crate::tables::NgramTables;
+
+/// How many bits hold values `0..=max`.
+pub(crate) fn bits_for(max: u64) -> u32 {
+    (64 - max.leading_zeros()).max(1)
+}
+
+/// Field widths of one order's entries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Widths {
+    pub word: u32,
+    pub prob: u32,
+    pub backoff: u32,
+    pub child: u32,
+}
+
+impl Widths {
+    pub fn total(&self) -> u32 {
+        self.word + self.prob + self.backoff + self.child
+    }
+}
+
+/// Widths of every order of a model with `counts` n-grams per order, `vocab` words and
+/// `bits`-bit quantization (0: f32 values).
+pub(crate) fn widths(counts: &[u64], vocab: u64, bits: u32) -> Vec<Widths> {
+    let order = counts.len();
+    (0..order)
+        .map(|i| {
+            let value = if i == 0 || bits == 0 { 32 } else { bits };
+            let last = i + 1 == order;
+            Widths {
+                word: if i == 0 {
+                    0
+                } else {
+                    bits_for(vocab.saturating_sub(1))
+                },
+                prob: value,
+                backoff: if last { 0 } else { value },
+                child: if last { 0 } else { bits_for(counts[i + 1]) },
+            }
+        })
+        .collect()
+}
+
+/// Entries stored for order `i + 1` (one more than its n-grams below the highest order).
+pub(crate) fn entries(counts: &[u64], i: usize) -> u64 {
+    counts[i] + u64::from(i + 1 < counts.len())
+}
+
+/// Byte length of each order's section: its bits rounded up, plus 8 bytes so that a 64-bit load
+/// at any entry stays inside the section, rounded to 8.
+pub(crate) fn section_lens(counts: &[u64], vocab: u64, bits: u32) -> Option<Vec<usize>> {
+    widths(counts, vocab, bits)
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let bits = entries(counts, i).checked_mul(u64::from(w.total()))?;
+            let bytes = usize::try_from(bits.div_ceil(8)).ok()?.checked_add(8)?;
+            Some(crate::binary::align8(bytes))
+        })
+        .collect()
+}
+
+/// Byte length of the quantization tables: for orders 2..=N a table of 2^bits prob centres, and
+/// for orders 2..N one of back-off centres.
+pub(crate) fn quant_len(order: usize, bits: u32) -> usize {
+    if bits == 0 || order < 2 {
+        return 0;
+    }
+    let tables = (order - 1) + (order - 2);
+    tables * (4usize << bits)
+}
+
+/// Reads `width` (≤ 57) bits at bit offset `at` of `bytes`; 0 past the end (a damaged file
+/// gives wrong values, never a panic).
+#[inline]
+pub(crate) fn get_bits(bytes: &[u8], at: u64, width: u32) -> u64 {
+    let byte = (at / 8) as usize;
+    let Some(chunk) = bytes.get(byte..byte + 8) else {
+        return 0;
+    };
+    let v = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    (v >> (at % 8)) & ((1u64 << width) - 1)
+}
+
+fn put_bits(bytes: &mut [u8], at: u64, width: u32, value: u64) {
+    let byte = (at / 8) as usize;
+    let shift = at % 8;
+    let mut v = u64::from_le_bytes(bytes[byte..byte + 8].try_into().expect("8 bytes"));
+    let mask = ((1u64 << width) - 1) << shift;
+    v = (v & !mask) | ((value << shift) & mask);
+    bytes[byte..byte + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Centres of `2^bits` equal-population bins over `values` (sorted in place); with `zero_code`,
+/// code 0 is exactly 0.0 and the other codes share the non-zero values.
+fn centres(values: &mut [f32], bits: u32, zero_code: bool) -> Vec<f32> {
+    let codes = 1usize << bits;
+    let mut out = Vec::with_capacity(codes);
+    if zero_code {
+        out.push(0.0);
+    }
+    let vals: Vec<f32> = values
+        .iter()
+        .copied()
+        .filter(|&v| !(zero_code && v == 0.0))
+        .collect();
+    let mut vals = vals;
+    vals.sort_by(f32::total_cmp);
+    let bins = codes - out.len();
+    for b in 0..bins {
+        let (lo, hi) = (b * vals.len() / bins, (b + 1) * vals.len() / bins);
+        let c = if lo < hi {
+            (vals[lo..hi].iter().map(|&v| f64::from(v)).sum::<f64>() / (hi - lo) as f64) as f32
+        } else {
+            // Fewer values than bins: repeat the last centre (never chosen over an equal one).
+            out.last().copied().unwrap_or(0.0)
+        };
+        out.push(c);
+    }
+    out
+}
+
+/// The code of the centre nearest to `v` (`table` as [`centres`] made it: sorted after an
+/// optional leading exact 0).
+fn nearest(table: &[f32], v: f32, zero_code: bool) -> u64 {
+    if zero_code && v == 0.0 {
+        return 0;
+    }
+    let start = usize::from(zero_code);
+    let t = &table[start..];
+    let i = t.partition_point(|&c| c < v);
+    let best = if i == 0 {
+        0
+    } else if i == t.len() || (v - t[i - 1]) <= (t[i] - v) {
+        i - 1
+    } else {
+        i
+    };
+    (start + best) as u64
+}
+
+/// A word-order key reversed (last word first): the order entries take in the trie.
+fn reversed_order(keys: &[u32], n: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..(keys.len() / n) as u32).collect();
+    let key = |i: u32| keys[i as usize * n..(i as usize + 1) * n].iter().rev();
+    idx.sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
+    idx
+}
+
+/// The quantization tables and the order sections of `tables` (see the module docs), or an error
+/// naming an n-gram whose suffix is missing (a trie needs every suffix, as KenLM's does).
+pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+    let order = tables.order();
+    let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
+    let vocab = tables.vocab.len() as u64;
+    let w = widths(&counts, vocab, bits);
+    let lens = section_lens(&counts, vocab, bits).expect("in-memory sizes fit");
+    let bad = |msg: String| NgramError::Binary {
+        path: "(trie)".into(),
+        msg,
+    };
+    if counts[0] != vocab {
+        return Err(bad(format!(
+            "{} unigrams for {} vocabulary words: a trie needs one unigram per word",
+            counts[0], vocab
+        )));
+    }
+
+    // Quantization tables.
+    let mut quant = Vec::with_capacity(quant_len(order, bits));
+    let mut prob_tables: Vec<Vec<f32>> = vec![Vec::new(); order];
+    let mut backoff_tables: Vec<Vec<f32>> = vec![Vec::new(); order];
+    if bits > 0 && order >= 2 {
+        for (t, o) in prob_tables.iter_mut().zip(&tables.orders).skip(1) {
+            *t = centres(&mut o.log10_prob.clone(), bits, false);
+        }
+        for (t, o) in backoff_tables
+            .iter_mut()
+            .zip(&tables.orders)
+            .take(order - 1)
+            .skip(1)
+        {
+            let mut b: Vec<f32> = o.log10_backoff.iter().map(|b| b.unwrap_or(0.0)).collect();
+            *t = centres(&mut b, bits, true);
+        }
+        for t in prob_tables[1..].iter().chain(&backoff_tables[1..order - 1]) {
+            t.iter()
+                .for_each(|c| quant.extend_from_slice(&c.to_le_bytes()));
+        }
+    }
+
+    // Entry order per level, and each entry's rank by its reversed key.
+    let perms: Vec<Vec<u32>> = tables
+        .orders
+        .iter()
+        .map(|o| reversed_order(&o.keys, o.n))
+        .collect();
+    let mut sections = Vec::with_capacity(order);
+    // first_child[i][r]: index in level i+1 of the first child of level i's entry r.
+    let mut parent_rank: Vec<Vec<u32>> = vec![Vec::new(); order];
+    for i in 1..order {
+        let (o, lower) = (&tables.orders[i], &tables.orders[i - 1]);
+        let lower_perm = &perms[i - 1];
+        let n = i + 1;
+        let mut ranks = Vec::with_capacity(o.len());
+        for &e in &perms[i] {
+            let key = o.key(e as usize);
+            let suffix = &key[1..];
+            let found = lower_perm.binary_search_by(|&j| {
+                lower.key(j as usize)[..n - 1]
+                    .iter()
+                    .rev()
+                    .cmp(suffix.iter().rev())
+            });
+            match found {
+                Ok(r) => ranks.push(r as u32),
+                Err(_) => {
+                    let words: Vec<&str> = key
+                        .iter()
+                        .map(|&w| tables.vocab.get(w as usize).map_or("?", |s| s.as_str()))
+                        .collect();
+                    return Err(bad(format!(
+                        "the {n}-gram \"{}\" has no stored suffix \"{}\"",
+                        words.join(" "),
+                        words[1..].join(" ")
+                    )));
+                }
+            }
+        }
+        parent_rank[i] = ranks;
+    }
+    for i in 0..order {
+        let o = &tables.orders[i];
+        let wi = w[i];
+        let mut sec = vec![0u8; lens[i]];
+        let entry_bits = u64::from(wi.total());
+        // Children of entry r of this level: [first[r], first[r + 1]) in level i + 1.
+        let first: Vec<u64> = if i + 1 < order {
+            let mut first = vec![0u64; o.len() + 1];
+            for &p in &parent_rank[i + 1] {
+                first[p as usize + 1] += 1;
+            }
+            for r in 0..o.len() {
+                first[r + 1] += first[r];
+            }
+            first
+        } else {
+            Vec::new()
+        };
+        for (r, &e) in perms[i].iter().enumerate() {
+            let e = e as usize;
+            let mut at = r as u64 * entry_bits;
+            if wi.word > 0 {
+                put_bits(&mut sec, at, wi.word, u64::from(o.key(e)[0]));
+                at += u64::from(wi.word);
+            }
+            let p = o.log10_prob[e];
+            let code = if wi.prob == 32 {
+                u64::from(p.to_bits())
+            } else {
+                nearest(&prob_tables[i], p, false)
+            };
+            put_bits(&mut sec, at, wi.prob, code);
+            at += u64::from(wi.prob);
+            if wi.backoff > 0 {
+                let b = o.log10_backoff[e].unwrap_or(0.0);
+                let code = if wi.backoff == 32 {
+                    u64::from(b.to_bits())
+                } else {
+                    nearest(&backoff_tables[i], b, true)
+                };
+                put_bits(&mut sec, at, wi.backoff, code);
+                at += u64::from(wi.backoff);
+            }
+            if wi.child > 0 {
+                put_bits(&mut sec, at, wi.child, first[r]);
+            }
+        }
+        if wi.child > 0 {
+            // The closing entry: only its first-child field is read.
+            let at = o.len() as u64 * entry_bits + u64::from(wi.word + wi.prob + wi.backoff);
+            put_bits(&mut sec, at, wi.child, first[o.len()]);
+        }
+        sections.push(sec);
+    }
+    Ok((quant, sections))
+}
+
+/// Read access to a trie image's sections.
+pub(crate) struct TrieView {
+    pub widths: Vec<Widths>,
+    pub counts: Vec<u64>,
+    /// Byte offset of each order's section.
+    pub sections: Vec<usize>,
+    pub section_lens: Vec<usize>,
+    /// Byte offsets of each order's prob / back-off centre tables (orders ≥ 2 when quantized).
+    pub prob_table: Vec<Option<usize>>,
+    pub backoff_table: Vec<Option<usize>>,
+}
+
+impl TrieView {
+    pub fn new(
+        counts: &[u64],
+        vocab: u64,
+        bits: u32,
+        quant_at: usize,
+        sections: Vec<usize>,
+    ) -> Self {
+        let order = counts.len();
+        let mut prob_table = vec![None; order];
+        let mut backoff_table = vec![None; order];
+        if bits > 0 {
+            let size = 4usize << bits;
+            let mut at = quant_at;
+            for t in prob_table.iter_mut().skip(1) {
+                *t = Some(at);
+                at += size;
+            }
+            for t in backoff_table
+                .iter_mut()
+                .take(order.saturating_sub(1))
+                .skip(1)
+            {
+                *t = Some(at);
+                at += size;
+            }
+        }
+        TrieView {
+            widths: widths(counts, vocab, bits),
+            counts: counts.to_vec(),
+            section_lens: section_lens(counts, vocab, bits).unwrap_or_default(),
+            sections,
+            prob_table,
+            backoff_table,
+        }
+    }
+
+    fn section<'a>(&self, data: &'a [u8], i: usize) -> &'a [u8] {
+        data.get(self.sections[i]..self.sections[i] + self.section_lens[i])
+            .unwrap_or(&[])
+    }
+
+    fn value(&self, data: &[u8], table: Option<usize>, code: u64) -> f32 {
+        match table {
+            None => f32::from_bits(code as u32),
+            Some(t) => {
+                let at = t + 4 * code as usize;
+                data.get(at..at + 4)
+                    .map_or(0.0, |b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            }
+        }
+    }
+
+    /// (log10 prob, log10 back-off, children range) of entry `r` of order `i + 1`.
+    #[inline]
+    pub fn entry(&self, data: &[u8], i: usize, r: u64) -> (f32, f32, (u64, u64)) {
+        let w = self.widths[i];
+        let sec = self.section(data, i);
+        let mut at = r * u64::from(w.total()) + u64::from(w.word);
+        let p = self.value(data, self.prob_table[i], get_bits(sec, at, w.prob));
+        at += u64::from(w.prob);
+        let b = if w.backoff > 0 {
+            self.value(data, self.backoff_table[i], get_bits(sec, at, w.backoff))
+        } else {
+            0.0
+        };
+        at += u64::from(w.backoff);
+        let children = if w.child > 0 {
+            let next = at + u64::from(w.total());
+            let lo = get_bits(sec, at, w.child);
+            let hi = get_bits(sec, next, w.child);
+            // A damaged file must not send a search out of the next section.
+            let max = self.counts.get(i + 1).copied().unwrap_or(0);
+            (lo.min(hi).min(max), hi.min(max))
+        } else {
+            (0, 0)
+        };
+        (p, b, children)
+    }
+
+    /// The index in order `i + 1` (i ≥ 1) of the child keyed by `word` within `range`.
+    #[inline]
+    pub fn find(&self, data: &[u8], i: usize, range: (u64, u64), word: u32) -> Option<u64> {
+        let w = self.widths[i];
+        let sec = self.section(data, i);
+        let stride = u64::from(w.total());
+        let (mut lo, mut hi) = range;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let k = get_bits(sec, mid * stride, w.word);
+            match k.cmp(&u64::from(word)) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_round_trip_at_every_offset() {
+        let mut buf = vec![0u8; 64];
+        for (k, at) in (0..300).step_by(7).enumerate() {
+            let width = 1 + (k as u32 % 33);
+            let v = (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k as u64 + 1)) & ((1 << width) - 1);
+            put_bits(&mut buf, at, width, v);
+            assert_eq!(get_bits(&buf, at, width), v, "at {at}, width {width}");
+        }
+        assert_eq!(get_bits(&buf, 8 * 60, 8), 0); // past the end: 0, no panic
+    }
+
+    #[test]
+    fn quantization_keeps_zero_exact_and_picks_the_nearest_centre() {
+        let mut v: Vec<f32> = (0..1000).map(|i| -(i as f32) / 100.0).collect();
+        let t = centres(&mut v, 4, true);
+        assert_eq!((t.len(), t[0]), (16, 0.0));
+        assert_eq!(nearest(&t, 0.0, true), 0);
+        for x in [-0.01f32, -3.3, -9.99] {
+            let c = nearest(&t, x, true) as usize;
+            let best = t[1..]
+                .iter()
+                .map(|&c| (c - x).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert_eq!((t[c] - x).abs(), best);
+        }
+    }
+}
