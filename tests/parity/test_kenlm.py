@@ -50,16 +50,17 @@ def check(lmkit, tmp_path, order, train, held, chars):
     corpus.write_text("\n".join(train) + "\n", encoding="utf-8")
     heldf = tmp_path / "held.txt"
     heldf.write_text("\n".join(held) + "\n", encoding="utf-8")
-    arpa, binary = tmp_path / "m.arpa", tmp_path / "m.lmkb"
+    arpa, binary, trie = tmp_path / "m.arpa", tmp_path / "m.lmkb", tmp_path / "m.trie.lmkb"
     flag = ["--chars"] if chars else []
     lmkit("ngram", "train", "--order", order, "--input", corpus, "--output", arpa, *flag)
     lmkit("ngram", "convert", arpa, binary, *flag)
+    lmkit("ngram", "convert", arpa, trie, "--trie", *flag)
 
     model = kenlm.Model(str(arpa))
     assert model.order == order
     queries = [char_tokens(s) if chars else s for s in held]
     want = [model.score(q, bos=True, eos=True) for q in queries]
-    for m in (arpa, binary):
+    for m in (arpa, binary, trie):
         out = lmkit("ngram", "score", "-m", m, *flag, stdin="\n".join(held) + "\n").splitlines()
         got = [float(l.split("\t")[0]) for l in out]
         assert len(got) == len(want)
@@ -82,6 +83,11 @@ def check(lmkit, tmp_path, order, train, held, chars):
     assert got[2:] == ref[2:]
     for g, r in zip(got[:2], ref[:2]):
         assert math.isclose(g, r, rel_tol=1e-4), (got, ref)
+    # 8-bit quantization moves the perplexity a little, not a lot.
+    q8 = tmp_path / "m.q8.lmkb"
+    lmkit("ngram", "convert", arpa, q8, "--quantize", 8, *flag)
+    got_q8 = parse_ppl(lmkit("ngram", "ppl", "-m", q8, "--input", heldf))
+    assert got_q8[0] != got[0] and math.isclose(got_q8[0], got[0], rel_tol=0.02), (got_q8, got)
 
 
 EN_TRAIN, EN_HELD = split(ROOT / "data/en/web_bible.txt")
@@ -245,3 +251,33 @@ def test_compressed_and_standard_input_give_the_same_model(lmkit, tmp_path):
     lmkit("ngram", "train", "--order", 3, "--input", "-", "--output", tmp_path / "c.arpa", stdin=text)
     a = (tmp_path / "a.arpa").read_bytes()
     assert a == (tmp_path / "b.arpa").read_bytes() == (tmp_path / "c.arpa").read_bytes()
+
+
+def test_lmplz_arpa_with_odd_spaces_in_words_loads(lmkit, lmplz, tmp_path):
+    """lmplz keeps a vertical tab, a form feed or a Unicode space inside a word and writes it so
+    into its ARPA file; lmkit reads such a file with those words whole and scores the text it was
+    built from as its own model of that text does."""
+    lines = EN_TRAIN[:3000]
+    odd = ["a\x0bb c\x0cd e\u00a0f g\u3000h", "x\u2009y z\x0bw"]
+    lines[20], lines[30] = odd
+    text = "\n".join(lines) + "\n"
+    ours, theirs = estimate_both(lmkit, lmplz, tmp_path, text, 3)
+    assert assert_same_model(ours, theirs) > 1000
+    probe = "\n".join(odd + lines[:50]) + "\n"
+    scores = {}
+    for name, arpa in (("lmkit", ours), ("lmplz", theirs)):
+        for layout in ([], ["--trie"]):
+            b = tmp_path / f"{name}{len(layout)}.lmkb"
+            lmkit("ngram", "convert", arpa, b, *layout)
+            out = lmkit("ngram", "score", "-m", b, "--verbose", stdin=probe)
+            scores[(name, len(layout))] = out
+    # (str.splitlines would also split at the vertical tab and the form feed.)
+    words = [l.split("\t") for l in scores[("lmplz", 0)].split("\n")[1:6]]
+    assert [w[1] for w in words] == ["a\x0bb", "c\x0cd", "e\u00a0f", "g\u3000h", "</s>"]
+    assert all(w[3] == "3-gram" for w in words[1:]), words  # seen as the trained sentence
+    base = scores[("lmkit", 0)]
+    for out in scores.values():
+        for a, b in zip(out.split("\n")[:-1], base.split("\n")[:-1]):
+            fa, fb = a.split("\t"), b.split("\t")
+            num = 0 if a[0] != "\t" else 2
+            assert fa[:num] + fa[num + 1:] == fb[:num] + fb[num + 1:] and abs(float(fa[num]) - float(fb[num])) < 1e-5, (a, b)

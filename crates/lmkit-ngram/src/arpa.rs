@@ -169,7 +169,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         o.keys.reserve(count.min(1 << 20).saturating_mul(n));
         for k in 0..count {
             let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
-            let mut fields = crate::tokenize::kenlm_fields(&l);
+            let mut fields = entry_fields(&l);
             let prob = parse_f32(fields.next(), &lr, "probability")?;
             for _ in 0..n {
                 let w = fields
@@ -233,6 +233,27 @@ fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) ->
     let s = s.ok_or_else(|| lr.err(format!("missing {what}")))?;
     s.parse::<f32>()
         .map_err(|_| lr.err(format!("bad {what} `{s}`")))
+}
+
+/// The fields of an ARPA entry: `prob TAB w1 w2 … TAB back-off`, as lmplz and SRILM write them,
+/// split at the tabs and the words at single spaces — so a vertical tab or form feed inside a word
+/// (lmplz keeps them there) stays in it; a line without that tab structure is split at any KenLM
+/// space, as KenLM reads it.
+fn entry_fields(line: &str) -> impl Iterator<Item = &str> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let tabs = line.bytes().filter(|&b| b == b'\t').count();
+    if tabs == 1 || tabs == 2 {
+        let mut parts = line.split('\t');
+        let prob = parts.next();
+        let words = parts.next().unwrap_or("");
+        either::Either::Left(
+            prob.into_iter()
+                .chain(words.split(' ').filter(|w| !w.is_empty()))
+                .chain(parts),
+        )
+    } else {
+        either::Either::Right(crate::tokenize::kenlm_fields(line))
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! groups every suffix together: that is the order the adjusted-count pass needs (as in KenLM's lmplz).
 
 use crate::error::{NgramError, Result};
-use crate::tokenize::{for_each_token, is_lmplz_delimiter, Tokenization, BOS, EOS, UNK};
+use crate::tokenize::{for_each_token, Tokenization, BOS, EOS, UNK};
 use crate::vocab::{Vocab, BOS_ID, EOS_ID};
 use crate::{Progress, Unit};
 use lmkit_core::decompress::{open_text, Compression};
@@ -154,15 +154,7 @@ fn count_impl<const N: usize>(
                 }
                 sentence.push(vocab.insert(tok));
             };
-            match opts.tokenization {
-                // lmplz's word delimiters: a vertical tab, a form feed or a Unicode space stays
-                // inside its word, as it does in lmplz.
-                Tokenization::Words => text
-                    .split(is_lmplz_delimiter)
-                    .filter(|w| !w.is_empty())
-                    .for_each(&mut push),
-                Tokenization::Chars => for_each_token(text, opts.tokenization, &mut push),
-            }
+            for_each_token(text, opts.tokenization, &mut push);
             if let Some(token) = reserved {
                 return Err(NgramError::ReservedToken {
                     path: path.clone(),

@@ -26,16 +26,16 @@ impl Tokenization {
     }
 }
 
-/// The bytes KenLM treats as spaces (`util::kSpaces`: tab, newline, vertical tab, form feed,
-/// carriage return, space). Words are split on these only, as lmplz and KenLM's ARPA reader split
-/// them: a no-break space or another Unicode space stays inside a word.
+/// The bytes KenLM's readers treat as spaces (`util::kSpaces`: tab, newline, vertical tab, form
+/// feed, carriage return, space): how an ARPA line without lmplz's tab structure is split. A
+/// no-break space or another Unicode space stays inside a word.
 pub fn is_kenlm_space(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\x0B' | '\x0C' | '\r' | ' ')
 }
 
 /// The bytes that separate words when lmplz counts a corpus (`"\0\t\n\r "` in its
-/// corpus_count.cc): fewer than [`is_kenlm_space`] — a vertical tab or a form feed stays inside a
-/// word there, so lmkit's counting keeps it too.
+/// corpus_count.cc): fewer than [`is_kenlm_space`] — a vertical tab, a form feed or a Unicode
+/// space stays inside a word there, and so in lmkit's word tokens, when training and scoring.
 pub fn is_lmplz_delimiter(c: char) -> bool {
     matches!(c, '\0' | '\t' | '\n' | '\r' | ' ')
 }
@@ -48,7 +48,10 @@ pub fn kenlm_fields(line: &str) -> impl Iterator<Item = &str> {
 /// Calls `f` for each token of `line`, in order, without allocating.
 pub fn for_each_token<'a>(line: &'a str, mode: Tokenization, mut f: impl FnMut(&'a str)) {
     match mode {
-        Tokenization::Words => kenlm_fields(line).for_each(f),
+        Tokenization::Words => line
+            .split(is_lmplz_delimiter)
+            .filter(|w| !w.is_empty())
+            .for_each(f),
         Tokenization::Chars => {
             let line = line.trim();
             let mut in_space = false;
@@ -79,10 +82,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn words_split_on_ascii_whitespace_only_as_kenlm_does() {
+    fn words_split_on_spaces_tabs_and_line_ends_only_as_lmplz_does() {
         assert_eq!(
             tokens("  a\tb  c \x0b\x0cd\r\n", Tokenization::Words),
-            vec!["a", "b", "c", "d"]
+            vec!["a", "b", "c", "\x0b\x0cd"]
         );
         // A no-break space and an ideographic space stay inside their words.
         assert_eq!(
