@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--order", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--big-mb", type=int, default=50, help="size of the larger corpus (0: skip it)")
+    ap.add_argument("--lmplz-memory", default="1G",
+                    help="lmplz -S (its sorting memory; lmkit's --memory-mb default is 1024 MiB); '' for lmplz's own default, 80%% of RAM")
     ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit")))
     args = ap.parse_args()
     if not os.path.exists(args.lmkit):
@@ -119,22 +121,28 @@ def main():
         make_big(big, args.big_mb)
         corpora.append((f"data/en → {args.big_mb} MB", big))
 
-    print(f"order {order}, {args.rounds} rounds, {os.cpu_count()} cores; KenLM from {kenlm}")
-    build_rows, query_rows = [], []
+    print(f"order {order}, {args.rounds} rounds, {os.cpu_count()} cores; KenLM from {kenlm}; lmkit {lm}")
+    build_rows, query_rows, trie_rows = [], [], []
     for name, corpus in corpora:
         mb = corpus.stat().st_size / 1e6
         ours, theirs = tmp / "lmkit.arpa", tmp / "lmplz.arpa"
         lk_bin, kl_bin, kl_trie = tmp / "m.lmkb", tmp / "m.probing", tmp / "m.trie"
-        t = {k: [] for k in ("lmkit", "lmplz", "convert", "build_binary", "q1", "q2", "kq")}
+        lk_q8 = tmp / "m.q8.lmkb"
+        t = {k: [] for k in ("lmkit", "lmplz", "convert", "build_binary", "q1", "q2", "kq", "q8", "kq8")}
         rss = {k: [] for k in t}
         tokens = None
         for _ in range(args.rounds):
             for key, cmd in (
                 ("lmkit", [lm, "ngram", "train", "--order", order, "--input", str(corpus), "--output", str(ours)]),
-                ("lmplz", [str(kenlm / "lmplz"), "-o", order, "-T", str(tmp), "--text", str(corpus), "--arpa", str(theirs)]),
+                ("lmplz", [str(kenlm / "lmplz"), "-o", order, "-T", str(tmp), "--text", str(corpus), "--arpa", str(theirs),
+                           *(["-S", args.lmplz_memory] if args.lmplz_memory else [])]),
                 ("convert", [lm, "ngram", "convert", str(ours), str(lk_bin)]),
                 ("build_binary", [str(kenlm / "build_binary"), str(theirs), str(kl_bin)]),
+                ("convert_q8", [lm, "ngram", "convert", str(ours), str(lk_q8), "--quantize", "8"]),
+                ("build_trie", [str(kenlm / "build_binary"), "trie", "-q", "8", str(theirs), str(kl_trie)]),
             ):
+                if key not in t:
+                    t[key], rss[key] = [], []
                 w, r, _ = run_rss(cmd)
                 t[key].append(w)
                 rss[key].append(r)
@@ -142,8 +150,10 @@ def main():
                 ("q1", [lm, "ngram", "ppl", "-m", str(lk_bin), "--input", str(corpus)], {"RAYON_NUM_THREADS": "1"}),
                 ("kq", [str(kenlm / "query"), "-v", "summary", str(kl_bin)], None),
                 ("q2", [lm, "ngram", "ppl", "-m", str(lk_bin), "--input", str(corpus)], {"RAYON_NUM_THREADS": "2"}),
+                ("q8", [lm, "ngram", "ppl", "-m", str(lk_q8), "--input", str(corpus)], {"RAYON_NUM_THREADS": "1"}),
+                ("kq8", [str(kenlm / "query"), "-v", "summary", str(kl_trie)], None),
             ):
-                w, r, out = run_rss(cmd, stdin=str(corpus) if key == "kq" else None, env=env)
+                w, r, out = run_rss(cmd, stdin=str(corpus) if key.startswith("kq") else None, env=env)
                 t[key].append(w)
                 rss[key].append(r)
                 if key == "q1":
@@ -151,15 +161,20 @@ def main():
                     ours_ppl = float(out.split("Perplexity including OOVs:\t")[1].split()[0])
                 if key == "kq":
                     kenlm_ppl = float(out.split("Perplexity including OOVs:")[1].split()[0])
-        subprocess.run([str(kenlm / "build_binary"), "trie", "-q", "8", str(theirs), str(kl_trie)],
-                       capture_output=True, check=True)
+                if key == "q8":
+                    ours_q8_ppl = float(out.split("Perplexity including OOVs:\t")[1].split()[0])
+                if key == "kq8":
+                    kenlm_q8_ppl = float(out.split("Perplexity including OOVs:")[1].split()[0])
         n_grams = sum(int(l.split("=")[1]) for l in ours.read_text(encoding="utf-8", errors="replace")[:400].splitlines()
                       if l.startswith("ngram "))
         build_rows.append((name, mb, n_grams, med(t["lmkit"]), med(rss["lmkit"]), med(t["lmplz"]), med(rss["lmplz"]),
                            max_diff(ours, theirs), med(t["convert"]), med(t["build_binary"]),
-                           lk_bin.stat().st_size / 1e6, kl_bin.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6))
+                           lk_bin.stat().st_size / 1e6, kl_bin.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6,
+                           lk_q8.stat().st_size / 1e6, med(t["convert_q8"]), med(t["build_trie"])))
         query_rows.append((name, tokens, tokens / med(t["q1"]), tokens / med(t["q2"]), tokens / med(t["kq"]),
                            med(rss["q1"]), med(rss["kq"]), ours_ppl, kenlm_ppl))
+        trie_rows.append((name, lk_q8.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6, tokens / med(t["q8"]),
+                          tokens / med(t["kq8"]), ours_ppl, ours_q8_ppl, kenlm_ppl, kenlm_q8_ppl))
 
     print()
     print("| corpus | MB | n-grams | lmkit build s | lmplz s | lmkit/lmplz speed | RSS MiB lmkit / lmplz | max ARPA diff | "
@@ -176,8 +191,18 @@ def main():
         print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:,.0f} | {r[4]:,.0f} | {r[2] / r[4]:.2f}x | {r[3] / r[4]:.2f}x | "
               f"{r[5]:.0f} / {r[6]:.0f} | {r[7]:.2f} / {r[8]:.2f} |")
     print()
+    print("Trie with 8-bit quantization (lmkit `--quantize 8`, KenLM `build_binary trie -q 8`), query 1 thread:")
+    print()
+    print("| corpus | lmkit MB | KenLM MB | size ratio | lmkit tok/s | KenLM tok/s | speed ratio | "
+          "perplexity lmkit → q8 | KenLM → q8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in trie_rows:
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[1] / r[2]:.2f} | {r[3]:,.0f} | {r[4]:,.0f} | {r[3] / r[4]:.2f}x | "
+              f"{r[5]:.3f} → {r[6]:.3f} ({100 * (r[6] / r[5] - 1):+.2f}%) | {r[7]:.3f} → {r[8]:.3f} "
+              f"({100 * (r[8] / r[7] - 1):+.2f}%) |")
+    print()
     print("Whole processes: start, load (lmkit mmaps .lmkb; query populates its probing mmap), read, score.")
-    print("lmplz runs with its default memory (-S 80% of RAM; its RSS is what it touched).")
+    print(f"lmplz -S {args.lmplz_memory or '80% (its default)'}; lmkit --memory-mb 1024 (its default).")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ impl Model {
     }
 
     /// (log10 prob, log10 back-off) of the unigram `w`, and the cursor to extend it.
-    #[inline]
+    #[inline(always)]
     fn first(&self, w: u32) -> Option<(f32, f32, Cursor)> {
         match &self.trie {
             None => {
@@ -189,7 +189,7 @@ impl Model {
     }
 
     /// The n-gram of order `n` that puts `word` before the (n−1)-gram at `c`.
-    #[inline]
+    #[inline(always)]
     fn extend(&self, n: usize, c: Cursor, word: u32) -> Option<(f32, f32, Cursor)> {
         match (c, &self.trie) {
             (Cursor::Hash(h), _) => {
@@ -264,6 +264,7 @@ impl Model {
     }
 
     /// (log10 prob, log10 back-off) of the n-gram of order `n` with hash `h`.
+    #[inline(always)]
     fn lookup(&self, n: usize, h: u64) -> Option<(f32, f32)> {
         let h = nonzero(h);
         let base = self.h.layout.order_tables[n - 1];
