@@ -25,7 +25,8 @@ use crate::tokenize::{Tokenization, BOS, EOS, UNK};
 use std::path::Path;
 
 pub const MAGIC: &[u8; 4] = b"LMKB";
-pub const VERSION: u32 = 1;
+/// Version 2 sizes its hash tables exactly (see [`Slots`]); version 1 files still load.
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 192;
 const CHECKSUM_AT: usize = 176;
 const BODY_CHECKSUM_AT: usize = 184;
@@ -90,9 +91,44 @@ pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Hash-table size for `n` entries: a power of two with load factor at most 2/3.
-pub(crate) fn slots_for(n: usize) -> usize {
-    (n + n / 2 + 1).next_power_of_two()
+/// Hash-table size for `n` entries: load factor at most 2/3 (version 1: rounded up to a power
+/// of two, which made tables up to twice that).
+pub(crate) fn slots_for(n: usize, exact: bool) -> usize {
+    let s = n + n / 2 + 1;
+    if exact {
+        s
+    } else {
+        s.next_power_of_two()
+    }
+}
+
+/// How a hash table's slots are addressed. Version 2: any size, the home slot the hash's high
+/// bits scaled to it (multiply-shift); version 1: a power of two, the hash's low bits. Linear
+/// probing from there, wrapping at the end.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Slots {
+    pub count: usize,
+    pub exact: bool,
+}
+
+impl Slots {
+    #[inline(always)]
+    pub fn home(self, h: u64) -> usize {
+        if self.exact {
+            ((u128::from(h) * self.count as u128) >> 64) as usize
+        } else {
+            (h as usize) & (self.count - 1)
+        }
+    }
+
+    #[inline(always)]
+    pub fn next(self, i: usize) -> usize {
+        if i + 1 == self.count {
+            0
+        } else {
+            i + 1
+        }
+    }
 }
 
 pub(crate) fn align8(x: usize) -> usize {
@@ -162,13 +198,28 @@ pub fn build_image(tables: &NgramTables) -> Vec<u8> {
 /// Builds the binary image of `tables` in `kind`'s layout. A trie needs every n-gram's suffix to
 /// be stored (lmplz's and lmkit's models have them); tables without are an error.
 pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8>> {
+    build_image_version(tables, kind, VERSION)
+}
+
+/// [`build_image_as`] in format `version` (1 or 2; writing 1 is kept for the test that old files
+/// still load).
+pub(crate) fn build_image_version(
+    tables: &NgramTables,
+    kind: BinaryLayout,
+    version: u32,
+) -> Result<Vec<u8>> {
+    let exact = version >= 2;
     let order = tables.order();
     let words_len: usize = tables.vocab.iter().map(|w| w.len()).sum();
-    let vocab_slots = slots_for(tables.vocab.len());
+    let vocab_slots = slots_for(tables.vocab.len(), exact);
     let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
     let (flags, order_fields, quant_len, trie) = match kind {
         BinaryLayout::Probing => {
-            let slots: Vec<usize> = tables.orders.iter().map(|o| slots_for(o.len())).collect();
+            let slots: Vec<usize> = tables
+                .orders
+                .iter()
+                .map(|o| slots_for(o.len(), exact))
+                .collect();
             (0u32, slots, 0, None)
         }
         BinaryLayout::Trie { bits } => {
@@ -210,7 +261,7 @@ pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8
     let put64 =
         |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
     img[0..4].copy_from_slice(MAGIC);
-    put32(&mut img, 4, VERSION);
+    put32(&mut img, 4, version);
     put32(&mut img, 8, order as u32);
     put32(
         &mut img,
@@ -241,7 +292,15 @@ pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8
 
     for (id, w) in tables.vocab.iter().enumerate() {
         let h = word_hash(w.as_bytes());
-        let slot = free_slot(&img, layout.vocab_table, vocab_slots, h);
+        let slot = free_slot(
+            &img,
+            layout.vocab_table,
+            Slots {
+                count: vocab_slots,
+                exact,
+            },
+            h,
+        );
         put64(&mut img, slot, h);
         put32(&mut img, slot + 8, id as u32);
     }
@@ -261,7 +320,15 @@ pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8
     {
         for i in 0..o.len() {
             let h = ngram_hash(o.key(i));
-            let slot = free_slot(&img, base, slots, h);
+            let slot = free_slot(
+                &img,
+                base,
+                Slots {
+                    count: slots,
+                    exact,
+                },
+                h,
+            );
             put64(&mut img, slot, h);
             img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
             img[slot + 12..slot + 16]
@@ -274,16 +341,15 @@ pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8
 }
 
 /// First slot at or after `h`'s home slot that is empty or already holds `h`.
-fn free_slot(img: &[u8], base: usize, slots: usize, h: u64) -> usize {
-    let mask = slots - 1;
-    let mut i = (h as usize) & mask;
+fn free_slot(img: &[u8], base: usize, slots: Slots, h: u64) -> usize {
+    let mut i = slots.home(h);
     loop {
         let at = base + i * SLOT_LEN;
         let stored = u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
         if stored == 0 || stored == h {
             return at;
         }
-        i = (i + 1) & mask;
+        i = slots.next(i);
     }
 }
 
@@ -312,6 +378,8 @@ pub(crate) struct Header {
     pub bos: u32,
     pub eos: u32,
     pub vocab_slots: usize,
+    /// Version 2's exactly sized tables ([`Slots`]).
+    pub exact_slots: bool,
     pub counts: Vec<u64>,
     /// Hash slots per order (probing layout).
     pub order_slots: Vec<usize>,
@@ -350,12 +418,13 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     }
     let r32 = |at: usize| u32::from_le_bytes(img[at..at + 4].try_into().expect("4-byte slice"));
     let r64 = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
-    if r32(4) != VERSION {
+    let version = r32(4);
+    if !(1..=VERSION).contains(&version) {
         return Err(bad(format!(
-            "format version {} is not supported (this build reads {VERSION})",
-            r32(4)
+            "format version {version} is not supported (this build reads 1 to {VERSION})"
         )));
     }
+    let exact_slots = version >= 2;
     if r64(CHECKSUM_AT) != fnv(&img[..CHECKSUM_AT]) {
         return Err(bad("header checksum mismatch (file corrupt)".into()));
     }
@@ -380,7 +449,7 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     }
     let usize_of = |v: u64| usize::try_from(v).map_err(|_| bad(format!("size {v} too large")));
     let pow2 = |s: usize, what: &str| {
-        if s.is_power_of_two() {
+        if exact_slots || s.is_power_of_two() {
             Ok(s)
         } else {
             Err(bad(format!(
@@ -476,6 +545,7 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         bos,
         eos,
         vocab_slots,
+        exact_slots,
         counts,
         order_slots,
         trie_bits,

@@ -5,7 +5,7 @@
 
 use crate::arpa::read_arpa;
 use crate::binary::{
-    build_image, extend_hash, nonzero, parse_header, start_hash, word_hash, Header, SLOT_LEN,
+    build_image, extend_hash, nonzero, parse_header, start_hash, word_hash, Header, Slots, SLOT_LEN,
 };
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
@@ -236,30 +236,37 @@ impl Model {
 
     /// The word with id `id` (`id < vocab_size`).
     pub fn word(&self, id: u32) -> &str {
+        // Validated as UTF-8 when the model was opened.
+        std::str::from_utf8(self.word_bytes(id)).unwrap_or("")
+    }
+
+    fn word_bytes(&self, id: u32) -> &[u8] {
         let base = self.h.layout.vocab_bytes;
         let a = self.r32(self.h.layout.vocab_offsets + 4 * id as usize) as usize;
         let b = self.r32(self.h.layout.vocab_offsets + 4 * id as usize + 4) as usize;
-        // Validated as UTF-8 when the model was opened.
-        std::str::from_utf8(&self.data[base + a..base + b]).unwrap_or("")
+        &self.data[base + a..base + b]
     }
 
     pub fn word_id(&self, word: &str) -> Option<u32> {
         let h = word_hash(word.as_bytes());
-        let mask = self.h.vocab_slots - 1;
-        let mut i = (h as usize) & mask;
+        let slots = Slots {
+            count: self.h.vocab_slots,
+            exact: self.h.exact_slots,
+        };
+        let mut i = slots.home(h);
         loop {
             let at = self.h.layout.vocab_table + i * SLOT_LEN;
             match self.r64(at) {
                 0 => return None,
                 s if s == h => {
                     let id = self.r32(at + 8);
-                    if (id as usize) < self.h.vocab_size && self.word(id) == word {
+                    if (id as usize) < self.h.vocab_size && self.word_bytes(id) == word.as_bytes() {
                         return Some(id);
                     }
                 }
                 _ => {}
             }
-            i = (i + 1) & mask;
+            i = slots.next(i);
         }
     }
 
@@ -268,8 +275,11 @@ impl Model {
     fn lookup(&self, n: usize, h: u64) -> Option<(f32, f32)> {
         let h = nonzero(h);
         let base = self.h.layout.order_tables[n - 1];
-        let mask = self.h.order_slots[n - 1] - 1;
-        let mut i = (h as usize) & mask;
+        let slots = Slots {
+            count: self.h.order_slots[n - 1],
+            exact: self.h.exact_slots,
+        };
+        let mut i = slots.home(h);
         loop {
             let at = base + i * SLOT_LEN;
             match self.r64(at) {
@@ -285,7 +295,7 @@ impl Model {
                     );
                     return Some((p, b));
                 }
-                _ => i = (i + 1) & mask,
+                _ => i = slots.next(i),
             }
         }
     }
@@ -398,5 +408,42 @@ impl Model {
     /// Tokenizes `line` with the model's tokenization and scores it as a sentence.
     pub fn score_line(&self, line: &str) -> SentenceScore {
         self.score_tokens(&tokens(line, self.h.tokenization), true, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binary::{build_image_version, BinaryLayout};
+
+    #[test]
+    fn version_1_files_with_power_of_two_tables_still_load_and_score_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.txt");
+        let text: String = (0..300)
+            .map(|i| format!("w{} x{} w{} y{}\n", i % 17, i % 5, i % 11, i % 3))
+            .collect();
+        std::fs::write(&corpus, text).unwrap();
+        let opts = crate::TrainOptions {
+            order: 4,
+            estimation: crate::EstimateOptions {
+                fallback: Some(crate::FALLBACK_DISCOUNTS),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = crate::train(&[corpus], &opts, &crate::NoProgress)
+            .unwrap()
+            .tables;
+        let v1 = build_image_version(&t, BinaryLayout::Probing, 1).unwrap();
+        let v2 = build_image_version(&t, BinaryLayout::Probing, 2).unwrap();
+        assert!(v2.len() < v1.len());
+        let m1 = Model::from_storage(Storage::Owned(v1), Path::new("v1")).unwrap();
+        let m2 = Model::from_storage(Storage::Owned(v2), Path::new("v2")).unwrap();
+        assert!(!m1.h.exact_slots && m2.h.exact_slots);
+        for s in ["w1 x1 w1 y1", "w3 x2 w5 y0 unknown", "y2 y2 y2"] {
+            assert_eq!(m1.score_line(s), m2.score_line(s), "{s}");
+        }
+        assert_eq!(m1.word_id("x4"), m2.word_id("x4"));
     }
 }
