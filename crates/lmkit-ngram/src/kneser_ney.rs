@@ -231,8 +231,12 @@ pub fn estimate(
         .collect();
     let is_marked = |o: usize, i: usize| prunes && marked[o][i];
 
-    let mut probs: Vec<Vec<f64>> = Vec::with_capacity(order);
-    let mut gammas: Vec<Vec<Option<f64>>> = counts.iter().map(|t| vec![None; t.len()]).collect();
+    // Probabilities in f64 for the order being computed and the one below it (all that the
+    // interpolation needs); every order's log10 values in f32 as they are written. Back-offs as
+    // log10 f32, NaN where the n-gram is no context.
+    let mut lower_p: Vec<f64> = Vec::new();
+    let mut log_probs: Vec<Vec<f32>> = Vec::with_capacity(order);
+    let mut gammas: Vec<Vec<f32>> = counts.iter().map(|t| vec![f32::NAN; t.len()]).collect();
     for n in 1..=order {
         let t = &counts[n - 1];
         let disc = &discounts[n - 1];
@@ -263,7 +267,7 @@ pub fn estimate(
         }
         let mut p = vec![0.0f64; t.len()];
         let lower = if n > 1 {
-            Some((&counts[n - 2], &probs[n - 2]))
+            Some((&counts[n - 2], &lower_p))
         } else {
             None
         };
@@ -278,7 +282,7 @@ pub fn estimate(
             group_of[s..e].fill(g as u32);
             if let Some((lt, _)) = lower {
                 if let Some(i) = find_sorted(&lt.keys, n - 1, &t.key(s)[..n - 1]) {
-                    gammas[n - 2][i] = Some(gamma);
+                    gammas[n - 2][i] = gamma.log10() as f32;
                 }
             }
         }
@@ -301,42 +305,47 @@ pub fn estimate(
                 };
                 *pk = u + gamma * backed_off;
             });
-        probs.push(p);
-    }
-
-    let mut orders: Vec<OrderEntries> = counts
-        .iter()
-        .zip(probs)
-        .zip(gammas)
-        .enumerate()
-        .map(|(o, ((t, p), g))| {
-            let kept = |i: &usize| !is_marked(o, *i);
-            let mut keys = Vec::with_capacity(t.keys.len());
-            (0..t.len())
-                .filter(kept)
-                .for_each(|i| keys.extend_from_slice(t.key(i)));
-            let log10_prob = (0..t.len())
-                .filter(kept)
-                .map(|i| {
-                    if t.n == 1 && t.keys[i] == BOS_ID {
+        log_probs.push(
+            p.par_iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    if n == 1 && t.keys[i] == BOS_ID {
                         BOS_LOG10_PROB
                     } else {
-                        p[i].log10() as f32
+                        x.log10() as f32
                     }
                 })
-                .collect();
-            let log10_backoff = (0..t.len())
-                .filter(kept)
-                .map(|i| g[i].map(|v| v.log10() as f32))
-                .collect();
-            OrderEntries {
+                .collect(),
+        );
+        lower_p = p;
+    }
+    drop(lower_p);
+
+    let backoff = |x: f32| (!x.is_nan()).then_some(x);
+    let mut orders: Vec<OrderEntries> = Vec::with_capacity(order);
+    for (o, ((t, lp), g)) in counts.into_iter().zip(log_probs).zip(gammas).enumerate() {
+        if !prunes {
+            // Everything is kept: the keys move over.
+            orders.push(OrderEntries {
                 n: t.n,
-                keys,
-                log10_prob,
-                log10_backoff,
-            }
-        })
-        .collect();
+                keys: t.keys,
+                log10_prob: lp,
+                log10_backoff: g.into_iter().map(backoff).collect(),
+            });
+            continue;
+        }
+        let kept = |i: &usize| !is_marked(o, *i);
+        let mut keys = Vec::with_capacity(t.keys.len());
+        (0..t.len())
+            .filter(kept)
+            .for_each(|i| keys.extend_from_slice(t.key(i)));
+        orders.push(OrderEntries {
+            n: t.n,
+            keys,
+            log10_prob: (0..t.len()).filter(kept).map(|i| lp[i]).collect(),
+            log10_backoff: (0..t.len()).filter(kept).map(|i| backoff(g[i])).collect(),
+        });
+    }
     let vocab = if orders[0].len() < vocab.len() {
         drop_pruned_words(&mut orders, vocab)
     } else {
