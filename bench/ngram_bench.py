@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "en" / "web_bible.txt"
@@ -87,7 +88,7 @@ def make_big(path, mb):
         while size < want:
             out = []
             for line in lines:
-                words = [w + f"~{k}" if k and hash((w, k)) % 3 == 0 else w for w in line.split(" ")]
+                words = [w + f"~{k}" if k and zlib.crc32(f"{w}~{k}".encode()) % 3 == 0 else w for w in line.split(" ")]
                 out.append(" ".join(words))
             text = "\n".join(out) + "\n"
             f.write(text)
@@ -113,7 +114,6 @@ def main():
     kenlm = pathlib.Path(os.environ.get("LMKIT_KENLM_BIN") or subprocess.run(
         ["bash", str(ROOT / "scripts/setup-kenlm.sh")], capture_output=True, text=True, check=True).stdout.strip())
     lm, order = args.lmkit, str(args.order)
-    os.environ["PYTHONHASHSEED"] = "0"
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-ngram-bench-"))
     corpora = [("data/en", CORPUS)]
     if args.big_mb:
