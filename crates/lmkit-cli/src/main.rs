@@ -106,6 +106,21 @@ enum Command {
 }
 
 fn main() {
+    // `println!` panics when stdout is a pipe whose reader left (`lmkit ngram info m | head -1`):
+    // end quietly there, as a write error does below.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info)
+    }));
     lmkit_kernels::system::tune_allocator();
     lmkit_kernels::blas::choose_openblas_core();
     let cli = Cli::parse();

@@ -260,3 +260,34 @@ fn every_subcommand_has_help_with_an_example() {
         );
     }
 }
+
+#[test]
+fn a_reader_that_leaves_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, "a b c\nb c d\n".repeat(50)).unwrap();
+    let model = dir.path().join("m.lmkb");
+    ok(
+        &[
+            "ngram",
+            "train",
+            "--input",
+            s(&corpus),
+            "--output",
+            s(&model),
+            "--discount-fallback",
+        ],
+        None,
+    );
+    // stdout is a pipe whose reading end is already closed: the first write fails.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lmkit"))
+        .args(["ngram", "info", s(&model)])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
