@@ -28,6 +28,8 @@ import zlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "en" / "web_bible.txt"
+sys.path.insert(0, str(ROOT / "tests" / "parity"))
+from test_kenlm import read_arpa  # noqa: E402  (the parity tests' ARPA reader)
 
 
 def run_rss(cmd, stdin=None, env=None):
@@ -57,19 +59,6 @@ def run_rss(cmd, stdin=None, env=None):
     if status:
         sys.exit(f"{cmd} failed with status {status}")
     return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
-
-
-def read_arpa(path):
-    out, order = {}, 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line.startswith("\\") and line.endswith("-grams:"):
-                order = int(line[1:line.index("-")])
-            elif order and line and not line.startswith("\\"):
-                p = line.split("\t")
-                out[(order, p[1])] = (float(p[0]), float(p[2]) if len(p) > 2 else 0.0)
-    return out
 
 
 def max_diff(a_path, b_path):
