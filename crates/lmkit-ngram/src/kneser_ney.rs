@@ -91,7 +91,7 @@ pub struct Discounts {
 
 impl Discounts {
     /// Chen & Goodman eq. 26: Y = t1/(t1+2t2), Dk = k - (k+1)·Y·t(k+1)/tk, with lmplz's checks:
-    /// t1, t2 and t3 must be non-zero and each Dk within [0, k]; otherwise why not.
+    /// t1, t2 and t3 must be non-zero and each Dk within [0, k]; otherwise the reason they fail.
     pub fn estimate(t: [u64; 4]) -> std::result::Result<[f64; 3], String> {
         if let Some(k) = t[..3].iter().position(|&x| x == 0) {
             return Err(format!(
