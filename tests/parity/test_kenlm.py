@@ -281,3 +281,23 @@ def test_lmplz_arpa_with_odd_spaces_in_words_loads(lmkit, lmplz, tmp_path):
             fa, fb = a.split("\t"), b.split("\t")
             num = 0 if a[0] != "\t" else 2
             assert fa[:num] + fa[num + 1:] == fb[:num] + fb[num + 1:] and abs(float(fa[num]) - float(fb[num])) < 1e-5, (a, b)
+
+
+def test_perplexity_equals_kenlm_query_program(lmkit, lmplz, tmp_path):
+    """`lmkit ngram ppl` against KenLM's own `query` program on the same ARPA file and text, blank
+    lines (empty sentences in both) and unknown words included."""
+    train, held = EN_TRAIN[:6000], EN_HELD[:200]
+    held = held[:50] + ["", "   ", "zzqx unknownword the"] + held[50:]
+    corpus, text = tmp_path / "train.txt", tmp_path / "held.txt"
+    corpus.write_text("\n".join(train) + "\n", encoding="utf-8")
+    text.write_text("\n".join(held) + "\n", encoding="utf-8")
+    arpa = tmp_path / "m.arpa"
+    lmkit("ngram", "train", "--order", 4, "--input", corpus, "--output", arpa)
+    q = subprocess.run([str(lmplz.bindir / "query"), "-v", "summary", str(arpa)], stdin=open(text, "rb"),
+                       capture_output=True, text=True, check=True).stdout
+    want = {l.split(":")[0]: float(l.split("\t")[-1]) for l in q.splitlines() if ":" in l and "\t" in l}
+    for model in (arpa,):
+        got = parse_ppl(lmkit("ngram", "ppl", "-m", model, "--input", text))
+        assert got[2] == want["OOVs"] and got[3] == want["Tokens"], (got, want)
+        assert math.isclose(got[0], want["Perplexity including OOVs"], rel_tol=1e-5), (got, want)
+        assert math.isclose(got[1], want["Perplexity excluding OOVs"], rel_tol=1e-5), (got, want)

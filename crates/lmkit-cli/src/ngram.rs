@@ -54,7 +54,8 @@ pub enum NgramCommand {
         #[arg(long, short)]
         verbose: bool,
     },
-    /// Perplexity of a text file, with OOVs counted separately (as KenLM's `query` does)
+    /// Perplexity of a text file, with OOVs counted separately (as KenLM's `query` does; a blank
+    /// line is an empty sentence there too)
     #[command(after_help = "Example:\n  lmkit ngram ppl --model en.lmkb --input held_out.txt")]
     Ppl {
         #[command(flatten)]
@@ -312,9 +313,9 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             // Streamed a chunk of lines at a time (scored in parallel): memory stays bounded.
             let mut ppl = Perplexity::default();
             crate::lines::for_line_chunks(Some(&input), 1 << 16, |lines| {
+                // A blank line is an empty sentence (`</s>` alone), as KenLM's `query` scores it.
                 let part = lines
                     .par_iter()
-                    .filter(|l| !l.trim().is_empty())
                     .fold(Perplexity::default, |mut acc, l| {
                         acc.add(&m.score_line(l));
                         acc
@@ -324,7 +325,7 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
                 Ok(())
             })?;
             if ppl.tokens == 0 {
-                bail!("{}: no non-blank lines to score", input.display());
+                bail!("{}: no lines to score", input.display());
             }
             println!("Perplexity including OOVs:\t{:.4}", ppl.including_oovs());
             println!("Perplexity excluding OOVs:\t{:.4}", ppl.excluding_oovs());
