@@ -222,13 +222,15 @@ pub enum BinaryLayout {
 
 /// Builds the binary image of `tables` in the probing layout.
 pub fn build_image(tables: &NgramTables) -> Vec<u8> {
-    build_image_as(tables, BinaryLayout::Probing).expect("the probing layout takes any tables")
+    build_image_as(tables, BinaryLayout::Probing, Path::new("(in memory)"))
+        .expect("the probing layout takes any tables")
 }
 
-/// Builds the binary image of `tables` in `kind`'s layout. A trie needs every n-gram's suffix to
-/// be stored (lmplz's and lmkit's models have them); tables without are an error.
-pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout) -> Result<Vec<u8>> {
-    build_image_version(tables, kind, VERSION)
+/// Builds the binary image of `tables` in `kind`'s layout; errors name `path`, where it is to be
+/// written. A trie needs every n-gram's suffix to be stored (lmplz's and lmkit's models have
+/// them); tables without are an error.
+pub fn build_image_as(tables: &NgramTables, kind: BinaryLayout, path: &Path) -> Result<Vec<u8>> {
+    build_image_version(tables, kind, VERSION, path)
 }
 
 /// [`build_image_as`] in format `version` (1 or 2; writing 1 is kept for the test that old files
@@ -237,12 +239,12 @@ pub(crate) fn build_image_version(
     tables: &NgramTables,
     kind: BinaryLayout,
     version: u32,
+    path: &Path,
 ) -> Result<Vec<u8>> {
     let exact = version >= 2;
     let order = tables.order();
     let words_len: usize = tables.vocab.iter().map(|w| w.len()).sum();
     let vocab_slots = slots_for(tables.vocab.len(), exact);
-    let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
     let (flags, order_fields, quant_len, trie) = match kind {
         BinaryLayout::Probing => {
             let slots: Vec<usize> = tables
@@ -259,14 +261,12 @@ pub(crate) fn build_image_version(
                     msg: format!("{bits} bits; use 1..={MAX_QUANT_BITS} (or 0 for f32 values)"),
                 });
             }
-            let lens = crate::trie::section_lens(&counts, tables.vocab.len() as u64, bits)
-                .expect("in-memory sizes fit");
-            let sections = crate::trie::build_sections(tables, bits)?;
+            let (quant, sections) = crate::trie::build_sections(tables, bits, path)?;
             (
                 2 | (bits << 8),
-                lens,
-                crate::trie::quant_len(order, bits),
-                Some(sections),
+                sections.iter().map(Vec::len).collect(),
+                quant.len(),
+                Some((quant, sections)),
             )
         }
     };
@@ -339,19 +339,31 @@ pub(crate) fn build_image_version(
         for (sec, &at) in sections.iter().zip(&layout.order_tables) {
             img[at..at + sec.len()].copy_from_slice(sec);
         }
-        let body = body_checksum(&img[HEADER_LEN..]);
-        put64(&mut img, BODY_CHECKSUM_AT, body);
-        return Ok(img);
+    } else {
+        fill_hash_tables(&mut img, tables, &layout, &order_fields, exact);
     }
+    let body = body_checksum(&img[HEADER_LEN..]);
+    put64(&mut img, BODY_CHECKSUM_AT, body);
+    Ok(img)
+}
+
+/// Writes every n-gram of `tables` into its order's hash table in `img`.
+fn fill_hash_tables(
+    img: &mut [u8],
+    tables: &NgramTables,
+    layout: &Layout,
+    slots: &[usize],
+    exact: bool,
+) {
     for (o, (&base, &slots)) in tables
         .orders
         .iter()
-        .zip(layout.order_tables.iter().zip(&order_fields))
+        .zip(layout.order_tables.iter().zip(slots))
     {
         for i in 0..o.len() {
             let h = ngram_hash(o.key(i));
             let slot = free_slot(
-                &img,
+                img,
                 base,
                 Slots {
                     count: slots,
@@ -359,15 +371,12 @@ pub(crate) fn build_image_version(
                 },
                 h,
             );
-            put64(&mut img, slot, h);
+            img[slot..slot + 8].copy_from_slice(&h.to_le_bytes());
             img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
             img[slot + 12..slot + 16]
                 .copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
         }
     }
-    let body = body_checksum(&img[HEADER_LEN..]);
-    put64(&mut img, BODY_CHECKSUM_AT, body);
-    Ok(img)
 }
 
 /// First slot at or after `h`'s home slot that is empty or already holds `h`.
@@ -385,13 +394,7 @@ fn free_slot(img: &[u8], base: usize, slots: Slots, h: u64) -> usize {
 
 /// Writes `tables` as a `.lmkb` file atomically, in `kind`'s layout.
 pub fn save_binary(tables: &NgramTables, path: &Path, kind: BinaryLayout) -> Result<()> {
-    let img = build_image_as(tables, kind).map_err(|e| match e {
-        NgramError::Binary { msg, .. } => NgramError::Binary {
-            path: path.to_path_buf(),
-            msg,
-        },
-        e => e,
-    })?;
+    let img = build_image_as(tables, kind, path)?;
     Ok(lmkit_core::write_atomic_bytes(path, &img)?)
 }
 

@@ -152,6 +152,7 @@ impl Model {
                 bits,
                 h.layout.quant,
                 h.layout.order_tables.clone(),
+                h.order_slots.clone(),
             ))
         });
         Ok(Model {
@@ -435,8 +436,8 @@ mod tests {
         let t = crate::train(&[corpus], &opts, &crate::NoProgress)
             .unwrap()
             .tables;
-        let v1 = build_image_version(&t, BinaryLayout::Probing, 1).unwrap();
-        let v2 = build_image_version(&t, BinaryLayout::Probing, 2).unwrap();
+        let v1 = build_image_version(&t, BinaryLayout::Probing, 1, Path::new("v1")).unwrap();
+        let v2 = build_image_version(&t, BinaryLayout::Probing, 2, Path::new("v2")).unwrap();
         assert!(v2.len() < v1.len());
         let m1 = Model::from_storage(Storage::Owned(v1), Path::new("v1")).unwrap();
         let m2 = Model::from_storage(Storage::Owned(v2), Path::new("v2")).unwrap();

@@ -17,6 +17,7 @@
 
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
+use std::path::Path;
 
 /// How many bits hold values `0..=max`.
 pub(crate) fn bits_for(max: u64) -> u32 {
@@ -110,20 +111,15 @@ fn put_bits(bytes: &mut [u8], at: u64, width: u32, value: u64) {
     bytes[byte..byte + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Centres of `2^bits` equal-population bins over `values` (sorted in place); with `zero_code`,
-/// code 0 is exactly 0.0 and the other codes share the non-zero values.
-fn centres(values: &mut [f32], bits: u32, zero_code: bool) -> Vec<f32> {
+/// Centres of `2^bits` equal-population bins over `values`; with `zero_code`, code 0 is exactly
+/// 0.0 and the other codes share the non-zero values.
+fn centres(values: impl Iterator<Item = f32>, bits: u32, zero_code: bool) -> Vec<f32> {
     let codes = 1usize << bits;
     let mut out = Vec::with_capacity(codes);
     if zero_code {
         out.push(0.0);
     }
-    let vals: Vec<f32> = values
-        .iter()
-        .copied()
-        .filter(|&v| !(zero_code && v == 0.0))
-        .collect();
-    let mut vals = vals;
+    let mut vals: Vec<f32> = values.filter(|&v| !(zero_code && v == 0.0)).collect();
     vals.sort_by(f32::total_cmp);
     let bins = codes - out.len();
     for b in 0..bins {
@@ -137,6 +133,16 @@ fn centres(values: &mut [f32], bits: u32, zero_code: bool) -> Vec<f32> {
         out.push(c);
     }
     out
+}
+
+/// The `width`-bit field that stores `v`: its f32 bits (width 32) or the code of the nearest
+/// centre in `table`.
+fn encode(v: f32, width: u32, table: &[f32], zero_code: bool) -> u64 {
+    if width == 32 {
+        u64::from(v.to_bits())
+    } else {
+        nearest(table, v, zero_code)
+    }
 }
 
 /// The code of the centre nearest to `v` (`table` as [`centres`] made it: sorted after an
@@ -158,7 +164,8 @@ fn nearest(table: &[f32], v: f32, zero_code: bool) -> u64 {
     (start + best) as u64
 }
 
-/// A word-order key reversed (last word first): the order entries take in the trie.
+/// The indices of a table's entries sorted by their keys read backwards (last word first): the
+/// order the entries take in the trie.
 fn reversed_order(keys: &[u32], n: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..(keys.len() / n) as u32).collect();
     let key = |i: u32| keys[i as usize * n..(i as usize + 1) * n].iter().rev();
@@ -166,16 +173,21 @@ fn reversed_order(keys: &[u32], n: usize) -> Vec<u32> {
     idx
 }
 
-/// The quantization tables and the order sections of `tables` (see the module docs), or an error
-/// naming an n-gram whose suffix is missing (a trie needs every suffix, as KenLM's does).
-pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+/// The quantization tables and the order sections of `tables` (see the module docs; each section
+/// as long as [`section_lens`] says), or an error naming `path` and an n-gram whose suffix is
+/// missing (a trie needs every suffix, as KenLM's does).
+pub(crate) fn build_sections(
+    tables: &NgramTables,
+    bits: u32,
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
     let order = tables.order();
     let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
     let vocab = tables.vocab.len() as u64;
     let w = widths(&counts, vocab, bits);
     let lens = section_lens(&counts, vocab, bits).expect("in-memory sizes fit");
     let bad = |msg: String| NgramError::Binary {
-        path: "(trie)".into(),
+        path: path.to_path_buf(),
         msg,
     };
     if counts[0] != vocab {
@@ -191,7 +203,7 @@ pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>
     let mut backoff_tables: Vec<Vec<f32>> = vec![Vec::new(); order];
     if bits > 0 && order >= 2 {
         for (t, o) in prob_tables.iter_mut().zip(&tables.orders).skip(1) {
-            *t = centres(&mut o.log10_prob.clone(), bits, false);
+            *t = centres(o.log10_prob.iter().copied(), bits, false);
         }
         for (t, o) in backoff_tables
             .iter_mut()
@@ -199,8 +211,7 @@ pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>
             .take(order - 1)
             .skip(1)
         {
-            let mut b: Vec<f32> = o.log10_backoff.iter().map(|b| b.unwrap_or(0.0)).collect();
-            *t = centres(&mut b, bits, true);
+            *t = centres(o.log10_backoff.iter().map(|b| b.unwrap_or(0.0)), bits, true);
         }
         for t in prob_tables[1..].iter().chain(&backoff_tables[1..order - 1]) {
             t.iter()
@@ -215,7 +226,7 @@ pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>
         .map(|o| reversed_order(&o.keys, o.n))
         .collect();
     let mut sections = Vec::with_capacity(order);
-    // first_child[i][r]: index in level i+1 of the first child of level i's entry r.
+    // parent_rank[i][r]: the rank in level i-1 of the parent (suffix) of level i's entry r.
     let mut parent_rank: Vec<Vec<u32>> = vec![Vec::new(); order];
     for i in 1..order {
         let (o, lower) = (&tables.orders[i], &tables.orders[i - 1]);
@@ -273,21 +284,12 @@ pub(crate) fn build_sections(tables: &NgramTables, bits: u32) -> Result<(Vec<u8>
                 put_bits(&mut sec, at, wi.word, u64::from(o.key(e)[0]));
                 at += u64::from(wi.word);
             }
-            let p = o.log10_prob[e];
-            let code = if wi.prob == 32 {
-                u64::from(p.to_bits())
-            } else {
-                nearest(&prob_tables[i], p, false)
-            };
+            let code = encode(o.log10_prob[e], wi.prob, &prob_tables[i], false);
             put_bits(&mut sec, at, wi.prob, code);
             at += u64::from(wi.prob);
             if wi.backoff > 0 {
                 let b = o.log10_backoff[e].unwrap_or(0.0);
-                let code = if wi.backoff == 32 {
-                    u64::from(b.to_bits())
-                } else {
-                    nearest(&backoff_tables[i], b, true)
-                };
+                let code = encode(b, wi.backoff, &backoff_tables[i], true);
                 put_bits(&mut sec, at, wi.backoff, code);
                 at += u64::from(wi.backoff);
             }
@@ -318,12 +320,15 @@ pub(crate) struct TrieView {
 }
 
 impl TrieView {
+    /// `sections` and `section_lens`: each order's section offset and length, as the header
+    /// gave and checked them.
     pub fn new(
         counts: &[u64],
         vocab: u64,
         bits: u32,
         quant_at: usize,
         sections: Vec<usize>,
+        section_lens: Vec<usize>,
     ) -> Self {
         let order = counts.len();
         let mut prob_table = vec![None; order];
@@ -347,7 +352,7 @@ impl TrieView {
         TrieView {
             widths: widths(counts, vocab, bits),
             counts: counts.to_vec(),
-            section_lens: section_lens(counts, vocab, bits).unwrap_or_default(),
+            section_lens,
             sections,
             prob_table,
             backoff_table,
@@ -435,8 +440,8 @@ mod tests {
 
     #[test]
     fn quantization_keeps_zero_exact_and_picks_the_nearest_centre() {
-        let mut v: Vec<f32> = (0..1000).map(|i| -(i as f32) / 100.0).collect();
-        let t = centres(&mut v, 4, true);
+        let v: Vec<f32> = (0..1000).map(|i| -(i as f32) / 100.0).collect();
+        let t = centres(v.iter().copied(), 4, true);
         assert_eq!((t.len(), t[0]), (16, 0.0));
         assert_eq!(nearest(&t, 0.0, true), 0);
         for x in [-0.01f32, -3.3, -9.99] {
