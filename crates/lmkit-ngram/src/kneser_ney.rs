@@ -235,6 +235,10 @@ pub fn estimate(
     // interpolation needs); every order's log10 values in f32 as they are written. Back-offs as
     // log10 f32, NaN where the n-gram is no context.
     let mut lower_p: Vec<f64> = Vec::new();
+    // The unigrams' uniform share: |V| without <s>, counting only the words pruning keeps (so
+    // the unigrams sum to one over the model's own vocabulary, as lmplz has it).
+    let kept_words = (0..counts[0].len()).filter(|&i| !is_marked(0, i)).count();
+    let uniform = 1.0 / (kept_words as f64 - 1.0);
     let mut log_probs: Vec<Vec<f32>> = Vec::with_capacity(order);
     let mut gammas: Vec<Vec<f32>> = counts.iter().map(|t| vec![f32::NAN; t.len()]).collect();
     for n in 1..=order {
@@ -271,10 +275,6 @@ pub fn estimate(
         } else {
             None
         };
-        // |V| without <s>, counting only the words pruning keeps (so the unigrams sum to one
-        // over the model's own vocabulary, as lmplz has it).
-        let kept_words = (0..t.len()).filter(|&i| !is_marked(n - 1, i)).count();
-        let uniform = 1.0 / (kept_words as f64 - 1.0);
         // Which group each entry is in; then one parallel pass over all entries (a pass per
         // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
         let mut group_of = vec![0u32; t.len()];
