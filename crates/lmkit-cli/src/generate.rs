@@ -269,18 +269,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model's end-of-text ids. One outside the vocabulary can never be sampled (transformers'
-/// random-init GPT-2 keeps eos 50256 whatever its vocabulary): it is dropped with a warning, since
-/// generation then stops only at the token limit or a stop string.
+/// The model's end-of-text ids that can be sampled, with a warning for any outside the vocabulary.
 pub(crate) fn stop_ids(model: &std::path::Path, vocab_size: usize) -> Result<Vec<u32>> {
-    let (ids, outside): (Vec<u32>, Vec<u32>) = lmkit_models::stop_token_ids(model)?
-        .into_iter()
-        .partition(|&id| (id as usize) < vocab_size);
-    if !outside.is_empty() {
-        eprintln!(
-            "warning: {}: end-of-text id {outside:?} is outside the vocabulary ({vocab_size} tokens); generation stops only at --max-tokens or a stop string",
-            model.display()
-        );
+    let (ids, warning) = lmkit_models::sampleable_stop_ids(model, vocab_size)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
     }
     Ok(ids)
 }

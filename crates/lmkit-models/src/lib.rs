@@ -127,6 +127,23 @@ pub fn stop_token_ids(path: &Path) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// [`stop_token_ids`] for a model of `vocab_size` tokens, with a warning for the ids outside the
+/// vocabulary, which can never be sampled (transformers' random-init GPT-2 keeps eos 50256 whatever
+/// its vocabulary): they are dropped, and generation then stops only at the token limit or a
+/// stop string.
+pub fn sampleable_stop_ids(path: &Path, vocab_size: usize) -> Result<(Vec<u32>, Option<String>)> {
+    let (ids, outside): (Vec<u32>, Vec<u32>) = stop_token_ids(path)?
+        .into_iter()
+        .partition(|&id| (id as usize) < vocab_size);
+    let warning = (!outside.is_empty()).then(|| {
+        format!(
+            "{}: end-of-text id {outside:?} is outside the vocabulary ({vocab_size} tokens); generation stops only at the token limit or a stop string",
+            path.display()
+        )
+    });
+    Ok((ids, warning))
+}
+
 /// What the checkpoint in `dir` computes (causal, masked or sequence-to-sequence), from its
 /// config.json; an unreadable or unsupported config is an error naming the file.
 pub fn kind_of(dir: &Path) -> Result<Kind> {
@@ -480,5 +497,35 @@ impl CausalLm {
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.output().forward(&self.hidden(ids, cache)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_ids_outside_the_vocabulary_are_dropped_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"eos_token_id": [2, 50256]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": 5}"#,
+        )
+        .unwrap();
+        let (ids, warning) = sampleable_stop_ids(dir.path(), 97).unwrap();
+        assert_eq!(ids, vec![2, 5]);
+        let w = warning.expect("a warning");
+        assert!(
+            w.contains("[50256] is outside the vocabulary (97 tokens)"),
+            "{w}"
+        );
+        let (ids, warning) = sampleable_stop_ids(dir.path(), 60000).unwrap();
+        assert_eq!(ids, vec![2, 50256, 5]);
+        assert!(warning.is_none());
     }
 }

@@ -245,6 +245,10 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
         None => None,
     };
+    let (eos, warning) = lmkit_models::sampleable_stop_ids(&dir, mcfg.vocab_size())?;
+    if let Some(w) = warning {
+        eprintln!("lmkit serve: warning: {w}");
+    }
     Ok(Arc::new(AppState {
         engine: Engine::start(models, cfg.max_active, cfg.max_queue),
         template,
@@ -252,7 +256,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         model_name,
         max_positions: mcfg.max_positions(),
         vocab_size: mcfg.vocab_size(),
-        eos: lmkit_models::stop_token_ids(&dir)?,
+        eos,
         chat_end,
         tokenizer,
         moderator: cfg.moderator,
