@@ -110,3 +110,25 @@ def test_oversized_runs_are_refused_before_allocating(tmp_path, corpus, name, mo
     (tmp_path / "run.toml").write_text(run_config(corpus, model, train))
     check(run(["train", "--config", "run.toml"], tmp_path), needle)
     assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
+
+
+def random_words_line(path, n_bytes):
+    """One line of `n_bytes` of random lower-case words (distinct words, nearly all of them)."""
+    table = bytes((97 + i % 27) if i % 27 < 26 else 32 for i in range(256))
+    with open(path, "wb") as f:
+        f.write(os.urandom(n_bytes).translate(table) + b"\n")
+
+
+def test_a_huge_line_trains_and_encodes_within_the_memory_cap(tmp_path, corpus):
+    """A 200 MB line of distinct words took the tokenizer trainer past any memory (it keeps every
+    distinct word); training reads the first 8 MiB of such a document and says so. Encoding keeps
+    every byte, a piece at a time."""
+    random_words_line(tmp_path / "huge.txt", 200 << 20)
+    p = run(["tokenizer", "train", "--input", "huge.txt", "--vocab-size", "300", "--output", "tok"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 of 1 documents are longer than 8 MiB" in p.stderr, p.stderr
+    random_words_line(tmp_path / "big.txt", 64 << 20)
+    p = run(["tokenizer", "encode", "--tokenizer", corpus / "tok", "--input", "big.txt", "--shards", "shards"],
+            tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "from 1 documents (67.11 MB)" in p.stderr, p.stderr

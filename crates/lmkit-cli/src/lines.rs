@@ -1,6 +1,7 @@
 //! Reading text lines from a file or standard input, with errors naming the line.
 
 use anyhow::{Context, Result};
+use lmkit_tokenize::CHUNK_BYTES;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -14,8 +15,8 @@ pub fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Streams the lines of `path` (or stdin) to `f`, `chunk` lines at a time, so that a large
-/// input is never held whole; invalid UTF-8 is an error naming the line.
+/// Streams the lines of `path` (or stdin) to `f`, `chunk` lines (or [`CHUNK_BYTES`] of text) at a
+/// time, so that a large input is never held whole; invalid UTF-8 is an error naming the line.
 pub fn for_line_chunks(
     path: Option<&Path>,
     chunk: usize,
@@ -32,6 +33,7 @@ pub fn for_line_chunks(
         None => (Box::new(std::io::stdin().lock()), "<stdin>".to_string()),
     };
     let mut buf = Vec::new();
+    let mut buffered = 0;
     for (i, line) in reader.split(b'\n').enumerate() {
         let bytes = line.with_context(|| name.clone())?;
         let mut s = String::from_utf8(bytes).map_err(|e| {
@@ -44,8 +46,10 @@ pub fn for_line_chunks(
         if s.ends_with('\r') {
             s.pop();
         }
+        buffered += s.len();
         buf.push(s);
-        if buf.len() >= chunk {
+        if buf.len() >= chunk || buffered >= CHUNK_BYTES {
+            buffered = 0;
             f(std::mem::take(&mut buf))?;
         }
     }

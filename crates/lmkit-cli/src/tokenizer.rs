@@ -142,7 +142,16 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 "training byte-level BPE (vocab {vocab_size}) on {} file(s)...",
                 inputs.len()
             );
-            let tk = lmkit_tokenize::train(&inputs, &opts)?;
+            let (tk, report) = lmkit_tokenize::train_with_report(&inputs, &opts)?;
+            if report.cut_documents > 0 {
+                eprintln!(
+                    "note: {} of {} documents are longer than {} MiB and were trained on their first {} MiB",
+                    report.cut_documents,
+                    report.documents,
+                    lmkit_tokenize::bpe::MAX_TRAIN_DOC >> 20,
+                    lmkit_tokenize::bpe::MAX_TRAIN_DOC >> 20
+                );
+            }
             lmkit_tokenize::save(&tk, &output, &opts.special_tokens)?;
             eprintln!(
                 "wrote {} (vocab {}) in {:.1}s",
@@ -168,18 +177,6 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                     ))
                 })
                 .transpose()?;
-            let mut stdin = if docs.is_none() {
-                Some(read_lines(None)?.into_iter())
-            } else {
-                None
-            };
-            let mut next_chunk = || -> Vec<String> {
-                match (&mut docs, &mut stdin) {
-                    (Some(d), _) => d.next_chunk(4096),
-                    (None, Some(s)) => s.by_ref().take(4096).collect(),
-                    (None, None) => Vec::new(),
-                }
-            };
             let t0 = Instant::now();
             let bar = Bar::default();
             let mut bytes = 0u64;
@@ -213,11 +210,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 None => None,
             };
             let mut out = BufWriter::new(std::io::stdout().lock());
-            loop {
-                let chunk = next_chunk();
-                if chunk.is_empty() {
-                    break;
-                }
+            let mut encode_chunk = |chunk: Vec<String>| -> Result<()> {
                 for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, &chunk)?) {
                     bytes += t.len() as u64;
                     match writer.as_mut() {
@@ -229,6 +222,19 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                     }
                 }
                 lmkit_core::Progress::advance(&bar, chunk.len() as u64);
+                Ok(())
+            };
+            // Files: documents from the reader thread; stdin: every line, blank ones included
+            // (one line of ids per input line). Both a chunk at a time.
+            match docs.as_mut() {
+                Some(d) => loop {
+                    let chunk = d.next_chunk(4096, lmkit_tokenize::CHUNK_BYTES);
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    encode_chunk(chunk)?;
+                },
+                None => crate::lines::for_line_chunks(None, 4096, encode_chunk)?,
             }
             lmkit_core::Progress::finish(&bar);
             if let Some(d) = docs {

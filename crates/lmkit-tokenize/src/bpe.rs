@@ -49,6 +49,23 @@ pub const MAX_VOCAB: usize = 1 << 21;
 
 /// Trains a byte-level BPE tokenizer on the documents of `inputs`.
 pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
+    Ok(train_with_report(inputs, opts)?.0)
+}
+
+/// What training read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrainReport {
+    /// Documents trained on.
+    pub documents: u64,
+    /// Documents longer than [`MAX_TRAIN_DOC`], trained on their first part only.
+    pub cut_documents: u64,
+}
+
+/// [`train`], also saying how many documents were trained on and how many were cut.
+pub fn train_with_report(
+    inputs: &[PathBuf],
+    opts: &TrainOptions,
+) -> Result<(Tokenizer, TrainReport)> {
     let min_vocab = 256 + opts.special_tokens.len();
     if opts.vocab_size > MAX_VOCAB {
         return Err(TokenizeError::BadOption {
@@ -96,20 +113,16 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
     .map_err(tk_err)?;
     let mut docs = crate::stream::DocStream::open(inputs.to_vec(), opts.ingest.clone());
     let mut non_blank = 0u64;
+    let mut report = TrainReport::default();
     let trained = tk.train(
         &mut trainer,
         docs.by_ref()
-            .inspect(|d| non_blank += u64::from(!d.trim().is_empty()))
-            .flat_map(|d| {
-                if d.len() <= MAX_PIECE_BYTES {
-                    vec![d]
-                } else {
-                    pieces(&d, MAX_PIECE_BYTES)
-                        .into_iter()
-                        .map(String::from)
-                        .collect()
-                }
-            }),
+            .inspect(|d| {
+                non_blank += u64::from(!d.trim().is_empty());
+                report.documents += 1;
+                report.cut_documents += u64::from(d.len() > MAX_TRAIN_DOC);
+            })
+            .flat_map(training_pieces),
     );
     docs.finish()?; // a read error part-way is an error, not a smaller training set
     trained.map_err(tk_err)?;
@@ -122,7 +135,7 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions) -> Result<Tokenizer> {
         return Err(TokenizeError::Empty { what });
     }
     let json = serde_json::to_string(&tk).map_err(tk_err)?;
-    json.parse::<Tokenizer>().map_err(tk_err)
+    Ok((json.parse::<Tokenizer>().map_err(tk_err)?, report))
 }
 
 /// Loads `tokenizer.json` (or a directory containing it).
@@ -209,6 +222,10 @@ pub const MAX_PIECE_BYTES: usize = 1 << 16;
 /// per token, so a batch of 1 MiB of text holds at most ~100 MB of encodings at once.
 const BATCH_BYTES: usize = 1 << 20;
 
+/// Documents handed to [`encode_batch`] at once by the streaming commands: up to 4096 of them or
+/// this much text.
+pub const CHUNK_BYTES: usize = 16 << 20;
+
 /// `text` cut into pieces of at most `max` bytes (`max` ≥ 8). A cut goes just before a space
 /// that follows a non-space character — where byte-level and metaspace pre-tokenizers split
 /// anyway, so the pieces encode to the same tokens as the whole — when the last quarter of the
@@ -234,6 +251,69 @@ pub fn pieces(text: &str, max: usize) -> Vec<&str> {
     }
     out.push(rest);
     out
+}
+
+/// The longest run of non-space characters trained on: a longer one is cut to its first
+/// `MAX_TRAIN_RUN` bytes. The trainer keeps every distinct word with ~24 bytes per character (a
+/// 3 MB word took 563 MB), and a word this long teaches nothing the start of it does not (as
+/// SentencePiece's trainer bounds its input with `max_sentence_length`).
+pub const MAX_TRAIN_RUN: usize = 1 << 10;
+
+/// The most of one document trained on: the trainer's memory grows with the distinct words it
+/// has seen, and one huge line of distinct words (200 MB of them) would take it past any memory;
+/// a longer document is trained on its first `MAX_TRAIN_DOC` bytes (cut at a space where one is
+/// near), as SentencePiece's trainer skips sentences over its `max_sentence_length`.
+pub const MAX_TRAIN_DOC: usize = 8 << 20;
+
+/// A document as the trainer sees it: its first [`MAX_TRAIN_DOC`] bytes, runs of non-space
+/// characters cut to [`MAX_TRAIN_RUN`] bytes, then cut into [`pieces`].
+fn training_pieces(mut doc: String) -> Vec<String> {
+    if doc.len() > MAX_TRAIN_DOC {
+        let head = pieces(&doc, MAX_TRAIN_DOC)[0].len();
+        doc.truncate(head);
+    }
+    let doc = match cap_runs(&doc, MAX_TRAIN_RUN) {
+        std::borrow::Cow::Borrowed(_) => doc,
+        std::borrow::Cow::Owned(capped) => capped,
+    };
+    if doc.len() <= MAX_PIECE_BYTES {
+        return vec![doc];
+    }
+    pieces(&doc, MAX_PIECE_BYTES)
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// `text` with each run of non-whitespace characters longer than `cap` bytes cut to the
+/// characters that fit in its first `cap` bytes (borrowed when no run is that long).
+pub fn cap_runs(text: &str, cap: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= cap {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out: Option<String> = None;
+    let mut copied = 0; // text[..copied] is in `out` (or dropped)
+    let mut run_start = None;
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            run_start = None;
+            continue;
+        }
+        let start = *run_start.get_or_insert(i);
+        let end = i + c.len_utf8();
+        if end - start > cap {
+            let o = out.get_or_insert_with(String::new);
+            o.push_str(&text[copied..i]);
+            copied = end;
+        }
+    }
+    match out {
+        None => std::borrow::Cow::Borrowed(text),
+        Some(mut o) => {
+            o.push_str(&text[copied..]);
+            std::borrow::Cow::Owned(o)
+        }
+    }
 }
 
 /// Encodes texts (no special tokens added), in parallel; texts over [`MAX_PIECE_BYTES`] are
@@ -319,7 +399,7 @@ pub fn stats(
     let mut s = TokenStats::default();
     let mut docs = crate::stream::DocStream::open(inputs.to_vec(), ingest.clone());
     loop {
-        let chunk = docs.next_chunk(4096);
+        let chunk = docs.next_chunk(4096, CHUNK_BYTES);
         if chunk.is_empty() {
             break;
         }

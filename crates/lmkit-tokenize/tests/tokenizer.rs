@@ -213,3 +213,36 @@ fn long_texts_encode_in_pieces() {
         .remove(0);
     assert_eq!(lmkit_tokenize::decode(&tk, &ids).unwrap(), huge);
 }
+
+/// Training cuts runs of non-space characters to their first `MAX_TRAIN_RUN` bytes: shorter text
+/// is untouched, a long run loses only its tail (at a character boundary), and the trainer never
+/// sees what lies past it.
+#[test]
+fn training_cuts_overlong_words() {
+    use lmkit_tokenize::bpe::{cap_runs, MAX_TRAIN_RUN};
+    let normal = "short words,  spaces\tand 한국어 text";
+    assert!(matches!(cap_runs(normal, 8), std::borrow::Cow::Borrowed(_)));
+    assert_eq!(cap_runs("abcdefghij klm nopqrstuvw", 4), "abcd klm nopq");
+    // Multi-byte characters: only whole characters within the cap are kept.
+    assert_eq!(cap_runs("가나다라 ab", 7), "가나 ab");
+    assert_eq!(cap_runs(" x\u{3000}yyyyyy ", 3), " x\u{3000}yyy ");
+
+    // A corpus whose only long word holds, past its first MAX_TRAIN_RUN bytes, a pair repeated
+    // thousands of times: without the cut it would be the first merge.
+    let dir = tempfile::tempdir().unwrap();
+    let head: String = "abcdefghij".repeat(MAX_TRAIN_RUN / 10 + 1);
+    let long = format!("{}{}", head, "qz".repeat(5_000));
+    let p = dir.path().join("c.txt");
+    std::fs::write(&p, format!("{}\n{long}\n", CORPUS.repeat(5))).unwrap();
+    let tk = train(&[p], &small()).unwrap();
+    assert!(tk.token_to_id("qz").is_none(), "learned from past the cut");
+    assert_eq!(tk.get_vocab_size(true), 400);
+    let ids = encode_batch(&tk, std::slice::from_ref(&long))
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        decode(&tk, &ids).unwrap(),
+        long,
+        "encoding keeps every byte"
+    );
+}
