@@ -29,6 +29,7 @@ pub mod cuda;
 pub mod fused;
 pub mod padded_attention;
 pub mod quant;
+pub mod recurrent;
 pub mod simd;
 pub mod system;
 pub mod vector;

@@ -281,9 +281,29 @@ impl RnnLm {
                 .broadcast_add(&layer.b_ih)?
                 .broadcast_add(&layer.b_hh)?;
             let (mut h, mut c) = self.initial(caches, k, b, &x)?;
+            let kernel_cell = match self.cell {
+                Cell::Rnn => lmkit_kernels::recurrent::Cell::Tanh,
+                Cell::Lstm => lmkit_kernels::recurrent::Cell::Lstm,
+            };
+            let state0 = match self.cell {
+                Cell::Rnn => h.clone(),
+                Cell::Lstm => Tensor::cat(&[&h, &c], 1)?,
+            };
+            // The whole window as one op where it applies (CPU f32/f64 with BLAS).
+            let fused = match t {
+                0 => None,
+                _ => lmkit_kernels::recurrent::sequence(kernel_cell, &pre, &layer.w_hh, &state0)?,
+            };
             let w_hh = layer.w_hh.t()?;
-            let mut outs = Vec::with_capacity(t);
-            for s in 0..t {
+            let mut outs = Vec::with_capacity(if fused.is_some() { 0 } else { t });
+            if let Some(states) = &fused {
+                let last = states.narrow(1, t - 1, 1)?.squeeze(1)?;
+                h = last.narrow(1, 0, h4)?;
+                if self.cell == Cell::Lstm {
+                    c = last.narrow(1, h4, h4)?;
+                }
+            }
+            for s in (0..t).filter(|_| fused.is_none()) {
                 let g =
                     (pre.narrow(1, s, 1)?.squeeze(1)? + lmkit_kernels::blas::matmul(&h, &w_hh)?)?;
                 match self.cell {
@@ -316,7 +336,11 @@ impl RnnLm {
                     ));
                 }
             }
-            x = Tensor::stack(&outs, 1)?;
+            x = match fused {
+                Some(states) if self.cell == Cell::Lstm => states.narrow(2, 0, h4)?,
+                Some(states) => states,
+                None => Tensor::stack(&outs, 1)?,
+            };
         }
         for c in caches.iter_mut() {
             c.advance(t);
