@@ -99,3 +99,37 @@ def test_seq2seq_eval_matches_transformers(lmkit, tiny_model, tmp_path):
     assert got["tokens"] == n
     assert abs(got["nll"] - nll) < 1e-3
     assert got["bytes"] == sum(len(p["target"]) + 1 for p in pairs)
+
+
+def test_beam_search_matches_transformers(lmkit, tmp_path):
+    """Beam search with the decoder's KV cache: the same best hypothesis as transformers'
+    generate(num_beams=...) for 2 and 4 beams, length penalties 0.5/1/2, early stopping
+    false/true/never, with the end token's bias at 0, 1.5 and 3 (hypotheses that run to the length
+    limit, end at once, or where finished and running ones compete)."""
+    model, path = build(tmp_path)
+    with torch.no_grad():
+        model.model.shared.weight.mul_(15.0)  # peaked distributions: beams part by clear margins
+    cases = [(nb, lp, es) for nb in (2, 4) for lp, es in ((1.0, False), (0.5, True), (2.0, "never"), (1.0, True))]
+    g = torch.Generator().manual_seed(11)
+    kw = dict(max_new_tokens=12, do_sample=False, forced_bos_token_id=None, forced_eos_token_id=None,
+              no_repeat_ngram_size=0, min_length=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2)
+    lengths, beats_greedy = set(), 0
+    for eos_bias in (0.0, 1.5, 3.0):
+        with torch.no_grad():
+            model.final_logits_bias[0, 2] = eos_bias
+        model.save_pretrained(path, safe_serialization=True)
+        for nb, lp, es in cases:
+            src = [int(x) for x in torch.randint(3, 301, (9,), generator=g)]
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([src]), num_beams=nb, length_penalty=lp, early_stopping=es,
+                                     **kw)[0, 1:].tolist()
+                greedy = model.generate(torch.tensor([src]), num_beams=1, **kw)[0, 1:].tolist()
+            lengths.add(len(ref))
+            beats_greedy += ref != greedy
+            if ref and ref[-1] == 2:
+                ref = ref[:-1]
+            out = lmkit("generate", "--model", path, "--source-ids", ",".join(map(str, src)), "--num-beams", nb,
+                        "--length-penalty", lp, "--early-stopping", str(es).lower(), "--max-tokens", 12, "--ids")
+            assert [int(x) for x in out.split()] == ref, (nb, lp, es, eos_bias)
+    # The cases exercise what they claim: beams that beat greedy, hypotheses of several lengths.
+    assert beats_greedy >= 8 and len(lengths) >= 2, (beats_greedy, lengths)

@@ -13,6 +13,7 @@ use std::path::PathBuf;
     lmkit generate --model runs/gpt/ --prompt '대한민국은' --temperature 0.7 --top-k 40 --seed 1 --stop '\\n'\n  \
     lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids\n  \
     lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder\n  \
+    lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --num-beams 4 --length-penalty 1.0\n  \
     lmkit generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'A person: ' --json-schema person.json --greedy\n  \
     lmkit generate --model runs/gpt/ --prompt 'Year: ' --regex '(19|20)[0-9]{2}'"
 )]
@@ -35,6 +36,20 @@ pub struct GenerateArgs {
     /// Prompt as comma-separated token ids
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
+    /// Encoder-decoder models: the source as comma-separated token ids
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "prompt_ids", "source"])]
+    source_ids: Vec<u32>,
+    /// Encoder-decoder models: beam search with this many beams (1: greedy or sampling)
+    #[arg(long, default_value_t = 1)]
+    num_beams: usize,
+    /// Beam search: finished hypotheses are scored by log-probability / length^this (> 0 favours
+    /// longer ones)
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
+    /// Beam search: true (stop once --num-beams hypotheses finished), false (stop when no running
+    /// beam can do better, transformers' default) or never
+    #[arg(long, default_value = "false")]
+    early_stopping: lmkit_infer::beam::EarlyStopping,
     /// Maximum number of new tokens
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
@@ -72,8 +87,6 @@ pub struct GenerateArgs {
     constraint: crate::constraint::ConstraintArgs,
 }
 
-/// Encoder-decoder models: decode a reply to `--source` (no KV cache; the decoder re-reads its
-/// output each step).
 impl GenerateArgs {
     /// The sampling settings the flags ask for (--greedy means temperature 0).
     fn sampling(&self) -> SamplingParams {
@@ -87,61 +100,136 @@ impl GenerateArgs {
     }
 }
 
-fn run_seq2seq(a: &GenerateArgs, source: &str) -> Result<()> {
+/// Encoder-decoder models: decode a reply to `--source` (or `--source-ids`) with the decoder's
+/// KV cache: by beam search (`--num-beams` > 1), greedily or by sampling.
+fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
     let dev = lmkit_models::parse_device(&a.device)?;
     let dir = lmkit_models::resolve_checkpoint(&a.model);
     let m = lmkit_models::bart::Bart::load(&dir, &dev)?;
-    let tk = lmkit_tokenize::load(a.tokenizer.as_deref().unwrap_or(&dir))?;
-    let mut src = lmkit_tokenize::encode_batch(&tk, &[source.to_string()])?.remove(0);
+    let tk = match (&a.source, a.ids) {
+        (None, true) => None,
+        _ => Some(lmkit_tokenize::load(
+            a.tokenizer.as_deref().unwrap_or(&dir),
+        )?),
+    };
+    let mut src = match (&a.source, &tk) {
+        (Some(text), Some(tk)) => {
+            lmkit_tokenize::encode_batch(tk, std::slice::from_ref(text))?.remove(0)
+        }
+        _ => a.source_ids.clone(),
+    };
     src.truncate(m.cfg.max_position_embeddings);
     if src.is_empty() {
-        anyhow::bail!("--source is empty");
+        bail!("the source is empty");
+    }
+    if let Some(bad) = src.iter().find(|&&i| i as usize >= m.cfg.vocab_size) {
+        bail!(
+            "source id {bad} is outside the vocabulary ({} tokens)",
+            m.cfg.vocab_size
+        );
     }
     let memory = m.encode(
         &lmkit_models::Tensor::new(src.as_slice(), &dev)?.unsqueeze(0)?,
         None,
     )?;
+    let mut cache = m.decoder_cache(&memory, None)?;
+    let start = m.cfg.start_token();
+    // Positions left for the decoder (its first input is the start token).
+    let room = m.cfg.max_position_embeddings.saturating_sub(1);
+    let eos: Vec<u32> = m
+        .cfg
+        .eos_token_id
+        .into_iter()
+        .filter(|_| !a.ignore_eos)
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    if a.num_beams > 1 {
+        let settings = lmkit_infer::beam::BeamSettings {
+            num_beams: a.num_beams,
+            length_penalty: a.length_penalty,
+            early_stopping: a.early_stopping,
+            max_new_tokens: a.max_tokens.min(room),
+            eos: eos.clone(),
+        };
+        let mut out = lmkit_infer::beam::beam_search(
+            &settings,
+            &[start],
+            |parents, seqs| -> Result<Vec<Vec<f32>>> {
+                match parents {
+                    None => cache.select(&vec![0; seqs.len()])?,
+                    Some(p) => cache.select(p)?,
+                }
+                let new: Vec<u32> = seqs
+                    .iter()
+                    .flat_map(|s| s[cache.len..].iter().copied())
+                    .collect();
+                let t = seqs[0].len() - cache.len;
+                let x = lmkit_models::Tensor::from_vec(new, (seqs.len(), t), &dev)?;
+                let logits = m.decode_next(&x, &mut cache)?;
+                Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_vec2::<f32>()?)
+            },
+        )?;
+        if out.last().is_some_and(|t| eos.contains(t)) {
+            out.pop();
+        }
+        if a.ids {
+            let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
+            writeln!(stdout, "{}", line.join(" "))?;
+        } else if let Some(tk) = &tk {
+            writeln!(stdout, "{}", lmkit_tokenize::decode(tk, &out)?)?;
+        }
+        return Ok(());
+    }
     let sampling = a.sampling();
     sampling.validate().map_err(anyhow::Error::msg)?;
     let mut rng = lmkit_infer::Rng::new(a.seed);
-    let mut ids = vec![m.cfg.start_token()];
     let mut out = Vec::new();
-    let eos = m.cfg.eos_token_id;
-    let mut stream = TextStream::new(&tk, a.stop.clone());
-    let mut stdout = std::io::stdout().lock();
-    while out.len() < a.max_tokens && ids.len() < m.cfg.max_position_embeddings {
-        let x = lmkit_models::Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
-        let logits = m.decode(&x, &memory, None)?.squeeze(0)?;
-        let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
+    let mut stream = tk.as_ref().map(|tk| TextStream::new(tk, a.stop.clone()));
+    let mut next_input = start;
+    while out.len() < a.max_tokens && out.len() < room {
+        let x = lmkit_models::Tensor::new(&[[next_input]], &dev)?;
+        let last: Vec<f32> = m
+            .decode_next(&x, &mut cache)?
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_vec1()?;
         let next = lmkit_infer::sample(&last, &out, &sampling, &mut rng);
-        if Some(next) == eos && !a.ignore_eos {
+        if eos.contains(&next) {
             break;
         }
-        ids.push(next);
         out.push(next);
+        next_input = next;
         if a.ids {
             continue;
         }
-        let delta = stream.push(&out)?;
-        stdout.write_all(delta.as_bytes())?;
-        stdout.flush()?;
-        if stream.stopped {
-            break;
+        if let Some(stream) = &mut stream {
+            let delta = stream.push(&out)?;
+            stdout.write_all(delta.as_bytes())?;
+            stdout.flush()?;
+            if stream.stopped {
+                break;
+            }
         }
     }
-    if a.ids {
-        let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
-        writeln!(stdout, "{}", line.join(" "))?;
-    } else {
-        write!(stdout, "{}", stream.finish(&out)?)?;
-        writeln!(stdout)?;
+    match stream {
+        Some(mut stream) if !a.ids => {
+            write!(stdout, "{}", stream.finish(&out)?)?;
+            writeln!(stdout)?;
+        }
+        _ => {
+            let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
+            writeln!(stdout, "{}", line.join(" "))?;
+        }
     }
     Ok(())
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if let Some(src) = &a.source {
-        return run_seq2seq(&a, src);
+    if a.source.is_some() || !a.source_ids.is_empty() {
+        return run_seq2seq(&a);
+    }
+    if a.num_beams > 1 {
+        bail!("--num-beams is for encoder-decoder models (--source); decoder-only models decode greedily or by sampling");
     }
     let dev = lmkit_models::parse_device(&a.device)?;
     let (model, cfg) = CausalLm::load_adapted(&a.model, a.adapter.as_deref(), &dev)?;

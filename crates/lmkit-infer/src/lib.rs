@@ -1,6 +1,7 @@
 //! Text generation with lmkit's decoders: KV-cached decoding, sampling, stop conditions, streaming.
 #![forbid(unsafe_code)]
 
+pub mod beam;
 pub mod constrain;
 pub mod sampling;
 

@@ -164,25 +164,80 @@ impl Attention {
         })
     }
 
+    /// `y` [b, n, d] split into heads [b, heads, n, d / heads].
+    fn split(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, d) = y.dims3()?;
+        y.reshape((b, n, self.heads, d / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Keys and values [b, heads, s, d / heads] of `kv` [b, s, d].
+    fn keys_values(&self, kv: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.split(self.k.forward(kv)?)?,
+            self.split(self.v.forward(kv)?)?,
+        ))
+    }
+
     /// Queries from `x` [b, t, d], keys/values from `kv` [b, s, d], seen through `mask`.
     fn forward(&self, x: &Tensor, kv: &Tensor, mask: Mask) -> candle_core::Result<Tensor> {
+        let (k, v) = self.keys_values(kv)?;
+        self.attend(x, &k, &v, mask)
+    }
+
+    /// Queries from `x` [b, t, d] over keys and values already split into heads.
+    fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Mask,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let s = kv.dim(1)?;
         let hd = d / self.heads;
-        let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, n, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?, t)?;
-        let k = split(self.k.forward(kv)?, s)?;
-        let v = split(self.v.forward(kv)?, s)?;
         // Queries scaled before the product, as transformers' BartAttention.
+        let q = self.split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?)?;
         self.out.forward(
-            &attention(&q, &k, &v, mask, 1.0)?
+            &attention(&q, k, v, mask, 1.0)?
                 .transpose(1, 2)?
                 .reshape((b, t, d))?,
         )
+    }
+}
+
+/// What decoding keeps between steps: each decoder layer's self-attention keys and values so
+/// far and its cross-attention keys and values of the encoder states (computed once), plus the
+/// encoder's padding bias.
+pub struct DecoderCache {
+    self_kv: Vec<Option<(Tensor, Tensor)>>,
+    cross_kv: Vec<(Tensor, Tensor)>,
+    memory_bias: Option<Tensor>,
+    /// Decoder positions read so far.
+    pub len: usize,
+}
+
+impl DecoderCache {
+    /// Keeps the rows `rows` (in that order; a row may be repeated): beam search follows the
+    /// beams it continues.
+    pub fn select(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        let Some((k0, _)) = self.cross_kv.first() else {
+            return Ok(());
+        };
+        let idx = Tensor::new(rows, k0.device())?;
+        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        for (k, v) in &mut self.cross_kv {
+            *k = pick(k)?;
+            *v = pick(v)?;
+        }
+        for (k, v) in self.self_kv.iter_mut().flatten() {
+            *k = pick(k)?;
+            *v = pick(v)?;
+        }
+        if let Some(b) = &mut self.memory_bias {
+            *b = pick(b)?;
+        }
+        Ok(())
     }
 }
 
@@ -238,8 +293,39 @@ impl Layer {
             }
             _ => x,
         };
+        self.feed_forward(x)
+    }
+
+    fn feed_forward(&self, x: Tensor) -> candle_core::Result<Tensor> {
         let h = self.fc2.forward(&act(&self.act, &self.fc1.forward(&x)?)?)?;
         self.final_norm.forward(&(x + h)?)
+    }
+
+    /// A decoder layer over new positions `x` [b, t, d], with the keys and values of earlier
+    /// positions in `past` (extended here) and the encoder's in `cross`.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        past: &mut Option<(Tensor, Tensor)>,
+        cross: &(Tensor, Tensor),
+        memory_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (k, v) = self.self_attn.keys_values(x)?;
+        let (k, v) = match past.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        let y = self.self_attn.attend(x, &k, &v, Mask::Causal)?;
+        *past = Some((k, v));
+        let x = self.self_norm.forward(&(x + y)?)?;
+        let x = match &self.cross {
+            Some((attn, norm)) => {
+                let y = attn.attend(&x, &cross.0, &cross.1, Mask::Bias(memory_bias))?;
+                norm.forward(&(&x + y)?)?
+            }
+            None => x,
+        };
+        self.feed_forward(x)
     }
 }
 
@@ -323,14 +409,21 @@ impl Bart {
     }
 
     fn embed(&self, stack: &Stack, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed_from(stack, ids, 0)
+    }
+
+    /// Embeddings of `ids` [b, t] at positions `past`.. (learned positions are offset by 2).
+    fn embed_from(&self, stack: &Stack, ids: &Tensor, past: usize) -> candle_core::Result<Tensor> {
         let t = ids.dim(1)?;
-        if t > self.cfg.max_position_embeddings {
+        if past + t > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "{t} tokens exceed max_position_embeddings ({})",
+                "{} tokens exceed max_position_embeddings ({})",
+                past + t,
                 self.cfg.max_position_embeddings
             );
         }
-        let pos = Tensor::arange(2u32, t as u32 + 2, ids.device())?;
+        let start = past as u32 + 2;
+        let pos = Tensor::arange(start, start + t as u32, ids.device())?;
         let x = (self.shared.forward(ids)? * self.embed_scale)?
             .broadcast_add(&stack.positions.forward(&pos)?)?;
         stack.norm.forward(&x)
@@ -346,6 +439,51 @@ impl Bart {
         Ok(x)
     }
 
+    /// A decoding cache for the encoder states `memory` [b, s, d] (`memory_mask` 1 for tokens,
+    /// 0 for padding): every decoder layer's cross-attention keys and values, computed once.
+    pub fn decoder_cache(
+        &self,
+        memory: &Tensor,
+        memory_mask: Option<&Tensor>,
+    ) -> candle_core::Result<DecoderCache> {
+        let cross_kv = self
+            .decoder
+            .layers
+            .iter()
+            .map(|l| match &l.cross {
+                Some((attn, _)) => attn.keys_values(memory),
+                None => candle_core::bail!("a decoder layer without cross-attention"),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(DecoderCache {
+            self_kv: vec![None; self.decoder.layers.len()],
+            cross_kv,
+            memory_bias: memory_mask.map(padding_bias).transpose()?,
+            len: 0,
+        })
+    }
+
+    /// Logits [b, t, vocab] for the next decoder inputs `ids` [b, t], continuing `cache` (the
+    /// positions before them), which takes their keys and values: the same logits as
+    /// [`Bart::decode`] over the whole sequence gives at those positions.
+    pub fn decode_next(
+        &self,
+        ids: &Tensor,
+        cache: &mut DecoderCache,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = self.embed_from(&self.decoder, ids, cache.len)?;
+        for (i, l) in self.decoder.layers.iter().enumerate() {
+            x = l.forward_cached(
+                &x,
+                &mut cache.self_kv[i],
+                &cache.cross_kv[i],
+                cache.memory_bias.as_ref(),
+            )?;
+        }
+        cache.len += ids.dim(1)?;
+        self.output.forward(&x)
+    }
+
     /// Logits [b, t, vocab] for decoder inputs `ids` [b, t] given encoder states.
     pub fn decode(
         &self,
@@ -359,5 +497,78 @@ impl Bart {
             x = l.forward(&x, Mask::Causal, Some((memory, mem_bias.as_ref())))?;
         }
         self.output.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, IndexOp};
+
+    fn tiny() -> Bart {
+        let cfg: BartConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 23, "d_model": 8, "encoder_layers": 2, "decoder_layers": 2,
+            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 16,
+            "decoder_ffn_dim": 16, "max_position_embeddings": 32, "scale_embedding": true
+        }))
+        .unwrap();
+        let dev = Device::Cpu;
+        let map = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let m = Bart::new(&cfg, vb).unwrap();
+        // Seeded values for every weight (candle's own initialisation cannot be seeded).
+        for var in map.all_vars() {
+            let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &dev).unwrap();
+            var.set(&t).unwrap();
+        }
+        m
+    }
+
+    /// Decoding a token at a time (and in uneven pieces) through the cache gives the logits of
+    /// the whole sequence at once, with padding in the encoder input; reordering the cache's rows
+    /// reorders the continuation.
+    #[test]
+    fn cached_decoding_equals_whole_sequence_decoding() {
+        let m = tiny();
+        let dev = Device::Cpu;
+        let src = Tensor::new(&[[3u32, 4, 5, 6, 7], [8, 9, 10, 1, 1]], &dev).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev).unwrap();
+        let memory = m.encode(&src, Some(&mask)).unwrap();
+        let tgt =
+            Tensor::new(&[[2u32, 11, 12, 13, 14, 15], [2, 16, 17, 18, 19, 20]], &dev).unwrap();
+        let whole = m.decode(&tgt, &memory, Some(&mask)).unwrap();
+        for cuts in [vec![1, 1, 1, 1, 1, 1], vec![2, 3, 1]] {
+            let mut cache = m.decoder_cache(&memory, Some(&mask)).unwrap();
+            let mut at = 0;
+            for n in cuts {
+                let step = m
+                    .decode_next(&tgt.narrow(1, at, n).unwrap(), &mut cache)
+                    .unwrap();
+                let want = whole.narrow(1, at, n).unwrap();
+                let diff = lmkit_kernels::testing::max_diff(&step, &want);
+                assert!(diff < 1e-5, "positions {at}..{}: {diff}", at + n);
+                at += n;
+            }
+            assert_eq!(cache.len, 6);
+        }
+        // Swapping the rows of the cache: row 0 continues row 1's sequence.
+        let mut cache = m.decoder_cache(&memory, Some(&mask)).unwrap();
+        m.decode_next(&tgt.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap();
+        cache.select(&[1, 1]).unwrap();
+        let next = m
+            .decode_next(
+                &tgt.i((.., 5..6))
+                    .unwrap()
+                    .i(1..2)
+                    .unwrap()
+                    .repeat((2, 1))
+                    .unwrap(),
+                &mut cache,
+            )
+            .unwrap();
+        let want = whole.i((1..2, 5..6)).unwrap();
+        assert!(lmkit_kernels::testing::max_diff(&next.i(0..1).unwrap(), &want) < 1e-5);
+        assert!(lmkit_kernels::testing::max_diff(&next.i(1..2).unwrap(), &want) < 1e-5);
     }
 }
