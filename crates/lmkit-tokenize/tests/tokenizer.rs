@@ -221,7 +221,10 @@ fn long_texts_encode_in_pieces() {
 fn training_cuts_overlong_words() {
     use lmkit_tokenize::bpe::{cap_runs, MAX_TRAIN_RUN};
     let normal = "short words,  spaces\tand 한국어 text";
-    assert!(matches!(cap_runs(normal, 12), std::borrow::Cow::Borrowed(_)));
+    assert!(matches!(
+        cap_runs(normal, 12),
+        std::borrow::Cow::Borrowed(_)
+    ));
     assert_eq!(cap_runs("abcdefghij klm nopqrstuvw", 4), "abcd klm nopq");
     // Multi-byte characters: only whole characters within the cap are kept.
     assert_eq!(cap_runs("가나다라 ab", 7), "가나 ab");
