@@ -7,6 +7,7 @@ sequence length and optimizer (AdamW, clipping); tokens/s over the steps after t
 
 usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
        [--baseline OTHER_LMKIT]   # also train each family with another lmkit binary, right after lmkit
+       [--only rnn,lstm]          # some families: rnn, lstm, bert, gpt, bart
 """
 import argparse
 import json
@@ -91,7 +92,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--baseline", help="another lmkit binary (e.g. built from an earlier commit) measured alongside")
+    ap.add_argument("--only", help="comma-separated families to measure: rnn, lstm, bert, gpt, bart (default: all)")
     a = ap.parse_args()
+    only = set(a.only.split(",")) if a.only else {"rnn", "lstm", "bert", "gpt", "bart"}
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-families-"))
     run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", V, "--output", tmp / "tok"])
@@ -126,8 +129,9 @@ def main():
                  'decoder_attention_heads = 4\nencoder_ffn_dim = 1024\ndecoder_ffn_dim = 1024\nmax_position_embeddings = 64\n')
     bart_args = (bart_toml, f"train = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n",
                  f"batch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
-    bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args)
-    bart_base = lmkit_tps(a.baseline, tmp, "bart-base", *bart_args) if a.baseline else None
+    with_bart = "bart" in only
+    bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args) if with_bart else None
+    bart_base = lmkit_tps(a.baseline, tmp, "bart-base", *bart_args) if a.baseline and with_bart else None
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2,
                                                    encoder_attention_heads=4, decoder_attention_heads=4,
@@ -149,11 +153,14 @@ def main():
         opt.zero_grad(set_to_none=True)
         return sum(len(p[0]) + len(p[1]) + 1 for p in pick)
 
-    bart_step()
-    t0 = time.perf_counter()
-    n_tok = sum(bart_step() for _ in range(a.steps))
-    bart_pt = n_tok / (time.perf_counter() - t0)
+    if with_bart:
+        bart_step()
+        t0 = time.perf_counter()
+        n_tok = sum(bart_step() for _ in range(a.steps))
+        bart_pt = n_tok / (time.perf_counter() - t0)
     for name, model_toml, make, loss_fn in families:
+        if name.split()[0].lower().rstrip(",") not in only:
+            continue
         args = (model_toml, f"train = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n",
                 f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
         lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), *args)
@@ -163,7 +170,8 @@ def main():
         rows.append((name, lm_tps, pt, base))
     print(f"batch {a.batch}, sequence {a.seq}, vocab {V}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print()
-    rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt, bart_base))
+    if with_bart:
+        rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt, bart_base))
     if a.baseline:
         print(f"baseline: {a.baseline}")
         print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch | baseline lmkit tokens/s | lmkit/baseline |")
