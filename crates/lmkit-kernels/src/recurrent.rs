@@ -39,7 +39,8 @@ impl Cell {
 /// layout), `state0` [b, h] (tanh) or [b, 2h] (LSTM: h | c) the starting state (not
 /// differentiated: the carried state is detached). Returns [b, t, h] (tanh) or [b, t, 2h] (LSTM,
 /// h | c of each step); gradients flow to `pre` and `w_hh`. `None` where the op does not apply
-/// (not CPU f32/f64, or no BLAS library): the caller runs the steps as composed ops.
+/// (not CPU f32/f64, no BLAS library, or an empty window): the caller runs the steps as composed
+/// ops.
 pub fn sequence(
     cell: Cell,
     pre: &Tensor,
@@ -49,7 +50,10 @@ pub fn sequence(
     if !(pre.device().is_cpu() && matches!(pre.dtype(), DType::F32 | DType::F64) && available()) {
         return Ok(None);
     }
-    let (_, _, gh) = pre.dims3()?;
+    let (b, t, gh) = pre.dims3()?;
+    if b == 0 || t == 0 {
+        return Ok(None);
+    }
     let (rows, h) = w_hh.dims2()?;
     if rows != gh || gh != cell.gates() * h {
         candle_core::bail!(
@@ -92,6 +96,12 @@ fn lstm_gates<T: FastMath>(z: &[T], h: usize, j: usize) -> (T, T, T, T) {
     )
 }
 
+/// Batch rows per thread: the rows of a window are independent of each other, so each thread
+/// runs the whole recurrence for its own rows (no synchronisation per step).
+fn rows_per_block(b: usize) -> usize {
+    b.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
 fn forward<T: BlasFloat>(
     cell: Cell,
     pre: &[T],
@@ -99,17 +109,47 @@ fn forward<T: BlasFloat>(
     s0: &[T],
     Dims { b, t, h }: Dims,
 ) -> candle_core::Result<Vec<T>> {
+    use rayon::prelude::*;
     let blas = require("recurrence")?;
     let gh = cell.gates() * h;
     let width = cell.width(h);
     let mut out = vec![T::zero(); b * t * width];
-    let s0w = cell.width(h);
+    let rows = rows_per_block(b);
+    out.par_chunks_mut(rows * t * width)
+        .zip(pre.par_chunks(rows * t * gh))
+        .zip(s0.par_chunks(rows * width))
+        .try_for_each(|((out, pre), s0)| {
+            forward_rows(
+                blas,
+                cell,
+                (pre, w, s0),
+                out,
+                Dims {
+                    b: s0.len() / width,
+                    t,
+                    h,
+                },
+            )
+        })?;
+    Ok(out)
+}
+
+/// [`forward`] for a block of `b` rows (`pre`, `s0`, `out` hold those rows only).
+fn forward_rows<T: BlasFloat>(
+    blas: &crate::blas::Blas,
+    cell: Cell,
+    (pre, w, s0): (&[T], &[T], &[T]),
+    out: &mut [T],
+    Dims { b, t, h }: Dims,
+) -> candle_core::Result<()> {
+    let gh = cell.gates() * h;
+    let width = cell.width(h);
     let mut hprev: Vec<T> = (0..b)
-        .flat_map(|r| s0[r * s0w..r * s0w + h].iter().copied())
+        .flat_map(|r| s0[r * width..r * width + h].iter().copied())
         .collect();
     let mut cprev: Vec<T> = match cell {
         Cell::Lstm => (0..b)
-            .flat_map(|r| s0[r * s0w + h..(r + 1) * s0w].iter().copied())
+            .flat_map(|r| s0[r * width + h..(r + 1) * width].iter().copied())
             .collect(),
         Cell::Tanh => Vec::new(),
     };
@@ -152,7 +192,7 @@ fn forward<T: BlasFloat>(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Gradients of `pre` ([b, t, gh], same layout) and of `w` ([gh, h]) from `dout` (the gradient
@@ -164,20 +204,21 @@ fn backward<T: BlasFloat>(
     dout: &[T],
     Dims { b, t, h }: Dims,
 ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    use rayon::prelude::*;
     let blas = require("recurrence")?;
     let gh = cell.gates() * h;
     let width = cell.width(h);
     let n = b * t;
-    // The state each step started from: h_{s-1} (and c_{s-1}) of every row and step.
-    let prev = |r: usize, s: usize, k: usize| -> T {
-        if s == 0 {
-            s0[r * width + k]
-        } else {
-            out[(r * t + s - 1) * width + k]
-        }
-    };
+    // The state each step started from: h_{s-1} of every row and step.
     let hprev: Vec<T> = (0..n)
-        .flat_map(|i| (0..h).map(move |j| prev(i / t, i % t, j)))
+        .flat_map(|i| {
+            let (r, s) = (i / t, i % t);
+            let from = match s {
+                0 => &s0[r * width..],
+                _ => &out[(r * t + s - 1) * width..],
+            };
+            from[..h].iter().copied()
+        })
         .collect();
     // The gates' inputs of every step at once: Z = pre + H_prev · W_hhᵀ.
     let mut z = pre.to_vec();
@@ -190,6 +231,45 @@ fn backward<T: BlasFloat>(
         true,
     )?;
     let mut dz = vec![T::zero(); n * gh];
+    let rows = rows_per_block(b);
+    dz.par_chunks_mut(rows * t * gh)
+        .zip(z.par_chunks(rows * t * gh))
+        .zip(out.par_chunks(rows * t * width))
+        .zip(dout.par_chunks(rows * t * width))
+        .zip(s0.par_chunks(rows * width))
+        .try_for_each(|((((dz, z), out), dout), s0)| {
+            let d = Dims {
+                b: s0.len() / width,
+                t,
+                h,
+            };
+            backward_rows(blas, cell, (z, w, s0), (out, dout), dz, d)
+        })?;
+    // dW_hh = Σ_s dz_sᵀ · h_{s-1}
+    let mut dw = vec![T::zero(); gh * h];
+    gemm_par(
+        blas,
+        (gh, h, n),
+        transposed(&dz, gh),
+        plain(&hprev, h),
+        &mut dw,
+        false,
+    )?;
+    Ok((dz, dw))
+}
+
+/// The backward walk over the steps for a block of `b` rows: the gradient of each step's gate
+/// inputs into `dz`, from the gate inputs `z`, the outputs and their gradient.
+fn backward_rows<T: BlasFloat>(
+    blas: &crate::blas::Blas,
+    cell: Cell,
+    (z, w, s0): (&[T], &[T], &[T]),
+    (out, dout): (&[T], &[T]),
+    dz: &mut [T],
+    Dims { b, t, h }: Dims,
+) -> candle_core::Result<()> {
+    let gh = cell.gates() * h;
+    let width = cell.width(h);
     let mut dh_next = vec![T::zero(); b * h];
     let mut dc_next = vec![T::zero(); if cell == Cell::Lstm { b * h } else { 0 }];
     let one = T::one();
@@ -208,6 +288,11 @@ fn backward<T: BlasFloat>(
                     }
                 }
                 Cell::Lstm => {
+                    // c_{s-1}: the starting state's, or the previous step's.
+                    let c_prev = match s {
+                        0 => &s0[r * width + h..(r + 1) * width],
+                        _ => &out[(i0 - 1) * width + h..i0 * width],
+                    };
                     for j in 0..h {
                         let dh = d[j] + dh_next[r * h + j];
                         let (ig, fg, gg, og) = lstm_gates(zr, h, j);
@@ -215,7 +300,7 @@ fn backward<T: BlasFloat>(
                         let tc = c.tanh_fast();
                         let dc = dh * og * (one - tc * tc) + dc_next[r * h + j] + d[h + j];
                         dzr[j] = dc * gg * ig * (one - ig);
-                        dzr[h + j] = dc * prev(r, s, h + j) * fg * (one - fg);
+                        dzr[h + j] = dc * c_prev[j] * fg * (one - fg);
                         dzr[2 * h + j] = dc * ig * (one - gg * gg);
                         dzr[3 * h + j] = dh * tc * og * (one - og);
                         dc_next[r * h + j] = dc * fg;
@@ -233,17 +318,7 @@ fn backward<T: BlasFloat>(
             false,
         )?;
     }
-    // dW_hh = Σ_s dz_sᵀ · h_{s-1}
-    let mut dw = vec![T::zero(); gh * h];
-    gemm_par(
-        blas,
-        (gh, h, n),
-        transposed(&dz, gh),
-        plain(&hprev, h),
-        &mut dw,
-        false,
-    )?;
-    Ok((dz, dw))
+    Ok(())
 }
 
 fn slice<'a, T: WithDType>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
