@@ -102,6 +102,25 @@ fn rows_per_block(b: usize) -> usize {
     b.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
+/// z [m, gates·h] += states [m, h] · W_hhᵀ (W_hh [gates·h, h]).
+fn add_recurrent_product<T: BlasFloat>(
+    blas: &crate::blas::Blas,
+    states: &[T],
+    w: &[T],
+    z: &mut [T],
+    h: usize,
+) -> candle_core::Result<()> {
+    let (m, gh) = (states.len() / h, w.len() / h);
+    gemm_par(
+        blas,
+        (m, gh, h),
+        plain(states, h),
+        transposed(w, h),
+        z,
+        true,
+    )
+}
+
 fn forward<T: BlasFloat>(
     cell: Cell,
     pre: &[T],
@@ -158,15 +177,7 @@ fn forward_rows<T: BlasFloat>(
         for r in 0..b {
             z[r * gh..(r + 1) * gh].copy_from_slice(&pre[(r * t + s) * gh..][..gh]);
         }
-        // z += h_{s-1} · W_hhᵀ
-        gemm_par(
-            blas,
-            (b, gh, h),
-            plain(&hprev, h),
-            transposed(w, h),
-            &mut z,
-            true,
-        )?;
+        add_recurrent_product(blas, &hprev, w, &mut z, h)?;
         for r in 0..b {
             let zr = &z[r * gh..(r + 1) * gh];
             let o = &mut out[(r * t + s) * width..][..width];
@@ -222,14 +233,7 @@ fn backward<T: BlasFloat>(
         .collect();
     // The gates' inputs of every step at once: Z = pre + H_prev · W_hhᵀ.
     let mut z = pre.to_vec();
-    gemm_par(
-        blas,
-        (n, gh, h),
-        plain(&hprev, h),
-        transposed(w, h),
-        &mut z,
-        true,
-    )?;
+    add_recurrent_product(blas, &hprev, w, &mut z, h)?;
     let mut dz = vec![T::zero(); n * gh];
     let rows = rows_per_block(b);
     dz.par_chunks_mut(rows * t * gh)
