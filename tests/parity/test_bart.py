@@ -103,13 +103,13 @@ def test_seq2seq_eval_matches_transformers(lmkit, tiny_model, tmp_path):
 
 def test_beam_search_matches_transformers(lmkit, tmp_path):
     """Beam search with the decoder's KV cache: the same best hypothesis as transformers'
-    generate(num_beams=...) for 2 and 4 beams, length penalties 0.5/1/2, early stopping
+    generate(num_beams=...) for 2, 3 and 4 beams, length penalties 0.5/1/2, early stopping
     false/true/never, with the end token's bias at 0, 1.5 and 3 (hypotheses that run to the length
     limit, end at once, or where finished and running ones compete)."""
     model, path = build(tmp_path)
     with torch.no_grad():
         model.model.shared.weight.mul_(15.0)  # peaked distributions: beams part by clear margins
-    cases = [(nb, lp, es) for nb in (2, 4) for lp, es in ((1.0, False), (0.5, True), (2.0, "never"), (1.0, True))]
+    cases = [(nb, lp, es) for nb in (2, 3, 4) for lp, es in ((1.0, False), (0.5, True), (2.0, "never"), (1.0, True))]
     g = torch.Generator().manual_seed(11)
     kw = dict(max_new_tokens=12, do_sample=False, forced_bos_token_id=None, forced_eos_token_id=None,
               no_repeat_ngram_size=0, min_length=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2)
@@ -132,4 +132,4 @@ def test_beam_search_matches_transformers(lmkit, tmp_path):
                         "--length-penalty", lp, "--early-stopping", str(es).lower(), "--max-tokens", 12, "--ids")
             assert [int(x) for x in out.split()] == ref, (nb, lp, es, eos_bias)
     # The cases exercise what they claim: beams that beat greedy, hypotheses of several lengths.
-    assert beats_greedy >= 8 and len(lengths) >= 2, (beats_greedy, lengths)
+    assert beats_greedy >= 12 and len(lengths) >= 2, (beats_greedy, lengths)
