@@ -225,6 +225,9 @@ fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.num_beams == 0 {
+        bail!("--num-beams must be at least 1 (1: no beam search)");
+    }
     if a.source.is_some() || !a.source_ids.is_empty() {
         return run_seq2seq(&a);
     }
