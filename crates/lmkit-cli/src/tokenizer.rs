@@ -14,7 +14,9 @@ use std::time::Instant;
 pub enum TokenizerCommand {
     /// Train a byte-level BPE tokenizer; writes DIR/tokenizer.json and DIR/tokenizer_config.json
     #[command(
-        after_help = "Examples:\n  lmkit tokenizer train --input data/en data/ko --vocab-size 8192 --output tok/\n  \
+        after_help = "Memory stays bounded: a document is trained on its first 8 MiB and a run of \
+        non-space characters on its first 1 KiB (the command says how many documents it cut).\n\n\
+        Examples:\n  lmkit tokenizer train --input data/en data/ko --vocab-size 8192 --output tok/\n  \
         lmkit tokenizer train --input prepared/ --vocab-size 16000 --special '<|tool|>' --output tok/"
     )]
     Train {
