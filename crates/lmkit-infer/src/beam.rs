@@ -50,9 +50,14 @@ struct Hyp {
 
 /// Indices of the `k` largest `values`, largest first (ties: the lower index first).
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    if k < idx.len() {
+        // The k first of the total order, then only those sorted (the vocabulary is not).
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
