@@ -277,9 +277,9 @@ impl RnnLm {
                 x = self.drop(x)?;
             }
             // Input projections of all steps at once; only the recurrence runs step by step.
-            let pre = lmkit_kernels::blas::matmul(&x, &layer.w_ih.t()?)?
-                .broadcast_add(&layer.b_ih)?
-                .broadcast_add(&layer.b_hh)?;
+            // Both biases in the product's one node (their sum is a [gates·H] vector).
+            let bias = (&layer.b_ih + &layer.b_hh)?;
+            let pre = lmkit_kernels::blas::linear(&x, &layer.w_ih.t()?, Some(&bias))?;
             let (mut h, mut c) = self.initial(caches, k, b, &x)?;
             let kernel_cell = match self.cell {
                 Cell::Rnn => lmkit_kernels::recurrent::Cell::Tanh,
