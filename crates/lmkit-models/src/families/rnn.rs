@@ -263,6 +263,61 @@ impl RnnLm {
         Ok((Tensor::cat(&hs, 0)?, Tensor::cat(&cs, 0)?))
     }
 
+    /// Every step's hidden state [b, t, hidden] of `layer` over its input projections `pre`
+    /// [b, t, gates·hidden] from the state (h, c), and the last step's (h, c).
+    fn recur(
+        &self,
+        layer: &Layer,
+        pre: &Tensor,
+        mut h: Tensor,
+        mut c: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let h4 = self.hidden;
+        let (kernel_cell, state0) = match self.cell {
+            Cell::Rnn => (lmkit_kernels::recurrent::Cell::Tanh, h.clone()),
+            Cell::Lstm => (
+                lmkit_kernels::recurrent::Cell::Lstm,
+                Tensor::cat(&[&h, &c], 1)?,
+            ),
+        };
+        // The whole window as one op where it applies (CPU f32/f64 with BLAS, steps to run).
+        if let Some(states) =
+            lmkit_kernels::recurrent::sequence(kernel_cell, pre, &layer.w_hh, &state0)?
+        {
+            let t = states.dim(1)?;
+            let last = states.narrow(1, t - 1, 1)?.squeeze(1)?;
+            return Ok(match self.cell {
+                Cell::Rnn => (states, last, c),
+                Cell::Lstm => (
+                    states.narrow(2, 0, h4)?,
+                    last.narrow(1, 0, h4)?,
+                    last.narrow(1, h4, h4)?,
+                ),
+            });
+        }
+        // Elsewhere step by step in composed ops.
+        let w_hh = layer.w_hh.t()?;
+        let t = pre.dim(1)?;
+        let mut outs = Vec::with_capacity(t);
+        for s in 0..t {
+            let g = (pre.narrow(1, s, 1)?.squeeze(1)? + lmkit_kernels::blas::matmul(&h, &w_hh)?)?;
+            match self.cell {
+                Cell::Rnn => h = g.tanh()?,
+                Cell::Lstm => {
+                    let gate = |i: usize| g.narrow(D::Minus1, i * h4, h4);
+                    let i = candle_nn::ops::sigmoid(&gate(0)?)?;
+                    let f = candle_nn::ops::sigmoid(&gate(1)?)?;
+                    let gg = gate(2)?.tanh()?;
+                    let o = candle_nn::ops::sigmoid(&gate(3)?)?;
+                    c = ((f * &c)? + (i * gg)?)?;
+                    h = (o * c.tanh()?)?;
+                }
+            }
+            outs.push(h.clone());
+        }
+        Ok((Tensor::stack(&outs, 1)?, h, c))
+    }
+
     /// Final hidden states [batch, t, hidden] for `ids` [batch, t], continuing from the state in
     /// the cache (one cache for the batch, or one per row).
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
@@ -271,7 +326,6 @@ impl RnnLm {
             candle_core::bail!("{} caches for a batch of {b} rows", caches.len());
         }
         let mut x = self.embedding.forward(ids)?;
-        let h4 = self.hidden;
         for (k, layer) in self.layers.iter().enumerate() {
             if k > 0 {
                 x = self.drop(x)?;
@@ -280,46 +334,8 @@ impl RnnLm {
             // Both biases in the product's one node (their sum is a [gates·H] vector).
             let bias = (&layer.b_ih + &layer.b_hh)?;
             let pre = lmkit_kernels::blas::linear(&x, &layer.w_ih.t()?, Some(&bias))?;
-            let (mut h, mut c) = self.initial(caches, k, b, &x)?;
-            let kernel_cell = match self.cell {
-                Cell::Rnn => lmkit_kernels::recurrent::Cell::Tanh,
-                Cell::Lstm => lmkit_kernels::recurrent::Cell::Lstm,
-            };
-            let state0 = match self.cell {
-                Cell::Rnn => h.clone(),
-                Cell::Lstm => Tensor::cat(&[&h, &c], 1)?,
-            };
-            // The whole window as one op where it applies (CPU f32/f64 with BLAS).
-            let fused = match t {
-                0 => None,
-                _ => lmkit_kernels::recurrent::sequence(kernel_cell, &pre, &layer.w_hh, &state0)?,
-            };
-            let w_hh = layer.w_hh.t()?;
-            let mut outs = Vec::with_capacity(if fused.is_some() { 0 } else { t });
-            if let Some(states) = &fused {
-                let last = states.narrow(1, t - 1, 1)?.squeeze(1)?;
-                h = last.narrow(1, 0, h4)?;
-                if self.cell == Cell::Lstm {
-                    c = last.narrow(1, h4, h4)?;
-                }
-            }
-            for s in (0..t).filter(|_| fused.is_none()) {
-                let g =
-                    (pre.narrow(1, s, 1)?.squeeze(1)? + lmkit_kernels::blas::matmul(&h, &w_hh)?)?;
-                match self.cell {
-                    Cell::Rnn => h = g.tanh()?,
-                    Cell::Lstm => {
-                        let gate = |i: usize| g.narrow(D::Minus1, i * h4, h4);
-                        let i = candle_nn::ops::sigmoid(&gate(0)?)?;
-                        let f = candle_nn::ops::sigmoid(&gate(1)?)?;
-                        let gg = gate(2)?.tanh()?;
-                        let o = candle_nn::ops::sigmoid(&gate(3)?)?;
-                        c = ((f * &c)? + (i * gg)?)?;
-                        h = (o * c.tanh()?)?;
-                    }
-                }
-                outs.push(h.clone());
-            }
+            let (h0, c0) = self.initial(caches, k, b, &x)?;
+            let (out, h, c) = self.recur(layer, &pre, h0, c0)?;
             // Save the state: for the whole batch, or row by row.
             let cell = matches!(self.cell, Cell::Lstm);
             if let [cache] = caches {
@@ -336,11 +352,7 @@ impl RnnLm {
                     ));
                 }
             }
-            x = match fused {
-                Some(states) if self.cell == Cell::Lstm => states.narrow(2, 0, h4)?,
-                Some(states) => states,
-                None => Tensor::stack(&outs, 1)?,
-            };
+            x = out;
         }
         for c in caches.iter_mut() {
             c.advance(t);
