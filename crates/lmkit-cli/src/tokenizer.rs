@@ -146,12 +146,10 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             );
             let (tk, report) = lmkit_tokenize::train_with_report(&inputs, &opts)?;
             if report.cut_documents > 0 {
+                let mib = lmkit_tokenize::bpe::MAX_TRAIN_DOC >> 20;
                 eprintln!(
-                    "note: {} of {} documents are longer than {} MiB and were trained on their first {} MiB",
-                    report.cut_documents,
-                    report.documents,
-                    lmkit_tokenize::bpe::MAX_TRAIN_DOC >> 20,
-                    lmkit_tokenize::bpe::MAX_TRAIN_DOC >> 20
+                    "note: {} of {} documents are longer than {mib} MiB and were trained on their first {mib} MiB",
+                    report.cut_documents, report.documents,
                 );
             }
             lmkit_tokenize::save(&tk, &output, &opts.special_tokens)?;

@@ -119,11 +119,11 @@ pub fn train_with_report(
         docs.by_ref()
             .inspect(|d| {
                 non_blank += u64::from(!d.trim().is_empty());
-                report.documents += 1;
                 report.cut_documents += u64::from(d.len() > MAX_TRAIN_DOC);
             })
             .flat_map(training_pieces),
     );
+    report.documents = docs.documents;
     docs.finish()?; // a read error part-way is an error, not a smaller training set
     trained.map_err(tk_err)?;
     if non_blank == 0 {
