@@ -173,8 +173,7 @@ fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
             out.pop();
         }
         if a.ids {
-            let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
-            writeln!(stdout, "{}", line.join(" "))?;
+            write_ids(&mut stdout, &out)?;
         } else if let Some(tk) = &tk {
             writeln!(stdout, "{}", lmkit_tokenize::decode(tk, &out)?)?;
         }
@@ -216,12 +215,15 @@ fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
             write!(stdout, "{}", stream.finish(&out)?)?;
             writeln!(stdout)?;
         }
-        _ => {
-            let line: Vec<String> = out.iter().map(|i| i.to_string()).collect();
-            writeln!(stdout, "{}", line.join(" "))?;
-        }
+        _ => write_ids(&mut stdout, &out)?,
     }
     Ok(())
+}
+
+/// Token ids as one line, separated by spaces.
+fn write_ids(out: &mut impl Write, ids: &[u32]) -> std::io::Result<()> {
+    let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    writeln!(out, "{}", line.join(" "))
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -336,8 +338,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     mark();
                     true
                 })?;
-            let line: Vec<String> = res.0.iter().map(|i| i.to_string()).collect();
-            writeln!(out, "{}", line.join(" "))?;
+            write_ids(&mut out, &res.0)?;
             res
         }
     };
