@@ -278,21 +278,11 @@ impl Layer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        self_mask: Mask,
-        memory: Option<(&Tensor, Option<&Tensor>)>,
-    ) -> candle_core::Result<Tensor> {
+    /// An encoder layer over `x` [b, s, d] (decoder layers run through [`Layer::forward_cached`]).
+    fn forward(&self, x: &Tensor, mask: Mask) -> candle_core::Result<Tensor> {
         let x = self
             .self_norm
-            .forward(&(x + self.self_attn.forward(x, x, self_mask)?)?)?;
-        let x = match (&self.cross, memory) {
-            (Some((attn, norm)), Some((mem, bias))) => {
-                norm.forward(&(&x + attn.forward(&x, mem, Mask::Bias(bias))?)?)?
-            }
-            _ => x,
-        };
+            .forward(&(x + self.self_attn.forward(x, x, mask)?)?)?;
         self.feed_forward(x)
     }
 
@@ -434,7 +424,7 @@ impl Bart {
         let bias = mask.map(padding_bias).transpose()?;
         let mut x = self.embed(&self.encoder, ids)?;
         for l in &self.encoder.layers {
-            x = l.forward(&x, Mask::Bias(bias.as_ref()), None)?;
+            x = l.forward(&x, Mask::Bias(bias.as_ref()))?;
         }
         Ok(x)
     }
@@ -491,12 +481,9 @@ impl Bart {
         memory: &Tensor,
         memory_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let mem_bias = memory_mask.map(padding_bias).transpose()?;
-        let mut x = self.embed(&self.decoder, ids)?;
-        for l in &self.decoder.layers {
-            x = l.forward(&x, Mask::Causal, Some((memory, mem_bias.as_ref())))?;
-        }
-        self.output.forward(&x)
+        // The whole sequence through a fresh cache: one decoder path for training and decoding.
+        let mut cache = self.decoder_cache(memory, memory_mask)?;
+        self.decode_next(ids, &mut cache)
     }
 }
 
