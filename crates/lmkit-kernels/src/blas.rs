@@ -712,7 +712,28 @@ pub fn gemm_par<T: BlasFloat>(
         );
     }
     // SAFETY: `c` holds m·n initialised elements.
-    unsafe { gemm_into(blas, (m, n, k), a, b, c.as_mut_ptr(), accumulate) }
+    unsafe { gemm_into(blas, (m, n, k), a, b, (c.as_mut_ptr(), n), accumulate) }
+}
+
+/// As [`gemm_par`], into C rows that lie `ldc` apart in `c` (a block of columns of a wider
+/// matrix: `c` starts at the block's first element).
+pub fn gemm_par_ld<T: BlasFloat>(
+    blas: &Blas,
+    (m, n, k): (usize, usize, usize),
+    a: Operand<T>,
+    b: Operand<T>,
+    (c, ldc): (&mut [T], usize),
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    if ldc < n || (m > 0 && n > 0 && (m - 1) * ldc + n > c.len()) {
+        candle_core::bail!(
+            "blas product: an output of {} elements with rows {ldc} apart does not hold {m}×{n}",
+            c.len()
+        );
+    }
+    // SAFETY: rows i < m of C occupy c[i·ldc .. i·ldc + n], within `c` (checked above), all
+    // initialised.
+    unsafe { gemm_into(blas, (m, n, k), a, b, (c.as_mut_ptr(), ldc), accumulate) }
 }
 
 /// A new [m×n] = op(A)[m×k] · op(B)[k×n] (as [`gemm_par`]), not zero-filled first: BLAS
@@ -727,21 +748,30 @@ pub fn product<T: BlasFloat>(
     // SAFETY: `out` has room for m·n elements; with accumulate = false every one is written
     // (by BLAS with beta = 0, or zeroed when k = 0) before `assume_init`.
     unsafe {
-        gemm_into(blas, (m, n, k), a, b, out.as_mut_ptr().cast::<T>(), false)?;
+        gemm_into(
+            blas,
+            (m, n, k),
+            a,
+            b,
+            (out.as_mut_ptr().cast::<T>(), n),
+            false,
+        )?;
         Ok(out.assume_init().into_vec())
     }
 }
 
-/// The body of [`gemm_par`] and [`product`], writing C through `c`.
+/// The body of [`gemm_par`], [`gemm_par_ld`] and [`product`], writing C through `c` (rows
+/// `ldc` apart).
 ///
 /// # Safety
-/// `c` must be valid for writes of m·n elements (and hold initialised ones when `accumulate`).
+/// `c` must be valid for writes of the m rows of n elements (and hold initialised ones when
+/// `accumulate`), row i at `c + i·ldc`.
 unsafe fn gemm_into<T: BlasFloat>(
     blas: &Blas,
     (m, n, k): (usize, usize, usize),
     a: Operand<T>,
     b: Operand<T>,
-    c: *mut T,
+    (c, ldc): (*mut T, usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
     // The last element BLAS reads of an op(X) of r×s stored with leading dimension ld.
@@ -753,7 +783,10 @@ unsafe fn gemm_into<T: BlasFloat>(
     if extent((m, k), &a).is_none() || extent((k, n), &b).is_none() {
         candle_core::bail!("blas product: operand sizes do not match {m}×{k}·{k}×{n}");
     }
-    if [m, n, k, a.ld, b.ld].iter().any(|&v| v > i32::MAX as usize) {
+    if [m, n, k, a.ld, b.ld, ldc]
+        .iter()
+        .any(|&v| v > i32::MAX as usize)
+    {
         candle_core::bail!("blas matmul: a dimension exceeds the BLAS 32-bit index range");
     }
     if m == 0 || n == 0 {
@@ -761,8 +794,10 @@ unsafe fn gemm_into<T: BlasFloat>(
     }
     if k == 0 {
         if !accumulate {
-            // SAFETY: the caller's guarantee; all-zero bits are 0.0 in f32 and f64.
-            unsafe { std::ptr::write_bytes(c, 0, m * n) };
+            for i in 0..m {
+                // SAFETY: the caller's guarantee; all-zero bits are 0.0 in f32 and f64.
+                unsafe { std::ptr::write_bytes(c.wrapping_add(i * ldc), 0, n) };
+            }
         }
         return Ok(());
     }
@@ -781,7 +816,7 @@ unsafe fn gemm_into<T: BlasFloat>(
         let rows = rows_per.min(m - r0);
         // SAFETY: the extents checked above hold every element BLAS reads of op(A) rows
         // r0..r0 + rows (offset r0·a_row) and of op(B); block i alone writes C rows
-        // r0..r0 + rows, within the m·n elements the caller provides.
+        // r0..r0 + rows, within the rows the caller provides.
         unsafe {
             gemm_raw_beta(
                 gemm,
@@ -790,7 +825,7 @@ unsafe fn gemm_into<T: BlasFloat>(
                 (rows, n, k),
                 (a.data[r0 * a_row..].as_ptr(), a.ld, a.trans),
                 (b.data.as_ptr(), b.ld, b.trans),
-                (out.at(r0 * n), n),
+                (out.at(r0 * ldc), ldc),
             )
         }
     });
@@ -815,6 +850,73 @@ impl Heads {
         let q = bi * self.t * 3 * self.c() + h * self.hd;
         (q, q + self.c(), q + 2 * self.c())
     }
+    /// Each batch row's sequence as a span of rows.
+    fn spans(&self) -> Vec<(usize, usize)> {
+        (0..self.b).map(|bi| (bi * self.t, self.t)).collect()
+    }
+    fn gqa<'a>(&self, spans: &'a [(usize, usize)]) -> Gqa<'a> {
+        Gqa {
+            spans,
+            heads: self.heads,
+            kv_heads: self.heads,
+            hd: self.hd,
+        }
+    }
+}
+
+/// Causal self-attention over rows of packed projections `[q of every head | k of every
+/// key/value head | v of every key/value head]` (`hd` values per head): sequences are runs of
+/// rows (`spans`: first row, rows), each attending only within itself, and query head h reads
+/// key/value head h / (heads / kv_heads) (grouped-query attention; kv_heads = heads is plain
+/// multi-head attention). Several sequences packed into one batch row are separate spans.
+#[derive(Clone, Copy)]
+pub struct Gqa<'a> {
+    pub spans: &'a [(usize, usize)],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+}
+
+impl Gqa<'_> {
+    /// Values in a row of q|k|v.
+    pub fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.hd
+    }
+    /// Values in a row of the output (every query head).
+    pub fn out_width(&self) -> usize {
+        self.heads * self.hd
+    }
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    /// Columns of key/value head g's k and v.
+    fn kv_cols(&self, g: usize) -> (usize, usize) {
+        let k = (self.heads + g) * self.hd;
+        (k, k + self.kv_heads * self.hd)
+    }
+    /// Rows `qkv` must hold, heads that divide evenly, spans within them.
+    fn check(&self, len: usize, what: &str) -> candle_core::Result<usize> {
+        let rows = self.spans.iter().map(|&(r, n)| r + n).max().unwrap_or(0);
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            candle_core::bail!(
+                "{what}: {} query heads do not share {} key/value heads evenly",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        if rows * self.width() > len {
+            candle_core::bail!(
+                "{what}: q|k|v holds {len} values, fewer than {rows} rows of {}",
+                self.width()
+            );
+        }
+        Ok(rows)
+    }
+    /// The longest span.
+    fn longest(&self) -> usize {
+        self.spans.iter().map(|&(_, n)| n).max().unwrap_or(0)
+    }
 }
 
 /// Rows per block of the causal attention products: row block [r0, r1) needs keys 0..r1 only,
@@ -829,139 +931,201 @@ fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
 }
 
-/// P = causal softmax(scale · q·kᵀ) for one head, into `p` [t, t] (zeros above the diagonal).
+/// P = causal softmax(scale · q·kᵀ) of query head `h` over the span of `t` rows from row `r`,
+/// into `p` [t, t] (zeros above the diagonal).
+#[allow(clippy::too_many_arguments)]
 fn attention_probs<T: BlasFloat>(
     gemm: Gemm<T>,
     qkv: &[T],
-    s: Heads,
-    bi: usize,
+    s: &Gqa,
+    (r, t): (usize, usize),
     h: usize,
     scale: T,
     p: &mut [T],
 ) {
-    let (t, c3) = (s.t, 3 * s.c());
-    let (q, k, _) = s.qkv(bi, h);
+    let w = s.width();
+    let (q, k) = (r * w + h * s.hd, r * w + s.kv_cols(h / s.group()).0);
     for (r0, r1) in causal_blocks(t) {
-        // SAFETY: q rows r0..r1 and k rows 0..r1 lie at q/k + i·3c .. + hd within `qkv`
-        // ([b, t, 3c]); the block writes p[r0..r1, 0..r1] (ldc t) within its t·t elements.
+        // SAFETY: q rows r0..r1 and k rows 0..r1 of the span lie at q/k + i·w .. + hd within
+        // `qkv` (checked by the caller: every span's rows are within it); the block writes
+        // p[r0..r1, 0..r1] (ldc t) within its t·t elements.
         unsafe {
             gemm_raw(
                 gemm,
                 T::one(),
                 (r1 - r0, r1, s.hd),
-                (qkv[q + r0 * c3..].as_ptr(), c3, false),
-                (qkv[k..].as_ptr(), c3, true),
+                (qkv[q + r0 * w..].as_ptr(), w, false),
+                (qkv[k..].as_ptr(), w, true),
                 (p[r0 * t..].as_mut_ptr(), t),
             )
         };
     }
-    for (i, row) in p.chunks_mut(t).enumerate() {
+    for (i, row) in p[..t * t].chunks_mut(t).enumerate() {
         crate::fused::softmax_row(row, i + 1, scale);
     }
 }
 
 /// The attention output [b, t, c] of the packed q|k|v.
-pub fn attention_fwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], s: Heads) -> Vec<T> {
-    let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
-    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
-    let mut y = vec![T::zero(); s.b * t * c];
-    let out = SharedOut(y.as_mut_ptr());
-    (0..s.b * s.heads).into_par_iter().for_each_init(
-        || vec![T::zero(); t * t],
-        |p, task| {
-            let (bi, h) = (task / s.heads, task % s.heads);
-            attention_probs(gemm, qkv, s, bi, h, scale, p);
-            let (_, _, v) = s.qkv(bi, h);
-            for (r0, r1) in causal_blocks(t) {
-                // SAFETY: task (bi, h) writes only y[bi, r0..r1, h·hd .. (h+1)·hd] (ldc = c),
-                // which no other task writes; P rows r0..r1 need v rows 0..r1 only (P is 0 above
-                // the diagonal), which lie within `qkv`.
-                unsafe {
-                    gemm_raw(
-                        gemm,
-                        T::one(),
-                        (r1 - r0, hd, r1),
-                        (p[r0 * t..].as_ptr(), t, false),
-                        (qkv[v..].as_ptr(), c3, false),
-                        (out.at(bi * t * c + r0 * c + h * hd), c),
-                    )
-                };
-            }
-        },
-    );
-    y
+pub fn attention_fwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    s: Heads,
+) -> candle_core::Result<Vec<T>> {
+    gqa_attention_fwd(gemm, qkv, s.gqa(&s.spans()))
 }
 
-/// Gradient of the packed q|k|v from dy [b, t, c], recomputing each head's P (keeping them from
-/// the forward pass measured no faster: [b, heads, t, t] per block streams through memory twice):
-/// dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q,
-/// each product restricted to the causal blocks (P and dS are 0 above the diagonal).
-pub fn attention_bwd<T: BlasFloat>(gemm: Gemm<T>, qkv: &[T], dy: &[T], s: Heads) -> Vec<T> {
-    let (t, hd, c, c3) = (s.t, s.hd, s.c(), 3 * s.c());
+/// The attention output [rows, heads·hd] of the packed q|k|v (see [`Gqa`]); rows outside every
+/// span are zero.
+pub fn gqa_attention_fwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<T>> {
+    let rows = s.check(qkv.len(), "attention")?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let longest = s.longest();
+    let mut y = vec![T::zero(); rows * c];
+    let out = SharedOut(y.as_mut_ptr());
+    (0..s.spans.len() * s.kv_heads)
+        .into_par_iter()
+        .for_each_init(
+            || vec![T::zero(); longest * longest],
+            |p, task| {
+                let (r, t) = s.spans[task / s.kv_heads];
+                let g = task % s.kv_heads;
+                let v = r * w + s.kv_cols(g).1;
+                for h in g * s.group()..(g + 1) * s.group() {
+                    attention_probs(gemm, qkv, &s, (r, t), h, scale, p);
+                    for (r0, r1) in causal_blocks(t) {
+                        // SAFETY: task (span, g) writes only y[r + r0..r + r1, h·hd ..
+                        // (h+1)·hd] (ldc = c) of its group's heads h, which no other task
+                        // writes (spans do not overlap); P rows r0..r1 need v rows 0..r1 of
+                        // the span only (P is 0 above the diagonal), which lie within `qkv`.
+                        unsafe {
+                            gemm_raw(
+                                gemm,
+                                T::one(),
+                                (r1 - r0, hd, r1),
+                                (p[r0 * t..].as_ptr(), t, false),
+                                (qkv[v..].as_ptr(), w, false),
+                                (out.at((r + r0) * c + h * hd), c),
+                            )
+                        };
+                    }
+                }
+            },
+        );
+    Ok(y)
+}
+
+/// Gradient of the packed q|k|v from dy [b, t, c] (see [`gqa_attention_bwd`]).
+pub fn attention_bwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    dy: &[T],
+    s: Heads,
+) -> candle_core::Result<Vec<T>> {
+    gqa_attention_bwd(gemm, qkv, dy, s.gqa(&s.spans()))
+}
+
+/// Gradient of the packed q|k|v from dy [rows, heads·hd], recomputing each head's P (keeping
+/// them from the forward pass measured no faster: [b, heads, t, t] per block streams through
+/// memory twice): dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K,
+/// dK = dSᵀ·Q, each product restricted to the causal blocks (P and dS are 0 above the
+/// diagonal); a key/value head's gradients add up over the query heads that read it.
+pub fn gqa_attention_bwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    dy: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<T>> {
+    let rows = s.check(qkv.len(), "attention backward")?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
+    if dy.len() < rows * c {
+        candle_core::bail!(
+            "attention backward: dy holds {} values, fewer than {rows} rows of {c}",
+            dy.len()
+        );
+    }
+    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let longest = s.longest();
     let mut dqkv = vec![T::zero(); qkv.len()];
     let out = SharedOut(dqkv.as_mut_ptr());
-    (0..s.b * s.heads).into_par_iter().for_each_init(
-        || (vec![T::zero(); t * t], vec![T::zero(); t * t]),
-        |(p, dp), task| {
-            let (bi, h) = (task / s.heads, task % s.heads);
-            attention_probs(gemm, qkv, s, bi, h, scale, p);
-            let (q, k, v) = s.qkv(bi, h);
-            let dy_h = bi * t * c + h * hd;
-            for (r0, r1) in causal_blocks(t) {
-                // SAFETY: task (bi, h) writes only its head's q, k and v columns of dqkv[bi]
-                // (offsets q, k, v with ldc = 3c), which no other task writes; reads stay within
-                // `qkv`, `dy` ([b, t, c], ld c) and the t×t buffers. Rows r0..r1 of dV are
-                // P[r0.., r0..r1]ᵀ·dY[r0..] (P[i, j] = 0 for i < j); dP rows r0..r1 need
-                // columns 0..r1 only.
-                unsafe {
-                    gemm_raw(
-                        gemm,
-                        T::one(),
-                        (r1 - r0, hd, t - r0),
-                        (p[r0 * t + r0..].as_ptr(), t, true),
-                        (dy[dy_h + r0 * c..].as_ptr(), c, false),
-                        (out.at(v + r0 * c3), c3),
-                    );
-                    gemm_raw(
-                        gemm,
-                        T::one(),
-                        (r1 - r0, r1, hd),
-                        (dy[dy_h + r0 * c..].as_ptr(), c, false),
-                        (qkv[v..].as_ptr(), c3, true),
-                        (dp[r0 * t..].as_mut_ptr(), t),
-                    );
+    (0..s.spans.len() * s.kv_heads)
+        .into_par_iter()
+        .for_each_init(
+            || {
+                let n = longest * longest;
+                (vec![T::zero(); n], vec![T::zero(); n])
+            },
+            |(p, dp), task| {
+                let (r, t) = s.spans[task / s.kv_heads];
+                let g = task % s.kv_heads;
+                let (kc, vc) = s.kv_cols(g);
+                let (k, v) = (r * w + kc, r * w + vc);
+                for h in g * s.group()..(g + 1) * s.group() {
+                    attention_probs(gemm, qkv, &s, (r, t), h, scale, p);
+                    let q = r * w + h * hd;
+                    let dy_h = r * c + h * hd;
+                    for (r0, r1) in causal_blocks(t) {
+                        // SAFETY: task (span, g) writes only the span's rows of its q heads'
+                        // and of its k and v head's columns of dqkv (ldc = w), which no other
+                        // task writes; reads stay within `qkv`, `dy` (ld c) and the t×t
+                        // buffers. Rows r0..r1 of dV gain P[r0.., r0..r1]ᵀ·dY[r0..]
+                        // (P[i, j] = 0 for i < j); dP rows r0..r1 need columns 0..r1 only.
+                        unsafe {
+                            gemm_raw_beta(
+                                gemm,
+                                T::one(),
+                                T::one(),
+                                (r1 - r0, hd, t - r0),
+                                (p[r0 * t + r0..].as_ptr(), t, true),
+                                (dy[dy_h + r0 * c..].as_ptr(), c, false),
+                                (out.at(v + r0 * w), w),
+                            );
+                            gemm_raw(
+                                gemm,
+                                T::one(),
+                                (r1 - r0, r1, hd),
+                                (dy[dy_h + r0 * c..].as_ptr(), c, false),
+                                (qkv[v..].as_ptr(), w, true),
+                                (dp[r0 * t..].as_mut_ptr(), t),
+                            );
+                        }
+                    }
+                    for (i, (pr, dr)) in p[..t * t].chunks(t).zip(dp.chunks_mut(t)).enumerate() {
+                        crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
+                        dr[i + 1..].iter_mut().for_each(|v| *v = T::zero());
+                    }
+                    for (r0, r1) in causal_blocks(t) {
+                        // SAFETY: as above; dS[r0..r1, 0..r1]·K[0..r1] gives dQ rows r0..r1,
+                        // and dS[r0.., r0..r1]ᵀ·Q[r0..] adds to dK rows r0..r1
+                        // (dS[i, j] = 0 for i < j).
+                        unsafe {
+                            gemm_raw(
+                                gemm,
+                                T::one(),
+                                (r1 - r0, hd, r1),
+                                (dp[r0 * t..].as_ptr(), t, false),
+                                (qkv[k..].as_ptr(), w, false),
+                                (out.at(q + r0 * w), w),
+                            );
+                            gemm_raw_beta(
+                                gemm,
+                                T::one(),
+                                T::one(),
+                                (r1 - r0, hd, t - r0),
+                                (dp[r0 * t + r0..].as_ptr(), t, true),
+                                (qkv[q + r0 * w..].as_ptr(), w, false),
+                                (out.at(k + r0 * w), w),
+                            );
+                        }
+                    }
                 }
-            }
-            for (i, (pr, dr)) in p.chunks(t).zip(dp.chunks_mut(t)).enumerate() {
-                crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
-                dr[i + 1..].iter_mut().for_each(|v| *v = T::zero());
-            }
-            for (r0, r1) in causal_blocks(t) {
-                // SAFETY: as above; dS[r0..r1, 0..r1]·K[0..r1] gives dQ rows r0..r1, and
-                // dS[r0.., r0..r1]ᵀ·Q[r0..] gives dK rows r0..r1 (dS[i, j] = 0 for i < j).
-                unsafe {
-                    gemm_raw(
-                        gemm,
-                        T::one(),
-                        (r1 - r0, hd, r1),
-                        (dp[r0 * t..].as_ptr(), t, false),
-                        (qkv[k..].as_ptr(), c3, false),
-                        (out.at(q + r0 * c3), c3),
-                    );
-                    gemm_raw(
-                        gemm,
-                        T::one(),
-                        (r1 - r0, hd, t - r0),
-                        (dp[r0 * t + r0..].as_ptr(), t, true),
-                        (qkv[q + r0 * c3..].as_ptr(), c3, false),
-                        (out.at(k + r0 * c3), c3),
-                    );
-                }
-            }
-        },
-    );
-    dqkv
+            },
+        );
+    Ok(dqkv)
 }
 
 struct CausalSelfAttention {
@@ -1001,8 +1165,8 @@ impl candle_core::CustomOp1 for CausalSelfAttention {
         let blas = require("fused attention")?;
         let s = heads_of(l, self.heads)?;
         let y = match st {
-            CpuStorage::F32(v) => CpuStorage::F32(attention_fwd(blas.sgemm, contiguous(v, l)?, s)),
-            CpuStorage::F64(v) => CpuStorage::F64(attention_fwd(blas.dgemm, contiguous(v, l)?, s)),
+            CpuStorage::F32(v) => CpuStorage::F32(attention_fwd(blas.sgemm, contiguous(v, l)?, s)?),
+            CpuStorage::F64(v) => CpuStorage::F64(attention_fwd(blas.dgemm, contiguous(v, l)?, s)?),
             _ => candle_core::bail!("fused attention: f32 or f64 only"),
         };
         Ok((y, (s.b, s.t, s.c()).into()))
@@ -1035,13 +1199,13 @@ impl CustomOp2 for CausalSelfAttentionBwd {
                 contiguous(x, l1)?,
                 contiguous(d, l2)?,
                 s,
-            )),
+            )?),
             (CpuStorage::F64(x), CpuStorage::F64(d)) => CpuStorage::F64(attention_bwd(
                 blas.dgemm,
                 contiguous(x, l1)?,
                 contiguous(d, l2)?,
                 s,
-            )),
+            )?),
             _ => candle_core::bail!("fused attention: f32 or f64 only"),
         };
         Ok((g, l1.shape().clone()))

@@ -586,11 +586,14 @@ simd_versions! {
     }
 }
 
-fn swiglu_rows<T: FastMath + Default>(g: &[T], u: &[T]) -> Vec<T> {
+/// silu(g)·u, element by element.
+pub fn swiglu_rows<T: FastMath + Default>(g: &[T], u: &[T]) -> Vec<T> {
     map_blocks2(g, u, swiglu_block)
 }
 
-fn swiglu_gate_grad_rows<T: FastMath + Default>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+/// The gradient of silu(g)·u by g, given the output's gradient `dy` (by u it is
+/// `swiglu_rows(g, dy)`).
+pub fn swiglu_gate_grad_rows<T: FastMath + Default>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); g.len()];
     out.par_chunks_mut(BLOCK)
         .zip(
@@ -1013,11 +1016,12 @@ simd_versions! {
 }
 
 simd_versions! {
-    /// RMSNorm's backward over the rows of `xs`: dx = rstd·(g·w − x̂·mean(g·w·x̂)) into `dxs`,
-    /// dw += g·x̂ into `dw` (x̂ = x·rstd).
-    fn rms_norm_bwd_block<T: FastMath>(dxs: &mut [T], xs: &[T], gs: &[T], w: &[T], eps: T, dw: &mut [T]) {
+    /// RMSNorm's backward over the rows of `xs`: dx = rstd·(g·w − x̂·mean(g·w·x̂)) into `dxs`
+    /// (added to what it holds when `add`), dw += g·x̂ into `dw` (x̂ = x·rstd).
+    fn rms_norm_bwd_block<T: FastMath>(dxs: &mut [T], xs: &[T], gs: &[T], w: &[T], eps: T, add: bool, dw: &mut [T]) {
         let n = w.len();
         let inv_n = T::one() / T::from(n).unwrap_or_else(T::one);
+        let base = if add { T::one() } else { T::zero() };
         for ((dx, r), g) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(gs.chunks(n)) {
             let rstd = rms_rstd(r, eps);
             let m = lane_sum3(g, w, r, |gi, wi, v| gi * wi * v) * rstd * inv_n;
@@ -1025,26 +1029,40 @@ simd_versions! {
                 *dwi = *dwi + gi * v * rstd;
             }
             for (((d, &v), &gi), &wi) in dx.iter_mut().zip(r).zip(g).zip(w) {
-                *d = rstd * (gi * wi - v * rstd * m);
+                *d = base * *d + rstd * (gi * wi - v * rstd * m);
             }
         }
     }
 }
 
-fn rms_norm_rows<T: FastMath>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+/// RMSNorm of the rows of `x` (each `w.len()` values) with weight `w`.
+pub fn rms_norm_rows<T: FastMath>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let eps = c::<T>(eps);
     norm_rows_fwd(x, w.len(), |o, xs| rms_norm_block(o, xs, w, eps))
 }
 
 fn rms_norm_bwd_rows<T: FastMath>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() + w.len()];
+    let (dx, dw) = out.split_at_mut(x.len());
+    dw.copy_from_slice(&rms_norm_bwd_into(x, w, dy, eps, dx, false));
+    out
+}
+
+/// RMSNorm's backward over rows of x (stats recomputed): dx into `dx` (added to what it holds
+/// when `add`), and the weight's gradient returned.
+pub fn rms_norm_bwd_into<T: FastMath>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: f64,
+    dx: &mut [T],
+    add: bool,
+) -> Vec<T> {
     let n = w.len();
     let eps = c::<T>(eps);
-    let mut out = vec![T::zero(); x.len() + n];
-    let (dx, dw) = out.split_at_mut(x.len());
-    dw.copy_from_slice(&norm_rows_bwd(x, dy, dx, n, n, |dxs, xs, gs, acc| {
-        rms_norm_bwd_block(dxs, xs, gs, w, eps, acc)
-    }));
-    out
+    norm_rows_bwd(x, dy, dx, n, n, |dxs, xs, gs, acc| {
+        rms_norm_bwd_block(dxs, xs, gs, w, eps, add, acc)
+    })
 }
 
 impl CustomOp2 for RmsNormOp {
@@ -1154,6 +1172,38 @@ fn rope_rows<T: FastMath>(x: &[T], cos: &[T], sin: &[T], t: usize, inverse: bool
         .enumerate()
         .for_each(|(i, (o, xs))| rope_block(o, xs, cos, sin, t, i * LN_ROWS, sign));
     out
+}
+
+/// Rotary embedding, in place, of heads of `hd` values in columns `cols` of rows `width` apart
+/// ("rotate half" layout), row i at position `positions[i]` of the tables cos/sin
+/// [positions, hd/2]; `inverse` rotates by −θ (the backward pass).
+pub fn rope_heads_in_place<T: FastMath>(
+    x: &mut [T],
+    width: usize,
+    cols: std::ops::Range<usize>,
+    hd: usize,
+    positions: &[usize],
+    (cos, sin): (&[T], &[T]),
+    inverse: bool,
+) {
+    let half = hd / 2;
+    let sign = if inverse { -T::one() } else { T::one() };
+    x.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let (c, s) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            for head in row[cols.clone()].chunks_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, si) = (x1[i], x2[i], sign * s[i]);
+                    x1[i] = a * c[i] - b * si;
+                    x2[i] = b * c[i] + a * si;
+                }
+            }
+        });
 }
 
 impl CustomOp3 for RopeOp {

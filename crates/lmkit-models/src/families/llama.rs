@@ -474,6 +474,31 @@ impl Layer {
     }
 }
 
+/// A layer's parts, for code that runs the model's computation itself (the hand-written training
+/// pass).
+pub struct LayerParts<'a> {
+    pub input_layernorm: &'a RmsNorm,
+    pub post_attention_layernorm: &'a RmsNorm,
+    /// q_proj, k_proj, v_proj.
+    pub qkv: &'a [Linear],
+    pub o_proj: &'a Linear,
+    /// gate_proj, up_proj.
+    pub gate_up: &'a [Linear],
+    pub down_proj: &'a Linear,
+    pub n_head: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+}
+
+/// The model's parts (see [`Llama::parts`]).
+pub struct Parts<'a> {
+    pub embed_tokens: &'a Tensor,
+    pub layers: Vec<LayerParts<'a>>,
+    pub norm: &'a RmsNorm,
+    pub lm_head: &'a Linear,
+    pub rope: &'a Rope,
+}
+
 /// The token embeddings: a dense table, or a GGUF's quantized one (rows dequantized as looked up).
 enum TokenEmbedding {
     Dense(Embedding),
@@ -556,6 +581,50 @@ impl Llama {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The parts of a model whose layers are each as [`Llama::hidden`] computes them with plain
+    /// products: dense token embeddings, separate projections, no per-head query/key norms and
+    /// attention over every earlier position. `None` for other models (a GGUF's stacked
+    /// quantized projections, Qwen3, a sliding window).
+    pub fn parts(&self) -> Option<Parts<'_>> {
+        let TokenEmbedding::Dense(embed) = &self.embed_tokens else {
+            return None;
+        };
+        if self.cfg.sliding_window().is_some() {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (Fanout::Apart(qkv), Fanout::Apart(gate_up)) = (&l.qkv, &l.gate_up) else {
+                    return None;
+                };
+                if l.q_norm.is_some() || l.k_norm.is_some() || qkv.len() != 3 || gate_up.len() != 2
+                {
+                    return None;
+                }
+                Some(LayerParts {
+                    input_layernorm: &l.input_layernorm,
+                    post_attention_layernorm: &l.post_attention_layernorm,
+                    qkv,
+                    o_proj: &l.o_proj,
+                    gate_up,
+                    down_proj: &l.down_proj,
+                    n_head: l.n_head,
+                    n_kv: l.n_kv,
+                    head_dim: l.head_dim,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Parts {
+            embed_tokens: embed.embeddings(),
+            layers,
+            norm: &self.norm,
+            lm_head: &self.lm_head,
+            rope: &self.rope,
+        })
     }
 
     /// The output layer (logits = hidden states through it).

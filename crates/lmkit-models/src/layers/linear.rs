@@ -195,6 +195,14 @@ impl Linear {
         }
     }
 
+    /// The weight [out, in] when it is stored so (not transposed, not quantized).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

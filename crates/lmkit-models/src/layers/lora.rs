@@ -167,15 +167,22 @@ impl Dropout {
     /// The mask for `x` (kept values scaled by 1/(1−p)), drawn from the step's seed and the
     /// layer's key: the same for the same step, so a resumed run draws the same masks.
     fn mask(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.mask_values(x.elem_count())
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()
+    }
+
+    /// The mask's `count` values (as [`Dropout::mask`] draws them for an input of that size).
+    fn mask_values(&self, count: usize) -> Option<Vec<f32>> {
         use lmkit_core::rng::{mix, MixChain, Random};
         use rayon::prelude::*;
         let seed = self.seed.load(Ordering::Relaxed);
         if seed == 0 || self.p == 0.0 {
-            return Ok(None);
+            return None;
         }
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
-        let mut v = vec![0f32; x.elem_count()];
+        let mut v = vec![0f32; count];
         v.par_chunks_mut(1 << 16)
             .enumerate()
             .for_each(|(c, chunk)| {
@@ -184,7 +191,7 @@ impl Dropout {
                     *e = if rng.next_f64() < keep { scale } else { 0.0 };
                 }
             });
-        Tensor::from_vec(v, x.shape(), x.device()).map(Some)
+        Some(v)
     }
 }
 
@@ -192,6 +199,12 @@ impl Lora {
     /// Whether the set this adapter belongs to is switched on.
     pub fn is_on(&self) -> bool {
         !self.off.load(Ordering::Relaxed)
+    }
+
+    /// The dropout mask (kept values 1/(1−p), dropped 0) that [`Lora::forward`] applies now to an
+    /// input of `count` values; `None` when no dropout applies.
+    pub fn dropout_mask(&self, count: usize) -> Option<Vec<f32>> {
+        self.dropout.as_ref()?.mask_values(count)
     }
 
     /// `scale · (x·Aᵀ)·Bᵀ` for `x` [.., in] (x through dropout while training).

@@ -60,6 +60,14 @@ impl RmsNorm {
     pub fn from_weight(weight: Tensor, eps: f64) -> Self {
         RmsNorm { weight, eps }
     }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
 impl Module for RmsNorm {

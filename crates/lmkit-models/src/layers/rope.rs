@@ -161,6 +161,11 @@ impl Rope {
         })
     }
 
+    /// The tables [positions, rotated/2] and how many leading values of a head they rotate.
+    pub fn tables(&self) -> (&Tensor, &Tensor, usize) {
+        (&self.cos, &self.sin, self.rotated)
+    }
+
     /// `x` [b, h, t, d] at positions `start..start + t`, rotated.
     pub fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;

@@ -5,6 +5,7 @@
 pub mod gpt2;
 #[cfg(feature = "cuda")]
 mod gpt2_cuda;
+pub mod llama;
 
 use candle_core::Tensor;
 use lmkit_models::CausalLm;
@@ -45,6 +46,7 @@ pub enum Backward {
 pub fn for_model(model: &CausalLm, backward: Backward) -> Option<Box<dyn TrainPass + '_>> {
     match (backward, model) {
         (Backward::Auto, CausalLm::Gpt2(m)) => Some(Box::new(gpt2::Gpt2Pass(m))),
+        (Backward::Auto, CausalLm::Llama(m)) => Some(Box::new(llama::LlamaPass(m))),
         _ => None,
     }
 }

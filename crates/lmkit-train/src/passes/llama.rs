@@ -1,0 +1,1014 @@
+//! The Llama family's training pass written out by hand (RMSNorm, rotary embeddings, SwiGLU,
+//! grouped-query attention; the layers of Llama, Mistral without a window, Qwen2, SmolLM2):
+//! forward, cross-entropy and backward over plain buffers with BLAS products, no autograd graph.
+//!
+//! It serves pretraining (every position scored) and fine-tuning: only chosen positions scored
+//! (assistant tokens), rows packed with several sequences (attention and positions restart at
+//! each), LoRA adapters with their dropout, and frozen weights, which get no gradient and cost
+//! no product. The tests below hold every gradient to the autograd path's in f64.
+
+use super::{LossAndGrads, TrainPass};
+use candle_core::{Storage, Tensor, TensorId, WithDType};
+use lmkit_kernels::blas::{self, gemm_par_ld, plain, transposed, Blas, BlasFloat, Gqa};
+use lmkit_kernels::fused;
+use lmkit_models::layers::linear::Linear;
+use lmkit_models::llama::{LayerParts, Llama};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Rows of the output layer's logits computed at a time (a few in tests, so that they cover the
+/// accumulation over chunks).
+const LOSS_ROWS: usize = if cfg!(test) { 5 } else { 512 };
+
+/// A batch for [`loss_sum_and_grads`].
+pub struct Batch<'a> {
+    /// Token ids [b, t], flattened.
+    pub ids: &'a [u32],
+    pub b: usize,
+    pub t: usize,
+    /// Each row's sequence lengths, in order, summing to t (packed rows); `None`: one sequence
+    /// per row.
+    pub segments: Option<&'a [Vec<usize>]>,
+    /// The flattened positions whose next token is scored, and those tokens.
+    pub rows: &'a [u32],
+    pub targets: &'a [u32],
+}
+
+/// The hand-written pass over a Llama-family model, as `lmkit train` uses it: every position
+/// scored, every parameter trained.
+pub struct LlamaPass<'a>(pub &'a Llama);
+
+impl TrainPass for LlamaPass<'_> {
+    fn loss_and_grads(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Option<LossAndGrads>> {
+        let (b, t) = ids.dims2()?;
+        if targets.dims() != [b, t] {
+            candle_core::bail!(
+                "Llama loss: targets {:?} do not match the inputs {:?}",
+                targets.dims(),
+                ids.dims()
+            );
+        }
+        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+        let rows: Vec<u32> = (0..(b * t) as u32).collect();
+        let batch = Batch {
+            ids: &ids,
+            b,
+            t,
+            segments: None,
+            rows: &rows,
+            targets: &targets,
+        };
+        let n = (b * t).max(1) as f64;
+        let r = loss_sum_and_grads(self.0, &batch, scale / n, &|_| true)?;
+        Ok(r.map(|r| LossAndGrads {
+            loss: r.loss / n,
+            grads: r.grads,
+        }))
+    }
+}
+
+/// The summed cross-entropy of `batch.targets` at `batch.rows` and the gradients of that sum
+/// times `scale` for the parameters `trainable` picks (LoRA matrices included; a tied output
+/// layer's gradient is in the embedding's). `None` where the pass does not apply — not on the
+/// CPU, not f32/f64, no BLAS library, quantized or transposed weights, Qwen3's head norms, a
+/// sliding window, adapters on the output layer — and the caller differentiates the graph.
+pub fn loss_sum_and_grads(
+    model: &Llama,
+    batch: &Batch,
+    scale: f64,
+    trainable: &dyn Fn(&Tensor) -> bool,
+) -> candle_core::Result<Option<LossAndGrads>> {
+    let Some(parts) = model.parts() else {
+        return Ok(None);
+    };
+    let dtype = parts.embed_tokens.dtype();
+    if !parts.embed_tokens.device().is_cpu() || !blas::available() {
+        return Ok(None);
+    }
+    let (cos, sin, rotated) = parts.rope.tables();
+    let hd = parts.layers.first().map_or(0, |l| l.head_dim);
+    if rotated != hd || parts.lm_head.lora().is_some_and(|l| l.is_on()) {
+        return Ok(None);
+    }
+    check_batch(model, batch)?;
+    let spans = spans(batch)?;
+    let n = batch.b * batch.t;
+
+    // Every tensor the pass reads, each once (a tied output layer is the embedding).
+    let mut reg = Registry::default();
+    let embed = reg.add(parts.embed_tokens);
+    let tables = (reg.add(cos), reg.add(sin));
+    let mut layers = Vec::with_capacity(parts.layers.len());
+    for l in &parts.layers {
+        let Some(layer) = LayerIdx::new(&mut reg, l, n) else {
+            return Ok(None);
+        };
+        layers.push(layer);
+    }
+    let norm = reg.add(parts.norm.weight());
+    let Some(lm_head) = parts.lm_head.dense_weight() else {
+        return Ok(None);
+    };
+    let lm_head = reg.add(lm_head);
+    if reg.tensors.iter().any(|t| t.dtype() != dtype) {
+        return Ok(None);
+    }
+    let model_idx = ModelIdx {
+        embed,
+        tables,
+        layers,
+        norm,
+        lm_head,
+        eps: parts.norm.eps(),
+    };
+    let wants: Vec<bool> = reg.tensors.iter().map(|t| trainable(t)).collect();
+    let blas = blas::require("Llama training pass")?;
+    let grads = match dtype {
+        candle_core::DType::F32 => {
+            run::<f32>(&reg, &model_idx, &wants, blas, batch, &spans, scale)?
+        }
+        candle_core::DType::F64 => {
+            run::<f64>(&reg, &model_idx, &wants, blas, batch, &spans, scale)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(grads)
+}
+
+/// Ids within the vocabulary, sequences within the rope tables, rows and targets that match.
+fn check_batch(model: &Llama, batch: &Batch) -> candle_core::Result<()> {
+    let cfg = &model.cfg;
+    let (v, n) = (cfg.vocab_size, batch.b * batch.t);
+    if batch.ids.len() != n || batch.rows.len() != batch.targets.len() {
+        candle_core::bail!(
+            "Llama loss: {} ids for [{}, {}], {} scored rows for {} targets",
+            batch.ids.len(),
+            batch.b,
+            batch.t,
+            batch.rows.len(),
+            batch.targets.len()
+        );
+    }
+    for (what, list) in [("token id", batch.ids), ("target", batch.targets)] {
+        if let Some(bad) = list.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("Llama: {what} {bad} is outside the vocabulary of {v}");
+        }
+    }
+    if let Some(bad) = batch.rows.iter().find(|&&r| r as usize >= n) {
+        candle_core::bail!("Llama loss: scored row {bad} is outside the batch's {n} positions");
+    }
+    Ok(())
+}
+
+/// Each sequence's (first row, rows) in the flattened batch; a sequence longer than the model's
+/// positions is an error.
+fn spans(batch: &Batch) -> candle_core::Result<Vec<(usize, usize)>> {
+    let t = batch.t;
+    let mut spans = Vec::new();
+    for bi in 0..batch.b {
+        let mut at = bi * t;
+        match batch.segments {
+            Some(segs) => {
+                let row = segs.get(bi).map(Vec::as_slice).unwrap_or_default();
+                if row.iter().sum::<usize>() != t {
+                    candle_core::bail!("packed row {bi}: sequence lengths do not sum to {t}");
+                }
+                for &len in row.iter().filter(|&&len| len > 0) {
+                    spans.push((at, len));
+                    at += len;
+                }
+            }
+            None => spans.push((at, t)),
+        }
+    }
+    Ok(spans)
+}
+
+/// The tensors the pass reads, by index, each once.
+#[derive(Default)]
+struct Registry<'a> {
+    tensors: Vec<&'a Tensor>,
+    index: HashMap<TensorId, usize>,
+}
+
+impl<'a> Registry<'a> {
+    fn add(&mut self, t: &'a Tensor) -> usize {
+        *self.index.entry(t.id()).or_insert_with(|| {
+            self.tensors.push(t);
+            self.tensors.len() - 1
+        })
+    }
+}
+
+/// A LoRA adapter's tensors: A [r, in], B [out, r], the scale, its dropout mask for this pass.
+struct LoraIdx {
+    a: usize,
+    b: usize,
+    r: usize,
+    scale: f64,
+    mask: Option<Vec<f32>>,
+}
+
+/// A linear layer: weight [out, in], optional bias and adapter.
+struct LinIdx {
+    w: usize,
+    bias: Option<usize>,
+    lora: Option<LoraIdx>,
+    out: usize,
+    inp: usize,
+}
+
+impl LinIdx {
+    /// `None` for a layer the pass cannot run (quantized or transposed weights).
+    fn new<'a>(reg: &mut Registry<'a>, l: &'a Linear, rows: usize) -> Option<LinIdx> {
+        let w = l.dense_weight()?;
+        let (out, inp) = w.dims2().ok()?;
+        let w = reg.add(w);
+        let bias = l.bias().map(|b| reg.add(b));
+        let lora = match l.lora() {
+            Some(lo) if lo.is_on() => Some(LoraIdx {
+                a: reg.add(&lo.a),
+                b: reg.add(&lo.b),
+                r: lo.a.dim(0).ok()?,
+                scale: lo.scale,
+                mask: lo.dropout_mask(rows * inp),
+            }),
+            _ => None,
+        };
+        Some(LinIdx {
+            w,
+            bias,
+            lora,
+            out,
+            inp,
+        })
+    }
+}
+
+struct LayerIdx {
+    input_norm: usize,
+    post_norm: usize,
+    /// q, k, v.
+    qkv: [LinIdx; 3],
+    o: LinIdx,
+    gate: LinIdx,
+    up: LinIdx,
+    down: LinIdx,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+}
+
+impl LayerIdx {
+    fn new<'a>(reg: &mut Registry<'a>, l: &LayerParts<'a>, rows: usize) -> Option<LayerIdx> {
+        let lin = |reg: &mut Registry<'a>, x: &'a Linear| LinIdx::new(reg, x, rows);
+        Some(LayerIdx {
+            input_norm: reg.add(l.input_layernorm.weight()),
+            post_norm: reg.add(l.post_attention_layernorm.weight()),
+            qkv: [
+                lin(reg, &l.qkv[0])?,
+                lin(reg, &l.qkv[1])?,
+                lin(reg, &l.qkv[2])?,
+            ],
+            o: lin(reg, l.o_proj)?,
+            gate: lin(reg, &l.gate_up[0])?,
+            up: lin(reg, &l.gate_up[1])?,
+            down: lin(reg, l.down_proj)?,
+            heads: l.n_head,
+            kv_heads: l.n_kv,
+            hd: l.head_dim,
+        })
+    }
+}
+
+struct ModelIdx {
+    embed: usize,
+    tables: (usize, usize),
+    layers: Vec<LayerIdx>,
+    norm: usize,
+    lm_head: usize,
+    eps: f64,
+}
+
+/// The registry's tensors as slices of `T`, and the gradients being gathered.
+struct Params<'a, T> {
+    data: Vec<&'a [T]>,
+    wants: &'a [bool],
+    grads: Vec<Option<Vec<T>>>,
+    blas: &'a Blas,
+}
+
+impl<T: BlasFloat> Params<'_, T> {
+    /// Adds `g` to parameter `i`'s gradient (if it is trained).
+    fn add_grad(&mut self, i: usize, g: Vec<T>) {
+        match &mut self.grads[i] {
+            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, v)| *a += v),
+            slot @ None => *slot = Some(g),
+        }
+    }
+}
+
+/// What a linear layer's adapter keeps from the forward pass: its input after dropout (when a
+/// mask applies) and scale·x·Aᵀ [rows, r].
+struct LoraSaved<T> {
+    dropped: Option<Vec<T>>,
+    h: Vec<T>,
+}
+
+impl LinIdx {
+    /// out (rows `ldo` apart) = x·Wᵀ (+ what it holds when `accumulate`) + scale·(x·Aᵀ)·Bᵀ.
+    fn forward<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+        out: (&mut [T], usize),
+        accumulate: bool,
+    ) -> candle_core::Result<Option<LoraSaved<T>>> {
+        let (w, k, o) = (p.data[self.w], self.inp, self.out);
+        let (out, ldo) = out;
+        gemm_par_ld(
+            p.blas,
+            (n, o, k),
+            plain(x, k),
+            transposed(w, k),
+            (&mut *out, ldo),
+            accumulate,
+        )?;
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let dropped: Option<Vec<T>> = l.mask.as_ref().map(|m| {
+            x.par_iter()
+                .zip(m.par_iter())
+                .map(|(&v, &mv)| v * T::from(mv).unwrap_or_else(T::zero))
+                .collect()
+        });
+        let xd = dropped.as_deref().unwrap_or(x);
+        let mut h = blas::product(
+            p.blas,
+            (n, l.r, k),
+            plain(xd, k),
+            transposed(p.data[l.a], k),
+        )?;
+        let s = T::from(l.scale).unwrap_or_else(T::one);
+        h.par_iter_mut().for_each(|v| *v = *v * s);
+        gemm_par_ld(
+            p.blas,
+            (n, o, l.r),
+            plain(&h, l.r),
+            transposed(p.data[l.b], l.r),
+            (out, ldo),
+            true,
+        )?;
+        Ok(Some(LoraSaved { dropped, h }))
+    }
+
+    /// From dy (rows `ldy` apart): the trained parameters' gradients (the bias's from `dbias`,
+    /// the column sums of dy, computed by the caller), and dx = dy·W + the adapter's part, into
+    /// `dx` (added to what it holds when `accumulate`).
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: BlasFloat>(
+        &self,
+        p: &mut Params<'_, T>,
+        (dy, ldy): (&[T], usize),
+        x: &[T],
+        saved: Option<&LoraSaved<T>>,
+        dbias: impl FnOnce() -> Vec<T>,
+        dx: &mut [T],
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        let (k, o, blas) = (self.inp, self.out, p.blas);
+        let n = x.len() / k.max(1);
+        let dy_op = || plain(dy, ldy);
+        if p.wants[self.w] {
+            let g = blas::product(blas, (o, k, n), transposed(dy, ldy), plain(x, k))?;
+            p.add_grad(self.w, g);
+        }
+        if let Some(b) = self.bias.filter(|&b| p.wants[b]) {
+            p.add_grad(b, dbias());
+        }
+        blas::gemm_par(
+            blas,
+            (n, k, o),
+            dy_op(),
+            plain(p.data[self.w], k),
+            dx,
+            accumulate,
+        )?;
+        let (Some(l), Some(saved)) = (&self.lora, saved) else {
+            return Ok(());
+        };
+        let s = T::from(l.scale).unwrap_or_else(T::one);
+        // d(scale·h·Bᵀ): dB = dyᵀ·(scale·h); d(x·Aᵀ) = scale·dy·B.
+        if p.wants[l.b] {
+            let g = blas::product(blas, (o, l.r, n), transposed(dy, ldy), plain(&saved.h, l.r))?;
+            p.add_grad(l.b, g);
+        }
+        let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
+        dh.par_iter_mut().for_each(|v| *v = *v * s);
+        let xd = saved.dropped.as_deref().unwrap_or(x);
+        if p.wants[l.a] {
+            let g = blas::product(blas, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
+            p.add_grad(l.a, g);
+        }
+        match &l.mask {
+            None => blas::gemm_par(
+                blas,
+                (n, k, l.r),
+                plain(&dh, l.r),
+                plain(p.data[l.a], k),
+                dx,
+                true,
+            )?,
+            Some(m) => {
+                let d = blas::product(blas, (n, k, l.r), plain(&dh, l.r), plain(p.data[l.a], k))?;
+                dx.par_iter_mut()
+                    .zip(d.par_iter().zip(m.par_iter()))
+                    .for_each(|(o, (&v, &mv))| *o += v * T::from(mv).unwrap_or_else(T::zero));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One layer's activations, kept from the forward pass for the backward pass.
+struct Saved<T> {
+    /// Layer input (residual stream), its norm, q|k|v after rotation, attention output.
+    x: Vec<T>,
+    a1: Vec<T>,
+    qkv: Vec<T>,
+    y: Vec<T>,
+    /// Residual stream after attention, its norm, gate and up projections, silu(gate)·up.
+    xm: Vec<T>,
+    a2: Vec<T>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    g: Vec<T>,
+    /// Adapters' saved values: q, k, v, o, gate, up, down.
+    lora: [Option<LoraSaved<T>>; 7],
+}
+
+/// Reads the registry's tensors as `T` and runs the pass; `None` when one is not a contiguous
+/// CPU tensor of `T`.
+fn run<T: BlasFloat>(
+    reg: &Registry<'_>,
+    m: &ModelIdx,
+    wants: &[bool],
+    blas: &Blas,
+    batch: &Batch,
+    spans: &[(usize, usize)],
+    scale: f64,
+) -> candle_core::Result<Option<LossAndGrads>> {
+    let guards: Vec<_> = reg.tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut data = Vec::with_capacity(guards.len());
+    for (st, l) in &guards {
+        let storage: &Storage = st;
+        let Storage::Cpu(cs) = storage else {
+            return Ok(None);
+        };
+        let Ok(all) = T::cpu_storage_as_slice(cs) else {
+            return Ok(None);
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            return Ok(None);
+        };
+        data.push(&all[a..b]);
+    }
+    let mut p = Params {
+        data,
+        wants,
+        grads: vec![None; reg.tensors.len()],
+        blas,
+    };
+    let loss = backprop(&mut p, m, batch, spans, scale)?;
+    let grads = std::mem::take(&mut p.grads);
+    drop(p);
+    drop(guards);
+    let dev = candle_core::Device::Cpu;
+    let grads = reg
+        .tensors
+        .iter()
+        .zip(grads)
+        .filter_map(|(t, g)| g.map(|g| (t, g)))
+        .map(|(t, g)| Ok(((*t).clone(), Tensor::from_vec(g, t.shape(), &dev)?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Some(LossAndGrads { loss, grads }))
+}
+
+/// The pass itself: the summed loss; gradients (times `scale`) into `p.grads`.
+fn backprop<T: BlasFloat>(
+    p: &mut Params<'_, T>,
+    m: &ModelIdx,
+    batch: &Batch,
+    spans: &[(usize, usize)],
+    scale: f64,
+) -> candle_core::Result<f64> {
+    let blas = p.blas;
+    let gemm = T::gemm(blas);
+    let n = batch.b * batch.t;
+    let c = p.data[m.norm].len();
+    let v = p.data[m.embed].len() / c.max(1);
+    let eps = m.eps;
+    let mut positions = vec![0usize; n];
+    for &(r, len) in spans {
+        for (i, pos) in positions[r..r + len].iter_mut().enumerate() {
+            *pos = i;
+        }
+    }
+    let (cos, sin) = (p.data[m.tables.0], p.data[m.tables.1]);
+    let max_pos = cos.len() / (m.layers.first().map_or(2, |l| l.hd) / 2).max(1);
+    if let Some(&(_, len)) = spans.iter().find(|&&(_, len)| len > max_pos) {
+        candle_core::bail!(
+            "Llama: a sequence of {len} tokens is longer than max_position_embeddings ({max_pos})"
+        );
+    }
+
+    // Forward. Embeddings.
+    let e = p.data[m.embed];
+    let mut x = vec![T::zero(); n * c];
+    x.par_chunks_mut(c).zip(batch.ids).for_each(|(row, &id)| {
+        row.copy_from_slice(&e[id as usize * c..(id as usize + 1) * c]);
+    });
+    let mut saved: Vec<Saved<T>> = Vec::with_capacity(m.layers.len());
+    for l in &m.layers {
+        let (hd, qd, kvd) = (l.hd, l.heads * l.hd, l.kv_heads * l.hd);
+        let w = qd + 2 * kvd;
+        let a1 = fused::rms_norm_rows(&x, p.data[l.input_norm], eps);
+        let mut qkv = vec![T::zero(); n * w];
+        let mut lq: [Option<LoraSaved<T>>; 3] = [None, None, None];
+        let mut col = 0;
+        for (part, slot) in l.qkv.iter().zip(lq.iter_mut()) {
+            if let Some(b) = part.bias {
+                let bias = p.data[b];
+                qkv.par_chunks_mut(w)
+                    .for_each(|row| row[col..col + part.out].copy_from_slice(bias));
+            }
+            *slot = part.forward(p, &a1, n, (&mut qkv[col..], w), part.bias.is_some())?;
+            col += part.out;
+        }
+        fused::rope_heads_in_place(&mut qkv, w, 0..qd + kvd, hd, &positions, (cos, sin), false);
+        let gqa = Gqa {
+            spans,
+            heads: l.heads,
+            kv_heads: l.kv_heads,
+            hd,
+        };
+        let y = blas::gqa_attention_fwd(gemm, &qkv, gqa)?;
+        let mut xm = match l.o.bias {
+            Some(b) => fused::add_rows(&x, p.data[b]),
+            None => x.clone(),
+        };
+        let lo = l.o.forward(p, &y, n, (&mut xm, c), true)?;
+        let a2 = fused::rms_norm_rows(&xm, p.data[l.post_norm], eps);
+        let inter = l.gate.out;
+        let mut gate = bias_rows(p, l.gate.bias, n, inter);
+        let lg = l
+            .gate
+            .forward(p, &a2, n, (&mut gate, inter), l.gate.bias.is_some())?;
+        let mut up = bias_rows(p, l.up.bias, n, inter);
+        let lu =
+            l.up.forward(p, &a2, n, (&mut up, inter), l.up.bias.is_some())?;
+        let g = fused::swiglu_rows(&gate, &up);
+        let mut xo = match l.down.bias {
+            Some(b) => fused::add_rows(&xm, p.data[b]),
+            None => xm.clone(),
+        };
+        let ld = l.down.forward(p, &g, n, (&mut xo, c), true)?;
+        let [q0, k0, v0] = lq;
+        saved.push(Saved {
+            x: std::mem::replace(&mut x, xo),
+            a1,
+            qkv,
+            y,
+            xm,
+            a2,
+            gate,
+            up,
+            g,
+            lora: [q0, k0, v0, lo, lg, lu, ld],
+        });
+    }
+    let hf = fused::rms_norm_rows(&x, p.data[m.norm], eps);
+
+    // Output layer and cross-entropy over the scored rows, a chunk at a time: the logits are
+    // turned into their gradient in place, then give the hidden states' and the output
+    // weights'.
+    let lm = p.data[m.lm_head];
+    let sc = T::from(scale).unwrap_or_else(T::zero);
+    let cnt = batch.rows.len();
+    let hs: Vec<T> = batch
+        .rows
+        .iter()
+        .flat_map(|&r| hf[r as usize * c..(r as usize + 1) * c].iter().copied())
+        .collect();
+    drop(hf);
+    let mut dhs = vec![T::zero(); cnt * c];
+    let want_lm = p.wants[m.lm_head];
+    let mut dlm = if want_lm {
+        vec![T::zero(); v * c]
+    } else {
+        Vec::new()
+    };
+    let mut logits = vec![T::zero(); LOSS_ROWS.min(cnt) * v];
+    let mut loss = 0.0;
+    for r0 in (0..cnt).step_by(LOSS_ROWS) {
+        let rows = LOSS_ROWS.min(cnt - r0);
+        let lg = &mut logits[..rows * v];
+        let hc = &hs[r0 * c..(r0 + rows) * c];
+        blas::gemm_par(
+            blas,
+            (rows, v, c),
+            plain(hc, c),
+            transposed(lm, c),
+            lg,
+            false,
+        )?;
+        // Row losses collected in order and summed in order: the same total every run.
+        let row_losses: Vec<f64> = lg
+            .par_chunks_mut(v)
+            .zip(&batch.targets[r0..r0 + rows])
+            .map(|(r, &y)| WithDType::to_f64(fused::ce_row_in_place(r, y as usize, sc)))
+            .collect();
+        loss += row_losses.iter().sum::<f64>();
+        let dh = &mut dhs[r0 * c..(r0 + rows) * c];
+        blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), dh, false)?;
+        if want_lm {
+            let lgt = transposed(&*lg, v);
+            blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), &mut dlm, r0 > 0)?;
+        }
+    }
+    drop(logits);
+    if want_lm {
+        p.add_grad(m.lm_head, dlm);
+    }
+    let mut dhf = vec![T::zero(); n * c];
+    for (&r, d) in batch.rows.iter().zip(dhs.chunks(c)) {
+        let row = &mut dhf[r as usize * c..(r as usize + 1) * c];
+        row.iter_mut().zip(d).for_each(|(o, &g)| *o += g);
+    }
+    drop(dhs);
+
+    // Backward.
+    let mut dx = vec![T::zero(); n * c];
+    let d = fused::rms_norm_bwd_into(&x, p.data[m.norm], &dhf, eps, &mut dx, false);
+    drop(dhf);
+    if p.wants[m.norm] {
+        p.add_grad(m.norm, d);
+    }
+    for l in m.layers.iter().rev() {
+        let s = saved.pop().expect("one saved entry per layer");
+        let [lq, lk, lv, lo, lg, lu, ld] = &s.lora;
+        let (hd, qd, kvd) = (l.hd, l.heads * l.hd, l.kv_heads * l.hd);
+        let w = qd + 2 * kvd;
+        let inter = l.gate.out;
+        // xo = xm + (silu(gate)·up)·W_downᵀ
+        let mut dg = vec![T::zero(); n * inter];
+        l.down.backward(
+            p,
+            (&dx, c),
+            &s.g,
+            ld.as_ref(),
+            || fused::column_sums(&dx, c),
+            &mut dg,
+            false,
+        )?;
+        let dgate = fused::swiglu_gate_grad_rows(&s.gate, &s.up, &dg);
+        let dup = fused::swiglu_rows(&s.gate, &dg);
+        drop(dg);
+        let mut da2 = vec![T::zero(); n * c];
+        l.gate.backward(
+            p,
+            (&dgate, inter),
+            &s.a2,
+            lg.as_ref(),
+            || fused::column_sums(&dgate, inter),
+            &mut da2,
+            false,
+        )?;
+        l.up.backward(
+            p,
+            (&dup, inter),
+            &s.a2,
+            lu.as_ref(),
+            || fused::column_sums(&dup, inter),
+            &mut da2,
+            true,
+        )?;
+        drop((dgate, dup));
+        let d = fused::rms_norm_bwd_into(&s.xm, p.data[l.post_norm], &da2, eps, &mut dx, true);
+        if p.wants[l.post_norm] {
+            p.add_grad(l.post_norm, d);
+        }
+        drop(da2);
+        // xm = x + attention(qkv)·W_oᵀ
+        let mut dy = vec![T::zero(); n * qd];
+        l.o.backward(
+            p,
+            (&dx, c),
+            &s.y,
+            lo.as_ref(),
+            || fused::column_sums(&dx, c),
+            &mut dy,
+            false,
+        )?;
+        let gqa = Gqa {
+            spans,
+            heads: l.heads,
+            kv_heads: l.kv_heads,
+            hd,
+        };
+        let mut dqkv = blas::gqa_attention_bwd(gemm, &s.qkv, &dy, gqa)?;
+        drop(dy);
+        fused::rope_heads_in_place(&mut dqkv, w, 0..qd + kvd, hd, &positions, (cos, sin), true);
+        let has_bias = l.qkv.iter().any(|part| part.bias.is_some());
+        let sums = if has_bias {
+            fused::column_sums(&dqkv, w)
+        } else {
+            Vec::new()
+        };
+        let mut da1 = vec![T::zero(); n * c];
+        let mut col = 0;
+        for (j, (part, ls)) in l.qkv.iter().zip([lq, lk, lv]).enumerate() {
+            let range = col..col + part.out;
+            part.backward(
+                p,
+                (&dqkv[col..], w),
+                &s.a1,
+                ls.as_ref(),
+                || sums[range].to_vec(),
+                &mut da1,
+                j > 0,
+            )?;
+            col += part.out;
+        }
+        drop(dqkv);
+        let d = fused::rms_norm_bwd_into(&s.x, p.data[l.input_norm], &da1, eps, &mut dx, true);
+        if p.wants[l.input_norm] {
+            p.add_grad(l.input_norm, d);
+        }
+    }
+
+    // Embeddings: rows of dx back to their token's row.
+    if p.wants[m.embed] {
+        let mut de = vec![T::zero(); v * c];
+        for (&id, row) in batch.ids.iter().zip(dx.chunks(c)) {
+            let o = &mut de[id as usize * c..(id as usize + 1) * c];
+            o.iter_mut().zip(row).for_each(|(o, &d)| *o += d);
+        }
+        p.add_grad(m.embed, de);
+    }
+    Ok(loss)
+}
+
+/// `rows` copies of bias `b` (zeros without one), [rows, width].
+fn bias_rows<T: BlasFloat>(
+    p: &Params<'_, T>,
+    b: Option<usize>,
+    rows: usize,
+    width: usize,
+) -> Vec<T> {
+    match b {
+        Some(b) => lmkit_kernels::buffers::rows_of(p.data[b], rows),
+        None => vec![T::zero(); rows * width],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::passes::gpt2::tests::assert_gradient_close;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use lmkit_models::layers::lora::{Adapters, LoraSpec, Targets};
+    use lmkit_models::{KvCache, LlamaConfig};
+
+    /// A small model: 4 query heads sharing 2 key/value heads, attention and MLP biases when
+    /// `bias`.
+    fn config(tied: bool, bias: bool) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 37, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16,
+            "rms_norm_eps": 1e-5, "rope_theta": 100.0, "tie_word_embeddings": tied,
+            "attention_bias": bias, "mlp_bias": bias,
+        }))
+        .unwrap()
+    }
+
+    /// A model with every parameter random (VarBuilder's defaults leave norms at 0), and its
+    /// variables; adapters attached when given (also random: fresh B matrices are 0).
+    fn model(cfg: &LlamaConfig, dtype: DType, adapters: Option<&Adapters>) -> (Llama, VarMap) {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let build = || {
+            Llama::new(cfg, VarBuilder::from_varmap(&vm, dtype, &dev))
+                .map_err(lmkit_models::ModelError::from)
+        };
+        let model = match adapters {
+            Some(a) => a.build(build).unwrap(),
+            None => build().unwrap(),
+        };
+        let mut vars = vm.all_vars();
+        if let Some(a) = adapters {
+            vars.extend(a.vars().into_iter().map(|(_, v)| v));
+        }
+        for var in vars {
+            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
+            var.set(&r.to_dtype(var.dtype()).unwrap()).unwrap();
+        }
+        (model, vm)
+    }
+
+    fn tokens(count: usize, seed: u64) -> Vec<u32> {
+        let mut s = seed;
+        (0..count)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % 37) as u32
+            })
+            .collect()
+    }
+
+    /// The summed loss at `batch.rows` and its gradients (times `scale`) through candle's
+    /// autograd over the model's graph: the reference.
+    fn autograd(
+        model: &Llama,
+        batch: &Batch,
+        scale: f64,
+    ) -> (f64, candle_core::backprop::GradStore) {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(batch.ids.to_vec(), (batch.b, batch.t), &dev).unwrap();
+        let mut cache = match batch.segments {
+            Some(s) => KvCache::packed(model.num_layers(), s.to_vec()),
+            None => KvCache::single_pass(model.num_layers()),
+        };
+        let h = model.hidden(&x, &mut [&mut cache]).unwrap();
+        let c = model.cfg.hidden_size;
+        let rows = Tensor::from_vec(batch.rows.to_vec(), batch.rows.len(), &dev).unwrap();
+        let h = h
+            .reshape((batch.b * batch.t, c))
+            .unwrap()
+            .index_select(&rows, 0)
+            .unwrap();
+        let targets = Tensor::from_vec(batch.targets.to_vec(), batch.targets.len(), &dev).unwrap();
+        let loss = crate::objective::output_loss_sum(model.output(), &h, &targets).unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        (value, (loss * scale).unwrap().backward().unwrap())
+    }
+
+    fn compare(model: &Llama, batch: &Batch, trained: &[Tensor], tol: f64) {
+        let scale = 0.25;
+        let ids: std::collections::HashSet<_> = trained.iter().map(|t| t.id()).collect();
+        let ours = loss_sum_and_grads(model, batch, scale, &|t| ids.contains(&t.id()))
+            .unwrap()
+            .expect("the pass applies");
+        let (want, g) = autograd(model, batch, scale);
+        assert!(
+            (ours.loss - want).abs() <= tol * want.abs().max(1.0),
+            "loss {} vs {want}",
+            ours.loss
+        );
+        assert_eq!(
+            ours.grads.len(),
+            trained.len(),
+            "one gradient per trained tensor"
+        );
+        for (p, got) in &ours.grads {
+            assert!(ids.contains(&p.id()));
+            assert_gradient_close(got, g.get(p).expect("a reference gradient"), tol);
+        }
+    }
+
+    fn blas_or_skip() -> bool {
+        let ok = lmkit_kernels::blas::available();
+        assert!(
+            ok || std::env::var_os("LMKIT_REQUIRE_BLAS").is_none(),
+            "LMKIT_REQUIRE_BLAS is set but no BLAS library loaded"
+        );
+        ok
+    }
+
+    #[test]
+    fn every_position_scored_equals_autograd_f64() {
+        if !blas_or_skip() {
+            return;
+        }
+        for (tied, bias) in [(false, false), (true, true)] {
+            let (model, vm) = model(&config(tied, bias), DType::F64, None);
+            let (b, t) = (2, 9);
+            let ids = tokens(b * t, 7);
+            let targets = tokens(b * t, 8);
+            let rows: Vec<u32> = (0..(b * t) as u32).collect();
+            let batch = Batch {
+                ids: &ids,
+                b,
+                t,
+                segments: None,
+                rows: &rows,
+                targets: &targets,
+            };
+            let all: Vec<Tensor> = vm
+                .all_vars()
+                .iter()
+                .map(|v| v.as_tensor().clone())
+                .collect();
+            compare(&model, &batch, &all, 1e-10);
+        }
+    }
+
+    #[test]
+    fn packed_rows_and_chosen_positions_equal_autograd_f64() {
+        if !blas_or_skip() {
+            return;
+        }
+        let (model, vm) = model(&config(true, true), DType::F64, None);
+        let (b, t) = (2, 11);
+        let ids = tokens(b * t, 3);
+        let segments = vec![vec![4, 6, 1], vec![11]];
+        let rows: Vec<u32> = vec![0, 2, 3, 5, 6, 7, 8, 11, 12, 20, 21];
+        let targets = tokens(rows.len(), 4);
+        let batch = Batch {
+            ids: &ids,
+            b,
+            t,
+            segments: Some(&segments),
+            rows: &rows,
+            targets: &targets,
+        };
+        // Only some parameters trained: the others get no gradient.
+        let trained: Vec<Tensor> = vm
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .filter(|t| t.rank() == 2)
+            .collect();
+        compare(&model, &batch, &trained, 1e-10);
+    }
+
+    #[test]
+    fn lora_adapters_with_dropout_equal_autograd() {
+        if !blas_or_skip() {
+            return;
+        }
+        let spec = LoraSpec {
+            r: 3,
+            alpha: 6.0,
+            dropout: 0.25,
+            target_modules: Targets::One("all-linear".into()),
+            ..Default::default()
+        };
+        let adapters = Adapters::fresh(spec, 5, &Device::Cpu);
+        let (model, _) = model(&config(false, false), DType::F32, Some(&adapters));
+        adapters.set_dropout_seed(Some(99));
+        let (b, t) = (2, 8);
+        let ids = tokens(b * t, 11);
+        let rows: Vec<u32> = (3..(b * t) as u32).collect();
+        let targets = tokens(rows.len(), 12);
+        let batch = Batch {
+            ids: &ids,
+            b,
+            t,
+            segments: None,
+            rows: &rows,
+            targets: &targets,
+        };
+        let trained: Vec<Tensor> = adapters
+            .vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        assert_eq!(trained.len(), 2 * 7 * 2, "A and B on 7 layers of 2 blocks");
+        compare(&model, &batch, &trained, 2e-4);
+    }
+
+    #[test]
+    fn bad_batches_are_reported() {
+        if !blas_or_skip() {
+            return;
+        }
+        let (model, _) = model(&config(false, false), DType::F32, None);
+        let pass = LlamaPass(&model);
+        let dev = Device::Cpu;
+        let ids = Tensor::from_vec(vec![1u32, 40, 2], (1, 3), &dev).unwrap();
+        let err = pass
+            .loss_and_grads(&ids, &ids.zeros_like().unwrap(), 1.0)
+            .err()
+            .expect("id 40 is outside the vocabulary");
+        assert!(err.to_string().contains("token id 40"), "{err}");
+        let long = Tensor::zeros((1, 17), DType::U32, &dev).unwrap();
+        let err = pass.loss_and_grads(&long, &long, 1.0).err().unwrap();
+        assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    }
+}
