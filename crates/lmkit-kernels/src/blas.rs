@@ -898,7 +898,7 @@ impl Gqa<'_> {
     /// Rows `qkv` must hold, heads that divide evenly, spans within them.
     fn check(&self, len: usize, what: &str) -> candle_core::Result<usize> {
         let rows = self.spans.iter().map(|&(r, n)| r + n).max().unwrap_or(0);
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             candle_core::bail!(
                 "{what}: {} query heads do not share {} key/value heads evenly",
                 self.heads,

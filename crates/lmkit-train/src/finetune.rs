@@ -8,6 +8,7 @@ use crate::adamw::{AdamW, Param};
 use crate::checkpoint::{self, Start, TrainerState};
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
+use crate::passes::Backward;
 use crate::sft::{self, Example, Renderer, SftDataConfig};
 use crate::steps::{self, Grads, Micro, Position, Validation};
 use crate::{metrics, Summary};
@@ -533,6 +534,41 @@ pub(crate) fn predicted_hidden(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     Ok(h.reshape((n * t, c))?.index_select(&b.rows, 0)?)
 }
 
+/// The summed cross-entropy of a batch's predicted tokens with the gradients of that sum times
+/// `scale` added to `grads`, through the model's hand-written training pass; `None` where it has
+/// none that applies (the caller differentiates the graph).
+pub(crate) fn hand_loss_sum(
+    model: &CausalLm,
+    b: &Batch,
+    scale: f64,
+    grads: &mut Grads,
+    backward: Backward,
+) -> Result<Option<f64>> {
+    let (CausalLm::Llama(m), Backward::Auto) = (model, backward) else {
+        return Ok(None);
+    };
+    let (rows_n, t) = b.x.dims2()?;
+    let ids: Vec<u32> = b.x.flatten_all()?.to_vec1()?;
+    let rows: Vec<u32> = b.rows.to_vec1()?;
+    let targets: Vec<u32> = b.targets.to_vec1()?;
+    let batch = crate::passes::llama::Batch {
+        ids: &ids,
+        b: rows_n,
+        t,
+        segments: b.segments.as_deref(),
+        rows: &rows,
+        targets: &targets,
+    };
+    let trains = |p: &Tensor| grads.trains(p);
+    let Some(r) = crate::passes::llama::loss_sum_and_grads(m, &batch, scale, &trains)? else {
+        return Ok(None);
+    };
+    for (p, g) in r.grads {
+        grads.add(p.id(), g)?;
+    }
+    Ok(Some(r.loss))
+}
+
 /// The summed cross-entropy of a batch's predicted tokens.
 fn batch_loss_sum(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     let h = predicted_hidden(model, b)?;
@@ -666,9 +702,15 @@ pub fn finetune(
         };
         let examples = batch_of(step * t.grad_accum + m);
         let b = make_batch(&examples, packed, &dev)?;
-        let share = (batch_loss_sum(model, &b)? / step_tokens.max(1) as f64)?;
-        let loss = share.to_scalar::<f32>()? as f64;
-        grads.backward(&share)?;
+        let scale = 1.0 / step_tokens.max(1) as f64;
+        let loss = match hand_loss_sum(model, &b, scale, grads, t.backward)? {
+            Some(sum) => sum * scale,
+            None => {
+                let share = (batch_loss_sum(model, &b)? * scale)?;
+                grads.backward(&share)?;
+                share.to_scalar::<f32>()? as f64
+            }
+        };
         Ok(Micro::new(
             loss,
             examples.iter().flatten().map(|e| e.ids.len() as u64).sum(),

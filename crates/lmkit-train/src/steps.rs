@@ -58,6 +58,11 @@ impl Grads {
         }
     }
 
+    /// Whether `param` is one of the trained parameters.
+    pub(crate) fn trains(&self, param: &Tensor) -> bool {
+        self.index.contains_key(&param.id())
+    }
+
     /// Differentiates `loss` and adds every parameter's gradient.
     pub(crate) fn backward(&mut self, loss: &Tensor) -> Result<()> {
         let g = self.gradients_of(loss)?;

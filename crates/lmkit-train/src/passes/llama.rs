@@ -358,7 +358,7 @@ impl LinIdx {
             transposed(p.data[l.a], k),
         )?;
         let s = T::from(l.scale).unwrap_or_else(T::one);
-        h.par_iter_mut().for_each(|v| *v = *v * s);
+        h.par_iter_mut().for_each(|v| *v *= s);
         gemm_par_ld(
             p.blas,
             (n, o, l.r),
@@ -412,7 +412,7 @@ impl LinIdx {
             p.add_grad(l.b, g);
         }
         let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
-        dh.par_iter_mut().for_each(|v| *v = *v * s);
+        dh.par_iter_mut().for_each(|v| *v *= s);
         let xd = saved.dropped.as_deref().unwrap_or(x);
         if p.wants[l.a] {
             let g = blas::product(blas, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
