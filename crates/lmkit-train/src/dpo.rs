@@ -21,7 +21,9 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{begin, predicted_hidden, sequences_batch, Tuned, Tuning, Vocab};
+use crate::finetune::{
+    begin, hand_loss_sum, predicted_hidden, sequences_batch, Tuned, Tuning, Vocab,
+};
 use crate::metrics::Extra;
 use crate::pref::Pair;
 use crate::sft::{self, Example, Format, Renderer, TrainOn};
@@ -859,6 +861,34 @@ fn pairs_loss(
     let mut policy = Vec::with_capacity(pairs.len());
     for (p, r) in pairs.iter().zip(refs) {
         let (n_chosen, n_rejected) = (p.chosen.targets(), p.rejected.targets());
+        // The hand-written pass: each side's summed cross-entropy and its gradients, added once
+        // the pair's loss gives their weights.
+        if let Some(grads) = grads.as_deref_mut() {
+            let hand = |e: &Example, grads: &Grads| {
+                let b = sequences_batch(&[e], dev)?;
+                hand_loss_sum(model, &b, 1.0, grads, t.backward)
+            };
+            if let Some(c) = hand(&p.chosen, grads)? {
+                let Some(rj) = hand(&p.rejected, grads)? else {
+                    return Err(TrainError::Data(
+                        "the training pass took one side of a pair and not the other".into(),
+                    ));
+                };
+                let s = Scored {
+                    chosen: -c.loss,
+                    rejected: -rj.loss,
+                    n_chosen,
+                    n_rejected,
+                };
+                let l = pair_loss(spec, &s, r);
+                let (dc, dr) = pair_gradient(spec, &l, pairs.len(), chosen_tokens);
+                // d(loss)/d(params) = d·∇logp = −d·∇ce.
+                grads.add_all(c.grads, -dc * share)?;
+                grads.add_all(rj.grads, -dr * share)?;
+                policy.push(s);
+                continue;
+            }
+        }
         let scored = match grads.as_deref_mut() {
             None => Scored {
                 chosen: sequence_logp(model, &p.chosen, dev)?,

@@ -8,7 +8,7 @@ use crate::adamw::{AdamW, Param};
 use crate::checkpoint::{self, Start, TrainerState};
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::passes::Backward;
+use crate::passes::{Backward, LossAndGrads};
 use crate::sft::{self, Example, Renderer, SftDataConfig};
 use crate::steps::{self, Grads, Micro, Position, Validation};
 use crate::{metrics, Summary};
@@ -534,16 +534,16 @@ pub(crate) fn predicted_hidden(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     Ok(h.reshape((n * t, c))?.index_select(&b.rows, 0)?)
 }
 
-/// The summed cross-entropy of a batch's predicted tokens with the gradients of that sum times
-/// `scale` added to `grads`, through the model's hand-written training pass; `None` where it has
-/// none that applies (the caller differentiates the graph).
+/// The summed cross-entropy of a batch's predicted tokens and the gradients of that sum times
+/// `scale` for the parameters `grads` trains, through the model's hand-written training pass;
+/// `None` where it has none that applies (the caller differentiates the graph).
 pub(crate) fn hand_loss_sum(
     model: &CausalLm,
     b: &Batch,
     scale: f64,
-    grads: &mut Grads,
+    grads: &Grads,
     backward: Backward,
-) -> Result<Option<f64>> {
+) -> Result<Option<LossAndGrads>> {
     let (CausalLm::Llama(m), Backward::Auto) = (model, backward) else {
         return Ok(None);
     };
@@ -560,13 +560,9 @@ pub(crate) fn hand_loss_sum(
         targets: &targets,
     };
     let trains = |p: &Tensor| grads.trains(p);
-    let Some(r) = crate::passes::llama::loss_sum_and_grads(m, &batch, scale, &trains)? else {
-        return Ok(None);
-    };
-    for (p, g) in r.grads {
-        grads.add(p.id(), g)?;
-    }
-    Ok(Some(r.loss))
+    Ok(crate::passes::llama::loss_sum_and_grads(
+        m, &batch, scale, &trains,
+    )?)
 }
 
 /// The summed cross-entropy of a batch's predicted tokens.
@@ -704,7 +700,10 @@ pub fn finetune(
         let b = make_batch(&examples, packed, &dev)?;
         let scale = 1.0 / step_tokens.max(1) as f64;
         let loss = match hand_loss_sum(model, &b, scale, grads, t.backward)? {
-            Some(sum) => sum * scale,
+            Some(r) => {
+                grads.add_all(r.grads, 1.0)?;
+                r.loss * scale
+            }
             None => {
                 let share = (batch_loss_sum(model, &b)? * scale)?;
                 grads.backward(&share)?;

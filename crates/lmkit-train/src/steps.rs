@@ -58,6 +58,15 @@ impl Grads {
         }
     }
 
+    /// Adds `scale` times each (parameter, gradient) pair's gradient (see [`Grads::add`]).
+    pub(crate) fn add_all(&mut self, g: Vec<(Tensor, Tensor)>, scale: f64) -> Result<()> {
+        for (p, gi) in g {
+            let gi = if scale == 1.0 { gi } else { (gi * scale)? };
+            self.add(p.id(), gi)?;
+        }
+        Ok(())
+    }
+
     /// Whether `param` is one of the trained parameters.
     pub(crate) fn trains(&self, param: &Tensor) -> bool {
         self.index.contains_key(&param.id())
