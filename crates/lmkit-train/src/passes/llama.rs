@@ -341,6 +341,18 @@ impl LinIdx {
             (&mut *out, ldo),
             accumulate,
         )?;
+        self.lora_forward(p, x, n, (out, ldo))
+    }
+
+    /// Adds the adapter's part scale·(x·Aᵀ)·Bᵀ to `out` (rows `ldo` apart).
+    fn lora_forward<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+        (out, ldo): (&mut [T], usize),
+    ) -> candle_core::Result<Option<LoraSaved<T>>> {
+        let (k, o) = (self.inp, self.out);
         let Some(l) = &self.lora else {
             return Ok(None);
         };
@@ -370,9 +382,31 @@ impl LinIdx {
         Ok(Some(LoraSaved { dropped, h }))
     }
 
+    /// x·Wᵀ + b + the adapter's part, as a new buffer [n, out].
+    fn forward_new<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+    ) -> candle_core::Result<(Vec<T>, Option<LoraSaved<T>>)> {
+        let Some(b) = self.bias else {
+            let mut out = blas::product(
+                p.blas,
+                (n, self.out, self.inp),
+                plain(x, self.inp),
+                transposed(p.data[self.w], self.inp),
+            )?;
+            let saved = self.lora_forward(p, x, n, (&mut out, self.out))?;
+            return Ok((out, saved));
+        };
+        let mut out = lmkit_kernels::buffers::rows_of(p.data[b], n);
+        let saved = self.forward(p, x, n, (&mut out, self.out), true)?;
+        Ok((out, saved))
+    }
+
     /// From dy (rows `ldy` apart): the trained parameters' gradients (the bias's from `dbias`,
-    /// the column sums of dy, computed by the caller), and dx = dy·W + the adapter's part, into
-    /// `dx` (added to what it holds when `accumulate`).
+    /// the column sums of dy, computed by the caller), and dx = dy·W + the adapter's part: added
+    /// to what `dx` holds, or written as a new buffer when `dx` is empty.
     #[allow(clippy::too_many_arguments)]
     fn backward<T: BlasFloat>(
         &self,
@@ -381,8 +415,7 @@ impl LinIdx {
         x: &[T],
         saved: Option<&LoraSaved<T>>,
         dbias: impl FnOnce() -> Vec<T>,
-        dx: &mut [T],
-        accumulate: bool,
+        dx: &mut Vec<T>,
     ) -> candle_core::Result<()> {
         let (k, o, blas) = (self.inp, self.out, p.blas);
         let n = x.len() / k.max(1);
@@ -394,14 +427,11 @@ impl LinIdx {
         if let Some(b) = self.bias.filter(|&b| p.wants[b]) {
             p.add_grad(b, dbias());
         }
-        blas::gemm_par(
-            blas,
-            (n, k, o),
-            dy_op(),
-            plain(p.data[self.w], k),
-            dx,
-            accumulate,
-        )?;
+        if dx.is_empty() {
+            *dx = blas::product(blas, (n, k, o), dy_op(), plain(p.data[self.w], k))?;
+        } else {
+            blas::gemm_par(blas, (n, k, o), dy_op(), plain(p.data[self.w], k), dx, true)?;
+        }
         let (Some(l), Some(saved)) = (&self.lora, saved) else {
             return Ok(());
         };
@@ -567,14 +597,8 @@ fn backprop<T: BlasFloat>(
         };
         let lo = l.o.forward(p, &y, n, (&mut xm, c), true)?;
         let a2 = fused::rms_norm_rows(&xm, p.data[l.post_norm], eps);
-        let inter = l.gate.out;
-        let mut gate = bias_rows(p, l.gate.bias, n, inter);
-        let lg = l
-            .gate
-            .forward(p, &a2, n, (&mut gate, inter), l.gate.bias.is_some())?;
-        let mut up = bias_rows(p, l.up.bias, n, inter);
-        let lu =
-            l.up.forward(p, &a2, n, (&mut up, inter), l.up.bias.is_some())?;
+        let (gate, lg) = l.gate.forward_new(p, &a2, n)?;
+        let (up, lu) = l.up.forward_new(p, &a2, n)?;
         let g = fused::swiglu_rows(&gate, &up);
         let mut xo = match l.down.bias {
             Some(b) => fused::add_rows(&xm, p.data[b]),
@@ -669,7 +693,7 @@ fn backprop<T: BlasFloat>(
         let w = qd + 2 * kvd;
         let inter = l.gate.out;
         // xo = xm + (silu(gate)·up)·W_downᵀ
-        let mut dg = vec![T::zero(); n * inter];
+        let mut dg = Vec::new();
         l.down.backward(
             p,
             (&dx, c),
@@ -677,12 +701,11 @@ fn backprop<T: BlasFloat>(
             ld.as_ref(),
             || fused::column_sums(&dx, c),
             &mut dg,
-            false,
         )?;
         let dgate = fused::swiglu_gate_grad_rows(&s.gate, &s.up, &dg);
         let dup = fused::swiglu_rows(&s.gate, &dg);
         drop(dg);
-        let mut da2 = vec![T::zero(); n * c];
+        let mut da2 = Vec::new();
         l.gate.backward(
             p,
             (&dgate, inter),
@@ -690,7 +713,6 @@ fn backprop<T: BlasFloat>(
             lg.as_ref(),
             || fused::column_sums(&dgate, inter),
             &mut da2,
-            false,
         )?;
         l.up.backward(
             p,
@@ -699,7 +721,6 @@ fn backprop<T: BlasFloat>(
             lu.as_ref(),
             || fused::column_sums(&dup, inter),
             &mut da2,
-            true,
         )?;
         drop((dgate, dup));
         let d = fused::rms_norm_bwd_into(&s.xm, p.data[l.post_norm], &da2, eps, &mut dx, true);
@@ -708,7 +729,7 @@ fn backprop<T: BlasFloat>(
         }
         drop(da2);
         // xm = x + attention(qkv)·W_oᵀ
-        let mut dy = vec![T::zero(); n * qd];
+        let mut dy = Vec::new();
         l.o.backward(
             p,
             (&dx, c),
@@ -716,7 +737,6 @@ fn backprop<T: BlasFloat>(
             lo.as_ref(),
             || fused::column_sums(&dx, c),
             &mut dy,
-            false,
         )?;
         let gqa = Gqa {
             spans,
@@ -733,9 +753,9 @@ fn backprop<T: BlasFloat>(
         } else {
             Vec::new()
         };
-        let mut da1 = vec![T::zero(); n * c];
+        let mut da1 = Vec::new();
         let mut col = 0;
-        for (j, (part, ls)) in l.qkv.iter().zip([lq, lk, lv]).enumerate() {
+        for (part, ls) in l.qkv.iter().zip([lq, lk, lv]) {
             let range = col..col + part.out;
             part.backward(
                 p,
@@ -744,7 +764,6 @@ fn backprop<T: BlasFloat>(
                 ls.as_ref(),
                 || sums[range].to_vec(),
                 &mut da1,
-                j > 0,
             )?;
             col += part.out;
         }
@@ -765,19 +784,6 @@ fn backprop<T: BlasFloat>(
         p.add_grad(m.embed, de);
     }
     Ok(loss)
-}
-
-/// `rows` copies of bias `b` (zeros without one), [rows, width].
-fn bias_rows<T: BlasFloat>(
-    p: &Params<'_, T>,
-    b: Option<usize>,
-    rows: usize,
-    width: usize,
-) -> Vec<T> {
-    match b {
-        Some(b) => lmkit_kernels::buffers::rows_of(p.data[b], rows),
-        None => vec![T::zero(); rows * width],
-    }
 }
 
 #[cfg(test)]
