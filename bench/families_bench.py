@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Training speed of each model family in lmkit next to its PyTorch equivalent, same run, same
 machine: RNN (tanh) and LSTM vs torch.nn.RNN / torch.nn.LSTM, BERT masked-LM vs transformers'
-BertForMaskedLM, GPT vs GPT2LMHeadModel, the encoder-decoder vs BartForConditionalGeneration (on
+BertForMaskedLM, GPT vs GPT2LMHeadModel, Llama (RMSNorm, rope, SwiGLU, grouped-query attention)
+vs LlamaForCausalLM, the encoder-decoder vs BartForConditionalGeneration (on
 verse → next-verse pairs of the bundled corpus; tokens = source + target). Same sizes, batch,
 sequence length and optimizer (AdamW, clipping); tokens/s over the steps after the first.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
        [--baseline OTHER_LMKIT]   # also train each family with another lmkit binary, right after lmkit
-       [--only rnn,lstm]          # some families: rnn, lstm, bert, gpt, bart
+       [--only rnn,lstm]          # some families: rnn, lstm, bert, gpt, llama, bart
+       [--autograd-baseline]      # the baseline column: this lmkit with train.backward = "autograd"
 """
 import argparse
 import json
@@ -92,14 +94,16 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--baseline", help="another lmkit binary (e.g. built from an earlier commit) measured alongside")
-    ap.add_argument("--only", help="comma-separated families to measure: rnn, lstm, bert, gpt, bart (default: all)")
+    ap.add_argument("--only", help="comma-separated families to measure: rnn, lstm, bert, gpt, llama, bart (default: all)")
+    ap.add_argument("--autograd-baseline", action="store_true",
+                    help="baseline column: this lmkit through the autograd graph (train.backward = \"autograd\")")
     a = ap.parse_args()
-    only = set(a.only.split(",")) if a.only else {"rnn", "lstm", "bert", "gpt", "bart"}
+    only = set(a.only.split(",")) if a.only else {"rnn", "lstm", "bert", "gpt", "llama", "bart"}
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-families-"))
     run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", V, "--output", tmp / "tok"])
     run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     families = [
         ("RNN (tanh), 2×256", 'model_type = "lmkit_rnn"\ncell = "rnn"\nhidden_size = 256\nnum_layers = 2\ntie_word_embeddings = true\n',
          lambda: RecurrentLM("rnn", 256, 2), causal_loss),
@@ -113,6 +117,13 @@ def main():
         ("GPT, 4 layers × 256", f'model_type = "gpt2"\nn_positions = {a.seq}\nn_embd = 256\nn_layer = 4\nn_head = 4\n',
          lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=a.seq, n_embd=256, n_layer=4, n_head=4,
                                             resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)),
+         lambda m, d: m(d[:, :-1], labels=d[:, :-1]).loss),
+        ("Llama, 4 layers × 256, 4 heads sharing 2 key/value heads",
+         f'model_type = "llama"\nhidden_size = 256\nintermediate_size = 688\nnum_hidden_layers = 4\n'
+         f'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = {a.seq}\ntie_word_embeddings = true\n',
+         lambda: LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=a.seq, tie_word_embeddings=True)),
          lambda m, d: m(d[:, :-1], labels=d[:, :-1]).loss),
     ]
     rows = []
@@ -132,6 +143,8 @@ def main():
     with_bart = "bart" in only
     bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args) if with_bart else None
     bart_base = lmkit_tps(a.baseline, tmp, "bart-base", *bart_args) if a.baseline and with_bart else None
+    if a.autograd_baseline and with_bart:
+        bart_base = lmkit_tps(lm, tmp, "bart-graph", *bart_args[:2], bart_args[2] + 'backward = "autograd"\n')
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(BartConfig(vocab_size=V, d_model=256, encoder_layers=2, decoder_layers=2,
                                                    encoder_attention_heads=4, decoder_attention_heads=4,
@@ -165,6 +178,8 @@ def main():
                 f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
         lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), *args)
         base = lmkit_tps(a.baseline, tmp, name.split()[0].lower() + "-base", *args) if a.baseline else None
+        if a.autograd_baseline:
+            base = lmkit_tps(lm, tmp, name.split()[0].lower() + "-graph", *args[:2], args[2] + 'backward = "autograd"\n')
         torch.manual_seed(0)
         pt = torch_tps(make(), loss_fn, a.batch, a.seq, a.steps)
         rows.append((name, lm_tps, pt, base))
@@ -172,8 +187,8 @@ def main():
     print()
     if with_bart:
         rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt, bart_base))
-    if a.baseline:
-        print(f"baseline: {a.baseline}")
+    if a.baseline or a.autograd_baseline:
+        print("baseline:", a.baseline or 'this lmkit with train.backward = "autograd"')
         print("| family | lmkit tokens/s | PyTorch tokens/s | lmkit/PyTorch | baseline lmkit tokens/s | lmkit/baseline |")
         print("|---|---|---|---|---|---|")
         for name, l, p, b in rows:
