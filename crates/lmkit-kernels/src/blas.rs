@@ -852,7 +852,7 @@ impl Heads {
     }
     /// Each batch row's sequence as a span of rows.
     fn spans(&self) -> Vec<(usize, usize)> {
-        (0..self.b).map(|bi| (bi * self.t, self.t)).collect()
+        sequence_spans(self.b, self.t, None).unwrap_or_default()
     }
     fn gqa<'a>(&self, spans: &'a [(usize, usize)]) -> Gqa<'a> {
         Gqa {
@@ -975,7 +975,8 @@ pub fn attention_fwd<T: BlasFloat>(
 }
 
 /// The attention output [rows, heads·hd] of the packed q|k|v (see [`Gqa`]); rows outside every
-/// span are zero.
+/// span are zero. Tasks are blocks of query rows of one head: each computes its rows' scores
+/// over the keys they see, so one long sequence spreads over every thread.
 pub fn gqa_attention_fwd<T: BlasFloat>(
     gemm: Gemm<T>,
     qkv: &[T],
@@ -985,37 +986,52 @@ pub fn gqa_attention_fwd<T: BlasFloat>(
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let longest = s.longest();
+    let tasks: Vec<(usize, usize, usize, usize)> = s
+        .spans
+        .iter()
+        .enumerate()
+        .flat_map(|(si, &(_, t))| {
+            (0..s.heads).flat_map(move |h| causal_blocks(t).map(move |(r0, r1)| (si, h, r0, r1)))
+        })
+        .collect();
     let mut y = vec![T::zero(); rows * c];
     let out = SharedOut(y.as_mut_ptr());
-    (0..s.spans.len() * s.kv_heads)
-        .into_par_iter()
-        .for_each_init(
-            || vec![T::zero(); longest * longest],
-            |p, task| {
-                let (r, t) = s.spans[task / s.kv_heads];
-                let g = task % s.kv_heads;
-                let v = r * w + s.kv_cols(g).1;
-                for h in g * s.group()..(g + 1) * s.group() {
-                    attention_probs(gemm, qkv, &s, (r, t), h, scale, p);
-                    for (r0, r1) in causal_blocks(t) {
-                        // SAFETY: task (span, g) writes only y[r + r0..r + r1, h·hd ..
-                        // (h+1)·hd] (ldc = c) of its group's heads h, which no other task
-                        // writes (spans do not overlap); P rows r0..r1 need v rows 0..r1 of
-                        // the span only (P is 0 above the diagonal), which lie within `qkv`.
-                        unsafe {
-                            gemm_raw(
-                                gemm,
-                                T::one(),
-                                (r1 - r0, hd, r1),
-                                (p[r0 * t..].as_ptr(), t, false),
-                                (qkv[v..].as_ptr(), w, false),
-                                (out.at((r + r0) * c + h * hd), c),
-                            )
-                        };
-                    }
-                }
-            },
-        );
+    tasks.into_par_iter().for_each_init(
+        || vec![T::zero(); CAUSAL_BLOCK * longest],
+        |p, (si, h, r0, r1)| {
+            let (r, _) = s.spans[si];
+            let (kc, vc) = s.kv_cols(h / s.group());
+            let (q, k, v) = (r * w + h * hd, r * w + kc, r * w + vc);
+            // SAFETY: q rows r0..r1 and k, v rows 0..r1 of the span lie at q/k/v + i·w .. + hd
+            // within `qkv` (`check`: every span's rows are within it); the scores P
+            // [r1 − r0, r1] (ld r1) fit the CAUSAL_BLOCK × longest buffer; task (span, h, r0)
+            // alone writes y[r + r0..r + r1, h·hd .. (h+1)·hd] (ldc = c): spans do not overlap.
+            unsafe {
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (r1 - r0, r1, hd),
+                    (qkv[q + r0 * w..].as_ptr(), w, false),
+                    (qkv[k..].as_ptr(), w, true),
+                    (p.as_mut_ptr(), r1),
+                );
+            }
+            for (i, row) in p[..(r1 - r0) * r1].chunks_mut(r1).enumerate() {
+                crate::fused::softmax_row(row, r0 + i + 1, scale);
+            }
+            // SAFETY: as above; P is 0 past each row's last seen key.
+            unsafe {
+                gemm_raw(
+                    gemm,
+                    T::one(),
+                    (r1 - r0, hd, r1),
+                    (p.as_ptr(), r1, false),
+                    (qkv[v..].as_ptr(), w, false),
+                    (out.at((r + r0) * c + h * hd), c),
+                )
+            };
+        },
+    );
     Ok(y)
 }
 
@@ -1224,6 +1240,237 @@ pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<
     }
     qkv.contiguous()?
         .apply_op1(CausalSelfAttention { heads })
+        .map(Some)
+}
+
+/// Each sequence of a [b, t] batch as (first row, rows) of its flattened rows: one per row, or
+/// the sequences `segments` gives for each row (lengths in order, summing to t).
+pub fn sequence_spans(
+    b: usize,
+    t: usize,
+    segments: Option<&[Vec<usize>]>,
+) -> candle_core::Result<Vec<(usize, usize)>> {
+    let Some(segs) = segments else {
+        return Ok((0..b).map(|bi| (bi * t, t)).collect());
+    };
+    let mut spans = Vec::new();
+    for bi in 0..b {
+        let row = segs.get(bi).map(Vec::as_slice).unwrap_or_default();
+        if row.iter().sum::<usize>() != t {
+            candle_core::bail!("packed row {bi}: sequence lengths do not sum to {t}");
+        }
+        let mut at = bi * t;
+        for &n in row.iter().filter(|&&n| n > 0) {
+            spans.push((at, n));
+            at += n;
+        }
+    }
+    Ok(spans)
+}
+
+/// Rotary embedding and causal grouped-query attention from packed projections (see
+/// [`rope_causal_attention`]).
+struct RopeAttention {
+    heads: usize,
+    kv_heads: usize,
+    spans: Vec<(usize, usize)>,
+}
+
+/// Inputs (q|k|v, table, dy); output dq|dk|dv.
+struct RopeAttentionBwd<'a>(&'a RopeAttention);
+
+impl RopeAttention {
+    fn gqa(&self, hd: usize) -> Gqa<'_> {
+        Gqa {
+            spans: &self.spans,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            hd,
+        }
+    }
+
+    /// Head size from q|k|v [b, t, w] and the table [positions, hd]; shapes, spans and
+    /// positions checked.
+    fn head_dim(&self, qkv: &Layout, table: &Layout) -> candle_core::Result<usize> {
+        let (&[b, t, w], &[positions, hd]) = (qkv.dims(), table.dims()) else {
+            candle_core::bail!("rope attention: q|k|v must be [batch, seq, width], the table [positions, head dim]");
+        };
+        if hd == 0 || w != (self.heads + 2 * self.kv_heads) * hd {
+            candle_core::bail!(
+                "rope attention: rows of {w} are not {} + 2 × {} heads of {hd}",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        let end = self.spans.iter().map(|&(r, n)| r + n).max().unwrap_or(0);
+        if end > b * t {
+            candle_core::bail!("rope attention: sequences reach past the {} rows", b * t);
+        }
+        if let Some(&(_, n)) = self.spans.iter().find(|&&(_, n)| n > positions) {
+            candle_core::bail!(
+                "rope attention: a sequence of {n} positions, the table has {positions}"
+            );
+        }
+        Ok(hd)
+    }
+
+    /// Each row's position: its place in its sequence.
+    fn positions(&self, rows: usize) -> Vec<usize> {
+        let mut pos = vec![0; rows];
+        for &(r, n) in &self.spans {
+            pos[r..r + n]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, p)| *p = i);
+        }
+        pos
+    }
+
+    /// q|k|v with the queries and keys rotated.
+    fn rotated<T: BlasFloat>(&self, qkv: &[T], table: &[T], hd: usize) -> Vec<T> {
+        let w = (self.heads + 2 * self.kv_heads) * hd;
+        let mut x = qkv.to_vec();
+        let pos = self.positions(qkv.len() / w);
+        let cols = 0..(self.heads + self.kv_heads) * hd;
+        crate::fused::rope_heads_in_place(&mut x, w, cols, hd, &pos, table, false);
+        x
+    }
+
+    fn fwd<T: BlasFloat>(&self, qkv: &[T], table: &[T], hd: usize) -> candle_core::Result<Vec<T>> {
+        let blas = require("rope attention")?;
+        gqa_attention_fwd(T::gemm(blas), &self.rotated(qkv, table, hd), self.gqa(hd))
+    }
+
+    fn bwd<T: BlasFloat>(
+        &self,
+        qkv: &[T],
+        table: &[T],
+        dy: &[T],
+        hd: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let blas = require("rope attention")?;
+        let x = self.rotated(qkv, table, hd);
+        let mut d = gqa_attention_bwd(T::gemm(blas), &x, dy, self.gqa(hd))?;
+        let w = (self.heads + 2 * self.kv_heads) * hd;
+        let pos = self.positions(qkv.len() / w);
+        let cols = 0..(self.heads + self.kv_heads) * hd;
+        crate::fused::rope_heads_in_place(&mut d, w, cols, hd, &pos, table, true);
+        Ok(d)
+    }
+}
+
+impl CustomOp2 for RopeAttention {
+    fn name(&self) -> &'static str {
+        "lmkit-rope-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let hd = self.head_dim(l1, l2)?;
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
+                CpuStorage::F32(self.fwd(contiguous(x, l1)?, contiguous(t, l2)?, hd)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(t)) => {
+                CpuStorage::F64(self.fwd(contiguous(x, l1)?, contiguous(t, l2)?, hd)?)
+            }
+            _ => candle_core::bail!("rope attention: f32 or f64 only, one dtype"),
+        };
+        let d = l1.dims();
+        Ok((y, (d[0], d[1], self.heads * hd).into()))
+    }
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        table: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = qkv.apply_op3_no_bwd(table, &dy.contiguous()?, &RopeAttentionBwd(self))?;
+        Ok((Some(d), None))
+    }
+}
+
+impl candle_core::CustomOp3 for RopeAttentionBwd<'_> {
+    fn name(&self) -> &'static str {
+        "lmkit-rope-attention-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let hd = op.head_dim(l1, l2)?;
+        let d = l1.dims();
+        if l3.dims() != [d[0], d[1], op.heads * hd] {
+            candle_core::bail!("rope attention: gradient shape {:?}", l3.dims());
+        }
+        let g = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(t), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(op.bwd(
+                    contiguous(x, l1)?,
+                    contiguous(t, l2)?,
+                    contiguous(dy, l3)?,
+                    hd,
+                )?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(t), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(op.bwd(
+                    contiguous(x, l1)?,
+                    contiguous(t, l2)?,
+                    contiguous(dy, l3)?,
+                    hd,
+                )?)
+            }
+            _ => candle_core::bail!("rope attention: f32 or f64 only, one dtype"),
+        };
+        Ok((g, l1.shape().clone()))
+    }
+}
+
+/// Rotary embedding ("rotate half", `table` [positions, head dim]: cos values then sin values)
+/// of the queries and keys, then causal grouped-query attention, straight from the packed
+/// projections `qkv` [b, t, (heads + 2·kv_heads)·head dim] (q | k | v, as a Llama layer's
+/// projections give them side by side) to the heads' output [b, t, heads·head dim]. Each row
+/// is one sequence, or the sequences `segments` gives (lengths in order; positions and
+/// attention restart at each). BLAS products over the causal blocks only, no [t, t] mask or
+/// repeated key/value heads; the backward pass recomputes P. `None` when it does not apply
+/// (not CPU f32/f64, or no BLAS library): the caller composes the attention.
+pub fn rope_causal_attention(
+    qkv: &Tensor,
+    table: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    segments: Option<&[Vec<usize>]>,
+) -> candle_core::Result<Option<Tensor>> {
+    let fits = qkv.device().is_cpu()
+        && table.device().is_cpu()
+        && matches!(qkv.dtype(), DType::F32 | DType::F64)
+        && table.dtype() == qkv.dtype()
+        && available();
+    if !fits {
+        return Ok(None);
+    }
+    let (b, t, _) = qkv.dims3()?;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("rope attention: {heads} query heads for {kv_heads} key/value heads");
+    }
+    let op = RopeAttention {
+        heads,
+        kv_heads,
+        spans: sequence_spans(b, t, segments)?,
+    };
+    qkv.contiguous()?
+        .apply_op2(&table.contiguous()?, op)
         .map(Some)
 }
 

@@ -1175,15 +1175,16 @@ fn rope_rows<T: FastMath>(x: &[T], cos: &[T], sin: &[T], t: usize, inverse: bool
 }
 
 /// Rotary embedding, in place, of heads of `hd` values in columns `cols` of rows `width` apart
-/// ("rotate half" layout), row i at position `positions[i]` of the tables cos/sin
-/// [positions, hd/2]; `inverse` rotates by −θ (the backward pass).
+/// ("rotate half" layout), row i at position `positions[i]` of `table` [positions, hd]: each
+/// row cos(θ) of the hd/2 frequencies, then their sin(θ). `inverse` rotates by −θ (the backward
+/// pass).
 pub fn rope_heads_in_place<T: FastMath>(
     x: &mut [T],
     width: usize,
     cols: std::ops::Range<usize>,
     hd: usize,
     positions: &[usize],
-    (cos, sin): (&[T], &[T]),
+    table: &[T],
     inverse: bool,
 ) {
     let half = hd / 2;
@@ -1191,10 +1192,7 @@ pub fn rope_heads_in_place<T: FastMath>(
     x.par_chunks_mut(width)
         .zip(positions.par_iter())
         .for_each(|(row, &pos)| {
-            let (c, s) = (
-                &cos[pos * half..(pos + 1) * half],
-                &sin[pos * half..(pos + 1) * half],
-            );
+            let (c, s) = table[pos * hd..(pos + 1) * hd].split_at(half);
             for head in row[cols.clone()].chunks_mut(hd) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {

@@ -7,7 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use lmkit_models::{CausalLm, Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 use std::path::Path;
 
-/// With `single_pass`, GPT-2 takes the fused attention kernel (the training path).
+/// With `single_pass`, GPT-2 and Llama take the fused attention kernels (the training path).
 fn loss(m: &CausalLm, x: &Tensor, y: &Tensor, single_pass: bool) -> Tensor {
     let mut cache = if single_pass {
         m.single_pass_cache()
@@ -115,31 +115,31 @@ fn gpt2_gradients_match_finite_differences() {
 
 #[test]
 fn llama_gradients_match_finite_differences() {
-    check(
-        DecoderConfig::Llama(LlamaConfig {
-            vocab_size: 11,
-            hidden_size: 8,
-            intermediate_size: 12,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            head_dim: None,
-            max_position_embeddings: 8,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10000.0,
-            hidden_act: "silu".into(),
-            tie_word_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
-            rope_scaling: None,
-            rope_parameters: None,
-            arch: Default::default(),
-            other: Default::default(),
-            bos_token_id: None,
-            eos_token_id: None,
-        }),
-        false,
-    );
+    let cfg = DecoderConfig::Llama(LlamaConfig {
+        vocab_size: 11,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        max_position_embeddings: 8,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        hidden_act: "silu".into(),
+        tie_word_embeddings: false,
+        attention_bias: false,
+        mlp_bias: false,
+        rope_scaling: None,
+        rope_parameters: None,
+        arch: Default::default(),
+        other: Default::default(),
+        bos_token_id: None,
+        eos_token_id: None,
+    });
+    // Composed attention (decoding) and rotation + attention in one kernel (one pass).
+    check(cfg.clone(), false);
+    check(cfg, true);
 }
 
 fn rnn(cell: Cell, tie: bool) -> DecoderConfig {

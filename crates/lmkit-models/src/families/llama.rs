@@ -444,6 +444,24 @@ impl Layer {
             .forward(&h)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("q, k, v projections".into()))?;
+        if let [cache] = caches {
+            // One pass whose keys and values are not kept (scoring, training): rotation and
+            // attention in one kernel over the projections side by side.
+            let (table, rotated) = rope.table();
+            if cache.discards_kv() && self.q_norm.is_none() && rotated == self.head_dim {
+                let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
+                let y = lmkit_kernels::blas::rope_causal_attention(
+                    &qkv,
+                    table,
+                    self.n_head,
+                    self.n_kv,
+                    cache.segments(),
+                )?;
+                if let Some(y) = y {
+                    return self.mlp(&(x + self.o_proj.forward(&y)?)?);
+                }
+            }
+        }
         let mut q = heads(q, self.n_head)?;
         let mut k = heads(k, self.n_kv)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -462,8 +480,12 @@ impl Layer {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
-        let x = (x + self.o_proj.forward(&y)?)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
+        self.mlp(&(x + self.o_proj.forward(&y)?)?)
+    }
+
+    /// x + MLP(RMSNorm(x)).
+    fn mlp(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.post_attention_layernorm.forward(x)?;
         let [gate, up]: [Tensor; 2] = self
             .gate_up
             .forward(&h)?

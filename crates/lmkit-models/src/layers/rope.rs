@@ -138,6 +138,8 @@ impl RopeSpec {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// [positions, rotated]: each position's cos values, then its sin values.
+    table: Tensor,
     rotated: usize,
 }
 
@@ -154,16 +156,19 @@ impl Rope {
             .to_dtype(DType::F32)?
             .unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv)?;
+        let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
         Ok(Rope {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            table: Tensor::cat(&[&cos, &sin], 1)?,
+            cos,
+            sin,
             rotated: 2 * half,
         })
     }
 
-    /// The tables [positions, rotated/2] and how many leading values of a head they rotate.
-    pub fn tables(&self) -> (&Tensor, &Tensor, usize) {
-        (&self.cos, &self.sin, self.rotated)
+    /// The table [positions, rotated] (each position's cos values, then its sin values) and how
+    /// many leading values of a head it rotates.
+    pub fn table(&self) -> (&Tensor, usize) {
+        (&self.table, self.rotated)
     }
 
     /// `x` [b, h, t, d] at positions `start..start + t`, rotated.

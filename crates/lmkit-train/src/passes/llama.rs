@@ -91,19 +91,19 @@ pub fn loss_sum_and_grads(
     if !parts.embed_tokens.device().is_cpu() || !blas::available() {
         return Ok(None);
     }
-    let (cos, sin, rotated) = parts.rope.tables();
+    let (table, rotated) = parts.rope.table();
     let hd = parts.layers.first().map_or(0, |l| l.head_dim);
     if rotated != hd || parts.lm_head.lora().is_some_and(|l| l.is_on()) {
         return Ok(None);
     }
     check_batch(model, batch)?;
-    let spans = spans(batch)?;
+    let spans = blas::sequence_spans(batch.b, batch.t, batch.segments)?;
     let n = batch.b * batch.t;
 
     // Every tensor the pass reads, each once (a tied output layer is the embedding).
     let mut reg = Registry::default();
     let embed = reg.add(parts.embed_tokens);
-    let tables = (reg.add(cos), reg.add(sin));
+    let table = reg.add(table);
     let mut layers = Vec::with_capacity(parts.layers.len());
     for l in &parts.layers {
         let Some(layer) = LayerIdx::new(&mut reg, l, n) else {
@@ -121,7 +121,7 @@ pub fn loss_sum_and_grads(
     }
     let model_idx = ModelIdx {
         embed,
-        tables,
+        table,
         layers,
         norm,
         lm_head,
@@ -164,30 +164,6 @@ fn check_batch(model: &Llama, batch: &Batch) -> candle_core::Result<()> {
         candle_core::bail!("Llama loss: scored row {bad} is outside the batch's {n} positions");
     }
     Ok(())
-}
-
-/// Each sequence's (first row, rows) in the flattened batch; a sequence longer than the model's
-/// positions is an error.
-fn spans(batch: &Batch) -> candle_core::Result<Vec<(usize, usize)>> {
-    let t = batch.t;
-    let mut spans = Vec::new();
-    for bi in 0..batch.b {
-        let mut at = bi * t;
-        match batch.segments {
-            Some(segs) => {
-                let row = segs.get(bi).map(Vec::as_slice).unwrap_or_default();
-                if row.iter().sum::<usize>() != t {
-                    candle_core::bail!("packed row {bi}: sequence lengths do not sum to {t}");
-                }
-                for &len in row.iter().filter(|&&len| len > 0) {
-                    spans.push((at, len));
-                    at += len;
-                }
-            }
-            None => spans.push((at, t)),
-        }
-    }
-    Ok(spans)
 }
 
 /// The tensors the pass reads, by index, each once.
@@ -289,7 +265,8 @@ impl LayerIdx {
 
 struct ModelIdx {
     embed: usize,
-    tables: (usize, usize),
+    /// The rope table [positions, head_dim].
+    table: usize,
     layers: Vec<LayerIdx>,
     norm: usize,
     lm_head: usize,
@@ -552,8 +529,8 @@ fn backprop<T: BlasFloat>(
             *pos = i;
         }
     }
-    let (cos, sin) = (p.data[m.tables.0], p.data[m.tables.1]);
-    let max_pos = cos.len() / (m.layers.first().map_or(2, |l| l.hd) / 2).max(1);
+    let table = p.data[m.table];
+    let max_pos = table.len() / m.layers.first().map_or(1, |l| l.hd).max(1);
     if let Some(&(_, len)) = spans.iter().find(|&&(_, len)| len > max_pos) {
         candle_core::bail!(
             "Llama: a sequence of {len} tokens is longer than max_position_embeddings ({max_pos})"
@@ -583,7 +560,7 @@ fn backprop<T: BlasFloat>(
             *slot = part.forward(p, &a1, n, (&mut qkv[col..], w), part.bias.is_some())?;
             col += part.out;
         }
-        fused::rope_heads_in_place(&mut qkv, w, 0..qd + kvd, hd, &positions, (cos, sin), false);
+        fused::rope_heads_in_place(&mut qkv, w, 0..qd + kvd, hd, &positions, table, false);
         let gqa = Gqa {
             spans,
             heads: l.heads,
@@ -746,7 +723,7 @@ fn backprop<T: BlasFloat>(
         };
         let mut dqkv = blas::gqa_attention_bwd(gemm, &s.qkv, &dy, gqa)?;
         drop(dy);
-        fused::rope_heads_in_place(&mut dqkv, w, 0..qd + kvd, hd, &positions, (cos, sin), true);
+        fused::rope_heads_in_place(&mut dqkv, w, 0..qd + kvd, hd, &positions, table, true);
         let has_bias = l.qkv.iter().any(|part| part.bias.is_some());
         let sums = if has_bias {
             fused::column_sums(&dqkv, w)
