@@ -48,13 +48,23 @@ impl MappedWeights {
                 Dtype::BF16 => (2, 0x7F80),
                 _ => return None,
             };
-            let bad = view.data().par_chunks(width * 4096).any(|block| {
-                block.chunks_exact(width).any(|b| {
-                    let mut v = [0u8; 8];
-                    v[..width].copy_from_slice(b);
-                    u64::from_le_bytes(v) & mask == mask
+            // Blocks are scanned whole (no early exit inside one), which lets the compiler
+            // compare many values at once.
+            fn scan<const W: usize>(data: &[u8], mask: u64) -> bool {
+                data.par_chunks(W * 4096).any(|block| {
+                    block.chunks_exact(W).fold(false, |bad, b| {
+                        let mut v = [0u8; 8];
+                        v[..W].copy_from_slice(b);
+                        bad | (u64::from_le_bytes(v) & mask == mask)
+                    })
                 })
-            });
+            }
+            let data = view.data();
+            let bad = match width {
+                8 => scan::<8>(data, mask),
+                4 => scan::<4>(data, mask),
+                _ => scan::<2>(data, mask),
+            };
             bad.then_some(name)
         })
     }
