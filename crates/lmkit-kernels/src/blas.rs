@@ -924,6 +924,14 @@ impl Gqa<'_> {
 /// t = 256). Tests use small blocks so that short sequences span several.
 const CAUSAL_BLOCK: usize = if cfg!(test) { 3 } else { 64 };
 
+/// Query rows per task of the forward pass over a t-row sequence: larger blocks for long
+/// sequences, whose keys are then packed for fewer products (one 4,096-token window of a 135M
+/// Llama: 9.7 s with 64-row blocks, 9.1–9.2 s with 256), small ones for short sequences, where
+/// the masked corner of each block would be a large part of the work.
+fn forward_block(t: usize) -> usize {
+    (t / 16).clamp(CAUSAL_BLOCK, 256)
+}
+
 /// Row blocks [r0, r1) of a t-row causal attention.
 fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t)
@@ -991,20 +999,26 @@ pub fn gqa_attention_fwd<T: BlasFloat>(
         .iter()
         .enumerate()
         .flat_map(|(si, &(_, t))| {
-            (0..s.heads).flat_map(move |h| causal_blocks(t).map(move |(r0, r1)| (si, h, r0, r1)))
+            let block = forward_block(t);
+            (0..s.heads).flat_map(move |h| {
+                (0..t)
+                    .step_by(block)
+                    .map(move |r0| (si, h, r0, (r0 + block).min(t)))
+            })
         })
         .collect();
     let mut y = vec![T::zero(); rows * c];
     let out = SharedOut(y.as_mut_ptr());
     tasks.into_par_iter().for_each_init(
-        || vec![T::zero(); CAUSAL_BLOCK * longest],
+        || vec![T::zero(); forward_block(longest) * longest],
         |p, (si, h, r0, r1)| {
             let (r, _) = s.spans[si];
             let (kc, vc) = s.kv_cols(h / s.group());
             let (q, k, v) = (r * w + h * hd, r * w + kc, r * w + vc);
             // SAFETY: q rows r0..r1 and k, v rows 0..r1 of the span lie at q/k/v + i·w .. + hd
             // within `qkv` (`check`: every span's rows are within it); the scores P
-            // [r1 − r0, r1] (ld r1) fit the CAUSAL_BLOCK × longest buffer; task (span, h, r0)
+            // [r1 − r0, r1] (ld r1) fit the forward_block(longest) × longest buffer (blocks
+            // grow with the sequence); task (span, h, r0)
             // alone writes y[r + r0..r + r1, h·hd .. (h+1)·hd] (ldc = c): spans do not overlap.
             unsafe {
                 gemm_raw(
