@@ -1337,8 +1337,19 @@ fn ce_grad<T: FastMath>(x: &[T], t: &[u32], v: usize, scale: f64) -> Vec<T> {
 /// In place: logits `r` → scale·(softmax(r) − one_hot(y)); returns the row's cross-entropy
 /// −log softmax(r)[y].
 pub fn ce_row_in_place<T: FastMath>(r: &mut [T], y: usize, scale: T) -> T {
+    ce_row_weighted_in_place(r, y, |_| scale)
+}
+
+/// As [`ce_row_in_place`], the gradient's scale given by `scale_of(loss)` (a per-token weight
+/// that depends on the token's own log-probability, as RL objectives have).
+pub fn ce_row_weighted_in_place<T: FastMath>(
+    r: &mut [T],
+    y: usize,
+    scale_of: impl FnOnce(T) -> T,
+) -> T {
     let lse = log_sum_exp(r);
     let loss = lse - r[y];
+    let scale = scale_of(loss);
     softmax_scaled(r, lse, scale);
     r[y] = r[y] - scale;
     loss

@@ -22,7 +22,7 @@ use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
 use crate::finetune::{
-    begin, hand_loss_sum, predicted_hidden, sequences_batch, Tuned, Tuning, Vocab,
+    begin, hand_scored_rows, predicted_hidden, sequences_batch, Tuned, Tuning, Vocab,
 };
 use crate::metrics::Extra;
 use crate::pref::Pair;
@@ -866,7 +866,7 @@ fn pairs_loss(
         if let Some(grads) = grads.as_deref_mut() {
             let hand = |e: &Example, grads: &Grads| {
                 let b = sequences_batch(&[e], dev)?;
-                hand_loss_sum(model, &b, 1.0, grads, t.backward)
+                hand_scored_rows(model, &b, 1.0, None, grads, t.backward)
             };
             if let Some(c) = hand(&p.chosen, grads)? {
                 let Some(rj) = hand(&p.rejected, grads)? else {
@@ -875,8 +875,8 @@ fn pairs_loss(
                     ));
                 };
                 let s = Scored {
-                    chosen: -c.loss,
-                    rejected: -rj.loss,
+                    chosen: -c.loss(),
+                    rejected: -rj.loss(),
                     n_chosen,
                     n_rejected,
                 };

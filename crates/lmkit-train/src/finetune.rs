@@ -8,7 +8,8 @@ use crate::adamw::{AdamW, Param};
 use crate::checkpoint::{self, Start, TrainerState};
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::passes::{Backward, LossAndGrads};
+use crate::passes::llama::ScoredRows;
+use crate::passes::Backward;
 use crate::sft::{self, Example, Renderer, SftDataConfig};
 use crate::steps::{self, Grads, Micro, Position, Validation};
 use crate::{metrics, Summary};
@@ -534,16 +535,18 @@ pub(crate) fn predicted_hidden(model: &CausalLm, b: &Batch) -> Result<Tensor> {
     Ok(h.reshape((n * t, c))?.index_select(&b.rows, 0)?)
 }
 
-/// The summed cross-entropy of a batch's predicted tokens and the gradients of that sum times
-/// `scale` for the parameters `grads` trains, through the model's hand-written training pass;
-/// `None` where it has none that applies (the caller differentiates the graph).
-pub(crate) fn hand_loss_sum(
+/// The cross-entropy of each of a batch's predicted tokens and the gradients of their sum
+/// (weighted by `weights`: row, cross-entropy → weight) times `scale` for the parameters `grads`
+/// trains, through the model's hand-written training pass; `None` where it has none that applies
+/// (the caller differentiates the graph).
+pub(crate) fn hand_scored_rows(
     model: &CausalLm,
     b: &Batch,
     scale: f64,
+    weights: Option<&(dyn Fn(usize, f64) -> f64 + Sync)>,
     grads: &Grads,
     backward: Backward,
-) -> Result<Option<LossAndGrads>> {
+) -> Result<Option<ScoredRows>> {
     let (CausalLm::Llama(m), Backward::Auto) = (model, backward) else {
         return Ok(None);
     };
@@ -558,9 +561,10 @@ pub(crate) fn hand_loss_sum(
         segments: b.segments.as_deref(),
         rows: &rows,
         targets: &targets,
+        weights,
     };
     let trains = |p: &Tensor| grads.trains(p);
-    Ok(crate::passes::llama::loss_sum_and_grads(
+    Ok(crate::passes::llama::scored_rows(
         m, &batch, scale, &trains,
     )?)
 }
@@ -699,10 +703,11 @@ pub fn finetune(
         let examples = batch_of(step * t.grad_accum + m);
         let b = make_batch(&examples, packed, &dev)?;
         let scale = 1.0 / step_tokens.max(1) as f64;
-        let loss = match hand_loss_sum(model, &b, scale, grads, t.backward)? {
+        let loss = match hand_scored_rows(model, &b, scale, None, grads, t.backward)? {
             Some(r) => {
+                let loss = r.loss() * scale;
                 grads.add_all(r.grads, 1.0)?;
-                r.loss * scale
+                loss
             }
             None => {
                 let share = (batch_loss_sum(model, &b)? * scale)?;

@@ -17,7 +17,7 @@
 use crate::checkpoint::Start;
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
-use crate::finetune::{begin, predicted_hidden, sequences_batch, Tuning, Vocab};
+use crate::finetune::{begin, hand_scored_rows, predicted_hidden, sequences_batch, Tuning, Vocab};
 use crate::metrics::Extra;
 use crate::reward::RewardModel;
 use crate::sft::{self, Example};
@@ -582,26 +582,41 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
                 let seed = t.seed ^ 0x71_0a7e ^ ((k * 4096) as u64 + 1);
                 ad.set_dropout_seed(Some(mix(seed)));
             }
-            let lp = token_logps(model, &batch, &dev)?;
-            let values: Vec<f32> = lp.to_vec1()?;
-            let mut coef = Vec::with_capacity(values.len());
-            let mut at = 0;
-            for &i in pass {
-                for _ in 0..seqs[i].targets() {
-                    let (l, d, kl) = token_loss(
-                        adv[i],
-                        values[at] as f64,
-                        refs.as_ref().map(|r| r[at] as f64),
-                        r.beta,
-                    );
-                    loss += l * norm;
-                    kl_sum += kl;
-                    coef.push((d * norm) as f32);
-                    at += 1;
-                }
+            // Each scored token's loss, derivative by its log-probability and KL estimate.
+            let row_adv: Vec<f64> = pass
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(adv[i], seqs[i].targets()))
+                .collect();
+            let term = |row: usize, lp: f64| {
+                let reference = refs.as_ref().map(|r| r[row] as f64);
+                token_loss(row_adv[row], lp, reference, r.beta)
+            };
+            // d(loss)/d(params) = Σ d·∇lp = Σ −d·∇ce.
+            let weight = |row: usize, ce: f64| -term(row, -ce).1 * norm;
+            let b = sequences_batch(&batch, &dev)?;
+            let values: Vec<f64> =
+                match hand_scored_rows(model, &b, 1.0, Some(&weight), grads, t.backward)? {
+                    Some(s) => {
+                        grads.add_all(s.grads, 1.0)?;
+                        s.row_losses.iter().map(|ce| -ce).collect()
+                    }
+                    None => {
+                        let lp = token_logps(model, &batch, &dev)?;
+                        let values: Vec<f64> =
+                            lp.to_vec1::<f32>()?.iter().map(|&v| v as f64).collect();
+                        let coef: Vec<f32> = (values.iter().enumerate())
+                            .map(|(row, &v)| (term(row, v).1 * norm) as f32)
+                            .collect();
+                        let coef = Tensor::from_vec(coef, values.len(), &dev)?;
+                        grads.backward(&(lp * coef)?.sum_all()?)?;
+                        values
+                    }
+                };
+            for (row, &v) in values.iter().enumerate() {
+                let (l, _, kl) = term(row, v);
+                loss += l * norm;
+                kl_sum += kl;
             }
-            let coef = Tensor::from_vec(coef, values.len(), &dev)?;
-            grads.backward(&(lp * coef)?.sum_all()?)?;
             model.set_training(false);
         }
         let optimization = t_opt.elapsed().as_secs_f64();

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 /// accumulation over chunks).
 const LOSS_ROWS: usize = if cfg!(test) { 5 } else { 512 };
 
-/// A batch for [`loss_sum_and_grads`].
+/// A batch for [`scored_rows`].
 pub struct Batch<'a> {
     /// Token ids [b, t], flattened.
     pub ids: &'a [u32],
@@ -32,6 +32,23 @@ pub struct Batch<'a> {
     /// The flattened positions whose next token is scored, and those tokens.
     pub rows: &'a [u32],
     pub targets: &'a [u32],
+    /// The weight of scored row i's cross-entropy in the differentiated objective, given that
+    /// cross-entropy (`None`: 1 for every row).
+    pub weights: Option<&'a (dyn Fn(usize, f64) -> f64 + Sync)>,
+}
+
+/// What [`scored_rows`] gives: each scored row's cross-entropy, in order, and the gradients.
+pub struct ScoredRows {
+    pub row_losses: Vec<f64>,
+    /// (parameter, gradient) pairs; a tied output layer's gradient is in the embedding's.
+    pub grads: Vec<(Tensor, Tensor)>,
+}
+
+impl ScoredRows {
+    /// The summed cross-entropy (added in row order: the same total every run).
+    pub fn loss(&self) -> f64 {
+        self.row_losses.iter().sum()
+    }
 }
 
 /// The hand-written pass over a Llama-family model, as `lmkit train` uses it: every position
@@ -63,27 +80,29 @@ impl TrainPass for LlamaPass<'_> {
             segments: None,
             rows: &rows,
             targets: &targets,
+            weights: None,
         };
         let n = (b * t).max(1) as f64;
-        let r = loss_sum_and_grads(self.0, &batch, scale / n, &|_| true)?;
+        let r = scored_rows(self.0, &batch, scale / n, &|_| true)?;
         Ok(r.map(|r| LossAndGrads {
-            loss: r.loss / n,
+            loss: r.loss() / n,
             grads: r.grads,
         }))
     }
 }
 
-/// The summed cross-entropy of `batch.targets` at `batch.rows` and the gradients of that sum
-/// times `scale` for the parameters `trainable` picks (LoRA matrices included; a tied output
-/// layer's gradient is in the embedding's). `None` where the pass does not apply — not on the
+/// The cross-entropy of `batch.targets` at each of `batch.rows` and the gradients of their sum
+/// (weighted by `batch.weights`) times `scale` for the parameters `trainable` picks (LoRA
+/// matrices included; a tied output layer's gradient is in the embedding's). `None` where the
+/// pass does not apply — not on the
 /// CPU, not f32/f64, no BLAS library, quantized or transposed weights, Qwen3's head norms, a
 /// sliding window, adapters on the output layer — and the caller differentiates the graph.
-pub fn loss_sum_and_grads(
+pub fn scored_rows(
     model: &Llama,
     batch: &Batch,
     scale: f64,
     trainable: &dyn Fn(&Tensor) -> bool,
-) -> candle_core::Result<Option<LossAndGrads>> {
+) -> candle_core::Result<Option<ScoredRows>> {
     let Some(parts) = model.parts() else {
         return Ok(None);
     };
@@ -472,7 +491,7 @@ fn run<T: BlasFloat>(
     batch: &Batch,
     spans: &[(usize, usize)],
     scale: f64,
-) -> candle_core::Result<Option<LossAndGrads>> {
+) -> candle_core::Result<Option<ScoredRows>> {
     let guards: Vec<_> = reg.tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut data = Vec::with_capacity(guards.len());
     for (st, l) in &guards {
@@ -494,7 +513,7 @@ fn run<T: BlasFloat>(
         grads: vec![None; reg.tensors.len()],
         blas,
     };
-    let loss = backprop(&mut p, m, batch, spans, scale)?;
+    let row_losses = backprop(&mut p, m, batch, spans, scale)?;
     let grads = std::mem::take(&mut p.grads);
     drop(p);
     drop(guards);
@@ -506,17 +525,17 @@ fn run<T: BlasFloat>(
         .filter_map(|(t, g)| g.map(|g| (t, g)))
         .map(|(t, g)| Ok(((*t).clone(), Tensor::from_vec(g, t.shape(), &dev)?)))
         .collect::<candle_core::Result<_>>()?;
-    Ok(Some(LossAndGrads { loss, grads }))
+    Ok(Some(ScoredRows { row_losses, grads }))
 }
 
-/// The pass itself: the summed loss; gradients (times `scale`) into `p.grads`.
+/// The pass itself: each scored row's loss; gradients (times `scale`) into `p.grads`.
 fn backprop<T: BlasFloat>(
     p: &mut Params<'_, T>,
     m: &ModelIdx,
     batch: &Batch,
     spans: &[(usize, usize)],
     scale: f64,
-) -> candle_core::Result<f64> {
+) -> candle_core::Result<Vec<f64>> {
     let blas = p.blas;
     let gemm = T::gemm(blas);
     let n = batch.b * batch.t;
@@ -602,7 +621,6 @@ fn backprop<T: BlasFloat>(
     // turned into their gradient in place, then give the hidden states' and the output
     // weights'.
     let lm = p.data[m.lm_head];
-    let sc = T::from(scale).unwrap_or_else(T::zero);
     let cnt = batch.rows.len();
     let hs: Vec<T> = batch
         .rows
@@ -618,7 +636,7 @@ fn backprop<T: BlasFloat>(
         Vec::new()
     };
     let mut logits = vec![T::zero(); LOSS_ROWS.min(cnt) * v];
-    let mut loss = 0.0;
+    let mut losses = Vec::with_capacity(cnt);
     for r0 in (0..cnt).step_by(LOSS_ROWS) {
         let rows = LOSS_ROWS.min(cnt - r0);
         let lg = &mut logits[..rows * v];
@@ -631,13 +649,21 @@ fn backprop<T: BlasFloat>(
             lg,
             false,
         )?;
-        // Row losses collected in order and summed in order: the same total every run.
         let row_losses: Vec<f64> = lg
             .par_chunks_mut(v)
             .zip(&batch.targets[r0..r0 + rows])
-            .map(|(r, &y)| WithDType::to_f64(fused::ce_row_in_place(r, y as usize, sc)))
+            .enumerate()
+            .map(|(i, (r, &y))| {
+                let scale_of = |loss: T| {
+                    let w = batch
+                        .weights
+                        .map_or(1.0, |w| w(r0 + i, WithDType::to_f64(loss)));
+                    T::from(scale * w).unwrap_or_else(T::zero)
+                };
+                WithDType::to_f64(fused::ce_row_weighted_in_place(r, y as usize, scale_of))
+            })
             .collect();
-        loss += row_losses.iter().sum::<f64>();
+        losses.extend(row_losses);
         let dh = &mut dhs[r0 * c..(r0 + rows) * c];
         blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), dh, false)?;
         if want_lm {
@@ -760,7 +786,7 @@ fn backprop<T: BlasFloat>(
         }
         p.add_grad(m.embed, de);
     }
-    Ok(loss)
+    Ok(losses)
 }
 
 #[cfg(test)]
@@ -854,14 +880,14 @@ mod tests {
     fn compare(model: &Llama, batch: &Batch, trained: &[Tensor], tol: f64) {
         let scale = 0.25;
         let ids: std::collections::HashSet<_> = trained.iter().map(|t| t.id()).collect();
-        let ours = loss_sum_and_grads(model, batch, scale, &|t| ids.contains(&t.id()))
+        let ours = scored_rows(model, batch, scale, &|t| ids.contains(&t.id()))
             .unwrap()
             .expect("the pass applies");
         let (want, g) = autograd(model, batch, scale);
+        let loss = ours.loss();
         assert!(
-            (ours.loss - want).abs() <= tol * want.abs().max(1.0),
-            "loss {} vs {want}",
-            ours.loss
+            (loss - want).abs() <= tol * want.abs().max(1.0),
+            "loss {loss} vs {want}"
         );
         assert_eq!(
             ours.grads.len(),
@@ -901,6 +927,7 @@ mod tests {
                 segments: None,
                 rows: &rows,
                 targets: &targets,
+                weights: None,
             };
             let all: Vec<Tensor> = vm
                 .all_vars()
@@ -929,6 +956,7 @@ mod tests {
             segments: Some(&segments),
             rows: &rows,
             targets: &targets,
+            weights: None,
         };
         // Only some parameters trained: the others get no gradient.
         let trained: Vec<Tensor> = vm
@@ -966,6 +994,7 @@ mod tests {
             segments: None,
             rows: &rows,
             targets: &targets,
+            weights: None,
         };
         let trained: Vec<Tensor> = adapters
             .vars()
@@ -974,6 +1003,77 @@ mod tests {
             .collect();
         assert_eq!(trained.len(), 2 * 7 * 2, "A and B on 7 layers of 2 blocks");
         compare(&model, &batch, &trained, 2e-4);
+    }
+
+    #[test]
+    fn rows_weighted_by_their_own_loss_equal_autograd_f64() {
+        if !blas_or_skip() {
+            return;
+        }
+        let (model, vm) = model(&config(false, false), DType::F64, None);
+        let (b, t) = (2, 7);
+        let ids = tokens(b * t, 21);
+        let rows: Vec<u32> = vec![1, 2, 4, 5, 8, 9, 10, 13];
+        let targets = tokens(rows.len(), 22);
+        // A weight that depends on the row and on its cross-entropy (as RL's per-token terms).
+        let weight = |row: usize, ce: f64| (row as f64 - 3.0) * 0.3 + (-ce).exp();
+        let batch = Batch {
+            ids: &ids,
+            b,
+            t,
+            segments: None,
+            rows: &rows,
+            targets: &targets,
+            weights: Some(&weight),
+        };
+        let all: Vec<Tensor> = vm
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let ids_set: std::collections::HashSet<_> = all.iter().map(|t| t.id()).collect();
+        let scale = 0.5;
+        let ours = scored_rows(&model, &batch, scale, &|t| ids_set.contains(&t.id()))
+            .unwrap()
+            .unwrap();
+        // Reference: Σ w(ce_i)·ce_i with the weights held constant, differentiated.
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
+        let h = model
+            .hidden(&x, &mut [&mut KvCache::single_pass(model.num_layers())])
+            .unwrap()
+            .reshape((b * t, model.cfg.hidden_size))
+            .unwrap()
+            .index_select(
+                &Tensor::from_vec(rows.clone(), rows.len(), &dev).unwrap(),
+                0,
+            )
+            .unwrap();
+        let logits = candle_core::Module::forward(model.output(), &h).unwrap();
+        let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+        let tg = Tensor::from_vec(targets.clone(), (rows.len(), 1), &dev).unwrap();
+        let ce = lp
+            .gather(&tg, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let values: Vec<f64> = ce.to_vec1().unwrap();
+        for (got, want) in ours.row_losses.iter().zip(&values) {
+            assert!((got - want).abs() < 1e-10, "row loss {got} vs {want}");
+        }
+        let w: Vec<f64> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| weight(i, c) * scale)
+            .collect();
+        let w = Tensor::from_vec(w, rows.len(), &dev).unwrap();
+        let g = (ce * w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(ours.grads.len(), all.len());
+        for (p, got) in &ours.grads {
+            assert_gradient_close(got, g.get(p).unwrap(), 1e-10);
+        }
     }
 
     #[test]
