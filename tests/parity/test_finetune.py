@@ -117,7 +117,8 @@ def test_assistant_only_loss_matches_transformers_masks(lmkit, tmp_path):
 
 
 @pytest.mark.parametrize("lora", ['r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj", "down_proj"]',
-                                  'r = 4\nalpha = 16\ntarget_modules = "all-linear"\nuse_rslora = true'])
+                                  'r = 4\nalpha = 16\ntarget_modules = "all-linear"\nuse_rslora = true',
+                                  'r = 4\nalpha = 8\ntarget_modules = ["q_proj"]\nmodules_to_save = ["lm_head"]'])
 def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
     from peft import PeftModel
     model, base = make_base(lmkit, tmp_path)
@@ -126,6 +127,12 @@ def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
     out = tmp_path / "out"
     ckpt = out / (out / "latest").read_text().strip()
     assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    if "modules_to_save" in lora:
+        # The output layer trained whole, stored under PEFT's key beside the adapters.
+        from safetensors.torch import load_file
+        saved = load_file(ckpt / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+        assert json.loads((ckpt / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+        assert (saved - model.lm_head.weight.detach()).abs().max() > 1e-4, "lm_head did not train"
     peft = PeftModel.from_pretrained(model, ckpt).eval()
     ids = [3, 17, 42, 99, 7, 250, 12, 5]
     with torch.no_grad():
@@ -160,6 +167,28 @@ def test_peft_adapter_loads_in_lmkit(lmkit, tmp_path, kind):
         want = peft(torch.tensor([ids])).logits[0].numpy()
     got = lmkit_logits(lmkit, base, ids, adapter=tmp_path / "adapter")
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+def test_peft_adapter_with_modules_to_save_loads_in_lmkit(lmkit, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    model, base = make_base(lmkit, tmp_path)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                     init_lora_weights=False)
+    peft = get_peft_model(model, cfg).eval()
+    with torch.no_grad():
+        head = peft.base_model.model.lm_head.modules_to_save["default"]
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = [3, 17, 42, 99, 7, 250, 12, 5]
+    with torch.no_grad():
+        want = peft(torch.tensor([ids])).logits[0].numpy()
+    got = lmkit_logits(lmkit, base, ids, adapter=tmp_path / "adapter")
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    # Without the saved output layer (the adapters alone) lmkit would differ.
+    with torch.no_grad():
+        peft.base_model.model.lm_head.modules_to_save["default"].weight.copy_(model.lm_head.original_module.weight)
+        alone = peft(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - alone).max() > 1e-2
 
 
 def test_lora_gradients_equal_peft(lmkit, tmp_path):

@@ -175,9 +175,9 @@ pub(crate) fn load_model(what: Tuning, dev: &Device) -> Result<Tuned> {
             .vars()
             .into_iter()
             .map(|(name, var)| Param {
+                decay: !name.ends_with(".bias"),
                 name,
                 var,
-                decay: true,
             })
             .collect();
         return Ok(Tuned {

@@ -55,6 +55,31 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
         *w = (&*w + delta)?;
         merged += 1;
     }
+    // Modules trained whole (modules_to_save) replace the base's; an output layer tied to the
+    // embeddings becomes a layer of its own.
+    let mut untied = false;
+    for (path, weight, bias) in adapters.saved_modules() {
+        for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
+            let Some(t) = t else { continue };
+            let name = format!("{path}.{name}");
+            match tensors.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, w)) if w.dims() == t.dims() => *w = t,
+                Some((_, w)) => {
+                    return Err(TrainError::Data(format!(
+                        "{}: the saved module's {name} is {:?} but the base's is {:?}",
+                        adapter.display(),
+                        t.dims(),
+                        w.dims()
+                    )))
+                }
+                None => {
+                    untied |= path == "lm_head";
+                    tensors.push((name, t));
+                }
+            }
+        }
+        merged += 1;
+    }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => Path::new(".").to_path_buf(),
@@ -70,11 +95,25 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     f.sync_all().map_err(|e| TrainError::io(&file, e))?;
     let mut copy = Vec::new();
     match gguf_config {
-        Some(config) => write_gguf_side_files(base, &config, tmp.path())?,
+        Some(mut config) => {
+            if untied {
+                config["tie_word_embeddings"] = false.into();
+            }
+            write_gguf_side_files(base, &config, tmp.path())?
+        }
         None => {
             copy = tokenizer_files(&dir);
-            copy.push(dir.join("config.json"));
             copy.push(dir.join("generation_config.json"));
+            let src = dir.join("config.json");
+            if untied {
+                let text = std::fs::read_to_string(&src).map_err(|e| TrainError::io(&src, e))?;
+                let mut config: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| TrainError::Data(format!("{}: {e}", src.display())))?;
+                config["tie_word_embeddings"] = false.into();
+                write_json(&tmp.path().join("config.json"), &config)?;
+            } else {
+                copy.push(src);
+            }
         }
     }
     for src in copy {
@@ -92,11 +131,7 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
 /// config.json, tokenizer.json and tokenizer_config.json (chat template, special tokens) of a
 /// model read from the GGUF file `base`, written into `dir`.
 fn write_gguf_side_files(base: &Path, config: &serde_json::Value, dir: &Path) -> Result<()> {
-    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = dir.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Data(e.to_string()))?;
-        std::fs::write(&p, text).map_err(|e| TrainError::io(&p, e))
-    };
+    let write = |name: &str, v: &serde_json::Value| write_json(&dir.join(name), v);
     write("config.json", config)?;
     let tk = lmkit_tokenize::load(base)?;
     let p = dir.join("tokenizer.json");
@@ -121,4 +156,9 @@ fn write_gguf_side_files(base: &Path, config: &serde_json::Value, dir: &Path) ->
         tc["chat_template"] = t.into();
     }
     write("tokenizer_config.json", &tc)
+}
+
+fn write_json(p: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Data(e.to_string()))?;
+    std::fs::write(p, text).map_err(|e| TrainError::io(p, e))
 }

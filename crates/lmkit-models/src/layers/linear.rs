@@ -43,9 +43,10 @@ impl Linear {
     ) -> candle_core::Result<Self> {
         let path = vb.prefix();
         let l = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
+        let (weight, bias) = saved_or(&path, l.weight().clone(), l.bias().cloned())?;
         Ok(Linear {
-            weight: Weight::Dense(l.weight().clone()),
-            bias: l.bias().cloned(),
+            weight: Weight::Dense(weight),
+            bias,
             lora: lora::attach(&path, in_dim, out_dim, false)?,
             path,
         })
@@ -53,11 +54,17 @@ impl Linear {
 
     /// transformers' `Conv1D` layout: `weight` [in, out] and `bias` [out] under `vb`.
     pub fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let path = vb.prefix();
+        let (weight, bias) = saved_or(
+            &path,
+            vb.get((in_dim, out_dim), "weight")?,
+            Some(vb.get(out_dim, "bias")?),
+        )?;
         Ok(Linear {
-            weight: Weight::Transposed(vb.get((in_dim, out_dim), "weight")?),
-            bias: Some(vb.get(out_dim, "bias")?),
-            lora: lora::attach(&vb.prefix(), in_dim, out_dim, true)?,
-            path: vb.prefix(),
+            weight: Weight::Transposed(weight),
+            bias,
+            lora: lora::attach(&path, in_dim, out_dim, true)?,
+            path,
         })
     }
 
@@ -69,6 +76,7 @@ impl Linear {
         path: &str,
     ) -> candle_core::Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
+        let (weight, bias) = saved_or(path, weight, bias)?;
         Ok(Linear {
             weight: Weight::Dense(weight),
             bias,
@@ -85,6 +93,16 @@ impl Linear {
         path: &str,
     ) -> candle_core::Result<Self> {
         let (out_dim, in_dim) = weight.shape().dims2()?;
+        let dense = || weight.dequantize(&weight.device());
+        if let Some((w, bias)) = lora::saved_module(path, &dense, bias.as_ref())? {
+            // A module trained whole: dense f32 from here on.
+            return Ok(Linear {
+                weight: Weight::Dense(w),
+                bias,
+                path: path.to_string(),
+                lora: lora::attach(path, in_dim, out_dim, false)?,
+            });
+        }
         let weight = match QMatMul::from_qtensor(weight)? {
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
                 Weight::Dense(w.to_dtype(candle_core::DType::F32)?)
@@ -261,6 +279,17 @@ impl Module for Linear {
             _ => Ok(y),
         }
     }
+}
+
+/// `weight` and `bias`, or what the adapters being attached put in their place for the module at
+/// `path` (see [`lora::saved_module`]).
+fn saved_or(
+    path: &str,
+    weight: Tensor,
+    bias: Option<Tensor>,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let w = weight.clone();
+    Ok(lora::saved_module(path, &|| Ok(w.clone()), bias.as_ref())?.unwrap_or((weight, bias)))
 }
 
 /// A frozen block-quantized product `x·Wᵀ` as a node of the graph: its input gets the gradient

@@ -23,6 +23,24 @@ fn key(path: &str, which: &str) -> String {
     format!("{PREFIX}{path}.lora_{which}.weight")
 }
 
+/// PEFT's key of a saved module's tensor (`which`: "weight" or "bias").
+fn saved_key(path: &str, which: &str) -> String {
+    format!("{PREFIX}{path}.{which}")
+}
+
+/// The module path and tensor ("weight" or "bias") a PEFT key of a saved module names.
+fn parse_saved_key(k: &str) -> Option<(&str, &str)> {
+    let (path, which) = k.strip_prefix(PREFIX)?.rsplit_once('.')?;
+    (matches!(which, "weight" | "bias") && parse_key(k).is_none()).then_some((path, which))
+}
+
+/// Whether `path` is one of `names` (PEFT: the path equals a name or ends in `.name`).
+fn names_match(names: &[String], path: &str) -> bool {
+    names
+        .iter()
+        .any(|n| path == n || path.ends_with(&format!(".{n}")))
+}
+
 /// The layer path and matrix ("A" or "B") a PEFT key names, if it names one.
 fn parse_key(k: &str) -> Option<(&str, &str)> {
     let (path, which) = k
@@ -57,9 +75,7 @@ impl Targets {
             return !OUTPUT_LAYERS.contains(&leaf);
         }
         match self {
-            Targets::Names(names) => names
-                .iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Targets::Names(names) => names_match(names, path),
             Targets::One(_) => false,
         }
     }
@@ -82,6 +98,10 @@ pub struct LoraSpec {
     pub target_modules: Targets,
     #[serde(default)]
     pub use_rslora: bool,
+    /// Modules trained whole beside the adapters and stored in the adapter file (PEFT's
+    /// `modules_to_save`, e.g. `["lm_head"]`), named as `target_modules` names layers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
 }
 
 fn default_r() -> usize {
@@ -102,6 +122,7 @@ impl Default for LoraSpec {
             dropout: 0.0,
             target_modules: default_targets(),
             use_rslora: false,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -249,6 +270,16 @@ struct State {
     source: Source,
     /// Attached adapters by layer path, with the layer's storage (transposed: Conv1D).
     attached: BTreeMap<String, (Lora, Option<Var>, Option<Var>, bool)>,
+    /// Saved modules by path: their weight and bias, variables when trained.
+    saved: BTreeMap<String, SavedModule>,
+}
+
+/// A module trained whole (`modules_to_save`): its weight (as the layer stores it) and bias.
+#[derive(Clone)]
+struct SavedModule {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    vars: (Option<Var>, Option<Var>),
 }
 
 /// A set of adapters: created fresh for training or read from a PEFT directory, attached to a
@@ -271,6 +302,21 @@ thread_local! {
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The weight and bias the layer at `path` takes instead of its checkpoint's, when a model is
+/// being built with adapters that save that module (`modules_to_save`): a trainable copy of
+/// `weight`/`bias` for new adapters, the adapter file's tensors for loaded ones. Called by
+/// `Linear`'s constructors with the weight as the layer stores it.
+pub(crate) fn saved_module(
+    path: &str,
+    weight: &dyn Fn() -> candle_core::Result<Tensor>,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    BUILDING.with(|b| match &*b.borrow() {
+        Some(adapters) => adapters.save_module(path, weight, bias),
+        None => Ok(None),
+    })
 }
 
 /// The adapter for the layer at `path` ([in, out] sizes), when a model is being built with
@@ -329,6 +375,7 @@ impl Adapters {
                     device: device.clone(),
                 },
                 attached: BTreeMap::new(),
+                saved: BTreeMap::new(),
             })),
         }
     }
@@ -362,9 +409,6 @@ impl Adapters {
         if c.bias.as_deref().is_some_and(|b| b != "none") {
             return refuse("bias other than \"none\"");
         }
-        if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return refuse("modules_to_save");
-        }
         if c.rank_pattern.as_ref().is_some_and(|m| !m.is_empty())
             || c.alpha_pattern.as_ref().is_some_and(|m| !m.is_empty())
         {
@@ -379,6 +423,7 @@ impl Adapters {
             dropout: c.lora_dropout,
             target_modules: c.target_modules.unwrap_or(Targets::Names(Vec::new())),
             use_rslora: c.use_rslora,
+            modules_to_save: c.modules_to_save.unwrap_or_default(),
         };
         if spec.r == 0 || spec.alpha <= 0.0 {
             return Err(bad("r and lora_alpha must be positive".into()));
@@ -400,11 +445,13 @@ impl Adapters {
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         for k in tensors.keys() {
-            if parse_key(k).is_none() {
+            let saved = parse_saved_key(k)
+                .is_some_and(|(path, _)| names_match(&spec.modules_to_save, path));
+            if parse_key(k).is_none() && !saved {
                 return Err(crate::ModelError::Tensor {
                     path: file.clone(),
                     name: k.clone(),
-                    msg: "not a LoRA A/B weight of a causal LM adapter (base_model.model.<layer>.lora_A.weight)".into(),
+                    msg: "not a LoRA A/B weight of a causal LM adapter (base_model.model.<layer>.lora_A.weight) nor a tensor of a module in modules_to_save".into(),
                 });
             }
         }
@@ -420,6 +467,7 @@ impl Adapters {
                     trainable: false,
                 },
                 attached: BTreeMap::new(),
+                saved: BTreeMap::new(),
             })),
         })
     }
@@ -457,10 +505,12 @@ impl Adapters {
         let st = lock(&self.state);
         match &st.source {
             Source::Loaded { dir, tensors, .. } => {
-                if let Some(k) = tensors
-                    .keys()
-                    .find(|k| parse_key(k).is_some_and(|(path, _)| !st.attached.contains_key(path)))
-                {
+                let unused = |k: &&String| match (parse_key(k), parse_saved_key(k)) {
+                    (Some((path, _)), _) => !st.attached.contains_key(path),
+                    (None, Some((path, _))) => !st.saved.contains_key(path),
+                    (None, None) => true,
+                };
+                if let Some(k) = tensors.keys().find(unused) {
                     return Err(crate::ModelError::Tensor {
                         path: dir.join("adapter_model.safetensors"),
                         name: k.clone(),
@@ -482,7 +532,83 @@ impl Adapters {
             }
             Source::Fresh { .. } => {}
         }
+        if let Some(name) = self
+            .spec
+            .modules_to_save
+            .iter()
+            .find(|n| !st.saved.keys().any(|p| names_match(std::slice::from_ref(n), p)))
+        {
+            return Err(crate::ModelError::Config {
+                path: PathBuf::from("[lora]"),
+                msg: format!(
+                    "modules_to_save: {name:?} names no linear layer of this model (e.g. \"lm_head\")"
+                ),
+            });
+        }
         Ok(built)
+    }
+
+    fn save_module(
+        &self,
+        path: &str,
+        weight: &dyn Fn() -> candle_core::Result<Tensor>,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+        if !names_match(&self.spec.modules_to_save, path) {
+            return Ok(None);
+        }
+        let mut st = lock(&self.state);
+        let (w, b, trainable) = match &st.source {
+            Source::Fresh { .. } => (
+                weight()?.to_dtype(DType::F32)?,
+                bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+                true,
+            ),
+            Source::Loaded {
+                dir,
+                tensors,
+                trainable,
+            } => {
+                let Some(w) = tensors.get(&saved_key(path, "weight")) else {
+                    candle_core::bail!(
+                        "{}: {path} is in modules_to_save but its weight is not in adapter_model.safetensors",
+                        dir.display()
+                    );
+                };
+                let want = weight()?;
+                if w.dims() != want.dims() {
+                    candle_core::bail!(
+                        "saved module {path}: weight {:?} where the model's is {:?}",
+                        w.dims(),
+                        want.dims()
+                    );
+                }
+                let b = match (tensors.get(&saved_key(path, "bias")), bias) {
+                    (Some(b), Some(_)) => Some(b.clone()),
+                    (None, Some(b)) => Some(b.to_dtype(DType::F32)?),
+                    (_, None) => None,
+                };
+                (w.clone(), b, *trainable)
+            }
+        };
+        let module = if trainable {
+            let wv = Var::from_tensor(&w)?;
+            let bv = b.as_ref().map(Var::from_tensor).transpose()?;
+            SavedModule {
+                weight: wv.as_tensor().clone(),
+                bias: bv.as_ref().map(|v| v.as_tensor().clone()),
+                vars: (Some(wv), bv),
+            }
+        } else {
+            SavedModule {
+                weight: w,
+                bias: b,
+                vars: (None, None),
+            }
+        };
+        let out = (module.weight.clone(), module.bias.clone());
+        st.saved.insert(path.to_string(), module);
+        Ok(Some(out))
     }
 
     fn attach(
@@ -584,7 +710,8 @@ impl Adapters {
         out
     }
 
-    /// The trainable tensors (fresh adapters, or loaded ones made trainable), under their PEFT keys (A before B per layer).
+    /// The trainable tensors (fresh adapters, or loaded ones made trainable), under their PEFT
+    /// keys (A before B per layer), then the saved modules' (weight before bias).
     pub fn vars(&self) -> Vec<(String, Var)> {
         let st = lock(&self.state);
         let mut out = Vec::new();
@@ -594,7 +721,38 @@ impl Adapters {
                 out.push((key(path, "B"), b.clone()));
             }
         }
+        for (path, m) in &st.saved {
+            for (which, v) in [("weight", &m.vars.0), ("bias", &m.vars.1)] {
+                if let Some(v) = v {
+                    out.push((saved_key(path, which), v.clone()));
+                }
+            }
+        }
         out
+    }
+
+    /// The saved modules (`modules_to_save`) by path, with their weight (as the layer stores
+    /// it) and bias: of the model built with these adapters, or as a loaded set holds them.
+    pub fn saved_modules(&self) -> Vec<(String, Tensor, Option<Tensor>)> {
+        let st = lock(&self.state);
+        if let (Source::Loaded { tensors, .. }, true) = (&st.source, st.saved.is_empty()) {
+            let mut out: Vec<_> = tensors
+                .iter()
+                .filter_map(|(k, w)| {
+                    let (path, "weight") = parse_saved_key(k)? else {
+                        return None;
+                    };
+                    let b = tensors.get(&saved_key(path, "bias")).cloned();
+                    Some((path.to_string(), w.clone(), b))
+                })
+                .collect();
+            out.sort_by(|x, y| x.0.cmp(&y.0));
+            return out;
+        }
+        st.saved
+            .iter()
+            .map(|(p, m)| (p.clone(), m.weight.clone(), m.bias.clone()))
+            .collect()
     }
 
     /// The attached adapters by layer path, with whether the layer stores its weight
@@ -631,17 +789,25 @@ impl Adapters {
             "bias": "none",
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": (!self.spec.modules_to_save.is_empty())
+                .then(|| self.spec.modules_to_save.clone()),
             "use_dora": false,
         })
     }
 
-    /// The adapters' tensors under PEFT's keys, as `adapter_model.safetensors` holds them.
+    /// The adapters' tensors under PEFT's keys, as `adapter_model.safetensors` holds them (with
+    /// the saved modules' weights and biases).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.attached()
+        let mut out: Vec<(String, Tensor)> = self
+            .attached()
             .into_iter()
             .flat_map(|(path, l, _)| [(key(&path, "A"), l.a), (key(&path, "B"), l.b)])
-            .collect()
+            .collect();
+        for (path, w, b) in self.saved_modules() {
+            out.push((saved_key(&path, "weight"), w));
+            out.extend(b.map(|b| (saved_key(&path, "bias"), b)));
+        }
+        out
     }
 }
 
