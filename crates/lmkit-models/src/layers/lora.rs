@@ -532,12 +532,11 @@ impl Adapters {
             }
             Source::Fresh { .. } => {}
         }
-        if let Some(name) = self
-            .spec
-            .modules_to_save
-            .iter()
-            .find(|n| !st.saved.keys().any(|p| names_match(std::slice::from_ref(n), p)))
-        {
+        if let Some(name) = self.spec.modules_to_save.iter().find(|n| {
+            !st.saved
+                .keys()
+                .any(|p| names_match(std::slice::from_ref(n), p))
+        }) {
             return Err(crate::ModelError::Config {
                 path: PathBuf::from("[lora]"),
                 msg: format!(
