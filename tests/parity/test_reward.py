@@ -92,3 +92,35 @@ def test_trained_reward_model_loads_in_transformers_and_ranks(lmkit, tmp_path):
     with torch.no_grad():
         want = model(**tok(["is it two? two yes" + tok.eos_token], return_tensors="pt")).logits[0, 0].item()
     assert abs(one["reward"] - want) < 1e-4
+
+
+def test_lora_reward_model_is_a_peft_seq_cls_adapter(lmkit, tmp_path):
+    """With [lora]: the adapters and the head train (on synthetic preferences, ranking held-out
+    pairs); the checkpoint is a PEFT SEQ_CLS adapter with the head saved as a module, and PEFT
+    loads it on transformers' LlamaForSequenceClassification with the scores lmkit gives."""
+    from peft import PeftModel
+    _, base = make_base(lmkit, tmp_path)
+    write_synthetic_preferences(tmp_path)
+    rows = SYNTHETIC
+    cfg = reward_config(tmp_path, base, steps=30, lr=3e-3, min_lr=3e-3, batch_size=4, eval_every=30)
+    text = cfg.read_text().replace("val_fraction = 0.0", f'val = "{tmp_path}/val.jsonl"')
+    cfg.write_text(text.replace("[train]", '[lora]\nr = 8\nalpha = 16\ntarget_modules = "all-linear"\n[train]'))
+    lmkit("reward", "train", "--config", cfg)
+    evals = [r for r in metrics(tmp_path / "out") if "val_loss" in r]
+    assert evals[-1]["eval_accuracy"] == 1.0, evals
+    assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"], evals
+    ckpt = tmp_path / "out" / (tmp_path / "out" / "latest").read_text().strip()
+    ac = json.loads((ckpt / "adapter_config.json").read_text())
+    assert ac["task_type"] == "SEQ_CLS" and ac["modules_to_save"] == ["score"], ac
+    assert not (ckpt / "model.safetensors").exists()
+    out = lmkit("reward", "score", "--model", tmp_path / "out", "--input", tmp_path / "val.jsonl")
+    scores = [json.loads(line) for line in out.splitlines()]
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tok.pad_token_id)
+    peft = PeftModel.from_pretrained(model, ckpt).eval()
+    texts = [r["prompt"] + r[side] + tok.eos_token for r in rows[12:] for side in ("chosen", "rejected")]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = peft(**batch).logits[:, 0].tolist()
+    got = [s[side] for s in scores for side in ("chosen", "rejected")]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)

@@ -3,7 +3,9 @@
 //! read at the last token that is not the padding token, trained on preference pairs with the
 //! Bradley–Terry loss −log σ(r_chosen − r_rejected − margin) (a row's `margin` when it has one),
 //! optionally plus `center_rewards_coefficient` · mean((r_chosen + r_rejected)²), as TRL's
-//! RewardTrainer. Checkpoints load in transformers with `AutoModelForSequenceClassification`.
+//! RewardTrainer. Checkpoints load in transformers with `AutoModelForSequenceClassification`;
+//! with `[lora]` only adapters and the head train, and checkpoints are PEFT `SEQ_CLS` adapter
+//! directories (the head saved as a module, `modules_to_save = ["score"]`).
 
 use crate::adamw::Param;
 use crate::checkpoint::Start;
@@ -19,6 +21,7 @@ use crate::Summary;
 use candle_core::{Device, IndexOp, Tensor, Var};
 use lmkit_core::rng::{mix, MixChain, Random};
 use lmkit_core::Progress;
+use lmkit_models::layers::lora::{Adapters, LoraSpec};
 use lmkit_models::{CausalLm, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -41,6 +44,9 @@ pub struct RewardConfig {
     pub data: PrefDataConfig,
     #[serde(default)]
     pub reward: RewardSpec,
+    /// LoRA adapters on the base (frozen) instead of training every parameter.
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
     #[serde(default)]
     pub train: TrainConfig,
 }
@@ -62,22 +68,18 @@ impl RewardConfig {
                 save_every: 50,
                 out_dir: "runs/reward",
             },
-        )
-        .map_err(|e| match e {
-            TrainError::Config { path, msg } if msg.contains("lora") || msg.contains("adapter") => {
-                TrainError::Config {
-                    path,
-                    msg: format!("{msg} (reward models train all their parameters; LoRA reward models are not supported)"),
-                }
-            }
-            e => e,
-        })?;
+        )?;
         let bad = |msg: String| TrainError::Config {
             path: path.to_path_buf(),
             msg,
         };
-        crate::config::validate_tuning(&cfg.train, Some(cfg.data.val_fraction), None, false)
-            .map_err(bad)?;
+        crate::config::validate_tuning(
+            &cfg.train,
+            Some(cfg.data.val_fraction),
+            cfg.lora.as_ref(),
+            false,
+        )
+        .map_err(bad)?;
         if let Some(c) = cfg.reward.center_rewards_coefficient {
             if !(c.is_finite() && c >= 0.0) {
                 return Err(bad(
@@ -127,6 +129,10 @@ impl RewardModel {
     /// name a `*ForSequenceClassification` architecture with one label (a causal LM would get a
     /// random head).
     pub fn load(dir: &Path, dev: &Device) -> Result<RewardModel> {
+        let adapter = lmkit_models::resolve_run(dir, "adapter_config.json");
+        if adapter.join("adapter_config.json").is_file() {
+            return load_adapter_reward(&adapter, dev);
+        }
         let dir = &lmkit_models::resolve_checkpoint(dir);
         let path = dir.join("config.json");
         let cfg: serde_json::Value = std::fs::read_to_string(&path)
@@ -153,6 +159,92 @@ impl RewardModel {
         let (m, _, _) = load_reward(dir, 0, dev)?;
         Ok(m)
     }
+}
+
+/// A reward model kept as a PEFT `SEQ_CLS` adapter directory: its base (named by
+/// `base_model_name_or_path`) with the adapters and the saved `score` head.
+fn load_adapter_reward(dir: &Path, dev: &Device) -> Result<RewardModel> {
+    let adapters = Adapters::load(dir, dev)?;
+    let cfg_path = dir.join("adapter_config.json");
+    if adapters.task_type() != "SEQ_CLS" {
+        return Err(TrainError::Data(format!(
+            "{}: not a reward model adapter (task_type {}, not SEQ_CLS); train one with `lmkit reward train` and a [lora] section",
+            cfg_path.display(),
+            adapters.task_type()
+        )));
+    }
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| TrainError::io(&cfg_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Data(format!("{}: {e}", cfg_path.display())))?;
+    let Some(base) = json.get("base_model_name_or_path").and_then(|b| b.as_str()) else {
+        return Err(TrainError::Data(format!(
+            "{}: base_model_name_or_path is missing (the base the adapters were trained on)",
+            cfg_path.display()
+        )));
+    };
+    let base = PathBuf::from(base);
+    if !base.exists() {
+        return Err(TrainError::Data(format!(
+            "{}: its base {} does not exist",
+            cfg_path.display(),
+            base.display()
+        )));
+    }
+    let score = adapters.claim_saved("score", || unreachable!("a loaded set has its tensors"))?;
+    let (model, _) = adapters.build(|| CausalLm::load(&base, dev))?;
+    Ok(RewardModel {
+        model,
+        score,
+        pad: base_pad(&base),
+    })
+}
+
+/// The padding token of a base model (directory or GGUF file).
+fn base_pad(base: &Path) -> Option<u32> {
+    let config =
+        std::fs::read_to_string(lmkit_models::resolve_checkpoint(base).join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+    pad_id(&config, Vocab::load(base).ok().as_ref())
+}
+
+/// A new reward head [1, hidden]: normal, σ = 0.02 as transformers initialises it, drawn from
+/// `seed`.
+fn new_score(hidden: usize, seed: u64, dev: &Device) -> candle_core::Result<Tensor> {
+    let std = 0.02;
+    let mut rng = MixChain::new(mix(seed ^ 0x5c04e));
+    let w: Vec<f32> = (0..hidden).map(|_| (rng.normal() * std) as f32).collect();
+    Tensor::from_vec(w, (1, hidden), dev)
+}
+
+/// A causal LM `base` with new LoRA adapters and a new reward head saved with them, and the
+/// base's positions.
+fn load_lora_reward(
+    base: &Path,
+    spec: &LoraSpec,
+    seed: u64,
+    dev: &Device,
+) -> Result<(RewardModel, Vec<Param>, Adapters, usize)> {
+    let adapters = Adapters::fresh(spec.clone(), seed, dev);
+    adapters.set_task_type("SEQ_CLS");
+    let (model, dcfg) = adapters.build(|| CausalLm::load(base, dev))?;
+    let score = adapters.claim_saved("score", || new_score(dcfg.hidden_size(), seed, dev))?;
+    let params = adapters
+        .vars()
+        .into_iter()
+        .map(|(name, var)| Param {
+            decay: !name.ends_with(".bias"),
+            name,
+            var,
+        })
+        .collect();
+    let rm = RewardModel {
+        model,
+        score,
+        pad: base_pad(base),
+    };
+    Ok((rm, params, adapters, dcfg.max_positions()))
 }
 
 /// The padding token id: config.json's `pad_token_id`, else the tokenizer's padding token.
@@ -186,11 +278,7 @@ fn load_reward(
         base,
         dev,
         |vm, dcfg| {
-            let hidden = dcfg.hidden_size();
-            let std = 0.02;
-            let mut rng = MixChain::new(mix(seed ^ 0x5c04e));
-            let w: Vec<f32> = (0..hidden).map(|_| (rng.normal() * std) as f32).collect();
-            let var = Var::from_tensor(&Tensor::from_vec(w, (1, hidden), dev)?)?;
+            let var = Var::from_tensor(&new_score(dcfg.hidden_size(), seed, dev)?)?;
             vm.data()
                 .lock()
                 .map_err(|_| TrainError::Data("variable map lock poisoned".into()))?
@@ -313,11 +401,23 @@ pub fn train(
     if dev.is_cpu() {
         progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
     }
-    let (rm, params, config) = load_reward(&cfg.base, t.seed, &dev)?;
-    let max_positions = lmkit_models::DecoderConfig::load(
-        &lmkit_models::resolve_checkpoint(&cfg.base).join("config.json"),
-    )?
-    .max_positions();
+    let (rm, params, config, adapters, max_positions) = match &cfg.lora {
+        Some(spec) => {
+            let (rm, params, adapters, max) = load_lora_reward(&cfg.base, spec, t.seed, &dev)?;
+            (rm, params, None, Some(adapters), Some(max))
+        }
+        None => {
+            let (rm, params, config) = load_reward(&cfg.base, t.seed, &dev)?;
+            (rm, params, Some(config), None, None)
+        }
+    };
+    let max_positions = match max_positions {
+        Some(m) => m,
+        None => lmkit_models::DecoderConfig::load(
+            &lmkit_models::resolve_checkpoint(&cfg.base).join("config.json"),
+        )?
+        .max_positions(),
+    };
     if t.seq_len > max_positions {
         return Err(TrainError::Data(format!(
             "train.seq_len ({}) exceeds the model's positions ({max_positions})",
@@ -328,6 +428,7 @@ pub fn train(
         "base": cfg.base.to_string_lossy(),
         "data": cfg.data,
         "reward": cfg.reward,
+        "lora": cfg.lora,
         "seq_len": t.seq_len,
     });
     let tuned = Tuned {
@@ -335,8 +436,8 @@ pub fn train(
         base: cfg.base.clone(),
         max_positions,
         params: Vec::new(),
-        adapters: None,
-        config_json: Some(config),
+        adapters,
+        config_json: config,
     };
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
     let (output, mut opt, from) = Output::open(
@@ -449,7 +550,14 @@ pub fn score_file(
     progress: &dyn Progress,
 ) -> Result<Vec<Scores>> {
     let dev = Device::Cpu;
-    let model = &lmkit_models::resolve_checkpoint(model);
+    // A training output: its latest checkpoint (a model directory or a PEFT adapter one, both
+    // holding the tokenizer).
+    let adapter = lmkit_models::resolve_run(model, "adapter_config.json");
+    let model = &if adapter.join("adapter_config.json").is_file() {
+        adapter
+    } else {
+        lmkit_models::resolve_checkpoint(model)
+    };
     let vocab = Vocab::load(model)?;
     let rm = RewardModel::load(model, &dev)?;
     let r = vocab.renderer(Format::Auto, TrainOn::Prompt, max_tokens);
@@ -507,12 +615,15 @@ mod tests {
     }
 
     #[test]
-    fn the_example_config_loads_and_lora_is_refused_by_name() {
+    fn the_example_config_loads_and_bad_settings_are_refused() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/reward.toml");
         let cfg = RewardConfig::load(&path, &[]).unwrap();
         assert_eq!((cfg.train.lr, cfg.train.weight_decay), (1e-5, 0.0));
-        let err = RewardConfig::load(&path, &["lora.r=4".into()]).unwrap_err();
-        assert!(err.to_string().contains("LoRA"), "{err}");
+        assert!(cfg.lora.is_none());
+        let cfg = RewardConfig::load(&path, &["lora.r=4".into()]).unwrap();
+        assert_eq!(cfg.lora.map(|l| l.r), Some(4));
+        let err = RewardConfig::load(&path, &["lora.r=0".into()]).unwrap_err();
+        assert!(err.to_string().contains("lora.r"), "{err}");
         assert!(
             RewardConfig::load(&path, &["reward.center_rewards_coefficient=-1".into()]).is_err()
         );

@@ -272,6 +272,8 @@ struct State {
     attached: BTreeMap<String, (Lora, Option<Var>, Option<Var>, bool)>,
     /// Saved modules by path: their weight and bias, variables when trained.
     saved: BTreeMap<String, SavedModule>,
+    /// PEFT's `task_type` written to `adapter_config.json` (`CAUSAL_LM` unless set).
+    task_type: Option<String>,
 }
 
 /// A module trained whole (`modules_to_save`): its weight (as the layer stores it) and bias.
@@ -359,6 +361,8 @@ struct PeftConfig {
     alpha_pattern: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     layers_to_transform: Option<serde_json::Value>,
+    #[serde(default)]
+    task_type: Option<String>,
 }
 
 impl Adapters {
@@ -376,6 +380,7 @@ impl Adapters {
                 },
                 attached: BTreeMap::new(),
                 saved: BTreeMap::new(),
+                task_type: None,
             })),
         }
     }
@@ -468,6 +473,7 @@ impl Adapters {
                 },
                 attached: BTreeMap::new(),
                 saved: BTreeMap::new(),
+                task_type: c.task_type,
             })),
         })
     }
@@ -709,6 +715,65 @@ impl Adapters {
         out
     }
 
+    /// A module the model holds outside its linear layers (a reward model's `score` head) saved
+    /// with these adapters: a loaded set's tensor from its file, else `make()`'s; a variable when
+    /// the set trains. Call before [`Adapters::build`].
+    pub fn claim_saved(
+        &self,
+        path: &str,
+        make: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> crate::Result<Tensor> {
+        let mut st = lock(&self.state);
+        let (w, trainable) = match &mut st.source {
+            Source::Fresh { .. } => (make()?, true),
+            Source::Loaded {
+                dir,
+                tensors,
+                trainable,
+            } => match tensors.remove(&saved_key(path, "weight")) {
+                Some(w) => (w, *trainable),
+                None => {
+                    return Err(crate::ModelError::Tensor {
+                        path: dir.join("adapter_model.safetensors"),
+                        name: saved_key(path, "weight"),
+                        msg: format!("missing: the adapter set has no saved `{path}` module"),
+                    })
+                }
+            },
+        };
+        let module = if trainable {
+            let v = Var::from_tensor(&w)?;
+            SavedModule {
+                weight: v.as_tensor().clone(),
+                bias: None,
+                vars: (Some(v), None),
+            }
+        } else {
+            SavedModule {
+                weight: w,
+                bias: None,
+                vars: (None, None),
+            }
+        };
+        let weight = module.weight.clone();
+        st.saved.insert(path.to_string(), module);
+        Ok(weight)
+    }
+
+    /// Sets PEFT's `task_type` for `adapter_config.json` (`SEQ_CLS` for a reward model).
+    pub fn set_task_type(&self, task: &str) {
+        lock(&self.state).task_type = Some(task.to_string());
+    }
+
+    /// PEFT's `task_type` of these adapters (`CAUSAL_LM` unless a file or
+    /// [`Adapters::set_task_type`] says otherwise).
+    pub fn task_type(&self) -> String {
+        lock(&self.state)
+            .task_type
+            .clone()
+            .unwrap_or_else(|| "CAUSAL_LM".into())
+    }
+
     /// The trainable tensors (fresh adapters, or loaded ones made trainable), under their PEFT
     /// keys (A before B per layer), then the saved modules' (weight before bias).
     pub fn vars(&self) -> Vec<(String, Var)> {
@@ -775,9 +840,15 @@ impl Adapters {
         names.sort();
         names.dedup();
         let fan_in_fan_out = attached.iter().any(|(_, _, t)| *t);
+        let mut saved = self.spec.modules_to_save.clone();
+        for (path, ..) in self.saved_modules() {
+            if !names_match(&saved, &path) {
+                saved.push(path.rsplit('.').next().unwrap_or(&path).to_string());
+            }
+        }
         serde_json::json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type(),
             "base_model_name_or_path": base,
             "r": self.spec.r,
             "lora_alpha": self.spec.alpha,
@@ -788,8 +859,7 @@ impl Adapters {
             "bias": "none",
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": (!self.spec.modules_to_save.is_empty())
-                .then(|| self.spec.modules_to_save.clone()),
+            "modules_to_save": (!saved.is_empty()).then_some(saved),
             "use_dora": false,
         })
     }
