@@ -118,7 +118,8 @@ def test_assistant_only_loss_matches_transformers_masks(lmkit, tmp_path):
 
 @pytest.mark.parametrize("lora", ['r = 4\nalpha = 8\ntarget_modules = ["q_proj", "v_proj", "down_proj"]',
                                   'r = 4\nalpha = 16\ntarget_modules = "all-linear"\nuse_rslora = true',
-                                  'r = 4\nalpha = 8\ntarget_modules = ["q_proj"]\nmodules_to_save = ["lm_head"]'])
+                                  'r = 4\nalpha = 8\ntarget_modules = ["q_proj"]\nmodules_to_save = ["lm_head"]',
+                                  'r = 4\nalpha = 8\ntarget_modules = ["embed_tokens", "v_proj"]'])
 def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
     from peft import PeftModel
     model, base = make_base(lmkit, tmp_path)
@@ -156,7 +157,7 @@ def test_lmkit_adapter_loads_in_peft_and_merges_as_peft(lmkit, tmp_path, lora):
 def test_peft_adapter_loads_in_lmkit(lmkit, tmp_path, kind):
     from peft import LoraConfig, get_peft_model
     model, base = make_base(lmkit, tmp_path, kind)
-    targets = {"llama": ["q_proj", "o_proj", "gate_proj"], "gpt2": ["c_attn", "c_fc"],
+    targets = {"llama": ["q_proj", "o_proj", "gate_proj", "embed_tokens"], "gpt2": ["c_attn", "c_fc"],
                "gpt_neox": ["query_key_value", "dense_4h_to_h"]}[kind]
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
                      fan_in_fan_out=kind == "gpt2")

@@ -59,6 +59,12 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     // embeddings becomes a layer of its own.
     let mut untied = false;
     for (path, weight, bias) in adapters.saved_modules() {
+        // A table stored beside its embedding adapter replaces the table (before the adapter's
+        // delta is added, below).
+        let path = path
+            .strip_suffix(".base_layer")
+            .unwrap_or(&path)
+            .to_string();
         for (name, t) in [("weight", Some(weight)), ("bias", bias)] {
             let Some(t) = t else { continue };
             let name = format!("{path}.{name}");
@@ -78,6 +84,28 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<usize> {
                 }
             }
         }
+        merged += 1;
+    }
+    // Embedding adapters: scale·(B·A)ᵀ [vocab, dim] onto the table (a tied output layer reads
+    // the merged table, as it does in PEFT's merge).
+    for (path, lora) in adapters.embedding_layers() {
+        let name = format!("{path}.weight");
+        let Some((_, w)) = tensors.iter_mut().find(|(n, _)| *n == name) else {
+            return Err(TrainError::Data(format!(
+                "{}: the adapter changes `{path}`, but the base has no tensor {name}",
+                adapter.display()
+            )));
+        };
+        let delta = lora.delta()?.t()?;
+        if w.dims() != delta.dims() {
+            return Err(TrainError::Data(format!(
+                "{}: the embedding adapter for `{path}` is {:?} but the base's {name} is {:?}",
+                adapter.display(),
+                delta.dims(),
+                w.dims()
+            )));
+        }
+        *w = (&*w + delta)?;
         merged += 1;
     }
     let parent = match out.parent() {

@@ -538,6 +538,8 @@ impl TokenEmbedding {
 
 pub struct Llama {
     embed_tokens: TokenEmbedding,
+    /// A LoRA adapter on the token embeddings (`target_modules` naming `embed_tokens`).
+    embed_lora: Option<crate::layers::lora::Lora>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -550,6 +552,22 @@ impl Llama {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        // The table adapters store in its place (modules_to_save, or PEFT's copy beside an
+        // embedding adapter), if any.
+        let table = embed_tokens.embeddings().clone();
+        let embed_tokens = match crate::layers::lora::saved_module(
+            "model.embed_tokens",
+            &|| Ok(table.clone()),
+            None,
+        )? {
+            Some((w, _)) => Embedding::new(w, cfg.hidden_size),
+            None => embed_tokens,
+        };
+        let embed_lora = crate::layers::lora::attach_embedding(
+            "model.embed_tokens",
+            cfg.vocab_size,
+            cfg.hidden_size,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, m.pp(format!("layers.{i}"))))
             .collect::<candle_core::Result<_>>()?;
@@ -563,6 +581,7 @@ impl Llama {
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Llama {
             embed_tokens: TokenEmbedding::Dense(embed_tokens),
+            embed_lora,
             layers,
             norm,
             lm_head,
@@ -578,6 +597,7 @@ impl Llama {
         let cfg = g.llama_config()?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = Arc::new(g.qtensor("token_embd.weight", &[v, h], dev)?);
+        let embed_lora = crate::layers::lora::attach_embedding("model.embed_tokens", v, h)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::from_gguf(&cfg, g, i, dev))
             .collect::<crate::Result<_>>()?;
@@ -592,6 +612,7 @@ impl Llama {
         let rope = rope_tables(&cfg, DType::F32, dev)?;
         Ok(Llama {
             embed_tokens: TokenEmbedding::Quantized(embed),
+            embed_lora,
             layers,
             norm,
             lm_head,
@@ -613,6 +634,9 @@ impl Llama {
         let TokenEmbedding::Dense(embed) = &self.embed_tokens else {
             return None;
         };
+        if self.embed_lora.as_ref().is_some_and(|l| l.is_on()) {
+            return None;
+        }
         if self.cfg.sliding_window().is_some() {
             return None;
         }
@@ -668,6 +692,9 @@ impl Llama {
             }
         }
         let mut x = self.embed_tokens.forward(ids)?;
+        if let Some(l) = self.embed_lora.as_ref().filter(|l| l.is_on()) {
+            x = (x + l.embed(ids)?)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &self.rope, caches, i)?;
         }

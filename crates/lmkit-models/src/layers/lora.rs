@@ -23,6 +23,17 @@ fn key(path: &str, which: &str) -> String {
     format!("{PREFIX}{path}.lora_{which}.weight")
 }
 
+/// PEFT's key of an embedding layer's adapter matrix (`which`: "A" [r, vocab] or "B" [dim, r]).
+fn emb_key(path: &str, which: &str) -> String {
+    format!("{PREFIX}{path}.lora_embedding_{which}")
+}
+
+/// The embedding path and matrix ("A" or "B") a PEFT embedding-adapter key names.
+fn parse_emb_key(k: &str) -> Option<(&str, &str)> {
+    let (path, which) = k.strip_prefix(PREFIX)?.rsplit_once(".lora_embedding_")?;
+    matches!(which, "A" | "B").then_some((path, which))
+}
+
 /// PEFT's key of a saved module's tensor (`which`: "weight" or "bias").
 fn saved_key(path: &str, which: &str) -> String {
     format!("{PREFIX}{path}.{which}")
@@ -31,7 +42,8 @@ fn saved_key(path: &str, which: &str) -> String {
 /// The module path and tensor ("weight" or "bias") a PEFT key of a saved module names.
 fn parse_saved_key(k: &str) -> Option<(&str, &str)> {
     let (path, which) = k.strip_prefix(PREFIX)?.rsplit_once('.')?;
-    (matches!(which, "weight" | "bias") && parse_key(k).is_none()).then_some((path, which))
+    (matches!(which, "weight" | "bias") && parse_key(k).is_none() && parse_emb_key(k).is_none())
+        .then_some((path, which))
 }
 
 /// Whether `path` is one of `names` (PEFT: the path equals a name or ends in `.name`).
@@ -249,9 +261,19 @@ impl Lora {
         lmkit_kernels::blas::linear(&h, &(&self.b * self.scale)?.t()?, None)
     }
 
-    /// `scale · B·A` [out, in]: what merging adds to the weight.
+    /// `scale · B·A` [out, in]: what merging adds to the weight ([dim, vocab] for an embedding
+    /// adapter: transposed to the table's layout).
     pub fn delta(&self) -> candle_core::Result<Tensor> {
         self.b.matmul(&self.a)? * self.scale
+    }
+
+    /// An embedding adapter (A [r, vocab], B [dim, r]) for token `ids`: `scale · Aᵀ[ids]·Bᵀ`,
+    /// what PEFT adds to the table's rows (no dropout on embeddings, as in PEFT).
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let r = self.a.dim(0)?;
+        let rows = candle_nn::Embedding::new(self.a.t()?.contiguous()?, r);
+        let h = candle_core::Module::forward(&rows, ids)?;
+        lmkit_kernels::blas::linear(&h, &(&self.b * self.scale)?.t()?, None)
     }
 }
 
@@ -272,6 +294,8 @@ struct State {
     attached: BTreeMap<String, (Lora, Option<Var>, Option<Var>, bool)>,
     /// Saved modules by path: their weight and bias, variables when trained.
     saved: BTreeMap<String, SavedModule>,
+    /// Embedding adapters by path (A [r, vocab], B [dim, r]), with their variables.
+    embeddings: BTreeMap<String, (Lora, Option<Var>, Option<Var>)>,
     /// PEFT's `task_type` written to `adapter_config.json` (`CAUSAL_LM` unless set).
     task_type: Option<String>,
 }
@@ -317,6 +341,15 @@ pub(crate) fn saved_module(
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
     BUILDING.with(|b| match &*b.borrow() {
         Some(adapters) => adapters.save_module(path, weight, bias),
+        None => Ok(None),
+    })
+}
+
+/// The adapter for the token embedding table at `path` ([vocab, dim]), when a model is being
+/// built with adapters that name it in `target_modules` (`all-linear` leaves embeddings out).
+pub fn attach_embedding(path: &str, vocab: usize, dim: usize) -> candle_core::Result<Option<Lora>> {
+    BUILDING.with(|b| match &*b.borrow() {
+        Some(adapters) => adapters.attach_embedding(path, vocab, dim),
         None => Ok(None),
     })
 }
@@ -380,6 +413,7 @@ impl Adapters {
                 },
                 attached: BTreeMap::new(),
                 saved: BTreeMap::new(),
+                embeddings: BTreeMap::new(),
                 task_type: None,
             })),
         }
@@ -450,9 +484,15 @@ impl Adapters {
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         for k in tensors.keys() {
+            // PEFT also stores the table under an embedding adapter (`save_embedding_layers`,
+            // for resized vocabularies): `<path>.base_layer.weight`.
+            let table = |path: &str| {
+                path.strip_suffix(".base_layer")
+                    .is_some_and(|p| tensors.contains_key(&emb_key(p, "A")))
+            };
             let saved = parse_saved_key(k)
-                .is_some_and(|(path, _)| names_match(&spec.modules_to_save, path));
-            if parse_key(k).is_none() && !saved {
+                .is_some_and(|(path, _)| names_match(&spec.modules_to_save, path) || table(path));
+            if parse_key(k).is_none() && parse_emb_key(k).is_none() && !saved {
                 return Err(crate::ModelError::Tensor {
                     path: file.clone(),
                     name: k.clone(),
@@ -473,6 +513,7 @@ impl Adapters {
                 },
                 attached: BTreeMap::new(),
                 saved: BTreeMap::new(),
+                embeddings: BTreeMap::new(),
                 task_type: c.task_type,
             })),
         })
@@ -514,7 +555,9 @@ impl Adapters {
                 let unused = |k: &&String| match (parse_key(k), parse_saved_key(k)) {
                     (Some((path, _)), _) => !st.attached.contains_key(path),
                     (None, Some((path, _))) => !st.saved.contains_key(path),
-                    (None, None) => true,
+                    (None, None) => {
+                        parse_emb_key(k).is_none_or(|(path, _)| !st.embeddings.contains_key(path))
+                    }
                 };
                 if let Some(k) = tensors.keys().find(unused) {
                     return Err(crate::ModelError::Tensor {
@@ -524,7 +567,7 @@ impl Adapters {
                     });
                 }
             }
-            Source::Fresh { .. } if st.attached.is_empty() => {
+            Source::Fresh { .. } if st.attached.is_empty() && st.embeddings.is_empty() => {
                 return Err(crate::ModelError::Config {
                     path: PathBuf::from("[lora]"),
                     msg: format!(
@@ -553,16 +596,100 @@ impl Adapters {
         Ok(built)
     }
 
+    fn attach_embedding(
+        &self,
+        path: &str,
+        vocab: usize,
+        dim: usize,
+    ) -> candle_core::Result<Option<Lora>> {
+        let mut st = lock(&self.state);
+        let scale = self.spec.scale();
+        let r = self.spec.r;
+        let (a, b, trainable) = match &st.source {
+            Source::Fresh { seed, device } => {
+                let Targets::Names(names) = &self.spec.target_modules else {
+                    return Ok(None);
+                };
+                if !names_match(names, path) {
+                    return Ok(None);
+                }
+                // PEFT's initialisation of embedding adapters: A zero, B standard normal.
+                let mut rng = lmkit_core::rng::MixChain::new(lmkit_core::rng::mix(
+                    seed ^ lmkit_core::rng::mix(fnv(path)),
+                ));
+                let vals: Vec<f32> = (0..dim * r)
+                    .map(|_| lmkit_core::rng::Random::normal(&mut rng) as f32)
+                    .collect();
+                let a = Tensor::zeros((r, vocab), DType::F32, device)?;
+                (a, Tensor::from_vec(vals, (dim, r), device)?, true)
+            }
+            Source::Loaded {
+                tensors, trainable, ..
+            } => {
+                let (Some(a), Some(b)) = (
+                    tensors.get(&emb_key(path, "A")),
+                    tensors.get(&emb_key(path, "B")),
+                ) else {
+                    return Ok(None);
+                };
+                let ((ra, v), (d, rb)) = (a.dims2()?, b.dims2()?);
+                if v != vocab || d != dim || ra != rb {
+                    candle_core::bail!(
+                        "adapter for {path}: lora_embedding_A {:?} and lora_embedding_B {:?} do not fit a table of {vocab} tokens × {dim}",
+                        a.dims(),
+                        b.dims()
+                    );
+                }
+                (a.clone(), b.clone(), *trainable)
+            }
+        };
+        let (lora, vars) = if trainable {
+            trainable_lora(&a, &b, scale, None, &self.off)?
+        } else {
+            let lora = Lora {
+                a,
+                b,
+                scale,
+                dropout: None,
+                off: self.off.clone(),
+            };
+            (lora, (None, None))
+        };
+        st.embeddings
+            .insert(path.to_string(), (lora.clone(), vars.0, vars.1));
+        Ok(Some(lora))
+    }
+
     fn save_module(
         &self,
         path: &str,
         weight: &dyn Fn() -> candle_core::Result<Tensor>,
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+        let mut st = lock(&self.state);
+        let table = format!("{path}.base_layer");
+        if let Source::Loaded { tensors, .. } = &st.source {
+            if let Some(w) = tensors.get(&saved_key(&table, "weight")).cloned() {
+                // An embedding table stored with its adapter (PEFT's save_embedding_layers).
+                if w.dims() != weight()?.dims() {
+                    candle_core::bail!(
+                        "{table}: a table of {:?} where the model's is {:?}",
+                        w.dims(),
+                        weight()?.dims()
+                    );
+                }
+                let module = SavedModule {
+                    weight: w.clone(),
+                    bias: None,
+                    vars: (None, None),
+                };
+                st.saved.insert(table, module);
+                return Ok(Some((w, None)));
+            }
+        }
         if !names_match(&self.spec.modules_to_save, path) {
             return Ok(None);
         }
-        let mut st = lock(&self.state);
         let (w, b, trainable) = match &st.source {
             Source::Fresh { .. } => (
                 weight()?.to_dtype(DType::F32)?,
@@ -686,6 +813,35 @@ impl Adapters {
         Ok(Some(lora))
     }
 
+    /// A loaded set's embedding adapters by path (A [r, vocab], B [dim, r]), without a model.
+    pub fn embedding_layers(&self) -> Vec<(String, Lora)> {
+        let st = lock(&self.state);
+        let Source::Loaded { tensors, .. } = &st.source else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Lora)> = tensors
+            .iter()
+            .filter_map(|(k, a)| {
+                let (path, "A") = parse_emb_key(k)? else {
+                    return None;
+                };
+                let b = tensors.get(&emb_key(path, "B"))?;
+                Some((
+                    path.to_string(),
+                    Lora {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale: self.spec.scale(),
+                        dropout: None,
+                        off: self.off.clone(),
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+
     /// A loaded set's adapters by layer path, without a model.
     pub fn layers(&self) -> Vec<(String, Lora)> {
         let st = lock(&self.state);
@@ -785,6 +941,12 @@ impl Adapters {
                 out.push((key(path, "B"), b.clone()));
             }
         }
+        for (path, (_, a, b)) in &st.embeddings {
+            if let (Some(a), Some(b)) = (a, b) {
+                out.push((emb_key(path, "A"), a.clone()));
+                out.push((emb_key(path, "B"), b.clone()));
+            }
+        }
         for (path, m) in &st.saved {
             for (which, v) in [("weight", &m.vars.0), ("bias", &m.vars.1)] {
                 if let Some(v) = v {
@@ -833,9 +995,10 @@ impl Adapters {
     /// `base_model_name_or_path`).
     pub fn peft_config(&self, base: &str) -> serde_json::Value {
         let attached = self.attached();
-        let mut names: Vec<String> = attached
-            .iter()
-            .map(|(p, ..)| p.rsplit('.').next().unwrap_or(p).to_string())
+        let embedded: Vec<String> = lock(&self.state).embeddings.keys().cloned().collect();
+        let mut names: Vec<String> = (attached.iter().map(|(p, ..)| p))
+            .chain(&embedded)
+            .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
             .collect();
         names.sort();
         names.dedup();
@@ -872,6 +1035,15 @@ impl Adapters {
             .into_iter()
             .flat_map(|(path, l, _)| [(key(&path, "A"), l.a), (key(&path, "B"), l.b)])
             .collect();
+        let embedded: Vec<(String, Lora)> = lock(&self.state)
+            .embeddings
+            .iter()
+            .map(|(p, (l, ..))| (p.clone(), l.clone()))
+            .collect();
+        for (path, l) in embedded {
+            out.push((emb_key(&path, "A"), l.a));
+            out.push((emb_key(&path, "B"), l.b));
+        }
         for (path, w, b) in self.saved_modules() {
             out.push((saved_key(&path, "weight"), w));
             out.extend(b.map(|b| (saved_key(&path, "bias"), b)));
