@@ -162,6 +162,19 @@ pub(crate) struct Tuning<'a> {
     pub seed: u64,
 }
 
+/// The trainable tensors of `adapters` as optimizer parameters (biases without weight decay).
+pub(crate) fn adapter_params(adapters: &Adapters) -> Vec<Param> {
+    adapters
+        .vars()
+        .into_iter()
+        .map(|(name, var)| Param {
+            decay: !name.ends_with(".bias"),
+            name,
+            var,
+        })
+        .collect()
+}
+
 pub(crate) fn load_model(what: Tuning, dev: &Device) -> Result<Tuned> {
     let base = what.base;
     let adapters = match (what.lora, what.adapter) {
@@ -171,15 +184,7 @@ pub(crate) fn load_model(what: Tuning, dev: &Device) -> Result<Tuned> {
     };
     if let Some(adapters) = adapters {
         let (model, dcfg) = adapters.build(|| CausalLm::load(base, dev))?;
-        let params = adapters
-            .vars()
-            .into_iter()
-            .map(|(name, var)| Param {
-                decay: !name.ends_with(".bias"),
-                name,
-                var,
-            })
-            .collect();
+        let params = adapter_params(&adapters);
         return Ok(Tuned {
             model,
             base: base.to_path_buf(),

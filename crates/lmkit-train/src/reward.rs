@@ -230,15 +230,7 @@ fn load_lora_reward(
     adapters.set_task_type("SEQ_CLS");
     let (model, dcfg) = adapters.build(|| CausalLm::load(base, dev))?;
     let score = adapters.claim_saved("score", || new_score(dcfg.hidden_size(), seed, dev))?;
-    let params = adapters
-        .vars()
-        .into_iter()
-        .map(|(name, var)| Param {
-            decay: !name.ends_with(".bias"),
-            name,
-            var,
-        })
-        .collect();
+    let params = crate::finetune::adapter_params(&adapters);
     let rm = RewardModel {
         model,
         score,

@@ -815,35 +815,20 @@ impl Adapters {
 
     /// A loaded set's embedding adapters by path (A [r, vocab], B [dim, r]), without a model.
     pub fn embedding_layers(&self) -> Vec<(String, Lora)> {
-        let st = lock(&self.state);
-        let Source::Loaded { tensors, .. } = &st.source else {
-            return Vec::new();
-        };
-        let mut out: Vec<(String, Lora)> = tensors
-            .iter()
-            .filter_map(|(k, a)| {
-                let (path, "A") = parse_emb_key(k)? else {
-                    return None;
-                };
-                let b = tensors.get(&emb_key(path, "B"))?;
-                Some((
-                    path.to_string(),
-                    Lora {
-                        a: a.clone(),
-                        b: b.clone(),
-                        scale: self.spec.scale(),
-                        dropout: None,
-                        off: self.off.clone(),
-                    },
-                ))
-            })
-            .collect();
-        out.sort_by(|x, y| x.0.cmp(&y.0));
-        out
+        self.loaded_pairs(parse_emb_key, emb_key)
     }
 
     /// A loaded set's adapters by layer path, without a model.
     pub fn layers(&self) -> Vec<(String, Lora)> {
+        self.loaded_pairs(parse_key, key)
+    }
+
+    /// A loaded set's A/B pairs whose keys `parse` reads (and `key` writes), by path.
+    fn loaded_pairs(
+        &self,
+        parse: fn(&str) -> Option<(&str, &str)>,
+        key: fn(&str, &str) -> String,
+    ) -> Vec<(String, Lora)> {
         let st = lock(&self.state);
         let Source::Loaded { tensors, .. } = &st.source else {
             return Vec::new();
@@ -851,7 +836,7 @@ impl Adapters {
         let mut out: Vec<(String, Lora)> = tensors
             .iter()
             .filter_map(|(k, a)| {
-                let (path, "A") = parse_key(k)? else {
+                let (path, "A") = parse(k)? else {
                     return None;
                 };
                 let b = tensors.get(&key(path, "B"))?;

@@ -10,7 +10,7 @@
 //! path's (which lmkit-models' tests/gradients.rs holds to finite differences).
 
 use super::{LossAndGrads, TrainPass};
-use candle_core::{Storage, Tensor, WithDType};
+use candle_core::{Storage, Tensor};
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
 use lmkit_kernels::buffers::rows_of;
 use lmkit_kernels::fused;
@@ -86,16 +86,7 @@ impl TrainPass for Gpt2Pass<'_> {
         if (on_cpu && !blas::available()) || (!on_cpu && !cfg!(feature = "cuda")) {
             return Ok(None);
         }
-        let (b, t) = ids.dims2()?;
-        if targets.dims() != [b, t] {
-            candle_core::bail!(
-                "GPT-2 loss: targets {:?} do not match the inputs {:?}",
-                targets.dims(),
-                ids.dims()
-            );
-        }
-        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-        let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+        let (ids, targets, (b, t)) = super::ids_and_targets("GPT-2", ids, targets)?;
         let batch = Batch {
             ids: &ids,
             targets: &targets,
@@ -256,33 +247,18 @@ fn backprop<T: BlasFloat>(
     let sc = T::from(scale / n as f64).unwrap_or_else(T::zero);
     let mut dhf = vec![T::zero(); n * c];
     let mut dlm = vec![T::zero(); v * c];
-    let mut logits = vec![T::zero(); LOSS_ROWS.min(n) * v];
-    let mut loss = 0.0;
-    for r0 in (0..n).step_by(LOSS_ROWS) {
-        let rows = LOSS_ROWS.min(n - r0);
-        let lg = &mut logits[..rows * v];
-        let hc = &hf[r0 * c..(r0 + rows) * c];
-        blas::gemm_par(
-            blas,
-            (rows, v, c),
-            plain(hc, c),
-            transposed(lm, c),
-            lg,
-            false,
-        )?;
-        // Row losses collected in order and summed in order: the same total every run.
-        let row_losses: Vec<f64> = lg
-            .par_chunks_mut(v)
-            .zip(&targets[r0..r0 + rows])
-            .map(|(r, &y)| WithDType::to_f64(fused::ce_row_in_place(r, y as usize, sc)))
-            .collect();
-        loss += row_losses.iter().sum::<f64>();
-        let dh = &mut dhf[r0 * c..(r0 + rows) * c];
-        blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), dh, false)?;
-        let lgt = transposed(&*lg, v);
-        blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), &mut dlm, r0 > 0)?;
-    }
-    drop(logits);
+    let row_losses = super::output_cross_entropy(
+        blas,
+        &hf,
+        lm,
+        targets,
+        LOSS_ROWS,
+        &|_, _| sc,
+        &mut dhf,
+        Some(&mut dlm[..]),
+    )?;
+    // Summed in row order: the same total every run.
+    let loss: f64 = row_losses.iter().sum();
     let loss = loss / n as f64;
 
     // Backward.

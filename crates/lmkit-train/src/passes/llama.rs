@@ -8,7 +8,7 @@
 //! no product. The tests below hold every gradient to the autograd path's in f64.
 
 use super::{LossAndGrads, TrainPass};
-use candle_core::{Storage, Tensor, TensorId, WithDType};
+use candle_core::{Storage, Tensor, TensorId};
 use lmkit_kernels::blas::{self, gemm_par_ld, plain, transposed, Blas, BlasFloat, Gqa};
 use lmkit_kernels::fused;
 use lmkit_models::layers::linear::Linear;
@@ -62,16 +62,7 @@ impl TrainPass for LlamaPass<'_> {
         targets: &Tensor,
         scale: f64,
     ) -> candle_core::Result<Option<LossAndGrads>> {
-        let (b, t) = ids.dims2()?;
-        if targets.dims() != [b, t] {
-            candle_core::bail!(
-                "Llama loss: targets {:?} do not match the inputs {:?}",
-                targets.dims(),
-                ids.dims()
-            );
-        }
-        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-        let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+        let (ids, targets, (b, t)) = super::ids_and_targets("Llama", ids, targets)?;
         let rows: Vec<u32> = (0..(b * t) as u32).collect();
         let batch = Batch {
             ids: &ids,
@@ -635,43 +626,20 @@ fn backprop<T: BlasFloat>(
     } else {
         Vec::new()
     };
-    let mut logits = vec![T::zero(); LOSS_ROWS.min(cnt) * v];
-    let mut losses = Vec::with_capacity(cnt);
-    for r0 in (0..cnt).step_by(LOSS_ROWS) {
-        let rows = LOSS_ROWS.min(cnt - r0);
-        let lg = &mut logits[..rows * v];
-        let hc = &hs[r0 * c..(r0 + rows) * c];
-        blas::gemm_par(
-            blas,
-            (rows, v, c),
-            plain(hc, c),
-            transposed(lm, c),
-            lg,
-            false,
-        )?;
-        let row_losses: Vec<f64> = lg
-            .par_chunks_mut(v)
-            .zip(&batch.targets[r0..r0 + rows])
-            .enumerate()
-            .map(|(i, (r, &y))| {
-                let scale_of = |loss: T| {
-                    let w = batch
-                        .weights
-                        .map_or(1.0, |w| w(r0 + i, WithDType::to_f64(loss)));
-                    T::from(scale * w).unwrap_or_else(T::zero)
-                };
-                WithDType::to_f64(fused::ce_row_weighted_in_place(r, y as usize, scale_of))
-            })
-            .collect();
-        losses.extend(row_losses);
-        let dh = &mut dhs[r0 * c..(r0 + rows) * c];
-        blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), dh, false)?;
-        if want_lm {
-            let lgt = transposed(&*lg, v);
-            blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), &mut dlm, r0 > 0)?;
-        }
-    }
-    drop(logits);
+    let scale_of = |row: usize, loss: f64| {
+        let w = batch.weights.map_or(1.0, |w| w(row, loss));
+        T::from(scale * w).unwrap_or_else(T::zero)
+    };
+    let losses = super::output_cross_entropy(
+        blas,
+        &hs,
+        lm,
+        batch.targets,
+        LOSS_ROWS,
+        &scale_of,
+        &mut dhs,
+        want_lm.then_some(&mut dlm[..]),
+    )?;
     if want_lm {
         p.add_grad(m.lm_head, dlm);
     }

@@ -7,8 +7,10 @@ pub mod gpt2;
 mod gpt2_cuda;
 pub mod llama;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, WithDType};
+use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat};
 use lmkit_models::CausalLm;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// The mean next-token cross-entropy of a batch and the gradient of every parameter tensor.
@@ -49,4 +51,83 @@ pub fn for_model(model: &CausalLm, backward: Backward) -> Option<Box<dyn TrainPa
         (Backward::Auto, CausalLm::Llama(m)) => Some(Box::new(llama::LlamaPass(m))),
         _ => None,
     }
+}
+
+/// The output layer and cross-entropy of hidden rows `h` [n, c] against `targets` through the
+/// weight `lm` [v, c], `chunk` rows at a time (the logits [chunk, v] are turned into their
+/// gradient in place): each row's loss, in order; the rows' gradient into `dh` [n, c]; the
+/// weight's added to `dlm` [v, c] when given. Row i's gradient is scaled by `scale_of(i, loss)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn output_cross_entropy<T: BlasFloat>(
+    blas: &Blas,
+    h: &[T],
+    lm: &[T],
+    targets: &[u32],
+    chunk: usize,
+    scale_of: &(dyn Fn(usize, f64) -> T + Sync),
+    dh: &mut [T],
+    mut dlm: Option<&mut [T]>,
+) -> candle_core::Result<Vec<f64>> {
+    let n = targets.len();
+    let c = h.len() / n.max(1);
+    let v = lm.len() / c.max(1);
+    let mut logits = vec![T::zero(); chunk.min(n) * v];
+    let mut losses = Vec::with_capacity(n);
+    for r0 in (0..n).step_by(chunk.max(1)) {
+        let rows = chunk.min(n - r0);
+        let lg = &mut logits[..rows * v];
+        let hc = &h[r0 * c..(r0 + rows) * c];
+        blas::gemm_par(
+            blas,
+            (rows, v, c),
+            plain(hc, c),
+            transposed(lm, c),
+            lg,
+            false,
+        )?;
+        let row_losses: Vec<f64> = lg
+            .par_chunks_mut(v)
+            .zip(&targets[r0..r0 + rows])
+            .enumerate()
+            .map(|(i, (r, &y))| {
+                let scale = |loss: T| scale_of(r0 + i, WithDType::to_f64(loss));
+                WithDType::to_f64(lmkit_kernels::fused::ce_row_weighted_in_place(
+                    r, y as usize, scale,
+                ))
+            })
+            .collect();
+        losses.extend(row_losses);
+        let d = &mut dh[r0 * c..(r0 + rows) * c];
+        blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), d, false)?;
+        if let Some(dlm) = dlm.as_deref_mut() {
+            let lgt = transposed(&*lg, v);
+            blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), dlm, r0 > 0)?;
+        }
+    }
+    Ok(losses)
+}
+
+/// Token ids and next-token targets, flattened, with (batch, seq).
+type FlatBatch = (Vec<u32>, Vec<u32>, (usize, usize));
+
+/// Token ids and next-token targets of a [batch, seq] pair of u32 tensors, flattened, with
+/// (batch, seq); targets of another shape are an error naming `model`.
+pub(crate) fn ids_and_targets(
+    model: &str,
+    ids: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<FlatBatch> {
+    let (b, t) = ids.dims2()?;
+    if targets.dims() != [b, t] {
+        candle_core::bail!(
+            "{model} loss: targets {:?} do not match the inputs {:?}",
+            targets.dims(),
+            ids.dims()
+        );
+    }
+    Ok((
+        ids.flatten_all()?.to_vec1()?,
+        targets.flatten_all()?.to_vec1()?,
+        (b, t),
+    ))
 }
