@@ -190,7 +190,9 @@ fn load_adapter_reward(dir: &Path, dev: &Device) -> Result<RewardModel> {
             base.display()
         )));
     }
-    let score = adapters.claim_saved("score", || unreachable!("a loaded set has its tensors"))?;
+    let score = adapters.claim_saved("score", || {
+        candle_core::bail!("a loaded adapter set reads its head from its file")
+    })?;
     let (model, _) = adapters.build(|| CausalLm::load(&base, dev))?;
     Ok(RewardModel {
         model,
