@@ -1282,6 +1282,17 @@ pub fn sequence_spans(
     Ok(spans)
 }
 
+/// Each of `rows` rows' position: its place in its span (0 outside every span).
+pub fn span_positions(rows: usize, spans: &[(usize, usize)]) -> Vec<usize> {
+    let mut pos = vec![0; rows];
+    for &(r, n) in spans {
+        for (i, p) in pos[r..r + n].iter_mut().enumerate() {
+            *p = i;
+        }
+    }
+    pos
+}
+
 /// Rotary embedding and causal grouped-query attention from packed projections (see
 /// [`rope_causal_attention`]).
 struct RopeAttention {
@@ -1328,25 +1339,19 @@ impl RopeAttention {
         Ok(hd)
     }
 
-    /// Each row's position: its place in its sequence.
-    fn positions(&self, rows: usize) -> Vec<usize> {
-        let mut pos = vec![0; rows];
-        for &(r, n) in &self.spans {
-            pos[r..r + n]
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, p)| *p = i);
-        }
-        pos
+    /// Rotates the queries and keys of q|k|v rows `x` in place (by −θ when `inverse`: the
+    /// backward pass).
+    fn rotate<T: BlasFloat>(&self, x: &mut [T], table: &[T], hd: usize, inverse: bool) {
+        let w = (self.heads + 2 * self.kv_heads) * hd;
+        let pos = span_positions(x.len() / w, &self.spans);
+        let cols = 0..(self.heads + self.kv_heads) * hd;
+        crate::fused::rope_heads_in_place(x, w, cols, hd, &pos, table, inverse);
     }
 
     /// q|k|v with the queries and keys rotated.
     fn rotated<T: BlasFloat>(&self, qkv: &[T], table: &[T], hd: usize) -> Vec<T> {
-        let w = (self.heads + 2 * self.kv_heads) * hd;
         let mut x = qkv.to_vec();
-        let pos = self.positions(qkv.len() / w);
-        let cols = 0..(self.heads + self.kv_heads) * hd;
-        crate::fused::rope_heads_in_place(&mut x, w, cols, hd, &pos, table, false);
+        self.rotate(&mut x, table, hd, false);
         x
     }
 
@@ -1365,10 +1370,7 @@ impl RopeAttention {
         let blas = require("rope attention")?;
         let x = self.rotated(qkv, table, hd);
         let mut d = gqa_attention_bwd(T::gemm(blas), &x, dy, self.gqa(hd))?;
-        let w = (self.heads + 2 * self.kv_heads) * hd;
-        let pos = self.positions(qkv.len() / w);
-        let cols = 0..(self.heads + self.kv_heads) * hd;
-        crate::fused::rope_heads_in_place(&mut d, w, cols, hd, &pos, table, true);
+        self.rotate(&mut d, table, hd, true);
         Ok(d)
     }
 }

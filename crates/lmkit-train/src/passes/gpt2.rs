@@ -10,7 +10,7 @@
 //! path's (which lmkit-models' tests/gradients.rs holds to finite differences).
 
 use super::{LossAndGrads, TrainPass};
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
 use lmkit_kernels::buffers::rows_of;
 use lmkit_kernels::fused;
@@ -147,16 +147,7 @@ fn pass<T: BlasFloat>(
     scale: f64,
 ) -> candle_core::Result<Option<LossAndGrads>> {
     let guards = tensors.clone().map(|p| p.storage_and_layout());
-    let data = guards.as_ref().try_map(|(st, l)| {
-        let storage: &Storage = st;
-        let Storage::Cpu(cs) = storage else {
-            return Err(());
-        };
-        // Mixed dtypes or strided views: let the graph path report or handle them.
-        let all = T::cpu_storage_as_slice(cs).map_err(|_| ())?;
-        let (start, end) = l.contiguous_offsets().ok_or(())?;
-        Ok(&all[start..end])
-    });
+    let data = (guards.as_ref()).try_map(|(st, l)| super::cpu_slice::<T>(st, l).ok_or(()));
     let Ok(data) = data else {
         return Ok(None);
     };

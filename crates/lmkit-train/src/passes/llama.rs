@@ -8,7 +8,7 @@
 //! no product. The tests below hold every gradient to the autograd path's in f64.
 
 use super::{LossAndGrads, TrainPass};
-use candle_core::{Storage, Tensor, TensorId};
+use candle_core::{Tensor, TensorId};
 use lmkit_kernels::blas::{self, gemm_par_ld, plain, transposed, Blas, BlasFloat, Gqa};
 use lmkit_kernels::fused;
 use lmkit_models::layers::linear::Linear;
@@ -484,20 +484,13 @@ fn run<T: BlasFloat>(
     scale: f64,
 ) -> candle_core::Result<Option<ScoredRows>> {
     let guards: Vec<_> = reg.tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut data = Vec::with_capacity(guards.len());
-    for (st, l) in &guards {
-        let storage: &Storage = st;
-        let Storage::Cpu(cs) = storage else {
-            return Ok(None);
-        };
-        let Ok(all) = T::cpu_storage_as_slice(cs) else {
-            return Ok(None);
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            return Ok(None);
-        };
-        data.push(&all[a..b]);
-    }
+    let data: Option<Vec<&[T]>> = guards
+        .iter()
+        .map(|(st, l)| super::cpu_slice::<T>(st, l))
+        .collect();
+    let Some(data) = data else {
+        return Ok(None);
+    };
     let mut p = Params {
         data,
         wants,
@@ -533,12 +526,7 @@ fn backprop<T: BlasFloat>(
     let c = p.data[m.norm].len();
     let v = p.data[m.embed].len() / c.max(1);
     let eps = m.eps;
-    let mut positions = vec![0usize; n];
-    for &(r, len) in spans {
-        for (i, pos) in positions[r..r + len].iter_mut().enumerate() {
-            *pos = i;
-        }
-    }
+    let positions = blas::span_positions(n, spans);
     let table = p.data[m.table];
     let max_pos = table.len() / m.layers.first().map_or(1, |l| l.hd).max(1);
     if let Some(&(_, len)) = spans.iter().find(|&&(_, len)| len > max_pos) {

@@ -7,7 +7,7 @@ pub mod gpt2;
 mod gpt2_cuda;
 pub mod llama;
 
-use candle_core::{Tensor, WithDType};
+use candle_core::{Layout, Storage, Tensor, WithDType};
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat};
 use lmkit_models::CausalLm;
 use rayon::prelude::*;
@@ -105,6 +105,20 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
         }
     }
     Ok(losses)
+}
+
+/// A tensor's elements as a slice of `T`, from its storage guard and layout; `None` for a tensor
+/// not on the CPU, of another dtype or not contiguous (the graph path reports or handles those).
+pub(crate) fn cpu_slice<'a, T: BlasFloat>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Option<&'a [T]> {
+    let Storage::Cpu(cs) = storage else {
+        return None;
+    };
+    let all = T::cpu_storage_as_slice(cs).ok()?;
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(&all[start..end])
 }
 
 /// Token ids and next-token targets, flattened, with (batch, seq).
