@@ -308,6 +308,26 @@ struct SavedModule {
     vars: (Option<Var>, Option<Var>),
 }
 
+impl SavedModule {
+    /// `weight` and `bias`, as new variables holding them when `trainable`.
+    fn new(weight: Tensor, bias: Option<Tensor>, trainable: bool) -> candle_core::Result<Self> {
+        if !trainable {
+            return Ok(SavedModule {
+                weight,
+                bias,
+                vars: (None, None),
+            });
+        }
+        let wv = Var::from_tensor(&weight)?;
+        let bv = bias.as_ref().map(Var::from_tensor).transpose()?;
+        Ok(SavedModule {
+            weight: wv.as_tensor().clone(),
+            bias: bv.as_ref().map(|v| v.as_tensor().clone()),
+            vars: (Some(wv), bv),
+        })
+    }
+}
+
 /// A set of adapters: created fresh for training or read from a PEFT directory, attached to a
 /// model's layers while it is built.
 #[derive(Clone)]
@@ -678,12 +698,8 @@ impl Adapters {
                         weight()?.dims()
                     );
                 }
-                let module = SavedModule {
-                    weight: w.clone(),
-                    bias: None,
-                    vars: (None, None),
-                };
-                st.saved.insert(table, module);
+                st.saved
+                    .insert(table, SavedModule::new(w.clone(), None, false)?);
                 return Ok(Some((w, None)));
             }
         }
@@ -723,21 +739,7 @@ impl Adapters {
                 (w.clone(), b, *trainable)
             }
         };
-        let module = if trainable {
-            let wv = Var::from_tensor(&w)?;
-            let bv = b.as_ref().map(Var::from_tensor).transpose()?;
-            SavedModule {
-                weight: wv.as_tensor().clone(),
-                bias: bv.as_ref().map(|v| v.as_tensor().clone()),
-                vars: (Some(wv), bv),
-            }
-        } else {
-            SavedModule {
-                weight: w,
-                bias: b,
-                vars: (None, None),
-            }
-        };
+        let module = SavedModule::new(w, b, trainable)?;
         let out = (module.weight.clone(), module.bias.clone());
         st.saved.insert(path.to_string(), module);
         Ok(Some(out))
@@ -882,20 +884,7 @@ impl Adapters {
                 }
             },
         };
-        let module = if trainable {
-            let v = Var::from_tensor(&w)?;
-            SavedModule {
-                weight: v.as_tensor().clone(),
-                bias: None,
-                vars: (Some(v), None),
-            }
-        } else {
-            SavedModule {
-                weight: w,
-                bias: None,
-                vars: (None, None),
-            }
-        };
+        let module = SavedModule::new(w, None, trainable)?;
         let weight = module.weight.clone();
         st.saved.insert(path.to_string(), module);
         Ok(weight)
