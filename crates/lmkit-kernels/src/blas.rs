@@ -845,11 +845,6 @@ impl Heads {
     pub(crate) fn c(&self) -> usize {
         self.heads * self.hd
     }
-    /// Offsets of q, k, v of head `h` of batch row `bi` in the packed tensor (row stride 3c).
-    pub(crate) fn qkv(&self, bi: usize, h: usize) -> (usize, usize, usize) {
-        let q = bi * self.t * 3 * self.c() + h * self.hd;
-        (q, q + self.c(), q + 2 * self.c())
-    }
     /// Each batch row's sequence as a span of rows.
     fn spans(&self) -> Vec<(usize, usize)> {
         sequence_spans(self.b, self.t, None).unwrap_or_default()
