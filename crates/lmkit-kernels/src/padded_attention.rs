@@ -277,7 +277,11 @@ pub fn padded_attention_fwd<T: BlasFloat>(
 ) -> candle_core::Result<Vec<T>> {
     let blas = require("encoder attention")?;
     if lens.len() != s.b {
-        candle_core::bail!("encoder attention: {} lengths for {} sequences", lens.len(), s.b);
+        candle_core::bail!(
+            "encoder attention: {} lengths for {} sequences",
+            lens.len(),
+            s.b
+        );
     }
     let p = Padded::packed(s.heads, s.hd, s.t, lens, false);
     masked_attention_fwd(T::gemm(blas), qkv, qkv, p, scale)
@@ -412,7 +416,10 @@ mod tests {
         let size = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         assert!(size > 0.0, "{what}: a zero gradient tests nothing");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() < 1e-10 * size.max(1.0), "{what}[{i}]: {g} vs {w}");
+            assert!(
+                (g - w).abs() < 1e-10 * size.max(1.0),
+                "{what}[{i}]: {g} vs {w}"
+            );
         }
     }
 
@@ -457,24 +464,38 @@ mod tests {
                 Padded::packed(heads, hd, 6, &lens, causal)
             };
             let randn = |rows: usize, ld: usize| {
-                Var::from_tensor(
-                    &crate::testing::randn(0f64, 1.0, (b * rows, ld), &dev).unwrap(),
-                )
-                .unwrap()
+                Var::from_tensor(&crate::testing::randn(0f64, 1.0, (b * rows, ld), &dev).unwrap())
+                    .unwrap()
             };
             let q = randn(s.q_rows, s.q_ld);
-            let kv = if cross { randn(s.k_rows, s.kv_ld) } else { q.clone() };
+            let kv = if cross {
+                randn(s.k_rows, s.kv_ld)
+            } else {
+                q.clone()
+            };
             let r = crate::testing::randn(0f64, 1.0, b * s.q_rows * c, &dev).unwrap();
             let (want, dq_want, dkv_want) = reference(&q, &kv, s, scale, &r);
-            let flat = |v: &Var| v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let flat = |v: &Var| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
             let (qd, kvd) = (flat(&q), flat(&kv));
             let y = masked_attention_fwd(gemm, &qd, &kvd, s, scale).unwrap();
             let rv = r.to_vec1::<f64>().unwrap();
             let got: f64 = y.iter().zip(&rv).map(|(a, b)| a * b).sum();
-            assert!((got - want).abs() < 1e-10 * want.abs().max(1.0), "{name}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-10 * want.abs().max(1.0),
+                "{name}: {got} vs {want}"
+            );
             for (bi, &nq) in s.q_lens.iter().enumerate() {
                 let pad = &y[(bi * s.q_rows + nq) * c..(bi + 1) * s.q_rows * c];
-                assert!(pad.iter().all(|&v| v == 0.0), "{name}: padded rows are zero");
+                assert!(
+                    pad.iter().all(|&v| v == 0.0),
+                    "{name}: padded rows are zero"
+                );
             }
             let mut dq = vec![0f64; qd.len()];
             if cross {

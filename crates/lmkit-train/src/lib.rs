@@ -38,7 +38,7 @@ use data::{Batches, Split};
 use init::{hf_config, init_weights, params};
 use lmkit_models::{Kind, KvCache, SpecialIds};
 use lmkit_tokenize::TokenDataset;
-use objective::{loss_with, pair_loss, Net};
+use objective::{loss_with, pair_batch, pair_loss, Net};
 use std::path::{Path, PathBuf};
 use steps::{Grads, Micro};
 
@@ -285,7 +285,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                     model.loss(&x, &y, mix(t.seed ^ 0x0a5c ^ mix(k as u64)))?
                 }
                 Batches::Pairs { val, .. } if !val.is_empty() => {
-                    pair_loss(model, val, seed, t.batch_size, &dev)?.0
+                    pair_loss(model, val, seed, t.batch_size)?.0
                 }
                 _ => return Ok(None),
             };
@@ -307,7 +307,16 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         let seed = mix(t.seed ^ mix((step * 1024 + micro) as u64 + 1));
         let (loss, tokens) = match (&data, &mut *carried.borrow_mut()) {
             (Batches::Pairs { train, .. }, _) => {
-                pair_loss(&model, train, seed, t.batch_size, &dev)?
+                let (bart, b) = pair_batch(&model, train, seed, t.batch_size)?;
+                if t.backward == passes::Backward::Auto {
+                    if let Some(r) = passes::bart::loss_and_grads(bart, &b, scale)? {
+                        for (p, gi) in r.grads {
+                            grads.add(p.id(), gi)?;
+                        }
+                        return Ok(Micro::new(r.loss * scale, b.tokens as u64));
+                    }
+                }
+                (seq2seq::loss(bart, &b)?, b.tokens as u64)
             }
             (Batches::Stream { train, .. }, Some(cache)) => {
                 let Net::Causal(model) = &model else {

@@ -3,7 +3,7 @@
 
 use crate::error::{Result, TrainError};
 use crate::seq2seq;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use lmkit_core::rng::{mix, MixChain, Random};
 use lmkit_models::bart::Bart;
@@ -91,15 +91,13 @@ pub(crate) fn mlm_loss(
     )?)
 }
 
-/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`, and the
-/// number of real tokens the batch held.
-pub(crate) fn pair_loss(
-    net: &Net,
+/// An encoder-decoder and a batch of `batch` pairs drawn (with replacement) by `seed`.
+pub(crate) fn pair_batch<'a>(
+    net: &'a Net,
     pairs: &[seq2seq::Pair],
     seed: u64,
     batch: usize,
-    dev: &Device,
-) -> Result<(Tensor, u64)> {
+) -> Result<(&'a Bart, seq2seq::PairBatch)> {
     let Net::Seq2seq {
         bart,
         start,
@@ -119,8 +117,19 @@ pub(crate) fn pair_loss(
         *start,
         *end,
         *pad,
-        dev,
-    )?;
+    );
+    Ok((bart, b))
+}
+
+/// An encoder-decoder's loss on `batch` pairs drawn (with replacement) by `seed`, and the
+/// number of real tokens the batch held.
+pub(crate) fn pair_loss(
+    net: &Net,
+    pairs: &[seq2seq::Pair],
+    seed: u64,
+    batch: usize,
+) -> Result<(Tensor, u64)> {
+    let (bart, b) = pair_batch(net, pairs, seed, batch)?;
     Ok((seq2seq::loss(bart, &b)?, b.tokens as u64))
 }
 

@@ -3,7 +3,7 @@
 //! `target + end`).
 
 use crate::error::{Result, TrainError};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use lmkit_models::bart::Bart;
 use std::path::Path;
 
@@ -71,15 +71,31 @@ pub fn load_pairs(
     Ok((pairs, held))
 }
 
-/// A padded batch: source ids and mask, decoder inputs, targets and their mask.
+/// A padded batch: `b` sources of `s` positions (each sequence's real tokens first), `b`
+/// decoder inputs and targets of `t` positions (real ones first).
 pub struct PairBatch {
-    src: Tensor,
-    src_mask: Tensor,
-    dec_in: Tensor,
-    labels: Vec<u32>,
-    label_mask: Vec<bool>,
+    pub b: usize,
+    pub s: usize,
+    pub t: usize,
+    /// Source ids [b, s] and each source's real tokens.
+    pub src: Vec<u32>,
+    pub src_lens: Vec<usize>,
+    /// Decoder inputs and targets [b, t], and each row's real positions.
+    pub dec_in: Vec<u32>,
+    pub labels: Vec<u32>,
+    pub dec_lens: Vec<usize>,
     /// Real (unpadded) source and target tokens, for throughput.
     pub tokens: usize,
+}
+
+impl PairBatch {
+    /// The flattened decoder positions with a target, in order.
+    pub fn scored_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.dec_lens
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, &n)| i * self.t..i * self.t + n)
+    }
 }
 
 /// `batch` pairs drawn by `pick(i)` (an index into `pairs`).
@@ -90,8 +106,7 @@ pub fn batch(
     start: u32,
     end: u32,
     pad: u32,
-    dev: &Device,
-) -> Result<PairBatch> {
+) -> PairBatch {
     let chosen: Vec<&Pair> = (0..batch).map(|_| &pairs[pick() % pairs.len()]).collect();
     let tokens = chosen
         .iter()
@@ -103,52 +118,50 @@ pub fn batch(
         .max()
         .unwrap_or(1);
     let t = chosen.iter().map(|p| p.target.len() + 1).max().unwrap_or(1);
-    let (mut src, mut src_mask, mut dec_in, mut labels, mut label_mask) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut b = PairBatch {
+        b: batch,
+        s,
+        t,
+        src: Vec::with_capacity(batch * s),
+        src_lens: Vec::with_capacity(batch),
+        dec_in: Vec::with_capacity(batch * t),
+        labels: Vec::with_capacity(batch * t),
+        dec_lens: Vec::with_capacity(batch),
+        tokens,
+    };
     for p in chosen {
         let n = p.source.len().max(1);
-        src.extend(
+        b.src.extend(
             p.source
                 .iter()
                 .copied()
                 .chain(std::iter::repeat(pad))
                 .take(s),
         );
-        src_mask.extend((0..s).map(|i| u32::from(i < n)));
-        let inp: Vec<u32> = std::iter::once(start)
-            .chain(p.target.iter().copied())
-            .collect();
-        let out: Vec<u32> = p
-            .target
-            .iter()
-            .copied()
-            .chain(std::iter::once(end))
-            .collect();
-        dec_in.extend(inp.iter().copied().chain(std::iter::repeat(pad)).take(t));
-        labels.extend(out.iter().copied().chain(std::iter::repeat(pad)).take(t));
-        label_mask.extend((0..t).map(|i| i < out.len()));
+        b.src_lens.push(n);
+        let inp = std::iter::once(start).chain(p.target.iter().copied());
+        let out = p.target.iter().copied().chain(std::iter::once(end));
+        b.dec_in.extend(inp.chain(std::iter::repeat(pad)).take(t));
+        b.labels.extend(out.chain(std::iter::repeat(pad)).take(t));
+        b.dec_lens.push(p.target.len() + 1);
     }
-    Ok(PairBatch {
-        src: Tensor::from_vec(src, (batch, s), dev)?,
-        src_mask: Tensor::from_vec(src_mask, (batch, s), dev)?,
-        dec_in: Tensor::from_vec(dec_in, (batch, t), dev)?,
-        labels,
-        label_mask,
-        tokens,
-    })
+    b
 }
 
-/// Mean cross-entropy over the real (unpadded) target tokens.
+/// Mean cross-entropy over the real (unpadded) target tokens, through the graph.
 pub fn loss(m: &Bart, b: &PairBatch) -> Result<Tensor> {
-    let memory = m.encode(&b.src, Some(&b.src_mask))?;
-    let logits = m.decode(&b.dec_in, &memory, Some(&b.src_mask))?;
-    let (n, t, v) = logits.dims3()?;
-    let rows: Vec<u32> = (0..n * t)
-        .filter(|&i| b.label_mask[i])
-        .map(|i| i as u32)
+    let dev = m.word_device();
+    let src = Tensor::from_slice(&b.src, (b.b, b.s), dev)?;
+    let mask: Vec<u32> = (0..b.b * b.s)
+        .map(|i| u32::from(i % b.s < b.src_lens[i / b.s]))
         .collect();
+    let src_mask = Tensor::from_vec(mask, (b.b, b.s), dev)?;
+    let dec_in = Tensor::from_slice(&b.dec_in, (b.b, b.t), dev)?;
+    let memory = m.encode(&src, Some(&src_mask))?;
+    let logits = m.decode(&dec_in, &memory, Some(&src_mask))?;
+    let (n, t, v) = logits.dims3()?;
+    let rows: Vec<u32> = b.scored_rows().map(|i| i as u32).collect();
     let want: Vec<u32> = rows.iter().map(|&i| b.labels[i as usize]).collect();
-    let dev = logits.device();
     let logits = logits
         .reshape((n * t, v))?
         .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
@@ -181,8 +194,15 @@ mod tests {
             train[0].source.len() <= 3 && train[0].target.len() <= 2,
             "cut to the positions"
         );
-        let b = batch(&train, 4, &mut || 0, 2, 2, 1, &Device::Cpu).unwrap();
-        assert_eq!(b.labels.len(), b.label_mask.len());
+        let b = batch(&train, 4, &mut || 0, 2, 2, 1);
+        assert_eq!(b.labels.len(), b.dec_in.len());
+        let want: usize = b.dec_lens.iter().sum();
+        assert_eq!(b.scored_rows().count(), want);
+        assert_eq!(
+            want,
+            4 * (train[0].target.len() + 1),
+            "the target's tokens and the end"
+        );
         std::fs::write(&p, format!("{line}{{\"source\": \"x\"}}\n")).unwrap();
         let e = load_pairs(&p, None, 0.0, &tk, 8).err().unwrap().to_string();
         assert!(e.contains("p.jsonl:2") && e.contains("`target`"), "{e}");

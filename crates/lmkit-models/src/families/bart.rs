@@ -346,8 +346,83 @@ impl Stack {
     }
 }
 
+/// An attention block's projections as a training pass reads them.
+pub struct AttentionParts<'a> {
+    pub q: &'a Linear,
+    pub k: &'a Linear,
+    pub v: &'a Linear,
+    pub out: &'a Linear,
+    pub heads: usize,
+}
+
+impl Attention {
+    fn parts(&self) -> AttentionParts<'_> {
+        AttentionParts {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            heads: self.heads,
+        }
+    }
+}
+
+/// A layer's parts: self-attention and its norm, cross-attention and its norm (decoder layers),
+/// the feed-forward block and its norm (post-norm: each norm follows its residual add).
+pub struct LayerParts<'a> {
+    pub self_attn: AttentionParts<'a>,
+    pub self_norm: &'a LayerNorm,
+    pub cross: Option<(AttentionParts<'a>, &'a LayerNorm)>,
+    pub fc1: &'a Linear,
+    pub fc2: &'a Linear,
+    pub final_norm: &'a LayerNorm,
+}
+
+/// The encoder's or the decoder's parts: learned positions (row p + 2 for position p), the
+/// embedding norm and the layers.
+pub struct StackParts<'a> {
+    pub positions: &'a Tensor,
+    pub norm: &'a LayerNorm,
+    pub layers: Vec<LayerParts<'a>>,
+}
+
+/// The model's parts as a training pass reads them (see [`Bart::parts`]).
+pub struct Parts<'a> {
+    /// Token embeddings [vocab, d_model], shared by both stacks and the output layer.
+    pub shared: &'a Tensor,
+    /// `final_logits_bias` [1, vocab], added to the output layer's logits.
+    pub final_logits_bias: &'a Tensor,
+    /// The factor on token embeddings (√d_model with `scale_embedding`, else 1).
+    pub embed_scale: f64,
+    pub activation: &'a str,
+    pub encoder: StackParts<'a>,
+    pub decoder: StackParts<'a>,
+}
+
+impl Stack {
+    fn parts(&self) -> StackParts<'_> {
+        StackParts {
+            positions: self.positions.embeddings(),
+            norm: &self.norm,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerParts {
+                    self_attn: l.self_attn.parts(),
+                    self_norm: &l.self_norm,
+                    cross: l.cross.as_ref().map(|(a, n)| (a.parts(), n)),
+                    fc1: &l.fc1,
+                    fc2: &l.fc2,
+                    final_norm: &l.final_norm,
+                })
+                .collect(),
+        }
+    }
+}
+
 pub struct Bart {
     shared: Embedding,
+    final_logits_bias: Tensor,
     encoder: Stack,
     decoder: Stack,
     /// The output layer: the shared embeddings plus `final_logits_bias`.
@@ -382,8 +457,21 @@ impl Bart {
                 1.0
             },
             shared,
+            final_logits_bias,
             cfg: cfg.clone(),
         })
+    }
+
+    /// The parts a hand-written training pass reads.
+    pub fn parts(&self) -> Parts<'_> {
+        Parts {
+            shared: self.shared.embeddings(),
+            final_logits_bias: &self.final_logits_bias,
+            embed_scale: self.embed_scale,
+            activation: &self.cfg.activation_function,
+            encoder: self.encoder.parts(),
+            decoder: self.decoder.parts(),
+        }
     }
 
     pub fn load(dir: &Path, device: &Device) -> Result<Bart> {

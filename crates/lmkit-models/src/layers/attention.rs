@@ -99,7 +99,7 @@ pub fn attention(
         Mask::Bias(bias) => {
             let att = scaled(att, scale)?;
             match bias {
-                Some(b) => att.broadcast_add(b)?,
+                Some(b) => att.broadcast_add(&b.to_dtype(att.dtype())?)?,
                 None => att,
             }
         }

@@ -9,13 +9,12 @@
 //! [`Gpt2Params`] named for its parameter. The tests below hold every gradient to the autograd
 //! path's (which lmkit-models' tests/gradients.rs holds to finite differences).
 
-use super::{LossAndGrads, TrainPass};
+use super::{Act, LossAndGrads, TrainPass};
 use candle_core::Tensor;
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
 use lmkit_kernels::buffers::rows_of;
 use lmkit_kernels::fused;
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
-use num_traits::Float;
 use rayon::prelude::*;
 
 /// Rows of the output layer's logits computed at a time: [rows, vocab] stays small (a few rows
@@ -24,32 +23,6 @@ const LOSS_ROWS: usize = if cfg!(test) { 8 } else { 512 };
 
 /// The hand-written pass over a GPT-2 model.
 pub struct Gpt2Pass<'a>(pub &'a Gpt2);
-
-#[derive(Clone, Copy)]
-enum Act {
-    GeluTanh,
-    Relu,
-}
-
-impl Act {
-    fn forward<T: BlasFloat>(self, h: &[T]) -> Vec<T> {
-        match self {
-            Act::GeluTanh => fused::gelu(h),
-            Act::Relu => h.par_iter().map(|&v| Float::max(v, T::zero())).collect(),
-        }
-    }
-
-    fn backward<T: BlasFloat>(self, h: &[T], dg: &[T]) -> Vec<T> {
-        match self {
-            Act::GeluTanh => fused::gelu_bwd(h, dg),
-            Act::Relu => h
-                .par_iter()
-                .zip(dg.par_iter())
-                .map(|(&v, &g)| if v > T::zero() { g } else { T::zero() })
-                .collect(),
-        }
-    }
-}
 
 /// One block's activations, kept from the forward pass for the backward pass.
 struct Saved<T> {
@@ -76,10 +49,8 @@ impl TrainPass for Gpt2Pass<'_> {
         scale: f64,
     ) -> candle_core::Result<Option<LossAndGrads>> {
         let model = self.0;
-        let act = match model.cfg.activation_function.as_str() {
-            "relu" => Act::Relu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
-            _ => return Ok(None), // erf GELU, SiLU: no fused kernel
+        let Some(act) = Act::named(&model.cfg.activation_function) else {
+            return Ok(None); // SiLU: no fused kernel
         };
         let params = model.params();
         let on_cpu = params.wte.device().is_cpu();
@@ -96,8 +67,8 @@ impl TrainPass for Gpt2Pass<'_> {
         check_batch(model, &batch)?;
         if !on_cpu {
             #[cfg(feature = "cuda")]
-            if params.wte.dtype() == candle_core::DType::F32 {
-                let gelu = matches!(act, Act::GeluTanh);
+            if params.wte.dtype() == candle_core::DType::F32 && act != Act::GeluErf {
+                let gelu = act == Act::GeluTanh;
                 return super::gpt2_cuda::pass(model, &params, gelu, &ids, &targets, (b, t), scale);
             }
             return Ok(None);
@@ -241,12 +212,12 @@ fn backprop<T: BlasFloat>(
     let row_losses = super::output_cross_entropy(
         blas,
         &hf,
-        lm,
+        (lm, None),
         targets,
         LOSS_ROWS,
         &|_, _| sc,
         &mut dhf,
-        Some(&mut dlm[..]),
+        (Some(&mut dlm[..]), None),
     )?;
     // Summed in row order: the same total every run.
     let loss: f64 = row_losses.iter().sum();

@@ -7,14 +7,14 @@
 //! each), LoRA adapters with their dropout, and frozen weights, which get no gradient and cost
 //! no product. The tests below hold every gradient to the autograd path's in f64.
 
+use super::params::{with_params, LinIdx, LoraSaved, Params, Registry};
 use super::{LossAndGrads, TrainPass};
-use candle_core::{Tensor, TensorId};
-use lmkit_kernels::blas::{self, gemm_par_ld, plain, transposed, Blas, BlasFloat, Gqa};
+use candle_core::Tensor;
+use lmkit_kernels::blas::{self, Blas, BlasFloat, Gqa};
 use lmkit_kernels::fused;
 use lmkit_models::layers::linear::Linear;
 use lmkit_models::llama::{LayerParts, Llama};
 use rayon::prelude::*;
-use std::collections::HashMap;
 
 /// Rows of the output layer's logits computed at a time (a few in tests, so that they cover the
 /// accumulation over chunks).
@@ -176,67 +176,6 @@ fn check_batch(model: &Llama, batch: &Batch) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The tensors the pass reads, by index, each once.
-#[derive(Default)]
-struct Registry<'a> {
-    tensors: Vec<&'a Tensor>,
-    index: HashMap<TensorId, usize>,
-}
-
-impl<'a> Registry<'a> {
-    fn add(&mut self, t: &'a Tensor) -> usize {
-        *self.index.entry(t.id()).or_insert_with(|| {
-            self.tensors.push(t);
-            self.tensors.len() - 1
-        })
-    }
-}
-
-/// A LoRA adapter's tensors: A [r, in], B [out, r], the scale, its dropout mask for this pass.
-struct LoraIdx {
-    a: usize,
-    b: usize,
-    r: usize,
-    scale: f64,
-    mask: Option<Vec<f32>>,
-}
-
-/// A linear layer: weight [out, in], optional bias and adapter.
-struct LinIdx {
-    w: usize,
-    bias: Option<usize>,
-    lora: Option<LoraIdx>,
-    out: usize,
-    inp: usize,
-}
-
-impl LinIdx {
-    /// `None` for a layer the pass cannot run (quantized or transposed weights).
-    fn new<'a>(reg: &mut Registry<'a>, l: &'a Linear, rows: usize) -> Option<LinIdx> {
-        let w = l.dense_weight()?;
-        let (out, inp) = w.dims2().ok()?;
-        let w = reg.add(w);
-        let bias = l.bias().map(|b| reg.add(b));
-        let lora = match l.lora() {
-            Some(lo) if lo.is_on() => Some(LoraIdx {
-                a: reg.add(&lo.a),
-                b: reg.add(&lo.b),
-                r: lo.a.dim(0).ok()?,
-                scale: lo.scale,
-                mask: lo.dropout_mask(rows * inp),
-            }),
-            _ => None,
-        };
-        Some(LinIdx {
-            w,
-            bias,
-            lora,
-            out,
-            inp,
-        })
-    }
-}
-
 struct LayerIdx {
     input_norm: usize,
     post_norm: usize,
@@ -283,178 +222,6 @@ struct ModelIdx {
     eps: f64,
 }
 
-/// The registry's tensors as slices of `T`, and the gradients being gathered.
-struct Params<'a, T> {
-    data: Vec<&'a [T]>,
-    wants: &'a [bool],
-    grads: Vec<Option<Vec<T>>>,
-    blas: &'a Blas,
-}
-
-impl<T: BlasFloat> Params<'_, T> {
-    /// Adds `g` to parameter `i`'s gradient (if it is trained).
-    fn add_grad(&mut self, i: usize, g: Vec<T>) {
-        match &mut self.grads[i] {
-            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, v)| *a += v),
-            slot @ None => *slot = Some(g),
-        }
-    }
-}
-
-/// What a linear layer's adapter keeps from the forward pass: its input after dropout (when a
-/// mask applies) and scale·x·Aᵀ [rows, r].
-struct LoraSaved<T> {
-    dropped: Option<Vec<T>>,
-    h: Vec<T>,
-}
-
-impl LinIdx {
-    /// out (rows `ldo` apart) = x·Wᵀ (+ what it holds when `accumulate`) + scale·(x·Aᵀ)·Bᵀ.
-    fn forward<T: BlasFloat>(
-        &self,
-        p: &Params<'_, T>,
-        x: &[T],
-        n: usize,
-        out: (&mut [T], usize),
-        accumulate: bool,
-    ) -> candle_core::Result<Option<LoraSaved<T>>> {
-        let (w, k, o) = (p.data[self.w], self.inp, self.out);
-        let (out, ldo) = out;
-        gemm_par_ld(
-            p.blas,
-            (n, o, k),
-            plain(x, k),
-            transposed(w, k),
-            (&mut *out, ldo),
-            accumulate,
-        )?;
-        self.lora_forward(p, x, n, (out, ldo))
-    }
-
-    /// Adds the adapter's part scale·(x·Aᵀ)·Bᵀ to `out` (rows `ldo` apart).
-    fn lora_forward<T: BlasFloat>(
-        &self,
-        p: &Params<'_, T>,
-        x: &[T],
-        n: usize,
-        (out, ldo): (&mut [T], usize),
-    ) -> candle_core::Result<Option<LoraSaved<T>>> {
-        let (k, o) = (self.inp, self.out);
-        let Some(l) = &self.lora else {
-            return Ok(None);
-        };
-        let dropped: Option<Vec<T>> = l.mask.as_ref().map(|m| {
-            x.par_iter()
-                .zip(m.par_iter())
-                .map(|(&v, &mv)| v * T::from(mv).unwrap_or_else(T::zero))
-                .collect()
-        });
-        let xd = dropped.as_deref().unwrap_or(x);
-        let mut h = blas::product(
-            p.blas,
-            (n, l.r, k),
-            plain(xd, k),
-            transposed(p.data[l.a], k),
-        )?;
-        let s = T::from(l.scale).unwrap_or_else(T::one);
-        h.par_iter_mut().for_each(|v| *v *= s);
-        gemm_par_ld(
-            p.blas,
-            (n, o, l.r),
-            plain(&h, l.r),
-            transposed(p.data[l.b], l.r),
-            (out, ldo),
-            true,
-        )?;
-        Ok(Some(LoraSaved { dropped, h }))
-    }
-
-    /// x·Wᵀ + b + the adapter's part, as a new buffer [n, out].
-    fn forward_new<T: BlasFloat>(
-        &self,
-        p: &Params<'_, T>,
-        x: &[T],
-        n: usize,
-    ) -> candle_core::Result<(Vec<T>, Option<LoraSaved<T>>)> {
-        let Some(b) = self.bias else {
-            let mut out = blas::product(
-                p.blas,
-                (n, self.out, self.inp),
-                plain(x, self.inp),
-                transposed(p.data[self.w], self.inp),
-            )?;
-            let saved = self.lora_forward(p, x, n, (&mut out, self.out))?;
-            return Ok((out, saved));
-        };
-        let mut out = lmkit_kernels::buffers::rows_of(p.data[b], n);
-        let saved = self.forward(p, x, n, (&mut out, self.out), true)?;
-        Ok((out, saved))
-    }
-
-    /// From dy (rows `ldy` apart): the trained parameters' gradients (the bias's from `dbias`,
-    /// the column sums of dy, computed by the caller), and dx = dy·W + the adapter's part: added
-    /// to what `dx` holds, or written as a new buffer when `dx` is empty.
-    #[allow(clippy::too_many_arguments)]
-    fn backward<T: BlasFloat>(
-        &self,
-        p: &mut Params<'_, T>,
-        (dy, ldy): (&[T], usize),
-        x: &[T],
-        saved: Option<&LoraSaved<T>>,
-        dbias: impl FnOnce() -> Vec<T>,
-        dx: &mut Vec<T>,
-    ) -> candle_core::Result<()> {
-        let (k, o, blas) = (self.inp, self.out, p.blas);
-        let n = x.len() / k.max(1);
-        let dy_op = || plain(dy, ldy);
-        if p.wants[self.w] {
-            let g = blas::product(blas, (o, k, n), transposed(dy, ldy), plain(x, k))?;
-            p.add_grad(self.w, g);
-        }
-        if let Some(b) = self.bias.filter(|&b| p.wants[b]) {
-            p.add_grad(b, dbias());
-        }
-        if dx.is_empty() {
-            *dx = blas::product(blas, (n, k, o), dy_op(), plain(p.data[self.w], k))?;
-        } else {
-            blas::gemm_par(blas, (n, k, o), dy_op(), plain(p.data[self.w], k), dx, true)?;
-        }
-        let (Some(l), Some(saved)) = (&self.lora, saved) else {
-            return Ok(());
-        };
-        let s = T::from(l.scale).unwrap_or_else(T::one);
-        // d(scale·h·Bᵀ): dB = dyᵀ·(scale·h); d(x·Aᵀ) = scale·dy·B.
-        if p.wants[l.b] {
-            let g = blas::product(blas, (o, l.r, n), transposed(dy, ldy), plain(&saved.h, l.r))?;
-            p.add_grad(l.b, g);
-        }
-        let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
-        dh.par_iter_mut().for_each(|v| *v *= s);
-        let xd = saved.dropped.as_deref().unwrap_or(x);
-        if p.wants[l.a] {
-            let g = blas::product(blas, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
-            p.add_grad(l.a, g);
-        }
-        match &l.mask {
-            None => blas::gemm_par(
-                blas,
-                (n, k, l.r),
-                plain(&dh, l.r),
-                plain(p.data[l.a], k),
-                dx,
-                true,
-            )?,
-            Some(m) => {
-                let d = blas::product(blas, (n, k, l.r), plain(&dh, l.r), plain(p.data[l.a], k))?;
-                dx.par_iter_mut()
-                    .zip(d.par_iter().zip(m.par_iter()))
-                    .for_each(|(o, (&v, &mv))| *o += v * T::from(mv).unwrap_or_else(T::zero));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// One layer's activations, kept from the forward pass for the backward pass.
 struct Saved<T> {
     /// Layer input (residual stream), its norm, q|k|v after rotation, attention output.
@@ -472,8 +239,8 @@ struct Saved<T> {
     lora: [Option<LoraSaved<T>>; 7],
 }
 
-/// Reads the registry's tensors as `T` and runs the pass; `None` when one is not a contiguous
-/// CPU tensor of `T`.
+/// Runs the pass over the registry's tensors as `T`; `None` when one is not a contiguous CPU
+/// tensor of `T`.
 fn run<T: BlasFloat>(
     reg: &Registry<'_>,
     m: &ModelIdx,
@@ -483,33 +250,8 @@ fn run<T: BlasFloat>(
     spans: &[(usize, usize)],
     scale: f64,
 ) -> candle_core::Result<Option<ScoredRows>> {
-    let guards: Vec<_> = reg.tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let data: Option<Vec<&[T]>> = guards
-        .iter()
-        .map(|(st, l)| super::cpu_slice::<T>(st, l))
-        .collect();
-    let Some(data) = data else {
-        return Ok(None);
-    };
-    let mut p = Params {
-        data,
-        wants,
-        grads: vec![None; reg.tensors.len()],
-        blas,
-    };
-    let row_losses = backprop(&mut p, m, batch, spans, scale)?;
-    let grads = std::mem::take(&mut p.grads);
-    drop(p);
-    drop(guards);
-    let dev = candle_core::Device::Cpu;
-    let grads = reg
-        .tensors
-        .iter()
-        .zip(grads)
-        .filter_map(|(t, g)| g.map(|g| (t, g)))
-        .map(|(t, g)| Ok(((*t).clone(), Tensor::from_vec(g, t.shape(), &dev)?)))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(Some(ScoredRows { row_losses, grads }))
+    let r = with_params::<T, _>(reg, wants, blas, |p| backprop(p, m, batch, spans, scale))?;
+    Ok(r.map(|(row_losses, grads)| ScoredRows { row_losses, grads }))
 }
 
 /// The pass itself: each scored row's loss; gradients (times `scale`) into `p.grads`.
@@ -621,12 +363,12 @@ fn backprop<T: BlasFloat>(
     let losses = super::output_cross_entropy(
         blas,
         &hs,
-        lm,
+        (lm, None),
         batch.targets,
         LOSS_ROWS,
         &scale_of,
         &mut dhs,
-        want_lm.then_some(&mut dlm[..]),
+        (want_lm.then_some(&mut dlm[..]), None),
     )?;
     if want_lm {
         p.add_grad(m.lm_head, dlm);

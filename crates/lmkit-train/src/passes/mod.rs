@@ -2,10 +2,12 @@
 //! buffers, without candle's autograd graph. Each is checked against the graph's gradients in its
 //! tests; [`for_model`] picks the one for a model (or none: the graph is differentiated).
 
+pub mod bart;
 pub mod gpt2;
 #[cfg(feature = "cuda")]
 mod gpt2_cuda;
 pub mod llama;
+mod params;
 
 use candle_core::{Layout, Storage, Tensor, WithDType};
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat};
@@ -44,6 +46,51 @@ pub enum Backward {
     Autograd,
 }
 
+/// An activation the passes compute with a fused kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// The exact GELU x·Φ(x) (`gelu`).
+    GeluErf,
+    Relu,
+}
+
+impl Act {
+    /// The activation a config names; `None` for one without a fused kernel (SiLU).
+    pub(crate) fn named(name: &str) -> Option<Act> {
+        match name {
+            "relu" => Some(Act::Relu),
+            "gelu" => Some(Act::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Act::GeluTanh),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn forward<T: BlasFloat>(self, h: &[T]) -> Vec<T> {
+        match self {
+            Act::GeluTanh => lmkit_kernels::fused::gelu(h),
+            Act::GeluErf => lmkit_kernels::fused::gelu_erf_fwd(h),
+            Act::Relu => h
+                .par_iter()
+                .map(|&v| num_traits::Float::max(v, T::zero()))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn backward<T: BlasFloat>(self, h: &[T], dg: &[T]) -> Vec<T> {
+        match self {
+            Act::GeluTanh => lmkit_kernels::fused::gelu_bwd(h, dg),
+            Act::GeluErf => lmkit_kernels::fused::gelu_erf_bwd(h, dg),
+            Act::Relu => h
+                .par_iter()
+                .zip(dg.par_iter())
+                .map(|(&v, &g)| if v > T::zero() { g } else { T::zero() })
+                .collect(),
+        }
+    }
+}
+
 /// The hand-written pass for `model`, if it has one and `backward` allows it.
 pub fn for_model(model: &CausalLm, backward: Backward) -> Option<Box<dyn TrainPass + '_>> {
     match (backward, model) {
@@ -57,16 +104,17 @@ pub fn for_model(model: &CausalLm, backward: Backward) -> Option<Box<dyn TrainPa
 /// weight `lm` [v, c], `chunk` rows at a time (the logits [chunk, v] are turned into their
 /// gradient in place): each row's loss, in order; the rows' gradient into `dh` [n, c]; the
 /// weight's added to `dlm` [v, c] when given. Row i's gradient is scaled by `scale_of(i, loss)`.
+/// With `bias` [v] the logits are h·lmᵀ + bias, and the bias's gradient is added to `dbias`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn output_cross_entropy<T: BlasFloat>(
     blas: &Blas,
     h: &[T],
-    lm: &[T],
+    (lm, bias): (&[T], Option<&[T]>),
     targets: &[u32],
     chunk: usize,
     scale_of: &(dyn Fn(usize, f64) -> T + Sync),
     dh: &mut [T],
-    mut dlm: Option<&mut [T]>,
+    (mut dlm, mut dbias): (Option<&mut [T]>, Option<&mut [T]>),
 ) -> candle_core::Result<Vec<f64>> {
     let n = targets.len();
     let c = h.len() / n.max(1);
@@ -77,13 +125,16 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
         let rows = chunk.min(n - r0);
         let lg = &mut logits[..rows * v];
         let hc = &h[r0 * c..(r0 + rows) * c];
+        if let Some(bias) = bias {
+            lg.par_chunks_mut(v).for_each(|r| r.copy_from_slice(bias));
+        }
         blas::gemm_par(
             blas,
             (rows, v, c),
             plain(hc, c),
             transposed(lm, c),
             lg,
-            false,
+            bias.is_some(),
         )?;
         let row_losses: Vec<f64> = lg
             .par_chunks_mut(v)
@@ -97,6 +148,10 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
             })
             .collect();
         losses.extend(row_losses);
+        if let Some(db) = dbias.as_deref_mut() {
+            let sums = lmkit_kernels::fused::column_sums(lg, v);
+            db.iter_mut().zip(sums).for_each(|(o, g)| *o += g);
+        }
         let d = &mut dh[r0 * c..(r0 + rows) * c];
         blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), d, false)?;
         if let Some(dlm) = dlm.as_deref_mut() {

@@ -1,0 +1,283 @@
+//! What the hand-written passes share: the tensors a pass reads, registered once each; their
+//! data as slices and the gradients gathered for the trained ones; linear layers (weight
+//! [out, in], bias, LoRA adapter with its dropout mask) forward and backward.
+
+use candle_core::{Tensor, TensorId};
+use lmkit_kernels::blas::{self, gemm_par_ld, plain, transposed, Blas, BlasFloat};
+use lmkit_models::layers::linear::Linear;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// The tensors the pass reads, by index, each once.
+#[derive(Default)]
+pub(crate) struct Registry<'a> {
+    pub(crate) tensors: Vec<&'a Tensor>,
+    pub(crate) index: HashMap<TensorId, usize>,
+}
+
+impl<'a> Registry<'a> {
+    pub(crate) fn add(&mut self, t: &'a Tensor) -> usize {
+        *self.index.entry(t.id()).or_insert_with(|| {
+            self.tensors.push(t);
+            self.tensors.len() - 1
+        })
+    }
+}
+
+/// A LoRA adapter's tensors: A [r, in], B [out, r], the scale, its dropout mask for this pass.
+pub(crate) struct LoraIdx {
+    pub(crate) a: usize,
+    pub(crate) b: usize,
+    pub(crate) r: usize,
+    pub(crate) scale: f64,
+    pub(crate) mask: Option<Vec<f32>>,
+}
+
+/// A linear layer: weight [out, in], optional bias and adapter.
+pub(crate) struct LinIdx {
+    pub(crate) w: usize,
+    pub(crate) bias: Option<usize>,
+    pub(crate) lora: Option<LoraIdx>,
+    pub(crate) out: usize,
+    pub(crate) inp: usize,
+}
+
+impl LinIdx {
+    /// `None` for a layer the pass cannot run (quantized or transposed weights).
+    pub(crate) fn new<'a>(reg: &mut Registry<'a>, l: &'a Linear, rows: usize) -> Option<LinIdx> {
+        let w = l.dense_weight()?;
+        let (out, inp) = w.dims2().ok()?;
+        let w = reg.add(w);
+        let bias = l.bias().map(|b| reg.add(b));
+        let lora = match l.lora() {
+            Some(lo) if lo.is_on() => Some(LoraIdx {
+                a: reg.add(&lo.a),
+                b: reg.add(&lo.b),
+                r: lo.a.dim(0).ok()?,
+                scale: lo.scale,
+                mask: lo.dropout_mask(rows * inp),
+            }),
+            _ => None,
+        };
+        Some(LinIdx {
+            w,
+            bias,
+            lora,
+            out,
+            inp,
+        })
+    }
+}
+
+/// The registry's tensors as slices of `T`, and the gradients being gathered.
+pub(crate) struct Params<'a, T> {
+    pub(crate) data: Vec<&'a [T]>,
+    pub(crate) wants: &'a [bool],
+    pub(crate) grads: Vec<Option<Vec<T>>>,
+    pub(crate) blas: &'a Blas,
+}
+
+impl<T: BlasFloat> Params<'_, T> {
+    /// Adds `g` to parameter `i`'s gradient (if it is trained).
+    pub(crate) fn add_grad(&mut self, i: usize, g: Vec<T>) {
+        match &mut self.grads[i] {
+            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, v)| *a += v),
+            slot @ None => *slot = Some(g),
+        }
+    }
+}
+
+/// What a linear layer's adapter keeps from the forward pass: its input after dropout (when a
+/// mask applies) and scale·x·Aᵀ [rows, r].
+pub(crate) struct LoraSaved<T> {
+    pub(crate) dropped: Option<Vec<T>>,
+    pub(crate) h: Vec<T>,
+}
+
+impl LinIdx {
+    /// out (rows `ldo` apart) = x·Wᵀ (+ what it holds when `accumulate`) + scale·(x·Aᵀ)·Bᵀ.
+    pub(crate) fn forward<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+        out: (&mut [T], usize),
+        accumulate: bool,
+    ) -> candle_core::Result<Option<LoraSaved<T>>> {
+        let (w, k, o) = (p.data[self.w], self.inp, self.out);
+        let (out, ldo) = out;
+        gemm_par_ld(
+            p.blas,
+            (n, o, k),
+            plain(x, k),
+            transposed(w, k),
+            (&mut *out, ldo),
+            accumulate,
+        )?;
+        self.lora_forward(p, x, n, (out, ldo))
+    }
+
+    /// Adds the adapter's part scale·(x·Aᵀ)·Bᵀ to `out` (rows `ldo` apart).
+    pub(crate) fn lora_forward<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+        (out, ldo): (&mut [T], usize),
+    ) -> candle_core::Result<Option<LoraSaved<T>>> {
+        let (k, o) = (self.inp, self.out);
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let dropped: Option<Vec<T>> = l.mask.as_ref().map(|m| {
+            x.par_iter()
+                .zip(m.par_iter())
+                .map(|(&v, &mv)| v * T::from(mv).unwrap_or_else(T::zero))
+                .collect()
+        });
+        let xd = dropped.as_deref().unwrap_or(x);
+        let mut h = blas::product(
+            p.blas,
+            (n, l.r, k),
+            plain(xd, k),
+            transposed(p.data[l.a], k),
+        )?;
+        let s = T::from(l.scale).unwrap_or_else(T::one);
+        h.par_iter_mut().for_each(|v| *v *= s);
+        gemm_par_ld(
+            p.blas,
+            (n, o, l.r),
+            plain(&h, l.r),
+            transposed(p.data[l.b], l.r),
+            (out, ldo),
+            true,
+        )?;
+        Ok(Some(LoraSaved { dropped, h }))
+    }
+
+    /// x·Wᵀ + b + the adapter's part, as a new buffer [n, out].
+    pub(crate) fn forward_new<T: BlasFloat>(
+        &self,
+        p: &Params<'_, T>,
+        x: &[T],
+        n: usize,
+    ) -> candle_core::Result<(Vec<T>, Option<LoraSaved<T>>)> {
+        let Some(b) = self.bias else {
+            let mut out = blas::product(
+                p.blas,
+                (n, self.out, self.inp),
+                plain(x, self.inp),
+                transposed(p.data[self.w], self.inp),
+            )?;
+            let saved = self.lora_forward(p, x, n, (&mut out, self.out))?;
+            return Ok((out, saved));
+        };
+        let mut out = lmkit_kernels::buffers::rows_of(p.data[b], n);
+        let saved = self.forward(p, x, n, (&mut out, self.out), true)?;
+        Ok((out, saved))
+    }
+
+    /// From dy (rows `ldy` apart): the trained parameters' gradients (the bias's from `dbias`,
+    /// the column sums of dy, computed by the caller), and dx = dy·W + the adapter's part: added
+    /// to what `dx` holds, or written as a new buffer when `dx` is empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward<T: BlasFloat>(
+        &self,
+        p: &mut Params<'_, T>,
+        (dy, ldy): (&[T], usize),
+        x: &[T],
+        saved: Option<&LoraSaved<T>>,
+        dbias: impl FnOnce() -> Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> candle_core::Result<()> {
+        let (k, o, blas) = (self.inp, self.out, p.blas);
+        let n = x.len() / k.max(1);
+        let dy_op = || plain(dy, ldy);
+        if p.wants[self.w] {
+            let g = blas::product(blas, (o, k, n), transposed(dy, ldy), plain(x, k))?;
+            p.add_grad(self.w, g);
+        }
+        if let Some(b) = self.bias.filter(|&b| p.wants[b]) {
+            p.add_grad(b, dbias());
+        }
+        if dx.is_empty() {
+            *dx = blas::product(blas, (n, k, o), dy_op(), plain(p.data[self.w], k))?;
+        } else {
+            blas::gemm_par(blas, (n, k, o), dy_op(), plain(p.data[self.w], k), dx, true)?;
+        }
+        let (Some(l), Some(saved)) = (&self.lora, saved) else {
+            return Ok(());
+        };
+        let s = T::from(l.scale).unwrap_or_else(T::one);
+        // d(scale·h·Bᵀ): dB = dyᵀ·(scale·h); d(x·Aᵀ) = scale·dy·B.
+        if p.wants[l.b] {
+            let g = blas::product(blas, (o, l.r, n), transposed(dy, ldy), plain(&saved.h, l.r))?;
+            p.add_grad(l.b, g);
+        }
+        let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
+        dh.par_iter_mut().for_each(|v| *v *= s);
+        let xd = saved.dropped.as_deref().unwrap_or(x);
+        if p.wants[l.a] {
+            let g = blas::product(blas, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
+            p.add_grad(l.a, g);
+        }
+        match &l.mask {
+            None => blas::gemm_par(
+                blas,
+                (n, k, l.r),
+                plain(&dh, l.r),
+                plain(p.data[l.a], k),
+                dx,
+                true,
+            )?,
+            Some(m) => {
+                let d = blas::product(blas, (n, k, l.r), plain(&dh, l.r), plain(p.data[l.a], k))?;
+                dx.par_iter_mut()
+                    .zip(d.par_iter().zip(m.par_iter()))
+                    .for_each(|(o, (&v, &mv))| *o += v * T::from(mv).unwrap_or_else(T::zero));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (parameter, gradient) pairs.
+pub(crate) type Gradients = Vec<(Tensor, Tensor)>;
+
+/// Reads the registry's tensors as `T` and runs `pass` over them (gradients of the tensors
+/// `wants` marks gathered in [`Params::grads`]); its result and the (tensor, gradient) pairs.
+/// `None` when a tensor is not a contiguous CPU tensor of `T`.
+pub(crate) fn with_params<T: BlasFloat, R>(
+    reg: &Registry<'_>,
+    wants: &[bool],
+    blas: &Blas,
+    pass: impl FnOnce(&mut Params<'_, T>) -> candle_core::Result<R>,
+) -> candle_core::Result<Option<(R, Gradients)>> {
+    let guards: Vec<_> = reg.tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let data: Option<Vec<&[T]>> = guards
+        .iter()
+        .map(|(st, l)| super::cpu_slice::<T>(st, l))
+        .collect();
+    let Some(data) = data else {
+        return Ok(None);
+    };
+    let mut p = Params {
+        data,
+        wants,
+        grads: vec![None; reg.tensors.len()],
+        blas,
+    };
+    let out = pass(&mut p)?;
+    let grads = std::mem::take(&mut p.grads);
+    drop(p);
+    drop(guards);
+    let dev = candle_core::Device::Cpu;
+    let grads = reg
+        .tensors
+        .iter()
+        .zip(grads)
+        .filter_map(|(t, g)| g.map(|g| (t, g)))
+        .map(|(t, g)| Ok(((*t).clone(), Tensor::from_vec(g, t.shape(), &dev)?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Some((out, grads)))
+}
