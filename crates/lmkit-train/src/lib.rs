@@ -341,15 +341,29 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 } else {
                     (x, y)
                 };
-                if let Some(pass) = &hand_pass {
-                    if let Some(r) = pass.loss_and_grads(&x, &y, scale)? {
-                        for (p, gi) in r.grads {
-                            grads.add(p.id(), gi)?;
-                        }
-                        return Ok(Micro::new(r.loss * scale, stream_tokens));
+                let mask_seed = seed ^ 0x3a5c;
+                let r = match (&model, &hand_pass) {
+                    (_, Some(pass)) => pass.loss_and_grads(&x, &y, scale)?,
+                    (
+                        Net::Masked {
+                            bert,
+                            mask_id,
+                            keep,
+                        },
+                        None,
+                    ) if t.backward == passes::Backward::Auto => {
+                        let mb = objective::mlm_batch(bert, &x, *mask_id, keep, mask_seed)?;
+                        passes::bert::loss_and_grads(bert, &mb.masked(), scale)?
                     }
+                    _ => None,
+                };
+                if let Some(r) = r {
+                    for (p, gi) in r.grads {
+                        grads.add(p.id(), gi)?;
+                    }
+                    return Ok(Micro::new(r.loss * scale, stream_tokens));
                 }
-                (model.loss(&x, &y, seed ^ 0x3a5c)?, stream_tokens)
+                (model.loss(&x, &y, mask_seed)?, stream_tokens)
             }
         };
         let value = loss.to_scalar::<f32>()? as f64 * scale;

@@ -44,7 +44,7 @@ impl Net {
                 bert,
                 mask_id,
                 keep,
-            } => mlm_loss(bert, x, *mask_id, keep, seed),
+            } => mlm_graph_loss(bert, &mlm_batch(bert, x, *mask_id, keep, seed)?),
             Net::Seq2seq { .. } => Err(TrainError::Data(
                 "an encoder-decoder model trains on source/target pairs".into(),
             )),
@@ -52,15 +52,39 @@ impl Net {
     }
 }
 
-/// Masked-LM loss (Devlin et al. 2019): 15% of the tokens are picked (80% masked, 10% random,
-/// 10% kept) and predicted from both sides.
-pub(crate) fn mlm_loss(
+/// A masked-LM batch (Devlin et al. 2019): 15% of the tokens are picked (80% masked, 10%
+/// random, 10% kept) and predicted from both sides.
+pub(crate) struct MlmBatch {
+    /// The corrupted inputs [b, t], flattened.
+    pub(crate) input: Vec<u32>,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    /// The flattened positions picked and the ids to predict there.
+    pub(crate) rows: Vec<u32>,
+    pub(crate) want: Vec<u32>,
+}
+
+impl MlmBatch {
+    /// The batch as the hand-written pass reads it.
+    pub(crate) fn masked(&self) -> crate::passes::bert::Masked<'_> {
+        crate::passes::bert::Masked {
+            ids: &self.input,
+            b: self.b,
+            t: self.t,
+            rows: &self.rows,
+            targets: &self.want,
+        }
+    }
+}
+
+/// The masked-LM batch of `x` [b, t] with positions picked by `seed`.
+pub(crate) fn mlm_batch(
     bert: &Bert,
     x: &Tensor,
     mask_id: u32,
     keep: &[u32],
     seed: u64,
-) -> Result<Tensor> {
+) -> Result<MlmBatch> {
     let (b, t) = x.dims2()?;
     let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
     let mut rng = MixChain::new(mix(seed));
@@ -79,15 +103,26 @@ pub(crate) fn mlm_loss(
         rows.push(0);
         want.push(ids[0]);
     }
-    let dev = x.device();
-    let h = bert.hidden(&Tensor::from_vec(input, (b, t), dev)?, None)?;
+    Ok(MlmBatch {
+        input,
+        b,
+        t,
+        rows,
+        want,
+    })
+}
+
+/// The masked-LM cross-entropy of a batch through the graph.
+pub(crate) fn mlm_graph_loss(bert: &Bert, mb: &MlmBatch) -> Result<Tensor> {
+    let dev = bert.word_device();
+    let h = bert.hidden(&Tensor::from_slice(&mb.input, (mb.b, mb.t), dev)?, None)?;
     let h = h
-        .reshape((b * t, h.dim(2)?))?
-        .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        .reshape((mb.b * mb.t, h.dim(2)?))?
+        .index_select(&Tensor::new(mb.rows.as_slice(), dev)?, 0)?;
     let logits = bert.mlm_logits(&h)?;
     Ok(candle_nn::loss::cross_entropy(
         &logits,
-        &Tensor::new(want.as_slice(), dev)?,
+        &Tensor::new(mb.want.as_slice(), dev)?,
     )?)
 }
 

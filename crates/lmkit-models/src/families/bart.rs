@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::layers::attention::{attention, padding_bias, Mask};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::ops::LayerNorm;
+use crate::layers::parts::{AttentionParts, LayerParts};
 use crate::registry::ModelConfig;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -346,15 +347,6 @@ impl Stack {
     }
 }
 
-/// An attention block's projections as a training pass reads them.
-pub struct AttentionParts<'a> {
-    pub q: &'a Linear,
-    pub k: &'a Linear,
-    pub v: &'a Linear,
-    pub out: &'a Linear,
-    pub heads: usize,
-}
-
 impl Attention {
     fn parts(&self) -> AttentionParts<'_> {
         AttentionParts {
@@ -365,17 +357,6 @@ impl Attention {
             heads: self.heads,
         }
     }
-}
-
-/// A layer's parts: self-attention and its norm, cross-attention and its norm (decoder layers),
-/// the feed-forward block and its norm (post-norm: each norm follows its residual add).
-pub struct LayerParts<'a> {
-    pub self_attn: AttentionParts<'a>,
-    pub self_norm: &'a LayerNorm,
-    pub cross: Option<(AttentionParts<'a>, &'a LayerNorm)>,
-    pub fc1: &'a Linear,
-    pub fc2: &'a Linear,
-    pub final_norm: &'a LayerNorm,
 }
 
 /// The encoder's or the decoder's parts: learned positions (row p + 2 for position p), the

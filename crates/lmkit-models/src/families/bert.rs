@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::layers::attention::{attention, padding_bias, Mask};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::ops::LayerNorm;
+use crate::layers::parts::{AttentionParts, LayerParts};
 pub use crate::layers::pooling::{Pooling, PoolingMode};
 use crate::registry::ModelConfig;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -477,6 +478,27 @@ impl TaskHead {
     }
 }
 
+/// The masked-LM head's parts: dense layer, its activation and norm, the output layer (weight
+/// tied to the word embeddings unless untied, and bias).
+pub struct HeadParts<'a> {
+    pub dense: &'a Linear,
+    pub norm: &'a LayerNorm,
+    pub decoder: &'a Linear,
+    pub activation: &'a str,
+}
+
+/// The model's parts as a training pass reads them (see [`Bert::parts`]): word, position and
+/// token-type embeddings, the embedding norm, the layers (no cross-attention), the head.
+pub struct Parts<'a> {
+    pub word: &'a Tensor,
+    pub position: &'a Tensor,
+    pub token_type: &'a Tensor,
+    pub emb_norm: &'a LayerNorm,
+    pub layers: Vec<LayerParts<'a>>,
+    pub activation: &'a str,
+    pub head: Option<HeadParts<'a>>,
+}
+
 pub struct Bert {
     word: Embedding,
     position: Embedding,
@@ -563,28 +585,8 @@ impl Bert {
                 self.cfg.max_position_embeddings
             );
         }
-        let pos = if self.cfg.arch.positions_after_padding() {
-            // transformers' create_position_ids_from_input_ids: padding keeps the padding id,
-            // the n-th other token gets padding id + n.
-            let pad = self.cfg.pad() as u32;
-            let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-            let pos: Vec<u32> = rows
-                .iter()
-                .flat_map(|row| {
-                    row.iter().scan(pad, move |n, &id| {
-                        Some(if id == pad {
-                            pad
-                        } else {
-                            *n += 1;
-                            *n
-                        })
-                    })
-                })
-                .collect();
-            Tensor::from_vec(pos, (b, t), ids.device())?
-        } else {
-            Tensor::arange(0u32, t as u32, ids.device())?
-        };
+        let flat: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let pos = Tensor::from_vec(self.position_ids(&flat, t), (b, t), ids.device())?;
         let types = Tensor::zeros((b, t), DType::U32, ids.device())?;
         let x = self
             .word
@@ -592,6 +594,67 @@ impl Bert {
             .broadcast_add(&self.position.forward(&pos)?)?
             .add(&self.token_type.forward(&types)?)?;
         self.emb_norm.forward(&x)
+    }
+
+    /// The position of each of `ids` (rows of `t`, flattened): 0.. in each row for BERT; for
+    /// RoBERTa as transformers' create_position_ids_from_input_ids: padding keeps the padding
+    /// id, the n-th other token of a row gets padding id + n.
+    pub fn position_ids(&self, ids: &[u32], t: usize) -> Vec<u32> {
+        if !self.cfg.arch.positions_after_padding() {
+            return (0..ids.len()).map(|i| (i % t.max(1)) as u32).collect();
+        }
+        let pad = self.cfg.pad() as u32;
+        ids.chunks(t.max(1))
+            .flat_map(|row| {
+                row.iter().scan(pad, move |n, &id| {
+                    Some(if id == pad {
+                        pad
+                    } else {
+                        *n += 1;
+                        *n
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// The parts a hand-written training pass reads; `None` for a model with a classification
+    /// head (its pass is not written).
+    pub fn parts(&self) -> Option<Parts<'_>> {
+        if self.task.is_some() {
+            return None;
+        }
+        Some(Parts {
+            word: self.word.embeddings(),
+            position: self.position.embeddings(),
+            token_type: self.token_type.embeddings(),
+            emb_norm: &self.emb_norm,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerParts {
+                    self_attn: AttentionParts {
+                        q: &l.query,
+                        k: &l.key,
+                        v: &l.value,
+                        out: &l.attn_out,
+                        heads: l.heads,
+                    },
+                    self_norm: &l.attn_norm,
+                    cross: None,
+                    fc1: &l.intermediate,
+                    fc2: &l.output,
+                    final_norm: &l.out_norm,
+                })
+                .collect(),
+            activation: &self.cfg.hidden_act,
+            head: self.head.as_ref().map(|h| HeadParts {
+                dense: &h.dense,
+                norm: &h.norm,
+                decoder: &h.decoder,
+                activation: &h.act,
+            }),
+        })
     }
 
     /// Last hidden states [b, t, h] for `ids` [b, t]; `mask` [b, t] is 1 for tokens, 0 for padding.

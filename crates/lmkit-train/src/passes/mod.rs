@@ -3,11 +3,13 @@
 //! tests; [`for_model`] picks the one for a model (or none: the graph is differentiated).
 
 pub mod bart;
+pub mod bert;
 pub mod gpt2;
 #[cfg(feature = "cuda")]
 mod gpt2_cuda;
 pub mod llama;
 mod params;
+mod post_norm;
 
 use candle_core::{Layout, Storage, Tensor, WithDType};
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat};
