@@ -131,3 +131,127 @@ def test_grpo_raises_a_verifiable_reward(lmkit, tmp_path):
     p = subprocess.run([*lmkit_command(), "rl", "--config", str(cfg), "--overwrite"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode != 0 and "did not finish within 1 s" in p.stderr, p.stderr
+
+
+def values_at(vm, prompt_ids, completion_ids):
+    """A value model's value of each completion token (its score head on the hidden state before
+    the token), as TRL's PPO reads it (get_reward's full_value[:, context_length - 1:-1])."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    h = getattr(vm, vm.base_model_prefix)(ids).last_hidden_state
+    return vm.score(h)[0, len(prompt_ids) - 1:-1, 0]
+
+
+def trl_ppo_batch(rows, policy, ref, vm, beta, gamma=1.0, lam=0.95):
+    """TRL PPOTrainer's rollout quantities: old log-probabilities, per-token rewards (−β·k1 KL,
+    the score at the last token), values, GAE advantages (whitened over the batch) and returns."""
+    old, kl, values, adv, returns = [], [], [], [], []
+    with torch.no_grad():
+        for r in rows:
+            lp = token_logps(policy, r["prompt_ids"], r["completion_ids"])
+            ref_lp = token_logps(ref, r["prompt_ids"], r["completion_ids"])
+            v = values_at(vm, r["prompt_ids"], r["completion_ids"])
+            rew = -beta * (lp - ref_lp)
+            rew[-1] += r["reward"]
+            a, last = torch.zeros_like(v), 0.0
+            for t in reversed(range(len(v))):
+                nxt = v[t + 1] if t + 1 < len(v) else 0.0
+                last = rew[t] + gamma * nxt - v[t] + gamma * lam * last
+                a[t] = last
+            old.append(lp)
+            kl.append(lp - ref_lp)
+            values.append(v)
+            adv.append(a)
+            returns.append(a + v)
+    flat = torch.cat(adv)
+    mean, var = flat.mean(), flat.var(unbiased=True)
+    adv = [(a - mean) * torch.rsqrt(var + 1e-8) for a in adv]
+    return old, kl, values, adv, returns
+
+
+def ppo_policy_loss(policy, rows, old, adv, eps=0.2):
+    """TRL's clipped surrogate (masked mean over every completion token), its gradient norm and
+    the share of tokens where the clipped term was larger."""
+    policy.zero_grad()
+    losses, clipped = [], []
+    for r, o, a in zip(rows, old, adv):
+        lp = token_logps(policy, r["prompt_ids"], r["completion_ids"])
+        ratio = torch.exp(lp - o)
+        pg1, pg2 = -a * ratio, -a * torch.clamp(ratio, 1 - eps, 1 + eps)
+        losses.append(torch.max(pg1, pg2))
+        clipped.append((pg2 > pg1).float())
+    loss = torch.cat(losses).mean()
+    loss.backward()
+    norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in policy.parameters() if p.grad is not None))
+    return loss.item(), norm, torch.cat(clipped).mean().item()
+
+
+def test_ppo_loss_and_gradient_equal_trl_formulas(lmkit, tmp_path):
+    """Two PPO epochs over one rollout: the first step's policy loss, gradient, value loss and KL,
+    and the second step's (the policy moved: ratios away from 1, some clipped) equal TRL's PPO
+    formulas recomputed in PyTorch from the logged completions and the saved checkpoint."""
+    rm0, base = make_reward_base(lmkit, tmp_path)
+    reference = make_reference(base, tmp_path / "reference")
+    write_rows(tmp_path / "prompts.jsonl", PROMPTS)
+    beta = 0.1
+    lmkit("rl", "--config", rl_config(tmp_path, base, extra=f'reference = "{reference}"',
+                                      rl=f'algorithm = "ppo"\ngroup_size = 2\nmax_new_tokens = 6\nbeta = {beta}\n'
+                                         'ppo_epochs = 2',
+                                      reward=f'model = "{rm0}"', steps=2, lr=3e-2, min_lr=3e-2, save_every=1))
+    m = metrics(tmp_path / "out")
+    rows = completions(tmp_path / "out")
+    assert len(rows) == 4 and {r["step"] for r in rows} == {1}, "one rollout for both steps"
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    ref = AutoModelForCausalLM.from_pretrained(reference).eval()
+    vm = AutoModelForSequenceClassification.from_pretrained(rm0).eval()
+    old, kl, values, adv, returns = trl_ppo_batch(rows, policy, ref, vm, beta)
+    # Step 1: the policy is the sampling one (ratio 1).
+    pg, norm, _ = ppo_policy_loss(policy, rows, old, adv)
+    vf = 0.5 * torch.cat([(v - r) ** 2 for v, r in zip(values, returns)]).mean().item()
+    assert abs(m[0]["loss/policy"] - pg) < 1e-4, (m[0]["loss/policy"], pg)
+    assert abs(m[0]["grad_norm"] - norm) < 1e-4 * max(1.0, norm), (m[0]["grad_norm"], norm)
+    assert abs(m[0]["loss/value"] - vf) < 1e-4 * max(1.0, vf), (m[0]["loss/value"], vf)
+    assert abs(m[0]["loss"] - (pg + 0.1 * vf)) < 1e-4 * max(1.0, vf)
+    assert abs(m[0]["kl"] - torch.cat(kl).mean().item()) < 1e-4
+    assert m[0]["policy/clipfrac"] == 0.0 and m[0]["time/generation"] > 0
+    # Step 2: the policy after step 1 against the rollout's log-probabilities and advantages.
+    step1 = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ckpt-000001")
+    pg2, norm2, clipfrac = ppo_policy_loss(step1, rows, old, adv)
+    assert clipfrac > 0, "the step moved the policy past the clipping range for some tokens"
+    assert abs(m[1]["policy/clipfrac"] - clipfrac) < 1e-6, (m[1]["policy/clipfrac"], clipfrac)
+    assert abs(m[1]["loss/policy"] - pg2) < 1e-4, (m[1]["loss/policy"], pg2)
+    assert abs(m[1]["grad_norm"] - norm2) < 1e-4 * max(1.0, norm2), (m[1]["grad_norm"], norm2)
+    assert m[1]["time/generation"] == 0.0, "no generation on the rollout's second epoch"
+
+
+def test_ppo_raises_a_verifiable_reward_and_resumes_exactly(lmkit, tmp_path):
+    """Reward: the share of "t" among the completion's characters; the value model starts from
+    the base with a new head. A run stopped after 2 steps and resumed gives the same metrics
+    as one that was not stopped (the value model and its optimizer are in the checkpoint)."""
+    import sys
+    _, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "prompts.jsonl", PROMPTS)
+    (tmp_path / "score.py").write_text(
+        "import json, sys\nfor line in sys.stdin:\n    c = json.loads(line)['completion']\n"
+        "    print(c.count('t') / max(1, len(c)))\n")
+    reward = f'command = "{sys.executable} {tmp_path}/score.py"'
+    ppo = 'algorithm = "ppo"\ngroup_size = 4\nmax_new_tokens = 8\nbeta = 0.01\nppo_epochs = 4'
+    lmkit("rl", "--config", rl_config(tmp_path, base, rl=ppo, reward=reward, steps=40, batch_size=4, lr=1e-2,
+                                      min_lr=1e-2))
+    m = metrics(tmp_path / "out")
+    reward_ = [r["reward"] for r in m]
+    first, last = sum(reward_[:8]) / 8, sum(reward_[-8:]) / 8
+    assert last > first + 0.15, reward_
+    assert max(r["kl"] for r in m) < 10, [r["kl"] for r in m]
+    assert len(completions(tmp_path / "out")) == 10 * 4 * 4, "a rollout every ppo_epochs steps"
+    ppo = 'algorithm = "ppo"\ngroup_size = 2\nmax_new_tokens = 8\nbeta = 0.04\nppo_epochs = 2'
+    # Resume: 2 steps, then on to 4, against 4 straight.
+    for name, runs in [("straight", [4]), ("resumed", [2, 4])]:
+        for i, steps in enumerate(runs):
+            cfg = rl_config(tmp_path, base, rl=ppo, reward=reward, steps=steps, batch_size=2, lr=1e-2, min_lr=1e-2,
+                            save_every=2, out_dir=f'"{tmp_path}/{name}"')
+            lmkit("rl", "--config", cfg, *(["--resume"] if i else []))
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for key in ["loss", "loss/value", "grad_norm", "reward"]:
+            assert abs(x[key] - y[key]) < 1e-5 * max(1.0, abs(x[key])), (key, x, y)

@@ -5,7 +5,7 @@
 //! is a PEFT adapter directory.
 
 use crate::adamw::{AdamW, Param};
-use crate::checkpoint::{self, Start, TrainerState};
+use crate::checkpoint::{self, Named, Start, TrainerState};
 use crate::config::{load_tuning, TrainConfig, TuningDefaults};
 use crate::error::{Result, TrainError};
 use crate::passes::llama::ScoredRows;
@@ -317,9 +317,24 @@ pub(crate) struct Output {
     copy: Vec<PathBuf>,
     seed: u64,
     keep: usize,
+    /// Tensors a run keeps beside its optimizer's in each checkpoint's optimizer file (PPO's
+    /// value model), and those a resumed checkpoint held.
+    extra: std::cell::RefCell<Named>,
+    restored: std::cell::RefCell<std::collections::HashMap<String, Tensor>>,
 }
 
 impl Output {
+    /// Keeps `tensors` in the checkpoints written from now on (beside the optimizer's).
+    pub(crate) fn keep_extra(&self, tensors: Named) {
+        *self.extra.borrow_mut() = tensors;
+    }
+
+    /// The optimizer file's tensors of the checkpoint this run resumed from (empty for a new
+    /// run); taken once.
+    pub(crate) fn take_restored(&self) -> std::collections::HashMap<String, Tensor> {
+        std::mem::take(&mut *self.restored.borrow_mut())
+    }
+
     /// Prepares `train.out_dir` for a new run (or, `Start::Resume`, restores the optimizer and
     /// the position from its latest checkpoint, which must have the same `identity`), writes
     /// `run.toml`, and returns the optimizer over `params` and the step to start from.
@@ -344,8 +359,11 @@ impl Output {
             "model.safetensors"
         };
         let mut from = Position::default();
+        let mut restored = std::collections::HashMap::new();
         if start == Start::Resume {
-            let (dir, state, _) = checkpoint::restore(out, &mut opt, weights_file, &identity, dev)?;
+            let (dir, state, saved) =
+                checkpoint::restore(out, &mut opt, weights_file, &identity, dev)?;
+            restored = saved;
             if !state.run_id.is_empty() {
                 run_id = state.run_id.clone();
             }
@@ -399,6 +417,8 @@ impl Output {
             copy,
             seed: t.seed,
             keep: t.keep_checkpoints,
+            extra: Default::default(),
+            restored: std::cell::RefCell::new(restored),
         };
         Ok((output, opt, from))
     }
@@ -449,7 +469,8 @@ impl Output {
 
     /// Writes the checkpoint of `at` and returns its directory.
     pub(crate) fn save(&self, opt: &AdamW, at: Position) -> Result<PathBuf> {
-        let (weights, moments) = checkpoint::optimizer_tensors(opt);
+        let (weights, mut moments) = checkpoint::optimizer_tensors(opt);
+        moments.extend(self.extra.borrow().iter().cloned());
         let state = TrainerState {
             step: at.step,
             seed: self.seed,

@@ -256,7 +256,7 @@ fn pad_id(config: &serde_json::Value, vocab: Option<&Vocab>) -> Option<u32> {
 /// new one (normal, σ = 0.02 as transformers initialises it, drawn from `seed`) on a causal
 /// LM. Returns the model, its parameters (the output layer of a causal LM is left out: it is
 /// not used) and config.json rewritten for `*ForSequenceClassification`.
-fn load_reward(
+pub(crate) fn load_reward(
     base: &Path,
     seed: u64,
     dev: &Device,
