@@ -93,8 +93,8 @@ enum Command {
     /// Reward models: train one on preference pairs, score texts with one
     #[command(subcommand)]
     Reward(reward::RewardCommand),
-    /// Online reinforcement learning (GRPO): the policy samples, rules or a reward model score,
-    /// group-relative advantages update it
+    /// Online reinforcement learning (GRPO or PPO): the policy samples, rules or a reward model
+    /// score, group-relative advantages (GRPO) or a value model's (PPO) update it
     Rl(rl::RlArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API, with web chat, moderation and review
     Serve(serve::ServeArgs),

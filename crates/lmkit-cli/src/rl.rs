@@ -1,4 +1,5 @@
-//! `lmkit rl`: online reinforcement learning (GRPO) with rewards from rules or a reward model.
+//! `lmkit rl`: online reinforcement learning (GRPO or PPO) with rewards from rules or a reward
+//! model.
 
 use crate::progress::Bar;
 use crate::train::{report, report_data, stop_on_signals, TuneArgs};
@@ -10,15 +11,18 @@ use lmkit_train::rl::RlConfig;
 #[command(
     after_help = "Examples:\n  lmkit rl --config configs/grpo-lora.toml\n  \
     lmkit rl --config configs/grpo-lora.toml --set rl.beta=0.04 --set rl.group_size=8\n  \
-    lmkit rl --config configs/grpo-lora.toml --resume\n\n\
+    lmkit rl --config configs/grpo-lora.toml --resume\n  \
+    lmkit rl --config configs/ppo.toml\n\n\
     The config names the base, [data] prompts (JSONL rows {\"prompt\": ...} or {\"messages\": [...]}),\n\
-    [rl] (algorithm = \"grpo\", group_size, max_new_tokens, temperature, top_p, top_k, beta,\n\
-    scale_rewards), [reward] (regex = \"...\": 1 on a match; command = \"...\": reads JSON lines\n\
+    [rl] (algorithm = \"grpo\" or \"ppo\", group_size, max_new_tokens, temperature, top_p, top_k,\n\
+    beta, scale_rewards; PPO: ppo_epochs, gamma, lam, cliprange, cliprange_value, vf_coef,\n\
+    value_model), [reward] (regex = \"...\": 1 on a match; command = \"...\": reads JSON lines\n\
     {\"prompt\", \"completion\", \"row\"} and prints one number per line; model = \"DIR\": a reward\n\
     model; those given are summed), [train] (batch_size = prompts per step) and optionally [lora].\n\n\
     Writes checkpoints as `lmkit finetune` does, OUT/metrics.jsonl (loss, reward, reward_std,\n\
     rewards/<source>, kl, completions/mean_length, time/generation and time/optimization per\n\
-    step) and OUT/completions.jsonl (every sampled completion with its reward and advantage)."
+    step; PPO: loss/policy, loss/value, policy/clipfrac, policy/approxkl, value/clipfrac,\n\
+    value/mean) and OUT/completions.jsonl (every sampled completion with its reward and advantage)."
 )]
 pub struct RlArgs {
     #[command(flatten)]

@@ -1,4 +1,5 @@
-//! Online reinforcement learning (`lmkit rl`): GRPO (Shao et al. 2024, as TRL's GRPOTrainer).
+//! Online reinforcement learning (`lmkit rl`): GRPO (Shao et al. 2024, as TRL's GRPOTrainer)
+//! and PPO (Schulman et al. 2017, as TRL's PPOTrainer; see [`ppo_step`]).
 //!
 //! Each step the policy samples `group_size` completions for each of `train.batch_size` prompts
 //! with lmkit's batched decoder; rewards come from rules (a regular expression, a command that
@@ -13,6 +14,17 @@
 //! batch, so πθ_old = πθ: the ratio is 1 in value and ∇log πθ in gradient, and clipping never
 //! binds. With β > 0 the reference is the starting policy (the base with adapters off, or the
 //! base loaded again), or `reference = DIR`.
+//!
+//! PPO samples a rollout every `ppo_epochs` steps and takes that many optimisation steps over
+//! it. A value model (a reward model's layout, read at every position) gives each completion
+//! token a value; per-token rewards are −β·(log πθ_old − log π_ref) with the completion's score
+//! added at its last token; GAE (γ, λ) gives advantages, whitened over the rollout's tokens, and
+//! returns. The policy's loss is the clipped surrogate max(−A·ρ, −A·clip(ρ, 1 ± ε)),
+//! ρ = πθ/πθ_old, averaged over the tokens; the value model's, ½·max((V − R)², (clip(V,
+//! V_old ± ε_v) − R)²) times `vf_coef`, with its own AdamW (the run's settings and learning rate
+//! schedule; its gradient clipped on its own, where TRL clips the two together). Log
+//! probabilities are those of the untempered policy (TRL divides the logits by the
+//! temperature).
 
 use crate::adamw::AdamW;
 use crate::checkpoint::Start;
@@ -931,6 +943,14 @@ struct Critic {
 
 impl Critic {
     fn load(dir: &Path, t: &TrainConfig, dev: &Device) -> Result<Critic> {
+        if lmkit_models::gguf::is_gguf(dir) {
+            return Err(TrainError::Data(format!(
+                "{}: PPO's value model trains every weight and needs a Hugging Face directory; \
+                 set rl.value_model (a reward model from `lmkit reward train`, or a causal LM \
+                 directory, which gets a new value head)",
+                dir.display()
+            )));
+        }
         let (rm, params, _) = crate::reward::load_reward(dir, t.seed, dev)?;
         let opt = AdamW::new(params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
         let grads = vec![None; opt.params.len()];
@@ -1436,6 +1456,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/grpo-lora.toml");
         let cfg = RlConfig::load(&path, &[]).unwrap();
         assert_eq!(cfg.rl.algorithm, "grpo");
+        let ppo = path.with_file_name("ppo.toml");
+        let cfg = RlConfig::load(&ppo, &[]).unwrap();
+        assert!(cfg.rl.is_ppo() && cfg.rl.value_model.is_some());
         for bad in [
             "rl.group_size=1",
             "rl.algorithm=\"a2c\"",
