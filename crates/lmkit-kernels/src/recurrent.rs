@@ -69,6 +69,56 @@ pub fn sequence(
         .map(Some)
 }
 
+/// [`sequence`] over plain slices (for hand-written training passes): `pre` [b, t, gates·h],
+/// `w_hh` [gates·h, h], `state0` [b, width]; returns every step's state [b, t, width].
+pub fn forward_slices<T: BlasFloat>(
+    cell: Cell,
+    pre: &[T],
+    w_hh: &[T],
+    state0: &[T],
+    (b, t, h): (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
+    check_slices(cell, pre.len(), w_hh.len(), state0.len(), (b, t, h))?;
+    forward(cell, pre, w_hh, state0, Dims { b, t, h })
+}
+
+/// The backward of [`forward_slices`]: from `out` (its result) and `dout` (the gradient of
+/// every step's state), the gradients of `pre` and of `w_hh`.
+pub fn backward_slices<T: BlasFloat>(
+    cell: Cell,
+    (pre, w_hh, state0): (&[T], &[T], &[T]),
+    out: &[T],
+    dout: &[T],
+    (b, t, h): (usize, usize, usize),
+) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    check_slices(cell, pre.len(), w_hh.len(), state0.len(), (b, t, h))?;
+    let n = b * t * cell.width(h);
+    if out.len() != n || dout.len() != n {
+        candle_core::bail!(
+            "recurrence backward: states or their gradient do not fit [{b}, {t}, {}]",
+            cell.width(h)
+        );
+    }
+    backward(cell, (pre, w_hh, state0), out, dout, Dims { b, t, h })
+}
+
+fn check_slices(
+    cell: Cell,
+    pre: usize,
+    w: usize,
+    s0: usize,
+    (b, t, h): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    let gh = cell.gates() * h;
+    if pre != b * t * gh || w != gh * h || s0 != b * cell.width(h) {
+        candle_core::bail!(
+            "recurrence: projections ({pre}), recurrent weight ({w}) or state ({s0}) do not fit \
+             {b} rows × {t} steps of a {cell:?} cell of {h}"
+        );
+    }
+    Ok(())
+}
+
 struct Recurrence {
     cell: Cell,
 }

@@ -327,6 +327,16 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 if fresh {
                     cache.clear();
                 }
+                if let (lmkit_models::CausalLm::Rnn(rnn), passes::Backward::Auto) =
+                    (model, t.backward)
+                {
+                    if let Some(r) = passes::rnn::loss_and_grads(rnn, &x, &y, cache, scale)? {
+                        for (p, gi) in r.grads {
+                            grads.add(p.id(), gi)?;
+                        }
+                        return Ok(Micro::new(r.loss * scale, stream_tokens));
+                    }
+                }
                 (loss_with(model, &x, &y, cache)?, stream_tokens)
             }
             (Batches::Stream { train, .. }, None) => {

@@ -158,6 +158,27 @@ struct Layer {
     b_hh: Tensor,
 }
 
+/// A layer's weights (PyTorch's layout: `weight_ih` [gates·hidden, input], `weight_hh`
+/// [gates·hidden, hidden], two biases).
+pub struct LayerParts<'a> {
+    pub w_ih: &'a Tensor,
+    pub w_hh: &'a Tensor,
+    pub b_ih: &'a Tensor,
+    pub b_hh: &'a Tensor,
+}
+
+/// The model's parts as a training pass reads them (see [`RnnLm::parts`]).
+pub struct Parts<'a> {
+    pub embedding: &'a Tensor,
+    pub layers: Vec<LayerParts<'a>>,
+    /// The output layer [vocab, hidden] (the embedding when tied).
+    pub lm_head: &'a Tensor,
+    pub lstm: bool,
+    pub hidden: usize,
+    /// The dropout in force (0 when not training).
+    pub dropout: f64,
+}
+
 pub struct RnnLm {
     embedding: Embedding,
     layers: Vec<Layer>,
@@ -209,6 +230,31 @@ impl RnnLm {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The parts a hand-written training pass reads.
+    pub fn parts(&self) -> Parts<'_> {
+        Parts {
+            embedding: self.embedding.embeddings(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerParts {
+                    w_ih: &l.w_ih,
+                    w_hh: &l.w_hh,
+                    b_ih: &l.b_ih,
+                    b_hh: &l.b_hh,
+                })
+                .collect(),
+            lm_head: self.lm_head.weight(),
+            lstm: matches!(self.cell, Cell::Lstm),
+            hidden: self.hidden,
+            dropout: if self.training.load(Ordering::Relaxed) {
+                self.dropout
+            } else {
+                0.0
+            },
+        }
     }
 
     pub fn lm_head(&self) -> &Tensor {

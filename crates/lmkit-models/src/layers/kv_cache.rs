@@ -164,7 +164,7 @@ impl KvCache {
     }
 
     /// Recurrent models: `n` more positions were read.
-    pub(crate) fn advance(&mut self, n: usize) {
+    pub fn advance(&mut self, n: usize) {
         self.len += n;
     }
 

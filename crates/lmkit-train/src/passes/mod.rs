@@ -10,6 +10,7 @@ mod gpt2_cuda;
 pub mod llama;
 mod params;
 mod post_norm;
+pub mod rnn;
 
 use candle_core::{Layout, Storage, Tensor, WithDType};
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat};
