@@ -220,3 +220,24 @@ def test_review_page_shows_conversations_counts_and_takes_keys(server, browser, 
     rows = [json.loads(x) for x in call("/review/api/export?kind=corrections").splitlines()]
     assert {"messages": [{"role": "user", "content": "and the dog?"},
                          {"role": "assistant", "content": "on the log."}]} in rows, rows
+    # Date and moderation filters: the page's controls and the API behind them.
+    import datetime
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    ids = lambda q: [c["id"] for c in json.loads(call("/review/api/recent?" + q))["data"]]
+    assert sid in ids(f"since={today}&until={today}&flagged=false")
+    assert ids("until=1970-01-02") == [] and ids("flagged=true") == []
+    try:
+        call("/review/api/recent?since=yesterday")
+        assert False, "a bad date is refused"
+    except urllib.error.HTTPError as e:
+        assert e.code == 400 and "YYYY-MM-DD" in e.read().decode()
+    Select(b.find_element(By.ID, "filter")).select_by_value("all")
+    wait.until(lambda d: d.find_elements(By.ID, "c-" + sid))
+    b.execute_script("const e = document.getElementById('since'); e.value = '2999-01-01';"
+                     "e.dispatchEvent(new Event('change'));")
+    wait.until(lambda d: "Nothing here." in d.find_element(By.ID, "list").text)
+    b.execute_script("const e = document.getElementById('since'); e.value = '';"
+                     "e.dispatchEvent(new Event('change'));")
+    Select(b.find_element(By.ID, "flagged")).select_by_value("false")
+    wait.until(lambda d: d.find_elements(By.ID, "c-" + sid))
+    b.save_screenshot(str(tmp_path / "review-filters.png"))

@@ -84,6 +84,20 @@ CREATE TABLE IF NOT EXISTS preferences (
 );
 ";
 
+/// Which completions [`Store::recent`] lists.
+#[derive(Clone, Debug, Default)]
+pub struct RecentFilter {
+    /// Only rated (`Some(true)`) or only unrated (`Some(false)`) ones.
+    pub rated: Option<bool>,
+    /// Only this model's (the request's `model`: base or adapter name).
+    pub model: Option<String>,
+    /// Only those created at or after / before these times (seconds since the Unix epoch).
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Only those whose prompt or completion moderation flagged (`Some(true)`), or neither.
+    pub flagged: Option<bool>,
+}
+
 /// The columns a completion is stored with.
 macro_rules! columns {
     () => {
@@ -231,23 +245,33 @@ impl Store {
         })
     }
 
-    /// The newest completions first; `unrated` keeps only those nobody rated yet.
-    /// The newest completions: all, only the unrated or only the rated ones, and optionally only
-    /// those of one model (the request's `model`: base or adapter name).
-    pub fn recent(
-        &self,
-        limit: usize,
-        rated: Option<bool>,
-        model: Option<&str>,
-    ) -> Result<Vec<Completion>> {
-        let mut conditions = Vec::new();
-        match rated {
-            Some(false) => conditions.push("rating IS NULL"),
-            Some(true) => conditions.push("rating IS NOT NULL"),
+    /// The newest completions that pass `f`, at most `limit`.
+    pub fn recent(&self, limit: usize, f: &RecentFilter) -> Result<Vec<Completion>> {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut args: Vec<rusqlite::types::Value> = vec![(limit as i64).into()];
+        match f.rated {
+            Some(false) => conditions.push("rating IS NULL".into()),
+            Some(true) => conditions.push("rating IS NOT NULL".into()),
             None => {}
         }
-        if model.is_some() {
-            conditions.push("model = ?2");
+        if let Some(m) = &f.model {
+            args.push(m.clone().into());
+            conditions.push(format!("model = ?{}", args.len()));
+        }
+        if let Some(t) = f.since {
+            args.push(t.into());
+            conditions.push(format!("created >= ?{}", args.len()));
+        }
+        if let Some(t) = f.until {
+            args.push(t.into());
+            conditions.push(format!("created < ?{}", args.len()));
+        }
+        let flagged = "(COALESCE(json_extract(moderation, '$.prompt.flagged'), 0) = 1 \
+                       OR COALESCE(json_extract(moderation, '$.completion.flagged'), 0) = 1)";
+        match f.flagged {
+            Some(true) => conditions.push(flagged.into()),
+            Some(false) => conditions.push(format!("NOT {flagged}")),
+            None => {}
         }
         let filter = if conditions.is_empty() {
             String::new()
@@ -258,10 +282,7 @@ impl Store {
             let mut st = conn.prepare(&format!(
                 "SELECT {READ_COLUMNS} FROM completions {filter} ORDER BY created DESC, rowid DESC LIMIT ?1"
             ))?;
-            let rows = match model {
-                Some(m) => st.query_map(params![limit as i64, m], row)?,
-                None => st.query_map(params![limit as i64], row)?,
-            };
+            let rows = st.query_map(rusqlite::params_from_iter(args), row)?;
             rows.collect()
         })
     }
@@ -465,6 +486,64 @@ mod tests {
         }
     }
 
+    /// The review list's filters: creation time, moderation flags (prompt or completion), model,
+    /// rated, combined.
+    #[test]
+    fn recent_completions_filter_by_time_flags_and_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("log.sqlite")).unwrap();
+        let flagged = r#"{"prompt": {"flagged": false, "categories": []},
+            "completion": {"flagged": true, "categories": ["x"]}, "policy": "flag"}"#;
+        for (id, created, moderation, model) in [
+            ("old", 1_000, "{}", "m"),
+            ("flagged", 2_000, flagged, "m"),
+            (
+                "clean",
+                3_000,
+                r#"{"prompt": {"flagged": false}, "completion": null}"#,
+                "n",
+            ),
+        ] {
+            let mut c = completion(id, "Q?", "A");
+            c.created = created;
+            c.moderation = moderation.into();
+            c.model = model.into();
+            s.insert(&c).unwrap();
+        }
+        let ids = |f: RecentFilter| -> Vec<String> {
+            s.recent(10, &f)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.id)
+                .collect()
+        };
+        assert_eq!(ids(RecentFilter::default()), ["clean", "flagged", "old"]);
+        let f = |since, until, flagged| RecentFilter {
+            since,
+            until,
+            flagged,
+            ..Default::default()
+        };
+        assert_eq!(ids(f(Some(2_000), None, None)), ["clean", "flagged"]);
+        assert_eq!(ids(f(None, Some(2_000), None)), ["old"]);
+        assert_eq!(ids(f(Some(1_500), Some(2_500), None)), ["flagged"]);
+        assert_eq!(ids(f(None, None, Some(true))), ["flagged"]);
+        assert_eq!(ids(f(None, None, Some(false))), ["clean", "old"]);
+        let model_n = RecentFilter {
+            model: Some("n".into()),
+            flagged: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(ids(model_n), ["clean"]);
+        s.rate("old", 1, None, None).unwrap();
+        let rated_clean = RecentFilter {
+            rated: Some(true),
+            flagged: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(ids(rated_clean), ["old"]);
+    }
+
     #[test]
     fn stores_rates_pairs_and_exports() {
         let dir = tempfile::tempdir().unwrap();
@@ -477,7 +556,11 @@ mod tests {
         s.rate("a", 1, None, None).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().rating, Some(1));
         assert!(s.rate("zzz", 1, None, None).is_err());
-        assert_eq!(s.recent(10, Some(false), None).unwrap().len(), 2);
+        let unrated = RecentFilter {
+            rated: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(s.recent(10, &unrated).unwrap().len(), 2);
         let (x, y) = s.pair().unwrap().unwrap();
         assert_eq!(x.prompt, "Q?");
         assert_ne!(x.output, y.output);

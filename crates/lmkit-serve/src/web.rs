@@ -2,7 +2,7 @@
 //! and the review API they use.
 
 use crate::error::ApiError;
-use crate::store::StoreError;
+use crate::store::{RecentFilter, StoreError};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -56,6 +56,48 @@ pub struct RecentQuery {
     rated: Option<bool>,
     /// Only this model's (base or adapter name) completions.
     model: Option<String>,
+    /// Only those created at or after / before these times: seconds since the Unix epoch or a
+    /// date (YYYY-MM-DD, UTC; `until` is the end of that day).
+    since: Option<String>,
+    until: Option<String>,
+    /// `flagged=true|false`: only completions whose prompt or output moderation flagged, or
+    /// only the others.
+    flagged: Option<bool>,
+}
+
+/// Seconds since the Unix epoch of `v`: a number, or a YYYY-MM-DD date (UTC) at its start, or
+/// (`end_of_day`) at the next day's start.
+fn epoch_seconds(field: &str, v: &str, end_of_day: bool) -> Result<i64, ApiError> {
+    if let Ok(n) = v.trim().parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || {
+        ApiError::invalid(
+            field,
+            format!("`{field}` must be seconds since 1970-01-01 or a date YYYY-MM-DD, not {v:?}"),
+        )
+    };
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let [y, m, d] = parts[..] else {
+        return Err(bad());
+    };
+    let (y, m, d): (i64, i64, i64) = (
+        y.parse().map_err(|_| bad())?,
+        m.parse().map_err(|_| bad())?,
+        d.parse().map_err(|_| bad())?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok((days + end_of_day as i64) * 86_400)
 }
 
 pub async fn recent(
@@ -68,8 +110,20 @@ pub async fn recent(
         (Some(true), _) => Some(false),
         (_, r) => r,
     };
-    let model = q.model.filter(|m| !m.is_empty());
-    let rows = blocking(move || store.recent(limit, rated, model.as_deref())).await?;
+    let time = |field: &str, v: &Option<String>, end: bool| {
+        v.as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| epoch_seconds(field, s, end))
+            .transpose()
+    };
+    let filter = RecentFilter {
+        rated,
+        model: q.model.filter(|m| !m.is_empty()),
+        since: time("since", &q.since, false)?,
+        until: time("until", &q.until, true)?,
+        flagged: q.flagged,
+    };
+    let rows = blocking(move || store.recent(limit, &filter)).await?;
     Ok(Json(json!({ "data": rows })))
 }
 
@@ -181,4 +235,32 @@ pub async fn prefer(
     let store = state.store.clone();
     let id = blocking(move || store.prefer(&p.chosen, &p.rejected)).await?;
     Ok(Json(json!({ "ok": true, "id": id })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn review_filter_times_are_seconds_or_dates() {
+        assert_eq!(
+            epoch_seconds("since", "1700000000", false).unwrap(),
+            1_700_000_000
+        );
+        assert_eq!(epoch_seconds("since", "1970-01-01", false).unwrap(), 0);
+        assert_eq!(epoch_seconds("until", "1970-01-01", true).unwrap(), 86_400);
+        // 2026-11-30T00:00:00Z
+        assert_eq!(
+            epoch_seconds("since", "2026-11-30", false).unwrap(),
+            1_795_996_800
+        );
+        assert_eq!(
+            epoch_seconds("since", "2024-03-01", false).unwrap(),
+            1_709_251_200
+        );
+        for bad in ["yesterday", "2026-13-01", "2026-11", ""] {
+            let e = epoch_seconds("since", bad, false).unwrap_err();
+            assert!(format!("{e:?}").contains("YYYY-MM-DD"), "{bad}: {e:?}");
+        }
+    }
 }

@@ -462,7 +462,7 @@ async fn moderation_refuses_or_flags_and_logs_the_decision() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["error"]["code"], "content_policy_violation");
     assert!(v["error"]["message"].as_str().unwrap().contains("violence"));
-    let rows = st.store.recent(10, None, None).unwrap();
+    let rows = st.store.recent(10, &Default::default()).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].finish_reason, "content_filter");
     assert!(rows[0].moderation.contains("violence"));
@@ -528,7 +528,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     // The cancelled request is still logged, marked as such.
     let t0 = std::time::Instant::now();
     loop {
-        let rows = st.store.recent(10, None, None).unwrap();
+        let rows = st.store.recent(10, &Default::default()).unwrap();
         if rows.len() == 2 {
             assert!(
                 rows.iter().all(|r| r.finish_reason == "cancelled"),
@@ -665,7 +665,7 @@ async fn a_non_streaming_request_whose_client_leaves_is_cancelled_stored_and_cou
     assert!(pending.await.unwrap_err().is_cancelled());
     let t0 = std::time::Instant::now();
     loop {
-        let rows = st.store.recent(10, None, None).unwrap();
+        let rows = st.store.recent(10, &Default::default()).unwrap();
         if let [row] = rows.as_slice() {
             assert_eq!(row.finish_reason, "cancelled", "{row:?}");
             assert!(row.completion_tokens < 1000, "{row:?}");
