@@ -315,3 +315,81 @@ def test_sentencepiece_gguf_tokenizes_as_llama_cpp(lmkit, tmp_path, add_space_pr
     ids = lmkit("tokenizer", "encode", "--tokenizer", path, stdin="\n".join(plain) + "\n")
     back = lmkit("tokenizer", "decode", "--tokenizer", path, stdin=ids).splitlines()
     assert back == plain
+
+
+def neox_to_gguf(model, path, qtype=None):
+    """A transformers GPT-NeoX model written as a GGUF file the way llama.cpp's converter writes
+    it: its tensor names, the fused query/key/value rows regrouped from per-head q|k|v to
+    q | k | v, `qtype` (e.g. Q8_0) for the projection weights."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    c = model.config
+    w = GGUFWriter(str(path), arch="gptneox")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_rope_dimension_count(int(c.rotary_pct * (c.hidden_size // c.num_attention_heads)))
+    w.add_head_count(c.num_attention_heads)
+    w.add_parallel_residual(c.use_parallel_residual)
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    n, h = c.num_attention_heads, c.hidden_size
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+             "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+    top = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
+    for name, t in model.named_parameters():
+        stem, kind = name.rsplit(".", 1)
+        t = t.detach().float()
+        if stem.startswith("gpt_neox.layers."):
+            _, _, i, rest = stem.split(".", 3)
+            out = f"blk.{i}.{layer[rest]}"
+            if rest == "attention.query_key_value":
+                parts = t.reshape(n, 3, h // n, *t.shape[1:])
+                t = torch.cat([parts[:, j].reshape(h, *t.shape[1:]) for j in range(3)], dim=0)
+        else:
+            out = top[stem]
+        a = t.numpy().copy()
+        if qtype is not None and kind == "weight" and a.ndim == 2 and out != "token_embd":
+            q = getattr(GGMLQuantizationType, qtype)
+            w.add_tensor(f"{out}.{kind}", quants.quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(f"{out}.{kind}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox_gguf_files_match_transformers(lmkit, tmp_path, parallel):
+    """GPT-NeoX (Polyglot-ko's and Pythia's architecture) from GGUF: partial rotary embeddings,
+    the fused query/key/value rows in llama.cpp's grouping, parallel or sequential residual; the
+    logits of the transformers model the file was written from, all at once and through the KV
+    cache. A Q8_0 file (rows reordered as quantized blocks) stays close to the f32 logits."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                        use_parallel_residual=parallel, tie_word_embeddings=False)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape) * 0.5 + (1.0 if name.endswith("norm.weight") else 0.0))
+    ids = [int(x) for x in torch.randint(0, 96, (17,), generator=torch.Generator().manual_seed(4))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    path = tmp_path / "neox.gguf"
+    neox_to_gguf(model, path)
+    for extra in [(), ("--incremental",)]:
+        got = np.array(json.loads(lmkit("model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), *extra)))
+        assert np.abs(got - want).max() < 1e-4, (extra, np.abs(got - want).max())
+    q8 = tmp_path / "neox-q8.gguf"
+    neox_to_gguf(model, q8, qtype="Q8_0")
+    got = np.array(json.loads(lmkit("model", "logits", "--model", q8, "--ids", ",".join(map(str, ids)))))
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max(), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9

@@ -77,7 +77,7 @@ impl Gguf {
         &self.path
     }
 
-    fn bad(&self, msg: String) -> ModelError {
+    pub(crate) fn bad(&self, msg: String) -> ModelError {
         ModelError::Config {
             path: self.path.clone(),
             msg,
@@ -140,7 +140,8 @@ impl Gguf {
             .copied()
             .find(|a| a.model_type() == name)
             .ok_or_else(|| {
-                let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.model_type()).collect();
+                let mut known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.model_type()).collect();
+                known.push("gptneox");
                 self.bad(format!(
                     "architecture `{name}` is not supported (supported: {})",
                     known.join(", ")
@@ -219,6 +220,56 @@ impl Gguf {
             });
         }
         Ok(t)
+    }
+
+    /// Whether the file holds a GPT-NeoX model (`general.architecture` = gptneox).
+    pub fn is_gptneox(&self) -> bool {
+        self.str("general.architecture") == Some("gptneox")
+    }
+
+    /// The config of a gptneox file (Pythia, Polyglot-ko), from its metadata.
+    pub fn gptneox_config(&self) -> Result<crate::families::gpt_neox::GptNeoxConfig> {
+        let key = |k: &str| format!("gptneox.{k}");
+        let hidden = self.need_int(&key("embedding_length"))?;
+        let heads = self.need_int(&key("attention.head_count"))?;
+        let vocab = self
+            .shape("token_embd.weight")
+            .map(|s| s[0])
+            .ok_or_else(|| self.bad("tensor `token_embd.weight` is missing".into()))?;
+        let head_dim = hidden / heads.max(1);
+        let rotary = self
+            .int(&key("rope.dimension_count"))
+            .map_or(head_dim, |v| v as usize);
+        let parallel = match self.content.metadata.get(&key("use_parallel_residual")) {
+            Some(Value::Bool(b)) => *b,
+            _ => true,
+        };
+        let cfg = serde_json::json!({
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "num_hidden_layers": self.need_int(&key("block_count"))?,
+            "num_attention_heads": heads,
+            "intermediate_size": self.need_int(&key("feed_forward_length"))?,
+            "rotary_pct": rotary as f64 / head_dim.max(1) as f64,
+            "rotary_emb_base": self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
+            "max_position_embeddings": self.need_int(&key("context_length"))?,
+            "layer_norm_eps": self.float(&key("attention.layer_norm_epsilon")).unwrap_or(1e-5),
+            "use_parallel_residual": parallel,
+            "attention_bias": self.has_tensor("blk.0.attn_qkv.bias"),
+            "tie_word_embeddings": !self.has_tensor("output.weight"),
+            "bos_token_id": self.int("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.int("tokenizer.ggml.eos_token_id"),
+        });
+        let cfg: crate::families::gpt_neox::GptNeoxConfig =
+            serde_json::from_value(cfg).map_err(|e| self.bad(e.to_string()))?;
+        crate::families::FamilyConfig::validate(&cfg).map_err(|m| self.bad(m))?;
+        if cfg.rotary_dims() != rotary {
+            return Err(self.bad(format!(
+                "{} = {rotary} is not a whole share of head_dim {head_dim}",
+                key("rope.dimension_count")
+            )));
+        }
+        Ok(cfg)
     }
 
     /// The decoder config of a llama / qwen2 / qwen3 file, from its metadata.
@@ -610,28 +661,39 @@ pub fn write_llama(
 /// each head, rows 2j and 2j+1 hold transformers' rows j and j + head_dim/2) back in
 /// transformers' order. Rows of a block-quantized tensor are whole blocks, so this moves bytes.
 pub fn unpermute_rows(t: QTensor, heads: usize) -> Result<QTensor> {
+    let rows = t.shape().dims2()?.0;
+    if heads == 0 || !rows.is_multiple_of(heads) {
+        return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+            "cannot un-permute a tensor of {rows} rows into {heads} heads"
+        ))));
+    }
+    let (hd, half) = (rows / heads, rows / heads / 2);
+    // Row `to` of transformers' order is llama.cpp's row `from`.
+    permute_rows(t, |to| {
+        let (h, r) = (to / hd, to % hd);
+        let (s, j) = (r / half.max(1), r % half.max(1));
+        h * hd + 2 * j + s
+    })
+}
+
+/// The rows of a (block-quantized) matrix reordered: row `to` of the result is row `from(to)`
+/// of `t` (blocks run along rows, so each row moves as whole blocks).
+pub fn permute_rows(t: QTensor, from: impl Fn(usize) -> usize) -> Result<QTensor> {
     let (rows, cols) = t.shape().dims2()?;
     let dtype = t.dtype();
     let device = t.device();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     let data = t.data()?;
-    if heads == 0 || !rows.is_multiple_of(heads) || data.len() != rows * row_bytes {
+    if data.len() != rows * row_bytes {
         return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-            "cannot un-permute a [{rows}, {cols}] tensor into {heads} heads"
+            "cannot reorder the rows of a [{rows}, {cols}] tensor of {} bytes",
+            data.len()
         ))));
     }
-    let hd = rows / heads;
-    let half = hd / 2;
     let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for j in 0..half {
-                let to = h * hd + s * half + j;
-                let from = h * hd + 2 * j + s;
-                out[to * row_bytes..(to + 1) * row_bytes]
-                    .copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
-            }
-        }
+    for (to, row) in out.chunks_mut(row_bytes.max(1)).enumerate().take(rows) {
+        let f = from(to);
+        row.copy_from_slice(&data[f * row_bytes..(f + 1) * row_bytes]);
     }
     let storage = QStorage::from_data(Cow::Owned(out), &device, dtype)?;
     Ok(QTensor::new(storage, (rows, cols))?)

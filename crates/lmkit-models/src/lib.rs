@@ -320,6 +320,11 @@ impl CausalLm {
     pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
         if gguf::is_gguf(dir) {
             let mut g = gguf::Gguf::open(dir)?;
+            if g.is_gptneox() {
+                let m = gpt_neox::GptNeox::from_gguf(&mut g, device)?;
+                let cfg = DecoderConfig::GptNeox(m.cfg.clone());
+                return Ok((CausalLm::GptNeox(m), cfg));
+            }
             let m = llama::Llama::from_gguf(&mut g, device)?;
             let cfg = DecoderConfig::Llama(m.cfg.clone());
             return Ok((CausalLm::Llama(m), cfg));

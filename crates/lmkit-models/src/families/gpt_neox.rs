@@ -331,6 +331,89 @@ impl GptNeox {
         })
     }
 
+    /// A model from a gptneox GGUF file: block-quantized projections stay quantized (the fused
+    /// query/key/value rows, which llama.cpp's converter groups as q | k | v, go back to
+    /// transformers' per-head order), embeddings, norms and biases become f32.
+    pub fn from_gguf(g: &mut crate::gguf::Gguf, dev: &candle_core::Device) -> crate::Result<Self> {
+        let cfg = g.gptneox_config()?;
+        let (v, h, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+        let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+        // transformers' row of head n, part p (q, k, v), index j is llama.cpp's row p·h + n·d + j.
+        let qkv_row = |to: usize| {
+            let (n, r) = (to / (3 * d), to % (3 * d));
+            (r / d) * h + n * d + r % d
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let blk = format!("blk.{l}");
+            let hf = format!("gpt_neox.layers.{l}");
+            let mut norm = |name: &str| -> crate::Result<LayerNorm> {
+                Ok(LayerNorm {
+                    weight: g.tensor(&format!("{blk}.{name}.weight"), &[h], dev)?,
+                    bias: g.tensor(&format!("{blk}.{name}.bias"), &[h], dev)?,
+                    eps: cfg.layer_norm_eps,
+                })
+            };
+            let (input_layernorm, post_attention_layernorm) =
+                (norm("attn_norm")?, norm("ffn_norm")?);
+            let mut proj = |name: &str, path: &str, out: usize, inp: usize, qkv: bool| {
+                let mut q = g.qtensor(&format!("{blk}.{name}.weight"), &[out, inp], dev)?;
+                let bias_name = format!("{blk}.{name}.bias");
+                let mut bias = if g.has_tensor(&bias_name) {
+                    Some(g.tensor(&bias_name, &[out], dev)?)
+                } else {
+                    None
+                };
+                if qkv {
+                    q = crate::gguf::permute_rows(q, qkv_row)?;
+                    if let Some(b) = &bias {
+                        let idx: Vec<u32> = (0..out).map(|r| qkv_row(r) as u32).collect();
+                        bias = Some(b.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?);
+                    }
+                }
+                Ok::<_, crate::ModelError>(Linear::quantized(q, bias, &format!("{hf}.{path}"))?)
+            };
+            layers.push(Layer {
+                query_key_value: proj("attn_qkv", "attention.query_key_value", 3 * h, h, true)?,
+                dense: proj("attn_output", "attention.dense", h, h, false)?,
+                dense_h_to_4h: proj("ffn_up", "mlp.dense_h_to_4h", i, h, false)?,
+                dense_4h_to_h: proj("ffn_down", "mlp.dense_4h_to_h", h, i, false)?,
+                input_layernorm,
+                post_attention_layernorm,
+                n_head: heads,
+                head_dim: d,
+                parallel: cfg.use_parallel_residual,
+                act: cfg.hidden_act.clone(),
+            });
+        }
+        let final_layer_norm = LayerNorm {
+            weight: g.tensor("output_norm.weight", &[h], dev)?,
+            bias: g.tensor("output_norm.bias", &[h], dev)?,
+            eps: cfg.layer_norm_eps,
+        };
+        let table = g.tensor("token_embd.weight", &[v, h], dev)?;
+        let embed_out = if cfg.tie_word_embeddings {
+            Linear::from_weight(table.clone(), None, "embed_out")?
+        } else {
+            Linear::quantized(g.qtensor("output.weight", &[v, h], dev)?, None, "embed_out")?
+        };
+        let spec = cfg.rope().map_err(|m| g.bad(m))?;
+        let rope = Rope::new(
+            spec.inv_freq(cfg.rotary_dims()),
+            cfg.max_position_embeddings,
+            candle_core::DType::F32,
+            dev,
+        )?;
+        Ok(GptNeox {
+            embed_in: Embedding::new(table, h),
+            layers,
+            final_layer_norm,
+            embed_out,
+            rope,
+            cfg,
+        })
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
