@@ -140,6 +140,13 @@ impl Gguf {
             .copied()
             .find(|a| a.model_type() == name)
             .ok_or_else(|| {
+                if name == "gptneox" {
+                    return self.bad(
+                        "a gptneox file runs as it is (generate, chat, eval, serve); fine-tuning \
+                         from it or merging adapters into it needs its transformers directory"
+                            .into(),
+                    );
+                }
                 let mut known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.model_type()).collect();
                 known.push("gptneox");
                 self.bad(format!(
