@@ -251,7 +251,7 @@ fn backprop<T: BlasFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::gpt2::tests::assert_gradient_close;
+    use crate::passes::testing::{assert_matches_graph, randomize};
     use crate::seq2seq::{batch, Pair};
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
@@ -268,10 +268,7 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let m = Bart::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
-        for var in vm.all_vars() {
-            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
-            var.set(&r.to_dtype(dtype).unwrap()).unwrap();
-        }
+        randomize(&vm, dtype);
         (m, vm)
     }
 
@@ -321,27 +318,7 @@ mod tests {
             .unwrap()
             .expect("the pass applies");
         let loss = crate::seq2seq::loss(&m, &b).unwrap();
-        let want = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(
-            (ours.loss - want).abs() <= tol * want.abs(),
-            "loss {} vs {want}",
-            ours.loss
-        );
-        let g = (loss * scale).unwrap().backward().unwrap();
-        let vars = vm.all_vars();
-        assert_eq!(ours.grads.len(), vars.len(), "one gradient per parameter");
-        for var in &vars {
-            let (_, got) = ours
-                .grads
-                .iter()
-                .find(|(t, _)| t.id() == var.as_tensor().id())
-                .expect("a gradient for every parameter");
-            assert_gradient_close(got, g.get(var.as_tensor()).expect("a reference"), tol);
-        }
+        assert_matches_graph(&ours, loss, scale, &vm, tol, act);
     }
 
     /// Every gradient equals candle's autograd over the model's graph: padded sources and

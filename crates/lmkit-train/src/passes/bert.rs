@@ -244,7 +244,7 @@ fn backprop<T: BlasFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::gpt2::tests::assert_gradient_close;
+    use crate::passes::testing::{assert_matches_graph, randomize};
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::bert::BertConfig;
@@ -263,10 +263,7 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let m = Bert::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
-        for var in vm.all_vars() {
-            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
-            var.set(&r.to_dtype(dtype).unwrap()).unwrap();
-        }
+        randomize(&vm, dtype);
         (m, vm)
     }
 
@@ -302,27 +299,8 @@ mod tests {
         let logits = m.mlm_logits(&h).unwrap();
         let loss =
             candle_nn::loss::cross_entropy(&logits, &Tensor::new(&targets, &dev).unwrap()).unwrap();
-        let want = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(
-            (ours.loss - want).abs() <= tol * want.abs(),
-            "{model_type} {act}: loss {} vs {want}",
-            ours.loss
-        );
-        let g = (loss * scale).unwrap().backward().unwrap();
-        let vars = vm.all_vars();
-        assert_eq!(ours.grads.len(), vars.len(), "one gradient per parameter");
-        for var in &vars {
-            let (_, got) = ours
-                .grads
-                .iter()
-                .find(|(t, _)| t.id() == var.as_tensor().id())
-                .expect("a gradient for every parameter");
-            assert_gradient_close(got, g.get(var.as_tensor()).expect("a reference"), tol);
-        }
+        let what = format!("{model_type} {act}");
+        assert_matches_graph(&ours, loss, scale, &vm, tol, &what);
     }
 
     /// Every gradient equals candle's autograd over the model's graph: BERT and RoBERTa

@@ -203,3 +203,58 @@ pub(crate) fn ids_and_targets(
         (b, t),
     ))
 }
+
+/// What the passes' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::LossAndGrads;
+    use candle_core::{DType, Tensor};
+    use candle_nn::VarMap;
+
+    /// Every variable random (N(0, 0.5²)): defaults leave norms at 0 and biases at 0.
+    pub(crate) fn randomize(vm: &VarMap, dtype: DType) {
+        let dev = candle_core::Device::Cpu;
+        for var in vm.all_vars() {
+            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
+            var.set(&r.to_dtype(dtype).unwrap()).unwrap();
+        }
+    }
+
+    /// The pass's loss and gradients (of `scale` × loss) equal the graph's `loss` and its
+    /// autograd gradients for every variable of `vm` within `tol`.
+    pub(crate) fn assert_matches_graph(
+        ours: &LossAndGrads,
+        loss: Tensor,
+        scale: f64,
+        vm: &VarMap,
+        tol: f64,
+        what: &str,
+    ) {
+        let want = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (ours.loss - want).abs() <= tol * want.abs().max(1.0),
+            "{what}: loss {} vs {want}",
+            ours.loss
+        );
+        let g = (loss * scale).unwrap().backward().unwrap();
+        let vars = vm.all_vars();
+        assert_eq!(
+            ours.grads.len(),
+            vars.len(),
+            "{what}: one gradient per parameter"
+        );
+        for var in &vars {
+            let (_, got) = ours
+                .grads
+                .iter()
+                .find(|(t, _)| t.id() == var.as_tensor().id())
+                .expect("a gradient for every parameter");
+            let want = g.get(var.as_tensor()).expect("a reference gradient");
+            super::gpt2::tests::assert_gradient_close(got, want, tol);
+        }
+    }
+}

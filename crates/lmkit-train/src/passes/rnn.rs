@@ -96,33 +96,20 @@ pub fn loss_and_grads(
         h,
         vocab: v,
     };
-    let wants = vec![true; reg.tensors.len()];
     let blas = blas::require("recurrent training pass")?;
     let n = (b * t) as f64;
-    let dims = (b, t);
+    let inputs = Inputs {
+        reg: &reg,
+        blas,
+        m: &m,
+        states: &states,
+        ids: &ids,
+        targets: &targets,
+        dims: (b, t),
+    };
     let r = match dtype {
-        candle_core::DType::F32 => run::<f32>(
-            &reg,
-            &wants,
-            blas,
-            &m,
-            &states,
-            &ids,
-            &targets,
-            dims,
-            scale / n,
-        )?,
-        candle_core::DType::F64 => run::<f64>(
-            &reg,
-            &wants,
-            blas,
-            &m,
-            &states,
-            &ids,
-            &targets,
-            dims,
-            scale / n,
-        )?,
+        candle_core::DType::F32 => run::<f32>(&inputs, scale / n)?,
+        candle_core::DType::F64 => run::<f64>(&inputs, scale / n)?,
         _ => return Ok(None),
     };
     let Some((loss, last, grads)) = r else {
@@ -164,19 +151,25 @@ struct ModelIdx {
 /// Each layer's last states (h [b, hidden], and c for an LSTM) as tensors.
 type LastStates = Vec<(Tensor, Option<Tensor>)>;
 
+/// What a run reads: the tensors, the model's layout, each layer's starting state, the batch.
+struct Inputs<'a> {
+    reg: &'a Registry<'a>,
+    blas: &'a blas::Blas,
+    m: &'a ModelIdx,
+    states: &'a [Option<Tensor>],
+    ids: &'a [u32],
+    targets: &'a [u32],
+    dims: (usize, usize),
+}
+
 /// Runs the pass as `T`: the summed loss, the last states and the gradients.
-#[allow(clippy::too_many_arguments)]
 fn run<T: BlasFloat>(
-    reg: &Registry<'_>,
-    wants: &[bool],
-    blas: &blas::Blas,
-    m: &ModelIdx,
-    states: &[Option<Tensor>],
-    ids: &[u32],
-    targets: &[u32],
-    (b, t): (usize, usize),
+    a: &Inputs,
     scale: f64,
 ) -> candle_core::Result<Option<(f64, LastStates, super::params::Gradients)>> {
+    let (m, (b, t)) = (a.m, a.dims);
+    let (states, ids, targets) = (a.states, a.ids, a.targets);
+    let wants = vec![true; a.reg.tensors.len()];
     let width = cell_width(m.cell, m.h);
     let s0: Vec<Vec<T>> = states
         .iter()
@@ -190,7 +183,7 @@ fn run<T: BlasFloat>(
             None => Ok(vec![T::zero(); b * width]),
         })
         .collect::<candle_core::Result<_>>()?;
-    let r = with_params::<T, _>(reg, wants, blas, |p| {
+    let r = with_params::<T, _>(a.reg, &wants, a.blas, |p| {
         backprop(p, m, &s0, ids, targets, (b, t), scale)
     })?;
     let Some(((loss, last), grads)) = r else {
@@ -353,7 +346,7 @@ fn backprop<T: BlasFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passes::gpt2::tests::assert_gradient_close;
+    use crate::passes::testing::{assert_matches_graph, randomize};
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::{CausalLm, RnnConfig};
@@ -368,10 +361,7 @@ mod tests {
         let dev = Device::Cpu;
         let vm = VarMap::new();
         let m = RnnLm::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
-        for var in vm.all_vars() {
-            let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
-            var.set(&r.to_dtype(dtype).unwrap()).unwrap();
-        }
+        randomize(&vm, dtype);
         (CausalLm::Rnn(m), vm)
     }
 
@@ -408,27 +398,7 @@ mod tests {
                 .unwrap()
                 .expect("the pass applies");
             let loss = crate::objective::loss_with(&m, &x, &y, &mut graph_cache).unwrap();
-            let want = loss
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(
-                (ours.loss - want).abs() <= tol * want,
-                "{cell}: {} vs {want}",
-                ours.loss
-            );
-            let g = (loss * 0.5).unwrap().backward().unwrap();
-            let vars = vm.all_vars();
-            assert_eq!(ours.grads.len(), vars.len());
-            for var in &vars {
-                let (_, got) = ours
-                    .grads
-                    .iter()
-                    .find(|(t, _)| t.id() == var.as_tensor().id())
-                    .expect("a gradient for every parameter");
-                assert_gradient_close(got, g.get(var.as_tensor()).expect("a reference"), tol);
-            }
+            assert_matches_graph(&ours, loss, 0.5, &vm, tol, cell);
             for k in 0..2 {
                 let (a, b) = (
                     ours_cache.recurrent(k).unwrap(),
