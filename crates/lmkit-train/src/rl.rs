@@ -564,8 +564,12 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
     } else {
         None
     };
-    if let (Some(c), true) = (&mut critic, from.step > 0) {
-        c.get_mut().restore(&output.take_restored(), from.step)?;
+    if let Some(c) = &mut critic {
+        if from.step > 0 {
+            c.get_mut().restore(&output.take_restored(), from.step)?;
+        }
+        // Every checkpoint from now on carries the value model, even one written before a step.
+        output.keep_extra(c.get_mut().state());
     }
     let rollouts = std::cell::RefCell::new(std::collections::HashMap::new());
 
