@@ -1,6 +1,10 @@
 //! Hand-written training passes: forward, loss and backward of a whole model over plain
 //! buffers, without candle's autograd graph. Each is checked against the graph's gradients in its
-//! tests; [`for_model`] picks the one for a model (or none: the graph is differentiated).
+//! tests. [`for_model`] picks the [`TrainPass`] of a decoder trained on token streams (GPT-2, the
+//! Llama family; or none: the graph is differentiated); the objectives whose batches are not
+//! (ids, next ids) call their pass directly: [`bert::loss_and_grads`] (masked LM),
+//! [`bart::loss_and_grads`] (source/target pairs), [`rnn::loss_and_grads`] (a stream with the
+//! recurrent state carried between windows) and [`llama::scored_rows`] (fine-tuning, DPO, RL).
 
 pub mod bart;
 pub mod bert;
