@@ -255,3 +255,29 @@ def test_ppo_raises_a_verifiable_reward_and_resumes_exactly(lmkit, tmp_path):
     for x, y in zip(a, b):
         for key in ["loss", "loss/value", "grad_norm", "reward"]:
             assert abs(x[key] - y[key]) < 1e-5 * max(1.0, abs(x[key])), (key, x, y)
+
+
+def test_ppo_with_lora_gives_the_value_model_its_own_adapters(lmkit, tmp_path):
+    """With [lora] and the value model started from the base, the value model trains LoRA
+    adapters and its head (the checkpoint's optimizer file holds only those), and a run resumed
+    after its first step logs what an uninterrupted one does."""
+    from safetensors import safe_open
+    _, base = make_base(lmkit, tmp_path)
+    write_rows(tmp_path / "prompts.jsonl", PROMPTS)
+    ppo = 'algorithm = "ppo"\ngroup_size = 2\nmax_new_tokens = 6\nbeta = 0.05\nppo_epochs = 1'
+    lora = '[lora]\nr = 4\nalpha = 8\ntarget_modules = "all-linear"'
+    for name, runs in [("straight", [2]), ("resumed", [1, 2])]:
+        for i, steps in enumerate(runs):
+            cfg = rl_config(tmp_path, base, extra=lora, rl=ppo, reward='regex = "a"', steps=steps, lr=1e-2,
+                            min_lr=1e-2, save_every=1, out_dir=f'"{tmp_path}/{name}"')
+            lmkit("rl", "--config", cfg, *(["--resume"] if i else []))
+    ckpt = tmp_path / "straight" / "ckpt-000002"
+    assert (ckpt / "adapter_config.json").is_file(), "the policy is an adapter"
+    with safe_open(str(ckpt / "trainer_state" / "optimizer.safetensors"), "pt") as f:
+        value = [k for k in f.keys() if k.startswith("value_model.")]
+    assert value and all("lora_" in k or "score" in k for k in value), value
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert a[0]["loss/value"] != a[1]["loss/value"]
+    for x, y in zip(a, b):
+        for key in ["loss", "loss/value", "grad_norm", "reward"]:
+            assert abs(x[key] - y[key]) < 1e-5 * max(1.0, abs(x[key])), (key, x, y)

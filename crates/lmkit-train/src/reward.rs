@@ -222,7 +222,7 @@ fn new_score(hidden: usize, seed: u64, dev: &Device) -> candle_core::Result<Tens
 
 /// A causal LM `base` with new LoRA adapters and a new reward head saved with them, and the
 /// base's positions.
-fn load_lora_reward(
+pub(crate) fn load_lora_reward(
     base: &Path,
     spec: &LoraSpec,
     seed: u64,

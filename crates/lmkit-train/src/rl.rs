@@ -89,7 +89,8 @@ pub struct RlSpec {
     #[serde(default = "default_vf_coef")]
     pub vf_coef: f64,
     /// PPO: the value model's starting weights (a reward model or causal LM directory);
-    /// default: the reward model (`[reward] model`), else the base with a new value head.
+    /// default: the reward model (`[reward] model`), else the base with a new value head (and,
+    /// with `[lora]`, its own LoRA adapters instead of every weight trained).
     #[serde(default)]
     pub value_model: Option<PathBuf>,
 }
@@ -558,8 +559,19 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
     };
     let mut critic = if r.is_ppo() {
         let dir = value_model_dir(cfg);
-        progress.message(&format!("value model: {}", dir.display()));
-        let c = Critic::load(&dir, t, &dev)?;
+        // A value model started from the base trains LoRA adapters and its head when the policy
+        // does; one named by rl.value_model or a reward model trains every weight (as TRL).
+        let lora = cfg.lora.as_ref().filter(|_| dir == cfg.base);
+        progress.message(&format!(
+            "value model: {}{}",
+            dir.display(),
+            if lora.is_some() {
+                " (LoRA adapters and a new head)"
+            } else {
+                ""
+            }
+        ));
+        let c = Critic::load(&dir, lora, t, &dev)?;
         Some(std::cell::RefCell::new(c))
     } else {
         None
@@ -946,7 +958,14 @@ struct Critic {
 }
 
 impl Critic {
-    fn load(dir: &Path, t: &TrainConfig, dev: &Device) -> Result<Critic> {
+    fn load(dir: &Path, lora: Option<&LoraSpec>, t: &TrainConfig, dev: &Device) -> Result<Critic> {
+        if let Some(spec) = lora {
+            let (rm, params, _, _) =
+                crate::reward::load_lora_reward(dir, spec, t.seed ^ 0x7a1e, dev)?;
+            let opt = AdamW::new(params, t.beta1, t.beta2, t.eps, t.weight_decay)?;
+            let grads = vec![None; opt.params.len()];
+            return Ok(Critic { rm, opt, grads });
+        }
         if lmkit_models::gguf::is_gguf(dir) {
             return Err(TrainError::Data(format!(
                 "{}: PPO's value model trains every weight and needs a Hugging Face directory; \
