@@ -26,7 +26,7 @@ impl Cell {
         }
     }
     /// Values per step and row in the output (h, or h | c).
-    fn width(self, h: usize) -> usize {
+    pub fn width(self, h: usize) -> usize {
         match self {
             Cell::Tanh => h,
             Cell::Lstm => 2 * h,

@@ -310,10 +310,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                 let (bart, b) = pair_batch(&model, train, seed, t.batch_size)?;
                 if t.backward == passes::Backward::Auto {
                     if let Some(r) = passes::bart::loss_and_grads(bart, &b, scale)? {
-                        for (p, gi) in r.grads {
-                            grads.add(p.id(), gi)?;
-                        }
-                        return Ok(Micro::new(r.loss * scale, b.tokens as u64));
+                        return hand_micro(r, grads, scale, b.tokens as u64);
                     }
                 }
                 (seq2seq::loss(bart, &b)?, b.tokens as u64)
@@ -331,10 +328,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                     (model, t.backward)
                 {
                     if let Some(r) = passes::rnn::loss_and_grads(rnn, &x, &y, cache, scale)? {
-                        for (p, gi) in r.grads {
-                            grads.add(p.id(), gi)?;
-                        }
-                        return Ok(Micro::new(r.loss * scale, stream_tokens));
+                        return hand_micro(r, grads, scale, stream_tokens);
                     }
                 }
                 (loss_with(model, &x, &y, cache)?, stream_tokens)
@@ -368,10 +362,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
                     _ => None,
                 };
                 if let Some(r) = r {
-                    for (p, gi) in r.grads {
-                        grads.add(p.id(), gi)?;
-                    }
-                    return Ok(Micro::new(r.loss * scale, stream_tokens));
+                    return hand_micro(r, grads, scale, stream_tokens);
                 }
                 (model.loss(&x, &y, mask_seed)?, stream_tokens)
             }
@@ -399,4 +390,18 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         },
     )?;
     Ok(end.summary(n_params))
+}
+
+/// A micro batch whose loss and gradients a hand-written pass computed: the gradients added to
+/// the step's, the loss's share (times `scale`) and the tokens.
+fn hand_micro(
+    r: passes::LossAndGrads,
+    grads: &mut Grads,
+    scale: f64,
+    tokens: u64,
+) -> Result<Micro> {
+    for (p, gi) in r.grads {
+        grads.add(p.id(), gi)?;
+    }
+    Ok(Micro::new(r.loss * scale, tokens))
 }

@@ -767,31 +767,38 @@ fn pass_groups(seqs: &[Example]) -> Vec<Vec<usize>> {
     passes
 }
 
-/// Log-probabilities of every row without gradient: of the reference (`None` without one), or
-/// of the policy as it is with `policy`.
-fn logps_of_rows(
-    ctx: &Ctx,
+/// `score` of each pass's sequences, concatenated: one number per row, in row order.
+fn per_row(
     seqs: &[Example],
     groups: &[Vec<usize>],
-    policy: bool,
-) -> Result<Option<Vec<f64>>> {
+    mut score: impl FnMut(&[&Example]) -> Result<Vec<f64>>,
+) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for g in groups {
         let batch: Vec<&Example> = g.iter().map(|&i| &seqs[i]).collect();
-        let v = match (&ctx.reference, policy) {
-            (_, true) => token_logps_value(ctx.model, &batch, ctx.dev)?,
-            (Reference::None, false) => return Ok(None),
-            (Reference::Model(rm), false) => token_logps_value(rm, &batch, ctx.dev)?,
-            (Reference::AdaptersOff(a), false) => {
-                a.set_enabled(false);
-                let v = token_logps_value(ctx.model, &batch, ctx.dev);
-                a.set_enabled(true);
-                v?
-            }
-        };
-        out.extend(v.iter().map(|&x| x as f64));
+        out.extend(score(&batch)?);
     }
-    Ok(Some(out))
+    Ok(out)
+}
+
+/// Log-probabilities of every row without gradient under `model`.
+fn logps_under(model: &CausalLm, batch: &[&Example], dev: &Device) -> Result<Vec<f64>> {
+    let v = token_logps_value(model, batch, dev)?;
+    Ok(v.iter().map(|&x| x as f64).collect())
+}
+
+/// The reference's log-probability of every row (`None` without a reference).
+fn reference_logps(ctx: &Ctx, seqs: &[Example], groups: &[Vec<usize>]) -> Result<Option<Vec<f64>>> {
+    Ok(Some(match &ctx.reference {
+        Reference::None => return Ok(None),
+        Reference::Model(rm) => per_row(seqs, groups, |b| logps_under(rm, b, ctx.dev))?,
+        Reference::AdaptersOff(a) => {
+            a.set_enabled(false);
+            let v = per_row(seqs, groups, |b| logps_under(ctx.model, b, ctx.dev));
+            a.set_enabled(true);
+            v?
+        }
+    }))
 }
 
 /// The policy's gradient for a loss whose derivative by row i's log-probability lp is
@@ -868,7 +875,7 @@ fn grpo_step(
     let spans = rows_per_sequence(&seqs, &groups);
     let n_tokens: usize = seqs.iter().map(|e| e.targets()).sum();
     let norm = 1.0 / (n_tokens.max(1) * t.grad_accum) as f64;
-    let refs = logps_of_rows(ctx, &seqs, &groups, false)?;
+    let refs = reference_logps(ctx, &seqs, &groups)?;
     let mut row_adv = vec![0.0; n_tokens];
     for (i, &(at, n)) in spans.iter().enumerate() {
         row_adv[at..at + n].iter_mut().for_each(|a| *a = adv[i]);
@@ -1141,17 +1148,15 @@ fn ppo_rollout(ctx: &Ctx, critic: &Critic, k: usize) -> Result<Rollout> {
     let seqs = sequences(&sampled.samples, ctx.prompts);
     let groups = pass_groups(&seqs);
     let spans = rows_per_sequence(&seqs, &groups);
-    let old = logps_of_rows(ctx, &seqs, &groups, true)?.unwrap_or_default();
-    let kl: Vec<f64> = match logps_of_rows(ctx, &seqs, &groups, false)? {
+    let old = per_row(&seqs, &groups, |b| logps_under(ctx.model, b, ctx.dev))?;
+    let kl: Vec<f64> = match reference_logps(ctx, &seqs, &groups)? {
         Some(refs) => old.iter().zip(&refs).map(|(o, f)| o - f).collect(),
         None => Vec::new(),
     };
-    let mut values = Vec::with_capacity(old.len());
-    for g in &groups {
-        let batch: Vec<&Example> = g.iter().map(|&i| &seqs[i]).collect();
-        let v = critic.values(&batch, ctx.dev)?.detach();
-        values.extend(v.to_vec1::<f32>()?.iter().map(|&x| x as f64));
-    }
+    let values = per_row(&seqs, &groups, |b| {
+        let v = critic.values(b, ctx.dev)?.detach();
+        Ok(v.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect())
+    })?;
     let mut rewards: Vec<f64> = if kl.is_empty() {
         vec![0.0; old.len()]
     } else {

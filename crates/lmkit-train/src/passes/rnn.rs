@@ -72,17 +72,15 @@ pub fn loss_and_grads(
     for k in 0..layers.len() {
         let s = match cache.recurrent(k) {
             Some((hs, cs)) => {
-                let mut parts = vec![hs.clone()];
-                if let (true, Some(c)) = (parts_lstm(cell), cs) {
-                    parts.push(c.clone());
-                } else if parts_lstm(cell) {
-                    parts.push(hs.zeros_like()?);
-                }
-                let s = Tensor::cat(&parts, 1)?;
-                if s.dims() != [b, cell_width(cell, h)] {
+                let s = match (cell, cs) {
+                    (Cell::Tanh, _) => hs.clone(),
+                    (Cell::Lstm, Some(c)) => Tensor::cat(&[hs, c], 1)?,
+                    (Cell::Lstm, None) => Tensor::cat(&[hs, &hs.zeros_like()?], 1)?,
+                };
+                if s.dims() != [b, cell.width(h)] {
                     return Ok(None); // one cache per row, or another batch size
                 }
-                Some(s.to_dtype(candle_core::DType::F64)?)
+                Some(s)
             }
             None => None,
         };
@@ -125,19 +123,6 @@ pub fn loss_and_grads(
     }))
 }
 
-fn parts_lstm(cell: Cell) -> bool {
-    cell == Cell::Lstm
-}
-
-/// Values of a step's state: h, or h | c.
-fn cell_width(cell: Cell, h: usize) -> usize {
-    if parts_lstm(cell) {
-        2 * h
-    } else {
-        h
-    }
-}
-
 struct ModelIdx {
     embedding: usize,
     /// w_ih, w_hh, b_ih, b_hh of each layer.
@@ -170,16 +155,11 @@ fn run<T: BlasFloat>(
     let (m, (b, t)) = (a.m, a.dims);
     let (states, ids, targets) = (a.states, a.ids, a.targets);
     let wants = vec![true; a.reg.tensors.len()];
-    let width = cell_width(m.cell, m.h);
+    let width = m.cell.width(m.h);
     let s0: Vec<Vec<T>> = states
         .iter()
         .map(|s| match s {
-            Some(s) => Ok(s
-                .flatten_all()?
-                .to_vec1::<f64>()?
-                .into_iter()
-                .map(|v| T::from(v).unwrap_or_else(T::zero))
-                .collect()),
+            Some(s) => s.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>(),
             None => Ok(vec![T::zero(); b * width]),
         })
         .collect::<candle_core::Result<_>>()?;
@@ -230,7 +210,7 @@ fn backprop<T: BlasFloat>(
 ) -> candle_core::Result<(f64, Vec<Vec<T>>)> {
     let blas = p.blas;
     let (h, cell) = (m.h, m.cell);
-    let width = cell_width(cell, h);
+    let width = cell.width(h);
     let n = b * t;
     let (e, v) = (p.data[m.embedding], m.vocab);
     let emb = e.len() / v.max(1);
