@@ -162,12 +162,19 @@ def test_peft_adapter_loads_in_lmkit(lmkit, tmp_path, kind):
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
                      fan_in_fan_out=kind == "gpt2")
     peft = get_peft_model(model, cfg).eval()
+    saved_adapter_logits(lmkit, peft, base, tmp_path)
+
+
+def saved_adapter_logits(lmkit, peft, base, tmp_path):
+    """Saves the PEFT model's adapter, checks that lmkit's logits with it equal PEFT's on a fixed
+    id sequence, and returns lmkit's logits and the ids."""
     peft.save_pretrained(tmp_path / "adapter")
     ids = [3, 17, 42, 99, 7, 250, 12, 5]
     with torch.no_grad():
         want = peft(torch.tensor([ids])).logits[0].numpy()
     got = lmkit_logits(lmkit, base, ids, adapter=tmp_path / "adapter")
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    return got, ids
 
 
 def test_peft_adapter_with_modules_to_save_loads_in_lmkit(lmkit, tmp_path):
@@ -179,12 +186,7 @@ def test_peft_adapter_with_modules_to_save_loads_in_lmkit(lmkit, tmp_path):
     with torch.no_grad():
         head = peft.base_model.model.lm_head.modules_to_save["default"]
         head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
-    peft.save_pretrained(tmp_path / "adapter")
-    ids = [3, 17, 42, 99, 7, 250, 12, 5]
-    with torch.no_grad():
-        want = peft(torch.tensor([ids])).logits[0].numpy()
-    got = lmkit_logits(lmkit, base, ids, adapter=tmp_path / "adapter")
-    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    got, ids = saved_adapter_logits(lmkit, peft, base, tmp_path)
     # Without the saved output layer (the adapters alone) lmkit would differ.
     with torch.no_grad():
         peft.base_model.model.lm_head.modules_to_save["default"].weight.copy_(model.lm_head.original_module.weight)
