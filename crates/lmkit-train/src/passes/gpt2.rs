@@ -279,12 +279,7 @@ fn backprop<T: BlasFloat>(
     } else {
         vec![T::zero(); v * c]
     };
-    for (r, row) in dx.chunks(c).enumerate() {
-        let id = ids[r] as usize;
-        for (o, &d) in dwte[id * c..(id + 1) * c].iter_mut().zip(row) {
-            *o += d;
-        }
-    }
+    super::add_rows_by_id(&mut dwte, ids, &dx, c);
     let mut dwpe = vec![T::zero(); cfg.n_positions * c];
     dwpe[..t * c]
         .par_chunks_mut(c)

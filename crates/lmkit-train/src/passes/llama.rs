@@ -478,10 +478,7 @@ fn backprop<T: BlasFloat>(
     // Embeddings: rows of dx back to their token's row.
     if p.wants[m.embed] {
         let mut de = vec![T::zero(); v * c];
-        for (&id, row) in batch.ids.iter().zip(dx.chunks(c)) {
-            let o = &mut de[id as usize * c..(id as usize + 1) * c];
-            o.iter_mut().zip(row).for_each(|(o, &d)| *o += d);
-        }
+        super::add_rows_by_id(&mut de, batch.ids, &dx, c);
         p.add_grad(m.embed, de);
     }
     Ok(losses)

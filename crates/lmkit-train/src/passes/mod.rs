@@ -169,6 +169,15 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
     Ok(losses)
 }
 
+/// Adds row r of `rows` ([n, width]) to row `ids[r]` of `table`, in row order: an embedding
+/// table's gradient from its outputs'.
+pub(crate) fn add_rows_by_id<T: BlasFloat>(table: &mut [T], ids: &[u32], rows: &[T], width: usize) {
+    for (&id, row) in ids.iter().zip(rows.chunks(width.max(1))) {
+        let o = &mut table[id as usize * width..(id as usize + 1) * width];
+        o.iter_mut().zip(row).for_each(|(o, &d)| *o += d);
+    }
+}
+
 /// A tensor's elements as a slice of `T`, from its storage guard and layout; `None` for a tensor
 /// not on the CPU, of another dtype or not contiguous (the graph path reports or handles those).
 pub(crate) fn cpu_slice<'a, T: BlasFloat>(

@@ -312,10 +312,7 @@ fn backprop<T: BlasFloat>(
     } else {
         vec![T::zero(); v * emb]
     };
-    for (&id, row) in ids.iter().zip(dx.chunks(emb)) {
-        let o = &mut de[id as usize * emb..(id as usize + 1) * emb];
-        o.iter_mut().zip(row).for_each(|(o, &d)| *o += d);
-    }
+    super::add_rows_by_id(&mut de, ids, &dx, emb);
     p.add_grad(m.embedding, de);
     if !tied {
         p.add_grad(m.lm_head, dlm);
