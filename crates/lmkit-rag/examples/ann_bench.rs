@@ -4,8 +4,11 @@
 //!
 //! ann_bench BASE.f32 QUERIES.f32 TRUTH.u32 DIM K M EF_CONSTRUCTION EF[,EF...]
 //! (little-endian f32 rows; TRUTH holds the exact top-K ids of each query, K per row).
+//! With `LMKIT_ANN_GRAPH=FILE` the graph is read from FILE when it exists (build_s is then 0)
+//! and written there otherwise, so that the queries alone can be profiled.
 
-use lmkit_rag::hnsw::{Builder, HnswParams, Rows};
+use lmkit_rag::hnsw::{Builder, Graph, HnswParams, Rows};
+use lmkit_rag::words::Words;
 use std::time::Instant;
 
 fn read_words(path: &str) -> Vec<[u8; 4]> {
@@ -43,15 +46,28 @@ fn main() {
         .map(u32::from_le_bytes)
         .collect();
     let rows = Rows { data: &base, dim };
+    let cache = std::env::var("LMKIT_ANN_GRAPH").ok();
+    let cached = cache.as_ref().filter(|p| std::path::Path::new(p).exists());
     let t = Instant::now();
-    let mut b = Builder::new(HnswParams {
-        m,
-        ef_construction: efc,
-        seed: 0,
-    });
-    b.insert_all(rows, &|_| {});
-    let g = b.freeze();
-    let build_s = t.elapsed().as_secs_f64();
+    let (g, build_s) = if let Some(p) = cached {
+        let words: Vec<u32> = read_words(p).into_iter().map(u32::from_le_bytes).collect();
+        let g = Graph::from_words(Words::Owned(words), p.as_ref()).expect("cached graph");
+        (g, 0.0)
+    } else {
+        let mut b = Builder::new(HnswParams {
+            m,
+            ef_construction: efc,
+            seed: 0,
+        });
+        b.insert_all(rows, &|_| {});
+        let g = b.freeze();
+        let build_s = t.elapsed().as_secs_f64();
+        if let Some(p) = &cache {
+            let bytes: Vec<u8> = g.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+            std::fs::write(p, bytes).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
+        (g, build_s)
+    };
     let nq = queries.len() / dim;
     for ef in efs {
         // The fastest of three passes over the queries (the machine's noise only slows).

@@ -155,7 +155,14 @@ thread_local! {
 
 /// Read access to neighbour lists, frozen or being built.
 trait Links: Sync {
+    /// Asks for the start of node `i`'s list on `level` (the next to be walked).
+    fn prefetch_links(&self, _i: u32, _level: usize) {}
     fn neighbors_into(&self, i: u32, level: usize, out: &mut Vec<u32>);
+    /// The neighbours of `i` on `level` not yet in `visited`, now marked as seen.
+    fn unvisited_into(&self, i: u32, level: usize, visited: &mut Visited, out: &mut Vec<u32>) {
+        self.neighbors_into(i, level, out);
+        out.retain(|&nb| visited.insert(nb));
+    }
     fn nodes(&self) -> usize;
 }
 
@@ -195,17 +202,16 @@ fn search_layer(
         if results.len() >= ef && results.peek().is_some_and(|w| c.d > w.d) {
             break;
         }
-        links.neighbors_into(c.id, level, &mut buf);
-        // Most neighbours were seen already: only the others' rows are fetched, each while
-        // the one before it is compared.
-        buf.retain(|&nb| visited.insert(nb));
-        if let Some(&first) = buf.first() {
-            rows.prefetch(first);
+        links.unvisited_into(c.id, level, visited, &mut buf);
+        // Most neighbours were seen already: only the others' rows are fetched, all of them
+        // asked for at once, and the list of the candidate walked next while they come.
+        for &nb in buf.iter() {
+            rows.prefetch(nb);
         }
-        for (k, &nb) in buf.iter().enumerate() {
-            if let Some(&next) = buf.get(k + 1) {
-                rows.prefetch(next);
-            }
+        if let Some(Reverse(next)) = candidates.peek() {
+            links.prefetch_links(next.id, level);
+        }
+        for &nb in buf.iter() {
             let d = distance(q, rows.row(nb));
             let worst = results.peek().map_or(f32::INFINITY, |w| w.d);
             if results.len() < ef || d < worst {
@@ -569,6 +575,23 @@ pub struct Graph {
 }
 
 impl Links for Graph {
+    fn prefetch_links(&self, i: u32, level: usize) {
+        if level == 0 {
+            let at = HEADER + 2 * self.n + i as usize * self.m0;
+            lmkit_kernels::simd::prefetch(self.words.get().as_ptr().wrapping_add(at));
+        }
+    }
+    fn unvisited_into(&self, i: u32, level: usize, visited: &mut Visited, out: &mut Vec<u32>) {
+        out.clear();
+        for &nb in self.list(i, level) {
+            if nb == NONE {
+                break;
+            }
+            if visited.insert(nb) {
+                out.push(nb);
+            }
+        }
+    }
     fn neighbors_into(&self, i: u32, level: usize, out: &mut Vec<u32>) {
         out.clear();
         out.extend_from_slice(self.neighbors(i, level));
@@ -672,9 +695,17 @@ impl Graph {
 
     /// The links of node `i` on layer `level` (empty above its level).
     pub fn neighbors(&self, i: u32, level: usize) -> &[u32] {
+        let list = self.list(i, level);
+        let k = list.iter().position(|&x| x == NONE).unwrap_or(list.len());
+        &list[..k]
+    }
+
+    /// The slots of node `i` on layer `level`, `NONE` after its last link.
+    #[inline]
+    fn list(&self, i: u32, level: usize) -> &[u32] {
         let w = self.words.get();
         let i = i as usize;
-        let list = if level == 0 {
+        if level == 0 {
             let at = HEADER + 2 * self.n + i * self.m0;
             &w[at..at + self.m0]
         } else {
@@ -687,9 +718,7 @@ impl Graph {
                 + w[HEADER + self.n + i] as usize
                 + (level - 1) * self.m;
             &w[at..at + self.m]
-        };
-        let k = list.iter().position(|&x| x == NONE).unwrap_or(list.len());
-        &list[..k]
+        }
     }
 
     /// The `k` nodes nearest to `q` among those `allow` admits, nearest first; `ef` (≥ k)
