@@ -317,7 +317,7 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
                 let part = lines
                     .par_iter()
                     .fold(Perplexity::default, |mut acc, l| {
-                        acc.add(&m.score_line(l));
+                        m.add_line(l, &mut acc);
                         acc
                     })
                     .reduce(Perplexity::default, Perplexity::merge);

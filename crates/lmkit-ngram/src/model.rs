@@ -9,8 +9,9 @@ use crate::binary::{
 };
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
-use crate::tokenize::{tokens, Tokenization};
+use crate::tokenize::{for_each_token, tokens, Tokenization};
 use crate::trie::TrieView;
+use lmkit_kernels::simd::prefetch;
 use std::io::{BufReader, Read};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -249,11 +250,26 @@ impl Model {
     }
 
     pub fn word_id(&self, word: &str) -> Option<u32> {
-        let h = word_hash(word.as_bytes());
-        let slots = Slots {
+        self.word_id_hashed(word_hash(word.as_bytes()), word)
+    }
+
+    fn vocab_slots(&self) -> Slots {
+        Slots {
             count: self.h.vocab_slots,
             exact: self.h.exact_slots,
-        };
+        }
+    }
+
+    /// Asks for the vocabulary slot where the word with hash `h` is looked for first.
+    #[inline(always)]
+    fn prefetch_word(&self, h: u64) {
+        let at = self.h.layout.vocab_table + self.vocab_slots().home(h) * SLOT_LEN;
+        prefetch(self.data.as_ptr().wrapping_add(at));
+    }
+
+    /// [`Model::word_id`] for a word whose [`word_hash`] is `h`.
+    fn word_id_hashed(&self, h: u64, word: &str) -> Option<u32> {
+        let slots = self.vocab_slots();
         let mut i = slots.home(h);
         loop {
             let at = self.h.layout.vocab_table + i * SLOT_LEN;
@@ -334,6 +350,31 @@ impl Model {
         (prob, len)
     }
 
+    /// Asks for the home slots of every n-gram the walk from `w` back through `history` (most
+    /// recent first) may probe in the hash layout, so that their cache misses overlap instead
+    /// of coming one after another: each hash depends on the words only, not on the probe
+    /// before it.
+    #[inline(always)]
+    fn prefetch_walk(&self, w: u32, history: impl Iterator<Item = u32>) {
+        if self.trie.is_some() {
+            return;
+        }
+        let slot = |n: usize, h: u64| {
+            let slots = Slots {
+                count: self.h.order_slots[n - 1],
+                exact: self.h.exact_slots,
+            };
+            let at = self.h.layout.order_tables[n - 1] + slots.home(nonzero(h)) * SLOT_LEN;
+            prefetch(self.data.as_ptr().wrapping_add(at));
+        };
+        let mut h = start_hash(w);
+        slot(1, h);
+        for (k, ctx) in history.take(self.h.order - 1).enumerate() {
+            h = extend_hash(h, ctx);
+            slot(k + 2, h);
+        }
+    }
+
     /// log10 p(w | state), the length of the n-gram used, and the state after `w`: the longest
     /// stored n-gram ending in `w` within the state's history, plus the back-off weights of the
     /// longer stored contexts (carried in the state). One probe per n-gram gives both the
@@ -377,12 +418,31 @@ impl Model {
         (prob, len, next)
     }
 
+    /// The state a sentence starts in: after `<s>` when `bos`.
+    fn start(&self, bos: bool) -> State {
+        let state = State::default();
+        if bos && self.h.order > 1 {
+            return self.score_in_state(&state, self.h.bos).2;
+        }
+        state
+    }
+
+    /// Scores the word with id `id` (`None`: not in the vocabulary) and moves `state` past it.
+    #[inline]
+    fn step(&self, state: &mut State, id: Option<u32>) -> WordScore {
+        let oov = id.is_none_or(|id| id == self.h.unk);
+        let (p, len, next) = self.score_in_state(state, id.unwrap_or(self.h.unk));
+        *state = next;
+        WordScore {
+            log10_prob: p,
+            ngram_len: len,
+            oov,
+        }
+    }
+
     /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
     pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
-        let mut state = State::default();
-        if bos && self.h.order > 1 {
-            state = self.score_in_state(&state, self.h.bos).2;
-        }
+        let mut state = self.start(bos);
         let mut out = SentenceScore {
             log10_prob: 0.0,
             words: Vec::with_capacity(words.len() + 1),
@@ -392,18 +452,50 @@ impl Model {
             .map(|w| self.word_id(w))
             .chain(eos.then_some(Some(self.h.eos)));
         for id in ids {
-            let oov = id.is_none_or(|id| id == self.h.unk);
-            let id = id.unwrap_or(self.h.unk);
-            let (p, len, next) = self.score_in_state(&state, id);
-            out.log10_prob += p;
-            out.words.push(WordScore {
-                log10_prob: p,
-                ngram_len: len,
-                oov,
-            });
-            state = next;
+            let w = self.step(&mut state, id);
+            out.log10_prob += w.log10_prob;
+            out.words.push(w);
         }
         out
+    }
+
+    /// Scores `line` as a sentence (as [`Model::score_line`]) into `ppl` (as
+    /// [`Perplexity::add`]), without building the per-word scores. The line's words are looked
+    /// up first, their vocabulary slots asked for ahead; then, while one word is scored, the
+    /// n-grams the next one will probe are asked for.
+    pub fn add_line(&self, line: &str, ppl: &mut Perplexity) {
+        let mut words: Vec<(u64, &str)> = Vec::new();
+        for_each_token(line, self.h.tokenization, |t| {
+            let h = word_hash(t.as_bytes());
+            self.prefetch_word(h);
+            words.push((h, t));
+        });
+        let ids: Vec<Option<u32>> = words
+            .iter()
+            .map(|&(h, t)| self.word_id_hashed(h, t))
+            .chain([Some(self.h.eos)])
+            .collect();
+        let unk = self.h.unk;
+        let mut state = self.start(true);
+        self.prefetch_walk(
+            ids[0].unwrap_or(unk),
+            state.words[..state.words_len].iter().copied(),
+        );
+        for (t, &id) in ids.iter().enumerate() {
+            if let Some(&next) = ids.get(t + 1) {
+                let history = std::iter::once(id.unwrap_or(unk))
+                    .chain(state.words[..state.words_len].iter().copied());
+                self.prefetch_walk(next.unwrap_or(unk), history);
+            }
+            let w = self.step(&mut state, id);
+            ppl.tokens += 1;
+            ppl.log10_prob += f64::from(w.log10_prob);
+            if w.oov {
+                ppl.oovs += 1;
+                ppl.log10_prob_oov += f64::from(w.log10_prob);
+            }
+        }
+        ppl.sentences += 1;
     }
 
     /// Tokenizes `line` with the model's tokenization and scores it as a sentence.

@@ -2,8 +2,8 @@
 
 use lmkit_ngram::arpa::{read_arpa, write_arpa};
 use lmkit_ngram::{
-    convert, save, save_as, train, BinaryLayout, Model, NgramError, NoProgress, Tokenization,
-    TrainOptions,
+    convert, save, save_as, train, BinaryLayout, Model, NgramError, NoProgress, Perplexity,
+    Tokenization, TrainOptions,
 };
 use std::path::{Path, PathBuf};
 
@@ -89,6 +89,30 @@ fn varied_text() -> String {
         out.push('\n');
     }
     out
+}
+
+#[test]
+fn perplexity_by_line_equals_the_sum_of_sentence_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("c.txt");
+    std::fs::write(&corpus, varied_text()).unwrap();
+    let t = train(std::slice::from_ref(&corpus), &fallback(4), &NoProgress)
+        .unwrap()
+        .tables;
+    let mut lines: Vec<String> = varied_text().lines().take(50).map(String::from).collect();
+    lines.extend(["", "  ", "w1 unknown w2", "<unk> w3\tw4"].map(String::from));
+    for layout in [BinaryLayout::Probing, BinaryLayout::Trie { bits: 8 }] {
+        let p = dir.path().join("m.lmkb");
+        save_as(&t, &p, layout).unwrap();
+        let m = Model::open(&p, Tokenization::Words).unwrap();
+        let (mut by_sentence, mut by_line) = (Perplexity::default(), Perplexity::default());
+        for l in &lines {
+            by_sentence.add(&m.score_line(l));
+            m.add_line(l, &mut by_line);
+        }
+        assert_eq!(by_sentence, by_line, "{layout:?}");
+        assert!(by_line.oovs >= 2 && by_line.sentences == lines.len() as u64);
+    }
 }
 
 #[test]
