@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Mutex;
 
 /// An empty slot in a neighbour list.
@@ -367,17 +368,25 @@ impl Builder {
                 (start as u32, self.levels[start] as usize);
             first += 1;
         }
-        let done = std::sync::atomic::AtomicUsize::new(0);
+        // Every thread takes the next node in order (as hnswlib does): the graph grows as it
+        // would one node at a time. Splitting the range into a part per thread, each inserted
+        // from its start, measurably lowered recall.
+        let next = AtomicUsize::new(first);
         let this = &*self;
-        (first..n)
-            .into_par_iter()
-            .for_each_init(Visited::default, |vis, i| {
-                this.insert(rows, i as u32, vis);
-                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        rayon::broadcast(|_| {
+            let mut vis = Visited::default();
+            loop {
+                let i = next.fetch_add(1, AtomicOrdering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                this.insert(rows, i as u32, &mut vis);
+                let d = i + 1 - first;
                 if d.is_multiple_of(1024) {
                     progress(d);
                 }
-            });
+            }
+        });
         progress(n - first);
     }
 
@@ -397,7 +406,26 @@ impl Builder {
             let w = search_layer(self, rows, q, &entry, self.ef_construction, lc, None, vis);
             let max = if lc == 0 { self.m0() } else { self.m };
             let chosen = select(rows, &w, self.m);
-            *lock(&self.links[i as usize][lc]) = chosen.clone();
+            {
+                // Another thread's node may have found this one on the layer above and linked
+                // itself here already: its link is kept, not overwritten (the list is pruned as
+                // a full one is).
+                let mut own = lock(&self.links[i as usize][lc]);
+                let mut all = chosen.clone();
+                all.extend(own.iter().filter(|x| !chosen.contains(x)));
+                if all.len() > max {
+                    let mut c: Vec<Near> = all
+                        .iter()
+                        .map(|&x| Near {
+                            d: distance(q, rows.row(x)),
+                            id: x,
+                        })
+                        .collect();
+                    c.sort_unstable();
+                    all = select(rows, &c, max);
+                }
+                *own = all;
+            }
             for &s in &chosen {
                 let mut list = lock(&self.links[s as usize][lc]);
                 if list.contains(&i) {
