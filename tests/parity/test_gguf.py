@@ -37,6 +37,10 @@ def test_token_ids_equal_llama_cpp(lmkit, llm):
     ours = [[int(i) for i in line.split()] for line in out.strip().split("\n")]
     for text, got in zip(lines, ours):
         assert got == llm.tokenize(text.encode(), add_bos=False, special=True), text
+    # With the special tokens a prompt gets (llama.cpp's add_bos=True: whatever the file asks for).
+    out = lmkit("tokenizer", "encode", "--tokenizer", GGUF, "--add-special-tokens", stdin="\n".join(lines) + "\n")
+    for text, got in zip(lines, out.strip().split("\n")):
+        assert [int(i) for i in got.split()] == llm.tokenize(text.encode(), add_bos=True, special=True), text
 
 
 def test_teacher_forced_predictions_follow_llama_cpp(lmkit, llm, tmp_path):
@@ -254,7 +258,7 @@ def test_qwen_gguf_files_match_transformers(lmkit, tmp_path, arch):
         assert np.abs(got - want).max() < 1e-4, (extra, np.abs(got - want).max())
 
 
-def spm_gguf(tmp_path, add_space_prefix=None):
+def spm_gguf(tmp_path, add_space_prefix=None, add_bos=None, add_eos=None):
     """A SentencePiece BPE vocabulary (byte fallback) trained on the bundled English and Korean
     text, written as a vocabulary-only GGUF (`tokenizer.ggml.model = llama`) as llama.cpp's
     converter writes Llama 2's: pieces, scores and SentencePiece's token types."""
@@ -287,6 +291,10 @@ def spm_gguf(tmp_path, add_space_prefix=None):
     w.add_unk_token_id(sp.unk_id())
     if add_space_prefix is not None:
         w.add_add_space_prefix(add_space_prefix)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -315,6 +323,22 @@ def test_sentencepiece_gguf_tokenizes_as_llama_cpp(lmkit, tmp_path, add_space_pr
     ids = lmkit("tokenizer", "encode", "--tokenizer", path, stdin="\n".join(plain) + "\n")
     back = lmkit("tokenizer", "decode", "--tokenizer", path, stdin=ids).splitlines()
     assert back == plain
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(None, None), (False, None), (None, True)])
+def test_prompts_get_the_special_tokens_llama_cpp_adds(lmkit, tmp_path, add_bos, add_eos):
+    """A prompt is encoded with the special tokens the file asks for, as llama.cpp adds them (a
+    BOS by default for a SentencePiece vocabulary; none, or an EOS too, when the file says so):
+    `tokenizer encode --add-special-tokens` and `generate --prompt` share that encoding."""
+    path, _, sp = spm_gguf(tmp_path, add_bos=add_bos, add_eos=add_eos)
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    lines = ["In the beginning God created", "나는 버스를 탔다", "x"]
+    out = lmkit("tokenizer", "encode", "--tokenizer", path, "--add-special-tokens", stdin="\n".join(lines) + "\n")
+    for line, got in zip(lines, out.splitlines()):
+        want = vocab.tokenize(line.encode(), add_bos=True, special=True)
+        assert [int(i) for i in got.split()] == want, line
+        assert (want[0] == sp.bos_id()) == (add_bos is None)
+        assert (want[-1] == sp.eos_id()) == bool(add_eos)
 
 
 def neox_to_gguf(model, path, qtype=None):

@@ -259,9 +259,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     let prompt: Vec<u32> = match (&a.prompt, &tokenizer) {
-        (Some(text), Some(tk)) => {
-            lmkit_tokenize::encode_batch(tk, std::slice::from_ref(text))?.remove(0)
-        }
+        (Some(text), Some(tk)) => lmkit_tokenize::encode_prompt(tk, text)?,
         _ => a.prompt_ids.clone(),
     };
     if prompt.is_empty() {

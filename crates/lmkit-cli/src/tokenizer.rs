@@ -53,6 +53,10 @@ pub enum TokenizerCommand {
         /// Tokens per shard
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: u64,
+        /// Add the special tokens the tokenizer puts around a text by default (a BOS for Llama 2
+        /// or Mistral vocabularies; nothing for GPT-2's), as `lmkit generate --prompt` does
+        #[arg(long)]
+        add_special_tokens: bool,
     },
     /// Decode ids (space-separated, one sequence per line; from the arguments or stdin)
     #[command(
@@ -166,6 +170,7 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             input,
             shards,
             shard_tokens,
+            add_special_tokens,
         } => {
             let tk = lmkit_tokenize::load(&tokenizer)?;
             // Documents come from a reader thread (files) or stdin, a chunk at a time.
@@ -212,6 +217,11 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
             let mut out = BufWriter::new(std::io::stdout().lock());
             let mut encode_chunk = |chunk: Vec<String>| -> Result<()> {
                 for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, &chunk)?) {
+                    let ids = if add_special_tokens {
+                        lmkit_tokenize::add_special_tokens(&tk, ids)?
+                    } else {
+                        ids
+                    };
                     bytes += t.len() as u64;
                     match writer.as_mut() {
                         Some(w) => w.write_document(&ids)?,

@@ -316,6 +316,30 @@ pub fn cap_runs(text: &str, cap: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Encodes a prompt as the model's tokenizer does by default (Hugging Face's `tokenizer(text)`,
+/// llama.cpp's tokenization with its special tokens): the special tokens its post-processor
+/// puts around a text — a BOS for Llama 2 or Mistral vocabularies, nothing for GPT-2's — added.
+/// A chat prompt rendered from a template already holds them: encode it with [`encode_batch`].
+pub fn encode_prompt(tk: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    add_special_tokens(tk, encode_batch(tk, &[text.to_string()])?.remove(0))
+}
+
+/// `ids` (of one text, encoded without special tokens) with the special tokens the tokenizer's
+/// post-processor puts around a text (see [`encode_prompt`]).
+pub fn add_special_tokens(tk: &Tokenizer, ids: Vec<u32>) -> Result<Vec<u32>> {
+    if tk.get_post_processor().is_none() {
+        return Ok(ids);
+    }
+    let tokens = ids
+        .iter()
+        .map(|&id| tokenizers::Token::new(id, String::new(), (0, 0)))
+        .collect();
+    let e = tk
+        .post_process(tokenizers::Encoding::from_tokens(tokens, 0), None, true)
+        .map_err(tk_err)?;
+    Ok(e.get_ids().to_vec())
+}
+
 /// Encodes texts (no special tokens added), in parallel; texts over [`MAX_PIECE_BYTES`] are
 /// encoded a piece at a time (see [`pieces`]) and their ids joined.
 pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {

@@ -186,7 +186,7 @@ pub fn tokenizer(path: &Path, meta: &GgufMeta) -> Result<Tokenizer> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre,
-        "post_processor": null,
+        "post_processor": post_processor(meta, &tokens, false),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
@@ -232,6 +232,59 @@ fn vocabulary(
 }
 
 /// A tokenizer from its tokenizer.json form.
+/// The special tokens llama.cpp puts around a text it tokenizes with its special tokens
+/// (`tokenizer.ggml.add_bos_token`, default on for SentencePiece vocabularies and off for
+/// byte-level BPE ones as in llama.cpp; `tokenizer.ggml.add_eos_token`, default off), as Hugging
+/// Face's `TemplateProcessing` (null when none, or when the token ids are missing).
+fn post_processor(meta: &GgufMeta, tokens: &[&str], bos_default: bool) -> serde_json::Value {
+    let token = |key: &str| {
+        meta.int(key)
+            .and_then(|i| tokens.get(i as usize).map(|t| (t.to_string(), i)))
+    };
+    let added = |flag: &str, default: bool, id: &str| {
+        meta.flag(flag)
+            .unwrap_or(default)
+            .then(|| token(id))
+            .flatten()
+    };
+    let bos = added(
+        "tokenizer.ggml.add_bos_token",
+        bos_default,
+        "tokenizer.ggml.bos_token_id",
+    );
+    let eos = added(
+        "tokenizer.ggml.add_eos_token",
+        false,
+        "tokenizer.ggml.eos_token_id",
+    );
+    if bos.is_none() && eos.is_none() {
+        return serde_json::Value::Null;
+    }
+    let special =
+        |t: &(String, u32)| serde_json::json!({"SpecialToken": {"id": t.0, "type_id": 0}});
+    let seq = |s: &str| serde_json::json!({"Sequence": {"id": s, "type_id": 0}});
+    let around = |s: &str| {
+        let mut v: Vec<serde_json::Value> = bos.iter().map(special).collect();
+        v.push(seq(s));
+        v.extend(eos.iter().map(special));
+        v
+    };
+    let single = around("A");
+    let pair = [around("A"), around("B")].concat();
+    let specials: serde_json::Map<String, serde_json::Value> = bos
+        .iter()
+        .chain(eos.iter())
+        .map(|(t, i)| {
+            (
+                t.clone(),
+                serde_json::json!({"id": t, "ids": [i], "tokens": [t]}),
+            )
+        })
+        .collect();
+    serde_json::json!({"type": "TemplateProcessing", "single": single, "pair": pair,
+        "special_tokens": specials})
+}
+
 fn from_json(json: &serde_json::Value) -> std::result::Result<Tokenizer, String> {
     serde_json::to_string(json)
         .map_err(|e| e.to_string())?
@@ -315,7 +368,7 @@ fn sentencepiece(meta: &GgufMeta) -> std::result::Result<Tokenizer, String> {
         "added_tokens": added,
         "normalizer": normalizer,
         "pre_tokenizer": null,
-        "post_processor": null,
+        "post_processor": post_processor(meta, &tokens, true),
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,

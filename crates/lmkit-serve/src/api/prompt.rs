@@ -23,9 +23,10 @@ pub(super) struct Prepared {
     pub(super) structured: super::structured::Structured,
 }
 
+/// A completion prompt's ids, with the special tokens the model's tokenizer adds to a text (a
+/// BOS for Llama 2 or Mistral vocabularies), as transformers and llama.cpp's server encode it.
 pub(super) fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    lmkit_tokenize::encode_batch(&state.tokenizer, &[text.to_string()])
-        .map(|mut v| v.remove(0))
+    lmkit_tokenize::encode_prompt(&state.tokenizer, text)
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))
 }
 
