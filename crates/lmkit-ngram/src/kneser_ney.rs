@@ -246,9 +246,8 @@ pub fn estimate(
         let disc = &discounts[n - 1];
         // Groups of entries sharing their context (the first n-1 words). The back-off mass of a
         // group is the discounted mass of its kept entries plus all of its pruned entries' mass.
-        let mut groups: Vec<(usize, usize, f64, f64)> = Vec::new(); // start, end, Σa, γ
-        let mut start = 0;
-        while start < t.len() {
+        // `group(s)`: the end of the group starting at entry s, its Σa and its γ.
+        let group = |start: usize| -> (usize, f64, f64) {
             let ctx = &t.key(start)[..n - 1];
             let mut end = start;
             let (mut sum, mut mass) = (0u64, 0.0f64);
@@ -266,45 +265,71 @@ pub fn estimate(
                 end += 1;
             }
             let sum = sum as f64;
-            groups.push((start, end, sum, if sum > 0.0 { mass / sum } else { 0.0 }));
-            start = end;
-        }
-        let mut p = vec![0.0f64; t.len()];
+            (end, sum, if sum > 0.0 { mass / sum } else { 0.0 })
+        };
         let lower = if n > 1 {
             Some((&counts[n - 2], &lower_p))
         } else {
             None
         };
-        // Which group each entry is in; then one parallel pass over all entries (a pass per
-        // group handed ~1.5 M tiny jobs to the thread pool, most of the time spent waking it).
-        let mut group_of = vec![0u32; t.len()];
-        for (g, &(s, e, _, gamma)) in groups.iter().enumerate() {
-            group_of[s..e].fill(g as u32);
-            if let Some((lt, _)) = lower {
-                if let Some(i) = find_sorted(&lt.keys, n - 1, &t.key(s)[..n - 1]) {
+        // The groups' γ are the back-off weights of the order below.
+        if let Some((lt, _)) = lower {
+            let mut start = 0;
+            while start < t.len() {
+                let (end, _, gamma) = group(start);
+                if let Some(i) = find_sorted(&lt.keys, n - 1, &t.key(start)[..n - 1]) {
                     gammas[n - 2][i] = gamma.log10() as f32;
                 }
+                start = end;
             }
         }
-        p.par_iter_mut()
-            .with_min_len(1 << 12)
-            .enumerate()
-            .for_each(|(i, pk)| {
-                let (_, _, sum, gamma) = groups[group_of[i] as usize];
-                let a = t.counts[i];
-                let u = if sum > 0.0 {
-                    (a as f64 - disc.discount(a)) / sum
-                } else {
-                    0.0
-                };
-                let backed_off = match lower {
-                    None => uniform,
-                    Some((lt, lp)) => {
-                        find_sorted(&lt.keys, n - 1, &t.key(i)[1..]).map_or(0.0, |j| lp[j])
-                    }
-                };
-                *pk = u + gamma * backed_off;
-            });
+        // Then the probabilities in parallel, over chunks of whole groups (each group's Σa and γ
+        // found again inside its chunk: no per-group or per-entry table of them is kept, and a
+        // job per group handed ~1.5 M tiny jobs to the thread pool).
+        let mut starts = vec![0];
+        let step = (t.len() / 256).max(1 << 12);
+        let mut at = step;
+        while at < t.len() {
+            let ctx = &t.key(at - 1)[..n - 1];
+            while at < t.len() && &t.key(at)[..n - 1] == ctx {
+                at += 1;
+            }
+            if at < t.len() {
+                starts.push(at);
+            }
+            at += step;
+        }
+        let mut p = vec![0.0f64; t.len()];
+        let mut chunks: Vec<(usize, &mut [f64])> = Vec::with_capacity(starts.len());
+        let mut rest: &mut [f64] = &mut p;
+        for (k, &s0) in starts.iter().enumerate() {
+            let len = starts.get(k + 1).map_or(rest.len(), |&s1| s1 - s0);
+            let (head, tail) = rest.split_at_mut(len);
+            chunks.push((s0, head));
+            rest = tail;
+        }
+        chunks.into_par_iter().for_each(|(s0, out)| {
+            let mut start = s0;
+            while start < s0 + out.len() {
+                let (end, sum, gamma) = group(start);
+                for i in start..end {
+                    let a = t.counts[i];
+                    let u = if sum > 0.0 {
+                        (a as f64 - disc.discount(a)) / sum
+                    } else {
+                        0.0
+                    };
+                    let backed_off = match lower {
+                        None => uniform,
+                        Some((lt, lp)) => {
+                            find_sorted(&lt.keys, n - 1, &t.key(i)[1..]).map_or(0.0, |j| lp[j])
+                        }
+                    };
+                    out[i - s0] = u + gamma * backed_off;
+                }
+                start = end;
+            }
+        });
         log_probs.push(
             p.par_iter()
                 .enumerate()
