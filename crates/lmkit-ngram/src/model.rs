@@ -440,61 +440,70 @@ impl Model {
         }
     }
 
-    /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
-    pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
-        let mut state = self.start(bos);
-        let mut out = SentenceScore {
-            log10_prob: 0.0,
-            words: Vec::with_capacity(words.len() + 1),
-        };
-        let ids = words
-            .iter()
-            .map(|w| self.word_id(w))
-            .chain(eos.then_some(Some(self.h.eos)));
-        for id in ids {
-            let w = self.step(&mut state, id);
-            out.log10_prob += w.log10_prob;
-            out.words.push(w);
-        }
-        out
-    }
-
-    /// Scores `line` as a sentence (as [`Model::score_line`]) into `ppl` (as
-    /// [`Perplexity::add`]), without building the per-word scores. The line's words are looked
-    /// up first, their vocabulary slots asked for ahead; then, while one word is scored, the
-    /// n-grams the next one will probe are asked for.
-    pub fn add_line(&self, line: &str, ppl: &mut Perplexity) {
-        let mut words: Vec<(u64, &str)> = Vec::new();
-        for_each_token(line, self.h.tokenization, |t| {
-            let h = word_hash(t.as_bytes());
-            self.prefetch_word(h);
-            words.push((h, t));
-        });
-        let ids: Vec<Option<u32>> = words
+    /// The ids of `words` (`None`: not in the vocabulary), then `</s>`'s when `eos`. Every
+    /// word's vocabulary slot is asked for before the first is looked up.
+    fn ids<'a>(&self, words: impl Iterator<Item = &'a str>, eos: bool) -> Vec<Option<u32>> {
+        let hashed: Vec<(u64, &str)> = words
+            .map(|t| {
+                let h = word_hash(t.as_bytes());
+                self.prefetch_word(h);
+                (h, t)
+            })
+            .collect();
+        hashed
             .iter()
             .map(|&(h, t)| self.word_id_hashed(h, t))
-            .chain([Some(self.h.eos)])
-            .collect();
+            .chain(eos.then_some(Some(self.h.eos)))
+            .collect()
+    }
+
+    /// Scores `ids` in order (after `<s>` when `bos`), handing each word's score to `f`. While
+    /// one word is scored, the n-grams the next one will probe are asked for.
+    fn score_ids(&self, ids: &[Option<u32>], bos: bool, mut f: impl FnMut(WordScore)) {
         let unk = self.h.unk;
-        let mut state = self.start(true);
-        self.prefetch_walk(
-            ids[0].unwrap_or(unk),
-            state.words[..state.words_len].iter().copied(),
-        );
+        let mut state = self.start(bos);
+        if let Some(&first) = ids.first() {
+            let history = state.words[..state.words_len].iter().copied();
+            self.prefetch_walk(first.unwrap_or(unk), history);
+        }
         for (t, &id) in ids.iter().enumerate() {
             if let Some(&next) = ids.get(t + 1) {
                 let history = std::iter::once(id.unwrap_or(unk))
                     .chain(state.words[..state.words_len].iter().copied());
                 self.prefetch_walk(next.unwrap_or(unk), history);
             }
-            let w = self.step(&mut state, id);
+            f(self.step(&mut state, id));
+        }
+    }
+
+    /// Scores a tokenized sentence, with `<s>` before it and `</s>` after it when asked.
+    pub fn score_tokens(&self, words: &[&str], bos: bool, eos: bool) -> SentenceScore {
+        let ids = self.ids(words.iter().copied(), eos);
+        let mut out = SentenceScore {
+            log10_prob: 0.0,
+            words: Vec::with_capacity(ids.len()),
+        };
+        self.score_ids(&ids, bos, |w| {
+            out.log10_prob += w.log10_prob;
+            out.words.push(w);
+        });
+        out
+    }
+
+    /// Scores `line` as a sentence (as [`Model::score_line`]) into `ppl` (as
+    /// [`Perplexity::add`]), without building the per-word scores.
+    pub fn add_line(&self, line: &str, ppl: &mut Perplexity) {
+        let mut words = Vec::new();
+        for_each_token(line, self.h.tokenization, |t| words.push(t));
+        let ids = self.ids(words.into_iter(), true);
+        self.score_ids(&ids, true, |w| {
             ppl.tokens += 1;
             ppl.log10_prob += f64::from(w.log10_prob);
             if w.oov {
                 ppl.oovs += 1;
                 ppl.log10_prob_oov += f64::from(w.log10_prob);
             }
-        }
+        });
         ppl.sentences += 1;
     }
 
