@@ -279,6 +279,18 @@ fn select(rows: Rows, sorted: &[Near], m: usize) -> Vec<u32> {
     out.iter().map(|n| n.id).collect()
 }
 
+/// At most `m` of `ids` as the links of a node at `base`: nearest first, by [`select`].
+fn prune(rows: Rows, base: &[f32], ids: impl Iterator<Item = u32>, m: usize) -> Vec<u32> {
+    let mut c: Vec<Near> = ids
+        .map(|x| Near {
+            d: distance(base, rows.row(x)),
+            id: x,
+        })
+        .collect();
+    c.sort_unstable();
+    select(rows, &c, m)
+}
+
 /// The layer a node tops out at: ⌊−ln(u)·mL⌋ with mL = 1/ln(m), u drawn from (seed, node).
 fn draw_level(seed: u64, node: u64, m: usize) -> usize {
     let mut z = seed ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -414,15 +426,7 @@ impl Builder {
                 let mut all = chosen.clone();
                 all.extend(own.iter().filter(|x| !chosen.contains(x)));
                 if all.len() > max {
-                    let mut c: Vec<Near> = all
-                        .iter()
-                        .map(|&x| Near {
-                            d: distance(q, rows.row(x)),
-                            id: x,
-                        })
-                        .collect();
-                    c.sort_unstable();
-                    all = select(rows, &c, max);
+                    all = prune(rows, q, all.into_iter(), max);
                 }
                 *own = all;
             }
@@ -434,17 +438,8 @@ impl Builder {
                 if list.len() < max {
                     list.push(i);
                 } else {
-                    let base = rows.row(s);
-                    let mut c: Vec<Near> = list
-                        .iter()
-                        .chain(std::iter::once(&i))
-                        .map(|&x| Near {
-                            d: distance(base, rows.row(x)),
-                            id: x,
-                        })
-                        .collect();
-                    c.sort_unstable();
-                    *list = select(rows, &c, max);
+                    let all = list.iter().copied().chain([i]);
+                    *list = prune(rows, rows.row(s), all, max);
                 }
             }
             entry = w;
@@ -488,17 +483,9 @@ impl Builder {
                         }
                     }
                 }
-                let base = rows.row(u);
-                let mut c: Vec<Near> = cand
-                    .iter()
-                    .map(|&x| Near {
-                        d: distance(base, rows.row(x)),
-                        id: x,
-                    })
-                    .collect();
-                c.sort_unstable();
                 let max = if lc == 0 { this.m0() } else { this.m };
-                *lock(&this.links[u as usize][lc]) = select(rows, &c, max);
+                *lock(&this.links[u as usize][lc]) =
+                    prune(rows, rows.row(u), cand.iter().copied(), max);
             });
         }
         let mut remap = vec![NONE; n];
