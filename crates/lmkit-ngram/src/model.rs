@@ -9,7 +9,7 @@ use crate::binary::{
 };
 use crate::error::{NgramError, Result};
 use crate::tables::NgramTables;
-use crate::tokenize::{for_each_token, tokens, Tokenization};
+use crate::tokenize::{tokens, Tokenization};
 use crate::trie::TrieView;
 use lmkit_kernels::simd::prefetch;
 use std::io::{BufReader, Read};
@@ -77,13 +77,16 @@ pub struct Perplexity {
 impl Perplexity {
     pub fn add(&mut self, s: &SentenceScore) {
         self.sentences += 1;
-        self.tokens += s.words.len() as u64;
-        for w in &s.words {
-            self.log10_prob += f64::from(w.log10_prob);
-            if w.oov {
-                self.oovs += 1;
-                self.log10_prob_oov += f64::from(w.log10_prob);
-            }
+        s.words.iter().for_each(|w| self.add_word(w));
+    }
+
+    /// One predicted token's score.
+    fn add_word(&mut self, w: &WordScore) {
+        self.tokens += 1;
+        self.log10_prob += f64::from(w.log10_prob);
+        if w.oov {
+            self.oovs += 1;
+            self.log10_prob_oov += f64::from(w.log10_prob);
         }
     }
 
@@ -493,17 +496,8 @@ impl Model {
     /// Scores `line` as a sentence (as [`Model::score_line`]) into `ppl` (as
     /// [`Perplexity::add`]), without building the per-word scores.
     pub fn add_line(&self, line: &str, ppl: &mut Perplexity) {
-        let mut words = Vec::new();
-        for_each_token(line, self.h.tokenization, |t| words.push(t));
-        let ids = self.ids(words.into_iter(), true);
-        self.score_ids(&ids, true, |w| {
-            ppl.tokens += 1;
-            ppl.log10_prob += f64::from(w.log10_prob);
-            if w.oov {
-                ppl.oovs += 1;
-                ppl.log10_prob_oov += f64::from(w.log10_prob);
-            }
-        });
+        let ids = self.ids(tokens(line, self.h.tokenization).into_iter(), true);
+        self.score_ids(&ids, true, |w| ppl.add_word(&w));
         ppl.sentences += 1;
     }
 

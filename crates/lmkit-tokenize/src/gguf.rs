@@ -231,7 +231,6 @@ fn vocabulary(
     Ok((vocab, added))
 }
 
-/// A tokenizer from its tokenizer.json form.
 /// The special tokens llama.cpp puts around a text it tokenizes with its special tokens
 /// (`tokenizer.ggml.add_bos_token`, default on for SentencePiece vocabularies and off for
 /// byte-level BPE ones as in llama.cpp; `tokenizer.ggml.add_eos_token`, default off), as Hugging
@@ -285,6 +284,7 @@ fn post_processor(meta: &GgufMeta, tokens: &[&str], bos_default: bool) -> serde_
         "special_tokens": specials})
 }
 
+/// A tokenizer from its tokenizer.json form.
 fn from_json(json: &serde_json::Value) -> std::result::Result<Tokenizer, String> {
     serde_json::to_string(json)
         .map_err(|e| e.to_string())?
