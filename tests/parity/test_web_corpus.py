@@ -234,3 +234,85 @@ def test_bad_parquet_rows_name_the_file_and_row(lmkit, tmp_path):
           "--val-fraction", "0", "--no-filters")
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["skipped_bad"] == 1 and report["train"]["docs"] == 2
+
+
+def test_arrow_inputs_as_datasets_saves_them_and_pyarrow_writes_them(lmkit, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow.feather as feather
+    import pyarrow.ipc as ipc
+
+    rows = [f"Record {i} is about the {['valley', 'harbour', 'mill', '마을', '바다'][i % 5]} and the "
+            f"number {i * 7919 % 10007}, which appears nowhere else." for i in range(2000)]
+    urls = [f"http://{'spam.example.com' if i % 10 == 0 else 'ok.example.org'}/{i}"
+            for i in range(2000)]
+    src = tmp_path / "in"
+    # A `datasets` directory as save_to_disk writes it (Arrow streams + JSON metadata), two shards.
+    ds = datasets.Dataset.from_dict({"content": rows[:1000], "url": urls[:1000]})
+    ds.save_to_disk(str(src / "hf"), num_shards=2)
+    assert len([n for n in os.listdir(src / "hf") if n.endswith(".arrow")]) == 2
+    # pyarrow's IPC file format (Feather v2) with zstd buffers, large_string text.
+    table = pa.table({"content": pa.array(rows[1000:1500], pa.large_string()),
+                      "url": urls[1000:1500]})
+    feather.write_feather(table, src / "part-2.feather", compression="zstd", chunksize=64)
+    # An IPC stream with lz4 buffers, string_view text, and gzip around it.
+    table = pa.table({"content": pa.array(rows[1500:], pa.string_view()), "url": urls[1500:]})
+    sink = io.BytesIO()
+    opts = ipc.IpcWriteOptions(compression="lz4")
+    with ipc.new_stream(sink, table.schema, options=opts) as w:
+        for batch in table.to_batches(max_chunksize=100):
+            w.write_batch(batch)
+    (src / "part-3.arrows.gz").write_bytes(gzip.compress(sink.getvalue()))
+    block = tmp_path / "block.txt"
+    block.write_text("spam.example.com\n")
+    out = tmp_path / "out"
+    lmkit("data", "prepare", "--input", src, "--text-field", "content", "--val-fraction", "0",
+          "--no-filters", "--no-near-dedup", "--url-blocklist", block, "--url-field", "url",
+          "--output", out)
+    got = texts_of(out)
+    assert sorted(t for t, _ in got) == sorted(r for i, r in enumerate(rows) if i % 10 != 0)
+    sources = {s.rsplit(":", 1)[0].split(os.sep)[-1] for _, s in got}
+    assert "part-2.feather" in sources and "part-3.arrows.gz" in sources
+    assert any(s.endswith("part-2.feather:2") for _, s in got)  # row 1 (global 1000) is blocked
+
+
+def test_bad_arrow_inputs_name_the_file_and_row(lmkit, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc as ipc
+    from conftest import ROOT
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+
+    def prepare(path, *extra, out="o"):
+        return subprocess.run([binary, "data", "prepare", "--input", path, "--output",
+                               tmp_path / out, *extra], capture_output=True, text=True)
+
+    table = pa.table({"text": ["A first document of some length here.", None,
+                               "A third document of some length here."], "n": [1, 2, 3]})
+    path = tmp_path / "rows.arrow"
+    with ipc.new_file(path, table.schema) as w:
+        w.write_table(table)
+    p = prepare(path)
+    assert p.returncode != 0 and "rows.arrow" in p.stderr and "row 2" in p.stderr
+    assert "null" in p.stderr and "panick" not in p.stderr
+    p = prepare(path, "--text-field", "n")
+    assert p.returncode != 0 and "Int64" in p.stderr and "row 1" in p.stderr
+    p = prepare(path, "--text-field", "body")
+    assert p.returncode != 0 and "no column `body`" in p.stderr and "text, n" in p.stderr
+    lmkit("data", "prepare", "--input", path, "--output", tmp_path / "o", "--skip-bad",
+          "--val-fraction", "0", "--no-filters")
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["skipped_bad"] == 1 and report["train"]["docs"] == 2
+    # Cut streams and files, and something that is not Arrow at all: errors, no panic, no output.
+    sink = io.BytesIO()
+    with ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    data = sink.getvalue()
+    for name, blob in [("cut.arrows", data[: len(data) // 2]),
+                       ("cut.arrow", path.read_bytes()[:-40]),
+                       ("text.arrow", b"just some text, not an Arrow stream\n" * 5),
+                       ("empty.arrow", b"")]:
+        bad = tmp_path / name
+        bad.write_bytes(blob)
+        p = prepare(bad, out="bad-out")
+        assert p.returncode != 0 and name in p.stderr and "panick" not in p.stderr, (name, p.stderr)
+        assert not (tmp_path / "bad-out").exists()

@@ -108,15 +108,17 @@ enum ShingleArg {
 #[derive(Args)]
 pub struct PrepareArgs {
     /// Input files or directories (.txt, .jsonl, WARC/WET (.warc, .wet: each HTML page's main
-    /// text, boilerplate removed), .html/.htm pages, and their .gz and .zst; .parquet (the
-    /// --text-field column); directories are searched recursively); `-` reads standard input
+    /// text, boilerplate removed), .html/.htm pages, Arrow IPC streams and files (.arrow as
+    /// `datasets`' save_to_disk writes them, .arrows, .feather: the --text-field column), and
+    /// their .gz and .zst; .parquet (the --text-field column); directories are searched
+    /// recursively); `-` reads standard input
     /// (JSON Lines when it starts with `{`, else text)
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output directory
     #[arg(long)]
     output: PathBuf,
-    /// JSON field (.jsonl) or column (.parquet) holding the text
+    /// JSON field (.jsonl) or column (.parquet, .arrow) holding the text
     #[arg(long, default_value = "text")]
     text_field: String,
     /// What a document is in .txt inputs
@@ -175,7 +177,8 @@ pub struct PrepareArgs {
     /// comments). The URL of a .jsonl document is its --url-field; of a WARC page, its target URI
     #[arg(long, value_name = "FILE")]
     url_blocklist: Option<PathBuf>,
-    /// With --url-blocklist: the JSON field (.jsonl) or column (.parquet) holding each document's URL
+    /// With --url-blocklist: the JSON field (.jsonl) or column (.parquet, .arrow) holding each
+    /// document's URL
     #[arg(long, default_value = "url", requires = "url_blocklist")]
     url_field: String,
     /// Keep only documents in these languages, identified offline (ISO codes, comma-separated:

@@ -77,6 +77,8 @@ enum Format {
     Html,
     /// Parquet: a document per row ([`crate::parquet_io`]).
     Parquet,
+    /// Arrow IPC stream or file: a document per row ([`crate::arrow_io`]).
+    Arrow,
 }
 
 fn format_of(path: &Path) -> Option<(Format, Compression)> {
@@ -92,16 +94,20 @@ fn format_of(path: &Path) -> Option<(Format, Compression)> {
         Some((Format::Html, c))
     } else if stem.ends_with(".parquet") && c == Compression::None {
         Some((Format::Parquet, c))
+    } else if stem.ends_with(".arrow") || stem.ends_with(".arrows") || stem.ends_with(".feather") {
+        Some((Format::Arrow, c))
     } else {
         None
     }
 }
 
-/// Whether the size of `path` is the size of its text (not compressed, not Parquet, not standard
-/// input), so progress can be shown against it.
+/// Whether the size of `path` is the size of its text (not compressed, not Parquet or Arrow, not
+/// standard input), so progress can be shown against it.
 pub(crate) fn size_is_text(path: &Path) -> bool {
     path != Path::new("-")
-        && format_of(path).is_none_or(|(f, c)| c == Compression::None && f != Format::Parquet)
+        && format_of(path).is_none_or(|(f, c)| {
+            c == Compression::None && !matches!(f, Format::Parquet | Format::Arrow)
+        })
 }
 
 /// The whole decoded text of a plain, `.gz` or `.zst` file.
@@ -125,16 +131,17 @@ fn decoded(path: &Path, file: Box<dyn Read>, c: Compression) -> Result<Box<dyn R
 }
 
 /// The input files under `path`: the file itself (read as JSONL if named .json/.jsonl, WARC/WET if
-/// named .warc/.wet, a page if .html/.htm, Parquet if .parquet, else as text), or every such file
-/// (plain, .gz or .zst; Parquet compresses inside) below a directory except .json; `-` is
-/// standard input.
+/// named .warc/.wet, a page if .html/.htm, Parquet if .parquet, Arrow IPC if .arrow/.arrows/.feather,
+/// else as text), or every such file (plain, .gz or .zst; Parquet compresses inside) below a
+/// directory except .json (a `datasets` directory saved with `save_to_disk` reads as its .arrow
+/// files); `-` is standard input.
 pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
     if path == Path::new("-") {
         return Ok(vec![path.to_path_buf()]);
     }
     Ok(lmkit_core::collect_inputs(
         path,
-        "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm (and their .gz and .zst) and .parquet",
+        "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm, .arrow, .arrows, .feather (and their .gz and .zst) and .parquet",
         |name| {
             // In a directory `.json` files are metadata, such as the report.json that `lmkit data
             // prepare` writes, not documents.
@@ -187,6 +194,19 @@ pub fn read_docs(
     }
     let display = path.display().to_string();
     match format {
+        Format::Arrow => {
+            return crate::arrow_io::read_docs(
+                path,
+                &mut reader,
+                !stdin && !gz,
+                &opts.text_field,
+                opts.url_field.as_deref(),
+                opts.skip_bad,
+                on_bytes,
+                skipped,
+                f,
+            )
+        }
         Format::Warc => return read_warc(&mut reader, path, on_bytes, skipped, f),
         Format::Html => {
             let mut bytes = Vec::new();

@@ -4,6 +4,7 @@
 //! deterministic train/validation split → JSONL shards and a report of what was dropped and why.
 #![forbid(unsafe_code)]
 
+pub mod arrow_io;
 pub mod c4;
 pub mod dates;
 pub mod dedup;
