@@ -205,6 +205,10 @@ pub struct PrepareArgs {
     /// Keep near duplicates (no MinHash deduplication)
     #[arg(long)]
     no_near_dedup: bool,
+    /// Also write clusters.jsonl: every removed duplicate (exact or near) with the kept document
+    /// whose cluster it joins (its `source` in the shards) and the estimated Jaccard similarity
+    #[arg(long, conflicts_with = "no_near_dedup")]
+    clusters: bool,
     /// Jaccard similarity at which a document counts as a near duplicate
     #[arg(long, default_value_t = MinHashOptions::default().threshold)]
     jaccard: f64,
@@ -482,6 +486,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         c4: a.c4_filters,
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
+        clusters: a.clusters,
         memory: Some(a.memory_mb.saturating_mul(1 << 20)),
         val_fraction: a.val_fraction,
         split_seed: a.split_seed,
@@ -619,6 +624,10 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         mb(r.validation.bytes),
         r.validation.shards.len()
     );
+    if a.clusters {
+        let path = a.output.join(lmkit_data::CLUSTERS_FILE);
+        eprintln!("clusters    {}", path.display());
+    }
     eprintln!("report      {}", a.output.join("report.json").display());
     Ok(())
 }

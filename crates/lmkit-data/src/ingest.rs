@@ -144,13 +144,15 @@ pub fn collect_inputs(path: &Path) -> Result<Vec<PathBuf>> {
         "a directory is searched recursively for .txt, .jsonl, .warc, .wet, .html, .htm, .arrow, .arrows, .feather (and their .gz and .zst) and .parquet",
         |name| {
             // In a directory `.json` files are metadata, such as the report.json that `lmkit data
-            // prepare` writes, not documents.
+            // prepare` writes, not documents; so is the clusters.jsonl it writes beside them.
             let n = name.to_ascii_lowercase();
             let stem = n
                 .strip_suffix(".gz")
                 .or_else(|| n.strip_suffix(".zst"))
                 .unwrap_or(&n);
-            format_of(Path::new(name)).is_some() && !stem.ends_with(".json")
+            format_of(Path::new(name)).is_some()
+                && !stem.ends_with(".json")
+                && name != crate::CLUSTERS_FILE
         },
     )?)
 }

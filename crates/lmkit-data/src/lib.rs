@@ -71,6 +71,9 @@ pub struct PrepareOptions {
     pub compression: shards::Compression,
     /// How many examples of each kind of removal go into the report.
     pub report_samples: usize,
+    /// Write `clusters.jsonl`: each removed duplicate with the kept document whose cluster it
+    /// joins (needs near-duplicate removal).
+    pub clusters: bool,
 }
 
 impl Default for PrepareOptions {
@@ -96,6 +99,7 @@ impl Default for PrepareOptions {
             shard_bytes: 0,
             compression: shards::Compression::None,
             report_samples: 10,
+            clusters: false,
         }
     }
 }
@@ -252,12 +256,20 @@ fn validate(o: &PrepareOptions) -> Result<()> {
     if o.shard_docs == 0 {
         return bad("shard_docs", "0".into(), "must be at least 1");
     }
+    if o.clusters && o.near_dedup.is_none() {
+        return bad(
+            "clusters",
+            "true".into(),
+            "clusters are those of near-duplicate removal: drop --no-near-dedup",
+        );
+    }
     Ok(())
 }
 
 /// The files `prepare` writes: its shards and report (replaced by a new run into the directory).
 fn is_prepare_output(name: &str) -> bool {
     name == "report.json"
+        || name == CLUSTERS_FILE
         || ((name.starts_with("train-") || name.starts_with("val-"))
             && shards::Compression::ALL
                 .iter()
@@ -438,7 +450,7 @@ pub fn prepare(
         is_prepare_output,
     )?;
     let analyzer = Analyzer::new(opts);
-    let mut st = State::new(inputs, output.path(), opts);
+    let mut st = State::new(inputs, output.path(), opts)?;
     let (shown, total) = input_total(inputs);
     st.report.input_bytes = total;
     progress.begin("preparing", shown, Unit::Bytes);
@@ -481,8 +493,26 @@ fn blocked(url: Option<&str>, list: &[String]) -> bool {
 
 /// The decisions that depend on earlier documents (deduplication) and the output: documents
 /// arrive in input order, so the result does not depend on how the per-document work was spread.
+/// Where `--clusters` lists the removed duplicates, in the output directory.
+pub const CLUSTERS_FILE: &str = "clusters.jsonl";
+
+/// One line of [`CLUSTERS_FILE`]: a removed document and the kept one whose cluster it joins.
+#[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+pub struct ClusterMember {
+    /// The removed document (`path:line`).
+    pub source: String,
+    /// The kept document (`path:line`, as in the shards): the cluster's id.
+    pub cluster: String,
+    /// `exact` (the same text as an earlier document) or `near`.
+    pub kind: String,
+    /// Estimated Jaccard similarity to the kept document.
+    pub jaccard: f64,
+}
+
 pub(crate) struct State {
     report: Report,
+    /// `clusters.jsonl` being written (with `--clusters`).
+    clusters: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
     index: Option<minhash::LshIndex>,
     exact_seen: dedup::ExactSet,
     /// Source and preview of the first document with each content hash (for report samples).
@@ -497,7 +527,14 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(inputs: &[PathBuf], out_dir: &Path, opts: &PrepareOptions) -> State {
+    pub(crate) fn new(inputs: &[PathBuf], out_dir: &Path, opts: &PrepareOptions) -> Result<State> {
+        let clusters = if opts.clusters {
+            let path = out_dir.join(CLUSTERS_FILE);
+            let file = std::fs::File::create(&path).map_err(|e| DataError::io(&path, e))?;
+            Some((path, std::io::BufWriter::with_capacity(1 << 16, file)))
+        } else {
+            None
+        };
         let index = opts
             .near_dedup
             .as_ref()
@@ -511,7 +548,8 @@ impl State {
                 opts.compression,
             )
         };
-        State {
+        Ok(State {
+            clusters,
             report: Report {
                 inputs: inputs.to_vec(),
                 options: Some(opts.clone()),
@@ -528,7 +566,29 @@ impl State {
             spill_dir: out_dir.join(".dedup"),
             train: shards("train"),
             val: shards("val"),
+        })
+    }
+
+    /// Adds a line to `clusters.jsonl` (when asked for): `source` joins the cluster of kept
+    /// document `id`.
+    fn cluster_member(&mut self, source: &str, id: u32, kind: &str, jaccard: f64) -> Result<()> {
+        use std::io::Write;
+        if self.clusters.is_none() {
+            return Ok(());
         }
+        let line = ClusterMember {
+            source: source.to_string(),
+            cluster: self.kept_meta.get(id).0,
+            kind: kind.to_string(),
+            jaccard,
+        };
+        let Some((path, w)) = self.clusters.as_mut() else {
+            return Ok(());
+        };
+        serde_json::to_writer(&mut *w, &line)
+            .map_err(std::io::Error::from)
+            .and_then(|()| w.write_all(b"\n"))
+            .map_err(|e| DataError::io(&*path, e))
     }
 
     /// Counts what reading a file gave besides documents (after its documents).
@@ -597,6 +657,17 @@ impl State {
             }
             if opts.exact_dedup {
                 if !self.exact_seen.insert(p.exact) {
+                    // Its first copy is in the index, or was removed as a duplicate of a document
+                    // there: the same signature finds that cluster again.
+                    let found = self
+                        .clusters
+                        .as_ref()
+                        .and(self.index.as_ref())
+                        .zip(p.signature.as_ref());
+                    if let Some((id, j)) = found.and_then(|(idx, sig)| idx.query(sig)) {
+                        self.cluster_member(&p.source, id, "exact", j)?;
+                    }
+                    let r = &mut self.report;
                     let e = &mut r.exact_duplicates;
                     e.removed.add(p.len());
                     if e.samples.len() < samples {
@@ -619,6 +690,8 @@ impl State {
             }
             if let (Some(idx), Some(sig)) = (self.index.as_mut(), p.signature.as_ref()) {
                 if let Some((id, j)) = idx.query_or_insert(sig) {
+                    self.cluster_member(&p.source, id, "near", j)?;
+                    let r = &mut self.report;
                     let n = &mut r.near_duplicates;
                     n.removed.add(p.len());
                     if n.samples.len() < samples {
@@ -678,6 +751,12 @@ impl State {
         }
         self.train.finish()?;
         self.val.finish()?;
+        if let Some((path, w)) = self.clusters.take() {
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(|e| DataError::io(&path, e))?;
+        }
         // The on-disk indexes are mapped: unmap them before removing their files.
         self.index = None;
         self.exact_seen = dedup::ExactSet::default();

@@ -271,10 +271,17 @@ impl LshIndex {
         )
     }
 
-    /// The first indexed document that `sig` duplicates (id, estimated Jaccard); otherwise `sig` is
-    /// indexed as a new document and `None` is returned.
-    pub fn query_or_insert(&mut self, sig: &[u32]) -> Option<(u32, f64)> {
-        let keys: Vec<u64> = (0..self.bands).map(|b| self.band_key(sig, b)).collect();
+    /// The indexed document that `sig` duplicates most closely (id, estimated Jaccard; the lowest
+    /// id among equals), if any reaches the threshold.
+    pub fn query(&self, sig: &[u32]) -> Option<(u32, f64)> {
+        self.query_keys(sig, &self.keys(sig))
+    }
+
+    fn keys(&self, sig: &[u32]) -> Vec<u64> {
+        (0..self.bands).map(|b| self.band_key(sig, b)).collect()
+    }
+
+    fn query_keys(&self, sig: &[u32], keys: &[u64]) -> Option<(u32, f64)> {
         let mut best: Option<(u32, f64)> = None;
         let mut consider = |id: u32, j: f64| {
             if j >= self.threshold && best.is_none_or(|(bid, bj)| j > bj || (j == bj && id < bid)) {
@@ -294,8 +301,15 @@ impl LshIndex {
                 }
             }
         }
-        if best.is_some() {
-            return best;
+        best
+    }
+
+    /// The indexed document that `sig` duplicates (as [`LshIndex::query`]); otherwise `sig` is
+    /// indexed as a new document and `None` is returned.
+    pub fn query_or_insert(&mut self, sig: &[u32]) -> Option<(u32, f64)> {
+        let keys = self.keys(sig);
+        if let Some(found) = self.query_keys(sig, &keys) {
+            return Some(found);
         }
         let id = self.base + (self.signatures.len() / self.num_perm) as u32;
         self.signatures.extend_from_slice(sig);

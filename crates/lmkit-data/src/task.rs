@@ -283,7 +283,7 @@ pub fn merge(
         "an output of `lmkit data prepare`",
         crate::is_prepare_output,
     )?;
-    let mut st = State::new(inputs, output.path(), opts);
+    let mut st = State::new(inputs, output.path(), opts)?;
     st.report.input_bytes = plan.inputs.iter().map(|i| i.bytes).sum();
     let parts_bytes = (0..inputs.len())
         .filter_map(|k| std::fs::metadata(part_path(dir, k)).ok())

@@ -146,6 +146,80 @@ fn planted_duplicates_are_removed_and_everything_is_accounted_for() {
 }
 
 #[test]
+fn clusters_name_the_kept_document_each_duplicate_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = distinct_sentences(50);
+    let long = "In the first year of the reign the council met in the great hall and decided that every village should keep a record of its harvest, its wells and its roads for the coming winter.";
+    docs.push(long.to_string()); // line 51
+    docs.push(docs[4].clone()); // 52: exact copy of line 5
+    docs.push(long.replace("coming winter", "coming winters")); // 53: near copy of 51
+    docs.push(long.replace("coming winter", "coming winters")); // 54: exact copy of 53
+    docs.push(docs[9].replace("The", "Ｔｈｅ")); // 55: exact copy of 10 after NFKC
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, docs.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let opts = PrepareOptions {
+        clusters: true,
+        filters: None,
+        ..Default::default()
+    };
+    let r = prepare(std::slice::from_ref(&input), &out, &opts, &NoProgress).unwrap();
+    assert_eq!(r.exact_duplicates.removed.docs, 3);
+    assert_eq!(r.near_duplicates.removed.docs, 1);
+    let at = |line: usize| format!("{}:{line}", input.display());
+    let got: Vec<lmkit_data::ClusterMember> =
+        std::fs::read_to_string(out.join(lmkit_data::CLUSTERS_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let want = [
+        (52, 5, "exact"),
+        (53, 51, "near"),
+        (54, 51, "exact"),
+        (55, 10, "exact"),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (m, (removed, kept, kind)) in got.iter().zip(want) {
+        assert_eq!(
+            (m.source.as_str(), m.cluster.as_str(), m.kind.as_str()),
+            (at(removed).as_str(), at(kept).as_str(), kind)
+        );
+        assert!(m.jaccard >= 0.8 && m.jaccard <= 1.0, "{m:?}");
+    }
+    assert_eq!(got[0].jaccard, 1.0);
+    // Every cluster is a kept document of the shards.
+    let kept: Vec<String> = lines(&out)
+        .iter()
+        .map(|v| v["source"].as_str().unwrap().to_string())
+        .collect();
+    assert!(got.iter().all(|m| kept.contains(&m.cluster)));
+    // The directory read as input again gives its shards, not the cluster list.
+    let inputs = lmkit_data::collect_inputs(&out).unwrap();
+    assert!(!inputs.is_empty());
+    assert!(
+        inputs.iter().all(|p| p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("train-")),
+        "{inputs:?}"
+    );
+    // Without near-duplicate removal there are no clusters to name.
+    let e = prepare(
+        &[input],
+        &dir.path().join("o2"),
+        &PrepareOptions {
+            near_dedup: None,
+            ..opts
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("near-duplicate"), "{e}");
+}
+
+#[test]
 fn jsonl_gzip_and_dates() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("docs.jsonl.gz");
@@ -492,6 +566,7 @@ fn dedup_under_a_memory_cap_equals_the_in_memory_result() {
     let free = dir.path().join("free");
     let opts = PrepareOptions {
         filters: None,
+        clusters: true,
         ..Default::default()
     };
     let a = prepare(&inputs, &free, &opts, &NoProgress).unwrap();
@@ -518,7 +593,13 @@ fn dedup_under_a_memory_cap_equals_the_in_memory_result() {
         a.exact_duplicates.removed.docs,
         b.exact_duplicates.removed.docs
     );
+    // The shards and clusters.jsonl: the same bytes.
     assert_eq!(outputs(&free), outputs(&capped));
+    let clusters = std::fs::read_to_string(capped.join("clusters.jsonl")).unwrap();
+    assert_eq!(
+        clusters.lines().count() as u64,
+        a.near_duplicates.removed.docs + a.exact_duplicates.removed.docs
+    );
     // What was spilled is gone.
     assert!(!capped.join(".dedup").exists());
 }
