@@ -260,6 +260,11 @@ pub struct PrepareArgs {
     /// every task and the merge must see it)
     #[arg(long, value_name = "DIR", requires = "tasks")]
     tasks_dir: Option<PathBuf>,
+    /// With --tasks: plain .txt (a document per line) and .jsonl files larger than this are cut
+    /// into pieces of at most this size that tasks read separately (every task and the merge
+    /// must be given the same value)
+    #[arg(long, value_name = "MB", default_value_t = 256.0, requires = "tasks")]
+    task_split_mb: f64,
 }
 
 /// The task index from the scheduler's environment: Slurm's array index (relative to the
@@ -487,6 +492,10 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         exact_dedup: !a.no_exact_dedup,
         near_dedup: near,
         clusters: a.clusters,
+        task_split_bytes: match a.task_split_mb {
+            mb if mb.is_finite() && mb > 0.0 => ((mb * 1e6) as u64).max(1),
+            mb => anyhow::bail!("--task-split-mb must be a positive number, not {mb}"),
+        },
         memory: Some(a.memory_mb.saturating_mul(1 << 20)),
         val_fraction: a.val_fraction,
         split_seed: a.split_seed,
@@ -520,9 +529,9 @@ fn prepare(a: PrepareArgs) -> Result<()> {
                 let spec = lmkit_data::task::TaskSpec { task, tasks, dir };
                 let t = lmkit_data::task::run_task(&inputs, &spec, &opts, &Bar::default())?;
                 eprintln!(
-                    "task {} of {}: {} file(s) read, {} done before, {} docs in {:.2}s; \
+                    "task {} of {}: {} piece(s) read, {} done before, {} docs in {:.2}s; \
                      merge with --merge once every task is done",
-                    t.task, t.tasks, t.files_done, t.files_resumed, t.docs, t.seconds
+                    t.task, t.tasks, t.pieces_done, t.pieces_resumed, t.docs, t.seconds
                 );
                 return Ok(());
             }

@@ -614,3 +614,71 @@ fn sharded_runs_match_a_single_run_and_resume_after_a_kill() {
     );
     assert!(!ok && err.contains("another run"), "{err}");
 }
+
+#[test]
+fn one_large_file_is_split_over_tasks_in_byte_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in");
+    std::fs::create_dir(&input).unwrap();
+    let files = corpus_files(&input, 1, 12_000);
+    let input = files[0].as_str();
+    let size = std::fs::metadata(input).unwrap().len();
+    let single = d.join("single");
+    let s = single.to_str().unwrap();
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            input,
+            "--output",
+            s,
+            "--clusters",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let want = shard_bytes(&single);
+    assert!(want.iter().any(|(n, _)| n == "clusters.jsonl"));
+    // Pieces of at most a sixth of the file: seven or so, over three tasks.
+    let split = format!("{}", size as f64 / 6.0 / 1e6);
+    let out = d.join("out");
+    let o = out.to_str().unwrap();
+    let common = [
+        "data",
+        "prepare",
+        "--input",
+        input,
+        "--output",
+        o,
+        "--clusters",
+        "--tasks",
+        "3",
+        "--task-split-mb",
+        &split,
+    ];
+    for t in ["0", "1", "2"] {
+        let mut args = common.to_vec();
+        args.extend(["--task", t]);
+        let (ok, _, err) = lmkit(&args, "");
+        assert!(ok, "{err}");
+        // Every task has pieces of the one file.
+        assert!(
+            err.contains(" 2 piece(s) read") || err.contains(" 3 piece(s) read"),
+            "{err}"
+        );
+    }
+    // The merge must be told the same cut.
+    let mut other = common.to_vec();
+    let last = other.len() - 1;
+    other[last] = "1000";
+    other.push("--merge");
+    let (ok, _, err) = lmkit(&other, "");
+    assert!(!ok && err.contains("--task-split-mb"), "{err}");
+    let mut args = common.to_vec();
+    args.push("--merge");
+    let (ok, _, err) = lmkit(&args, "");
+    assert!(ok, "{err}");
+    assert_eq!(shard_bytes(&out), want);
+}

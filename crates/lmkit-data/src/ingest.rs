@@ -166,6 +166,75 @@ pub fn read_docs(
     skipped: &mut dyn FnMut(Skipped),
     f: &mut dyn FnMut(Doc) -> Result<()>,
 ) -> Result<()> {
+    read_docs_in(path, opts, None, on_bytes, skipped, f)
+}
+
+/// Whether a file can be read in byte ranges ([`read_docs_in`]): a plain (not compressed) file of
+/// lines, each a document — JSON Lines, or text with a document per line.
+pub fn splittable(path: &Path, opts: &IngestOptions) -> bool {
+    path != Path::new("-")
+        && match format_of(path).unwrap_or((Format::Txt, Compression::None)) {
+            (Format::Jsonl, Compression::None) => true,
+            (Format::Txt, Compression::None) => opts.txt_unit == TxtUnit::Line,
+            _ => false,
+        }
+}
+
+/// The first line that starts at or after byte `start` of `file`: its offset and how many lines
+/// come before it. (A line belongs to the range its first byte is in.)
+fn first_line_from(file: &mut File, path: &Path, start: u64) -> Result<(u64, u64)> {
+    use std::io::{Seek, SeekFrom};
+    if start == 0 {
+        return Ok((0, 0));
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| DataError::io(path, e))?;
+    let mut r = BufReader::with_capacity(1 << 20, &mut *file);
+    let mut lines = 0u64;
+    let mut pos = 0u64;
+    let mut last = b'\n';
+    // Count the line ends before `start`...
+    while pos < start {
+        let buf = r.fill_buf().map_err(|e| DataError::io(path, e))?;
+        if buf.is_empty() {
+            return Ok((pos, lines));
+        }
+        let take = buf.len().min((start - pos) as usize);
+        lines += buf[..take].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[take - 1];
+        r.consume(take);
+        pos += take as u64;
+    }
+    // ... and, when `start` is inside a line, skip to its end.
+    if last != b'\n' {
+        let mut rest = Vec::new();
+        let n = r
+            .read_until(b'\n', &mut rest)
+            .map_err(|e| DataError::io(path, e))?;
+        pos += n as u64;
+        lines += u64::from(rest.last() == Some(&b'\n'));
+    }
+    Ok((pos, lines))
+}
+
+/// [`read_docs`], of the lines that start within `range` bytes of the file only (a file that is
+/// [`splittable`]): reading every range of a cut of the file gives each document once, with the
+/// source (`path:line`) a whole read gives it.
+pub fn read_docs_in(
+    path: &Path,
+    opts: &IngestOptions,
+    range: Option<std::ops::Range<u64>>,
+    on_bytes: &mut dyn FnMut(u64),
+    skipped: &mut dyn FnMut(Skipped),
+    f: &mut dyn FnMut(Doc) -> Result<()>,
+) -> Result<()> {
+    if range.is_some() && !splittable(path, opts) {
+        return Err(DataError::BadFile {
+            path: path.to_path_buf(),
+            msg: "only plain .txt (a document per line) and .jsonl files can be read in parts"
+                .into(),
+        });
+    }
     let stdin = path == Path::new("-");
     let (mut format, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
     if format == Format::Parquet {
@@ -179,10 +248,21 @@ pub fn read_docs(
             f,
         );
     }
+    // Where reading starts and stops (for a range), and the lines before the start.
+    let mut line_no = 0u64;
+    let mut pos = 0u64;
+    let end = range.as_ref().map_or(u64::MAX, |r| r.end);
     let file: Box<dyn Read> = if stdin {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(File::open(path).map_err(|e| DataError::io(path, e))?)
+        let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        if let Some(r) = &range {
+            use std::io::{Seek, SeekFrom};
+            (pos, line_no) = first_line_from(&mut file, path, r.start)?;
+            file.seek(SeekFrom::Start(pos))
+                .map_err(|e| DataError::io(path, e))?;
+        }
+        Box::new(file)
     };
     let raw = decoded(path, file, compression)?;
     let gz = compression != Compression::None;
@@ -227,7 +307,6 @@ pub fn read_docs(
         Format::Txt | Format::Jsonl | Format::Parquet => {}
     }
     let mut buf = Vec::new();
-    let mut line_no = 0u64;
     let mut pending = String::new(); // paragraph/file accumulation
     let mut pending_start = 0u64;
     let bad = |line: u64, msg: String| DataError::BadRecord {
@@ -235,7 +314,7 @@ pub fn read_docs(
         line,
         msg,
     };
-    loop {
+    while pos < end {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
             if gz {
@@ -258,6 +337,7 @@ pub fn read_docs(
         if n == 0 {
             break;
         }
+        pos += n as u64;
         line_no += 1;
         on_bytes(n as u64);
         let text = match std::str::from_utf8(&buf) {
@@ -416,5 +496,67 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(path: &Path, range: Option<std::ops::Range<u64>>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let opts = IngestOptions::default();
+        read_docs_in(path, &opts, range, &mut |_| {}, &mut |_| {}, &mut |d| {
+            out.push((d.text, d.source));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    /// Cut anywhere into two or three ranges, a file gives each document once, with its line.
+    #[test]
+    fn ranges_of_a_file_give_its_documents_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let text =
+            "first line\n\nthird, after a blank\r\nfourth 가나다\n\n\nseventh\nlast without end";
+        let jsonl = "{\"text\": \"a\"}\n\n{\"text\": \"b가\"}\r\n{\"text\": \"c\"}\n";
+        for (name, body) in [("t.txt", text), ("j.jsonl", jsonl)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, body).unwrap();
+            let len = body.len() as u64;
+            let whole = docs(&path, None);
+            assert_eq!(docs(&path, Some(0..len)), whole);
+            assert!(whole.len() >= 3);
+            for a in 0..=len {
+                for b in a..=len {
+                    let mut got = docs(&path, Some(0..a));
+                    got.extend(docs(&path, Some(a..b)));
+                    got.extend(docs(&path, Some(b..len)));
+                    assert_eq!(got, whole, "{name} cut at {a}, {b}");
+                }
+            }
+            assert!(docs(&path, Some(len..len + 10)).is_empty());
+        }
+        // Gzip, paragraphs: not splittable.
+        let path = dir.path().join("t.txt");
+        let paragraphs = IngestOptions {
+            txt_unit: TxtUnit::Paragraph,
+            ..Default::default()
+        };
+        assert!(!splittable(&path, &paragraphs));
+        assert!(!splittable(
+            &dir.path().join("t.txt.gz"),
+            &IngestOptions::default()
+        ));
+        let e = read_docs_in(
+            &path,
+            &paragraphs,
+            Some(0..4),
+            &mut |_| {},
+            &mut |_| {},
+            &mut |_| Ok(()),
+        );
+        assert!(e.is_err());
     }
 }

@@ -74,6 +74,9 @@ pub struct PrepareOptions {
     /// Write `clusters.jsonl`: each removed duplicate with the kept document whose cluster it
     /// joins (needs near-duplicate removal).
     pub clusters: bool,
+    /// In a run split over tasks ([`task`]): plain .txt (a document per line) and .jsonl files
+    /// larger than this many bytes are cut into byte ranges that tasks read separately.
+    pub task_split_bytes: u64,
 }
 
 impl Default for PrepareOptions {
@@ -100,6 +103,7 @@ impl Default for PrepareOptions {
             compression: shards::Compression::None,
             report_samples: 10,
             clusters: false,
+            task_split_bytes: 256_000_000,
         }
     }
 }
@@ -296,16 +300,21 @@ pub(crate) struct Analyzer<'a> {
     hasher: Option<minhash::MinHasher>,
 }
 
+/// How `prepare` reads its inputs.
+pub(crate) fn ingest_options(opts: &PrepareOptions) -> IngestOptions {
+    IngestOptions {
+        txt_unit: opts.txt_unit,
+        text_field: opts.text_field.clone(),
+        skip_bad: opts.skip_bad,
+        url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
+    }
+}
+
 impl<'a> Analyzer<'a> {
     pub(crate) fn new(opts: &'a PrepareOptions) -> Self {
         Analyzer {
             opts,
-            ingest: IngestOptions {
-                txt_unit: opts.txt_unit,
-                text_field: opts.text_field.clone(),
-                skip_bad: opts.skip_bad,
-                url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
-            },
+            ingest: ingest_options(opts),
             hasher: opts.near_dedup.clone().map(minhash::MinHasher::new),
         }
     }
@@ -316,15 +325,17 @@ impl<'a> Analyzer<'a> {
     pub(crate) fn read_file(
         &self,
         path: &Path,
+        range: Option<std::ops::Range<u64>>,
         progress: &dyn Progress,
         out: &mut dyn FnMut(Vec<Processed>) -> Result<()>,
     ) -> Result<FileNotes> {
         let samples = self.opts.report_samples;
         let mut notes = FileNotes::default();
         let mut batch: Vec<Doc> = Vec::with_capacity(BATCH);
-        ingest::read_docs(
+        ingest::read_docs_in(
             path,
             &self.ingest,
+            range,
             &mut |n| progress.advance(n),
             &mut |s| {
                 if s.is_bad() {
@@ -455,7 +466,7 @@ pub fn prepare(
     st.report.input_bytes = total;
     progress.begin("preparing", shown, Unit::Bytes);
     for path in inputs {
-        let notes = analyzer.read_file(path, progress, &mut |b| st.decide(b, opts))?;
+        let notes = analyzer.read_file(path, None, progress, &mut |b| st.decide(b, opts))?;
         st.add_notes(notes, opts.report_samples);
     }
     progress.finish();

@@ -1,12 +1,14 @@
 //! Sharded runs: the per-document work of `prepare` split over independent tasks (array jobs of a
 //! batch scheduler such as Slurm, or processes on one machine), then one merge.
 //!
-//! Every task reads the plan (`plan.json`: the inputs, their sizes, which task reads which file, and
-//! the options that change the per-document work), takes its files, and writes one part file per
-//! input file (`part-NNNNNN.bin`: each document after normalization, filters, language
-//! identification and masking, with its content hash and MinHash signature). A part file appears
-//! only when its input file is done, so a task that is killed or pre-empted resumes at the first file
-//! without one; a marker `task-IIIII-of-NNNNN.done` says the task is complete. The merge reads the
+//! Every task reads the plan (`plan.json`: the inputs, their sizes, the pieces they are read in —
+//! whole files, or byte ranges of plain .txt/.jsonl files larger than
+//! [`PrepareOptions::task_split_bytes`] — which task reads which piece, and the options that
+//! change the per-document work), takes its pieces, and writes one part file per piece
+//! (`part-NNNNNN.bin`: each document after normalization, filters, language identification and
+//! masking, with its content hash and MinHash signature). A part file appears only when its piece
+//! is done, so a task that is killed or pre-empted resumes at the first piece without one; a
+//! marker `task-IIIII-of-NNNNN.done` says the task is complete. The merge reads the
 //! parts in input order and takes the decisions that depend on earlier documents (exact and
 //! near-duplicate removal, the split) exactly as a single run does — the output is byte-identical
 //! to `prepare` over the same inputs, whatever the number of tasks.
@@ -35,6 +37,8 @@ pub struct TaskSpec {
 struct Plan {
     tasks: usize,
     inputs: Vec<PlannedInput>,
+    /// In input order: the pieces the inputs are read in, and by which task.
+    pieces: Vec<Piece>,
     /// The options that change the per-document work (a merge or task with other ones is refused).
     analysis: serde_json::Value,
 }
@@ -43,6 +47,13 @@ struct Plan {
 struct PlannedInput {
     path: PathBuf,
     bytes: u64,
+}
+
+/// A part of the work: a whole input file, or the lines that start in a byte range of one.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct Piece {
+    input: usize,
+    range: Option<(u64, u64)>,
     task: usize,
 }
 
@@ -51,10 +62,10 @@ struct PlannedInput {
 pub struct TaskReport {
     pub task: usize,
     pub tasks: usize,
-    /// Input files this task read now.
-    pub files_done: usize,
-    /// Input files already done by an earlier, interrupted run of this task.
-    pub files_resumed: usize,
+    /// Pieces (input files, or byte ranges of large ones) this task read now.
+    pub pieces_done: usize,
+    /// Pieces already done by an earlier, interrupted run of this task.
+    pub pieces_resumed: usize,
     pub docs: u64,
     pub seconds: f64,
 }
@@ -73,11 +84,13 @@ fn analysis_options(o: &PrepareOptions) -> serde_json::Value {
         "url_field": o.url_field,
         "near_dedup": o.near_dedup,
         "report_samples": o.report_samples,
+        "task_split_bytes": o.task_split_bytes,
     })
 }
 
-/// Files to tasks: largest first, each to the task with the fewest bytes so far (ties: lowest
-/// task), so tasks get similar work whatever the file sizes.
+/// Inputs to pieces (a plain .txt/.jsonl file larger than `opts.task_split_bytes` is cut into
+/// equal byte ranges no larger), and pieces to tasks: largest first, each to the task with the
+/// fewest bytes so far (ties: lowest task), so tasks get similar work whatever the file sizes.
 fn plan(inputs: &[PathBuf], tasks: usize, opts: &PrepareOptions) -> Result<Plan> {
     let mut sized = Vec::with_capacity(inputs.len());
     for p in inputs {
@@ -91,37 +104,62 @@ fn plan(inputs: &[PathBuf], tasks: usize, opts: &PrepareOptions) -> Result<Plan>
         let bytes = std::fs::metadata(p).map_err(|e| DataError::io(p, e))?.len();
         sized.push(bytes);
     }
-    let mut order: Vec<usize> = (0..inputs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(sized[i]), i));
+    let ingest = crate::ingest_options(opts);
+    let split = opts.task_split_bytes.max(1);
+    let mut pieces = Vec::new();
+    for (input, (p, &bytes)) in inputs.iter().zip(&sized).enumerate() {
+        if bytes > split && crate::ingest::splittable(p, &ingest) {
+            let n = bytes.div_ceil(split);
+            pieces.extend((0..n).map(|k| Piece {
+                input,
+                range: Some((bytes * k / n, bytes * (k + 1) / n)),
+                task: 0,
+            }));
+        } else {
+            pieces.push(Piece {
+                input,
+                range: None,
+                task: 0,
+            });
+        }
+    }
+    let size = |p: &Piece| p.range.map_or(sized[p.input], |(a, b)| b - a);
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(size(&pieces[i])), i));
     let mut load = vec![0u64; tasks];
-    let mut task_of = vec![0; inputs.len()];
     for i in order {
         let t = (0..tasks).min_by_key(|&t| (load[t], t)).unwrap_or(0);
-        load[t] += sized[i];
-        task_of[i] = t;
+        load[t] += size(&pieces[i]);
+        pieces[i].task = t;
     }
     Ok(Plan {
         tasks,
         inputs: inputs
             .iter()
             .zip(sized)
-            .zip(task_of)
-            .map(|((p, bytes), task)| PlannedInput {
+            .map(|(p, bytes)| PlannedInput {
                 path: p.clone(),
                 bytes,
-                task,
             })
             .collect(),
+        pieces,
         analysis: analysis_options(opts),
     })
+}
+
+impl Plan {
+    fn piece_bytes(&self, k: usize) -> u64 {
+        let p = &self.pieces[k];
+        p.range.map_or(self.inputs[p.input].bytes, |(a, b)| b - a)
+    }
 }
 
 fn plan_path(dir: &Path) -> PathBuf {
     dir.join("plan.json")
 }
 
-fn part_path(dir: &Path, file: usize) -> PathBuf {
-    dir.join(format!("part-{file:06}.bin"))
+fn part_path(dir: &Path, piece: usize) -> PathBuf {
+    dir.join(format!("part-{piece:06}.bin"))
 }
 
 fn marker_path(dir: &Path, task: usize, tasks: usize) -> PathBuf {
@@ -142,6 +180,8 @@ fn settle_plan(dir: &Path, plan: &Plan) -> Result<()> {
                 format!("{} tasks, not {}", theirs.tasks, plan.tasks)
             } else if theirs.inputs != plan.inputs {
                 "other input files (or they changed size)".to_string()
+            } else if theirs.pieces != plan.pieces {
+                "another --task-split-mb".to_string()
             } else {
                 "other options for the per-document steps".to_string()
             };
@@ -173,7 +213,7 @@ fn check_spec(spec: &TaskSpec) -> Result<()> {
 }
 
 /// Runs task `spec.task`: the per-document steps over its share of `inputs`, resuming after the
-/// files an interrupted run of it finished.
+/// pieces an interrupted run of it finished.
 pub fn run_task(
     inputs: &[PathBuf],
     spec: &TaskSpec,
@@ -191,8 +231,8 @@ pub fn run_task(
         std::fs::remove_dir_all(&scratch).map_err(|e| DataError::io(&scratch, e))?;
     }
     std::fs::create_dir_all(&scratch).map_err(|e| DataError::io(&scratch, e))?;
-    let mine: Vec<usize> = (0..inputs.len())
-        .filter(|&k| plan.inputs[k].task == spec.task)
+    let mine: Vec<usize> = (0..plan.pieces.len())
+        .filter(|&k| plan.pieces[k].task == spec.task)
         .collect();
     let mut report = TaskReport {
         task: spec.task,
@@ -204,8 +244,8 @@ pub fn run_task(
         .copied()
         .filter(|&k| !part_path(&spec.dir, k).exists())
         .collect();
-    report.files_resumed = mine.len() - todo.len();
-    let total = todo.iter().map(|&k| plan.inputs[k].bytes).sum();
+    report.pieces_resumed = mine.len() - todo.len();
+    let total = todo.iter().map(|&k| plan.piece_bytes(k)).sum();
     let analyzer = Analyzer::new(opts);
     progress.begin(
         &format!("task {} of {}", spec.task, spec.tasks),
@@ -218,7 +258,9 @@ pub fn run_task(
         let w = file.writer();
         w.write_all(MAGIC).map_err(|e| DataError::io(&path, e))?;
         let mut docs = 0u64;
-        let notes = analyzer.read_file(&inputs[k], progress, &mut |batch| {
+        let piece = &plan.pieces[k];
+        let range = piece.range.map(|(a, b)| a..b);
+        let notes = analyzer.read_file(&inputs[piece.input], range, progress, &mut |batch| {
             docs += batch.len() as u64;
             for p in &batch {
                 encode(w, p).map_err(|e| DataError::io(&path, e))?;
@@ -231,7 +273,7 @@ pub fn run_task(
             .and_then(|_| w.write_all(&notes))
             .map_err(|e| DataError::io(&path, e))?;
         file.commit(&path)?;
-        report.files_done += 1;
+        report.pieces_done += 1;
         report.docs += docs;
     }
     progress.finish();
@@ -285,12 +327,12 @@ pub fn merge(
     )?;
     let mut st = State::new(inputs, output.path(), opts)?;
     st.report.input_bytes = plan.inputs.iter().map(|i| i.bytes).sum();
-    let parts_bytes = (0..inputs.len())
+    let parts_bytes = (0..plan.pieces.len())
         .filter_map(|k| std::fs::metadata(part_path(dir, k)).ok())
         .map(|m| m.len())
         .sum();
     progress.begin("merging", parts_bytes, Unit::Bytes);
-    for k in 0..inputs.len() {
+    for k in 0..plan.pieces.len() {
         let path = part_path(dir, k);
         let notes = read_part(&path, progress, &mut |batch| st.decide(batch, opts))?;
         st.add_notes(notes, opts.report_samples);
