@@ -307,6 +307,7 @@ pub fn read_docs_in(
         Format::Txt | Format::Jsonl | Format::Parquet => {}
     }
     let mut buf = Vec::new();
+    let mut json = JsonBlock::default();
     let mut pending = String::new(); // paragraph/file accumulation
     let mut pending_start = 0u64;
     let bad = |line: u64, msg: String| DataError::BadRecord {
@@ -340,6 +341,14 @@ pub fn read_docs_in(
         pos += n as u64;
         line_no += 1;
         on_bytes(n as u64);
+        if format == Format::Jsonl {
+            // Parsed a block at a time, in parallel (see `JsonBlock`).
+            json.push(line_no, &buf);
+            if json.is_full() {
+                json.deliver(path, opts, skipped, f)?;
+            }
+            continue;
+        }
         let text = match std::str::from_utf8(&buf) {
             Ok(t) => t.trim_end_matches(['\n', '\r']),
             Err(e) => {
@@ -355,58 +364,39 @@ pub fn read_docs_in(
                 return Err(bad(line_no, msg));
             }
         };
-        match format {
-            Format::Jsonl => {
-                if text.trim().is_empty() {
-                    continue;
-                }
-                match json_text(text, &opts.text_field, opts.url_field.as_deref()) {
-                    Ok((t, url)) => f(Doc {
-                        text: t,
+        // Text (the other formats were read above).
+        match opts.txt_unit {
+            TxtUnit::Line => {
+                if !text.trim().is_empty() {
+                    f(Doc {
+                        text: text.to_string(),
                         source: format!("{display}:{line_no}"),
-                        url,
-                    })?,
-                    Err(msg) if opts.skip_bad => skipped(Skipped {
-                        source: format!("{display}:{line_no}"),
-                        reason: msg,
-                        kind: "bad",
-                    }),
-                    Err(msg) => return Err(bad(line_no, msg)),
+                        url: None,
+                    })?;
                 }
             }
-            // Text (the other formats were read above).
-            _ => match opts.txt_unit {
-                TxtUnit::Line => {
-                    if !text.trim().is_empty() {
+            TxtUnit::Paragraph | TxtUnit::File => {
+                if text.trim().is_empty() && opts.txt_unit == TxtUnit::Paragraph {
+                    if !pending.trim().is_empty() {
                         f(Doc {
-                            text: text.to_string(),
-                            source: format!("{display}:{line_no}"),
+                            text: std::mem::take(&mut pending),
+                            source: format!("{display}:{pending_start}"),
                             url: None,
                         })?;
                     }
+                    pending.clear();
+                    continue;
                 }
-                TxtUnit::Paragraph | TxtUnit::File => {
-                    if text.trim().is_empty() && opts.txt_unit == TxtUnit::Paragraph {
-                        if !pending.trim().is_empty() {
-                            f(Doc {
-                                text: std::mem::take(&mut pending),
-                                source: format!("{display}:{pending_start}"),
-                                url: None,
-                            })?;
-                        }
-                        pending.clear();
-                        continue;
-                    }
-                    if pending.is_empty() {
-                        pending_start = line_no;
-                    } else {
-                        pending.push('\n');
-                    }
-                    pending.push_str(text);
+                if pending.is_empty() {
+                    pending_start = line_no;
+                } else {
+                    pending.push('\n');
                 }
-            },
+                pending.push_str(text);
+            }
         }
     }
+    json.deliver(path, opts, skipped, f)?;
     if !pending.trim().is_empty() {
         f(Doc {
             text: pending,
@@ -465,26 +455,177 @@ fn deliver(
     }
 }
 
+/// A document's text and URL.
+type TextUrl = (String, Option<String>);
+
+/// JSON lines gathered to be parsed together: reading is one thread, but parsing (UTF-8 checks,
+/// unescaping) is most of its work and runs over the block in parallel; documents and errors are
+/// then passed on in line order.
+#[derive(Default)]
+struct JsonBlock {
+    bytes: Vec<u8>,
+    /// (line number, start, end) in `bytes`, end of line removed.
+    lines: Vec<(u64, usize, usize)>,
+}
+
+impl JsonBlock {
+    const LINES: usize = 2048;
+    const BYTES: usize = 8 << 20;
+
+    fn push(&mut self, line_no: u64, line: &[u8]) {
+        let start = self.bytes.len();
+        let mut line = line;
+        while let [rest @ .., b'\n' | b'\r'] = line {
+            line = rest;
+        }
+        self.bytes.extend_from_slice(line);
+        self.lines.push((line_no, start, self.bytes.len()));
+    }
+
+    fn is_full(&self) -> bool {
+        self.lines.len() >= Self::LINES || self.bytes.len() >= Self::BYTES
+    }
+
+    /// Parses the block's lines and passes them on in order.
+    fn deliver(
+        &mut self,
+        path: &Path,
+        opts: &IngestOptions,
+        skipped: &mut dyn FnMut(Skipped),
+        f: &mut dyn FnMut(Doc) -> Result<()>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let parsed: Vec<std::result::Result<Option<TextUrl>, String>> = self
+            .lines
+            .par_iter()
+            .map(|&(_, a, b)| {
+                let line = std::str::from_utf8(&self.bytes[a..b])
+                    .map_err(|e| format!("line is not valid UTF-8 (byte {})", e.valid_up_to()))?;
+                if line.trim().is_empty() {
+                    return Ok(None);
+                }
+                json_text(line, &opts.text_field, opts.url_field.as_deref()).map(Some)
+            })
+            .collect();
+        let display = path.display();
+        for (&(line_no, _, _), got) in self.lines.iter().zip(parsed) {
+            match got {
+                Ok(None) => {}
+                Ok(Some((text, url))) => f(Doc {
+                    text,
+                    source: format!("{display}:{line_no}"),
+                    url,
+                })?,
+                Err(msg) if opts.skip_bad => skipped(Skipped {
+                    source: format!("{display}:{line_no}"),
+                    reason: msg,
+                    kind: "bad",
+                }),
+                Err(msg) => {
+                    return Err(DataError::BadRecord {
+                        path: path.to_path_buf(),
+                        line: line_no,
+                        msg,
+                    })
+                }
+            }
+        }
+        self.bytes.clear();
+        self.lines.clear();
+        Ok(())
+    }
+}
+
+/// The text (and URL) fields of one JSON object, the other fields passed over without being
+/// built.
 fn json_text(
     line: &str,
     field: &str,
     url_field: Option<&str>,
-) -> std::result::Result<(String, Option<String>), String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let url = url_field
-        .and_then(|u| v.get(u))
-        .and_then(|u| u.as_str())
-        .map(str::to_string);
-    match v.get(field) {
-        Some(serde_json::Value::String(s)) => Ok((s.clone(), url)),
+) -> std::result::Result<TextUrl, String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(line);
+    let (text, url) = Fields { field, url_field }
+        .deserialize(&mut de)
+        .and_then(|got| de.end().map(|()| got))
+        .map_err(|e| format!("malformed JSON: {e}"))?;
+    match text {
+        Some(serde_json::Value::String(s)) => Ok((s, url)),
         Some(other) => Err(format!(
             "field `{field}` is not a string (found {})",
-            json_kind(other)
+            json_kind(&other)
         )),
         None => Err(format!(
             "missing field `{field}` (choose the text field with --text-field)"
         )),
+    }
+}
+
+/// Picks `field` (as a JSON value, to name its type when it is not a string) and `url_field` (when
+/// a string) out of a JSON object.
+struct Fields<'a> {
+    field: &'a str,
+    url_field: Option<&'a str>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Fields<'_> {
+    type Value = (Option<serde_json::Value>, Option<String>);
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Fields<'_> {
+    type Value = (Option<serde_json::Value>, Option<String>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let (mut text, mut url) = (None, None);
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if *key.0 == *self.field {
+                text = Some(map.next_value::<serde_json::Value>()?);
+            } else if Some(&*key.0) == self.url_field {
+                url = match map.next_value::<serde_json::Value>()? {
+                    serde_json::Value::String(s) => Some(s),
+                    _ => None,
+                };
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok((text, url))
+    }
+}
+
+/// An object key, borrowed from the line unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -512,6 +653,45 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// The field picker reads what a full parse would, and fails where it fails.
+    #[test]
+    fn json_fields_as_a_full_parse_reads_them() {
+        let ok = [
+            (
+                r#"{"id": 1, "text": "a\nb", "url": "http://x"}"#,
+                "a\nb",
+                Some("http://x"),
+            ),
+            (
+                r#"{"meta": {"text": "inner", "l": [1, {"a": null}]}, "text": "outer"}"#,
+                "outer",
+                None,
+            ),
+            (
+                r#"{"te\u0078t": "escaped key", "url": 3}"#,
+                "escaped key",
+                None,
+            ),
+            (r#"  {"text": "가나\"다"}  "#, "가나\"다", None),
+        ];
+        for (line, text, url) in ok {
+            let (t, u) = json_text(line, "text", Some("url")).unwrap();
+            assert_eq!((t.as_str(), u.as_deref()), (text, url), "{line}");
+        }
+        for (line, want) in [
+            (r#"{"text": 5}"#, "not a string (found a number)"),
+            (r#"{"text": null}"#, "not a string (found null)"),
+            (r#"{"body": "x"}"#, "missing field `text`"),
+            (r#"{"text": "x"} extra"#, "malformed JSON"),
+            (r#"{"text": "x""#, "malformed JSON"),
+            (r#"["text"]"#, "malformed JSON"),
+            (r#""text""#, "malformed JSON"),
+        ] {
+            let e = json_text(line, "text", None).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
     }
 
     /// Cut anywhere into two or three ranges, a file gives each document once, with its line.

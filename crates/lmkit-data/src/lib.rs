@@ -719,7 +719,8 @@ impl State {
                 }
                 self.kept_meta.push(p.source.clone(), preview(&p.text));
             }
-            let bucket = xxh3_64_with_seed(p.text.as_bytes(), opts.split_seed) % 1_000_000;
+            // The split is by content: a hash of the content hash (the text is not read again).
+            let bucket = xxh3_64_with_seed(&p.exact.to_le_bytes(), opts.split_seed) % 1_000_000;
             if (bucket as f64) < opts.val_fraction * 1_000_000.0 {
                 self.val.write(&p.text, &p.source)?;
             } else {
