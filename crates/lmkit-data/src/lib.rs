@@ -210,6 +210,8 @@ pub(crate) struct Processed {
     pub(crate) drop: Option<DropReason>,
     pub(crate) exact: u128,
     pub(crate) signature: Option<Vec<u32>>,
+    /// Its line in JSONL shards, made beside the other per-document work when it may be kept.
+    pub(crate) json: Option<Vec<u8>>,
 }
 
 /// Characters of a document shown in the report's samples (more are marked with "…").
@@ -298,6 +300,8 @@ pub(crate) struct Analyzer<'a> {
     opts: &'a PrepareOptions,
     ingest: IngestOptions,
     hasher: Option<minhash::MinHasher>,
+    /// Make each document's JSONL shard line beside the rest of its work (in parallel).
+    pub(crate) json_lines: bool,
 }
 
 /// How `prepare` reads its inputs.
@@ -316,6 +320,7 @@ impl<'a> Analyzer<'a> {
             opts,
             ingest: ingest_options(opts),
             hasher: opts.near_dedup.clone().map(minhash::MinHasher::new),
+            json_lines: opts.compression != shards::Compression::Parquet,
         }
     }
 
@@ -413,6 +418,8 @@ impl<'a> Analyzer<'a> {
                     (None, Some(h)) => Some(h.signature(&text)),
                     _ => None,
                 };
+                let json = (drop.is_none() && self.json_lines)
+                    .then(|| shards::json_line(&text, &d.source));
                 Processed {
                     source: d.source,
                     read_bytes: d.text.len() as u64,
@@ -427,6 +434,7 @@ impl<'a> Analyzer<'a> {
                     dates: dates as u32,
                     drop,
                     signature,
+                    json,
                 }
             })
             .collect()
@@ -722,9 +730,10 @@ impl State {
             // The split is by content: a hash of the content hash (the text is not read again).
             let bucket = xxh3_64_with_seed(&p.exact.to_le_bytes(), opts.split_seed) % 1_000_000;
             if (bucket as f64) < opts.val_fraction * 1_000_000.0 {
-                self.val.write(&p.text, &p.source)?;
+                self.val.write_with(&p.text, &p.source, p.json.as_deref())?;
             } else {
-                self.train.write(&p.text, &p.source)?;
+                self.train
+                    .write_with(&p.text, &p.source, p.json.as_deref())?;
             }
         }
         if let Some(cap) = opts.memory {

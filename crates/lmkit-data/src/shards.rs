@@ -14,6 +14,15 @@ pub struct Record<'a> {
     pub source: &'a str,
 }
 
+/// A document's line in JSONL shards (`{"text", "source"}` and a newline).
+pub fn json_line(text: &str, source: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(text.len() + source.len() + 32);
+    // Writing to a Vec cannot fail, and two strings always serialize.
+    let _ = serde_json::to_writer(&mut line, &Record { text, source });
+    line.push(b'\n');
+    line
+}
+
 /// What shards are: JSON Lines, plain or compressed, or Parquet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,23 +175,36 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, text: &str, source: &str) -> Result<()> {
+        self.write_with(text, source, None)
+    }
+
+    /// [`ShardWriter::write`], with the document's JSON line when it was made already
+    /// ([`json_line`]; used unless the shards are Parquet).
+    pub fn write_with(&mut self, text: &str, source: &str, json: Option<&[u8]>) -> Result<()> {
         let dir = self.dir.clone();
         let io = |e| DataError::io(&dir, e);
         if self.current.is_none() {
             self.current = Some((Sink::new(&self.dir, self.compression)?, 0, 0));
         }
         self.line.clear();
+        let json = match json {
+            _ if self.compression == Compression::Parquet => &[][..],
+            Some(line) => line,
+            None => {
+                serde_json::to_writer(&mut self.line, &Record { text, source })
+                    .map_err(|e| io(e.into()))?;
+                self.line.push(b'\n');
+                &self.line
+            }
+        };
         let size = if self.compression == Compression::Parquet {
             (text.len() + source.len()) as u64
         } else {
-            serde_json::to_writer(&mut self.line, &Record { text, source })
-                .map_err(|e| io(e.into()))?;
-            self.line.push(b'\n');
-            self.line.len() as u64
+            json.len() as u64
         };
         let full = match self.current.as_mut() {
             Some((w, n, b)) => {
-                w.write_doc(text, source, &self.line).map_err(io)?;
+                w.write_doc(text, source, json).map_err(io)?;
                 *n += 1;
                 *b += size;
                 *n >= self.shard_docs || (self.shard_bytes > 0 && *b >= self.shard_bytes)

@@ -246,7 +246,9 @@ pub fn run_task(
         .collect();
     report.pieces_resumed = mine.len() - todo.len();
     let total = todo.iter().map(|&k| plan.piece_bytes(k)).sum();
-    let analyzer = Analyzer::new(opts);
+    let mut analyzer = Analyzer::new(opts);
+    // The merge writes the shards; part files do not carry JSON lines.
+    analyzer.json_lines = false;
     progress.begin(
         &format!("task {} of {}", spec.task, spec.tasks),
         total,
@@ -543,6 +545,7 @@ fn decode(r: &mut dyn Read) -> std::result::Result<(Processed, u64), String> {
             drop,
             exact: u128::from_le_bytes(exact),
             signature,
+            json: None,
         },
         size as u64,
     ))
@@ -575,6 +578,7 @@ mod tests {
                 drop,
                 exact: 42,
                 signature: None,
+                json: None,
             };
             let mut buf = Vec::new();
             encode(&mut buf, &p).unwrap();
