@@ -53,6 +53,15 @@ fn plain(c: char) -> bool {
         || stable_punctuation(c)
 }
 
+/// Whether the character at byte `k` of `line` is [`plain`] (false at the end).
+fn plain_at(line: &str, k: usize) -> bool {
+    match line.as_bytes().get(k) {
+        Some(&b) if b < 0x80 => (0x21..0x7f).contains(&b),
+        Some(_) => line[k..].chars().next().is_some_and(plain),
+        None => false,
+    }
+}
+
 /// The normalized text and the number of dates rewritten.
 pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
     let text: std::borrow::Cow<str> = if text.contains('\r') {
@@ -80,7 +89,8 @@ pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
         let mut i = 0;
         while i < bytes.len() {
             // A run of plain characters goes in as it is: printable ASCII found byte by byte,
-            // then Hangul, kana and CJK ideographs.
+            // then Hangul, kana and CJK ideographs, and single spaces between them (which stay
+            // as they are).
             let mut run = 0;
             loop {
                 let ascii = bytes[i + run..]
@@ -94,7 +104,12 @@ pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
                     .map(char::len_utf8)
                     .sum();
                 run += more;
-                if ascii == 0 && more == 0 || i + run == bytes.len() {
+                let at = i + run;
+                if run > 0 && bytes.get(at) == Some(&b' ') && plain_at(line, at + 1) {
+                    run += 1;
+                    continue;
+                }
+                if ascii == 0 && more == 0 || at == bytes.len() {
                     break;
                 }
             }
@@ -251,7 +266,7 @@ mod tests {
         ];
         let mut rng = lmkit_core::rng::SplitMix64::new(3);
         use lmkit_core::rng::Random;
-        for _ in 0..3000 {
+        for _ in 0..20_000 {
             let n = (rng.next_u64() % 12) as usize;
             let text: String = (0..n)
                 .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
