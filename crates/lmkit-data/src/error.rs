@@ -21,6 +21,10 @@ pub enum DataError {
     Output(#[from] lmkit_core::atomic::OutputDirError),
     #[error("no documents in the input ({what}); give at least one non-blank document")]
     EmptyInput { what: String },
+    /// The reading side of a run stopped because the writing side failed (whose error is
+    /// reported), or itself ended abnormally.
+    #[error("reading the input stopped before its end")]
+    Stopped,
     #[error("invalid option {name}={value}: {msg}")]
     BadOption {
         name: &'static str,

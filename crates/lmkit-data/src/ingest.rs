@@ -499,9 +499,8 @@ impl JsonBlock {
             .lines
             .par_iter()
             .map(|&(_, a, b)| {
-                let line = std::str::from_utf8(&self.bytes[a..b])
-                    .map_err(|e| format!("line is not valid UTF-8 (byte {})", e.valid_up_to()))?;
-                if line.trim().is_empty() {
+                let line = &self.bytes[a..b];
+                if line.iter().all(u8::is_ascii_whitespace) {
                     return Ok(None);
                 }
                 json_text(line, &opts.text_field, opts.url_field.as_deref()).map(Some)
@@ -537,18 +536,21 @@ impl JsonBlock {
 }
 
 /// The text (and URL) fields of one JSON object, the other fields passed over without being
-/// built.
+/// built (and the line's UTF-8 checked only where the parser reads strings).
 fn json_text(
-    line: &str,
+    line: &[u8],
     field: &str,
     url_field: Option<&str>,
 ) -> std::result::Result<TextUrl, String> {
     use serde::de::DeserializeSeed;
-    let mut de = serde_json::Deserializer::from_str(line);
+    let mut de = serde_json::Deserializer::from_slice(line);
     let (text, url) = Fields { field, url_field }
         .deserialize(&mut de)
         .and_then(|got| de.end().map(|()| got))
-        .map_err(|e| format!("malformed JSON: {e}"))?;
+        .map_err(|e| match std::str::from_utf8(line) {
+            Err(u) => format!("line is not valid UTF-8 (byte {})", u.valid_up_to()),
+            Ok(_) => format!("malformed JSON: {e}"),
+        })?;
     match text {
         Some(serde_json::Value::String(s)) => Ok((s, url)),
         Some(other) => Err(format!(
@@ -677,7 +679,7 @@ mod tests {
             (r#"  {"text": "가나\"다"}  "#, "가나\"다", None),
         ];
         for (line, text, url) in ok {
-            let (t, u) = json_text(line, "text", Some("url")).unwrap();
+            let (t, u) = json_text(line.as_bytes(), "text", Some("url")).unwrap();
             assert_eq!((t.as_str(), u.as_deref()), (text, url), "{line}");
         }
         for (line, want) in [
@@ -689,9 +691,11 @@ mod tests {
             (r#"["text"]"#, "malformed JSON"),
             (r#""text""#, "malformed JSON"),
         ] {
-            let e = json_text(line, "text", None).unwrap_err();
+            let e = json_text(line.as_bytes(), "text", None).unwrap_err();
             assert!(e.contains(want), "{line}: {e}");
         }
+        let e = json_text(b"{\"text\": \"ab\xff\"}", "text", None).unwrap_err();
+        assert!(e.contains("not valid UTF-8 (byte 12)"), "{e}");
     }
 
     /// Cut anywhere into two or three ranges, a file gives each document once, with its line.

@@ -473,10 +473,43 @@ pub fn prepare(
     let (shown, total) = input_total(inputs);
     st.report.input_bytes = total;
     progress.begin("preparing", shown, Unit::Bytes);
-    for path in inputs {
-        let notes = analyzer.read_file(path, None, progress, &mut |b| st.decide(b, opts))?;
-        st.add_notes(notes, opts.report_samples);
+    // Reading and the per-document work run on a thread of their own, a few batches ahead of the
+    // decisions in input order (deduplication, the split) and the writing, which run here.
+    enum Msg {
+        Batch(Vec<Processed>),
+        Notes(FileNotes),
     }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(2);
+    let analyzer = &analyzer;
+    std::thread::scope(|scope| -> Result<()> {
+        let reader = scope.spawn(move || -> Result<()> {
+            for path in inputs {
+                let notes = analyzer.read_file(path, None, progress, &mut |b| {
+                    // A closed channel: the writing side failed, and says why.
+                    tx.send(Msg::Batch(b)).map_err(|_| DataError::Stopped)
+                })?;
+                tx.send(Msg::Notes(notes)).map_err(|_| DataError::Stopped)?;
+            }
+            Ok(())
+        });
+        let mut written = Ok(());
+        for msg in rx.iter() {
+            written = match msg {
+                Msg::Batch(b) => st.decide(b, opts),
+                Msg::Notes(notes) => {
+                    st.add_notes(notes, opts.report_samples);
+                    Ok(())
+                }
+            };
+            if written.is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        let read = reader.join().unwrap_or(Err(DataError::Stopped));
+        written?;
+        read
+    })?;
     progress.finish();
     st.finish(output, inputs, t0)
 }
