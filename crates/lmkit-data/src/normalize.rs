@@ -32,16 +32,44 @@ fn stable_punctuation(c: char) -> bool {
     )
 }
 
-/// Whether `text` is surely in NFKC: ASCII, Hangul syllables, dashes and curly quotes are; from
-/// the first other character on, Unicode's quick check decides.
-fn is_nfkc(text: &str) -> bool {
-    match text.find(|c: char| !(c.is_ascii() || HANGUL.contains(&c) || stable_punctuation(c))) {
-        None => true,
-        Some(k) => {
-            unicode_normalization::is_nfkc_quick(text[k..].chars())
-                == unicode_normalization::IsNormalized::Yes
+/// Characters NFKC leaves as they are whatever surrounds them: ASCII, Hangul syllables, dashes
+/// and curly quotes are starters (canonical combining class 0) without decompositions, and never
+/// the second character of a composition.
+fn stable(c: char) -> bool {
+    c.is_ascii() || HANGUL.contains(&c) || stable_punctuation(c)
+}
+
+/// NFKC of `text`, computed only where it can change anything: the text splits before every
+/// [`stable`] character into pieces that normalize on their own (nothing reorders across a
+/// starter or composes into one that follows), so each run of other characters, with the stable
+/// character before it (which a combining mark may compose with), is checked — Unicode's quick
+/// check — and normalized if it must be; the rest is copied. `None`: the text is in NFKC.
+fn nfkc(text: &str) -> Option<String> {
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut at = 0;
+    while let Some(k) = text[at..].find(|c: char| !stable(c)).map(|k| at + k) {
+        let end = text[k..].find(stable).map_or(text.len(), |e| k + e);
+        let start = text[..k]
+            .chars()
+            .next_back()
+            .map_or(k, |c| k - c.len_utf8());
+        let piece = &text[start..end];
+        at = end;
+        if unicode_normalization::is_nfkc_quick(piece.chars())
+            == unicode_normalization::IsNormalized::Yes
+        {
+            continue;
         }
+        let o = out.get_or_insert_with(|| String::with_capacity(text.len() + 16));
+        o.push_str(&text[copied..start]);
+        o.extend(piece.nfkc());
+        copied = end;
     }
+    out.map(|mut o| {
+        o.push_str(&text[copied..]);
+        o
+    })
 }
 
 /// Characters that are never whitespace, controls or zero-width: copied through in runs.
@@ -70,10 +98,9 @@ pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
         text.into()
     };
     // Most text is in NFKC already: the quick check spares composing it again.
-    let text: std::borrow::Cow<str> = if opts.nfkc && !is_nfkc(&text) {
-        text.nfkc().collect::<String>().into()
-    } else {
-        text
+    let text: std::borrow::Cow<str> = match opts.nfkc.then(|| nfkc(&text)).flatten() {
+        Some(normalized) => normalized.into(),
+        None => text,
     };
     let mut out = String::with_capacity(text.len());
     let mut blank_run = 0;
@@ -182,6 +209,58 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(normalize("ｆｕｌｌ e\u{301}", &raw).0, "ｆｕｌｌ e\u{301}");
+    }
+
+    /// Normalizing only the pieces that need it gives NFKC of the whole text: combining marks
+    /// after ASCII letters and Hangul syllables, marks to reorder, jamo to compose, compatibility
+    /// characters, next to the characters taken as stable.
+    #[test]
+    fn nfkc_in_pieces_equals_nfkc_of_the_whole() {
+        let pieces = [
+            "e",
+            "<",
+            "=",
+            "A",
+            " ",
+            "가",
+            "각",
+            "\u{1100}",
+            "\u{1161}",
+            "\u{11A8}",
+            "\u{0301}",
+            "\u{0323}",
+            "\u{0338}",
+            "\u{0327}",
+            "\u{212B}",
+            "\u{2026}",
+            "\u{FB01}",
+            "ｆ",
+            "①",
+            "\u{3000}",
+            "\u{00B7}",
+            "\u{2019}",
+            "\u{2014}",
+            "\u{1E31}",
+            "\u{F900}",
+            "\u{3131}",
+            "\u{AC00}\u{11A8}",
+            "\u{0644}\u{0627}",
+            "\u{FDFA}",
+            "\u{1D400}",
+            "\u{0345}",
+            "漢",
+        ];
+        let mut rng = lmkit_core::rng::SplitMix64::new(11);
+        use lmkit_core::rng::Random;
+        for _ in 0..50_000 {
+            let n = (rng.next_u64() % 10) as usize;
+            let text: String = (0..n)
+                .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
+                .collect();
+            let whole: String = text.nfkc().collect();
+            let got = nfkc(&text).unwrap_or_else(|| text.clone());
+            assert_eq!(got, whole, "{text:?}");
+        }
     }
 
     /// The definition, one character at a time: what the run-by-run loop must equal.
