@@ -28,6 +28,10 @@ pub struct IngestOptions {
     pub skip_bad: bool,
     /// JSON field holding the document's URL in `.jsonl` files (read when set).
     pub url_field: Option<String>,
+    /// Parse JSON lines in blocks on rayon's global pool. Only for a caller whose own rayon work
+    /// never waits on the documents being read (a pool thread blocked on them would leave the
+    /// parse without a thread: a deadlock).
+    pub parallel_json: bool,
 }
 
 impl Default for IngestOptions {
@@ -37,6 +41,7 @@ impl Default for IngestOptions {
             text_field: "text".into(),
             skip_bad: false,
             url_field: None,
+            parallel_json: false,
         }
     }
 }
@@ -495,17 +500,18 @@ impl JsonBlock {
         f: &mut dyn FnMut(Doc) -> Result<()>,
     ) -> Result<()> {
         use rayon::prelude::*;
-        let parsed: Vec<std::result::Result<Option<TextUrl>, String>> = self
-            .lines
-            .par_iter()
-            .map(|&(_, a, b)| {
-                let line = &self.bytes[a..b];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    return Ok(None);
-                }
-                json_text(line, &opts.text_field, opts.url_field.as_deref()).map(Some)
-            })
-            .collect();
+        let parse = |&(_, a, b): &(u64, usize, usize)| {
+            let line = &self.bytes[a..b];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(None);
+            }
+            json_text(line, &opts.text_field, opts.url_field.as_deref()).map(Some)
+        };
+        let parsed: Vec<std::result::Result<Option<TextUrl>, String>> = if opts.parallel_json {
+            self.lines.par_iter().map(parse).collect()
+        } else {
+            self.lines.iter().map(parse).collect()
+        };
         let display = path.display();
         for (&(line_no, _, _), got) in self.lines.iter().zip(parsed) {
             match got {

@@ -311,6 +311,8 @@ pub(crate) fn ingest_options(opts: &PrepareOptions) -> IngestOptions {
         text_field: opts.text_field.clone(),
         skip_bad: opts.skip_bad,
         url_field: (!opts.url_blocklist.is_empty()).then(|| opts.url_field.clone()),
+        // The per-document work runs on the pool too, but never waits on reading.
+        parallel_json: true,
     }
 }
 
