@@ -292,8 +292,9 @@ pub(crate) struct FileNotes {
     pub(crate) web_samples: Vec<ingest::Skipped>,
 }
 
-/// Documents go through the per-document steps this many at a time, on all cores.
-const BATCH: usize = 4096;
+/// Documents go through the per-document steps this many at a time, on all cores (up to four
+/// batches are in flight between reading and writing).
+const BATCH: usize = 2048;
 
 /// The per-document steps: normalization, filters, language, masking, hashes and signatures.
 pub(crate) struct Analyzer<'a> {
