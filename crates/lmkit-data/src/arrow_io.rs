@@ -3,7 +3,7 @@
 //! an Arrow/Feather v2 file (`.arrow`, `.feather`), with LZ4 or Zstandard compressed buffers.
 
 use crate::error::{DataError, Result};
-use crate::ingest::{Doc, Skipped};
+use crate::ingest::{Columns, Doc, Skipped};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, RecordBatch};
 use arrow_ipc::reader::{FileReader, StreamReader};
@@ -21,29 +21,20 @@ fn bad(path: &Path, msg: String) -> DataError {
 const FILE_MAGIC: &[u8] = b"ARROW1";
 
 /// Streams the documents of an Arrow IPC stream or file read from `reader`: the string column
-/// `text_field` of each row (source `path:row`), with `url_field` as its URL when asked for. A null
-/// or non-text value is a bad record (skipped and counted under `skip_bad`). The file format needs
-/// seeking, so it is read from `path` itself when `seekable` (not compressed, not stdin).
-#[allow(clippy::too_many_arguments)]
+/// `cols.text` of each row (source `path:row`), with `cols.url` as its URL when asked for. A null
+/// or non-text value is a bad record (skipped and counted under `cols.skip_bad`). The file format
+/// needs seeking, so it is read from `path` itself when `seekable` (not compressed, not stdin).
 pub fn read_docs(
     path: &Path,
     reader: &mut dyn BufRead,
     seekable: bool,
-    text_field: &str,
-    url_field: Option<&str>,
-    skip_bad: bool,
+    cols: Columns,
     on_bytes: &mut dyn FnMut(u64),
     skipped: &mut dyn FnMut(Skipped),
     f: &mut dyn FnMut(Doc) -> Result<()>,
 ) -> Result<()> {
     let head = reader.fill_buf().map_err(|e| DataError::io(path, e))?;
-    let mut cols = Columns {
-        path,
-        text_field,
-        url_field,
-        skip_bad,
-        row: 0,
-    };
+    let mut table = Table { path, cols, row: 0 };
     if head.starts_with(FILE_MAGIC) {
         if !seekable {
             return Err(bad(
@@ -57,10 +48,10 @@ pub fn read_docs(
         let batches = FileReader::try_new_buffered(file, None)
             .map_err(|e| bad(path, format!("not a readable Arrow IPC file: {e}")))?;
         let schema = batches.schema();
-        cols.check(&schema)?;
+        table.check(&schema)?;
         for batch in batches {
             let batch = batch.map_err(|e| bad(path, format!("damaged Arrow record batch: {e}")))?;
-            cols.batch(&batch, on_bytes, skipped, f)?;
+            table.batch(&batch, on_bytes, skipped, f)?;
         }
         return Ok(());
     }
@@ -69,35 +60,26 @@ pub fn read_docs(
     }
     let batches = StreamReader::try_new(BufReader::new(reader), None)
         .map_err(|e| bad(path, format!("not a readable Arrow IPC stream: {e}")))?;
-    cols.check(&batches.schema())?;
+    table.check(&batches.schema())?;
     for batch in batches {
         let batch = batch.map_err(|e| bad(path, format!("damaged Arrow record batch: {e}")))?;
-        cols.batch(&batch, on_bytes, skipped, f)?;
+        table.batch(&batch, on_bytes, skipped, f)?;
     }
     Ok(())
 }
 
-/// Which columns hold a document's text and URL, and the row count so far.
-struct Columns<'a> {
+/// An Arrow file being read: where its text and URL are, and the rows so far.
+struct Table<'a> {
     path: &'a Path,
-    text_field: &'a str,
-    url_field: Option<&'a str>,
-    skip_bad: bool,
+    cols: Columns<'a>,
     row: u64,
 }
 
-impl Columns<'_> {
+impl Table<'_> {
     fn check(&self, schema: &arrow_schema::Schema) -> Result<()> {
-        if schema.column_with_name(self.text_field).is_none() {
+        if schema.column_with_name(self.cols.text).is_none() {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(bad(
-                self.path,
-                format!(
-                    "no column `{}` (columns: {}); choose the text column with --text-field",
-                    self.text_field,
-                    names.join(", ")
-                ),
-            ));
+            return Err(self.cols.missing(self.path, &names));
         }
         Ok(())
     }
@@ -110,45 +92,22 @@ impl Columns<'_> {
         f: &mut dyn FnMut(Doc) -> Result<()>,
     ) -> Result<()> {
         let text = batch
-            .column_by_name(self.text_field)
-            .ok_or_else(|| bad(self.path, format!("no column `{}`", self.text_field)))?;
+            .column_by_name(self.cols.text)
+            .ok_or_else(|| bad(self.path, format!("no column `{}`", self.cols.text)))?;
         let text = Strings::of(text.as_ref());
         let url = self
-            .url_field
+            .cols
+            .url
             .and_then(|u| batch.column_by_name(u))
             .map(|c| Strings::of(c.as_ref()));
-        let display = self.path.display();
         for i in 0..batch.num_rows() {
             self.row += 1;
-            let source = format!("{display}:{}", self.row);
-            match text.get(i) {
-                Ok(t) => {
-                    on_bytes(t.len() as u64);
-                    let url = url.as_ref().and_then(|u| u.get(i).ok()).map(str::to_string);
-                    f(Doc {
-                        text: t.to_string(),
-                        source,
-                        url,
-                    })?
-                }
-                Err(kind) => {
-                    let reason = format!("column `{}` is {kind}, not text", self.text_field);
-                    if !self.skip_bad {
-                        return Err(bad(
-                            self.path,
-                            format!(
-                                "row {}: {reason} (use --skip-bad to skip and count such rows)",
-                                self.row
-                            ),
-                        ));
-                    }
-                    skipped(Skipped {
-                        source,
-                        reason,
-                        kind: "bad",
-                    });
-                }
-            }
+            let got = text.get(i).map(|t| {
+                let url = url.as_ref().and_then(|u| u.get(i).ok()).map(str::to_string);
+                (t.to_string(), url)
+            });
+            self.cols
+                .deliver(self.path, self.row, got, on_bytes, skipped, f)?;
         }
         Ok(())
     }

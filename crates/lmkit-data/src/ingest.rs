@@ -46,6 +46,67 @@ impl Default for IngestOptions {
     }
 }
 
+/// Which columns of a table file (Parquet, Arrow) hold a document's text and URL.
+#[derive(Clone, Copy, Debug)]
+pub struct Columns<'a> {
+    pub text: &'a str,
+    pub url: Option<&'a str>,
+    /// Skip (and count) rows whose text column holds no text, instead of failing.
+    pub skip_bad: bool,
+}
+
+impl Columns<'_> {
+    /// The error for a table of `path` without the text column (`names`: its columns).
+    pub(crate) fn missing(&self, path: &Path, names: &[&str]) -> DataError {
+        DataError::BadFile {
+            path: path.to_path_buf(),
+            msg: format!(
+                "no column `{}` (columns: {}); choose the text column with --text-field",
+                self.text,
+                names.join(", ")
+            ),
+        }
+    }
+
+    /// Passes row `row` (1-based) of `path` on: its text (and URL) to `f` as a document, or, where
+    /// the text column holds something else (`Err`: "null", "not UTF-8"...), an error naming the
+    /// row — or a skipped bad record under `skip_bad`.
+    pub(crate) fn deliver(
+        &self,
+        path: &Path,
+        row: u64,
+        got: std::result::Result<TextUrl, String>,
+        on_bytes: &mut dyn FnMut(u64),
+        skipped: &mut dyn FnMut(Skipped),
+        f: &mut dyn FnMut(Doc) -> Result<()>,
+    ) -> Result<()> {
+        let source = format!("{}:{row}", path.display());
+        match got {
+            Ok((text, url)) => {
+                on_bytes(text.len() as u64);
+                f(Doc { text, source, url })
+            }
+            Err(kind) => {
+                let reason = format!("column `{}` is {kind}, not text", self.text);
+                if !self.skip_bad {
+                    return Err(DataError::BadFile {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "row {row}: {reason} (use --skip-bad to skip and count such rows)"
+                        ),
+                    });
+                }
+                skipped(Skipped {
+                    source,
+                    reason,
+                    kind: "bad",
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
 /// One document and where it came from (`path:line`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Doc {
@@ -242,16 +303,13 @@ pub fn read_docs_in(
     }
     let stdin = path == Path::new("-");
     let (mut format, compression) = format_of(path).unwrap_or((Format::Txt, Compression::None));
+    let columns = Columns {
+        text: &opts.text_field,
+        url: opts.url_field.as_deref(),
+        skip_bad: opts.skip_bad,
+    };
     if format == Format::Parquet {
-        return crate::parquet_io::read_docs(
-            path,
-            &opts.text_field,
-            opts.url_field.as_deref(),
-            opts.skip_bad,
-            on_bytes,
-            skipped,
-            f,
-        );
+        return crate::parquet_io::read_docs(path, columns, on_bytes, skipped, f);
     }
     // Where reading starts and stops (for a range), and the lines before the start.
     let mut line_no = 0u64;
@@ -286,9 +344,7 @@ pub fn read_docs_in(
                 path,
                 &mut reader,
                 !stdin && !gz,
-                &opts.text_field,
-                opts.url_field.as_deref(),
-                opts.skip_bad,
+                columns,
                 on_bytes,
                 skipped,
                 f,

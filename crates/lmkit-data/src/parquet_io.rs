@@ -3,7 +3,7 @@
 //! and uncompressed pages), and shards written as Parquet (`text`, `source` string columns, zstd).
 
 use crate::error::{DataError, Result};
-use crate::ingest::{Doc, Skipped};
+use crate::ingest::{Columns, Doc, Skipped};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
@@ -21,14 +21,12 @@ fn bad(path: &Path, msg: String) -> DataError {
     }
 }
 
-/// Streams the documents of a Parquet file: the string column `text_field` of each row (source
-/// `path:row`), with `url_field` as its URL when asked for. A null or non-string value is a bad
-/// record (skipped and counted under `skip_bad`).
+/// Streams the documents of a Parquet file: the string column `cols.text` of each row (source
+/// `path:row`), with `cols.url` as its URL when asked for. A null or non-string value is a bad
+/// record (skipped and counted under `cols.skip_bad`).
 pub fn read_docs(
     path: &Path,
-    text_field: &str,
-    url_field: Option<&str>,
-    skip_bad: bool,
+    cols: Columns,
     on_bytes: &mut dyn FnMut(u64),
     skipped: &mut dyn FnMut(Skipped),
     f: &mut dyn FnMut(Doc) -> Result<()>,
@@ -38,20 +36,14 @@ pub fn read_docs(
         .map_err(|e| bad(path, format!("not a readable Parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema();
     let fields = schema.get_fields();
-    if !fields.iter().any(|t| t.name() == text_field) {
+    if !fields.iter().any(|t| t.name() == cols.text) {
         let names: Vec<&str> = fields.iter().map(|t| t.name()).collect();
-        return Err(bad(
-            path,
-            format!(
-                "no column `{text_field}` (columns: {}); choose the text column with --text-field",
-                names.join(", ")
-            ),
-        ));
+        return Err(cols.missing(path, &names));
     }
     // The projection keeps the file's column order and root name, as the reader requires.
     let projected: Vec<_> = fields
         .iter()
-        .filter(|t| t.name() == text_field || Some(t.name()) == url_field)
+        .filter(|t| t.name() == cols.text || Some(t.name()) == cols.url)
         .cloned()
         .collect();
     let projection = Type::group_type_builder(schema.name())
@@ -60,8 +52,7 @@ pub fn read_docs(
         .map_err(|e| bad(path, e.to_string()))?;
     let rows = reader
         .get_row_iter(Some(projection))
-        .map_err(|e| bad(path, format!("cannot read column `{text_field}`: {e}")))?;
-    let display = path.display();
+        .map_err(|e| bad(path, format!("cannot read column `{}`: {e}", cols.text)))?;
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| bad(path, format!("row {}: {e}", i + 1)))?;
         let mut text = None;
@@ -72,40 +63,16 @@ pub fn read_docs(
                 Field::Bytes(b) => std::str::from_utf8(b.data()).ok().map(str::to_string),
                 _ => None,
             };
-            if name == text_field {
-                text = Some(value.ok_or_else(|| field_kind(field)));
+            if name == cols.text {
+                text = Some(value.ok_or_else(|| field_kind(field).to_string()));
             } else {
                 url = value;
             }
         }
-        let source = format!("{display}:{}", i + 1);
-        match text.unwrap_or(Err("missing")) {
-            Ok(t) => {
-                on_bytes(t.len() as u64);
-                f(Doc {
-                    text: t,
-                    source,
-                    url,
-                })?
-            }
-            Err(kind) => {
-                let reason = format!("column `{text_field}` is {kind}, not text");
-                if !skip_bad {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "row {}: {reason} (use --skip-bad to skip and count such rows)",
-                            i + 1
-                        ),
-                    ));
-                }
-                skipped(Skipped {
-                    source,
-                    reason,
-                    kind: "bad",
-                });
-            }
-        }
+        let got = text
+            .unwrap_or_else(|| Err("missing".to_string()))
+            .map(|t| (t, url));
+        cols.deliver(path, i as u64 + 1, got, on_bytes, skipped, f)?;
     }
     Ok(())
 }

@@ -69,18 +69,15 @@ pub fn stats(dir: &Path, languages: bool) -> Result<Stats> {
                 .unwrap_or_default();
             let rows: Vec<(String, String)> = if s.ends_with(".parquet") {
                 let mut rows = Vec::new();
-                crate::parquet_io::read_docs(
-                    &name,
-                    "text",
-                    Some("source"),
-                    false,
-                    &mut |_| {},
-                    &mut |_| {},
-                    &mut |d| {
-                        rows.push((source_file(d.url.as_deref().unwrap_or_default()), d.text));
-                        Ok(())
-                    },
-                )?;
+                let cols = crate::ingest::Columns {
+                    text: "text",
+                    url: Some("source"),
+                    skip_bad: false,
+                };
+                crate::parquet_io::read_docs(&name, cols, &mut |_| {}, &mut |_| {}, &mut |d| {
+                    rows.push((source_file(d.url.as_deref().unwrap_or_default()), d.text));
+                    Ok(())
+                })?;
                 rows
             } else {
                 let body = crate::ingest::read_text(&name)?;
