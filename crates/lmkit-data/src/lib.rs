@@ -75,7 +75,8 @@ pub struct PrepareOptions {
     /// joins (needs near-duplicate removal).
     pub clusters: bool,
     /// In a run split over tasks ([`task`]): plain .txt (a document per line) and .jsonl files
-    /// larger than this many bytes are cut into byte ranges that tasks read separately.
+    /// larger than this many bytes (at least 64 KiB) are cut into byte ranges that tasks read
+    /// separately.
     pub task_split_bytes: u64,
 }
 
@@ -546,8 +547,6 @@ fn blocked(url: Option<&str>, list: &[String]) -> bool {
     })
 }
 
-/// The decisions that depend on earlier documents (deduplication) and the output: documents
-/// arrive in input order, so the result does not depend on how the per-document work was spread.
 /// Where `--clusters` lists the removed duplicates, in the output directory.
 pub const CLUSTERS_FILE: &str = "clusters.jsonl";
 
@@ -564,6 +563,8 @@ pub struct ClusterMember {
     pub jaccard: f64,
 }
 
+/// The decisions that depend on earlier documents (deduplication) and the output: documents
+/// arrive in input order, so the result does not depend on how the per-document work was spread.
 pub(crate) struct State {
     report: Report,
     /// `clusters.jsonl` being written (with `--clusters`).

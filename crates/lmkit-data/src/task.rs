@@ -105,14 +105,15 @@ fn plan(inputs: &[PathBuf], tasks: usize, opts: &PrepareOptions) -> Result<Plan>
         sized.push(bytes);
     }
     let ingest = crate::ingest_options(opts);
-    let split = opts.task_split_bytes.max(1);
+    // Pieces of at least 64 KiB: a tiny --task-split-mb must not plan millions of them.
+    let split = opts.task_split_bytes.max(64 << 10);
     let mut pieces = Vec::new();
     for (input, (p, &bytes)) in inputs.iter().zip(&sized).enumerate() {
         if bytes > split && crate::ingest::splittable(p, &ingest) {
             let n = bytes.div_ceil(split);
             pieces.extend((0..n).map(|k| Piece {
                 input,
-                range: Some((bytes * k / n, bytes * (k + 1) / n)),
+                range: Some((cut(bytes, k, n), cut(bytes, k + 1, n))),
                 task: 0,
             }));
         } else {
@@ -145,6 +146,11 @@ fn plan(inputs: &[PathBuf], tasks: usize, opts: &PrepareOptions) -> Result<Plan>
         pieces,
         analysis: analysis_options(opts),
     })
+}
+
+/// Where the `k`-th of `n` equal cuts of `bytes` falls.
+fn cut(bytes: u64, k: u64, n: u64) -> u64 {
+    (u128::from(bytes) * u128::from(k) / u128::from(n)) as u64
 }
 
 impl Plan {
