@@ -371,11 +371,6 @@ pub fn read_docs_in(
     let mut json = JsonBlock::default();
     let mut pending = String::new(); // paragraph/file accumulation
     let mut pending_start = 0u64;
-    let bad = |line: u64, msg: String| DataError::BadRecord {
-        path: path.to_path_buf(),
-        line,
-        msg,
-    };
     while pos < end {
         buf.clear();
         let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
@@ -413,16 +408,8 @@ pub fn read_docs_in(
         let text = match std::str::from_utf8(&buf) {
             Ok(t) => t.trim_end_matches(['\n', '\r']),
             Err(e) => {
-                let msg = format!("line is not valid UTF-8 (byte {})", e.valid_up_to());
-                if opts.skip_bad {
-                    skipped(Skipped {
-                        source: format!("{display}:{line_no}"),
-                        reason: msg,
-                        kind: "bad",
-                    });
-                    continue;
-                }
-                return Err(bad(line_no, msg));
+                bad_line(path, line_no, not_utf8(&e), opts.skip_bad, skipped)?;
+                continue;
             }
         };
         // Text (the other formats were read above).
@@ -519,6 +506,35 @@ fn deliver(
 /// A document's text and URL.
 type TextUrl = (String, Option<String>);
 
+/// A line of `path` that gives no document: with `skip_bad` passed to `skipped` as a bad record,
+/// otherwise the error naming the file and line.
+fn bad_line(
+    path: &Path,
+    line: u64,
+    msg: String,
+    skip_bad: bool,
+    skipped: &mut dyn FnMut(Skipped),
+) -> Result<()> {
+    if !skip_bad {
+        return Err(DataError::BadRecord {
+            path: path.to_path_buf(),
+            line,
+            msg,
+        });
+    }
+    skipped(Skipped {
+        source: format!("{}:{line}", path.display()),
+        reason: msg,
+        kind: "bad",
+    });
+    Ok(())
+}
+
+/// What a line that is not UTF-8 is reported as.
+fn not_utf8(e: &std::str::Utf8Error) -> String {
+    format!("line is not valid UTF-8 (byte {})", e.valid_up_to())
+}
+
 /// JSON lines gathered to be parsed together: reading is one thread, but parsing (UTF-8 checks,
 /// unescaping) is most of its work and runs over the block in parallel; documents and errors are
 /// then passed on in line order.
@@ -577,18 +593,7 @@ impl JsonBlock {
                     source: format!("{display}:{line_no}"),
                     url,
                 })?,
-                Err(msg) if opts.skip_bad => skipped(Skipped {
-                    source: format!("{display}:{line_no}"),
-                    reason: msg,
-                    kind: "bad",
-                }),
-                Err(msg) => {
-                    return Err(DataError::BadRecord {
-                        path: path.to_path_buf(),
-                        line: line_no,
-                        msg,
-                    })
-                }
+                Err(msg) => bad_line(path, line_no, msg, opts.skip_bad, skipped)?,
             }
         }
         self.bytes.clear();
@@ -610,7 +615,7 @@ fn json_text(
         .deserialize(&mut de)
         .and_then(|got| de.end().map(|()| got))
         .map_err(|e| match std::str::from_utf8(line) {
-            Err(u) => format!("line is not valid UTF-8 (byte {})", u.valid_up_to()),
+            Err(u) => not_utf8(&u),
             Ok(_) => format!("malformed JSON: {e}"),
         })?;
     match text {

@@ -17,10 +17,15 @@ pub struct Record<'a> {
 /// A document's line in JSONL shards (`{"text", "source"}` and a newline).
 pub fn json_line(text: &str, source: &str) -> Vec<u8> {
     let mut line = Vec::with_capacity(text.len() + source.len() + 32);
-    // Writing to a Vec cannot fail, and two strings always serialize.
-    let _ = serde_json::to_writer(&mut line, &Record { text, source });
-    line.push(b'\n');
+    json_line_into(&mut line, text, source);
     line
+}
+
+/// [`json_line`], appended to `line`.
+fn json_line_into(line: &mut Vec<u8>, text: &str, source: &str) {
+    // Writing to a Vec cannot fail, and two strings always serialize.
+    let _ = serde_json::to_writer(&mut *line, &Record { text, source });
+    line.push(b'\n');
 }
 
 /// What shards are: JSON Lines, plain or compressed, or Parquet.
@@ -191,9 +196,7 @@ impl ShardWriter {
             _ if self.compression == Compression::Parquet => &[][..],
             Some(line) => line,
             None => {
-                serde_json::to_writer(&mut self.line, &Record { text, source })
-                    .map_err(|e| io(e.into()))?;
-                self.line.push(b'\n');
+                json_line_into(&mut self.line, text, source);
                 &self.line
             }
         };
