@@ -1,15 +1,15 @@
-//! The attention of a decoding step: one query position per head against every cached key,
-//! computed in one loop per key/value head on the calling thread (f32, CPU). Through BLAS this
-//! was three small products per layer, each waking the thread pool, and the softmax between
-//! them; a loop reads each cached key and value row once for all the query heads that share it.
+//! The attention of a decoding step: one query position per head against every cached key
+//! (f32, CPU). Through BLAS this was three small products per layer, each waking the thread pool,
+//! and the softmax between them. Here a short cache is one loop per key/value head on the
+//! calling thread, reading each cached key row once for all the query heads that share it; a
+//! longer one is split by query head over the polling [`crate::team`].
 
 use crate::simd::prefetch;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-/// Keys read (batch × query heads × positions × head size) from which the key/value heads are
-/// split over the thread pool; below it, waking the pool costs more than the work.
-const PARALLEL_FROM: usize = 1 << 21;
+/// Keys read (batch × query heads × positions × head size) from which the query heads are split
+/// over [`crate::team`]; below it, one thread does the step's attention sooner.
+const SPLIT_FROM: usize = 1 << 15;
 
 /// Key/value rows ahead of the one being read that are asked into cache: a step reads each
 /// cached row once, and the hardware prefetcher alone leaves the loop waiting on memory.
@@ -211,24 +211,34 @@ impl CustomOp3 for AttendOne {
         }
         let rep = heads / kv_heads;
         let mut out = vec![0f32; b * heads * d];
-        // One task per key/value head: its query heads are adjacent rows of q and of out.
-        let group = |(i, o): (usize, &mut [f32])| {
-            let mut scores = vec![0f32; rep * s];
-            attend_group(
-                &q[i * rep * d..(i + 1) * rep * d],
-                &k[k_starts[i]..],
-                &v[v_starts[i]..],
-                d,
-                stride,
-                self.scale as f32,
-                &mut scores,
-                o,
-            );
-        };
-        if b * heads * s * d >= PARALLEL_FROM {
-            out.par_chunks_mut(rep * d).enumerate().for_each(group);
+        let scale = self.scale as f32;
+        if b * heads * s * d >= SPLIT_FROM {
+            // One task per query head on the polling team (a step's attention comes between
+            // its products, once per layer); query head i reads key/value head i / rep.
+            crate::team::for_each_chunk_mut(&mut out, d, |i, o| {
+                let g = i / rep;
+                let mut scores = vec![0f32; s];
+                let (k, v) = (&k[k_starts[g]..], &v[v_starts[g]..]);
+                attend_group(
+                    &q[i * d..(i + 1) * d],
+                    k,
+                    v,
+                    d,
+                    stride,
+                    scale,
+                    &mut scores,
+                    o,
+                );
+            });
         } else {
-            out.chunks_mut(rep * d).enumerate().for_each(group);
+            // One key/value head at a time: its query heads are adjacent rows of q and of out,
+            // and each key row is read once for all of them.
+            let mut scores = vec![0f32; rep * s];
+            for (i, o) in out.chunks_mut(rep * d).enumerate() {
+                let (k, v) = (&k[k_starts[i]..], &v[v_starts[i]..]);
+                let q = &q[i * rep * d..(i + 1) * rep * d];
+                attend_group(q, k, v, d, stride, scale, &mut scores, o);
+            }
         }
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
@@ -265,15 +275,27 @@ mod tests {
     use candle_core::Device;
 
     /// The loop equals softmax(scale·q·kᵀ)·v computed by tensor ops, for grouped-query heads,
-    /// a batch of two, and keys/values that are views of larger buffers (as a KV cache gives).
+    /// a batch of two, and keys/values that are views of larger buffers (as a KV cache gives):
+    /// one thread by key/value head (37 keys) and the query heads split over the team (300).
     #[test]
     fn equals_the_composed_attention() {
+        for s in [37, 300] {
+            compare_with_composed_attention(s);
+        }
+    }
+
+    fn compare_with_composed_attention(s: usize) {
         let dev = Device::Cpu;
         let r = |s: &[usize]| crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
-        let (b, h, kv, s, d) = (2, 6, 2, 37, 20);
+        let (b, h, kv, d) = (2, 6, 2, 20);
+        assert_eq!(
+            b * h * s * d >= SPLIT_FROM,
+            s > 37,
+            "the two cases take the two paths"
+        );
         let q = r(&[b, h, 1, d]);
-        let kb = r(&[b, kv, 64, d]);
-        let vb = r(&[b, kv, 64, d]);
+        let kb = r(&[b, kv, 320, d]);
+        let vb = r(&[b, kv, 320, d]);
         let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
         let got = attend_one(&q, &k, &v, 0.3)
             .unwrap()

@@ -15,6 +15,7 @@
 //!   hand-written training passes.
 //! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
+//! - [`team`]: a few threads that poll between the short parallel loops of a decoding step.
 //!
 //! Each kernel runs on CPU f32/f64 tensors and reports "not mine" (or falls back to composed
 //! candle ops) for other devices and dtypes, so models stay device-agnostic. Every `unsafe`
@@ -32,6 +33,7 @@ pub mod quant;
 pub mod recurrent;
 pub mod simd;
 pub mod system;
+pub mod team;
 pub mod vector;
 
 #[doc(hidden)]

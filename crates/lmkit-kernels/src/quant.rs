@@ -312,6 +312,8 @@ fn dot4(ty: QType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
 const COLUMNS_PER_TASK: usize = 32;
 /// Products (rows × columns × depth) below which one thread does the whole product.
 const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
+/// Input rows up to which a product runs on [`crate::team`] rather than rayon's pool.
+const TEAM_MAX_ROWS: usize = 16;
 
 /// x [.., k] (f32, CPU) times a weight [n, k] of type `ty` (its raw blocks, row-major)ᵀ: [.., n].
 pub fn quant_matmul(
@@ -357,9 +359,9 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
     // Column-major tiles: each task computes COLUMNS_PER_TASK outputs for every input row, so
     // its weight rows stay in cache while the inputs stream past.
-    let tile = |tile: &[u8]| {
+    // The outputs of COLUMNS_PER_TASK weight rows (a tile) for every input row, row-major.
+    let tile = |tile: &[u8], out: &mut [f32]| {
         let cols = tile.len() / row_bytes;
-        let mut out = vec![0f32; m * cols];
         // Four input rows at a time share each weight block's decoding.
         let mut i = 0;
         while i + 4 <= m {
@@ -376,16 +378,38 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
                 out[i * cols + c] = dot(ty, wr, xq);
             }
         }
-        out
     };
     let chunk = row_bytes * COLUMNS_PER_TASK;
-    // Small products (one decoding step's projections) cost less than waking the thread pool.
-    let tiles: Vec<Vec<f32>> = if m * n * k < PARALLEL_MIN_PRODUCTS {
-        w.chunks(chunk).map(tile).collect()
-    } else {
-        w.par_chunks(chunk).map(tile).collect()
-    };
+    let weights = |t: usize| &w[t * chunk..((t + 1) * chunk).min(w.len())];
+    // Small products cost less than handing out their tiles.
+    let serial = m * n * k < PARALLEL_MIN_PRODUCTS;
     let mut y = vec![0f32; m * n];
+    if m == 1 {
+        // One row (a decoding step): each tile's outputs are a slice of the result. These
+        // products come a hundred or more to a step, so they go to the polling team: waking
+        // rayon's sleeping threads for each costs more than the split gains.
+        let run = |t: usize, out: &mut [f32]| tile(weights(t), out);
+        if serial {
+            y.chunks_mut(COLUMNS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, out)| run(t, out));
+        } else {
+            crate::team::for_each_chunk_mut(&mut y, COLUMNS_PER_TASK, run);
+        }
+        return y;
+    }
+    let make = |t: &[u8]| {
+        let mut out = vec![0f32; m * (t.len() / row_bytes)];
+        tile(t, &mut out);
+        out
+    };
+    let tiles: Vec<Vec<f32>> = if serial {
+        w.chunks(chunk).map(make).collect()
+    } else if m <= TEAM_MAX_ROWS {
+        crate::team::map(w.len().div_ceil(chunk), |t| make(weights(t)))
+    } else {
+        w.par_chunks(chunk).map(make).collect()
+    };
     for (t, tile) in tiles.iter().enumerate() {
         let c0 = t * COLUMNS_PER_TASK;
         let cols = tile.len() / m.max(1);
@@ -433,6 +457,51 @@ mod tests {
         );
         let row = &bytes[..k / QK * Q4_1_BYTES];
         assert!((dot(QType::Q4_1, row, &xq) - dot_scalar(row, &xq)).abs() < 1e-3);
+    }
+
+    /// However a product is split (one thread, the team by tiles of the result, the team or
+    /// rayon's pool by tiles of every row), each output is the same dot product.
+    #[test]
+    fn every_split_gives_the_row_by_row_dot_products() {
+        let dev = Device::Cpu;
+        let (n, k) = (300, 256);
+        for (ty, dtype) in [
+            (QType::Q4_1, GgmlDType::Q4_1),
+            (QType::Q8_0, GgmlDType::Q8_0),
+        ] {
+            let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let bytes = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec();
+            let row_bytes = k / QK * ty.block_bytes();
+            // 1 row: serial below PARALLEL_MIN_PRODUCTS at n = 200, the team above; 3 and 9
+            // rows: the team; 40 rows: rayon's pool.
+            for (m, cols) in [(1, 200), (1, n), (3, n), (9, n), (40, n)] {
+                let xs = crate::testing::randn(0f32, 1.0, m * k, &dev)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got = quant_product(&xs, &bytes[..cols * row_bytes], ty, cols, k);
+                let mut xq = Vec::new();
+                for (i, x) in xs.chunks_exact(k).enumerate() {
+                    quantize_q8_1(x, &mut xq);
+                    for (c, wr) in bytes[..cols * row_bytes]
+                        .chunks_exact(row_bytes)
+                        .enumerate()
+                    {
+                        let (g, want) = (got[i * cols + c], dot(ty, wr, &xq));
+                        if i < m / 4 * 4 {
+                            // Rows taken four at a time (`dot4`) may sum in another order.
+                            assert!((g - want).abs() < 1e-3, "{ty:?} m={m} row {i} column {c}");
+                        } else {
+                            assert_eq!(g, want, "{ty:?} m={m} row {i} column {c}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
