@@ -42,6 +42,21 @@ def logprobs(model, ids):
     return lp
 
 
+def strided_nll(model, ids, stride):
+    """The negative log-likelihood of ids[1:] over lmkit's strided windows, scored by transformers."""
+    nll, done, begin = 0.0, 0, 0
+    while done + 1 < len(ids):
+        end = min(begin + CTX, len(ids))
+        lp = logprobs(model, ids[begin:end])
+        for pos in range(done + 1, end):
+            nll -= lp[pos - begin - 1, ids[pos]].item()
+        done = end - 1
+        if end == len(ids):
+            break
+        begin = min(begin + stride, done)
+    return nll
+
+
 def test_ppl_and_bits_per_byte_match_transformers(hf, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
@@ -51,17 +66,7 @@ def test_ppl_and_bits_per_byte_match_transformers(hf, tmp_path):
     assert len(ids) > 2 * CTX, "the text must need several windows"
     for stride in (8, CTX):
         got = json.loads(hf["run"]("eval", "ppl", "--model", hf["dir"], "--input", text, "--stride", stride, "--json"))
-        # The same strided windows, scored by transformers.
-        nll, done, begin = 0.0, 0, 0
-        while done + 1 < len(ids):
-            end = min(begin + CTX, len(ids))
-            lp = logprobs(hf["model"], ids[begin:end])
-            for pos in range(done + 1, end):
-                nll -= lp[pos - begin - 1, ids[pos]].item()
-            done = end - 1
-            if end == len(ids):
-                break
-            begin = min(begin + stride, done)
+        nll = strided_nll(hf["model"], ids, stride)
         n_bytes = sum(len(l.encode()) + 1 for l in LINES)
         assert got["tokens"] == len(ids) - 1
         assert got["bytes"] == n_bytes
@@ -69,13 +74,14 @@ def test_ppl_and_bits_per_byte_match_transformers(hf, tmp_path):
         assert abs(got["bits_per_byte"] - nll / math.log(2) / n_bytes) < 1e-4
 
 
-def harness_loglikelihood(hf, context, continuation):
+def harness_loglikelihood(hf, context, continuation, prefix=None):
     # lm-evaluation-harness: trailing spaces of the context go to the continuation, both are
-    # encoded separately, the input is cut from the left to max_length + 1 tokens.
+    # encoded separately, an empty context is the prefix token (the tokenizer's BOS, else its
+    # end-of-text), the input is cut from the left to max_length + 1 tokens.
     n = len(context) - len(context.rstrip(" "))
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    ctx = hf["tok"].encode(context).ids if context else [hf["eot"]]
+    ctx = hf["tok"].encode(context).ids if context else [hf["eot"] if prefix is None else prefix]
     cont = hf["tok"].encode(continuation).ids
     whole = (ctx + cont)[-(CTX + 1):]
     lp = logprobs(hf["model"], whole[:-1])
@@ -114,6 +120,38 @@ def test_task_loglikelihoods_match_transformers(hf, tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert res["examples"] == 7
     assert res["acc"] == sum(d["pick"] == d["answer"] for d in details) / 7
+
+
+def test_texts_start_after_the_tokenizer_s_bos_as_in_the_harness(hf, tmp_path):
+    """A tokenizer whose BOS is not its end-of-text (SmolLM2's <|im_start|>, Llama's <s>): the
+    perplexity stream and an empty task context start with the BOS, as lm-evaluation-harness's
+    `prefix_token_id` (transformers' `tokenizer.bos_token_id`)."""
+    from transformers import AutoTokenizer
+    d = tmp_path / "bos"
+    shutil.copytree(hf["dir"], d)
+    bos = next(t.content for t in hf["tok"].get_added_tokens_decoder().values() if t.content != "<|endoftext|>")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = bos
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    prefix = AutoTokenizer.from_pretrained(d).bos_token_id
+    assert prefix == hf["tok"].token_to_id(bos) != hf["eot"]
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    ids = [prefix]
+    for l in LINES:
+        ids += hf["tok"].encode(l).ids + [hf["eot"]]
+    got = json.loads(hf["run"]("eval", "ppl", "--model", d, "--input", text, "--stride", 8, "--json"))
+    want = strided_nll(hf["model"], ids, 8)
+    assert abs(got["nll"] - want) < 1e-3 * len(ids), (got["nll"], want)
+    # The first token's log-probability differs with the prefix: the check can fail.
+    assert abs(want - strided_nll(hf["model"], [hf["eot"]] + ids[1:], 8)) > 1e-3
+    f = tmp_path / "empty.jsonl"
+    f.write_text(json.dumps({"context": "", "choices": ["the cat", "cat the"], "answer": 0}) + "\n", encoding="utf-8")
+    hf["run"]("eval", "tasks", "--model", d, "--tasks", f, "--details", tmp_path / "d.jsonl",
+              "--output", tmp_path / "r.json")
+    detail = json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0])
+    want = [harness_loglikelihood(hf, "", c, prefix) for c in ("the cat", "cat the")]
+    np.testing.assert_allclose(detail["loglikelihoods"], want, atol=1e-3)
 
 
 def test_ngram_bits_per_byte_match_kenlm(tiny_model, tmp_path):

@@ -50,7 +50,7 @@ impl Neural {
             let mut decoders = Vec::with_capacity(chunk.len());
             for (i, mut p) in ids.into_iter().enumerate() {
                 if p.is_empty() {
-                    p.push(self.eot);
+                    p.push(self.prefix);
                 }
                 if p.len() > keep {
                     p.drain(..p.len() - keep);

@@ -39,8 +39,11 @@ pub use lmkit_core::{NoProgress, Progress, Unit};
 pub struct Neural {
     pub model: CausalLm,
     pub tokenizer: lmkit_tokenize::Tokenizer,
-    /// The document separator, also the context of a text's first token.
+    /// The document separator.
     pub eot: u32,
+    /// The context of a text's first token: the tokenizer's BOS when it names one (as
+    /// lm-evaluation-harness's `prefix_token_id`), else `eot`.
+    pub prefix: u32,
     pub context: usize,
     /// End-of-sequence ids that end generation (config and generation config).
     pub stop_ids: Vec<u32>,
@@ -145,10 +148,15 @@ impl Scorer {
                 path: dir.clone(),
                 msg: "the tokenizer has no <|endoftext|> and config.json no eos_token_id".into(),
             })?;
+        let prefix = lmkit_tokenize::chat::special_tokens(&dir)?
+            .bos
+            .and_then(|t| tokenizer.token_to_id(&t))
+            .unwrap_or(eot);
         Ok(Scorer::Neural(Box::new(Neural {
             model,
             tokenizer,
             eot,
+            prefix,
             context: cfg.max_positions(),
             stop_ids: lmkit_models::stop_token_ids(&dir)
                 .unwrap_or_default()
@@ -159,7 +167,7 @@ impl Scorer {
     }
 
     /// Perplexity and bits per byte of `lines` (each line a document). Neural models read the
-    /// text as one stream (`<|endoftext|>` after each line) in windows of the model's context,
+    /// text as one stream (the prefix token first, `<|endoftext|>` after each line) in windows of the model's context,
     /// advancing by `stride` tokens (default: half the context) so that every token after the
     /// first window sees at least `context - stride` tokens of history.
     pub fn eval_text(
@@ -186,7 +194,7 @@ impl Scorer {
             }
             Scorer::Neural(n) => {
                 let enc = lmkit_tokenize::encode_batch(&n.tokenizer, lines)?;
-                let mut ids = vec![n.eot];
+                let mut ids = vec![n.prefix];
                 for l in enc {
                     ids.extend(l);
                     ids.push(n.eot);
@@ -227,7 +235,7 @@ impl Scorer {
         match self {
             Scorer::Ngram(m) => Ok(m.score_line(s).log10_prob as f64),
             Scorer::Neural(n) => {
-                let mut ids = vec![n.eot];
+                let mut ids = vec![n.prefix];
                 ids.extend(lmkit_tokenize::encode_batch(&n.tokenizer, &[s.to_string()])?.remove(0));
                 ids.push(n.eot);
                 let lp = n.token_logprobs(&ids, None, &NoProgress)?;
@@ -280,7 +288,8 @@ impl Neural {
     }
 
     /// As lm-evaluation-harness does: spaces ending the context move to the continuation; the
-    /// two are tokenized separately; an empty context becomes `<|endoftext|>`; the input is cut
+    /// two are tokenized separately; an empty context becomes the prefix token (BOS, else
+    /// `<|endoftext|>`); the input is cut
     /// from the left to the model's context.
     pub fn loglikelihood(&self, context: &str, continuation: &str) -> Result<f64> {
         let trimmed = context.trim_end_matches(' ');
@@ -293,7 +302,7 @@ impl Neural {
         }
         let mut ctx = self.encode(trimmed)?;
         if ctx.is_empty() {
-            ctx.push(self.eot);
+            ctx.push(self.prefix);
         }
         let mut all = ctx;
         all.extend(&cont);

@@ -83,6 +83,63 @@ fn environment() -> minijinja::Environment<'static> {
     env
 }
 
+/// The special tokens a model's tokenizer names (as transformers' `tokenizer.bos_token` and
+/// `eos_token`): from `tokenizer_config.json`, or a GGUF file's `tokenizer.ggml.*_token_id`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+}
+
+/// The special tokens of the model at `dir` (a directory or a GGUF file); none named when it
+/// has no `tokenizer_config.json`.
+pub fn special_tokens(dir: &Path) -> Result<SpecialTokens> {
+    if crate::gguf::is_gguf(dir) {
+        let meta = crate::gguf::GgufMeta::read(dir)?;
+        return Ok(SpecialTokens {
+            bos: meta.special_token("bos"),
+            eos: meta.special_token("eos"),
+        });
+    }
+    Ok(named_in(&tokenizer_config(&base_dir(dir))?))
+}
+
+/// The special tokens named in a `tokenizer_config.json`: strings or AddedToken objects
+/// (`{"content": ...}`).
+fn named_in(config: &serde_json::Value) -> SpecialTokens {
+    let token = |key: &str| match config.get(key) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
+        None => None,
+    };
+    SpecialTokens {
+        bos: token("bos_token"),
+        eos: token("eos_token"),
+    }
+}
+
+/// The directory of a model's files (`dir` itself, or the directory of a file).
+fn base_dir(dir: &Path) -> std::path::PathBuf {
+    if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+/// `tokenizer_config.json` of `base`, `Null` when there is none.
+fn tokenizer_config(base: &Path) -> Result<serde_json::Value> {
+    let path = base.join("tokenizer_config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| TokenizeError::Load {
+            path: path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
+        Err(e) => Err(TokenizeError::io(&path, e)),
+    }
+}
+
 /// The chat template of a model: `chat_template.jinja` (transformers 5.x), the `chat_template`
 /// of `tokenizer_config.json` (a string, or a list of named templates, `default` taken), or
 /// `tokenizer.chat_template` of a GGUF file; with the special tokens named beside it.
@@ -95,20 +152,9 @@ pub fn load_template(dir: &Path) -> Result<Option<ChatTemplate>> {
             eos_token: meta.special_token("eos"),
         }));
     }
-    let base = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        dir.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
+    let base = base_dir(dir);
     let path = base.join("tokenizer_config.json");
-    let config: serde_json::Value = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| TokenizeError::Load {
-            path: path.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-        Err(e) => return Err(TokenizeError::io(&path, e)),
-    };
+    let config = tokenizer_config(&base)?;
     let jinja = base.join("chat_template.jinja");
     let source = match std::fs::read_to_string(&jinja) {
         Ok(text) => Some(text),
@@ -136,16 +182,14 @@ pub fn load_template(dir: &Path) -> Result<Option<ChatTemplate>> {
         },
         Err(e) => return Err(TokenizeError::io(&jinja, e)),
     };
-    // Special tokens are strings or AddedToken objects ({"content": ...}).
-    let token = |key: &str| match config.get(key) {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
-        None => None,
+    let Some(source) = source else {
+        return Ok(None);
     };
-    Ok(source.map(|source| ChatTemplate {
+    let special = named_in(&config);
+    Ok(Some(ChatTemplate {
         source,
-        bos_token: token("bos_token"),
-        eos_token: token("eos_token"),
+        bos_token: special.bos,
+        eos_token: special.eos,
     }))
 }
 
