@@ -18,6 +18,44 @@ pub fn tune_allocator() {
     }
 }
 
+/// Sets the records `range` of `buf` to zeros and hands the memory pages lying wholly inside them
+/// back to the kernel (read again, they come back zeroed): the part of a large buffer that has
+/// been consumed stops counting in the process's memory before the buffer itself is freed.
+// A Vec, not any slice: its memory is the global allocator's, which the SAFETY note relies on.
+#[allow(clippy::ptr_arg)]
+pub fn release<const N: usize>(buf: &mut Vec<[u32; N]>, range: std::ops::Range<usize>) {
+    const PAGE: usize = 4096;
+    let data = buf[range].as_flattened_mut();
+    let start = data.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(data);
+    let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+    if cfg!(not(target_os = "linux")) || first >= last {
+        data.fill(0);
+        return;
+    }
+    // The values before the first whole page and after the last one are zeroed by hand.
+    let (len, head, tail) = (data.len(), (first - start) / 4, (end - last) / 4);
+    data[..head].fill(0);
+    data[len - tail..].fill(0);
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: [first, last) lies inside the records borrowed mutably here, memory of a
+        // Vec: the global allocator's (the system malloc), which backs it with its heap or an
+        // anonymous private mapping. After MADV_DONTNEED such pages read as zero-filled, and
+        // zeros are valid u32 values: the same state `fill(0)` gives.
+        let done = unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if done != 0 {
+            data[head..len - tail].fill(0);
+        }
+    }
+}
+
 /// Safetensors files mapped once: checked for non-finite values, then read by a `VarBuilder`.
 pub struct MappedWeights(candle_core::safetensors::MmapedSafetensors);
 
@@ -82,5 +120,28 @@ impl MappedWeights {
     /// The tensors as a variable source of candle-nn.
     pub fn into_backend(self) -> Box<dyn candle_nn::var_builder::SimpleBackend> {
         Box::new(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn released_records_read_as_zeros_and_the_others_keep_their_values() {
+        let mut buf: Vec<[u32; 5]> = (0..100_000u32)
+            .map(|i| [i, i + 1, i + 2, i + 3, 7])
+            .collect();
+        super::release(&mut buf, 1_003..61_007);
+        for (i, r) in buf.iter().enumerate() {
+            let i = i as u32;
+            if (1_003..61_007).contains(&i) {
+                assert_eq!(*r, [0; 5], "record {i}");
+            } else {
+                assert_eq!(*r, [i, i + 1, i + 2, i + 3, 7], "record {i}");
+            }
+        }
+        // The released pages can be written again.
+        buf[2_000] = [1; 5];
+        assert_eq!(buf[2_000], [1; 5]);
+        super::release(&mut buf, 5..5);
     }
 }

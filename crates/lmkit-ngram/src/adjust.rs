@@ -7,14 +7,99 @@
 
 use crate::count::NONE;
 
+/// Counts of a table's n-grams: 4 bytes each, until one exceeds `u32::MAX` (a raw count in a
+/// corpus of billions of tokens) and all become 8 bytes.
+#[derive(Clone, Debug)]
+pub enum Counts {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts::Narrow(Vec::new())
+    }
+}
+
+impl Counts {
+    pub fn len(&self) -> usize {
+        match self {
+            Counts::Narrow(v) => v.len(),
+            Counts::Wide(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> u64 {
+        match self {
+            Counts::Narrow(v) => v[i] as u64,
+            Counts::Wide(v) => v[i],
+        }
+    }
+
+    pub fn last(&self) -> Option<u64> {
+        self.len().checked_sub(1).map(|i| self.get(i))
+    }
+
+    pub fn push(&mut self, c: u64) {
+        match self {
+            Counts::Narrow(v) => match u32::try_from(c) {
+                Ok(c) => v.push(c),
+                Err(_) => {
+                    let mut wide: Vec<u64> = v.iter().map(|&x| x as u64).collect();
+                    wide.push(c);
+                    *self = Counts::Wide(wide);
+                }
+            },
+            Counts::Wide(v) => v.push(c),
+        }
+    }
+
+    /// Entry `i` takes entry `from`'s count.
+    fn copy(&mut self, from: usize, i: usize) {
+        match self {
+            Counts::Narrow(v) => v[i] = v[from],
+            Counts::Wide(v) => v[i] = v[from],
+        }
+    }
+
+    /// Entry `i` takes count `c` (a count of this table, so it fits).
+    fn set(&mut self, i: usize, c: u64) {
+        match self {
+            Counts::Narrow(v) => v[i] = c as u32,
+            Counts::Wide(v) => v[i] = c,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    pub fn to_vec(&self) -> Vec<u64> {
+        self.iter().collect()
+    }
+}
+
+impl From<Vec<u64>> for Counts {
+    fn from(v: Vec<u64>) -> Self {
+        let mut c = Counts::default();
+        v.into_iter().for_each(|x| c.push(x));
+        c
+    }
+}
+
 /// The n-grams of one order with their adjusted counts, keys flattened in word order.
 #[derive(Clone, Debug, Default)]
 pub struct CountTable {
     pub n: usize,
     pub keys: Vec<u32>,
-    pub counts: Vec<u64>,
+    pub counts: Counts,
     /// How often each n-gram occurs in the text (kept only when asked: pruning needs it).
-    pub raw: Vec<u64>,
+    pub raw: Counts,
     /// The count the discount statistics take for the table's last entry (see
     /// [`CountTable::count_of_counts`]).
     pub last_in_statistics: Option<u64>,
@@ -32,8 +117,8 @@ impl CountTable {
                 t[c as usize - 1] = t[c as usize - 1].wrapping_add_signed(by);
             }
         };
-        self.counts.iter().for_each(|&c| add(c, 1));
-        if let (Some(raw), Some(&last)) = (self.last_in_statistics, self.counts.last()) {
+        self.counts.iter().for_each(|c| add(c, 1));
+        if let (Some(raw), Some(last)) = (self.last_in_statistics, self.counts.last()) {
             add(last, -1);
             add(raw, 1);
         }
@@ -52,6 +137,45 @@ impl CountTable {
 
     pub fn key(&self, i: usize) -> &[u32] {
         &self.keys[i * self.n..(i + 1) * self.n]
+    }
+
+    /// Puts the entries in the order `idx` gives (entry j takes entry idx[j]) in place: the
+    /// permutation is applied cycle by cycle with one entry held aside, so sorting a table costs
+    /// a bitmap beside the permutation, not a second table.
+    pub fn permute(&mut self, idx: &[u32]) {
+        let (len, n) = (self.len(), self.n);
+        assert_eq!(idx.len(), len, "a permutation of the table's entries");
+        let mut placed = vec![0u64; len.div_ceil(64)];
+        let mut held = vec![0u32; n];
+        for start in 0..len {
+            if placed[start / 64] >> (start % 64) & 1 == 1 {
+                continue;
+            }
+            held.copy_from_slice(self.key(start));
+            let (count, raw) = (
+                self.counts.get(start),
+                (!self.raw.is_empty()).then(|| self.raw.get(start)),
+            );
+            let mut j = start;
+            loop {
+                placed[j / 64] |= 1 << (j % 64);
+                let k = idx[j] as usize;
+                if k == start {
+                    self.keys[j * n..(j + 1) * n].copy_from_slice(&held);
+                    self.counts.set(j, count);
+                    if let Some(r) = raw {
+                        self.raw.set(j, r);
+                    }
+                    break;
+                }
+                self.keys.copy_within(k * n..(k + 1) * n, j * n);
+                self.counts.copy(k, j);
+                if raw.is_some() {
+                    self.raw.copy(k, j);
+                }
+                j = k;
+            }
+        }
     }
 }
 
@@ -159,8 +283,38 @@ mod tests {
         }
         let t = adj.finish();
         assert_eq!(t[0].keys, vec![4]);
-        assert_eq!(t[0].counts, vec![3]); // left words <s>, a, c
-        assert_eq!(t[0].raw, vec![4]); // b occurs 4 times
+        assert_eq!(t[0].counts.to_vec(), vec![3]); // left words <s>, a, c
+        assert_eq!(t[0].raw.to_vec(), vec![4]); // b occurs 4 times
         assert_eq!(t[1].len(), 3);
+    }
+
+    #[test]
+    fn a_count_past_u32_widens_the_column_and_permuting_moves_keys_with_counts() {
+        let mut c = Counts::default();
+        c.push(5);
+        assert!(matches!(c, Counts::Narrow(_)));
+        c.push(u32::MAX as u64 + 7);
+        c.push(2);
+        assert!(matches!(c, Counts::Wide(_)));
+        assert_eq!(c.to_vec(), vec![5, u32::MAX as u64 + 7, 2]);
+        for raw in [
+            Counts::default(),
+            Counts::from(vec![50, 10, 40, 20, 30, 60]),
+        ] {
+            let mut t = CountTable {
+                n: 2,
+                keys: vec![5, 0, 1, 0, 4, 0, 2, 0, 3, 0, 6, 0],
+                counts: Counts::from(vec![5, 1, 4, 2, 3, u32::MAX as u64 + 6]),
+                raw: raw.clone(),
+                last_in_statistics: None,
+            };
+            // Entry j takes entry idx[j]: sorted by key, a cycle of five and a fixed point.
+            t.permute(&[1, 3, 4, 2, 0, 5]);
+            assert_eq!(t.keys, vec![1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0]);
+            assert_eq!(t.counts.to_vec(), vec![1, 2, 3, 4, 5, u32::MAX as u64 + 6]);
+            if !raw.is_empty() {
+                assert_eq!(t.raw.to_vec(), vec![10, 20, 30, 40, 50, 60]);
+            }
+        }
     }
 }

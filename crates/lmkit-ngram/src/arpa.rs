@@ -30,7 +30,7 @@ pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<(
                 }
                 line.push_str(&tables.vocab[id as usize]);
             }
-            if let Some(b) = o.log10_backoff[i] {
+            if let Some(b) = o.log10_backoff.get(i) {
                 let _ = write!(line, "\t{b}");
             }
             line.push('\n');

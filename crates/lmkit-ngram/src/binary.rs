@@ -374,7 +374,7 @@ fn fill_hash_tables(
             img[slot..slot + 8].copy_from_slice(&h.to_le_bytes());
             img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
             img[slot + 12..slot + 16]
-                .copy_from_slice(&o.log10_backoff[i].unwrap_or(0.0).to_le_bytes());
+                .copy_from_slice(&o.log10_backoff.get(i).unwrap_or(0.0).to_le_bytes());
         }
     }
 }

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 /// Padding in a reversed record shorter than the model order.
 pub const NONE: u32 = u32::MAX;
 
+/// Bytes of sorted records handed to the sink between two releases of consumed memory.
+const RELEASE_BYTES: usize = 32 << 20;
+
 /// Highest supported model order.
 pub const MAX_ORDER: usize = 8;
 
@@ -195,7 +198,21 @@ fn count_impl<const N: usize>(
 
     if runs.is_empty() {
         buf.par_sort_unstable();
-        for_each_unique(&buf, |rec, c| sink(rec, c));
+        // The sorted records go to the sink a block at a time, each block's memory released
+        // once consumed: the count tables the sink builds grow while the buffer shrinks,
+        // instead of both being whole at the end.
+        let block = (RELEASE_BYTES / record_bytes).max(1);
+        let mut start = 0;
+        while start < buf.len() {
+            let mut end = (start + block).min(buf.len());
+            // A block ends after a whole run of equal records (one n-gram and its count).
+            while end < buf.len() && buf[end] == buf[end - 1] {
+                end += 1;
+            }
+            for_each_unique(&buf[start..end], |rec, c| sink(rec, c));
+            lmkit_kernels::system::release(&mut buf, start..end);
+            start = end;
+        }
     } else {
         if !buf.is_empty() {
             runs.push(write_run(&mut buf, &temp_dir)?);

@@ -221,7 +221,7 @@ pub fn estimate(
                     if o == 0 && key[0] <= EOS_ID {
                         return false;
                     }
-                    t.raw[i] <= thresholds[o]
+                    t.raw.get(i) <= thresholds[o]
                         || allowed
                             .as_ref()
                             .is_some_and(|ok| key.iter().any(|&w| !ok[w as usize]))
@@ -254,7 +254,7 @@ pub fn estimate(
             while end < t.len() && &t.key(end)[..n - 1] == ctx {
                 let is_bos_unigram = n == 1 && t.key(end)[0] == BOS_ID;
                 if !is_bos_unigram {
-                    let a = t.counts[end];
+                    let a = t.counts.get(end);
                     sum += a;
                     mass += if is_marked(n - 1, end) {
                         a as f64
@@ -313,7 +313,7 @@ pub fn estimate(
             while start < s0 + out.len() {
                 let (end, sum, gamma) = group(start);
                 for i in start..end {
-                    let a = t.counts[i];
+                    let a = t.counts.get(i);
                     let u = if sum > 0.0 {
                         (a as f64 - disc.discount(a)) / sum
                     } else {
@@ -402,36 +402,24 @@ fn drop_pruned_words(orders: &mut [OrderEntries], vocab: Vec<String>) -> Vec<Str
     words
 }
 
-fn sort_table(t: CountTable) -> CountTable {
+/// The table in word order (sorted in place).
+fn sort_table(mut t: CountTable) -> CountTable {
     let idx = sorted_order(&t.keys, t.n);
-    let mut keys = Vec::with_capacity(t.keys.len());
-    for &i in &idx {
-        keys.extend_from_slice(t.key(i));
-    }
-    let counts = idx.iter().map(|&i| t.counts[i]).collect();
-    let raw = if t.raw.is_empty() {
-        Vec::new()
-    } else {
-        idx.iter().map(|&i| t.raw[i]).collect()
-    };
-    CountTable {
-        n: t.n,
-        keys,
-        counts,
-        raw,
-        last_in_statistics: None,
-    }
+    t.permute(&idx);
+    t.last_in_statistics = None;
+    t
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adjust::Counts;
 
     fn table(counts: &[u64]) -> CountTable {
         CountTable {
             n: 1,
             keys: vec![0; counts.len()],
-            counts: counts.to_vec(),
+            counts: Counts::from(counts.to_vec()),
             ..Default::default()
         }
     }

@@ -10,7 +10,48 @@ pub struct OrderEntries {
     pub n: usize,
     pub keys: Vec<u32>,
     pub log10_prob: Vec<f32>,
-    pub log10_backoff: Vec<Option<f32>>,
+    pub log10_backoff: Backoffs,
+}
+
+/// The log10 back-off weights of an order's n-grams, 4 bytes each (an `Option<f32>` takes 8):
+/// `None` (the n-gram is never a context) is kept as a NaN bit pattern that no weight has.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Backoffs(Vec<u32>);
+
+/// The bits of a missing back-off weight.
+const NO_BACKOFF: u32 = u32::MAX;
+
+impl Backoffs {
+    pub fn get(&self, i: usize) -> Option<f32> {
+        let b = self.0[i];
+        (b != NO_BACKOFF).then(|| f32::from_bits(b))
+    }
+
+    pub fn push(&mut self, b: Option<f32>) {
+        self.0.push(b.map_or(NO_BACKOFF, f32::to_bits));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Option<f32>> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+impl FromIterator<Option<f32>> for Backoffs {
+    fn from_iter<I: IntoIterator<Item = Option<f32>>>(it: I) -> Self {
+        Backoffs(
+            it.into_iter()
+                .map(|b| b.map_or(NO_BACKOFF, f32::to_bits))
+                .collect(),
+        )
+    }
 }
 
 impl OrderEntries {
@@ -60,10 +101,14 @@ pub fn find_sorted(keys: &[u32], n: usize, key: &[u32]) -> Option<usize> {
     None
 }
 
-/// Permutation that sorts a table of `n`-id keys in word order.
-pub fn sorted_order(keys: &[u32], n: usize) -> Vec<usize> {
+/// Permutation that sorts a table of `n`-id keys in word order (entry j of the sorted table is
+/// entry idx[j]; tables hold fewer than 2³² entries).
+pub fn sorted_order(keys: &[u32], n: usize) -> Vec<u32> {
     use rayon::slice::ParallelSliceMut;
-    let mut idx: Vec<usize> = (0..keys.len() / n).collect();
-    idx.par_sort_unstable_by(|&a, &b| keys[a * n..a * n + n].cmp(&keys[b * n..b * n + n]));
+    let len = keys.len() / n;
+    assert!(len <= u32::MAX as usize, "an n-gram table of {len} entries");
+    let mut idx: Vec<u32> = (0..len as u32).collect();
+    let key = |i: u32| &keys[i as usize * n..i as usize * n + n];
+    idx.par_sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
     idx
 }

@@ -288,7 +288,7 @@ pub(crate) fn build_sections(
             put_bits(&mut sec, at, wi.prob, code);
             at += u64::from(wi.prob);
             if wi.backoff > 0 {
-                let b = o.log10_backoff[e].unwrap_or(0.0);
+                let b = o.log10_backoff.get(e).unwrap_or(0.0);
                 let code = encode(b, wi.backoff, &backoff_tables[i], true);
                 put_bits(&mut sec, at, wi.backoff, code);
                 at += u64::from(wi.backoff);

@@ -120,7 +120,7 @@ fn adjusted_counts_use_raw_counts_only_where_no_left_word_exists() {
         let t = &tables[key.len() - 1];
         (0..t.len())
             .find(|&i| t.key(i) == key.as_slice())
-            .map(|i| t.counts[i])
+            .map(|i| t.counts.get(i))
     };
     // Highest order: raw counts.
     assert_eq!(get("<s> a b"), Some(2));
