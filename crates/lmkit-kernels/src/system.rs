@@ -18,6 +18,17 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hands the allocator's free memory back to the kernel. [`tune_allocator`] keeps freed memory
+/// in the process (tensor code reuses it at once); a pass that frees large tables and then
+/// builds others calls this between the two, so the freed ones stop counting in its memory.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Sets the records `range` of `buf` to zeros and hands the memory pages lying wholly inside them
 /// back to the kernel (read again, they come back zeroed): the part of a large buffer that has
 /// been consumed stops counting in the process's memory before the buffer itself is freed.

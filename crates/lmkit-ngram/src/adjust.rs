@@ -127,12 +127,13 @@ impl CountTable {
 }
 
 impl CountTable {
+    /// Entries (by their keys: estimation drops an order's counts once it has used them).
     pub fn len(&self) -> usize {
-        self.counts.len()
+        self.keys.len() / self.n.max(1)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.keys.is_empty()
     }
 
     pub fn key(&self, i: usize) -> &[u32] {

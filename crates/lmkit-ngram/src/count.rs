@@ -213,6 +213,8 @@ fn count_impl<const N: usize>(
             lmkit_kernels::system::release(&mut buf, start..end);
             start = end;
         }
+        drop(buf);
+        lmkit_kernels::system::return_free_memory();
     } else {
         if !buf.is_empty() {
             runs.push(write_run(&mut buf, &temp_dir)?);

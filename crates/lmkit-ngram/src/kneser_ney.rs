@@ -9,7 +9,7 @@
 //!   p(w|h)  = u(w|h) + γ(h) · p(w|h')          (h' = h without its first word; p(w|ε) = u(w) + γ(ε)/|V|)
 //! Written as a back-off model, p(w|h) is the stored probability and γ(h) the back-off weight of h.
 
-use crate::adjust::CountTable;
+use crate::adjust::{CountTable, Counts};
 use crate::error::{NgramError, Result};
 use crate::tables::{find_sorted, sorted_order, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
@@ -188,7 +188,8 @@ pub fn estimate(
             }
         }
     }
-    let counts: Vec<CountTable> = counts.into_iter().map(sort_table).collect();
+    let mut counts: Vec<CountTable> = counts.into_iter().map(sort_table).collect();
+    lmkit_kernels::system::return_free_memory();
 
     // Which entries pruning leaves out: seen at most the order's threshold, or holding a word
     // outside the allowed vocabulary; never the special unigrams.
@@ -240,7 +241,12 @@ pub fn estimate(
     let kept_words = (0..counts[0].len()).filter(|&i| !is_marked(0, i)).count();
     let uniform = 1.0 / (kept_words as f64 - 1.0);
     let mut log_probs: Vec<Vec<f32>> = Vec::with_capacity(order);
-    let mut gammas: Vec<Vec<f32>> = counts.iter().map(|t| vec![f32::NAN; t.len()]).collect();
+    // (The highest order is no context: it has none.)
+    let mut gammas: Vec<Vec<f32>> = counts[..order - 1]
+        .iter()
+        .map(|t| vec![f32::NAN; t.len()])
+        .chain([Vec::new()])
+        .collect();
     for n in 1..=order {
         let t = &counts[n - 1];
         let disc = &discounts[n - 1];
@@ -343,6 +349,10 @@ pub fn estimate(
                 .collect(),
         );
         lower_p = p;
+        // This order's counts are used up (its keys stay: they are the model's).
+        counts[n - 1].counts = Counts::default();
+        counts[n - 1].raw = Counts::default();
+        lmkit_kernels::system::return_free_memory();
     }
     drop(lower_p);
 
@@ -351,11 +361,16 @@ pub fn estimate(
     for (o, ((t, lp), g)) in counts.into_iter().zip(log_probs).zip(gammas).enumerate() {
         if !prunes {
             // Everything is kept: the keys move over.
+            let log10_backoff = if g.is_empty() {
+                (0..lp.len()).map(|_| None).collect()
+            } else {
+                g.into_iter().map(backoff).collect()
+            };
             orders.push(OrderEntries {
                 n: t.n,
                 keys: t.keys,
                 log10_prob: lp,
-                log10_backoff: g.into_iter().map(backoff).collect(),
+                log10_backoff,
             });
             continue;
         }
@@ -368,7 +383,10 @@ pub fn estimate(
             n: t.n,
             keys,
             log10_prob: (0..t.len()).filter(kept).map(|i| lp[i]).collect(),
-            log10_backoff: (0..t.len()).filter(kept).map(|i| backoff(g[i])).collect(),
+            log10_backoff: (0..t.len())
+                .filter(kept)
+                .map(|i| g.get(i).copied().and_then(backoff))
+                .collect(),
         });
     }
     let vocab = if orders[0].len() < vocab.len() {
@@ -413,7 +431,6 @@ fn sort_table(mut t: CountTable) -> CountTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adjust::Counts;
 
     fn table(counts: &[u64]) -> CountTable {
         CountTable {
