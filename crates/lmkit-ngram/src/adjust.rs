@@ -144,35 +144,53 @@ impl CountTable {
     /// permutation is applied cycle by cycle with one entry held aside, so sorting a table costs
     /// a bitmap beside the permutation, not a second table.
     pub fn permute(&mut self, idx: &[u32]) {
-        let (len, n) = (self.len(), self.n);
-        assert_eq!(idx.len(), len, "a permutation of the table's entries");
-        let mut placed = vec![0u64; len.div_ceil(64)];
-        let mut held = vec![0u32; n];
-        for start in 0..len {
+        assert_eq!(
+            idx.len(),
+            self.len(),
+            "a permutation of the table's entries"
+        );
+        macro_rules! dispatch {
+            ($($n:literal)*) => {
+                match self.n {
+                    $($n => self.permute_n::<$n>(idx),)*
+                    n => panic!("{n}-grams: orders above {} are not counted", crate::count::MAX_ORDER),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8)
+    }
+
+    /// [`CountTable::permute`] with keys of N words (each moved as one array).
+    fn permute_n<const N: usize>(&mut self, idx: &[u32]) {
+        let keys: &mut [[u32; N]] = self.keys.as_chunks_mut::<N>().0;
+        let (counts, raw) = (&mut self.counts, &mut self.raw);
+        let with_raw = !raw.is_empty();
+        let mut placed = vec![0u64; keys.len().div_ceil(64)];
+        for start in 0..keys.len() {
             if placed[start / 64] >> (start % 64) & 1 == 1 {
                 continue;
             }
-            held.copy_from_slice(self.key(start));
-            let (count, raw) = (
-                self.counts.get(start),
-                (!self.raw.is_empty()).then(|| self.raw.get(start)),
+            let held = (
+                keys[start],
+                counts.get(start),
+                with_raw.then(|| raw.get(start)),
             );
             let mut j = start;
             loop {
                 placed[j / 64] |= 1 << (j % 64);
                 let k = idx[j] as usize;
                 if k == start {
-                    self.keys[j * n..(j + 1) * n].copy_from_slice(&held);
-                    self.counts.set(j, count);
-                    if let Some(r) = raw {
-                        self.raw.set(j, r);
+                    keys[j] = held.0;
+                    counts.set(j, held.1);
+                    if let Some(r) = held.2 {
+                        raw.set(j, r);
                     }
                     break;
                 }
-                self.keys.copy_within(k * n..(k + 1) * n, j * n);
-                self.counts.copy(k, j);
-                if raw.is_some() {
-                    self.raw.copy(k, j);
+                keys[j] = keys[k];
+                counts.copy(k, j);
+                if with_raw {
+                    raw.copy(k, j);
                 }
                 j = k;
             }

@@ -420,12 +420,56 @@ fn drop_pruned_words(orders: &mut [OrderEntries], vocab: Vec<String>) -> Vec<Str
     words
 }
 
-/// The table in word order (sorted in place).
+/// The table in word order, sorted in place. Keys with 4-byte counts and no raw counts (the
+/// usual case) are widened by one word that carries the count and sorted as records in
+/// parallel; others go through a sorted index and [`CountTable::permute`].
 fn sort_table(mut t: CountTable) -> CountTable {
-    let idx = sorted_order(&t.keys, t.n);
-    t.permute(&idx);
     t.last_in_statistics = None;
+    if !matches!(t.counts, Counts::Narrow(_)) || !t.raw.is_empty() {
+        let idx = sorted_order(&t.keys, t.n);
+        t.permute(&idx);
+        return t;
+    }
+    macro_rules! dispatch {
+        ($(($n:literal, $w:literal))*) => {
+            match t.n {
+                $($n => sort_records::<$n, $w>(&mut t),)*
+                n => unreachable!("{n}-grams are not counted"),
+            }
+        };
+    }
+    dispatch!((1, 2)(2, 3)(3, 4)(4, 5)(5, 6)(6, 7)(7, 8)(8, 9));
     t
+}
+
+/// [`sort_table`] for N-word keys: in the keys' own buffer, record i (W = N + 1 words: its key,
+/// then its count) is spread out from the last to the first, the records are sorted, the counts
+/// taken out and the keys closed up again — no second table and no index is ever built.
+fn sort_records<const N: usize, const W: usize>(t: &mut CountTable) {
+    debug_assert_eq!(W, N + 1);
+    let Counts::Narrow(counts) = std::mem::take(&mut t.counts) else {
+        unreachable!("checked by sort_table")
+    };
+    let len = counts.len();
+    let mut keys = std::mem::take(&mut t.keys);
+    keys.resize(len * W, 0);
+    for i in (0..len).rev() {
+        let key: [u32; N] = keys[i * N..i * N + N].try_into().expect("N words");
+        keys[i * W..i * W + N].copy_from_slice(&key);
+        keys[i * W + N] = counts[i];
+    }
+    drop(counts);
+    let records = keys.as_chunks_mut::<W>().0;
+    records.par_sort_unstable_by(|a, b| a[..N].cmp(&b[..N]));
+    let counts: Vec<u32> = records.iter().map(|r| r[N]).collect();
+    for i in 0..len {
+        let key: [u32; N] = keys[i * W..i * W + N].try_into().expect("N words");
+        keys[i * N..i * N + N].copy_from_slice(&key);
+    }
+    keys.truncate(len * N);
+    keys.shrink_to_fit();
+    t.keys = keys;
+    t.counts = Counts::Narrow(counts);
 }
 
 #[cfg(test)]
@@ -438,6 +482,50 @@ mod tests {
             keys: vec![0; counts.len()],
             counts: Counts::from(counts.to_vec()),
             ..Default::default()
+        }
+    }
+
+    /// Both ways of sorting a table (records with their counts; an index and a permutation)
+    /// give the table in word order with each count beside its key.
+    #[test]
+    fn tables_sort_the_same_either_way() {
+        for n in 1..=4usize {
+            let len = 500;
+            // Distinct keys in a scrambled order, each count derived from its key.
+            let keys: Vec<u32> = (0..len as u32)
+                .flat_map(|i| {
+                    let k = (i * 7919) % len as u32;
+                    (0..n as u32).map(move |w| {
+                        if w + 1 == n as u32 {
+                            k
+                        } else {
+                            (k * (w + 3)) % 11
+                        }
+                    })
+                })
+                .collect();
+            let count = |key: &[u32]| key.iter().fold(1u64, |a, &w| a * 31 + w as u64);
+            let counts: Vec<u64> = keys.chunks(n).map(count).collect();
+            let table = |raw: Counts| CountTable {
+                n,
+                keys: keys.clone(),
+                counts: Counts::from(counts.clone()),
+                raw,
+                last_in_statistics: Some(3),
+            };
+            let by_records = sort_table(table(Counts::default()));
+            let by_index = sort_table(table(Counts::from(counts.clone())));
+            assert_eq!(by_records.keys, by_index.keys);
+            assert_eq!(by_records.counts.to_vec(), by_index.counts.to_vec());
+            assert!(by_records
+                .keys
+                .chunks(n)
+                .zip(by_records.keys.chunks(n).skip(1))
+                .all(|(a, b)| a < b));
+            for (k, c) in by_records.keys.chunks(n).zip(by_records.counts.iter()) {
+                assert_eq!(c, count(k));
+            }
+            assert_eq!(by_records.last_in_statistics, None);
         }
     }
 
