@@ -474,5 +474,18 @@ pub fn embed_texts(
     }
     let ids = Tensor::from_vec(ids, (texts.len(), t), dev)?;
     let mask = Tensor::from_vec(mask, (texts.len(), t), dev)?;
-    Ok(m.embed(&ids, &mask)?.to_vec2::<f32>()?)
+    // Passes of at most EMBED_PASS_TOKENS positions: a batch of long texts in one pass makes
+    // feed-forward temporaries of tens of MB, which the allocator maps and unmaps afresh at
+    // every op (page faults, zeroing); smaller passes measured ~9% faster at batch 32.
+    let rows = (EMBED_PASS_TOKENS / t).max(1);
+    let mut out = Vec::with_capacity(texts.len());
+    for start in (0..texts.len()).step_by(rows) {
+        let n = rows.min(texts.len() - start);
+        let v = m.embed(&ids.narrow(0, start, n)?, &mask.narrow(0, start, n)?)?;
+        out.extend(v.to_vec2::<f32>()?);
+    }
+    Ok(out)
 }
+
+/// Positions (rows × padded length) one embedding pass takes at most.
+const EMBED_PASS_TOKENS: usize = 4096;
