@@ -250,17 +250,28 @@ mod tests {
             "\u{0345}",
             "漢",
         ];
-        let mut rng = lmkit_core::rng::SplitMix64::new(11);
-        use lmkit_core::rng::Random;
-        for _ in 0..50_000 {
-            let n = (rng.next_u64() % 10) as usize;
-            let text: String = (0..n)
-                .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
-                .collect();
+        for text in random_texts(&pieces, 11, 50_000, 10) {
             let whole: String = text.nfkc().collect();
             let got = nfkc(&text).unwrap_or_else(|| text.clone());
             assert_eq!(got, whole, "{text:?}");
         }
+    }
+
+    /// `count` texts of fewer than `most` pieces each, drawn with `seed`.
+    fn random_texts<'a>(
+        pieces: &'a [&str],
+        seed: u64,
+        count: usize,
+        most: u64,
+    ) -> impl Iterator<Item = String> + 'a {
+        use lmkit_core::rng::Random;
+        let mut rng = lmkit_core::rng::SplitMix64::new(seed);
+        (0..count).map(move |_| {
+            let n = (rng.next_u64() % most) as usize;
+            (0..n)
+                .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
+                .collect()
+        })
     }
 
     /// The definition, one character at a time: what the run-by-run loop must equal.
@@ -343,13 +354,7 @@ mod tests {
             "\u{FF61}",
             "\u{2000}",
         ];
-        let mut rng = lmkit_core::rng::SplitMix64::new(3);
-        use lmkit_core::rng::Random;
-        for _ in 0..20_000 {
-            let n = (rng.next_u64() % 12) as usize;
-            let text: String = (0..n)
-                .map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize])
-                .collect();
+        for text in random_texts(&pieces, 3, 20_000, 12) {
             assert_eq!(
                 normalize(&text, &NormalizeOptions::default()).0,
                 by_chars(&text),

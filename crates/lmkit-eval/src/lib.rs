@@ -167,9 +167,9 @@ impl Scorer {
     }
 
     /// Perplexity and bits per byte of `lines` (each line a document). Neural models read the
-    /// text as one stream (the prefix token first, `<|endoftext|>` after each line) in windows of the model's context,
-    /// advancing by `stride` tokens (default: half the context) so that every token after the
-    /// first window sees at least `context - stride` tokens of history.
+    /// text as one stream (the prefix token first, `<|endoftext|>` after each line) in windows
+    /// of the model's context, advancing by `stride` tokens (default: half the context) so that
+    /// every token after the first window sees at least `context - stride` tokens of history.
     pub fn eval_text(
         &self,
         lines: &[String],
@@ -289,8 +289,7 @@ impl Neural {
 
     /// As lm-evaluation-harness does: spaces ending the context move to the continuation; the
     /// two are tokenized separately; an empty context becomes the prefix token (BOS, else
-    /// `<|endoftext|>`); the input is cut
-    /// from the left to the model's context.
+    /// `<|endoftext|>`); the input is cut from the left to the model's context.
     pub fn loglikelihood(&self, context: &str, continuation: &str) -> Result<f64> {
         let trimmed = context.trim_end_matches(' ');
         let moved = &context[trimmed.len()..];

@@ -357,9 +357,9 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
     }
     let row_bytes = blocks * ty.block_bytes();
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
-    // Column-major tiles: each task computes COLUMNS_PER_TASK outputs for every input row, so
-    // its weight rows stay in cache while the inputs stream past.
-    // The outputs of COLUMNS_PER_TASK weight rows (a tile) for every input row, row-major.
+    // Column-major tiles: each task computes COLUMNS_PER_TASK outputs (a tile of weight rows)
+    // for every input row, row-major into `out`, so its weight rows stay in cache while the
+    // inputs stream past.
     let tile = |tile: &[u8], out: &mut [f32]| {
         let cols = tile.len() / row_bytes;
         // Four input rows at a time share each weight block's decoding.

@@ -52,7 +52,7 @@ struct Team {
     task: AtomicPtr<Task>,
     /// Tasks of the current loop finished (run, or panicked).
     done: AtomicUsize,
-    /// The first panic of a task on a helper, re-raised on the caller's thread.
+    /// The first panic of one of the loop's tasks, re-raised on the caller's thread.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     helpers: OnceLock<Vec<Helper>>,
 }
@@ -65,14 +65,18 @@ const fn low(word: u64) -> usize {
     (word & 0xFFFF_FFFF) as usize
 }
 
+/// Whether ticket `t` names a task of the loop `lim` describes that is still to be claimed
+/// (false with no loop in flight, all its tasks claimed, or a loop being published).
+const fn unclaimed(t: u64, lim: u64) -> bool {
+    epoch(lim) == epoch(t) && low(t) < low(lim)
+}
+
 impl Team {
     /// Claims the next task of the current loop and runs it; false when there is none.
     fn work(&self) -> bool {
         loop {
             let t = self.ticket.load(Acquire);
-            let lim = self.limit.load(Acquire);
-            if epoch(lim) != epoch(t) || low(t) >= low(lim) {
-                // No loop in flight, all its tasks claimed, or a loop being published.
+            if !unclaimed(t, self.limit.load(Acquire)) {
                 return false;
             }
             if self
@@ -99,9 +103,7 @@ impl Team {
 
     /// Whether a task is waiting to be claimed.
     fn pending(&self) -> bool {
-        let t = self.ticket.load(SeqCst);
-        let lim = self.limit.load(SeqCst);
-        epoch(lim) == epoch(t) && low(t) < low(lim)
+        unclaimed(self.ticket.load(SeqCst), self.limit.load(SeqCst))
     }
 
     fn helper_loop(&'static self, me: usize) {

@@ -21,6 +21,11 @@ pub struct Backoffs(Vec<u32>);
 /// The bits of a missing back-off weight.
 const NO_BACKOFF: u32 = u32::MAX;
 
+/// How a back-off weight (or its absence) is stored.
+fn backoff_bits(b: Option<f32>) -> u32 {
+    b.map_or(NO_BACKOFF, f32::to_bits)
+}
+
 impl Backoffs {
     pub fn get(&self, i: usize) -> Option<f32> {
         let b = self.0[i];
@@ -28,7 +33,7 @@ impl Backoffs {
     }
 
     pub fn push(&mut self, b: Option<f32>) {
-        self.0.push(b.map_or(NO_BACKOFF, f32::to_bits));
+        self.0.push(backoff_bits(b));
     }
 
     pub fn len(&self) -> usize {
@@ -46,11 +51,7 @@ impl Backoffs {
 
 impl FromIterator<Option<f32>> for Backoffs {
     fn from_iter<I: IntoIterator<Item = Option<f32>>>(it: I) -> Self {
-        Backoffs(
-            it.into_iter()
-                .map(|b| b.map_or(NO_BACKOFF, f32::to_bits))
-                .collect(),
-        )
+        Backoffs(it.into_iter().map(backoff_bits).collect())
     }
 }
 

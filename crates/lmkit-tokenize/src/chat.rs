@@ -95,13 +95,17 @@ pub struct SpecialTokens {
 /// has no `tokenizer_config.json`.
 pub fn special_tokens(dir: &Path) -> Result<SpecialTokens> {
     if crate::gguf::is_gguf(dir) {
-        let meta = crate::gguf::GgufMeta::read(dir)?;
-        return Ok(SpecialTokens {
-            bos: meta.special_token("bos"),
-            eos: meta.special_token("eos"),
-        });
+        return Ok(in_gguf(&crate::gguf::GgufMeta::read(dir)?));
     }
     Ok(named_in(&tokenizer_config(&base_dir(dir))?))
+}
+
+/// The special tokens of a GGUF file (`tokenizer.ggml.bos_token_id`, `eos_token_id`).
+fn in_gguf(meta: &crate::gguf::GgufMeta) -> SpecialTokens {
+    SpecialTokens {
+        bos: meta.special_token("bos"),
+        eos: meta.special_token("eos"),
+    }
 }
 
 /// The special tokens named in a `tokenizer_config.json`: strings or AddedToken objects
@@ -146,10 +150,11 @@ fn tokenizer_config(base: &Path) -> Result<serde_json::Value> {
 pub fn load_template(dir: &Path) -> Result<Option<ChatTemplate>> {
     if crate::gguf::is_gguf(dir) {
         let meta = crate::gguf::GgufMeta::read(dir)?;
+        let special = in_gguf(&meta);
         return Ok(meta.chat_template().map(|source| ChatTemplate {
             source,
-            bos_token: meta.special_token("bos"),
-            eos_token: meta.special_token("eos"),
+            bos_token: special.bos,
+            eos_token: special.eos,
         }));
     }
     let base = base_dir(dir);
