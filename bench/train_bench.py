@@ -4,7 +4,8 @@ GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
-       [--baseline OTHER_LMKIT]   # also train with another lmkit binary (e.g. built from an earlier commit),
+       [--lmkit-blas builtin|off|/path/to/libopenblas.so]   # LMKIT_BLAS for lmkit's runs (builtin: no system BLAS)
+       [--baseline OTHER_LMKIT [--baseline-blas VALUE]]   # also train with another lmkit binary (e.g. built from an earlier commit),
                                   # alternating with the others in every round: is a change no slower?
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
@@ -57,6 +58,9 @@ def main():
     ap.add_argument("--baseline-set", action="append", default=[],
                     help="extra `--set KEY=VALUE` for the baseline's runs, e.g. 'train.backward=\"autograd\"' "
                          "(with --baseline naming the same binary: the autograd path beside the hand-written one)")
+    ap.add_argument("--lmkit-blas", help="LMKIT_BLAS for lmkit's runs: `builtin` (the product lmkit has "
+                    "without a system BLAS), `off` (candle's), or a library path; default: lmkit's own pick")
+    ap.add_argument("--baseline-blas", help="LMKIT_BLAS for the baseline's runs (as --lmkit-blas)")
     ap.add_argument("--lmkit-set", action="append", default=[],
                     help="extra `--set KEY=VALUE` for lmkit's training run (repeatable)")
     a = ap.parse_args()
@@ -112,10 +116,17 @@ save_every = 0
 log_every = 1
 device = "{a.device}"
 """)
-    def lmkit_train(binary=lm, out="out", extra=()):
+    matmul = {}
+
+    def lmkit_train(binary=lm, out="out", extra=(), blas=a.lmkit_blas):
         shutil.rmtree(tmp / out, ignore_errors=True)
         sets = [x for kv in [*a.lmkit_set, *extra] for x in ("--set", kv)]
-        run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"', *sets])
+        env = dict(os.environ)
+        if blas is not None:
+            env["LMKIT_BLAS"] = blas
+        p = run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"', *sets], env=env)
+        used = re.search(r"matmul: ([^\n]*)", p.stdout + p.stderr)
+        matmul[out] = used.group(1).strip() if used else "?"
         recs = [json.loads(l) for l in (tmp / out / "metrics.jsonl").read_text().splitlines()]
         step_tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
         return len(step_tps) / sum(1 / t for t in step_tps)
@@ -170,7 +181,7 @@ device = "{a.device}"
         for m in modes:
             pt[m].append(sides[m]())
         if a.baseline:
-            base_runs.append(lmkit_train(a.baseline, "baseline", a.baseline_set))
+            base_runs.append(lmkit_train(a.baseline, "baseline", a.baseline_set, a.baseline_blas))
     pt_runs = pt[modes[0]]
     lm_tps, pt_tps = statistics.median(lm_runs), statistics.median(pt_runs)
     ratios = sorted(l / p for l, p in zip(lm_runs, pt_runs))
@@ -196,6 +207,7 @@ device = "{a.device}"
 
     print(f"config: {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; device {a.device}; {os.cpu_count()} cores, torch threads {threads}")
+    print(f"lmkit's matrix products: {matmul.get('out')}" + (f"; the baseline's: {matmul.get('baseline')}" if base_runs else ""))
     print()
     label = {"eager": "PyTorch eager f32", "bf16": "PyTorch eager bf16 autocast + SDPA", "compile": "torch.compile bf16"}
     print(f"| measure | lmkit | {label[modes[0]]} | lmkit/PyTorch |")

@@ -35,7 +35,7 @@ const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
 
-type Gemv<T> = unsafe extern "C" fn(
+pub type Gemv<T> = unsafe extern "C" fn(
     layout: i32,
     trans: i32,
     m: i32,
@@ -59,8 +59,9 @@ pub struct Blas {
     /// The library runs each call on the calling thread (OpenBLAS told so at load): lmkit splits
     /// products over rayon's threads itself, so no second thread pool competes for the cores.
     single_threaded: bool,
-    // Keeps the library mapped for as long as the function pointers above are used.
-    _lib: libloading::Library,
+    // Keeps the library mapped for as long as the function pointers above are used (none for
+    // the built-in product).
+    _lib: Option<libloading::Library>,
 }
 
 /// Libraries tried, in order, when `LMKIT_BLAS` is not set.
@@ -161,27 +162,48 @@ fn open(path: &str) -> Result<Blas, String> {
             dgemv,
             single_threaded,
             path: format!("{path}{core}"),
-            _lib: lib,
+            _lib: Some(lib),
         })
+    }
+}
+
+/// The built-in product ([`crate::gemm`]), where this CPU has a micro-kernel for it.
+fn builtin() -> Option<Loaded> {
+    let (sgemm, dgemm, sgemv, dgemv) = crate::gemm::functions()?;
+    let isa = crate::gemm::isa()?;
+    Some(Loaded {
+        note: format!("built-in gemm ({isa})"),
+        blas: Some(Blas {
+            sgemm,
+            dgemm,
+            sgemv,
+            dgemv,
+            path: format!("built-in ({isa})"),
+            single_threaded: true,
+            _lib: None,
+        }),
+    })
+}
+
+fn candle_note(why: &str) -> Loaded {
+    Loaded {
+        blas: None,
+        note: format!("candle gemm ({why})"),
     }
 }
 
 fn loaded() -> &'static Loaded {
     static LOADED: OnceLock<Loaded> = OnceLock::new();
     LOADED.get_or_init(|| match std::env::var("LMKIT_BLAS") {
-        Ok(v) if matches!(v.as_str(), "off" | "0" | "none" | "") => Loaded {
-            blas: None,
-            note: "candle gemm (LMKIT_BLAS=off)".into(),
-        },
+        Ok(v) if matches!(v.as_str(), "off" | "0" | "none" | "") => candle_note("LMKIT_BLAS=off"),
+        Ok(v) if v == "builtin" => builtin()
+            .unwrap_or_else(|| candle_note("LMKIT_BLAS=builtin, but this CPU has no AVX2/AVX-512")),
         Ok(path) => match open(&path) {
             Ok(b) => Loaded::from(b),
-            Err(e) => Loaded {
-                blas: None,
-                note: format!(
-                    "candle gemm (LMKIT_BLAS={path} could not be used: {e}; \
-                     point it at a CBLAS library (OpenBLAS, MKL, BLIS), or unset it)"
-                ),
-            },
+            Err(e) => candle_note(&format!(
+                "LMKIT_BLAS={path} could not be used: {e}; point it at a CBLAS library \
+                 (OpenBLAS, MKL, BLIS), set it to `builtin`, or unset it"
+            )),
         },
         Err(_) => {
             for c in CANDIDATES {
@@ -189,12 +211,12 @@ fn loaded() -> &'static Loaded {
                     return Loaded::from(b);
                 }
             }
-            Loaded {
-                blas: None,
-                note: "candle gemm (no BLAS library found; installing OpenBLAS, e.g. \
-                       `apt install libopenblas0-pthread`, makes CPU matrix products ~3x faster)"
-                    .into(),
-            }
+            builtin().unwrap_or_else(|| {
+                candle_note(
+                    "no BLAS library found; installing OpenBLAS, e.g. \
+                     `apt install libopenblas0-pthread`, makes CPU matrix products ~3x faster",
+                )
+            })
         }
     })
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`blas`]: matrix products through a BLAS library opened at run time (OpenBLAS, MKL, BLIS),
 //!   with candle's matmul as the fallback, and the fused attention products built on them.
+//! - [`gemm`]: the built-in f32/f64 matrix product (packed panels, AVX-512/AVX2 micro-kernels),
+//!   used when no BLAS library is installed.
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
 //!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
 //!   run time ([`simd`]), wrapped as candle custom ops with analytic backward passes.
@@ -28,6 +30,7 @@ pub mod buffers;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod gemm;
 pub mod padded_attention;
 pub mod quant;
 pub mod recurrent;

@@ -1,0 +1,955 @@
+//! The built-in matrix product: f32/f64 GEMM and GEMV with the CBLAS calling convention, used
+//! when no BLAS library is installed (and wherever it is faster than the one that is).
+//!
+//! The product follows the BLIS design. op(B) is packed in panels of `KC` rows × `NC` columns,
+//! cut into strips `NR` columns wide; op(A) in blocks of `MC` rows × `KC`, cut into strips `MR`
+//! rows high; a register-blocked micro-kernel multiplies one A strip by one B strip, its MR × NR
+//! accumulators held in vector registers for the whole `KC` depth, and adds the tile into C once.
+//! The packed B strip (KC × NR) stays in the L1 cache while the A strips of a block, in L2, stream
+//! past it. Micro-kernels exist for AVX-512 (f32 12 × 32, f64 12 × 16) and AVX2 with FMA (f32
+//! 6 × 16, f64 6 × 8), chosen at run time; elsewhere there is no built-in product and lmkit uses
+//! candle's.
+//!
+//! Each call runs on the calling thread, as lmkit uses a BLAS library: the callers split products
+//! into row blocks over rayon's threads. Packing buffers are per thread and reused.
+
+use crate::blas::{Gemm, Gemv};
+use num_traits::Float;
+use std::cell::RefCell;
+
+const ROW_MAJOR: i32 = 101;
+const TRANS: i32 = 112;
+const CONJ_TRANS: i32 = 113;
+
+/// Depth of a packed panel: the micro-kernel's loop length between two visits to C.
+const KC: usize = 256;
+/// Rows of A packed at once (a multiple of every MR): the block that stays in L2.
+const MC: usize = 168;
+/// Columns of B packed at once.
+const NC: usize = 4096;
+
+/// One micro-kernel: C[MR × NR] (rows `ldc` apart) = alpha · Ap · Bp + beta · C, where Ap is a
+/// packed A strip (kc steps of MR values) and Bp a packed B strip (kc steps of NR values). With
+/// beta = 0, C is not read (it may be uninitialised).
+type Tile<T> =
+    unsafe fn(kc: usize, a: *const T, b: *const T, c: *mut T, ldc: usize, alpha: T, beta: T);
+
+/// A micro-kernel and its tile size.
+#[derive(Clone, Copy)]
+struct Kernel<T> {
+    tile: Tile<T>,
+    mr: usize,
+    nr: usize,
+}
+
+/// Which instruction set the built-in product uses on this CPU, if any.
+pub fn isa() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match crate::simd::simd_level() {
+            2 => return Some("AVX-512"),
+            1 => return Some("AVX2"),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The built-in CBLAS-style functions (sgemm, dgemm, sgemv, dgemv; row-major only) for this CPU,
+/// if it has a micro-kernel.
+pub fn functions() -> Option<(Gemm<f32>, Gemm<f64>, Gemv<f32>, Gemv<f64>)> {
+    isa()?;
+    Some((sgemm, dgemm, sgemv, dgemv))
+}
+
+fn kernel_f32() -> Kernel<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::simd_level() == 2 {
+            return Kernel {
+                tile: x86::f32_avx512,
+                mr: 14,
+                nr: 32,
+            };
+        }
+        if crate::simd::simd_level() == 1 {
+            return Kernel {
+                tile: x86::f32_avx2,
+                mr: 6,
+                nr: 16,
+            };
+        }
+    }
+    Kernel {
+        tile: tile_generic::<f32, 4, 8>,
+        mr: 4,
+        nr: 8,
+    }
+}
+
+fn kernel_f64() -> Kernel<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::simd_level() == 2 {
+            return Kernel {
+                tile: x86::f64_avx512,
+                mr: 12,
+                nr: 16,
+            };
+        }
+        if crate::simd::simd_level() == 1 {
+            return Kernel {
+                tile: x86::f64_avx2,
+                mr: 6,
+                nr: 8,
+            };
+        }
+    }
+    Kernel {
+        tile: tile_generic::<f64, 4, 4>,
+        mr: 4,
+        nr: 4,
+    }
+}
+
+/// A portable micro-kernel (tests compare the vector ones against it).
+///
+/// # Safety
+/// As [`Tile`]: `a` holds kc·MR and `b` kc·NR values; C's MR rows of NR values are writable
+/// (and initialised when beta ≠ 0).
+unsafe fn tile_generic<T: Float, const MR: usize, const NR: usize>(
+    kc: usize,
+    a: *const T,
+    b: *const T,
+    c: *mut T,
+    ldc: usize,
+    alpha: T,
+    beta: T,
+) {
+    let mut acc = [[T::zero(); NR]; MR];
+    for p in 0..kc {
+        // SAFETY: step p of the strips lies within the kc·MR and kc·NR values the caller
+        // provides.
+        let (ap, bp) = unsafe {
+            (
+                std::slice::from_raw_parts(a.add(p * MR), MR),
+                std::slice::from_raw_parts(b.add(p * NR), NR),
+            )
+        };
+        for (row, &x) in acc.iter_mut().zip(ap) {
+            for (s, &y) in row.iter_mut().zip(bp) {
+                *s = x.mul_add(y, *s);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, &s) in row.iter().enumerate() {
+            // SAFETY: (i, j) is within the MR × NR tile the caller provides.
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                *dst = if beta == T::zero() {
+                    alpha * s
+                } else {
+                    alpha * s + beta * *dst
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Defines an AVX micro-kernel of MR rows × (NV vectors of LANES) columns.
+    macro_rules! tile {
+        ($name:ident, $t:ty, $feat:literal, $mr:literal, $nv:literal, $lanes:literal,
+         $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident, $mul:ident) => {
+            /// # Safety
+            /// The CPU has the features enabled; `a` holds kc·MR and `b` kc·NR values (NR =
+            /// NV·LANES); C's MR rows of NR values are writable (initialised when beta ≠ 0).
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                kc: usize,
+                a: *const $t,
+                b: *const $t,
+                c: *mut $t,
+                ldc: usize,
+                alpha: $t,
+                beta: $t,
+            ) {
+                const MR: usize = $mr;
+                const NV: usize = $nv;
+                const NR: usize = NV * $lanes;
+                let mut acc = [[$zero(); NV]; MR];
+                let (mut a, mut b) = (a, b);
+                for _ in 0..kc {
+                    crate::simd::prefetch(b.wrapping_add(8 * NR));
+                    // SAFETY: each step reads NR values of the B strip and MR of the A strip,
+                    // within the kc steps the caller provides.
+                    unsafe {
+                        let mut bv = [$zero(); NV];
+                        for (v, x) in bv.iter_mut().enumerate() {
+                            *x = $load(b.add(v * $lanes));
+                        }
+                        for (i, row) in acc.iter_mut().enumerate() {
+                            let x = $set1(*a.add(i));
+                            for (s, y) in row.iter_mut().zip(bv) {
+                                *s = $fma(x, y, *s);
+                            }
+                        }
+                        a = a.add(MR);
+                        b = b.add(NR);
+                    }
+                }
+                let al = $set1(alpha);
+                let be = $set1(beta);
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, &s) in row.iter().enumerate() {
+                        // SAFETY: row i, vector v lies within the MR × NR tile of C.
+                        unsafe {
+                            let dst = c.add(i * ldc + v * $lanes);
+                            let r = if beta == 0.0 {
+                                $mul(s, al)
+                            } else {
+                                $fma(s, al, $mul($load(dst), be))
+                            };
+                            $store(dst, r);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    tile!(
+        f32_avx512,
+        f32,
+        "avx512f",
+        12,
+        2,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps
+    );
+    tile!(
+        f64_avx512,
+        f64,
+        "avx512f",
+        12,
+        2,
+        8,
+        _mm512_setzero_pd,
+        _mm512_loadu_pd,
+        _mm512_storeu_pd,
+        _mm512_set1_pd,
+        _mm512_fmadd_pd,
+        _mm512_mul_pd
+    );
+    tile!(
+        f32_avx2,
+        f32,
+        "avx2,fma",
+        6,
+        2,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps
+    );
+    tile!(
+        f64_avx2,
+        f64,
+        "avx2,fma",
+        6,
+        2,
+        4,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_set1_pd,
+        _mm256_fmadd_pd,
+        _mm256_mul_pd
+    );
+}
+
+/// A matrix operand: element (i, j) of op(X) at `p[i·ld + j]`, or at `p[j·ld + i]` when `trans`.
+#[derive(Clone, Copy)]
+struct View<T> {
+    p: *const T,
+    ld: usize,
+    trans: bool,
+}
+
+impl<T> View<T> {
+    /// The view of the sub-matrix from (i, j).
+    fn from(&self, i: usize, j: usize) -> View<T> {
+        let o = if self.trans {
+            j * self.ld + i
+        } else {
+            i * self.ld + j
+        };
+        View {
+            p: self.p.wrapping_add(o),
+            ..*self
+        }
+    }
+}
+
+/// Packs rows 0..rows, columns 0..depth of op(X) into strips of `w` rows: strip s holds, for each
+/// step p < depth, the values of rows s·w .. s·w + w at column p (zero past `rows`). A packs
+/// this way as is; B packs this way as its transpose (strips of columns).
+///
+/// # Safety
+/// Every (i, p) with i < rows and p < depth lies within `x`.
+unsafe fn pack<T: Float>(x: View<T>, rows: usize, depth: usize, w: usize, dst: &mut [T]) {
+    for (s, strip) in dst[..rows.div_ceil(w) * w * depth]
+        .chunks_exact_mut(w * depth)
+        .enumerate()
+    {
+        let r0 = s * w;
+        let full = (rows - r0).min(w);
+        if x.trans {
+            // Row i of op(X) is column i of the storage: for each step the strip's values are
+            // contiguous.
+            for (p, d) in strip.chunks_exact_mut(w).enumerate() {
+                // SAFETY: elements (r0 .. r0 + full, p) lie within `x` (the caller's guarantee),
+                // contiguous in a transposed view.
+                let src = unsafe { std::slice::from_raw_parts(x.p.add(p * x.ld + r0), full) };
+                d[..full].copy_from_slice(src);
+                d[full..].fill(T::zero());
+            }
+        } else {
+            // Each row's steps are contiguous: read rows in turn, write with stride w.
+            for i in 0..full {
+                // SAFETY: row r0 + i, columns 0..depth lie within `x`.
+                let src = unsafe { std::slice::from_raw_parts(x.p.add((r0 + i) * x.ld), depth) };
+                for (p, &v) in src.iter().enumerate() {
+                    strip[p * w + i] = v;
+                }
+            }
+            if full < w {
+                for d in strip.chunks_exact_mut(w) {
+                    d[full..].fill(T::zero());
+                }
+            }
+        }
+    }
+}
+
+/// Per-thread packing buffers, reused across calls (f32 and f64 calls each keep their own).
+struct Scratch<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+}
+
+trait Buffers: Float + Send + Sync + 'static {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
+    fn kernel() -> Kernel<Self>;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Scratch<f32>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new() }) };
+    static SCRATCH_F64: RefCell<Scratch<f64>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new() }) };
+}
+
+impl Buffers for f32 {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f32>) -> R) -> R {
+        SCRATCH_F32.with(|s| f(&mut s.borrow_mut()))
+    }
+    fn kernel() -> Kernel<f32> {
+        static K: std::sync::OnceLock<Kernel<f32>> = std::sync::OnceLock::new();
+        *K.get_or_init(kernel_f32)
+    }
+}
+
+impl Buffers for f64 {
+    fn with_scratch<R>(f: impl FnOnce(&mut Scratch<f64>) -> R) -> R {
+        SCRATCH_F64.with(|s| f(&mut s.borrow_mut()))
+    }
+    fn kernel() -> Kernel<f64> {
+        static K: std::sync::OnceLock<Kernel<f64>> = std::sync::OnceLock::new();
+        *K.get_or_init(kernel_f64)
+    }
+}
+
+/// C[m×n] (rows `ldc` apart) = alpha · op(A) · op(B) + beta · C, on the calling thread.
+///
+/// # Safety
+/// op(A) (m × k) and op(B) (k × n) must lie within their views; C's m rows of n values writable
+/// (initialised when beta ≠ 0).
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<T: Buffers>(
+    (m, n, k): (usize, usize, usize),
+    alpha: T,
+    a: View<T>,
+    b: View<T>,
+    beta: T,
+    c: *mut T,
+    ldc: usize,
+    kernel: Kernel<T>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || alpha == T::zero() {
+        for i in 0..m {
+            // SAFETY: row i of C is writable (and initialised when beta ≠ 0).
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
+            for v in row {
+                *v = if beta == T::zero() {
+                    T::zero()
+                } else {
+                    beta * *v
+                };
+            }
+        }
+        return;
+    }
+    let Kernel { tile, mr, nr } = kernel;
+    let mc_max = MC.min(m.div_ceil(mr) * mr);
+    let kc_max = KC.min(k);
+    let nc_max = NC.min(n.div_ceil(nr) * nr);
+    T::with_scratch(|s| {
+        if s.a.len() < mc_max * kc_max {
+            s.a.resize(mc_max * kc_max, T::zero());
+        }
+        if s.b.len() < nc_max * kc_max {
+            s.b.resize(nc_max * kc_max, T::zero());
+        }
+        let mut edge = vec![T::zero(); mr * nr];
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            // Equal depths (384 = 2 × 192, not 256 + 128): C is visited once per depth block.
+            let kc_even = k.div_ceil(k.div_ceil(KC));
+            for pc in (0..k).step_by(kc_even) {
+                let kc = kc_even.min(k - pc);
+                // B's columns jc.. are the rows of op(B)ᵀ: a transposed view of B flips `trans`.
+                let bt = View {
+                    trans: !b.trans,
+                    ..b.from(pc, jc)
+                };
+                // SAFETY: op(B)ᵀ rows jc .. jc + nc, columns pc .. pc + kc lie within B.
+                unsafe { pack(bt, nc, kc, nr, &mut s.b) };
+                let beta = if pc == 0 { beta } else { T::one() };
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    // SAFETY: op(A) rows ic .. ic + mc, columns pc .. pc + kc lie within A.
+                    unsafe { pack(a.from(ic, pc), mc, kc, mr, &mut s.a) };
+                    for jr in (0..nc).step_by(nr) {
+                        let bp = s.b[jr * kc..].as_ptr();
+                        let cols = nr.min(nc - jr);
+                        for ir in (0..mc).step_by(mr) {
+                            let ap = s.a[ir * kc..].as_ptr();
+                            let rows = mr.min(mc - ir);
+                            let dst = c.wrapping_add((ic + ir) * ldc + jc + jr);
+                            if rows == mr && cols == nr {
+                                // SAFETY: the strips hold kc steps each; the tile's mr rows of
+                                // nr values lie within C.
+                                unsafe { tile(kc, ap, bp, dst, ldc, alpha, beta) };
+                            } else {
+                                // SAFETY: as above, into a buffer of one whole tile.
+                                unsafe {
+                                    tile(kc, ap, bp, edge.as_mut_ptr(), nr, T::one(), T::zero())
+                                };
+                                for i in 0..rows {
+                                    for j in 0..cols {
+                                        let v = alpha * edge[i * nr + j];
+                                        // SAFETY: (i, j) is within the m × n of C.
+                                        unsafe {
+                                            let d = dst.add(i * ldc + j);
+                                            *d = if beta == T::zero() { v } else { v + beta * *d };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The CBLAS gemm entry point (row-major only: lmkit passes nothing else).
+///
+/// # Safety
+/// As `cblas_?gemm`: the operands hold what their dimensions and leading dimensions span.
+#[allow(clippy::too_many_arguments)]
+unsafe fn cblas_gemm<T: Buffers>(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: T,
+    a: *const T,
+    lda: i32,
+    b: *const T,
+    ldb: i32,
+    beta: T,
+    c: *mut T,
+    ldc: i32,
+) {
+    assert_eq!(
+        layout, ROW_MAJOR,
+        "the built-in gemm takes row-major operands only"
+    );
+    let tr = |t: i32| t == TRANS || t == CONJ_TRANS;
+    let u = |v: i32| v.max(0) as usize;
+    let a = View {
+        p: a,
+        ld: u(lda),
+        trans: tr(trans_a),
+    };
+    let b = View {
+        p: b,
+        ld: u(ldb),
+        trans: tr(trans_b),
+    };
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        product(
+            (u(m), u(n), u(k)),
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            u(ldc),
+            T::kernel(),
+        )
+    }
+}
+
+/// The CBLAS gemv entry point (row-major only): y = alpha · op(A) · x + beta · y for A [m × n].
+///
+/// # Safety
+/// As `cblas_?gemv`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn cblas_gemv<T: Buffers>(
+    layout: i32,
+    trans: i32,
+    m: i32,
+    n: i32,
+    alpha: T,
+    a: *const T,
+    lda: i32,
+    x: *const T,
+    incx: i32,
+    beta: T,
+    y: *mut T,
+    incy: i32,
+) {
+    assert_eq!(
+        layout, ROW_MAJOR,
+        "the built-in gemv takes row-major operands only"
+    );
+    let u = |v: i32| v.max(0) as usize;
+    let (m, n, lda) = (u(m), u(n), u(lda));
+    let t = trans == TRANS || trans == CONJ_TRANS;
+    let (incx, incy) = (u(incx).max(1), u(incy).max(1));
+    // x has n (not transposed) or m (transposed) values; y the other count.
+    let (nx, ny) = if t { (m, n) } else { (n, m) };
+    if ny == 0 {
+        return;
+    }
+    // SAFETY: x holds nx values incx apart, y ny values incy apart (the CBLAS contract).
+    let xs: Vec<T> = (0..nx).map(|i| unsafe { *x.add(i * incx) }).collect();
+    let mut ys: Vec<T> = if beta == T::zero() {
+        vec![T::zero(); ny]
+    } else {
+        // SAFETY: as above.
+        (0..ny)
+            .map(|i| beta * unsafe { *y.add(i * incy) })
+            .collect()
+    };
+    for r in 0..m {
+        // SAFETY: row r of A holds n values (lda ≥ n by the CBLAS contract).
+        let row = unsafe { std::slice::from_raw_parts(a.add(r * lda), n) };
+        if t {
+            // y += alpha·x[r] · row r.
+            axpy(alpha * xs[r], row, &mut ys);
+        } else {
+            ys[r] = ys[r] + alpha * dot(row, &xs);
+        }
+    }
+    for (i, v) in ys.into_iter().enumerate() {
+        // SAFETY: y holds ny values incy apart.
+        unsafe { *y.add(i * incy) = v };
+    }
+}
+
+crate::simd::simd_versions! {
+    /// Σ a[i]·b[i] over 16 independent partial sums (so the loop vectorises).
+    fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+        let mut acc = [T::zero(); 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..16 {
+                acc[l] = acc[l] + x[l] * y[l];
+            }
+        }
+        let mut s = acc.iter().fold(T::zero(), |s, &v| s + v);
+        for (&x, &y) in ra.iter().zip(rb) {
+            s = s + x * y;
+        }
+        s
+    }
+}
+
+crate::simd::simd_versions! {
+    /// y += s · x.
+    fn axpy<T: Float>(s: T, x: &[T], y: &mut [T]) {
+        for (d, &v) in y.iter_mut().zip(x) {
+            *d = *d + s * v;
+        }
+    }
+}
+
+unsafe extern "C" fn sgemm(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+) {
+    // SAFETY: the caller's guarantee (the CBLAS contract).
+    unsafe {
+        cblas_gemm(
+            layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+        )
+    }
+}
+
+unsafe extern "C" fn dgemm(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f64,
+    a: *const f64,
+    lda: i32,
+    b: *const f64,
+    ldb: i32,
+    beta: f64,
+    c: *mut f64,
+    ldc: i32,
+) {
+    // SAFETY: the caller's guarantee (the CBLAS contract).
+    unsafe {
+        cblas_gemm(
+            layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+        )
+    }
+}
+
+unsafe extern "C" fn sgemv(
+    layout: i32,
+    trans: i32,
+    m: i32,
+    n: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    x: *const f32,
+    incx: i32,
+    beta: f32,
+    y: *mut f32,
+    incy: i32,
+) {
+    // SAFETY: the caller's guarantee (the CBLAS contract).
+    unsafe { cblas_gemv(layout, trans, m, n, alpha, a, lda, x, incx, beta, y, incy) }
+}
+
+unsafe extern "C" fn dgemv(
+    layout: i32,
+    trans: i32,
+    m: i32,
+    n: i32,
+    alpha: f64,
+    a: *const f64,
+    lda: i32,
+    x: *const f64,
+    incx: i32,
+    beta: f64,
+    y: *mut f64,
+    incy: i32,
+) {
+    // SAFETY: the caller's guarantee (the CBLAS contract).
+    unsafe { cblas_gemv(layout, trans, m, n, alpha, a, lda, x, incx, beta, y, incy) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// n seeded normal draws.
+    fn randn(n: usize, seed: u64) -> Vec<f32> {
+        use lmkit_core::rng::{Random, SplitMix64};
+        let mut rng = SplitMix64::new(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// op(A)·op(B) in f64 by the definition.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        (m, n, k): (usize, usize, usize),
+        a: &[f64],
+        (lda, ta): (usize, bool),
+        b: &[f64],
+        (ldb, tb): (usize, bool),
+    ) -> Vec<f64> {
+        let at = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
+        let bt = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn kernels_f32() -> Vec<Kernel<f32>> {
+        let mut v = vec![kernel_f32()];
+        v.push(Kernel {
+            tile: tile_generic::<f32, 4, 8>,
+            mr: 4,
+            nr: 8,
+        });
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::simd_level() == 2 {
+            v.push(Kernel {
+                tile: x86::f32_avx2,
+                mr: 6,
+                nr: 16,
+            });
+        }
+        v
+    }
+
+    fn kernels_f64() -> Vec<Kernel<f64>> {
+        let mut v = vec![kernel_f64()];
+        v.push(Kernel {
+            tile: tile_generic::<f64, 4, 4>,
+            mr: 4,
+            nr: 4,
+        });
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::simd_level() == 2 {
+            v.push(Kernel {
+                tile: x86::f64_avx2,
+                mr: 6,
+                nr: 8,
+            });
+        }
+        v
+    }
+
+    /// Shapes around every blocking size (MR, NR, MC, KC, NC edges), both transposes, padded
+    /// leading dimensions, alpha and beta.
+    fn cases() -> Vec<((usize, usize, usize), bool, bool, usize)> {
+        let mut v = Vec::new();
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (12, 32, 16),
+            (13, 33, 17),
+            (25, 70, 300),
+            (200, 40, 257),
+            (7, 4100, 9),
+            (50, 50, 600),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                v.push(((m, n, k), ta, tb, 3));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn products_equal_the_definition() {
+        let mut seed = 1;
+        for ((m, n, k), ta, tb, pad) in cases() {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb, ldc) = (ac + pad, bc + pad, n + pad);
+            seed += 1;
+            let a = randn(ar * lda, seed);
+            let b = randn(br * ldb, seed + 100);
+            let c0 = randn(m * ldc, seed + 200);
+            let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+            let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            let want = reference((m, n, k), &a64, (lda, ta), &b64, (ldb, tb));
+            for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
+                let expect =
+                    |i: usize, j: usize| alpha * want[i * n + j] + beta * c0[i * ldc + j] as f64;
+                for kern in kernels_f32() {
+                    let mut c = c0.clone();
+                    // SAFETY: the buffers hold the operands with the leading dimensions given.
+                    unsafe {
+                        product(
+                            (m, n, k),
+                            alpha as f32,
+                            View {
+                                p: a.as_ptr(),
+                                ld: lda,
+                                trans: ta,
+                            },
+                            View {
+                                p: b.as_ptr(),
+                                ld: ldb,
+                                trans: tb,
+                            },
+                            beta as f32,
+                            c.as_mut_ptr(),
+                            ldc,
+                            kern,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j] as f64;
+                            if j >= n {
+                                assert_eq!(got, c0[i * ldc + j] as f64, "padding written");
+                                continue;
+                            }
+                            let tol = 1e-4 * (1.0 + (k as f64).sqrt()) * (1.0 + alpha.abs());
+                            assert!(
+                                (got - expect(i, j)).abs() < tol,
+                                "f32 {m}x{n}x{k} ta={ta} tb={tb} mr={}: ({i},{j}) {got} vs {}",
+                                kern.mr,
+                                expect(i, j)
+                            );
+                        }
+                    }
+                }
+                for kern in kernels_f64() {
+                    let mut c: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
+                    // SAFETY: as above.
+                    unsafe {
+                        product(
+                            (m, n, k),
+                            alpha,
+                            View {
+                                p: a64.as_ptr(),
+                                ld: lda,
+                                trans: ta,
+                            },
+                            View {
+                                p: b64.as_ptr(),
+                                ld: ldb,
+                                trans: tb,
+                            },
+                            beta,
+                            c.as_mut_ptr(),
+                            ldc,
+                            kern,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let got = c[i * ldc + j];
+                            assert!(
+                                (got - expect(i, j)).abs() < 1e-10 * (1.0 + k as f64),
+                                "f64 {m}x{n}x{k} ta={ta} tb={tb} mr={}: ({i},{j})",
+                                kern.mr
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cblas_entry_points_follow_the_convention() {
+        // gemm with k = 0 and beta = 0 writes zeros over garbage; beta scales.
+        let mut c = vec![f32::NAN; 6];
+        // SAFETY: no operand element is read (k = 0); C holds 2×3.
+        unsafe {
+            sgemm(
+                101,
+                111,
+                111,
+                2,
+                3,
+                0,
+                1.0,
+                [].as_ptr(),
+                1,
+                [].as_ptr(),
+                3,
+                0.0,
+                c.as_mut_ptr(),
+                3,
+            )
+        };
+        assert!(c.iter().all(|&v| v == 0.0));
+        // gemv both ways, with strided x and y, against gemm's result.
+        let (m, n) = (37, 53);
+        let a = randn(m * n, 7);
+        let x = randn(2 * m.max(n), 8);
+        for trans in [111, 112] {
+            let (nx, ny) = if trans == 112 { (m, n) } else { (n, m) };
+            let y0 = randn(3 * ny, 9);
+            let mut y = y0.clone();
+            // SAFETY: A is m×n (lda n), x holds nx values 2 apart, y ny values 3 apart.
+            unsafe {
+                sgemv(
+                    101,
+                    trans,
+                    m as i32,
+                    n as i32,
+                    0.5,
+                    a.as_ptr(),
+                    n as i32,
+                    x.as_ptr(),
+                    2,
+                    2.0,
+                    y.as_mut_ptr(),
+                    3,
+                )
+            };
+            for i in 0..ny {
+                let dot: f64 = (0..nx)
+                    .map(|j| {
+                        let av = if trans == 112 {
+                            a[j * n + i]
+                        } else {
+                            a[i * n + j]
+                        };
+                        av as f64 * x[2 * j] as f64
+                    })
+                    .sum();
+                let want = 0.5 * dot + 2.0 * y0[3 * i] as f64;
+                assert!(
+                    (y[3 * i] as f64 - want).abs() < 1e-4,
+                    "trans {trans} row {i}"
+                );
+                assert_eq!(y[3 * i + 1], y0[3 * i + 1], "y's gaps are left alone");
+            }
+        }
+    }
+}
