@@ -7,7 +7,8 @@ verse → next-verse pairs of the bundled corpus; tokens = source + target). Sam
 sequence length and optimizer (AdamW, clipping); tokens/s over the steps after the first.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--batch 16] [--seq 128]
-       [--baseline OTHER_LMKIT]   # also train each family with another lmkit binary, right after lmkit
+       [--lmkit-blas builtin|off|/path/to/libopenblas.so]   # LMKIT_BLAS for lmkit (builtin: no system BLAS)
+       [--baseline OTHER_LMKIT [--baseline-blas VALUE]]   # also train each family with another lmkit binary, right after lmkit
        [--only rnn,lstm]          # some families: rnn, lstm, bert, gpt, llama, bart
        [--autograd-baseline]      # the baseline column: this lmkit with train.backward = "autograd"
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,10 +28,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 V = 8192
 
 
-def run(cmd):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+def run(cmd, blas=None):
+    env = dict(os.environ)
+    if blas is not None:
+        env["LMKIT_BLAS"] = blas
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if p.returncode:
         sys.exit(f"{cmd} failed: {p.stderr}")
+    return p
 
 
 class RecurrentLM(torch.nn.Module):
@@ -46,12 +52,18 @@ class RecurrentLM(torch.nn.Module):
         return self.lm_head(out)
 
 
-def lmkit_tps(lm, tmp, name, model_toml, data_toml, train_toml):
-    """Trains with `lmkit train` and returns the mean (harmonic) tokens/s of the steps after the first."""
+MATMUL = {}
+
+
+def lmkit_tps(lm, tmp, name, model_toml, data_toml, train_toml, blas=None):
+    """Trains with `lmkit train` (LMKIT_BLAS=blas when given) and returns the mean (harmonic) tokens/s of the
+    steps after the first."""
     out = tmp / name
     (tmp / "run.toml").write_text(f"[model]\n{model_toml}\n[data]\n{data_toml}[train]\nout_dir = \"{out}\"\n{train_toml}"
                                   "warmup_steps = 1\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
-    run([lm, "train", "--config", tmp / "run.toml"])
+    p = run([lm, "train", "--config", tmp / "run.toml"], blas)
+    used = re.search(r"CPU matmul: ([^\n]*)", p.stdout + p.stderr)
+    MATMUL[lm, blas] = used.group(1).strip() if used else "?"
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_sec"] for r in recs if "tokens_per_sec" in r][1:]
     return len(tps) / sum(1 / t for t in tps)
@@ -94,6 +106,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--baseline", help="another lmkit binary (e.g. built from an earlier commit) measured alongside")
+    ap.add_argument("--lmkit-blas", help="LMKIT_BLAS for lmkit's runs: `builtin` (the product lmkit has without a "
+                    "system BLAS), `off` (candle's), or a library path; default: lmkit's own pick")
+    ap.add_argument("--baseline-blas", help="LMKIT_BLAS for the baseline's runs (as --lmkit-blas)")
     ap.add_argument("--only", help="comma-separated families to measure: rnn, lstm, bert, gpt, llama, bart (default: all)")
     ap.add_argument("--autograd-baseline", action="store_true",
                     help="baseline column: this lmkit through the autograd graph (train.backward = \"autograd\")")
@@ -141,8 +156,9 @@ def main():
     bart_args = (bart_toml, f"train = \"{tmp}/pairs.jsonl\"\ntokenizer = \"{tmp}/tok\"\n",
                  f"batch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
     with_bart = "bart" in only
-    bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args) if with_bart else None
-    bart_base = lmkit_tps(a.baseline, tmp, "bart-base", *bart_args) if a.baseline and with_bart else None
+    bart_lm = lmkit_tps(lm, tmp, "bart", *bart_args, blas=a.lmkit_blas) if with_bart else None
+    bart_base = (lmkit_tps(a.baseline, tmp, "bart-base", *bart_args, blas=a.baseline_blas)
+                 if a.baseline and with_bart else None)
     if a.autograd_baseline and with_bart:
         bart_base = lmkit_tps(lm, tmp, "bart-graph", *bart_args[:2], bart_args[2] + 'backward = "autograd"\n')
     torch.manual_seed(0)
@@ -176,14 +192,17 @@ def main():
             continue
         args = (model_toml, f"train = \"{tmp}/shards\"\ntokenizer = \"{tmp}/tok\"\n",
                 f"seq_len = {a.seq}\nbatch_size = {a.batch}\nmax_steps = {a.steps + 1}\n")
-        lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), *args)
-        base = lmkit_tps(a.baseline, tmp, name.split()[0].lower() + "-base", *args) if a.baseline else None
+        lm_tps = lmkit_tps(lm, tmp, name.split()[0].lower(), *args, blas=a.lmkit_blas)
+        base = (lmkit_tps(a.baseline, tmp, name.split()[0].lower() + "-base", *args, blas=a.baseline_blas)
+                if a.baseline else None)
         if a.autograd_baseline:
             base = lmkit_tps(lm, tmp, name.split()[0].lower() + "-graph", *args[:2], args[2] + 'backward = "autograd"\n')
         torch.manual_seed(0)
         pt = torch_tps(make(), loss_fn, a.batch, a.seq, a.steps)
         rows.append((name, lm_tps, pt, base))
     print(f"batch {a.batch}, sequence {a.seq}, vocab {V}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"lmkit's matrix products: {MATMUL.get((lm, a.lmkit_blas))}"
+          + (f"; the baseline's: {MATMUL.get((a.baseline, a.baseline_blas))}" if a.baseline else ""))
     print()
     if with_bart:
         rows.append(("encoder-decoder (BART layout), 2+2 layers × 256", bart_lm, bart_pt, bart_base))

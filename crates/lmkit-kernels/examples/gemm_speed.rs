@@ -39,8 +39,12 @@ fn main() {
         (16, 1536, 384, false, false),
     ];
     for (m, n, k, ta, tb) in shapes {
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0)
+            .collect();
         let mut c = vec![0f32; m * n];
         let lda = if ta { m } else { k };
         let ldb = if tb { k } else { n };

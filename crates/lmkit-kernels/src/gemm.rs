@@ -182,6 +182,11 @@ mod x86 {
                 const NV: usize = $nv;
                 const NR: usize = NV * $lanes;
                 let mut acc = [[$zero(); NV]; MR];
+                // C's tile is read (or written) only after the loop: fetch its lines meanwhile.
+                for i in 0..MR {
+                    crate::simd::prefetch(c.wrapping_add(i * ldc));
+                    crate::simd::prefetch(c.wrapping_add(i * ldc + NR - 1));
+                }
                 let (mut a, mut b) = (a, b);
                 for _ in 0..kc {
                     crate::simd::prefetch(b.wrapping_add(8 * NR));
@@ -226,7 +231,7 @@ mod x86 {
         f32_avx512,
         f32,
         "avx512f",
-        12,
+        14,
         2,
         16,
         _mm512_setzero_ps,
