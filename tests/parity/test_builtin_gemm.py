@@ -19,7 +19,8 @@ def builtin(monkeypatch):
 def train_losses(tiny_model, out, blas):
     tmp = tiny_model["tmp"]
     env = dict(os.environ, LMKIT_BLAS=blas)
-    p = subprocess.run([tiny_model["bin"], "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{out}"'],
+    p = subprocess.run([tiny_model["bin"], "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{out}"',
+                        "--set", "train.log_every=1"],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,9 @@ fn main() {
     let lib_path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "libopenblas.so.0".into());
-    let (builtin, ..) = lmkit_kernels::gemm::functions().expect("no built-in kernel for this CPU");
+    let builtin = lmkit_kernels::gemm::functions()
+        .expect("no built-in kernel for this CPU")
+        .sgemm;
     lmkit_kernels::blas::choose_openblas_core();
     // SAFETY: a CBLAS library's initialisers and its cblas_sgemm, with the CBLAS signature.
     let lib = unsafe { libloading::Library::new(&lib_path) };

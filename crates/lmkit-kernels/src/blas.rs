@@ -169,7 +169,12 @@ fn open(path: &str) -> Result<Blas, String> {
 
 /// The built-in product ([`crate::gemm`]), where this CPU has a micro-kernel for it.
 fn builtin() -> Option<Loaded> {
-    let (sgemm, dgemm, sgemv, dgemv) = crate::gemm::functions()?;
+    let crate::gemm::Cblas {
+        sgemm,
+        dgemm,
+        sgemv,
+        dgemv,
+    } = crate::gemm::functions()?;
     let isa = crate::gemm::isa()?;
     Some(Loaded {
         note: format!("built-in gemm ({isa})"),
