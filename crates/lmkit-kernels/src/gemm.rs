@@ -22,7 +22,7 @@ const TRANS: i32 = 112;
 const CONJ_TRANS: i32 = 113;
 
 /// Depth of a packed panel: the micro-kernel's loop length between two visits to C.
-const KC: usize = 256;
+const KC: usize = 384;
 /// Rows of A packed at once (a multiple of every MR): the block that stays in L2.
 const MC: usize = 168;
 /// Columns of B packed at once.
@@ -196,9 +196,14 @@ mod x86 {
                 const NR: usize = NV * $lanes;
                 let mut acc = [[$zero(); NV]; MR];
                 // C's tile is read (or written) only after the loop: fetch its lines meanwhile.
+                // Into L2 only: rows of a wide C lie 4 KiB multiples apart and would evict each
+                // other from L1's few ways.
                 for i in 0..MR {
-                    crate::simd::prefetch(c.wrapping_add(i * ldc));
-                    crate::simd::prefetch(c.wrapping_add(i * ldc + NR - 1));
+                    for at in [i * ldc, i * ldc + NR - 1] {
+                        // SAFETY: a prefetch accesses no memory as far as the program is
+                        // concerned.
+                        unsafe { _mm_prefetch::<_MM_HINT_T1>(c.wrapping_add(at) as *const i8) };
+                    }
                 }
                 let (mut a, mut b) = (a, b);
                 for _ in 0..kc {
@@ -328,34 +333,66 @@ impl<T> View<T> {
 /// # Safety
 /// Every (i, p) with i < rows and p < depth lies within `x`.
 unsafe fn pack<T: Float>(x: View<T>, rows: usize, depth: usize, w: usize, dst: &mut [T]) {
-    for (s, strip) in dst[..rows.div_ceil(w) * w * depth]
-        .chunks_exact_mut(w * depth)
+    // SAFETY (all arms): the caller's guarantee, passed on.
+    unsafe {
+        match w {
+            4 => pack_w::<T, 4>(x, rows, depth, dst),
+            6 => pack_w::<T, 6>(x, rows, depth, dst),
+            8 => pack_w::<T, 8>(x, rows, depth, dst),
+            12 => pack_w::<T, 12>(x, rows, depth, dst),
+            14 => pack_w::<T, 14>(x, rows, depth, dst),
+            16 => pack_w::<T, 16>(x, rows, depth, dst),
+            32 => pack_w::<T, 32>(x, rows, depth, dst),
+            _ => unreachable!("no micro-kernel is {w} wide"),
+        }
+    }
+}
+
+/// [`pack`] for strips of W rows (a constant, so a step's W values move as one block).
+///
+/// # Safety
+/// As [`pack`].
+unsafe fn pack_w<T: Float, const W: usize>(x: View<T>, rows: usize, depth: usize, dst: &mut [T]) {
+    for (s, strip) in dst[..rows.div_ceil(W) * W * depth]
+        .chunks_exact_mut(W * depth)
         .enumerate()
     {
-        let r0 = s * w;
-        let full = (rows - r0).min(w);
+        let r0 = s * W;
+        let full = (rows - r0).min(W);
+        let steps = strip.as_chunks_mut::<W>().0;
         if x.trans {
             // Row i of op(X) is column i of the storage: for each step the strip's values are
             // contiguous.
-            for (p, d) in strip.chunks_exact_mut(w).enumerate() {
-                // SAFETY: elements (r0 .. r0 + full, p) lie within `x` (the caller's guarantee),
-                // contiguous in a transposed view.
-                let src = unsafe { std::slice::from_raw_parts(x.p.add(p * x.ld + r0), full) };
-                d[..full].copy_from_slice(src);
-                d[full..].fill(T::zero());
-            }
-        } else {
-            // Each row's steps are contiguous: read rows in turn, write with stride w.
-            for i in 0..full {
-                // SAFETY: row r0 + i, columns 0..depth lie within `x`.
-                let src = unsafe { std::slice::from_raw_parts(x.p.add((r0 + i) * x.ld), depth) };
-                for (p, &v) in src.iter().enumerate() {
-                    strip[p * w + i] = v;
+            for (p, d) in steps.iter_mut().enumerate() {
+                let src = x.p.wrapping_add(p * x.ld + r0);
+                if full == W {
+                    // SAFETY: elements (r0 .. r0 + W, p) lie within `x` (the caller's guarantee),
+                    // contiguous in a transposed view.
+                    *d = unsafe { src.cast::<[T; W]>().read_unaligned() };
+                } else {
+                    // SAFETY: as above, for the `full` rows there are.
+                    let src = unsafe { std::slice::from_raw_parts(src, full) };
+                    d[..full].copy_from_slice(src);
+                    d[full..].fill(T::zero());
                 }
             }
-            if full < w {
-                for d in strip.chunks_exact_mut(w) {
-                    d[full..].fill(T::zero());
+        } else if full == W {
+            // Each row's steps are contiguous: gather step p of the W rows, write the step at
+            // once.
+            let base = x.p.wrapping_add(r0 * x.ld);
+            for (p, d) in steps.iter_mut().enumerate() {
+                // SAFETY: (r0 + i, p) lies within `x` for i < W.
+                *d = std::array::from_fn(|i| unsafe { *base.add(i * x.ld + p) });
+            }
+        } else {
+            for (p, d) in steps.iter_mut().enumerate() {
+                for (i, v) in d.iter_mut().enumerate() {
+                    *v = if i < full {
+                        // SAFETY: (r0 + i, p) lies within `x` for i < full.
+                        unsafe { *x.p.add((r0 + i) * x.ld + p) }
+                    } else {
+                        T::zero()
+                    };
                 }
             }
         }
