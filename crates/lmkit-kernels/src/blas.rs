@@ -829,30 +829,47 @@ unsafe fn gemm_into<T: BlasFloat>(
         return Ok(());
     }
     let threads = rayon::current_num_threads().max(1);
-    let rows_per = if blas.single_threaded {
-        m.div_ceil(threads).max(16)
-    } else {
-        m
-    };
-    let a_row = if a.trans { 1 } else { a.ld };
     let beta = if accumulate { T::one() } else { T::zero() };
     let gemm = T::gemm(blas);
     let out = SharedOut(c);
-    (0..m.div_ceil(rows_per)).into_par_iter().for_each(|i| {
-        let r0 = i * rows_per;
-        let rows = rows_per.min(m - r0);
+    // A single-threaded library runs on pieces of C over rayon's threads. Each piece packs all
+    // of the operand it shares with the others: pieces of rows repack op(B) (k·n values) per
+    // thread, pieces of columns repack op(A) (m·k) — so C is cut across its longer side.
+    let by_cols = blas.single_threaded && n > m && threads > 1;
+    let per = if !blas.single_threaded {
+        m
+    } else if by_cols {
+        // Whole 32-column strips of the micro-kernels per piece.
+        n.div_ceil(threads).next_multiple_of(32)
+    } else {
+        m.div_ceil(threads).max(16)
+    };
+    let a_row = if a.trans { 1 } else { a.ld };
+    let b_col = if b.trans { b.ld } else { 1 };
+    let pieces = if by_cols {
+        n.div_ceil(per)
+    } else {
+        m.div_ceil(per)
+    };
+    (0..pieces).into_par_iter().for_each(|i| {
+        let (r0, rows, c0, cols) = if by_cols {
+            (0, m, i * per, per.min(n - i * per))
+        } else {
+            (i * per, per.min(m - i * per), 0, n)
+        };
         // SAFETY: the extents checked above hold every element BLAS reads of op(A) rows
-        // r0..r0 + rows (offset r0·a_row) and of op(B); block i alone writes C rows
-        // r0..r0 + rows, within the rows the caller provides.
+        // r0..r0 + rows (offset r0·a_row) and of op(B) columns c0..c0 + cols (offset c0·b_col);
+        // piece i alone writes C rows r0..r0 + rows, columns c0..c0 + cols, within the rows the
+        // caller provides.
         unsafe {
             gemm_raw_beta(
                 gemm,
                 T::one(),
                 beta,
-                (rows, n, k),
+                (rows, cols, k),
                 (a.data[r0 * a_row..].as_ptr(), a.ld, a.trans),
-                (b.data.as_ptr(), b.ld, b.trans),
-                (out.at(r0 * ldc), ldc),
+                (b.data[c0 * b_col..].as_ptr(), b.ld, b.trans),
+                (out.at(r0 * ldc + c0), ldc),
             )
         }
     });

@@ -403,6 +403,8 @@ unsafe fn pack_w<T: Float, const W: usize>(x: View<T>, rows: usize, depth: usize
 struct Scratch<T> {
     a: Vec<T>,
     b: Vec<T>,
+    /// One tile, for the partial tiles at C's edges.
+    edge: Vec<T>,
 }
 
 trait Buffers: Float + Send + Sync + 'static {
@@ -411,8 +413,8 @@ trait Buffers: Float + Send + Sync + 'static {
 }
 
 thread_local! {
-    static SCRATCH_F32: RefCell<Scratch<f32>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new() }) };
-    static SCRATCH_F64: RefCell<Scratch<f64>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new() }) };
+    static SCRATCH_F32: RefCell<Scratch<f32>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), edge: Vec::new() }) };
+    static SCRATCH_F64: RefCell<Scratch<f64>> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), edge: Vec::new() }) };
 }
 
 impl Buffers for f32 {
@@ -469,9 +471,10 @@ unsafe fn product<T: Buffers>(
         return;
     }
     let Kernel { tile, mr, nr } = kernel;
-    let mc_max = MC.min(m.div_ceil(mr) * mr);
+    // Packed blocks hold whole strips: the last one is zero-padded to MR rows / NR columns.
+    let mc_max = m.min(MC).div_ceil(mr) * mr;
     let kc_max = KC.min(k);
-    let nc_max = NC.min(n.div_ceil(nr) * nr);
+    let nc_max = n.min(NC).div_ceil(nr) * nr;
     T::with_scratch(|s| {
         if s.a.len() < mc_max * kc_max {
             s.a.resize(mc_max * kc_max, T::zero());
@@ -479,7 +482,9 @@ unsafe fn product<T: Buffers>(
         if s.b.len() < nc_max * kc_max {
             s.b.resize(nc_max * kc_max, T::zero());
         }
-        let mut edge = vec![T::zero(); mr * nr];
+        if s.edge.len() < mr * nr {
+            s.edge.resize(mr * nr, T::zero());
+        }
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             // Equal depths (384 = 2 × 192, not 256 + 128): C is visited once per depth block.
@@ -512,11 +517,11 @@ unsafe fn product<T: Buffers>(
                             } else {
                                 // SAFETY: as above, into a buffer of one whole tile.
                                 unsafe {
-                                    tile(kc, ap, bp, edge.as_mut_ptr(), nr, T::one(), T::zero())
+                                    tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero())
                                 };
                                 for i in 0..rows {
                                     for j in 0..cols {
-                                        let v = alpha * edge[i * nr + j];
+                                        let v = alpha * s.edge[i * nr + j];
                                         // SAFETY: (i, j) is within the m × n of C.
                                         unsafe {
                                             let d = dst.add(i * ldc + j);
