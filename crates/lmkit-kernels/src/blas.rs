@@ -1,11 +1,13 @@
-//! Matrix products on the CPU through a system BLAS library, loaded at run time.
+//! Matrix products on the CPU through a system BLAS library loaded at run time, or through the
+//! built-in product ([`crate::gemm`]) where none is installed.
 //!
 //! candle's CPU matmul (the `gemm` crate) reaches about a third of the f32 GEMM throughput that
 //! OpenBLAS or MKL reach on the same cores, and matrix products are most of a training step. Any
 //! library exporting the CBLAS functions `cblas_[sd]gemm`/`cblas_[sd]gemv` (OpenBLAS, BLIS, MKL) is
-//! opened on first use; nothing is linked at build time, so a machine without one still runs, on
-//! candle's matmul. `LMKIT_BLAS=/path/to/libopenblas.so` picks a library, `LMKIT_BLAS=off`
-//! disables the path. [`backend`] says which is in use.
+//! opened on first use; nothing is linked at build time. Without one, the built-in product (same
+//! entry points) runs on CPUs with AVX2 or AVX-512, candle's matmul elsewhere.
+//! `LMKIT_BLAS=/path/to/libopenblas.so` picks a library, `LMKIT_BLAS=builtin` the built-in
+//! product, `LMKIT_BLAS=off` candle's. [`backend`] says which is in use.
 //!
 //! [`matmul`] is a differentiable CustomOp: its backward is two more products through the same
 //! library (transposed operands are passed as BLAS transpose flags, not copied).
@@ -679,7 +681,11 @@ unsafe fn gemm_raw_beta<T: Copy + Default>(
 
 /// f32 and f64: the element types the BLAS kernels run in.
 pub trait BlasFloat:
-    crate::fused::FastMath + Default + std::ops::AddAssign + candle_core::WithDType
+    crate::fused::FastMath
+    + Default
+    + std::ops::AddAssign
+    + candle_core::WithDType
+    + crate::gemm::Buffers
 {
     fn gemm(blas: &Blas) -> Gemm<Self>;
 }
@@ -834,8 +840,10 @@ unsafe fn gemm_into<T: BlasFloat>(
     let out = SharedOut(c);
     // A single-threaded library runs on pieces of C over rayon's threads. Each piece packs all
     // of the operand it shares with the others: pieces of rows repack op(B) (k·n values) per
-    // thread, pieces of columns repack op(A) (m·k) — so C is cut across its longer side.
-    let by_cols = blas.single_threaded && n > m && threads > 1;
+    // thread, pieces of columns repack op(A) (m·k) — so C is cut across its longer side. A
+    // product of fewer than 16 rows stays whole (as pieces of rows do): such products come many
+    // at a time, one per task of a parallel loop (a recurrence's steps).
+    let by_cols = blas.single_threaded && n > m && m >= 16 && threads > 1;
     let per = if !blas.single_threaded {
         m
     } else if by_cols {

@@ -1,17 +1,17 @@
 //! The built-in matrix product: f32/f64 GEMM and GEMV with the CBLAS calling convention, used
-//! when no BLAS library is installed (and wherever it is faster than the one that is).
+//! when no BLAS library is installed (or `LMKIT_BLAS=builtin`).
 //!
-//! The product follows the BLIS design. op(B) is packed in panels of `KC` rows × `NC` columns,
-//! cut into strips `NR` columns wide; op(A) in blocks of `MC` rows × `KC`, cut into strips `MR`
-//! rows high; a register-blocked micro-kernel multiplies one A strip by one B strip, its MR × NR
-//! accumulators held in vector registers for the whole `KC` depth, and adds the tile into C once.
-//! The packed B strip (KC × NR) stays in the L1 cache while the A strips of a block, in L2, stream
-//! past it. Micro-kernels exist for AVX-512 (f32 12 × 32, f64 12 × 16) and AVX2 with FMA (f32
-//! 6 × 16, f64 6 × 8), chosen at run time; elsewhere there is no built-in product and lmkit uses
-//! candle's.
+//! The product follows the BLIS design. op(B) is packed in panels of up to `KC` rows × `NC`
+//! columns, cut into strips `NR` columns wide; op(A) in blocks of `MC` rows × the same depth, cut
+//! into strips `MR` rows high; a register-blocked micro-kernel multiplies one A strip by one B
+//! strip, its MR × NR accumulators held in vector registers over the whole depth, and adds the
+//! tile into C once per depth block. One B strip serves every A strip of a block from L1/L2
+//! while they stream past it. Micro-kernels exist for AVX-512 (f32 14 × 32, f64 12 × 16) and AVX2
+//! with FMA (f32 6 × 16, f64 6 × 8), chosen at run time; elsewhere there is no built-in product
+//! and lmkit uses candle's.
 //!
 //! Each call runs on the calling thread, as lmkit uses a BLAS library: the callers split products
-//! into row blocks over rayon's threads. Packing buffers are per thread and reused.
+//! into pieces of rows or columns over rayon's threads. Packing buffers are per thread and reused.
 
 use crate::blas::{Gemm, Gemv};
 use num_traits::Float;
@@ -36,7 +36,8 @@ type Tile<T> =
 
 /// A micro-kernel and its tile size.
 #[derive(Clone, Copy)]
-struct Kernel<T> {
+#[doc(hidden)]
+pub struct Kernel<T> {
     tile: Tile<T>,
     mr: usize,
     nr: usize,
@@ -200,9 +201,7 @@ mod x86 {
                 // other from L1's few ways.
                 for i in 0..MR {
                     for at in [i * ldc, i * ldc + NR - 1] {
-                        // SAFETY: a prefetch accesses no memory as far as the program is
-                        // concerned.
-                        unsafe { _mm_prefetch::<_MM_HINT_T1>(c.wrapping_add(at) as *const i8) };
+                        _mm_prefetch::<_MM_HINT_T1>(c.wrapping_add(at) as *const i8);
                     }
                 }
                 let (mut a, mut b) = (a, b);
@@ -400,15 +399,19 @@ unsafe fn pack_w<T: Float, const W: usize>(x: View<T>, rows: usize, depth: usize
 }
 
 /// Per-thread packing buffers, reused across calls (f32 and f64 calls each keep their own).
-struct Scratch<T> {
+#[doc(hidden)]
+pub struct Scratch<T> {
     a: Vec<T>,
     b: Vec<T>,
     /// One tile, for the partial tiles at C's edges.
     edge: Vec<T>,
 }
 
-trait Buffers: Float + Send + Sync + 'static {
+/// f32 and f64: the element types of the built-in product (its per-thread buffers and kernel).
+pub trait Buffers: Float + Send + Sync + 'static {
+    #[doc(hidden)]
     fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
+    #[doc(hidden)]
     fn kernel() -> Kernel<Self>;
 }
 
@@ -437,17 +440,37 @@ impl Buffers for f64 {
     }
 }
 
+/// Where the product's op(B) panels come from.
+#[derive(Clone, Copy)]
+enum Panels<'a, T> {
+    /// Packed from this view as the product goes.
+    Pack(View<T>),
+    /// Packed already, in the product's order (see [`PackedB`]).
+    Packed(&'a [T]),
+}
+
+/// The depth of each block of a product of depth k: equal blocks of at most `KC` (384 = 2 × 192,
+/// not 256 + 128), so C is visited once per block.
+fn depth_block(k: usize) -> usize {
+    k.div_ceil(k.div_ceil(KC)).max(1)
+}
+
+/// Values of the packed op(B) panel of `nc` columns × `kc` rows (whole strips of `nr`).
+fn panel_len(nc: usize, kc: usize, nr: usize) -> usize {
+    nc.div_ceil(nr) * nr * kc
+}
+
 /// C[m×n] (rows `ldc` apart) = alpha · op(A) · op(B) + beta · C, on the calling thread.
 ///
 /// # Safety
-/// op(A) (m × k) and op(B) (k × n) must lie within their views; C's m rows of n values writable
-/// (initialised when beta ≠ 0).
+/// op(A) (m × k) and op(B) (k × n) must lie within their views (a packed B: packed for k × n with
+/// this kernel); C's m rows of n values writable (initialised when beta ≠ 0).
 #[allow(clippy::too_many_arguments)]
 unsafe fn product<T: Buffers>(
     (m, n, k): (usize, usize, usize),
     alpha: T,
     a: View<T>,
-    b: View<T>,
+    b: Panels<T>,
     beta: T,
     c: *mut T,
     ldc: usize,
@@ -471,48 +494,59 @@ unsafe fn product<T: Buffers>(
         return;
     }
     let Kernel { tile, mr, nr } = kernel;
+    let kc_even = depth_block(k);
     // Packed blocks hold whole strips: the last one is zero-padded to MR rows / NR columns.
     let mc_max = m.min(MC).div_ceil(mr) * mr;
-    let kc_max = KC.min(k);
     let nc_max = n.min(NC).div_ceil(nr) * nr;
     T::with_scratch(|s| {
-        if s.a.len() < mc_max * kc_max {
-            s.a.resize(mc_max * kc_max, T::zero());
+        if s.a.len() < mc_max * kc_even {
+            s.a.resize(mc_max * kc_even, T::zero());
         }
-        if s.b.len() < nc_max * kc_max {
-            s.b.resize(nc_max * kc_max, T::zero());
+        if matches!(b, Panels::Pack(_)) && s.b.len() < nc_max * kc_even {
+            s.b.resize(nc_max * kc_even, T::zero());
         }
         if s.edge.len() < mr * nr {
             s.edge.resize(mr * nr, T::zero());
         }
+        // Offset of the next panel in a packed B.
+        let mut next = 0;
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
-            // Equal depths (384 = 2 × 192, not 256 + 128): C is visited once per depth block.
-            let kc_even = k.div_ceil(k.div_ceil(KC));
             for pc in (0..k).step_by(kc_even) {
                 let kc = kc_even.min(k - pc);
-                // B's columns jc.. are the rows of op(B)ᵀ: a transposed view of B flips `trans`.
-                let bt = View {
-                    trans: !b.trans,
-                    ..b.from(pc, jc)
+                let panel: *const T = match b {
+                    Panels::Pack(b) => {
+                        // B's columns jc.. are the rows of op(B)ᵀ: a transposed view of B flips
+                        // `trans`.
+                        let bt = View {
+                            trans: !b.trans,
+                            ..b.from(pc, jc)
+                        };
+                        // SAFETY: op(B)ᵀ rows jc .. jc + nc, columns pc .. pc + kc lie within B.
+                        unsafe { pack(bt, nc, kc, nr, &mut s.b) };
+                        s.b.as_ptr()
+                    }
+                    Panels::Packed(d) => {
+                        let p = d[next..next + panel_len(nc, kc, nr)].as_ptr();
+                        next += panel_len(nc, kc, nr);
+                        p
+                    }
                 };
-                // SAFETY: op(B)ᵀ rows jc .. jc + nc, columns pc .. pc + kc lie within B.
-                unsafe { pack(bt, nc, kc, nr, &mut s.b) };
                 let beta = if pc == 0 { beta } else { T::one() };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     // SAFETY: op(A) rows ic .. ic + mc, columns pc .. pc + kc lie within A.
                     unsafe { pack(a.from(ic, pc), mc, kc, mr, &mut s.a) };
                     for jr in (0..nc).step_by(nr) {
-                        let bp = s.b[jr * kc..].as_ptr();
+                        let bp = panel.wrapping_add(jr * kc);
                         let cols = nr.min(nc - jr);
                         for ir in (0..mc).step_by(mr) {
                             let ap = s.a[ir * kc..].as_ptr();
                             let rows = mr.min(mc - ir);
                             let dst = c.wrapping_add((ic + ir) * ldc + jc + jr);
                             if rows == mr && cols == nr {
-                                // SAFETY: the strips hold kc steps each; the tile's mr rows of
-                                // nr values lie within C.
+                                // SAFETY: the strips hold kc steps each (the panel holds its
+                                // strips whole); the tile's mr rows of nr values lie within C.
                                 unsafe { tile(kc, ap, bp, dst, ldc, alpha, beta) };
                             } else {
                                 // SAFETY: as above, into a buffer of one whole tile.
@@ -536,6 +570,111 @@ unsafe fn product<T: Buffers>(
             }
         }
     })
+}
+
+/// An op(B) [k × n] packed once for many products with it — a recurrent weight used at every
+/// step — in the built-in product's panel order (so those products skip packing it).
+pub struct PackedB<T> {
+    data: Vec<T>,
+    k: usize,
+    n: usize,
+}
+
+/// Packs op(B) [k × n] (`b` row-major with leading dimension `ld`, used transposed when
+/// `trans`) for [`product_packed`]; `None` where this CPU has no built-in micro-kernel.
+pub fn pack_b<T: Buffers>(
+    (k, n): (usize, usize),
+    b: &[T],
+    ld: usize,
+    trans: bool,
+) -> candle_core::Result<Option<PackedB<T>>> {
+    isa().map(|_| pack_b_with((k, n), b, ld, trans)).transpose()
+}
+
+fn pack_b_with<T: Buffers>(
+    (k, n): (usize, usize),
+    b: &[T],
+    ld: usize,
+    trans: bool,
+) -> candle_core::Result<PackedB<T>> {
+    let (rows, cols) = if trans { (n, k) } else { (k, n) };
+    if ld < cols || (rows > 0 && cols > 0 && (rows - 1) * ld + cols > b.len()) {
+        candle_core::bail!(
+            "packed product: B of {} values does not hold {k}×{n}",
+            b.len()
+        );
+    }
+    let nr = T::kernel().nr;
+    let kc_even = depth_block(k);
+    let mut data = Vec::new();
+    let view = View {
+        p: b.as_ptr(),
+        ld,
+        trans,
+    };
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(kc_even) {
+            let kc = kc_even.min(k - pc);
+            let at = data.len();
+            data.resize(at + panel_len(nc, kc, nr), T::zero());
+            let bt = View {
+                trans: !view.trans,
+                ..view.from(pc, jc)
+            };
+            // SAFETY: the extent check above: op(B)ᵀ rows jc .. jc + nc, columns pc .. pc + kc
+            // lie within `b`.
+            unsafe { pack(bt, nc, kc, nr, &mut data[at..]) };
+        }
+    }
+    Ok(PackedB { data, k, n })
+}
+
+/// C [m × n] (rows `ldc` apart in `c`) = op(A) [m × k] · B + C when `accumulate`, else without
+/// C's contents; A row-major with leading dimension `lda` (transposed when `a_trans`). On the
+/// calling thread.
+pub fn product_packed<T: Buffers>(
+    m: usize,
+    (a, lda, a_trans): (&[T], usize, bool),
+    b: &PackedB<T>,
+    (c, ldc): (&mut [T], usize),
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let (k, n) = (b.k, b.n);
+    let (rows, cols) = if a_trans { (k, m) } else { (m, k) };
+    if lda < cols || (rows > 0 && cols > 0 && (rows - 1) * lda + cols > a.len()) {
+        candle_core::bail!(
+            "packed product: A of {} values does not hold {m}×{k}",
+            a.len()
+        );
+    }
+    if ldc < n || (m > 0 && n > 0 && (m - 1) * ldc + n > c.len()) {
+        candle_core::bail!(
+            "packed product: C of {} values does not hold {m}×{n}",
+            c.len()
+        );
+    }
+    let a = View {
+        p: a.as_ptr(),
+        ld: lda,
+        trans: a_trans,
+    };
+    let beta = if accumulate { T::one() } else { T::zero() };
+    // SAFETY: the checks above: op(A) and C within their slices, B packed for k × n by
+    // `pack_b_with` with this kernel (the same `T::kernel()`).
+    unsafe {
+        product(
+            (m, n, k),
+            T::one(),
+            a,
+            Panels::Packed(&b.data),
+            beta,
+            c.as_mut_ptr(),
+            ldc,
+            T::kernel(),
+        )
+    };
+    Ok(())
 }
 
 /// The CBLAS gemm entry point (row-major only: lmkit passes nothing else).
@@ -581,7 +720,7 @@ unsafe fn cblas_gemm<T: Buffers>(
             (u(m), u(n), u(k)),
             alpha,
             a,
-            b,
+            Panels::Pack(b),
             beta,
             c,
             u(ldc),
@@ -878,11 +1017,11 @@ mod tests {
                                 ld: lda,
                                 trans: ta,
                             },
-                            View {
+                            Panels::Pack(View {
                                 p: b.as_ptr(),
                                 ld: ldb,
                                 trans: tb,
-                            },
+                            }),
                             beta as f32,
                             c.as_mut_ptr(),
                             ldc,
@@ -918,11 +1057,11 @@ mod tests {
                                 ld: lda,
                                 trans: ta,
                             },
-                            View {
+                            Panels::Pack(View {
                                 p: b64.as_ptr(),
                                 ld: ldb,
                                 trans: tb,
-                            },
+                            }),
                             beta,
                             c.as_mut_ptr(),
                             ldc,
@@ -941,6 +1080,63 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_prepacked_operand_gives_the_same_products() {
+        for &((m, n, k), ta, tb) in &[
+            ((9, 70, 33), false, true),
+            ((3, 4100, 20), true, false),
+            ((30, 40, 800), false, false),
+        ] {
+            let (lda, ldb) = (if ta { m } else { k } + 2, if tb { k } else { n } + 1);
+            let a = randn(if ta { k } else { m } * lda, 3);
+            let b = randn(if tb { n } else { k } * ldb, 4);
+            let c0 = randn(m * (n + 5), 5);
+            let Some(packed) = pack_b((k, n), &b, ldb, tb).unwrap() else {
+                return;
+            };
+            for accumulate in [false, true] {
+                let mut want = c0.clone();
+                // SAFETY: the buffers hold the operands with the leading dimensions given.
+                unsafe {
+                    product(
+                        (m, n, k),
+                        1.0,
+                        View {
+                            p: a.as_ptr(),
+                            ld: lda,
+                            trans: ta,
+                        },
+                        Panels::Pack(View {
+                            p: b.as_ptr(),
+                            ld: ldb,
+                            trans: tb,
+                        }),
+                        if accumulate { 1.0 } else { 0.0 },
+                        want.as_mut_ptr(),
+                        n + 5,
+                        f32::kernel(),
+                    )
+                };
+                let mut got = c0.clone();
+                product_packed(m, (&a, lda, ta), &packed, (&mut got, n + 5), accumulate).unwrap();
+                assert_eq!(
+                    got, want,
+                    "{m}x{n}x{k} ta={ta} tb={tb} accumulate={accumulate}"
+                );
+            }
+            // Operands that do not hold the shapes are refused, not read past.
+            assert!(product_packed(
+                m,
+                (&a[..a.len() - 3], lda, ta),
+                &packed,
+                (&mut c0.clone(), n + 5),
+                false
+            )
+            .is_err());
+            assert!(pack_b((k, n), &b[..b.len() - ldb], ldb, tb).is_err());
         }
     }
 

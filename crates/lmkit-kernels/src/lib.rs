@@ -2,7 +2,8 @@
 //! read-only memory map in `lmkit-core`).
 //!
 //! - [`blas`]: matrix products through a BLAS library opened at run time (OpenBLAS, MKL, BLIS),
-//!   with candle's matmul as the fallback, and the fused attention products built on them.
+//!   with the built-in product ([`gemm`]) as the fallback, and the fused attention products built
+//!   on them.
 //! - [`gemm`]: the built-in f32/f64 matrix product (packed panels, AVX-512/AVX2 micro-kernels),
 //!   used when no BLAS library is installed.
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,

@@ -7,6 +7,7 @@
 
 use crate::blas::{available, gemm_par, plain, require, transposed, BlasFloat};
 use crate::fused::FastMath;
+use crate::gemm::{pack_b, product_packed, PackedB};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 /// The cell of a recurrent layer.
@@ -152,15 +153,19 @@ fn rows_per_block(b: usize) -> usize {
     b.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-/// z [m, gates·h] += states [m, h] · W_hhᵀ (W_hh [gates·h, h]).
+/// z [m, gates·h] += states [m, h] · W_hhᵀ (W_hh [gates·h, h]); through `packed` (W_hhᵀ packed
+/// once for every step) when given, on the calling thread.
 fn add_recurrent_product<T: BlasFloat>(
     blas: &crate::blas::Blas,
-    states: &[T],
+    (states, packed): (&[T], Option<&PackedB<T>>),
     w: &[T],
     z: &mut [T],
     h: usize,
 ) -> candle_core::Result<()> {
     let (m, gh) = (states.len() / h, w.len() / h);
+    if let Some(pb) = packed {
+        return product_packed(m, (states, h, false), pb, (z, gh), true);
+    }
     gemm_par(
         blas,
         (m, gh, h),
@@ -184,12 +189,14 @@ fn forward<T: BlasFloat>(
     let width = cell.width(h);
     let mut out = vec![T::zero(); b * t * width];
     let rows = rows_per_block(b);
+    // Every step multiplies by W_hhᵀ: packed once here, not by each step's product.
+    let packed = pack_b((h, gh), w, h, true)?;
     out.par_chunks_mut(rows * t * width)
         .zip(pre.par_chunks(rows * t * gh))
         .zip(s0.par_chunks(rows * width))
         .try_for_each(|((out, pre), s0)| {
             forward_rows(
-                blas,
+                (blas, packed.as_ref()),
                 cell,
                 (pre, w, s0),
                 out,
@@ -205,7 +212,7 @@ fn forward<T: BlasFloat>(
 
 /// [`forward`] for a block of `b` rows (`pre`, `s0`, `out` hold those rows only).
 fn forward_rows<T: BlasFloat>(
-    blas: &crate::blas::Blas,
+    (blas, packed): (&crate::blas::Blas, Option<&PackedB<T>>),
     cell: Cell,
     (pre, w, s0): (&[T], &[T], &[T]),
     out: &mut [T],
@@ -227,7 +234,7 @@ fn forward_rows<T: BlasFloat>(
         for r in 0..b {
             z[r * gh..(r + 1) * gh].copy_from_slice(&pre[(r * t + s) * gh..][..gh]);
         }
-        add_recurrent_product(blas, &hprev, w, &mut z, h)?;
+        add_recurrent_product(blas, (&hprev, packed), w, &mut z, h)?;
         for r in 0..b {
             let zr = &z[r * gh..(r + 1) * gh];
             let o = &mut out[(r * t + s) * width..][..width];
@@ -283,9 +290,11 @@ fn backward<T: BlasFloat>(
         .collect();
     // The gates' inputs of every step at once: Z = pre + H_prev · W_hhᵀ.
     let mut z = pre.to_vec();
-    add_recurrent_product(blas, &hprev, w, &mut z, h)?;
+    add_recurrent_product(blas, (&hprev, None), w, &mut z, h)?;
     let mut dz = vec![T::zero(); n * gh];
     let rows = rows_per_block(b);
+    // Every step's dh multiplies by W_hh: packed once here.
+    let packed = pack_b((gh, h), w, h, false)?;
     dz.par_chunks_mut(rows * t * gh)
         .zip(z.par_chunks(rows * t * gh))
         .zip(out.par_chunks(rows * t * width))
@@ -297,7 +306,14 @@ fn backward<T: BlasFloat>(
                 t,
                 h,
             };
-            backward_rows(blas, cell, (z, w, s0), (out, dout), dz, d)
+            backward_rows(
+                (blas, packed.as_ref()),
+                cell,
+                (z, w, s0),
+                (out, dout),
+                dz,
+                d,
+            )
         })?;
     // dW_hh = Σ_s dz_sᵀ · h_{s-1}
     let mut dw = vec![T::zero(); gh * h];
@@ -315,7 +331,7 @@ fn backward<T: BlasFloat>(
 /// The backward walk over the steps for a block of `b` rows: the gradient of each step's gate
 /// inputs into `dz`, from the gate inputs `z`, the outputs and their gradient.
 fn backward_rows<T: BlasFloat>(
-    blas: &crate::blas::Blas,
+    (blas, packed): (&crate::blas::Blas, Option<&PackedB<T>>),
     cell: Cell,
     (z, w, s0): (&[T], &[T], &[T]),
     (out, dout): (&[T], &[T]),
@@ -363,6 +379,16 @@ fn backward_rows<T: BlasFloat>(
             }
         }
         // dh_{s-1} = dz_s · W_hh (dz_s: rows r·t + s, leading dimension t·gh).
+        if let Some(pb) = packed {
+            product_packed(
+                b,
+                (&dz[s * gh..], t * gh, false),
+                pb,
+                (&mut dh_next, h),
+                false,
+            )?;
+            continue;
+        }
         gemm_par(
             blas,
             (b, h, gh),
