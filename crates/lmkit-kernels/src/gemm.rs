@@ -771,14 +771,32 @@ unsafe fn cblas_gemv<T: Buffers>(
             .map(|i| beta * unsafe { *y.add(i * incy) })
             .collect()
     };
-    for r in 0..m {
-        // SAFETY: row r of A holds n values (lda ≥ n by the CBLAS contract).
-        let row = unsafe { std::slice::from_raw_parts(a.add(r * lda), n) };
+    // SAFETY: row r < m of A holds n values (lda ≥ n by the CBLAS contract).
+    let row = |r: usize| unsafe { std::slice::from_raw_parts(a.add(r * lda), n) };
+    // Four rows at a time: four streams from memory in flight, and (transposed) y read and
+    // written once per four rows.
+    let mut r = 0;
+    while r + 4 <= m {
+        let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
         if t {
-            // y += alpha·x[r] · row r.
-            axpy(alpha * xs[r], row, &mut ys);
+            let s = [0, 1, 2, 3].map(|i| alpha * xs[r + i]);
+            axpy4(s, rows, &mut ys);
         } else {
-            ys[r] = ys[r] + alpha * dot(row, &xs);
+            for (i, d) in dot4(rows, &xs).into_iter().enumerate() {
+                ys[r + i] = ys[r + i] + alpha * d;
+            }
+        }
+        r += 4;
+    }
+    for r in r..m {
+        if t {
+            axpy4(
+                [alpha * xs[r], T::zero(), T::zero(), T::zero()],
+                [row(r); 4],
+                &mut ys,
+            );
+        } else {
+            ys[r] = ys[r] + alpha * dot4([row(r); 4], &xs)[0];
         }
     }
     for (i, v) in ys.into_iter().enumerate() {
@@ -788,29 +806,37 @@ unsafe fn cblas_gemv<T: Buffers>(
 }
 
 crate::simd::simd_versions! {
-    /// Σ a[i]·b[i] over 16 independent partial sums (so the loop vectorises).
-    fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-        let mut acc = [T::zero(); 16];
-        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for l in 0..16 {
-                acc[l] = acc[l] + x[l] * y[l];
+    /// Σ rows[i][j]·x[j] for four rows, each over 16 independent partial sums (so the loop
+    /// vectorises).
+    fn dot4<T: Float>(rows: [&[T]; 4], x: &[T]) -> [T; 4] {
+        const L: usize = 16;
+        let n = x.len();
+        let (xc, xr) = x.as_chunks::<L>();
+        let [(c0, r0), (c1, r1), (c2, r2), (c3, r3)] = rows.map(|r| r[..n].as_chunks::<L>());
+        let (mut a0, mut a1, mut a2, mut a3) = ([T::zero(); L], [T::zero(); L], [T::zero(); L], [T::zero(); L]);
+        for ((((xv, v0), v1), v2), v3) in xc.iter().zip(c0).zip(c1).zip(c2).zip(c3) {
+            for l in 0..L {
+                a0[l] = a0[l] + v0[l] * xv[l];
+                a1[l] = a1[l] + v1[l] * xv[l];
+                a2[l] = a2[l] + v2[l] * xv[l];
+                a3[l] = a3[l] + v3[l] * xv[l];
             }
         }
-        let mut s = acc.iter().fold(T::zero(), |s, &v| s + v);
-        for (&x, &y) in ra.iter().zip(rb) {
-            s = s + x * y;
-        }
-        s
+        let sum = |acc: [T; L], rest: &[T]| {
+            let s = acc.iter().fold(T::zero(), |s, &v| s + v);
+            rest.iter().zip(xr).fold(s, |s, (&r, &x)| s + r * x)
+        };
+        [sum(a0, r0), sum(a1, r1), sum(a2, r2), sum(a3, r3)]
     }
 }
 
 crate::simd::simd_versions! {
-    /// y += s · x.
-    fn axpy<T: Float>(s: T, x: &[T], y: &mut [T]) {
-        for (d, &v) in y.iter_mut().zip(x) {
-            *d = *d + s * v;
+    /// y += Σ s[i] · rows[i].
+    fn axpy4<T: Float>(s: [T; 4], rows: [&[T]; 4], y: &mut [T]) {
+        let n = y.len();
+        let [r0, r1, r2, r3] = rows.map(|r| &r[..n]);
+        for j in 0..n {
+            y[j] = y[j] + s[0] * r0[j] + s[1] * r1[j] + s[2] * r2[j] + s[3] * r3[j];
         }
     }
 }
