@@ -8,7 +8,8 @@
 # What each package is for:
 #   g++                    C/C++ compiler for crates that build C code (SQLite, oniguruma)
 #   python3-venv           the virtualenv of the parity tests' reference implementations
-#   libopenblas0-pthread   fast CPU matrix products (lmkit opens it at run time; ~3x candle's own)
+#   libopenblas0-pthread   CPU matrix products (opened at run time; without it lmkit runs its own
+#                          product, 5-10% slower on training steps)
 #   chromium, chromium-driver (--tests)   the browser test of the chat and review pages
 #   cmake, libboost-{program-options,system,thread,test}-dev, zlib1g-dev (--tests)
 #                          to build KenLM's lmplz/query from source (scripts/setup-kenlm.sh), the
