@@ -244,6 +244,82 @@ mod x86 {
         };
     }
 
+    /// strip[p·w + i] = base[i·ld + p] for rows i < w (w ≤ 32) and steps p < depth, f32: a
+    /// strip of A (or of op(B)ᵀ) from rows whose steps are contiguous, 16 steps at a time through
+    /// 16 × 16 transposes in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; (i, p) for i < w, p < depth lie at base + i·ld + p; `strip` holds
+    /// w·depth writable values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_rows_f32(
+        base: *const f32,
+        ld: usize,
+        depth: usize,
+        w: usize,
+        strip: *mut f32,
+    ) {
+        let mut p = 0;
+        while p + 16 <= depth {
+            let mut i0 = 0;
+            while i0 < w {
+                let rows = (w - i0).min(16);
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, v) in r.iter_mut().enumerate() {
+                    if i < rows {
+                        // SAFETY: row i0 + i < w, steps p .. p + 16 ≤ depth.
+                        *v = unsafe { _mm512_loadu_ps(base.add((i0 + i) * ld + p)) };
+                    }
+                }
+                let r = transpose16(r);
+                let mask: __mmask16 = if rows == 16 { 0xffff } else { (1 << rows) - 1 };
+                for (q, v) in r.into_iter().enumerate() {
+                    // SAFETY: step p + q < depth, values i0 .. i0 + rows ≤ w of it.
+                    unsafe { _mm512_mask_storeu_ps(strip.add((p + q) * w + i0), mask, v) };
+                }
+                i0 += 16;
+            }
+            p += 16;
+        }
+        for p in p..depth {
+            for i in 0..w {
+                // SAFETY: as above, one value at a time.
+                unsafe { *strip.add(p * w + i) = *base.add(i * ld + p) };
+            }
+        }
+    }
+
+    /// The transpose of a 16 × 16 block of f32 (row i in r[i]).
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes twice.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let b = 4 * k;
+            u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+            u[b + 1] = _mm512_shuffle_ps::<0xee>(t[b], t[b + 2]);
+            u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm512_shuffle_ps::<0xee>(t[b + 1], t[b + 3]);
+        }
+        for k in 0..2 {
+            let b = 8 * k;
+            for j in 0..4 {
+                t[b + j] = _mm512_shuffle_f32x4::<0x88>(u[b + j], u[b + 4 + j]);
+                t[b + 4 + j] = _mm512_shuffle_f32x4::<0xdd>(u[b + j], u[b + 4 + j]);
+            }
+        }
+        for j in 0..8 {
+            u[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+            u[8 + j] = _mm512_shuffle_f32x4::<0xdd>(t[j], t[8 + j]);
+        }
+        u
+    }
+
     tile!(
         f32_avx512,
         f32,
@@ -331,7 +407,7 @@ impl<T> View<T> {
 ///
 /// # Safety
 /// Every (i, p) with i < rows and p < depth lies within `x`.
-unsafe fn pack<T: Float>(x: View<T>, rows: usize, depth: usize, w: usize, dst: &mut [T]) {
+unsafe fn pack<T: Buffers>(x: View<T>, rows: usize, depth: usize, w: usize, dst: &mut [T]) {
     // SAFETY (all arms): the caller's guarantee, passed on.
     unsafe {
         match w {
@@ -351,7 +427,7 @@ unsafe fn pack<T: Float>(x: View<T>, rows: usize, depth: usize, w: usize, dst: &
 ///
 /// # Safety
 /// As [`pack`].
-unsafe fn pack_w<T: Float, const W: usize>(x: View<T>, rows: usize, depth: usize, dst: &mut [T]) {
+unsafe fn pack_w<T: Buffers, const W: usize>(x: View<T>, rows: usize, depth: usize, dst: &mut [T]) {
     for (s, strip) in dst[..rows.div_ceil(W) * W * depth]
         .chunks_exact_mut(W * depth)
         .enumerate()
@@ -377,8 +453,13 @@ unsafe fn pack_w<T: Float, const W: usize>(x: View<T>, rows: usize, depth: usize
             }
         } else if full == W {
             // Each row's steps are contiguous: gather step p of the W rows, write the step at
-            // once.
+            // once (or transpose blocks in vector registers, where the type and CPU allow).
             let base = x.p.wrapping_add(r0 * x.ld);
+            // SAFETY: (r0 + i, p) lies within `x` for i < W, p < depth; the strip holds W·depth.
+            if unsafe { T::pack_rows(base, x.ld, depth, W, strip.as_mut_ptr()) } {
+                continue;
+            }
+            let steps = strip.as_chunks_mut::<W>().0;
             for (p, d) in steps.iter_mut().enumerate() {
                 // SAFETY: (r0 + i, p) lies within `x` for i < W.
                 *d = std::array::from_fn(|i| unsafe { *base.add(i * x.ld + p) });
@@ -413,6 +494,21 @@ pub trait Buffers: Float + Send + Sync + 'static {
     fn with_scratch<R>(f: impl FnOnce(&mut Scratch<Self>) -> R) -> R;
     #[doc(hidden)]
     fn kernel() -> Kernel<Self>;
+    /// strip[p·w + i] = base[i·ld + p] (i < w, p < depth) through vector transposes where this
+    /// type and CPU have them; false when not done.
+    ///
+    /// # Safety
+    /// As `x86::pack_rows_f32`, without the CPU requirement.
+    #[doc(hidden)]
+    unsafe fn pack_rows(
+        _base: *const Self,
+        _ld: usize,
+        _depth: usize,
+        _w: usize,
+        _strip: *mut Self,
+    ) -> bool {
+        false
+    }
 }
 
 thread_local! {
@@ -427,6 +523,22 @@ impl Buffers for f32 {
     fn kernel() -> Kernel<f32> {
         static K: std::sync::OnceLock<Kernel<f32>> = std::sync::OnceLock::new();
         *K.get_or_init(kernel_f32)
+    }
+    unsafe fn pack_rows(
+        base: *const f32,
+        ld: usize,
+        depth: usize,
+        w: usize,
+        strip: *mut f32,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::simd_level() == 2 && w <= 32 {
+            // SAFETY: the CPU has AVX-512F; the caller's guarantee on the operands.
+            unsafe { x86::pack_rows_f32(base, ld, depth, w, strip) };
+            return true;
+        }
+        let _ = (base, ld, depth, w, strip);
+        false
     }
 }
 
