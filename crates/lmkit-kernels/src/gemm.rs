@@ -76,54 +76,58 @@ pub struct Cblas {
     pub dgemv: Gemv<f64>,
 }
 
-fn kernel_f32() -> Kernel<f32> {
+/// The widest of a type's micro-kernels this CPU runs: `by_level` lists the portable one, then
+/// (on x86-64) AVX2 with FMA and AVX-512, in [`crate::simd::simd_level`]'s order.
+fn widest<T: Copy>(by_level: &[Kernel<T>]) -> Kernel<T> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::simd_level() == 2 {
-            return Kernel {
-                tile: x86::f32_avx512,
-                mr: 14,
-                nr: 32,
-            };
-        }
-        if crate::simd::simd_level() == 1 {
-            return Kernel {
-                tile: x86::f32_avx2,
-                mr: 6,
-                nr: 16,
-            };
-        }
-    }
-    Kernel {
-        tile: tile_generic::<f32, 4, 8>,
-        mr: 4,
-        nr: 8,
-    }
+    let level = usize::from(crate::simd::simd_level());
+    #[cfg(not(target_arch = "x86_64"))]
+    let level = 0;
+    by_level[level.min(by_level.len() - 1)]
+}
+
+fn kernel_f32() -> Kernel<f32> {
+    widest(&[
+        Kernel {
+            tile: tile_generic::<f32, 4, 8>,
+            mr: 4,
+            nr: 8,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Kernel {
+            tile: x86::f32_avx2,
+            mr: 6,
+            nr: 16,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Kernel {
+            tile: x86::f32_avx512,
+            mr: 14,
+            nr: 32,
+        },
+    ])
 }
 
 fn kernel_f64() -> Kernel<f64> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::simd_level() == 2 {
-            return Kernel {
-                tile: x86::f64_avx512,
-                mr: 12,
-                nr: 16,
-            };
-        }
-        if crate::simd::simd_level() == 1 {
-            return Kernel {
-                tile: x86::f64_avx2,
-                mr: 6,
-                nr: 8,
-            };
-        }
-    }
-    Kernel {
-        tile: tile_generic::<f64, 4, 4>,
-        mr: 4,
-        nr: 4,
-    }
+    widest(&[
+        Kernel {
+            tile: tile_generic::<f64, 4, 4>,
+            mr: 4,
+            nr: 4,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Kernel {
+            tile: x86::f64_avx2,
+            mr: 6,
+            nr: 8,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Kernel {
+            tile: x86::f64_avx512,
+            mr: 12,
+            nr: 16,
+        },
+    ])
 }
 
 /// A portable micro-kernel (tests compare the vector ones against it).
