@@ -61,10 +61,10 @@ pub fn isa() -> Option<&'static str> {
 pub fn functions() -> Option<Cblas> {
     isa()?;
     Some(Cblas {
-        sgemm,
-        dgemm,
-        sgemv,
-        dgemv,
+        sgemm: cblas_gemm::<f32>,
+        dgemm: cblas_gemm::<f64>,
+        sgemv: cblas_gemv::<f32>,
+        dgemv: cblas_gemv::<f64>,
     })
 }
 
@@ -76,59 +76,55 @@ pub struct Cblas {
     pub dgemv: Gemv<f64>,
 }
 
-/// The widest of a type's micro-kernels this CPU runs: `by_level` lists the portable one, then
-/// (on x86-64) AVX2 with FMA and AVX-512, in [`crate::simd::simd_level`]'s order.
-fn widest<T: Copy>(by_level: &[Kernel<T>]) -> Kernel<T> {
+/// How many of a type's micro-kernels (listed by SIMD level) this CPU runs.
+fn levels() -> usize {
     #[cfg(target_arch = "x86_64")]
-    let level = usize::from(crate::simd::simd_level());
+    return usize::from(crate::simd::simd_level()) + 1;
     #[cfg(not(target_arch = "x86_64"))]
-    let level = 0;
-    by_level[level.min(by_level.len() - 1)]
+    1
 }
 
-fn kernel_f32() -> Kernel<f32> {
-    widest(&[
-        Kernel {
-            tile: tile_generic::<f32, 4, 8>,
-            mr: 4,
-            nr: 8,
-        },
-        #[cfg(target_arch = "x86_64")]
-        Kernel {
-            tile: x86::f32_avx2,
-            mr: 6,
-            nr: 16,
-        },
-        #[cfg(target_arch = "x86_64")]
-        Kernel {
-            tile: x86::f32_avx512,
-            mr: 14,
-            nr: 32,
-        },
-    ])
-}
+/// f32 micro-kernels by SIMD level: portable, then (x86-64) AVX2 with FMA, AVX-512.
+static F32_KERNELS: &[Kernel<f32>] = &[
+    Kernel {
+        tile: tile_generic::<f32, 4, 8>,
+        mr: 4,
+        nr: 8,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Kernel {
+        tile: x86::f32_avx2,
+        mr: 6,
+        nr: 16,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Kernel {
+        tile: x86::f32_avx512,
+        mr: 14,
+        nr: 32,
+    },
+];
 
-fn kernel_f64() -> Kernel<f64> {
-    widest(&[
-        Kernel {
-            tile: tile_generic::<f64, 4, 4>,
-            mr: 4,
-            nr: 4,
-        },
-        #[cfg(target_arch = "x86_64")]
-        Kernel {
-            tile: x86::f64_avx2,
-            mr: 6,
-            nr: 8,
-        },
-        #[cfg(target_arch = "x86_64")]
-        Kernel {
-            tile: x86::f64_avx512,
-            mr: 12,
-            nr: 16,
-        },
-    ])
-}
+/// f64 micro-kernels by SIMD level, as [`F32_KERNELS`].
+static F64_KERNELS: &[Kernel<f64>] = &[
+    Kernel {
+        tile: tile_generic::<f64, 4, 4>,
+        mr: 4,
+        nr: 4,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Kernel {
+        tile: x86::f64_avx2,
+        mr: 6,
+        nr: 8,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Kernel {
+        tile: x86::f64_avx512,
+        mr: 12,
+        nr: 16,
+    },
+];
 
 /// A portable micro-kernel (tests compare the vector ones against it).
 ///
@@ -525,8 +521,7 @@ impl Buffers for f32 {
         SCRATCH_F32.with(|s| f(&mut s.borrow_mut()))
     }
     fn kernel() -> Kernel<f32> {
-        static K: std::sync::OnceLock<Kernel<f32>> = std::sync::OnceLock::new();
-        *K.get_or_init(kernel_f32)
+        F32_KERNELS[levels().min(F32_KERNELS.len()) - 1]
     }
     unsafe fn pack_rows(
         base: *const f32,
@@ -551,8 +546,7 @@ impl Buffers for f64 {
         SCRATCH_F64.with(|s| f(&mut s.borrow_mut()))
     }
     fn kernel() -> Kernel<f64> {
-        static K: std::sync::OnceLock<Kernel<f64>> = std::sync::OnceLock::new();
-        *K.get_or_init(kernel_f64)
+        F64_KERNELS[levels().min(F64_KERNELS.len()) - 1]
     }
 }
 
@@ -793,12 +787,13 @@ pub fn product_packed<T: Buffers>(
     Ok(())
 }
 
-/// The CBLAS gemm entry point (row-major only: lmkit passes nothing else).
+/// The CBLAS gemm entry point (row-major only: lmkit passes nothing else), `sgemm`/`dgemm` as
+/// `cblas_gemm::<f32>`/`::<f64>`.
 ///
 /// # Safety
 /// As `cblas_?gemm`: the operands hold what their dimensions and leading dimensions span.
 #[allow(clippy::too_many_arguments)]
-unsafe fn cblas_gemm<T: Buffers>(
+unsafe extern "C" fn cblas_gemm<T: Buffers>(
     layout: i32,
     trans_a: i32,
     trans_b: i32,
@@ -850,7 +845,7 @@ unsafe fn cblas_gemm<T: Buffers>(
 /// # Safety
 /// As `cblas_?gemv`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn cblas_gemv<T: Buffers>(
+unsafe extern "C" fn cblas_gemv<T: Buffers>(
     layout: i32,
     trans: i32,
     m: i32,
@@ -957,90 +952,6 @@ crate::simd::simd_versions! {
     }
 }
 
-unsafe extern "C" fn sgemm(
-    layout: i32,
-    trans_a: i32,
-    trans_b: i32,
-    m: i32,
-    n: i32,
-    k: i32,
-    alpha: f32,
-    a: *const f32,
-    lda: i32,
-    b: *const f32,
-    ldb: i32,
-    beta: f32,
-    c: *mut f32,
-    ldc: i32,
-) {
-    // SAFETY: the caller's guarantee (the CBLAS contract).
-    unsafe {
-        cblas_gemm(
-            layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
-        )
-    }
-}
-
-unsafe extern "C" fn dgemm(
-    layout: i32,
-    trans_a: i32,
-    trans_b: i32,
-    m: i32,
-    n: i32,
-    k: i32,
-    alpha: f64,
-    a: *const f64,
-    lda: i32,
-    b: *const f64,
-    ldb: i32,
-    beta: f64,
-    c: *mut f64,
-    ldc: i32,
-) {
-    // SAFETY: the caller's guarantee (the CBLAS contract).
-    unsafe {
-        cblas_gemm(
-            layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
-        )
-    }
-}
-
-unsafe extern "C" fn sgemv(
-    layout: i32,
-    trans: i32,
-    m: i32,
-    n: i32,
-    alpha: f32,
-    a: *const f32,
-    lda: i32,
-    x: *const f32,
-    incx: i32,
-    beta: f32,
-    y: *mut f32,
-    incy: i32,
-) {
-    // SAFETY: the caller's guarantee (the CBLAS contract).
-    unsafe { cblas_gemv(layout, trans, m, n, alpha, a, lda, x, incx, beta, y, incy) }
-}
-
-unsafe extern "C" fn dgemv(
-    layout: i32,
-    trans: i32,
-    m: i32,
-    n: i32,
-    alpha: f64,
-    a: *const f64,
-    lda: i32,
-    x: *const f64,
-    incx: i32,
-    beta: f64,
-    y: *mut f64,
-    incy: i32,
-) {
-    // SAFETY: the caller's guarantee (the CBLAS contract).
-    unsafe { cblas_gemv(layout, trans, m, n, alpha, a, lda, x, incx, beta, y, incy) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1072,40 +983,13 @@ mod tests {
         c
     }
 
-    fn kernels_f32() -> Vec<Kernel<f32>> {
-        let mut v = vec![kernel_f32()];
-        v.push(Kernel {
-            tile: tile_generic::<f32, 4, 8>,
-            mr: 4,
-            nr: 8,
-        });
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::simd_level() == 2 {
-            v.push(Kernel {
-                tile: x86::f32_avx2,
-                mr: 6,
-                nr: 16,
-            });
-        }
-        v
+    /// Every kernel this CPU runs.
+    fn kernels_f32() -> &'static [Kernel<f32>] {
+        &F32_KERNELS[..levels().min(F32_KERNELS.len())]
     }
 
-    fn kernels_f64() -> Vec<Kernel<f64>> {
-        let mut v = vec![kernel_f64()];
-        v.push(Kernel {
-            tile: tile_generic::<f64, 4, 4>,
-            mr: 4,
-            nr: 4,
-        });
-        #[cfg(target_arch = "x86_64")]
-        if crate::simd::simd_level() == 2 {
-            v.push(Kernel {
-                tile: x86::f64_avx2,
-                mr: 6,
-                nr: 8,
-            });
-        }
-        v
+    fn kernels_f64() -> &'static [Kernel<f64>] {
+        &F64_KERNELS[..levels().min(F64_KERNELS.len())]
     }
 
     /// Shapes around every blocking size (MR, NR, MC, KC, NC edges), both transposes, padded
@@ -1147,7 +1031,7 @@ mod tests {
             for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
                 let expect =
                     |i: usize, j: usize| alpha * want[i * n + j] + beta * c0[i * ldc + j] as f64;
-                for kern in kernels_f32() {
+                for &kern in kernels_f32() {
                     let mut c = c0.clone();
                     // SAFETY: the buffers hold the operands with the leading dimensions given.
                     unsafe {
@@ -1187,7 +1071,7 @@ mod tests {
                         }
                     }
                 }
-                for kern in kernels_f64() {
+                for &kern in kernels_f64() {
                     let mut c: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
                     // SAFETY: as above.
                     unsafe {
@@ -1288,7 +1172,7 @@ mod tests {
         let mut c = vec![f32::NAN; 6];
         // SAFETY: no operand element is read (k = 0); C holds 2×3.
         unsafe {
-            sgemm(
+            cblas_gemm::<f32>(
                 101,
                 111,
                 111,
@@ -1316,7 +1200,7 @@ mod tests {
             let mut y = y0.clone();
             // SAFETY: A is m×n (lda n), x holds nx values 2 apart, y ny values 3 apart.
             unsafe {
-                sgemv(
+                cblas_gemv::<f32>(
                     101,
                     trans,
                     m as i32,
