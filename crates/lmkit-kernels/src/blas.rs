@@ -679,6 +679,11 @@ unsafe fn gemm_raw_beta<T: Copy + Default>(
     }
 }
 
+/// Whether `len` values hold a row-major matrix of rows × cols whose rows lie `ld` apart.
+pub(crate) fn holds(len: usize, (rows, cols): (usize, usize), ld: usize) -> bool {
+    ld >= cols && (rows == 0 || cols == 0 || (rows - 1) * ld + cols <= len)
+}
+
 /// f32 and f64: the element types the BLAS kernels run in.
 pub trait BlasFloat:
     crate::fused::FastMath
@@ -758,7 +763,7 @@ pub fn gemm_par_ld<T: BlasFloat>(
     (c, ldc): (&mut [T], usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    if ldc < n || (m > 0 && n > 0 && (m - 1) * ldc + n > c.len()) {
+    if !holds(c.len(), (m, n), ldc) {
         candle_core::bail!(
             "blas product: an output of {} elements with rows {ldc} apart does not hold {m}×{n}",
             c.len()
@@ -807,13 +812,12 @@ unsafe fn gemm_into<T: BlasFloat>(
     (c, ldc): (*mut T, usize),
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    // The last element BLAS reads of an op(X) of r×s stored with leading dimension ld.
+    // Whether an op(X) of r×s lies within the operand's data (as stored: transposed or not).
     let extent = |(r, s): (usize, usize), x: &Operand<T>| {
-        let (rows, cols) = if x.trans { (s, r) } else { (r, s) };
-        (x.ld >= cols && (rows == 0 || cols == 0 || (rows - 1) * x.ld + cols <= x.data.len()))
-            .then_some(())
+        let stored = if x.trans { (s, r) } else { (r, s) };
+        holds(x.data.len(), stored, x.ld)
     };
-    if extent((m, k), &a).is_none() || extent((k, n), &b).is_none() {
+    if !extent((m, k), &a) || !extent((k, n), &b) {
         candle_core::bail!("blas product: operand sizes do not match {m}×{k}·{k}×{n}");
     }
     if [m, n, k, a.ld, b.ld, ldc]

@@ -13,7 +13,7 @@
 //! Each call runs on the calling thread, as lmkit uses a BLAS library: the callers split products
 //! into pieces of rows or columns over rayon's threads. Packing buffers are per thread and reused.
 
-use crate::blas::{Gemm, Gemv};
+use crate::blas::{holds, Gemm, Gemv};
 use num_traits::Float;
 use std::cell::RefCell;
 
@@ -434,6 +434,15 @@ unsafe fn pack_w<T: Buffers, const W: usize>(x: View<T>, rows: usize, depth: usi
     {
         let r0 = s * W;
         let full = (rows - r0).min(W);
+        // Whole strips of rows whose steps are contiguous: through vector transposes where the
+        // type and CPU have them.
+        // SAFETY: (r0 + i, p) lies within `x` for i < W, p < depth; the strip holds W·depth.
+        if !x.trans
+            && full == W
+            && unsafe { T::pack_rows(x.from(r0, 0).p, x.ld, depth, W, strip.as_mut_ptr()) }
+        {
+            continue;
+        }
         let steps = strip.as_chunks_mut::<W>().0;
         if x.trans {
             // Row i of op(X) is column i of the storage: for each step the strip's values are
@@ -453,13 +462,8 @@ unsafe fn pack_w<T: Buffers, const W: usize>(x: View<T>, rows: usize, depth: usi
             }
         } else if full == W {
             // Each row's steps are contiguous: gather step p of the W rows, write the step at
-            // once (or transpose blocks in vector registers, where the type and CPU allow).
-            let base = x.p.wrapping_add(r0 * x.ld);
-            // SAFETY: (r0 + i, p) lies within `x` for i < W, p < depth; the strip holds W·depth.
-            if unsafe { T::pack_rows(base, x.ld, depth, W, strip.as_mut_ptr()) } {
-                continue;
-            }
-            let steps = strip.as_chunks_mut::<W>().0;
+            // once.
+            let base = x.from(r0, 0).p;
             for (p, d) in steps.iter_mut().enumerate() {
                 // SAFETY: (r0 + i, p) lies within `x` for i < W.
                 *d = std::array::from_fn(|i| unsafe { *base.add(i * x.ld + p) });
@@ -707,8 +711,8 @@ fn pack_b_with<T: Buffers>(
     ld: usize,
     trans: bool,
 ) -> candle_core::Result<PackedB<T>> {
-    let (rows, cols) = if trans { (n, k) } else { (k, n) };
-    if ld < cols || (rows > 0 && cols > 0 && (rows - 1) * ld + cols > b.len()) {
+    let stored = if trans { (n, k) } else { (k, n) };
+    if !holds(b.len(), stored, ld) {
         candle_core::bail!(
             "packed product: B of {} values does not hold {k}×{n}",
             b.len()
@@ -751,14 +755,14 @@ pub fn product_packed<T: Buffers>(
     accumulate: bool,
 ) -> candle_core::Result<()> {
     let (k, n) = (b.k, b.n);
-    let (rows, cols) = if a_trans { (k, m) } else { (m, k) };
-    if lda < cols || (rows > 0 && cols > 0 && (rows - 1) * lda + cols > a.len()) {
+    let stored = if a_trans { (k, m) } else { (m, k) };
+    if !holds(a.len(), stored, lda) {
         candle_core::bail!(
             "packed product: A of {} values does not hold {m}×{k}",
             a.len()
         );
     }
-    if ldc < n || (m > 0 && n > 0 && (m - 1) * ldc + n > c.len()) {
+    if !holds(c.len(), (m, n), ldc) {
         candle_core::bail!(
             "packed product: C of {} values does not hold {m}×{n}",
             c.len()
