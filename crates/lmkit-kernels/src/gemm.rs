@@ -987,6 +987,47 @@ mod tests {
         c
     }
 
+    /// C (rows `ldc` apart, holding its start values) = alpha · op(A) · op(B) + beta · C through
+    /// [`product`] with `kern`, B packed on the fly; the operands' extents checked first.
+    fn run<T: Buffers>(
+        kern: Kernel<T>,
+        (m, n, k): (usize, usize, usize),
+        alpha: T,
+        (a, lda, ta): (&[T], usize, bool),
+        (b, ldb, tb): (&[T], usize, bool),
+        beta: T,
+        (c, ldc): (&mut [T], usize),
+    ) {
+        assert!(holds(a.len(), if ta { (k, m) } else { (m, k) }, lda));
+        assert!(holds(b.len(), if tb { (n, k) } else { (k, n) }, ldb));
+        assert!(holds(c.len(), (m, n), ldc));
+        let (a, b) = (
+            View {
+                p: a.as_ptr(),
+                ld: lda,
+                trans: ta,
+            },
+            View {
+                p: b.as_ptr(),
+                ld: ldb,
+                trans: tb,
+            },
+        );
+        // SAFETY: the extents are checked above.
+        unsafe {
+            product(
+                (m, n, k),
+                alpha,
+                a,
+                Panels::Pack(b),
+                beta,
+                c.as_mut_ptr(),
+                ldc,
+                kern,
+            )
+        };
+    }
+
     /// Every kernel this CPU runs.
     fn kernels_f32() -> &'static [Kernel<f32>] {
         &F32_KERNELS[..levels().min(F32_KERNELS.len())]
@@ -1037,27 +1078,15 @@ mod tests {
                     |i: usize, j: usize| alpha * want[i * n + j] + beta * c0[i * ldc + j] as f64;
                 for &kern in kernels_f32() {
                     let mut c = c0.clone();
-                    // SAFETY: the buffers hold the operands with the leading dimensions given.
-                    unsafe {
-                        product(
-                            (m, n, k),
-                            alpha as f32,
-                            View {
-                                p: a.as_ptr(),
-                                ld: lda,
-                                trans: ta,
-                            },
-                            Panels::Pack(View {
-                                p: b.as_ptr(),
-                                ld: ldb,
-                                trans: tb,
-                            }),
-                            beta as f32,
-                            c.as_mut_ptr(),
-                            ldc,
-                            kern,
-                        )
-                    };
+                    run(
+                        kern,
+                        (m, n, k),
+                        alpha as f32,
+                        (&a, lda, ta),
+                        (&b, ldb, tb),
+                        beta as f32,
+                        (&mut c, ldc),
+                    );
                     for i in 0..m {
                         for j in 0..ldc {
                             let got = c[i * ldc + j] as f64;
@@ -1077,27 +1106,15 @@ mod tests {
                 }
                 for &kern in kernels_f64() {
                     let mut c: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
-                    // SAFETY: as above.
-                    unsafe {
-                        product(
-                            (m, n, k),
-                            alpha,
-                            View {
-                                p: a64.as_ptr(),
-                                ld: lda,
-                                trans: ta,
-                            },
-                            Panels::Pack(View {
-                                p: b64.as_ptr(),
-                                ld: ldb,
-                                trans: tb,
-                            }),
-                            beta,
-                            c.as_mut_ptr(),
-                            ldc,
-                            kern,
-                        )
-                    };
+                    run(
+                        kern,
+                        (m, n, k),
+                        alpha,
+                        (&a64, lda, ta),
+                        (&b64, ldb, tb),
+                        beta,
+                        (&mut c, ldc),
+                    );
                     for i in 0..m {
                         for j in 0..n {
                             let got = c[i * ldc + j];
@@ -1129,27 +1146,17 @@ mod tests {
             };
             for accumulate in [false, true] {
                 let mut want = c0.clone();
-                // SAFETY: the buffers hold the operands with the leading dimensions given.
-                unsafe {
-                    product(
-                        (m, n, k),
-                        1.0,
-                        View {
-                            p: a.as_ptr(),
-                            ld: lda,
-                            trans: ta,
-                        },
-                        Panels::Pack(View {
-                            p: b.as_ptr(),
-                            ld: ldb,
-                            trans: tb,
-                        }),
-                        if accumulate { 1.0 } else { 0.0 },
-                        want.as_mut_ptr(),
-                        n + 5,
-                        f32::kernel(),
-                    )
-                };
+                let beta = if accumulate { 1.0 } else { 0.0 };
+                let k32 = f32::kernel();
+                run(
+                    k32,
+                    (m, n, k),
+                    1.0,
+                    (&a, lda, ta),
+                    (&b, ldb, tb),
+                    beta,
+                    (&mut want, n + 5),
+                );
                 let mut got = c0.clone();
                 product_packed(m, (&a, lda, ta), &packed, (&mut got, n + 5), accumulate).unwrap();
                 assert_eq!(
