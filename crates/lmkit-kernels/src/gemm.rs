@@ -876,15 +876,41 @@ unsafe extern "C" fn cblas_gemv<T: Buffers>(
     if ny == 0 {
         return;
     }
-    // SAFETY: x holds nx values incx apart, y ny values incy apart (the CBLAS contract).
-    let xs: Vec<T> = (0..nx).map(|i| unsafe { *x.add(i * incx) }).collect();
-    let mut ys: Vec<T> = if beta == T::zero() {
-        vec![T::zero(); ny]
+    // x and y are used in place when their values are contiguous (decoding's case), else
+    // through copies.
+    let xs: std::borrow::Cow<[T]> = if incx == 1 {
+        // SAFETY: x holds nx values (the CBLAS contract).
+        unsafe { std::slice::from_raw_parts(x, nx) }.into()
     } else {
-        // SAFETY: as above.
-        (0..ny)
-            .map(|i| beta * unsafe { *y.add(i * incy) })
-            .collect()
+        // SAFETY: x holds nx values incx apart.
+        (0..nx).map(|i| unsafe { *x.add(i * incx) }).collect()
+    };
+    let mut copy: Vec<T>;
+    let ys: &mut [T] = if incy == 1 {
+        if beta == T::zero() {
+            // SAFETY: y holds ny writable values (maybe uninitialised: beta = 0 reads none);
+            // all-zero bits are 0.0 in f32 and f64.
+            unsafe { std::ptr::write_bytes(y, 0, ny) };
+        }
+        // SAFETY: y holds ny values, initialised (above, or by the caller when beta ≠ 0), not
+        // overlapping A or x (the CBLAS contract).
+        let ys = unsafe { std::slice::from_raw_parts_mut(y, ny) };
+        if beta != T::zero() {
+            ys.iter_mut().for_each(|v| *v = beta * *v);
+        }
+        ys
+    } else {
+        copy = (0..ny)
+            // SAFETY: y holds ny values incy apart, initialised when beta ≠ 0.
+            .map(|i| {
+                if beta == T::zero() {
+                    T::zero()
+                } else {
+                    beta * unsafe { *y.add(i * incy) }
+                }
+            })
+            .collect();
+        &mut copy
     };
     // SAFETY: row r < m of A holds n values (lda ≥ n by the CBLAS contract).
     let row = |r: usize| unsafe { std::slice::from_raw_parts(a.add(r * lda), n) };
@@ -895,7 +921,7 @@ unsafe extern "C" fn cblas_gemv<T: Buffers>(
         let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
         if t {
             let s = [0, 1, 2, 3].map(|i| alpha * xs[r + i]);
-            axpy4(s, rows, &mut ys);
+            axpy4(s, rows, ys);
         } else {
             for (i, d) in dot4(rows, &xs).into_iter().enumerate() {
                 ys[r + i] = ys[r + i] + alpha * d;
@@ -908,15 +934,17 @@ unsafe extern "C" fn cblas_gemv<T: Buffers>(
             axpy4(
                 [alpha * xs[r], T::zero(), T::zero(), T::zero()],
                 [row(r); 4],
-                &mut ys,
+                ys,
             );
         } else {
             ys[r] = ys[r] + alpha * dot4([row(r); 4], &xs)[0];
         }
     }
-    for (i, v) in ys.into_iter().enumerate() {
-        // SAFETY: y holds ny values incy apart.
-        unsafe { *y.add(i * incy) = v };
+    if incy != 1 {
+        for (i, &v) in ys.iter().enumerate() {
+            // SAFETY: y holds ny values incy apart.
+            unsafe { *y.add(i * incy) = v };
+        }
     }
 }
 
@@ -1201,48 +1229,57 @@ mod tests {
             )
         };
         assert!(c.iter().all(|&v| v == 0.0));
-        // gemv both ways, with strided x and y, against gemm's result.
+        // gemv both ways, with strided x and y (used through copies) and with contiguous ones
+        // (used in place; beta = 0 over garbage), against the definition.
         let (m, n) = (37, 53);
         let a = randn(m * n, 7);
         let x = randn(2 * m.max(n), 8);
         for trans in [111, 112] {
-            let (nx, ny) = if trans == 112 { (m, n) } else { (n, m) };
-            let y0 = randn(3 * ny, 9);
-            let mut y = y0.clone();
-            // SAFETY: A is m×n (lda n), x holds nx values 2 apart, y ny values 3 apart.
-            unsafe {
-                cblas_gemv::<f32>(
-                    101,
-                    trans,
-                    m as i32,
-                    n as i32,
-                    0.5,
-                    a.as_ptr(),
-                    n as i32,
-                    x.as_ptr(),
-                    2,
-                    2.0,
-                    y.as_mut_ptr(),
-                    3,
-                )
-            };
-            for i in 0..ny {
-                let dot: f64 = (0..nx)
-                    .map(|j| {
-                        let av = if trans == 112 {
-                            a[j * n + i]
-                        } else {
-                            a[i * n + j]
-                        };
-                        av as f64 * x[2 * j] as f64
-                    })
-                    .sum();
-                let want = 0.5 * dot + 2.0 * y0[3 * i] as f64;
-                assert!(
-                    (y[3 * i] as f64 - want).abs() < 1e-4,
-                    "trans {trans} row {i}"
-                );
-                assert_eq!(y[3 * i + 1], y0[3 * i + 1], "y's gaps are left alone");
+            for (incx, incy, beta) in [(2, 3, 2.0), (1, 1, 2.0), (1, 1, 0.0)] {
+                let (nx, ny) = if trans == 112 { (m, n) } else { (n, m) };
+                let y0 = randn(3 * ny, 9);
+                let mut y = y0.clone();
+                if beta == 0.0 {
+                    y[..ny].fill(f32::NAN);
+                }
+                // SAFETY: A is m×n (lda n), x holds nx values incx apart, y ny values incy apart.
+                unsafe {
+                    cblas_gemv::<f32>(
+                        101,
+                        trans,
+                        m as i32,
+                        n as i32,
+                        0.5,
+                        a.as_ptr(),
+                        n as i32,
+                        x.as_ptr(),
+                        incx as i32,
+                        beta,
+                        y.as_mut_ptr(),
+                        incy as i32,
+                    )
+                };
+                for i in 0..ny {
+                    let dot: f64 = (0..nx)
+                        .map(|j| {
+                            let av = if trans == 112 {
+                                a[j * n + i]
+                            } else {
+                                a[i * n + j]
+                            };
+                            av as f64 * x[incx * j] as f64
+                        })
+                        .sum();
+                    let want = 0.5 * dot + beta as f64 * y0[incy * i] as f64;
+                    assert!(
+                        (y[incy * i] as f64 - want).abs() < 1e-4,
+                        "trans {trans} incx {incx} incy {incy} beta {beta} row {i}"
+                    );
+                    if incy > 1 {
+                        assert_eq!(y[incy * i + 1], y0[incy * i + 1], "y's gaps are left alone");
+                    }
+                }
+                assert_eq!(y[ny * incy..], y0[ny * incy..], "past y is left alone");
             }
         }
     }
