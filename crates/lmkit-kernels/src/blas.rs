@@ -519,6 +519,76 @@ pub fn available() -> bool {
 
 // ---------------------------------------------------------------- linear layer
 
+/// x·w + b (+ r) as [rows, n]: C starts as the bias on every row (plus the residual `r`), and
+/// the product accumulates into it — no zero fill of C and no second pass over it to add the
+/// bias (each a full pass over a matrix that rarely fits in cache). One row (a decoding step)
+/// goes through the matrix-vector product instead, which streams w once.
+fn affine<T: BlasFloat>(
+    blas: &Blas,
+    (x, lx): (&[T], &Layout),
+    (w, lw): (&[T], &Layout),
+    b: &[T],
+    r: Option<&[T]>,
+    (rows, k, n): (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
+    let Some((start, end)) = lx.contiguous_offsets() else {
+        candle_core::bail!("blas affine: the input must be contiguous")
+    };
+    if b.len() != n || r.is_some_and(|r| r.len() != rows * n) || end - start != rows * k {
+        candle_core::bail!("blas affine: the bias or residual does not match {rows}×{n}");
+    }
+    if rows < 2 {
+        let l2 = Layout::contiguous_with_offset((rows, k), start);
+        let split = blas.single_threaded;
+        let (mut y, _) =
+            gemm_batched(T::gemm(blas), T::gemv(blas), split, T::one(), x, &l2, w, lw)?;
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += b[i % n] + r.map_or(T::zero(), |r| r[i]);
+        }
+        return Ok(y);
+    }
+    let (sw, ow) = (lw.stride(), lw.start_offset());
+    let Some(mw) = describe(k, n, sw[0], sw[1]) else {
+        candle_core::bail!("blas affine: the weight must be a row-major or transposed matrix")
+    };
+    let mut out = Box::<[T]>::new_uninit_slice(rows * n);
+    out.par_chunks_mut(n.max(1) * 64)
+        .enumerate()
+        .for_each(|(i, part)| {
+            for (j, row) in part.chunks_mut(n.max(1)).enumerate() {
+                match r {
+                    Some(r) => {
+                        let at = (i * 64 + j) * n;
+                        for ((o, &ri), &bi) in row.iter_mut().zip(&r[at..at + n]).zip(b) {
+                            o.write(ri + bi);
+                        }
+                    }
+                    None => {
+                        for (o, &bi) in row.iter_mut().zip(b) {
+                            o.write(bi);
+                        }
+                    }
+                }
+            }
+        });
+    // SAFETY: every element was written just above.
+    let mut out = unsafe { out.assume_init() }.into_vec();
+    let wop = Operand {
+        data: &w[ow..],
+        ld: mw.ld,
+        trans: mw.trans,
+    };
+    gemm_par(
+        blas,
+        (rows, n, k),
+        plain(&x[start..end], k),
+        wop,
+        &mut out,
+        true,
+    )?;
+    Ok(out)
+}
+
 /// y = x·w + b for x [.., k] (contiguous; its rows form one [rows, k] matrix), w [k, n] (a
 /// transposed view is fine) and b [n]: one graph node instead of a product and a bias add, whose
 /// gradient accumulations in candle's backward pass each cost a full-size zero fill and add.
@@ -541,23 +611,32 @@ impl candle_core::CustomOp3 for Affine {
         let dims = lx.dims();
         let k = *dims.last().unwrap_or(&0);
         let rows = lx.shape().elem_count() / k.max(1);
-        let Some((start, _)) = lx.contiguous_offsets() else {
-            candle_core::bail!("blas affine: the input must be contiguous")
-        };
-        let l2 = Layout::contiguous_with_offset((rows, k), start);
         let n = lw.dims()[1];
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = n;
-        let (mut out, _) = blas.product(sx, &l2, sw, lw)?;
-        match (&mut out, sb) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => {
-                crate::fused::add_bias_in_place(y, contiguous(b, lb)?)
+        let out = match (sx, sw, sb) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(affine(
+                    blas,
+                    (x, lx),
+                    (w, lw),
+                    contiguous(b, lb)?,
+                    None,
+                    (rows, k, n),
+                )?)
             }
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => {
-                crate::fused::add_bias_in_place(y, contiguous(b, lb)?)
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(affine(
+                    blas,
+                    (x, lx),
+                    (w, lw),
+                    contiguous(b, lb)?,
+                    None,
+                    (rows, k, n),
+                )?)
             }
-            _ => candle_core::bail!("blas affine: the bias must have the input's dtype"),
-        }
+            _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
+        };
         Ok((out, shape.into()))
     }
     fn bwd(
@@ -605,6 +684,65 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     }
     x.contiguous()?
         .apply_op3(&blas_ready(w)?, &b.contiguous()?, Affine)
+}
+
+/// r + x·w + b (a residual connection after a linear layer) in one product for inference: the
+/// output starts as r plus the bias and the product accumulates into it (see [`affine`]). With
+/// any operand tracked for a gradient, or where the BLAS product does not apply, it is
+/// `linear(x, w, b) + r` through the graph.
+pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    let n = w.dim(candle_core::D::Minus1)?;
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    let fits = usable(x, w)
+        && w.rank() == 2
+        && w.dim(0)? == k
+        && [b, r]
+            .iter()
+            .all(|t| t.dtype() == x.dtype() && t.device().is_cpu())
+        && b.dims() == [n]
+        && r.dims() == shape.as_slice()
+        && ![x, w, b, r].iter().any(|t| t.track_op());
+    if !fits {
+        return linear(x, w, Some(b))? + r;
+    }
+    let blas = require("blas affine")?;
+    let (x, w, b, r) = (
+        x.contiguous()?,
+        blas_ready(w)?,
+        b.contiguous()?,
+        r.contiguous()?,
+    );
+    let rows = x.elem_count() / k.max(1);
+    let guards = [&x, &w, &b, &r].map(|t| t.storage_and_layout());
+    let cpu = |i: usize| match &*guards[i].0 {
+        candle_core::Storage::Cpu(c) => Ok((c, guards[i].1)),
+        _ => candle_core::bail!("blas affine: CPU tensors only"),
+    };
+    let ((sx, lx), (sw, lw), (sb, lb), (sr, lr)) = (cpu(0)?, cpu(1)?, cpu(2)?, cpu(3)?);
+    let out = match (sx, sw, sb, sr) {
+        (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b), CpuStorage::F32(r)) => {
+            let (b, r) = (contiguous(b, lb)?, contiguous(r, lr)?);
+            Tensor::from_vec(
+                affine(blas, (x, lx), (w, lw), b, Some(r), (rows, k, n))?,
+                shape,
+                &candle_core::Device::Cpu,
+            )
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b), CpuStorage::F64(r)) => {
+            let (b, r) = (contiguous(b, lb)?, contiguous(r, lr)?);
+            Tensor::from_vec(
+                affine(blas, (x, lx), (w, lw), b, Some(r), (rows, k, n))?,
+                shape,
+                &candle_core::Device::Cpu,
+            )
+        }
+        _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
+    };
+    out
 }
 
 // ---------------------------------------------------------------- fused causal self-attention
@@ -693,17 +831,24 @@ pub trait BlasFloat:
     + crate::gemm::Buffers
 {
     fn gemm(blas: &Blas) -> Gemm<Self>;
+    fn gemv(blas: &Blas) -> Gemv<Self>;
 }
 
 impl BlasFloat for f32 {
     fn gemm(blas: &Blas) -> Gemm<f32> {
         blas.sgemm
     }
+    fn gemv(blas: &Blas) -> Gemv<f32> {
+        blas.sgemv
+    }
 }
 
 impl BlasFloat for f64 {
     fn gemm(blas: &Blas) -> Gemm<f64> {
         blas.dgemm
+    }
+    fn gemv(blas: &Blas) -> Gemv<f64> {
+        blas.dgemv
     }
 }
 
@@ -1710,27 +1855,51 @@ mod tests {
                     )
                     .unwrap()
                 };
-                // 3 × 50 rows: split into row blocks over the threads.
-                let (x, b) = (var(&[3, 50, 6]), var(&[5]));
-                let wv = if transposed {
-                    var(&[5, 6])
-                } else {
-                    var(&[6, 5])
-                };
-                let w = if transposed {
-                    wv.as_tensor().t().unwrap()
-                } else {
-                    wv.as_tensor().clone()
-                };
-                let ours = linear(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
-                let reference = x
-                    .as_tensor()
-                    .broadcast_matmul(&w.contiguous().unwrap())
-                    .unwrap()
-                    .broadcast_add(b.as_tensor())
-                    .unwrap();
-                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
-                assert_same(ours, reference, &[&x, &wv, &b], tol, &format!("{dtype:?}"));
+                // 3 × 50 rows: split into row blocks over the threads; one row: the
+                // matrix-vector product.
+                for rows in [[3, 50, 6], [1, 1, 6]] {
+                    let (x, b) = (var(&rows), var(&[5]));
+                    let wv = if transposed {
+                        var(&[5, 6])
+                    } else {
+                        var(&[6, 5])
+                    };
+                    let w = if transposed {
+                        wv.as_tensor().t().unwrap()
+                    } else {
+                        wv.as_tensor().clone()
+                    };
+                    let ours = linear(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
+                    let reference = x
+                        .as_tensor()
+                        .broadcast_matmul(&w.contiguous().unwrap())
+                        .unwrap()
+                        .broadcast_add(b.as_tensor())
+                        .unwrap();
+                    let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+                    assert_same(
+                        ours,
+                        reference.clone(),
+                        &[&x, &wv, &b],
+                        tol,
+                        &format!("{dtype:?}"),
+                    );
+                    // With a residual: untracked operands take the accumulating product; tracked
+                    // ones the graph (same values either way).
+                    let r = var(&[rows[0], rows[1], 5]);
+                    let want = (&reference + r.as_tensor()).unwrap();
+                    let plain = |v: &Var| v.as_tensor().detach();
+                    let fast = linear_add(&plain(&x), &w.detach(), &plain(&b), &plain(&r)).unwrap();
+                    assert!(!fast.track_op());
+                    let graph =
+                        linear_add(x.as_tensor(), &w, b.as_tensor(), r.as_tensor()).unwrap();
+                    assert!(graph.track_op());
+                    for got in [fast, graph] {
+                        let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap();
+                        let d = d.max(0).unwrap().to_dtype(DType::F64).unwrap();
+                        assert!(d.to_scalar::<f64>().unwrap() < tol, "{dtype:?} {rows:?}");
+                    }
+                }
             }
         }
     }

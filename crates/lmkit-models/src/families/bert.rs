@@ -300,11 +300,11 @@ impl Layer {
         else {
             return Ok(None);
         };
-        let x = self.attn_norm.forward(&(x + self.attn_out.forward(&y)?)?)?;
-        let m = self
-            .output
-            .forward(&act(&self.act, &self.intermediate.forward(&x)?)?)?;
-        Ok(Some(self.out_norm.forward(&(x + m)?)?))
+        let x = self.attn_norm.forward(&self.attn_out.forward_add(&y, x)?)?;
+        let m = act(&self.act, &self.intermediate.forward(&x)?)?;
+        Ok(Some(
+            self.out_norm.forward(&self.output.forward_add(&m, &x)?)?,
+        ))
     }
 
     /// `bias`: additive attention bias [b, 1, 1, t] (0 for tokens, −∞ for padding), if any.

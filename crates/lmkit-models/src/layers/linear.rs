@@ -271,6 +271,24 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `r + self.forward(x)` (a residual connection after this layer); for inference on the
+    /// CPU one product accumulates into the residual plus the bias (see
+    /// `lmkit_kernels::blas::linear_add`).
+    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+        let w_in_out = match &self.weight {
+            Weight::Dense(w) => w.t()?,
+            Weight::Transposed(w) => w.clone(),
+            Weight::Quantized(..) => return self.forward(x)? + r,
+        };
+        match (&self.bias, &self.lora) {
+            (Some(b), None) => lmkit_kernels::blas::linear_add(x, &w_in_out, b, r),
+            (Some(b), Some(l)) if !l.is_on() => lmkit_kernels::blas::linear_add(x, &w_in_out, b, r),
+            _ => self.forward(x)? + r,
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base_forward(x)?;
