@@ -80,12 +80,53 @@ simd_versions! {
     pub fn softmax_row<T: FastMath>(row: &mut [T], seen: usize, scale: T) {
         let (seen, masked) = row.split_at_mut(seen);
         let m = max_of(seen) * scale;
-        for v in seen.iter_mut() {
-            *v = (*v * scale - m).exp_fast();
-        }
-        let inv = T::one() / sum_of(seen);
+        let inv = T::one() / exp_sum(seen, scale, m);
         seen.iter_mut().for_each(|v| *v = *v * inv);
         masked.iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+simd_versions! {
+    /// In place on Sᵀ [nk, nq] (row k holds key k's scores for every query): each column i ←
+    /// softmax(scale·column) over the keys query i sees — all of them, or with `causal` keys
+    /// 0..=i (the others ← 0). Vectorised across queries: every step is an elementwise pass over
+    /// one key's row. `stats` holds 2·nq scratch values.
+    pub fn softmax_columns<T: FastMath>(
+        p: &mut [T],
+        nk: usize,
+        nq: usize,
+        causal: bool,
+        scale: T,
+        stats: &mut [T],
+    ) {
+        let (m, sum) = stats[..2 * nq].split_at_mut(nq);
+        m.iter_mut().for_each(|v| *v = T::neg_infinity());
+        sum.iter_mut().for_each(|v| *v = T::zero());
+        // Queries 0..from(k) do not see key k.
+        let from = |k: usize| if causal { k.min(nq) } else { 0 };
+        for (k, row) in p[..nk * nq].chunks_exact(nq).enumerate() {
+            let f = from(k);
+            for (mi, &v) in m[f..].iter_mut().zip(&row[f..]) {
+                *mi = if v > *mi { v } else { *mi };
+            }
+        }
+        m.iter_mut().for_each(|v| *v = *v * scale);
+        for (k, row) in p[..nk * nq].chunks_exact_mut(nq).enumerate() {
+            let (hidden, seen) = row.split_at_mut(from(k));
+            hidden.iter_mut().for_each(|v| *v = T::zero());
+            let f = from(k);
+            for ((v, &mi), si) in seen.iter_mut().zip(&m[f..]).zip(&mut sum[f..]) {
+                *v = (*v * scale - mi).exp_fast();
+                *si = *si + *v;
+            }
+        }
+        sum.iter_mut().for_each(|v| *v = T::one() / *v);
+        for (k, row) in p[..nk * nq].chunks_exact_mut(nq).enumerate() {
+            let f = from(k);
+            for (v, &inv) in row[f..].iter_mut().zip(&sum[f..]) {
+                *v = *v * inv;
+            }
+        }
     }
 }
 
@@ -139,6 +180,30 @@ fn lane_sum<T: Float>(x: &[T], f: impl Fn(T) -> T) -> T {
 #[inline(always)]
 fn sum_of<T: Float>(x: &[T]) -> T {
     lane_sum(x, |v| v)
+}
+
+/// x ← exp(scale·x − m) in place, returning Σ x in [`sum_of`]'s order (the same value a second
+/// pass would give), in one pass over the row.
+#[inline(always)]
+fn exp_sum<T: FastMath>(x: &mut [T], scale: T, m: T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let full = x.len() / LANES * LANES;
+    let (body, tail) = x.split_at_mut(full);
+    for chunk in body.chunks_exact_mut(LANES) {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *v = (*v * scale - m).exp_fast();
+            *a = *a + *v;
+        }
+    }
+    let mut s = T::zero();
+    for v in tail {
+        *v = (*v * scale - m).exp_fast();
+        s = s + *v;
+    }
+    for a in acc {
+        s = s + a;
+    }
+    s
 }
 
 #[inline(always)]
@@ -510,6 +575,16 @@ simd_versions! {
     }
 }
 
+simd_versions! {
+    /// One block of the forward in place: x ← ½x(1 + erf(x/√2)).
+    fn gelu_erf_in_place_block<T: FastMath>(x: &mut [T]) {
+        let (half, r2) = (c::<T>(0.5), c::<T>(std::f64::consts::FRAC_1_SQRT_2));
+        for v in x.iter_mut() {
+            *v = half * *v * (T::one() + (*v * r2).erf_fast());
+        }
+    }
+}
+
 /// y = x·Φ(x).
 pub fn gelu_erf_fwd<T: FastMath + Default>(x: &[T]) -> Vec<T> {
     map_blocks(x, gelu_erf_block)
@@ -556,6 +631,41 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
         return x.contiguous()?.apply_op1(GeluErf);
     }
     x.gelu_erf()
+}
+
+/// The exact GELU written over `x` itself, for inference: no output buffer to allocate and fill.
+/// Only for a tensor nothing else holds (a layer's fresh output) and no gradient passes through
+/// (`x` not tracked). Returns false, leaving `x` as it is, where it does not apply (another
+/// device or dtype, a non-contiguous or tracked tensor).
+pub fn gelu_erf_in_place(x: &Tensor) -> candle_core::Result<bool> {
+    if !fused_ok(x) || x.track_op() || !x.is_contiguous() {
+        return Ok(false);
+    }
+    x.inplace_op1(&GeluErfInPlace)?;
+    Ok(true)
+}
+
+struct GeluErfInPlace;
+
+impl candle_core::InplaceOp1 for GeluErfInPlace {
+    fn name(&self) -> &'static str {
+        "lmkit-gelu-erf-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("gelu in place: the tensor must be contiguous")
+        };
+        match s {
+            CpuStorage::F32(v) => v[a..b]
+                .par_chunks_mut(BLOCK)
+                .for_each(gelu_erf_in_place_block),
+            CpuStorage::F64(v) => v[a..b]
+                .par_chunks_mut(BLOCK)
+                .for_each(gelu_erf_in_place_block),
+            _ => candle_core::bail!("gelu in place: f32 or f64 only"),
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -1435,6 +1545,40 @@ mod tests {
     use super::*;
     use crate::testing::{assert_same, max_diff};
     use candle_core::Device;
+
+    #[test]
+    fn softmax_over_columns_equals_the_row_softmax() {
+        // Sᵀ's columns against S's rows, with as many, fewer and more keys than queries (the
+        // causal mask then cuts rows at different places).
+        for (nq, nk, causal) in [
+            (37, 37, false),
+            (37, 37, true),
+            (5, 40, true),
+            (40, 5, true),
+            (3, 70, false),
+        ] {
+            let s: Vec<f32> = (0..nq * nk)
+                .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * (1.0 + (i % 3) as f32))
+                .collect();
+            let mut rows = s.clone();
+            for (j, row) in rows.chunks_mut(nk).enumerate() {
+                let seen = if causal { (j + 1).min(nk) } else { nk };
+                softmax_row(row, seen, 0.3);
+            }
+            let mut cols: Vec<f32> = (0..nk * nq).map(|i| s[(i % nq) * nk + i / nq]).collect();
+            let mut stats = vec![0f32; 2 * nq];
+            softmax_columns(&mut cols, nk, nq, causal, 0.3, &mut stats);
+            for i in 0..nq {
+                for k in 0..nk {
+                    let (a, b) = (rows[i * nk + k], cols[k * nq + i]);
+                    assert!(
+                        (a - b).abs() < 1e-6,
+                        "{nq}×{nk} causal {causal}: ({i}, {k}) {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn swiglu_matches_candle_in_value_and_gradient() {

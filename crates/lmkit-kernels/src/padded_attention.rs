@@ -126,6 +126,38 @@ impl Padded<'_> {
         }
     }
 
+    /// Pᵀ [nk, nq] of head `h` of sequence `bi` into `p`: Sᵀ = k·qᵀ, then each query's column
+    /// softmax(scale·S) (see [`crate::fused::softmax_columns`]). In this layout a strip of P's
+    /// rows for the product P·v is a plain copy of Pᵀ's rows (P itself needs a transposing pack,
+    /// a full extra pass over every P); `stats` holds 2·nq scratch values.
+    #[allow(clippy::too_many_arguments)]
+    fn probs_t<T: BlasFloat>(
+        &self,
+        gemm: Gemm<T>,
+        q: &[T],
+        kv: &[T],
+        (bi, h): (usize, usize),
+        (nq, nk): (usize, usize),
+        scale: T,
+        (p, stats): (&mut [T], &mut [T]),
+    ) {
+        let qo = bi * self.q_rows * self.q_ld + self.q_col + h * self.hd;
+        let ko = bi * self.k_rows * self.kv_ld + self.k_col + h * self.hd;
+        // SAFETY: as in `probs`, with the operands swapped: key rows 0..nk and query rows 0..nq
+        // of (bi, h) lie within `kv` and `q`; Pᵀ [nk, nq] fits `p`.
+        unsafe {
+            gemm_raw(
+                gemm,
+                T::one(),
+                (nk, nq, self.hd),
+                (kv[ko..].as_ptr(), self.kv_ld, false),
+                (q[qo..].as_ptr(), self.q_ld, true),
+                (p.as_mut_ptr(), nq),
+            );
+        }
+        crate::fused::softmax_columns(p, nk, nq, self.causal, scale, stats);
+    }
+
     /// (sequence, head) tasks with at least one query and one key, and the largest P they need.
     fn tasks(&self) -> (Vec<(usize, usize)>, usize) {
         let big = (0..self.batch())
@@ -154,20 +186,21 @@ pub fn masked_attention_fwd<T: BlasFloat>(
     let mut y = vec![T::zero(); s.batch() * s.q_rows * c];
     let out = SharedOut(y.as_mut_ptr());
     let (tasks, big) = s.tasks();
+    let most = s.q_lens.iter().copied().max().unwrap_or(0);
     tasks.into_par_iter().for_each_init(
-        || vec![T::zero(); big],
-        |p, (bi, h)| {
+        || (vec![T::zero(); big], vec![T::zero(); 2 * most]),
+        |(p, stats), (bi, h)| {
             let (nq, nk) = (s.q_lens[bi], s.k_lens[bi]);
-            s.probs(gemm, q, kv, (bi, h), (nq, nk), scale, p);
+            s.probs_t(gemm, q, kv, (bi, h), (nq, nk), scale, (p, stats));
             let vo = bi * s.k_rows * s.kv_ld + s.v_col + h * hd;
-            // SAFETY: value rows 0..nk of (bi, h) lie within `kv` (`check`); task (bi, h) alone
-            // writes y[bi·q_rows .. + nq, h·hd .. (h+1)·hd] (ldc c).
+            // SAFETY: value rows 0..nk of (bi, h) lie within `kv` (`check`); Pᵀ [nk, nq] is in
+            // `p`; task (bi, h) alone writes y[bi·q_rows .. + nq, h·hd .. (h+1)·hd] (ldc c).
             unsafe {
                 gemm_raw(
                     gemm,
                     T::one(),
                     (nq, hd, nk),
-                    (p.as_ptr(), nk, false),
+                    (p.as_ptr(), nq, true),
                     (kv[vo..].as_ptr(), s.kv_ld, false),
                     (out.at(bi * s.q_rows * c + h * hd), c),
                 )
