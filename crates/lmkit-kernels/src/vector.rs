@@ -66,6 +66,40 @@ pub(crate) mod avx2 {
     }
 
     /// [`super::dots`] with AVX2 and FMA.
+    /// q · each of four rows, the rows read side by side (four streams of loads in flight
+    /// where one dot product after another waits on each row in turn), 16 values per step in
+    /// two FMA chains per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_rows4(q: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+        let n = rows.iter().fold(q.len(), |n, r| n.min(r.len()));
+        let qp = q.as_ptr();
+        let rp = rows.map(|r| r.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for h in 0..2 {
+                // SAFETY: i + 16 ≤ n, within q and every row.
+                let x = unsafe { _mm256_loadu_ps(qp.add(i + 8 * h)) };
+                for (a, p) in acc.iter_mut().zip(rp) {
+                    // SAFETY: as above.
+                    a[h] = unsafe { _mm256_fmadd_ps(x, _mm256_loadu_ps(p.add(i + 8 * h)), a[h]) };
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), r) in out.iter_mut().zip(acc).zip(rows) {
+            let s = _mm256_add_ps(a[0], a[1]);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            *o = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+            for j in i..n {
+                *o += q[j] * r[j];
+            }
+        }
+        out
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
         let d = q.len();
@@ -85,6 +119,17 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
         return unsafe { avx2::dot4(x, y) };
     }
     dot_scalar(x, y)
+}
+
+/// q · each of four rows (over the shortest length), the four read side by side.
+#[inline]
+pub fn dot_rows4(q: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::simd_level() >= 1 {
+        // SAFETY: simd_level checked that the CPU has AVX2 and FMA.
+        return unsafe { avx2::dot_rows4(q, rows) };
+    }
+    rows.map(|r| dot_scalar(q, r))
 }
 
 /// Σ xᵢ·yᵢ in eight lanes (so that the baseline build vectorises it too).
@@ -127,6 +172,16 @@ mod tests {
             let y: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want: f64 = x.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
             assert!((dot(&x, &y) as f64 - want).abs() < 1e-4, "n={n}");
+            // Four rows side by side: each its own product (rows of different lengths: the
+            // shortest counts).
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|r| y.iter().map(|v| v * (r as f32 + 1.0) - r as f32).collect())
+                .collect();
+            let got = dot_rows4(&x, [&rows[0], &rows[1], &rows[2], &rows[3]]);
+            for (r, g) in rows.iter().zip(got) {
+                let want: f64 = x.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
+                assert!((g as f64 - want).abs() < 1e-3, "n={n}: {g} vs {want}");
+            }
             assert!((dot_scalar(&x, &y) as f64 - want).abs() < 1e-4, "n={n}");
             let rows: Vec<f32> = x.iter().chain(&y).copied().collect();
             let mut out = [0f32; 2];
