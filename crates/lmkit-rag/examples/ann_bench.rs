@@ -5,7 +5,8 @@
 //! ann_bench BASE.f32 QUERIES.f32 TRUTH.u32 DIM K M EF_CONSTRUCTION EF[,EF...]
 //! (little-endian f32 rows; TRUTH holds the exact top-K ids of each query, K per row).
 //! With `LMKIT_ANN_GRAPH=FILE` the graph is read from FILE when it exists (build_s is then 0)
-//! and written there otherwise, so that the queries alone can be profiled.
+//! and written there otherwise, so that the queries alone can be profiled. `LMKIT_ANN_SEED=N`
+//! draws the nodes' levels from another seed (default 0), to see how recall varies between builds.
 
 use lmkit_rag::hnsw::{Builder, Graph, HnswParams, Rows};
 use lmkit_rag::words::Words;
@@ -57,7 +58,10 @@ fn main() {
         let mut b = Builder::new(HnswParams {
             m,
             ef_construction: efc,
-            seed: 0,
+            seed: std::env::var("LMKIT_ANN_SEED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         });
         b.insert_all(rows, &|_| {});
         let g = b.freeze();
