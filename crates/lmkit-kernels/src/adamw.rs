@@ -158,6 +158,45 @@ impl InplaceOp3 for Apply {
     }
 }
 
+/// In place: acc ← acc + s·g (summing a step's gradients).
+struct AddScaled(f32);
+
+impl InplaceOp2 for AddScaled {
+    fn name(&self) -> &'static str {
+        "lmkit-add-scaled"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (acc, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
+        let s = self.0;
+        acc.par_chunks_mut(BLOCK)
+            .zip(g.par_chunks(BLOCK))
+            .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += s * g));
+        Ok(())
+    }
+}
+
+/// acc ← acc + scale·g in one pass over `acc`'s own memory, for summing a step's gradients
+/// without a new full-size tensor per addition (and per scaling). `acc` must be a tensor nothing
+/// else holds. `false` (nothing done) unless both are contiguous f32 CPU tensors of one size.
+pub fn add_scaled_in_place(acc: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<bool> {
+    let fits = [acc, g]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
+        && acc.shape() == g.shape()
+        && !acc.track_op();
+    if !fits {
+        return Ok(false);
+    }
+    acc.inplace_op2(g, &AddScaled(scale as f32))?;
+    Ok(true)
+}
+
 /// The AdamW update of one f32 parameter (on the CPU, or a CUDA GPU with the `cuda` feature) as
 /// three in-place passes (moments, then θ) — no temporaries, where the composed version
 /// (`lmkit_train::adamw`) makes ~14 full-size ones per parameter. `false` (nothing done) for other
@@ -307,5 +346,27 @@ mod cuda_tests {
             (cpu_norm - gpu_norm).abs() < 1e-9 * cpu_norm,
             "{cpu_norm} vs {gpu_norm}"
         );
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn adding_in_place_equals_the_composed_sum() {
+        let dev = candle_core::Device::Cpu;
+        let acc = crate::testing::randn(0f32, 1.0, (3, 50_000), &dev).unwrap();
+        let before = acc.copy().unwrap();
+        let g = crate::testing::randn(0f32, 1.0, (3, 50_000), &dev).unwrap();
+        assert!(add_scaled_in_place(&acc, &g, -0.25).unwrap());
+        let want = (&before + (&g * -0.25).unwrap()).unwrap();
+        let d = (acc - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        // Another dtype or shape: nothing done.
+        let g64 = g.to_dtype(candle_core::DType::F64).unwrap();
+        assert!(!add_scaled_in_place(&before, &g64, 1.0).unwrap());
+        let short = g.narrow(1, 0, 10).unwrap().contiguous().unwrap();
+        assert!(!add_scaled_in_place(&before, &short, 1.0).unwrap());
     }
 }

@@ -18,6 +18,9 @@ use std::time::Instant;
 /// Gradients of one step, summed over its micro batches, aligned with the optimizer's params.
 pub(crate) struct Grads {
     sums: Vec<Option<Tensor>>,
+    /// Whether each sum is a tensor made here (no one else holds it: it may be added to in
+    /// place).
+    owned: Vec<bool>,
     params: Vec<Tensor>,
     index: HashMap<TensorId, usize>,
 }
@@ -26,6 +29,7 @@ impl Grads {
     fn new(opt: &AdamW) -> Self {
         Grads {
             sums: vec![None; opt.params.len()],
+            owned: vec![false; opt.params.len()],
             params: opt
                 .params
                 .iter()
@@ -40,20 +44,31 @@ impl Grads {
         }
     }
 
-    /// Adds `g` to the sum of parameter `i`'s gradient.
-    fn accumulate(&mut self, i: usize, g: Tensor) -> Result<()> {
+    /// Adds `scale`·g to the sum of parameter `i`'s gradient: in place once the sum is a tensor
+    /// of its own (a step of several passes then makes no full-size temporaries), as new
+    /// tensors otherwise.
+    fn accumulate(&mut self, i: usize, g: Tensor, scale: f64) -> Result<()> {
         let acc = &mut self.sums[i];
-        *acc = Some(match acc.take() {
-            Some(a) => (a + g)?,
-            None => g,
-        });
+        let (sum, owned) = match acc.take() {
+            None if scale == 1.0 => (g, false),
+            None => ((g * scale)?, true),
+            Some(a)
+                if self.owned[i] && lmkit_kernels::adamw::add_scaled_in_place(&a, &g, scale)? =>
+            {
+                (a, true)
+            }
+            Some(a) if scale == 1.0 => ((a + g)?, true),
+            Some(a) => ((a + (g * scale)?)?, true),
+        };
+        *acc = Some(sum);
+        self.owned[i] = owned;
         Ok(())
     }
 
     /// Adds `g` to the gradient of the parameter whose tensor is `param` (others are ignored).
     pub(crate) fn add(&mut self, param: TensorId, g: Tensor) -> Result<()> {
         match self.index.get(&param) {
-            Some(&i) => self.accumulate(i, g),
+            Some(&i) => self.accumulate(i, g, 1.0),
             None => Ok(()),
         }
     }
@@ -61,8 +76,9 @@ impl Grads {
     /// Adds `scale` times each (parameter, gradient) pair's gradient (see [`Grads::add`]).
     pub(crate) fn add_all(&mut self, g: Vec<(Tensor, Tensor)>, scale: f64) -> Result<()> {
         for (p, gi) in g {
-            let gi = if scale == 1.0 { gi } else { (gi * scale)? };
-            self.add(p.id(), gi)?;
+            if let Some(&i) = self.index.get(&p.id()) {
+                self.accumulate(i, gi, scale)?;
+            }
         }
         Ok(())
     }
@@ -77,7 +93,7 @@ impl Grads {
         let g = self.gradients_of(loss)?;
         for (i, gi) in g.into_iter().enumerate() {
             if let Some(gi) = gi {
-                self.accumulate(i, gi)?;
+                self.accumulate(i, gi, 1.0)?;
             }
         }
         Ok(())
@@ -98,7 +114,7 @@ impl Grads {
     pub(crate) fn add_scaled(&mut self, g: Vec<Option<Tensor>>, scale: f64) -> Result<()> {
         for (i, gi) in g.into_iter().enumerate() {
             if let Some(gi) = gi {
-                self.accumulate(i, (gi * scale)?)?;
+                self.accumulate(i, gi, scale)?;
             }
         }
         Ok(())

@@ -352,7 +352,7 @@ fn backprop<T: BlasFloat>(
     let mut dhs = vec![T::zero(); cnt * c];
     let want_lm = p.wants[m.lm_head];
     let mut dlm = if want_lm {
-        vec![T::zero(); v * c]
+        p.take_grad(m.lm_head, v * c)
     } else {
         Vec::new()
     };
@@ -477,7 +477,7 @@ fn backprop<T: BlasFloat>(
 
     // Embeddings: rows of dx back to their token's row.
     if p.wants[m.embed] {
-        let mut de = vec![T::zero(); v * c];
+        let mut de = p.take_grad(m.embed, v * c);
         super::add_rows_by_id(&mut de, batch.ids, &dx, c);
         p.add_grad(m.embed, de);
     }

@@ -163,7 +163,7 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
         blas::gemm_par(blas, (rows, c, v), plain(lg, v), plain(lm, c), d, false)?;
         if let Some(dlm) = dlm.as_deref_mut() {
             let lgt = transposed(&*lg, v);
-            blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), dlm, r0 > 0)?;
+            blas::gemm_par(blas, (v, c, rows), lgt, plain(hc, c), dlm, true)?;
         }
     }
     Ok(losses)

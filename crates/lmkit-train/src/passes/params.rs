@@ -81,9 +81,38 @@ impl<T: BlasFloat> Params<'_, T> {
     /// Adds `g` to parameter `i`'s gradient (if it is trained).
     pub(crate) fn add_grad(&mut self, i: usize, g: Vec<T>) {
         match &mut self.grads[i] {
-            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, v)| *a += v),
+            Some(acc) => acc
+                .par_chunks_mut(1 << 14)
+                .zip(g.par_chunks(1 << 14))
+                .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &v)| *a += v)),
             slot @ None => *slot = Some(g),
         }
+    }
+
+    /// Adds op(A)·op(B) [m × n] to parameter `i`'s gradient: one accumulating product into it
+    /// when it holds one already (a step of several passes: preference pairs, accumulation),
+    /// a new buffer otherwise — no full-size temporary to allocate and add.
+    pub(crate) fn add_product(
+        &mut self,
+        i: usize,
+        mnk: (usize, usize, usize),
+        a: blas::Operand<T>,
+        b: blas::Operand<T>,
+    ) -> candle_core::Result<()> {
+        let blas = self.blas;
+        match &mut self.grads[i] {
+            Some(acc) => blas::gemm_par(blas, mnk, a, b, acc, true),
+            slot @ None => {
+                *slot = Some(blas::product(blas, mnk, a, b)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Parameter `i`'s gradient so far (zeros of `len` when none), taken out to add more into
+    /// in place; give it back with [`Params::add_grad`].
+    pub(crate) fn take_grad(&mut self, i: usize, len: usize) -> Vec<T> {
+        self.grads[i].take().unwrap_or_else(|| vec![T::zero(); len])
     }
 }
 
@@ -194,8 +223,7 @@ impl LinIdx {
         let n = x.len() / k.max(1);
         let dy_op = || plain(dy, ldy);
         if p.wants[self.w] {
-            let g = blas::product(blas, (o, k, n), transposed(dy, ldy), plain(x, k))?;
-            p.add_grad(self.w, g);
+            p.add_product(self.w, (o, k, n), transposed(dy, ldy), plain(x, k))?;
         }
         if let Some(b) = self.bias.filter(|&b| p.wants[b]) {
             p.add_grad(b, dbias());
@@ -211,15 +239,13 @@ impl LinIdx {
         let s = T::from(l.scale).unwrap_or_else(T::one);
         // d(scale·h·Bᵀ): dB = dyᵀ·(scale·h); d(x·Aᵀ) = scale·dy·B.
         if p.wants[l.b] {
-            let g = blas::product(blas, (o, l.r, n), transposed(dy, ldy), plain(&saved.h, l.r))?;
-            p.add_grad(l.b, g);
+            p.add_product(l.b, (o, l.r, n), transposed(dy, ldy), plain(&saved.h, l.r))?;
         }
         let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
         dh.par_iter_mut().for_each(|v| *v *= s);
         let xd = saved.dropped.as_deref().unwrap_or(x);
         if p.wants[l.a] {
-            let g = blas::product(blas, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
-            p.add_grad(l.a, g);
+            p.add_product(l.a, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
         }
         match &l.mask {
             None => blas::gemm_par(
