@@ -723,7 +723,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core
         _ => candle_core::bail!("blas affine: CPU tensors only"),
     };
     let ((sx, lx), (sw, lw), (sb, lb), (sr, lr)) = (cpu(0)?, cpu(1)?, cpu(2)?, cpu(3)?);
-    let out = match (sx, sw, sb, sr) {
+    match (sx, sw, sb, sr) {
         (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b), CpuStorage::F32(r)) => {
             let (b, r) = (contiguous(b, lb)?, contiguous(r, lr)?);
             Tensor::from_vec(
@@ -741,8 +741,7 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core
             )
         }
         _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
-    };
-    out
+    }
 }
 
 // ---------------------------------------------------------------- fused causal self-attention

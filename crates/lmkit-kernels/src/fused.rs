@@ -1547,6 +1547,20 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn gelu_in_place_equals_the_gelu_op() {
+        let dev = Device::Cpu;
+        let x = crate::testing::randn(0f32, 2.0, (3, 40_000), &dev).unwrap();
+        let want = gelu_erf(&x).unwrap();
+        let y = x.copy().unwrap();
+        assert!(gelu_erf_in_place(&y).unwrap());
+        assert_eq!(max_diff(&y, &want), 0.0);
+        // A tensor a gradient passes through is left alone.
+        let v = candle_core::Var::from_tensor(&x).unwrap();
+        assert!(!gelu_erf_in_place(v.as_tensor()).unwrap());
+        assert_eq!(max_diff(v.as_tensor(), &x), 0.0);
+    }
+
+    #[test]
     fn softmax_over_columns_equals_the_row_softmax() {
         // Sᵀ's columns against S's rows, with as many, fewer and more keys than queries (the
         // causal mask then cuts rows at different places).

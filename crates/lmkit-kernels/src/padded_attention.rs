@@ -94,6 +94,14 @@ impl Padded<'_> {
         }
     }
 
+    /// Where head `h` of sequence `bi` starts in the query buffer and in the key buffer.
+    fn starts(&self, bi: usize, h: usize) -> (usize, usize) {
+        (
+            bi * self.q_rows * self.q_ld + self.q_col + h * self.hd,
+            bi * self.k_rows * self.kv_ld + self.k_col + h * self.hd,
+        )
+    }
+
     /// P = softmax(scale·q·kᵀ) of head `h` of sequence `bi` into `p` [nq, nk].
     #[allow(clippy::too_many_arguments)]
     fn probs<T: BlasFloat>(
@@ -106,8 +114,7 @@ impl Padded<'_> {
         scale: T,
         p: &mut [T],
     ) {
-        let qo = bi * self.q_rows * self.q_ld + self.q_col + h * self.hd;
-        let ko = bi * self.k_rows * self.kv_ld + self.k_col + h * self.hd;
+        let (qo, ko) = self.starts(bi, h);
         // SAFETY: query rows 0..nq and key rows 0..nk of (bi, h) lie at qo/ko + i·ld .. + hd
         // within `q` and `kv` (`check`); P [nq, nk] fits `p` (the caller's buffer holds the
         // longest sequences).
@@ -141,8 +148,7 @@ impl Padded<'_> {
         scale: T,
         (p, stats): (&mut [T], &mut [T]),
     ) {
-        let qo = bi * self.q_rows * self.q_ld + self.q_col + h * self.hd;
-        let ko = bi * self.k_rows * self.kv_ld + self.k_col + h * self.hd;
+        let (qo, ko) = self.starts(bi, h);
         // SAFETY: as in `probs`, with the operands swapped: key rows 0..nk and query rows 0..nq
         // of (bi, h) lie within `kv` and `q`; Pᵀ [nk, nq] fits `p`.
         unsafe {
@@ -240,8 +246,7 @@ pub fn masked_attention_bwd<T: BlasFloat>(
         |(p, dp), (bi, h)| {
             let (nq, nk) = (s.q_lens[bi], s.k_lens[bi]);
             s.probs(gemm, q, kv, (bi, h), (nq, nk), scale, p);
-            let qo = bi * s.q_rows * s.q_ld + s.q_col + h * hd;
-            let ko = bi * s.k_rows * s.kv_ld + s.k_col + h * hd;
+            let (qo, ko) = s.starts(bi, h);
             let vo = bi * s.k_rows * s.kv_ld + s.v_col + h * hd;
             let dyo = bi * s.q_rows * c + h * hd;
             let dkv_at = |i: usize| dkv_out.as_ref().unwrap_or(&dq_out).at(i);
