@@ -121,6 +121,36 @@ def test_dpo_losses_and_gradients_equal_trl(lmkit, tmp_path, loss_type, beta, sm
         assert (s["n_chosen"], s["n_rejected"]) == (nc[i].item(), nr[i].item())
 
 
+def test_dpo_steps_follow_trl_over_several_updates(lmkit, tmp_path):
+    """Three optimizer steps of full-parameter DPO on one batch of all pairs (so the order the
+    trainers draw pairs in cannot matter): each step's loss and margin equal TRL's. Every step
+    sums six passes' gradients (two sides of three pairs), so the step's gradient sum and the
+    AdamW update are checked, not only the first loss."""
+    _, base = make_base(lmkit, tmp_path)
+    reference = make_reference(base, tmp_path / "reference")
+    write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    steps, lr = 3, 1e-3
+    lmkit("dpo", "--config", dpo_config(tmp_path, base, extra=f'reference = "{reference}"', dpo="beta = 0.1",
+                                        steps=steps, lr=lr, min_lr=lr))
+    got = metrics(tmp_path / "out")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), max_steps=steps,
+                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     max_grad_norm=0.0, beta=0.1, report_to=[], use_cpu=True, save_strategy="no", bf16=False,
+                     logging_steps=1)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(base),
+                         ref_model=AutoModelForCausalLM.from_pretrained(reference), args=args,
+                         train_dataset=Dataset.from_list(PAIRS), processing_class=AutoTokenizer.from_pretrained(base))
+    trainer.train()
+    want = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(got) == len(want) == steps
+    assert abs(want[-1]["loss"] - want[0]["loss"]) > 1e-2, "the updates must move the loss for this to test them"
+    for g, w in zip(got, want):
+        assert abs(g["loss"] - w["loss"]) < 1e-3, (g["loss"], w["loss"])
+        assert abs(g["rewards/margins"] - w["rewards/margins"]) < 1e-3, (g["rewards/margins"], w["rewards/margins"])
+
+
 def completion_logps(model, tok, rows, eos):
     """Summed completion log-probabilities (chosen, rejected) and completion token counts, with
     gradients, each sequence being prompt + completion + eos as lmkit and TRL build it."""
