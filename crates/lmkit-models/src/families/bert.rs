@@ -301,13 +301,8 @@ impl Layer {
             return Ok(None);
         };
         let x = self.attn_norm.forward(&self.attn_out.forward_add(&y, x)?)?;
-        let h = self.intermediate.forward(&x)?;
-        // `h` is this layer's own fresh output: its GELU can be written over it.
-        let m = if self.act == "gelu" && lmkit_kernels::fused::gelu_erf_in_place(&h)? {
-            h
-        } else {
-            act(&self.act, &h)?
-        };
+        // The intermediate output is this layer's own: its activation may overwrite it.
+        let m = crate::layers::ops::activation_owned(&self.act, self.intermediate.forward(&x)?)?;
         Ok(Some(
             self.out_norm.forward(&self.output.forward_add(&m, &x)?)?,
         ))

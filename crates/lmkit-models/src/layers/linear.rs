@@ -235,11 +235,35 @@ impl Linear {
         self.lora.as_ref()
     }
 
+    /// The dense weight as [in, out] (a transposed view of a [out, in] one); an error for a
+    /// quantized weight, which has no such view.
+    fn dense_in_out(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => w.t(),
+            Weight::Transposed(w) => Ok(w.clone()),
+            Weight::Quantized(..) => candle_core::bail!("{}: a quantized weight", self.path),
+        }
+    }
+
+    /// `r + self.forward(x)` (a residual connection after this layer); for inference on the
+    /// CPU one product accumulates into the residual plus the bias (see
+    /// `lmkit_kernels::blas::linear_add`).
+    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+        let adapter_off = self.lora.as_ref().is_none_or(|l| !l.is_on());
+        match (&self.weight, &self.bias) {
+            (Weight::Dense(_) | Weight::Transposed(_), Some(b)) if adapter_off => {
+                lmkit_kernels::blas::linear_add(x, &self.dense_in_out()?, b, r)
+            }
+            _ => self.forward(x)? + r,
+        }
+    }
+
     /// x·Wᵀ + b without the adapter.
     fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w_in_out = match &self.weight {
-            Weight::Dense(w) => w.t()?,
-            Weight::Transposed(w) => w.clone(),
+        match &self.weight {
+            Weight::Dense(_) | Weight::Transposed(_) => {
+                lmkit_kernels::blas::linear(x, &self.dense_in_out()?, self.bias.as_ref())
+            }
             Weight::Quantized(q, _) => {
                 // Q4_1 and Q8_0 on lmkit's kernels (see lmkit_kernels::quant).
                 let own = match q {
@@ -261,30 +285,11 @@ impl Linear {
                         None => q.forward(&x.contiguous()?)?,
                     }
                 };
-                return match &self.bias {
+                match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
-                };
+                }
             }
-        };
-        lmkit_kernels::blas::linear(x, &w_in_out, self.bias.as_ref())
-    }
-}
-
-impl Linear {
-    /// `r + self.forward(x)` (a residual connection after this layer); for inference on the
-    /// CPU one product accumulates into the residual plus the bias (see
-    /// `lmkit_kernels::blas::linear_add`).
-    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
-        let w_in_out = match &self.weight {
-            Weight::Dense(w) => w.t()?,
-            Weight::Transposed(w) => w.clone(),
-            Weight::Quantized(..) => return self.forward(x)? + r,
-        };
-        match (&self.bias, &self.lora) {
-            (Some(b), None) => lmkit_kernels::blas::linear_add(x, &w_in_out, b, r),
-            (Some(b), Some(l)) if !l.is_on() => lmkit_kernels::blas::linear_add(x, &w_in_out, b, r),
-            _ => self.forward(x)? + r,
         }
     }
 }

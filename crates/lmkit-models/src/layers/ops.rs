@@ -131,6 +131,15 @@ pub fn activation(name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// [`activation`] of a tensor the caller owns alone (a layer's fresh output, for inference):
+/// the exact GELU is written over it instead of into a new buffer where that applies.
+pub fn activation_owned(name: &str, x: Tensor) -> candle_core::Result<Tensor> {
+    if name == "gelu" && lmkit_kernels::fused::gelu_erf_in_place(&x)? {
+        return Ok(x);
+    }
+    activation(name, &x)
+}
+
 /// Norms compute in f32, or in f64 for f64 inputs.
 fn compute_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
