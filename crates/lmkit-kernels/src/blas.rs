@@ -592,7 +592,10 @@ fn affine<T: BlasFloat>(
 /// y = x·w + b for x [.., k] (contiguous; its rows form one [rows, k] matrix), w [k, n] (a
 /// transposed view is fine) and b [n]: one graph node instead of a product and a bias add, whose
 /// gradient accumulations in candle's backward pass each cost a full-size zero fill and add.
-struct Affine;
+struct Affine {
+    /// A residual [.., n] the output starts from (inference only: [`linear_add`]).
+    residual: Option<Tensor>,
+}
 
 impl candle_core::CustomOp3 for Affine {
     fn name(&self) -> &'static str {
@@ -614,27 +617,37 @@ impl candle_core::CustomOp3 for Affine {
         let n = lw.dims()[1];
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = n;
-        let out = match (sx, sw, sb) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(affine(
-                    blas,
-                    (x, lx),
-                    (w, lw),
-                    contiguous(b, lb)?,
-                    None,
-                    (rows, k, n),
-                )?)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(affine(
-                    blas,
-                    (x, lx),
-                    (w, lw),
-                    contiguous(b, lb)?,
-                    None,
-                    (rows, k, n),
-                )?)
-            }
+        let guard = self.residual.as_ref().map(Tensor::storage_and_layout);
+        let r = match &guard {
+            None => None,
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cpu(c) => Some((c, *l)),
+                _ => candle_core::bail!("blas affine: CPU tensors only"),
+            },
+        };
+        /// A CPU operand and its layout.
+        type Stored<'a> = (&'a CpuStorage, &'a Layout);
+        /// The operands as `T` slices, and the output.
+        fn run<T: BlasFloat>(
+            blas: &Blas,
+            (x, w, b): (Stored, Stored, Stored),
+            r: Option<Stored>,
+            dims: (usize, usize, usize),
+        ) -> candle_core::Result<CpuStorage> {
+            let ((sx, lx), (sw, lw), (sb, lb)) = (x, w, b);
+            let r = match r {
+                Some((s, l)) => Some(contiguous(T::cpu_storage_as_slice(s)?, l)?),
+                None => None,
+            };
+            let (x, w) = (T::cpu_storage_as_slice(sx)?, T::cpu_storage_as_slice(sw)?);
+            let b = contiguous(T::cpu_storage_as_slice(sb)?, lb)?;
+            let y = affine(blas, (x, lx), (w, lw), b, r, dims)?;
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let operands = ((sx, lx), (sw, lw), (sb, lb));
+        let out = match sx {
+            CpuStorage::F32(_) => run::<f32>(blas, operands, r, (rows, k, n))?,
+            CpuStorage::F64(_) => run::<f64>(blas, operands, r, (rows, k, n))?,
             _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
         };
         Ok((out, shape.into()))
@@ -683,7 +696,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
         return crate::fused::add_bias(&matmul(x, w)?, b);
     }
     x.contiguous()?
-        .apply_op3(&blas_ready(w)?, &b.contiguous()?, Affine)
+        .apply_op3(&blas_ready(w)?, &b.contiguous()?, Affine { residual: None })
 }
 
 /// r + x·w + b (a residual connection after a linear layer) in one product for inference: the
@@ -709,39 +722,13 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core
     if !fits {
         return linear(x, w, Some(b))? + r;
     }
-    let blas = require("blas affine")?;
-    let (x, w, b, r) = (
-        x.contiguous()?,
-        blas_ready(w)?,
-        b.contiguous()?,
-        r.contiguous()?,
-    );
-    let rows = x.elem_count() / k.max(1);
-    let guards = [&x, &w, &b, &r].map(|t| t.storage_and_layout());
-    let cpu = |i: usize| match &*guards[i].0 {
-        candle_core::Storage::Cpu(c) => Ok((c, guards[i].1)),
-        _ => candle_core::bail!("blas affine: CPU tensors only"),
-    };
-    let ((sx, lx), (sw, lw), (sb, lb), (sr, lr)) = (cpu(0)?, cpu(1)?, cpu(2)?, cpu(3)?);
-    match (sx, sw, sb, sr) {
-        (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b), CpuStorage::F32(r)) => {
-            let (b, r) = (contiguous(b, lb)?, contiguous(r, lr)?);
-            Tensor::from_vec(
-                affine(blas, (x, lx), (w, lw), b, Some(r), (rows, k, n))?,
-                shape,
-                &candle_core::Device::Cpu,
-            )
-        }
-        (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b), CpuStorage::F64(r)) => {
-            let (b, r) = (contiguous(b, lb)?, contiguous(r, lr)?);
-            Tensor::from_vec(
-                affine(blas, (x, lx), (w, lw), b, Some(r), (rows, k, n))?,
-                shape,
-                &candle_core::Device::Cpu,
-            )
-        }
-        _ => candle_core::bail!("blas affine: f32 or f64 operands of one dtype only"),
-    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &blas_ready(w)?,
+        &b.contiguous()?,
+        &Affine {
+            residual: Some(r.contiguous()?),
+        },
+    )
 }
 
 // ---------------------------------------------------------------- fused causal self-attention
