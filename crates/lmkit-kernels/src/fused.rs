@@ -112,9 +112,9 @@ simd_versions! {
         }
         m.iter_mut().for_each(|v| *v = *v * scale);
         for (k, row) in p[..nk * nq].chunks_exact_mut(nq).enumerate() {
-            let (hidden, seen) = row.split_at_mut(from(k));
-            hidden.iter_mut().for_each(|v| *v = T::zero());
             let f = from(k);
+            let (hidden, seen) = row.split_at_mut(f);
+            hidden.iter_mut().for_each(|v| *v = T::zero());
             for ((v, &mi), si) in seen.iter_mut().zip(&m[f..]).zip(&mut sum[f..]) {
                 *v = (*v * scale - mi).exp_fast();
                 *si = *si + *v;
