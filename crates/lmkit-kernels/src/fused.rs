@@ -696,6 +696,35 @@ simd_versions! {
     }
 }
 
+simd_versions! {
+    /// One block of both gradients of silu(g)·u, written over its inputs: g ← dy·u·σ(g)(1 +
+    /// g(1 − σ(g))), u ← dy·silu(g).
+    fn swiglu_bwd_block<T: FastMath>(g: &mut [T], u: &mut [T], dy: &[T]) {
+        for ((gi, ui), &di) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
+            let (x, y) = (*gi, *ui);
+            let s = T::one() / (T::one() + (-x).exp_fast());
+            *gi = di * y * s * (T::one() + x * (T::one() - s));
+            *ui = x * s * di;
+        }
+    }
+}
+
+/// The gradients of silu(g)·u by g and by u, given the output's gradient `dy`, in one pass
+/// written over `g` and `u` (a backward pass that no longer needs them): the same values as
+/// [`swiglu_gate_grad_rows`] and `swiglu_rows(g, dy)`.
+pub fn swiglu_bwd_in_place<T: FastMath>(g: &mut [T], u: &mut [T], dy: &[T]) {
+    assert!(
+        g.len() == u.len() && u.len() == dy.len(),
+        "swiglu backward: {} gate, {} up and {} gradient values",
+        g.len(),
+        u.len(),
+        dy.len()
+    );
+    g.par_chunks_mut(BLOCK)
+        .zip(u.par_chunks_mut(BLOCK).zip(dy.par_chunks(BLOCK)))
+        .for_each(|(g, (u, dy))| swiglu_bwd_block(g, u, dy));
+}
+
 /// silu(g)·u, element by element.
 pub fn swiglu_rows<T: FastMath + Default>(g: &[T], u: &[T]) -> Vec<T> {
     map_blocks2(g, u, swiglu_block)
@@ -1558,6 +1587,27 @@ mod tests {
         let v = candle_core::Var::from_tensor(&x).unwrap();
         assert!(!gelu_erf_in_place(v.as_tensor()).unwrap());
         assert_eq!(max_diff(v.as_tensor(), &x), 0.0);
+    }
+
+    #[test]
+    fn swiglu_backward_in_place_equals_the_two_gradients() {
+        // Lengths around the block size and the vector width; f32 and f64.
+        fn check<T: FastMath + Default + std::fmt::Debug>(len: usize) {
+            let v = |s: usize| -> Vec<T> {
+                (0..len)
+                    .map(|i| T::from(((i * s) % 1000) as f64 / 100.0 - 5.0).unwrap())
+                    .collect()
+            };
+            let (mut g, mut u, dy) = (v(7919), v(104_729), v(31));
+            let (dg, du) = (swiglu_gate_grad_rows(&g, &u, &dy), swiglu_rows(&g, &dy));
+            swiglu_bwd_in_place(&mut g, &mut u, &dy);
+            assert_eq!(g, dg, "gate gradient, {len} values");
+            assert_eq!(u, du, "up gradient, {len} values");
+        }
+        for len in [0, 1, 15, 17, BLOCK - 1, BLOCK + 33, 3 * BLOCK] {
+            check::<f32>(len);
+            check::<f64>(len);
+        }
     }
 
     #[test]

@@ -388,7 +388,7 @@ fn backprop<T: BlasFloat>(
         p.add_grad(m.norm, d);
     }
     for l in m.layers.iter().rev() {
-        let s = saved.pop().expect("one saved entry per layer");
+        let mut s = saved.pop().expect("one saved entry per layer");
         let [lq, lk, lv, lo, lg, lu, ld] = &s.lora;
         let (hd, qd, kvd) = (l.hd, l.heads * l.hd, l.kv_heads * l.hd);
         let w = qd + 2 * kvd;
@@ -403,27 +403,27 @@ fn backprop<T: BlasFloat>(
             || fused::column_sums(&dx, c),
             &mut dg,
         )?;
-        let dgate = fused::swiglu_gate_grad_rows(&s.gate, &s.up, &dg);
-        let dup = fused::swiglu_rows(&s.gate, &dg);
+        // The saved gate and up projections become their gradients.
+        fused::swiglu_bwd_in_place(&mut s.gate, &mut s.up, &dg);
         drop(dg);
+        let (dgate, dup) = (&s.gate, &s.up);
         let mut da2 = Vec::new();
         l.gate.backward(
             p,
-            (&dgate, inter),
+            (dgate, inter),
             &s.a2,
             lg.as_ref(),
-            || fused::column_sums(&dgate, inter),
+            || fused::column_sums(dgate, inter),
             &mut da2,
         )?;
         l.up.backward(
             p,
-            (&dup, inter),
+            (dup, inter),
             &s.a2,
             lu.as_ref(),
-            || fused::column_sums(&dup, inter),
+            || fused::column_sums(dup, inter),
             &mut da2,
         )?;
-        drop((dgate, dup));
         let d = fused::rms_norm_bwd_into(&s.xm, p.data[l.post_norm], &da2, eps, &mut dx, true);
         if p.wants[l.post_norm] {
             p.add_grad(l.post_norm, d);

@@ -126,23 +126,26 @@ pub(crate) fn output_cross_entropy<T: BlasFloat>(
     let n = targets.len();
     let c = h.len() / n.max(1);
     let v = lm.len() / c.max(1);
-    let mut logits = vec![T::zero(); chunk.min(n) * v];
+    // The logits of one chunk, made by the first chunk's product (no zero fill: the product
+    // writes every value) or from the bias rows, and reused by the next chunks.
+    let mut logits: Vec<T> = Vec::new();
     let mut losses = Vec::with_capacity(n);
     for r0 in (0..n).step_by(chunk.max(1)) {
         let rows = chunk.min(n - r0);
-        let lg = &mut logits[..rows * v];
         let hc = &h[r0 * c..(r0 + rows) * c];
-        if let Some(bias) = bias {
-            lg.par_chunks_mut(v).for_each(|r| r.copy_from_slice(bias));
+        let mnk = (rows, v, c);
+        let (a, b) = (plain(hc, c), transposed(lm, c));
+        match bias {
+            None if logits.len() < rows * v => logits = blas::product(blas, mnk, a, b)?,
+            None => blas::gemm_par(blas, mnk, a, b, &mut logits[..rows * v], false)?,
+            Some(bias) => {
+                logits.resize(rows * v, T::zero());
+                let lg = &mut logits[..rows * v];
+                lg.par_chunks_mut(v).for_each(|r| r.copy_from_slice(bias));
+                blas::gemm_par(blas, mnk, a, b, lg, true)?;
+            }
         }
-        blas::gemm_par(
-            blas,
-            (rows, v, c),
-            plain(hc, c),
-            transposed(lm, c),
-            lg,
-            bias.is_some(),
-        )?;
+        let lg = &mut logits[..rows * v];
         let row_losses: Vec<f64> = lg
             .par_chunks_mut(v)
             .zip(&targets[r0..r0 + rows])
