@@ -184,7 +184,7 @@ fn backprop<T: BlasFloat>(
         .iter()
         .flat_map(|&r| x[r as usize * c..(r as usize + 1) * c].iter().copied())
         .collect();
-    let (u, lora) = m.dense.forward_new(p, &hs, cnt)?;
+    let (u, lora) = m.dense.forward_new(p, &hs, cnt, None)?;
     let a = m.head_act.forward(&u);
     let hn = m.head_norm.forward(p, &a);
 

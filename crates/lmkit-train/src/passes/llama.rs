@@ -7,7 +7,9 @@
 //! each), LoRA adapters with their dropout, and frozen weights, which get no gradient and cost
 //! no product. The tests below hold every gradient to the autograd path's in f64.
 
-use super::params::{with_params, LinIdx, LoraSaved, Params, Registry};
+use super::params::{
+    shared_lora_input_grads, shared_lora_inputs, with_params, LinIdx, LoraSaved, Params, Registry,
+};
 use super::{LossAndGrads, TrainPass};
 use candle_core::Tensor;
 use lmkit_kernels::blas::{self, Blas, BlasFloat, Gqa};
@@ -290,14 +292,16 @@ fn backprop<T: BlasFloat>(
         let a1 = fused::rms_norm_rows(&x, p.data[l.input_norm], eps);
         let mut qkv = vec![T::zero(); n * w];
         let mut lq: [Option<LoraSaved<T>>; 3] = [None, None, None];
+        let [q_part, k_part, v_part] = &l.qkv;
+        let hs = shared_lora_inputs(p, &[q_part, k_part, v_part], &a1, n)?;
         let mut col = 0;
-        for (part, slot) in l.qkv.iter().zip(lq.iter_mut()) {
+        for ((part, slot), h) in l.qkv.iter().zip(lq.iter_mut()).zip(hs) {
             if let Some(b) = part.bias {
                 let bias = p.data[b];
                 qkv.par_chunks_mut(w)
                     .for_each(|row| row[col..col + part.out].copy_from_slice(bias));
             }
-            *slot = part.forward(p, &a1, n, (&mut qkv[col..], w), part.bias.is_some())?;
+            *slot = part.forward(p, &a1, n, (&mut qkv[col..], w), part.bias.is_some(), h)?;
             col += part.out;
         }
         fused::rope_heads_in_place(&mut qkv, w, 0..qd + kvd, hd, &positions, table, false);
@@ -312,16 +316,19 @@ fn backprop<T: BlasFloat>(
             Some(b) => fused::add_rows(&x, p.data[b]),
             None => x.clone(),
         };
-        let lo = l.o.forward(p, &y, n, (&mut xm, c), true)?;
+        let lo = l.o.forward(p, &y, n, (&mut xm, c), true, None)?;
         let a2 = fused::rms_norm_rows(&xm, p.data[l.post_norm], eps);
-        let (gate, lg) = l.gate.forward_new(p, &a2, n)?;
-        let (up, lu) = l.up.forward_new(p, &a2, n)?;
+        let [hg, hu]: [Option<Vec<T>>; 2] = shared_lora_inputs(p, &[&l.gate, &l.up], &a2, n)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("two adapter inputs".into()))?;
+        let (gate, lg) = l.gate.forward_new(p, &a2, n, hg)?;
+        let (up, lu) = l.up.forward_new(p, &a2, n, hu)?;
         let g = fused::swiglu_rows(&gate, &up);
         let mut xo = match l.down.bias {
             Some(b) => fused::add_rows(&xm, p.data[b]),
             None => xm.clone(),
         };
-        let ld = l.down.forward(p, &g, n, (&mut xo, c), true)?;
+        let ld = l.down.forward(p, &g, n, (&mut xo, c), true, None)?;
         let [q0, k0, v0] = lq;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
@@ -408,7 +415,7 @@ fn backprop<T: BlasFloat>(
         drop(dg);
         let (dgate, dup) = (&s.gate, &s.up);
         let mut da2 = Vec::new();
-        l.gate.backward(
+        let dh_gate = l.gate.backward_to_adapter(
             p,
             (dgate, inter),
             &s.a2,
@@ -416,12 +423,20 @@ fn backprop<T: BlasFloat>(
             || fused::column_sums(dgate, inter),
             &mut da2,
         )?;
-        l.up.backward(
+        let dh_up = l.up.backward_to_adapter(
             p,
             (dup, inter),
             &s.a2,
             lu.as_ref(),
             || fused::column_sums(dup, inter),
+            &mut da2,
+        )?;
+        shared_lora_input_grads(
+            p,
+            &[&l.gate, &l.up],
+            &[dh_gate, dh_up],
+            &[lg.as_ref(), lu.as_ref()],
+            &s.a2,
             &mut da2,
         )?;
         let d = fused::rms_norm_bwd_into(&s.xm, p.data[l.post_norm], &da2, eps, &mut dx, true);
@@ -456,18 +471,28 @@ fn backprop<T: BlasFloat>(
         };
         let mut da1 = Vec::new();
         let mut col = 0;
+        let mut dhs = Vec::with_capacity(3);
         for (part, ls) in l.qkv.iter().zip([lq, lk, lv]) {
             let range = col..col + part.out;
-            part.backward(
+            dhs.push(part.backward_to_adapter(
                 p,
                 (&dqkv[col..], w),
                 &s.a1,
                 ls.as_ref(),
                 || sums[range].to_vec(),
                 &mut da1,
-            )?;
+            )?);
             col += part.out;
         }
+        let [q_part, k_part, v_part] = &l.qkv;
+        shared_lora_input_grads(
+            p,
+            &[q_part, k_part, v_part],
+            &dhs,
+            &[lq.as_ref(), lk.as_ref(), lv.as_ref()],
+            &s.a1,
+            &mut da1,
+        )?;
         drop(dqkv);
         let d = fused::rms_norm_bwd_into(&s.x, p.data[l.input_norm], &da1, eps, &mut dx, true);
         if p.wants[l.input_norm] {
@@ -664,20 +689,36 @@ mod tests {
     }
 
     #[test]
-    fn lora_adapters_with_dropout_equal_autograd() {
+    fn lora_adapters_with_and_without_dropout_equal_autograd() {
         if !blas_or_skip() {
             return;
         }
+        // Without dropout the adapters of q, k, v (and of gate, up) run as one product;
+        // with it each on its own input.
+        for dropout in [0.25, 0.0] {
+            lora_case(dropout);
+        }
+    }
+
+    fn lora_case(dropout: f64) {
         let spec = LoraSpec {
             r: 3,
             alpha: 6.0,
-            dropout: 0.25,
+            dropout,
             target_modules: Targets::One("all-linear".into()),
             ..Default::default()
         };
         let adapters = Adapters::fresh(spec, 5, &Device::Cpu);
         let (model, _) = model(&config(false, false), DType::F32, Some(&adapters));
         adapters.set_dropout_seed(Some(99));
+        // B starts at zero (PEFT's initialisation), which would leave A's gradient and A's
+        // part of dx at zero: give every B values.
+        for (name, var) in adapters.vars() {
+            if name.ends_with("B") {
+                let v = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &Device::Cpu);
+                var.set(&v.unwrap()).unwrap();
+            }
+        }
         let (b, t) = (2, 8);
         let ids = tokens(b * t, 11);
         let rows: Vec<u32> = (3..(b * t) as u32).collect();

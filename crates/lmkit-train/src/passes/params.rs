@@ -124,7 +124,8 @@ pub(crate) struct LoraSaved<T> {
 }
 
 impl LinIdx {
-    /// out (rows `ldo` apart) = x·Wᵀ (+ what it holds when `accumulate`) + scale·(x·Aᵀ)·Bᵀ.
+    /// out (rows `ldo` apart) = x·Wᵀ (+ what it holds when `accumulate`) + scale·(x·Aᵀ)·Bᵀ
+    /// (`h` as for [`LinIdx::lora_forward`]).
     pub(crate) fn forward<T: BlasFloat>(
         &self,
         p: &Params<'_, T>,
@@ -132,6 +133,7 @@ impl LinIdx {
         n: usize,
         out: (&mut [T], usize),
         accumulate: bool,
+        h: Option<Vec<T>>,
     ) -> candle_core::Result<Option<LoraSaved<T>>> {
         let (w, k, o) = (p.data[self.w], self.inp, self.out);
         let (out, ldo) = out;
@@ -143,36 +145,44 @@ impl LinIdx {
             (&mut *out, ldo),
             accumulate,
         )?;
-        self.lora_forward(p, x, n, (out, ldo))
+        self.lora_forward(p, x, n, (out, ldo), h)
     }
 
-    /// Adds the adapter's part scale·(x·Aᵀ)·Bᵀ to `out` (rows `ldo` apart).
+    /// Adds the adapter's part scale·(x·Aᵀ)·Bᵀ to `out` (rows `ldo` apart); `h` is
+    /// scale·x·Aᵀ when computed already (by [`shared_lora_inputs`]).
     pub(crate) fn lora_forward<T: BlasFloat>(
         &self,
         p: &Params<'_, T>,
         x: &[T],
         n: usize,
         (out, ldo): (&mut [T], usize),
+        h: Option<Vec<T>>,
     ) -> candle_core::Result<Option<LoraSaved<T>>> {
         let (k, o) = (self.inp, self.out);
         let Some(l) = &self.lora else {
             return Ok(None);
         };
-        let dropped: Option<Vec<T>> = l.mask.as_ref().map(|m| {
-            x.par_iter()
-                .zip(m.par_iter())
-                .map(|(&v, &mv)| v * T::from(mv).unwrap_or_else(T::zero))
-                .collect()
-        });
-        let xd = dropped.as_deref().unwrap_or(x);
-        let mut h = blas::product(
-            p.blas,
-            (n, l.r, k),
-            plain(xd, k),
-            transposed(p.data[l.a], k),
-        )?;
-        let s = T::from(l.scale).unwrap_or_else(T::one);
-        h.par_iter_mut().for_each(|v| *v *= s);
+        let (dropped, h) = match h {
+            Some(h) => (None, h),
+            None => {
+                let dropped: Option<Vec<T>> = l.mask.as_ref().map(|m| {
+                    x.par_iter()
+                        .zip(m.par_iter())
+                        .map(|(&v, &mv)| v * T::from(mv).unwrap_or_else(T::zero))
+                        .collect()
+                });
+                let xd = dropped.as_deref().unwrap_or(x);
+                let mut h = blas::product(
+                    p.blas,
+                    (n, l.r, k),
+                    plain(xd, k),
+                    transposed(p.data[l.a], k),
+                )?;
+                let s = T::from(l.scale).unwrap_or_else(T::one);
+                h.par_iter_mut().for_each(|v| *v *= s);
+                (dropped, h)
+            }
+        };
         gemm_par_ld(
             p.blas,
             (n, o, l.r),
@@ -184,12 +194,14 @@ impl LinIdx {
         Ok(Some(LoraSaved { dropped, h }))
     }
 
-    /// x·Wᵀ + b + the adapter's part, as a new buffer [n, out].
+    /// x·Wᵀ + b + the adapter's part, as a new buffer [n, out] (`h` as for
+    /// [`LinIdx::lora_forward`]).
     pub(crate) fn forward_new<T: BlasFloat>(
         &self,
         p: &Params<'_, T>,
         x: &[T],
         n: usize,
+        h: Option<Vec<T>>,
     ) -> candle_core::Result<(Vec<T>, Option<LoraSaved<T>>)> {
         let Some(b) = self.bias else {
             let mut out = blas::product(
@@ -198,11 +210,11 @@ impl LinIdx {
                 plain(x, self.inp),
                 transposed(p.data[self.w], self.inp),
             )?;
-            let saved = self.lora_forward(p, x, n, (&mut out, self.out))?;
+            let saved = self.lora_forward(p, x, n, (&mut out, self.out), h)?;
             return Ok((out, saved));
         };
         let mut out = lmkit_kernels::buffers::rows_of(p.data[b], n);
-        let saved = self.forward(p, x, n, (&mut out, self.out), true)?;
+        let saved = self.forward(p, x, n, (&mut out, self.out), true, h)?;
         Ok((out, saved))
     }
 
@@ -213,12 +225,32 @@ impl LinIdx {
     pub(crate) fn backward<T: BlasFloat>(
         &self,
         p: &mut Params<'_, T>,
-        (dy, ldy): (&[T], usize),
+        dy: (&[T], usize),
         x: &[T],
         saved: Option<&LoraSaved<T>>,
         dbias: impl FnOnce() -> Vec<T>,
         dx: &mut Vec<T>,
     ) -> candle_core::Result<()> {
+        let dh = self.backward_to_adapter(p, dy, x, saved, dbias, dx)?;
+        match (dh, saved) {
+            (Some(dh), Some(saved)) => self.lora_input_grads(p, &dh, x, saved, dx),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`LinIdx::backward`] up to the adapter's input side: everything but A's gradient and
+    /// A's part of dx, and the gradient of scale·x·Aᵀ [n, r] (`None` without an adapter),
+    /// which [`LinIdx::lora_input_grads`] or [`shared_lora_input_grads`] take on from.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_to_adapter<T: BlasFloat>(
+        &self,
+        p: &mut Params<'_, T>,
+        (dy, ldy): (&[T], usize),
+        x: &[T],
+        saved: Option<&LoraSaved<T>>,
+        dbias: impl FnOnce() -> Vec<T>,
+        dx: &mut Vec<T>,
+    ) -> candle_core::Result<Option<Vec<T>>> {
         let (k, o, blas) = (self.inp, self.out, p.blas);
         let n = x.len() / k.max(1);
         let dy_op = || plain(dy, ldy);
@@ -234,7 +266,7 @@ impl LinIdx {
             blas::gemm_par(blas, (n, k, o), dy_op(), plain(p.data[self.w], k), dx, true)?;
         }
         let (Some(l), Some(saved)) = (&self.lora, saved) else {
-            return Ok(());
+            return Ok(None);
         };
         let s = T::from(l.scale).unwrap_or_else(T::one);
         // d(scale·h·Bᵀ): dB = dyᵀ·(scale·h); d(x·Aᵀ) = scale·dy·B.
@@ -243,21 +275,39 @@ impl LinIdx {
         }
         let mut dh = blas::product(blas, (n, l.r, o), dy_op(), plain(p.data[l.b], l.r))?;
         dh.par_iter_mut().for_each(|v| *v *= s);
+        Ok(Some(dh))
+    }
+
+    /// A's gradient dhᵀ·x and A's part of dx, dh·A (through the dropout mask), from the
+    /// gradient `dh` of scale·x·Aᵀ.
+    pub(crate) fn lora_input_grads<T: BlasFloat>(
+        &self,
+        p: &mut Params<'_, T>,
+        dh: &[T],
+        x: &[T],
+        saved: &LoraSaved<T>,
+        dx: &mut [T],
+    ) -> candle_core::Result<()> {
+        let Some(l) = &self.lora else {
+            return Ok(());
+        };
+        let (k, blas) = (self.inp, p.blas);
+        let n = x.len() / k.max(1);
         let xd = saved.dropped.as_deref().unwrap_or(x);
         if p.wants[l.a] {
-            p.add_product(l.a, (l.r, k, n), transposed(&dh, l.r), plain(xd, k))?;
+            p.add_product(l.a, (l.r, k, n), transposed(dh, l.r), plain(xd, k))?;
         }
         match &l.mask {
             None => blas::gemm_par(
                 blas,
                 (n, k, l.r),
-                plain(&dh, l.r),
+                plain(dh, l.r),
                 plain(p.data[l.a], k),
                 dx,
                 true,
             )?,
             Some(m) => {
-                let d = blas::product(blas, (n, k, l.r), plain(&dh, l.r), plain(p.data[l.a], k))?;
+                let d = blas::product(blas, (n, k, l.r), plain(dh, l.r), plain(p.data[l.a], k))?;
                 dx.par_iter_mut()
                     .zip(d.par_iter().zip(m.par_iter()))
                     .for_each(|(o, (&v, &mv))| *o += v * T::from(mv).unwrap_or_else(T::zero));
@@ -265,6 +315,118 @@ impl LinIdx {
         }
         Ok(())
     }
+}
+
+/// Indices of the layers among `parts` whose adapters can run as one (no dropout: they see the
+/// same input), when there are two or more of them.
+fn sharing(parts: &[&LinIdx]) -> Vec<usize> {
+    let idx: Vec<usize> = (0..parts.len())
+        .filter(|&i| parts[i].lora.as_ref().is_some_and(|l| l.mask.is_none()))
+        .collect();
+    if idx.len() < 2 {
+        Vec::new()
+    } else {
+        idx
+    }
+}
+
+/// For linear layers that read the same input x (q, k and v; gate and up): scale·x·Aᵀ of each
+/// adapter without dropout, from one product x·[A₁; A₂; …]ᵀ — one pass over x instead of one
+/// per adapter. `None` for a layer whose adapter computes its own (with dropout, or alone).
+pub(crate) fn shared_lora_inputs<T: BlasFloat>(
+    p: &Params<'_, T>,
+    parts: &[&LinIdx],
+    x: &[T],
+    n: usize,
+) -> candle_core::Result<Vec<Option<Vec<T>>>> {
+    let mut hs: Vec<Option<Vec<T>>> = (0..parts.len()).map(|_| None).collect();
+    let idx = sharing(parts);
+    let Some(&first) = idx.first() else {
+        return Ok(hs);
+    };
+    let k = parts[first].inp;
+    let adapters: Vec<&LoraIdx> = idx.iter().filter_map(|&i| parts[i].lora.as_ref()).collect();
+    let width: usize = adapters.iter().map(|l| l.r).sum();
+    let a: Vec<T> = adapters
+        .iter()
+        .flat_map(|l| p.data[l.a].iter().copied())
+        .collect();
+    let h = blas::product(p.blas, (n, width, k), plain(x, k), transposed(&a, k))?;
+    let mut col = 0;
+    for (&i, l) in idx.iter().zip(&adapters) {
+        let s = T::from(l.scale).unwrap_or_else(T::one);
+        let mut hi = vec![T::zero(); n * l.r];
+        hi.par_chunks_mut(l.r.max(1))
+            .zip(h.par_chunks(width))
+            .for_each(|(o, row)| {
+                o.iter_mut()
+                    .zip(&row[col..col + l.r])
+                    .for_each(|(o, &v)| *o = v * s)
+            });
+        hs[i] = Some(hi);
+        col += l.r;
+    }
+    Ok(hs)
+}
+
+/// The input side of the backward pass of linear layers that read the same input x, given each
+/// one's gradient of scale·x·Aᵀ from [`LinIdx::backward_to_adapter`] (`None` without an
+/// adapter): the adapters without dropout as one — [dh₁ dh₂ …]ᵀ·x for their A gradients and
+/// one product [dh₁ dh₂ …]·[A₁; A₂; …] added to dx — the others each on its own.
+pub(crate) fn shared_lora_input_grads<T: BlasFloat>(
+    p: &mut Params<'_, T>,
+    parts: &[&LinIdx],
+    dhs: &[Option<Vec<T>>],
+    saved: &[Option<&LoraSaved<T>>],
+    x: &[T],
+    dx: &mut [T],
+) -> candle_core::Result<()> {
+    let idx = sharing(parts);
+    for (i, part) in parts.iter().enumerate() {
+        if let (false, Some(dh), Some(s)) = (idx.contains(&i), &dhs[i], saved[i]) {
+            part.lora_input_grads(p, dh, x, s, dx)?;
+        }
+    }
+    let Some(&first) = idx.first() else {
+        return Ok(());
+    };
+    let k = parts[first].inp;
+    let n = x.len() / k.max(1);
+    let adapters: Vec<&LoraIdx> = idx.iter().filter_map(|&i| parts[i].lora.as_ref()).collect();
+    let width: usize = adapters.iter().map(|l| l.r).sum();
+    let mut dh = vec![T::zero(); n * width];
+    let mut col = 0;
+    for (&i, l) in idx.iter().zip(&adapters) {
+        let Some(d) = &dhs[i] else {
+            candle_core::bail!("LoRA backward: no gradient for an adapter of a shared input");
+        };
+        dh.par_chunks_mut(width)
+            .zip(d.par_chunks(l.r.max(1)))
+            .for_each(|(o, d)| o[col..col + l.r].copy_from_slice(d));
+        col += l.r;
+    }
+    let a: Vec<T> = adapters
+        .iter()
+        .flat_map(|l| p.data[l.a].iter().copied())
+        .collect();
+    if adapters.iter().any(|l| p.wants[l.a]) {
+        let da = blas::product(p.blas, (width, k, n), transposed(&dh, width), plain(x, k))?;
+        let mut row = 0;
+        for l in &adapters {
+            if p.wants[l.a] {
+                p.add_grad(l.a, da[row * k..(row + l.r) * k].to_vec());
+            }
+            row += l.r;
+        }
+    }
+    blas::gemm_par(
+        p.blas,
+        (n, k, width),
+        plain(&dh, width),
+        plain(&a, k),
+        dx,
+        true,
+    )
 }
 
 /// (parameter, gradient) pairs.

@@ -133,7 +133,7 @@ pub(crate) fn project<T: BlasFloat>(
             out.par_chunks_mut(w)
                 .for_each(|row| row[col..col + part.out].copy_from_slice(bias));
         }
-        saved.push(part.forward(p, x, n, (&mut out[col..], w), part.bias.is_some())?);
+        saved.push(part.forward(p, x, n, (&mut out[col..], w), part.bias.is_some(), None)?);
         col += part.out;
     }
     Ok((out, saved))
@@ -235,7 +235,7 @@ impl AttnIdx {
             }
         };
         let mut r = residual(p, x, &self.out);
-        let lora_out = self.out.forward(p, &y, n, (&mut r, c), true)?;
+        let lora_out = self.out.forward(p, &y, n, (&mut r, c), true, None)?;
         Ok(AttnSaved {
             q,
             kv,
@@ -350,10 +350,12 @@ impl LayerIdx {
             _ => (None, x1.clone()),
         };
         let n = xf.len() / self.fc1.inp.max(1);
-        let (h, l1) = self.fc1.forward_new(p, &xf, n)?;
+        let (h, l1) = self.fc1.forward_new(p, &xf, n, None)?;
         let g = act.forward(&h);
         let mut r = residual(p, &xf, &self.fc2);
-        let l2 = self.fc2.forward(p, &g, n, (&mut r, self.fc2.out), true)?;
+        let l2 = self
+            .fc2
+            .forward(p, &g, n, (&mut r, self.fc2.out), true, None)?;
         let out = self.final_norm.forward(p, &r);
         Ok((
             out,
