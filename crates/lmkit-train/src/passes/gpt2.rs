@@ -160,7 +160,7 @@ fn backprop<T: BlasFloat>(
         heads: cfg.n_head,
         hd: c / cfg.n_head,
     };
-    let gemm = T::gemm(blas);
+    let attn_gemm = T::attention_gemm(blas);
     let lm = p.lm_head.unwrap_or(p.wte);
 
     // Forward. Embeddings: x = wte[id] + wpe[position].
@@ -179,7 +179,7 @@ fn backprop<T: BlasFloat>(
         let mut qkv = rows_of(w.c_attn_b, n);
         let w_attn = plain(w.c_attn_w, 3 * c);
         blas::gemm_par(blas, (n, 3 * c, c), plain(&a1, c), w_attn, &mut qkv, true)?;
-        let y = blas::attention_fwd(gemm, &qkv, heads)?;
+        let y = blas::attention_fwd(attn_gemm, &qkv, heads)?;
         let mut xm = fused::add_rows(&x, w.attn_proj_b);
         let w_o = plain(w.attn_proj_w, c);
         blas::gemm_par(blas, (n, c, c), plain(&y, c), w_o, &mut xm, true)?;
@@ -259,7 +259,7 @@ fn backprop<T: BlasFloat>(
         g.attn_proj_w = blas::product(blas, (c, c, n), yt, plain(&dx, c))?;
         let w_o_t = transposed(w.attn_proj_w, c);
         let dy = blas::product(blas, (n, c, c), plain(&dx, c), w_o_t)?;
-        let dqkv = blas::attention_bwd(gemm, &s.qkv, &dy, heads)?;
+        let dqkv = blas::attention_bwd(attn_gemm, &s.qkv, &dy, heads)?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
         g.c_attn_b = fused::column_sums(&dqkv, 3 * c);

@@ -265,7 +265,7 @@ fn backprop<T: BlasFloat>(
     scale: f64,
 ) -> candle_core::Result<Vec<f64>> {
     let blas = p.blas;
-    let gemm = T::gemm(blas);
+    let attn_gemm = T::attention_gemm(blas);
     let n = batch.b * batch.t;
     let c = p.data[m.norm].len();
     let v = p.data[m.embed].len() / c.max(1);
@@ -311,7 +311,7 @@ fn backprop<T: BlasFloat>(
             kv_heads: l.kv_heads,
             hd,
         };
-        let y = blas::gqa_attention_fwd(gemm, &qkv, gqa)?;
+        let y = blas::gqa_attention_fwd(attn_gemm, &qkv, gqa)?;
         let mut xm = match l.o.bias {
             Some(b) => fused::add_rows(&x, p.data[b]),
             None => x.clone(),
@@ -460,7 +460,7 @@ fn backprop<T: BlasFloat>(
             kv_heads: l.kv_heads,
             hd,
         };
-        let mut dqkv = blas::gqa_attention_bwd(gemm, &s.qkv, &dy, gqa)?;
+        let mut dqkv = blas::gqa_attention_bwd(attn_gemm, &s.qkv, &dy, gqa)?;
         drop(dy);
         fused::rope_heads_in_place(&mut dqkv, w, 0..qd + kvd, hd, &positions, table, true);
         let has_bias = l.qkv.iter().any(|part| part.bias.is_some());
