@@ -1486,19 +1486,29 @@ pub fn ce_row_weighted_in_place<T: FastMath>(
     y: usize,
     scale_of: impl FnOnce(T) -> T,
 ) -> T {
-    let lse = log_sum_exp(r);
-    let loss = lse - r[y];
+    let target = r[y];
+    // One exponential per logit: exp(r − max) is kept in place, then scaled.
+    let (m, sum) = max_exp_sum_in_place(r);
+    let loss = m + sum.ln() - target;
     let scale = scale_of(loss);
-    softmax_scaled(r, lse, scale);
+    scale_in_place(r, scale / sum);
     r[y] = r[y] - scale;
     loss
 }
 
 simd_versions! {
-    /// In place: r ← exp(r − lse)·scale.
-    fn softmax_scaled<T: FastMath>(r: &mut [T], lse: T, scale: T) {
+    /// In place: r ← exp(r − max r); gives (max r, Σ exp(r − max r)).
+    fn max_exp_sum_in_place<T: FastMath>(r: &mut [T]) -> (T, T) {
+        let m = max_of(r);
+        (m, exp_sum(r, T::one(), m))
+    }
+}
+
+simd_versions! {
+    /// In place: r ← r·k.
+    fn scale_in_place<T: FastMath>(r: &mut [T], k: T) {
         for v in r.iter_mut() {
-            *v = (*v - lse).exp_fast() * scale;
+            *v = *v * k;
         }
     }
 }
