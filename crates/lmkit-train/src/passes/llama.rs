@@ -318,11 +318,9 @@ fn backprop<T: BlasFloat>(
         };
         let lo = l.o.forward(p, &y, n, (&mut xm, c), true, None)?;
         let a2 = fused::rms_norm_rows(&xm, p.data[l.post_norm], eps);
-        let [hg, hu]: [Option<Vec<T>>; 2] = shared_lora_inputs(p, &[&l.gate, &l.up], &a2, n)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("two adapter inputs".into()))?;
-        let (gate, lg) = l.gate.forward_new(p, &a2, n, hg)?;
-        let (up, lu) = l.up.forward_new(p, &a2, n, hu)?;
+        let mut hs = shared_lora_inputs(p, &[&l.gate, &l.up], &a2, n)?.into_iter();
+        let (gate, lg) = l.gate.forward_new(p, &a2, n, hs.next().flatten())?;
+        let (up, lu) = l.up.forward_new(p, &a2, n, hs.next().flatten())?;
         let g = fused::swiglu_rows(&gate, &up);
         let mut xo = match l.down.bias {
             Some(b) => fused::add_rows(&xm, p.data[b]),
