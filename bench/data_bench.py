@@ -7,8 +7,10 @@ Prints MB/s for `lmkit data prepare` (normalize + filters + exact and MinHash de
 without near-dedup to show its cost), BPE training time, and encoding into token shards next to
 Python `tokenizers` (the same Rust core behind Python bindings, `encode_batch`) in the same run.
 """
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ def main():
     if not os.path.exists(lm):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
     mb = sum(f.stat().st_size for d in INPUTS for f in d.glob("*.txt")) / 1e6
     rows = []
     t = min(timed([lm, "data", "prepare", "--input", *INPUTS, "--output", tmp / "p1"]) for _ in range(3))

@@ -13,10 +13,12 @@ usage: ~/.cache/lmkit/venv/bin/python bench/families_bench.py [--steps 8] [--bat
        [--autograd-baseline]      # the baseline column: this lmkit with train.backward = "autograd"
 """
 import argparse
+import atexit
 import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,6 +118,8 @@ def main():
     only = set(a.only.split(",")) if a.only else {"rnn", "lstm", "bert", "gpt", "llama", "bart"}
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-families-"))
+    # Its checkpoints, shards and tokenizers take hundreds of MB: removed when the bench ends.
+    atexit.register(shutil.rmtree, tmp, True)
     run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", V, "--output", tmp / "tok"])
     run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -17,8 +17,10 @@ Rows (medians over --rounds, lmkit and KenLM alternated within each round, whole
   no threads) on the corpus itself, tokens (words + </s>) per second of the whole process.
 """
 import argparse
+import atexit
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +106,7 @@ def main():
         ["bash", str(ROOT / "scripts/setup-kenlm.sh")], capture_output=True, text=True, check=True).stdout.strip())
     lm, order = args.lmkit, str(args.order)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-ngram-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
     corpora = [("data/en", CORPUS)]
     if args.big_mb:
         big = tmp / "big.txt"

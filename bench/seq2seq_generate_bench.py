@@ -9,8 +9,10 @@ usage: ~/.cache/lmkit/venv/bin/python bench/seq2seq_generate_bench.py [--tokens 
        [--beams 4] [--baseline OTHER_LMKIT]   # an older binary too (greedy only: --source text)
 """
 import argparse
+import atexit
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,7 @@ def main():
     a = ap.parse_args()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-s2s-"))
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
     subprocess.run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", "8192", "--output",
                     tmp / "bart"], check=True, capture_output=True)
     torch.manual_seed(0)

@@ -9,8 +9,10 @@ completion; latency is the time to the last chunk, TTFT the time to the first co
 After the run every request must have a row in the server's SQLite log.
 """
 import argparse
+import atexit
 import os
 import pathlib
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -76,6 +78,7 @@ def main():
     a = ap.parse_args()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-serve-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
     model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
     db = tmp / "db.sqlite"
     proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", db,

@@ -8,10 +8,12 @@ unconstrained first token.
     ~/.cache/lmkit/venv/bin/python bench/structured_bench.py [--rounds 3]
 """
 import argparse
+import atexit
 import json
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=160)
     a = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
     rates = {"constrained": [], "free": []}
     firsts = {"constrained": [], "free": []}
     for r in range(a.rounds):

@@ -12,6 +12,7 @@ Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·lay
 (Kaplan et al. 2020 / the PaLM appendix convention), so GFLOP/s = tokens/s · flops_per_token / 1e9.
 """
 import argparse
+import atexit
 import json
 import os
 import pathlib
@@ -72,6 +73,8 @@ def main():
 
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-bench-"))
+    # Its checkpoints, shards and tokenizers take hundreds of MB: removed when the bench ends.
+    atexit.register(shutil.rmtree, tmp, True)
     threads = torch.get_num_threads()
 
     # Data for lmkit: tokenizer + shards from the bundled corpus.
