@@ -38,6 +38,20 @@ fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'
 /// Elements per parallel task of the optimizer's passes.
 const BLOCK: usize = 1 << 14;
 
+/// `f(x, g)` for each element x of the first storage and its g in the second (contiguous f32 of
+/// one length), in parallel blocks.
+fn with_each_pair(
+    (s1, l1): (&mut CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(&mut f32, f32) + Sync,
+) -> candle_core::Result<()> {
+    let (x, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
+    x.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK))
+        .for_each(|(x, g)| x.iter_mut().zip(g).for_each(|(x, &g)| f(x, g)));
+    Ok(())
+}
+
 /// In place: m ← β·m + (1 − β)·(s·g), or with (s·g)² for the second moment.
 struct Moment {
     beta: f32,
@@ -56,22 +70,14 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
         let (b, ib, s) = (self.beta, 1.0 - self.beta, self.scale);
-        m.par_chunks_mut(BLOCK)
-            .zip(g.par_chunks(BLOCK))
-            .for_each(|(m, g)| {
-                if self.square {
-                    m.iter_mut()
-                        .zip(g)
-                        .for_each(|(m, &g)| *m = b * *m + ib * ((s * g) * (s * g)));
-                } else {
-                    m.iter_mut()
-                        .zip(g)
-                        .for_each(|(m, &g)| *m = b * *m + ib * (s * g));
-                }
-            });
-        Ok(())
+        if self.square {
+            with_each_pair((s1, l1), (s2, l2), |m, g| {
+                *m = b * *m + ib * ((s * g) * (s * g))
+            })
+        } else {
+            with_each_pair((s1, l1), (s2, l2), |m, g| *m = b * *m + ib * (s * g))
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -172,12 +178,8 @@ impl InplaceOp2 for AddScaled {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (acc, g) = (f32_data_mut(s1, l1)?, f32_data(s2, l2)?);
         let s = self.0;
-        acc.par_chunks_mut(BLOCK)
-            .zip(g.par_chunks(BLOCK))
-            .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += s * g));
-        Ok(())
+        with_each_pair((s1, l1), (s2, l2), |a, g| *a += s * g)
     }
 }
 
