@@ -686,25 +686,29 @@ simd_versions! {
     }
 }
 
+/// The gradients of silu(g)·u by g and by u given the output's gradient dy:
+/// (dy·u·σ(g)(1 + g(1 − σ(g))), dy·silu(g)).
+#[inline(always)]
+fn swiglu_grads<T: FastMath>(g: T, u: T, dy: T) -> (T, T) {
+    let s = T::one() / (T::one() + (-g).exp_fast());
+    (dy * u * s * (T::one() + g * (T::one() - s)), g * s * dy)
+}
+
 simd_versions! {
-    /// One block of the gate's gradient: o = dy·u·σ(g)(1 + g(1 − σ(g))).
+    /// One block of the gate's gradient.
     fn swiglu_gate_grad_block<T: FastMath>(g: &[T], u: &[T], dy: &[T], o: &mut [T]) {
         for (((o, &gi), &ui), &di) in o.iter_mut().zip(g).zip(u).zip(dy) {
-            let s = T::one() / (T::one() + (-gi).exp_fast());
-            *o = di * ui * s * (T::one() + gi * (T::one() - s));
+            *o = swiglu_grads(gi, ui, di).0;
         }
     }
 }
 
 simd_versions! {
-    /// One block of both gradients of silu(g)·u, written over its inputs: g ← dy·u·σ(g)(1 +
-    /// g(1 − σ(g))), u ← dy·silu(g).
+    /// One block of both gradients, written over the inputs: g ← the gate's, u ← the up
+    /// projection's.
     fn swiglu_bwd_block<T: FastMath>(g: &mut [T], u: &mut [T], dy: &[T]) {
         for ((gi, ui), &di) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
-            let (x, y) = (*gi, *ui);
-            let s = T::one() / (T::one() + (-x).exp_fast());
-            *gi = di * y * s * (T::one() + x * (T::one() - s));
-            *ui = x * s * di;
+            (*gi, *ui) = swiglu_grads(*gi, *ui, di);
         }
     }
 }
