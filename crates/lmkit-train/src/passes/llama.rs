@@ -292,8 +292,7 @@ fn backprop<T: BlasFloat>(
         let a1 = fused::rms_norm_rows(&x, p.data[l.input_norm], eps);
         let mut qkv = vec![T::zero(); n * w];
         let mut lq: [Option<LoraSaved<T>>; 3] = [None, None, None];
-        let [q_part, k_part, v_part] = &l.qkv;
-        let hs = shared_lora_inputs(p, &[q_part, k_part, v_part], &a1, n)?;
+        let hs = shared_lora_inputs(p, &l.qkv.each_ref(), &a1, n)?;
         let mut col = 0;
         for ((part, slot), h) in l.qkv.iter().zip(lq.iter_mut()).zip(hs) {
             if let Some(b) = part.bias {
@@ -482,10 +481,9 @@ fn backprop<T: BlasFloat>(
             )?);
             col += part.out;
         }
-        let [q_part, k_part, v_part] = &l.qkv;
         shared_lora_input_grads(
             p,
-            &[q_part, k_part, v_part],
+            &l.qkv.each_ref(),
             &dhs,
             &[lq.as_ref(), lk.as_ref(), lv.as_ref()],
             &s.a1,

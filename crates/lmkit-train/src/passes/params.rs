@@ -317,16 +317,43 @@ impl LinIdx {
     }
 }
 
-/// Indices of the layers among `parts` whose adapters can run as one (no dropout: they see the
-/// same input), when there are two or more of them.
-fn sharing(parts: &[&LinIdx]) -> Vec<usize> {
-    let idx: Vec<usize> = (0..parts.len())
-        .filter(|&i| parts[i].lora.as_ref().is_some_and(|l| l.mask.is_none()))
-        .collect();
-    if idx.len() < 2 {
-        Vec::new()
-    } else {
-        idx
+/// The adapters among linear layers that read the same input which can run as one (no
+/// dropout: they see the same input), when there are two or more of them.
+struct Sharing<'a> {
+    /// Which of the layers, in order.
+    idx: Vec<usize>,
+    adapters: Vec<&'a LoraIdx>,
+    /// Σ r: columns of the stacked x·Aᵀ.
+    width: usize,
+    /// The layers' input width.
+    k: usize,
+}
+
+impl<'a> Sharing<'a> {
+    fn of(parts: &[&'a LinIdx]) -> Option<Sharing<'a>> {
+        let (idx, adapters): (Vec<usize>, Vec<&LoraIdx>) = parts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, part)| part.lora.as_ref().map(|l| (i, l)))
+            .filter(|(_, l)| l.mask.is_none())
+            .unzip();
+        if idx.len() < 2 {
+            return None;
+        }
+        Some(Sharing {
+            k: parts[idx[0]].inp,
+            width: adapters.iter().map(|l| l.r).sum(),
+            idx,
+            adapters,
+        })
+    }
+
+    /// [A₁; A₂; …] [width, k].
+    fn stacked_a<T: BlasFloat>(&self, p: &Params<'_, T>) -> Vec<T> {
+        self.adapters
+            .iter()
+            .flat_map(|l| p.data[l.a].iter().copied())
+            .collect()
     }
 }
 
@@ -340,20 +367,14 @@ pub(crate) fn shared_lora_inputs<T: BlasFloat>(
     n: usize,
 ) -> candle_core::Result<Vec<Option<Vec<T>>>> {
     let mut hs: Vec<Option<Vec<T>>> = (0..parts.len()).map(|_| None).collect();
-    let idx = sharing(parts);
-    let Some(&first) = idx.first() else {
+    let Some(sh) = Sharing::of(parts) else {
         return Ok(hs);
     };
-    let k = parts[first].inp;
-    let adapters: Vec<&LoraIdx> = idx.iter().filter_map(|&i| parts[i].lora.as_ref()).collect();
-    let width: usize = adapters.iter().map(|l| l.r).sum();
-    let a: Vec<T> = adapters
-        .iter()
-        .flat_map(|l| p.data[l.a].iter().copied())
-        .collect();
+    let (k, width) = (sh.k, sh.width);
+    let a = sh.stacked_a(p);
     let h = blas::product(p.blas, (n, width, k), plain(x, k), transposed(&a, k))?;
     let mut col = 0;
-    for (&i, l) in idx.iter().zip(&adapters) {
+    for (&i, l) in sh.idx.iter().zip(&sh.adapters) {
         let s = T::from(l.scale).unwrap_or_else(T::one);
         let mut hi = vec![T::zero(); n * l.r];
         hi.par_chunks_mut(l.r.max(1))
@@ -381,22 +402,21 @@ pub(crate) fn shared_lora_input_grads<T: BlasFloat>(
     x: &[T],
     dx: &mut [T],
 ) -> candle_core::Result<()> {
-    let idx = sharing(parts);
+    let sh = Sharing::of(parts);
     for (i, part) in parts.iter().enumerate() {
-        if let (false, Some(dh), Some(s)) = (idx.contains(&i), &dhs[i], saved[i]) {
+        let shared = sh.as_ref().is_some_and(|sh| sh.idx.contains(&i));
+        if let (false, Some(dh), Some(s)) = (shared, &dhs[i], saved[i]) {
             part.lora_input_grads(p, dh, x, s, dx)?;
         }
     }
-    let Some(&first) = idx.first() else {
+    let Some(sh) = sh else {
         return Ok(());
     };
-    let k = parts[first].inp;
+    let (k, width) = (sh.k, sh.width);
     let n = x.len() / k.max(1);
-    let adapters: Vec<&LoraIdx> = idx.iter().filter_map(|&i| parts[i].lora.as_ref()).collect();
-    let width: usize = adapters.iter().map(|l| l.r).sum();
     let mut dh = vec![T::zero(); n * width];
     let mut col = 0;
-    for (&i, l) in idx.iter().zip(&adapters) {
+    for (&i, l) in sh.idx.iter().zip(&sh.adapters) {
         let Some(d) = &dhs[i] else {
             candle_core::bail!("LoRA backward: no gradient for an adapter of a shared input");
         };
@@ -405,14 +425,11 @@ pub(crate) fn shared_lora_input_grads<T: BlasFloat>(
             .for_each(|(o, d)| o[col..col + l.r].copy_from_slice(d));
         col += l.r;
     }
-    let a: Vec<T> = adapters
-        .iter()
-        .flat_map(|l| p.data[l.a].iter().copied())
-        .collect();
-    if adapters.iter().any(|l| p.wants[l.a]) {
+    let a = sh.stacked_a(p);
+    if sh.adapters.iter().any(|l| p.wants[l.a]) {
         let da = blas::product(p.blas, (width, k, n), transposed(&dh, width), plain(x, k))?;
         let mut row = 0;
-        for l in &adapters {
+        for l in &sh.adapters {
             if p.wants[l.a] {
                 p.add_grad(l.a, da[row * k..(row + l.r) * k].to_vec());
             }
