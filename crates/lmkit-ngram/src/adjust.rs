@@ -6,6 +6,7 @@
 //! 1995; Chen & Goodman 1998, §3.5).
 
 use crate::count::NONE;
+use crate::vocab::{BOS_ID, UNK_ID};
 
 /// Counts of a table's n-grams: 4 bytes each, until one exceeds `u32::MAX` (a raw count in a
 /// corpus of billions of tokens) and all become 8 bytes.
@@ -59,22 +60,6 @@ impl Counts {
         }
     }
 
-    /// Entry `i` takes entry `from`'s count.
-    fn copy(&mut self, from: usize, i: usize) {
-        match self {
-            Counts::Narrow(v) => v[i] = v[from],
-            Counts::Wide(v) => v[i] = v[from],
-        }
-    }
-
-    /// Entry `i` takes count `c` (a count of this table, so it fits).
-    fn set(&mut self, i: usize, c: u64) {
-        match self {
-            Counts::Narrow(v) => v[i] = c as u32,
-            Counts::Wide(v) => v[i] = c,
-        }
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
@@ -92,11 +77,15 @@ impl From<Vec<u64>> for Counts {
     }
 }
 
-/// The n-grams of one order with their adjusted counts, keys flattened in word order.
+/// The n-grams of one order with their adjusted counts, in the order the adjusting pass finds
+/// them: by their keys read from the last word to the first. Entry i's key is `first[i]` followed
+/// by the key of entry `suffix[i]` of the order below (`suffix` is empty for unigrams), so a key
+/// takes 8 bytes whatever the order.
 #[derive(Clone, Debug, Default)]
 pub struct CountTable {
     pub n: usize,
-    pub keys: Vec<u32>,
+    pub first: Vec<u32>,
+    pub suffix: Vec<u32>,
     pub counts: Counts,
     /// How often each n-gram occurs in the text (kept only when asked: pruning needs it).
     pub raw: Counts,
@@ -124,78 +113,28 @@ impl CountTable {
         }
         t
     }
-}
 
-impl CountTable {
-    /// Entries (by their keys: estimation drops an order's counts once it has used them).
     pub fn len(&self) -> usize {
-        self.keys.len() / self.n.max(1)
+        self.first.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.first.is_empty()
     }
+}
 
-    pub fn key(&self, i: usize) -> &[u32] {
-        &self.keys[i * self.n..(i + 1) * self.n]
-    }
-
-    /// Puts the entries in the order `idx` gives (entry j takes entry idx[j]) in place: the
-    /// permutation is applied cycle by cycle with one entry held aside, so sorting a table costs
-    /// a bitmap beside the permutation, not a second table.
-    pub fn permute(&mut self, idx: &[u32]) {
-        assert_eq!(
-            idx.len(),
-            self.len(),
-            "a permutation of the table's entries"
-        );
-        macro_rules! dispatch {
-            ($($n:literal)*) => {
-                match self.n {
-                    $($n => self.permute_n::<$n>(idx),)*
-                    n => panic!("{n}-grams: orders above {} are not counted", crate::count::MAX_ORDER),
-                }
-            };
-        }
-        dispatch!(1 2 3 4 5 6 7 8)
-    }
-
-    /// [`CountTable::permute`] with keys of N words (each moved as one array).
-    fn permute_n<const N: usize>(&mut self, idx: &[u32]) {
-        let keys: &mut [[u32; N]] = self.keys.as_chunks_mut::<N>().0;
-        let (counts, raw) = (&mut self.counts, &mut self.raw);
-        let with_raw = !raw.is_empty();
-        let mut placed = vec![0u64; keys.len().div_ceil(64)];
-        for start in 0..keys.len() {
-            if placed[start / 64] >> (start % 64) & 1 == 1 {
-                continue;
-            }
-            let held = (
-                keys[start],
-                counts.get(start),
-                with_raw.then(|| raw.get(start)),
-            );
-            let mut j = start;
-            loop {
-                placed[j / 64] |= 1 << (j % 64);
-                let k = idx[j] as usize;
-                if k == start {
-                    keys[j] = held.0;
-                    counts.set(j, held.1);
-                    if let Some(r) = held.2 {
-                        raw.set(j, r);
-                    }
-                    break;
-                }
-                keys[j] = keys[k];
-                counts.copy(k, j);
-                if with_raw {
-                    raw.copy(k, j);
-                }
-                j = k;
-            }
+/// The key (in word order) of entry `i` of order `n` of `tables` (one table per order, from 1).
+pub fn key(tables: &[CountTable], n: usize, i: usize) -> Vec<u32> {
+    let mut key = Vec::with_capacity(n);
+    let mut at = i;
+    for m in (1..=n).rev() {
+        let t = &tables[m - 1];
+        key.push(t.first[at]);
+        if m > 1 {
+            at = t.suffix[at] as usize;
         }
     }
+    key
 }
 
 struct Group {
@@ -217,6 +156,21 @@ pub struct Adjuster {
 impl Adjuster {
     /// `keep_raw`: also record each n-gram's raw count ([`CountTable::raw`]).
     pub fn new(order: usize, keep_raw: bool) -> Self {
+        let mut tables: Vec<CountTable> = (1..=order)
+            .map(|n| CountTable {
+                n,
+                ..Default::default()
+            })
+            .collect();
+        // <unk> and <s> are unigrams though never predicted (adjusted count 0); they have the
+        // lowest ids, so they come first.
+        for id in [UNK_ID, BOS_ID] {
+            tables[0].first.push(id);
+            tables[0].counts.push(0);
+            if keep_raw {
+                tables[0].raw.push(0);
+            }
+        }
         Adjuster {
             order,
             keep_raw,
@@ -228,41 +182,50 @@ impl Adjuster {
                     last_ext: NONE,
                 })
                 .collect(),
-            tables: (1..=order)
-                .map(|n| CountTable {
-                    n,
-                    ..Default::default()
-                })
-                .collect(),
+            tables,
         }
     }
 
-    /// One unique reversed record (last word first, `NONE`-padded) and its raw count.
+    /// One unique reversed record (last word first, `NONE`-padded) and its raw count. Records
+    /// come in sorted order; none ends in `<unk>` or `<s>`.
     pub fn push(&mut self, rec: &[u32], count: u64) {
         let len = rec.iter().position(|&x| x == NONE).unwrap_or(self.order);
-        for n in 1..=len {
-            if self.groups[n - 1].key.as_slice() != &rec[..n] {
+        debug_assert!(len > 0 && rec[0] > BOS_ID, "a record ending in {}", rec[0]);
+        // The shortest open group this record leaves is complete, and so is every longer one:
+        // they are written longest first, so that each one's suffix (the group one shorter) is
+        // still open and its index known.
+        if let Some(m) = (1..=len).find(|&n| self.groups[n - 1].key.as_slice() != &rec[..n]) {
+            for n in (m..=self.order).rev() {
                 self.flush(n);
+            }
+            for n in m..=len {
                 self.groups[n - 1].key.extend_from_slice(&rec[..n]);
             }
-            let g = &mut self.groups[n - 1];
+        }
+        // Group i holds the (i + 1)-gram; rec[i + 1] is the word to its left.
+        for (i, g) in self.groups[..len].iter_mut().enumerate() {
             g.raw += count;
-            if n == len {
+            if i + 1 == len {
                 g.count += count; // highest order, or begins with <s>: raw count
-            } else if rec[n] != g.last_ext {
+            } else if rec[i + 1] != g.last_ext {
                 g.count += 1; // a new distinct left extension
-                g.last_ext = rec[n];
+                g.last_ext = rec[i + 1];
             }
         }
     }
 
     fn flush(&mut self, n: usize) {
-        let g = &mut self.groups[n - 1];
-        if g.key.is_empty() {
+        if self.groups[n - 1].key.is_empty() {
             return;
         }
+        if n > 1 {
+            debug_assert!(!self.groups[n - 2].key.is_empty(), "a suffix is open");
+            let suffix = self.tables[n - 2].len() as u32;
+            self.tables[n - 1].suffix.push(suffix);
+        }
+        let g = &mut self.groups[n - 1];
         let t = &mut self.tables[n - 1];
-        t.keys.extend(g.key.iter().rev());
+        t.first.push(g.key[n - 1]);
         t.counts.push(g.count);
         if self.keep_raw {
             t.raw.push(g.raw);
@@ -274,13 +237,13 @@ impl Adjuster {
     }
 
     pub fn finish(mut self) -> Vec<CountTable> {
-        for n in 1..=self.order {
-            let open = !self.groups[n - 1].key.is_empty();
-            let raw = self.groups[n - 1].raw;
-            self.flush(n);
-            if open && n < self.order {
-                self.tables[n - 1].last_in_statistics = Some(raw);
+        for n in 1..self.order {
+            if !self.groups[n - 1].key.is_empty() {
+                self.tables[n - 1].last_in_statistics = Some(self.groups[n - 1].raw);
             }
+        }
+        for n in (1..=self.order).rev() {
+            self.flush(n);
         }
         self.tables
     }
@@ -301,14 +264,70 @@ mod tests {
             adj.push(r, c);
         }
         let t = adj.finish();
-        assert_eq!(t[0].keys, vec![4]);
-        assert_eq!(t[0].counts.to_vec(), vec![3]); // left words <s>, a, c
-        assert_eq!(t[0].raw.to_vec(), vec![4]); // b occurs 4 times
+        // <unk> and <s> first, with count 0.
+        assert_eq!(t[0].first, vec![UNK_ID, BOS_ID, 4]);
+        assert_eq!(t[0].counts.to_vec(), vec![0, 0, 3]); // left words of b: <s>, a, c
+        assert_eq!(t[0].raw.to_vec(), vec![0, 0, 4]); // b occurs 4 times
         assert_eq!(t[1].len(), 3);
+        let keys: Vec<Vec<u32>> = (0..3).map(|i| key(&t, 2, i)).collect();
+        assert_eq!(keys, vec![vec![1, 4], vec![3, 4], vec![5, 4]]);
+    }
+
+    /// Every entry links to its suffix, and each table lists its n-grams by their keys read
+    /// backwards, whatever the mix of record lengths (records shorter than the order begin with
+    /// <s> and leave longer groups open).
+    #[test]
+    fn tables_link_each_ngram_to_its_suffix_in_reversed_key_order() {
+        let order = 4;
+        // Sentences over words 3..7 as the counter makes records of them.
+        let mut recs: Vec<Vec<u32>> = Vec::new();
+        let mut x = 7u32;
+        for _ in 0..60 {
+            let mut sent = vec![BOS_ID];
+            for _ in 0..(x % 6) {
+                x = x.wrapping_mul(1103515245).wrapping_add(12345);
+                sent.push(3 + (x >> 16) % 5);
+            }
+            sent.push(crate::vocab::EOS_ID);
+            for i in 1..sent.len() {
+                let mut r = vec![NONE; order];
+                for j in 0..order.min(i + 1) {
+                    r[j] = sent[i - j];
+                }
+                recs.push(r);
+            }
+            x = x.wrapping_mul(69069).wrapping_add(1);
+        }
+        recs.sort();
+        let mut adj = Adjuster::new(order, false);
+        let mut i = 0;
+        while i < recs.len() {
+            let j = (i..recs.len())
+                .find(|&j| recs[j] != recs[i])
+                .unwrap_or(recs.len());
+            adj.push(&recs[i], (j - i) as u64);
+            i = j;
+        }
+        let t = adj.finish();
+        // The n-grams each order should hold: every record's suffixes (in word order).
+        for n in 1..=order {
+            let mut want: Vec<Vec<u32>> = recs
+                .iter()
+                .filter(|r| r.iter().take(n).all(|&w| w != NONE))
+                .map(|r| r[..n].iter().rev().copied().collect())
+                .collect();
+            if n == 1 {
+                want.extend([vec![UNK_ID], vec![BOS_ID]]);
+            }
+            want.sort_by(|a, b| a.iter().rev().cmp(b.iter().rev()));
+            want.dedup();
+            let got: Vec<Vec<u32>> = (0..t[n - 1].len()).map(|i| key(&t, n, i)).collect();
+            assert_eq!(got, want, "order {n}");
+        }
     }
 
     #[test]
-    fn a_count_past_u32_widens_the_column_and_permuting_moves_keys_with_counts() {
+    fn a_count_past_u32_widens_the_column() {
         let mut c = Counts::default();
         c.push(5);
         assert!(matches!(c, Counts::Narrow(_)));
@@ -316,24 +335,5 @@ mod tests {
         c.push(2);
         assert!(matches!(c, Counts::Wide(_)));
         assert_eq!(c.to_vec(), vec![5, u32::MAX as u64 + 7, 2]);
-        for raw in [
-            Counts::default(),
-            Counts::from(vec![50, 10, 40, 20, 30, 60]),
-        ] {
-            let mut t = CountTable {
-                n: 2,
-                keys: vec![5, 0, 1, 0, 4, 0, 2, 0, 3, 0, 6, 0],
-                counts: Counts::from(vec![5, 1, 4, 2, 3, u32::MAX as u64 + 6]),
-                raw: raw.clone(),
-                last_in_statistics: None,
-            };
-            // Entry j takes entry idx[j]: sorted by key, a cycle of five and a fixed point.
-            t.permute(&[1, 3, 4, 2, 0, 5]);
-            assert_eq!(t.keys, vec![1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0]);
-            assert_eq!(t.counts.to_vec(), vec![1, 2, 3, 4, 5, u32::MAX as u64 + 6]);
-            if !raw.is_empty() {
-                assert_eq!(t.raw.to_vec(), vec![10, 20, 30, 40, 50, 60]);
-            }
-        }
     }
 }

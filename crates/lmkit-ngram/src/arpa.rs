@@ -1,7 +1,7 @@
 //! ARPA back-off model files (the text format of SRILM and KenLM), read and written.
 
 use crate::error::{NgramError, Result};
-use crate::tables::{NgramTables, OrderEntries};
+use crate::tables::{Keys, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
 use rustc_hash::FxHashMap;
 use std::io::{BufRead, Write};
@@ -24,7 +24,7 @@ pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<(
             line.clear();
             // `{}` on f32 prints the shortest text that reads back to the same f32.
             let _ = write!(line, "{}\t", o.log10_prob[i]);
-            for (k, &id) in o.key(i).iter().enumerate() {
+            for (k, &id) in tables.key(o.n, i).iter().enumerate() {
                 if k > 0 {
                     line.push(' ');
                 }
@@ -166,7 +166,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         };
         // The declared count is not trusted for memory: a damaged header would ask for any size
         // (the entries are counted against it as they are read).
-        o.keys.reserve(count.min(1 << 20).saturating_mul(n));
+        let mut keys: Vec<u32> = Vec::with_capacity(count.min(1 << 20).saturating_mul(n));
         for k in 0..count {
             let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
             let mut fields = entry_fields(&l);
@@ -189,7 +189,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
                     *ids.get(w)
                         .ok_or_else(|| lr.err(format!("word `{w}` is not among the unigrams")))?
                 };
-                o.keys.push(id);
+                keys.push(id);
             }
             let backoff = match fields.next() {
                 None => None,
@@ -201,6 +201,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
             o.log10_prob.push(prob);
             o.log10_backoff.push(backoff);
         }
+        o.keys = Keys::Flat(keys);
         orders.push(o);
         header = lr.next_nonblank(if n == declared.len() {
             "`\\end\\`"
@@ -218,7 +219,9 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
     }
     if !ids.contains_key(UNK) {
         vocab.push(UNK.to_string());
-        orders[0].keys.push(vocab.len() as u32 - 1);
+        if let Keys::Flat(keys) = &mut orders[0].keys {
+            keys.push(vocab.len() as u32 - 1);
+        }
         orders[0].log10_prob.push(MISSING_UNK_LOG10_PROB);
         orders[0].log10_backoff.push(None);
     }

@@ -361,7 +361,7 @@ fn fill_hash_tables(
         .zip(layout.order_tables.iter().zip(slots))
     {
         for i in 0..o.len() {
-            let h = ngram_hash(o.key(i));
+            let h = ngram_hash(&tables.key(o.n, i));
             let slot = free_slot(
                 img,
                 base,

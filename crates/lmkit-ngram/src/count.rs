@@ -104,7 +104,11 @@ fn count_impl<const N: usize>(
         files: inputs.len(),
         ..Default::default()
     };
+    // The whole budget is reserved at once (address space: pages count only once written), so
+    // the buffer never grows by copying itself — which held the old and the new copy at once, and
+    // left the old one with the allocator. Where the reservation is refused, it grows as needed.
     let mut buf: Vec<[u32; N]> = Vec::new();
+    let _ = buf.try_reserve_exact(capacity);
     let mut runs: Vec<File> = Vec::new();
     let mut sentence: Vec<u32> = Vec::new();
     let mut line = Vec::new();

@@ -11,11 +11,12 @@
 
 use crate::adjust::{CountTable, Counts};
 use crate::error::{NgramError, Result};
-use crate::tables::{find_sorted, sorted_order, NgramTables, OrderEntries};
+use crate::tables::{Backoffs, Keys, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
 use crate::vocab::{BOS_ID, EOS_ID, UNK_ID};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 /// log10 probability KenLM gives `<s>` (it is never predicted).
 pub const BOS_LOG10_PROB: f32 = -99.0;
@@ -160,8 +161,17 @@ pub struct Estimate {
     pub discounts: Vec<Discounts>,
 }
 
-/// Turns adjusted counts (one table per order, any key order) into a back-off model. The tables
-/// carry raw counts too when `opts` prunes.
+/// Turns adjusted counts (one table per order, as the [`Adjuster`](crate::adjust::Adjuster)
+/// builds them: linked keys in suffix order, `<unk>` and `<s>` among the unigrams) into a
+/// back-off model whose tables keep those keys. The tables carry raw counts too when `opts`
+/// prunes.
+///
+/// Order by order, each n-gram's context (its first n-1 words) is found through its suffix's
+/// context, the n-grams are grouped by context (a counting sort), and each group gives its
+/// context's back-off weight and its members' probabilities. An order's probabilities are held as
+/// f32 in its own output column until the order above has used them, then turned into log10 in
+/// place: beside the model itself, the largest order's context index, grouping and the search
+/// tables of the order below are all the memory this takes.
 pub fn estimate(
     mut counts: Vec<CountTable>,
     vocab: Vec<String>,
@@ -176,23 +186,15 @@ pub fn estimate(
         .enumerate()
         .map(|(i, t)| Discounts::of(t, i + 1, opts))
         .collect::<Result<Vec<_>>>()?;
-
-    // <s> and <unk> are unigrams even when never predicted (adjusted count 0).
-    let uni = &mut counts[0];
-    for id in [BOS_ID, UNK_ID] {
-        if !uni.keys.contains(&id) {
-            uni.keys.push(id);
-            uni.counts.push(0);
-            if prunes {
-                uni.raw.push(0);
-            }
-        }
-    }
-    let mut counts: Vec<CountTable> = counts.into_iter().map(sort_table).collect();
-    lmkit_kernels::system::return_free_memory();
+    debug_assert!(
+        counts[0].first.starts_with(&[UNK_ID, BOS_ID]),
+        "the unigrams list <unk> and <s>"
+    );
 
     // Which entries pruning leaves out: seen at most the order's threshold, or holding a word
-    // outside the allowed vocabulary; never the special unigrams.
+    // outside the allowed vocabulary (the word itself or one in its suffix); never the special
+    // unigrams. What is kept holds each kept n-gram's suffix (it is seen at least as often and
+    // has no other word), so the links stay whole.
     let allowed: Option<Vec<bool>> = opts.limit_vocab.as_ref().map(|words| {
         let ids: FxHashMap<&str, usize> = vocab
             .iter()
@@ -207,186 +209,190 @@ pub fn estimate(
         }
         ok
     });
-    let marked: Vec<Vec<bool>> = counts
-        .iter()
-        .enumerate()
-        .map(|(o, t)| {
-            if !prunes {
-                return Vec::new();
-            }
-            (0..t.len())
-                .into_par_iter()
-                .with_min_len(1 << 12)
-                .map(|i| {
-                    let key = t.key(i);
-                    if o == 0 && key[0] <= EOS_ID {
-                        return false;
-                    }
-                    t.raw.get(i) <= thresholds[o]
-                        || allowed
-                            .as_ref()
-                            .is_some_and(|ok| key.iter().any(|&w| !ok[w as usize]))
-                })
-                .collect()
-        })
-        .collect();
+    let mut marked: Vec<Vec<bool>> = Vec::with_capacity(order);
+    if prunes {
+        let mut outside_below: Vec<bool> = Vec::new();
+        for (o, t) in counts.iter().enumerate() {
+            let outside: Vec<bool> = match &allowed {
+                None => Vec::new(),
+                Some(ok) => (0..t.len())
+                    .map(|e| {
+                        !ok[t.first[e] as usize] || (o > 0 && outside_below[t.suffix[e] as usize])
+                    })
+                    .collect(),
+            };
+            marked.push(
+                (0..t.len())
+                    .map(|e| {
+                        !(o == 0 && t.first[e] <= EOS_ID)
+                            && (t.raw.get(e) <= thresholds[o] || outside.get(e) == Some(&true))
+                    })
+                    .collect(),
+            );
+            outside_below = outside;
+        }
+    }
     let is_marked = |o: usize, i: usize| prunes && marked[o][i];
 
-    // Probabilities in f64 for the order being computed and the one below it (all that the
-    // interpolation needs); every order's log10 values in f32 as they are written. Back-offs as
-    // log10 f32, NaN where the n-gram is no context.
-    let mut lower_p: Vec<f64> = Vec::new();
     // The unigrams' uniform share: |V| without <s>, counting only the words pruning keeps (so
     // the unigrams sum to one over the model's own vocabulary, as lmplz has it).
     let kept_words = (0..counts[0].len()).filter(|&i| !is_marked(0, i)).count();
     let uniform = 1.0 / (kept_words as f64 - 1.0);
-    let mut log_probs: Vec<Vec<f32>> = Vec::with_capacity(order);
-    // (The highest order is no context: it has none.)
-    let mut gammas: Vec<Vec<f32>> = counts[..order - 1]
-        .iter()
-        .map(|t| vec![f32::NAN; t.len()])
-        .chain([Vec::new()])
-        .collect();
+    // probs[n - 1]: order n's probabilities, linear until order n + 1 is done, then log10.
+    let mut probs: Vec<Vec<f32>> = Vec::with_capacity(order);
+    // gammas[n - 1]: log10 back-off weights of order n (NaN: the n-gram is no context).
+    let mut gammas: Vec<Vec<f32>> = Vec::with_capacity(order);
+    // contexts[e]: the index in order n - 1 of the context of order n's entry e.
+    let mut contexts: Vec<u32> = Vec::new();
     for n in 1..=order {
+        // This order's counts turn into its probabilities in place: each is read by its own
+        // group only, before the group writes its probability there.
+        let cells = Cells::new(std::mem::take(&mut counts[n - 1].counts));
         let t = &counts[n - 1];
         let disc = &discounts[n - 1];
-        // Groups of entries sharing their context (the first n-1 words). The back-off mass of a
-        // group is the discounted mass of its kept entries plus all of its pruned entries' mass.
-        // `group(s)`: the end of the group starting at entry s, its Σa and its γ.
-        let group = |start: usize| -> (usize, f64, f64) {
-            let ctx = &t.key(start)[..n - 1];
-            let mut end = start;
+        let lower_contexts = std::mem::take(&mut contexts);
+        contexts = match n {
+            1 => Vec::new(),
+            // A bigram's context is the unigram of its first word (unigrams are sorted by word).
+            2 => t
+                .first
+                .par_iter()
+                .map(|w| position(&counts[0].first, 0, *w))
+                .collect(),
+            // An n-gram w1..wn's context w1..wn-1 is the entry of order n-1 made of w1 and the
+            // context of its suffix w2..wn: found among that context's extensions by w1.
+            _ => {
+                let lt = &counts[n - 2];
+                let starts = extension_starts(&lt.suffix, counts[n - 3].len());
+                (0..t.len())
+                    .into_par_iter()
+                    .with_min_len(1 << 12)
+                    .map(|e| {
+                        let x = lower_contexts[t.suffix[e] as usize] as usize;
+                        let start = starts[x] as usize;
+                        position(&lt.first[..starts[x + 1] as usize], start, t.first[e])
+                    })
+                    .collect()
+            }
+        };
+        drop(lower_contexts);
+        let groups = if n == 1 { 1 } else { counts[n - 2].len() };
+        let (offsets, members) = if n == 1 {
+            (vec![0, t.len() as u32], (0..t.len() as u32).collect())
+        } else {
+            group_by(&contexts, groups)
+        };
+        if n == order {
+            // Only the next order looks contexts up.
+            contexts = Vec::new();
+        }
+
+        let lower_p: &[f32] = if n == 1 { &[] } else { &probs[n - 2] };
+        // One context's group: its back-off weight (None when it has no extension), and its
+        // members' probabilities.
+        let group = |c: usize| -> Option<f32> {
+            let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
+            if m.is_empty() {
+                return None;
+            }
+            // The back-off mass of a group is the discounted mass of its kept entries plus all
+            // of its pruned entries' mass.
             let (mut sum, mut mass) = (0u64, 0.0f64);
-            while end < t.len() && &t.key(end)[..n - 1] == ctx {
-                let is_bos_unigram = n == 1 && t.key(end)[0] == BOS_ID;
-                if !is_bos_unigram {
-                    let a = t.counts.get(end);
-                    sum += a;
-                    mass += if is_marked(n - 1, end) {
-                        a as f64
-                    } else {
-                        disc.discount(a)
-                    };
+            for &e in m {
+                let e = e as usize;
+                if n == 1 && t.first[e] == BOS_ID {
+                    continue;
                 }
-                end += 1;
+                let a = cells.count(e);
+                sum += a;
+                mass += if is_marked(n - 1, e) {
+                    a as f64
+                } else {
+                    disc.discount(a)
+                };
             }
             let sum = sum as f64;
-            (end, sum, if sum > 0.0 { mass / sum } else { 0.0 })
+            let gamma = if sum > 0.0 { mass / sum } else { 0.0 };
+            for &e in m {
+                let e = e as usize;
+                let a = cells.count(e);
+                let u = if sum > 0.0 {
+                    (a as f64 - disc.discount(a)) / sum
+                } else {
+                    0.0
+                };
+                let backed_off = if n == 1 {
+                    uniform
+                } else {
+                    lower_p[t.suffix[e] as usize] as f64
+                };
+                cells.set(e, (u + gamma * backed_off) as f32);
+            }
+            Some(gamma.log10() as f32)
         };
-        let lower = if n > 1 {
-            Some((&counts[n - 2], &lower_p))
+        if n == 1 {
+            group(0);
         } else {
-            None
-        };
-        // The groups' γ are the back-off weights of the order below.
-        if let Some((lt, _)) = lower {
-            let mut start = 0;
-            while start < t.len() {
-                let (end, _, gamma) = group(start);
-                if let Some(i) = find_sorted(&lt.keys, n - 1, &t.key(start)[..n - 1]) {
-                    gammas[n - 2][i] = gamma.log10() as f32;
-                }
-                start = end;
-            }
-        }
-        // Then the probabilities in parallel, over chunks of whole groups (each group's Σa and γ
-        // found again inside its chunk: no per-group or per-entry table of them is kept, and a
-        // job per group handed ~1.5 M tiny jobs to the thread pool).
-        let mut starts = vec![0];
-        let step = (t.len() / 256).max(1 << 12);
-        let mut at = step;
-        while at < t.len() {
-            let ctx = &t.key(at - 1)[..n - 1];
-            while at < t.len() && &t.key(at)[..n - 1] == ctx {
-                at += 1;
-            }
-            if at < t.len() {
-                starts.push(at);
-            }
-            at += step;
-        }
-        let mut p = vec![0.0f64; t.len()];
-        let mut chunks: Vec<(usize, &mut [f64])> = Vec::with_capacity(starts.len());
-        let mut rest: &mut [f64] = &mut p;
-        for (k, &s0) in starts.iter().enumerate() {
-            let len = starts.get(k + 1).map_or(rest.len(), |&s1| s1 - s0);
-            let (head, tail) = rest.split_at_mut(len);
-            chunks.push((s0, head));
-            rest = tail;
-        }
-        chunks.into_par_iter().for_each(|(s0, out)| {
-            let mut start = s0;
-            while start < s0 + out.len() {
-                let (end, sum, gamma) = group(start);
-                for i in start..end {
-                    let a = t.counts.get(i);
-                    let u = if sum > 0.0 {
-                        (a as f64 - disc.discount(a)) / sum
-                    } else {
-                        0.0
-                    };
-                    let backed_off = match lower {
-                        None => uniform,
-                        Some((lt, lp)) => {
-                            find_sorted(&lt.keys, n - 1, &t.key(i)[1..]).map_or(0.0, |j| lp[j])
-                        }
-                    };
-                    out[i - s0] = u + gamma * backed_off;
-                }
-                start = end;
-            }
-        });
-        log_probs.push(
-            p.par_iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    if n == 1 && t.keys[i] == BOS_ID {
-                        BOS_LOG10_PROB
-                    } else {
-                        x.log10() as f32
+            let mut g = vec![f32::NAN; groups];
+            let chunk = (groups / 256).max(1 << 12);
+            g.par_chunks_mut(chunk).enumerate().for_each(|(k, out)| {
+                for (j, slot) in out.iter_mut().enumerate() {
+                    if let Some(gamma) = group(k * chunk + j) {
+                        *slot = gamma;
                     }
-                })
-                .collect(),
-        );
-        lower_p = p;
-        // This order's counts are used up (its keys stay: they are the model's).
-        counts[n - 1].counts = Counts::default();
+                }
+            });
+            gammas.push(g);
+        }
+        drop((offsets, members));
+        // The order below is used up: its probabilities become log10.
+        if n > 1 {
+            to_log10(&mut probs[n - 2], n == 2);
+        }
+        probs.push(cells.into_probs());
+        // This order's raw counts are used up (its keys stay: they are the model's).
         counts[n - 1].raw = Counts::default();
         lmkit_kernels::system::return_free_memory();
     }
-    drop(lower_p);
+    drop(contexts);
+    to_log10(&mut probs[order - 1], order == 1);
 
-    let backoff = |x: f32| (!x.is_nan()).then_some(x);
     let mut orders: Vec<OrderEntries> = Vec::with_capacity(order);
-    for (o, ((t, lp), g)) in counts.into_iter().zip(log_probs).zip(gammas).enumerate() {
-        if !prunes {
-            // Everything is kept: the keys move over.
-            let log10_backoff = if g.is_empty() {
-                (0..lp.len()).map(|_| None).collect()
-            } else {
-                g.into_iter().map(backoff).collect()
-            };
-            orders.push(OrderEntries {
-                n: t.n,
-                keys: t.keys,
-                log10_prob: lp,
-                log10_backoff,
-            });
-            continue;
+    let mut gammas = gammas.into_iter();
+    for (o, (t, mut lp)) in counts.into_iter().zip(probs).enumerate() {
+        let (mut first, mut suffix) = (t.first, t.suffix);
+        let mut g = if o + 1 < order {
+            gammas.next().expect("a back-off column per context order")
+        } else {
+            Vec::new()
+        };
+        if prunes {
+            if o > 0 {
+                // The kept entries of the order below are renumbered.
+                let mut rank = Vec::with_capacity(marked[o - 1].len());
+                let mut r = 0u32;
+                for &m in &marked[o - 1] {
+                    rank.push(r);
+                    r += u32::from(!m);
+                }
+                suffix.iter_mut().for_each(|s| *s = rank[*s as usize]);
+                retain_kept(&mut suffix, &marked[o]);
+            }
+            retain_kept(&mut first, &marked[o]);
+            retain_kept(&mut lp, &marked[o]);
+            if !g.is_empty() {
+                retain_kept(&mut g, &marked[o]);
+            }
         }
-        let kept = |i: &usize| !is_marked(o, *i);
-        let mut keys = Vec::with_capacity(t.keys.len());
-        (0..t.len())
-            .filter(kept)
-            .for_each(|i| keys.extend_from_slice(t.key(i)));
         orders.push(OrderEntries {
             n: t.n,
-            keys,
-            log10_prob: (0..t.len()).filter(kept).map(|i| lp[i]).collect(),
-            log10_backoff: (0..t.len())
-                .filter(kept)
-                .map(|i| g.get(i).copied().and_then(backoff))
-                .collect(),
+            log10_backoff: if g.is_empty() {
+                Backoffs::none(lp.len())
+            } else {
+                Backoffs::from_log10_or_nan(g)
+            },
+            keys: Keys::Linked { first, suffix },
+            log10_prob: lp,
         });
     }
     let vocab = if orders[0].len() < vocab.len() {
@@ -404,72 +410,127 @@ pub fn estimate(
     })
 }
 
+/// An order's counts, then its probabilities (f32), in one column of cells where the counts are
+/// 4 bytes; 8-byte counts stay beside it.
+struct Cells {
+    cells: Vec<AtomicU32>,
+    wide: Vec<u64>,
+}
+
+impl Cells {
+    fn new(counts: Counts) -> Self {
+        match counts {
+            // Converted in the same memory (same size and alignment).
+            Counts::Narrow(v) => Cells {
+                cells: v.into_iter().map(AtomicU32::new).collect(),
+                wide: Vec::new(),
+            },
+            Counts::Wide(wide) => Cells {
+                cells: (0..wide.len()).map(|_| AtomicU32::new(0)).collect(),
+                wide,
+            },
+        }
+    }
+
+    /// Entry `e`'s count (before its probability is set).
+    fn count(&self, e: usize) -> u64 {
+        match self.wide.get(e) {
+            Some(&c) => c,
+            None => u64::from(self.cells[e].load(Relaxed)),
+        }
+    }
+
+    fn set(&self, e: usize, p: f32) {
+        self.cells[e].store(p.to_bits(), Relaxed);
+    }
+
+    fn into_probs(self) -> Vec<f32> {
+        self.cells
+            .into_iter()
+            .map(|c| f32::from_bits(c.into_inner()))
+            .collect()
+    }
+}
+
+/// Drops the entries of `v` that `marked` says are pruned.
+fn retain_kept<T>(v: &mut Vec<T>, marked: &[bool]) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        !marked[i - 1]
+    });
+}
+
+/// Index (from `start`) of `word` in `words[start..]`, a sorted run of an order's first words.
+fn position(words: &[u32], start: usize, word: u32) -> u32 {
+    let at = words[start..]
+        .binary_search(&word)
+        .expect("every n-gram's context was counted");
+    (start + at) as u32
+}
+
+/// Where each entry's extensions begin in the order above, from that order's suffix links
+/// (sorted): entry x's are `starts[x]..starts[x + 1]`.
+fn extension_starts(suffix: &[u32], len: usize) -> Vec<u32> {
+    let mut starts = vec![0u32; len + 1];
+    for &s in suffix {
+        starts[s as usize + 1] += 1;
+    }
+    for x in 0..len {
+        starts[x + 1] += starts[x];
+    }
+    starts
+}
+
+/// The entries grouped by context (a counting sort): group c's entries are
+/// `members[offsets[c]..offsets[c + 1]]`.
+fn group_by(contexts: &[u32], groups: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut offsets = extension_starts(contexts, groups);
+    let mut members = vec![0u32; contexts.len()];
+    for (e, &c) in contexts.iter().enumerate() {
+        let at = &mut offsets[c as usize];
+        members[*at as usize] = e as u32;
+        *at += 1;
+    }
+    // Each offset moved to its group's end: shift them back.
+    for c in (1..=groups).rev() {
+        offsets[c] = offsets[c - 1];
+    }
+    offsets[0] = 0;
+    (offsets, members)
+}
+
+/// Linear probabilities to log10 in place (for unigrams, `<s>`'s — entry `BOS_ID`, after
+/// `<unk>` — to [`BOS_LOG10_PROB`]).
+fn to_log10(p: &mut [f32], unigrams: bool) {
+    p.par_iter_mut().enumerate().for_each(|(i, x)| {
+        *x = if unigrams && i == BOS_ID as usize {
+            BOS_LOG10_PROB
+        } else {
+            (*x as f64).log10() as f32
+        };
+    });
+}
+
 /// Renumbers the words so the vocabulary holds only the words that kept their unigram (in the same
-/// order, so sorted tables stay sorted).
+/// order, so every table keeps its order).
 fn drop_pruned_words(orders: &mut [OrderEntries], vocab: Vec<String>) -> Vec<String> {
     let mut new_id = vec![u32::MAX; vocab.len()];
     let mut vocab: Vec<Option<String>> = vocab.into_iter().map(Some).collect();
     let mut words = Vec::with_capacity(orders[0].len());
-    for &w in &orders[0].keys {
+    let Keys::Linked { first, .. } = &orders[0].keys else {
+        unreachable!("estimated tables are linked")
+    };
+    for &w in first {
         new_id[w as usize] = words.len() as u32;
         words.push(vocab[w as usize].take().expect("each unigram once"));
     }
     for o in orders.iter_mut() {
-        o.keys.iter_mut().for_each(|w| *w = new_id[*w as usize]);
+        if let Keys::Linked { first, .. } = &mut o.keys {
+            first.iter_mut().for_each(|w| *w = new_id[*w as usize]);
+        }
     }
     words
-}
-
-/// The table in word order, sorted in place. Keys with 4-byte counts and no raw counts (the
-/// usual case) are widened by one word that carries the count and sorted as records in
-/// parallel; others go through a sorted index and [`CountTable::permute`].
-fn sort_table(mut t: CountTable) -> CountTable {
-    t.last_in_statistics = None;
-    if !matches!(t.counts, Counts::Narrow(_)) || !t.raw.is_empty() {
-        let idx = sorted_order(&t.keys, t.n);
-        t.permute(&idx);
-        return t;
-    }
-    macro_rules! dispatch {
-        ($(($n:literal, $w:literal))*) => {
-            match t.n {
-                $($n => sort_records::<$n, $w>(&mut t),)*
-                n => unreachable!("{n}-grams are not counted"),
-            }
-        };
-    }
-    dispatch!((1, 2)(2, 3)(3, 4)(4, 5)(5, 6)(6, 7)(7, 8)(8, 9));
-    t
-}
-
-/// [`sort_table`] for N-word keys: in the keys' own buffer, record i (W = N + 1 words: its key,
-/// then its count) is spread out from the last to the first, the records are sorted, the counts
-/// taken out and the keys closed up again — no second table and no index is ever built.
-fn sort_records<const N: usize, const W: usize>(t: &mut CountTable) {
-    debug_assert_eq!(W, N + 1);
-    let Counts::Narrow(counts) = std::mem::take(&mut t.counts) else {
-        unreachable!("checked by sort_table")
-    };
-    let len = counts.len();
-    let mut keys = std::mem::take(&mut t.keys);
-    keys.resize(len * W, 0);
-    for i in (0..len).rev() {
-        let key: [u32; N] = keys[i * N..i * N + N].try_into().expect("N words");
-        keys[i * W..i * W + N].copy_from_slice(&key);
-        keys[i * W + N] = counts[i];
-    }
-    drop(counts);
-    let records = keys.as_chunks_mut::<W>().0;
-    records.par_sort_unstable_by(|a, b| a[..N].cmp(&b[..N]));
-    let counts: Vec<u32> = records.iter().map(|r| r[N]).collect();
-    for i in 0..len {
-        let key: [u32; N] = keys[i * W..i * W + N].try_into().expect("N words");
-        keys[i * N..i * N + N].copy_from_slice(&key);
-    }
-    keys.truncate(len * N);
-    keys.shrink_to_fit();
-    t.keys = keys;
-    t.counts = Counts::Narrow(counts);
 }
 
 #[cfg(test)]
@@ -479,53 +540,9 @@ mod tests {
     fn table(counts: &[u64]) -> CountTable {
         CountTable {
             n: 1,
-            keys: vec![0; counts.len()],
+            first: vec![0; counts.len()],
             counts: Counts::from(counts.to_vec()),
             ..Default::default()
-        }
-    }
-
-    /// Both ways of sorting a table (records with their counts; an index and a permutation)
-    /// give the table in word order with each count beside its key.
-    #[test]
-    fn tables_sort_the_same_either_way() {
-        for n in 1..=4usize {
-            let len = 500;
-            // Distinct keys in a scrambled order, each count derived from its key.
-            let keys: Vec<u32> = (0..len as u32)
-                .flat_map(|i| {
-                    let k = (i * 7919) % len as u32;
-                    (0..n as u32).map(move |w| {
-                        if w + 1 == n as u32 {
-                            k
-                        } else {
-                            (k * (w + 3)) % 11
-                        }
-                    })
-                })
-                .collect();
-            let count = |key: &[u32]| key.iter().fold(1u64, |a, &w| a * 31 + w as u64);
-            let counts: Vec<u64> = keys.chunks(n).map(count).collect();
-            let table = |raw: Counts| CountTable {
-                n,
-                keys: keys.clone(),
-                counts: Counts::from(counts.clone()),
-                raw,
-                last_in_statistics: Some(3),
-            };
-            let by_records = sort_table(table(Counts::default()));
-            let by_index = sort_table(table(Counts::from(counts.clone())));
-            assert_eq!(by_records.keys, by_index.keys);
-            assert_eq!(by_records.counts.to_vec(), by_index.counts.to_vec());
-            assert!(by_records
-                .keys
-                .chunks(n)
-                .zip(by_records.keys.chunks(n).skip(1))
-                .all(|(a, b)| a < b));
-            for (k, c) in by_records.keys.chunks(n).zip(by_records.counts.iter()) {
-                assert_eq!(c, count(k));
-            }
-            assert_eq!(by_records.last_in_statistics, None);
         }
     }
 

@@ -1,22 +1,98 @@
 //! A finished back-off model as plain tables: what ARPA files hold, what estimation produces and
 //! what the binary format is built from.
 
+use crate::count::MAX_ORDER;
 use crate::tokenize::Tokenization;
 
-/// The n-grams of one order: keys flattened in word order (`n` ids each), log10 probabilities and
-/// log10 back-off weights (`None` when the n-gram is never a context).
+/// The n-grams of one order: their keys, log10 probabilities and log10 back-off weights (`None`
+/// when the n-gram is never a context).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OrderEntries {
     pub n: usize,
-    pub keys: Vec<u32>,
+    pub keys: Keys,
     pub log10_prob: Vec<f32>,
     pub log10_backoff: Backoffs,
 }
 
+/// The keys of one order's n-grams.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Keys {
+    /// `n` ids per entry in word order, one entry after another (as an ARPA file lists them).
+    Flat(Vec<u32>),
+    /// Each entry's key is its first word followed by the key of an entry of the order below (its
+    /// suffix: the n-gram without its first word) — 8 bytes an entry whatever the order, as
+    /// estimation builds them. `suffix` is empty for unigrams. Entries are sorted by (suffix,
+    /// first): by their keys read from the last word to the first.
+    Linked { first: Vec<u32>, suffix: Vec<u32> },
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::Flat(Vec::new())
+    }
+}
+
+/// One n-gram's ids in word order, held by value (a key of linked tables is assembled from
+/// several orders).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    ids: [u32; MAX_ORDER],
+    len: usize,
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.ids[..self.len]
+    }
+}
+
+impl Key {
+    /// The key of entry `i` of order `n`, where `level(k)` gives order k's keys.
+    pub fn of<'a>(n: usize, i: usize, level: impl Fn(usize) -> &'a Keys) -> Key {
+        let mut key = Key {
+            ids: [0; MAX_ORDER],
+            len: n,
+        };
+        match level(n) {
+            Keys::Flat(k) => key.ids[..n].copy_from_slice(&k[i * n..(i + 1) * n]),
+            Keys::Linked { .. } => {
+                let mut at = i;
+                for (j, slot) in key.ids[..n].iter_mut().enumerate() {
+                    let Keys::Linked { first, suffix } = level(n - j) else {
+                        panic!("linked keys of order {n} above flat ones");
+                    };
+                    *slot = first[at];
+                    if j + 1 < n {
+                        at = suffix[at] as usize;
+                    }
+                }
+            }
+        }
+        key
+    }
+}
+
 /// The log10 back-off weights of an order's n-grams, 4 bytes each (an `Option<f32>` takes 8):
-/// `None` (the n-gram is never a context) is kept as a NaN bit pattern that no weight has.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Backoffs(Vec<u32>);
+/// `None` (the n-gram is never a context) is kept as a NaN bit pattern that no weight has. An
+/// order without any weight (the highest) keeps only its length.
+#[derive(Clone, Debug)]
+pub enum Backoffs {
+    Each(Vec<u32>),
+    None(usize),
+}
+
+impl Default for Backoffs {
+    fn default() -> Self {
+        Backoffs::Each(Vec::new())
+    }
+}
+
+impl PartialEq for Backoffs {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
 
 /// The bits of a missing back-off weight.
 const NO_BACKOFF: u32 = u32::MAX;
@@ -27,21 +103,55 @@ fn backoff_bits(b: Option<f32>) -> u32 {
 }
 
 impl Backoffs {
+    /// `len` n-grams, none of them a context.
+    pub fn none(len: usize) -> Self {
+        Backoffs::None(len)
+    }
+
+    /// From log10 weights where NaN marks an n-gram that is no context (no weight is NaN), in
+    /// the same memory.
+    pub fn from_log10_or_nan(w: Vec<f32>) -> Self {
+        Backoffs::Each(
+            w.into_iter()
+                .map(|x| backoff_bits((!x.is_nan()).then_some(x)))
+                .collect(),
+        )
+    }
+
     pub fn get(&self, i: usize) -> Option<f32> {
-        let b = self.0[i];
-        (b != NO_BACKOFF).then(|| f32::from_bits(b))
+        match self {
+            Backoffs::Each(v) => {
+                let b = v[i];
+                (b != NO_BACKOFF).then(|| f32::from_bits(b))
+            }
+            Backoffs::None(len) => {
+                assert!(i < *len, "back-off {i} of {len}");
+                None
+            }
+        }
     }
 
     pub fn push(&mut self, b: Option<f32>) {
-        self.0.push(backoff_bits(b));
+        match (&mut *self, b) {
+            (Backoffs::None(len), None) => *len += 1,
+            (Backoffs::None(len), Some(_)) => {
+                let mut v = vec![NO_BACKOFF; *len];
+                v.push(backoff_bits(b));
+                *self = Backoffs::Each(v);
+            }
+            (Backoffs::Each(v), _) => v.push(backoff_bits(b)),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        match self {
+            Backoffs::Each(v) => v.len(),
+            Backoffs::None(len) => *len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Option<f32>> + '_ {
@@ -51,7 +161,7 @@ impl Backoffs {
 
 impl FromIterator<Option<f32>> for Backoffs {
     fn from_iter<I: IntoIterator<Item = Option<f32>>>(it: I) -> Self {
-        Backoffs(it.into_iter().map(backoff_bits).collect())
+        Backoffs::Each(it.into_iter().map(backoff_bits).collect())
     }
 }
 
@@ -62,10 +172,6 @@ impl OrderEntries {
 
     pub fn is_empty(&self) -> bool {
         self.log10_prob.is_empty()
-    }
-
-    pub fn key(&self, i: usize) -> &[u32] {
-        &self.keys[i * self.n..(i + 1) * self.n]
     }
 }
 
@@ -83,33 +189,12 @@ impl NgramTables {
         self.orders.len()
     }
 
+    /// The key of entry `i` of order `n`.
+    pub fn key(&self, n: usize, i: usize) -> Key {
+        Key::of(n, i, |k| &self.orders[k - 1].keys)
+    }
+
     pub fn id_of(&self, word: &str) -> Option<u32> {
         self.vocab.iter().position(|w| w == word).map(|i| i as u32)
     }
-}
-
-/// Index of `key` in a table of `n`-id keys sorted in word order.
-pub fn find_sorted(keys: &[u32], n: usize, key: &[u32]) -> Option<usize> {
-    let (mut lo, mut hi) = (0usize, keys.len() / n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        match keys[mid * n..mid * n + n].cmp(key) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Some(mid),
-        }
-    }
-    None
-}
-
-/// Permutation that sorts a table of `n`-id keys in word order (entry j of the sorted table is
-/// entry idx[j]; tables hold fewer than 2³² entries).
-pub fn sorted_order(keys: &[u32], n: usize) -> Vec<u32> {
-    use rayon::slice::ParallelSliceMut;
-    let len = keys.len() / n;
-    assert!(len <= u32::MAX as usize, "an n-gram table of {len} entries");
-    let mut idx: Vec<u32> = (0..len as u32).collect();
-    let key = |i: u32| &keys[i as usize * n..i as usize * n + n];
-    idx.par_sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
-    idx
 }

@@ -16,7 +16,7 @@
 //! n-grams that are never contexts carry it.
 
 use crate::error::{NgramError, Result};
-use crate::tables::NgramTables;
+use crate::tables::{Keys, NgramTables};
 use std::path::Path;
 
 /// How many bits hold values `0..=max`.
@@ -165,11 +165,13 @@ fn nearest(table: &[f32], v: f32, zero_code: bool) -> u64 {
 }
 
 /// The indices of a table's entries sorted by their keys read backwards (last word first): the
-/// order the entries take in the trie.
-fn reversed_order(keys: &[u32], n: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..(keys.len() / n) as u32).collect();
-    let key = |i: u32| keys[i as usize * n..(i as usize + 1) * n].iter().rev();
-    idx.sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
+/// order the entries take in the trie (linked keys are in it already).
+fn reversed_order(keys: &Keys, n: usize, len: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..len as u32).collect();
+    if let Keys::Flat(keys) = keys {
+        let key = |i: u32| keys[i as usize * n..(i as usize + 1) * n].iter().rev();
+        idx.sort_unstable_by(|&a, &b| key(a).cmp(key(b)));
+    }
     idx
 }
 
@@ -223,21 +225,27 @@ pub(crate) fn build_sections(
     let perms: Vec<Vec<u32>> = tables
         .orders
         .iter()
-        .map(|o| reversed_order(&o.keys, o.n))
+        .map(|o| reversed_order(&o.keys, o.n, o.len()))
         .collect();
     let mut sections = Vec::with_capacity(order);
     // parent_rank[i][r]: the rank in level i-1 of the parent (suffix) of level i's entry r.
     let mut parent_rank: Vec<Vec<u32>> = vec![Vec::new(); order];
     for i in 1..order {
-        let (o, lower) = (&tables.orders[i], &tables.orders[i - 1]);
+        let o = &tables.orders[i];
         let lower_perm = &perms[i - 1];
         let n = i + 1;
+        if let Keys::Linked { suffix, .. } = &o.keys {
+            // Both orders are in trie order: the suffix links are the ranks.
+            parent_rank[i] = suffix.clone();
+            continue;
+        }
         let mut ranks = Vec::with_capacity(o.len());
         for &e in &perms[i] {
-            let key = o.key(e as usize);
+            let key = tables.key(n, e as usize);
             let suffix = &key[1..];
             let found = lower_perm.binary_search_by(|&j| {
-                lower.key(j as usize)[..n - 1]
+                tables
+                    .key(n - 1, j as usize)
                     .iter()
                     .rev()
                     .cmp(suffix.iter().rev())
@@ -281,7 +289,7 @@ pub(crate) fn build_sections(
             let e = e as usize;
             let mut at = r as u64 * entry_bits;
             if wi.word > 0 {
-                put_bits(&mut sec, at, wi.word, u64::from(o.key(e)[0]));
+                put_bits(&mut sec, at, wi.word, u64::from(tables.key(i + 1, e)[0]));
                 at += u64::from(wi.word);
             }
             let code = encode(o.log10_prob[e], wi.prob, &prob_tables[i], false);
