@@ -121,9 +121,13 @@ fn main() {
         }
         default_hook(info)
     }));
-    lmkit_kernels::system::tune_allocator();
-    lmkit_kernels::blas::choose_openblas_core();
     let cli = Cli::parse();
+    // n-gram work builds and frees a few large tables, not tensors at every op: the allocator's
+    // own defaults hand freed tables back to the kernel as they go.
+    if !matches!(cli.command, Command::Ngram(_)) {
+        lmkit_kernels::system::tune_allocator();
+    }
+    lmkit_kernels::blas::choose_openblas_core();
     let result = match cli.command {
         Command::Adapter(cmd) => adapter::run(cmd),
         Command::Chat(a) => chat::run(a),

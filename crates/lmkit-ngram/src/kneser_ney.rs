@@ -11,7 +11,7 @@
 
 use crate::adjust::{CountTable, Counts};
 use crate::error::{NgramError, Result};
-use crate::tables::{Backoffs, Keys, NgramTables, OrderEntries};
+use crate::tables::{backoff_bits, Backoffs, Keys, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
 use crate::vocab::{BOS_ID, EOS_ID, UNK_ID};
 use rayon::prelude::*;
@@ -240,8 +240,8 @@ pub fn estimate(
     let uniform = 1.0 / (kept_words as f64 - 1.0);
     // probs[n - 1]: order n's probabilities, linear until order n + 1 is done, then log10.
     let mut probs: Vec<Vec<f32>> = Vec::with_capacity(order);
-    // gammas[n - 1]: log10 back-off weights of order n (NaN: the n-gram is no context).
-    let mut gammas: Vec<Vec<f32>> = Vec::with_capacity(order);
+    // gammas[n - 1]: log10 back-off weights of order n as [`backoff_bits`] keeps them.
+    let mut gammas: Vec<Vec<u32>> = Vec::with_capacity(order);
     // contexts[e]: the index in order n - 1 of the context of order n's entry e.
     let mut contexts: Vec<u32> = Vec::new();
     for n in 1..=order {
@@ -277,8 +277,8 @@ pub fn estimate(
         };
         drop(lower_contexts);
         let groups = if n == 1 { 1 } else { counts[n - 2].len() };
-        let (offsets, members) = if n == 1 {
-            (vec![0, t.len() as u32], (0..t.len() as u32).collect())
+        let (ends, members) = if n == 1 {
+            (vec![t.len() as u32], (0..t.len() as u32).collect())
         } else {
             group_by(&contexts, groups)
         };
@@ -288,10 +288,9 @@ pub fn estimate(
         }
 
         let lower_p: &[f32] = if n == 1 { &[] } else { &probs[n - 2] };
-        // One context's group: its back-off weight (None when it has no extension), and its
-        // members' probabilities.
-        let group = |c: usize| -> Option<f32> {
-            let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
+        // One context's group (its members): the context's back-off weight (None when it has no
+        // extension), and the members' probabilities.
+        let group = |m: &[u32]| -> Option<f32> {
             if m.is_empty() {
                 return None;
             }
@@ -331,20 +330,28 @@ pub fn estimate(
             Some(gamma.log10() as f32)
         };
         if n == 1 {
-            group(0);
+            group(&members);
         } else {
-            let mut g = vec![f32::NAN; groups];
+            // Each group's end is overwritten by its context's back-off weight (as bits): a
+            // chunk of groups starts where the chunk before it ends, read before any is written.
+            let mut g = ends;
             let chunk = (groups / 256).max(1 << 12);
-            g.par_chunks_mut(chunk).enumerate().for_each(|(k, out)| {
-                for (j, slot) in out.iter_mut().enumerate() {
-                    if let Some(gamma) = group(k * chunk + j) {
-                        *slot = gamma;
+            let starts: Vec<u32> = (0..groups)
+                .step_by(chunk)
+                .map(|c| if c == 0 { 0 } else { g[c - 1] })
+                .collect();
+            g.par_chunks_mut(chunk)
+                .zip(starts)
+                .for_each(|(slots, mut start)| {
+                    for slot in slots {
+                        let end = *slot;
+                        *slot = backoff_bits(group(&members[start as usize..end as usize]));
+                        start = end;
                     }
-                }
-            });
+                });
             gammas.push(g);
         }
-        drop((offsets, members));
+        drop(members);
         // The order below is used up: its probabilities become log10.
         if n > 1 {
             to_log10(&mut probs[n - 2], n == 2);
@@ -389,7 +396,7 @@ pub fn estimate(
             log10_backoff: if g.is_empty() {
                 Backoffs::none(lp.len())
             } else {
-                Backoffs::from_log10_or_nan(g)
+                Backoffs::from_bits(g)
             },
             keys: Keys::Linked { first, suffix },
             log10_prob: lp,
@@ -483,21 +490,18 @@ fn extension_starts(suffix: &[u32], len: usize) -> Vec<u32> {
 }
 
 /// The entries grouped by context (a counting sort): group c's entries are
-/// `members[offsets[c]..offsets[c + 1]]`.
+/// `members[ends[c - 1]..ends[c]]` (from 0 for the first).
 fn group_by(contexts: &[u32], groups: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut offsets = extension_starts(contexts, groups);
+    let mut at = extension_starts(contexts, groups);
     let mut members = vec![0u32; contexts.len()];
     for (e, &c) in contexts.iter().enumerate() {
-        let at = &mut offsets[c as usize];
-        members[*at as usize] = e as u32;
-        *at += 1;
+        let slot = &mut at[c as usize];
+        members[*slot as usize] = e as u32;
+        *slot += 1;
     }
-    // Each offset moved to its group's end: shift them back.
-    for c in (1..=groups).rev() {
-        offsets[c] = offsets[c - 1];
-    }
-    offsets[0] = 0;
-    (offsets, members)
+    // Each group's start has moved to its end.
+    at.pop();
+    (at, members)
 }
 
 /// Linear probabilities to log10 in place (for unigrams, `<s>`'s — entry `BOS_ID`, after

@@ -98,7 +98,7 @@ impl PartialEq for Backoffs {
 const NO_BACKOFF: u32 = u32::MAX;
 
 /// How a back-off weight (or its absence) is stored.
-fn backoff_bits(b: Option<f32>) -> u32 {
+pub(crate) fn backoff_bits(b: Option<f32>) -> u32 {
     b.map_or(NO_BACKOFF, f32::to_bits)
 }
 
@@ -108,14 +108,9 @@ impl Backoffs {
         Backoffs::None(len)
     }
 
-    /// From log10 weights where NaN marks an n-gram that is no context (no weight is NaN), in
-    /// the same memory.
-    pub fn from_log10_or_nan(w: Vec<f32>) -> Self {
-        Backoffs::Each(
-            w.into_iter()
-                .map(|x| backoff_bits((!x.is_nan()).then_some(x)))
-                .collect(),
-        )
+    /// From weights as [`backoff_bits`] stores them.
+    pub(crate) fn from_bits(bits: Vec<u32>) -> Self {
+        Backoffs::Each(bits)
     }
 
     pub fn get(&self, i: usize) -> Option<f32> {
