@@ -10,34 +10,51 @@ use std::path::Path;
 /// log10 probability given to `<unk>` when an ARPA file lacks it (as KenLM does).
 pub const MISSING_UNK_LOG10_PROB: f32 = -100.0;
 
-/// Writes `tables` as ARPA. Entries of each order are written in table order.
+/// Writes `tables` as ARPA. Entries of each order are written in table order (the lines of a
+/// few blocks of entries are made in parallel, then written in order).
 pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 15;
+    let batch = 4 * rayon::current_num_threads();
     writeln!(w, "\\data\\")?;
     for o in &tables.orders {
         writeln!(w, "ngram {}={}", o.n, o.len())?;
     }
-    let mut line = String::new();
     for o in &tables.orders {
         writeln!(w, "\n\\{}-grams:", o.n)?;
-        for i in 0..o.len() {
-            use std::fmt::Write as _;
-            line.clear();
-            // `{}` on f32 prints the shortest text that reads back to the same f32.
-            let _ = write!(line, "{}\t", o.log10_prob[i]);
-            for (k, &id) in tables.key(o.n, i).iter().enumerate() {
-                if k > 0 {
-                    line.push(' ');
-                }
-                line.push_str(&tables.vocab[id as usize]);
+        let blocks = o.len().div_ceil(BLOCK);
+        for first in (0..blocks).step_by(batch) {
+            let texts: Vec<String> = (first..blocks.min(first + batch))
+                .into_par_iter()
+                .map(|b| arpa_lines(tables, o, b * BLOCK..o.len().min((b + 1) * BLOCK)))
+                .collect();
+            for t in texts {
+                w.write_all(t.as_bytes())?;
             }
-            if let Some(b) = o.log10_backoff.get(i) {
-                let _ = write!(line, "\t{b}");
-            }
-            line.push('\n');
-            w.write_all(line.as_bytes())?;
         }
     }
     writeln!(w, "\n\\end\\")
+}
+
+/// The ARPA lines of entries `range` of order `o`.
+fn arpa_lines(tables: &NgramTables, o: &OrderEntries, range: std::ops::Range<usize>) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(range.len() * (12 + 8 * o.n));
+    for i in range {
+        // `{}` on f32 prints the shortest text that reads back to the same f32.
+        let _ = write!(text, "{}\t", o.log10_prob[i]);
+        for (k, &id) in tables.key(o.n, i).iter().enumerate() {
+            if k > 0 {
+                text.push(' ');
+            }
+            text.push_str(&tables.vocab[id as usize]);
+        }
+        if let Some(b) = o.log10_backoff.get(i) {
+            let _ = write!(text, "\t{b}");
+        }
+        text.push('\n');
+    }
+    text
 }
 
 /// Writes an ARPA file atomically (temporary file, fsync, rename).
