@@ -167,6 +167,27 @@ fn trie_models_score_as_the_hash_tables_do() {
             let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
             assert!(size("q.lmkb") < size("t.lmkb"), "order {order}");
         }
+        // Trained tables keep each n-gram as its first word and a link to its suffix, in trie
+        // order already; read from ARPA, keys are whole and the trie builder sorts them. Both
+        // must give the same file.
+        let arpa = dir.path().join("m.arpa");
+        save(&t, &arpa).unwrap();
+        for bits in [0, 8] {
+            let from_arpa = dir.path().join("a.lmkb");
+            convert(
+                &arpa,
+                &from_arpa,
+                Tokenization::Words,
+                BinaryLayout::Trie { bits },
+            )
+            .unwrap();
+            let direct = dir.path().join("d.lmkb");
+            save_as(&t, &direct, BinaryLayout::Trie { bits }).unwrap();
+            assert!(
+                std::fs::read(&direct).unwrap() == std::fs::read(&from_arpa).unwrap(),
+                "order {order}, {bits}-bit trie"
+            );
+        }
     }
 }
 
