@@ -4,6 +4,7 @@ use crate::error::{NgramError, Result};
 use crate::tables::{Keys, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
 use rustc_hash::FxHashMap;
+use std::fmt::Display;
 use std::io::{BufRead, Write};
 use std::path::Path;
 
@@ -73,8 +74,9 @@ struct LineReader<'a, R: BufRead> {
 
 impl<'a, R: BufRead> LineReader<'a, R> {
     fn next(&mut self) -> Result<Option<&str>> {
-        self.buf.clear();
-        let mut bytes = Vec::new();
+        // The line's buffer is reused from line to line.
+        let mut bytes = std::mem::take(&mut self.buf).into_bytes();
+        bytes.clear();
         let n = self
             .r
             .read_until(b'\n', &mut bytes)
@@ -110,6 +112,13 @@ impl<'a, R: BufRead> LineReader<'a, R> {
 
     /// Next line that is not blank; an error at end of file.
     fn next_nonblank(&mut self, expecting: &str) -> Result<String> {
+        let mut line = String::new();
+        self.next_nonblank_into(&mut line, expecting)?;
+        Ok(line)
+    }
+
+    /// [`LineReader::next_nonblank`] into `line` (`expecting` is only written out for an error).
+    fn next_nonblank_into(&mut self, line: &mut String, expecting: impl Display) -> Result<()> {
         loop {
             match self.next()? {
                 None => {
@@ -118,7 +127,11 @@ impl<'a, R: BufRead> LineReader<'a, R> {
                     )))
                 }
                 Some(l) if l.trim().is_empty() => continue,
-                Some(l) => return Ok(l.to_string()),
+                Some(l) => {
+                    line.clear();
+                    line.push_str(l);
+                    return Ok(());
+                }
             }
         }
     }
@@ -184,8 +197,9 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         // The declared count is not trusted for memory: a damaged header would ask for any size
         // (the entries are counted against it as they are read).
         let mut keys: Vec<u32> = Vec::with_capacity(count.min(1 << 20).saturating_mul(n));
+        let mut l = String::new();
         for k in 0..count {
-            let l = lr.next_nonblank(&format!("{count} {n}-grams (read {k})"))?;
+            lr.next_nonblank_into(&mut l, format_args!("{count} {n}-grams (read {k})"))?;
             let mut fields = entry_fields(&l);
             let prob = parse_f32(fields.next(), &lr, "probability")?;
             for _ in 0..n {
