@@ -1,21 +1,46 @@
 //! Run-time SIMD dispatch: the build targets baseline x86-64, and [`simd_versions!`] compiles a
 //! kernel body again for AVX-512 and AVX2 + FMA and runs the widest this CPU has.
 
-/// Which vector instructions the elementwise kernels may use: 2 = AVX-512, 1 = AVX2 with FMA,
-/// 0 = the build's baseline (SSE2 on x86-64: 4 floats per instruction).
+/// Which vector instructions the kernels may use: 2 = AVX-512, 1 = AVX2 with FMA, 0 = the
+/// build's baseline (SSE2 on x86-64: 4 floats per instruction). The widest the CPU has, unless
+/// `LMKIT_SIMD` (`avx512`, `avx2` or `baseline`) caps it — to run as on an older CPU.
 #[cfg(target_arch = "x86_64")]
 pub fn simd_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-            2
-        } else if has!("avx2") && has!("fma") {
-            1
-        } else {
-            0
+        let detected =
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                2
+            } else if has!("avx2") && has!("fma") {
+                1
+            } else {
+                0
+            };
+        match std::env::var("LMKIT_SIMD") {
+            Err(_) => detected,
+            Ok(v) if v.trim().is_empty() => detected,
+            Ok(v) => match simd_cap(&v) {
+                Some(cap) => detected.min(cap),
+                None => {
+                    eprintln!(
+                        "warning: LMKIT_SIMD={v:?} is not one of avx512, avx2, baseline: ignored"
+                    );
+                    detected
+                }
+            },
         }
     })
+}
+
+/// The level an `LMKIT_SIMD` value names.
+pub fn simd_cap(value: &str) -> Option<u8> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "avx512" | "avx-512" => Some(2),
+        "avx2" => Some(1),
+        "baseline" | "sse2" | "none" => Some(0),
+        _ => None,
+    }
 }
 
 /// Asks the CPU to bring the cache line at `p` into cache: a hint that never faults, so `p` may
@@ -65,3 +90,16 @@ macro_rules! simd_versions {
     };
 }
 pub(crate) use simd_versions;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn simd_caps_are_named_as_documented() {
+        use super::simd_cap;
+        assert_eq!(simd_cap("avx512"), Some(2));
+        assert_eq!(simd_cap(" AVX2 "), Some(1));
+        assert_eq!(simd_cap("baseline"), Some(0));
+        assert_eq!(simd_cap("avx3"), None);
+        assert_eq!(simd_cap(""), None);
+    }
+}
