@@ -76,15 +76,18 @@ impl Key {
 /// The log10 back-off weights of an order's n-grams, 4 bytes each (an `Option<f32>` takes 8):
 /// `None` (the n-gram is never a context) is kept as a NaN bit pattern that no weight has. An
 /// order without any weight (the highest) keeps only its length.
+#[derive(Clone, Debug, Default)]
+pub struct Backoffs(Repr);
+
 #[derive(Clone, Debug)]
-pub enum Backoffs {
+enum Repr {
     Each(Vec<u32>),
     None(usize),
 }
 
-impl Default for Backoffs {
+impl Default for Repr {
     fn default() -> Self {
-        Backoffs::Each(Vec::new())
+        Repr::Each(Vec::new())
     }
 }
 
@@ -105,21 +108,21 @@ pub(crate) fn backoff_bits(b: Option<f32>) -> u32 {
 impl Backoffs {
     /// `len` n-grams, none of them a context.
     pub fn none(len: usize) -> Self {
-        Backoffs::None(len)
+        Backoffs(Repr::None(len))
     }
 
     /// From weights as [`backoff_bits`] stores them.
     pub(crate) fn from_bits(bits: Vec<u32>) -> Self {
-        Backoffs::Each(bits)
+        Backoffs(Repr::Each(bits))
     }
 
     pub fn get(&self, i: usize) -> Option<f32> {
-        match self {
-            Backoffs::Each(v) => {
+        match &self.0 {
+            Repr::Each(v) => {
                 let b = v[i];
                 (b != NO_BACKOFF).then(|| f32::from_bits(b))
             }
-            Backoffs::None(len) => {
+            Repr::None(len) => {
                 assert!(i < *len, "back-off {i} of {len}");
                 None
             }
@@ -127,21 +130,21 @@ impl Backoffs {
     }
 
     pub fn push(&mut self, b: Option<f32>) {
-        match (&mut *self, b) {
-            (Backoffs::None(len), None) => *len += 1,
-            (Backoffs::None(len), Some(_)) => {
+        match (&mut self.0, b) {
+            (Repr::None(len), None) => *len += 1,
+            (Repr::None(len), Some(_)) => {
                 let mut v = vec![NO_BACKOFF; *len];
                 v.push(backoff_bits(b));
-                *self = Backoffs::Each(v);
+                self.0 = Repr::Each(v);
             }
-            (Backoffs::Each(v), _) => v.push(backoff_bits(b)),
+            (Repr::Each(v), _) => v.push(backoff_bits(b)),
         }
     }
 
     pub fn len(&self) -> usize {
-        match self {
-            Backoffs::Each(v) => v.len(),
-            Backoffs::None(len) => *len,
+        match &self.0 {
+            Repr::Each(v) => v.len(),
+            Repr::None(len) => *len,
         }
     }
 
@@ -156,7 +159,7 @@ impl Backoffs {
 
 impl FromIterator<Option<f32>> for Backoffs {
     fn from_iter<I: IntoIterator<Item = Option<f32>>>(it: I) -> Self {
-        Backoffs::Each(it.into_iter().map(backoff_bits).collect())
+        Backoffs::from_bits(it.into_iter().map(backoff_bits).collect())
     }
 }
 
