@@ -6,6 +6,7 @@
 //! 1995; Chen & Goodman 1998, §3.5).
 
 use crate::count::NONE;
+use crate::tables::Key;
 use crate::vocab::{BOS_ID, UNK_ID};
 
 /// Counts of a table's n-grams: 4 bytes each, until one exceeds `u32::MAX` (a raw count in a
@@ -124,17 +125,8 @@ impl CountTable {
 }
 
 /// The key (in word order) of entry `i` of order `n` of `tables` (one table per order, from 1).
-pub fn key(tables: &[CountTable], n: usize, i: usize) -> Vec<u32> {
-    let mut key = Vec::with_capacity(n);
-    let mut at = i;
-    for m in (1..=n).rev() {
-        let t = &tables[m - 1];
-        key.push(t.first[at]);
-        if m > 1 {
-            at = t.suffix[at] as usize;
-        }
-    }
-    key
+pub fn key(tables: &[CountTable], n: usize, i: usize) -> Key {
+    Key::linked(n, i, |m| (&tables[m - 1].first, &tables[m - 1].suffix))
 }
 
 struct Group {
@@ -269,7 +261,7 @@ mod tests {
         assert_eq!(t[0].counts.to_vec(), vec![0, 0, 3]); // left words of b: <s>, a, c
         assert_eq!(t[0].raw.to_vec(), vec![0, 0, 4]); // b occurs 4 times
         assert_eq!(t[1].len(), 3);
-        let keys: Vec<Vec<u32>> = (0..3).map(|i| key(&t, 2, i)).collect();
+        let keys: Vec<Vec<u32>> = (0..3).map(|i| key(&t, 2, i).to_vec()).collect();
         assert_eq!(keys, vec![vec![1, 4], vec![3, 4], vec![5, 4]]);
     }
 
@@ -321,7 +313,9 @@ mod tests {
             }
             want.sort_by(|a, b| a.iter().rev().cmp(b.iter().rev()));
             want.dedup();
-            let got: Vec<Vec<u32>> = (0..t[n - 1].len()).map(|i| key(&t, n, i)).collect();
+            let got: Vec<Vec<u32>> = (0..t[n - 1].len())
+                .map(|i| key(&t, n, i).to_vec())
+                .collect();
             assert_eq!(got, want, "order {n}");
         }
     }

@@ -276,16 +276,6 @@ pub fn estimate(
             }
         };
         drop(lower_contexts);
-        let groups = if n == 1 { 1 } else { counts[n - 2].len() };
-        let (ends, members) = if n == 1 {
-            (vec![t.len() as u32], (0..t.len() as u32).collect())
-        } else {
-            group_by(&contexts, groups)
-        };
-        if n == order {
-            // Only the next order looks contexts up.
-            contexts = Vec::new();
-        }
 
         let lower_p: &[f32] = if n == 1 { &[] } else { &probs[n - 2] };
         // One context's group (its members): the context's back-off weight (None when it has no
@@ -330,11 +320,17 @@ pub fn estimate(
             Some(gamma.log10() as f32)
         };
         if n == 1 {
-            group(&members);
+            // One group: every unigram, under the empty context.
+            group(&(0..t.len() as u32).collect::<Vec<_>>());
         } else {
+            let groups = counts[n - 2].len();
+            let (mut g, members) = group_by(&contexts, groups);
+            if n == order {
+                // Only the next order looks contexts up.
+                contexts = Vec::new();
+            }
             // Each group's end is overwritten by its context's back-off weight (as bits): a
             // chunk of groups starts where the chunk before it ends, read before any is written.
-            let mut g = ends;
             let chunk = (groups / 256).max(1 << 12);
             let starts: Vec<u32> = (0..groups)
                 .step_by(chunk)
@@ -351,7 +347,6 @@ pub fn estimate(
                 });
             gammas.push(g);
         }
-        drop(members);
         // The order below is used up: its probabilities become log10.
         if n > 1 {
             to_log10(&mut probs[n - 2], n == 2);

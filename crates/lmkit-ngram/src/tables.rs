@@ -47,26 +47,48 @@ impl std::ops::Deref for Key {
     }
 }
 
+impl Keys {
+    /// The first word of entry `i` (of an order of `n`-word keys).
+    pub fn first_word(&self, n: usize, i: usize) -> u32 {
+        match self {
+            Keys::Flat(k) => k[i * n],
+            Keys::Linked { first, .. } => first[i],
+        }
+    }
+}
+
 impl Key {
     /// The key of entry `i` of order `n`, where `level(k)` gives order k's keys.
     pub fn of<'a>(n: usize, i: usize, level: impl Fn(usize) -> &'a Keys) -> Key {
+        match level(n) {
+            Keys::Flat(k) => {
+                let mut key = Key {
+                    ids: [0; MAX_ORDER],
+                    len: n,
+                };
+                key.ids[..n].copy_from_slice(&k[i * n..(i + 1) * n]);
+                key
+            }
+            Keys::Linked { .. } => Key::linked(n, i, |m| match level(m) {
+                Keys::Linked { first, suffix } => (first, suffix),
+                Keys::Flat(_) => panic!("linked keys of order {n} above flat ones"),
+            }),
+        }
+    }
+
+    /// The key of entry `i` of order `n` of linked tables, where `level(k)` gives order k's first
+    /// words and suffix links: the entry's first word, then its suffix's key.
+    pub fn linked<'a>(n: usize, i: usize, level: impl Fn(usize) -> (&'a [u32], &'a [u32])) -> Key {
         let mut key = Key {
             ids: [0; MAX_ORDER],
             len: n,
         };
-        match level(n) {
-            Keys::Flat(k) => key.ids[..n].copy_from_slice(&k[i * n..(i + 1) * n]),
-            Keys::Linked { .. } => {
-                let mut at = i;
-                for (j, slot) in key.ids[..n].iter_mut().enumerate() {
-                    let Keys::Linked { first, suffix } = level(n - j) else {
-                        panic!("linked keys of order {n} above flat ones");
-                    };
-                    *slot = first[at];
-                    if j + 1 < n {
-                        at = suffix[at] as usize;
-                    }
-                }
+        let mut at = i;
+        for (j, slot) in key.ids[..n].iter_mut().enumerate() {
+            let (first, suffix) = level(n - j);
+            *slot = first[at];
+            if j + 1 < n {
+                at = suffix[at] as usize;
             }
         }
         key

@@ -17,6 +17,7 @@
 
 use crate::error::{NgramError, Result};
 use crate::tables::{Keys, NgramTables};
+use std::borrow::Cow;
 use std::path::Path;
 
 /// How many bits hold values `0..=max`.
@@ -229,23 +230,28 @@ pub(crate) fn build_sections(
         .collect();
     let mut sections = Vec::with_capacity(order);
     // parent_rank[i][r]: the rank in level i-1 of the parent (suffix) of level i's entry r.
-    let mut parent_rank: Vec<Vec<u32>> = vec![Vec::new(); order];
+    let mut parent_rank: Vec<Cow<[u32]>> = vec![Cow::Borrowed(&[]); order];
     for i in 1..order {
-        let o = &tables.orders[i];
+        let (o, lower) = (&tables.orders[i], &tables.orders[i - 1]);
         let lower_perm = &perms[i - 1];
         let n = i + 1;
-        if let Keys::Linked { suffix, .. } = &o.keys {
+        let (keys, lower_keys) = match (&o.keys, &lower.keys) {
             // Both orders are in trie order: the suffix links are the ranks.
-            parent_rank[i] = suffix.clone();
-            continue;
-        }
+            (Keys::Linked { suffix, .. }, _) => {
+                parent_rank[i] = Cow::Borrowed(suffix);
+                continue;
+            }
+            (Keys::Flat(k), Keys::Flat(l)) => (k, l),
+            (Keys::Flat(_), Keys::Linked { .. }) => {
+                unreachable!("flat {n}-grams above linked ones")
+            }
+        };
         let mut ranks = Vec::with_capacity(o.len());
         for &e in &perms[i] {
-            let key = tables.key(n, e as usize);
+            let key = &keys[e as usize * n..(e as usize + 1) * n];
             let suffix = &key[1..];
             let found = lower_perm.binary_search_by(|&j| {
-                tables
-                    .key(n - 1, j as usize)
+                lower_keys[j as usize * (n - 1)..(j as usize + 1) * (n - 1)]
                     .iter()
                     .rev()
                     .cmp(suffix.iter().rev())
@@ -265,7 +271,7 @@ pub(crate) fn build_sections(
                 }
             }
         }
-        parent_rank[i] = ranks;
+        parent_rank[i] = Cow::Owned(ranks);
     }
     for i in 0..order {
         let o = &tables.orders[i];
@@ -275,7 +281,7 @@ pub(crate) fn build_sections(
         // Children of entry r of this level: [first[r], first[r + 1]) in level i + 1.
         let first: Vec<u64> = if i + 1 < order {
             let mut first = vec![0u64; o.len() + 1];
-            for &p in &parent_rank[i + 1] {
+            for &p in parent_rank[i + 1].iter() {
                 first[p as usize + 1] += 1;
             }
             for r in 0..o.len() {
@@ -289,7 +295,7 @@ pub(crate) fn build_sections(
             let e = e as usize;
             let mut at = r as u64 * entry_bits;
             if wi.word > 0 {
-                put_bits(&mut sec, at, wi.word, u64::from(tables.key(i + 1, e)[0]));
+                put_bits(&mut sec, at, wi.word, u64::from(o.keys.first_word(o.n, e)));
                 at += u64::from(wi.word);
             }
             let code = encode(o.log10_prob[e], wi.prob, &prob_tables[i], false);

@@ -119,7 +119,7 @@ fn adjusted_counts_use_raw_counts_only_where_no_left_word_exists() {
         let key: Vec<u32> = words.split(' ').map(|w| vocab.get(w).unwrap()).collect();
         let t = &tables[key.len() - 1];
         (0..t.len())
-            .find(|&i| lmkit_ngram::adjust::key(&tables, key.len(), i) == key)
+            .find(|&i| *lmkit_ngram::adjust::key(&tables, key.len(), i) == *key)
             .map(|i| t.counts.get(i))
     };
     // Highest order: raw counts.
