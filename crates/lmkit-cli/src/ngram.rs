@@ -102,7 +102,8 @@ pub struct TrainArgs {
     /// Character n-grams (whitespace becomes the token ▁) instead of whitespace words
     #[arg(long)]
     chars: bool,
-    /// Memory budget for counting in MiB; larger corpora spill sorted runs to disk
+    /// Memory budget in MiB for counting and, for an .arpa output, estimation: where the corpus's
+    /// n-grams do not fit, both go through sorted files on disk (--temp-dir)
     #[arg(long, default_value_t = 1024)]
     memory_mb: usize,
     /// Directory for sorted runs (default: the system temporary directory)
@@ -391,9 +392,18 @@ fn train(a: TrainArgs) -> Result<()> {
         ),
     }
     a.layout.check(&a.output)?;
-    let trained = lmkit_ngram::train(&inputs, &opts, &Bar::default())?;
-    lmkit_ngram::save_as(&trained.tables, &a.output, a.layout.layout())?;
-    let s = &trained.stats;
+    let arpa = a.output.extension().and_then(|e| e.to_str()) == Some("arpa");
+    let (counts, discounts, stats, on_disk) = if arpa {
+        // Estimated on disk when counting does not fit in --memory-mb.
+        let t = lmkit_ngram::train_arpa(&inputs, &opts, &a.output, &Bar::default())?;
+        (t.counts, t.discounts, t.stats, t.on_disk)
+    } else {
+        let t = lmkit_ngram::train(&inputs, &opts, &Bar::default())?;
+        lmkit_ngram::save_as(&t.tables, &a.output, a.layout.layout())?;
+        let counts = t.tables.orders.iter().map(|o| o.len() as u64).collect();
+        (counts, t.discounts, t.stats, false)
+    };
+    let s = &stats;
     eprintln!(
         "read {} file(s), {} lines ({} blank), {} sentences, {} tokens, {} bytes",
         s.files, s.lines, s.blank_lines, s.sentences, s.tokens, s.bytes
@@ -407,11 +417,16 @@ fn train(a: TrainArgs) -> Result<()> {
     if s.runs_on_disk > 0 {
         eprintln!("counting spilled {} sorted runs to disk", s.runs_on_disk);
     }
-    eprintln!(
-        "vocabulary: {} (with <s>, </s>, <unk>)",
-        trained.tables.vocab.len()
-    );
-    for (o, d) in trained.tables.orders.iter().zip(&trained.discounts) {
+    if on_disk {
+        eprintln!("estimated through sorted files on disk (within --memory-mb)");
+    } else if s.runs_on_disk > 0 {
+        eprintln!(
+            "estimated in memory: a binary model is built from tables in memory (write .arpa \
+             to stay within --memory-mb, then `lmkit ngram convert`)"
+        );
+    }
+    eprintln!("vocabulary: {} (with <s>, </s>, <unk>)", counts[0]);
+    for (n, (c, d)) in counts.iter().zip(&discounts).enumerate() {
         let note = match d.source {
             lmkit_ngram::DiscountSource::Estimated => "",
             lmkit_ngram::DiscountSource::Fallback => {
@@ -421,8 +436,8 @@ fn train(a: TrainArgs) -> Result<()> {
         };
         eprintln!(
             "{}-grams: {:>9}   discounts D1={:.4} D2={:.4} D3+={:.4}{note}",
-            o.n,
-            o.len(),
+            n + 1,
+            c,
             d.d[0],
             d.d[1],
             d.d[2]

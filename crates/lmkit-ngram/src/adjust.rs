@@ -101,18 +101,12 @@ impl CountTable {
     /// when its adjusting pass ends), so this does too; otherwise the discounts of a small corpus
     /// differ from lmplz's by up to ~1e-3 (and by ~1e-7 on a few MB of text).
     pub fn count_of_counts(&self) -> [u64; 4] {
-        let mut t = [0u64; 4];
-        let mut add = |c: u64, by: i64| {
-            if (1..=4).contains(&c) {
-                t[c as usize - 1] = t[c as usize - 1].wrapping_add_signed(by);
-            }
-        };
-        self.counts.iter().for_each(|c| add(c, 1));
-        if let (Some(raw), Some(last)) = (self.last_in_statistics, self.counts.last()) {
-            add(last, -1);
-            add(raw, 1);
+        let mut t = CountOfCounts::default();
+        self.counts.iter().for_each(|c| t.add(c));
+        if let Some(raw) = self.last_in_statistics {
+            t.last_in_statistics(raw);
         }
-        t
+        t.get()
     }
 
     pub fn len(&self) -> usize {
@@ -121,6 +115,43 @@ impl CountTable {
 
     pub fn is_empty(&self) -> bool {
         self.first.is_empty()
+    }
+}
+
+/// How many n-grams of an order have adjusted count 1, 2, 3 and 4, tallied as they come, with
+/// lmplz's rule for the order's last n-gram ([`CountTable::count_of_counts`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CountOfCounts {
+    t: [u64; 4],
+    last: Option<u64>,
+    last_raw: Option<u64>,
+}
+
+impl CountOfCounts {
+    fn tally(&mut self, c: u64, by: i64) {
+        if (1..=4).contains(&c) {
+            self.t[c as usize - 1] = self.t[c as usize - 1].wrapping_add_signed(by);
+        }
+    }
+
+    /// The next n-gram's adjusted count.
+    pub fn add(&mut self, c: u64) {
+        self.tally(c, 1);
+        self.last = Some(c);
+    }
+
+    /// The raw count the statistics take for the order's last n-gram instead of its adjusted count.
+    pub fn last_in_statistics(&mut self, raw: u64) {
+        self.last_raw = Some(raw);
+    }
+
+    pub fn get(&self) -> [u64; 4] {
+        let mut s = *self;
+        if let (Some(raw), Some(last)) = (self.last_raw, self.last) {
+            s.tally(last, -1);
+            s.tally(raw, 1);
+        }
+        s.t
     }
 }
 
@@ -137,16 +168,24 @@ struct Group {
     last_ext: u32,
 }
 
-/// Consumes reversed records in sorted order and builds a [`CountTable`] per order.
-pub struct Adjuster {
-    order: usize,
-    keep_raw: bool,
-    groups: Vec<Group>,
-    tables: Vec<CountTable>,
+/// Where the adjusting pass puts each n-gram it completes.
+pub trait Emit {
+    /// Order `n`'s next n-gram, in suffix order: its key read backwards (`reversed[..n]`, last
+    /// word first), its adjusted count and its raw count.
+    fn emit(&mut self, n: usize, reversed: &[u32], count: u64, raw: u64);
+    /// Called before order `n`'s last n-gram is emitted, with its raw count: lmplz's discount
+    /// statistics take that instead of its adjusted count (see [`CountTable::count_of_counts`]).
+    fn last_in_statistics(&mut self, n: usize, raw: u64);
 }
 
-impl Adjuster {
-    /// `keep_raw`: also record each n-gram's raw count ([`CountTable::raw`]).
+/// A [`CountTable`] per order, in memory.
+pub struct Tables {
+    tables: Vec<CountTable>,
+    keep_raw: bool,
+}
+
+impl Tables {
+    /// Tables for orders 1..=`order`; `keep_raw`: also record each n-gram's raw count.
     pub fn new(order: usize, keep_raw: bool) -> Self {
         let mut tables: Vec<CountTable> = (1..=order)
             .map(|n| CountTable {
@@ -163,9 +202,64 @@ impl Adjuster {
                 tables[0].raw.push(0);
             }
         }
+        Tables { tables, keep_raw }
+    }
+
+    pub fn into_tables(self) -> Vec<CountTable> {
+        self.tables
+    }
+}
+
+impl Emit for Tables {
+    fn emit(&mut self, n: usize, reversed: &[u32], count: u64, raw: u64) {
+        if n > 1 {
+            // The suffix was completed just before (groups close longest first, so it is the
+            // last entry of the order below).
+            let suffix = self.tables[n - 2].len() as u32;
+            self.tables[n - 1].suffix.push(suffix);
+        }
+        let t = &mut self.tables[n - 1];
+        t.first.push(reversed[n - 1]);
+        t.counts.push(count);
+        if self.keep_raw {
+            t.raw.push(raw);
+        }
+    }
+
+    fn last_in_statistics(&mut self, n: usize, raw: u64) {
+        self.tables[n - 1].last_in_statistics = Some(raw);
+    }
+}
+
+impl<E: Emit> crate::count::CountSink for Adjuster<E> {
+    fn push(&mut self, rec: &[u32], count: u64) {
+        Adjuster::push(self, rec, count)
+    }
+}
+
+/// Consumes reversed records in sorted order and hands each n-gram of every order, with its
+/// adjusted count, to an [`Emit`] (by default, [`Tables`]: a [`CountTable`] per order).
+pub struct Adjuster<E: Emit = Tables> {
+    order: usize,
+    groups: Vec<Group>,
+    out: E,
+}
+
+impl Adjuster<Tables> {
+    /// `keep_raw`: also record each n-gram's raw count ([`CountTable::raw`]).
+    pub fn new(order: usize, keep_raw: bool) -> Self {
+        Adjuster::with(order, Tables::new(order, keep_raw))
+    }
+
+    pub fn finish(self) -> Vec<CountTable> {
+        self.finish_into().into_tables()
+    }
+}
+
+impl<E: Emit> Adjuster<E> {
+    pub fn with(order: usize, out: E) -> Self {
         Adjuster {
             order,
-            keep_raw,
             groups: (0..order)
                 .map(|_| Group {
                     key: Vec::new(),
@@ -174,7 +268,7 @@ impl Adjuster {
                     last_ext: NONE,
                 })
                 .collect(),
-            tables,
+            out,
         }
     }
 
@@ -210,34 +304,29 @@ impl Adjuster {
         if self.groups[n - 1].key.is_empty() {
             return;
         }
-        if n > 1 {
-            debug_assert!(!self.groups[n - 2].key.is_empty(), "a suffix is open");
-            let suffix = self.tables[n - 2].len() as u32;
-            self.tables[n - 1].suffix.push(suffix);
-        }
+        debug_assert!(
+            n == 1 || !self.groups[n - 2].key.is_empty(),
+            "a suffix is open"
+        );
         let g = &mut self.groups[n - 1];
-        let t = &mut self.tables[n - 1];
-        t.first.push(g.key[n - 1]);
-        t.counts.push(g.count);
-        if self.keep_raw {
-            t.raw.push(g.raw);
-        }
+        self.out.emit(n, &g.key, g.count, g.raw);
         g.key.clear();
         g.count = 0;
         g.raw = 0;
         g.last_ext = NONE;
     }
 
-    pub fn finish(mut self) -> Vec<CountTable> {
+    /// Completes the groups still open; gives back the emitter.
+    pub fn finish_into(mut self) -> E {
         for n in 1..self.order {
             if !self.groups[n - 1].key.is_empty() {
-                self.tables[n - 1].last_in_statistics = Some(self.groups[n - 1].raw);
+                self.out.last_in_statistics(n, self.groups[n - 1].raw);
             }
         }
         for n in (1..=self.order).rev() {
             self.flush(n);
         }
-        self.tables
+        self.out
     }
 }
 

@@ -71,13 +71,30 @@ pub struct CorpusStats {
     pub runs_on_disk: usize,
 }
 
+/// What receives the counted n-grams.
+pub trait CountSink {
+    /// Called once, before the first n-gram, with the number of sorted runs counting wrote to
+    /// disk (0 when the records fit in the memory budget).
+    fn begin(&mut self, _runs_on_disk: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Each unique reversed record and its count, in sorted order.
+    fn push(&mut self, rec: &[u32], count: u64);
+}
+
+impl<F: FnMut(&[u32], u64)> CountSink for F {
+    fn push(&mut self, rec: &[u32], count: u64) {
+        self(rec, count)
+    }
+}
+
 /// Counts the n-grams of `inputs`; `sink` receives each unique reversed record and its count,
 /// in sorted order.
 pub fn count_ngrams(
     inputs: &[PathBuf],
     opts: &CountOptions,
     progress: &dyn Progress,
-    sink: &mut dyn FnMut(&[u32], u64),
+    sink: &mut dyn CountSink,
 ) -> Result<(Vocab, CorpusStats)> {
     macro_rules! dispatch {
         ($($n:literal)*) => {
@@ -94,7 +111,7 @@ fn count_impl<const N: usize>(
     inputs: &[PathBuf],
     opts: &CountOptions,
     progress: &dyn Progress,
-    sink: &mut dyn FnMut(&[u32], u64),
+    sink: &mut dyn CountSink,
 ) -> Result<(Vocab, CorpusStats)> {
     let record_bytes = std::mem::size_of::<[u32; N]>();
     let capacity = (opts.memory_bytes / record_bytes).max(1024);
@@ -201,6 +218,7 @@ fn count_impl<const N: usize>(
     }
 
     if runs.is_empty() {
+        sink.begin(0)?;
         buf.par_sort_unstable();
         // The sorted records go to the sink a block at a time, each block's memory released
         // once consumed: the count tables the sink builds grow while the buffer shrinks,
@@ -213,7 +231,7 @@ fn count_impl<const N: usize>(
             while end < buf.len() && buf[end] == buf[end - 1] {
                 end += 1;
             }
-            for_each_unique(&buf[start..end], |rec, c| sink(rec, c));
+            for_each_unique(&buf[start..end], |rec, c| sink.push(rec, c));
             lmkit_kernels::system::release(&mut buf, start..end);
             start = end;
         }
@@ -225,6 +243,7 @@ fn count_impl<const N: usize>(
         }
         stats.runs_on_disk = runs.len();
         drop(buf);
+        sink.begin(runs.len())?;
         merge_runs::<N>(runs, &temp_dir, sink)?;
     }
     Ok((vocab, stats))
@@ -289,11 +308,7 @@ fn read_record<const N: usize>(r: &mut impl Read) -> std::io::Result<Option<([u3
 }
 
 /// k-way merge of sorted runs, summing the counts of equal records.
-fn merge_runs<const N: usize>(
-    runs: Vec<File>,
-    dir: &Path,
-    sink: &mut dyn FnMut(&[u32], u64),
-) -> Result<()> {
+fn merge_runs<const N: usize>(runs: Vec<File>, dir: &Path, sink: &mut dyn CountSink) -> Result<()> {
     let io = |e| NgramError::io(dir, e);
     let mut readers: Vec<_> = runs
         .into_iter()
@@ -314,7 +329,7 @@ fn merge_runs<const N: usize>(
             Some((cur, total)) if *cur == rec => *total += c,
             _ => {
                 if let Some((cur, total)) = current.take() {
-                    sink(&cur, total);
+                    sink.push(&cur, total);
                 }
                 current = Some((rec, c));
             }
@@ -325,7 +340,7 @@ fn merge_runs<const N: usize>(
         }
     }
     if let Some((cur, total)) = current {
-        sink(&cur, total);
+        sink.push(&cur, total);
     }
     Ok(())
 }

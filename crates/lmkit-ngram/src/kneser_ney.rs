@@ -121,7 +121,12 @@ impl Discounts {
 
     /// The discounts of order `n` from its adjusted counts, as `opts` says.
     pub fn of(table: &CountTable, n: usize, opts: &EstimateOptions) -> Result<Self> {
-        let t = table.count_of_counts();
+        Self::from_count_of_counts(table.count_of_counts(), n, opts)
+    }
+
+    /// The discounts of order `n` from its count-of-counts (n-grams with adjusted count 1, 2, 3
+    /// and 4), as `opts` says.
+    pub fn from_count_of_counts(t: [u64; 4], n: usize, opts: &EstimateOptions) -> Result<Self> {
         let (d, source) = if let Some(Some(d)) = opts.given.get(n - 1) {
             (*d, DiscountSource::Given)
         } else {
@@ -144,7 +149,7 @@ impl Discounts {
         })
     }
 
-    fn discount(&self, a: u64) -> f64 {
+    pub(crate) fn discount(&self, a: u64) -> f64 {
         match a {
             0 => 0.0,
             1 => self.d[0],
@@ -195,20 +200,7 @@ pub fn estimate(
     // outside the allowed vocabulary (the word itself or one in its suffix); never the special
     // unigrams. What is kept holds each kept n-gram's suffix (it is seen at least as often and
     // has no other word), so the links stay whole.
-    let allowed: Option<Vec<bool>> = opts.limit_vocab.as_ref().map(|words| {
-        let ids: FxHashMap<&str, usize> = vocab
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.as_str(), i))
-            .collect();
-        let mut ok = vec![false; vocab.len()];
-        for w in words.iter().map(String::as_str).chain([UNK, BOS, EOS]) {
-            if let Some(&i) = ids.get(w) {
-                ok[i] = true;
-            }
-        }
-        ok
-    });
+    let allowed = allowed_words(opts, &vocab);
     let mut marked: Vec<Vec<bool>> = Vec::with_capacity(order);
     if prunes {
         let mut outside_below: Vec<bool> = Vec::new();
@@ -409,6 +401,25 @@ pub fn estimate(
             tokenization,
         },
         discounts,
+    })
+}
+
+/// With `--limit-vocab`, which words (by id) n-grams may hold: the listed ones and `<s>`, `</s>`
+/// and `<unk>`.
+pub(crate) fn allowed_words(opts: &EstimateOptions, vocab: &[String]) -> Option<Vec<bool>> {
+    opts.limit_vocab.as_ref().map(|words| {
+        let ids: FxHashMap<&str, usize> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.as_str(), i))
+            .collect();
+        let mut ok = vec![false; vocab.len()];
+        for w in words.iter().map(String::as_str).chain([UNK, BOS, EOS]) {
+            if let Some(&i) = ids.get(w) {
+                ok[i] = true;
+            }
+        }
+        ok
     })
 }
 

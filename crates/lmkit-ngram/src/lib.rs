@@ -15,8 +15,10 @@ pub mod arpa;
 pub mod binary;
 pub mod count;
 pub mod error;
+mod extsort;
 pub mod kneser_ney;
 pub mod model;
+pub mod ondisk;
 pub mod tables;
 pub mod tokenize;
 mod trie;
@@ -54,8 +56,7 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
     // Reject bad pruning options before spending time on counting.
     opts.estimation.thresholds(opts.order)?;
     let mut adjuster = adjust::Adjuster::new(opts.order, opts.estimation.prunes());
-    let (vocab, stats) =
-        count::count_ngrams(inputs, opts, progress, &mut |rec, c| adjuster.push(rec, c))?;
+    let (vocab, stats) = count::count_ngrams(inputs, opts, progress, &mut adjuster)?;
     progress.begin("estimating", 0, Unit::Items);
     let counts = adjuster.finish();
     let est = kneser_ney::estimate(
@@ -70,6 +71,95 @@ pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -
         discounts: est.discounts,
         stats,
     })
+}
+
+/// What [`train_arpa`] wrote, and what was learnt about the corpus on the way.
+#[derive(Clone, Debug)]
+pub struct ArpaTrained {
+    /// Number of n-grams of each order (`counts[n - 1]` for order n).
+    pub counts: Vec<u64>,
+    pub discounts: Vec<Discounts>,
+    pub stats: CorpusStats,
+    /// Whether estimation went through sorted files on disk (counting did not fit in the memory
+    /// budget).
+    pub on_disk: bool,
+}
+
+/// Counts `inputs`, estimates an interpolated modified Kneser-Ney model and writes it to `path` as
+/// ARPA. Where counting does not fit in `opts.memory_bytes` (it wrote sorted runs to disk), the
+/// estimate goes through sorted files too ([`ondisk`]), so that memory stays within the budget
+/// however many n-grams there are; otherwise it is [`train`] and [`arpa::save_arpa`]. Both give
+/// the same file.
+pub fn train_arpa(
+    inputs: &[PathBuf],
+    opts: &TrainOptions,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<ArpaTrained> {
+    if opts.order == 0 || opts.order > MAX_ORDER {
+        return Err(NgramError::BadOrder {
+            order: opts.order,
+            max: MAX_ORDER,
+        });
+    }
+    opts.estimation.thresholds(opts.order)?;
+    enum Sink<'a> {
+        Pending(&'a TrainOptions),
+        Memory(adjust::Adjuster),
+        Disk(adjust::Adjuster<ondisk::OnDisk>),
+    }
+    impl count::CountSink for Sink<'_> {
+        fn begin(&mut self, runs_on_disk: usize) -> Result<()> {
+            if let Sink::Pending(opts) = self {
+                let keep_raw = opts.estimation.prunes();
+                *self = if runs_on_disk > 0 && opts.order > 1 {
+                    let dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+                    let out = ondisk::OnDisk::new(opts.order, keep_raw, opts.memory_bytes, &dir);
+                    Sink::Disk(adjust::Adjuster::with(opts.order, out))
+                } else {
+                    Sink::Memory(adjust::Adjuster::new(opts.order, keep_raw))
+                };
+            }
+            Ok(())
+        }
+
+        fn push(&mut self, rec: &[u32], count: u64) {
+            match self {
+                Sink::Memory(a) => a.push(rec, count),
+                Sink::Disk(a) => a.push(rec, count),
+                Sink::Pending(_) => unreachable!("begin chooses the sink"),
+            }
+        }
+    }
+    let mut sink = Sink::Pending(opts);
+    let (vocab, stats) = count::count_ngrams(inputs, opts, progress, &mut sink)?;
+    let vocab = vocab.into_words();
+    match sink {
+        Sink::Disk(a) => {
+            let summary = a
+                .finish_into()
+                .estimate(&vocab, &opts.estimation, path, progress)?;
+            Ok(ArpaTrained {
+                counts: summary.counts,
+                discounts: summary.discounts,
+                stats,
+                on_disk: true,
+            })
+        }
+        Sink::Memory(a) => {
+            progress.begin("estimating", 0, Unit::Items);
+            let est = kneser_ney::estimate(a.finish(), vocab, opts.tokenization, &opts.estimation)?;
+            progress.finish();
+            arpa::save_arpa(&est.tables, path)?;
+            Ok(ArpaTrained {
+                counts: est.tables.orders.iter().map(|o| o.len() as u64).collect(),
+                discounts: est.discounts,
+                stats,
+                on_disk: false,
+            })
+        }
+        Sink::Pending(_) => unreachable!("counting begins the sink"),
+    }
 }
 
 /// The files under `path`: the file itself, or every `*.txt` (plain, `.gz` or `.zst`) below a

@@ -111,7 +111,7 @@ fn adjusted_counts_use_raw_counts_only_where_no_left_word_exists() {
             ..Default::default()
         },
         &NoProgress,
-        &mut |r, c| adj.push(r, c),
+        &mut adj,
     )
     .unwrap();
     let tables = adj.finish();
@@ -301,4 +301,107 @@ fn limited_vocabulary_drops_other_words_and_renumbers() {
     assert!((total - 1.0).abs() < 1e-4, "Σp = {total}");
     assert!(m.score_line("the cat sat").words.iter().all(|w| !w.oov));
     assert!(m.score_line("the dog sat").words[1].oov);
+}
+
+/// The first `lines` lines of a bundled corpus, as a file in `dir`.
+fn bundled_head(dir: &Path, file: &str, lines: usize) -> Vec<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../data")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let head: String = text.lines().take(lines).flat_map(|l| [l, "\n"]).collect();
+    let p = dir.join(file.replace('/', "_"));
+    std::fs::write(&p, head).unwrap();
+    vec![p]
+}
+
+/// A model estimated through sorted files on disk (counting did not fit in the memory budget) is
+/// the in-memory estimate's ARPA file byte for byte: words and characters, with pruning, a
+/// limited vocabulary and given discounts, under budgets that give from a few to over a hundred
+/// sorted runs per order (more than one merge takes at once).
+#[test]
+fn estimates_on_disk_write_the_in_memory_arpa_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = bundled_head(dir.path(), "en/web_bible.txt", 3000);
+    let ko = bundled_head(dir.path(), "ko/tax_rulings.txt", 300);
+    let vocab: Vec<String> = ["the", "of", "and", "to", "in", "LORD", "said", "unto"]
+        .map(String::from)
+        .to_vec();
+    let cases: Vec<(&str, &[PathBuf], TrainOptions)> = vec![
+        ("words, order 5", &en, opts(5)),
+        (
+            "words, order 3, pruned",
+            &en,
+            TrainOptions {
+                estimation: EstimateOptions {
+                    prune: vec![0, 1, 2],
+                    ..opts(3).estimation
+                },
+                ..opts(3)
+            },
+        ),
+        (
+            "words, order 4, limited vocabulary, given discounts",
+            &en,
+            TrainOptions {
+                estimation: EstimateOptions {
+                    limit_vocab: Some(vocab),
+                    given: vec![None, Some([0.4, 0.9, 1.2])],
+                    ..opts(4).estimation
+                },
+                ..opts(4)
+            },
+        ),
+        ("words, order 2", &en, opts(2)),
+        (
+            "characters, order 6",
+            &ko,
+            TrainOptions {
+                tokenization: Tokenization::Chars,
+                ..opts(6)
+            },
+        ),
+    ];
+    for (what, files, o) in cases {
+        let in_memory = dir.path().join("memory.arpa");
+        let t = lmkit_ngram::train_arpa(files, &o, &in_memory, &NoProgress).unwrap();
+        assert!(!t.on_disk, "{what}");
+        let want = std::fs::read(&in_memory).unwrap();
+        // The ARPA file the tables give, too.
+        let tables = train(files, &o, &NoProgress).unwrap().tables;
+        let mut written = Vec::new();
+        lmkit_ngram::arpa::write_arpa(&tables, &mut written).unwrap();
+        assert!(written == want, "{what}: train + write_arpa");
+        for memory in [16 << 10, 256 << 10] {
+            let o = TrainOptions {
+                memory_bytes: memory,
+                temp_dir: Some(dir.path().to_path_buf()),
+                ..o.clone()
+            };
+            let on_disk = dir.path().join("disk.arpa");
+            let t2 = lmkit_ngram::train_arpa(files, &o, &on_disk, &NoProgress).unwrap();
+            assert!(t2.on_disk && t2.stats.runs_on_disk > 0, "{what}");
+            assert_eq!(t2.counts, t.counts, "{what}");
+            assert_eq!(t2.discounts, t.discounts, "{what}");
+            let got = std::fs::read(&on_disk).unwrap();
+            if got != want {
+                let (g, w) = (
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want),
+                );
+                let diff = g.lines().zip(w.lines()).find(|(a, b)| a != b);
+                panic!("{what}, {memory} bytes: the files differ, first at {diff:?}");
+            }
+            // Nothing is left in the temporary directory.
+            let left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| {
+                    !n.to_string_lossy().ends_with(".arpa")
+                        && !n.to_string_lossy().ends_with(".txt")
+                })
+                .collect();
+            assert!(left.is_empty(), "{what}: {left:?}");
+        }
+    }
 }
