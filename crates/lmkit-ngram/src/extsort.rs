@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 /// Most runs merged at once; more are first merged into longer runs (each open run holds a read
 /// buffer).
-const MAX_FAN_IN: usize = 64;
+const MAX_FAN_IN: usize = 128;
 /// Read buffer of one run while merging.
-const RUN_BUFFER: usize = 1 << 16;
+const RUN_BUFFER: usize = 1 << 15;
 
 /// How records compare: by their first `n` words (an n-gram's key in word order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +35,8 @@ impl KeyOrder {
     }
 }
 
-/// Records pushed in any order, read back sorted by [`KeyOrder`].
+/// Records pushed in any order, read back sorted by [`KeyOrder`]. A full buffer is sorted and
+/// written on a thread of its own while the next one fills (each is half the budget).
 pub struct Sorter {
     width: usize,
     order: KeyOrder,
@@ -43,21 +44,25 @@ pub struct Sorter {
     /// Records buffered before a run is written.
     capacity: usize,
     runs: Vec<File>,
+    /// The run being sorted and written, and the buffer it gives back.
+    writing: Option<std::thread::JoinHandle<Result<(File, Vec<u32>)>>>,
     dir: PathBuf,
     len: u64,
 }
 
 impl Sorter {
-    /// Records of `width` words sorted by `order`, buffering at most about `memory_bytes`
-    /// (records and their sort index) before writing a run in `dir`.
+    /// Records of `width` words (1..=16) sorted by `order`, buffering at most about
+    /// `memory_bytes` before writing a run in `dir`.
     pub fn new(width: usize, order: KeyOrder, memory_bytes: usize, dir: &Path) -> Self {
-        let capacity = (memory_bytes / (4 * width + 4)).max(1024);
+        assert!((1..=16).contains(&width), "records of {width} words");
+        let capacity = (memory_bytes / 2 / (4 * width)).max(1024);
         Sorter {
             width,
             order,
             buf: Vec::new(),
             capacity,
             runs: Vec::new(),
+            writing: None,
             dir: dir.to_path_buf(),
             len: 0,
         }
@@ -65,7 +70,7 @@ impl Sorter {
 
     pub fn push(&mut self, rec: &[u32]) -> Result<()> {
         debug_assert_eq!(rec.len(), self.width);
-        if self.buf.is_empty() {
+        if self.buf.capacity() == 0 {
             // Reserved once (a buffer that grows by doubling holds two copies at its peak).
             let _ = self.buf.try_reserve_exact(self.capacity * self.width);
         }
@@ -82,48 +87,54 @@ impl Sorter {
         self.len
     }
 
-    fn sorted_index(&self) -> Vec<u32> {
-        let w = self.width;
-        let buf = &self.buf;
-        let order = self.order;
-        let mut idx: Vec<u32> = (0..(buf.len() / w) as u32).collect();
-        idx.par_sort_unstable_by(|&a, &b| {
-            let (a, b) = (a as usize * w, b as usize * w);
-            order.cmp(&buf[a..a + w], &buf[b..b + w])
-        });
-        idx
+    /// Waits for the run being written; gives back its buffer.
+    fn written(&mut self) -> Result<Option<Vec<u32>>> {
+        let Some(h) = self.writing.take() else {
+            return Ok(None);
+        };
+        let (file, buf) = h.join().map_err(|_| {
+            NgramError::io(
+                &self.dir,
+                std::io::Error::other("the thread writing a sorted run failed"),
+            )
+        })??;
+        self.runs.push(file);
+        Ok(Some(buf))
     }
 
+    /// Hands the full buffer to a thread that sorts it and writes it as a run.
     fn spill(&mut self) -> Result<()> {
-        let idx = self.sorted_index();
-        let w = self.width;
-        let mut out = RunWriter::new(&self.dir)?;
-        for i in idx {
-            let i = i as usize * w;
-            out.write(&self.buf[i..i + w])?;
-        }
-        self.runs.push(out.finish()?);
+        let spare = self.written()?.unwrap_or_default();
+        let mut buf = std::mem::replace(&mut self.buf, spare);
         self.buf.clear();
+        let (width, order, dir) = (self.width, self.order, self.dir.clone());
+        self.writing = Some(std::thread::spawn(move || {
+            sort(&mut buf, width, order);
+            let mut out = RunWriter::new(&dir)?;
+            out.write(&buf)?;
+            Ok((out.finish()?, buf))
+        }));
         Ok(())
     }
 
     /// The records, sorted.
     pub fn finish(mut self) -> Result<Sorted> {
         let (width, order, len) = (self.width, self.order, self.len);
+        self.written()?;
         if self.runs.is_empty() {
-            let idx = self.sorted_index();
+            sort(&mut self.buf, width, order);
             return Ok(Sorted {
                 width,
                 len,
                 source: Source::Memory {
                     buf: std::mem::take(&mut self.buf),
-                    idx,
                     at: 0,
                 },
             });
         }
         if !self.buf.is_empty() {
             self.spill()?;
+            self.written()?;
         }
         self.buf = Vec::new();
         let dir = self.dir;
@@ -146,6 +157,31 @@ impl Sorter {
     }
 }
 
+/// Sorts `buf`, records of `width` words, by `order`.
+fn sort(buf: &mut [u32], width: usize, order: KeyOrder) {
+    macro_rules! widths {
+        ($($w:literal)*) => {
+            match width {
+                $($w => sort_records::<$w>(buf, order),)*
+                w => unreachable!("records of {w} words"),
+            }
+        };
+    }
+    widths!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+/// Sorts `buf`, records of `W` words, by `order`.
+fn sort_records<const W: usize>(buf: &mut [u32], order: KeyOrder) {
+    let (records, rest) = buf.as_chunks_mut::<W>();
+    debug_assert!(rest.is_empty());
+    match order {
+        KeyOrder::Forward(n) => records.par_sort_unstable_by(|a, b| a[..n].cmp(&b[..n])),
+        KeyOrder::Reversed(n) => {
+            records.par_sort_unstable_by(|a, b| a[..n].iter().rev().cmp(b[..n].iter().rev()))
+        }
+    }
+}
+
 /// Writes records to an anonymous temporary file.
 pub struct RunWriter {
     w: BufWriter<File>,
@@ -163,13 +199,17 @@ impl RunWriter {
         })
     }
 
-    pub fn write(&mut self, rec: &[u32]) -> Result<()> {
-        self.bytes.clear();
-        rec.iter()
-            .for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
-        self.w
-            .write_all(&self.bytes)
-            .map_err(|e| NgramError::io(&self.dir, e))
+    /// Writes `words` (one record or several).
+    pub fn write(&mut self, words: &[u32]) -> Result<()> {
+        for part in words.chunks(1 << 14) {
+            self.bytes.clear();
+            part.iter()
+                .for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
+            self.w
+                .write_all(&self.bytes)
+                .map_err(|e| NgramError::io(&self.dir, e))?;
+        }
+        Ok(())
     }
 
     /// The file, rewound for reading.
@@ -312,11 +352,7 @@ impl Merge {
 }
 
 enum Source {
-    Memory {
-        buf: Vec<u32>,
-        idx: Vec<u32>,
-        at: usize,
-    },
+    Memory { buf: Vec<u32>, at: usize },
     Merge(Merge),
 }
 
@@ -336,13 +372,12 @@ impl Sorted {
     pub fn next(&mut self) -> Result<Option<&[u32]>> {
         let w = self.width;
         match &mut self.source {
-            Source::Memory { buf, idx, at } => {
-                let Some(&i) = idx.get(*at) else {
+            Source::Memory { buf, at } => {
+                let Some(rec) = buf.get(*at..*at + w) else {
                     return Ok(None);
                 };
-                *at += 1;
-                let i = i as usize * w;
-                Ok(Some(&buf[i..i + w]))
+                *at += w;
+                Ok(Some(rec))
             }
             Source::Merge(m) => m.next(),
         }

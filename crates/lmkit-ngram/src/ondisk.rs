@@ -35,6 +35,9 @@ const COUNT_WORDS: usize = 4;
 /// own back-off (as [`backoff_bits`] keeps it), whether it is pruned.
 const ESTIMATE_WORDS: usize = 6;
 
+/// ARPA lines handed to the formatting thread at a time.
+const LINE_BLOCK: usize = 1 << 13;
+
 fn push_u64(rec: &mut Vec<u32>, x: u64) {
     rec.push(x as u32);
     rec.push((x >> 32) as u32);
@@ -319,59 +322,106 @@ impl OnDisk {
                 None
             };
             let file = tempfile::tempfile_in(&dir).map_err(|e| NgramError::io(&dir, e))?;
-            let mut text = BufWriter::with_capacity(1 << 20, file);
             let mut kept = 0u64;
             let mut lower_read = false;
             let mut rec: Vec<u32> = Vec::with_capacity(n + 1);
             let mut since = 0u64;
-            while let Some(r) = input.next()? {
-                let key = &r[..n];
-                let u = f64::from_bits(get_u64(r, n));
-                let gamma = f64::from_bits(get_u64(r, n + 2));
-                let own = r[n + 4];
-                let is_marked = r[n + 5] != 0;
-                let lower_p = match &mut lower {
-                    None => uni_p[entry_of[key[1] as usize] as usize],
-                    Some(low) => {
-                        // The suffix key[1..] of an n-gram is among the order below's, which
-                        // come in the same (suffix) order.
-                        while !(lower_read && low.rec()[..n - 1] == key[1..]) {
-                            lower_read = low.advance()?;
-                            assert!(lower_read, "every n-gram's suffix was estimated");
+            // The ARPA lines are made on a thread of their own, from blocks of records
+            // [probability, back-off, key] (as bits).
+            let width = n + 2;
+            let block_len = LINE_BLOCK * width;
+            let (section, lines) = std::thread::scope(|scope| -> Result<(File, Result<()>)> {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u32>>(4);
+                let writer = scope.spawn(|| -> Result<File> {
+                    let mut text = BufWriter::with_capacity(1 << 20, file);
+                    let mut line = String::new();
+                    for block in rx {
+                        for r in block.chunks_exact(width) {
+                            line.clear();
+                            let own = (r[1] != backoff_bits(None)).then(|| f32::from_bits(r[1]));
+                            let p = (f32::from_bits(r[0]) as f64).log10() as f32;
+                            arpa_line(&mut line, p, &r[2..], vocab, own);
+                            text.write_all(line.as_bytes())
+                                .map_err(|e| NgramError::io(&dir, e))?;
                         }
-                        f32::from_bits(low.rec()[n - 1])
                     }
+                    let mut file = text
+                        .into_inner()
+                        .map_err(|e| NgramError::io(&dir, e.into_error()))?;
+                    file.rewind().map_err(|e| NgramError::io(&dir, e))?;
+                    Ok(file)
+                });
+                let mut block: Vec<u32> = Vec::with_capacity(block_len);
+                let mut read = || -> Result<()> {
+                    while let Some(r) = input.next()? {
+                        let key = &r[..n];
+                        let u = f64::from_bits(get_u64(r, n));
+                        let gamma = f64::from_bits(get_u64(r, n + 2));
+                        let own = if n < order {
+                            r[n + 4]
+                        } else {
+                            backoff_bits(None)
+                        };
+                        let is_marked = r[n + 5] != 0;
+                        let lower_p = match &mut lower {
+                            None => uni_p[entry_of[key[1] as usize] as usize],
+                            Some(low) => {
+                                // The suffix key[1..] of an n-gram is among the order below's,
+                                // which come in the same (suffix) order.
+                                while !(lower_read && low.rec()[..n - 1] == key[1..]) {
+                                    lower_read = low.advance()?;
+                                    assert!(lower_read, "every n-gram's suffix was estimated");
+                                }
+                                f32::from_bits(low.rec()[n - 1])
+                            }
+                        };
+                        let p = (u + gamma * lower_p as f64) as f32;
+                        if let Some(w) = &mut probs {
+                            rec.clear();
+                            rec.extend_from_slice(key);
+                            rec.push(p.to_bits());
+                            w.write(&rec)?;
+                        }
+                        if !is_marked {
+                            kept += 1;
+                            block.push(p.to_bits());
+                            block.push(own);
+                            block.extend_from_slice(key);
+                            if block.len() >= block_len {
+                                let full =
+                                    std::mem::replace(&mut block, Vec::with_capacity(block_len));
+                                if tx.send(full).is_err() {
+                                    return Ok(()); // the writer failed: its error is reported
+                                }
+                            }
+                        }
+                        since += 1;
+                        if since == 1 << 16 {
+                            progress.advance(since);
+                            since = 0;
+                        }
+                    }
+                    if !block.is_empty() {
+                        let _ = tx.send(std::mem::take(&mut block));
+                    }
+                    Ok(())
                 };
-                let p = (u + gamma * lower_p as f64) as f32;
-                if let Some(w) = &mut probs {
-                    rec.clear();
-                    rec.extend_from_slice(key);
-                    rec.push(p.to_bits());
-                    w.write(&rec)?;
-                }
-                if !is_marked {
-                    kept += 1;
-                    line.clear();
-                    let own = (n < order && own != backoff_bits(None)).then(|| f32::from_bits(own));
-                    arpa_line(&mut line, (p as f64).log10() as f32, key, vocab, own);
-                    text.write_all(line.as_bytes())
-                        .map_err(|e| NgramError::io(&dir, e))?;
-                }
-                since += 1;
-                if since == 1 << 16 {
-                    progress.advance(since);
-                    since = 0;
-                }
-            }
+                let read = read();
+                drop(tx);
+                let file = writer.join().map_err(|_| {
+                    NgramError::io(
+                        &dir,
+                        std::io::Error::other("the thread writing ARPA lines failed"),
+                    )
+                })??;
+                Ok((file, read))
+            })?;
+            lines?;
             progress.advance(since);
             progress.finish();
             drop(input);
             lower = probs.map(|w| w.into_reader(n + 1)).transpose()?;
-            let mut file = text
-                .into_inner()
-                .map_err(|e| NgramError::io(&dir, e.into_error()))?;
-            file.rewind().map_err(|e| NgramError::io(&dir, e))?;
-            sections.push(file);
+            sections.push(section);
             counts.push(kept);
         }
         drop(lower);
