@@ -35,6 +35,9 @@ impl KeyOrder {
     }
 }
 
+/// A run written to disk, and the buffer it was written from.
+type WrittenRun = (File, Vec<u32>);
+
 /// Records pushed in any order, read back sorted by [`KeyOrder`]. A full buffer is sorted and
 /// written on a thread of its own while the next one fills (each is half the budget).
 pub struct Sorter {
@@ -45,7 +48,7 @@ pub struct Sorter {
     capacity: usize,
     runs: Vec<File>,
     /// The run being sorted and written, and the buffer it gives back.
-    writing: Option<std::thread::JoinHandle<Result<(File, Vec<u32>)>>>,
+    writing: Option<std::thread::JoinHandle<Result<WrittenRun>>>,
     dir: PathBuf,
     len: u64,
 }
