@@ -189,6 +189,23 @@ def test_pruned_estimation_equals_lmplz(lmkit, lmplz, tmp_path, prune):
     assert n < len(read_arpa(tmp_path / "full.arpa")) * 0.8
 
 
+@pytest.mark.parametrize("prune", [[], ["0", "1", "1"]])
+def test_estimation_on_disk_equals_lmplz(lmplz, tmp_path, prune):
+    """A build whose counting does not fit in --memory-mb estimates through sorted files on disk
+    (hundreds of sorted runs per order under a 1 MiB budget); the model is still lmplz's."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(EN_TRAIN) + "\n", encoding="utf-8")
+    ours, theirs = tmp_path / "lmkit.arpa", tmp_path / "lmplz.arpa"
+    flags = ["--prune", *prune] if prune else []
+    bin_ = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    p = subprocess.run([bin_, "ngram", "train", "--order", "5", "--input", corpus, "--output", ours,
+                        "--memory-mb", "1", "--temp-dir", tmp_path, *flags], capture_output=True, text=True)
+    assert p.returncode == 0 and "estimated through sorted files on disk" in p.stderr, p.stderr
+    lmplz(corpus, theirs, 5, *flags)
+    assert assert_same_model(ours, theirs) > 100_000
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["corpus.txt", "lmkit.arpa", "lmplz.arpa"]
+
+
 def test_limited_vocabulary_equals_lmplz(lmkit, lmplz, tmp_path):
     train = EN_TRAIN[:8000]
     counts = {}
