@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--big-mb", type=int, default=50, help="size of the larger corpus (0: skip it)")
     ap.add_argument("--lmplz-memory", default="1G",
                     help="lmplz -S (its sorting memory; lmkit's --memory-mb default is 1024 MiB); '' for lmplz's own default, 80%% of RAM")
+    ap.add_argument("--small-memory-mb", type=int, default=64,
+                    help="also build the larger corpus with lmkit --memory-mb M (estimation on disk) and lmplz -S M (0: skip)")
     ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit")))
     args = ap.parse_args()
     if not os.path.exists(args.lmkit):
@@ -114,7 +116,7 @@ def main():
         corpora.append((f"data/en → {args.big_mb} MB", big))
 
     print(f"order {order}, {args.rounds} rounds, {os.cpu_count()} cores; KenLM from {kenlm}; lmkit {lm}")
-    build_rows, query_rows, trie_rows = [], [], []
+    build_rows, query_rows, trie_rows, small_rows = [], [], [], []
     for name, corpus in corpora:
         mb = corpus.stat().st_size / 1e6
         ours, theirs = tmp / "lmkit.arpa", tmp / "lmplz.arpa"
@@ -132,7 +134,12 @@ def main():
                 ("build_binary", [str(kenlm / "build_binary"), str(theirs), str(kl_bin)]),
                 ("convert_q8", [lm, "ngram", "convert", str(ours), str(lk_q8), "--quantize", "8"]),
                 ("build_trie", [str(kenlm / "build_binary"), "trie", "-q", "8", str(theirs), str(kl_trie)]),
-            ):
+            ) + ((
+                ("lmkit_small", [lm, "ngram", "train", "--order", order, "--input", str(corpus), "--output",
+                                 str(tmp / "small.arpa"), "--memory-mb", str(args.small_memory_mb), "--temp-dir", str(tmp)]),
+                ("lmplz_small", [str(kenlm / "lmplz"), "-o", order, "-T", str(tmp), "--text", str(corpus), "--arpa",
+                                 str(tmp / "lmplz-small.arpa"), "-S", f"{args.small_memory_mb}M"]),
+            ) if args.small_memory_mb and corpus != CORPUS else ()):
                 if key not in t:
                     t[key], rss[key] = [], []
                 w, r, _ = run_rss(cmd)
@@ -163,6 +170,10 @@ def main():
                            max_diff(ours, theirs), med(t["convert"]), med(t["build_binary"]),
                            lk_bin.stat().st_size / 1e6, kl_bin.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6,
                            lk_q8.stat().st_size / 1e6, med(t["convert_q8"]), med(t["build_trie"])))
+        if "lmkit_small" in t:
+            same = (tmp / "small.arpa").read_bytes() == ours.read_bytes()
+            small_rows.append((name, med(t["lmkit_small"]), med(rss["lmkit_small"]), med(t["lmplz_small"]),
+                               med(rss["lmplz_small"]), same, max_diff(tmp / "small.arpa", tmp / "lmplz-small.arpa")))
         query_rows.append((name, tokens, tokens / med(t["q1"]), tokens / med(t["q2"]), tokens / med(t["kq"]),
                            med(rss["q1"]), med(rss["kq"]), ours_ppl, kenlm_ppl))
         trie_rows.append((name, lk_q8.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6, tokens / med(t["q8"]),
@@ -175,6 +186,16 @@ def main():
     for r in build_rows:
         print(f"| {r[0]} | {r[1]:.1f} | {r[2]:,} | {r[3]:.2f} | {r[5]:.2f} | {r[5] / r[3]:.2f}x | {r[4]:.0f} / {r[6]:.0f} | "
               f"{r[7]} | {r[8]:.2f} / {r[9]:.2f} | {r[10]:.0f} / {r[11]:.0f} / {r[12]:.0f} |")
+    if small_rows:
+        print()
+        print(f"Within a {args.small_memory_mb} MiB budget (lmkit --memory-mb {args.small_memory_mb}: counting and estimation "
+              f"through sorted files on disk; lmplz -S {args.small_memory_mb}M):")
+        print()
+        print("| corpus | lmkit s | lmplz s | lmkit/lmplz speed | RSS MiB lmkit / lmplz | same file as in memory | max ARPA diff |")
+        print("|---|---|---|---|---|---|---|")
+        for r in small_rows:
+            print(f"| {r[0]} | {r[1]:.2f} | {r[3]:.2f} | {r[3] / r[1]:.2f}x | {r[2]:.0f} / {r[4]:.0f} | "
+                  f"{'yes' if r[5] else 'NO'} | {r[6]} |")
     print()
     print("| corpus | tokens | lmkit 1 thread tok/s | lmkit 2 threads tok/s | KenLM query tok/s | 1 thread ratio | "
           "2 threads ratio | RSS MiB lmkit / KenLM | perplexity lmkit / KenLM |")

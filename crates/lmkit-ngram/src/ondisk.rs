@@ -29,11 +29,17 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-/// Words after the key in the adjusting pass's records: the adjusted and the raw count.
-const COUNT_WORDS: usize = 4;
+/// Words after the key in the adjusting pass's records: the adjusted count, then the raw count
+/// where pruning needs it (u64 each).
+fn count_words(keep_raw: bool) -> usize {
+    2 + 2 * usize::from(keep_raw)
+}
+
 /// Words after the key in the estimate's records: u (f64), γ of the context (f64), the n-gram's
-/// own back-off (as [`backoff_bits`] keeps it), whether it is pruned.
-const ESTIMATE_WORDS: usize = 6;
+/// own back-off (as [`backoff_bits`] keeps it), then whether it is pruned where anything is.
+fn estimate_words(prunes: bool) -> usize {
+    5 + usize::from(prunes)
+}
 
 /// ARPA lines handed to the formatting thread at a time.
 const LINE_BLOCK: usize = 1 << 13;
@@ -83,7 +89,7 @@ impl OnDisk {
         OnDisk {
             unigrams: Tables::new(1, keep_raw),
             sorters: (2..=order)
-                .map(|n| Sorter::new(n + COUNT_WORDS, KeyOrder::Forward(n), share, dir))
+                .map(|n| Sorter::new(n + count_words(keep_raw), KeyOrder::Forward(n), share, dir))
                 .collect(),
             stats: vec![CountOfCounts::default(); order - 1],
             keep_raw,
@@ -108,7 +114,9 @@ impl Emit for OnDisk {
         self.rec.clear();
         self.rec.extend(reversed[..n].iter().rev());
         push_u64(&mut self.rec, count);
-        push_u64(&mut self.rec, if self.keep_raw { raw } else { 0 });
+        if self.keep_raw {
+            push_u64(&mut self.rec, raw);
+        }
         if let Err(e) = self.sorters[n - 2].push(&self.rec) {
             self.error = Some(e);
         }
@@ -139,6 +147,10 @@ impl OnDisk {
         let order = self.sorters.len() + 1;
         let thresholds = opts.thresholds(order)?;
         let prunes = opts.prunes();
+        assert!(
+            self.keep_raw || !prunes,
+            "pruning needs the raw counts (OnDisk::new with keep_raw)"
+        );
         let uni = self
             .unigrams
             .into_tables()
@@ -205,7 +217,12 @@ impl OnDisk {
                 Unit::Items,
             );
             let mut input = counts.finish()?;
-            let mut out = Sorter::new(n + ESTIMATE_WORDS, KeyOrder::Reversed(n), self.share, &dir);
+            let mut out = Sorter::new(
+                n + estimate_words(prunes),
+                KeyOrder::Reversed(n),
+                self.share,
+                &dir,
+            );
             let mut contexts = if n > 2 {
                 Some(RunWriter::new(&dir)?)
             } else {
@@ -214,8 +231,8 @@ impl OnDisk {
             let mut above = backoffs_above.take();
             let mut above_read = false;
             let mut group: Vec<u32> = Vec::new();
-            let mut rec: Vec<u32> = Vec::with_capacity(n + ESTIMATE_WORDS);
-            let w = n + COUNT_WORDS;
+            let mut rec: Vec<u32> = Vec::with_capacity(n + estimate_words(prunes));
+            let w = n + count_words(self.keep_raw);
             let mut done = 0u64;
             loop {
                 let next = input.next()?;
@@ -229,7 +246,7 @@ impl OnDisk {
                     for m in group.chunks_exact(w) {
                         let a = get_u64(m, n);
                         sum += a;
-                        mass += if marked(n, &m[..n], get_u64(m, n + 2)) {
+                        mass += if prunes && marked(n, &m[..n], get_u64(m, n + 2)) {
                             a as f64
                         } else {
                             d.discount(a)
@@ -282,7 +299,9 @@ impl OnDisk {
                         push_u64(&mut rec, u.to_bits());
                         push_u64(&mut rec, gamma.to_bits());
                         rec.push(own);
-                        rec.push(u32::from(marked(n, &m[..n], get_u64(m, n + 2))));
+                        if prunes {
+                            rec.push(u32::from(marked(n, &m[..n], get_u64(m, n + 2))));
+                        }
                         out.push(&rec)?;
                     }
                     done += (group.len() / w) as u64;
@@ -362,7 +381,7 @@ impl OnDisk {
                         } else {
                             backoff_bits(None)
                         };
-                        let is_marked = r[n + 5] != 0;
+                        let is_marked = prunes && r[n + 5] != 0;
                         let lower_p = match &mut lower {
                             None => uni_p[entry_of[key[1] as usize] as usize],
                             Some(low) => {
