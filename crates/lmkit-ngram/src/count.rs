@@ -264,7 +264,7 @@ fn for_each_unique<const N: usize>(sorted: &[[u32; N]], mut f: impl FnMut(&[u32;
 
 fn write_run<const N: usize>(buf: &mut Vec<[u32; N]>, dir: &Path) -> Result<File> {
     buf.par_sort_unstable();
-    let file = tempfile::tempfile_in(dir).map_err(|e| NgramError::io(dir, e))?;
+    let file = crate::extsort::temp_file(dir)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut res = Ok(());
     for_each_unique(buf, |rec, c| {

@@ -194,7 +194,7 @@ pub struct RunWriter {
 
 impl RunWriter {
     pub fn new(dir: &Path) -> Result<Self> {
-        let file = tempfile::tempfile_in(dir).map_err(|e| temp_error(dir, e))?;
+        let file = temp_file(dir)?;
         Ok(RunWriter {
             w: BufWriter::with_capacity(1 << 20, file),
             dir: dir.to_path_buf(),
@@ -233,14 +233,17 @@ impl RunWriter {
     }
 }
 
-fn temp_error(dir: &Path, e: std::io::Error) -> NgramError {
-    NgramError::io(
-        dir,
-        std::io::Error::new(
-            e.kind(),
-            format!("{e} (creating a temporary file; --temp-dir chooses where they go)"),
-        ),
-    )
+/// An anonymous temporary file in `dir` (deleted when closed, whatever happens to the process).
+pub(crate) fn temp_file(dir: &Path) -> Result<File> {
+    tempfile::tempfile_in(dir).map_err(|e| {
+        NgramError::io(
+            dir,
+            std::io::Error::new(
+                e.kind(),
+                format!("{e} (creating a temporary file; --temp-dir chooses where they go)"),
+            ),
+        )
+    })
 }
 
 /// Reads back what a [`RunWriter`] wrote, a record at a time.

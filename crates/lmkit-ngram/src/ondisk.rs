@@ -340,7 +340,7 @@ impl OnDisk {
             } else {
                 None
             };
-            let file = tempfile::tempfile_in(&dir).map_err(|e| NgramError::io(&dir, e))?;
+            let file = crate::extsort::temp_file(&dir)?;
             let mut kept = 0u64;
             let mut lower_read = false;
             let mut rec: Vec<u32> = Vec::with_capacity(n + 1);
