@@ -26,7 +26,8 @@ pub enum NgramCommand {
     /// Convert an ARPA model to the memory-mapped binary format
     #[command(
         after_help = "Examples:\n  lmkit ngram convert en.arpa en.lmkb                  # hash tables: fastest\n  \
-        lmkit ngram convert en.arpa en.q8.lmkb --quantize 8  # trie, 8-bit values: smallest"
+        lmkit ngram convert en.arpa en.q8.lmkb --quantize 8  # trie, 8-bit values: small\n  \
+        lmkit ngram convert en.arpa en.q8a.lmkb --quantize 8 --pointer-bits 22  # smallest"
     )]
     Convert {
         /// ARPA model to read
@@ -208,14 +209,22 @@ pub struct LayoutArgs {
     /// `build_binary trie -q BITS`
     #[arg(long, value_name = "BITS")]
     quantize: Option<u32>,
+    /// Compress the trie's child pointers: their high bits go to per-order offset tables of at
+    /// most BITS bits (1..=32, sized to make the file smallest; implies --trie), as KenLM's
+    /// `build_binary -a BITS`; smaller, a little slower to query
+    #[arg(long, value_name = "BITS")]
+    pointer_bits: Option<u32>,
 }
 
 impl LayoutArgs {
     fn layout(&self) -> lmkit_ngram::BinaryLayout {
-        match (self.trie, self.quantize) {
-            (_, Some(bits)) => lmkit_ngram::BinaryLayout::Trie { bits },
-            (true, None) => lmkit_ngram::BinaryLayout::Trie { bits: 0 },
-            (false, None) => lmkit_ngram::BinaryLayout::Probing,
+        if self.trie || self.quantize.is_some() || self.pointer_bits.is_some() {
+            lmkit_ngram::BinaryLayout::Trie {
+                bits: self.quantize.unwrap_or(0),
+                pointer_bits: self.pointer_bits.unwrap_or(0),
+            }
+        } else {
+            lmkit_ngram::BinaryLayout::Probing
         }
     }
 
@@ -228,10 +237,19 @@ impl LayoutArgs {
                 );
             }
         }
+        if let Some(bits) = self.pointer_bits {
+            if !(1..=lmkit_ngram::binary::MAX_POINTER_BITS).contains(&bits) {
+                bail!(
+                    "--pointer-bits {bits}: give 1..={} bits",
+                    lmkit_ngram::binary::MAX_POINTER_BITS
+                );
+            }
+        }
         let binary = output.extension().and_then(|e| e.to_str()) == Some("lmkb");
-        if (self.trie || self.quantize.is_some()) && !binary {
+        if (self.trie || self.quantize.is_some() || self.pointer_bits.is_some()) && !binary {
             bail!(
-                "{}: --trie and --quantize describe a binary model; name the output *.lmkb",
+                "{}: --trie, --quantize and --pointer-bits describe a binary model; name the \
+                 output *.lmkb",
                 output.display()
             );
         }
@@ -355,9 +373,16 @@ pub fn run(cmd: NgramCommand) -> Result<()> {
             println!("tokens:\t{}", m.tokenization().name());
             match m.layout() {
                 lmkit_ngram::BinaryLayout::Probing => println!("layout:\thash tables"),
-                lmkit_ngram::BinaryLayout::Trie { bits: 0 } => println!("layout:\ttrie"),
-                lmkit_ngram::BinaryLayout::Trie { bits } => {
-                    println!("layout:\ttrie, {bits}-bit values")
+                lmkit_ngram::BinaryLayout::Trie { bits, pointer_bits } => {
+                    let values = match bits {
+                        0 => String::new(),
+                        b => format!(", {b}-bit values"),
+                    };
+                    let pointers = match pointer_bits {
+                        0 => String::new(),
+                        b => format!(", pointers compressed (tables of at most {b} bits)"),
+                    };
+                    println!("layout:\ttrie{values}{pointers}")
                 }
             }
             println!("vocabulary:\t{}", m.vocab_size());

@@ -14,7 +14,9 @@
 //! A second layout, the trie (flag bit 1; bits 8..15 of the flags hold the quantization bits, 0 for
 //! f32 values), keeps the header and vocabulary sections and replaces the hash tables with
 //! quantization tables and one bit-packed section per order ([`crate::trie`]); the per-order
-//! header field that holds the hash slots then holds the section's byte length.
+//! header field that holds the hash slots then holds the section's byte length. Version 3 adds
+//! pointer compression to the trie (flag bit 2; bits 16..23 hold the most bits a pointer table
+//! may take); files without it are written as version 2.
 //! N-grams are keyed by a 64-bit hash of their ids, as in KenLM's probing structure: collisions
 //! between distinct n-grams are possible in principle and negligible in practice (2^-64 per pair).
 
@@ -27,6 +29,8 @@ use std::path::Path;
 pub const MAGIC: &[u8; 4] = b"LMKB";
 /// Version 2 sizes its hash tables exactly (see [`Slots`]); version 1 files still load.
 pub const VERSION: u32 = 2;
+/// The version of tries with compressed pointers (older builds refuse them by their version).
+pub const VERSION_POINTERS: u32 = 3;
 pub const HEADER_LEN: usize = 192;
 const CHECKSUM_AT: usize = 176;
 const BODY_CHECKSUM_AT: usize = 184;
@@ -215,9 +219,10 @@ pub enum BinaryLayout {
     /// Hash tables: the fastest to query.
     #[default]
     Probing,
-    /// A bit-packed trie, probabilities and back-offs quantized to `bits` bits (0: kept as f32):
-    /// the smallest.
-    Trie { bits: u32 },
+    /// A bit-packed trie, probabilities and back-offs quantized to `bits` bits (0: kept as f32),
+    /// first-child pointers compressed with tables of at most `pointer_bits` bits (0: not, as
+    /// KenLM's `build_binary -a`): the smallest.
+    Trie { bits: u32, pointer_bits: u32 },
 }
 
 /// Builds the binary image of `tables` in the probing layout.
@@ -254,16 +259,30 @@ pub(crate) fn build_image_version(
                 .collect();
             (0u32, slots, 0, None)
         }
-        BinaryLayout::Trie { bits } => {
+        BinaryLayout::Trie { bits, pointer_bits } => {
             if bits > MAX_QUANT_BITS {
                 return Err(NgramError::BadOption {
                     option: "quantize",
                     msg: format!("{bits} bits; use 1..={MAX_QUANT_BITS} (or 0 for f32 values)"),
                 });
             }
-            let (quant, sections) = crate::trie::build_sections(tables, bits, path)?;
+            if pointer_bits > crate::trie::MAX_POINTER_BITS {
+                return Err(NgramError::BadOption {
+                    option: "pointer-bits",
+                    msg: format!(
+                        "{pointer_bits} bits; use 0..={}",
+                        crate::trie::MAX_POINTER_BITS
+                    ),
+                });
+            }
+            let (quant, sections) = crate::trie::build_sections(tables, bits, pointer_bits, path)?;
+            let pointers = if pointer_bits > 0 {
+                4 | (pointer_bits << 16)
+            } else {
+                0
+            };
             (
-                2 | (bits << 8),
+                2 | (bits << 8) | pointers,
                 sections.iter().map(Vec::len).collect(),
                 quant.len(),
                 Some((quant, sections)),
@@ -291,6 +310,11 @@ pub(crate) fn build_image_version(
     let put64 =
         |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
     img[0..4].copy_from_slice(MAGIC);
+    let version = if flags & 4 != 0 {
+        VERSION_POINTERS
+    } else {
+        version
+    };
     put32(&mut img, 4, version);
     put32(&mut img, 8, order as u32);
     put32(
@@ -399,6 +423,7 @@ pub fn save_binary(tables: &NgramTables, path: &Path, kind: BinaryLayout) -> Res
 }
 
 /// Most bits a quantized value may take.
+pub use crate::trie::MAX_POINTER_BITS;
 pub const MAX_QUANT_BITS: u32 = 16;
 
 /// Header values of an image, checked against its length.
@@ -418,6 +443,8 @@ pub(crate) struct Header {
     pub order_slots: Vec<usize>,
     /// Quantization bits of the trie layout (`None`: probing).
     pub trie_bits: Option<u32>,
+    /// The most bits a trie's pointer tables take (0: no pointer compression).
+    pub trie_pointer_bits: u32,
     pub layout: Layout,
 }
 
@@ -452,9 +479,9 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
     let r32 = |at: usize| u32::from_le_bytes(img[at..at + 4].try_into().expect("4-byte slice"));
     let r64 = |at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8-byte slice"));
     let version = r32(4);
-    if !(1..=VERSION).contains(&version) {
+    if !(1..=VERSION_POINTERS).contains(&version) {
         return Err(bad(format!(
-            "format version {version} is not supported (this build reads 1 to {VERSION})"
+            "format version {version} is not supported (this build reads 1 to {VERSION_POINTERS})"
         )));
     }
     let exact_slots = version >= 2;
@@ -472,7 +499,21 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         Tokenization::Words
     };
     let trie_bits = (flags & 2 != 0).then_some((flags >> 8) & 0xff);
-    if trie_bits.is_some_and(|b| b > MAX_QUANT_BITS) || flags & !0xff03 != 0 {
+    let trie_pointer_bits = if flags & 4 != 0 {
+        (flags >> 16) & 0xff
+    } else {
+        0
+    };
+    let known = if version >= VERSION_POINTERS {
+        0xff_ff07
+    } else {
+        0xff03
+    };
+    if trie_bits.is_some_and(|b| b > MAX_QUANT_BITS)
+        || flags & !known != 0
+        || (flags & 4 != 0 && (trie_bits.is_none() || trie_pointer_bits == 0))
+        || trie_pointer_bits > crate::trie::MAX_POINTER_BITS
+    {
         return Err(bad(format!("unknown flags {flags:#x}")));
     }
     let vocab_size = r32(16) as usize;
@@ -520,8 +561,9 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
             if counts[0] != vocab_size as u64 {
                 return Err(bad("the trie has not one unigram per word".into()));
             }
-            let lens = crate::trie::section_lens(&counts, vocab_size as u64, bits)
-                .ok_or_else(|| bad("section sizes overflow".into()))?;
+            let lens =
+                crate::trie::section_lens(&counts, vocab_size as u64, bits, trie_pointer_bits)
+                    .ok_or_else(|| bad("section sizes overflow".into()))?;
             if lens != order_slots {
                 return Err(bad(
                     "trie section lengths do not match the n-gram counts".into()
@@ -582,6 +624,7 @@ pub(crate) fn parse_header(img: &[u8], path: &Path) -> Result<Header> {
         counts,
         order_slots,
         trie_bits,
+        trie_pointer_bits,
         layout,
     })
 }

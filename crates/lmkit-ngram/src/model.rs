@@ -153,7 +153,7 @@ impl Model {
             Box::new(TrieView::new(
                 &h.counts,
                 h.vocab_size as u64,
-                bits,
+                (bits, h.trie_pointer_bits),
                 h.layout.quant,
                 h.layout.order_tables.clone(),
                 h.order_slots.clone(),
@@ -171,7 +171,10 @@ impl Model {
     pub fn layout(&self) -> crate::BinaryLayout {
         match self.h.trie_bits {
             None => crate::BinaryLayout::Probing,
-            Some(bits) => crate::BinaryLayout::Trie { bits },
+            Some(bits) => crate::BinaryLayout::Trie {
+                bits,
+                pointer_bits: self.h.trie_pointer_bits,
+            },
         }
     }
 

@@ -14,6 +14,13 @@
 //! into per-order tables of centres (equal-population bins over the sorted values, each centre the
 //! mean of its bin, as KenLM's `build_binary -q`); back-off 0 has its own exact code, since most
 //! n-grams that are never contexts carry it.
+//!
+//! With pointer compression (`pointer_bits` = a > 0, as KenLM's `build_binary -a`), an order's
+//! first-child pointers, which never decrease from entry to entry, keep only their low bits in the
+//! entries; their `chop` high bits (at most a, as many as make the order smallest) come from a
+//! table after the order's bits: `offsets[h]` (u64) is the first entry whose pointer's high bits
+//! are at least h, so an entry's high bits are the number of table values after the first that
+//! are at most its index.
 
 use crate::error::{NgramError, Result};
 use crate::tables::{Keys, NgramTables};
@@ -31,7 +38,10 @@ pub(crate) struct Widths {
     pub word: u32,
     pub prob: u32,
     pub backoff: u32,
+    /// Bits of the first-child pointer stored in the entry (its low bits).
     pub child: u32,
+    /// High bits of the first-child pointer kept in the order's offset table (0: none).
+    pub chop: u32,
 }
 
 impl Widths {
@@ -40,14 +50,32 @@ impl Widths {
     }
 }
 
-/// Widths of every order of a model with `counts` n-grams per order, `vocab` words and
-/// `bits`-bit quantization (0: f32 values).
-pub(crate) fn widths(counts: &[u64], vocab: u64, bits: u32) -> Vec<Widths> {
+/// The most pointer bits an offset table may hold (a table of 2^32 u64 would be 32 GiB).
+pub const MAX_POINTER_BITS: u32 = 32;
+
+/// How many high bits of `pointer`-bit pointers in `entries` entries go to an offset table of at
+/// most `max` bits: the number that makes entries and table smallest (ties: fewer).
+fn best_chop(entries: u64, pointer: u32, max: u32) -> u32 {
+    let size = |k: u32| {
+        let table = if k == 0 { 0 } else { 64u128 << k };
+        u128::from(entries) * u128::from(pointer - k) + table
+    };
+    (0..=pointer.min(max).min(MAX_POINTER_BITS))
+        .min_by_key(|&k| (size(k), k))
+        .unwrap_or(0)
+}
+
+/// Widths of every order of a model with `counts` n-grams per order, `vocab` words,
+/// `bits`-bit quantization (0: f32 values) and pointer tables of at most `pointer_bits` bits
+/// (0: none).
+pub(crate) fn widths(counts: &[u64], vocab: u64, bits: u32, pointer_bits: u32) -> Vec<Widths> {
     let order = counts.len();
     (0..order)
         .map(|i| {
             let value = if i == 0 || bits == 0 { 32 } else { bits };
             let last = i + 1 == order;
+            let pointer = if last { 0 } else { bits_for(counts[i + 1]) };
+            let chop = best_chop(entries(counts, i), pointer, pointer_bits);
             Widths {
                 word: if i == 0 {
                     0
@@ -56,7 +84,8 @@ pub(crate) fn widths(counts: &[u64], vocab: u64, bits: u32) -> Vec<Widths> {
                 },
                 prob: value,
                 backoff: if last { 0 } else { value },
-                child: if last { 0 } else { bits_for(counts[i + 1]) },
+                child: pointer - chop,
+                chop,
             }
         })
         .collect()
@@ -67,16 +96,28 @@ pub(crate) fn entries(counts: &[u64], i: usize) -> u64 {
     counts[i] + u64::from(i + 1 < counts.len())
 }
 
-/// Byte length of each order's section: its bits rounded up, plus 8 bytes so that a 64-bit load
-/// at any entry stays inside the section, rounded to 8.
-pub(crate) fn section_lens(counts: &[u64], vocab: u64, bits: u32) -> Option<Vec<usize>> {
-    widths(counts, vocab, bits)
+/// Byte length of the entries of order `i + 1`'s section: their bits rounded up, plus 8 bytes so
+/// that a 64-bit load at any entry stays inside the section, rounded to 8 (where its pointer
+/// table begins).
+fn entries_len(counts: &[u64], i: usize, w: &Widths) -> Option<usize> {
+    let bits = entries(counts, i).checked_mul(u64::from(w.total()))?;
+    let bytes = usize::try_from(bits.div_ceil(8)).ok()?.checked_add(8)?;
+    Some(crate::binary::align8(bytes))
+}
+
+/// Byte length of each order's section: its entries, then its pointer table (2^chop u64).
+pub(crate) fn section_lens(
+    counts: &[u64],
+    vocab: u64,
+    bits: u32,
+    pointer_bits: u32,
+) -> Option<Vec<usize>> {
+    widths(counts, vocab, bits, pointer_bits)
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            let bits = entries(counts, i).checked_mul(u64::from(w.total()))?;
-            let bytes = usize::try_from(bits.div_ceil(8)).ok()?.checked_add(8)?;
-            Some(crate::binary::align8(bytes))
+            let table = if w.chop == 0 { 0 } else { 8usize << w.chop };
+            entries_len(counts, i, w)?.checked_add(table)
         })
         .collect()
 }
@@ -182,13 +223,14 @@ fn reversed_order(keys: &Keys, n: usize, len: usize) -> Vec<u32> {
 pub(crate) fn build_sections(
     tables: &NgramTables,
     bits: u32,
+    pointer_bits: u32,
     path: &Path,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
     let order = tables.order();
     let counts: Vec<u64> = tables.orders.iter().map(|o| o.len() as u64).collect();
     let vocab = tables.vocab.len() as u64;
-    let w = widths(&counts, vocab, bits);
-    let lens = section_lens(&counts, vocab, bits).expect("in-memory sizes fit");
+    let w = widths(&counts, vocab, bits, pointer_bits);
+    let lens = section_lens(&counts, vocab, bits, pointer_bits).expect("in-memory sizes fit");
     let bad = |msg: String| NgramError::Binary {
         path: path.to_path_buf(),
         msg,
@@ -316,6 +358,19 @@ pub(crate) fn build_sections(
             let at = o.len() as u64 * entry_bits + u64::from(wi.word + wi.prob + wi.backoff);
             put_bits(&mut sec, at, wi.child, first[o.len()]);
         }
+        if wi.chop > 0 {
+            // offsets[h]: the first entry whose pointer's high bits are at least h (the entry
+            // count past the last one that has them).
+            let table_at = entries_len(&counts, i, &wi).expect("in-memory sizes fit");
+            let mut r = 0usize;
+            for h in 0..1u64 << wi.chop {
+                while r < first.len() && first[r] >> wi.child < h {
+                    r += 1;
+                }
+                let at = table_at + 8 * h as usize;
+                sec[at..at + 8].copy_from_slice(&(r as u64).to_le_bytes());
+            }
+        }
         sections.push(sec);
     }
     Ok((quant, sections))
@@ -324,6 +379,8 @@ pub(crate) fn build_sections(
 /// Read access to a trie image's sections.
 pub(crate) struct TrieView {
     pub widths: Vec<Widths>,
+    /// Byte offset in each order's section of its pointer table.
+    pointer_tables: Vec<usize>,
     pub counts: Vec<u64>,
     /// Byte offset of each order's section.
     pub sections: Vec<usize>,
@@ -339,12 +396,18 @@ impl TrieView {
     pub fn new(
         counts: &[u64],
         vocab: u64,
-        bits: u32,
+        (bits, pointer_bits): (u32, u32),
         quant_at: usize,
         sections: Vec<usize>,
         section_lens: Vec<usize>,
     ) -> Self {
         let order = counts.len();
+        let widths = widths(counts, vocab, bits, pointer_bits);
+        let pointer_tables = widths
+            .iter()
+            .enumerate()
+            .map(|(i, w)| entries_len(counts, i, w).unwrap_or(0))
+            .collect();
         let mut prob_table = vec![None; order];
         let mut backoff_table = vec![None; order];
         if bits > 0 {
@@ -364,7 +427,8 @@ impl TrieView {
             }
         }
         TrieView {
-            widths: widths(counts, vocab, bits),
+            widths,
+            pointer_tables,
             counts: counts.to_vec(),
             section_lens,
             sections,
@@ -403,10 +467,15 @@ impl TrieView {
             0.0
         };
         at += u64::from(w.backoff);
-        let children = if w.child > 0 {
+        let children = if w.child + w.chop > 0 {
             let next = at + u64::from(w.total());
-            let lo = get_bits(sec, at, w.child);
-            let hi = get_bits(sec, next, w.child);
+            let mut lo = get_bits(sec, at, w.child);
+            let mut hi = get_bits(sec, next, w.child);
+            if w.chop > 0 {
+                let (h_lo, h_hi) = self.high_bits(sec, i, r);
+                lo |= h_lo << w.child;
+                hi |= h_hi << w.child;
+            }
             // A damaged file must not send a search out of the next section.
             let max = self.counts.get(i + 1).copied().unwrap_or(0);
             (lo.min(hi).min(max), hi.min(max))
@@ -414,6 +483,42 @@ impl TrieView {
             (0, 0)
         };
         (p, b, children)
+    }
+
+    /// The high bits of the first-child pointers of entries `r` and `r + 1` of order `i + 1`,
+    /// from its pointer table in `sec`.
+    #[inline]
+    fn high_bits(&self, sec: &[u8], i: usize, r: u64) -> (u64, u64) {
+        let table = self.pointer_tables[i];
+        let len = 1u64 << self.widths[i].chop;
+        // Past the end (a damaged file): larger than any index.
+        let offset = |h: u64| {
+            let at = table + 8 * h as usize;
+            sec.get(at..at + 8).map_or(u64::MAX, |b| {
+                u64::from_le_bytes(b.try_into().expect("8 bytes"))
+            })
+        };
+        // The number of table values after the first that are at most `x`.
+        let high = |x: u64, from: u64| {
+            let (mut lo, mut hi) = (from, len - 1);
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                if offset(mid) <= x {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            lo
+        };
+        let h = high(r, 0);
+        // The next entry has the same high bits unless the next table value is its index.
+        let h_next = if h + 1 < len && offset(h + 1) <= r + 1 {
+            high(r + 1, h)
+        } else {
+            h
+        };
+        (h, h_next)
     }
 
     /// The index in order `i + 1` (i ≥ 1) of the child keyed by `word` within `range`.

@@ -101,7 +101,13 @@ fn perplexity_by_line_equals_the_sum_of_sentence_scores() {
         .tables;
     let mut lines: Vec<String> = varied_text().lines().take(50).map(String::from).collect();
     lines.extend(["", "  ", "w1 unknown w2", "<unk> w3\tw4"].map(String::from));
-    for layout in [BinaryLayout::Probing, BinaryLayout::Trie { bits: 8 }] {
+    for layout in [
+        BinaryLayout::Probing,
+        BinaryLayout::Trie {
+            bits: 8,
+            pointer_bits: 0,
+        },
+    ] {
         let p = dir.path().join("m.lmkb");
         save_as(&t, &p, layout).unwrap();
         let m = Model::open(&p, Tokenization::Words).unwrap();
@@ -136,9 +142,27 @@ fn trie_models_score_as_the_hash_tables_do() {
             Model::open(&p, Tokenization::Words).unwrap()
         };
         let hash = open("h.lmkb", BinaryLayout::Probing);
-        let trie = open("t.lmkb", BinaryLayout::Trie { bits: 0 });
-        let q8 = open("q.lmkb", BinaryLayout::Trie { bits: 8 });
-        assert_eq!(trie.layout(), BinaryLayout::Trie { bits: 0 });
+        let trie = open(
+            "t.lmkb",
+            BinaryLayout::Trie {
+                bits: 0,
+                pointer_bits: 0,
+            },
+        );
+        let q8 = open(
+            "q.lmkb",
+            BinaryLayout::Trie {
+                bits: 8,
+                pointer_bits: 0,
+            },
+        );
+        assert_eq!(
+            trie.layout(),
+            BinaryLayout::Trie {
+                bits: 0,
+                pointer_bits: 0
+            }
+        );
         let (mut sum_h, mut sum_q) = (0.0f64, 0.0f64);
         for s in &probes {
             let (a, b, q) = (hash.score_line(s), trie.score_line(s), q8.score_line(s));
@@ -163,8 +187,34 @@ fn trie_models_score_as_the_hash_tables_do() {
                 assert_eq!(hash.score_id(&h, w), trie.score_id(&h, w), "{h:?} {w}");
             }
         }
+        // Compressed pointers (tables of at most 1, 3 or 22 bits) change the file, not a score.
+        let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
+        for (bits, plain, name) in [(0, &trie, "t.lmkb"), (8, &q8, "q.lmkb")] {
+            for pointer_bits in [1, 3, 22] {
+                let layout = BinaryLayout::Trie { bits, pointer_bits };
+                let packed = open("p.lmkb", layout);
+                assert_eq!(packed.layout(), layout);
+                for s in &probes {
+                    assert_eq!(
+                        plain.score_line(s),
+                        packed.score_line(s),
+                        "order {order}: {s}"
+                    );
+                }
+                for h in [vec![], vec![5], vec![5, 9, 2], vec![1, 1, 1, 1, 1]] {
+                    for w in [0u32, 3, 7, 20, 41] {
+                        assert_eq!(plain.score_id(&h, w), packed.score_id(&h, w), "{h:?} {w}");
+                    }
+                }
+                // (Smaller by the bits chopped, less the table and the sections' alignment.)
+                let (p, full) = (size("p.lmkb"), size(name));
+                assert!(p <= full, "order {order}, {layout:?}: {p} > {full}");
+                if order >= 3 {
+                    assert!(p < full, "order {order}, {layout:?}: {p} vs {full}");
+                }
+            }
+        }
         if order > 1 {
-            let size = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().len();
             assert!(size("q.lmkb") < size("t.lmkb"), "order {order}");
         }
         // Trained tables keep each n-gram as its first word and a link to its suffix, in trie
@@ -172,20 +222,15 @@ fn trie_models_score_as_the_hash_tables_do() {
         // must give the same file.
         let arpa = dir.path().join("m.arpa");
         save(&t, &arpa).unwrap();
-        for bits in [0, 8] {
+        for (bits, pointer_bits) in [(0, 0), (8, 0), (8, 22)] {
+            let layout = BinaryLayout::Trie { bits, pointer_bits };
             let from_arpa = dir.path().join("a.lmkb");
-            convert(
-                &arpa,
-                &from_arpa,
-                Tokenization::Words,
-                BinaryLayout::Trie { bits },
-            )
-            .unwrap();
+            convert(&arpa, &from_arpa, Tokenization::Words, layout).unwrap();
             let direct = dir.path().join("d.lmkb");
-            save_as(&t, &direct, BinaryLayout::Trie { bits }).unwrap();
+            save_as(&t, &direct, layout).unwrap();
             assert!(
                 std::fs::read(&direct).unwrap() == std::fs::read(&from_arpa).unwrap(),
-                "order {order}, {bits}-bit trie"
+                "order {order}, {layout:?}"
             );
         }
     }
@@ -198,9 +243,16 @@ fn a_trie_needs_every_suffix_and_survives_damage() {
     let arpa = "\\data\\\nngram 1=5\nngram 2=2\nngram 3=1\n\n\\1-grams:\n-1\t<unk>\n-99\t<s>\t-0.5\n-1\ta\t-0.3\n-1\tb\n-1\t</s>\n\n\\2-grams:\n-0.5\t<s> a\t-0.2\n-0.5\tb </s>\n\n\\3-grams:\n-0.1\t<s> a b\n\n\\end\\\n";
     let t = read_arpa(arpa.as_bytes(), Path::new("x.arpa"), Tokenization::Words).unwrap();
     let p = dir.path().join("t.lmkb");
-    let e = save_as(&t, &p, BinaryLayout::Trie { bits: 0 })
-        .unwrap_err()
-        .to_string();
+    let e = save_as(
+        &t,
+        &p,
+        BinaryLayout::Trie {
+            bits: 0,
+            pointer_bits: 0,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("t.lmkb") && e.contains("\"<s> a b\"") && e.contains("\"a b\""),
         "{e}"
@@ -215,10 +267,18 @@ fn a_trie_needs_every_suffix_and_survives_damage() {
     std::fs::write(&corpus, varied_text()).unwrap();
     let t = train(&[corpus], &fallback(4), &NoProgress).unwrap().tables;
     let p = dir.path().join("q.lmkb");
-    save_as(&t, &p, BinaryLayout::Trie { bits: 6 }).unwrap();
-    let good = std::fs::read(&p).unwrap();
     let mut x: u64 = 3;
-    for _ in 0..20 {
+    for pointer_bits in [0, 3].repeat(10) {
+        save_as(
+            &t,
+            &p,
+            BinaryLayout::Trie {
+                bits: 6,
+                pointer_bits,
+            },
+        )
+        .unwrap();
+        let good = std::fs::read(&p).unwrap();
         let mut bad = good.clone();
         bad[184..192].copy_from_slice(&[0; 8]);
         for _ in 0..200 {
