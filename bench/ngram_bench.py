@@ -100,6 +100,8 @@ def main():
                     help="lmplz -S (its sorting memory; lmkit's --memory-mb default is 1024 MiB); '' for lmplz's own default, 80%% of RAM")
     ap.add_argument("--small-memory-mb", type=int, default=64,
                     help="also build the larger corpus with lmkit --memory-mb M (estimation on disk) and lmplz -S M (0: skip)")
+    ap.add_argument("--pointer-bits", type=int, default=22,
+                    help="the tries with compressed pointers: lmkit --pointer-bits B, build_binary -a B")
     ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit")))
     args = ap.parse_args()
     if not os.path.exists(args.lmkit):
@@ -121,8 +123,8 @@ def main():
         mb = corpus.stat().st_size / 1e6
         ours, theirs = tmp / "lmkit.arpa", tmp / "lmplz.arpa"
         lk_bin, kl_bin, kl_trie = tmp / "m.lmkb", tmp / "m.probing", tmp / "m.trie"
-        lk_q8 = tmp / "m.q8.lmkb"
-        t = {k: [] for k in ("lmkit", "lmplz", "convert", "build_binary", "q1", "q2", "kq", "q8", "kq8")}
+        lk_q8, lk_q8a, kl_trie_a = tmp / "m.q8.lmkb", tmp / "m.q8a.lmkb", tmp / "m.a.trie"
+        t = {k: [] for k in ("lmkit", "lmplz", "convert", "build_binary", "q1", "q2", "kq", "q8", "kq8", "q8a", "kq8a")}
         rss = {k: [] for k in t}
         tokens = None
         for _ in range(args.rounds):
@@ -134,6 +136,11 @@ def main():
                 ("build_binary", [str(kenlm / "build_binary"), str(theirs), str(kl_bin)]),
                 ("convert_q8", [lm, "ngram", "convert", str(ours), str(lk_q8), "--quantize", "8"]),
                 ("build_trie", [str(kenlm / "build_binary"), "trie", "-q", "8", str(theirs), str(kl_trie)]),
+                # Compressed pointers (off by default in both).
+                ("convert_q8a", [lm, "ngram", "convert", str(ours), str(lk_q8a), "--quantize", "8",
+                                 "--pointer-bits", str(args.pointer_bits)]),
+                ("build_trie_a", [str(kenlm / "build_binary"), "-a", str(args.pointer_bits), "trie", "-q", "8",
+                                  str(theirs), str(kl_trie_a)]),
             ) + ((
                 ("lmkit_small", [lm, "ngram", "train", "--order", order, "--input", str(corpus), "--output",
                                  str(tmp / "small.arpa"), "--memory-mb", str(args.small_memory_mb), "--temp-dir", str(tmp)]),
@@ -151,6 +158,8 @@ def main():
                 ("q2", [lm, "ngram", "ppl", "-m", str(lk_bin), "--input", str(corpus)], {"RAYON_NUM_THREADS": "2"}),
                 ("q8", [lm, "ngram", "ppl", "-m", str(lk_q8), "--input", str(corpus)], {"RAYON_NUM_THREADS": "1"}),
                 ("kq8", [str(kenlm / "query"), "-v", "summary", str(kl_trie)], None),
+                ("q8a", [lm, "ngram", "ppl", "-m", str(lk_q8a), "--input", str(corpus)], {"RAYON_NUM_THREADS": "1"}),
+                ("kq8a", [str(kenlm / "query"), "-v", "summary", str(kl_trie_a)], None),
             ):
                 w, r, out = run_rss(cmd, stdin=str(corpus) if key.startswith("kq") else None, env=env)
                 t[key].append(w)
@@ -164,6 +173,10 @@ def main():
                     ours_q8_ppl = float(out.split("Perplexity including OOVs:\t")[1].split()[0])
                 if key == "kq8":
                     kenlm_q8_ppl = float(out.split("Perplexity including OOVs:")[1].split()[0])
+                if key == "q8a":
+                    ours_q8a_ppl = float(out.split("Perplexity including OOVs:\t")[1].split()[0])
+                if key == "kq8a":
+                    kenlm_q8a_ppl = float(out.split("Perplexity including OOVs:")[1].split()[0])
         n_grams = sum(int(l.split("=")[1]) for l in ours.read_text(encoding="utf-8", errors="replace")[:400].splitlines()
                       if l.startswith("ngram "))
         build_rows.append((name, mb, n_grams, med(t["lmkit"]), med(rss["lmkit"]), med(t["lmplz"]), med(rss["lmplz"]),
@@ -182,6 +195,9 @@ def main():
                            med(rss["q1"]), med(rss["kq"]), ours_ppl, kenlm_ppl))
         trie_rows.append((name, lk_q8.stat().st_size / 1e6, kl_trie.stat().st_size / 1e6, tokens / med(t["q8"]),
                           tokens / med(t["kq8"]), ours_ppl, ours_q8_ppl, kenlm_ppl, kenlm_q8_ppl))
+        trie_rows.append((f"{name}, -a {args.pointer_bits}", lk_q8a.stat().st_size / 1e6, kl_trie_a.stat().st_size / 1e6,
+                          tokens / med(t["q8a"]), tokens / med(t["kq8a"]), ours_ppl, ours_q8a_ppl, kenlm_ppl,
+                          kenlm_q8a_ppl))
 
     print()
     print("| corpus | MB | n-grams | lmkit build s | lmplz s | lmkit/lmplz speed | RSS MiB lmkit / lmplz | max ARPA diff | "
@@ -208,7 +224,8 @@ def main():
         print(f"| {r[0]} | {r[1]:,} | {r[2]:,.0f} | {r[3]:,.0f} | {r[4]:,.0f} | {r[2] / r[4]:.2f}x | {r[3] / r[4]:.2f}x | "
               f"{r[5]:.0f} / {r[6]:.0f} | {r[7]:.2f} / {r[8]:.2f} |")
     print()
-    print("Trie with 8-bit quantization (lmkit `--quantize 8`, KenLM `build_binary trie -q 8`), query 1 thread:")
+    print("Trie with 8-bit quantization (lmkit `--quantize 8`, KenLM `build_binary trie -q 8`; rows with -a B: "
+          "also lmkit `--pointer-bits B`, KenLM `-a B`), query 1 thread:")
     print()
     print("| corpus | lmkit MB | KenLM MB | size ratio | lmkit tok/s | KenLM tok/s | speed ratio | "
           "perplexity lmkit → q8 | KenLM → q8 |")

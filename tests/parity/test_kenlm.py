@@ -55,12 +55,15 @@ def check(lmkit, tmp_path, order, train, held, chars):
     lmkit("ngram", "train", "--order", order, "--input", corpus, "--output", arpa, *flag)
     lmkit("ngram", "convert", arpa, binary, *flag)
     lmkit("ngram", "convert", arpa, trie, "--trie", *flag)
+    packed = tmp_path / "m.trie-a.lmkb"  # compressed pointers
+    lmkit("ngram", "convert", arpa, packed, "--trie", "--pointer-bits", 22, *flag)
+    assert packed.stat().st_size < trie.stat().st_size
 
     model = kenlm.Model(str(arpa))
     assert model.order == order
     queries = [char_tokens(s) if chars else s for s in held]
     want = [model.score(q, bos=True, eos=True) for q in queries]
-    for m in (arpa, binary, trie):
+    for m in (arpa, binary, trie, packed):
         out = lmkit("ngram", "score", "-m", m, *flag, stdin="\n".join(held) + "\n").splitlines()
         got = [float(l.split("\t")[0]) for l in out]
         assert len(got) == len(want)
@@ -88,6 +91,9 @@ def check(lmkit, tmp_path, order, train, held, chars):
     lmkit("ngram", "convert", arpa, q8, "--quantize", 8, *flag)
     got_q8 = parse_ppl(lmkit("ngram", "ppl", "-m", q8, "--input", heldf))
     assert got_q8[0] != got[0] and math.isclose(got_q8[0], got[0], rel_tol=0.02), (got_q8, got)
+    q8a = tmp_path / "m.q8a.lmkb"
+    lmkit("ngram", "convert", arpa, q8a, "--quantize", 8, "--pointer-bits", 22, *flag)
+    assert parse_ppl(lmkit("ngram", "ppl", "-m", q8a, "--input", heldf)) == got_q8
 
 
 EN_TRAIN, EN_HELD = split(ROOT / "data/en/web_bible.txt")
