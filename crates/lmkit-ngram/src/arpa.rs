@@ -3,6 +3,7 @@
 use crate::error::{NgramError, Result};
 use crate::tables::{Keys, NgramTables, OrderEntries};
 use crate::tokenize::{Tokenization, BOS, EOS, UNK};
+use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::fmt::Display;
 use std::io::{BufRead, Write};
@@ -14,7 +15,6 @@ pub const MISSING_UNK_LOG10_PROB: f32 = -100.0;
 /// Writes `tables` as ARPA. Entries of each order are written in table order (the lines of a
 /// few blocks of entries are made in parallel, then written in order).
 pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<()> {
-    use rayon::prelude::*;
     const BLOCK: usize = 1 << 15;
     let batch = 4 * rayon::current_num_threads();
     writeln!(w, "\\data\\")?;
@@ -99,13 +99,18 @@ impl<'a, R: BufRead> LineReader<'a, R> {
     }
 
     fn err(&self, msg: impl Into<String>) -> NgramError {
+        self.err_at(self.line_no, msg)
+    }
+
+    /// An error at line `line` (already read).
+    fn err_at(&self, line: u64, msg: impl Into<String>) -> NgramError {
         let mut msg = msg.into();
-        if !self.complete {
+        if line == self.line_no && !self.complete {
             msg.push_str(" (the file ends mid-line: truncated?)");
         }
         NgramError::Arpa {
             path: self.path.to_path_buf(),
-            line: self.line_no,
+            line,
             msg,
         }
     }
@@ -197,40 +202,83 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         // The declared count is not trusted for memory: a damaged header would ask for any size
         // (the entries are counted against it as they are read).
         let mut keys: Vec<u32> = Vec::with_capacity(count.min(1 << 20).saturating_mul(n));
-        let mut l = String::new();
-        for k in 0..count {
-            lr.next_nonblank_into(&mut l, format_args!("{count} {n}-grams (read {k})"))?;
-            let mut fields = entry_fields(&l);
-            let prob = parse_f32(fields.next(), &lr, "probability")?;
-            for _ in 0..n {
+        if n == 1 {
+            let mut l = String::new();
+            for k in 0..count {
+                lr.next_nonblank_into(&mut l, format_args!("{count} {n}-grams (read {k})"))?;
+                let mut fields = entry_fields(&l);
+                let prob = parse_f32(fields.next(), &lr, "probability")?;
                 let w = fields
                     .next()
                     .ok_or_else(|| lr.err(format!("expected {n} words in `{l}`")))?;
                 if w.starts_with('\\') {
                     return Err(lr.err(format!("section ended after {k} of {count} {n}-grams")));
                 }
-                let id = if n == 1 {
-                    let id = vocab.len() as u32;
-                    if ids.insert(w.to_string(), id).is_some() {
-                        return Err(lr.err(format!("unigram `{w}` appears twice")));
-                    }
-                    vocab.push(w.to_string());
-                    id
-                } else {
-                    *ids.get(w)
-                        .ok_or_else(|| lr.err(format!("word `{w}` is not among the unigrams")))?
-                };
+                let id = vocab.len() as u32;
+                if ids.insert(w.to_string(), id).is_some() {
+                    return Err(lr.err(format!("unigram `{w}` appears twice")));
+                }
+                vocab.push(w.to_string());
                 keys.push(id);
+                let backoff = match fields.next() {
+                    None => None,
+                    b => Some(parse_f32(b, &lr, "back-off weight")?),
+                };
+                if fields.next().is_some() {
+                    return Err(lr.err(format!("too many fields for a {n}-gram in `{l}`")));
+                }
+                o.log10_prob.push(prob);
+                o.log10_backoff.push(backoff);
             }
-            let backoff = match fields.next() {
-                None => None,
-                b => Some(parse_f32(b, &lr, "back-off weight")?),
-            };
-            if fields.next().is_some() {
-                return Err(lr.err(format!("too many fields for a {n}-gram in `{l}`")));
+        } else {
+            // Higher orders: lines are read in batches and parsed in parallel (the words are
+            // known by then).
+            let mut read = 0usize;
+            let mut text = String::new();
+            let mut lines: Vec<(u64, usize)> = Vec::new();
+            let mut l = String::new();
+            while read < count {
+                let batch = (count - read).min(ARPA_BATCH);
+                text.clear();
+                lines.clear();
+                for k in read..read + batch {
+                    lr.next_nonblank_into(&mut l, format_args!("{count} {n}-grams (read {k})"))?;
+                    text.push_str(&l);
+                    lines.push((lr.line_no, text.len()));
+                }
+                let parsed: Vec<std::result::Result<Parsed, (u64, String)>> = lines
+                    .par_chunks(ARPA_PIECE)
+                    .enumerate()
+                    .map(|(c, piece)| {
+                        let mut start = if c == 0 {
+                            0
+                        } else {
+                            lines[c * ARPA_PIECE - 1].1
+                        };
+                        let mut out = Parsed::default();
+                        for (i, &(line_no, end)) in piece.iter().enumerate() {
+                            let k = read + c * ARPA_PIECE + i;
+                            parse_ngram(&text[start..end], n, &ids, &mut out)
+                                .map_err(|msg| (line_no, msg))?;
+                            if out.section_ended {
+                                return Err((
+                                    line_no,
+                                    format!("section ended after {k} of {count} {n}-grams"),
+                                ));
+                            }
+                            start = end;
+                        }
+                        Ok(out)
+                    })
+                    .collect();
+                for p in parsed {
+                    let p = p.map_err(|(line, msg)| lr.err_at(line, msg))?;
+                    keys.extend_from_slice(&p.keys);
+                    o.log10_prob.extend_from_slice(&p.probs);
+                    p.backoffs.into_iter().for_each(|b| o.log10_backoff.push(b));
+                }
+                read += batch;
             }
-            o.log10_prob.push(prob);
-            o.log10_backoff.push(backoff);
         }
         o.keys = Keys::Flat(keys);
         orders.push(o);
@@ -261,6 +309,59 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         orders,
         tokenization,
     })
+}
+
+/// Lines of an order above the unigrams read before they are parsed (in parallel).
+const ARPA_BATCH: usize = 1 << 16;
+/// Lines one parallel task parses.
+const ARPA_PIECE: usize = 1 << 12;
+
+/// Entries parsed from a piece of a section.
+#[derive(Default)]
+struct Parsed {
+    keys: Vec<u32>,
+    probs: Vec<f32>,
+    backoffs: Vec<Option<f32>>,
+    /// A line held the next section's header (fewer entries than declared).
+    section_ended: bool,
+}
+
+/// Parses one entry of an order `n` > 1 into `out`; an error's message.
+fn parse_ngram(
+    l: &str,
+    n: usize,
+    ids: &FxHashMap<String, u32>,
+    out: &mut Parsed,
+) -> std::result::Result<(), String> {
+    let mut fields = entry_fields(l);
+    let f32_of = |s: Option<&str>, what: &str| {
+        let s = s.ok_or_else(|| format!("missing {what}"))?;
+        s.parse::<f32>().map_err(|_| format!("bad {what} `{s}`"))
+    };
+    let prob = f32_of(fields.next(), "probability")?;
+    for _ in 0..n {
+        let w = fields
+            .next()
+            .ok_or_else(|| format!("expected {n} words in `{l}`"))?;
+        if w.starts_with('\\') {
+            out.section_ended = true;
+            return Ok(());
+        }
+        let id = ids
+            .get(w)
+            .ok_or_else(|| format!("word `{w}` is not among the unigrams"))?;
+        out.keys.push(*id);
+    }
+    let backoff = match fields.next() {
+        None => None,
+        b => Some(f32_of(b, "back-off weight")?),
+    };
+    if fields.next().is_some() {
+        return Err(format!("too many fields for a {n}-gram in `{l}`"));
+    }
+    out.probs.push(prob);
+    out.backoffs.push(backoff);
+    Ok(())
 }
 
 fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) -> Result<f32> {

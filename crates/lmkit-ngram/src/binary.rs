@@ -371,7 +371,8 @@ pub(crate) fn build_image_version(
     Ok(img)
 }
 
-/// Writes every n-gram of `tables` into its order's hash table in `img`.
+/// Writes every n-gram of `tables` into its order's hash table in `img` (the orders' tables in
+/// parallel: they are disjoint).
 fn fill_hash_tables(
     img: &mut [u8],
     tables: &NgramTables,
@@ -379,28 +380,32 @@ fn fill_hash_tables(
     slots: &[usize],
     exact: bool,
 ) {
-    for (o, (&base, &slots)) in tables
-        .orders
-        .iter()
-        .zip(layout.order_tables.iter().zip(slots))
-    {
-        for i in 0..o.len() {
-            let h = ngram_hash(&tables.key(o.n, i));
-            let slot = free_slot(
-                img,
-                base,
-                Slots {
-                    count: slots,
-                    exact,
-                },
-                h,
-            );
-            img[slot..slot + 8].copy_from_slice(&h.to_le_bytes());
-            img[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
-            img[slot + 12..slot + 16]
-                .copy_from_slice(&o.log10_backoff.get(i).unwrap_or(0.0).to_le_bytes());
-        }
+    use rayon::prelude::*;
+    let mut parts: Vec<&mut [u8]> = Vec::with_capacity(slots.len());
+    let mut rest = img;
+    let mut consumed = 0;
+    for (&base, &count) in layout.order_tables.iter().zip(slots) {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(base - consumed);
+        let (part, tail) = tail.split_at_mut(count * SLOT_LEN);
+        parts.push(part);
+        rest = tail;
+        consumed = base + count * SLOT_LEN;
     }
+    parts
+        .into_par_iter()
+        .zip(&tables.orders)
+        .zip(slots)
+        .for_each(|((table, o), &count)| {
+            let slots = Slots { count, exact };
+            for i in 0..o.len() {
+                let h = ngram_hash(&tables.key(o.n, i));
+                let slot = free_slot(table, 0, slots, h);
+                table[slot..slot + 8].copy_from_slice(&h.to_le_bytes());
+                table[slot + 8..slot + 12].copy_from_slice(&o.log10_prob[i].to_le_bytes());
+                table[slot + 12..slot + 16]
+                    .copy_from_slice(&o.log10_backoff.get(i).unwrap_or(0.0).to_le_bytes());
+            }
+        });
 }
 
 /// First slot at or after `h`'s home slot that is empty or already holds `h`.

@@ -166,7 +166,7 @@ impl OnDisk {
         let marked =
             |n: usize, key: &[u32], raw: u64| prunes && (raw <= thresholds[n - 1] || outside(key));
 
-        // Unigrams, in memory: one group under the empty context, as in memory.
+        // Unigrams (in memory): one group under the empty context.
         let uni_marked: Vec<bool> = (0..uni.len())
             .map(|e| {
                 prunes && uni.first[e] > EOS_ID && marked(1, &uni.first[e..e + 1], uni.raw.get(e))
@@ -230,6 +230,8 @@ impl OnDisk {
             };
             let mut above = backoffs_above.take();
             let mut above_read = false;
+            // One context's n-grams: they differ in their last word, so a group holds at most one
+            // record per vocabulary word (the vocabulary is in memory anyway).
             let mut group: Vec<u32> = Vec::new();
             let mut rec: Vec<u32> = Vec::with_capacity(n + estimate_words(prunes));
             let w = n + count_words(self.keep_raw);
@@ -322,7 +324,7 @@ impl OnDisk {
         drop(backoffs_above);
 
         // Step 3, from the bigrams up: interpolation, and each order's ARPA lines.
-        let mut counts = vec![uni_marked.iter().filter(|&&m| !m).count() as u64];
+        let mut counts = vec![kept_words as u64];
         let mut sections: Vec<File> = Vec::with_capacity(order - 1);
         // The order below's linear probabilities, in suffix order, with their keys.
         let mut lower: Option<RunReader> = None;
