@@ -404,6 +404,74 @@ mod tests {
         assert!(e.to_string().contains("m.arpa"), "{e}");
     }
 
+    /// Sections read in parallel pieces: entries keep their order, and an error names its own
+    /// line past the first pieces and batches (blank lines counted).
+    #[test]
+    fn errors_in_later_pieces_name_their_line() {
+        let words = 300;
+        let bigrams = ARPA_BATCH + 2 * ARPA_PIECE + 7;
+        let mut text = format!(
+            "\\data\\\nngram 1={}\nngram 2={bigrams}\n\n\\1-grams:\n",
+            words + 3
+        );
+        for w in ["<s>", "</s>", "<unk>"] {
+            text.push_str(&format!("-1\t{w}\n"));
+        }
+        for w in 0..words {
+            text.push_str(&format!("-2\tw{w}\t-0.5\n"));
+        }
+        text.push_str("\n\\2-grams:\n");
+        let first_bigram_line = text.lines().count() + 1;
+        for b in 0..bigrams {
+            text.push_str(&format!("-{}\tw{} w{}\n", b % 7 + 1, b % words, b / words));
+            if b == 10 {
+                text.push('\n'); // a blank line inside the section
+            }
+        }
+        text.push_str("\n\\end\\\n");
+        let t = read_arpa(text.as_bytes(), Path::new("m.arpa"), Tokenization::Words).unwrap();
+        assert_eq!(t.orders[1].len(), bigrams);
+        for b in [
+            0,
+            11,
+            ARPA_PIECE + 3,
+            ARPA_BATCH + ARPA_PIECE + 5,
+            bigrams - 1,
+        ] {
+            assert_eq!(
+                t.key(2, b).to_vec(),
+                vec![3 + (b % words) as u32, 3 + (b / words) as u32]
+            );
+            assert_eq!(t.orders[1].log10_prob[b], -((b % 7 + 1) as f32));
+        }
+        // A bad probability in a later batch: its line (one blank line before it).
+        let bad = ARPA_BATCH + ARPA_PIECE + 5;
+        let line = first_bigram_line + bad + 1;
+        let lines: Vec<&str> = text.lines().collect();
+        let mut damaged = lines.clone();
+        damaged[line - 1] = "x\tw1 w2";
+        let e = read_arpa(
+            damaged.join("\n").as_bytes(),
+            Path::new("m.arpa"),
+            Tokenization::Words,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("m.arpa:{line}:")) && e.contains("bad probability `x`"),
+            "{e}"
+        );
+        // Fewer entries than declared: the next header ends the section early.
+        let short = text.replace(
+            &format!("ngram 2={bigrams}"),
+            &format!("ngram 2={}", bigrams + 1),
+        );
+        let e = read_arpa(short.as_bytes(), Path::new("m.arpa"), Tokenization::Words)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.arpa:"), "{e}");
+    }
+
     /// KenLM's ARPA reader splits fields on ASCII spaces and tabs: a word holding a no-break space
     /// (which lmplz writes as it found it) is one word.
     #[test]
