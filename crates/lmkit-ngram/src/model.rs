@@ -41,11 +41,11 @@ pub struct Model {
 }
 
 /// Where a walk over the n-grams ending in one word stands: the hash of the n-gram found last
-/// (probing layout), or its entry's children (trie layout).
+/// (probing layout), or its entry's index in its order (trie layout).
 #[derive(Clone, Copy)]
 enum Cursor {
     Hash(u64),
-    Node((u64, u64)),
+    Node(u64),
 }
 
 /// The score of one predicted token (the sentence's words in order, then `</s>` when asked for).
@@ -190,8 +190,8 @@ impl Model {
                 if w as usize >= self.h.vocab_size {
                     return None;
                 }
-                let (p, b, children) = t.entry(&self.data, 0, u64::from(w));
-                Some((p, b, Cursor::Node(children)))
+                let (p, b) = t.values(&self.data, 0, u64::from(w));
+                Some((p, b, Cursor::Node(u64::from(w))))
             }
         }
     }
@@ -204,10 +204,11 @@ impl Model {
                 let h = extend_hash(h, word);
                 self.lookup(n, h).map(|(p, b)| (p, b, Cursor::Hash(h)))
             }
-            (Cursor::Node(range), Some(t)) => {
+            (Cursor::Node(r), Some(t)) => {
+                let range = t.children(&self.data, n - 2, r);
                 let i = t.find(&self.data, n - 1, range, word)?;
-                let (p, b, children) = t.entry(&self.data, n - 1, i);
-                Some((p, b, Cursor::Node(children)))
+                let (p, b) = t.values(&self.data, n - 1, i);
+                Some((p, b, Cursor::Node(i)))
             }
             (Cursor::Node(_), None) => None,
         }

@@ -453,54 +453,61 @@ impl TrieView {
         }
     }
 
-    /// (log10 prob, log10 back-off, children range) of entry `r` of order `i + 1`.
+    /// (log10 prob, log10 back-off) of entry `r` of order `i + 1`.
     #[inline]
-    pub fn entry(&self, data: &[u8], i: usize, r: u64) -> (f32, f32, (u64, u64)) {
+    pub fn values(&self, data: &[u8], i: usize, r: u64) -> (f32, f32) {
         let w = self.widths[i];
         let sec = self.section(data, i);
-        let mut at = r * u64::from(w.total()) + u64::from(w.word);
+        let at = r * u64::from(w.total()) + u64::from(w.word);
         let p = self.value(data, self.prob_table[i], get_bits(sec, at, w.prob));
-        at += u64::from(w.prob);
         let b = if w.backoff > 0 {
+            let at = at + u64::from(w.prob);
             self.value(data, self.backoff_table[i], get_bits(sec, at, w.backoff))
         } else {
             0.0
         };
-        at += u64::from(w.backoff);
-        let children = if w.child + w.chop > 0 {
-            let next = at + u64::from(w.total());
-            let mut lo = get_bits(sec, at, w.child);
-            let mut hi = get_bits(sec, next, w.child);
-            if w.chop > 0 {
-                let (h_lo, h_hi) = self.high_bits(sec, i, r);
-                lo |= h_lo << w.child;
-                hi |= h_hi << w.child;
-            }
-            // A damaged file must not send a search out of the next section.
-            let max = self.counts.get(i + 1).copied().unwrap_or(0);
-            (lo.min(hi).min(max), hi.min(max))
-        } else {
-            (0, 0)
-        };
-        (p, b, children)
+        (p, b)
+    }
+
+    /// The range of the children (in order `i + 2`) of entry `r` of order `i + 1`: read only
+    /// when a walk goes on from the entry (with compressed pointers, reading one takes a search).
+    #[inline]
+    pub fn children(&self, data: &[u8], i: usize, r: u64) -> (u64, u64) {
+        let w = self.widths[i];
+        if w.child + w.chop == 0 {
+            return (0, 0);
+        }
+        let sec = self.section(data, i);
+        let at = r * u64::from(w.total()) + u64::from(w.word + w.prob + w.backoff);
+        let next = at + u64::from(w.total());
+        let mut lo = get_bits(sec, at, w.child);
+        let mut hi = get_bits(sec, next, w.child);
+        if w.chop > 0 {
+            let (h_lo, h_hi) = self.high_bits(sec, i, r);
+            lo |= h_lo << w.child;
+            hi |= h_hi << w.child;
+        }
+        // A damaged file must not send a search out of the next section.
+        let max = self.counts.get(i + 1).copied().unwrap_or(0);
+        (lo.min(hi).min(max), hi.min(max))
     }
 
     /// The high bits of the first-child pointers of entries `r` and `r + 1` of order `i + 1`,
     /// from its pointer table in `sec`.
     #[inline]
     fn high_bits(&self, sec: &[u8], i: usize, r: u64) -> (u64, u64) {
-        let table = self.pointer_tables[i];
         let len = 1u64 << self.widths[i].chop;
-        // Past the end (a damaged file): larger than any index.
-        let offset = |h: u64| {
-            let at = table + 8 * h as usize;
-            sec.get(at..at + 8).map_or(u64::MAX, |b| {
-                u64::from_le_bytes(b.try_into().expect("8 bytes"))
-            })
+        let at = self.pointer_tables[i];
+        let Some(table) = sec.get(at..at + 8 * len as usize) else {
+            return (0, 0); // a damaged file
         };
-        // The number of table values after the first that are at most `x`.
-        let high = |x: u64, from: u64| {
-            let (mut lo, mut hi) = (from, len - 1);
+        let offset = |h: u64| {
+            let at = 8 * h as usize;
+            u64::from_le_bytes(table[at..at + 8].try_into().expect("8 bytes"))
+        };
+        // The largest h in `lo..=hi` whose table value is at most `x` (`lo`'s is; the table's
+        // first value is 0).
+        let search = |x: u64, mut lo: u64, mut hi: u64| {
             while lo < hi {
                 let mid = lo + (hi - lo).div_ceil(2);
                 if offset(mid) <= x {
@@ -511,10 +518,10 @@ impl TrieView {
             }
             lo
         };
-        let h = high(r, 0);
+        let h = search(r, 0, len - 1);
         // The next entry has the same high bits unless the next table value is its index.
         let h_next = if h + 1 < len && offset(h + 1) <= r + 1 {
-            high(r + 1, h)
+            search(r + 1, h + 1, len - 1)
         } else {
             h
         };
