@@ -18,9 +18,11 @@ pub enum NgramCommand {
         after_help = "Examples:\n  lmkit ngram train --order 3 --input data/en --output en.arpa\n  \
         lmkit ngram train --order 5 --chars --input data/ko --output ko.lmkb\n  \
         zcat corpus.txt.gz | lmkit ngram train --order 4 --input - --output big.lmkb --prune 0 1 1\n  \
-        lmkit ngram train --order 3 --input corpus.txt.zst --limit-vocab words.txt --output small.arpa\n\n\
+        lmkit ngram train --order 3 --input corpus.txt.zst --limit-vocab words.txt --output small.arpa\n  \
+        lmkit ngram train --order 5 --input web/ --output web.arpa --memory-mb 8192 --temp-dir /scratch\n\n\
         Every line is a sentence, blank lines too (an empty sentence), and words are split on spaces\n\
-        and tabs only: the same text gives the same model as KenLM's lmplz."
+        and tabs only: the same text gives the same model as KenLM's lmplz. Where the n-grams do not fit\n\
+        in --memory-mb, an .arpa build sorts them through files in --temp-dir (the same model)."
     )]
     Train(TrainArgs),
     /// Convert an ARPA model to the memory-mapped binary format
