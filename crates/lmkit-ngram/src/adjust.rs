@@ -213,8 +213,8 @@ impl Tables {
 impl Emit for Tables {
     fn emit(&mut self, n: usize, reversed: &[u32], count: u64, raw: u64) {
         if n > 1 {
-            // The suffix was completed just before (groups close longest first, so it is the
-            // last entry of the order below).
+            // The suffix is still open (groups close longest first): it is the next entry of
+            // the order below.
             let suffix = self.tables[n - 2].len() as u32;
             self.tables[n - 1].suffix.push(suffix);
         }
