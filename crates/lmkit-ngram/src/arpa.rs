@@ -17,10 +17,7 @@ pub const MISSING_UNK_LOG10_PROB: f32 = -100.0;
 pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<()> {
     const BLOCK: usize = 1 << 15;
     let batch = 4 * rayon::current_num_threads();
-    writeln!(w, "\\data\\")?;
-    for o in &tables.orders {
-        writeln!(w, "ngram {}={}", o.n, o.len())?;
-    }
+    write_header(w, tables.orders.iter().map(|o| o.len() as u64))?;
     for o in &tables.orders {
         writeln!(w, "\n\\{}-grams:", o.n)?;
         let blocks = o.len().div_ceil(BLOCK);
@@ -37,23 +34,53 @@ pub fn write_arpa(tables: &NgramTables, w: &mut impl Write) -> std::io::Result<(
     writeln!(w, "\n\\end\\")
 }
 
+/// `\data\` and the `ngram N=count` line of each order (`counts` from order 1).
+pub(crate) fn write_header(
+    w: &mut impl Write,
+    counts: impl Iterator<Item = u64>,
+) -> std::io::Result<()> {
+    writeln!(w, "\\data\\")?;
+    for (n, c) in (1..).zip(counts) {
+        writeln!(w, "ngram {n}={c}")?;
+    }
+    Ok(())
+}
+
+/// Appends one entry's ARPA line to `text`: `prob TAB words [TAB back-off]`.
+pub(crate) fn push_line(
+    text: &mut String,
+    log10_prob: f32,
+    key: &[u32],
+    vocab: &[String],
+    log10_backoff: Option<f32>,
+) {
+    use std::fmt::Write as _;
+    // `{}` on f32 prints the shortest text that reads back to the same f32.
+    let _ = write!(text, "{log10_prob}\t");
+    for (k, &id) in key.iter().enumerate() {
+        if k > 0 {
+            text.push(' ');
+        }
+        text.push_str(&vocab[id as usize]);
+    }
+    if let Some(b) = log10_backoff {
+        let _ = write!(text, "\t{b}");
+    }
+    text.push('\n');
+}
+
 /// The ARPA lines of entries `range` of order `o`.
 fn arpa_lines(tables: &NgramTables, o: &OrderEntries, range: std::ops::Range<usize>) -> String {
-    use std::fmt::Write as _;
     let mut text = String::with_capacity(range.len() * (12 + 8 * o.n));
     for i in range {
-        // `{}` on f32 prints the shortest text that reads back to the same f32.
-        let _ = write!(text, "{}\t", o.log10_prob[i]);
-        for (k, &id) in tables.key(o.n, i).iter().enumerate() {
-            if k > 0 {
-                text.push(' ');
-            }
-            text.push_str(&tables.vocab[id as usize]);
-        }
-        if let Some(b) = o.log10_backoff.get(i) {
-            let _ = write!(text, "\t{b}");
-        }
-        text.push('\n');
+        let key = tables.key(o.n, i);
+        push_line(
+            &mut text,
+            o.log10_prob[i],
+            &key,
+            &tables.vocab,
+            o.log10_backoff.get(i),
+        );
     }
     text
 }
@@ -203,33 +230,29 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         // (the entries are counted against it as they are read).
         let mut keys: Vec<u32> = Vec::with_capacity(count.min(1 << 20).saturating_mul(n));
         if n == 1 {
+            // Unigrams, one line at a time: each new word gets the next id.
             let mut l = String::new();
+            let mut out = Parsed::default();
             for k in 0..count {
                 lr.next_nonblank_into(&mut l, format_args!("{count} {n}-grams (read {k})"))?;
-                let mut fields = entry_fields(&l);
-                let prob = parse_f32(fields.next(), &lr, "probability")?;
-                let w = fields
-                    .next()
-                    .ok_or_else(|| lr.err(format!("expected {n} words in `{l}`")))?;
-                if w.starts_with('\\') {
+                parse_entry(&l, n, &mut out, |w| {
+                    let id = vocab.len() as u32;
+                    if ids.insert(w.to_string(), id).is_some() {
+                        return Err(format!("unigram `{w}` appears twice"));
+                    }
+                    vocab.push(w.to_string());
+                    Ok(id)
+                })
+                .map_err(|msg| lr.err(msg))?;
+                if out.section_ended {
                     return Err(lr.err(format!("section ended after {k} of {count} {n}-grams")));
                 }
-                let id = vocab.len() as u32;
-                if ids.insert(w.to_string(), id).is_some() {
-                    return Err(lr.err(format!("unigram `{w}` appears twice")));
-                }
-                vocab.push(w.to_string());
-                keys.push(id);
-                let backoff = match fields.next() {
-                    None => None,
-                    b => Some(parse_f32(b, &lr, "back-off weight")?),
-                };
-                if fields.next().is_some() {
-                    return Err(lr.err(format!("too many fields for a {n}-gram in `{l}`")));
-                }
-                o.log10_prob.push(prob);
-                o.log10_backoff.push(backoff);
             }
+            keys = out.keys;
+            o.log10_prob = out.probs;
+            out.backoffs
+                .into_iter()
+                .for_each(|b| o.log10_backoff.push(b));
         } else {
             // Higher orders: lines are read in batches and parsed in parallel (the words are
             // known by then).
@@ -258,8 +281,12 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
                         let mut out = Parsed::default();
                         for (i, &(line_no, end)) in piece.iter().enumerate() {
                             let k = read + c * ARPA_PIECE + i;
-                            parse_ngram(&text[start..end], n, &ids, &mut out)
-                                .map_err(|msg| (line_no, msg))?;
+                            parse_entry(&text[start..end], n, &mut out, |w| {
+                                ids.get(w)
+                                    .copied()
+                                    .ok_or_else(|| format!("word `{w}` is not among the unigrams"))
+                            })
+                            .map_err(|msg| (line_no, msg))?;
                             if out.section_ended {
                                 return Err((
                                     line_no,
@@ -316,7 +343,7 @@ const ARPA_BATCH: usize = 1 << 16;
 /// Lines one parallel task parses.
 const ARPA_PIECE: usize = 1 << 12;
 
-/// Entries parsed from a piece of a section.
+/// Entries parsed from (a piece of) a section.
 #[derive(Default)]
 struct Parsed {
     keys: Vec<u32>,
@@ -326,12 +353,12 @@ struct Parsed {
     section_ended: bool,
 }
 
-/// Parses one entry of an order `n` > 1 into `out`; an error's message.
-fn parse_ngram(
+/// Parses one entry of order `n` into `out`, each word's id given by `id_of`; an error's message.
+fn parse_entry(
     l: &str,
     n: usize,
-    ids: &FxHashMap<String, u32>,
     out: &mut Parsed,
+    mut id_of: impl FnMut(&str) -> std::result::Result<u32, String>,
 ) -> std::result::Result<(), String> {
     let mut fields = entry_fields(l);
     let f32_of = |s: Option<&str>, what: &str| {
@@ -347,10 +374,7 @@ fn parse_ngram(
             out.section_ended = true;
             return Ok(());
         }
-        let id = ids
-            .get(w)
-            .ok_or_else(|| format!("word `{w}` is not among the unigrams"))?;
-        out.keys.push(*id);
+        out.keys.push(id_of(w)?);
     }
     let backoff = match fields.next() {
         None => None,
@@ -362,12 +386,6 @@ fn parse_ngram(
     out.probs.push(prob);
     out.backoffs.push(backoff);
     Ok(())
-}
-
-fn parse_f32<R: BufRead>(s: Option<&str>, lr: &LineReader<'_, R>, what: &str) -> Result<f32> {
-    let s = s.ok_or_else(|| lr.err(format!("missing {what}")))?;
-    s.parse::<f32>()
-        .map_err(|_| lr.err(format!("bad {what} `{s}`")))
 }
 
 /// The fields of an ARPA entry: `prob TAB w1 w2 … TAB back-off`, as lmplz and SRILM write them,

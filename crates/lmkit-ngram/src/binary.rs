@@ -427,8 +427,8 @@ pub fn save_binary(tables: &NgramTables, path: &Path, kind: BinaryLayout) -> Res
     Ok(lmkit_core::write_atomic_bytes(path, &img)?)
 }
 
-/// Most bits a quantized value may take.
 pub use crate::trie::MAX_POINTER_BITS;
+/// Most bits a quantized value may take.
 pub const MAX_QUANT_BITS: u32 = 16;
 
 /// Header values of an image, checked against its length.

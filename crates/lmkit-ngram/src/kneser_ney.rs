@@ -149,7 +149,7 @@ impl Discounts {
         })
     }
 
-    pub(crate) fn discount(&self, a: u64) -> f64 {
+    fn discount(&self, a: u64) -> f64 {
         match a {
             0 => 0.0,
             1 => self.d[0],
@@ -276,38 +276,24 @@ pub fn estimate(
             if m.is_empty() {
                 return None;
             }
-            // The back-off mass of a group is the discounted mass of its kept entries plus all
-            // of its pruned entries' mass.
-            let (mut sum, mut mass) = (0u64, 0.0f64);
+            let mut g = GroupSum::default();
             for &e in m {
                 let e = e as usize;
                 if n == 1 && t.first[e] == BOS_ID {
                     continue;
                 }
-                let a = cells.count(e);
-                sum += a;
-                mass += if is_marked(n - 1, e) {
-                    a as f64
-                } else {
-                    disc.discount(a)
-                };
+                g.add(disc, cells.count(e), is_marked(n - 1, e));
             }
-            let sum = sum as f64;
-            let gamma = if sum > 0.0 { mass / sum } else { 0.0 };
+            let gamma = g.gamma();
             for &e in m {
                 let e = e as usize;
-                let a = cells.count(e);
-                let u = if sum > 0.0 {
-                    (a as f64 - disc.discount(a)) / sum
-                } else {
-                    0.0
-                };
+                let u = g.discounted(disc, cells.count(e));
                 let backed_off = if n == 1 {
                     uniform
                 } else {
                     lower_p[t.suffix[e] as usize] as f64
                 };
-                cells.set(e, (u + gamma * backed_off) as f32);
+                cells.set(e, interpolate(u, gamma, backed_off));
             }
             Some(gamma.log10() as f32)
         };
@@ -402,6 +388,47 @@ pub fn estimate(
         },
         discounts,
     })
+}
+
+/// One context's group of n-grams, summed: their adjusted counts, and the back-off mass they
+/// leave (the discounted mass of the kept ones plus all of the pruned ones' mass).
+#[derive(Default)]
+pub(crate) struct GroupSum {
+    sum: u64,
+    mass: f64,
+}
+
+impl GroupSum {
+    /// A member with adjusted count `a`.
+    pub(crate) fn add(&mut self, d: &Discounts, a: u64, pruned: bool) {
+        self.sum += a;
+        self.mass += if pruned { a as f64 } else { d.discount(a) };
+    }
+
+    /// The context's back-off weight γ(h) (linear).
+    pub(crate) fn gamma(&self) -> f64 {
+        let sum = self.sum as f64;
+        if sum > 0.0 {
+            self.mass / sum
+        } else {
+            0.0
+        }
+    }
+
+    /// A member's discounted probability u(w|h), from its adjusted count `a`.
+    pub(crate) fn discounted(&self, d: &Discounts, a: u64) -> f64 {
+        let sum = self.sum as f64;
+        if sum > 0.0 {
+            (a as f64 - d.discount(a)) / sum
+        } else {
+            0.0
+        }
+    }
+}
+
+/// p(w|h) = u(w|h) + γ(h)·p(w|h'), as a model keeps it until written (f32).
+pub(crate) fn interpolate(u: f64, gamma: f64, backed_off: f64) -> f32 {
+    (u + gamma * backed_off) as f32
 }
 
 /// With `--limit-vocab`, which words (by id) n-grams may hold: the listed ones and `<s>`, `</s>`
@@ -517,9 +544,14 @@ fn to_log10(p: &mut [f32], unigrams: bool) {
         *x = if unigrams && i == BOS_ID as usize {
             BOS_LOG10_PROB
         } else {
-            (*x as f64).log10() as f32
+            log10_prob(*x)
         };
     });
+}
+
+/// The log10 probability a model stores for the linear probability `p`.
+pub(crate) fn log10_prob(p: f32) -> f32 {
+    (p as f64).log10() as f32
 }
 
 /// Renumbers the words so the vocabulary holds only the words that kept their unigram (in the same

@@ -47,21 +47,36 @@ pub struct Trained {
 
 /// Counts `inputs` and estimates an interpolated modified Kneser-Ney model.
 pub fn train(inputs: &[PathBuf], opts: &TrainOptions, progress: &dyn Progress) -> Result<Trained> {
+    check_options(opts)?;
+    let mut adjuster = adjust::Adjuster::new(opts.order, opts.estimation.prunes());
+    let (vocab, stats) = count::count_ngrams(inputs, opts, progress, &mut adjuster)?;
+    estimate_in_memory(adjuster, vocab.into_words(), stats, opts, progress)
+}
+
+/// Rejects a bad order or bad pruning options before time is spent on counting.
+fn check_options(opts: &TrainOptions) -> Result<()> {
     if opts.order == 0 || opts.order > MAX_ORDER {
         return Err(NgramError::BadOrder {
             order: opts.order,
             max: MAX_ORDER,
         });
     }
-    // Reject bad pruning options before spending time on counting.
     opts.estimation.thresholds(opts.order)?;
-    let mut adjuster = adjust::Adjuster::new(opts.order, opts.estimation.prunes());
-    let (vocab, stats) = count::count_ngrams(inputs, opts, progress, &mut adjuster)?;
+    Ok(())
+}
+
+/// The model from the adjusted counts of `adjuster`, estimated in memory.
+fn estimate_in_memory(
+    adjuster: adjust::Adjuster,
+    vocab: Vec<String>,
+    stats: CorpusStats,
+    opts: &TrainOptions,
+    progress: &dyn Progress,
+) -> Result<Trained> {
     progress.begin("estimating", 0, Unit::Items);
-    let counts = adjuster.finish();
     let est = kneser_ney::estimate(
-        counts,
-        vocab.into_words(),
+        adjuster.finish(),
+        vocab,
         opts.tokenization,
         &opts.estimation,
     )?;
@@ -96,13 +111,7 @@ pub fn train_arpa(
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<ArpaTrained> {
-    if opts.order == 0 || opts.order > MAX_ORDER {
-        return Err(NgramError::BadOrder {
-            order: opts.order,
-            max: MAX_ORDER,
-        });
-    }
-    opts.estimation.thresholds(opts.order)?;
+    check_options(opts)?;
     enum Sink<'a> {
         Pending(&'a TrainOptions),
         Memory(adjust::Adjuster),
@@ -147,14 +156,12 @@ pub fn train_arpa(
             })
         }
         Sink::Memory(a) => {
-            progress.begin("estimating", 0, Unit::Items);
-            let est = kneser_ney::estimate(a.finish(), vocab, opts.tokenization, &opts.estimation)?;
-            progress.finish();
-            arpa::save_arpa(&est.tables, path)?;
+            let t = estimate_in_memory(a, vocab, stats, opts, progress)?;
+            arpa::save_arpa(&t.tables, path)?;
             Ok(ArpaTrained {
-                counts: est.tables.orders.iter().map(|o| o.len() as u64).collect(),
-                discounts: est.discounts,
-                stats,
+                counts: t.tables.orders.iter().map(|o| o.len() as u64).collect(),
+                discounts: t.discounts,
+                stats: t.stats,
                 on_disk: false,
             })
         }

@@ -18,13 +18,15 @@
 //! the in-memory estimate's, step for step, so both give the same file byte for byte.
 
 use crate::adjust::{CountOfCounts, Emit, Tables};
+use crate::arpa::{push_line, write_header};
 use crate::error::{NgramError, Result};
 use crate::extsort::{KeyOrder, RunReader, RunWriter, Sorter};
-use crate::kneser_ney::{allowed_words, Discounts, EstimateOptions, BOS_LOG10_PROB};
-use crate::tables::backoff_bits;
+use crate::kneser_ney::{
+    allowed_words, interpolate, log10_prob, Discounts, EstimateOptions, GroupSum, BOS_LOG10_PROB,
+};
+use crate::tables::{backoff_bits, backoff_of_bits};
 use crate::vocab::{BOS_ID, EOS_ID};
 use crate::{Progress, Unit};
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -175,27 +177,15 @@ impl OnDisk {
         let kept_words = uni_marked.iter().filter(|&&m| !m).count();
         let uniform = 1.0 / (kept_words as f64 - 1.0);
         let d1 = &discounts[0];
-        let (mut sum, mut mass) = (0u64, 0.0f64);
+        let mut g = GroupSum::default();
         for (e, &m) in uni_marked.iter().enumerate() {
-            if uni.first[e] == BOS_ID {
-                continue;
+            if uni.first[e] != BOS_ID {
+                g.add(d1, uni.counts.get(e), m);
             }
-            let a = uni.counts.get(e);
-            sum += a;
-            mass += if m { a as f64 } else { d1.discount(a) };
         }
-        let sum = sum as f64;
-        let gamma = if sum > 0.0 { mass / sum } else { 0.0 };
+        let gamma = g.gamma();
         let uni_p: Vec<f32> = (0..uni.len())
-            .map(|e| {
-                let a = uni.counts.get(e);
-                let u = if sum > 0.0 {
-                    (a as f64 - d1.discount(a)) / sum
-                } else {
-                    0.0
-                };
-                (u + gamma * uniform) as f32
-            })
+            .map(|e| interpolate(g.discounted(d1, uni.counts.get(e)), gamma, uniform))
             .collect();
         let mut entry_of = vec![u32::MAX; vocab.len()];
         for (e, &w) in uni.first.iter().enumerate() {
@@ -244,18 +234,12 @@ impl OnDisk {
                 };
                 if ends {
                     // One context's group: its back-off, its members' discounted probabilities.
-                    let (mut sum, mut mass) = (0u64, 0.0f64);
+                    let mut g = GroupSum::default();
                     for m in group.chunks_exact(w) {
-                        let a = get_u64(m, n);
-                        sum += a;
-                        mass += if prunes && marked(n, &m[..n], get_u64(m, n + 2)) {
-                            a as f64
-                        } else {
-                            d.discount(a)
-                        };
+                        let pruned = prunes && marked(n, &m[..n], get_u64(m, n + 2));
+                        g.add(d, get_u64(m, n), pruned);
                     }
-                    let sum = sum as f64;
-                    let gamma = if sum > 0.0 { mass / sum } else { 0.0 };
+                    let gamma = g.gamma();
                     let gamma_bits = backoff_bits(Some(gamma.log10() as f32));
                     match &mut contexts {
                         Some(c) => {
@@ -267,12 +251,7 @@ impl OnDisk {
                         None => uni_backoff[entry_of[group[0] as usize] as usize] = gamma_bits,
                     }
                     for m in group.chunks_exact(w) {
-                        let a = get_u64(m, n);
-                        let u = if sum > 0.0 {
-                            (a as f64 - d.discount(a)) / sum
-                        } else {
-                            0.0
-                        };
+                        let u = g.discounted(d, get_u64(m, n));
                         // This n-gram's own back-off: the order above's groups come in the same
                         // (context) order, each one's context an n-gram of this order.
                         let mut own = backoff_bits(None);
@@ -359,9 +338,8 @@ impl OnDisk {
                     for block in rx {
                         for r in block.chunks_exact(width) {
                             line.clear();
-                            let own = (r[1] != backoff_bits(None)).then(|| f32::from_bits(r[1]));
-                            let p = (f32::from_bits(r[0]) as f64).log10() as f32;
-                            arpa_line(&mut line, p, &r[2..], vocab, own);
+                            let p = log10_prob(f32::from_bits(r[0]));
+                            push_line(&mut line, p, &r[2..], vocab, backoff_of_bits(r[1]));
                             text.write_all(line.as_bytes())
                                 .map_err(|e| NgramError::io(&dir, e))?;
                         }
@@ -396,7 +374,7 @@ impl OnDisk {
                                 f32::from_bits(low.rec()[n - 1])
                             }
                         };
-                        let p = (u + gamma * lower_p as f64) as f32;
+                        let p = interpolate(u, gamma, lower_p as f64);
                         if let Some(w) = &mut probs {
                             rec.clear();
                             rec.extend_from_slice(key);
@@ -448,10 +426,7 @@ impl OnDisk {
         drop(lower);
 
         lmkit_core::write_atomic(path, |w| {
-            writeln!(w, "\\data\\")?;
-            for (n, c) in counts.iter().enumerate() {
-                writeln!(w, "ngram {}={c}", n + 1)?;
-            }
+            write_header(w, counts.iter().copied())?;
             writeln!(w, "\n\\1-grams:")?;
             for e in 0..uni.len() {
                 if uni_marked[e] {
@@ -460,12 +435,11 @@ impl OnDisk {
                 let p = if uni.first[e] == BOS_ID {
                     BOS_LOG10_PROB
                 } else {
-                    (uni_p[e] as f64).log10() as f32
+                    log10_prob(uni_p[e])
                 };
-                let own = uni_backoff[e];
-                let own = (own != backoff_bits(None)).then(|| f32::from_bits(own));
                 line.clear();
-                arpa_line(&mut line, p, &uni.first[e..e + 1], vocab, own);
+                let own = backoff_of_bits(uni_backoff[e]);
+                push_line(&mut line, p, &uni.first[e..e + 1], vocab, own);
                 w.write_all(line.as_bytes())?;
             }
             for (n, mut section) in (2..).zip(sections) {
@@ -476,19 +450,4 @@ impl OnDisk {
         })?;
         Ok(ArpaSummary { counts, discounts })
     }
-}
-
-/// One ARPA line, as [`write_arpa`](crate::arpa::write_arpa) writes it.
-fn arpa_line(text: &mut String, log10_prob: f32, key: &[u32], vocab: &[String], b: Option<f32>) {
-    let _ = write!(text, "{log10_prob}\t");
-    for (k, &id) in key.iter().enumerate() {
-        if k > 0 {
-            text.push(' ');
-        }
-        text.push_str(&vocab[id as usize]);
-    }
-    if let Some(b) = b {
-        let _ = write!(text, "\t{b}");
-    }
-    text.push('\n');
 }

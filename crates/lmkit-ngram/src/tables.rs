@@ -127,6 +127,11 @@ pub(crate) fn backoff_bits(b: Option<f32>) -> u32 {
     b.map_or(NO_BACKOFF, f32::to_bits)
 }
 
+/// The back-off weight (or its absence) stored as `bits` by [`backoff_bits`].
+pub(crate) fn backoff_of_bits(bits: u32) -> Option<f32> {
+    (bits != NO_BACKOFF).then(|| f32::from_bits(bits))
+}
+
 impl Backoffs {
     /// `len` n-grams, none of them a context.
     pub fn none(len: usize) -> Self {
@@ -140,10 +145,7 @@ impl Backoffs {
 
     pub fn get(&self, i: usize) -> Option<f32> {
         match &self.0 {
-            Repr::Each(v) => {
-                let b = v[i];
-                (b != NO_BACKOFF).then(|| f32::from_bits(b))
-            }
+            Repr::Each(v) => backoff_of_bits(v[i]),
             Repr::None(len) => {
                 assert!(i < *len, "back-off {i} of {len}");
                 None
