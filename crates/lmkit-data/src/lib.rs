@@ -383,9 +383,15 @@ impl<'a> Analyzer<'a> {
                 } else {
                     None
                 };
-                let (mut text, dates) =
-                    normalize::normalize(repaired.as_deref().unwrap_or(&d.text), &opts.normalize);
-                let changed = text != d.text;
+                let read_bytes = d.text.len() as u64;
+                let (mut text, changed, dates) = match &repaired {
+                    Some(r) => {
+                        let (t, n) = normalize::normalize(r, &opts.normalize);
+                        let changed = t != d.text;
+                        (t, changed, n)
+                    }
+                    None => normalize::normalize_owned(d.text, &opts.normalize),
+                };
                 let mut c4_lines = 0;
                 let mut drop = None;
                 if opts.c4 {
@@ -426,7 +432,7 @@ impl<'a> Analyzer<'a> {
                     .then(|| shards::json_line(&text, &d.source));
                 Processed {
                     source: d.source,
-                    read_bytes: d.text.len() as u64,
+                    read_bytes,
                     c4_lines: c4_lines as u32,
                     mojibake: repaired.is_some(),
                     changed,

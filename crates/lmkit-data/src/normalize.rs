@@ -90,6 +90,99 @@ fn plain_at(line: &str, k: usize) -> bool {
     }
 }
 
+/// Zero-width characters and soft hyphens: removed, they carry no text.
+fn zero_width(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
+    )
+}
+
+/// Whether [`normalize`] (before dates) gives `text` back as it is: no carriage return, in NFKC
+/// (when asked), and every line already trimmed, with single spaces, no other whitespace,
+/// controls or zero-width characters, and at most one blank line in a row, none first or last.
+/// One pass over the bytes; it may say no to text that would not change, never yes to text that
+/// would.
+fn is_normalized(text: &str, nfkc: bool) -> bool {
+    let b = text.as_bytes();
+    let n = b.len();
+    let mut i = 0;
+    while i < n {
+        let c = b[i];
+        if (0x21..0x7f).contains(&c) {
+            i += 1;
+            continue;
+        }
+        match c {
+            b' ' => {
+                // Not first or last in a line, not beside another space.
+                let before = i.checked_sub(1).map(|k| b[k]);
+                if matches!(before, None | Some(b' ' | b'\n'))
+                    || matches!(b.get(i + 1), None | Some(b' ' | b'\n'))
+                {
+                    return false;
+                }
+                i += 1;
+            }
+            b'\n' => {
+                // Not first or last, and never a third in a row (two blank lines).
+                if i == 0 || i + 1 == n || (i >= 2 && b[i - 1] == b'\n' && b[i - 2] == b'\n') {
+                    return false;
+                }
+                i += 1;
+            }
+            0..0x80 => return false, // controls, tabs, carriage returns
+            _ => {
+                // A run of characters other than the stable ones, checked as `nfkc` checks it:
+                // with the character before it.
+                let start = text[..i]
+                    .chars()
+                    .next_back()
+                    .map_or(i, |p| i - p.len_utf8());
+                let mut end = i;
+                for ch in text[i..].chars() {
+                    if stable(ch) {
+                        break;
+                    }
+                    if ch.is_whitespace() || ch.is_control() || zero_width(ch) {
+                        return false;
+                    }
+                    end += ch.len_utf8();
+                }
+                if end == i {
+                    i += text[i..].chars().next().map_or(1, char::len_utf8);
+                    continue;
+                }
+                if nfkc
+                    && unicode_normalization::is_nfkc_quick(text[start..end].chars())
+                        != unicode_normalization::IsNormalized::Yes
+                {
+                    return false;
+                }
+                i = end;
+            }
+        }
+    }
+    true
+}
+
+/// [`normalize`] of an owned text: the normalized text, whether it differs from `text`, and the
+/// number of dates rewritten. Text that is clean already (most of it) comes back as it is, with
+/// no copy.
+pub fn normalize_owned(text: String, opts: &NormalizeOptions) -> (String, bool, usize) {
+    if !is_normalized(&text, opts.nfkc) {
+        let (out, dates) = normalize(&text, opts);
+        let changed = out != text;
+        return (out, changed, dates);
+    }
+    if !opts.dates {
+        return (text, false, 0);
+    }
+    let (out, dates) = crate::dates::normalize_dates(&text);
+    let changed = out != text;
+    (out, changed, dates)
+}
+
 /// The normalized text and the number of dates rewritten.
 pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
     let text: std::borrow::Cow<str> = if text.contains('\r') {
@@ -151,11 +244,8 @@ pub fn normalize(text: &str, opts: &NormalizeOptions) -> (String, usize) {
             }
             let c = line[i..].chars().next().unwrap_or_default();
             i += c.len_utf8();
-            if matches!(
-                c,
-                '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
-            ) {
-                continue; // zero-width characters and soft hyphens carry no text
+            if zero_width(c) {
+                continue;
             }
             if c.is_whitespace() {
                 space = true;
@@ -316,50 +406,80 @@ mod tests {
         lines.concat()
     }
 
+    /// Pieces of text for the random tests: every kind of character `normalize` treats apart.
+    const MIXED: &[&str] = &[
+        "a",
+        "Bc",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\r",
+        "\u{7}",
+        "\u{7F}",
+        "\u{A0}",
+        "é",
+        "e\u{301}",
+        "\u{200B}",
+        "\u{AD}",
+        "가",
+        "ｆ",
+        "①",
+        "\u{3000}",
+        "\u{85}",
+        ".",
+        "\n\n\n",
+        "한국어",
+        "“q”",
+        "\u{2026}",
+        "—",
+        "\u{11A8}",
+        "\u{1100}",
+        "\u{1161}",
+        "漢字",
+        "かな",
+        "・",
+        "\u{FF61}",
+        "\u{2000}",
+    ];
+
     #[test]
     fn runs_equal_the_character_definition() {
-        let pieces = [
-            "a",
-            "Bc",
-            " ",
-            "  ",
-            "\t",
-            "\n",
-            "\r\n",
-            "\r",
-            "\u{7}",
-            "\u{7F}",
-            "\u{A0}",
-            "é",
-            "e\u{301}",
-            "\u{200B}",
-            "\u{AD}",
-            "가",
-            "ｆ",
-            "①",
-            "\u{3000}",
-            "\u{85}",
-            ".",
-            "\n\n\n",
-            "한국어",
-            "“q”",
-            "\u{2026}",
-            "—",
-            "\u{11A8}",
-            "\u{1100}",
-            "\u{1161}",
-            "漢字",
-            "かな",
-            "・",
-            "\u{FF61}",
-            "\u{2000}",
-        ];
-        for text in random_texts(&pieces, 3, 20_000, 12) {
+        for text in random_texts(MIXED, 3, 20_000, 12) {
             assert_eq!(
                 normalize(&text, &NormalizeOptions::default()).0,
                 by_chars(&text),
                 "{text:?}"
             );
         }
+    }
+
+    /// Text said to be clean comes back as it is, and the owned path gives what `normalize`
+    /// gives: random texts, and the normalized ones (clean, so most take the short path).
+    #[test]
+    fn clean_text_is_returned_as_it_is() {
+        let mut clean = 0;
+        for nfkc in [true, false] {
+            let o = NormalizeOptions {
+                nfkc,
+                ..Default::default()
+            };
+            for text in random_texts(MIXED, 5, 20_000, 12) {
+                let (once, _) = normalize(&text, &o);
+                for t in [text, once] {
+                    let (want, _) = normalize(&t, &o);
+                    if is_normalized(&t, nfkc) {
+                        assert_eq!(want, t, "{t:?}");
+                        clean += 1;
+                    }
+                    let (got, changed, _) = normalize_owned(t.clone(), &o);
+                    assert_eq!(got, want, "{t:?}");
+                    assert_eq!(changed, want != t, "{t:?}");
+                }
+            }
+        }
+        // Most normalized texts are recognized as such.
+        assert!(clean > 30_000, "{clean}");
     }
 }
