@@ -21,6 +21,7 @@ pub mod pii;
 pub mod shards;
 pub mod spill;
 pub mod stats;
+mod swar;
 pub mod task;
 pub mod warc;
 
