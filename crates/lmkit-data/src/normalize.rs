@@ -106,21 +106,22 @@ fn zero_width(c: char) -> bool {
 fn is_normalized(text: &str, nfkc: bool) -> bool {
     let b = text.as_bytes();
     let n = b.len();
+    // Spaces first or last in a line: at the ends here, beside line ends below.
+    if b.first() == Some(&b' ') || b.last() == Some(&b' ') {
+        return false;
+    }
     let mut i = 0;
     while i < n {
-        // Eight bytes at a time while they are printable ASCII and single spaces.
+        // Eight bytes at a time while they are printable ASCII and spaces, none beside another.
+        let mut space_before = i > 0 && b[i - 1] == b' ';
         while i + 8 <= n {
-            let w = crate::swar::load(b, i);
-            let spaces = printable_with_spaces(w);
-            let Some(spaces) = spaces else { break };
-            // Beside one another, first in a line or last in one: left to the byte checks.
-            if spaces & (spaces << 8) != 0
-                || (spaces & 0x80 != 0
-                    && matches!(i.checked_sub(1).map(|k| b[k]), None | Some(b' ' | b'\n')))
-                || (spaces >> 63 != 0 && matches!(b.get(i + 8), None | Some(b' ' | b'\n')))
-            {
+            let Some(spaces) = printable_with_spaces(crate::swar::load(b, i)) else {
                 break;
+            };
+            if spaces & ((spaces << 8) | u64::from(space_before) << 7) != 0 {
+                return false;
             }
+            space_before = spaces >> 63 != 0;
             i += 8;
         }
         if i >= n {
@@ -131,12 +132,13 @@ fn is_normalized(text: &str, nfkc: bool) -> bool {
             i += 1;
             continue;
         }
-        // Hangul syllables (three bytes, 0xEA..0xED first) are stable as they are.
-        if (0xEA..=0xED).contains(&c) && i + 3 <= n {
+        // Three-byte characters that are stable as they are: Hangul syllables, dashes and curly
+        // quotes (decoded here without the general path's look back).
+        if (0xE0..=0xEF).contains(&c) && i + 3 <= n {
             let ch = (u32::from(c & 0x0F) << 12)
                 | (u32::from(b[i + 1] & 0x3F) << 6)
                 | u32::from(b[i + 2] & 0x3F);
-            if (0xAC00..=0xD7A3).contains(&ch) {
+            if char::from_u32(ch).is_some_and(stable) {
                 i += 3;
                 continue;
             }
@@ -153,8 +155,13 @@ fn is_normalized(text: &str, nfkc: bool) -> bool {
                 i += 1;
             }
             b'\n' => {
-                // Not first or last, and never a third in a row (two blank lines).
-                if i == 0 || i + 1 == n || (i >= 2 && b[i - 1] == b'\n' && b[i - 2] == b'\n') {
+                // Not first or last, never a third in a row (two blank lines), no space beside.
+                if i == 0
+                    || i + 1 == n
+                    || b[i - 1] == b' '
+                    || b[i + 1] == b' '
+                    || (i >= 2 && b[i - 1] == b'\n' && b[i - 2] == b'\n')
+                {
                     return false;
                 }
                 i += 1;
@@ -197,9 +204,11 @@ fn is_normalized(text: &str, nfkc: bool) -> bool {
 /// For eight bytes (little-endian `w`) that are all printable ASCII or spaces: the spaces, as the
 /// high bit of their bytes. `None` when any byte is something else.
 fn printable_with_spaces(w: u64) -> Option<u64> {
-    use crate::swar::{any_below, equal, HIGH};
-    let other = (w & HIGH) | any_below(w, 0x20) | equal(w, 0x7F);
-    (other == 0).then(|| equal(w, b' '))
+    use crate::swar::{equal, HIGH, ONES};
+    // A byte from 0x20 to 0x7E: no high bit in it, in it less 0x20 (else it borrows) or in it
+    // plus one (0x7F gives one). Carries and borrows start only at bytes outside.
+    let outside = (w | w.wrapping_sub(ONES * 0x20) | w.wrapping_add(ONES)) & HIGH;
+    (outside == 0).then(|| equal(w, b' '))
 }
 
 /// [`normalize`] of an owned text: the normalized text, whether it differs from `text`, and the

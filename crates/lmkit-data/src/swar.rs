@@ -3,7 +3,7 @@
 
 const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
 pub(crate) const HIGH: u64 = 0x8080_8080_8080_8080;
-const ONES: u64 = 0x0101_0101_0101_0101;
+pub(crate) const ONES: u64 = 0x0101_0101_0101_0101;
 
 /// The eight bytes of `b` from `i` (there must be eight).
 pub(crate) fn load(b: &[u8], i: usize) -> u64 {
