@@ -603,8 +603,21 @@ impl JsonBlock {
 }
 
 /// The text (and URL) fields of one JSON object, the other fields passed over without being
-/// built (and the line's UTF-8 checked only where the parser reads strings).
+/// built (and the line's UTF-8 checked only where the parser reads strings). A flat object is
+/// read by [`crate::flat_json`]; anything else, errors included, by `serde_json`.
 fn json_text(
+    line: &[u8],
+    field: &str,
+    url_field: Option<&str>,
+) -> std::result::Result<TextUrl, String> {
+    match crate::flat_json::text_and_url(line, field, url_field) {
+        Some(got) => Ok(got),
+        None => json_text_parsed(line, field, url_field),
+    }
+}
+
+/// [`json_text`] through `serde_json`, for every JSON line.
+pub(crate) fn json_text_parsed(
     line: &[u8],
     field: &str,
     url_field: Option<&str>,

@@ -10,6 +10,7 @@ pub mod dates;
 pub mod dedup;
 pub mod error;
 pub mod filters;
+mod flat_json;
 pub mod html;
 pub mod ingest;
 pub mod lang;
