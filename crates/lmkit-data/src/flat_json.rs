@@ -4,7 +4,7 @@
 //! else (a nested value, an escaped key, bad JSON, a missing or non-string text) is left to the
 //! full parser, which also names what is wrong: this path only ever agrees with it.
 
-use crate::swar::{any_below, equal, load};
+use crate::swar::{is_json_special, json_special};
 
 /// Where the scan is in a line.
 struct Scan<'a> {
@@ -33,21 +33,8 @@ impl Scan<'_> {
     /// From after an opening quote to the next byte that is a quote, a backslash or a control
     /// (returned with its place), eight bytes at a time.
     fn next_special(&mut self) -> Option<u8> {
-        let b = self.b;
-        while self.i + 8 <= b.len() {
-            let w = load(b, self.i);
-            if any_below(w, 0x20) | equal(w, b'"') | equal(w, b'\\') != 0 {
-                break;
-            }
-            self.i += 8;
-        }
-        while let Some(c) = self.peek() {
-            if c == b'"' || c == b'\\' || c < 0x20 {
-                return Some(c);
-            }
-            self.i += 1;
-        }
-        None
+        self.i = crate::swar::find(self.b, self.i, json_special, is_json_special);
+        self.peek()
     }
 
     /// A string's raw bytes (between the quotes) when it has no escapes; `None` otherwise.

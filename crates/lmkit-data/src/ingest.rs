@@ -546,7 +546,7 @@ struct JsonBlock {
 }
 
 impl JsonBlock {
-    const LINES: usize = 2048;
+    const LINES: usize = 512;
     const BYTES: usize = 8 << 20;
 
     fn push(&mut self, line_no: u64, line: &[u8]) {

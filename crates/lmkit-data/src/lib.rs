@@ -297,7 +297,7 @@ pub(crate) struct FileNotes {
 
 /// Documents go through the per-document steps this many at a time, on all cores (up to four
 /// batches are in flight between reading and writing).
-const BATCH: usize = 2048;
+const BATCH: usize = 512;
 
 /// The per-document steps: normalization, filters, language, masking, hashes and signatures.
 pub(crate) struct Analyzer<'a> {

@@ -115,11 +115,16 @@ fn is_normalized(text: &str, nfkc: bool) -> bool {
         // Eight bytes at a time while they are printable ASCII and spaces, none beside another.
         let mut space_before = i > 0 && b[i - 1] == b' ';
         while i + 8 <= n {
-            let Some(spaces) = printable_with_spaces(crate::swar::load(b, i)) else {
-                break;
-            };
+            let (outside, spaces) = printable_and_spaces(crate::swar::load(b, i));
+            // The bytes before the first one outside (all eight when none is).
+            let inside = outside.trailing_zeros() / 8;
+            let spaces = spaces & u64::MAX.checked_shr(64 - 8 * inside).unwrap_or(0);
             if spaces & ((spaces << 8) | u64::from(space_before) << 7) != 0 {
                 return false;
+            }
+            if inside < 8 {
+                i += inside as usize;
+                break;
             }
             space_before = spaces >> 63 != 0;
             i += 8;
@@ -201,14 +206,14 @@ fn is_normalized(text: &str, nfkc: bool) -> bool {
     true
 }
 
-/// For eight bytes (little-endian `w`) that are all printable ASCII or spaces: the spaces, as the
-/// high bit of their bytes. `None` when any byte is something else.
-fn printable_with_spaces(w: u64) -> Option<u64> {
+/// For eight bytes (little-endian `w`): those outside printable ASCII and space (0x20..=0x7E) —
+/// the first exactly, as the high bit of its byte — and the spaces, exactly.
+fn printable_and_spaces(w: u64) -> (u64, u64) {
     use crate::swar::{equal, HIGH, ONES};
     // A byte from 0x20 to 0x7E: no high bit in it, in it less 0x20 (else it borrows) or in it
     // plus one (0x7F gives one). Carries and borrows start only at bytes outside.
     let outside = (w | w.wrapping_sub(ONES * 0x20) | w.wrapping_add(ONES)) & HIGH;
-    (outside == 0).then(|| equal(w, b' '))
+    (outside, equal(w, b' '))
 }
 
 /// [`normalize`] of an owned text: the normalized text, whether it differs from `text`, and the
@@ -552,17 +557,18 @@ mod tests {
         for _ in 0..200_000 {
             let bytes: [u8; 8] =
                 std::array::from_fn(|_| edges[(rng.next_u64() % edges.len() as u64) as usize]);
-            let want = bytes.iter().all(|b| (0x20..0x7F).contains(b)).then(|| {
-                bytes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &b)| b == b' ')
-                    .map(|(k, _)| 0x80u64 << (8 * k))
-                    .sum::<u64>()
-            });
+            let first_outside = bytes.iter().position(|b| !(0x20..0x7F).contains(b));
+            let spaces: u64 = bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b == b' ')
+                .map(|(k, _)| 0x80u64 << (8 * k))
+                .sum();
+            let (outside, got_spaces) = printable_and_spaces(u64::from_le_bytes(bytes));
+            assert_eq!(got_spaces, spaces, "{bytes:?}");
             assert_eq!(
-                printable_with_spaces(u64::from_le_bytes(bytes)),
-                want,
+                (outside.trailing_zeros() / 8) as usize,
+                first_outside.unwrap_or(8),
                 "{bytes:?}"
             );
         }

@@ -34,22 +34,15 @@ fn json_line_into(line: &mut Vec<u8>, text: &str, source: &str) {
 /// below U+0020: `\n`, `\t`, ... or `\u00XX`). Runs that need no escape are copied whole, found
 /// eight bytes at a time.
 fn json_string_into(line: &mut Vec<u8>, s: &str) {
-    use crate::swar::{any_below, equal, load};
+    use crate::swar::{find, is_json_special, json_special};
     let b = s.as_bytes();
     line.reserve(b.len() + 2);
     line.push(b'"');
     let mut copied = 0;
-    let mut i = 0;
-    while i < b.len() {
-        if i + 8 <= b.len() {
-            let w = load(b, i);
-            // Controls below 0x20 (bytes of multi-byte characters are all 0x80 or more).
-            if any_below(w, 0x20) | equal(w, b'"') | equal(w, b'\\') == 0 {
-                i += 8;
-                continue;
-            }
-        }
-        let c = b[i];
+    loop {
+        let i = find(b, copied, json_special, is_json_special);
+        line.extend_from_slice(&b[copied..i]);
+        let Some(&c) = b.get(i) else { break };
         let escape: &[u8] = match c {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -58,27 +51,18 @@ fn json_string_into(line: &mut Vec<u8>, s: &str) {
             b'\r' => b"\\r",
             0x08 => b"\\b",
             0x0C => b"\\f",
-            0..0x20 => {
+            _ => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                line.extend_from_slice(&b[copied..i]);
                 line.extend_from_slice(b"\\u00");
                 line.push(HEX[usize::from(c >> 4)]);
                 line.push(HEX[usize::from(c & 15)]);
-                i += 1;
-                copied = i;
-                continue;
-            }
-            _ => {
-                i += 1;
+                copied = i + 1;
                 continue;
             }
         };
-        line.extend_from_slice(&b[copied..i]);
         line.extend_from_slice(escape);
-        i += 1;
-        copied = i;
+        copied = i + 1;
     }
-    line.extend_from_slice(&b[copied..]);
     line.push(b'"');
 }
 

@@ -20,8 +20,39 @@ pub(crate) fn equal(x: u64, c: u8) -> u64 {
     zero(x ^ (ONES * u64::from(c)))
 }
 
-/// Nonzero when some byte is below `n` (`n` ≤ 0x80); which ones it marks is exact only up to the
-/// first, so use it as a yes/no.
+/// The bytes below `n` (`n` ≤ 0x80): the lowest mark is exact, later ones may not be (a borrow
+/// runs on from a marked byte).
 pub(crate) fn any_below(x: u64, n: u8) -> u64 {
     x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH
+}
+
+/// The first index from `i` whose byte `hit` marks, found eight bytes at a time by `mask`
+/// (which marks the same bytes, the lowest mark exactly); `b.len()` when there is none.
+pub(crate) fn find(
+    b: &[u8],
+    mut i: usize,
+    mask: impl Fn(u64) -> u64,
+    hit: impl Fn(u8) -> bool,
+) -> usize {
+    while i + 8 <= b.len() {
+        let m = mask(load(b, i));
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    b[i..]
+        .iter()
+        .position(|&c| hit(c))
+        .map_or(b.len(), |k| i + k)
+}
+
+/// The bytes a JSON string must escape (controls, quotes, backslashes).
+pub(crate) fn json_special(w: u64) -> u64 {
+    any_below(w, 0x20) | equal(w, b'"') | equal(w, b'\\')
+}
+
+/// [`json_special`] for one byte.
+pub(crate) fn is_json_special(c: u8) -> bool {
+    c < 0x20 || c == b'"' || c == b'\\'
 }
