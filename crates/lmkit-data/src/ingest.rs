@@ -418,7 +418,7 @@ pub fn read_docs_in(
                 if !text.trim().is_empty() {
                     f(Doc {
                         text: text.to_string(),
-                        source: format!("{display}:{line_no}"),
+                        source: source_at(&display, line_no),
                         url: None,
                     })?;
                 }
@@ -428,7 +428,7 @@ pub fn read_docs_in(
                     if !pending.trim().is_empty() {
                         f(Doc {
                             text: std::mem::take(&mut pending),
-                            source: format!("{display}:{pending_start}"),
+                            source: source_at(&display, pending_start),
                             url: None,
                         })?;
                     }
@@ -448,7 +448,7 @@ pub fn read_docs_in(
     if !pending.trim().is_empty() {
         f(Doc {
             text: pending,
-            source: format!("{display}:{pending_start}"),
+            source: source_at(&display, pending_start),
             url: None,
         })?;
     }
@@ -530,6 +530,16 @@ fn bad_line(
     Ok(())
 }
 
+/// A document's source: `path:line`.
+fn source_at(path: &str, line: u64) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(path.len() + 12);
+    s.push_str(path);
+    // Writing to a String cannot fail.
+    let _ = write!(s, ":{line}");
+    s
+}
+
 /// What a line that is not UTF-8 is reported as.
 fn not_utf8(e: &std::str::Utf8Error) -> String {
     format!("line is not valid UTF-8 (byte {})", e.valid_up_to())
@@ -584,13 +594,13 @@ impl JsonBlock {
         } else {
             self.lines.iter().map(parse).collect()
         };
-        let display = path.display();
+        let display = path.display().to_string();
         for (&(line_no, _, _), got) in self.lines.iter().zip(parsed) {
             match got {
                 Ok(None) => {}
                 Ok(Some((text, url))) => f(Doc {
                     text,
-                    source: format!("{display}:{line_no}"),
+                    source: source_at(&display, line_no),
                     url,
                 })?,
                 Err(msg) => bad_line(path, line_no, msg, opts.skip_bad, skipped)?,

@@ -737,6 +737,9 @@ impl State {
                     if e.samples.len() < samples {
                         let (kept, kept_text) =
                             self.exact_first.get(&p.exact).cloned().unwrap_or_default();
+                        if e.samples.len() + 1 == samples {
+                            self.exact_first = Default::default();
+                        }
                         e.samples.push(DupSample {
                             removed: p.source.clone(),
                             kept,
@@ -747,7 +750,9 @@ impl State {
                     }
                     continue;
                 }
-                if self.exact_first.len() < self.exact_first_cap {
+                // Only read for the report's samples: not kept once they are all there.
+                let sampling = self.report.exact_duplicates.samples.len() < samples;
+                if sampling && self.exact_first.len() < self.exact_first_cap {
                     self.exact_first
                         .insert(p.exact, (p.source.clone(), preview(&p.text)));
                 }
