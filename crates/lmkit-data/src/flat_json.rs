@@ -226,12 +226,12 @@ pub(crate) fn text_and_url(
                     text = Some(s.string_into(scratch)?.to_owned());
                 } else if is_url && quoted {
                     url = Some(s.string_into(scratch)?.to_owned());
+                } else if is_url {
+                    // Read as a JSON value there (a number out of f64's range is an error).
+                    return None;
                 } else if quoted {
                     s.skip_string()?;
                 } else {
-                    if is_url {
-                        url = None;
-                    }
                     s.skip_scalar()?;
                 }
                 s.ws();
@@ -309,6 +309,9 @@ mod tests {
             "null",
             "nul",
             "truex",
+            "1e400",
+            "-1e-400",
+            "123456789012345678901234567890",
             "{}",
             "{\"a\": [1, {\"b\": null}]}",
             "[1, 2]",
@@ -372,7 +375,11 @@ mod tests {
                 Some("http://a"),
             ),
             (r#"{"text": "\u00e9\ud83d\ude00\t"}"#, "é😀\t", None),
-            (r#"{"url": 5, "text": "", "text": "last"}"#, "last", None),
+            (
+                r#"{"url": "", "text": "", "text": "last"}"#,
+                "last",
+                Some(""),
+            ),
         ];
         for (line, text, url) in typical {
             let got = text_and_url(line.as_bytes(), "text", Some("url"));
