@@ -52,72 +52,56 @@ impl Scan<'_> {
         }
     }
 
-    /// A string value passed over: simple escapes only (a `\u` escape is left to the full
-    /// parser), no controls.
-    fn skip_string(&mut self) -> Option<()> {
-        if !self.eat(b'"') {
-            return None;
+    /// A string, unescaped into `out` when one is given (cleared first) or passed over; `None`
+    /// where the full parser would fail (bad escapes, lone surrogates, controls).
+    fn string(&mut self, mut out: Option<&mut Vec<u8>>) -> Option<()> {
+        if let Some(o) = out.as_deref_mut() {
+            o.clear();
         }
-        loop {
-            match self.next_special()? {
-                b'"' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                b'\\' => {
-                    let e = self.b.get(self.i + 1).copied()?;
-                    if !matches!(e, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') {
-                        return None;
-                    }
-                    self.i += 2;
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// A string unescaped into `out` (cleared first); `None` where the full parser would fail
-    /// (bad escapes, lone surrogates, controls) or the text is not UTF-8.
-    fn string_into<'s>(&mut self, out: &'s mut Vec<u8>) -> Option<&'s str> {
-        out.clear();
         if !self.eat(b'"') {
             return None;
         }
         let mut copied = self.i;
         loop {
             let c = self.next_special()?;
-            out.extend_from_slice(&self.b[copied..self.i]);
+            if let Some(o) = out.as_deref_mut() {
+                o.extend_from_slice(&self.b[copied..self.i]);
+            }
             match c {
                 b'"' => {
                     self.i += 1;
-                    return simdutf8::basic::from_utf8(out).ok();
+                    return Some(());
                 }
                 b'\\' => {
                     let e = self.b.get(self.i + 1).copied()?;
                     self.i += 2;
-                    let simple = match e {
-                        b'"' => b'"',
-                        b'\\' => b'\\',
-                        b'/' => b'/',
-                        b'b' => 0x08,
-                        b'f' => 0x0C,
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'u' => 0,
+                    let mut utf8 = [0; 4];
+                    let unescaped: &[u8] = match e {
+                        b'"' => b"\"",
+                        b'\\' => b"\\",
+                        b'/' => b"/",
+                        b'b' => b"\x08",
+                        b'f' => b"\x0C",
+                        b'n' => b"\n",
+                        b'r' => b"\r",
+                        b't' => b"\t",
+                        b'u' => self.unicode_escape()?.encode_utf8(&mut utf8).as_bytes(),
                         _ => return None,
                     };
-                    if e == b'u' {
-                        let ch = self.unicode_escape()?;
-                        out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
-                    } else {
-                        out.push(simple);
+                    if let Some(o) = out.as_deref_mut() {
+                        o.extend_from_slice(unescaped);
                     }
                     copied = self.i;
                 }
                 _ => return None,
             }
         }
+    }
+
+    /// A string's text, unescaped through `scratch`; `None` also where it is not UTF-8.
+    fn text(&mut self, scratch: &mut Vec<u8>) -> Option<String> {
+        self.string(Some(scratch))?;
+        simdutf8::basic::from_utf8(scratch).ok().map(str::to_owned)
     }
 
     /// The character of a `\u` escape (the `\u` read), a surrogate pair taken whole.
@@ -223,14 +207,14 @@ pub(crate) fn text_and_url(
                 let quoted = s.peek() == Some(b'"');
                 if is_text {
                     // A text that is not a string: the full parser says which type it is.
-                    text = Some(s.string_into(scratch)?.to_owned());
+                    text = Some(s.text(scratch)?);
                 } else if is_url && quoted {
-                    url = Some(s.string_into(scratch)?.to_owned());
+                    url = Some(s.text(scratch)?);
                 } else if is_url {
                     // Read as a JSON value there (a number out of f64's range is an error).
                     return None;
                 } else if quoted {
-                    s.skip_string()?;
+                    s.string(None)?;
                 } else {
                     s.skip_scalar()?;
                 }
@@ -361,7 +345,7 @@ mod tests {
                 assert_eq!(Ok(got), full, "{}", String::from_utf8_lossy(&line));
             }
         }
-        // Escaped keys, nested values and `\u` in other fields go to the full parser.
+        // Escaped keys, nested values and non-string URLs go to the full parser.
         assert!(answered * 5 > flat_ok, "{answered} of {flat_ok}");
         let typical = [
             (

@@ -218,17 +218,12 @@ fn printable_and_spaces(w: u64) -> (u64, u64) {
 
 /// [`normalize`] of an owned text: the normalized text, whether it differs from `text`, and the
 /// number of dates rewritten. Text that is clean already (most of it) comes back as it is, with
-/// no copy.
+/// no copy, when dates are not to be rewritten.
 pub fn normalize_owned(text: String, opts: &NormalizeOptions) -> (String, bool, usize) {
-    if !is_normalized(&text, opts.nfkc) {
-        let (out, dates) = normalize(&text, opts);
-        let changed = out != text;
-        return (out, changed, dates);
-    }
-    if !opts.dates {
+    if !opts.dates && is_normalized(&text, opts.nfkc) {
         return (text, false, 0);
     }
-    let (out, dates) = crate::dates::normalize_dates(&text);
+    let (out, dates) = normalize(&text, opts);
     let changed = out != text;
     (out, changed, dates)
 }
