@@ -289,6 +289,85 @@ mod x86 {
         }
     }
 
+    /// [`pack_rows_f32`] on AVX2 for strips of 6 or 16 rows (the AVX2 micro-kernel's A and B
+    /// strips): 8 steps at a time through 8 × 8 transposes in registers, a strip of 6 rows
+    /// through an 8 × 8 block whose last two rows are zero, stored 4 + 2 values per step.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; w is 6 or 16; (i, p) for i < w, p < depth lie at base + i·ld + p;
+    /// `strip` holds w·depth writable values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_rows_f32_avx2(
+        base: *const f32,
+        ld: usize,
+        depth: usize,
+        w: usize,
+        strip: *mut f32,
+    ) {
+        debug_assert!(w == 6 || w == 16);
+        let mut p = 0;
+        while p + 8 <= depth {
+            let mut i0 = 0;
+            while i0 < w {
+                let rows = (w - i0).min(8);
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate().take(rows) {
+                    // SAFETY: row i0 + i < w, steps p .. p + 8 ≤ depth.
+                    *v = unsafe { _mm256_loadu_ps(base.add((i0 + i) * ld + p)) };
+                }
+                let r = transpose8(r);
+                for (q, v) in r.into_iter().enumerate() {
+                    let d = strip.wrapping_add((p + q) * w + i0);
+                    // SAFETY: step p + q < depth, values i0 .. i0 + rows ≤ w of it.
+                    unsafe {
+                        if rows == 8 {
+                            _mm256_storeu_ps(d, v);
+                        } else {
+                            // rows = 6: four values, then two.
+                            _mm_storeu_ps(d, _mm256_castps256_ps128(v));
+                            _mm_storel_pd(
+                                d.add(4).cast(),
+                                _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
+                            );
+                        }
+                    }
+                }
+                i0 += rows;
+            }
+            p += 8;
+        }
+        for p in p..depth {
+            for i in 0..w {
+                // SAFETY: as above, one value at a time.
+                unsafe { *strip.add(p * w + i) = *base.add(i * ld + p) };
+            }
+        }
+    }
+
+    /// The transpose of an 8 × 8 block of f32 (row i in r[i]).
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for k in 0..4 {
+            t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        let mut u = [_mm256_setzero_ps(); 8];
+        for k in 0..2 {
+            let b = 4 * k;
+            u[b] = _mm256_shuffle_ps::<0x44>(t[b], t[b + 2]);
+            u[b + 1] = _mm256_shuffle_ps::<0xee>(t[b], t[b + 2]);
+            u[b + 2] = _mm256_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm256_shuffle_ps::<0xee>(t[b + 1], t[b + 3]);
+        }
+        for j in 0..4 {
+            t[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]);
+            t[4 + j] = _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]);
+        }
+        t
+    }
+
     /// The transpose of a 16 × 16 block of f32 (row i in r[i]).
     #[target_feature(enable = "avx512f")]
     fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
@@ -535,10 +614,18 @@ impl Buffers for f32 {
         strip: *mut f32,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if crate::simd::simd_level() == 2 && w <= 32 {
-            // SAFETY: the CPU has AVX-512F; the caller's guarantee on the operands.
-            unsafe { x86::pack_rows_f32(base, ld, depth, w, strip) };
-            return true;
+        match crate::simd::simd_level() {
+            2 if w <= 32 => {
+                // SAFETY: the CPU has AVX-512F; the caller's guarantee on the operands.
+                unsafe { x86::pack_rows_f32(base, ld, depth, w, strip) };
+                return true;
+            }
+            1 if w == 6 || w == 16 => {
+                // SAFETY: the CPU has AVX2; the caller's guarantee on the operands.
+                unsafe { x86::pack_rows_f32_avx2(base, ld, depth, w, strip) };
+                return true;
+            }
+            _ => {}
         }
         let _ = (base, ld, depth, w, strip);
         false
@@ -1084,6 +1171,40 @@ mod tests {
             }
         }
         v
+    }
+
+    /// The AVX2 transposing pack gives each strip the gathered values, for every depth
+    /// remainder and both strip widths it serves (run wherever the CPU has AVX2, whatever
+    /// kernel the product picks there).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_transposing_pack_equals_the_gather() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for w in [6, 16] {
+            for depth in [0, 1, 7, 8, 9, 16, 23, 64, 101] {
+                let ld = depth + 5;
+                let base = randn(w * ld, (w * 1000 + depth) as u64);
+                let mut strip = vec![f32::NAN; w * depth + 3];
+                // SAFETY: AVX2 is present; rows i < w of `depth` steps lie within `base`
+                // (ld ≥ depth); the strip holds w·depth values.
+                unsafe { x86::pack_rows_f32_avx2(base.as_ptr(), ld, depth, w, strip.as_mut_ptr()) };
+                for p in 0..depth {
+                    for i in 0..w {
+                        assert_eq!(
+                            strip[p * w + i],
+                            base[i * ld + p],
+                            "w {w} depth {depth}: ({i}, {p})"
+                        );
+                    }
+                }
+                assert!(
+                    strip[w * depth..].iter().all(|v| v.is_nan()),
+                    "wrote past the strip"
+                );
+            }
+        }
     }
 
     #[test]
