@@ -12,6 +12,7 @@
 //! [`matmul`] is a differentiable CustomOp: its backward is two more products through the same
 //! library (transposed operands are passed as BLAS transpose flags, not copied).
 
+use crate::gemm::{strip_product, Part, Strips};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -1184,7 +1185,25 @@ pub fn attention_fwd<T: BlasFloat>(
 /// The attention output [rows, heads·hd] of the packed q|k|v (see [`Gqa`]); rows outside every
 /// span are zero. Tasks are blocks of query rows of one head: each computes its rows' scores
 /// over the keys they see, so one long sequence spreads over every thread.
+///
+/// Where the CPU has a micro-kernel for the built-in product, every product runs on operands
+/// packed once ([`strips_attention_fwd`]); elsewhere through `gemm`.
 pub fn gqa_attention_fwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<T>> {
+    if crate::gemm::isa().is_some() {
+        strips_attention_fwd(qkv, s)
+    } else {
+        products_attention_fwd(gemm, qkv, s)
+    }
+}
+
+/// [`gqa_attention_fwd`] through `gemm` calls: tasks are blocks of query rows of one head, each
+/// product packing its operands.
+#[doc(hidden)]
+pub fn products_attention_fwd<T: BlasFloat>(
     gemm: Gemm<T>,
     qkv: &[T],
     s: Gqa,
@@ -1263,20 +1282,45 @@ pub fn attention_bwd<T: BlasFloat>(
 /// memory twice): dV = Pᵀ·dY, dP = dY·Vᵀ, dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K,
 /// dK = dSᵀ·Q, each product restricted to the causal blocks (P and dS are 0 above the
 /// diagonal); a key/value head's gradients add up over the query heads that read it.
+///
+/// Where the CPU has a micro-kernel for the built-in product, every product runs on operands
+/// packed once ([`strips_attention_bwd`]); elsewhere through `gemm`.
 pub fn gqa_attention_bwd<T: BlasFloat>(
     gemm: Gemm<T>,
     qkv: &[T],
     dy: &[T],
     s: Gqa,
 ) -> candle_core::Result<Vec<T>> {
+    if crate::gemm::isa().is_some() {
+        strips_attention_bwd(qkv, dy, s)
+    } else {
+        products_attention_bwd(gemm, qkv, dy, s)
+    }
+}
+
+/// The rows of q|k|v and of dy [rows, heads·hd] the backward pass reads are there.
+fn check_bwd<T>(qkv: &[T], dy: &[T], s: &Gqa) -> candle_core::Result<usize> {
     let rows = s.check(qkv.len(), "attention backward")?;
-    let (hd, w, c) = (s.hd, s.width(), s.out_width());
+    let c = s.out_width();
     if dy.len() < rows * c {
         candle_core::bail!(
             "attention backward: dy holds {} values, fewer than {rows} rows of {c}",
             dy.len()
         );
     }
+    Ok(rows)
+}
+
+/// [`gqa_attention_bwd`] through `gemm` calls on blocks of rows.
+#[doc(hidden)]
+pub fn products_attention_bwd<T: BlasFloat>(
+    gemm: Gemm<T>,
+    qkv: &[T],
+    dy: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<T>> {
+    check_bwd(qkv, dy, &s)?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let longest = s.longest();
     let mut dqkv = vec![T::zero(); qkv.len()];
@@ -1354,6 +1398,214 @@ pub fn gqa_attention_bwd<T: BlasFloat>(
                 }
             },
         );
+    Ok(dqkv)
+}
+
+/// Query rows per task of [`strips_attention_fwd`]: about 64, in whole strips of the kernel.
+fn query_block<T: BlasFloat>() -> usize {
+    let (mr, _) = crate::gemm::strip_widths::<T>();
+    64usize.div_ceil(mr) * mr
+}
+
+/// [`gqa_attention_fwd`] on the built-in micro-kernel, each operand packed once: every key/value
+/// head's keys (for q·kᵀ) and values (for p·v) first, then tasks of query rows of one head
+/// (their queries and probabilities packed by the task). Each strip of query rows (the
+/// kernel's MR) multiplies only the keys its last row sees, so the masked half of the scores
+/// is skipped to within a strip.
+fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
+    let rows = s.check(qkv.len(), "attention")?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
+    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let (_, nr) = crate::gemm::strip_widths::<T>();
+    let kv: Vec<(Strips<T>, Strips<T>)> = (0..s.spans.len() * s.kv_heads)
+        .into_par_iter()
+        .map(|task| {
+            let (r, t) = s.spans[task / s.kv_heads];
+            let (kc, vc) = s.kv_cols(task % s.kv_heads);
+            let (mut k, mut v) = (Strips::default(), Strips::default());
+            if t > 0 {
+                // op(B) = Kᵀ [hd, t] and V [t, hd].
+                k.pack_b(&qkv[r * w + kc..], w, true, (hd, t))?;
+                v.pack_b(&qkv[r * w + vc..], w, false, (t, hd))?;
+            }
+            Ok((k, v))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let block = query_block::<T>();
+    let tasks: Vec<(usize, usize, usize, usize)> = s
+        .spans
+        .iter()
+        .enumerate()
+        .flat_map(|(si, &(_, t))| {
+            (0..s.heads).flat_map(move |h| {
+                (0..t)
+                    .step_by(block)
+                    .map(move |r0| (si, h, r0, (r0 + block).min(t)))
+            })
+        })
+        .collect();
+    let mut y = vec![T::zero(); rows * c];
+    let out = SharedOut(y.as_mut_ptr());
+    let one = (T::one(), T::zero());
+    tasks.into_par_iter().try_for_each_init(
+        || (Strips::default(), Strips::default(), Vec::new()),
+        |(qs, ps, p), (si, h, r0, r1)| {
+            let (r, _) = s.spans[si];
+            let (ks, vs) = &kv[si * s.kv_heads + h / s.group()];
+            let rb = r1 - r0;
+            qs.pack_a(&qkv[(r + r0) * w + h * hd..], w, false, (rb, hd))?;
+            // Scores [rb, r1] (rows lp apart: whole strips of keys); each strip of rows takes
+            // the keys its last row sees, the rest of a row is zeroed by its softmax.
+            let lp = r1.next_multiple_of(nr);
+            p.resize(rb * lp, T::zero());
+            // SAFETY: the [rb, lp] scores; keys run to the end of a strip: r1 ≤ t rounded up
+            // to whole strips, lp at most.
+            unsafe {
+                strip_product(
+                    (qs, 0),
+                    (ks, 0),
+                    (rb, lp),
+                    0..hd,
+                    Part::ColumnsBefore(r0),
+                    one,
+                    p.as_mut_ptr(),
+                    lp,
+                )
+            };
+            for (i, row) in p.chunks_mut(lp).enumerate() {
+                crate::fused::softmax_row(&mut row[..r1], r0 + i + 1, scale);
+            }
+            ps.pack_a(p, lp, false, (rb, r1))?;
+            // SAFETY: task (span, h, r0) alone writes y[r + r0..r + r1, h·hd .. (h+1)·hd]
+            // (ldc = c): spans do not overlap. P is 0 past each row's last seen key.
+            unsafe {
+                strip_product(
+                    (ps, 0),
+                    (vs, 0),
+                    (rb, hd),
+                    0..r1,
+                    Part::StepsBefore(r0),
+                    one,
+                    out.at((r + r0) * c + h * hd),
+                    c,
+                )
+            };
+            candle_core::Result::Ok(())
+        },
+    )?;
+    Ok(y)
+}
+
+/// [`gqa_attention_bwd`] on the built-in micro-kernel, each operand packed once per task (a
+/// sequence's key/value head and the query heads that read it). P and dP are computed a strip
+/// of query rows at a time over the keys each strip sees; dQ = dS·K over the same keys; dK =
+/// dSᵀ·Q and dV = Pᵀ·dY a strip of keys at a time over the queries that see them (from the
+/// key on).
+fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
+    check_bwd(qkv, dy, &s)?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
+    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let (_, nr) = crate::gemm::strip_widths::<T>();
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let out = SharedOut(dqkv.as_mut_ptr());
+    #[derive(Default)]
+    struct Bufs<T> {
+        /// op(B) = Kᵀ, Vᵀ, K; op(A) = Q, dY; op(B) = Q, dY; op(A) = Pᵀ, dS, dSᵀ in turn.
+        kt: Strips<T>,
+        vt: Strips<T>,
+        kn: Strips<T>,
+        qa: Strips<T>,
+        dya: Strips<T>,
+        qb: Strips<T>,
+        dyb: Strips<T>,
+        sq: Strips<T>,
+        p: Vec<T>,
+        dp: Vec<T>,
+    }
+    let (set, add) = ((T::one(), T::zero()), (T::one(), T::one()));
+    (0..s.spans.len() * s.kv_heads)
+        .into_par_iter()
+        .try_for_each_init(Bufs::default, |b, task| {
+            let (r, t) = s.spans[task / s.kv_heads];
+            if t == 0 {
+                return candle_core::Result::Ok(());
+            }
+            let g = task % s.kv_heads;
+            let (kc, vc) = s.kv_cols(g);
+            let (k, v) = (r * w + kc, r * w + vc);
+            b.kt.pack_b(&qkv[k..], w, true, (hd, t))?;
+            b.vt.pack_b(&qkv[v..], w, true, (hd, t))?;
+            b.kn.pack_b(&qkv[k..], w, false, (t, hd))?;
+            // P and dP [t, t], rows lp apart (whole strips of keys).
+            let lp = t.next_multiple_of(nr);
+            b.p.resize(t * lp, T::zero());
+            b.dp.resize(t * lp, T::zero());
+            for h in g * s.group()..(g + 1) * s.group() {
+                let (q, dyh) = (r * w + h * hd, r * c + h * hd);
+                b.qa.pack_a(&qkv[q..], w, false, (t, hd))?;
+                b.dya.pack_a(&dy[dyh..], c, false, (t, hd))?;
+                // SAFETY: the [t, lp] buffers; keys to the end of a strip (lp at most).
+                unsafe {
+                    let keys = Part::ColumnsBefore(0);
+                    let (pp, dpp) = (b.p.as_mut_ptr(), b.dp.as_mut_ptr());
+                    strip_product((&b.qa, 0), (&b.kt, 0), (t, lp), 0..hd, keys, set, pp, lp);
+                    strip_product((&b.dya, 0), (&b.vt, 0), (t, lp), 0..hd, keys, set, dpp, lp);
+                }
+                for (i, (pr, dr)) in b.p.chunks_mut(lp).zip(b.dp.chunks_mut(lp)).enumerate() {
+                    crate::fused::softmax_row(&mut pr[..t], i + 1, scale);
+                    crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
+                    dr[i + 1..t].iter_mut().for_each(|v| *v = T::zero());
+                }
+                // SAFETY (the products below): task (span, g) alone writes the span's rows of
+                // its q heads' and of its k and v head's columns of dqkv (ldc = w); P and dS
+                // are 0 above the diagonal, so dV and dK rows k.. need queries k.. only, and
+                // dQ rows i.. keys ..= i only.
+                b.dyb.pack_b(&dy[dyh..], c, false, (t, hd))?;
+                b.sq.pack_a(&b.p, lp, true, (t, t))?;
+                let from = Part::StepsFrom(0);
+                unsafe {
+                    strip_product(
+                        (&b.sq, 0),
+                        (&b.dyb, 0),
+                        (t, hd),
+                        0..t,
+                        from,
+                        add,
+                        out.at(v),
+                        w,
+                    )
+                };
+                b.sq.pack_a(&b.dp, lp, false, (t, t))?;
+                let before = Part::StepsBefore(0);
+                unsafe {
+                    strip_product(
+                        (&b.sq, 0),
+                        (&b.kn, 0),
+                        (t, hd),
+                        0..t,
+                        before,
+                        set,
+                        out.at(q),
+                        w,
+                    )
+                };
+                b.qb.pack_b(&qkv[q..], w, false, (t, hd))?;
+                b.sq.pack_a(&b.dp, lp, true, (t, t))?;
+                unsafe {
+                    strip_product(
+                        (&b.sq, 0),
+                        (&b.qb, 0),
+                        (t, hd),
+                        0..t,
+                        from,
+                        add,
+                        out.at(k),
+                        w,
+                    )
+                };
+            }
+            Ok(())
+        })?;
     Ok(dqkv)
 }
 
@@ -1801,6 +2053,64 @@ mod tests {
             check(&[1, 7], &[7, 1], dtype, same);
             check(&[3, 1, 7], &[7, 5], dtype, same);
         }
+    }
+
+    /// The attention on strips packed once equals the one through block products (which the
+    /// test below holds to the composed ops): sequences shorter than a strip, longer than the
+    /// kernel's depth block, head sizes that are not whole strips, grouped-query heads.
+    #[test]
+    fn strip_attention_equals_block_products() {
+        let Some(f) = crate::gemm::functions() else {
+            eprintln!("skipped: no built-in micro-kernel on this CPU");
+            return;
+        };
+        fn case<T: BlasFloat>(
+            gemm: Gemm<T>,
+            spans: &[(usize, usize)],
+            (heads, kv, hd): (usize, usize, usize),
+            tol: f64,
+        ) {
+            let g = Gqa {
+                spans,
+                heads,
+                kv_heads: kv,
+                hd,
+            };
+            let rows = spans.iter().map(|&(r, n)| r + n).max().unwrap();
+            let num = |i: usize, m: usize| T::from(((i * m) % 1009) as f64 / 500.0 - 1.0).unwrap();
+            let qkv: Vec<T> = (0..rows * g.width()).map(|i| num(i, 7919)).collect();
+            let dy: Vec<T> = (0..rows * heads * hd).map(|i| num(i, 104729)).collect();
+            let what = format!(
+                "{} spans {spans:?}, {heads}/{kv} heads of {hd}",
+                std::any::type_name::<T>()
+            );
+            let close = |a: &[T], b: &[T], part: &str| {
+                assert_eq!(a.len(), b.len());
+                let size = b.iter().fold(0f64, |m, v| m.max(v.to_f64().unwrap().abs()));
+                assert!(size > 0.0, "{what} {part}: all zero");
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    let (x, y) = (x.to_f64().unwrap(), y.to_f64().unwrap());
+                    assert!(
+                        (x - y).abs() <= tol * size,
+                        "{what} {part} [{i}]: {x} vs {y}"
+                    );
+                }
+            };
+            let ours = strips_attention_fwd(&qkv, g).unwrap();
+            let want = products_attention_fwd(gemm, &qkv, g).unwrap();
+            close(&ours, &want, "forward");
+            let ours = strips_attention_bwd(&qkv, &dy, g).unwrap();
+            let want = products_attention_bwd(gemm, &qkv, &dy, g).unwrap();
+            close(&ours, &want, "backward");
+        }
+        let spans = [(0, 13), (13, 1), (14, 40), (54, 7)];
+        for shape in [(4, 2, 8), (4, 2, 20), (3, 3, 16), (2, 1, 5)] {
+            case::<f64>(f.dgemm, &spans, shape, 1e-12);
+            case::<f32>(f.sgemm, &spans, shape, 1e-5);
+        }
+        // Longer than the kernel's depth block (steps in two blocks), rows in several tasks.
+        case::<f64>(f.dgemm, &[(0, 401)], (2, 1, 8), 1e-12);
+        case::<f32>(f.sgemm, &[(3, 401)], (2, 2, 16), 1e-5);
     }
 
     #[test]

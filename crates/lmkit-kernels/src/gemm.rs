@@ -878,6 +878,207 @@ pub fn product_packed<T: Buffers>(
     Ok(())
 }
 
+/// The strip widths (MR, NR) of this type's micro-kernel on this CPU.
+pub fn strip_widths<T: Buffers>() -> (usize, usize) {
+    let k = T::kernel();
+    (k.mr, k.nr)
+}
+
+/// An operand packed once for many products over parts of it (attention: a head's keys serve
+/// every block of its queries). [`Strips::pack_a`] packs op(A)'s rows in strips of the micro-
+/// kernel's MR rows, [`Strips::pack_b`] op(B)'s columns in strips of NR; each strip holds every
+/// step (column of op(A), row of op(B)) contiguously, so a product may use any contiguous range
+/// of the steps ([`strip_product`]). The buffer is reused by the next pack.
+#[derive(Default)]
+pub struct Strips<T> {
+    data: Vec<T>,
+    /// Strip width (MR or NR), steps per strip, rows (columns of op(B)) packed.
+    w: usize,
+    depth: usize,
+    rows: usize,
+}
+
+impl<T: Buffers> Strips<T> {
+    /// Packs op(X) [rows × depth] for the A side; X row-major with leading dimension `ld`,
+    /// op(X) = Xᵀ when `trans`.
+    pub fn pack_a(
+        &mut self,
+        x: &[T],
+        ld: usize,
+        trans: bool,
+        (rows, depth): (usize, usize),
+    ) -> candle_core::Result<()> {
+        self.pack(x, ld, trans, (rows, depth), T::kernel().mr)
+    }
+
+    /// Packs op(X) [depth × cols] for the B side (as [`Strips::pack_a`] packs its transpose).
+    pub fn pack_b(
+        &mut self,
+        x: &[T],
+        ld: usize,
+        trans: bool,
+        (depth, cols): (usize, usize),
+    ) -> candle_core::Result<()> {
+        self.pack(x, ld, !trans, (cols, depth), T::kernel().nr)
+    }
+
+    fn pack(
+        &mut self,
+        x: &[T],
+        ld: usize,
+        trans: bool,
+        (rows, depth): (usize, usize),
+        w: usize,
+    ) -> candle_core::Result<()> {
+        let stored = if trans { (depth, rows) } else { (rows, depth) };
+        if !holds(x.len(), stored, ld) {
+            candle_core::bail!(
+                "packed strips: {} values do not hold {rows}×{depth} (ld {ld})",
+                x.len()
+            );
+        }
+        let len = rows.div_ceil(w) * w * depth;
+        if self.data.len() < len {
+            self.data.resize(len, T::zero());
+        }
+        (self.w, self.depth, self.rows) = (w, depth, rows);
+        let view = View {
+            p: x.as_ptr(),
+            ld,
+            trans,
+        };
+        // SAFETY: the extent check above: (i, p) for i < rows, p < depth lie within `x`; the
+        // buffer holds the whole strips.
+        unsafe { pack(view, rows, depth, w, &mut self.data[..len]) };
+        Ok(())
+    }
+
+    /// The start of strip s at step p.
+    fn at(&self, s: usize, p: usize) -> *const T {
+        self.data[(s * self.depth + p) * self.w..].as_ptr()
+    }
+}
+
+/// Which part of a [`strip_product`] each strip of A's rows takes, for causal attention's
+/// triangular operands (counted within the product: row i is A's row a0 + i).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Part {
+    /// Every column and step.
+    Whole,
+    /// Rows i .. i + r (a strip) take the columns before `offset + i + r` only, rounded up to
+    /// whole strips of B (the others are left as they are).
+    ColumnsBefore(usize),
+    /// Rows i .. i + r take the steps before `offset + i + r` only.
+    StepsBefore(usize),
+    /// Rows i .. i + r take the steps from `offset + i` on only.
+    StepsFrom(usize),
+}
+
+/// C[m × n] (rows `ldc` apart) = alpha · A · B + beta · C with A = op(A)[a0 .. a0 + m, steps]
+/// and B = op(B)[steps, b0 .. b0 + n], from operands packed by [`Strips::pack_a`] and
+/// [`Strips::pack_b`] with this type's kernel, each strip of A's rows taking the `part` of the
+/// columns and steps it needs; `a0` and `b0` start strips (multiples of MR and NR). Rows and
+/// columns may run on to the end of their last strip, where the operand is zero. Each strip of
+/// B stays in cache while every strip of A passes it. On the calling thread.
+///
+/// # Safety
+/// C's m rows of n values (row i at c + i·ldc) writable, and initialised when beta ≠ 0.
+///
+/// # Panics
+/// Where the rows, columns or steps lie outside what was packed, or `a0`/`b0` do not start a
+/// strip (a caller's bug).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn strip_product<T: Buffers>(
+    (a, a0): (&Strips<T>, usize),
+    (b, b0): (&Strips<T>, usize),
+    (m, n): (usize, usize),
+    steps: std::ops::Range<usize>,
+    part: Part,
+    (alpha, beta): (T, T),
+    c: *mut T,
+    ldc: usize,
+) {
+    let Kernel { tile, mr, nr } = T::kernel();
+    assert!(a.w == mr && b.w == nr, "strips packed for another kernel");
+    assert!(
+        a0.is_multiple_of(mr) && b0.is_multiple_of(nr),
+        "not the start of a strip"
+    );
+    let padded = |x: &Strips<T>| x.rows.next_multiple_of(x.w);
+    assert!(
+        a0 + m <= padded(a) && b0 + n <= padded(b),
+        "rows or columns outside the strips"
+    );
+    assert!(
+        steps.end <= a.depth && steps.end <= b.depth,
+        "steps outside the strips"
+    );
+    T::with_scratch(|s| {
+        if s.edge.len() < mr * nr {
+            s.edge.resize(mr * nr, T::zero());
+        }
+        for jr in (0..n).step_by(nr) {
+            let cols = nr.min(n - jr);
+            for ir in (0..m).step_by(mr) {
+                let rows = mr.min(m - ir);
+                let range = match part {
+                    Part::Whole | Part::ColumnsBefore(_) => steps.clone(),
+                    Part::StepsBefore(o) => steps.start..steps.end.min(o + ir + rows),
+                    Part::StepsFrom(o) => steps.start.max(o + ir)..steps.end,
+                };
+                if let Part::ColumnsBefore(o) = part {
+                    if jr >= o + ir + rows {
+                        continue;
+                    }
+                }
+                let dst = c.wrapping_add(ir * ldc + jr);
+                if range.is_empty() {
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            // SAFETY: (i, j) is within the m × n of C.
+                            unsafe {
+                                let d = dst.add(i * ldc + j);
+                                *d = if beta == T::zero() {
+                                    T::zero()
+                                } else {
+                                    beta * *d
+                                };
+                            }
+                        }
+                    }
+                    continue;
+                }
+                // Depth blocks of at most KC steps, each visiting C once.
+                let kc_even = depth_block(range.len());
+                for p0 in range.clone().step_by(kc_even) {
+                    let kc = kc_even.min(range.end - p0);
+                    let beta = if p0 == range.start { beta } else { T::one() };
+                    let ap = a.at((a0 + ir) / mr, p0);
+                    let bp = b.at((b0 + jr) / nr, p0);
+                    if rows == mr && cols == nr {
+                        // SAFETY: each strip holds `depth` ≥ p0 + kc steps (checked above);
+                        // the tile's mr rows of nr values lie within C (the caller's guarantee).
+                        unsafe { tile(kc, ap, bp, dst, ldc, alpha, beta) };
+                        continue;
+                    }
+                    // SAFETY: as above, into a buffer of one whole tile.
+                    unsafe { tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero()) };
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let v = alpha * s.edge[i * nr + j];
+                            // SAFETY: (i, j) is within the m × n of C.
+                            unsafe {
+                                let d = dst.add(i * ldc + j);
+                                *d = if beta == T::zero() { v } else { v + beta * *d };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// The CBLAS gemm entry point (row-major only: lmkit passes nothing else), `sgemm`/`dgemm` as
 /// `cblas_gemm::<f32>`/`::<f64>`.
 ///
