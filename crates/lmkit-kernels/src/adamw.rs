@@ -386,4 +386,22 @@ mod cpu_tests {
         let short = g.narrow(1, 0, 10).unwrap().contiguous().unwrap();
         assert!(!add_scaled_in_place(&before, &short, 1.0).unwrap());
     }
+
+    #[test]
+    fn the_norm_of_f32_gradients_is_the_definition() {
+        let dev = candle_core::Device::Cpu;
+        // Lengths with every remainder of the eight running sums, and one over many blocks.
+        let lens = (0..20).chain([BLOCK * 3 + 5]);
+        let grads: Vec<Tensor> = lens
+            .map(|n| crate::testing::randn(0f32, 1.0, n, &dev).unwrap())
+            .collect();
+        let want: f64 = grads
+            .iter()
+            .flat_map(|g| g.to_vec1::<f32>().unwrap())
+            .map(|v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt();
+        let got = grad_norm(&grads).unwrap();
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+    }
 }
