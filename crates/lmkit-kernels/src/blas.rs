@@ -1556,53 +1556,23 @@ fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_cor
                     crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
                     dr[i + 1..t].iter_mut().for_each(|v| *v = T::zero());
                 }
-                // SAFETY (the products below): task (span, g) alone writes the span's rows of
-                // its q heads' and of its k and v head's columns of dqkv (ldc = w); P and dS
-                // are 0 above the diagonal, so dV and dK rows k.. need queries k.. only, and
-                // dQ rows i.. keys ..= i only.
+                // Rows [t, hd] of dqkv from column `at` (ldc = w): a t × t operand's product
+                // with a [t, hd] one, each strip of rows over its `part` of the steps.
+                let grad = |a: &Strips<T>, x: &Strips<T>, part: Part, ab: (T, T), at: usize| {
+                    // SAFETY: task (span, g) alone writes the span's rows of its q heads' and of
+                    // its k and v head's columns of dqkv, which hold t rows of hd from `at`.
+                    unsafe { strip_product((a, 0), (x, 0), (t, hd), 0..t, part, ab, out.at(at), w) }
+                };
+                // P and dS are 0 above the diagonal: dV and dK rows k.. need queries k.. only,
+                // dQ row i keys ..= i only.
                 b.dyb.pack_b(&dy[dyh..], c, false, (t, hd))?;
                 b.sq.pack_a(&b.p, lp, true, (t, t))?;
-                let from = Part::StepsFrom(0);
-                unsafe {
-                    strip_product(
-                        (&b.sq, 0),
-                        (&b.dyb, 0),
-                        (t, hd),
-                        0..t,
-                        from,
-                        add,
-                        out.at(v),
-                        w,
-                    )
-                };
+                grad(&b.sq, &b.dyb, Part::StepsFrom(0), add, v);
                 b.sq.pack_a(&b.dp, lp, false, (t, t))?;
-                let before = Part::StepsBefore(0);
-                unsafe {
-                    strip_product(
-                        (&b.sq, 0),
-                        (&b.kn, 0),
-                        (t, hd),
-                        0..t,
-                        before,
-                        set,
-                        out.at(q),
-                        w,
-                    )
-                };
+                grad(&b.sq, &b.kn, Part::StepsBefore(0), set, q);
                 b.qb.pack_b(&qkv[q..], w, false, (t, hd))?;
                 b.sq.pack_a(&b.dp, lp, true, (t, t))?;
-                unsafe {
-                    strip_product(
-                        (&b.sq, 0),
-                        (&b.qb, 0),
-                        (t, hd),
-                        0..t,
-                        from,
-                        add,
-                        out.at(k),
-                        w,
-                    )
-                };
+                grad(&b.sq, &b.qb, Part::StepsFrom(0), add, k);
             }
             Ok(())
         })?;

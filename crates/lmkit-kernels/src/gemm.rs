@@ -754,16 +754,12 @@ unsafe fn product<T: Buffers>(
                                 unsafe {
                                     tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero())
                                 };
-                                for i in 0..rows {
-                                    for j in 0..cols {
-                                        let v = alpha * s.edge[i * nr + j];
-                                        // SAFETY: (i, j) is within the m × n of C.
-                                        unsafe {
-                                            let d = dst.add(i * ldc + j);
-                                            *d = if beta == T::zero() { v } else { v + beta * *d };
-                                        }
-                                    }
-                                }
+                                // SAFETY: the tile's rows × cols lie within the m × n of C.
+                                unsafe {
+                                    store_tile(dst, ldc, (rows, cols), beta, |i, j| {
+                                        alpha * s.edge[i * nr + j]
+                                    })
+                                };
                             }
                         }
                     }
@@ -771,6 +767,33 @@ unsafe fn product<T: Buffers>(
             }
         }
     })
+}
+
+/// C[i, j] = v(i, j) + beta · C[i, j] over a rows × cols tile of C (rows `ldc` apart; C not
+/// read where beta = 0): a partial tile at C's edges.
+///
+/// # Safety
+/// The tile's elements are writable (and initialised when beta ≠ 0).
+unsafe fn store_tile<T: Float>(
+    c: *mut T,
+    ldc: usize,
+    (rows, cols): (usize, usize),
+    beta: T,
+    v: impl Fn(usize, usize) -> T,
+) {
+    for i in 0..rows {
+        for j in 0..cols {
+            // SAFETY: (i, j) is within the tile (the caller's guarantee).
+            unsafe {
+                let d = c.add(i * ldc + j);
+                *d = if beta == T::zero() {
+                    v(i, j)
+                } else {
+                    v(i, j) + beta * *d
+                };
+            }
+        }
+    }
 }
 
 /// An op(B) [k × n] packed once for many products with it — a recurrent weight used at every
@@ -1033,19 +1056,8 @@ pub unsafe fn strip_product<T: Buffers>(
                 }
                 let dst = c.wrapping_add(ir * ldc + jr);
                 if range.is_empty() {
-                    for i in 0..rows {
-                        for j in 0..cols {
-                            // SAFETY: (i, j) is within the m × n of C.
-                            unsafe {
-                                let d = dst.add(i * ldc + j);
-                                *d = if beta == T::zero() {
-                                    T::zero()
-                                } else {
-                                    beta * *d
-                                };
-                            }
-                        }
-                    }
+                    // SAFETY: the tile's rows × cols lie within the m × n of C.
+                    unsafe { store_tile(dst, ldc, (rows, cols), beta, |_, _| T::zero()) };
                     continue;
                 }
                 // Depth blocks of at most KC steps, each visiting C once.
@@ -1063,16 +1075,12 @@ pub unsafe fn strip_product<T: Buffers>(
                     }
                     // SAFETY: as above, into a buffer of one whole tile.
                     unsafe { tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero()) };
-                    for i in 0..rows {
-                        for j in 0..cols {
-                            let v = alpha * s.edge[i * nr + j];
-                            // SAFETY: (i, j) is within the m × n of C.
-                            unsafe {
-                                let d = dst.add(i * ldc + j);
-                                *d = if beta == T::zero() { v } else { v + beta * *d };
-                            }
-                        }
-                    }
+                    // SAFETY: the tile's rows × cols lie within the m × n of C.
+                    unsafe {
+                        store_tile(dst, ldc, (rows, cols), beta, |i, j| {
+                            alpha * s.edge[i * nr + j]
+                        })
+                    };
                 }
             }
         }
