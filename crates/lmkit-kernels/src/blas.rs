@@ -1113,6 +1113,20 @@ impl Gqa<'_> {
         }
         Ok(rows)
     }
+    /// Tasks of a forward pass: (span, query head, first row, end row) for blocks of
+    /// `block(t)` query rows of each head of a span of t rows.
+    fn row_blocks(&self, block: impl Fn(usize) -> usize) -> Vec<(usize, usize, usize, usize)> {
+        let mut tasks = Vec::new();
+        for (si, &(_, t)) in self.spans.iter().enumerate() {
+            let block = block(t).max(1);
+            for h in 0..self.heads {
+                for r0 in (0..t).step_by(block) {
+                    tasks.push((si, h, r0, (r0 + block).min(t)));
+                }
+            }
+        }
+        tasks
+    }
     /// The longest span.
     fn longest(&self) -> usize {
         self.spans.iter().map(|&(_, n)| n).max().unwrap_or(0)
@@ -1212,19 +1226,7 @@ pub fn products_attention_fwd<T: BlasFloat>(
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
     let longest = s.longest();
-    let tasks: Vec<(usize, usize, usize, usize)> = s
-        .spans
-        .iter()
-        .enumerate()
-        .flat_map(|(si, &(_, t))| {
-            let block = forward_block(t);
-            (0..s.heads).flat_map(move |h| {
-                (0..t)
-                    .step_by(block)
-                    .map(move |r0| (si, h, r0, (r0 + block).min(t)))
-            })
-        })
-        .collect();
+    let tasks = s.row_blocks(forward_block);
     let mut y = vec![T::zero(); rows * c];
     let out = SharedOut(y.as_mut_ptr());
     tasks.into_par_iter().for_each_init(
@@ -1432,18 +1434,7 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
         })
         .collect::<candle_core::Result<_>>()?;
     let block = query_block::<T>();
-    let tasks: Vec<(usize, usize, usize, usize)> = s
-        .spans
-        .iter()
-        .enumerate()
-        .flat_map(|(si, &(_, t))| {
-            (0..s.heads).flat_map(move |h| {
-                (0..t)
-                    .step_by(block)
-                    .map(move |r0| (si, h, r0, (r0 + block).min(t)))
-            })
-        })
-        .collect();
+    let tasks = s.row_blocks(|_| block);
     let mut y = vec![T::zero(); rows * c];
     let out = SharedOut(y.as_mut_ptr());
     let one = (T::one(), T::zero());
