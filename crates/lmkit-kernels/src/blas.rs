@@ -1336,6 +1336,9 @@ pub fn products_attention_bwd<T: BlasFloat>(
             },
             |(p, dp), task| {
                 let (r, t) = s.spans[task / s.kv_heads];
+                if t == 0 {
+                    return;
+                }
                 let g = task % s.kv_heads;
                 let (kc, vc) = s.kv_cols(g);
                 let (k, v) = (r * w + kc, r * w + vc);
@@ -2016,9 +2019,10 @@ mod tests {
         }
     }
 
-    /// The attention on strips packed once equals the one through block products (which the
-    /// test below holds to the composed ops): sequences shorter than a strip, longer than the
-    /// kernel's depth block, head sizes that are not whole strips, grouped-query heads.
+    /// The attention on strips packed once equals the one through block products (the test
+    /// below holds the path the CPU takes to the composed ops): sequences shorter than a strip,
+    /// empty, longer than the kernel's depth block, head sizes that are not whole strips,
+    /// grouped-query heads.
     #[test]
     fn strip_attention_equals_block_products() {
         let Some(f) = crate::gemm::functions() else {
@@ -2064,7 +2068,7 @@ mod tests {
             let want = products_attention_bwd(gemm, &qkv, &dy, g).unwrap();
             close(&ours, &want, "backward");
         }
-        let spans = [(0, 13), (13, 1), (14, 40), (54, 7)];
+        let spans = [(0, 13), (13, 1), (14, 40), (54, 7), (61, 0)];
         for shape in [(4, 2, 8), (4, 2, 20), (3, 3, 16), (2, 1, 5)] {
             case::<f64>(f.dgemm, &spans, shape, 1e-12);
             case::<f32>(f.sgemm, &spans, shape, 1e-5);

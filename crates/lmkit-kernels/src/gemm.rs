@@ -304,7 +304,7 @@ mod x86 {
         w: usize,
         strip: *mut f32,
     ) {
-        debug_assert!(w == 6 || w == 16);
+        assert!(w == 6 || w == 16, "no AVX2 strip is {w} wide");
         let mut p = 0;
         while p + 8 <= depth {
             let mut i0 = 0;
