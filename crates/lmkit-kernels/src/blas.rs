@@ -1127,6 +1127,10 @@ impl Gqa<'_> {
         }
         tasks
     }
+    /// The scores' scale, 1/√hd.
+    fn scale<T: BlasFloat>(&self) -> T {
+        T::one() / T::from(self.hd).unwrap_or_else(T::one).sqrt()
+    }
     /// The longest span.
     fn longest(&self) -> usize {
         self.spans.iter().map(|&(_, n)| n).max().unwrap_or(0)
@@ -1224,7 +1228,7 @@ pub fn products_attention_fwd<T: BlasFloat>(
 ) -> candle_core::Result<Vec<T>> {
     let rows = s.check(qkv.len(), "attention")?;
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
-    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let scale = s.scale::<T>();
     let longest = s.longest();
     let tasks = s.row_blocks(forward_block);
     let mut y = vec![T::zero(); rows * c];
@@ -1323,7 +1327,7 @@ pub fn products_attention_bwd<T: BlasFloat>(
 ) -> candle_core::Result<Vec<T>> {
     check_bwd(qkv, dy, &s)?;
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
-    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let scale = s.scale::<T>();
     let longest = s.longest();
     let mut dqkv = vec![T::zero(); qkv.len()];
     let out = SharedOut(dqkv.as_mut_ptr());
@@ -1420,7 +1424,7 @@ fn query_block<T: BlasFloat>() -> usize {
 fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
     let rows = s.check(qkv.len(), "attention")?;
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
-    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let scale = s.scale::<T>();
     let (_, nr) = crate::gemm::strip_widths::<T>();
     let kv: Vec<(Strips<T>, Strips<T>)> = (0..s.spans.len() * s.kv_heads)
         .into_par_iter()
@@ -1498,7 +1502,7 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
 fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
     check_bwd(qkv, dy, &s)?;
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
-    let scale = T::one() / T::from(hd).unwrap_or_else(T::one).sqrt();
+    let scale = s.scale::<T>();
     let (_, nr) = crate::gemm::strip_widths::<T>();
     let mut dqkv = vec![T::zero(); qkv.len()];
     let out = SharedOut(dqkv.as_mut_ptr());

@@ -694,7 +694,7 @@ unsafe fn product<T: Buffers>(
         }
         return;
     }
-    let Kernel { tile, mr, nr } = kernel;
+    let Kernel { mr, nr, .. } = kernel;
     let kc_even = depth_block(k);
     // Packed blocks hold whole strips: the last one is zero-padded to MR rows / NR columns.
     let mc_max = m.min(MC).div_ceil(mr) * mr;
@@ -745,22 +745,18 @@ unsafe fn product<T: Buffers>(
                             let ap = s.a[ir * kc..].as_ptr();
                             let rows = mr.min(mc - ir);
                             let dst = c.wrapping_add((ic + ir) * ldc + jc + jr);
-                            if rows == mr && cols == nr {
-                                // SAFETY: the strips hold kc steps each (the panel holds its
-                                // strips whole); the tile's mr rows of nr values lie within C.
-                                unsafe { tile(kc, ap, bp, dst, ldc, alpha, beta) };
-                            } else {
-                                // SAFETY: as above, into a buffer of one whole tile.
-                                unsafe {
-                                    tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero())
-                                };
-                                // SAFETY: the tile's rows × cols lie within the m × n of C.
-                                unsafe {
-                                    store_tile(dst, ldc, (rows, cols), beta, |i, j| {
-                                        alpha * s.edge[i * nr + j]
-                                    })
-                                };
-                            }
+                            // SAFETY: the strips hold kc steps each (the panel holds its strips
+                            // whole); the tile's rows × cols lie within the m × n of C.
+                            unsafe {
+                                tile_into(
+                                    kernel,
+                                    (kc, ap, bp),
+                                    (dst, ldc),
+                                    (rows, cols),
+                                    (alpha, beta),
+                                    &mut s.edge,
+                                )
+                            };
                         }
                     }
                 }
@@ -794,6 +790,33 @@ unsafe fn store_tile<T: Float>(
             }
         }
     }
+}
+
+/// One micro-kernel call for a tile of C of rows × cols (at most MR × NR): straight into C when
+/// the tile is whole, else into `edge` (one whole tile) and from there the part within C.
+///
+/// # Safety
+/// As [`Tile`]: the strips at `a` and `b` hold kc steps; C's rows × cols (rows `ldc` apart)
+/// writable, and initialised when beta ≠ 0; `edge` holds MR·NR values.
+#[inline(always)]
+unsafe fn tile_into<T: Float>(
+    kernel: Kernel<T>,
+    (kc, a, b): (usize, *const T, *const T),
+    (c, ldc): (*mut T, usize),
+    (rows, cols): (usize, usize),
+    (alpha, beta): (T, T),
+    edge: &mut [T],
+) {
+    let Kernel { tile, mr, nr } = kernel;
+    if rows == mr && cols == nr {
+        // SAFETY: the caller's guarantee.
+        unsafe { tile(kc, a, b, c, ldc, alpha, beta) };
+        return;
+    }
+    // SAFETY: the strips as above, into a buffer of one whole tile.
+    unsafe { tile(kc, a, b, edge.as_mut_ptr(), nr, T::one(), T::zero()) };
+    // SAFETY: the tile's rows × cols within C (the caller's guarantee).
+    unsafe { store_tile(c, ldc, (rows, cols), beta, |i, j| alpha * edge[i * nr + j]) };
 }
 
 /// An op(B) [k × n] packed once for many products with it — a recurrent weight used at every
@@ -986,8 +1009,6 @@ impl<T: Buffers> Strips<T> {
 /// triangular operands (counted within the product: row i is A's row a0 + i).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Part {
-    /// Every column and step.
-    Whole,
     /// Rows i .. i + r (a strip) take the columns before `offset + i + r` only, rounded up to
     /// whole strips of B (the others are left as they are).
     ColumnsBefore(usize),
@@ -1021,7 +1042,8 @@ pub unsafe fn strip_product<T: Buffers>(
     c: *mut T,
     ldc: usize,
 ) {
-    let Kernel { tile, mr, nr } = T::kernel();
+    let kernel = T::kernel();
+    let Kernel { mr, nr, .. } = kernel;
     assert!(a.w == mr && b.w == nr, "strips packed for another kernel");
     assert!(
         a0.is_multiple_of(mr) && b0.is_multiple_of(nr),
@@ -1045,7 +1067,7 @@ pub unsafe fn strip_product<T: Buffers>(
             for ir in (0..m).step_by(mr) {
                 let rows = mr.min(m - ir);
                 let range = match part {
-                    Part::Whole | Part::ColumnsBefore(_) => steps.clone(),
+                    Part::ColumnsBefore(_) => steps.clone(),
                     Part::StepsBefore(o) => steps.start..steps.end.min(o + ir + rows),
                     Part::StepsFrom(o) => steps.start.max(o + ir)..steps.end,
                 };
@@ -1067,19 +1089,17 @@ pub unsafe fn strip_product<T: Buffers>(
                     let beta = if p0 == range.start { beta } else { T::one() };
                     let ap = a.at((a0 + ir) / mr, p0);
                     let bp = b.at((b0 + jr) / nr, p0);
-                    if rows == mr && cols == nr {
-                        // SAFETY: each strip holds `depth` ≥ p0 + kc steps (checked above);
-                        // the tile's mr rows of nr values lie within C (the caller's guarantee).
-                        unsafe { tile(kc, ap, bp, dst, ldc, alpha, beta) };
-                        continue;
-                    }
-                    // SAFETY: as above, into a buffer of one whole tile.
-                    unsafe { tile(kc, ap, bp, s.edge.as_mut_ptr(), nr, T::one(), T::zero()) };
-                    // SAFETY: the tile's rows × cols lie within the m × n of C.
+                    // SAFETY: each strip holds `depth` ≥ p0 + kc steps (checked above); the
+                    // tile's rows × cols lie within C (the caller's guarantee).
                     unsafe {
-                        store_tile(dst, ldc, (rows, cols), beta, |i, j| {
-                            alpha * s.edge[i * nr + j]
-                        })
+                        tile_into(
+                            kernel,
+                            (kc, ap, bp),
+                            (dst, ldc),
+                            (rows, cols),
+                            (alpha, beta),
+                            &mut s.edge,
+                        )
                     };
                 }
             }
