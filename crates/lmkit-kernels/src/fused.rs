@@ -195,10 +195,17 @@ fn exp_sum<T: FastMath>(x: &mut [T], scale: T, m: T) -> T {
             *a = *a + *v;
         }
     }
-    let mut s = T::zero();
-    for v in tail {
+    // The tail through one padded vector too: exp_fast's scalar form costs several times a
+    // lane's (a causal attention row's tail is half a vector on average).
+    let mut pad = [T::zero(); LANES];
+    pad[..tail.len()].copy_from_slice(tail);
+    for v in &mut pad {
         *v = (*v * scale - m).exp_fast();
-        s = s + *v;
+    }
+    let mut s = T::zero();
+    for (v, &e) in tail.iter_mut().zip(&pad) {
+        *v = e;
+        s = s + e;
     }
     for a in acc {
         s = s + a;
