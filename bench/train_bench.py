@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Training and decoding speed: lmkit vs PyTorch eager (transformers GPT2LMHeadModel) on one
-GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM.
+GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM. PyTorch runs with
+transformers' default attention (torch's scaled_dot_product_attention) unless --torch-modes says otherwise.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
@@ -51,9 +52,10 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both lmkit and PyTorch)")
     ap.add_argument("--baseline", help="another lmkit binary to train with in the same rounds")
     ap.add_argument("--torch-modes", default=None,
-                    help="comma-separated PyTorch sides: eager (f32), bf16 (eager, bf16 autocast + SDPA "
-                         "attention), compile (torch.compile of the bf16 side); default eager on the CPU, "
-                         "eager,bf16,compile on CUDA")
+                    help="comma-separated PyTorch sides: eager (f32 with transformers' default attention, "
+                         "scaled_dot_product_attention), eager-attention (f32 with GPT-2's attention written as "
+                         "separate ops: slower), bf16 (eager, bf16 autocast + SDPA attention), compile "
+                         "(torch.compile of the bf16 side); default eager on the CPU, eager,bf16,compile on CUDA")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--baseline-set", action="append", default=[],
@@ -143,10 +145,10 @@ device = "{a.device}"
         torch.manual_seed(0)
         cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-                         attn_implementation="sdpa" if mode != "eager" else "eager")
+                         attn_implementation="eager" if mode == "eager-attention" else "sdpa")
         model = GPT2LMHeadModel(cfg).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                                fused=dev.type == "cuda" and mode != "eager")
+                                fused=dev.type == "cuda" and mode in ("bf16", "compile"))
         fwd = torch.compile(model) if mode == "compile" else model
         amp = mode in ("bf16", "compile")
 
@@ -212,7 +214,8 @@ device = "{a.device}"
           f"{flops_per_token / 1e6:.1f} MFLOP/token; device {a.device}; {os.cpu_count()} cores, torch threads {threads}")
     print(f"lmkit's matrix products: {matmul.get('out')}" + (f"; the baseline's: {matmul.get('baseline')}" if base_runs else ""))
     print()
-    label = {"eager": "PyTorch eager f32", "bf16": "PyTorch eager bf16 autocast + SDPA", "compile": "torch.compile bf16"}
+    label = {"eager": "PyTorch eager f32 (SDPA attention)", "eager-attention": "PyTorch eager f32, attention as separate ops",
+             "bf16": "PyTorch eager bf16 autocast + SDPA", "compile": "torch.compile bf16"}
     print(f"| measure | lmkit | {label[modes[0]]} | lmkit/PyTorch |")
     print("|---|---|---|---|")
     print(f"| training tokens/s (median of {a.rounds} alternating rounds) | {lm_tps:,.0f} | {pt_tps:,.0f} | {lm_tps / pt_tps:.2f}x |")
