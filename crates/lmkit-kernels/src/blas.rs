@@ -1231,7 +1231,7 @@ pub fn products_attention_fwd<T: BlasFloat>(
     let scale = s.scale::<T>();
     let longest = s.longest();
     let tasks = s.row_blocks(forward_block);
-    let mut y = vec![T::zero(); rows * c];
+    let mut y = crate::buffers::zeros(rows * c);
     let out = SharedOut(y.as_mut_ptr());
     tasks.into_par_iter().for_each_init(
         || vec![T::zero(); forward_block(longest) * longest],
@@ -1329,7 +1329,7 @@ pub fn products_attention_bwd<T: BlasFloat>(
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = s.scale::<T>();
     let longest = s.longest();
-    let mut dqkv = vec![T::zero(); qkv.len()];
+    let mut dqkv = crate::buffers::zeros(qkv.len());
     let out = SharedOut(dqkv.as_mut_ptr());
     (0..s.spans.len() * s.kv_heads)
         .into_par_iter()
@@ -1442,7 +1442,7 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
         .collect::<candle_core::Result<_>>()?;
     let block = query_block::<T>();
     let tasks = s.row_blocks(|_| block);
-    let mut y = vec![T::zero(); rows * c];
+    let mut y = crate::buffers::zeros(rows * c);
     let out = SharedOut(y.as_mut_ptr());
     let one = (T::one(), T::zero());
     tasks.into_par_iter().try_for_each_init(
@@ -1504,7 +1504,7 @@ fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_cor
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = s.scale::<T>();
     let (_, nr) = crate::gemm::strip_widths::<T>();
-    let mut dqkv = vec![T::zero(); qkv.len()];
+    let mut dqkv = crate::buffers::zeros(qkv.len());
     let out = SharedOut(dqkv.as_mut_ptr());
     #[derive(Default)]
     struct Bufs<T> {

@@ -1,4 +1,4 @@
-//! Buffers for passes that write every element themselves: no zero fill first.
+//! Buffers for passes: filled on rayon's threads, not zero-filled first on the calling thread.
 
 use num_traits::Float;
 use rayon::prelude::*;
@@ -18,6 +18,36 @@ pub fn rows_of<T: Float + Send + Sync>(bias: &[T], rows: usize) -> Vec<T> {
     unsafe { out.assume_init() }.into_vec()
 }
 
+/// A new buffer of `len` values made on rayon's threads: each chunk of `chunk` values (the last
+/// may be shorter) is zeroed and then handed to `f(chunk index, chunk)` by the thread that fills
+/// it, so the zero fill neither runs alone on the calling thread nor leaves the chunk out of
+/// cache before `f` writes it.
+pub fn par_filled<T: Float + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = Box::<[T]>::new_uninit_slice(len);
+    out.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, part)| {
+            for v in part.iter_mut() {
+                v.write(T::zero());
+            }
+            // SAFETY: every element of `part` was written just above; MaybeUninit<T> has T's
+            // layout.
+            let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(i, part);
+        });
+    // SAFETY: every element was written (zeroed, then whatever `f` stored) above.
+    unsafe { out.assume_init() }.into_vec()
+}
+
+/// `len` zeros, written on rayon's threads (see [`par_filled`]).
+pub fn zeros<T: Float + Send + Sync>(len: usize) -> Vec<T> {
+    par_filled(len, 1 << 16, |_, _| {})
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -27,5 +57,19 @@ mod tests {
             [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]
         );
         assert!(super::rows_of::<f64>(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn filled_buffers_hold_what_each_chunk_wrote() {
+        let v = super::par_filled::<f32>(10, 4, |i, c| {
+            for (j, x) in c.iter_mut().enumerate() {
+                if j % 2 == 0 {
+                    *x = (10 * i + j) as f32;
+                }
+            }
+        });
+        assert_eq!(v, [0., 0., 2., 0., 10., 0., 12., 0., 20., 0.]);
+        assert!(super::par_filled::<f64>(0, 4, |_, _| unreachable!()).is_empty());
+        assert_eq!(super::zeros::<f64>(70_000), vec![0.0; 70_000]);
     }
 }

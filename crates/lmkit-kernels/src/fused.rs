@@ -448,28 +448,21 @@ impl FastMath for f32 {
 const BLOCK: usize = 1 << 14;
 
 /// A new vector holding `f(x block, out block)` for each block of `x`, blocks on the thread pool.
-fn map_blocks<T: Default + Copy + Send + Sync>(
-    x: &[T],
-    f: impl Fn(&[T], &mut [T]) + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK))
-        .for_each(|(o, x)| f(x, o));
-    out
+fn map_blocks<T: Float + Send + Sync>(x: &[T], f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+    crate::buffers::par_filled(x.len(), BLOCK, |i, o| f(&x[i * BLOCK..][..o.len()], o))
 }
 
 /// [`map_blocks`] over two inputs of the same length.
-fn map_blocks2<T: Default + Copy + Send + Sync>(
+fn map_blocks2<T: Float + Send + Sync>(
     x: &[T],
     y: &[T],
     f: impl Fn(&[T], &[T], &mut [T]) + Sync,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK).zip(y.par_chunks(BLOCK)))
-        .for_each(|(o, (x, y))| f(x, y, o));
-    out
+    let n = x.len().min(y.len());
+    crate::buffers::par_filled(n, BLOCK, |i, o| {
+        let at = i * BLOCK..i * BLOCK + o.len();
+        f(&x[at.clone()], &y[at], o)
+    })
 }
 
 /// √(2/π), 0.044715: the constants of the tanh GELU.
@@ -831,9 +824,17 @@ pub fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
 
 /// `x` [.., n] plus `b` [n] on every row, as a new buffer.
 pub fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
-    let mut out = x.to_vec();
-    add_bias_in_place(&mut out, b);
-    out
+    let per = b.len().max(1) * 64;
+    crate::buffers::par_filled(x.len(), per, |i, o| {
+        for (r, xr) in o
+            .chunks_mut(b.len().max(1))
+            .zip(x[i * per..].chunks(b.len().max(1)))
+        {
+            for ((o, &xv), &bi) in r.iter_mut().zip(xr).zip(b) {
+                *o = xv + bi;
+            }
+        }
+    })
 }
 
 pub fn column_sums<T: Float + Send + Sync>(x: &[T], n: usize) -> Vec<T> {
@@ -1000,11 +1001,8 @@ pub fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<
 /// A row-wise norm's forward: `block(out rows, x rows)` over blocks of LN_ROWS rows of n, in
 /// parallel.
 fn norm_rows_fwd<T: FastMath>(x: &[T], n: usize, block: impl Fn(&mut [T], &[T]) + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n * LN_ROWS)
-        .zip(x.par_chunks(n * LN_ROWS))
-        .for_each(|(o, xs)| block(o, xs));
-    out
+    let per = n * LN_ROWS;
+    crate::buffers::par_filled(x.len(), per, |i, o| block(o, &x[i * per..][..o.len()]))
 }
 
 /// A row-wise norm's backward: `block(dx rows, x rows, dy rows, acc)` over blocks of LN_ROWS rows

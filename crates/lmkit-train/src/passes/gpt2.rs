@@ -12,7 +12,7 @@
 use super::{Act, LossAndGrads, TrainPass};
 use candle_core::Tensor;
 use lmkit_kernels::blas::{self, plain, transposed, Blas, BlasFloat, Heads};
-use lmkit_kernels::buffers::rows_of;
+use lmkit_kernels::buffers::{self, rows_of};
 use lmkit_kernels::fused;
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
 use rayon::prelude::*;
@@ -164,8 +164,7 @@ fn backprop<T: BlasFloat>(
     let lm = p.lm_head.unwrap_or(p.wte);
 
     // Forward. Embeddings: x = wte[id] + wpe[position].
-    let mut x = vec![T::zero(); n * c];
-    x.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+    let mut x = buffers::par_filled(n * c, c, |r, row: &mut [T]| {
         let (id, pos) = (ids[r] as usize, r % t);
         let e = &p.wte[id * c..(id + 1) * c];
         let q = &p.wpe[pos * c..(pos + 1) * c];
@@ -207,8 +206,8 @@ fn backprop<T: BlasFloat>(
     // Output layer and cross-entropy, a chunk of rows at a time: the logits are turned into
     // their gradient in place, then give the hidden states' and the output weights'.
     let sc = T::from(scale / n as f64).unwrap_or_else(T::zero);
-    let mut dhf = vec![T::zero(); n * c];
-    let mut dlm = vec![T::zero(); v * c];
+    let mut dhf = buffers::zeros(n * c);
+    let mut dlm = buffers::zeros(v * c);
     let row_losses = super::output_cross_entropy(
         blas,
         &hf,
@@ -228,7 +227,7 @@ fn backprop<T: BlasFloat>(
         blocks: vec![Gpt2BlockParams::default(); p.blocks.len()],
         ..Default::default()
     };
-    let mut dx = vec![T::zero(); n * c];
+    let mut dx = buffers::zeros(n * c);
     let d = fused::layer_norm_bwd_into(&x, p.ln_f_w, &dhf, eps, &mut dx, false);
     drop(dhf);
     grads.ln_f_w = d[..c].to_vec();

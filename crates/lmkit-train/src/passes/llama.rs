@@ -13,7 +13,7 @@ use super::params::{
 use super::{LossAndGrads, TrainPass};
 use candle_core::Tensor;
 use lmkit_kernels::blas::{self, Blas, BlasFloat, Gqa};
-use lmkit_kernels::fused;
+use lmkit_kernels::{buffers, fused};
 use lmkit_models::layers::linear::Linear;
 use lmkit_models::llama::{LayerParts, Llama};
 use rayon::prelude::*;
@@ -281,16 +281,16 @@ fn backprop<T: BlasFloat>(
 
     // Forward. Embeddings.
     let e = p.data[m.embed];
-    let mut x = vec![T::zero(); n * c];
-    x.par_chunks_mut(c).zip(batch.ids).for_each(|(row, &id)| {
-        row.copy_from_slice(&e[id as usize * c..(id as usize + 1) * c]);
+    let mut x = buffers::par_filled(n * c, c, |r, row: &mut [T]| {
+        let id = batch.ids[r] as usize;
+        row.copy_from_slice(&e[id * c..(id + 1) * c]);
     });
     let mut saved: Vec<Saved<T>> = Vec::with_capacity(m.layers.len());
     for l in &m.layers {
         let (hd, qd, kvd) = (l.hd, l.heads * l.hd, l.kv_heads * l.hd);
         let w = qd + 2 * kvd;
         let a1 = fused::rms_norm_rows(&x, p.data[l.input_norm], eps);
-        let mut qkv = vec![T::zero(); n * w];
+        let mut qkv = buffers::zeros(n * w);
         let mut lq: [Option<LoraSaved<T>>; 3] = [None, None, None];
         let hs = shared_lora_inputs(p, &l.qkv.each_ref(), &a1, n)?;
         let mut col = 0;
@@ -353,7 +353,7 @@ fn backprop<T: BlasFloat>(
         .flat_map(|&r| hf[r as usize * c..(r as usize + 1) * c].iter().copied())
         .collect();
     drop(hf);
-    let mut dhs = vec![T::zero(); cnt * c];
+    let mut dhs = buffers::zeros(cnt * c);
     let want_lm = p.wants[m.lm_head];
     let mut dlm = if want_lm {
         p.take_grad(m.lm_head, v * c)
@@ -377,7 +377,7 @@ fn backprop<T: BlasFloat>(
     if want_lm {
         p.add_grad(m.lm_head, dlm);
     }
-    let mut dhf = vec![T::zero(); n * c];
+    let mut dhf = buffers::zeros(n * c);
     for (&r, d) in batch.rows.iter().zip(dhs.chunks(c)) {
         let row = &mut dhf[r as usize * c..(r as usize + 1) * c];
         row.iter_mut().zip(d).for_each(|(o, &g)| *o += g);
@@ -385,7 +385,7 @@ fn backprop<T: BlasFloat>(
     drop(dhs);
 
     // Backward.
-    let mut dx = vec![T::zero(); n * c];
+    let mut dx = buffers::zeros(n * c);
     let d = fused::rms_norm_bwd_into(&x, p.data[m.norm], &dhf, eps, &mut dx, false);
     drop(dhf);
     if p.wants[m.norm] {
