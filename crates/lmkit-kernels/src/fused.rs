@@ -824,12 +824,12 @@ pub fn add_bias_in_place<T: Float + Send + Sync>(y: &mut [T], b: &[T]) {
 
 /// `x` [.., n] plus `b` [n] on every row, as a new buffer.
 pub fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
-    let per = b.len().max(1) * 64;
+    if b.is_empty() {
+        return x.to_vec();
+    }
+    let per = b.len() * 64;
     crate::buffers::par_filled(x.len(), per, |i, o| {
-        for (r, xr) in o
-            .chunks_mut(b.len().max(1))
-            .zip(x[i * per..].chunks(b.len().max(1)))
-        {
+        for (r, xr) in o.chunks_mut(b.len()).zip(x[i * per..].chunks(b.len())) {
             for ((o, &xv), &bi) in r.iter_mut().zip(xr).zip(b) {
                 *o = xv + bi;
             }
@@ -1627,6 +1627,18 @@ mod tests {
             check::<f32>(len);
             check::<f64>(len);
         }
+    }
+
+    #[test]
+    fn rows_plus_a_bias_equal_the_definition() {
+        // Rows around the 64-row chunks each task fills; an empty bias leaves x as it is.
+        for (rows, n) in [(0, 3), (1, 3), (63, 5), (65, 5), (200, 7)] {
+            let x: Vec<f32> = (0..rows * n).map(|i| (i % 97) as f32 - 40.0).collect();
+            let b: Vec<f32> = (0..n).map(|j| 0.5 * j as f32 + 1.0).collect();
+            let want: Vec<f32> = x.iter().enumerate().map(|(i, &v)| v + b[i % n]).collect();
+            assert_eq!(add_rows(&x, &b), want, "{rows} rows of {n}");
+        }
+        assert_eq!(add_rows(&[1.0f64, 2.0], &[]), [1.0, 2.0]);
     }
 
     #[test]
