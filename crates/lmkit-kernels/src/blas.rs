@@ -1503,7 +1503,7 @@ fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_cor
     check_bwd(qkv, dy, &s)?;
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let scale = s.scale::<T>();
-    let (_, nr) = crate::gemm::strip_widths::<T>();
+    let (mr, nr) = crate::gemm::strip_widths::<T>();
     let mut dqkv = crate::buffers::zeros(qkv.len());
     let out = SharedOut(dqkv.as_mut_ptr());
     #[derive(Default)]
@@ -1549,10 +1549,14 @@ fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_cor
                     strip_product((&b.qa, 0), (&b.kt, 0), (t, lp), 0..hd, keys, set, pp, lp);
                     strip_product((&b.dya, 0), (&b.vt, 0), (t, lp), 0..hd, keys, set, dpp, lp);
                 }
+                // The products below read, of row i's keys after i, only those up to the end of
+                // i's strip of MR rows (the strips are packed on their side of the diagonal
+                // only): those are zeroed, the rest is not read.
                 for (i, (pr, dr)) in b.p.chunks_mut(lp).zip(b.dp.chunks_mut(lp)).enumerate() {
-                    crate::fused::softmax_row(&mut pr[..t], i + 1, scale);
+                    let band = t.min((i / mr + 1) * mr);
+                    crate::fused::softmax_row(&mut pr[..band], i + 1, scale);
                     crate::fused::softmax_bwd_row(&pr[..=i], &mut dr[..=i], scale);
-                    dr[i + 1..t].iter_mut().for_each(|v| *v = T::zero());
+                    dr[i + 1..band].iter_mut().for_each(|v| *v = T::zero());
                 }
                 // Rows [t, hd] of dqkv from column `at` (ldc = w): a t × t operand's product
                 // with a [t, hd] one, each strip of rows over its `part` of the steps.
@@ -1564,13 +1568,14 @@ fn strips_attention_bwd<T: BlasFloat>(qkv: &[T], dy: &[T], s: Gqa) -> candle_cor
                 // P and dS are 0 above the diagonal: dV and dK rows k.. need queries k.. only,
                 // dQ row i keys ..= i only.
                 b.dyb.pack_b(&dy[dyh..], c, false, (t, hd))?;
-                b.sq.pack_a(&b.p, lp, true, (t, t))?;
-                grad(&b.sq, &b.dyb, Part::StepsFrom(0), add, v);
-                b.sq.pack_a(&b.dp, lp, false, (t, t))?;
-                grad(&b.sq, &b.kn, Part::StepsBefore(0), set, q);
+                let (from, before) = (Part::StepsFrom(0), Part::StepsBefore(0));
+                b.sq.pack_a_part(&b.p, lp, true, (t, t), from)?;
+                grad(&b.sq, &b.dyb, from, add, v);
+                b.sq.pack_a_part(&b.dp, lp, false, (t, t), before)?;
+                grad(&b.sq, &b.kn, before, set, q);
                 b.qb.pack_b(&qkv[q..], w, false, (t, hd))?;
-                b.sq.pack_a(&b.dp, lp, true, (t, t))?;
-                grad(&b.sq, &b.qb, Part::StepsFrom(0), add, k);
+                b.sq.pack_a_part(&b.dp, lp, true, (t, t), from)?;
+                grad(&b.sq, &b.qb, from, add, k);
             }
             Ok(())
         })?;

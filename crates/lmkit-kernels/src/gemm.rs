@@ -954,7 +954,21 @@ impl<T: Buffers> Strips<T> {
         trans: bool,
         (rows, depth): (usize, usize),
     ) -> candle_core::Result<()> {
-        self.pack(x, ld, trans, (rows, depth), T::kernel().mr)
+        self.pack(x, ld, trans, (rows, depth), T::kernel().mr, None)
+    }
+
+    /// [`Strips::pack_a`] of only the steps a [`strip_product`] from row 0 over steps
+    /// 0..depth with `part` reads of each strip (causal attention's triangles: about half); the
+    /// other steps are left as they were, so only such products may use these strips.
+    pub fn pack_a_part(
+        &mut self,
+        x: &[T],
+        ld: usize,
+        trans: bool,
+        (rows, depth): (usize, usize),
+        part: Part,
+    ) -> candle_core::Result<()> {
+        self.pack(x, ld, trans, (rows, depth), T::kernel().mr, Some(part))
     }
 
     /// Packs op(X) [depth × cols] for the B side (as [`Strips::pack_a`] packs its transpose).
@@ -965,7 +979,7 @@ impl<T: Buffers> Strips<T> {
         trans: bool,
         (depth, cols): (usize, usize),
     ) -> candle_core::Result<()> {
-        self.pack(x, ld, !trans, (cols, depth), T::kernel().nr)
+        self.pack(x, ld, !trans, (cols, depth), T::kernel().nr, None)
     }
 
     fn pack(
@@ -975,6 +989,7 @@ impl<T: Buffers> Strips<T> {
         trans: bool,
         (rows, depth): (usize, usize),
         w: usize,
+        part: Option<Part>,
     ) -> candle_core::Result<()> {
         let stored = if trans { (depth, rows) } else { (rows, depth) };
         if !holds(x.len(), stored, ld) {
@@ -993,9 +1008,30 @@ impl<T: Buffers> Strips<T> {
             ld,
             trans,
         };
-        // SAFETY: the extent check above: (i, p) for i < rows, p < depth lie within `x`; the
-        // buffer holds the whole strips.
-        unsafe { pack(view, rows, depth, w, &mut self.data[..len]) };
+        let Some(part) = part else {
+            // SAFETY: the extent check above: (i, p) for i < rows, p < depth lie within `x`;
+            // the buffer holds the whole strips.
+            unsafe { pack(view, rows, depth, w, &mut self.data[..len]) };
+            return Ok(());
+        };
+        for (s, strip) in self.data[..len].chunks_exact_mut(w * depth).enumerate() {
+            let r0 = s * w;
+            let steps = part.steps(0..depth, r0, w.min(rows - r0));
+            if steps.is_empty() {
+                continue;
+            }
+            // SAFETY: as above, for rows r0 .. r0 + w (or to `rows`) and the steps of this
+            // strip that `part` reads; step p of the strip lies at p·w.
+            unsafe {
+                pack(
+                    view.from(r0, steps.start),
+                    w.min(rows - r0),
+                    steps.len(),
+                    w,
+                    &mut strip[steps.start * w..steps.end * w],
+                )
+            };
+        }
         Ok(())
     }
 
@@ -1016,6 +1052,17 @@ pub enum Part {
     StepsBefore(usize),
     /// Rows i .. i + r take the steps from `offset + i` on only.
     StepsFrom(usize),
+}
+
+impl Part {
+    /// The steps rows i .. i + r take of `steps`.
+    fn steps(self, steps: std::ops::Range<usize>, i: usize, r: usize) -> std::ops::Range<usize> {
+        match self {
+            Part::ColumnsBefore(_) => steps,
+            Part::StepsBefore(o) => steps.start..steps.end.min(o + i + r),
+            Part::StepsFrom(o) => steps.start.max(o + i)..steps.end,
+        }
+    }
 }
 
 /// C[m × n] (rows `ldc` apart) = alpha · A · B + beta · C with A = op(A)[a0 .. a0 + m, steps]
@@ -1066,11 +1113,7 @@ pub unsafe fn strip_product<T: Buffers>(
             let cols = nr.min(n - jr);
             for ir in (0..m).step_by(mr) {
                 let rows = mr.min(m - ir);
-                let range = match part {
-                    Part::ColumnsBefore(_) => steps.clone(),
-                    Part::StepsBefore(o) => steps.start..steps.end.min(o + ir + rows),
-                    Part::StepsFrom(o) => steps.start.max(o + ir)..steps.end,
-                };
+                let range = part.steps(steps.clone(), ir, rows);
                 if let Part::ColumnsBefore(o) = part {
                     if jr >= o + ir + rows {
                         continue;
@@ -1552,6 +1595,54 @@ mod tests {
             )
             .is_err());
             assert!(pack_b((k, n), &b[..b.len() - ldb], ldb, tb).is_err());
+        }
+    }
+
+    #[test]
+    fn strips_packed_on_one_side_of_the_diagonal_give_the_same_products() {
+        if isa().is_none() {
+            return;
+        }
+        // A square operand (rows = steps, as attention's [t, t] ones), stored plain or
+        // transposed; the strips first hold NaN, so a step the partial pack skipped and the
+        // product read would show.
+        for (t, hd, trans) in [(13, 5, false), (13, 5, true), (40, 16, true), (7, 3, false)] {
+            let a = randn(t * (t + 3), 11);
+            let b = randn(t * hd, 12);
+            let (mut bs, mut whole, mut part) =
+                (Strips::default(), Strips::default(), Strips::default());
+            bs.pack_b(&b, hd, false, (t, hd)).unwrap();
+            for p in [Part::StepsFrom(0), Part::StepsBefore(0)] {
+                whole.pack_a(&a, t + 3, trans, (t, t)).unwrap();
+                part.pack_a(&vec![f32::NAN; t * (t + 3)], t + 3, trans, (t, t))
+                    .unwrap();
+                part.pack_a_part(&a, t + 3, trans, (t, t), p).unwrap();
+                let (mut want, mut got) = (vec![0f32; t * hd], vec![0f32; t * hd]);
+                // SAFETY: C holds t rows of hd.
+                unsafe {
+                    strip_product(
+                        (&whole, 0),
+                        (&bs, 0),
+                        (t, hd),
+                        0..t,
+                        p,
+                        (1.0, 0.0),
+                        want.as_mut_ptr(),
+                        hd,
+                    );
+                    strip_product(
+                        (&part, 0),
+                        (&bs, 0),
+                        (t, hd),
+                        0..t,
+                        p,
+                        (1.0, 0.0),
+                        got.as_mut_ptr(),
+                        hd,
+                    );
+                }
+                assert_eq!(got, want, "t={t} hd={hd} trans={trans} {p:?}");
+            }
         }
     }
 
