@@ -147,10 +147,10 @@ device = "{a.device}"
                          resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                          attn_implementation="eager" if mode == "eager-attention" else "sdpa")
         model = GPT2LMHeadModel(cfg).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                                fused=dev.type == "cuda" and mode in ("bf16", "compile"))
-        fwd = torch.compile(model) if mode == "compile" else model
         amp = mode in ("bf16", "compile")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=dev.type == "cuda" and amp)
+        fwd = torch.compile(model) if mode == "compile" else model
 
         def step():
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):

@@ -447,9 +447,14 @@ impl FastMath for f32 {
 /// Elements per parallel task of the elementwise kernels.
 const BLOCK: usize = 1 << 14;
 
-/// A new vector holding `f(x block, out block)` for each block of `x`, blocks on the thread pool.
-fn map_blocks<T: Float + Send + Sync>(x: &[T], f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
-    crate::buffers::par_filled(x.len(), BLOCK, |i, o| f(&x[i * BLOCK..][..o.len()], o))
+/// A new vector holding `f(x chunk, out chunk)` for each chunk of `chunk` values of `x`,
+/// chunks on the thread pool (the output's chunk zeroed first).
+fn map_blocks<T: Float + Send + Sync>(
+    x: &[T],
+    chunk: usize,
+    f: impl Fn(&[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    crate::buffers::par_filled(x.len(), chunk, |i, o| f(&x[i * chunk..][..o.len()], o))
 }
 
 /// [`map_blocks`] over two inputs of the same length.
@@ -500,7 +505,7 @@ simd_versions! {
 
 /// y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³) — transformers' `gelu_new` (Hendrycks & Gimpel 2016).
 pub fn gelu<T: FastMath + Default>(x: &[T]) -> Vec<T> {
-    map_blocks(x, gelu_block)
+    map_blocks(x, BLOCK, gelu_block)
 }
 
 /// dy/dx · g for the tanh GELU.
@@ -587,7 +592,7 @@ simd_versions! {
 
 /// y = x·Φ(x).
 pub fn gelu_erf_fwd<T: FastMath + Default>(x: &[T]) -> Vec<T> {
-    map_blocks(x, gelu_erf_block)
+    map_blocks(x, BLOCK, gelu_erf_block)
 }
 
 /// dy/dx · g for the exact GELU.
@@ -827,9 +832,8 @@ pub fn add_rows<T: Float + Send + Sync>(x: &[T], b: &[T]) -> Vec<T> {
     if b.is_empty() {
         return x.to_vec();
     }
-    let per = b.len() * 64;
-    crate::buffers::par_filled(x.len(), per, |i, o| {
-        for (r, xr) in o.chunks_mut(b.len()).zip(x[i * per..].chunks(b.len())) {
+    map_blocks(x, b.len() * 64, |xs, o| {
+        for (r, xr) in o.chunks_mut(b.len()).zip(xs.chunks(b.len())) {
             for ((o, &xv), &bi) in r.iter_mut().zip(xr).zip(b) {
                 *o = xv + bi;
             }
@@ -1001,8 +1005,7 @@ pub fn layer_norm_rows<T: FastMath>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<
 /// A row-wise norm's forward: `block(out rows, x rows)` over blocks of LN_ROWS rows of n, in
 /// parallel.
 fn norm_rows_fwd<T: FastMath>(x: &[T], n: usize, block: impl Fn(&mut [T], &[T]) + Sync) -> Vec<T> {
-    let per = n * LN_ROWS;
-    crate::buffers::par_filled(x.len(), per, |i, o| block(o, &x[i * per..][..o.len()]))
+    map_blocks(x, n * LN_ROWS, |xs, o| block(o, xs))
 }
 
 /// A row-wise norm's backward: `block(dx rows, x rows, dy rows, acc)` over blocks of LN_ROWS rows
