@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use lmkit_core::rng::{mix, MixChain, Random};
 use lmkit_models::{ModelConfig, ParamRole, SpecialIds};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// The model's `config.json` as JSON — `[model]` with the vocabulary size, the tokenizer's
@@ -88,36 +89,41 @@ pub(crate) fn init_weights(vm: &VarMap, cfg: &ModelConfig, seed: u64, dev: &Devi
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let n_layer = cfg.num_layers();
-    for (i, name) in names.iter().enumerate() {
-        let var = &data[*name];
-        let shape = var.shape().clone();
-        let n = shape.elem_count();
-        let mut rng = MixChain::new(mix(seed ^ mix(i as u64 + 1)));
-        let normal = |rng: &mut MixChain, std: f64| -> Vec<f32> {
-            (0..n).map(|_| (rng.normal() * std) as f32).collect()
-        };
-        let t = match cfg.param_role(name) {
-            ParamRole::Recurrent { hidden, .. } => {
-                let k = 1.0 / (hidden as f64).sqrt();
-                let vals: Vec<f32> = (0..n)
-                    .map(|_| ((rng.uniform_open() * 2.0 - 1.0) * k) as f32)
-                    .collect();
-                Tensor::from_vec(vals, shape, &Device::Cpu)?
-            }
-            ParamRole::Bias => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-            ParamRole::NormGain => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
-            ParamRole::Embedding | ParamRole::Weight => {
-                Tensor::from_vec(normal(&mut rng, 0.02), shape, &Device::Cpu)?
-            }
-            ParamRole::ResidualOut => Tensor::from_vec(
-                normal(&mut rng, 0.02 / (2.0 * n_layer as f64).sqrt()),
-                shape,
-                &Device::Cpu,
-            )?,
-        };
-        var.set(&t.to_device(dev)?)?;
-    }
-    Ok(())
+    // Each tensor draws from its own generator (seeded by its place in name order), so the
+    // tensors are filled in parallel with the values a serial pass would give.
+    names
+        .par_iter()
+        .enumerate()
+        .try_for_each(|(i, name)| -> Result<()> {
+            let var = &data[*name];
+            let shape = var.shape().clone();
+            let n = shape.elem_count();
+            let mut rng = MixChain::new(mix(seed ^ mix(i as u64 + 1)));
+            let normal = |rng: &mut MixChain, std: f64| -> Vec<f32> {
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            };
+            let t = match cfg.param_role(name) {
+                ParamRole::Recurrent { hidden, .. } => {
+                    let k = 1.0 / (hidden as f64).sqrt();
+                    let vals: Vec<f32> = (0..n)
+                        .map(|_| ((rng.uniform_open() * 2.0 - 1.0) * k) as f32)
+                        .collect();
+                    Tensor::from_vec(vals, shape, &Device::Cpu)?
+                }
+                ParamRole::Bias => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+                ParamRole::NormGain => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+                ParamRole::Embedding | ParamRole::Weight => {
+                    Tensor::from_vec(normal(&mut rng, 0.02), shape, &Device::Cpu)?
+                }
+                ParamRole::ResidualOut => Tensor::from_vec(
+                    normal(&mut rng, 0.02 / (2.0 * n_layer as f64).sqrt()),
+                    shape,
+                    &Device::Cpu,
+                )?,
+            };
+            var.set(&t.to_device(dev)?)?;
+            Ok(())
+        })
 }
 
 /// The optimizer's parameters in name order, weight decay by role.
@@ -136,4 +142,63 @@ pub(crate) fn params(vm: &VarMap, cfg: &ModelConfig) -> Result<Vec<Param>> {
             name,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel fill gives every tensor the values of its own generator, drawn in order:
+    /// the sequence checkpoints and loss curves depend on.
+    #[test]
+    fn initial_weights_are_each_tensors_own_sequence() {
+        let cfg = ModelConfig::from_json(
+            serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_embd": 8, "n_head": 2,
+                               "n_positions": 16, "vocab_size": 32}),
+            Path::new("test"),
+        )
+        .unwrap();
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let names = [
+            ("transformer.wte.weight", vec![32, 8]),
+            ("transformer.h.0.attn.c_proj.weight", vec![8, 8]),
+            ("transformer.h.0.attn.c_proj.bias", vec![8]),
+            ("transformer.h.0.ln_1.weight", vec![8]),
+            ("transformer.h.1.mlp.c_fc.weight", vec![8, 32]),
+        ];
+        for (name, dims) in &names {
+            vm.get(
+                dims.as_slice(),
+                name,
+                candle_nn::Init::Const(7.0),
+                DType::F32,
+                &dev,
+            )
+            .unwrap();
+        }
+        init_weights(&vm, &cfg, 42, &dev).unwrap();
+        let mut sorted: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+        sorted.sort();
+        let data = vm.data().lock().unwrap();
+        for (i, name) in sorted.iter().enumerate() {
+            let got: Vec<f32> = data[*name].flatten_all().unwrap().to_vec1().unwrap();
+            let mut rng = MixChain::new(mix(42 ^ mix(i as u64 + 1)));
+            let std = if name.ends_with("c_proj.weight") {
+                0.02 / (2.0 * 2f64).sqrt() // 2 layers
+            } else {
+                0.02
+            };
+            let want: Vec<f32> = if name.ends_with("bias") {
+                vec![0.0; got.len()]
+            } else if name.contains(".ln_") {
+                vec![1.0; got.len()]
+            } else {
+                (0..got.len())
+                    .map(|_| (rng.normal() * std) as f32)
+                    .collect()
+            };
+            assert_eq!(got, want, "{name}");
+        }
+    }
 }
