@@ -50,7 +50,7 @@ pub enum EvalCommand {
         model: ModelArgs,
         #[arg(long)]
         input: PathBuf,
-        /// Neural models: tokens the window advances by (default: half the context)
+        /// Neural models: tokens the window advances by (default: half the context; RNN/LSTM models read the text once, their state carried)
         #[arg(long)]
         stride: Option<usize>,
         /// Print JSON instead of a table

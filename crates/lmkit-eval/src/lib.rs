@@ -11,7 +11,7 @@ pub mod pyrandom;
 pub mod tasks;
 
 use candle_core::{DType, Device, Tensor, D};
-use lmkit_models::CausalLm;
+use lmkit_models::{CausalLm, KvCache};
 use lmkit_ngram::{Model as NgramModel, Tokenization};
 use std::path::{Path, PathBuf};
 
@@ -170,6 +170,7 @@ impl Scorer {
     /// text as one stream (the prefix token first, `<|endoftext|>` after each line) in windows
     /// of the model's context, advancing by `stride` tokens (default: half the context) so that
     /// every token after the first window sees at least `context - stride` tokens of history.
+    /// Recurrent models read it once, their state carried from window to window (no stride).
     pub fn eval_text(
         &self,
         lines: &[String],
@@ -323,9 +324,19 @@ impl Neural {
     /// log p(targets[j] | ids[..first + j + 1]) for each j: one pass over `ids`, then the output
     /// layer and log-softmax on the scored positions only, a block of rows at a time.
     fn picked(&self, ids: &[u32], first: usize, targets: &[u32]) -> Result<Vec<f32>> {
+        self.picked_from(&mut self.model.single_pass_cache(), ids, first, targets)
+    }
+
+    /// [`Self::picked`] continuing from the state in `cache` (and leaving it after `ids`).
+    fn picked_from(
+        &self,
+        cache: &mut KvCache,
+        ids: &[u32],
+        first: usize,
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
         let x = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let mut cache = self.model.single_pass_cache();
-        let hidden = self.model.hidden(&x, &mut cache)?.squeeze(0)?;
+        let hidden = self.model.hidden(&x, cache)?.squeeze(0)?;
         let mut out = Vec::with_capacity(targets.len());
         for (b, chunk) in targets.chunks(Self::LOGIT_ROWS).enumerate() {
             let rows = hidden.narrow(0, first + b * Self::LOGIT_ROWS, chunk.len())?;
@@ -350,9 +361,28 @@ impl Neural {
         progress: &dyn Progress,
     ) -> Result<Vec<f32>> {
         let ctx = self.context;
-        let stride = stride.unwrap_or(ctx / 2).clamp(1, ctx);
         let mut out = Vec::with_capacity(ids.len().saturating_sub(1));
         progress.begin("scoring", ids.len().saturating_sub(1) as u64, Unit::Items);
+        if self.model.is_recurrent() {
+            // A recurrent model reads the stream once, its state carried from one window to
+            // the next, as it was trained: every token sees the whole text before it, and no
+            // window starts from a zero state in the middle of the text.
+            let mut cache = self.model.single_pass_cache();
+            let mut begin = 0usize;
+            while begin + 1 < ids.len() {
+                let end = (begin + ctx).min(ids.len() - 1);
+                out.extend(self.picked_from(
+                    &mut cache,
+                    &ids[begin..end],
+                    0,
+                    &ids[begin + 1..end + 1],
+                )?);
+                progress.advance((end - begin) as u64);
+                begin = end;
+            }
+            return Ok(out);
+        }
+        let stride = stride.unwrap_or(ctx / 2).clamp(1, ctx);
         // `done`: tokens ids[1..=done] are scored.
         let mut done = 0usize;
         let mut begin = 0usize;
@@ -371,5 +401,74 @@ impl Neural {
             begin = (begin + stride).min(done);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmkit_core::rng::{MixChain, Random};
+    use lmkit_models::DecoderConfig;
+
+    fn neural(config: &str, context: usize) -> Neural {
+        let v: serde_json::Value = serde_json::from_str(config).unwrap();
+        let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
+        let mut vars = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rng = MixChain::new(5);
+        for (_, var) in vars {
+            let vals: Vec<f32> = (0..var.elem_count())
+                .map(|_| (rng.normal() * 0.5) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let tokenizer: lmkit_tokenize::Tokenizer =
+            r#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [], "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#
+                .parse()
+                .unwrap();
+        Neural {
+            model,
+            tokenizer,
+            eot: 0,
+            prefix: 0,
+            context,
+            stop_ids: Vec::new(),
+        }
+    }
+
+    /// A recurrent model scores a stream longer than its context as one pass would, its state
+    /// carried across windows (as it trained), whatever the stride asked for.
+    #[test]
+    fn a_recurrent_model_scores_a_long_stream_as_one_pass() {
+        let config = r#"{"model_type": "lmkit_rnn", "cell": "rnn", "vocab_size": 61, "hidden_size": 20,
+            "num_layers": 2, "max_position_embeddings": 8}"#;
+        let ids: Vec<u32> = (0..47u32).map(|i| (i * 17 + 3) % 61).collect();
+        let whole = neural(config, 64)
+            .token_logprobs(&ids, None, &NoProgress)
+            .unwrap();
+        assert_eq!(whole.len(), ids.len() - 1);
+        let windowed = neural(config, 8);
+        for stride in [None, Some(3), Some(8)] {
+            let got = windowed.token_logprobs(&ids, stride, &NoProgress).unwrap();
+            assert_eq!(got.len(), whole.len());
+            for (j, (a, b)) in got.iter().zip(&whole).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "token {j}, stride {stride:?}: {a} vs {b}"
+                );
+            }
+        }
     }
 }
