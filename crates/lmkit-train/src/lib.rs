@@ -38,7 +38,7 @@ use data::{Batches, Split};
 use init::{hf_config, init_weights, params};
 use lmkit_models::{Kind, KvCache, SpecialIds};
 use lmkit_tokenize::TokenDataset;
-use objective::{loss_with, pair_batch, pair_loss, Net};
+use objective::{loss_with, pair_batch, pair_loss, stream_loss, Net};
 use std::path::{Path, PathBuf};
 use steps::{Grads, Micro};
 
@@ -276,6 +276,12 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
 
     let evaluate = |model: &Net| -> Result<Option<f64>> {
         model.set_training(false);
+        if let (Net::Causal(m), Batches::Stream { val: Some(v), .. }) = (model, &data) {
+            if m.is_recurrent() {
+                let shape = (t.batch_size, t.seq_len);
+                return Ok(Some(stream_loss(m, v, shape, t.eval_batches, &dev)?));
+            }
+        }
         let mut total = 0.0;
         for k in 0..t.eval_batches.max(1) {
             let seed = mix(t.seed ^ 0x5eed_e7a1 ^ mix(k as u64));
