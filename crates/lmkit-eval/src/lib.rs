@@ -407,30 +407,18 @@ impl Neural {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lmkit_core::rng::{MixChain, Random};
     use lmkit_models::DecoderConfig;
 
+    /// A random model of `config` (every variable N(0, 0.5²)) reading `context` tokens at once.
     fn neural(config: &str, context: usize) -> Neural {
         let v: serde_json::Value = serde_json::from_str(config).unwrap();
         let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
-        let mut vars = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<Vec<_>>();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut rng = MixChain::new(5);
-        for (_, var) in vars {
-            let vals: Vec<f32> = (0..var.elem_count())
-                .map(|_| (rng.normal() * 0.5) as f32)
-                .collect();
-            var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+        for var in vm.all_vars() {
+            let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
+            var.set(&t).unwrap();
         }
         let tokenizer: lmkit_tokenize::Tokenizer =
             r#"{"version": "1.0", "truncation": null, "padding": null,
@@ -455,13 +443,12 @@ mod tests {
         let config = r#"{"model_type": "lmkit_rnn", "cell": "rnn", "vocab_size": 61, "hidden_size": 20,
             "num_layers": 2, "max_position_embeddings": 8}"#;
         let ids: Vec<u32> = (0..47u32).map(|i| (i * 17 + 3) % 61).collect();
-        let whole = neural(config, 64)
-            .token_logprobs(&ids, None, &NoProgress)
-            .unwrap();
+        let mut n = neural(config, 64);
+        let whole = n.token_logprobs(&ids, None, &NoProgress).unwrap();
         assert_eq!(whole.len(), ids.len() - 1);
-        let windowed = neural(config, 8);
+        n.context = 8;
         for stride in [None, Some(3), Some(8)] {
-            let got = windowed.token_logprobs(&ids, stride, &NoProgress).unwrap();
+            let got = n.token_logprobs(&ids, stride, &NoProgress).unwrap();
             assert_eq!(got.len(), whole.len());
             for (j, (a, b)) in got.iter().zip(&whole).enumerate() {
                 assert!(

@@ -296,7 +296,6 @@ impl Net {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use lmkit_core::rng::{MixChain, Random};
 
     /// Validation of a recurrent model carries the state through its windows: four windows of
     /// ten tokens in three streams score as one pass over forty tokens a stream.
@@ -322,14 +321,7 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
-        let mut rng = MixChain::new(3);
-        for var in vm.all_vars() {
-            let vals: Vec<f32> = (0..var.elem_count())
-                .map(|_| (rng.normal() * 0.5) as f32)
-                .collect();
-            var.set(&Tensor::from_vec(vals, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
+        crate::passes::testing::randomize(&vm, DType::F32);
         let dev = Device::Cpu;
         let got = stream_loss(&model, &split, (3, 10), 4, &dev).unwrap();
         // Each stream r starts at r · (150 / 3) and reads 4 × 10 tokens in one pass.
