@@ -7,6 +7,10 @@
 #    tests (the GPU training pass and AdamW against the CPU), which must find a GPU;
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
 # 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
+#    then a GPT-2-small-shaped run (TF32) with the flash attention kernels and with the [t, t]
+#    probabilities kept (LMKIT_CUDA_ATTENTION=materialized): the pass's phases timed, losses compared;
+#    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
+#    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
@@ -61,6 +65,71 @@ for s in sorted(set(steps["cpu"]) & set(steps["cuda"])):
 sys.exit(0 if steps["cpu"] and worst < 1e-3 else f"cpu and cuda losses differ by {worst:.2e}")
 PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
+
+echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products)"
+for att in flash materialized; do
+  LMKIT_CUDA_TIMING=1 LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/att-$att\"" \
+    --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
+    --set train.seq_len=1024 --set train.batch_size=8 --set train.max_steps=8 --set train.log_every=1 \
+    --set train.warmup_steps=2 --set train.eval_every=1000 --set train.save_every=1000 \
+    --set 'train.device="cuda"' 2>"$out/attention-$att.log" || failed+=("attention $att")
+  echo "$att:"; grep "cuda pass" "$out/attention-$att.log" | tail -3
+done
+"$py" - "$tmp" <<'PY'
+import json, sys
+runs = {a: {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/att-{a}/metrics.jsonl"))
+            if "loss" in r and "step" in r} for a in ("flash", "materialized")}
+both = sorted(set(runs["flash"]) & set(runs["materialized"]))
+worst = max((abs(runs["flash"][s] - runs["materialized"][s]) for s in both), default=float("inf"))
+print("losses flash / materialized:", [(s, round(runs["flash"][s], 4), round(runs["materialized"][s], 4)) for s in both])
+# Both TF32: the curves differ by rounding only.
+sys.exit(0 if worst < 2e-2 else f"flash and materialized attention losses differ by {worst:.2e}")
+PY
+[ $? -eq 0 ] || failed+=("flash/materialized loss curves")
+
+echo "== Llama on the GPU: the hand-written pass (flash attention) vs the autograd graph (TF32 products)"
+cat > "$tmp/llama.toml" <<TOML
+[model]
+model_type = "llama"
+hidden_size = 576
+intermediate_size = 1536
+num_hidden_layers = 30
+num_attention_heads = 9
+num_key_value_heads = 3
+max_position_embeddings = 2048
+rms_norm_eps = 1e-5
+rope_theta = 10000.0
+tie_word_embeddings = true
+
+[data]
+train = "$tmp/shards"
+tokenizer = "$tmp/tok"
+
+[train]
+seq_len = 1024
+batch_size = 8
+max_steps = 8
+warmup_steps = 2
+log_every = 1
+eval_every = 1000
+save_every = 1000
+device = "cuda"
+TOML
+for att in flash materialized; do
+  LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$tmp/llama.toml" --set "train.out_dir=\"$tmp/llama-$att\"" \
+    2>"$out/llama-$att.log" || failed+=("llama $att")
+done
+"$py" - "$tmp" <<'PY'
+import json, sys
+runs = {a: [r for r in map(json.loads, open(f"{sys.argv[1]}/llama-{a}/metrics.jsonl")) if "loss" in r and "step" in r]
+        for a in ("flash", "materialized")}
+for a, rs in runs.items():
+    print(f"{a}: losses {[round(r['loss'], 4) for r in rs]}; tokens/s {[round(r.get('tokens_per_sec', 0)) for r in rs]}")
+worst = max((abs(x["loss"] - y["loss"]) for x, y in zip(runs["flash"], runs["materialized"])), default=float("inf"))
+sys.exit(0 if worst < 2e-2 else f"the Llama GPU pass and the autograd graph differ by {worst:.2e}")
+PY
+[ $? -eq 0 ] || failed+=("llama pass/autograd loss curves")
 
 echo "== speed vs PyTorch on the GPU"
 LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 --baseline "$bin" \

@@ -11,6 +11,7 @@
 # names (the real ones are found at run time: the driver's libcuda, and the CUDA toolkit's or
 # PyTorch's pip packages' lib directories on LD_LIBRARY_PATH).
 set -euo pipefail
+mode="${1:-}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 if [ -z "${CUDA_ROOT:-}" ] && ! command -v nvcc >/dev/null; then
@@ -47,7 +48,7 @@ fi
 target="${CARGO_TARGET_DIR:-$here/target-cuda}"
 cargo build --release --locked -p lmkit-cli --features cuda --target-dir "$target"
 echo "built $target/release/lmkit (compute capability $CUDA_COMPUTE_CAP)"
-if [ "${1:-}" = "--tests" ]; then
+if [ "$mode" = "--tests" ]; then
   cargo test --release --locked -p lmkit-train -p lmkit-kernels --features lmkit-train/cuda,lmkit-kernels/cuda \
     --target-dir "$target" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys

@@ -1,13 +1,19 @@
-//! With the `cuda` feature, compiles the CUDA kernels of `src/cuda/` to PTX with nvcc (found as
+//! With the `cuda` feature, compiles the CUDA kernels of `src/cuda/` (one PTX module per file)
+//! with nvcc (found as
 //! candle's build finds it: `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME` or the PATH) for the compute
 //! capability in `CUDA_COMPUTE_CAP` (default 80); newer GPUs compile the PTX when it is loaded.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The kernel files: src/cuda/NAME.cu becomes NAME.ptx in OUT_DIR.
+const SOURCES: [&str; 2] = ["train", "attention"];
+
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=src/cuda/train.cu");
+    for file in SOURCES {
+        println!("cargo::rerun-if-changed=src/cuda/{file}.cu");
+    }
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -24,18 +30,20 @@ fn main() {
         .map(|c| c.trim().replace('.', ""))
         .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_digit()))
         .unwrap_or_else(|| "80".into());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(out.join("train.ptx"))
-        .arg("src/cuda/train.cu")
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {}: {e} (the cuda feature needs the CUDA toolkit)",
-                nvcc.display()
-            )
-        });
-    assert!(status.success(), "nvcc failed on src/cuda/train.cu");
+    for file in SOURCES {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg("-o")
+            .arg(out.join(format!("{file}.ptx")))
+            .arg(format!("src/cuda/{file}.cu"))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {}: {e} (the cuda feature needs the CUDA toolkit)",
+                    nvcc.display()
+                )
+            });
+        assert!(status.success(), "nvcc failed on src/cuda/{file}.cu");
+    }
 }

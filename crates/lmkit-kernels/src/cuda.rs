@@ -1,6 +1,6 @@
 //! CUDA building blocks of the hand-written training passes: device buffers, cuBLAS products
-//! with row-major operands, and the kernels of `cuda/train.cu` (compiled to PTX at build time,
-//! loaded once per device).
+//! with row-major operands, the kernels of `cuda/train.cu` and the flash-style attention of
+//! `cuda/attention.cu` (compiled to PTX at build time, loaded once per device).
 //!
 //! Everything runs on candle's stream for the device, so the pass's work is ordered with the
 //! tensors candle creates around it. A [`Dev`] is a device address and a length; every entry
@@ -14,9 +14,75 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::marker::PhantomData;
 
-/// The PTX of `cuda/train.cu`.
-const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
-const MODULE: &str = "lmkit_train";
+/// The modules of `cuda/train.cu` and `cuda/attention.cu`: a name and its PTX.
+const TRAIN_KERNELS: (&str, &str) = (
+    "lmkit_train",
+    include_str!(concat!(env!("OUT_DIR"), "/train.ptx")),
+);
+const ATTENTION_KERNELS: (&str, &str) = (
+    "lmkit_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+);
+/// Rows of queries or keys a block of the attention kernels owns, its threads, and the padding of
+/// its shared tiles' rows (attention.cu's ATT_ROWS, ATT_THREADS, ATT_PAD).
+const ATT_ROWS: usize = 64;
+const ATT_THREADS: u32 = 128;
+const ATT_PAD: usize = 4;
+
+/// Sizes of a causal attention: batch, tokens, query heads, key/value heads, head size.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+}
+
+impl AttnShape {
+    /// The other side's tile of the attention kernels for this head size (attention.cu's
+    /// ATT_KERNELS), or `None` for a head size they do not cover.
+    fn tile(&self) -> Option<usize> {
+        match self.hd {
+            32 | 64 => Some(64),
+            128 => Some(32),
+            _ => None,
+        }
+    }
+
+    /// Whether the flash kernels cover this shape on a GPU of compute capability `major`.x: head
+    /// size 32, 64 or 128, whole groups of query heads per key/value head, tensor cores with
+    /// TF32 (8.0 on).
+    pub fn flash_fits(&self, major: i32) -> bool {
+        major >= 8
+            && self.tile().is_some()
+            && self.kv_heads > 0
+            && self.heads.is_multiple_of(self.kv_heads)
+            && self.t > 0
+    }
+}
+
+/// A row-major [b·t, ld] operand of the attention kernels: head h's columns start at h·hd.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub ptr: Dev<f32>,
+    pub ld: usize,
+}
+
+pub fn rows(ptr: Dev<f32>, ld: usize) -> Rows {
+    Rows { ptr, ld }
+}
+
+impl Rows {
+    /// The address, checked to hold b·t rows of `heads` heads of size hd.
+    fn need(self, s: &AttnShape, heads: usize, what: &str) -> Result<u64> {
+        let cols = heads * s.hd;
+        if self.ld < cols {
+            candle_core::bail!("cuda {what}: rows of {} for {cols} columns", self.ld);
+        }
+        self.ptr.need((s.b * s.t - 1) * self.ld + cols, what)
+    }
+}
 
 /// A run of `len` elements of type `T` in device memory.
 #[derive(Debug)]
@@ -357,10 +423,46 @@ impl Gpu {
         self.mm(dims, a, b, c, 1.0, 0.0, batch)
     }
 
-    /// Launches `name` with the given arguments (already checked by the caller).
+    /// Launches `name` of train.cu with the given arguments (already checked by the caller).
     fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        let f = self.dev.get_or_load_custom_func(name, MODULE, TRAIN_PTX)?;
-        let mut b = f.builder();
+        self.launch_in(TRAIN_KERNELS, name, (grid as usize, 1), block, 0, args)
+    }
+
+    /// Compute capability's major version of this GPU.
+    pub fn compute_major(&self) -> Result<i32> {
+        let (major, _) = self
+            .dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .map_err(Self::fail("compute capability"))?;
+        Ok(major)
+    }
+
+    /// Launches kernel `name` of a module on a grid of (x, y) blocks of `block` threads with
+    /// `shared` bytes of dynamic shared memory (beyond 48 KiB where the GPU allows it).
+    fn launch_in(
+        &self,
+        (module, ptx): (&str, &str),
+        name: &str,
+        (x, y): (usize, usize),
+        block: u32,
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self
+            .dev
+            .get_or_load_custom_func(name, module, ptx)?
+            .into_cuda_function();
+        if shared > 48 << 10 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                int(shared)?,
+            )
+            .map_err(Self::fail(name))?;
+        }
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
         for a in args {
             match a {
                 Arg::P(p) => b.arg(p),
@@ -370,15 +472,124 @@ impl Gpu {
             };
         }
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (int(x)? as u32, int(y)? as u32, 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: int(shared)? as u32,
         };
         // SAFETY: every pointer argument was checked by the caller to cover the elements the
-        // kernel touches for the size arguments passed with it; the kernels index only within
+        // kernel reads or writes for the sizes passed with it; the kernels index only within
         // those sizes.
         unsafe { b.launch(cfg) }.map_err(Self::fail(name))?;
         Ok(())
+    }
+
+    /// Causal attention without the [t, t] probabilities: o = softmax(scale·q·kᵀ)·v per head,
+    /// and each row's log-sum-exp of its scaled scores in `lse` ([b, heads, t]) for
+    /// [`Gpu::flash_attention_bwd`]. TF32 products; the shape must satisfy
+    /// [`AttnShape::flash_fits`].
+    pub fn flash_attention(
+        &self,
+        s: AttnShape,
+        (q, k, v): (Rows, Rows, Rows),
+        o: Rows,
+        lse: Dev<f32>,
+        scale: f32,
+    ) -> Result<()> {
+        let Some(tile) = s.tile() else {
+            candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
+        };
+        let args = [
+            Arg::P(q.need(&s, s.heads, "attention q")?),
+            Arg::P(k.need(&s, s.kv_heads, "attention k")?),
+            Arg::P(v.need(&s, s.kv_heads, "attention v")?),
+            Arg::P(o.need(&s, s.heads, "attention o")?),
+            Arg::P(lse.need(s.b * s.heads * s.t, "attention lse")?),
+            Arg::I(int(s.t)?),
+            Arg::I(int(s.heads)?),
+            Arg::I(int(s.kv_heads)?),
+            Arg::I(int(q.ld)?),
+            Arg::I(int(k.ld)?),
+            Arg::I(int(v.ld)?),
+            Arg::I(int(o.ld)?),
+            Arg::F(scale),
+        ];
+        let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
+        let shared = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + ATT_ROWS * lds);
+        let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
+        let name = format!("flash_fwd_{}", s.hd);
+        self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)
+    }
+
+    /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
+    /// `dvec` is scratch [b, heads, t]. `o` and `lse` are the forward pass's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_bwd(
+        &self,
+        s: AttnShape,
+        (q, k, v): (Rows, Rows, Rows),
+        (o, lse): (Rows, Dev<f32>),
+        dout: Rows,
+        (dq, dk, dv): (Rows, Rows, Rows),
+        dvec: Dev<f32>,
+        scale: f32,
+    ) -> Result<()> {
+        let Some(tile) = s.tile() else {
+            candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
+        };
+        let n = s.b * s.t;
+        let stats = s.b * s.heads * s.t;
+        let dvec = dvec.need(stats, "attention row dots")?;
+        let dout_p = dout.need(&s, s.heads, "attention dout")?;
+        let dots = [
+            Arg::P(dvec),
+            Arg::P(dout_p),
+            Arg::P(o.need(&s, s.heads, "attention o")?),
+            Arg::I(int(n)?),
+            Arg::I(int(s.t)?),
+            Arg::I(int(s.heads)?),
+            Arg::I(int(s.hd)?),
+            Arg::I(int(dout.ld)?),
+            Arg::I(int(o.ld)?),
+        ];
+        let grid = (blocks(n * s.heads, THREADS as usize / 32) as usize, 1);
+        self.launch_in(ATTENTION_KERNELS, "attn_row_dots", grid, THREADS, 0, &dots)?;
+        let inputs = [
+            Arg::P(q.need(&s, s.heads, "attention q")?),
+            Arg::P(k.need(&s, s.kv_heads, "attention k")?),
+            Arg::P(v.need(&s, s.kv_heads, "attention v")?),
+            Arg::P(dout_p),
+            Arg::P(lse.need(stats, "attention lse")?),
+            Arg::P(dvec),
+        ];
+        let sizes = [
+            Arg::I(int(s.t)?),
+            Arg::I(int(s.heads)?),
+            Arg::I(int(s.kv_heads)?),
+            Arg::I(int(q.ld)?),
+            Arg::I(int(k.ld)?),
+            Arg::I(int(v.ld)?),
+            Arg::I(int(dout.ld)?),
+        ];
+        let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
+        let shared = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + 2 * ATT_ROWS * lds);
+        let tiles = s.t.div_ceil(ATT_ROWS);
+        let mut args = inputs.to_vec();
+        args.push(Arg::P(dq.need(&s, s.heads, "attention dq")?));
+        args.extend(sizes);
+        args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
+        let name = format!("flash_bwd_dq_{}", s.hd);
+        let grid = (tiles, s.b * s.heads);
+        self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)?;
+        let mut args = inputs.to_vec();
+        args.push(Arg::P(dk.need(&s, s.kv_heads, "attention dk")?));
+        args.push(Arg::P(dv.need(&s, s.kv_heads, "attention dv")?));
+        args.extend(sizes);
+        args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
+        let name = format!("flash_bwd_dkdv_{}", s.hd);
+        let grid = (tiles, s.b * s.kv_heads);
+        // The query tile's log-sum-exps and row dots besides the tiles.
+        let shared = shared + 4 * 2 * tile;
+        self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)
     }
 
     /// Launches an elementwise kernel: a thread per element of `len`.
@@ -519,6 +730,152 @@ impl Gpu {
             Arg::I(accumulate as i32),
         ];
         self.launch_rows("layer_norm_bwd", n, &args)
+    }
+
+    /// dst[..len] = src[..len] (on the stream, after the work before it).
+    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
+        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
+        let stream = self.dev.cuda_stream();
+        // SAFETY: both addresses are live device buffers holding `len` elements (checked
+        // above); the copy is ordered on the stream every kernel and product of the pass uses.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len * 4, stream.cu_stream()) }
+            .map_err(Self::fail("copy"))
+    }
+
+    /// table[ids[r]] += rows[r] for the n rows of `rows` ([n, c]); ids must be < the table's
+    /// rows (checked by the caller).
+    pub fn scatter_add_rows(
+        &self,
+        table: Dev<f32>,
+        src: Dev<f32>,
+        ids: Dev<u32>,
+        (n, c): (usize, usize),
+        vocab: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(table.need(vocab * c, "scatter table")?),
+            Arg::P(src.need(n * c, "scatter rows")?),
+            Arg::P(ids.need(n, "scatter ids")?),
+            Arg::I(int(n)?),
+            Arg::I(int(c)?),
+        ];
+        self.launch_elements("embed_bwd_tokens", n * c, &args)
+    }
+
+    /// out[r] = table[ids[r]]; ids must be < the table's rows (checked by the caller).
+    pub fn gather_rows(
+        &self,
+        out: Dev<f32>,
+        table: Dev<f32>,
+        ids: Dev<u32>,
+        (n, c): (usize, usize),
+        vocab: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(out.need(n * c, "gather out")?),
+            Arg::P(table.need(vocab * c, "gather table")?),
+            Arg::P(ids.need(n, "gather ids")?),
+            Arg::I(int(n)?),
+            Arg::I(int(c)?),
+        ];
+        self.launch_elements("gather_rows", n * c, &args)
+    }
+
+    /// RMSNorm of rows; each row's 1/rms kept in `rstd` ([n]).
+    pub fn rms_norm(
+        &self,
+        (out, rstd): (Dev<f32>, Dev<f32>),
+        x: Dev<f32>,
+        w: Dev<f32>,
+        (n, c): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(out.need(n * c, "rms_norm out")?),
+            Arg::P(rstd.need(n, "rms_norm rstd")?),
+            Arg::P(x.need(n * c, "rms_norm x")?),
+            Arg::P(w.need(c, "rms_norm w")?),
+            Arg::I(int(n)?),
+            Arg::I(int(c)?),
+            Arg::F(eps),
+        ];
+        self.launch_rows("rms_norm_fwd", n, &args)
+    }
+
+    /// RMSNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
+    /// sums); `x`, `w`, `rstd`: the forward pass's input, weight and kept 1/rms.
+    pub fn rms_norm_bwd(
+        &self,
+        (dx, prod): (Dev<f32>, Dev<f32>),
+        dy: Dev<f32>,
+        (x, w, rstd): (Dev<f32>, Dev<f32>, Dev<f32>),
+        (n, c): (usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(dx.need(n * c, "rms_norm_bwd dx")?),
+            Arg::P(prod.need(n * c, "rms_norm_bwd prod")?),
+            Arg::P(dy.need(n * c, "rms_norm_bwd dy")?),
+            Arg::P(x.need(n * c, "rms_norm_bwd x")?),
+            Arg::P(w.need(c, "rms_norm_bwd w")?),
+            Arg::P(rstd.need(n, "rms_norm_bwd rstd")?),
+            Arg::I(int(n)?),
+            Arg::I(int(c)?),
+            Arg::I(accumulate as i32),
+        ];
+        self.launch_rows("rms_norm_bwd", n, &args)
+    }
+
+    /// Rotary embedding in place of the first `heads` heads of hd columns of each row of x
+    /// ([n, ld]), row r at position r mod t of `table` ([positions ≥ t, hd]: cos, then sin);
+    /// `inverse` rotates by −θ (the backward pass).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: Dev<f32>,
+        ld: usize,
+        table: Dev<f32>,
+        (n, t): (usize, usize),
+        (heads, hd): (usize, usize),
+        inverse: bool,
+    ) -> Result<()> {
+        if heads * hd > ld || !hd.is_multiple_of(2) {
+            candle_core::bail!("cuda rope: {heads} heads of {hd} in rows of {ld}");
+        }
+        let pairs = n * heads * (hd / 2);
+        let args = [
+            Arg::P(x.need((n.max(1) - 1) * ld + heads * hd, "rope x")?),
+            Arg::P(table.need(t.min(n) * hd, "rope table")?),
+            Arg::I(int(n)?),
+            Arg::I(int(ld)?),
+            Arg::I(int(t)?),
+            Arg::I(int(heads)?),
+            Arg::I(int(hd)?),
+            Arg::F(if inverse { -1.0 } else { 1.0 }),
+        ];
+        self.launch_elements("rope_rows", pairs, &args)
+    }
+
+    /// g = silu(gate) ⊙ up.
+    pub fn swiglu(&self, g: Dev<f32>, gate: Dev<f32>, up: Dev<f32>, len: usize) -> Result<()> {
+        let args = [
+            Arg::P(g.need(len, "swiglu g")?),
+            Arg::P(gate.need(len, "swiglu gate")?),
+            Arg::P(up.need(len, "swiglu up")?),
+            Arg::L(len as i64),
+        ];
+        self.launch_elements("swiglu_fwd", len, &args)
+    }
+
+    /// SwiGLU's backward in place: gate becomes dgate and up dup, from dg.
+    pub fn swiglu_bwd(&self, gate: Dev<f32>, up: Dev<f32>, dg: Dev<f32>, len: usize) -> Result<()> {
+        let args = [
+            Arg::P(gate.need(len, "swiglu_bwd gate")?),
+            Arg::P(up.need(len, "swiglu_bwd up")?),
+            Arg::P(dg.need(len, "swiglu_bwd dg")?),
+            Arg::L(len as i64),
+        ];
+        self.launch_elements("swiglu_bwd", len, &args)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU.
@@ -678,9 +1035,147 @@ fn int(x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda: size {x} too large")))
 }
 
+#[derive(Clone, Copy)]
 enum Arg {
     P(u64),
     I(i32),
     L(i64),
     F(f32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::randn;
+    use candle_core::{DType, Var, D};
+
+    /// Causal attention by candle's autograd in f64 on the CPU: q [b·t, heads·hd], k and v
+    /// [b·t, kv·hd], output gradient g; returns o, lse [b, heads, t], dq, dk, dv (each in its
+    /// input's layout).
+    fn reference(
+        x: [&Tensor; 4],
+        (b, t, heads, kv, hd): (usize, usize, usize, usize, usize),
+    ) -> Vec<Tensor> {
+        let f64s = x.map(|x| x.to_dtype(DType::F64).unwrap());
+        let vars = [&f64s[0], &f64s[1], &f64s[2]].map(|x| Var::from_tensor(x).unwrap());
+        let split =
+            |x: &Tensor, h: usize| x.reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap();
+        let grouped = |x: &Tensor| {
+            let x = split(x, kv).unsqueeze(2).unwrap();
+            let x = x.broadcast_as((b, kv, heads / kv, t, hd)).unwrap();
+            x.contiguous().unwrap().reshape((b, heads, t, hd)).unwrap()
+        };
+        let q = split(vars[0].as_tensor(), heads).contiguous().unwrap();
+        let (k, v) = (grouped(vars[1].as_tensor()), grouped(vars[2].as_tensor()));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let mask: Vec<f64> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let s = s.broadcast_add(&mask).unwrap();
+        let mx = s.max_keepdim(D::Minus1).unwrap();
+        let e = s.broadcast_sub(&mx).unwrap().exp().unwrap();
+        let sum = e.sum_keepdim(D::Minus1).unwrap();
+        let lse = (sum.log().unwrap() + mx)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap();
+        let p = e.broadcast_div(&sum).unwrap();
+        let o = p.matmul(&v).unwrap().transpose(1, 2).unwrap();
+        let o = o
+            .contiguous()
+            .unwrap()
+            .reshape((b * t, heads * hd))
+            .unwrap();
+        let grads = (&o * &f64s[3])
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut out = vec![o.clone(), lse];
+        out.extend(
+            vars.iter()
+                .map(|v| grads.get(v.as_tensor()).unwrap().clone()),
+        );
+        out
+    }
+
+    /// The flash kernels on the GPU against the CPU reference: grouped-query heads, a length
+    /// across two tiles and a partial one, head sizes 64 and 128 (each its own tile size).
+    #[test]
+    fn flash_attention_on_the_gpu_equals_autograd_on_the_cpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+            return;
+        };
+        let gpu = Gpu::of(&dev).unwrap();
+        if gpu.compute_major().unwrap() < 8 {
+            return;
+        }
+        let cpu = Device::Cpu;
+        for (b, t, heads, kv, hd) in [(2, 100, 4, 2, 64), (1, 70, 2, 2, 128), (1, 33, 2, 1, 32)] {
+            let s = AttnShape {
+                b,
+                t,
+                heads,
+                kv_heads: kv,
+                hd,
+            };
+            assert!(s.flash_fits(8));
+            let (c, ckv) = (heads * hd, kv * hd);
+            let x = [c, ckv, ckv, c].map(|cols| randn(0f32, 1.0, (b * t, cols), &cpu).unwrap());
+            let want = reference([&x[0], &x[1], &x[2], &x[3]], (b, t, heads, kv, hd));
+            let on = x.clone().map(|x| x.to_device(&dev).unwrap());
+            let guards = on.each_ref().map(|x| x.storage_and_layout());
+            let [q, k, v, g] = [0, 1, 2, 3].map(|i| Gpu::view(&guards[i].0, guards[i].1).unwrap());
+            let scale = 1.0 / (hd as f32).sqrt();
+            let o = gpu.uninit(b * t * c).unwrap();
+            let lse = gpu.uninit(b * heads * t).unwrap();
+            let qkv = (rows(q, c), rows(k, ckv), rows(v, ckv));
+            gpu.flash_attention(s, qkv, rows(o.dev(), c), lse.dev(), scale)
+                .unwrap();
+            let [dq, dk, dv, dots] = [b * t * c, b * t * ckv, b * t * ckv, b * heads * t]
+                .map(|n| gpu.uninit(n).unwrap());
+            let grads = (rows(dq.dev(), c), rows(dk.dev(), ckv), rows(dv.dev(), ckv));
+            gpu.flash_attention_bwd(
+                s,
+                qkv,
+                (rows(o.dev(), c), lse.dev()),
+                rows(g, c),
+                grads,
+                dots.dev(),
+                scale,
+            )
+            .unwrap();
+            let got = [
+                (&o, b * t * c),
+                (&lse, b * heads * t),
+                (&dq, b * t * c),
+                (&dk, b * t * ckv),
+                (&dv, b * t * ckv),
+            ];
+            for (i, ((buf, n), want)) in got.into_iter().zip(&want).enumerate() {
+                let got = gpu.download(buf, n).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let top = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+                // TF32 products: a few 1e-4 of the largest value.
+                assert!(
+                    err < 3e-3 * top,
+                    "{hd}/{t}: output {i}: error {err} of {top}"
+                );
+            }
+        }
+    }
 }

@@ -127,6 +127,87 @@ extern "C" __global__ void layer_norm_bwd(float* dx, float* prod, const float* d
     }
 }
 
+// out[r] = table[ids[r]] (token embeddings without positions), one thread per element.
+extern "C" __global__ void gather_rows(float* out, const float* table, const uint32_t* ids, int n,
+                                       int c) {
+  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (int64_t)n * c) return;
+  out[i] = table[(int64_t)ids[i / c] * c + i % c];
+}
+
+// RMSNorm over rows, one warp per row: out = x · rstd ⊙ w with rstd = 1/√(mean(x²) + eps), kept
+// for the backward pass.
+extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const float* w,
+                                        int n, int c, float eps) {
+  int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
+  if (row >= n) return;
+  const float* xr = x + (int64_t)row * c;
+  float s = 0.0f;
+  for (int j = lane; j < c; j += WARP) s += xr[j] * xr[j];
+  float rs = rsqrtf(warp_sum(s) / c + eps);
+  float* o = out + (int64_t)row * c;
+  for (int j = lane; j < c; j += WARP) o[j] = xr[j] * rs * w[j];
+  if (lane == 0) rstd[row] = rs;
+}
+
+// RMSNorm's backward, one warp per row: dx (= or +=) rstd·(dy⊙w − x̂·mean(dy⊙w⊙x̂)) with
+// x̂ = x·rstd; prod = dy ⊙ x̂, whose column sums give the weight's gradient.
+extern "C" __global__ void rms_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
+                                        const float* w, const float* rstd, int n, int c,
+                                        int accumulate) {
+  int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  int lane = threadIdx.x % WARP;
+  if (row >= n) return;
+  int64_t off = (int64_t)row * c;
+  float rs = rstd[row];
+  float s = 0.0f;
+  for (int j = lane; j < c; j += WARP) s += dy[off + j] * w[j] * x[off + j] * rs;
+  s = warp_sum(s) / c;
+  for (int j = lane; j < c; j += WARP) {
+    float xh = x[off + j] * rs, g = dy[off + j];
+    float d = rs * (g * w[j] - xh * s);
+    dx[off + j] = accumulate ? dx[off + j] + d : d;
+    prod[off + j] = g * xh;
+  }
+}
+
+// Rotary embedding in place ("rotate half"): the first `heads` heads of hd columns of each row of
+// x [n, ld], row r at position r mod t of table [positions, hd] (each row: the hd/2 cos(θ), then
+// their sin(θ)); sign −1 rotates by −θ (the backward pass). One thread per rotated pair.
+extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld, int t,
+                                     int heads, int hd, float sign) {
+  int half = hd / 2;
+  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (int64_t)n * heads * half) return;
+  int j = i % half;
+  int64_t rh = i / half;
+  int h = rh % heads, r = rh / heads;
+  const float* tr = table + (int64_t)(r % t) * hd;
+  float co = tr[j], si = sign * tr[half + j];
+  float* p = x + (int64_t)r * ld + h * hd;
+  float a = p[j], b = p[half + j];
+  p[j] = a * co - b * si;
+  p[half + j] = b * co + a * si;
+}
+
+// SwiGLU: g = silu(gate) ⊙ up, and its backward in place: gate ← dgate, up ← dup from dg.
+extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
+  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= len) return;
+  float x = gate[i];
+  g[i] = x / (1.0f + __expf(-x)) * up[i];
+}
+
+extern "C" __global__ void swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
+  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= len) return;
+  float x = gate[i], u = up[i], d = dg[i];
+  float sg = 1.0f / (1.0f + __expf(-x));
+  gate[i] = d * u * sg * (1.0f + x * (1.0f - sg));
+  up[i] = d * x * sg;
+}
+
 // GELU, tanh approximation (gelu_new), and its derivative.
 #define GELU_K 0.7978845608028654f  // sqrt(2/pi)
 extern "C" __global__ void gelu_fwd(float* out, const float* h, int64_t len) {

@@ -3,15 +3,42 @@
 //! `lmkit_kernels::cuda`. No autograd graph: each activation is written once into a buffer kept
 //! for the backward pass, biases and residuals are folded into the products (beta = 1), and each
 //! gradient is written once. Attention keeps each head's probabilities [t, t] from the forward
-//! pass (batched products over the heads); the logits are made a chunk of rows at a time.
+//! pass (batched products over the heads), or, selected with LMKIT_CUDA_ATTENTION=flash (or
+//! [`set_flash_attention`]) where the products are TF32, runs the flash kernels
+//! (`Gpu::flash_attention`: one log-sum-exp per row kept, the probabilities recomputed in the
+//! backward pass). The logits are made a chunk of rows at a time.
 //!
 //! Checked against candle's autograd on the CPU (the reference the CPU pass is held to) in the
 //! tests below, which run where a GPU is present.
 
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
-use lmkit_kernels::cuda::{plain, transposed, Batched, Buf, Dev, Gpu, Mat};
+use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu, Mat};
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The attention the pass runs: 0 not chosen yet (LMKIT_CUDA_ATTENTION decides), 1 the flash
+/// kernels, 2 the kept probabilities.
+static ATTENTION: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the flash attention kernels (`true`) or the kept [t, t] probabilities for this
+/// process's GPU passes; without a call, LMKIT_CUDA_ATTENTION=flash chooses the flash kernels
+/// and anything else (or nothing) the kept probabilities. The flash kernels run with TF32
+/// products only: with `train.tf32 = false` the probabilities are kept either way.
+pub fn set_flash_attention(on: bool) {
+    ATTENTION.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+pub(super) fn flash_attention_chosen() -> bool {
+    match ATTENTION.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("LMKIT_CUDA_ATTENTION").is_ok_and(|v| v == "flash");
+            set_flash_attention(on);
+            on
+        }
+        v => v == 1,
+    }
+}
 
 /// Logit elements made at a time (1 GiB of f32).
 const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
@@ -31,16 +58,34 @@ struct Saved {
     g: Buf<f32>,
 }
 
-/// Attention sizes: batch, tokens, heads, head size.
+/// Attention sizes: batch, tokens, heads, head size; `flash`: the flash kernels, which keep
+/// [b, heads, t] log-sum-exps in `att` instead of [b, heads, t, t] probabilities.
 #[derive(Clone, Copy)]
 struct Heads {
     b: usize,
     t: usize,
     heads: usize,
     hd: usize,
+    flash: bool,
 }
 
 impl Heads {
+    fn shape(&self) -> AttnShape {
+        AttnShape {
+            b: self.b,
+            t: self.t,
+            heads: self.heads,
+            kv_heads: self.heads,
+            hd: self.hd,
+        }
+    }
+
+    /// Elements `att` holds.
+    fn kept(&self) -> usize {
+        let per_row = if self.flash { 1 } else { self.t };
+        self.b * self.heads * self.t * per_row
+    }
+
     fn c(&self) -> usize {
         self.heads * self.hd
     }
@@ -120,7 +165,7 @@ struct Dims {
 }
 
 /// Column sums of `src` [n, cols] (a row of ones times it) into a new buffer.
-fn column_sums(
+pub(super) fn column_sums(
     gpu: &Gpu,
     ones: Dev<f32>,
     src: Dev<f32>,
@@ -202,16 +247,29 @@ fn norm_bwd(
 }
 
 /// `a · b` into a new [rows, cols] buffer.
-fn product(gpu: &Gpu, (rows, cols, k): (usize, usize, usize), a: Mat, b: Mat) -> Result<Buf<f32>> {
+pub(super) fn product(
+    gpu: &Gpu,
+    (rows, cols, k): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+) -> Result<Buf<f32>> {
     let out = gpu.uninit(rows * cols)?;
     gpu.set_product((rows, cols, k), a, b, (out.dev(), cols), Batched::ONE)?;
     Ok(out)
 }
 
 /// Causal self-attention of the packed q|k|v [b·t, 3c] into y [b·t, c]; `att` gets each
-/// head's probabilities [b, heads, t, t].
+/// head's probabilities [b, heads, t, t], or with the flash kernels each row's log-sum-exp.
 fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads) -> Result<()> {
     let (t, hd, c) = (s.t, s.hd, s.c());
+    if s.flash {
+        let qkv_rows = (
+            rows(qkv, 3 * c),
+            rows(qkv.at(c)?, 3 * c),
+            rows(qkv.at(2 * c)?, 3 * c),
+        );
+        return gpu.flash_attention(s.shape(), qkv_rows, rows(y, c), att, s.scale());
+    }
     let tt = t * t;
     for bi in 0..s.b {
         let q = qkv.at(bi * t * 3 * c)?;
@@ -242,16 +300,34 @@ fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads)
 }
 
 /// Gradient of the packed q|k|v from dy [b·t, c]: dV = Pᵀ·dY, dP = dY·Vᵀ,
-/// dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q.
+/// dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q; `y` is the forward output.
 fn attention_bwd(
     gpu: &Gpu,
-    qkv: Dev<f32>,
-    att: Dev<f32>,
+    (qkv, att, y): (Dev<f32>, Dev<f32>, Dev<f32>),
     dy: Dev<f32>,
     dqkv: Dev<f32>,
     s: Heads,
 ) -> Result<()> {
     let (t, hd, c) = (s.t, s.hd, s.c());
+    if s.flash {
+        let packed = |p: Dev<f32>| -> Result<_> {
+            Ok((
+                rows(p, 3 * c),
+                rows(p.at(c)?, 3 * c),
+                rows(p.at(2 * c)?, 3 * c),
+            ))
+        };
+        let dots = gpu.uninit(s.b * s.heads * t)?;
+        return gpu.flash_attention_bwd(
+            s.shape(),
+            packed(qkv)?,
+            (rows(y, c), att),
+            rows(dy, c),
+            packed(dqkv)?,
+            dots.dev(),
+            s.scale(),
+        );
+    }
     let tt = t * t;
     let dp = gpu.uninit(s.heads * tt)?;
     let dp = dp.dev();
@@ -314,12 +390,16 @@ fn backprop(
         ..
     } = d;
     let n = b * t;
-    let heads = Heads {
+    let mut heads = Heads {
         b,
         t,
         heads: d.heads,
         hd: c / d.heads,
+        flash: false,
     };
+    // The flash kernels use TF32 products: with exact f32 products the probabilities are kept.
+    heads.flash =
+        gpu.tf32 && flash_attention_chosen() && heads.shape().flash_fits(gpu.compute_major()?);
     // LMKIT_CUDA_TIMING=1: each phase's time (the GPU synchronised at its end) on stderr.
     let timing = std::env::var_os("LMKIT_CUDA_TIMING").is_some();
     let mut phases: Vec<(&str, f64)> = Vec::new();
@@ -353,7 +433,7 @@ fn backprop(
             eps,
         )?;
         let qkv = conv1d(gpu, None, a1.dev(), (w.c_attn_w, w.c_attn_b), (n, 3 * c, c))?;
-        let att = gpu.uninit(b * d.heads * t * t)?;
+        let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)?;
         let attn_proj = (w.attn_proj_w, w.attn_proj_b);
@@ -492,7 +572,8 @@ fn backprop(
         let (attn_proj_w, attn_proj_b, dy) =
             conv1d_bwd(gpu, ones, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
-        attention_bwd(gpu, s.qkv.dev(), s.att.dev(), dy.dev(), dqkv.dev(), heads)?;
+        let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
+        attention_bwd(gpu, kept, dy.dev(), dqkv.dev(), heads)?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
         let (c_attn_w, c_attn_b, da1) =
@@ -574,20 +655,21 @@ mod tests {
         }
     }
 
-    fn config(tied: bool, act: &str) -> Gpt2Config {
+    fn config(tied: bool, act: &str, heads: usize) -> Gpt2Config {
         serde_json::from_value(serde_json::json!({
-            "vocab_size": 301, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "vocab_size": 301, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": heads,
             "n_inner": 96, "activation_function": act, "tie_word_embeddings": tied,
         }))
         .unwrap()
     }
 
     /// The GPU pass against candle's autograd on the CPU, on the same random weights and a batch
-    /// of 3 × 45 tokens (rows longer than a warp in the attention kernels).
-    fn compare(tied: bool, act: &str, tf32: bool, tol: f64) {
+    /// of 3 × t tokens (45: rows longer than a warp in the attention kernels; 100: two tiles of
+    /// the flash kernels) with `heads` heads of the 64 dimensions.
+    fn compare(tied: bool, act: &str, tf32: bool, tol: f64, (heads, t): (usize, usize)) {
         let Some(cuda) = gpu() else { return };
         let cpu = Device::Cpu;
-        let cfg = config(tied, act);
+        let cfg = config(tied, act, heads);
         let vm = VarMap::new();
         let model = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &cpu)).unwrap();
         for var in vm.all_vars() {
@@ -606,7 +688,7 @@ mod tests {
                     .unwrap();
             }
         }
-        let (b, t) = (3, 45);
+        let b = 3;
         let mut s = 11u64;
         let mut next = || {
             s = s
@@ -656,13 +738,26 @@ mod tests {
         }
     }
 
-    /// One test: the TF32 switch is process-wide.
+    /// One test: the TF32 and attention switches are process-wide.
     #[test]
     fn gpu_pass_equals_autograd_on_the_cpu() {
-        compare(true, "gelu_new", false, 1e-4);
-        compare(false, "gelu_new", false, 1e-4);
-        compare(true, "relu", false, 1e-4);
+        super::set_flash_attention(false);
+        compare(true, "gelu_new", false, 1e-4, (4, 45));
+        compare(false, "gelu_new", false, 1e-4, (4, 45));
+        compare(true, "relu", false, 1e-4, (4, 45));
         // TF32 products (10-bit mantissas): close, not equal.
-        compare(true, "gelu_new", true, 2e-2);
+        compare(true, "gelu_new", true, 2e-2, (4, 45));
+        // The flash attention kernels (TF32 only; head size 32: two heads of the 64 dimensions).
+        let shape = lmkit_kernels::cuda::AttnShape {
+            b: 3,
+            t: 100,
+            heads: 2,
+            kv_heads: 2,
+            hd: 32,
+        };
+        assert!(shape.flash_fits(8));
+        super::set_flash_attention(true);
+        compare(true, "gelu_new", true, 2e-2, (2, 100));
+        compare(false, "relu", true, 2e-2, (2, 100));
     }
 }

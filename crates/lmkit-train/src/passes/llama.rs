@@ -75,6 +75,15 @@ impl TrainPass for LlamaPass<'_> {
             targets: &targets,
             weights: None,
         };
+        #[cfg(feature = "cuda")]
+        if self
+            .0
+            .parts()
+            .is_some_and(|p| p.embed_tokens.device().is_cuda())
+        {
+            check_batch(self.0, &batch)?;
+            return super::llama_cuda::pass(self.0, &ids, &targets, (b, t), scale);
+        }
         let n = (b * t).max(1) as f64;
         let r = scored_rows(self.0, &batch, scale / n, &|_| true)?;
         Ok(r.map(|r| LossAndGrads {

@@ -12,6 +12,8 @@ pub mod gpt2;
 #[cfg(feature = "cuda")]
 mod gpt2_cuda;
 pub mod llama;
+#[cfg(feature = "cuda")]
+mod llama_cuda;
 mod params;
 mod post_norm;
 pub mod rnn;

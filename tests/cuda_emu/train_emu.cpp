@@ -1,0 +1,48 @@
+// The kernels of crates/lmkit-kernels/src/cuda/train.cu on the CPU (cuda_emu.h), launched with
+// the grids crates/lmkit-kernels/src/cuda.rs uses (256 threads a block: a thread per element,
+// or a warp per row; a block of 1024 per row for the cross-entropy): a shared library for
+// tests/parity/test_cuda_kernels.py.
+#include "cuda_emu.h"
+
+#include "../../crates/lmkit-kernels/src/cuda/train.cu"
+
+namespace {
+constexpr dim3 THREADS = {256, 1, 1};
+dim3 per_element(int64_t len) { return {unsigned((len + 255) / 256), 1, 1}; }
+dim3 per_row(int64_t rows) { return {unsigned((rows + 7) / 8), 1, 1}; }
+}  // namespace
+
+extern "C" void emu_gather_rows(float* out, const float* table, const uint32_t* ids, int n, int c) {
+  emu::launch(per_element((int64_t)n * c), THREADS, 0, [&] { gather_rows(out, table, ids, n, c); });
+}
+
+extern "C" void emu_rms_norm_fwd(float* out, float* rstd, const float* x, const float* w, int n,
+                                 int c, float eps) {
+  emu::launch(per_row(n), THREADS, 0, [&] { rms_norm_fwd(out, rstd, x, w, n, c, eps); });
+}
+
+extern "C" void emu_rms_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
+                                 const float* w, const float* rstd, int n, int c, int accumulate) {
+  emu::launch(per_row(n), THREADS, 0,
+              [&] { rms_norm_bwd(dx, prod, dy, x, w, rstd, n, c, accumulate); });
+}
+
+extern "C" void emu_rope_rows(float* x, const float* table, int n, int ld, int t, int heads, int hd,
+                              float sign) {
+  emu::launch(per_element((int64_t)n * heads * (hd / 2)), THREADS, 0,
+              [&] { rope_rows(x, table, n, ld, t, heads, hd, sign); });
+}
+
+extern "C" void emu_swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
+  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_fwd(g, gate, up, len); });
+}
+
+extern "C" void emu_swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
+  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_bwd(gate, up, dg, len); });
+}
+
+extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* targets, int rows,
+                                  int v, float sc) {
+  emu::launch({unsigned(rows), 1, 1}, {1024, 1, 1}, 0,
+              [&] { cross_entropy(logits, loss, targets, v, sc); });
+}

@@ -1,0 +1,215 @@
+"""The CUDA kernels of the GPU training passes (crates/lmkit-kernels/src/cuda/*.cu) against PyTorch,
+run on the CPU: the kernel source compiles against tests/cuda_emu/cuda_emu.h, which runs each
+block's threads as OS threads and the tensor-core tiles as TF32 products. Their results here are
+what the GPU computes up to the order of additions, so a wrong mask, index, tile boundary or
+missing synchronisation shows without a GPU (tests that run on one: the cuda tests of
+lmkit-kernels and lmkit-train, through bench/gpu_check.sh)."""
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+F32 = ctypes.POINTER(ctypes.c_float)
+INTS = ctypes.POINTER(ctypes.c_int)
+
+
+def build(tmp_path_factory, name):
+    cxx = shutil.which("g++")
+    assert cxx, "g++ is needed (build-essential; scripts/setup-system.sh installs it)"
+    lib = tmp_path_factory.mktemp("cuda_emu") / f"{name}.so"
+    p = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+                        "-o", str(lib), str(ROOT / f"tests/cuda_emu/{name}.cpp")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    so = build(tmp_path_factory, "attention_emu")
+    so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float]
+    so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float]
+    return so
+
+
+@pytest.fixture(scope="module")
+def train_kernels(tmp_path_factory):
+    so = build(tmp_path_factory, "train_emu")
+    i, f, l, u = ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
+    so.emu_gather_rows.argtypes = [F32, F32, u, i, i]
+    so.emu_rms_norm_fwd.argtypes = [F32, F32, F32, F32, i, i, f]
+    so.emu_rms_norm_bwd.argtypes = [F32, F32, F32, F32, F32, F32, i, i, i]
+    so.emu_rope_rows.argtypes = [F32, F32, i, i, i, i, i, f]
+    so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l]
+    so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l]
+    so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
+    return so
+
+
+def ptr(a):
+    assert a.dtype == np.float32 and a.flags["C_CONTIGUOUS"]
+    return a.ctypes.data_as(F32)
+
+
+def ints(*xs):
+    return (ctypes.c_int * len(xs))(*xs)
+
+
+def reference(q, k, v, dout, heads, kv_heads, scale):
+    """Causal attention in float64 by PyTorch's autograd: (o, lse, dq, dk, dv), each [b, t, h, hd]
+    (lse [b, heads, t])."""
+    q, k, v = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    group = heads // kv_heads
+    kk = k.repeat_interleave(group, dim=2)
+    vv = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    t = s.shape[-1]
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, dim=-1), vv)
+    o.backward(torch.tensor(dout, dtype=torch.float64))
+    return o.detach().numpy(), lse.detach().numpy(), q.grad.numpy(), k.grad.numpy(), v.grad.numpy()
+
+
+def close(got, want, what, tol):
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err < tol, f"{what}: max error {err:.2e} of the largest value (tolerance {tol})"
+
+
+@pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed", [
+    (2, 77, 4, 4, 64, True),    # GPT-2's packed q|k|v, t across two 64-row tiles
+    (1, 150, 4, 2, 64, False),  # grouped-query heads, three tiles
+    (2, 33, 2, 1, 32, False),   # multi-query, one partial tile
+    (1, 70, 2, 2, 128, True),   # head size 128: tiles of 32 keys/queries
+])
+def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed):
+    rng = np.random.default_rng(hd + t)
+    scale = 1.0 / np.sqrt(hd)
+    c, ckv = heads * hd, kv_heads * hd
+    # q|k|v side by side in one [b·t, c + 2·ckv] matrix (GPT-2's c_attn output), or three buffers.
+    if packed:
+        qkv = rng.standard_normal((b * t, c + 2 * ckv), dtype=np.float32)
+        # pointers at column offsets of the one matrix, as the GPU pass passes them
+        q_ptr, k_ptr, v_ptr = (ctypes.cast(ptr(qkv), ctypes.c_void_p).value + 4 * off for off in (0, c, c + ckv))
+        q_ptr, k_ptr, v_ptr = (ctypes.cast(p, F32) for p in (q_ptr, k_ptr, v_ptr))
+        lds = (c + 2 * ckv,) * 3
+        qn, kn, vn = qkv[:, :c], qkv[:, c:c + ckv], qkv[:, c + ckv:]
+    else:
+        qn = rng.standard_normal((b * t, c), dtype=np.float32)
+        kn = rng.standard_normal((b * t, ckv), dtype=np.float32)
+        vn = rng.standard_normal((b * t, ckv), dtype=np.float32)
+        q_ptr, k_ptr, v_ptr = ptr(qn), ptr(kn), ptr(vn)
+        lds = (c, ckv, ckv)
+    dout = rng.standard_normal((b * t, c), dtype=np.float32)
+    o = np.full((b * t, c), np.nan, dtype=np.float32)
+    lse = np.full((b, heads, t), np.nan, dtype=np.float32)
+    dims = ints(b, t, heads, kv_heads, hd)
+    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale) == 0
+    dvec = np.full((b, heads, t), np.nan, dtype=np.float32)
+    dq = np.full((b * t, c), np.nan, dtype=np.float32)
+    dk = np.full((b * t, ckv), np.nan, dtype=np.float32)
+    dv = np.full((b * t, ckv), np.nan, dtype=np.float32)
+    assert kernels.emu_flash_bwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(dout), ptr(lse), ptr(dvec), ptr(dq), ptr(dk),
+                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale) == 0
+
+    shape = lambda x, h: x.reshape(b, t, h, hd)  # noqa: E731
+    want = reference(shape(qn, heads), shape(kn, kv_heads), shape(vn, kv_heads), shape(dout, heads),
+                     heads, kv_heads, scale)
+    # TF32 products (10-bit mantissas) with f32 sums: errors of a few 1e-4 of the largest value.
+    close(shape(o, heads), want[0], "output", 3e-3)
+    close(lse, want[1], "log-sum-exp", 1e-3)
+    close(shape(dq, heads), want[2], "dq", 3e-3)
+    close(shape(dk, kv_heads), want[3], "dk", 3e-3)
+    close(shape(dv, kv_heads), want[4], "dv", 3e-3)
+
+
+def f64(x, grad=False):
+    return torch.tensor(x, dtype=torch.float64, requires_grad=grad)
+
+
+def test_rms_norm_equals_pytorch(train_kernels):
+    rng = np.random.default_rng(1)
+    n, c, eps = 37, 72, 1e-5
+    x = rng.standard_normal((n, c), dtype=np.float32)
+    w = rng.standard_normal(c, dtype=np.float32)
+    dy = rng.standard_normal((n, c), dtype=np.float32)
+    out, rstd = np.full((n, c), np.nan, np.float32), np.full(n, np.nan, np.float32)
+    train_kernels.emu_rms_norm_fwd(ptr(out), ptr(rstd), ptr(x), ptr(w), n, c, eps)
+    xt, wt = f64(x, True), f64(w, True)
+    want = xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + eps) * wt
+    want.backward(f64(dy))
+    close(out, want.detach().numpy(), "rms norm", 1e-5)
+    # The backward pass: dx added to what dx held (accumulate = 1); prod's column sums = dw.
+    dx0 = rng.standard_normal((n, c), dtype=np.float32)
+    dx, prod = dx0.copy(), np.full((n, c), np.nan, np.float32)
+    train_kernels.emu_rms_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(rstd), n, c, 1)
+    close(dx - dx0, xt.grad.numpy(), "rms norm dx", 1e-5)
+    close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "rms norm dw", 1e-5)
+
+
+def test_rope_equals_the_rotate_half_definition_and_its_gradient(train_kernels):
+    rng = np.random.default_rng(2)
+    b, t, hd, heads, extra = 2, 9, 16, 3, 5  # 3 rotated heads, then 5 columns left alone
+    ld = heads * hd + extra
+    n = b * t
+    theta = np.arange(t)[:, None] * 10000.0 ** (-np.arange(0, hd, 2) / hd)[None, :]
+    table = np.concatenate([np.cos(theta), np.sin(theta)], 1).astype(np.float32)  # [t, hd]
+    x = rng.standard_normal((n, ld), dtype=np.float32)
+    g = rng.standard_normal((n, heads * hd), dtype=np.float32)
+    got = x.copy()
+    train_kernels.emu_rope_rows(ptr(got), ptr(table), n, ld, t, heads, hd, 1.0)
+    # transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin, cos/sin repeated per half
+    xt = f64(x[:, :heads * hd].reshape(b, t, heads, hd), True)
+    cos = f64(np.concatenate([np.cos(theta)] * 2, 1))[None, :, None, :]
+    sin = f64(np.concatenate([np.sin(theta)] * 2, 1))[None, :, None, :]
+    rot = torch.cat([-xt[..., hd // 2:], xt[..., :hd // 2]], -1)
+    want = xt * cos + rot * sin
+    want.backward(f64(g.reshape(b, t, heads, hd)))
+    close(got[:, :heads * hd], want.detach().numpy().reshape(n, -1), "rope", 1e-6)
+    assert np.array_equal(got[:, heads * hd:], x[:, heads * hd:]), "columns past the heads changed"
+    # The backward pass rotates the gradient by −θ.
+    dg = np.concatenate([g, np.zeros((n, extra), np.float32)], 1)
+    train_kernels.emu_rope_rows(ptr(dg), ptr(table), n, ld, t, heads, hd, -1.0)
+    close(dg[:, :heads * hd], xt.grad.numpy().reshape(n, -1), "rope backward", 1e-6)
+
+
+def test_swiglu_equals_pytorch(train_kernels):
+    rng = np.random.default_rng(3)
+    shape = (13, 40)
+    gate, up, dg = (rng.standard_normal(shape, dtype=np.float32) * 3 for _ in range(3))
+    g = np.full(shape, np.nan, np.float32)
+    train_kernels.emu_swiglu_fwd(ptr(g), ptr(gate), ptr(up), gate.size)
+    gt, ut = f64(gate, True), f64(up, True)
+    want = torch.nn.functional.silu(gt) * ut
+    want.backward(f64(dg))
+    close(g, want.detach().numpy(), "swiglu", 1e-6)
+    dgate, dup = gate.copy(), up.copy()
+    train_kernels.emu_swiglu_bwd(ptr(dgate), ptr(dup), ptr(dg), gate.size)
+    close(dgate, gt.grad.numpy(), "swiglu dgate", 1e-6)
+    close(dup, ut.grad.numpy(), "swiglu dup", 1e-6)
+
+
+def test_gather_rows_and_cross_entropy_equal_pytorch(train_kernels):
+    rng = np.random.default_rng(4)
+    vocab, c, rows = 50, 24, 7
+    table = rng.standard_normal((vocab, c), dtype=np.float32)
+    ids = rng.integers(0, vocab, rows).astype(np.uint32)
+    out = np.full((rows, c), np.nan, np.float32)
+    train_kernels.emu_gather_rows(ptr(out), ptr(table), ids.ctypes.data, rows, c)
+    assert np.array_equal(out, table[ids])
+    v, sc = 3001, 0.25  # a row longer than the block of 1024 threads
+    logits = rng.standard_normal((rows, v), dtype=np.float32) * 4
+    targets = rng.integers(0, v, rows).astype(np.uint32)
+    loss = np.full(rows, np.nan, np.float32)
+    grad = logits.copy()
+    train_kernels.emu_cross_entropy(ptr(grad), ptr(loss), targets.ctypes.data, rows, v, sc)
+    lt = f64(logits, True)
+    want = torch.nn.functional.cross_entropy(lt, torch.tensor(targets.astype(np.int64)), reduction="none")
+    (want.sum() * sc).backward()
+    close(loss, want.detach().numpy(), "cross-entropy", 1e-5)
+    close(grad, lt.grad.numpy(), "cross-entropy gradient", 1e-5)
