@@ -7,12 +7,14 @@
 #    tests (the GPU training pass and AdamW against the CPU), which must find a GPU;
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
 # 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
-#    then a GPT-2-small-shaped run (TF32) with the flash attention kernels and with the [t, t]
-#    probabilities kept (LMKIT_CUDA_ATTENTION=materialized): the pass's phases timed, losses compared;
+#    then a GPT-2-small-shaped run (TF32) with the flash attention kernels, with the [t, t]
+#    probabilities kept (LMKIT_CUDA_ATTENTION=materialized), and with flash attention and bf16
+#    products (train.dtype = "bf16"): the pass's phases timed, losses compared;
 #    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
-#    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline.
+#    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
+#    GPT-2 small again with lmkit's flash attention and bf16 products.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 set -uo pipefail
 failed=()
@@ -66,25 +68,34 @@ sys.exit(0 if steps["cpu"] and worst < 1e-3 else f"cpu and cuda losses differ by
 PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
 
-echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products)"
-for att in flash materialized; do
+echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products), and bf16 products"
+for run in flash materialized flash-bf16; do
+  att="${run%-bf16}"; dtype=f32; [ "$run" = flash-bf16 ] && dtype=bf16
   LMKIT_CUDA_TIMING=1 LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
-    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/att-$att\"" \
+    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
     --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
     --set train.seq_len=1024 --set train.batch_size=8 --set train.max_steps=8 --set train.log_every=1 \
     --set train.warmup_steps=2 --set train.eval_every=1000 --set train.save_every=1000 \
-    --set 'train.device="cuda"' 2>"$out/attention-$att.log" || failed+=("attention $att")
-  echo "$att:"; grep "cuda pass" "$out/attention-$att.log" | tail -3
+    --set 'train.device="cuda"' --set "train.dtype=\"$dtype\"" --set "train.out_dir=\"$tmp/att-$run\"" \
+    2>"$out/attention-$run.log" || failed+=("attention $run")
+  echo "$run:"; grep "cuda pass" "$out/attention-$run.log" | tail -3
 done
 "$py" - "$tmp" <<'PY'
 import json, sys
-runs = {a: {r["step"]: r["loss"] for r in map(json.loads, open(f"{sys.argv[1]}/att-{a}/metrics.jsonl"))
-            if "loss" in r and "step" in r} for a in ("flash", "materialized")}
-both = sorted(set(runs["flash"]) & set(runs["materialized"]))
-worst = max((abs(runs["flash"][s] - runs["materialized"][s]) for s in both), default=float("inf"))
-print("losses flash / materialized:", [(s, round(runs["flash"][s], 4), round(runs["materialized"][s], 4)) for s in both])
-# Both TF32: the curves differ by rounding only.
-sys.exit(0 if worst < 2e-2 else f"flash and materialized attention losses differ by {worst:.2e}")
+runs = {a: {r["step"]: r for r in map(json.loads, open(f"{sys.argv[1]}/att-{a}/metrics.jsonl"))
+            if "loss" in r and "step" in r} for a in ("flash", "materialized", "flash-bf16")}
+ref = runs["materialized"]
+bad = []
+for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2)):
+    both = sorted(set(runs[a]) & set(ref))
+    worst = max((abs(runs[a][s]["loss"] - ref[s]["loss"]) for s in both), default=float("inf"))
+    print(f"{a}: losses {[round(runs[a][s]['loss'], 4) for s in both]} vs {[round(ref[s]['loss'], 4) for s in both]}"
+          f" (worst {worst:.2e}); tokens/s {[round(runs[a][s].get('tokens_per_sec', 0)) for s in both]}"
+          f" vs {[round(ref[s].get('tokens_per_sec', 0)) for s in both]}")
+    if worst >= tol:
+        bad.append(f"{a} differs from materialized TF32 by {worst:.2e}")
+# TF32 against TF32: rounding only; bf16 products: 8-bit mantissas.
+sys.exit("; ".join(bad) if bad else 0)
 PY
 [ $? -eq 0 ] || failed+=("flash/materialized loss curves")
 
@@ -136,6 +147,9 @@ LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 --b
   --baseline-set 'train.backward="autograd"' || failed+=("bench small")
 LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --layers 12 --heads 12 --dim 768 \
   --ctx 1024 --batch 8 || failed+=("bench large")
+echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 products"
+LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
+  --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' || failed+=("bench large bf16")
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2
   exit 1

@@ -184,6 +184,17 @@ pub struct Gpu {
     blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
     /// f32 products on the tensor cores (TF32 inputs, f32 accumulation).
     pub tf32: bool,
+    /// f32 products on the bf16 tensor cores (inputs rounded to bf16 by cuBLAS, f32
+    /// accumulation); before `tf32`. From [`set_bf16_products`].
+    pub bf16: bool,
+}
+
+static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the [`Gpu`]s made from now on run their f32 products on the bf16 tensor cores
+/// (`train.dtype = "bf16"`).
+pub fn set_bf16_products(on: bool) {
+    BF16_PRODUCTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 const THREADS: u32 = 256;
@@ -211,6 +222,7 @@ impl Gpu {
             blas: dev.cublas_handle(),
             dev: dev.clone(),
             tf32: true,
+            bf16: BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -370,7 +382,9 @@ impl Gpu {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let compute = if self.tf32 {
+        let compute = if self.bf16 {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else if self.tf32 {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
         } else {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F

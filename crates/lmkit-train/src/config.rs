@@ -68,6 +68,19 @@ pub struct TrainConfig {
     /// On a CUDA device, f32 matrix products on the tensor cores in TF32 (10-bit mantissa inputs,
     /// f32 accumulation), as PyTorch's `allow_tf32`; false for full f32 products.
     pub tf32: bool,
+    /// The products' precision: "f32" (with `tf32`), or "bf16" — on a CUDA device, the
+    /// hand-written passes' products on the bf16 tensor cores (inputs rounded to bf16, f32
+    /// accumulation) while weights, optimizer state, activations and gradients stay f32.
+    pub dtype: Precision,
+}
+
+/// `train.dtype`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +109,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             backward: crate::passes::Backward::Auto,
             tf32: true,
+            dtype: Precision::F32,
         }
     }
 }
@@ -243,6 +257,13 @@ pub(crate) fn validate_train(t: &TrainConfig) -> std::result::Result<(), String>
     if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
         return Err("train.beta1 and train.beta2 must be in [0, 1)".into());
     }
+    if t.dtype == Precision::Bf16 && !t.device.starts_with("cuda") {
+        return Err(format!(
+            "train.dtype = \"bf16\" runs a CUDA device's products in bf16; on {} training runs \
+             in f32: remove train.dtype or set train.device = \"cuda\"",
+            t.device
+        ));
+    }
     Ok(())
 }
 
@@ -270,4 +291,24 @@ fn apply_override(table: &mut toml::Table, o: &str) -> std::result::Result<(), S
     }
     t.insert(last.to_string(), value);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_products_are_a_cuda_setting() {
+        let t: TrainConfig = toml::from_str("dtype = \"bf16\"").unwrap();
+        assert_eq!(t.dtype, Precision::Bf16);
+        let e = validate_train(&t).unwrap_err();
+        assert!(e.contains("train.dtype") && e.contains("on cpu"), "{e}");
+        let t = TrainConfig {
+            device: "cuda:1".into(),
+            ..t
+        };
+        assert!(validate_train(&t).is_ok());
+        assert_eq!(TrainConfig::default().dtype, Precision::F32);
+        assert!(toml::from_str::<TrainConfig>("dtype = \"fp8\"").is_err());
+    }
 }

@@ -166,6 +166,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(t.tf32);
+        lmkit_kernels::cuda::set_bf16_products(t.dtype == config::Precision::Bf16);
     }
     if dev.is_cpu() {
         progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));

@@ -398,8 +398,9 @@ fn backprop(
         flash: false,
     };
     // The flash kernels use TF32 products: with exact f32 products the probabilities are kept.
+    let reduced = gpu.tf32 || gpu.bf16;
     heads.flash =
-        gpu.tf32 && flash_attention_chosen() && heads.shape().flash_fits(gpu.compute_major()?);
+        reduced && flash_attention_chosen() && heads.shape().flash_fits(gpu.compute_major()?);
     // LMKIT_CUDA_TIMING=1: each phase's time (the GPU synchronised at its end) on stderr.
     let timing = std::env::var_os("LMKIT_CUDA_TIMING").is_some();
     let mut phases: Vec<(&str, f64)> = Vec::new();
@@ -759,5 +760,11 @@ mod tests {
         super::set_flash_attention(true);
         compare(true, "gelu_new", true, 2e-2, (2, 100));
         compare(false, "relu", true, 2e-2, (2, 100));
+        // Products on the bf16 tensor cores (8-bit mantissas), with and without flash attention.
+        lmkit_kernels::cuda::set_bf16_products(true);
+        compare(true, "gelu_new", true, 8e-2, (2, 100));
+        super::set_flash_attention(false);
+        compare(false, "gelu_new", true, 8e-2, (4, 45));
+        lmkit_kernels::cuda::set_bf16_products(false);
     }
 }

@@ -113,10 +113,12 @@ pub(super) fn pass(
     let Some(parts) = model.parts() else {
         return Ok(None);
     };
-    let Some(gpu) = Gpu::of(tensors[0].device()) else {
+    let Some(mut gpu) = Gpu::of(tensors[0].device()) else {
         return Ok(None);
     };
-    if !candle_core::cuda_backend::gemm_reduced_precision_f32() || !flash_attention_chosen() {
+    gpu.tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    let reduced = gpu.tf32 || gpu.bf16;
+    if !reduced || !flash_attention_chosen() {
         return Ok(None);
     }
     let (table, rotated) = parts.rope.table();
