@@ -650,14 +650,7 @@ impl Gpu {
         vocab: usize,
     ) -> Result<()> {
         let n = b * t;
-        let args = [
-            Arg::P(dwte.need(vocab * c, "embed_bwd dwte")?),
-            Arg::P(dx.need(n * c, "embed_bwd dx")?),
-            Arg::P(ids.need(n, "embed_bwd ids")?),
-            Arg::I(int(n)?),
-            Arg::I(int(c)?),
-        ];
-        self.launch_elements("embed_bwd_tokens", n * c, &args)?;
+        self.scatter_add_rows(dwte, dx, ids, (n, c), vocab)?;
         let args = [
             Arg::P(dwpe.need(t * c, "embed_bwd dwpe")?),
             Arg::P(dx.need(n * c, "embed_bwd dx")?),

@@ -183,6 +183,64 @@ pub(super) fn column_sums(
     Ok(out)
 }
 
+/// The output layer and the mean cross-entropy of the hidden states `hf` [n, c] against
+/// `targets`, a chunk of rows at a time: the logits (`hf · lmᵀ`, lm [v, c]) become their gradient
+/// in place, then give the hidden states' and the output weights' gradients (times `scale`):
+/// (loss, dhf [n, c], dlm [v, c]).
+pub(super) fn output_loss(
+    gpu: &Gpu,
+    hf: Dev<f32>,
+    lm: Dev<f32>,
+    targets: Dev<u32>,
+    (n, c, v): (usize, usize, usize),
+    scale: f64,
+) -> Result<(f64, Buf<f32>, Buf<f32>)> {
+    let sc = (scale / n as f64) as f32;
+    let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
+    let logits = gpu.uninit(chunk * v)?;
+    let losses = gpu.uninit(n)?;
+    let dhf = gpu.uninit(n * c)?;
+    let dlm = gpu.uninit(v * c)?;
+    for r0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - r0);
+        let hc = hf.at(r0 * c)?;
+        let lg = logits.dev();
+        gpu.set_product(
+            (rows, v, c),
+            plain(hc, c),
+            transposed(lm, c),
+            (lg, v),
+            Batched::ONE,
+        )?;
+        gpu.cross_entropy(lg, losses.dev().at(r0)?, targets.at(r0)?, (rows, v), sc)?;
+        gpu.set_product(
+            (rows, c, v),
+            plain(lg, v),
+            plain(lm, c),
+            (dhf.dev().at(r0 * c)?, c),
+            Batched::ONE,
+        )?;
+        gpu.mm(
+            (v, c, rows),
+            transposed(lg, v),
+            plain(hc, c),
+            (dlm.dev(), c),
+            1.0,
+            if r0 > 0 { 1.0 } else { 0.0 },
+            Batched::ONE,
+        )?;
+    }
+    drop(logits);
+    // Row losses summed in order on the host: the same total every run.
+    let loss = gpu
+        .download(&losses, n)?
+        .iter()
+        .map(|&l| l as f64)
+        .sum::<f64>()
+        / n as f64;
+    Ok((loss, dhf, dlm))
+}
+
 /// A Conv1D layer into a new [n, out] buffer: `residual + input · w + bias` (no residual: the
 /// bias alone), the bias and residual written first and the product added (beta = 1).
 fn conv1d(
@@ -482,57 +540,7 @@ fn backprop(
         eps,
     )?;
 
-    // Output layer and cross-entropy, a chunk of rows at a time: the logits become their
-    // gradient in place, then give the hidden states' and the output weights' gradients.
-    let sc = (scale / n as f64) as f32;
-    let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
-    let logits = gpu.uninit(chunk * v)?;
-    let losses = gpu.uninit(n)?;
-    let dhf = gpu.uninit(n * c)?;
-    let dlm = gpu.uninit(v * c)?;
-    for r0 in (0..n).step_by(chunk) {
-        let rows = chunk.min(n - r0);
-        let hc = hf.dev().at(r0 * c)?;
-        let lg = logits.dev();
-        gpu.set_product(
-            (rows, v, c),
-            plain(hc, c),
-            transposed(lm, c),
-            (lg, v),
-            Batched::ONE,
-        )?;
-        gpu.cross_entropy(
-            lg,
-            losses.dev().at(r0)?,
-            targets_d.dev().at(r0)?,
-            (rows, v),
-            sc,
-        )?;
-        gpu.set_product(
-            (rows, c, v),
-            plain(lg, v),
-            plain(lm, c),
-            (dhf.dev().at(r0 * c)?, c),
-            Batched::ONE,
-        )?;
-        gpu.mm(
-            (v, c, rows),
-            transposed(lg, v),
-            plain(hc, c),
-            (dlm.dev(), c),
-            1.0,
-            if r0 > 0 { 1.0 } else { 0.0 },
-            Batched::ONE,
-        )?;
-    }
-    drop(logits);
-    // Row losses summed in order on the host: the same total every run.
-    let loss = gpu
-        .download(&losses, n)?
-        .iter()
-        .map(|&l| l as f64)
-        .sum::<f64>()
-        / n as f64;
+    let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
 
     mark("output layer + loss")?;
 

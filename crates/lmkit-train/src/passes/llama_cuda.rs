@@ -11,15 +11,12 @@
 //! adapters or a partial rotation — the caller differentiates the graph. Checked against candle's
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
-use super::gpt2_cuda::{column_sums, flash_attention_chosen, product};
+use super::gpt2_cuda::{column_sums, flash_attention_chosen, output_loss, product};
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu};
 use lmkit_models::layers::linear::Linear;
 use lmkit_models::llama::Llama;
-
-/// Logit elements made at a time (1 GiB of f32).
-const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
 
 /// One layer's weights, in the order of [`params`].
 const PER_LAYER: usize = 9;
@@ -319,46 +316,7 @@ fn backprop(
     let (hf, rf) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
     gpu.rms_norm((hf.dev(), rf.dev()), x.dev(), norm, (n, c), d.eps)?;
 
-    // Output layer and cross-entropy, a chunk of rows at a time: the logits become their
-    // gradient in place, then give the hidden states' and the output weights' gradients.
-    let sc = (scale / n as f64) as f32;
-    let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
-    let logits = gpu.uninit(chunk * v)?;
-    let losses = gpu.uninit(n)?;
-    let dhf = gpu.uninit(n * c)?;
-    let dlm = gpu.uninit(v * c)?;
-    for r0 in (0..n).step_by(chunk) {
-        let rws = chunk.min(n - r0);
-        let hc = hf.dev().at(r0 * c)?;
-        let lg = logits.dev();
-        linear(gpu, hc, lm, (rws, v, c), (lg, v), false)?;
-        let (loss_rows, target_rows) = (losses.dev().at(r0)?, targets_d.dev().at(r0)?);
-        gpu.cross_entropy(lg, loss_rows, target_rows, (rws, v), sc)?;
-        gpu.set_product(
-            (rws, c, v),
-            plain(lg, v),
-            plain(lm, c),
-            (dhf.dev().at(r0 * c)?, c),
-            Batched::ONE,
-        )?;
-        gpu.mm(
-            (v, c, rws),
-            transposed(lg, v),
-            plain(hc, c),
-            (dlm.dev(), c),
-            1.0,
-            if r0 > 0 { 1.0 } else { 0.0 },
-            Batched::ONE,
-        )?;
-    }
-    drop(logits);
-    // Row losses summed in order on the host: the same total every run.
-    let loss = gpu
-        .download(&losses, n)?
-        .iter()
-        .map(|&l| l as f64)
-        .sum::<f64>()
-        / n as f64;
+    let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
 
     // Backward.
     let ones = gpu.uninit(n)?;
