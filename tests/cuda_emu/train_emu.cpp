@@ -46,3 +46,48 @@ extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* ta
   emu::launch({unsigned(rows), 1, 1}, {1024, 1, 1}, 0,
               [&] { cross_entropy(logits, loss, targets, v, sc); });
 }
+
+extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
+                                   const float* w, const float* b, int n, int c, float eps) {
+  emu::launch(per_row(n), THREADS, 0, [&] { layer_norm_fwd(out, mean, rstd, x, w, b, n, c, eps); });
+}
+
+extern "C" void emu_layer_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
+                                   const float* w, const float* mean, const float* rstd, int n,
+                                   int c, int accumulate) {
+  emu::launch(per_row(n), THREADS, 0,
+              [&] { layer_norm_bwd(dx, prod, dy, x, w, mean, rstd, n, c, accumulate); });
+}
+
+extern "C" void emu_softmax_causal(float* p, int64_t rows, int t, float scale, const float* probs,
+                                   int backward) {
+  emu::launch(per_row(rows), THREADS, 0, [&] {
+    if (backward) softmax_causal_bwd(p, probs, rows, t, scale);
+    else softmax_causal_fwd(p, rows, t, scale);
+  });
+}
+
+extern "C" void emu_embed(float* x, const float* wte, const float* wpe, const uint32_t* ids, int b,
+                          int t, int c, float* dwte, float* dwpe, const float* dx) {
+  int n = b * t;
+  emu::launch(per_element((int64_t)n * c), THREADS, 0, [&] { embed_fwd(x, wte, wpe, ids, n, t, c); });
+  emu::launch(per_element((int64_t)n * c), THREADS, 0, [&] { embed_bwd_tokens(dwte, dx, ids, n, c); });
+  emu::launch(per_element((int64_t)t * c), THREADS, 0, [&] { embed_bwd_positions(dwpe, dx, b, t, c); });
+}
+
+extern "C" void emu_adamw(float* th, float* m, float* v, const float* g, int64_t len, float beta1,
+                          float beta2, float gscale, float keep, float lr, float ibc1, float ibc2,
+                          float eps) {
+  emu::launch(per_element(len), THREADS, 0, [&] { adam_moment(m, g, len, beta1, gscale, 0); });
+  emu::launch(per_element(len), THREADS, 0, [&] { adam_moment(v, g, len, beta2, gscale, 1); });
+  emu::launch(per_element(len), THREADS, 0,
+              [&] { adam_apply(th, m, v, len, keep, lr, ibc1, ibc2, eps); });
+}
+
+extern "C" double emu_sum_squares(const float* x, int64_t len) {
+  double parts[64] = {0};
+  emu::launch({64, 1, 1}, THREADS, 0, [&] { sum_squares(parts, x, len); });
+  double s = 0;
+  for (double p : parts) s += p;
+  return s;
+}

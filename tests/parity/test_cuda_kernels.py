@@ -48,6 +48,13 @@ def train_kernels(tmp_path_factory):
     so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l]
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
+    so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
+    so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
+    so.emu_softmax_causal.argtypes = [F32, l, i, f, F32, i]
+    so.emu_embed.argtypes = [F32, F32, F32, u, i, i, i, F32, F32, F32]
+    so.emu_adamw.argtypes = [F32] * 4 + [l] + [f] * 8
+    so.emu_sum_squares.argtypes = [F32, l]
+    so.emu_sum_squares.restype = ctypes.c_double
     return so
 
 
@@ -213,3 +220,79 @@ def test_gather_rows_and_cross_entropy_equal_pytorch(train_kernels):
     (want.sum() * sc).backward()
     close(loss, want.detach().numpy(), "cross-entropy", 1e-5)
     close(grad, lt.grad.numpy(), "cross-entropy gradient", 1e-5)
+
+
+def test_layer_norm_equals_pytorch(train_kernels):
+    rng = np.random.default_rng(5)
+    n, c, eps = 21, 80, 1e-5
+    x = rng.standard_normal((n, c), dtype=np.float32) * 2 + 1
+    w, b = rng.standard_normal(c, dtype=np.float32), rng.standard_normal(c, dtype=np.float32)
+    dy = rng.standard_normal((n, c), dtype=np.float32)
+    out, mean, rstd = np.full((n, c), np.nan, np.float32), np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    train_kernels.emu_layer_norm_fwd(ptr(out), ptr(mean), ptr(rstd), ptr(x), ptr(w), ptr(b), n, c, eps)
+    xt, wt, bt = f64(x, True), f64(w, True), f64(b, True)
+    want = torch.nn.functional.layer_norm(xt, (c,), wt, bt, eps)
+    want.backward(f64(dy))
+    close(out, want.detach().numpy(), "layer norm", 1e-5)
+    dx, prod = np.full((n, c), np.nan, np.float32), np.full((n, c), np.nan, np.float32)
+    train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
+    close(dx, xt.grad.numpy(), "layer norm dx", 1e-5)
+    close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "layer norm dw", 1e-5)
+
+
+def test_causal_softmax_equals_pytorch(train_kernels):
+    rng = np.random.default_rng(6)
+    groups, t, scale = 3, 45, 0.125  # rows longer than a warp
+    s = rng.standard_normal((groups, t, t), dtype=np.float32) * 5
+    p = s.copy()
+    train_kernels.emu_softmax_causal(ptr(p), groups * t, t, scale, ptr(p), 0)
+    st = f64(s, True)
+    masked = (st * scale).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(masked, -1)
+    dp = rng.standard_normal((groups, t, t), dtype=np.float32)
+    want.backward(f64(dp))
+    close(p, want.detach().numpy(), "causal softmax", 1e-6)
+    ds = dp.copy()
+    train_kernels.emu_softmax_causal(ptr(ds), groups * t, t, scale, ptr(p), 1)
+    close(ds, st.grad.numpy(), "causal softmax backward", 1e-5)
+
+
+def test_embeddings_and_their_gradients_equal_pytorch(train_kernels):
+    rng = np.random.default_rng(7)
+    b, t, c, vocab, positions = 3, 11, 40, 17, 16
+    wte = rng.standard_normal((vocab, c), dtype=np.float32)
+    wpe = rng.standard_normal((positions, c), dtype=np.float32)
+    ids = rng.integers(0, vocab, b * t).astype(np.uint32)  # repeated ids: atomic adds
+    dx = rng.standard_normal((b * t, c), dtype=np.float32)
+    x = np.full((b * t, c), np.nan, np.float32)
+    dwte, dwpe = np.zeros((vocab, c), np.float32), np.zeros((positions, c), np.float32)
+    train_kernels.emu_embed(ptr(x), ptr(wte), ptr(wpe), ids.ctypes.data, b, t, c, ptr(dwte), ptr(dwpe), ptr(dx))
+    te, pe = f64(wte, True), f64(wpe, True)
+    want = te[torch.tensor(ids.astype(np.int64))] + pe[:t].repeat(b, 1)
+    want.backward(f64(dx))
+    close(x, want.detach().numpy(), "embeddings", 1e-6)
+    close(dwte, te.grad.numpy(), "token embedding gradient", 1e-5)
+    close(dwpe, pe.grad.numpy(), "position embedding gradient", 1e-5)
+
+
+def test_adamw_and_the_sum_of_squares_equal_pytorch(train_kernels):
+    rng = np.random.default_rng(8)
+    n = 1000
+    th, g = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    m, v = rng.standard_normal(n, dtype=np.float32) * 0.1, rng.random(n, dtype=np.float32) * 0.01
+    lr, b1, b2, eps, wd, step, gscale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, 0.5
+    # torch.optim.AdamW at step 3 from these moments, on the gradient times gscale
+    p = torch.nn.Parameter(f64(th))
+    opt = torch.optim.AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    p.grad = f64(g) * gscale
+    opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": f64(m), "exp_avg_sq": f64(v)}
+    opt.step()
+    ours = [x.copy() for x in (th, m, v)]
+    train_kernels.emu_adamw(*map(ptr, ours), ptr(g), n, b1, b2, gscale, 1 - lr * wd, lr,
+                            1 / (1 - b1 ** step), 1 / (1 - b2 ** step), eps)
+    close(ours[0], p.detach().numpy(), "AdamW weights", 1e-6)
+    close(ours[1], opt.state[p]["exp_avg"].numpy(), "AdamW first moment", 1e-6)
+    close(ours[2], opt.state[p]["exp_avg_sq"].numpy(), "AdamW second moment", 1e-6)
+    x = rng.standard_normal(100_003, dtype=np.float32)
+    want = float((x.astype(np.float64) ** 2).sum())
+    assert abs(train_kernels.emu_sum_squares(ptr(x), x.size) - want) < 1e-9 * want
