@@ -14,7 +14,9 @@
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
-#    GPT-2 small again with lmkit's flash attention and bf16 products.
+#    GPT-2 small again with lmkit's flash attention and bf16 products;
+# 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
+#    transformers' generate with batches of 8 and 32.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 set -uo pipefail
 failed=()
@@ -150,6 +152,15 @@ LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --l
 echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 products"
 LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
   --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' || failed+=("bench large bf16")
+echo "== serving on the GPU vs transformers' batched generate (8 and 32 streams)"
+if "$py" -c "import openai" 2>/dev/null; then
+  for n in 8 32; do
+    LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --clients $n --requests $((2 * n)) \
+      --max-active $n --max-tokens 64 --peer || failed+=("serve bench $n")
+  done
+else
+  echo "skipped: the openai package is not installed (pip install openai)"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2
   exit 1

@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
-"""Load test of `lmkit serve` on loopback: N concurrent streaming clients vs one client at a time.
+"""Load test of `lmkit serve` on loopback: N concurrent streaming clients vs one client at a time,
+and with --peer, transformers' batched `generate` on the same model and device as the peer.
 
-usage: ~/.cache/lmkit/venv/bin/python bench/serve_bench.py [--model DIR] [--clients 8] [--requests 32] [--max-tokens 48]
+usage: ~/.cache/lmkit/venv/bin/python bench/serve_bench.py [--model DIR] [--clients 8] [--requests 32]
+           [--max-tokens 48] [--device cpu|cuda] [--peer]
 
 Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
 depend on the weights) is made from the bundled English corpus. Each request streams a chat
 completion; latency is the time to the last chunk, TTFT the time to the first content chunk.
 After the run every request must have a row in the server's SQLite log.
+
+--peer: transformers decodes the same prompts (their chat-formatted token ids, as the server
+tokenized them) as one batch of 1 and one batch of --clients rows, sampling --max-tokens new
+tokens each (no early stop), alternating with the server's phases; completion tokens/s side by
+side. The server decodes its streams by continuous batching over HTTP; transformers gets the
+batch at once without a server, so the ratio includes lmkit's HTTP, JSON and scheduling costs.
 """
 import argparse
 import atexit
+import json
 import os
 import pathlib
 import shutil
@@ -39,6 +48,35 @@ def make_model(lm, tmp):
     run(lm, "train", "--config", ROOT / "configs/gpt-small.toml", "--set", f'data.train="{tmp}/shards"',
         "--set", f'data.tokenizer="{tmp}/tok"', "--set", f'train.out_dir="{tmp}/gpt"', "--max-steps", "1")
     return tmp / "gpt"
+
+
+def chat_ids(lm, model, i, tmp):
+    """The prompt ids the server decodes for request i (its chat template applied)."""
+    conv = tmp / f"chat-{i}.json"
+    conv.write_text(json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]))
+    p = subprocess.run([lm, "prompt", "render", "--model", model, "--messages", conv, "--ids"],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"lmkit prompt render failed: {p.stderr}")
+    return [int(x) for x in p.stdout.split()]
+
+
+def peer_phase(hf, torch, prompts, max_tokens, device):
+    """transformers' generate over `prompts` (lists of ids) as one left-padded batch: completion
+    tokens/s."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, max_new_tokens=max_tokens,
+                          min_new_tokens=max_tokens, pad_token_id=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return (out.shape[1] - width) * len(prompts) / wall
 
 
 def one(c, i, max_tokens):
@@ -75,6 +113,8 @@ def main():
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-active", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the server's --device, and the peer's)")
+    ap.add_argument("--peer", action="store_true", help="also decode with transformers' generate (see above)")
     a = ap.parse_args()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-serve-bench-"))
@@ -82,8 +122,9 @@ def main():
     model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
     db = tmp / "db.sqlite"
     proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", db,
-                             "--max-active", str(a.max_active), "--max-queue", "256"],
+                             "--max-active", str(a.max_active), "--max-queue", "256", "--device", a.device],
                             stderr=subprocess.PIPE, text=True)
+    peer = {}
     try:
         line = proc.stderr.readline()
         if "serving" not in line:
@@ -91,14 +132,26 @@ def main():
         url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
         c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
         one(c, 0, 4)  # warm-up
+        if a.peer:
+            import torch
+            import transformers
+            ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
+            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+            prompts = [chat_ids(lm, model, i, tmp) for i in range(a.clients)]
+            peer_phase(hf, torch, prompts[:1], 4, a.device)  # warm-up
         seq = phase(c, 1, max(4, a.requests // 4), a.max_tokens, 1000)
+        if a.peer:
+            peer["seq"] = peer_phase(hf, torch, prompts[:1], a.max_tokens, a.device)
         par = phase(c, a.clients, a.requests, a.max_tokens, 2000)
+        if a.peer:
+            peer["par"] = peer_phase(hf, torch, prompts, a.max_tokens, a.device)
         rows = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(finish_reason = 'cancelled') FROM completions").fetchone()
         sent = 1 + seq["requests"] + par["requests"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"model {model}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; server --max-active {a.max_active}")
+    print(f"model {model}; device {a.device}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; "
+          f"server --max-active {a.max_active}")
     print()
     print("| clients | requests | p50 latency s | p99 latency s | p50 time to first token s | completion tokens/s |")
     print("|---|---|---|---|---|---|")
@@ -107,6 +160,12 @@ def main():
     print()
     print(f"throughput ratio {a.clients} clients / 1: {par['tps'] / seq['tps']:.2f}x; "
           f"log rows {rows[0]} for {sent} requests sent ({rows[1] or 0} cancelled); errors: 0")
+    if peer:
+        print()
+        print("| streams | lmkit serve completion tokens/s | transformers generate tokens/s (one batch) | ratio |")
+        print("|---|---|---|---|")
+        for name, ours, theirs in (("1", seq["tps"], peer["seq"]), (str(a.clients), par["tps"], peer["par"])):
+            print(f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
     if rows[0] != sent:
         raise SystemExit("log rows lost")
 
