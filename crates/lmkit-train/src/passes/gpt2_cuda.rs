@@ -4,7 +4,7 @@
 //! for the backward pass, biases and residuals are folded into the products (beta = 1), and each
 //! gradient is written once. Attention keeps each head's probabilities [t, t] from the forward
 //! pass (batched products over the heads), or, selected with LMKIT_CUDA_ATTENTION=flash (or
-//! [`set_flash_attention`]) where the products are TF32, runs the flash kernels
+//! [`set_flash_attention`]) where the products are TF32 or bf16, runs the flash kernels
 //! (`Gpu::flash_attention`: one log-sum-exp per row kept, the probabilities recomputed in the
 //! backward pass). The logits are made a chunk of rows at a time.
 //!
@@ -23,8 +23,9 @@ static ATTENTION: AtomicU8 = AtomicU8::new(0);
 
 /// Chooses the flash attention kernels (`true`) or the kept [t, t] probabilities for this
 /// process's GPU passes; without a call, LMKIT_CUDA_ATTENTION=flash chooses the flash kernels
-/// and anything else (or nothing) the kept probabilities. The flash kernels run with TF32
-/// products only: with `train.tf32 = false` the probabilities are kept either way.
+/// and anything else (or nothing) the kept probabilities. The flash kernels (TF32 tiles) run
+/// where the products are in reduced precision (TF32, or bf16 with `train.dtype = "bf16"`): with
+/// full f32 products (`train.tf32 = false`) the probabilities are kept either way.
 pub fn set_flash_attention(on: bool) {
     ATTENTION.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
