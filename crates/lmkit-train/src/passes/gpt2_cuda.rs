@@ -641,18 +641,77 @@ fn backprop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::passes::gpt2::tests::{assert_gradient_close, autograd_reference};
     use crate::passes::gpt2::Gpt2Pass;
-    use crate::passes::TrainPass;
+    use crate::passes::{LossAndGrads, TrainPass};
+    use candle_core::backprop::GradStore;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::gpt2::Gpt2;
     use lmkit_models::Gpt2Config;
 
+    /// Sets every variable of `vm` (on the CPU) to random values with deviation `std` and gives
+    /// the variables of the same names in `on_gpu` the same values.
+    pub(crate) fn randomize_both(vm: &VarMap, on_gpu: &VarMap, std: f64, cuda: &Device) {
+        let src = vm.data().lock().unwrap();
+        let dst = on_gpu.data().lock().unwrap();
+        assert_eq!(src.len(), dst.len());
+        for (name, var) in src.iter() {
+            let r = lmkit_kernels::testing::randn(0.0f32, std, var.shape(), &Device::Cpu).unwrap();
+            var.set(&r).unwrap();
+            dst[name].set(&r.to_device(cuda).unwrap()).unwrap();
+        }
+    }
+
+    /// `count` token ids below `vocab` from a fixed generator.
+    pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
+        let mut s = seed;
+        (0..count)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab) as u32
+            })
+            .collect()
+    }
+
+    /// The GPU pass's loss and gradients against the reference's (`want_loss`, `g`: the
+    /// autograd graph of the CPU model of `vm`), each gradient matched to the CPU parameter of
+    /// its name in `vm_gpu`.
+    pub(crate) fn assert_matches(
+        ours: &LossAndGrads,
+        (want_loss, g): (f64, &GradStore),
+        (vm, vm_gpu): (&VarMap, &VarMap),
+        tol: f64,
+    ) {
+        assert!(
+            (ours.loss - want_loss).abs() < tol * want_loss.abs().max(1.0),
+            "loss {} vs {want_loss}",
+            ours.loss
+        );
+        let by_id: std::collections::HashMap<_, _> = {
+            let dst = vm_gpu.data().lock().unwrap();
+            let src = vm.data().lock().unwrap();
+            src.iter()
+                .map(|(name, var)| (dst[name].as_tensor().id(), var.as_tensor().clone()))
+                .collect()
+        };
+        assert_eq!(ours.grads.len(), by_id.len());
+        for (p, ours_g) in &ours.grads {
+            let want = g
+                .get(&by_id[&p.id()])
+                .expect("every parameter has a gradient");
+            let got = ours_g.to_device(&Device::Cpu).unwrap();
+            assert!(got.is_contiguous());
+            assert_gradient_close(&got, want, tol);
+        }
+    }
+
     /// The GPU, or `None` where there is none (then the test passes without checking, unless
     /// LMKIT_REQUIRE_CUDA is set).
-    fn gpu() -> Option<Device> {
+    pub(crate) fn gpu() -> Option<Device> {
         match Device::new_cuda(0) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -682,32 +741,12 @@ mod tests {
         let cfg = config(tied, act, heads);
         let vm = VarMap::new();
         let model = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &cpu)).unwrap();
-        for var in vm.all_vars() {
-            let r = lmkit_kernels::testing::randn(0.0f32, 0.5, var.shape(), &cpu).unwrap();
-            var.set(&r).unwrap();
-        }
         let vm_gpu = VarMap::new();
         let on_gpu = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm_gpu, DType::F32, &cuda)).unwrap();
-        {
-            let src = vm.data().lock().unwrap();
-            let dst = vm_gpu.data().lock().unwrap();
-            assert_eq!(src.len(), dst.len());
-            for (name, var) in src.iter() {
-                dst[name]
-                    .set(&var.as_tensor().to_device(&cuda).unwrap())
-                    .unwrap();
-            }
-        }
+        randomize_both(&vm, &vm_gpu, 0.5, &cuda);
         let b = 3;
-        let mut s = 11u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 301) as u32
-        };
-        let ids: Vec<u32> = (0..b * t).map(|_| next()).collect();
-        let tg: Vec<u32> = (0..b * t).map(|_| next()).collect();
+        let ids = tokens(b * t, 301, 11);
+        let tg = tokens(b * t, 301, 12);
         let x = Tensor::from_vec(ids, (b, t), &cpu).unwrap();
         let y = Tensor::from_vec(tg, (b, t), &cpu).unwrap();
         let scale = 0.5;
@@ -724,28 +763,7 @@ mod tests {
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
 
         let (want_loss, g) = autograd_reference(&model, &x, &y, scale);
-        assert!(
-            (ours.loss - want_loss).abs() < tol * want_loss.abs().max(1.0),
-            "loss {} vs {want_loss}",
-            ours.loss
-        );
-        // The GPU pass's gradients, by the CPU parameter of the same name.
-        let by_id: std::collections::HashMap<_, _> = {
-            let dst = vm_gpu.data().lock().unwrap();
-            let src = vm.data().lock().unwrap();
-            src.iter()
-                .map(|(name, var)| (dst[name].as_tensor().id(), var.as_tensor().clone()))
-                .collect()
-        };
-        assert_eq!(ours.grads.len(), by_id.len());
-        for (p, ours_g) in &ours.grads {
-            let want = g
-                .get(&by_id[&p.id()])
-                .expect("every parameter has a gradient");
-            let got = ours_g.to_device(&cpu).unwrap();
-            assert!(got.is_contiguous());
-            assert_gradient_close(&got, want, tol);
-        }
+        assert_matches(&ours, (want_loss, &g), (&vm, &vm_gpu), tol);
     }
 
     /// One test: the TF32 and attention switches are process-wide.

@@ -429,7 +429,7 @@ fn backprop(
 
 #[cfg(test)]
 mod tests {
-    use crate::passes::gpt2::tests::assert_gradient_close;
+    use crate::passes::gpt2_cuda::tests::{assert_matches, gpu, randomize_both, tokens};
     use crate::passes::llama::LlamaPass;
     use crate::passes::TrainPass;
     use candle_core::{DType, Device, Tensor};
@@ -450,42 +450,17 @@ mod tests {
     /// The GPU pass against candle's autograd on the CPU, on the same random weights and a batch
     /// of 3 × 100 tokens (two tiles of the attention kernels), head size 32.
     fn compare(tied: bool, kv: usize, tol: f64) {
-        let Ok(cuda) = Device::new_cuda(0) else {
-            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
-            return;
-        };
+        let Some(cuda) = gpu() else { return };
         let cpu = Device::Cpu;
         let cfg = config(tied, kv);
         let vm = VarMap::new();
         let model = Llama::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &cpu)).unwrap();
-        for var in vm.all_vars() {
-            let r = lmkit_kernels::testing::randn(0.0f32, 0.3, var.shape(), &cpu).unwrap();
-            var.set(&r).unwrap();
-        }
         let vm_gpu = VarMap::new();
         let on_gpu = Llama::new(&cfg, VarBuilder::from_varmap(&vm_gpu, DType::F32, &cuda)).unwrap();
-        {
-            let src = vm.data().lock().unwrap();
-            let dst = vm_gpu.data().lock().unwrap();
-            assert_eq!(src.len(), dst.len());
-            for (name, var) in src.iter() {
-                dst[name]
-                    .set(&var.as_tensor().to_device(&cuda).unwrap())
-                    .unwrap();
-            }
-        }
+        randomize_both(&vm, &vm_gpu, 0.3, &cuda);
         let (b, t) = (3, 100);
-        let mut s = 5u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 301) as u32
-        };
-        let ids: Vec<u32> = (0..b * t).map(|_| next()).collect();
-        let tg: Vec<u32> = (0..b * t).map(|_| next()).collect();
-        let x = Tensor::from_vec(ids, (b, t), &cpu).unwrap();
-        let y = Tensor::from_vec(tg, (b, t), &cpu).unwrap();
+        let x = Tensor::from_vec(tokens(b * t, 301, 5), (b, t), &cpu).unwrap();
+        let y = Tensor::from_vec(tokens(b * t, 301, 6), (b, t), &cpu).unwrap();
         let scale = 0.5;
 
         candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
@@ -509,26 +484,7 @@ mod tests {
         let loss = crate::objective::output_loss_sum(model.output(), &h, &targets).unwrap();
         let want_loss = loss.to_scalar::<f32>().unwrap() as f64 / n as f64;
         let g = (loss * (scale / n as f64)).unwrap().backward().unwrap();
-        assert!(
-            (ours.loss - want_loss).abs() < tol * want_loss.abs().max(1.0),
-            "loss {} vs {want_loss}",
-            ours.loss
-        );
-        let by_id: std::collections::HashMap<_, _> = {
-            let dst = vm_gpu.data().lock().unwrap();
-            let src = vm.data().lock().unwrap();
-            src.iter()
-                .map(|(name, var)| (dst[name].as_tensor().id(), var.as_tensor().clone()))
-                .collect()
-        };
-        assert_eq!(ours.grads.len(), by_id.len());
-        for (p, ours_g) in &ours.grads {
-            let want = g
-                .get(&by_id[&p.id()])
-                .expect("every parameter has a gradient");
-            let got = ours_g.to_device(&cpu).unwrap();
-            assert_gradient_close(&got, want, tol);
-        }
+        assert_matches(&ours, (want_loss, &g), (&vm, &vm_gpu), tol);
     }
 
     /// One test: the TF32 and attention switches are process-wide.
