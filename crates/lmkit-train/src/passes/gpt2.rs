@@ -361,15 +361,8 @@ pub(crate) mod tests {
 
     /// Random tokens and next tokens, [2, 9].
     fn batch(dev: &Device) -> (Tensor, Tensor) {
-        let mut s = 7u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 37) as u32
-        };
-        let ids: Vec<u32> = (0..18).map(|_| next()).collect();
-        let tg: Vec<u32> = (0..18).map(|_| next()).collect();
+        let mut ids = crate::passes::testing::tokens(36, 37, 7);
+        let tg = ids.split_off(18);
         (
             Tensor::from_vec(ids, (2, 9), dev).unwrap(),
             Tensor::from_vec(tg, (2, 9), dev).unwrap(),

@@ -664,17 +664,26 @@ pub(crate) mod tests {
         }
     }
 
-    /// `count` token ids below `vocab` from a fixed generator.
-    pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
-        let mut s = seed;
-        (0..count)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) % vocab) as u32
-            })
-            .collect()
+    /// `pass`'s loss and gradients for ids `x` → targets `y` (on the CPU) moved to `cuda`, its
+    /// products in TF32 when `tf32` (the switch is reset after).
+    pub(crate) fn run_on_gpu(
+        pass: &dyn TrainPass,
+        (x, y): (&Tensor, &Tensor),
+        scale: f64,
+        tf32: bool,
+        cuda: &Device,
+    ) -> LossAndGrads {
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
+        let ours = pass
+            .loss_and_grads(
+                &x.to_device(cuda).unwrap(),
+                &y.to_device(cuda).unwrap(),
+                scale,
+            )
+            .unwrap()
+            .expect("the GPU pass applies");
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+        ours
     }
 
     /// The GPU pass's loss and gradients against the reference's (`want_loss`, `g`: the
@@ -745,22 +754,13 @@ pub(crate) mod tests {
         let on_gpu = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm_gpu, DType::F32, &cuda)).unwrap();
         randomize_both(&vm, &vm_gpu, 0.5, &cuda);
         let b = 3;
-        let ids = tokens(b * t, 301, 11);
-        let tg = tokens(b * t, 301, 12);
+        let ids = crate::passes::testing::tokens(b * t, 301, 11);
+        let tg = crate::passes::testing::tokens(b * t, 301, 12);
         let x = Tensor::from_vec(ids, (b, t), &cpu).unwrap();
         let y = Tensor::from_vec(tg, (b, t), &cpu).unwrap();
         let scale = 0.5;
 
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
-        let ours = Gpt2Pass(&on_gpu)
-            .loss_and_grads(
-                &x.to_device(&cuda).unwrap(),
-                &y.to_device(&cuda).unwrap(),
-                scale,
-            )
-            .unwrap()
-            .expect("the GPU pass applies");
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+        let ours = run_on_gpu(&Gpt2Pass(&on_gpu), (&x, &y), scale, tf32, &cuda);
 
         let (want_loss, g) = autograd_reference(&model, &x, &y, scale);
         assert_matches(&ours, (want_loss, &g), (&vm, &vm_gpu), tol);

@@ -559,16 +559,9 @@ mod tests {
         (model, vm)
     }
 
+    /// Token ids of the test vocabulary (37).
     fn tokens(count: usize, seed: u64) -> Vec<u32> {
-        let mut s = seed;
-        (0..count)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) % 37) as u32
-            })
-            .collect()
+        crate::passes::testing::tokens(count, 37, seed)
     }
 
     /// The summed loss at `batch.rows` and its gradients (times `scale`) through candle's

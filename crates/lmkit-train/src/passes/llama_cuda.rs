@@ -429,9 +429,9 @@ fn backprop(
 
 #[cfg(test)]
 mod tests {
-    use crate::passes::gpt2_cuda::tests::{assert_matches, gpu, randomize_both, tokens};
+    use crate::passes::gpt2_cuda::tests::{assert_matches, gpu, randomize_both, run_on_gpu};
     use crate::passes::llama::LlamaPass;
-    use crate::passes::TrainPass;
+    use crate::passes::testing::tokens;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::llama::Llama;
@@ -463,17 +463,8 @@ mod tests {
         let y = Tensor::from_vec(tokens(b * t, 301, 6), (b, t), &cpu).unwrap();
         let scale = 0.5;
 
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
         crate::passes::gpt2_cuda::set_flash_attention(true);
-        let ours = LlamaPass(&on_gpu)
-            .loss_and_grads(
-                &x.to_device(&cuda).unwrap(),
-                &y.to_device(&cuda).unwrap(),
-                scale,
-            )
-            .unwrap()
-            .expect("the GPU pass applies");
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+        let ours = run_on_gpu(&LlamaPass(&on_gpu), (&x, &y), scale, true, &cuda);
 
         // The reference: the autograd graph of the same model on the CPU.
         let mut cache = KvCache::single_pass(model.num_layers());

@@ -229,6 +229,19 @@ pub(crate) mod testing {
     use candle_core::{DType, Tensor};
     use candle_nn::VarMap;
 
+    /// `count` token ids below `vocab` from a fixed generator seeded with `seed`.
+    pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
+        let mut s = seed;
+        (0..count)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab) as u32
+            })
+            .collect()
+    }
+
     /// Every variable random (N(0, 0.5²)): defaults leave norms at 0 and biases at 0.
     pub(crate) fn randomize(vm: &VarMap, dtype: DType) {
         let dev = candle_core::Device::Cpu;
