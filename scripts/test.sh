@@ -9,6 +9,10 @@ bash scripts/setup-system.sh --tests
 # The system BLAS is installed now: its tests must run, not skip.
 export LMKIT_REQUIRE_BLAS="${LMKIT_REQUIRE_BLAS:-1}"
 venv="$(bash scripts/setup-python.sh)"
+# NCCL as PyTorch's wheel ships it: its loading and communicator ids are tested without a GPU.
+export LMKIT_NCCL="${LMKIT_NCCL:-$("$venv/bin/python" -c 'import glob, sysconfig
+print(glob.glob(sysconfig.get_paths()["purelib"] + "/nvidia/nccl/lib/libnccl.so.2")[0])')}"
+export LMKIT_REQUIRE_NCCL="${LMKIT_REQUIRE_NCCL:-1}"
 # KenLM's lmplz/build_binary/query, built once from the kenlm source package.
 export LMKIT_KENLM_BIN="${LMKIT_KENLM_BIN:-$(bash scripts/setup-kenlm.sh)}"
 cargo build --release --locked -p lmkit-cli

@@ -18,7 +18,10 @@ use std::path::PathBuf;
     Data-parallel: --procs/--gpus N start N processes on this machine; each trains on its\n\
     train.batch_size rows of a batch of N x train.batch_size, and their gradients are averaged\n\
     before every step. On several machines, start one `lmkit train` per process with torchrun's\n\
-    variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README.md, GPU)."
+    variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README.md, GPU).\n\
+    On GPUs the gradients are averaged by NCCL where every process loads it (libnccl.so.2 on\n\
+    the library path, e.g. from PyTorch's wheel, or LMKIT_NCCL=/path/libnccl.so.2); otherwise,\n\
+    and with LMKIT_NCCL=0, they are summed over TCP through the CPU."
 )]
 pub struct TrainArgs {
     #[command(flatten)]

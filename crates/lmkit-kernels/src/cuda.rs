@@ -1038,6 +1038,106 @@ impl Gpu {
     }
 }
 
+/// An NCCL communicator: one member per process, each on its own GPU (see [`crate::nccl`]).
+pub struct Comm {
+    comm: crate::nccl::NcclComm,
+    nccl: &'static crate::nccl::Nccl,
+    gpu: Gpu,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; `Comm` is not
+// `Sync`, so only its owner's thread calls it.
+unsafe impl Send for Comm {}
+
+impl Comm {
+    /// Joins the communicator `id` (made by rank 0, the same for every member) as `rank` of
+    /// `world`, on `device`'s GPU. Blocks until every member has joined.
+    pub fn new(
+        nccl: &'static crate::nccl::Nccl,
+        device: &Device,
+        id: crate::nccl::UniqueId,
+        rank: usize,
+        world: usize,
+    ) -> Result<Comm> {
+        let Some(gpu) = Gpu::of(device) else {
+            candle_core::bail!("NCCL needs a CUDA device, not {device:?}");
+        };
+        // NCCL takes the GPU from the calling thread's current context.
+        gpu.dev
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(Gpu::fail("bind context"))?;
+        let mut comm: crate::nccl::NcclComm = std::ptr::null_mut();
+        // SAFETY: `comm` receives the new communicator; the id is passed by value as nccl.h
+        // declares it.
+        let code = unsafe { (nccl.comm_init_rank)(&mut comm, int(world)?, id, int(rank)?) };
+        nccl.check(code, None)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL rank {rank} of {world}: {e}")))?;
+        Ok(Comm { comm, nccl, gpu })
+    }
+
+    /// The members' element-wise mean of each tensor (contiguous f32 on this communicator's
+    /// GPU), as new tensors; queued on the GPU's stream, so later work sees the results.
+    pub fn mean(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut outs = Vec::with_capacity(tensors.len());
+        let mut guards = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let (storage, layout) = t.storage_and_layout();
+            let Some(src) = Gpu::view(&storage, layout) else {
+                candle_core::bail!(
+                    "NCCL mean: a {:?} tensor on {:?} (contiguous f32 on the GPU expected)",
+                    t.dtype(),
+                    t.device()
+                );
+            };
+            let out = self.gpu.uninit(src.len)?;
+            guards.push((storage, src, out.dev));
+            outs.push(out);
+        }
+        let stream = self.gpu.dev.cuda_stream().cu_stream() as *mut std::ffi::c_void;
+        let check = |code| {
+            self.nccl
+                .check(code, Some(self.comm))
+                .map_err(candle_core::Error::Msg)
+        };
+        // SAFETY: every source and destination holds `src.len` f32s (views of live storages,
+        // buffers of that length); the calls are queued on the stream that later reads them.
+        unsafe {
+            check((self.nccl.group_start)())?;
+            for (_, src, dst) in &guards {
+                let code = (self.nccl.all_reduce)(
+                    src.addr as *const std::ffi::c_void,
+                    dst.addr as *mut std::ffi::c_void,
+                    src.len,
+                    crate::nccl::FLOAT32,
+                    crate::nccl::AVG,
+                    self.comm,
+                    stream,
+                );
+                if code != 0 {
+                    // Closes the group before reporting.
+                    let _ = (self.nccl.group_end)();
+                    check(code)?;
+                }
+            }
+            check((self.nccl.group_end)())?;
+        }
+        drop(guards);
+        outs.into_iter()
+            .zip(tensors)
+            .map(|(buf, t)| self.gpu.into_tensor(buf, t.shape().clone()))
+            .collect()
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was made by `Comm::new` and is destroyed once.
+        let _ = unsafe { (self.nccl.comm_destroy)(self.comm) };
+    }
+}
+
 fn int(x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("cuda: size {x} too large")))
 }
@@ -1113,6 +1213,37 @@ mod tests {
                 .map(|v| grads.get(v.as_tensor()).unwrap().clone()),
         );
         out
+    }
+
+    /// A communicator of one member (only one GPU is lent to the tests): its mean is each
+    /// tensor itself, in new buffers, through NCCL's all-reduce on the GPU.
+    #[test]
+    fn nccl_mean_of_one_member_on_the_gpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+            return;
+        };
+        let nccl = crate::nccl::library()
+            .unwrap()
+            .expect("NCCL (libnccl.so.2 on LD_LIBRARY_PATH or LMKIT_NCCL)");
+        let id = nccl.unique_id().unwrap();
+        let comm = Comm::new(nccl, &dev, id, 0, 1).unwrap();
+        let xs = [
+            randn(0f32, 1.0, (3, 5), &dev).unwrap(),
+            randn(0f32, 1.0, 1000, &dev).unwrap(),
+        ];
+        let means = comm.mean(&xs).unwrap();
+        for (x, m) in xs.iter().zip(&means) {
+            assert_eq!(x.shape(), m.shape());
+            let (a, b) = (x.flatten_all().unwrap(), m.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+        let on_cpu = comm
+            .mean(&[randn(0f32, 1.0, 2, &Device::Cpu).unwrap()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(on_cpu.contains("contiguous f32 on the GPU"), "{on_cpu}");
     }
 
     /// The flash kernels on the GPU against the CPU reference: grouped-query heads, a length

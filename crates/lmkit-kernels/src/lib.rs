@@ -16,6 +16,7 @@
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
 //! - `cuda` (feature `cuda`): device buffers, cuBLAS products and the CUDA kernels of the
 //!   hand-written training passes.
+//! - [`nccl`]: NVIDIA's collective library opened at run time (data-parallel GPU training).
 //! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
 //! - [`team`]: a few threads that poll between the short parallel loops of a decoding step.
@@ -32,6 +33,7 @@ pub mod buffers;
 pub mod cuda;
 pub mod fused;
 pub mod gemm;
+pub mod nccl;
 pub mod padded_attention;
 pub mod quant;
 pub mod recurrent;

@@ -10,7 +10,9 @@
 //!
 //! The sum is made over TCP by the root: it reads every peer's buffer in rank order, adds them
 //! in that order (the same result on every run) and sends the sum back. This is the CPU path and
-//! the reference for a GPU collective (NCCL), which the group would use for GPU buffers.
+//! the reference for the GPU collective: where every member trains on a GPU and NCCL loads
+//! ([`lmkit_kernels::nccl`]), [`Group::join_gpus`] makes an NCCL communicator (rank 0's id sent
+//! over TCP) and the gradients are averaged on the GPUs, without a trip through the CPU.
 
 use crate::error::{Result, TrainError};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -27,6 +29,9 @@ pub struct Group {
     rank: usize,
     world: usize,
     link: Link,
+    /// The members' NCCL communicator, once [`Group::join_gpus`] has made one.
+    #[cfg(feature = "cuda")]
+    gpus: Option<lmkit_kernels::cuda::Comm>,
 }
 
 enum Link {
@@ -74,6 +79,8 @@ impl Group {
             rank: 0,
             world: 1,
             link: Link::Single,
+            #[cfg(feature = "cuda")]
+            gpus: None,
         }
     }
 
@@ -166,7 +173,13 @@ impl Group {
             conn.write_hello(rank, world, fingerprint)?;
             Link::Peer(conn)
         };
-        Ok(Group { rank, world, link })
+        Ok(Group {
+            rank,
+            world,
+            link,
+            #[cfg(feature = "cuda")]
+            gpus: None,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -180,6 +193,97 @@ impl Group {
     /// Rank 0: the process that writes the run's files.
     pub fn is_root(&self) -> bool {
         self.rank == 0
+    }
+
+    /// Replaces `data` on every member by rank 0's.
+    pub fn broadcast(&mut self, data: &mut [u8]) -> Result<()> {
+        match &mut self.link {
+            Link::Single => Ok(()),
+            Link::Peer(conn) => conn
+                .read_bytes(data)
+                .map_err(|e| group_err(format!("rank 0 left the group ({e}); this run stops"))),
+            Link::Root(peers) => {
+                for conn in peers.iter_mut() {
+                    conn.write_bytes(data)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Where every member trains on a CUDA device and has NCCL (see [`lmkit_kernels::nccl`]):
+    /// makes the group's NCCL communicator, so that gradients are averaged on the GPUs. Returns
+    /// what the group uses, for the log. Every member must call it (it exchanges over TCP).
+    pub fn join_gpus(&mut self, device: &candle_core::Device) -> Result<Option<String>> {
+        if self.world <= 1 || !device.is_cuda() {
+            return Ok(None);
+        }
+        let nccl = lmkit_kernels::nccl::library();
+        let usable = matches!(nccl, Ok(Some(_))) && cfg!(feature = "cuda");
+        let mut count = [usable as u8 as f32];
+        self.all_reduce_sum(&mut count)?;
+        let nccl = nccl.map_err(group_err)?;
+        let tcp = "gradients are summed over TCP through the CPU";
+        let Some(nccl) = nccl.filter(|_| count[0] as usize == self.world) else {
+            return Ok(Some(if usable {
+                format!("not every member has NCCL: {tcp}")
+            } else {
+                format!(
+                    "NCCL is not loaded (LMKIT_NCCL=0, or no libnccl.so.2 on the library path): {tcp}"
+                )
+            }));
+        };
+        self.nccl_communicator(nccl, device)?;
+        let (major, minor, patch) = nccl.version().map_err(group_err)?;
+        Ok(Some(format!(
+            "gradients averaged on the GPUs by NCCL {major}.{minor}.{patch} ({})",
+            nccl.path()
+        )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn nccl_communicator(
+        &mut self,
+        nccl: &'static lmkit_kernels::nccl::Nccl,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let mut id = if self.is_root() {
+            nccl.unique_id().map_err(group_err)?
+        } else {
+            lmkit_kernels::nccl::UniqueId { internal: [0; 128] }
+        };
+        self.broadcast(&mut id.internal)?;
+        let comm = lmkit_kernels::cuda::Comm::new(nccl, device, id, self.rank, self.world)
+            .map_err(|e| group_err(e.to_string()))?;
+        self.gpus = Some(comm);
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn nccl_communicator(
+        &mut self,
+        _: &'static lmkit_kernels::nccl::Nccl,
+        _: &candle_core::Device,
+    ) -> Result<()> {
+        Err(group_err("NCCL needs a build with the cuda feature"))
+    }
+
+    /// A group of one with an NCCL communicator (of one member) on `device`: the GPU tests'
+    /// way through the NCCL path where only one GPU is lent.
+    #[cfg(all(test, feature = "cuda"))]
+    pub(crate) fn single_with_nccl(device: &candle_core::Device) -> Result<Group> {
+        let nccl = lmkit_kernels::nccl::library()
+            .map_err(group_err)?
+            .ok_or_else(|| group_err("no NCCL (libnccl.so.2 on LD_LIBRARY_PATH or LMKIT_NCCL)"))?;
+        let mut g = Group::single();
+        g.nccl_communicator(nccl, device)?;
+        Ok(g)
+    }
+
+    /// The group's NCCL communicator, if [`Group::join_gpus`] made one.
+    #[cfg(feature = "cuda")]
+    pub fn gpus(&self) -> Option<&lmkit_kernels::cuda::Comm> {
+        self.gpus.as_ref()
     }
 
     /// Replaces `data` on every member by the element-wise sum over the group, added in rank
@@ -260,19 +364,37 @@ impl Conn {
         Ok(())
     }
 
-    fn read_f32s(&mut self, out: &mut [f32]) -> std::io::Result<()> {
+    fn write_bytes(&mut self, data: &[u8]) -> Result<()> {
+        self.writer
+            .write_all(&(data.len() as u64).to_le_bytes())
+            .net()?;
+        self.writer.write_all(data).net()?;
+        self.writer.flush().net()
+    }
+
+    /// Reads a message's length and checks it is `expected`.
+    fn read_len(&mut self, expected: usize) -> std::io::Result<()> {
         let mut n = [0u8; 8];
         self.reader.read_exact(&mut n)?;
-        if u64::from_le_bytes(n) != out.len() as u64 {
+        let n = u64::from_le_bytes(n);
+        if n != expected as u64 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
-                    "{} values sent where {} were expected (the members train different models)",
-                    u64::from_le_bytes(n),
-                    out.len()
+                    "{n} values sent where {expected} were expected (the members train different models)"
                 ),
             ));
         }
+        Ok(())
+    }
+
+    fn read_bytes(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        self.read_len(out.len())?;
+        self.reader.read_exact(out)
+    }
+
+    fn read_f32s(&mut self, out: &mut [f32]) -> std::io::Result<()> {
+        self.read_len(out.len())?;
         let mut bytes = vec![0u8; 4 << 16];
         for chunk in out.chunks_mut(1 << 16) {
             let b = &mut bytes[..chunk.len() * 4];
@@ -294,6 +416,57 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap()
+    }
+
+    /// Rank 0's bytes reach every member (how the NCCL communicator's id travels).
+    #[test]
+    fn broadcast_sends_rank_0s_bytes() {
+        let addr = free_addr();
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut g = Group::join(rank, 3, addr, 7).unwrap();
+                    let mut id = [rank as u8; 128];
+                    if rank == 0 {
+                        id[5] = 99;
+                    }
+                    g.broadcast(&mut id).unwrap();
+                    // The group goes on after it.
+                    let mut x = [1.0f32];
+                    g.all_reduce_sum(&mut x).unwrap();
+                    (id, x[0])
+                })
+            })
+            .collect();
+        let mut want = [0u8; 128];
+        want[5] = 99;
+        for h in handles {
+            assert_eq!(h.join().unwrap(), (want, 3.0));
+        }
+        let mut g = Group::single();
+        let mut one = [4u8];
+        g.broadcast(&mut one).unwrap();
+        assert_eq!(one, [4]);
+    }
+
+    /// Members on CPUs never make a GPU communicator, and exchange nothing for it.
+    #[test]
+    fn cpu_groups_have_no_gpu_collective() {
+        let addr = free_addr();
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut g = Group::join(rank, 2, addr, 8).unwrap();
+                    let joined = g.join_gpus(&candle_core::Device::Cpu).unwrap();
+                    let mut x = [rank as f32];
+                    g.all_reduce_sum(&mut x).unwrap();
+                    (joined, x[0])
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), (None, 1.0));
+        }
     }
 
     /// Three members in threads: each gets the sum, added in rank order.

@@ -171,6 +171,11 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
     if dev.is_cpu() {
         progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
     }
+    if let Some(how) = group.join_gpus(&dev)? {
+        if group.is_root() {
+            progress.message(&format!("{} processes on GPUs: {how}", group.world()));
+        }
+    }
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let model = Net::build(&model_cfg, vb, &tokenizer, tk_path)?;

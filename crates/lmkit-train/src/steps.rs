@@ -223,6 +223,15 @@ fn reduce(
     loss: f64,
     flags: [bool; 2],
 ) -> Result<(Vec<Tensor>, f64, [bool; 2])> {
+    let inv = 1.0 / group.world() as f64;
+    // On GPUs with NCCL: the gradients' mean on the GPUs, the loss and flags over TCP.
+    #[cfg(feature = "cuda")]
+    if let Some(comm) = group.gpus() {
+        let mean = comm.mean(&grads)?;
+        let mut buf = [loss as f32, flags[0] as u8 as f32, flags[1] as u8 as f32];
+        group.all_reduce_sum(&mut buf)?;
+        return Ok((mean, buf[0] as f64 * inv, [buf[1] > 0.0, buf[2] > 0.0]));
+    }
     let total: usize = grads.iter().map(Tensor::elem_count).sum();
     let mut buf = Vec::with_capacity(total + 3);
     for g in &grads {
@@ -235,7 +244,6 @@ fn reduce(
     buf.push(loss as f32);
     buf.extend(flags.map(|f| f as u8 as f32));
     group.all_reduce_sum(&mut buf)?;
-    let inv = 1.0 / group.world() as f64;
     let mut at = 0;
     let mut mean = Vec::with_capacity(grads.len());
     for g in &grads {
@@ -399,4 +407,34 @@ pub(crate) fn run(
         last_val,
         checkpoint,
     })
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+
+    /// The NCCL path of a step's reduction on the one GPU the tests get: a communicator of one
+    /// member gives each gradient back (in new buffers), the loss and flags through TCP's path.
+    #[test]
+    fn gpu_group_reduces_gradients_with_nccl() {
+        let Some(dev) = crate::passes::testing::gpu() else {
+            return;
+        };
+        let mut group = Group::single_with_nccl(&dev).unwrap();
+        assert!(group.gpus().is_some());
+        let grads = vec![
+            Tensor::arange(0f32, 12.0, &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+            Tensor::new(&[0.5f32, -2.0], &dev).unwrap(),
+        ];
+        let (mean, loss, flags) = reduce(&mut group, grads.clone(), 2.5, [false, true]).unwrap();
+        assert_eq!((loss, flags), (2.5, [false, true]));
+        for (g, m) in grads.iter().zip(&mean) {
+            assert!(m.device().is_cuda());
+            let (a, b) = (g.flatten_all().unwrap(), m.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+    }
 }

@@ -644,6 +644,7 @@ fn backprop(
 pub(crate) mod tests {
     use crate::passes::gpt2::tests::{assert_gradient_close, autograd_reference};
     use crate::passes::gpt2::Gpt2Pass;
+    use crate::passes::testing::gpu;
     use crate::passes::{LossAndGrads, TrainPass};
     use candle_core::backprop::GradStore;
     use candle_core::{DType, Device, Tensor};
@@ -715,21 +716,6 @@ pub(crate) mod tests {
             let got = ours_g.to_device(&Device::Cpu).unwrap();
             assert!(got.is_contiguous());
             assert_gradient_close(&got, want, tol);
-        }
-    }
-
-    /// The GPU, or `None` where there is none (then the test passes without checking, unless
-    /// LMKIT_REQUIRE_CUDA is set).
-    pub(crate) fn gpu() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
-                    "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
-                );
-                None
-            }
         }
     }
 

@@ -429,9 +429,9 @@ fn backprop(
 
 #[cfg(test)]
 mod tests {
-    use crate::passes::gpt2_cuda::tests::{assert_matches, gpu, randomize_both, run_on_gpu};
+    use crate::passes::gpt2_cuda::tests::{assert_matches, randomize_both, run_on_gpu};
     use crate::passes::llama::LlamaPass;
-    use crate::passes::testing::tokens;
+    use crate::passes::testing::{gpu, tokens};
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::llama::Llama;

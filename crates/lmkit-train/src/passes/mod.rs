@@ -229,6 +229,22 @@ pub(crate) mod testing {
     use candle_core::{DType, Tensor};
     use candle_nn::VarMap;
 
+    /// The GPU, or `None` where there is none (then the test passes without checking, unless
+    /// LMKIT_REQUIRE_CUDA is set).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu() -> Option<candle_core::Device> {
+        match candle_core::Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
+                    "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
+                );
+                None
+            }
+        }
+    }
+
     /// `count` token ids below `vocab` from a fixed generator seeded with `seed`.
     pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
         let mut s = seed;
