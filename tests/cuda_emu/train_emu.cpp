@@ -4,6 +4,8 @@
 // tests/parity/test_cuda_kernels.py.
 #include "cuda_emu.h"
 
+#include <vector>
+
 #include "../../crates/lmkit-kernels/src/cuda/train.cu"
 
 namespace {
@@ -75,18 +77,36 @@ extern "C" void emu_embed(float* x, const float* wte, const float* wpe, const ui
   emu::launch(per_element((int64_t)t * c), THREADS, 0, [&] { embed_bwd_positions(dwpe, dx, b, t, c); });
 }
 
-extern "C" void emu_adamw(float* th, float* m, float* v, const float* g, int64_t len, float beta1,
-                          float beta2, float gscale, float keep, float lr, float ibc1, float ibc2,
-                          float eps) {
-  emu::launch(per_element(len), THREADS, 0, [&] { adam_moment(m, g, len, beta1, gscale, 0); });
-  emu::launch(per_element(len), THREADS, 0, [&] { adam_moment(v, g, len, beta2, gscale, 1); });
-  emu::launch(per_element(len), THREADS, 0,
-              [&] { adam_apply(th, m, v, len, keep, lr, ibc1, ibc2, eps); });
+namespace {
+// cuda.rs's chunk table: every parameter split into runs of `chunk` elements.
+std::vector<Chunk> chunks_of(int count, float** th, const float** g, float** m, float** v,
+                             const int64_t* lens, const float* keeps, int64_t chunk) {
+  std::vector<Chunk> table;
+  for (int p = 0; p < count; p++)
+    for (int64_t s = 0; s < lens[p]; s += chunk)
+      table.push_back({th[p] + s, g[p] + s, m[p] + s, v[p] + s, std::min(chunk, lens[p] - s),
+                       keeps[p], 0.0f});
+  return table;
+}
+}  // namespace
+
+extern "C" void emu_adamw(int count, float** th, const float** g, float** m, float** v,
+                          const int64_t* lens, const float* keeps, int64_t chunk, float beta1,
+                          float beta2, float gscale, float lr, float ibc1, float ibc2, float eps) {
+  auto table = chunks_of(count, th, g, m, v, lens, keeps, chunk);
+  emu::launch({unsigned(table.size()), 1, 1}, THREADS, 0,
+              [&] { adam_chunks(table.data(), beta1, beta2, gscale, lr, ibc1, ibc2, eps); });
 }
 
-extern "C" double emu_sum_squares(const float* x, int64_t len) {
-  double parts[64] = {0};
-  emu::launch({64, 1, 1}, THREADS, 0, [&] { sum_squares(parts, x, len); });
+extern "C" double emu_sum_squares(int count, const float** x, const int64_t* lens, int64_t chunk) {
+  // As cuda.rs: the table's other operands point at x too (the kernel reads only g).
+  std::vector<float*> xs;
+  for (int p = 0; p < count; p++) xs.push_back(const_cast<float*>(x[p]));
+  std::vector<float> ones(count, 1.0f);
+  auto table = chunks_of(count, xs.data(), x, xs.data(), xs.data(), lens, ones.data(), chunk);
+  std::vector<double> parts(table.size(), 0.0);
+  emu::launch({unsigned(table.size()), 1, 1}, THREADS, 0,
+              [&] { sum_squares_chunks(parts.data(), table.data()); });
   double s = 0;
   for (double p : parts) s += p;
   return s;

@@ -52,8 +52,9 @@ def train_kernels(tmp_path_factory):
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
     so.emu_softmax_causal.argtypes = [F32, l, i, f, F32, i]
     so.emu_embed.argtypes = [F32, F32, F32, u, i, i, i, F32, F32, F32]
-    so.emu_adamw.argtypes = [F32] * 4 + [l] + [f] * 8
-    so.emu_sum_squares.argtypes = [F32, l]
+    ptrs, lens = ctypes.POINTER(F32), ctypes.POINTER(l)
+    so.emu_adamw.argtypes = [i] + [ptrs] * 4 + [lens, F32, l] + [f] * 7
+    so.emu_sum_squares.argtypes = [i, ptrs, lens, l]
     so.emu_sum_squares.restype = ctypes.c_double
     return so
 
@@ -275,24 +276,40 @@ def test_embeddings_and_their_gradients_equal_pytorch(train_kernels):
     close(dwpe, pe.grad.numpy(), "position embedding gradient", 1e-5)
 
 
+def arrays(xs):
+    """A C array of pointers to the float32 arrays xs."""
+    return (F32 * len(xs))(*map(ptr, xs))
+
+
 def test_adamw_and_the_sum_of_squares_equal_pytorch(train_kernels):
+    # Three parameters in one launch, cut into chunks of 300 (cuda.rs uses 65,536): chunk
+    # boundaries inside a parameter, a parameter shorter than a chunk, one without weight decay.
     rng = np.random.default_rng(8)
-    n = 1000
-    th, g = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
-    m, v = rng.standard_normal(n, dtype=np.float32) * 0.1, rng.random(n, dtype=np.float32) * 0.01
+    sizes, decays, chunk = [1000, 37, 601], [True, False, True], 300
     lr, b1, b2, eps, wd, step, gscale = 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, 0.5
-    # torch.optim.AdamW at step 3 from these moments, on the gradient times gscale
-    p = torch.nn.Parameter(f64(th))
-    opt = torch.optim.AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
-    p.grad = f64(g) * gscale
-    opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": f64(m), "exp_avg_sq": f64(v)}
+    th = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
+    g = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
+    m = [rng.standard_normal(n, dtype=np.float32) * 0.1 for n in sizes]
+    v = [rng.random(n, dtype=np.float32) * 0.01 for n in sizes]
+    # torch.optim.AdamW at step 3 from these moments, on the gradients times gscale
+    params = [torch.nn.Parameter(f64(x)) for x in th]
+    opt = torch.optim.AdamW([{"params": [p], "weight_decay": wd if d else 0.0} for p, d in zip(params, decays)],
+                            lr=lr, betas=(b1, b2), eps=eps)
+    for p, gi, mi, vi in zip(params, g, m, v):
+        p.grad = f64(gi) * gscale
+        opt.state[p] = {"step": torch.tensor(float(step - 1)), "exp_avg": f64(mi), "exp_avg_sq": f64(vi)}
     opt.step()
-    ours = [x.copy() for x in (th, m, v)]
-    train_kernels.emu_adamw(*map(ptr, ours), ptr(g), n, b1, b2, gscale, 1 - lr * wd, lr,
-                            1 / (1 - b1 ** step), 1 / (1 - b2 ** step), eps)
-    close(ours[0], p.detach().numpy(), "AdamW weights", 1e-6)
-    close(ours[1], opt.state[p]["exp_avg"].numpy(), "AdamW first moment", 1e-6)
-    close(ours[2], opt.state[p]["exp_avg_sq"].numpy(), "AdamW second moment", 1e-6)
-    x = rng.standard_normal(100_003, dtype=np.float32)
-    want = float((x.astype(np.float64) ** 2).sum())
-    assert abs(train_kernels.emu_sum_squares(ptr(x), x.size) - want) < 1e-9 * want
+    ours = [[x.copy() for x in xs] for xs in (th, m, v)]
+    lens = (ctypes.c_int64 * 3)(*sizes)
+    keeps = np.array([1 - lr * wd if d else 1.0 for d in decays], dtype=np.float32)
+    train_kernels.emu_adamw(3, arrays(ours[0]), arrays(g), arrays(ours[1]), arrays(ours[2]), lens,
+                            ptr(keeps), chunk, b1, b2, gscale, lr, 1 / (1 - b1 ** step),
+                            1 / (1 - b2 ** step), eps)
+    for i, p in enumerate(params):
+        close(ours[0][i], p.detach().numpy(), f"AdamW weights {i}", 1e-6)
+        close(ours[1][i], opt.state[p]["exp_avg"].numpy(), f"AdamW first moment {i}", 1e-6)
+        close(ours[2][i], opt.state[p]["exp_avg_sq"].numpy(), f"AdamW second moment {i}", 1e-6)
+    xs = [rng.standard_normal(n, dtype=np.float32) for n in (100_003, 5, 70_000)]
+    want = sum(float((x.astype(np.float64) ** 2).sum()) for x in xs)
+    got = train_kernels.emu_sum_squares(3, arrays(xs), (ctypes.c_int64 * 3)(*map(len, xs)), 65_536)
+    assert abs(got - want) < 1e-9 * want

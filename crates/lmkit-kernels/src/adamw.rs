@@ -79,37 +79,6 @@ impl InplaceOp2 for Moment {
             with_each_pair((s1, l1), (s2, l2), |m, g| *m = b * *m + ib * (s * g))
         }
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::cuda_backend::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::cuda_backend::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let [m, g] = cuda_views([(s1, l1), (s2, l2)])?;
-        let gpu = crate::cuda::Gpu::of_storage(s2);
-        gpu.adam_moment(m, g, m.len(), (self.beta, self.scale), self.square)
-    }
-}
-
-/// The device data of the optimizer's CUDA operands: contiguous f32 tensors of one size.
-#[cfg(feature = "cuda")]
-fn cuda_views<const N: usize>(
-    parts: [(&candle_core::cuda_backend::CudaStorage, &Layout); N],
-) -> candle_core::Result<[crate::cuda::Dev<f32>; N]> {
-    let mut views = Vec::with_capacity(N);
-    for (s, l) in parts {
-        match crate::cuda::Gpu::view_cuda(s, l) {
-            Some(v) => views.push(v),
-            None => candle_core::bail!("adamw: contiguous f32 tensors only"),
-        }
-    }
-    if views.iter().any(|v| v.len() != views[0].len()) {
-        candle_core::bail!("adamw: a parameter, gradient or moment of another size");
-    }
-    Ok(views.try_into().expect("N views"))
 }
 
 /// In place: θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
@@ -145,22 +114,6 @@ impl InplaceOp3 for Apply {
                 }
             });
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::cuda_backend::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::cuda_backend::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::cuda_backend::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let [th, m, v] = cuda_views([(s1, l1), (s2, l2), (s3, l3)])?;
-        let gpu = crate::cuda::Gpu::of_storage(s2);
-        let k = [self.keep, self.lr, self.ibc1, self.ibc2, self.eps];
-        gpu.adam_apply(th, m, v, th.len(), k)
     }
 }
 
@@ -199,49 +152,120 @@ pub fn add_scaled_in_place(acc: &Tensor, g: &Tensor, scale: f64) -> candle_core:
     Ok(true)
 }
 
-/// The AdamW update of one f32 parameter (on the CPU, or a CUDA GPU with the `cuda` feature) as
-/// three in-place passes (moments, then θ) — no temporaries, where the composed version
-/// (`lmkit_train::adamw`) makes ~14 full-size ones per parameter. `false` (nothing done) for other
-/// dtypes, devices or layouts.
-pub fn fused_update(
-    theta: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    k: &Coeffs,
-) -> candle_core::Result<bool> {
-    let n = theta.elem_count();
-    let fits = [theta, g, m, v].iter().all(|t| {
-        (t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().same_device(theta.device())))
-            && t.dtype() == candle_core::DType::F32
-            && t.is_contiguous()
-            && t.elem_count() == n
-    });
-    if !fits {
-        return Ok(false);
+/// One parameter's operands of an update: θ, its gradient, the two moments, and whether the
+/// weight decay applies to it.
+pub struct Operands<'a> {
+    pub theta: &'a Tensor,
+    pub g: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub decay: bool,
+}
+
+impl Operands<'_> {
+    /// Contiguous f32 tensors of one size on θ's device.
+    fn fit(&self) -> bool {
+        let n = self.theta.elem_count();
+        [self.theta, self.g, self.m, self.v].iter().all(|t| {
+            t.device().same_device(self.theta.device())
+                && t.dtype() == candle_core::DType::F32
+                && t.is_contiguous()
+                && t.elem_count() == n
+        })
     }
+}
+
+/// The AdamW update of every parameter that is f32 on the CPU (three in-place passes each: the
+/// moments, then θ — no temporaries, where the composed version in `lmkit_train::adamw` makes ~14
+/// full-size ones per parameter) or on a CUDA GPU with the `cuda` feature (every parameter of
+/// that GPU in one kernel launch). `k.keep` is the decayed parameters' factor; the others keep
+/// theirs. Returns which parameters were updated: the caller updates the rest (other dtypes,
+/// devices or layouts) itself.
+pub fn fused_update_all(ops: &[Operands], k: &Coeffs) -> candle_core::Result<Vec<bool>> {
+    let mut done: Vec<bool> = vec![false; ops.len()];
+    #[cfg(feature = "cuda")]
+    cuda_update_all(ops, k, &mut done)?;
+    for (o, done) in ops.iter().zip(done.iter_mut()) {
+        if *done || !o.theta.device().is_cpu() || !o.fit() {
+            continue;
+        }
+        let keep = if o.decay { k.keep } else { 1.0 };
+        cpu_update(o, k, keep as f32)?;
+        *done = true;
+    }
+    Ok(done)
+}
+
+/// One f32 CPU parameter's update: the moments, then θ.
+fn cpu_update(o: &Operands, k: &Coeffs, keep: f32) -> candle_core::Result<()> {
     let scale = k.grad_scale as f32;
     let first = Moment {
         beta: k.beta1 as f32,
         scale,
         square: false,
     };
-    m.inplace_op2(g, &first)?;
+    o.m.inplace_op2(o.g, &first)?;
     let second = Moment {
         beta: k.beta2 as f32,
         scale,
         square: true,
     };
-    v.inplace_op2(g, &second)?;
+    o.v.inplace_op2(o.g, &second)?;
     let apply = Apply {
-        keep: k.keep as f32,
+        keep,
         lr: k.lr as f32,
         ibc1: (1.0 / k.bc1) as f32,
         ibc2: (1.0 / k.bc2) as f32,
         eps: k.eps as f32,
     };
-    theta.inplace_op3(m, v, &apply)?;
-    Ok(true)
+    o.theta.inplace_op3(o.m, o.v, &apply)
+}
+
+/// The parameters that fit on the GPU of the first CUDA one, in one launch; marks them done.
+#[cfg(feature = "cuda")]
+fn cuda_update_all(ops: &[Operands], k: &Coeffs, done: &mut [bool]) -> candle_core::Result<()> {
+    use crate::cuda::{AdamParam, AdamStep, Gpu};
+    let Some(first) = ops.iter().find(|o| o.theta.device().is_cuda()) else {
+        return Ok(());
+    };
+    let device = first.theta.device().clone();
+    let gpu = Gpu::of(&device).expect("a CUDA device");
+    let chosen: Vec<usize> = (0..ops.len())
+        .filter(|&i| ops[i].theta.device().same_device(&device) && ops[i].fit())
+        .collect();
+    let mut guards = Vec::with_capacity(chosen.len());
+    let mut params = Vec::with_capacity(chosen.len());
+    for &i in &chosen {
+        let o = &ops[i];
+        let g4 = [o.theta, o.g, o.m, o.v].map(|t| t.storage_and_layout());
+        let view = |j: usize| {
+            let (st, l) = &g4[j];
+            Gpu::view(st, l).ok_or_else(|| candle_core::Error::Msg("adamw: a CUDA view".into()))
+        };
+        params.push(AdamParam {
+            theta: view(0)?,
+            g: view(1)?,
+            m: view(2)?,
+            v: view(3)?,
+            keep: if o.decay { k.keep as f32 } else { 1.0 },
+        });
+        guards.push(g4);
+    }
+    let step = AdamStep {
+        beta1: k.beta1 as f32,
+        beta2: k.beta2 as f32,
+        scale: k.grad_scale as f32,
+        lr: k.lr as f32,
+        ibc1: (1.0 / k.bc1) as f32,
+        ibc2: (1.0 / k.bc2) as f32,
+        eps: k.eps as f32,
+    };
+    gpu.adam(&params, step)?;
+    drop(guards);
+    for i in chosen {
+        done[i] = true;
+    }
+    Ok(())
 }
 
 /// Σ v² in f64, over eight running sums (independent additions the compiler vectorizes; one
@@ -325,7 +349,8 @@ mod cuda_tests {
     use crate::testing::{max_diff, randn};
     use candle_core::{Device, Var};
 
-    /// The in-place update and the gradient norm on a GPU equal the CPU's.
+    /// The in-place update and the gradient norm on a GPU equal the CPU's: two parameters, one
+    /// decayed, one over two of the kernels' chunks.
     #[test]
     fn gpu_update_and_norm_equal_the_cpu() {
         let Ok(gpu) = Device::new_cuda(0) else {
@@ -333,9 +358,14 @@ mod cuda_tests {
             return;
         };
         let cpu = Device::Cpu;
-        let shape = (37, 129);
-        let [th, g, m, v] = [0, 1, 2, 3].map(|_| randn(0.0f32, 1.0, shape, &cpu).unwrap());
-        let v = v.abs().unwrap();
+        let shapes: [candle_core::Shape; 2] = [(37, 129).into(), 70_001.into()];
+        let inputs: Vec<[Tensor; 4]> = shapes
+            .iter()
+            .map(|s| {
+                let [th, g, m, v] = [0, 1, 2, 3].map(|_| randn(0.0f32, 1.0, s, &cpu).unwrap());
+                [th, g, m, v.abs().unwrap()]
+            })
+            .collect();
         let k = Coeffs {
             beta1: 0.9,
             beta2: 0.95,
@@ -347,18 +377,41 @@ mod cuda_tests {
             grad_scale: 0.7,
         };
         let on = |d: &Device| {
-            let t = [&th, &g, &m, &v].map(|x| Var::from_tensor(&x.to_device(d).unwrap()).unwrap());
-            assert!(fused_update(&t[0], &t[1], &t[2], &t[3], &k).unwrap());
-            t.map(|x| x.as_tensor().to_device(&cpu).unwrap())
+            let vars: Vec<[Var; 4]> = inputs
+                .iter()
+                .map(|x| {
+                    x.clone()
+                        .map(|x| Var::from_tensor(&x.to_device(d).unwrap()).unwrap())
+                })
+                .collect();
+            let ops: Vec<Operands> = vars
+                .iter()
+                .zip([true, false])
+                .map(|(t, decay)| Operands {
+                    theta: &t[0],
+                    g: &t[1],
+                    m: &t[2],
+                    v: &t[3],
+                    decay,
+                })
+                .collect();
+            assert_eq!(fused_update_all(&ops, &k).unwrap(), [true, true]);
+            vars.iter()
+                .flat_map(|t| t.clone().map(|x| x.as_tensor().to_device(&cpu).unwrap()))
+                .collect::<Vec<_>>()
         };
         let (a, b) = (on(&cpu), on(&gpu));
         for (x, y) in a.iter().zip(&b) {
             assert!(max_diff(x, y) < 1e-5, "{}", max_diff(x, y));
         }
-        assert!(max_diff(&a[0], &th) > 1e-4, "the update changed nothing");
-        let grads = [&th, &g, &m].map(|x| x.to_device(&gpu).unwrap());
-        let cpu_norm = grad_norm(&[th.clone(), g.clone(), m.clone()]).unwrap();
-        let gpu_norm = grad_norm(&grads).unwrap();
+        assert!(
+            max_diff(&a[0], &inputs[0][0]) > 1e-4,
+            "the update changed nothing"
+        );
+        let flat: Vec<Tensor> = inputs.iter().flatten().cloned().collect();
+        let on_gpu: Vec<Tensor> = flat.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
+        let cpu_norm = grad_norm(&flat).unwrap();
+        let gpu_norm = grad_norm(&on_gpu).unwrap();
         assert!(
             (cpu_norm - gpu_norm).abs() < 1e-9 * cpu_norm,
             "{cpu_norm} vs {gpu_norm}"

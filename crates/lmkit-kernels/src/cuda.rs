@@ -178,6 +178,32 @@ impl Batched {
     };
 }
 
+/// One parameter's operands of [`Gpu::adam`] (each as long as the gradient) and its
+/// 1 − lr·weight decay.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamParam {
+    pub theta: Dev<f32>,
+    pub g: Dev<f32>,
+    pub m: Dev<f32>,
+    pub v: Dev<f32>,
+    pub keep: f32,
+}
+
+/// The coefficients of one AdamW step (1/bias corrections, the gradient's clipping factor).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub scale: f32,
+    pub lr: f32,
+    pub ibc1: f32,
+    pub ibc2: f32,
+    pub eps: f32,
+}
+
+/// Elements per block of the optimizer kernels.
+const OPT_CHUNK: usize = 1 << 16;
+
 /// One CUDA device's stream, cuBLAS handle and kernels.
 pub struct Gpu {
     dev: CudaDevice,
@@ -964,68 +990,85 @@ impl Gpu {
         self.launch("cross_entropy", rows as u32, 1024, &args)
     }
 
-    /// In place: m ← β·m + (1 − β)·(s·g), or with (s·g)² for the second moment.
-    pub fn adam_moment(
-        &self,
-        m: Dev<f32>,
-        g: Dev<f32>,
-        len: usize,
-        (beta, scale): (f32, f32),
-        square: bool,
-    ) -> Result<()> {
-        let args = [
-            Arg::P(m.need(len, "adam m")?),
-            Arg::P(g.need(len, "adam g")?),
-            Arg::L(len as i64),
-            Arg::F(beta),
-            Arg::F(scale),
-            Arg::I(square as i32),
-        ];
-        self.launch_elements("adam_moment", len, &args)
-    }
-
-    /// In place: θ ← keep·θ − lr·(m·ibc1) / (√(v·ibc2) + ε); `k` = (keep, lr, ibc1, ibc2, ε).
-    pub fn adam_apply(
-        &self,
-        theta: Dev<f32>,
-        m: Dev<f32>,
-        v: Dev<f32>,
-        len: usize,
-        k: [f32; 5],
-    ) -> Result<()> {
-        let args = [
-            Arg::P(theta.need(len, "adam theta")?),
-            Arg::P(m.need(len, "adam m")?),
-            Arg::P(v.need(len, "adam v")?),
-            Arg::L(len as i64),
-            Arg::F(k[0]),
-            Arg::F(k[1]),
-            Arg::F(k[2]),
-            Arg::F(k[3]),
-            Arg::F(k[4]),
-        ];
-        self.launch_elements("adam_apply", len, &args)
-    }
-
-    /// Σ x² over every array (in f64, partial sums added in a fixed order: the same value every
-    /// run), with one copy back to the host.
-    pub fn sum_of_squares(&self, arrays: &[Dev<f32>]) -> Result<f64> {
-        const PARTS: usize = 64;
-        let partials = self.zeros::<f64>(arrays.len() * PARTS)?;
-        for (i, x) in arrays.iter().enumerate() {
-            let args = [
-                Arg::P(partials.dev().at(i * PARTS)?.need(PARTS, "sum_squares")?),
-                Arg::P(x.addr),
-                Arg::L(x.len as i64),
-            ];
-            self.launch("sum_squares", PARTS as u32, THREADS, &args)?;
+    /// AdamW over every parameter in one launch (a block per `OPT_CHUNK` elements), in place:
+    /// m ← β₁·m + (1 − β₁)·x, v ← β₂·v + (1 − β₂)·x² with x = scale·g, then
+    /// θ ← keep·θ − lr·(m·ibc1) / (√(v·ibc2) + ε), each parameter with its own keep.
+    pub fn adam(&self, params: &[AdamParam], k: AdamStep) -> Result<()> {
+        let (table, chunks) = self.chunk_table(params)?;
+        if chunks == 0 {
+            return Ok(());
         }
+        let args = [
+            Arg::P(table.dev().addr),
+            Arg::F(k.beta1),
+            Arg::F(k.beta2),
+            Arg::F(k.scale),
+            Arg::F(k.lr),
+            Arg::F(k.ibc1),
+            Arg::F(k.ibc2),
+            Arg::F(k.eps),
+        ];
+        self.launch("adam_chunks", chunks, THREADS, &args)
+    }
+
+    /// The optimizer kernels' table: per chunk of `OPT_CHUNK` elements of a parameter, its
+    /// operands' addresses at the chunk's start, its length and keep (train.cu's `Chunk`),
+    /// uploaded; and the number of chunks.
+    fn chunk_table(&self, params: &[AdamParam]) -> Result<(Buf<u64>, u32)> {
+        let mut table = Vec::new();
+        for p in params {
+            let len = p.g.len;
+            for (x, what) in [(p.theta, "theta"), (p.m, "m"), (p.v, "v")] {
+                if x.len != len {
+                    candle_core::bail!("cuda adam: {what} of {} for a gradient of {len}", x.len);
+                }
+            }
+            for start in (0..len).step_by(OPT_CHUNK) {
+                let at = |x: Dev<f32>| x.addr + (start * 4) as u64;
+                table.extend([at(p.theta), at(p.g), at(p.m), at(p.v)]);
+                table.push(OPT_CHUNK.min(len - start) as u64);
+                table.push(p.keep.to_bits() as u64);
+            }
+        }
+        let chunks = table.len() / 6;
+        let Ok(chunks) = u32::try_from(chunks) else {
+            candle_core::bail!("cuda adam: {chunks} chunks");
+        };
+        let buf = self
+            .dev
+            .cuda_stream()
+            .clone_htod(&table)
+            .map_err(Self::fail("upload"))?;
+        Ok((self.buf(buf), chunks))
+    }
+
+    /// Σ x² over every array (in f64: a partial sum per chunk, added on the host in a fixed
+    /// order: the same value every run), in one launch and one copy back to the host.
+    pub fn sum_of_squares(&self, arrays: &[Dev<f32>]) -> Result<f64> {
+        // The table's other operands are not read by this kernel.
+        let params: Vec<AdamParam> = arrays
+            .iter()
+            .map(|&x| AdamParam {
+                theta: x,
+                g: x,
+                m: x,
+                v: x,
+                keep: 1.0,
+            })
+            .collect();
+        let (table, chunks) = self.chunk_table(&params)?;
+        if chunks == 0 {
+            return Ok(0.0);
+        }
+        let partials = self.zeros::<f64>(chunks as usize)?;
+        let args = [Arg::P(partials.dev().addr), Arg::P(table.dev().addr)];
+        self.launch("sum_squares_chunks", chunks, THREADS, &args)?;
         let host = self
             .dev
             .cuda_stream()
             .clone_dtoh(&partials.slice)
             .map_err(Self::fail("download"))?;
-        Ok(host[..arrays.len() * PARTS].iter().sum())
+        Ok(host[..chunks as usize].iter().sum())
     }
 
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {

@@ -4,7 +4,7 @@
 
 use candle_core::{Tensor, Var};
 pub use lmkit_kernels::adamw::grad_norm;
-use lmkit_kernels::adamw::{fused_update, Coeffs};
+use lmkit_kernels::adamw::{fused_update_all, Coeffs, Operands};
 
 pub struct Param {
     pub name: String,
@@ -58,19 +58,32 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
+        let k = Coeffs {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            bc1,
+            bc2,
+            eps: self.eps,
+            lr,
+            keep: 1.0 - lr * self.weight_decay,
+            grad_scale,
+        };
+        let ops: Vec<Operands> = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Operands {
+                theta: p.var.as_tensor(),
+                g: &grads[i],
+                m: &self.m[i],
+                v: &self.v[i],
+                decay: p.decay,
+            })
+            .collect();
+        let fused = fused_update_all(&ops, &k)?;
+        drop(ops);
         for (i, p) in self.params.iter().enumerate() {
-            let decay = if p.decay { self.weight_decay } else { 0.0 };
-            let k = Coeffs {
-                beta1: self.beta1,
-                beta2: self.beta2,
-                bc1,
-                bc2,
-                eps: self.eps,
-                lr,
-                keep: 1.0 - lr * decay,
-                grad_scale,
-            };
-            if fused_update(p.var.as_tensor(), &grads[i], &self.m[i], &self.v[i], &k)? {
+            if fused[i] {
                 continue;
             }
             // Gradients come out of backward with the op graph of the whole step attached;
@@ -201,6 +214,27 @@ mod tests {
         for (a, b) in got.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{got:?}");
         }
+    }
+
+    #[test]
+    fn only_decayed_parameters_shrink() {
+        // With a zero gradient the moments stay 0 and the update is 0: θ changes by the decay.
+        let dev = Device::Cpu;
+        let vars = [true, false].map(|_| Var::from_vec(vec![2.0f32, -4.0], 2, &dev).unwrap());
+        let params = vars
+            .iter()
+            .zip([true, false])
+            .map(|(var, decay)| Param {
+                name: format!("{decay}"),
+                var: var.clone(),
+                decay,
+            })
+            .collect();
+        let mut opt = AdamW::new(params, 0.9, 0.999, 1e-8, 0.5).unwrap();
+        let zero = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        opt.step(&[zero.clone(), zero], 0.1, 1.0).unwrap();
+        let got = vars.map(|v| v.as_tensor().to_vec1::<f32>().unwrap());
+        assert_eq!(got, [vec![2.0 * 0.95, -4.0 * 0.95], vec![2.0, -4.0]]);
     }
 
     #[test]

@@ -306,41 +306,51 @@ extern "C" __global__ void fill(float* out, float value, int64_t len) {
     if (i < len) out[i] = value;
 }
 
-// AdamW, in place. First/second moment: m ← β·m + (1 − β)·(s·g) (squared for the second).
-extern "C" __global__ void adam_moment(float* m, const float* g, int64_t len, float beta,
-                                       float scale, int square) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    float x = scale * g[i];
-    m[i] = beta * m[i] + (1.0f - beta) * (square ? x * x : x);
+// A run of one parameter's elements for the kernels below, which take every parameter in one
+// launch: a block per chunk (cuda.rs's Chunk, 48 bytes; pointers already at the chunk's start).
+struct Chunk {
+  float* th;
+  const float* g;
+  float* m;
+  float* v;
+  int64_t len;
+  float keep;  // 1 - lr * weight decay (1 without decay)
+  float pad;
+};
+
+// AdamW over every chunk, in place: m <- b1*m + (1-b1)*x, v <- b2*v + (1-b2)*x^2 with x = s*g,
+// then th <- keep*th - lr*(m/bc1) / (sqrt(v/bc2) + eps).
+extern "C" __global__ void adam_chunks(const Chunk* chunks, float beta1, float beta2, float scale,
+                                       float lr, float ibc1, float ibc2, float eps) {
+  const Chunk c = chunks[blockIdx.x];
+  for (int64_t i = threadIdx.x; i < c.len; i += blockDim.x) {
+    float x = scale * c.g[i];
+    float m = beta1 * c.m[i] + (1.0f - beta1) * x;
+    float v = beta2 * c.v[i] + (1.0f - beta2) * (x * x);
+    c.m[i] = m;
+    c.v[i] = v;
+    float u = (m * ibc1) / (sqrtf(v * ibc2) + eps);
+    c.th[i] = c.th[i] * c.keep - lr * u;
+  }
 }
 
-// θ ← keep·θ − lr·(m/bc1) / (√(v/bc2) + ε).
-extern "C" __global__ void adam_apply(float* th, const float* m, const float* v, int64_t len,
-                                      float keep, float lr, float ibc1, float ibc2, float eps) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    float u = (m[i] * ibc1) / (sqrtf(v[i] * ibc2) + eps);
-    th[i] = th[i] * keep - lr * u;
-}
-
-// Partial sums of squares (in f64) of x: block k writes out[k]; the host adds the partials in
-// order, so the total is the same every run.
-extern "C" __global__ void sum_squares(double* out, const float* x, int64_t len) {
-    __shared__ double shared[WARP];
-    double s = 0.0;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        double v = x[i];
-        s += v * v;
-    }
+// Sums of squares (in f64) of the chunks' gradients: block k writes out[k]; the host adds them
+// in order, so the total is the same every run.
+extern "C" __global__ void sum_squares_chunks(double* out, const Chunk* chunks) {
+  __shared__ double shared[WARP];
+  const Chunk c = chunks[blockIdx.x];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < c.len; i += blockDim.x) {
+    double v = c.g[i];
+    s += v * v;
+  }
+  for (int o = WARP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
+  int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+  if (lane == 0) shared[wid] = s;
+  __syncthreads();
+  if (wid == 0) {
+    s = lane < nw ? shared[lane] : 0.0;
     for (int o = WARP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    if (lane == 0) shared[wid] = s;
-    __syncthreads();
-    if (wid == 0) {
-        s = lane < nw ? shared[lane] : 0.0;
-        for (int o = WARP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffff, s, o);
-        if (lane == 0) out[blockIdx.x] = s;
-    }
+    if (lane == 0) out[blockIdx.x] = s;
+  }
 }
