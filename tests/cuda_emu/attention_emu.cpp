@@ -1,10 +1,12 @@
-// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu on the CPU (cuda_emu.h),
-// launched as crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared library for
+// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32) and
+// attention_bf16.cu on the CPU (cuda_emu.h), launched as crates/lmkit-kernels/src/cuda.rs
+// launches them on the GPU: a shared library for
 // tests/parity/test_cuda_kernels.py. Built by the test:
 //   g++ -std=c++20 -O2 -shared -fPIC -pthread -o attention_emu.so tests/cuda_emu/attention_emu.cpp
 #include "cuda_emu.h"
 
 #include "../../crates/lmkit-kernels/src/cuda/attention.cu"
+#include "../../crates/lmkit-kernels/src/cuda/attention_bf16.cu"
 
 namespace {
 
@@ -18,31 +20,42 @@ size_t dq_bytes(int hd, int bc) {
 size_t dkdv_bytes(int hd, int bq) { return dq_bytes(hd, bq) + 4 * size_t(2 * bq); }
 int tile(int hd) { return hd == 128 ? 32 : 64; }
 
+// The bf16 kernels': bf16 tiles of 64 keys (queries: 32 for the dK/dV kernel of head size 128).
+size_t fwd16_bytes(int hd) { return 2 * size_t(B16_ROWS + 2 * 64) * (hd + B16_PAD); }
+size_t dq16_bytes(int hd) { return 2 * size_t(2 * B16_ROWS + 2 * 64) * (hd + B16_PAD); }
+size_t dkdv16_bytes(int hd) {
+  int bq = hd == 128 ? 32 : 64;
+  return 2 * size_t(2 * B16_ROWS + 2 * bq) * (hd + B16_PAD) + 4 * size_t(2 * bq);
+}
+
 dim3 grid(int t, int bh) { return {unsigned((t + ATT_ROWS - 1) / ATT_ROWS), unsigned(bh), 1}; }
 constexpr dim3 THREADS = {ATT_THREADS, 1, 1};
 
 }  // namespace
 
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
-// the outputs' (backward). Returns 0, or 1 for an unsupported head size.
+// the outputs' (backward); bf16: the kernels of attention_bf16.cu. Returns 0, or 1 for an
+// unsupported head size.
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                             const int* dims, const int* ld, float scale) {
+                             const int* dims, const int* ld, float scale, int bf16) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   auto run = [&](auto kernel) {
-    emu::launch(grid(t, b * heads), THREADS, fwd_bytes(hd, tile(hd)), [&] {
+    size_t bytes = bf16 ? fwd16_bytes(hd) : fwd_bytes(hd, tile(hd));
+    emu::launch(grid(t, b * heads), THREADS, bytes, [&] {
       kernel(q, k, v, o, lse, t, heads, kvh, ld[0], ld[1], ld[2], ld[3], scale);
     });
   };
-  if (hd == 32) run(flash_fwd_32);
-  else if (hd == 64) run(flash_fwd_64);
-  else if (hd == 128) run(flash_fwd_128);
+  if (hd == 32) bf16 ? run(flash_bf16_fwd_32) : run(flash_fwd_32);
+  else if (hd == 64) bf16 ? run(flash_bf16_fwd_64) : run(flash_fwd_64);
+  else if (hd == 128) bf16 ? run(flash_bf16_fwd_128) : run(flash_fwd_128);
   else return 1;
   return 0;
 }
 
 extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, const float* o,
                              const float* dout, const float* lse, float* dvec, float* dq,
-                             float* dk, float* dv, const int* dims, const int* ld, float scale) {
+                             float* dk, float* dv, const int* dims, const int* ld, float scale,
+                             int bf16) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   // ld: q, k, v, o, dout, dq, dk, dv
   int n = b * t, warps = n * heads;
@@ -50,17 +63,23 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
     attn_row_dots(dvec, dout, o, n, t, heads, hd, ld[4], ld[3]);
   });
   auto run = [&](auto dq_kernel, auto dkdv_kernel) {
-    emu::launch(grid(t, b * heads), THREADS, dq_bytes(hd, tile(hd)), [&] {
+    size_t dq_shared = bf16 ? dq16_bytes(hd) : dq_bytes(hd, tile(hd));
+    size_t dkdv_shared = bf16 ? dkdv16_bytes(hd) : dkdv_bytes(hd, tile(hd));
+    emu::launch(grid(t, b * heads), THREADS, dq_shared, [&] {
       dq_kernel(q, k, v, dout, lse, dvec, dq, t, heads, kvh, ld[0], ld[1], ld[2], ld[4], ld[5], scale);
     });
-    emu::launch(grid(t, b * kvh), THREADS, dkdv_bytes(hd, tile(hd)), [&] {
+    emu::launch(grid(t, b * kvh), THREADS, dkdv_shared, [&] {
       dkdv_kernel(q, k, v, dout, lse, dvec, dk, dv, t, heads, kvh, ld[0], ld[1], ld[2], ld[4], ld[6],
                   ld[7], scale);
     });
   };
-  if (hd == 32) run(flash_bwd_dq_32, flash_bwd_dkdv_32);
-  else if (hd == 64) run(flash_bwd_dq_64, flash_bwd_dkdv_64);
-  else if (hd == 128) run(flash_bwd_dq_128, flash_bwd_dkdv_128);
+  if (hd == 32)
+    bf16 ? run(flash_bf16_bwd_dq_32, flash_bf16_bwd_dkdv_32) : run(flash_bwd_dq_32, flash_bwd_dkdv_32);
+  else if (hd == 64)
+    bf16 ? run(flash_bf16_bwd_dq_64, flash_bf16_bwd_dkdv_64) : run(flash_bwd_dq_64, flash_bwd_dkdv_64);
+  else if (hd == 128)
+    bf16 ? run(flash_bf16_bwd_dq_128, flash_bf16_bwd_dkdv_128)
+         : run(flash_bwd_dq_128, flash_bwd_dkdv_128);
   else return 1;
   return 0;
 }

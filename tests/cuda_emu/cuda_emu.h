@@ -10,12 +10,17 @@
 // operations over `x[0..num_elements)` act on every element, as they do spread over the lanes
 // on the GPU); a store writes through lane 0 between two warp barriers; loads and stores check
 // the pointer alignment and leading dimension the hardware requires; TF32 products drop each
-// input's low 13 mantissa bits as the tensor cores do.
+// input's low 13 mantissa bits as the tensor cores do. `mma_bf16` (attention_bf16.cu's
+// mma.sync m16n8k16) is warp-collective as on the GPU: every lane posts its fragment registers,
+// the [16, 16]·[16, 8] product is assembled from all 32 lanes by the PTX ISA's fragment layouts,
+// and each lane takes back its own four results — so a kernel that gets the layouts wrong fails
+// here as it would there.
 #pragma once
 
 #include <math.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -38,7 +43,8 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
-  explicit Block(unsigned n) : all(n), slots(n) {
+  std::vector<std::array<uint32_t, 10>> mma;  // one mma.sync operand slot per thread
+  explicit Block(unsigned n) : all(n), slots(n), mma(n) {
     for (unsigned w = 0; w * 32 < n; w++)
       warps.emplace_back(new std::barrier<>(std::min(32u, n - w * 32)));
   }
@@ -250,3 +256,70 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// attention_bf16.cu's primitives.
+
+// Rounds to bf16 (to nearest, ties to even; NaN stays NaN) as cvt.rn.bf16 does: the top 16 bits.
+inline uint16_t emu_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float emu_from_bf16(uint32_t bits) {
+  uint32_t u = bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t pack_bf16x2(float lo, float hi) {
+  return uint32_t(emu_bf16(lo)) | uint32_t(emu_bf16(hi)) << 16;
+}
+
+inline uint32_t load_pair(const uint16_t* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("a bf16 pair not 4-byte aligned");
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline void store_pair(uint16_t* p, uint32_t v) {
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("a bf16 pair not 4-byte aligned");
+  std::memcpy(p, &v, 4);
+}
+
+// d += a·b, mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 over the warp. Lane L (group
+// g = L/4, t = L%4) holds: a[r] = A[g + 8·(r%2)][2t + 8·(r/2) + {0, 1}] (low half first),
+// b[r] = B[2t + 8r + {0, 1}][g], d[e] = D[g + 8·(e/2)][2t + e%2].
+inline void mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  unsigned me = emu::linear_thread(), lane = me % 32, base = me - lane;
+  if (base + 32 > emu::block->mma.size())
+    emu::fail("mma.sync needs a whole warp");
+  auto& mine = emu::block->mma[me];
+  for (int i = 0; i < 4; i++) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  __syncwarp();
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; l++) {
+    const auto& s = emu::block->mma[base + l];
+    unsigned g = l / 4, t = l % 4;
+    for (unsigned r = 0; r < 4; r++)
+      for (unsigned h = 0; h < 2; h++)
+        A[g + 8 * (r % 2)][2 * t + 8 * (r / 2) + h] = emu_from_bf16((s[r] >> (16 * h)) & 0xffffu);
+    for (unsigned r = 0; r < 2; r++)
+      for (unsigned h = 0; h < 2; h++)
+        B[2 * t + 8 * r + h][g] = emu_from_bf16((s[4 + r] >> (16 * h)) & 0xffffu);
+  }
+  __syncwarp();
+  unsigned g = lane / 4, t = lane % 4;
+  for (unsigned e = 0; e < 4; e++) {
+    unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float acc = d[e];
+    for (int k = 0; k < 16; k++) acc = std::fma(A[row][k], B[k][col], acc);
+    d[e] = acc;
+  }
+}

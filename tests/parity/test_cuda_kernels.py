@@ -32,8 +32,8 @@ def build(tmp_path_factory, name):
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
-    so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float]
-    so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float]
+    so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
+    so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     return so
 
 
@@ -89,13 +89,17 @@ def close(got, want, what, tol):
     assert err < tol, f"{what}: max error {err:.2e} of the largest value (tolerance {tol})"
 
 
-@pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed", [
+SHAPES = [
     (2, 77, 4, 4, 64, True),    # GPT-2's packed q|k|v, t across two 64-row tiles
     (1, 150, 4, 2, 64, False),  # grouped-query heads, three tiles
     (2, 33, 2, 1, 32, False),   # multi-query, one partial tile
-    (1, 70, 2, 2, 128, True),   # head size 128: tiles of 32 keys/queries
-])
-def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed):
+    (1, 70, 2, 2, 128, True),   # head size 128: tiles of 32 keys/queries (TF32)
+]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["tf32", "bf16"])
+@pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed", SHAPES)
+def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, bf16):
     rng = np.random.default_rng(hd + t)
     scale = 1.0 / np.sqrt(hd)
     c, ckv = heads * hd, kv_heads * hd
@@ -117,23 +121,25 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     o = np.full((b * t, c), np.nan, dtype=np.float32)
     lse = np.full((b, heads, t), np.nan, dtype=np.float32)
     dims = ints(b, t, heads, kv_heads, hd)
-    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale) == 0
+    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale, bf16) == 0
     dvec = np.full((b, heads, t), np.nan, dtype=np.float32)
     dq = np.full((b * t, c), np.nan, dtype=np.float32)
     dk = np.full((b * t, ckv), np.nan, dtype=np.float32)
     dv = np.full((b * t, ckv), np.nan, dtype=np.float32)
     assert kernels.emu_flash_bwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(dout), ptr(lse), ptr(dvec), ptr(dq), ptr(dk),
-                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale) == 0
+                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale, bf16) == 0
 
     shape = lambda x, h: x.reshape(b, t, h, hd)  # noqa: E731
     want = reference(shape(qn, heads), shape(kn, kv_heads), shape(vn, kv_heads), shape(dout, heads),
                      heads, kv_heads, scale)
-    # TF32 products (10-bit mantissas) with f32 sums: errors of a few 1e-4 of the largest value.
-    close(shape(o, heads), want[0], "output", 3e-3)
-    close(lse, want[1], "log-sum-exp", 1e-3)
-    close(shape(dq, heads), want[2], "dq", 3e-3)
-    close(shape(dk, kv_heads), want[3], "dk", 3e-3)
-    close(shape(dv, kv_heads), want[4], "dv", 3e-3)
+    # TF32 products (10-bit mantissas) with f32 sums: errors of a few 1e-4 of the largest value;
+    # bf16 operands (7-bit mantissas: q, k, v, dO and the probabilities rounded to 2^-9): ~1e-2.
+    tol = 1.5e-2 if bf16 else 3e-3
+    close(shape(o, heads), want[0], "output", tol)
+    close(lse, want[1], "log-sum-exp", 5e-3 if bf16 else 1e-3)
+    close(shape(dq, heads), want[2], "dq", tol)
+    close(shape(dk, kv_heads), want[3], "dk", tol)
+    close(shape(dv, kv_heads), want[4], "dv", tol)
 
 
 def f64(x, grad=False):

@@ -1,6 +1,7 @@
 //! CUDA building blocks of the hand-written training passes: device buffers, cuBLAS products
 //! with row-major operands, the kernels of `cuda/train.cu` and the flash-style attention of
-//! `cuda/attention.cu` (compiled to PTX at build time, loaded once per device).
+//! `cuda/attention.cu` (TF32) and `cuda/attention_bf16.cu` (bf16 operands, with bf16 products)
+//! (compiled to PTX at build time, loaded once per device).
 //!
 //! Everything runs on candle's stream for the device, so the pass's work is ordered with the
 //! tensors candle creates around it. A [`Dev`] is a device address and a length; every entry
@@ -23,6 +24,12 @@ const ATTENTION_KERNELS: (&str, &str) = (
     "lmkit_attention",
     include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 );
+const ATTENTION_BF16_KERNELS: (&str, &str) = (
+    "lmkit_attention_bf16",
+    include_str!(concat!(env!("OUT_DIR"), "/attention_bf16.ptx")),
+);
+/// The bf16 kernels' tile rows are padded by 8 bf16 elements (attention_bf16.cu's B16_PAD).
+const B16_PAD: usize = 8;
 /// Rows of queries or keys a block of the attention kernels owns, its threads, and the padding of
 /// its shared tiles' rows (attention.cu's ATT_ROWS, ATT_THREADS, ATT_PAD).
 const ATT_ROWS: usize = 64;
@@ -525,8 +532,9 @@ impl Gpu {
 
     /// Causal attention without the [t, t] probabilities: o = softmax(scale·q·kᵀ)·v per head,
     /// and each row's log-sum-exp of its scaled scores in `lse` ([b, heads, t]) for
-    /// [`Gpu::flash_attention_bwd`]. TF32 products; the shape must satisfy
-    /// [`AttnShape::flash_fits`].
+    /// [`Gpu::flash_attention_bwd`]. TF32 products, or with [`Gpu::bf16`] bf16 operands (q, k,
+    /// v and the probabilities rounded to bf16, f32 accumulation and softmax); the shape must
+    /// satisfy [`AttnShape::flash_fits`].
     pub fn flash_attention(
         &self,
         s: AttnShape,
@@ -553,9 +561,22 @@ impl Gpu {
             Arg::I(int(o.ld)?),
             Arg::F(scale),
         ];
+        let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
+        if self.bf16 {
+            // bf16 tiles: the block's 64 query rows and 64 keys and values.
+            let shared = 2 * (ATT_ROWS + 2 * 64) * (s.hd + B16_PAD);
+            let name = format!("flash_bf16_fwd_{}", s.hd);
+            return self.launch_in(
+                ATTENTION_BF16_KERNELS,
+                &name,
+                grid,
+                ATT_THREADS,
+                shared,
+                &args,
+            );
+        }
         let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
         let shared = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + ATT_ROWS * lds);
-        let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
         let name = format!("flash_fwd_{}", s.hd);
         self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)
     }
@@ -610,26 +631,37 @@ impl Gpu {
             Arg::I(int(v.ld)?),
             Arg::I(int(dout.ld)?),
         ];
-        let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
-        let shared = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + 2 * ATT_ROWS * lds);
+        // Shared memory of the dQ and dK/dV kernels (the latter also holds the query tile's
+        // log-sum-exps and row dots), their module and names.
+        let (module, prefix, dq_shared, dkdv_shared) = if self.bf16 {
+            // bf16 tiles: 64 rows of the block's side and of each operand of the other; the
+            // dK/dV kernel of head size 128 takes 32 queries at a time.
+            let bq = if s.hd == 128 { 32 } else { 64 };
+            let ld = s.hd + B16_PAD;
+            let dq = 2 * (2 * ATT_ROWS + 2 * 64) * ld;
+            let dkdv = 2 * (2 * ATT_ROWS + 2 * bq) * ld + 4 * 2 * bq;
+            (ATTENTION_BF16_KERNELS, "flash_bf16", dq, dkdv)
+        } else {
+            let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
+            let dq = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + 2 * ATT_ROWS * lds);
+            (ATTENTION_KERNELS, "flash", dq, dq + 4 * 2 * tile)
+        };
         let tiles = s.t.div_ceil(ATT_ROWS);
         let mut args = inputs.to_vec();
         args.push(Arg::P(dq.need(&s, s.heads, "attention dq")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
-        let name = format!("flash_bwd_dq_{}", s.hd);
+        let name = format!("{prefix}_bwd_dq_{}", s.hd);
         let grid = (tiles, s.b * s.heads);
-        self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)?;
+        self.launch_in(module, &name, grid, ATT_THREADS, dq_shared, &args)?;
         let mut args = inputs.to_vec();
         args.push(Arg::P(dk.need(&s, s.kv_heads, "attention dk")?));
         args.push(Arg::P(dv.need(&s, s.kv_heads, "attention dv")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
-        let name = format!("flash_bwd_dkdv_{}", s.hd);
+        let name = format!("{prefix}_bwd_dkdv_{}", s.hd);
         let grid = (tiles, s.b * s.kv_heads);
-        // The query tile's log-sum-exps and row dots besides the tiles.
-        let shared = shared + 4 * 2 * tile;
-        self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)
+        self.launch_in(module, &name, grid, ATT_THREADS, dkdv_shared, &args)
     }
 
     /// Launches an elementwise kernel: a thread per element of `len`.
@@ -1289,20 +1321,25 @@ mod tests {
         assert!(on_cpu.contains("contiguous f32 on the GPU"), "{on_cpu}");
     }
 
-    /// The flash kernels on the GPU against the CPU reference: grouped-query heads, a length
-    /// across two tiles and a partial one, head sizes 64 and 128 (each its own tile size).
+    /// The flash kernels (TF32 and bf16) on the GPU against the CPU reference: grouped-query
+    /// heads, a length across two tiles and a partial one, head sizes 32, 64 and 128.
     #[test]
     fn flash_attention_on_the_gpu_equals_autograd_on_the_cpu() {
         let Ok(dev) = Device::new_cuda(0) else {
             assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
             return;
         };
-        let gpu = Gpu::of(&dev).unwrap();
+        let mut gpu = Gpu::of(&dev).unwrap();
         if gpu.compute_major().unwrap() < 8 {
             return;
         }
         let cpu = Device::Cpu;
-        for (b, t, heads, kv, hd) in [(2, 100, 4, 2, 64), (1, 70, 2, 2, 128), (1, 33, 2, 1, 32)] {
+        let shapes = [(2, 100, 4, 2, 64), (1, 70, 2, 2, 128), (1, 33, 2, 1, 32)];
+        for ((b, t, heads, kv, hd), bf16) in
+            shapes.into_iter().flat_map(|s| [(s, false), (s, true)])
+        {
+            // attention_bf16.cu's kernels with bf16 products.
+            gpu.bf16 = bf16;
             let s = AttnShape {
                 b,
                 t,
@@ -1351,10 +1388,11 @@ mod tests {
                     .iter()
                     .zip(&want)
                     .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-                // TF32 products: a few 1e-4 of the largest value.
+                // TF32 products: a few 1e-4 of the largest value; bf16 operands: a few 1e-3.
+                let tol = if bf16 { 1.5e-2 } else { 3e-3 };
                 assert!(
-                    err < 3e-3 * top,
-                    "{hd}/{t}: output {i}: error {err} of {top}"
+                    err < tol * top,
+                    "{hd}/{t} (bf16 {bf16}): output {i}: error {err} of {top}"
                 );
             }
         }

@@ -23,9 +23,9 @@ static ATTENTION: AtomicU8 = AtomicU8::new(0);
 
 /// Chooses the flash attention kernels (`true`) or the kept [t, t] probabilities for this
 /// process's GPU passes; without a call, LMKIT_CUDA_ATTENTION=flash chooses the flash kernels
-/// and anything else (or nothing) the kept probabilities. The flash kernels (TF32 tiles) run
-/// where the products are in reduced precision (TF32, or bf16 with `train.dtype = "bf16"`): with
-/// full f32 products (`train.tf32 = false`) the probabilities are kept either way.
+/// and anything else (or nothing) the kept probabilities. The flash kernels run where the
+/// products are in reduced precision: TF32 tiles, or bf16 operands with `train.dtype = "bf16"`;
+/// with full f32 products (`train.tf32 = false`) the probabilities are kept either way.
 pub fn set_flash_attention(on: bool) {
     ATTENTION.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
@@ -456,7 +456,8 @@ fn backprop(
         hd: c / d.heads,
         flash: false,
     };
-    // The flash kernels use TF32 products: with exact f32 products the probabilities are kept.
+    // The flash kernels use TF32 or bf16 products: with exact f32 products the probabilities are
+    // kept.
     let reduced = gpu.tf32 || gpu.bf16;
     heads.flash =
         reduced && flash_attention_chosen() && heads.shape().flash_fits(gpu.compute_major()?);
@@ -761,7 +762,7 @@ pub(crate) mod tests {
         compare(true, "relu", false, 1e-4, (4, 45));
         // TF32 products (10-bit mantissas): close, not equal.
         compare(true, "gelu_new", true, 2e-2, (4, 45));
-        // The flash attention kernels (TF32 only; head size 32: two heads of the 64 dimensions).
+        // The flash attention kernels (TF32 tiles; head size 32: two heads of the 64 dimensions).
         let shape = lmkit_kernels::cuda::AttnShape {
             b: 3,
             t: 100,
@@ -773,7 +774,8 @@ pub(crate) mod tests {
         super::set_flash_attention(true);
         compare(true, "gelu_new", true, 2e-2, (2, 100));
         compare(false, "relu", true, 2e-2, (2, 100));
-        // Products on the bf16 tensor cores (8-bit mantissas), with and without flash attention.
+        // Products on the bf16 tensor cores (8-bit mantissas), with flash attention on bf16
+        // operands (attention_bf16.cu) and with the kept probabilities.
         lmkit_kernels::cuda::set_bf16_products(true);
         compare(true, "gelu_new", true, 8e-2, (2, 100));
         super::set_flash_attention(false);

@@ -7,7 +7,8 @@
 //! folded into the products (beta = 1), and each gradient is written once.
 //!
 //! It runs where the flash attention is chosen (LMKIT_CUDA_ATTENTION=flash, or
-//! `set_flash_attention`) and the products are TF32; elsewhere — and for biases (Qwen2), LoRA
+//! `set_flash_attention`) and the products are TF32 or bf16 (`train.dtype = "bf16"`, which also
+//! runs attention on bf16 operands); elsewhere — and for biases (Qwen2), LoRA
 //! adapters or a partial rotation — the caller differentiates the graph. Checked against candle's
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
@@ -484,5 +485,9 @@ mod tests {
         // TF32 products (10-bit mantissas): close, not equal.
         compare(true, 1, 2e-2);
         compare(false, 2, 2e-2);
+        // bf16 products and attention operands (8-bit mantissas).
+        lmkit_kernels::cuda::set_bf16_products(true);
+        compare(true, 1, 8e-2);
+        lmkit_kernels::cuda::set_bf16_products(false);
     }
 }
