@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel files: src/cuda/NAME.cu becomes NAME.ptx in OUT_DIR.
-const SOURCES: [&str; 3] = ["train", "attention", "attention_bf16"];
+const SOURCES: [&str; 2] = ["train", "attention"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

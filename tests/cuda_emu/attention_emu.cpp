@@ -1,31 +1,27 @@
-// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32) and
-// attention_bf16.cu on the CPU (cuda_emu.h), launched as crates/lmkit-kernels/src/cuda.rs
-// launches them on the GPU: a shared library for
-// tests/parity/test_cuda_kernels.py. Built by the test:
+// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32 and bf16) on the CPU
+// (cuda_emu.h), launched as crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared
+// library for tests/parity/test_cuda_kernels.py. Built by the test:
 //   g++ -std=c++20 -O2 -shared -fPIC -pthread -o attention_emu.so tests/cuda_emu/attention_emu.cpp
 #include "cuda_emu.h"
 
 #include "../../crates/lmkit-kernels/src/cuda/attention.cu"
-#include "../../crates/lmkit-kernels/src/cuda/attention_bf16.cu"
 
 namespace {
 
-// Bytes of dynamic shared memory per block: the tiles of each kernel (cuda.rs sizes them alike).
-size_t fwd_bytes(int hd, int bc) {
-  return 4 * size_t(2 * ATT_ROWS * (hd + ATT_PAD) + 2 * bc * (hd + ATT_PAD) + ATT_ROWS * (bc + ATT_PAD));
-}
-size_t dq_bytes(int hd, int bc) {
-  return 4 * size_t(2 * ATT_ROWS * (hd + ATT_PAD) + 2 * bc * (hd + ATT_PAD) + 2 * ATT_ROWS * (bc + ATT_PAD));
-}
-size_t dkdv_bytes(int hd, int bq) { return dq_bytes(hd, bq) + 4 * size_t(2 * bq); }
-int tile(int hd) { return hd == 128 ? 32 : 64; }
+// The kernels' tiles (attention.cu's ATT_KERNELS): keys per tile of the forward and dQ kernels,
+// queries per tile of the dK/dV kernel.
+int keys(int hd, bool bf16) { return hd == 128 && !bf16 ? 32 : 64; }
+int queries(int hd) { return hd == 128 ? 32 : 64; }
 
-// The bf16 kernels': bf16 tiles of 64 keys (queries: 32 for the dK/dV kernel of head size 128).
-size_t fwd16_bytes(int hd) { return 2 * size_t(B16_ROWS + 2 * 64) * (hd + B16_PAD); }
-size_t dq16_bytes(int hd) { return 2 * size_t(2 * B16_ROWS + 2 * 64) * (hd + B16_PAD); }
-size_t dkdv16_bytes(int hd) {
-  int bq = hd == 128 ? 32 : 64;
-  return 2 * size_t(2 * B16_ROWS + 2 * bq) * (hd + B16_PAD) + 4 * size_t(2 * bq);
+// Bytes of dynamic shared memory per block: the operand tiles (cuda.rs sizes them alike), for
+// the dK/dV kernel also the query tile's log-sum-exps and row dots.
+size_t tile_bytes(int rows, int hd, bool bf16) {
+  return bf16 ? 2 * size_t(rows) * (hd + Bf16::PAD) : 4 * size_t(rows) * (hd + Tf32::PAD);
+}
+size_t fwd_bytes(int hd, bool bf16) { return tile_bytes(ATT_ROWS + 2 * keys(hd, bf16), hd, bf16); }
+size_t dq_bytes(int hd, bool bf16) { return tile_bytes(2 * ATT_ROWS + 2 * keys(hd, bf16), hd, bf16); }
+size_t dkdv_bytes(int hd, bool bf16) {
+  return tile_bytes(2 * ATT_ROWS + 2 * queries(hd), hd, bf16) + 4 * size_t(2 * queries(hd));
 }
 
 dim3 grid(int t, int bh) { return {unsigned((t + ATT_ROWS - 1) / ATT_ROWS), unsigned(bh), 1}; }
@@ -34,13 +30,12 @@ constexpr dim3 THREADS = {ATT_THREADS, 1, 1};
 }  // namespace
 
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
-// the outputs' (backward); bf16: the kernels of attention_bf16.cu. Returns 0, or 1 for an
-// unsupported head size.
+// the outputs' (backward); bf16: the bf16 kernels. Returns 0, or 1 for an unsupported head size.
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
                              const int* dims, const int* ld, float scale, int bf16) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   auto run = [&](auto kernel) {
-    size_t bytes = bf16 ? fwd16_bytes(hd) : fwd_bytes(hd, tile(hd));
+    size_t bytes = fwd_bytes(hd, bf16);
     emu::launch(grid(t, b * heads), THREADS, bytes, [&] {
       kernel(q, k, v, o, lse, t, heads, kvh, ld[0], ld[1], ld[2], ld[3], scale);
     });
@@ -63,8 +58,7 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
     attn_row_dots(dvec, dout, o, n, t, heads, hd, ld[4], ld[3]);
   });
   auto run = [&](auto dq_kernel, auto dkdv_kernel) {
-    size_t dq_shared = bf16 ? dq16_bytes(hd) : dq_bytes(hd, tile(hd));
-    size_t dkdv_shared = bf16 ? dkdv16_bytes(hd) : dkdv_bytes(hd, tile(hd));
+    size_t dq_shared = dq_bytes(hd, bf16), dkdv_shared = dkdv_bytes(hd, bf16);
     emu::launch(grid(t, b * heads), THREADS, dq_shared, [&] {
       dq_kernel(q, k, v, dout, lse, dvec, dq, t, heads, kvh, ld[0], ld[1], ld[2], ld[4], ld[5], scale);
     });

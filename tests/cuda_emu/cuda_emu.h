@@ -6,15 +6,12 @@
 // here) belongs to the running block. __syncthreads and __syncwarp are barriers; a thread that
 // returns leaves both. Warp shuffles exchange through per-thread slots between two warp
 // barriers. Dynamic shared memory is filled with NaNs before each block, so a kernel that reads
-// what it never wrote shows it. WMMA fragments hold the whole tile in every lane (elementwise
-// operations over `x[0..num_elements)` act on every element, as they do spread over the lanes
-// on the GPU); a store writes through lane 0 between two warp barriers; loads and stores check
-// the pointer alignment and leading dimension the hardware requires; TF32 products drop each
-// input's low 13 mantissa bits as the tensor cores do. `mma_bf16` (attention_bf16.cu's
-// mma.sync m16n8k16) is warp-collective as on the GPU: every lane posts its fragment registers,
-// the [16, 16]·[16, 8] product is assembled from all 32 lanes by the PTX ISA's fragment layouts,
-// and each lane takes back its own four results — so a kernel that gets the layouts wrong fails
-// here as it would there.
+// what it never wrote shows it. `mma_bf16` and `mma_tf32` (attention.cu's mma.sync m16n8k16
+// and m16n8k8) are warp-collective as on the GPU: every lane posts its fragment registers, the
+// product is assembled from all 32 lanes by the PTX ISA's fragment layouts, and each lane takes
+// back its own four results — so a kernel that gets the layouts wrong fails here as it would
+// there; TF32 products drop each input's low 13 mantissa bits as the tensor cores do, and
+// bf16 pairs must be 4-byte aligned.
 #pragma once
 
 #include <math.h>
@@ -151,113 +148,7 @@ inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p
 using std::max;
 using std::min;
 
-namespace nvcuda {
-namespace wmma {
-
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-enum layout_t { mem_row_major, mem_col_major };
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  static constexpr int num_elements = rows * cols;
-  float x[num_elements];
-  float at(int r, int c) const { return x[r * cols + c]; }
-};
-
-// Round to nearest (ties away from zero) at TF32's 10 mantissa bits, as cvt.rna.tf32.f32 does.
-inline float __float_to_tf32(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float tf32_truncate(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u &= 0xffffe000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline void check_operand(const void* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fail("wmma: pointer not 256-bit aligned");
-  if (ldm % 4 != 0) emu::fail("wmma: leading dimension not a multiple of 4 floats");
-}
-
-template <class Use, int M, int N, int K, class T, class Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
-  static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout");
-  check_operand(p, ldm);
-  using F = fragment<Use, M, N, K, T, Layout>;
-  for (int r = 0; r < F::rows; r++)
-    for (int c = 0; c < F::cols; c++)
-      f.x[r * F::cols + c] =
-          std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-template <int M, int N, int K, class T>
-void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const float* p, unsigned ldm,
-                      layout_t l) {
-  check_operand(p, ldm);
-  for (int r = 0; r < M; r++)
-    for (int c = 0; c < N; c++)
-      f.x[r * N + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-template <int M, int N, int K, class T>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
-                       layout_t l) {
-  check_operand(p, ldm);
-  __syncwarp();
-  if (emu::linear_thread() % 32 == 0)
-    for (int r = 0; r < M; r++)
-      for (int c = 0; c < N; c++)
-        (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
-  __syncwarp();
-}
-
-template <class Use, int M, int N, int K, class T, class Layout>
-void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
-  for (auto& e : f.x) e = v;
-}
-
-template <int M, int N, int K, class T, class LA, class LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b,
-              const fragment<accumulator, M, N, K, float>& c) {
-  constexpr bool tf32 = std::is_same_v<T, precision::tf32>;
-  float out[M * N];
-  for (int i = 0; i < M; i++)
-    for (int j = 0; j < N; j++) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; k++) {
-        float x = a.at(i, k), y = b.at(k, j);
-        if (tf32) {
-          x = tf32_truncate(x);
-          y = tf32_truncate(y);
-        }
-        s = std::fma(x, y, s);
-      }
-      out[i * N + j] = s;
-    }
-  std::memcpy(d.x, out, sizeof out);
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
-
-// attention_bf16.cu's primitives.
+// attention.cu's primitives.
 
 // Rounds to bf16 (to nearest, ties to even; NaN stays NaN) as cvt.rn.bf16 does: the top 16 bits.
 inline uint16_t emu_bf16(float f) {
@@ -291,35 +182,87 @@ inline void store_pair(uint16_t* p, uint32_t v) {
   std::memcpy(p, &v, 4);
 }
 
-// d += a·b, mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 over the warp. Lane L (group
-// g = L/4, t = L%4) holds: a[r] = A[g + 8·(r%2)][2t + 8·(r/2) + {0, 1}] (low half first),
-// b[r] = B[2t + 8r + {0, 1}][g], d[e] = D[g + 8·(e/2)][2t + e%2].
-inline void mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
-  unsigned me = emu::linear_thread(), lane = me % 32, base = me - lane;
-  if (base + 32 > emu::block->mma.size())
-    emu::fail("mma.sync needs a whole warp");
-  auto& mine = emu::block->mma[me];
+inline uint32_t bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+inline float from_bits(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// Rounds to TF32's 10 mantissa bits, to nearest with ties away from zero (cvt.rna.tf32.f32).
+inline uint32_t tf32_bits(float f) {
+  uint32_t u = bits(f);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  return u;
+}
+
+namespace emu {
+// An mma.sync over the warp: every lane posts its A and B registers, then each computes its
+// four results of D = A·B + D from the [16, k]·[k, 8] product assembled by `a_at(reg, half)`
+// and `b_at(reg, half)`, which give the (row, column) of a lane's register half.
+template <int K, class AAt, class BAt, class Value>
+void warp_mma(float* d, const uint32_t* a, const uint32_t* b, int halves, AAt a_at, BAt b_at,
+              Value value) {
+  unsigned me = linear_thread(), lane = me % 32, base = me - lane;
+  if (base + 32 > block->mma.size()) fail("mma.sync needs a whole warp");
+  auto& mine = block->mma[me];
   for (int i = 0; i < 4; i++) mine[i] = a[i];
   mine[4] = b[0];
   mine[5] = b[1];
   __syncwarp();
-  float A[16][16], B[16][8];
+  float A[16][K], B[K][8];
   for (unsigned l = 0; l < 32; l++) {
-    const auto& s = emu::block->mma[base + l];
-    unsigned g = l / 4, t = l % 4;
-    for (unsigned r = 0; r < 4; r++)
-      for (unsigned h = 0; h < 2; h++)
-        A[g + 8 * (r % 2)][2 * t + 8 * (r / 2) + h] = emu_from_bf16((s[r] >> (16 * h)) & 0xffffu);
-    for (unsigned r = 0; r < 2; r++)
-      for (unsigned h = 0; h < 2; h++)
-        B[2 * t + 8 * r + h][g] = emu_from_bf16((s[4 + r] >> (16 * h)) & 0xffffu);
+    const auto& s = block->mma[base + l];
+    for (int r = 0; r < 4; r++)
+      for (int h = 0; h < halves; h++) {
+        auto [row, col] = a_at(l, r, h);
+        A[row][col] = value(s[r], h);
+      }
+    for (int r = 0; r < 2; r++)
+      for (int h = 0; h < halves; h++) {
+        auto [row, col] = b_at(l, r, h);
+        B[row][col] = value(s[4 + r], h);
+      }
   }
   __syncwarp();
   unsigned g = lane / 4, t = lane % 4;
   for (unsigned e = 0; e < 4; e++) {
     unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
     float acc = d[e];
-    for (int k = 0; k < 16; k++) acc = std::fma(A[row][k], B[k][col], acc);
+    for (int k = 0; k < K; k++) acc = std::fma(A[row][k], B[k][col], acc);
     d[e] = acc;
   }
+}
+}  // namespace emu
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32. Lane L (g = L/4, t = L%4) holds
+// a[r] = A[g + 8·(r%2)][2t + 8·(r/2) + {0, 1}] (low half first), b[r] = B[2t + 8r + {0, 1}][g],
+// d[e] = D[g + 8·(e/2)][2t + e%2].
+inline void mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  struct At {
+    unsigned row, col;
+  };
+  emu::warp_mma<16>(
+      d, a, b, 2,
+      [](unsigned l, int r, int h) { return At{l / 4 + 8 * (r % 2), 2 * (l % 4) + 8 * (r / 2) + h}; },
+      [](unsigned l, int r, int h) { return At{2 * (l % 4) + 8 * r + h, l / 4}; },
+      [](uint32_t v, int h) { return emu_from_bf16((v >> (16 * h)) & 0xffffu); });
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: a[r] = A[g + 8·(r%2)][t + 4·(r/2)],
+// b[r] = B[t + 4r][g]; the tensor cores read the top 19 bits of each operand.
+inline void mma_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+  struct At {
+    unsigned row, col;
+  };
+  emu::warp_mma<8>(
+      d, a, b, 1,
+      [](unsigned l, int r, int) { return At{l / 4 + 8 * (r % 2), l % 4 + 4 * (r / 2)}; },
+      [](unsigned l, int r, int) { return At{l % 4 + 4 * r, l / 4}; },
+      [](uint32_t v, int) { return from_bits(v & 0xffffe000u); });
 }

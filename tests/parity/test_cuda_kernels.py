@@ -93,7 +93,7 @@ SHAPES = [
     (2, 77, 4, 4, 64, True),    # GPT-2's packed q|k|v, t across two 64-row tiles
     (1, 150, 4, 2, 64, False),  # grouped-query heads, three tiles
     (2, 33, 2, 1, 32, False),   # multi-query, one partial tile
-    (1, 70, 2, 2, 128, True),   # head size 128: tiles of 32 keys/queries (TF32)
+    (1, 70, 2, 2, 128, True),   # head size 128: tiles of 32 keys/queries (TF32; bf16: 32 queries)
 ]
 
 

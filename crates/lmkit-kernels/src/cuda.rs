@@ -1,7 +1,7 @@
 //! CUDA building blocks of the hand-written training passes: device buffers, cuBLAS products
 //! with row-major operands, the kernels of `cuda/train.cu` and the flash-style attention of
-//! `cuda/attention.cu` (TF32) and `cuda/attention_bf16.cu` (bf16 operands, with bf16 products)
-//! (compiled to PTX at build time, loaded once per device).
+//! `cuda/attention.cu` (TF32 operands, or bf16 with bf16 products) (compiled to PTX at build
+//! time, loaded once per device).
 //!
 //! Everything runs on candle's stream for the device, so the pass's work is ordered with the
 //! tensors candle creates around it. A [`Dev`] is a device address and a length; every entry
@@ -24,17 +24,10 @@ const ATTENTION_KERNELS: (&str, &str) = (
     "lmkit_attention",
     include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 );
-const ATTENTION_BF16_KERNELS: (&str, &str) = (
-    "lmkit_attention_bf16",
-    include_str!(concat!(env!("OUT_DIR"), "/attention_bf16.ptx")),
-);
-/// The bf16 kernels' tile rows are padded by 8 bf16 elements (attention_bf16.cu's B16_PAD).
-const B16_PAD: usize = 8;
-/// Rows of queries or keys a block of the attention kernels owns, its threads, and the padding of
-/// its shared tiles' rows (attention.cu's ATT_ROWS, ATT_THREADS, ATT_PAD).
+/// Rows of queries or keys a block of the attention kernels owns, and its threads
+/// (attention.cu's ATT_ROWS, ATT_THREADS).
 const ATT_ROWS: usize = 64;
 const ATT_THREADS: u32 = 128;
-const ATT_PAD: usize = 4;
 
 /// Sizes of a causal attention: batch, tokens, query heads, key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
@@ -47,25 +40,58 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    /// The other side's tile of the attention kernels for this head size (attention.cu's
-    /// ATT_KERNELS), or `None` for a head size they do not cover.
-    fn tile(&self) -> Option<usize> {
-        match self.hd {
-            32 | 64 => Some(64),
-            128 => Some(32),
-            _ => None,
-        }
-    }
-
     /// Whether the flash kernels cover this shape on a GPU of compute capability `major`.x: head
     /// size 32, 64 or 128, whole groups of query heads per key/value head, tensor cores with
     /// TF32 (8.0 on).
     pub fn flash_fits(&self, major: i32) -> bool {
         major >= 8
-            && self.tile().is_some()
+            && matches!(self.hd, 32 | 64 | 128)
             && self.kv_heads > 0
             && self.heads.is_multiple_of(self.kv_heads)
             && self.t > 0
+    }
+}
+
+/// The flash kernels for a head size and precision (attention.cu's ATT_KERNELS): their names'
+/// prefix, keys per tile of the forward and dQ kernels, queries per tile of the dK/dV kernel, and
+/// the tiles' element size and row padding (attention.cu's Tf32 and Bf16).
+struct AttnPlan {
+    prefix: &'static str,
+    keys: usize,
+    queries: usize,
+    elem: usize,
+    pad: usize,
+}
+
+impl AttnPlan {
+    fn of(s: &AttnShape, bf16: bool) -> Result<AttnPlan> {
+        if !matches!(s.hd, 32 | 64 | 128) {
+            candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
+        }
+        let wide = s.hd == 128;
+        Ok(if bf16 {
+            AttnPlan {
+                prefix: "flash_bf16",
+                keys: 64,
+                queries: if wide { 32 } else { 64 },
+                elem: 2,
+                pad: 8,
+            }
+        } else {
+            let tile = if wide { 32 } else { 64 };
+            AttnPlan {
+                prefix: "flash",
+                keys: tile,
+                queries: tile,
+                elem: 4,
+                pad: 4,
+            }
+        })
+    }
+
+    /// Bytes of shared memory for tiles of `rows` rows in all.
+    fn tiles(&self, rows: usize, hd: usize) -> usize {
+        self.elem * rows * (hd + self.pad)
     }
 }
 
@@ -543,9 +569,7 @@ impl Gpu {
         lse: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let Some(tile) = s.tile() else {
-            candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
-        };
+        let plan = AttnPlan::of(&s, self.bf16)?;
         let args = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
@@ -562,22 +586,9 @@ impl Gpu {
             Arg::F(scale),
         ];
         let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
-        if self.bf16 {
-            // bf16 tiles: the block's 64 query rows and 64 keys and values.
-            let shared = 2 * (ATT_ROWS + 2 * 64) * (s.hd + B16_PAD);
-            let name = format!("flash_bf16_fwd_{}", s.hd);
-            return self.launch_in(
-                ATTENTION_BF16_KERNELS,
-                &name,
-                grid,
-                ATT_THREADS,
-                shared,
-                &args,
-            );
-        }
-        let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
-        let shared = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + ATT_ROWS * lds);
-        let name = format!("flash_fwd_{}", s.hd);
+        // The block's query rows, and a tile of keys and one of values.
+        let shared = plan.tiles(ATT_ROWS + 2 * plan.keys, s.hd);
+        let name = format!("{}_fwd_{}", plan.prefix, s.hd);
         self.launch_in(ATTENTION_KERNELS, &name, grid, ATT_THREADS, shared, &args)
     }
 
@@ -594,9 +605,7 @@ impl Gpu {
         dvec: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let Some(tile) = s.tile() else {
-            candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
-        };
+        let plan = AttnPlan::of(&s, self.bf16)?;
         let n = s.b * s.t;
         let stats = s.b * s.heads * s.t;
         let dvec = dvec.need(stats, "attention row dots")?;
@@ -631,37 +640,41 @@ impl Gpu {
             Arg::I(int(v.ld)?),
             Arg::I(int(dout.ld)?),
         ];
-        // Shared memory of the dQ and dK/dV kernels (the latter also holds the query tile's
-        // log-sum-exps and row dots), their module and names.
-        let (module, prefix, dq_shared, dkdv_shared) = if self.bf16 {
-            // bf16 tiles: 64 rows of the block's side and of each operand of the other; the
-            // dK/dV kernel of head size 128 takes 32 queries at a time.
-            let bq = if s.hd == 128 { 32 } else { 64 };
-            let ld = s.hd + B16_PAD;
-            let dq = 2 * (2 * ATT_ROWS + 2 * 64) * ld;
-            let dkdv = 2 * (2 * ATT_ROWS + 2 * bq) * ld + 4 * 2 * bq;
-            (ATTENTION_BF16_KERNELS, "flash_bf16", dq, dkdv)
-        } else {
-            let (ldh, lds) = (s.hd + ATT_PAD, tile + ATT_PAD);
-            let dq = 4 * (2 * ATT_ROWS * ldh + 2 * tile * ldh + 2 * ATT_ROWS * lds);
-            (ATTENTION_KERNELS, "flash", dq, dq + 4 * 2 * tile)
-        };
+        // Shared memory: the block's rows of two operands (q and dO, or k and v) and a tile of
+        // each of the other two; the dK/dV kernel also holds the query tile's log-sum-exps and
+        // row dots.
+        let dq_shared = plan.tiles(2 * ATT_ROWS + 2 * plan.keys, s.hd);
+        let dkdv_shared = plan.tiles(2 * ATT_ROWS + 2 * plan.queries, s.hd) + 4 * 2 * plan.queries;
         let tiles = s.t.div_ceil(ATT_ROWS);
         let mut args = inputs.to_vec();
         args.push(Arg::P(dq.need(&s, s.heads, "attention dq")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
-        let name = format!("{prefix}_bwd_dq_{}", s.hd);
+        let name = format!("{}_bwd_dq_{}", plan.prefix, s.hd);
         let grid = (tiles, s.b * s.heads);
-        self.launch_in(module, &name, grid, ATT_THREADS, dq_shared, &args)?;
+        self.launch_in(
+            ATTENTION_KERNELS,
+            &name,
+            grid,
+            ATT_THREADS,
+            dq_shared,
+            &args,
+        )?;
         let mut args = inputs.to_vec();
         args.push(Arg::P(dk.need(&s, s.kv_heads, "attention dk")?));
         args.push(Arg::P(dv.need(&s, s.kv_heads, "attention dv")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
-        let name = format!("{prefix}_bwd_dkdv_{}", s.hd);
+        let name = format!("{}_bwd_dkdv_{}", plan.prefix, s.hd);
         let grid = (tiles, s.b * s.kv_heads);
-        self.launch_in(module, &name, grid, ATT_THREADS, dkdv_shared, &args)
+        self.launch_in(
+            ATTENTION_KERNELS,
+            &name,
+            grid,
+            ATT_THREADS,
+            dkdv_shared,
+            &args,
+        )
     }
 
     /// Launches an elementwise kernel: a thread per element of `len`.
@@ -1338,7 +1351,7 @@ mod tests {
         for ((b, t, heads, kv, hd), bf16) in
             shapes.into_iter().flat_map(|s| [(s, false), (s, true)])
         {
-            // attention_bf16.cu's kernels with bf16 products.
+            // The bf16 kernels with bf16 products.
             gpu.bf16 = bf16;
             let s = AttnShape {
                 b,

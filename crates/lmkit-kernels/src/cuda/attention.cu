@@ -1,28 +1,87 @@
-// Flash-style causal attention on the tensor cores: TF32 products with f32 accumulation, the
-// softmax in f32. The forward pass keeps one log-sum-exp per query row instead of the [t, t]
-// probabilities; the backward pass recomputes the probabilities a tile at a time (one kernel for
-// dQ over the keys, one for dK and dV over the queries: no atomics, the same result every run).
-// Grouped-query attention: query head h reads key/value head h / (heads / kv_heads).
+// Flash-style causal attention on the tensor cores, with TF32 operands or (for
+// `train.dtype = "bf16"`) bf16 operands; f32 accumulation and softmax either way. The forward
+// pass keeps one log-sum-exp per query row instead of the [t, t] probabilities; the backward
+// pass recomputes the probabilities a tile at a time (one kernel for dQ over the keys, one for dK
+// and dV over the queries: no atomics, the same result every run). Grouped-query attention:
+// query head h reads key/value head h / (heads / kv_heads).
 //
 // Operands are row-major [b·t, ld] matrices, each with its own leading dimension `ld`; head h's
 // HD columns start at h·HD (key/value heads at kvh·HD), so GPT-2's packed q|k|v [b·t, 3c] is read
 // in place (q at column 0, k at c, v at 2c; ld = 3c). lse and the row dots d are [b, heads, t].
 //
-// A block of 4 warps owns 64 rows (16 per warp); tiles live in dynamic shared memory, their rows
-// padded by 4 floats. Every warp reads only its own 16 rows of the tiles it owns, so warps meet
-// at __syncthreads only when a shared tile of the other side (keys, or queries) is replaced.
-
-#ifdef __CUDACC__
-#include <mma.h>
-#define LMKIT_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
+// The products are warp-wide mma.sync tiles (m16n8k8 TF32, m16n8k16 bf16) whose f32
+// accumulators stay in registers: the softmax runs on them, and the probabilities (or dS)
+// become the next product's A operand without a trip through shared memory, which holds only
+// the operand tiles (rounded to TF32 or bf16 as they are loaded). A block of 4 warps owns 64
+// rows, 16 per warp; in a warp, lane L holds rows L/4 and L/4 + 8 of the warp's 16 and columns
+// 2·(L%4) and 2·(L%4) + 1 of every 8 (the PTX ISA's m16n8 accumulator layout), so a row's
+// statistics are reduced over the 4 lanes that share it.
 
 #include <stdint.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#define LMKIT_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+
+// The tensor-core instructions need compute capability 8.0; for older targets they are left out
+// and the flash kernels are not used (cuda.rs checks the GPU before launching them).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ATT_MMA 1
+#endif
+
+// d += a·b over the warp: a [16, 16] bf16 (4 registers of pairs per lane), b [16, 8] (2), d
+// [16, 8] f32 (4 per lane).
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+#ifdef ATT_MMA
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d += a·b over the warp: a [16, 8] TF32 (4 registers per lane), b [8, 8] (2), d [16, 8] f32.
+__device__ __forceinline__ void mma_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+#ifdef ATT_MMA
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// x rounded to TF32 (to nearest, ties away from zero: cvt.rna), as the bits of an f32.
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+  uint32_t u;
+#ifdef ATT_MMA
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
+#else
+  u = __float_as_uint(x);
+#endif
+  return u;
+}
+
+// lo and hi rounded to bf16 (to nearest even), lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ void store_pair(uint16_t* p, uint32_t v) {
+  *reinterpret_cast<uint32_t*>(p) = v;
+}
+
+__device__ __forceinline__ uint32_t bits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ float from_bits(uint32_t u) { return __uint_as_float(u); }
+#endif
 
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_ROWS 64  // rows a block owns
 #define ATT_THREADS 128
-#define ATT_PAD 4
 
 // d[b, h, i] = Σ dO[i, h] ⊙ O[i, h] over the head's HD columns: a warp per (row, head).
 extern "C" __global__ void attn_row_dots(float* d, const float* dout, const float* out, int n,
@@ -39,330 +98,425 @@ extern "C" __global__ void attn_row_dots(float* d, const float* dout, const floa
   if (lane == 0) d[((int64_t)(r / t) * heads + h) * t + r % t] = s;
 }
 
-// The tensor-core kernels need TF32 (compute capability 8.0 on); for older targets the module
-// holds only the row dots, and the flash kernels are not used there (cuda.rs checks).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// The operand precisions: the tiles' element type and row padding, the mma's k, and the
+// fragments of the PTX ISA's layouts (lane L: g = L/4, c = L%4).
+//
+// A fragments are rows r0..r0+15 and columns c0.. of a tile; `frag_bt` is the B fragment of
+// B[k][n] = X[n0 + n][k0 + k] (a tile's transpose), `frag_b` of B[k][n] = X[k0 + k][n0 + n];
+// `frag_a_acc` makes the A fragment of k block kk from a warp's [16, N] accumulators (acc[j]:
+// columns 8j..8j+7), pairing with `frag_b`'s rows.
+struct Bf16 {
+  typedef uint16_t T;
+  static constexpr int K = 16, PAD = 8;  // PAD: elements after each tile row
+  static __device__ __forceinline__ void store2(T* p, float x0, float x1) {
+    store_pair(p, pack_bf16x2(x0, x1));
+  }
+  // a[r] = A[g + 8·(r%2)][2c + 8·(r/2) + {0, 1}]
+  static __device__ __forceinline__ void frag_a(uint32_t* a, const T* tile, int ld, int r0,
+                                                int c0) {
+    int lane = threadIdx.x % 32;
+    const T* p = tile + (r0 + lane / 4) * ld + c0 + lane % 4 * 2;
+    a[0] = load_pair(p);
+    a[1] = load_pair(p + 8 * ld);
+    a[2] = load_pair(p + 8);
+    a[3] = load_pair(p + 8 * ld + 8);
+  }
+  // b[r] = B[2c + 8r + {0, 1}][g]
+  static __device__ __forceinline__ void frag_bt(uint32_t* b, const T* x, int ld, int n0,
+                                                 int k0) {
+    int lane = threadIdx.x % 32;
+    const T* p = x + (n0 + lane / 4) * ld + k0 + lane % 4 * 2;
+    b[0] = load_pair(p);
+    b[1] = load_pair(p + 8);
+  }
+  static __device__ __forceinline__ void frag_b(uint32_t* b, const T* x, int ld, int k0,
+                                                int n0) {
+    int lane = threadIdx.x % 32;
+    const T* p = x + (k0 + lane % 4 * 2) * ld + n0 + lane / 4;
+    b[0] = (uint32_t)p[0] | (uint32_t)p[ld] << 16;
+    b[1] = (uint32_t)p[8 * ld] | (uint32_t)p[9 * ld] << 16;
+  }
+  // k block kk spans accumulator blocks 2kk and 2kk + 1, whose elements each lane holds in A's
+  // places.
+  static __device__ __forceinline__ void frag_a_acc(uint32_t* a, const float (*acc)[4], int kk) {
+    a[0] = pack_bf16x2(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = pack_bf16x2(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = pack_bf16x2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = pack_bf16x2(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  }
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
+    mma_bf16(d, a, b);
+  }
+};
 
-using namespace nvcuda;
+struct Tf32 {
+  typedef float T;
+  static constexpr int K = 8, PAD = 4;
+  static __device__ __forceinline__ void store2(T* p, float x0, float x1) {
+    p[0] = from_bits(tf32_bits(x0));
+    p[1] = from_bits(tf32_bits(x1));
+  }
+  // a[r] = A[g + 8·(r%2)][c + 4·(r/2)]
+  static __device__ __forceinline__ void frag_a(uint32_t* a, const T* tile, int ld, int r0,
+                                                int c0) {
+    int lane = threadIdx.x % 32;
+    const T* p = tile + (r0 + lane / 4) * ld + c0 + lane % 4;
+    a[0] = bits(p[0]);
+    a[1] = bits(p[8 * ld]);
+    a[2] = bits(p[4]);
+    a[3] = bits(p[8 * ld + 4]);
+  }
+  // b[r] = B[c + 4r][g]
+  static __device__ __forceinline__ void frag_bt(uint32_t* b, const T* x, int ld, int n0,
+                                                 int k0) {
+    int lane = threadIdx.x % 32;
+    const T* p = x + (n0 + lane / 4) * ld + k0 + lane % 4;
+    b[0] = bits(p[0]);
+    b[1] = bits(p[4]);
+  }
+  // The k block's rows in the order `frag_a_acc` gives its columns: B row c is X's row k0 + 2c,
+  // B row c + 4 is X's row k0 + 2c + 1 (a sum over k is the same in any order).
+  static __device__ __forceinline__ void frag_b(uint32_t* b, const T* x, int ld, int k0,
+                                                int n0) {
+    int lane = threadIdx.x % 32;
+    const T* p = x + (k0 + lane % 4 * 2) * ld + n0 + lane / 4;
+    b[0] = bits(p[0]);
+    b[1] = bits(p[ld]);
+  }
+  // k block kk is accumulator block kk: the lane's columns 2c and 2c + 1 as A's columns c and
+  // c + 4, rounded to TF32.
+  static __device__ __forceinline__ void frag_a_acc(uint32_t* a, const float (*acc)[4], int kk) {
+    a[0] = tf32_bits(acc[kk][0]);
+    a[1] = tf32_bits(acc[kk][2]);
+    a[2] = tf32_bits(acc[kk][1]);
+    a[3] = tf32_bits(acc[kk][3]);
+  }
+  static __device__ __forceinline__ void mma(float* d, const uint32_t* a, const uint32_t* b) {
+    mma_tf32(d, a, b);
+  }
+};
 
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> FragA;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> FragB;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> FragBt;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
+// rows × HD of a [b·t, ld] f32 operand from row r0 into a tile of P's elements (row stride
+// HD + pad); rows at or past t become zeros.
+template <class P, int HD>
+__device__ __forceinline__ void load_tile(typename P::T* tile, int rows, const float* src,
+                                          int64_t ld, int r0, int t) {
+  for (int i = threadIdx.x; i < rows * (HD / 2); i += ATT_THREADS) {
+    int r = i / (HD / 2), d = i % (HD / 2) * 2;
+    float x0 = 0.0f, x1 = 0.0f;
+    if (r0 + r < t) {
+      const float* p = src + (int64_t)(r0 + r) * ld + d;
+      x0 = p[0];
+      x1 = p[1];
+    }
+    P::store2(tile + r * (HD + P::PAD) + d, x0, x1);
+  }
+}
 
-__device__ __forceinline__ float tf32(float x) { return wmma::__float_to_tf32(x); }
-
-// acc[j] += A · Bᵀ for the 16 rows of A ([16, K] at a, row stride lda) and the N rows of B
-// ([N, K] at b, row stride ldb): column block j of the [16, N] result in acc[j].
-template <int K, int N>
-__device__ __forceinline__ void mma_abt(FragC* acc, const float* a, int lda, const float* b,
-                                        int ldb) {
+// acc[j] += A·Xᵀ over K columns: A = rows ar0..ar0+15 of tile a, X = the N rows of tile x.
+template <class P, int K, int N>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const typename P::T* a, int lda,
+                                        int ar0, const typename P::T* x, int ldx) {
 #pragma unroll
-  for (int k = 0; k < K; k += 8) {
-    FragA fa;
-    wmma::load_matrix_sync(fa, a + k, lda);
+  for (int kk = 0; kk < K; kk += P::K) {
+    uint32_t fa[4];
+    P::frag_a(fa, a, lda, ar0, kk);
 #pragma unroll
-    for (int j = 0; j < N / 16; j++) {
-      FragBt fb;
-      wmma::load_matrix_sync(fb, b + j * 16 * ldb + k, ldb);
-      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    for (int j = 0; j < N / 8; j++) {
+      uint32_t fb[2];
+      P::frag_bt(fb, x, ldx, j * 8, kk);
+      P::mma(acc[j], fa, fb);
     }
   }
 }
 
-// acc[j] += A · B for A [16, K] at a and B [K, N] at b (row-major).
-template <int K, int N>
-__device__ __forceinline__ void mma_ab(FragC* acc, const float* a, int lda, const float* b,
-                                       int ldb) {
+// acc[j] += P·X: P = the warp's [16, K] accumulators p, X = the [K, N] tile x.
+template <class P, int K, int N>
+__device__ __forceinline__ void mma_px(float (*acc)[4], const float (*p)[4],
+                                       const typename P::T* x, int ldx) {
 #pragma unroll
-  for (int k = 0; k < K; k += 8) {
-    FragA fa;
-    wmma::load_matrix_sync(fa, a + k, lda);
+  for (int kk = 0; kk < K / P::K; kk++) {
+    uint32_t fa[4];
+    P::frag_a_acc(fa, p, kk);
 #pragma unroll
-    for (int j = 0; j < N / 16; j++) {
-      FragB fb;
-      wmma::load_matrix_sync(fb, b + k * ldb + j * 16, ldb);
-      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    for (int j = 0; j < N / 8; j++) {
+      uint32_t fb[2];
+      P::frag_b(fb, x, ldx, kk * P::K, j * 8);
+      P::mma(acc[j], fa, fb);
     }
   }
 }
 
 template <int N>
-__device__ __forceinline__ void zero(FragC* acc) {
+__device__ __forceinline__ void zero(float (*acc)[4]) {
 #pragma unroll
-  for (int j = 0; j < N / 16; j++) wmma::fill_fragment(acc[j], 0.0f);
-}
-
-// Stores the [16, N] result (times `scale`) at out (row stride ld).
-template <int N>
-__device__ __forceinline__ void store(float* out, int ld, FragC* acc, float scale) {
+  for (int j = 0; j < N / 8; j++)
 #pragma unroll
-  for (int j = 0; j < N / 16; j++) {
-    for (int e = 0; e < acc[j].num_elements; e++) acc[j].x[e] *= scale;
-    wmma::store_matrix_sync(out + j * 16, acc[j], ld, wmma::mem_row_major);
-  }
+    for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 }
 
-// rows × HD of a [b·t, ld] operand from row `r0` of sequence `bi` into a shared tile (row stride
-// HD + pad), rounded to TF32; rows at or past t become zeros.
+// The lane's two rows (r = 0, 1: rows lane/4 and lane/4 + 8 of the warp's 16) of [16, HD]
+// accumulators times `scale` into rows row0 + ... of dst, those below t.
 template <int HD>
-__device__ __forceinline__ void load_tile(float* tile, int rows, const float* src, int64_t ld,
-                                          int r0, int t) {
-  for (int i = threadIdx.x; i < rows * HD; i += ATT_THREADS) {
-    int r = i / HD, d = i % HD;
-    tile[r * (HD + ATT_PAD) + d] = r0 + r < t ? tf32(src[(int64_t)(r0 + r) * ld + d]) : 0.0f;
-  }
-}
-
-// Rows of out (the first `rows` valid: < t) from a warp's staged [16, HD] tile.
-template <int HD>
-__device__ __forceinline__ void write_rows(float* dst, int64_t ld, const float* tile, int r0,
-                                           int t) {
+__device__ __forceinline__ void write_rows(float* dst, int64_t ld, const float (*acc)[4],
+                                             int row0, int t, float scale) {
   int lane = threadIdx.x % 32;
-  for (int i = lane; i < 16 * HD; i += 32) {
-    int r = i / HD, d = i % HD;
-    if (r0 + r < t) dst[(int64_t)(r0 + r) * ld + d] = tile[r * (HD + ATT_PAD) + d];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int row = row0 + lane / 4 + 8 * r;
+    if (row >= t) continue;
+    float* out = dst + (int64_t)row * ld + lane % 4 * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      out[8 * j] = acc[j][2 * r] * scale;
+      out[8 * j + 1] = acc[j][2 * r + 1] * scale;
+    }
   }
+}
+
+// The maximum (or sum) of x over the 4 lanes that hold a row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // Forward: o = softmax(scale · q·kᵀ, causal) · v for each head; lse[b, h, i] = the natural
 // log-sum-exp of row i's scaled scores. Grid (⌈t/64⌉, b·heads), 128 threads.
-template <int HD, int BC>
+template <class P, int HD, int BC>
 __device__ void flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                          int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,
-                          float scale) {
-  constexpr int LDH = HD + ATT_PAD, LDS = BC + ATT_PAD;
+                            int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,
+                            float scale) {
+  constexpr int LD = HD + P::PAD;
+  typedef typename P::T T;
   LMKIT_DYNAMIC_SHARED(smem);
-  float* sQ = reinterpret_cast<float*>(smem);  // [64, LDH]
-  float* sO = sQ + ATT_ROWS * LDH;              // [64, LDH]
-  float* sK = sO + ATT_ROWS * LDH;              // [BC, LDH]
-  float* sV = sK + BC * LDH;                    // [BC, LDH]
-  float* sS = sV + BC * LDH;                    // [64, LDS]
+  T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
+  T* sK = sQ + ATT_ROWS * LD;                  // [BC, LD]
+  T* sV = sK + BC * LD;                        // [BC, LD]
   int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;  // the longest rows first
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* qg = q + (int64_t)bi * t * ldq + h * HD;
   const float* kg = k + (int64_t)bi * t * ldk + kvh * HD;
   const float* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  load_tile<HD>(sQ, ATT_ROWS, qg, ldq, q0, t);
-  for (int i = threadIdx.x; i < ATT_ROWS * LDH; i += ATT_THREADS) sO[i] = 0.0f;
-  // Each lane owns half a row of its warp's 16: the online softmax's running max m (in log2
-  // units of the scaled scores) and sum l.
-  int row = warp * 16 + lane / 2, half = lane % 2, qi = q0 + row;
-  float m = -INFINITY, l = 0.0f;
+  load_tile<P, HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
+  // The online softmax's running max (log2 units of the scaled scores) and this lane's part
+  // of the running sum, per row.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float acc[HD / 8][4];
+  zero<HD>(acc);
   const float sl = scale * ATT_LOG2E;
-  float* sw = sS + warp * 16 * LDS;
-  float* ow = sO + warp * 16 * LDH;
   int kend = min(t, q0 + ATT_ROWS);
   for (int k0 = 0; k0 < kend; k0 += BC) {
     __syncthreads();
-    load_tile<HD>(sK, BC, kg, ldk, k0, t);
-    load_tile<HD>(sV, BC, vg, ldv, k0, t);
+    load_tile<P, HD>(sK, BC, kg, ldk, k0, t);
+    load_tile<P, HD>(sV, BC, vg, ldv, k0, t);
     __syncthreads();
-    FragC acc[BC / 16];
-    zero<BC>(acc);
-    mma_abt<HD, BC>(acc, sQ + warp * 16 * LDH, LDH, sK, LDH);
-    store<BC>(sw, LDS, acc, 1.0f);
-    __syncwarp();
-    float* sr = sS + row * LDS;
-    float mx = -INFINITY;
-    for (int c = half * (BC / 2); c < (half + 1) * (BC / 2); c++) {
-      int kj = k0 + c;
-      float s = kj <= qi && kj < t ? sr[c] * sl : -INFINITY;
-      sr[c] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    float mn = fmaxf(m, mx);
-    float base = mn == -INFINITY ? 0.0f : mn;  // rows with nothing yet (past t) stay 0
-    float alpha = exp2f(m - base), sum = 0.0f;
-    for (int c = half * (BC / 2); c < (half + 1) * (BC / 2); c++) {
-      float p = exp2f(sr[c] - base);
-      sum += p;
-      sr[c] = tf32(p);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = mn;
-    float* orow = sO + row * LDH;
-    for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); d++) orow[d] *= alpha;
-    __syncwarp();
-    FragC oacc[HD / 16];
+    float s[BC / 8][4];
+    zero<BC>(s);
+    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, sK, LD);
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < HD / 16; j++)
-      wmma::load_matrix_sync(oacc[j], ow + j * 16, LDH, wmma::mem_row_major);
-    mma_ab<BC, HD>(oacc, sw, LDS, sV, LDH);
-    store<HD>(ow, LDH, oacc, 1.0f);
-    __syncwarp();
+    for (int j = 0; j < BC / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
+        float x = kj <= rows[r] && kj < t ? s[j][e] * sl : -INFINITY;
+        s[j][e] = x;
+        mx[r] = fmaxf(mx[r], x);
+      }
+    float base[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      float mn = fmaxf(m[r], quad_max(mx[r]));
+      base[r] = mn == -INFINITY ? 0.0f : mn;  // rows with nothing yet (past t) stay 0
+      alpha[r] = exp2f(m[r] - base[r]);
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < BC / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float p = exp2f(s[j][e] - base[e / 2]);
+        s[j][e] = p;
+        l[e / 2] += p;
+      }
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e / 2];
+    mma_px<P, BC, HD>(acc, s, sV, LD);
   }
-  float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  float* orow = sO + row * LDH;
-  for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); d++) orow[d] *= inv;
-  if (qi < t && half == 0) lse[(int64_t)blockIdx.y * t + qi] = (m + log2f(l)) / ATT_LOG2E;
-  __syncwarp();
-  write_rows<HD>(o + (int64_t)bi * t * ldo + h * HD, ldo, ow, q0 + warp * 16, t);
+  float* og = o + (int64_t)bi * t * ldo + h * HD;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] = quad_sum(l[r]);
+    if (rows[r] < t && lane % 4 == 0)
+      lse[(int64_t)blockIdx.y * t + rows[r]] = (m[r] + log2f(l[r])) / ATT_LOG2E;
+    float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      acc[j][2 * r] *= inv;
+      acc[j][2 * r + 1] *= inv;
+    }
+  }
+  write_rows<HD>(og, ldo, acc, q0 + warp * 16, t, 1.0f);
 }
 
 // dQ = scale · dS·K with dS = P ⊙ (dP − d), dP = dO·Vᵀ, P = exp(scale·q·kᵀ − lse), over the key
 // tiles up to the block's last row. Grid (⌈t/64⌉, b·heads), 128 threads.
-template <int HD, int BC>
+template <class P, int HD, int BC>
 __device__ void flash_bwd_dq(const float* q, const float* k, const float* v, const float* dout,
-                             const float* lse, const float* dvec, float* dq, int t, int heads,
-                             int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,
-                             float scale) {
-  constexpr int LDH = HD + ATT_PAD, LDS = BC + ATT_PAD;
+                               const float* lse, const float* dvec, float* dq, int t, int heads,
+                               int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,
+                               float scale) {
+  constexpr int LD = HD + P::PAD;
+  typedef typename P::T T;
   LMKIT_DYNAMIC_SHARED(smem);
-  float* sQ = reinterpret_cast<float*>(smem);  // [64, LDH]; at the end, dQ
-  float* sG = sQ + ATT_ROWS * LDH;              // dO [64, LDH]
-  float* sK = sG + ATT_ROWS * LDH;              // [BC, LDH]
-  float* sV = sK + BC * LDH;                    // [BC, LDH]
-  float* sS = sV + BC * LDH;                    // S, then dS [64, LDS]
-  float* sP = sS + ATT_ROWS * LDS;              // dP [64, LDS]
+  T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
+  T* sG = sQ + ATT_ROWS * LD;                  // dO [64, LD]
+  T* sK = sG + ATT_ROWS * LD;                  // [BC, LD]
+  T* sV = sK + BC * LD;                        // [BC, LD]
   int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* kg = k + (int64_t)bi * t * ldk + kvh * HD;
   const float* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  load_tile<HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
-  load_tile<HD>(sG, ATT_ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
-  int row = warp * 16 + lane / 2, half = lane % 2, qi = q0 + row;
-  int64_t stat = (int64_t)blockIdx.y * t + qi;
-  float lrow = qi < t ? lse[stat] * ATT_LOG2E : 0.0f, drow = qi < t ? dvec[stat] : 0.0f;
+  load_tile<P, HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  load_tile<P, HD>(sG, ATT_ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
+  int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
+  float lrow[2], drow[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int64_t stat = (int64_t)blockIdx.y * t + rows[r];
+    lrow[r] = rows[r] < t ? lse[stat] * ATT_LOG2E : 0.0f;
+    drow[r] = rows[r] < t ? dvec[stat] : 0.0f;
+  }
   const float sl = scale * ATT_LOG2E;
-  float* sw = sS + warp * 16 * LDS;
-  float* pw = sP + warp * 16 * LDS;
-  FragC dacc[HD / 16];
-  zero<HD>(dacc);
+  float acc[HD / 8][4];
+  zero<HD>(acc);
   int kend = min(t, q0 + ATT_ROWS);
   for (int k0 = 0; k0 < kend; k0 += BC) {
     __syncthreads();
-    load_tile<HD>(sK, BC, kg, ldk, k0, t);
-    load_tile<HD>(sV, BC, vg, ldv, k0, t);
+    load_tile<P, HD>(sK, BC, kg, ldk, k0, t);
+    load_tile<P, HD>(sV, BC, vg, ldv, k0, t);
     __syncthreads();
-    FragC acc[BC / 16];
-    zero<BC>(acc);
-    mma_abt<HD, BC>(acc, sQ + warp * 16 * LDH, LDH, sK, LDH);
-    store<BC>(sw, LDS, acc, 1.0f);
-    zero<BC>(acc);
-    mma_abt<HD, BC>(acc, sG + warp * 16 * LDH, LDH, sV, LDH);
-    store<BC>(pw, LDS, acc, 1.0f);
-    __syncwarp();
-    float* sr = sS + row * LDS;
-    const float* pr = sP + row * LDS;
-    for (int c = half * (BC / 2); c < (half + 1) * (BC / 2); c++) {
-      int kj = k0 + c;
-      float p = kj <= qi && kj < t && qi < t ? exp2f(sr[c] * sl - lrow) : 0.0f;
-      sr[c] = tf32(p * (pr[c] - drow));
-    }
-    __syncwarp();
-    mma_ab<BC, HD>(dacc, sw, LDS, sK, LDH);
+    float s[BC / 8][4], dp[BC / 8][4];
+    zero<BC>(s);
+    zero<BC>(dp);
+    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, sK, LD);
+    mma_abt<P, HD, BC>(dp, sG, LD, warp * 16, sV, LD);
+#pragma unroll
+    for (int j = 0; j < BC / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
+        bool in = kj <= rows[r] && kj < t && rows[r] < t;
+        float p = in ? exp2f(s[j][e] * sl - lrow[r]) : 0.0f;
+        s[j][e] = p * (dp[j][e] - drow[r]);
+      }
+    mma_px<P, BC, HD>(acc, s, sK, LD);
   }
-  float* stage = sQ + warp * 16 * LDH;  // the warp's own Q rows, no longer read
-  __syncwarp();
-  store<HD>(stage, LDH, dacc, scale);
-  write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, stage, q0 + warp * 16, t);
+  write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, acc, q0 + warp * 16, t, scale);
 }
 
 // dV = Σ_h Pᵀ·dO and dK = scale · Σ_h dSᵀ·Q over the query heads h of key/value head kvh and
 // the query tiles from the block's first key on. Grid (⌈t/64⌉, b·kv_heads), 128 threads.
-template <int HD, int BQ>
-__device__ void flash_bwd_dkdv(const float* q, const float* k, const float* v, const float* dout,
-                               const float* lse, const float* dvec, float* dk, float* dv, int t,
-                               int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,
-                               int lddk, int lddv, float scale) {
-  constexpr int LDH = HD + ATT_PAD, LDS = BQ + ATT_PAD;
+template <class P, int HD, int BQ>
+__device__ void flash_bwd_dkdv(const float* q, const float* k, const float* v,
+                                 const float* dout, const float* lse, const float* dvec, float* dk,
+                                 float* dv, int t, int heads, int kv_heads, int ldq, int ldk,
+                                 int ldv, int ldd, int lddk, int lddv, float scale) {
+  constexpr int LD = HD + P::PAD;
+  typedef typename P::T T;
   LMKIT_DYNAMIC_SHARED(smem);
-  float* sK = reinterpret_cast<float*>(smem);  // [64, LDH]; at the end, dK
-  float* sV = sK + ATT_ROWS * LDH;              // [64, LDH]; at the end, dV
-  float* sQ = sV + ATT_ROWS * LDH;              // [BQ, LDH]
-  float* sG = sQ + BQ * LDH;                    // dO [BQ, LDH]
-  float* sS = sG + BQ * LDH;                    // Sᵀ, then Pᵀ [64, LDS]
-  float* sP = sS + ATT_ROWS * LDS;              // dPᵀ, then dSᵀ [64, LDS]
-  float* sL = sP + ATT_ROWS * LDS;              // the query tile's lse (log2 units) [BQ]
-  float* sD = sL + BQ;                          // and row dots [BQ]
+  T* sK = reinterpret_cast<T*>(smem);  // [64, LD]
+  T* sV = sK + ATT_ROWS * LD;                  // [64, LD]
+  T* sQ = sV + ATT_ROWS * LD;                  // [BQ, LD]
+  T* sG = sQ + BQ * LD;                        // dO [BQ, LD]
+  float* sL = reinterpret_cast<float*>(sG + BQ * LD);  // the query tile's lse (log2 units) [BQ]
+  float* sD = sL + BQ;                                  // and row dots [BQ]
   int k0 = blockIdx.x * ATT_ROWS;  // the first keys have the most queries: launched first
   int bi = blockIdx.y / kv_heads, kvh = blockIdx.y % kv_heads, group = heads / kv_heads;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_tile<HD>(sK, ATT_ROWS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
-  load_tile<HD>(sV, ATT_ROWS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
-  int row = warp * 16 + lane / 2, half = lane % 2, kj = k0 + row;
+  load_tile<P, HD>(sK, ATT_ROWS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
+  load_tile<P, HD>(sV, ATT_ROWS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
+  int keys[2] = {k0 + warp * 16 + lane / 4, k0 + warp * 16 + lane / 4 + 8};
   const float sl = scale * ATT_LOG2E;
-  float* sw = sS + warp * 16 * LDS;
-  float* pw = sP + warp * 16 * LDS;
-  FragC kacc[HD / 16], vacc[HD / 16];
+  float kacc[HD / 8][4], vacc[HD / 8][4];
   zero<HD>(kacc);
   zero<HD>(vacc);
-  for (int g = 0; g < group; g++) {
-    int h = kvh * group + g;
+  for (int member = 0; member < group; member++) {
+    int h = kvh * group + member;
     const float* qg = q + (int64_t)bi * t * ldq + h * HD;
     const float* gg = dout + (int64_t)bi * t * ldd + h * HD;
     const float* lg = lse + ((int64_t)bi * heads + h) * t;
     const float* dg = dvec + ((int64_t)bi * heads + h) * t;
     for (int q0 = k0 / BQ * BQ; q0 < t; q0 += BQ) {
       __syncthreads();
-      load_tile<HD>(sQ, BQ, qg, ldq, q0, t);
-      load_tile<HD>(sG, BQ, gg, ldd, q0, t);
+      load_tile<P, HD>(sQ, BQ, qg, ldq, q0, t);
+      load_tile<P, HD>(sG, BQ, gg, ldd, q0, t);
       for (int i = threadIdx.x; i < BQ; i += ATT_THREADS) {
         sL[i] = q0 + i < t ? lg[q0 + i] * ATT_LOG2E : 0.0f;
         sD[i] = q0 + i < t ? dg[q0 + i] : 0.0f;
       }
       __syncthreads();
-      FragC acc[BQ / 16];
-      zero<BQ>(acc);
-      mma_abt<HD, BQ>(acc, sK + warp * 16 * LDH, LDH, sQ, LDH);
-      store<BQ>(sw, LDS, acc, 1.0f);
-      zero<BQ>(acc);
-      mma_abt<HD, BQ>(acc, sV + warp * 16 * LDH, LDH, sG, LDH);
-      store<BQ>(pw, LDS, acc, 1.0f);
-      __syncwarp();
-      float* sr = sS + row * LDS;
-      float* pr = sP + row * LDS;
-      for (int c = half * (BQ / 2); c < (half + 1) * (BQ / 2); c++) {
-        int qi = q0 + c;
-        float p = kj <= qi && qi < t && kj < t ? exp2f(sr[c] * sl - sL[c]) : 0.0f;
-        sr[c] = tf32(p);
-        pr[c] = tf32(p * (pr[c] - sD[c]));
-      }
-      __syncwarp();
-      mma_ab<BQ, HD>(vacc, sw, LDS, sG, LDH);
-      mma_ab<BQ, HD>(kacc, pw, LDS, sQ, LDH);
+      float st[BQ / 8][4], dpt[BQ / 8][4];
+      zero<BQ>(st);
+      zero<BQ>(dpt);
+      mma_abt<P, HD, BQ>(st, sK, LD, warp * 16, sQ, LD);
+      mma_abt<P, HD, BQ>(dpt, sV, LD, warp * 16, sG, LD);
+#pragma unroll
+      for (int j = 0; j < BQ / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int c = 8 * j + lane % 4 * 2 + (e & 1), qi = q0 + c, kj = keys[e / 2];
+          float p = kj <= qi && qi < t && kj < t ? exp2f(st[j][e] * sl - sL[c]) : 0.0f;
+          st[j][e] = p;
+          dpt[j][e] = p * (dpt[j][e] - sD[c]);
+        }
+      mma_px<P, BQ, HD>(vacc, st, sG, LD);
+      mma_px<P, BQ, HD>(kacc, dpt, sQ, LD);
     }
   }
-  float* kst = sK + warp * 16 * LDH;  // the warp's own key rows, no longer read
-  float* vst = sV + warp * 16 * LDH;
-  __syncwarp();
-  store<HD>(kst, LDH, kacc, scale);
-  store<HD>(vst, LDH, vacc, 1.0f);
-  write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kst, k0 + warp * 16, t);
-  write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vst, k0 + warp * 16, t);
+  write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kacc, k0 + warp * 16, t, scale);
+  write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vacc, k0 + warp * 16, t, 1.0f);
 }
 
-// The kernels for head sizes 32, 64 and 128 (tiles of 64 keys/queries; 32 for head size 128 to
-// keep the shared memory within 128 KiB).
-#define ATT_KERNELS(HD, BC)                                                                      \
+// The kernels: TF32 (flash_*) and bf16 (flash_bf16_*) for head sizes 32, 64 and 128. BC: keys
+// per tile of the forward and dQ kernels, BQ: queries per tile of the dK/dV kernel (fewer for
+// head size 128: TF32 tiles within 128 KiB of shared memory, and the dK/dV kernel's two
+// [16, 128] accumulators take 128 registers a thread).
+#define ATT_KERNELS(NAME, P, HD, BC, BQ)                                                         \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                      \
-      flash_fwd_##HD(const float* q, const float* k, const float* v, float* o, float* lse,       \
-                     int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,         \
-                     float scale) {                                                              \
-    flash_fwd<HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);          \
+      NAME##_fwd_##HD(const float* q, const float* k, const float* v, float* o, float* lse,      \
+                      int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,        \
+                      float scale) {                                                             \
+    flash_fwd<P, HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);       \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_##HD(                   \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dq_##HD(                  \
       const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
       const float* dvec, float* dq, int t, int heads, int kv_heads, int ldq, int ldk, int ldv,   \
       int ldd, int lddq, float scale) {                                                          \
-    flash_bwd_dq<HD, BC>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk, ldv, ldd,  \
-                         lddq, scale);                                                           \
+    flash_bwd_dq<P, HD, BC>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk, ldv,    \
+                            ldd, lddq, scale);                                                   \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_##HD(                 \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dkdv_##HD(                \
       const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
       const float* dvec, float* dk, float* dv, int t, int heads, int kv_heads, int ldq, int ldk, \
       int ldv, int ldd, int lddk, int lddv, float scale) {                                       \
-    flash_bwd_dkdv<HD, BC>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq, ldk, ldv, \
-                           ldd, lddk, lddv, scale);                                              \
+    flash_bwd_dkdv<P, HD, BQ>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq, ldk,   \
+                              ldv, ldd, lddk, lddv, scale);                                      \
   }
 
-ATT_KERNELS(32, 64)
-ATT_KERNELS(64, 64)
-ATT_KERNELS(128, 32)
-
-#endif
+ATT_KERNELS(flash, Tf32, 32, 64, 64)
+ATT_KERNELS(flash, Tf32, 64, 64, 64)
+ATT_KERNELS(flash, Tf32, 128, 32, 32)
+ATT_KERNELS(flash_bf16, Bf16, 32, 64, 64)
+ATT_KERNELS(flash_bf16, Bf16, 64, 64, 64)
+ATT_KERNELS(flash_bf16, Bf16, 128, 64, 32)

@@ -775,7 +775,7 @@ pub(crate) mod tests {
         compare(true, "gelu_new", true, 2e-2, (2, 100));
         compare(false, "relu", true, 2e-2, (2, 100));
         // Products on the bf16 tensor cores (8-bit mantissas), with flash attention on bf16
-        // operands (attention_bf16.cu) and with the kept probabilities.
+        // operands and with the kept probabilities.
         lmkit_kernels::cuda::set_bf16_products(true);
         compare(true, "gelu_new", true, 8e-2, (2, 100));
         super::set_flash_attention(false);
