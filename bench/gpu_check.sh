@@ -18,6 +18,8 @@
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
 #    transformers' generate with batches of 8 and 32.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
+# GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
+# llama, speed, serve), for a device command that must stay within its time limit.
 set -uo pipefail
 failed=()
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,8 +28,10 @@ out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+# Whether step $1 runs (all of them without GPU_CHECK_ONLY).
+want() { [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $1 "* ]]; }
 
-if [ -n "${LMKIT_GPU_TESTS:-}" ]; then
+if [ -n "${LMKIT_GPU_TESTS:-}" ] && want tests; then
   echo "== GPU unit tests"
   for t in "$LMKIT_GPU_TESTS"/*; do
     [ -x "$t" ] || continue
@@ -37,15 +41,22 @@ if [ -n "${LMKIT_GPU_TESTS:-}" ]; then
   done
 fi
 
+if want parity; then
 echo "== parity with transformers, lmkit on cuda"
 LMKIT_BIN="$bin" LMKIT_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
   "$here/tests/parity/test_transformers_decoders.py" > "$out/parity.log" 2>&1 || failed+=("parity on cuda")
 tail -15 "$out/parity.log"
+fi
 
-echo "== the same training run on cpu and cuda"
+# The training runs' tokenizer and data.
 tmp="$(mktemp -d)"
+if want curves || want attention || want llama; then
 "$bin" tokenizer train --input "$here/data/en" --vocab-size 2048 --output "$tmp/tok" >/dev/null
 "$bin" tokenizer encode --tokenizer "$tmp/tok" --input "$here/data/en" --shards "$tmp/shards" >/dev/null
+fi
+
+if want curves; then
+echo "== the same training run on cpu and cuda"
 for dev in cpu cuda; do
   "$bin" train --config "$here/configs/gpt-small.toml" --set "data.train=\"$tmp/shards\"" \
     --set "data.tokenizer=\"$tmp/tok\"" --set "train.out_dir=\"$tmp/$dev\"" --set train.max_steps=40 \
@@ -69,7 +80,9 @@ for s in sorted(set(steps["cpu"]) & set(steps["cuda"])):
 sys.exit(0 if steps["cpu"] and worst < 1e-3 else f"cpu and cuda losses differ by {worst:.2e}")
 PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
+fi
 
+if want attention; then
 echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products), and bf16 products"
 for run in flash materialized flash-bf16; do
   att="${run%-bf16}"; dtype=f32; [ "$run" = flash-bf16 ] && dtype=bf16
@@ -100,7 +113,9 @@ for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2)):
 sys.exit("; ".join(bad) if bad else 0)
 PY
 [ $? -eq 0 ] || failed+=("flash/materialized loss curves")
+fi
 
+if want llama; then
 echo "== Llama on the GPU: the hand-written pass (flash attention) vs the autograd graph (TF32 products)"
 cat > "$tmp/llama.toml" <<TOML
 [model]
@@ -143,7 +158,9 @@ worst = max((abs(x["loss"] - y["loss"]) for x, y in zip(runs["flash"], runs["mat
 sys.exit(0 if worst < 2e-2 else f"the Llama GPU pass and the autograd graph differ by {worst:.2e}")
 PY
 [ $? -eq 0 ] || failed+=("llama pass/autograd loss curves")
+fi
 
+if want speed; then
 echo "== speed vs PyTorch on the GPU"
 LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 20 --baseline "$bin" \
   --baseline-set 'train.backward="autograd"' || failed+=("bench small")
@@ -152,6 +169,9 @@ LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --l
 echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 products"
 LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
   --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' || failed+=("bench large bf16")
+fi
+
+if want serve; then
 echo "== serving on the GPU vs transformers' batched generate (8 and 32 streams)"
 if "$py" -c "import openai" 2>/dev/null; then
   for n in 8 32; do
@@ -160,6 +180,7 @@ if "$py" -c "import openai" 2>/dev/null; then
   done
 else
   echo "skipped: the openai package is not installed (pip install openai)"
+fi
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2

@@ -2,7 +2,9 @@
 # On a lent GPU machine (no Rust toolchain there): unpacks .gpu-bundle/ (made here by
 # scripts/gpu-bundle.sh and carried along) and runs bench/gpu_check.sh with its binaries; logs go to
 # $OUT (the device tool brings them back) or ./gpu-out.
-#   bash bench/gpu_run.sh [--tests-only]
+#   bash bench/gpu_run.sh [--tests-only] [STEP...]
+# STEPs (tests, parity, curves, attention, llama, speed, serve) choose gpu_check.sh's steps; none:
+# all of them, which may not fit one 10-minute device command.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 b="$here/.gpu-bundle"
@@ -36,4 +38,4 @@ if [ "${1:-}" = "--tests-only" ]; then
   done
   exit $rc
 fi
-LMKIT_BIN="$w/lmkit" LMKIT_GPU_TESTS="$w/tests" bash "$here/bench/gpu_check.sh" "$out"
+GPU_CHECK_ONLY="$*" LMKIT_BIN="$w/lmkit" LMKIT_GPU_TESTS="$w/tests" bash "$here/bench/gpu_check.sh" "$out"
