@@ -11,7 +11,8 @@
 // product is assembled from all 32 lanes by the PTX ISA's fragment layouts, and each lane takes
 // back its own four results — so a kernel that gets the layouts wrong fails here as it would
 // there; TF32 products drop each input's low 13 mantissa bits as the tensor cores do, and
-// bf16 pairs must be 4-byte aligned.
+// bf16 pairs must be 4-byte aligned. `ldmatrix` (the ldsm_* loads) is warp-collective too, with
+// its rows' 16-byte alignment checked.
 #pragma once
 
 #include <math.h>
@@ -170,17 +171,46 @@ inline uint32_t pack_bf16x2(float lo, float hi) {
   return uint32_t(emu_bf16(lo)) | uint32_t(emu_bf16(hi)) << 16;
 }
 
-inline uint32_t load_pair(const uint16_t* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("a bf16 pair not 4-byte aligned");
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 inline void store_pair(uint16_t* p, uint32_t v) {
   if (reinterpret_cast<uintptr_t>(p) % 4 != 0) emu::fail("a bf16 pair not 4-byte aligned");
   std::memcpy(p, &v, 4);
 }
+
+namespace emu {
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16: lanes 8m..8m+7 give the row
+// addresses (16-byte aligned) of matrix m; lane L receives row L/4, elements 2·(L%4) and
+// 2·(L%4) + 1 of each (transposed: column L/4 of rows 2·(L%4) and 2·(L%4) + 1), low half first.
+template <int N, bool TRANS>
+void ldmatrix(uint32_t* r, const uint16_t* row) {
+  unsigned me = linear_thread(), lane = me % 32, base = me - lane;
+  if (base + 32 > block->slots.size()) fail("ldmatrix needs a whole warp");
+  std::memcpy(&block->slots[me], &row, sizeof row);
+  __syncwarp();
+  auto row_of = [&](int m, unsigned i) {
+    const uint16_t* p;
+    std::memcpy(&p, &block->slots[base + 8 * m + i], sizeof p);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix: a row not 16-byte aligned");
+    return p;
+  };
+  unsigned g = lane / 4, t = lane % 4;
+  for (int m = 0; m < N; m++) {
+    uint32_t lo, hi;
+    if (TRANS) {
+      lo = row_of(m, 2 * t)[g];
+      hi = row_of(m, 2 * t + 1)[g];
+    } else {
+      lo = row_of(m, g)[2 * t];
+      hi = row_of(m, g)[2 * t + 1];
+    }
+    r[m] = lo | hi << 16;
+  }
+  __syncwarp();
+}
+}  // namespace emu
+
+inline void ldsm_x4(uint32_t* r, const uint16_t* row) { emu::ldmatrix<4, false>(r, row); }
+inline void ldsm_x2(uint32_t* r, const uint16_t* row) { emu::ldmatrix<2, false>(r, row); }
+inline void ldsm_x2_trans(uint32_t* r, const uint16_t* row) { emu::ldmatrix<2, true>(r, row); }
 
 inline uint32_t bits(float x) {
   uint32_t u;

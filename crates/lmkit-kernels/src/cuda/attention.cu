@@ -67,12 +67,36 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 __device__ __forceinline__ void store_pair(uint16_t* p, uint32_t v) {
   *reinterpret_cast<uint32_t*>(p) = v;
+}
+
+// ldmatrix: the warp loads 8x8 matrices of 16-bit elements from shared memory, one per register,
+// each lane giving the address of one matrix row (lanes 8m..8m+7: matrix m's rows). Lane L gets
+// row L/4, columns 2·(L%4) and 2·(L%4) + 1 of each matrix; transposed (`_trans`), column L/4,
+// rows 2·(L%4) and 2·(L%4) + 1.
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const uint16_t* row) {
+#ifdef ATT_MMA
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2(uint32_t* r, const uint16_t* row) {
+#ifdef ATT_MMA
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t* r, const uint16_t* row) {
+#ifdef ATT_MMA
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"((uint32_t)__cvta_generic_to_shared(row)));
+#endif
 }
 
 __device__ __forceinline__ uint32_t bits(float x) { return __float_as_uint(x); }
@@ -111,30 +135,24 @@ struct Bf16 {
   static __device__ __forceinline__ void store2(T* p, float x0, float x1) {
     store_pair(p, pack_bf16x2(x0, x1));
   }
-  // a[r] = A[g + 8·(r%2)][2c + 8·(r/2) + {0, 1}]
+  // a[r] = A[g + 8·(r%2)][2c + 8·(r/2) + {0, 1}]: four 8x8 matrices, lanes 8m..8m+7 giving
+  // matrix m's rows (rows + 8 for odd m, columns + 8 for m ≥ 2).
   static __device__ __forceinline__ void frag_a(uint32_t* a, const T* tile, int ld, int r0,
                                                 int c0) {
-    int lane = threadIdx.x % 32;
-    const T* p = tile + (r0 + lane / 4) * ld + c0 + lane % 4 * 2;
-    a[0] = load_pair(p);
-    a[1] = load_pair(p + 8 * ld);
-    a[2] = load_pair(p + 8);
-    a[3] = load_pair(p + 8 * ld + 8);
+    int lane = threadIdx.x % 32, m = lane / 8;
+    ldsm_x4(a, tile + (r0 + lane % 8 + 8 * (m % 2)) * ld + c0 + 8 * (m / 2));
   }
-  // b[r] = B[2c + 8r + {0, 1}][g]
+  // b[r] = B[2c + 8r + {0, 1}][g]: X's rows n0.. at columns k0 and k0 + 8.
   static __device__ __forceinline__ void frag_bt(uint32_t* b, const T* x, int ld, int n0,
                                                  int k0) {
     int lane = threadIdx.x % 32;
-    const T* p = x + (n0 + lane / 4) * ld + k0 + lane % 4 * 2;
-    b[0] = load_pair(p);
-    b[1] = load_pair(p + 8);
+    ldsm_x2(b, x + (n0 + lane % 8) * ld + k0 + 8 * (lane / 8 % 2));
   }
+  // X's rows k0..k0+15 at column n0, transposed.
   static __device__ __forceinline__ void frag_b(uint32_t* b, const T* x, int ld, int k0,
                                                 int n0) {
     int lane = threadIdx.x % 32;
-    const T* p = x + (k0 + lane % 4 * 2) * ld + n0 + lane / 4;
-    b[0] = (uint32_t)p[0] | (uint32_t)p[ld] << 16;
-    b[1] = (uint32_t)p[8 * ld] | (uint32_t)p[9 * ld] << 16;
+    ldsm_x2_trans(b, x + (k0 + lane % 16) * ld + n0);
   }
   // k block kk spans accumulator blocks 2kk and 2kk + 1, whose elements each lane holds in A's
   // places.
