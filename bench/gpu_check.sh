@@ -9,7 +9,8 @@
 # 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
 #    then a GPT-2-small-shaped run (TF32) with the flash attention kernels, with the [t, t]
 #    probabilities kept (LMKIT_CUDA_ATTENTION=materialized), and with flash attention and bf16
-#    products (train.dtype = "bf16"): the pass's phases timed, losses compared;
+#    products (train.dtype = "bf16"): the pass's phases and its attention timed, losses compared,
+#    attention's time next to PyTorch's scaled_dot_product_attention on the same shapes;
 #    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
@@ -113,6 +114,46 @@ for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2)):
 sys.exit("; ".join(bad) if bad else 0)
 PY
 [ $? -eq 0 ] || failed+=("flash/materialized loss curves")
+# Attention alone, per step (12 layers of [8, 12 heads, 1024, 64]): lmkit's kernels (the pass's
+# LMKIT_CUDA_TIMING split, median over steps 2-8) next to PyTorch's scaled_dot_product_attention
+# (FlashAttention-2 for bf16; TF32 allowed for f32), forward and forward + backward timed apart.
+"$py" - "$out" <<'PY'
+import re, statistics, sys, time
+import torch
+out = sys.argv[1]
+for run in ("flash", "materialized", "flash-bf16"):
+    try:
+        log = open(f"{out}/attention-{run}.log").read()
+    except FileNotFoundError:
+        continue
+    pairs = [tuple(map(float, m)) for m in re.findall(r"forward ([0-9.]+) ms, backward ([0-9.]+) ms\)", log)][1:]
+    if pairs:
+        f, b = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        print(f"lmkit {run}: attention forward {f:.2f} ms, backward {b:.2f} ms per step")
+torch.backends.cuda.matmul.allow_tf32 = True
+sdpa = torch.nn.functional.scaled_dot_product_attention
+for dtype in (torch.bfloat16, torch.float32):
+    q, k, v = (torch.randn(8, 12, 1024, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(8, 12, 1024, 64, device="cuda", dtype=dtype)
+    def step(backward):
+        for _ in range(12):
+            o = sdpa(q, k, v, is_causal=True)
+            if backward:
+                o.backward(g)
+    times = {}
+    for backward in (False, True):
+        step(backward)
+        torch.cuda.synchronize()
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step(backward)
+            torch.cuda.synchronize()
+            runs.append((time.perf_counter() - t0) * 1e3)
+        times[backward] = statistics.median(runs)
+    print(f"PyTorch SDPA {dtype}: attention forward {times[False]:.2f} ms, backward {times[True] - times[False]:.2f} ms per step")
+PY
+[ $? -eq 0 ] || failed+=("attention timings")
 fi
 
 if want llama; then

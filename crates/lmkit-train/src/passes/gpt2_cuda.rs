@@ -305,6 +305,19 @@ fn norm_bwd(
     ))
 }
 
+/// Runs `f`; with `on`, adds its time to `ms` (the GPU synchronised before and after).
+fn timed(gpu: &Gpu, on: bool, ms: &mut f64, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    if !on {
+        return f();
+    }
+    gpu.synchronize()?;
+    let clock = std::time::Instant::now();
+    f()?;
+    gpu.synchronize()?;
+    *ms += clock.elapsed().as_secs_f64() * 1e3;
+    Ok(())
+}
+
 /// `a · b` into a new [rows, cols] buffer.
 pub(super) fn product(
     gpu: &Gpu,
@@ -473,6 +486,8 @@ fn backprop(
         }
         Ok(())
     };
+    // Within the blocks' phases: attention's forward and backward time.
+    let mut attention_ms = [0.0f64; 2];
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
     let lm = p.lm_head.unwrap_or(p.wte);
@@ -496,7 +511,9 @@ fn backprop(
         let qkv = conv1d(gpu, None, a1.dev(), (w.c_attn_w, w.c_attn_b), (n, 3 * c, c))?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
-        attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)?;
+        timed(gpu, timing, &mut attention_ms[0], || {
+            attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)
+        })?;
         let attn_proj = (w.attn_proj_w, w.attn_proj_b);
         let xm = conv1d(gpu, Some(x.dev()), y.dev(), attn_proj, (n, c, c))?;
         let ln2 = gpu.uninit(2 * n)?;
@@ -584,7 +601,9 @@ fn backprop(
             conv1d_bwd(gpu, ones, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
-        attention_bwd(gpu, kept, dy.dev(), dqkv.dev(), heads)?;
+        timed(gpu, timing, &mut attention_ms[1], || {
+            attention_bwd(gpu, kept, dy.dev(), dqkv.dev(), heads)
+        })?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
         let (c_attn_w, c_attn_b, da1) =
@@ -626,7 +645,16 @@ fn backprop(
             .iter()
             .map(|(w, ms)| format!("{w} {ms:.2} ms"))
             .collect();
-        eprintln!("cuda pass: {}", parts.join(", "));
+        let [fwd, bwd] = attention_ms;
+        let kind = if heads.flash {
+            "flash"
+        } else {
+            "kept probabilities"
+        };
+        eprintln!(
+            "cuda pass: {} (attention, {kind}: forward {fwd:.2} ms, backward {bwd:.2} ms)",
+            parts.join(", ")
+        );
     }
     Ok((
         loss,
