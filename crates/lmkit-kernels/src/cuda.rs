@@ -329,12 +329,21 @@ impl Gpu {
     }
 
     pub fn upload_u32(&self, data: &[u32]) -> Result<Buf<u32>> {
+        self.upload(data)
+    }
+
+    fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<Buf<T>> {
         let s = self
             .dev
             .cuda_stream()
             .clone_htod(data)
             .map_err(Self::fail("upload"))?;
         Ok(self.buf(s))
+    }
+
+    /// The GPU's index.
+    pub fn ordinal(&self) -> usize {
+        self.dev.cuda_stream().context().ordinal()
     }
 
     pub fn download(&self, buf: &Buf<f32>, len: usize) -> Result<Vec<f32>> {
@@ -675,6 +684,85 @@ impl Gpu {
             dkdv_shared,
             &args,
         )
+    }
+
+    /// The flash kernels ([`Gpu::flash_attention`] and its backward pass, in this Gpu's precision)
+    /// on a random problem of shape `s` (standard-normal-like inputs from a fixed generator)
+    /// against [`crate::causal::attention_f64`]: the largest error of the output, log-sum-exps and
+    /// gradients, relative to the larger of 1 and the largest reference value. A pass runs it
+    /// once per GPU, head size and precision ([`Gpu::flash_check_shape`]) before it trusts the
+    /// kernels with a model.
+    pub fn flash_check(&self, s: AttnShape) -> Result<f64> {
+        let hd = s.hd;
+        let (n, c, ckv) = (s.b * s.t, s.heads * hd, s.kv_heads * hd);
+        // Standard normal-ish inputs from a fixed generator (the same problem every run).
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (s.t * 131 + hd) as u64;
+        let mut draw = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    let mut sum = 0.0f32;
+                    for _ in 0..4 {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        sum += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    }
+                    sum * 1.7
+                })
+                .collect()
+        };
+        let host = [draw(n * c), draw(n * ckv), draw(n * ckv), draw(n * c)];
+        let [q, k, v, g] = [&host[0], &host[1], &host[2], &host[3]].map(|x| self.upload(x));
+        let (q, k, v, g) = (q?, k?, v?, g?);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = self.uninit(n * c)?;
+        let lse = self.uninit(s.b * s.heads * s.t)?;
+        let qkv = (rows(q.dev(), c), rows(k.dev(), ckv), rows(v.dev(), ckv));
+        self.flash_attention(s, qkv, rows(o.dev(), c), lse.dev(), scale)?;
+        let [dq, dk, dv, dots] =
+            [n * c, n * ckv, n * ckv, s.b * s.heads * s.t].map(|len| self.uninit(len));
+        let (dq, dk, dv, dots) = (dq?, dk?, dv?, dots?);
+        let grads = (rows(dq.dev(), c), rows(dk.dev(), ckv), rows(dv.dev(), ckv));
+        let kept = (rows(o.dev(), c), lse.dev());
+        self.flash_attention_bwd(s, qkv, kept, rows(g.dev(), c), grads, dots.dev(), scale)?;
+        let inputs = [&host[0][..], &host[1], &host[2], &host[3]];
+        let dims = (s.b, s.t, s.heads, s.kv_heads, hd);
+        let want = crate::causal::attention_f64(dims, inputs, scale as f64);
+        let got = [
+            (&o, n * c),
+            (&lse, s.heads * s.t),
+            (&dq, n * c),
+            (&dk, n * ckv),
+            (&dv, n * ckv),
+        ];
+        let mut worst = 0.0f64;
+        for ((buf, len), want) in got.into_iter().zip(&want) {
+            let got = self.download(buf, len)?;
+            let top = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            // NaN errors count as the worst.
+            worst = if err.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(err / top)
+            };
+        }
+        Ok(worst)
+    }
+
+    /// The shape of the run-time check for head size `hd`: 77 tokens (a full tile and a partial
+    /// one), two query heads sharing one key/value head.
+    pub fn flash_check_shape(hd: usize) -> AttnShape {
+        AttnShape {
+            b: 1,
+            t: 77,
+            heads: 2,
+            kv_heads: 1,
+            hd,
+        }
     }
 
     /// Launches an elementwise kernel: a thread per element of `len`.
@@ -1242,66 +1330,6 @@ enum Arg {
 mod tests {
     use super::*;
     use crate::testing::randn;
-    use candle_core::{DType, Var, D};
-
-    /// Causal attention by candle's autograd in f64 on the CPU: q [b·t, heads·hd], k and v
-    /// [b·t, kv·hd], output gradient g; returns o, lse [b, heads, t], dq, dk, dv (each in its
-    /// input's layout).
-    fn reference(
-        x: [&Tensor; 4],
-        (b, t, heads, kv, hd): (usize, usize, usize, usize, usize),
-    ) -> Vec<Tensor> {
-        let f64s = x.map(|x| x.to_dtype(DType::F64).unwrap());
-        let vars = [&f64s[0], &f64s[1], &f64s[2]].map(|x| Var::from_tensor(x).unwrap());
-        let split =
-            |x: &Tensor, h: usize| x.reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap();
-        let grouped = |x: &Tensor| {
-            let x = split(x, kv).unsqueeze(2).unwrap();
-            let x = x.broadcast_as((b, kv, heads / kv, t, hd)).unwrap();
-            x.contiguous().unwrap().reshape((b, heads, t, hd)).unwrap()
-        };
-        let q = split(vars[0].as_tensor(), heads).contiguous().unwrap();
-        let (k, v) = (grouped(vars[1].as_tensor()), grouped(vars[2].as_tensor()));
-        let scale = 1.0 / (hd as f64).sqrt();
-        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-        let mask: Vec<f64> = (0..t * t)
-            .map(|i| {
-                if i % t > i / t {
-                    f64::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-        let s = s.broadcast_add(&mask).unwrap();
-        let mx = s.max_keepdim(D::Minus1).unwrap();
-        let e = s.broadcast_sub(&mx).unwrap().exp().unwrap();
-        let sum = e.sum_keepdim(D::Minus1).unwrap();
-        let lse = (sum.log().unwrap() + mx)
-            .unwrap()
-            .squeeze(D::Minus1)
-            .unwrap();
-        let p = e.broadcast_div(&sum).unwrap();
-        let o = p.matmul(&v).unwrap().transpose(1, 2).unwrap();
-        let o = o
-            .contiguous()
-            .unwrap()
-            .reshape((b * t, heads * hd))
-            .unwrap();
-        let grads = (&o * &f64s[3])
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let mut out = vec![o.clone(), lse];
-        out.extend(
-            vars.iter()
-                .map(|v| grads.get(v.as_tensor()).unwrap().clone()),
-        );
-        out
-    }
 
     /// A communicator of one member (only one GPU is lent to the tests): its mean is each
     /// tensor itself, in new buffers, through NCCL's all-reduce on the GPU.
@@ -1334,10 +1362,11 @@ mod tests {
         assert!(on_cpu.contains("contiguous f32 on the GPU"), "{on_cpu}");
     }
 
-    /// The flash kernels (TF32 and bf16) on the GPU against the CPU reference: grouped-query
-    /// heads, a length across two tiles and a partial one, one token, head sizes 32, 64 and 128.
+    /// The flash kernels (TF32 and bf16) on the GPU against the f64 reference: grouped-query
+    /// heads, a length across two tiles and a partial one, one token, head sizes 32, 64 and 128,
+    /// and the passes' run-time check.
     #[test]
-    fn flash_attention_on_the_gpu_equals_autograd_on_the_cpu() {
+    fn flash_attention_on_the_gpu_equals_the_f64_reference() {
         let Ok(dev) = Device::new_cuda(0) else {
             assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
             return;
@@ -1346,76 +1375,33 @@ mod tests {
         if gpu.compute_major().unwrap() < 8 {
             return;
         }
-        let cpu = Device::Cpu;
         let shapes = [
             (2, 100, 4, 2, 64),
             (1, 70, 2, 2, 128),
             (1, 33, 2, 1, 32),
             (1, 97, 3, 1, 128),
             (3, 1, 2, 1, 64),
-        ];
-        for ((b, t, heads, kv, hd), bf16) in
-            shapes.into_iter().flat_map(|s| [(s, false), (s, true)])
+        ]
+        .map(|(b, t, heads, kv_heads, hd)| AttnShape {
+            b,
+            t,
+            heads,
+            kv_heads,
+            hd,
+        });
+        let checks = [32, 64, 128].map(Gpu::flash_check_shape);
+        for (s, bf16) in shapes
+            .into_iter()
+            .chain(checks)
+            .flat_map(|s| [(s, false), (s, true)])
         {
+            assert!(s.flash_fits(8));
             // The bf16 kernels with bf16 products.
             gpu.bf16 = bf16;
-            let s = AttnShape {
-                b,
-                t,
-                heads,
-                kv_heads: kv,
-                hd,
-            };
-            assert!(s.flash_fits(8));
-            let (c, ckv) = (heads * hd, kv * hd);
-            let x = [c, ckv, ckv, c].map(|cols| randn(0f32, 1.0, (b * t, cols), &cpu).unwrap());
-            let want = reference([&x[0], &x[1], &x[2], &x[3]], (b, t, heads, kv, hd));
-            let on = x.clone().map(|x| x.to_device(&dev).unwrap());
-            let guards = on.each_ref().map(|x| x.storage_and_layout());
-            let [q, k, v, g] = [0, 1, 2, 3].map(|i| Gpu::view(&guards[i].0, guards[i].1).unwrap());
-            let scale = 1.0 / (hd as f32).sqrt();
-            let o = gpu.uninit(b * t * c).unwrap();
-            let lse = gpu.uninit(b * heads * t).unwrap();
-            let qkv = (rows(q, c), rows(k, ckv), rows(v, ckv));
-            gpu.flash_attention(s, qkv, rows(o.dev(), c), lse.dev(), scale)
-                .unwrap();
-            let [dq, dk, dv, dots] = [b * t * c, b * t * ckv, b * t * ckv, b * heads * t]
-                .map(|n| gpu.uninit(n).unwrap());
-            let grads = (rows(dq.dev(), c), rows(dk.dev(), ckv), rows(dv.dev(), ckv));
-            gpu.flash_attention_bwd(
-                s,
-                qkv,
-                (rows(o.dev(), c), lse.dev()),
-                rows(g, c),
-                grads,
-                dots.dev(),
-                scale,
-            )
-            .unwrap();
-            let got = [
-                (&o, b * t * c),
-                (&lse, b * heads * t),
-                (&dq, b * t * c),
-                (&dk, b * t * ckv),
-                (&dv, b * t * ckv),
-            ];
-            for (i, ((buf, n), want)) in got.into_iter().zip(&want).enumerate() {
-                let got = gpu.download(buf, n).unwrap();
-                let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                // Inputs are standard normal: values and gradients of order 1 (dq and dk of a
-                // single token are 0).
-                let top = want.iter().fold(1f64, |m, x| m.max(x.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-                // TF32 products: a few 1e-4 of the largest value; bf16 operands: a few 1e-3.
-                let tol = if bf16 { 1.5e-2 } else { 3e-3 };
-                assert!(
-                    err < tol * top,
-                    "{hd}/{t} (bf16 {bf16}): output {i}: error {err} of {top}"
-                );
-            }
+            let err = gpu.flash_check(s).unwrap();
+            // TF32 products: a few 1e-4 of the largest value; bf16 operands: a few 1e-3.
+            let tol = if bf16 { 1.5e-2 } else { 3e-3 };
+            assert!(err < tol, "{s:?} (bf16 {bf16}): error {err}");
         }
     }
 }

@@ -14,6 +14,8 @@
 //! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
+//! - [`causal`]: causal attention and its gradients in f64, the reference the flash kernels are
+//!   checked against.
 //! - `cuda` (feature `cuda`): device buffers, cuBLAS products and the CUDA kernels of the
 //!   hand-written training passes.
 //! - [`nccl`]: NVIDIA's collective library opened at run time (data-parallel GPU training).
@@ -29,6 +31,7 @@ pub mod adamw;
 pub mod attend;
 pub mod blas;
 pub mod buffers;
+pub mod causal;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;

@@ -41,6 +41,37 @@ pub(super) fn flash_attention_chosen() -> bool {
     }
 }
 
+/// Whether the flash kernels passed their run-time check ([`Gpu::flash_check`] against the f64
+/// reference) on this GPU for head size `hd` in its precision: checked once per process, GPU, head
+/// size and precision. A failed check is reported once, and the caller keeps the probabilities
+/// (GPT-2) or differentiates the graph (Llama) instead.
+pub(super) fn flash_trusted(gpu: &Gpu, hd: usize) -> Result<bool> {
+    /// GPU, head size, bf16.
+    type Checked = (usize, usize, bool);
+    static CHECKED: std::sync::Mutex<Vec<(Checked, bool)>> = std::sync::Mutex::new(Vec::new());
+    let key = (gpu.ordinal(), hd, gpu.bf16);
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ok)) = checked.iter().find(|(k, _)| *k == key) {
+        return Ok(*ok);
+    }
+    let err = gpu.flash_check(Gpu::flash_check_shape(hd))?;
+    // TF32 tiles: a few 1e-4 of the largest value; bf16 operands: a few 1e-3.
+    let tol = if gpu.bf16 { 1.5e-2 } else { 3e-3 };
+    let ok = err < tol;
+    if !ok {
+        let precision = if gpu.bf16 { "bf16" } else { "TF32" };
+        eprintln!(
+            "warning: the flash attention kernels ({precision}, head size {hd}) differ from the \
+             f64 reference by {err:.1e} of the largest value on GPU {} (tolerance {tol:.0e}); \
+             attention runs without them (LMKIT_CUDA_ATTENTION=materialized chooses that and \
+             skips this check)",
+            gpu.ordinal()
+        );
+    }
+    checked.push((key, ok));
+    Ok(ok)
+}
+
 /// Logit elements made at a time (1 GiB of f32).
 const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
 
@@ -472,8 +503,10 @@ fn backprop(
     // The flash kernels use TF32 or bf16 products: with exact f32 products the probabilities are
     // kept.
     let reduced = gpu.tf32 || gpu.bf16;
-    heads.flash =
-        reduced && flash_attention_chosen() && heads.shape().flash_fits(gpu.compute_major()?);
+    heads.flash = reduced
+        && flash_attention_chosen()
+        && heads.shape().flash_fits(gpu.compute_major()?)
+        && flash_trusted(gpu, heads.hd)?;
     // LMKIT_CUDA_TIMING=1: each phase's time (the GPU synchronised at its end) on stderr.
     let timing = std::env::var_os("LMKIT_CUDA_TIMING").is_some();
     let mut phases: Vec<(&str, f64)> = Vec::new();

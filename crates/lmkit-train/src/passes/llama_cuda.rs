@@ -12,7 +12,7 @@
 //! adapters or a partial rotation — the caller differentiates the graph. Checked against candle's
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
-use super::gpt2_cuda::{column_sums, flash_attention_chosen, output_loss, product};
+use super::gpt2_cuda::{column_sums, flash_attention_chosen, flash_trusted, output_loss, product};
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu};
@@ -144,6 +144,7 @@ pub(super) fn pass(
         || !uniform
         || !d.attn().flash_fits(gpu.compute_major()?)
         || table.dtype() != candle_core::DType::F32
+        || !flash_trusted(&gpu, d.hd)?
     {
         return Ok(None);
     }
