@@ -418,31 +418,41 @@ mod tests {
             .unwrap()
     }
 
-    /// Rank 0's bytes reach every member (how the NCCL communicator's id travels).
-    #[test]
-    fn broadcast_sends_rank_0s_bytes() {
+    /// Runs `member` as each of the `world` members of a group (one thread each, joined with
+    /// `fingerprint`) and returns their results in rank order.
+    fn in_group<T: Send + 'static>(
+        world: usize,
+        fingerprint: u64,
+        member: fn(Group) -> T,
+    ) -> Vec<T> {
         let addr = free_addr();
-        let handles: Vec<_> = (0..3)
+        let handles: Vec<_> = (0..world)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let mut g = Group::join(rank, 3, addr, 7).unwrap();
-                    let mut id = [rank as u8; 128];
-                    if rank == 0 {
-                        id[5] = 99;
-                    }
-                    g.broadcast(&mut id).unwrap();
-                    // The group goes on after it.
-                    let mut x = [1.0f32];
-                    g.all_reduce_sum(&mut x).unwrap();
-                    (id, x[0])
+                    member(Group::join(rank, world, addr, fingerprint).unwrap())
                 })
             })
             .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Rank 0's bytes reach every member (how the NCCL communicator's id travels).
+    #[test]
+    fn broadcast_sends_rank_0s_bytes() {
+        let got = in_group(3, 7, |mut g| {
+            let mut id = [g.rank() as u8; 128];
+            if g.is_root() {
+                id[5] = 99;
+            }
+            g.broadcast(&mut id).unwrap();
+            // The group goes on after it.
+            let mut x = [1.0f32];
+            g.all_reduce_sum(&mut x).unwrap();
+            (id, x[0])
+        });
         let mut want = [0u8; 128];
         want[5] = 99;
-        for h in handles {
-            assert_eq!(h.join().unwrap(), (want, 3.0));
-        }
+        assert_eq!(got, vec![(want, 3.0); 3]);
         let mut g = Group::single();
         let mut one = [4u8];
         g.broadcast(&mut one).unwrap();
@@ -452,48 +462,34 @@ mod tests {
     /// Members on CPUs never make a GPU communicator, and exchange nothing for it.
     #[test]
     fn cpu_groups_have_no_gpu_collective() {
-        let addr = free_addr();
-        let handles: Vec<_> = (0..2)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut g = Group::join(rank, 2, addr, 8).unwrap();
-                    let joined = g.join_gpus(&candle_core::Device::Cpu).unwrap();
-                    let mut x = [rank as f32];
-                    g.all_reduce_sum(&mut x).unwrap();
-                    (joined, x[0])
-                })
-            })
-            .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap(), (None, 1.0));
-        }
+        let got = in_group(2, 8, |mut g| {
+            let joined = g.join_gpus(&candle_core::Device::Cpu).unwrap();
+            let mut x = [g.rank() as f32];
+            g.all_reduce_sum(&mut x).unwrap();
+            (joined, x[0])
+        });
+        assert_eq!(got, vec![(None, 1.0); 2]);
     }
 
     /// Three members in threads: each gets the sum, added in rank order.
     #[test]
     fn all_reduce_sums_in_rank_order() {
-        let addr = free_addr();
-        let handles: Vec<_> = (0..3)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut g = Group::join(rank, 3, addr, 42).unwrap();
-                    assert_eq!((g.rank(), g.world(), g.is_root()), (rank, 3, rank == 0));
-                    let mut x = vec![1e8f32, 1.0, rank as f32];
-                    if rank == 0 {
-                        x[1] = -1e8;
-                    }
-                    for _ in 0..3 {
-                        let mut y = x.clone();
-                        g.all_reduce_sum(&mut y).unwrap();
-                        // ((1e8 + 1e8) + 1e8): the order is fixed; 0 + 1 + 2 for the ranks.
-                        assert_eq!(y, vec![(1e8f32 + 1e8) + 1e8, (-1e8f32 + 1.0) + 1.0, 3.0]);
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        let ranks = in_group(3, 42, |mut g| {
+            let rank = g.rank();
+            assert_eq!((g.world(), g.is_root()), (3, rank == 0));
+            let mut x = vec![1e8f32, 1.0, rank as f32];
+            if rank == 0 {
+                x[1] = -1e8;
+            }
+            for _ in 0..3 {
+                let mut y = x.clone();
+                g.all_reduce_sum(&mut y).unwrap();
+                // ((1e8 + 1e8) + 1e8): the order is fixed; 0 + 1 + 2 for the ranks.
+                assert_eq!(y, vec![(1e8f32 + 1e8) + 1e8, (-1e8f32 + 1.0) + 1.0, 3.0]);
+            }
+            rank
+        });
+        assert_eq!(ranks, [0, 1, 2]);
     }
 
     #[test]
