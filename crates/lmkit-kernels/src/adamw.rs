@@ -14,7 +14,7 @@ pub struct Coeffs {
     pub bc2: f64,
     pub eps: f64,
     pub lr: f64,
-    /// 1 − lr·weight decay (1 for parameters without decay).
+    /// 1 − lr·weight decay: the factor on the parameters with weight decay (the others keep 1).
     pub keep: f64,
     /// Factor on the gradient (clipping).
     pub grad_scale: f64,
@@ -229,7 +229,9 @@ fn cuda_update_all(ops: &[Operands], k: &Coeffs, done: &mut [bool]) -> candle_co
         return Ok(());
     };
     let device = first.theta.device().clone();
-    let gpu = Gpu::of(&device).expect("a CUDA device");
+    let Some(gpu) = Gpu::of(&device) else {
+        return Ok(());
+    };
     let chosen: Vec<usize> = (0..ops.len())
         .filter(|&i| ops[i].theta.device().same_device(&device) && ops[i].fit())
         .collect();
@@ -240,7 +242,9 @@ fn cuda_update_all(ops: &[Operands], k: &Coeffs, done: &mut [bool]) -> candle_co
         let g4 = [o.theta, o.g, o.m, o.v].map(|t| t.storage_and_layout());
         let view = |j: usize| {
             let (st, l) = &g4[j];
-            Gpu::view(st, l).ok_or_else(|| candle_core::Error::Msg("adamw: a CUDA view".into()))
+            Gpu::view(st, l).ok_or_else(|| {
+                candle_core::Error::Msg("adamw: operands not contiguous f32 on the GPU".into())
+            })
         };
         params.push(AdamParam {
             theta: view(0)?,
