@@ -233,8 +233,9 @@ inline uint32_t tf32_bits(float f) {
 
 namespace emu {
 // An mma.sync over the warp: every lane posts its A and B registers, then each computes its
-// four results of D = A·B + D from the [16, k]·[k, 8] product assembled by `a_at(reg, half)`
-// and `b_at(reg, half)`, which give the (row, column) of a lane's register half.
+// four results of D = A·B + D from the [16, K]·[K, 8] product assembled by
+// `a_at(lane, reg, half)` and `b_at(lane, reg, half)`, the (row, column) of each lane's register
+// halves (`halves` per register: 2 for bf16 pairs, 1 for TF32), read by `value(reg, half)`.
 template <int K, class AAt, class BAt, class Value>
 void warp_mma(float* d, const uint32_t* a, const uint32_t* b, int halves, AAt a_at, BAt b_at,
               Value value) {
