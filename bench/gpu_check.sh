@@ -186,9 +186,10 @@ save_every = 1000
 device = "cuda"
 TOML
 for att in flash materialized; do
-  LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$tmp/llama.toml" --set "train.out_dir=\"$tmp/llama-$att\"" \
-    2>"$out/llama-$att.log" || failed+=("llama $att")
+  LMKIT_CUDA_TIMING=1 LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$tmp/llama.toml" \
+    --set "train.out_dir=\"$tmp/llama-$att\"" 2>"$out/llama-$att.log" || failed+=("llama $att")
 done
+grep "cuda pass" "$out/llama-flash.log" | tail -3
 "$py" - "$tmp" <<'PY'
 import json, sys
 runs = {a: [r for r in map(json.loads, open(f"{sys.argv[1]}/llama-{a}/metrics.jsonl")) if "loss" in r and "step" in r]

@@ -336,17 +336,70 @@ fn norm_bwd(
     ))
 }
 
-/// Runs `f`; with `on`, adds its time to `ms` (the GPU synchronised before and after).
-fn timed(gpu: &Gpu, on: bool, ms: &mut f64, f: impl FnOnce() -> Result<()>) -> Result<()> {
-    if !on {
-        return f();
+/// LMKIT_CUDA_TIMING=1: a pass's phases and, within them, attention's forward and backward time
+/// (the GPU synchronised at each end), printed on stderr; without it, nothing is synchronised.
+pub(super) struct PassTimer {
+    on: bool,
+    clock: std::time::Instant,
+    phases: Vec<(&'static str, f64)>,
+    attention: [f64; 2],
+}
+
+impl PassTimer {
+    pub(super) fn new() -> PassTimer {
+        PassTimer {
+            on: std::env::var_os("LMKIT_CUDA_TIMING").is_some(),
+            clock: std::time::Instant::now(),
+            phases: Vec::new(),
+            attention: [0.0; 2],
+        }
     }
-    gpu.synchronize()?;
-    let clock = std::time::Instant::now();
-    f()?;
-    gpu.synchronize()?;
-    *ms += clock.elapsed().as_secs_f64() * 1e3;
-    Ok(())
+
+    /// Ends phase `what`.
+    pub(super) fn mark(&mut self, gpu: &Gpu, what: &'static str) -> Result<()> {
+        if self.on {
+            gpu.synchronize()?;
+            let ms = self.clock.elapsed().as_secs_f64() * 1e3;
+            self.phases.push((what, ms));
+            self.clock = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Runs attention's forward (or backward) pass `f`, timed.
+    pub(super) fn attention(
+        &mut self,
+        gpu: &Gpu,
+        backward: bool,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.on {
+            return f();
+        }
+        gpu.synchronize()?;
+        let clock = std::time::Instant::now();
+        f()?;
+        gpu.synchronize()?;
+        self.attention[usize::from(backward)] += clock.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    }
+
+    /// Prints the phases and attention's share (`kind`: which attention ran).
+    pub(super) fn report(&self, kind: &str) {
+        if !self.on {
+            return;
+        }
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(w, ms)| format!("{w} {ms:.2} ms"))
+            .collect();
+        let [fwd, bwd] = self.attention;
+        eprintln!(
+            "cuda pass: {} (attention, {kind}: forward {fwd:.2} ms, backward {bwd:.2} ms)",
+            parts.join(", ")
+        );
+    }
 }
 
 /// `a · b` into a new [rows, cols] buffer.
@@ -507,20 +560,7 @@ fn backprop(
         && flash_attention_chosen()
         && heads.shape().flash_fits(gpu.compute_major()?)
         && flash_trusted(gpu, heads.hd)?;
-    // LMKIT_CUDA_TIMING=1: each phase's time (the GPU synchronised at its end) on stderr.
-    let timing = std::env::var_os("LMKIT_CUDA_TIMING").is_some();
-    let mut phases: Vec<(&str, f64)> = Vec::new();
-    let mut clock = std::time::Instant::now();
-    let mut mark = |what: &'static str| -> Result<()> {
-        if timing {
-            gpu.synchronize()?;
-            phases.push((what, clock.elapsed().as_secs_f64() * 1e3));
-            clock = std::time::Instant::now();
-        }
-        Ok(())
-    };
-    // Within the blocks' phases: attention's forward and backward time.
-    let mut attention_ms = [0.0f64; 2];
+    let mut timer = PassTimer::new();
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
     let lm = p.lm_head.unwrap_or(p.wte);
@@ -544,7 +584,7 @@ fn backprop(
         let qkv = conv1d(gpu, None, a1.dev(), (w.c_attn_w, w.c_attn_b), (n, 3 * c, c))?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
-        timed(gpu, timing, &mut attention_ms[0], || {
+        timer.attention(gpu, false, || {
             attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)
         })?;
         let attn_proj = (w.attn_proj_w, w.attn_proj_b);
@@ -579,7 +619,7 @@ fn backprop(
             g,
         });
     }
-    mark("blocks forward")?;
+    timer.mark(gpu, "blocks forward")?;
     let lnf = gpu.uninit(2 * n)?;
     let hf = gpu.uninit(n * c)?;
     gpu.layer_norm(
@@ -594,7 +634,7 @@ fn backprop(
 
     let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
 
-    mark("output layer + loss")?;
+    timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
     let ones = gpu.uninit(n)?;
@@ -634,7 +674,7 @@ fn backprop(
             conv1d_bwd(gpu, ones, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
-        timed(gpu, timing, &mut attention_ms[1], || {
+        timer.attention(gpu, true, || {
             attention_bwd(gpu, kept, dy.dev(), dqkv.dev(), heads)
         })?;
         drop(dy);
@@ -661,7 +701,7 @@ fn backprop(
         });
     }
     blocks.reverse();
-    mark("blocks backward")?;
+    timer.mark(gpu, "blocks backward")?;
 
     // Embeddings: rows of dx back to their token's and position's rows.
     let tied = p.lm_head.is_none();
@@ -672,23 +712,12 @@ fn backprop(
     };
     let wpe = gpu.zeros(d.positions * c)?;
     gpu.embed_bwd(wte.dev(), wpe.dev(), dx.dev(), ids_d.dev(), (b, t, c), v)?;
-    mark("embeddings backward")?;
-    if timing {
-        let parts: Vec<String> = phases
-            .iter()
-            .map(|(w, ms)| format!("{w} {ms:.2} ms"))
-            .collect();
-        let [fwd, bwd] = attention_ms;
-        let kind = if heads.flash {
-            "flash"
-        } else {
-            "kept probabilities"
-        };
-        eprintln!(
-            "cuda pass: {} (attention, {kind}: forward {fwd:.2} ms, backward {bwd:.2} ms)",
-            parts.join(", ")
-        );
-    }
+    timer.mark(gpu, "embeddings backward")?;
+    timer.report(if heads.flash {
+        "flash"
+    } else {
+        "kept probabilities"
+    });
     Ok((
         loss,
         Gpt2Params {

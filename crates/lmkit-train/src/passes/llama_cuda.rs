@@ -12,7 +12,9 @@
 //! adapters or a partial rotation — the caller differentiates the graph. Checked against candle's
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
-use super::gpt2_cuda::{column_sums, flash_attention_chosen, flash_trusted, output_loss, product};
+use super::gpt2_cuda::{
+    column_sums, flash_attention_chosen, flash_trusted, output_loss, product, PassTimer,
+};
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu};
@@ -246,6 +248,7 @@ fn backprop(
     let table = p[p.len() - 1];
     let attn = d.attn();
     let att_scale = 1.0 / (d.hd as f32).sqrt();
+    let mut timer = PassTimer::new();
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
 
@@ -278,7 +281,9 @@ fn backprop(
             rows(qkv.dev().at(qd)?, w),
             rows(qkv.dev().at(qd + kvd)?, w),
         );
-        gpu.flash_attention(attn, packed, rows(y.dev(), qd), lse.dev(), att_scale)?;
+        timer.attention(gpu, false, || {
+            gpu.flash_attention(attn, packed, rows(y.dev(), qd), lse.dev(), att_scale)
+        })?;
         let xm = copied(gpu, x.dev(), n * c)?;
         linear(gpu, y.dev(), *wo, (n, c, qd), (xm.dev(), c), true)?;
         let (a2, r2) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
@@ -315,10 +320,12 @@ fn backprop(
             g,
         });
     }
+    timer.mark(gpu, "layers forward")?;
     let (hf, rf) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
     gpu.rms_norm((hf.dev(), rf.dev()), x.dev(), norm, (n, c), d.eps)?;
 
     let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
+    timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
     let ones = gpu.uninit(n)?;
@@ -386,15 +393,18 @@ fn backprop(
         let packed = |m: Dev<f32>| -> Result<_> {
             Ok((rows(m, w), rows(m.at(qd)?, w), rows(m.at(qd + kvd)?, w)))
         };
-        gpu.flash_attention_bwd(
-            attn,
-            packed(s.qkv.dev())?,
-            (rows(s.y.dev(), qd), s.lse.dev()),
-            rows(dy.dev(), qd),
-            packed(dqkv.dev())?,
-            dots.dev(),
-            att_scale,
-        )?;
+        let (kept, grads_at) = (packed(s.qkv.dev())?, packed(dqkv.dev())?);
+        timer.attention(gpu, true, || {
+            gpu.flash_attention_bwd(
+                attn,
+                kept,
+                (rows(s.y.dev(), qd), s.lse.dev()),
+                rows(dy.dev(), qd),
+                grads_at,
+                dots.dev(),
+                att_scale,
+            )
+        })?;
         drop(dy);
         // Gradients of q and k before their rotation.
         gpu.rope(dqkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), true)?;
@@ -413,6 +423,7 @@ fn backprop(
         grads.push(vec![d_in, d_q, d_k, d_v, d_o, d_post, d_gate, d_up, d_down]);
     }
     grads.reverse();
+    timer.mark(gpu, "layers backward")?;
 
     // Embeddings: rows of dx added to their token's row (into the output layer's gradient when
     // the two are one matrix).
@@ -422,6 +433,8 @@ fn backprop(
         (gpu.zeros(v * c)?, Some(dlm))
     };
     gpu.scatter_add_rows(d_embed.dev(), dxd, ids_d.dev(), (n, c), v)?;
+    timer.mark(gpu, "embeddings backward")?;
+    timer.report("flash");
     let mut out = vec![d_embed];
     out.extend(grads.into_iter().flatten());
     out.push(d_norm);
