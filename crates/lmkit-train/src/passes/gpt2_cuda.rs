@@ -55,8 +55,7 @@ pub(super) fn flash_trusted(gpu: &Gpu, hd: usize) -> Result<bool> {
         return Ok(*ok);
     }
     let err = gpu.flash_check(Gpu::flash_check_shape(hd))?;
-    // TF32 tiles: a few 1e-4 of the largest value; bf16 operands: a few 1e-3.
-    let tol = if gpu.bf16 { 1.5e-2 } else { 3e-3 };
+    let tol = gpu.flash_tolerance();
     let ok = err < tol;
     if !ok {
         let precision = if gpu.bf16 { "bf16" } else { "TF32" };
