@@ -20,5 +20,9 @@ cargo test --release --locked --workspace
 # The kernels and the hand-written training passes once more on lmkit's built-in matrix product
 # (what runs where no BLAS library is installed); same test binaries, filtered.
 LMKIT_BLAS=builtin cargo test --release --locked --workspace -- gemm:: blas:: recurrent:: padded_attention:: passes::
+# The GPU passes and the CUDA kernels on lmkit-kernels' emulated GPU (feature cuda-emu: the kernels'
+# source compiled for the CPU, no GPU or CUDA toolkit needed), held to the autograd graph.
+cargo test --release --locked -p lmkit-kernels -p lmkit-train \
+  --features lmkit-kernels/cuda-emu,lmkit-train/cuda-emu -- cuda
 # The binary cargo just built (in $CARGO_TARGET_DIR when that is set).
 LMKIT_BIN="${CARGO_TARGET_DIR:-$root/target}/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity tests/hostile

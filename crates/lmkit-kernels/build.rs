@@ -2,6 +2,8 @@
 //! with nvcc (found as
 //! candle's build finds it: `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME` or the PATH) for the compute
 //! capability in `CUDA_COMPUTE_CAP` (default 80); newer GPUs compile the PTX when it is loaded.
+//! With `cuda-emu` (and not `cuda`), compiles the same kernels against the CPU emulation
+//! (`src/cuda/emulated.cpp`, `src/cuda/emu.h`) with the system's C++20 compiler instead.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,6 +18,8 @@ fn main() {
     }
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        #[cfg(feature = "cuda-emu")]
+        emulation();
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -46,4 +50,20 @@ fn main() {
             });
         assert!(status.success(), "nvcc failed on src/cuda/{file}.cu");
     }
+}
+
+/// The kernels on the CPU for the `cuda-emu` feature: a static library of `emulated.cpp`.
+#[cfg(feature = "cuda-emu")]
+fn emulation() {
+    for file in ["emulated.cpp", "emu.h"] {
+        println!("cargo::rerun-if-changed=src/cuda/{file}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .file("src/cuda/emulated.cpp")
+        .flag("-pthread")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .opt_level(2)
+        .compile("lmkit_cuda_emu");
 }

@@ -1,8 +1,8 @@
 // The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32 and bf16) on the CPU
-// (cuda_emu.h), launched as crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared
+// (crates/lmkit-kernels/src/cuda/emu.h), launched as crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared
 // library for tests/parity/test_cuda_kernels.py. Built by the test:
 //   g++ -std=c++20 -O2 -shared -fPIC -pthread -o attention_emu.so tests/cuda_emu/attention_emu.cpp
-#include "cuda_emu.h"
+#include "../../crates/lmkit-kernels/src/cuda/emu.h"
 
 #include "../../crates/lmkit-kernels/src/cuda/attention.cu"
 

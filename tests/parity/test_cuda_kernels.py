@@ -1,5 +1,5 @@
 """The CUDA kernels of the GPU training passes (crates/lmkit-kernels/src/cuda/*.cu) against PyTorch,
-run on the CPU: the kernel source compiles against tests/cuda_emu/cuda_emu.h, which runs each
+run on the CPU: the kernel source compiles against crates/lmkit-kernels/src/cuda/emu.h, which runs each
 block's threads as OS threads and the tensor-core tiles as TF32 products. Their results here are
 what the GPU computes up to the order of additions, so a wrong mask, index, tile boundary or
 missing synchronisation shows without a GPU (tests that run on one: the cuda tests of

@@ -17,7 +17,7 @@
 //! - [`causal`]: causal attention and its gradients in f64, the reference the flash kernels are
 //!   checked against.
 //! - `cuda` (feature `cuda`): device buffers, cuBLAS products and the CUDA kernels of the
-//!   hand-written training passes.
+//!   hand-written training passes (feature `cuda-emu`: the same on an emulated GPU, for tests).
 //! - [`nccl`]: NVIDIA's collective library opened at run time (data-parallel GPU training).
 //! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
@@ -32,7 +32,7 @@ pub mod attend;
 pub mod blas;
 pub mod buffers;
 pub mod causal;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 pub mod fused;
 pub mod gemm;

@@ -150,7 +150,7 @@ pub(super) fn pass(
         return Ok(None);
     };
     // TF32 products where candle's f32 products use them (`train.tf32`).
-    gpu.tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    gpu.tf32 = lmkit_kernels::cuda::tf32_products();
     let guards = tensors.clone().map(|p| p.storage_and_layout());
     let data = guards.as_ref().try_map(|(st, l)| {
         let storage: &candle_core::Storage = st;
@@ -755,25 +755,28 @@ pub(crate) mod tests {
         }
     }
 
-    /// `pass`'s loss and gradients for ids `x` → targets `y` (on the CPU) moved to `cuda`, its
-    /// products in TF32 when `tf32` (the switch is reset after).
+    /// A GPU pass's loss and gradients for ids, targets and a scale.
+    pub(crate) type GpuPass<'a> =
+        dyn Fn(&Tensor, &Tensor, f64) -> candle_core::Result<Option<LossAndGrads>> + 'a;
+
+    /// The GPU pass's loss and gradients for ids `x` → targets `y` (on the CPU) moved to `cuda`,
+    /// its products in TF32 when `tf32` (the switch is reset after).
     pub(crate) fn run_on_gpu(
-        pass: &dyn TrainPass,
+        pass: &GpuPass,
         (x, y): (&Tensor, &Tensor),
         scale: f64,
         tf32: bool,
         cuda: &Device,
     ) -> LossAndGrads {
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(tf32);
-        let ours = pass
-            .loss_and_grads(
-                &x.to_device(cuda).unwrap(),
-                &y.to_device(cuda).unwrap(),
-                scale,
-            )
-            .unwrap()
-            .expect("the GPU pass applies");
-        candle_core::cuda_backend::set_gemm_reduced_precision_f32(false);
+        lmkit_kernels::cuda::set_tf32_products(tf32);
+        let ours = pass(
+            &x.to_device(cuda).unwrap(),
+            &y.to_device(cuda).unwrap(),
+            scale,
+        )
+        .unwrap()
+        .expect("the GPU pass applies");
+        lmkit_kernels::cuda::set_tf32_products(false);
         ours
     }
 
@@ -836,7 +839,17 @@ pub(crate) mod tests {
         let y = Tensor::from_vec(tg, (b, t), &cpu).unwrap();
         let scale = 0.5;
 
-        let ours = run_on_gpu(&Gpt2Pass(&on_gpu), (&x, &y), scale, tf32, &cuda);
+        // Through the model's `TrainPass` on a GPU; the emulated GPU's tensors are on the CPU,
+        // where that would choose the CPU pass, so the GPU pass is called directly.
+        let gelu = act != "relu";
+        let gpu_pass = |x: &Tensor, y: &Tensor, scale| {
+            if cfg!(feature = "cuda") {
+                return Gpt2Pass(&on_gpu).loss_and_grads(x, y, scale);
+            }
+            let (ids, tg, bt) = crate::passes::ids_and_targets("GPT-2", x, y)?;
+            super::pass(&on_gpu, &on_gpu.params(), gelu, &ids, &tg, bt, scale)
+        };
+        let ours = run_on_gpu(&gpu_pass, (&x, &y), scale, tf32, &cuda);
 
         let (want_loss, g) = autograd_reference(&model, &x, &y, scale);
         assert_matches(&ours, (want_loss, &g), (&vm, &vm_gpu), tol);

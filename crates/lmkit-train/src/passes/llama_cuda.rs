@@ -116,7 +116,7 @@ pub(super) fn pass(
     let Some(mut gpu) = Gpu::of(tensors[0].device()) else {
         return Ok(None);
     };
-    gpu.tf32 = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    gpu.tf32 = lmkit_kernels::cuda::tf32_products();
     let reduced = gpu.tf32 || gpu.bf16;
     if !reduced || !flash_attention_chosen() {
         return Ok(None);
@@ -447,6 +447,7 @@ mod tests {
     use crate::passes::gpt2_cuda::tests::{assert_matches, randomize_both, run_on_gpu};
     use crate::passes::llama::LlamaPass;
     use crate::passes::testing::{gpu, tokens};
+    use crate::passes::TrainPass;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
     use lmkit_models::llama::Llama;
@@ -479,7 +480,15 @@ mod tests {
         let scale = 0.5;
 
         crate::passes::gpt2_cuda::set_flash_attention(true);
-        let ours = run_on_gpu(&LlamaPass(&on_gpu), (&x, &y), scale, true, &cuda);
+        // As the GPT-2 pass's test: directly on the emulated GPU.
+        let gpu_pass = |x: &Tensor, y: &Tensor, scale| {
+            if cfg!(feature = "cuda") {
+                return LlamaPass(&on_gpu).loss_and_grads(x, y, scale);
+            }
+            let (ids, tg, bt) = crate::passes::ids_and_targets("Llama", x, y)?;
+            super::pass(&on_gpu, &ids, &tg, bt, scale)
+        };
+        let ours = run_on_gpu(&gpu_pass, (&x, &y), scale, true, &cuda);
 
         // The reference: the autograd graph of the same model on the CPU.
         let mut cache = KvCache::single_pass(model.num_layers());

@@ -9,10 +9,14 @@
 pub mod bart;
 pub mod bert;
 pub mod gpt2;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+// With only `cuda-emu`, the passes are reached from their tests alone.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod gpt2_cuda;
 pub mod llama;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+// With only `cuda-emu`, the passes are reached from their tests alone.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod llama_cuda;
 mod params;
 mod post_norm;
@@ -228,6 +232,14 @@ pub(crate) mod testing {
     use super::LossAndGrads;
     use candle_core::{DType, Tensor};
     use candle_nn::VarMap;
+
+    /// The GPU, or `None` where there is none (then the test passes without checking, unless
+    /// LMKIT_REQUIRE_CUDA is set). With the `cuda-emu` feature instead of `cuda`: the CPU, whose
+    /// tensors the emulated GPU of `lmkit_kernels::cuda` works on.
+    #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+    pub(crate) fn gpu() -> Option<candle_core::Device> {
+        Some(candle_core::Device::Cpu)
+    }
 
     /// The GPU, or `None` where there is none (then the test passes without checking, unless
     /// LMKIT_REQUIRE_CUDA is set).

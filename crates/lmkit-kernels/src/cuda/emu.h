@@ -1,10 +1,11 @@
 // A CPU stand-in for the parts of CUDA that lmkit's kernels use, so that their source — the .cu
 // files the GPU runs — compiles with a C++20 compiler and can be checked where there is no GPU
-// (tests/parity/test_cuda_kernels.py).
+// (tests/parity/test_cuda_kernels.py, and the `cuda-emu` feature's GPU: cuda/emulated.cpp).
 //
-// Each block's threads run as OS threads, one block at a time, so a `__shared__` array (static
-// here) belongs to the running block. __syncthreads and __syncwarp are barriers; a thread that
-// returns leaves both. Warp shuffles exchange through per-thread slots between two warp
+// Each block's threads run as contexts on one OS thread, resumed in turn, one block at a time,
+// so a `__shared__` array (static here) belongs to the running block. __syncthreads and
+// __syncwarp are barriers (a thread runs until it waits at one, so one missing shows as reads
+// of what other threads have not written yet); a thread that returns leaves both. Warp shuffles exchange through per-thread slots between two warp
 // barriers. Dynamic shared memory is filled with NaNs before each block, so a kernel that reads
 // what it never wrote shows it. `mma_bf16` and `mma_tf32` (attention.cu's mma.sync m16n8k16
 // and m16n8k8) are warp-collective as on the GPU: every lane posts its fragment registers, the
@@ -20,16 +21,16 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <ucontext.h>
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -37,35 +38,129 @@ struct dim3 {
 
 namespace emu {
 
+// A barrier: `alive` threads take part (a thread that returns leaves it), `arrived` wait, and
+// `gen` counts its releases.
+struct Sync {
+  unsigned alive = 0, arrived = 0;
+  uint64_t gen = 0;
+};
+
 struct Block {
-  std::barrier<> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  Sync all;
+  std::vector<Sync> warps;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
   std::vector<std::array<uint32_t, 10>> mma;  // one mma.sync operand slot per thread
-  explicit Block(unsigned n) : all(n), slots(n), mma(n) {
-    for (unsigned w = 0; w * 32 < n; w++)
-      warps.emplace_back(new std::barrier<>(std::min(32u, n - w * 32)));
+  explicit Block(unsigned n) : slots(n), mma(n) {
+    all.alive = n;
+    for (unsigned w = 0; w * 32 < n; w++) warps.push_back(Sync{std::min(32u, n - w * 32), 0, 0});
   }
 };
 
-inline thread_local dim3 thread_idx, block_idx;
-inline dim3 block_dim, grid_dim;
-inline thread_local Block* block = nullptr;
+// The running block and thread (the scheduler sets them before it resumes a thread).
+inline dim3 thread_idx, block_idx, block_dim, grid_dim;
+inline Block* block = nullptr;
+inline unsigned current = 0;
 inline unsigned char* dynamic_shared = nullptr;
+
+// The scheduler's context, one per thread of the block, and what the scheduler watches: every
+// arrival at a barrier, release and return counts as progress; `finished`: the thread it
+// resumed has returned.
+inline ucontext_t scheduler;
+inline std::vector<ucontext_t> fibers;
+inline uint64_t progress = 0;
+inline bool finished = false;
+inline void (*body)(void*) = nullptr;
+inline void* body_arg = nullptr;
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda emulation: %s\n", what);
   std::abort();
 }
 
-inline unsigned linear_thread() {
-  return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+inline unsigned linear_thread() { return current; }
+
+// Back to the scheduler, which resumes the block's other threads in turn.
+inline void yield() {
+  if (swapcontext(&fibers[current], &scheduler) != 0) fail("swapcontext");
 }
 
-inline std::barrier<>& warp_barrier() { return *block->warps[linear_thread() / 32]; }
+// Waits until every thread taking part has arrived.
+inline void wait(Sync& s) {
+  progress++;
+  uint64_t g = s.gen;
+  if (++s.arrived == s.alive) {
+    s.arrived = 0;
+    s.gen++;
+    return;
+  }
+  while (s.gen == g) yield();
+}
+
+// A returning thread leaves `s`; the others may now all be waiting.
+inline void leave(Sync& s) {
+  progress++;
+  s.alive--;
+  if (s.alive > 0 && s.arrived == s.alive) {
+    s.arrived = 0;
+    s.gen++;
+  }
+}
+
+inline Sync& warp_sync() { return block->warps[linear_thread() / 32]; }
+
+inline void thread_entry() {
+  body(body_arg);
+  leave(warp_sync());
+  leave(block->all);
+  finished = true;
+}  // returns to the scheduler (uc_link)
+
+// Bytes of stack each emulated thread has.
+constexpr size_t STACK = 256 << 10;
+
+// The scheduler's state, in globals rather than locals: swapcontext returns into the scheduler
+// as setjmp would, so nothing it keeps may live only in registers.
+inline unsigned live = 0;
+inline uint64_t progress_before = 0;
+inline std::vector<char> done;
+
+// Runs the current block's `block_dim` threads, each on a context of its own, until all return.
+inline void run_block(unsigned char* stacks) {
+  unsigned n = block_dim.x * block_dim.y * block_dim.z;
+  done.assign(n, 0);
+  for (current = 0; current < n; current++) {
+    ucontext_t& f = fibers[current];
+    if (getcontext(&f) != 0) fail("getcontext");
+    f.uc_stack.ss_sp = stacks + size_t(current) * STACK;
+    f.uc_stack.ss_size = STACK;
+    f.uc_link = &scheduler;
+    makecontext(&f, thread_entry, 0);
+  }
+  live = n;
+  while (live > 0) {
+    progress_before = progress;
+    for (current = 0; current < done.size(); current++) {
+      if (done[current]) continue;
+      unsigned i = current, x = block_dim.x, y = block_dim.y;
+      thread_idx = {i % x, i / x % y, i / (x * y)};
+      finished = false;
+      if (swapcontext(&scheduler, &fibers[current]) != 0) fail("swapcontext");
+      if (finished) {
+        done[current] = 1;
+        live--;
+      }
+    }
+    if (live > 0 && progress == progress_before)
+      fail("deadlock: the block's threads wait at different barriers");
+  }
+}
 
 // Runs `kernel()` as a grid of `grid` blocks of `threads` threads with `shared_bytes` of dynamic
-// shared memory.
+// shared memory, one block at a time. A block's threads are contexts (ucontext) on one OS
+// thread, resumed in turn by a scheduler: a thread runs until it waits at a barrier or returns,
+// so barriers and warp exchanges cost a context switch, not an OS thread's wake-up. Threads that
+// wait at different barriers forever (a __syncthreads a thread skips) stop the run with a
+// message. Not reentrant: one launch at a time per process.
 template <class F>
 void launch(dim3 grid, dim3 threads, size_t shared_bytes, F kernel) {
   unsigned n = threads.x * threads.y * threads.z;
@@ -75,25 +170,27 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, F kernel) {
   size_t bytes = (shared_bytes + 127) / 128 * 128 + 128;
   unsigned char* mem = static_cast<unsigned char*>(std::aligned_alloc(128, bytes));
   if (!mem) fail("out of memory for shared memory");
+  dynamic_shared = mem;
+  // The threads' stacks, kept from launch to launch (touched pages stay mapped).
+  static std::unique_ptr<unsigned char[]> stacks;
+  static unsigned stacks_for = 0;
+  if (stacks_for < n) {
+    stacks.reset(new unsigned char[size_t(n) * STACK]);
+    stacks_for = n;
+  }
+  fibers.assign(n, ucontext_t{});
+  body = [](void* k) { (*static_cast<F*>(k))(); };
+  body_arg = &kernel;
   for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
       for (unsigned bx = 0; bx < grid.x; bx++) {
         std::memset(mem, 0xff, bytes);  // NaN floats
-        dynamic_shared = mem;
         Block b(n);
-        std::vector<std::thread> ts;
-        ts.reserve(n);
-        for (unsigned i = 0; i < n; i++)
-          ts.emplace_back([&, i] {
-            thread_idx = {i % threads.x, i / threads.x % threads.y, i / (threads.x * threads.y)};
-            block_idx = {bx, by, bz};
-            block = &b;
-            kernel();
-            b.warps[i / 32]->arrive_and_drop();
-            b.all.arrive_and_drop();
-          });
-        for (auto& t : ts) t.join();
+        block = &b;
+        block_idx = {bx, by, bz};
+        run_block(stacks.get());
       }
+  block = nullptr;
   std::free(mem);
   dynamic_shared = nullptr;
 }
@@ -103,12 +200,12 @@ T exchange(T v, int from_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   unsigned me = linear_thread(), lane = me % 32, base = me - lane;
   std::memcpy(&block->slots[me], &v, sizeof(T));
-  warp_barrier().arrive_and_wait();
+  wait(warp_sync());
   unsigned src = base + static_cast<unsigned>(from_lane);
   if (from_lane < 0 || from_lane >= 32 || src >= block->slots.size()) src = me;
   T r;
   std::memcpy(&r, &block->slots[src], sizeof(T));
-  warp_barrier().arrive_and_wait();
+  wait(warp_sync());
   return r;
 }
 
@@ -128,8 +225,8 @@ T exchange(T v, int from_lane) {
 #define gridDim (emu::grid_dim)
 #define LMKIT_DYNAMIC_SHARED(name) unsigned char* name = emu::dynamic_shared
 
-inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier().arrive_and_wait(); }
+inline void __syncthreads() { emu::wait(emu::block->all); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::warp_sync()); }
 
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {

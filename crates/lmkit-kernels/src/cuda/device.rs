@@ -1,0 +1,455 @@
+//! The CUDA side of [`super::Gpu`]: device memory, cuBLAS products and kernel launches on
+//! candle's stream for the device, and NCCL communicators.
+
+use super::{int, Arg, Batched, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::marker::PhantomData;
+
+/// The modules of `cuda/train.cu` and `cuda/attention.cu`: a name and its PTX.
+const TRAIN_KERNELS: (&str, &str) = (
+    "lmkit_train",
+    include_str!(concat!(env!("OUT_DIR"), "/train.ptx")),
+);
+const ATTENTION_KERNELS: (&str, &str) = (
+    "lmkit_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+);
+
+/// What a [`Buf`] may hold.
+pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits> Elem for T {}
+
+pub(super) type Store<T> = CudaSlice<T>;
+
+/// The device and its cuBLAS handle.
+pub(super) struct Hw {
+    dev: CudaDevice,
+    blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
+}
+
+/// Whether f32 products run on the TF32 tensor cores: candle's switch (`train.tf32`), which its
+/// own products follow too.
+pub fn tf32_products() -> bool {
+    candle_core::cuda_backend::gemm_reduced_precision_f32()
+}
+
+/// Sets [`tf32_products`].
+pub fn set_tf32_products(on: bool) {
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(on)
+}
+
+impl Gpu {
+    fn fail<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
+        move |e| candle_core::Error::Msg(format!("cuda {what}: {e:?}"))
+    }
+
+    /// The GPU of `device`, or `None` for other devices.
+    pub fn of(device: &Device) -> Option<Gpu> {
+        match device {
+            Device::Cuda(dev) => Some(Gpu::on(dev)),
+            _ => None,
+        }
+    }
+
+    /// The GPU a CUDA storage lives on.
+    pub fn of_storage(storage: &CudaStorage) -> Gpu {
+        Gpu::on(&storage.device)
+    }
+
+    fn on(dev: &CudaDevice) -> Gpu {
+        Gpu {
+            hw: Hw {
+                blas: dev.cublas_handle(),
+                dev: dev.clone(),
+            },
+            tf32: true,
+            bf16: BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn buf<T: Elem>(&self, slice: CudaSlice<T>) -> Buf<T> {
+        let stream = self.hw.dev.cuda_stream();
+        let addr = {
+            let (addr, _sync) = slice.device_ptr(&stream);
+            addr
+        };
+        let len = slice.len();
+        Buf {
+            dev: Dev {
+                addr,
+                len,
+                _t: PhantomData,
+            },
+            store: slice,
+        }
+    }
+
+    /// `len` zeros.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
+        let s = self
+            .dev
+            .cuda_stream()
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(Self::fail("alloc"))?;
+        Ok(self.buf(s))
+    }
+
+    /// `len` elements the caller writes before reading.
+    pub fn uninit(&self, len: usize) -> Result<Buf<f32>> {
+        // SAFETY: the buffer is only read by kernels and products after they have written it
+        // (each pass writes every element of its scratch buffers first).
+        let s = unsafe { self.hw.dev.cuda_stream().alloc::<f32>(len.max(1)) }
+            .map_err(Self::fail("alloc"))?;
+        Ok(self.buf(s))
+    }
+
+    pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
+        let s = self
+            .dev
+            .cuda_stream()
+            .clone_htod(data)
+            .map_err(Self::fail("upload"))?;
+        Ok(self.buf(s))
+    }
+
+    /// The GPU's index.
+    pub fn ordinal(&self) -> usize {
+        self.hw.dev.cuda_stream().context().ordinal()
+    }
+
+    pub fn download<T: Elem>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
+        let v = self
+            .dev
+            .cuda_stream()
+            .clone_dtoh(&buf.store.slice(..len))
+            .map_err(Self::fail("download"))?;
+        Ok(v)
+    }
+
+    /// A tensor over the buffer's first `shape.elem_count()` elements (the buffer moves into it).
+    pub fn into_tensor(&self, buf: Buf<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let mut slice = buf.store;
+        if slice.len() != shape.elem_count() {
+            if slice.len() < shape.elem_count() {
+                candle_core::bail!("cuda: a buffer of {} for {shape:?}", slice.len());
+            }
+            let part = self
+                .dev
+                .cuda_stream()
+                .clone_dtod(&slice.slice(..shape.elem_count()))
+                .map_err(Self::fail("copy"))?;
+            slice = part;
+        }
+        let storage = CudaStorage::wrap_cuda_slice(slice, self.hw.dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// The f32 data of a contiguous tensor on this GPU (the storage must stay borrowed while the
+    /// address is used), or `None` for another device, dtype or a strided view.
+    pub fn view(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
+        let Storage::Cuda(cs) = storage else {
+            return None;
+        };
+        Self::view_cuda(cs, layout)
+    }
+
+    /// [`Gpu::view`] of a CUDA storage.
+    pub fn view_cuda(cs: &CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
+        let slice = cs.as_cuda_slice::<f32>().ok()?;
+        let (start, end) = layout.contiguous_offsets()?;
+        let stream = cs.device.cuda_stream();
+        let (addr, _sync) = slice.device_ptr(&stream);
+        let all = Dev::<f32> {
+            addr,
+            len: slice.len(),
+            _t: PhantomData,
+        };
+        let v = all.at(start).ok()?;
+        (end <= slice.len()).then_some(Dev {
+            len: end - start,
+            ..v
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.hw
+            .dev
+            .cuda_stream()
+            .synchronize()
+            .map_err(Self::fail("synchronize"))
+    }
+
+    /// Compute capability's major version of this GPU.
+    pub fn compute_major(&self) -> Result<i32> {
+        let (major, _) = self
+            .dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .map_err(Self::fail("compute capability"))?;
+        Ok(major)
+    }
+
+    /// Launches kernel `name` of a module on a grid of (x, y) blocks of `block` threads with
+    /// `shared` bytes of dynamic shared memory (beyond 48 KiB where the GPU allows it).
+    pub(super) fn launch_in(
+        &self,
+        module: Module,
+        name: &str,
+        (x, y): (usize, usize),
+        block: u32,
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self
+            .dev
+            .get_or_load_custom_func(name, module, ptx)?
+            .into_cuda_function();
+        if shared > 48 << 10 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                int(shared)?,
+            )
+            .map_err(Self::fail(name))?;
+        }
+        let stream = self.hw.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::P(p) => b.arg(p),
+                Arg::I(i) => b.arg(i),
+                Arg::L(l) => b.arg(l),
+                Arg::F(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (int(x)? as u32, int(y)? as u32, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: int(shared)? as u32,
+        };
+        // SAFETY: every pointer argument was checked by the caller to cover the elements the
+        // kernel reads or writes for the sizes passed with it; the kernels index only within
+        // those sizes.
+        unsafe { b.launch(cfg) }.map_err(Self::fail(name))?;
+        Ok(())
+    }
+
+    /// dst[..len] = src[..len] (on the stream, after the work before it).
+    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
+        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
+        let stream = self.hw.dev.cuda_stream();
+        // SAFETY: both addresses are live device buffers holding `len` elements (checked
+        // above); the copy is ordered on the stream every kernel and product of the pass uses.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len * 4, stream.cu_stream()) }
+            .map_err(Self::fail("copy"))
+    }
+
+    /// The product of [`Gpu::mm`] on cuBLAS: operands as (address, leading dimension,
+    /// transposed), checked by the caller.
+    pub(super) fn gemm(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        (pa, lda, ta): (u64, usize, bool),
+        (pb, ldb, tb): (u64, usize, bool),
+        (pc, ldc): (u64, usize),
+        (alpha, beta): (f32, f32),
+        batch: Batched,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let compute = if self.bf16 {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else if self.tf32 {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let f32t = cublas_sys::cudaDataType_t::CUDA_R_32F;
+        // Column-major cuBLAS computes cᵀ = bᵀ·aᵀ: a row-major matrix is its transpose in
+        // column-major order, so the operands swap and keep their own transposition flags.
+        // SAFETY: the addresses are live device buffers (borrowed tensors or buffers of the
+        // pass) whose lengths cover every element read or written, checked above; the handle
+        // is bound to candle's stream for this device.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.hw.blas.handle(),
+                op(tb),
+                op(ta),
+                int(cols)?,
+                int(rows)?,
+                int(k)?,
+                &alpha as *const f32 as *const _,
+                pb as *const _,
+                f32t,
+                int(ldb)?,
+                batch.b as i64,
+                pa as *const _,
+                f32t,
+                int(lda)?,
+                batch.a as i64,
+                &beta as *const f32 as *const _,
+                pc as *mut _,
+                f32t,
+                int(ldc)?,
+                batch.c as i64,
+                int(batch.count)?,
+                compute,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(Self::fail("gemm"))
+    }
+}
+
+/// An NCCL communicator: one member per process, each on its own GPU (see [`crate::nccl`]).
+pub struct Comm {
+    comm: crate::nccl::NcclComm,
+    nccl: &'static crate::nccl::Nccl,
+    gpu: Gpu,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; `Comm` is not
+// `Sync`, so only its owner's thread calls it.
+unsafe impl Send for Comm {}
+
+impl Comm {
+    /// Joins the communicator `id` (made by rank 0, the same for every member) as `rank` of
+    /// `world`, on `device`'s GPU. Blocks until every member has joined.
+    pub fn new(
+        nccl: &'static crate::nccl::Nccl,
+        device: &Device,
+        id: crate::nccl::UniqueId,
+        rank: usize,
+        world: usize,
+    ) -> Result<Comm> {
+        let Some(gpu) = Gpu::of(device) else {
+            candle_core::bail!("NCCL needs a CUDA device, not {device:?}");
+        };
+        // NCCL takes the GPU from the calling thread's current context.
+        gpu.hw
+            .dev
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(Gpu::fail("bind context"))?;
+        let mut comm: crate::nccl::NcclComm = std::ptr::null_mut();
+        // SAFETY: `comm` receives the new communicator; the id is passed by value as nccl.h
+        // declares it.
+        let code = unsafe { (nccl.comm_init_rank)(&mut comm, int(world)?, id, int(rank)?) };
+        nccl.check(code, None)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL rank {rank} of {world}: {e}")))?;
+        Ok(Comm { comm, nccl, gpu })
+    }
+
+    /// The members' element-wise mean of each tensor (contiguous f32 on this communicator's
+    /// GPU), as new tensors; queued on the GPU's stream, so later work sees the results.
+    pub fn mean(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut outs = Vec::with_capacity(tensors.len());
+        let mut guards = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let (storage, layout) = t.storage_and_layout();
+            let Some(src) = Gpu::view(&storage, layout) else {
+                candle_core::bail!(
+                    "NCCL mean: a {:?} tensor on {:?} (contiguous f32 on the GPU expected)",
+                    t.dtype(),
+                    t.device()
+                );
+            };
+            let out = self.gpu.uninit(src.len)?;
+            guards.push((storage, src, out.dev));
+            outs.push(out);
+        }
+        let stream = self.gpu.hw.dev.cuda_stream().cu_stream() as *mut std::ffi::c_void;
+        let check = |code| {
+            self.nccl
+                .check(code, Some(self.comm))
+                .map_err(candle_core::Error::Msg)
+        };
+        // SAFETY: every source and destination holds `src.len` f32s (views of live storages,
+        // buffers of that length); the calls are queued on the stream that later reads them.
+        unsafe {
+            check((self.nccl.group_start)())?;
+            for (_, src, dst) in &guards {
+                let code = (self.nccl.all_reduce)(
+                    src.addr as *const std::ffi::c_void,
+                    dst.addr as *mut std::ffi::c_void,
+                    src.len,
+                    crate::nccl::FLOAT32,
+                    crate::nccl::AVG,
+                    self.comm,
+                    stream,
+                );
+                if code != 0 {
+                    // Closes the group before reporting.
+                    let _ = (self.nccl.group_end)();
+                    check(code)?;
+                }
+            }
+            check((self.nccl.group_end)())?;
+        }
+        drop(guards);
+        outs.into_iter()
+            .zip(tensors)
+            .map(|(buf, t)| self.gpu.into_tensor(buf, t.shape().clone()))
+            .collect()
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was made by `Comm::new` and is destroyed once.
+        let _ = unsafe { (self.nccl.comm_destroy)(self.comm) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::randn;
+
+    /// A communicator of one member (only one GPU is lent to the tests): its mean is each
+    /// tensor itself, in new buffers, through NCCL's all-reduce on the GPU.
+    #[test]
+    fn nccl_mean_of_one_member_on_the_gpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+            return;
+        };
+        let nccl = crate::nccl::library()
+            .unwrap()
+            .expect("NCCL (libnccl.so.2 on LD_LIBRARY_PATH or LMKIT_NCCL)");
+        let id = nccl.unique_id().unwrap();
+        let comm = Comm::new(nccl, &dev, id, 0, 1).unwrap();
+        let xs = [
+            randn(0f32, 1.0, (3, 5), &dev).unwrap(),
+            randn(0f32, 1.0, 1000, &dev).unwrap(),
+        ];
+        let means = comm.mean(&xs).unwrap();
+        for (x, m) in xs.iter().zip(&means) {
+            assert_eq!(x.shape(), m.shape());
+            let (a, b) = (x.flatten_all().unwrap(), m.flatten_all().unwrap());
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+        let on_cpu = comm
+            .mean(&[randn(0f32, 1.0, 2, &Device::Cpu).unwrap()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(on_cpu.contains("contiguous f32 on the GPU"), "{on_cpu}");
+    }
+}

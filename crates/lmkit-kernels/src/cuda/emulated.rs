@@ -1,0 +1,286 @@
+//! The `cuda-emu` feature's stand-in for a GPU, for tests where there is none: [`super::Gpu`]
+//! over host memory, so the hand-written GPU passes — their buffers, bounds checks, launches,
+//! products and the very kernels of `train.cu` and `attention.cu` — run on the CPU and can be
+//! held to the autograd graph.
+//!
+//! - Kernels: `emulated.cpp` compiles the kernel source against `emu.h` (each block's threads
+//!   as OS threads, `mma.sync` and `ldmatrix` warp-collective by the PTX ISA's fragment
+//!   layouts, shared memory filled with NaNs) and launches them by name, after checking the
+//!   arguments' number and types against the kernel's parameters.
+//! - Products: cuBLAS's row-major `c = alpha·a·b + beta·c` written out, the operands rounded as
+//!   the tensor cores take them (TF32: 10-bit mantissas; bf16: 7-bit), f32 accumulation; `c`
+//!   is not read when beta is 0, as cuBLAS does.
+//! - Memory: a buffer is a `Vec`; [`Gpu::uninit`] fills it with NaNs, so a pass that reads an
+//!   element it never wrote shows it. A GPU is `Gpu::of(&Device::Cpu)`, tensors are CPU
+//!   tensors, and there is one stream: everything is synchronous.
+//!
+//! Only for tests: the build compiles the C++ emulation with the system's C++20 compiler.
+
+use super::{Arg, Batched, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What a [`Buf`] may hold.
+pub trait Elem: Copy + Default + 'static {}
+impl<T: Copy + Default + 'static> Elem for T {}
+
+pub(super) type Store<T> = Vec<T>;
+
+/// Nothing: the emulated GPU is the host.
+pub(super) struct Hw;
+
+/// Shared memory a block may have on the emulated GPU (an H100's 227 KiB).
+const MAX_SHARED: usize = 227 << 10;
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Whether f32 products round their operands to TF32 (the emulation's stand-in for candle's
+/// `train.tf32` switch).
+pub fn tf32_products() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
+/// Sets [`tf32_products`].
+pub fn set_tf32_products(on: bool) {
+    TF32.store(on, Ordering::Relaxed)
+}
+
+unsafe extern "C" {
+    fn lmkit_cuda_emu_launch(
+        name: *const std::ffi::c_char,
+        gx: u32,
+        gy: u32,
+        threads: u32,
+        shared: usize,
+        args: *const u64,
+        types: *const u8,
+        count: usize,
+    ) -> i32;
+}
+
+/// `x` rounded to nearest (ties to even) with `drop` low mantissa bits cleared.
+fn round_mantissa(x: f32, drop: u32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let u = x.to_bits();
+    let half = (1u32 << (drop - 1)) - 1 + ((u >> drop) & 1);
+    f32::from_bits(u.wrapping_add(half) & !((1u32 << drop) - 1))
+}
+
+impl Gpu {
+    /// The emulated GPU for `Device::Cpu`, `None` for other devices.
+    pub fn of(device: &Device) -> Option<Gpu> {
+        device.is_cpu().then(|| Gpu {
+            hw: Hw,
+            tf32: true,
+            bf16: BF16_PRODUCTS.load(Ordering::Relaxed),
+        })
+    }
+
+    fn buf<T: Elem>(&self, mut store: Vec<T>) -> Buf<T> {
+        let dev = Dev {
+            addr: store.as_mut_ptr() as u64,
+            len: store.len(),
+            _t: PhantomData,
+        };
+        Buf { store, dev }
+    }
+
+    /// `len` zeros.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
+        Ok(self.buf(vec![T::default(); len.max(1)]))
+    }
+
+    /// `len` elements the caller writes before reading: NaNs here, so that a read before the
+    /// first write shows.
+    pub fn uninit(&self, len: usize) -> Result<Buf<f32>> {
+        Ok(self.buf(vec![f32::NAN; len.max(1)]))
+    }
+
+    pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
+        let mut v = data.to_vec();
+        if v.is_empty() {
+            v.push(T::default());
+        }
+        Ok(self.buf(v))
+    }
+
+    /// The GPU's index.
+    pub fn ordinal(&self) -> usize {
+        0
+    }
+
+    pub fn download<T: Elem>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
+        match buf.store.get(..len) {
+            Some(v) => Ok(v.to_vec()),
+            None => candle_core::bail!("cuda download: {len} of {}", buf.store.len()),
+        }
+    }
+
+    /// A tensor over the buffer's first `shape.elem_count()` elements.
+    pub fn into_tensor(&self, buf: Buf<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let mut v = buf.store;
+        if v.len() < shape.elem_count() {
+            candle_core::bail!("cuda: a buffer of {} for {shape:?}", v.len());
+        }
+        v.truncate(shape.elem_count());
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// The f32 data of a contiguous CPU tensor (read only: the passes write their own buffers),
+    /// or `None` for another dtype or a strided view.
+    pub fn view(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
+        let Storage::Cpu(cs) = storage else {
+            return None;
+        };
+        let data = cs.as_slice::<f32>().ok()?;
+        let (start, end) = layout.contiguous_offsets()?;
+        let part = data.get(start..end)?;
+        Some(Dev {
+            addr: part.as_ptr() as u64,
+            len: part.len(),
+            _t: PhantomData,
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Compute capability 9.0 (the emulation has the tensor-core instructions the kernels use).
+    pub fn compute_major(&self) -> Result<i32> {
+        Ok(9)
+    }
+
+    /// Runs kernel `name` (either module: the emulation holds both) on (x, y) blocks.
+    pub(super) fn launch_in(
+        &self,
+        _module: Module,
+        name: &str,
+        (x, y): (usize, usize),
+        block: u32,
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<()> {
+        if shared > MAX_SHARED {
+            candle_core::bail!(
+                "cuda {name}: {shared} bytes of shared memory (at most {MAX_SHARED})"
+            );
+        }
+        let (x, y) = (super::int(x)? as u32, super::int(y)? as u32);
+        let mut bits = Vec::with_capacity(args.len());
+        let mut types = Vec::with_capacity(args.len());
+        for a in args {
+            let (b, t) = match *a {
+                Arg::P(p) => (p, b'P'),
+                Arg::I(i) => (i as i64 as u64, b'I'),
+                Arg::L(l) => (l as u64, b'L'),
+                Arg::F(f) => (f.to_bits() as u64, b'F'),
+            };
+            bits.push(b);
+            types.push(t);
+        }
+        let cname =
+            std::ffi::CString::new(name).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        // SAFETY: the pointer arguments are host addresses of live buffers or borrowed tensors,
+        // checked by the caller to cover what the kernel touches for the sizes passed with them;
+        // the emulation checks the arguments' number and types against the kernel's.
+        let code = unsafe {
+            lmkit_cuda_emu_launch(
+                cname.as_ptr(),
+                x,
+                y,
+                block,
+                shared,
+                bits.as_ptr(),
+                types.as_ptr(),
+                bits.len(),
+            )
+        };
+        match code {
+            0 => Ok(()),
+            1 => candle_core::bail!("cuda emulation: no kernel {name}"),
+            2 => candle_core::bail!(
+                "cuda emulation: {name} takes another number of arguments than {}",
+                args.len()
+            ),
+            _ => candle_core::bail!(
+                "cuda emulation: {name}'s arguments {:?} are not of its parameters' types",
+                String::from_utf8_lossy(&types)
+            ),
+        }
+    }
+
+    /// dst[..len] = src[..len].
+    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
+        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
+        // SAFETY: both are host addresses of `len` f32s (checked above); `ptr::copy` allows
+        // them to overlap.
+        unsafe { std::ptr::copy(s as *const f32, d as *mut f32, len) };
+        Ok(())
+    }
+
+    /// The product of [`Gpu::mm`]: operands as (address, leading dimension, transposed),
+    /// checked by the caller; rounded to bf16 or TF32 as the GPU's tensor cores would.
+    pub(super) fn gemm(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        (pa, lda, ta): (u64, usize, bool),
+        (pb, ldb, tb): (u64, usize, bool),
+        (pc, ldc): (u64, usize),
+        (alpha, beta): (f32, f32),
+        batch: Batched,
+    ) -> Result<()> {
+        let round = |x: f32| {
+            if self.bf16 {
+                round_mantissa(x, 16)
+            } else if self.tf32 {
+                round_mantissa(x, 13)
+            } else {
+                x
+            }
+        };
+        // SAFETY (the reads and writes below): the caller checked that every element of every
+        // product's operands lies within their buffers.
+        let read = |p: u64, i: usize| unsafe { *(p as *const f32).add(i) };
+        for i in 0..batch.count {
+            let (pa, pb) = (pa + (4 * i * batch.a) as u64, pb + (4 * i * batch.b) as u64);
+            let pc = pc + (4 * i * batch.c) as u64;
+            let a: Vec<f32> = (0..rows * k)
+                .map(|e| {
+                    let (r, j) = (e / k, e % k);
+                    round(read(pa, if ta { j * lda + r } else { r * lda + j }))
+                })
+                .collect();
+            let b: Vec<f32> = (0..k * cols)
+                .map(|e| {
+                    let (j, cc) = (e % k, e / k);
+                    round(read(pb, if tb { cc * ldb + j } else { j * ldb + cc }))
+                })
+                .collect();
+            for r in 0..rows {
+                for cc in 0..cols {
+                    let bc = &b[cc * k..(cc + 1) * k];
+                    let dot: f32 = a[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(bc)
+                        .map(|(x, y)| x * y)
+                        .sum();
+                    let out = (pc as *mut f32).wrapping_add(r * ldc + cc);
+                    // SAFETY: see above.
+                    unsafe {
+                        *out = if beta == 0.0 {
+                            alpha * dot
+                        } else {
+                            alpha * dot + beta * *out
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
