@@ -1,6 +1,7 @@
 // The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32 and bf16) on the CPU
-// (crates/lmkit-kernels/src/cuda/emu.h), launched as crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared
-// library for tests/parity/test_cuda_kernels.py. Built by the test:
+// (the emulation of crates/lmkit-kernels/src/cuda/emu.h), launched as
+// crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared library for
+// tests/parity/test_cuda_kernels.py. Built by the test:
 //   g++ -std=c++20 -O2 -shared -fPIC -pthread -o attention_emu.so tests/cuda_emu/attention_emu.cpp
 #include "../../crates/lmkit-kernels/src/cuda/emu.h"
 

@@ -1,7 +1,7 @@
-// The kernels of crates/lmkit-kernels/src/cuda/train.cu on the CPU (crates/lmkit-kernels/src/cuda/emu.h), launched with
-// the grids crates/lmkit-kernels/src/cuda.rs uses (256 threads a block: a thread per element,
-// or a warp per row; a block of 1024 per row for the cross-entropy): a shared library for
-// tests/parity/test_cuda_kernels.py.
+// The kernels of crates/lmkit-kernels/src/cuda/train.cu on the CPU (the emulation of
+// crates/lmkit-kernels/src/cuda/emu.h), launched with the grids crates/lmkit-kernels/src/cuda.rs
+// uses (256 threads a block: a thread per element, or a warp per row; a block of 1024 per row for
+// the cross-entropy): a shared library for tests/parity/test_cuda_kernels.py.
 #include "../../crates/lmkit-kernels/src/cuda/emu.h"
 
 #include <vector>

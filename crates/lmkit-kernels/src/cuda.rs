@@ -1001,6 +1001,120 @@ mod tests {
         }
     }
 
+    /// Products with every transposition, padded rows, two batched products, alpha and beta
+    /// (full f32) against the loops in f64: the row-major operands' translation for cuBLAS on a
+    /// GPU, the emulation's stand-in for it with `cuda-emu`.
+    #[test]
+    fn products_equal_the_loops() {
+        let Some(mut gpu) = gpu() else {
+            return;
+        };
+        gpu.tf32 = false;
+        gpu.bf16 = false;
+        let (rows, cols, k, pad, count) = (5, 7, 6, 3, 2);
+        let mut seed = 7u64;
+        let mut draw = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Stored shapes, each row padded by `pad`.
+            let (ar, ac) = if ta { (k, rows) } else { (rows, k) };
+            let (br, bc) = if tb { (cols, k) } else { (k, cols) };
+            let (lda, ldb, ldc) = (ac + pad, bc + pad, cols + pad);
+            let (sa, sb, sc) = (ar * lda, br * ldb, rows * ldc);
+            let (a, b, c0) = (draw(count * sa), draw(count * sb), draw(count * sc));
+            let (da, db, dc) = (
+                gpu.upload(&a).unwrap(),
+                gpu.upload(&b).unwrap(),
+                gpu.upload(&c0).unwrap(),
+            );
+            let mat = |d: Dev<f32>, ld, t| Mat { ptr: d, ld, t };
+            let batch = Batched {
+                count,
+                a: sa,
+                b: sb,
+                c: sc,
+            };
+            let (alpha, beta) = (0.5, 2.0);
+            gpu.mm(
+                (rows, cols, k),
+                mat(da.dev(), lda, ta),
+                mat(db.dev(), ldb, tb),
+                (dc.dev(), ldc),
+                alpha,
+                beta,
+                batch,
+            )
+            .unwrap();
+            let got = gpu.download(&dc, count * sc).unwrap();
+            for i in 0..count {
+                for r in 0..rows {
+                    for j in 0..ldc {
+                        let at = i * sc + r * ldc + j;
+                        let want = if j >= cols {
+                            // Padding is not written.
+                            c0[at] as f64
+                        } else {
+                            let dot: f64 = (0..k)
+                                .map(|e| {
+                                    let x = if ta {
+                                        a[i * sa + e * lda + r]
+                                    } else {
+                                        a[i * sa + r * lda + e]
+                                    };
+                                    let y = if tb {
+                                        b[i * sb + j * ldb + e]
+                                    } else {
+                                        b[i * sb + e * ldb + j]
+                                    };
+                                    x as f64 * y as f64
+                                })
+                                .sum();
+                            alpha as f64 * dot + beta as f64 * c0[at] as f64
+                        };
+                        let err = (got[at] as f64 - want).abs();
+                        assert!(
+                            err < 1e-5,
+                            "ta {ta} tb {tb} batch {i} [{r}, {j}]: {} vs {want}",
+                            got[at]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A wrapper's arguments must match the kernel's parameters in number and type: the
+    /// emulation checks (the driver would run the kernel with whatever it is given).
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn the_emulation_checks_launch_arguments() {
+        let gpu = gpu().unwrap();
+        let out = gpu.uninit(4).unwrap();
+        assert!(gpu.download(&out, 4).unwrap().iter().all(|x| x.is_nan()));
+        let p = Arg::P(out.dev().addr);
+        let launch = |name: &str, args: &[Arg]| {
+            gpu.launch_in(Module::Train, name, (1, 1), 32, 0, args)
+                .map_err(|e| e.to_string())
+        };
+        launch("fill", &[p, Arg::F(1.5), Arg::L(4)]).unwrap();
+        assert_eq!(gpu.download(&out, 4).unwrap(), vec![1.5; 4]);
+        let wrong_type = launch("fill", &[p, Arg::F(1.5), Arg::I(4)]).unwrap_err();
+        assert!(
+            wrong_type.contains("not of its parameters' types"),
+            "{wrong_type}"
+        );
+        let too_few = launch("fill", &[p, Arg::F(1.5)]).unwrap_err();
+        assert!(too_few.contains("number of arguments"), "{too_few}");
+        let unknown = launch("fil", &[p]).unwrap_err();
+        assert!(unknown.contains("no kernel fil"), "{unknown}");
+    }
+
     /// The flash kernels (TF32 and bf16) on the GPU against the f64 reference: grouped-query
     /// heads, a length across two tiles and a partial one, one token, head sizes 32, 64 and 128,
     /// and the passes' run-time check.

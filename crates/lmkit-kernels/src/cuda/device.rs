@@ -91,6 +91,7 @@ impl Gpu {
     /// `len` zeros.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
         let s = self
+            .hw
             .dev
             .cuda_stream()
             .alloc_zeros::<T>(len.max(1))
@@ -109,6 +110,7 @@ impl Gpu {
 
     pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
         let s = self
+            .hw
             .dev
             .cuda_stream()
             .clone_htod(data)
@@ -123,6 +125,7 @@ impl Gpu {
 
     pub fn download<T: Elem>(&self, buf: &Buf<T>, len: usize) -> Result<Vec<T>> {
         let v = self
+            .hw
             .dev
             .cuda_stream()
             .clone_dtoh(&buf.store.slice(..len))
@@ -139,6 +142,7 @@ impl Gpu {
                 candle_core::bail!("cuda: a buffer of {} for {shape:?}", slice.len());
             }
             let part = self
+                .hw
                 .dev
                 .cuda_stream()
                 .clone_dtod(&slice.slice(..shape.elem_count()))
@@ -192,6 +196,7 @@ impl Gpu {
     /// Compute capability's major version of this GPU.
     pub fn compute_major(&self) -> Result<i32> {
         let (major, _) = self
+            .hw
             .dev
             .cuda_stream()
             .context()
@@ -211,7 +216,12 @@ impl Gpu {
         shared: usize,
         args: &[Arg],
     ) -> Result<()> {
+        let (module, ptx) = match module {
+            Module::Train => TRAIN_KERNELS,
+            Module::Attention => ATTENTION_KERNELS,
+        };
         let f = self
+            .hw
             .dev
             .get_or_load_custom_func(name, module, ptx)?
             .into_cuda_function();

@@ -62,11 +62,8 @@ inline Block* block = nullptr;
 inline unsigned current = 0;
 inline unsigned char* dynamic_shared = nullptr;
 
-// The scheduler's context, one per thread of the block, and what the scheduler watches: every
-// arrival at a barrier, release and return counts as progress; `finished`: the thread it
-// resumed has returned.
-inline ucontext_t scheduler;
-inline std::vector<ucontext_t> fibers;
+// What the scheduler watches: every arrival at a barrier, release and return counts as
+// progress; `finished`: the thread it resumed has returned.
 inline uint64_t progress = 0;
 inline bool finished = false;
 inline void (*body)(void*) = nullptr;
@@ -79,10 +76,84 @@ inline void* body_arg = nullptr;
 
 inline unsigned linear_thread() { return current; }
 
-// Back to the scheduler, which resumes the block's other threads in turn.
-inline void yield() {
+// Bytes of stack each emulated thread has.
+constexpr size_t STACK = 256 << 10;
+
+inline void thread_entry();
+
+#if defined(__x86_64__)
+// Context switches without a system call (swapcontext saves and restores the signal mask, which
+// would cost most of the emulation's time): the callee-saved registers go on the old stack,
+// whose pointer is stored in *save, and come off the new one.
+extern "C" void lmkit_emu_switch(void** save, void* load);
+asm(R"(
+  .text
+  .p2align 4
+  .globl lmkit_emu_switch
+  .hidden lmkit_emu_switch
+  .type lmkit_emu_switch, @function
+lmkit_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size lmkit_emu_switch, .-lmkit_emu_switch
+)");
+
+inline void* scheduler_sp = nullptr;
+inline std::vector<void*> thread_sp;
+
+inline void prepare_threads(unsigned n) { thread_sp.assign(n, nullptr); }
+
+// A new thread on `stack`: its first switch "returns" into thread_entry with the stack aligned
+// as at a call (rsp + 8 a multiple of 16).
+inline void make_thread(unsigned i, unsigned char* stack) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + STACK) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;  // thread_entry's return address: it never returns
+  *--sp = reinterpret_cast<void*>(&thread_entry);
+  for (int r = 0; r < 6; r++) *--sp = nullptr;  // rbp, rbx, r12-r15
+  thread_sp[i] = sp;
+}
+
+inline void to_thread(unsigned i) { lmkit_emu_switch(&scheduler_sp, thread_sp[i]); }
+inline void to_scheduler() { lmkit_emu_switch(&thread_sp[current], scheduler_sp); }
+#else
+inline ucontext_t scheduler;
+inline std::vector<ucontext_t> fibers;
+
+inline void prepare_threads(unsigned n) { fibers.assign(n, ucontext_t{}); }
+
+inline void make_thread(unsigned i, unsigned char* stack) {
+  ucontext_t& f = fibers[i];
+  if (getcontext(&f) != 0) fail("getcontext");
+  f.uc_stack.ss_sp = stack;
+  f.uc_stack.ss_size = STACK;
+  f.uc_link = nullptr;
+  makecontext(&f, thread_entry, 0);
+}
+
+inline void to_thread(unsigned i) {
+  if (swapcontext(&scheduler, &fibers[i]) != 0) fail("swapcontext");
+}
+inline void to_scheduler() {
   if (swapcontext(&fibers[current], &scheduler) != 0) fail("swapcontext");
 }
+#endif
+
+// Back to the scheduler, which resumes the block's other threads in turn.
+inline void yield() { to_scheduler(); }
 
 // Waits until every thread taking part has arrived.
 inline void wait(Sync& s) {
@@ -113,13 +184,12 @@ inline void thread_entry() {
   leave(warp_sync());
   leave(block->all);
   finished = true;
-}  // returns to the scheduler (uc_link)
+  to_scheduler();  // never resumed
+  fail("a finished thread was resumed");
+}
 
-// Bytes of stack each emulated thread has.
-constexpr size_t STACK = 256 << 10;
-
-// The scheduler's state, in globals rather than locals: swapcontext returns into the scheduler
-// as setjmp would, so nothing it keeps may live only in registers.
+// The scheduler's state, in globals rather than locals: with ucontext, swapcontext returns into
+// the scheduler as setjmp would, so nothing it keeps may live only in registers.
 inline unsigned live = 0;
 inline uint64_t progress_before = 0;
 inline std::vector<char> done;
@@ -128,14 +198,7 @@ inline std::vector<char> done;
 inline void run_block(unsigned char* stacks) {
   unsigned n = block_dim.x * block_dim.y * block_dim.z;
   done.assign(n, 0);
-  for (current = 0; current < n; current++) {
-    ucontext_t& f = fibers[current];
-    if (getcontext(&f) != 0) fail("getcontext");
-    f.uc_stack.ss_sp = stacks + size_t(current) * STACK;
-    f.uc_stack.ss_size = STACK;
-    f.uc_link = &scheduler;
-    makecontext(&f, thread_entry, 0);
-  }
+  for (unsigned i = 0; i < n; i++) make_thread(i, stacks + size_t(i) * STACK);
   live = n;
   while (live > 0) {
     progress_before = progress;
@@ -144,7 +207,7 @@ inline void run_block(unsigned char* stacks) {
       unsigned i = current, x = block_dim.x, y = block_dim.y;
       thread_idx = {i % x, i / x % y, i / (x * y)};
       finished = false;
-      if (swapcontext(&scheduler, &fibers[current]) != 0) fail("swapcontext");
+      to_thread(current);
       if (finished) {
         done[current] = 1;
         live--;
@@ -156,7 +219,7 @@ inline void run_block(unsigned char* stacks) {
 }
 
 // Runs `kernel()` as a grid of `grid` blocks of `threads` threads with `shared_bytes` of dynamic
-// shared memory, one block at a time. A block's threads are contexts (ucontext) on one OS
+// shared memory, one block at a time. A block's threads are contexts of their own on one OS
 // thread, resumed in turn by a scheduler: a thread runs until it waits at a barrier or returns,
 // so barriers and warp exchanges cost a context switch, not an OS thread's wake-up. Threads that
 // wait at different barriers forever (a __syncthreads a thread skips) stop the run with a
@@ -178,7 +241,7 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, F kernel) {
     stacks.reset(new unsigned char[size_t(n) * STACK]);
     stacks_for = n;
   }
-  fibers.assign(n, ucontext_t{});
+  prepare_threads(n);
   body = [](void* k) { (*static_cast<F*>(k))(); };
   body_arg = &kernel;
   for (unsigned bz = 0; bz < grid.z; bz++)
