@@ -49,6 +49,11 @@ extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* ta
               [&] { cross_entropy(logits, loss, targets, v, sc); });
 }
 
+extern "C" void emu_column_sums(float* out, const float* src, int n, int cols) {
+  emu::launch({unsigned((cols + 31) / 32), 1, 1}, {1024, 1, 1}, 0,
+              [&] { column_sums(out, src, n, cols); });
+}
+
 extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
                                    const float* w, const float* b, int n, int c, float eps) {
   emu::launch(per_row(n), THREADS, 0, [&] { layer_norm_fwd(out, mean, rstd, x, w, b, n, c, eps); });

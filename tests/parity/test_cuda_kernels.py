@@ -49,6 +49,7 @@ def train_kernels(tmp_path_factory):
     so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l]
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
+    so.emu_column_sums.argtypes = [F32, F32, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
     so.emu_softmax_causal.argtypes = [F32, l, i, f, F32, i]
@@ -251,6 +252,17 @@ def test_layer_norm_equals_pytorch(train_kernels):
     train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
     close(dx, xt.grad.numpy(), "layer norm dx", 1e-5)
     close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "layer norm dw", 1e-5)
+
+
+def test_column_sums_equal_numpy(train_kernels):
+    """The bias and norm-weight gradients' column sums: a partial block of columns, fewer rows
+    than the kernel's 32 row groups, and many rows."""
+    rng = np.random.default_rng(8)
+    for n, cols in [(1000, 70), (5, 33), (1, 1), (300, 64)]:
+        src = rng.standard_normal((n, cols), dtype=np.float32)
+        out = np.full(cols, np.nan, np.float32)
+        train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols)
+        close(out, src.astype(np.float64).sum(0), f"column sums of {n} x {cols}", 1e-5)
 
 
 def test_causal_softmax_equals_pytorch(train_kernels):

@@ -956,6 +956,25 @@ impl Gpu {
         Ok(host.iter().sum())
     }
 
+    /// out[j] = Σ_r src[r, j] over the n rows of `src` [n, cols], in f32 and in a fixed order.
+    pub fn column_sums(
+        &self,
+        out: Dev<f32>,
+        src: Dev<f32>,
+        (n, cols): (usize, usize),
+    ) -> Result<()> {
+        if n == 0 {
+            return self.fill(out, 0.0, cols);
+        }
+        let args = [
+            Arg::P(out.need(cols, "column_sums out")?),
+            Arg::P(src.need(n * cols, "column_sums src")?),
+            Arg::I(int(n)?),
+            Arg::I(int(cols)?),
+        ];
+        self.launch("column_sums", blocks(cols, 32), 1024, &args)
+    }
+
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {
         let args = [
             Arg::P(out.need(len, "fill")?),

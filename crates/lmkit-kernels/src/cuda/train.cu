@@ -300,7 +300,27 @@ extern "C" __global__ void cross_entropy(float* logits, float* loss, const uint3
     if (threadIdx.x == 0) loss[row] = logf(s) + mx - target_logit;
 }
 
-// out = value everywhere (a row of ones for column sums as products).
+// out[j] = Σ_r src[r·cols + j] over the n rows (the gradient of a bias or a norm's weight): a
+// block of 32 × 32 threads per 32 columns, thread (g, j) summing every 32nd row from g of its
+// column (a warp reads 32 adjacent columns of a row), then the 32 partial sums added in order.
+// f32 throughout, and the same order every run.
+extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols) {
+    __shared__ float part[WARP][WARP + 1];
+    int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
+    int col = blockIdx.x * WARP + j;
+    float s = 0.0f;
+    if (col < cols)
+        for (int r = g; r < n; r += groups) s += src[(int64_t)r * cols + col];
+    part[g][j] = s;
+    __syncthreads();
+    if (g == 0 && col < cols) {
+        float t = 0.0f;
+        for (int k = 0; k < groups; k++) t += part[k][j];
+        out[col] = t;
+    }
+}
+
+// out = value everywhere.
 extern "C" __global__ void fill(float* out, float value, int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) out[i] = value;

@@ -195,22 +195,10 @@ struct Dims {
     heads: usize,
 }
 
-/// Column sums of `src` [n, cols] (a row of ones times it) into a new buffer.
-pub(super) fn column_sums(
-    gpu: &Gpu,
-    ones: Dev<f32>,
-    src: Dev<f32>,
-    n: usize,
-    cols: usize,
-) -> Result<Buf<f32>> {
+/// Column sums of `src` [n, cols] (a bias's or a norm weight's gradient) into a new buffer.
+pub(super) fn column_sums(gpu: &Gpu, src: Dev<f32>, n: usize, cols: usize) -> Result<Buf<f32>> {
     let out = gpu.uninit(cols)?;
-    gpu.set_product(
-        (1, cols, n),
-        plain(ones, n),
-        plain(src, cols),
-        (out.dev(), cols),
-        Batched::ONE,
-    )?;
+    gpu.column_sums(out.dev(), src, (n, cols))?;
     Ok(out)
 }
 
@@ -299,13 +287,12 @@ fn conv1d(
 /// (dw, dbias, dinput).
 fn conv1d_bwd(
     gpu: &Gpu,
-    ones: Dev<f32>,
     dy: Dev<f32>,
     input: Dev<f32>,
     w: Dev<f32>,
     (n, out, inner): (usize, usize, usize),
 ) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
-    let db = column_sums(gpu, ones, dy, n, out)?;
+    let db = column_sums(gpu, dy, n, out)?;
     let dw = product(
         gpu,
         (inner, out, n),
@@ -321,7 +308,6 @@ fn conv1d_bwd(
 /// mean and 1/std its forward pass kept.
 fn norm_bwd(
     gpu: &Gpu,
-    ones: Dev<f32>,
     (dx, prod): (Dev<f32>, Dev<f32>),
     dy: Dev<f32>,
     (x, w, stats): (Dev<f32>, Dev<f32>, Dev<f32>),
@@ -329,10 +315,7 @@ fn norm_bwd(
     accumulate: bool,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
     gpu.layer_norm_bwd(dx, prod, dy, x, w, stats, (n, c), accumulate)?;
-    Ok((
-        column_sums(gpu, ones, prod, n, c)?,
-        column_sums(gpu, ones, dy, n, c)?,
-    ))
+    Ok((column_sums(gpu, prod, n, c)?, column_sums(gpu, dy, n, c)?))
 }
 
 /// LMKIT_CUDA_TIMING=1: a pass's phases and, within them, attention's forward and backward time
@@ -636,21 +619,10 @@ fn backprop(
     timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
-    let ones = gpu.uninit(n)?;
-    gpu.fill(ones.dev(), 1.0, n)?;
-    let ones = ones.dev();
     let prod = gpu.uninit(n * c)?;
     let dx = gpu.uninit(n * c)?;
     let lnf = (x.dev(), p.ln_f_w, lnf.dev());
-    let (ln_f_w, ln_f_b) = norm_bwd(
-        gpu,
-        ones,
-        (dx.dev(), prod.dev()),
-        dhf.dev(),
-        lnf,
-        (n, c),
-        false,
-    )?;
+    let (ln_f_w, ln_f_b) = norm_bwd(gpu, (dx.dev(), prod.dev()), dhf.dev(), lnf, (n, c), false)?;
     drop(dhf);
     let mut blocks = Vec::with_capacity(p.blocks.len());
     for w in p.blocks.iter().rev() {
@@ -658,19 +630,17 @@ fn backprop(
         let dxd = dx.dev();
         // xo = xm + act(h)·W_proj + b_proj
         let (mlp_proj_w, mlp_proj_b, dh) =
-            conv1d_bwd(gpu, ones, dxd, s.g.dev(), w.mlp_proj_w, (n, c, hid))?;
+            conv1d_bwd(gpu, dxd, s.g.dev(), w.mlp_proj_w, (n, c, hid))?;
         gpu.act_bwd(gelu, dh.dev(), s.h.dev(), dh.dev(), n * hid)?;
         // h = LN2(xm)·W_fc + b_fc
-        let (c_fc_w, c_fc_b, da2) =
-            conv1d_bwd(gpu, ones, dh.dev(), s.a2.dev(), w.c_fc_w, (n, hid, c))?;
+        let (c_fc_w, c_fc_b, da2) = conv1d_bwd(gpu, dh.dev(), s.a2.dev(), w.c_fc_w, (n, hid, c))?;
         drop(dh);
         let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
-        let (ln_2_w, ln_2_b) =
-            norm_bwd(gpu, ones, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
+        let (ln_2_w, ln_2_b) = norm_bwd(gpu, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
         drop(da2);
         // xm = x + attention(qkv)·W_o + b_o
         let (attn_proj_w, attn_proj_b, dy) =
-            conv1d_bwd(gpu, ones, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
+            conv1d_bwd(gpu, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
         timer.attention(gpu, true, || {
@@ -679,11 +649,10 @@ fn backprop(
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
         let (c_attn_w, c_attn_b, da1) =
-            conv1d_bwd(gpu, ones, dqkv.dev(), s.a1.dev(), w.c_attn_w, (n, 3 * c, c))?;
+            conv1d_bwd(gpu, dqkv.dev(), s.a1.dev(), w.c_attn_w, (n, 3 * c, c))?;
         drop(dqkv);
         let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
-        let (ln_1_w, ln_1_b) =
-            norm_bwd(gpu, ones, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;
+        let (ln_1_w, ln_1_b) = norm_bwd(gpu, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;
         blocks.push(Gpt2BlockParams {
             ln_1_w,
             ln_1_b,

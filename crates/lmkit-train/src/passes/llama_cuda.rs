@@ -328,15 +328,12 @@ fn backprop(
     timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
-    let ones = gpu.uninit(n)?;
-    gpu.fill(ones.dev(), 1.0, n)?;
-    let ones = ones.dev();
     let prod = gpu.uninit(n * c)?;
     let dx = gpu.uninit(n * c)?;
     let dxd = dx.dev();
     let norm_bwd = |dy: Dev<f32>, kept: (Dev<f32>, Dev<f32>, Dev<f32>), acc: bool| {
         gpu.rms_norm_bwd((dxd, prod.dev()), dy, kept, (n, c), acc)?;
-        column_sums(gpu, ones, prod.dev(), n, c)
+        column_sums(gpu, prod.dev(), n, c)
     };
     let d_norm = norm_bwd(dhf.dev(), (x.dev(), norm, rf.dev()), false)?;
     drop(dhf);
