@@ -11,6 +11,8 @@
 #    probabilities kept (LMKIT_CUDA_ATTENTION=materialized), and with flash attention and bf16
 #    products (train.dtype = "bf16"): the pass's phases and its attention timed, losses compared,
 #    attention's time next to PyTorch's scaled_dot_product_attention on the same shapes;
+#    every kernel's and product shape's time within one such pass (LMKIT_CUDA_TIMING=ops), with
+#    the kept probabilities and with flash attention and bf16 products;
 #    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
@@ -20,7 +22,7 @@
 #    transformers' generate with batches of 8 and 32.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
-# llama, speed, serve), for a device command that must stay within its time limit.
+# ops, llama, speed, serve), for a device command that must stay within its time limit.
 set -uo pipefail
 failed=()
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -51,7 +53,7 @@ fi
 
 # The training runs' tokenizer and data.
 tmp="$(mktemp -d)"
-if want curves || want attention || want llama; then
+if want curves || want attention || want ops || want llama; then
 "$bin" tokenizer train --input "$here/data/en" --vocab-size 2048 --output "$tmp/tok" >/dev/null
 "$bin" tokenizer encode --tokenizer "$tmp/tok" --input "$here/data/en" --shards "$tmp/shards" >/dev/null
 fi
@@ -81,6 +83,23 @@ for s in sorted(set(steps["cpu"]) & set(steps["cuda"])):
 sys.exit(0 if steps["cpu"] and worst < 1e-3 else f"cpu and cuda losses differ by {worst:.2e}")
 PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
+fi
+
+if want ops; then
+echo "== where a GPT-2-small step's time goes: each kernel and product shape (LMKIT_CUDA_TIMING=ops)"
+for run in materialized flash-bf16; do
+  att="${run%-bf16}"; dtype=f32; [ "$run" = flash-bf16 ] && dtype=bf16
+  LMKIT_CUDA_TIMING=ops LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
+    --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
+    --set train.seq_len=1024 --set train.batch_size=8 --set train.max_steps=3 --set train.log_every=1 \
+    --set train.warmup_steps=1 --set train.eval_every=1000 --set train.save_every=1000 \
+    --set 'train.device="cuda"' --set "train.dtype=\"$dtype\"" --set "train.out_dir=\"$tmp/ops-$run\"" \
+    2>"$out/ops-$run.log" || failed+=("ops $run")
+  # The last step's pass: its phases, then its 25 longest ops.
+  echo "$run:"; grep "cuda pass" "$out/ops-$run.log" | tail -1
+  tac "$out/ops-$run.log" | awk '/^cuda pass/ {exit} /^cuda op/' | tac | head -25
+done
 fi
 
 if want attention; then

@@ -224,6 +224,47 @@ impl Batched {
     };
 }
 
+/// The time the GPU spent on one kernel, or on products of one shape and precision, since the
+/// last [`take_op_times`] (LMKIT_CUDA_TIMING=ops).
+#[derive(Clone, Debug)]
+pub struct OpTime {
+    pub name: String,
+    pub calls: usize,
+    pub secs: f64,
+}
+
+static OPS: std::sync::Mutex<Vec<OpTime>> = std::sync::Mutex::new(Vec::new());
+
+/// 0: not chosen yet (LMKIT_CUDA_TIMING decides), 1: every op timed, 2: not.
+static OP_TIMING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether every launch and product is timed: LMKIT_CUDA_TIMING=ops, or [`set_op_timing`]. Each
+/// is then preceded and followed by a synchronisation, so the whole runs slower, but each entry
+/// is the GPU's time for that work (and the launch's latency).
+pub fn op_timing() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match OP_TIMING.load(Relaxed) {
+        0 => {
+            let on = std::env::var("LMKIT_CUDA_TIMING").is_ok_and(|v| v == "ops");
+            set_op_timing(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Times every launch and product from now on (`true`), or none.
+pub fn set_op_timing(on: bool) {
+    OP_TIMING.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The op times gathered since the last call, the longest first; the gathering starts again.
+pub fn take_op_times() -> Vec<OpTime> {
+    let mut ops = std::mem::take(&mut *OPS.lock().unwrap_or_else(|e| e.into_inner()));
+    ops.sort_by(|a, b| b.secs.total_cmp(&a.secs));
+    ops
+}
+
 /// One parameter's operands of [`Gpu::adam`] (each as long as the gradient) and its
 /// 1 − lr·weight decay.
 #[derive(Clone, Copy, Debug)]
@@ -311,13 +352,74 @@ impl Gpu {
             (batch.count - 1) * batch.c + (rows - 1) * c.1 + cols,
             "mm c",
         )?;
-        self.gemm(
-            (rows, cols, k),
-            (pa, a.ld, a.t),
-            (pb, b.ld, b.t),
-            (pc, c.1),
-            (alpha, beta),
-            batch,
+        let name = || {
+            let precision = if self.bf16 {
+                "bf16"
+            } else if self.tf32 {
+                "tf32"
+            } else {
+                "f32"
+            };
+            let times = if batch.count > 1 {
+                format!(" x{}", batch.count)
+            } else {
+                String::new()
+            };
+            format!("product {rows}x{cols}x{k}{times} {precision}")
+        };
+        self.timed(name, || {
+            self.gemm(
+                (rows, cols, k),
+                (pa, a.ld, a.t),
+                (pb, b.ld, b.t),
+                (pc, c.1),
+                (alpha, beta),
+                batch,
+            )
+        })
+    }
+
+    /// Runs `f` (one launch or product): with LMKIT_CUDA_TIMING=ops, timed between two
+    /// synchronisations of the GPU and added to [`take_op_times`]'s entry `name()`.
+    fn timed(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !op_timing() {
+            return f();
+        }
+        self.synchronize()?;
+        let clock = std::time::Instant::now();
+        f()?;
+        self.synchronize()?;
+        let secs = clock.elapsed().as_secs_f64();
+        let name = name();
+        let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+        match ops.iter_mut().find(|o| o.name == name) {
+            Some(o) => {
+                o.calls += 1;
+                o.secs += secs;
+            }
+            None => ops.push(OpTime {
+                name,
+                calls: 1,
+                secs,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Launches kernel `name` of `module` on (x, y) blocks of `block` threads with `shared` bytes
+    /// of dynamic shared memory (timed with LMKIT_CUDA_TIMING=ops).
+    fn launch_in(
+        &self,
+        module: Module,
+        name: &str,
+        grid: (usize, usize),
+        block: u32,
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.timed(
+            || name.to_string(),
+            || self.launch_kernel(module, name, grid, block, shared, args),
         )
     }
 
@@ -1024,7 +1126,7 @@ mod tests {
     /// (full f32) against the loops in f64: the row-major operands' translation for cuBLAS on a
     /// GPU, the emulation's stand-in for it with `cuda-emu`.
     #[test]
-    fn products_equal_the_loops() {
+    fn gpu_products_equal_the_loops() {
         let Some(mut gpu) = gpu() else {
             return;
         };
@@ -1106,6 +1208,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// LMKIT_CUDA_TIMING=ops: each launch and product is timed under its kernel's name or its
+    /// shape and precision.
+    #[test]
+    fn gpu_ops_are_timed_by_name() {
+        let Some(mut gpu) = gpu() else {
+            return;
+        };
+        gpu.tf32 = false;
+        gpu.bf16 = false;
+        set_op_timing(true);
+        take_op_times();
+        let a = gpu.upload(&[1.0f32; 6]).unwrap();
+        let c = gpu.zeros::<f32>(4).unwrap();
+        for _ in 0..2 {
+            gpu.fill(c.dev(), 0.5, 4).unwrap();
+        }
+        let m = |d: Dev<f32>, ld| plain(d, ld);
+        gpu.mm(
+            (2, 2, 3),
+            m(a.dev(), 3),
+            m(a.dev(), 2),
+            (c.dev(), 2),
+            1.0,
+            1.0,
+            Batched::ONE,
+        )
+        .unwrap();
+        set_op_timing(false);
+        let ops = take_op_times();
+        // Other tests may launch meanwhile: these two entries at least.
+        let of = |name: &str| ops.iter().find(|o| o.name == name).map(|o| o.calls);
+        assert!(of("fill").is_some_and(|n| n >= 2), "{ops:?}");
+        assert!(of("product 2x2x3 f32").is_some(), "{ops:?}");
+        assert!(ops.windows(2).all(|w| w[0].secs >= w[1].secs));
+        assert_eq!(gpu.download(&c, 4).unwrap(), vec![3.5; 4]);
     }
 
     /// A wrapper's arguments must match the kernel's parameters in number and type: the

@@ -207,7 +207,7 @@ impl Gpu {
 
     /// Launches kernel `name` of a module on a grid of (x, y) blocks of `block` threads with
     /// `shared` bytes of dynamic shared memory (beyond 48 KiB where the GPU allows it).
-    pub(super) fn launch_in(
+    pub(super) fn launch_kernel(
         &self,
         module: Module,
         name: &str,

@@ -156,7 +156,7 @@ impl Gpu {
     }
 
     /// Runs kernel `name` (either module: the emulation holds both) on (x, y) blocks.
-    pub(super) fn launch_in(
+    pub(super) fn launch_kernel(
         &self,
         _module: Module,
         name: &str,

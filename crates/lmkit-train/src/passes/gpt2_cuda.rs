@@ -320,6 +320,8 @@ fn norm_bwd(
 
 /// LMKIT_CUDA_TIMING=1: a pass's phases and, within them, attention's forward and backward time
 /// (the GPU synchronised at each end), printed on stderr; without it, nothing is synchronised.
+/// LMKIT_CUDA_TIMING=ops: also each kernel's and each product shape's time within the pass
+/// (`cuda op:` lines, the longest first; every launch synchronised, so the pass runs slower).
 pub(super) struct PassTimer {
     on: bool,
     clock: std::time::Instant,
@@ -329,6 +331,10 @@ pub(super) struct PassTimer {
 
 impl PassTimer {
     pub(super) fn new() -> PassTimer {
+        if lmkit_kernels::cuda::op_timing() {
+            // The op times of this pass only.
+            lmkit_kernels::cuda::take_op_times();
+        }
         PassTimer {
             on: std::env::var_os("LMKIT_CUDA_TIMING").is_some(),
             clock: std::time::Instant::now(),
@@ -381,6 +387,17 @@ impl PassTimer {
             "cuda pass: {} (attention, {kind}: forward {fwd:.2} ms, backward {bwd:.2} ms)",
             parts.join(", ")
         );
+        let ops = lmkit_kernels::cuda::take_op_times();
+        let total: f64 = ops.iter().map(|o| o.secs).sum();
+        for o in &ops {
+            eprintln!(
+                "cuda op: {:<44} {:>5} calls {:>9.3} ms {:>5.1}%",
+                o.name,
+                o.calls,
+                o.secs * 1e3,
+                100.0 * o.secs / total.max(1e-12)
+            );
+        }
     }
 }
 
