@@ -1,7 +1,7 @@
 """The CUDA kernels of the GPU training passes (crates/lmkit-kernels/src/cuda/*.cu) against PyTorch,
 run on the CPU: the kernel source compiles against crates/lmkit-kernels/src/cuda/emu.h, which runs
-each block's threads in turn on one OS thread (each until it waits at a barrier) and the
-tensor-core tiles as TF32 or bf16 products. Their results here are what the GPU computes up to
+each block's threads on one OS thread, a warp at a time as far as it can go between two
+__syncthreads, and the tensor-core tiles as TF32 or bf16 products. Their results here are what the GPU computes up to
 the order of additions, so a wrong mask, index, tile boundary or missing synchronisation shows
 without a GPU (the whole passes on the emulated GPU: the cuda-emu tests scripts/test.sh runs; on
 a GPU: the cuda tests of lmkit-kernels and lmkit-train, through bench/gpu_check.sh)."""

@@ -2,10 +2,13 @@
 // files the GPU runs — compiles with a C++20 compiler and can be checked where there is no GPU
 // (tests/parity/test_cuda_kernels.py, and the `cuda-emu` feature's GPU: cuda/emulated.cpp).
 //
-// Each block's threads run as contexts on one OS thread, resumed in turn, one block at a time,
-// so a `__shared__` array (static here) belongs to the running block. __syncthreads and
-// __syncwarp are barriers (a thread runs until it waits at one, so one missing shows as reads
-// of what other threads have not written yet); a thread that returns leaves both. Warp shuffles exchange through per-thread slots between two warp
+// Each block's threads run as contexts on one OS thread, one block at a time, so a `__shared__`
+// array (static here) belongs to the running block. __syncthreads and __syncwarp are barriers; a
+// thread that returns leaves both. The warps run one after another, each as far as it can before
+// the next (to the next __syncthreads), every other block in the opposite order: as far apart as
+// a GPU may let them drift, so a missing __syncthreads shows, before a tile's use (reads of what
+// other warps have not written yet) or before its reload (a tile overwritten while another warp
+// still reads it). Warp shuffles exchange through per-thread slots between two warp
 // barriers. Dynamic shared memory is filled with NaNs before each block, so a kernel that reads
 // what it never wrote shows it. `mma_bf16` and `mma_tf32` (attention.cu's mma.sync m16n8k16
 // and m16n8k8) are warp-collective as on the GPU: every lane posts its fragment registers, the
@@ -188,30 +191,46 @@ inline void thread_entry() {
   fail("a finished thread was resumed");
 }
 
+// The threads' stacks, kept from launch to launch (pages once touched stay mapped), for
+// `stacks_for` threads.
+inline std::unique_ptr<unsigned char[]> stacks;
+inline unsigned stacks_for = 0;
+
 // The scheduler's state, in globals rather than locals: with ucontext, swapcontext returns into
 // the scheduler as setjmp would, so nothing it keeps may live only in registers.
-inline unsigned live = 0;
-inline uint64_t progress_before = 0;
+inline unsigned live = 0, warp_at = 0, warp_now = 0;
+inline uint64_t progress_before = 0, progress_warp = 0, blocks_run = 0;
 inline std::vector<char> done;
 
-// Runs the current block's `block_dim` threads, each on a context of its own, until all return.
-inline void run_block(unsigned char* stacks) {
-  unsigned n = block_dim.x * block_dim.y * block_dim.z;
+// Runs the current block's `block_dim` threads, each on a context of its own, until all return,
+// a warp at a time: each warp runs as far as it can (its lanes in turn, until all of them wait
+// at a __syncthreads or have returned) before the next, so warps drift as far apart between
+// two __syncthreads as a GPU allows, and a missing one shows; every other block takes the warps
+// in the opposite order.
+inline void run_block() {
+  unsigned n = block_dim.x * block_dim.y * block_dim.z, warps = (n + 31) / 32;
   done.assign(n, 0);
-  for (unsigned i = 0; i < n; i++) make_thread(i, stacks + size_t(i) * STACK);
+  for (unsigned i = 0; i < n; i++) make_thread(i, stacks.get() + size_t(i) * STACK);
   live = n;
+  bool reverse = blocks_run++ % 2 == 1;
   while (live > 0) {
     progress_before = progress;
-    for (current = 0; current < done.size(); current++) {
-      if (done[current]) continue;
-      unsigned i = current, x = block_dim.x, y = block_dim.y;
-      thread_idx = {i % x, i / x % y, i / (x * y)};
-      finished = false;
-      to_thread(current);
-      if (finished) {
-        done[current] = 1;
-        live--;
-      }
+    for (warp_at = 0; warp_at < warps; warp_at++) {
+      warp_now = reverse ? warps - 1 - warp_at : warp_at;
+      do {
+        progress_warp = progress;
+        for (current = warp_now * 32; current < std::min(n, warp_now * 32 + 32); current++) {
+          if (done[current]) continue;
+          unsigned i = current, x = block_dim.x, y = block_dim.y;
+          thread_idx = {i % x, i / x % y, i / (x * y)};
+          finished = false;
+          to_thread(current);
+          if (finished) {
+            done[current] = 1;
+            live--;
+          }
+        }
+      } while (progress != progress_warp);
     }
     if (live > 0 && progress == progress_before)
       fail("deadlock: the block's threads wait at different barriers");
@@ -234,9 +253,6 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, F kernel) {
   unsigned char* mem = static_cast<unsigned char*>(std::aligned_alloc(128, bytes));
   if (!mem) fail("out of memory for shared memory");
   dynamic_shared = mem;
-  // The threads' stacks, kept from launch to launch (touched pages stay mapped).
-  static std::unique_ptr<unsigned char[]> stacks;
-  static unsigned stacks_for = 0;
   if (stacks_for < n) {
     stacks.reset(new unsigned char[size_t(n) * STACK]);
     stacks_for = n;
@@ -251,7 +267,7 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, F kernel) {
         Block b(n);
         block = &b;
         block_idx = {bx, by, bz};
-        run_block(stacks.get());
+        run_block();
       }
   block = nullptr;
   std::free(mem);

@@ -243,9 +243,11 @@ impl Gpu {
                 x
             }
         };
-        // SAFETY (the reads and writes below): the caller checked that every element of every
-        // product's operands lies within their buffers.
-        let read = |p: u64, i: usize| unsafe { *(p as *const f32).add(i) };
+        let read = |p: u64, i: usize| {
+            // SAFETY: the caller checked that every element of every product's operands lies
+            // within their buffers (host memory here); `i` indexes one of them.
+            unsafe { *(p as *const f32).add(i) }
+        };
         for i in 0..batch.count {
             let (pa, pb) = (pa + (4 * i * batch.a) as u64, pb + (4 * i * batch.b) as u64);
             let pc = pc + (4 * i * batch.c) as u64;
@@ -270,7 +272,7 @@ impl Gpu {
                         .map(|(x, y)| x * y)
                         .sum();
                     let out = (pc as *mut f32).wrapping_add(r * ldc + cc);
-                    // SAFETY: see above.
+                    // SAFETY: as for `read`: an element of `c`, a buffer the pass owns.
                     unsafe {
                         *out = if beta == 0.0 {
                             alpha * dot
