@@ -85,17 +85,25 @@ PY
 [ $? -eq 0 ] || failed+=("cpu/cuda loss curves")
 fi
 
+# A GPT-2-small-shaped training run (12 layers, 768 dims, context 1024, batch 8) on the GPU: RUN is
+# flash, materialized (the kept [t, t] probabilities) or flash-bf16 (train.dtype = "bf16").
+#   gpt2_small RUN STEPS OUT_DIR
+gpt2_small() {
+  local att="${1%-bf16}" dtype=f32
+  [ "$1" = flash-bf16 ] && dtype=bf16
+  LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
+    --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
+    --set train.seq_len=1024 --set train.batch_size=8 --set "train.max_steps=$2" --set train.log_every=1 \
+    --set "train.warmup_steps=$(( $2 / 4 > 0 ? $2 / 4 : 1 ))" \
+    --set train.eval_every=1000 --set train.save_every=1000 --set 'train.device="cuda"' \
+    --set "train.dtype=\"$dtype\"" --set "train.out_dir=\"$3\""
+}
+
 if want ops; then
 echo "== where a GPT-2-small step's time goes: each kernel and product shape (LMKIT_CUDA_TIMING=ops)"
 for run in materialized flash-bf16; do
-  att="${run%-bf16}"; dtype=f32; [ "$run" = flash-bf16 ] && dtype=bf16
-  LMKIT_CUDA_TIMING=ops LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
-    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
-    --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
-    --set train.seq_len=1024 --set train.batch_size=8 --set train.max_steps=3 --set train.log_every=1 \
-    --set train.warmup_steps=1 --set train.eval_every=1000 --set train.save_every=1000 \
-    --set 'train.device="cuda"' --set "train.dtype=\"$dtype\"" --set "train.out_dir=\"$tmp/ops-$run\"" \
-    2>"$out/ops-$run.log" || failed+=("ops $run")
+  LMKIT_CUDA_TIMING=ops gpt2_small "$run" 3 "$tmp/ops-$run" 2>"$out/ops-$run.log" || failed+=("ops $run")
   # The last step's pass: its phases, then its 25 longest ops.
   echo "$run:"; grep "cuda pass" "$out/ops-$run.log" | tail -1
   tac "$out/ops-$run.log" | awk '/^cuda pass/ {exit} /^cuda op/' | tac | head -25
@@ -105,14 +113,8 @@ fi
 if want attention; then
 echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products), and bf16 products"
 for run in flash materialized flash-bf16; do
-  att="${run%-bf16}"; dtype=f32; [ "$run" = flash-bf16 ] && dtype=bf16
-  LMKIT_CUDA_TIMING=1 LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
-    --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
-    --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
-    --set train.seq_len=1024 --set train.batch_size=8 --set train.max_steps=8 --set train.log_every=1 \
-    --set train.warmup_steps=2 --set train.eval_every=1000 --set train.save_every=1000 \
-    --set 'train.device="cuda"' --set "train.dtype=\"$dtype\"" --set "train.out_dir=\"$tmp/att-$run\"" \
-    2>"$out/attention-$run.log" || failed+=("attention $run")
+  LMKIT_CUDA_TIMING=1 gpt2_small "$run" 8 "$tmp/att-$run" 2>"$out/attention-$run.log" \
+    || failed+=("attention $run")
   echo "$run:"; grep "cuda pass" "$out/attention-$run.log" | tail -3
 done
 "$py" - "$tmp" <<'PY'
