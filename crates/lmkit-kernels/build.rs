@@ -62,7 +62,6 @@ fn emulation() {
         .cpp(true)
         .std("c++20")
         .file("src/cuda/emulated.cpp")
-        .flag("-pthread")
         .flag_if_supported("-Wno-unknown-pragmas")
         .opt_level(2)
         .compile("lmkit_cuda_emu");

@@ -357,8 +357,7 @@ mod cuda_tests {
     /// decayed, one over two of the kernels' chunks.
     #[test]
     fn gpu_update_and_norm_equal_the_cpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+        let Some(gpu) = crate::testing::gpu_device() else {
             return;
         };
         let cpu = Device::Cpu;

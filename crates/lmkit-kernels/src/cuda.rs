@@ -771,6 +771,12 @@ impl Gpu {
         self.launch_rows("layer_norm_bwd", n, &args)
     }
 
+    /// dst[..len] = src[..len] (after the work before it).
+    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
+        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
+        self.copy_raw(d, s, len)
+    }
+
     /// table[ids[r]] += rows[r] for the n rows of `rows` ([n, c]); ids must be < the table's
     /// rows (checked by the caller).
     pub fn scatter_add_rows(
@@ -1103,23 +1109,13 @@ enum Arg {
 mod tests {
     use super::*;
 
-    /// The GPU (the emulation with `cuda-emu`), or `None` where there is none (then the test
-    /// passes without checking, unless LMKIT_REQUIRE_CUDA is set).
+    /// The GPU (the emulation with `cuda-emu`) with full f32 products, or `None` where there is
+    /// none ([`crate::testing::gpu_device`]).
     fn gpu() -> Option<Gpu> {
-        #[cfg(feature = "cuda")]
-        let dev = candle_core::Device::new_cuda(0);
-        #[cfg(not(feature = "cuda"))]
-        let dev: Result<_> = Ok(candle_core::Device::Cpu);
-        match dev {
-            Ok(d) => Gpu::of(&d),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
-                    "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
-                );
-                None
-            }
-        }
+        let mut gpu = Gpu::of(&crate::testing::gpu_device()?)?;
+        gpu.tf32 = false;
+        gpu.bf16 = false;
+        Some(gpu)
     }
 
     /// Products with every transposition, padded rows, two batched products, alpha and beta
@@ -1127,11 +1123,9 @@ mod tests {
     /// GPU, the emulation's stand-in for it with `cuda-emu`.
     #[test]
     fn gpu_products_equal_the_loops() {
-        let Some(mut gpu) = gpu() else {
+        let Some(gpu) = gpu() else {
             return;
         };
-        gpu.tf32 = false;
-        gpu.bf16 = false;
         let (rows, cols, k, pad, count) = (5, 7, 6, 3, 2);
         let mut seed = 7u64;
         let mut draw = |len: usize| -> Vec<f32> {
@@ -1214,11 +1208,9 @@ mod tests {
     /// shape and precision.
     #[test]
     fn gpu_ops_are_timed_by_name() {
-        let Some(mut gpu) = gpu() else {
+        let Some(gpu) = gpu() else {
             return;
         };
-        gpu.tf32 = false;
-        gpu.bf16 = false;
         set_op_timing(true);
         take_op_times();
         let a = gpu.upload(&[1.0f32; 6]).unwrap();

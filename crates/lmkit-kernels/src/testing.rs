@@ -66,3 +66,23 @@ pub fn randn<T: candle_core::WithDType, S: Into<candle_core::Shape>>(
         .collect();
     Tensor::from_vec(values, shape, device)?.to_dtype(T::DTYPE)
 }
+
+/// The GPU the GPU tests run on: CUDA device 0 with the `cuda` feature; with only `cuda-emu`, the
+/// CPU, whose tensors the emulated GPU of [`crate::cuda`] works on. `None` where there is no GPU
+/// (the test then passes without checking, unless LMKIT_REQUIRE_CUDA is set).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+pub fn gpu_device() -> Option<candle_core::Device> {
+    if !cfg!(feature = "cuda") {
+        return Some(candle_core::Device::Cpu);
+    }
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
+                "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
+            );
+            None
+        }
+    }
+}

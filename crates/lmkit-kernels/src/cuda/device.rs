@@ -254,12 +254,11 @@ impl Gpu {
         Ok(())
     }
 
-    /// dst[..len] = src[..len] (on the stream, after the work before it).
-    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
-        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
+    /// [`Gpu::copy`] of `len` f32s between addresses checked by the caller, on the stream.
+    pub(super) fn copy_raw(&self, d: u64, s: u64, len: usize) -> Result<()> {
         let stream = self.hw.dev.cuda_stream();
-        // SAFETY: both addresses are live device buffers holding `len` elements (checked
-        // above); the copy is ordered on the stream every kernel and product of the pass uses.
+        // SAFETY: both addresses are live device buffers holding `len` elements (checked by the
+        // caller); the copy is ordered on the stream every kernel and product of the pass uses.
         unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len * 4, stream.cu_stream()) }
             .map_err(Self::fail("copy"))
     }
@@ -436,8 +435,7 @@ mod tests {
     /// tensor itself, in new buffers, through NCCL's all-reduce on the GPU.
     #[test]
     fn nccl_mean_of_one_member_on_the_gpu() {
-        let Ok(dev) = Device::new_cuda(0) else {
-            assert!(std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(), "no GPU");
+        let Some(dev) = crate::testing::gpu_device() else {
             return;
         };
         let nccl = crate::nccl::library()

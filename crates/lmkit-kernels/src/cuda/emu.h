@@ -33,8 +33,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <ucontext.h>
-
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
@@ -133,6 +131,8 @@ inline void make_thread(unsigned i, unsigned char* stack) {
 inline void to_thread(unsigned i) { lmkit_emu_switch(&scheduler_sp, thread_sp[i]); }
 inline void to_scheduler() { lmkit_emu_switch(&thread_sp[current], scheduler_sp); }
 #else
+#include <ucontext.h>
+
 inline ucontext_t scheduler;
 inline std::vector<ucontext_t> fibers;
 
@@ -155,9 +155,6 @@ inline void to_scheduler() {
 }
 #endif
 
-// Back to the scheduler, which resumes the block's other threads in turn.
-inline void yield() { to_scheduler(); }
-
 // Waits until every thread taking part has arrived.
 inline void wait(Sync& s) {
   progress++;
@@ -167,7 +164,7 @@ inline void wait(Sync& s) {
     s.gen++;
     return;
   }
-  while (s.gen == g) yield();
+  while (s.gen == g) to_scheduler();  // the block's other threads run meanwhile
 }
 
 // A returning thread leaves `s`; the others may now all be waiting.

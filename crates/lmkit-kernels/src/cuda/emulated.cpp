@@ -73,9 +73,10 @@ const Entry KERNELS[] = {
     K(embed_fwd), K(embed_bwd_tokens), K(embed_bwd_positions), K(add_rows),
     K(layer_norm_fwd), K(layer_norm_bwd), K(gather_rows), K(rms_norm_fwd), K(rms_norm_bwd),
     K(rope_rows), K(swiglu_fwd), K(swiglu_bwd), K(gelu_fwd), K(gelu_bwd), K(relu_fwd),
-    K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy), K(column_sums), K(fill),
-    K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots), ATT(flash, 32), ATT(flash, 64),
-    ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64), ATT(flash_bf16, 128),
+    K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy),
+    K(column_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots),
+    ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
+    ATT(flash_bf16, 128),
 };
 
 }  // namespace
@@ -90,6 +91,7 @@ extern "C" int lmkit_cuda_emu_launch(const char* name, unsigned gx, unsigned gy,
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
   for (const Entry& e : KERNELS)
-    if (std::strcmp(e.name, name) == 0) return e.run({gx, gy, 1}, {threads, 1, 1}, shared, args, types, count);
+    if (std::strcmp(e.name, name) == 0)
+      return e.run({gx, gy, 1}, {threads, 1, 1}, shared, args, types, count);
   return 1;
 }

@@ -4,8 +4,8 @@
 //! held to the autograd graph.
 //!
 //! - Kernels: `emulated.cpp` compiles the kernel source against `emu.h` (each block's threads
-//!   as OS threads, `mma.sync` and `ldmatrix` warp-collective by the PTX ISA's fragment
-//!   layouts, shared memory filled with NaNs) and launches them by name, after checking the
+//!   as contexts on one OS thread, a warp at a time; `mma.sync` and `ldmatrix` warp-collective
+//!   by the PTX ISA's fragment layouts; shared memory filled with NaNs) and launches them by name, after checking the
 //!   arguments' number and types against the kernel's parameters.
 //! - Products: cuBLAS's row-major `c = alpha·a·b + beta·c` written out, the operands rounded as
 //!   the tensor cores take them (TF32: 10-bit mantissas; bf16: 7-bit), f32 accumulation; `c`
@@ -214,11 +214,10 @@ impl Gpu {
         }
     }
 
-    /// dst[..len] = src[..len].
-    pub fn copy(&self, dst: Dev<f32>, src: Dev<f32>, len: usize) -> Result<()> {
-        let (d, s) = (dst.need(len, "copy dst")?, src.need(len, "copy src")?);
-        // SAFETY: both are host addresses of `len` f32s (checked above); `ptr::copy` allows
-        // them to overlap.
+    /// [`Gpu::copy`] of `len` f32s between addresses checked by the caller.
+    pub(super) fn copy_raw(&self, d: u64, s: u64, len: usize) -> Result<()> {
+        // SAFETY: both are host addresses of `len` f32s (checked by the caller); `ptr::copy`
+        // allows them to overlap.
         unsafe { std::ptr::copy(s as *const f32, d as *mut f32, len) };
         Ok(())
     }

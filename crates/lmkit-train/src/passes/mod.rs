@@ -233,29 +233,9 @@ pub(crate) mod testing {
     use candle_core::{DType, Tensor};
     use candle_nn::VarMap;
 
-    /// The GPU, or `None` where there is none (then the test passes without checking, unless
-    /// LMKIT_REQUIRE_CUDA is set). With the `cuda-emu` feature instead of `cuda`: the CPU, whose
-    /// tensors the emulated GPU of `lmkit_kernels::cuda` works on.
-    #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
-    pub(crate) fn gpu() -> Option<candle_core::Device> {
-        Some(candle_core::Device::Cpu)
-    }
-
-    /// The GPU, or `None` where there is none (then the test passes without checking, unless
-    /// LMKIT_REQUIRE_CUDA is set).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn gpu() -> Option<candle_core::Device> {
-        match candle_core::Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("LMKIT_REQUIRE_CUDA").is_none(),
-                    "LMKIT_REQUIRE_CUDA is set but no GPU: {e}"
-                );
-                None
-            }
-        }
-    }
+    /// The GPU (see `lmkit_kernels::testing::gpu_device`: the emulated one with `cuda-emu`).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(crate) use lmkit_kernels::testing::gpu_device as gpu;
 
     /// `count` token ids below `vocab` from a fixed generator seeded with `seed`.
     pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
