@@ -6,7 +6,8 @@
 #   bash scripts/setup-system.sh --tests   # and what the test suite needs (a browser for the web pages' test)
 #
 # What each package is for:
-#   g++                    C/C++ compiler for crates that build C code (SQLite, oniguruma)
+#   g++                    C/C++ compiler for crates that build C code (SQLite, oniguruma) and
+#                          the tests' CUDA emulation (C++20)
 #   python3-venv           the virtualenv of the parity tests' reference implementations
 #   libopenblas0-pthread   CPU matrix products (opened at run time; without it lmkit runs its own
 #                          product, 5-10% slower on training steps)
