@@ -59,6 +59,38 @@ extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const f
   emu::launch(per_row(n), THREADS, 0, [&] { layer_norm_fwd(out, mean, rstd, x, w, b, n, c, eps); });
 }
 
+extern "C" void emu_layer_norm_fwd_bf16(uint16_t* out, float* mean, float* rstd, const float* x,
+                                        const float* w, const float* b, int n, int c, float eps) {
+  emu::launch(per_row(n), THREADS, 0,
+              [&] { layer_norm_fwd_bf16(out, mean, rstd, x, w, b, n, c, eps); });
+}
+
+extern "C" void emu_rms_norm_fwd_bf16(uint16_t* out, float* rstd, const float* x, const float* w,
+                                      int n, int c, float eps) {
+  emu::launch(per_row(n), THREADS, 0, [&] { rms_norm_fwd_bf16(out, rstd, x, w, n, c, eps); });
+}
+
+extern "C" void emu_swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up, int64_t len) {
+  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_fwd_bf16(g, gate, up, len); });
+}
+
+// The activation `gelu` (1) or ReLU (0) of h, into f32 (`bf16` 0) or bf16 (1) elements.
+extern "C" void emu_act_fwd(int gelu, int bf16, void* out, const float* h, int64_t len) {
+  emu::launch(per_element(len), THREADS, 0, [&] {
+    if (bf16) {
+      if (gelu) gelu_fwd_bf16(static_cast<uint16_t*>(out), h, len);
+      else relu_fwd_bf16(static_cast<uint16_t*>(out), h, len);
+    } else {
+      if (gelu) gelu_fwd(static_cast<float*>(out), h, len);
+      else relu_fwd(static_cast<float*>(out), h, len);
+    }
+  });
+}
+
+extern "C" void emu_to_bf16(uint16_t* out, const float* x, int64_t len) {
+  emu::launch(per_element(len), THREADS, 0, [&] { to_bf16(out, x, len); });
+}
+
 extern "C" void emu_layer_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
                                    const float* w, const float* mean, const float* rstd, int n,
                                    int c, int accumulate) {

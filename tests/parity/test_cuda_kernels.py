@@ -52,6 +52,11 @@ def train_kernels(tmp_path_factory):
     so.emu_column_sums.argtypes = [F32, F32, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
+    so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
+    so.emu_rms_norm_fwd_bf16.argtypes = [u, F32, F32, F32, i, i, f]
+    so.emu_swiglu_fwd_bf16.argtypes = [u, F32, F32, l]
+    so.emu_act_fwd.argtypes = [i, i, u, F32, l]
+    so.emu_to_bf16.argtypes = [u, F32, l]
     so.emu_softmax_causal.argtypes = [F32, l, i, f, F32, i]
     so.emu_embed.argtypes = [F32, F32, F32, u, i, i, i, F32, F32, F32]
     ptrs, lens = ctypes.POINTER(F32), ctypes.POINTER(l)
@@ -252,6 +257,71 @@ def test_layer_norm_equals_pytorch(train_kernels):
     train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
     close(dx, xt.grad.numpy(), "layer norm dx", 1e-5)
     close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "layer norm dw", 1e-5)
+
+
+def bf16_bits(x):
+    """PyTorch's rounding of f32 `x` to bf16 (to nearest, ties to even), as uint16 bits."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
+    """With bf16 products the norms and activations write their outputs as bf16 (the products'
+    operands) and `to_bf16` rounds the rest: each equals PyTorch's rounding of the f32 kernel's
+    output, bit for bit; the tanh GELU's f32 kernel is checked against PyTorch too."""
+    rng = np.random.default_rng(11)
+    n, c, eps = 19, 72, 1e-5
+    x = rng.standard_normal((n, c), dtype=np.float32) * 3
+    w, b = rng.standard_normal(c, dtype=np.float32), rng.standard_normal(c, dtype=np.float32)
+    up = rng.standard_normal((n, c), dtype=np.float32)
+    vp = ctypes.c_void_p
+    special = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, np.nan, np.inf,
+                        -np.inf, np.finfo(np.float32).max, 1e-40, 0.0, -0.0, 3.0e38], np.float32)
+    for data in (x.ravel(), special):
+        got = np.zeros(data.size, np.uint16)
+        train_kernels.emu_to_bf16(vp(got.ctypes.data), ptr(data), data.size)
+        want = bf16_bits(data)
+        nan = np.isnan(data)
+        assert (got[~nan] == want[~nan]).all(), (data[got != want], got[got != want], want[got != want])
+        assert ((got[nan] & 0x7fff) > 0x7f80).all(), "NaN stays NaN"
+
+    def both(run, f32_out):
+        """`run(out, bf16)` into f32, then bf16 elements: the bf16 ones equal PyTorch's rounding."""
+        run(f32_out.ctypes.data, 0)
+        h = np.zeros(f32_out.shape, np.uint16)
+        run(h.ctypes.data, 1)
+        assert (h == bf16_bits(f32_out)).all()
+        return f32_out
+
+    stats = np.full(2 * n, np.nan, np.float32)
+    m, r = ptr(stats), ptr(stats[n:])
+
+    def layer_norm(out, bf16):
+        f = train_kernels.emu_layer_norm_fwd_bf16 if bf16 else train_kernels.emu_layer_norm_fwd
+        f(vp(out) if bf16 else ctypes.cast(out, F32), m, r, ptr(x), ptr(w), ptr(b), n, c, eps)
+
+    got = both(layer_norm, np.full((n, c), np.nan, np.float32))
+    want = torch.nn.functional.layer_norm(f64(x), (c,), f64(w), f64(b), eps)
+    close(got, want.numpy(), "layer norm", 1e-5)
+
+    def rms_norm(out, bf16):
+        f = train_kernels.emu_rms_norm_fwd_bf16 if bf16 else train_kernels.emu_rms_norm_fwd
+        f(vp(out) if bf16 else ctypes.cast(out, F32), r, ptr(x), ptr(w), n, c, eps)
+
+    both(rms_norm, np.full((n, c), np.nan, np.float32))
+
+    def swiglu(out, bf16):
+        f = train_kernels.emu_swiglu_fwd_bf16 if bf16 else train_kernels.emu_swiglu_fwd
+        f(vp(out) if bf16 else ctypes.cast(out, F32), ptr(x), ptr(up), x.size)
+
+    both(swiglu, np.full((n, c), np.nan, np.float32))
+    for gelu in (1, 0):
+        got = both(lambda out, bf16: train_kernels.emu_act_fwd(gelu, bf16, vp(out), ptr(x), x.size),
+                   np.full((n, c), np.nan, np.float32))
+        if gelu:
+            want = torch.nn.functional.gelu(f64(x), approximate="tanh").numpy()
+        else:
+            want = np.maximum(x, 0)
+        close(got, want, "gelu" if gelu else "relu", 1e-6)
 
 
 def test_column_sums_equal_numpy(train_kernels):

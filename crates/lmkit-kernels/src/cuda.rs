@@ -189,21 +189,125 @@ impl<T: Elem> Buf<T> {
     }
 }
 
+/// A bf16 number as its 16 bits: the element of the bf16 operands of products with
+/// `train.dtype = "bf16"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Bf16 {
+    /// `x` rounded to bf16 (to nearest, ties to even), as the kernels' `bf16_bits` does.
+    pub fn from_f32(x: f32) -> Bf16 {
+        Bf16(half::bf16::from_f32(x).to_bits())
+    }
+
+    pub fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+}
+
+/// Elements of a product's operand or of a kernel's output: f32s, or bf16s.
+#[derive(Clone, Copy, Debug)]
+pub enum Data {
+    F32(Dev<f32>),
+    Bf16(Dev<Bf16>),
+}
+
+impl From<Dev<f32>> for Data {
+    fn from(d: Dev<f32>) -> Data {
+        Data::F32(d)
+    }
+}
+
+impl From<Dev<Bf16>> for Data {
+    fn from(d: Dev<Bf16>) -> Data {
+        Data::Bf16(d)
+    }
+}
+
+impl Data {
+    /// The elements from `offset` on.
+    pub fn at(self, offset: usize) -> Result<Data> {
+        Ok(match self {
+            Data::F32(d) => Data::F32(d.at(offset)?),
+            Data::Bf16(d) => Data::Bf16(d.at(offset)?),
+        })
+    }
+
+    pub fn is_bf16(self) -> bool {
+        matches!(self, Data::Bf16(_))
+    }
+
+    fn need(self, elements: usize, what: &str) -> Result<u64> {
+        match self {
+            Data::F32(d) => d.need(elements, what),
+            Data::Bf16(d) => d.need(elements, what),
+        }
+    }
+
+    /// The address, checked to hold `elements`, and the name of kernel `name` that writes
+    /// elements of this type (`name`, or `name_bf16`).
+    fn output(self, elements: usize, what: &str, name: &str) -> Result<(u64, String)> {
+        let addr = self.need(elements, what)?;
+        Ok(match self {
+            Data::F32(_) => (addr, name.to_string()),
+            Data::Bf16(_) => (addr, format!("{name}_bf16")),
+        })
+    }
+}
+
+/// A buffer of f32s, or of bf16s: an activation kept only as a product's operand
+/// ([`Gpu::operand_buf`]).
+pub enum Stored {
+    F32(Buf<f32>),
+    Bf16(Buf<Bf16>),
+}
+
+impl Stored {
+    pub fn data(&self) -> Data {
+        match self {
+            Stored::F32(b) => b.dev().into(),
+            Stored::Bf16(b) => b.dev().into(),
+        }
+    }
+}
+
+/// f32 data as a product's operand ([`Gpu::operand`]): the data itself, or its bf16 copy, which
+/// lives as long as this.
+pub struct Operand {
+    data: Data,
+    _copy: Option<Buf<Bf16>>,
+}
+
+impl Operand {
+    pub fn data(&self) -> Data {
+        self.data
+    }
+}
+
 /// A matrix operand of a row-major product: `ld` elements between rows as stored; `t`: the
-/// operand is the transpose of what is stored.
+/// operand is the transpose of what is stored. Both operands of a product are f32, or both bf16.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat {
-    pub ptr: Dev<f32>,
+    pub ptr: Data,
     pub ld: usize,
     pub t: bool,
 }
 
-pub fn plain(ptr: Dev<f32>, ld: usize) -> Mat {
-    Mat { ptr, ld, t: false }
+pub fn plain(ptr: impl Into<Data>, ld: usize) -> Mat {
+    Mat {
+        ptr: ptr.into(),
+        ld,
+        t: false,
+    }
 }
 
-pub fn transposed(ptr: Dev<f32>, ld: usize) -> Mat {
-    Mat { ptr, ld, t: true }
+pub fn transposed(ptr: impl Into<Data>, ld: usize) -> Mat {
+    Mat {
+        ptr: ptr.into(),
+        ld,
+        t: true,
+    }
 }
 
 /// `count` products at once, each operand `stride` elements after the previous one.
@@ -298,8 +402,9 @@ pub struct Gpu {
     hw: hw::Hw,
     /// f32 products on the tensor cores (TF32 inputs, f32 accumulation).
     pub tf32: bool,
-    /// f32 products on the bf16 tensor cores (inputs rounded to bf16 by cuBLAS, f32
-    /// accumulation); before `tf32`. From [`set_bf16_products`].
+    /// Products on the bf16 tensor cores (f32 accumulation); before `tf32`. The passes then keep
+    /// their products' operands in bf16 ([`Gpu::operand`], [`Gpu::operand_buf`]); f32 operands
+    /// are rounded to bf16 by cuBLAS. From [`set_bf16_products`].
     pub bf16: bool,
 }
 
@@ -323,7 +428,7 @@ impl Gpu {
     }
 
     /// Row-major `c = alpha·a·b + beta·c` with a: [rows, k], b: [k, cols], c: [rows, cols] (row
-    /// stride `ldc`), `batch.count` times.
+    /// stride `ldc`), `batch.count` times; a and b both f32 or both bf16, c f32.
     #[allow(clippy::too_many_arguments)]
     pub fn mm(
         &self,
@@ -346,6 +451,10 @@ impl Gpu {
         if k == 0 {
             candle_core::bail!("cuda mm: empty inner dimension");
         }
+        let bf16_operands = a.ptr.is_bf16();
+        if b.ptr.is_bf16() != bf16_operands {
+            candle_core::bail!("cuda mm: one operand in bf16 and the other in f32");
+        }
         let pa = a.ptr.need(span(a, rows, k, batch.a), "mm a")?;
         let pb = b.ptr.need(span(b, k, cols, batch.b), "mm b")?;
         let pc = c.0.need(
@@ -353,8 +462,10 @@ impl Gpu {
             "mm c",
         )?;
         let name = || {
-            let precision = if self.bf16 {
+            let precision = if bf16_operands {
                 "bf16"
+            } else if self.bf16 {
+                "bf16 (f32 operands)"
             } else if self.tf32 {
                 "tf32"
             } else {
@@ -370,8 +481,7 @@ impl Gpu {
         self.timed(name, || {
             self.gemm(
                 (rows, cols, k),
-                (pa, a.ld, a.t),
-                (pb, b.ld, b.t),
+                ((pa, a.ld, a.t), (pb, b.ld, b.t), bf16_operands),
                 (pc, c.1),
                 (alpha, beta),
                 batch,
@@ -714,11 +824,12 @@ impl Gpu {
         self.launch_elements("add_rows", n * c, &args)
     }
 
-    /// LayerNorm of rows; mean and 1/std per row kept in `stats` ([2, n]).
+    /// LayerNorm of rows into `out` (f32, or bf16); mean and 1/std per row kept in `stats`
+    /// ([2, n]).
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm(
         &self,
-        out: Dev<f32>,
+        out: impl Into<Data>,
         stats: Dev<f32>,
         x: Dev<f32>,
         w: Dev<f32>,
@@ -727,8 +838,11 @@ impl Gpu {
         eps: f32,
     ) -> Result<()> {
         stats.need(2 * n, "layer_norm stats")?;
+        let (out, name) = out
+            .into()
+            .output(n * c, "layer_norm out", "layer_norm_fwd")?;
         let args = [
-            Arg::P(out.need(n * c, "layer_norm out")?),
+            Arg::P(out),
             Arg::P(stats.addr),
             Arg::P(stats.at(n)?.addr),
             Arg::P(x.need(n * c, "layer_norm x")?),
@@ -738,7 +852,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::F(eps),
         ];
-        self.launch_rows("layer_norm_fwd", n, &args)
+        self.launch_rows(&name, n, &args)
     }
 
     /// LayerNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
@@ -819,14 +933,15 @@ impl Gpu {
     /// RMSNorm of rows; each row's 1/rms kept in `rstd` ([n]).
     pub fn rms_norm(
         &self,
-        (out, rstd): (Dev<f32>, Dev<f32>),
+        (out, rstd): (Data, Dev<f32>),
         x: Dev<f32>,
         w: Dev<f32>,
         (n, c): (usize, usize),
         eps: f32,
     ) -> Result<()> {
+        let (out, name) = out.output(n * c, "rms_norm out", "rms_norm_fwd")?;
         let args = [
-            Arg::P(out.need(n * c, "rms_norm out")?),
+            Arg::P(out),
             Arg::P(rstd.need(n, "rms_norm rstd")?),
             Arg::P(x.need(n * c, "rms_norm x")?),
             Arg::P(w.need(c, "rms_norm w")?),
@@ -834,7 +949,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::F(eps),
         ];
-        self.launch_rows("rms_norm_fwd", n, &args)
+        self.launch_rows(&name, n, &args)
     }
 
     /// RMSNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
@@ -891,15 +1006,16 @@ impl Gpu {
         self.launch_elements("rope_rows", pairs, &args)
     }
 
-    /// g = silu(gate) ⊙ up.
-    pub fn swiglu(&self, g: Dev<f32>, gate: Dev<f32>, up: Dev<f32>, len: usize) -> Result<()> {
+    /// g = silu(gate) ⊙ up (g f32, or bf16).
+    pub fn swiglu(&self, g: Data, gate: Dev<f32>, up: Dev<f32>, len: usize) -> Result<()> {
+        let (g, name) = g.output(len, "swiglu g", "swiglu_fwd")?;
         let args = [
-            Arg::P(g.need(len, "swiglu g")?),
+            Arg::P(g),
             Arg::P(gate.need(len, "swiglu gate")?),
             Arg::P(up.need(len, "swiglu up")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements("swiglu_fwd", len, &args)
+        self.launch_elements(&name, len, &args)
     }
 
     /// SwiGLU's backward in place: gate becomes dgate and up dup, from dg.
@@ -913,15 +1029,53 @@ impl Gpu {
         self.launch_elements("swiglu_bwd", len, &args)
     }
 
-    /// An elementwise activation: the tanh GELU, or ReLU.
-    pub fn act_fwd(&self, gelu: bool, out: Dev<f32>, h: Dev<f32>, len: usize) -> Result<()> {
+    /// An elementwise activation: the tanh GELU, or ReLU (out f32, or bf16).
+    pub fn act_fwd(&self, gelu: bool, out: Data, h: Dev<f32>, len: usize) -> Result<()> {
+        let kernel = if gelu { "gelu_fwd" } else { "relu_fwd" };
+        let (out, name) = out.output(len, "act out", kernel)?;
         let args = [
-            Arg::P(out.need(len, "act out")?),
+            Arg::P(out),
             Arg::P(h.need(len, "act h")?),
             Arg::L(len as i64),
         ];
-        let name = if gelu { "gelu_fwd" } else { "relu_fwd" };
-        self.launch_elements(name, len, &args)
+        self.launch_elements(&name, len, &args)
+    }
+
+    /// out = x rounded to bf16 (to nearest, ties to even).
+    pub fn to_bf16(&self, out: Dev<Bf16>, x: Dev<f32>, len: usize) -> Result<()> {
+        let args = [
+            Arg::P(out.need(len, "to_bf16 out")?),
+            Arg::P(x.need(len, "to_bf16 x")?),
+            Arg::L(len as i64),
+        ];
+        self.launch_elements("to_bf16", len, &args)
+    }
+
+    /// `x` as a product's operand: with bf16 products ([`Gpu::bf16`]) a bf16 copy of it, else
+    /// `x` itself.
+    pub fn operand(&self, x: Dev<f32>) -> Result<Operand> {
+        if !self.bf16 {
+            return Ok(Operand {
+                data: x.into(),
+                _copy: None,
+            });
+        }
+        let copy = self.uninit_bf16(x.len)?;
+        self.to_bf16(copy.dev(), x, x.len)?;
+        Ok(Operand {
+            data: copy.dev().into(),
+            _copy: Some(copy),
+        })
+    }
+
+    /// A buffer of `len` elements to be written before it is read, for an activation kept only
+    /// as a product's operand: bf16 with bf16 products ([`Gpu::bf16`]), else f32.
+    pub fn operand_buf(&self, len: usize) -> Result<Stored> {
+        Ok(if self.bf16 {
+            Stored::Bf16(self.uninit_bf16(len)?)
+        } else {
+            Stored::F32(self.uninit(len)?)
+        })
     }
 
     pub fn act_bwd(
@@ -1119,8 +1273,9 @@ mod tests {
     }
 
     /// Products with every transposition, padded rows, two batched products, alpha and beta
-    /// (full f32) against the loops in f64: the row-major operands' translation for cuBLAS on a
-    /// GPU, the emulation's stand-in for it with `cuda-emu`.
+    /// (full f32, and bf16 operands with f32 accumulation) against the loops in f64: the
+    /// row-major operands' translation for cuBLAS on a GPU, the emulation's stand-in for it with
+    /// `cuda-emu`.
     #[test]
     fn gpu_products_equal_the_loops() {
         let Some(gpu) = gpu() else {
@@ -1136,19 +1291,39 @@ mod tests {
                 })
                 .collect()
         };
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let transpositions = [(false, false), (true, false), (false, true), (true, true)];
+        for (bf16, (ta, tb)) in [false, true]
+            .into_iter()
+            .flat_map(|b| transpositions.map(|t| (b, t)))
+        {
             // Stored shapes, each row padded by `pad`.
             let (ar, ac) = if ta { (k, rows) } else { (rows, k) };
             let (br, bc) = if tb { (cols, k) } else { (k, cols) };
             let (lda, ldb, ldc) = (ac + pad, bc + pad, cols + pad);
             let (sa, sb, sc) = (ar * lda, br * ldb, rows * ldc);
-            let (a, b, c0) = (draw(count * sa), draw(count * sb), draw(count * sc));
+            let (mut a, mut b, c0) = (draw(count * sa), draw(count * sb), draw(count * sc));
+            // bf16 operands: the reference takes their values.
+            let to_bf16 =
+                |x: &[f32]| -> Vec<Bf16> { x.iter().map(|&v| Bf16::from_f32(v)).collect() };
+            let (ha, hb) = (to_bf16(&a), to_bf16(&b));
+            if bf16 {
+                a = ha.iter().map(|v| v.to_f32()).collect();
+                b = hb.iter().map(|v| v.to_f32()).collect();
+            }
             let (da, db, dc) = (
                 gpu.upload(&a).unwrap(),
                 gpu.upload(&b).unwrap(),
                 gpu.upload(&c0).unwrap(),
             );
-            let mat = |d: Dev<f32>, ld, t| Mat { ptr: d, ld, t };
+            let (da16, db16) = (gpu.upload(&ha).unwrap(), gpu.upload(&hb).unwrap());
+            let pick = |f: &Buf<f32>, h: &Buf<Bf16>| -> Data {
+                if bf16 {
+                    h.dev().into()
+                } else {
+                    f.dev().into()
+                }
+            };
+            let mat = |d: Data, ld, t| Mat { ptr: d, ld, t };
             let batch = Batched {
                 count,
                 a: sa,
@@ -1158,8 +1333,8 @@ mod tests {
             let (alpha, beta) = (0.5, 2.0);
             gpu.mm(
                 (rows, cols, k),
-                mat(da.dev(), lda, ta),
-                mat(db.dev(), ldb, tb),
+                mat(pick(&da, &da16), lda, ta),
+                mat(pick(&db, &db16), ldb, tb),
                 (dc.dev(), ldc),
                 alpha,
                 beta,
@@ -1195,12 +1370,114 @@ mod tests {
                         let err = (got[at] as f64 - want).abs();
                         assert!(
                             err < 1e-5,
-                            "ta {ta} tb {tb} batch {i} [{r}, {j}]: {} vs {want}",
+                            "bf16 {bf16} ta {ta} tb {tb} batch {i} [{r}, {j}]: {} vs {want}",
                             got[at]
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// The kernels that write bf16 operands (norms, activations, `to_bf16`) give their f32
+    /// kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
+    /// instantiations may contract their arithmetic differently).
+    #[test]
+    fn bf16_outputs_are_the_f32_outputs_rounded() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let (n, c) = (37, 70);
+        let len = n * c;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * (1.0 + (i % 3) as f32))
+            .collect();
+        let w: Vec<f32> = (0..c).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect();
+        let bias: Vec<f32> = (0..c).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
+        let (dx, dw, db) = (
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&w).unwrap(),
+            gpu.upload(&bias).unwrap(),
+        );
+        let up = gpu
+            .upload(&x.iter().rev().copied().collect::<Vec<_>>())
+            .unwrap();
+        let stats = gpu.uninit(2 * n).unwrap();
+        type Kernel<'a> = Box<dyn Fn(Data) -> Result<()> + 'a>;
+        let kernels: Vec<(&str, Kernel)> = vec![
+            (
+                "layer_norm",
+                Box::new(|o| {
+                    let (x, w, b) = (dx.dev(), dw.dev(), db.dev());
+                    gpu.layer_norm(o, stats.dev(), x, w, b, (n, c), 1e-5)
+                }),
+            ),
+            (
+                "rms_norm",
+                Box::new(|o| gpu.rms_norm((o, stats.dev()), dx.dev(), dw.dev(), (n, c), 1e-5)),
+            ),
+            ("gelu", Box::new(|o| gpu.act_fwd(true, o, dx.dev(), len))),
+            ("relu", Box::new(|o| gpu.act_fwd(false, o, dx.dev(), len))),
+            (
+                "swiglu",
+                Box::new(|o| gpu.swiglu(o, dx.dev(), up.dev(), len)),
+            ),
+            (
+                "to_bf16",
+                Box::new(|o| match o {
+                    Data::F32(o) => gpu.copy(o, dx.dev(), len),
+                    Data::Bf16(o) => gpu.to_bf16(o, dx.dev(), len),
+                }),
+            ),
+        ];
+        for (name, kernel) in kernels {
+            let f = gpu.uninit(len).unwrap();
+            let h = gpu.uninit_bf16(len).unwrap();
+            kernel(f.dev().into()).unwrap();
+            kernel(h.dev().into()).unwrap();
+            let (f, h) = (
+                gpu.download(&f, len).unwrap(),
+                gpu.download(&h, len).unwrap(),
+            );
+            for (i, (f, h)) in f.iter().zip(&h).enumerate() {
+                let want = Bf16::from_f32(*f);
+                assert!(
+                    want.0.abs_diff(h.0) <= 1,
+                    "{name} [{i}]: {:?} ({}) for {f}",
+                    h,
+                    h.to_f32()
+                );
+            }
+        }
+        // Rounding to nearest, ties to even; NaN, infinities, the largest value (to infinity), a
+        // subnormal (kept: bf16 has them too), signed zeros.
+        let edge = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -1.0 - 1.0 / 256.0,
+            1.0 + 1.0 / 256.0 + 1e-6,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            1e-40,
+            0.0,
+            -0.0,
+        ];
+        let src = gpu.upload(&edge).unwrap();
+        let out = gpu.uninit_bf16(edge.len()).unwrap();
+        gpu.to_bf16(out.dev(), src.dev(), edge.len()).unwrap();
+        let got = gpu.download(&out, edge.len()).unwrap();
+        let want = [
+            0x3f80, 0x3f82, 0xbf80, 0x3f81, 0x7fc0, 0x7f80, 0xff80, 0x7f80, 0x0001, 0x0000, 0x8000,
+        ];
+        for ((g, w), x) in got.iter().zip(want).zip(edge) {
+            let same = if x.is_nan() {
+                g.to_f32().is_nan()
+            } else {
+                g.0 == w && Bf16::from_f32(x).0 == w
+            };
+            assert!(same, "to_bf16({x:e}) = {:#06x}, want {w:#06x}", g.0);
         }
     }
 

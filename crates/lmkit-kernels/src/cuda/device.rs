@@ -1,7 +1,7 @@
 //! The CUDA side of [`super::Gpu`]: device memory, cuBLAS products and kernel launches on
 //! candle's stream for the device, and NCCL communicators.
 
-use super::{int, Arg, Batched, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use super::{int, Arg, Batched, Bf16, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
@@ -22,6 +22,11 @@ const ATTENTION_KERNELS: (&str, &str) = (
 /// What a [`Buf`] may hold.
 pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits {}
 impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits> Elem for T {}
+
+// SAFETY: `Bf16` is `repr(transparent)` over a u16, which the kernels read as bf16 bits; any
+// bits, zeros included, are a valid value.
+unsafe impl DeviceRepr for Bf16 {}
+unsafe impl cudarc::driver::ValidAsZeroBits for Bf16 {}
 
 pub(super) type Store<T> = CudaSlice<T>;
 
@@ -104,6 +109,14 @@ impl Gpu {
         // SAFETY: the buffer is only read by kernels and products after they have written it
         // (each pass writes every element of its scratch buffers first).
         let s = unsafe { self.hw.dev.cuda_stream().alloc::<f32>(len.max(1)) }
+            .map_err(Self::fail("alloc"))?;
+        Ok(self.buf(s))
+    }
+
+    /// `len` bf16s the caller writes before reading.
+    pub fn uninit_bf16(&self, len: usize) -> Result<Buf<Bf16>> {
+        // SAFETY: as for `uninit`: written by a kernel before anything reads it.
+        let s = unsafe { self.hw.dev.cuda_stream().alloc::<Bf16>(len.max(1)) }
             .map_err(Self::fail("alloc"))?;
         Ok(self.buf(s))
     }
@@ -264,12 +277,15 @@ impl Gpu {
     }
 
     /// The product of [`Gpu::mm`] on cuBLAS: operands as (address, leading dimension,
-    /// transposed), checked by the caller.
+    /// transposed), checked by the caller, and whether both are bf16 (c is f32 either way).
     pub(super) fn gemm(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        (pa, lda, ta): (u64, usize, bool),
-        (pb, ldb, tb): (u64, usize, bool),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
+            (u64, usize, bool),
+            (u64, usize, bool),
+            bool,
+        ),
         (pc, ldc): (u64, usize),
         (alpha, beta): (f32, f32),
         batch: Batched,
@@ -281,7 +297,11 @@ impl Gpu {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let compute = if self.bf16 {
+        // bf16 operands run on the bf16 tensor cores with f32 accumulation as they are; f32
+        // operands are rounded to bf16 or TF32 by cuBLAS where the products are reduced.
+        let compute = if bf16_operands {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        } else if self.bf16 {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
         } else if self.tf32 {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
@@ -289,6 +309,11 @@ impl Gpu {
             cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
         let f32t = cublas_sys::cudaDataType_t::CUDA_R_32F;
+        let operand_t = if bf16_operands {
+            cublas_sys::cudaDataType_t::CUDA_R_16BF
+        } else {
+            f32t
+        };
         // Column-major cuBLAS computes cᵀ = bᵀ·aᵀ: a row-major matrix is its transpose in
         // column-major order, so the operands swap and keep their own transposition flags.
         // SAFETY: the addresses are live device buffers (borrowed tensors or buffers of the
@@ -304,11 +329,11 @@ impl Gpu {
                 int(k)?,
                 &alpha as *const f32 as *const _,
                 pb as *const _,
-                f32t,
+                operand_t,
                 int(ldb)?,
                 batch.b as i64,
                 pa as *const _,
-                f32t,
+                operand_t,
                 int(lda)?,
                 batch.a as i64,
                 &beta as *const f32 as *const _,

@@ -16,7 +16,7 @@
 //!
 //! Only for tests: the build compiles the C++ emulation with the system's C++20 compiler.
 
-use super::{Arg, Batched, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use super::{Arg, Batched, Bf16, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +97,11 @@ impl Gpu {
     /// first write shows.
     pub fn uninit(&self, len: usize) -> Result<Buf<f32>> {
         Ok(self.buf(vec![f32::NAN; len.max(1)]))
+    }
+
+    /// `len` bf16s the caller writes before reading: NaNs here, as [`Gpu::uninit`].
+    pub fn uninit_bf16(&self, len: usize) -> Result<Buf<Bf16>> {
+        Ok(self.buf(vec![Bf16(0x7fc0); len.max(1)]))
     }
 
     pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
@@ -223,12 +228,16 @@ impl Gpu {
     }
 
     /// The product of [`Gpu::mm`]: operands as (address, leading dimension, transposed),
-    /// checked by the caller; rounded to bf16 or TF32 as the GPU's tensor cores would.
+    /// checked by the caller, and whether both are bf16; f32 operands rounded to bf16 or TF32 as
+    /// the GPU's tensor cores would.
     pub(super) fn gemm(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        (pa, lda, ta): (u64, usize, bool),
-        (pb, ldb, tb): (u64, usize, bool),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
+            (u64, usize, bool),
+            (u64, usize, bool),
+            bool,
+        ),
         (pc, ldc): (u64, usize),
         (alpha, beta): (f32, f32),
         batch: Batched,
@@ -242,24 +251,32 @@ impl Gpu {
                 x
             }
         };
+        let size = if bf16_operands { 2 } else { 4 };
         let read = |p: u64, i: usize| {
             // SAFETY: the caller checked that every element of every product's operands lies
             // within their buffers (host memory here); `i` indexes one of them.
-            unsafe { *(p as *const f32).add(i) }
+            if bf16_operands {
+                Bf16(unsafe { *(p as *const u16).add(i) }).to_f32()
+            } else {
+                round(unsafe { *(p as *const f32).add(i) })
+            }
         };
         for i in 0..batch.count {
-            let (pa, pb) = (pa + (4 * i * batch.a) as u64, pb + (4 * i * batch.b) as u64);
+            let (pa, pb) = (
+                pa + (size * i * batch.a) as u64,
+                pb + (size * i * batch.b) as u64,
+            );
             let pc = pc + (4 * i * batch.c) as u64;
             let a: Vec<f32> = (0..rows * k)
                 .map(|e| {
                     let (r, j) = (e / k, e % k);
-                    round(read(pa, if ta { j * lda + r } else { r * lda + j }))
+                    read(pa, if ta { j * lda + r } else { r * lda + j })
                 })
                 .collect();
             let b: Vec<f32> = (0..k * cols)
                 .map(|e| {
                     let (j, cc) = (e % k, e / k);
-                    round(read(pb, if tb { cc * ldb + j } else { j * ldb + cc }))
+                    read(pb, if tb { cc * ldb + j } else { j * ldb + cc })
                 })
                 .collect();
             for r in 0..rows {

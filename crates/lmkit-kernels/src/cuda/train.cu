@@ -1,10 +1,26 @@
 // CUDA kernels of the hand-written training passes (f32 activations and gradients; the matrix
 // products are cuBLAS calls made from Rust). Each kernel mirrors a CPU kernel of fused.rs or
-// blas.rs, and the GPU pass is checked against the CPU pass.
+// blas.rs, and the GPU pass is checked against the CPU pass. With bf16 products the kernels whose
+// output is only a product's operand (the norms, the activations) write it as bf16 (the `_bf16`
+// kernels: their f32 value rounded to nearest, ties to even), and `to_bf16` rounds the others.
 //
 // Layouts are row-major: activations [rows, cols], packed attention q|k|v [rows, 3·c].
 
 #include <stdint.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+// v rounded to bf16 (to nearest, ties to even), as its 16 bits.
+__device__ __forceinline__ uint16_t bf16_bits(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+#else
+inline uint16_t bf16_bits(float v) { return emu_bf16(v); }
+#endif
+
+// An output element: f32, or bf16 bits.
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(uint16_t* p, float v) { *p = bf16_bits(v); }
 
 #define WARP 32
 
@@ -75,9 +91,9 @@ extern "C" __global__ void add_rows(float* out, const float* x, const float* bia
 }
 
 // LayerNorm over rows, one warp per row; the mean and 1/std are kept for the backward pass.
-extern "C" __global__ void layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
-                                          const float* w, const float* b, int n, int c,
-                                          float eps) {
+template <class O>
+__device__ void layer_norm_rows(O* out, float* mean, float* rstd, const float* x, const float* w,
+                                const float* b, int n, int c, float eps) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= n) return;
@@ -91,12 +107,24 @@ extern "C" __global__ void layer_norm_fwd(float* out, float* mean, float* rstd, 
         v += d * d;
     }
     float rs = rsqrtf(warp_sum(v) / c + eps);
-    float* o = out + (int64_t)row * c;
-    for (int j = lane; j < c; j += WARP) o[j] = (xr[j] - m) * rs * w[j] + b[j];
+    O* o = out + (int64_t)row * c;
+    for (int j = lane; j < c; j += WARP) put(&o[j], (xr[j] - m) * rs * w[j] + b[j]);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = rs;
     }
+}
+
+extern "C" __global__ void layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
+                                          const float* w, const float* b, int n, int c,
+                                          float eps) {
+    layer_norm_rows(out, mean, rstd, x, w, b, n, c, eps);
+}
+
+extern "C" __global__ void layer_norm_fwd_bf16(uint16_t* out, float* mean, float* rstd,
+                                               const float* x, const float* w, const float* b,
+                                               int n, int c, float eps) {
+    layer_norm_rows(out, mean, rstd, x, w, b, n, c, eps);
 }
 
 // LayerNorm's backward, one warp per row: dx (= or +=) the input's gradient; prod[r, j] =
@@ -137,8 +165,9 @@ extern "C" __global__ void gather_rows(float* out, const float* table, const uin
 
 // RMSNorm over rows, one warp per row: out = x · rstd ⊙ w with rstd = 1/√(mean(x²) + eps), kept
 // for the backward pass.
-extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const float* w,
-                                        int n, int c, float eps) {
+template <class O>
+__device__ void rms_norm_rows(O* out, float* rstd, const float* x, const float* w, int n, int c,
+                              float eps) {
   int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
   int lane = threadIdx.x % WARP;
   if (row >= n) return;
@@ -146,9 +175,19 @@ extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x,
   float s = 0.0f;
   for (int j = lane; j < c; j += WARP) s += xr[j] * xr[j];
   float rs = rsqrtf(warp_sum(s) / c + eps);
-  float* o = out + (int64_t)row * c;
-  for (int j = lane; j < c; j += WARP) o[j] = xr[j] * rs * w[j];
+  O* o = out + (int64_t)row * c;
+  for (int j = lane; j < c; j += WARP) put(&o[j], xr[j] * rs * w[j]);
   if (lane == 0) rstd[row] = rs;
+}
+
+extern "C" __global__ void rms_norm_fwd(float* out, float* rstd, const float* x, const float* w,
+                                        int n, int c, float eps) {
+  rms_norm_rows(out, rstd, x, w, n, c, eps);
+}
+
+extern "C" __global__ void rms_norm_fwd_bf16(uint16_t* out, float* rstd, const float* x,
+                                             const float* w, int n, int c, float eps) {
+  rms_norm_rows(out, rstd, x, w, n, c, eps);
 }
 
 // RMSNorm's backward, one warp per row: dx (= or +=) rstd·(dy⊙w − x̂·mean(dy⊙w⊙x̂)) with
@@ -192,11 +231,21 @@ extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld
 }
 
 // SwiGLU: g = silu(gate) ⊙ up, and its backward in place: gate ← dgate, up ← dup from dg.
-extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
+template <class O>
+__device__ void swiglu_elements(O* g, const float* gate, const float* up, int64_t len) {
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= len) return;
   float x = gate[i];
-  g[i] = x / (1.0f + __expf(-x)) * up[i];
+  put(&g[i], x / (1.0f + __expf(-x)) * up[i]);
+}
+
+extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
+  swiglu_elements(g, gate, up, len);
+}
+
+extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up,
+                                           int64_t len) {
+  swiglu_elements(g, gate, up, len);
 }
 
 extern "C" __global__ void swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
@@ -210,11 +259,20 @@ extern "C" __global__ void swiglu_bwd(float* gate, float* up, const float* dg, i
 
 // GELU, tanh approximation (gelu_new), and its derivative.
 #define GELU_K 0.7978845608028654f  // sqrt(2/pi)
-extern "C" __global__ void gelu_fwd(float* out, const float* h, int64_t len) {
+template <class O>
+__device__ void gelu_elements(O* out, const float* h, int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
     float x = h[i];
-    out[i] = 0.5f * x * (1.0f + tanhf(GELU_K * (x + 0.044715f * x * x * x)));
+    put(&out[i], 0.5f * x * (1.0f + tanhf(GELU_K * (x + 0.044715f * x * x * x))));
+}
+
+extern "C" __global__ void gelu_fwd(float* out, const float* h, int64_t len) {
+    gelu_elements(out, h, len);
+}
+
+extern "C" __global__ void gelu_fwd_bf16(uint16_t* out, const float* h, int64_t len) {
+    gelu_elements(out, h, len);
 }
 
 extern "C" __global__ void gelu_bwd(float* dh, const float* h, const float* dg, int64_t len) {
@@ -227,10 +285,25 @@ extern "C" __global__ void gelu_bwd(float* dh, const float* h, const float* dg, 
     dh[i] = dg[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
 }
 
-extern "C" __global__ void relu_fwd(float* out, const float* h, int64_t len) {
+template <class O>
+__device__ void relu_elements(O* out, const float* h, int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    out[i] = fmaxf(h[i], 0.0f);
+    put(&out[i], fmaxf(h[i], 0.0f));
+}
+
+extern "C" __global__ void relu_fwd(float* out, const float* h, int64_t len) {
+    relu_elements(out, h, len);
+}
+
+extern "C" __global__ void relu_fwd_bf16(uint16_t* out, const float* h, int64_t len) {
+    relu_elements(out, h, len);
+}
+
+// out = x rounded to bf16 (a product's operand).
+extern "C" __global__ void to_bf16(uint16_t* out, const float* x, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) out[i] = bf16_bits(x[i]);
 }
 
 extern "C" __global__ void relu_bwd(float* dh, const float* h, const float* dg, int64_t len) {

@@ -6,14 +6,21 @@
 //! pass (batched products over the heads), or, selected with LMKIT_CUDA_ATTENTION=flash (or
 //! [`set_flash_attention`]) where the products are TF32 or bf16, runs the flash kernels
 //! (`Gpu::flash_attention`: one log-sum-exp per row kept, the probabilities recomputed in the
-//! backward pass). The logits are made a chunk of rows at a time.
+//! backward pass). The logits are made a chunk of rows at a time. With bf16 products
+//! (`train.dtype = "bf16"`) the products' operands are bf16, as autocast makes them: the weights'
+//! bf16 copies made at the start of the pass, the norms' and activation's outputs written as
+//! bf16 by their kernels (and kept so), the attention output and the gradients rounded to bf16
+//! before their products; the residual stream, the products' results, the bias and norm
+//! gradients' column sums and everything the optimizer sees stay f32.
 //!
 //! Checked against candle's autograd on the CPU (the reference the CPU pass is held to) in the
 //! tests below, which run where a GPU is present.
 
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
-use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu, Mat};
+use lmkit_kernels::cuda::{
+    plain, rows, transposed, AttnShape, Batched, Buf, Data, Dev, Gpu, Mat, Operand, Stored,
+};
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -74,19 +81,30 @@ pub(super) fn flash_trusted(gpu: &Gpu, hd: usize) -> Result<bool> {
 /// Logit elements made at a time (1 GiB of f32).
 const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
 
-/// One block's activations kept for the backward pass.
+/// One block's activations kept for the backward pass; the norms' and the activation's outputs
+/// (a1, a2, g), only products' operands, are bf16 with bf16 products, and so is `y_op`, the
+/// attention output as the projection's operand.
 struct Saved {
     x: Buf<f32>,
     ln1: Buf<f32>,
-    a1: Buf<f32>,
+    a1: Stored,
     qkv: Buf<f32>,
     att: Buf<f32>,
     y: Buf<f32>,
+    y_op: Operand,
     xm: Buf<f32>,
     ln2: Buf<f32>,
-    a2: Buf<f32>,
+    a2: Stored,
     h: Buf<f32>,
-    g: Buf<f32>,
+    g: Stored,
+}
+
+/// A block's weight matrices as products' operands (bf16 copies with bf16 products).
+struct BlockWeights {
+    c_attn: Operand,
+    attn_proj: Operand,
+    c_fc: Operand,
+    mlp_proj: Operand,
 }
 
 /// Attention sizes: batch, tokens, heads, head size; `flash`: the flash kernels, which keep
@@ -204,12 +222,12 @@ pub(super) fn column_sums(gpu: &Gpu, src: Dev<f32>, n: usize, cols: usize) -> Re
 
 /// The output layer and the mean cross-entropy of the hidden states `hf` [n, c] against
 /// `targets`, a chunk of rows at a time: the logits (`hf · lmᵀ`, lm [v, c]) become their gradient
-/// in place, then give the hidden states' and the output weights' gradients (times `scale`):
-/// (loss, dhf [n, c], dlm [v, c]).
+/// in place (rounded to bf16 for the products where `hf` and `lm` are bf16), then give the hidden
+/// states' and the output weights' gradients (times `scale`): (loss, dhf [n, c], dlm [v, c]).
 pub(super) fn output_loss(
     gpu: &Gpu,
-    hf: Dev<f32>,
-    lm: Dev<f32>,
+    hf: Data,
+    lm: Data,
     targets: Dev<u32>,
     (n, c, v): (usize, usize, usize),
     scale: f64,
@@ -220,6 +238,11 @@ pub(super) fn output_loss(
     let losses = gpu.uninit(n)?;
     let dhf = gpu.uninit(n * c)?;
     let dlm = gpu.uninit(v * c)?;
+    let logits16 = if lm.is_bf16() {
+        Some(gpu.uninit_bf16(chunk * v)?)
+    } else {
+        None
+    };
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
         let hc = hf.at(r0 * c)?;
@@ -232,6 +255,13 @@ pub(super) fn output_loss(
             Batched::ONE,
         )?;
         gpu.cross_entropy(lg, losses.dev().at(r0)?, targets.at(r0)?, (rows, v), sc)?;
+        let lg: Data = match &logits16 {
+            Some(b) => {
+                gpu.to_bf16(b.dev(), lg, rows * v)?;
+                b.dev().into()
+            }
+            None => lg.into(),
+        };
         gpu.set_product(
             (rows, c, v),
             plain(lg, v),
@@ -249,7 +279,7 @@ pub(super) fn output_loss(
             Batched::ONE,
         )?;
     }
-    drop(logits);
+    drop((logits, logits16));
     // Row losses summed in order on the host: the same total every run.
     let loss = gpu
         .download(&losses, n)?
@@ -265,8 +295,8 @@ pub(super) fn output_loss(
 fn conv1d(
     gpu: &Gpu,
     residual: Option<Dev<f32>>,
-    input: Dev<f32>,
-    (w, bias): (Dev<f32>, Dev<f32>),
+    input: Data,
+    (w, bias): (Data, Dev<f32>),
     (n, out, inner): (usize, usize, usize),
 ) -> Result<Buf<f32>> {
     let y = gpu.uninit(n * out)?;
@@ -284,22 +314,29 @@ fn conv1d(
 }
 
 /// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy:
-/// (dw, dbias, dinput).
+/// (dw, dbias, dinput); dy is the products' operand in the precision of `input` and `w` (its
+/// bf16 copy where they are bf16), the bias's gradient is summed from it in f32.
 fn conv1d_bwd(
     gpu: &Gpu,
     dy: Dev<f32>,
-    input: Dev<f32>,
-    w: Dev<f32>,
+    input: Data,
+    w: Data,
     (n, out, inner): (usize, usize, usize),
 ) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
     let db = column_sums(gpu, dy, n, out)?;
+    let dy = gpu.operand(dy)?;
     let dw = product(
         gpu,
         (inner, out, n),
         transposed(input, inner),
-        plain(dy, out),
+        plain(dy.data(), out),
     )?;
-    let dinput = product(gpu, (n, inner, out), plain(dy, out), transposed(w, out))?;
+    let dinput = product(
+        gpu,
+        (n, inner, out),
+        plain(dy.data(), out),
+        transposed(w, out),
+    )?;
     Ok((dw, db, dinput))
 }
 
@@ -562,17 +599,29 @@ fn backprop(
     let mut timer = PassTimer::new();
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
-    let lm = p.lm_head.unwrap_or(p.wte);
+    let lm = gpu.operand(p.lm_head.unwrap_or(p.wte))?;
+    let weights = p
+        .blocks
+        .iter()
+        .map(|w| {
+            Ok(BlockWeights {
+                c_attn: gpu.operand(w.c_attn_w)?,
+                attn_proj: gpu.operand(w.attn_proj_w)?,
+                c_fc: gpu.operand(w.c_fc_w)?,
+                mlp_proj: gpu.operand(w.mlp_proj_w)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     // Forward.
     let mut x = gpu.uninit(n * c)?;
     gpu.embed_fwd(x.dev(), p.wte, p.wpe, ids_d.dev(), (n, t, c), v)?;
     let mut saved = Vec::with_capacity(p.blocks.len());
-    for w in &p.blocks {
+    for (w, ws) in p.blocks.iter().zip(&weights) {
         let ln1 = gpu.uninit(2 * n)?;
-        let a1 = gpu.uninit(n * c)?;
+        let a1 = gpu.operand_buf(n * c)?;
         gpu.layer_norm(
-            a1.dev(),
+            a1.data(),
             ln1.dev(),
             x.dev(),
             w.ln_1_w,
@@ -580,18 +629,20 @@ fn backprop(
             (n, c),
             eps,
         )?;
-        let qkv = conv1d(gpu, None, a1.dev(), (w.c_attn_w, w.c_attn_b), (n, 3 * c, c))?;
+        let c_attn = (ws.c_attn.data(), w.c_attn_b);
+        let qkv = conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         timer.attention(gpu, false, || {
             attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)
         })?;
-        let attn_proj = (w.attn_proj_w, w.attn_proj_b);
-        let xm = conv1d(gpu, Some(x.dev()), y.dev(), attn_proj, (n, c, c))?;
+        let y_op = gpu.operand(y.dev())?;
+        let attn_proj = (ws.attn_proj.data(), w.attn_proj_b);
+        let xm = conv1d(gpu, Some(x.dev()), y_op.data(), attn_proj, (n, c, c))?;
         let ln2 = gpu.uninit(2 * n)?;
-        let a2 = gpu.uninit(n * c)?;
+        let a2 = gpu.operand_buf(n * c)?;
         gpu.layer_norm(
-            a2.dev(),
+            a2.data(),
             ln2.dev(),
             xm.dev(),
             w.ln_2_w,
@@ -599,11 +650,12 @@ fn backprop(
             (n, c),
             eps,
         )?;
-        let h = conv1d(gpu, None, a2.dev(), (w.c_fc_w, w.c_fc_b), (n, hid, c))?;
-        let g = gpu.uninit(n * hid)?;
-        gpu.act_fwd(gelu, g.dev(), h.dev(), n * hid)?;
-        let mlp_proj = (w.mlp_proj_w, w.mlp_proj_b);
-        let xo = conv1d(gpu, Some(xm.dev()), g.dev(), mlp_proj, (n, c, hid))?;
+        let c_fc = (ws.c_fc.data(), w.c_fc_b);
+        let h = conv1d(gpu, None, a2.data(), c_fc, (n, hid, c))?;
+        let g = gpu.operand_buf(n * hid)?;
+        gpu.act_fwd(gelu, g.data(), h.dev(), n * hid)?;
+        let mlp_proj = (ws.mlp_proj.data(), w.mlp_proj_b);
+        let xo = conv1d(gpu, Some(xm.dev()), g.data(), mlp_proj, (n, c, hid))?;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
             ln1,
@@ -611,6 +663,7 @@ fn backprop(
             qkv,
             att,
             y,
+            y_op,
             xm,
             ln2,
             a2,
@@ -620,9 +673,9 @@ fn backprop(
     }
     timer.mark(gpu, "blocks forward")?;
     let lnf = gpu.uninit(2 * n)?;
-    let hf = gpu.uninit(n * c)?;
+    let hf = gpu.operand_buf(n * c)?;
     gpu.layer_norm(
-        hf.dev(),
+        hf.data(),
         lnf.dev(),
         x.dev(),
         p.ln_f_w,
@@ -631,7 +684,9 @@ fn backprop(
         eps,
     )?;
 
-    let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
+    let (loss, dhf, dlm) =
+        output_loss(gpu, hf.data(), lm.data(), targets_d.dev(), (n, c, v), scale)?;
+    drop((hf, lm));
 
     timer.mark(gpu, "output layer + loss")?;
 
@@ -642,22 +697,24 @@ fn backprop(
     let (ln_f_w, ln_f_b) = norm_bwd(gpu, (dx.dev(), prod.dev()), dhf.dev(), lnf, (n, c), false)?;
     drop(dhf);
     let mut blocks = Vec::with_capacity(p.blocks.len());
-    for w in p.blocks.iter().rev() {
+    for (w, ws) in p.blocks.iter().zip(&weights).rev() {
         let s = saved.pop().expect("one saved entry per block");
         let dxd = dx.dev();
         // xo = xm + act(h)·W_proj + b_proj
-        let (mlp_proj_w, mlp_proj_b, dh) =
-            conv1d_bwd(gpu, dxd, s.g.dev(), w.mlp_proj_w, (n, c, hid))?;
+        let mlp_proj = ws.mlp_proj.data();
+        let (mlp_proj_w, mlp_proj_b, dh) = conv1d_bwd(gpu, dxd, s.g.data(), mlp_proj, (n, c, hid))?;
         gpu.act_bwd(gelu, dh.dev(), s.h.dev(), dh.dev(), n * hid)?;
         // h = LN2(xm)·W_fc + b_fc
-        let (c_fc_w, c_fc_b, da2) = conv1d_bwd(gpu, dh.dev(), s.a2.dev(), w.c_fc_w, (n, hid, c))?;
+        let c_fc = ws.c_fc.data();
+        let (c_fc_w, c_fc_b, da2) = conv1d_bwd(gpu, dh.dev(), s.a2.data(), c_fc, (n, hid, c))?;
         drop(dh);
         let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
         let (ln_2_w, ln_2_b) = norm_bwd(gpu, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
         drop(da2);
         // xm = x + attention(qkv)·W_o + b_o
+        let attn_proj = ws.attn_proj.data();
         let (attn_proj_w, attn_proj_b, dy) =
-            conv1d_bwd(gpu, dxd, s.y.dev(), w.attn_proj_w, (n, c, c))?;
+            conv1d_bwd(gpu, dxd, s.y_op.data(), attn_proj, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
         timer.attention(gpu, true, || {
@@ -665,8 +722,9 @@ fn backprop(
         })?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
+        let c_attn = ws.c_attn.data();
         let (c_attn_w, c_attn_b, da1) =
-            conv1d_bwd(gpu, dqkv.dev(), s.a1.dev(), w.c_attn_w, (n, 3 * c, c))?;
+            conv1d_bwd(gpu, dqkv.dev(), s.a1.data(), c_attn, (n, 3 * c, c))?;
         drop(dqkv);
         let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
         let (ln_1_w, ln_1_b) = norm_bwd(gpu, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;
@@ -798,6 +856,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// The names of the products `f` runs (LMKIT_CUDA_TIMING=ops's entries: shape, batch and
+    /// precision, "bf16" for bf16 operands).
+    pub(crate) fn product_names(f: impl FnOnce()) -> Vec<String> {
+        use lmkit_kernels::cuda::{set_op_timing, take_op_times};
+        set_op_timing(true);
+        take_op_times();
+        f();
+        let names = take_op_times()
+            .into_iter()
+            .map(|o| o.name)
+            .filter(|n| n.starts_with("product"))
+            .collect();
+        set_op_timing(false);
+        names
+    }
+
     fn config(tied: bool, act: &str, heads: usize) -> Gpt2Config {
         serde_json::from_value(serde_json::json!({
             "vocab_size": 301, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": heads,
@@ -844,6 +918,7 @@ pub(crate) mod tests {
     /// One test: the TF32 and attention switches are process-wide.
     #[test]
     fn gpu_pass_equals_autograd_on_the_cpu() {
+        let _switches = crate::passes::testing::gpu_switches();
         super::set_flash_attention(false);
         compare(true, "gelu_new", false, 1e-4, (4, 45));
         compare(false, "gelu_new", false, 1e-4, (4, 45));
@@ -863,11 +938,20 @@ pub(crate) mod tests {
         compare(true, "gelu_new", true, 2e-2, (2, 100));
         compare(false, "relu", true, 2e-2, (2, 100));
         // Products on the bf16 tensor cores (8-bit mantissas), with flash attention on bf16
-        // operands and with the kept probabilities.
+        // operands and with the kept probabilities: every product's operands in bf16 but the
+        // kept probabilities' per-head products (f32 q|k|v and probabilities, rounded by cuBLAS).
         lmkit_kernels::cuda::set_bf16_products(true);
-        compare(true, "gelu_new", true, 8e-2, (2, 100));
+        let names = product_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        assert!(!names.is_empty(), "no products timed");
+        assert!(names.iter().all(|n| n.ends_with(" bf16")), "{names:?}");
         super::set_flash_attention(false);
-        compare(false, "gelu_new", true, 8e-2, (4, 45));
+        let names = product_names(|| compare(false, "gelu_new", true, 8e-2, (4, 45)));
+        let (bf16, other): (Vec<_>, Vec<_>) = names.iter().partition(|n| n.ends_with(" bf16"));
+        assert!(bf16.len() >= 8, "{names:?}");
+        assert!(
+            other.iter().all(|n| n.ends_with(" x4 bf16 (f32 operands)")),
+            "{names:?}"
+        );
         lmkit_kernels::cuda::set_bf16_products(false);
     }
 }

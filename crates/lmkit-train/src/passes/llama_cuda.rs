@@ -4,7 +4,8 @@
 //! cuBLAS products (TF32) and the kernels of `lmkit_kernels::cuda`; attention is the flash
 //! kernels (grouped-query heads read in place from the packed q|k|v rows). No autograd graph:
 //! each activation is written once into a buffer kept for the backward pass, residuals are
-//! folded into the products (beta = 1), and each gradient is written once.
+//! folded into the products (beta = 1), and each gradient is written once. With bf16 products
+//! the products' operands are bf16, as in the GPT-2 pass (gpt2_cuda.rs).
 //!
 //! It runs where the flash attention is chosen (LMKIT_CUDA_ATTENTION=flash, or
 //! `set_flash_attention`) and the products are TF32 or bf16 (`train.dtype = "bf16"`, which also
@@ -17,7 +18,9 @@ use super::gpt2_cuda::{
 };
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
-use lmkit_kernels::cuda::{plain, rows, transposed, AttnShape, Batched, Buf, Dev, Gpu};
+use lmkit_kernels::cuda::{
+    plain, rows, transposed, AttnShape, Batched, Buf, Data, Dev, Gpu, Operand, Stored,
+};
 use lmkit_models::layers::linear::Linear;
 use lmkit_models::llama::Llama;
 
@@ -176,24 +179,26 @@ pub(super) fn pass(
     Ok(Some(LossAndGrads { loss, grads }))
 }
 
-/// One layer's activations kept for the backward pass.
+/// One layer's activations kept for the backward pass (the norms' outputs, silu(gate)·up and the
+/// attention output's `y_op`, only products' operands, in bf16 with bf16 products).
 struct Saved {
     /// Layer input (residual stream), its norm and 1/rms; q|k|v after rotation; attention
-    /// output and its rows' log-sum-exps.
+    /// output (and as the projection's operand) and its rows' log-sum-exps.
     x: Buf<f32>,
-    a1: Buf<f32>,
+    a1: Stored,
     r1: Buf<f32>,
     qkv: Buf<f32>,
     y: Buf<f32>,
+    y_op: Operand,
     lse: Buf<f32>,
     /// Residual stream after attention, its norm and 1/rms, gate and up projections,
     /// silu(gate)·up.
     xm: Buf<f32>,
-    a2: Buf<f32>,
+    a2: Stored,
     r2: Buf<f32>,
     gate: Buf<f32>,
     up: Buf<f32>,
-    g: Buf<f32>,
+    g: Stored,
 }
 
 /// `input · wᵀ` for an [out, inner] weight, into columns of `out` (row stride `ld`): set, or
@@ -201,8 +206,8 @@ struct Saved {
 #[allow(clippy::too_many_arguments)]
 fn linear(
     gpu: &Gpu,
-    input: Dev<f32>,
-    w: Dev<f32>,
+    input: Data,
+    w: Data,
     (n, outs, inner): (usize, usize, usize),
     (out, ld): (Dev<f32>, usize),
     add: bool,
@@ -240,11 +245,22 @@ fn backprop(
     let embed = p[0];
     let layer = |i: usize| &p[1 + i * PER_LAYER..1 + (i + 1) * PER_LAYER];
     let norm = p[1 + layers * PER_LAYER];
-    let lm = if d.tied {
+    let lm = gpu.operand(if d.tied {
         embed
     } else {
         p[2 + layers * PER_LAYER]
-    };
+    })?;
+    // The layers' weight matrices as products' operands (bf16 copies with bf16 products), in
+    // `layer`'s order; the norms' weights are not products' operands.
+    let weights = (0..layers)
+        .map(|i| {
+            layer(i)
+                .iter()
+                .map(|&w| gpu.operand(w))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let weight = |i: usize, j: usize| weights[i][j].data();
     let table = p[p.len() - 1];
     let attn = d.attn();
     let att_scale = 1.0 / (d.hd as f32).sqrt();
@@ -257,18 +273,19 @@ fn backprop(
     gpu.gather_rows(x.dev(), embed, ids_d.dev(), (n, c), v)?;
     let mut saved = Vec::with_capacity(layers);
     for i in 0..layers {
-        let [w_in, wq, wk, wv, wo, w_post, wg, wu, wd] = layer(i) else {
+        let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
-        let (a1, r1) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
-        gpu.rms_norm((a1.dev(), r1.dev()), x.dev(), *w_in, (n, c), d.eps)?;
+        let [wq, wk, wv, wo, wg, wu, wd] = [1, 2, 3, 4, 6, 7, 8].map(|j| weight(i, j));
+        let (a1, r1) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
+        gpu.rms_norm((a1.data(), r1.dev()), x.dev(), *w_in, (n, c), d.eps)?;
         let qkv = gpu.uninit(n * w)?;
         let cols = [(wq, 0, qd), (wk, qd, kvd), (wv, qd + kvd, kvd)];
         for (wt, col, outs) in cols {
             linear(
                 gpu,
-                a1.dev(),
-                *wt,
+                a1.data(),
+                wt,
                 (n, outs, c),
                 (qkv.dev().at(col)?, w),
                 false,
@@ -284,33 +301,35 @@ fn backprop(
         timer.attention(gpu, false, || {
             gpu.flash_attention(attn, packed, rows(y.dev(), qd), lse.dev(), att_scale)
         })?;
+        let y_op = gpu.operand(y.dev())?;
         let xm = copied(gpu, x.dev(), n * c)?;
-        linear(gpu, y.dev(), *wo, (n, c, qd), (xm.dev(), c), true)?;
-        let (a2, r2) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
-        gpu.rms_norm((a2.dev(), r2.dev()), xm.dev(), *w_post, (n, c), d.eps)?;
+        linear(gpu, y_op.data(), wo, (n, c, qd), (xm.dev(), c), true)?;
+        let (a2, r2) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
+        gpu.rms_norm((a2.data(), r2.dev()), xm.dev(), *w_post, (n, c), d.eps)?;
         let (gate, up, g) = (
             gpu.uninit(n * inter)?,
             gpu.uninit(n * inter)?,
-            gpu.uninit(n * inter)?,
+            gpu.operand_buf(n * inter)?,
         );
         linear(
             gpu,
-            a2.dev(),
-            *wg,
+            a2.data(),
+            wg,
             (n, inter, c),
             (gate.dev(), inter),
             false,
         )?;
-        linear(gpu, a2.dev(), *wu, (n, inter, c), (up.dev(), inter), false)?;
-        gpu.swiglu(g.dev(), gate.dev(), up.dev(), n * inter)?;
+        linear(gpu, a2.data(), wu, (n, inter, c), (up.dev(), inter), false)?;
+        gpu.swiglu(g.data(), gate.dev(), up.dev(), n * inter)?;
         let xo = copied(gpu, xm.dev(), n * c)?;
-        linear(gpu, g.dev(), *wd, (n, c, inter), (xo.dev(), c), true)?;
+        linear(gpu, g.data(), wd, (n, c, inter), (xo.dev(), c), true)?;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
             a1,
             r1,
             qkv,
             y,
+            y_op,
             lse,
             xm,
             a2,
@@ -321,10 +340,12 @@ fn backprop(
         });
     }
     timer.mark(gpu, "layers forward")?;
-    let (hf, rf) = (gpu.uninit(n * c)?, gpu.uninit(n)?);
-    gpu.rms_norm((hf.dev(), rf.dev()), x.dev(), norm, (n, c), d.eps)?;
+    let (hf, rf) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
+    gpu.rms_norm((hf.data(), rf.dev()), x.dev(), norm, (n, c), d.eps)?;
 
-    let (loss, dhf, dlm) = output_loss(gpu, hf.dev(), lm, targets_d.dev(), (n, c, v), scale)?;
+    let dims = (n, c, v);
+    let (loss, dhf, dlm) = output_loss(gpu, hf.data(), lm.data(), targets_d.dev(), dims, scale)?;
+    drop((hf, lm));
     timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
@@ -339,36 +360,40 @@ fn backprop(
     drop(dhf);
     let mut grads: Vec<Vec<Buf<f32>>> = Vec::with_capacity(layers);
     for i in (0..layers).rev() {
-        let [w_in, wq, wk, wv, wo, w_post, wg, wu, wd] = layer(i) else {
+        let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
+        let [wq, wk, wv, wo, wg, wu, wd] = [1, 2, 3, 4, 6, 7, 8].map(|j| weight(i, j));
         let s = saved.pop().expect("one saved entry per layer");
         // xo = xm + g·W_downᵀ
+        let dx_op = gpu.operand(dxd)?;
         let d_down = product(
             gpu,
             (c, inter, n),
-            transposed(dxd, c),
-            plain(s.g.dev(), inter),
+            transposed(dx_op.data(), c),
+            plain(s.g.data(), inter),
         )?;
-        let dg = product(gpu, (n, inter, c), plain(dxd, c), plain(*wd, inter))?;
+        let dg = product(gpu, (n, inter, c), plain(dx_op.data(), c), plain(wd, inter))?;
+        drop(dx_op);
         // The saved gate and up projections become their gradients.
         gpu.swiglu_bwd(s.gate.dev(), s.up.dev(), dg.dev(), n * inter)?;
         drop(dg);
-        let (dgate, dup) = (s.gate.dev(), s.up.dev());
+        let (dgate, dup) = (gpu.operand(s.gate.dev())?, gpu.operand(s.up.dev())?);
+        let (dgate, dup) = (dgate.data(), dup.data());
         let d_gate = product(
             gpu,
             (inter, c, n),
             transposed(dgate, inter),
-            plain(s.a2.dev(), c),
+            plain(s.a2.data(), c),
         )?;
         let d_up = product(
             gpu,
             (inter, c, n),
             transposed(dup, inter),
-            plain(s.a2.dev(), c),
+            plain(s.a2.data(), c),
         )?;
-        let da2 = product(gpu, (n, c, inter), plain(dgate, inter), plain(*wg, c))?;
-        let add = |a: Dev<f32>, wt: Dev<f32>, k: usize, lda: usize, out: Dev<f32>| {
+        let da2 = product(gpu, (n, c, inter), plain(dgate, inter), plain(wg, c))?;
+        let add = |a: Data, wt: Data, k: usize, lda: usize, out: Dev<f32>| {
             gpu.mm(
                 (n, c, k),
                 plain(a, lda),
@@ -379,12 +404,20 @@ fn backprop(
                 Batched::ONE,
             )
         };
-        add(dup, *wu, inter, inter, da2.dev())?;
+        add(dup, wu, inter, inter, da2.dev())?;
         let d_post = norm_bwd(da2.dev(), (s.xm.dev(), *w_post, s.r2.dev()), true)?;
         drop(da2);
         // xm = x + y·W_oᵀ
-        let d_o = product(gpu, (c, qd, n), transposed(dxd, c), plain(s.y.dev(), qd))?;
-        let dy = product(gpu, (n, qd, c), plain(dxd, c), plain(*wo, qd))?;
+        let dx_op = gpu.operand(dxd)?;
+        let dxo = dx_op.data();
+        let d_o = product(
+            gpu,
+            (c, qd, n),
+            transposed(dxo, c),
+            plain(s.y_op.data(), qd),
+        )?;
+        let dy = product(gpu, (n, qd, c), plain(dxo, c), plain(wo, qd))?;
+        drop(dx_op);
         let dqkv = gpu.uninit(n * w)?;
         let dots = gpu.uninit(d.b * d.heads * d.t)?;
         let packed = |m: Dev<f32>| -> Result<_> {
@@ -406,16 +439,17 @@ fn backprop(
         // Gradients of q and k before their rotation.
         gpu.rope(dqkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), true)?;
         // q|k|v = norm(x)·W_{q,k,v}ᵀ
-        let a1 = plain(s.a1.dev(), c);
-        let dq = dqkv.dev();
+        let a1 = plain(s.a1.data(), c);
+        let dqkv_op = gpu.operand(dqkv.dev())?;
+        let dq = dqkv_op.data();
         let (dk, dv) = (dq.at(qd)?, dq.at(qd + kvd)?);
         let d_q = product(gpu, (qd, c, n), transposed(dq, w), a1)?;
         let d_k = product(gpu, (kvd, c, n), transposed(dk, w), a1)?;
         let d_v = product(gpu, (kvd, c, n), transposed(dv, w), a1)?;
-        let da1 = product(gpu, (n, c, qd), plain(dq, w), plain(*wq, c))?;
-        add(dk, *wk, kvd, w, da1.dev())?;
-        add(dv, *wv, kvd, w, da1.dev())?;
-        drop(dqkv);
+        let da1 = product(gpu, (n, c, qd), plain(dq, w), plain(wq, c))?;
+        add(dk, wk, kvd, w, da1.dev())?;
+        add(dv, wv, kvd, w, da1.dev())?;
+        drop((dqkv_op, dqkv));
         let d_in = norm_bwd(da1.dev(), (s.x.dev(), *w_in, s.r1.dev()), true)?;
         grads.push(vec![d_in, d_q, d_k, d_v, d_o, d_post, d_gate, d_up, d_down]);
     }
@@ -502,12 +536,16 @@ mod tests {
     /// One test: the TF32 and attention switches are process-wide.
     #[test]
     fn gpu_llama_pass_equals_autograd_on_the_cpu() {
+        let _switches = crate::passes::testing::gpu_switches();
         // TF32 products (10-bit mantissas): close, not equal.
         compare(true, 1, 2e-2);
         compare(false, 2, 2e-2);
-        // bf16 products and attention operands (8-bit mantissas).
+        // bf16 products and attention operands (8-bit mantissas): every product's operands in
+        // bf16.
         lmkit_kernels::cuda::set_bf16_products(true);
-        compare(true, 1, 8e-2);
+        let names = crate::passes::gpt2_cuda::tests::product_names(|| compare(true, 1, 8e-2));
+        assert!(!names.is_empty(), "no products timed");
+        assert!(names.iter().all(|n| n.ends_with(" bf16")), "{names:?}");
         lmkit_kernels::cuda::set_bf16_products(false);
     }
 }

@@ -237,6 +237,15 @@ pub(crate) mod testing {
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     pub(crate) use lmkit_kernels::testing::gpu_device as gpu;
 
+    /// Held by each test that sets the process-wide GPU switches (TF32, bf16 products, flash
+    /// attention) for its whole run, so that two such tests running at once do not change each
+    /// other's settings mid-pass.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(crate) fn gpu_switches() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// `count` token ids below `vocab` from a fixed generator seeded with `seed`.
     pub(crate) fn tokens(count: usize, vocab: u64, seed: u64) -> Vec<u32> {
         let mut s = seed;
