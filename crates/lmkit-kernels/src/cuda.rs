@@ -63,6 +63,12 @@ impl AttnShape {
             && self.heads.is_multiple_of(self.kv_heads)
             && self.t > 0
     }
+
+    /// The floating-point operations of one [t, t]-by-hd product per query head over the causal
+    /// half (b·heads·t²·hd: the count FlashAttention's papers use for causal attention).
+    pub fn causal_products(&self) -> f64 {
+        (self.b * self.heads) as f64 * (self.t * self.t) as f64 * self.hd as f64
+    }
 }
 
 /// The flash kernels for a head size and precision (attention.cu's ATT_KERNELS): their names'
@@ -329,12 +335,25 @@ impl Batched {
 }
 
 /// The time the GPU spent on one kernel, or on products of one shape and precision, since the
-/// last [`take_op_times`] (LMKIT_CUDA_TIMING=ops).
+/// last [`take_op_times`] (LMKIT_CUDA_TIMING=ops), and the floating-point operations of that
+/// work where they are known (products, attention; 0 for other kernels).
 #[derive(Clone, Debug)]
 pub struct OpTime {
     pub name: String,
     pub calls: usize,
     pub secs: f64,
+    pub flops: f64,
+}
+
+impl OpTime {
+    /// The rate of the work, in 10¹² floating-point operations a second (0 where not known).
+    pub fn tflops(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.flops / self.secs / 1e12
+        } else {
+            0.0
+        }
+    }
 }
 
 static OPS: std::sync::Mutex<Vec<OpTime>> = std::sync::Mutex::new(Vec::new());
@@ -461,6 +480,7 @@ impl Gpu {
             (batch.count - 1) * batch.c + (rows - 1) * c.1 + cols,
             "mm c",
         )?;
+        let flops = 2.0 * (rows * cols * k * batch.count) as f64;
         let name = || {
             let precision = if bf16_operands {
                 "bf16"
@@ -476,7 +496,10 @@ impl Gpu {
             } else {
                 String::new()
             };
-            format!("product {rows}x{cols}x{k}{times} {precision}")
+            (
+                format!("product {rows}x{cols}x{k}{times} {precision}"),
+                flops,
+            )
         };
         self.timed(name, || {
             self.gemm(
@@ -490,8 +513,13 @@ impl Gpu {
     }
 
     /// Runs `f` (one launch or product): with LMKIT_CUDA_TIMING=ops, timed between two
-    /// synchronisations of the GPU and added to [`take_op_times`]'s entry `name()`.
-    fn timed(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// synchronisations of the GPU and added to [`take_op_times`]'s entry of the name `what()`
+    /// gives, with the floating-point operations it gives.
+    fn timed(
+        &self,
+        what: impl FnOnce() -> (String, f64),
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         if !op_timing() {
             return f();
         }
@@ -500,35 +528,37 @@ impl Gpu {
         f()?;
         self.synchronize()?;
         let secs = clock.elapsed().as_secs_f64();
-        let name = name();
+        let (name, flops) = what();
         let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
         match ops.iter_mut().find(|o| o.name == name) {
             Some(o) => {
                 o.calls += 1;
                 o.secs += secs;
+                o.flops += flops;
             }
             None => ops.push(OpTime {
                 name,
                 calls: 1,
                 secs,
+                flops,
             }),
         }
         Ok(())
     }
 
     /// Launches kernel `name` of `module` on (x, y) blocks of `block` threads with `shared` bytes
-    /// of dynamic shared memory (timed with LMKIT_CUDA_TIMING=ops).
+    /// of dynamic shared memory (timed with LMKIT_CUDA_TIMING=ops, as `flops` floating-point
+    /// operations: 0 where not counted).
     fn launch_in(
         &self,
         module: Module,
         name: &str,
-        grid: (usize, usize),
-        block: u32,
-        shared: usize,
+        (grid, block, shared): ((usize, usize), u32, usize),
         args: &[Arg],
+        flops: f64,
     ) -> Result<()> {
         self.timed(
-            || name.to_string(),
+            || (name.to_string(), flops),
             || self.launch_kernel(module, name, grid, block, shared, args),
         )
     }
@@ -547,7 +577,13 @@ impl Gpu {
 
     /// Launches `name` of train.cu with the given arguments (already checked by the caller).
     fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        self.launch_in(Module::Train, name, (grid as usize, 1), block, 0, args)
+        self.launch_in(
+            Module::Train,
+            name,
+            ((grid as usize, 1), block, 0),
+            args,
+            0.0,
+        )
     }
 
     /// Causal attention without the [t, t] probabilities: o = softmax(scale·q·kᵀ)·v per head,
@@ -583,7 +619,9 @@ impl Gpu {
         // The block's query rows, and a tile of keys and one of values.
         let shared = plan.tiles(ATT_ROWS + 2 * plan.keys, s.hd);
         let name = format!("{}_fwd_{}", plan.prefix, s.hd);
-        self.launch_in(Module::Attention, &name, grid, ATT_THREADS, shared, &args)
+        let flops = 2.0 * s.causal_products();
+        let launch = (grid, ATT_THREADS, shared);
+        self.launch_in(Module::Attention, &name, launch, &args, flops)
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
@@ -616,7 +654,8 @@ impl Gpu {
             Arg::I(int(o.ld)?),
         ];
         let grid = (blocks(n * s.heads, THREADS as usize / 32) as usize, 1);
-        self.launch_in(Module::Attention, "attn_row_dots", grid, THREADS, 0, &dots)?;
+        let launch = (grid, THREADS, 0);
+        self.launch_in(Module::Attention, "attn_row_dots", launch, &dots, 0.0)?;
         let inputs = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
@@ -645,30 +684,20 @@ impl Gpu {
         args.extend(sizes);
         args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
         let name = format!("{}_bwd_dq_{}", plan.prefix, s.hd);
-        let grid = (tiles, s.b * s.heads);
-        self.launch_in(
-            Module::Attention,
-            &name,
-            grid,
-            ATT_THREADS,
-            dq_shared,
-            &args,
-        )?;
+        // Scores, dP and dQ: three products over the causal half.
+        let launch = ((tiles, s.b * s.heads), ATT_THREADS, dq_shared);
+        let flops = 3.0 * s.causal_products();
+        self.launch_in(Module::Attention, &name, launch, &args, flops)?;
         let mut args = inputs.to_vec();
         args.push(Arg::P(dk.need(&s, s.kv_heads, "attention dk")?));
         args.push(Arg::P(dv.need(&s, s.kv_heads, "attention dv")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
         let name = format!("{}_bwd_dkdv_{}", plan.prefix, s.hd);
-        let grid = (tiles, s.b * s.kv_heads);
-        self.launch_in(
-            Module::Attention,
-            &name,
-            grid,
-            ATT_THREADS,
-            dkdv_shared,
-            &args,
-        )
+        // Scores, dP, dV and dK: four products over the causal half.
+        let launch = ((tiles, s.b * s.kv_heads), ATT_THREADS, dkdv_shared);
+        let flops = 4.0 * s.causal_products();
+        self.launch_in(Module::Attention, &name, launch, &args, flops)
     }
 
     /// The flash kernels ([`Gpu::flash_attention`] and its backward pass, in this Gpu's precision)
@@ -1482,7 +1511,7 @@ mod tests {
     }
 
     /// LMKIT_CUDA_TIMING=ops: each launch and product is timed under its kernel's name or its
-    /// shape and precision.
+    /// shape and precision, with the operations of products and attention counted.
     #[test]
     fn gpu_ops_are_timed_by_name() {
         let Some(gpu) = gpu() else {
@@ -1506,12 +1535,27 @@ mod tests {
             Batched::ONE,
         )
         .unwrap();
+        // The flash kernels count their products' operations over the causal half.
+        let mut tf32 = Gpu::of(&crate::testing::gpu_device().unwrap()).unwrap();
+        tf32.tf32 = true;
+        tf32.bf16 = false;
+        let shape = Gpu::flash_check_shape(32);
+        tf32.flash_check(shape).unwrap();
         set_op_timing(false);
         let ops = take_op_times();
-        // Other tests may launch meanwhile: these two entries at least.
-        let of = |name: &str| ops.iter().find(|o| o.name == name).map(|o| o.calls);
-        assert!(of("fill").is_some_and(|n| n >= 2), "{ops:?}");
-        assert!(of("product 2x2x3 f32").is_some(), "{ops:?}");
+        // Other tests may launch meanwhile: these entries at least.
+        let of = |name: &str| ops.iter().find(|o| o.name == name);
+        assert!(
+            of("fill").is_some_and(|o| o.calls >= 2 && o.flops == 0.0),
+            "{ops:?}"
+        );
+        let product = of("product 2x2x3 f32").expect("the product's entry");
+        assert_eq!(product.flops, 24.0 * product.calls as f64);
+        let quarter = (2 * 77 * 77 * 32) as f64;
+        for (kernel, products) in [("fwd", 2.0), ("bwd_dq", 3.0), ("bwd_dkdv", 4.0)] {
+            let o = of(&format!("flash_{kernel}_32")).expect("a flash kernel's entry");
+            assert_eq!(o.flops, products * quarter * o.calls as f64, "{o:?}");
+        }
         assert!(ops.windows(2).all(|w| w[0].secs >= w[1].secs));
         assert_eq!(gpu.download(&c, 4).unwrap(), vec![3.5; 4]);
     }
@@ -1526,7 +1570,7 @@ mod tests {
         assert!(gpu.download(&out, 4).unwrap().iter().all(|x| x.is_nan()));
         let p = Arg::P(out.dev().addr);
         let launch = |name: &str, args: &[Arg]| {
-            gpu.launch_in(Module::Train, name, (1, 1), 32, 0, args)
+            gpu.launch_in(Module::Train, name, ((1, 1), 32, 0), args, 0.0)
                 .map_err(|e| e.to_string())
         };
         launch("fill", &[p, Arg::F(1.5), Arg::L(4)]).unwrap();

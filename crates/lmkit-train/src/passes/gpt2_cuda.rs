@@ -427,8 +427,13 @@ impl PassTimer {
         let ops = lmkit_kernels::cuda::take_op_times();
         let total: f64 = ops.iter().map(|o| o.secs).sum();
         for o in &ops {
+            let rate = if o.flops > 0.0 {
+                format!(" {:>7.1} TFLOP/s", o.tflops())
+            } else {
+                String::new()
+            };
             eprintln!(
-                "cuda op: {:<44} {:>5} calls {:>9.3} ms {:>5.1}%",
+                "cuda op: {:<44} {:>5} calls {:>9.3} ms {:>5.1}%{rate}",
                 o.name,
                 o.calls,
                 o.secs * 1e3,
