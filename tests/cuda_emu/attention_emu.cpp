@@ -1,4 +1,5 @@
-// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32 and bf16) on the CPU
+// The attention kernels of crates/lmkit-kernels/src/cuda/attention.cu (TF32 and bf16, on f32 or
+// bf16 inputs) on the CPU
 // (the emulation of crates/lmkit-kernels/src/cuda/emu.h), launched as
 // crates/lmkit-kernels/src/cuda.rs launches them on the GPU: a shared library for
 // tests/parity/test_cuda_kernels.py. Built by the test:
@@ -14,15 +15,22 @@ namespace {
 int keys(int hd, bool bf16) { return hd == 128 && !bf16 ? 32 : 64; }
 int queries(int hd) { return hd == 128 ? 32 : 64; }
 
-// Bytes of dynamic shared memory per block: the operand tiles (cuda.rs sizes them alike), for
-// the dK/dV kernel also the query tile's log-sum-exps and row dots.
+// Bytes of dynamic shared memory per block: the operand tiles (cuda.rs sizes them alike; the
+// streamed ones twice with bf16 inputs), for the dK/dV kernel also the query tiles' log-sum-exps
+// and row dots. mode: 0 TF32, 1 bf16 on f32 inputs, 2 bf16 on bf16 inputs.
 size_t tile_bytes(int rows, int hd, bool bf16) {
   return bf16 ? 2 * size_t(rows) * (hd + Bf16::PAD) : 4 * size_t(rows) * (hd + Tf32::PAD);
 }
-size_t fwd_bytes(int hd, bool bf16) { return tile_bytes(ATT_ROWS + 2 * keys(hd, bf16), hd, bf16); }
-size_t dq_bytes(int hd, bool bf16) { return tile_bytes(2 * ATT_ROWS + 2 * keys(hd, bf16), hd, bf16); }
-size_t dkdv_bytes(int hd, bool bf16) {
-  return tile_bytes(2 * ATT_ROWS + 2 * queries(hd), hd, bf16) + 4 * size_t(2 * queries(hd));
+int streamed(int mode) { return mode == 2 ? 4 : 2; }
+size_t fwd_bytes(int hd, int mode) {
+  return tile_bytes(ATT_ROWS + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
+}
+size_t dq_bytes(int hd, int mode) {
+  return tile_bytes(2 * ATT_ROWS + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
+}
+size_t dkdv_bytes(int hd, int mode) {
+  return tile_bytes(2 * ATT_ROWS + streamed(mode) * queries(hd), hd, mode > 0) +
+         4 * size_t(streamed(mode) * queries(hd));
 }
 
 dim3 grid(int t, int bh) { return {unsigned((t + ATT_ROWS - 1) / ATT_ROWS), unsigned(bh), 1}; }
@@ -30,20 +38,31 @@ constexpr dim3 THREADS = {ATT_THREADS, 1, 1};
 
 }  // namespace
 
+// The inputs as a kernel takes them: f32, or (`mode` 2) the bf16 bits the caller passed.
+template <class S>
+const S* in(const float* p) {
+  return reinterpret_cast<const S*>(p);
+}
+
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
-// the outputs' (backward); bf16: the bf16 kernels. Returns 0, or 1 for an unsupported head size.
+// the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits). Returns 0,
+// or 1 for an unsupported head size.
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                             const int* dims, const int* ld, float scale, int bf16) {
+                             const int* dims, const int* ld, float scale, int mode) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
-  auto run = [&](auto kernel) {
-    size_t bytes = fwd_bytes(hd, bf16);
+  auto run = [&](auto kernel, auto s) {
+    using S = decltype(s);
+    size_t bytes = fwd_bytes(hd, mode);
     emu::launch(grid(t, b * heads), THREADS, bytes, [&] {
-      kernel(q, k, v, o, lse, t, heads, kvh, ld[0], ld[1], ld[2], ld[3], scale);
+      kernel(in<S>(q), in<S>(k), in<S>(v), o, lse, t, heads, kvh, ld[0], ld[1], ld[2], ld[3],
+             scale);
     });
   };
-  if (hd == 32) bf16 ? run(flash_bf16_fwd_32) : run(flash_fwd_32);
-  else if (hd == 64) bf16 ? run(flash_bf16_fwd_64) : run(flash_fwd_64);
-  else if (hd == 128) bf16 ? run(flash_bf16_fwd_128) : run(flash_fwd_128);
+  float f = 0;
+  uint16_t h = 0;
+  if (hd == 32) mode == 2 ? run(flash_bf16in_fwd_32, h) : mode ? run(flash_bf16_fwd_32, f) : run(flash_fwd_32, f);
+  else if (hd == 64) mode == 2 ? run(flash_bf16in_fwd_64, h) : mode ? run(flash_bf16_fwd_64, f) : run(flash_fwd_64, f);
+  else if (hd == 128) mode == 2 ? run(flash_bf16in_fwd_128, h) : mode ? run(flash_bf16_fwd_128, f) : run(flash_fwd_128, f);
   else return 1;
   return 0;
 }
@@ -51,30 +70,40 @@ extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, flo
 extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, const float* o,
                              const float* dout, const float* lse, float* dvec, float* dq,
                              float* dk, float* dv, const int* dims, const int* ld, float scale,
-                             int bf16) {
+                             int mode) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   // ld: q, k, v, o, dout, dq, dk, dv
   int n = b * t, warps = n * heads;
   emu::launch({unsigned((warps * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
-    attn_row_dots(dvec, dout, o, n, t, heads, hd, ld[4], ld[3]);
+    if (mode == 2) attn_row_dots_bf16(dvec, in<uint16_t>(dout), o, n, t, heads, hd, ld[4], ld[3]);
+    else attn_row_dots(dvec, dout, o, n, t, heads, hd, ld[4], ld[3]);
   });
-  auto run = [&](auto dq_kernel, auto dkdv_kernel) {
-    size_t dq_shared = dq_bytes(hd, bf16), dkdv_shared = dkdv_bytes(hd, bf16);
+  auto run = [&](auto dq_kernel, auto dkdv_kernel, auto s) {
+    using S = decltype(s);
+    size_t dq_shared = dq_bytes(hd, mode), dkdv_shared = dkdv_bytes(hd, mode);
     emu::launch(grid(t, b * heads), THREADS, dq_shared, [&] {
-      dq_kernel(q, k, v, dout, lse, dvec, dq, t, heads, kvh, ld[0], ld[1], ld[2], ld[4], ld[5], scale);
+      dq_kernel(in<S>(q), in<S>(k), in<S>(v), in<S>(dout), lse, dvec, dq, t, heads, kvh, ld[0],
+                ld[1], ld[2], ld[4], ld[5], scale);
     });
     emu::launch(grid(t, b * kvh), THREADS, dkdv_shared, [&] {
-      dkdv_kernel(q, k, v, dout, lse, dvec, dk, dv, t, heads, kvh, ld[0], ld[1], ld[2], ld[4], ld[6],
-                  ld[7], scale);
+      dkdv_kernel(in<S>(q), in<S>(k), in<S>(v), in<S>(dout), lse, dvec, dk, dv, t, heads, kvh,
+                  ld[0], ld[1], ld[2], ld[4], ld[6], ld[7], scale);
     });
   };
+  float f = 0;
+  uint16_t h = 0;
   if (hd == 32)
-    bf16 ? run(flash_bf16_bwd_dq_32, flash_bf16_bwd_dkdv_32) : run(flash_bwd_dq_32, flash_bwd_dkdv_32);
+    mode == 2 ? run(flash_bf16in_bwd_dq_32, flash_bf16in_bwd_dkdv_32, h)
+    : mode    ? run(flash_bf16_bwd_dq_32, flash_bf16_bwd_dkdv_32, f)
+              : run(flash_bwd_dq_32, flash_bwd_dkdv_32, f);
   else if (hd == 64)
-    bf16 ? run(flash_bf16_bwd_dq_64, flash_bf16_bwd_dkdv_64) : run(flash_bwd_dq_64, flash_bwd_dkdv_64);
+    mode == 2 ? run(flash_bf16in_bwd_dq_64, flash_bf16in_bwd_dkdv_64, h)
+    : mode    ? run(flash_bf16_bwd_dq_64, flash_bf16_bwd_dkdv_64, f)
+              : run(flash_bwd_dq_64, flash_bwd_dkdv_64, f);
   else if (hd == 128)
-    bf16 ? run(flash_bf16_bwd_dq_128, flash_bf16_bwd_dkdv_128)
-         : run(flash_bwd_dq_128, flash_bwd_dkdv_128);
+    mode == 2 ? run(flash_bf16in_bwd_dq_128, flash_bf16in_bwd_dkdv_128, h)
+    : mode    ? run(flash_bf16_bwd_dq_128, flash_bf16_bwd_dkdv_128, f)
+              : run(flash_bwd_dq_128, flash_bwd_dkdv_128, f);
   else return 1;
   return 0;
 }

@@ -108,9 +108,20 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["tf32", "bf16"])
+def bf16_bits(x):
+    """PyTorch's rounding of f32 `x` to bf16 (to nearest, ties to even), as uint16 bits."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+# 0: TF32; 1: bf16 products on f32 inputs (rounded as the tiles load); 2: bf16 inputs (q, k, v
+# and dO rounded to bf16 beforehand, tiles copied by cp.async with the next one in flight).
+MODES = {"tf32": 0, "bf16": 1, "bf16in": 2}
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
 @pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed", SHAPES)
-def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, bf16):
+def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, mode):
+    bf16 = mode > 0
     rng = np.random.default_rng(hd + t)
     scale = 1.0 / np.sqrt(hd)
     c, ckv = heads * hd, kv_heads * hd
@@ -129,16 +140,30 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
         q_ptr, k_ptr, v_ptr = ptr(qn), ptr(kn), ptr(vn)
         lds = (c, ckv, ckv)
     dout = rng.standard_normal((b * t, c), dtype=np.float32)
+    dout_ptr = ptr(dout)
+    if mode == 2:
+        # The kernels read bf16 bits: the same matrices rounded (the reference keeps f32 inputs).
+        def bits_at(a, off):
+            return ctypes.cast(a.ctypes.data + 2 * off, F32)
+        if packed:
+            qkv16 = bf16_bits(qkv)
+            q_ptr, k_ptr, v_ptr = (bits_at(qkv16, off) for off in (0, c, c + ckv))
+            keep = [qkv16]
+        else:
+            keep = [bf16_bits(x) for x in (qn, kn, vn)]
+            q_ptr, k_ptr, v_ptr = (bits_at(x, 0) for x in keep)
+        dout16 = bf16_bits(dout)
+        dout_ptr = bits_at(dout16, 0)
     o = np.full((b * t, c), np.nan, dtype=np.float32)
     lse = np.full((b, heads, t), np.nan, dtype=np.float32)
     dims = ints(b, t, heads, kv_heads, hd)
-    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale, bf16) == 0
+    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale, mode) == 0
     dvec = np.full((b, heads, t), np.nan, dtype=np.float32)
     dq = np.full((b * t, c), np.nan, dtype=np.float32)
     dk = np.full((b * t, ckv), np.nan, dtype=np.float32)
     dv = np.full((b * t, ckv), np.nan, dtype=np.float32)
-    assert kernels.emu_flash_bwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(dout), ptr(lse), ptr(dvec), ptr(dq), ptr(dk),
-                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale, bf16) == 0
+    assert kernels.emu_flash_bwd(q_ptr, k_ptr, v_ptr, ptr(o), dout_ptr, ptr(lse), ptr(dvec), ptr(dq), ptr(dk),
+                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale, mode) == 0
 
     shape = lambda x, h: x.reshape(b, t, h, hd)  # noqa: E731
     want = reference(shape(qn, heads), shape(kn, kv_heads), shape(vn, kv_heads), shape(dout, heads),
@@ -257,11 +282,6 @@ def test_layer_norm_equals_pytorch(train_kernels):
     train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
     close(dx, xt.grad.numpy(), "layer norm dx", 1e-5)
     close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "layer norm dw", 1e-5)
-
-
-def bf16_bits(x):
-    """PyTorch's rounding of f32 `x` to bf16 (to nearest, ties to even), as uint16 bits."""
-    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def test_bf16_outputs_equal_pytorch_rounding(train_kernels):

@@ -71,30 +71,41 @@ impl AttnShape {
     }
 }
 
-/// The flash kernels for a head size and precision (attention.cu's ATT_KERNELS): their names'
-/// prefix, keys per tile of the forward and dQ kernels, queries per tile of the dK/dV kernel, and
-/// the tiles' element size and row padding (attention.cu's Tf32 and Bf16).
+/// The flash kernels for a head size, precision and input type (attention.cu's ATT_KERNELS):
+/// their names' prefix, keys per tile of the forward and dQ kernels, queries per tile of the
+/// dK/dV kernel, the tiles' element size and row padding (attention.cu's Tf32 and Bf16), and the
+/// buffers of each streamed tile (two for bf16 inputs: the next tile's copies in flight).
 struct AttnPlan {
     prefix: &'static str,
     keys: usize,
     queries: usize,
     elem: usize,
     pad: usize,
+    buffers: usize,
 }
 
 impl AttnPlan {
-    fn of(s: &AttnShape, bf16: bool) -> Result<AttnPlan> {
+    /// `bf16`: bf16 products; `bf16_inputs`: q, k, v and dO in bf16 (bf16 products only).
+    fn of(s: &AttnShape, bf16: bool, bf16_inputs: bool) -> Result<AttnPlan> {
         if !matches!(s.hd, 32 | 64 | 128) {
             candle_core::bail!("cuda attention: no kernel for head size {}", s.hd);
+        }
+        if bf16_inputs && !bf16 {
+            candle_core::bail!("cuda attention: bf16 inputs need bf16 products");
         }
         let wide = s.hd == 128;
         Ok(if bf16 {
             AttnPlan {
-                prefix: "flash_bf16",
+                prefix: if bf16_inputs {
+                    "flash_bf16in"
+                } else {
+                    "flash_bf16"
+                },
                 keys: 64,
                 queries: if wide { 32 } else { 64 },
                 elem: 2,
                 pad: 8,
+                buffers: if bf16_inputs { 2 } else { 1 },
             }
         } else {
             let tile = if wide { 32 } else { 64 };
@@ -104,6 +115,7 @@ impl AttnPlan {
                 queries: tile,
                 elem: 4,
                 pad: 4,
+                buffers: 1,
             }
         })
     }
@@ -114,25 +126,49 @@ impl AttnPlan {
     }
 }
 
-/// A row-major [b·t, ld] operand of the attention kernels: head h's columns start at h·hd.
+/// A row-major [b·t, ld] operand of the attention kernels: head h's columns start at h·hd. The
+/// inputs q, k, v and dO are all f32 or, with bf16 products, all bf16 (16-byte aligned rows:
+/// `ld` a multiple of 8); the outputs and o are f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Rows {
-    pub ptr: Dev<f32>,
+    pub ptr: Data,
     pub ld: usize,
 }
 
-pub fn rows(ptr: Dev<f32>, ld: usize) -> Rows {
-    Rows { ptr, ld }
+pub fn rows(ptr: impl Into<Data>, ld: usize) -> Rows {
+    Rows {
+        ptr: ptr.into(),
+        ld,
+    }
 }
 
 impl Rows {
-    /// The address, checked to hold b·t rows of `heads` heads of size hd.
+    /// The address, checked to hold b·t rows of `heads` heads of size hd (and, for bf16, that
+    /// every head's row starts 16 bytes aligned, as the kernels' cp.async copies need).
     fn need(self, s: &AttnShape, heads: usize, what: &str) -> Result<u64> {
         let cols = heads * s.hd;
         if self.ld < cols {
             candle_core::bail!("cuda {what}: rows of {} for {cols} columns", self.ld);
         }
-        self.ptr.need((s.b * s.t - 1) * self.ld + cols, what)
+        let addr = self.ptr.need((s.b * s.t - 1) * self.ld + cols, what)?;
+        let aligned =
+            addr.is_multiple_of(16) && self.ld.is_multiple_of(8) && s.hd.is_multiple_of(8);
+        if self.ptr.is_bf16() && !aligned {
+            candle_core::bail!(
+                "cuda {what}: bf16 rows at {addr:#x} with {} elements between rows (16-byte \
+                 alignment needed)",
+                self.ld
+            );
+        }
+        Ok(addr)
+    }
+
+    /// The address of f32 rows (an output, or o).
+    fn need_f32(self, s: &AttnShape, heads: usize, what: &str) -> Result<u64> {
+        if self.ptr.is_bf16() {
+            candle_core::bail!("cuda {what}: f32 rows needed");
+        }
+        self.need(s, heads, what)
     }
 }
 
@@ -291,6 +327,16 @@ impl Operand {
     }
 }
 
+impl From<Dev<f32>> for Operand {
+    /// f32 data used as it is.
+    fn from(x: Dev<f32>) -> Operand {
+        Operand {
+            data: x.into(),
+            _copy: None,
+        }
+    }
+}
+
 /// A matrix operand of a row-major product: `ld` elements between rows as stored; `t`: the
 /// operand is the transpose of what is stored. Both operands of a product are f32, or both bf16.
 #[derive(Clone, Copy, Debug)]
@@ -441,6 +487,15 @@ fn blocks(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).max(1) as u32
 }
 
+/// Whether the attention operands are all bf16 (`true`) or all f32 (`false`).
+fn same_type<const N: usize>(operands: [Rows; N], what: &str) -> Result<bool> {
+    let bf16 = operands[0].ptr.is_bf16();
+    if operands.iter().any(|r| r.ptr.is_bf16() != bf16) {
+        candle_core::bail!("cuda {what}: all f32 or all bf16");
+    }
+    Ok(bf16)
+}
+
 impl Gpu {
     pub fn upload_u32(&self, data: &[u32]) -> Result<Buf<u32>> {
         self.upload(data)
@@ -589,8 +644,9 @@ impl Gpu {
     /// Causal attention without the [t, t] probabilities: o = softmax(scale·q·kᵀ)·v per head,
     /// and each row's log-sum-exp of its scaled scores in `lse` ([b, heads, t]) for
     /// [`Gpu::flash_attention_bwd`]. TF32 products, or with [`Gpu::bf16`] bf16 operands (q, k,
-    /// v and the probabilities rounded to bf16, f32 accumulation and softmax); the shape must
-    /// satisfy [`AttnShape::flash_fits`].
+    /// v and the probabilities rounded to bf16, f32 accumulation and softmax; q, k and v may be
+    /// bf16 already, and are then copied into the tiles asynchronously, the next tile's copies
+    /// in flight while one is used); the shape must satisfy [`AttnShape::flash_fits`].
     pub fn flash_attention(
         &self,
         s: AttnShape,
@@ -599,12 +655,12 @@ impl Gpu {
         lse: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let plan = AttnPlan::of(&s, self.bf16)?;
+        let plan = AttnPlan::of(&s, self.bf16, same_type([q, k, v], "attention q, k, v")?)?;
         let args = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
             Arg::P(v.need(&s, s.kv_heads, "attention v")?),
-            Arg::P(o.need(&s, s.heads, "attention o")?),
+            Arg::P(o.need_f32(&s, s.heads, "attention o")?),
             Arg::P(lse.need(s.b * s.heads * s.t, "attention lse")?),
             Arg::I(int(s.t)?),
             Arg::I(int(s.heads)?),
@@ -616,8 +672,8 @@ impl Gpu {
             Arg::F(scale),
         ];
         let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
-        // The block's query rows, and a tile of keys and one of values.
-        let shared = plan.tiles(ATT_ROWS + 2 * plan.keys, s.hd);
+        // The block's query rows, and a tile of keys and one of values (per buffer).
+        let shared = plan.tiles(ATT_ROWS + 2 * plan.buffers * plan.keys, s.hd);
         let name = format!("{}_fwd_{}", plan.prefix, s.hd);
         let flops = 2.0 * s.causal_products();
         let launch = (grid, ATT_THREADS, shared);
@@ -625,7 +681,8 @@ impl Gpu {
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
-    /// `dvec` is scratch [b, heads, t]. `o` and `lse` are the forward pass's.
+    /// `dvec` is scratch [b, heads, t]. `o` and `lse` are the forward pass's; q, k, v and dout
+    /// all f32, or all bf16 (with bf16 products).
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_bwd(
         &self,
@@ -637,7 +694,8 @@ impl Gpu {
         dvec: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let plan = AttnPlan::of(&s, self.bf16)?;
+        let bf16_inputs = same_type([q, k, v, dout], "attention q, k, v, dout")?;
+        let plan = AttnPlan::of(&s, self.bf16, bf16_inputs)?;
         let n = s.b * s.t;
         let stats = s.b * s.heads * s.t;
         let dvec = dvec.need(stats, "attention row dots")?;
@@ -645,7 +703,7 @@ impl Gpu {
         let dots = [
             Arg::P(dvec),
             Arg::P(dout_p),
-            Arg::P(o.need(&s, s.heads, "attention o")?),
+            Arg::P(o.need_f32(&s, s.heads, "attention o")?),
             Arg::I(int(n)?),
             Arg::I(int(s.t)?),
             Arg::I(int(s.heads)?),
@@ -655,7 +713,12 @@ impl Gpu {
         ];
         let grid = (blocks(n * s.heads, THREADS as usize / 32) as usize, 1);
         let launch = (grid, THREADS, 0);
-        self.launch_in(Module::Attention, "attn_row_dots", launch, &dots, 0.0)?;
+        let name = if bf16_inputs {
+            "attn_row_dots_bf16"
+        } else {
+            "attn_row_dots"
+        };
+        self.launch_in(Module::Attention, name, launch, &dots, 0.0)?;
         let inputs = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
@@ -674,13 +737,15 @@ impl Gpu {
             Arg::I(int(dout.ld)?),
         ];
         // Shared memory: the block's rows of two operands (q and dO, or k and v) and a tile of
-        // each of the other two; the dK/dV kernel also holds the query tile's log-sum-exps and
-        // row dots.
-        let dq_shared = plan.tiles(2 * ATT_ROWS + 2 * plan.keys, s.hd);
-        let dkdv_shared = plan.tiles(2 * ATT_ROWS + 2 * plan.queries, s.hd) + 4 * 2 * plan.queries;
+        // each of the other two (per buffer); the dK/dV kernel also holds the query tile's
+        // log-sum-exps and row dots (per buffer).
+        let streamed = 2 * plan.buffers;
+        let dq_shared = plan.tiles(2 * ATT_ROWS + streamed * plan.keys, s.hd);
+        let dkdv_shared =
+            plan.tiles(2 * ATT_ROWS + streamed * plan.queries, s.hd) + 4 * streamed * plan.queries;
         let tiles = s.t.div_ceil(ATT_ROWS);
         let mut args = inputs.to_vec();
-        args.push(Arg::P(dq.need(&s, s.heads, "attention dq")?));
+        args.push(Arg::P(dq.need_f32(&s, s.heads, "attention dq")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
         let name = format!("{}_bwd_dq_{}", plan.prefix, s.hd);
@@ -689,8 +754,8 @@ impl Gpu {
         let flops = 3.0 * s.causal_products();
         self.launch_in(Module::Attention, &name, launch, &args, flops)?;
         let mut args = inputs.to_vec();
-        args.push(Arg::P(dk.need(&s, s.kv_heads, "attention dk")?));
-        args.push(Arg::P(dv.need(&s, s.kv_heads, "attention dv")?));
+        args.push(Arg::P(dk.need_f32(&s, s.kv_heads, "attention dk")?));
+        args.push(Arg::P(dv.need_f32(&s, s.kv_heads, "attention dv")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
         let name = format!("{}_bwd_dkdv_{}", plan.prefix, s.hd);
@@ -707,6 +772,12 @@ impl Gpu {
     /// once per GPU, head size and precision ([`Gpu::flash_check_shape`]) before it trusts the
     /// kernels with a model.
     pub fn flash_check(&self, s: AttnShape) -> Result<f64> {
+        self.flash_check_inputs(s, self.bf16)
+    }
+
+    /// [`Gpu::flash_check`] with q, k, v and dO given to the kernels in bf16 (`bf16_inputs`, bf16
+    /// products only: the kernels the passes use with bf16 products) or f32.
+    fn flash_check_inputs(&self, s: AttnShape, bf16_inputs: bool) -> Result<f64> {
         let hd = s.hd;
         let (n, c, ckv) = (s.b * s.t, s.heads * hd, s.kv_heads * hd);
         // Standard normal inputs from a fixed generator (the same problem every run).
@@ -716,17 +787,25 @@ impl Gpu {
         let host = [draw(n * c), draw(n * ckv), draw(n * ckv), draw(n * c)];
         let [q, k, v, g] = [&host[0], &host[1], &host[2], &host[3]].map(|x| self.upload(x));
         let (q, k, v, g) = (q?, k?, v?, g?);
+        let [q, k, v, g] = [&q, &k, &v, &g].map(|x| {
+            if bf16_inputs {
+                self.operand(x.dev())
+            } else {
+                Ok(Operand::from(x.dev()))
+            }
+        });
+        let (q, k, v, g) = (q?, k?, v?, g?);
         let scale = 1.0 / (hd as f32).sqrt();
         let o = self.uninit(n * c)?;
         let lse = self.uninit(s.b * s.heads * s.t)?;
-        let qkv = (rows(q.dev(), c), rows(k.dev(), ckv), rows(v.dev(), ckv));
+        let qkv = (rows(q.data(), c), rows(k.data(), ckv), rows(v.data(), ckv));
         self.flash_attention(s, qkv, rows(o.dev(), c), lse.dev(), scale)?;
         let [dq, dk, dv, dots] =
             [n * c, n * ckv, n * ckv, s.b * s.heads * s.t].map(|len| self.uninit(len));
         let (dq, dk, dv, dots) = (dq?, dk?, dv?, dots?);
         let grads = (rows(dq.dev(), c), rows(dk.dev(), ckv), rows(dv.dev(), ckv));
         let kept = (rows(o.dev(), c), lse.dev());
-        self.flash_attention_bwd(s, qkv, kept, rows(g.dev(), c), grads, dots.dev(), scale)?;
+        self.flash_attention_bwd(s, qkv, kept, rows(g.data(), c), grads, dots.dev(), scale)?;
         let inputs = [&host[0][..], &host[1], &host[2], &host[3]];
         let dims = (s.b, s.t, s.heads, s.kv_heads, hd);
         let want = crate::causal::attention_f64(dims, inputs, scale as f64);
@@ -1084,10 +1163,7 @@ impl Gpu {
     /// `x` itself.
     pub fn operand(&self, x: Dev<f32>) -> Result<Operand> {
         if !self.bf16 {
-            return Ok(Operand {
-                data: x.into(),
-                _copy: None,
-            });
+            return Ok(x.into());
         }
         let copy = self.uninit_bf16(x.len)?;
         self.to_bf16(copy.dev(), x, x.len)?;
@@ -1510,6 +1586,42 @@ mod tests {
         }
     }
 
+    /// The flash kernels' bf16 inputs: rows 16-byte aligned, all four inputs of one type, bf16
+    /// products, f32 outputs; anything else is refused before a launch.
+    #[test]
+    fn flash_attention_refuses_misplaced_bf16_inputs() {
+        let Some(mut gpu) = gpu() else {
+            return;
+        };
+        gpu.bf16 = true;
+        let s = AttnShape {
+            b: 1,
+            t: 5,
+            heads: 1,
+            kv_heads: 1,
+            hd: 32,
+        };
+        let x16 = gpu.uninit_bf16(5 * 40).unwrap();
+        let x = gpu.uninit(5 * 40).unwrap();
+        let lse = gpu.uninit(5).unwrap();
+        let err = |q: Rows, k: Rows, o: Rows, gpu: &Gpu| {
+            gpu.flash_attention(s, (q, k, k), o, lse.dev(), 1.0)
+                .unwrap_err()
+                .to_string()
+        };
+        let good = rows(x16.dev(), 32);
+        let out = rows(x.dev(), 32);
+        // Rows 36 elements apart: 72 bytes, not a multiple of 16.
+        assert!(err(rows(x16.dev(), 36), good, out, &gpu).contains("16-byte alignment"));
+        // A row start 8 bytes off.
+        let off = rows(x16.dev().at(4).unwrap(), 32);
+        assert!(err(off, good, out, &gpu).contains("16-byte alignment"));
+        assert!(err(good, out, out, &gpu).contains("all f32 or all bf16"));
+        assert!(err(good, good, good, &gpu).contains("f32 rows needed"));
+        gpu.bf16 = false;
+        assert!(err(good, good, out, &gpu).contains("bf16 inputs need bf16 products"));
+    }
+
     /// LMKIT_CUDA_TIMING=ops: each launch and product is timed under its kernel's name or its
     /// shape and precision, with the operations of products and attention counted.
     #[test]
@@ -1612,17 +1724,22 @@ mod tests {
             hd,
         });
         let checks = [32, 64, 128].map(Gpu::flash_check_shape);
-        for (s, bf16) in shapes
+        // TF32; bf16 products on f32 inputs; bf16 inputs (cp.async tiles).
+        let modes = [(false, false), (true, false), (true, true)];
+        for (s, (bf16, inputs)) in shapes
             .into_iter()
             .chain(checks)
-            .flat_map(|s| [(s, false), (s, true)])
+            .flat_map(|s| modes.map(|m| (s, m)))
         {
             assert!(s.flash_fits(8));
             // The bf16 kernels with bf16 products.
             gpu.bf16 = bf16;
-            let err = gpu.flash_check(s).unwrap();
+            let err = gpu.flash_check_inputs(s, inputs).unwrap();
             let tol = gpu.flash_tolerance();
-            assert!(err < tol, "{s:?} (bf16 {bf16}): error {err}");
+            assert!(
+                err < tol,
+                "{s:?} (bf16 {bf16}, bf16 inputs {inputs}): error {err}"
+            );
         }
     }
 }

@@ -99,6 +99,31 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t* r, const uint16_t* row) 
 #endif
 }
 
+// cp.async.cg: 16 bytes from global to shared memory (both 16-byte aligned), zeros where
+// !valid (no source bytes read), completing in the background: commit_group closes a group of
+// copies, wait_group<N> waits until at most the newest N groups are still in flight.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef ATT_MMA
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   (uint32_t)__cvta_generic_to_shared(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef ATT_MMA
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef ATT_MMA
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t bits(float x) { return __float_as_uint(x); }
 __device__ __forceinline__ float from_bits(uint32_t u) { return __uint_as_float(u); }
 #endif
@@ -107,19 +132,34 @@ __device__ __forceinline__ float from_bits(uint32_t u) { return __uint_as_float(
 #define ATT_ROWS 64  // rows a block owns
 #define ATT_THREADS 128
 
-// d[b, h, i] = Σ dO[i, h] ⊙ O[i, h] over the head's HD columns: a warp per (row, head).
-extern "C" __global__ void attn_row_dots(float* d, const float* dout, const float* out, int n,
-                                         int t, int heads, int hd, int ldd, int ldo) {
+// d[b, h, i] = Σ dO[i, h] ⊙ O[i, h] over the head's HD columns: a warp per (row, head); dO f32,
+// or bf16 (attn_row_dots_bf16).
+__device__ __forceinline__ float elem(float x) { return x; }
+__device__ __forceinline__ float elem(uint16_t x) { return from_bits((uint32_t)x << 16); }
+
+template <class S>
+__device__ void row_dots(float* d, const S* dout, const float* out, int n, int t, int heads,
+                         int hd, int ldd, int ldo) {
   int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   int lane = threadIdx.x % 32;
   if (w >= (int64_t)n * heads) return;
   int r = w / heads, h = w % heads;
-  const float* a = dout + (int64_t)r * ldd + h * hd;
+  const S* a = dout + (int64_t)r * ldd + h * hd;
   const float* b = out + (int64_t)r * ldo + h * hd;
   float s = 0.0f;
-  for (int j = lane; j < hd; j += 32) s += a[j] * b[j];
+  for (int j = lane; j < hd; j += 32) s += elem(a[j]) * b[j];
   for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) d[((int64_t)(r / t) * heads + h) * t + r % t] = s;
+}
+
+extern "C" __global__ void attn_row_dots(float* d, const float* dout, const float* out, int n,
+                                         int t, int heads, int hd, int ldd, int ldo) {
+  row_dots(d, dout, out, n, t, heads, hd, ldd, ldo);
+}
+
+extern "C" __global__ void attn_row_dots_bf16(float* d, const uint16_t* dout, const float* out,
+                                              int n, int t, int heads, int hd, int ldd, int ldo) {
+  row_dots(d, dout, out, n, t, heads, hd, ldd, ldo);
 }
 
 // The operand precisions: the tiles' element type and row padding, the mma's k, and the
@@ -303,24 +343,71 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// rows × HD of a [b·t, ld] bf16 operand from row r0 into a bf16 tile (row stride HD + 8),
+// asynchronously: cp.async copies of 16 bytes (the tile is complete once the caller has waited
+// for the group it commits them in, and synchronised the block); rows at or past t become zeros.
+template <int HD>
+__device__ __forceinline__ void copy_tile(uint16_t* tile, int rows, const uint16_t* src,
+                                          int64_t ld, int r0, int t) {
+  constexpr int CHUNKS = HD / 8;
+  for (int i = threadIdx.x; i < rows * CHUNKS; i += ATT_THREADS) {
+    int r = i / CHUNKS, d = i % CHUNKS * 8;
+    bool in = r0 + r < t;
+    cp_async16(tile + r * (HD + Bf16::PAD) + d, src + (in ? (int64_t)(r0 + r) * ld : 0) + d, in);
+  }
+}
+
+// The kernels' operands in global memory: f32 (`F32In`, rounded to TF32 or bf16 as each tile is
+// loaded, then used) or bf16 (`Bf16In`, bf16 products only: tiles copied by cp.async, the next
+// tile's copies in flight while the current one is used — two buffers per streamed operand).
+template <class P>
+struct F32In {
+  typedef float S;
+  static constexpr int BUFFERS = 1;
+  template <int HD>
+  static __device__ __forceinline__ void fetch(typename P::T* tile, int rows, const float* src,
+                                               int64_t ld, int r0, int t) {
+    load_tile<P, HD>(tile, rows, src, ld, r0, t);
+  }
+  static __device__ __forceinline__ void commit() {}
+  // Waits for the tiles fetched before the last `pending` commits.
+  static __device__ __forceinline__ void wait(bool) {}
+};
+
+struct Bf16In {
+  typedef uint16_t S;
+  static constexpr int BUFFERS = 2;
+  template <int HD>
+  static __device__ __forceinline__ void fetch(uint16_t* tile, int rows, const uint16_t* src,
+                                               int64_t ld, int r0, int t) {
+    copy_tile<HD>(tile, rows, src, ld, r0, t);
+  }
+  static __device__ __forceinline__ void commit() { cp_async_commit(); }
+  static __device__ __forceinline__ void wait(bool pending) {
+    if (pending) cp_async_wait<1>();
+    else cp_async_wait<0>();
+  }
+};
+
 // Forward: o = softmax(scale · q·kᵀ, causal) · v for each head; lse[b, h, i] = the natural
 // log-sum-exp of row i's scaled scores. Grid (⌈t/64⌉, b·heads), 128 threads.
-template <class P, int HD, int BC>
-__device__ void flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                            int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,
-                            float scale) {
+template <class P, class In, int HD, int BC>
+__device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
+                          const typename In::S* v, float* o, float* lse, int t, int heads,
+                          int kv_heads, int ldq, int ldk, int ldv, int ldo, float scale) {
   constexpr int LD = HD + P::PAD;
   typedef typename P::T T;
+  typedef typename In::S S;
   LMKIT_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sK = sQ + ATT_ROWS * LD;                  // [BC, LD]
-  T* sV = sK + BC * LD;                        // [BC, LD]
+  T* sK = sQ + ATT_ROWS * LD;          // [BC, LD] per buffer
+  T* sV = sK + In::BUFFERS * BC * LD;  // [BC, LD] per buffer
   int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;  // the longest rows first
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* kg = k + (int64_t)bi * t * ldk + kvh * HD;
-  const float* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  load_tile<P, HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  const S* kg = k + (int64_t)bi * t * ldk + kvh * HD;
+  const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
+  In::template fetch<HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
   int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
   // The online softmax's running max (log2 units of the scaled scores) and this lane's part
   // of the running sum, per row.
@@ -329,14 +416,25 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, float*
   zero<HD>(acc);
   const float sl = scale * ATT_LOG2E;
   int kend = min(t, q0 + ATT_ROWS);
-  for (int k0 = 0; k0 < kend; k0 += BC) {
+  // Tile i uses buffer i % BUFFERS; with two, tile i + 1's copies run while tile i is used.
+  In::template fetch<HD>(sK, BC, kg, ldk, 0, t);
+  In::template fetch<HD>(sV, BC, vg, ldv, 0, t);
+  In::commit();
+  for (int k0 = 0, i = 0; k0 < kend; k0 += BC, i++) {
+    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
+    bool more = In::BUFFERS > 1 && k0 + BC < kend;
+    if (more) {
+      In::template fetch<HD>(sK + next * BC * LD, BC, kg, ldk, k0 + BC, t);
+      In::template fetch<HD>(sV + next * BC * LD, BC, vg, ldv, k0 + BC, t);
+      In::commit();
+    }
+    In::wait(more);
     __syncthreads();
-    load_tile<P, HD>(sK, BC, kg, ldk, k0, t);
-    load_tile<P, HD>(sV, BC, vg, ldv, k0, t);
-    __syncthreads();
+    const T* tk = sK + cur * BC * LD;
+    const T* tv = sV + cur * BC * LD;
     float s[BC / 8][4];
     zero<BC>(s);
-    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, sK, LD);
+    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < BC / 8; j++)
@@ -368,7 +466,13 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, float*
     for (int j = 0; j < HD / 8; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e / 2];
-    mma_px<P, BC, HD>(acc, s, sV, LD);
+    mma_px<P, BC, HD>(acc, s, tv, LD);
+    // Every warp is done with this tile's buffers before they are refilled.
+    __syncthreads();
+    if (In::BUFFERS == 1 && k0 + BC < kend) {
+      In::template fetch<HD>(sK, BC, kg, ldk, k0 + BC, t);
+      In::template fetch<HD>(sV, BC, vg, ldv, k0 + BC, t);
+    }
   }
   float* og = o + (int64_t)bi * t * ldo + h * HD;
 #pragma unroll
@@ -388,25 +492,27 @@ __device__ void flash_fwd(const float* q, const float* k, const float* v, float*
 
 // dQ = scale · dS·K with dS = P ⊙ (dP − d), dP = dO·Vᵀ, P = exp(scale·q·kᵀ − lse), over the key
 // tiles up to the block's last row. Grid (⌈t/64⌉, b·heads), 128 threads.
-template <class P, int HD, int BC>
-__device__ void flash_bwd_dq(const float* q, const float* k, const float* v, const float* dout,
-                               const float* lse, const float* dvec, float* dq, int t, int heads,
-                               int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,
-                               float scale) {
+template <class P, class In, int HD, int BC>
+__device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
+                             const typename In::S* v, const typename In::S* dout,
+                             const float* lse, const float* dvec, float* dq, int t, int heads,
+                             int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,
+                             float scale) {
   constexpr int LD = HD + P::PAD;
   typedef typename P::T T;
+  typedef typename In::S S;
   LMKIT_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sG = sQ + ATT_ROWS * LD;                  // dO [64, LD]
-  T* sK = sG + ATT_ROWS * LD;                  // [BC, LD]
-  T* sV = sK + BC * LD;                        // [BC, LD]
+  T* sG = sQ + ATT_ROWS * LD;          // dO [64, LD]
+  T* sK = sG + ATT_ROWS * LD;          // [BC, LD] per buffer
+  T* sV = sK + In::BUFFERS * BC * LD;  // [BC, LD] per buffer
   int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* kg = k + (int64_t)bi * t * ldk + kvh * HD;
-  const float* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  load_tile<P, HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
-  load_tile<P, HD>(sG, ATT_ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
+  const S* kg = k + (int64_t)bi * t * ldk + kvh * HD;
+  const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
+  In::template fetch<HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  In::template fetch<HD>(sG, ATT_ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
   int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
   float lrow[2], drow[2];
 #pragma unroll
@@ -419,16 +525,26 @@ __device__ void flash_bwd_dq(const float* q, const float* k, const float* v, con
   float acc[HD / 8][4];
   zero<HD>(acc);
   int kend = min(t, q0 + ATT_ROWS);
-  for (int k0 = 0; k0 < kend; k0 += BC) {
+  In::template fetch<HD>(sK, BC, kg, ldk, 0, t);
+  In::template fetch<HD>(sV, BC, vg, ldv, 0, t);
+  In::commit();
+  for (int k0 = 0, i = 0; k0 < kend; k0 += BC, i++) {
+    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
+    bool more = In::BUFFERS > 1 && k0 + BC < kend;
+    if (more) {
+      In::template fetch<HD>(sK + next * BC * LD, BC, kg, ldk, k0 + BC, t);
+      In::template fetch<HD>(sV + next * BC * LD, BC, vg, ldv, k0 + BC, t);
+      In::commit();
+    }
+    In::wait(more);
     __syncthreads();
-    load_tile<P, HD>(sK, BC, kg, ldk, k0, t);
-    load_tile<P, HD>(sV, BC, vg, ldv, k0, t);
-    __syncthreads();
+    const T* tk = sK + cur * BC * LD;
+    const T* tv = sV + cur * BC * LD;
     float s[BC / 8][4], dp[BC / 8][4];
     zero<BC>(s);
     zero<BC>(dp);
-    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, sK, LD);
-    mma_abt<P, HD, BC>(dp, sG, LD, warp * 16, sV, LD);
+    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
+    mma_abt<P, HD, BC>(dp, sG, LD, warp * 16, tv, LD);
 #pragma unroll
     for (int j = 0; j < BC / 8; j++)
 #pragma unroll
@@ -438,103 +554,131 @@ __device__ void flash_bwd_dq(const float* q, const float* k, const float* v, con
         float p = in ? exp2f(s[j][e] * sl - lrow[r]) : 0.0f;
         s[j][e] = p * (dp[j][e] - drow[r]);
       }
-    mma_px<P, BC, HD>(acc, s, sK, LD);
+    mma_px<P, BC, HD>(acc, s, tk, LD);
+    __syncthreads();
+    if (In::BUFFERS == 1 && k0 + BC < kend) {
+      In::template fetch<HD>(sK, BC, kg, ldk, k0 + BC, t);
+      In::template fetch<HD>(sV, BC, vg, ldv, k0 + BC, t);
+    }
   }
   write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, acc, q0 + warp * 16, t, scale);
 }
 
 // dV = Σ_h Pᵀ·dO and dK = scale · Σ_h dSᵀ·Q over the query heads h of key/value head kvh and
 // the query tiles from the block's first key on. Grid (⌈t/64⌉, b·kv_heads), 128 threads.
-template <class P, int HD, int BQ>
-__device__ void flash_bwd_dkdv(const float* q, const float* k, const float* v,
-                                 const float* dout, const float* lse, const float* dvec, float* dk,
-                                 float* dv, int t, int heads, int kv_heads, int ldq, int ldk,
-                                 int ldv, int ldd, int lddk, int lddv, float scale) {
+template <class P, class In, int HD, int BQ>
+__device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
+                               const typename In::S* v, const typename In::S* dout,
+                               const float* lse, const float* dvec, float* dk, float* dv, int t,
+                               int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,
+                               int lddk, int lddv, float scale) {
   constexpr int LD = HD + P::PAD;
   typedef typename P::T T;
   LMKIT_DYNAMIC_SHARED(smem);
   T* sK = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sV = sK + ATT_ROWS * LD;                  // [64, LD]
-  T* sQ = sV + ATT_ROWS * LD;                  // [BQ, LD]
-  T* sG = sQ + BQ * LD;                        // dO [BQ, LD]
-  float* sL = reinterpret_cast<float*>(sG + BQ * LD);  // the query tile's lse (log2 units) [BQ]
-  float* sD = sL + BQ;                                  // and row dots [BQ]
+  T* sV = sK + ATT_ROWS * LD;          // [64, LD]
+  T* sQ = sV + ATT_ROWS * LD;          // [BQ, LD] per buffer
+  T* sG = sQ + In::BUFFERS * BQ * LD;  // dO [BQ, LD] per buffer
+  // The query tile's lse (log2 units) and row dots [BQ], per buffer.
+  float* sL = reinterpret_cast<float*>(sG + In::BUFFERS * BQ * LD);
+  float* sD = sL + In::BUFFERS * BQ;
   int k0 = blockIdx.x * ATT_ROWS;  // the first keys have the most queries: launched first
   int bi = blockIdx.y / kv_heads, kvh = blockIdx.y % kv_heads, group = heads / kv_heads;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_tile<P, HD>(sK, ATT_ROWS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
-  load_tile<P, HD>(sV, ATT_ROWS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
+  In::template fetch<HD>(sK, ATT_ROWS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
+  In::template fetch<HD>(sV, ATT_ROWS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
   int keys[2] = {k0 + warp * 16 + lane / 4, k0 + warp * 16 + lane / 4 + 8};
   const float sl = scale * ATT_LOG2E;
   float kacc[HD / 8][4], vacc[HD / 8][4];
   zero<HD>(kacc);
   zero<HD>(vacc);
-  for (int member = 0; member < group; member++) {
-    int h = kvh * group + member;
-    const float* qg = q + (int64_t)bi * t * ldq + h * HD;
-    const float* gg = dout + (int64_t)bi * t * ldd + h * HD;
+  // The query tiles of every query head of the group, one after another: tile i is query
+  // head member i / per of the group, rows first + (i % per)·BQ.
+  int first = k0 / BQ * BQ, per = (t - first + BQ - 1) / BQ, tiles = group * per;
+  // Fetches tile i's queries, dO rows and statistics into buffer b.
+  auto fetch = [&](int i, int b) {
+    int h = kvh * group + i / per, q0 = first + i % per * BQ;
+    In::template fetch<HD>(sQ + b * BQ * LD, BQ, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+    In::template fetch<HD>(sG + b * BQ * LD, BQ, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0,
+                           t);
     const float* lg = lse + ((int64_t)bi * heads + h) * t;
     const float* dg = dvec + ((int64_t)bi * heads + h) * t;
-    for (int q0 = k0 / BQ * BQ; q0 < t; q0 += BQ) {
-      __syncthreads();
-      load_tile<P, HD>(sQ, BQ, qg, ldq, q0, t);
-      load_tile<P, HD>(sG, BQ, gg, ldd, q0, t);
-      for (int i = threadIdx.x; i < BQ; i += ATT_THREADS) {
-        sL[i] = q0 + i < t ? lg[q0 + i] * ATT_LOG2E : 0.0f;
-        sD[i] = q0 + i < t ? dg[q0 + i] : 0.0f;
-      }
-      __syncthreads();
-      float st[BQ / 8][4], dpt[BQ / 8][4];
-      zero<BQ>(st);
-      zero<BQ>(dpt);
-      mma_abt<P, HD, BQ>(st, sK, LD, warp * 16, sQ, LD);
-      mma_abt<P, HD, BQ>(dpt, sV, LD, warp * 16, sG, LD);
-#pragma unroll
-      for (int j = 0; j < BQ / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          int c = 8 * j + lane % 4 * 2 + (e & 1), qi = q0 + c, kj = keys[e / 2];
-          float p = kj <= qi && qi < t && kj < t ? exp2f(st[j][e] * sl - sL[c]) : 0.0f;
-          st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - sD[c]);
-        }
-      mma_px<P, BQ, HD>(vacc, st, sG, LD);
-      mma_px<P, BQ, HD>(kacc, dpt, sQ, LD);
+    for (int r = threadIdx.x; r < BQ; r += ATT_THREADS) {
+      sL[b * BQ + r] = q0 + r < t ? lg[q0 + r] * ATT_LOG2E : 0.0f;
+      sD[b * BQ + r] = q0 + r < t ? dg[q0 + r] : 0.0f;
     }
+  };
+  fetch(0, 0);
+  In::commit();
+  for (int i = 0; i < tiles; i++) {
+    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
+    bool more = In::BUFFERS > 1 && i + 1 < tiles;
+    if (more) {
+      fetch(i + 1, next);
+      In::commit();
+    }
+    In::wait(more);
+    __syncthreads();
+    int q0 = first + i % per * BQ;
+    const T* tq = sQ + cur * BQ * LD;
+    const T* tg = sG + cur * BQ * LD;
+    const float* tl = sL + cur * BQ;
+    const float* td = sD + cur * BQ;
+    float st[BQ / 8][4], dpt[BQ / 8][4];
+    zero<BQ>(st);
+    zero<BQ>(dpt);
+    mma_abt<P, HD, BQ>(st, sK, LD, warp * 16, tq, LD);
+    mma_abt<P, HD, BQ>(dpt, sV, LD, warp * 16, tg, LD);
+#pragma unroll
+    for (int j = 0; j < BQ / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int c = 8 * j + lane % 4 * 2 + (e & 1), qi = q0 + c, kj = keys[e / 2];
+        float p = kj <= qi && qi < t && kj < t ? exp2f(st[j][e] * sl - tl[c]) : 0.0f;
+        st[j][e] = p;
+        dpt[j][e] = p * (dpt[j][e] - td[c]);
+      }
+    mma_px<P, BQ, HD>(vacc, st, tg, LD);
+    mma_px<P, BQ, HD>(kacc, dpt, tq, LD);
+    __syncthreads();
+    if (In::BUFFERS == 1 && i + 1 < tiles) fetch(i + 1, 0);
   }
   write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kacc, k0 + warp * 16, t, scale);
   write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vacc, k0 + warp * 16, t, 1.0f);
 }
 
-// The kernels: TF32 (flash_*) and bf16 (flash_bf16_*) for head sizes 32, 64 and 128. BC: keys
-// per tile of the forward and dQ kernels, BQ: queries per tile of the dK/dV kernel (fewer for
-// head size 128: TF32 tiles within 128 KiB of shared memory, and the dK/dV kernel's two
-// [16, 128] accumulators take 128 registers a thread).
-#define ATT_KERNELS(NAME, P, HD, BC, BQ)                                                         \
+// The kernels: TF32 (flash_*) and bf16 (flash_bf16_*) on f32 operands, and bf16 on bf16
+// operands (flash_bf16in_*: q, k, v and dO in bf16, copied by cp.async with the next tile in
+// flight), for head sizes 32, 64 and 128. BC: keys per tile of the forward and dQ kernels, BQ:
+// queries per tile of the dK/dV kernel (fewer for head size 128: TF32 tiles within 128 KiB of
+// shared memory, and the dK/dV kernel's two [16, 128] accumulators take 128 registers a thread).
+#define ATT_KERNELS(NAME, P, IN, S, HD, BC, BQ)                                                  \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                      \
-      NAME##_fwd_##HD(const float* q, const float* k, const float* v, float* o, float* lse,      \
-                      int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,        \
-                      float scale) {                                                             \
-    flash_fwd<P, HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);       \
+      NAME##_fwd_##HD(const S* q, const S* k, const S* v, float* o, float* lse, int t,           \
+                      int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo, float scale) { \
+    flash_fwd<P, IN, HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);   \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dq_##HD(                  \
-      const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
-      const float* dvec, float* dq, int t, int heads, int kv_heads, int ldq, int ldk, int ldv,   \
-      int ldd, int lddq, float scale) {                                                          \
-    flash_bwd_dq<P, HD, BC>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk, ldv,    \
-                            ldd, lddq, scale);                                                   \
+      const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
+      float* dq, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,   \
+      float scale) {                                                                             \
+    flash_bwd_dq<P, IN, HD, BC>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk, ldv, \
+                                ldd, lddq, scale);                                               \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dkdv_##HD(                \
-      const float* q, const float* k, const float* v, const float* dout, const float* lse,       \
-      const float* dvec, float* dk, float* dv, int t, int heads, int kv_heads, int ldq, int ldk, \
-      int ldv, int ldd, int lddk, int lddv, float scale) {                                       \
-    flash_bwd_dkdv<P, HD, BQ>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq, ldk,   \
-                              ldv, ldd, lddk, lddv, scale);                                      \
+      const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
+      float* dk, float* dv, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,  \
+      int lddk, int lddv, float scale) {                                                         \
+    flash_bwd_dkdv<P, IN, HD, BQ>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq,    \
+                                  ldk, ldv, ldd, lddk, lddv, scale);                             \
   }
 
-ATT_KERNELS(flash, Tf32, 32, 64, 64)
-ATT_KERNELS(flash, Tf32, 64, 64, 64)
-ATT_KERNELS(flash, Tf32, 128, 32, 32)
-ATT_KERNELS(flash_bf16, Bf16, 32, 64, 64)
-ATT_KERNELS(flash_bf16, Bf16, 64, 64, 64)
-ATT_KERNELS(flash_bf16, Bf16, 128, 64, 32)
+ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 32, 64, 64)
+ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 64, 64, 64)
+ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 128, 32, 32)
+ATT_KERNELS(flash_bf16, Bf16, F32In<Bf16>, float, 32, 64, 64)
+ATT_KERNELS(flash_bf16, Bf16, F32In<Bf16>, float, 64, 64, 64)
+ATT_KERNELS(flash_bf16, Bf16, F32In<Bf16>, float, 128, 64, 32)
+ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 32, 64, 64)
+ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 64, 64, 64)
+ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 128, 64, 32)

@@ -46,12 +46,21 @@ struct Sync {
   uint64_t gen = 0;
 };
 
+// cp.async's copies: one of 16 bytes (from `src`, or zeros without one) into shared memory.
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;
+};
+
 struct Block {
   Sync all;
   std::vector<Sync> warps;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
   std::vector<std::array<uint32_t, 10>> mma;  // one mma.sync operand slot per thread
-  explicit Block(unsigned n) : slots(n), mma(n) {
+  // Per thread: cp.async copies not yet committed, and the committed groups not yet waited for.
+  std::vector<std::vector<Copy>> copies_open;
+  std::vector<std::vector<std::vector<Copy>>> copy_groups;
+  explicit Block(unsigned n) : slots(n), mma(n), copies_open(n), copy_groups(n) {
     all.alive = n;
     for (unsigned w = 0; w * 32 < n; w++) warps.push_back(Sync{std::min(32u, n - w * 32), 0, 0});
   }
@@ -62,6 +71,8 @@ inline dim3 thread_idx, block_idx, block_dim, grid_dim;
 inline Block* block = nullptr;
 inline unsigned current = 0;
 inline unsigned char* dynamic_shared = nullptr;
+// Whether the running block's cp.async copies land at once (else at the wait that covers them).
+inline bool eager_copies = false;
 
 // What the scheduler watches: every arrival at a barrier, release and return counts as
 // progress; `finished`: the thread it resumed has returned.
@@ -209,6 +220,9 @@ inline void run_block() {
   done.assign(n, 0);
   for (unsigned i = 0; i < n; i++) make_thread(i, stacks.get() + size_t(i) * STACK);
   live = n;
+  // Every other block takes the warps in reverse order; every other pair lands its cp.async
+  // copies at once.
+  eager_copies = blocks_run / 2 % 2 == 1;
   bool reverse = blocks_run++ % 2 == 1;
   while (live > 0) {
     progress_before = progress;
@@ -380,6 +394,45 @@ void ldmatrix(uint32_t* r, const uint16_t* row) {
   __syncwarp();
 }
 }  // namespace emu
+
+namespace emu {
+inline void land(const Copy& c) {
+  if (c.src) std::memcpy(c.dst, c.src, 16);
+  else std::memset(c.dst, 0, 16);
+}
+}  // namespace emu
+
+// cp.async.cg.shared.global [dst], [src], 16, (valid ? 16 : 0): both addresses 16-byte aligned.
+// On a GPU the copy lands at some time before the thread's wait_group that covers it; here it
+// lands either at that wait (so a tile read before the wait, or before the barrier after it,
+// shows the poisoned shared memory) or at once (so a refill of a buffer other warps still read,
+// without a barrier between, overwrites it under them): the two alternate between pairs of
+// blocks.
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    emu::fail("cp.async: an address not 16-byte aligned");
+  emu::Copy c{static_cast<unsigned char*>(dst),
+              valid ? static_cast<const unsigned char*>(src) : nullptr};
+  if (emu::eager_copies) emu::land(c);
+  else emu::block->copies_open[emu::linear_thread()].push_back(c);
+}
+
+inline void cp_async_commit() {
+  unsigned me = emu::linear_thread();
+  auto& open = emu::block->copies_open[me];
+  emu::block->copy_groups[me].push_back(std::move(open));
+  open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  auto& groups = emu::block->copy_groups[emu::linear_thread()];
+  while (groups.size() > N) {
+    for (const emu::Copy& c : groups.front()) emu::land(c);
+    groups.erase(groups.begin());
+  }
+}
 
 inline void ldsm_x4(uint32_t* r, const uint16_t* row) { emu::ldmatrix<4, false>(r, row); }
 inline void ldsm_x2(uint32_t* r, const uint16_t* row) { emu::ldmatrix<2, false>(r, row); }

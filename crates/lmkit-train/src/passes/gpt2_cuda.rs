@@ -10,8 +10,10 @@
 //! (`train.dtype = "bf16"`) the products' operands are bf16, as autocast makes them: the weights'
 //! bf16 copies made at the start of the pass, the norms' and activation's outputs written as
 //! bf16 by their kernels (and kept so), the attention output and the gradients rounded to bf16
-//! before their products; the residual stream, the products' results, the bias and norm
-//! gradients' column sums and everything the optimizer sees stay f32.
+//! before their products, and, for the flash kernels, q|k|v and the attention output's
+//! gradient rounded to bf16 (their tiles then copied asynchronously); the residual stream, the
+//! products' results, the bias and norm gradients' column sums and everything the optimizer sees
+//! stay f32.
 //!
 //! Checked against candle's autograd on the CPU (the reference the CPU pass is held to) in the
 //! tests below, which run where a GPU is present.
@@ -88,7 +90,7 @@ struct Saved {
     x: Buf<f32>,
     ln1: Buf<f32>,
     a1: Stored,
-    qkv: Buf<f32>,
+    qkv: Stored,
     att: Buf<f32>,
     y: Buf<f32>,
     y_op: Operand,
@@ -97,6 +99,18 @@ struct Saved {
     a2: Stored,
     h: Buf<f32>,
     g: Stored,
+}
+
+/// q|k|v (or the attention output's gradient: `len` elements) as the attention kernels read
+/// it: with the flash kernels and bf16 products a bf16 copy, which replaces the f32 rows; else
+/// the f32 rows.
+pub(super) fn attention_input(gpu: &Gpu, x: Buf<f32>, len: usize, flash: bool) -> Result<Stored> {
+    if !(flash && gpu.bf16) {
+        return Ok(Stored::F32(x));
+    }
+    let copy = gpu.uninit_bf16(len)?;
+    gpu.to_bf16(copy.dev(), x.dev(), len)?;
+    Ok(Stored::Bf16(copy))
 }
 
 /// A block's weight matrices as products' operands (bf16 copies with bf16 products).
@@ -455,9 +469,18 @@ pub(super) fn product(
     Ok(out)
 }
 
-/// Causal self-attention of the packed q|k|v [b·t, 3c] into y [b·t, c]; `att` gets each
-/// head's probabilities [b, heads, t, t], or with the flash kernels each row's log-sum-exp.
-fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads) -> Result<()> {
+/// The kept probabilities' f32 operand.
+fn f32_rows(x: Data, what: &str) -> Result<Dev<f32>> {
+    match x {
+        Data::F32(d) => Ok(d),
+        Data::Bf16(_) => candle_core::bail!("GPT-2 attention: f32 {what} needed"),
+    }
+}
+
+/// Causal self-attention of the packed q|k|v [b·t, 3c] (f32, or bf16 for the flash kernels with
+/// bf16 products) into y [b·t, c]; `att` gets each head's probabilities [b, heads, t, t], or with
+/// the flash kernels each row's log-sum-exp.
+fn attention_fwd(gpu: &Gpu, qkv: Data, att: Dev<f32>, y: Dev<f32>, s: Heads) -> Result<()> {
     let (t, hd, c) = (s.t, s.hd, s.c());
     if s.flash {
         let qkv_rows = (
@@ -467,6 +490,7 @@ fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads)
         );
         return gpu.flash_attention(s.shape(), qkv_rows, rows(y, c), att, s.scale());
     }
+    let qkv = f32_rows(qkv, "q|k|v")?;
     let tt = t * t;
     for bi in 0..s.b {
         let q = qkv.at(bi * t * 3 * c)?;
@@ -497,17 +521,18 @@ fn attention_fwd(gpu: &Gpu, qkv: Dev<f32>, att: Dev<f32>, y: Dev<f32>, s: Heads)
 }
 
 /// Gradient of the packed q|k|v from dy [b·t, c]: dV = Pᵀ·dY, dP = dY·Vᵀ,
-/// dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q; `y` is the forward output.
+/// dS = scale·P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K, dK = dSᵀ·Q; `y` is the forward output
+/// (q|k|v and dy as [`attention_fwd`]'s q|k|v).
 fn attention_bwd(
     gpu: &Gpu,
-    (qkv, att, y): (Dev<f32>, Dev<f32>, Dev<f32>),
-    dy: Dev<f32>,
+    (qkv, att, y): (Data, Dev<f32>, Dev<f32>),
+    dy: Data,
     dqkv: Dev<f32>,
     s: Heads,
 ) -> Result<()> {
     let (t, hd, c) = (s.t, s.hd, s.c());
     if s.flash {
-        let packed = |p: Dev<f32>| -> Result<_> {
+        let packed = |p: Data| -> Result<_> {
             Ok((
                 rows(p, 3 * c),
                 rows(p.at(c)?, 3 * c),
@@ -520,11 +545,12 @@ fn attention_bwd(
             packed(qkv)?,
             (rows(y, c), att),
             rows(dy, c),
-            packed(dqkv)?,
+            packed(dqkv.into())?,
             dots.dev(),
             s.scale(),
         );
     }
+    let (qkv, dy) = (f32_rows(qkv, "q|k|v")?, f32_rows(dy, "dy")?);
     let tt = t * t;
     let dp = gpu.uninit(s.heads * tt)?;
     let dp = dp.dev();
@@ -636,10 +662,11 @@ fn backprop(
         )?;
         let c_attn = (ws.c_attn.data(), w.c_attn_b);
         let qkv = conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?;
+        let qkv = attention_input(gpu, qkv, n * 3 * c, heads.flash)?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         timer.attention(gpu, false, || {
-            attention_fwd(gpu, qkv.dev(), att.dev(), y.dev(), heads)
+            attention_fwd(gpu, qkv.data(), att.dev(), y.dev(), heads)
         })?;
         let y_op = gpu.operand(y.dev())?;
         let attn_proj = (ws.attn_proj.data(), w.attn_proj_b);
@@ -721,9 +748,10 @@ fn backprop(
         let (attn_proj_w, attn_proj_b, dy) =
             conv1d_bwd(gpu, dxd, s.y_op.data(), attn_proj, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
-        let kept = (s.qkv.dev(), s.att.dev(), s.y.dev());
+        let kept = (s.qkv.data(), s.att.dev(), s.y.dev());
+        let dy = attention_input(gpu, dy, n * c, heads.flash)?;
         timer.attention(gpu, true, || {
-            attention_bwd(gpu, kept, dy.dev(), dqkv.dev(), heads)
+            attention_bwd(gpu, kept, dy.data(), dqkv.dev(), heads)
         })?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
@@ -861,9 +889,9 @@ pub(crate) mod tests {
         }
     }
 
-    /// The names of the products `f` runs (LMKIT_CUDA_TIMING=ops's entries: shape, batch and
-    /// precision, "bf16" for bf16 operands).
-    pub(crate) fn product_names(f: impl FnOnce()) -> Vec<String> {
+    /// The kernels and products `f` runs (LMKIT_CUDA_TIMING=ops's entries: kernels by name,
+    /// products by shape, batch and precision, "bf16" for bf16 operands): (kernels, products).
+    pub(crate) fn op_names(f: impl FnOnce()) -> (Vec<String>, Vec<String>) {
         use lmkit_kernels::cuda::{set_op_timing, take_op_times};
         set_op_timing(true);
         take_op_times();
@@ -871,10 +899,27 @@ pub(crate) mod tests {
         let names = take_op_times()
             .into_iter()
             .map(|o| o.name)
-            .filter(|n| n.starts_with("product"))
-            .collect();
+            .partition(|n| !n.starts_with("product"));
         set_op_timing(false);
         names
+    }
+
+    /// With bf16 products the passes' attention runs the flash kernels on bf16 inputs (head
+    /// size 32 in these tests) and every product has bf16 operands.
+    pub(crate) fn assert_bf16_throughout((kernels, products): (Vec<String>, Vec<String>)) {
+        for k in [
+            "flash_bf16in_fwd_32",
+            "flash_bf16in_bwd_dq_32",
+            "flash_bf16in_bwd_dkdv_32",
+            "attn_row_dots_bf16",
+        ] {
+            assert!(kernels.iter().any(|n| n == k), "{k} not run: {kernels:?}");
+        }
+        assert!(!products.is_empty(), "no products timed");
+        assert!(
+            products.iter().all(|n| n.ends_with(" bf16")),
+            "{products:?}"
+        );
     }
 
     fn config(tied: bool, act: &str, heads: usize) -> Gpt2Config {
@@ -946,11 +991,9 @@ pub(crate) mod tests {
         // operands and with the kept probabilities: every product's operands in bf16 but the
         // kept probabilities' per-head products (f32 q|k|v and probabilities, rounded by cuBLAS).
         lmkit_kernels::cuda::set_bf16_products(true);
-        let names = product_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
-        assert!(!names.is_empty(), "no products timed");
-        assert!(names.iter().all(|n| n.ends_with(" bf16")), "{names:?}");
+        assert_bf16_throughout(op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100))));
         super::set_flash_attention(false);
-        let names = product_names(|| compare(false, "gelu_new", true, 8e-2, (4, 45)));
+        let (_, names) = op_names(|| compare(false, "gelu_new", true, 8e-2, (4, 45)));
         let (bf16, other): (Vec<_>, Vec<_>) = names.iter().partition(|n| n.ends_with(" bf16"));
         assert!(bf16.len() >= 8, "{names:?}");
         assert!(

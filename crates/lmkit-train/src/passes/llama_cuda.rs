@@ -14,7 +14,8 @@
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
 use super::gpt2_cuda::{
-    column_sums, flash_attention_chosen, flash_trusted, output_loss, product, PassTimer,
+    attention_input, column_sums, flash_attention_chosen, flash_trusted, output_loss, product,
+    PassTimer,
 };
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
@@ -182,12 +183,13 @@ pub(super) fn pass(
 /// One layer's activations kept for the backward pass (the norms' outputs, silu(gate)·up and the
 /// attention output's `y_op`, only products' operands, in bf16 with bf16 products).
 struct Saved {
-    /// Layer input (residual stream), its norm and 1/rms; q|k|v after rotation; attention
-    /// output (and as the projection's operand) and its rows' log-sum-exps.
+    /// Layer input (residual stream), its norm and 1/rms; q|k|v after rotation (bf16 with bf16
+    /// products); attention output (and as the projection's operand) and its rows'
+    /// log-sum-exps.
     x: Buf<f32>,
     a1: Stored,
     r1: Buf<f32>,
-    qkv: Buf<f32>,
+    qkv: Stored,
     y: Buf<f32>,
     y_op: Operand,
     lse: Buf<f32>,
@@ -292,11 +294,12 @@ fn backprop(
             )?;
         }
         gpu.rope(qkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), false)?;
+        let qkv = attention_input(gpu, qkv, n * w, true)?;
         let (y, lse) = (gpu.uninit(n * qd)?, gpu.uninit(d.b * d.heads * d.t)?);
         let packed = (
-            rows(qkv.dev(), w),
-            rows(qkv.dev().at(qd)?, w),
-            rows(qkv.dev().at(qd + kvd)?, w),
+            rows(qkv.data(), w),
+            rows(qkv.data().at(qd)?, w),
+            rows(qkv.data().at(qd + kvd)?, w),
         );
         timer.attention(gpu, false, || {
             gpu.flash_attention(attn, packed, rows(y.dev(), qd), lse.dev(), att_scale)
@@ -420,16 +423,17 @@ fn backprop(
         drop(dx_op);
         let dqkv = gpu.uninit(n * w)?;
         let dots = gpu.uninit(d.b * d.heads * d.t)?;
-        let packed = |m: Dev<f32>| -> Result<_> {
+        let packed = |m: Data| -> Result<_> {
             Ok((rows(m, w), rows(m.at(qd)?, w), rows(m.at(qd + kvd)?, w)))
         };
-        let (kept, grads_at) = (packed(s.qkv.dev())?, packed(dqkv.dev())?);
+        let (kept, grads_at) = (packed(s.qkv.data())?, packed(dqkv.dev().into())?);
+        let dy = attention_input(gpu, dy, n * qd, true)?;
         timer.attention(gpu, true, || {
             gpu.flash_attention_bwd(
                 attn,
                 kept,
                 (rows(s.y.dev(), qd), s.lse.dev()),
-                rows(dy.dev(), qd),
+                rows(dy.data(), qd),
                 grads_at,
                 dots.dev(),
                 att_scale,
@@ -543,9 +547,8 @@ mod tests {
         // bf16 products and attention operands (8-bit mantissas): every product's operands in
         // bf16.
         lmkit_kernels::cuda::set_bf16_products(true);
-        let names = crate::passes::gpt2_cuda::tests::product_names(|| compare(true, 1, 8e-2));
-        assert!(!names.is_empty(), "no products timed");
-        assert!(names.iter().all(|n| n.ends_with(" bf16")), "{names:?}");
+        use crate::passes::gpt2_cuda::tests::{assert_bf16_throughout, op_names};
+        assert_bf16_throughout(op_names(|| compare(true, 1, 8e-2)));
         lmkit_kernels::cuda::set_bf16_products(false);
     }
 }
