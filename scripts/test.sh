@@ -15,14 +15,16 @@ print(glob.glob(sysconfig.get_paths()["purelib"] + "/nvidia/nccl/lib/libnccl.so.
 export LMKIT_REQUIRE_NCCL="${LMKIT_REQUIRE_NCCL:-1}"
 # KenLM's lmplz/build_binary/query, built once from the kenlm source package.
 export LMKIT_KENLM_BIN="${LMKIT_KENLM_BIN:-$(bash scripts/setup-kenlm.sh)}"
-cargo build --release --locked -p lmkit-cli
-cargo test --release --locked --workspace
+# The tests include the GPU passes and the CUDA kernels on lmkit-kernels' emulated GPU (feature
+# cuda-emu: the kernels' source compiled for the CPU, no GPU or CUDA toolkit needed; only tests
+# use it), held to the autograd graph. One feature set for every build below, so the workspace
+# is compiled once.
+emu=(--features lmkit-kernels/cuda-emu,lmkit-train/cuda-emu)
+cargo build --release --locked --workspace "${emu[@]}"
+cargo test --release --locked --workspace "${emu[@]}"
 # The kernels and the hand-written training passes once more on lmkit's built-in matrix product
 # (what runs where no BLAS library is installed); same test binaries, filtered.
-LMKIT_BLAS=builtin cargo test --release --locked --workspace -- gemm:: blas:: recurrent:: padded_attention:: passes::
-# The GPU passes and the CUDA kernels on lmkit-kernels' emulated GPU (feature cuda-emu: the kernels'
-# source compiled for the CPU, no GPU or CUDA toolkit needed), held to the autograd graph.
-cargo test --release --locked -p lmkit-kernels -p lmkit-train \
-  --features lmkit-kernels/cuda-emu,lmkit-train/cuda-emu -- cuda
+LMKIT_BLAS=builtin cargo test --release --locked --workspace "${emu[@]}" -- gemm:: blas:: recurrent:: \
+  padded_attention:: passes::
 # The binary cargo just built (in $CARGO_TARGET_DIR when that is set).
 LMKIT_BIN="${CARGO_TARGET_DIR:-$root/target}/release/lmkit" "$venv/bin/python" -m pytest -q tests/parity tests/hostile

@@ -287,13 +287,13 @@ impl Data {
         }
     }
 
-    /// The address, checked to hold `elements`, and the name of kernel `name` that writes
-    /// elements of this type (`name`, or `name_bf16`).
-    fn output(self, elements: usize, what: &str, name: &str) -> Result<(u64, String)> {
+    /// The address, checked to hold `elements`, the name of kernel `name` that writes elements
+    /// of this type (`name`, or `name_bf16`), and their size in bytes.
+    fn output(self, elements: usize, what: &str, name: &str) -> Result<(u64, String, usize)> {
         let addr = self.need(elements, what)?;
         Ok(match self {
-            Data::F32(_) => (addr, name.to_string()),
-            Data::Bf16(_) => (addr, format!("{name}_bf16")),
+            Data::F32(_) => (addr, name.to_string(), 4),
+            Data::Bf16(_) => (addr, format!("{name}_bf16"), 2),
         })
     }
 }
@@ -381,23 +381,52 @@ impl Batched {
 }
 
 /// The time the GPU spent on one kernel, or on products of one shape and precision, since the
-/// last [`take_op_times`] (LMKIT_CUDA_TIMING=ops), and the floating-point operations of that
-/// work where they are known (products, attention; 0 for other kernels).
+/// last [`take_op_times`] (LMKIT_CUDA_TIMING=ops), the floating-point operations of that work
+/// where they are counted (products, attention; 0 for other kernels), and the bytes it must at
+/// least move to and from device memory (each element it reads or writes once; 0 where not
+/// counted: attention, whose tiles are read many times).
 #[derive(Clone, Debug)]
 pub struct OpTime {
     pub name: String,
     pub calls: usize,
     pub secs: f64,
     pub flops: f64,
+    pub bytes: f64,
 }
 
 impl OpTime {
-    /// The rate of the work, in 10¹² floating-point operations a second (0 where not known).
+    /// The rate of the work, in 10¹² floating-point operations a second (0 where not counted).
     pub fn tflops(&self) -> f64 {
+        self.per_second(self.flops) / 1e12
+    }
+
+    /// The bytes moved, in 10⁹ a second (0 where not counted).
+    pub fn gbps(&self) -> f64 {
+        self.per_second(self.bytes) / 1e9
+    }
+
+    fn per_second(&self, x: f64) -> f64 {
         if self.secs > 0.0 {
-            self.flops / self.secs / 1e12
+            x / self.secs
         } else {
             0.0
+        }
+    }
+}
+
+/// What one launch or product does, for LMKIT_CUDA_TIMING=ops: floating-point operations and
+/// bytes moved (see [`OpTime`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Work {
+    flops: f64,
+    bytes: f64,
+}
+
+impl Work {
+    fn bytes(bytes: usize) -> Work {
+        Work {
+            flops: 0.0,
+            bytes: bytes as f64,
         }
     }
 }
@@ -535,7 +564,12 @@ impl Gpu {
             (batch.count - 1) * batch.c + (rows - 1) * c.1 + cols,
             "mm c",
         )?;
-        let flops = 2.0 * (rows * cols * k * batch.count) as f64;
+        let elem = if bf16_operands { 2 } else { 4 };
+        let c_bytes = 4 * rows * cols * if beta == 0.0 { 1 } else { 2 };
+        let work = Work {
+            flops: 2.0 * (rows * cols * k * batch.count) as f64,
+            bytes: (batch.count * (elem * k * (rows + cols) + c_bytes)) as f64,
+        };
         let name = || {
             let precision = if bf16_operands {
                 "bf16"
@@ -553,7 +587,7 @@ impl Gpu {
             };
             (
                 format!("product {rows}x{cols}x{k}{times} {precision}"),
-                flops,
+                work,
             )
         };
         self.timed(name, || {
@@ -569,10 +603,10 @@ impl Gpu {
 
     /// Runs `f` (one launch or product): with LMKIT_CUDA_TIMING=ops, timed between two
     /// synchronisations of the GPU and added to [`take_op_times`]'s entry of the name `what()`
-    /// gives, with the floating-point operations it gives.
+    /// gives, with the work it gives.
     fn timed(
         &self,
-        what: impl FnOnce() -> (String, f64),
+        what: impl FnOnce() -> (String, Work),
         f: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         if !op_timing() {
@@ -583,37 +617,38 @@ impl Gpu {
         f()?;
         self.synchronize()?;
         let secs = clock.elapsed().as_secs_f64();
-        let (name, flops) = what();
+        let (name, work) = what();
         let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
         match ops.iter_mut().find(|o| o.name == name) {
             Some(o) => {
                 o.calls += 1;
                 o.secs += secs;
-                o.flops += flops;
+                o.flops += work.flops;
+                o.bytes += work.bytes;
             }
             None => ops.push(OpTime {
                 name,
                 calls: 1,
                 secs,
-                flops,
+                flops: work.flops,
+                bytes: work.bytes,
             }),
         }
         Ok(())
     }
 
     /// Launches kernel `name` of `module` on (x, y) blocks of `block` threads with `shared` bytes
-    /// of dynamic shared memory (timed with LMKIT_CUDA_TIMING=ops, as `flops` floating-point
-    /// operations: 0 where not counted).
+    /// of dynamic shared memory (timed with LMKIT_CUDA_TIMING=ops, as `work`).
     fn launch_in(
         &self,
         module: Module,
         name: &str,
         (grid, block, shared): ((usize, usize), u32, usize),
         args: &[Arg],
-        flops: f64,
+        work: Work,
     ) -> Result<()> {
         self.timed(
-            || (name.to_string(), flops),
+            || (name.to_string(), work),
             || self.launch_kernel(module, name, grid, block, shared, args),
         )
     }
@@ -630,15 +665,17 @@ impl Gpu {
         self.mm(dims, a, b, c, 1.0, 0.0, batch)
     }
 
-    /// Launches `name` of train.cu with the given arguments (already checked by the caller).
-    fn launch(&self, name: &str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        self.launch_in(
-            Module::Train,
-            name,
-            ((grid as usize, 1), block, 0),
-            args,
-            0.0,
-        )
+    /// Launches `name` of train.cu with the given arguments (already checked by the caller),
+    /// which moves at least `bytes` to and from device memory.
+    fn launch(
+        &self,
+        name: &str,
+        (grid, block): (u32, u32),
+        args: &[Arg],
+        bytes: usize,
+    ) -> Result<()> {
+        let launch = ((grid as usize, 1), block, 0);
+        self.launch_in(Module::Train, name, launch, args, Work::bytes(bytes))
     }
 
     /// Causal attention without the [t, t] probabilities: o = softmax(scale·q·kᵀ)·v per head,
@@ -675,9 +712,12 @@ impl Gpu {
         // The block's query rows, and a tile of keys and one of values (per buffer).
         let shared = plan.tiles(ATT_ROWS + 2 * plan.buffers * plan.keys, s.hd);
         let name = format!("{}_fwd_{}", plan.prefix, s.hd);
-        let flops = 2.0 * s.causal_products();
+        let work = Work {
+            flops: 2.0 * s.causal_products(),
+            bytes: 0.0,
+        };
         let launch = (grid, ATT_THREADS, shared);
-        self.launch_in(Module::Attention, &name, launch, &args, flops)
+        self.launch_in(Module::Attention, &name, launch, &args, work)
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
@@ -718,7 +758,10 @@ impl Gpu {
         } else {
             "attn_row_dots"
         };
-        self.launch_in(Module::Attention, name, launch, &dots, 0.0)?;
+        // dO and o read once.
+        let elem = if bf16_inputs { 2 } else { 4 };
+        let work = Work::bytes((elem + 4) * n * s.heads * s.hd + 4 * stats);
+        self.launch_in(Module::Attention, name, launch, &dots, work)?;
         let inputs = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
@@ -751,8 +794,11 @@ impl Gpu {
         let name = format!("{}_bwd_dq_{}", plan.prefix, s.hd);
         // Scores, dP and dQ: three products over the causal half.
         let launch = ((tiles, s.b * s.heads), ATT_THREADS, dq_shared);
-        let flops = 3.0 * s.causal_products();
-        self.launch_in(Module::Attention, &name, launch, &args, flops)?;
+        let work = Work {
+            flops: 3.0 * s.causal_products(),
+            bytes: 0.0,
+        };
+        self.launch_in(Module::Attention, &name, launch, &args, work)?;
         let mut args = inputs.to_vec();
         args.push(Arg::P(dk.need_f32(&s, s.kv_heads, "attention dk")?));
         args.push(Arg::P(dv.need_f32(&s, s.kv_heads, "attention dv")?));
@@ -761,8 +807,11 @@ impl Gpu {
         let name = format!("{}_bwd_dkdv_{}", plan.prefix, s.hd);
         // Scores, dP, dV and dK: four products over the causal half.
         let launch = ((tiles, s.b * s.kv_heads), ATT_THREADS, dkdv_shared);
-        let flops = 4.0 * s.causal_products();
-        self.launch_in(Module::Attention, &name, launch, &args, flops)
+        let work = Work {
+            flops: 4.0 * s.causal_products(),
+            bytes: 0.0,
+        };
+        self.launch_in(Module::Attention, &name, launch, &args, work)
     }
 
     /// The flash kernels ([`Gpu::flash_attention`] and its backward pass, in this Gpu's precision)
@@ -856,14 +905,19 @@ impl Gpu {
         }
     }
 
-    /// Launches an elementwise kernel: a thread per element of `len`.
-    fn launch_elements(&self, name: &str, len: usize, args: &[Arg]) -> Result<()> {
-        self.launch(name, blocks(len, THREADS as usize), THREADS, args)
+    /// Launches an elementwise kernel: a thread per element of `len` (`bytes` moved).
+    fn launch_elements(&self, name: &str, len: usize, args: &[Arg], bytes: usize) -> Result<()> {
+        self.launch(name, (blocks(len, THREADS as usize), THREADS), args, bytes)
     }
 
-    /// Launches a row kernel: a warp per row of `rows`.
-    fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
-        self.launch(name, blocks(rows, THREADS as usize / 32), THREADS, args)
+    /// Launches a row kernel: a warp per row of `rows` (`bytes` moved).
+    fn launch_rows(&self, name: &str, rows: usize, args: &[Arg], bytes: usize) -> Result<()> {
+        self.launch(
+            name,
+            (blocks(rows, THREADS as usize / 32), THREADS),
+            args,
+            bytes,
+        )
     }
 
     /// x[r] = wte[ids[r]] + wpe[r mod t]; ids must be < wte's rows (checked by the caller).
@@ -885,7 +939,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::I(int(c)?),
         ];
-        self.launch_elements("embed_fwd", n * c, &args)
+        self.launch_elements("embed_fwd", n * c, &args, 12 * n * c)
     }
 
     /// dwte[ids[r]] += dx[r]; dwpe[p] = Σ_b dx[b·t + p] for p < t.
@@ -908,7 +962,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::I(int(c)?),
         ];
-        self.launch_elements("embed_bwd_positions", t * c, &args)
+        self.launch_elements("embed_bwd_positions", t * c, &args, 4 * (b + 1) * t * c)
     }
 
     /// out[r] = x[r] + bias, or out[r] = bias without x.
@@ -929,7 +983,8 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(c)?),
         ];
-        self.launch_elements("add_rows", n * c, &args)
+        let read = if x.is_some() { 4 * n * c } else { 0 };
+        self.launch_elements("add_rows", n * c, &args, 4 * n * c + read + 4 * c)
     }
 
     /// LayerNorm of rows into `out` (f32, or bf16); mean and 1/std per row kept in `stats`
@@ -946,7 +1001,7 @@ impl Gpu {
         eps: f32,
     ) -> Result<()> {
         stats.need(2 * n, "layer_norm stats")?;
-        let (out, name) = out
+        let (out, name, size) = out
             .into()
             .output(n * c, "layer_norm out", "layer_norm_fwd")?;
         let args = [
@@ -960,7 +1015,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::F(eps),
         ];
-        self.launch_rows(&name, n, &args)
+        self.launch_rows(&name, n, &args, (4 + size) * n * c + 8 * n)
     }
 
     /// LayerNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
@@ -990,7 +1045,9 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        self.launch_rows("layer_norm_bwd", n, &args)
+        // dy and x read, dx (read too when accumulating) and prod written.
+        let dx_bytes = if accumulate { 8 } else { 4 };
+        self.launch_rows("layer_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 8 * n)
     }
 
     /// dst[..len] = src[..len] (after the work before it).
@@ -1016,7 +1073,7 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(c)?),
         ];
-        self.launch_elements("embed_bwd_tokens", n * c, &args)
+        self.launch_elements("embed_bwd_tokens", n * c, &args, 12 * n * c)
     }
 
     /// out[r] = table[ids[r]]; ids must be < the table's rows (checked by the caller).
@@ -1035,7 +1092,7 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(c)?),
         ];
-        self.launch_elements("gather_rows", n * c, &args)
+        self.launch_elements("gather_rows", n * c, &args, 8 * n * c)
     }
 
     /// RMSNorm of rows; each row's 1/rms kept in `rstd` ([n]).
@@ -1047,7 +1104,7 @@ impl Gpu {
         (n, c): (usize, usize),
         eps: f32,
     ) -> Result<()> {
-        let (out, name) = out.output(n * c, "rms_norm out", "rms_norm_fwd")?;
+        let (out, name, size) = out.output(n * c, "rms_norm out", "rms_norm_fwd")?;
         let args = [
             Arg::P(out),
             Arg::P(rstd.need(n, "rms_norm rstd")?),
@@ -1057,7 +1114,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::F(eps),
         ];
-        self.launch_rows(&name, n, &args)
+        self.launch_rows(&name, n, &args, (4 + size) * n * c + 4 * n)
     }
 
     /// RMSNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
@@ -1081,7 +1138,8 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        self.launch_rows("rms_norm_bwd", n, &args)
+        let dx_bytes = if accumulate { 8 } else { 4 };
+        self.launch_rows("rms_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 4 * n)
     }
 
     /// Rotary embedding in place of the first `heads` heads of hd columns of each row of x
@@ -1111,19 +1169,19 @@ impl Gpu {
             Arg::I(int(hd)?),
             Arg::F(if inverse { -1.0 } else { 1.0 }),
         ];
-        self.launch_elements("rope_rows", pairs, &args)
+        self.launch_elements("rope_rows", pairs, &args, 16 * pairs)
     }
 
     /// g = silu(gate) ⊙ up (g f32, or bf16).
     pub fn swiglu(&self, g: Data, gate: Dev<f32>, up: Dev<f32>, len: usize) -> Result<()> {
-        let (g, name) = g.output(len, "swiglu g", "swiglu_fwd")?;
+        let (g, name, size) = g.output(len, "swiglu g", "swiglu_fwd")?;
         let args = [
             Arg::P(g),
             Arg::P(gate.need(len, "swiglu gate")?),
             Arg::P(up.need(len, "swiglu up")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements(&name, len, &args)
+        self.launch_elements(&name, len, &args, (8 + size) * len)
     }
 
     /// SwiGLU's backward in place: gate becomes dgate and up dup, from dg.
@@ -1134,19 +1192,19 @@ impl Gpu {
             Arg::P(dg.need(len, "swiglu_bwd dg")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements("swiglu_bwd", len, &args)
+        self.launch_elements("swiglu_bwd", len, &args, 20 * len)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU (out f32, or bf16).
     pub fn act_fwd(&self, gelu: bool, out: Data, h: Dev<f32>, len: usize) -> Result<()> {
         let kernel = if gelu { "gelu_fwd" } else { "relu_fwd" };
-        let (out, name) = out.output(len, "act out", kernel)?;
+        let (out, name, size) = out.output(len, "act out", kernel)?;
         let args = [
             Arg::P(out),
             Arg::P(h.need(len, "act h")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements(&name, len, &args)
+        self.launch_elements(&name, len, &args, (4 + size) * len)
     }
 
     /// out = x rounded to bf16 (to nearest, ties to even).
@@ -1156,7 +1214,7 @@ impl Gpu {
             Arg::P(x.need(len, "to_bf16 x")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements("to_bf16", len, &args)
+        self.launch_elements("to_bf16", len, &args, 6 * len)
     }
 
     /// `x` as a product's operand: with bf16 products ([`Gpu::bf16`]) a bf16 copy of it, else
@@ -1198,7 +1256,7 @@ impl Gpu {
             Arg::L(len as i64),
         ];
         let name = if gelu { "gelu_bwd" } else { "relu_bwd" };
-        self.launch_elements(name, len, &args)
+        self.launch_elements(name, len, &args, 12 * len)
     }
 
     /// Causal softmax in place over `rows` rows of length t (rows of [groups, t, t]).
@@ -1209,7 +1267,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::F(scale),
         ];
-        self.launch_rows("softmax_causal_fwd", rows, &args)
+        self.launch_rows("softmax_causal_fwd", rows, &args, 8 * rows * t)
     }
 
     /// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place in dp.
@@ -1228,7 +1286,7 @@ impl Gpu {
             Arg::I(int(t)?),
             Arg::F(scale),
         ];
-        self.launch_rows("softmax_causal_bwd", rows, &args)
+        self.launch_rows("softmax_causal_bwd", rows, &args, 12 * rows * t)
     }
 
     /// Cross-entropy of logits [rows, v] against targets; the logits become the gradient times
@@ -1248,7 +1306,7 @@ impl Gpu {
             Arg::I(int(v)?),
             Arg::F(sc),
         ];
-        self.launch("cross_entropy", rows as u32, 1024, &args)
+        self.launch("cross_entropy", (rows as u32, 1024), &args, 8 * rows * v)
     }
 
     /// AdamW over every parameter in one launch (a block per `OPT_CHUNK` elements), in place:
@@ -1269,7 +1327,9 @@ impl Gpu {
             Arg::F(k.ibc2),
             Arg::F(k.eps),
         ];
-        self.launch("adam_chunks", chunks, THREADS, &args)
+        // θ, m and v read and written, g read.
+        let elements: usize = params.iter().map(|p| p.g.len).sum();
+        self.launch("adam_chunks", (chunks, THREADS), &args, 28 * elements)
     }
 
     /// The optimizer kernels' table: per chunk of `OPT_CHUNK` elements of a parameter, its
@@ -1318,7 +1378,8 @@ impl Gpu {
         }
         let partials = self.zeros::<f64>(chunks as usize)?;
         let args = [Arg::P(partials.dev().addr), Arg::P(table.dev().addr)];
-        self.launch("sum_squares_chunks", chunks, THREADS, &args)?;
+        let elements: usize = arrays.iter().map(|a| a.len).sum();
+        self.launch("sum_squares_chunks", (chunks, THREADS), &args, 4 * elements)?;
         let host = self.download(&partials, chunks as usize)?;
         Ok(host.iter().sum())
     }
@@ -1339,7 +1400,12 @@ impl Gpu {
             Arg::I(int(n)?),
             Arg::I(int(cols)?),
         ];
-        self.launch("column_sums", blocks(cols, 32), 1024, &args)
+        self.launch(
+            "column_sums",
+            (blocks(cols, 32), 1024),
+            &args,
+            4 * (n + 1) * cols,
+        )
     }
 
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {
@@ -1348,7 +1414,7 @@ impl Gpu {
             Arg::F(value),
             Arg::L(len as i64),
         ];
-        self.launch_elements("fill", len, &args)
+        self.launch_elements("fill", len, &args, 4 * len)
     }
 }
 
@@ -1623,7 +1689,8 @@ mod tests {
     }
 
     /// LMKIT_CUDA_TIMING=ops: each launch and product is timed under its kernel's name or its
-    /// shape and precision, with the operations of products and attention counted.
+    /// shape and precision, with the operations of products and attention and the bytes of
+    /// products and the other kernels counted.
     #[test]
     fn gpu_ops_are_timed_by_name() {
         let Some(gpu) = gpu() else {
@@ -1661,8 +1728,13 @@ mod tests {
             of("fill").is_some_and(|o| o.calls >= 2 && o.flops == 0.0),
             "{ops:?}"
         );
+        // The product: a [2, 3] and b [3, 2] read, c [2, 2] read and written.
         let product = of("product 2x2x3 f32").expect("the product's entry");
         assert_eq!(product.flops, 24.0 * product.calls as f64);
+        assert_eq!(
+            product.bytes,
+            (4 * (6 + 6) + 2 * 16) as f64 * product.calls as f64
+        );
         let quarter = (2 * 77 * 77 * 32) as f64;
         for (kernel, products) in [("fwd", 2.0), ("bwd_dq", 3.0), ("bwd_dkdv", 4.0)] {
             let o = of(&format!("flash_{kernel}_32")).expect("a flash kernel's entry");
@@ -1682,7 +1754,7 @@ mod tests {
         assert!(gpu.download(&out, 4).unwrap().iter().all(|x| x.is_nan()));
         let p = Arg::P(out.dev().addr);
         let launch = |name: &str, args: &[Arg]| {
-            gpu.launch_in(Module::Train, name, ((1, 1), 32, 0), args, 0.0)
+            gpu.launch_in(Module::Train, name, ((1, 1), 32, 0), args, Work::default())
                 .map_err(|e| e.to_string())
         };
         launch("fill", &[p, Arg::F(1.5), Arg::L(4)]).unwrap();

@@ -441,11 +441,13 @@ impl PassTimer {
         let ops = lmkit_kernels::cuda::take_op_times();
         let total: f64 = ops.iter().map(|o| o.secs).sum();
         for o in &ops {
-            let rate = if o.flops > 0.0 {
-                format!(" {:>7.1} TFLOP/s", o.tflops())
-            } else {
-                String::new()
-            };
+            let mut rate = String::new();
+            if o.flops > 0.0 {
+                rate += &format!(" {:>7.1} TFLOP/s", o.tflops());
+            }
+            if o.bytes > 0.0 {
+                rate += &format!(" {:>7.0} GB/s", o.gbps());
+            }
             eprintln!(
                 "cuda op: {:<44} {:>5} calls {:>9.3} ms {:>5.1}%{rate}",
                 o.name,
