@@ -252,17 +252,20 @@ fn backprop(
     } else {
         p[2 + layers * PER_LAYER]
     })?;
-    // The layers' weight matrices as products' operands (bf16 copies with bf16 products), in
-    // `layer`'s order; the norms' weights are not products' operands.
+    // The layers' weight matrices as products' operands (bf16 copies with bf16 products): q, k,
+    // v, o, gate, up, down, at these places of `layer`'s order (the norms' weights are not
+    // products' operands).
+    const MATRICES: [usize; 7] = [1, 2, 3, 4, 6, 7, 8];
     let weights = (0..layers)
         .map(|i| {
-            layer(i)
+            MATRICES
                 .iter()
-                .map(|&w| gpu.operand(w))
+                .map(|&j| gpu.operand(layer(i)[j]))
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<Vec<_>>>()?;
-    let weight = |i: usize, j: usize| weights[i][j].data();
+    // Layer i's q, k, v, o, gate, up and down weights as operands.
+    let matrices = |i: usize| -> [Data; 7] { std::array::from_fn(|j| weights[i][j].data()) };
     let table = p[p.len() - 1];
     let attn = d.attn();
     let att_scale = 1.0 / (d.hd as f32).sqrt();
@@ -278,7 +281,7 @@ fn backprop(
         let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
-        let [wq, wk, wv, wo, wg, wu, wd] = [1, 2, 3, 4, 6, 7, 8].map(|j| weight(i, j));
+        let [wq, wk, wv, wo, wg, wu, wd] = matrices(i);
         let (a1, r1) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a1.data(), r1.dev()), x.dev(), *w_in, (n, c), d.eps)?;
         let qkv = gpu.uninit(n * w)?;
@@ -366,7 +369,7 @@ fn backprop(
         let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
-        let [wq, wk, wv, wo, wg, wu, wd] = [1, 2, 3, 4, 6, 7, 8].map(|j| weight(i, j));
+        let [wq, wk, wv, wo, wg, wu, wd] = matrices(i);
         let s = saved.pop().expect("one saved entry per layer");
         // xo = xm + g·W_downᵀ
         let dx_op = gpu.operand(dxd)?;
