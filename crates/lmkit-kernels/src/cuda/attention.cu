@@ -389,6 +389,28 @@ struct Bf16In {
   }
 };
 
+// Runs `use(i, b)` on tiles i = 0..tiles-1, each first fetched into buffer b by `fetch(i, b)`:
+// with two buffers (bf16 inputs) tile i + 1's copies are in flight while tile i is used. Around
+// each use, the wait and barrier that make the tile visible to every warp, and the barrier that
+// keeps its buffer until every warp is done with it.
+template <class In, class Fetch, class Use>
+__device__ __forceinline__ void stream_tiles(int tiles, Fetch fetch, Use use) {
+  fetch(0, 0);
+  In::commit();
+  for (int i = 0; i < tiles; i++) {
+    bool more = In::BUFFERS > 1 && i + 1 < tiles;
+    if (more) {
+      fetch(i + 1, (i + 1) % In::BUFFERS);
+      In::commit();
+    }
+    In::wait(more);
+    __syncthreads();
+    use(i, i % In::BUFFERS);
+    __syncthreads();
+    if (In::BUFFERS == 1 && i + 1 < tiles) fetch(i + 1, 0);
+  }
+}
+
 // Forward: o = softmax(scale · q·kᵀ, causal) · v for each head; lse[b, h, i] = the natural
 // log-sum-exp of row i's scaled scores. Grid (⌈t/64⌉, b·heads), 128 threads.
 template <class P, class In, int HD, int BC>
@@ -416,22 +438,15 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
   zero<HD>(acc);
   const float sl = scale * ATT_LOG2E;
   int kend = min(t, q0 + ATT_ROWS);
-  // Tile i uses buffer i % BUFFERS; with two, tile i + 1's copies run while tile i is used.
-  In::template fetch<HD>(sK, BC, kg, ldk, 0, t);
-  In::template fetch<HD>(sV, BC, vg, ldv, 0, t);
-  In::commit();
-  for (int k0 = 0, i = 0; k0 < kend; k0 += BC, i++) {
-    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
-    bool more = In::BUFFERS > 1 && k0 + BC < kend;
-    if (more) {
-      In::template fetch<HD>(sK + next * BC * LD, BC, kg, ldk, k0 + BC, t);
-      In::template fetch<HD>(sV + next * BC * LD, BC, vg, ldv, k0 + BC, t);
-      In::commit();
-    }
-    In::wait(more);
-    __syncthreads();
-    const T* tk = sK + cur * BC * LD;
-    const T* tv = sV + cur * BC * LD;
+  // Key tile i: keys i·BC.. of k and v.
+  auto fetch = [&](int i, int b) {
+    In::template fetch<HD>(sK + b * BC * LD, BC, kg, ldk, i * BC, t);
+    In::template fetch<HD>(sV + b * BC * LD, BC, vg, ldv, i * BC, t);
+  };
+  stream_tiles<In>((kend + BC - 1) / BC, fetch, [&](int i, int b) {
+    int k0 = i * BC;
+    const T* tk = sK + b * BC * LD;
+    const T* tv = sV + b * BC * LD;
     float s[BC / 8][4];
     zero<BC>(s);
     mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
@@ -467,13 +482,7 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e / 2];
     mma_px<P, BC, HD>(acc, s, tv, LD);
-    // Every warp is done with this tile's buffers before they are refilled.
-    __syncthreads();
-    if (In::BUFFERS == 1 && k0 + BC < kend) {
-      In::template fetch<HD>(sK, BC, kg, ldk, k0 + BC, t);
-      In::template fetch<HD>(sV, BC, vg, ldv, k0 + BC, t);
-    }
-  }
+  });
   float* og = o + (int64_t)bi * t * ldo + h * HD;
 #pragma unroll
   for (int r = 0; r < 2; r++) {
@@ -525,21 +534,14 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
   float acc[HD / 8][4];
   zero<HD>(acc);
   int kend = min(t, q0 + ATT_ROWS);
-  In::template fetch<HD>(sK, BC, kg, ldk, 0, t);
-  In::template fetch<HD>(sV, BC, vg, ldv, 0, t);
-  In::commit();
-  for (int k0 = 0, i = 0; k0 < kend; k0 += BC, i++) {
-    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
-    bool more = In::BUFFERS > 1 && k0 + BC < kend;
-    if (more) {
-      In::template fetch<HD>(sK + next * BC * LD, BC, kg, ldk, k0 + BC, t);
-      In::template fetch<HD>(sV + next * BC * LD, BC, vg, ldv, k0 + BC, t);
-      In::commit();
-    }
-    In::wait(more);
-    __syncthreads();
-    const T* tk = sK + cur * BC * LD;
-    const T* tv = sV + cur * BC * LD;
+  auto fetch = [&](int i, int b) {
+    In::template fetch<HD>(sK + b * BC * LD, BC, kg, ldk, i * BC, t);
+    In::template fetch<HD>(sV + b * BC * LD, BC, vg, ldv, i * BC, t);
+  };
+  stream_tiles<In>((kend + BC - 1) / BC, fetch, [&](int i, int b) {
+    int k0 = i * BC;
+    const T* tk = sK + b * BC * LD;
+    const T* tv = sV + b * BC * LD;
     float s[BC / 8][4], dp[BC / 8][4];
     zero<BC>(s);
     zero<BC>(dp);
@@ -555,12 +557,7 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
         s[j][e] = p * (dp[j][e] - drow[r]);
       }
     mma_px<P, BC, HD>(acc, s, tk, LD);
-    __syncthreads();
-    if (In::BUFFERS == 1 && k0 + BC < kend) {
-      In::template fetch<HD>(sK, BC, kg, ldk, k0 + BC, t);
-      In::template fetch<HD>(sV, BC, vg, ldv, k0 + BC, t);
-    }
-  }
+  });
   write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, acc, q0 + warp * 16, t, scale);
 }
 
@@ -594,7 +591,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
   zero<HD>(vacc);
   // The query tiles of every query head of the group, one after another: tile i is query
   // head member i / per of the group, rows first + (i % per)·BQ.
-  int first = k0 / BQ * BQ, per = (t - first + BQ - 1) / BQ, tiles = group * per;
+  int first = k0 / BQ * BQ, per = (t - first + BQ - 1) / BQ;
   // Fetches tile i's queries, dO rows and statistics into buffer b.
   auto fetch = [&](int i, int b) {
     int h = kvh * group + i / per, q0 = first + i % per * BQ;
@@ -608,22 +605,12 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
       sD[b * BQ + r] = q0 + r < t ? dg[q0 + r] : 0.0f;
     }
   };
-  fetch(0, 0);
-  In::commit();
-  for (int i = 0; i < tiles; i++) {
-    int cur = i % In::BUFFERS, next = (i + 1) % In::BUFFERS;
-    bool more = In::BUFFERS > 1 && i + 1 < tiles;
-    if (more) {
-      fetch(i + 1, next);
-      In::commit();
-    }
-    In::wait(more);
-    __syncthreads();
+  stream_tiles<In>(group * per, fetch, [&](int i, int b) {
     int q0 = first + i % per * BQ;
-    const T* tq = sQ + cur * BQ * LD;
-    const T* tg = sG + cur * BQ * LD;
-    const float* tl = sL + cur * BQ;
-    const float* td = sD + cur * BQ;
+    const T* tq = sQ + b * BQ * LD;
+    const T* tg = sG + b * BQ * LD;
+    const float* tl = sL + b * BQ;
+    const float* td = sD + b * BQ;
     float st[BQ / 8][4], dpt[BQ / 8][4];
     zero<BQ>(st);
     zero<BQ>(dpt);
@@ -640,9 +627,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
       }
     mma_px<P, BQ, HD>(vacc, st, tg, LD);
     mma_px<P, BQ, HD>(kacc, dpt, tq, LD);
-    __syncthreads();
-    if (In::BUFFERS == 1 && i + 1 < tiles) fetch(i + 1, 0);
-  }
+  });
   write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kacc, k0 + warp * 16, t, scale);
   write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vacc, k0 + warp * 16, t, 1.0f);
 }
