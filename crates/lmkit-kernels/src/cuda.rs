@@ -1217,14 +1217,20 @@ impl Gpu {
         self.launch_elements("to_bf16", len, &args, 6 * len)
     }
 
+    /// A new buffer holding `x` rounded to bf16.
+    pub fn bf16_copy(&self, x: Dev<f32>) -> Result<Buf<Bf16>> {
+        let copy = self.uninit_bf16(x.len)?;
+        self.to_bf16(copy.dev(), x, x.len)?;
+        Ok(copy)
+    }
+
     /// `x` as a product's operand: with bf16 products ([`Gpu::bf16`]) a bf16 copy of it, else
     /// `x` itself.
     pub fn operand(&self, x: Dev<f32>) -> Result<Operand> {
         if !self.bf16 {
             return Ok(x.into());
         }
-        let copy = self.uninit_bf16(x.len)?;
-        self.to_bf16(copy.dev(), x, x.len)?;
+        let copy = self.bf16_copy(x)?;
         Ok(Operand {
             data: copy.dev().into(),
             _copy: Some(copy),

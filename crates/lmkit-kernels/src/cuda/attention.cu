@@ -411,6 +411,23 @@ __device__ __forceinline__ void stream_tiles(int tiles, Fetch fetch, Use use) {
   }
 }
 
+// The key/value tiles of keys 0..kend-1 (of the head's rows kg of k and vg of v) through the
+// buffers sK and sV ([BC, HD + pad] each per buffer): use(k0, tk, tv) on each, tk and tv holding
+// keys k0..k0+BC-1 (zeros past t).
+template <class P, class In, int HD, int BC, class Use>
+__device__ __forceinline__ void stream_kv(typename P::T* sK, typename P::T* sV,
+                                          const typename In::S* kg, int ldk,
+                                          const typename In::S* vg, int ldv, int kend, int t,
+                                          Use use) {
+  constexpr int LD = HD + P::PAD;
+  auto fetch = [&](int i, int b) {
+    In::template fetch<HD>(sK + b * BC * LD, BC, kg, ldk, i * BC, t);
+    In::template fetch<HD>(sV + b * BC * LD, BC, vg, ldv, i * BC, t);
+  };
+  stream_tiles<In>((kend + BC - 1) / BC, fetch,
+                   [&](int i, int b) { use(i * BC, sK + b * BC * LD, sV + b * BC * LD); });
+}
+
 // Forward: o = softmax(scale · q·kᵀ, causal) · v for each head; lse[b, h, i] = the natural
 // log-sum-exp of row i's scaled scores. Grid (⌈t/64⌉, b·heads), 128 threads.
 template <class P, class In, int HD, int BC>
@@ -438,15 +455,8 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
   zero<HD>(acc);
   const float sl = scale * ATT_LOG2E;
   int kend = min(t, q0 + ATT_ROWS);
-  // Key tile i: keys i·BC.. of k and v.
-  auto fetch = [&](int i, int b) {
-    In::template fetch<HD>(sK + b * BC * LD, BC, kg, ldk, i * BC, t);
-    In::template fetch<HD>(sV + b * BC * LD, BC, vg, ldv, i * BC, t);
-  };
-  stream_tiles<In>((kend + BC - 1) / BC, fetch, [&](int i, int b) {
-    int k0 = i * BC;
-    const T* tk = sK + b * BC * LD;
-    const T* tv = sV + b * BC * LD;
+  stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
+                                                                 const T* tv) {
     float s[BC / 8][4];
     zero<BC>(s);
     mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
@@ -534,14 +544,8 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
   float acc[HD / 8][4];
   zero<HD>(acc);
   int kend = min(t, q0 + ATT_ROWS);
-  auto fetch = [&](int i, int b) {
-    In::template fetch<HD>(sK + b * BC * LD, BC, kg, ldk, i * BC, t);
-    In::template fetch<HD>(sV + b * BC * LD, BC, vg, ldv, i * BC, t);
-  };
-  stream_tiles<In>((kend + BC - 1) / BC, fetch, [&](int i, int b) {
-    int k0 = i * BC;
-    const T* tk = sK + b * BC * LD;
-    const T* tv = sV + b * BC * LD;
+  stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
+                                                                 const T* tv) {
     float s[BC / 8][4], dp[BC / 8][4];
     zero<BC>(s);
     zero<BC>(dp);

@@ -101,16 +101,14 @@ struct Saved {
     g: Stored,
 }
 
-/// q|k|v (or the attention output's gradient: `len` elements) as the attention kernels read
-/// it: with the flash kernels and bf16 products a bf16 copy, which replaces the f32 rows; else
-/// the f32 rows.
-pub(super) fn attention_input(gpu: &Gpu, x: Buf<f32>, len: usize, flash: bool) -> Result<Stored> {
-    if !(flash && gpu.bf16) {
-        return Ok(Stored::F32(x));
-    }
-    let copy = gpu.uninit_bf16(len)?;
-    gpu.to_bf16(copy.dev(), x.dev(), len)?;
-    Ok(Stored::Bf16(copy))
+/// q|k|v (or the attention output's gradient) as the attention kernels read it: with the flash
+/// kernels and bf16 products a bf16 copy, which replaces the f32 rows; else the f32 rows.
+pub(super) fn attention_input(gpu: &Gpu, x: Buf<f32>, flash: bool) -> Result<Stored> {
+    Ok(if flash && gpu.bf16 {
+        Stored::Bf16(gpu.bf16_copy(x.dev())?)
+    } else {
+        Stored::F32(x)
+    })
 }
 
 /// A block's weight matrices as products' operands (bf16 copies with bf16 products).
@@ -664,7 +662,7 @@ fn backprop(
         )?;
         let c_attn = (ws.c_attn.data(), w.c_attn_b);
         let qkv = conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?;
-        let qkv = attention_input(gpu, qkv, n * 3 * c, heads.flash)?;
+        let qkv = attention_input(gpu, qkv, heads.flash)?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         timer.attention(gpu, false, || {
@@ -751,7 +749,7 @@ fn backprop(
             conv1d_bwd(gpu, dxd, s.y_op.data(), attn_proj, (n, c, c))?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.data(), s.att.dev(), s.y.dev());
-        let dy = attention_input(gpu, dy, n * c, heads.flash)?;
+        let dy = attention_input(gpu, dy, heads.flash)?;
         timer.attention(gpu, true, || {
             attention_bwd(gpu, kept, dy.data(), dqkv.dev(), heads)
         })?;

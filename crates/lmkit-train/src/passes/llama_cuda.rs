@@ -297,7 +297,7 @@ fn backprop(
             )?;
         }
         gpu.rope(qkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), false)?;
-        let qkv = attention_input(gpu, qkv, n * w, true)?;
+        let qkv = attention_input(gpu, qkv, true)?;
         let (y, lse) = (gpu.uninit(n * qd)?, gpu.uninit(d.b * d.heads * d.t)?);
         let packed = (
             rows(qkv.data(), w),
@@ -430,7 +430,7 @@ fn backprop(
             Ok((rows(m, w), rows(m.at(qd)?, w), rows(m.at(qd + kvd)?, w)))
         };
         let (kept, grads_at) = (packed(s.qkv.data())?, packed(dqkv.dev().into())?);
-        let dy = attention_input(gpu, dy, n * qd, true)?;
+        let dy = attention_input(gpu, dy, true)?;
         timer.attention(gpu, true, || {
             gpu.flash_attention_bwd(
                 attn,
