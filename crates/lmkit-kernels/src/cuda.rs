@@ -29,6 +29,8 @@ mod emulated;
 use emulated as hw;
 #[cfg(not(feature = "cuda"))]
 pub use emulated::{set_tf32_products, tf32_products, Elem};
+mod linear;
+pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`.
 #[derive(Clone, Copy)]
@@ -1560,7 +1562,7 @@ mod tests {
     /// kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
     /// instantiations may contract their arithmetic differently).
     #[test]
-    fn bf16_outputs_are_the_f32_outputs_rounded() {
+    fn gpu_bf16_outputs_are_the_f32_outputs_rounded() {
         let Some(gpu) = gpu() else {
             return;
         };
@@ -1661,7 +1663,7 @@ mod tests {
     /// The flash kernels' bf16 inputs: rows 16-byte aligned, all four inputs of one type, bf16
     /// products, f32 outputs; anything else is refused before a launch.
     #[test]
-    fn flash_attention_refuses_misplaced_bf16_inputs() {
+    fn gpu_flash_attention_refuses_misplaced_bf16_inputs() {
         let Some(mut gpu) = gpu() else {
             return;
         };

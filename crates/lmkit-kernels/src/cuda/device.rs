@@ -6,6 +6,7 @@ use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
 use cudarc::cublas::sys as cublas_sys;
+use cudarc::cublaslt::sys as lt_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::marker::PhantomData;
 
@@ -30,10 +31,31 @@ unsafe impl cudarc::driver::ValidAsZeroBits for Bf16 {}
 
 pub(super) type Store<T> = CudaSlice<T>;
 
-/// The device and its cuBLAS handle.
+/// The device, its cuBLAS handle and, once a product with an epilogue asks for it, a cuBLASLt
+/// handle.
 pub(super) struct Hw {
     dev: CudaDevice,
     blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
+    lt: std::cell::OnceCell<Lt>,
+}
+
+/// A cuBLASLt handle and the workspace its products may use (NVIDIA's recommendation: 32 MiB on
+/// Hopper, 4 MiB before).
+struct Lt {
+    handle: lt_sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread, one call at a time; `Lt` is not `Sync`,
+// so only the thread that owns its `Gpu` calls it.
+unsafe impl Send for Lt {}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // SAFETY: the handle was made by `cublasLtCreate` and is destroyed once, here; the
+        // products that used it are ordered on the stream before the workspace is freed.
+        let _ = unsafe { cudarc::cublaslt::result::destroy_handle(self.handle) };
+    }
 }
 
 /// Whether f32 products run on the TF32 tensor cores: candle's switch (`train.tf32`), which its
@@ -70,6 +92,7 @@ impl Gpu {
             hw: Hw {
                 blas: dev.cublas_handle(),
                 dev: dev.clone(),
+                lt: std::cell::OnceCell::new(),
             },
             tf32: true,
             bf16: BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed),
@@ -347,6 +370,223 @@ impl Gpu {
             )
         }
         .map_err(Self::fail("gemm"))
+    }
+}
+
+impl Gpu {
+    /// This GPU's cuBLASLt handle and workspace, made at the first call.
+    fn lt(&self) -> Result<&Lt> {
+        if let Some(lt) = self.hw.lt.get() {
+            return Ok(lt);
+        }
+        let handle = cudarc::cublaslt::result::create_handle().map_err(Self::fail("cublasLt"))?;
+        let size = if self.compute_major()? >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        };
+        // SAFETY: scratch that cuBLASLt writes before it reads.
+        let workspace = unsafe { self.hw.dev.cuda_stream().alloc::<u8>(size) };
+        let lt = Lt {
+            handle,
+            workspace: workspace.map_err(Self::fail("alloc"))?,
+        };
+        Ok(self.hw.lt.get_or_init(|| lt))
+    }
+
+    /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
+    /// row stride `cols`), the bias added by the epilogue (`CUBLASLT_EPILOGUE_BIAS`, a vector of
+    /// d's type along d's columns), c read as the product's C with β = 1 (or d as C with β = 0);
+    /// `false` where cuBLASLt has no algorithm for these types and alignments.
+    pub(super) fn gemm_fused(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
+            (u64, usize, bool),
+            (u64, usize, bool),
+            bool,
+        ),
+        out: super::linear::Fused,
+    ) -> Result<bool> {
+        use cudarc::cublaslt::result as lt;
+        use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let fail = || Self::fail("cublasLt");
+        let lt_handle = self.lt()?;
+        let compute = if bf16_operands {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        } else if self.bf16 {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else if self.tf32 {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let (f32t, bf16t) = (
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+            lt_sys::cudaDataType_t::CUDA_R_16BF,
+        );
+        let operand_t = if bf16_operands { bf16t } else { f32t };
+        let out_t = if out.bf16_out { bf16t } else { f32t };
+        // Column-major cuBLASLt computes dᵀ = bᵀ·aᵀ (as `gemm`): its A is our b, its B our a, its
+        // D [cols, rows] with leading dimension cols, and the bias runs along its rows, our
+        // columns. A stored matrix's layout is [rows, cols] as stored, before its transposition.
+        let stored = |t: bool, r: usize, c: usize| if t { (c, r) } else { (r, c) };
+        let (b_r, b_c) = stored(tb, cols, k);
+        let (a_r, a_c) = stored(ta, k, rows);
+        struct Layouts(Vec<lt_sys::cublasLtMatrixLayout_t>);
+        impl Drop for Layouts {
+            fn drop(&mut self) {
+                for &l in &self.0 {
+                    // SAFETY: each layout was made by `create_matrix_layout` and is freed once.
+                    let _ = unsafe { cudarc::cublaslt::result::destroy_matrix_layout(l) };
+                }
+            }
+        }
+        let mut layouts = Layouts(Vec::new());
+        for (ty, r, c, ld) in [
+            (operand_t, b_r, b_c, ldb),
+            (operand_t, a_r, a_c, lda),
+            (out_t, cols, rows, cols),
+        ] {
+            let l = lt::create_matrix_layout(ty, r as u64, c as u64, ld as i64).map_err(fail())?;
+            layouts.0.push(l);
+        }
+        let layout = layouts.0.clone();
+        let desc = lt::create_matmul_desc(compute, f32t).map_err(fail())?;
+        struct DescGuard(lt_sys::cublasLtMatmulDesc_t);
+        impl Drop for DescGuard {
+            fn drop(&mut self) {
+                // SAFETY: made by `create_matmul_desc`, freed once.
+                let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_desc(self.0) };
+            }
+        }
+        let desc = DescGuard(desc);
+        let pref = lt::create_matmul_pref().map_err(fail())?;
+        struct PrefGuard(lt_sys::cublasLtMatmulPreference_t);
+        impl Drop for PrefGuard {
+            fn drop(&mut self) {
+                // SAFETY: made by `create_matmul_pref`, freed once.
+                let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_pref(self.0) };
+            }
+        }
+        let pref = PrefGuard(pref);
+        // TRANSA/TRANSB are int32 `cublasOperation_t`s.
+        let op = |t: bool| -> i32 {
+            if t {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T as i32
+            } else {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N as i32
+            }
+        };
+        let (op_a, op_b) = (op(tb), op(ta));
+        let epilogue = if out.bias.is_some() {
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        let bias_ptr = out.bias.unwrap_or(0);
+        let workspace_len = lt_handle.workspace.len();
+        let workspace = {
+            let stream = self.hw.dev.cuda_stream();
+            let (addr, _sync) = lt_handle.workspace.device_ptr(&stream);
+            addr
+        };
+        // The largest power of two up to 256 dividing an address: the alignment cuBLASLt may
+        // assume of it.
+        let align = |p: u64| -> u32 { 1 << p.trailing_zeros().min(8) };
+        let c_ptr = out.c.unwrap_or(out.d);
+        let beta: f32 = if out.c.is_some() { 1.0 } else { 0.0 };
+        let alpha: f32 = 1.0;
+        // SAFETY: every attribute is given a pointer to a value of the type cuBLASLt documents
+        // for it (int32 operations, uint32 epilogue and alignments, uint64 workspace size, a
+        // device pointer for the bias); the operands, c, d and the bias are live device buffers
+        // whose lengths the caller checked; the workspace lives as long as the handle; all on
+        // candle's stream for this device.
+        unsafe {
+            let set = |attr: Desc, v: *const std::ffi::c_void, size: usize| {
+                lt::set_matmul_desc_attribute(desc.0, attr, v, size)
+            };
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_TRANSA,
+                &op_a as *const _ as *const _,
+                4,
+            )
+            .map_err(fail())?;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_TRANSB,
+                &op_b as *const _ as *const _,
+                4,
+            )
+            .map_err(fail())?;
+            set(
+                Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epilogue as *const _ as *const _,
+                4,
+            )
+            .map_err(fail())?;
+            if out.bias.is_some() {
+                set(
+                    Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias_ptr as *const u64 as *const _,
+                    8,
+                )
+                .map_err(fail())?;
+            }
+            let size = workspace_len as u64;
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &size as *const u64 as *const _,
+                8,
+            )
+            .map_err(fail())?;
+            for (attr, p) in [
+                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, pb),
+                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, pa),
+                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c_ptr),
+                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, out.d),
+            ] {
+                let a = align(p);
+                lt::set_matmul_pref_attribute(pref.0, attr, &a as *const u32 as *const _, 4)
+                    .map_err(fail())?;
+            }
+            let heuristic = match lt::get_matmul_algo_heuristic(
+                lt_handle.handle,
+                desc.0,
+                layout[0],
+                layout[1],
+                layout[2],
+                layout[2],
+                pref.0,
+            ) {
+                Ok(h) => h,
+                Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(fail()(e)),
+            };
+            lt::matmul(
+                lt_handle.handle,
+                desc.0,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                pb as *const _,
+                layout[0],
+                pa as *const _,
+                layout[1],
+                c_ptr as *const _,
+                layout[2],
+                out.d as *mut _,
+                layout[2],
+                &heuristic.algo,
+                workspace as *mut _,
+                workspace_len,
+                self.hw.dev.cuda_stream().cu_stream() as *mut _,
+            )
+            .map_err(fail())?;
+        }
+        Ok(true)
     }
 }
 

@@ -233,62 +233,23 @@ impl Gpu {
     pub(super) fn gemm(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
-            (u64, usize, bool),
-            (u64, usize, bool),
-            bool,
-        ),
+        (a, b, bf16_operands): ((u64, usize, bool), (u64, usize, bool), bool),
         (pc, ldc): (u64, usize),
         (alpha, beta): (f32, f32),
         batch: Batched,
     ) -> Result<()> {
-        let round = |x: f32| {
-            if self.bf16 {
-                round_mantissa(x, 16)
-            } else if self.tf32 {
-                round_mantissa(x, 13)
-            } else {
-                x
-            }
-        };
         let size = if bf16_operands { 2 } else { 4 };
-        let read = |p: u64, i: usize| {
-            // SAFETY: the caller checked that every element of every product's operands lies
-            // within their buffers (host memory here); `i` indexes one of them.
-            if bf16_operands {
-                Bf16(unsafe { *(p as *const u16).add(i) }).to_f32()
-            } else {
-                round(unsafe { *(p as *const f32).add(i) })
-            }
-        };
         for i in 0..batch.count {
-            let (pa, pb) = (
-                pa + (size * i * batch.a) as u64,
-                pb + (size * i * batch.b) as u64,
-            );
+            let a = (a.0 + (size * i * batch.a) as u64, a.1, a.2);
+            let b = (b.0 + (size * i * batch.b) as u64, b.1, b.2);
             let pc = pc + (4 * i * batch.c) as u64;
-            let a: Vec<f32> = (0..rows * k)
-                .map(|e| {
-                    let (r, j) = (e / k, e % k);
-                    read(pa, if ta { j * lda + r } else { r * lda + j })
-                })
-                .collect();
-            let b: Vec<f32> = (0..k * cols)
-                .map(|e| {
-                    let (j, cc) = (e % k, e / k);
-                    read(pb, if tb { cc * ldb + j } else { j * ldb + cc })
-                })
-                .collect();
+            let dots = self.dots((rows, cols, k), (a, b, bf16_operands));
             for r in 0..rows {
                 for cc in 0..cols {
-                    let bc = &b[cc * k..(cc + 1) * k];
-                    let dot: f32 = a[r * k..(r + 1) * k]
-                        .iter()
-                        .zip(bc)
-                        .map(|(x, y)| x * y)
-                        .sum();
+                    let dot = dots[r * cols + cc];
                     let out = (pc as *mut f32).wrapping_add(r * ldc + cc);
-                    // SAFETY: as for `read`: an element of `c`, a buffer the pass owns.
+                    // SAFETY: the caller checked that every element of `c` lies within its
+                    // buffer (host memory here), a buffer the pass owns.
                     unsafe {
                         *out = if beta == 0.0 {
                             alpha * dot
@@ -300,5 +261,103 @@ impl Gpu {
             }
         }
         Ok(())
+    }
+
+    /// cuBLASLt's product with the bias epilogue ([`Gpu::linear`]): d = a·b + c + bias, c (the
+    /// residual) and the bias of d's type, c not read where absent, d rounded to bf16 where it
+    /// is bf16 (to nearest even, from the f32 sum); always has an algorithm.
+    pub(super) fn gemm_fused(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        operands: ((u64, usize, bool), (u64, usize, bool), bool),
+        out: super::linear::Fused,
+    ) -> Result<bool> {
+        let dots = self.dots((rows, cols, k), operands);
+        // SAFETY (every read and write below): the caller checked that d, c ([rows, cols]) and
+        // the bias ([cols]) lie within their buffers (host memory here).
+        let read = |p: u64, i: usize| unsafe {
+            if out.bf16_out {
+                Bf16(*(p as *const u16).add(i)).to_f32()
+            } else {
+                *(p as *const f32).add(i)
+            }
+        };
+        for r in 0..rows {
+            for cc in 0..cols {
+                let i = r * cols + cc;
+                let mut x = dots[i];
+                if let Some(c) = out.c {
+                    x += read(c, i);
+                }
+                if let Some(bias) = out.bias {
+                    x += read(bias, cc);
+                }
+                unsafe {
+                    if out.bf16_out {
+                        *(out.d as *mut u16).add(i) = Bf16::from_f32(x).0;
+                    } else {
+                        *(out.d as *mut f32).add(i) = x;
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The [rows, cols] dot products of one product's operands, rounded as the tensor cores
+    /// take them, in f32.
+    fn dots(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
+            (u64, usize, bool),
+            (u64, usize, bool),
+            bool,
+        ),
+    ) -> Vec<f32> {
+        let round = |x: f32| {
+            if self.bf16 {
+                round_mantissa(x, 16)
+            } else if self.tf32 {
+                round_mantissa(x, 13)
+            } else {
+                x
+            }
+        };
+        let read = |p: u64, i: usize| {
+            // SAFETY: the caller checked that every element of the operands lies within their
+            // buffers (host memory here); `i` indexes one of them.
+            if bf16_operands {
+                Bf16(unsafe { *(p as *const u16).add(i) }).to_f32()
+            } else {
+                round(unsafe { *(p as *const f32).add(i) })
+            }
+        };
+        let a: Vec<f32> = (0..rows * k)
+            .map(|e| {
+                let (r, j) = (e / k, e % k);
+                read(pa, if ta { j * lda + r } else { r * lda + j })
+            })
+            .collect();
+        let b: Vec<f32> = (0..k * cols)
+            .map(|e| {
+                let (j, cc) = (e % k, e / k);
+                read(pb, if tb { cc * ldb + j } else { j * ldb + cc })
+            })
+            .collect();
+        let mut dots = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for cc in 0..cols {
+                let bc = &b[cc * k..(cc + 1) * k];
+                dots.push(
+                    a[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(bc)
+                        .map(|(x, y)| x * y)
+                        .sum(),
+                );
+            }
+        }
+        dots
     }
 }

@@ -21,7 +21,7 @@
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{
-    plain, rows, transposed, AttnShape, Batched, Buf, Data, Dev, Gpu, Mat, Operand, Stored,
+    plain, rows, transposed, Added, AttnShape, Batched, Buf, Data, Dev, Gpu, Mat, Operand, Stored,
 };
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -303,7 +303,7 @@ pub(super) fn output_loss(
 }
 
 /// A Conv1D layer into a new [n, out] buffer: `residual + input · w + bias` (no residual: the
-/// bias alone), the bias and residual written first and the product added (beta = 1).
+/// product and the bias alone; [`Gpu::linear`]).
 fn conv1d(
     gpu: &Gpu,
     residual: Option<Dev<f32>>,
@@ -312,15 +312,16 @@ fn conv1d(
     (n, out, inner): (usize, usize, usize),
 ) -> Result<Buf<f32>> {
     let y = gpu.uninit(n * out)?;
-    gpu.add_rows(y.dev(), residual, bias, (n, out))?;
-    gpu.mm(
+    let added = Added {
+        bias: Some(bias),
+        residual,
+    };
+    gpu.linear(
         (n, out, inner),
         plain(input, inner),
         plain(w, out),
-        (y.dev(), out),
-        1.0,
-        1.0,
-        Batched::ONE,
+        added,
+        y.dev().into(),
     )?;
     Ok(y)
 }
@@ -661,8 +662,20 @@ fn backprop(
             eps,
         )?;
         let c_attn = (ws.c_attn.data(), w.c_attn_b);
-        let qkv = conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?;
-        let qkv = attention_input(gpu, qkv, heads.flash)?;
+        let qkv = if heads.flash && gpu.bf16 {
+            // The flash kernels' bf16 q|k|v straight from the product.
+            let qkv = gpu.uninit_bf16(n * 3 * c)?;
+            gpu.linear(
+                (n, 3 * c, c),
+                plain(a1.data(), c),
+                plain(c_attn.0, 3 * c),
+                Added::bias(c_attn.1),
+                qkv.dev().into(),
+            )?;
+            Stored::Bf16(qkv)
+        } else {
+            Stored::F32(conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?)
+        };
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         timer.attention(gpu, false, || {
@@ -991,7 +1004,24 @@ pub(crate) mod tests {
         // operands and with the kept probabilities: every product's operands in bf16 but the
         // kept probabilities' per-head products (f32 q|k|v and probabilities, rounded by cuBLAS).
         lmkit_kernels::cuda::set_bf16_products(true);
-        assert_bf16_throughout(op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100))));
+        let names = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        // The biases and residuals added by the products' epilogue, q|k|v written in bf16.
+        for fused in [
+            "[bias, bf16 out] bf16",
+            "[bias, residual] bf16",
+            "[bias] bf16",
+        ] {
+            assert!(names.1.iter().any(|n| n.ends_with(fused)), "{names:?}");
+        }
+        assert_bf16_throughout(names);
+        // Unfused: the bias and residual written first, q|k|v rounded from f32 scratch.
+        lmkit_kernels::cuda::set_fused_epilogues(false);
+        let (_, products) = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        assert!(products.iter().all(|n| !n.contains('[')), "{products:?}");
+        super::set_flash_attention(false);
+        compare(false, "gelu_new", true, 2e-2, (4, 45));
+        lmkit_kernels::cuda::set_fused_epilogues(true);
+        super::set_flash_attention(true);
         super::set_flash_attention(false);
         let (_, names) = op_names(|| compare(false, "gelu_new", true, 8e-2, (4, 45)));
         let (bf16, other): (Vec<_>, Vec<_>) = names.iter().partition(|n| n.ends_with(" bf16"));

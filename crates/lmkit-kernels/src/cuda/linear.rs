@@ -1,0 +1,524 @@
+//! Products with a bias and a residual added (a linear layer's `y = x·w + b`, the residual
+//! stream's `x + y·w`): in one pass over the output with cuBLASLt's bias epilogue and the residual
+//! read as its C matrix, where the GPU passes the run-time check; else the bias and the residual
+//! are written into the output first and the product added to it (β = 1), as before.
+
+use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Work};
+use candle_core::Result;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// What [`Gpu::linear`] adds to its product.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Added {
+    /// One value per output column.
+    pub bias: Option<Dev<f32>>,
+    /// A matrix of the output's shape (f32 outputs only).
+    pub residual: Option<Dev<f32>>,
+}
+
+impl Added {
+    pub fn bias(bias: Dev<f32>) -> Added {
+        Added {
+            bias: Some(bias),
+            residual: None,
+        }
+    }
+
+    pub fn residual(residual: Dev<f32>) -> Added {
+        Added {
+            bias: None,
+            residual: Some(residual),
+        }
+    }
+}
+
+/// The addresses of a fused product's output and addends, checked by the caller: `d` (row
+/// stride: the product's columns), the residual `c` read as cuBLASLt's C (same shape and type as
+/// `d`), the bias (of `d`'s type), and whether `d` is bf16.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Fused {
+    pub d: u64,
+    pub c: Option<u64>,
+    pub bias: Option<u64>,
+    pub bf16_out: bool,
+}
+
+/// 0: not chosen yet (LMKIT_CUDA_EPILOGUE decides), 1: fused where checked, 2: never fused.
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether [`Gpu::linear`] may fuse its bias and residual into the product (cuBLASLt's
+/// epilogue): yes unless LMKIT_CUDA_EPILOGUE=0 or [`set_fused_epilogues`] said no.
+pub fn fused_epilogues() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("LMKIT_CUDA_EPILOGUE").map_or(true, |v| v != "0");
+            set_fused_epilogues(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Lets [`Gpu::linear`] fuse (`true`, where the run-time check passes) or not.
+pub fn set_fused_epilogues(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Largest difference the run-time check allows between the fused and the unfused product,
+/// relative to the largest value (at least 1): f32 outputs differ by summation order only, bf16
+/// outputs by a rounding (2⁻⁸) and the bias's rounding to bf16 besides.
+fn tolerance(bf16_out: bool) -> f64 {
+    if bf16_out {
+        2e-2
+    } else {
+        1e-3
+    }
+}
+
+impl Gpu {
+    /// Row-major `y = a·w + bias + residual`, a: [rows, k], w: [k, cols], y and the residual
+    /// [rows, cols] (row stride `cols`), the bias [cols], either or both of them absent; a and w
+    /// both f32 or both bf16; y f32, or bf16 without a residual (the f32 result rounded once,
+    /// with the bias rounded to bf16 first as autocast's bf16 linear layers do, where fused).
+    pub fn linear(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        a: Mat,
+        w: Mat,
+        added: Added,
+        y: Data,
+    ) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        if added.residual.is_some() && y.is_bf16() {
+            candle_core::bail!("cuda linear: a residual is added to f32 outputs only");
+        }
+        if self.fused_trusted(a.ptr.is_bf16(), y.is_bf16())?
+            && self.linear_fused((rows, cols, k), a, w, added, y)?
+        {
+            return Ok(());
+        }
+        self.linear_unfused((rows, cols, k), a, w, added, y)
+    }
+
+    /// The bias and residual written into y (or f32 scratch for a bf16 y), then the product added.
+    fn linear_unfused(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        a: Mat,
+        w: Mat,
+        added: Added,
+        y: Data,
+    ) -> Result<()> {
+        let scratch = match y {
+            Data::F32(_) => None,
+            Data::Bf16(_) => Some(self.uninit(rows * cols)?),
+        };
+        let acc = match (y, &scratch) {
+            (Data::F32(y), _) => y,
+            (_, Some(s)) => s.dev(),
+            (Data::Bf16(_), None) => unreachable!("scratch made for bf16 outputs"),
+        };
+        let beta = match added {
+            Added {
+                bias: Some(bias),
+                residual,
+            } => {
+                self.add_rows(acc, residual, bias, (rows, cols))?;
+                1.0
+            }
+            Added {
+                bias: None,
+                residual: Some(r),
+            } => {
+                self.copy(acc, r, rows * cols)?;
+                1.0
+            }
+            Added {
+                bias: None,
+                residual: None,
+            } => 0.0,
+        };
+        self.mm((rows, cols, k), a, w, (acc, cols), 1.0, beta, Batched::ONE)?;
+        if let (Data::Bf16(out), Some(s)) = (y, &scratch) {
+            self.to_bf16(out, s.dev(), rows * cols)?;
+        }
+        Ok(())
+    }
+
+    /// The product with cuBLASLt's bias epilogue and the residual as its C; `false` where
+    /// cuBLASLt has no algorithm for it (nothing written then).
+    fn linear_fused(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        a: Mat,
+        w: Mat,
+        added: Added,
+        y: Data,
+    ) -> Result<bool> {
+        if k == 0 {
+            candle_core::bail!("cuda linear: empty inner dimension");
+        }
+        let bf16_operands = a.ptr.is_bf16();
+        if w.ptr.is_bf16() != bf16_operands {
+            candle_core::bail!("cuda linear: one operand in bf16 and the other in f32");
+        }
+        let span = |m: Mat, r: usize, c: usize| {
+            let (r, c) = if m.t { (c, r) } else { (r, c) };
+            (r - 1) * m.ld + c
+        };
+        let pa = a.ptr.need(span(a, rows, k), "linear a")?;
+        let pw = w.ptr.need(span(w, k, cols), "linear w")?;
+        let bf16_out = y.is_bf16();
+        let d = y.need(rows * cols, "linear y")?;
+        let c = match added.residual {
+            Some(r) => Some(r.need(rows * cols, "linear residual")?),
+            None => None,
+        };
+        // The bias in the output's type, as cuBLASLt reads it.
+        let bias16: Option<Buf<super::Bf16>> = match added.bias {
+            Some(b) if bf16_out => {
+                let copy = self.uninit_bf16(cols)?;
+                self.to_bf16(copy.dev(), b, cols)?;
+                Some(copy)
+            }
+            _ => None,
+        };
+        let bias = match (added.bias, &bias16) {
+            (_, Some(b16)) => Some(b16.dev().need(cols, "linear bias")?),
+            (Some(b), None) => Some(b.need(cols, "linear bias")?),
+            (None, None) => None,
+        };
+        let elem = if bf16_operands { 2 } else { 4 };
+        let out = if bf16_out { 2 } else { 4 };
+        let work = Work {
+            flops: 2.0 * (rows * cols * k) as f64,
+            bytes: (elem * k * (rows + cols) + out * rows * cols * if c.is_some() { 2 } else { 1 })
+                as f64,
+        };
+        let name = || {
+            let precision = if bf16_operands {
+                "bf16"
+            } else if self.bf16 {
+                "bf16 (f32 operands)"
+            } else if self.tf32 {
+                "tf32"
+            } else {
+                "f32"
+            };
+            // What the product adds, before the operands' precision (the name ends with it).
+            let added = [
+                (added.bias.is_some(), "bias"),
+                (c.is_some(), "residual"),
+                (bf16_out, "bf16 out"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, what)| *what)
+            .collect::<Vec<_>>()
+            .join(", ");
+            let s = format!("product {rows}x{cols}x{k} [{added}] {precision}");
+            (s, work)
+        };
+        let fused = Fused {
+            d,
+            c,
+            bias,
+            bf16_out,
+        };
+        let mut done = false;
+        self.timed(name, || {
+            done = self.gemm_fused(
+                (rows, cols, k),
+                ((pa, a.ld, a.t), (pw, w.ld, w.t), bf16_operands),
+                fused,
+            )?;
+            Ok(())
+        })?;
+        Ok(done)
+    }
+
+    /// Whether the fused products passed their run-time check on this GPU for these operand and
+    /// output types in its precision (checked once per process, GPU, precision and types; a
+    /// failed check is reported once and the products are not fused there).
+    fn fused_trusted(&self, bf16_operands: bool, bf16_out: bool) -> Result<bool> {
+        /// GPU, TF32, bf16 products, bf16 operands, bf16 output.
+        type Checked = (usize, bool, bool, bool, bool);
+        static CHECKED: std::sync::Mutex<Vec<(Checked, bool)>> = std::sync::Mutex::new(Vec::new());
+        if !fused_epilogues() {
+            return Ok(false);
+        }
+        let key = (
+            self.ordinal(),
+            self.tf32,
+            self.bf16,
+            bf16_operands,
+            bf16_out,
+        );
+        let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, ok)) = checked.iter().find(|(k, _)| *k == key) {
+            return Ok(*ok);
+        }
+        let err = self.fused_check(bf16_operands, bf16_out)?;
+        let tol = tolerance(bf16_out);
+        let ok = err.is_some_and(|e| e < tol);
+        if !ok {
+            let what = match err {
+                Some(e) => format!("differ from the unfused ones by {e:.1e} (tolerance {tol:.0e})"),
+                None => "have no cuBLASLt algorithm".to_string(),
+            };
+            eprintln!(
+                "warning: products with a fused bias and residual ({} operands, {} output) {what} \
+                 on GPU {}; they run unfused (LMKIT_CUDA_EPILOGUE=0 chooses that and skips this \
+                 check)",
+                if bf16_operands { "bf16" } else { "f32" },
+                if bf16_out { "bf16" } else { "f32" },
+                self.ordinal()
+            );
+        }
+        checked.push((key, ok));
+        Ok(ok)
+    }
+
+    /// The largest difference, relative to the largest value (at least 1), between fused and
+    /// unfused products on small problems with these operand and output types: the weight plain
+    /// and with a bias, then transposed and with a residual (f32 outputs) or nothing added;
+    /// `None` where cuBLASLt has no algorithm for them.
+    pub fn fused_check(&self, bf16_operands: bool, bf16_out: bool) -> Result<Option<f64>> {
+        let (rows, cols, k) = (37, 48, 40);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let a = self.upload(&random(rows * k))?;
+        let w = self.upload(&random(k * cols))?;
+        let bias = self.upload(&random(cols))?;
+        let residual = self.upload(&random(rows * cols))?;
+        let operand = |x: &Buf<f32>| -> Result<(Data, Option<Buf<super::Bf16>>)> {
+            Ok(if bf16_operands {
+                let copy = self.bf16_copy(x.dev())?;
+                (copy.dev().into(), Some(copy))
+            } else {
+                (x.dev().into(), None)
+            })
+        };
+        let ((a_op, _a16), (w_op, _w16)) = (operand(&a)?, operand(&w)?);
+        let cases = [
+            (plain(a_op, k), plain(w_op, cols), Added::bias(bias.dev())),
+            (
+                plain(a_op, k),
+                transposed(w_op, k),
+                if bf16_out {
+                    Added::default()
+                } else {
+                    Added::residual(residual.dev())
+                },
+            ),
+        ];
+        let mut worst = 0f64;
+        for (a, w, added) in cases {
+            let out = |fused: bool| -> Result<Option<Vec<f32>>> {
+                let y = self.uninit(rows * cols)?;
+                if bf16_out {
+                    let y16 = self.uninit_bf16(rows * cols)?;
+                    if fused {
+                        if !self.linear_fused((rows, cols, k), a, w, added, y16.dev().into())? {
+                            return Ok(None);
+                        }
+                    } else {
+                        self.linear_unfused((rows, cols, k), a, w, added, y16.dev().into())?;
+                    }
+                    let bits = self.download(&y16, rows * cols)?;
+                    return Ok(Some(bits.iter().map(|b| b.to_f32()).collect()));
+                }
+                if fused {
+                    if !self.linear_fused((rows, cols, k), a, w, added, y.dev().into())? {
+                        return Ok(None);
+                    }
+                } else {
+                    self.linear_unfused((rows, cols, k), a, w, added, y.dev().into())?;
+                }
+                Ok(Some(self.download(&y, rows * cols)?))
+            };
+            let (Some(f), Some(u)) = (out(true)?, out(false)?) else {
+                return Ok(None);
+            };
+            let scale = u.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
+            for (x, y) in f.iter().zip(&u) {
+                let e = (*x as f64 - *y as f64).abs() / scale;
+                // NaN counts as the largest error.
+                worst = if e.is_nan() {
+                    f64::INFINITY
+                } else {
+                    worst.max(e)
+                };
+            }
+        }
+        Ok(Some(worst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::Bf16;
+
+    /// `linear`, fused and unfused, with f32 and bf16 operands, the weight plain and transposed,
+    /// every combination of bias and residual, f32 and bf16 outputs, against the loops in f64
+    /// (on a GPU: cuBLASLt's epilogue and C ≠ D against the definition).
+    #[test]
+    fn gpu_linear_products_equal_the_loops() {
+        let Some(mut gpu) = crate::testing::gpu_device().and_then(|d| Gpu::of(&d)) else {
+            return;
+        };
+        gpu.tf32 = false;
+        let (rows, cols, k) = (19, 24, 13);
+        let mut seed = 11u64;
+        let mut draw = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let rounded =
+            |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect() };
+        let (a, w, bias, residual) = (
+            rounded(&draw(rows * k)),
+            rounded(&draw(k * cols)),
+            draw(cols),
+            draw(rows * cols),
+        );
+        // w stored transposed: [cols, k].
+        let wt: Vec<f32> = (0..cols * k).map(|i| w[(i % k) * cols + i / k]).collect();
+        let up = |x: &[f32]| gpu.upload(x).unwrap();
+        let up16 = |x: &[f32]| {
+            let h: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+            gpu.upload(&h).unwrap()
+        };
+        let (a32, w32, wt32) = (up(&a), up(&w), up(&wt));
+        let (a16, w16, wt16) = (up16(&a), up16(&w), up16(&wt));
+        let (db, dr) = (up(&bias), up(&residual));
+        let mut cases = 0;
+        for bf16_operands in [false, true] {
+            gpu.bf16 = bf16_operands;
+            for transposed_w in [false, true] {
+                for (with_bias, with_residual, bf16_out) in [
+                    (true, false, false),
+                    (false, true, false),
+                    (true, true, false),
+                    (false, false, false),
+                    (true, false, true),
+                    (false, false, true),
+                ] {
+                    for fused in [false, true] {
+                        let pick = |f: &Buf<f32>, h: &Buf<Bf16>| -> Data {
+                            if bf16_operands {
+                                h.dev().into()
+                            } else {
+                                f.dev().into()
+                            }
+                        };
+                        let am = plain(pick(&a32, &a16), k);
+                        let wm = if transposed_w {
+                            transposed(pick(&wt32, &wt16), k)
+                        } else {
+                            plain(pick(&w32, &w16), cols)
+                        };
+                        let added = Added {
+                            bias: with_bias.then(|| db.dev()),
+                            residual: with_residual.then(|| dr.dev()),
+                        };
+                        let dims = (rows, cols, k);
+                        let got: Vec<f32> = if bf16_out {
+                            let y = gpu.uninit_bf16(rows * cols).unwrap();
+                            let out = y.dev().into();
+                            if fused {
+                                assert!(gpu.linear_fused(dims, am, wm, added, out).unwrap());
+                            } else {
+                                gpu.linear_unfused(dims, am, wm, added, out).unwrap();
+                            }
+                            let bits = gpu.download(&y, rows * cols).unwrap();
+                            bits.iter().map(|b| b.to_f32()).collect()
+                        } else {
+                            let y = gpu.uninit(rows * cols).unwrap();
+                            let out = y.dev().into();
+                            if fused {
+                                assert!(gpu.linear_fused(dims, am, wm, added, out).unwrap());
+                            } else {
+                                gpu.linear_unfused(dims, am, wm, added, out).unwrap();
+                            }
+                            gpu.download(&y, rows * cols).unwrap()
+                        };
+                        for r in 0..rows {
+                            for j in 0..cols {
+                                let mut want: f64 = (0..k)
+                                    .map(|e| a[r * k + e] as f64 * w[e * cols + j] as f64)
+                                    .sum();
+                                if with_bias {
+                                    want += bias[j] as f64;
+                                }
+                                if with_residual {
+                                    want += residual[r * cols + j] as f64;
+                                }
+                                let x = got[r * cols + j] as f64;
+                                // bf16 outputs: one rounding of the sum, and the bias's.
+                                let tol = if bf16_out {
+                                    (want.abs() + bias[j].abs() as f64) / 256.0 + 1e-6
+                                } else {
+                                    1e-5
+                                };
+                                assert!(
+                                    (x - want).abs() <= tol,
+                                    "bf16 operands {bf16_operands}, wᵀ {transposed_w}, bias \
+                                     {with_bias}, residual {with_residual}, bf16 out {bf16_out}, \
+                                     fused {fused} [{r}, {j}]: {x} vs {want}"
+                                );
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 48);
+        let err = gpu.linear(
+            (rows, cols, k),
+            plain(a32.dev(), k),
+            plain(w32.dev(), cols),
+            Added::residual(dr.dev()),
+            gpu.uninit_bf16(rows * cols).unwrap().dev().into(),
+        );
+        assert!(err.unwrap_err().to_string().contains("f32 outputs only"));
+    }
+
+    /// The run-time check passes for every operand and output type, in each precision (on a GPU:
+    /// cuBLASLt has an algorithm for each and gives the unfused products' values).
+    #[test]
+    fn gpu_fused_products_pass_their_check() {
+        let Some(mut gpu) = crate::testing::gpu_device().and_then(|d| Gpu::of(&d)) else {
+            return;
+        };
+        for (tf32, bf16) in [(false, false), (true, false), (false, true)] {
+            (gpu.tf32, gpu.bf16) = (tf32, bf16);
+            for (bf16_operands, bf16_out) in [(false, false), (true, false), (true, true)] {
+                let err = gpu.fused_check(bf16_operands, bf16_out).unwrap();
+                let tol = tolerance(bf16_out);
+                assert!(
+                    err.is_some_and(|e| e < tol),
+                    "tf32 {tf32}, bf16 {bf16}, bf16 operands {bf16_operands}, bf16 out \
+                     {bf16_out}: {err:?} (tolerance {tol})"
+                );
+            }
+        }
+    }
+}
