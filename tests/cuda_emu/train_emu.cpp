@@ -49,6 +49,12 @@ extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* ta
               [&] { cross_entropy(logits, loss, targets, v, sc); });
 }
 
+extern "C" void emu_cross_entropy_bf16(uint16_t* logits, float* loss, const uint32_t* targets,
+                                       int rows, int v, float sc) {
+  emu::launch({unsigned(rows), 1, 1}, {1024, 1, 1}, 0,
+              [&] { cross_entropy_bf16(logits, loss, targets, v, sc); });
+}
+
 extern "C" void emu_column_sums(float* out, const float* src, int n, int cols) {
   emu::launch({unsigned((cols + 31) / 32), 1, 1}, {1024, 1, 1}, 0,
               [&] { column_sums(out, src, n, cols); });

@@ -49,6 +49,7 @@ def train_kernels(tmp_path_factory):
     so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l]
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
+    so.emu_cross_entropy_bf16.argtypes = [u, F32, u, i, i, f]
     so.emu_column_sums.argtypes = [F32, F32, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
@@ -264,6 +265,23 @@ def test_gather_rows_and_cross_entropy_equal_pytorch(train_kernels):
     (want.sum() * sc).backward()
     close(loss, want.detach().numpy(), "cross-entropy", 1e-5)
     close(grad, lt.grad.numpy(), "cross-entropy gradient", 1e-5)
+    # bf16 logits (autocast's output layer makes them so): PyTorch's cross-entropy of their
+    # values in f32, its gradient rounded to bf16 (within one bf16 step: exp and the sums in
+    # another order).
+    l16 = bf16_bits(logits)
+    loss16 = np.full(rows, np.nan, np.float32)
+    train_kernels.emu_cross_entropy_bf16(ctypes.c_void_p(l16.ctypes.data), ptr(loss16),
+                                         targets.ctypes.data, rows, v, sc)
+    lb = torch.from_numpy(bf16_bits(logits).view(np.int16)).view(torch.bfloat16).float().requires_grad_()
+    want = torch.nn.functional.cross_entropy(lb, torch.tensor(targets.astype(np.int64)), reduction="none")
+    (want.sum() * sc).backward()
+    close(loss16, want.detach().numpy(), "bf16 cross-entropy", 1e-5)
+    got = torch.from_numpy(l16.view(np.int16)).view(torch.bfloat16).float().numpy()
+    want_grad = lb.grad.numpy()
+    step = np.abs(want_grad) * 2.0**-7 + 1e-12
+    assert (np.abs(got - want_grad) <= step).all(), "bf16 cross-entropy gradient"
+    same = (l16 == bf16_bits(want_grad)).mean()
+    assert same > 0.99, f"bf16 cross-entropy gradient: {same:.4f} of the elements rounded as PyTorch's"
 
 
 def test_layer_norm_equals_pytorch(train_kernels):

@@ -1297,24 +1297,26 @@ impl Gpu {
         self.launch_rows("softmax_causal_bwd", rows, &args, 12 * rows * t)
     }
 
-    /// Cross-entropy of logits [rows, v] against targets; the logits become the gradient times
-    /// `sc`, loss[r] the row's loss. Targets must be < v (checked by the caller).
+    /// Cross-entropy of logits [rows, v] (f32, or bf16) against targets; the logits become the
+    /// gradient times `sc` (rounded to bf16 for bf16 logits), loss[r] the row's loss (f32,
+    /// from a softmax in f32). Targets must be < v (checked by the caller).
     pub fn cross_entropy(
         &self,
-        logits: Dev<f32>,
+        logits: Data,
         loss: Dev<f32>,
         targets: Dev<u32>,
         (rows, v): (usize, usize),
         sc: f32,
     ) -> Result<()> {
+        let (ptr, name, size) = logits.output(rows * v, "cross_entropy logits", "cross_entropy")?;
         let args = [
-            Arg::P(logits.need(rows * v, "cross_entropy logits")?),
+            Arg::P(ptr),
             Arg::P(loss.need(rows, "cross_entropy loss")?),
             Arg::P(targets.need(rows, "cross_entropy targets")?),
             Arg::I(int(v)?),
             Arg::F(sc),
         ];
-        self.launch("cross_entropy", (rows as u32, 1024), &args, 8 * rows * v)
+        self.launch(&name, (rows as u32, 1024), &args, 2 * size * rows * v)
     }
 
     /// AdamW over every parameter in one launch (a block per `OPT_CHUNK` elements), in place:
@@ -1558,8 +1560,8 @@ mod tests {
         }
     }
 
-    /// The kernels that write bf16 operands (norms, activations, `to_bf16`) give their f32
-    /// kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
+    /// The kernels that write bf16 operands (norms, activations, `to_bf16`, the cross-entropy's
+    /// gradient of bf16 logits) give their f32 kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
     /// instantiations may contract their arithmetic differently).
     #[test]
     fn gpu_bf16_outputs_are_the_f32_outputs_rounded() {
@@ -1582,6 +1584,14 @@ mod tests {
             .upload(&x.iter().rev().copied().collect::<Vec<_>>())
             .unwrap();
         let stats = gpu.uninit(2 * n).unwrap();
+        // Logits of bf16 values for the cross-entropy (its f32 kernel on the values its bf16
+        // kernel reads), a target per row.
+        let rounded: Vec<f32> = x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect();
+        let dxr = gpu.upload(&rounded).unwrap();
+        let targets = gpu
+            .upload_u32(&(0..n as u32).map(|r| r * 13 % c as u32).collect::<Vec<_>>())
+            .unwrap();
+        let losses = gpu.uninit(n).unwrap();
         type Kernel<'a> = Box<dyn Fn(Data) -> Result<()> + 'a>;
         let kernels: Vec<(&str, Kernel)> = vec![
             (
@@ -1606,6 +1616,16 @@ mod tests {
                 Box::new(|o| match o {
                     Data::F32(o) => gpu.copy(o, dx.dev(), len),
                     Data::Bf16(o) => gpu.to_bf16(o, dx.dev(), len),
+                }),
+            ),
+            (
+                "cross_entropy",
+                Box::new(|o| {
+                    match o {
+                        Data::F32(o) => gpu.copy(o, dxr.dev(), len)?,
+                        Data::Bf16(o) => gpu.to_bf16(o, dx.dev(), len)?,
+                    }
+                    gpu.cross_entropy(o, losses.dev(), targets.dev(), (n, c), 0.5)
                 }),
             ),
         ];

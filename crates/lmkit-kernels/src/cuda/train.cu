@@ -14,13 +14,19 @@
 __device__ __forceinline__ uint16_t bf16_bits(float v) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
+// The value of bf16 bits.
+__device__ __forceinline__ float bf16_value(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 #else
 inline uint16_t bf16_bits(float v) { return emu_bf16(v); }
+inline float bf16_value(uint16_t b) { return emu_from_bf16(b); }
 #endif
 
 // An output element: f32, or bf16 bits.
 __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 __device__ __forceinline__ void put(uint16_t* p, float v) { *p = bf16_bits(v); }
+// An input element: f32, or bf16 bits.
+__device__ __forceinline__ float get(const float* p) { return *p; }
+__device__ __forceinline__ float get(const uint16_t* p) { return bf16_value(*p); }
 
 #define WARP 32
 
@@ -350,27 +356,39 @@ extern "C" __global__ void softmax_causal_bwd(float* dp, const float* p, int64_t
 
 // Cross-entropy of each row of logits [rows, v] against its target, the logits replaced by the
 // loss's gradient times `sc` (softmax − one-hot); loss[r] = logsumexp − logit[target]. One block
-// per row.
-extern "C" __global__ void cross_entropy(float* logits, float* loss, const uint32_t* targets,
-                                         int v, float sc) {
+// per row. The logits f32, or bf16 (cross_entropy_bf16: as autocast's bf16 output layer gives
+// them; the softmax in f32, the gradient rounded to bf16 in their place).
+template <class T>
+__device__ void cross_entropy_row(T* logits, float* loss, const uint32_t* targets, int v,
+                                  float sc) {
     __shared__ float shared[WARP];
     int64_t row = blockIdx.x;
-    float* r = logits + row * v;
+    T* r = logits + row * v;
     float mx = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, r[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, get(&r[j]));
     mx = block_max(mx, shared);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(r[j] - mx);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += __expf(get(&r[j]) - mx);
     s = block_sum(s, shared);
     int y = targets[row];
-    float target_logit = r[y];
+    float target_logit = get(&r[y]);
     __syncthreads();
     float inv = 1.0f / s;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float q = __expf(r[j] - mx) * inv;
-        r[j] = (q - (j == y ? 1.0f : 0.0f)) * sc;
+        float q = __expf(get(&r[j]) - mx) * inv;
+        put(&r[j], (q - (j == y ? 1.0f : 0.0f)) * sc);
     }
     if (threadIdx.x == 0) loss[row] = logf(s) + mx - target_logit;
+}
+
+extern "C" __global__ void cross_entropy(float* logits, float* loss, const uint32_t* targets,
+                                         int v, float sc) {
+    cross_entropy_row(logits, loss, targets, v, sc);
+}
+
+extern "C" __global__ void cross_entropy_bf16(uint16_t* logits, float* loss,
+                                              const uint32_t* targets, int v, float sc) {
+    cross_entropy_row(logits, loss, targets, v, sc);
 }
 
 // out[j] = Σ_r src[r·cols + j] over the n rows (the gradient of a bias or a norm's weight): a

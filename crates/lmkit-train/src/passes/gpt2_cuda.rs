@@ -234,8 +234,9 @@ pub(super) fn column_sums(gpu: &Gpu, src: Dev<f32>, n: usize, cols: usize) -> Re
 
 /// The output layer and the mean cross-entropy of the hidden states `hf` [n, c] against
 /// `targets`, a chunk of rows at a time: the logits (`hf · lmᵀ`, lm [v, c]) become their gradient
-/// in place (rounded to bf16 for the products where `hf` and `lm` are bf16), then give the hidden
-/// states' and the output weights' gradients (times `scale`): (loss, dhf [n, c], dlm [v, c]).
+/// in place, then give the hidden states' and the output weights' gradients (times `scale`):
+/// (loss, dhf [n, c], dlm [v, c]). Where `hf` and `lm` are bf16 the logits are made in bf16, as
+/// autocast's output layer makes them (the softmax in f32, the gradient rounded to bf16).
 pub(super) fn output_loss(
     gpu: &Gpu,
     hf: Data,
@@ -246,34 +247,26 @@ pub(super) fn output_loss(
 ) -> Result<(f64, Buf<f32>, Buf<f32>)> {
     let sc = (scale / n as f64) as f32;
     let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
-    let logits = gpu.uninit(chunk * v)?;
+    let logits = if lm.is_bf16() {
+        Stored::Bf16(gpu.uninit_bf16(chunk * v)?)
+    } else {
+        Stored::F32(gpu.uninit(chunk * v)?)
+    };
+    let lg = logits.data();
     let losses = gpu.uninit(n)?;
     let dhf = gpu.uninit(n * c)?;
     let dlm = gpu.uninit(v * c)?;
-    let logits16 = if lm.is_bf16() {
-        Some(gpu.uninit_bf16(chunk * v)?)
-    } else {
-        None
-    };
     for r0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - r0);
         let hc = hf.at(r0 * c)?;
-        let lg = logits.dev();
-        gpu.set_product(
+        gpu.linear(
             (rows, v, c),
             plain(hc, c),
             transposed(lm, c),
-            (lg, v),
-            Batched::ONE,
+            Added::default(),
+            lg,
         )?;
         gpu.cross_entropy(lg, losses.dev().at(r0)?, targets.at(r0)?, (rows, v), sc)?;
-        let lg: Data = match &logits16 {
-            Some(b) => {
-                gpu.to_bf16(b.dev(), lg, rows * v)?;
-                b.dev().into()
-            }
-            None => lg.into(),
-        };
         gpu.set_product(
             (rows, c, v),
             plain(lg, v),
@@ -291,7 +284,7 @@ pub(super) fn output_loss(
             Batched::ONE,
         )?;
     }
-    drop((logits, logits16));
+    drop(logits);
     // Row losses summed in order on the host: the same total every run.
     let loss = gpu
         .download(&losses, n)?
@@ -1005,11 +998,13 @@ pub(crate) mod tests {
         // kept probabilities' per-head products (f32 q|k|v and probabilities, rounded by cuBLAS).
         lmkit_kernels::cuda::set_bf16_products(true);
         let names = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
-        // The biases and residuals added by the products' epilogue, q|k|v written in bf16.
+        // The biases and residuals added by the products' epilogue, q|k|v and the logits written
+        // in bf16 by their products.
         for fused in [
             "[bias, bf16 out] bf16",
             "[bias, residual] bf16",
             "[bias] bf16",
+            "[bf16 out] bf16",
         ] {
             assert!(names.1.iter().any(|n| n.ends_with(fused)), "{names:?}");
         }
