@@ -397,7 +397,7 @@ impl Gpu {
     /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
     /// row stride `cols`), the bias added by the epilogue (`CUBLASLT_EPILOGUE_BIAS`, a vector of
     /// d's type along d's columns), c read as the product's C with β = 1 (or d as C with β = 0);
-    /// `false` where cuBLASLt has no algorithm for these types and alignments.
+    /// `false` (nothing run) where cuBLASLt refuses the description or has no algorithm for it.
     pub(super) fn gemm_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
@@ -408,11 +408,7 @@ impl Gpu {
         ),
         out: super::linear::Fused,
     ) -> Result<bool> {
-        use cudarc::cublaslt::result as lt;
-        use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
-        use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
-        let fail = || Self::fail("cublasLt");
-        let lt_handle = self.lt()?;
+        let lt = self.lt()?;
         let compute = if bf16_operands {
             lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         } else if self.bf16 {
@@ -422,56 +418,135 @@ impl Gpu {
         } else {
             lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
-        let (f32t, bf16t) = (
-            lt_sys::cudaDataType_t::CUDA_R_32F,
-            lt_sys::cudaDataType_t::CUDA_R_16BF,
-        );
-        let operand_t = if bf16_operands { bf16t } else { f32t };
-        let out_t = if out.bf16_out { bf16t } else { f32t };
-        // Column-major cuBLASLt computes dᵀ = bᵀ·aᵀ (as `gemm`): its A is our b, its B our a, its
-        // D [cols, rows] with leading dimension cols, and the bias runs along its rows, our
-        // columns. A stored matrix's layout is [rows, cols] as stored, before its transposition.
+        let ty = |bf16: bool| {
+            if bf16 {
+                lt_sys::cudaDataType_t::CUDA_R_16BF
+            } else {
+                lt_sys::cudaDataType_t::CUDA_R_32F
+            }
+        };
+        // Column-major cuBLASLt computes dᵀ = bᵀ·aᵀ (as `gemm` does): its A is our b, its B our
+        // a, its D [cols, rows] with leading dimension cols, and the bias runs along its rows,
+        // our columns. A layout is the stored matrix's [rows, cols], before its transposition.
         let stored = |t: bool, r: usize, c: usize| if t { (c, r) } else { (r, c) };
-        let (b_r, b_c) = stored(tb, cols, k);
-        let (a_r, a_c) = stored(ta, k, rows);
-        struct Layouts(Vec<lt_sys::cublasLtMatrixLayout_t>);
-        impl Drop for Layouts {
-            fn drop(&mut self) {
-                for &l in &self.0 {
-                    // SAFETY: each layout was made by `create_matrix_layout` and is freed once.
-                    let _ = unsafe { cudarc::cublaslt::result::destroy_matrix_layout(l) };
-                }
-            }
+        let plan = LtPlan {
+            compute,
+            trans: (tb, ta),
+            layouts: [
+                (ty(bf16_operands), stored(tb, cols, k), ldb),
+                (ty(bf16_operands), stored(ta, k, rows), lda),
+                (ty(out.bf16_out), (cols, rows), cols),
+            ],
+            bias: out.bias,
+            // The largest power of two up to 256 dividing each address: the alignment cuBLASLt
+            // may assume of A, B, C and D.
+            align: [pb, pa, out.c.unwrap_or(out.d), out.d].map(|p| 1 << p.trailing_zeros().min(8)),
+            workspace: lt.workspace.len(),
+        };
+        let Ok(ready) = plan.make(lt.handle) else {
+            return Ok(false);
+        };
+        let workspace = {
+            let stream = self.hw.dev.cuda_stream();
+            let (addr, _sync) = lt.workspace.device_ptr(&stream);
+            addr
+        };
+        let (alpha, beta) = (1f32, if out.c.is_some() { 1f32 } else { 0f32 });
+        let l = &ready.layouts.0;
+        // SAFETY: the description, layouts and algorithm were made for these operands; a, b, c,
+        // d and the bias are live device buffers whose lengths the caller checked; the workspace
+        // lives as long as the handle; candle's stream for this device orders the product with
+        // the pass's other work.
+        unsafe {
+            cudarc::cublaslt::result::matmul(
+                lt.handle,
+                ready.desc.0,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                pb as *const _,
+                l[0],
+                pa as *const _,
+                l[1],
+                out.c.unwrap_or(out.d) as *const _,
+                l[2],
+                out.d as *mut _,
+                l[2],
+                &ready.algo,
+                workspace as *mut _,
+                lt.workspace.len(),
+                self.hw.dev.cuda_stream().cu_stream() as *mut _,
+            )
         }
-        let mut layouts = Layouts(Vec::new());
-        for (ty, r, c, ld) in [
-            (operand_t, b_r, b_c, ldb),
-            (operand_t, a_r, a_c, lda),
-            (out_t, cols, rows, cols),
-        ] {
-            let l = lt::create_matrix_layout(ty, r as u64, c as u64, ld as i64).map_err(fail())?;
-            layouts.0.push(l);
+        .map_err(Self::fail("cublasLt matmul"))?;
+        Ok(true)
+    }
+}
+
+/// What a cuBLASLt product is described by: compute type, (A, B) transposed, A/B/C=D layouts
+/// (type, [rows, cols] as stored, leading dimension), the bias epilogue's vector, the
+/// alignments of A, B, C and D, and the workspace it may use.
+struct LtPlan {
+    compute: lt_sys::cublasComputeType_t,
+    trans: (bool, bool),
+    layouts: [(lt_sys::cudaDataType_t, (usize, usize), usize); 3],
+    bias: Option<u64>,
+    align: [u32; 4],
+    workspace: usize,
+}
+
+/// A described product and the algorithm cuBLASLt's heuristic chose for it.
+struct LtReady {
+    desc: LtDesc,
+    layouts: LtLayouts,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+struct LtDesc(lt_sys::cublasLtMatmulDesc_t);
+struct LtLayouts(Vec<lt_sys::cublasLtMatrixLayout_t>);
+struct LtPref(lt_sys::cublasLtMatmulPreference_t);
+
+// SAFETY (the three `Drop`s): each handle was made by its `create_` function and is freed once,
+// after the product that used it was enqueued (cuBLASLt copies what it needs at the call).
+impl Drop for LtDesc {
+    fn drop(&mut self) {
+        let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for LtLayouts {
+    fn drop(&mut self) {
+        for &l in &self.0 {
+            let _ = unsafe { cudarc::cublaslt::result::destroy_matrix_layout(l) };
         }
-        let layout = layouts.0.clone();
-        let desc = lt::create_matmul_desc(compute, f32t).map_err(fail())?;
-        struct DescGuard(lt_sys::cublasLtMatmulDesc_t);
-        impl Drop for DescGuard {
-            fn drop(&mut self) {
-                // SAFETY: made by `create_matmul_desc`, freed once.
-                let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_desc(self.0) };
-            }
+    }
+}
+impl Drop for LtPref {
+    fn drop(&mut self) {
+        let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_pref(self.0) };
+    }
+}
+
+impl LtPlan {
+    /// The description, layouts and heuristic's algorithm; an error where cuBLASLt refuses any
+    /// of them or has no algorithm.
+    fn make(
+        &self,
+        handle: lt_sys::cublasLtHandle_t,
+    ) -> std::result::Result<LtReady, cudarc::cublaslt::result::CublasError> {
+        use cudarc::cublaslt::result as lt;
+        use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let mut layouts = LtLayouts(Vec::new());
+        for (ty, (r, c), ld) in self.layouts {
+            layouts
+                .0
+                .push(lt::create_matrix_layout(ty, r as u64, c as u64, ld as i64)?);
         }
-        let desc = DescGuard(desc);
-        let pref = lt::create_matmul_pref().map_err(fail())?;
-        struct PrefGuard(lt_sys::cublasLtMatmulPreference_t);
-        impl Drop for PrefGuard {
-            fn drop(&mut self) {
-                // SAFETY: made by `create_matmul_pref`, freed once.
-                let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_pref(self.0) };
-            }
-        }
-        let pref = PrefGuard(pref);
-        // TRANSA/TRANSB are int32 `cublasOperation_t`s.
+        let desc = LtDesc(lt::create_matmul_desc(
+            self.compute,
+            lt_sys::cudaDataType_t::CUDA_R_32F,
+        )?);
+        let pref = LtPref(lt::create_matmul_pref()?);
+        // TRANSA/TRANSB are int32 `cublasOperation_t`s, the epilogue a uint32.
         let op = |t: bool| -> i32 {
             if t {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_T as i32
@@ -479,114 +554,68 @@ impl Gpu {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_N as i32
             }
         };
-        let (op_a, op_b) = (op(tb), op(ta));
-        let epilogue = if out.bias.is_some() {
+        let (op_a, op_b) = (op(self.trans.0), op(self.trans.1));
+        let epilogue = if self.bias.is_some() {
             lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
             lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
-        };
-        let bias_ptr = out.bias.unwrap_or(0);
-        let workspace_len = lt_handle.workspace.len();
-        let workspace = {
-            let stream = self.hw.dev.cuda_stream();
-            let (addr, _sync) = lt_handle.workspace.device_ptr(&stream);
-            addr
-        };
-        // The largest power of two up to 256 dividing an address: the alignment cuBLASLt may
-        // assume of it.
-        let align = |p: u64| -> u32 { 1 << p.trailing_zeros().min(8) };
-        let c_ptr = out.c.unwrap_or(out.d);
-        let beta: f32 = if out.c.is_some() { 1.0 } else { 0.0 };
-        let alpha: f32 = 1.0;
-        // SAFETY: every attribute is given a pointer to a value of the type cuBLASLt documents
+        } as u32;
+        let workspace = self.workspace as u64;
+        // SAFETY: every attribute gets a pointer to a live value of the size cuBLASLt documents
         // for it (int32 operations, uint32 epilogue and alignments, uint64 workspace size, a
-        // device pointer for the bias); the operands, c, d and the bias are live device buffers
-        // whose lengths the caller checked; the workspace lives as long as the handle; all on
-        // candle's stream for this device.
+        // 64-bit device address for the bias), read during the call.
         unsafe {
             let set = |attr: Desc, v: *const std::ffi::c_void, size: usize| {
                 lt::set_matmul_desc_attribute(desc.0, attr, v, size)
             };
             set(
                 Desc::CUBLASLT_MATMUL_DESC_TRANSA,
-                &op_a as *const _ as *const _,
+                &op_a as *const i32 as _,
                 4,
-            )
-            .map_err(fail())?;
+            )?;
             set(
                 Desc::CUBLASLT_MATMUL_DESC_TRANSB,
-                &op_b as *const _ as *const _,
+                &op_b as *const i32 as _,
                 4,
-            )
-            .map_err(fail())?;
+            )?;
             set(
                 Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &epilogue as *const _ as *const _,
+                &epilogue as *const u32 as _,
                 4,
-            )
-            .map_err(fail())?;
-            if out.bias.is_some() {
+            )?;
+            if let Some(bias) = &self.bias {
                 set(
                     Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &bias_ptr as *const u64 as *const _,
+                    bias as *const u64 as _,
                     8,
-                )
-                .map_err(fail())?;
+                )?;
             }
-            let size = workspace_len as u64;
-            lt::set_matmul_pref_attribute(
-                pref.0,
-                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &size as *const u64 as *const _,
-                8,
-            )
-            .map_err(fail())?;
-            for (attr, p) in [
-                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, pb),
-                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, pa),
-                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c_ptr),
-                (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, out.d),
-            ] {
-                let a = align(p);
-                lt::set_matmul_pref_attribute(pref.0, attr, &a as *const u32 as *const _, 4)
-                    .map_err(fail())?;
-            }
-            let heuristic = match lt::get_matmul_algo_heuristic(
-                lt_handle.handle,
-                desc.0,
-                layout[0],
-                layout[1],
-                layout[2],
-                layout[2],
-                pref.0,
-            ) {
-                Ok(h) => h,
-                Err(lt::CublasError(lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                    return Ok(false)
-                }
-                Err(e) => return Err(fail()(e)),
+            let pref_set = |attr: Pref, v: *const std::ffi::c_void, size: usize| {
+                lt::set_matmul_pref_attribute(pref.0, attr, v, size)
             };
-            lt::matmul(
-                lt_handle.handle,
-                desc.0,
-                &alpha as *const f32 as *const _,
-                &beta as *const f32 as *const _,
-                pb as *const _,
-                layout[0],
-                pa as *const _,
-                layout[1],
-                c_ptr as *const _,
-                layout[2],
-                out.d as *mut _,
-                layout[2],
-                &heuristic.algo,
-                workspace as *mut _,
-                workspace_len,
-                self.hw.dev.cuda_stream().cu_stream() as *mut _,
-            )
-            .map_err(fail())?;
+            pref_set(
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &workspace as *const u64 as _,
+                8,
+            )?;
+            let aligns = [
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ];
+            for (attr, a) in aligns.into_iter().zip(&self.align) {
+                pref_set(attr, a as *const u32 as _, 4)?;
+            }
+            let l = &layouts.0;
+            let heuristic =
+                lt::get_matmul_algo_heuristic(handle, desc.0, l[0], l[1], l[2], l[2], pref.0)?;
+            Ok(LtReady {
+                desc,
+                layouts,
+                algo: heuristic.algo,
+            })
         }
-        Ok(true)
     }
 }
 
