@@ -86,12 +86,15 @@ PY
 fi
 
 # A GPT-2-small-shaped training run (12 layers, 768 dims, context 1024, batch 8) on the GPU: RUN is
-# flash, materialized (the kept [t, t] probabilities) or flash-bf16 (train.dtype = "bf16").
+# flash, materialized (the kept [t, t] probabilities) or flash-bf16 (train.dtype = "bf16"), with
+# -unfused: the biases and residuals written before the products (LMKIT_CUDA_EPILOGUE=0).
 #   gpt2_small RUN STEPS OUT_DIR
 gpt2_small() {
-  local att="${1%-bf16}" dtype=f32
-  [ "$1" = flash-bf16 ] && dtype=bf16
-  LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+  local run="${1%-unfused}" epilogue=1
+  [ "$run" != "$1" ] && epilogue=0
+  local att="${run%-bf16}" dtype=f32
+  [ "$run" = flash-bf16 ] && dtype=bf16
+  LMKIT_CUDA_EPILOGUE=$epilogue LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
     --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
     --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
     --set train.seq_len=1024 --set train.batch_size=8 --set "train.max_steps=$2" --set train.log_every=1 \
@@ -112,7 +115,7 @@ fi
 
 if want attention; then
 echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products), and bf16 products"
-for run in flash materialized flash-bf16; do
+for run in flash materialized flash-bf16 flash-bf16-unfused; do
   LMKIT_CUDA_TIMING=1 gpt2_small "$run" 8 "$tmp/att-$run" 2>"$out/attention-$run.log" \
     || failed+=("attention $run")
   echo "$run:"; grep "cuda pass" "$out/attention-$run.log" | tail -3
@@ -120,10 +123,10 @@ done
 "$py" - "$tmp" <<'PY'
 import json, sys
 runs = {a: {r["step"]: r for r in map(json.loads, open(f"{sys.argv[1]}/att-{a}/metrics.jsonl"))
-            if "loss" in r and "step" in r} for a in ("flash", "materialized", "flash-bf16")}
+            if "loss" in r and "step" in r} for a in ("flash", "materialized", "flash-bf16", "flash-bf16-unfused")}
 ref = runs["materialized"]
 bad = []
-for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2)):
+for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2), ("flash-bf16-unfused", 5e-2)):
     both = sorted(set(runs[a]) & set(ref))
     worst = max((abs(runs[a][s]["loss"] - ref[s]["loss"]) for s in both), default=float("inf"))
     print(f"{a}: losses {[round(runs[a][s]['loss'], 4) for s in both]} vs {[round(ref[s]['loss'], 4) for s in both]}"
@@ -142,7 +145,7 @@ PY
 import re, statistics, sys, time
 import torch
 out = sys.argv[1]
-for run in ("flash", "materialized", "flash-bf16"):
+for run in ("flash", "materialized", "flash-bf16", "flash-bf16-unfused"):
     try:
         log = open(f"{out}/attention-{run}.log").read()
     except FileNotFoundError:
