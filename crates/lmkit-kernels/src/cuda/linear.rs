@@ -325,30 +325,11 @@ impl Gpu {
         ];
         let mut worst = 0f64;
         for (a, w, added) in cases {
-            let out = |fused: bool| -> Result<Option<Vec<f32>>> {
-                let y = self.uninit(rows * cols)?;
-                if bf16_out {
-                    let y16 = self.uninit_bf16(rows * cols)?;
-                    if fused {
-                        if !self.linear_fused((rows, cols, k), a, w, added, y16.dev().into())? {
-                            return Ok(None);
-                        }
-                    } else {
-                        self.linear_unfused((rows, cols, k), a, w, added, y16.dev().into())?;
-                    }
-                    let bits = self.download(&y16, rows * cols)?;
-                    return Ok(Some(bits.iter().map(|b| b.to_f32()).collect()));
-                }
-                if fused {
-                    if !self.linear_fused((rows, cols, k), a, w, added, y.dev().into())? {
-                        return Ok(None);
-                    }
-                } else {
-                    self.linear_unfused((rows, cols, k), a, w, added, y.dev().into())?;
-                }
-                Ok(Some(self.download(&y, rows * cols)?))
-            };
-            let (Some(f), Some(u)) = (out(true)?, out(false)?) else {
+            let dims = (rows, cols, k);
+            let (Some(f), Some(u)) = (
+                self.linear_values(dims, (a, w), added, (bf16_out, true))?,
+                self.linear_values(dims, (a, w), added, (bf16_out, false))?,
+            ) else {
                 return Ok(None);
             };
             let scale = u.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
@@ -363,6 +344,41 @@ impl Gpu {
             }
         }
         Ok(Some(worst))
+    }
+
+    /// [`Gpu::linear`], fused or not (`fused`), into a new output (bf16 or f32: `bf16_out`), as
+    /// f32 values; `None` where the fused product has no cuBLASLt algorithm.
+    fn linear_values(
+        &self,
+        (rows, cols, k): (usize, usize, usize),
+        (a, w): (Mat, Mat),
+        added: Added,
+        (bf16_out, fused): (bool, bool),
+    ) -> Result<Option<Vec<f32>>> {
+        let len = rows * cols;
+        let (f32_out, bf16_out) = if bf16_out {
+            (None, Some(self.uninit_bf16(len)?))
+        } else {
+            (Some(self.uninit(len)?), None)
+        };
+        let y: Data = match (&f32_out, &bf16_out) {
+            (Some(y), _) => y.dev().into(),
+            (_, Some(y)) => y.dev().into(),
+            _ => unreachable!("one output made"),
+        };
+        let dims = (rows, cols, k);
+        if fused {
+            if !self.linear_fused(dims, a, w, added, y)? {
+                return Ok(None);
+            }
+        } else {
+            self.linear_unfused(dims, a, w, added, y)?;
+        }
+        Ok(Some(match (f32_out, bf16_out) {
+            (Some(y), _) => self.download(&y, len)?,
+            (_, Some(y)) => self.download(&y, len)?.iter().map(|b| b.to_f32()).collect(),
+            _ => unreachable!("one output made"),
+        }))
     }
 }
 
@@ -439,26 +455,10 @@ mod tests {
                             residual: with_residual.then(|| dr.dev()),
                         };
                         let dims = (rows, cols, k);
-                        let got: Vec<f32> = if bf16_out {
-                            let y = gpu.uninit_bf16(rows * cols).unwrap();
-                            let out = y.dev().into();
-                            if fused {
-                                assert!(gpu.linear_fused(dims, am, wm, added, out).unwrap());
-                            } else {
-                                gpu.linear_unfused(dims, am, wm, added, out).unwrap();
-                            }
-                            let bits = gpu.download(&y, rows * cols).unwrap();
-                            bits.iter().map(|b| b.to_f32()).collect()
-                        } else {
-                            let y = gpu.uninit(rows * cols).unwrap();
-                            let out = y.dev().into();
-                            if fused {
-                                assert!(gpu.linear_fused(dims, am, wm, added, out).unwrap());
-                            } else {
-                                gpu.linear_unfused(dims, am, wm, added, out).unwrap();
-                            }
-                            gpu.download(&y, rows * cols).unwrap()
-                        };
+                        let got = gpu
+                            .linear_values(dims, (am, wm), added, (bf16_out, fused))
+                            .unwrap()
+                            .expect("the emulation, and cuBLASLt on a GPU, has an algorithm");
                         for r in 0..rows {
                             for j in 0..cols {
                                 let mut want: f64 = (0..k)

@@ -1009,15 +1009,14 @@ pub(crate) mod tests {
             assert!(names.1.iter().any(|n| n.ends_with(fused)), "{names:?}");
         }
         assert_bf16_throughout(names);
-        // Unfused: the bias and residual written first, q|k|v rounded from f32 scratch.
+        // Unfused (flash, then the kept probabilities): the bias and residual written first, q|k|v
+        // and the logits rounded from f32 scratch.
         lmkit_kernels::cuda::set_fused_epilogues(false);
         let (_, products) = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
         assert!(products.iter().all(|n| !n.contains('[')), "{products:?}");
         super::set_flash_attention(false);
-        compare(false, "gelu_new", true, 2e-2, (4, 45));
+        compare(false, "gelu_new", true, 8e-2, (4, 45));
         lmkit_kernels::cuda::set_fused_epilogues(true);
-        super::set_flash_attention(true);
-        super::set_flash_attention(false);
         let (_, names) = op_names(|| compare(false, "gelu_new", true, 8e-2, (4, 45)));
         let (bf16, other): (Vec<_>, Vec<_>) = names.iter().partition(|n| n.ends_with(" bf16"));
         assert!(bf16.len() >= 8, "{names:?}");
