@@ -116,6 +116,29 @@ impl Gpu {
         }
     }
 
+    /// An allocation's error: running out of memory says how large the allocation was and what
+    /// needs less.
+    fn alloc_fail(
+        &self,
+        bytes: usize,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> candle_core::Error + '_ {
+        move |e| {
+            use cudarc::driver::sys::CUresult;
+            if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                candle_core::Error::Msg(format!(
+                    "cuda: out of memory on GPU {} allocating {:.1} MiB; a smaller \
+                     train.batch_size (with train.grad_accum for the same batch) or \
+                     train.seq_len, train.dtype = \"bf16\" or LMKIT_CUDA_ATTENTION=flash \
+                     needs less",
+                    self.ordinal(),
+                    bytes as f64 / (1 << 20) as f64
+                ))
+            } else {
+                Self::fail("alloc")(e)
+            }
+        }
+    }
+
     /// `len` zeros.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
         let s = self
@@ -123,7 +146,7 @@ impl Gpu {
             .dev
             .cuda_stream()
             .alloc_zeros::<T>(len.max(1))
-            .map_err(Self::fail("alloc"))?;
+            .map_err(self.alloc_fail(len * std::mem::size_of::<T>()))?;
         Ok(self.buf(s))
     }
 
@@ -132,7 +155,7 @@ impl Gpu {
         // SAFETY: the buffer is only read by kernels and products after they have written it
         // (each pass writes every element of its scratch buffers first).
         let s = unsafe { self.hw.dev.cuda_stream().alloc::<f32>(len.max(1)) }
-            .map_err(Self::fail("alloc"))?;
+            .map_err(self.alloc_fail(4 * len))?;
         Ok(self.buf(s))
     }
 
@@ -140,7 +163,7 @@ impl Gpu {
     pub fn uninit_bf16(&self, len: usize) -> Result<Buf<Bf16>> {
         // SAFETY: as for `uninit`: written by a kernel before anything reads it.
         let s = unsafe { self.hw.dev.cuda_stream().alloc::<Bf16>(len.max(1)) }
-            .map_err(Self::fail("alloc"))?;
+            .map_err(self.alloc_fail(2 * len))?;
         Ok(self.buf(s))
     }
 
@@ -150,7 +173,7 @@ impl Gpu {
             .dev
             .cuda_stream()
             .clone_htod(data)
-            .map_err(Self::fail("upload"))?;
+            .map_err(self.alloc_fail(std::mem::size_of_val(data)))?;
         Ok(self.buf(s))
     }
 
@@ -389,7 +412,7 @@ impl Gpu {
         let workspace = unsafe { self.hw.dev.cuda_stream().alloc::<u8>(size) };
         let lt = Lt {
             handle,
-            workspace: workspace.map_err(Self::fail("alloc"))?,
+            workspace: workspace.map_err(self.alloc_fail(size))?,
         };
         Ok(self.hw.lt.get_or_init(|| lt))
     }
