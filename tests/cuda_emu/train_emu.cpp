@@ -40,7 +40,7 @@ extern "C" void emu_swiglu_fwd(float* g, const float* gate, const float* up, int
 }
 
 extern "C" void emu_swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
-  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_bwd(gate, up, dg, len); });
+  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_bwd(gate, up, gate, up, dg, len); });
 }
 
 extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* targets, int rows,

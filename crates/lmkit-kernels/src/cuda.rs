@@ -1186,15 +1186,29 @@ impl Gpu {
         self.launch_elements(&name, len, &args, (8 + size) * len)
     }
 
-    /// SwiGLU's backward in place: gate becomes dgate and up dup, from dg.
-    pub fn swiglu_bwd(&self, gate: Dev<f32>, up: Dev<f32>, dg: Dev<f32>, len: usize) -> Result<()> {
+    /// SwiGLU's backward from dg and the forward's gate and up: into `grads` (dgate, dup), f32
+    /// (which may be gate and up themselves) or bf16.
+    pub fn swiglu_bwd(
+        &self,
+        grads: (Data, Data),
+        gate: Dev<f32>,
+        up: Dev<f32>,
+        dg: Dev<f32>,
+        len: usize,
+    ) -> Result<()> {
+        if grads.0.is_bf16() != grads.1.is_bf16() {
+            candle_core::bail!("cuda swiglu_bwd: dgate and dup of one type");
+        }
+        let (pgate, name, size) = grads.0.output(len, "swiglu_bwd dgate", "swiglu_bwd")?;
         let args = [
+            Arg::P(pgate),
+            Arg::P(grads.1.need(len, "swiglu_bwd dup")?),
             Arg::P(gate.need(len, "swiglu_bwd gate")?),
             Arg::P(up.need(len, "swiglu_bwd up")?),
             Arg::P(dg.need(len, "swiglu_bwd dg")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements("swiglu_bwd", len, &args, 20 * len)
+        self.launch_elements(&name, len, &args, (12 + 2 * size) * len)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU (out f32, or bf16).
@@ -1249,22 +1263,29 @@ impl Gpu {
         })
     }
 
+    /// The activation's backward: dh (which may be dg) from dg and the forward's input h; with
+    /// `dh16`, dh rounded to bf16 too (the products' operand).
     pub fn act_bwd(
         &self,
         gelu: bool,
-        dh: Dev<f32>,
+        (dh, dh16): (Dev<f32>, Option<Dev<Bf16>>),
         h: Dev<f32>,
         dg: Dev<f32>,
         len: usize,
     ) -> Result<()> {
         let args = [
             Arg::P(dh.need(len, "act_bwd dh")?),
+            Arg::P(match dh16 {
+                Some(d) => d.need(len, "act_bwd dh16")?,
+                None => 0,
+            }),
             Arg::P(h.need(len, "act_bwd h")?),
             Arg::P(dg.need(len, "act_bwd dg")?),
             Arg::L(len as i64),
         ];
         let name = if gelu { "gelu_bwd" } else { "relu_bwd" };
-        self.launch_elements(name, len, &args, 12 * len)
+        let bytes = (12 + if dh16.is_some() { 2 } else { 0 }) * len;
+        self.launch_elements(name, len, &args, bytes)
     }
 
     /// Causal softmax in place over `rows` rows of length t (rows of [groups, t, t]).
@@ -1560,8 +1581,8 @@ mod tests {
         }
     }
 
-    /// The kernels that write bf16 operands (norms, activations, `to_bf16`, the cross-entropy's
-    /// gradient of bf16 logits) give their f32 kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
+    /// The kernels that write bf16 operands (norms, activations and their gradients, `to_bf16`,
+    /// the cross-entropy's gradient of bf16 logits) give their f32 kernels' outputs rounded to nearest even (within one bf16 step: on a GPU the two
     /// instantiations may contract their arithmetic differently).
     #[test]
     fn gpu_bf16_outputs_are_the_f32_outputs_rounded() {
@@ -1592,6 +1613,8 @@ mod tests {
             .upload_u32(&(0..n as u32).map(|r| r * 13 % c as u32).collect::<Vec<_>>())
             .unwrap();
         let losses = gpu.uninit(n).unwrap();
+        // The backward kernels' other output.
+        let (scratch, scratch16) = (gpu.uninit(len).unwrap(), gpu.uninit_bf16(len).unwrap());
         type Kernel<'a> = Box<dyn Fn(Data) -> Result<()> + 'a>;
         let kernels: Vec<(&str, Kernel)> = vec![
             (
@@ -1616,6 +1639,46 @@ mod tests {
                 Box::new(|o| match o {
                     Data::F32(o) => gpu.copy(o, dx.dev(), len),
                     Data::Bf16(o) => gpu.to_bf16(o, dx.dev(), len),
+                }),
+            ),
+            (
+                "gelu_bwd",
+                Box::new(|o| match o {
+                    Data::F32(o) => gpu.act_bwd(true, (o, None), dx.dev(), up.dev(), len),
+                    Data::Bf16(o) => {
+                        let (dh, h, dg) = (scratch.dev(), dx.dev(), up.dev());
+                        gpu.act_bwd(true, (dh, Some(o)), h, dg, len)
+                    }
+                }),
+            ),
+            (
+                "relu_bwd",
+                Box::new(|o| match o {
+                    Data::F32(o) => gpu.act_bwd(false, (o, None), dx.dev(), up.dev(), len),
+                    Data::Bf16(o) => {
+                        let (dh, h, dg) = (scratch.dev(), dx.dev(), up.dev());
+                        gpu.act_bwd(false, (dh, Some(o)), h, dg, len)
+                    }
+                }),
+            ),
+            (
+                "swiglu_bwd dgate",
+                Box::new(|o| {
+                    let other = match o {
+                        Data::F32(_) => scratch.dev().into(),
+                        Data::Bf16(_) => scratch16.dev().into(),
+                    };
+                    gpu.swiglu_bwd((o, other), dx.dev(), up.dev(), dxr.dev(), len)
+                }),
+            ),
+            (
+                "swiglu_bwd dup",
+                Box::new(|o| {
+                    let other = match o {
+                        Data::F32(_) => scratch.dev().into(),
+                        Data::Bf16(_) => scratch16.dev().into(),
+                    };
+                    gpu.swiglu_bwd((other, o), dx.dev(), up.dev(), dxr.dev(), len)
                 }),
             ),
             (

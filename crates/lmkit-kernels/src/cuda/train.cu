@@ -254,13 +254,27 @@ extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const
   swiglu_elements(g, gate, up, len);
 }
 
-extern "C" __global__ void swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
+// SwiGLU's backward: dgate and dup from dg and the forward's gate and up (in their place for
+// f32 gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers).
+template <class O>
+__device__ void swiglu_bwd_elements(O* dgate, O* dup, const float* gate, const float* up,
+                                    const float* dg, int64_t len) {
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= len) return;
   float x = gate[i], u = up[i], d = dg[i];
   float sg = 1.0f / (1.0f + __expf(-x));
-  gate[i] = d * u * sg * (1.0f + x * (1.0f - sg));
-  up[i] = d * x * sg;
+  put(&dgate[i], d * u * sg * (1.0f + x * (1.0f - sg)));
+  put(&dup[i], d * x * sg);
+}
+
+extern "C" __global__ void swiglu_bwd(float* dgate, float* dup, const float* gate,
+                                      const float* up, const float* dg, int64_t len) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
+}
+
+extern "C" __global__ void swiglu_bwd_bf16(uint16_t* dgate, uint16_t* dup, const float* gate,
+                                           const float* up, const float* dg, int64_t len) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
 }
 
 // GELU, tanh approximation (gelu_new), and its derivative.
@@ -281,14 +295,19 @@ extern "C" __global__ void gelu_fwd_bf16(uint16_t* out, const float* h, int64_t 
     gelu_elements(out, h, len);
 }
 
-extern "C" __global__ void gelu_bwd(float* dh, const float* h, const float* dg, int64_t len) {
+// The activations' backward: dh from dg (dh may be dg) and the forward's input h; with dh16
+// (not null) also dh rounded to bf16, the products' operand.
+extern "C" __global__ void gelu_bwd(float* dh, uint16_t* dh16, const float* h, const float* dg,
+                                    int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
     float x = h[i];
     float u = GELU_K * (x + 0.044715f * x * x * x);
     float th = tanhf(u);
     float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-    dh[i] = dg[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
+    float d = dg[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
+    dh[i] = d;
+    if (dh16) dh16[i] = bf16_bits(d);
 }
 
 template <class O>
@@ -312,10 +331,13 @@ extern "C" __global__ void to_bf16(uint16_t* out, const float* x, int64_t len) {
     if (i < len) out[i] = bf16_bits(x[i]);
 }
 
-extern "C" __global__ void relu_bwd(float* dh, const float* h, const float* dg, int64_t len) {
+extern "C" __global__ void relu_bwd(float* dh, uint16_t* dh16, const float* h, const float* dg,
+                                    int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    dh[i] = h[i] > 0.0f ? dg[i] : 0.0f;
+    float d = h[i] > 0.0f ? dg[i] : 0.0f;
+    dh[i] = d;
+    if (dh16) dh16[i] = bf16_bits(d);
 }
 
 // Causal softmax in place over rows of [groups, t, t] scores: row i keeps columns 0..=i, scaled by

@@ -319,31 +319,42 @@ fn conv1d(
     Ok(y)
 }
 
-/// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy:
-/// (dw, dbias, dinput); dy is the products' operand in the precision of `input` and `w` (its
-/// bf16 copy where they are bf16), the bias's gradient is summed from it in f32.
+/// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy
+/// (f32, and the products' operand in the precision of `input` and `w`: given, or its bf16 copy
+/// made here where they are bf16): (dw, dbias), and dinput into `dinput` (f32, or bf16 where it
+/// is only a product's operand); the bias's gradient is summed from dy in f32.
 fn conv1d_bwd(
     gpu: &Gpu,
-    dy: Dev<f32>,
+    (dy, dy_op): (Dev<f32>, Option<Data>),
     input: Data,
     w: Data,
     (n, out, inner): (usize, usize, usize),
-) -> Result<(Buf<f32>, Buf<f32>, Buf<f32>)> {
+    dinput: Data,
+) -> Result<(Buf<f32>, Buf<f32>)> {
     let db = column_sums(gpu, dy, n, out)?;
-    let dy = gpu.operand(dy)?;
+    let copy = match dy_op {
+        Some(_) => None,
+        None => Some(gpu.operand(dy)?),
+    };
+    let dy = match (dy_op, &copy) {
+        (Some(d), _) => d,
+        (None, Some(c)) => c.data(),
+        (None, None) => unreachable!("the operand copied where not given"),
+    };
     let dw = product(
         gpu,
         (inner, out, n),
         transposed(input, inner),
-        plain(dy.data(), out),
+        plain(dy, out),
     )?;
-    let dinput = product(
-        gpu,
+    gpu.linear(
         (n, inner, out),
-        plain(dy.data(), out),
+        plain(dy, out),
         transposed(w, out),
+        Added::default(),
+        dinput,
     )?;
-    Ok((dw, db, dinput))
+    Ok((dw, db))
 }
 
 /// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`) and
@@ -740,30 +751,72 @@ fn backprop(
         let dxd = dx.dev();
         // xo = xm + act(h)·W_proj + b_proj
         let mlp_proj = ws.mlp_proj.data();
-        let (mlp_proj_w, mlp_proj_b, dh) = conv1d_bwd(gpu, dxd, s.g.data(), mlp_proj, (n, c, hid))?;
-        gpu.act_bwd(gelu, dh.dev(), s.h.dev(), dh.dev(), n * hid)?;
+        let dh = gpu.uninit(n * hid)?;
+        let (mlp_proj_w, mlp_proj_b) = conv1d_bwd(
+            gpu,
+            (dxd, None),
+            s.g.data(),
+            mlp_proj,
+            (n, c, hid),
+            dh.dev().into(),
+        )?;
+        // The activation's gradient, and with bf16 products its bf16 copy from the same kernel.
+        let dh16 = if gpu.bf16 {
+            Some(gpu.uninit_bf16(n * hid)?)
+        } else {
+            None
+        };
+        let dh16_dev = dh16.as_ref().map(|b| b.dev());
+        gpu.act_bwd(gelu, (dh.dev(), dh16_dev), s.h.dev(), dh.dev(), n * hid)?;
         // h = LN2(xm)·W_fc + b_fc
         let c_fc = ws.c_fc.data();
-        let (c_fc_w, c_fc_b, da2) = conv1d_bwd(gpu, dh.dev(), s.a2.data(), c_fc, (n, hid, c))?;
-        drop(dh);
+        let da2 = gpu.uninit(n * c)?;
+        let (c_fc_w, c_fc_b) = conv1d_bwd(
+            gpu,
+            (dh.dev(), dh16_dev.map(Data::from)),
+            s.a2.data(),
+            c_fc,
+            (n, hid, c),
+            da2.dev().into(),
+        )?;
+        drop((dh, dh16));
         let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
         let (ln_2_w, ln_2_b) = norm_bwd(gpu, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
         drop(da2);
         // xm = x + attention(qkv)·W_o + b_o
         let attn_proj = ws.attn_proj.data();
-        let (attn_proj_w, attn_proj_b, dy) =
-            conv1d_bwd(gpu, dxd, s.y_op.data(), attn_proj, (n, c, c))?;
+        // The attention output's gradient: with the flash kernels and bf16 products, bf16 from
+        // its product, as the kernels read it.
+        let dy = if heads.flash && gpu.bf16 {
+            Stored::Bf16(gpu.uninit_bf16(n * c)?)
+        } else {
+            Stored::F32(gpu.uninit(n * c)?)
+        };
+        let (attn_proj_w, attn_proj_b) = conv1d_bwd(
+            gpu,
+            (dxd, None),
+            s.y_op.data(),
+            attn_proj,
+            (n, c, c),
+            dy.data(),
+        )?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.data(), s.att.dev(), s.y.dev());
-        let dy = attention_input(gpu, dy, heads.flash)?;
         timer.attention(gpu, true, || {
             attention_bwd(gpu, kept, dy.data(), dqkv.dev(), heads)
         })?;
         drop(dy);
         // qkv = LN1(x)·W_attn + b_attn
         let c_attn = ws.c_attn.data();
-        let (c_attn_w, c_attn_b, da1) =
-            conv1d_bwd(gpu, dqkv.dev(), s.a1.data(), c_attn, (n, 3 * c, c))?;
+        let da1 = gpu.uninit(n * c)?;
+        let (c_attn_w, c_attn_b) = conv1d_bwd(
+            gpu,
+            (dqkv.dev(), None),
+            s.a1.data(),
+            c_attn,
+            (n, 3 * c, c),
+            da1.dev().into(),
+        )?;
         drop(dqkv);
         let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
         let (ln_1_w, ln_1_b) = norm_bwd(gpu, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;

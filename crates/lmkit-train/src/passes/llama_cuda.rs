@@ -392,11 +392,19 @@ fn backprop(
         )?;
         let dg = product(gpu, (n, inter, c), plain(dx_op.data(), c), plain(wd, inter))?;
         drop(dx_op);
-        // The saved gate and up projections become their gradients.
-        gpu.swiglu_bwd(s.gate.dev(), s.up.dev(), dg.dev(), n * inter)?;
+        // The gate and up projections' gradients, only products' operands: bf16 from the kernel
+        // with bf16 products, else in the saved projections' place.
+        let grads16 = if gpu.bf16 {
+            Some((gpu.uninit_bf16(n * inter)?, gpu.uninit_bf16(n * inter)?))
+        } else {
+            None
+        };
+        let (dgate, dup): (Data, Data) = match &grads16 {
+            Some((g, u)) => (g.dev().into(), u.dev().into()),
+            None => (s.gate.dev().into(), s.up.dev().into()),
+        };
+        gpu.swiglu_bwd((dgate, dup), s.gate.dev(), s.up.dev(), dg.dev(), n * inter)?;
         drop(dg);
-        let (dgate, dup) = (gpu.operand(s.gate.dev())?, gpu.operand(s.up.dev())?);
-        let (dgate, dup) = (dgate.data(), dup.data());
         let d_gate = product(
             gpu,
             (inter, c, n),
@@ -433,7 +441,16 @@ fn backprop(
             transposed(dxo, c),
             plain(s.y_op.data(), qd),
         )?;
-        let dy = product(gpu, (n, qd, c), plain(dxo, c), plain(wo, qd))?;
+        // The attention output's gradient, bf16 from its product with bf16 products (as the
+        // flash kernels read it).
+        let dy = gpu.operand_buf(n * qd)?;
+        gpu.linear(
+            (n, qd, c),
+            plain(dxo, c),
+            plain(wo, qd),
+            Added::default(),
+            dy.data(),
+        )?;
         drop(dx_op);
         let dqkv = gpu.uninit(n * w)?;
         let dots = gpu.uninit(d.b * d.heads * d.t)?;
@@ -441,7 +458,6 @@ fn backprop(
             Ok((rows(m, w), rows(m.at(qd)?, w), rows(m.at(qd + kvd)?, w)))
         };
         let (kept, grads_at) = (packed(s.qkv.data())?, packed(dqkv.dev().into())?);
-        let dy = attention_input(gpu, dy, true)?;
         timer.attention(gpu, true, || {
             gpu.flash_attention_bwd(
                 attn,
