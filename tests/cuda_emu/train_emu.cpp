@@ -26,7 +26,7 @@ extern "C" void emu_rms_norm_fwd(float* out, float* rstd, const float* x, const 
 extern "C" void emu_rms_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
                                  const float* w, const float* rstd, int n, int c, int accumulate) {
   emu::launch(per_row(n), THREADS, 0,
-              [&] { rms_norm_bwd(dx, prod, dy, x, w, rstd, n, c, accumulate); });
+              [&] { rms_norm_bwd(dx, nullptr, prod, dy, x, w, rstd, n, c, accumulate); });
 }
 
 extern "C" void emu_rope_rows(float* x, const float* table, int n, int ld, int t, int heads, int hd,
@@ -101,7 +101,7 @@ extern "C" void emu_layer_norm_bwd(float* dx, float* prod, const float* dy, cons
                                    const float* w, const float* mean, const float* rstd, int n,
                                    int c, int accumulate) {
   emu::launch(per_row(n), THREADS, 0,
-              [&] { layer_norm_bwd(dx, prod, dy, x, w, mean, rstd, n, c, accumulate); });
+              [&] { layer_norm_bwd(dx, nullptr, prod, dy, x, w, mean, rstd, n, c, accumulate); });
 }
 
 extern "C" void emu_softmax_causal(float* p, int64_t rows, int t, float scale, const float* probs,

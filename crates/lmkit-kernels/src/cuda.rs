@@ -1025,8 +1025,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm_bwd(
         &self,
-        dx: Dev<f32>,
-        prod: Dev<f32>,
+        (dx, dx16, prod): (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
         dy: Dev<f32>,
         x: Dev<f32>,
         w: Dev<f32>,
@@ -1037,6 +1036,10 @@ impl Gpu {
         stats.need(2 * n, "layer_norm_bwd stats")?;
         let args = [
             Arg::P(dx.need(n * c, "layer_norm_bwd dx")?),
+            Arg::P(match dx16 {
+                Some(d) => d.need(n * c, "layer_norm_bwd dx16")?,
+                None => 0,
+            }),
             Arg::P(prod.need(n * c, "layer_norm_bwd prod")?),
             Arg::P(dy.need(n * c, "layer_norm_bwd dy")?),
             Arg::P(x.need(n * c, "layer_norm_bwd x")?),
@@ -1047,8 +1050,8 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        // dy and x read, dx (read too when accumulating) and prod written.
-        let dx_bytes = if accumulate { 8 } else { 4 };
+        // dy and x read, dx (read too when accumulating), its bf16 copy and prod written.
+        let dx_bytes = if accumulate { 8 } else { 4 } + if dx16.is_some() { 2 } else { 0 };
         self.launch_rows("layer_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 8 * n)
     }
 
@@ -1123,7 +1126,7 @@ impl Gpu {
     /// sums); `x`, `w`, `rstd`: the forward pass's input, weight and kept 1/rms.
     pub fn rms_norm_bwd(
         &self,
-        (dx, prod): (Dev<f32>, Dev<f32>),
+        (dx, dx16, prod): (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
         dy: Dev<f32>,
         (x, w, rstd): (Dev<f32>, Dev<f32>, Dev<f32>),
         (n, c): (usize, usize),
@@ -1131,6 +1134,10 @@ impl Gpu {
     ) -> Result<()> {
         let args = [
             Arg::P(dx.need(n * c, "rms_norm_bwd dx")?),
+            Arg::P(match dx16 {
+                Some(d) => d.need(n * c, "rms_norm_bwd dx16")?,
+                None => 0,
+            }),
             Arg::P(prod.need(n * c, "rms_norm_bwd prod")?),
             Arg::P(dy.need(n * c, "rms_norm_bwd dy")?),
             Arg::P(x.need(n * c, "rms_norm_bwd x")?),
@@ -1140,7 +1147,7 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        let dx_bytes = if accumulate { 8 } else { 4 };
+        let dx_bytes = if accumulate { 8 } else { 4 } + if dx16.is_some() { 2 } else { 0 };
         self.launch_rows("rms_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 4 * n)
     }
 
@@ -1613,8 +1620,21 @@ mod tests {
             .upload_u32(&(0..n as u32).map(|r| r * 13 % c as u32).collect::<Vec<_>>())
             .unwrap();
         let losses = gpu.uninit(n).unwrap();
-        // The backward kernels' other output.
+        // The backward kernels' other outputs, and the norms' statistics for their backward.
         let (scratch, scratch16) = (gpu.uninit(len).unwrap(), gpu.uninit_bf16(len).unwrap());
+        let prod = gpu.uninit(len).unwrap();
+        let (ln_stats, rms_stats) = (gpu.uninit(2 * n).unwrap(), gpu.uninit(n).unwrap());
+        let (xd, wd, bd) = (dx.dev(), dw.dev(), db.dev());
+        gpu.layer_norm(scratch.dev(), ln_stats.dev(), xd, wd, bd, (n, c), 1e-5)
+            .unwrap();
+        gpu.rms_norm(
+            (Data::from(scratch.dev()), rms_stats.dev()),
+            xd,
+            wd,
+            (n, c),
+            1e-5,
+        )
+        .unwrap();
         type Kernel<'a> = Box<dyn Fn(Data) -> Result<()> + 'a>;
         let kernels: Vec<(&str, Kernel)> = vec![
             (
@@ -1639,6 +1659,28 @@ mod tests {
                 Box::new(|o| match o {
                     Data::F32(o) => gpu.copy(o, dx.dev(), len),
                     Data::Bf16(o) => gpu.to_bf16(o, dx.dev(), len),
+                }),
+            ),
+            (
+                "layer_norm_bwd",
+                Box::new(|o| {
+                    let grads = match o {
+                        Data::F32(o) => (o, None, prod.dev()),
+                        Data::Bf16(o) => (scratch.dev(), Some(o), prod.dev()),
+                    };
+                    let (dy, x, w) = (up.dev(), dx.dev(), dw.dev());
+                    gpu.layer_norm_bwd(grads, dy, x, w, ln_stats.dev(), (n, c), false)
+                }),
+            ),
+            (
+                "rms_norm_bwd",
+                Box::new(|o| {
+                    let grads = match o {
+                        Data::F32(o) => (o, None, prod.dev()),
+                        Data::Bf16(o) => (scratch.dev(), Some(o), prod.dev()),
+                    };
+                    let kept = (dx.dev(), dw.dev(), rms_stats.dev());
+                    gpu.rms_norm_bwd(grads, up.dev(), kept, (n, c), false)
                 }),
             ),
             (

@@ -135,9 +135,9 @@ extern "C" __global__ void layer_norm_fwd_bf16(uint16_t* out, float* mean, float
 
 // LayerNorm's backward, one warp per row: dx (= or +=) the input's gradient; prod[r, j] =
 // dy[r, j]·x̂[r, j], whose column sums (a product with a row of ones) give the weight's gradient.
-extern "C" __global__ void layer_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
-                                          const float* w, const float* mean, const float* rstd,
-                                          int n, int c, int accumulate) {
+extern "C" __global__ void layer_norm_bwd(float* dx, uint16_t* dx16, float* prod, const float* dy,
+                                          const float* x, const float* w, const float* mean,
+                                          const float* rstd, int n, int c, int accumulate) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= n) return;
@@ -156,7 +156,9 @@ extern "C" __global__ void layer_norm_bwd(float* dx, float* prod, const float* d
         float xh = (x[off + j] - m) * rs;
         float g = dy[off + j];
         float d = (g * w[j] - s1 - xh * s2) * rs;
-        dx[off + j] = accumulate ? dx[off + j] + d : d;
+        float out = accumulate ? dx[off + j] + d : d;
+        dx[off + j] = out;
+        if (dx16) dx16[off + j] = bf16_bits(out);
         prod[off + j] = g * xh;
     }
 }
@@ -198,9 +200,9 @@ extern "C" __global__ void rms_norm_fwd_bf16(uint16_t* out, float* rstd, const f
 
 // RMSNorm's backward, one warp per row: dx (= or +=) rstd·(dy⊙w − x̂·mean(dy⊙w⊙x̂)) with
 // x̂ = x·rstd; prod = dy ⊙ x̂, whose column sums give the weight's gradient.
-extern "C" __global__ void rms_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
-                                        const float* w, const float* rstd, int n, int c,
-                                        int accumulate) {
+extern "C" __global__ void rms_norm_bwd(float* dx, uint16_t* dx16, float* prod, const float* dy,
+                                        const float* x, const float* w, const float* rstd, int n,
+                                        int c, int accumulate) {
   int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
   int lane = threadIdx.x % WARP;
   if (row >= n) return;
@@ -212,7 +214,9 @@ extern "C" __global__ void rms_norm_bwd(float* dx, float* prod, const float* dy,
   for (int j = lane; j < c; j += WARP) {
     float xh = x[off + j] * rs, g = dy[off + j];
     float d = rs * (g * w[j] - xh * s);
-    dx[off + j] = accumulate ? dx[off + j] + d : d;
+    float out = accumulate ? dx[off + j] + d : d;
+    dx[off + j] = out;
+    if (dx16) dx16[off + j] = bf16_bits(out);
     prod[off + j] = g * xh;
   }
 }

@@ -21,7 +21,8 @@
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{
-    plain, rows, transposed, Added, AttnShape, Batched, Buf, Data, Dev, Gpu, Mat, Operand, Stored,
+    plain, rows, transposed, Added, AttnShape, Batched, Bf16, Buf, Data, Dev, Gpu, Mat, Operand,
+    Stored,
 };
 use lmkit_models::gpt2::{Gpt2, Gpt2BlockParams, Gpt2Params};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -357,18 +358,19 @@ fn conv1d_bwd(
     Ok((dw, db))
 }
 
-/// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`) and
-/// (dw, db); `prod` is scratch [n, c]; `(x, w, stats)`: the norm's input, its weight, and the
-/// mean and 1/std its forward pass kept.
+/// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`; and
+/// rounded into `dx16`, if given) and (dw, db); `prod` is scratch [n, c]; `(x, w, stats)`: the
+/// norm's input, its weight, and the mean and 1/std its forward pass kept.
 fn norm_bwd(
     gpu: &Gpu,
-    (dx, prod): (Dev<f32>, Dev<f32>),
+    grads: (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
     dy: Dev<f32>,
     (x, w, stats): (Dev<f32>, Dev<f32>, Dev<f32>),
     (n, c): (usize, usize),
     accumulate: bool,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
-    gpu.layer_norm_bwd(dx, prod, dy, x, w, stats, (n, c), accumulate)?;
+    let prod = grads.2;
+    gpu.layer_norm_bwd(grads, dy, x, w, stats, (n, c), accumulate)?;
     Ok((column_sums(gpu, prod, n, c)?, column_sums(gpu, dy, n, c)?))
 }
 
@@ -741,9 +743,19 @@ fn backprop(
 
     // Backward.
     let prod = gpu.uninit(n * c)?;
+    // The residual stream's gradient and, with bf16 products, its bf16 copy (the products'
+    // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
+    let dx16 = if gpu.bf16 {
+        Some(gpu.uninit_bf16(n * c)?)
+    } else {
+        None
+    };
+    let dx16d = dx16.as_ref().map(|b| b.dev());
+    let grads = (dx.dev(), dx16d, prod.dev());
+    let dx_op = dx16d.map(Data::from);
     let lnf = (x.dev(), p.ln_f_w, lnf.dev());
-    let (ln_f_w, ln_f_b) = norm_bwd(gpu, (dx.dev(), prod.dev()), dhf.dev(), lnf, (n, c), false)?;
+    let (ln_f_w, ln_f_b) = norm_bwd(gpu, grads, dhf.dev(), lnf, (n, c), false)?;
     drop(dhf);
     let mut blocks = Vec::with_capacity(p.blocks.len());
     for (w, ws) in p.blocks.iter().zip(&weights).rev() {
@@ -754,7 +766,7 @@ fn backprop(
         let dh = gpu.uninit(n * hid)?;
         let (mlp_proj_w, mlp_proj_b) = conv1d_bwd(
             gpu,
-            (dxd, None),
+            (dxd, dx_op),
             s.g.data(),
             mlp_proj,
             (n, c, hid),
@@ -781,7 +793,7 @@ fn backprop(
         )?;
         drop((dh, dh16));
         let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
-        let (ln_2_w, ln_2_b) = norm_bwd(gpu, (dxd, prod.dev()), da2.dev(), ln2, (n, c), true)?;
+        let (ln_2_w, ln_2_b) = norm_bwd(gpu, grads, da2.dev(), ln2, (n, c), true)?;
         drop(da2);
         // xm = x + attention(qkv)·W_o + b_o
         let attn_proj = ws.attn_proj.data();
@@ -794,7 +806,7 @@ fn backprop(
         };
         let (attn_proj_w, attn_proj_b) = conv1d_bwd(
             gpu,
-            (dxd, None),
+            (dxd, dx_op),
             s.y_op.data(),
             attn_proj,
             (n, c, c),
@@ -819,7 +831,7 @@ fn backprop(
         )?;
         drop(dqkv);
         let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
-        let (ln_1_w, ln_1_b) = norm_bwd(gpu, (dxd, prod.dev()), da1.dev(), ln1, (n, c), true)?;
+        let (ln_1_w, ln_1_b) = norm_bwd(gpu, grads, da1.dev(), ln1, (n, c), true)?;
         blocks.push(Gpt2BlockParams {
             ln_1_w,
             ln_1_b,

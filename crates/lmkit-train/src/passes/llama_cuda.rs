@@ -367,10 +367,22 @@ fn backprop(
 
     // Backward.
     let prod = gpu.uninit(n * c)?;
+    // The residual stream's gradient and, with bf16 products, its bf16 copy (the products'
+    // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
     let dxd = dx.dev();
+    let dx16 = if gpu.bf16 {
+        Some(gpu.uninit_bf16(n * c)?)
+    } else {
+        None
+    };
+    let dx16d = dx16.as_ref().map(|b| b.dev());
+    let dx_op: Data = match dx16d {
+        Some(d) => d.into(),
+        None => dxd.into(),
+    };
     let norm_bwd = |dy: Dev<f32>, kept: (Dev<f32>, Dev<f32>, Dev<f32>), acc: bool| {
-        gpu.rms_norm_bwd((dxd, prod.dev()), dy, kept, (n, c), acc)?;
+        gpu.rms_norm_bwd((dxd, dx16d, prod.dev()), dy, kept, (n, c), acc)?;
         column_sums(gpu, prod.dev(), n, c)
     };
     let d_norm = norm_bwd(dhf.dev(), (x.dev(), norm, rf.dev()), false)?;
@@ -383,15 +395,13 @@ fn backprop(
         let [wq, wk, wv, wo, wg, wu, wd] = matrices(i);
         let s = saved.pop().expect("one saved entry per layer");
         // xo = xm + g·W_downᵀ
-        let dx_op = gpu.operand(dxd)?;
         let d_down = product(
             gpu,
             (c, inter, n),
-            transposed(dx_op.data(), c),
+            transposed(dx_op, c),
             plain(s.g.data(), inter),
         )?;
-        let dg = product(gpu, (n, inter, c), plain(dx_op.data(), c), plain(wd, inter))?;
-        drop(dx_op);
+        let dg = product(gpu, (n, inter, c), plain(dx_op, c), plain(wd, inter))?;
         // The gate and up projections' gradients, only products' operands: bf16 from the kernel
         // with bf16 products, else in the saved projections' place.
         let grads16 = if gpu.bf16 {
@@ -433,8 +443,7 @@ fn backprop(
         let d_post = norm_bwd(da2.dev(), (s.xm.dev(), *w_post, s.r2.dev()), true)?;
         drop(da2);
         // xm = x + y·W_oᵀ
-        let dx_op = gpu.operand(dxd)?;
-        let dxo = dx_op.data();
+        let dxo = dx_op;
         let d_o = product(
             gpu,
             (c, qd, n),
@@ -451,7 +460,6 @@ fn backprop(
             Added::default(),
             dy.data(),
         )?;
-        drop(dx_op);
         let dqkv = gpu.uninit(n * w)?;
         let dots = gpu.uninit(d.b * d.heads * d.t)?;
         let packed = |m: Data| -> Result<_> {
