@@ -512,6 +512,44 @@ pub fn set_bf16_products(on: bool) {
     BF16_PRODUCTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// How a product computes: bf16 operands as they are, or f32 operands exactly, rounded to TF32,
+/// or rounded to bf16 (f32 accumulation throughout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Precision {
+    Bf16,
+    F32,
+    Tf32,
+    F32AsBf16,
+}
+
+impl Precision {
+    /// The name the op timing gives it.
+    fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::F32AsBf16 => "bf16 (f32 operands)",
+        }
+    }
+}
+
+impl Gpu {
+    /// The precision of a product with these operands on this GPU ([`Gpu::bf16`] before
+    /// [`Gpu::tf32`] for f32 operands).
+    fn precision(&self, bf16_operands: bool) -> Precision {
+        if bf16_operands {
+            Precision::Bf16
+        } else if self.bf16 {
+            Precision::F32AsBf16
+        } else if self.tf32 {
+            Precision::Tf32
+        } else {
+            Precision::F32
+        }
+    }
+}
+
 const THREADS: u32 = 256;
 
 fn blocks(n: usize, per_block: usize) -> u32 {
@@ -573,15 +611,7 @@ impl Gpu {
             bytes: (batch.count * (elem * k * (rows + cols) + c_bytes)) as f64,
         };
         let name = || {
-            let precision = if bf16_operands {
-                "bf16"
-            } else if self.bf16 {
-                "bf16 (f32 operands)"
-            } else if self.tf32 {
-                "tf32"
-            } else {
-                "f32"
-            };
+            let precision = self.precision(bf16_operands).name();
             let times = if batch.count > 1 {
                 format!(" x{}", batch.count)
             } else {

@@ -1,7 +1,7 @@
 //! The CUDA side of [`super::Gpu`]: device memory, cuBLAS products and kernel launches on
 //! candle's stream for the device, and NCCL communicators.
 
-use super::{int, Arg, Batched, Bf16, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use super::{int, Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Precision, BF16_PRODUCTS};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
@@ -345,14 +345,10 @@ impl Gpu {
         };
         // bf16 operands run on the bf16 tensor cores with f32 accumulation as they are; f32
         // operands are rounded to bf16 or TF32 by cuBLAS where the products are reduced.
-        let compute = if bf16_operands {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        } else if self.bf16 {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
-        } else if self.tf32 {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        let compute = match self.precision(bf16_operands) {
+            Precision::Bf16 | Precision::F32 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::F32AsBf16 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Precision::Tf32 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         };
         let f32t = cublas_sys::cudaDataType_t::CUDA_R_32F;
         let operand_t = if bf16_operands {
@@ -432,14 +428,11 @@ impl Gpu {
         out: super::linear::Fused,
     ) -> Result<bool> {
         let lt = self.lt()?;
-        let compute = if bf16_operands {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        } else if self.bf16 {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
-        } else if self.tf32 {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        // As `gemm`'s (cuBLASLt has its own copy of the type).
+        let compute = match self.precision(bf16_operands) {
+            Precision::Bf16 | Precision::F32 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::F32AsBf16 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Precision::Tf32 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         };
         let ty = |bf16: bool| {
             if bf16 {

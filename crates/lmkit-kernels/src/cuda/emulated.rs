@@ -16,7 +16,7 @@
 //!
 //! Only for tests: the build compiles the C++ emulation with the system's C++20 compiler.
 
-use super::{Arg, Batched, Bf16, Buf, Dev, Gpu, Module, BF16_PRODUCTS};
+use super::{Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Precision, BF16_PRODUCTS};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -315,14 +315,11 @@ impl Gpu {
             bool,
         ),
     ) -> Vec<f32> {
-        let round = |x: f32| {
-            if self.bf16 {
-                round_mantissa(x, 16)
-            } else if self.tf32 {
-                round_mantissa(x, 13)
-            } else {
-                x
-            }
+        let precision = self.precision(bf16_operands);
+        let round = |x: f32| match precision {
+            Precision::F32AsBf16 => round_mantissa(x, 16),
+            Precision::Tf32 => round_mantissa(x, 13),
+            Precision::F32 | Precision::Bf16 => x,
         };
         let read = |p: u64, i: usize| {
             // SAFETY: the caller checked that every element of the operands lies within their

@@ -198,15 +198,7 @@ impl Gpu {
                 as f64,
         };
         let name = || {
-            let precision = if bf16_operands {
-                "bf16"
-            } else if self.bf16 {
-                "bf16 (f32 operands)"
-            } else if self.tf32 {
-                "tf32"
-            } else {
-                "f32"
-            };
+            let precision = self.precision(bf16_operands).name();
             // What the product adds, before the operands' precision (the name ends with it).
             let added = [
                 (added.bias.is_some(), "bias"),
