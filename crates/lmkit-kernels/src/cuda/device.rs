@@ -118,10 +118,11 @@ impl Gpu {
 
     /// An allocation's error: running out of memory says how large the allocation was and what
     /// needs less.
-    fn alloc_fail(
-        &self,
+    fn alloc_fail<'a>(
+        &'a self,
+        what: &'a str,
         bytes: usize,
-    ) -> impl FnOnce(cudarc::driver::DriverError) -> candle_core::Error + '_ {
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> candle_core::Error + 'a {
         move |e| {
             use cudarc::driver::sys::CUresult;
             if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
@@ -134,7 +135,7 @@ impl Gpu {
                     bytes as f64 / (1 << 20) as f64
                 ))
             } else {
-                Self::fail("alloc")(e)
+                Self::fail(what)(e)
             }
         }
     }
@@ -146,7 +147,7 @@ impl Gpu {
             .dev
             .cuda_stream()
             .alloc_zeros::<T>(len.max(1))
-            .map_err(self.alloc_fail(len * std::mem::size_of::<T>()))?;
+            .map_err(self.alloc_fail("alloc", len * std::mem::size_of::<T>()))?;
         Ok(self.buf(s))
     }
 
@@ -155,7 +156,7 @@ impl Gpu {
         // SAFETY: the buffer is only read by kernels and products after they have written it
         // (each pass writes every element of its scratch buffers first).
         let s = unsafe { self.hw.dev.cuda_stream().alloc::<f32>(len.max(1)) }
-            .map_err(self.alloc_fail(4 * len))?;
+            .map_err(self.alloc_fail("alloc", 4 * len))?;
         Ok(self.buf(s))
     }
 
@@ -163,7 +164,7 @@ impl Gpu {
     pub fn uninit_bf16(&self, len: usize) -> Result<Buf<Bf16>> {
         // SAFETY: as for `uninit`: written by a kernel before anything reads it.
         let s = unsafe { self.hw.dev.cuda_stream().alloc::<Bf16>(len.max(1)) }
-            .map_err(self.alloc_fail(2 * len))?;
+            .map_err(self.alloc_fail("alloc", 2 * len))?;
         Ok(self.buf(s))
     }
 
@@ -173,7 +174,7 @@ impl Gpu {
             .dev
             .cuda_stream()
             .clone_htod(data)
-            .map_err(self.alloc_fail(std::mem::size_of_val(data)))?;
+            .map_err(self.alloc_fail("upload", std::mem::size_of_val(data)))?;
         Ok(self.buf(s))
     }
 
@@ -408,7 +409,7 @@ impl Gpu {
         let workspace = unsafe { self.hw.dev.cuda_stream().alloc::<u8>(size) };
         let lt = Lt {
             handle,
-            workspace: workspace.map_err(self.alloc_fail(size))?,
+            workspace: workspace.map_err(self.alloc_fail("alloc", size))?,
         };
         Ok(self.hw.lt.get_or_init(|| lt))
     }

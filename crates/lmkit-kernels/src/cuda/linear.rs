@@ -1,7 +1,7 @@
 //! Products with a bias and a residual added (a linear layer's `y = x·w + b`, the residual
 //! stream's `x + y·w`): in one pass over the output with cuBLASLt's bias epilogue and the residual
 //! read as its C matrix, where the GPU passes the run-time check; else the bias and the residual
-//! are written into the output first and the product added to it (β = 1), as before.
+//! are written into the output first and the product added to it (β = 1).
 
 use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Work};
 use candle_core::Result;
