@@ -1521,15 +1521,7 @@ mod tests {
             return;
         };
         let (rows, cols, k, pad, count) = (5, 7, 6, 3, 2);
-        let mut seed = 7u64;
-        let mut draw = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut draw = crate::testing::uniform(7);
         let transpositions = [(false, false), (true, false), (false, true), (true, true)];
         for (bf16, (ta, tb)) in [false, true]
             .into_iter()

@@ -86,3 +86,17 @@ pub fn gpu_device() -> Option<candle_core::Device> {
         }
     }
 }
+
+/// Draws of `len` values in [-0.5, 0.5) from a linear congruential generator seeded with `seed`:
+/// the same values every run.
+pub fn uniform(seed: u64) -> impl FnMut(usize) -> Vec<f32> {
+    let mut state = seed;
+    move |len| {
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+}

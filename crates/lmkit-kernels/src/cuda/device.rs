@@ -582,30 +582,32 @@ impl LtPlan {
         // for it (int32 operations, uint32 epilogue and alignments, uint64 workspace size, a
         // 64-bit device address for the bias), read during the call.
         unsafe {
-            let set = |attr: Desc, v: *const std::ffi::c_void, size: usize| {
-                lt::set_matmul_desc_attribute(desc.0, attr, v, size)
-            };
-            set(
-                Desc::CUBLASLT_MATMUL_DESC_TRANSA,
-                &op_a as *const i32 as _,
-                4,
-            )?;
-            set(
-                Desc::CUBLASLT_MATMUL_DESC_TRANSB,
-                &op_b as *const i32 as _,
-                4,
-            )?;
-            set(
-                Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &epilogue as *const u32 as _,
-                4,
-            )?;
+            let mut attrs: Vec<(Desc, *const std::ffi::c_void, usize)> = vec![
+                (
+                    Desc::CUBLASLT_MATMUL_DESC_TRANSA,
+                    &op_a as *const i32 as _,
+                    4,
+                ),
+                (
+                    Desc::CUBLASLT_MATMUL_DESC_TRANSB,
+                    &op_b as *const i32 as _,
+                    4,
+                ),
+                (
+                    Desc::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epilogue as *const u32 as _,
+                    4,
+                ),
+            ];
             if let Some(bias) = &self.bias {
-                set(
+                attrs.push((
                     Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     bias as *const u64 as _,
                     8,
-                )?;
+                ));
+            }
+            for (attr, v, size) in attrs {
+                lt::set_matmul_desc_attribute(desc.0, attr, v, size)?;
             }
             let pref_set = |attr: Pref, v: *const std::ffi::c_void, size: usize| {
                 lt::set_matmul_pref_attribute(pref.0, attr, v, size)

@@ -389,15 +389,7 @@ mod tests {
         };
         gpu.tf32 = false;
         let (rows, cols, k) = (19, 24, 13);
-        let mut seed = 11u64;
-        let mut draw = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut draw = crate::testing::uniform(11);
         let rounded =
             |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect() };
         let (a, w, bias, residual) = (
