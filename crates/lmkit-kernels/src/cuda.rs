@@ -512,6 +512,10 @@ pub fn set_bf16_products(on: bool) {
     BF16_PRODUCTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// A product's two operands as the backends take them, checked by the caller: (address, leading
+/// dimension, transposed) each, and whether both are bf16.
+type Operands = ((u64, usize, bool), (u64, usize, bool), bool);
+
 /// How a product computes: bf16 operands as they are, or f32 operands exactly, rounded to TF32,
 /// or rounded to bf16 (f32 accumulation throughout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1293,11 +1297,23 @@ impl Gpu {
     /// A buffer of `len` elements to be written before it is read, for an activation kept only
     /// as a product's operand: bf16 with bf16 products ([`Gpu::bf16`]), else f32.
     pub fn operand_buf(&self, len: usize) -> Result<Stored> {
-        Ok(if self.bf16 {
+        self.stored(self.bf16, len)
+    }
+
+    /// A buffer of `len` bf16s (`bf16`) or f32s, to be written before it is read.
+    pub fn stored(&self, bf16: bool, len: usize) -> Result<Stored> {
+        Ok(if bf16 {
             Stored::Bf16(self.uninit_bf16(len)?)
         } else {
             Stored::F32(self.uninit(len)?)
         })
+    }
+
+    /// With bf16 products ([`Gpu::bf16`]), a buffer of `len` bf16s for the copy an f32 value's
+    /// producer writes beside it as the products' operand; else none (the products take the
+    /// f32 value).
+    pub fn operand_copy_buf(&self, len: usize) -> Result<Option<Buf<Bf16>>> {
+        self.bf16.then(|| self.uninit_bf16(len)).transpose()
     }
 
     /// The activation's backward: dh (which may be dg) from dg and the forward's input h; with
@@ -1658,6 +1674,21 @@ mod tests {
         )
         .unwrap();
         type Kernel<'a> = Box<dyn Fn(Data) -> Result<()> + 'a>;
+        // A kernel's other output, of the type of the one checked.
+        let other = |o: Data| -> Data {
+            match o {
+                Data::F32(_) => scratch.dev().into(),
+                Data::Bf16(_) => scratch16.dev().into(),
+            }
+        };
+        // The activation's backward: its f32 gradient, or (into scratch) with the bf16 copy.
+        let (g, h, dg, dh) = (&gpu, dx.dev(), up.dev(), scratch.dev());
+        let act_bwd = |gelu: bool| -> Kernel {
+            Box::new(move |o| match o {
+                Data::F32(o) => g.act_bwd(gelu, (o, None), h, dg, len),
+                Data::Bf16(o) => g.act_bwd(gelu, (dh, Some(o)), h, dg, len),
+            })
+        };
         let kernels: Vec<(&str, Kernel)> = vec![
             (
                 "layer_norm",
@@ -1705,44 +1736,20 @@ mod tests {
                     gpu.rms_norm_bwd(grads, up.dev(), kept, (n, c), false)
                 }),
             ),
-            (
-                "gelu_bwd",
-                Box::new(|o| match o {
-                    Data::F32(o) => gpu.act_bwd(true, (o, None), dx.dev(), up.dev(), len),
-                    Data::Bf16(o) => {
-                        let (dh, h, dg) = (scratch.dev(), dx.dev(), up.dev());
-                        gpu.act_bwd(true, (dh, Some(o)), h, dg, len)
-                    }
-                }),
-            ),
-            (
-                "relu_bwd",
-                Box::new(|o| match o {
-                    Data::F32(o) => gpu.act_bwd(false, (o, None), dx.dev(), up.dev(), len),
-                    Data::Bf16(o) => {
-                        let (dh, h, dg) = (scratch.dev(), dx.dev(), up.dev());
-                        gpu.act_bwd(false, (dh, Some(o)), h, dg, len)
-                    }
-                }),
-            ),
+            ("gelu_bwd", act_bwd(true)),
+            ("relu_bwd", act_bwd(false)),
             (
                 "swiglu_bwd dgate",
                 Box::new(|o| {
-                    let other = match o {
-                        Data::F32(_) => scratch.dev().into(),
-                        Data::Bf16(_) => scratch16.dev().into(),
-                    };
-                    gpu.swiglu_bwd((o, other), dx.dev(), up.dev(), dxr.dev(), len)
+                    let grads = (o, other(o));
+                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), len)
                 }),
             ),
             (
                 "swiglu_bwd dup",
                 Box::new(|o| {
-                    let other = match o {
-                        Data::F32(_) => scratch.dev().into(),
-                        Data::Bf16(_) => scratch16.dev().into(),
-                    };
-                    gpu.swiglu_bwd((other, o), dx.dev(), up.dev(), dxr.dev(), len)
+                    let grads = (other(o), o);
+                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), len)
                 }),
             ),
             (

@@ -1,7 +1,7 @@
 //! The CUDA side of [`super::Gpu`]: device memory, cuBLAS products and kernel launches on
 //! candle's stream for the device, and NCCL communicators.
 
-use super::{int, Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Precision, BF16_PRODUCTS};
+use super::{int, Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Operands, Precision, BF16_PRODUCTS};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
@@ -328,11 +328,7 @@ impl Gpu {
     pub(super) fn gemm(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
-            (u64, usize, bool),
-            (u64, usize, bool),
-            bool,
-        ),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): Operands,
         (pc, ldc): (u64, usize),
         (alpha, beta): (f32, f32),
         batch: Batched,
@@ -421,11 +417,7 @@ impl Gpu {
     pub(super) fn gemm_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
-            (u64, usize, bool),
-            (u64, usize, bool),
-            bool,
-        ),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): Operands,
         out: super::linear::Fused,
     ) -> Result<bool> {
         let lt = self.lt()?;

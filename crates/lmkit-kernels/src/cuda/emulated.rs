@@ -16,7 +16,7 @@
 //!
 //! Only for tests: the build compiles the C++ emulation with the system's C++20 compiler.
 
-use super::{Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Precision, BF16_PRODUCTS};
+use super::{Arg, Batched, Bf16, Buf, Dev, Gpu, Module, Operands, Precision, BF16_PRODUCTS};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -233,7 +233,7 @@ impl Gpu {
     pub(super) fn gemm(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        (a, b, bf16_operands): ((u64, usize, bool), (u64, usize, bool), bool),
+        (a, b, bf16_operands): Operands,
         (pc, ldc): (u64, usize),
         (alpha, beta): (f32, f32),
         batch: Batched,
@@ -269,7 +269,7 @@ impl Gpu {
     pub(super) fn gemm_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        operands: ((u64, usize, bool), (u64, usize, bool), bool),
+        operands: Operands,
         out: super::linear::Fused,
     ) -> Result<bool> {
         let dots = self.dots((rows, cols, k), operands);
@@ -309,11 +309,7 @@ impl Gpu {
     fn dots(
         &self,
         (rows, cols, k): (usize, usize, usize),
-        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): (
-            (u64, usize, bool),
-            (u64, usize, bool),
-            bool,
-        ),
+        ((pa, lda, ta), (pb, ldb, tb), bf16_operands): Operands,
     ) -> Vec<f32> {
         let precision = self.precision(bf16_operands);
         let round = |x: f32| match precision {

@@ -3,7 +3,7 @@
 //! read as its C matrix, where the GPU passes the run-time check; else the bias and the residual
 //! are written into the output first and the product added to it (β = 1).
 
-use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Work};
+use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Stored, Work};
 use candle_core::Result;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -111,14 +111,13 @@ impl Gpu {
         added: Added,
         y: Data,
     ) -> Result<()> {
-        let scratch = match y {
-            Data::F32(_) => None,
-            Data::Bf16(_) => Some(self.uninit(rows * cols)?),
-        };
-        let acc = match (y, &scratch) {
-            (Data::F32(y), _) => y,
-            (_, Some(s)) => s.dev(),
-            (Data::Bf16(_), None) => unreachable!("scratch made for bf16 outputs"),
+        let scratch;
+        let acc = match y {
+            Data::F32(y) => y,
+            Data::Bf16(_) => {
+                scratch = self.uninit(rows * cols)?;
+                scratch.dev()
+            }
         };
         let beta = match added {
             Added {
@@ -141,8 +140,8 @@ impl Gpu {
             } => 0.0,
         };
         self.mm((rows, cols, k), a, w, (acc, cols), 1.0, beta, Batched::ONE)?;
-        if let (Data::Bf16(out), Some(s)) = (y, &scratch) {
-            self.to_bf16(out, s.dev(), rows * cols)?;
+        if let Data::Bf16(out) = y {
+            self.to_bf16(out, acc, rows * cols)?;
         }
         Ok(())
     }
@@ -348,28 +347,18 @@ impl Gpu {
         (bf16_out, fused): (bool, bool),
     ) -> Result<Option<Vec<f32>>> {
         let len = rows * cols;
-        let (f32_out, bf16_out) = if bf16_out {
-            (None, Some(self.uninit_bf16(len)?))
-        } else {
-            (Some(self.uninit(len)?), None)
-        };
-        let y: Data = match (&f32_out, &bf16_out) {
-            (Some(y), _) => y.dev().into(),
-            (_, Some(y)) => y.dev().into(),
-            _ => unreachable!("one output made"),
-        };
+        let out = self.stored(bf16_out, len)?;
         let dims = (rows, cols, k);
         if fused {
-            if !self.linear_fused(dims, a, w, added, y)? {
+            if !self.linear_fused(dims, a, w, added, out.data())? {
                 return Ok(None);
             }
         } else {
-            self.linear_unfused(dims, a, w, added, y)?;
+            self.linear_unfused(dims, a, w, added, out.data())?;
         }
-        Ok(Some(match (f32_out, bf16_out) {
-            (Some(y), _) => self.download(&y, len)?,
-            (_, Some(y)) => self.download(&y, len)?.iter().map(|b| b.to_f32()).collect(),
-            _ => unreachable!("one output made"),
+        Ok(Some(match out {
+            Stored::F32(y) => self.download(&y, len)?,
+            Stored::Bf16(y) => self.download(&y, len)?.iter().map(|b| b.to_f32()).collect(),
         }))
     }
 }

@@ -248,11 +248,7 @@ pub(super) fn output_loss(
 ) -> Result<(f64, Buf<f32>, Buf<f32>)> {
     let sc = (scale / n as f64) as f32;
     let chunk = (LOGIT_ELEMENTS / v).clamp(1, n);
-    let logits = if lm.is_bf16() {
-        Stored::Bf16(gpu.uninit_bf16(chunk * v)?)
-    } else {
-        Stored::F32(gpu.uninit(chunk * v)?)
-    };
+    let logits = gpu.stored(lm.is_bf16(), chunk * v)?;
     let lg = logits.data();
     let losses = gpu.uninit(n)?;
     let dhf = gpu.uninit(n * c)?;
@@ -333,14 +329,13 @@ fn conv1d_bwd(
     dinput: Data,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
     let db = column_sums(gpu, dy, n, out)?;
-    let copy = match dy_op {
-        Some(_) => None,
-        None => Some(gpu.operand(dy)?),
-    };
-    let dy = match (dy_op, &copy) {
-        (Some(d), _) => d,
-        (None, Some(c)) => c.data(),
-        (None, None) => unreachable!("the operand copied where not given"),
+    let copy;
+    let dy = match dy_op {
+        Some(d) => d,
+        None => {
+            copy = gpu.operand(dy)?;
+            copy.data()
+        }
     };
     let dw = product(
         gpu,
@@ -668,20 +663,16 @@ fn backprop(
             eps,
         )?;
         let c_attn = (ws.c_attn.data(), w.c_attn_b);
-        let qkv = if heads.flash && gpu.bf16 {
-            // The flash kernels' bf16 q|k|v straight from the product.
-            let qkv = gpu.uninit_bf16(n * 3 * c)?;
-            gpu.linear(
-                (n, 3 * c, c),
-                plain(a1.data(), c),
-                plain(c_attn.0, 3 * c),
-                Added::bias(c_attn.1),
-                qkv.dev().into(),
-            )?;
-            Stored::Bf16(qkv)
-        } else {
-            Stored::F32(conv1d(gpu, None, a1.data(), c_attn, (n, 3 * c, c))?)
-        };
+        // With the flash kernels and bf16 products, the kernels' bf16 q|k|v straight from the
+        // product.
+        let qkv = gpu.stored(heads.flash && gpu.bf16, n * 3 * c)?;
+        gpu.linear(
+            (n, 3 * c, c),
+            plain(a1.data(), c),
+            plain(c_attn.0, 3 * c),
+            Added::bias(c_attn.1),
+            qkv.data(),
+        )?;
         let att = gpu.uninit(heads.kept())?;
         let y = gpu.uninit(n * c)?;
         timer.attention(gpu, false, || {
@@ -746,11 +737,7 @@ fn backprop(
     // The residual stream's gradient and, with bf16 products, its bf16 copy (the products'
     // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
-    let dx16 = if gpu.bf16 {
-        Some(gpu.uninit_bf16(n * c)?)
-    } else {
-        None
-    };
+    let dx16 = gpu.operand_copy_buf(n * c)?;
     let dx16d = dx16.as_ref().map(|b| b.dev());
     let grads = (dx.dev(), dx16d, prod.dev());
     let dx_op = dx16d.map(Data::from);
@@ -773,11 +760,7 @@ fn backprop(
             dh.dev().into(),
         )?;
         // The activation's gradient, and with bf16 products its bf16 copy from the same kernel.
-        let dh16 = if gpu.bf16 {
-            Some(gpu.uninit_bf16(n * hid)?)
-        } else {
-            None
-        };
+        let dh16 = gpu.operand_copy_buf(n * hid)?;
         let dh16_dev = dh16.as_ref().map(|b| b.dev());
         gpu.act_bwd(gelu, (dh.dev(), dh16_dev), s.h.dev(), dh.dev(), n * hid)?;
         // h = LN2(xm)·W_fc + b_fc
@@ -799,11 +782,7 @@ fn backprop(
         let attn_proj = ws.attn_proj.data();
         // The attention output's gradient: with the flash kernels and bf16 products, bf16 from
         // its product, as the kernels read it.
-        let dy = if heads.flash && gpu.bf16 {
-            Stored::Bf16(gpu.uninit_bf16(n * c)?)
-        } else {
-            Stored::F32(gpu.uninit(n * c)?)
-        };
+        let dy = gpu.stored(heads.flash && gpu.bf16, n * c)?;
         let (attn_proj_w, attn_proj_b) = conv1d_bwd(
             gpu,
             (dxd, dx_op),

@@ -371,11 +371,7 @@ fn backprop(
     // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
     let dxd = dx.dev();
-    let dx16 = if gpu.bf16 {
-        Some(gpu.uninit_bf16(n * c)?)
-    } else {
-        None
-    };
+    let dx16 = gpu.operand_copy_buf(n * c)?;
     let dx16d = dx16.as_ref().map(|b| b.dev());
     let dx_op: Data = match dx16d {
         Some(d) => d.into(),
@@ -404,14 +400,13 @@ fn backprop(
         let dg = product(gpu, (n, inter, c), plain(dx_op, c), plain(wd, inter))?;
         // The gate and up projections' gradients, only products' operands: bf16 from the kernel
         // with bf16 products, else in the saved projections' place.
-        let grads16 = if gpu.bf16 {
-            Some((gpu.uninit_bf16(n * inter)?, gpu.uninit_bf16(n * inter)?))
-        } else {
-            None
-        };
+        let grads16 = (
+            gpu.operand_copy_buf(n * inter)?,
+            gpu.operand_copy_buf(n * inter)?,
+        );
         let (dgate, dup): (Data, Data) = match &grads16 {
-            Some((g, u)) => (g.dev().into(), u.dev().into()),
-            None => (s.gate.dev().into(), s.up.dev().into()),
+            (Some(g), Some(u)) => (g.dev().into(), u.dev().into()),
+            _ => (s.gate.dev().into(), s.up.dev().into()),
         };
         gpu.swiglu_bwd((dgate, dup), s.gate.dev(), s.up.dev(), dg.dev(), n * inter)?;
         drop(dg);
@@ -443,11 +438,10 @@ fn backprop(
         let d_post = norm_bwd(da2.dev(), (s.xm.dev(), *w_post, s.r2.dev()), true)?;
         drop(da2);
         // xm = x + y·W_oᵀ
-        let dxo = dx_op;
         let d_o = product(
             gpu,
             (c, qd, n),
-            transposed(dxo, c),
+            transposed(dx_op, c),
             plain(s.y_op.data(), qd),
         )?;
         // The attention output's gradient, bf16 from its product with bf16 products (as the
@@ -455,7 +449,7 @@ fn backprop(
         let dy = gpu.operand_buf(n * qd)?;
         gpu.linear(
             (n, qd, c),
-            plain(dxo, c),
+            plain(dx_op, c),
             plain(wo, qd),
             Added::default(),
             dy.data(),
