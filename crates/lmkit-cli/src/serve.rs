@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Sequences decoded at once (their steps interleave)
     #[arg(long, default_value_t = 8)]
     max_active: usize,
+    /// Prompt tokens read in one pass at most: prompts that arrive together are read in one
+    /// packed pass (each attending only to itself) instead of one pass each; 0 reads each alone
+    #[arg(long, default_value_t = lmkit_infer::PACKED_PROMPT_TOKENS)]
+    prompt_tokens: usize,
     /// Sequences accepted, queued or decoding, before answering 429
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -129,6 +133,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ..Limits::default()
         },
         max_active: a.max_active,
+        prompt_tokens: a.prompt_tokens,
         max_queue: a.max_queue,
         moderator,
         embedding_model: a.embedding_model.clone(),

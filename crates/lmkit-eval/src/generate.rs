@@ -78,7 +78,8 @@ impl Neural {
                     .filter(|(_, d)| !**d)
                     .map(|(d, _)| d)
                     .collect();
-                let steps = Decoder::step_many(&self.model, &mut live);
+                let steps =
+                    Decoder::step_many(&self.model, &mut live, lmkit_infer::PACKED_PROMPT_TOKENS);
                 for (i, s) in idx.into_iter().zip(steps) {
                     match s.map_err(|e| EvalError::Invalid(e.to_string()))? {
                         Step::Done(_) => done[i] = true,

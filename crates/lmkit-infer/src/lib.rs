@@ -21,6 +21,11 @@ pub enum InferError {
 
 pub type Result<T> = std::result::Result<T, InferError>;
 
+/// Prompt tokens read in one packed pass at most by default ([`Decoder::step_many`]): enough to
+/// share the weights' reads among many short prompts, few enough that the pass's activations
+/// stay small.
+pub const PACKED_PROMPT_TOKENS: usize = 2048;
+
 /// Why generation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -221,43 +226,73 @@ impl Decoder {
     }
 
     /// One step for each decoder. Those past their prompt (one pending token each) go through
-    /// the model together in one batched pass; a decoder still to read its prompt runs alone.
-    pub fn step_many(model: &CausalLm, decoders: &mut [&mut Decoder]) -> Vec<Result<Step>> {
+    /// the model together in one batched pass; those still to read their prompt go through it
+    /// together in packed passes of up to `prompt_tokens` tokens (each prompt attending only to
+    /// itself: [`CausalLm::forward_packed_last`]; a longer prompt, or any with 0, goes alone).
+    pub fn step_many(
+        model: &CausalLm,
+        decoders: &mut [&mut Decoder],
+        prompt_tokens: usize,
+    ) -> Vec<Result<Step>> {
         let mut out: Vec<Option<Result<Step>>> = decoders.iter().map(|_| None).collect();
-        let mut batch = Vec::new();
+        let (mut batch, mut prompts) = (Vec::new(), Vec::new());
         for (i, d) in decoders.iter_mut().enumerate() {
             if let Some(why) = d.limit() {
                 out[i] = Some(Ok(Step::Done(why)));
             } else if d.pending.len() == 1 {
                 batch.push(i);
             } else {
-                out[i] = Some(d.step(model));
+                prompts.push(i);
             }
         }
-        if batch.len() == 1 {
-            out[batch[0]] = Some(decoders[batch[0]].step(model));
-        } else if !batch.is_empty() {
-            let ids: Vec<u32> = batch.iter().map(|&i| decoders[i].pending[0]).collect();
+        let mut passes: Vec<Vec<usize>> = Vec::new();
+        let mut tokens = 0;
+        for i in prompts {
+            let n = decoders[i].pending.len();
+            match passes.last_mut() {
+                Some(pass) if tokens + n <= prompt_tokens => pass.push(i),
+                _ => {
+                    passes.push(vec![i]);
+                    tokens = 0;
+                }
+            }
+            tokens += n;
+        }
+        if !batch.is_empty() {
+            passes.push(batch);
+        }
+        for pass in passes {
+            if let [i] = pass[..] {
+                out[i] = Some(decoders[i].step(model));
+                continue;
+            }
+            let seqs: Vec<Vec<u32>> = pass.iter().map(|&i| decoders[i].pending.clone()).collect();
             let logits = (|| -> Result<Vec<Vec<f32>>> {
-                let input = Tensor::from_vec(ids, (batch.len(), 1), model.device())?;
+                let seqs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
                 let mut caches: Vec<&mut lmkit_models::KvCache> = decoders
                     .iter_mut()
                     .enumerate()
-                    .filter(|(i, _)| batch.contains(i))
+                    .filter(|(i, _)| pass.contains(i))
                     .map(|(_, d)| &mut d.cache)
                     .collect();
-                let logits = model.forward_rows(&input, &mut caches)?;
-                Ok(logits.squeeze(1)?.to_vec2()?)
+                let logits = if seqs.iter().all(|s| s.len() == 1) {
+                    // Decoding steps: one row each, every row continuing its own cache.
+                    let input = Tensor::new(seqs.concat(), model.device())?.unsqueeze(1)?;
+                    model.forward_rows(&input, &mut caches)?.squeeze(1)?
+                } else {
+                    model.forward_packed_last(&seqs, &mut caches)?
+                };
+                Ok(logits.to_vec2()?)
             })();
             match logits {
                 Ok(rows) => {
-                    for (&i, row) in batch.iter().zip(&rows) {
+                    for (&i, row) in pass.iter().zip(&rows) {
                         out[i] = Some(Ok(decoders[i].take(row)));
                     }
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    for &i in &batch {
+                    for &i in &pass {
                         out[i] = Some(Err(InferError::Invalid(msg.clone())));
                     }
                 }
@@ -280,7 +315,7 @@ pub fn finish_all(model: &CausalLm, decoders: &mut [Decoder], done: &mut [bool])
             .filter(|(_, d)| !**d)
             .map(|(dec, _)| dec)
             .collect();
-        let stepped = Decoder::step_many(model, &mut live);
+        let stepped = Decoder::step_many(model, &mut live, PACKED_PROMPT_TOKENS);
         let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
         for (i, s) in idx.into_iter().zip(stepped) {
             if let Step::Done(_) = s? {

@@ -499,6 +499,58 @@ impl CausalLm {
             .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?)
     }
 
+    /// Logits [n, vocab] of the last position of each of the n `seqs`, sequence i continuing
+    /// `caches[i]` (its keys and values appended there, as [`CausalLm::forward_last`] would).
+    /// The sequences go through the model together, one after another in a single row, each
+    /// attending only to its own cache and its own positions: the products read the weights
+    /// once for all of them (prompts arriving together are read in one pass instead of one
+    /// pass each). Recurrent models read them one at a time.
+    pub fn forward_packed_last(
+        &self,
+        seqs: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        if seqs.len() != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "{} sequences for {} caches",
+                seqs.len(),
+                caches.len()
+            ))
+            .into());
+        }
+        if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+            return Err(candle_core::Error::Msg(format!("sequence {i} is empty")).into());
+        }
+        if seqs.len() == 1 || self.is_recurrent() {
+            let rows = seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(s, c)| self.forward_last(&Tensor::new(*s, self.device())?.unsqueeze(0)?, c))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&rows, 0)?);
+        }
+        let ids: Vec<u32> = seqs.concat();
+        let t = ids.len();
+        for (c, s) in caches.iter_mut().zip(seqs) {
+            c.queue(s.len());
+        }
+        let hidden = Tensor::from_vec(ids, (1, t), self.device())
+            .map_err(ModelError::from)
+            .and_then(|ids| self.hidden_rows(&ids, caches));
+        // A pass that failed part-way leaves its queued counts behind: clear them.
+        caches.iter_mut().for_each(|c| c.queue(0));
+        let ends: Vec<u32> = seqs
+            .iter()
+            .scan(0, |end, s| {
+                *end += s.len();
+                Some(*end as u32 - 1)
+            })
+            .collect();
+        let ends = Tensor::new(ends.as_slice(), self.device())?;
+        let last = hidden?.squeeze(0)?.index_select(&ends, 0)?;
+        Ok(self.output().forward(&last)?)
+    }
+
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(self.output().forward(&self.hidden(ids, cache)?)?)

@@ -1,7 +1,8 @@
 //! The model worker: one thread owns the model (and its adapted variants, which share its
 //! weights) and advances every active sequence by one token per round, the sequences of one
 //! variant past their prompt in one batched pass (continuous batching: a new request joins at
-//! the next round instead of waiting for the others to finish).
+//! the next round instead of waiting for the others to finish), and the prompts that arrive
+//! together read in packed passes.
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
@@ -52,15 +53,21 @@ pub enum Rejected {
 
 impl Engine {
     /// Starts the worker thread. At most `max_active` sequences decode at once; up to
-    /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`.
-    pub fn start(models: Vec<CausalLm>, max_active: usize, max_queue: usize) -> Engine {
+    /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`;
+    /// prompts that arrive together are read in packed passes of up to `prompt_tokens` tokens.
+    pub fn start(
+        models: Vec<CausalLm>,
+        max_active: usize,
+        max_queue: usize,
+        prompt_tokens: usize,
+    ) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         let (d, a) = (depth.clone(), active.clone());
         std::thread::Builder::new()
             .name("lmkit-engine".into())
-            .spawn(move || worker(models, rx, d, a, max_active.max(1)))
+            .spawn(move || worker(models, rx, d, a, max_active.max(1), prompt_tokens))
             .expect("spawning the model thread");
         Engine {
             tx,
@@ -150,6 +157,7 @@ fn worker(
     depth: Arc<AtomicUsize>,
     active_count: Arc<AtomicUsize>,
     max_active: usize,
+    prompt_tokens: usize,
 ) {
     let mut active: Vec<Running> = Vec::new();
     let mut open = true;
@@ -192,9 +200,10 @@ fn worker(
             if slots.is_empty() {
                 continue;
             }
-            for (slot, res) in slots
-                .into_iter()
-                .zip(Decoder::step_many(model, &mut decoders))
+            for (slot, res) in
+                slots
+                    .into_iter()
+                    .zip(Decoder::step_many(model, &mut decoders, prompt_tokens))
             {
                 results[slot] = Some(res);
             }

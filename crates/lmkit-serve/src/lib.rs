@@ -91,6 +91,9 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Sequences decoded at once.
     pub max_active: usize,
+    /// Prompt tokens read in one packed pass at most (prompts that arrive together share the
+    /// pass; 0: one prompt a pass).
+    pub prompt_tokens: usize,
     /// Sequences accepted (queued or decoding) before answering 429.
     pub max_queue: usize,
     pub moderator: Moderator,
@@ -250,7 +253,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         eprintln!("lmkit serve: warning: {w}");
     }
     Ok(Arc::new(AppState {
-        engine: Engine::start(models, cfg.max_active, cfg.max_queue),
+        engine: Engine::start(models, cfg.max_active, cfg.max_queue, cfg.prompt_tokens),
         template,
         adapters: cfg.adapters.iter().map(|(n, _)| n.clone()).collect(),
         model_name,

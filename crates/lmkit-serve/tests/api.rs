@@ -66,6 +66,7 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
         db: db.to_path_buf(),
         limits: Limits::default(),
         max_active: 4,
+        prompt_tokens: lmkit_infer::PACKED_PROMPT_TOKENS,
         max_queue,
         moderator: Moderator::none(),
         embedding_model: None,

@@ -413,7 +413,7 @@ impl Gpt2 {
             [c] if c.segments().is_some() => c.packed_positions().unwrap_or_default(),
             _ => caches
                 .iter()
-                .flat_map(|c| (c.len()..c.len() + t).map(|p| p as u32))
+                .flat_map(|c| c.pass_positions(t).map(|p| p as u32))
                 .collect(),
         };
         let rows = if pos.len() == t {

@@ -684,7 +684,12 @@ impl Llama {
     /// positions; with one cache per row, each row continues its own.
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         if let Some(window) = self.cfg.sliding_window() {
-            let end = caches.iter().map(|c| c.len()).max().unwrap_or(0) + ids.dim(1)?;
+            let t = ids.dim(1)?;
+            let end = caches
+                .iter()
+                .map(|c| c.pass_positions(t).end)
+                .max()
+                .unwrap_or(t);
             if end > window {
                 candle_core::bail!(
                     "{end} positions exceed this model's sliding_window ({window}); attention limited to a window is not implemented yet"

@@ -163,9 +163,12 @@ pub fn padding_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
     ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))
 }
 
-/// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), or one
-/// cache per batch row (sequences at different positions decoded together). `attend` gets the
-/// rows' q, k, v ([rows, heads, t, head_dim]) and their cache, and returns their output.
+/// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), one
+/// cache per batch row (sequences at different positions decoded together), or, for a single
+/// row, several caches each continued by its queued positions, one after another in the row (a
+/// packed continuation: several prompts read in one pass, see [`KvCache::queued`]). `attend`
+/// gets the rows' (or the sequence's) q, k, v ([rows, heads, t, head_dim]) and their cache, and
+/// returns their output.
 pub fn attend_rows(
     q: &Tensor,
     k: &Tensor,
@@ -179,7 +182,10 @@ pub fn attend_rows(
         }
         return attend(q, k, v, cache);
     }
-    let b = q.dim(0)?;
+    let (b, _, t, _) = q.dims4()?;
+    if b == 1 && caches.len() > 1 {
+        return attend_continued(q, k, v, t, caches, &attend);
+    }
     if caches.len() != b {
         candle_core::bail!("{} caches for a batch of {b} rows", caches.len());
     }
@@ -196,6 +202,38 @@ pub fn attend_rows(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::cat(&rows, 0)
+}
+
+/// A packed continuation: the row's `t` positions are the caches' queued positions, cache after
+/// cache; each sequence attends to its own cache's keys and its own new positions.
+fn attend_continued(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    t: usize,
+    caches: &mut [&mut KvCache],
+    attend: &impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let queued: usize = caches.iter().map(|c| c.queued()).sum();
+    if queued != t || caches.iter().any(|c| c.queued() == 0) {
+        candle_core::bail!(
+            "{} caches for one row of {t} positions, with {queued} positions queued for them",
+            caches.len()
+        );
+    }
+    let mut parts = Vec::with_capacity(caches.len());
+    let mut start = 0;
+    for cache in caches.iter_mut() {
+        let n = cache.queued();
+        parts.push(attend(
+            &q.narrow(2, start, n)?,
+            &k.narrow(2, start, n)?,
+            &v.narrow(2, start, n)?,
+            cache,
+        )?);
+        start += n;
+    }
+    Tensor::cat(&parts, 2)
 }
 
 /// A packed pass (see [`KvCache::packed`]): each row's sequences attend one at a time, each with

@@ -39,6 +39,9 @@ pub struct KvCache {
     discard_kv: bool,
     /// Rows packed with several sequences (see [`KvCache::packed`]).
     segments: Option<Vec<Vec<usize>>>,
+    /// Positions this cache's sequence brings to a pass that continues several caches' sequences
+    /// packed into one row (see [`KvCache::queue`]); 0 outside such a pass.
+    queued: usize,
 }
 
 impl KvCache {
@@ -49,6 +52,7 @@ impl KvCache {
             len: 0,
             discard_kv: false,
             segments: None,
+            queued: 0,
         }
     }
 
@@ -93,6 +97,26 @@ impl KvCache {
     /// Whether this pass's keys and values may be dropped: a fresh [`KvCache::single_pass`] cache.
     pub fn discards_kv(&self) -> bool {
         self.discard_kv && self.len == 0
+    }
+
+    /// The next pass over one row with several caches continues each cache's sequence by its
+    /// `n` queued positions, the sequences one after another in the row in the caches' order
+    /// (a packed continuation: [`crate::CausalLm::forward_packed_last`]). Set back to 0 when
+    /// the pass has appended its last layer.
+    pub(crate) fn queue(&mut self, n: usize) {
+        self.queued = n;
+    }
+
+    /// Positions queued for a packed continuation (0: none).
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// The positions this cache's sequence takes in a pass of `t` positions a row: its queued
+    /// ones in a packed continuation, else the row's `t`, after the cached ones.
+    pub fn pass_positions(&self, t: usize) -> std::ops::Range<usize> {
+        let n = if self.queued > 0 { self.queued } else { t };
+        self.len..self.len + n
     }
 
     /// Positions already cached.
@@ -147,6 +171,7 @@ impl KvCache {
         };
         if layer + 1 == self.layers.len() {
             self.len = end;
+            self.queued = 0;
         }
         Ok(out)
     }
@@ -189,6 +214,7 @@ impl KvCache {
             len: self.len,
             discard_kv: self.discard_kv,
             segments: self.segments.clone(),
+            queued: 0,
         })
     }
 
@@ -196,6 +222,7 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.recurrent.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+        self.queued = 0;
     }
 }
 

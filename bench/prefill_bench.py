@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Prompts that arrive together: `lmkit serve` reading them in packed passes (the default) and one
+at a time (`--prompt-tokens 0`), next to transformers reading them as one padded batch.
+
+usage: ~/.cache/lmkit/venv/bin/python bench/prefill_bench.py [--model DIR] [--bursts 8,32]
+           [--repeats 5] [--device cpu|cuda]
+
+Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
+depend on the weights) is made from the bundled English corpus, as bench/serve_bench.py does.
+A burst is N chat requests of different lengths (user messages of 8 to 160 words of the corpus)
+sent at once, each asking for one token: its time is from the first request sent to the last
+answer, so it is the time to read every prompt and sample a first token. Both servers (same
+model, `--max-active N`) run side by side and take the bursts in turn; transformers' `generate`
+(one new token, the same chat-formatted ids, left-padded with an attention mask) is timed in
+turn with them. Medians of --repeats bursts; the servers' times include HTTP, JSON, the chat
+template, tokenization and the request log, which transformers' do not.
+"""
+import argparse
+import atexit
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from serve_bench import ROOT, make_model  # noqa: E402
+
+
+def messages(n):
+    """n user messages of 8 to 160 words from the corpus, each a different length."""
+    words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()
+    out, at = [], 1000
+    for i in range(n):
+        k = 8 + (i * 37) % 153
+        out.append(" ".join(words[at:at + k]))
+        at += k
+    return out
+
+
+def render_ids(lm, model, text, tmp, i):
+    conv = tmp / f"burst-{i}.json"
+    import json
+    conv.write_text(json.dumps([{"role": "user", "content": text}]))
+    p = subprocess.run([lm, "prompt", "render", "--model", model, "--messages", conv, "--ids"],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"lmkit prompt render failed: {p.stderr}")
+    return [int(x) for x in p.stdout.split()]
+
+
+def start_server(lm, model, tmp, name, n, device, extra):
+    proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", tmp / f"{name}.sqlite",
+                             "--max-active", str(n), "--max-queue", "512", "--device", device, *extra],
+                            stderr=subprocess.PIPE, text=True)
+    atexit.register(proc.terminate)
+    line = proc.stderr.readline()
+    if "serving" not in line:
+        raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
+    url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
+    return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+
+
+def burst(client, texts):
+    def one(t):
+        r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": t}],
+                                           max_tokens=1, temperature=0.8, seed=1)
+        return r.usage.prompt_tokens
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(texts)) as ex:
+        tokens = sum(ex.map(one, texts))
+    return time.perf_counter() - t0, tokens
+
+
+def peer_burst(hf, torch, prompts, device):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=mask, do_sample=True, temperature=0.8, max_new_tokens=1, pad_token_id=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--bursts", default="8,32", help="comma-separated numbers of prompts sent at once")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the servers' --device, and the peer's)")
+    a = ap.parse_args()
+    import torch
+    import transformers
+    lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-prefill-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
+    model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
+    ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+    sizes = [int(x) for x in a.bursts.split(",")]
+    texts = messages(max(sizes))
+    ids = [render_ids(lm, model, t, tmp, i) for i, t in enumerate(texts)]
+    rows = []
+    for n in sizes:
+        packed = start_server(lm, model, tmp, f"packed{n}", n, a.device, [])
+        alone = start_server(lm, model, tmp, f"alone{n}", n, a.device, ["--prompt-tokens", "0"])
+        for c in (packed, alone):
+            burst(c, texts[:2])  # warm-up
+        peer_burst(hf, torch, ids[:2], a.device)
+        times = {"packed": [], "alone": [], "peer": []}
+        tokens = 0
+        for _ in range(a.repeats):
+            for name, c in (("packed", packed), ("alone", alone)):
+                wall, tokens = burst(c, texts[:n])
+                times[name].append(wall)
+            times["peer"].append(peer_burst(hf, torch, ids[:n], a.device))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((n, tokens, med))
+    print(f"model {model}; device {a.device}; {os.cpu_count()} cores; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); medians of {a.repeats} bursts")
+    print()
+    print("| prompts at once | prompt tokens | lmkit serve, packed s | lmkit serve, one at a time s | "
+          "transformers generate s | packed / one at a time | lmkit packed vs transformers |")
+    print("|---|---|---|---|---|---|---|")
+    for n, tokens, m in rows:
+        print(f"| {n} | {tokens} | {m['packed']:.3f} | {m['alone']:.3f} | {m['peer']:.3f} | "
+              f"{m['alone'] / m['packed']:.2f}x faster | {m['peer'] / m['packed']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

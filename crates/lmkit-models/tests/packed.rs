@@ -1,0 +1,113 @@
+//! Several sequences read in one packed pass (`CausalLm::forward_packed_last`) give each the
+//! logits and the KV cache that a pass over it alone gives.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use lmkit_models::{CausalLm, DecoderConfig, KvCache};
+use std::path::Path;
+
+/// A model with random (not zero) weights from a config in Hugging Face's JSON form.
+fn random_model(config: &str) -> CausalLm {
+    let v: serde_json::Value = serde_json::from_str(config).unwrap();
+    let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
+    let mut draw = lmkit_kernels::testing::uniform(7);
+    for var in vm.all_vars() {
+        let t = Tensor::from_vec(draw(var.elem_count()), var.shape(), &Device::Cpu).unwrap();
+        var.set(&t).unwrap();
+    }
+    model
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    lmkit_kernels::testing::max_diff(a, b)
+}
+
+const CONFIGS: [&str; 5] = [
+    r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
+    r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 40}"#,
+    r#"{"model_type": "qwen3", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 40}"#,
+    r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
+        "use_parallel_residual": true, "max_position_embeddings": 40}"#,
+    r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
+        "num_layers": 2, "max_position_embeddings": 40}"#,
+];
+
+#[test]
+fn a_packed_pass_equals_one_pass_per_sequence() {
+    let dev = Device::Cpu;
+    for config in CONFIGS {
+        let m = random_model(config);
+        let seqs: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4, 6], &[30, 31]];
+        // Sequences 0 and 2 continue earlier positions; 1 and 3 start fresh.
+        let history: [&[u32]; 4] = [&[8, 9], &[], &[40, 41, 42, 43, 44], &[]];
+        let fresh = || -> Vec<KvCache> {
+            history
+                .iter()
+                .map(|h| {
+                    let mut c = m.new_cache();
+                    if !h.is_empty() {
+                        let ids = Tensor::new(*h, &dev).unwrap().unsqueeze(0).unwrap();
+                        m.forward_last(&ids, &mut c).unwrap();
+                    }
+                    c
+                })
+                .collect()
+        };
+        let (mut alone, mut packed) = (fresh(), fresh());
+        let want: Vec<Tensor> = seqs
+            .iter()
+            .zip(alone.iter_mut())
+            .map(|(s, c)| {
+                let ids = Tensor::new(*s, &dev).unwrap().unsqueeze(0).unwrap();
+                m.forward_last(&ids, c).unwrap()
+            })
+            .collect();
+        let want = Tensor::cat(&want, 0).unwrap();
+        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
+        let got = m.forward_packed_last(&seqs, &mut refs).unwrap();
+        assert_eq!(got.dims(), [4, 61], "{config}");
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-5, "{config}: logits differ by {d}");
+        for (i, (a, p)) in alone.iter().zip(&packed).enumerate() {
+            assert_eq!((a.len(), p.queued()), (p.len(), 0), "{config}: cache {i}");
+        }
+        // The caches continue alike: one batched decoding step over all four.
+        let step = Tensor::new(&[[3u32], [4], [5], [6]], &dev).unwrap();
+        let mut refs: Vec<&mut KvCache> = alone.iter_mut().collect();
+        let want = m.forward_rows(&step, &mut refs).unwrap();
+        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
+        let got = m.forward_rows(&step, &mut refs).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-5, "{config}: the next step's logits differ by {d}");
+    }
+}
+
+#[test]
+fn a_packed_pass_refuses_what_it_cannot_read() {
+    let m = random_model(CONFIGS[1]);
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    let e = m
+        .forward_packed_last(&[&[1, 2]], &mut [&mut a, &mut b])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 sequences for 2 caches"), "{e}");
+    let e = m
+        .forward_packed_last(&[&[1, 2], &[]], &mut [&mut a, &mut b])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sequence 1 is empty"), "{e}");
+    // Past the context: an error, and the caches stay usable.
+    let long: Vec<u32> = (0..45).map(|i| i % 61).collect();
+    assert!(m
+        .forward_packed_last(&[&[1, 2], &long], &mut [&mut a, &mut b])
+        .is_err());
+    assert_eq!((a.queued(), b.queued()), (0, 0));
+}
