@@ -19,7 +19,8 @@
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
 #    GPT-2 small again with lmkit's flash attention and bf16 products;
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
-#    transformers' generate with batches of 8 and 32.
+#    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
+#    32 prompts sent at once, read in packed passes and one at a time, vs transformers.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
 # ops, llama, speed, serve), for a device command that must stay within its time limit.
@@ -244,6 +245,9 @@ if "$py" -c "import openai" 2>/dev/null; then
     LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --clients $n --requests $((2 * n)) \
       --max-active $n --max-tokens 64 --peer || failed+=("serve bench $n")
   done
+  echo "== prompts arriving together on the GPU: packed passes vs one at a time vs transformers"
+  LMKIT_BIN="$bin" "$py" "$here/bench/prefill_bench.py" --device cuda --bursts 8,32 --repeats 5 \
+    || failed+=("prefill bench")
 else
   echo "skipped: the openai package is not installed (pip install openai)"
 fi

