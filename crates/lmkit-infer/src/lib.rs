@@ -304,9 +304,15 @@ impl Decoder {
     }
 }
 
-/// Steps the decoders not yet `done` together ([`Decoder::step_many`]) until every one is
-/// (`done[i]` marks decoder i finished, before and after); returns how many rounds it took.
-pub fn finish_all(model: &CausalLm, decoders: &mut [Decoder], done: &mut [bool]) -> Result<usize> {
+/// Steps the decoders not yet `done` together ([`Decoder::step_many`], prompts packed up to
+/// `prompt_tokens` tokens a pass) until every one is (`done[i]` marks decoder i finished,
+/// before and after); returns how many rounds it took.
+pub fn finish_all(
+    model: &CausalLm,
+    decoders: &mut [Decoder],
+    done: &mut [bool],
+    prompt_tokens: usize,
+) -> Result<usize> {
     let mut rounds = 0;
     while done.iter().any(|d| !d) {
         let mut live: Vec<&mut Decoder> = decoders
@@ -315,7 +321,7 @@ pub fn finish_all(model: &CausalLm, decoders: &mut [Decoder], done: &mut [bool])
             .filter(|(_, d)| !**d)
             .map(|(dec, _)| dec)
             .collect();
-        let stepped = Decoder::step_many(model, &mut live, PACKED_PROMPT_TOKENS);
+        let stepped = Decoder::step_many(model, &mut live, prompt_tokens);
         let idx: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();
         for (i, s) in idx.into_iter().zip(stepped) {
             if let Step::Done(_) = s? {

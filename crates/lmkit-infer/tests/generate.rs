@@ -190,6 +190,9 @@ fn batched_steps_equal_one_sequence_at_a_time() {
         r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 40}"#,
+        r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
+            "max_position_embeddings": 40}"#,
         r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
             "num_layers": 2, "max_position_embeddings": 40}"#,
         r#"{"model_type": "lmkit_rnn", "cell": "rnn", "vocab_size": 61, "hidden_size": 20,
@@ -207,23 +210,30 @@ fn batched_steps_equal_one_sequence_at_a_time() {
             .iter()
             .map(|p| generate(&m, p, &o, &mut |_, _| true).unwrap().0)
             .collect();
-        // Different lengths and limits, so that the batch changes as sequences finish.
-        let mut ds: Vec<lmkit_infer::Decoder> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let o = GenerateOptions {
-                    max_tokens: 9 - i,
-                    ..o.clone()
-                };
-                lmkit_infer::Decoder::new(&m, p, o).unwrap()
-            })
-            .collect();
-        let mut done = vec![false; ds.len()];
-        let rounds = lmkit_infer::finish_all(&m, &mut ds, &mut done).unwrap();
-        assert!(rounds < 50);
-        for (i, d) in ds.iter().enumerate() {
-            assert_eq!(d.generated(), &want[i][..9 - i], "{config} sequence {i}");
+        // Prompts read one at a time, in packs of at most 5 tokens, all in one pack.
+        for prompt_tokens in [0, 5, lmkit_infer::PACKED_PROMPT_TOKENS] {
+            // Different lengths and limits, so that the batch changes as sequences finish.
+            let mut ds: Vec<lmkit_infer::Decoder> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let o = GenerateOptions {
+                        max_tokens: 9 - i,
+                        ..o.clone()
+                    };
+                    lmkit_infer::Decoder::new(&m, p, o).unwrap()
+                })
+                .collect();
+            let mut done = vec![false; ds.len()];
+            let rounds = lmkit_infer::finish_all(&m, &mut ds, &mut done, prompt_tokens).unwrap();
+            assert!(rounds < 50);
+            for (i, d) in ds.iter().enumerate() {
+                assert_eq!(
+                    d.generated(),
+                    &want[i][..9 - i],
+                    "{config} sequence {i}, packs of {prompt_tokens} prompt tokens"
+                );
+            }
         }
     }
 }
@@ -263,7 +273,7 @@ fn a_prefilled_group_samples_as_independent_decoders() {
             .map(|(_, s)| matches!(s, lmkit_infer::Step::Done(_)))
             .collect();
         let mut ds: Vec<lmkit_infer::Decoder> = group.into_iter().map(|(d, _)| d).collect();
-        lmkit_infer::finish_all(&m, &mut ds, &mut done).unwrap();
+        lmkit_infer::finish_all(&m, &mut ds, &mut done, lmkit_infer::PACKED_PROMPT_TOKENS).unwrap();
         let got: Vec<Vec<u32>> = ds.iter().map(|d| d.generated().to_vec()).collect();
         assert_eq!(got, want);
         assert!(

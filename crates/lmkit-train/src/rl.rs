@@ -679,8 +679,13 @@ fn sample_and_score(ctx: &Ctx, k: usize) -> Result<Sampled> {
             decoders.push(d);
         }
     }
-    lmkit_infer::finish_all(model, &mut decoders, &mut done)
-        .map_err(|e| TrainError::Data(e.to_string()))?;
+    lmkit_infer::finish_all(
+        model,
+        &mut decoders,
+        &mut done,
+        lmkit_infer::PACKED_PROMPT_TOKENS,
+    )
+    .map_err(|e| TrainError::Data(e.to_string()))?;
     let samples: Vec<Sample> = decoders
         .iter()
         .enumerate()
