@@ -89,7 +89,7 @@ impl Neural {
                                 done[i] = true;
                             }
                         }
-                        Step::Token(_) => {}
+                        Step::Token(_) | Step::Pending => {}
                     }
                 }
             }

@@ -71,6 +71,9 @@ pub struct Decoder {
 pub enum Step {
     Token(u32),
     Done(Finish),
+    /// No token yet: part of the prompt was read, or it waits for its turn
+    /// ([`Decoder::step_many`] reads long prompts in pieces).
+    Pending,
 }
 
 impl Decoder {
@@ -225,83 +228,110 @@ impl Decoder {
         Ok(self.take(&last))
     }
 
-    /// One step for each decoder. Those past their prompt (one pending token each) go through
-    /// the model together in one batched pass; those still to read their prompt go through it
-    /// together in packed passes of up to `prompt_tokens` tokens (each prompt attending only to
-    /// itself: [`CausalLm::forward_packed_last`]; a longer prompt, or any with 0, goes alone).
+    /// One step for each decoder, in one pass over the model where it can: the decoders past
+    /// their prompt (one pending token each) together with up to `prompt_tokens` tokens of the
+    /// prompts still to read, in their order — a prompt that does not fit is read in pieces
+    /// over the next calls (its step is [`Step::Pending`] until its last piece), so that a long
+    /// prompt does not hold up the others' tokens. The sequences are packed one after another,
+    /// each attending only to its own cache ([`CausalLm::forward_packed_last`]). With
+    /// `prompt_tokens` 0 each prompt is read whole in a pass of its own and the other decoders
+    /// step together.
     pub fn step_many(
         model: &CausalLm,
         decoders: &mut [&mut Decoder],
         prompt_tokens: usize,
     ) -> Vec<Result<Step>> {
         let mut out: Vec<Option<Result<Step>>> = decoders.iter().map(|_| None).collect();
-        let (mut batch, mut prompts) = (Vec::new(), Vec::new());
-        for (i, d) in decoders.iter_mut().enumerate() {
-            if let Some(why) = d.limit() {
-                out[i] = Some(Ok(Step::Done(why)));
-            } else if d.pending.len() == 1 {
-                batch.push(i);
-            } else {
-                prompts.push(i);
+        let mut live = Vec::new();
+        for (i, d) in decoders.iter().enumerate() {
+            match d.limit() {
+                Some(why) => out[i] = Some(Ok(Step::Done(why))),
+                None => live.push(i),
             }
         }
-        let mut passes: Vec<Vec<usize>> = Vec::new();
-        let mut tokens = 0;
-        for i in prompts {
-            let n = decoders[i].pending.len();
-            match passes.last_mut() {
-                Some(pass) if tokens + n <= prompt_tokens => pass.push(i),
-                _ => {
-                    passes.push(vec![i]);
-                    tokens = 0;
+        // Passes of (decoder, pending tokens it reads), each in increasing decoder order.
+        let mut passes: Vec<Vec<(usize, usize)>> = Vec::new();
+        let (steps, prompts): (Vec<usize>, Vec<usize>) = live
+            .into_iter()
+            .partition(|&i| decoders[i].pending.len() == 1);
+        let mut pass: Vec<(usize, usize)> = steps.into_iter().map(|i| (i, 1)).collect();
+        if prompt_tokens == 0 {
+            passes.extend(
+                prompts
+                    .iter()
+                    .map(|&i| vec![(i, decoders[i].pending.len())]),
+            );
+        } else {
+            let mut budget = prompt_tokens;
+            for i in prompts {
+                let n = decoders[i].pending.len().min(budget);
+                if n == 0 {
+                    out[i] = Some(Ok(Step::Pending));
+                } else {
+                    pass.push((i, n));
+                    budget -= n;
                 }
             }
-            tokens += n;
+            pass.sort_unstable();
         }
-        if !batch.is_empty() {
-            passes.push(batch);
+        if !pass.is_empty() {
+            passes.push(pass);
         }
         for pass in passes {
-            if let [i] = pass[..] {
-                out[i] = Some(decoders[i].step(model));
-                continue;
-            }
-            let seqs: Vec<Vec<u32>> = pass.iter().map(|&i| decoders[i].pending.clone()).collect();
-            let logits = (|| -> Result<Vec<Vec<f32>>> {
-                let seqs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-                let mut caches: Vec<&mut lmkit_models::KvCache> = decoders
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| pass.contains(i))
-                    .map(|(_, d)| &mut d.cache)
-                    .collect();
-                let logits = if seqs.iter().all(|s| s.len() == 1) {
-                    // Decoding steps: one row each, every row continuing its own cache.
-                    let input = Tensor::new(seqs.concat(), model.device())?.unsqueeze(1)?;
-                    model.forward_rows(&input, &mut caches)?.squeeze(1)?
-                } else {
-                    model.forward_packed_last(&seqs, &mut caches)?
-                };
-                Ok(logits.to_vec2()?)
-            })();
-            match logits {
-                Ok(rows) => {
-                    for (&i, row) in pass.iter().zip(&rows) {
-                        out[i] = Some(Ok(decoders[i].take(row)));
+            let rows: Vec<Result<Vec<f32>>> = match read_pass(model, decoders, &pass) {
+                Ok(rows) => rows.into_iter().map(Ok).collect(),
+                // One sequence's error (a context or window exceeded) fails the pass: read each
+                // alone so that it fails only its own.
+                Err(_) if pass.len() > 1 => pass
+                    .iter()
+                    .map(|&p| read_pass(model, decoders, &[p]).map(|mut rows| rows.remove(0)))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            for (&(i, n), row) in pass.iter().zip(rows) {
+                let d = &mut *decoders[i];
+                out[i] = Some(row.map(|row| {
+                    if n < d.pending.len() {
+                        d.pending.drain(..n);
+                        Step::Pending
+                    } else {
+                        d.take(&row)
                     }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for &i in &pass {
-                        out[i] = Some(Err(InferError::Invalid(msg.clone())));
-                    }
-                }
+                }));
             }
         }
         out.into_iter()
             .map(|o| o.unwrap_or_else(|| Err(InferError::Invalid("decoder skipped".into()))))
             .collect()
     }
+}
+
+/// One pass over the model: decoder `i` reads its first `n` pending tokens, for each `(i, n)`
+/// of `pass` (in increasing `i`); the logits of each one's last token read.
+fn read_pass(
+    model: &CausalLm,
+    decoders: &mut [&mut Decoder],
+    pass: &[(usize, usize)],
+) -> Result<Vec<Vec<f32>>> {
+    let seqs: Vec<Vec<u32>> = pass
+        .iter()
+        .map(|&(i, n)| decoders[i].pending[..n].to_vec())
+        .collect();
+    let seqs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let mut caches: Vec<&mut lmkit_models::KvCache> = decoders
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| pass.iter().any(|&(j, _)| j == *i))
+        .map(|(_, d)| &mut d.cache)
+        .collect();
+    let logits = if seqs.len() > 1 && seqs.iter().all(|s| s.len() == 1) {
+        // Decoding steps: one row each, every row continuing its own cache.
+        let input = Tensor::new(seqs.concat(), model.device())?.unsqueeze(1)?;
+        model.forward_rows(&input, &mut caches)?.squeeze(1)?
+    } else {
+        model.forward_packed_last(&seqs, &mut caches)?
+    };
+    Ok(logits.to_vec2()?)
 }
 
 /// Steps the decoders not yet `done` together ([`Decoder::step_many`], prompts packed up to
@@ -369,6 +399,7 @@ pub fn generate_constrained(
                     return Ok((d.generated, Finish::Stopped));
                 }
             }
+            Step::Pending => {}
         }
     }
 }

@@ -282,3 +282,51 @@ fn a_prefilled_group_samples_as_independent_decoders() {
         );
     }
 }
+
+#[test]
+fn a_sequence_that_fails_its_pass_fails_alone() {
+    // Mistral's sliding window (8 positions) is not implemented past its length: the sequence
+    // that outgrows it gets an error, the one that stays within continues as alone.
+    let m = random_model(
+        r#"{"model_type": "mistral", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 40, "sliding_window": 8}"#,
+    );
+    let o = GenerateOptions {
+        max_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        stop_ids: Vec::new(),
+        max_positions: 40,
+    };
+    let want = generate(&m, &[9, 8], &o, &mut |_, _| true).unwrap().0;
+    let mut ds = [
+        lmkit_infer::Decoder::new(&m, &[1, 2, 3, 4, 5, 6], o.clone()).unwrap(),
+        lmkit_infer::Decoder::new(&m, &[9, 8], o.clone()).unwrap(),
+    ];
+    let mut errors = Vec::new();
+    let mut live = vec![true, true];
+    while live.iter().any(|l| *l) {
+        let mut refs: Vec<&mut lmkit_infer::Decoder> = ds
+            .iter_mut()
+            .zip(&live)
+            .filter(|(_, l)| **l)
+            .map(|(d, _)| d)
+            .collect();
+        let idx: Vec<usize> = (0..2).filter(|&i| live[i]).collect();
+        let steps = lmkit_infer::Decoder::step_many(&m, &mut refs, 64);
+        for (i, s) in idx.into_iter().zip(steps) {
+            match s {
+                Err(e) => {
+                    errors.push((i, e.to_string()));
+                    live[i] = false;
+                }
+                Ok(lmkit_infer::Step::Done(_)) => live[i] = false,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, 0);
+    assert!(errors[0].1.contains("sliding_window"), "{}", errors[0].1);
+    assert_eq!(ds[1].generated(), want.as_slice());
+}

@@ -1,8 +1,8 @@
 //! The model worker: one thread owns the model (and its adapted variants, which share its
 //! weights) and advances every active sequence by one token per round, the sequences of one
 //! variant past their prompt in one batched pass (continuous batching: a new request joins at
-//! the next round instead of waiting for the others to finish), and the prompts that arrive
-//! together read in packed passes.
+//! the next round instead of waiting for the others to finish), and the prompts that arrive read
+//! in the same pass, a long one in pieces over several rounds.
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
@@ -54,7 +54,8 @@ pub enum Rejected {
 impl Engine {
     /// Starts the worker thread. At most `max_active` sequences decode at once; up to
     /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`;
-    /// prompts that arrive together are read in packed passes of up to `prompt_tokens` tokens.
+    /// each round reads up to `prompt_tokens` prompt tokens beside the decoding steps
+    /// ([`Decoder::step_many`]).
     pub fn start(
         models: Vec<CausalLm>,
         max_active: usize,
@@ -186,8 +187,8 @@ fn worker(
             }
             !gone
         });
-        // One step for every active sequence; those of one variant past their prompt share one
-        // batched pass.
+        // One step for every active sequence; those of one variant share one pass (with the
+        // prompts' pieces that fit this round).
         let mut results: Vec<Option<lmkit_infer::Result<Step>>> =
             (0..active.len()).map(|_| None).collect();
         for (m, model) in models.iter().enumerate() {
@@ -217,6 +218,9 @@ fn worker(
             .map(|(r, res)| {
                 let (event, more) = match res {
                     Ok(Step::Token(t)) => (Event::Token(t), true),
+                    // Its prompt is still being read (a client gone meanwhile is dropped at
+                    // the next round's start).
+                    Ok(Step::Pending) => return true,
                     Ok(Step::Done(_)) if r.decoder.constraint_error().is_some() => (
                         Event::Error(format!(
                             "constrained decoding: {}",
