@@ -16,6 +16,13 @@ model, `--max-active N`) run side by side and take the bursts in turn; transform
 (one new token, the same chat-formatted ids, left-padded with an attention mask) is timed in
 turn with them. Medians of --repeats bursts; the servers' times include HTTP, JSON, the chat
 template, tokenization and the request log, which transformers' do not.
+
+Second table, a long prompt arriving while 4 streams decode (48 tokens each): each server round
+reads the decoding steps and up to --prompt-tokens prompt tokens, so a long prompt is read in
+pieces between the streams' tokens instead of in one pass that holds them all up. For servers
+with --prompt-tokens 0 (whole prompts alone), a budget of about an eighth of the long prompt, and
+the default 2048: the streams' longest wait between two tokens and the long request's time to
+its one token (medians of --repeats). transformers has no server to compare this with.
 """
 import argparse
 import atexit
@@ -81,6 +88,33 @@ def burst(client, texts):
     return time.perf_counter() - t0, tokens
 
 
+def stream_gaps(client, text, max_tokens, seed):
+    """Streams one chat completion; the longest wait between two content chunks."""
+    gaps, last = [0.0], None
+    stream = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": text}],
+                                            max_tokens=max_tokens, temperature=0.8, seed=seed, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+    return max(gaps)
+
+
+def long_during_streams(client, short, long_text):
+    """4 streams decode; once they run, the long prompt is sent. Returns (the streams' longest
+    wait between two tokens, the long request's time to its answer)."""
+    with ThreadPoolExecutor(5) as ex:
+        streams = [ex.submit(stream_gaps, client, short[i], 48, i) for i in range(4)]
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        client.chat.completions.create(model="bench", messages=[{"role": "user", "content": long_text}],
+                                       max_tokens=1, temperature=0.8, seed=9)
+        long_wall = time.perf_counter() - t0
+        return max(f.result() for f in streams), long_wall
+
+
 def peer_burst(hf, torch, prompts, device):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
@@ -134,6 +168,22 @@ def main():
             times["peer"].append(peer_burst(hf, torch, ids[:n], a.device))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, tokens, med))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    context = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()
+    long_text = " ".join(words[50000:50000 + min(1500, int(context * 0.6))])
+    long_tokens = len(render_ids(lm, model, long_text, tmp, "long"))
+    budgets = [0, max(16, long_tokens // 8), 2048]
+    servers = {b: start_server(lm, model, tmp, f"budget{b}", 8, a.device, ["--prompt-tokens", str(b)])
+               for b in budgets}
+    for c in servers.values():
+        burst(c, texts[:2])  # warm-up
+    waits = {b: ([], []) for b in budgets}
+    for _ in range(a.repeats):
+        for b, c in servers.items():
+            gap, wall = long_during_streams(c, texts, long_text)
+            waits[b][0].append(gap)
+            waits[b][1].append(wall)
     print(f"model {model}; device {a.device}; {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); medians of {a.repeats} bursts")
     print()
@@ -143,6 +193,14 @@ def main():
     for n, tokens, m in rows:
         print(f"| {n} | {tokens} | {m['packed']:.3f} | {m['alone']:.3f} | {m['peer']:.3f} | "
               f"{m['alone'] / m['packed']:.2f}x faster | {m['peer'] / m['packed']:.2f}x |")
+    print()
+    print(f"a prompt of {long_tokens} tokens sent while 4 streams decode:")
+    print()
+    print("| lmkit serve --prompt-tokens | streams' longest wait between tokens s | long prompt's answer s |")
+    print("|---|---|---|")
+    for b in budgets:
+        name = f"{b} (whole prompts, alone)" if b == 0 else str(b)
+        print(f"| {name} | {statistics.median(waits[b][0]):.3f} | {statistics.median(waits[b][1]):.3f} |")
 
 
 if __name__ == "__main__":
