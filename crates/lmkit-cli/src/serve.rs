@@ -51,8 +51,10 @@ pub struct ServeArgs {
     /// Sequences decoded at once (their steps interleave)
     #[arg(long, default_value_t = 8)]
     max_active: usize,
-    /// Prompt tokens read in one pass at most: prompts that arrive together are read in one
-    /// packed pass (each attending only to itself) instead of one pass each; 0 reads each alone
+    /// Prompt tokens read per round at most, in the same pass as the decoding steps: prompts
+    /// that arrive together share it (each attending only to itself), a longer prompt is read in
+    /// pieces over several rounds so the others' tokens keep coming; 0 reads each prompt whole
+    /// in a pass of its own
     #[arg(long, default_value_t = lmkit_infer::PACKED_PROMPT_TOKENS)]
     prompt_tokens: usize,
     /// Sequences accepted, queued or decoding, before answering 429

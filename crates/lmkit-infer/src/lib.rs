@@ -21,9 +21,9 @@ pub enum InferError {
 
 pub type Result<T> = std::result::Result<T, InferError>;
 
-/// Prompt tokens read in one packed pass at most by default ([`Decoder::step_many`]): enough to
-/// share the weights' reads among many short prompts, few enough that the pass's activations
-/// stay small.
+/// Prompt tokens read per pass at most by default ([`Decoder::step_many`]): enough to share the
+/// weights' reads among many short prompts, few enough that the pass's activations stay small
+/// and the other sequences' next tokens are not held up long.
 pub const PACKED_PROMPT_TOKENS: usize = 2048;
 
 /// Why generation stopped.

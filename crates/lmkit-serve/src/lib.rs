@@ -91,8 +91,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Sequences decoded at once.
     pub max_active: usize,
-    /// Prompt tokens read in one packed pass at most (prompts that arrive together share the
-    /// pass; 0: one prompt a pass).
+    /// Prompt tokens read per round at most, beside the decoding steps (see
+    /// [`lmkit_infer::Decoder::step_many`]; 0: each prompt whole, in a pass of its own).
     pub prompt_tokens: usize,
     /// Sequences accepted (queued or decoding) before answering 429.
     pub max_queue: usize,
