@@ -403,10 +403,10 @@ impl Gpt2 {
         &self.lm_head
     }
 
-    /// Final (normalised) hidden states [batch, seq, n_embd] for `ids` [batch, seq] that follow
-    /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
-    /// Final hidden states for `ids` [batch, t]: with one cache, the batch continues its cached
-    /// positions; with one cache per row, each row continues its own.
+    /// Final (normalised) hidden states [batch, t, n_embd] for `ids` [batch, t]; logits are
+    /// these times `lm_head`ᵀ. With one cache, the batch continues its cached positions; with
+    /// one cache per row, each row continues its own; with one row and several caches, the row
+    /// holds their queued continuations one after another ([`crate::CausalLm::forward_packed_last`]).
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let pos: Vec<u32> = match caches {

@@ -428,7 +428,9 @@ impl GptNeox {
     }
 
     /// Final hidden states [batch, t, hidden_size] for `ids` [batch, t]: with one cache, the
-    /// batch continues its cached positions; with one cache per row, each row its own.
+    /// batch continues its cached positions; with one cache per row, each row its own; with one
+    /// row and several caches, the row holds their queued continuations one after another
+    /// ([`crate::CausalLm::forward_packed_last`]).
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         let mut x = self.embed_in.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {

@@ -678,10 +678,10 @@ impl Llama {
         &self.lm_head
     }
 
-    /// Final (normalised) hidden states [batch, seq, hidden_size] for `ids` [batch, seq] that follow
-    /// `cache.len()` earlier positions; logits are these times `lm_head`ᵀ.
-    /// Final hidden states for `ids` [batch, t]: with one cache, the batch continues its cached
-    /// positions; with one cache per row, each row continues its own.
+    /// Final (normalised) hidden states [batch, t, hidden_size] for `ids` [batch, t]; logits are
+    /// these times `lm_head`ᵀ. With one cache, the batch continues its cached positions; with
+    /// one cache per row, each row continues its own; with one row and several caches, the row
+    /// holds their queued continuations one after another ([`crate::CausalLm::forward_packed_last`]).
     pub fn hidden(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> candle_core::Result<Tensor> {
         if let Some(window) = self.cfg.sliding_window() {
             let t = ids.dim(1)?;
