@@ -233,9 +233,10 @@ impl Decoder {
     /// prompts still to read, in their order — a prompt that does not fit is read in pieces
     /// over the next calls (its step is [`Step::Pending`] until its last piece), so that a long
     /// prompt does not hold up the others' tokens. The sequences are packed one after another,
-    /// each attending only to its own cache ([`CausalLm::forward_packed_last`]). With
-    /// `prompt_tokens` 0 each prompt is read whole in a pass of its own and the other decoders
-    /// step together.
+    /// each attending only to its own cache ([`CausalLm::forward_packed_last`]); a fresh prompt
+    /// equal to another in the pass is read once, its decoder starting from a copy of the
+    /// other's cache. With `prompt_tokens` 0 each prompt is read whole in a pass of its own and
+    /// the other decoders step together.
     pub fn step_many(
         model: &CausalLm,
         decoders: &mut [&mut Decoder],
@@ -255,6 +256,8 @@ impl Decoder {
             .into_iter()
             .partition(|&i| decoders[i].pending.len() == 1);
         let mut pass: Vec<(usize, usize)> = steps.into_iter().map(|i| (i, 1)).collect();
+        // (decoder, the decoder in the pass whose prompt and cache it takes).
+        let mut copies: Vec<(usize, usize)> = Vec::new();
         if prompt_tokens == 0 {
             passes.extend(
                 prompts
@@ -264,6 +267,20 @@ impl Decoder {
         } else {
             let mut budget = prompt_tokens;
             for i in prompts {
+                // A fresh prompt equal to one read whole in this pass (the choices of one
+                // request) is not read again: its decoder starts from a copy of that one's cache.
+                let d = &decoders[i];
+                let twin = pass.iter().find(|&&(j, n)| {
+                    let e = &decoders[j];
+                    d.cache.is_empty()
+                        && e.cache.is_empty()
+                        && n == e.pending.len()
+                        && e.pending == d.pending
+                });
+                if let Some(&(j, _)) = twin {
+                    copies.push((i, j));
+                    continue;
+                }
                 let n = decoders[i].pending.len().min(budget);
                 if n == 0 {
                     out[i] = Some(Ok(Step::Pending));
@@ -289,6 +306,21 @@ impl Decoder {
                 Err(e) => vec![Err(e)],
             };
             for (&(i, n), row) in pass.iter().zip(rows) {
+                for &(c, _) in copies.iter().filter(|&&(_, j)| j == i) {
+                    out[c] = Some(match &row {
+                        Ok(row) => {
+                            decoders[i]
+                                .cache
+                                .fork()
+                                .map_err(InferError::from)
+                                .map(|cache| {
+                                    decoders[c].cache = cache;
+                                    decoders[c].take(row)
+                                })
+                        }
+                        Err(e) => Err(InferError::Invalid(e.to_string())),
+                    });
+                }
                 let d = &mut *decoders[i];
                 out[i] = Some(row.map(|row| {
                     if n < d.pending.len() {

@@ -330,3 +330,52 @@ fn a_sequence_that_fails_its_pass_fails_alone() {
     assert!(errors[0].1.contains("sliding_window"), "{}", errors[0].1);
     assert_eq!(ds[1].generated(), want.as_slice());
 }
+
+#[test]
+fn equal_prompts_in_one_pass_sample_as_independent_decoders() {
+    // The choices of one request: one prompt, several seeds (read once, the cache copied), next
+    // to another prompt.
+    for config in [
+        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
+        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 40}"#,
+    ] {
+        let m = random_model(config);
+        let opts = |seed| GenerateOptions {
+            max_tokens: 6,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+                repetition_penalty: 1.0,
+                seed,
+            },
+            stop_ids: Vec::new(),
+            max_positions: 40,
+        };
+        let prompts: [&[u32]; 4] = [&[3, 1, 4], &[2, 7], &[3, 1, 4], &[3, 1, 4]];
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                generate(&m, p, &opts(i as u64), &mut |_, _| true)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let mut ds: Vec<lmkit_infer::Decoder> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| lmkit_infer::Decoder::new(&m, p, opts(i as u64)).unwrap())
+            .collect();
+        let mut done = vec![false; ds.len()];
+        lmkit_infer::finish_all(&m, &mut ds, &mut done, 64).unwrap();
+        let got: Vec<Vec<u32>> = ds.iter().map(|d| d.generated().to_vec()).collect();
+        assert_eq!(got, want, "{config}");
+        assert!(
+            got[0] != got[2] || got[0] != got[3],
+            "the seeds gave one sequence"
+        );
+    }
+}
