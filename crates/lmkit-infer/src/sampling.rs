@@ -92,53 +92,159 @@ fn argmax(xs: &[f32]) -> u32 {
 }
 
 /// The next token for `logits` given the sequence so far (`history`).
+/// Draws a token: the logits after the repetition penalty, scaled by 1/temperature, cut to the
+/// `top_k` largest and then to the smallest head whose probability reaches `top_p`, and walked
+/// from the most probable down (ties by token id) with one uniform draw. Only the head the cut
+/// and the draw reach is put in order — found by selection, a few hundred tokens at a time —
+/// instead of sorting the whole vocabulary for every token.
 pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     let mut l = logits.to_vec();
     apply_repetition_penalty(&mut l, history, p.repetition_penalty);
     if p.temperature == 0.0 {
         return argmax(&l);
     }
-    // Candidates sorted by logit, highest first; then top-k, softmax, top-p.
-    let mut idx: Vec<usize> = (0..l.len()).collect();
-    idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
-    if let Some(k) = p.top_k {
-        idx.truncate(k.max(1));
-    }
-    let max = l[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((l[i] as f64 - max) / p.temperature as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|x| *x /= total);
+    let mut order = Ranked::new(&l);
+    let n = p.top_k.map_or(l.len(), |k| order.take(k.max(1)));
+    let max = l[order.at(0)] as f64;
+    let weight = |i: usize| ((l[i] as f64 - max) / p.temperature as f64).exp();
+    let total: f64 = order.idx[..n].iter().map(|&i| weight(i as usize)).sum();
+    let prob = |i: usize| weight(i) / total;
+    let mut keep = n;
     if let Some(top_p) = p.top_p {
-        // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, &x) in probs.iter().enumerate() {
-            cum += x;
+        for r in 0..n {
+            cum += prob(order.at(r));
             if cum >= top_p as f64 {
-                keep = i + 1;
+                keep = r + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        idx.truncate(keep);
     }
-    let total: f64 = probs.iter().sum();
-    let mut r = rng.next_f64() * total;
-    for (&i, &x) in idx.iter().zip(&probs) {
+    let kept: f64 = if keep == n {
+        order.idx[..n].iter().map(|&i| prob(i as usize)).sum()
+    } else {
+        (0..keep).map(|r| prob(order.at(r))).sum()
+    };
+    let mut r = rng.next_f64() * kept;
+    for k in 0..keep {
+        let x = prob(order.at(k));
         if r < x {
-            return i as u32;
+            return order.at(k) as u32;
         }
         r -= x;
     }
-    idx[idx.len() - 1] as u32
+    order.at(keep - 1) as u32
+}
+
+/// Token ids in descending order of their logits (ties by id), put in order only as far as
+/// asked: `at(r)` sorts the next block of the head (found by selection) when r reaches it.
+struct Ranked<'a> {
+    l: &'a [f32],
+    idx: Vec<u32>,
+    /// `idx[..sorted]` is the head in order; the rest follow it, unordered.
+    sorted: usize,
+}
+
+impl<'a> Ranked<'a> {
+    /// Tokens put in order at the first call, then 4 times more at each later one.
+    const FIRST_BLOCK: usize = 256;
+
+    fn new(l: &'a [f32]) -> Ranked<'a> {
+        Ranked {
+            l,
+            idx: (0..l.len() as u32).collect(),
+            sorted: 0,
+        }
+    }
+
+    fn before(l: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
+        l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b))
+    }
+
+    /// The token at rank r.
+    fn at(&mut self, r: usize) -> usize {
+        if r >= self.sorted {
+            let want = (r + 1)
+                .max(4 * self.sorted)
+                .max(Self::FIRST_BLOCK)
+                .min(self.idx.len());
+            let l = self.l;
+            let rest = &mut self.idx[self.sorted..];
+            let m = want - self.sorted;
+            if m < rest.len() {
+                rest.select_nth_unstable_by(m - 1, |&a, &b| Self::before(l, a, b));
+            }
+            rest[..m].sort_unstable_by(|&a, &b| Self::before(l, a, b));
+            self.sorted = want;
+        }
+        self.idx[r] as usize
+    }
+
+    /// Keeps only the k first (all if fewer); returns how many are kept.
+    fn take(&mut self, k: usize) -> usize {
+        let k = k.min(self.idx.len());
+        if k < self.idx.len() {
+            self.at(k - 1);
+            self.idx.truncate(k);
+            self.sorted = self.sorted.min(k);
+        }
+        k
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vocabulary sorted whole for every token: what [`sample`] must draw alike.
+    fn sample_by_sorting(
+        logits: &[f32],
+        history: &[u32],
+        p: &SamplingParams,
+        rng: &mut Rng,
+    ) -> u32 {
+        let mut l = logits.to_vec();
+        apply_repetition_penalty(&mut l, history, p.repetition_penalty);
+        if p.temperature == 0.0 {
+            return argmax(&l);
+        }
+        // Candidates sorted by logit, highest first; then top-k, softmax, top-p.
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        if let Some(k) = p.top_k {
+            idx.truncate(k.max(1));
+        }
+        let max = l[idx[0]] as f64;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((l[i] as f64 - max) / p.temperature as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if let Some(top_p) = p.top_p {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (i, &x) in probs.iter().enumerate() {
+                cum += x;
+                if cum >= top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = rng.next_f64() * total;
+        for (&i, &x) in idx.iter().zip(&probs) {
+            if r < x {
+                return i as u32;
+            }
+            r -= x;
+        }
+        idx[idx.len() - 1] as u32
+    }
 
     #[test]
     fn greedy_and_degenerate_settings_pick_the_argmax() {
@@ -197,6 +303,59 @@ mod tests {
         };
         assert_eq!(run(3), run(3));
         assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn draws_equal_sorting_the_whole_vocabulary() {
+        let mut state = 7u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut draws = 0;
+        for (vocab, scale, step) in [
+            (7, 1.0, 0.0),
+            (300, 3.0, 0.0),
+            (5000, 1.0, 0.0),
+            (5000, 12.0, 0.0),
+            // Many equal logits (ties go by token id) and masked tokens.
+            (3000, 4.0, 0.5),
+        ] {
+            let logits: Vec<f32> = (0..vocab)
+                .map(|i| {
+                    let x = ((uniform() * 2.0 - 1.0) * scale) as f32;
+                    match (step > 0.0, i % 5) {
+                        (true, 0) => f32::NEG_INFINITY,
+                        (true, _) => (x / step as f32).round() * step as f32,
+                        _ => x,
+                    }
+                })
+                .collect();
+            for top_k in [None, Some(1), Some(40), Some(vocab / 2), Some(vocab + 3)] {
+                for top_p in [None, Some(0.5), Some(0.95), Some(1.0)] {
+                    for temperature in [0.7, 1.0, 1.5] {
+                        let p = SamplingParams {
+                            temperature,
+                            top_k,
+                            top_p,
+                            repetition_penalty: 1.3,
+                            seed: 0,
+                        };
+                        let history = [3u32, 5, 5, 1];
+                        let (mut a, mut b) = (Rng::new(draws), Rng::new(draws));
+                        for _ in 0..20 {
+                            let want = sample_by_sorting(&logits, &history, &p, &mut a);
+                            let got = sample(&logits, &history, &p, &mut b);
+                            assert_eq!(got, want, "vocab {vocab}, {p:?}");
+                            draws += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(draws, 5 * 5 * 4 * 3 * 20);
     }
 
     #[test]
