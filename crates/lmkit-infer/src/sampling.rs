@@ -120,8 +120,10 @@ pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
             }
         }
     }
+    // Nothing cut: the probabilities sum to 1 (up to rounding, which the walk's last step
+    // absorbs).
     let kept: f64 = if keep == n {
-        order.idx[..n].iter().map(|&i| prob(i as usize)).sum()
+        1.0
     } else {
         (0..keep).map(|r| prob(order.at(r))).sum()
     };
