@@ -120,46 +120,6 @@ impl Decoder {
         self.constraint.as_mut().is_none_or(|c| c.is_accepting())
     }
 
-    /// Decoders that continue one prompt, one per set of options (each with its own sampler
-    /// seed): the prompt goes through the model once and each decoder starts from a copy of its
-    /// cache. Returns each decoder with the step that sampled its first token.
-    pub fn prefill_group(
-        model: &CausalLm,
-        prompt: &[u32],
-        opts: Vec<GenerateOptions>,
-    ) -> Result<Vec<(Decoder, Step)>> {
-        let Some(first) = opts.first() else {
-            return Ok(Vec::new());
-        };
-        let mut lead = Decoder::new(model, prompt, first.clone())?;
-        let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-        let last: Vec<f32> = model
-            .forward_last(&input, &mut lead.cache)?
-            .flatten_all()?
-            .to_vec1()?;
-        let mut out = Vec::with_capacity(opts.len());
-        for o in opts {
-            o.sampling.validate().map_err(InferError::Invalid)?;
-            let mut d = Decoder {
-                cache: lead.cache.fork()?,
-                rng: Rng::new(o.sampling.seed),
-                history: prompt.to_vec(),
-                generated: Vec::new(),
-                pending: Vec::new(),
-                opts: o,
-                stopped_by: None,
-                constraint: None,
-                constraint_error: None,
-            };
-            let step = match d.limit() {
-                Some(why) => Step::Done(why),
-                None => d.take(&last),
-            };
-            out.push((d, step));
-        }
-        Ok(out)
-    }
-
     /// The tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.generated

@@ -40,7 +40,7 @@ use candle_core::{Device, Module, Tensor, D};
 use lmkit_core::rng::mix;
 use lmkit_core::Progress;
 use lmkit_infer::sampling::SamplingParams;
-use lmkit_infer::{Decoder, GenerateOptions, Step};
+use lmkit_infer::{Decoder, GenerateOptions};
 use lmkit_models::layers::lora::{Adapters, LoraSpec};
 use lmkit_models::CausalLm;
 use serde::{Deserialize, Serialize};
@@ -657,12 +657,12 @@ fn sample_and_score(ctx: &Ctx, k: usize) -> Result<Sampled> {
         a.set_dropout_seed(None);
     }
     let chosen = sft::batch_indices(ctx.prompts.len(), t.batch_size, k, t.seed);
-    // Each prompt goes through the model once; its group continues from copies of the cache.
+    // The prompts are read together in one packed pass, each once: a group's decoders continue
+    // from copies of its cache (`Decoder::step_many`).
     let mut decoders = Vec::new();
-    let mut done = Vec::new();
     for (i, &p) in chosen.iter().enumerate() {
-        let opts: Vec<GenerateOptions> = (0..r.group_size)
-            .map(|g| GenerateOptions {
+        for g in 0..r.group_size {
+            let opts = GenerateOptions {
                 max_tokens: r.max_new_tokens,
                 sampling: sampling(
                     r,
@@ -670,15 +670,14 @@ fn sample_and_score(ctx: &Ctx, k: usize) -> Result<Sampled> {
                 ),
                 stop_ids: ctx.stop_ids.clone(),
                 max_positions: ctx.max_positions,
-            })
-            .collect();
-        for (d, first) in Decoder::prefill_group(model, &ctx.prompts[p].ids, opts)
-            .map_err(|e| TrainError::Data(e.to_string()))?
-        {
-            done.push(matches!(first, Step::Done(_)));
-            decoders.push(d);
+            };
+            decoders.push(
+                Decoder::new(model, &ctx.prompts[p].ids, opts)
+                    .map_err(|e| TrainError::Data(e.to_string()))?,
+            );
         }
     }
+    let mut done = vec![false; decoders.len()];
     lmkit_infer::finish_all(
         model,
         &mut decoders,
