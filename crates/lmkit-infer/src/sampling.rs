@@ -91,12 +91,12 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// The next token for `logits` given the sequence so far (`history`).
-/// Draws a token: the logits after the repetition penalty, scaled by 1/temperature, cut to the
-/// `top_k` largest and then to the smallest head whose probability reaches `top_p`, and walked
-/// from the most probable down (ties by token id) with one uniform draw. Only the head the cut
-/// and the draw reach is put in order — found by selection, a few hundred tokens at a time —
-/// instead of sorting the whole vocabulary for every token.
+/// The next token for `logits` given the sequence so far (`history`): the logits after the
+/// repetition penalty, scaled by 1/temperature, cut to the `top_k` largest and then to the
+/// smallest head whose probability reaches `top_p`, and walked from the most probable down
+/// (ties by token id) with one uniform draw. Only the head the cut and the draw reach is put in
+/// order — found by selection, a few hundred tokens at a time — instead of sorting the whole
+/// vocabulary for every token.
 pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     let mut l = logits.to_vec();
     apply_repetition_penalty(&mut l, history, p.repetition_penalty);
