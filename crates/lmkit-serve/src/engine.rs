@@ -1,7 +1,7 @@
 //! The model worker: one thread owns the model (and its adapted variants, which share its
 //! weights) and advances every active sequence by one token per round, the sequences of one
 //! variant past their prompt in one batched pass (continuous batching: a new request joins at
-//! the next round instead of waiting for the others to finish), and the prompts that arrive read
+//! the next round instead of waiting for the others to finish); the prompts that arrive are read
 //! in the same pass, a long one in pieces over several rounds.
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
