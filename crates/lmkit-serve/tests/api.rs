@@ -256,6 +256,29 @@ async fn completions_and_chat_match_local_generation_and_are_stored() {
 }
 
 #[tokio::test]
+async fn prompts_read_whole_in_pieces_or_once_for_all_choices_give_the_same_replies() {
+    // --prompt-tokens 0 (each prompt alone), 2 (the prompt in pieces over many rounds, the
+    // other choices waiting), 2048 (the three choices' prompt read once, the cache copied).
+    let dir = tempfile::tempdir().unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "the dog and the cat"}],
+                      "max_tokens": 8, "n": 3, "seed": 5, "temperature": 1.0});
+    let mut replies = Vec::new();
+    for prompt_tokens in [0, 2, 2048] {
+        let st = load_state(ServeConfig {
+            prompt_tokens,
+            ..config(&dir.path().join(format!("db{prompt_tokens}.sqlite")), 16)
+        })
+        .unwrap();
+        let (s, v) = post(&st, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+        replies.push(v["choices"].clone());
+    }
+    assert_eq!(replies[1], replies[0]);
+    assert_eq!(replies[2], replies[0]);
+}
+
+#[tokio::test]
 async fn auth_limits_and_bad_input_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let st = state(
