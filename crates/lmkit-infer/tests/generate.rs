@@ -169,18 +169,8 @@ fn text_stream_cuts_at_stop_strings_and_holds_partial_characters() {
     assert_eq!(text, "hello world. 안녕하세요 ");
 }
 
-/// A model with random (not zero) weights from a config in Hugging Face's JSON form.
 fn random_model(config: &str) -> CausalLm {
-    let v: serde_json::Value = serde_json::from_str(config).unwrap();
-    let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
-    for var in vm.all_vars() {
-        let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
-        var.set(&t).unwrap();
-    }
-    model
+    lmkit_models::testing::random_model(config, 7, 1.0)
 }
 
 #[test]

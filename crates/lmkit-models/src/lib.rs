@@ -10,6 +10,7 @@ pub mod families;
 pub mod gguf;
 pub mod layers;
 pub mod registry;
+pub mod testing;
 
 pub use families::{bart, bert, gpt2, gpt_neox, llama, rnn};
 

@@ -1,24 +1,11 @@
 //! Several sequences read in one packed pass (`CausalLm::forward_packed_last`) give each the
 //! logits and the KV cache that a pass over it alone gives.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use lmkit_models::{CausalLm, DecoderConfig, KvCache};
-use std::path::Path;
+use candle_core::{Device, Tensor};
+use lmkit_models::{CausalLm, KvCache};
 
-/// A model with random (not zero) weights from a config in Hugging Face's JSON form.
 fn random_model(config: &str) -> CausalLm {
-    let v: serde_json::Value = serde_json::from_str(config).unwrap();
-    let cfg = DecoderConfig::from_json(v, Path::new("config.json")).unwrap();
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
-    let mut draw = lmkit_kernels::testing::uniform(7);
-    for var in vm.all_vars() {
-        let t = Tensor::from_vec(draw(var.elem_count()), var.shape(), &Device::Cpu).unwrap();
-        var.set(&t).unwrap();
-    }
-    model
+    lmkit_models::testing::random_model(config, 7, 0.5)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

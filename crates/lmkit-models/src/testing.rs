@@ -1,0 +1,32 @@
+//! Helpers for tests here and in the crates that use the models.
+
+use crate::{CausalLm, DecoderConfig};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::Path;
+
+/// A model on the CPU with random (not zero) weights, from a config in Hugging Face's JSON form:
+/// each weight, in the order of the names, drawn uniformly from [-scale, scale) (by
+/// [`lmkit_kernels::testing::uniform`] with `seed`: the same model every run). Panics on a bad
+/// config.
+pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
+    let v: serde_json::Value = serde_json::from_str(config).expect("config JSON");
+    let cfg = DecoderConfig::from_json(v, Path::new("config.json")).expect("config");
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).expect("model");
+    let mut draw = lmkit_kernels::testing::uniform(seed);
+    let vars = vm.data().lock().expect("weights");
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let values: Vec<f32> = draw(var.elem_count())
+            .into_iter()
+            .map(|x| 2.0 * scale * x)
+            .collect();
+        let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).expect("weights");
+        var.set(&t).expect("weights");
+    }
+    model
+}
