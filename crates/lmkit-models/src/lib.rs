@@ -538,7 +538,7 @@ impl CausalLm {
         let hidden = Tensor::from_vec(ids, (1, t), self.device())
             .map_err(ModelError::from)
             .and_then(|ids| self.hidden_rows(&ids, caches));
-        // A pass that failed part-way leaves its queued counts behind: clear them.
+        // Whether the pass ended or failed part-way, the counts were for it alone.
         caches.iter_mut().for_each(|c| c.queue(0));
         let ends: Vec<u32> = seqs
             .iter()

@@ -101,8 +101,8 @@ impl KvCache {
 
     /// The next pass over one row with several caches continues each cache's sequence by its
     /// `n` queued positions, the sequences one after another in the row in the caches' order
-    /// (a packed continuation: [`crate::CausalLm::forward_packed_last`]). Set back to 0 when
-    /// the pass has appended its last layer.
+    /// (a packed continuation: [`crate::CausalLm::forward_packed_last`], which sets them back
+    /// to 0 after the pass).
     pub(crate) fn queue(&mut self, n: usize) {
         self.queued = n;
     }
@@ -171,7 +171,6 @@ impl KvCache {
         };
         if layer + 1 == self.layers.len() {
             self.len = end;
-            self.queued = 0;
         }
         Ok(out)
     }
