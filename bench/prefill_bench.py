@@ -41,7 +41,7 @@ import openai
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from long_window_bench import MAKE_MODEL, MODEL as SMOLLM2  # noqa: E402
-from serve_bench import ROOT, make_model, peer_phase  # noqa: E402
+from serve_bench import ROOT, make_model, peer_phase, render_ids  # noqa: E402
 
 
 def messages(n):
@@ -53,16 +53,6 @@ def messages(n):
         out.append(" ".join(words[at:at + k]))
         at += k
     return out
-
-
-def render_ids(lm, model, text, tmp, i):
-    conv = tmp / f"burst-{i}.json"
-    conv.write_text(json.dumps([{"role": "user", "content": text}]))
-    p = subprocess.run([lm, "prompt", "render", "--model", model, "--messages", conv, "--ids"],
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"lmkit prompt render failed: {p.stderr}")
-    return [int(x) for x in p.stdout.split()]
 
 
 def start_server(lm, model, tmp, name, n, device, extra):
@@ -142,7 +132,7 @@ def main():
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
     sizes = [int(x) for x in a.bursts.split(",")]
     texts = messages(max(sizes))
-    ids = [render_ids(lm, model, t, tmp, i) for i, t in enumerate(texts)]
+    ids = [render_ids(lm, model, t, tmp / f"burst-{i}.json") for i, t in enumerate(texts)]
     rows = []
     for n in sizes:
         packed = start_server(lm, model, tmp, f"packed{n}", n, a.device, [])
@@ -163,7 +153,7 @@ def main():
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()
     long_text = " ".join(words[50000:50000 + min(1500, int(context * 0.6))])
-    long_tokens = len(render_ids(lm, model, long_text, tmp, "long"))
+    long_tokens = len(render_ids(lm, model, long_text, tmp / "long.json"))
     budgets = [0, max(16, long_tokens // 8), 2048]
     servers = {b: start_server(lm, model, tmp, f"budget{b}", 8, a.device, ["--prompt-tokens", str(b)])
                for b in budgets}

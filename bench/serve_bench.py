@@ -52,8 +52,13 @@ def make_model(lm, tmp):
 
 def chat_ids(lm, model, i, tmp):
     """The prompt ids the server decodes for request i (its chat template applied)."""
-    conv = tmp / f"chat-{i}.json"
-    conv.write_text(json.dumps([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]))
+    return render_ids(lm, model, PROMPTS[i % len(PROMPTS)], tmp / f"chat-{i}.json")
+
+
+def render_ids(lm, model, text, conv):
+    """The prompt ids the server decodes for one user message `text` (its chat template
+    applied; the conversation written to `conv`)."""
+    conv.write_text(json.dumps([{"role": "user", "content": text}]))
     p = subprocess.run([lm, "prompt", "render", "--model", model, "--messages", conv, "--ids"],
                        capture_output=True, text=True)
     if p.returncode:
