@@ -316,14 +316,7 @@ fn read_pass(
         .filter(|(i, _)| pass.iter().any(|&(j, _)| j == *i))
         .map(|(_, d)| &mut d.cache)
         .collect();
-    let logits = if seqs.len() > 1 && seqs.iter().all(|s| s.len() == 1) {
-        // Decoding steps: one row each, every row continuing its own cache.
-        let input = Tensor::new(seqs.concat(), model.device())?.unsqueeze(1)?;
-        model.forward_rows(&input, &mut caches)?.squeeze(1)?
-    } else {
-        model.forward_packed_last(&seqs, &mut caches)?
-    };
-    Ok(logits.to_vec2()?)
+    Ok(model.forward_packed_last(&seqs, &mut caches)?.to_vec2()?)
 }
 
 /// Steps the decoders not yet `done` together ([`Decoder::step_many`], prompts packed up to

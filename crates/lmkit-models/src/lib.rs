@@ -505,7 +505,8 @@ impl CausalLm {
     /// The sequences go through the model together, one after another in a single row, each
     /// attending only to its own cache and its own positions: the products read the weights
     /// once for all of them (prompts arriving together are read in one pass instead of one
-    /// pass each). Recurrent models read them one at a time.
+    /// pass each). Single tokens (decoding steps) go as one row each; recurrent models read the
+    /// sequences one at a time.
     pub fn forward_packed_last(
         &self,
         seqs: &[&[u32]],
@@ -521,6 +522,11 @@ impl CausalLm {
         }
         if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
             return Err(candle_core::Error::Msg(format!("sequence {i} is empty")).into());
+        }
+        if seqs.len() > 1 && seqs.iter().all(|s| s.len() == 1) {
+            // Decoding steps: one row each, every row continuing its own cache.
+            let ids = Tensor::new(seqs.concat(), self.device())?.unsqueeze(1)?;
+            return Ok(self.forward_rows(&ids, caches)?.squeeze(1)?);
         }
         if seqs.len() == 1 || self.is_recurrent() {
             let rows = seqs
