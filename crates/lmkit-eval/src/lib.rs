@@ -416,7 +416,7 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).unwrap();
-        for var in vm.all_vars() {
+        for (_, var) in lmkit_kernels::testing::vars_by_name(&vm) {
             let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap();
             var.set(&t).unwrap();
         }

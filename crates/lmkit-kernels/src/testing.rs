@@ -39,6 +39,15 @@ pub fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, wha
     }
 }
 
+/// The variables of `vm` in their names' order: weights drawn in this order are the same every
+/// run (a `VarMap`'s own order changes from run to run).
+pub fn vars_by_name(vm: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let data = vm.data().lock().unwrap();
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 thread_local! {
     /// Draws so far on this thread: each test (a thread of its own) gets the same inputs every run.
     static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };

@@ -16,11 +16,7 @@ pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let model = CausalLm::from_var_builder(&cfg, vb, Path::new("random")).expect("model");
     let mut draw = lmkit_kernels::testing::uniform(seed);
-    let vars = vm.data().lock().expect("weights");
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &vars[name];
+    for (_, var) in lmkit_kernels::testing::vars_by_name(&vm) {
         let values: Vec<f32> = draw(var.elem_count())
             .into_iter()
             .map(|x| 2.0 * scale * x)

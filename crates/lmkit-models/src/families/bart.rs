@@ -573,7 +573,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
         let m = Bart::new(&cfg, vb).unwrap();
         // Seeded values for every weight (candle's own initialisation cannot be seeded).
-        for var in map.all_vars() {
+        for (_, var) in lmkit_kernels::testing::vars_by_name(&map) {
             let t = lmkit_kernels::testing::randn(0f32, 0.5, var.shape(), &dev).unwrap();
             var.set(&t).unwrap();
         }

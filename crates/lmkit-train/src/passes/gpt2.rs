@@ -383,7 +383,7 @@ pub(crate) mod tests {
         let cfg = config(tied, act);
         let model = Gpt2::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
         // Every parameter random (VarBuilder's defaults leave weights and norms at 0).
-        for var in vm.all_vars() {
+        for (_, var) in lmkit_kernels::testing::vars_by_name(&vm) {
             let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
             var.set(&r.to_dtype(dtype).unwrap()).unwrap();
         }

@@ -872,10 +872,10 @@ pub(crate) mod tests {
     /// Sets every variable of `vm` (on the CPU) to random values with deviation `std` and gives
     /// the variables of the same names in `on_gpu` the same values.
     pub(crate) fn randomize_both(vm: &VarMap, on_gpu: &VarMap, std: f64, cuda: &Device) {
-        let src = vm.data().lock().unwrap();
         let dst = on_gpu.data().lock().unwrap();
+        let src = lmkit_kernels::testing::vars_by_name(vm);
         assert_eq!(src.len(), dst.len());
-        for (name, var) in src.iter() {
+        for (name, var) in &src {
             let r = lmkit_kernels::testing::randn(0.0f32, std, var.shape(), &Device::Cpu).unwrap();
             var.set(&r).unwrap();
             dst[name].set(&r.to_device(cuda).unwrap()).unwrap();
@@ -925,16 +925,22 @@ pub(crate) mod tests {
             let dst = vm_gpu.data().lock().unwrap();
             let src = vm.data().lock().unwrap();
             src.iter()
-                .map(|(name, var)| (dst[name].as_tensor().id(), var.as_tensor().clone()))
+                .map(|(name, var)| {
+                    (
+                        dst[name].as_tensor().id(),
+                        (name.clone(), var.as_tensor().clone()),
+                    )
+                })
                 .collect()
         };
         assert_eq!(ours.grads.len(), by_id.len());
         for (p, ours_g) in &ours.grads {
-            let want = g
-                .get(&by_id[&p.id()])
-                .expect("every parameter has a gradient");
+            let (name, var) = &by_id[&p.id()];
+            let want = g.get(var).expect("every parameter has a gradient");
             let got = ours_g.to_device(&Device::Cpu).unwrap();
             assert!(got.is_contiguous());
+            // Shown with a failure's message: which parameter.
+            eprintln!("gradient of {name} (tolerance {tol})");
             assert_gradient_close(&got, want, tol);
         }
     }
@@ -985,6 +991,11 @@ pub(crate) mod tests {
     /// the flash kernels) with `heads` heads of the 64 dimensions.
     fn compare(tied: bool, act: &str, tf32: bool, tol: f64, (heads, t): (usize, usize)) {
         let Some(cuda) = gpu() else { return };
+        // Shown with a failure's message: which comparison.
+        eprintln!(
+            "GPT-2 pass: tied {tied}, {act}, TF32 {tf32}, flash {}, t {t}",
+            super::flash_attention_chosen()
+        );
         let cpu = Device::Cpu;
         let cfg = config(tied, act, heads);
         let vm = VarMap::new();

@@ -548,7 +548,10 @@ mod tests {
             Some(a) => a.build(build).unwrap(),
             None => build().unwrap(),
         };
-        let mut vars = vm.all_vars();
+        let mut vars: Vec<_> = lmkit_kernels::testing::vars_by_name(&vm)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         if let Some(a) = adapters {
             vars.extend(a.vars().into_iter().map(|(_, v)| v));
         }

@@ -259,10 +259,11 @@ pub(crate) mod testing {
             .collect()
     }
 
-    /// Every variable random (N(0, 0.5²)): defaults leave norms at 0 and biases at 0.
+    /// Every variable random (N(0, 0.5²)): defaults leave norms at 0 and biases at 0. Drawn in
+    /// the names' order, so the same weights every run.
     pub(crate) fn randomize(vm: &VarMap, dtype: DType) {
         let dev = candle_core::Device::Cpu;
-        for var in vm.all_vars() {
+        for (_, var) in lmkit_kernels::testing::vars_by_name(vm) {
             let r = lmkit_kernels::testing::randn(0.0, 0.5, var.shape(), &dev).unwrap();
             var.set(&r.to_dtype(dtype).unwrap()).unwrap();
         }
