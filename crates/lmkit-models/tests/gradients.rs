@@ -2,7 +2,7 @@
 //! (in f64) for every parameter tensor of small GPT-2, Llama, GPT-NeoX, RNN and LSTM models — attention,
 //! softmax, norms, rotary embeddings, MLPs, recurrences and embeddings included.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use lmkit_models::{CausalLm, Cell, DecoderConfig, Gpt2Config, LlamaConfig, RnnConfig};
 use std::path::Path;
@@ -40,12 +40,7 @@ fn check(cfg: DecoderConfig, single_pass: bool) {
             .wrapping_add(1442695040888963407);
         ((state >> 11) as f64 / (1u64 << 53) as f64) - 0.5
     };
-    let vars: Vec<(String, Var)> = {
-        let data = vm.data().lock().unwrap();
-        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
+    let vars = lmkit_kernels::testing::vars_by_name(&vm);
     for (name, var) in &vars {
         let n = var.elem_count();
         let base = if name.contains("ln_") || name.contains("norm") {
