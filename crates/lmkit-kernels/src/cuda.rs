@@ -29,7 +29,9 @@ mod emulated;
 use emulated as hw;
 #[cfg(not(feature = "cuda"))]
 pub use emulated::{set_tf32_products, tf32_products, Elem};
+mod decode;
 mod linear;
+pub use decode::decode_step_attention;
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`.
@@ -43,6 +45,22 @@ enum Module {
 /// (attention.cu's ATT_ROWS, ATT_THREADS).
 const ATT_ROWS: usize = 64;
 const ATT_THREADS: u32 = 128;
+
+/// Threads of a block of attention.cu's `decode_attention` (DEC_THREADS), and the largest head
+/// size it takes (DEC_MAX_HD).
+const DEC_THREADS: u32 = 128;
+const DEC_MAX_HD: usize = 256;
+
+/// One sequence of [`Gpu::decode_attention`]: its KV cache's key and value buffers, each
+/// `kv_heads` heads `head_stride` elements apart with rows of the head size, holding `len`
+/// positions and room for one more.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeCache {
+    pub k: Dev<f32>,
+    pub v: Dev<f32>,
+    pub len: usize,
+    pub head_stride: usize,
+}
 
 /// Sizes of a causal attention: batch, tokens, query heads, key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
@@ -754,6 +772,72 @@ impl Gpu {
         };
         let launch = (grid, ATT_THREADS, shared);
         self.launch_in(Module::Attention, &name, launch, &args, work)
+    }
+
+    /// A decoding step's attention for n sequences that each continue their own KV cache:
+    /// out = softmax(scale·q·kᵀ)·v per sequence and query head over the cache's `len` positions
+    /// and the sequence's new key and value, which are written into the cache at position `len`.
+    /// q and out [heads, n, hd], k_new and v_new [kv_heads, n, hd] (grouped-query heads: query
+    /// head h reads key/value head h / (heads / kv_heads)); hd at most 256.
+    pub fn decode_attention(
+        &self,
+        out: Dev<f32>,
+        (q, k_new, v_new): (Dev<f32>, Dev<f32>, Dev<f32>),
+        caches: &[DecodeCache],
+        (heads, kv_heads, hd): (usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        let n = caches.len();
+        if n == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            candle_core::bail!(
+                "cuda decode attention: {n} sequences, {heads} query heads for {kv_heads} \
+                 key/value heads"
+            );
+        }
+        if hd == 0 || hd > DEC_MAX_HD {
+            candle_core::bail!("cuda decode attention: head size {hd} (1 to {DEC_MAX_HD})");
+        }
+        let mut table = Vec::with_capacity(4 * n);
+        let mut positions = 0;
+        for (i, c) in caches.iter().enumerate() {
+            if c.head_stride < (c.len + 1) * hd {
+                candle_core::bail!(
+                    "cuda decode attention: sequence {i}'s cache holds {} positions a head, \
+                     {} needed",
+                    c.head_stride / hd,
+                    c.len + 1
+                );
+            }
+            let reach = (kv_heads - 1) * c.head_stride + (c.len + 1) * hd;
+            table.extend([
+                c.k.need(reach, "decode attention keys")?,
+                c.v.need(reach, "decode attention values")?,
+                c.len as u64,
+                c.head_stride as u64,
+            ]);
+            positions += c.len + 1;
+        }
+        let table = self.upload(&table)?;
+        let args = [
+            Arg::P(out.need(heads * n * hd, "decode attention out")?),
+            Arg::P(q.need(heads * n * hd, "decode attention q")?),
+            Arg::P(k_new.need(kv_heads * n * hd, "decode attention k_new")?),
+            Arg::P(v_new.need(kv_heads * n * hd, "decode attention v_new")?),
+            Arg::P(table.dev().addr),
+            Arg::I(int(n)?),
+            Arg::I(int(heads)?),
+            Arg::I(int(kv_heads)?),
+            Arg::I(int(hd)?),
+            Arg::F(scale),
+        ];
+        // Every query head reads its group's keys and values (from cache, once per group where
+        // the cache holds them).
+        let work = Work {
+            flops: (4 * heads * hd * positions) as f64,
+            bytes: (8 * kv_heads * hd * positions) as f64,
+        };
+        let launch = ((n, heads), DEC_THREADS, 0);
+        self.launch_in(Module::Attention, "decode_attention", launch, &args, work)
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);

@@ -671,3 +671,107 @@ ATT_KERNELS(flash_bf16, Bf16, F32In<Bf16>, float, 128, 64, 32)
 ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 32, 64, 64)
 ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 64, 64, 64)
 ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 128, 64, 32)
+
+// One decoding step of attention for n sequences that each continue their own KV cache (the
+// decoding steps of a serving round): query head h of sequence i (row h·n + i of q [heads, n,
+// hd]) sees its cache's first len_i positions and its new key and value (row g·n + i of k_new and
+// v_new [kv_heads, n, hd], g = h / (heads / kv_heads)), which the block of each group's first
+// query head also writes into the cache at position len_i (the other blocks read that position
+// from k_new and v_new, and only positions below it from the cache, so no block reads what
+// another writes). table[4i .. 4i + 4]: the cache's key and value addresses, len_i and the
+// elements between its heads (head g's rows of hd start at g times that). out [heads, n, hd].
+//
+// A block of DEC_THREADS per (sequence, query head), the keys a tile of DEC_THREADS at a time:
+// one warp per key (lanes over the head's columns, so a key row is read in whole lines), a
+// softmax over the tile rescaling the running sums (online softmax), then each thread adds the
+// tile's weighted values for its column (the threads split into DEC_THREADS / hd groups of keys
+// where hd divides in).
+#define DEC_THREADS 128
+#define DEC_MAX_HD 256
+
+__device__ __forceinline__ float dec_reduce(float v, float* shared, bool max) {
+  for (int o = 16; o > 0; o /= 2) {
+    float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = max ? fmaxf(v, w) : v + w;
+  }
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = shared[0];
+  for (int w = 1; w < DEC_THREADS / 32; w++) v = max ? fmaxf(v, shared[w]) : v + shared[w];
+  return v;
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    decode_attention(float* out, const float* q, const float* k_new, const float* v_new,
+                     const uint64_t* table, int n, int heads, int kv_heads, int hd, float scale) {
+  __shared__ float qs[DEC_MAX_HD];
+  __shared__ float p[DEC_THREADS];
+  __shared__ float red[DEC_THREADS / 32];
+  __shared__ float parts_acc[DEC_THREADS];
+  int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  int rep = heads / kv_heads, g = h / rep;
+  const uint64_t* e = table + 4 * (int64_t)i;
+  int64_t head_stride = (int64_t)e[3];
+  float* K = reinterpret_cast<float*>(static_cast<uintptr_t>(e[0])) + g * head_stride;
+  float* V = reinterpret_cast<float*>(static_cast<uintptr_t>(e[1])) + g * head_stride;
+  int len = (int)e[2];
+  const float* kn = k_new + ((int64_t)g * n + i) * hd;
+  const float* vn = v_new + ((int64_t)g * n + i) * hd;
+  for (int c = tid; c < hd; c += DEC_THREADS) {
+    qs[c] = q[((int64_t)h * n + i) * hd + c] * scale;
+    if (h % rep == 0) {
+      K[(int64_t)len * hd + c] = kn[c];
+      V[(int64_t)len * hd + c] = vn[c];
+    }
+  }
+  // Value columns: thread tid adds column tid % hd over the keys j ≡ tid / hd (mod parts) of a
+  // tile, and column tid + DEC_THREADS too where hd > DEC_THREADS.
+  int parts = hd <= DEC_THREADS ? DEC_THREADS / hd : 1;
+  int col = hd <= DEC_THREADS ? tid % hd : tid, part = hd <= DEC_THREADS ? tid / hd : 0;
+  bool active = part < parts && col < hd, second = col + DEC_THREADS < hd;
+  float acc0 = 0.0f, acc1 = 0.0f, m = -INFINITY, l = 0.0f;
+  int total = len + 1;
+  __syncthreads();
+  for (int j0 = 0; j0 < total; j0 += DEC_THREADS) {
+    int tile = min(DEC_THREADS, total - j0);
+    for (int jj = warp; jj < tile; jj += DEC_THREADS / 32) {
+      int j = j0 + jj;
+      const float* kr = j < len ? K + (int64_t)j * hd : kn;
+      float s = 0.0f;
+      for (int c = lane; c < hd; c += 32) s += qs[c] * kr[c];
+      for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) p[jj] = s;
+    }
+    __syncthreads();
+    float sj = tid < tile ? p[tid] : -INFINITY;
+    float mnew = fmaxf(m, dec_reduce(sj, red, true));
+    float ej = tid < tile ? __expf(sj - mnew) : 0.0f;
+    float f = __expf(m - mnew);
+    l = l * f + dec_reduce(ej, red, false);
+    m = mnew;
+    acc0 *= f;
+    acc1 *= f;
+    p[tid] = ej;
+    __syncthreads();
+    if (active)
+      for (int jj = part; jj < tile; jj += parts) {
+        int j = j0 + jj;
+        const float* vr = j < len ? V + (int64_t)j * hd : vn;
+        acc0 += p[jj] * vr[col];
+        if (second) acc1 += p[jj] * vr[col + DEC_THREADS];
+      }
+    __syncthreads();
+  }
+  if (parts > 1) {
+    if (active) parts_acc[tid] = acc0;
+    __syncthreads();
+    if (active && part == 0)
+      for (int r = 1; r < parts; r++) acc0 += parts_acc[r * hd + col];
+  }
+  float* o = out + ((int64_t)h * n + i) * hd;
+  if (active && part == 0) {
+    o[col] = acc0 / l;
+    if (second) o[col + DEC_THREADS] = acc1 / l;
+  }
+}

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Device, Layout, Result, Shape, Storage, Tensor};
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::cublaslt::sys as lt_sys;
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::marker::PhantomData;
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`: a name and its PTX.
@@ -243,6 +243,37 @@ impl Gpu {
             len: end - start,
             ..v
         })
+    }
+
+    /// The f32 elements of a tensor's storage on a GPU from its layout's start to the
+    /// storage's end (a strided view's whole reach, bounds-checked by the entry points), or
+    /// `None` for another device or dtype.
+    pub(super) fn region(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
+        let Storage::Cuda(cs) = storage else {
+            return None;
+        };
+        let slice = cs.as_cuda_slice::<f32>().ok()?;
+        let stream = cs.device.cuda_stream();
+        let (addr, _sync) = slice.device_ptr(&stream);
+        let all = Dev::<f32> {
+            addr,
+            len: slice.len(),
+            _t: PhantomData,
+        };
+        all.at(layout.start_offset()).ok()
+    }
+
+    /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
+    pub(super) fn region_mut(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
+        let stream = cs.device.cuda_stream();
+        let slice = cs.as_cuda_slice_mut::<f32>().ok()?;
+        let (addr, _sync) = slice.device_ptr_mut(&stream);
+        let all = Dev::<f32> {
+            addr,
+            len: slice.len(),
+            _t: PhantomData,
+        };
+        all.at(layout.start_offset()).ok()
     }
 
     pub fn synchronize(&self) -> Result<()> {

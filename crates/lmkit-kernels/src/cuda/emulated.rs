@@ -151,6 +151,38 @@ impl Gpu {
         })
     }
 
+    /// The f32 elements of a tensor's storage from its layout's start to the storage's end (a
+    /// strided view's whole reach, bounds-checked by the entry points), or `None` for another
+    /// device or dtype.
+    pub(super) fn region(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
+        let Storage::Cpu(cs) = storage else {
+            return None;
+        };
+        let data = cs.as_slice::<f32>().ok()?;
+        let part = data.get(layout.start_offset()..)?;
+        Some(Dev {
+            addr: part.as_ptr() as u64,
+            len: part.len(),
+            _t: PhantomData,
+        })
+    }
+
+    /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
+    pub(super) fn region_mut(
+        cs: &mut candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> Option<Dev<f32>> {
+        let candle_core::CpuStorage::F32(data) = cs else {
+            return None;
+        };
+        let part = data.get_mut(layout.start_offset()..)?;
+        Some(Dev {
+            addr: part.as_mut_ptr() as u64,
+            len: part.len(),
+            _t: PhantomData,
+        })
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         Ok(())
     }
