@@ -7,8 +7,9 @@ use std::path::Path;
 
 /// A model on the CPU with random (not zero) weights, from a config in Hugging Face's JSON form:
 /// each weight, in the order of the names, drawn uniformly from [-scale, scale) (by
-/// [`lmkit_kernels::testing::uniform`] with `seed`: the same model every run). Panics on a bad
-/// config.
+/// [`lmkit_kernels::testing::uniform`] with `seed`: the same model every run). Its weights are
+/// plain tensors, as a model read from files has (no gradients tracked, so inference takes its
+/// fast paths). Panics on a bad config.
 pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
     let v: serde_json::Value = serde_json::from_str(config).expect("config JSON");
     let cfg = DecoderConfig::from_json(v, Path::new("config.json")).expect("config");
@@ -24,5 +25,12 @@ pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
         let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).expect("weights");
         var.set(&t).expect("weights");
     }
-    model
+    drop(model);
+    let weights: std::collections::HashMap<String, Tensor> =
+        lmkit_kernels::testing::vars_by_name(&vm)
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().detach()))
+            .collect();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    CausalLm::from_var_builder(&cfg, vb, Path::new("random")).expect("model")
 }

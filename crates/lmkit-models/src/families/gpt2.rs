@@ -174,10 +174,7 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
-            let (k, v) = cache.append(layer, k, v)?;
-            crate::layers::attention::causal_attention(q, &k, &v)
-        })?;
+        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, None)?;
         let y = y.transpose(1, 2)?.reshape((b, t, e))?;
         self.mlp(&(x + self.attn_proj.forward(&y)?)?)
     }

@@ -269,13 +269,7 @@ impl Layer {
             qkv.narrow(3, d, d)?,
             qkv.narrow(3, 2 * d, d)?,
         );
-        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
-            let start = cache.len();
-            let q = rope.apply(&q.contiguous()?, start)?;
-            let k = rope.apply(&k.contiguous()?, start)?;
-            let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-            crate::layers::attention::causal_attention(&q, &k, &v)
-        })?;
+        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, Some(rope))?;
         let y = self
             .dense
             .forward(&y.transpose(1, 2)?.reshape((b, t, h))?)?;

@@ -469,14 +469,8 @@ impl Layer {
             k = kn.forward(&k.contiguous()?)?;
         }
         let v = heads(v, self.n_kv)?;
-        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, |q, k, v, cache| {
-            let start = cache.len();
-            let q = rope.apply(q, start)?;
-            let k = rope.apply(k, start)?;
-            let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-            // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
-            crate::layers::attention::causal_attention(&q, &k, &v)
-        })?;
+        // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
+        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, Some(rope))?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;

@@ -5,6 +5,7 @@
 //! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences.
 
 use crate::layers::kv_cache::KvCache;
+use crate::layers::rope::Rope;
 use candle_core::{DType, Tensor};
 
 /// Queries whose causal scores are computed at once; longer passes go in blocks.
@@ -163,19 +164,35 @@ pub fn padding_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
     ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))
 }
 
-/// Attention over KV caches: one cache shared by the whole batch (`caches.len() == 1`), one
-/// cache per batch row (sequences at different positions decoded together), or, for a single
-/// row, several caches each continued by its queued positions, one after another in the row (a
-/// packed continuation: several prompts read in one pass, see [`KvCache::queued`]). `attend`
-/// gets the rows' (or the sequence's) q, k, v ([rows, heads, t, head_dim]) and their cache, and
-/// returns their output.
+/// A layer's causal attention over KV caches: one cache shared by the whole batch
+/// (`caches.len() == 1`), one cache per batch row (sequences at different positions decoded
+/// together), or, for a single row, several caches each continued by its queued positions, one
+/// after another in the row (a packed continuation: several prompts read in one pass, see
+/// [`KvCache::queued`]). q, k, v [rows, heads, t, head_dim]; each sequence's q and k are
+/// rotated at its positions (`rope`, if the model has one), its keys and values appended to
+/// layer `layer` of its cache, and its queries attend to all its cached keys.
 pub fn attend_rows(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     caches: &mut [&mut KvCache],
-    attend: impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
+    layer: usize,
+    rope: Option<&Rope>,
 ) -> candle_core::Result<Tensor> {
+    let attend = |q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut KvCache| {
+        let (q, k) = match rope {
+            Some(rope) => {
+                let start = cache.len();
+                (
+                    rope.apply(&q.contiguous()?, start)?,
+                    rope.apply(&k.contiguous()?, start)?,
+                )
+            }
+            None => (q.clone(), k.clone()),
+        };
+        let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
+        causal_attention(&q, &k, &v)
+    };
     if let [cache] = caches {
         if let Some(segments) = cache.segments() {
             return attend_packed(q, k, v, segments, cache.num_layers(), &attend);
@@ -184,10 +201,16 @@ pub fn attend_rows(
     }
     let (b, _, t, _) = q.dims4()?;
     if b == 1 && caches.len() > 1 {
-        return attend_continued(q, k, v, t, caches, &attend);
+        return attend_continued(q, k, v, t, caches, (layer, rope), &attend);
     }
     if caches.len() != b {
         candle_core::bail!("{} caches for a batch of {b} rows", caches.len());
+    }
+    if t == 1 && gpu_decode(q) {
+        // Decoding steps, a row each: as the columns of one row for the GPU kernel.
+        let cols = |x: &Tensor| x.transpose(0, 2);
+        let y = decode_steps(&cols(q)?, &cols(k)?, &cols(v)?, caches, layer, rope)?;
+        return y.transpose(0, 2);
     }
     let rows = caches
         .iter_mut()
@@ -204,14 +227,111 @@ pub fn attend_rows(
     Tensor::cat(&rows, 0)
 }
 
+/// Whether decoding steps take the GPU's one-launch attention over all their caches
+/// ([`decode_steps`]) on the CPU too: the emulated GPU of the `cuda-emu` feature, for tests.
+#[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+static EMULATED_GPU_DECODE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Routes CPU decoding steps through the emulated GPU's attention kernel (tests of the GPU path
+/// where there is no GPU).
+#[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+pub fn set_emulated_gpu_decode(on: bool) {
+    EMULATED_GPU_DECODE.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Heads larger than this go through the composed ops (the kernel's DEC_MAX_HD).
+const GPU_DECODE_MAX_HEAD: usize = 256;
+
+/// Whether decoding steps of these tensors (q [rows, heads, t, head_dim]) take the GPU's
+/// decode-step kernel ([`decode_steps`]): f32 on a GPU (or the emulated one), without
+/// gradients, heads of at most 256.
+fn gpu_decode(q: &Tensor) -> bool {
+    on_gpu(q)
+        && q.dtype() == DType::F32
+        && q.dim(3).is_ok_and(|hd| hd <= GPU_DECODE_MAX_HEAD)
+        && !q.track_op()
+}
+
+#[cfg(feature = "cuda")]
+fn on_gpu(x: &Tensor) -> bool {
+    x.device().is_cuda()
+}
+
+#[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+fn on_gpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && EMULATED_GPU_DECODE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn on_gpu(_: &Tensor) -> bool {
+    false
+}
+
+/// The decoding steps of sequences that each continue their own cache by one position, q, k,
+/// v [1, heads, n, head_dim] (sequence i in column i), on the GPU ([`gpu_decode`]): q and k
+/// rotated at every sequence's own position at once, and one kernel launch that writes every
+/// sequence's key and value into its cache and attends over it, instead of several small
+/// launches per sequence. [1, heads, n, head_dim].
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn decode_steps(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    rope: Option<&Rope>,
+) -> candle_core::Result<Tensor> {
+    let hd = q.dim(3)?;
+    let (q, k) = match rope {
+        Some(rope) => {
+            let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+            let positions = Tensor::new(positions.as_slice(), q.device())?;
+            (
+                rope.apply_at(&q.contiguous()?, &positions)?,
+                rope.apply_at(&k.contiguous()?, &positions)?,
+            )
+        }
+        None => (q.clone(), k.clone()),
+    };
+    let like = k.narrow(2, 0, 1)?;
+    let mut buffers = Vec::with_capacity(caches.len());
+    for cache in caches.iter_mut() {
+        buffers.push(cache.extend_in_place(layer, &like)?);
+    }
+    let held: Vec<(&Tensor, &Tensor, usize)> =
+        buffers.iter().map(|(bk, bv, len)| (bk, bv, *len)).collect();
+    let scale = 1.0 / (hd as f64).sqrt();
+    match lmkit_kernels::cuda::decode_step_attention(&q, &k, v, &held, scale)? {
+        Some(y) => Ok(y),
+        // The caches now count a position nothing wrote: fail the pass rather than go on.
+        None => candle_core::bail!("decode attention: the GPU kernel did not take this step"),
+    }
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn decode_steps(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &mut [&mut KvCache],
+    _: usize,
+    _: Option<&Rope>,
+) -> candle_core::Result<Tensor> {
+    candle_core::bail!("decode attention: built without the GPU")
+}
+
 /// A packed continuation: the row's `t` positions are the caches' queued positions, cache after
-/// cache; each sequence attends to its own cache's keys and its own new positions.
+/// cache; each sequence attends to its own cache's keys and its own new positions. On the GPU
+/// ([`gpu_decode`]) the sequences that bring one position (decoding steps beside prompts) go
+/// through [`decode_steps`] together.
 fn attend_continued(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     t: usize,
     caches: &mut [&mut KvCache],
+    (layer, rope): (usize, Option<&Rope>),
     attend: &impl Fn(&Tensor, &Tensor, &Tensor, &mut KvCache) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
     let queued: usize = caches.iter().map(|c| c.queued()).sum();
@@ -221,17 +341,55 @@ fn attend_continued(
             caches.len()
         );
     }
-    let mut parts = Vec::with_capacity(caches.len());
-    let mut start = 0;
-    for cache in caches.iter_mut() {
-        let n = cache.queued();
-        parts.push(attend(
-            &q.narrow(2, start, n)?,
-            &k.narrow(2, start, n)?,
-            &v.narrow(2, start, n)?,
-            cache,
+    let starts: Vec<usize> = caches
+        .iter()
+        .scan(0, |start, c| {
+            let s = *start;
+            *start += c.queued();
+            Some(s)
+        })
+        .collect();
+    let steps = caches.iter().filter(|c| c.queued() == 1).count();
+    let mut step_out = None;
+    if steps > 1 && gpu_decode(q) {
+        let cols: Vec<u32> = caches
+            .iter()
+            .zip(&starts)
+            .filter(|(c, _)| c.queued() == 1)
+            .map(|(_, &s)| s as u32)
+            .collect();
+        let cols = Tensor::new(cols.as_slice(), q.device())?;
+        let pick = |x: &Tensor| x.contiguous()?.index_select(&cols, 2);
+        let mut stepping: Vec<&mut KvCache> = caches
+            .iter_mut()
+            .filter(|c| c.queued() == 1)
+            .map(|c| &mut **c)
+            .collect();
+        step_out = Some(decode_steps(
+            &pick(q)?,
+            &pick(k)?,
+            &pick(v)?,
+            &mut stepping,
+            layer,
+            rope,
         )?);
-        start += n;
+    }
+    let mut parts = Vec::with_capacity(caches.len());
+    let mut step = 0;
+    for (cache, &start) in caches.iter_mut().zip(&starts) {
+        let n = cache.queued();
+        match &step_out {
+            Some(y) if n == 1 => {
+                parts.push(y.narrow(2, step, 1)?);
+                step += 1;
+            }
+            _ => parts.push(attend(
+                &q.narrow(2, start, n)?,
+                &k.narrow(2, start, n)?,
+                &v.narrow(2, start, n)?,
+                cache,
+            )?),
+        }
     }
     Tensor::cat(&parts, 2)
 }

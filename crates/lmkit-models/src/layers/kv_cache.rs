@@ -141,38 +141,59 @@ impl KvCache {
         let Some(slot) = self.layers.get_mut(layer) else {
             candle_core::bail!("KV cache: layer {layer} of {}", self.layers.len());
         };
-        let start = self.len;
+        if self.len == 0 && slot.is_none() {
+            *slot = Some(Slot::First(k.clone(), v.clone()));
+            if layer + 1 == self.layers.len() {
+                self.len = k.dim(2)?;
+            }
+            return Ok((k.clone(), v.clone()));
+        }
+        let (bk, bv, start) = self.extend_in_place(layer, k)?;
+        bk.slice_set(&k.contiguous()?, 2, start)?;
+        bv.slice_set(&v.contiguous()?, 2, start)?;
         let end = start + k.dim(2)?;
-        let out = match slot.take() {
+        Ok((bk.narrow(2, 0, end)?, bv.narrow(2, 0, end)?))
+    }
+
+    /// For a kernel that writes the keys and values of `layer`'s next n positions itself (n:
+    /// `like`'s positions, `like` [batch, kv_heads, n, head_dim]): the layer's buffers ([batch,
+    /// kv_heads, capacity, head_dim], of `like`'s dtype and device) with room for them after
+    /// the `start` positions cached, and `start`. The cache counts the positions as [`KvCache::append`] does (its
+    /// length grows with the last layer): the caller must write them before the buffers are
+    /// read again.
+    pub fn extend_in_place(
+        &mut self,
+        layer: usize,
+        like: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, usize)> {
+        let Some(slot) = self.layers.get_mut(layer) else {
+            candle_core::bail!("KV cache: layer {layer} of {}", self.layers.len());
+        };
+        let start = self.len;
+        let end = start + like.dim(2)?;
+        let (bk, bv) = match slot.take() {
             None if start == 0 => {
-                *slot = Some(Slot::First(k.clone(), v.clone()));
-                (k.clone(), v.clone())
+                let mut dims = like.dims().to_vec();
+                dims[2] = end.max(FIRST_CAPACITY);
+                let bk = Tensor::zeros(dims.as_slice(), like.dtype(), like.device())?;
+                let bv = bk.zeros_like()?;
+                (bk, bv)
             }
             None => {
                 candle_core::bail!("KV cache: layer {layer} has no keys for its {start} positions")
             }
-            Some(kept) => {
-                let (bk, bv) = match kept {
-                    Slot::Buffered(bk, bv) if end <= bk.dim(2)? => (bk, bv),
-                    Slot::Buffered(bk, bv) => {
-                        let cap = end.max(2 * bk.dim(2)?);
-                        buffers(&bk.narrow(2, 0, start)?, &bv.narrow(2, 0, start)?, cap)?
-                    }
-                    Slot::First(fk, fv) => {
-                        buffers(&fk, &fv, end.max(2 * start).max(FIRST_CAPACITY))?
-                    }
-                };
-                bk.slice_set(&k.contiguous()?, 2, start)?;
-                bv.slice_set(&v.contiguous()?, 2, start)?;
-                let out = (bk.narrow(2, 0, end)?, bv.narrow(2, 0, end)?);
-                *slot = Some(Slot::Buffered(bk, bv));
-                out
+            Some(Slot::Buffered(bk, bv)) if end <= bk.dim(2)? => (bk, bv),
+            Some(Slot::Buffered(bk, bv)) => {
+                let cap = end.max(2 * bk.dim(2)?);
+                buffers(&bk.narrow(2, 0, start)?, &bv.narrow(2, 0, start)?, cap)?
             }
+            Some(Slot::First(fk, fv)) => buffers(&fk, &fv, end.max(2 * start).max(FIRST_CAPACITY))?,
         };
+        *slot = Some(Slot::Buffered(bk.clone(), bv.clone()));
         if layer + 1 == self.layers.len() {
             self.len = end;
         }
-        Ok(out)
+        Ok((bk, bv, start))
     }
 
     /// Recurrent models: the saved state of `layer` (hidden, and cell for an LSTM), if any.

@@ -1,0 +1,77 @@
+//! Decoding steps through the GPU's decode-step attention (one kernel launch a layer that writes
+//! every sequence's key and value into its cache and attends over it), on the emulated GPU of
+//! the `cuda-emu` feature, give the logits the composed attention gives: steps a row each, steps
+//! beside prompt pieces in one packed pass, fresh caches and caches regrown past their first
+//! capacity, for GPT-2, Llama (grouped-query heads), Qwen3 and GPT-NeoX (part of each head
+//! rotated).
+#![cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+
+use candle_core::Tensor;
+use lmkit_models::layers::attention::set_emulated_gpu_decode;
+use lmkit_models::{CausalLm, KvCache};
+
+const CONFIGS: [&str; 4] = [
+    r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 128, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
+    r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128}"#,
+    r#"{"model_type": "qwen3", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 128}"#,
+    r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
+        "use_parallel_residual": true, "max_position_embeddings": 128}"#,
+];
+
+/// One packed pass over `seqs`, each continuing its cache, through the kernel (`gpu`) or not.
+fn pass(m: &CausalLm, seqs: &[Vec<u32>], caches: &mut [KvCache], gpu: bool) -> Tensor {
+    set_emulated_gpu_decode(gpu);
+    let seqs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+    let out = m.forward_packed_last(&seqs, &mut refs);
+    set_emulated_gpu_decode(false);
+    out.unwrap()
+}
+
+#[test]
+fn kernel_decoding_steps_equal_the_composed_attention() {
+    for config in CONFIGS {
+        let m = lmkit_models::testing::random_model(config, 11, 0.5);
+        // Sequence 1 starts with a decoding step of a fresh cache; the others continue prompts.
+        let prompts: [&[u32]; 4] = [&[8, 9, 10], &[], &[40, 41, 42, 43, 44], &[3]];
+        let start = || -> Vec<KvCache> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut c = m.new_cache();
+                    if !p.is_empty() {
+                        pass(&m, &[p.to_vec()], std::slice::from_mut(&mut c), false);
+                    }
+                    c
+                })
+                .collect()
+        };
+        let (mut want_caches, mut got_caches) = (start(), start());
+        // 70 rounds: past the caches' first capacity of 64 positions. Every fifth round,
+        // sequence 2 brings a piece of 3 tokens (a prompt read beside the steps).
+        for round in 0..70u32 {
+            let seqs: Vec<Vec<u32>> = (0..4u32)
+                .map(|i| {
+                    let tok = (round * 7 + i * 13) % 61;
+                    if i == 2 && round % 5 == 4 {
+                        vec![tok, (tok + 1) % 61, (tok + 2) % 61]
+                    } else {
+                        vec![tok]
+                    }
+                })
+                .collect();
+            let want = pass(&m, &seqs, &mut want_caches, false);
+            let got = pass(&m, &seqs, &mut got_caches, true);
+            let d = lmkit_kernels::testing::max_diff(&got, &want);
+            assert!(d < 1e-4, "{config}, round {round}: logits differ by {d}");
+            for (a, b) in want_caches.iter().zip(&got_caches) {
+                assert_eq!(a.len(), b.len(), "{config}, round {round}");
+            }
+        }
+    }
+}
