@@ -107,3 +107,14 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   else return 1;
   return 0;
 }
+
+// decode_attention launched as cuda.rs's Gpu::decode_attention launches it: a block of
+// DEC_THREADS per (sequence, query head); table: per sequence its cache's key and value
+// addresses, cached length and elements between heads.
+extern "C" void emu_decode_attention(float* out, const float* q, const float* k_new,
+                                     const float* v_new, const uint64_t* table, int n, int heads,
+                                     int kv_heads, int hd, float scale) {
+  emu::launch({unsigned(n), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
+    decode_attention(out, q, k_new, v_new, table, n, heads, kv_heads, hd, scale);
+  });
+}

@@ -35,6 +35,7 @@ def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
     so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
+    so.emu_decode_attention.argtypes = [F32] * 4 + [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float]
     return so
 
 
@@ -178,6 +179,42 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     close(shape(dq, heads), want[2], "dq", tol, 1.0)
     close(shape(dk, kv_heads), want[3], "dk", tol, 1.0)
     close(shape(dv, kv_heads), want[4], "dv", tol, 1.0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,lens", [
+    (6, 2, 64, [0, 5, 130, 300]),   # grouped-query heads; only the new key; over two tiles of keys
+    (4, 4, 80, [127, 1, 256]),      # a head size that does not divide the block
+    (2, 1, 200, [3, 129]),          # two columns a thread
+])
+def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens):
+    """One decoding step of several sequences, each over its own KV cache plus its new key and
+    value, against PyTorch's scaled_dot_product_attention in float64; the kernel also writes the
+    new key and value into each cache at its length and nothing else."""
+    rng = np.random.default_rng(hd)
+    n, scale = len(lens), 1.0 / np.sqrt(hd)
+    q = rng.standard_normal((heads, n, hd), dtype=np.float32)
+    k_new = rng.standard_normal((kv_heads, n, hd), dtype=np.float32)
+    v_new = rng.standard_normal((kv_heads, n, hd), dtype=np.float32)
+    caps = [length + 3 for length in lens]
+    ks = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
+    vs = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
+    before = [(k.copy(), v.copy()) for k, v in zip(ks, vs)]
+    table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
+                      for k, v, length, cap in zip(ks, vs, lens, caps)], dtype=np.uint64)
+    out = np.full((heads, n, hd), np.nan, dtype=np.float32)
+    kernels.emu_decode_attention(ptr(out), ptr(q), ptr(k_new), ptr(v_new), table.ctypes.data,
+                                 n, heads, kv_heads, hd, scale)
+    for i, length in enumerate(lens):
+        k0, v0 = before[i]
+        keys = np.concatenate([k0[:, :length], k_new[:, i:i + 1]], 1)
+        vals = np.concatenate([v0[:, :length], v_new[:, i:i + 1]], 1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            f64(q[:, i:i + 1])[None], f64(keys)[None], f64(vals)[None], scale=scale, enable_gqa=True)[0]
+        close(out[:, i:i + 1], want.numpy(), f"sequence {i} of length {length}", 1e-5, 1.0)
+        for now, was, new in ((ks[i], k0, k_new), (vs[i], v0, v_new)):
+            expect = was.copy()
+            expect[:, length] = new[:, i]
+            assert np.array_equal(now, expect), f"sequence {i}: cache written outside position {length}"
 
 
 def f64(x, grad=False):
