@@ -3,8 +3,9 @@
 # (scripts/build-cuda.sh builds one, also on a machine without a GPU):
 #   LMKIT_BIN=path/to/lmkit [LMKIT_GPU_TESTS=DIR] bash bench/gpu_check.sh [OUT_DIR]
 # 0. with LMKIT_GPU_TESTS, a directory of test executables built with the cuda feature
-#    (`cargo test --release --features cuda -p lmkit-train -p lmkit-kernels --no-run`): their GPU
-#    tests (the GPU training pass and AdamW against the CPU), which must find a GPU;
+#    (`scripts/build-cuda.sh --tests`): their GPU tests (the GPU training passes, AdamW and the
+#    kernels against the CPU, decoding steps through the decode-step attention), which must find
+#    a GPU;
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
 # 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
 #    then a GPT-2-small-shaped run (TF32) with the flash attention kernels, with the [t, t]

@@ -49,12 +49,17 @@ target="${CARGO_TARGET_DIR:-$here/target-cuda}"
 cargo build --release --locked -p lmkit-cli --features cuda --target-dir "$target"
 echo "built $target/release/lmkit (compute capability $CUDA_COMPUTE_CAP)"
 if [ "$mode" = "--tests" ]; then
-  cargo test --release --locked -p lmkit-train -p lmkit-kernels --features lmkit-train/cuda,lmkit-kernels/cuda \
+  # lmkit-kernels' and lmkit-train's unit tests, and lmkit-models' decoding steps on the GPU.
+  cargo test --release --locked -p lmkit-train -p lmkit-kernels -p lmkit-models \
+    --features lmkit-train/cuda,lmkit-kernels/cuda,lmkit-models/cuda \
     --target-dir "$target" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    if (t["kind"] == ["lib"] and t["name"] != "lmkit_models") or t["name"] == "gpu_decode":
         print(m["executable"])' > "$target/gpu-tests.txt"
   echo "test executables with GPU tests (listed in $target/gpu-tests.txt):"
   cat "$target/gpu-tests.txt"

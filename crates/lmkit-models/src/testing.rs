@@ -11,6 +11,11 @@ use std::path::Path;
 /// plain tensors, as a model read from files has (no gradients tracked, so inference takes its
 /// fast paths). Panics on a bad config.
 pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
+    random_model_on(config, seed, scale, &Device::Cpu)
+}
+
+/// [`random_model`] with its weights on `device` (the same weights on every device).
+pub fn random_model_on(config: &str, seed: u64, scale: f32, device: &Device) -> CausalLm {
     let v: serde_json::Value = serde_json::from_str(config).expect("config JSON");
     let cfg = DecoderConfig::from_json(v, Path::new("config.json")).expect("config");
     let vm = VarMap::new();
@@ -29,8 +34,11 @@ pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
     let weights: std::collections::HashMap<String, Tensor> =
         lmkit_kernels::testing::vars_by_name(&vm)
             .into_iter()
-            .map(|(name, var)| (name, var.as_tensor().detach()))
+            .map(|(name, var)| {
+                let t = var.as_tensor().detach().to_device(device).expect("weights");
+                (name, t)
+            })
             .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
     CausalLm::from_var_builder(&cfg, vb, Path::new("random")).expect("model")
 }

@@ -208,7 +208,6 @@ impl InplaceOp1 for Held<'_> {
 mod tests {
     use super::*;
     use crate::testing::{max_diff, randn};
-    use candle_core::Device;
 
     /// softmax(scale·q·kᵀ)·v of one sequence by tensor ops: q [1, heads, 1, hd] against k, v
     /// [1, kv_heads, s, hd].
@@ -230,14 +229,16 @@ mod tests {
             .unwrap()
     }
 
-    /// The kernel (emulated) equals each sequence's attention by tensor ops over its cache and
+    /// The kernel (on the emulated GPU with `cuda-emu`) equals each sequence's attention by tensor ops over its cache and
     /// new key, and leaves the new keys and values in the caches at their lengths and nothing
     /// else changed: head sizes 64 (two groups of keys per block), 80 (one, idle threads), 200
     /// (two columns a thread); grouped-query heads; cache lengths 0 (only the new key), under
     /// and over a tile of 128 keys; one key/value head; more sequences than one launch takes.
     #[test]
-    fn equals_the_composed_attention_and_writes_the_caches() {
-        let dev = Device::Cpu;
+    fn gpu_decode_step_equals_the_composed_attention_and_writes_the_caches() {
+        let Some(dev) = crate::testing::gpu_device() else {
+            return;
+        };
         let r = |s: &[usize]| randn(0f32, 1.0, s, &dev).unwrap();
         for (heads, kv, hd, lens) in [
             (6, 2, 64, vec![0, 5, 130, 300]),
@@ -268,7 +269,7 @@ mod tests {
                 .collect();
             let got = decode_step_attention(&q, &k_new, &v_new, &caches, 0.125)
                 .unwrap()
-                .expect("f32 tensors of the emulated GPU");
+                .expect("f32 tensors of the GPU");
             assert_eq!(got.dims(), [1, heads, n, hd]);
             for (i, &len) in lens.iter().enumerate() {
                 let row = |x: &Tensor| x.narrow(2, i, 1).unwrap();
@@ -292,8 +293,10 @@ mod tests {
     /// Caches whose buffers have no room for the step, or are given twice, are refused without
     /// a write; other layouts are left to the caller.
     #[test]
-    fn refuses_what_it_cannot_write() {
-        let dev = Device::Cpu;
+    fn gpu_decode_step_refuses_what_it_cannot_write() {
+        let Some(dev) = crate::testing::gpu_device() else {
+            return;
+        };
         let r = |s: &[usize]| randn(0f32, 1.0, s, &dev).unwrap();
         let (q, k, v) = (r(&[1, 2, 2, 8]), r(&[1, 2, 2, 8]), r(&[1, 2, 2, 8]));
         let (a, b) = (r(&[1, 2, 4, 8]), r(&[1, 2, 4, 8]));
