@@ -1,7 +1,7 @@
 //! Decoding steps through the GPU's decode-step attention (one kernel launch a layer that writes
 //! every sequence's key and value into its cache and attends over it) give the logits the
 //! composed attention gives on the CPU: steps a row each, steps beside prompt pieces in one
-//! packed pass, fresh caches and caches regrown past their first capacity, for GPT-2, Llama
+//! packed pass, one sequence's steps alone, fresh caches and caches regrown past their first capacity, for GPT-2, Llama
 //! (grouped-query heads), Qwen3 and GPT-NeoX (part of each head rotated). On a GPU with the
 //! `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU tensors routed through the
 //! kernel by `set_emulated_gpu_decode`).
@@ -88,6 +88,17 @@ fn gpu_decoding_steps_equal_the_composed_attention() {
             for (a, b) in want_caches.iter().zip(&got_caches) {
                 assert_eq!(a.len(), b.len(), "{config}, round {round}");
             }
+        }
+        // One sequence alone (batch-1 generation): its steps through the kernel too.
+        for step in 0..3u32 {
+            let seq = vec![vec![(step * 5 + 1) % 61]];
+            let want = pass(&cpu, &seq, &mut want_caches[..1], false);
+            let got = pass(&tested, &seq, &mut got_caches[..1], true);
+            let d = lmkit_kernels::testing::max_diff(&got, &want);
+            assert!(
+                d < 1e-3,
+                "{config}, step {step} alone: logits differ by {d}"
+            );
         }
     }
 }

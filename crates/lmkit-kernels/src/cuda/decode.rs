@@ -94,18 +94,23 @@ fn launch(
 ) -> Result<Tensor> {
     let n = caches.len();
     let buffers: Vec<&Tensor> = caches.iter().flat_map(|(k, v, _)| [*k, *v]).collect();
-    // Every storage once: a cache buffer held mutably twice (or while read as an input) would
-    // wait for itself.
-    let mut bases = Vec::with_capacity(buffers.len() + 3);
-    for t in buffers.iter().copied().chain([q, k_new, v_new]) {
+    // Every cache buffer's storage once, none of them an input's: a storage held mutably twice
+    // (or while read as an input) would wait for itself. (The inputs may share one: GPT-2's
+    // q, k and v of one row are views of its projection.)
+    let base = |t: &Tensor| -> Result<u64> {
         let (storage, layout) = t.storage_and_layout();
-        let Some(region) = Gpu::region(&storage, layout) else {
-            candle_core::bail!("decode attention: a tensor not in f32 on the GPU");
-        };
-        bases.push(region.addr - 4 * layout.start_offset() as u64);
-    }
+        match Gpu::region(&storage, layout) {
+            Some(region) => Ok(region.addr - 4 * layout.start_offset() as u64),
+            None => candle_core::bail!("decode attention: a tensor not in f32 on the GPU"),
+        }
+    };
+    let mut bases = buffers
+        .iter()
+        .map(|t| base(t))
+        .collect::<Result<Vec<_>>>()?;
+    let inputs = [base(q)?, base(k_new)?, base(v_new)?];
     bases.sort_unstable();
-    if bases.windows(2).any(|w| w[0] == w[1]) {
+    if bases.windows(2).any(|w| w[0] == w[1]) || bases.iter().any(|b| inputs.contains(b)) {
         candle_core::bail!("decode attention: two operands share a buffer");
     }
     let out = gpu.uninit(heads * n * hd)?;

@@ -193,13 +193,17 @@ pub fn attend_rows(
         let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
         causal_attention(&q, &k, &v)
     };
+    let (b, _, t, _) = q.dims4()?;
     if let [cache] = caches {
         if let Some(segments) = cache.segments() {
             return attend_packed(q, k, v, segments, cache.num_layers(), &attend);
         }
+        if b == 1 && t == 1 && gpu_decode(q) {
+            // One sequence's decoding step (batch-1 generation).
+            return decode_steps(q, k, v, caches, layer, rope);
+        }
         return attend(q, k, v, cache);
     }
-    let (b, _, t, _) = q.dims4()?;
     if b == 1 && caches.len() > 1 {
         return attend_continued(q, k, v, t, caches, (layer, rope), &attend);
     }
