@@ -110,11 +110,15 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
 
 // decode_attention launched as cuda.rs's Gpu::decode_attention launches it: a block of
 // DEC_THREADS per (sequence, query head); table: per sequence its cache's key and value
-// addresses, cached length and elements between heads.
+// addresses, cached length and elements between heads; rope: null, or a [positions, rotated]
+// table; strides: q's, k_new's and v_new's head and sequence strides.
 extern "C" void emu_decode_attention(float* out, const float* q, const float* k_new,
-                                     const float* v_new, const uint64_t* table, int n, int heads,
-                                     int kv_heads, int hd, float scale) {
+                                     const float* v_new, const uint64_t* table, const float* rope,
+                                     int n, int heads, int kv_heads, int hd, int rotated,
+                                     const int* strides, float scale) {
   emu::launch({unsigned(n), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
-    decode_attention(out, q, k_new, v_new, table, n, heads, kv_heads, hd, scale);
+    decode_attention(out, q, k_new, v_new, table, rope, n, heads, kv_heads, hd, rotated,
+                     strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
+                     scale);
   });
 }

@@ -35,7 +35,8 @@ def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
     so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
-    so.emu_decode_attention.argtypes = [F32] * 4 + [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float]
+    so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
+                                        + [INTS, ctypes.c_float])
     return so
 
 
@@ -181,40 +182,64 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     close(shape(dv, kv_heads), want[4], "dv", tol, 1.0)
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd,lens", [
-    (6, 2, 64, [0, 5, 130, 300]),   # grouped-query heads; only the new key; over two tiles of keys
-    (4, 4, 80, [127, 1, 256]),      # a head size that does not divide the block
-    (2, 1, 200, [3, 129]),          # two columns a thread
+@pytest.mark.parametrize("heads,kv_heads,hd,lens,rotated", [
+    (6, 2, 64, [0, 5, 130, 300], 64),  # grouped-query heads; only the new key; over two tiles; rope
+    (4, 4, 80, [127, 1, 256], 0),      # a head size that does not divide the block
+    (2, 1, 200, [3, 129], 100),        # two columns a thread; half of each head rotated
 ])
-def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens):
+def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens, rotated):
     """One decoding step of several sequences, each over its own KV cache plus its new key and
-    value, against PyTorch's scaled_dot_product_attention in float64; the kernel also writes the
-    new key and value into each cache at its length and nothing else."""
+    value, against PyTorch's scaled_dot_product_attention in float64, q and the new key rotated
+    first as transformers' apply_rotary_pos_emb does (rotate_half over the first `rotated`
+    columns) at each sequence's position; q, k and v read in place from one row of projections
+    per sequence. The kernel also writes the new key (rotated) and value into each cache at its
+    length and nothing else."""
     rng = np.random.default_rng(hd)
-    n, scale = len(lens), 1.0 / np.sqrt(hd)
-    q = rng.standard_normal((heads, n, hd), dtype=np.float32)
-    k_new = rng.standard_normal((kv_heads, n, hd), dtype=np.float32)
-    v_new = rng.standard_normal((kv_heads, n, hd), dtype=np.float32)
+    n, scale, half = len(lens), 1.0 / np.sqrt(hd), rotated // 2
+    width = (heads + 2 * kv_heads) * hd
+    qkv = rng.standard_normal((n, width), dtype=np.float32)
+    q = qkv[:, :heads * hd].reshape(n, heads, hd).transpose(1, 0, 2)
+    k_new = qkv[:, heads * hd:(heads + kv_heads) * hd].reshape(n, kv_heads, hd).transpose(1, 0, 2)
+    v_new = qkv[:, (heads + kv_heads) * hd:].reshape(n, kv_heads, hd).transpose(1, 0, 2)
+    at = ctypes.cast(ptr(qkv), ctypes.c_void_p).value
+    q_ptr, k_ptr, v_ptr = (ctypes.cast(at + 4 * off, F32) for off in (0, heads * hd, (heads + kv_heads) * hd))
+    strides = ints(hd, width, hd, width, hd, width)  # head and sequence strides of q, k, v
+    theta = np.arange(400)[:, None] * 10000.0 ** (-np.arange(0, max(rotated, 2), 2) / max(rotated, 2))[None, :]
+    table = np.concatenate([np.cos(theta[:, :half]), np.sin(theta[:, :half])], 1).astype(np.float32)
     caps = [length + 3 for length in lens]
     ks = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
     vs = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
     before = [(k.copy(), v.copy()) for k, v in zip(ks, vs)]
-    table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
-                      for k, v, length, cap in zip(ks, vs, lens, caps)], dtype=np.uint64)
-    out = np.full((heads, n, hd), np.nan, dtype=np.float32)
-    kernels.emu_decode_attention(ptr(out), ptr(q), ptr(k_new), ptr(v_new), table.ctypes.data,
-                                 n, heads, kv_heads, hd, scale)
+    cache_table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
+                            for k, v, length, cap in zip(ks, vs, lens, caps)], dtype=np.uint64)
+    out = np.full((n, heads, hd), np.nan, dtype=np.float32)
+    kernels.emu_decode_attention(ptr(out), q_ptr, k_ptr, v_ptr, cache_table.ctypes.data,
+                                 table.ctypes.data if rotated else None, n, heads, kv_heads, hd, rotated,
+                                 strides, scale)
+
+    def rotate(x, pos):
+        """transformers' apply_rotary_pos_emb on the first `rotated` columns: x·cos + rotate_half(x)·sin."""
+        if not rotated:
+            return x
+        cos = torch.cat([f64(np.cos(theta[pos, :half]))] * 2)
+        sin = torch.cat([f64(np.sin(theta[pos, :half]))] * 2)
+        r = x[..., :rotated]
+        turned = r * cos + torch.cat([-r[..., half:], r[..., :half]], -1) * sin
+        return torch.cat([turned, x[..., rotated:]], -1)
+
     for i, length in enumerate(lens):
         k0, v0 = before[i]
-        keys = np.concatenate([k0[:, :length], k_new[:, i:i + 1]], 1)
-        vals = np.concatenate([v0[:, :length], v_new[:, i:i + 1]], 1)
+        new_k = rotate(f64(k_new[:, i:i + 1]), length)
+        keys = torch.cat([f64(k0[:, :length]), new_k], 1)
+        vals = f64(np.concatenate([v0[:, :length], v_new[:, i:i + 1]], 1))
         want = torch.nn.functional.scaled_dot_product_attention(
-            f64(q[:, i:i + 1])[None], f64(keys)[None], f64(vals)[None], scale=scale, enable_gqa=True)[0]
-        close(out[:, i:i + 1], want.numpy(), f"sequence {i} of length {length}", 1e-5, 1.0)
-        for now, was, new in ((ks[i], k0, k_new), (vs[i], v0, v_new)):
-            expect = was.copy()
-            expect[:, length] = new[:, i]
-            assert np.array_equal(now, expect), f"sequence {i}: cache written outside position {length}"
+            rotate(f64(q[:, i:i + 1]), length)[None], keys[None], vals[None], scale=scale, enable_gqa=True)[0]
+        close(out[i][:, None], want.numpy(), f"sequence {i} of length {length}", 1e-5, 1.0)
+        close(ks[i][:, length], new_k[:, 0].numpy(), f"sequence {i}'s key in the cache", 1e-6, 1.0)
+        assert np.array_equal(vs[i][:, length], v_new[:, i]), f"sequence {i}'s value in the cache"
+        for now, was in ((ks[i], k0), (vs[i], v0)):
+            assert np.array_equal(np.delete(now, length, 1), np.delete(was, length, 1)), \
+                f"sequence {i}: cache written outside position {length}"
 
 
 def f64(x, grad=False):

@@ -62,6 +62,23 @@ pub struct DecodeCache {
     pub head_stride: usize,
 }
 
+/// An input of [`Gpu::decode_attention`]: head h's row for sequence i (the head size's
+/// elements) starts at h·head_stride + i·seq_stride.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeRows {
+    pub data: Dev<f32>,
+    pub head_stride: usize,
+    pub seq_stride: usize,
+}
+
+impl DecodeRows {
+    /// The address, checked to hold `heads` heads of `n` rows of hd.
+    fn need(self, (heads, n, hd): (usize, usize, usize), what: &str) -> Result<u64> {
+        let reach = (heads - 1) * self.head_stride + (n - 1) * self.seq_stride + hd;
+        self.data.need(reach, what)
+    }
+}
+
 /// Sizes of a causal attention: batch, tokens, query heads, key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -777,13 +794,18 @@ impl Gpu {
     /// A decoding step's attention for n sequences that each continue their own KV cache:
     /// out = softmax(scale·q·kᵀ)·v per sequence and query head over the cache's `len` positions
     /// and the sequence's new key and value, which are written into the cache at position `len`.
-    /// q and out [heads, n, hd], k_new and v_new [kv_heads, n, hd] (grouped-query heads: query
-    /// head h reads key/value head h / (heads / kv_heads)); hd at most 256.
+    /// q has `heads` heads, k_new and v_new `kv_heads` (grouped-query heads: query head h reads
+    /// key/value head h / (heads / kv_heads)), rows of hd (at most 256); out [n, heads, hd].
+    /// With `rope` ((table [positions, rotated]: each position's cos values, then its sin
+    /// values), rotated), q's and the new key's first `rotated` columns are rotated at the
+    /// sequence's position `len` first.
+    #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
         out: Dev<f32>,
-        (q, k_new, v_new): (Dev<f32>, Dev<f32>, Dev<f32>),
+        (q, k_new, v_new): (DecodeRows, DecodeRows, DecodeRows),
         caches: &[DecodeCache],
+        rope: Option<(Dev<f32>, usize)>,
         (heads, kv_heads, hd): (usize, usize, usize),
         scale: f32,
     ) -> Result<()> {
@@ -796,6 +818,10 @@ impl Gpu {
         }
         if hd == 0 || hd > DEC_MAX_HD {
             candle_core::bail!("cuda decode attention: head size {hd} (1 to {DEC_MAX_HD})");
+        }
+        let rotated = rope.map_or(0, |(_, r)| r);
+        if rotated > hd || !rotated.is_multiple_of(2) {
+            candle_core::bail!("cuda decode attention: {rotated} rotated columns of {hd}");
         }
         let mut table = Vec::with_capacity(4 * n);
         let mut positions = 0;
@@ -817,17 +843,32 @@ impl Gpu {
             ]);
             positions += c.len + 1;
         }
+        let rope = match rope {
+            Some((t, r)) if r > 0 => {
+                let last = caches.iter().map(|c| c.len).max().unwrap_or(0);
+                t.need((last + 1) * r, "decode attention rotary table")?
+            }
+            _ => 0,
+        };
         let table = self.upload(&table)?;
         let args = [
-            Arg::P(out.need(heads * n * hd, "decode attention out")?),
-            Arg::P(q.need(heads * n * hd, "decode attention q")?),
-            Arg::P(k_new.need(kv_heads * n * hd, "decode attention k_new")?),
-            Arg::P(v_new.need(kv_heads * n * hd, "decode attention v_new")?),
+            Arg::P(out.need(n * heads * hd, "decode attention out")?),
+            Arg::P(q.need((heads, n, hd), "decode attention q")?),
+            Arg::P(k_new.need((kv_heads, n, hd), "decode attention k_new")?),
+            Arg::P(v_new.need((kv_heads, n, hd), "decode attention v_new")?),
             Arg::P(table.dev().addr),
+            Arg::P(rope),
             Arg::I(int(n)?),
             Arg::I(int(heads)?),
             Arg::I(int(kv_heads)?),
             Arg::I(int(hd)?),
+            Arg::I(int(rotated)?),
+            Arg::I(int(q.head_stride)?),
+            Arg::I(int(q.seq_stride)?),
+            Arg::I(int(k_new.head_stride)?),
+            Arg::I(int(k_new.seq_stride)?),
+            Arg::I(int(v_new.head_stride)?),
+            Arg::I(int(v_new.seq_stride)?),
             Arg::F(scale),
         ];
         // Every query head reads its group's keys and values (from cache, once per group where

@@ -673,13 +673,17 @@ ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 64, 64, 64)
 ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 128, 64, 32)
 
 // One decoding step of attention for n sequences that each continue their own KV cache (the
-// decoding steps of a serving round): query head h of sequence i (row h·n + i of q [heads, n,
-// hd]) sees its cache's first len_i positions and its new key and value (row g·n + i of k_new and
-// v_new [kv_heads, n, hd], g = h / (heads / kv_heads)), which the block of each group's first
-// query head also writes into the cache at position len_i (the other blocks read that position
-// from k_new and v_new, and only positions below it from the cache, so no block reads what
-// another writes). table[4i .. 4i + 4]: the cache's key and value addresses, len_i and the
-// elements between its heads (head g's rows of hd start at g times that). out [heads, n, hd].
+// decoding steps of a serving round): query head h of sequence i sees its cache's first len_i
+// positions and its new key and value (key/value head g = h / (heads / kv_heads)), which the
+// block of each group's first query head also writes into the cache at position len_i (the
+// other blocks take that position from k_new and v_new, and only positions below it from the
+// cache, so no block reads what another writes). table[4i .. 4i + 4]: the cache's key and value
+// addresses, len_i and the elements between its heads (head g's rows of hd start at g times
+// that). q, k_new and v_new: element (head, i, column) at head·*_hs + i·*_ss + column (views of
+// the projections' rows are read in place). With `rope` (a [positions, rotated] table: each
+// position's cos values, then its sin values), the first `rotated` columns of q and of the new
+// key are rotated at position len_i (rotate-half pairs c and c + rotated / 2), as the rotary
+// embedding does before the cache. out [n, heads, hd] (sequence-major: the rows o_proj takes).
 //
 // A block of DEC_THREADS per (sequence, query head), the keys a tile of DEC_THREADS at a time:
 // one warp per key (lanes over the head's columns, so a key row is read in whole lines), a
@@ -702,24 +706,50 @@ __device__ __forceinline__ float dec_reduce(float v, float* shared, bool max) {
   return v;
 }
 
+// x (hd values in shared memory) rotated at table row `row` over its first `rotated` columns.
+__device__ __forceinline__ void dec_rotate(float* x, const float* row, int rotated) {
+  int half = rotated / 2;
+  for (int c = threadIdx.x; c < half; c += DEC_THREADS) {
+    float a = x[c], b = x[c + half], cs = row[c], sn = row[half + c];
+    x[c] = a * cs - b * sn;
+    x[c + half] = b * cs + a * sn;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     decode_attention(float* out, const float* q, const float* k_new, const float* v_new,
-                     const uint64_t* table, int n, int heads, int kv_heads, int hd, float scale) {
+                     const uint64_t* table, const float* rope, int n, int heads, int kv_heads,
+                     int hd, int rotated, int q_hs, int q_ss, int k_hs, int k_ss, int v_hs,
+                     int v_ss, float scale) {
   __shared__ float qs[DEC_MAX_HD];
+  __shared__ float kn[DEC_MAX_HD];
   __shared__ float p[DEC_THREADS];
   __shared__ float red[DEC_THREADS / 32];
   __shared__ float parts_acc[DEC_THREADS];
   int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  if (i >= n || h >= heads) return;
   int rep = heads / kv_heads, g = h / rep;
   const uint64_t* e = table + 4 * (int64_t)i;
   int64_t head_stride = (int64_t)e[3];
   float* K = reinterpret_cast<float*>(static_cast<uintptr_t>(e[0])) + g * head_stride;
   float* V = reinterpret_cast<float*>(static_cast<uintptr_t>(e[1])) + g * head_stride;
   int len = (int)e[2];
-  const float* kn = k_new + ((int64_t)g * n + i) * hd;
-  const float* vn = v_new + ((int64_t)g * n + i) * hd;
+  const float* qr = q + (int64_t)h * q_hs + (int64_t)i * q_ss;
+  const float* kr_new = k_new + (int64_t)g * k_hs + (int64_t)i * k_ss;
+  const float* vn = v_new + (int64_t)g * v_hs + (int64_t)i * v_ss;
   for (int c = tid; c < hd; c += DEC_THREADS) {
-    qs[c] = q[((int64_t)h * n + i) * hd + c] * scale;
+    qs[c] = qr[c];
+    kn[c] = kr_new[c];
+  }
+  if (rope) {
+    __syncthreads();
+    const float* row = rope + (int64_t)len * rotated;
+    dec_rotate(qs, row, rotated);
+    dec_rotate(kn, row, rotated);
+  }
+  __syncthreads();
+  for (int c = tid; c < hd; c += DEC_THREADS) {
+    qs[c] *= scale;
     if (h % rep == 0) {
       K[(int64_t)len * hd + c] = kn[c];
       V[(int64_t)len * hd + c] = vn[c];
@@ -769,7 +799,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     if (active && part == 0)
       for (int r = 1; r < parts; r++) acc0 += parts_acc[r * hd + col];
   }
-  float* o = out + ((int64_t)h * n + i) * hd;
+  float* o = out + ((int64_t)i * heads + h) * hd;
   if (active && part == 0) {
     o[col] = acc0 / l;
     if (second) o[col + DEC_THREADS] = acc1 / l;

@@ -267,10 +267,11 @@ impl Gpu {
     pub(super) fn region_mut(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
         let stream = cs.device.cuda_stream();
         let slice = cs.as_cuda_slice_mut::<f32>().ok()?;
+        let len = slice.len();
         let (addr, _sync) = slice.device_ptr_mut(&stream);
         let all = Dev::<f32> {
             addr,
-            len: slice.len(),
+            len,
             _t: PhantomData,
         };
         all.at(layout.start_offset()).ok()

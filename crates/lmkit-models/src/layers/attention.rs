@@ -2,7 +2,10 @@
 //! calls: causal (decoders), bidirectional with a padding bias (encoders) and cross-attention
 //! (encoder-decoders), with grouped-query key/value heads, over a KV cache when decoding.
 //! On the CPU the causal softmax is one fused kernel (masked half skipped); GPT-2's packed
-//! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences.
+//! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences. On a GPU, the
+//! decoding steps of a pass (one sequence's, or a serving round's, each continuing its own
+//! cache) take one kernel launch a layer that writes their keys and values into the caches and
+//! attends over them ([`attend_rows`]).
 
 use crate::layers::kv_cache::KvCache;
 use crate::layers::rope::Rope;
@@ -273,10 +276,10 @@ fn on_gpu(_: &Tensor) -> bool {
 }
 
 /// The decoding steps of sequences that each continue their own cache by one position, q, k,
-/// v [1, heads, n, head_dim] (sequence i in column i), on the GPU ([`gpu_decode`]): q and k
-/// rotated at every sequence's own position at once, and one kernel launch that writes every
-/// sequence's key and value into its cache and attends over it, instead of several small
-/// launches per sequence. [1, heads, n, head_dim].
+/// v [1, heads, n, head_dim] (sequence i in column i; views of the projections are read in
+/// place), on the GPU ([`gpu_decode`]): one kernel launch that rotates every sequence's q and
+/// key at its own position, writes its key and value into its cache and attends over it,
+/// instead of several small launches per sequence. [1, heads, n, head_dim].
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn decode_steps(
     q: &Tensor,
@@ -287,17 +290,6 @@ fn decode_steps(
     rope: Option<&Rope>,
 ) -> candle_core::Result<Tensor> {
     let hd = q.dim(3)?;
-    let (q, k) = match rope {
-        Some(rope) => {
-            let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
-            let positions = Tensor::new(positions.as_slice(), q.device())?;
-            (
-                rope.apply_at(&q.contiguous()?, &positions)?,
-                rope.apply_at(&k.contiguous()?, &positions)?,
-            )
-        }
-        None => (q.clone(), k.clone()),
-    };
     let like = k.narrow(2, 0, 1)?;
     let mut buffers = Vec::with_capacity(caches.len());
     for cache in caches.iter_mut() {
@@ -305,8 +297,9 @@ fn decode_steps(
     }
     let held: Vec<(&Tensor, &Tensor, usize)> =
         buffers.iter().map(|(bk, bv, len)| (bk, bv, *len)).collect();
+    let table = rope.map(|r| r.table()).filter(|(_, rotated)| *rotated > 0);
     let scale = 1.0 / (hd as f64).sqrt();
-    match lmkit_kernels::cuda::decode_step_attention(&q, &k, v, &held, scale)? {
+    match lmkit_kernels::cuda::decode_step_attention(q, k, v, &held, table, scale)? {
         Some(y) => Ok(y),
         // The caches now count a position nothing wrote: fail the pass rather than go on.
         None => candle_core::bail!("decode attention: the GPU kernel did not take this step"),

@@ -176,26 +176,14 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
-        self.rotate(x, &cos, &sin)
-    }
-
-    /// `x` [b, h, t, d], its t positions at `positions` ([t] u32, on x's device), rotated: the
-    /// decoding steps of sequences at different positions, one per column.
-    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
-        self.rotate(x, &cos, &sin)
-    }
-
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         if self.rotated == 0 {
             return Ok(x.clone());
         }
         if self.rotated >= d {
-            return crate::layers::ops::rope(x, cos, sin);
+            return crate::layers::ops::rope(x, &cos, &sin);
         }
-        let turned = crate::layers::ops::rope(&x.narrow(D::Minus1, 0, self.rotated)?, cos, sin)?;
+        let turned = crate::layers::ops::rope(&x.narrow(D::Minus1, 0, self.rotated)?, &cos, &sin)?;
         let kept = x.narrow(D::Minus1, self.rotated, d - self.rotated)?;
         Tensor::cat(&[&turned, &kept], D::Minus1)
     }
