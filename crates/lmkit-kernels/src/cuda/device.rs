@@ -229,19 +229,11 @@ impl Gpu {
 
     /// [`Gpu::view`] of a CUDA storage.
     pub fn view_cuda(cs: &CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
-        let slice = cs.as_cuda_slice::<f32>().ok()?;
         let (start, end) = layout.contiguous_offsets()?;
-        let stream = cs.device.cuda_stream();
-        let (addr, _sync) = slice.device_ptr(&stream);
-        let all = Dev::<f32> {
-            addr,
-            len: slice.len(),
-            _t: PhantomData,
-        };
-        let v = all.at(start).ok()?;
-        (end <= slice.len()).then_some(Dev {
+        let from = Self::region_cuda(cs, layout)?;
+        (end - start <= from.len).then_some(Dev {
             len: end - start,
-            ..v
+            ..from
         })
     }
 
@@ -252,6 +244,10 @@ impl Gpu {
         let Storage::Cuda(cs) = storage else {
             return None;
         };
+        Self::region_cuda(cs, layout)
+    }
+
+    fn region_cuda(cs: &CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
         let slice = cs.as_cuda_slice::<f32>().ok()?;
         let stream = cs.device.cuda_stream();
         let (addr, _sync) = slice.device_ptr(&stream);

@@ -138,16 +138,11 @@ impl Gpu {
     /// The f32 data of a contiguous CPU tensor (read only: the passes write their own buffers),
     /// or `None` for another dtype or a strided view.
     pub fn view(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
-        let Storage::Cpu(cs) = storage else {
-            return None;
-        };
-        let data = cs.as_slice::<f32>().ok()?;
         let (start, end) = layout.contiguous_offsets()?;
-        let part = data.get(start..end)?;
-        Some(Dev {
-            addr: part.as_ptr() as u64,
-            len: part.len(),
-            _t: PhantomData,
+        let from = Self::region(storage, layout)?;
+        (end - start <= from.len).then_some(Dev {
+            len: end - start,
+            ..from
         })
     }
 
