@@ -7,16 +7,9 @@
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
-
-/// After an idle spell, how long the worker waits for another request before its first pass
-/// (each arrival waits this long again), and at most in all: a request that comes alone waits
-/// this much longer for its first token, one of a burst is read in the burst's first pass.
-const GATHER_GAP: Duration = Duration::from_millis(2);
-const GATHER_FOR: Duration = Duration::from_millis(10);
 
 /// What the worker reports for one sequence.
 #[derive(Debug)]
@@ -177,20 +170,6 @@ fn worker(
             match rx.recv() {
                 Ok(job) => admit(&models, job, &mut active, &depth),
                 Err(_) => return,
-            }
-            // The requests of a burst arrive over a few milliseconds: those that follow the
-            // first closely join its first pass instead of waiting for it.
-            let until = Instant::now() + GATHER_FOR;
-            while active.len() < max_active {
-                let wait = GATHER_GAP.min(until.saturating_duration_since(Instant::now()));
-                match rx.recv_timeout(wait) {
-                    Ok(job) => admit(&models, job, &mut active, &depth),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
             }
         }
         while open && active.len() < max_active {
