@@ -1,10 +1,10 @@
 //! Decoding steps through the GPU's decode-step attention (one kernel launch a layer that writes
 //! every sequence's key and value into its cache and attends over it) give the logits the
 //! composed attention gives on the CPU: steps a row each, steps beside prompt pieces in one
-//! packed pass, one sequence's steps alone, fresh caches and caches regrown past their first capacity, for GPT-2, Llama
-//! (grouped-query heads), Qwen3 and GPT-NeoX (part of each head rotated). On a GPU with the
-//! `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU tensors routed through the
-//! kernel by `set_emulated_gpu_decode`).
+//! packed pass, one sequence's steps alone, fresh caches and caches regrown past their first
+//! capacity, for GPT-2, Llama (grouped-query heads), Qwen3 and GPT-NeoX (part of each head
+//! rotated). On a GPU with the `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU
+//! tensors routed through the kernel by `set_emulated_gpu_decode`).
 #![cfg(any(feature = "cuda-emu", feature = "cuda"))]
 
 use candle_core::{Device, Tensor};

@@ -158,9 +158,9 @@ impl KvCache {
     /// For a kernel that writes the keys and values of `layer`'s next n positions itself (n:
     /// `like`'s positions, `like` [batch, kv_heads, n, head_dim]): the layer's buffers ([batch,
     /// kv_heads, capacity, head_dim], of `like`'s dtype and device) with room for them after
-    /// the `start` positions cached, and `start`. The cache counts the positions as [`KvCache::append`] does (its
-    /// length grows with the last layer): the caller must write them before the buffers are
-    /// read again.
+    /// the `start` positions cached, and `start`. The cache counts the positions as
+    /// [`KvCache::append`] does (its length grows with the last layer): the caller must write
+    /// them before the buffers are read again.
     pub fn extend_in_place(
         &mut self,
         layer: usize,
