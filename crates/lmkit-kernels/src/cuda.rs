@@ -810,7 +810,7 @@ impl Gpu {
         scale: f32,
     ) -> Result<()> {
         let n = caches.len();
-        if n == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        if n == 0 || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             candle_core::bail!(
                 "cuda decode attention: {n} sequences, {heads} query heads for {kv_heads} \
                  key/value heads"

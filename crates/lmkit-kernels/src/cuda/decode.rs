@@ -1,7 +1,7 @@
 //! The attention of a serving round's decoding steps on the GPU: every sequence continues its
 //! own KV cache, and one launch a layer ([`Gpu::decode_attention`]) writes each sequence's new
 //! key and value into its cache and attends over it, instead of several small launches per
-//! sequence (copies into the cache, the two products, the scaling and the softmax).
+//! sequence (rotation, copies into the cache, the two products, the scaling and the softmax).
 
 use super::{DecodeCache, DecodeRows, Dev, Gpu, DEC_MAX_HD};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
