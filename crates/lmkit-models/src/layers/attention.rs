@@ -260,9 +260,12 @@ fn gpu_decode(q: &Tensor) -> bool {
         && !q.track_op()
 }
 
+/// On a GPU unless LMKIT_CUDA_DECODE=0 (decoding steps then take the composed ops, to compare).
 #[cfg(feature = "cuda")]
 fn on_gpu(x: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     x.device().is_cuda()
+        && *ON.get_or_init(|| std::env::var("LMKIT_CUDA_DECODE").map_or(true, |v| v != "0"))
 }
 
 #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
