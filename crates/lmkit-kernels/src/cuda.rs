@@ -46,10 +46,10 @@ enum Module {
 const ATT_ROWS: usize = 64;
 const ATT_THREADS: u32 = 128;
 
-/// Threads of a block of attention.cu's `decode_attention` (DEC_THREADS), and the largest head
-/// size it takes (DEC_MAX_HD).
+/// Threads of a block of attention.cu's `decode_attention` (DEC_THREADS).
 const DEC_THREADS: u32 = 128;
-const DEC_MAX_HD: usize = 256;
+/// The largest head size [`Gpu::decode_attention`] takes (attention.cu's DEC_MAX_HD).
+pub const DECODE_MAX_HEAD: usize = 256;
 
 /// One sequence of [`Gpu::decode_attention`]: its KV cache's key and value buffers, each
 /// `kv_heads` heads `head_stride` elements apart with rows of the head size, holding `len`
@@ -605,6 +605,18 @@ fn same_type<const N: usize>(operands: [Rows; N], what: &str) -> Result<bool> {
 }
 
 impl Gpu {
+    /// The f32 data of a contiguous tensor on this GPU (with the emulation: a CPU tensor; read
+    /// only, the passes write their own buffers; the storage must stay borrowed while the
+    /// address is used), or `None` for another device, dtype or a strided view.
+    pub fn view(storage: &candle_core::Storage, layout: &candle_core::Layout) -> Option<Dev<f32>> {
+        let (start, end) = layout.contiguous_offsets()?;
+        let from = Self::region(storage, layout)?;
+        (end - start <= from.len).then_some(Dev {
+            len: end - start,
+            ..from
+        })
+    }
+
     pub fn upload_u32(&self, data: &[u32]) -> Result<Buf<u32>> {
         self.upload(data)
     }
@@ -816,8 +828,8 @@ impl Gpu {
                  key/value heads"
             );
         }
-        if hd == 0 || hd > DEC_MAX_HD {
-            candle_core::bail!("cuda decode attention: head size {hd} (1 to {DEC_MAX_HD})");
+        if hd == 0 || hd > DECODE_MAX_HEAD {
+            candle_core::bail!("cuda decode attention: head size {hd} (1 to {DECODE_MAX_HEAD})");
         }
         let rotated = rope.map_or(0, |(_, r)| r);
         if rotated > hd || !rotated.is_multiple_of(2) {

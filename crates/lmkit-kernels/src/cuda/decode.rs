@@ -3,7 +3,7 @@
 //! key and value into its cache and attends over it, instead of several small launches per
 //! sequence (rotation, copies into the cache, the two products, the scaling and the softmax).
 
-use super::{DecodeCache, DecodeRows, Dev, Gpu, DEC_MAX_HD};
+use super::{DecodeCache, DecodeRows, Dev, Gpu, DECODE_MAX_HEAD};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 
 /// Sequences of one launch: the cache buffers are held mutably one inside the other (two
@@ -39,7 +39,7 @@ pub fn decode_step_attention(
     let fits = one == 1
         && n == caches.len()
         && n > 0
-        && hd <= DEC_MAX_HD
+        && hd <= DECODE_MAX_HEAD
         && k_new.dims() == [1, kv_heads, n, hd]
         && v_new.dims() == k_new.dims()
         && [q, k_new, v_new]

@@ -218,25 +218,6 @@ impl Gpu {
         ))
     }
 
-    /// The f32 data of a contiguous tensor on this GPU (the storage must stay borrowed while the
-    /// address is used), or `None` for another device, dtype or a strided view.
-    pub fn view(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
-        let Storage::Cuda(cs) = storage else {
-            return None;
-        };
-        Self::view_cuda(cs, layout)
-    }
-
-    /// [`Gpu::view`] of a CUDA storage.
-    pub fn view_cuda(cs: &CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
-        let (start, end) = layout.contiguous_offsets()?;
-        let from = Self::region_cuda(cs, layout)?;
-        (end - start <= from.len).then_some(Dev {
-            len: end - start,
-            ..from
-        })
-    }
-
     /// The f32 elements of a tensor's storage on a GPU from its layout's start to the
     /// storage's end (a strided view's whole reach, bounds-checked by the entry points), or
     /// `None` for another device or dtype.
@@ -244,10 +225,6 @@ impl Gpu {
         let Storage::Cuda(cs) = storage else {
             return None;
         };
-        Self::region_cuda(cs, layout)
-    }
-
-    fn region_cuda(cs: &CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
         let slice = cs.as_cuda_slice::<f32>().ok()?;
         let stream = cs.device.cuda_stream();
         let (addr, _sync) = slice.device_ptr(&stream);

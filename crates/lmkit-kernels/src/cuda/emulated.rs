@@ -135,17 +135,6 @@ impl Gpu {
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
-    /// The f32 data of a contiguous CPU tensor (read only: the passes write their own buffers),
-    /// or `None` for another dtype or a strided view.
-    pub fn view(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
-        let (start, end) = layout.contiguous_offsets()?;
-        let from = Self::region(storage, layout)?;
-        (end - start <= from.len).then_some(Dev {
-            len: end - start,
-            ..from
-        })
-    }
-
     /// The f32 elements of a tensor's storage from its layout's start to the storage's end (a
     /// strided view's whole reach, bounds-checked by the entry points), or `None` for another
     /// device or dtype.

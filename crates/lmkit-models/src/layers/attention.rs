@@ -247,17 +247,21 @@ pub fn set_emulated_gpu_decode(on: bool) {
     EMULATED_GPU_DECODE.store(on, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Heads larger than this go through the composed ops (the kernel's DEC_MAX_HD).
-const GPU_DECODE_MAX_HEAD: usize = 256;
-
 /// Whether decoding steps of these tensors (q [rows, heads, t, head_dim]) take the GPU's
 /// decode-step kernel ([`decode_steps`]): f32 on a GPU (or the emulated one), without
-/// gradients, heads of at most 256.
+/// gradients, heads no larger than the kernel takes.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn gpu_decode(q: &Tensor) -> bool {
     on_gpu(q)
         && q.dtype() == DType::F32
-        && q.dim(3).is_ok_and(|hd| hd <= GPU_DECODE_MAX_HEAD)
+        && q.dim(3)
+            .is_ok_and(|hd| hd <= lmkit_kernels::cuda::DECODE_MAX_HEAD)
         && !q.track_op()
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+fn gpu_decode(_: &Tensor) -> bool {
+    false
 }
 
 /// On a GPU unless LMKIT_CUDA_DECODE=0 (decoding steps then take the composed ops, to compare).
@@ -271,11 +275,6 @@ fn on_gpu(x: &Tensor) -> bool {
 #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
 fn on_gpu(x: &Tensor) -> bool {
     x.device().is_cpu() && EMULATED_GPU_DECODE.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-#[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn on_gpu(_: &Tensor) -> bool {
-    false
 }
 
 /// The decoding steps of sequences that each continue their own cache by one position, q, k,
