@@ -31,7 +31,7 @@ use emulated as hw;
 pub use emulated::{set_tf32_products, tf32_products, Elem};
 mod decode;
 mod linear;
-pub use decode::decode_step_attention;
+pub use decode::{cache_attention, CacheSlot};
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`.
@@ -46,20 +46,44 @@ enum Module {
 const ATT_ROWS: usize = 64;
 const ATT_THREADS: u32 = 128;
 
-/// Threads of a block of attention.cu's `decode_attention` (DEC_THREADS).
+/// Threads of a block of attention.cu's `decode_attention`, `cache_append` and
+/// `extend_attention` (DEC_THREADS), and the new rows of a sequence an `extend_attention` block
+/// takes (EXT_ROWS).
 const DEC_THREADS: u32 = 128;
+const EXT_ROWS: usize = 16;
 /// The largest head size [`Gpu::decode_attention`] takes (attention.cu's DEC_MAX_HD).
 pub const DECODE_MAX_HEAD: usize = 256;
 
-/// One sequence of [`Gpu::decode_attention`]: its KV cache's key and value buffers, each
-/// `kv_heads` heads `head_stride` elements apart with rows of the head size, holding `len`
-/// positions and room for one more.
+/// One sequence of [`Gpu::decode_attention`] and [`Gpu::extend_attention`]: its KV cache's key
+/// and value buffers, each `kv_heads` heads `head_stride` elements apart with rows of the head
+/// size, holding `len` positions and room for the `new` ones the pass brings (one for
+/// [`Gpu::decode_attention`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeCache {
     pub k: Dev<f32>,
     pub v: Dev<f32>,
     pub len: usize,
+    pub new: usize,
     pub head_stride: usize,
+}
+
+impl DecodeCache {
+    /// The key and value addresses, checked to hold `kv_heads` heads of `len + new` rows of hd.
+    fn need(&self, i: usize, kv_heads: usize, hd: usize) -> Result<(u64, u64)> {
+        let end = self.len + self.new;
+        if self.head_stride < end * hd {
+            candle_core::bail!(
+                "cuda decode attention: sequence {i}'s cache holds {} positions a head, {end} \
+                 needed",
+                self.head_stride / hd
+            );
+        }
+        let reach = (kv_heads - 1) * self.head_stride + end * hd;
+        Ok((
+            self.k.need(reach, "decode attention keys")?,
+            self.v.need(reach, "decode attention values")?,
+        ))
+    }
 }
 
 /// An input of [`Gpu::decode_attention`]: head h's row for sequence i (the head size's
@@ -822,46 +846,17 @@ impl Gpu {
         scale: f32,
     ) -> Result<()> {
         let n = caches.len();
-        if n == 0 || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            candle_core::bail!(
-                "cuda decode attention: {n} sequences, {heads} query heads for {kv_heads} \
-                 key/value heads"
-            );
-        }
-        if hd == 0 || hd > DECODE_MAX_HEAD {
-            candle_core::bail!("cuda decode attention: head size {hd} (1 to {DECODE_MAX_HEAD})");
-        }
-        let rotated = rope.map_or(0, |(_, r)| r);
-        if rotated > hd || !rotated.is_multiple_of(2) {
-            candle_core::bail!("cuda decode attention: {rotated} rotated columns of {hd}");
-        }
+        let (rotated, rope) = cached_attention_checks(caches, rope, (heads, kv_heads, hd))?;
         let mut table = Vec::with_capacity(4 * n);
         let mut positions = 0;
         for (i, c) in caches.iter().enumerate() {
-            if c.head_stride < (c.len + 1) * hd {
-                candle_core::bail!(
-                    "cuda decode attention: sequence {i}'s cache holds {} positions a head, \
-                     {} needed",
-                    c.head_stride / hd,
-                    c.len + 1
-                );
+            if c.new != 1 {
+                candle_core::bail!("cuda decode attention: sequence {i} brings {} rows", c.new);
             }
-            let reach = (kv_heads - 1) * c.head_stride + (c.len + 1) * hd;
-            table.extend([
-                c.k.need(reach, "decode attention keys")?,
-                c.v.need(reach, "decode attention values")?,
-                c.len as u64,
-                c.head_stride as u64,
-            ]);
+            let (k, v) = c.need(i, kv_heads, hd)?;
+            table.extend([k, v, c.len as u64, c.head_stride as u64]);
             positions += c.len + 1;
         }
-        let rope = match rope {
-            Some((t, r)) if r > 0 => {
-                let last = caches.iter().map(|c| c.len).max().unwrap_or(0);
-                t.need((last + 1) * r, "decode attention rotary table")?
-            }
-            _ => 0,
-        };
         let table = self.upload(&table)?;
         let args = [
             Arg::P(out.need(n * heads * hd, "decode attention out")?),
@@ -891,6 +886,80 @@ impl Gpu {
         };
         let launch = ((n, heads), DEC_THREADS, 0);
         self.launch_in(Module::Attention, "decode_attention", launch, &args, work)
+    }
+
+    /// The attention of n new rows of sequences that each continue their own KV cache by
+    /// `new` rows (prompt pieces, decoding steps among them): every new key and value written
+    /// into its cache at positions `len`, `len + 1`, ... (one launch), then each new row's
+    /// queries attend to its cache's positions up to its own (another launch, a block per tile
+    /// of up to 16 rows of a sequence and query head). The rows are the sequences' in order
+    /// (the inputs' sequence axis: caches[0]'s `new` rows first); heads, rotation and out as
+    /// for [`Gpu::decode_attention`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn extend_attention(
+        &self,
+        out: Dev<f32>,
+        (q, k_new, v_new): (DecodeRows, DecodeRows, DecodeRows),
+        caches: &[DecodeCache],
+        rope: Option<(Dev<f32>, usize)>,
+        (heads, kv_heads, hd): (usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        let (rotated, rope) = cached_attention_checks(caches, rope, (heads, kv_heads, hd))?;
+        let n: usize = caches.iter().map(|c| c.new).sum();
+        let mut tiles = Vec::new();
+        let (mut row, mut work) = (0, Work::default());
+        for (i, c) in caches.iter().enumerate() {
+            if c.new == 0 {
+                candle_core::bail!("cuda extend attention: sequence {i} brings no rows");
+            }
+            let (k, v) = c.need(i, kv_heads, hd)?;
+            for r0 in (0..c.new).step_by(EXT_ROWS) {
+                let rows = EXT_ROWS.min(c.new - r0);
+                tiles.extend([k, v, (c.len + r0) as u64, rows as u64, (row + r0) as u64]);
+                tiles.push(c.head_stride as u64);
+                // Every query head reads the keys and values up to the tile's last row.
+                let keys = c.len + r0 + rows;
+                work.flops += (4 * heads * hd * rows * keys) as f64;
+                work.bytes += (8 * heads * hd * keys) as f64;
+            }
+            row += c.new;
+        }
+        let n_tiles = tiles.len() / 6;
+        let tiles = self.upload(&tiles)?;
+        let append = [
+            Arg::P(k_new.need((kv_heads, n, hd), "extend attention k_new")?),
+            Arg::P(v_new.need((kv_heads, n, hd), "extend attention v_new")?),
+            Arg::P(tiles.dev().addr),
+            Arg::P(rope),
+            Arg::I(int(n_tiles)?),
+            Arg::I(int(kv_heads)?),
+            Arg::I(int(hd)?),
+            Arg::I(int(rotated)?),
+            Arg::I(int(k_new.head_stride)?),
+            Arg::I(int(k_new.seq_stride)?),
+            Arg::I(int(v_new.head_stride)?),
+            Arg::I(int(v_new.seq_stride)?),
+        ];
+        let copy = Work::bytes(16 * kv_heads * hd * n);
+        let launch = ((n_tiles, kv_heads), DEC_THREADS, 0);
+        self.launch_in(Module::Attention, "cache_append", launch, &append, copy)?;
+        let attend = [
+            Arg::P(out.need(n * heads * hd, "extend attention out")?),
+            Arg::P(q.need((heads, n, hd), "extend attention q")?),
+            Arg::P(tiles.dev().addr),
+            Arg::P(rope),
+            Arg::I(int(n_tiles)?),
+            Arg::I(int(heads)?),
+            Arg::I(int(kv_heads)?),
+            Arg::I(int(hd)?),
+            Arg::I(int(rotated)?),
+            Arg::I(int(q.head_stride)?),
+            Arg::I(int(q.seq_stride)?),
+            Arg::F(scale),
+        ];
+        let launch = ((n_tiles, heads), DEC_THREADS, 0);
+        self.launch_in(Module::Attention, "extend_attention", launch, &attend, work)
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
@@ -1637,6 +1706,39 @@ impl Gpu {
         ];
         self.launch_elements("fill", len, &args, 4 * len)
     }
+}
+
+/// The checks [`Gpu::decode_attention`] and [`Gpu::extend_attention`] share: some sequences,
+/// grouped heads, a head size the kernels take, an even number of rotated columns within it,
+/// and a rotary table reaching every new row's position. The rotated columns and the table's
+/// address (0 without rotation).
+fn cached_attention_checks(
+    caches: &[DecodeCache],
+    rope: Option<(Dev<f32>, usize)>,
+    (heads, kv_heads, hd): (usize, usize, usize),
+) -> Result<(usize, u64)> {
+    let n = caches.len();
+    if n == 0 || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!(
+            "cuda decode attention: {n} sequences, {heads} query heads for {kv_heads} key/value \
+             heads"
+        );
+    }
+    if hd == 0 || hd > DECODE_MAX_HEAD {
+        candle_core::bail!("cuda decode attention: head size {hd} (1 to {DECODE_MAX_HEAD})");
+    }
+    let rotated = rope.map_or(0, |(_, r)| r);
+    if rotated > hd || !rotated.is_multiple_of(2) {
+        candle_core::bail!("cuda decode attention: {rotated} rotated columns of {hd}");
+    }
+    let table = match rope {
+        Some((t, r)) if r > 0 => {
+            let end = caches.iter().map(|c| c.len + c.new).max().unwrap_or(0);
+            t.need(end * r, "decode attention rotary table")?
+        }
+        _ => 0,
+    };
+    Ok((rotated, table))
 }
 
 fn int(x: usize) -> Result<i32> {

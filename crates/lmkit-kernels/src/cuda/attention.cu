@@ -805,3 +805,143 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     if (second) o[col + DEC_THREADS] = acc1 / l;
   }
 }
+
+// Prompt pieces of sequences that each continue their own KV cache (a serving round that reads
+// prompts beside decoding steps, or one prompt read into a cache): cache_append writes every
+// new key (rotated) and value into its sequence's cache, then extend_attention lets each new
+// row attend to its cache's positions up to its own (all of them in the cache by then).
+// tiles[6i .. 6i + 6] describe tile i: up to EXT_ROWS consecutive new rows of one sequence —
+// its cache's key and value addresses, the position of the tile's first row, the tile's rows,
+// the index of its first row among the n new rows (q's, k_new's and v_new's sequence axis and
+// out's rows), and the elements between the cache's heads. Rotation and strides as for
+// decode_attention.
+#define EXT_ROWS 16
+#define EXT_KEYS 16
+
+__device__ __forceinline__ float* ext_cache(uint64_t addr, int64_t head_stride, int g) {
+  return reinterpret_cast<float*>(static_cast<uintptr_t>(addr)) + g * head_stride;
+}
+
+// x[c] of a row whose first `rotated` columns turn at table row `row` (rotate-half pairs).
+__device__ __forceinline__ float ext_rotated(const float* x, int c, const float* row,
+                                             int rotated) {
+  if (!row || c >= rotated) return x[c];
+  int half = rotated / 2, cc = c % half;
+  float cs = row[cc], sn = row[half + cc];
+  return c < half ? x[c] * cs - x[c + half] * sn : x[c] * cs + x[c - half] * sn;
+}
+
+// A block of DEC_THREADS per (tile, key/value head): the tile's keys and values into the cache.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    cache_append(const float* k_new, const float* v_new, const uint64_t* tiles, const float* rope,
+                 int n_tiles, int kv_heads, int hd, int rotated, int k_hs, int k_ss, int v_hs,
+                 int v_ss) {
+  int ti = blockIdx.x, g = blockIdx.y;
+  if (ti >= n_tiles || g >= kv_heads) return;
+  const uint64_t* e = tiles + 6 * (int64_t)ti;
+  int64_t head_stride = (int64_t)e[5];
+  float* K = ext_cache(e[0], head_stride, g);
+  float* V = ext_cache(e[1], head_stride, g);
+  int pos0 = (int)e[2], rows = (int)e[3], first = (int)e[4];
+  for (int r = 0; r < rows; r++) {
+    int64_t pos = pos0 + r, i = first + r;
+    const float* kr = k_new + (int64_t)g * k_hs + i * k_ss;
+    const float* vr = v_new + (int64_t)g * v_hs + i * v_ss;
+    const float* row = rope ? rope + pos * rotated : nullptr;
+    for (int c = threadIdx.x; c < hd; c += DEC_THREADS) {
+      K[pos * hd + c] = ext_rotated(kr, c, row, rotated);
+      V[pos * hd + c] = vr[c];
+    }
+  }
+}
+
+// A block of DEC_THREADS per (tile, query head): the tile's queries (rotated, scaled) in shared
+// memory, the keys EXT_KEYS at a time (every key up to the tile's last row's position), causal
+// within the tile, online softmax per row. Scores: a thread per (row, key) pair, a dot product
+// over rows of shared memory padded to hd + 1 (the 16 keys a warp reads fall in different
+// banks). Values: 8 threads per row (DEC_THREADS = EXT_ROWS · 8), thread c % 8 adding columns
+// c, c + 8, ... in registers; each of them takes 2 of the tile's keys in the softmax.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    extend_attention(float* out, const float* q, const uint64_t* tiles, const float* rope,
+                     int n_tiles, int heads, int kv_heads, int hd, int rotated, int q_hs,
+                     int q_ss, float scale) {
+  __shared__ float qs[EXT_ROWS * (DEC_MAX_HD + 1)];
+  __shared__ float kv[EXT_KEYS * (DEC_MAX_HD + 1)];
+  __shared__ float s[EXT_ROWS][EXT_KEYS + 1];
+  int ti = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  if (ti >= n_tiles || h >= heads) return;
+  int g = h / (heads / kv_heads), ld = hd + 1;
+  const uint64_t* e = tiles + 6 * (int64_t)ti;
+  int64_t head_stride = (int64_t)e[5];
+  const float* K = ext_cache(e[0], head_stride, g);
+  const float* V = ext_cache(e[1], head_stride, g);
+  int pos0 = (int)e[2], rows = (int)e[3], first = (int)e[4];
+  for (int x = tid; x < rows * hd; x += DEC_THREADS) {
+    int r = x / hd, c = x % hd;
+    const float* qr = q + (int64_t)h * q_hs + (int64_t)(first + r) * q_ss;
+    const float* row = rope ? rope + (int64_t)(pos0 + r) * rotated : nullptr;
+    qs[r * ld + c] = ext_rotated(qr, c, row, rotated) * scale;
+  }
+  int r = tid / 8, lane8 = tid % 8;
+  bool live = r < rows;
+  float acc[DEC_MAX_HD / 8];
+#pragma unroll
+  for (int u = 0; u < DEC_MAX_HD / 8; u++) acc[u] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  int total = pos0 + rows;
+  for (int j0 = 0; j0 < total; j0 += EXT_KEYS) {
+    int tile = min(EXT_KEYS, total - j0);
+    __syncthreads();  // the last tile's values and weights read
+    for (int x = tid; x < tile * hd; x += DEC_THREADS) {
+      int j = x / hd, c = x % hd;
+      kv[j * ld + c] = K[(int64_t)(j0 + j) * hd + c];
+    }
+    __syncthreads();
+    for (int p = tid; p < rows * EXT_KEYS; p += DEC_THREADS) {
+      int qi = p / EXT_KEYS, kj = p % EXT_KEYS;
+      float dot = -INFINITY;
+      if (kj < tile && j0 + kj <= pos0 + qi) {
+        dot = 0.0f;
+        for (int c = 0; c < hd; c++) dot += qs[qi * ld + c] * kv[kj * ld + c];
+      }
+      s[qi][kj] = dot;
+    }
+    __syncthreads();  // the scores written, the keys read
+    for (int x = tid; x < tile * hd; x += DEC_THREADS) {
+      int j = x / hd, c = x % hd;
+      kv[j * ld + c] = V[(int64_t)(j0 + j) * hd + c];
+    }
+    float a = live ? s[r][lane8] : -INFINITY, b = live ? s[r][lane8 + 8] : -INFINITY;
+    float mx = fmaxf(a, b);
+    for (int o = 4; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    // Every row sees key 0 in the first tile, so mnew is finite for the rows that count.
+    float mnew = fmaxf(m, mx);
+    float ea = live ? __expf(a - mnew) : 0.0f, eb = live ? __expf(b - mnew) : 0.0f;
+    float sum = ea + eb;
+    for (int o = 4; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    float f = live ? __expf(m - mnew) : 0.0f;
+    l = l * f + sum;
+    m = mnew;
+    if (live) {
+      s[r][lane8] = ea;
+      s[r][lane8 + 8] = eb;
+    }
+    __syncthreads();  // the values and weights in place
+    if (live) {
+#pragma unroll
+      for (int u = 0; u < DEC_MAX_HD / 8; u++) acc[u] *= f;
+      for (int kj = 0; kj < tile; kj++) {
+        float w = s[r][kj];
+        const float* vr = kv + kj * ld + lane8;
+#pragma unroll
+        for (int u = 0; u < DEC_MAX_HD / 8; u++)
+          if (lane8 + 8 * u < hd) acc[u] += w * vr[8 * u];
+      }
+    }
+  }
+  if (!live) return;
+  float* o = out + ((int64_t)(first + r) * heads + h) * hd;
+#pragma unroll
+  for (int u = 0; u < DEC_MAX_HD / 8; u++)
+    if (lane8 + 8 * u < hd) o[lane8 + 8 * u] = acc[u] / l;
+}

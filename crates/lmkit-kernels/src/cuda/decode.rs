@@ -1,7 +1,10 @@
-//! The attention of a serving round's decoding steps on the GPU: every sequence continues its
-//! own KV cache, and one launch a layer ([`Gpu::decode_attention`]) writes each sequence's new
-//! key and value into its cache and attends over it, instead of several small launches per
-//! sequence (rotation, copies into the cache, the two products, the scaling and the softmax).
+//! The attention of a serving round on the GPU: every sequence continues its own KV cache, by
+//! one position (a decoding step) or several (a prompt piece). A round of decoding steps takes
+//! one launch a layer ([`Gpu::decode_attention`]) that writes each sequence's new key and value
+//! into its cache and attends over it; a round with prompt pieces takes two
+//! ([`Gpu::extend_attention`]: the writes, then the attention), instead of several small
+//! launches per sequence (rotation, copies into the cache, the two products, the scaling, the
+//! mask and the softmax).
 
 use super::{DecodeCache, DecodeRows, Dev, Gpu, DECODE_MAX_HEAD};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
@@ -10,23 +13,35 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 /// frames each), so very many sequences go in several launches.
 const SEQUENCES_PER_LAUNCH: usize = 64;
 
-/// softmax(scale·q·kᵀ)·v for a decoding step of n sequences that each continue their own KV
-/// cache, on the GPU of the tensors (with the `cuda-emu` feature alone: the emulated GPU, whose
-/// tensors are CPU tensors). q [1, heads, n, hd]; k_new and v_new [1, kv_heads, n, hd] (the
-/// step's keys and values, query head h reading key/value head h / (heads / kv_heads)); any
-/// strides with rows of hd contiguous (views of the projections are read in place).
-/// `caches[i]`: sequence i's key and value buffers ([1, kv_heads, capacity, hd], contiguous)
-/// and the positions they hold, fewer than their capacity: the step's key and value are written
-/// at that position. With `rope` ((table [positions, rotated]: each position's cos values, then
-/// its sin values), rotated), q's and the new keys' first `rotated` columns are rotated at the
-/// sequence's position first, as the rotary embedding does. Returns [1, heads, n, hd] (a view of
-/// [n, heads, hd] rows); `None` (nothing written) where the tensors are not f32 on a GPU, a
-/// buffer's layout is not one this reads, or the head size is over 256.
-pub fn decode_step_attention(
+/// One sequence of [`cache_attention`]: its cache's key and value buffers ([1, kv_heads,
+/// capacity, hd], contiguous), the `len` positions they hold and the `new` positions the pass
+/// brings (room for them within the capacity).
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSlot<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub len: usize,
+    pub new: usize,
+}
+
+/// softmax(scale·q·kᵀ)·v, causal, for sequences that each continue their own KV cache, on the
+/// GPU of the tensors (with the `cuda-emu` feature alone: the emulated GPU, whose tensors are
+/// CPU tensors). q [1, heads, n, hd]; k_new and v_new [1, kv_heads, n, hd] (the new positions'
+/// keys and values, query head h reading key/value head h / (heads / kv_heads)); any strides
+/// with rows of hd contiguous (views of the projections are read in place). The n columns are
+/// the sequences' new positions in order: `seqs[0].new` columns first. Sequence i's keys and
+/// values are written into its buffers at positions `len`, `len + 1`, ..., and each of its new
+/// positions attends to its cache up to itself. With `rope` ((table [positions, rotated]: each
+/// position's cos values, then its sin values), rotated), q's and the new keys' first
+/// `rotated` columns are rotated at their positions first, as the rotary embedding does.
+/// Returns [1, heads, n, hd] (a view of [n, heads, hd] rows); `None` (nothing written) where
+/// the tensors are not f32 on a GPU, a buffer's layout is not one this reads, or the head size
+/// is over 256.
+pub fn cache_attention(
     q: &Tensor,
     k_new: &Tensor,
     v_new: &Tensor,
-    caches: &[(&Tensor, &Tensor, usize)],
+    seqs: &[CacheSlot],
     rope: Option<(&Tensor, usize)>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
@@ -36,47 +51,49 @@ pub fn decode_step_attention(
     let (one, heads, n, hd) = q.dims4()?;
     let (_, kv_heads, _, _) = k_new.dims4()?;
     let f32_here = |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(q.device());
+    let ends = || seqs.iter().map(|s| s.len + s.new);
     let fits = one == 1
-        && n == caches.len()
+        && n == seqs.iter().map(|s| s.new).sum::<usize>()
         && n > 0
+        && seqs.iter().all(|s| s.new > 0)
         && hd <= DECODE_MAX_HEAD
         && k_new.dims() == [1, kv_heads, n, hd]
         && v_new.dims() == k_new.dims()
         && [q, k_new, v_new]
             .into_iter()
-            .chain(caches.iter().flat_map(|(k, v, _)| [*k, *v]))
+            .chain(seqs.iter().flat_map(|s| [s.k, s.v]))
             .all(f32_here)
-        && caches.iter().all(|(k, v, len)| {
-            let d = k.dims();
+        && seqs.iter().all(|s| {
+            let d = s.k.dims();
             d.len() == 4
                 && d[0] == 1
                 && d[1] == kv_heads
-                && d[2] > *len
+                && d[2] >= s.len + s.new
                 && d[3] == hd
-                && k.is_contiguous()
-                && v.dims() == d
-                && v.is_contiguous()
+                && s.k.is_contiguous()
+                && s.v.dims() == d
+                && s.v.is_contiguous()
         })
         && rope.is_none_or(|(t, rotated)| {
             f32_here(t)
                 && t.is_contiguous()
-                && t.dims2().is_ok_and(|(positions, r)| {
-                    r == rotated && caches.iter().all(|(_, _, len)| *len < positions)
-                })
+                && t.dims2()
+                    .is_ok_and(|(positions, r)| r == rotated && ends().all(|e| e <= positions))
         });
     if !fits {
         return Ok(None);
     }
-    let mut outs = Vec::with_capacity(n.div_ceil(SEQUENCES_PER_LAUNCH));
-    for first in (0..n).step_by(SEQUENCES_PER_LAUNCH) {
-        let m = SEQUENCES_PER_LAUNCH.min(n - first);
-        let part = |x: &Tensor| -> Result<Tensor> {
+    let mut outs = Vec::with_capacity(seqs.len().div_ceil(SEQUENCES_PER_LAUNCH));
+    let mut col = 0;
+    for part in seqs.chunks(SEQUENCES_PER_LAUNCH) {
+        let m: usize = part.iter().map(|s| s.new).sum();
+        let cols = |x: &Tensor| -> Result<Tensor> {
             let x = if m == n {
                 x.clone()
             } else {
-                x.narrow(2, first, m)?
+                x.narrow(2, col, m)?
             };
-            // Rows of hd contiguous, as the kernel reads them.
+            // Rows of hd contiguous, as the kernels read them.
             if x.stride()[3] == 1 {
                 Ok(x)
             } else {
@@ -85,12 +102,13 @@ pub fn decode_step_attention(
         };
         outs.push(launch(
             &gpu,
-            (&part(q)?, &part(k_new)?, &part(v_new)?),
-            &caches[first..first + m],
+            (&cols(q)?, &cols(k_new)?, &cols(v_new)?),
+            part,
             rope,
             (heads, kv_heads, hd),
             scale,
         )?);
+        col += m;
     }
     let out = if outs.len() == 1 {
         outs.pop().expect("one part")
@@ -114,17 +132,17 @@ fn rows(t: &Tensor) -> Result<DecodeRows> {
     })
 }
 
-/// One launch over `caches.len()` sequences: [1, heads, n, hd].
+/// One launch (or two, with prompt pieces) over `seqs.len()` sequences: [1, heads, n, hd].
 fn launch(
     gpu: &Gpu,
     (q, k_new, v_new): (&Tensor, &Tensor, &Tensor),
-    caches: &[(&Tensor, &Tensor, usize)],
+    seqs: &[CacheSlot],
     rope: Option<(&Tensor, usize)>,
     (heads, kv_heads, hd): (usize, usize, usize),
     scale: f64,
 ) -> Result<Tensor> {
-    let n = caches.len();
-    let buffers: Vec<&Tensor> = caches.iter().flat_map(|(k, v, _)| [*k, *v]).collect();
+    let n: usize = seqs.iter().map(|s| s.new).sum();
+    let buffers: Vec<&Tensor> = seqs.iter().flat_map(|s| [s.k, s.v]).collect();
     // Every cache buffer's storage once, none of them an input's: a storage held mutably twice
     // (or while read as an input) would wait for itself. (The inputs may share one: the q, k
     // and v of a row are views of its projections.)
@@ -149,14 +167,15 @@ fn launch(
     }
     let out = gpu.uninit(n * heads * hd)?;
     let run = |regions: &[Dev<f32>]| -> Result<()> {
-        let cached: Vec<DecodeCache> = caches
+        let cached: Vec<DecodeCache> = seqs
             .iter()
             .enumerate()
-            .map(|(i, (k, _, len))| DecodeCache {
+            .map(|(i, s)| DecodeCache {
                 k: regions[2 * i],
                 v: regions[2 * i + 1],
-                len: *len,
-                head_stride: k.dim(2).unwrap_or(0) * hd,
+                len: s.len,
+                new: s.new,
+                head_stride: s.k.dim(2).unwrap_or(0) * hd,
             })
             .collect();
         let inputs = (rows(q)?, rows(k_new)?, rows(v_new)?);
@@ -170,14 +189,12 @@ fn launch(
             }
             None => None,
         };
-        gpu.decode_attention(
-            out.dev(),
-            inputs,
-            &cached,
-            table,
-            (heads, kv_heads, hd),
-            scale as f32,
-        )
+        let shape = (heads, kv_heads, hd);
+        if seqs.iter().all(|s| s.new == 1) {
+            gpu.decode_attention(out.dev(), inputs, &cached, table, shape, scale as f32)
+        } else {
+            gpu.extend_attention(out.dev(), inputs, &cached, table, shape, scale as f32)
+        }
     };
     let regions = std::cell::RefCell::new(Vec::with_capacity(buffers.len()));
     buffers[0].inplace_op1(&Held {
@@ -251,10 +268,11 @@ mod tests {
     use super::*;
     use crate::testing::{max_diff, randn};
 
-    /// softmax(scale·q·kᵀ)·v of one sequence by tensor ops: q [1, heads, 1, hd] against k, v
-    /// [1, kv_heads, s, hd].
+    /// Causal softmax(scale·q·kᵀ)·v of one sequence by tensor ops: q [1, heads, t, hd], the
+    /// last t of the s positions of k, v [1, kv_heads, s, hd] (query row r sees keys
+    /// 0..=s − t + r).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
-        let (_, heads, _, hd) = q.dims4().unwrap();
+        let (_, heads, t, hd) = q.dims4().unwrap();
         let (_, kv, s, _) = k.dims4().unwrap();
         let rep = |x: &Tensor| {
             x.unsqueeze(2)
@@ -264,21 +282,26 @@ mod tests {
                 .reshape((1, heads, s, hd))
                 .unwrap()
         };
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|r| (0..s).map(move |j| if j + t <= s + r { 0.0 } else { -1e30 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), q.device()).unwrap();
         let att = (q.matmul(&rep(k).t().unwrap()).unwrap() * scale).unwrap();
+        let att = att.broadcast_add(&mask).unwrap();
         candle_nn::ops::softmax_last_dim(&att)
             .unwrap()
             .matmul(&rep(v))
             .unwrap()
     }
 
-    /// Row `pos` of a rotary table applied to the first `rotated` columns of x [.., hd]
-    /// (rotate-half pairs c, c + rotated / 2), by tensor ops.
+    /// Rows `pos`, `pos + 1`, ... of a rotary table applied to the first `rotated` columns of
+    /// x [1, heads, t, hd] (rotate-half pairs c, c + rotated / 2), by tensor ops.
     fn rotate(x: &Tensor, table: &Tensor, pos: usize, rotated: usize) -> Tensor {
-        let (half, hd) = (rotated / 2, x.dim(3).unwrap());
-        let row = table.narrow(0, pos, 1).unwrap();
+        let (half, hd, t) = (rotated / 2, x.dim(3).unwrap(), x.dim(2).unwrap());
+        let rows = table.narrow(0, pos, t).unwrap();
         let (c, s) = (
-            row.narrow(1, 0, half).unwrap(),
-            row.narrow(1, half, half).unwrap(),
+            rows.narrow(1, 0, half).unwrap(),
+            rows.narrow(1, half, half).unwrap(),
         );
         let x1 = x.narrow(3, 0, half).unwrap();
         let x2 = x.narrow(3, half, half).unwrap();
@@ -288,108 +311,159 @@ mod tests {
         Tensor::cat(&[&a, &b, &rest], 3).unwrap()
     }
 
-    /// The kernel (on the emulated GPU with `cuda-emu`) equals each sequence's attention by
-    /// tensor ops over its cache and new key, and leaves the new keys (rotated) and values in
-    /// the caches at their lengths and nothing else changed: head sizes 64 (two groups of keys
-    /// per block), 80 (one, idle threads), 200 (two columns a thread); grouped-query heads;
-    /// cache lengths 0 (only the new key), under and over a tile of 128 keys; one key/value
-    /// head; more sequences than one launch takes; q, k and v read in place from one row of
-    /// projections per sequence; rotary tables over the whole head and over part of it.
-    #[test]
-    fn gpu_decode_step_equals_the_composed_attention_and_writes_the_caches() {
-        let Some(dev) = crate::testing::gpu_device() else {
-            return;
-        };
+    /// Runs the kernels (on the emulated GPU with `cuda-emu`) for sequences of (cached
+    /// positions, new positions) and checks that each sequence's output equals its causal
+    /// attention by tensor ops over its cache and new keys, and that its cache holds the new
+    /// keys (rotated) and values at their positions and nothing else changed. q, k and v are
+    /// read in place from one row of projections per new position.
+    fn check_against_composed(
+        (heads, kv, hd): (usize, usize, usize),
+        seqs: &[(usize, usize)],
+        rotated: usize,
+    ) {
+        let dev = crate::testing::gpu_device().expect("a GPU");
         let r = |s: &[usize]| randn(0f32, 1.0, s, &dev).unwrap();
-        for (heads, kv, hd, lens, rotated) in [
-            (6, 2, 64, vec![0, 5, 130, 300], 64),
-            (4, 4, 80, vec![127, 1, 256], 0),
-            (2, 1, 200, vec![3, 129], 100),
-            (3, 1, 32, (0..70).map(|i| i % 9).collect(), 0),
-        ] {
-            let n = lens.len();
-            // Each sequence's q|k|v in one row [n, (heads + 2·kv)·hd], as a fused projection
-            // gives them: q, k and v are strided views of it.
-            let qkv = r(&[n, (heads + 2 * kv) * hd]);
-            let view = |from: usize, h: usize| {
-                qkv.narrow(1, from * hd, h * hd)
-                    .and_then(|x| x.reshape((n, h, hd)))
-                    .and_then(|x| x.transpose(0, 1))
-                    .and_then(|x| x.unsqueeze(0))
-                    .unwrap()
-            };
-            let (q, k_new, v_new) = (view(0, heads), view(heads, kv), view(heads + kv, kv));
-            let positions = 400;
-            let angles = r(&[positions, rotated / 2]);
-            let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
-            let rope = (rotated > 0).then_some((&table, rotated));
-            let bufs: Vec<(Tensor, Tensor)> = lens
-                .iter()
-                .map(|&len| (r(&[1, kv, len + 7, hd]), r(&[1, kv, len + 7, hd])))
-                .collect();
-            let before: Vec<(Tensor, Tensor)> = bufs
-                .iter()
-                .map(|(k, v)| (k.copy().unwrap(), v.copy().unwrap()))
-                .collect();
-            let caches: Vec<(&Tensor, &Tensor, usize)> = bufs
-                .iter()
-                .zip(&lens)
-                .map(|((k, v), &len)| (k, v, len))
-                .collect();
-            let got = decode_step_attention(&q, &k_new, &v_new, &caches, rope, 0.125)
+        let n: usize = seqs.iter().map(|s| s.1).sum();
+        // Each position's q|k|v in one row [n, (heads + 2·kv)·hd], as a fused projection gives
+        // them: q, k and v are strided views of it.
+        let qkv = r(&[n, (heads + 2 * kv) * hd]);
+        let view = |from: usize, h: usize| {
+            qkv.narrow(1, from * hd, h * hd)
+                .and_then(|x| x.reshape((n, h, hd)))
+                .and_then(|x| x.transpose(0, 1))
+                .and_then(|x| x.unsqueeze(0))
                 .unwrap()
-                .expect("f32 tensors of the GPU");
-            assert_eq!(got.dims(), [1, heads, n, hd]);
-            for (i, &len) in lens.iter().enumerate() {
-                let row = |x: &Tensor| x.narrow(2, i, 1).unwrap();
-                let turned = |x: &Tensor| match rope {
-                    Some(_) => rotate(&row(x), &table, len, rotated),
-                    None => row(x),
-                };
-                let (k0, v0) = &before[i];
-                let new_k = turned(&k_new);
-                let keys = Tensor::cat(&[&k0.narrow(2, 0, len).unwrap(), &new_k], 2).unwrap();
-                let vals = Tensor::cat(&[&v0.narrow(2, 0, len).unwrap(), &row(&v_new)], 2).unwrap();
-                let want = composed(&turned(&q), &keys, &vals, 0.125);
-                let diff = max_diff(&row(&got), &want);
-                assert!(diff < 1e-5, "hd {hd}, sequence {i} of len {len}: {diff}");
-                // The cache now holds the new key and value at `len`; the rest is untouched.
-                for (now, was, new) in [(&bufs[i].0, k0, &new_k), (&bufs[i].1, v0, &row(&v_new))] {
-                    let want = was.copy().unwrap();
-                    want.slice_set(&new.contiguous().unwrap(), 2, len).unwrap();
-                    let diff = max_diff(now, &want);
-                    assert!(
-                        diff < 1e-6,
-                        "hd {hd}, sequence {i}: cache differs by {diff}"
-                    );
-                }
+        };
+        let (q, k_new, v_new) = (view(0, heads), view(heads, kv), view(heads + kv, kv));
+        let positions = 400;
+        let angles = r(&[positions, rotated / 2]);
+        let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
+        let rope = (rotated > 0).then_some((&table, rotated));
+        let bufs: Vec<(Tensor, Tensor)> = seqs
+            .iter()
+            .map(|&(len, new)| {
+                (
+                    r(&[1, kv, len + new + 7, hd]),
+                    r(&[1, kv, len + new + 7, hd]),
+                )
+            })
+            .collect();
+        let before: Vec<(Tensor, Tensor)> = bufs
+            .iter()
+            .map(|(k, v)| (k.copy().unwrap(), v.copy().unwrap()))
+            .collect();
+        let slots: Vec<CacheSlot> = bufs
+            .iter()
+            .zip(seqs)
+            .map(|((k, v), &(len, new))| CacheSlot { k, v, len, new })
+            .collect();
+        let got = cache_attention(&q, &k_new, &v_new, &slots, rope, 0.125)
+            .unwrap()
+            .expect("f32 tensors of the GPU");
+        assert_eq!(got.dims(), [1, heads, n, hd]);
+        let mut col = 0;
+        for (i, &(len, new)) in seqs.iter().enumerate() {
+            let cols = |x: &Tensor| x.narrow(2, col, new).unwrap();
+            let turned = |x: &Tensor| match rope {
+                Some(_) => rotate(&cols(x), &table, len, rotated),
+                None => cols(x),
+            };
+            let (k0, v0) = &before[i];
+            let new_k = turned(&k_new);
+            let keys = Tensor::cat(&[&k0.narrow(2, 0, len).unwrap(), &new_k], 2).unwrap();
+            let vals = Tensor::cat(&[&v0.narrow(2, 0, len).unwrap(), &cols(&v_new)], 2).unwrap();
+            let want = composed(&turned(&q), &keys, &vals, 0.125);
+            let diff = max_diff(&cols(&got), &want);
+            assert!(diff < 1e-5, "hd {hd}, sequence {i} ({len} + {new}): {diff}");
+            // The cache now holds the new keys and values from `len`; the rest is untouched.
+            for (now, was, new) in [(&bufs[i].0, k0, &new_k), (&bufs[i].1, v0, &cols(&v_new))] {
+                let want = was.copy().unwrap();
+                want.slice_set(&new.contiguous().unwrap(), 2, len).unwrap();
+                let diff = max_diff(now, &want);
+                assert!(
+                    diff < 1e-6,
+                    "hd {hd}, sequence {i}: cache differs by {diff}"
+                );
             }
+            col += new;
         }
     }
 
-    /// Caches whose buffers have no room for the step, or are given twice, are refused without
-    /// a write; other layouts are left to the caller.
+    /// Decoding steps (one launch): head sizes 64 (two groups of keys per block), 80 (one,
+    /// idle threads), 200 (two columns a thread); grouped-query heads; cache lengths 0 (only
+    /// the new key), under and over a tile of 128 keys; one key/value head; more sequences
+    /// than one launch takes; rotary tables over the whole head and over part of it.
     #[test]
-    fn gpu_decode_step_refuses_what_it_cannot_write() {
+    fn gpu_decode_step_equals_the_composed_attention_and_writes_the_caches() {
+        if crate::testing::gpu_device().is_none() {
+            return;
+        }
+        let steps =
+            |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (l, 1)).collect() };
+        check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64);
+        check_against_composed((4, 4, 80), &steps(&[127, 1, 256]), 0);
+        check_against_composed((2, 1, 200), &steps(&[3, 129]), 100);
+        let many: Vec<usize> = (0..70).map(|i| i % 9).collect();
+        check_against_composed((3, 1, 32), &steps(&many), 0);
+    }
+
+    /// Prompt pieces beside decoding steps (the two launches): fresh prompts (cache 0), pieces
+    /// continuing a cache, pieces of one tile, of several (16 rows a tile) and a partial last
+    /// tile, caches crossing several key tiles; head sizes 64, 80, 200, 256; grouped heads;
+    /// more sequences than one launch takes.
+    #[test]
+    fn gpu_prompt_pieces_equal_the_composed_causal_attention_and_write_the_caches() {
+        if crate::testing::gpu_device().is_none() {
+            return;
+        }
+        let seqs = [(0, 7), (5, 1), (130, 33), (0, 16), (3, 17), (200, 1)];
+        check_against_composed((6, 2, 64), &seqs, 64);
+        check_against_composed((4, 4, 80), &[(0, 40), (17, 2)], 0);
+        check_against_composed((2, 1, 200), &[(31, 5), (0, 1), (1, 20)], 100);
+        check_against_composed((2, 2, 256), &[(9, 18)], 256);
+        let many: Vec<(usize, usize)> = (0..70).map(|i| (i % 5, 1 + i % 3)).collect();
+        check_against_composed((3, 1, 32), &many, 0);
+    }
+
+    /// Caches whose buffers have no room for the new positions, or are given twice, are
+    /// refused without a write; other layouts are left to the caller.
+    #[test]
+    fn gpu_cache_attention_refuses_what_it_cannot_write() {
         let Some(dev) = crate::testing::gpu_device() else {
             return;
         };
         let r = |s: &[usize]| randn(0f32, 1.0, s, &dev).unwrap();
-        let (q, k, v) = (r(&[1, 2, 2, 8]), r(&[1, 2, 2, 8]), r(&[1, 2, 2, 8]));
+        let (q, k, v) = (r(&[1, 2, 3, 8]), r(&[1, 2, 3, 8]), r(&[1, 2, 3, 8]));
         let (a, b) = (r(&[1, 2, 4, 8]), r(&[1, 2, 4, 8]));
-        // Full: 4 positions held of 4.
-        let full =
-            decode_step_attention(&q, &k, &v, &[(&a, &b, 4), (&a, &b, 1)], None, 1.0).unwrap();
-        assert!(full.is_none());
+        let slot = |len, new| CacheSlot {
+            k: &a,
+            v: &b,
+            len,
+            new,
+        };
+        // Full: 4 positions held of 4; 3 held and 2 new.
+        for full in [[slot(4, 1), slot(1, 2)], [slot(3, 2), slot(0, 1)]] {
+            assert!(cache_attention(&q, &k, &v, &full, None, 1.0)
+                .unwrap()
+                .is_none());
+        }
         // The same buffers for two sequences.
-        let e =
-            decode_step_attention(&q, &k, &v, &[(&a, &b, 1), (&a, &b, 2)], None, 1.0).unwrap_err();
+        let e = cache_attention(&q, &k, &v, &[slot(1, 2), slot(0, 1)], None, 1.0).unwrap_err();
         assert!(e.to_string().contains("share a buffer"), "{e}");
-        // Not f32.
-        let q16 = q.to_dtype(DType::F16).unwrap();
+        // Columns that are not the new positions' count; not f32.
         let (c, d) = (r(&[1, 2, 4, 8]), r(&[1, 2, 4, 8]));
+        let other = CacheSlot {
+            k: &c,
+            v: &d,
+            len: 1,
+            new: 1,
+        };
+        assert!(cache_attention(&q, &k, &v, &[slot(1, 1), other], None, 1.0)
+            .unwrap()
+            .is_none());
+        let q16 = q.to_dtype(DType::F16).unwrap();
         assert!(
-            decode_step_attention(&q16, &k, &v, &[(&a, &b, 1), (&c, &d, 1)], None, 1.0)
+            cache_attention(&q16, &k, &v, &[slot(1, 2), other], None, 1.0)
                 .unwrap()
                 .is_none()
         );
