@@ -1,9 +1,10 @@
-//! Decoding steps through the GPU's decode-step attention (one kernel launch a layer that writes
-//! every sequence's key and value into its cache and attends over it) give the logits the
-//! composed attention gives on the CPU: steps a row each, steps beside prompt pieces in one
-//! packed pass, one sequence's steps alone, fresh caches and caches regrown past their first
-//! capacity, for GPT-2, Llama (grouped-query heads), Qwen3 and GPT-NeoX (part of each head
-//! rotated). On a GPU with the `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU
+//! Passes over KV caches through the GPU's cache attention (decoding steps: one kernel launch a
+//! layer that writes every sequence's key and value into its cache and attends over it; prompt
+//! pieces: the writes, then the attention) give the logits the composed attention gives on the
+//! CPU: prompts read alone and one sequence's steps alone, steps a row each, steps beside prompt
+//! pieces in one packed pass (fresh prompts and pieces continuing a cache, over one tile of 16
+//! rows and under), fresh caches and caches regrown past their first capacity, for GPT-2, Llama
+//! (grouped-query heads), Qwen3 and GPT-NeoX (part of each head rotated). On a GPU with the `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU
 //! tensors routed through the kernel by `set_emulated_gpu_decode`).
 #![cfg(any(feature = "cuda-emu", feature = "cuda"))]
 
@@ -47,58 +48,73 @@ fn gpu_decoding_steps_equal_the_composed_attention() {
     let Some(gpu) = lmkit_kernels::testing::gpu_device() else {
         return;
     };
+    // Sums in another order than the CPU's (a GPU's products besides: f32, not TF32, candle's
+    // default).
+    let tol = if cfg!(feature = "cuda") { 1e-3 } else { 1e-4 };
     for config in CONFIGS {
         let cpu = lmkit_models::testing::random_model(config, 11, 0.5);
         let tested = lmkit_models::testing::random_model_on(config, 11, 0.5, &gpu);
-        // Sequence 1 starts with a decoding step of a fresh cache; the others continue prompts.
-        let prompts: [&[u32]; 4] = [&[8, 9, 10], &[], &[40, 41, 42, 43, 44], &[3]];
-        let start = |m: &CausalLm| -> Vec<KvCache> {
-            prompts
+        // Sequence 1 starts with a decoding step of a fresh cache; the others continue prompts
+        // read alone (sequence 2's over a tile of 16 rows).
+        let long: Vec<u32> = (20..39).collect();
+        let prompts: [&[u32]; 4] = [&[8, 9, 10], &[], &long, &[3]];
+        let start = |m: &CausalLm, kernel: bool| -> (Vec<KvCache>, Vec<Tensor>) {
+            let mut logits = Vec::new();
+            let caches = prompts
                 .iter()
                 .map(|p| {
                     let mut c = m.new_cache();
                     if !p.is_empty() {
-                        pass(m, &[p.to_vec()], std::slice::from_mut(&mut c), false);
+                        let seq = [p.to_vec()];
+                        logits.push(pass(m, &seq, std::slice::from_mut(&mut c), kernel));
                     }
                     c
                 })
-                .collect()
+                .collect();
+            (caches, logits)
         };
-        let (mut want_caches, mut got_caches) = (start(&cpu), start(&tested));
+        let (mut want_caches, want) = start(&cpu, false);
+        let (mut got_caches, got) = start(&tested, true);
+        for (got, want) in got.iter().zip(&want) {
+            let d = lmkit_kernels::testing::max_diff(got, want);
+            assert!(d < tol, "{config}, a prompt alone: logits differ by {d}");
+        }
         // 70 rounds: past the caches' first capacity of 64 positions. Every fifth round,
-        // sequence 2 brings a piece of 3 tokens (a prompt read beside the steps).
+        // sequence 2 brings a piece of 3 tokens (a prompt read beside the steps); in round 30
+        // sequence 3 starts again from a fresh cache with a prompt of 21 tokens.
         for round in 0..70u32 {
+            if round == 30 {
+                want_caches[3] = cpu.new_cache();
+                got_caches[3] = tested.new_cache();
+            }
             let seqs: Vec<Vec<u32>> = (0..4u32)
                 .map(|i| {
                     let tok = (round * 7 + i * 13) % 61;
-                    if i == 2 && round % 5 == 4 {
-                        vec![tok, (tok + 1) % 61, (tok + 2) % 61]
-                    } else {
-                        vec![tok]
-                    }
+                    let piece = match (i, round) {
+                        (3, 30) => 21,
+                        (2, r) if r % 5 == 4 => 3,
+                        _ => 1,
+                    };
+                    (0..piece).map(|j| (tok + j) % 61).collect()
                 })
                 .collect();
             let want = pass(&cpu, &seqs, &mut want_caches, false);
             let got = pass(&tested, &seqs, &mut got_caches, true);
             let d = lmkit_kernels::testing::max_diff(&got, &want);
-            // Sums in another order than the CPU's (a GPU's products besides: f32, not TF32,
-            // candle's default).
-            let tol = if cfg!(feature = "cuda") { 1e-3 } else { 1e-4 };
             assert!(d < tol, "{config}, round {round}: logits differ by {d}");
             for (a, b) in want_caches.iter().zip(&got_caches) {
                 assert_eq!(a.len(), b.len(), "{config}, round {round}");
             }
         }
-        // One sequence alone (batch-1 generation): its steps through the kernel too.
+        // One sequence alone (batch-1 generation): its steps and a piece of 5 through the
+        // kernels too.
         for step in 0..3u32 {
-            let seq = vec![vec![(step * 5 + 1) % 61]];
+            let n = if step == 1 { 5 } else { 1 };
+            let seq = vec![(0..n).map(|j| (step * 5 + 1 + j) % 61).collect()];
             let want = pass(&cpu, &seq, &mut want_caches[..1], false);
             let got = pass(&tested, &seq, &mut got_caches[..1], true);
             let d = lmkit_kernels::testing::max_diff(&got, &want);
-            assert!(
-                d < 1e-3,
-                "{config}, step {step} alone: logits differ by {d}"
-            );
+            assert!(d < tol, "{config}, step {step} alone: logits differ by {d}");
         }
     }
 }

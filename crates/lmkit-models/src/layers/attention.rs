@@ -3,9 +3,10 @@
 //! (encoder-decoders), with grouped-query key/value heads, over a KV cache when decoding.
 //! On the CPU the causal softmax is one fused kernel (masked half skipped); GPT-2's packed
 //! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences. On a GPU, the
-//! decoding steps of a pass (one sequence's, or a serving round's, each continuing its own
-//! cache) take one kernel launch a layer that writes their keys and values into the caches and
-//! attends over them ([`attend_rows`]).
+//! passes that continue KV caches (one sequence's prompt or decoding step, or a serving round's
+//! decoding steps and prompt pieces, each continuing its own cache) take one kernel launch a
+//! layer that writes their keys and values into the caches and attends over them (two with
+//! prompt pieces: the writes, then the attention; [`attend_rows`]).
 
 use crate::layers::kv_cache::KvCache;
 use crate::layers::rope::Rope;
@@ -201,9 +202,11 @@ pub fn attend_rows(
         if let Some(segments) = cache.segments() {
             return attend_packed(q, k, v, segments, cache.num_layers(), &attend);
         }
-        if b == 1 && t == 1 && gpu_decode(q) {
-            // One sequence's decoding step (batch-1 generation).
-            return decode_steps(q, k, v, caches, layer, rope);
+        if b == 1 && (t == 1 || !cache.discards_kv()) && gpu_decode(q) {
+            // One sequence's prompt or decoding step (batch-1 generation); not a pass whose
+            // keys are not kept (scoring whole windows), which the composed ops do in fewer
+            // passes over the keys.
+            return cached_on_gpu(q, k, v, caches, &[t], layer, rope);
         }
         return attend(q, k, v, cache);
     }
@@ -216,7 +219,8 @@ pub fn attend_rows(
     if t == 1 && gpu_decode(q) {
         // Decoding steps, a row each: as the columns of one row for the GPU kernel.
         let cols = |x: &Tensor| x.transpose(0, 2);
-        let y = decode_steps(&cols(q)?, &cols(k)?, &cols(v)?, caches, layer, rope)?;
+        let ones = vec![1; b];
+        let y = cached_on_gpu(&cols(q)?, &cols(k)?, &cols(v)?, caches, &ones, layer, rope)?;
         return y.transpose(0, 2);
     }
     let rows = caches
@@ -234,22 +238,22 @@ pub fn attend_rows(
     Tensor::cat(&rows, 0)
 }
 
-/// Whether decoding steps take the GPU's one-launch attention over all their caches
-/// ([`decode_steps`]) on the CPU too: the emulated GPU of the `cuda-emu` feature, for tests.
+/// Whether passes that continue KV caches take the GPU's attention over all their caches
+/// ([`cached_on_gpu`]) on the CPU too: the emulated GPU of the `cuda-emu` feature, for tests.
 #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
 static EMULATED_GPU_DECODE: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Routes CPU decoding steps through the emulated GPU's attention kernel (tests of the GPU path
-/// where there is no GPU).
+/// Routes CPU passes that continue KV caches through the emulated GPU's attention kernels (tests
+/// of the GPU path where there is no GPU).
 #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
 pub fn set_emulated_gpu_decode(on: bool) {
     EMULATED_GPU_DECODE.store(on, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Whether decoding steps of these tensors (q [rows, heads, t, head_dim]) take the GPU's
-/// decode-step kernel ([`decode_steps`]): f32 on a GPU (or the emulated one), without
-/// gradients, heads no larger than the kernel takes.
+/// Whether passes of these tensors (q [rows, heads, t, head_dim]) that continue KV caches take
+/// the GPU's kernels ([`cached_on_gpu`]): f32 on a GPU (or the emulated one), without
+/// gradients, heads no larger than the kernels take.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn gpu_decode(q: &Tensor) -> bool {
     on_gpu(q)
@@ -264,7 +268,8 @@ fn gpu_decode(_: &Tensor) -> bool {
     false
 }
 
-/// On a GPU unless LMKIT_CUDA_DECODE=0 (decoding steps then take the composed ops, to compare).
+/// On a GPU unless LMKIT_CUDA_DECODE=0 (passes over KV caches then take the composed ops, to
+/// compare).
 #[cfg(feature = "cuda")]
 fn on_gpu(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -277,53 +282,65 @@ fn on_gpu(x: &Tensor) -> bool {
     x.device().is_cpu() && EMULATED_GPU_DECODE.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// The decoding steps of sequences that each continue their own cache by one position, q, k,
-/// v [1, heads, n, head_dim] (sequence i in column i; views of the projections are read in
-/// place), on the GPU ([`gpu_decode`]): one kernel launch that rotates every sequence's q and
-/// key at its own position, writes its key and value into its cache and attends over it,
-/// instead of several small launches per sequence. [1, heads, n, head_dim].
+/// The attention of sequences that each continue their own cache, sequence i by `news[i]`
+/// positions, q, k, v [1, heads, Σ news, head_dim] (sequence after sequence along the third
+/// axis; views of the projections are read in place), on the GPU ([`gpu_decode`]): every
+/// sequence's q and keys rotated at their positions, its keys and values written into its
+/// cache, and its positions attending causally over it — one kernel launch for decoding steps,
+/// two with prompt pieces — instead of several small launches per sequence.
+/// [1, heads, Σ news, head_dim].
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn decode_steps(
+fn cached_on_gpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     caches: &mut [&mut KvCache],
+    news: &[usize],
     layer: usize,
     rope: Option<&Rope>,
 ) -> candle_core::Result<Tensor> {
     let hd = q.dim(3)?;
-    let like = k.narrow(2, 0, 1)?;
     let mut buffers = Vec::with_capacity(caches.len());
-    for cache in caches.iter_mut() {
-        buffers.push(cache.extend_in_place(layer, &like)?);
+    let mut start = 0;
+    for (cache, &new) in caches.iter_mut().zip(news) {
+        buffers.push(cache.extend_in_place(layer, &k.narrow(2, start, new)?)?);
+        start += new;
     }
-    let held: Vec<(&Tensor, &Tensor, usize)> =
-        buffers.iter().map(|(bk, bv, len)| (bk, bv, *len)).collect();
+    let slots: Vec<lmkit_kernels::cuda::CacheSlot> = buffers
+        .iter()
+        .zip(news)
+        .map(|((k, v, len), &new)| lmkit_kernels::cuda::CacheSlot {
+            k,
+            v,
+            len: *len,
+            new,
+        })
+        .collect();
     let table = rope.map(|r| r.table()).filter(|(_, rotated)| *rotated > 0);
     let scale = 1.0 / (hd as f64).sqrt();
-    match lmkit_kernels::cuda::decode_step_attention(q, k, v, &held, table, scale)? {
+    match lmkit_kernels::cuda::cache_attention(q, k, v, &slots, table, scale)? {
         Some(y) => Ok(y),
-        // The caches now count a position nothing wrote: fail the pass rather than go on.
-        None => candle_core::bail!("decode attention: the GPU kernel did not take this step"),
+        // The caches now count positions nothing wrote: fail the pass rather than go on.
+        None => candle_core::bail!("cache attention: the GPU kernels did not take this pass"),
     }
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
-fn decode_steps(
+fn cached_on_gpu(
     _: &Tensor,
     _: &Tensor,
     _: &Tensor,
     _: &mut [&mut KvCache],
+    _: &[usize],
     _: usize,
     _: Option<&Rope>,
 ) -> candle_core::Result<Tensor> {
-    candle_core::bail!("decode attention: built without the GPU")
+    candle_core::bail!("cache attention: built without the GPU")
 }
 
 /// A packed continuation: the row's `t` positions are the caches' queued positions, cache after
 /// cache; each sequence attends to its own cache's keys and its own new positions. On the GPU
-/// ([`gpu_decode`]) the sequences that bring one position (decoding steps beside prompts) go
-/// through [`decode_steps`] together.
+/// ([`gpu_decode`]) all of them go through [`cached_on_gpu`] together.
 fn attend_continued(
     q: &Tensor,
     k: &Tensor,
@@ -340,55 +357,21 @@ fn attend_continued(
             caches.len()
         );
     }
-    let starts: Vec<usize> = caches
-        .iter()
-        .scan(0, |start, c| {
-            let s = *start;
-            *start += c.queued();
-            Some(s)
-        })
-        .collect();
-    let steps = caches.iter().filter(|c| c.queued() == 1).count();
-    let mut step_out = None;
-    if steps > 1 && gpu_decode(q) {
-        let cols: Vec<u32> = caches
-            .iter()
-            .zip(&starts)
-            .filter(|(c, _)| c.queued() == 1)
-            .map(|(_, &s)| s as u32)
-            .collect();
-        let cols = Tensor::new(cols.as_slice(), q.device())?;
-        let pick = |x: &Tensor| x.contiguous()?.index_select(&cols, 2);
-        let mut stepping: Vec<&mut KvCache> = caches
-            .iter_mut()
-            .filter(|c| c.queued() == 1)
-            .map(|c| &mut **c)
-            .collect();
-        step_out = Some(decode_steps(
-            &pick(q)?,
-            &pick(k)?,
-            &pick(v)?,
-            &mut stepping,
-            layer,
-            rope,
-        )?);
+    if gpu_decode(q) {
+        let news: Vec<usize> = caches.iter().map(|c| c.queued()).collect();
+        return cached_on_gpu(q, k, v, caches, &news, layer, rope);
     }
     let mut parts = Vec::with_capacity(caches.len());
-    let mut step = 0;
-    for (cache, &start) in caches.iter_mut().zip(&starts) {
+    let mut start = 0;
+    for cache in caches.iter_mut() {
         let n = cache.queued();
-        match &step_out {
-            Some(y) if n == 1 => {
-                parts.push(y.narrow(2, step, 1)?);
-                step += 1;
-            }
-            _ => parts.push(attend(
-                &q.narrow(2, start, n)?,
-                &k.narrow(2, start, n)?,
-                &v.narrow(2, start, n)?,
-                cache,
-            )?),
-        }
+        parts.push(attend(
+            &q.narrow(2, start, n)?,
+            &k.narrow(2, start, n)?,
+            &v.narrow(2, start, n)?,
+            cache,
+        )?);
+        start += n;
     }
     Tensor::cat(&parts, 2)
 }
