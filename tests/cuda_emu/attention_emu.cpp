@@ -122,3 +122,22 @@ extern "C" void emu_decode_attention(float* out, const float* q, const float* k_
                      scale);
   });
 }
+
+// cache_append then extend_attention launched as cuda.rs's Gpu::extend_attention launches them:
+// a block of DEC_THREADS per (tile, key/value head), then per (tile, query head); tiles: per
+// tile of up to EXT_ROWS new rows of a sequence, its cache's key and value addresses, the
+// position of its first row, its rows, its first row's index among the n new rows, and the
+// elements between the cache's heads; strides as for emu_decode_attention.
+extern "C" void emu_extend_attention(float* out, const float* q, const float* k_new,
+                                     const float* v_new, const uint64_t* tiles, const float* rope,
+                                     int n_tiles, int heads, int kv_heads, int hd, int rotated,
+                                     const int* strides, float scale) {
+  emu::launch({unsigned(n_tiles), unsigned(kv_heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
+    cache_append(k_new, v_new, tiles, rope, n_tiles, kv_heads, hd, rotated, strides[2],
+                 strides[3], strides[4], strides[5]);
+  });
+  emu::launch({unsigned(n_tiles), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
+    extend_attention(out, q, tiles, rope, n_tiles, heads, kv_heads, hd, rotated, strides[0],
+                     strides[1], scale);
+  });
+}

@@ -37,6 +37,7 @@ def kernels(tmp_path_factory):
     so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
                                         + [INTS, ctypes.c_float])
+    so.emu_extend_attention.argtypes = so.emu_decode_attention.argtypes
     return so
 
 
@@ -189,13 +190,31 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
 ])
 def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens, rotated):
     """One decoding step of several sequences, each over its own KV cache plus its new key and
-    value, against PyTorch's scaled_dot_product_attention in float64, q and the new key rotated
-    first as transformers' apply_rotary_pos_emb does (rotate_half over the first `rotated`
-    columns) at each sequence's position; q, k and v read in place from one row of projections
-    per sequence. The kernel also writes the new key (rotated) and value into each cache at its
-    length and nothing else."""
+    value (decode_attention: one launch), against PyTorch (check_cache_attention)."""
+    check_cache_attention(kernels, heads, kv_heads, hd, [(length, 1) for length in lens], rotated)
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,seqs,rotated", [
+    (6, 2, 64, [(0, 7), (5, 1), (130, 33), (0, 16)], 64),  # fresh prompts, a step, 3 tiles of rows
+    (4, 4, 80, [(17, 2), (0, 40)], 0),                     # a head size that does not divide the block
+    (2, 1, 256, [(31, 5), (1, 20)], 100),                  # the largest head; half of each head rotated
+])
+def test_extend_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, seqs, rotated):
+    """Prompt pieces beside decoding steps, each sequence continuing its own KV cache by its new
+    positions (cache_append, then extend_attention, a block per 16 rows of a sequence), against
+    PyTorch (check_cache_attention)."""
+    check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated)
+
+
+def check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated):
+    """Sequences of (cached positions, new positions), each continuing its own KV cache, against
+    PyTorch's scaled_dot_product_attention in float64 with a causal mask over the cache and the
+    new positions, q and the new keys rotated first as transformers' apply_rotary_pos_emb does
+    (rotate_half over the first `rotated` columns) at their positions; q, k and v read in place
+    from one row of projections per new position. The kernels also write the new keys (rotated)
+    and values into each cache from its length and nothing else."""
     rng = np.random.default_rng(hd)
-    n, scale, half = len(lens), 1.0 / np.sqrt(hd), rotated // 2
+    n, scale, half = sum(new for _, new in seqs), 1.0 / np.sqrt(hd), rotated // 2
     width = (heads + 2 * kv_heads) * hd
     qkv = rng.standard_normal((n, width), dtype=np.float32)
     q = qkv[:, :heads * hd].reshape(n, heads, hd).transpose(1, 0, 2)
@@ -206,40 +225,61 @@ def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens
     strides = ints(hd, width, hd, width, hd, width)  # head and sequence strides of q, k, v
     theta = np.arange(400)[:, None] * 10000.0 ** (-np.arange(0, max(rotated, 2), 2) / max(rotated, 2))[None, :]
     table = np.concatenate([np.cos(theta[:, :half]), np.sin(theta[:, :half])], 1).astype(np.float32)
-    caps = [length + 3 for length in lens]
+    caps = [length + new + 3 for length, new in seqs]
     ks = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
     vs = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
     before = [(k.copy(), v.copy()) for k, v in zip(ks, vs)]
-    cache_table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
-                            for k, v, length, cap in zip(ks, vs, lens, caps)], dtype=np.uint64)
     out = np.full((n, heads, hd), np.nan, dtype=np.float32)
-    kernels.emu_decode_attention(ptr(out), q_ptr, k_ptr, v_ptr, cache_table.ctypes.data,
-                                 table.ctypes.data if rotated else None, n, heads, kv_heads, hd, rotated,
-                                 strides, scale)
+    rope = table.ctypes.data if rotated else None
+    if all(new == 1 for _, new in seqs):
+        cache_table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
+                                for k, v, (length, _), cap in zip(ks, vs, seqs, caps)], dtype=np.uint64)
+        kernels.emu_decode_attention(ptr(out), q_ptr, k_ptr, v_ptr, cache_table.ctypes.data, rope, n, heads,
+                                     kv_heads, hd, rotated, strides, scale)
+    else:
+        # Tiles of up to 16 new rows of a sequence, as cuda.rs's Gpu::extend_attention makes them.
+        tiles, row = [], 0
+        for k, v, (length, new), cap in zip(ks, vs, seqs, caps):
+            for r0 in range(0, new, 16):
+                tiles.append([k.ctypes.data, v.ctypes.data, length + r0, min(16, new - r0), row + r0, cap * hd])
+            row += new
+        tiles = np.array(tiles, dtype=np.uint64)
+        kernels.emu_extend_attention(ptr(out), q_ptr, k_ptr, v_ptr, tiles.ctypes.data, rope, len(tiles), heads,
+                                     kv_heads, hd, rotated, strides, scale)
 
     def rotate(x, pos):
-        """transformers' apply_rotary_pos_emb on the first `rotated` columns: x·cos + rotate_half(x)·sin."""
+        """transformers' apply_rotary_pos_emb on the first `rotated` columns at positions pos, pos + 1, ...
+        (x [heads, t, hd]): x·cos + rotate_half(x)·sin."""
         if not rotated:
             return x
-        cos = torch.cat([f64(np.cos(theta[pos, :half]))] * 2)
-        sin = torch.cat([f64(np.sin(theta[pos, :half]))] * 2)
+        at = theta[pos:pos + x.shape[1], :half]
+        cos = torch.cat([f64(np.cos(at))] * 2, -1)
+        sin = torch.cat([f64(np.sin(at))] * 2, -1)
         r = x[..., :rotated]
         turned = r * cos + torch.cat([-r[..., half:], r[..., :half]], -1) * sin
         return torch.cat([turned, x[..., rotated:]], -1)
 
-    for i, length in enumerate(lens):
+    col = 0
+    for i, (length, new) in enumerate(seqs):
         k0, v0 = before[i]
-        new_k = rotate(f64(k_new[:, i:i + 1]), length)
+        cols = slice(col, col + new)
+        new_k = rotate(f64(k_new[:, cols]), length)
         keys = torch.cat([f64(k0[:, :length]), new_k], 1)
-        vals = f64(np.concatenate([v0[:, :length], v_new[:, i:i + 1]], 1))
+        vals = f64(np.concatenate([v0[:, :length], v_new[:, cols]], 1))
+        # Row r (position length + r) sees keys 0..=length + r.
+        mask = torch.arange(length + new)[None, :] <= length + torch.arange(new)[:, None]
         want = torch.nn.functional.scaled_dot_product_attention(
-            rotate(f64(q[:, i:i + 1]), length)[None], keys[None], vals[None], scale=scale, enable_gqa=True)[0]
-        close(out[i][:, None], want.numpy(), f"sequence {i} of length {length}", 1e-5, 1.0)
-        close(ks[i][:, length], new_k[:, 0].numpy(), f"sequence {i}'s key in the cache", 1e-6, 1.0)
-        assert np.array_equal(vs[i][:, length], v_new[:, i]), f"sequence {i}'s value in the cache"
+            rotate(f64(q[:, cols]), length)[None], keys[None], vals[None], attn_mask=mask, scale=scale,
+            enable_gqa=True)[0]
+        close(out[cols].transpose(1, 0, 2), want.numpy(), f"sequence {i} ({length} + {new})", 1e-5, 1.0)
+        written = slice(length, length + new)
+        close(ks[i][:, written], new_k.numpy(), f"sequence {i}'s keys in the cache", 1e-6, 1.0)
+        assert np.array_equal(vs[i][:, written], v_new[:, cols]), f"sequence {i}'s values in the cache"
         for now, was in ((ks[i], k0), (vs[i], v0)):
-            assert np.array_equal(np.delete(now, length, 1), np.delete(was, length, 1)), \
-                f"sequence {i}: cache written outside position {length}"
+            kept = np.r_[0:length, length + new:now.shape[1]]
+            assert np.array_equal(now[:, kept], was[:, kept]), \
+                f"sequence {i}: cache written outside positions {length}..{length + new}"
+        col += new
 
 
 def f64(x, grad=False):
