@@ -245,13 +245,16 @@ if "$py" -c "import openai" 2>/dev/null; then
   for n in 8 32; do
     LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --clients $n --requests $((2 * n)) \
       --max-active $n --max-tokens 64 --peer || failed+=("serve bench $n")
-    echo "-- the same without the decode-step attention kernel (LMKIT_CUDA_DECODE=0: composed ops)"
+    echo "-- the same without the cache attention kernels (LMKIT_CUDA_DECODE=0: composed ops)"
     LMKIT_CUDA_DECODE=0 LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --clients $n \
       --requests $((2 * n)) --max-active $n --max-tokens 64 || failed+=("serve bench $n, composed")
   done
   echo "== prompts arriving together on the GPU: packed passes vs one at a time vs transformers"
   LMKIT_BIN="$bin" "$py" "$here/bench/prefill_bench.py" --device cuda --bursts 8,32 --repeats 5 \
     || failed+=("prefill bench")
+  echo "-- the same without the cache attention kernels (LMKIT_CUDA_DECODE=0: composed ops)"
+  LMKIT_CUDA_DECODE=0 LMKIT_BIN="$bin" "$py" "$here/bench/prefill_bench.py" --device cuda --bursts 8,32 \
+    --repeats 3 || failed+=("prefill bench, composed")
 else
   echo "skipped: the openai package is not installed (pip install openai)"
 fi
