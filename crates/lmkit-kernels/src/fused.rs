@@ -19,6 +19,19 @@ fn fused_ok(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether candle-nn's fused forward-only kernels may take x and these parameters: on a GPU,
+/// where nothing asks for their gradients (inference) — one launch instead of the several the
+/// composed ops take. Those kernels have no backward pass, so a tensor that tracks gradients
+/// takes the composed ops instead.
+fn gpu_inference(x: &Tensor, params: &[&Tensor]) -> bool {
+    let fits =
+        |t: &Tensor| !t.track_op() && t.dtype() == x.dtype() && t.device().same_device(x.device());
+    !x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && fits(x)
+        && params.iter().all(|p| fits(p))
+}
+
 /// Applies `f` to one tensor's data (f32 or f64), producing a tensor of the same shape.
 macro_rules! unary_kernel {
     ($s:expr, $l:expr, $f:expr) => {{
@@ -298,7 +311,8 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension: the fused kernel on the CPU in f32/f64, candle-nn's on a GPU
+/// where nothing tracks gradients, composed ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
         let op = Softmax {
@@ -306,6 +320,9 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
             causal: None,
         };
         return x.contiguous()?.apply_op1(op);
+    }
+    if gpu_inference(x, &[]) {
+        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
     }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -1119,7 +1136,8 @@ impl CustomOp3 for LayerNormBwd {
 }
 
 /// LayerNorm over the last dim with weight `w` and bias `b` ([n] each): the fused kernel on the
-/// CPU in f32/f64, `None` elsewhere (the caller composes it from tensor ops).
+/// CPU in f32/f64, candle-nn's on a GPU where nothing tracks gradients, `None` elsewhere (the
+/// caller composes it from tensor ops).
 pub fn layer_norm(
     x: &Tensor,
     w: &Tensor,
@@ -1127,6 +1145,10 @@ pub fn layer_norm(
     eps: f64,
 ) -> candle_core::Result<Option<Tensor>> {
     let n = x.dim(D::Minus1)?;
+    if gpu_inference(x, &[w, b]) && w.dims() == [n] && b.dims() == [n] {
+        let (w, b) = (w.contiguous()?, b.contiguous()?);
+        return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, eps as f32).map(Some);
+    }
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().is_cpu() && t.dims() == [n];
     if !(fused_ok(x) && same(w) && same(b)) {
         return Ok(None);
@@ -1267,10 +1289,14 @@ impl CustomOp3 for RmsNormBwd {
     }
 }
 
-/// RMSNorm over the last dim with weight `w` [n]: the fused kernel on the CPU in f32/f64, `None`
-/// elsewhere (the caller composes it from tensor ops).
+/// RMSNorm over the last dim with weight `w` [n]: the fused kernel on the CPU in f32/f64,
+/// candle-nn's on a GPU where nothing tracks gradients, `None` elsewhere (the caller composes it
+/// from tensor ops).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
     let n = x.dim(D::Minus1)?;
+    if gpu_inference(x, &[w]) && w.dims() == [n] {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, &w.contiguous()?, eps as f32).map(Some);
+    }
     if !(fused_ok(x) && w.dtype() == x.dtype() && w.device().is_cpu() && w.dims() == [n]) {
         return Ok(None);
     }
@@ -2049,5 +2075,33 @@ mod tests {
                 candle_nn::ops::softmax_last_dim(&x).unwrap()
             ) < 1e-6
         );
+    }
+
+    /// On a GPU, inference's norms and softmax take candle-nn's fused kernels and equal the CPU's
+    /// fused kernels; a tensor that tracks gradients is left to the composed ops (candle-nn's
+    /// kernels have no backward pass).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_inference_norms_and_softmax_equal_the_cpu_kernels() {
+        let Some(gpu) = crate::testing::gpu_device() else {
+            return;
+        };
+        let cpu = Device::Cpu;
+        let x = crate::testing::randn(0f32, 2.0, (3, 5, 576), &cpu).unwrap();
+        let w = crate::testing::randn(1f32, 0.5, 576, &cpu).unwrap();
+        let b = crate::testing::randn(0f32, 0.5, 576, &cpu).unwrap();
+        let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+        let back = |t: Option<Tensor>| t.expect("fused").to_device(&cpu).unwrap();
+        let rms = |x: &Tensor, w: &Tensor| rms_norm(x, w, 1e-5).unwrap();
+        let d = max_diff(&back(rms(&on(&x), &on(&w))), &back(rms(&x, &w)));
+        assert!(d < 1e-5, "rms norm: {d}");
+        let ln = |x: &Tensor, w: &Tensor, b: &Tensor| layer_norm(x, w, b, 1e-5).unwrap();
+        let d = max_diff(&back(ln(&on(&x), &on(&w), &on(&b))), &back(ln(&x, &w, &b)));
+        assert!(d < 1e-5, "layer norm: {d}");
+        let sm = softmax_last_dim(&on(&x)).unwrap().to_device(&cpu).unwrap();
+        let d = max_diff(&sm, &softmax_last_dim(&x).unwrap());
+        assert!(d < 1e-6, "softmax: {d}");
+        let tracked = candle_core::Var::from_tensor(&on(&x)).unwrap();
+        assert!(rms(tracked.as_tensor(), &on(&w)).is_none());
     }
 }

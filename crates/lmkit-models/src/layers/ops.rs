@@ -1,6 +1,8 @@
 //! Differentiable building blocks. candle-nn's fused softmax, layer norm, RMS norm and rotary
 //! kernels are applied without a backward pass (`apply_op*_no_bwd`): gradients silently stop at
-//! them. These versions are composed of basic tensor ops, so autograd flows through; the
+//! them. These versions take lmkit's fused kernels (with backward passes) on the CPU and are
+//! composed of basic tensor ops elsewhere, so autograd flows through; only on a GPU where nothing
+//! tracks gradients (inference) do the norms and the softmax take candle-nn's kernels. The
 //! gradient-check test (tests/gradients.rs) holds them to finite differences.
 
 use candle_core::{DType, Module, Tensor, D};
