@@ -109,18 +109,24 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
 }
 
 // decode_attention launched as cuda.rs's Gpu::decode_attention launches it: a block of
-// DEC_THREADS per (sequence, query head); table: per sequence its cache's key and value
-// addresses, cached length and elements between heads; rope: null, or a [positions, rotated]
-// table; strides: q's, k_new's and v_new's head and sequence strides.
+// DEC_THREADS per (sequence, split, query head), and with splits > 1 decode_combine after it, a
+// block per (sequence, query head); table: per sequence its cache's key and value addresses,
+// cached length and elements between heads; rope: null, or a [positions, rotated] table;
+// strides: q's, k_new's and v_new's head and sequence strides.
 extern "C" void emu_decode_attention(float* out, const float* q, const float* k_new,
                                      const float* v_new, const uint64_t* table, const float* rope,
-                                     int n, int heads, int kv_heads, int hd, int rotated,
-                                     const int* strides, float scale) {
-  emu::launch({unsigned(n), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
-    decode_attention(out, q, k_new, v_new, table, rope, n, heads, kv_heads, hd, rotated,
-                     strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
-                     scale);
+                                     int n, int splits, int heads, int kv_heads, int hd,
+                                     int rotated, const int* strides, float scale) {
+  std::vector<float> partial(splits > 1 ? size_t(n) * heads * splits * (2 + hd) : 0, NAN);
+  float* part = splits > 1 ? partial.data() : nullptr;
+  emu::launch({unsigned(n * splits), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0, [&] {
+    decode_attention(out, part, q, k_new, v_new, table, rope, n, splits, heads, kv_heads, hd,
+                     rotated, strides[0], strides[1], strides[2], strides[3], strides[4],
+                     strides[5], scale);
   });
+  if (splits > 1)
+    emu::launch({unsigned(n), unsigned(heads), 1}, {DEC_THREADS, 1, 1}, 0,
+                [&] { decode_combine(out, part, n, splits, heads, hd); });
 }
 
 // cache_append then extend_attention launched as cuda.rs's Gpu::extend_attention launches them:

@@ -35,9 +35,10 @@ def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
     so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
-    so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
+    so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
                                         + [INTS, ctypes.c_float])
-    so.emu_extend_attention.argtypes = so.emu_decode_attention.argtypes
+    so.emu_extend_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
+                                        + [INTS, ctypes.c_float])
     return so
 
 
@@ -183,15 +184,18 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     close(shape(dv, kv_heads), want[4], "dv", tol, 1.0)
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd,lens,rotated", [
-    (6, 2, 64, [0, 5, 130, 300], 64),  # grouped-query heads; only the new key; over two tiles; rope
-    (4, 4, 80, [127, 1, 256], 0),      # a head size that does not divide the block
-    (2, 1, 200, [3, 129], 100),        # two columns a thread; half of each head rotated
+@pytest.mark.parametrize("heads,kv_heads,hd,lens,rotated,splits", [
+    (6, 2, 64, [0, 5, 130, 300], 64, 1),  # grouped-query heads; only the new key; over two tiles; rope
+    (4, 4, 80, [127, 1, 256], 0, 1),      # a head size that does not divide the block
+    (2, 1, 200, [3, 129], 100, 1),        # two columns a thread; half of each head rotated
+    (2, 1, 64, [700, 3], 64, 3),          # keys split over 3 blocks (the short sequence's 2 without keys)
+    (4, 2, 200, [400], 100, 2),           # split, two columns a thread
 ])
-def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens, rotated):
+def test_decode_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, lens, rotated, splits):
     """One decoding step of several sequences, each over its own KV cache plus its new key and
-    value (decode_attention: one launch), against PyTorch (check_cache_attention)."""
-    check_cache_attention(kernels, heads, kv_heads, hd, [(length, 1) for length in lens], rotated)
+    value (decode_attention: one launch, and decode_combine after it where the keys are split
+    over several blocks), against PyTorch (check_cache_attention)."""
+    check_cache_attention(kernels, heads, kv_heads, hd, [(length, 1) for length in lens], rotated, splits)
 
 
 @pytest.mark.parametrize("heads,kv_heads,hd,seqs,rotated", [
@@ -206,7 +210,7 @@ def test_extend_attention_equals_pytorch_sdpa(kernels, heads, kv_heads, hd, seqs
     check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated)
 
 
-def check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated):
+def check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated, splits=1):
     """Sequences of (cached positions, new positions), each continuing its own KV cache, against
     PyTorch's scaled_dot_product_attention in float64 with a causal mask over the cache and the
     new positions, q and the new keys rotated first as transformers' apply_rotary_pos_emb does
@@ -223,7 +227,7 @@ def check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated):
     at = ctypes.cast(ptr(qkv), ctypes.c_void_p).value
     q_ptr, k_ptr, v_ptr = (ctypes.cast(at + 4 * off, F32) for off in (0, heads * hd, (heads + kv_heads) * hd))
     strides = ints(hd, width, hd, width, hd, width)  # head and sequence strides of q, k, v
-    theta = np.arange(400)[:, None] * 10000.0 ** (-np.arange(0, max(rotated, 2), 2) / max(rotated, 2))[None, :]
+    theta = np.arange(max(a + b for a, b in seqs) + 1)[:, None] * 10000.0 ** (-np.arange(0, max(rotated, 2), 2) / max(rotated, 2))[None, :]
     table = np.concatenate([np.cos(theta[:, :half]), np.sin(theta[:, :half])], 1).astype(np.float32)
     caps = [length + new + 3 for length, new in seqs]
     ks = [rng.standard_normal((kv_heads, cap, hd), dtype=np.float32) for cap in caps]
@@ -234,8 +238,8 @@ def check_cache_attention(kernels, heads, kv_heads, hd, seqs, rotated):
     if all(new == 1 for _, new in seqs):
         cache_table = np.array([[k.ctypes.data, v.ctypes.data, length, cap * hd]
                                 for k, v, (length, _), cap in zip(ks, vs, seqs, caps)], dtype=np.uint64)
-        kernels.emu_decode_attention(ptr(out), q_ptr, k_ptr, v_ptr, cache_table.ctypes.data, rope, n, heads,
-                                     kv_heads, hd, rotated, strides, scale)
+        kernels.emu_decode_attention(ptr(out), q_ptr, k_ptr, v_ptr, cache_table.ctypes.data, rope, n, splits,
+                                     heads, kv_heads, hd, rotated, strides, scale)
     else:
         # Tiles of up to 16 new rows of a sequence, as cuda.rs's Gpu::extend_attention makes them.
         tiles, row = [], 0

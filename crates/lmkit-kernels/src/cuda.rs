@@ -834,7 +834,8 @@ impl Gpu {
     /// key/value head h / (heads / kv_heads)), rows of hd (at most 256); out [n, heads, hd].
     /// With `rope` ((table [positions, rotated]: each position's cos values, then its sin
     /// values), rotated), q's and the new key's first `rotated` columns are rotated at the
-    /// sequence's position `len` first.
+    /// sequence's position `len` first. Few sequences over long caches split their keys over
+    /// several blocks ([`decode_splits`]), merged by a second launch.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
@@ -858,14 +859,23 @@ impl Gpu {
             positions += c.len + 1;
         }
         let table = self.upload(&table)?;
+        let longest = caches.iter().map(|c| c.len + 1).max().unwrap_or(1);
+        let splits = decode_splits(n * heads, longest);
+        let partial = match splits {
+            1 => None,
+            _ => Some(self.uninit(n * heads * splits * (2 + hd))?),
+        };
+        let out = out.need(n * heads * hd, "decode attention out")?;
         let args = [
-            Arg::P(out.need(n * heads * hd, "decode attention out")?),
+            Arg::P(out),
+            Arg::P(partial.as_ref().map_or(0, |p| p.dev().addr)),
             Arg::P(q.need((heads, n, hd), "decode attention q")?),
             Arg::P(k_new.need((kv_heads, n, hd), "decode attention k_new")?),
             Arg::P(v_new.need((kv_heads, n, hd), "decode attention v_new")?),
             Arg::P(table.dev().addr),
             Arg::P(rope),
             Arg::I(int(n)?),
+            Arg::I(int(splits)?),
             Arg::I(int(heads)?),
             Arg::I(int(kv_heads)?),
             Arg::I(int(hd)?),
@@ -884,8 +894,22 @@ impl Gpu {
             flops: (4 * heads * hd * positions) as f64,
             bytes: (8 * kv_heads * hd * positions) as f64,
         };
+        let launch = ((n * splits, heads), DEC_THREADS, 0);
+        self.launch_in(Module::Attention, "decode_attention", launch, &args, work)?;
+        let Some(partial) = partial else {
+            return Ok(());
+        };
+        let merge = [
+            Arg::P(out),
+            Arg::P(partial.dev().addr),
+            Arg::I(int(n)?),
+            Arg::I(int(splits)?),
+            Arg::I(int(heads)?),
+            Arg::I(int(hd)?),
+        ];
+        let work = Work::bytes(4 * n * heads * (splits * (2 + hd) + hd));
         let launch = ((n, heads), DEC_THREADS, 0);
-        self.launch_in(Module::Attention, "decode_attention", launch, &args, work)
+        self.launch_in(Module::Attention, "decode_combine", launch, &merge, work)
     }
 
     /// The attention of n new rows of sequences that each continue their own KV cache by
@@ -1706,6 +1730,26 @@ impl Gpu {
         ];
         self.launch_elements("fill", len, &args, 4 * len)
     }
+}
+
+/// Blocks of `decode_attention` a launch should have at least to keep a large GPU busy (two per
+/// multiprocessor of an H100 or H200, with their 132), and the fewest keys worth a block of their
+/// own.
+const DECODE_BLOCKS: usize = 256;
+const DECODE_SPLIT_KEYS: usize = 256;
+
+/// How many blocks each (sequence, query head) of a decoding step splits its keys over: one
+/// where the step has blocks enough (`pairs` of them, serving rounds of many streams), else as
+/// many as bring the launch to [`DECODE_BLOCKS`], each with [`DECODE_SPLIT_KEYS`] of the longest
+/// cache's keys at least (batch-1 decoding over a long context), 32 at most.
+fn decode_splits(pairs: usize, longest: usize) -> usize {
+    if 2 * pairs >= DECODE_BLOCKS {
+        return 1;
+    }
+    longest
+        .div_ceil(DECODE_SPLIT_KEYS)
+        .min(DECODE_BLOCKS.div_ceil(pairs.max(1)))
+        .clamp(1, 32)
 }
 
 /// The checks [`Gpu::decode_attention`] and [`Gpu::extend_attention`] share: some sequences,

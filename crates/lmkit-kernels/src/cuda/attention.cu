@@ -685,11 +685,14 @@ ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 128, 64, 32)
 // key are rotated at position len_i (rotate-half pairs c and c + rotated / 2), as the rotary
 // embedding does before the cache. out [n, heads, hd] (sequence-major: the rows o_proj takes).
 //
-// A block of DEC_THREADS per (sequence, query head), the keys a tile of DEC_THREADS at a time:
-// one warp per key (lanes over the head's columns, so a key row is read in whole lines), a
+// A block of DEC_THREADS per (sequence, query head, split), the keys a tile of DEC_THREADS at a
+// time: one warp per key (lanes over the head's columns, so a key row is read in whole lines), a
 // softmax over the tile rescaling the running sums (online softmax), then each thread adds the
 // tile's weighted values for its column (the threads split into DEC_THREADS / hd groups of keys
-// where hd divides in).
+// where hd divides in). With `splits` > 1 (few sequences over long caches: one block per head
+// would leave most of the GPU idle), split s of a sequence takes the s-th of `splits` runs of
+// whole tiles of its keys and writes its running max, sum and unnormalised output to `partial`
+// ([n, heads, splits, 2 + hd]), which decode_combine merges; blockIdx.x = i · splits + s.
 #define DEC_THREADS 128
 #define DEC_MAX_HD 256
 
@@ -717,16 +720,17 @@ __device__ __forceinline__ void dec_rotate(float* x, const float* row, int rotat
 }
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    decode_attention(float* out, const float* q, const float* k_new, const float* v_new,
-                     const uint64_t* table, const float* rope, int n, int heads, int kv_heads,
-                     int hd, int rotated, int q_hs, int q_ss, int k_hs, int k_ss, int v_hs,
-                     int v_ss, float scale) {
+    decode_attention(float* out, float* partial, const float* q, const float* k_new,
+                     const float* v_new, const uint64_t* table, const float* rope, int n,
+                     int splits, int heads, int kv_heads, int hd, int rotated, int q_hs, int q_ss,
+                     int k_hs, int k_ss, int v_hs, int v_ss, float scale) {
   __shared__ float qs[DEC_MAX_HD];
   __shared__ float kn[DEC_MAX_HD];
   __shared__ float p[DEC_THREADS];
   __shared__ float red[DEC_THREADS / 32];
   __shared__ float parts_acc[DEC_THREADS];
-  int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  int i = blockIdx.x / splits, split = blockIdx.x % splits, h = blockIdx.y, tid = threadIdx.x;
+  int lane = tid % 32, warp = tid / 32;
   if (i >= n || h >= heads) return;
   int rep = heads / kv_heads, g = h / rep;
   const uint64_t* e = table + 4 * (int64_t)i;
@@ -750,7 +754,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   __syncthreads();
   for (int c = tid; c < hd; c += DEC_THREADS) {
     qs[c] *= scale;
-    if (h % rep == 0) {
+    if (h % rep == 0 && split == 0) {
       K[(int64_t)len * hd + c] = kn[c];
       V[(int64_t)len * hd + c] = vn[c];
     }
@@ -761,10 +765,13 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   int col = hd <= DEC_THREADS ? tid % hd : tid, part = hd <= DEC_THREADS ? tid / hd : 0;
   bool active = part < parts && col < hd, second = col + DEC_THREADS < hd;
   float acc0 = 0.0f, acc1 = 0.0f, m = -INFINITY, l = 0.0f;
+  // This split's keys: whole tiles, the splits' runs as even as tiles allow.
   int total = len + 1;
+  int chunk = ((total + splits - 1) / splits + DEC_THREADS - 1) / DEC_THREADS * DEC_THREADS;
+  int first = split * chunk, end = min(total, first + chunk);
   __syncthreads();
-  for (int j0 = 0; j0 < total; j0 += DEC_THREADS) {
-    int tile = min(DEC_THREADS, total - j0);
+  for (int j0 = first; j0 < end; j0 += DEC_THREADS) {
+    int tile = min(DEC_THREADS, end - j0);
     for (int jj = warp; jj < tile; jj += DEC_THREADS / 32) {
       int j = j0 + jj;
       const float* kr = j < len ? K + (int64_t)j * hd : kn;
@@ -799,10 +806,42 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     if (active && part == 0)
       for (int r = 1; r < parts; r++) acc0 += parts_acc[r * hd + col];
   }
+  if (splits > 1) {
+    // Running max, sum and the unnormalised output; a split without keys leaves −∞, 0 and 0.
+    float* pp = partial + (((int64_t)i * heads + h) * splits + split) * (2 + hd);
+    if (tid == 0) {
+      pp[0] = m;
+      pp[1] = l;
+    }
+    if (active && part == 0) {
+      pp[2 + col] = acc0;
+      if (second) pp[2 + col + DEC_THREADS] = acc1;
+    }
+    return;
+  }
   float* o = out + ((int64_t)i * heads + h) * hd;
   if (active && part == 0) {
     o[col] = acc0 / l;
     if (second) o[col + DEC_THREADS] = acc1 / l;
+  }
+}
+
+// The splits of decode_attention merged: out = Σ_s e^(m_s − M)·acc_s / Σ_s e^(m_s − M)·l_s with
+// M the largest m_s. A block of DEC_THREADS per (sequence, query head), threads over columns.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    decode_combine(float* out, const float* partial, int n, int splits, int heads, int hd) {
+  int i = blockIdx.x, h = blockIdx.y;
+  if (i >= n || h >= heads) return;
+  const float* pp = partial + ((int64_t)i * heads + h) * splits * (2 + hd);
+  float mx = -INFINITY, l = 0.0f;
+  for (int s = 0; s < splits; s++) mx = fmaxf(mx, pp[s * (2 + hd)]);
+  for (int s = 0; s < splits; s++) l += pp[s * (2 + hd) + 1] * __expf(pp[s * (2 + hd)] - mx);
+  float* o = out + ((int64_t)i * heads + h) * hd;
+  for (int c = threadIdx.x; c < hd; c += DEC_THREADS) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; s++)
+      acc += pp[s * (2 + hd) + 2 + c] * __expf(pp[s * (2 + hd)] - mx);
+    o[c] = acc / l;
   }
 }
 

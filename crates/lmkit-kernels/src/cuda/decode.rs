@@ -335,7 +335,7 @@ mod tests {
                 .unwrap()
         };
         let (q, k_new, v_new) = (view(0, heads), view(heads, kv), view(heads + kv, kv));
-        let positions = 400;
+        let positions = seqs.iter().map(|&(len, new)| len + new).max().unwrap_or(0) + 5;
         let angles = r(&[positions, rotated / 2]);
         let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
         let rope = (rotated > 0).then_some((&table, rotated));
@@ -392,7 +392,9 @@ mod tests {
     /// Decoding steps (one launch): head sizes 64 (two groups of keys per block), 80 (one,
     /// idle threads), 200 (two columns a thread); grouped-query heads; cache lengths 0 (only
     /// the new key), under and over a tile of 128 keys; one key/value head; more sequences
-    /// than one launch takes; rotary tables over the whole head and over part of it.
+    /// than one launch takes; rotary tables over the whole head and over part of it. Few
+    /// sequences split their keys over blocks (2 splits in the first two cases, 4 in the last,
+    /// where the short sequence leaves three splits without keys).
     #[test]
     fn gpu_decode_step_equals_the_composed_attention_and_writes_the_caches() {
         if crate::testing::gpu_device().is_none() {
@@ -405,6 +407,7 @@ mod tests {
         check_against_composed((2, 1, 200), &steps(&[3, 129]), 100);
         let many: Vec<usize> = (0..70).map(|i| i % 9).collect();
         check_against_composed((3, 1, 32), &steps(&many), 0);
+        check_against_composed((2, 1, 64), &steps(&[1000, 7]), 64);
     }
 
     /// Prompt pieces beside decoding steps (the two launches): fresh prompts (cache 0), pieces

@@ -76,7 +76,8 @@ const Entry KERNELS[] = {
     K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy), K(cross_entropy_bf16),
     K(column_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots), K(attn_row_dots_bf16),
     K(layer_norm_fwd_bf16), K(rms_norm_fwd_bf16), K(swiglu_fwd_bf16), K(gelu_fwd_bf16),
-    K(relu_fwd_bf16), K(to_bf16), K(decode_attention), K(cache_append), K(extend_attention),
+    K(relu_fwd_bf16), K(to_bf16), K(decode_attention), K(decode_combine), K(cache_append),
+    K(extend_attention),
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
     ATT(flash_bf16, 128), ATT(flash_bf16in, 32), ATT(flash_bf16in, 64), ATT(flash_bf16in, 128),
 };
