@@ -19,7 +19,7 @@ export LMKIT_KENLM_BIN="${LMKIT_KENLM_BIN:-$(bash scripts/setup-kenlm.sh)}"
 # cuda-emu: the kernels' source compiled for the CPU, no GPU or CUDA toolkit needed; only tests
 # use it), held to the autograd graph. One feature set for every build below, so the workspace
 # is compiled once.
-emu=(--features lmkit-kernels/cuda-emu,lmkit-models/cuda-emu,lmkit-train/cuda-emu)
+emu=(--features lmkit-kernels/cuda-emu,lmkit-models/cuda-emu,lmkit-train/cuda-emu,lmkit-infer/cuda-emu)
 cargo build --release --locked --workspace "${emu[@]}"
 cargo test --release --locked --workspace "${emu[@]}"
 # The kernels and the hand-written training passes once more on lmkit's built-in matrix product
