@@ -30,8 +30,10 @@ use emulated as hw;
 #[cfg(not(feature = "cuda"))]
 pub use emulated::{set_tf32_products, tf32_products, Elem};
 mod decode;
+mod infer;
 mod linear;
 pub use decode::{cache_attention, CacheSlot};
+pub use infer::swiglu_rows;
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`.
@@ -1455,6 +1457,31 @@ impl Gpu {
             Arg::L(len as i64),
         ];
         self.launch_elements(&name, len, &args, (8 + size) * len)
+    }
+
+    /// Inference's `out = silu(gate)·up` over `rows` rows of `cols`, gate's row r at r·ld_gate
+    /// and up's at r·ld_up (the halves of a stacked gate|up projection, read in place); out
+    /// [rows, cols].
+    pub fn swiglu_rows(
+        &self,
+        out: Dev<f32>,
+        (gate, ld_gate): (Dev<f32>, usize),
+        (up, ld_up): (Dev<f32>, usize),
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let args = [
+            Arg::P(out.need(rows * cols, "swiglu out")?),
+            Arg::P(gate.need((rows - 1) * ld_gate + cols, "swiglu gate")?),
+            Arg::P(up.need((rows - 1) * ld_up + cols, "swiglu up")?),
+            Arg::L(rows as i64),
+            Arg::I(int(cols)?),
+            Arg::L(ld_gate as i64),
+            Arg::L(ld_up as i64),
+        ];
+        self.launch_elements("swiglu_rows", rows * cols, &args, 12 * rows * cols)
     }
 
     /// SwiGLU's backward from dg and the forward's gate and up: into `grads` (dgate, dup), f32

@@ -814,7 +814,8 @@ impl CustomOp3 for SwiGluGateGrad {
     }
 }
 
-/// silu(gate)·up: the fused kernel on the CPU in f32/f64 (same shapes), composed ops elsewhere.
+/// silu(gate)·up: the fused kernel on the CPU in f32/f64 (same shapes), one launch on a GPU in f32
+/// where nothing tracks gradients (`cuda::swiglu_rows`), composed ops elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(gate)
         && up.dtype() == gate.dtype()
@@ -822,6 +823,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         && up.dims() == gate.dims()
     {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::swiglu_rows(gate, up)? {
+        return Ok(y);
     }
     candle_nn::ops::silu(gate)? * up
 }

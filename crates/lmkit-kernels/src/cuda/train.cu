@@ -258,6 +258,17 @@ extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const
   swiglu_elements(g, gate, up, len);
 }
 
+// Inference's SwiGLU over rows read in place (the halves of a stacked gate|up projection): row r
+// of gate at r·ldg, of up at r·ldu; out [rows, cols].
+extern "C" __global__ void swiglu_rows(float* out, const float* gate, const float* up,
+                                       int64_t rows, int cols, int64_t ldg, int64_t ldu) {
+  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  int64_t r = i / cols, c = i % cols;
+  float x = gate[r * ldg + c];
+  out[i] = x / (1.0f + __expf(-x)) * up[r * ldu + c];
+}
+
 // SwiGLU's backward: dgate and dup from dg and the forward's gate and up (in their place for
 // f32 gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers).
 template <class O>
