@@ -682,7 +682,8 @@ impl candle_core::CustomOp3 for Affine {
 }
 
 /// `x·w + b` for x [.., k], w [k, n], b [n] (or `x·w` without b): one fused node through BLAS on
-/// the CPU when a library is loaded, [`matmul`] and the fused bias add otherwise.
+/// the CPU when a library is loaded, one product with the bias in its epilogue on a GPU where
+/// nothing tracks gradients (`cuda::linear`), [`matmul`] and the fused bias add otherwise.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let Some(b) = b else {
         return matmul(x, w);
@@ -694,6 +695,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
         && b.dims() == [w.dim(1)?]
         && x.dim(candle_core::D::Minus1)? == w.dim(0)?;
     if !fits {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::linear(x, w, Some(b), None)? {
+            return Ok(y);
+        }
         return crate::fused::add_bias(&matmul(x, w)?, b);
     }
     x.contiguous()?
@@ -701,9 +706,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
 }
 
 /// r + x·w + b (a residual connection after a linear layer) in one product for inference: the
-/// output starts as r plus the bias and the product accumulates into it (see [`affine`]). With
-/// any operand tracked for a gradient, or where the BLAS product does not apply, it is
-/// `linear(x, w, b) + r` through the graph.
+/// output starts as r plus the bias and the product accumulates into it (see [`affine`]; on a
+/// GPU, cuBLASLt's epilogue adds both: `cuda::linear`). With any operand tracked for a
+/// gradient, or where neither product applies, it is `linear(x, w, b) + r` through the graph.
 pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     let n = w.dim(candle_core::D::Minus1)?;
@@ -721,6 +726,10 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core
         && r.dims() == shape.as_slice()
         && ![x, w, b, r].iter().any(|t| t.track_op());
     if !fits {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = crate::cuda::linear(x, w, Some(b), Some(r))? {
+            return Ok(y);
+        }
         return linear(x, w, Some(b))? + r;
     }
     x.contiguous()?.apply_op3_no_bwd(

@@ -33,7 +33,7 @@ mod decode;
 mod infer;
 mod linear;
 pub use decode::{cache_attention, CacheSlot};
-pub use infer::swiglu_rows;
+pub use infer::{linear, swiglu_rows};
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
 /// The modules of `cuda/train.cu` and `cuda/attention.cu`.

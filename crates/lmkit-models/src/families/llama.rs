@@ -458,7 +458,7 @@ impl Layer {
                     cache.segments(),
                 )?;
                 if let Some(y) = y {
-                    return self.mlp(&(x + self.o_proj.forward(&y)?)?);
+                    return self.mlp(&self.o_proj.forward_add(&y, x)?);
                 }
             }
         }
@@ -474,7 +474,7 @@ impl Layer {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
-        self.mlp(&(x + self.o_proj.forward(&y)?)?)
+        self.mlp(&self.o_proj.forward_add(&y, x)?)
     }
 
     /// x + MLP(RMSNorm(x)).
@@ -486,7 +486,7 @@ impl Layer {
             .try_into()
             .map_err(|_| candle_core::Error::Msg("gate, up projections".into()))?;
         let gated = crate::layers::ops::swiglu(&gate, &up)?;
-        x + self.down_proj.forward(&gated)?
+        self.down_proj.forward_add(&gated, x)
     }
 }
 

@@ -247,12 +247,20 @@ impl Linear {
 
     /// `r + self.forward(x)` (a residual connection after this layer); for inference on the
     /// CPU one product accumulates into the residual plus the bias (see
-    /// `lmkit_kernels::blas::linear_add`).
+    /// `lmkit_kernels::blas::linear_add`), on a GPU cuBLASLt's epilogue adds the residual (and
+    /// the bias) to the product (`lmkit_kernels::cuda::linear`).
     pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
         let adapter_off = self.lora.as_ref().is_none_or(|l| !l.is_on());
         match (&self.weight, &self.bias) {
             (Weight::Dense(_) | Weight::Transposed(_), Some(b)) if adapter_off => {
                 lmkit_kernels::blas::linear_add(x, &self.dense_in_out()?, b, r)
+            }
+            #[cfg(feature = "cuda")]
+            (Weight::Dense(_) | Weight::Transposed(_), None) if adapter_off => {
+                match lmkit_kernels::cuda::linear(x, &self.dense_in_out()?, None, Some(r))? {
+                    Some(y) => Ok(y),
+                    None => self.forward(x)? + r,
+                }
             }
             _ => self.forward(x)? + r,
         }
