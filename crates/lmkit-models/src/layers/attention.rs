@@ -96,7 +96,7 @@ pub fn attention(
             }
             let att = scaled(att, scale)?;
             if t > 1 {
-                att.broadcast_add(&causal_bias(t, s, att.dtype(), q.device())?)?
+                att.broadcast_add(&shared_causal_bias(t, s, att.dtype(), q.device())?)?
             } else {
                 att
             }
@@ -159,6 +159,41 @@ pub fn causal_bias(
         })
         .collect();
     Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)
+}
+
+/// Masks of at most this many elements are kept for the next layers ([`shared_causal_bias`]).
+const KEPT_MASK_ELEMENTS: usize = 1 << 22;
+
+/// [`causal_bias`], built once for the layers of a pass: every layer of a pass masks the same
+/// [t, s], and where the fused softmax does not apply (a GPU, where the mask is built on the CPU
+/// and copied over) building it for each layer costs more than the masked softmax. The last two
+/// masks of at most [`KEPT_MASK_ELEMENTS`] elements are kept per thread.
+fn shared_causal_bias(
+    t: usize,
+    s: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    type Key = (usize, usize, DType, candle_core::DeviceLocation);
+    thread_local! {
+        static KEPT: std::cell::RefCell<Vec<(Key, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let key = (t, s, dtype, device.location());
+    if let Some(mask) =
+        KEPT.with_borrow(|kept| kept.iter().find(|(k, _)| *k == key).map(|(_, m)| m.clone()))
+    {
+        return Ok(mask);
+    }
+    let mask = causal_bias(t, s, dtype, device)?;
+    if t * s <= KEPT_MASK_ELEMENTS {
+        KEPT.with_borrow_mut(|kept| {
+            if kept.len() == 2 {
+                kept.remove(0);
+            }
+            kept.push((key, mask.clone()));
+        });
+    }
+    Ok(mask)
 }
 
 /// Additive bias [b, 1, 1, s] that hides padding (`mask` [b, s]: 1 for tokens, 0 for padding)
@@ -440,6 +475,35 @@ mod tests {
             .matmul(&v2)
             .unwrap();
         assert!(max_diff(&got, &want) < 1e-10, "{}", max_diff(&got, &want));
+    }
+
+    #[test]
+    fn shared_masks_are_the_masks_of_their_shapes() {
+        let dev = Device::Cpu;
+        for (t, s, dtype) in [
+            (3, 5, DType::F32),
+            (2, 5, DType::F32),
+            (3, 5, DType::F64),
+            (3, 5, DType::F32),
+            (4, 4, DType::F32),
+            (3, 5, DType::F32),
+        ] {
+            let got = shared_causal_bias(t, s, dtype, &dev).unwrap();
+            let want = causal_bias(t, s, dtype, &dev).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
+            let same = got
+                .to_dtype(DType::F64)
+                .unwrap()
+                .eq(&want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .min(0)
+                .unwrap()
+                .to_scalar::<u8>()
+                .unwrap();
+            assert_eq!(same, 1, "{t}x{s} {dtype:?}");
+        }
     }
 
     #[test]
