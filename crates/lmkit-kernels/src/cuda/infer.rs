@@ -5,7 +5,8 @@ use super::{plain, transposed, Added, Data, Gpu, Mat};
 use candle_core::{DType, Layout, Result, Tensor};
 
 /// The rows of a tensor whose last dimension is contiguous and whose other dimensions step
-/// evenly (a view of whole rows of a wider matrix): (rows, the elements between rows).
+/// evenly (a view of whole rows of a wider matrix): (rows, the elements between rows, at least
+/// a row's: no broadcast rows).
 fn even_rows(layout: &Layout) -> Option<(usize, usize)> {
     let (dims, strides) = (layout.dims(), layout.stride());
     let (&cols, outer) = dims.split_last()?;
@@ -26,7 +27,8 @@ fn even_rows(layout: &Layout) -> Option<(usize, usize)> {
         }
         span = s * d;
     }
-    Some((rows, ld.unwrap_or(cols)))
+    let ld = ld.unwrap_or(cols);
+    (rows <= 1 || ld >= cols).then_some((rows, ld))
 }
 
 /// `x·w + b + r` (b and r each optional) on the GPU (with `cuda-emu` alone, the emulated GPU of
@@ -203,8 +205,8 @@ mod tests {
     }
 
     /// The halves of a stacked projection ([2, 3, 2·cols], and one row), up contiguous beside
-    /// gate's wider rows; a transposed view that is not rows of one stride and a tensor that
-    /// tracks gradients are left to the caller.
+    /// gate's wider rows; a transposed view that is not rows of one stride, broadcast rows and a
+    /// tensor that tracks gradients are left to the caller.
     #[test]
     fn gpu_swiglu_rows_equals_silu_times_up() {
         let Some(dev) = crate::testing::gpu_device() else {
@@ -228,6 +230,9 @@ mod tests {
         }
         let x = randn(0f32, 1.0, &[4, 6], &dev).unwrap();
         assert!(swiglu_rows(&x.t().unwrap(), &x).unwrap().is_none());
+        let row = randn(0f32, 1.0, &[1, 6], &dev).unwrap();
+        let broadcast = row.broadcast_as((4, 6)).unwrap();
+        assert!(swiglu_rows(&broadcast, &x).unwrap().is_none());
         let tracked = candle_core::Var::from_tensor(&x).unwrap();
         assert!(swiglu_rows(tracked.as_tensor(), &x).unwrap().is_none());
     }
