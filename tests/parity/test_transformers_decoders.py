@@ -31,11 +31,11 @@ def build(kind, tmp_path, **overrides):
         cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
         model = GPT2LMHeadModel(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                          tie_word_embeddings=False)
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
+        # Through the constructor: transformers 5.x folds rope_theta and rope_scaling into
+        # rope_parameters there (an attribute set afterwards is saved but not used by the model).
+        cfg = LlamaConfig(**{**dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False), **overrides})
         model = LlamaForCausalLM(cfg)
     randomize_norms(model, gen)
     model.eval()
@@ -97,11 +97,18 @@ def test_rope_variants_match(lmkit, tmp_path, layout, scaling):
     # (rope_scaling=None is left out: transformers 5.x then has no rope_parameters at all)
     model, path = build("llama", tmp_path, rope_theta=500000.0, **({"rope_scaling": scaling} if scaling else {}))
     cfg = json.loads((path / "config.json").read_text())
+    # Whichever layout the installed transformers saved, the config is rewritten in the one tested.
+    saved = cfg.pop("rope_parameters", None) or {}
+    theta = cfg.pop("rope_theta", saved.get("rope_theta"))
+    assert theta == 500000.0, cfg
+    cfg.pop("rope_scaling", None)
     if layout == "5.x":
-        params = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.pop("rope_theta"))
-        cfg.pop("rope_scaling", None)
-        cfg["rope_parameters"] = params
-        (path / "config.json").write_text(json.dumps(cfg))
+        cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=theta)
+    else:
+        cfg["rope_theta"] = theta
+        if scaling:
+            cfg["rope_scaling"] = scaling
+    (path / "config.json").write_text(json.dumps(cfg))
     ids = [int(x) for x in torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(3))]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
