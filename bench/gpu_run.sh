@@ -27,6 +27,12 @@ libs="$("$py" -c 'import glob, os, sys
 paths = [p for s in sys.path if os.path.isdir(s) for p in glob.glob(os.path.join(s, "nvidia", "*", "lib"))]
 print(":".join(paths))' 2>/dev/null)"
 export LD_LIBRARY_PATH="$b:$libs:${LD_LIBRARY_PATH:-}"
+# The serving benches' OpenAI client, from the bundle's wheels where the machine has none.
+if ! "$py" -c "import openai" 2>/dev/null && ls "$b"/wheels/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$w/site" "$b"/wheels/*.whl \
+    && export PYTHONPATH="$w/site${PYTHONPATH:+:$PYTHONPATH}" \
+    && "$py" -c "import openai" || echo "the bundle's openai wheels did not install: the serve step will be skipped" >&2
+fi
 echo "bundle of commit $(cat "$b/commit" 2>/dev/null); $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)"
 out="${OUT:-$here/gpu-out}"
 mkdir -p "$out"
