@@ -109,7 +109,7 @@ def test_assistant_only_loss_matches_transformers_masks(lmkit, tmp_path):
     with torch.no_grad():
         total, count = 0.0, 0
         for msgs in CONVERSATIONS:
-            ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True)])
+            ids = torch.tensor([tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]])
             logits = model(ids).logits[0]
             total += torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
             count += ids.shape[1] - 1
@@ -339,7 +339,7 @@ def test_packed_loss_equals_unpacked_loss(lmkit, tmp_path, kind):
     three rows apart, and transformers' loss on each conversation alone."""
     model, base = make_base(lmkit, tmp_path, kind)
     tok = AutoTokenizer.from_pretrained(base)
-    lengths = [len(tok.apply_chat_template(c, tokenize=True)) - 1 for c in CONVERSATIONS]
+    lengths = [len(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) - 1 for c in CONVERSATIONS]
     assert sum(lengths) <= 128 and max(lengths) < 64, lengths
     write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in CONVERSATIONS])
     lora = "[lora]\nr = 4\ntarget_modules = \"all-linear\""

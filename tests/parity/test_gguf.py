@@ -193,6 +193,16 @@ def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
     assert [int(i) for i in got.split()] == ref
 
 
+def rope_setting(c, name, name_5x=None):
+    """A rotary setting of a transformers config: an attribute in 4.x, in `rope_parameters`
+    (under `name_5x` where it was renamed) in 5.x."""
+    params = getattr(c, "rope_parameters", None) or {}
+    for n in (name_5x, name):
+        if n and n in params:
+            return params[n]
+    return getattr(c, name)
+
+
 def hf_to_gguf(model, arch, path):
     """A random-initialised transformers Qwen2/Qwen3 model written as an f32 GGUF file under
     llama.cpp's names (these architectures keep transformers' rotary layout: no permutation)."""
@@ -207,7 +217,7 @@ def hf_to_gguf(model, arch, path):
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_freq_base(rope_setting(c, "rope_theta"))
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(hd)
     w.add_value_length(hd)
@@ -354,7 +364,8 @@ def neox_to_gguf(model, path, qtype=None):
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_rope_dimension_count(int(c.rotary_pct * (c.hidden_size // c.num_attention_heads)))
+    pct = rope_setting(c, "rotary_pct", "partial_rotary_factor")
+    w.add_rope_dimension_count(int(pct * (c.hidden_size // c.num_attention_heads)))
     w.add_head_count(c.num_attention_heads)
     w.add_parallel_residual(c.use_parallel_residual)
     w.add_layer_norm_eps(c.layer_norm_eps)
@@ -362,7 +373,9 @@ def neox_to_gguf(model, path, qtype=None):
     layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
              "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
-    top = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
+    # (transformers 5.x names the output layer lm_head, 4.x embed_out)
+    top = {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output",
+           "lm_head": "output"}
     for name, t in model.named_parameters():
         stem, kind = name.rsplit(".", 1)
         t = t.detach().float()
