@@ -163,27 +163,47 @@ impl Block {
             // (A packed pass attends sequence by sequence, below.)
             if cache.discards_kv() && cache.segments().is_none() {
                 if let Some(y) = lmkit_kernels::blas::causal_self_attention(&qkv, self.n_head)? {
-                    return self.mlp(&(x + self.attn_proj.forward(&y)?)?);
+                    return self.mlp(&residual(&self.attn_proj, &y, x)?);
                 }
             }
         }
+        // Views of the packed projection on a GPU, whose cache attention reads the heads in
+        // place (three copies a layer fewer); copies on the CPU, whose attention wants them.
+        let on_cpu = x.device().is_cpu();
         let split = |i: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(D::Minus1, i * e, e)?
+            let heads = qkv
+                .narrow(D::Minus1, i * e, e)?
                 .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+                .transpose(1, 2)?;
+            if on_cpu {
+                heads.contiguous()
+            } else {
+                Ok(heads)
+            }
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, None)?;
         let y = y.transpose(1, 2)?.reshape((b, t, e))?;
-        self.mlp(&(x + self.attn_proj.forward(&y)?)?)
+        self.mlp(&residual(&self.attn_proj, &y, x)?)
     }
 
     /// x + MLP(LayerNorm(x)).
     fn mlp(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.c_fc.forward(&self.ln_2.forward(x)?)?;
         let h = crate::layers::ops::activation(&self.act, &h)?;
-        x + self.mlp_proj.forward(&h)?
+        residual(&self.mlp_proj, &h, x)
+    }
+}
+
+/// `x + layer(h)`: on a GPU one product whose epilogue adds the bias and x
+/// ([`Linear::forward_add`]); on the CPU the layer's output and then the sum, as GPT-2 has
+/// always computed it there (the CPU's fused form accumulates the product into x, which rounds
+/// differently).
+fn residual(layer: &Linear, h: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        x + layer.forward(h)?
+    } else {
+        layer.forward_add(h, x)
     }
 }
 

@@ -227,7 +227,8 @@ pub fn attend_rows(
                     rope.apply(&k.contiguous()?, start)?,
                 )
             }
-            None => (q.clone(), k.clone()),
+            // (Views of a packed projection on a GPU: the composed ops take them whole.)
+            None => (q.contiguous()?, k.contiguous()?),
         };
         let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
         causal_attention(&q, &k, &v)
