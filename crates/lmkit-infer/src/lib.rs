@@ -92,7 +92,7 @@ impl Decoder {
                 opts.max_positions
             )));
         }
-        Ok(Decoder {
+        let mut d = Decoder {
             cache: model.new_cache(),
             rng: Rng::new(opts.sampling.seed),
             history: prompt.to_vec(),
@@ -102,7 +102,19 @@ impl Decoder {
             stopped_by: None,
             constraint: None,
             constraint_error: None,
-        })
+        };
+        d.cache.reserve(d.most_positions());
+        Ok(d)
+    }
+
+    /// The most positions this decoder's cache can come to hold: its prompt and the tokens it
+    /// may still generate, within the model's context.
+    fn most_positions(&self) -> usize {
+        let left = self.opts.max_tokens.saturating_sub(self.generated.len());
+        self.history
+            .len()
+            .saturating_add(left)
+            .min(self.opts.max_positions)
     }
 
     /// Makes every later token follow `c`.
@@ -274,8 +286,10 @@ impl Decoder {
                                 .fork()
                                 .map_err(InferError::from)
                                 .map(|cache| {
-                                    decoders[c].cache = cache;
-                                    decoders[c].take(row)
+                                    let d = &mut *decoders[c];
+                                    d.cache = cache;
+                                    d.cache.reserve(d.most_positions());
+                                    d.take(row)
                                 })
                         }
                         Err(e) => Err(InferError::Invalid(e.to_string())),

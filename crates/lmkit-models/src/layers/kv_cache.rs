@@ -1,6 +1,7 @@
 //! Key/value cache for incremental decoding: per layer, keys and values of all earlier positions
-//! ([batch, kv_heads, seq, head_dim]) in buffers allocated ahead (capacity doubling), so that a
-//! decoding step writes its own position instead of copying the whole history.
+//! ([batch, kv_heads, seq, head_dim]) in buffers allocated ahead (capacity doubling, up to the
+//! length the sequence can reach where that is known: [`KvCache::reserve`]), so that a decoding
+//! step writes its own position instead of copying the whole history.
 
 use candle_core::Tensor;
 
@@ -27,6 +28,17 @@ fn buffers(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<(Tens
     Ok((bk, bv))
 }
 
+/// The room to allocate for `end` positions where doubling asks for `doubled`, for a sequence
+/// of at most `most` positions (0: not known).
+fn capacity(end: usize, doubled: usize, most: usize) -> usize {
+    let want = end.max(doubled).max(FIRST_CAPACITY);
+    if most >= end && (want >= most || 2 * end >= most) {
+        most
+    } else {
+        want
+    }
+}
+
 /// Not `Clone`: decoding writes the key/value buffers in place, so two copies would share them.
 #[derive(Default)]
 pub struct KvCache {
@@ -42,6 +54,8 @@ pub struct KvCache {
     /// Positions this cache's sequence brings to a pass that continues several caches' sequences
     /// packed into one row (see [`KvCache::queue`]); 0 outside such a pass.
     queued: usize,
+    /// The most positions the sequence can reach ([`KvCache::reserve`]); 0: not known.
+    reserved: usize,
 }
 
 impl KvCache {
@@ -53,7 +67,17 @@ impl KvCache {
             discard_kv: false,
             segments: None,
             queued: 0,
+            reserved: 0,
         }
+    }
+
+    /// Says that this cache's sequence will hold at most `positions` positions (its prompt and
+    /// the most tokens it may generate): the buffers then grow to exactly that room as soon as
+    /// doubling would reach it within one more growth, instead of past it (a 4,000-token prompt
+    /// followed by 128 tokens gets room for 4,128 positions, where doubling allocated 8,000),
+    /// and a buffer first allocated for a prompt has room for the tokens after it.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserved = positions;
     }
 
     /// A single pass over rows that each hold several sequences one after another:
@@ -169,12 +193,14 @@ impl KvCache {
         let Some(slot) = self.layers.get_mut(layer) else {
             candle_core::bail!("KV cache: layer {layer} of {}", self.layers.len());
         };
-        let start = self.len;
+        let (start, most) = (self.len, self.reserved);
         let end = start + like.dim(2)?;
         let (bk, bv) = match slot.take() {
             None if start == 0 => {
                 let mut dims = like.dims().to_vec();
-                dims[2] = end.max(FIRST_CAPACITY);
+                // Room for the tokens after a prompt where more are known to follow.
+                let doubled = if most > end { 2 * end } else { 0 };
+                dims[2] = capacity(end, doubled, most);
                 let bk = Tensor::zeros(dims.as_slice(), like.dtype(), like.device())?;
                 let bv = bk.zeros_like()?;
                 (bk, bv)
@@ -184,10 +210,10 @@ impl KvCache {
             }
             Some(Slot::Buffered(bk, bv)) if end <= bk.dim(2)? => (bk, bv),
             Some(Slot::Buffered(bk, bv)) => {
-                let cap = end.max(2 * bk.dim(2)?);
+                let cap = capacity(end, 2 * bk.dim(2)?, most);
                 buffers(&bk.narrow(2, 0, start)?, &bv.narrow(2, 0, start)?, cap)?
             }
-            Some(Slot::First(fk, fv)) => buffers(&fk, &fv, end.max(2 * start).max(FIRST_CAPACITY))?,
+            Some(Slot::First(fk, fv)) => buffers(&fk, &fv, capacity(end, 2 * start, most))?,
         };
         *slot = Some(Slot::Buffered(bk.clone(), bv.clone()));
         if layer + 1 == self.layers.len() {
@@ -235,6 +261,7 @@ impl KvCache {
             discard_kv: self.discard_kv,
             segments: self.segments.clone(),
             queued: 0,
+            reserved: self.reserved,
         })
     }
 
@@ -287,5 +314,86 @@ mod tests {
         let k = Tensor::zeros((1, 1, 2, 4), DType::F32, &dev).unwrap();
         assert_eq!(cache.append(0, &k, &k).unwrap().0.dims(), [1, 1, 2, 4]);
         assert!(cache.append(5, &k, &k).is_err());
+    }
+
+    /// The positions `layer`'s buffers have room for (0 before they exist).
+    fn room(cache: &KvCache, layer: usize) -> usize {
+        match &cache.layers[layer] {
+            Some(Slot::Buffered(k, _)) => k.dim(2).unwrap(),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn reserved_caches_grow_to_their_sequence_length_and_no_further() {
+        let dev = Device::Cpu;
+        let kv = |t: usize, seed: f32| {
+            let k = (Tensor::arange(0f32, (6 * t) as f32, &dev).unwrap() + seed as f64)
+                .unwrap()
+                .reshape((1, 2, t, 3))
+                .unwrap();
+            let v = (&k * -1.0).unwrap();
+            (k, v)
+        };
+        // The rooms a cache reserved for `most` positions has, in turn, over a first pass of
+        // `first` positions and `steps` single steps (its contents checked at each).
+        let rooms = |most: usize, first: usize, steps: usize| {
+            let mut cache = KvCache::new(1);
+            cache.reserve(most);
+            let mut all = Vec::new();
+            let mut seen = Vec::new();
+            for (i, t) in std::iter::once(first)
+                .chain(std::iter::repeat_n(1, steps))
+                .enumerate()
+            {
+                let (k, v) = kv(t, i as f32 * 1000.0);
+                let (gk, gv) = cache.append(0, &k, &v).unwrap();
+                all.push(k);
+                let want = Tensor::cat(&all, 2).unwrap();
+                let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(
+                    flat(&gk),
+                    flat(&want),
+                    "keys after {} positions",
+                    cache.len()
+                );
+                assert_eq!(flat(&gv), flat(&(want * -1.0).unwrap()));
+                if seen.last() != Some(&room(&cache, 0)) {
+                    seen.push(room(&cache, 0));
+                }
+            }
+            seen
+        };
+        // Without a reservation: doubling, from 64 positions (0 while the first pass's own
+        // tensors are kept).
+        assert_eq!(rooms(0, 10, 70), [0, 64, 128]);
+        // A prompt of 10 and up to 11 tokens: room for 21 at the first step, 64 past it.
+        assert_eq!(rooms(21, 10, 11), [0, 21]);
+        assert_eq!(rooms(21, 10, 12), [0, 21, 64]);
+        // A long prompt: exactly its length and the tokens after it, not twice the prompt.
+        assert_eq!(rooms(4128, 4000, 3), [0, 4128]);
+        // Far from the end: doubling, then the reserved length once doubling would pass it.
+        assert_eq!(rooms(300, 100, 210), [0, 200, 300, 600]);
+
+        // Buffers a kernel writes in place from the first pass on.
+        let mut cache = KvCache::new(1);
+        cache.reserve(300);
+        let (k, _) = kv(100, 0.0);
+        assert_eq!(cache.extend_in_place(0, &k).unwrap().2, 0);
+        assert_eq!(room(&cache, 0), 200);
+        let (k, _) = kv(120, 0.0);
+        assert_eq!(cache.extend_in_place(0, &k).unwrap().2, 100);
+        assert_eq!(room(&cache, 0), 300);
+        let mut cache = KvCache::new(1);
+        let (k, _) = kv(100, 0.0);
+        cache.extend_in_place(0, &k).unwrap();
+        assert_eq!(room(&cache, 0), 100, "no reservation: the prompt's length");
+        // A copy keeps the reservation.
+        let mut cache = KvCache::new(1);
+        cache.reserve(150);
+        cache.extend_in_place(0, &k).unwrap();
+        let mut copy = cache.fork().unwrap();
+        copy.extend_in_place(0, &kv(1, 0.0).0).unwrap();
+        assert_eq!((room(&cache, 0), room(&copy, 0)), (150, 150));
     }
 }
