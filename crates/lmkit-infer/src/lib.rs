@@ -266,6 +266,9 @@ impl Decoder {
         if !pass.is_empty() {
             passes.push(pass);
         }
+        // The logits each decoder samples from: (decoder, row of `sampled`).
+        let mut sampled: Vec<Vec<f32>> = Vec::new();
+        let mut takes: Vec<(usize, usize)> = Vec::new();
         for pass in passes {
             let rows: Vec<Result<Vec<f32>>> = match read_pass(model, decoders, &pass) {
                 Ok(rows) => rows.into_iter().map(Ok).collect(),
@@ -278,33 +281,59 @@ impl Decoder {
                 Err(e) => vec![Err(e)],
             };
             for (&(i, n), row) in pass.iter().zip(rows) {
-                for &(c, _) in copies.iter().filter(|&&(_, j)| j == i) {
-                    out[c] = Some(match &row {
-                        Ok(row) => {
-                            decoders[i]
-                                .cache
-                                .fork()
-                                .map_err(InferError::from)
-                                .map(|cache| {
-                                    let d = &mut *decoders[c];
-                                    d.cache = cache;
-                                    d.cache.reserve(d.most_positions());
-                                    d.take(row)
-                                })
+                let row = match row {
+                    Ok(row) => row,
+                    Err(e) => {
+                        for &(c, _) in copies.iter().filter(|&&(_, j)| j == i) {
+                            out[c] = Some(Err(InferError::Invalid(e.to_string())));
                         }
-                        Err(e) => Err(InferError::Invalid(e.to_string())),
-                    });
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                for &(c, _) in copies.iter().filter(|&&(_, j)| j == i) {
+                    match decoders[i].cache.fork() {
+                        Ok(cache) => {
+                            let d = &mut *decoders[c];
+                            d.cache = cache;
+                            d.cache.reserve(d.most_positions());
+                            takes.push((c, sampled.len()));
+                        }
+                        Err(e) => out[c] = Some(Err(e.into())),
+                    }
                 }
                 let d = &mut *decoders[i];
-                out[i] = Some(row.map(|row| {
-                    if n < d.pending.len() {
-                        d.pending.drain(..n);
-                        Step::Pending
-                    } else {
-                        d.take(&row)
-                    }
-                }));
+                if n < d.pending.len() {
+                    d.pending.drain(..n);
+                    out[i] = Some(Ok(Step::Pending));
+                } else {
+                    takes.push((i, sampled.len()));
+                }
+                sampled.push(row);
             }
+        }
+        // Sampling, decoders side by side on the thread pool (each draws from its own generator:
+        // the same tokens as one after another); over a large vocabulary with flat logits a
+        // token can take a millisecond or more, which at 32 streams outlasts a GPU's pass.
+        let mut row_of = vec![None; decoders.len()];
+        for &(i, r) in &takes {
+            row_of[i] = Some(r);
+        }
+        let jobs: Vec<(usize, &mut Decoder)> = decoders
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| row_of[*i].is_some())
+            .map(|(i, d)| (i, &mut **d))
+            .collect();
+        let take = |(i, d): (usize, &mut Decoder)| (i, d.take(&sampled[row_of[i].unwrap_or(0)]));
+        let taken: Vec<(usize, Step)> = if jobs.len() > 1 {
+            use rayon::prelude::*;
+            jobs.into_par_iter().map(take).collect()
+        } else {
+            jobs.into_iter().map(take).collect()
+        };
+        for (i, step) in taken {
+            out[i] = Some(Ok(step));
         }
         out.into_iter()
             .map(|o| o.unwrap_or_else(|| Err(InferError::Invalid("decoder skipped".into()))))

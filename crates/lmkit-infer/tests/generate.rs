@@ -189,40 +189,54 @@ fn batched_steps_equal_one_sequence_at_a_time() {
             "embedding_size": 12, "num_layers": 1, "max_position_embeddings": 40}"#,
     ] {
         let m = random_model(config);
-        let o = GenerateOptions {
-            max_tokens: 9,
-            sampling: SamplingParams::greedy(),
-            stop_ids: Vec::new(),
-            max_positions: 40,
+        // Greedy, and sampled with a seed of each sequence's own (sampling runs on the thread
+        // pool, decoder by decoder: a draw from another's generator would show).
+        let sampled = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.9),
+            ..Default::default()
         };
-        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4, 6], &[30, 31]];
-        let want: Vec<Vec<u32>> = prompts
-            .iter()
-            .map(|p| generate(&m, p, &o, &mut |_, _| true).unwrap().0)
-            .collect();
-        // Prompts read one at a time, in packs of at most 5 tokens, all in one pack.
-        for prompt_tokens in [0, 5, lmkit_infer::PACKED_PROMPT_TOKENS] {
-            // Different lengths and limits, so that the batch changes as sequences finish.
-            let mut ds: Vec<lmkit_infer::Decoder> = prompts
+        for (sampling, seeded) in [(SamplingParams::greedy(), false), (sampled, true)] {
+            let o = |i: usize| GenerateOptions {
+                max_tokens: 9,
+                sampling: SamplingParams {
+                    seed: if seeded { 100 + i as u64 } else { 0 },
+                    ..sampling.clone()
+                },
+                stop_ids: Vec::new(),
+                max_positions: 40,
+            };
+            let prompts: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2, 4, 6], &[30, 31]];
+            let want: Vec<Vec<u32>> = prompts
                 .iter()
                 .enumerate()
-                .map(|(i, p)| {
-                    let o = GenerateOptions {
-                        max_tokens: 9 - i,
-                        ..o.clone()
-                    };
-                    lmkit_infer::Decoder::new(&m, p, o).unwrap()
-                })
+                .map(|(i, p)| generate(&m, p, &o(i), &mut |_, _| true).unwrap().0)
                 .collect();
-            let mut done = vec![false; ds.len()];
-            let rounds = lmkit_infer::finish_all(&m, &mut ds, &mut done, prompt_tokens).unwrap();
-            assert!(rounds < 50);
-            for (i, d) in ds.iter().enumerate() {
-                assert_eq!(
+            // Prompts read one at a time, in packs of at most 5 tokens, all in one pack.
+            for prompt_tokens in [0, 5, lmkit_infer::PACKED_PROMPT_TOKENS] {
+                // Different lengths and limits, so that the batch changes as sequences finish.
+                let mut ds: Vec<lmkit_infer::Decoder> = prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let o = GenerateOptions {
+                            max_tokens: 9 - i,
+                            ..o(i)
+                        };
+                        lmkit_infer::Decoder::new(&m, p, o).unwrap()
+                    })
+                    .collect();
+                let mut done = vec![false; ds.len()];
+                let rounds =
+                    lmkit_infer::finish_all(&m, &mut ds, &mut done, prompt_tokens).unwrap();
+                assert!(rounds < 50);
+                for (i, d) in ds.iter().enumerate() {
+                    assert_eq!(
                     d.generated(),
                     &want[i][..9 - i],
-                    "{config} sequence {i}, packs of {prompt_tokens} prompt tokens"
+                    "{config} sequence {i}, packs of {prompt_tokens} prompt tokens, sampled: {seeded}"
                 );
+                }
             }
         }
     }
