@@ -176,7 +176,17 @@ device = "{a.device}"
             print(f"torch.compile: first steps took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         return train
 
-    sides = {m: torch_side(m) for m in modes}
+    # A side that fails to build or run (torch.compile on a new stack, say) is reported and left
+    # out, so that the other sides' figures still come; the first one is the reference.
+    sides = {}
+    for m in modes:
+        try:
+            sides[m] = torch_side(m)
+        except Exception as e:  # noqa: BLE001 - any failure of the peer's side
+            if m == modes[0]:
+                raise
+            print(f"PyTorch side {m!r} failed and is left out: {type(e).__name__}: {e}", file=sys.stderr)
+    modes = list(sides)
 
     # The sides alternate, so that a machine whose speed drifts (shared cores) affects all.
     lm_runs, base_runs = [], []
