@@ -169,16 +169,16 @@ impl Block {
         }
         // Views of the packed projection on a GPU, whose cache attention reads the heads in
         // place (three copies a layer fewer); copies on the CPU, whose attention wants them.
-        let on_cpu = x.device().is_cpu();
+        let views = crate::layers::attention::takes_head_views(x);
         let split = |i: usize| -> candle_core::Result<Tensor> {
             let heads = qkv
                 .narrow(D::Minus1, i * e, e)?
                 .reshape((b, t, self.n_head, hd))?
                 .transpose(1, 2)?;
-            if on_cpu {
-                heads.contiguous()
-            } else {
+            if views {
                 Ok(heads)
+            } else {
+                heads.contiguous()
             }
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);

@@ -287,6 +287,23 @@ pub fn set_emulated_gpu_decode(on: bool) {
     EMULATED_GPU_DECODE.store(on, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// Whether a layer hands [`attend_rows`] its heads as views of a packed projection: on a GPU (and
+/// on the emulated one while its decoding kernels are on, in tests), whose cache kernels read
+/// them in place; the CPU's attention wants them contiguous.
+pub fn takes_head_views(x: &Tensor) -> bool {
+    !x.device().is_cpu() || emulated_gpu_decode()
+}
+
+#[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+fn emulated_gpu_decode() -> bool {
+    EMULATED_GPU_DECODE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(all(feature = "cuda-emu", not(feature = "cuda"))))]
+fn emulated_gpu_decode() -> bool {
+    false
+}
+
 /// Whether passes of these tensors (q [rows, heads, t, head_dim]) that continue KV caches take
 /// the GPU's kernels ([`cached_on_gpu`]): f32 on a GPU (or the emulated one), without
 /// gradients, heads no larger than the kernels take.
@@ -315,7 +332,7 @@ fn on_gpu(x: &Tensor) -> bool {
 
 #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
 fn on_gpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && EMULATED_GPU_DECODE.load(std::sync::atomic::Ordering::SeqCst)
+    x.device().is_cpu() && emulated_gpu_decode()
 }
 
 /// The attention of sequences that each continue their own cache, sequence i by `news[i]`
