@@ -8,6 +8,7 @@ pub mod sampling;
 pub use sampling::{sample, Random, Rng, SamplingParams};
 
 use lmkit_models::{CausalLm, ModelError, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -312,9 +313,12 @@ impl Decoder {
                 sampled.push(row);
             }
         }
-        // Sampling, decoders side by side on the thread pool (each draws from its own generator:
-        // the same tokens as one after another); over a large vocabulary with flat logits a
-        // token can take a millisecond or more, which at 32 streams outlasts a GPU's pass.
+        // Sampling: with the model on a GPU, decoders side by side on the thread pool (each
+        // draws from its own generator: the same tokens as one after another) — over a large
+        // vocabulary with flat logits a draw can take a millisecond or more, and 32 in a row
+        // outlast a GPU's pass. With the model on the CPU one after another: its cores run the
+        // passes, side by side gained nothing measurable there and the pool's threads kept
+        // ≈ 30 MB more (GRPO's rollouts).
         let mut row_of = vec![None; decoders.len()];
         for &(i, r) in &takes {
             row_of[i] = Some(r);
@@ -326,7 +330,8 @@ impl Decoder {
             .map(|(i, d)| (i, &mut **d))
             .collect();
         let take = |(i, d): (usize, &mut Decoder)| (i, d.take(&sampled[row_of[i].unwrap_or(0)]));
-        let taken: Vec<(usize, Step)> = if jobs.len() > 1 {
+        let side_by_side = !model.device().is_cpu() || DRAWS_SIDE_BY_SIDE_ON_CPU.load(SeqCst);
+        let taken: Vec<(usize, Step)> = if side_by_side && jobs.len() > 1 {
             use rayon::prelude::*;
             jobs.into_par_iter().map(take).collect()
         } else {
@@ -339,6 +344,17 @@ impl Decoder {
             .map(|o| o.unwrap_or_else(|| Err(InferError::Invalid("decoder skipped".into()))))
             .collect()
     }
+}
+
+/// Whether [`Decoder::step_many`] draws the tokens of a model on the CPU side by side as it does
+/// on a GPU (tests of that path; see [`draw_side_by_side_on_cpu`]).
+static DRAWS_SIDE_BY_SIDE_ON_CPU: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`Decoder::step_many`] draw the tokens of a model on the CPU side by side on the thread
+/// pool, as it does for a model on a GPU (for tests of that path where there is no GPU).
+#[doc(hidden)]
+pub fn draw_side_by_side_on_cpu(on: bool) {
+    DRAWS_SIDE_BY_SIDE_ON_CPU.store(on, SeqCst);
 }
 
 /// One pass over the model: decoder `i` reads its first `n` pending tokens, for each `(i, n)`

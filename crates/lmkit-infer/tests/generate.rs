@@ -189,8 +189,9 @@ fn batched_steps_equal_one_sequence_at_a_time() {
             "embedding_size": 12, "num_layers": 1, "max_position_embeddings": 40}"#,
     ] {
         let m = random_model(config);
-        // Greedy, and sampled with a seed of each sequence's own (sampling runs on the thread
-        // pool, decoder by decoder: a draw from another's generator would show).
+        // Greedy, and sampled with a seed of each sequence's own (drawn side by side on the
+        // thread pool, as for a model on a GPU: a draw from another's generator would show).
+        lmkit_infer::draw_side_by_side_on_cpu(true);
         let sampled = SamplingParams {
             temperature: 1.0,
             top_p: Some(0.9),
