@@ -75,7 +75,8 @@ impl KvCache {
     /// the most tokens it may generate): the buffers then grow to exactly that room as soon as
     /// doubling would reach it within one more growth, instead of past it (a 4,000-token prompt
     /// followed by 128 tokens gets room for 4,128 positions, where doubling allocated 8,000),
-    /// and a buffer first allocated for a prompt has room for the tokens after it.
+    /// and a buffer first allocated for a whole prompt gets room past it (twice the prompt, at
+    /// most the reserved length) instead of exactly the prompt's.
     pub fn reserve(&mut self, positions: usize) {
         self.reserved = positions;
     }
