@@ -267,9 +267,9 @@ impl Decoder {
         if !pass.is_empty() {
             passes.push(pass);
         }
-        // The logits each decoder samples from: (decoder, row of `sampled`).
+        // The passes' logits, and the row of them each decoder samples from.
         let mut sampled: Vec<Vec<f32>> = Vec::new();
-        let mut takes: Vec<(usize, usize)> = Vec::new();
+        let mut row_of: Vec<Option<usize>> = vec![None; decoders.len()];
         for pass in passes {
             let rows: Vec<Result<Vec<f32>>> = match read_pass(model, decoders, &pass) {
                 Ok(rows) => rows.into_iter().map(Ok).collect(),
@@ -298,7 +298,7 @@ impl Decoder {
                             let d = &mut *decoders[c];
                             d.cache = cache;
                             d.cache.reserve(d.most_positions());
-                            takes.push((c, sampled.len()));
+                            row_of[c] = Some(sampled.len());
                         }
                         Err(e) => out[c] = Some(Err(e.into())),
                     }
@@ -308,7 +308,7 @@ impl Decoder {
                     d.pending.drain(..n);
                     out[i] = Some(Ok(Step::Pending));
                 } else {
-                    takes.push((i, sampled.len()));
+                    row_of[i] = Some(sampled.len());
                 }
                 sampled.push(row);
             }
@@ -319,17 +319,12 @@ impl Decoder {
         // outlast a GPU's pass. With the model on the CPU one after another: its cores run the
         // passes, side by side gained nothing measurable there and the pool's threads kept
         // ≈ 30 MB more (GRPO's rollouts).
-        let mut row_of = vec![None; decoders.len()];
-        for &(i, r) in &takes {
-            row_of[i] = Some(r);
-        }
-        let jobs: Vec<(usize, &mut Decoder)> = decoders
+        let jobs: Vec<(usize, &mut Decoder, &[f32])> = decoders
             .iter_mut()
             .enumerate()
-            .filter(|(i, _)| row_of[*i].is_some())
-            .map(|(i, d)| (i, &mut **d))
+            .filter_map(|(i, d)| row_of[i].map(|r| (i, &mut **d, sampled[r].as_slice())))
             .collect();
-        let take = |(i, d): (usize, &mut Decoder)| (i, d.take(&sampled[row_of[i].unwrap_or(0)]));
+        let take = |(i, d, row): (usize, &mut Decoder, &[f32])| (i, d.take(row));
         let side_by_side = !model.device().is_cpu() || DRAWS_SIDE_BY_SIDE_ON_CPU.load(SeqCst);
         let taken: Vec<(usize, Step)> = if side_by_side && jobs.len() > 1 {
             use rayon::prelude::*;
