@@ -30,9 +30,12 @@ use emulated as hw;
 #[cfg(not(feature = "cuda"))]
 pub use emulated::{set_tf32_products, tf32_products, Elem};
 mod decode;
+mod gelu;
 mod infer;
 mod linear;
 pub use decode::{cache_attention, CacheSlot};
+#[doc(hidden)]
+pub use gelu::set_gelu_epilogues;
 pub use infer::{linear, swiglu_rows};
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
@@ -1531,6 +1534,16 @@ impl Gpu {
         self.launch_elements("to_bf16", len, &args, 6 * len)
     }
 
+    /// out = x (bf16 values as f32s).
+    pub fn from_bf16(&self, out: Dev<f32>, x: Dev<Bf16>, len: usize) -> Result<()> {
+        let args = [
+            Arg::P(out.need(len, "from_bf16 out")?),
+            Arg::P(x.need(len, "from_bf16 x")?),
+            Arg::L(len as i64),
+        ];
+        self.launch_elements("from_bf16", len, &args, 6 * len)
+    }
+
     /// A new buffer holding `x` rounded to bf16.
     pub fn bf16_copy(&self, x: Dev<f32>) -> Result<Buf<Bf16>> {
         let copy = self.uninit_bf16(x.len)?;
@@ -1573,16 +1586,26 @@ impl Gpu {
         self.bf16.then(|| self.uninit_bf16(len)).transpose()
     }
 
-    /// The activation's backward: dh (which may be dg) from dg and the forward's input h; with
-    /// `dh16`, dh rounded to bf16 too (the products' operand).
+    /// The activation's backward: dh (which may be dg) from dg and the forward's input h (f32;
+    /// or, for GELU, bf16 as [`Gpu::linear_gelu`] keeps it); with `dh16`, dh rounded to bf16 too
+    /// (the products' operand).
     pub fn act_bwd(
         &self,
         gelu: bool,
         (dh, dh16): (Dev<f32>, Option<Dev<Bf16>>),
-        h: Dev<f32>,
+        h: impl Into<Data>,
         dg: Dev<f32>,
         len: usize,
     ) -> Result<()> {
+        let h = h.into();
+        let name = match (gelu, h) {
+            (true, Data::F32(_)) => "gelu_bwd",
+            (true, Data::Bf16(_)) => "gelu_bwd_h16",
+            (false, Data::F32(_)) => "relu_bwd",
+            (false, Data::Bf16(_)) => {
+                candle_core::bail!("cuda act_bwd: ReLU keeps its input in f32")
+            }
+        };
         let args = [
             Arg::P(dh.need(len, "act_bwd dh")?),
             Arg::P(match dh16 {
@@ -1593,8 +1616,8 @@ impl Gpu {
             Arg::P(dg.need(len, "act_bwd dg")?),
             Arg::L(len as i64),
         ];
-        let name = if gelu { "gelu_bwd" } else { "relu_bwd" };
-        let bytes = (12 + if dh16.is_some() { 2 } else { 0 }) * len;
+        let h_size = if h.is_bf16() { 2 } else { 4 };
+        let bytes = (8 + h_size + if dh16.is_some() { 2 } else { 0 }) * len;
         self.launch_elements(name, len, &args, bytes)
     }
 

@@ -417,8 +417,11 @@ impl Gpu {
 
     /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
     /// row stride `cols`), the bias added by the epilogue (`CUBLASLT_EPILOGUE_BIAS`, a vector of
-    /// d's type along d's columns), c read as the product's C with β = 1 (or d as C with β = 0);
-    /// `false` (nothing run) where cuBLASLt refuses the description or has no algorithm for it.
+    /// d's type along d's columns), c read as the product's C with β = 1 (or d as C with β = 0),
+    /// then the GELU or its gradient where `out.act` says (`GELU_AUX[_BIAS]`,
+    /// `DGELU[_BGRAD]`: the aux matrix of d's type and row stride, the bias pointer then the
+    /// bias's gradient); `false` (nothing run) where cuBLASLt refuses the description or has no
+    /// algorithm for it.
     pub(super) fn gemm_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
@@ -452,6 +455,8 @@ impl Gpu {
                 (ty(out.bf16_out), (cols, rows), cols),
             ],
             bias: out.bias,
+            act: out.act,
+            ld_aux: cols,
             // The largest power of two up to 256 dividing each address: the alignment cuBLASLt
             // may assume of A, B, C and D.
             align: [pb, pa, out.c.unwrap_or(out.d), out.d].map(|p| 1 << p.trailing_zeros().min(8)),
@@ -497,13 +502,16 @@ impl Gpu {
 }
 
 /// What a cuBLASLt product is described by: compute type, (A, B) transposed, A/B/C=D layouts
-/// (type, [rows, cols] as stored, leading dimension), the bias epilogue's vector, the
-/// alignments of A, B, C and D, and the workspace it may use.
+/// (type, [rows, cols] as stored, leading dimension), the bias epilogue's vector (or the bias
+/// gradient's), the activation and its aux matrix's leading dimension, the alignments of A, B,
+/// C and D, and the workspace it may use.
 struct LtPlan {
     compute: lt_sys::cublasComputeType_t,
     trans: (bool, bool),
     layouts: [(lt_sys::cudaDataType_t, (usize, usize), usize); 3],
     bias: Option<u64>,
+    act: super::linear::Act,
+    ld_aux: usize,
     align: [u32; 4],
     workspace: usize,
 }
@@ -569,15 +577,23 @@ impl LtPlan {
             }
         };
         let (op_a, op_b) = (op(self.trans.0), op(self.trans.1));
-        let epilogue = if self.bias.is_some() {
-            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-        } else {
-            lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
-        } as u32;
+        use super::linear::Act;
+        use lt_sys::cublasLtEpilogue_t as Epi;
+        let (epilogue, aux) = match (self.act, self.bias.is_some()) {
+            (Act::None, true) => (Epi::CUBLASLT_EPILOGUE_BIAS, None),
+            (Act::None, false) => (Epi::CUBLASLT_EPILOGUE_DEFAULT, None),
+            (Act::Gelu { aux }, true) => (Epi::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, Some(aux)),
+            (Act::Gelu { aux }, false) => (Epi::CUBLASLT_EPILOGUE_GELU_AUX, Some(aux)),
+            (Act::GeluGrad { aux, .. }, true) => (Epi::CUBLASLT_EPILOGUE_DGELU_BGRAD, Some(aux)),
+            (Act::GeluGrad { aux, .. }, false) => (Epi::CUBLASLT_EPILOGUE_DGELU, Some(aux)),
+        };
+        let epilogue = epilogue as u32;
+        let ld_aux = self.ld_aux as i64;
         let workspace = self.workspace as u64;
         // SAFETY: every attribute gets a pointer to a live value of the size cuBLASLt documents
-        // for it (int32 operations, uint32 epilogue and alignments, uint64 workspace size, a
-        // 64-bit device address for the bias), read during the call.
+        // for it (int32 operations, uint32 epilogue and alignments, uint64 workspace size, 64-bit
+        // device addresses for the bias and the aux matrix, an int64 leading dimension), read
+        // during the call.
         unsafe {
             let mut attrs: Vec<(Desc, *const std::ffi::c_void, usize)> = vec![
                 (
@@ -600,6 +616,18 @@ impl LtPlan {
                 attrs.push((
                     Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     bias as *const u64 as _,
+                    8,
+                ));
+            }
+            if let Some(aux) = &aux {
+                attrs.push((
+                    Desc::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                    aux as *const u64 as _,
+                    8,
+                ));
+                attrs.push((
+                    Desc::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    &ld_aux as *const i64 as _,
                     8,
                 ));
             }

@@ -280,17 +280,20 @@ impl Gpu {
     }
 
     /// cuBLASLt's product with the bias epilogue ([`Gpu::linear`]): d = a·b + c + bias, c (the
-    /// residual) and the bias of d's type, c not read where absent, d rounded to bf16 where it
-    /// is bf16 (to nearest even, from the f32 sum); always has an algorithm.
+    /// residual) and the bias of d's type, c not read where absent, then the GELU (the sum kept
+    /// in aux) or its gradient (from aux, the bias then receiving d's column sums, summed in
+    /// f32 before d's rounding) where `out.act` says; d, aux and the bias's gradient rounded to
+    /// bf16 where d is bf16 (to nearest even, from f32); always has an algorithm.
     pub(super) fn gemm_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
         operands: Operands,
         out: super::linear::Fused,
     ) -> Result<bool> {
+        use super::linear::Act;
         let dots = self.dots((rows, cols, k), operands);
-        // SAFETY (every read and write below): the caller checked that d, c ([rows, cols]) and
-        // the bias ([cols]) lie within their buffers (host memory here).
+        // SAFETY (every read and write below): the caller checked that d, c, aux ([rows, cols])
+        // and the bias ([cols]) lie within their buffers (host memory here).
         let read = |p: u64, i: usize| unsafe {
             if out.bf16_out {
                 Bf16(*(p as *const u16).add(i)).to_f32()
@@ -298,23 +301,49 @@ impl Gpu {
                 *(p as *const f32).add(i)
             }
         };
+        let write = |p: u64, i: usize, x: f32| unsafe {
+            if out.bf16_out {
+                *(p as *mut u16).add(i) = Bf16::from_f32(x).0;
+            } else {
+                *(p as *mut f32).add(i) = x;
+            }
+        };
+        let mut sums = vec![0f32; cols];
         for r in 0..rows {
-            for cc in 0..cols {
+            for (cc, sum) in sums.iter_mut().enumerate() {
                 let i = r * cols + cc;
                 let mut x = dots[i];
                 if let Some(c) = out.c {
                     x += read(c, i);
                 }
-                if let Some(bias) = out.bias {
-                    x += read(bias, cc);
+                match out.act {
+                    Act::None | Act::Gelu { .. } => {
+                        if let Some(bias) = out.bias {
+                            x += read(bias, cc);
+                        }
+                    }
+                    Act::GeluGrad { .. } => {}
                 }
-                unsafe {
-                    if out.bf16_out {
-                        *(out.d as *mut u16).add(i) = Bf16::from_f32(x).0;
-                    } else {
-                        *(out.d as *mut f32).add(i) = x;
+                match out.act {
+                    Act::None => {}
+                    Act::Gelu { aux } => {
+                        write(aux, i, x);
+                        x = gelu(x);
+                    }
+                    Act::GeluGrad { aux, .. } => {
+                        x *= gelu_grad(read(aux, i));
+                        *sum += x;
                     }
                 }
+                write(out.d, i, x);
+            }
+        }
+        if let Act::GeluGrad {
+            dbias: Some(db), ..
+        } = out.act
+        {
+            for (cc, &v) in sums.iter().enumerate() {
+                write(db, cc, v);
             }
         }
         Ok(true)
@@ -369,4 +398,18 @@ impl Gpu {
         }
         dots
     }
+}
+
+/// GELU, tanh approximation, as train.cu's kernels compute it.
+fn gelu(x: f32) -> f32 {
+    const K: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (K * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// GELU′ (tanh approximation), as train.cu's gelu_bwd computes it.
+fn gelu_grad(x: f32) -> f32 {
+    const K: f32 = 0.797_884_6;
+    let th = (K * (x + 0.044715 * x * x * x)).tanh();
+    let du = K * (1.0 + 3.0 * 0.044715 * x * x);
+    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
 }

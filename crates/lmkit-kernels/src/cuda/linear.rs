@@ -34,13 +34,29 @@ impl Added {
 
 /// The addresses of a fused product's output and addends, checked by the caller: `d` (row
 /// stride: the product's columns), the residual `c` read as cuBLASLt's C (same shape and type as
-/// `d`), the bias (of `d`'s type), and whether `d` is bf16.
+/// `d`), the bias (of `d`'s type; with [`Act::GeluGrad`] its `dbias`, written), whether `d` is
+/// bf16, and the activation the epilogue applies last.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Fused {
     pub d: u64,
     pub c: Option<u64>,
     pub bias: Option<u64>,
     pub bf16_out: bool,
+    pub act: Act,
+}
+
+/// What a fused product's epilogue does after adding the bias and the residual. `aux`: a matrix
+/// of d's shape and type (row stride: the product's columns).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) enum Act {
+    #[default]
+    None,
+    /// d = GELU(x) (tanh approximation) of the sum x, and x itself written to `aux`
+    /// (`CUBLASLT_EPILOGUE_GELU_AUX[_BIAS]`).
+    Gelu { aux: u64 },
+    /// d = x · GELU′(aux) of the product x, and d's column sums (the bias's gradient, of d's
+    /// type) written to `dbias` where given (`CUBLASLT_EPILOGUE_DGELU[_BGRAD]`); nothing added.
+    GeluGrad { aux: u64, dbias: Option<u64> },
 }
 
 /// 0: not chosen yet (LMKIT_CUDA_EPILOGUE decides), 1: fused where checked, 2: never fused.
@@ -95,7 +111,7 @@ impl Gpu {
             candle_core::bail!("cuda linear: a residual is added to f32 outputs only");
         }
         if self.fused_trusted(a.ptr.is_bf16(), y.is_bf16())?
-            && self.linear_fused((rows, cols, k), a, w, added, y)?
+            && self.linear_fused((rows, cols, k), a, w, added, y, Act::None)?
         {
             return Ok(());
         }
@@ -146,15 +162,17 @@ impl Gpu {
         Ok(())
     }
 
-    /// The product with cuBLASLt's bias epilogue and the residual as its C; `false` where
-    /// cuBLASLt has no algorithm for it (nothing written then).
-    fn linear_fused(
+    /// The product with cuBLASLt's bias epilogue, the residual as its C and `act` applied last
+    /// (its addresses checked by the caller; with [`Act::GeluGrad`] nothing is added); `false`
+    /// where cuBLASLt has no algorithm for it (nothing written then).
+    pub(super) fn linear_fused(
         &self,
         (rows, cols, k): (usize, usize, usize),
         a: Mat,
         w: Mat,
         added: Added,
         y: Data,
+        act: Act,
     ) -> Result<bool> {
         if k == 0 {
             candle_core::bail!("cuda linear: empty inner dimension");
@@ -184,17 +202,23 @@ impl Gpu {
             }
             _ => None,
         };
-        let bias = match (added.bias, &bias16) {
-            (_, Some(b16)) => Some(b16.dev().need(cols, "linear bias")?),
-            (Some(b), None) => Some(b.need(cols, "linear bias")?),
-            (None, None) => None,
+        let grad = matches!(act, Act::GeluGrad { .. });
+        if grad && (c.is_some() || added.bias.is_some()) {
+            candle_core::bail!("cuda linear: nothing is added to a GELU's gradient");
+        }
+        let bias = match (act, added.bias, &bias16) {
+            (Act::GeluGrad { dbias, .. }, _, _) => dbias,
+            (_, _, Some(b16)) => Some(b16.dev().need(cols, "linear bias")?),
+            (_, Some(b), None) => Some(b.need(cols, "linear bias")?),
+            (_, None, None) => None,
         };
         let elem = if bf16_operands { 2 } else { 4 };
         let out = if bf16_out { 2 } else { 4 };
+        // Matrices of d's shape read or written: d, and the residual or the GELU's aux.
+        let matrices = 1 + usize::from(c.is_some() || act != Act::None);
         let work = Work {
             flops: 2.0 * (rows * cols * k) as f64,
-            bytes: (elem * k * (rows + cols) + out * rows * cols * if c.is_some() { 2 } else { 1 })
-                as f64,
+            bytes: (elem * k * (rows + cols) + out * rows * cols * matrices) as f64,
         };
         let name = || {
             let precision = self.precision(bf16_operands).name();
@@ -202,6 +226,9 @@ impl Gpu {
             let added = [
                 (added.bias.is_some(), "bias"),
                 (c.is_some(), "residual"),
+                (matches!(act, Act::Gelu { .. }), "gelu"),
+                (grad, "gelu grad"),
+                (grad && bias.is_some(), "bias grad"),
                 (bf16_out, "bf16 out"),
             ]
             .iter()
@@ -217,6 +244,7 @@ impl Gpu {
             c,
             bias,
             bf16_out,
+            act,
         };
         let mut done = false;
         self.timed(name, || {
@@ -350,7 +378,7 @@ impl Gpu {
         let out = self.stored(bf16_out, len)?;
         let dims = (rows, cols, k);
         if fused {
-            if !self.linear_fused(dims, a, w, added, out.data())? {
+            if !self.linear_fused(dims, a, w, added, out.data(), Act::None)? {
                 return Ok(None);
             }
         } else {

@@ -310,19 +310,31 @@ extern "C" __global__ void gelu_fwd_bf16(uint16_t* out, const float* h, int64_t 
     gelu_elements(out, h, len);
 }
 
-// The activations' backward: dh from dg (dh may be dg) and the forward's input h; with dh16
-// (not null) also dh rounded to bf16, the products' operand.
-extern "C" __global__ void gelu_bwd(float* dh, uint16_t* dh16, const float* h, const float* dg,
-                                    int64_t len) {
+// The activations' backward: dh from dg (dh may be dg) and the forward's input h (f32, or bf16
+// where the product's epilogue kept it: gelu_bwd_h16); with dh16 (not null) also dh rounded to
+// bf16, the products' operand.
+template <class H>
+__device__ void gelu_bwd_elements(float* dh, uint16_t* dh16, const H* h, const float* dg,
+                                  int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    float x = h[i];
+    float x = get(&h[i]);
     float u = GELU_K * (x + 0.044715f * x * x * x);
     float th = tanhf(u);
     float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
     float d = dg[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
     dh[i] = d;
     if (dh16) dh16[i] = bf16_bits(d);
+}
+
+extern "C" __global__ void gelu_bwd(float* dh, uint16_t* dh16, const float* h, const float* dg,
+                                    int64_t len) {
+    gelu_bwd_elements(dh, dh16, h, dg, len);
+}
+
+extern "C" __global__ void gelu_bwd_h16(float* dh, uint16_t* dh16, const uint16_t* h,
+                                        const float* dg, int64_t len) {
+    gelu_bwd_elements(dh, dh16, h, dg, len);
 }
 
 template <class O>
@@ -344,6 +356,12 @@ extern "C" __global__ void relu_fwd_bf16(uint16_t* out, const float* h, int64_t 
 extern "C" __global__ void to_bf16(uint16_t* out, const float* x, int64_t len) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) out[i] = bf16_bits(x[i]);
+}
+
+// out = x (bf16 values in f32).
+extern "C" __global__ void from_bf16(float* out, const uint16_t* x, int64_t len) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) out[i] = bf16_value(x[i]);
 }
 
 extern "C" __global__ void relu_bwd(float* dh, uint16_t* dh16, const float* h, const float* dg,

@@ -98,7 +98,8 @@ struct Saved {
     xm: Buf<f32>,
     ln2: Buf<f32>,
     a2: Stored,
-    h: Buf<f32>,
+    /// The MLP's first product with its bias: f32, or bf16 as the GELU's epilogue keeps it.
+    h: Stored,
     g: Stored,
 }
 
@@ -316,26 +317,35 @@ fn conv1d(
     Ok(y)
 }
 
-/// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy
-/// (f32, and the products' operand in the precision of `input` and `w`: given, or its bf16 copy
-/// made here where they are bf16): (dw, dbias), and dinput into `dinput` (f32, or bf16 where it
-/// is only a product's operand); the bias's gradient is summed from dy in f32.
+/// A layer output's gradient as [`conv1d_bwd`] takes it.
+enum Dy {
+    /// f32, whose column sums are the bias's gradient, with the products' operand in the
+    /// precision of the layer's input and weight where one was made beside it (else made from
+    /// it where they are bf16).
+    F32(Dev<f32>, Option<Data>),
+    /// The products' operand alone, with the bias's gradient already summed.
+    Summed(Data, Buf<f32>),
+}
+
+/// The gradients of a Conv1D layer `y = input · w + bias` ([n, inner] → [n, out]) from dy:
+/// (dw, dbias), and dinput into `dinput` where given (f32, or bf16 where it is only a product's
+/// operand); the bias's gradient is summed from dy in f32 unless it comes with dy.
 fn conv1d_bwd(
     gpu: &Gpu,
-    (dy, dy_op): (Dev<f32>, Option<Data>),
+    dy: Dy,
     input: Data,
     w: Data,
     (n, out, inner): (usize, usize, usize),
-    dinput: Data,
+    dinput: Option<Data>,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
-    let db = column_sums(gpu, dy, n, out)?;
     let copy;
-    let dy = match dy_op {
-        Some(d) => d,
-        None => {
+    let (dy, db) = match dy {
+        Dy::F32(dy, Some(op)) => (op, column_sums(gpu, dy, n, out)?),
+        Dy::F32(dy, None) => {
             copy = gpu.operand(dy)?;
-            copy.data()
+            (copy.data(), column_sums(gpu, dy, n, out)?)
         }
+        Dy::Summed(op, db) => (op, db),
     };
     let dw = product(
         gpu,
@@ -343,14 +353,78 @@ fn conv1d_bwd(
         transposed(input, inner),
         plain(dy, out),
     )?;
-    gpu.linear(
-        (n, inner, out),
-        plain(dy, out),
-        transposed(w, out),
-        Added::default(),
-        dinput,
-    )?;
+    if let Some(dinput) = dinput {
+        gpu.linear(
+            (n, inner, out),
+            plain(dy, out),
+            transposed(w, out),
+            Added::default(),
+            dinput,
+        )?;
+    }
     Ok((dw, db))
+}
+
+/// The MLP's first layer and its activation: (h, act(h)), h = input·w + bias kept for the
+/// backward pass and act(h) as the next product's operand. With bf16 products and GELU both
+/// bf16, from one product whose epilogue applies the GELU ([`Gpu::linear_gelu`]) where it
+/// runs; else h in f32 and the activation by its kernel.
+fn mlp_up(
+    gpu: &Gpu,
+    gelu: bool,
+    input: Data,
+    (w, bias): (Data, Dev<f32>),
+    (n, hid, c): (usize, usize, usize),
+) -> Result<(Stored, Stored)> {
+    if gelu && gpu.bf16 {
+        let (g, pre) = (gpu.uninit_bf16(n * hid)?, gpu.uninit_bf16(n * hid)?);
+        let operands = (plain(input, c), plain(w, hid));
+        if gpu.linear_gelu((n, hid, c), operands, bias, (g.dev(), pre.dev()))? {
+            return Ok((Stored::Bf16(pre), Stored::Bf16(g)));
+        }
+    }
+    let h = conv1d(gpu, None, input, (w, bias), (n, hid, c))?;
+    let g = gpu.operand_buf(n * hid)?;
+    gpu.act_fwd(gelu, g.data(), h.dev(), n * hid)?;
+    Ok((Stored::F32(h), g))
+}
+
+/// The MLP's backward pass (`xo = xm + act(h)·w_proj + b_proj`, `h = a2·w_fc + b_fc`) from
+/// the residual stream's gradient dx (f32, and the products' operand with bf16 products):
+/// [(w_proj's, b_proj's gradients), (w_fc's, b_fc's)], and a2's gradient into `da2`. h's
+/// gradient comes from the GELU's epilogue (bf16, b_fc's gradient summed by the product) where
+/// the forward pass kept h there and the epilogue runs; else in f32 from the product, then the
+/// activation's kernel, which writes its bf16 copy beside it with bf16 products.
+fn mlp_bwd(
+    gpu: &Gpu,
+    gelu: bool,
+    ((dx, dx_op), da2): ((Dev<f32>, Option<Data>), Data),
+    s: &Saved,
+    (w_fc, w_proj): (Data, Data),
+    (n, c, hid): (usize, usize, usize),
+) -> Result<[(Buf<f32>, Buf<f32>); 2]> {
+    let (proj_dims, fc_dims) = ((n, c, hid), (n, hid, c));
+    if let (Stored::Bf16(pre), Some(dx16)) = (&s.h, dx_op) {
+        let (dh16, db16) = (gpu.uninit_bf16(n * hid)?, gpu.uninit_bf16(hid)?);
+        let operands = (plain(dx16, c), transposed(w_proj, c));
+        if gpu.linear_gelu_grad(fc_dims, operands, pre.dev(), (dh16.dev(), db16.dev()))? {
+            let db = gpu.uninit(hid)?;
+            gpu.from_bf16(db.dev(), db16.dev(), hid)?;
+            let proj = conv1d_bwd(gpu, Dy::F32(dx, dx_op), s.g.data(), w_proj, proj_dims, None)?;
+            let dy = Dy::Summed(dh16.dev().into(), db);
+            let fc = conv1d_bwd(gpu, dy, s.a2.data(), w_fc, fc_dims, Some(da2))?;
+            return Ok([proj, fc]);
+        }
+    }
+    let dh = gpu.uninit(n * hid)?;
+    let into = Some(dh.dev().into());
+    let proj = conv1d_bwd(gpu, Dy::F32(dx, dx_op), s.g.data(), w_proj, proj_dims, into)?;
+    let dh16 = gpu.operand_copy_buf(n * hid)?;
+    let d16 = dh16.as_ref().map(|b| b.dev());
+    gpu.act_bwd(gelu, (dh.dev(), d16), s.h.data(), dh.dev(), n * hid)?;
+    let dy = Dy::F32(dh.dev(), d16.map(Data::from));
+    let fc = conv1d_bwd(gpu, dy, s.a2.data(), w_fc, fc_dims, Some(da2))?;
+    Ok([proj, fc])
 }
 
 /// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`; and
@@ -693,9 +767,7 @@ fn backprop(
             eps,
         )?;
         let c_fc = (ws.c_fc.data(), w.c_fc_b);
-        let h = conv1d(gpu, None, a2.data(), c_fc, (n, hid, c))?;
-        let g = gpu.operand_buf(n * hid)?;
-        gpu.act_fwd(gelu, g.data(), h.dev(), n * hid)?;
+        let (h, g) = mlp_up(gpu, gelu, a2.data(), c_fc, (n, hid, c))?;
         let mlp_proj = (ws.mlp_proj.data(), w.mlp_proj_b);
         let xo = conv1d(gpu, Some(xm.dev()), g.data(), mlp_proj, (n, c, hid))?;
         saved.push(Saved {
@@ -748,33 +820,12 @@ fn backprop(
     for (w, ws) in p.blocks.iter().zip(&weights).rev() {
         let s = saved.pop().expect("one saved entry per block");
         let dxd = dx.dev();
-        // xo = xm + act(h)·W_proj + b_proj
-        let mlp_proj = ws.mlp_proj.data();
-        let dh = gpu.uninit(n * hid)?;
-        let (mlp_proj_w, mlp_proj_b) = conv1d_bwd(
-            gpu,
-            (dxd, dx_op),
-            s.g.data(),
-            mlp_proj,
-            (n, c, hid),
-            dh.dev().into(),
-        )?;
-        // The activation's gradient, and with bf16 products its bf16 copy from the same kernel.
-        let dh16 = gpu.operand_copy_buf(n * hid)?;
-        let dh16_dev = dh16.as_ref().map(|b| b.dev());
-        gpu.act_bwd(gelu, (dh.dev(), dh16_dev), s.h.dev(), dh.dev(), n * hid)?;
-        // h = LN2(xm)·W_fc + b_fc
-        let c_fc = ws.c_fc.data();
+        // xo = xm + act(h)·W_proj + b_proj, h = LN2(xm)·W_fc + b_fc
         let da2 = gpu.uninit(n * c)?;
-        let (c_fc_w, c_fc_b) = conv1d_bwd(
-            gpu,
-            (dh.dev(), dh16_dev.map(Data::from)),
-            s.a2.data(),
-            c_fc,
-            (n, hid, c),
-            da2.dev().into(),
-        )?;
-        drop((dh, dh16));
+        let mlp_w = (ws.c_fc.data(), ws.mlp_proj.data());
+        let grads_of = ((dxd, dx_op), da2.dev().into());
+        let [(mlp_proj_w, mlp_proj_b), (c_fc_w, c_fc_b)] =
+            mlp_bwd(gpu, gelu, grads_of, &s, mlp_w, (n, c, hid))?;
         let ln2 = (s.xm.dev(), w.ln_2_w, s.ln2.dev());
         let (ln_2_w, ln_2_b) = norm_bwd(gpu, grads, da2.dev(), ln2, (n, c), true)?;
         drop(da2);
@@ -785,11 +836,11 @@ fn backprop(
         let dy = gpu.stored(heads.flash && gpu.bf16, n * c)?;
         let (attn_proj_w, attn_proj_b) = conv1d_bwd(
             gpu,
-            (dxd, dx_op),
+            Dy::F32(dxd, dx_op),
             s.y_op.data(),
             attn_proj,
             (n, c, c),
-            dy.data(),
+            Some(dy.data()),
         )?;
         let dqkv = gpu.uninit(n * 3 * c)?;
         let kept = (s.qkv.data(), s.att.dev(), s.y.dev());
@@ -802,11 +853,11 @@ fn backprop(
         let da1 = gpu.uninit(n * c)?;
         let (c_attn_w, c_attn_b) = conv1d_bwd(
             gpu,
-            (dqkv.dev(), None),
+            Dy::F32(dqkv.dev(), None),
             s.a1.data(),
             c_attn,
             (n, 3 * c, c),
-            da1.dev().into(),
+            Some(da1.dev().into()),
         )?;
         drop(dqkv);
         let ln1 = (s.x.dev(), w.ln_1_w, s.ln1.dev());
@@ -942,6 +993,18 @@ pub(crate) mod tests {
             // Shown with a failure's message: which parameter.
             eprintln!("gradient of {name} (tolerance {tol})");
             assert_gradient_close(&got, want, tol);
+            // And within a fifth of its own size: `tol` alone bounds small gradients by an
+            // absolute `tol` (a lost bias gradient of size 3e-2 would pass 8e-2). The largest
+            // share seen is 8e-2 (the untied embedding's gradient through TF32 products).
+            let rel = 0.2;
+            let (diff, size) = (
+                lmkit_kernels::testing::max_diff(&got, want),
+                lmkit_kernels::testing::max_diff(want, &want.zeros_like().unwrap()),
+            );
+            assert!(
+                diff <= rel * size,
+                "gradient of {name}: max diff {diff}, over {rel} of its max {size}"
+            );
         }
     }
 
@@ -1054,16 +1117,41 @@ pub(crate) mod tests {
         lmkit_kernels::cuda::set_bf16_products(true);
         let names = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
         // The biases and residuals added by the products' epilogue, q|k|v and the logits written
-        // in bf16 by their products.
+        // in bf16 by their products, the GELU and its gradient applied by the epilogue (no
+        // activation kernels).
         for fused in [
             "[bias, bf16 out] bf16",
             "[bias, residual] bf16",
             "[bias] bf16",
             "[bf16 out] bf16",
+            "[bias, gelu, bf16 out] bf16",
+            "[gelu grad, bias grad, bf16 out] bf16",
         ] {
             assert!(names.1.iter().any(|n| n.ends_with(fused)), "{names:?}");
         }
+        assert!(!names.0.iter().any(|n| n.starts_with("gelu")), "{names:?}");
         assert_bf16_throughout(names);
+        // The GELU's epilogue on one side only: the backward's kernel then reads the bf16 sum the
+        // forward's epilogue kept; or the forward's kernel, and its f32 sum, with the epilogue's
+        // gradient not run (it needs the bf16 sum).
+        lmkit_kernels::cuda::set_gelu_epilogues(true, false);
+        let (kernels, products) = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        assert!(kernels.iter().any(|n| n == "gelu_bwd_h16"), "{kernels:?}");
+        assert!(
+            products.iter().any(|n| n.contains("gelu, ")),
+            "{products:?}"
+        );
+        assert!(
+            !products.iter().any(|n| n.contains("gelu grad")),
+            "{products:?}"
+        );
+        lmkit_kernels::cuda::set_gelu_epilogues(false, true);
+        let (kernels, products) = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        for k in ["gelu_fwd_bf16", "gelu_bwd"] {
+            assert!(kernels.iter().any(|n| n == k), "{k} not run: {kernels:?}");
+        }
+        assert!(!products.iter().any(|n| n.contains("gelu")), "{products:?}");
+        lmkit_kernels::cuda::set_gelu_epilogues(true, true);
         // Unfused (flash, then the kept probabilities): the bias and residual written first, q|k|v
         // and the logits rounded from f32 scratch.
         lmkit_kernels::cuda::set_fused_epilogues(false);
