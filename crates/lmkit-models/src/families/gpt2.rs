@@ -196,10 +196,10 @@ impl Block {
 }
 
 /// `x + layer(h)`: on a GPU one product whose epilogue adds the bias and x
-/// ([`Linear::forward_add`]); on the CPU the layer's output and then the sum, as GPT-2 has
-/// always computed it there (the CPU's fused form accumulates the product into x, which rounds
-/// differently).
-fn residual(layer: &Linear, h: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+/// ([`Linear::forward_add`]); on the CPU the layer's output and then the sum, as GPT-2 and
+/// GPT-NeoX have always computed it there (the CPU's fused form accumulates the product into x,
+/// which rounds differently).
+pub(crate) fn residual(layer: &Linear, h: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() {
         x + layer.forward(h)?
     } else {

@@ -3,6 +3,7 @@
 //! embeddings over the first `rotary_pct` of each head, and the parallel residual
 //! x + attn(ln₁(x)) + mlp(ln₂(x)). Tensor names follow transformers' `GPTNeoXForCausalLM`.
 
+use super::gpt2::residual;
 use super::{FamilyConfig, Kind, ParamRole, SpecialIds, TokenIdFields};
 use crate::layers::kv_cache::KvCache;
 use crate::layers::linear::{linear_b, Linear};
@@ -241,12 +242,13 @@ impl Layer {
         })
     }
 
-    fn mlp(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `r + mlp(x)`: the MLP of post-attention LayerNorm(x) added to the residual `r`.
+    fn mlp_add(&self, x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
         let h = self
             .dense_h_to_4h
             .forward(&self.post_attention_layernorm.forward(x)?)?;
-        self.dense_4h_to_h
-            .forward(&crate::layers::ops::activation(&self.act, &h)?)
+        let h = crate::layers::ops::activation(&self.act, &h)?;
+        residual(&self.dense_4h_to_h, &h, r)
     }
 
     fn forward(
@@ -270,15 +272,11 @@ impl Layer {
             qkv.narrow(3, 2 * d, d)?,
         );
         let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, Some(rope))?;
-        let y = self
-            .dense
-            .forward(&y.transpose(1, 2)?.reshape((b, t, h))?)?;
-        if self.parallel {
-            (x + y)? + self.mlp(x)?
-        } else {
-            let x = (x + y)?;
-            &x + self.mlp(&x)?
-        }
+        let y = y.transpose(1, 2)?.reshape((b, t, h))?;
+        // (x + attn) + mlp(x), or x' + mlp(x') of x' = x + attn.
+        let with_attn = residual(&self.dense, &y, x)?;
+        let mlp_in = if self.parallel { x } else { &with_attn };
+        self.mlp_add(mlp_in, &with_attn)
     }
 }
 
