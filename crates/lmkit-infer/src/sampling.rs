@@ -94,104 +94,187 @@ fn argmax(xs: &[f32]) -> u32 {
 /// The next token for `logits` given the sequence so far (`history`): the logits after the
 /// repetition penalty, scaled by 1/temperature, cut to the `top_k` largest and then to the
 /// smallest head whose probability reaches `top_p`, and walked from the most probable down
-/// (ties by token id) with one uniform draw. Only the head the cut and the draw reach is put in
-/// order — found by selection, a few hundred tokens at a time — instead of sorting the whole
-/// vocabulary for every token.
+/// (ties by token id) with one uniform draw. Neither the cut nor the walk sorts the vocabulary:
+/// each finds its rank by halving the candidates around their median (selection) and summing
+/// the better half's weights, and puts only the last few hundred in order ([`reach`]).
 pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    let mut l = logits.to_vec();
-    apply_repetition_penalty(&mut l, history, p.repetition_penalty);
     if p.temperature == 0.0 {
+        let mut l = logits.to_vec();
+        apply_repetition_penalty(&mut l, history, p.repetition_penalty);
         return argmax(&l);
     }
-    let mut order = Ranked::new(&l);
-    let n = p.top_k.map_or(l.len(), |k| order.take(k.max(1)));
-    let max = l[order.at(0)] as f64;
-    let weight = |i: usize| ((l[i] as f64 - max) / p.temperature as f64).exp();
-    let total: f64 = order.idx[..n].iter().map(|&i| weight(i as usize)).sum();
-    let prob = |i: usize| weight(i) / total;
-    let mut keep = n;
-    if let Some(top_p) = p.top_p {
-        let mut cum = 0.0;
-        for r in 0..n {
-            cum += prob(order.at(r));
-            if cum >= top_p as f64 {
-                keep = r + 1;
-                break;
-            }
+    // The buffers are the vocabulary's size: kept per thread, not allocated (and paged in)
+    // again for every token.
+    SCRATCH.with(|scratch| {
+        let scratch = &mut *scratch.borrow_mut();
+        draw(logits, history, p, rng, scratch)
+    })
+}
+
+/// A thread's buffers for [`sample`]: the logits after the penalty, the candidates' rank keys
+/// and the weights by token id.
+#[derive(Default)]
+struct Scratch {
+    l: Vec<f32>,
+    keys: Vec<u64>,
+    w: Vec<f64>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+fn draw(
+    logits: &[f32],
+    history: &[u32],
+    p: &SamplingParams,
+    rng: &mut Rng,
+    Scratch { l, keys, w }: &mut Scratch,
+) -> u32 {
+    l.clear();
+    l.extend_from_slice(logits);
+    apply_repetition_penalty(l, history, p.repetition_penalty);
+    // Candidates as rank keys: ascending key = descending logit, then ascending id.
+    keys.clear();
+    keys.extend(
+        l.iter()
+            .enumerate()
+            .map(|(i, &x)| (u64::from(descending(x)) << 32) | i as u64),
+    );
+    if let Some(k) = p.top_k {
+        let k = k.max(1);
+        if k < keys.len() {
+            keys.select_nth_unstable(k - 1);
+            keys.truncate(k);
         }
     }
-    // Nothing cut: the probabilities sum to 1 (up to rounding, which the walk's last step
-    // absorbs).
-    let kept: f64 = if keep == n {
-        1.0
-    } else {
-        (0..keep).map(|r| prob(order.at(r))).sum()
+    let Some(&best) = keys.iter().min() else {
+        return 0; // no logits: nothing to choose from
     };
-    let mut r = rng.next_f64() * kept;
-    for k in 0..keep {
-        let x = prob(order.at(k));
-        if r < x {
-            return order.at(k) as u32;
+    let max = l[id(best)] as f64;
+    let t = p.temperature as f64;
+    // Weights by token id (the candidates' only), exp((l - max) / T): probabilities unscaled.
+    // With every token a candidate, in the vocabulary's order (a loop that vectorises).
+    w.clear();
+    w.resize(l.len(), 0.0);
+    let total: f64 = if keys.len() == l.len() {
+        for (w, &x) in w.iter_mut().zip(l.iter()) {
+            *w = exp_nonpositive((x as f64 - max) / t);
         }
-        r -= x;
-    }
-    order.at(keep - 1) as u32
+        w.iter().sum()
+    } else {
+        for &k in keys.iter() {
+            w[id(k)] = exp_nonpositive((l[id(k)] as f64 - max) / t);
+        }
+        keys.iter().map(|&k| w[id(k)]).sum()
+    };
+    let (keep, kept) = match p.top_p {
+        Some(top_p) => {
+            let target = top_p as f64 * total;
+            let (r, through) = reach(keys, w, |cum| cum >= target);
+            (r + 1, through)
+        }
+        None => (keys.len(), total),
+    };
+    // The walk: the first rank whose cumulative weight passes the draw.
+    let r = rng.next_f64() * kept;
+    let (k, _) = reach(&mut keys[..keep], w, |cum| cum > r);
+    id(keys[k]) as u32
 }
 
-/// Token ids in descending order of their logits (ties by id), put in order only as far as
-/// asked: `at(r)` sorts the next block of the head (found by selection) when r reaches it.
-struct Ranked<'a> {
-    l: &'a [f32],
-    idx: Vec<u32>,
-    /// `idx[..sorted]` is the head in order; the rest follow it, unordered.
-    sorted: usize,
+/// e^x for x ≤ 0 (a weight's exponent), within 2 ulp of libm's `exp`, without branches so that
+/// a loop of them vectorises: x = k·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor series to
+/// degree 13 (the remainder under 2⁻⁵³), 2^k written into the exponent's bits. 0 below −708
+/// (where e^x is under f64's smallest normal), −∞ included; NaN stays NaN.
+fn exp_nonpositive(x: f64) -> f64 {
+    // ln 2 split (fdlibm's): the high part's k·LN2_HI is exact for |k| < 2¹¹.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    // 1.5·2⁵²: added and taken away, rounds to an integer, which its low bits then hold.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let xc = x.clamp(-708.0, 0.0);
+    let shifted = xc * std::f64::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let mut e = INV_FACTORIALS[13];
+    for c in INV_FACTORIALS[..13].iter().rev() {
+        e = e * r + c;
+    }
+    // (k + 1023) << 52, k ∈ [−1022, 0]: the exponent bits of 2^k.
+    let scale = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
+    let y = e * scale;
+    if x.is_nan() {
+        x
+    } else if x < -708.0 {
+        0.0
+    } else {
+        y
+    }
 }
 
-impl<'a> Ranked<'a> {
-    /// Tokens put in order at the first call, then 4 times more at each later one.
-    const FIRST_BLOCK: usize = 256;
+/// 1/j! for j in 0..=13.
+const INV_FACTORIALS: [f64; 14] = [
+    1.0,
+    1.0,
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40_320.0,
+    1.0 / 362_880.0,
+    1.0 / 3_628_800.0,
+    1.0 / 39_916_800.0,
+    1.0 / 479_001_600.0,
+    1.0 / 6_227_020_800.0,
+];
 
-    fn new(l: &'a [f32]) -> Ranked<'a> {
-        Ranked {
-            l,
-            idx: (0..l.len() as u32).collect(),
-            sorted: 0,
+/// The token id of a rank key.
+fn id(key: u64) -> usize {
+    (key & 0xffff_ffff) as usize
+}
+
+/// A logit's bits in descending order of `f32::total_cmp` (the largest logit the smallest).
+fn descending(x: f32) -> u32 {
+    let b = x.to_bits() as i32;
+    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
+    !ordered
+}
+
+/// The first rank r (in ascending key order) whose cumulative weight — the weights of ranks 0..=r
+/// summed — `passes`, and that sum; the last rank and the total where none does. Reorders `keys`
+/// so that ranks before r come first (unordered, but for the last block: in order) and r is
+/// at its place. Halves the range around its median by selection while it is longer than a
+/// block, going into the better half where its weight already passes: ≈ 2n steps instead of
+/// sorting n keys (the first split is after one block: one selection where the head passes).
+fn reach(keys: &mut [u64], w: &[f64], passes: impl Fn(f64) -> bool) -> (usize, f64) {
+    const BLOCK: usize = 256;
+    let (mut lo, mut hi, mut before) = (0, keys.len(), 0f64);
+    // The first split at one block: where a few tokens hold most of the probability (a trained
+    // model's logits) the rank is there, found with one selection.
+    let mut split = BLOCK;
+    while hi - lo > BLOCK {
+        let mid = split.min(lo + (hi - lo) / 2);
+        split = usize::MAX;
+        keys[lo..hi].select_nth_unstable(mid - lo);
+        let better: f64 = keys[lo..mid].iter().map(|&k| w[id(k)]).sum();
+        if passes(before + better) {
+            hi = mid;
+        } else {
+            before += better;
+            lo = mid;
         }
     }
-
-    fn before(l: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
-        l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b))
-    }
-
-    /// The token at rank r.
-    fn at(&mut self, r: usize) -> usize {
-        if r >= self.sorted {
-            let want = (r + 1)
-                .max(4 * self.sorted)
-                .max(Self::FIRST_BLOCK)
-                .min(self.idx.len());
-            let l = self.l;
-            let rest = &mut self.idx[self.sorted..];
-            let m = want - self.sorted;
-            if m < rest.len() {
-                rest.select_nth_unstable_by(m - 1, |&a, &b| Self::before(l, a, b));
-            }
-            rest[..m].sort_unstable_by(|&a, &b| Self::before(l, a, b));
-            self.sorted = want;
+    keys[lo..hi].sort_unstable();
+    for (r, &k) in keys.iter().enumerate().take(hi).skip(lo) {
+        let through = before + w[id(k)];
+        if passes(through) {
+            return (r, through);
         }
-        self.idx[r] as usize
+        before = through;
     }
-
-    /// Keeps only the k first (all if fewer); returns how many are kept.
-    fn take(&mut self, k: usize) -> usize {
-        let k = k.min(self.idx.len());
-        if k < self.idx.len() {
-            self.at(k - 1);
-            self.idx.truncate(k);
-            self.sorted = self.sorted.min(k);
-        }
-        k
-    }
+    (hi.max(1) - 1, before)
 }
 
 #[cfg(test)]
@@ -358,6 +441,34 @@ mod tests {
             }
         }
         assert_eq!(draws, 5 * 5 * 4 * 3 * 20);
+    }
+
+    /// The weights' exp against libm's over its range, the edges and the values it maps to 0
+    /// or keeps NaN.
+    #[test]
+    fn exp_of_nonpositive_values_is_libms() {
+        let mut worst = 0f64;
+        let mut x = 0f64;
+        while x > -708.0 {
+            for v in [x, x - 0.3466, x - 1e-9]
+                .into_iter()
+                .filter(|&v| v >= -708.0)
+            {
+                let (got, want) = (exp_nonpositive(v), v.exp());
+                worst = worst.max((got - want).abs() / want);
+            }
+            x -= 0.0137;
+        }
+        assert!(worst < 5e-16, "relative error {worst:e}");
+        for v in [-0.0, -1e-300, -707.99] {
+            assert!(
+                (exp_nonpositive(v) - v.exp()).abs() <= 4e-16 * v.exp(),
+                "{v}"
+            );
+        }
+        assert_eq!(exp_nonpositive(-708.5), 0.0);
+        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive(f64::NAN).is_nan());
     }
 
     #[test]
