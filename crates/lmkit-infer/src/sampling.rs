@@ -154,8 +154,8 @@ fn draw(
     let max = l[id(best)] as f64;
     let t = p.temperature as f64;
     // Weights by token id (the candidates' only), exp((l - max) / T): probabilities unscaled.
-    // With every token a candidate, in the vocabulary's order (a loop that vectorises).
-    w.clear();
+    // With every token a candidate, in the vocabulary's order (a loop that vectorises). Only the
+    // candidates' entries are written and read: the others keep an earlier draw's values.
     w.resize(l.len(), 0.0);
     let total: f64 = if keys.len() == l.len() {
         for (w, &x) in w.iter_mut().zip(l.iter()) {
