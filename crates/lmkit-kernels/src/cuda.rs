@@ -624,10 +624,11 @@ fn blocks(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).max(1) as u32
 }
 
-/// Whether the attention operands are all bf16 (`true`) or all f32 (`false`).
-fn same_type<const N: usize>(operands: [Rows; N], what: &str) -> Result<bool> {
-    let bf16 = operands[0].ptr.is_bf16();
-    if operands.iter().any(|r| r.ptr.is_bf16() != bf16) {
+/// Whether the operands are all bf16 (`true`) or all f32 (`false`); an error naming `what` when
+/// they mix.
+fn same_type<const N: usize>(operands: [Data; N], what: &str) -> Result<bool> {
+    let bf16 = operands[0].is_bf16();
+    if operands.iter().any(|d| d.is_bf16() != bf16) {
         candle_core::bail!("cuda {what}: all f32 or all bf16");
     }
     Ok(bf16)
@@ -804,7 +805,11 @@ impl Gpu {
         lse: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let plan = AttnPlan::of(&s, self.bf16, same_type([q, k, v], "attention q, k, v")?)?;
+        let plan = AttnPlan::of(
+            &s,
+            self.bf16,
+            same_type([q.ptr, k.ptr, v.ptr], "attention q, k, v")?,
+        )?;
         let args = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
@@ -1005,7 +1010,7 @@ impl Gpu {
         dvec: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let bf16_inputs = same_type([q, k, v, dout], "attention q, k, v, dout")?;
+        let bf16_inputs = same_type([q.ptr, k.ptr, v.ptr, dout.ptr], "attention q, k, v, dout")?;
         let plan = AttnPlan::of(&s, self.bf16, bf16_inputs)?;
         let n = s.b * s.t;
         let stats = s.b * s.heads * s.t;
@@ -1450,8 +1455,19 @@ impl Gpu {
         self.launch_elements("rope_rows", pairs, &args, 16 * pairs)
     }
 
-    /// g = silu(gate) ⊙ up (g f32, or bf16).
-    pub fn swiglu(&self, g: Data, gate: Dev<f32>, up: Dev<f32>, len: usize) -> Result<()> {
+    /// g = silu(gate) ⊙ up: gate and up f32 (g f32, or bf16), or both bf16 (g bf16).
+    pub fn swiglu(
+        &self,
+        g: Data,
+        gate: impl Into<Data>,
+        up: impl Into<Data>,
+        len: usize,
+    ) -> Result<()> {
+        let (gate, up) = (gate.into(), up.into());
+        let h16 = same_type([gate, up], "swiglu")?;
+        if h16 && !g.is_bf16() {
+            candle_core::bail!("cuda swiglu: bf16 gate and up give a bf16 g");
+        }
         let (g, name, size) = g.output(len, "swiglu g", "swiglu_fwd")?;
         let args = [
             Arg::P(g),
@@ -1459,7 +1475,12 @@ impl Gpu {
             Arg::P(up.need(len, "swiglu up")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements(&name, len, &args, (8 + size) * len)
+        let (name, in_size) = if h16 {
+            ("swiglu_fwd_h16".to_string(), 2)
+        } else {
+            (name, 4)
+        };
+        self.launch_elements(&name, len, &args, (2 * in_size + size) * len)
     }
 
     /// Inference's `out = silu(gate)·up` over `rows` rows of `cols`, gate's row r at r·ld_gate
@@ -1488,17 +1509,21 @@ impl Gpu {
     }
 
     /// SwiGLU's backward from dg and the forward's gate and up: into `grads` (dgate, dup), f32
-    /// (which may be gate and up themselves) or bf16.
+    /// (which may be gate and up themselves) or bf16; with gate, up and dg in bf16 (as bf16
+    /// products write them), bf16 (which may be gate and up themselves).
     pub fn swiglu_bwd(
         &self,
         grads: (Data, Data),
-        gate: Dev<f32>,
-        up: Dev<f32>,
-        dg: Dev<f32>,
+        gate: impl Into<Data>,
+        up: impl Into<Data>,
+        dg: impl Into<Data>,
         len: usize,
     ) -> Result<()> {
-        if grads.0.is_bf16() != grads.1.is_bf16() {
-            candle_core::bail!("cuda swiglu_bwd: dgate and dup of one type");
+        let (gate, up, dg) = (gate.into(), up.into(), dg.into());
+        let out16 = same_type([grads.0, grads.1], "swiglu_bwd dgate and dup")?;
+        let h16 = same_type([gate, up, dg], "swiglu_bwd gate, up and dg")?;
+        if h16 && !out16 {
+            candle_core::bail!("cuda swiglu_bwd: bf16 gate, up and dg give bf16 gradients");
         }
         let (pgate, name, size) = grads.0.output(len, "swiglu_bwd dgate", "swiglu_bwd")?;
         let args = [
@@ -1509,7 +1534,12 @@ impl Gpu {
             Arg::P(dg.need(len, "swiglu_bwd dg")?),
             Arg::L(len as i64),
         ];
-        self.launch_elements(&name, len, &args, (12 + 2 * size) * len)
+        let (name, in_size) = if h16 {
+            ("swiglu_bwd_h16".to_string(), 2)
+        } else {
+            (name, 4)
+        };
+        self.launch_elements(&name, len, &args, (3 * in_size + 2 * size) * len)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU (out f32, or bf16).
@@ -2144,6 +2174,95 @@ mod tests {
                 g.0 == w && Bf16::from_f32(x).0 == w
             };
             assert!(same, "to_bf16({x:e}) = {:#06x}, want {w:#06x}", g.0);
+        }
+    }
+
+    /// The SwiGLU kernels reading gate, up and dg in bf16 (as bf16 products write them) give
+    /// their f32 kernels' outputs on the same values, rounded (within one bf16 step), also with
+    /// the gradients written in gate's and up's place; mixed types are refused.
+    #[test]
+    fn gpu_swiglu_kernels_read_bf16_inputs() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let len = 37 * 70;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 / 125.0 - 4.0) * (1.0 + (i % 3) as f32))
+            .collect();
+        let u: Vec<f32> = (0..len)
+            .map(|i| ((i * 104729 % 997) as f32 / 300.0) - 1.6)
+            .collect();
+        let rounded =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&e| Bf16::from_f32(e).to_f32()).collect() };
+        let (xs, us) = (gpu.upload(&x).unwrap(), gpu.upload(&u).unwrap());
+        let (xr, ur) = (
+            gpu.upload(&rounded(&x)).unwrap(),
+            gpu.upload(&rounded(&u)).unwrap(),
+        );
+        let copy16 = |src: &Buf<f32>| gpu.bf16_copy(src.dev()).unwrap();
+        let (gate, up, dg) = (copy16(&xs), copy16(&us), copy16(&us));
+        let check = |name: &str, want: &Buf<f32>, got: &Buf<Bf16>| {
+            let want = gpu.download(want, len).unwrap();
+            let got = gpu.download(got, len).unwrap();
+            for (i, (f, h)) in want.iter().zip(&got).enumerate() {
+                assert!(
+                    Bf16::from_f32(*f).0.abs_diff(h.0) <= 1,
+                    "{name} [{i}]: {} for {f}",
+                    h.to_f32()
+                );
+            }
+        };
+        // Forward.
+        let (f, h) = (gpu.uninit(len).unwrap(), gpu.uninit_bf16(len).unwrap());
+        gpu.swiglu(f.dev().into(), xr.dev(), ur.dev(), len).unwrap();
+        gpu.swiglu(h.dev().into(), gate.dev(), up.dev(), len)
+            .unwrap();
+        check("swiglu", &f, &h);
+        // Backward: into new buffers, and in gate's and up's place.
+        let (fg, fu) = (gpu.uninit(len).unwrap(), gpu.uninit(len).unwrap());
+        let grads = (fg.dev().into(), fu.dev().into());
+        gpu.swiglu_bwd(grads, xr.dev(), ur.dev(), ur.dev(), len)
+            .unwrap();
+        let (hg, hu) = (gpu.uninit_bf16(len).unwrap(), gpu.uninit_bf16(len).unwrap());
+        let grads = (hg.dev().into(), hu.dev().into());
+        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), len)
+            .unwrap();
+        check("swiglu_bwd dgate", &fg, &hg);
+        check("swiglu_bwd dup", &fu, &hu);
+        let grads = (gate.dev().into(), up.dev().into());
+        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), len)
+            .unwrap();
+        check("swiglu_bwd dgate in place", &fg, &gate);
+        check("swiglu_bwd dup in place", &fu, &up);
+        // Mixed types.
+        let refused = [
+            gpu.swiglu(f.dev().into(), gate.dev(), up.dev(), len),
+            gpu.swiglu(h.dev().into(), gate.dev(), us.dev(), len),
+            gpu.swiglu_bwd(
+                (fg.dev().into(), fu.dev().into()),
+                gate.dev(),
+                up.dev(),
+                dg.dev(),
+                len,
+            ),
+            gpu.swiglu_bwd(
+                (hg.dev().into(), hu.dev().into()),
+                gate.dev(),
+                up.dev(),
+                us.dev(),
+                len,
+            ),
+            gpu.swiglu_bwd(
+                (hg.dev().into(), fu.dev().into()),
+                xs.dev(),
+                us.dev(),
+                us.dev(),
+                len,
+            ),
+        ];
+        for (i, r) in refused.into_iter().enumerate() {
+            let e = r.expect_err("mixed types").to_string();
+            assert!(e.contains("bf16"), "case {i}: {e}");
         }
     }
 

@@ -72,10 +72,11 @@ struct Entry {
 const Entry KERNELS[] = {
     K(embed_fwd), K(embed_bwd_tokens), K(embed_bwd_positions), K(add_rows),
     K(layer_norm_fwd), K(layer_norm_bwd), K(gather_rows), K(rms_norm_fwd), K(rms_norm_bwd),
-    K(rope_rows), K(swiglu_fwd), K(swiglu_rows), K(swiglu_bwd), K(swiglu_bwd_bf16), K(gelu_fwd), K(gelu_bwd), K(gelu_bwd_h16), K(relu_fwd),
+    K(rope_rows), K(swiglu_fwd), K(swiglu_rows), K(swiglu_bwd), K(swiglu_bwd_bf16),
+    K(swiglu_bwd_h16), K(gelu_fwd), K(gelu_bwd), K(gelu_bwd_h16), K(relu_fwd),
     K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy), K(cross_entropy_bf16),
     K(column_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots), K(attn_row_dots_bf16),
-    K(layer_norm_fwd_bf16), K(rms_norm_fwd_bf16), K(swiglu_fwd_bf16), K(gelu_fwd_bf16),
+    K(layer_norm_fwd_bf16), K(rms_norm_fwd_bf16), K(swiglu_fwd_bf16), K(swiglu_fwd_h16), K(gelu_fwd_bf16),
     K(relu_fwd_bf16), K(to_bf16), K(from_bf16), K(decode_attention), K(decode_combine), K(cache_append),
     K(extend_attention),
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),

@@ -240,13 +240,14 @@ extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld
   p[half + j] = b * co + a * si;
 }
 
-// SwiGLU: g = silu(gate) ⊙ up, and its backward in place: gate ← dgate, up ← dup from dg.
-template <class O>
-__device__ void swiglu_elements(O* g, const float* gate, const float* up, int64_t len) {
+// SwiGLU: g = silu(gate) ⊙ up, gate and up f32 (or bf16 where their products wrote them in
+// bf16: swiglu_fwd_h16), g f32 or bf16.
+template <class O, class I>
+__device__ void swiglu_elements(O* g, const I* gate, const I* up, int64_t len) {
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= len) return;
-  float x = gate[i];
-  put(&g[i], x / (1.0f + __expf(-x)) * up[i]);
+  float x = get(&gate[i]);
+  put(&g[i], x / (1.0f + __expf(-x)) * get(&up[i]));
 }
 
 extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
@@ -255,6 +256,11 @@ extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* 
 
 extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up,
                                            int64_t len) {
+  swiglu_elements(g, gate, up, len);
+}
+
+extern "C" __global__ void swiglu_fwd_h16(uint16_t* g, const uint16_t* gate, const uint16_t* up,
+                                          int64_t len) {
   swiglu_elements(g, gate, up, len);
 }
 
@@ -270,13 +276,15 @@ extern "C" __global__ void swiglu_rows(float* out, const float* gate, const floa
 }
 
 // SwiGLU's backward: dgate and dup from dg and the forward's gate and up (in their place for
-// f32 gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers).
-template <class O>
-__device__ void swiglu_bwd_elements(O* dgate, O* dup, const float* gate, const float* up,
-                                    const float* dg, int64_t len) {
+// f32 gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers;
+// swiglu_bwd_h16: gate, up and dg in bf16 as the products wrote them, and the bf16 gradients,
+// which may be written in gate's and up's place).
+template <class O, class I>
+__device__ void swiglu_bwd_elements(O* dgate, O* dup, const I* gate, const I* up, const I* dg,
+                                    int64_t len) {
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= len) return;
-  float x = gate[i], u = up[i], d = dg[i];
+  float x = get(&gate[i]), u = get(&up[i]), d = get(&dg[i]);
   float sg = 1.0f / (1.0f + __expf(-x));
   put(&dgate[i], d * u * sg * (1.0f + x * (1.0f - sg)));
   put(&dup[i], d * x * sg);
@@ -289,6 +297,11 @@ extern "C" __global__ void swiglu_bwd(float* dgate, float* dup, const float* gat
 
 extern "C" __global__ void swiglu_bwd_bf16(uint16_t* dgate, uint16_t* dup, const float* gate,
                                            const float* up, const float* dg, int64_t len) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
+}
+
+extern "C" __global__ void swiglu_bwd_h16(uint16_t* dgate, uint16_t* dup, const uint16_t* gate,
+                                          const uint16_t* up, const uint16_t* dg, int64_t len) {
   swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
 }
 

@@ -180,8 +180,8 @@ pub(super) fn pass(
     Ok(Some(LossAndGrads { loss, grads }))
 }
 
-/// One layer's activations kept for the backward pass (the norms' outputs, silu(gate)·up and the
-/// attention output's `y_op`, only products' operands, in bf16 with bf16 products).
+/// One layer's activations kept for the backward pass (the norms' outputs, the gate and up
+/// projections, silu(gate)·up and the attention output's `y_op`, in bf16 with bf16 products).
 struct Saved {
     /// Layer input (residual stream), its norm and 1/rms; q|k|v after rotation (bf16 with bf16
     /// products); attention output (and as the projection's operand) and its rows'
@@ -198,8 +198,8 @@ struct Saved {
     xm: Buf<f32>,
     a2: Stored,
     r2: Buf<f32>,
-    gate: Buf<f32>,
-    up: Buf<f32>,
+    gate: Stored,
+    up: Stored,
     g: Stored,
 }
 
@@ -324,21 +324,23 @@ fn backprop(
         let xm = residual_linear(gpu, x.dev(), y_op.data(), wo, (n, c, qd))?;
         let (a2, r2) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a2.data(), r2.dev()), xm.dev(), *w_post, (n, c), d.eps)?;
+        // gate and up as their products write them: bf16 with bf16 products (as autocast's
+        // linear layers), read in bf16 by both SwiGLU kernels.
         let (gate, up, g) = (
-            gpu.uninit(n * inter)?,
-            gpu.uninit(n * inter)?,
+            gpu.operand_buf(n * inter)?,
+            gpu.operand_buf(n * inter)?,
             gpu.operand_buf(n * inter)?,
         );
-        linear(
-            gpu,
-            a2.data(),
-            wg,
-            (n, inter, c),
-            (gate.dev(), inter),
-            false,
-        )?;
-        linear(gpu, a2.data(), wu, (n, inter, c), (up.dev(), inter), false)?;
-        gpu.swiglu(g.data(), gate.dev(), up.dev(), n * inter)?;
+        for (wt, out) in [(wg, &gate), (wu, &up)] {
+            gpu.linear(
+                (n, inter, c),
+                plain(a2.data(), c),
+                transposed(wt, c),
+                Added::default(),
+                out.data(),
+            )?;
+        }
+        gpu.swiglu(g.data(), gate.data(), up.data(), n * inter)?;
         let xo = residual_linear(gpu, xm.dev(), g.data(), wd, (n, c, inter))?;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
@@ -397,18 +399,19 @@ fn backprop(
             transposed(dx_op, c),
             plain(s.g.data(), inter),
         )?;
-        let dg = product(gpu, (n, inter, c), plain(dx_op, c), plain(wd, inter))?;
-        // The gate and up projections' gradients, only products' operands: bf16 from the kernel
-        // with bf16 products, else in the saved projections' place.
-        let grads16 = (
-            gpu.operand_copy_buf(n * inter)?,
-            gpu.operand_copy_buf(n * inter)?,
-        );
-        let (dgate, dup): (Data, Data) = match &grads16 {
-            (Some(g), Some(u)) => (g.dev().into(), u.dev().into()),
-            _ => (s.gate.dev().into(), s.up.dev().into()),
-        };
-        gpu.swiglu_bwd((dgate, dup), s.gate.dev(), s.up.dev(), dg.dev(), n * inter)?;
+        // g's gradient, bf16 with bf16 products (a product's output, as autocast's).
+        let dg = gpu.operand_buf(n * inter)?;
+        gpu.linear(
+            (n, inter, c),
+            plain(dx_op, c),
+            plain(wd, inter),
+            Added::default(),
+            dg.data(),
+        )?;
+        // The gate and up projections' gradients, only products' operands, in the saved
+        // projections' place (of their type: bf16 with bf16 products).
+        let (dgate, dup) = (s.gate.data(), s.up.data());
+        gpu.swiglu_bwd((dgate, dup), dgate, dup, dg.data(), n * inter)?;
         drop(dg);
         let d_gate = product(
             gpu,
@@ -589,6 +592,11 @@ mod tests {
             names.1.iter().any(|n| n.ends_with("[residual] bf16")),
             "{names:?}"
         );
+        // gate, up and g's gradient written in bf16 by their products and read so by SwiGLU
+        // (these kernels take bf16 inputs only).
+        for k in ["swiglu_fwd_h16", "swiglu_bwd_h16"] {
+            assert!(names.0.iter().any(|n| n == k), "{k} not run: {names:?}");
+        }
         assert_bf16_throughout(names);
         lmkit_kernels::cuda::set_bf16_products(false);
     }
