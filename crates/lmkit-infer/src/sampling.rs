@@ -2,6 +2,8 @@
 //! applies it), temperature, top-k, nucleus/top-p (Holtzman et al. 2020), and a seeded RNG so that
 //! a run can be repeated exactly.
 
+use lmkit_kernels::sampling::{exp_nonpositive, exp_weights, id, rank_keys};
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
@@ -111,7 +113,7 @@ pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
     })
 }
 
-/// A thread's buffers for [`sample`]: the logits after the penalty, the candidates' rank keys
+/// A thread's buffers for [`sample`]: the logits after a repetition penalty, the candidates' rank keys
 /// and the weights by token id.
 #[derive(Default)]
 struct Scratch {
@@ -131,16 +133,20 @@ fn draw(
     rng: &mut Rng,
     Scratch { l, keys, w }: &mut Scratch,
 ) -> u32 {
-    l.clear();
-    l.extend_from_slice(logits);
-    apply_repetition_penalty(l, history, p.repetition_penalty);
+    // The logits themselves, or a copy with the repetition penalty applied.
+    let l: &[f32] = if p.repetition_penalty == 1.0 {
+        logits
+    } else {
+        l.clear();
+        l.extend_from_slice(logits);
+        apply_repetition_penalty(l, history, p.repetition_penalty);
+        l
+    };
     // Candidates as rank keys: ascending key = descending logit, then ascending id.
-    keys.clear();
-    keys.extend(
-        l.iter()
-            .enumerate()
-            .map(|(i, &x)| (u64::from(descending(x)) << 32) | i as u64),
-    );
+    let Some(best) = rank_keys(keys, l) else {
+        return 0; // no logits: nothing to choose from
+    };
+    // (The best key is among the top k.)
     if let Some(k) = p.top_k {
         let k = k.max(1);
         if k < keys.len() {
@@ -148,20 +154,14 @@ fn draw(
             keys.truncate(k);
         }
     }
-    let Some(&best) = keys.iter().min() else {
-        return 0; // no logits: nothing to choose from
-    };
     let max = l[id(best)] as f64;
     let t = p.temperature as f64;
     // Weights by token id (the candidates' only), exp((l - max) / T): probabilities unscaled.
-    // With every token a candidate, in the vocabulary's order (a loop that vectorises). Only the
+    // With every token a candidate, in the vocabulary's order (a vector loop). Only the
     // candidates' entries are written and read: the others keep an earlier draw's values.
     w.resize(l.len(), 0.0);
     let total: f64 = if keys.len() == l.len() {
-        for (w, &x) in w.iter_mut().zip(l.iter()) {
-            *w = exp_nonpositive((x as f64 - max) / t);
-        }
-        w.iter().sum()
+        exp_weights(w, l, max, t)
     } else {
         for &k in keys.iter() {
             w[id(k)] = exp_nonpositive((l[id(k)] as f64 - max) / t);
@@ -180,66 +180,6 @@ fn draw(
     let r = rng.next_f64() * kept;
     let (k, _) = reach(&mut keys[..keep], w, |cum| cum > r);
     id(keys[k]) as u32
-}
-
-/// e^x for x ≤ 0 (a weight's exponent), within 2 ulp of libm's `exp`, without branches so that
-/// a loop of them vectorises: x = k·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor series to
-/// degree 13 (the remainder under 2⁻⁵³), 2^k written into the exponent's bits. 0 below −708
-/// (where e^x is under f64's smallest normal), −∞ included; NaN stays NaN.
-fn exp_nonpositive(x: f64) -> f64 {
-    // ln 2 split (fdlibm's): the high part's k·LN2_HI is exact for |k| < 2¹¹.
-    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-    // 1.5·2⁵²: added and taken away, rounds to an integer, which its low bits then hold.
-    const ROUND: f64 = 6_755_399_441_055_744.0;
-    let xc = x.clamp(-708.0, 0.0);
-    let shifted = xc * std::f64::consts::LOG2_E + ROUND;
-    let k = shifted - ROUND;
-    let r = (xc - k * LN2_HI) - k * LN2_LO;
-    let mut e = INV_FACTORIALS[13];
-    for c in INV_FACTORIALS[..13].iter().rev() {
-        e = e * r + c;
-    }
-    // (k + 1023) << 52, k ∈ [−1022, 0]: the exponent bits of 2^k.
-    let scale = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
-    let y = e * scale;
-    if x.is_nan() {
-        x
-    } else if x < -708.0 {
-        0.0
-    } else {
-        y
-    }
-}
-
-/// 1/j! for j in 0..=13.
-const INV_FACTORIALS: [f64; 14] = [
-    1.0,
-    1.0,
-    1.0 / 2.0,
-    1.0 / 6.0,
-    1.0 / 24.0,
-    1.0 / 120.0,
-    1.0 / 720.0,
-    1.0 / 5040.0,
-    1.0 / 40_320.0,
-    1.0 / 362_880.0,
-    1.0 / 3_628_800.0,
-    1.0 / 39_916_800.0,
-    1.0 / 479_001_600.0,
-    1.0 / 6_227_020_800.0,
-];
-
-/// The token id of a rank key.
-fn id(key: u64) -> usize {
-    (key & 0xffff_ffff) as usize
-}
-
-/// A logit's bits in descending order of `f32::total_cmp` (the largest logit the smallest).
-fn descending(x: f32) -> u32 {
-    let b = x.to_bits() as i32;
-    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
-    !ordered
 }
 
 /// The first rank r (in ascending key order) whose cumulative weight — the weights of ranks 0..=r
@@ -425,7 +365,8 @@ mod tests {
                             temperature,
                             top_k,
                             top_p,
-                            repetition_penalty: 1.3,
+                            // The logits read as they are, or a penalised copy.
+                            repetition_penalty: if temperature == 1.0 { 1.0 } else { 1.3 },
                             seed: 0,
                         };
                         let history = [3u32, 5, 5, 1];
@@ -441,34 +382,6 @@ mod tests {
             }
         }
         assert_eq!(draws, 5 * 5 * 4 * 3 * 20);
-    }
-
-    /// The weights' exp against libm's over its range, the edges and the values it maps to 0
-    /// or keeps NaN.
-    #[test]
-    fn exp_of_nonpositive_values_is_libms() {
-        let mut worst = 0f64;
-        let mut x = 0f64;
-        while x > -708.0 {
-            for v in [x, x - 0.3466, x - 1e-9]
-                .into_iter()
-                .filter(|&v| v >= -708.0)
-            {
-                let (got, want) = (exp_nonpositive(v), v.exp());
-                worst = worst.max((got - want).abs() / want);
-            }
-            x -= 0.0137;
-        }
-        assert!(worst < 5e-16, "relative error {worst:e}");
-        for v in [-0.0, -1e-300, -707.99] {
-            assert!(
-                (exp_nonpositive(v) - v.exp()).abs() <= 4e-16 * v.exp(),
-                "{v}"
-            );
-        }
-        assert_eq!(exp_nonpositive(-708.5), 0.0);
-        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
-        assert!(exp_nonpositive(f64::NAN).is_nan());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - `cuda` (feature `cuda`): device buffers, cuBLAS products and the CUDA kernels of the
 //!   hand-written training passes (feature `cuda-emu`: the same on an emulated GPU, for tests).
 //! - [`nccl`]: NVIDIA's collective library opened at run time (data-parallel GPU training).
+//! - [`sampling`]: the vocabulary-wide loops of drawing a token (rank keys, exp weights).
 //! - [`vector`]: dot products of f32 vectors (one query against many rows) for vector search.
 //! - [`system`]: process-level set-up (allocator tuning) and memory-mapped weights.
 //! - [`team`]: a few threads that poll between the short parallel loops of a decoding step.
@@ -40,6 +41,7 @@ pub mod nccl;
 pub mod padded_attention;
 pub mod quant;
 pub mod recurrent;
+pub mod sampling;
 pub mod simd;
 pub mod system;
 pub mod team;
