@@ -12,6 +12,10 @@ namespace {
 constexpr dim3 THREADS = {256, 1, 1};
 dim3 per_element(int64_t len) { return {unsigned((len + 255) / 256), 1, 1}; }
 dim3 per_row(int64_t rows) { return {unsigned((rows + 7) / 8), 1, 1}; }
+// Blocks of columns, each going down the rows of its group.
+dim3 per_column(int64_t rows, int cols) {
+  return {unsigned((cols + 255) / 256), unsigned(rows < 1 ? 1 : rows > 65535 ? 65535 : rows), 1};
+}
 }  // namespace
 
 extern "C" void emu_gather_rows(float* out, const float* table, const uint32_t* ids, int n, int c) {
@@ -35,12 +39,16 @@ extern "C" void emu_rope_rows(float* x, const float* table, int n, int ld, int t
               [&] { rope_rows(x, table, n, ld, t, heads, hd, sign); });
 }
 
-extern "C" void emu_swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
-  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_fwd(g, gate, up, len); });
+// gate's and up's rows ld apart (the halves of a stacked gate|up), g and dg [rows, cols].
+extern "C" void emu_swiglu_fwd(float* g, const float* gate, const float* up, int64_t rows, int cols,
+                               int64_t ld) {
+  emu::launch(per_column(rows, cols), THREADS, 0, [&] { swiglu_fwd(g, gate, up, rows, cols, ld); });
 }
 
-extern "C" void emu_swiglu_bwd(float* gate, float* up, const float* dg, int64_t len) {
-  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_bwd(gate, up, gate, up, dg, len); });
+extern "C" void emu_swiglu_bwd(float* gate, float* up, const float* dg, int64_t rows, int cols,
+                               int64_t ld) {
+  emu::launch(per_column(rows, cols), THREADS, 0,
+              [&] { swiglu_bwd(gate, up, gate, up, dg, rows, cols, ld); });
 }
 
 extern "C" void emu_cross_entropy(float* logits, float* loss, const uint32_t* targets, int rows,
@@ -76,8 +84,10 @@ extern "C" void emu_rms_norm_fwd_bf16(uint16_t* out, float* rstd, const float* x
   emu::launch(per_row(n), THREADS, 0, [&] { rms_norm_fwd_bf16(out, rstd, x, w, n, c, eps); });
 }
 
-extern "C" void emu_swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up, int64_t len) {
-  emu::launch(per_element(len), THREADS, 0, [&] { swiglu_fwd_bf16(g, gate, up, len); });
+extern "C" void emu_swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up, int64_t rows,
+                                    int cols, int64_t ld) {
+  emu::launch(per_column(rows, cols), THREADS, 0,
+              [&] { swiglu_fwd_bf16(g, gate, up, rows, cols, ld); });
 }
 
 // The activation `gelu` (1) or ReLU (0) of h, into f32 (`bf16` 0) or bf16 (1) elements.

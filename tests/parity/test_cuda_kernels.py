@@ -50,8 +50,8 @@ def train_kernels(tmp_path_factory):
     so.emu_rms_norm_fwd.argtypes = [F32, F32, F32, F32, i, i, f]
     so.emu_rms_norm_bwd.argtypes = [F32, F32, F32, F32, F32, F32, i, i, i]
     so.emu_rope_rows.argtypes = [F32, F32, i, i, i, i, i, f]
-    so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l]
-    so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l]
+    so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l, i, l]
+    so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l, i, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
     so.emu_cross_entropy_bf16.argtypes = [u, F32, u, i, i, f]
     so.emu_column_sums.argtypes = [F32, F32, i, i]
@@ -59,7 +59,7 @@ def train_kernels(tmp_path_factory):
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
     so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
     so.emu_rms_norm_fwd_bf16.argtypes = [u, F32, F32, F32, i, i, f]
-    so.emu_swiglu_fwd_bf16.argtypes = [u, F32, F32, l]
+    so.emu_swiglu_fwd_bf16.argtypes = [u, F32, F32, l, i, l]
     so.emu_act_fwd.argtypes = [i, i, u, F32, l]
     so.emu_to_bf16.argtypes = [u, F32, l]
     so.emu_softmax_causal.argtypes = [F32, l, i, f, F32, i]
@@ -337,19 +337,29 @@ def test_rope_equals_the_rotate_half_definition_and_its_gradient(train_kernels):
 
 
 def test_swiglu_equals_pytorch(train_kernels):
+    """Separate gate and up, and the halves of one stacked gate|up (each row gate's, then up's)
+    read and written in place."""
     rng = np.random.default_rng(3)
-    shape = (13, 40)
-    gate, up, dg = (rng.standard_normal(shape, dtype=np.float32) * 3 for _ in range(3))
-    g = np.full(shape, np.nan, np.float32)
-    train_kernels.emu_swiglu_fwd(ptr(g), ptr(gate), ptr(up), gate.size)
+    rows, cols = 13, 300
+    gate, up, dg = (rng.standard_normal((rows, cols), dtype=np.float32) * 3 for _ in range(3))
     gt, ut = f64(gate, True), f64(up, True)
     want = torch.nn.functional.silu(gt) * ut
     want.backward(f64(dg))
+    g = np.full((rows, cols), np.nan, np.float32)
+    train_kernels.emu_swiglu_fwd(ptr(g), ptr(gate), ptr(up), rows, cols, cols)
     close(g, want.detach().numpy(), "swiglu", 1e-6)
     dgate, dup = gate.copy(), up.copy()
-    train_kernels.emu_swiglu_bwd(ptr(dgate), ptr(dup), ptr(dg), gate.size)
+    train_kernels.emu_swiglu_bwd(ptr(dgate), ptr(dup), ptr(dg), rows, cols, cols)
     close(dgate, gt.grad.numpy(), "swiglu dgate", 1e-6)
     close(dup, ut.grad.numpy(), "swiglu dup", 1e-6)
+    both = np.ascontiguousarray(np.concatenate([gate, up], 1))
+    halves = ptr(both), ctypes.cast(both.ctypes.data + 4 * cols, F32)
+    g = np.full((rows, cols), np.nan, np.float32)
+    train_kernels.emu_swiglu_fwd(ptr(g), *halves, rows, cols, 2 * cols)
+    close(g, want.detach().numpy(), "swiglu of the halves", 1e-6)
+    train_kernels.emu_swiglu_bwd(*halves, ptr(dg), rows, cols, 2 * cols)
+    close(both[:, :cols], gt.grad.numpy(), "swiglu dgate in the halves", 1e-6)
+    close(both[:, cols:], ut.grad.numpy(), "swiglu dup in the halves", 1e-6)
 
 
 def test_gather_rows_and_cross_entropy_equal_pytorch(train_kernels):
@@ -455,7 +465,7 @@ def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
 
     def swiglu(out, bf16):
         f = train_kernels.emu_swiglu_fwd_bf16 if bf16 else train_kernels.emu_swiglu_fwd
-        f(vp(out) if bf16 else ctypes.cast(out, F32), ptr(x), ptr(up), x.size)
+        f(vp(out) if bf16 else ctypes.cast(out, F32), ptr(x), ptr(up), n, c, c)
 
     both(swiglu, np.full((n, c), np.nan, np.float32))
     for gelu in (1, 0):

@@ -380,11 +380,11 @@ impl Stored {
     }
 }
 
-/// f32 data as a product's operand ([`Gpu::operand`]): the data itself, or its bf16 copy, which
-/// lives as long as this.
+/// f32 data as a product's operand ([`Gpu::operand`], [`Gpu::operand_stacked`]): the data
+/// itself, or a copy (bf16, or stacked), which lives as long as this.
 pub struct Operand {
     data: Data,
-    _copy: Option<Buf<Bf16>>,
+    _copy: Option<Stored>,
 }
 
 impl Operand {
@@ -619,6 +619,15 @@ impl Gpu {
 }
 
 const THREADS: u32 = 256;
+
+/// The elements `rows` rows of `cols`, `ld` apart, span (an error naming `what` for `ld` <
+/// `cols`).
+fn strided(rows: usize, cols: usize, ld: usize, what: &str) -> Result<usize> {
+    if ld < cols {
+        candle_core::bail!("cuda {what}: rows of {cols} cannot be {ld} apart");
+    }
+    Ok(if rows == 0 { 0 } else { (rows - 1) * ld + cols })
+}
 
 fn blocks(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).max(1) as u32
@@ -1186,6 +1195,25 @@ impl Gpu {
         self.launch(name, (blocks(len, THREADS as usize), THREADS), args, bytes)
     }
 
+    /// Launches a kernel over `rows` rows of `cols` (`bytes` moved): blocks of columns, each
+    /// going down the rows of its group (grid y; at most 65,535 groups).
+    fn launch_columns(
+        &self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        args: &[Arg],
+        bytes: usize,
+    ) -> Result<()> {
+        let grid = (cols.div_ceil(THREADS as usize), rows.clamp(1, 65_535));
+        self.launch_in(
+            Module::Train,
+            name,
+            (grid, THREADS, 0),
+            args,
+            Work::bytes(bytes),
+        )
+    }
+
     /// Launches a row kernel: a warp per row of `rows` (`bytes` moved).
     fn launch_rows(&self, name: &str, rows: usize, args: &[Arg], bytes: usize) -> Result<()> {
         self.launch(
@@ -1455,32 +1483,38 @@ impl Gpu {
         self.launch_elements("rope_rows", pairs, &args, 16 * pairs)
     }
 
-    /// g = silu(gate) ⊙ up: gate and up f32 (g f32, or bf16), or both bf16 (g bf16).
+    /// g = silu(gate) ⊙ up over `rows` rows of `cols`, gate's and up's rows `ld` apart (the
+    /// halves of a stacked gate|up product, read in place; `ld` = `cols` for separate ones), g
+    /// [rows, cols]: gate and up f32 (g f32, or bf16), or both bf16 (g bf16).
     pub fn swiglu(
         &self,
         g: Data,
         gate: impl Into<Data>,
         up: impl Into<Data>,
-        len: usize,
+        (rows, cols, ld): (usize, usize, usize),
     ) -> Result<()> {
         let (gate, up) = (gate.into(), up.into());
         let h16 = same_type([gate, up], "swiglu")?;
         if h16 && !g.is_bf16() {
             candle_core::bail!("cuda swiglu: bf16 gate and up give a bf16 g");
         }
+        let len = rows * cols;
+        let halves = strided(rows, cols, ld, "swiglu")?;
         let (g, name, size) = g.output(len, "swiglu g", "swiglu_fwd")?;
         let args = [
             Arg::P(g),
-            Arg::P(gate.need(len, "swiglu gate")?),
-            Arg::P(up.need(len, "swiglu up")?),
-            Arg::L(len as i64),
+            Arg::P(gate.need(halves, "swiglu gate")?),
+            Arg::P(up.need(halves, "swiglu up")?),
+            Arg::L(rows as i64),
+            Arg::I(int(cols)?),
+            Arg::L(ld as i64),
         ];
         let (name, in_size) = if h16 {
             ("swiglu_fwd_h16".to_string(), 2)
         } else {
             (name, 4)
         };
-        self.launch_elements(&name, len, &args, (2 * in_size + size) * len)
+        self.launch_columns(&name, (rows, cols), &args, (2 * in_size + size) * len)
     }
 
     /// Inference's `out = silu(gate)·up` over `rows` rows of `cols`, gate's row r at r·ld_gate
@@ -1508,16 +1542,17 @@ impl Gpu {
         self.launch_elements("swiglu_rows", rows * cols, &args, 12 * rows * cols)
     }
 
-    /// SwiGLU's backward from dg and the forward's gate and up: into `grads` (dgate, dup), f32
-    /// (which may be gate and up themselves) or bf16; with gate, up and dg in bf16 (as bf16
-    /// products write them), bf16 (which may be gate and up themselves).
+    /// SwiGLU's backward from dg ([rows, cols]) and the forward's gate and up (laid out as
+    /// [`Gpu::swiglu`] reads them): into `grads` (dgate, dup, laid out the same), f32 (which may
+    /// be gate and up themselves) or bf16; with gate, up and dg in bf16 (as bf16 products write
+    /// them), bf16 (which may be gate and up themselves).
     pub fn swiglu_bwd(
         &self,
         grads: (Data, Data),
         gate: impl Into<Data>,
         up: impl Into<Data>,
         dg: impl Into<Data>,
-        len: usize,
+        (rows, cols, ld): (usize, usize, usize),
     ) -> Result<()> {
         let (gate, up, dg) = (gate.into(), up.into(), dg.into());
         let out16 = same_type([grads.0, grads.1], "swiglu_bwd dgate and dup")?;
@@ -1525,21 +1560,25 @@ impl Gpu {
         if h16 && !out16 {
             candle_core::bail!("cuda swiglu_bwd: bf16 gate, up and dg give bf16 gradients");
         }
-        let (pgate, name, size) = grads.0.output(len, "swiglu_bwd dgate", "swiglu_bwd")?;
+        let len = rows * cols;
+        let halves = strided(rows, cols, ld, "swiglu_bwd")?;
+        let (pgate, name, size) = grads.0.output(halves, "swiglu_bwd dgate", "swiglu_bwd")?;
         let args = [
             Arg::P(pgate),
-            Arg::P(grads.1.need(len, "swiglu_bwd dup")?),
-            Arg::P(gate.need(len, "swiglu_bwd gate")?),
-            Arg::P(up.need(len, "swiglu_bwd up")?),
+            Arg::P(grads.1.need(halves, "swiglu_bwd dup")?),
+            Arg::P(gate.need(halves, "swiglu_bwd gate")?),
+            Arg::P(up.need(halves, "swiglu_bwd up")?),
             Arg::P(dg.need(len, "swiglu_bwd dg")?),
-            Arg::L(len as i64),
+            Arg::L(rows as i64),
+            Arg::I(int(cols)?),
+            Arg::L(ld as i64),
         ];
         let (name, in_size) = if h16 {
             ("swiglu_bwd_h16".to_string(), 2)
         } else {
             (name, 4)
         };
-        self.launch_elements(&name, len, &args, (3 * in_size + 2 * size) * len)
+        self.launch_columns(&name, (rows, cols), &args, (3 * in_size + 2 * size) * len)
     }
 
     /// An elementwise activation: the tanh GELU, or ReLU (out f32, or bf16).
@@ -1590,6 +1629,25 @@ impl Gpu {
         let copy = self.bf16_copy(x)?;
         Ok(Operand {
             data: copy.dev().into(),
+            _copy: Some(Stored::Bf16(copy)),
+        })
+    }
+
+    /// Arrays one after another as one product's operand (weight matrices of the same width
+    /// stacked by rows, so that one product does the work of several): a new buffer, bf16 with
+    /// bf16 products ([`Gpu::bf16`]), else f32.
+    pub fn operand_stacked(&self, parts: &[Dev<f32>]) -> Result<Operand> {
+        let copy = self.operand_buf(parts.iter().map(|p| p.len).sum())?;
+        let mut at = 0;
+        for p in parts {
+            match &copy {
+                Stored::Bf16(b) => self.to_bf16(b.dev().at(at)?, *p, p.len)?,
+                Stored::F32(b) => self.copy(b.dev().at(at)?, *p, p.len)?,
+            }
+            at += p.len;
+        }
+        Ok(Operand {
+            data: copy.data(),
             _copy: Some(copy),
         })
     }
@@ -2068,7 +2126,7 @@ mod tests {
             ("relu", Box::new(|o| gpu.act_fwd(false, o, dx.dev(), len))),
             (
                 "swiglu",
-                Box::new(|o| gpu.swiglu(o, dx.dev(), up.dev(), len)),
+                Box::new(|o| gpu.swiglu(o, dx.dev(), up.dev(), (n, c, c))),
             ),
             (
                 "to_bf16",
@@ -2105,14 +2163,14 @@ mod tests {
                 "swiglu_bwd dgate",
                 Box::new(|o| {
                     let grads = (o, other(o));
-                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), len)
+                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), (n, c, c))
                 }),
             ),
             (
                 "swiglu_bwd dup",
                 Box::new(|o| {
                     let grads = (other(o), o);
-                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), len)
+                    gpu.swiglu_bwd(grads, dx.dev(), up.dev(), dxr.dev(), (n, c, c))
                 }),
             ),
             (
@@ -2185,7 +2243,9 @@ mod tests {
         let Some(gpu) = gpu() else {
             return;
         };
-        let len = 37 * 70;
+        let (rows, cols) = (37, 70);
+        let len = rows * cols;
+        let shape = (rows, cols, cols);
         let x: Vec<f32> = (0..len)
             .map(|i| ((i * 7919 % 1000) as f32 / 125.0 - 4.0) * (1.0 + (i % 3) as f32))
             .collect();
@@ -2214,50 +2274,110 @@ mod tests {
         };
         // Forward.
         let (f, h) = (gpu.uninit(len).unwrap(), gpu.uninit_bf16(len).unwrap());
-        gpu.swiglu(f.dev().into(), xr.dev(), ur.dev(), len).unwrap();
-        gpu.swiglu(h.dev().into(), gate.dev(), up.dev(), len)
+        gpu.swiglu(f.dev().into(), xr.dev(), ur.dev(), shape)
+            .unwrap();
+        gpu.swiglu(h.dev().into(), gate.dev(), up.dev(), shape)
             .unwrap();
         check("swiglu", &f, &h);
+        let silu_up: Vec<f32> = rounded(&x)
+            .iter()
+            .zip(rounded(&u))
+            .map(|(&x, u)| x / (1.0 + (-x).exp()) * u)
+            .collect();
+        for (i, (got, want)) in gpu
+            .download(&f, len)
+            .unwrap()
+            .iter()
+            .zip(&silu_up)
+            .enumerate()
+        {
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "[{i}]: {got} for {want}"
+            );
+        }
         // Backward: into new buffers, and in gate's and up's place.
         let (fg, fu) = (gpu.uninit(len).unwrap(), gpu.uninit(len).unwrap());
         let grads = (fg.dev().into(), fu.dev().into());
-        gpu.swiglu_bwd(grads, xr.dev(), ur.dev(), ur.dev(), len)
+        gpu.swiglu_bwd(grads, xr.dev(), ur.dev(), ur.dev(), shape)
             .unwrap();
         let (hg, hu) = (gpu.uninit_bf16(len).unwrap(), gpu.uninit_bf16(len).unwrap());
         let grads = (hg.dev().into(), hu.dev().into());
-        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), len)
+        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), shape)
             .unwrap();
         check("swiglu_bwd dgate", &fg, &hg);
         check("swiglu_bwd dup", &fu, &hu);
         let grads = (gate.dev().into(), up.dev().into());
-        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), len)
+        gpu.swiglu_bwd(grads, gate.dev(), up.dev(), dg.dev(), shape)
             .unwrap();
         check("swiglu_bwd dgate in place", &fg, &gate);
         check("swiglu_bwd dup in place", &fu, &up);
+        // gate and up as the halves of one stacked [rows, 2·cols] product (each row gate's, then
+        // up's), read and written in place: the same bits as separate buffers.
+        let (xh, uh) = (
+            gpu.download(&copy16(&xs), len).unwrap(),
+            gpu.download(&copy16(&us), len).unwrap(),
+        );
+        let stacked: Vec<Bf16> = (0..rows)
+            .flat_map(|r| {
+                xh[r * cols..(r + 1) * cols]
+                    .iter()
+                    .chain(&uh[r * cols..(r + 1) * cols])
+            })
+            .copied()
+            .collect();
+        let both = gpu.upload(&stacked).unwrap();
+        let (sg, su) = (both.dev(), both.dev().at(cols).unwrap());
+        let halves = (rows, cols, 2 * cols);
+        let hs = gpu.uninit_bf16(len).unwrap();
+        gpu.swiglu(hs.dev().into(), sg, su, halves).unwrap();
+        let bits = |b: &Buf<Bf16>, n: usize| -> Vec<u16> {
+            gpu.download(b, n).unwrap().iter().map(|v| v.0).collect()
+        };
+        assert_eq!(bits(&hs, len), bits(&h, len), "swiglu of the halves");
+        gpu.swiglu_bwd((sg.into(), su.into()), sg, su, dg.dev(), halves)
+            .unwrap();
+        let got = bits(&both, 2 * len);
+        let (want_g, want_u) = (bits(&gate, len), bits(&up, len));
+        for r in 0..rows {
+            let row = &got[r * 2 * cols..(r + 1) * 2 * cols];
+            assert_eq!(
+                row[..cols],
+                want_g[r * cols..(r + 1) * cols],
+                "dgate row {r}"
+            );
+            assert_eq!(row[cols..], want_u[r * cols..(r + 1) * cols], "dup row {r}");
+        }
+        // Halves closer than a row apart are refused.
+        let e = gpu
+            .swiglu(hs.dev().into(), sg, su, (rows, cols, cols - 1))
+            .expect_err("overlapping rows")
+            .to_string();
+        assert!(e.contains("apart"), "{e}");
         // Mixed types.
         let refused = [
-            gpu.swiglu(f.dev().into(), gate.dev(), up.dev(), len),
-            gpu.swiglu(h.dev().into(), gate.dev(), us.dev(), len),
+            gpu.swiglu(f.dev().into(), gate.dev(), up.dev(), shape),
+            gpu.swiglu(h.dev().into(), gate.dev(), us.dev(), shape),
             gpu.swiglu_bwd(
                 (fg.dev().into(), fu.dev().into()),
                 gate.dev(),
                 up.dev(),
                 dg.dev(),
-                len,
+                shape,
             ),
             gpu.swiglu_bwd(
                 (hg.dev().into(), hu.dev().into()),
                 gate.dev(),
                 up.dev(),
                 us.dev(),
-                len,
+                shape,
             ),
             gpu.swiglu_bwd(
                 (hg.dev().into(), fu.dev().into()),
                 xs.dev(),
                 us.dev(),
                 us.dev(),
-                len,
+                shape,
             ),
         ];
         for (i, r) in refused.into_iter().enumerate() {

@@ -240,28 +240,34 @@ extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld
   p[half + j] = b * co + a * si;
 }
 
-// SwiGLU: g = silu(gate) ⊙ up, gate and up f32 (or bf16 where their products wrote them in
-// bf16: swiglu_fwd_h16), g f32 or bf16.
+// SwiGLU: g = silu(gate) ⊙ up over rows of cols, gate's and up's rows ld apart (the halves of a
+// stacked gate|up product's output, read in place; ld = cols for separate ones), g [rows, cols];
+// gate and up f32 (or bf16 where their product wrote them in bf16: swiglu_fwd_h16), g f32 or bf16.
+// Grid: column blocks × row groups, each block's threads down the rows of its group.
 template <class O, class I>
-__device__ void swiglu_elements(O* g, const I* gate, const I* up, int64_t len) {
-  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= len) return;
-  float x = get(&gate[i]);
-  put(&g[i], x / (1.0f + __expf(-x)) * get(&up[i]));
+__device__ void swiglu_elements(O* g, const I* gate, const I* up, int64_t rows, int cols,
+                                int64_t ld) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    float x = get(&gate[r * ld + c]);
+    put(&g[r * cols + c], x / (1.0f + __expf(-x)) * get(&up[r * ld + c]));
+  }
 }
 
-extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t len) {
-  swiglu_elements(g, gate, up, len);
+extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t rows,
+                                      int cols, int64_t ld) {
+  swiglu_elements(g, gate, up, rows, cols, ld);
 }
 
 extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up,
-                                           int64_t len) {
-  swiglu_elements(g, gate, up, len);
+                                           int64_t rows, int cols, int64_t ld) {
+  swiglu_elements(g, gate, up, rows, cols, ld);
 }
 
 extern "C" __global__ void swiglu_fwd_h16(uint16_t* g, const uint16_t* gate, const uint16_t* up,
-                                          int64_t len) {
-  swiglu_elements(g, gate, up, len);
+                                          int64_t rows, int cols, int64_t ld) {
+  swiglu_elements(g, gate, up, rows, cols, ld);
 }
 
 // Inference's SwiGLU over rows read in place (the halves of a stacked gate|up projection): row r
@@ -275,34 +281,41 @@ extern "C" __global__ void swiglu_rows(float* out, const float* gate, const floa
   out[i] = x / (1.0f + __expf(-x)) * up[r * ldu + c];
 }
 
-// SwiGLU's backward: dgate and dup from dg and the forward's gate and up (in their place for
-// f32 gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers;
+// SwiGLU's backward: dgate and dup from dg ([rows, cols]) and the forward's gate and up, laid out
+// as the forward's (rows ld apart), the gradients too (in gate's and up's place for f32
+// gradients; swiglu_bwd_bf16: bf16 gradients, only products' operands, into new buffers;
 // swiglu_bwd_h16: gate, up and dg in bf16 as the products wrote them, and the bf16 gradients,
-// which may be written in gate's and up's place).
+// which may be written in gate's and up's place). Grid as the forward's.
 template <class O, class I>
 __device__ void swiglu_bwd_elements(O* dgate, O* dup, const I* gate, const I* up, const I* dg,
-                                    int64_t len) {
-  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= len) return;
-  float x = get(&gate[i]), u = get(&up[i]), d = get(&dg[i]);
-  float sg = 1.0f / (1.0f + __expf(-x));
-  put(&dgate[i], d * u * sg * (1.0f + x * (1.0f - sg)));
-  put(&dup[i], d * x * sg);
+                                    int64_t rows, int cols, int64_t ld) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    int64_t i = r * ld + c;
+    float x = get(&gate[i]), u = get(&up[i]), d = get(&dg[r * cols + c]);
+    float sg = 1.0f / (1.0f + __expf(-x));
+    put(&dgate[i], d * u * sg * (1.0f + x * (1.0f - sg)));
+    put(&dup[i], d * x * sg);
+  }
 }
 
 extern "C" __global__ void swiglu_bwd(float* dgate, float* dup, const float* gate,
-                                      const float* up, const float* dg, int64_t len) {
-  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
+                                      const float* up, const float* dg, int64_t rows, int cols,
+                                      int64_t ld) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, rows, cols, ld);
 }
 
 extern "C" __global__ void swiglu_bwd_bf16(uint16_t* dgate, uint16_t* dup, const float* gate,
-                                           const float* up, const float* dg, int64_t len) {
-  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
+                                           const float* up, const float* dg, int64_t rows,
+                                           int cols, int64_t ld) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, rows, cols, ld);
 }
 
 extern "C" __global__ void swiglu_bwd_h16(uint16_t* dgate, uint16_t* dup, const uint16_t* gate,
-                                          const uint16_t* up, const uint16_t* dg, int64_t len) {
-  swiglu_bwd_elements(dgate, dup, gate, up, dg, len);
+                                          const uint16_t* up, const uint16_t* dg, int64_t rows,
+                                          int cols, int64_t ld) {
+  swiglu_bwd_elements(dgate, dup, gate, up, dg, rows, cols, ld);
 }
 
 // GELU, tanh approximation (gelu_new), and its derivative.

@@ -193,13 +193,12 @@ struct Saved {
     y: Buf<f32>,
     y_op: Operand,
     lse: Buf<f32>,
-    /// Residual stream after attention, its norm and 1/rms, gate and up projections,
-    /// silu(gate)·up.
+    /// Residual stream after attention, its norm and 1/rms, the gate and up projections (one
+    /// product's [n, 2·inter] output: each row gate's, then up's), silu(gate)·up.
     xm: Buf<f32>,
     a2: Stored,
     r2: Buf<f32>,
-    gate: Stored,
-    up: Stored,
+    gate_up: Stored,
     g: Stored,
 }
 
@@ -265,20 +264,23 @@ fn backprop(
     } else {
         p[2 + layers * PER_LAYER]
     })?;
-    // The layers' weight matrices as products' operands (bf16 copies with bf16 products): q, k,
-    // v, o, gate, up, down, at these places of `layer`'s order (the norms' weights are not
-    // products' operands).
-    const MATRICES: [usize; 7] = [1, 2, 3, 4, 6, 7, 8];
+    // The layers' weight matrices as products' operands (copies, bf16 with bf16 products): q|k|v
+    // stacked ([w, c]: one product writes q|k|v, one takes its gradient back), o, gate|up
+    // stacked ([2·inter, c]) and down; `layer`'s order is in_norm, q, k, v, o, post_norm, gate,
+    // up, down.
     let weights = (0..layers)
         .map(|i| {
-            MATRICES
-                .iter()
-                .map(|&j| gpu.operand(layer(i)[j]))
-                .collect::<Result<Vec<_>>>()
+            let l = layer(i);
+            Ok([
+                gpu.operand_stacked(&l[1..4])?,
+                gpu.operand(l[4])?,
+                gpu.operand_stacked(&l[6..8])?,
+                gpu.operand(l[8])?,
+            ])
         })
         .collect::<Result<Vec<_>>>()?;
-    // Layer i's q, k, v, o, gate, up and down weights as operands.
-    let matrices = |i: usize| -> [Data; 7] { std::array::from_fn(|j| weights[i][j].data()) };
+    // Layer i's q|k|v, o, gate|up and down weights as operands.
+    let matrices = |i: usize| -> [Data; 4] { std::array::from_fn(|j| weights[i][j].data()) };
     let table = p[p.len() - 1];
     let attn = d.attn();
     let att_scale = 1.0 / (d.hd as f32).sqrt();
@@ -294,21 +296,11 @@ fn backprop(
         let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
-        let [wq, wk, wv, wo, wg, wu, wd] = matrices(i);
+        let [wqkv, wo, wgu, wd] = matrices(i);
         let (a1, r1) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a1.data(), r1.dev()), x.dev(), *w_in, (n, c), d.eps)?;
         let qkv = gpu.uninit(n * w)?;
-        let cols = [(wq, 0, qd), (wk, qd, kvd), (wv, qd + kvd, kvd)];
-        for (wt, col, outs) in cols {
-            linear(
-                gpu,
-                a1.data(),
-                wt,
-                (n, outs, c),
-                (qkv.dev().at(col)?, w),
-                false,
-            )?;
-        }
+        linear(gpu, a1.data(), wqkv, (n, w, c), (qkv.dev(), w), false)?;
         gpu.rope(qkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), false)?;
         let qkv = attention_input(gpu, qkv, true)?;
         let (y, lse) = (gpu.uninit(n * qd)?, gpu.uninit(d.b * d.heads * d.t)?);
@@ -324,23 +316,18 @@ fn backprop(
         let xm = residual_linear(gpu, x.dev(), y_op.data(), wo, (n, c, qd))?;
         let (a2, r2) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a2.data(), r2.dev()), xm.dev(), *w_post, (n, c), d.eps)?;
-        // gate and up as their products write them: bf16 with bf16 products (as autocast's
-        // linear layers), read in bf16 by both SwiGLU kernels.
-        let (gate, up, g) = (
-            gpu.operand_buf(n * inter)?,
-            gpu.operand_buf(n * inter)?,
-            gpu.operand_buf(n * inter)?,
-        );
-        for (wt, out) in [(wg, &gate), (wu, &up)] {
-            gpu.linear(
-                (n, inter, c),
-                plain(a2.data(), c),
-                transposed(wt, c),
-                Added::default(),
-                out.data(),
-            )?;
-        }
-        gpu.swiglu(g.data(), gate.data(), up.data(), n * inter)?;
+        // gate|up as their one product writes them: bf16 with bf16 products (as autocast's
+        // linear layers), read in place and in bf16 by both SwiGLU kernels.
+        let (gate_up, g) = (gpu.operand_buf(n * 2 * inter)?, gpu.operand_buf(n * inter)?);
+        gpu.linear(
+            (n, 2 * inter, c),
+            plain(a2.data(), c),
+            transposed(wgu, c),
+            Added::default(),
+            gate_up.data(),
+        )?;
+        let halves = (gate_up.data(), gate_up.data().at(inter)?);
+        gpu.swiglu(g.data(), halves.0, halves.1, (n, inter, 2 * inter))?;
         let xo = residual_linear(gpu, xm.dev(), g.data(), wd, (n, c, inter))?;
         saved.push(Saved {
             x: std::mem::replace(&mut x, xo),
@@ -353,8 +340,7 @@ fn backprop(
             xm,
             a2,
             r2,
-            gate,
-            up,
+            gate_up,
             g,
         });
     }
@@ -390,7 +376,7 @@ fn backprop(
         let [w_in, _, _, _, _, w_post, ..] = layer(i) else {
             unreachable!("PER_LAYER tensors a layer")
         };
-        let [wq, wk, wv, wo, wg, wu, wd] = matrices(i);
+        let [wqkv, wo, wgu, wd] = matrices(i);
         let s = saved.pop().expect("one saved entry per layer");
         // xo = xm + g·W_downᵀ
         let d_down = product(
@@ -410,34 +396,23 @@ fn backprop(
         )?;
         // The gate and up projections' gradients, only products' operands, in the saved
         // projections' place (of their type: bf16 with bf16 products).
-        let (dgate, dup) = (s.gate.data(), s.up.data());
-        gpu.swiglu_bwd((dgate, dup), dgate, dup, dg.data(), n * inter)?;
+        let dgu = s.gate_up.data();
+        let (dgate, dup) = (dgu, dgu.at(inter)?);
+        gpu.swiglu_bwd((dgate, dup), dgate, dup, dg.data(), (n, inter, 2 * inter))?;
         drop(dg);
         let d_gate = product(
             gpu,
             (inter, c, n),
-            transposed(dgate, inter),
+            transposed(dgate, 2 * inter),
             plain(s.a2.data(), c),
         )?;
         let d_up = product(
             gpu,
             (inter, c, n),
-            transposed(dup, inter),
+            transposed(dup, 2 * inter),
             plain(s.a2.data(), c),
         )?;
-        let da2 = product(gpu, (n, c, inter), plain(dgate, inter), plain(wg, c))?;
-        let add = |a: Data, wt: Data, k: usize, lda: usize, out: Dev<f32>| {
-            gpu.mm(
-                (n, c, k),
-                plain(a, lda),
-                plain(wt, c),
-                (out, c),
-                1.0,
-                1.0,
-                Batched::ONE,
-            )
-        };
-        add(dup, wu, inter, inter, da2.dev())?;
+        let da2 = product(gpu, (n, c, 2 * inter), plain(dgu, 2 * inter), plain(wgu, c))?;
         let d_post = norm_bwd(da2.dev(), (s.xm.dev(), *w_post, s.r2.dev()), true)?;
         drop(da2);
         // xm = x + y·W_oᵀ
@@ -485,9 +460,7 @@ fn backprop(
         let d_q = product(gpu, (qd, c, n), transposed(dq, w), a1)?;
         let d_k = product(gpu, (kvd, c, n), transposed(dk, w), a1)?;
         let d_v = product(gpu, (kvd, c, n), transposed(dv, w), a1)?;
-        let da1 = product(gpu, (n, c, qd), plain(dq, w), plain(wq, c))?;
-        add(dk, wk, kvd, w, da1.dev())?;
-        add(dv, wv, kvd, w, da1.dev())?;
+        let da1 = product(gpu, (n, c, w), plain(dq, w), plain(wqkv, c))?;
         drop((dqkv_op, dqkv));
         let d_in = norm_bwd(da1.dev(), (s.x.dev(), *w_in, s.r1.dev()), true)?;
         grads.push(vec![d_in, d_q, d_k, d_v, d_o, d_post, d_gate, d_up, d_down]);
