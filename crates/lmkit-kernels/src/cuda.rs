@@ -620,6 +620,20 @@ impl Gpu {
 
 const THREADS: u32 = 256;
 
+/// The rotary table's address after checking the rope's shape: `heads` heads of `hd` (even)
+/// within rows of `ld`, positions below `t` in the table.
+fn rope_table(
+    table: Dev<f32>,
+    ld: usize,
+    (n, t): (usize, usize),
+    (heads, hd): (usize, usize),
+) -> Result<u64> {
+    if heads * hd > ld || !hd.is_multiple_of(2) {
+        candle_core::bail!("cuda rope: {heads} heads of {hd} in rows of {ld}");
+    }
+    table.need(t.min(n) * hd, "rope table")
+}
+
 /// The elements `rows` rows of `cols`, `ld` apart, span (an error naming `what` for `ld` <
 /// `cols`).
 fn strided(rows: usize, cols: usize, ld: usize, what: &str) -> Result<usize> {
@@ -1454,25 +1468,24 @@ impl Gpu {
     }
 
     /// Rotary embedding in place of the first `heads` heads of hd columns of each row of x
-    /// ([n, ld]), row r at position r mod t of `table` ([positions ≥ t, hd]: cos, then sin);
-    /// `inverse` rotates by −θ (the backward pass).
+    /// ([n, ld]; f32, or bf16 as a bf16 product writes it), row r at position r mod t of `table`
+    /// ([positions ≥ t, hd]: cos, then sin); `inverse` rotates by −θ (the backward pass).
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
-        x: Dev<f32>,
+        x: impl Into<Data>,
         ld: usize,
         table: Dev<f32>,
         (n, t): (usize, usize),
         (heads, hd): (usize, usize),
         inverse: bool,
     ) -> Result<()> {
-        if heads * hd > ld || !hd.is_multiple_of(2) {
-            candle_core::bail!("cuda rope: {heads} heads of {hd} in rows of {ld}");
-        }
+        let x = x.into();
+        let table = rope_table(table, ld, (n, t), (heads, hd))?;
         let pairs = n * heads * (hd / 2);
         let args = [
             Arg::P(x.need((n.max(1) - 1) * ld + heads * hd, "rope x")?),
-            Arg::P(table.need(t.min(n) * hd, "rope table")?),
+            Arg::P(table),
             Arg::I(int(n)?),
             Arg::I(int(ld)?),
             Arg::I(int(t)?),
@@ -1480,7 +1493,41 @@ impl Gpu {
             Arg::I(int(hd)?),
             Arg::F(if inverse { -1.0 } else { 1.0 }),
         ];
-        self.launch_elements("rope_rows", pairs, &args, 16 * pairs)
+        let (name, size) = if x.is_bf16() {
+            ("rope_rows_h16", 2)
+        } else {
+            ("rope_rows", 4)
+        };
+        self.launch_elements(name, pairs, &args, 4 * size * pairs)
+    }
+
+    /// [`Gpu::rope`] of f32 x ([n, ld]) into a new bf16 `out` ([n, ld]) in one pass: the
+    /// rotated columns as it rotates them, the rest of each row as it is, all rounded to bf16
+    /// (the backward pass's q|k|v gradient as the products' operand).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_to_bf16(
+        &self,
+        out: Dev<Bf16>,
+        x: Dev<f32>,
+        ld: usize,
+        table: Dev<f32>,
+        (n, t): (usize, usize),
+        (heads, hd): (usize, usize),
+        inverse: bool,
+    ) -> Result<()> {
+        let table = rope_table(table, ld, (n, t), (heads, hd))?;
+        let args = [
+            Arg::P(out.need(n * ld, "rope out")?),
+            Arg::P(x.need(n * ld, "rope x")?),
+            Arg::P(table),
+            Arg::I(int(n)?),
+            Arg::I(int(ld)?),
+            Arg::I(int(t)?),
+            Arg::I(int(heads)?),
+            Arg::I(int(hd)?),
+            Arg::F(if inverse { -1.0 } else { 1.0 }),
+        ];
+        self.launch_columns("rope_rows_bf16", (n, ld), &args, 6 * n * ld)
     }
 
     /// g = silu(gate) ⊙ up over `rows` rows of `cols`, gate's and up's rows `ld` apart (the
@@ -2384,6 +2431,116 @@ mod tests {
             let e = r.expect_err("mixed types").to_string();
             assert!(e.contains("bf16"), "case {i}: {e}");
         }
+    }
+
+    /// The rotary kernels: f32 in place against the rotation written out on the host; in place
+    /// on bf16 (as a bf16 product writes q|k|v) and rotated into a new bf16 buffer (the backward
+    /// pass's operand) give the f32 kernel's outputs rounded (within one bf16 step), the columns
+    /// past the heads left alone or only rounded.
+    #[test]
+    fn gpu_rope_kernels_write_bf16() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let (n, t, heads, hd) = (37, 10, 3, 16);
+        let ld = heads * hd + 24;
+        let len = n * ld;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * (1.0 + (i % 3) as f32))
+            .collect();
+        let half = hd / 2;
+        let table: Vec<f32> = (0..t * hd)
+            .map(|i| {
+                let (p, j) = (i / hd, i % half);
+                let theta = p as f32 * 0.37f32.powi(j as i32);
+                if i % hd < half {
+                    theta.cos()
+                } else {
+                    theta.sin()
+                }
+            })
+            .collect();
+        let table_d = gpu.upload(&table).unwrap();
+        let rounded: Vec<f32> = x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect();
+        let shape = ((n, t), (heads, hd));
+        // The rotation on the host, by +θ or −θ.
+        let host = |x: &[f32], sign: f64| -> Vec<f32> {
+            let mut out = x.to_vec();
+            for r in 0..n {
+                for h in 0..heads {
+                    for j in 0..half {
+                        let at = r * ld + h * hd;
+                        let tr = &table[(r % t) * hd..];
+                        let (co, si) = (tr[j] as f64, sign * tr[half + j] as f64);
+                        let (a, b) = (x[at + j] as f64, x[at + half + j] as f64);
+                        out[at + j] = (a * co - b * si) as f32;
+                        out[at + half + j] = (b * co + a * si) as f32;
+                    }
+                }
+            }
+            out
+        };
+        for (inverse, sign) in [(false, 1.0), (true, -1.0)] {
+            let f = gpu.upload(&rounded).unwrap();
+            gpu.rope(f.dev(), ld, table_d.dev(), shape.0, shape.1, inverse)
+                .unwrap();
+            let want = gpu.download(&f, len).unwrap();
+            for (i, (g, h)) in want.iter().zip(host(&rounded, sign)).enumerate() {
+                assert!(
+                    (g - h).abs() <= 1e-5 * h.abs().max(1.0),
+                    "[{i}]: {g} for {h}"
+                );
+            }
+            let within_a_step = |name: &str, got: &[Bf16]| {
+                for (i, (f, h)) in want.iter().zip(got).enumerate() {
+                    let step = Bf16::from_f32(*f).0.abs_diff(h.0);
+                    // Past the heads: the input, rounded, exactly.
+                    let bound = u16::from(i % ld < heads * hd);
+                    assert!(step <= bound, "{name} [{i}]: {} for {f}", h.to_f32());
+                }
+            };
+            // In place on bf16.
+            let h = gpu.upload(
+                &rounded
+                    .iter()
+                    .map(|&v| Bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            );
+            let h = h.unwrap();
+            gpu.rope(h.dev(), ld, table_d.dev(), shape.0, shape.1, inverse)
+                .unwrap();
+            within_a_step("in place", &gpu.download(&h, len).unwrap());
+            // Into a new bf16 buffer.
+            let (src, out) = (gpu.upload(&rounded).unwrap(), gpu.uninit_bf16(len).unwrap());
+            gpu.rope_to_bf16(
+                out.dev(),
+                src.dev(),
+                ld,
+                table_d.dev(),
+                shape.0,
+                shape.1,
+                inverse,
+            )
+            .unwrap();
+            within_a_step("into bf16", &gpu.download(&out, len).unwrap());
+            assert_eq!(
+                gpu.download(&src, len).unwrap(),
+                rounded,
+                "its input changed"
+            );
+        }
+        let e = gpu
+            .rope(
+                table_d.dev(),
+                ld,
+                table_d.dev(),
+                shape.0,
+                (heads, hd + 1),
+                false,
+            )
+            .expect_err("odd head size")
+            .to_string();
+        assert!(e.contains("heads"), "{e}");
     }
 
     /// The flash kernels' bf16 inputs: rows 16-byte aligned, all four inputs of one type, bf16

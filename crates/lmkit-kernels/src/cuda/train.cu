@@ -223,9 +223,11 @@ extern "C" __global__ void rms_norm_bwd(float* dx, uint16_t* dx16, float* prod, 
 
 // Rotary embedding in place ("rotate half"): the first `heads` heads of hd columns of each row of
 // x [n, ld], row r at position r mod t of table [positions, hd] (each row: the hd/2 cos(θ), then
-// their sin(θ)); sign −1 rotates by −θ (the backward pass). One thread per rotated pair.
-extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld, int t,
-                                     int heads, int hd, float sign) {
+// their sin(θ)); sign −1 rotates by −θ (the backward pass). One thread per rotated pair, in place:
+// f32 (rope_rows), or bf16 as a bf16 product wrote it (rope_rows_h16).
+template <class T>
+__device__ void rope_pairs(T* x, const float* table, int n, int ld, int t, int heads, int hd,
+                           float sign) {
   int half = hd / 2;
   int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (int64_t)n * heads * half) return;
@@ -234,10 +236,43 @@ extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld
   int h = rh % heads, r = rh / heads;
   const float* tr = table + (int64_t)(r % t) * hd;
   float co = tr[j], si = sign * tr[half + j];
-  float* p = x + (int64_t)r * ld + h * hd;
-  float a = p[j], b = p[half + j];
-  p[j] = a * co - b * si;
-  p[half + j] = b * co + a * si;
+  T* p = x + (int64_t)r * ld + h * hd;
+  float a = get(&p[j]), b = get(&p[half + j]);
+  put(&p[j], a * co - b * si);
+  put(&p[half + j], b * co + a * si);
+}
+
+extern "C" __global__ void rope_rows(float* x, const float* table, int n, int ld, int t,
+                                     int heads, int hd, float sign) {
+  rope_pairs(x, table, n, ld, t, heads, hd, sign);
+}
+
+extern "C" __global__ void rope_rows_h16(uint16_t* x, const float* table, int n, int ld, int t,
+                                         int heads, int hd, float sign) {
+  rope_pairs(x, table, n, ld, t, heads, hd, sign);
+}
+
+// The rotation and the rounding to bf16 in one pass, into a new buffer: out [n, ld] bf16 from
+// x [n, ld] f32, the first heads·hd columns of each row rotated as rope_rows rotates them and the
+// rest rounded as they are (the backward pass's q|k|v gradient as the products' operand). Grid:
+// column blocks × row groups, each thread one column down the rows of its group.
+extern "C" __global__ void rope_rows_bf16(uint16_t* out, const float* x, const float* table, int n,
+                                          int ld, int t, int heads, int hd, float sign) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= ld) return;
+  int half = hd / 2, j = c % hd;
+  bool rotated = c < heads * hd, first = j < half;
+  int k = first ? j : j - half;
+  for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
+    const float* xr = x + r * ld;
+    float v = xr[c];
+    if (rotated) {
+      const float* tr = table + (r % t) * hd;
+      float co = tr[k], si = sign * tr[half + k];
+      v = first ? v * co - xr[c + half] * si : v * co + xr[c - half] * si;
+    }
+    out[r * ld + c] = bf16_bits(v);
+  }
 }
 
 // SwiGLU: g = silu(gate) ⊙ up over rows of cols, gate's and up's rows ld apart (the halves of a

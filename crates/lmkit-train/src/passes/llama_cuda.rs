@@ -14,13 +14,12 @@
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
 use super::gpt2_cuda::{
-    attention_input, column_sums, flash_attention_chosen, flash_trusted, output_loss, product,
-    PassTimer,
+    column_sums, flash_attention_chosen, flash_trusted, output_loss, product, PassTimer,
 };
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{
-    plain, rows, transposed, Added, AttnShape, Batched, Buf, Data, Dev, Gpu, Operand, Stored,
+    plain, rows, transposed, Added, AttnShape, Buf, Data, Dev, Gpu, Operand, Stored,
 };
 use lmkit_models::layers::linear::Linear;
 use lmkit_models::llama::Llama;
@@ -202,29 +201,6 @@ struct Saved {
     g: Stored,
 }
 
-/// `input · wᵀ` for an [out, inner] weight, into columns of `out` (row stride `ld`): set, or
-/// added to what it holds (`add`).
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    gpu: &Gpu,
-    input: Data,
-    w: Data,
-    (n, outs, inner): (usize, usize, usize),
-    (out, ld): (Dev<f32>, usize),
-    add: bool,
-) -> Result<()> {
-    let beta = if add { 1.0 } else { 0.0 };
-    gpu.mm(
-        (n, outs, inner),
-        plain(input, inner),
-        transposed(w, inner),
-        (out, ld),
-        1.0,
-        beta,
-        Batched::ONE,
-    )
-}
-
 /// `residual + input · wᵀ` ([n, outs], for an [outs, inner] weight) in a new buffer
 /// ([`Gpu::linear`]).
 fn residual_linear(
@@ -299,10 +275,24 @@ fn backprop(
         let [wqkv, wo, wgu, wd] = matrices(i);
         let (a1, r1) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a1.data(), r1.dev()), x.dev(), *w_in, (n, c), d.eps)?;
-        let qkv = gpu.uninit(n * w)?;
-        linear(gpu, a1.data(), wqkv, (n, w, c), (qkv.dev(), w), false)?;
-        gpu.rope(qkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), false)?;
-        let qkv = attention_input(gpu, qkv, true)?;
+        // q|k|v as its product writes it (bf16 with bf16 products, as autocast's linear
+        // layers), q and k rotated in place.
+        let qkv = gpu.operand_buf(n * w)?;
+        gpu.linear(
+            (n, w, c),
+            plain(a1.data(), c),
+            transposed(wqkv, c),
+            Added::default(),
+            qkv.data(),
+        )?;
+        gpu.rope(
+            qkv.data(),
+            w,
+            table,
+            (n, d.t),
+            (d.heads + d.kv, d.hd),
+            false,
+        )?;
         let (y, lse) = (gpu.uninit(n * qd)?, gpu.uninit(d.b * d.heads * d.t)?);
         let packed = (
             rows(qkv.data(), w),
@@ -450,18 +440,28 @@ fn backprop(
             )
         })?;
         drop(dy);
-        // Gradients of q and k before their rotation.
-        gpu.rope(dqkv.dev(), w, table, (n, d.t), (d.heads + d.kv, d.hd), true)?;
+        // Gradients of q and k before their rotation (with bf16 products rotated and rounded
+        // into a bf16 copy, the products' operand, in one pass).
+        let (positions, heads) = ((n, d.t), (d.heads + d.kv, d.hd));
+        let dqkv16 = gpu.operand_copy_buf(n * w)?;
+        let dq: Data = match &dqkv16 {
+            Some(b) => {
+                gpu.rope_to_bf16(b.dev(), dqkv.dev(), w, table, positions, heads, true)?;
+                b.dev().into()
+            }
+            None => {
+                gpu.rope(dqkv.dev(), w, table, positions, heads, true)?;
+                dqkv.dev().into()
+            }
+        };
         // q|k|v = norm(x)·W_{q,k,v}ᵀ
         let a1 = plain(s.a1.data(), c);
-        let dqkv_op = gpu.operand(dqkv.dev())?;
-        let dq = dqkv_op.data();
         let (dk, dv) = (dq.at(qd)?, dq.at(qd + kvd)?);
         let d_q = product(gpu, (qd, c, n), transposed(dq, w), a1)?;
         let d_k = product(gpu, (kvd, c, n), transposed(dk, w), a1)?;
         let d_v = product(gpu, (kvd, c, n), transposed(dv, w), a1)?;
         let da1 = product(gpu, (n, c, w), plain(dq, w), plain(wqkv, c))?;
-        drop((dqkv_op, dqkv));
+        drop((dqkv16, dqkv));
         let d_in = norm_bwd(da1.dev(), (s.x.dev(), *w_in, s.r1.dev()), true)?;
         grads.push(vec![d_in, d_q, d_k, d_v, d_o, d_post, d_gate, d_up, d_down]);
     }
@@ -565,9 +565,15 @@ mod tests {
             names.1.iter().any(|n| n.ends_with("[residual] bf16")),
             "{names:?}"
         );
-        // gate, up and g's gradient written in bf16 by their products and read so by SwiGLU
-        // (these kernels take bf16 inputs only).
-        for k in ["swiglu_fwd_h16", "swiglu_bwd_h16"] {
+        // gate|up, q|k|v and g's gradient written in bf16 by their products and read so by
+        // SwiGLU and the rotation (these kernels take bf16 inputs only), and q|k|v's gradient
+        // rotated into its bf16 copy.
+        for k in [
+            "swiglu_fwd_h16",
+            "swiglu_bwd_h16",
+            "rope_rows_h16",
+            "rope_rows_bf16",
+        ] {
             assert!(names.0.iter().any(|n| n == k), "{k} not run: {names:?}");
         }
         assert_bf16_throughout(names);
