@@ -103,16 +103,6 @@ struct Saved {
     g: Stored,
 }
 
-/// q|k|v (or the attention output's gradient) as the attention kernels read it: with the flash
-/// kernels and bf16 products a bf16 copy, which replaces the f32 rows; else the f32 rows.
-pub(super) fn attention_input(gpu: &Gpu, x: Buf<f32>, flash: bool) -> Result<Stored> {
-    Ok(if flash && gpu.bf16 {
-        Stored::Bf16(gpu.bf16_copy(x.dev())?)
-    } else {
-        Stored::F32(x)
-    })
-}
-
 /// A block's weight matrices as products' operands (bf16 copies with bf16 products).
 struct BlockWeights {
     c_attn: Operand,
