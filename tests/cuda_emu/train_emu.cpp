@@ -42,7 +42,8 @@ extern "C" void emu_rope_rows(float* x, const float* table, int n, int ld, int t
 // gate's and up's rows ld apart (the halves of a stacked gate|up), g and dg [rows, cols].
 extern "C" void emu_swiglu_fwd(float* g, const float* gate, const float* up, int64_t rows, int cols,
                                int64_t ld) {
-  emu::launch(per_column(rows, cols), THREADS, 0, [&] { swiglu_fwd(g, gate, up, rows, cols, ld); });
+  emu::launch(per_column(rows, cols), THREADS, 0,
+              [&] { swiglu_fwd(g, gate, up, rows, cols, ld, ld); });
 }
 
 extern "C" void emu_swiglu_bwd(float* gate, float* up, const float* dg, int64_t rows, int cols,
@@ -87,7 +88,7 @@ extern "C" void emu_rms_norm_fwd_bf16(uint16_t* out, float* rstd, const float* x
 extern "C" void emu_swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up, int64_t rows,
                                     int cols, int64_t ld) {
   emu::launch(per_column(rows, cols), THREADS, 0,
-              [&] { swiglu_fwd_bf16(g, gate, up, rows, cols, ld); });
+              [&] { swiglu_fwd_bf16(g, gate, up, rows, cols, ld, ld); });
 }
 
 // The activation `gelu` (1) or ReLU (0) of h, into f32 (`bf16` 0) or bf16 (1) elements.

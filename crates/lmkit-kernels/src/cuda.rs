@@ -620,18 +620,28 @@ impl Gpu {
 
 const THREADS: u32 = 256;
 
-/// The rotary table's address after checking the rope's shape: `heads` heads of `hd` (even)
-/// within rows of `ld`, positions below `t` in the table.
-fn rope_table(
+/// The rotary kernels' arguments after the data's: the table, n, ld, t, heads, hd and the
+/// rotation's sign, after checking the shape (`heads` heads of `hd`, even, within rows of
+/// `ld`; positions below `t` in the table).
+fn rope_args(
     table: Dev<f32>,
     ld: usize,
     (n, t): (usize, usize),
     (heads, hd): (usize, usize),
-) -> Result<u64> {
+    inverse: bool,
+) -> Result<[Arg; 7]> {
     if heads * hd > ld || !hd.is_multiple_of(2) {
         candle_core::bail!("cuda rope: {heads} heads of {hd} in rows of {ld}");
     }
-    table.need(t.min(n) * hd, "rope table")
+    Ok([
+        Arg::P(table.need(t.min(n) * hd, "rope table")?),
+        Arg::I(int(n)?),
+        Arg::I(int(ld)?),
+        Arg::I(int(t)?),
+        Arg::I(int(heads)?),
+        Arg::I(int(hd)?),
+        Arg::F(if inverse { -1.0 } else { 1.0 }),
+    ])
 }
 
 /// The elements `rows` rows of `cols`, `ld` apart, span (an error naming `what` for `ld` <
@@ -1210,7 +1220,7 @@ impl Gpu {
     }
 
     /// Launches a kernel over `rows` rows of `cols` (`bytes` moved): blocks of columns, each
-    /// going down the rows of its group (grid y; at most 65,535 groups).
+    /// going down the rows of its group (grid y; at most 65,535 groups); none for no elements.
     fn launch_columns(
         &self,
         name: &str,
@@ -1218,7 +1228,10 @@ impl Gpu {
         args: &[Arg],
         bytes: usize,
     ) -> Result<()> {
-        let grid = (cols.div_ceil(THREADS as usize), rows.clamp(1, 65_535));
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let grid = (cols.div_ceil(THREADS as usize), rows.min(65_535));
         self.launch_in(
             Module::Train,
             name,
@@ -1481,18 +1494,10 @@ impl Gpu {
         inverse: bool,
     ) -> Result<()> {
         let x = x.into();
-        let table = rope_table(table, ld, (n, t), (heads, hd))?;
+        let shape = rope_args(table, ld, (n, t), (heads, hd), inverse)?;
+        let addr = x.need((n.max(1) - 1) * ld + heads * hd, "rope x")?;
+        let args: Vec<Arg> = [Arg::P(addr)].into_iter().chain(shape).collect();
         let pairs = n * heads * (hd / 2);
-        let args = [
-            Arg::P(x.need((n.max(1) - 1) * ld + heads * hd, "rope x")?),
-            Arg::P(table),
-            Arg::I(int(n)?),
-            Arg::I(int(ld)?),
-            Arg::I(int(t)?),
-            Arg::I(int(heads)?),
-            Arg::I(int(hd)?),
-            Arg::F(if inverse { -1.0 } else { 1.0 }),
-        ];
         let (name, size) = if x.is_bf16() {
             ("rope_rows_h16", 2)
         } else {
@@ -1515,18 +1520,9 @@ impl Gpu {
         (heads, hd): (usize, usize),
         inverse: bool,
     ) -> Result<()> {
-        let table = rope_table(table, ld, (n, t), (heads, hd))?;
-        let args = [
-            Arg::P(out.need(n * ld, "rope out")?),
-            Arg::P(x.need(n * ld, "rope x")?),
-            Arg::P(table),
-            Arg::I(int(n)?),
-            Arg::I(int(ld)?),
-            Arg::I(int(t)?),
-            Arg::I(int(heads)?),
-            Arg::I(int(hd)?),
-            Arg::F(if inverse { -1.0 } else { 1.0 }),
-        ];
+        let shape = rope_args(table, ld, (n, t), (heads, hd), inverse)?;
+        let (out, x) = (out.need(n * ld, "rope out")?, x.need(n * ld, "rope x")?);
+        let args: Vec<Arg> = [Arg::P(out), Arg::P(x)].into_iter().chain(shape).collect();
         self.launch_columns("rope_rows_bf16", (n, ld), &args, 6 * n * ld)
     }
 
@@ -1540,28 +1536,7 @@ impl Gpu {
         up: impl Into<Data>,
         (rows, cols, ld): (usize, usize, usize),
     ) -> Result<()> {
-        let (gate, up) = (gate.into(), up.into());
-        let h16 = same_type([gate, up], "swiglu")?;
-        if h16 && !g.is_bf16() {
-            candle_core::bail!("cuda swiglu: bf16 gate and up give a bf16 g");
-        }
-        let len = rows * cols;
-        let halves = strided(rows, cols, ld, "swiglu")?;
-        let (g, name, size) = g.output(len, "swiglu g", "swiglu_fwd")?;
-        let args = [
-            Arg::P(g),
-            Arg::P(gate.need(halves, "swiglu gate")?),
-            Arg::P(up.need(halves, "swiglu up")?),
-            Arg::L(rows as i64),
-            Arg::I(int(cols)?),
-            Arg::L(ld as i64),
-        ];
-        let (name, in_size) = if h16 {
-            ("swiglu_fwd_h16".to_string(), 2)
-        } else {
-            (name, 4)
-        };
-        self.launch_columns(&name, (rows, cols), &args, (2 * in_size + size) * len)
+        self.swiglu_launch(g, (gate.into(), ld), (up.into(), ld), (rows, cols))
     }
 
     /// Inference's `out = silu(gate)·up` over `rows` rows of `cols`, gate's row r at r·ld_gate
@@ -1574,19 +1549,44 @@ impl Gpu {
         (up, ld_up): (Dev<f32>, usize),
         (rows, cols): (usize, usize),
     ) -> Result<()> {
-        if rows == 0 || cols == 0 {
-            return Ok(());
+        self.swiglu_launch(
+            out.into(),
+            (gate.into(), ld_gate),
+            (up.into(), ld_up),
+            (rows, cols),
+        )
+    }
+
+    /// The SwiGLU forward kernel of [`Gpu::swiglu`] and [`Gpu::swiglu_rows`]: gate's and up's
+    /// rows each `ld` apart.
+    fn swiglu_launch(
+        &self,
+        g: Data,
+        (gate, ld_gate): (Data, usize),
+        (up, ld_up): (Data, usize),
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let h16 = same_type([gate, up], "swiglu")?;
+        if h16 && !g.is_bf16() {
+            candle_core::bail!("cuda swiglu: bf16 gate and up give a bf16 g");
         }
+        let len = rows * cols;
+        let (g, name, size) = g.output(len, "swiglu g", "swiglu_fwd")?;
         let args = [
-            Arg::P(out.need(rows * cols, "swiglu out")?),
-            Arg::P(gate.need((rows - 1) * ld_gate + cols, "swiglu gate")?),
-            Arg::P(up.need((rows - 1) * ld_up + cols, "swiglu up")?),
+            Arg::P(g),
+            Arg::P(gate.need(strided(rows, cols, ld_gate, "swiglu")?, "swiglu gate")?),
+            Arg::P(up.need(strided(rows, cols, ld_up, "swiglu")?, "swiglu up")?),
             Arg::L(rows as i64),
             Arg::I(int(cols)?),
             Arg::L(ld_gate as i64),
             Arg::L(ld_up as i64),
         ];
-        self.launch_elements("swiglu_rows", rows * cols, &args, 12 * rows * cols)
+        let (name, in_size) = if h16 {
+            ("swiglu_fwd_h16".to_string(), 2)
+        } else {
+            (name, 4)
+        };
+        self.launch_columns(&name, (rows, cols), &args, (2 * in_size + size) * len)
     }
 
     /// SwiGLU's backward from dg ([rows, cols]) and the forward's gate and up (laid out as

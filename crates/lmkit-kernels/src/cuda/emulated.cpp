@@ -72,7 +72,7 @@ struct Entry {
 const Entry KERNELS[] = {
     K(embed_fwd), K(embed_bwd_tokens), K(embed_bwd_positions), K(add_rows),
     K(layer_norm_fwd), K(layer_norm_bwd), K(gather_rows), K(rms_norm_fwd), K(rms_norm_bwd),
-    K(rope_rows), K(rope_rows_h16), K(rope_rows_bf16), K(swiglu_fwd), K(swiglu_rows), K(swiglu_bwd), K(swiglu_bwd_bf16),
+    K(rope_rows), K(rope_rows_h16), K(rope_rows_bf16), K(swiglu_fwd), K(swiglu_bwd), K(swiglu_bwd_bf16),
     K(swiglu_bwd_h16), K(gelu_fwd), K(gelu_bwd), K(gelu_bwd_h16), K(relu_fwd),
     K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy), K(cross_entropy_bf16),
     K(column_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots), K(attn_row_dots_bf16),

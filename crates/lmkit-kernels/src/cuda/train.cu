@@ -275,45 +275,35 @@ extern "C" __global__ void rope_rows_bf16(uint16_t* out, const float* x, const f
   }
 }
 
-// SwiGLU: g = silu(gate) ⊙ up over rows of cols, gate's and up's rows ld apart (the halves of a
-// stacked gate|up product's output, read in place; ld = cols for separate ones), g [rows, cols];
+// SwiGLU: g = silu(gate) ⊙ up over rows of cols, gate's rows ldg apart and up's ldu (the halves
+// of a stacked gate|up product's output, read in place; cols for separate ones), g [rows, cols];
 // gate and up f32 (or bf16 where their product wrote them in bf16: swiglu_fwd_h16), g f32 or bf16.
-// Grid: column blocks × row groups, each block's threads down the rows of its group.
+// Training's and inference's. Grid: column blocks × row groups, each block's threads down the
+// rows of its group.
 template <class O, class I>
 __device__ void swiglu_elements(O* g, const I* gate, const I* up, int64_t rows, int cols,
-                                int64_t ld) {
+                                int64_t ldg, int64_t ldu) {
   int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    float x = get(&gate[r * ld + c]);
-    put(&g[r * cols + c], x / (1.0f + __expf(-x)) * get(&up[r * ld + c]));
+    float x = get(&gate[r * ldg + c]);
+    put(&g[r * cols + c], x / (1.0f + __expf(-x)) * get(&up[r * ldu + c]));
   }
 }
 
 extern "C" __global__ void swiglu_fwd(float* g, const float* gate, const float* up, int64_t rows,
-                                      int cols, int64_t ld) {
-  swiglu_elements(g, gate, up, rows, cols, ld);
+                                      int cols, int64_t ldg, int64_t ldu) {
+  swiglu_elements(g, gate, up, rows, cols, ldg, ldu);
 }
 
 extern "C" __global__ void swiglu_fwd_bf16(uint16_t* g, const float* gate, const float* up,
-                                           int64_t rows, int cols, int64_t ld) {
-  swiglu_elements(g, gate, up, rows, cols, ld);
+                                           int64_t rows, int cols, int64_t ldg, int64_t ldu) {
+  swiglu_elements(g, gate, up, rows, cols, ldg, ldu);
 }
 
 extern "C" __global__ void swiglu_fwd_h16(uint16_t* g, const uint16_t* gate, const uint16_t* up,
-                                          int64_t rows, int cols, int64_t ld) {
-  swiglu_elements(g, gate, up, rows, cols, ld);
-}
-
-// Inference's SwiGLU over rows read in place (the halves of a stacked gate|up projection): row r
-// of gate at r·ldg, of up at r·ldu; out [rows, cols].
-extern "C" __global__ void swiglu_rows(float* out, const float* gate, const float* up,
-                                       int64_t rows, int cols, int64_t ldg, int64_t ldu) {
-  int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= rows * cols) return;
-  int64_t r = i / cols, c = i % cols;
-  float x = gate[r * ldg + c];
-  out[i] = x / (1.0f + __expf(-x)) * up[r * ldu + c];
+                                          int64_t rows, int cols, int64_t ldg, int64_t ldu) {
+  swiglu_elements(g, gate, up, rows, cols, ldg, ldu);
 }
 
 // SwiGLU's backward: dgate and dup from dg ([rows, cols]) and the forward's gate and up, laid out
