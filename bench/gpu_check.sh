@@ -25,7 +25,8 @@
 #    lmkit run again with LMKIT_CUDA_DECODE=0 (the cache attention through composed ops);
 # 5. (`long`) bench/real_model_bench.py --device cuda --random: batch-1 generation after a
 #    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
-#    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache.
+#    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache; then
+#    the same model in bf16 (`--dtype bf16`, composed ops) vs transformers in bf16.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
 # ops, llama, speed, serve, long), for a device command that must stay within its time limit.
@@ -268,6 +269,9 @@ if want long; then
 echo "== batch-1 generation after a long prompt on the GPU: lmkit (and with composed attention) vs transformers"
 LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random --prompt 4000 --decode 128 \
   --rounds 3 --baseline-env LMKIT_CUDA_DECODE=0 || failed+=("long-context bench")
+echo "== the same in bf16: lmkit --dtype bf16 vs transformers in bf16"
+LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random --prompt 4000 --decode 128 \
+  --rounds 3 --dtype bf16 || failed+=("long-context bench bf16")
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2

@@ -15,10 +15,12 @@ LMKIT_BIN), lmkit and transformers run on the GPU in f32 (--f32 implied, llama.c
 batch-1 prompt processing and decoding there, a long --prompt showing the attention over a long
 cache. --baseline-env VAR=VALUE runs this lmkit again with that variable set (e.g.
 LMKIT_CUDA_DECODE=0: the GPU's cache attention through composed ops instead of its kernels).
+--dtype bf16 or f16 (with --f32 or --random, implied) runs lmkit (`generate --dtype`) and
+transformers (`from_pretrained(dtype=...)`) with the weights in that type.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/real_model_bench.py [--rounds 3] [--threads 2]
        [--prompt 512] [--decode 128] [--no-transformers] [--no-llama-cpp] [--f32 | --random]
-       [--device cpu|cuda] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
+       [--device cpu|cuda] [--dtype f32|bf16|f16] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
 """
 import argparse
 import json
@@ -83,14 +85,14 @@ TRANSFORMERS = textwrap.dedent("""
     import json, sys, time, torch
     from transformers import AutoModelForCausalLM
     path, ids, n_decode, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    device = sys.argv[5]
+    device, dtype = sys.argv[5], {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[sys.argv[6]]
     torch.set_num_threads(threads)
     import pathlib
     p = pathlib.Path(path)
     if p.is_dir():
-        m = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
     else:
-        m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
     m = m.to(device).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
@@ -109,11 +111,13 @@ TRANSFORMERS = textwrap.dedent("""
 """)
 
 
-def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=None):
+def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=None, dtype="f32"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **(extra_env or {}))
-    out, err, rss = peak_rss_mb([binary, "generate", "--model", model, "--prompt-ids", ",".join(map(str, ids)),
-                                 "--greedy", "--ignore-eos", "--max-tokens", n_decode, "--ids", "--device", device],
-                                env)
+    cmd = [binary, "generate", "--model", model, "--prompt-ids", ",".join(map(str, ids)), "--greedy", "--ignore-eos",
+           "--max-tokens", n_decode, "--ids", "--device", device]
+    if dtype != "f32":
+        cmd += ["--dtype", dtype]
+    out, err, rss = peak_rss_mb(cmd, env)
     m = re.search(r"in ([\d.]+) s \(([\d.]+) tokens/s\), (\d+) generated in [\d.]+ s \(([\d.]+) tokens/s after", err)
     if not m:
         sys.exit(f"unexpected lmkit output: {err}")
@@ -121,10 +125,10 @@ def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=Non
             "ids": [int(i) for i in out.split()]}
 
 
-def python_run(script, ids, n_decode, threads, model, device="cpu"):
+def python_run(script, ids, n_decode, threads, model, device="cpu", dtype="f32"):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    out, _, rss = peak_rss_mb([sys.executable, "-c", script, model, json.dumps(ids), n_decode, threads, device],
-                              env)
+    out, _, rss = peak_rss_mb([sys.executable, "-c", script, model, json.dumps(ids), n_decode, threads, device,
+                               dtype], env)
     r = json.loads(out.strip().splitlines()[-1])
     r["rss"] = rss
     return r
@@ -142,12 +146,14 @@ def main():
     ap.add_argument("--random", action="store_true",
                     help="a random-init Llama of SmolLM2-135M's shape instead (f32; prompt ids drawn, not text)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (lmkit's --device, and transformers')")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
+                    help="the weights' type for lmkit and transformers (a transformers directory: --f32 implied)")
     ap.add_argument("--baseline", help="another lmkit binary, measured right after this one")
     ap.add_argument("--baseline-env", help="VAR=VALUE: this lmkit again with the variable set")
     ap.add_argument("--lmkit", default=os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit")))
     a = ap.parse_args()
     on_gpu = a.device != "cpu"
-    if on_gpu or a.random:
+    if on_gpu or a.random or a.dtype != "f32":
         a.f32, a.no_llama_cpp = True, True
     if not os.path.exists(a.lmkit):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
@@ -182,18 +188,20 @@ def main():
             break
         chars *= 2
     ids = ids[: a.prompt]
-    label = "(random weights, its shape) f32" if a.random else "f32" if a.f32 else "Q4_1"
-    runners = {"lmkit": lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device)}
+    label = f"(random weights, its shape) {a.dtype}" if a.random else a.dtype if a.f32 else "Q4_1"
+    runners = {"lmkit": lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device, dtype=a.dtype)}
     if not a.no_llama_cpp:
         runners["llama.cpp"] = lambda: python_run(LLAMA_CPP, ids, a.decode, a.threads, gguf)
     if a.baseline:
-        runners["baseline"] = lambda: lmkit_run(a.baseline, ids, a.decode, a.threads, model, a.device)
+        runners["baseline"] = lambda: lmkit_run(a.baseline, ids, a.decode, a.threads, model, a.device,
+                                                dtype=a.dtype)
     if a.baseline_env:
         var, _, value = a.baseline_env.partition("=")
         runners[f"lmkit {a.baseline_env}"] = lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device,
-                                                               {var: value})
+                                                               {var: value}, dtype=a.dtype)
+    hf = f"transformers {a.dtype}"
     if not a.no_transformers:
-        runners["transformers f32"] = lambda: python_run(TRANSFORMERS, ids, a.decode, a.threads, model, a.device)
+        runners[hf] = lambda: python_run(TRANSFORMERS, ids, a.decode, a.threads, model, a.device, a.dtype)
     results = {k: [] for k in runners}
     for r in range(a.rounds):
         for name, fn in runners.items():
@@ -205,7 +213,7 @@ def main():
     print(f"\nSmolLM2-135M-Instruct {label}, {where}, prompt {len(ids)} tokens, decode {a.decode} tokens, "
           f"medians of {a.rounds}:")
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("prompt", "decode", "rss")} for k, v in results.items()}
-    peer = next((k for k in ("llama.cpp", "transformers f32") if k in med), "lmkit")
+    peer = next((k for k in ("llama.cpp", hf) if k in med), "lmkit")
     ref = med[peer]
     for name, m in med.items():
         print(f"  {name:17s} prompt {m['prompt']:7.1f} tok/s ({m['prompt'] / ref['prompt']:.2f}x {peer})  "

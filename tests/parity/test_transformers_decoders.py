@@ -249,6 +249,63 @@ def test_half_precision_and_sharded_checkpoints_load(lmkit, tmp_path, dtype):
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_inference_matches(lmkit, tmp_path, kind, dtype):
+    """`--dtype bf16` / `f16`: lmkit computes in the half type as transformers does with the model
+    loaded in it — its logits (all at once and through the KV cache) differ from the f32 ones
+    (so the half type was used) by at most twice what transformers' half-precision logits do,
+    and from transformers' by no more either; greedy decoding gives transformers' tokens."""
+    model, path = build(kind, tmp_path)
+    # Larger weights than the default init, so that the half type's rounding shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(path, safe_serialization=True)
+    ids = [int(x) for x in torch.randint(0, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        f32 = model(torch.tensor([ids])).logits[0].numpy()
+        half = model.to(getattr(torch, dtype))
+        want = half(torch.tensor([ids])).logits[0].float().numpy()
+    theirs = np.abs(want - f32).max()
+    flag = {"bfloat16": "bf16", "float16": "f16"}[dtype]
+    for incremental in [False, True]:
+        args = ["model", "logits", "--model", path, "--ids", ",".join(map(str, ids)), "--device", DEVICE, "--dtype", flag]
+        got = np.array(json.loads(lmkit(*args, *(["--incremental"] if incremental else []))), dtype=np.float32)
+        ours = np.abs(got - f32).max()
+        assert 0 < ours <= 2 * theirs, (incremental, ours, theirs)
+        assert np.abs(got - want).max() <= 2 * theirs, (incremental, np.abs(got - want).max(), theirs)
+    prompt = ids[:5]
+    with torch.no_grad():
+        out = half.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                            eos_token_id=None, pad_token_id=0)
+    got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
+                "--ignore-eos", "--max-tokens", "12", "--device", DEVICE, "--dtype", flag)
+    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+
+
+def test_half_precision_inference_refuses_what_it_cannot_do(lmkit, tmp_path):
+    """--dtype is refused, with what to do instead, for an unknown type, a LoRA adapter (they run
+    in f32) and an encoder-decoder."""
+    import subprocess
+    from conftest import ROOT
+    _, path = build("llama", tmp_path)
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
+
+    def fails(*args):
+        p = subprocess.run([binary, *map(str, args)], capture_output=True, text=True)
+        assert p.returncode != 0, p.stdout
+        return p.stderr
+
+    assert "unknown dtype `fp8` (expected f32, bf16 or f16)" in fails("model", "logits", "--model", path, "--ids", "1,2", "--dtype", "fp8")
+    from peft import LoraConfig, get_peft_model
+    model, _ = build("llama", tmp_path / "base")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    e = fails("generate", "--model", path, "--adapter", tmp_path / "adapter", "--prompt-ids", "1,2", "--dtype", "bf16")
+    assert "LoRA adapters run in f32" in e and "lmkit adapter merge" in e, e
+
+
 def test_eos_lists_load_and_every_id_stops_generation(lmkit, tmp_path):
     """Llama 3 / Qwen2.5 write `eos_token_id` as a list (config.json and generation_config.json):
     the config loads, and generation stops at any listed id, as transformers' generate does."""

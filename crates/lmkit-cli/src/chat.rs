@@ -42,6 +42,10 @@ pub struct ChatArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
+    /// GPU: on the CPU the half types' products are slower than f32's)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Every reply follows this constraint
     #[command(flatten)]
     constraint: crate::constraint::ConstraintArgs,
@@ -63,10 +67,12 @@ impl ChatModel {
         model: &std::path::Path,
         adapter: Option<&std::path::Path>,
         device: &str,
+        dtype: &str,
     ) -> Result<ChatModel> {
         let dev = lmkit_models::parse_device(device)?;
+        let dtype = lmkit_models::parse_dtype(dtype)?;
         let dir = lmkit_models::resolve_checkpoint(model);
-        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, &dev)?;
+        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, &dev, dtype)?;
         let tk = lmkit_tokenize::load(&dir)?;
         let template = load_template(&dir)?.with_context(|| {
             format!(
@@ -115,7 +121,7 @@ impl ChatModel {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let chat = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let chat = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, &a.dtype)?;
     let (cfg, tk, template) = (&chat.cfg, &chat.tk, &chat.template);
     let sampling = SamplingParams {
         temperature: a.temperature,

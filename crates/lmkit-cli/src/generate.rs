@@ -83,6 +83,10 @@ pub struct GenerateArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
+    /// GPU: on the CPU the half types' products are slower than f32's)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[command(flatten)]
     constraint: crate::constraint::ConstraintArgs,
 }
@@ -104,6 +108,12 @@ impl GenerateArgs {
 /// KV cache: by beam search (`--num-beams` > 1), greedily or by sampling.
 fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
     let dev = lmkit_models::parse_device(&a.device)?;
+    if lmkit_models::parse_dtype(&a.dtype)? != lmkit_models::DType::F32 {
+        bail!(
+            "--dtype {} is for causal models; encoder-decoders run in f32",
+            a.dtype
+        );
+    }
     let dir = lmkit_models::resolve_checkpoint(&a.model);
     let m = lmkit_models::bart::Bart::load(&dir, &dev)?;
     let tk = match (&a.source, a.ids) {
@@ -237,7 +247,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--num-beams is for encoder-decoder models (--source); decoder-only models decode greedily or by sampling");
     }
     let dev = lmkit_models::parse_device(&a.device)?;
-    let (model, cfg) = CausalLm::load_adapted(&a.model, a.adapter.as_deref(), &dev)?;
+    let (model, cfg) = CausalLm::load_adapted(
+        &a.model,
+        a.adapter.as_deref(),
+        &dev,
+        lmkit_models::parse_dtype(&a.dtype)?,
+    )?;
     let tok_path = a
         .tokenizer
         .clone()

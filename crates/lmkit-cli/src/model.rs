@@ -31,6 +31,9 @@ pub enum ModelCommand {
         /// Where to run: cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The causal model's type: f32, bf16 or f16 (the logits are written in f32)
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Write the logits to this file as a NumPy .npy array (f32) instead of JSON on stdout
         #[arg(long)]
         output: Option<PathBuf>,
@@ -182,6 +185,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         ModelCommand::Logits {
             model,
             device,
+            dtype,
             ids,
             incremental,
             source_ids,
@@ -189,7 +193,14 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             adapter,
         } => {
             let dev = lmkit_models::parse_device(&device)?;
+            let dtype = lmkit_models::parse_dtype(&dtype)?;
             let kind = kind_of(&model)?;
+            if kind != Kind::Causal && dtype != lmkit_models::DType::F32 {
+                bail!(
+                    "--dtype {} is for causal models; this one runs in f32",
+                    dtype.as_str()
+                );
+            }
             if kind == Kind::Seq2seq {
                 if source_ids.is_empty() {
                     bail!("an encoder-decoder model needs --source-ids");
@@ -237,7 +248,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 let rows = logits.to_vec2::<f32>()?;
                 return emit(&rows, output.as_deref());
             }
-            let (m, cfg) = CausalLm::load_adapted(&model, adapter.as_deref(), &dev)?;
+            let (m, cfg) = CausalLm::load_adapted(&model, adapter.as_deref(), &dev, dtype)?;
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size()) {
                 bail!(
                     "token id {bad} is out of range for vocab_size {}",

@@ -81,7 +81,7 @@ fn ask(a: AskArgs) -> Result<()> {
     let mut sources = prompt::sources(&found);
     drop(e);
 
-    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, "f32")?;
     let (cfg, tk) = (&chat.cfg, &chat.tk);
     let system = a
         .system

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Where to run the model: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
+    /// GPU: on the CPU the half types' products are slower than f32's)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Sequences decoded at once (their steps interleave)
     #[arg(long, default_value_t = 8)]
     max_active: usize,
@@ -120,6 +124,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let cfg = ServeConfig {
         model_dir: a.model.clone(),
         device: a.device.clone(),
+        dtype: a.dtype.clone(),
         model_name: a.model_name.clone(),
         host: a.host.clone(),
         port: a.port,

@@ -139,7 +139,7 @@ impl Scorer {
                 eot,
             })));
         }
-        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, device)?;
+        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, device, lmkit_models::DType::F32)?;
         let tokenizer = lmkit_tokenize::load(&dir)?;
         let eot = tokenizer
             .token_to_id(lmkit_tokenize::ENDOFTEXT)

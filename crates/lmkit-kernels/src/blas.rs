@@ -229,6 +229,11 @@ fn loaded() -> &'static Loaded {
     })
 }
 
+/// The BLAS library loaded in this process, if any.
+pub(crate) fn loaded_blas() -> Option<&'static Blas> {
+    blas()
+}
+
 fn blas() -> Option<&'static Blas> {
     loaded().blas.as_ref()
 }
@@ -492,8 +497,19 @@ fn blas_ready(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `a · b` with candle's `broadcast_matmul` semantics, through BLAS on the CPU when a library is
-/// loaded ([`backend`]), through candle otherwise.
+/// loaded ([`backend`]), through candle otherwise. Half-precision operands on the CPU are
+/// multiplied in f32 and the result rounded once (candle's f16 matrix-vector product adds into
+/// its f16 output column by column, rounding at every step).
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let half = |t: &Tensor| matches!(t.dtype(), DType::F16 | DType::BF16) && t.device().is_cpu();
+    if half(a) && b.dtype() == a.dtype() && half(b) {
+        // A linear layer's weight: widened a block of rows at a time.
+        if let Some(y) = crate::half_weights::product(a, b)? {
+            return Ok(y);
+        }
+        let y = matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)?;
+        return y.to_dtype(a.dtype());
+    }
     if !usable(a, b) || a.dim(candle_core::D::Minus1)? != b.dim(candle_core::D::Minus2)? {
         return a.broadcast_matmul(b);
     }

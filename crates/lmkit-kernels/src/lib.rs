@@ -37,6 +37,7 @@ pub mod causal;
 pub mod cuda;
 pub mod fused;
 pub mod gemm;
+pub mod half_weights;
 pub mod nccl;
 pub mod padded_attention;
 pub mod quant;

@@ -1,7 +1,7 @@
 //! Choosing where tensors live: `cpu` (the default), `cuda` or `cuda:N`.
 
 use crate::error::{ModelError, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Parses a device name as the command line and run configs write it.
 pub fn parse_device(spec: &str) -> Result<Device> {
@@ -36,6 +36,20 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     })
 }
 
+/// Parses the type a model's weights and activations are kept in for inference: `f32` (the
+/// default), `bf16` or `f16` (half the memory; the norms and softmax compute in f32, as
+/// transformers does with a model loaded in that type).
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(ModelError::Device(format!(
+            "unknown dtype `{spec}` (expected f32, bf16 or f16)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +66,9 @@ mod tests {
             let e = parse_device("cuda").unwrap_err().to_string();
             assert!(e.contains("--features cuda"), "{e}");
         }
+        assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
+        let e = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(e.contains("unknown dtype `fp8`"), "{e}");
     }
 }

@@ -492,7 +492,7 @@ pub fn write_llama(
         return Err(bad("rope scaling is not written to GGUF yet".into()));
     }
     let dev = Device::Cpu;
-    let vb = crate::mmap_weights(&dir, &dev, None)?;
+    let vb = crate::mmap_weights(&dir, &dev, None, candle_core::DType::F32)?;
     let (h, v, i_size) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
     let (nh, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let mut report = QuantizeReport::default();

@@ -17,7 +17,7 @@ pub use families::{bart, bert, gpt2, gpt_neox, llama, rnn};
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
-pub use device::parse_device;
+pub use device::{parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use families::gpt2::Gpt2Config;
 pub use families::llama::LlamaConfig;
@@ -183,14 +183,54 @@ fn layers_in(names: &[String]) -> Option<usize> {
         .map(|n| n + 1)
 }
 
-/// A variable source over a checkpoint's safetensors files (memory-mapped, f32). With `layers`,
-/// weights for more layers than the config has are an error (they would be ignored silently).
+/// `Err` unless `dtype` is f32 for a GGUF file, whose weights keep the file's own types.
+fn refuse_gguf_dtype(path: &Path, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        return Ok(());
+    }
+    Err(ModelError::Config {
+        path: path.to_path_buf(),
+        msg: format!(
+            "a GGUF file keeps its weights in the file's own types: --dtype {} applies to \
+             Hugging Face checkpoint directories (leave it at f32 here)",
+            dtype.as_str()
+        ),
+    })
+}
+
+/// `Err` unless `dtype` is f32 with LoRA adapters, which run in f32.
+fn refuse_adapter_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        return Ok(());
+    }
+    Err(ModelError::Device(format!(
+        "LoRA adapters run in f32: load the model with --dtype f32, or merge the adapter into \
+         it first (`lmkit adapter merge`) and load the merged model in {}",
+        dtype.as_str()
+    )))
+}
+
+/// `Err` unless `dtype` is f32 for the recurrent models, whose cells compute in f32.
+fn refuse_rnn_dtype(cfg: &DecoderConfig, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 || !matches!(cfg, DecoderConfig::Rnn(_)) {
+        return Ok(());
+    }
+    Err(ModelError::Device(format!(
+        "the RNN/LSTM models run in f32 only (--dtype {} asked for)",
+        dtype.as_str()
+    )))
+}
+
+/// A variable source over a checkpoint's safetensors files (memory-mapped, converted to
+/// `dtype` as read). With `layers`, weights for more layers than the config has are an error
+/// (they would be ignored silently).
 pub(crate) fn mmap_weights(
     dir: &Path,
     device: &Device,
     layers: Option<usize>,
+    dtype: DType,
 ) -> Result<candle_nn::VarBuilder<'static>> {
-    Ok(checked_weights(dir, layers)?.into_var_builder(DType::F32, device))
+    Ok(checked_weights(dir, layers)?.into_var_builder(dtype, device))
 }
 
 /// Every tensor of a checkpoint directory's safetensors files, as f32, checked as loading checks
@@ -319,7 +359,15 @@ impl CausalLm {
     /// (with a `latest` file naming its newest checkpoint) loads that checkpoint.
     /// A GGUF file (llama / qwen2 / qwen3) loads with its weights kept quantized.
     pub fn load(dir: &Path, device: &Device) -> Result<(CausalLm, DecoderConfig)> {
+        Self::load_as(dir, device, DType::F32)
+    }
+
+    /// [`load`](Self::load) with the weights (and so the activations) in `dtype`: f32, or bf16
+    /// or f16 for inference in half the memory. A GGUF file keeps its own types (`dtype` must be
+    /// f32 there).
+    pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<(CausalLm, DecoderConfig)> {
         if gguf::is_gguf(dir) {
+            refuse_gguf_dtype(dir, dtype)?;
             let mut g = gguf::Gguf::open(dir)?;
             if g.is_gptneox() {
                 let m = gpt_neox::GptNeox::from_gguf(&mut g, device)?;
@@ -333,7 +381,8 @@ impl CausalLm {
         not_a_model_file(dir)?;
         let dir = &resolve_checkpoint(dir);
         let cfg = DecoderConfig::load(&dir.join("config.json"))?;
-        let vb = mmap_weights(dir, device, Some(cfg.num_layers()))?;
+        refuse_rnn_dtype(&cfg, dtype)?;
+        let vb = mmap_weights(dir, device, Some(cfg.num_layers()), dtype)?;
         Self::from_var_builder(&cfg, vb, dir).map(|m| (m, cfg))
     }
 
@@ -343,10 +392,14 @@ impl CausalLm {
         dir: &Path,
         adapter: Option<&Path>,
         device: &Device,
+        dtype: DType,
     ) -> Result<(CausalLm, DecoderConfig)> {
         match adapter {
-            None => Self::load(dir, device),
-            Some(a) => layers::lora::Adapters::load(a, device)?.build(|| Self::load(dir, device)),
+            None => Self::load_as(dir, device, dtype),
+            Some(a) => {
+                refuse_adapter_dtype(dtype)?;
+                layers::lora::Adapters::load(a, device)?.build(|| Self::load_as(dir, device, dtype))
+            }
         }
     }
 
@@ -357,6 +410,7 @@ impl CausalLm {
         dir: &Path,
         adapters: &[Option<layers::lora::Adapters>],
         device: &Device,
+        dtype: DType,
     ) -> Result<(Vec<CausalLm>, DecoderConfig)> {
         let build_one =
             |a: &Option<layers::lora::Adapters>,
@@ -364,9 +418,13 @@ impl CausalLm {
                 Some(a) => a.build(f),
                 None => f(),
             };
+        if adapters.iter().any(Option::is_some) {
+            refuse_adapter_dtype(dtype)?;
+        }
         let mut out = Vec::new();
         let mut config = None;
         if gguf::is_gguf(dir) {
+            refuse_gguf_dtype(dir, dtype)?;
             for a in adapters {
                 let (m, c) = build_one(a, &|| Self::load(dir, device))?;
                 out.push(m);
@@ -376,13 +434,13 @@ impl CausalLm {
             not_a_model_file(dir)?;
             let dir = &resolve_checkpoint(dir);
             let cfg = DecoderConfig::load(&dir.join("config.json"))?;
+            refuse_rnn_dtype(&cfg, dtype)?;
             let weights = checked_weights(dir, Some(cfg.num_layers()))?;
             let shared = SharedWeights {
                 inner: weights.into_backend(),
                 seen: Default::default(),
             };
-            let vb =
-                candle_nn::VarBuilder::from_backend(Box::new(shared), DType::F32, device.clone());
+            let vb = candle_nn::VarBuilder::from_backend(Box::new(shared), dtype, device.clone());
             for a in adapters {
                 let (m, c) = build_one(a, &|| {
                     Self::from_var_builder(&cfg, vb.clone(), dir).map(|m| (m, cfg.clone()))
@@ -477,7 +535,17 @@ impl CausalLm {
 
     /// Logits [batch, seq, vocab] for `ids` [batch, seq], row r continuing `caches[r]`.
     pub fn forward_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        Ok(self.output().forward(&self.hidden_rows(ids, caches)?)?)
+        self.logits(&self.hidden_rows(ids, caches)?)
+    }
+
+    /// The output layer on `hidden`; a half-precision model's logits widened to f32 (sampling
+    /// and scoring read f32; an f64 model, as the gradient checks build, keeps f64).
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let y = self.output().forward(hidden)?;
+        Ok(match y.dtype() {
+            DType::BF16 | DType::F16 => y.to_dtype(DType::F32)?,
+            _ => y,
+        })
     }
 
     /// The output layer (its weight is the token embeddings when they are tied).
@@ -495,9 +563,7 @@ impl CausalLm {
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let hidden = self.hidden(ids, cache)?;
         let t = hidden.dim(1)?;
-        Ok(self
-            .output()
-            .forward(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?)
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
 
     /// Logits [n, vocab] of the last position of each of the n `seqs`, sequence i continuing
@@ -555,12 +621,18 @@ impl CausalLm {
             .collect();
         let ends = Tensor::new(ends.as_slice(), self.device())?;
         let last = hidden?.squeeze(0)?.index_select(&ends, 0)?;
-        Ok(self.output().forward(&last)?)
+        self.logits(&last)
     }
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.output().forward(&self.hidden(ids, cache)?)?)
+        self.logits(&self.hidden(ids, cache)?)
+    }
+
+    /// The type the weights and activations are in (f32 unless loaded with
+    /// [`load_as`](Self::load_as) in another; a GGUF model's quantized products compute in f32).
+    pub fn dtype(&self) -> DType {
+        self.output().dtype()
     }
 }
 

@@ -78,6 +78,9 @@ impl Default for Limits {
 pub struct ServeConfig {
     pub model_dir: PathBuf,
     pub device: String,
+    /// The model's weights' and activations' type: f32, bf16 or f16 (see
+    /// [`lmkit_models::parse_dtype`]).
+    pub dtype: String,
     /// The name clients use in `model` (default: the model directory's name).
     pub model_name: Option<String>,
     pub host: String,
@@ -186,7 +189,12 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
             .map_err(|e| ServeError::Config(format!("adapter `{name}`: {e}")))?;
         variants.push(Some(a));
     }
-    let (models, mcfg) = CausalLm::load_variants(&dir, &variants, &device)?;
+    let (models, mcfg) = CausalLm::load_variants(
+        &dir,
+        &variants,
+        &device,
+        lmkit_models::parse_dtype(&cfg.dtype)?,
+    )?;
     let tokenizer = lmkit_tokenize::load(&dir)?;
     let template = lmkit_tokenize::chat::load_template(&dir)?;
     let tk_vocab = tokenizer.get_vocab_size(true);

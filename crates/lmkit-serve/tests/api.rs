@@ -58,6 +58,7 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
     ServeConfig {
         model_dir: model_dir(),
         device: "cpu".into(),
+        dtype: "f32".into(),
         model_name: Some("tiny".into()),
         host: "127.0.0.1".into(),
         port: 0,
@@ -253,6 +254,32 @@ async fn completions_and_chat_match_local_generation_and_are_stored() {
         "{m}"
     );
     assert!(m.contains("lmkit_queue_depth 0"), "{m}");
+}
+
+/// `--dtype bf16` serves the model in bf16 (streams of a round packed together, prompts in
+/// pieces); an unknown type is refused at start-up, naming the ones there are.
+#[tokio::test]
+async fn the_model_is_served_in_bf16_and_unknown_types_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = load_state(ServeConfig {
+        dtype: "bf16".into(),
+        prompt_tokens: 2,
+        ..config(&dir.path().join("db.sqlite"), 16)
+    })
+    .unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "the dog and the cat"}],
+                      "max_tokens": 6, "n": 3, "seed": 5, "temperature": 1.0});
+    let (s, v) = post(&st, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+    let e = load_state(ServeConfig {
+        dtype: "fp8".into(),
+        ..config(&dir.path().join("db2.sqlite"), 16)
+    })
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("expected f32, bf16 or f16"), "{e}");
 }
 
 #[tokio::test]

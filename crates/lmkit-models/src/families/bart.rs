@@ -458,7 +458,7 @@ impl Bart {
     pub fn load(dir: &Path, device: &Device) -> Result<Bart> {
         let dir = crate::resolve_checkpoint(dir);
         let cfg = BartConfig::load(&dir.join("config.json"))?;
-        let vb = crate::mmap_weights(&dir, device, None)?;
+        let vb = crate::mmap_weights(&dir, device, None, candle_core::DType::F32)?;
         Bart::new(&cfg, vb).map_err(|e| crate::tensor_error(&dir, e))
     }
 

@@ -559,7 +559,7 @@ impl Bert {
         // Read once: the config, and the head's class and labels beside it.
         let raw = crate::registry::read_json(&config_path)?;
         let cfg = BertConfig::from_json(raw.clone(), &config_path)?;
-        let vb = crate::mmap_weights(&dir, device, Some(cfg.num_hidden_layers))?;
+        let vb = crate::mmap_weights(&dir, device, Some(cfg.num_hidden_layers), DType::F32)?;
         let root = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb.clone()
         } else {

@@ -59,8 +59,8 @@ pub fn attention(
         // keys and values once per query head.
         let rep = heads / kv_heads;
         let q = q.contiguous()?.reshape((b, kv_heads, rep, d))?;
-        let att = scaled(lmkit_kernels::blas::matmul(&q, &k.t()?)?, scale)?;
-        let p = crate::layers::ops::softmax_last_dim(&att)?;
+        let att = scaled(widened(lmkit_kernels::blas::matmul(&q, &k.t()?)?)?, scale)?;
+        let p = probabilities(&att, v.dtype())?;
         return lmkit_kernels::blas::matmul(&p, v)?.reshape((b, heads, 1, d));
     }
     let s = k.dim(2)?;
@@ -88,11 +88,11 @@ pub fn attention(
         repeat_kv(k, heads / kv_heads)?,
         repeat_kv(v, heads / kv_heads)?,
     );
-    let att = lmkit_kernels::blas::matmul(q, &k.t()?)?;
+    let att = widened(lmkit_kernels::blas::matmul(q, &k.t()?)?)?;
     let att = match mask {
         Mask::Causal => {
             if let Some(p) = lmkit_kernels::fused::causal_softmax(&att, scale)? {
-                return lmkit_kernels::blas::matmul(&p, &v);
+                return lmkit_kernels::blas::matmul(&p.to_dtype(v.dtype())?, &v);
             }
             let att = scaled(att, scale)?;
             if t > 1 {
@@ -109,8 +109,23 @@ pub fn attention(
             }
         }
     };
-    let p = crate::layers::ops::softmax_last_dim(&att)?;
+    let p = probabilities(&att, v.dtype())?;
     lmkit_kernels::blas::matmul(&p, &v)
+}
+
+/// Scores of a half-precision model in f32: its scaling, mask and softmax run in f32, as
+/// transformers' attention does (`softmax(..., dtype=torch.float32)`, PyTorch's fused
+/// attention); other types as they are.
+fn widened(att: Tensor) -> candle_core::Result<Tensor> {
+    match att.dtype() {
+        DType::BF16 | DType::F16 => att.to_dtype(DType::F32),
+        _ => Ok(att),
+    }
+}
+
+/// The softmax of `att` over its last axis, in the values' type `dtype`.
+fn probabilities(att: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    crate::layers::ops::softmax_last_dim(att)?.to_dtype(dtype)
 }
 
 fn scaled(att: Tensor, scale: f64) -> candle_core::Result<Tensor> {
