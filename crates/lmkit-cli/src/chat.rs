@@ -42,8 +42,8 @@ pub struct ChatArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
-    /// GPU: on the CPU the half types' products are slower than f32's)
+    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
+    /// CPU a half type saves memory, not time)
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Every reply follows this constraint

@@ -12,6 +12,7 @@ use std::path::PathBuf;
     after_help = "Examples:\n  lmkit generate --model runs/gpt/ --prompt 'In the beginning' --max-tokens 50\n  \
     lmkit generate --model runs/gpt/ --prompt '대한민국은' --temperature 0.7 --top-k 40 --seed 1 --stop '\\n'\n  \
     lmkit generate --model runs/gpt/ --prompt-ids 5,17,3 --greedy --ids\n  \
+    lmkit generate --model smollm2/ --prompt 'Hello' --device cuda --dtype bf16   # half the memory\n  \
     lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder\n  \
     lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --num-beams 4 --length-penalty 1.0\n  \
     lmkit generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'A person: ' --json-schema person.json --greedy\n  \
@@ -83,8 +84,8 @@ pub struct GenerateArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
-    /// GPU: on the CPU the half types' products are slower than f32's)
+    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
+    /// CPU a half type saves memory, not time)
     #[arg(long, default_value = "f32")]
     dtype: String,
     #[command(flatten)]

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[command(after_help = "Examples:\n  lmkit serve runs/quickstart/gpt\n  \
     lmkit serve runs/quickstart/gpt --port 8080 --api-key sk-local-1 --db reviews.sqlite\n  \
     lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n  \
-    lmkit serve smollm2/ --adapter legal=runs/sft-legal --adapter chat=runs/sft-chat   # model: \"legal\" picks an adapter\n\n\
+    lmkit serve smollm2/ --adapter legal=runs/sft-legal --adapter chat=runs/sft-chat   # model: \"legal\" picks an adapter\n  \
+    lmkit serve smollm2/ --device cuda --dtype bf16 --max-active 32\n\n\
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
     GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
@@ -48,8 +49,8 @@ pub struct ServeArgs {
     /// Where to run the model: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (a Hugging Face directory; on a
-    /// GPU: on the CPU the half types' products are slower than f32's)
+    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
+    /// CPU a half type saves memory, not time)
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Sequences decoded at once (their steps interleave)
