@@ -30,6 +30,12 @@ def build(kind, tmp_path, **overrides):
     if kind == "gpt2":
         cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
         model = GPT2LMHeadModel(cfg)
+    elif kind == "gpt_neox":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=103, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, rotary_pct=0.5, rotary_emb_base=30000, hidden_act="gelu",
+            use_parallel_residual=True, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0))
     else:
         # Through the constructor: transformers 5.x folds rope_theta and rope_scaling into
         # rope_parameters there (an attribute set afterwards is saved but not used by the model).
@@ -249,13 +255,13 @@ def test_half_precision_and_sharded_checkpoints_load(lmkit, tmp_path, dtype):
     assert np.abs(got - want).max() < ATOL, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_inference_matches(lmkit, tmp_path, kind, dtype):
-    """`--dtype bf16` / `f16`: lmkit computes in the half type as transformers does with the model
-    loaded in it — its logits (all at once and through the KV cache) differ from the f32 ones
+    """`--dtype bf16` / `f16` (GPT-2, Llama, GPT-NeoX with part of each head rotated): lmkit
+    computes in the half type as transformers does with the model loaded in it — its logits (all at once and through the KV cache) differ from the f32 ones
     (so the half type was used) by at most twice what transformers' half-precision logits do,
-    and from transformers' by no more either; greedy decoding gives transformers' tokens."""
+    and from transformers' by no more either; greedy decoding picks transformers' best tokens."""
     model, path = build(kind, tmp_path)
     # Larger weights than the default init, so that the half type's rounding shows in the logits.
     with torch.no_grad():
@@ -276,13 +282,17 @@ def test_half_precision_inference_matches(lmkit, tmp_path, kind, dtype):
         ours = np.abs(got - f32).max()
         assert 0 < ours <= 2 * theirs, (incremental, ours, theirs)
         assert np.abs(got - want).max() <= 2 * theirs, (incremental, np.abs(got - want).max(), theirs)
+    # Greedy decoding through the cache: every token lmkit picks is one transformers' half-precision
+    # model rates best, up to the half type's noise (a near tie may go either way).
     prompt = ids[:5]
-    with torch.no_grad():
-        out = half.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
-                            eos_token_id=None, pad_token_id=0)
     got = lmkit("generate", "--model", path, "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--ids",
                 "--ignore-eos", "--max-tokens", "12", "--device", DEVICE, "--dtype", flag)
-    assert [int(x) for x in got.split()] == out[0, 5:].tolist()
+    got = [int(x) for x in got.split()]
+    assert len(got) == 12
+    with torch.no_grad():
+        rows = half(torch.tensor([prompt + got])).logits[0, len(prompt) - 1:-1].float().numpy()
+    for step, (tok, row) in enumerate(zip(got, rows)):
+        assert row[tok] >= row.max() - 2 * theirs, (step, tok, int(row.argmax()), row.max() - row[tok], theirs)
 
 
 def test_half_precision_inference_refuses_what_it_cannot_do(lmkit, tmp_path):
