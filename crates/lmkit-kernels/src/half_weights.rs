@@ -72,10 +72,10 @@ impl CustomOp2 for HalfProduct {
         let (r1, r2) = slices(l1, l2)?;
         let y = match (s1, s2) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                CpuStorage::BF16(multiply(&x[r1], &w[r2], (m, n, k)))
+                CpuStorage::BF16(multiply(&x[r1], &w[r2], (m, n, k))?)
             }
             (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                CpuStorage::F16(multiply(&x[r1], &w[r2], (m, n, k)))
+                CpuStorage::F16(multiply(&x[r1], &w[r2], (m, n, k))?)
             }
             _ => candle_core::bail!("half-weight product: operands of one half type expected"),
         };
@@ -114,7 +114,11 @@ impl Half for half::f16 {
 }
 
 /// x [m, k] · w [n, k]ᵀ in f32, rounded to `T` once: blocks of w's rows over rayon's threads.
-fn multiply<T: Half>(x: &[T], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+fn multiply<T: Half>(
+    x: &[T],
+    w: &[T],
+    (m, n, k): (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
     let mut xf = vec![0.0f32; m * k];
     T::widen(x, &mut xf);
     let blas = if m >= BLAS_ROWS {
@@ -129,19 +133,15 @@ fn multiply<T: Half>(x: &[T], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<
             let mut wf = vec![0.0f32; nb * k];
             T::widen(&w[j0 * k..(j0 + nb) * k], &mut wf);
             if let Some(blas) = blas {
-                if let Ok(y) =
-                    crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k))
-                {
-                    return y;
-                }
+                return crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k));
             }
             let mut y = Vec::with_capacity(m * nb);
             for row in xf.chunks_exact(k) {
                 y.extend(wf.chunks_exact(k).map(|col| dot(row, col)));
             }
-            y
+            Ok(y)
         })
-        .collect();
+        .collect::<candle_core::Result<_>>()?;
     let mut out = vec![T::narrow(0.0); m * n];
     for (b, y) in blocks.iter().enumerate() {
         let (j0, nb) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
@@ -151,7 +151,7 @@ fn multiply<T: Half>(x: &[T], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Σ a_i·b_i in f32 over eight running sums (they vectorise).

@@ -628,12 +628,6 @@ impl CausalLm {
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.logits(&self.hidden(ids, cache)?)
     }
-
-    /// The type the weights and activations are in (f32 unless loaded with
-    /// [`load_as`](Self::load_as) in another; a GGUF model's quantized products compute in f32).
-    pub fn dtype(&self) -> DType {
-        self.output().dtype()
-    }
 }
 
 #[cfg(test)]

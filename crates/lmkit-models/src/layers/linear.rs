@@ -231,14 +231,6 @@ impl Linear {
     }
 
     /// The LoRA adapter added to this layer's product, if any.
-    /// The type of the layer's outputs: its dense weight's, f32 for a quantized one.
-    pub fn dtype(&self) -> candle_core::DType {
-        match &self.weight {
-            Weight::Dense(w) | Weight::Transposed(w) => w.dtype(),
-            Weight::Quantized(..) => candle_core::DType::F32,
-        }
-    }
-
     pub fn lora(&self) -> Option<&Lora> {
         self.lora.as_ref()
     }
