@@ -62,11 +62,11 @@ pub const DECODE_MAX_HEAD: usize = 256;
 /// One sequence of [`Gpu::decode_attention`] and [`Gpu::extend_attention`]: its KV cache's key
 /// and value buffers, each `kv_heads` heads `head_stride` elements apart with rows of the head
 /// size, holding `len` positions and room for the `new` ones the pass brings (one for
-/// [`Gpu::decode_attention`]).
+/// [`Gpu::decode_attention`]); f32, or bf16 (a model loaded in bf16).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeCache {
-    pub k: Dev<f32>,
-    pub v: Dev<f32>,
+    pub k: Data,
+    pub v: Data,
     pub len: usize,
     pub new: usize,
     pub head_stride: usize,
@@ -95,7 +95,7 @@ impl DecodeCache {
 /// elements) starts at h·head_stride + i·seq_stride.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeRows {
-    pub data: Dev<f32>,
+    pub data: Data,
     pub head_stride: usize,
     pub seq_stride: usize,
 }
@@ -882,7 +882,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention(
         &self,
-        out: Dev<f32>,
+        out: Data,
         (q, k_new, v_new): (DecodeRows, DecodeRows, DecodeRows),
         caches: &[DecodeCache],
         rope: Option<(Dev<f32>, usize)>,
@@ -890,7 +890,10 @@ impl Gpu {
         scale: f32,
     ) -> Result<()> {
         let n = caches.len();
-        let (rotated, rope) = cached_attention_checks(caches, rope, (heads, kv_heads, hd))?;
+        let (rotated, rope) =
+            cached_attention_checks(out, (q, k_new, v_new), caches, rope, (heads, kv_heads, hd))?;
+        let size = if out.is_bf16() { 2 } else { 4 };
+        let suffix = if out.is_bf16() { "_bf16" } else { "" };
         let mut table = Vec::with_capacity(4 * n);
         let mut positions = 0;
         for (i, c) in caches.iter().enumerate() {
@@ -935,10 +938,11 @@ impl Gpu {
         // the cache holds them).
         let work = Work {
             flops: (4 * heads * hd * positions) as f64,
-            bytes: (8 * kv_heads * hd * positions) as f64,
+            bytes: (2 * size * kv_heads * hd * positions) as f64,
         };
         let launch = ((n * splits, heads), DEC_THREADS, 0);
-        self.launch_in(Module::Attention, "decode_attention", launch, &args, work)?;
+        let name = format!("decode_attention{suffix}");
+        self.launch_in(Module::Attention, &name, launch, &args, work)?;
         let Some(partial) = partial else {
             return Ok(());
         };
@@ -950,9 +954,10 @@ impl Gpu {
             Arg::I(int(heads)?),
             Arg::I(int(hd)?),
         ];
-        let work = Work::bytes(4 * n * heads * (splits * (2 + hd) + hd));
+        let work = Work::bytes(4 * n * heads * splits * (2 + hd) + size * n * heads * hd);
         let launch = ((n, heads), DEC_THREADS, 0);
-        self.launch_in(Module::Attention, "decode_combine", launch, &merge, work)
+        let name = format!("decode_combine{suffix}");
+        self.launch_in(Module::Attention, &name, launch, &merge, work)
     }
 
     /// The attention of n new rows of sequences that each continue their own KV cache by
@@ -965,14 +970,17 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn extend_attention(
         &self,
-        out: Dev<f32>,
+        out: Data,
         (q, k_new, v_new): (DecodeRows, DecodeRows, DecodeRows),
         caches: &[DecodeCache],
         rope: Option<(Dev<f32>, usize)>,
         (heads, kv_heads, hd): (usize, usize, usize),
         scale: f32,
     ) -> Result<()> {
-        let (rotated, rope) = cached_attention_checks(caches, rope, (heads, kv_heads, hd))?;
+        let (rotated, rope) =
+            cached_attention_checks(out, (q, k_new, v_new), caches, rope, (heads, kv_heads, hd))?;
+        let size = if out.is_bf16() { 2 } else { 4 };
+        let suffix = if out.is_bf16() { "_bf16" } else { "" };
         let n: usize = caches.iter().map(|c| c.new).sum();
         let mut tiles = Vec::new();
         let (mut row, mut work) = (0, Work::default());
@@ -988,7 +996,7 @@ impl Gpu {
                 // Every query head reads the keys and values up to the tile's last row.
                 let keys = c.len + r0 + rows;
                 work.flops += (4 * heads * hd * rows * keys) as f64;
-                work.bytes += (8 * heads * hd * keys) as f64;
+                work.bytes += (2 * size * heads * hd * keys) as f64;
             }
             row += c.new;
         }
@@ -1008,9 +1016,10 @@ impl Gpu {
             Arg::I(int(v_new.head_stride)?),
             Arg::I(int(v_new.seq_stride)?),
         ];
-        let copy = Work::bytes(16 * kv_heads * hd * n);
+        let copy = Work::bytes(4 * size * kv_heads * hd * n);
         let launch = ((n_tiles, kv_heads), DEC_THREADS, 0);
-        self.launch_in(Module::Attention, "cache_append", launch, &append, copy)?;
+        let name = format!("cache_append{suffix}");
+        self.launch_in(Module::Attention, &name, launch, &append, copy)?;
         let attend = [
             Arg::P(out.need(n * heads * hd, "extend attention out")?),
             Arg::P(q.need((heads, n, hd), "extend attention q")?),
@@ -1026,7 +1035,8 @@ impl Gpu {
             Arg::F(scale),
         ];
         let launch = ((n_tiles, heads), DEC_THREADS, 0);
-        self.launch_in(Module::Attention, "extend_attention", launch, &attend, work)
+        let name = format!("extend_attention{suffix}");
+        self.launch_in(Module::Attention, &name, launch, &attend, work)
     }
 
     /// The gradients of [`Gpu::flash_attention`] from dout: dq, dk, dv written (not added);
@@ -1942,11 +1952,20 @@ fn decode_splits(pairs: usize, longest: usize) -> usize {
 /// and a rotary table reaching every new row's position. The rotated columns and the table's
 /// address (0 without rotation).
 fn cached_attention_checks(
+    out: Data,
+    (q, k_new, v_new): (DecodeRows, DecodeRows, DecodeRows),
     caches: &[DecodeCache],
     rope: Option<(Dev<f32>, usize)>,
     (heads, kv_heads, hd): (usize, usize, usize),
 ) -> Result<(usize, u64)> {
     let n = caches.len();
+    let bf16 = out.is_bf16();
+    let rows_and_caches = [q.data, k_new.data, v_new.data]
+        .into_iter()
+        .chain(caches.iter().flat_map(|c| [c.k, c.v]));
+    if rows_and_caches.into_iter().any(|d| d.is_bf16() != bf16) {
+        candle_core::bail!("cuda decode attention: rows, caches and output all f32 or all bf16");
+    }
     if n == 0 || heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!(
             "cuda decode attention: {n} sequences, {heads} query heads for {kv_heads} key/value \

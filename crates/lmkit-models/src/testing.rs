@@ -16,6 +16,17 @@ pub fn random_model(config: &str, seed: u64, scale: f32) -> CausalLm {
 
 /// [`random_model`] with its weights on `device` (the same weights on every device).
 pub fn random_model_on(config: &str, seed: u64, scale: f32, device: &Device) -> CausalLm {
+    random_model_as(config, seed, scale, device, DType::F32)
+}
+
+/// [`random_model_on`] with its weights in `dtype` (the f32 draws rounded).
+pub fn random_model_as(
+    config: &str,
+    seed: u64,
+    scale: f32,
+    device: &Device,
+    dtype: DType,
+) -> CausalLm {
     let v: serde_json::Value = serde_json::from_str(config).expect("config JSON");
     let cfg = DecoderConfig::from_json(v, Path::new("config.json")).expect("config");
     let vm = VarMap::new();
@@ -39,6 +50,6 @@ pub fn random_model_on(config: &str, seed: u64, scale: f32, device: &Device) -> 
                 (name, t)
             })
             .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+    let vb = VarBuilder::from_tensors(weights, dtype, device);
     CausalLm::from_var_builder(&cfg, vb, Path::new("random")).expect("model")
 }

@@ -118,3 +118,51 @@ fn gpu_decoding_steps_equal_the_composed_attention() {
         }
     }
 }
+
+/// Models loaded in bf16: decoding steps, a prompt piece beside them and a fresh prompt through
+/// the bf16 kernels (rows, caches and output in bf16) give the composed bf16 attention's logits
+/// within bf16's rounding (the kernels round the attention's output and the rotated keys once;
+/// the composed ops round the scores' product, the probabilities and the rotation too).
+#[test]
+fn gpu_bf16_decoding_steps_equal_the_composed_attention() {
+    let Some(gpu) = lmkit_kernels::testing::gpu_device() else {
+        return;
+    };
+    let bf16 = candle_core::DType::BF16;
+    for config in CONFIGS {
+        let cpu = lmkit_models::testing::random_model_as(config, 11, 0.5, &Device::Cpu, bf16);
+        let tested = lmkit_models::testing::random_model_as(config, 11, 0.5, &gpu, bf16);
+        let mut want_caches: Vec<KvCache> = (0..3).map(|_| cpu.new_cache()).collect();
+        let mut got_caches: Vec<KvCache> = (0..3).map(|_| tested.new_cache()).collect();
+        let mut worst = 0f64;
+        for round in 0..24u32 {
+            let seqs: Vec<Vec<u32>> = (0..3u32)
+                .map(|i| {
+                    let tok = (round * 7 + i * 13) % 61;
+                    let piece = match (i, round) {
+                        (_, 0) => 5 + i,
+                        (2, r) if r % 5 == 4 => 3,
+                        (1, 12) => 18,
+                        _ => 1,
+                    };
+                    (0..piece).map(|j| (tok + j) % 61).collect()
+                })
+                .collect();
+            if round == 12 {
+                want_caches[1] = cpu.new_cache();
+                got_caches[1] = tested.new_cache();
+            }
+            let want = pass(&cpu, &seqs, &mut want_caches, false);
+            let got = pass(&tested, &seqs, &mut got_caches, true);
+            let size = want.abs().unwrap().max_keepdim(1).unwrap();
+            let size = size.max(0).unwrap().to_vec1::<f32>().unwrap()[0];
+            let d = lmkit_kernels::testing::max_diff(&got, &want) / f64::from(size.max(1.0));
+            worst = worst.max(d);
+            assert!(
+                d < 0.03,
+                "{config}, round {round}: logits differ by {d} of {size}"
+            );
+        }
+        eprintln!("{config}: bf16 logits differ by at most {worst} of their size");
+    }
+}

@@ -696,6 +696,29 @@ ATT_KERNELS(flash_bf16in, Bf16, Bf16In, uint16_t, 128, 64, 32)
 #define DEC_THREADS 128
 #define DEC_MAX_HD 256
 
+// The decoding kernels read and write f32, or bf16 (a model loaded in bf16: its rows, its cache
+// and the output as bf16 bits; the arithmetic in f32, each stored value rounded once).
+__device__ __forceinline__ float dec_ld(const float* p) { return *p; }
+__device__ __forceinline__ void dec_st(float* p, float v) { *p = v; }
+#ifdef __CUDACC__
+__device__ __forceinline__ float dec_ld(const uint16_t* p) {
+  return __uint_as_float((uint32_t)*p << 16);
+}
+__device__ __forceinline__ void dec_st(uint16_t* p, float v) {
+  *p = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+#else
+inline float dec_ld(const uint16_t* p) { return emu_from_bf16(*p); }
+inline void dec_st(uint16_t* p, float v) { *p = emu_bf16(v); }
+#endif
+// v as the element type T stores it.
+template <class T>
+__device__ __forceinline__ float dec_rounded(float v) {
+  T t;
+  dec_st(&t, v);
+  return dec_ld(&t);
+}
+
 __device__ __forceinline__ float dec_reduce(float v, float* shared, bool max) {
   for (int o = 16; o > 0; o /= 2) {
     float w = __shfl_xor_sync(0xffffffffu, v, o);
@@ -719,11 +742,14 @@ __device__ __forceinline__ void dec_rotate(float* x, const float* row, int rotat
   }
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    decode_attention(float* out, float* partial, const float* q, const float* k_new,
-                     const float* v_new, const uint64_t* table, const float* rope, int n,
-                     int splits, int heads, int kv_heads, int hd, int rotated, int q_hs, int q_ss,
-                     int k_hs, int k_ss, int v_hs, int v_ss, float scale) {
+template <class T>
+__device__ __forceinline__ void decode_attention_t(T* out, float* partial, const T* q,
+                                                   const T* k_new, const T* v_new,
+                                                   const uint64_t* table, const float* rope,
+                                                   int n, int splits, int heads, int kv_heads,
+                                                   int hd, int rotated, int q_hs, int q_ss,
+                                                   int k_hs, int k_ss, int v_hs, int v_ss,
+                                                   float scale) {
   __shared__ float qs[DEC_MAX_HD];
   __shared__ float kn[DEC_MAX_HD];
   __shared__ float p[DEC_THREADS];
@@ -735,15 +761,15 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   int rep = heads / kv_heads, g = h / rep;
   const uint64_t* e = table + 4 * (int64_t)i;
   int64_t head_stride = (int64_t)e[3];
-  float* K = reinterpret_cast<float*>(static_cast<uintptr_t>(e[0])) + g * head_stride;
-  float* V = reinterpret_cast<float*>(static_cast<uintptr_t>(e[1])) + g * head_stride;
+  T* K = reinterpret_cast<T*>(static_cast<uintptr_t>(e[0])) + g * head_stride;
+  T* V = reinterpret_cast<T*>(static_cast<uintptr_t>(e[1])) + g * head_stride;
   int len = (int)e[2];
-  const float* qr = q + (int64_t)h * q_hs + (int64_t)i * q_ss;
-  const float* kr_new = k_new + (int64_t)g * k_hs + (int64_t)i * k_ss;
-  const float* vn = v_new + (int64_t)g * v_hs + (int64_t)i * v_ss;
+  const T* qr = q + (int64_t)h * q_hs + (int64_t)i * q_ss;
+  const T* kr_new = k_new + (int64_t)g * k_hs + (int64_t)i * k_ss;
+  const T* vn = v_new + (int64_t)g * v_hs + (int64_t)i * v_ss;
   for (int c = tid; c < hd; c += DEC_THREADS) {
-    qs[c] = qr[c];
-    kn[c] = kr_new[c];
+    qs[c] = dec_ld(qr + c);
+    kn[c] = dec_ld(kr_new + c);
   }
   if (rope) {
     __syncthreads();
@@ -753,9 +779,11 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   }
   __syncthreads();
   for (int c = tid; c < hd; c += DEC_THREADS) {
+    // The new key as the cache keeps it (the rotated key rounded, for bf16).
+    kn[c] = dec_rounded<T>(kn[c]);
     qs[c] *= scale;
     if (h % rep == 0 && split == 0) {
-      K[(int64_t)len * hd + c] = kn[c];
+      dec_st(K + (int64_t)len * hd + c, kn[c]);
       V[(int64_t)len * hd + c] = vn[c];
     }
   }
@@ -774,9 +802,13 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     int tile = min(DEC_THREADS, end - j0);
     for (int jj = warp; jj < tile; jj += DEC_THREADS / 32) {
       int j = j0 + jj;
-      const float* kr = j < len ? K + (int64_t)j * hd : kn;
       float s = 0.0f;
-      for (int c = lane; c < hd; c += 32) s += qs[c] * kr[c];
+      if (j < len) {
+        const T* kr = K + (int64_t)j * hd;
+        for (int c = lane; c < hd; c += 32) s += qs[c] * dec_ld(kr + c);
+      } else {
+        for (int c = lane; c < hd; c += 32) s += qs[c] * kn[c];
+      }
       for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
       if (lane == 0) p[jj] = s;
     }
@@ -794,9 +826,9 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     if (active)
       for (int jj = part; jj < tile; jj += parts) {
         int j = j0 + jj;
-        const float* vr = j < len ? V + (int64_t)j * hd : vn;
-        acc0 += p[jj] * vr[col];
-        if (second) acc1 += p[jj] * vr[col + DEC_THREADS];
+        const T* vr = j < len ? V + (int64_t)j * hd : vn;
+        acc0 += p[jj] * dec_ld(vr + col);
+        if (second) acc1 += p[jj] * dec_ld(vr + col + DEC_THREADS);
       }
     __syncthreads();
   }
@@ -819,30 +851,52 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     }
     return;
   }
-  float* o = out + ((int64_t)i * heads + h) * hd;
+  T* o = out + ((int64_t)i * heads + h) * hd;
   if (active && part == 0) {
-    o[col] = acc0 / l;
-    if (second) o[col + DEC_THREADS] = acc1 / l;
+    dec_st(o + col, acc0 / l);
+    if (second) dec_st(o + col + DEC_THREADS, acc1 / l);
   }
 }
 
+#define DECODE_ATTENTION(NAME, T)                                                                \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                      \
+      NAME(T* out, float* partial, const T* q, const T* k_new, const T* v_new,                   \
+           const uint64_t* table, const float* rope, int n, int splits, int heads, int kv_heads, \
+           int hd, int rotated, int q_hs, int q_ss, int k_hs, int k_ss, int v_hs, int v_ss,      \
+           float scale) {                                                                        \
+    decode_attention_t(out, partial, q, k_new, v_new, table, rope, n, splits, heads, kv_heads,   \
+                       hd, rotated, q_hs, q_ss, k_hs, k_ss, v_hs, v_ss, scale);                  \
+  }
+DECODE_ATTENTION(decode_attention, float)
+DECODE_ATTENTION(decode_attention_bf16, uint16_t)
+
 // The splits of decode_attention merged: out = Σ_s e^(m_s − M)·acc_s / Σ_s e^(m_s − M)·l_s with
 // M the largest m_s. A block of DEC_THREADS per (sequence, query head), threads over columns.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    decode_combine(float* out, const float* partial, int n, int splits, int heads, int hd) {
+template <class T>
+__device__ __forceinline__ void decode_combine_t(T* out, const float* partial, int n, int splits,
+                                                 int heads, int hd) {
   int i = blockIdx.x, h = blockIdx.y;
   if (i >= n || h >= heads) return;
   const float* pp = partial + ((int64_t)i * heads + h) * splits * (2 + hd);
   float mx = -INFINITY, l = 0.0f;
   for (int s = 0; s < splits; s++) mx = fmaxf(mx, pp[s * (2 + hd)]);
   for (int s = 0; s < splits; s++) l += pp[s * (2 + hd) + 1] * __expf(pp[s * (2 + hd)] - mx);
-  float* o = out + ((int64_t)i * heads + h) * hd;
+  T* o = out + ((int64_t)i * heads + h) * hd;
   for (int c = threadIdx.x; c < hd; c += DEC_THREADS) {
     float acc = 0.0f;
     for (int s = 0; s < splits; s++)
       acc += pp[s * (2 + hd) + 2 + c] * __expf(pp[s * (2 + hd)] - mx);
-    o[c] = acc / l;
+    dec_st(o + c, acc / l);
   }
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    decode_combine(float* out, const float* partial, int n, int splits, int heads, int hd) {
+  decode_combine_t(out, partial, n, splits, heads, hd);
+}
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    decode_combine_bf16(uint16_t* out, const float* partial, int n, int splits, int heads, int hd) {
+  decode_combine_t(out, partial, n, splits, heads, hd);
 }
 
 // Prompt pieces of sequences that each continue their own KV cache (a serving round that reads
@@ -857,41 +911,59 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 #define EXT_ROWS 16
 #define EXT_KEYS 16
 
-__device__ __forceinline__ float* ext_cache(uint64_t addr, int64_t head_stride, int g) {
-  return reinterpret_cast<float*>(static_cast<uintptr_t>(addr)) + g * head_stride;
+template <class T>
+__device__ __forceinline__ T* ext_cache(uint64_t addr, int64_t head_stride, int g) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(addr)) + g * head_stride;
 }
 
 // x[c] of a row whose first `rotated` columns turn at table row `row` (rotate-half pairs).
-__device__ __forceinline__ float ext_rotated(const float* x, int c, const float* row,
-                                             int rotated) {
-  if (!row || c >= rotated) return x[c];
+template <class T>
+__device__ __forceinline__ float ext_rotated(const T* x, int c, const float* row, int rotated) {
+  if (!row || c >= rotated) return dec_ld(x + c);
   int half = rotated / 2, cc = c % half;
   float cs = row[cc], sn = row[half + cc];
-  return c < half ? x[c] * cs - x[c + half] * sn : x[c] * cs + x[c - half] * sn;
+  return c < half ? dec_ld(x + c) * cs - dec_ld(x + c + half) * sn
+                  : dec_ld(x + c) * cs + dec_ld(x + c - half) * sn;
 }
 
 // A block of DEC_THREADS per (tile, key/value head): the tile's keys and values into the cache.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    cache_append(const float* k_new, const float* v_new, const uint64_t* tiles, const float* rope,
-                 int n_tiles, int kv_heads, int hd, int rotated, int k_hs, int k_ss, int v_hs,
-                 int v_ss) {
+template <class T>
+__device__ __forceinline__ void cache_append_t(const T* k_new, const T* v_new,
+                                               const uint64_t* tiles, const float* rope,
+                                               int n_tiles, int kv_heads, int hd, int rotated,
+                                               int k_hs, int k_ss, int v_hs, int v_ss) {
   int ti = blockIdx.x, g = blockIdx.y;
   if (ti >= n_tiles || g >= kv_heads) return;
   const uint64_t* e = tiles + 6 * (int64_t)ti;
   int64_t head_stride = (int64_t)e[5];
-  float* K = ext_cache(e[0], head_stride, g);
-  float* V = ext_cache(e[1], head_stride, g);
+  T* K = ext_cache<T>(e[0], head_stride, g);
+  T* V = ext_cache<T>(e[1], head_stride, g);
   int pos0 = (int)e[2], rows = (int)e[3], first = (int)e[4];
   for (int r = 0; r < rows; r++) {
     int64_t pos = pos0 + r, i = first + r;
-    const float* kr = k_new + (int64_t)g * k_hs + i * k_ss;
-    const float* vr = v_new + (int64_t)g * v_hs + i * v_ss;
+    const T* kr = k_new + (int64_t)g * k_hs + i * k_ss;
+    const T* vr = v_new + (int64_t)g * v_hs + i * v_ss;
     const float* row = rope ? rope + pos * rotated : nullptr;
     for (int c = threadIdx.x; c < hd; c += DEC_THREADS) {
-      K[pos * hd + c] = ext_rotated(kr, c, row, rotated);
+      dec_st(K + pos * hd + c, ext_rotated(kr, c, row, rotated));
       V[pos * hd + c] = vr[c];
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    cache_append(const float* k_new, const float* v_new, const uint64_t* tiles, const float* rope,
+                 int n_tiles, int kv_heads, int hd, int rotated, int k_hs, int k_ss, int v_hs,
+                 int v_ss) {
+  cache_append_t(k_new, v_new, tiles, rope, n_tiles, kv_heads, hd, rotated, k_hs, k_ss, v_hs,
+                 v_ss);
+}
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    cache_append_bf16(const uint16_t* k_new, const uint16_t* v_new, const uint64_t* tiles,
+                      const float* rope, int n_tiles, int kv_heads, int hd, int rotated, int k_hs,
+                      int k_ss, int v_hs, int v_ss) {
+  cache_append_t(k_new, v_new, tiles, rope, n_tiles, kv_heads, hd, rotated, k_hs, k_ss, v_hs,
+                 v_ss);
 }
 
 // A block of DEC_THREADS per (tile, query head): the tile's queries (rotated, scaled) in shared
@@ -900,10 +972,11 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 // over rows of shared memory padded to hd + 1 (the 16 keys a warp reads fall in different
 // banks). Values: 8 threads per row (DEC_THREADS = EXT_ROWS · 8), thread c % 8 adding columns
 // c, c + 8, ... in registers; each of them takes 2 of the tile's keys in the softmax.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    extend_attention(float* out, const float* q, const uint64_t* tiles, const float* rope,
-                     int n_tiles, int heads, int kv_heads, int hd, int rotated, int q_hs,
-                     int q_ss, float scale) {
+template <class T>
+__device__ __forceinline__ void extend_attention_t(T* out, const T* q, const uint64_t* tiles,
+                                                   const float* rope, int n_tiles, int heads,
+                                                   int kv_heads, int hd, int rotated, int q_hs,
+                                                   int q_ss, float scale) {
   __shared__ float qs[EXT_ROWS * (DEC_MAX_HD + 1)];
   __shared__ float kv[EXT_KEYS * (DEC_MAX_HD + 1)];
   __shared__ float s[EXT_ROWS][EXT_KEYS + 1];
@@ -912,12 +985,12 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   int g = h / (heads / kv_heads), ld = hd + 1;
   const uint64_t* e = tiles + 6 * (int64_t)ti;
   int64_t head_stride = (int64_t)e[5];
-  const float* K = ext_cache(e[0], head_stride, g);
-  const float* V = ext_cache(e[1], head_stride, g);
+  const T* K = ext_cache<T>(e[0], head_stride, g);
+  const T* V = ext_cache<T>(e[1], head_stride, g);
   int pos0 = (int)e[2], rows = (int)e[3], first = (int)e[4];
   for (int x = tid; x < rows * hd; x += DEC_THREADS) {
     int r = x / hd, c = x % hd;
-    const float* qr = q + (int64_t)h * q_hs + (int64_t)(first + r) * q_ss;
+    const T* qr = q + (int64_t)h * q_hs + (int64_t)(first + r) * q_ss;
     const float* row = rope ? rope + (int64_t)(pos0 + r) * rotated : nullptr;
     qs[r * ld + c] = ext_rotated(qr, c, row, rotated) * scale;
   }
@@ -933,7 +1006,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     __syncthreads();  // the last tile's values and weights read
     for (int x = tid; x < tile * hd; x += DEC_THREADS) {
       int j = x / hd, c = x % hd;
-      kv[j * ld + c] = K[(int64_t)(j0 + j) * hd + c];
+      kv[j * ld + c] = dec_ld(K + (int64_t)(j0 + j) * hd + c);
     }
     __syncthreads();
     for (int p = tid; p < rows * EXT_KEYS; p += DEC_THREADS) {
@@ -948,7 +1021,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     __syncthreads();  // the scores written, the keys read
     for (int x = tid; x < tile * hd; x += DEC_THREADS) {
       int j = x / hd, c = x % hd;
-      kv[j * ld + c] = V[(int64_t)(j0 + j) * hd + c];
+      kv[j * ld + c] = dec_ld(V + (int64_t)(j0 + j) * hd + c);
     }
     float a = live ? s[r][lane8] : -INFINITY, b = live ? s[r][lane8 + 8] : -INFINITY;
     float mx = fmaxf(a, b);
@@ -979,8 +1052,23 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     }
   }
   if (!live) return;
-  float* o = out + ((int64_t)(first + r) * heads + h) * hd;
+  T* o = out + ((int64_t)(first + r) * heads + h) * hd;
 #pragma unroll
   for (int u = 0; u < DEC_MAX_HD / 8; u++)
-    if (lane8 + 8 * u < hd) o[lane8 + 8 * u] = acc[u] / l;
+    if (lane8 + 8 * u < hd) dec_st(o + lane8 + 8 * u, acc[u] / l);
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    extend_attention(float* out, const float* q, const uint64_t* tiles, const float* rope,
+                     int n_tiles, int heads, int kv_heads, int hd, int rotated, int q_hs,
+                     int q_ss, float scale) {
+  extend_attention_t(out, q, tiles, rope, n_tiles, heads, kv_heads, hd, rotated, q_hs, q_ss,
+                     scale);
+}
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    extend_attention_bf16(uint16_t* out, const uint16_t* q, const uint64_t* tiles,
+                          const float* rope, int n_tiles, int heads, int kv_heads, int hd,
+                          int rotated, int q_hs, int q_ss, float scale) {
+  extend_attention_t(out, q, tiles, rope, n_tiles, heads, kv_heads, hd, rotated, q_hs, q_ss,
+                     scale);
 }

@@ -6,7 +6,7 @@
 //! launches per sequence (rotation, copies into the cache, the two products, the scaling, the
 //! mask and the softmax).
 
-use super::{DecodeCache, DecodeRows, Dev, Gpu, DECODE_MAX_HEAD};
+use super::{Data, DecodeCache, DecodeRows, Gpu, DECODE_MAX_HEAD};
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
 
 /// Sequences of one launch: the cache buffers are held mutably one inside the other (two
@@ -35,8 +35,8 @@ pub struct CacheSlot<'a> {
 /// position's cos values, then its sin values), rotated), q's and the new keys' first
 /// `rotated` columns are rotated at their positions first, as the rotary embedding does.
 /// Returns [1, heads, n, hd] (a view of [n, heads, hd] rows); `None` (nothing written) where
-/// the tensors are not f32 on a GPU, a buffer's layout is not one this reads, or the head size
-/// is over 256.
+/// the tensors are not all f32 or all bf16 on a GPU (the rotary table f32), a buffer's layout is
+/// not one this reads, or the head size is over 256.
 pub fn cache_attention(
     q: &Tensor,
     k_new: &Tensor,
@@ -50,9 +50,11 @@ pub fn cache_attention(
     };
     let (one, heads, n, hd) = q.dims4()?;
     let (_, kv_heads, _, _) = k_new.dims4()?;
-    let f32_here = |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(q.device());
+    let dtype = q.dtype();
+    let here = |t: &Tensor| t.dtype() == dtype && t.device().same_device(q.device());
     let ends = || seqs.iter().map(|s| s.len + s.new);
     let fits = one == 1
+        && matches!(dtype, DType::F32 | DType::BF16)
         && n == seqs.iter().map(|s| s.new).sum::<usize>()
         && n > 0
         && seqs.iter().all(|s| s.new > 0)
@@ -62,7 +64,7 @@ pub fn cache_attention(
         && [q, k_new, v_new]
             .into_iter()
             .chain(seqs.iter().flat_map(|s| [s.k, s.v]))
-            .all(f32_here)
+            .all(here)
         && seqs.iter().all(|s| {
             let d = s.k.dims();
             d.len() == 4
@@ -75,7 +77,8 @@ pub fn cache_attention(
                 && s.v.is_contiguous()
         })
         && rope.is_none_or(|(t, rotated)| {
-            f32_here(t)
+            t.dtype() == DType::F32
+                && t.device().same_device(q.device())
                 && t.is_contiguous()
                 && t.dims2()
                     .is_ok_and(|(positions, r)| r == rotated && ends().all(|e| e <= positions))
@@ -118,11 +121,19 @@ pub fn cache_attention(
     Ok(Some(out))
 }
 
+/// A storage's elements on the GPU from the layout's start (f32 or bf16).
+fn data_of(storage: &candle_core::Storage, layout: &Layout) -> Option<Data> {
+    match Gpu::region(storage, layout) {
+        Some(d) => Some(Data::F32(d)),
+        None => Gpu::region_bf16(storage, layout).map(Data::Bf16),
+    }
+}
+
 /// The rows of one input of the kernel.
 fn rows(t: &Tensor) -> Result<DecodeRows> {
     let (storage, layout) = t.storage_and_layout();
-    let Some(data) = Gpu::region(&storage, layout) else {
-        candle_core::bail!("decode attention: an input not in f32 on the GPU");
+    let Some(data) = data_of(&storage, layout) else {
+        candle_core::bail!("decode attention: an input not in f32 or bf16 on the GPU");
     };
     let stride = layout.stride();
     Ok(DecodeRows {
@@ -142,15 +153,26 @@ fn launch(
     scale: f64,
 ) -> Result<Tensor> {
     let n: usize = seqs.iter().map(|s| s.new).sum();
-    let buffers: Vec<&Tensor> = seqs.iter().flat_map(|s| [s.k, s.v]).collect();
+    // A bf16 output is a tensor held with the caches; an f32 one a buffer of the pass's.
+    let bf16 = q.dtype() == DType::BF16;
+    let out_bf16 = if bf16 {
+        Some(Tensor::zeros((n, heads, hd), DType::BF16, q.device())?)
+    } else {
+        None
+    };
+    let mut buffers: Vec<&Tensor> = seqs.iter().flat_map(|s| [s.k, s.v]).collect();
+    buffers.extend(out_bf16.as_ref());
     // Every cache buffer's storage once, none of them an input's: a storage held mutably twice
     // (or while read as an input) would wait for itself. (The inputs may share one: the q, k
     // and v of a row are views of its projections.)
     let base = |t: &Tensor| -> Result<u64> {
         let (storage, layout) = t.storage_and_layout();
-        match Gpu::region(&storage, layout) {
-            Some(region) => Ok(region.addr - 4 * layout.start_offset() as u64),
-            None => candle_core::bail!("decode attention: a tensor not in f32 on the GPU"),
+        let size = t.dtype().size_in_bytes() as u64;
+        match data_of(&storage, layout) {
+            Some(region) => {
+                Ok(region.need(0, "decode attention")? - size * layout.start_offset() as u64)
+            }
+            None => candle_core::bail!("decode attention: a tensor not in f32 or bf16 on the GPU"),
         }
     };
     let mut bases = buffers
@@ -165,8 +187,12 @@ fn launch(
     if bases.windows(2).any(|w| w[0] == w[1]) || bases.iter().any(|b| inputs.contains(b)) {
         candle_core::bail!("decode attention: two operands share a buffer");
     }
-    let out = gpu.uninit(n * heads * hd)?;
-    let run = |regions: &[Dev<f32>]| -> Result<()> {
+    let out = if bf16 {
+        None
+    } else {
+        Some(gpu.uninit(n * heads * hd)?)
+    };
+    let run = |regions: &[Data]| -> Result<()> {
         let cached: Vec<DecodeCache> = seqs
             .iter()
             .enumerate()
@@ -190,10 +216,14 @@ fn launch(
             None => None,
         };
         let shape = (heads, kv_heads, hd);
+        let out = match &out {
+            Some(out) => Data::F32(out.dev()),
+            None => regions[2 * seqs.len()],
+        };
         if seqs.iter().all(|s| s.new == 1) {
-            gpu.decode_attention(out.dev(), inputs, &cached, table, shape, scale as f32)
+            gpu.decode_attention(out, inputs, &cached, table, shape, scale as f32)
         } else {
-            gpu.extend_attention(out.dev(), inputs, &cached, table, shape, scale as f32)
+            gpu.extend_attention(out, inputs, &cached, table, shape, scale as f32)
         }
     };
     let regions = std::cell::RefCell::new(Vec::with_capacity(buffers.len()));
@@ -204,9 +234,12 @@ fn launch(
         run: &run,
     })?;
     // [n, heads, hd] rows, seen as [1, heads, n, hd].
-    gpu.into_tensor(out, (n, heads, hd))?
-        .transpose(0, 1)?
-        .unsqueeze(0)
+    let rows = match (out, out_bf16) {
+        (Some(out), _) => gpu.into_tensor(out, (n, heads, hd))?,
+        (None, Some(out)) => out,
+        (None, None) => candle_core::bail!("decode attention: no output"),
+    };
+    rows.transpose(0, 1)?.unsqueeze(0)
 }
 
 /// Holds `buffers[level]` mutably (candle's in-place op gives its storage), notes its region,
@@ -215,14 +248,14 @@ fn launch(
 struct Held<'a> {
     buffers: &'a [&'a Tensor],
     level: usize,
-    regions: &'a std::cell::RefCell<Vec<Dev<f32>>>,
-    run: &'a dyn Fn(&[Dev<f32>]) -> Result<()>,
+    regions: &'a std::cell::RefCell<Vec<Data>>,
+    run: &'a dyn Fn(&[Data]) -> Result<()>,
 }
 
 impl Held<'_> {
-    fn next(&self, region: Option<Dev<f32>>) -> Result<()> {
+    fn next(&self, region: Option<Data>) -> Result<()> {
         let Some(region) = region else {
-            candle_core::bail!("decode attention: a cache buffer not in f32 on the GPU");
+            candle_core::bail!("decode attention: a cache buffer not in f32 or bf16 on the GPU");
         };
         self.regions.borrow_mut().push(region);
         match self.buffers.get(self.level + 1) {
@@ -245,7 +278,11 @@ impl InplaceOp1 for Held<'_> {
 
     #[cfg(not(feature = "cuda"))]
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        self.next(Gpu::region_mut(storage, layout))
+        let region = match Gpu::region_mut(storage, layout) {
+            Some(d) => Some(Data::F32(d)),
+            None => Gpu::region_mut_bf16(storage, layout).map(Data::Bf16),
+        };
+        self.next(region)
     }
 
     #[cfg(feature = "cuda")]
@@ -259,7 +296,11 @@ impl InplaceOp1 for Held<'_> {
         storage: &mut candle_core::cuda_backend::CudaStorage,
         layout: &Layout,
     ) -> Result<()> {
-        self.next(Gpu::region_mut(storage, layout))
+        let region = match Gpu::region_mut(storage, layout) {
+            Some(d) => Some(Data::F32(d)),
+            None => Gpu::region_mut_bf16(storage, layout).map(Data::Bf16),
+        };
+        self.next(region)
     }
 }
 
@@ -315,14 +356,29 @@ mod tests {
     /// positions, new positions) and checks that each sequence's output equals its causal
     /// attention by tensor ops over its cache and new keys, and that its cache holds the new
     /// keys (rotated) and values at their positions and nothing else changed. q, k and v are
-    /// read in place from one row of projections per new position.
+    /// read in place from one row of projections per new position. With `dtype` bf16 the rows,
+    /// caches and output are bf16 (the reference widens them to f32, and rounds the rotated new
+    /// keys to bf16 as the cache keeps them).
     fn check_against_composed(
         (heads, kv, hd): (usize, usize, usize),
         seqs: &[(usize, usize)],
         rotated: usize,
+        dtype: DType,
     ) {
         let dev = crate::testing::gpu_device().expect("a GPU");
-        let r = |s: &[usize]| randn(0f32, 1.0, s, &dev).unwrap();
+        let r = |s: &[usize]| {
+            randn(0f32, 1.0, s, &dev)
+                .and_then(|x| x.to_dtype(dtype))
+                .unwrap()
+        };
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let rounded = |x: &Tensor| f(&x.to_dtype(dtype).unwrap());
+        // One bf16 step of the values (at most 4 or so) for bf16, f32's rounding otherwise.
+        let (tol_out, tol_cache) = if dtype == DType::BF16 {
+            (2e-2, 3e-2)
+        } else {
+            (1e-5, 1e-6)
+        };
         let n: usize = seqs.iter().map(|s| s.1).sum();
         // Each position's q|k|v in one row [n, (heads + 2·kv)·hd], as a fused projection gives
         // them: q, k and v are strided views of it.
@@ -336,7 +392,7 @@ mod tests {
         };
         let (q, k_new, v_new) = (view(0, heads), view(heads, kv), view(heads + kv, kv));
         let positions = seqs.iter().map(|&(len, new)| len + new).max().unwrap_or(0) + 5;
-        let angles = r(&[positions, rotated / 2]);
+        let angles = randn(0f32, 1.0, &[positions, rotated / 2], &dev).unwrap();
         let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
         let rope = (rotated > 0).then_some((&table, rotated));
         let bufs: Vec<(Tensor, Tensor)> = seqs
@@ -359,30 +415,35 @@ mod tests {
             .collect();
         let got = cache_attention(&q, &k_new, &v_new, &slots, rope, 0.125)
             .unwrap()
-            .expect("f32 tensors of the GPU");
+            .expect("f32 or bf16 tensors of the GPU");
         assert_eq!(got.dims(), [1, heads, n, hd]);
+        assert_eq!(got.dtype(), dtype);
+        let got = f(&got);
         let mut col = 0;
         for (i, &(len, new)) in seqs.iter().enumerate() {
-            let cols = |x: &Tensor| x.narrow(2, col, new).unwrap();
+            let cols = |x: &Tensor| f(&x.narrow(2, col, new).unwrap());
             let turned = |x: &Tensor| match rope {
                 Some(_) => rotate(&cols(x), &table, len, rotated),
                 None => cols(x),
             };
-            let (k0, v0) = &before[i];
-            let new_k = turned(&k_new);
+            let (k0, v0) = (f(&before[i].0), f(&before[i].1));
+            let new_k = rounded(&turned(&k_new));
             let keys = Tensor::cat(&[&k0.narrow(2, 0, len).unwrap(), &new_k], 2).unwrap();
             let vals = Tensor::cat(&[&v0.narrow(2, 0, len).unwrap(), &cols(&v_new)], 2).unwrap();
             let want = composed(&turned(&q), &keys, &vals, 0.125);
             let diff = max_diff(&cols(&got), &want);
-            assert!(diff < 1e-5, "hd {hd}, sequence {i} ({len} + {new}): {diff}");
+            assert!(
+                diff < tol_out,
+                "{dtype:?} hd {hd}, sequence {i} ({len} + {new}): {diff}"
+            );
             // The cache now holds the new keys and values from `len`; the rest is untouched.
-            for (now, was, new) in [(&bufs[i].0, k0, &new_k), (&bufs[i].1, v0, &cols(&v_new))] {
+            for (now, was, new) in [(&bufs[i].0, &k0, &new_k), (&bufs[i].1, &v0, &cols(&v_new))] {
                 let want = was.copy().unwrap();
                 want.slice_set(&new.contiguous().unwrap(), 2, len).unwrap();
-                let diff = max_diff(now, &want);
+                let diff = max_diff(&f(now), &want);
                 assert!(
-                    diff < 1e-6,
-                    "hd {hd}, sequence {i}: cache differs by {diff}"
+                    diff < tol_cache,
+                    "{dtype:?} hd {hd}, sequence {i}: cache differs by {diff}"
                 );
             }
             col += new;
@@ -402,12 +463,13 @@ mod tests {
         }
         let steps =
             |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (l, 1)).collect() };
-        check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64);
-        check_against_composed((4, 4, 80), &steps(&[127, 1, 256]), 0);
-        check_against_composed((2, 1, 200), &steps(&[3, 129]), 100);
+        let f32 = DType::F32;
+        check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64, f32);
+        check_against_composed((4, 4, 80), &steps(&[127, 1, 256]), 0, f32);
+        check_against_composed((2, 1, 200), &steps(&[3, 129]), 100, f32);
         let many: Vec<usize> = (0..70).map(|i| i % 9).collect();
-        check_against_composed((3, 1, 32), &steps(&many), 0);
-        check_against_composed((2, 1, 64), &steps(&[1000, 7]), 64);
+        check_against_composed((3, 1, 32), &steps(&many), 0, f32);
+        check_against_composed((2, 1, 64), &steps(&[1000, 7]), 64, f32);
     }
 
     /// Prompt pieces beside decoding steps (the two launches): fresh prompts (cache 0), pieces
@@ -420,12 +482,31 @@ mod tests {
             return;
         }
         let seqs = [(0, 7), (5, 1), (130, 33), (0, 16), (3, 17), (200, 1)];
-        check_against_composed((6, 2, 64), &seqs, 64);
-        check_against_composed((4, 4, 80), &[(0, 40), (17, 2)], 0);
-        check_against_composed((2, 1, 200), &[(31, 5), (0, 1), (1, 20)], 100);
-        check_against_composed((2, 2, 256), &[(9, 18)], 256);
+        let f32 = DType::F32;
+        check_against_composed((6, 2, 64), &seqs, 64, f32);
+        check_against_composed((4, 4, 80), &[(0, 40), (17, 2)], 0, f32);
+        check_against_composed((2, 1, 200), &[(31, 5), (0, 1), (1, 20)], 100, f32);
+        check_against_composed((2, 2, 256), &[(9, 18)], 256, f32);
         let many: Vec<(usize, usize)> = (0..70).map(|i| (i % 5, 1 + i % 3)).collect();
-        check_against_composed((3, 1, 32), &many, 0);
+        check_against_composed((3, 1, 32), &many, 0, f32);
+    }
+
+    /// The bf16 kernels (a model loaded in bf16): decoding steps (one split and several, head
+    /// sizes 64 and 200, grouped heads, part of a head rotated) and prompt pieces beside them
+    /// (several tiles, a cache over one key tile), the output and the caches in bf16.
+    #[test]
+    fn gpu_bf16_cache_attention_equals_the_composed_attention() {
+        if crate::testing::gpu_device().is_none() {
+            return;
+        }
+        let steps =
+            |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (l, 1)).collect() };
+        let bf16 = DType::BF16;
+        check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64, bf16);
+        check_against_composed((2, 1, 200), &steps(&[3, 129]), 100, bf16);
+        check_against_composed((2, 1, 64), &steps(&[1000, 7]), 64, bf16);
+        check_against_composed((6, 2, 64), &[(0, 7), (5, 1), (130, 33), (3, 17)], 64, bf16);
+        check_against_composed((2, 1, 200), &[(31, 5), (0, 1)], 100, bf16);
     }
 
     /// Caches whose buffers have no room for the new positions, or are given twice, are

@@ -236,6 +236,36 @@ impl Gpu {
         all.at(layout.start_offset()).ok()
     }
 
+    /// [`Gpu::region`] of a bf16 storage.
+    pub(super) fn region_bf16(storage: &Storage, layout: &Layout) -> Option<Dev<Bf16>> {
+        let Storage::Cuda(cs) = storage else {
+            return None;
+        };
+        let slice = cs.as_cuda_slice::<half::bf16>().ok()?;
+        let stream = cs.device.cuda_stream();
+        let (addr, _sync) = slice.device_ptr(&stream);
+        let all = Dev::<Bf16> {
+            addr,
+            len: slice.len(),
+            _t: PhantomData,
+        };
+        all.at(layout.start_offset()).ok()
+    }
+
+    /// [`Gpu::region_mut`] of a bf16 storage.
+    pub(super) fn region_mut_bf16(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<Bf16>> {
+        let stream = cs.device.cuda_stream();
+        let slice = cs.as_cuda_slice_mut::<half::bf16>().ok()?;
+        let len = slice.len();
+        let (addr, _sync) = slice.device_ptr_mut(&stream);
+        let all = Dev::<Bf16> {
+            addr,
+            len,
+            _t: PhantomData,
+        };
+        all.at(layout.start_offset()).ok()
+    }
+
     /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
     pub(super) fn region_mut(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
         let stream = cs.device.cuda_stream();

@@ -78,7 +78,8 @@ const Entry KERNELS[] = {
     K(column_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots), K(attn_row_dots_bf16),
     K(layer_norm_fwd_bf16), K(rms_norm_fwd_bf16), K(swiglu_fwd_bf16), K(swiglu_fwd_h16), K(gelu_fwd_bf16),
     K(relu_fwd_bf16), K(to_bf16), K(from_bf16), K(decode_attention), K(decode_combine), K(cache_append),
-    K(extend_attention),
+    K(extend_attention), K(decode_attention_bf16), K(decode_combine_bf16), K(cache_append_bf16),
+    K(extend_attention_bf16),
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
     ATT(flash_bf16, 128), ATT(flash_bf16in, 32), ATT(flash_bf16in, 64), ATT(flash_bf16in, 128),
 };

@@ -151,6 +151,36 @@ impl Gpu {
         })
     }
 
+    /// [`Gpu::region`] of a bf16 storage.
+    pub(super) fn region_bf16(storage: &Storage, layout: &Layout) -> Option<Dev<Bf16>> {
+        let Storage::Cpu(cs) = storage else {
+            return None;
+        };
+        let data = cs.as_slice::<half::bf16>().ok()?;
+        let part = data.get(layout.start_offset()..)?;
+        Some(Dev {
+            addr: part.as_ptr() as u64,
+            len: part.len(),
+            _t: PhantomData,
+        })
+    }
+
+    /// [`Gpu::region_mut`] of a bf16 storage.
+    pub(super) fn region_mut_bf16(
+        cs: &mut candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> Option<Dev<Bf16>> {
+        let candle_core::CpuStorage::BF16(data) = cs else {
+            return None;
+        };
+        let part = data.get_mut(layout.start_offset()..)?;
+        Some(Dev {
+            addr: part.as_mut_ptr() as u64,
+            len: part.len(),
+            _t: PhantomData,
+        })
+    }
+
     /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
     pub(super) fn region_mut(
         cs: &mut candle_core::CpuStorage,

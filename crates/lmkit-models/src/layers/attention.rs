@@ -320,12 +320,12 @@ fn emulated_gpu_decode() -> bool {
 }
 
 /// Whether passes of these tensors (q [rows, heads, t, head_dim]) that continue KV caches take
-/// the GPU's kernels ([`cached_on_gpu`]): f32 on a GPU (or the emulated one), without
+/// the GPU's kernels ([`cached_on_gpu`]): f32 or bf16 on a GPU (or the emulated one), without
 /// gradients, heads no larger than the kernels take.
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 fn gpu_decode(q: &Tensor) -> bool {
     on_gpu(q)
-        && q.dtype() == DType::F32
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
         && q.dim(3)
             .is_ok_and(|hd| hd <= lmkit_kernels::cuda::DECODE_MAX_HEAD)
         && !q.track_op()

@@ -157,16 +157,22 @@ impl Rope {
             .unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv)?;
         let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
+        // The kernels that take the table compute in f32 (f64 for f64 models); a half-precision
+        // model's table stays f32, as transformers keeps its rotary frequencies.
+        let table = match dtype {
+            DType::BF16 | DType::F16 => Tensor::cat(&[&freqs.cos()?, &freqs.sin()?], 1)?,
+            _ => Tensor::cat(&[&cos, &sin], 1)?,
+        };
         Ok(Rope {
-            table: Tensor::cat(&[&cos, &sin], 1)?,
+            table,
             cos,
             sin,
             rotated: 2 * half,
         })
     }
 
-    /// The table [positions, rotated] (each position's cos values, then its sin values) and how
-    /// many leading values of a head it rotates.
+    /// The table [positions, rotated] (each position's cos values, then its sin values; f32 for
+    /// a half-precision model) and how many leading values of a head it rotates.
     pub fn table(&self) -> (&Tensor, usize) {
         (&self.table, self.rotated)
     }
