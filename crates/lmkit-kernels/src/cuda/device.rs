@@ -222,62 +222,22 @@ impl Gpu {
     /// storage's end (a strided view's whole reach, bounds-checked by the entry points), or
     /// `None` for another device or dtype.
     pub(super) fn region(storage: &Storage, layout: &Layout) -> Option<Dev<f32>> {
-        let Storage::Cuda(cs) = storage else {
-            return None;
-        };
-        let slice = cs.as_cuda_slice::<f32>().ok()?;
-        let stream = cs.device.cuda_stream();
-        let (addr, _sync) = slice.device_ptr(&stream);
-        let all = Dev::<f32> {
-            addr,
-            len: slice.len(),
-            _t: PhantomData,
-        };
-        all.at(layout.start_offset()).ok()
+        storage_region::<f32, f32>(storage, layout)
     }
 
     /// [`Gpu::region`] of a bf16 storage.
     pub(super) fn region_bf16(storage: &Storage, layout: &Layout) -> Option<Dev<Bf16>> {
-        let Storage::Cuda(cs) = storage else {
-            return None;
-        };
-        let slice = cs.as_cuda_slice::<half::bf16>().ok()?;
-        let stream = cs.device.cuda_stream();
-        let (addr, _sync) = slice.device_ptr(&stream);
-        let all = Dev::<Bf16> {
-            addr,
-            len: slice.len(),
-            _t: PhantomData,
-        };
-        all.at(layout.start_offset()).ok()
-    }
-
-    /// [`Gpu::region_mut`] of a bf16 storage.
-    pub(super) fn region_mut_bf16(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<Bf16>> {
-        let stream = cs.device.cuda_stream();
-        let slice = cs.as_cuda_slice_mut::<half::bf16>().ok()?;
-        let len = slice.len();
-        let (addr, _sync) = slice.device_ptr_mut(&stream);
-        let all = Dev::<Bf16> {
-            addr,
-            len,
-            _t: PhantomData,
-        };
-        all.at(layout.start_offset()).ok()
+        storage_region::<half::bf16, Bf16>(storage, layout)
     }
 
     /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
     pub(super) fn region_mut(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<f32>> {
-        let stream = cs.device.cuda_stream();
-        let slice = cs.as_cuda_slice_mut::<f32>().ok()?;
-        let len = slice.len();
-        let (addr, _sync) = slice.device_ptr_mut(&stream);
-        let all = Dev::<f32> {
-            addr,
-            len,
-            _t: PhantomData,
-        };
-        all.at(layout.start_offset()).ok()
+        storage_region_mut::<f32, f32>(cs, layout)
+    }
+
+    /// [`Gpu::region_mut`] of a bf16 storage.
+    pub(super) fn region_mut_bf16(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<Bf16>> {
+        storage_region_mut::<half::bf16, Bf16>(cs, layout)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -792,6 +752,43 @@ impl Drop for Comm {
         // SAFETY: the communicator was made by `Comm::new` and is destroyed once.
         let _ = unsafe { (self.nccl.comm_destroy)(self.comm) };
     }
+}
+
+/// A storage's elements of candle's type `S` from the layout's start, as device elements `T` (of
+/// the same size), or `None` for another device or dtype.
+fn storage_region<S: candle_core::cuda_backend::CudaDType, T>(
+    storage: &Storage,
+    layout: &Layout,
+) -> Option<Dev<T>> {
+    let Storage::Cuda(cs) = storage else {
+        return None;
+    };
+    let slice = cs.as_cuda_slice::<S>().ok()?;
+    let stream = cs.device.cuda_stream();
+    let (addr, _sync) = slice.device_ptr(&stream);
+    let all = Dev::<T> {
+        addr,
+        len: slice.len(),
+        _t: PhantomData,
+    };
+    all.at(layout.start_offset()).ok()
+}
+
+/// [`storage_region`] of a storage held mutably.
+fn storage_region_mut<S: candle_core::cuda_backend::CudaDType, T>(
+    cs: &mut CudaStorage,
+    layout: &Layout,
+) -> Option<Dev<T>> {
+    let stream = cs.device.cuda_stream();
+    let slice = cs.as_cuda_slice_mut::<S>().ok()?;
+    let len = slice.len();
+    let (addr, _sync) = slice.device_ptr_mut(&stream);
+    let all = Dev::<T> {
+        addr,
+        len,
+        _t: PhantomData,
+    };
+    all.at(layout.start_offset()).ok()
 }
 
 #[cfg(test)]

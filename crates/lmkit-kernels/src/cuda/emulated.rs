@@ -142,13 +142,7 @@ impl Gpu {
         let Storage::Cpu(cs) = storage else {
             return None;
         };
-        let data = cs.as_slice::<f32>().ok()?;
-        let part = data.get(layout.start_offset()..)?;
-        Some(Dev {
-            addr: part.as_ptr() as u64,
-            len: part.len(),
-            _t: PhantomData,
-        })
+        host_region(cs.as_slice::<f32>().ok()?, layout)
     }
 
     /// [`Gpu::region`] of a bf16 storage.
@@ -156,29 +150,7 @@ impl Gpu {
         let Storage::Cpu(cs) = storage else {
             return None;
         };
-        let data = cs.as_slice::<half::bf16>().ok()?;
-        let part = data.get(layout.start_offset()..)?;
-        Some(Dev {
-            addr: part.as_ptr() as u64,
-            len: part.len(),
-            _t: PhantomData,
-        })
-    }
-
-    /// [`Gpu::region_mut`] of a bf16 storage.
-    pub(super) fn region_mut_bf16(
-        cs: &mut candle_core::CpuStorage,
-        layout: &Layout,
-    ) -> Option<Dev<Bf16>> {
-        let candle_core::CpuStorage::BF16(data) = cs else {
-            return None;
-        };
-        let part = data.get_mut(layout.start_offset()..)?;
-        Some(Dev {
-            addr: part.as_mut_ptr() as u64,
-            len: part.len(),
-            _t: PhantomData,
-        })
+        host_region(cs.as_slice::<half::bf16>().ok()?, layout)
     }
 
     /// [`Gpu::region`] of a storage held mutably, for a kernel that writes it.
@@ -186,15 +158,21 @@ impl Gpu {
         cs: &mut candle_core::CpuStorage,
         layout: &Layout,
     ) -> Option<Dev<f32>> {
-        let candle_core::CpuStorage::F32(data) = cs else {
-            return None;
-        };
-        let part = data.get_mut(layout.start_offset()..)?;
-        Some(Dev {
-            addr: part.as_mut_ptr() as u64,
-            len: part.len(),
-            _t: PhantomData,
-        })
+        match cs {
+            candle_core::CpuStorage::F32(data) => host_region(data, layout),
+            _ => None,
+        }
+    }
+
+    /// [`Gpu::region_mut`] of a bf16 storage.
+    pub(super) fn region_mut_bf16(
+        cs: &mut candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> Option<Dev<Bf16>> {
+        match cs {
+            candle_core::CpuStorage::BF16(data) => host_region(data, layout),
+            _ => None,
+        }
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -442,4 +420,15 @@ fn gelu_grad(x: f32) -> f32 {
     let th = (K * (x + 0.044715 * x * x * x)).tanh();
     let du = K * (1.0 + 3.0 * 0.044715 * x * x);
     0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
+}
+
+/// `data` from the layout's start on, as the emulated device's elements `T` (of `S`'s size: the
+/// emulation's device memory is the host's).
+fn host_region<S, T>(data: &[S], layout: &Layout) -> Option<Dev<T>> {
+    let part = data.get(layout.start_offset()..)?;
+    Some(Dev {
+        addr: part.as_ptr() as u64,
+        len: part.len(),
+        _t: PhantomData,
+    })
 }
