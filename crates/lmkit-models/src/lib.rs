@@ -542,10 +542,7 @@ impl CausalLm {
     /// and scoring read f32; an f64 model, as the gradient checks build, keeps f64).
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let y = self.output().forward(hidden)?;
-        Ok(match y.dtype() {
-            DType::BF16 | DType::F16 => y.to_dtype(DType::F32)?,
-            _ => y,
-        })
+        Ok(y.to_dtype(layers::ops::compute_dtype(y.dtype()))?)
     }
 
     /// The output layer (its weight is the token embeddings when they are tied).

@@ -115,12 +115,9 @@ pub fn attention(
 
 /// Scores of a half-precision model in f32: its scaling, mask and softmax run in f32, as
 /// transformers' attention does (`softmax(..., dtype=torch.float32)`, PyTorch's fused
-/// attention); other types as they are.
+/// attention); f32 and f64 scores as they are.
 fn widened(att: Tensor) -> candle_core::Result<Tensor> {
-    match att.dtype() {
-        DType::BF16 | DType::F16 => att.to_dtype(DType::F32),
-        _ => Ok(att),
-    }
+    att.to_dtype(crate::layers::ops::compute_dtype(att.dtype()))
 }
 
 /// The softmax of `att` over its last axis, in the values' type `dtype`.

@@ -142,8 +142,9 @@ pub fn activation_owned(name: &str, x: Tensor) -> candle_core::Result<Tensor> {
     activation(name, &x)
 }
 
-/// Norms compute in f32, or in f64 for f64 inputs.
-fn compute_dtype(dtype: DType) -> DType {
+/// Norms, and a half-precision model's attention scores and logits, compute in f32, or in f64
+/// for f64 inputs.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {
