@@ -711,9 +711,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
         && b.dims() == [w.dim(1)?]
         && x.dim(candle_core::D::Minus1)? == w.dim(0)?;
     if !fits {
-        #[cfg(feature = "cuda")]
-        if let Some(y) = crate::cuda::linear(x, w, Some(b), None)? {
-            return Ok(y);
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        if crate::cuda::layers_on(x) {
+            if let Some(y) = crate::cuda::linear(x, w, Some(b), None)? {
+                return Ok(y);
+            }
         }
         return crate::fused::add_bias(&matmul(x, w)?, b);
     }
@@ -742,9 +744,11 @@ pub fn linear_add(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor) -> candle_core
         && r.dims() == shape.as_slice()
         && ![x, w, b, r].iter().any(|t| t.track_op());
     if !fits {
-        #[cfg(feature = "cuda")]
-        if let Some(y) = crate::cuda::linear(x, w, Some(b), Some(r))? {
-            return Ok(y);
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        if crate::cuda::layers_on(x) {
+            if let Some(y) = crate::cuda::linear(x, w, Some(b), Some(r))? {
+                return Ok(y);
+            }
         }
         return linear(x, w, Some(b))? + r;
     }

@@ -22,13 +22,13 @@ mod device;
 #[cfg(feature = "cuda")]
 use device as hw;
 #[cfg(feature = "cuda")]
-pub use device::{set_tf32_products, tf32_products, Comm, Elem};
+pub use device::{layers_on, set_tf32_products, tf32_products, Comm, Elem};
 #[cfg(not(feature = "cuda"))]
 mod emulated;
 #[cfg(not(feature = "cuda"))]
 use emulated as hw;
 #[cfg(not(feature = "cuda"))]
-pub use emulated::{set_tf32_products, tf32_products, Elem};
+pub use emulated::{layers_on, set_emulated_layers, set_tf32_products, tf32_products, Elem};
 mod decode;
 mod gelu;
 mod infer;
@@ -260,6 +260,11 @@ impl<T> Dev<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The first `len` elements, if there are as many.
+    fn first(self, len: usize) -> Option<Dev<T>> {
+        (len <= self.len).then_some(Dev { len, ..self })
     }
 
     /// The elements from `offset` on.
@@ -672,12 +677,34 @@ impl Gpu {
     /// only, the passes write their own buffers; the storage must stay borrowed while the
     /// address is used), or `None` for another device, dtype or a strided view.
     pub fn view(storage: &candle_core::Storage, layout: &candle_core::Layout) -> Option<Dev<f32>> {
+        match Self::view_data(storage, layout)? {
+            Data::F32(d) => Some(d),
+            Data::Bf16(_) => None,
+        }
+    }
+
+    /// A storage's f32 or bf16 elements from the layout's start ([`Gpu::region`],
+    /// [`Gpu::region_bf16`]).
+    pub(super) fn region_data(
+        storage: &candle_core::Storage,
+        layout: &candle_core::Layout,
+    ) -> Option<Data> {
+        match Self::region(storage, layout) {
+            Some(d) => Some(Data::F32(d)),
+            None => Self::region_bf16(storage, layout).map(Data::Bf16),
+        }
+    }
+
+    /// [`Gpu::view`] of f32 or bf16 elements.
+    pub(super) fn view_data(
+        storage: &candle_core::Storage,
+        layout: &candle_core::Layout,
+    ) -> Option<Data> {
         let (start, end) = layout.contiguous_offsets()?;
-        let from = Self::region(storage, layout)?;
-        (end - start <= from.len).then_some(Dev {
-            len: end - start,
-            ..from
-        })
+        match Self::region_data(storage, layout)? {
+            Data::F32(d) => d.first(end - start).map(Data::F32),
+            Data::Bf16(d) => d.first(end - start).map(Data::Bf16),
+        }
     }
 
     pub fn upload_u32(&self, data: &[u32]) -> Result<Buf<u32>> {
@@ -1551,20 +1578,15 @@ impl Gpu {
 
     /// Inference's `out = silu(gate)·up` over `rows` rows of `cols`, gate's row r at r·ld_gate
     /// and up's at r·ld_up (the halves of a stacked gate|up projection, read in place); out
-    /// [rows, cols].
+    /// [rows, cols]; types as [`Gpu::swiglu`]'s.
     pub fn swiglu_rows(
         &self,
-        out: Dev<f32>,
-        (gate, ld_gate): (Dev<f32>, usize),
-        (up, ld_up): (Dev<f32>, usize),
+        out: Data,
+        gate: (Data, usize),
+        up: (Data, usize),
         (rows, cols): (usize, usize),
     ) -> Result<()> {
-        self.swiglu_launch(
-            out.into(),
-            (gate.into(), ld_gate),
-            (up.into(), ld_up),
-            (rows, cols),
-        )
+        self.swiglu_launch(out, gate, up, (rows, cols))
     }
 
     /// The SwiGLU forward kernel of [`Gpu::swiglu`] and [`Gpu::swiglu_rows`]: gate's and up's
@@ -1716,6 +1738,18 @@ impl Gpu {
     }
 
     /// A buffer of `len` bf16s (`bf16`) or f32s, to be written before it is read.
+    /// A tensor over a buffer's first `shape.elem_count()` elements, of its type.
+    pub fn stored_tensor(
+        &self,
+        buf: Stored,
+        shape: impl Into<candle_core::Shape>,
+    ) -> Result<candle_core::Tensor> {
+        match buf {
+            Stored::F32(b) => self.into_tensor(b, shape),
+            Stored::Bf16(b) => self.into_tensor_bf16(b, shape),
+        }
+    }
+
     pub fn stored(&self, bf16: bool, len: usize) -> Result<Stored> {
         Ok(if bf16 {
             Stored::Bf16(self.uninit_bf16(len)?)

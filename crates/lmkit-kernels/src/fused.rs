@@ -824,9 +824,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
-    #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cuda::swiglu_rows(gate, up)? {
-        return Ok(y);
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if crate::cuda::layers_on(gate) {
+        if let Some(y) = crate::cuda::swiglu_rows(gate, up)? {
+            return Ok(y);
+        }
     }
     candle_nn::ops::silu(gate)? * up
 }

@@ -5,7 +5,9 @@
 //! pieces in one packed pass (fresh prompts and pieces continuing a cache, over one tile of 16
 //! rows and under), fresh caches and caches regrown past their first capacity, for GPT-2, Llama
 //! (grouped-query heads), Qwen3 and GPT-NeoX (part of each head rotated). On a GPU with the `cuda` feature; with `cuda-emu` alone, on the emulated GPU (CPU
-//! tensors routed through the kernel by `set_emulated_gpu_decode`).
+//! tensors routed through the kernel by `set_emulated_gpu_decode`, and through the products
+//! with their bias and residual and the SwiGLU kernel that a GPU's layers take by
+//! `set_emulated_layers`).
 #![cfg(any(feature = "cuda-emu", feature = "cuda"))]
 
 use candle_core::{Device, Tensor};
@@ -24,10 +26,14 @@ const CONFIGS: [&str; 4] = [
         "use_parallel_residual": true, "max_position_embeddings": 128}"#,
 ];
 
-/// Whether decoding steps of a CPU model take the emulated GPU's kernel.
+/// Whether decoding steps of a CPU model take the emulated GPU's kernels: the cache
+/// attention, and the products and SwiGLU that a GPU's layers take.
 fn emulate(on: bool) {
     #[cfg(not(feature = "cuda"))]
-    lmkit_models::layers::attention::set_emulated_gpu_decode(on);
+    {
+        lmkit_models::layers::attention::set_emulated_gpu_decode(on);
+        lmkit_kernels::cuda::set_emulated_layers(on);
+    }
     #[cfg(feature = "cuda")]
     let _ = on;
 }

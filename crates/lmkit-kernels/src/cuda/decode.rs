@@ -121,18 +121,10 @@ pub fn cache_attention(
     Ok(Some(out))
 }
 
-/// A storage's elements on the GPU from the layout's start (f32 or bf16).
-fn data_of(storage: &candle_core::Storage, layout: &Layout) -> Option<Data> {
-    match Gpu::region(storage, layout) {
-        Some(d) => Some(Data::F32(d)),
-        None => Gpu::region_bf16(storage, layout).map(Data::Bf16),
-    }
-}
-
 /// The rows of one input of the kernel.
 fn rows(t: &Tensor) -> Result<DecodeRows> {
     let (storage, layout) = t.storage_and_layout();
-    let Some(data) = data_of(&storage, layout) else {
+    let Some(data) = Gpu::region_data(&storage, layout) else {
         candle_core::bail!("decode attention: an input not in f32 or bf16 on the GPU");
     };
     let stride = layout.stride();
@@ -153,22 +145,14 @@ fn launch(
     scale: f64,
 ) -> Result<Tensor> {
     let n: usize = seqs.iter().map(|s| s.new).sum();
-    // A bf16 output is a tensor held with the caches; an f32 one a buffer of the pass's.
-    let bf16 = q.dtype() == DType::BF16;
-    let out_bf16 = if bf16 {
-        Some(Tensor::zeros((n, heads, hd), DType::BF16, q.device())?)
-    } else {
-        None
-    };
-    let mut buffers: Vec<&Tensor> = seqs.iter().flat_map(|s| [s.k, s.v]).collect();
-    buffers.extend(out_bf16.as_ref());
+    let buffers: Vec<&Tensor> = seqs.iter().flat_map(|s| [s.k, s.v]).collect();
     // Every cache buffer's storage once, none of them an input's: a storage held mutably twice
     // (or while read as an input) would wait for itself. (The inputs may share one: the q, k
     // and v of a row are views of its projections.)
     let base = |t: &Tensor| -> Result<u64> {
         let (storage, layout) = t.storage_and_layout();
         let size = t.dtype().size_in_bytes() as u64;
-        match data_of(&storage, layout) {
+        match Gpu::region_data(&storage, layout) {
             Some(region) => {
                 Ok(region.need(0, "decode attention")? - size * layout.start_offset() as u64)
             }
@@ -187,11 +171,8 @@ fn launch(
     if bases.windows(2).any(|w| w[0] == w[1]) || bases.iter().any(|b| inputs.contains(b)) {
         candle_core::bail!("decode attention: two operands share a buffer");
     }
-    let out = if bf16 {
-        None
-    } else {
-        Some(gpu.uninit(n * heads * hd)?)
-    };
+    // Of the inputs' type.
+    let out = gpu.stored(q.dtype() == DType::BF16, n * heads * hd)?;
     let run = |regions: &[Data]| -> Result<()> {
         let cached: Vec<DecodeCache> = seqs
             .iter()
@@ -216,10 +197,7 @@ fn launch(
             None => None,
         };
         let shape = (heads, kv_heads, hd);
-        let out = match &out {
-            Some(out) => Data::F32(out.dev()),
-            None => regions[2 * seqs.len()],
-        };
+        let out = out.data();
         if seqs.iter().all(|s| s.new == 1) {
             gpu.decode_attention(out, inputs, &cached, table, shape, scale as f32)
         } else {
@@ -234,11 +212,7 @@ fn launch(
         run: &run,
     })?;
     // [n, heads, hd] rows, seen as [1, heads, n, hd].
-    let rows = match (out, out_bf16) {
-        (Some(out), _) => gpu.into_tensor(out, (n, heads, hd))?,
-        (None, Some(out)) => out,
-        (None, None) => candle_core::bail!("decode attention: no output"),
-    };
+    let rows = gpu.stored_tensor(out, (n, heads, hd))?;
     rows.transpose(0, 1)?.unsqueeze(0)
 }
 

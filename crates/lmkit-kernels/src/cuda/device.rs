@@ -64,6 +64,12 @@ pub fn tf32_products() -> bool {
     candle_core::cuda_backend::gemm_reduced_precision_f32()
 }
 
+/// Whether inference's layers of `x` take the GPU's products and kernels ([`super::linear`],
+/// [`super::swiglu_rows`]): on a GPU.
+pub fn layers_on(x: &Tensor) -> bool {
+    x.device().is_cuda()
+}
+
 /// Sets [`tf32_products`].
 pub fn set_tf32_products(on: bool) {
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(on)
@@ -195,8 +201,26 @@ impl Gpu {
 
     /// A tensor over the buffer's first `shape.elem_count()` elements (the buffer moves into it).
     pub fn into_tensor(&self, buf: Buf<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
-        let shape: Shape = shape.into();
-        let mut slice = buf.store;
+        self.wrap(buf.store, shape.into())
+    }
+
+    /// [`Gpu::into_tensor`] of bf16s: a tensor of candle's bf16.
+    pub fn into_tensor_bf16(&self, buf: Buf<Bf16>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let len = buf.store.len();
+        let stream = self.hw.dev.cuda_stream();
+        let ptr = buf.store.leak();
+        // SAFETY: the allocation of `len` `Bf16`s just released by `leak` (freed once, by the
+        // new slice); `Bf16` is `repr(transparent)` over the u16 that `half::bf16` is too.
+        let slice = unsafe { stream.upgrade_device_ptr::<half::bf16>(ptr, len) };
+        self.wrap(slice, shape.into())
+    }
+
+    /// A tensor over a slice's first `shape.elem_count()` elements.
+    fn wrap<S: candle_core::cuda_backend::CudaDType + Elem>(
+        &self,
+        mut slice: CudaSlice<S>,
+        shape: Shape,
+    ) -> Result<Tensor> {
         if slice.len() != shape.elem_count() {
             if slice.len() < shape.elem_count() {
                 candle_core::bail!("cuda: a buffer of {} for {shape:?}", slice.len());

@@ -35,6 +35,20 @@ const MAX_SHARED: usize = 227 << 10;
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
+static LAYERS: AtomicBool = AtomicBool::new(false);
+
+/// Whether inference's layers of CPU tensors take the emulated GPU where a GPU's would
+/// ([`super::linear`], [`super::swiglu_rows`], in place of the composed ops): off unless a test
+/// of the GPU path turns it on ([`set_emulated_layers`]).
+pub fn layers_on(x: &Tensor) -> bool {
+    x.device().is_cpu() && LAYERS.load(Ordering::SeqCst)
+}
+
+/// Sets [`layers_on`] (tests only: the switch is the process's).
+pub fn set_emulated_layers(on: bool) {
+    LAYERS.store(on, Ordering::SeqCst)
+}
+
 /// Whether f32 products round their operands to TF32 (the emulation's stand-in for candle's
 /// `train.tf32` switch).
 pub fn tf32_products() -> bool {
@@ -126,8 +140,21 @@ impl Gpu {
 
     /// A tensor over the buffer's first `shape.elem_count()` elements.
     pub fn into_tensor(&self, buf: Buf<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
-        let shape: Shape = shape.into();
-        let mut v = buf.store;
+        Self::wrap(buf.store, shape.into())
+    }
+
+    /// [`Gpu::into_tensor`] of bf16s: a tensor of candle's bf16.
+    pub fn into_tensor_bf16(&self, buf: Buf<Bf16>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let v = buf
+            .store
+            .iter()
+            .map(|b| half::bf16::from_bits(b.0))
+            .collect();
+        Self::wrap(v, shape.into())
+    }
+
+    /// A tensor over a vector's first `shape.elem_count()` elements.
+    fn wrap<S: candle_core::WithDType>(mut v: Vec<S>, shape: Shape) -> Result<Tensor> {
         if v.len() < shape.elem_count() {
             candle_core::bail!("cuda: a buffer of {} for {shape:?}", v.len());
         }

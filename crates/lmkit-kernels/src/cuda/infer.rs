@@ -34,10 +34,11 @@ fn even_rows(layout: &Layout) -> Option<(usize, usize)> {
 /// `x·w + b + r` (b and r each optional) on the GPU (with `cuda-emu` alone, the emulated GPU of
 /// CPU tensors): one product with the bias and the residual added by cuBLASLt's epilogue where
 /// the GPU's run-time check trusts it ([`Gpu::linear`]), in f32 or TF32 as candle's products
-/// run ([`super::tf32_products`]). x [.., k] (rows of one stride), w [k, n] (row-major, or the
-/// transpose of a row-major [n, k]: a weight stored [out, in]), b [n], r of the output's shape
-/// (contiguous). `None` where they are not f32 tensors of one GPU, track gradients (no backward
-/// pass here) or are not laid out so.
+/// run ([`super::tf32_products`]), or in bf16 (f32 sums, the result rounded once). x [.., k]
+/// (rows of one stride), w [k, n] (row-major, or the transpose of a row-major [n, k]: a weight
+/// stored [out, in]), b [n], r of the output's shape (contiguous). `None` where they are not
+/// all f32 or all bf16 tensors of one GPU, track gradients (no backward pass here) or are not
+/// laid out so.
 pub fn linear(
     x: &Tensor,
     w: &Tensor,
@@ -49,10 +50,14 @@ pub fn linear(
     };
     gpu.bf16 = false;
     gpu.tf32 = super::tf32_products();
+    let dtype = x.dtype();
     let operands = [Some(x), Some(w), b, r];
     let fits =
-        |t: &Tensor| t.dtype() == DType::F32 && t.device().same_device(x.device()) && !t.track_op();
-    if !operands.iter().flatten().all(|t| fits(t)) || w.rank() != 2 {
+        |t: &Tensor| t.dtype() == dtype && t.device().same_device(x.device()) && !t.track_op();
+    if !matches!(dtype, DType::F32 | DType::BF16)
+        || !operands.iter().flatten().all(|t| fits(t))
+        || w.rank() != 2
+    {
         return Ok(None);
     }
     let (k, n) = w.dims2()?;
@@ -69,7 +74,7 @@ pub fn linear(
     let Some((rows, ld_x)) = even_rows(xl) else {
         return Ok(None);
     };
-    let (Some(xd), Some(wd)) = (Gpu::region(&xs, xl), Gpu::region(&ws, wl)) else {
+    let (Some(xd), Some(wd)) = (Gpu::region_data(&xs, xl), Gpu::region_data(&ws, wl)) else {
         return Ok(None);
     };
     let w_mat: Mat = match *wl.stride() {
@@ -77,12 +82,12 @@ pub fn linear(
         [1, s1] => transposed(wd, if n > 1 { s1 } else { k }),
         _ => return Ok(None),
     };
-    let contiguous = |t: Option<&Tensor>| -> Option<Option<super::Dev<f32>>> {
+    let contiguous = |t: Option<&Tensor>| -> Option<Option<Data>> {
         match t {
             None => Some(None),
             Some(t) => {
                 let (s, l) = t.storage_and_layout();
-                Gpu::view(&s, l).map(Some)
+                Gpu::view_data(&s, l).map(Some)
             }
         }
     };
@@ -92,28 +97,29 @@ pub fn linear(
     if rows == 0 {
         return Ok(None);
     }
-    let out = gpu.uninit(rows * n)?;
+    let out = gpu.stored(dtype == DType::BF16, rows * n)?;
     gpu.linear(
         (rows, n, k),
         plain(xd, ld_x),
         w_mat,
         Added { bias, residual },
-        Data::F32(out.dev()),
+        out.data(),
     )?;
     drop((xs, ws));
-    gpu.into_tensor(out, dims).map(Some)
+    gpu.stored_tensor(out, dims).map(Some)
 }
 
 /// silu(gate)·up in one launch on the GPU (with `cuda-emu` alone, the emulated GPU of CPU
-/// tensors), gate and up read in place (the halves of a stacked gate|up projection); `None`
-/// where they are not f32 tensors of one shape on a GPU, track gradients (the kernel has no
+/// tensors), gate and up read in place (the halves of a stacked gate|up projection), the
+/// product in f32 (bf16 inputs give a bf16 output, rounded once); `None` where they are not
+/// tensors of one shape and type (f32 or bf16) on a GPU, track gradients (the kernel has no
 /// backward pass) or are not rows this reads.
 pub fn swiglu_rows(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let Some(gpu) = Gpu::of(gate.device()) else {
         return Ok(None);
     };
-    let fits = gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
+    let fits = matches!(gate.dtype(), DType::F32 | DType::BF16)
+        && up.dtype() == gate.dtype()
         && up.dims() == gate.dims()
         && up.device().same_device(gate.device())
         && !gate.track_op()
@@ -126,14 +132,14 @@ pub fn swiglu_rows(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let (Some((rows, ld_gate)), Some((_, ld_up))) = (even_rows(gl), even_rows(ul)) else {
         return Ok(None);
     };
-    let (Some(g), Some(u)) = (Gpu::region(&gs, gl), Gpu::region(&us, ul)) else {
+    let (Some(g), Some(u)) = (Gpu::region_data(&gs, gl), Gpu::region_data(&us, ul)) else {
         return Ok(None);
     };
     let cols = gate.dim(candle_core::D::Minus1)?;
-    let out = gpu.uninit(rows * cols)?;
-    gpu.swiglu_rows(out.dev(), (g, ld_gate), (u, ld_up), (rows, cols))?;
+    let out = gpu.stored(gate.dtype() == DType::BF16, rows * cols)?;
+    gpu.swiglu_rows(out.data(), (g, ld_gate), (u, ld_up), (rows, cols))?;
     drop((gs, us));
-    gpu.into_tensor(out, gate.dims()).map(Some)
+    gpu.stored_tensor(out, gate.dims()).map(Some)
 }
 
 #[cfg(test)]
@@ -235,5 +241,80 @@ mod tests {
         assert!(swiglu_rows(&broadcast, &x).unwrap().is_none());
         let tracked = candle_core::Var::from_tensor(&x).unwrap();
         assert!(swiglu_rows(tracked.as_tensor(), &x).unwrap().is_none());
+    }
+
+    /// How far `got` (bf16) lies outside one bf16 rounding of `want` (f32): the largest
+    /// |got − want| − |want|/256 (≤ 0 within it).
+    fn past_one_rounding(got: &Tensor, want: &Tensor) -> f64 {
+        assert_eq!(got.dtype(), DType::BF16);
+        let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let want = want.flatten_all().unwrap();
+        let (got, want) = (
+            got.to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap(),
+        );
+        got.iter()
+            .zip(&want)
+            .map(|(g, w)| ((g - w).abs() - w.abs() / 256.0) as f64)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// bf16 tensors give bf16 outputs: x·w + b + r and silu(gate)·up summed in f32 from the bf16
+    /// values and rounded once (within one bf16 rounding of the f32 result on those values),
+    /// views read in place; mixed types are left to the caller.
+    #[test]
+    fn gpu_bf16_linear_and_swiglu_round_the_f32_results_once() {
+        let Some(dev) = crate::testing::gpu_device() else {
+            return;
+        };
+        let r = |s: &[usize]| {
+            randn(0f32, 1.0, s, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (k, n) = (40, 24);
+        let wide = r(&[2, 3, 2 * k]);
+        let x = wide.narrow(2, k, k).unwrap();
+        let w = r(&[n, k]).t().unwrap();
+        let (bias, res) = (r(&[n]), r(&[2, 3, n]));
+        let product = f32_of(&x).broadcast_matmul(&f32_of(&w)).unwrap();
+        for (b, rr) in [
+            (None, None),
+            (Some(&bias), None),
+            (None, Some(&res)),
+            (Some(&bias), Some(&res)),
+        ] {
+            let mut want = product.clone();
+            if let Some(b) = b {
+                want = want.broadcast_add(&f32_of(b)).unwrap();
+            }
+            if let Some(rr) = rr {
+                want = (want + f32_of(rr)).unwrap();
+            }
+            let got = linear(&x, &w, b, rr)
+                .unwrap()
+                .expect("bf16 rows of the GPU");
+            assert_eq!(got.dims(), [2, 3, n]);
+            let past = past_one_rounding(&got, &want);
+            assert!(
+                past < 1e-6,
+                "bias {}, residual {}: {past}",
+                b.is_some(),
+                rr.is_some()
+            );
+        }
+        let res32 = f32_of(&res);
+        assert!(linear(&x, &w, None, Some(&res32)).unwrap().is_none());
+        let gu = r(&[2, 3, 2 * n]);
+        let (gate, up) = (gu.narrow(2, 0, n).unwrap(), gu.narrow(2, n, n).unwrap());
+        let got = swiglu_rows(&gate, &up)
+            .unwrap()
+            .expect("bf16 rows of the GPU");
+        let want = (candle_nn::ops::silu(&f32_of(&gate)).unwrap() * f32_of(&up)).unwrap();
+        let past = past_one_rounding(&got, &want);
+        assert!(past < 1e-6, "swiglu: {past}");
+        assert!(swiglu_rows(&gate, &f32_of(&up)).unwrap().is_none());
     }
 }

@@ -10,25 +10,36 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// What [`Gpu::linear`] adds to its product.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Added {
-    /// One value per output column.
-    pub bias: Option<Dev<f32>>,
-    /// A matrix of the output's shape (f32 outputs only).
-    pub residual: Option<Dev<f32>>,
+    /// One value per output column: f32, or bf16 for a bf16 output.
+    pub bias: Option<Data>,
+    /// A matrix of the output's shape and type.
+    pub residual: Option<Data>,
 }
 
 impl Added {
-    pub fn bias(bias: Dev<f32>) -> Added {
+    pub fn bias(bias: impl Into<Data>) -> Added {
         Added {
-            bias: Some(bias),
+            bias: Some(bias.into()),
             residual: None,
         }
     }
 
-    pub fn residual(residual: Dev<f32>) -> Added {
+    pub fn residual(residual: impl Into<Data>) -> Added {
         Added {
             bias: None,
-            residual: Some(residual),
+            residual: Some(residual.into()),
         }
+    }
+
+    /// Refuses addends of types that cannot be added to `y`.
+    fn check(&self, y: Data) -> Result<()> {
+        if self.residual.is_some_and(|r| r.is_bf16() != y.is_bf16()) {
+            candle_core::bail!("cuda linear: a residual of another type than the output");
+        }
+        if self.bias.is_some_and(|b| b.is_bf16() && !y.is_bf16()) {
+            candle_core::bail!("cuda linear: a bf16 bias is added to bf16 outputs only");
+        }
+        Ok(())
     }
 }
 
@@ -57,6 +68,25 @@ pub(super) enum Act {
     /// d = x · GELU′(aux) of the product x, and d's column sums (the bias's gradient, of d's
     /// type) written to `dbias` where given (`CUBLASLT_EPILOGUE_DGELU[_BGRAD]`); nothing added.
     GeluGrad { aux: u64, dbias: Option<u64> },
+}
+
+/// An f32 addend of [`Gpu::linear_unfused`]: the caller's, or a bf16 one widened (into a new
+/// buffer, or into the accumulator).
+enum Widened {
+    Own(Dev<f32>),
+    /// The widened values (`_buf`: the new buffer holding them, if not the accumulator).
+    Copy {
+        _buf: Option<Buf<f32>>,
+        dev: Dev<f32>,
+    },
+}
+
+impl Widened {
+    fn dev(&self) -> Dev<f32> {
+        match self {
+            Widened::Own(d) | Widened::Copy { dev: d, .. } => *d,
+        }
+    }
 }
 
 /// 0: not chosen yet (LMKIT_CUDA_EPILOGUE decides), 1: fused where checked, 2: never fused.
@@ -94,8 +124,9 @@ fn tolerance(bf16_out: bool) -> f64 {
 impl Gpu {
     /// Row-major `y = a·w + bias + residual`, a: [rows, k], w: [k, cols], y and the residual
     /// [rows, cols] (row stride `cols`), the bias [cols], either or both of them absent; a and w
-    /// both f32 or both bf16; y f32, or bf16 without a residual (the f32 result rounded once,
-    /// with the bias rounded to bf16 first as autocast's bf16 linear layers do, where fused).
+    /// both f32 or both bf16; y f32 or bf16, the residual of y's type, the bias f32 or (for a
+    /// bf16 y) bf16. A bf16 y is the f32 result rounded once, with an f32 bias rounded to bf16
+    /// first as autocast's bf16 linear layers do, where fused.
     pub fn linear(
         &self,
         (rows, cols, k): (usize, usize, usize),
@@ -107,9 +138,7 @@ impl Gpu {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        if added.residual.is_some() && y.is_bf16() {
-            candle_core::bail!("cuda linear: a residual is added to f32 outputs only");
-        }
+        added.check(y)?;
         if self.fused_trusted(a.ptr.is_bf16(), y.is_bf16())?
             && self.linear_fused((rows, cols, k), a, w, added, y, Act::None)?
         {
@@ -135,25 +164,48 @@ impl Gpu {
                 scratch.dev()
             }
         };
-        let beta = match added {
-            Added {
-                bias: Some(bias),
-                residual,
-            } => {
-                self.add_rows(acc, residual, bias, (rows, cols))?;
+        // bf16 addends widened to f32 (the residual into the accumulator itself).
+        let widened = |x: Data, len: usize, into: Option<Dev<f32>>| -> Result<Widened> {
+            Ok(match x {
+                Data::F32(x) => Widened::Own(x),
+                Data::Bf16(x) => {
+                    let (buf, out) = match into {
+                        Some(out) => (None, out),
+                        None => {
+                            let buf = self.uninit(len)?;
+                            let out = buf.dev();
+                            (Some(buf), out)
+                        }
+                    };
+                    self.from_bf16(out, x, len)?;
+                    Widened::Copy {
+                        _buf: buf,
+                        dev: out,
+                    }
+                }
+            })
+        };
+        let residual = match added.residual {
+            Some(r) => Some(widened(r, rows * cols, Some(acc))?),
+            None => None,
+        };
+        let bias = match added.bias {
+            Some(b) => Some(widened(b, cols, None)?),
+            None => None,
+        };
+        let beta = match (bias, residual) {
+            (Some(bias), residual) => {
+                let r = residual.map(|r| r.dev());
+                self.add_rows(acc, r, bias.dev(), (rows, cols))?;
                 1.0
             }
-            Added {
-                bias: None,
-                residual: Some(r),
-            } => {
+            (None, Some(Widened::Own(r))) => {
                 self.copy(acc, r, rows * cols)?;
                 1.0
             }
-            Added {
-                bias: None,
-                residual: None,
-            } => 0.0,
+            // Already widened into the accumulator.
+            (None, Some(Widened::Copy { .. })) => 1.0,
+            (None, None) => 0.0,
         };
         self.mm((rows, cols, k), a, w, (acc, cols), 1.0, beta, Batched::ONE)?;
         if let Data::Bf16(out) = y {
@@ -187,6 +239,7 @@ impl Gpu {
         };
         let pa = a.ptr.need(span(a, rows, k), "linear a")?;
         let pw = w.ptr.need(span(w, k, cols), "linear w")?;
+        added.check(y)?;
         let bf16_out = y.is_bf16();
         let d = y.need(rows * cols, "linear y")?;
         let c = match added.residual {
@@ -195,7 +248,7 @@ impl Gpu {
         };
         // The bias in the output's type, as cuBLASLt reads it.
         let bias16: Option<Buf<super::Bf16>> = match added.bias {
-            Some(b) if bf16_out => {
+            Some(Data::F32(b)) if bf16_out => {
                 let copy = self.uninit_bf16(cols)?;
                 self.to_bf16(copy.dev(), b, cols)?;
                 Some(copy)
@@ -302,7 +355,8 @@ impl Gpu {
 
     /// The largest difference, relative to the largest value (at least 1), between fused and
     /// unfused products on small problems with these operand and output types: the weight plain
-    /// and with a bias, then transposed and with a residual (f32 outputs) or nothing added;
+    /// and with an f32 bias, then transposed and with a residual (a bf16 output: a bf16 residual
+    /// and a bf16 bias);
     /// `None` where cuBLASLt has no algorithm for them.
     pub fn fused_check(&self, bf16_operands: bool, bf16_out: bool) -> Result<Option<f64>> {
         let (rows, cols, k) = (37, 48, 40);
@@ -330,13 +384,18 @@ impl Gpu {
             })
         };
         let ((a_op, _a16), (w_op, _w16)) = (operand(&a)?, operand(&w)?);
+        // A bf16 output adds a bf16 residual, and a bf16 bias besides (inference's layers).
+        let (bias16, residual16) = (self.bf16_copy(bias.dev())?, self.bf16_copy(residual.dev())?);
         let cases = [
             (plain(a_op, k), plain(w_op, cols), Added::bias(bias.dev())),
             (
                 plain(a_op, k),
                 transposed(w_op, k),
                 if bf16_out {
-                    Added::default()
+                    Added {
+                        bias: Some(bias16.dev().into()),
+                        residual: Some(residual16.dev().into()),
+                    }
                 } else {
                     Added::residual(residual.dev())
                 },
@@ -425,35 +484,49 @@ mod tests {
         let (a32, w32, wt32) = (up(&a), up(&w), up(&wt));
         let (a16, w16, wt16) = (up16(&a), up16(&w), up16(&wt));
         let (db, dr) = (up(&bias), up(&residual));
+        let (db16, dr16) = (up16(&bias), up16(&residual));
+        let (bias16, residual16) = (rounded(&bias), rounded(&residual));
         let mut cases = 0;
         for bf16_operands in [false, true] {
             gpu.bf16 = bf16_operands;
             for transposed_w in [false, true] {
-                for (with_bias, with_residual, bf16_out) in [
-                    (true, false, false),
-                    (false, true, false),
-                    (true, true, false),
-                    (false, false, false),
-                    (true, false, true),
-                    (false, false, true),
+                // The bias: none, f32 or bf16; a residual of the output's type.
+                for (bias_type, with_residual, bf16_out) in [
+                    (1, false, false),
+                    (0, true, false),
+                    (1, true, false),
+                    (0, false, false),
+                    (1, false, true),
+                    (0, false, true),
+                    (2, false, true),
+                    (0, true, true),
+                    (2, true, true),
+                    (1, true, true),
                 ] {
+                    let with_bias = bias_type > 0;
+                    let bias_values = if bias_type == 2 { &bias16 } else { &bias };
+                    let residual_values = if bf16_out { &residual16 } else { &residual };
                     for fused in [false, true] {
-                        let pick = |f: &Buf<f32>, h: &Buf<Bf16>| -> Data {
-                            if bf16_operands {
+                        let pick = |f: &Buf<f32>, h: &Buf<Bf16>, bf16: bool| -> Data {
+                            if bf16 {
                                 h.dev().into()
                             } else {
                                 f.dev().into()
                             }
                         };
-                        let am = plain(pick(&a32, &a16), k);
+                        let am = plain(pick(&a32, &a16, bf16_operands), k);
                         let wm = if transposed_w {
-                            transposed(pick(&wt32, &wt16), k)
+                            transposed(pick(&wt32, &wt16, bf16_operands), k)
                         } else {
-                            plain(pick(&w32, &w16), cols)
+                            plain(pick(&w32, &w16, bf16_operands), cols)
                         };
                         let added = Added {
-                            bias: with_bias.then(|| db.dev()),
-                            residual: with_residual.then(|| dr.dev()),
+                            bias: match bias_type {
+                                1 => Some(db.dev().into()),
+                                2 => Some(db16.dev().into()),
+                                _ => None,
+                            },
+                            residual: with_residual.then(|| pick(&dr, &dr16, bf16_out)),
                         };
                         let dims = (rows, cols, k);
                         let got = gpu
@@ -466,10 +539,10 @@ mod tests {
                                     .map(|e| a[r * k + e] as f64 * w[e * cols + j] as f64)
                                     .sum();
                                 if with_bias {
-                                    want += bias[j] as f64;
+                                    want += bias_values[j] as f64;
                                 }
                                 if with_residual {
-                                    want += residual[r * cols + j] as f64;
+                                    want += residual_values[r * cols + j] as f64;
                                 }
                                 let x = got[r * cols + j] as f64;
                                 // bf16 outputs: one rounding of the sum, and the bias's.
@@ -481,7 +554,7 @@ mod tests {
                                 assert!(
                                     (x - want).abs() <= tol,
                                     "bf16 operands {bf16_operands}, wᵀ {transposed_w}, bias \
-                                     {with_bias}, residual {with_residual}, bf16 out {bf16_out}, \
+                                     {bias_type}, residual {with_residual}, bf16 out {bf16_out}, \
                                      fused {fused} [{r}, {j}]: {x} vs {want}"
                                 );
                             }
@@ -491,15 +564,39 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 48);
-        let err = gpu.linear(
-            (rows, cols, k),
-            plain(a32.dev(), k),
-            plain(w32.dev(), cols),
-            Added::residual(dr.dev()),
-            gpu.uninit_bf16(rows * cols).unwrap().dev().into(),
+        assert_eq!(cases, 80);
+        // An f32 residual for a bf16 output, a bf16 one for an f32 output, a bf16 bias for an
+        // f32 output.
+        let (out32, out16) = (
+            gpu.uninit(rows * cols).unwrap(),
+            gpu.uninit_bf16(rows * cols).unwrap(),
         );
-        assert!(err.unwrap_err().to_string().contains("f32 outputs only"));
+        for (added, out, says) in [
+            (
+                Added::residual(dr.dev()),
+                out16.dev().into(),
+                "residual of another type",
+            ),
+            (
+                Added::residual(dr16.dev()),
+                out32.dev().into(),
+                "residual of another type",
+            ),
+            (
+                Added::bias(db16.dev()),
+                out32.dev().into(),
+                "bf16 outputs only",
+            ),
+        ] {
+            let err = gpu.linear(
+                (rows, cols, k),
+                plain(a32.dev(), k),
+                plain(w32.dev(), cols),
+                added,
+                out,
+            );
+            assert!(err.unwrap_err().to_string().contains(says));
+        }
     }
 
     /// The run-time check passes for every operand and output type, in each precision (on a GPU:

@@ -255,8 +255,10 @@ impl Linear {
             (Weight::Dense(_) | Weight::Transposed(_), Some(b)) if adapter_off => {
                 lmkit_kernels::blas::linear_add(x, &self.dense_in_out()?, b, r)
             }
-            #[cfg(feature = "cuda")]
-            (Weight::Dense(_) | Weight::Transposed(_), None) if adapter_off => {
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Weight::Dense(_) | Weight::Transposed(_), None)
+                if adapter_off && lmkit_kernels::cuda::layers_on(x) =>
+            {
                 match lmkit_kernels::cuda::linear(x, &self.dense_in_out()?, None, Some(r))? {
                     Some(y) => Ok(y),
                     None => self.forward(x)? + r,

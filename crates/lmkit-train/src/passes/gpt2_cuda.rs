@@ -294,8 +294,8 @@ fn conv1d(
 ) -> Result<Buf<f32>> {
     let y = gpu.uninit(n * out)?;
     let added = Added {
-        bias: Some(bias),
-        residual,
+        bias: Some(bias.into()),
+        residual: residual.map(Data::from),
     };
     gpu.linear(
         (n, out, inner),
