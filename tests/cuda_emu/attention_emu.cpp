@@ -8,6 +8,9 @@
 
 #include "../../crates/lmkit-kernels/src/cuda/attention.cu"
 
+#include <type_traits>
+#include <vector>
+
 namespace {
 
 // The kernels' tiles (attention.cu's ATT_KERNELS): keys per tile of the forward and dQ kernels,
@@ -44,19 +47,33 @@ const S* in(const float* p) {
   return reinterpret_cast<const S*>(p);
 }
 
+// o as the kernels of mode 2 write it: bf16 bits (the f32 values rounded; exact for values that
+// are bf16 already).
+std::vector<uint16_t> bf16_rows(const float* o, size_t len) {
+  std::vector<uint16_t> h(len);
+  for (size_t i = 0; i < len; i++) h[i] = emu_bf16(o[i]);
+  return h;
+}
+
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
-// the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits). Returns 0,
-// or 1 for an unsupported head size.
+// the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits, and the
+// kernels' o is bf16: written into `o` widened, and read by the backward rounded). Returns 0, or
+// 1 for an unsupported head size.
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
                              const int* dims, const int* ld, float scale, int mode) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
+  size_t o_len = size_t(b * t - 1) * ld[3] + size_t(heads) * hd;
   auto run = [&](auto kernel, auto s) {
     using S = decltype(s);
     size_t bytes = fwd_bytes(hd, mode);
+    // A bf16 o starts as NaNs, as `o` does.
+    std::vector<S> out(o_len, S(0x7fc0));
+    if constexpr (std::is_same_v<S, float>) std::copy(o, o + o_len, out.begin());
     emu::launch(grid(t, b * heads), THREADS, bytes, [&] {
-      kernel(in<S>(q), in<S>(k), in<S>(v), o, lse, t, heads, kvh, ld[0], ld[1], ld[2], ld[3],
-             scale);
+      kernel(in<S>(q), in<S>(k), in<S>(v), out.data(), lse, t, heads, kvh, ld[0], ld[1], ld[2],
+             ld[3], scale);
     });
+    for (size_t i = 0; i < o_len; i++) o[i] = elem(out[i]);
   };
   float f = 0;
   uint16_t h = 0;
@@ -74,8 +91,11 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   // ld: q, k, v, o, dout, dq, dk, dv
   int n = b * t, warps = n * heads;
+  std::vector<uint16_t> o16;
+  if (mode == 2) o16 = bf16_rows(o, size_t(n - 1) * ld[3] + size_t(heads) * hd);
   emu::launch({unsigned((warps * 32 + 255) / 256), 1, 1}, {256, 1, 1}, 0, [&] {
-    if (mode == 2) attn_row_dots_bf16(dvec, in<uint16_t>(dout), o, n, t, heads, hd, ld[4], ld[3]);
+    if (mode == 2)
+      attn_row_dots_h16(dvec, in<uint16_t>(dout), o16.data(), n, t, heads, hd, ld[4], ld[3]);
     else attn_row_dots(dvec, dout, o, n, t, heads, hd, ld[4], ld[3]);
   });
   auto run = [&](auto dq_kernel, auto dkdv_kernel, auto s) {

@@ -194,7 +194,7 @@ impl AttnPlan {
 
 /// A row-major [b·t, ld] operand of the attention kernels: head h's columns start at h·hd. The
 /// inputs q, k, v and dO are all f32 or, with bf16 products, all bf16 (16-byte aligned rows:
-/// `ld` a multiple of 8); the outputs and o are f32.
+/// `ld` a multiple of 8); o is of the inputs' type, the gradients f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Rows {
     pub ptr: Data,
@@ -229,7 +229,16 @@ impl Rows {
         Ok(addr)
     }
 
-    /// The address of f32 rows (an output, or o).
+    /// The address of the forward pass's output o ([b·t, heads·hd]): bf16 for bf16 inputs, else
+    /// f32.
+    fn need_as(self, bf16: bool, s: &AttnShape, what: &str) -> Result<u64> {
+        if self.ptr.is_bf16() != bf16 {
+            candle_core::bail!("cuda {what}: rows of the inputs' type (f32 or bf16) needed");
+        }
+        self.need(s, s.heads, what)
+    }
+
+    /// The address of f32 rows (an output).
     fn need_f32(self, s: &AttnShape, heads: usize, what: &str) -> Result<u64> {
         if self.ptr.is_bf16() {
             candle_core::bail!("cuda {what}: f32 rows needed");
@@ -856,7 +865,8 @@ impl Gpu {
     /// [`Gpu::flash_attention_bwd`]. TF32 products, or with [`Gpu::bf16`] bf16 operands (q, k,
     /// v and the probabilities rounded to bf16, f32 accumulation and softmax; q, k and v may be
     /// bf16 already, and are then copied into the tiles asynchronously, the next tile's copies
-    /// in flight while one is used); the shape must satisfy [`AttnShape::flash_fits`].
+    /// in flight while one is used, and o is written in bf16, rounded once); the shape must
+    /// satisfy [`AttnShape::flash_fits`].
     pub fn flash_attention(
         &self,
         s: AttnShape,
@@ -865,16 +875,13 @@ impl Gpu {
         lse: Dev<f32>,
         scale: f32,
     ) -> Result<()> {
-        let plan = AttnPlan::of(
-            &s,
-            self.bf16,
-            same_type([q.ptr, k.ptr, v.ptr], "attention q, k, v")?,
-        )?;
+        let bf16_inputs = same_type([q.ptr, k.ptr, v.ptr], "attention q, k, v")?;
+        let plan = AttnPlan::of(&s, self.bf16, bf16_inputs)?;
         let args = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
             Arg::P(k.need(&s, s.kv_heads, "attention k")?),
             Arg::P(v.need(&s, s.kv_heads, "attention v")?),
-            Arg::P(o.need_f32(&s, s.heads, "attention o")?),
+            Arg::P(o.need_as(bf16_inputs, &s, "attention o")?),
             Arg::P(lse.need(s.b * s.heads * s.t, "attention lse")?),
             Arg::I(int(s.t)?),
             Arg::I(int(s.heads)?),
@@ -1089,7 +1096,7 @@ impl Gpu {
         let dots = [
             Arg::P(dvec),
             Arg::P(dout_p),
-            Arg::P(o.need_f32(&s, s.heads, "attention o")?),
+            Arg::P(o.need_as(bf16_inputs, &s, "attention o")?),
             Arg::I(int(n)?),
             Arg::I(int(s.t)?),
             Arg::I(int(s.heads)?),
@@ -1100,13 +1107,13 @@ impl Gpu {
         let grid = (blocks(n * s.heads, THREADS as usize / 32) as usize, 1);
         let launch = (grid, THREADS, 0);
         let name = if bf16_inputs {
-            "attn_row_dots_bf16"
+            "attn_row_dots_h16"
         } else {
             "attn_row_dots"
         };
         // dO and o read once.
         let elem = if bf16_inputs { 2 } else { 4 };
-        let work = Work::bytes((elem + 4) * n * s.heads * s.hd + 4 * stats);
+        let work = Work::bytes(2 * elem * n * s.heads * s.hd + 4 * stats);
         self.launch_in(Module::Attention, name, launch, &dots, work)?;
         let inputs = [
             Arg::P(q.need(&s, s.heads, "attention q")?),
@@ -1191,29 +1198,29 @@ impl Gpu {
         });
         let (q, k, v, g) = (q?, k?, v?, g?);
         let scale = 1.0 / (hd as f32).sqrt();
-        let o = self.uninit(n * c)?;
+        // The output of the inputs' type.
+        let o = self.stored(bf16_inputs, n * c)?;
         let lse = self.uninit(s.b * s.heads * s.t)?;
         let qkv = (rows(q.data(), c), rows(k.data(), ckv), rows(v.data(), ckv));
-        self.flash_attention(s, qkv, rows(o.dev(), c), lse.dev(), scale)?;
+        self.flash_attention(s, qkv, rows(o.data(), c), lse.dev(), scale)?;
         let [dq, dk, dv, dots] =
             [n * c, n * ckv, n * ckv, s.b * s.heads * s.t].map(|len| self.uninit(len));
         let (dq, dk, dv, dots) = (dq?, dk?, dv?, dots?);
         let grads = (rows(dq.dev(), c), rows(dk.dev(), ckv), rows(dv.dev(), ckv));
-        let kept = (rows(o.dev(), c), lse.dev());
+        let kept = (rows(o.data(), c), lse.dev());
         self.flash_attention_bwd(s, qkv, kept, rows(g.data(), c), grads, dots.dev(), scale)?;
         let inputs = [&host[0][..], &host[1], &host[2], &host[3]];
         let dims = (s.b, s.t, s.heads, s.kv_heads, hd);
         let want = crate::causal::attention_f64(dims, inputs, scale as f64);
         let got = [
-            (&o, n * c),
-            (&lse, s.b * s.heads * s.t),
-            (&dq, n * c),
-            (&dk, n * ckv),
-            (&dv, n * ckv),
+            self.values(&o, n * c)?,
+            self.download(&lse, s.b * s.heads * s.t)?,
+            self.download(&dq, n * c)?,
+            self.download(&dk, n * ckv)?,
+            self.download(&dv, n * ckv)?,
         ];
         let mut worst = 0.0f64;
-        for ((buf, len), want) in got.into_iter().zip(&want) {
-            let got = self.download(buf, len)?;
+        for (got, want) in got.into_iter().zip(&want) {
             let top = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
             let err = got
                 .iter()
@@ -1712,6 +1719,18 @@ impl Gpu {
         })
     }
 
+    /// [`Gpu::operand`] of f32 data, or bf16 data itself (which the caller keeps as long as the
+    /// operand).
+    pub fn operand_data(&self, x: Data) -> Result<Operand> {
+        match x {
+            Data::F32(d) => self.operand(d),
+            Data::Bf16(_) => Ok(Operand {
+                data: x,
+                _copy: None,
+            }),
+        }
+    }
+
     /// Arrays one after another as one product's operand (weight matrices of the same width
     /// stacked by rows, so that one product does the work of several): a new buffer, bf16 with
     /// bf16 products ([`Gpu::bf16`]), else f32.
@@ -1738,6 +1757,14 @@ impl Gpu {
     }
 
     /// A buffer of `len` bf16s (`bf16`) or f32s, to be written before it is read.
+    /// A buffer's first `len` values, as f32s.
+    pub fn values(&self, buf: &Stored, len: usize) -> Result<Vec<f32>> {
+        Ok(match buf {
+            Stored::F32(b) => self.download(b, len)?,
+            Stored::Bf16(b) => self.download(b, len)?.iter().map(|x| x.to_f32()).collect(),
+        })
+    }
+
     /// A tensor over a buffer's first `shape.elem_count()` elements, of its type.
     pub fn stored_tensor(
         &self,
@@ -2597,7 +2624,7 @@ mod tests {
     }
 
     /// The flash kernels' bf16 inputs: rows 16-byte aligned, all four inputs of one type, bf16
-    /// products, f32 outputs; anything else is refused before a launch.
+    /// products, o of the inputs' type; anything else is refused before a launch.
     #[test]
     fn gpu_flash_attention_refuses_misplaced_bf16_inputs() {
         let Some(mut gpu) = gpu() else {
@@ -2627,9 +2654,16 @@ mod tests {
         let off = rows(x16.dev().at(4).unwrap(), 32);
         assert!(err(off, good, out, &gpu).contains("16-byte alignment"));
         assert!(err(good, out, out, &gpu).contains("all f32 or all bf16"));
-        assert!(err(good, good, good, &gpu).contains("f32 rows needed"));
+        assert!(err(good, good, out, &gpu).contains("rows of the inputs' type"));
         gpu.bf16 = false;
-        assert!(err(good, good, out, &gpu).contains("bf16 inputs need bf16 products"));
+        assert!(err(good, good, good, &gpu).contains("bf16 inputs need bf16 products"));
+        gpu.bf16 = true;
+        let (x, x16) = (rows(x.dev(), 32), rows(x16.dev(), 32));
+        let e = gpu.flash_attention(s, (x, x, x), x16, lse.dev(), 1.0);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("rows of the inputs' type"));
     }
 
     /// LMKIT_CUDA_TIMING=ops: each launch and product is timed under its kernel's name or its

@@ -71,6 +71,7 @@ __device__ __forceinline__ void store_pair(uint16_t* p, uint32_t v) {
   *reinterpret_cast<uint32_t*>(p) = v;
 }
 
+
 // ldmatrix: the warp loads 8x8 matrices of 16-bit elements from shared memory, one per register,
 // each lane giving the address of one matrix row (lanes 8m..8m+7: matrix m's rows). Lane L gets
 // row L/4, columns 2·(L%4) and 2·(L%4) + 1 of each matrix; transposed (`_trans`), column L/4,
@@ -132,22 +133,22 @@ __device__ __forceinline__ float from_bits(uint32_t u) { return __uint_as_float(
 #define ATT_ROWS 64  // rows a block owns
 #define ATT_THREADS 128
 
-// d[b, h, i] = Σ dO[i, h] ⊙ O[i, h] over the head's HD columns: a warp per (row, head); dO f32,
-// or bf16 (attn_row_dots_bf16).
+// d[b, h, i] = Σ dO[i, h] ⊙ O[i, h] over the head's HD columns: a warp per (row, head); dO and
+// O f32, or both bf16 (attn_row_dots_h16: the bf16-input kernels' gradient and output).
 __device__ __forceinline__ float elem(float x) { return x; }
 __device__ __forceinline__ float elem(uint16_t x) { return from_bits((uint32_t)x << 16); }
 
-template <class S>
-__device__ void row_dots(float* d, const S* dout, const float* out, int n, int t, int heads,
-                         int hd, int ldd, int ldo) {
+template <class S, class O>
+__device__ void row_dots(float* d, const S* dout, const O* out, int n, int t, int heads, int hd,
+                         int ldd, int ldo) {
   int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   int lane = threadIdx.x % 32;
   if (w >= (int64_t)n * heads) return;
   int r = w / heads, h = w % heads;
   const S* a = dout + (int64_t)r * ldd + h * hd;
-  const float* b = out + (int64_t)r * ldo + h * hd;
+  const O* b = out + (int64_t)r * ldo + h * hd;
   float s = 0.0f;
-  for (int j = lane; j < hd; j += 32) s += elem(a[j]) * b[j];
+  for (int j = lane; j < hd; j += 32) s += elem(a[j]) * elem(b[j]);
   for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) d[((int64_t)(r / t) * heads + h) * t + r % t] = s;
 }
@@ -157,8 +158,9 @@ extern "C" __global__ void attn_row_dots(float* d, const float* dout, const floa
   row_dots(d, dout, out, n, t, heads, hd, ldd, ldo);
 }
 
-extern "C" __global__ void attn_row_dots_bf16(float* d, const uint16_t* dout, const float* out,
-                                              int n, int t, int heads, int hd, int ldd, int ldo) {
+extern "C" __global__ void attn_row_dots_h16(float* d, const uint16_t* dout,
+                                             const uint16_t* out, int n, int t, int heads, int hd,
+                                             int ldd, int ldo) {
   row_dots(d, dout, out, n, t, heads, hd, ldd, ldo);
 }
 
@@ -313,22 +315,29 @@ __device__ __forceinline__ void zero(float (*acc)[4]) {
     for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 }
 
+// Two adjacent output values: f32, or rounded to bf16 (an even column: 4-byte aligned).
+__device__ __forceinline__ void store_out(float* p, float x0, float x1) {
+  p[0] = x0;
+  p[1] = x1;
+}
+__device__ __forceinline__ void store_out(uint16_t* p, float x0, float x1) {
+  store_pair(p, pack_bf16x2(x0, x1));
+}
+
 // The lane's two rows (r = 0, 1: rows lane/4 and lane/4 + 8 of the warp's 16) of [16, HD]
 // accumulators times `scale` into rows row0 + ... of dst, those below t.
-template <int HD>
-__device__ __forceinline__ void write_rows(float* dst, int64_t ld, const float (*acc)[4],
-                                             int row0, int t, float scale) {
+template <int HD, class O>
+__device__ __forceinline__ void write_rows(O* dst, int64_t ld, const float (*acc)[4], int row0,
+                                             int t, float scale) {
   int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < 2; r++) {
     int row = row0 + lane / 4 + 8 * r;
     if (row >= t) continue;
-    float* out = dst + (int64_t)row * ld + lane % 4 * 2;
+    O* out = dst + (int64_t)row * ld + lane % 4 * 2;
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-      out[8 * j] = acc[j][2 * r] * scale;
-      out[8 * j + 1] = acc[j][2 * r + 1] * scale;
-    }
+    for (int j = 0; j < HD / 8; j++)
+      store_out(out + 8 * j, acc[j][2 * r] * scale, acc[j][2 * r + 1] * scale);
   }
 }
 
@@ -428,12 +437,14 @@ __device__ __forceinline__ void stream_kv(typename P::T* sK, typename P::T* sV,
                    [&](int i, int b) { use(i * BC, sK + b * BC * LD, sV + b * BC * LD); });
 }
 
-// Forward: o = softmax(scale · q·kᵀ, causal) · v for each head; lse[b, h, i] = the natural
-// log-sum-exp of row i's scaled scores. Grid (⌈t/64⌉, b·heads), 128 threads.
+// Forward: o = softmax(scale · q·kᵀ, causal) · v for each head (of the inputs' type: f32, or
+// rounded to bf16 once); lse[b, h, i] = the natural log-sum-exp of row i's scaled scores. Grid
+// (⌈t/64⌉, b·heads), 128 threads.
 template <class P, class In, int HD, int BC>
 __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
-                          const typename In::S* v, float* o, float* lse, int t, int heads,
-                          int kv_heads, int ldq, int ldk, int ldv, int ldo, float scale) {
+                          const typename In::S* v, typename In::S* o, float* lse, int t,
+                          int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,
+                          float scale) {
   constexpr int LD = HD + P::PAD;
   typedef typename P::T T;
   typedef typename In::S S;
@@ -493,7 +504,7 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
       for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e / 2];
     mma_px<P, BC, HD>(acc, s, tv, LD);
   });
-  float* og = o + (int64_t)bi * t * ldo + h * HD;
+  S* og = o + (int64_t)bi * t * ldo + h * HD;
 #pragma unroll
   for (int r = 0; r < 2; r++) {
     l[r] = quad_sum(l[r]);
@@ -643,7 +654,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
 // shared memory, and the dK/dV kernel's two [16, 128] accumulators take 128 registers a thread).
 #define ATT_KERNELS(NAME, P, IN, S, HD, BC, BQ)                                                  \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                      \
-      NAME##_fwd_##HD(const S* q, const S* k, const S* v, float* o, float* lse, int t,           \
+      NAME##_fwd_##HD(const S* q, const S* k, const S* v, S* o, float* lse, int t,               \
                       int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo, float scale) { \
     flash_fwd<P, IN, HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);   \
   }                                                                                              \

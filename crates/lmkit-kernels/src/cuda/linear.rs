@@ -3,7 +3,7 @@
 //! read as its C matrix, where the GPU passes the run-time check; else the bias and the residual
 //! are written into the output first and the product added to it (β = 1).
 
-use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Stored, Work};
+use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Work};
 use candle_core::Result;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -443,10 +443,7 @@ impl Gpu {
         } else {
             self.linear_unfused(dims, a, w, added, out.data())?;
         }
-        Ok(Some(match out {
-            Stored::F32(y) => self.download(&y, len)?,
-            Stored::Bf16(y) => self.download(&y, len)?.iter().map(|b| b.to_f32()).collect(),
-        }))
+        self.values(&out, len).map(Some)
     }
 }
 

@@ -86,14 +86,15 @@ const LOGIT_ELEMENTS: usize = if cfg!(test) { 64 } else { 1 << 28 };
 
 /// One block's activations kept for the backward pass; the norms' and the activation's outputs
 /// (a1, a2, g), only products' operands, are bf16 with bf16 products, and so is `y_op`, the
-/// attention output as the projection's operand.
+/// attention output as the projection's operand (`y` itself with the flash kernels, which write
+/// it in bf16 then).
 struct Saved {
     x: Buf<f32>,
     ln1: Buf<f32>,
     a1: Stored,
     qkv: Stored,
     att: Buf<f32>,
-    y: Buf<f32>,
+    y: Stored,
     y_op: Operand,
     xm: Buf<f32>,
     ln2: Buf<f32>,
@@ -544,9 +545,9 @@ fn f32_rows(x: Data, what: &str) -> Result<Dev<f32>> {
 }
 
 /// Causal self-attention of the packed q|k|v [b·t, 3c] (f32, or bf16 for the flash kernels with
-/// bf16 products) into y [b·t, c]; `att` gets each head's probabilities [b, heads, t, t], or with
-/// the flash kernels each row's log-sum-exp.
-fn attention_fwd(gpu: &Gpu, qkv: Data, att: Dev<f32>, y: Dev<f32>, s: Heads) -> Result<()> {
+/// bf16 products) into y [b·t, c] (of q|k|v's type); `att` gets each head's probabilities [b,
+/// heads, t, t], or with the flash kernels each row's log-sum-exp.
+fn attention_fwd(gpu: &Gpu, qkv: Data, att: Dev<f32>, y: Data, s: Heads) -> Result<()> {
     let (t, hd, c) = (s.t, s.hd, s.c());
     if s.flash {
         let qkv_rows = (
@@ -556,7 +557,7 @@ fn attention_fwd(gpu: &Gpu, qkv: Data, att: Dev<f32>, y: Dev<f32>, s: Heads) -> 
         );
         return gpu.flash_attention(s.shape(), qkv_rows, rows(y, c), att, s.scale());
     }
-    let qkv = f32_rows(qkv, "q|k|v")?;
+    let (qkv, y) = (f32_rows(qkv, "q|k|v")?, f32_rows(y, "y")?);
     let tt = t * t;
     for bi in 0..s.b {
         let q = qkv.at(bi * t * 3 * c)?;
@@ -591,7 +592,7 @@ fn attention_fwd(gpu: &Gpu, qkv: Data, att: Dev<f32>, y: Dev<f32>, s: Heads) -> 
 /// (q|k|v and dy as [`attention_fwd`]'s q|k|v).
 fn attention_bwd(
     gpu: &Gpu,
-    (qkv, att, y): (Data, Dev<f32>, Dev<f32>),
+    (qkv, att, y): (Data, Dev<f32>, Data),
     dy: Data,
     dqkv: Dev<f32>,
     s: Heads,
@@ -738,11 +739,13 @@ fn backprop(
             qkv.data(),
         )?;
         let att = gpu.uninit(heads.kept())?;
-        let y = gpu.uninit(n * c)?;
+        // Of q|k|v's type: bf16 from the flash kernels on bf16 inputs, the projection's operand
+        // as it is.
+        let y = gpu.stored(qkv.data().is_bf16(), n * c)?;
         timer.attention(gpu, false, || {
-            attention_fwd(gpu, qkv.data(), att.dev(), y.dev(), heads)
+            attention_fwd(gpu, qkv.data(), att.dev(), y.data(), heads)
         })?;
-        let y_op = gpu.operand(y.dev())?;
+        let y_op = gpu.operand_data(y.data())?;
         let attn_proj = (ws.attn_proj.data(), w.attn_proj_b);
         let xm = conv1d(gpu, Some(x.dev()), y_op.data(), attn_proj, (n, c, c))?;
         let ln2 = gpu.uninit(2 * n)?;
@@ -833,7 +836,7 @@ fn backprop(
             Some(dy.data()),
         )?;
         let dqkv = gpu.uninit(n * 3 * c)?;
-        let kept = (s.qkv.data(), s.att.dev(), s.y.dev());
+        let kept = (s.qkv.data(), s.att.dev(), s.y.data());
         timer.attention(gpu, true, || {
             attention_bwd(gpu, kept, dy.data(), dqkv.dev(), heads)
         })?;
@@ -1020,7 +1023,7 @@ pub(crate) mod tests {
             "flash_bf16in_fwd_32",
             "flash_bf16in_bwd_dq_32",
             "flash_bf16in_bwd_dkdv_32",
-            "attn_row_dots_bf16",
+            "attn_row_dots_h16",
         ] {
             assert!(kernels.iter().any(|n| n == k), "{k} not run: {kernels:?}");
         }

@@ -183,13 +183,13 @@ pub(super) fn pass(
 /// projections, silu(gate)·up and the attention output's `y_op`, in bf16 with bf16 products).
 struct Saved {
     /// Layer input (residual stream), its norm and 1/rms; q|k|v after rotation (bf16 with bf16
-    /// products); attention output (and as the projection's operand) and its rows'
-    /// log-sum-exps.
+    /// products); attention output (of q|k|v's type) and as the projection's operand (the output
+    /// itself when bf16), and its rows' log-sum-exps.
     x: Buf<f32>,
     a1: Stored,
     r1: Buf<f32>,
     qkv: Stored,
-    y: Buf<f32>,
+    y: Stored,
     y_op: Operand,
     lse: Buf<f32>,
     /// Residual stream after attention, its norm and 1/rms, the gate and up projections (one
@@ -293,16 +293,17 @@ fn backprop(
             (d.heads + d.kv, d.hd),
             false,
         )?;
-        let (y, lse) = (gpu.uninit(n * qd)?, gpu.uninit(d.b * d.heads * d.t)?);
+        let y = gpu.stored(qkv.data().is_bf16(), n * qd)?;
+        let lse = gpu.uninit(d.b * d.heads * d.t)?;
         let packed = (
             rows(qkv.data(), w),
             rows(qkv.data().at(qd)?, w),
             rows(qkv.data().at(qd + kvd)?, w),
         );
         timer.attention(gpu, false, || {
-            gpu.flash_attention(attn, packed, rows(y.dev(), qd), lse.dev(), att_scale)
+            gpu.flash_attention(attn, packed, rows(y.data(), qd), lse.dev(), att_scale)
         })?;
-        let y_op = gpu.operand(y.dev())?;
+        let y_op = gpu.operand_data(y.data())?;
         let xm = residual_linear(gpu, x.dev(), y_op.data(), wo, (n, c, qd))?;
         let (a2, r2) = (gpu.operand_buf(n * c)?, gpu.uninit(n)?);
         gpu.rms_norm((a2.data(), r2.dev()), xm.dev(), *w_post, (n, c), d.eps)?;
@@ -432,7 +433,7 @@ fn backprop(
             gpu.flash_attention_bwd(
                 attn,
                 kept,
-                (rows(s.y.dev(), qd), s.lse.dev()),
+                (rows(s.y.data(), qd), s.lse.dev()),
                 rows(dy.data(), qd),
                 grads_at,
                 dots.dev(),
