@@ -147,6 +147,29 @@ mod tests {
     use super::*;
     use crate::testing::{max_diff, randn};
 
+    /// No addend, the bias, the residual, both.
+    fn addends<'a>(b: &'a Tensor, r: &'a Tensor) -> [(Option<&'a Tensor>, Option<&'a Tensor>); 4] {
+        [
+            (None, None),
+            (Some(b), None),
+            (None, Some(r)),
+            (Some(b), Some(r)),
+        ]
+    }
+
+    /// The f32 `product` plus b and r (each optional) in f32.
+    fn plus(product: &Tensor, b: Option<&Tensor>, r: Option<&Tensor>) -> Tensor {
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let mut sum = product.clone();
+        if let Some(b) = b {
+            sum = sum.broadcast_add(&f32_of(b)).unwrap();
+        }
+        if let Some(r) = r {
+            sum = (sum + f32_of(r)).unwrap();
+        }
+        sum
+    }
+
     /// x·w + b + r against tensor ops, with and without the bias and the residual: a weight
     /// stored [out, in] (read transposed), one stored [in, out] and one of wider rows, x as rows
     /// of a wider matrix; a weight with neither axis contiguous and a tensor that tracks
@@ -168,19 +191,8 @@ mod tests {
             w_out_in.t().unwrap().contiguous().unwrap(),
         ] {
             let product = x.broadcast_matmul(&w).unwrap();
-            for (b, rr) in [
-                (None, None),
-                (Some(&bias), None),
-                (None, Some(&res)),
-                (Some(&bias), Some(&res)),
-            ] {
-                let mut want = product.clone();
-                if let Some(b) = b {
-                    want = want.broadcast_add(b).unwrap();
-                }
-                if let Some(rr) = rr {
-                    want = (want + rr).unwrap();
-                }
+            for (b, rr) in addends(&bias, &res) {
+                let want = plus(&product, b, rr);
                 let got = linear(&x, &w, b, rr).unwrap().expect("f32 rows of the GPU");
                 assert_eq!(got.dims(), [2, 3, n]);
                 let d = max_diff(&got, &want);
@@ -280,19 +292,8 @@ mod tests {
         let w = r(&[n, k]).t().unwrap();
         let (bias, res) = (r(&[n]), r(&[2, 3, n]));
         let product = f32_of(&x).broadcast_matmul(&f32_of(&w)).unwrap();
-        for (b, rr) in [
-            (None, None),
-            (Some(&bias), None),
-            (None, Some(&res)),
-            (Some(&bias), Some(&res)),
-        ] {
-            let mut want = product.clone();
-            if let Some(b) = b {
-                want = want.broadcast_add(&f32_of(b)).unwrap();
-            }
-            if let Some(rr) = rr {
-                want = (want + f32_of(rr)).unwrap();
-            }
+        for (b, rr) in addends(&bias, &res) {
+            let want = plus(&product, b, rr);
             let got = linear(&x, &w, b, rr)
                 .unwrap()
                 .expect("bf16 rows of the GPU");
