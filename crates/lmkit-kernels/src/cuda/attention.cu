@@ -71,7 +71,6 @@ __device__ __forceinline__ void store_pair(uint16_t* p, uint32_t v) {
   *reinterpret_cast<uint32_t*>(p) = v;
 }
 
-
 // ldmatrix: the warp loads 8x8 matrices of 16-bit elements from shared memory, one per register,
 // each lane giving the address of one matrix row (lanes 8m..8m+7: matrix m's rows). Lane L gets
 // row L/4, columns 2·(L%4) and 2·(L%4) + 1 of each matrix; transposed (`_trans`), column L/4,
