@@ -74,6 +74,30 @@ def test_ppl_and_bits_per_byte_match_transformers(hf, tmp_path):
         assert abs(got["bits_per_byte"] - nll / math.log(2) / n_bytes) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ppl_in_half_precision_matches_transformers(hf, tmp_path, dtype):
+    """`eval ppl --dtype bf16|f16`: the model is read into and computes in the half type (its
+    negative log-likelihood moves away from the f32 one) as transformers' model loaded in that
+    type does: lmkit's per-token log-likelihoods, summed over the same windows, lie within twice
+    transformers' own half-precision difference of transformers' half-precision ones."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    ids = [hf["eot"]]
+    for l in LINES:
+        ids += hf["tok"].encode(l).ids + [hf["eot"]]
+    f32 = strided_nll(hf["model"], ids, 8)
+    half = GPT2LMHeadModel.from_pretrained(hf["dir"], dtype=getattr(torch, dtype)).eval()
+    want = strided_nll(half, ids, 8)
+    theirs = abs(want - f32)
+    flag = {"bfloat16": "bf16", "float16": "f16"}[dtype]
+    args = ("eval", "ppl", "--model", hf["dir"], "--input", text, "--stride", 8, "--json")
+    got = json.loads(hf["run"](*args, "--dtype", flag))["nll"]
+    same = json.loads(hf["run"](*args))["nll"]
+    assert abs(same - f32) < 1e-3 * len(ids)
+    assert got != same, "the half type made no difference"
+    assert abs(got - want) <= 2 * theirs, (got, want, f32)
+
+
 def harness_loglikelihood(hf, context, continuation, prefix=None):
     # lm-evaluation-harness: trailing spaces of the context go to the continuation, both are
     # encoded separately, an empty context is the prefix token (the tokenizer's BOS, else its
@@ -167,3 +191,8 @@ def test_ngram_bits_per_byte_match_kenlm(tiny_model, tmp_path):
     assert abs(got["nll"] - nll) < 1e-3
     assert got["tokens"] == sum(len(l.split()) + 1 for l in LINES)
     assert abs(got["bits_per_byte"] - nll / math.log(2) / sum(len(l.encode()) + 1 for l in LINES)) < 1e-5
+    # n-gram models have no half precision: said, not ignored.
+    import subprocess
+    p = subprocess.run([tiny_model["bin"], "eval", "ppl", "--model", tmp_path / "m.arpa", "--input", held,
+                        "--dtype", "bf16"], capture_output=True, text=True)
+    assert p.returncode != 0 and "n-gram models are scored in f32" in p.stderr, p.stderr

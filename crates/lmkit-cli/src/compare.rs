@@ -181,7 +181,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         )?;
         let secs = t0.elapsed().as_secs_f64();
         let dev = lmkit_models::parse_device(&a.device)?;
-        let scorer = Scorer::load(&dir, &dev, false, None)?;
+        let scorer = Scorer::load(&dir, &dev, false, None, lmkit_models::DType::F32)?;
         let eval = scorer.eval_text(&held, None, &crate::progress::Bar::default())?;
         rows.push(Row {
             name: name.to_string(),

@@ -88,13 +88,26 @@ impl TextEval {
 impl Scorer {
     /// A checkpoint directory or GGUF file (neural) or an `.arpa`/`.lmkb` file (n-gram; `chars`
     /// for ARPA models of characters).
-    /// With `adapter`, a LoRA adapter directory is added to a causal model.
+    /// With `adapter`, a LoRA adapter directory is added to a causal model; `dtype` is the type a
+    /// causal model's weights are read into and computed in (its logits widened to f32 for
+    /// scoring); the other models take f32 only.
     pub fn load(
         path: &Path,
         device: &Device,
         chars: bool,
         adapter: Option<&Path>,
+        dtype: DType,
     ) -> Result<Scorer> {
+        let only_f32 = |what: &str| -> Result<()> {
+            if dtype == DType::F32 {
+                return Ok(());
+            }
+            Err(EvalError::Invalid(format!(
+                "{}: {what} are scored in f32 (--dtype {} is for decoder checkpoints)",
+                path.display(),
+                dtype.as_str()
+            )))
+        };
         if adapter.is_some() && (path.is_file() && !lmkit_models::gguf::is_gguf(path)) {
             return Err(EvalError::Invalid(format!(
                 "{}: --adapter is for neural models, not n-gram files",
@@ -102,6 +115,7 @@ impl Scorer {
             )));
         }
         if path.is_file() && !lmkit_models::gguf::is_gguf(path) {
+            only_f32("n-gram models")?;
             let tok = if chars {
                 Tokenization::Chars
             } else {
@@ -112,6 +126,7 @@ impl Scorer {
         let dir = lmkit_models::resolve_checkpoint(path);
         let kind = lmkit_models::kind_of(&dir)?;
         if kind == lmkit_models::Kind::Masked {
+            only_f32("masked (BERT-style) models")?;
             let tokenizer = lmkit_tokenize::load(&dir)?;
             let mask_id = lmkit_core::tokens::MASK_TOKENS
                 .iter()
@@ -127,6 +142,7 @@ impl Scorer {
             })));
         }
         if kind == lmkit_models::Kind::Seq2seq {
+            only_f32("encoder-decoders")?;
             let tokenizer = lmkit_tokenize::load(&dir)?;
             let model = lmkit_models::bart::Bart::load(&dir, device)?;
             let eot = tokenizer
@@ -139,7 +155,7 @@ impl Scorer {
                 eot,
             })));
         }
-        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, device, lmkit_models::DType::F32)?;
+        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, device, dtype)?;
         let tokenizer = lmkit_tokenize::load(&dir)?;
         let eot = tokenizer
             .token_to_id(lmkit_tokenize::ENDOFTEXT)
