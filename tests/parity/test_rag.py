@@ -224,6 +224,9 @@ def test_rag_ask_answers_from_cited_sources(bin_path, index):
             break
     want = llm.detokenize(ref).decode(errors="ignore").strip()
     assert out["answer"].startswith(want[: max(8, len(want) // 2)]), (out["answer"], want)
+    # --dtype reaches the model: a GGUF file keeps its own types and says so.
+    p = run(bin_path, "rag", "ask", "--model", gguf, "--index", index, q, "--dtype", "bf16", ok=False)
+    assert p.returncode != 0 and "a GGUF file keeps its weights in the file's own types" in p.stderr, p.stderr
 
 
 @pytest.fixture(scope="module")

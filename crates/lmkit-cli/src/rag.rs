@@ -61,6 +61,10 @@ pub struct AskArgs {
     json: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The chat model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on
+    /// the CPU a half type saves memory, not time)
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 pub fn run(cmd: RagCommand) -> Result<()> {
@@ -81,7 +85,7 @@ fn ask(a: AskArgs) -> Result<()> {
     let mut sources = prompt::sources(&found);
     drop(e);
 
-    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, "f32")?;
+    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, &a.dtype)?;
     let (cfg, tk) = (&chat.cfg, &chat.tk);
     let system = a
         .system
