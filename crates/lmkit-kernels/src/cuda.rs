@@ -704,6 +704,18 @@ impl Gpu {
         }
     }
 
+    /// [`Gpu::region_data`] of a storage held mutably, for a kernel that writes it
+    /// ([`Gpu::region_mut`], [`Gpu::region_mut_bf16`]).
+    pub(super) fn region_mut_data(
+        storage: &mut hw::DeviceStorage,
+        layout: &candle_core::Layout,
+    ) -> Option<Data> {
+        match Self::region_mut(storage, layout) {
+            Some(d) => Some(Data::F32(d)),
+            None => Self::region_mut_bf16(storage, layout).map(Data::Bf16),
+        }
+    }
+
     /// [`Gpu::view`] of f32 or bf16 elements.
     pub(super) fn view_data(
         storage: &candle_core::Storage,

@@ -252,11 +252,7 @@ impl InplaceOp1 for Held<'_> {
 
     #[cfg(not(feature = "cuda"))]
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let region = match Gpu::region_mut(storage, layout) {
-            Some(d) => Some(Data::F32(d)),
-            None => Gpu::region_mut_bf16(storage, layout).map(Data::Bf16),
-        };
-        self.next(region)
+        self.next(Gpu::region_mut_data(storage, layout))
     }
 
     #[cfg(feature = "cuda")]
@@ -270,11 +266,7 @@ impl InplaceOp1 for Held<'_> {
         storage: &mut candle_core::cuda_backend::CudaStorage,
         layout: &Layout,
     ) -> Result<()> {
-        let region = match Gpu::region_mut(storage, layout) {
-            Some(d) => Some(Data::F32(d)),
-            None => Gpu::region_mut_bf16(storage, layout).map(Data::Bf16),
-        };
-        self.next(region)
+        self.next(Gpu::region_mut_data(storage, layout))
     }
 }
 
@@ -424,6 +416,11 @@ mod tests {
         }
     }
 
+    /// One decoding step (a new row) for each cache length.
+    fn steps(lens: &[usize]) -> Vec<(usize, usize)> {
+        lens.iter().map(|&l| (l, 1)).collect()
+    }
+
     /// Decoding steps (one launch): head sizes 64 (two groups of keys per block), 80 (one,
     /// idle threads), 200 (two columns a thread); grouped-query heads; cache lengths 0 (only
     /// the new key), under and over a tile of 128 keys; one key/value head; more sequences
@@ -435,8 +432,6 @@ mod tests {
         if crate::testing::gpu_device().is_none() {
             return;
         }
-        let steps =
-            |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (l, 1)).collect() };
         let f32 = DType::F32;
         check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64, f32);
         check_against_composed((4, 4, 80), &steps(&[127, 1, 256]), 0, f32);
@@ -473,8 +468,6 @@ mod tests {
         if crate::testing::gpu_device().is_none() {
             return;
         }
-        let steps =
-            |lens: &[usize]| -> Vec<(usize, usize)> { lens.iter().map(|&l| (l, 1)).collect() };
         let bf16 = DType::BF16;
         check_against_composed((6, 2, 64), &steps(&[0, 5, 130, 300]), 64, bf16);
         check_against_composed((2, 1, 200), &steps(&[3, 129]), 100, bf16);

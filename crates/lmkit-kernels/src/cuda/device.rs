@@ -31,6 +31,9 @@ unsafe impl cudarc::driver::ValidAsZeroBits for Bf16 {}
 
 pub(super) type Store<T> = CudaSlice<T>;
 
+/// The storage of a tensor on this device, as an in-place op holds it.
+pub(super) type DeviceStorage = CudaStorage;
+
 /// The device, its cuBLAS handle and, once a product with an epilogue asks for it, a cuBLASLt
 /// handle.
 pub(super) struct Hw {

@@ -27,6 +27,9 @@ impl<T: Copy + Default + 'static> Elem for T {}
 
 pub(super) type Store<T> = Vec<T>;
 
+/// The storage of a tensor on this device (the host), as an in-place op holds it.
+pub(super) type DeviceStorage = candle_core::CpuStorage;
+
 /// Nothing: the emulated GPU is the host.
 pub(super) struct Hw;
 
