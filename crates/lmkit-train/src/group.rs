@@ -21,14 +21,53 @@ use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"LMKG";
 
-/// How long the members of a group wait for each other to appear.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the members of a group wait for each other.
+#[derive(Clone, Copy, Debug)]
+struct Waits {
+    /// For every member to join.
+    join: Duration,
+    /// For a new connection to MASTER_PORT to say it is a member (anything else that connects —
+    /// a port scan, a health check, another program — is closed and the root goes on waiting).
+    hello: Duration,
+    /// Once the group is formed, for a member's part of an exchange (`None`: for ever): a member
+    /// that hangs, or whose machine is cut off without closing its connection, stops the run with
+    /// an error naming it instead of holding the others for ever (as torch.distributed's timeout).
+    exchange: Option<Duration>,
+}
+
+impl Waits {
+    const DEFAULT: Waits = Waits {
+        join: Duration::from_secs(300),
+        hello: Duration::from_secs(10),
+        exchange: Some(Duration::from_secs(1800)),
+    };
+
+    /// The defaults, with the exchange's wait from `LMKIT_GROUP_TIMEOUT` (seconds; 0: for ever).
+    fn from_env() -> Result<Waits> {
+        Ok(match var(TIMEOUT_VAR)? {
+            None => Waits::DEFAULT,
+            Some(0) => Waits {
+                exchange: None,
+                ..Waits::DEFAULT
+            },
+            Some(s) => Waits {
+                exchange: Some(Duration::from_secs(s as u64)),
+                ..Waits::DEFAULT
+            },
+        })
+    }
+}
+
+/// Names the seconds a member waits for another's part of an exchange.
+const TIMEOUT_VAR: &str = "LMKIT_GROUP_TIMEOUT";
 
 /// This process's place in its training group.
 pub struct Group {
     rank: usize,
     world: usize,
     link: Link,
+    /// How long an exchange waits for a member (for the errors that say it waited).
+    exchange: Option<Duration>,
     /// The members' NCCL communicator, once [`Group::join_gpus`] has made one.
     #[cfg(feature = "cuda")]
     gpus: Option<lmkit_kernels::cuda::Comm>,
@@ -79,14 +118,17 @@ impl Group {
             rank: 0,
             world: 1,
             link: Link::Single,
+            exchange: None,
             #[cfg(feature = "cuda")]
             gpus: None,
         }
     }
 
     /// The group described by `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` (a group
-    /// of one when `WORLD_SIZE` is unset or 1). `fingerprint` identifies the run (its
-    /// configuration): processes of different runs refuse to form a group.
+    /// of one when `WORLD_SIZE` is unset or 1), its members waiting for each other's part of an
+    /// exchange at most `LMKIT_GROUP_TIMEOUT` seconds (1800 unless set; 0: for ever).
+    /// `fingerprint` identifies the run (its configuration): processes of different runs refuse
+    /// to form a group.
     pub fn from_env(fingerprint: u64) -> Result<Group> {
         let world = var("WORLD_SIZE")?.unwrap_or(1);
         if world <= 1 {
@@ -101,11 +143,22 @@ impl Group {
             .map_err(|e| group_err(format!("MASTER_ADDR {host}:{port}: {e}")))?
             .next()
             .ok_or_else(|| group_err(format!("MASTER_ADDR {host} has no address")))?;
-        Group::join(rank, world, addr, fingerprint)
+        Group::join_within(rank, world, addr, fingerprint, Waits::from_env()?)
     }
 
-    /// Joins (rank > 0) or gathers (rank 0) the group of `world` processes at `addr`.
+    /// Joins (rank > 0) or gathers (rank 0) the group of `world` processes at `addr`, with the
+    /// default waits.
     pub fn join(rank: usize, world: usize, addr: SocketAddr, fingerprint: u64) -> Result<Group> {
+        Group::join_within(rank, world, addr, fingerprint, Waits::DEFAULT)
+    }
+
+    fn join_within(
+        rank: usize,
+        world: usize,
+        addr: SocketAddr,
+        fingerprint: u64,
+        waits: Waits,
+    ) -> Result<Group> {
         if rank >= world {
             return Err(group_err(format!(
                 "RANK {rank} is not below WORLD_SIZE {world}"
@@ -116,13 +169,19 @@ impl Group {
                 .map_err(|e| group_err(format!("rank 0 cannot listen on {addr}: {e}")))?;
             listener.set_nonblocking(true).net()?;
             let mut peers: Vec<Option<Conn>> = (1..world).map(|_| None).collect();
+            // Connections that did not greet as a member, closed.
+            let mut strangers = 0;
             let start = Instant::now();
             while peers.iter().any(Option::is_none) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).net()?;
+                        stream.set_read_timeout(Some(waits.hello)).net()?;
                         let mut conn = Conn::new(stream)?;
-                        let (r, w, f) = conn.read_hello()?;
+                        let Some((r, w, f)) = conn.read_hello() else {
+                            strangers += 1;
+                            continue;
+                        };
                         if w != world || f != fingerprint || r == 0 || r >= world {
                             return Err(group_err(format!(
                                 "a process with RANK {r}, WORLD_SIZE {w} and another run's \
@@ -133,20 +192,30 @@ impl Group {
                         if peers[r - 1].is_some() {
                             return Err(group_err(format!("two processes have RANK {r}")));
                         }
+                        // The answer tells the member it reached a group's root.
+                        conn.write_answer()
+                            .map_err(|e| group_err(format!("rank {r} left while joining: {e}")))?;
                         peers[r - 1] = Some(conn);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if start.elapsed() > JOIN_TIMEOUT {
+                        if start.elapsed() > waits.join {
                             let missing: Vec<String> = peers
                                 .iter()
                                 .enumerate()
                                 .filter(|(_, p)| p.is_none())
                                 .map(|(i, _)| (i + 1).to_string())
                                 .collect();
+                            let others = match strangers {
+                                0 => String::new(),
+                                n => format!(
+                                    " ({n} other connection(s) to {addr} did not greet as a \
+                                     member and were closed: is MASTER_PORT another program's?)"
+                                ),
+                            };
                             return Err(group_err(format!(
-                                "ranks {} did not join within {} s",
+                                "ranks {} did not join within {} s{others}",
                                 missing.join(", "),
-                                JOIN_TIMEOUT.as_secs()
+                                waits.join.as_secs()
                             )));
                         }
                         std::thread::sleep(Duration::from_millis(20));
@@ -160,26 +229,65 @@ impl Group {
             let stream = loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
                     Ok(s) => break s,
-                    Err(e) if start.elapsed() > JOIN_TIMEOUT => {
+                    Err(e) if start.elapsed() > waits.join => {
                         return Err(group_err(format!(
                             "rank {rank} could not reach rank 0 at {addr} within {} s: {e}",
-                            JOIN_TIMEOUT.as_secs()
+                            waits.join.as_secs()
                         )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             };
+            stream.set_read_timeout(Some(waits.join)).net()?;
             let mut conn = Conn::new(stream)?;
-            conn.write_hello(rank, world, fingerprint)?;
+            conn.write_hello(rank, world, fingerprint).net()?;
+            if !conn.read_answer() {
+                return Err(group_err(format!(
+                    "{addr} (MASTER_ADDR:MASTER_PORT) did not answer as the root of an lmkit \
+                     training group within {} s: is the port another program's, or rank 0 \
+                     another run's?",
+                    waits.join.as_secs()
+                )));
+            }
             Link::Peer(conn)
         };
+        let conns = match &link {
+            Link::Single => &[][..],
+            Link::Root(peers) => &peers[..],
+            Link::Peer(conn) => std::slice::from_ref(conn),
+        };
+        for conn in conns {
+            let stream = conn.writer.get_ref();
+            stream.set_read_timeout(waits.exchange).net()?;
+            stream.set_write_timeout(waits.exchange).net()?;
+        }
         Ok(Group {
             rank,
             world,
             link,
+            exchange: waits.exchange,
             #[cfg(feature = "cuda")]
             gpus: None,
         })
+    }
+
+    /// The error for an exchange with rank `member` that failed with `e`: it left (its
+    /// connection closed or broke) or kept silent past the exchange's wait.
+    fn lost(&self, member: usize, e: std::io::Error) -> TrainError {
+        let silent = matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        );
+        match self.exchange {
+            Some(wait) if silent => group_err(format!(
+                "rank {member} did not take part in an exchange for {} s (stuck, or its machine \
+                 unreachable; {TIMEOUT_VAR} sets the wait in seconds, 0 for ever); this run stops",
+                wait.as_secs_f64()
+            )),
+            _ => group_err(format!(
+                "rank {member} left the group ({e}); this run stops"
+            )),
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -197,17 +305,17 @@ impl Group {
 
     /// Replaces `data` on every member by rank 0's.
     pub fn broadcast(&mut self, data: &mut [u8]) -> Result<()> {
-        match &mut self.link {
-            Link::Single => Ok(()),
-            Link::Peer(conn) => conn
-                .read_bytes(data)
-                .map_err(|e| group_err(format!("rank 0 left the group ({e}); this run stops"))),
-            Link::Root(peers) => {
-                for conn in peers.iter_mut() {
-                    conn.write_bytes(data)?;
-                }
-                Ok(())
-            }
+        let failed = match &mut self.link {
+            Link::Single => return Ok(()),
+            Link::Peer(conn) => conn.read_bytes(data).err().map(|e| (0, e)),
+            Link::Root(peers) => peers
+                .iter_mut()
+                .enumerate()
+                .find_map(|(i, conn)| conn.write_bytes(data).err().map(|e| (i + 1, e))),
+        };
+        match failed {
+            None => Ok(()),
+            Some((member, e)) => Err(self.lost(member, e)),
         }
     }
 
@@ -289,32 +397,38 @@ impl Group {
     /// Replaces `data` on every member by the element-wise sum over the group, added in rank
     /// order (the same on every member and every run).
     pub fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
-        match &mut self.link {
-            Link::Single => Ok(()),
-            Link::Peer(conn) => {
-                conn.write_f32s(data)?;
-                conn.read_f32s(data)
-                    .map_err(|e| group_err(format!("rank 0 left the group ({e}); this run stops")))
-            }
-            Link::Root(peers) => {
-                let mut buf = vec![0f32; data.len()];
-                for (i, conn) in peers.iter_mut().enumerate() {
-                    conn.read_f32s(&mut buf).map_err(|e| {
-                        group_err(format!(
-                            "rank {} left the group ({e}); this run stops",
-                            i + 1
-                        ))
-                    })?;
-                    for (d, b) in data.iter_mut().zip(&buf) {
-                        *d += b;
-                    }
-                }
-                for conn in peers.iter_mut() {
-                    conn.write_f32s(data)?;
-                }
-                Ok(())
+        let failed = match &mut self.link {
+            Link::Single => return Ok(()),
+            Link::Peer(conn) => conn
+                .write_f32s(data)
+                .and_then(|()| conn.read_f32s(data))
+                .err()
+                .map(|e| (0, e)),
+            Link::Root(peers) => Self::sum_at_root(peers, data).err(),
+        };
+        match failed {
+            None => Ok(()),
+            Some((member, e)) => Err(self.lost(member, e)),
+        }
+    }
+
+    /// The root's part of [`Group::all_reduce_sum`]: every peer's values added to `data` in
+    /// rank order, the sum sent back; a failure names the rank it was exchanging with.
+    fn sum_at_root(
+        peers: &mut [Conn],
+        data: &mut [f32],
+    ) -> std::result::Result<(), (usize, std::io::Error)> {
+        let mut buf = vec![0f32; data.len()];
+        for (i, conn) in peers.iter_mut().enumerate() {
+            conn.read_f32s(&mut buf).map_err(|e| (i + 1, e))?;
+            for (d, b) in data.iter_mut().zip(&buf) {
+                *d += b;
             }
         }
+        for (i, conn) in peers.iter_mut().enumerate() {
+            conn.write_f32s(data).map_err(|e| (i + 1, e))?;
+        }
+        Ok(())
     }
 }
 
@@ -327,49 +441,55 @@ impl Conn {
         })
     }
 
-    fn write_hello(&mut self, rank: usize, world: usize, fingerprint: u64) -> Result<()> {
-        self.writer.write_all(MAGIC).net()?;
-        self.writer.write_all(&(rank as u64).to_le_bytes()).net()?;
-        self.writer.write_all(&(world as u64).to_le_bytes()).net()?;
-        self.writer.write_all(&fingerprint.to_le_bytes()).net()?;
-        self.writer.flush().net()?;
-        Ok(())
+    fn write_hello(&mut self, rank: usize, world: usize, fingerprint: u64) -> std::io::Result<()> {
+        self.writer.write_all(MAGIC)?;
+        for v in [rank as u64, world as u64, fingerprint] {
+            self.writer.write_all(&v.to_le_bytes())?;
+        }
+        self.writer.flush()
     }
 
-    fn read_hello(&mut self) -> Result<(usize, usize, u64)> {
+    /// The root's answer to a member's greeting.
+    fn write_answer(&mut self) -> std::io::Result<()> {
+        self.writer.write_all(MAGIC)?;
+        self.writer.flush()
+    }
+
+    /// Whether the root answered the greeting (before the connection's read timeout).
+    fn read_answer(&mut self) -> bool {
         let mut m = [0u8; 4];
-        self.reader.read_exact(&mut m).net()?;
+        self.reader.read_exact(&mut m).is_ok() && &m == MAGIC
+    }
+
+    /// A member's greeting: (rank, world, fingerprint); `None` where the connection closed,
+    /// kept silent past its read timeout or sent something else.
+    fn read_hello(&mut self) -> Option<(usize, usize, u64)> {
+        let mut m = [0u8; 4];
+        self.reader.read_exact(&mut m).ok()?;
         if &m != MAGIC {
-            return Err(group_err(
-                "something other than an lmkit training process connected to MASTER_PORT",
-            ));
+            return None;
         }
         let mut w = [0u8; 8];
-        let mut next = || -> Result<u64> {
-            self.reader.read_exact(&mut w).net()?;
-            Ok(u64::from_le_bytes(w))
+        let mut next = || -> Option<u64> {
+            self.reader.read_exact(&mut w).ok()?;
+            Some(u64::from_le_bytes(w))
         };
-        Ok((next()? as usize, next()? as usize, next()?))
+        Some((next()? as usize, next()? as usize, next()?))
     }
 
-    fn write_f32s(&mut self, data: &[f32]) -> Result<()> {
-        self.writer
-            .write_all(&(data.len() as u64).to_le_bytes())
-            .net()?;
+    fn write_f32s(&mut self, data: &[f32]) -> std::io::Result<()> {
+        self.writer.write_all(&(data.len() as u64).to_le_bytes())?;
         for chunk in data.chunks(1 << 16) {
             let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-            self.writer.write_all(&bytes).net()?;
+            self.writer.write_all(&bytes)?;
         }
-        self.writer.flush().net()?;
-        Ok(())
+        self.writer.flush()
     }
 
-    fn write_bytes(&mut self, data: &[u8]) -> Result<()> {
-        self.writer
-            .write_all(&(data.len() as u64).to_le_bytes())
-            .net()?;
-        self.writer.write_all(data).net()?;
-        self.writer.flush().net()
+    fn write_bytes(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(&(data.len() as u64).to_le_bytes())?;
+        self.writer.write_all(data)?;
+        self.writer.flush()
     }
 
     /// Reads a message's length and checks it is `expected`.
@@ -511,5 +631,107 @@ mod tests {
         let e = root.join().unwrap();
         assert!(e.contains("rank 1 left the group"), "{e}");
         assert!(Group::join(2, 2, addr, 1).is_err());
+    }
+
+    /// Waits short enough for a test.
+    fn brief(exchange: Option<Duration>) -> Waits {
+        Waits {
+            join: Duration::from_secs(20),
+            hello: Duration::from_millis(200),
+            exchange,
+        }
+    }
+
+    /// Connects to `addr` once something listens there.
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let start = Instant::now();
+        loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => return s,
+                Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Other programs connecting to MASTER_PORT (one silent, one speaking HTTP) are closed;
+    /// the members that come after them form the group.
+    #[test]
+    fn strangers_at_the_port_are_closed_and_the_group_forms() {
+        let addr = free_addr();
+        let waits = brief(None);
+        let root = std::thread::spawn(move || {
+            let mut g = Group::join_within(0, 2, addr, 5, waits).unwrap();
+            let mut x = [1.0f32];
+            g.all_reduce_sum(&mut x).unwrap();
+            x[0]
+        });
+        let silent = connect(addr);
+        let mut http = connect(addr);
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut g = Group::join_within(1, 2, addr, 5, waits).unwrap();
+        let mut x = [2.0f32];
+        g.all_reduce_sum(&mut x).unwrap();
+        assert_eq!((x[0], root.join().unwrap()), (3.0, 3.0));
+        drop((silent, http));
+    }
+
+    /// A member that joined but never exchanges stops the run after the exchange's wait, with
+    /// an error naming it; a root that never answers stops the members that reach it.
+    #[test]
+    fn silent_members_and_roots_are_errors_naming_them() {
+        let addr = free_addr();
+        let waits = brief(Some(Duration::from_millis(300)));
+        let (done, wait_done) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let g = Group::join_within(1, 2, addr, 6, waits).unwrap();
+            // Joined, then silent until the root has given up.
+            wait_done.recv().unwrap();
+            drop(g);
+        });
+        let mut g = Group::join_within(0, 2, addr, 6, waits).unwrap();
+        let e = g.all_reduce_sum(&mut [1.0]).err().unwrap().to_string();
+        done.send(()).unwrap();
+        peer.join().unwrap();
+        assert!(
+            e.contains("rank 1 did not take part in an exchange for 0.3 s")
+                && e.contains(TIMEOUT_VAR),
+            "{e}"
+        );
+
+        // Rank 0's side: a member waits for the root's sum.
+        let addr = free_addr();
+        let root = std::thread::spawn(move || {
+            let g = Group::join_within(0, 2, addr, 6, waits).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(g);
+        });
+        let mut g = Group::join_within(1, 2, addr, 6, waits).unwrap();
+        let e = g.all_reduce_sum(&mut [1.0]).err().unwrap().to_string();
+        assert!(e.contains("rank 0 did not take part"), "{e}");
+        root.join().unwrap();
+
+        // A port whose program accepts and says nothing (or something else) is not a root.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let other = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let waits = Waits {
+            join: Duration::from_millis(500),
+            ..waits
+        };
+        let e = Group::join_within(1, 2, addr, 6, waits)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("did not answer as the root of an lmkit training group"),
+            "{e}"
+        );
+        other.join().unwrap();
     }
 }
