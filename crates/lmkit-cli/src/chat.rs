@@ -39,13 +39,8 @@ pub struct ChatArgs {
     /// Print each rendered prompt (the chat template's output) to stderr
     #[arg(long)]
     print_prompt: bool,
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
-    /// CPU a half type saves memory, not time)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    placement: crate::placement::Placement,
     /// Every reply follows this constraint
     #[command(flatten)]
     constraint: crate::constraint::ConstraintArgs,
@@ -66,13 +61,11 @@ impl ChatModel {
     pub fn load(
         model: &std::path::Path,
         adapter: Option<&std::path::Path>,
-        device: &str,
-        dtype: &str,
+        placement: &crate::placement::Placement,
     ) -> Result<ChatModel> {
-        let dev = lmkit_models::parse_device(device)?;
-        let dtype = lmkit_models::parse_dtype(dtype)?;
         let dir = lmkit_models::resolve_checkpoint(model);
-        let (model, cfg) = CausalLm::load_adapted(&dir, adapter, &dev, dtype)?;
+        let (model, cfg) =
+            CausalLm::load_adapted(&dir, adapter, &placement.device()?, placement.dtype()?)?;
         let tk = lmkit_tokenize::load(&dir)?;
         let template = load_template(&dir)?.with_context(|| {
             format!(
@@ -121,7 +114,7 @@ impl ChatModel {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
-    let chat = ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, &a.dtype)?;
+    let chat = ChatModel::load(&a.model, a.adapter.as_deref(), &a.placement)?;
     let (cfg, tk, template) = (&chat.cfg, &chat.tk, &chat.template);
     let sampling = SamplingParams {
         temperature: a.temperature,

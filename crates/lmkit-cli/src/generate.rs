@@ -81,13 +81,8 @@ pub struct GenerateArgs {
     /// Print the generated token ids instead of text
     #[arg(long)]
     ids: bool,
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with --features cuda)
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
-    /// CPU a half type saves memory, not time)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    placement: crate::placement::Placement,
     #[command(flatten)]
     constraint: crate::constraint::ConstraintArgs,
 }
@@ -108,11 +103,11 @@ impl GenerateArgs {
 /// Encoder-decoder models: decode a reply to `--source` (or `--source-ids`) with the decoder's
 /// KV cache: by beam search (`--num-beams` > 1), greedily or by sampling.
 fn run_seq2seq(a: &GenerateArgs) -> Result<()> {
-    let dev = lmkit_models::parse_device(&a.device)?;
-    if lmkit_models::parse_dtype(&a.dtype)? != lmkit_models::DType::F32 {
+    let dev = a.placement.device()?;
+    if a.placement.dtype()? != lmkit_models::DType::F32 {
         bail!(
             "--dtype {} is for causal models; encoder-decoders run in f32",
-            a.dtype
+            a.placement.dtype
         );
     }
     let dir = lmkit_models::resolve_checkpoint(&a.model);
@@ -247,12 +242,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.num_beams > 1 {
         bail!("--num-beams is for encoder-decoder models (--source); decoder-only models decode greedily or by sampling");
     }
-    let dev = lmkit_models::parse_device(&a.device)?;
     let (model, cfg) = CausalLm::load_adapted(
         &a.model,
         a.adapter.as_deref(),
-        &dev,
-        lmkit_models::parse_dtype(&a.dtype)?,
+        &a.placement.device()?,
+        a.placement.dtype()?,
     )?;
     let tok_path = a
         .tokenizer

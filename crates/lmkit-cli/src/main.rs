@@ -16,6 +16,7 @@ mod lines;
 mod model;
 mod moderation;
 mod ngram;
+mod placement;
 mod progress;
 mod prompt;
 mod quantize;

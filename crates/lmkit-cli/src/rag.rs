@@ -59,12 +59,8 @@ pub struct AskArgs {
     /// Print one JSON object (answer, sources, prompt tokens) instead of text
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The chat model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on
-    /// the CPU a half type saves memory, not time)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    placement: crate::placement::Placement,
 }
 
 pub fn run(cmd: RagCommand) -> Result<()> {
@@ -85,7 +81,7 @@ fn ask(a: AskArgs) -> Result<()> {
     let mut sources = prompt::sources(&found);
     drop(e);
 
-    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.device, &a.dtype)?;
+    let chat = crate::chat::ChatModel::load(&a.model, a.adapter.as_deref(), &a.placement)?;
     let (cfg, tk) = (&chat.cfg, &chat.tk);
     let system = a
         .system

@@ -46,13 +46,8 @@ pub struct ServeArgs {
     /// directory)
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     adapters: Vec<String>,
-    /// Where to run the model: cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
-    /// CPU a half type saves memory, not time)
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    placement: crate::placement::Placement,
     /// Sequences decoded at once (their steps interleave)
     #[arg(long, default_value_t = 8)]
     max_active: usize,
@@ -124,8 +119,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let cfg = ServeConfig {
         model_dir: a.model.clone(),
-        device: a.device.clone(),
-        dtype: a.dtype.clone(),
+        device: a.placement.device.clone(),
+        dtype: a.placement.dtype.clone(),
         model_name: a.model_name.clone(),
         host: a.host.clone(),
         port: a.port,
