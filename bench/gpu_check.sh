@@ -18,7 +18,8 @@
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
-#    GPT-2 small again with lmkit's flash attention and bf16 products;
+#    GPT-2 small again with lmkit's flash attention and bf16 products (and beside it the same
+#    lmkit with LMKIT_CUDA_KEEP_FREED=0: the driver's pool handing freed memory back at each sync);
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
 #    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
 #    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
@@ -26,7 +27,7 @@
 # 5. (`long`) bench/real_model_bench.py --device cuda --random: batch-1 generation after a
 #    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
 #    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache; then
-#    the same model in bf16 (`--dtype bf16`, composed ops) vs transformers in bf16.
+#    the same model in bf16 (`--dtype bf16`) vs transformers in bf16 (and with LMKIT_CUDA_KEEP_FREED=0).
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
 # ops, llama, speed, serve, long), for a device command that must stay within its time limit.
@@ -241,7 +242,8 @@ LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --l
   --ctx 1024 --batch 8 || failed+=("bench large")
 echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 products"
 LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
-  --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' || failed+=("bench large bf16")
+  --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' \
+  --baseline "$bin" --baseline-env LMKIT_CUDA_KEEP_FREED=0 || failed+=("bench large bf16")
 fi
 
 if want serve; then
@@ -271,7 +273,7 @@ LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random 
   --rounds 3 --baseline-env LMKIT_CUDA_DECODE=0 || failed+=("long-context bench")
 echo "== the same in bf16: lmkit --dtype bf16 vs transformers in bf16"
 LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random --prompt 4000 --decode 128 \
-  --rounds 3 --dtype bf16 || failed+=("long-context bench bf16")
+  --rounds 3 --dtype bf16 --baseline-env LMKIT_CUDA_KEEP_FREED=0 || failed+=("long-context bench bf16")
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2

@@ -6,7 +6,7 @@ transformers' default attention (torch's scaled_dot_product_attention) unless --
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
        [--lmkit-blas builtin|off|/path/to/libopenblas.so]   # LMKIT_BLAS for lmkit's runs (builtin: no system BLAS)
-       [--baseline OTHER_LMKIT [--baseline-blas VALUE]]   # also train with another lmkit binary (e.g. built from an earlier commit),
+       [--baseline OTHER_LMKIT [--baseline-blas VALUE] [--baseline-env VAR=VALUE]]   # also train with another lmkit binary (e.g. built from an earlier commit),
                                   # alternating with the others in every round: is a change no slower?
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
@@ -64,6 +64,9 @@ def main():
     ap.add_argument("--lmkit-blas", help="LMKIT_BLAS for lmkit's runs: `builtin` (the product lmkit has "
                     "without a system BLAS), `off` (candle's), or a library path; default: lmkit's own pick")
     ap.add_argument("--baseline-blas", help="LMKIT_BLAS for the baseline's runs (as --lmkit-blas)")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="an environment variable for the baseline's runs (repeatable), e.g. "
+                         "LMKIT_CUDA_KEEP_FREED=0 with --baseline naming the same binary")
     ap.add_argument("--lmkit-set", action="append", default=[],
                     help="extra `--set KEY=VALUE` for lmkit's training run (repeatable)")
     a = ap.parse_args()
@@ -123,12 +126,17 @@ device = "{a.device}"
 """)
     matmul = {}
 
-    def lmkit_train(binary=lm, out="out", extra=(), blas=a.lmkit_blas):
+    def lmkit_train(binary=lm, out="out", extra=(), blas=a.lmkit_blas, extra_env=()):
         shutil.rmtree(tmp / out, ignore_errors=True)
         sets = [x for kv in [*a.lmkit_set, *extra] for x in ("--set", kv)]
         env = dict(os.environ)
         if blas is not None:
             env["LMKIT_BLAS"] = blas
+        for kv in extra_env:
+            var, eq, value = kv.partition("=")
+            if not eq:
+                sys.exit(f"--baseline-env {kv}: expected VAR=VALUE")
+            env[var] = value
         p = run([binary, "train", "--config", tmp / "run.toml", "--set", f'train.out_dir="{tmp / out}"', *sets], env=env)
         used = re.search(r"matmul: ([^\n]*)", p.stdout + p.stderr)
         matmul[out] = used.group(1).strip() if used else "?"
@@ -196,7 +204,8 @@ device = "{a.device}"
         for m in modes:
             pt[m].append(sides[m]())
         if a.baseline:
-            base_runs.append(lmkit_train(a.baseline, "baseline", a.baseline_set, a.baseline_blas))
+            base_runs.append(lmkit_train(a.baseline, "baseline", a.baseline_set, a.baseline_blas,
+                                         a.baseline_env))
     pt_runs = pt[modes[0]]
     lm_tps, pt_tps = statistics.median(lm_runs), statistics.median(pt_runs)
     ratios = sorted(l / p for l, p in zip(lm_runs, pt_runs))
@@ -242,7 +251,7 @@ device = "{a.device}"
               + ", ".join(f"{m}: {mfu(statistics.median(pt[m]))}" for m in modes) + " | |")
     if base_runs:
         base_tps = statistics.median(base_runs)
-        print(f"| training tokens/s, baseline lmkit `{a.baseline}` {' '.join(a.baseline_set)} (median; each round) | {base_tps:,.0f} "
+        print(f"| training tokens/s, baseline lmkit `{a.baseline}` {' '.join(a.baseline_set + a.baseline_env)} (median; each round) | {base_tps:,.0f} "
               f"({' / '.join(f'{v:,.0f}' for v in base_runs)}) | | lmkit/baseline {lm_tps / base_tps:.2f}x |")
     print(f"| training GFLOP/s | {lm_tps * flops_per_token / 1e9:.1f} | {pt_tps * flops_per_token / 1e9:.1f} | |")
     print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")

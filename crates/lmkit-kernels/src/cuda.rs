@@ -22,7 +22,7 @@ mod device;
 #[cfg(feature = "cuda")]
 use device as hw;
 #[cfg(feature = "cuda")]
-pub use device::{layers_on, set_tf32_products, tf32_products, Comm, Elem};
+pub use device::{layers_on, prepare_device, set_tf32_products, tf32_products, Comm, Elem};
 #[cfg(not(feature = "cuda"))]
 mod emulated;
 #[cfg(not(feature = "cuda"))]
@@ -1768,7 +1768,6 @@ impl Gpu {
         self.stored(self.bf16, len)
     }
 
-    /// A buffer of `len` bf16s (`bf16`) or f32s, to be written before it is read.
     /// A buffer's first `len` values, as f32s.
     pub fn values(&self, buf: &Stored, len: usize) -> Result<Vec<f32>> {
         Ok(match buf {
@@ -1789,6 +1788,7 @@ impl Gpu {
         }
     }
 
+    /// A buffer of `len` bf16s (`bf16`) or f32s, to be written before it is read.
     pub fn stored(&self, bf16: bool, len: usize) -> Result<Stored> {
         Ok(if bf16 {
             Stored::Bf16(self.uninit_bf16(len)?)

@@ -28,12 +28,15 @@ pub fn parse_device(spec: &str) -> Result<Device> {
              `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use cpu"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let device = Device::new_cuda(ordinal).map_err(|e| {
         ModelError::Device(format!(
             "`{spec}`: could not open the GPU: {}",
             e.to_string().lines().next().unwrap_or_default()
         ))
-    })
+    })?;
+    #[cfg(feature = "cuda")]
+    lmkit_kernels::cuda::prepare_device(&device);
+    Ok(device)
 }
 
 /// Parses the type a model's weights and activations are kept in for inference: `f32` (the

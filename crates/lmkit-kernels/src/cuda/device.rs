@@ -34,12 +34,10 @@ pub(super) type Store<T> = CudaSlice<T>;
 /// The storage of a tensor on this device, as an in-place op holds it.
 pub(super) type DeviceStorage = CudaStorage;
 
-/// The device, its cuBLAS handle and, once a product with an epilogue asks for it, a cuBLASLt
-/// handle.
+/// The device and its cuBLAS handle.
 pub(super) struct Hw {
     dev: CudaDevice,
     blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
-    lt: std::cell::OnceCell<Lt>,
 }
 
 /// A cuBLASLt handle and the workspace its products may use (NVIDIA's recommendation: 32 MiB on
@@ -50,8 +48,80 @@ struct Lt {
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread, one call at a time; `Lt` is not `Sync`,
-// so only the thread that owns its `Gpu` calls it.
+// and the handles are used only under `LT_HANDLES`' lock.
 unsafe impl Send for Lt {}
+
+/// The cuBLASLt handles and workspaces of the devices that ran a product through cuBLASLt, made
+/// at a device's first such product and kept: inference takes a [`Gpu`] for each layer's
+/// product, and a handle and a 32 MiB workspace made and freed for each would cost more than a
+/// decoding step's product. A device's products all run on its one stream, which orders their
+/// use of its workspace.
+static LT_HANDLES: std::sync::Mutex<Vec<(candle_core::cuda_backend::DeviceId, Lt)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// At most this many devices' cuBLASLt handles are kept (a run opens one or a few devices; the
+/// tests open many), the oldest freed first.
+const LT_KEPT: usize = 8;
+
+/// Whether [`keep_freed_memory`] ran for GPU i (bit i).
+static POOLS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Readies a CUDA device for lmkit's work (other devices are left alone; later calls cost two
+/// atomic reads): memory freed on the GPU stays in its pool for the next allocations
+/// ([`keep_freed_memory`]), and cudarc makes no events for each allocation (they order a buffer's
+/// use across streams, and all of a candle device's work runs on one stream: cudarc waits on
+/// them only once a context has several, which lmkit never makes).
+pub fn prepare_device(device: &Device) {
+    if let Device::Cuda(dev) = device {
+        prepare(dev);
+    }
+}
+
+fn prepare(dev: &CudaDevice) {
+    if dev.is_event_tracking() {
+        // SAFETY: the context's one stream orders every use of its buffers (no other stream is
+        // made on it), so the events would order nothing.
+        unsafe { dev.disable_event_tracking() };
+    }
+    keep_freed_memory(dev.cuda_stream().context());
+}
+
+/// Sets the GPU's memory pool (the one cuMemAllocAsync, and so candle, allocates from) to keep
+/// freed memory instead of returning it to the driver at every synchronisation, as CUDA's
+/// default release threshold of 0 does: each training step's read of its loss and each decoding
+/// step's read of its tokens would hand back every buffer freed since, and the next step map the
+/// memory again. As PyTorch's caching allocator, the process keeps what it freed for its next
+/// allocations. Once per GPU; a threshold set before (by another library) is left as it is, and
+/// `LMKIT_CUDA_KEEP_FREED=0` keeps the driver's default.
+fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) {
+    use cudarc::driver::sys;
+    use std::sync::atomic::Ordering;
+    let bit = 1u64.checked_shl(ctx.ordinal() as u32).unwrap_or(0);
+    if bit != 0 && POOLS_SET.load(Ordering::Relaxed) & bit != 0 {
+        return;
+    }
+    POOLS_SET.fetch_or(bit, Ordering::Relaxed);
+    if std::env::var("LMKIT_CUDA_KEEP_FREED").is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut current = 0u64;
+    let mut keep = u64::MAX;
+    // SAFETY: `pool` receives the device's current pool; the release threshold is a u64 read
+    // from and written to live locals. A driver without memory pools answers with an error and
+    // nothing changes.
+    unsafe {
+        if sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS
+            || sys::cuMemPoolGetAttribute(pool, threshold, &mut current as *mut u64 as *mut _)
+                != sys::CUresult::CUDA_SUCCESS
+            || current != 0
+        {
+            return;
+        }
+        let _ = sys::cuMemPoolSetAttribute(pool, threshold, &mut keep as *mut u64 as *mut _);
+    }
+}
 
 impl Drop for Lt {
     fn drop(&mut self) {
@@ -97,11 +167,11 @@ impl Gpu {
     }
 
     fn on(dev: &CudaDevice) -> Gpu {
+        prepare(dev);
         Gpu {
             hw: Hw {
                 blas: dev.cublas_handle(),
                 dev: dev.clone(),
-                lt: std::cell::OnceCell::new(),
             },
             tf32: true,
             bf16: BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed),
@@ -412,24 +482,34 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// This GPU's cuBLASLt handle and workspace, made at the first call.
-    fn lt(&self) -> Result<&Lt> {
-        if let Some(lt) = self.hw.lt.get() {
-            return Ok(lt);
-        }
-        let handle = cudarc::cublaslt::result::create_handle().map_err(Self::fail("cublasLt"))?;
-        let size = if self.compute_major()? >= 9 {
-            32 << 20
-        } else {
-            4 << 20
+    /// `f` of this device's cuBLASLt handle and workspace ([`LT_HANDLES`]: made at the device's
+    /// first call, then kept), under their lock.
+    fn with_lt<R>(&self, f: impl FnOnce(&Lt) -> Result<R>) -> Result<R> {
+        let id = self.hw.dev.id();
+        let mut handles = LT_HANDLES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = match handles.iter().position(|(d, _)| *d == id) {
+            Some(at) => at,
+            None => {
+                let size = if self.compute_major()? >= 9 {
+                    32 << 20
+                } else {
+                    4 << 20
+                };
+                // SAFETY: scratch that cuBLASLt writes before it reads.
+                let workspace = unsafe { self.hw.dev.cuda_stream().alloc::<u8>(size) }
+                    .map_err(self.alloc_fail("alloc", size))?;
+                let handle =
+                    cudarc::cublaslt::result::create_handle().map_err(Self::fail("cublasLt"))?;
+                if handles.len() >= LT_KEPT {
+                    handles.remove(0);
+                }
+                handles.push((id, Lt { handle, workspace }));
+                handles.len() - 1
+            }
         };
-        // SAFETY: scratch that cuBLASLt writes before it reads.
-        let workspace = unsafe { self.hw.dev.cuda_stream().alloc::<u8>(size) };
-        let lt = Lt {
-            handle,
-            workspace: workspace.map_err(self.alloc_fail("alloc", size))?,
-        };
-        Ok(self.hw.lt.get_or_init(|| lt))
+        f(&handles[at].1)
     }
 
     /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
@@ -445,7 +525,6 @@ impl Gpu {
         ((pa, lda, ta), (pb, ldb, tb), bf16_operands): Operands,
         out: super::linear::Fused,
     ) -> Result<bool> {
-        let lt = self.lt()?;
         // As `gemm`'s (cuBLASLt has its own copy of the type).
         let compute = match self.precision(bf16_operands) {
             Precision::Bf16 | Precision::F32 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -463,58 +542,61 @@ impl Gpu {
         // a, its D [cols, rows] with leading dimension cols, and the bias runs along its rows,
         // our columns. A layout is the stored matrix's [rows, cols], before its transposition.
         let stored = |t: bool, r: usize, c: usize| if t { (c, r) } else { (r, c) };
-        let plan = LtPlan {
-            compute,
-            trans: (tb, ta),
-            layouts: [
-                (ty(bf16_operands), stored(tb, cols, k), ldb),
-                (ty(bf16_operands), stored(ta, k, rows), lda),
-                (ty(out.bf16_out), (cols, rows), cols),
-            ],
-            bias: out.bias,
-            act: out.act,
-            ld_aux: cols,
-            // The largest power of two up to 256 dividing each address: the alignment cuBLASLt
-            // may assume of A, B, C and D.
-            align: [pb, pa, out.c.unwrap_or(out.d), out.d].map(|p| 1 << p.trailing_zeros().min(8)),
-            workspace: lt.workspace.len(),
-        };
-        let Ok(ready) = plan.make(lt.handle) else {
-            return Ok(false);
-        };
-        let workspace = {
-            let stream = self.hw.dev.cuda_stream();
-            let (addr, _sync) = lt.workspace.device_ptr(&stream);
-            addr
-        };
-        let (alpha, beta) = (1f32, if out.c.is_some() { 1f32 } else { 0f32 });
-        let l = &ready.layouts.0;
-        // SAFETY: the description, layouts and algorithm were made for these operands; a, b, c,
-        // d and the bias are live device buffers whose lengths the caller checked; the workspace
-        // lives as long as the handle; candle's stream for this device orders the product with
-        // the pass's other work.
-        unsafe {
-            cudarc::cublaslt::result::matmul(
-                lt.handle,
-                ready.desc.0,
-                &alpha as *const f32 as *const _,
-                &beta as *const f32 as *const _,
-                pb as *const _,
-                l[0],
-                pa as *const _,
-                l[1],
-                out.c.unwrap_or(out.d) as *const _,
-                l[2],
-                out.d as *mut _,
-                l[2],
-                &ready.algo,
-                workspace as *mut _,
-                lt.workspace.len(),
-                self.hw.dev.cuda_stream().cu_stream() as *mut _,
-            )
-        }
-        .map_err(Self::fail("cublasLt matmul"))?;
-        Ok(true)
+        self.with_lt(|lt| {
+            let plan = LtPlan {
+                compute,
+                trans: (tb, ta),
+                layouts: [
+                    (ty(bf16_operands), stored(tb, cols, k), ldb),
+                    (ty(bf16_operands), stored(ta, k, rows), lda),
+                    (ty(out.bf16_out), (cols, rows), cols),
+                ],
+                bias: out.bias,
+                act: out.act,
+                ld_aux: cols,
+                // The largest power of two up to 256 dividing each address: the alignment
+                // cuBLASLt may assume of A, B, C and D.
+                align: [pb, pa, out.c.unwrap_or(out.d), out.d]
+                    .map(|p| 1 << p.trailing_zeros().min(8)),
+                workspace: lt.workspace.len(),
+            };
+            let Ok(ready) = plan.make(lt.handle) else {
+                return Ok(false);
+            };
+            let workspace = {
+                let stream = self.hw.dev.cuda_stream();
+                let (addr, _sync) = lt.workspace.device_ptr(&stream);
+                addr
+            };
+            let (alpha, beta) = (1f32, if out.c.is_some() { 1f32 } else { 0f32 });
+            let l = &ready.layouts.0;
+            // SAFETY: the description, layouts and algorithm were made for these operands; a, b,
+            // c, d and the bias are live device buffers whose lengths the caller checked; the
+            // workspace lives as long as the handle; candle's stream for this device orders the
+            // product with the pass's other work and with other products using the workspace.
+            unsafe {
+                cudarc::cublaslt::result::matmul(
+                    lt.handle,
+                    ready.desc.0,
+                    &alpha as *const f32 as *const _,
+                    &beta as *const f32 as *const _,
+                    pb as *const _,
+                    l[0],
+                    pa as *const _,
+                    l[1],
+                    out.c.unwrap_or(out.d) as *const _,
+                    l[2],
+                    out.d as *mut _,
+                    l[2],
+                    &ready.algo,
+                    workspace as *mut _,
+                    lt.workspace.len(),
+                    self.hw.dev.cuda_stream().cu_stream() as *mut _,
+                )
+            }
+            .map_err(Self::fail("cublasLt matmul"))?;
+            Ok(true)
+        })
     }
 }
 
@@ -851,5 +933,59 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(on_cpu.contains("contiguous f32 on the GPU"), "{on_cpu}");
+    }
+
+    /// An attribute of the GPU's current memory pool (a u64 one).
+    fn pool_attribute(
+        ctx: &cudarc::driver::CudaContext,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+    ) -> u64 {
+        use cudarc::driver::sys;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value = 0u64;
+        // SAFETY: as in `keep_freed_memory`.
+        unsafe {
+            assert_eq!(
+                sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()),
+                sys::CUresult::CUDA_SUCCESS
+            );
+            let at = &mut value as *mut u64 as *mut _;
+            assert_eq!(
+                sys::cuMemPoolGetAttribute(pool, attr, at),
+                sys::CUresult::CUDA_SUCCESS
+            );
+        }
+        value
+    }
+
+    /// A device lmkit uses keeps freed memory in its pool across synchronisations, makes no
+    /// events per allocation, and its products share one cuBLASLt handle.
+    #[test]
+    fn gpu_devices_keep_freed_memory_and_one_cublaslt_handle() {
+        use cudarc::driver::sys::CUmemPool_attribute as Attr;
+        let Some(dev) = crate::testing::gpu_device() else {
+            return;
+        };
+        let Device::Cuda(cuda) = &dev else {
+            return;
+        };
+        let gpu = Gpu::of(&dev).unwrap();
+        assert!(!cuda.is_event_tracking());
+        let ctx = cuda.cuda_stream().context().clone();
+        assert_eq!(
+            pool_attribute(&ctx, Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD),
+            u64::MAX
+        );
+        let len = 64 << 20;
+        drop(gpu.uninit(len).unwrap());
+        gpu.synchronize().unwrap();
+        let reserved = pool_attribute(&ctx, Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+        assert!(reserved >= 4 * len as u64, "{reserved} bytes kept");
+
+        let handle = |g: &Gpu| g.with_lt(|lt| Ok(lt.handle as usize)).unwrap();
+        let first = handle(&gpu);
+        assert_eq!(handle(&Gpu::of(&dev).unwrap()), first);
+        let kept = LT_HANDLES.lock().unwrap();
+        assert_eq!(kept.iter().filter(|(id, _)| *id == cuda.id()).count(), 1);
     }
 }
