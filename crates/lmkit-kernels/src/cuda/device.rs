@@ -40,15 +40,22 @@ pub(super) struct Hw {
     blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
 }
 
-/// A cuBLASLt handle and the workspace its products may use (NVIDIA's recommendation: 32 MiB on
-/// Hopper, 4 MiB before).
+/// A cuBLASLt handle, the workspace its products may use (NVIDIA's recommendation: 32 MiB on
+/// Hopper, 4 MiB before), and the algorithms its heuristic chose: a product of a shape, types,
+/// epilogue and alignments seen before takes the same algorithm without asking again (the
+/// heuristic costs more than a decoding step's small product).
 struct Lt {
     handle: lt_sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    algos: std::collections::HashMap<LtKey, lt_sys::cublasLtMatmulAlgo_t>,
 }
 
-// SAFETY: a cuBLASLt handle may be used from any thread, one call at a time; `Lt` is not `Sync`,
-// and the handles are used only under `LT_HANDLES`' lock.
+/// At most this many algorithms are kept per handle (prompts of every length make products of
+/// as many row counts), all dropped when it is reached.
+const LT_ALGOS_KEPT: usize = 1024;
+
+// SAFETY: a cuBLASLt handle and its descriptions may be used from any thread, one call at a
+// time; `Lt` is not `Sync`, and the handles are used only under `LT_HANDLES`' lock.
 unsafe impl Send for Lt {}
 
 /// The cuBLASLt handles and workspaces of the devices that ran a product through cuBLASLt, made
@@ -484,7 +491,7 @@ impl Gpu {
 impl Gpu {
     /// `f` of this device's cuBLASLt handle and workspace ([`LT_HANDLES`]: made at the device's
     /// first call, then kept), under their lock.
-    fn with_lt<R>(&self, f: impl FnOnce(&Lt) -> Result<R>) -> Result<R> {
+    fn with_lt<R>(&self, f: impl FnOnce(&mut Lt) -> Result<R>) -> Result<R> {
         let id = self.hw.dev.id();
         let mut handles = LT_HANDLES
             .lock()
@@ -505,11 +512,18 @@ impl Gpu {
                 if handles.len() >= LT_KEPT {
                     handles.remove(0);
                 }
-                handles.push((id, Lt { handle, workspace }));
+                handles.push((
+                    id,
+                    Lt {
+                        handle,
+                        workspace,
+                        algos: Default::default(),
+                    },
+                ));
                 handles.len() - 1
             }
         };
-        f(&handles[at].1)
+        f(&mut handles[at].1)
     }
 
     /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
@@ -560,9 +574,16 @@ impl Gpu {
                     .map(|p| 1 << p.trailing_zeros().min(8)),
                 workspace: lt.workspace.len(),
             };
-            let Ok(ready) = plan.make(lt.handle) else {
+            let key = plan.key();
+            let Ok(ready) = plan.make(lt.handle, lt.algos.get(&key).copied()) else {
                 return Ok(false);
             };
+            if !lt.algos.contains_key(&key) {
+                if lt.algos.len() >= LT_ALGOS_KEPT {
+                    lt.algos.clear();
+                }
+                lt.algos.insert(key, ready.algo);
+            }
             let workspace = {
                 let stream = self.hw.dev.cuda_stream();
                 let (addr, _sync) = lt.workspace.device_ptr(&stream);
@@ -570,10 +591,11 @@ impl Gpu {
             };
             let (alpha, beta) = (1f32, if out.c.is_some() { 1f32 } else { 0f32 });
             let l = &ready.layouts.0;
-            // SAFETY: the description, layouts and algorithm were made for these operands; a, b,
-            // c, d and the bias are live device buffers whose lengths the caller checked; the
-            // workspace lives as long as the handle; candle's stream for this device orders the
-            // product with the pass's other work and with other products using the workspace.
+            // SAFETY: the description and layouts were made for these operands, the algorithm for
+            // a product of the same key (shape, types, epilogue, alignments); a, b, c, d and the
+            // bias are live device buffers whose lengths the caller checked; the workspace lives
+            // as long as the handle; candle's stream for this device orders the product with the
+            // pass's other work and with other products using the workspace.
             unsafe {
                 cudarc::cublaslt::result::matmul(
                     lt.handle,
@@ -615,6 +637,21 @@ struct LtPlan {
     workspace: usize,
 }
 
+/// What makes cuBLASLt's heuristic choose the same algorithm for two products: an [`LtPlan`]
+/// without its bias and aux addresses.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct LtKey {
+    compute: lt_sys::cublasComputeType_t,
+    trans: (bool, bool),
+    layouts: [(lt_sys::cudaDataType_t, (usize, usize), usize); 3],
+    bias: bool,
+    /// 0: no activation, 1: GELU, 2: its gradient.
+    act: u8,
+    ld_aux: usize,
+    align: [u32; 4],
+    workspace: usize,
+}
+
 /// A described product and the algorithm cuBLASLt's heuristic chose for it.
 struct LtReady {
     desc: LtDesc,
@@ -647,11 +684,62 @@ impl Drop for LtPref {
 }
 
 impl LtPlan {
-    /// The description, layouts and heuristic's algorithm; an error where cuBLASLt refuses any
-    /// of them or has no algorithm.
+    fn key(&self) -> LtKey {
+        use super::linear::Act;
+        LtKey {
+            compute: self.compute,
+            trans: self.trans,
+            layouts: self.layouts,
+            bias: self.bias.is_some(),
+            act: match self.act {
+                Act::None => 0,
+                Act::Gelu { .. } => 1,
+                Act::GeluGrad { .. } => 2,
+            },
+            ld_aux: self.ld_aux,
+            align: self.align,
+            workspace: self.workspace,
+        }
+    }
+
+    /// Sets the bias and aux addresses of `desc`, this plan's description.
+    fn point(
+        &self,
+        desc: &LtDesc,
+    ) -> std::result::Result<(), cudarc::cublaslt::result::CublasError> {
+        use super::linear::Act;
+        use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
+        let aux = match self.act {
+            Act::None => None,
+            Act::Gelu { aux } | Act::GeluGrad { aux, .. } => Some(aux),
+        };
+        let pointers = [
+            (Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER, self.bias),
+            (Desc::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux),
+        ];
+        for (attr, addr) in pointers {
+            if let Some(addr) = &addr {
+                // SAFETY: a 64-bit device address, read during the call, for an attribute
+                // cuBLASLt documents as a device pointer.
+                unsafe {
+                    cudarc::cublaslt::result::set_matmul_desc_attribute(
+                        desc.0,
+                        attr,
+                        addr as *const u64 as _,
+                        8,
+                    )?
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The description, layouts and `algo`, or without it the heuristic's algorithm; an error
+    /// where cuBLASLt refuses any of them or has no algorithm.
     fn make(
         &self,
         handle: lt_sys::cublasLtHandle_t,
+        algo: Option<lt_sys::cublasLtMatmulAlgo_t>,
     ) -> std::result::Result<LtReady, cudarc::cublaslt::result::CublasError> {
         use cudarc::cublaslt::result as lt;
         use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
@@ -666,7 +754,6 @@ impl LtPlan {
             self.compute,
             lt_sys::cudaDataType_t::CUDA_R_32F,
         )?);
-        let pref = LtPref(lt::create_matmul_pref()?);
         // TRANSA/TRANSB are int32 `cublasOperation_t`s, the epilogue a uint32.
         let op = |t: bool| -> i32 {
             if t {
@@ -711,19 +798,7 @@ impl LtPlan {
                     4,
                 ),
             ];
-            if let Some(bias) = &self.bias {
-                attrs.push((
-                    Desc::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    bias as *const u64 as _,
-                    8,
-                ));
-            }
-            if let Some(aux) = &aux {
-                attrs.push((
-                    Desc::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
-                    aux as *const u64 as _,
-                    8,
-                ));
+            if aux.is_some() {
                 attrs.push((
                     Desc::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
                     &ld_aux as *const i64 as _,
@@ -733,6 +808,15 @@ impl LtPlan {
             for (attr, v, size) in attrs {
                 lt::set_matmul_desc_attribute(desc.0, attr, v, size)?;
             }
+            self.point(&desc)?;
+            if let Some(algo) = algo {
+                return Ok(LtReady {
+                    desc,
+                    layouts,
+                    algo,
+                });
+            }
+            let pref = LtPref(lt::create_matmul_pref()?);
             let pref_set = |attr: Pref, v: *const std::ffi::c_void, size: usize| {
                 lt::set_matmul_pref_attribute(pref.0, attr, v, size)
             };

@@ -562,6 +562,32 @@ mod tests {
             }
         }
         assert_eq!(cases, 80);
+        // The same fused product again with another bias and residual (on a GPU: the algorithm
+        // chosen for the first, the new addresses in a new description).
+        gpu.bf16 = false;
+        let (bias2, residual2): (Vec<f32>, Vec<f32>) = (draw(cols), draw(rows * cols));
+        let got = gpu
+            .linear_values(
+                (rows, cols, k),
+                (plain(a32.dev(), k), plain(w32.dev(), cols)),
+                Added {
+                    bias: Some(gpu.upload(&bias2).unwrap().dev().into()),
+                    residual: Some(gpu.upload(&residual2).unwrap().dev().into()),
+                },
+                (false, true),
+            )
+            .unwrap()
+            .unwrap();
+        for r in 0..rows {
+            for j in 0..cols {
+                let dot: f64 = (0..k)
+                    .map(|e| a[r * k + e] as f64 * w[e * cols + j] as f64)
+                    .sum();
+                let want = dot + bias2[j] as f64 + residual2[r * cols + j] as f64;
+                let x = got[r * cols + j] as f64;
+                assert!((x - want).abs() <= 1e-5, "again [{r}, {j}]: {x} vs {want}");
+            }
+        }
         // An f32 residual for a bf16 output, a bf16 one for an f32 output, a bf16 bias for an
         // f32 output.
         let (out32, out16) = (
