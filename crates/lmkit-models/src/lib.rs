@@ -519,10 +519,12 @@ impl CausalLm {
     /// Like `hidden`, with one cache per batch row: sequences at different positions (each with
     /// its own history) advance together, sharing the weight reads of one batched pass.
     pub fn hidden_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        if rayon::current_thread_index().is_none() {
+        if rayon::current_thread_index().is_none() && self.device().is_cpu() {
             // Run the pass on a thread of the pool its parallel products use: that thread then
             // takes part in them, instead of the caller's thread sleeping through each product
-            // while the pool's threads spin through the caller's sequential work.
+            // while the pool's threads spin through the caller's sequential work. (A GPU's pass
+            // stays on the caller's thread: its work goes to that thread's stream, with that
+            // thread's cuBLASLt workspace.)
             return rayon::scope(|_| self.hidden_rows(ids, caches));
         }
         Ok(match self {

@@ -40,35 +40,51 @@ pub(super) struct Hw {
     blas: std::sync::Arc<cudarc::cublas::CudaBlas>,
 }
 
-/// A cuBLASLt handle, the workspace its products may use (NVIDIA's recommendation: 32 MiB on
-/// Hopper, 4 MiB before), and the algorithms its heuristic chose: a product of a shape, types,
-/// epilogue and alignments seen before takes the same algorithm without asking again (the
-/// heuristic costs more than a decoding step's small product).
+/// A cuBLASLt handle and the workspace its products may use (NVIDIA's recommendation: 32 MiB on
+/// Hopper, 4 MiB before).
 struct Lt {
     handle: lt_sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: std::collections::HashMap<LtKey, lt_sys::cublasLtMatmulAlgo_t>,
 }
 
-/// At most this many algorithms are kept per handle (prompts of every length make products of
-/// as many row counts), all dropped when it is reached.
-const LT_ALGOS_KEPT: usize = 1024;
-
-// SAFETY: a cuBLASLt handle and its descriptions may be used from any thread, one call at a
-// time; `Lt` is not `Sync`, and the handles are used only under `LT_HANDLES`' lock.
+// SAFETY: a cuBLASLt handle may be used from any thread, one call at a time; `Lt` is not `Sync`,
+// and the handles are used only under `LT`'s lock.
 unsafe impl Send for Lt {}
 
-/// The cuBLASLt handles and workspaces of the devices that ran a product through cuBLASLt, made
-/// at a device's first such product and kept: inference takes a [`Gpu`] for each layer's
-/// product, and a handle and a 32 MiB workspace made and freed for each would cost more than a
-/// decoding step's product. A device's products all run on its one stream, which orders their
-/// use of its workspace.
-static LT_HANDLES: std::sync::Mutex<Vec<(candle_core::cuda_backend::DeviceId, Lt)>> =
-    std::sync::Mutex::new(Vec::new());
+/// The cuBLASLt handles and workspaces made so far, one per device and host thread, made at the
+/// thread's first product through cuBLASLt on the device and kept (inference takes a [`Gpu`] for
+/// each layer's product, and a handle and a 32 MiB workspace made and freed for each would cost
+/// more than a decoding step's product); and the algorithms cuBLASLt's heuristic chose, per
+/// device: a product of a shape, types, epilogue and alignments seen before takes the same
+/// algorithm without asking again (asking costs more than a decoding step's small product).
+/// Per thread because a candle device's work goes to the calling thread's stream: the products
+/// of one thread are ordered on its stream, two threads' could overlap and must not share a
+/// workspace.
+struct LtHandles {
+    handles: Vec<(
+        (candle_core::cuda_backend::DeviceId, std::thread::ThreadId),
+        Lt,
+    )>,
+    algos: std::collections::HashMap<
+        (candle_core::cuda_backend::DeviceId, LtKey),
+        lt_sys::cublasLtMatmulAlgo_t,
+    >,
+}
 
-/// At most this many devices' cuBLASLt handles are kept (a run opens one or a few devices; the
-/// tests open many), the oldest freed first.
+static LT: std::sync::LazyLock<std::sync::Mutex<LtHandles>> = std::sync::LazyLock::new(|| {
+    std::sync::Mutex::new(LtHandles {
+        handles: Vec::new(),
+        algos: std::collections::HashMap::new(),
+    })
+});
+
+/// At most this many handles are kept (a run uses one or a few devices and threads; the tests
+/// open many devices), the oldest freed first.
 const LT_KEPT: usize = 8;
+
+/// At most this many algorithms are kept (prompts of every length make products of as many row
+/// counts), all dropped when it is reached.
+const LT_ALGOS_KEPT: usize = 1024;
 
 /// Whether [`keep_freed_memory`] ran for GPU i (bit i).
 static POOLS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -489,13 +505,12 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// `f` of this device's cuBLASLt handle and workspace ([`LT_HANDLES`]: made at the device's
-    /// first call, then kept), under their lock.
-    fn with_lt<R>(&self, f: impl FnOnce(&mut Lt) -> Result<R>) -> Result<R> {
-        let id = self.hw.dev.id();
-        let mut handles = LT_HANDLES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// `f` of this device's and thread's cuBLASLt handle and workspace and the device's
+    /// algorithms ([`LtHandles`]: made at the first call, then kept), under their lock.
+    fn with_lt<R>(&self, f: impl FnOnce(&Lt, &mut Algos) -> Result<R>) -> Result<R> {
+        let id = (self.hw.dev.id(), std::thread::current().id());
+        let mut lt = LT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let LtHandles { handles, algos } = &mut *lt;
         let at = match handles.iter().position(|(d, _)| *d == id) {
             Some(at) => at,
             None => {
@@ -510,20 +525,22 @@ impl Gpu {
                 let handle =
                     cudarc::cublaslt::result::create_handle().map_err(Self::fail("cublasLt"))?;
                 if handles.len() >= LT_KEPT {
-                    handles.remove(0);
+                    let (_, oldest) = handles.remove(0);
+                    // Its thread's products may still be running on that thread's stream:
+                    // the whole context waits for them before the workspace is freed here.
+                    let _ = oldest.workspace.stream().context().synchronize();
                 }
-                handles.push((
-                    id,
-                    Lt {
-                        handle,
-                        workspace,
-                        algos: Default::default(),
-                    },
-                ));
+                handles.push((id, Lt { handle, workspace }));
                 handles.len() - 1
             }
         };
-        f(&mut handles[at].1)
+        f(
+            &handles[at].1,
+            &mut Algos {
+                device: id.0,
+                algos,
+            },
+        )
     }
 
     /// [`Gpu::linear`]'s product through cuBLASLt: `d = a·b + c + bias` (row-major, d and c of
@@ -556,7 +573,7 @@ impl Gpu {
         // a, its D [cols, rows] with leading dimension cols, and the bias runs along its rows,
         // our columns. A layout is the stored matrix's [rows, cols], before its transposition.
         let stored = |t: bool, r: usize, c: usize| if t { (c, r) } else { (r, c) };
-        self.with_lt(|lt| {
+        self.with_lt(|lt, algos| {
             let plan = LtPlan {
                 compute,
                 trans: (tb, ta),
@@ -575,15 +592,10 @@ impl Gpu {
                 workspace: lt.workspace.len(),
             };
             let key = plan.key();
-            let Ok(ready) = plan.make(lt.handle, lt.algos.get(&key).copied()) else {
+            let Ok(ready) = plan.make(lt.handle, algos.get(key)) else {
                 return Ok(false);
             };
-            if !lt.algos.contains_key(&key) {
-                if lt.algos.len() >= LT_ALGOS_KEPT {
-                    lt.algos.clear();
-                }
-                lt.algos.insert(key, ready.algo);
-            }
+            algos.keep(key, ready.algo);
             let workspace = {
                 let stream = self.hw.dev.cuda_stream();
                 let (addr, _sync) = lt.workspace.device_ptr(&stream);
@@ -635,6 +647,31 @@ struct LtPlan {
     ld_aux: usize,
     align: [u32; 4],
     workspace: usize,
+}
+
+/// A device's algorithms in [`LtHandles`].
+struct Algos<'a> {
+    device: candle_core::cuda_backend::DeviceId,
+    algos: &'a mut std::collections::HashMap<
+        (candle_core::cuda_backend::DeviceId, LtKey),
+        lt_sys::cublasLtMatmulAlgo_t,
+    >,
+}
+
+impl Algos<'_> {
+    fn get(&self, key: LtKey) -> Option<lt_sys::cublasLtMatmulAlgo_t> {
+        self.algos.get(&(self.device, key)).copied()
+    }
+
+    fn keep(&mut self, key: LtKey, algo: lt_sys::cublasLtMatmulAlgo_t) {
+        let key = (self.device, key);
+        if !self.algos.contains_key(&key) {
+            if self.algos.len() >= LT_ALGOS_KEPT {
+                self.algos.clear();
+            }
+            self.algos.insert(key, algo);
+        }
+    }
 }
 
 /// What makes cuBLASLt's heuristic choose the same algorithm for two products: an [`LtPlan`]
@@ -1066,10 +1103,14 @@ mod tests {
         let reserved = pool_attribute(&ctx, Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
         assert!(reserved >= 4 * len as u64, "{reserved} bytes kept");
 
-        let handle = |g: &Gpu| g.with_lt(|lt| Ok(lt.handle as usize)).unwrap();
+        let handle = |g: &Gpu| g.with_lt(|lt, _| Ok(lt.handle as usize)).unwrap();
         let first = handle(&gpu);
         assert_eq!(handle(&Gpu::of(&dev).unwrap()), first);
-        let kept = LT_HANDLES.lock().unwrap();
-        assert_eq!(kept.iter().filter(|(id, _)| *id == cuda.id()).count(), 1);
+        // Another thread has its own (its work goes to its own stream).
+        let other = std::thread::scope(|s| s.spawn(|| handle(&Gpu::of(&dev).unwrap())).join());
+        assert_ne!(other.unwrap(), first);
+        let kept = LT.lock().unwrap();
+        let on_this = |(id, _): &&((_, _), Lt)| id.0 == cuda.id();
+        assert_eq!(kept.handles.iter().filter(on_this).count(), 2);
     }
 }
