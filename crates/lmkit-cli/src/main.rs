@@ -163,7 +163,45 @@ fn main() {
         if broken_pipe {
             std::process::exit(141);
         }
-        eprintln!("error: {e:#}");
+        let message = format!("{e:#}");
+        eprintln!("error: {message}");
+        if let Some(hint) = gpu_memory_hint(&message) {
+            eprintln!("hint: {hint}");
+        }
         std::process::exit(1);
+    }
+}
+
+/// What to try when a GPU ran out of memory inside candle, cudarc or cuBLAS, whose errors name
+/// only the driver's code (lmkit's own allocations say what needs less themselves).
+fn gpu_memory_hint(message: &str) -> Option<&'static str> {
+    let oom = ["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED"]
+        .iter()
+        .any(|code| message.contains(code));
+    oom.then_some(
+        "the GPU ran out of memory: a half type (--dtype bf16, or train.dtype = \"bf16\"), \
+         fewer tokens at once (serve --max-active or --prompt-tokens, train.batch_size with \
+         train.grad_accum for the same batch), or another GPU (--device cuda:N) needs less; \
+         nvidia-smi shows what else holds its memory",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_memory_hint;
+
+    #[test]
+    fn a_gpu_out_of_memory_error_gets_a_hint() {
+        let candle = "loading the model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(gpu_memory_hint(candle).unwrap().contains("--dtype bf16"));
+        assert!(gpu_memory_hint("cublas: CUBLAS_STATUS_ALLOC_FAILED").is_some());
+        // lmkit's own message (no driver code) already says what needs less; other errors get
+        // none.
+        let own = "cuda: out of memory on GPU 0 allocating 512.0 MiB; a smaller train.batch_size";
+        assert_eq!(gpu_memory_hint(own), None);
+        assert_eq!(
+            gpu_memory_hint("data/x.txt: No such file or directory"),
+            None
+        );
     }
 }
