@@ -19,8 +19,8 @@ use std::path::PathBuf;
     train.batch_size rows of a batch of N x train.batch_size, and their gradients are averaged\n\
     before every step. On several machines, start one `lmkit train` per process with torchrun's\n\
     variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README.md, GPU).\n\
-    A member silent in an exchange for LMKIT_GROUP_TIMEOUT seconds (1800 unless set; 0: wait\n\
-    for ever) stops the run with an error naming it.\n\
+    A member that has not joined after 300 s, or is silent in an exchange for 1800 s, stops the\n\
+    run with an error naming it; LMKIT_GROUP_TIMEOUT=SECONDS sets both waits (0: for ever).\n\
     On GPUs the gradients are averaged by NCCL where every process loads it (libnccl.so.2 on\n\
     the library path, e.g. from PyTorch's wheel, or LMKIT_NCCL=/path/libnccl.so.2); otherwise,\n\
     and with LMKIT_NCCL=0, they are summed over TCP through the CPU."

@@ -42,19 +42,27 @@ impl Waits {
         exchange: Some(Duration::from_secs(1800)),
     };
 
-    /// The defaults, with the exchange's wait from `LMKIT_GROUP_TIMEOUT` (seconds; 0: for ever).
+    /// The defaults, or the join's and the exchange's waits from `LMKIT_GROUP_TIMEOUT` (seconds;
+    /// 0: for ever), as torch.distributed's one timeout covers its rendezvous and collectives.
     fn from_env() -> Result<Waits> {
-        Ok(match var(TIMEOUT_VAR)? {
+        Ok(Waits::from_setting(var(TIMEOUT_VAR)?))
+    }
+
+    /// [`Waits::from_env`] of the variable's value.
+    fn from_setting(seconds: Option<usize>) -> Waits {
+        match seconds {
             None => Waits::DEFAULT,
             Some(0) => Waits {
+                join: Duration::MAX,
                 exchange: None,
                 ..Waits::DEFAULT
             },
             Some(s) => Waits {
+                join: Duration::from_secs(s as u64),
                 exchange: Some(Duration::from_secs(s as u64)),
                 ..Waits::DEFAULT
             },
-        })
+        }
     }
 }
 
@@ -125,8 +133,9 @@ impl Group {
     }
 
     /// The group described by `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` (a group
-    /// of one when `WORLD_SIZE` is unset or 1), its members waiting for each other's part of an
-    /// exchange at most `LMKIT_GROUP_TIMEOUT` seconds (1800 unless set; 0: for ever).
+    /// of one when `WORLD_SIZE` is unset or 1), its members waiting for each other to join and
+    /// then for each other's part of an exchange at most `LMKIT_GROUP_TIMEOUT` seconds (unset:
+    /// 300 to join, 1800 an exchange; 0: for ever).
     /// `fingerprint` identifies the run (its configuration): processes of different runs refuse
     /// to form a group.
     pub fn from_env(fingerprint: u64) -> Result<Group> {
@@ -213,7 +222,8 @@ impl Group {
                                 ),
                             };
                             return Err(group_err(format!(
-                                "ranks {} did not join within {} s{others}",
+                                "ranks {} did not join within {} s{others} ({TIMEOUT_VAR} sets \
+                                 the wait in seconds)",
                                 missing.join(", "),
                                 waits.join.as_secs()
                             )));
@@ -231,14 +241,16 @@ impl Group {
                     Ok(s) => break s,
                     Err(e) if start.elapsed() > waits.join => {
                         return Err(group_err(format!(
-                            "rank {rank} could not reach rank 0 at {addr} within {} s: {e}",
+                            "rank {rank} could not reach rank 0 at {addr} within {} s \
+                             ({TIMEOUT_VAR} sets the wait in seconds): {e}",
                             waits.join.as_secs()
                         )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             };
-            stream.set_read_timeout(Some(waits.join)).net()?;
+            let answer_wait = (waits.join != Duration::MAX).then_some(waits.join);
+            stream.set_read_timeout(answer_wait).net()?;
             let mut conn = Conn::new(stream)?;
             conn.write_hello(rank, world, fingerprint).net()?;
             if !conn.read_answer() {
@@ -631,6 +643,27 @@ mod tests {
         let e = root.join().unwrap();
         assert!(e.contains("rank 1 left the group"), "{e}");
         assert!(Group::join(2, 2, addr, 1).is_err());
+    }
+
+    /// LMKIT_GROUP_TIMEOUT sets the join's and the exchange's waits; 0 is for ever.
+    #[test]
+    fn the_timeout_variable_sets_both_waits() {
+        let w = |s| {
+            let w = Waits::from_setting(s);
+            (w.join, w.exchange, w.hello)
+        };
+        let ten = Duration::from_secs(10);
+        assert_eq!(
+            w(None),
+            (
+                Duration::from_secs(300),
+                Some(Duration::from_secs(1800)),
+                ten
+            )
+        );
+        let minute = Duration::from_secs(60);
+        assert_eq!(w(Some(60)), (minute, Some(minute), ten));
+        assert_eq!(w(Some(0)), (Duration::MAX, None, ten));
     }
 
     /// Waits short enough for a test.
