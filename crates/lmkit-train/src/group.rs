@@ -256,8 +256,9 @@ impl Group {
             if !conn.read_answer() {
                 return Err(group_err(format!(
                     "{addr} (MASTER_ADDR:MASTER_PORT) did not answer as the root of an lmkit \
-                     training group within {} s: is the port another program's, or rank 0 \
-                     another run's?",
+                     training group (it closed the connection, answered something else, or \
+                     said nothing for {} s): is the port another program's, or rank 0 another \
+                     run's?",
                     waits.join.as_secs()
                 )));
             }
