@@ -161,6 +161,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if n == 0 {
             anyhow::bail!("--procs/--gpus: the number of processes must be at least 1");
         }
+        if a.gpus.is_some() {
+            match lmkit_models::cuda_device_count() {
+                None => anyhow::bail!(
+                    "--gpus {n}: this lmkit was built without CUDA support (rebuild it with \
+                     `cargo build --release --features cuda`); --procs {n} trains with {n} \
+                     processes on the CPU"
+                ),
+                Some(count) if count < n => anyhow::bail!(
+                    "--gpus {n}: this machine has {count} GPU(s) that CUDA can use \
+                     (CUDA_VISIBLE_DEVICES, nvidia-smi); one process runs on each"
+                ),
+                Some(_) => {}
+            }
+        }
         return launch(n, a.gpus.is_some());
     }
     let s = lmkit_train::train(&cfg, a.run.start(), &Bar::default())?;

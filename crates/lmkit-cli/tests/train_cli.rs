@@ -234,6 +234,12 @@ fn a_data_parallel_group_trains_like_one_process_with_the_whole_batch() {
     };
     // Both stop after 3 steps (max_steps 3: its own schedule) and go on to 6 with --resume,
     // the group's ranks from rank 0's checkpoint.
+    // --gpus asks for GPUs this build or machine does not have: said before anything starts.
+    if lmkit_models::cuda_device_count().unwrap_or(0) < 2 {
+        let (ok, err) = lmkit(&["train", "--config", cfg, "--gpus", "2"]);
+        assert!(!ok && err.contains("--gpus 2:"), "{err}");
+        assert!(!err.contains("group of 2 processes"), "{err}");
+    }
     let one = ["--set", "train.batch_size=4"];
     let group = ["--procs", "2", "--set", "train.batch_size=2"];
     for (out, how) in [("one", &one[..]), ("two", &group[..])] {

@@ -3,6 +3,18 @@
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device};
 
+/// The number of GPUs this lmkit can use: `None` in a build without CUDA, 0 where the driver
+/// finds none (or none loads).
+pub fn cuda_device_count() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        Some(CudaContext::device_count().map_or(0, |n| n.max(0) as usize))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
 /// Parses a device name as the command line and run configs write it.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let s = spec.trim().to_ascii_lowercase();
