@@ -1976,18 +1976,29 @@ impl Gpu {
         if n == 0 {
             return self.fill(out, 0.0, cols);
         }
-        let args = [
-            Arg::P(out.need(cols, "column_sums out")?),
-            Arg::P(src.need(n * cols, "column_sums src")?),
-            Arg::I(int(n)?),
-            Arg::I(int(cols)?),
-        ];
-        self.launch(
-            "column_sums",
-            (blocks(cols, 32), 1024),
-            &args,
-            4 * (n + 1) * cols,
-        )
+        // Chunks of at least 256 rows, each summed by its own blocks into a row of partial
+        // sums, then those rows summed (in order): one block per 32 columns alone keeps most
+        // of a GPU idle (24 blocks for 768 columns; 288 GB/s measured on an H200).
+        let chunks = n.div_ceil(256).min(64);
+        let per = n.div_ceil(chunks);
+        let sums = |out: Dev<f32>, src: Dev<f32>, (n, per, chunks): (usize, usize, usize)| {
+            let args = [
+                Arg::P(out.need(chunks * cols, "column_sums out")?),
+                Arg::P(src.need(n * cols, "column_sums src")?),
+                Arg::I(int(n)?),
+                Arg::I(int(cols)?),
+                Arg::I(int(per)?),
+            ];
+            let launch = ((blocks(cols, 32) as usize, chunks), 1024, 0);
+            let work = Work::bytes(4 * (n + chunks) * cols);
+            self.launch_in(Module::Train, "column_sums", launch, &args, work)
+        };
+        if chunks == 1 {
+            return sums(out, src, (n, n, 1));
+        }
+        let partial = self.uninit(chunks * cols)?;
+        sums(partial.dev(), src, (n, per, chunks))?;
+        sums(out, partial.dev(), (chunks, chunks, 1))
     }
 
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {
@@ -2371,6 +2382,35 @@ mod tests {
                 g.0 == w && Bf16::from_f32(x).0 == w
             };
             assert!(same, "to_bf16({x:e}) = {:#06x}, want {w:#06x}", g.0);
+        }
+    }
+
+    /// Column sums over few and many rows (one launch, and chunks of rows summed apart, then
+    /// their sums) equal the sums in f64, the same bits every run.
+    #[test]
+    fn gpu_column_sums_equal_the_sums_in_f64() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let cols = 70;
+        let mut draw = crate::testing::uniform(5);
+        for n in [1, 255, 256, 1000, 20_000] {
+            let x = draw(n * cols);
+            let src = gpu.upload(&x).unwrap();
+            let out = gpu.uninit(cols).unwrap();
+            gpu.column_sums(out.dev(), src.dev(), (n, cols)).unwrap();
+            let got = gpu.download(&out, cols).unwrap();
+            for (j, g) in got.iter().enumerate() {
+                let want: f64 = (0..n).map(|r| x[r * cols + j] as f64).sum();
+                let tol = 1e-6 * n as f64;
+                assert!(
+                    (*g as f64 - want).abs() <= tol,
+                    "{n} rows, column {j}: {g} vs {want}"
+                );
+            }
+            let again = gpu.uninit(cols).unwrap();
+            gpu.column_sums(again.dev(), src.dev(), (n, cols)).unwrap();
+            assert_eq!(gpu.download(&again, cols).unwrap(), got, "{n} rows");
         }
     }
 

@@ -293,11 +293,13 @@ mod tests {
             .flat_map(|r| (0..s).map(move |j| if j + t <= s + r { 0.0 } else { -1e30 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, s), q.device()).unwrap();
-        let att = (q.matmul(&rep(k).t().unwrap()).unwrap() * scale).unwrap();
+        // Contiguous operands: candle's CUDA products take no other layout.
+        let c = |x: Tensor| x.contiguous().unwrap();
+        let att = (c(q.clone()).matmul(&c(rep(k).t().unwrap())).unwrap() * scale).unwrap();
         let att = att.broadcast_add(&mask).unwrap();
         candle_nn::ops::softmax_last_dim(&att)
             .unwrap()
-            .matmul(&rep(v))
+            .matmul(&c(rep(v)))
             .unwrap()
     }
 
@@ -358,9 +360,12 @@ mod tests {
         };
         let (q, k_new, v_new) = (view(0, heads), view(heads, kv), view(heads + kv, kv));
         let positions = seqs.iter().map(|&(len, new)| len + new).max().unwrap_or(0) + 5;
-        let angles = randn(0f32, 1.0, &[positions, rotated / 2], &dev).unwrap();
-        let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
-        let rope = (rotated > 0).then_some((&table, rotated));
+        // No table without rotation (a GPU allocates no empty buffer).
+        let table = (rotated > 0).then(|| {
+            let angles = randn(0f32, 1.0, &[positions, rotated / 2], &dev).unwrap();
+            Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap()
+        });
+        let rope = table.as_ref().map(|t| (t, rotated));
         let bufs: Vec<(Tensor, Tensor)> = seqs
             .iter()
             .map(|&(len, new)| {
@@ -389,7 +394,7 @@ mod tests {
         for (i, &(len, new)) in seqs.iter().enumerate() {
             let cols = |x: &Tensor| f(&x.narrow(2, col, new).unwrap());
             let turned = |x: &Tensor| match rope {
-                Some(_) => rotate(&cols(x), &table, len, rotated),
+                Some((table, _)) => rotate(&cols(x), table, len, rotated),
                 None => cols(x),
             };
             let (k0, v0) = (f(&before[i].0), f(&before[i].1));

@@ -1103,11 +1103,19 @@ mod tests {
         let reserved = pool_attribute(&ctx, Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
         assert!(reserved >= 4 * len as u64, "{reserved} bytes kept");
 
-        let handle = |g: &Gpu| g.with_lt(|lt, _| Ok(lt.handle as usize)).unwrap();
-        let first = handle(&gpu);
-        assert_eq!(handle(&Gpu::of(&dev).unwrap()), first);
+        // A handle's workspace tells it apart (cuBLASLt may give two handles one address).
+        let workspace = |g: &Gpu| {
+            g.with_lt(|lt, _| {
+                let stream = g.hw.dev.cuda_stream();
+                let (addr, _sync) = lt.workspace.device_ptr(&stream);
+                Ok(addr)
+            })
+            .unwrap()
+        };
+        let first = workspace(&gpu);
+        assert_eq!(workspace(&Gpu::of(&dev).unwrap()), first);
         // Another thread has its own (its work goes to its own stream).
-        let other = std::thread::scope(|s| s.spawn(|| handle(&Gpu::of(&dev).unwrap())).join());
+        let other = std::thread::scope(|s| s.spawn(|| workspace(&Gpu::of(&dev).unwrap())).join());
         assert_ne!(other.unwrap(), first);
         let kept = LT.lock().unwrap();
         let on_this = |(id, _): &&((_, _), Lt)| id.0 == cuda.id();

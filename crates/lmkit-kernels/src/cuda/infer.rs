@@ -190,7 +190,12 @@ mod tests {
             w_out_in.t().unwrap(),
             w_out_in.t().unwrap().contiguous().unwrap(),
         ] {
-            let product = x.broadcast_matmul(&w).unwrap();
+            // Contiguous operands: candle's CUDA products take no other layout.
+            let product = x
+                .contiguous()
+                .unwrap()
+                .broadcast_matmul(&w.contiguous().unwrap())
+                .unwrap();
             for (b, rr) in addends(&bias, &res) {
                 let want = plus(&product, b, rr);
                 let got = linear(&x, &w, b, rr).unwrap().expect("f32 rows of the GPU");
@@ -209,7 +214,12 @@ mod tests {
         let got = linear(&x, &rows, None, None)
             .unwrap()
             .expect("rows of one stride");
-        let d = max_diff(&got, &x.broadcast_matmul(&rows).unwrap());
+        let want = x
+            .contiguous()
+            .unwrap()
+            .broadcast_matmul(&rows.contiguous().unwrap())
+            .unwrap();
+        let d = max_diff(&got, &want);
         assert!(d < 1e-4, "a weight of wider rows: {d}");
         // Neither axis contiguous.
         let strided = r(&[k, n, 2]).narrow(2, 0, 1).unwrap().squeeze(2).unwrap();

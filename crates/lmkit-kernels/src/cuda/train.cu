@@ -497,23 +497,26 @@ extern "C" __global__ void cross_entropy_bf16(uint16_t* logits, float* loss,
     cross_entropy_row(logits, loss, targets, v, sc);
 }
 
-// out[j] = Σ_r src[r·cols + j] over the n rows (the gradient of a bias or a norm's weight): a
-// block of 32 × 32 threads per 32 columns, thread (g, j) summing every 32nd row from g of its
-// column (a warp reads 32 adjacent columns of a row), then the 32 partial sums added in order.
-// f32 throughout, and the same order every run.
-extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols) {
+// out[y·cols + j] = Σ_r src[r·cols + j] over rows [y·per, min(n, (y + 1)·per)) of the n rows,
+// for the grid's row y (the gradient of a bias or a norm's weight, or its partial sums over
+// chunks of rows): a block of 32 × 32 threads per 32 columns and chunk, thread (g, j) summing
+// every 32nd row from g of its column (a warp reads 32 adjacent columns of a row), then the 32
+// partial sums added in order. f32 throughout, and the same order every run.
+extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols, int per) {
     __shared__ float part[WARP][WARP + 1];
     int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
     int col = blockIdx.x * WARP + j;
+    int64_t first = (int64_t)blockIdx.y * per;
+    int64_t end = first + per < n ? first + per : n;
     float s = 0.0f;
     if (col < cols)
-        for (int r = g; r < n; r += groups) s += src[(int64_t)r * cols + col];
+        for (int64_t r = first + g; r < end; r += groups) s += src[r * cols + col];
     part[g][j] = s;
     __syncthreads();
     if (g == 0 && col < cols) {
         float t = 0.0f;
         for (int k = 0; k < groups; k++) t += part[k][j];
-        out[col] = t;
+        out[(int64_t)blockIdx.y * cols + col] = t;
     }
 }
 
