@@ -64,9 +64,10 @@ extern "C" void emu_cross_entropy_bf16(uint16_t* logits, float* loss, const uint
               [&] { cross_entropy_bf16(logits, loss, targets, v, sc); });
 }
 
-extern "C" void emu_column_sums(float* out, const float* src, int n, int cols) {
-  emu::launch({unsigned((cols + 31) / 32), 1, 1}, {1024, 1, 1}, 0,
-              [&] { column_sums(out, src, n, cols); });
+extern "C" void emu_column_sums(float* out, const float* src, int n, int cols, int per,
+                                int chunks) {
+  emu::launch({unsigned((cols + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
+              [&] { column_sums(out, src, n, cols, per); });
 }
 
 extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,

@@ -54,7 +54,7 @@ def train_kernels(tmp_path_factory):
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l, i, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
     so.emu_cross_entropy_bf16.argtypes = [u, F32, u, i, i, f]
-    so.emu_column_sums.argtypes = [F32, F32, i, i]
+    so.emu_column_sums.argtypes = [F32, F32, i, i, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
     so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
@@ -480,13 +480,24 @@ def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
 
 def test_column_sums_equal_numpy(train_kernels):
     """The bias and norm-weight gradients' column sums: a partial block of columns, fewer rows
-    than the kernel's 32 row groups, and many rows."""
+    than the kernel's 32 row groups, and many rows, as `Gpu::column_sums` launches it: chunks of
+    at least 256 rows summed apart into rows of partial sums, then those rows summed."""
     rng = np.random.default_rng(8)
-    for n, cols in [(1000, 70), (5, 33), (1, 1), (300, 64)]:
+    for n, cols in [(1000, 70), (5, 33), (1, 1), (300, 64), (20000, 40)]:
         src = rng.standard_normal((n, cols), dtype=np.float32)
         out = np.full(cols, np.nan, np.float32)
-        train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols)
-        close(out, src.astype(np.float64).sum(0), f"column sums of {n} x {cols}", 1e-5)
+        chunks = min(-(-n // 256), 64)
+        per = -(-n // chunks)
+        if chunks == 1:
+            train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, n, 1)
+        else:
+            partial = np.full((chunks, cols), np.nan, np.float32)
+            train_kernels.emu_column_sums(ptr(partial), ptr(src), n, cols, per, chunks)
+            ends = [min(n, (c + 1) * per) for c in range(chunks)]
+            want = [src[c * per:ends[c]].astype(np.float64).sum(0) for c in range(chunks)]
+            close(partial, np.array(want), f"partial column sums of {n} x {cols}", 1e-5)
+            train_kernels.emu_column_sums(ptr(out), ptr(partial), chunks, cols, chunks, 1)
+        close(out, src.astype(np.float64).sum(0), f"column sums of {n} x {cols}", 3e-5)
 
 
 def test_causal_softmax_equals_pytorch(train_kernels):
