@@ -44,4 +44,7 @@ if [ "${1:-}" = "--tests-only" ]; then
   done
   exit $rc
 fi
-GPU_CHECK_ONLY="$*" LMKIT_BIN="$w/lmkit" LMKIT_GPU_TESTS="$w/tests" bash "$here/bench/gpu_check.sh" "$out"
+# All of the output is kept in $OUT/check.log too: a device command returns only its last lines.
+GPU_CHECK_ONLY="$*" LMKIT_BIN="$w/lmkit" LMKIT_GPU_TESTS="$w/tests" bash "$here/bench/gpu_check.sh" "$out" 2>&1 \
+  | tee "$out/check.log"
+exit "${PIPESTATUS[0]}"

@@ -561,11 +561,21 @@ mod tests {
                                 }
                                 let x = got[r * cols + j] as f64;
                                 // bf16 outputs: one rounding of the sum, and the bias's; fused,
-                                // one of the product too (cuBLASLt's epilogue on an H200 rounds
-                                // it to the output's type before adding the bias).
-                                let product = if fused { dot.abs() } else { 0.0 };
+                                // cuBLASLt's epilogue may round each partial sum to the output's
+                                // type (on an H200: the product plus the residual, then that plus
+                                // the bias), each at most half a bf16 step of its value.
+                                let partial = if with_residual {
+                                    dot + residual_values[r * cols + j] as f64
+                                } else {
+                                    dot
+                                };
+                                let partials = if fused {
+                                    dot.abs() + partial.abs()
+                                } else {
+                                    0.0
+                                };
                                 let tol = if bf16_out {
-                                    (want.abs() + bias[j].abs() as f64 + product) / 256.0 + 1e-6
+                                    (want.abs() + bias[j].abs() as f64 + partials) / 256.0 + 1e-6
                                 } else {
                                     1e-5
                                 };
