@@ -70,6 +70,12 @@ extern "C" void emu_column_sums(float* out, const float* src, int n, int cols, i
               [&] { column_sums(out, src, n, cols, per); });
 }
 
+extern "C" void emu_column_sums_h16(float* out, const uint16_t* src, int n, int cols, int per,
+                                    int chunks) {
+  emu::launch({unsigned((cols + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
+              [&] { column_sums_h16(out, src, n, cols, per); });
+}
+
 extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
                                    const float* w, const float* b, int n, int c, float eps) {
   emu::launch(per_row(n), THREADS, 0, [&] { layer_norm_fwd(out, mean, rstd, x, w, b, n, c, eps); });

@@ -55,6 +55,7 @@ def train_kernels(tmp_path_factory):
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
     so.emu_cross_entropy_bf16.argtypes = [u, F32, u, i, i, f]
     so.emu_column_sums.argtypes = [F32, F32, i, i, i, i]
+    so.emu_column_sums_h16.argtypes = [F32, u, i, i, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
     so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
@@ -478,21 +479,32 @@ def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
         close(got, want, "gelu" if gelu else "relu", 1e-6)
 
 
-def test_column_sums_equal_numpy(train_kernels):
-    """The bias and norm-weight gradients' column sums: a partial block of columns, fewer rows
-    than the kernel's 32 row groups, and many rows, as `Gpu::column_sums` launches it: chunks of
-    at least 256 rows summed apart into rows of partial sums, then those rows summed."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_column_sums_equal_numpy(train_kernels, bf16):
+    """The bias and norm-weight gradients' column sums, of f32 rows or bf16 rows (the GELU
+    gradient's): a partial block of columns, fewer rows than the kernel's 32 row groups, and many
+    rows, as `Gpu::column_sums` launches it: chunks of at least 256 rows summed apart into rows
+    of partial sums (f32), then those rows summed."""
     rng = np.random.default_rng(8)
     for n, cols in [(1000, 70), (5, 33), (1, 1), (300, 64), (20000, 40)]:
         src = rng.standard_normal((n, cols), dtype=np.float32)
+        if bf16:
+            bits = bf16_bits(src)
+            src = (bits.astype(np.uint32) << 16).view(np.float32)
+
+            def first(out, n, per, chunks):
+                train_kernels.emu_column_sums_h16(ptr(out), bits.ctypes.data, n, cols, per, chunks)
+        else:
+            def first(out, n, per, chunks):
+                train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, per, chunks)
         out = np.full(cols, np.nan, np.float32)
         chunks = min(-(-n // 256), 64)
         per = -(-n // chunks)
         if chunks == 1:
-            train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, n, 1)
+            first(out, n, n, 1)
         else:
             partial = np.full((chunks, cols), np.nan, np.float32)
-            train_kernels.emu_column_sums(ptr(partial), ptr(src), n, cols, per, chunks)
+            first(partial, n, per, chunks)
             ends = [min(n, (c + 1) * per) for c in range(chunks)]
             want = [src[c * per:ends[c]].astype(np.float64).sum(0) for c in range(chunks)]
             close(partial, np.array(want), f"partial column sums of {n} x {cols}", 1e-5)

@@ -35,7 +35,7 @@ mod infer;
 mod linear;
 pub use decode::{cache_attention, CacheSlot};
 #[doc(hidden)]
-pub use gelu::set_gelu_epilogues;
+pub use gelu::{bias_grad_in_epilogue, set_bias_grad_in_epilogue, set_gelu_epilogues};
 pub use infer::{linear, swiglu_rows};
 pub use linear::{fused_epilogues, set_fused_epilogues, Added};
 
@@ -511,14 +511,53 @@ impl Work {
     }
 }
 
-static OPS: std::sync::Mutex<Vec<OpTime>> = std::sync::Mutex::new(Vec::new());
+/// The op times gathered so far: the totals of resolved entries, and the entries whose events
+/// are not yet read (read at [`take_op_times`], or when there are [`PENDING_MAX`]).
+struct OpTimes {
+    totals: Vec<OpTime>,
+    pending: Vec<(String, Work, hw::Mark, hw::Mark)>,
+}
+
+static OPS: std::sync::Mutex<OpTimes> = std::sync::Mutex::new(OpTimes {
+    totals: Vec::new(),
+    pending: Vec::new(),
+});
+
+/// Entries kept unread at most (two events each): then they are read, which waits for the GPU.
+const PENDING_MAX: usize = 4096;
+
+impl OpTimes {
+    /// Reads the pending entries' events (waiting for the GPU to reach them) into the totals.
+    fn resolve(&mut self) -> Result<()> {
+        for (name, work, start, end) in std::mem::take(&mut self.pending) {
+            let secs = end.secs_since(&start)?;
+            match self.totals.iter_mut().find(|o| o.name == name) {
+                Some(o) => {
+                    o.calls += 1;
+                    o.secs += secs;
+                    o.flops += work.flops;
+                    o.bytes += work.bytes;
+                }
+                None => self.totals.push(OpTime {
+                    name,
+                    calls: 1,
+                    secs,
+                    flops: work.flops,
+                    bytes: work.bytes,
+                }),
+            }
+        }
+        Ok(())
+    }
+}
 
 /// 0: not chosen yet (LMKIT_CUDA_TIMING decides), 1: every op timed, 2: not.
 static OP_TIMING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Whether every launch and product is timed: LMKIT_CUDA_TIMING=ops, or [`set_op_timing`]. Each
-/// is then preceded and followed by a synchronisation, so the whole runs slower, but each entry
-/// is the GPU's time for that work (and the launch's latency).
+/// is then preceded and followed by an event on its stream (no synchronisation), and its entry
+/// is the GPU's time between them: the work's own time, and any wait for the host to launch it
+/// where the GPU had nothing else queued.
 pub fn op_timing() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     match OP_TIMING.load(Relaxed) {
@@ -536,11 +575,15 @@ pub fn set_op_timing(on: bool) {
     OP_TIMING.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The op times gathered since the last call, the longest first; the gathering starts again.
-pub fn take_op_times() -> Vec<OpTime> {
-    let mut ops = std::mem::take(&mut *OPS.lock().unwrap_or_else(|e| e.into_inner()));
-    ops.sort_by(|a, b| b.secs.total_cmp(&a.secs));
-    ops
+/// The op times gathered since the last call, the longest first (waiting for the GPU to finish
+/// the work timed); the gathering starts again.
+pub fn take_op_times() -> Result<Vec<OpTime>> {
+    let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let resolved = ops.resolve();
+    let mut totals = std::mem::take(&mut ops.totals);
+    resolved?;
+    totals.sort_by(|a, b| b.secs.total_cmp(&a.secs));
+    Ok(totals)
 }
 
 /// One parameter's operands of [`Gpu::adam`] (each as long as the gradient) and its
@@ -795,9 +838,9 @@ impl Gpu {
         })
     }
 
-    /// Runs `f` (one launch or product): with LMKIT_CUDA_TIMING=ops, timed between two
-    /// synchronisations of the GPU and added to [`take_op_times`]'s entry of the name `what()`
-    /// gives, with the work it gives.
+    /// Runs `f` (one launch or product): with LMKIT_CUDA_TIMING=ops, timed between two events on
+    /// the GPU's stream and added to [`take_op_times`]'s entry of the name `what()` gives, with
+    /// the work it gives.
     fn timed(
         &self,
         what: impl FnOnce() -> (String, Work),
@@ -806,27 +849,14 @@ impl Gpu {
         if !op_timing() {
             return f();
         }
-        self.synchronize()?;
-        let clock = std::time::Instant::now();
+        let start = self.mark()?;
         f()?;
-        self.synchronize()?;
-        let secs = clock.elapsed().as_secs_f64();
+        let end = self.mark()?;
         let (name, work) = what();
         let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
-        match ops.iter_mut().find(|o| o.name == name) {
-            Some(o) => {
-                o.calls += 1;
-                o.secs += secs;
-                o.flops += work.flops;
-                o.bytes += work.bytes;
-            }
-            None => ops.push(OpTime {
-                name,
-                calls: 1,
-                secs,
-                flops: work.flops,
-                bytes: work.bytes,
-            }),
+        ops.pending.push((name, work, start, end));
+        if ops.pending.len() >= PENDING_MAX {
+            ops.resolve()?;
         }
         Ok(())
     }
@@ -1973,6 +2003,20 @@ impl Gpu {
         src: Dev<f32>,
         (n, cols): (usize, usize),
     ) -> Result<()> {
+        self.column_sums_of(out, src.into(), (n, cols))
+    }
+
+    /// [`Gpu::column_sums`] of bf16 rows (the sums in f32).
+    pub fn column_sums_bf16(
+        &self,
+        out: Dev<f32>,
+        src: Dev<Bf16>,
+        (n, cols): (usize, usize),
+    ) -> Result<()> {
+        self.column_sums_of(out, src.into(), (n, cols))
+    }
+
+    fn column_sums_of(&self, out: Dev<f32>, src: Data, (n, cols): (usize, usize)) -> Result<()> {
         if n == 0 {
             return self.fill(out, 0.0, cols);
         }
@@ -1981,24 +2025,28 @@ impl Gpu {
         // of a GPU idle (24 blocks for 768 columns; 288 GB/s measured on an H200).
         let chunks = n.div_ceil(256).min(64);
         let per = n.div_ceil(chunks);
-        let sums = |out: Dev<f32>, src: Dev<f32>, (n, per, chunks): (usize, usize, usize)| {
+        let sums = |out: Dev<f32>, src: Data, (n, per, chunks): (usize, usize, usize)| {
+            let (kernel, src, elem) = match src {
+                Data::F32(s) => ("column_sums", s.need(n * cols, "column_sums src")?, 4),
+                Data::Bf16(s) => ("column_sums_h16", s.need(n * cols, "column_sums src")?, 2),
+            };
             let args = [
                 Arg::P(out.need(chunks * cols, "column_sums out")?),
-                Arg::P(src.need(n * cols, "column_sums src")?),
+                Arg::P(src),
                 Arg::I(int(n)?),
                 Arg::I(int(cols)?),
                 Arg::I(int(per)?),
             ];
             let launch = ((blocks(cols, 32) as usize, chunks), 1024, 0);
-            let work = Work::bytes(4 * (n + chunks) * cols);
-            self.launch_in(Module::Train, "column_sums", launch, &args, work)
+            let work = Work::bytes((elem * n + 4 * chunks) * cols);
+            self.launch_in(Module::Train, kernel, launch, &args, work)
         };
         if chunks == 1 {
             return sums(out, src, (n, n, 1));
         }
         let partial = self.uninit(chunks * cols)?;
         sums(partial.dev(), src, (n, per, chunks))?;
-        sums(out, partial.dev(), (chunks, chunks, 1))
+        sums(out, partial.dev().into(), (chunks, chunks, 1))
     }
 
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {
@@ -2727,7 +2775,7 @@ mod tests {
             return;
         };
         set_op_timing(true);
-        take_op_times();
+        take_op_times().unwrap();
         let a = gpu.upload(&[1.0f32; 6]).unwrap();
         let c = gpu.zeros::<f32>(4).unwrap();
         for _ in 0..2 {
@@ -2751,7 +2799,7 @@ mod tests {
         let shape = Gpu::flash_check_shape(32);
         tf32.flash_check(shape).unwrap();
         set_op_timing(false);
-        let ops = take_op_times();
+        let ops = take_op_times().unwrap();
         // Other tests may launch meanwhile: these entries at least.
         let of = |name: &str| ops.iter().find(|o| o.name == name);
         assert!(
@@ -2771,6 +2819,8 @@ mod tests {
             assert_eq!(o.flops, products * quarter * o.calls as f64, "{o:?}");
         }
         assert!(ops.windows(2).all(|w| w[0].secs >= w[1].secs));
+        // Each entry's time read back from its events.
+        assert!(ops.iter().all(|o| o.secs > 0.0 && o.secs < 60.0), "{ops:?}");
         assert_eq!(gpu.download(&c, 4).unwrap(), vec![3.5; 4]);
     }
 

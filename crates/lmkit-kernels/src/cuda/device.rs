@@ -34,6 +34,20 @@ pub(super) type Store<T> = CudaSlice<T>;
 /// The storage of a tensor on this device, as an in-place op holds it.
 pub(super) type DeviceStorage = CudaStorage;
 
+/// A point in a GPU's stream (the op timing's): an event recorded there.
+pub(super) struct Mark(cudarc::driver::CudaEvent);
+
+impl Mark {
+    /// The GPU's seconds from `start` to this point (waiting for the GPU to reach it).
+    pub(super) fn secs_since(&self, start: &Mark) -> Result<f64> {
+        let ms = start
+            .0
+            .elapsed_ms(&self.0)
+            .map_err(Gpu::fail("cuEventElapsedTime"))?;
+        Ok(f64::from(ms) / 1e3)
+    }
+}
+
 /// The device and its cuBLAS handle.
 pub(super) struct Hw {
     dev: CudaDevice,
@@ -358,6 +372,17 @@ impl Gpu {
     /// [`Gpu::region_mut`] of a bf16 storage.
     pub(super) fn region_mut_bf16(cs: &mut CudaStorage, layout: &Layout) -> Option<Dev<Bf16>> {
         storage_region_mut::<half::bf16, Bf16>(cs, layout)
+    }
+
+    /// An event recorded on this GPU's stream now, for the op timing.
+    pub(super) fn mark(&self) -> Result<Mark> {
+        let stream = self.hw.dev.cuda_stream();
+        let event = stream
+            .context()
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(Self::fail("cuEventCreate"))?;
+        event.record(&stream).map_err(Self::fail("cuEventRecord"))?;
+        Ok(Mark(event))
     }
 
     pub fn synchronize(&self) -> Result<()> {

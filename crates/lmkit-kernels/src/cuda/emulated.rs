@@ -25,6 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub trait Elem: Copy + Default + 'static {}
 impl<T: Copy + Default + 'static> Elem for T {}
 
+/// A point in the emulated GPU's work (the op timing's): the host's clock.
+pub(super) struct Mark(std::time::Instant);
+
+impl Mark {
+    /// The seconds from `start` to this point.
+    pub(super) fn secs_since(&self, start: &Mark) -> Result<f64> {
+        Ok(self.0.duration_since(start.0).as_secs_f64())
+    }
+}
+
 pub(super) type Store<T> = Vec<T>;
 
 /// The storage of a tensor on this device (the host), as an in-place op holds it.
@@ -203,6 +213,11 @@ impl Gpu {
             candle_core::CpuStorage::BF16(data) => host_region(data, layout),
             _ => None,
         }
+    }
+
+    /// The time now, for the op timing (the emulation runs each launch as it is made).
+    pub(super) fn mark(&self) -> Result<Mark> {
+        Ok(Mark(std::time::Instant::now()))
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -501,8 +501,9 @@ extern "C" __global__ void cross_entropy_bf16(uint16_t* logits, float* loss,
 // for the grid's row y (the gradient of a bias or a norm's weight, or its partial sums over
 // chunks of rows): a block of 32 × 32 threads per 32 columns and chunk, thread (g, j) summing
 // every 32nd row from g of its column (a warp reads 32 adjacent columns of a row), then the 32
-// partial sums added in order. f32 throughout, and the same order every run.
-extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols, int per) {
+// partial sums added in order. Sums in f32 (of f32 or bf16 rows), the same order every run.
+template <class I>
+__device__ void column_sums_rows(float* out, const I* src, int n, int cols, int per) {
     __shared__ float part[WARP][WARP + 1];
     int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
     int col = blockIdx.x * WARP + j;
@@ -510,7 +511,7 @@ extern "C" __global__ void column_sums(float* out, const float* src, int n, int 
     int64_t end = first + per < n ? first + per : n;
     float s = 0.0f;
     if (col < cols)
-        for (int64_t r = first + g; r < end; r += groups) s += src[r * cols + col];
+        for (int64_t r = first + g; r < end; r += groups) s += get(&src[r * cols + col]);
     part[g][j] = s;
     __syncthreads();
     if (g == 0 && col < cols) {
@@ -518,6 +519,16 @@ extern "C" __global__ void column_sums(float* out, const float* src, int n, int 
         for (int k = 0; k < groups; k++) t += part[k][j];
         out[(int64_t)blockIdx.y * cols + col] = t;
     }
+}
+
+extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols, int per) {
+    column_sums_rows(out, src, n, cols, per);
+}
+
+// The same over bf16 rows (the sums in f32).
+extern "C" __global__ void column_sums_h16(float* out, const uint16_t* src, int n, int cols,
+                                           int per) {
+    column_sums_rows(out, src, n, cols, per);
 }
 
 // out = value everywhere.

@@ -383,9 +383,10 @@ fn mlp_up(
 /// The MLP's backward pass (`xo = xm + act(h)·w_proj + b_proj`, `h = a2·w_fc + b_fc`) from
 /// the residual stream's gradient dx (f32, and the products' operand with bf16 products):
 /// [(w_proj's, b_proj's gradients), (w_fc's, b_fc's)], and a2's gradient into `da2`. h's
-/// gradient comes from the GELU's epilogue (bf16, b_fc's gradient summed by the product) where
-/// the forward pass kept h there and the epilogue runs; else in f32 from the product, then the
-/// activation's kernel, which writes its bf16 copy beside it with bf16 products.
+/// gradient comes from the GELU's epilogue (bf16; b_fc's gradient its column sums, or summed by
+/// the product with LMKIT_CUDA_BGRAD=epilogue) where the forward pass kept h there and the
+/// epilogue runs; else in f32 from the product, then the activation's kernel, which writes its
+/// bf16 copy beside it with bf16 products.
 fn mlp_bwd(
     gpu: &Gpu,
     gelu: bool,
@@ -396,11 +397,19 @@ fn mlp_bwd(
 ) -> Result<[(Buf<f32>, Buf<f32>); 2]> {
     let (proj_dims, fc_dims) = ((n, c, hid), (n, hid, c));
     if let (Stored::Bf16(pre), Some(dx16)) = (&s.h, dx_op) {
-        let (dh16, db16) = (gpu.uninit_bf16(n * hid)?, gpu.uninit_bf16(hid)?);
+        let dh16 = gpu.uninit_bf16(n * hid)?;
+        let db16 = match lmkit_kernels::cuda::bias_grad_in_epilogue() {
+            true => Some(gpu.uninit_bf16(hid)?),
+            false => None,
+        };
         let operands = (plain(dx16, c), transposed(w_proj, c));
-        if gpu.linear_gelu_grad(fc_dims, operands, pre.dev(), (dh16.dev(), db16.dev()))? {
+        let outputs = (dh16.dev(), db16.as_ref().map(|b| b.dev()));
+        if gpu.linear_gelu_grad(fc_dims, operands, pre.dev(), outputs)? {
             let db = gpu.uninit(hid)?;
-            gpu.from_bf16(db.dev(), db16.dev(), hid)?;
+            match &db16 {
+                Some(db16) => gpu.from_bf16(db.dev(), db16.dev(), hid)?,
+                None => gpu.column_sums_bf16(db.dev(), dh16.dev(), (n, hid))?,
+            }
             let proj = conv1d_bwd(gpu, Dy::F32(dx, dx_op), s.g.data(), w_proj, proj_dims, None)?;
             let dy = Dy::Summed(dh16.dev().into(), db);
             let fc = conv1d_bwd(gpu, dy, s.a2.data(), w_fc, fc_dims, Some(da2))?;
@@ -437,7 +446,7 @@ fn norm_bwd(
 /// LMKIT_CUDA_TIMING=1: a pass's phases and, within them, attention's forward and backward time
 /// (the GPU synchronised at each end), printed on stderr; without it, nothing is synchronised.
 /// LMKIT_CUDA_TIMING=ops: also each kernel's and each product shape's time within the pass
-/// (`cuda op:` lines, the longest first; every launch synchronised, so the pass runs slower).
+/// (`cuda op:` lines, the longest first: the GPU's time between events recorded around each).
 pub(super) struct PassTimer {
     on: bool,
     clock: std::time::Instant,
@@ -448,8 +457,9 @@ pub(super) struct PassTimer {
 impl PassTimer {
     pub(super) fn new() -> PassTimer {
         if lmkit_kernels::cuda::op_timing() {
-            // The op times of this pass only.
-            lmkit_kernels::cuda::take_op_times();
+            // The op times of this pass only (an error reading earlier ones' events shows at
+            // the report).
+            let _ = lmkit_kernels::cuda::take_op_times();
         }
         PassTimer {
             on: std::env::var_os("LMKIT_CUDA_TIMING").is_some(),
@@ -503,7 +513,10 @@ impl PassTimer {
             "cuda pass: {} (attention, {kind}: forward {fwd:.2} ms, backward {bwd:.2} ms)",
             parts.join(", ")
         );
-        let ops = lmkit_kernels::cuda::take_op_times();
+        let ops = match lmkit_kernels::cuda::take_op_times() {
+            Ok(ops) => ops,
+            Err(e) => return eprintln!("cuda op times: {e}"),
+        };
         let total: f64 = ops.iter().map(|o| o.secs).sum();
         for o in &ops {
             let mut rate = String::new();
@@ -1006,9 +1019,10 @@ pub(crate) mod tests {
     pub(crate) fn op_names(f: impl FnOnce()) -> (Vec<String>, Vec<String>) {
         use lmkit_kernels::cuda::{set_op_timing, take_op_times};
         set_op_timing(true);
-        take_op_times();
+        take_op_times().expect("op times");
         f();
         let names = take_op_times()
+            .expect("op times")
             .into_iter()
             .map(|o| o.name)
             .partition(|n| !n.starts_with("product"));
@@ -1111,19 +1125,27 @@ pub(crate) mod tests {
         let names = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
         // The biases and residuals added by the products' epilogue, q|k|v and the logits written
         // in bf16 by their products, the GELU and its gradient applied by the epilogue (no
-        // activation kernels).
+        // activation kernels), the gradient's column sums the bias's.
         for fused in [
             "[bias, bf16 out] bf16",
             "[bias, residual] bf16",
             "[bias] bf16",
             "[bf16 out] bf16",
             "[bias, gelu, bf16 out] bf16",
-            "[gelu grad, bias grad, bf16 out] bf16",
+            "[gelu grad, bf16 out] bf16",
         ] {
             assert!(names.1.iter().any(|n| n.ends_with(fused)), "{names:?}");
         }
+        assert!(names.0.iter().any(|n| n == "column_sums_h16"), "{names:?}");
         assert!(!names.0.iter().any(|n| n.starts_with("gelu")), "{names:?}");
         assert_bf16_throughout(names);
+        // The bias's gradient summed by the GELU gradient's epilogue (LMKIT_CUDA_BGRAD=epilogue).
+        lmkit_kernels::cuda::set_bias_grad_in_epilogue(true);
+        let names = op_names(|| compare(true, "gelu_new", true, 8e-2, (2, 100)));
+        lmkit_kernels::cuda::set_bias_grad_in_epilogue(false);
+        let bgrad = "[gelu grad, bias grad, bf16 out] bf16";
+        assert!(names.1.iter().any(|n| n.ends_with(bgrad)), "{names:?}");
+        assert!(!names.0.iter().any(|n| n == "column_sums_h16"), "{names:?}");
         // The GELU's epilogue on one side only: the backward's kernel then reads the bf16 sum the
         // forward's epilogue kept; or the forward's kernel, and its f32 sum, with the epilogue's
         // gradient not run (it needs the bf16 sum).
