@@ -27,10 +27,10 @@ extern "C" void emu_rms_norm_fwd(float* out, float* rstd, const float* x, const 
   emu::launch(per_row(n), THREADS, 0, [&] { rms_norm_fwd(out, rstd, x, w, n, c, eps); });
 }
 
-extern "C" void emu_rms_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
-                                 const float* w, const float* rstd, int n, int c, int accumulate) {
+extern "C" void emu_rms_norm_bwd(float* dx, const float* dy, const float* x, const float* w,
+                                 const float* rstd, int n, int c, int accumulate) {
   emu::launch(per_row(n), THREADS, 0,
-              [&] { rms_norm_bwd(dx, nullptr, prod, dy, x, w, rstd, n, c, accumulate); });
+              [&] { rms_norm_bwd(dx, nullptr, dy, x, w, rstd, n, c, accumulate); });
 }
 
 extern "C" void emu_rope_rows(float* x, const float* table, int n, int ld, int t, int heads, int hd,
@@ -115,11 +115,19 @@ extern "C" void emu_to_bf16(uint16_t* out, const float* x, int64_t len) {
   emu::launch(per_element(len), THREADS, 0, [&] { to_bf16(out, x, len); });
 }
 
-extern "C" void emu_layer_norm_bwd(float* dx, float* prod, const float* dy, const float* x,
-                                   const float* w, const float* mean, const float* rstd, int n,
-                                   int c, int accumulate) {
+extern "C" void emu_layer_norm_bwd(float* dx, const float* dy, const float* x, const float* w,
+                                   const float* mean, const float* rstd, int n, int c,
+                                   int accumulate) {
   emu::launch(per_row(n), THREADS, 0,
-              [&] { layer_norm_bwd(dx, nullptr, prod, dy, x, w, mean, rstd, n, c, accumulate); });
+              [&] { layer_norm_bwd(dx, nullptr, dy, x, w, mean, rstd, n, c, accumulate); });
+}
+
+// The norm weight gradients' first stage, `chunks` rows of partial sums (mean null: RMSNorm's).
+extern "C" void emu_norm_weight_sums(float* dw, float* db, const float* dy, const float* x,
+                                     const float* mean, const float* rstd, int n, int c, int per,
+                                     int chunks) {
+  emu::launch({unsigned((c + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
+              [&] { norm_weight_sums(dw, db, dy, x, mean, rstd, n, c, per); });
 }
 
 extern "C" void emu_softmax_causal(float* p, int64_t rows, int t, float scale, const float* probs,

@@ -48,7 +48,7 @@ def train_kernels(tmp_path_factory):
     i, f, l, u = ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
     so.emu_gather_rows.argtypes = [F32, F32, u, i, i]
     so.emu_rms_norm_fwd.argtypes = [F32, F32, F32, F32, i, i, f]
-    so.emu_rms_norm_bwd.argtypes = [F32, F32, F32, F32, F32, F32, i, i, i]
+    so.emu_rms_norm_bwd.argtypes = [F32, F32, F32, F32, F32, i, i, i]
     so.emu_rope_rows.argtypes = [F32, F32, i, i, i, i, i, f]
     so.emu_swiglu_fwd.argtypes = [F32, F32, F32, l, i, l]
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l, i, l]
@@ -57,7 +57,8 @@ def train_kernels(tmp_path_factory):
     so.emu_column_sums.argtypes = [F32, F32, i, i, i, i]
     so.emu_column_sums_h16.argtypes = [F32, u, i, i, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
-    so.emu_layer_norm_bwd.argtypes = [F32] * 7 + [i, i, i]
+    so.emu_layer_norm_bwd.argtypes = [F32] * 6 + [i, i, i]
+    so.emu_norm_weight_sums.argtypes = [u] * 6 + [i, i, i, i]
     so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
     so.emu_rms_norm_fwd_bf16.argtypes = [u, F32, F32, F32, i, i, f]
     so.emu_swiglu_fwd_bf16.argtypes = [u, F32, F32, l, i, l]
@@ -303,12 +304,28 @@ def test_rms_norm_equals_pytorch(train_kernels):
     want = xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + eps) * wt
     want.backward(f64(dy))
     close(out, want.detach().numpy(), "rms norm", 1e-5)
-    # The backward pass: dx added to what dx held (accumulate = 1); prod's column sums = dw.
+    # The backward pass: dx added to what dx held (accumulate = 1); dw from norm_weight_sums.
     dx0 = rng.standard_normal((n, c), dtype=np.float32)
-    dx, prod = dx0.copy(), np.full((n, c), np.nan, np.float32)
-    train_kernels.emu_rms_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(rstd), n, c, 1)
+    dx = dx0.copy()
+    train_kernels.emu_rms_norm_bwd(ptr(dx), ptr(dy), ptr(x), ptr(w), ptr(rstd), n, c, 1)
     close(dx - dx0, xt.grad.numpy(), "rms norm dx", 1e-5)
-    close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "rms norm dw", 1e-5)
+    dw, _ = norm_weight_sums(train_kernels, dy, x, None, rstd)
+    close(dw, wt.grad.numpy(), "rms norm dw", 1e-5)
+
+
+def norm_weight_sums(kernels, dy, x, mean, rstd):
+    """`Gpu::norm_weight_grads`: norm_weight_sums into rows of partial sums (chunks of at least
+    256 rows, at most 64 chunks), those rows summed in f64 here; (dw, db), db None without a
+    mean (RMSNorm)."""
+    n, c = dy.shape
+    chunks = min(max(-(-n // 256), 1), 64)
+    per = -(-n // chunks)
+    dw = np.full((chunks, c), np.nan, np.float32)
+    db = np.full((chunks, c), np.nan, np.float32) if mean is not None else None
+    addr = lambda a: None if a is None else a.ctypes.data
+    kernels.emu_norm_weight_sums(addr(dw), addr(db), addr(dy), addr(x), addr(mean), addr(rstd),
+                                 n, c, per, chunks)
+    return dw.astype(np.float64).sum(0), None if db is None else db.astype(np.float64).sum(0)
 
 
 def test_rope_equals_the_rotate_half_definition_and_its_gradient(train_kernels):
@@ -413,10 +430,32 @@ def test_layer_norm_equals_pytorch(train_kernels):
     want = torch.nn.functional.layer_norm(xt, (c,), wt, bt, eps)
     want.backward(f64(dy))
     close(out, want.detach().numpy(), "layer norm", 1e-5)
-    dx, prod = np.full((n, c), np.nan, np.float32), np.full((n, c), np.nan, np.float32)
-    train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(prod), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
+    dx = np.full((n, c), np.nan, np.float32)
+    train_kernels.emu_layer_norm_bwd(ptr(dx), ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd), n, c, 0)
     close(dx, xt.grad.numpy(), "layer norm dx", 1e-5)
-    close(prod.astype(np.float64).sum(0), wt.grad.numpy(), "layer norm dw", 1e-5)
+    dw, db = norm_weight_sums(train_kernels, dy, x, mean, rstd)
+    close(dw, wt.grad.numpy(), "layer norm dw", 1e-5)
+    close(db, bt.grad.numpy(), "layer norm db", 1e-5)
+
+
+def test_norm_weight_sums_over_chunks_of_rows(train_kernels):
+    """The norms' weight and bias gradients over many rows (several chunks, a partial block of
+    columns): each chunk's partial sums of dy·x̂ and dy, with x̂ from the kept mean and 1/std
+    (LayerNorm) or 1/rms alone (RMSNorm)."""
+    rng = np.random.default_rng(12)
+    n, c = 1300, 40
+    x = rng.standard_normal((n, c), dtype=np.float32) * 2 + 1
+    dy = rng.standard_normal((n, c), dtype=np.float32)
+    mean = x.mean(1).astype(np.float32)
+    rstd = (1 / np.sqrt(x.var(1) + 1e-5)).astype(np.float32)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    xh = (x64 - mean[:, None]) * rstd[:, None]
+    dw, db = norm_weight_sums(train_kernels, dy, x, mean, rstd)
+    close(dw, (dy64 * xh).sum(0), "layer norm dw over chunks", 1e-5)
+    close(db, dy64.sum(0), "layer norm db over chunks", 1e-5)
+    dw, db = norm_weight_sums(train_kernels, dy, x, None, rstd)
+    assert db is None
+    close(dw, (dy64 * x64 * rstd[:, None]).sum(0), "rms norm dw over chunks", 1e-5)
 
 
 def test_bf16_outputs_equal_pytorch_rounding(train_kernels):

@@ -1435,12 +1435,12 @@ impl Gpu {
         self.launch_rows(&name, n, &args, (4 + size) * n * c + 8 * n)
     }
 
-    /// LayerNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
-    /// sums).
+    /// LayerNorm's backward: dx (= or += with `accumulate`), and its bf16 copy where `dx16` is
+    /// given (the weight's and bias's gradients: [`Gpu::norm_weight_grads`]).
     #[allow(clippy::too_many_arguments)]
     pub fn layer_norm_bwd(
         &self,
-        (dx, dx16, prod): (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
+        (dx, dx16): (Dev<f32>, Option<Dev<Bf16>>),
         dy: Dev<f32>,
         x: Dev<f32>,
         w: Dev<f32>,
@@ -1455,7 +1455,6 @@ impl Gpu {
                 Some(d) => d.need(n * c, "layer_norm_bwd dx16")?,
                 None => 0,
             }),
-            Arg::P(prod.need(n * c, "layer_norm_bwd prod")?),
             Arg::P(dy.need(n * c, "layer_norm_bwd dy")?),
             Arg::P(x.need(n * c, "layer_norm_bwd x")?),
             Arg::P(w.need(c, "layer_norm_bwd w")?),
@@ -1465,9 +1464,9 @@ impl Gpu {
             Arg::I(int(c)?),
             Arg::I(accumulate as i32),
         ];
-        // dy and x read, dx (read too when accumulating), its bf16 copy and prod written.
+        // dy and x read, dx (read too when accumulating) and its bf16 copy written.
         let dx_bytes = if accumulate { 8 } else { 4 } + if dx16.is_some() { 2 } else { 0 };
-        self.launch_rows("layer_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 8 * n)
+        self.launch_rows("layer_norm_bwd", n, &args, (8 + dx_bytes) * n * c + 8 * n)
     }
 
     /// dst[..len] = src[..len] (after the work before it).
@@ -1537,11 +1536,12 @@ impl Gpu {
         self.launch_rows(&name, n, &args, (4 + size) * n * c + 4 * n)
     }
 
-    /// RMSNorm's backward: dx (= or += with `accumulate`) and prod = dy ⊙ x̂ (for dw's column
-    /// sums); `x`, `w`, `rstd`: the forward pass's input, weight and kept 1/rms.
+    /// RMSNorm's backward: dx (= or += with `accumulate`), and its bf16 copy where `dx16` is
+    /// given; `x`, `w`, `rstd`: the forward pass's input, weight and kept 1/rms (the weight's
+    /// gradient: [`Gpu::norm_weight_grads`]).
     pub fn rms_norm_bwd(
         &self,
-        (dx, dx16, prod): (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
+        (dx, dx16): (Dev<f32>, Option<Dev<Bf16>>),
         dy: Dev<f32>,
         (x, w, rstd): (Dev<f32>, Dev<f32>, Dev<f32>),
         (n, c): (usize, usize),
@@ -1553,7 +1553,6 @@ impl Gpu {
                 Some(d) => d.need(n * c, "rms_norm_bwd dx16")?,
                 None => 0,
             }),
-            Arg::P(prod.need(n * c, "rms_norm_bwd prod")?),
             Arg::P(dy.need(n * c, "rms_norm_bwd dy")?),
             Arg::P(x.need(n * c, "rms_norm_bwd x")?),
             Arg::P(w.need(c, "rms_norm_bwd w")?),
@@ -1563,7 +1562,7 @@ impl Gpu {
             Arg::I(accumulate as i32),
         ];
         let dx_bytes = if accumulate { 8 } else { 4 } + if dx16.is_some() { 2 } else { 0 };
-        self.launch_rows("rms_norm_bwd", n, &args, (12 + dx_bytes) * n * c + 4 * n)
+        self.launch_rows("rms_norm_bwd", n, &args, (8 + dx_bytes) * n * c + 4 * n)
     }
 
     /// Rotary embedding in place of the first `heads` heads of hd columns of each row of x
@@ -2020,11 +2019,7 @@ impl Gpu {
         if n == 0 {
             return self.fill(out, 0.0, cols);
         }
-        // Chunks of at least 256 rows, each summed by its own blocks into a row of partial
-        // sums, then those rows summed (in order): one block per 32 columns alone keeps most
-        // of a GPU idle (24 blocks for 768 columns; 288 GB/s measured on an H200).
-        let chunks = n.div_ceil(256).min(64);
-        let per = n.div_ceil(chunks);
+        let (chunks, per) = row_chunks(n);
         let sums = |out: Dev<f32>, src: Data, (n, per, chunks): (usize, usize, usize)| {
             let (kernel, src, elem) = match src {
                 Data::F32(s) => ("column_sums", s.need(n * cols, "column_sums src")?, 4),
@@ -2049,6 +2044,61 @@ impl Gpu {
         sums(out, partial.dev().into(), (chunks, chunks, 1))
     }
 
+    /// A norm's weight gradient dw[j] = Σ_r dy[r, j]·x̂[r, j] over the n rows of dy and x [n, c],
+    /// x̂ = (x − mean)·rstd with `stats` = (mean, rstd) as the norm's forward pass kept them (no
+    /// mean: RMSNorm's x·rstd), and, where `db` is given, the bias's db[j] = Σ_r dy[r, j]; in
+    /// f32 and in a fixed order, as [`Gpu::column_sums`].
+    pub fn norm_weight_grads(
+        &self,
+        (dw, db): (Dev<f32>, Option<Dev<f32>>),
+        dy: Dev<f32>,
+        x: Dev<f32>,
+        (mean, rstd): (Option<Dev<f32>>, Dev<f32>),
+        (n, c): (usize, usize),
+    ) -> Result<()> {
+        if n == 0 {
+            self.fill(dw, 0.0, c)?;
+            return db.map_or(Ok(()), |db| self.fill(db, 0.0, c));
+        }
+        let (chunks, per) = row_chunks(n);
+        let args = |dw: Dev<f32>, db: Option<Dev<f32>>| -> Result<Vec<Arg>> {
+            Ok(vec![
+                Arg::P(dw.need(chunks * c, "norm_weight_grads dw")?),
+                Arg::P(match db {
+                    Some(db) => db.need(chunks * c, "norm_weight_grads db")?,
+                    None => 0,
+                }),
+                Arg::P(dy.need(n * c, "norm_weight_grads dy")?),
+                Arg::P(x.need(n * c, "norm_weight_grads x")?),
+                Arg::P(match mean {
+                    Some(m) => m.need(n, "norm_weight_grads mean")?,
+                    None => 0,
+                }),
+                Arg::P(rstd.need(n, "norm_weight_grads rstd")?),
+                Arg::I(int(n)?),
+                Arg::I(int(c)?),
+                Arg::I(int(per)?),
+            ])
+        };
+        let launch = ((blocks(c, 32) as usize, chunks), 1024, 0);
+        let outputs = 1 + usize::from(db.is_some());
+        let work = Work::bytes(8 * n * c + 8 * n + 4 * outputs * chunks * c);
+        let run =
+            |args: Vec<Arg>| self.launch_in(Module::Train, "norm_weight_sums", launch, &args, work);
+        if chunks == 1 {
+            return run(args(dw, db)?);
+        }
+        // Rows of partial sums, then their column sums.
+        let pw = self.uninit(chunks * c)?;
+        let pb = db.map(|_| self.uninit(chunks * c)).transpose()?;
+        run(args(pw.dev(), pb.as_ref().map(|b| b.dev()))?)?;
+        self.column_sums(dw, pw.dev(), (chunks, c))?;
+        match (db, pb) {
+            (Some(db), Some(pb)) => self.column_sums(db, pb.dev(), (chunks, c)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn fill(&self, out: Dev<f32>, value: f32, len: usize) -> Result<()> {
         let args = [
             Arg::P(out.need(len, "fill")?),
@@ -2057,6 +2107,15 @@ impl Gpu {
         ];
         self.launch_elements("fill", len, &args, 4 * len)
     }
+}
+
+/// How the column sums split n rows: (chunks, rows per chunk). Chunks of at least 256 rows, each
+/// summed by its own blocks into a row of partial sums, then those rows summed (in order): one
+/// block per 32 columns alone keeps most of a GPU idle (24 blocks for 768 columns; 288 GB/s
+/// measured on an H200).
+fn row_chunks(n: usize) -> (usize, usize) {
+    let chunks = n.div_ceil(256).clamp(1, 64);
+    (chunks, n.div_ceil(chunks))
 }
 
 /// Blocks of `decode_attention` a launch should have at least to keep a large GPU busy (two per
@@ -2279,7 +2338,6 @@ mod tests {
         let losses = gpu.uninit(n).unwrap();
         // The backward kernels' other outputs, and the norms' statistics for their backward.
         let (scratch, scratch16) = (gpu.uninit(len).unwrap(), gpu.uninit_bf16(len).unwrap());
-        let prod = gpu.uninit(len).unwrap();
         let (ln_stats, rms_stats) = (gpu.uninit(2 * n).unwrap(), gpu.uninit(n).unwrap());
         let (xd, wd, bd) = (dx.dev(), dw.dev(), db.dev());
         gpu.layer_norm(scratch.dev(), ln_stats.dev(), xd, wd, bd, (n, c), 1e-5)
@@ -2337,8 +2395,8 @@ mod tests {
                 "layer_norm_bwd",
                 Box::new(|o| {
                     let grads = match o {
-                        Data::F32(o) => (o, None, prod.dev()),
-                        Data::Bf16(o) => (scratch.dev(), Some(o), prod.dev()),
+                        Data::F32(o) => (o, None),
+                        Data::Bf16(o) => (scratch.dev(), Some(o)),
                     };
                     let (dy, x, w) = (up.dev(), dx.dev(), dw.dev());
                     gpu.layer_norm_bwd(grads, dy, x, w, ln_stats.dev(), (n, c), false)
@@ -2348,8 +2406,8 @@ mod tests {
                 "rms_norm_bwd",
                 Box::new(|o| {
                     let grads = match o {
-                        Data::F32(o) => (o, None, prod.dev()),
-                        Data::Bf16(o) => (scratch.dev(), Some(o), prod.dev()),
+                        Data::F32(o) => (o, None),
+                        Data::Bf16(o) => (scratch.dev(), Some(o)),
                     };
                     let kept = (dx.dev(), dw.dev(), rms_stats.dev());
                     gpu.rms_norm_bwd(grads, up.dev(), kept, (n, c), false)
@@ -2459,6 +2517,71 @@ mod tests {
             let again = gpu.uninit(cols).unwrap();
             gpu.column_sums(again.dev(), src.dev(), (n, cols)).unwrap();
             assert_eq!(gpu.download(&again, cols).unwrap(), got, "{n} rows");
+        }
+    }
+
+    /// A norm's weight and bias gradients over few and many rows (chunks of rows summed apart,
+    /// then their sums), with a mean (LayerNorm) and without (RMSNorm, no bias), equal the sums
+    /// in f64; bf16 rows' column sums too.
+    #[test]
+    fn gpu_norm_weight_grads_equal_the_sums_in_f64() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let c = 40;
+        let mut draw = crate::testing::uniform(6);
+        for n in [1, 300, 1000] {
+            let (x, dy) = (draw(n * c), draw(n * c));
+            let (mean, rstd): (Vec<f32>, Vec<f32>) = (0..n)
+                .map(|r| (x[r * c] * 0.5, 1.0 + r as f32 / n as f32))
+                .unzip();
+            let up = |v: &[f32]| gpu.upload(v).unwrap();
+            let (xd, dyd, md, rd) = (up(&x), up(&dy), up(&mean), up(&rstd));
+            for layer in [true, false] {
+                let (dw, db) = (gpu.uninit(c).unwrap(), gpu.uninit(c).unwrap());
+                let m = layer.then(|| md.dev());
+                let dbd = layer.then(|| db.dev());
+                gpu.norm_weight_grads((dw.dev(), dbd), dyd.dev(), xd.dev(), (m, rd.dev()), (n, c))
+                    .unwrap();
+                let got_w = gpu.download(&dw, c).unwrap();
+                let got_b = gpu.download(&db, c).unwrap();
+                for j in 0..c {
+                    let (mut w, mut b) = (0f64, 0f64);
+                    for r in 0..n {
+                        let centre = if layer { mean[r] as f64 } else { 0.0 };
+                        let xh = (x[r * c + j] as f64 - centre) * rstd[r] as f64;
+                        w += dy[r * c + j] as f64 * xh;
+                        b += dy[r * c + j] as f64;
+                    }
+                    let tol = 1e-5 * n as f64;
+                    let what = format!("{n} rows, layer norm {layer}, column {j}");
+                    assert!(
+                        (got_w[j] as f64 - w).abs() <= tol,
+                        "{what}: dw {} vs {w}",
+                        got_w[j]
+                    );
+                    if layer {
+                        assert!(
+                            (got_b[j] as f64 - b).abs() <= tol,
+                            "{what}: db {} vs {b}",
+                            got_b[j]
+                        );
+                    }
+                }
+            }
+            // bf16 rows: the sums of their values.
+            let h: Vec<Bf16> = dy.iter().map(|&v| Bf16::from_f32(v)).collect();
+            let hd = gpu.upload(&h).unwrap();
+            let out = gpu.uninit(c).unwrap();
+            gpu.column_sums_bf16(out.dev(), hd.dev(), (n, c)).unwrap();
+            let got = gpu.download(&out, c).unwrap();
+            for (j, g) in got.iter().enumerate() {
+                let want: f64 = (0..n).map(|r| h[r * c + j].to_f32() as f64).sum();
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-6 * n as f64,
+                    "bf16 {n} rows: {g} vs {want}"
+                );
+            }
         }
     }
 

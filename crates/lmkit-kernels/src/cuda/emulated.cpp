@@ -75,7 +75,7 @@ const Entry KERNELS[] = {
     K(rope_rows), K(rope_rows_h16), K(rope_rows_bf16), K(swiglu_fwd), K(swiglu_bwd), K(swiglu_bwd_bf16),
     K(swiglu_bwd_h16), K(gelu_fwd), K(gelu_bwd), K(gelu_bwd_h16), K(relu_fwd),
     K(relu_bwd), K(softmax_causal_fwd), K(softmax_causal_bwd), K(cross_entropy), K(cross_entropy_bf16),
-    K(column_sums), K(column_sums_h16), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots),
+    K(column_sums), K(column_sums_h16), K(norm_weight_sums), K(fill), K(adam_chunks), K(sum_squares_chunks), K(attn_row_dots),
     K(attn_row_dots_h16),
     K(layer_norm_fwd_bf16), K(rms_norm_fwd_bf16), K(swiglu_fwd_bf16), K(swiglu_fwd_h16), K(gelu_fwd_bf16),
     K(relu_fwd_bf16), K(to_bf16), K(from_bf16), K(decode_attention), K(decode_combine), K(cache_append),

@@ -133,9 +133,9 @@ extern "C" __global__ void layer_norm_fwd_bf16(uint16_t* out, float* mean, float
     layer_norm_rows(out, mean, rstd, x, w, b, n, c, eps);
 }
 
-// LayerNorm's backward, one warp per row: dx (= or +=) the input's gradient; prod[r, j] =
-// dy[r, j]·x̂[r, j], whose column sums (a product with a row of ones) give the weight's gradient.
-extern "C" __global__ void layer_norm_bwd(float* dx, uint16_t* dx16, float* prod, const float* dy,
+// LayerNorm's backward, one warp per row: dx (= or +=) the input's gradient (and its bf16 copy
+// where dx16 is given); the weight's and bias's gradients come from norm_weight_sums.
+extern "C" __global__ void layer_norm_bwd(float* dx, uint16_t* dx16, const float* dy,
                                           const float* x, const float* w, const float* mean,
                                           const float* rstd, int n, int c, int accumulate) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
@@ -159,7 +159,6 @@ extern "C" __global__ void layer_norm_bwd(float* dx, uint16_t* dx16, float* prod
         float out = accumulate ? dx[off + j] + d : d;
         dx[off + j] = out;
         if (dx16) dx16[off + j] = bf16_bits(out);
-        prod[off + j] = g * xh;
     }
 }
 
@@ -199,8 +198,8 @@ extern "C" __global__ void rms_norm_fwd_bf16(uint16_t* out, float* rstd, const f
 }
 
 // RMSNorm's backward, one warp per row: dx (= or +=) rstd·(dy⊙w − x̂·mean(dy⊙w⊙x̂)) with
-// x̂ = x·rstd; prod = dy ⊙ x̂, whose column sums give the weight's gradient.
-extern "C" __global__ void rms_norm_bwd(float* dx, uint16_t* dx16, float* prod, const float* dy,
+// x̂ = x·rstd; the weight's gradient comes from norm_weight_sums.
+extern "C" __global__ void rms_norm_bwd(float* dx, uint16_t* dx16, const float* dy,
                                         const float* x, const float* w, const float* rstd, int n,
                                         int c, int accumulate) {
   int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
@@ -217,7 +216,6 @@ extern "C" __global__ void rms_norm_bwd(float* dx, uint16_t* dx16, float* prod, 
     float out = accumulate ? dx[off + j] + d : d;
     dx[off + j] = out;
     if (dx16) dx16[off + j] = bf16_bits(out);
-    prod[off + j] = g * xh;
   }
 }
 
@@ -529,6 +527,40 @@ extern "C" __global__ void column_sums(float* out, const float* src, int n, int 
 extern "C" __global__ void column_sums_h16(float* out, const uint16_t* src, int n, int cols,
                                            int per) {
     column_sums_rows(out, src, n, cols, per);
+}
+
+// A norm's weight and bias gradients over rows [y·per, min(n, (y + 1)·per)) for the grid's row
+// y: dw[y·c + j] = Σ_r dy[r, j]·x̂[r, j] with x̂ = (x − mean[r])·rstd[r] (mean null: RMSNorm's
+// x·rstd[r]), and db[y·c + j] = Σ_r dy[r, j] where db is given — one read of dy and x instead of
+// writing dy ⊙ x̂ and summing it and dy apart. Blocks and order as column_sums'.
+extern "C" __global__ void norm_weight_sums(float* dw, float* db, const float* dy, const float* x,
+                                            const float* mean, const float* rstd, int n, int c,
+                                            int per) {
+    __shared__ float part[2][WARP][WARP + 1];
+    int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
+    int col = blockIdx.x * WARP + j;
+    int64_t first = (int64_t)blockIdx.y * per;
+    int64_t end = first + per < n ? first + per : n;
+    float sw = 0.0f, sb = 0.0f;
+    if (col < c)
+        for (int64_t r = first + g; r < end; r += groups) {
+            float d = dy[r * c + col];
+            float xh = (x[r * c + col] - (mean ? mean[r] : 0.0f)) * rstd[r];
+            sw += d * xh;
+            sb += d;
+        }
+    part[0][g][j] = sw;
+    part[1][g][j] = sb;
+    __syncthreads();
+    if (g == 0 && col < c) {
+        float tw = 0.0f, tb = 0.0f;
+        for (int k = 0; k < groups; k++) {
+            tw += part[0][k][j];
+            tb += part[1][k][j];
+        }
+        dw[(int64_t)blockIdx.y * c + col] = tw;
+        if (db) db[(int64_t)blockIdx.y * c + col] = tb;
+    }
 }
 
 // out = value everywhere.

@@ -219,7 +219,7 @@ struct Dims {
 }
 
 /// Column sums of `src` [n, cols] (a bias's or a norm weight's gradient) into a new buffer.
-pub(super) fn column_sums(gpu: &Gpu, src: Dev<f32>, n: usize, cols: usize) -> Result<Buf<f32>> {
+fn column_sums(gpu: &Gpu, src: Dev<f32>, n: usize, cols: usize) -> Result<Buf<f32>> {
     let out = gpu.uninit(cols)?;
     gpu.column_sums(out.dev(), src, (n, cols))?;
     Ok(out)
@@ -428,19 +428,21 @@ fn mlp_bwd(
 }
 
 /// LayerNorm's backward from dy: the input's gradient into `dx` (added with `accumulate`; and
-/// rounded into `dx16`, if given) and (dw, db); `prod` is scratch [n, c]; `(x, w, stats)`: the
-/// norm's input, its weight, and the mean and 1/std its forward pass kept.
+/// rounded into `dx16`, if given) and (dw, db); `(x, w, stats)`: the norm's input, its weight,
+/// and the mean and 1/std its forward pass kept.
 fn norm_bwd(
     gpu: &Gpu,
-    grads: (Dev<f32>, Option<Dev<Bf16>>, Dev<f32>),
+    grads: (Dev<f32>, Option<Dev<Bf16>>),
     dy: Dev<f32>,
     (x, w, stats): (Dev<f32>, Dev<f32>, Dev<f32>),
     (n, c): (usize, usize),
     accumulate: bool,
 ) -> Result<(Buf<f32>, Buf<f32>)> {
-    let prod = grads.2;
     gpu.layer_norm_bwd(grads, dy, x, w, stats, (n, c), accumulate)?;
-    Ok((column_sums(gpu, prod, n, c)?, column_sums(gpu, dy, n, c)?))
+    let (dw, db) = (gpu.uninit(c)?, gpu.uninit(c)?);
+    let kept = (Some(stats), stats.at(n)?);
+    gpu.norm_weight_grads((dw.dev(), Some(db.dev())), dy, x, kept, (n, c))?;
+    Ok((dw, db))
 }
 
 /// LMKIT_CUDA_TIMING=1: a pass's phases and, within them, attention's forward and backward time
@@ -811,13 +813,12 @@ fn backprop(
     timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
-    let prod = gpu.uninit(n * c)?;
     // The residual stream's gradient and, with bf16 products, its bf16 copy (the products'
     // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
     let dx16 = gpu.operand_copy_buf(n * c)?;
     let dx16d = dx16.as_ref().map(|b| b.dev());
-    let grads = (dx.dev(), dx16d, prod.dev());
+    let grads = (dx.dev(), dx16d);
     let dx_op = dx16d.map(Data::from);
     let lnf = (x.dev(), p.ln_f_w, lnf.dev());
     let (ln_f_w, ln_f_b) = norm_bwd(gpu, grads, dhf.dev(), lnf, (n, c), false)?;

@@ -13,9 +13,7 @@
 //! adapters or a partial rotation — the caller differentiates the graph. Checked against candle's
 //! autograd on the CPU in the tests below, which run where a GPU is present.
 
-use super::gpt2_cuda::{
-    column_sums, flash_attention_chosen, flash_trusted, output_loss, product, PassTimer,
-};
+use super::gpt2_cuda::{flash_attention_chosen, flash_trusted, output_loss, product, PassTimer};
 use super::LossAndGrads;
 use candle_core::{Result, Tensor};
 use lmkit_kernels::cuda::{
@@ -345,7 +343,6 @@ fn backprop(
     timer.mark(gpu, "output layer + loss")?;
 
     // Backward.
-    let prod = gpu.uninit(n * c)?;
     // The residual stream's gradient and, with bf16 products, its bf16 copy (the products'
     // operand), both written by the norms' backward.
     let dx = gpu.uninit(n * c)?;
@@ -357,8 +354,11 @@ fn backprop(
         None => dxd.into(),
     };
     let norm_bwd = |dy: Dev<f32>, kept: (Dev<f32>, Dev<f32>, Dev<f32>), acc: bool| {
-        gpu.rms_norm_bwd((dxd, dx16d, prod.dev()), dy, kept, (n, c), acc)?;
-        column_sums(gpu, prod.dev(), n, c)
+        gpu.rms_norm_bwd((dxd, dx16d), dy, kept, (n, c), acc)?;
+        let dw = gpu.uninit(c)?;
+        let (x, _, rstd) = kept;
+        gpu.norm_weight_grads((dw.dev(), None), dy, x, (None, rstd), (n, c))?;
+        Ok::<_, candle_core::Error>(dw)
     };
     let d_norm = norm_bwd(dhf.dev(), (x.dev(), norm, rf.dev()), false)?;
     drop(dhf);
