@@ -24,8 +24,8 @@ const MAGIC: &[u8; 4] = b"LMKG";
 /// How long the members of a group wait for each other.
 #[derive(Clone, Copy, Debug)]
 struct Waits {
-    /// For every member to join.
-    join: Duration,
+    /// For every member to join (`None`: for ever).
+    join: Option<Duration>,
     /// For a new connection to MASTER_PORT to say it is a member (anything else that connects —
     /// a port scan, a health check, another program — is closed and the root goes on waiting).
     hello: Duration,
@@ -37,7 +37,7 @@ struct Waits {
 
 impl Waits {
     const DEFAULT: Waits = Waits {
-        join: Duration::from_secs(300),
+        join: Some(Duration::from_secs(300)),
         hello: Duration::from_secs(10),
         exchange: Some(Duration::from_secs(1800)),
     };
@@ -53,16 +53,26 @@ impl Waits {
         match seconds {
             None => Waits::DEFAULT,
             Some(0) => Waits {
-                join: Duration::MAX,
+                join: None,
                 exchange: None,
                 ..Waits::DEFAULT
             },
             Some(s) => Waits {
-                join: Duration::from_secs(s as u64),
+                join: Some(Duration::from_secs(s as u64)),
                 exchange: Some(Duration::from_secs(s as u64)),
                 ..Waits::DEFAULT
             },
         }
+    }
+
+    /// Whether the wait to join, begun at `start`, is over.
+    fn join_over(&self, start: Instant) -> bool {
+        self.join.is_some_and(|limit| start.elapsed() > limit)
+    }
+
+    /// The wait to join in seconds, for messages (given only once it is over, so never for ever).
+    fn join_secs(&self) -> u64 {
+        self.join.map_or(u64::MAX, |d| d.as_secs())
     }
 }
 
@@ -207,7 +217,7 @@ impl Group {
                         peers[r - 1] = Some(conn);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if start.elapsed() > waits.join {
+                        if waits.join_over(start) {
                             let missing: Vec<String> = peers
                                 .iter()
                                 .enumerate()
@@ -225,7 +235,7 @@ impl Group {
                                 "ranks {} did not join within {} s{others} ({TIMEOUT_VAR} sets \
                                  the wait in seconds)",
                                 missing.join(", "),
-                                waits.join.as_secs()
+                                waits.join_secs()
                             )));
                         }
                         std::thread::sleep(Duration::from_millis(20));
@@ -239,27 +249,28 @@ impl Group {
             let stream = loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
                     Ok(s) => break s,
-                    Err(e) if start.elapsed() > waits.join => {
+                    Err(e) if waits.join_over(start) => {
                         return Err(group_err(format!(
                             "rank {rank} could not reach rank 0 at {addr} within {} s \
                              ({TIMEOUT_VAR} sets the wait in seconds): {e}",
-                            waits.join.as_secs()
+                            waits.join_secs()
                         )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             };
-            let answer_wait = (waits.join != Duration::MAX).then_some(waits.join);
-            stream.set_read_timeout(answer_wait).net()?;
+            stream.set_read_timeout(waits.join).net()?;
             let mut conn = Conn::new(stream)?;
             conn.write_hello(rank, world, fingerprint).net()?;
             if !conn.read_answer() {
+                let silent = match waits.join {
+                    Some(d) => format!(", or said nothing for {} s", d.as_secs()),
+                    None => String::new(),
+                };
                 return Err(group_err(format!(
                     "{addr} (MASTER_ADDR:MASTER_PORT) did not answer as the root of an lmkit \
-                     training group (it closed the connection, answered something else, or \
-                     said nothing for {} s): is the port another program's, or rank 0 another \
-                     run's?",
-                    waits.join.as_secs()
+                     training group (it closed the connection or answered something \
+                     else{silent}): is the port another program's, or rank 0 another run's?"
                 )));
             }
             Link::Peer(conn)
@@ -657,20 +668,20 @@ mod tests {
         assert_eq!(
             w(None),
             (
-                Duration::from_secs(300),
+                Some(Duration::from_secs(300)),
                 Some(Duration::from_secs(1800)),
                 ten
             )
         );
-        let minute = Duration::from_secs(60);
-        assert_eq!(w(Some(60)), (minute, Some(minute), ten));
-        assert_eq!(w(Some(0)), (Duration::MAX, None, ten));
+        let minute = Some(Duration::from_secs(60));
+        assert_eq!(w(Some(60)), (minute, minute, ten));
+        assert_eq!(w(Some(0)), (None, None, ten));
     }
 
     /// Waits short enough for a test.
     fn brief(exchange: Option<Duration>) -> Waits {
         Waits {
-            join: Duration::from_secs(20),
+            join: Some(Duration::from_secs(20)),
             hello: Duration::from_millis(200),
             exchange,
         }
@@ -755,7 +766,7 @@ mod tests {
             std::thread::sleep(Duration::from_secs(1));
         });
         let waits = Waits {
-            join: Duration::from_millis(500),
+            join: Some(Duration::from_millis(500)),
             ..waits
         };
         let e = Group::join_within(1, 2, addr, 6, waits)
