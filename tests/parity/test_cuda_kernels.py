@@ -318,8 +318,7 @@ def norm_weight_sums(kernels, dy, x, mean, rstd):
     256 rows, at most 64 chunks), those rows summed in f64 here; (dw, db), db None without a
     mean (RMSNorm)."""
     n, c = dy.shape
-    chunks = min(max(-(-n // 256), 1), 64)
-    per = -(-n // chunks)
+    chunks, per = row_chunks(n)
     dw = np.full((chunks, c), np.nan, np.float32)
     db = np.full((chunks, c), np.nan, np.float32) if mean is not None else None
     addr = lambda a: None if a is None else a.ctypes.data
@@ -518,6 +517,14 @@ def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
         close(got, want, "gelu" if gelu else "relu", 1e-6)
 
 
+def row_chunks(n):
+    """How `Gpu::column_sums` and `Gpu::norm_weight_grads` split n rows (`row_chunks` in
+    crates/lmkit-kernels/src/cuda.rs): (chunks, rows per chunk), chunks of at least 256 rows, at
+    most 64 of them."""
+    chunks = min(max(-(-n // 256), 1), 64)
+    return chunks, -(-n // chunks)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_column_sums_equal_numpy(train_kernels, bf16):
     """The bias and norm-weight gradients' column sums, of f32 rows or bf16 rows (the GELU
@@ -537,8 +544,7 @@ def test_column_sums_equal_numpy(train_kernels, bf16):
             def first(out, n, per, chunks):
                 train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, per, chunks)
         out = np.full(cols, np.nan, np.float32)
-        chunks = min(-(-n // 256), 64)
-        per = -(-n // chunks)
+        chunks, per = row_chunks(n)
         if chunks == 1:
             first(out, n, n, 1)
         else:
