@@ -15,7 +15,9 @@ answer, so it is the time to read every prompt and sample a first token. Both se
 model, `--max-active N`) run side by side and take the bursts in turn; transformers' `generate`
 (one new token, the same chat-formatted ids, left-padded with an attention mask) is timed in
 turn with them. Medians of --repeats bursts; the servers' times include HTTP, JSON, the chat
-template, tokenization and the request log, which transformers' do not.
+template, tokenization and the request log, which transformers' do not; the "model s" columns are
+the servers' own time for the burst (`lmkit_engine_busy_seconds_total` from /metrics before and
+after: the model worker's rounds, passes and sampling), the figure to set beside transformers'.
 
 Second table, a long prompt arriving while 4 streams decode (48 tokens each): each server round
 reads the decoding steps and up to --prompt-tokens prompt tokens, so a long prompt is read in
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -67,15 +70,28 @@ def start_server(lm, model, tmp, name, n, device, extra):
     return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
 
 
+def busy_seconds(client):
+    """The server's model worker's time so far (`lmkit_engine_busy_seconds_total`)."""
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url, timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("lmkit_engine_busy_seconds_total "):
+                return float(line.split()[1])
+    raise SystemExit(f"no lmkit_engine_busy_seconds_total at {url}")
+
+
 def burst(client, texts):
+    """Sends `texts` at once: (seconds to the last answer, prompt tokens, the model's seconds)."""
     def one(t):
         r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": t}],
                                            max_tokens=1, temperature=0.8, seed=1)
         return r.usage.prompt_tokens
+    before = busy_seconds(client)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(texts)) as ex:
         tokens = sum(ex.map(one, texts))
-    return time.perf_counter() - t0, tokens
+    wall = time.perf_counter() - t0
+    return wall, tokens, busy_seconds(client) - before
 
 
 def stream_gaps(client, text, max_tokens, seed):
@@ -140,12 +156,13 @@ def main():
         for c in (packed, alone):
             burst(c, texts[:2])  # warm-up
         peer_burst(hf, torch, ids[:2], a.device)
-        times = {"packed": [], "alone": [], "peer": []}
+        times = {"packed": [], "alone": [], "peer": [], "packed model": [], "alone model": []}
         tokens = 0
         for _ in range(a.repeats):
             for name, c in (("packed", packed), ("alone", alone)):
-                wall, tokens = burst(c, texts[:n])
+                wall, tokens, model_s = burst(c, texts[:n])
                 times[name].append(wall)
+                times[f"{name} model"].append(model_s)
             times["peer"].append(peer_burst(hf, torch, ids[:n], a.device))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, tokens, med))
@@ -168,12 +185,15 @@ def main():
     print(f"model {model}; device {a.device}; {os.cpu_count()} cores; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); medians of {a.repeats} bursts")
     print()
-    print("| prompts at once | prompt tokens | lmkit serve, packed s | lmkit serve, one at a time s | "
-          "transformers generate s | packed's speed over one at a time | lmkit packed vs transformers |")
+    print("| prompts at once | prompt tokens | lmkit serve, packed s (model s) | lmkit serve, one at a time s "
+          "(model s) | transformers generate s | packed's speed over one at a time (model) | lmkit packed vs "
+          "transformers (model) |")
     print("|---|---|---|---|---|---|---|")
     for n, tokens, m in rows:
-        print(f"| {n} | {tokens} | {m['packed']:.3f} | {m['alone']:.3f} | {m['peer']:.3f} | "
-              f"{m['alone'] / m['packed']:.2f}x | {m['peer'] / m['packed']:.2f}x |")
+        pm, am = m["packed model"], m["alone model"]
+        print(f"| {n} | {tokens} | {m['packed']:.3f} ({pm:.3f}) | {m['alone']:.3f} ({am:.3f}) | {m['peer']:.3f} | "
+              f"{m['alone'] / m['packed']:.2f}x ({am / pm:.2f}x) | {m['peer'] / m['packed']:.2f}x "
+              f"({m['peer'] / pm:.2f}x) |")
     print()
     print(f"a prompt of {long_tokens} tokens sent while 4 streams decode:")
     print()

@@ -6,7 +6,7 @@
 
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
@@ -39,7 +39,16 @@ pub struct Engine {
     tx: SyncSender<Job>,
     depth: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    stats: Arc<Busy>,
     max_queue: usize,
+}
+
+/// The worker's rounds so far and the time they took (the model's passes over the round's
+/// decoding steps and prompt pieces, and sampling their tokens).
+#[derive(Default)]
+struct Busy {
+    rounds: AtomicU64,
+    nanos: AtomicU64,
 }
 
 /// Why a job was not accepted.
@@ -65,15 +74,21 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
-        let (d, a) = (depth.clone(), active.clone());
+        let stats = Arc::new(Busy::default());
+        let counts = Counts {
+            depth: depth.clone(),
+            active: active.clone(),
+            busy: stats.clone(),
+        };
         std::thread::Builder::new()
             .name("lmkit-engine".into())
-            .spawn(move || worker(models, rx, d, a, max_active.max(1), prompt_tokens))
+            .spawn(move || worker(models, rx, counts, max_active.max(1), prompt_tokens))
             .expect("spawning the model thread");
         Engine {
             tx,
             depth,
             active,
+            stats,
             max_queue: max_queue.max(1),
         }
     }
@@ -114,6 +129,22 @@ impl Engine {
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
     }
+
+    /// The worker's rounds so far and the seconds they took: the model's own time, without
+    /// HTTP, templates, tokenization or waiting for work.
+    pub fn busy(&self) -> (u64, f64) {
+        (
+            self.stats.rounds.load(Ordering::Relaxed),
+            self.stats.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
+}
+
+/// What the worker keeps count of for the submitting side.
+struct Counts {
+    depth: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+    busy: Arc<Busy>,
 }
 
 struct Running {
@@ -155,11 +186,15 @@ fn admit(models: &[CausalLm], job: Job, active: &mut Vec<Running>, depth: &Atomi
 fn worker(
     models: Vec<CausalLm>,
     rx: Receiver<Job>,
-    depth: Arc<AtomicUsize>,
-    active_count: Arc<AtomicUsize>,
+    counts: Counts,
     max_active: usize,
     prompt_tokens: usize,
 ) {
+    let Counts {
+        depth,
+        active: active_count,
+        busy,
+    } = counts;
     let mut active: Vec<Running> = Vec::new();
     let mut open = true;
     loop {
@@ -189,6 +224,7 @@ fn worker(
         });
         // One step for every active sequence; those of one variant share one pass (with the
         // prompts' pieces that fit this round).
+        let round = std::time::Instant::now();
         let mut results: Vec<Option<lmkit_infer::Result<Step>>> =
             (0..active.len()).map(|_| None).collect();
         for (m, model) in models.iter().enumerate() {
@@ -209,6 +245,9 @@ fn worker(
                 results[slot] = Some(res);
             }
         }
+        let nanos = round.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        busy.nanos.fetch_add(nanos, Ordering::Relaxed);
+        busy.rounds.fetch_add(1, Ordering::Relaxed);
         let results = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Ok(Step::Done(Finish::Length))));

@@ -322,9 +322,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state
-            .metrics
-            .render(state.engine.depth(), state.engine.active()),
+        state.metrics.render(
+            state.engine.depth(),
+            state.engine.active(),
+            state.engine.busy(),
+        ),
     )
         .into_response()
 }

@@ -93,7 +93,9 @@ impl Metrics {
         self.with(|m| m.first_token.observe(seconds));
     }
 
-    pub fn render(&self, queue_depth: usize, active: usize) -> String {
+    /// The metrics in Prometheus' text format, with the engine's queue depth, active sequences
+    /// and `(rounds, seconds)` of work ([`crate::engine::Engine::busy`]).
+    pub fn render(&self, queue_depth: usize, active: usize, (rounds, busy): (u64, f64)) -> String {
         let mut out = String::new();
         self.with(|m| {
             out.push_str("# HELP lmkit_requests_total HTTP requests by endpoint and status.\n# TYPE lmkit_requests_total counter\n");
@@ -130,6 +132,14 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP lmkit_active_sequences Sequences decoding now.\n# TYPE lmkit_active_sequences gauge\nlmkit_active_sequences {active}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lmkit_engine_rounds_total Rounds of the model worker (one pass per model variant over its decoding steps and prompt pieces).\n# TYPE lmkit_engine_rounds_total counter\nlmkit_engine_rounds_total {rounds}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lmkit_engine_busy_seconds_total Time the model worker spent in its rounds (passes and sampling; no HTTP, templates or tokenization).\n# TYPE lmkit_engine_busy_seconds_total counter\nlmkit_engine_busy_seconds_total {busy:.6}"
         );
         out
     }

@@ -254,6 +254,14 @@ async fn completions_and_chat_match_local_generation_and_are_stored() {
         "{m}"
     );
     assert!(m.contains("lmkit_queue_depth 0"), "{m}");
+    // The worker's rounds and their time: at least one round per generated token.
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` in\n{m}"))
+    };
+    assert!(value("lmkit_engine_rounds_total") >= 10.0, "{m}");
+    assert!(value("lmkit_engine_busy_seconds_total") > 0.0, "{m}");
 }
 
 /// `--dtype bf16` serves the model in bf16 (streams of a round packed together, prompts in
