@@ -20,7 +20,8 @@
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
 #    GPT-2 small again with lmkit's flash attention and bf16 products (and beside it the same
-#    lmkit with LMKIT_CUDA_KEEP_FREED=0: the driver's pool handing freed memory back at each sync);
+#    lmkit with LMKIT_CUDA_BGRAD=epilogue: the MLP bias's gradient summed by the GELU gradient's
+#    product instead of its own column sums);
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
 #    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
 #    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
@@ -247,7 +248,7 @@ LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 --l
 echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 products"
 LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
   --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' \
-  --baseline "$bin" --baseline-env LMKIT_CUDA_KEEP_FREED=0 || failed+=("bench large bf16")
+  --baseline "$bin" --baseline-env LMKIT_CUDA_BGRAD=epilogue || failed+=("bench large bf16")
 fi
 
 if want serve; then
