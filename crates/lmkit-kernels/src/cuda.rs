@@ -1995,27 +1995,15 @@ impl Gpu {
         Ok(host.iter().sum())
     }
 
-    /// out[j] = Σ_r src[r, j] over the n rows of `src` [n, cols], in f32 and in a fixed order.
+    /// out[j] = Σ_r src[r, j] over the n rows of `src` [n, cols] (f32, or bf16), in f32 and in
+    /// a fixed order.
     pub fn column_sums(
         &self,
         out: Dev<f32>,
-        src: Dev<f32>,
+        src: impl Into<Data>,
         (n, cols): (usize, usize),
     ) -> Result<()> {
-        self.column_sums_of(out, src.into(), (n, cols))
-    }
-
-    /// [`Gpu::column_sums`] of bf16 rows (the sums in f32).
-    pub fn column_sums_bf16(
-        &self,
-        out: Dev<f32>,
-        src: Dev<Bf16>,
-        (n, cols): (usize, usize),
-    ) -> Result<()> {
-        self.column_sums_of(out, src.into(), (n, cols))
-    }
-
-    fn column_sums_of(&self, out: Dev<f32>, src: Data, (n, cols): (usize, usize)) -> Result<()> {
+        let src = src.into();
         if n == 0 {
             return self.fill(out, 0.0, cols);
         }
@@ -2573,7 +2561,7 @@ mod tests {
             let h: Vec<Bf16> = dy.iter().map(|&v| Bf16::from_f32(v)).collect();
             let hd = gpu.upload(&h).unwrap();
             let out = gpu.uninit(c).unwrap();
-            gpu.column_sums_bf16(out.dev(), hd.dev(), (n, c)).unwrap();
+            gpu.column_sums(out.dev(), hd.dev(), (n, c)).unwrap();
             let got = gpu.download(&out, c).unwrap();
             for (j, g) in got.iter().enumerate() {
                 let want: f64 = (0..n).map(|r| h[r * c + j].to_f32() as f64).sum();

@@ -2,7 +2,7 @@
 //! products: the MLP's first product writes GELU(x·w + b) and keeps x·w + b for the backward
 //! pass in one pass over its output (cuBLASLt's `GELU_AUX_BIAS`), and the backward's product
 //! dg·wᵀ is multiplied by GELU′ by its epilogue (`DGELU`), its bf16 result's column sums then
-//! the bias's gradient ([`Gpu::column_sums_bf16`]; or summed by the epilogue too, `DGELU_BGRAD`,
+//! the bias's gradient ([`Gpu::column_sums`]; or summed by the epilogue too, `DGELU_BGRAD`,
 //! with LMKIT_CUDA_BGRAD=epilogue: on an H200 that product ran at 155 TFLOP/s where its
 //! forward twin ran at 396) — instead of an f32 product, an activation kernel reading it back,
 //! and the gradient's f32 copy read again for its column sums. Outputs and the kept sum are
@@ -22,7 +22,7 @@ static SIDES: AtomicU8 = AtomicU8::new(3);
 static BGRAD: AtomicU8 = AtomicU8::new(0);
 
 /// Whether the GELU's backward product sums the bias's gradient in its epilogue (`DGELU_BGRAD`,
-/// LMKIT_CUDA_BGRAD=epilogue) rather than leaving it to [`Gpu::column_sums_bf16`] of its output.
+/// LMKIT_CUDA_BGRAD=epilogue) rather than leaving it to [`Gpu::column_sums`] of its output.
 pub fn bias_grad_in_epilogue() -> bool {
     match BGRAD.load(Ordering::Relaxed) {
         0 => {
@@ -174,7 +174,7 @@ impl Gpu {
     /// The largest difference, relative to the largest value (at least 1) of each output,
     /// between the GELU epilogues and the unfused product with the activation and its gradient
     /// computed in f64 on the host: g, pre, dh and dbias (the backward's epilogue's, or
-    /// [`Gpu::column_sums_bf16`] of dh, as [`bias_grad_in_epilogue`] says) on a 37×48×40
+    /// [`Gpu::column_sums`] of dh, as [`bias_grad_in_epilogue`] says) on a 37×48×40
     /// problem (bf16 operands, the next layer's weight transposed); `None` where cuBLASLt has no
     /// algorithm for one.
     pub fn gelu_check(&self) -> Result<Option<f64>> {
@@ -224,7 +224,7 @@ impl Gpu {
                 .collect()
         } else {
             let db = self.uninit(cols)?;
-            self.column_sums_bf16(db.dev(), dh.dev(), (rows, cols))?;
+            self.column_sums(db.dev(), dh.dev(), (rows, cols))?;
             self.download(&db, cols)?
                 .iter()
                 .map(|&x| x as f64)

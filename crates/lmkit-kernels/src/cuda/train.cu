@@ -495,28 +495,39 @@ extern "C" __global__ void cross_entropy_bf16(uint16_t* logits, float* loss,
     cross_entropy_row(logits, loss, targets, v, sc);
 }
 
-// out[y·cols + j] = Σ_r src[r·cols + j] over rows [y·per, min(n, (y + 1)·per)) of the n rows,
-// for the grid's row y (the gradient of a bias or a norm's weight, or its partial sums over
-// chunks of rows): a block of 32 × 32 threads per 32 columns and chunk, thread (g, j) summing
-// every 32nd row from g of its column (a warp reads 32 adjacent columns of a row), then the 32
-// partial sums added in order. Sums in f32 (of f32 or bf16 rows), the same order every run.
-template <class I>
-__device__ void column_sums_rows(float* out, const I* src, int n, int cols, int per) {
-    __shared__ float part[WARP][WARP + 1];
+// Column sums, K at a time, over rows [y·per, min(n, (y + 1)·per)) of the n rows for the grid's
+// row y (the gradients of a bias or a norm's weight, or their partial sums over chunks of rows):
+// add(r, col, s) adds row r's values of column col into s[0..K), and out[k][y·cols + col] gets
+// the k-th sum (out[k] null: not written). A block of 32 × 32 threads per 32 columns and chunk,
+// thread (g, j) summing every 32nd row from g of its column (a warp reads 32 adjacent columns of
+// a row), then the 32 partial sums added in order: f32, the same order every run.
+template <int K, class Add>
+__device__ void column_sums_by(float* const (&out)[K], int n, int cols, int per, Add add) {
+    __shared__ float part[K][WARP][WARP + 1];
     int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
     int col = blockIdx.x * WARP + j;
     int64_t first = (int64_t)blockIdx.y * per;
     int64_t end = first + per < n ? first + per : n;
-    float s = 0.0f;
+    float s[K] = {};
     if (col < cols)
-        for (int64_t r = first + g; r < end; r += groups) s += get(&src[r * cols + col]);
-    part[g][j] = s;
+        for (int64_t r = first + g; r < end; r += groups) add(r, col, s);
+    for (int k = 0; k < K; k++) part[k][g][j] = s[k];
     __syncthreads();
-    if (g == 0 && col < cols) {
-        float t = 0.0f;
-        for (int k = 0; k < groups; k++) t += part[k][j];
-        out[(int64_t)blockIdx.y * cols + col] = t;
-    }
+    if (g == 0 && col < cols)
+        for (int k = 0; k < K; k++) {
+            if (!out[k]) continue;
+            float t = 0.0f;
+            for (int q = 0; q < groups; q++) t += part[k][q][j];
+            out[k][(int64_t)blockIdx.y * cols + col] = t;
+        }
+}
+
+// out[y·cols + j] = Σ_r src[r·cols + j] (f32 or bf16 rows), as column_sums_by.
+template <class I>
+__device__ void column_sums_rows(float* out, const I* src, int n, int cols, int per) {
+    float* const outs[1] = {out};
+    column_sums_by(outs, n, cols, per,
+                   [&](int64_t r, int col, float* s) { s[0] += get(&src[r * cols + col]); });
 }
 
 extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols, int per) {
@@ -529,38 +540,18 @@ extern "C" __global__ void column_sums_h16(float* out, const uint16_t* src, int 
     column_sums_rows(out, src, n, cols, per);
 }
 
-// A norm's weight and bias gradients over rows [y·per, min(n, (y + 1)·per)) for the grid's row
-// y: dw[y·c + j] = Σ_r dy[r, j]·x̂[r, j] with x̂ = (x − mean[r])·rstd[r] (mean null: RMSNorm's
-// x·rstd[r]), and db[y·c + j] = Σ_r dy[r, j] where db is given — one read of dy and x instead of
-// writing dy ⊙ x̂ and summing it and dy apart. Blocks and order as column_sums'.
+// A norm's weight and bias gradients, as column_sums_by: dw[y·c + j] = Σ_r dy[r, j]·x̂[r, j] with
+// x̂ = (x − mean[r])·rstd[r] (mean null: RMSNorm's x·rstd[r]), and db[y·c + j] = Σ_r dy[r, j]
+// where db is given — one read of dy and x instead of writing dy ⊙ x̂ and summing it and dy apart.
 extern "C" __global__ void norm_weight_sums(float* dw, float* db, const float* dy, const float* x,
                                             const float* mean, const float* rstd, int n, int c,
                                             int per) {
-    __shared__ float part[2][WARP][WARP + 1];
-    int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
-    int col = blockIdx.x * WARP + j;
-    int64_t first = (int64_t)blockIdx.y * per;
-    int64_t end = first + per < n ? first + per : n;
-    float sw = 0.0f, sb = 0.0f;
-    if (col < c)
-        for (int64_t r = first + g; r < end; r += groups) {
-            float d = dy[r * c + col];
-            float xh = (x[r * c + col] - (mean ? mean[r] : 0.0f)) * rstd[r];
-            sw += d * xh;
-            sb += d;
-        }
-    part[0][g][j] = sw;
-    part[1][g][j] = sb;
-    __syncthreads();
-    if (g == 0 && col < c) {
-        float tw = 0.0f, tb = 0.0f;
-        for (int k = 0; k < groups; k++) {
-            tw += part[0][k][j];
-            tb += part[1][k][j];
-        }
-        dw[(int64_t)blockIdx.y * c + col] = tw;
-        if (db) db[(int64_t)blockIdx.y * c + col] = tb;
-    }
+    float* const outs[2] = {dw, db};
+    column_sums_by(outs, n, c, per, [&](int64_t r, int col, float* s) {
+        float d = dy[r * c + col];
+        s[0] += d * ((x[r * c + col] - (mean ? mean[r] : 0.0f)) * rstd[r]);
+        s[1] += d;
+    });
 }
 
 // out = value everywhere.

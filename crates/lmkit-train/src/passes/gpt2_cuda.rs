@@ -408,7 +408,7 @@ fn mlp_bwd(
             let db = gpu.uninit(hid)?;
             match &db16 {
                 Some(db16) => gpu.from_bf16(db.dev(), db16.dev(), hid)?,
-                None => gpu.column_sums_bf16(db.dev(), dh16.dev(), (n, hid))?,
+                None => gpu.column_sums(db.dev(), dh16.dev(), (n, hid))?,
             }
             let proj = conv1d_bwd(gpu, Dy::F32(dx, dx_op), s.g.data(), w_proj, proj_dims, None)?;
             let dy = Dy::Summed(dh16.dev().into(), db);
