@@ -457,18 +457,17 @@ pub(super) struct PassTimer {
 }
 
 impl PassTimer {
-    pub(super) fn new() -> PassTimer {
+    pub(super) fn new() -> Result<PassTimer> {
         if lmkit_kernels::cuda::op_timing() {
-            // The op times of this pass only (an error reading earlier ones' events shows at
-            // the report).
-            let _ = lmkit_kernels::cuda::take_op_times();
+            // The op times of this pass only.
+            lmkit_kernels::cuda::take_op_times()?;
         }
-        PassTimer {
+        Ok(PassTimer {
             on: std::env::var_os("LMKIT_CUDA_TIMING").is_some(),
             clock: std::time::Instant::now(),
             phases: Vec::new(),
             attention: [0.0; 2],
-        }
+        })
     }
 
     /// Ends phase `what`.
@@ -709,7 +708,7 @@ fn backprop(
         && flash_attention_chosen()
         && heads.shape().flash_fits(gpu.compute_major()?)
         && flash_trusted(gpu, heads.hd)?;
-    let mut timer = PassTimer::new();
+    let mut timer = PassTimer::new()?;
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
     let lm = gpu.operand(p.lm_head.unwrap_or(p.wte))?;

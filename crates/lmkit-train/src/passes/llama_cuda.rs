@@ -258,7 +258,7 @@ fn backprop(
     let table = p[p.len() - 1];
     let attn = d.attn();
     let att_scale = 1.0 / (d.hd as f32).sqrt();
-    let mut timer = PassTimer::new();
+    let mut timer = PassTimer::new()?;
     let ids_d = gpu.upload_u32(ids)?;
     let targets_d = gpu.upload_u32(targets)?;
 
