@@ -513,15 +513,17 @@ impl Work {
 
 /// The op times gathered so far: the totals of resolved entries, and the entries whose events
 /// are not yet read (read at [`take_op_times`], or when there are [`PENDING_MAX`]).
+#[derive(Default)]
 struct OpTimes {
     totals: Vec<OpTime>,
     pending: Vec<(String, Work, hw::Mark, hw::Mark)>,
 }
 
-static OPS: std::sync::Mutex<OpTimes> = std::sync::Mutex::new(OpTimes {
-    totals: Vec::new(),
-    pending: Vec::new(),
-});
+thread_local! {
+    /// Each thread's op times: a thread's GPU work goes to its own stream, and a pass reports
+    /// the work it launched, not another thread's.
+    static OPS: std::cell::RefCell<OpTimes> = std::cell::RefCell::default();
+}
 
 /// Entries kept unread at most (two events each): then they are read, which waits for the GPU.
 const PENDING_MAX: usize = 4096;
@@ -575,15 +577,16 @@ pub fn set_op_timing(on: bool) {
     OP_TIMING.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The op times gathered since the last call, the longest first (waiting for the GPU to finish
-/// the work timed); the gathering starts again.
+/// The op times this thread gathered since the last call, the longest first (waiting for the
+/// GPU to finish the work timed); the gathering starts again.
 pub fn take_op_times() -> Result<Vec<OpTime>> {
-    let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
-    let resolved = ops.resolve();
-    let mut totals = std::mem::take(&mut ops.totals);
-    resolved?;
-    totals.sort_by(|a, b| b.secs.total_cmp(&a.secs));
-    Ok(totals)
+    OPS.with_borrow_mut(|ops| {
+        let resolved = ops.resolve();
+        let mut totals = std::mem::take(&mut ops.totals);
+        resolved?;
+        totals.sort_by(|a, b| b.secs.total_cmp(&a.secs));
+        Ok(totals)
+    })
 }
 
 /// One parameter's operands of [`Gpu::adam`] (each as long as the gradient) and its
@@ -853,12 +856,13 @@ impl Gpu {
         f()?;
         let end = self.mark()?;
         let (name, work) = what();
-        let mut ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
-        ops.pending.push((name, work, start, end));
-        if ops.pending.len() >= PENDING_MAX {
-            ops.resolve()?;
-        }
-        Ok(())
+        OPS.with_borrow_mut(|ops| {
+            ops.pending.push((name, work, start, end));
+            if ops.pending.len() >= PENDING_MAX {
+                ops.resolve()?;
+            }
+            Ok(())
+        })
     }
 
     /// Launches kernel `name` of `module` on (x, y) blocks of `block` threads with `shared` bytes
@@ -2911,7 +2915,7 @@ mod tests {
         tf32.flash_check(shape).unwrap();
         set_op_timing(false);
         let ops = take_op_times().unwrap();
-        // Other tests may launch meanwhile: these entries at least.
+        // This thread's launches only (other tests launch on theirs).
         let of = |name: &str| ops.iter().find(|o| o.name == name);
         assert!(
             of("fill").is_some_and(|o| o.calls >= 2 && o.flops == 0.0),
