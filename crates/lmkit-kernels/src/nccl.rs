@@ -55,6 +55,9 @@ pub struct Nccl {
     get_unique_id: GetUniqueId,
     pub(crate) comm_init_rank: CommInitRank,
     pub(crate) comm_destroy: CommDestroy,
+    /// `ncclCommAbort` (NCCL 2.4 and later): ends a communicator without waiting for its
+    /// operations in flight (a member that left leaves the others' all-reduce waiting for ever).
+    pub(crate) comm_abort: Option<CommDestroy>,
     pub(crate) all_reduce: AllReduce,
     pub(crate) group_start: GroupCall,
     pub(crate) group_end: GroupCall,
@@ -78,11 +81,13 @@ fn open(path: &str) -> Result<Nccl, String> {
             };
         }
         let last_error = lib.get::<LastError>(b"ncclGetLastError\0").ok().map(|f| *f);
+        let comm_abort = lib.get::<CommDestroy>(b"ncclCommAbort\0").ok().map(|f| *f);
         Ok(Nccl {
             get_version: sym!("ncclGetVersion"),
             get_unique_id: sym!("ncclGetUniqueId"),
             comm_init_rank: sym!("ncclCommInitRank"),
             comm_destroy: sym!("ncclCommDestroy"),
+            comm_abort,
             all_reduce: sym!("ncclAllReduce"),
             group_start: sym!("ncclGroupStart"),
             group_end: sym!("ncclGroupEnd"),
@@ -197,6 +202,10 @@ mod tests {
         let (major, minor, _) = n.version().unwrap();
         assert_eq!(major, 2, "{}", n.path());
         assert!(minor >= 10, "ncclAvg needs NCCL 2.10 or later");
+        assert!(
+            n.comm_abort.is_some(),
+            "ncclCommAbort is in every NCCL since 2.4"
+        );
         let a = n.unique_id().unwrap();
         let b = n.unique_id().unwrap();
         assert!(a.internal.iter().any(|&x| x != 0));

@@ -86,6 +86,9 @@ pub struct Group {
     link: Link,
     /// How long an exchange waits for a member (for the errors that say it waited).
     exchange: Option<Duration>,
+    /// How long joining waits: also the NCCL communicator's forming.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    join: Option<Duration>,
     /// The members' NCCL communicator, once [`Group::join_gpus`] has made one.
     #[cfg(feature = "cuda")]
     gpus: Option<lmkit_kernels::cuda::Comm>,
@@ -137,6 +140,7 @@ impl Group {
             world: 1,
             link: Link::Single,
             exchange: None,
+            join: None,
             #[cfg(feature = "cuda")]
             gpus: None,
         }
@@ -290,6 +294,7 @@ impl Group {
             world,
             link,
             exchange: waits.exchange,
+            join: waits.join,
             #[cfg(feature = "cuda")]
             gpus: None,
         })
@@ -297,7 +302,14 @@ impl Group {
 
     /// The error for an exchange with rank `member` that failed with `e`: it left (its
     /// connection closed or broke) or kept silent past the exchange's wait.
-    fn lost(&self, member: usize, e: std::io::Error) -> TrainError {
+    ///
+    /// The NCCL communicator, if any, is aborted: the gradients' all-reduce queued before this
+    /// exchange may wait for the lost member for ever, and so would destroying it.
+    fn lost(&mut self, member: usize, e: std::io::Error) -> TrainError {
+        #[cfg(feature = "cuda")]
+        if let Some(comm) = self.gpus.take() {
+            comm.abort();
+        }
         let silent = matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -385,8 +397,22 @@ impl Group {
             lmkit_kernels::nccl::UniqueId { internal: [0; 128] }
         };
         self.broadcast(&mut id.internal)?;
-        let comm = lmkit_kernels::cuda::Comm::new(nccl, device, id, self.rank, self.world)
-            .map_err(|e| group_err(e.to_string()))?;
+        let (rank, world) = (self.rank, self.world);
+        // NCCL's init blocks until every member has joined, and cannot be interrupted: a member
+        // that stopped after the id reached it, or machines NCCL cannot connect, would hold this
+        // process for ever.
+        let comm = within(
+            self.join,
+            || lmkit_kernels::cuda::Comm::new(nccl, device, id, rank, world),
+            move |wait| {
+                eprintln!(
+                    "error: rank {rank} of {world}: the NCCL communicator was not formed within                      {} s (a member stopped after it got rank 0's id, or NCCL cannot connect the                      members: NCCL_DEBUG=INFO shows why, NCCL_SOCKET_IFNAME names the network;                      {TIMEOUT_VAR} sets the wait in seconds); this process stops",
+                    wait.as_secs()
+                );
+                std::process::exit(1);
+            },
+        )
+        .map_err(|e| group_err(e.to_string()))?;
         self.gpus = Some(comm);
         Ok(())
     }
@@ -454,6 +480,30 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// `work()` on this thread; if it has not returned within `wait` (`None`: no limit),
+/// `expire(wait)` runs on a watchdog thread, for work that cannot be interrupted (it may end
+/// the process). Once `work` returns the watchdog stops without running `expire`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn within<T>(
+    wait: Option<Duration>,
+    work: impl FnOnce() -> T,
+    expire: impl FnOnce(Duration) + Send + 'static,
+) -> T {
+    let Some(wait) = wait else {
+        return work();
+    };
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(wait) {
+            expire(wait);
+        }
+    });
+    let out = work();
+    drop(done);
+    let _ = watchdog.join();
+    out
 }
 
 impl Conn {
@@ -578,6 +628,48 @@ mod tests {
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Work that cannot be interrupted (NCCL's init) gets a watchdog: past the wait it runs the
+    /// expiry (which ends the process there), and not at all once the work is done in time.
+    #[test]
+    fn within_runs_the_expiry_only_past_the_wait() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let expired = Arc::new(AtomicU64::new(0));
+        let e = expired.clone();
+        let wait = Duration::from_millis(50);
+        let out = within(
+            Some(wait),
+            || {
+                std::thread::sleep(Duration::from_millis(400));
+                7
+            },
+            move |w| e.store(w.as_millis() as u64, Ordering::SeqCst),
+        );
+        assert_eq!(out, 7);
+        assert_eq!(
+            expired.load(Ordering::SeqCst),
+            50,
+            "the slow work's expiry ran"
+        );
+
+        let expired = Arc::new(AtomicU64::new(0));
+        for wait in [Some(Duration::from_secs(30)), None] {
+            let e = expired.clone();
+            let start = Instant::now();
+            let out = within(wait, || 8, move |_| e.store(1, Ordering::SeqCst));
+            assert_eq!(out, 8);
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "returns when the work does"
+            );
+        }
+        assert_eq!(
+            expired.load(Ordering::SeqCst),
+            0,
+            "no expiry for work done in time"
+        );
     }
 
     /// Rank 0's bytes reach every member (how the NCCL communicator's id travels).

@@ -1002,8 +1002,26 @@ impl Comm {
     }
 }
 
+impl Comm {
+    /// Ends the communicator without waiting for its operations in flight: for a group that
+    /// failed (a member left or stopped answering), whose all-reduce may never complete, where
+    /// dropping it (`ncclCommDestroy`) could wait for ever. Without `ncclCommAbort` (NCCL
+    /// before 2.4) the communicator is left as it is, for the process's end to reclaim.
+    pub fn abort(mut self) {
+        if let Some(abort) = self.nccl.comm_abort {
+            // SAFETY: the communicator was made by `Comm::new` and is not used again.
+            let _ = unsafe { abort(self.comm) };
+        }
+        // `Drop` leaves a null communicator.
+        self.comm = std::ptr::null_mut();
+    }
+}
+
 impl Drop for Comm {
     fn drop(&mut self) {
+        if self.comm.is_null() {
+            return; // aborted
+        }
         // SAFETY: the communicator was made by `Comm::new` and is destroyed once.
         let _ = unsafe { (self.nccl.comm_destroy)(self.comm) };
     }
