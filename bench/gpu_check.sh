@@ -14,7 +14,8 @@
 #    attention's time next to PyTorch's scaled_dot_product_attention on the same shapes;
 #    every kernel's and product shape's time within one such pass (LMKIT_CUDA_TIMING=ops), with
 #    the kept probabilities and with flash attention and bf16 products (and those with the MLP
-#    bias's gradient summed by the GELU gradient's product, LMKIT_CUDA_BGRAD=epilogue);
+#    bias's gradient summed by the GELU gradient's product, LMKIT_CUDA_BGRAD=epilogue, and with
+#    the flash forward kernel's 128-row blocks, LMKIT_CUDA_FLASH_ROWS=128);
 #    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
@@ -98,15 +99,18 @@ fi
 # A GPT-2-small-shaped training run (12 layers, 768 dims, context 1024, batch 8) on the GPU: RUN is
 # flash, materialized (the kept [t, t] probabilities) or flash-bf16 (train.dtype = "bf16"), with
 # -unfused: the biases and residuals written before the products (LMKIT_CUDA_EPILOGUE=0), or
-# -bgrad: the MLP bias's gradient summed by the GELU gradient's product (LMKIT_CUDA_BGRAD=epilogue).
+# -bgrad: the MLP bias's gradient summed by the GELU gradient's product (LMKIT_CUDA_BGRAD=epilogue),
+# or -rows128: the flash forward kernel with 128 rows a block, two row blocks a warp
+# (LMKIT_CUDA_FLASH_ROWS=128).
 #   gpt2_small RUN STEPS OUT_DIR
 gpt2_small() {
-  local run="${1%-unfused}" epilogue=1 bgrad=
+  local run="${1%-unfused}" epilogue=1 bgrad= rows=
   [ "$run" != "$1" ] && epilogue=0
   [ "${run%-bgrad}" != "$run" ] && run="${run%-bgrad}" && bgrad=epilogue
+  [ "${run%-rows128}" != "$run" ] && run="${run%-rows128}" && rows=128
   local att="${run%-bf16}" dtype=f32
   [ "$run" = flash-bf16 ] && dtype=bf16
-  LMKIT_CUDA_BGRAD=$bgrad LMKIT_CUDA_EPILOGUE=$epilogue LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+  LMKIT_CUDA_FLASH_ROWS=$rows LMKIT_CUDA_BGRAD=$bgrad LMKIT_CUDA_EPILOGUE=$epilogue LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
     --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
     --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
     --set train.seq_len=1024 --set train.batch_size=8 --set "train.max_steps=$2" --set train.log_every=1 \
@@ -117,7 +121,7 @@ gpt2_small() {
 
 if want ops; then
 echo "== where a GPT-2-small step's time goes: each kernel and product shape (LMKIT_CUDA_TIMING=ops)"
-for run in materialized flash-bf16 flash-bf16-bgrad; do
+for run in materialized flash-bf16 flash-bf16-bgrad flash-bf16-rows128; do
   LMKIT_CUDA_TIMING=ops gpt2_small "$run" 3 "$tmp/ops-$run" 2>"$out/ops-$run.log" || failed+=("ops $run")
   # The last step's pass: its phases, then its 25 longest ops.
   echo "$run:"; grep "cuda pass" "$out/ops-$run.log" | tail -1
@@ -127,7 +131,7 @@ fi
 
 if want attention; then
 echo "== attention on the GPU: flash kernels vs kept probabilities (TF32 products), and bf16 products"
-for run in flash materialized flash-bf16 flash-bf16-bgrad flash-bf16-unfused; do
+for run in flash materialized flash-bf16 flash-bf16-bgrad flash-bf16-rows128 flash-bf16-unfused; do
   LMKIT_CUDA_TIMING=1 gpt2_small "$run" 8 "$tmp/att-$run" 2>"$out/attention-$run.log" \
     || failed+=("attention $run")
   echo "$run:"; grep "cuda pass" "$out/attention-$run.log" | tail -3
@@ -136,10 +140,12 @@ done
 import json, sys
 runs = {a: {r["step"]: r for r in map(json.loads, open(f"{sys.argv[1]}/att-{a}/metrics.jsonl"))
             if "loss" in r and "step" in r}
-        for a in ("flash", "materialized", "flash-bf16", "flash-bf16-bgrad", "flash-bf16-unfused")}
+        for a in ("flash", "materialized", "flash-bf16", "flash-bf16-bgrad", "flash-bf16-rows128",
+                  "flash-bf16-unfused")}
 ref = runs["materialized"]
 bad = []
-for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2), ("flash-bf16-bgrad", 5e-2), ("flash-bf16-unfused", 5e-2)):
+for a, tol in (("flash", 2e-2), ("flash-bf16", 5e-2), ("flash-bf16-bgrad", 5e-2), ("flash-bf16-rows128", 5e-2),
+               ("flash-bf16-unfused", 5e-2)):
     both = sorted(set(runs[a]) & set(ref))
     worst = max((abs(runs[a][s]["loss"] - ref[s]["loss"]) for s in both), default=float("inf"))
     print(f"{a}: losses {[round(runs[a][s]['loss'], 4) for s in both]} vs {[round(ref[s]['loss'], 4) for s in both]}"
@@ -158,7 +164,7 @@ PY
 import re, statistics, sys, time
 import torch
 out = sys.argv[1]
-for run in ("flash", "materialized", "flash-bf16", "flash-bf16-bgrad", "flash-bf16-unfused"):
+for run in ("flash", "materialized", "flash-bf16", "flash-bf16-bgrad", "flash-bf16-rows128", "flash-bf16-unfused"):
     try:
         log = open(f"{out}/attention-{run}.log").read()
     except FileNotFoundError:

@@ -25,8 +25,8 @@ size_t tile_bytes(int rows, int hd, bool bf16) {
   return bf16 ? 2 * size_t(rows) * (hd + Bf16::PAD) : 4 * size_t(rows) * (hd + Tf32::PAD);
 }
 int streamed(int mode) { return mode == 2 ? 4 : 2; }
-size_t fwd_bytes(int hd, int mode) {
-  return tile_bytes(ATT_ROWS + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
+size_t fwd_bytes(int hd, int mode, int rows) {
+  return tile_bytes(rows + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
 }
 size_t dq_bytes(int hd, int mode) {
   return tile_bytes(2 * ATT_ROWS + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
@@ -36,7 +36,7 @@ size_t dkdv_bytes(int hd, int mode) {
          4 * size_t(streamed(mode) * queries(hd));
 }
 
-dim3 grid(int t, int bh) { return {unsigned((t + ATT_ROWS - 1) / ATT_ROWS), unsigned(bh), 1}; }
+dim3 grid(int t, int bh, int rows = ATT_ROWS) { return {unsigned((t + rows - 1) / rows), unsigned(bh), 1}; }
 constexpr dim3 THREADS = {ATT_THREADS, 1, 1};
 
 }  // namespace
@@ -58,18 +58,19 @@ std::vector<uint16_t> bf16_rows(const float* o, size_t len) {
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
 // the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits, and the
 // kernels' o is bf16: written into `o` widened, and read by the backward rounded). Returns 0, or
-// 1 for an unsupported head size.
+// 1 for an unsupported head size. `rows`: the forward kernel's rows per block, 64 (`_fwd_`) or
+// 128 (`_fwd2_`, head sizes 32 and 64).
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                             const int* dims, const int* ld, float scale, int mode) {
+                             const int* dims, const int* ld, float scale, int mode, int rows) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
   size_t o_len = size_t(b * t - 1) * ld[3] + size_t(heads) * hd;
   auto run = [&](auto kernel, auto s) {
     using S = decltype(s);
-    size_t bytes = fwd_bytes(hd, mode);
+    size_t bytes = fwd_bytes(hd, mode, rows);
     // A bf16 o starts as NaNs, as `o` does.
     std::vector<S> out(o_len, S(0x7fc0));
     if constexpr (std::is_same_v<S, float>) std::copy(o, o + o_len, out.begin());
-    emu::launch(grid(t, b * heads), THREADS, bytes, [&] {
+    emu::launch(grid(t, b * heads, rows), THREADS, bytes, [&] {
       kernel(in<S>(q), in<S>(k), in<S>(v), out.data(), lse, t, heads, kvh, ld[0], ld[1], ld[2],
              ld[3], scale);
     });
@@ -77,7 +78,11 @@ extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, flo
   };
   float f = 0;
   uint16_t h = 0;
-  if (hd == 32) mode == 2 ? run(flash_bf16in_fwd_32, h) : mode ? run(flash_bf16_fwd_32, f) : run(flash_fwd_32, f);
+  if (rows != ATT_ROWS && (rows != 2 * ATT_ROWS || hd > 64)) return 1;
+  bool two = rows == 2 * ATT_ROWS;
+  if (hd == 32 && two) mode == 2 ? run(flash_bf16in_fwd2_32, h) : mode ? run(flash_bf16_fwd2_32, f) : run(flash_fwd2_32, f);
+  else if (hd == 64 && two) mode == 2 ? run(flash_bf16in_fwd2_64, h) : mode ? run(flash_bf16_fwd2_64, f) : run(flash_fwd2_64, f);
+  else if (hd == 32) mode == 2 ? run(flash_bf16in_fwd_32, h) : mode ? run(flash_bf16_fwd_32, f) : run(flash_fwd_32, f);
   else if (hd == 64) mode == 2 ? run(flash_bf16in_fwd_64, h) : mode ? run(flash_bf16_fwd_64, f) : run(flash_fwd_64, f);
   else if (hd == 128) mode == 2 ? run(flash_bf16in_fwd_128, h) : mode ? run(flash_bf16_fwd_128, f) : run(flash_fwd_128, f);
   else return 1;

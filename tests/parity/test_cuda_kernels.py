@@ -33,7 +33,7 @@ def build(tmp_path_factory, name):
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
-    so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
+    so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
     so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
                                         + [INTS, ctypes.c_float])
@@ -126,8 +126,11 @@ MODES = {"tf32": 0, "bf16": 1, "bf16in": 2}
 
 
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-@pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed", SHAPES)
-def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, mode):
+@pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed,rows",
+                         [s + (64,) for s in SHAPES] + [s + (128,) for s in SHAPES if s[4] <= 64])
+def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, rows, mode):
+    """The kernels against PyTorch; `rows`: the forward kernel's rows per block (64, or 128 with
+    two row blocks a warp: head sizes 32 and 64, as cuda.rs chooses with LMKIT_CUDA_FLASH_ROWS)."""
     bf16 = mode > 0
     rng = np.random.default_rng(hd + t)
     scale = 1.0 / np.sqrt(hd)
@@ -164,7 +167,7 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     o = np.full((b * t, c), np.nan, dtype=np.float32)
     lse = np.full((b, heads, t), np.nan, dtype=np.float32)
     dims = ints(b, t, heads, kv_heads, hd)
-    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale, mode) == 0
+    assert kernels.emu_flash_fwd(q_ptr, k_ptr, v_ptr, ptr(o), ptr(lse), dims, ints(*lds, c), scale, mode, rows) == 0
     dvec = np.full((b, heads, t), np.nan, dtype=np.float32)
     dq = np.full((b * t, c), np.nan, dtype=np.float32)
     dk = np.full((b * t, ckv), np.nan, dtype=np.float32)

@@ -626,6 +626,25 @@ pub struct Gpu {
     /// their products' operands in bf16 ([`Gpu::operand`], [`Gpu::operand_buf`]); f32 operands
     /// are rounded to bf16 by cuBLAS. From [`set_bf16_products`].
     pub bf16: bool,
+    /// Query rows per block of the flash forward kernel: 64 (16 a warp) or 128 (32 a warp:
+    /// every key and value fragment read from shared memory serves two row blocks; head sizes
+    /// 32 and 64, else 64 rows). From [`flash_forward_rows`].
+    pub flash_rows: usize,
+}
+
+/// The flash forward kernel's rows per block for the [`Gpu`]s made from now on:
+/// `LMKIT_CUDA_FLASH_ROWS` (64 or 128), 64 when it is not set or names neither (read once).
+pub fn flash_forward_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        match std::env::var("LMKIT_CUDA_FLASH_ROWS")
+            .as_deref()
+            .map(str::trim)
+        {
+            Ok("128") => 128,
+            _ => ATT_ROWS,
+        }
+    })
 }
 
 static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -938,10 +957,16 @@ impl Gpu {
             Arg::I(int(o.ld)?),
             Arg::F(scale),
         ];
-        let grid = (s.t.div_ceil(ATT_ROWS), s.b * s.heads);
+        // 64 rows a block (`_fwd_`), or 128 (`_fwd2_`: two row blocks a warp; head sizes up
+        // to 64, where its accumulators stay in registers).
+        let (rows, kind) = match self.flash_rows {
+            128 if s.hd <= 64 => (128, "fwd2"),
+            _ => (ATT_ROWS, "fwd"),
+        };
+        let grid = (s.t.div_ceil(rows), s.b * s.heads);
         // The block's query rows, and a tile of keys and one of values (per buffer).
-        let shared = plan.tiles(ATT_ROWS + 2 * plan.buffers * plan.keys, s.hd);
-        let name = format!("{}_fwd_{}", plan.prefix, s.hd);
+        let shared = plan.tiles(rows + 2 * plan.buffers * plan.keys, s.hd);
+        let name = format!("{}_{kind}_{}", plan.prefix, s.hd);
         let work = Work {
             flops: 2.0 * s.causal_products(),
             bytes: 0.0,
@@ -2993,20 +3018,34 @@ mod tests {
         let checks = [32, 64, 128].map(Gpu::flash_check_shape);
         // TF32; bf16 products on f32 inputs; bf16 inputs (cp.async tiles).
         let modes = [(false, false), (true, false), (true, true)];
-        for (s, (bf16, inputs)) in shapes
-            .into_iter()
-            .chain(checks)
-            .flat_map(|s| modes.map(|m| (s, m)))
-        {
-            assert!(s.flash_fits(8));
-            // The bf16 kernels with bf16 products.
-            gpu.bf16 = bf16;
-            let err = gpu.flash_check_inputs(s, inputs).unwrap();
-            let tol = gpu.flash_tolerance();
-            assert!(
-                err < tol,
-                "{s:?} (bf16 {bf16}, bf16 inputs {inputs}): error {err}"
-            );
+        // The forward kernel with 64 rows a block and with 128 (two row blocks a warp; 200
+        // tokens: a full block, a partial one, and rows of one warp in both of its blocks).
+        let wide = AttnShape {
+            b: 1,
+            t: 200,
+            heads: 2,
+            kv_heads: 1,
+            hd: 64,
+        };
+        for rows in [64, 128] {
+            gpu.flash_rows = rows;
+            let extra = (rows == 128).then_some(wide);
+            for (s, (bf16, inputs)) in shapes
+                .into_iter()
+                .chain(checks)
+                .chain(extra)
+                .flat_map(|s| modes.map(|m| (s, m)))
+            {
+                assert!(s.flash_fits(8));
+                // The bf16 kernels with bf16 products.
+                gpu.bf16 = bf16;
+                let err = gpu.flash_check_inputs(s, inputs).unwrap();
+                let tol = gpu.flash_tolerance();
+                assert!(
+                    err < tol,
+                    "{s:?} (bf16 {bf16}, bf16 inputs {inputs}, {rows} rows): error {err}"
+                );
+            }
         }
     }
 }

@@ -272,38 +272,60 @@ __device__ __forceinline__ void load_tile(typename P::T* tile, int rows, const f
   }
 }
 
-// acc[j] += A·Xᵀ over K columns: A = rows ar0..ar0+15 of tile a, X = the N rows of tile x.
-template <class P, int K, int N>
-__device__ __forceinline__ void mma_abt(float (*acc)[4], const typename P::T* a, int lda,
-                                        int ar0, const typename P::T* x, int ldx) {
+// acc[m][j] += A_m·Xᵀ over K columns for MT row blocks m: A_m = rows ar0 + 16m.. of tile a, X
+// = the N rows of tile x. Each B fragment, loaded once, serves the MT blocks (a warp with more
+// rows reads X from shared memory fewer times per product).
+template <class P, int K, int N, int MT>
+__device__ __forceinline__ void mma_abt_m(float (*acc)[N / 8][4], const typename P::T* a,
+                                          int lda, int ar0, const typename P::T* x, int ldx) {
 #pragma unroll
   for (int kk = 0; kk < K; kk += P::K) {
-    uint32_t fa[4];
-    P::frag_a(fa, a, lda, ar0, kk);
+    uint32_t fa[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++) P::frag_a(fa[m], a, lda, ar0 + 16 * m, kk);
 #pragma unroll
     for (int j = 0; j < N / 8; j++) {
       uint32_t fb[2];
       P::frag_bt(fb, x, ldx, j * 8, kk);
-      P::mma(acc[j], fa, fb);
+#pragma unroll
+      for (int m = 0; m < MT; m++) P::mma(acc[m][j], fa[m], fb);
     }
   }
+}
+
+// acc[m][j] += P_m·X for MT row blocks m: P_m = the warp's [16, K] accumulators p[m], X = the
+// [K, N] tile x.
+template <class P, int K, int N, int MT>
+__device__ __forceinline__ void mma_px_m(float (*acc)[N / 8][4], const float (*p)[K / 8][4],
+                                         const typename P::T* x, int ldx) {
+#pragma unroll
+  for (int kk = 0; kk < K / P::K; kk++) {
+    uint32_t fa[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++) P::frag_a_acc(fa[m], p[m], kk);
+#pragma unroll
+    for (int j = 0; j < N / 8; j++) {
+      uint32_t fb[2];
+      P::frag_b(fb, x, ldx, kk * P::K, j * 8);
+#pragma unroll
+      for (int m = 0; m < MT; m++) P::mma(acc[m][j], fa[m], fb);
+    }
+  }
+}
+
+// acc[j] += A·Xᵀ over K columns: A = rows ar0..ar0+15 of tile a, X = the N rows of tile x.
+template <class P, int K, int N>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const typename P::T* a, int lda,
+                                        int ar0, const typename P::T* x, int ldx) {
+  mma_abt_m<P, K, N, 1>(reinterpret_cast<float (*)[N / 8][4]>(acc), a, lda, ar0, x, ldx);
 }
 
 // acc[j] += P·X: P = the warp's [16, K] accumulators p, X = the [K, N] tile x.
 template <class P, int K, int N>
 __device__ __forceinline__ void mma_px(float (*acc)[4], const float (*p)[4],
                                        const typename P::T* x, int ldx) {
-#pragma unroll
-  for (int kk = 0; kk < K / P::K; kk++) {
-    uint32_t fa[4];
-    P::frag_a_acc(fa, p, kk);
-#pragma unroll
-    for (int j = 0; j < N / 8; j++) {
-      uint32_t fb[2];
-      P::frag_b(fb, x, ldx, kk * P::K, j * 8);
-      P::mma(acc[j], fa, fb);
-    }
-  }
+  mma_px_m<P, K, N, 1>(reinterpret_cast<float (*)[N / 8][4]>(acc),
+                       reinterpret_cast<const float (*)[K / 8][4]>(p), x, ldx);
 }
 
 template <int N>
@@ -437,86 +459,106 @@ __device__ __forceinline__ void stream_kv(typename P::T* sK, typename P::T* sV,
 }
 
 // Forward: o = softmax(scale · q·kᵀ, causal) · v for each head (of the inputs' type: f32, or
-// rounded to bf16 once); lse[b, h, i] = the natural log-sum-exp of row i's scaled scores. Grid
-// (⌈t/64⌉, b·heads), 128 threads.
-template <class P, class In, int HD, int BC>
+// rounded to bf16 once); lse[b, h, i] = the natural log-sum-exp of row i's scaled scores. Each
+// warp owns MT blocks of 16 rows (a block 64·MT rows): with MT = 2 every key and value
+// fragment read from shared memory serves two row blocks. Grid (⌈t/(64·MT)⌉, b·heads), 128
+// threads.
+template <class P, class In, int HD, int BC, int MT>
 __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
                           const typename In::S* v, typename In::S* o, float* lse, int t,
                           int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo,
                           float scale) {
-  constexpr int LD = HD + P::PAD;
+  constexpr int LD = HD + P::PAD, ROWS = ATT_ROWS * MT;
   typedef typename P::T T;
   typedef typename In::S S;
   LMKIT_DYNAMIC_SHARED(smem);
-  T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sK = sQ + ATT_ROWS * LD;          // [BC, LD] per buffer
+  T* sQ = reinterpret_cast<T*>(smem);  // [ROWS, LD]
+  T* sK = sQ + ROWS * LD;              // [BC, LD] per buffer
   T* sV = sK + In::BUFFERS * BC * LD;  // [BC, LD] per buffer
-  int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;  // the longest rows first
+  int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // the longest rows first
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const S* kg = k + (int64_t)bi * t * ldk + kvh * HD;
   const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  In::template fetch<HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
-  int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
+  In::template fetch<HD>(sQ, ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  // The warp's first row; row block mb's rows are r0 + 16·mb + (lane/4, lane/4 + 8).
+  int r0 = q0 + warp * 16 * MT;
+  int rows[MT][2];
   // The online softmax's running max (log2 units of the scaled scores) and this lane's part
   // of the running sum, per row.
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float acc[HD / 8][4];
-  zero<HD>(acc);
-  const float sl = scale * ATT_LOG2E;
-  int kend = min(t, q0 + ATT_ROWS);
-  stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
-                                                                 const T* tv) {
-    float s[BC / 8][4];
-    zero<BC>(s);
-    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
-    float mx[2] = {-INFINITY, -INFINITY};
+  float m[MT][2], l[MT][2];
 #pragma unroll
-    for (int j = 0; j < BC / 8; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
-        float x = kj <= rows[r] && kj < t ? s[j][e] * sl : -INFINITY;
-        s[j][e] = x;
-        mx[r] = fmaxf(mx[r], x);
-      }
-    float base[2], alpha[2];
+  for (int mb = 0; mb < MT; mb++)
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-      float mn = fmaxf(m[r], quad_max(mx[r]));
-      base[r] = mn == -INFINITY ? 0.0f : mn;  // rows with nothing yet (past t) stay 0
-      alpha[r] = exp2f(m[r] - base[r]);
-      m[r] = mn;
-      l[r] *= alpha[r];
+      rows[mb][r] = r0 + 16 * mb + lane / 4 + 8 * r;
+      m[mb][r] = -INFINITY;
+      l[mb][r] = 0.0f;
     }
+  float acc[MT][HD / 8][4];
 #pragma unroll
-    for (int j = 0; j < BC / 8; j++)
+  for (int mb = 0; mb < MT; mb++) zero<HD>(acc[mb]);
+  const float sl = scale * ATT_LOG2E;
+  int kend = min(t, q0 + ROWS);
+  stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
+                                                                 const T* tv) {
+    float s[MT][BC / 8][4];
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float p = exp2f(s[j][e] - base[e / 2]);
-        s[j][e] = p;
-        l[e / 2] += p;
+    for (int mb = 0; mb < MT; mb++) zero<BC>(s[mb]);
+    mma_abt_m<P, HD, BC, MT>(s, sQ, LD, warp * 16 * MT, tk, LD);
+#pragma unroll
+    for (int mb = 0; mb < MT; mb++) {
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < BC / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
+          float x = kj <= rows[mb][r] && kj < t ? s[mb][j][e] * sl : -INFINITY;
+          s[mb][j][e] = x;
+          mx[r] = fmaxf(mx[r], x);
+        }
+      float base[2], alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float mn = fmaxf(m[mb][r], quad_max(mx[r]));
+        base[r] = mn == -INFINITY ? 0.0f : mn;  // rows with nothing yet (past t) stay 0
+        alpha[r] = exp2f(m[mb][r] - base[r]);
+        m[mb][r] = mn;
+        l[mb][r] *= alpha[r];
       }
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++)
+      for (int j = 0; j < BC / 8; j++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) acc[j][e] *= alpha[e / 2];
-    mma_px<P, BC, HD>(acc, s, tv, LD);
+        for (int e = 0; e < 4; e++) {
+          float p = exp2f(s[mb][j][e] - base[e / 2]);
+          s[mb][j][e] = p;
+          l[mb][e / 2] += p;
+        }
+#pragma unroll
+      for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[mb][j][e] *= alpha[e / 2];
+    }
+    mma_px_m<P, BC, HD, MT>(acc, s, tv, LD);
   });
   S* og = o + (int64_t)bi * t * ldo + h * HD;
 #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    l[r] = quad_sum(l[r]);
-    if (rows[r] < t && lane % 4 == 0)
-      lse[(int64_t)blockIdx.y * t + rows[r]] = (m[r] + log2f(l[r])) / ATT_LOG2E;
-    float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  for (int mb = 0; mb < MT; mb++) {
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-      acc[j][2 * r] *= inv;
-      acc[j][2 * r + 1] *= inv;
+    for (int r = 0; r < 2; r++) {
+      float lr = quad_sum(l[mb][r]);
+      if (rows[mb][r] < t && lane % 4 == 0)
+        lse[(int64_t)blockIdx.y * t + rows[mb][r]] = (m[mb][r] + log2f(lr)) / ATT_LOG2E;
+      float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+#pragma unroll
+      for (int j = 0; j < HD / 8; j++) {
+        acc[mb][j][2 * r] *= inv;
+        acc[mb][j][2 * r + 1] *= inv;
+      }
     }
+    write_rows<HD>(og, ldo, acc[mb], r0 + 16 * mb, t, 1.0f);
   }
-  write_rows<HD>(og, ldo, acc, q0 + warp * 16, t, 1.0f);
 }
 
 // dQ = scale · dS·K with dS = P ⊙ (dP − d), dP = dO·Vᵀ, P = exp(scale·q·kᵀ − lse), over the key
@@ -655,7 +697,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
   extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                      \
       NAME##_fwd_##HD(const S* q, const S* k, const S* v, S* o, float* lse, int t,               \
                       int heads, int kv_heads, int ldq, int ldk, int ldv, int ldo, float scale) { \
-    flash_fwd<P, IN, HD, BC>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale);   \
+    flash_fwd<P, IN, HD, BC, 1>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale); \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dq_##HD(                  \
       const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
@@ -671,6 +713,22 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
     flash_bwd_dkdv<P, IN, HD, BQ>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq,    \
                                   ldk, ldv, ldd, lddk, lddv, scale);                             \
   }
+
+// The forward kernel with two row blocks a warp (128 rows a block), for head sizes 32 and 64
+// (at 128 its accumulators spill: 255 registers, `ptxas -v` for sm_90).
+#define ATT_FWD2(NAME, P, IN, S, HD, BC)                                                         \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_fwd2_##HD(                    \
+      const S* q, const S* k, const S* v, S* o, float* lse, int t, int heads, int kv_heads,      \
+      int ldq, int ldk, int ldv, int ldo, float scale) {                                         \
+    flash_fwd<P, IN, HD, BC, 2>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale); \
+  }
+
+ATT_FWD2(flash, Tf32, F32In<Tf32>, float, 32, 64)
+ATT_FWD2(flash, Tf32, F32In<Tf32>, float, 64, 64)
+ATT_FWD2(flash_bf16, Bf16, F32In<Bf16>, float, 32, 64)
+ATT_FWD2(flash_bf16, Bf16, F32In<Bf16>, float, 64, 64)
+ATT_FWD2(flash_bf16in, Bf16, Bf16In, uint16_t, 32, 64)
+ATT_FWD2(flash_bf16in, Bf16, Bf16In, uint16_t, 64, 64)
 
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 32, 64, 64)
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 64, 64, 64)

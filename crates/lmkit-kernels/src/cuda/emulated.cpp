@@ -83,6 +83,8 @@ const Entry KERNELS[] = {
     K(extend_attention_bf16),
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
     ATT(flash_bf16, 128), ATT(flash_bf16in, 32), ATT(flash_bf16in, 64), ATT(flash_bf16in, 128),
+    K(flash_fwd2_32), K(flash_fwd2_64), K(flash_bf16_fwd2_32), K(flash_bf16_fwd2_64),
+    K(flash_bf16in_fwd2_32), K(flash_bf16in_fwd2_64),
 };
 
 }  // namespace

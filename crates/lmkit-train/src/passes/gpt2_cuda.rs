@@ -1031,10 +1031,15 @@ pub(crate) mod tests {
     }
 
     /// With bf16 products the passes' attention runs the flash kernels on bf16 inputs (head
-    /// size 32 in these tests) and every product has bf16 operands.
+    /// size 32 in these tests; the forward's 128-row kernel with LMKIT_CUDA_FLASH_ROWS=128) and
+    /// every product has bf16 operands.
     pub(crate) fn assert_bf16_throughout((kernels, products): (Vec<String>, Vec<String>)) {
+        let forward = match lmkit_kernels::cuda::flash_forward_rows() {
+            128 => "flash_bf16in_fwd2_32",
+            _ => "flash_bf16in_fwd_32",
+        };
         for k in [
-            "flash_bf16in_fwd_32",
+            forward,
             "flash_bf16in_bwd_dq_32",
             "flash_bf16in_bwd_dkdv_32",
             "attn_row_dots_h16",
