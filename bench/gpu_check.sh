@@ -15,7 +15,7 @@
 #    every kernel's and product shape's time within one such pass (LMKIT_CUDA_TIMING=ops), with
 #    the kept probabilities and with flash attention and bf16 products (and those with the MLP
 #    bias's gradient summed by the GELU gradient's product, LMKIT_CUDA_BGRAD=epilogue, and with
-#    the flash forward kernel's 128-row blocks, LMKIT_CUDA_FLASH_ROWS=128);
+#    the flash forward and dQ kernels' 128-row blocks, LMKIT_CUDA_FLASH_ROWS=128);
 #    and a SmolLM2-135M-shaped Llama (30 layers, 576 dims, 9 query / 3 key-value heads) trained by
 #    the hand-written GPU pass (LMKIT_CUDA_ATTENTION=flash) and by the autograd graph;
 # 3. bench/train_bench.py --device cuda: training and decoding speed vs PyTorch on the same GPU
@@ -100,7 +100,7 @@ fi
 # flash, materialized (the kept [t, t] probabilities) or flash-bf16 (train.dtype = "bf16"), with
 # -unfused: the biases and residuals written before the products (LMKIT_CUDA_EPILOGUE=0), or
 # -bgrad: the MLP bias's gradient summed by the GELU gradient's product (LMKIT_CUDA_BGRAD=epilogue),
-# or -rows128: the flash forward kernel with 128 rows a block, two row blocks a warp
+# or -rows128: the flash forward and dQ kernels with 128 rows a block, two row blocks a warp
 # (LMKIT_CUDA_FLASH_ROWS=128).
 #   gpt2_small RUN STEPS OUT_DIR
 gpt2_small() {

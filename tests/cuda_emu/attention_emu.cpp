@@ -28,8 +28,10 @@ int streamed(int mode) { return mode == 2 ? 4 : 2; }
 size_t fwd_bytes(int hd, int mode, int rows) {
   return tile_bytes(rows + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
 }
-size_t dq_bytes(int hd, int mode) {
-  return tile_bytes(2 * ATT_ROWS + streamed(mode) * keys(hd, mode > 0), hd, mode > 0);
+size_t dq_bytes(int hd, int mode, int rows) {
+  // The 128-row dQ kernel streams tiles of 32 keys.
+  int k = rows == ATT_ROWS ? keys(hd, mode > 0) : 32;
+  return tile_bytes(2 * rows + streamed(mode) * k, hd, mode > 0);
 }
 size_t dkdv_bytes(int hd, int mode) {
   return tile_bytes(2 * ATT_ROWS + streamed(mode) * queries(hd), hd, mode > 0) +
@@ -58,8 +60,8 @@ std::vector<uint16_t> bf16_rows(const float* o, size_t len) {
 // dims: b, t, heads, kv_heads, hd; ld: ldq, ldk, ldv, ldo (forward) or ldq, ldk, ldv, ldd, then
 // the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits, and the
 // kernels' o is bf16: written into `o` widened, and read by the backward rounded). Returns 0, or
-// 1 for an unsupported head size. `rows`: the forward kernel's rows per block, 64 (`_fwd_`) or
-// 128 (`_fwd2_`, head sizes 32 and 64).
+// 1 for an unsupported head size. `rows`: the forward and dQ kernels' rows per block, 64
+// (`_fwd_`, `_bwd_dq_`) or 128 (`_fwd2_`, `_bwd_dq2_`: head sizes 32 and 64).
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
                              const int* dims, const int* ld, float scale, int mode, int rows) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
@@ -92,8 +94,10 @@ extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, flo
 extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, const float* o,
                              const float* dout, const float* lse, float* dvec, float* dq,
                              float* dk, float* dv, const int* dims, const int* ld, float scale,
-                             int mode) {
+                             int mode, int rows) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
+  if (rows != ATT_ROWS && (rows != 2 * ATT_ROWS || hd > 64)) return 1;
+  bool two = rows == 2 * ATT_ROWS;
   // ld: q, k, v, o, dout, dq, dk, dv
   int n = b * t, warps = n * heads;
   std::vector<uint16_t> o16;
@@ -105,8 +109,8 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   });
   auto run = [&](auto dq_kernel, auto dkdv_kernel, auto s) {
     using S = decltype(s);
-    size_t dq_shared = dq_bytes(hd, mode), dkdv_shared = dkdv_bytes(hd, mode);
-    emu::launch(grid(t, b * heads), THREADS, dq_shared, [&] {
+    size_t dq_shared = dq_bytes(hd, mode, rows), dkdv_shared = dkdv_bytes(hd, mode);
+    emu::launch(grid(t, b * heads, rows), THREADS, dq_shared, [&] {
       dq_kernel(in<S>(q), in<S>(k), in<S>(v), in<S>(dout), lse, dvec, dq, t, heads, kvh, ld[0],
                 ld[1], ld[2], ld[4], ld[5], scale);
     });
@@ -117,7 +121,15 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   };
   float f = 0;
   uint16_t h = 0;
-  if (hd == 32)
+  if (hd == 32 && two)
+    mode == 2 ? run(flash_bf16in_bwd_dq2_32, flash_bf16in_bwd_dkdv_32, h)
+    : mode    ? run(flash_bf16_bwd_dq2_32, flash_bf16_bwd_dkdv_32, f)
+              : run(flash_bwd_dq2_32, flash_bwd_dkdv_32, f);
+  else if (hd == 64 && two)
+    mode == 2 ? run(flash_bf16in_bwd_dq2_64, flash_bf16in_bwd_dkdv_64, h)
+    : mode    ? run(flash_bf16_bwd_dq2_64, flash_bf16_bwd_dkdv_64, f)
+              : run(flash_bwd_dq2_64, flash_bwd_dkdv_64, f);
+  else if (hd == 32)
     mode == 2 ? run(flash_bf16in_bwd_dq_32, flash_bf16in_bwd_dkdv_32, h)
     : mode    ? run(flash_bf16_bwd_dq_32, flash_bf16_bwd_dkdv_32, f)
               : run(flash_bwd_dq_32, flash_bwd_dkdv_32, f);

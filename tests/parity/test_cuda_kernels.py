@@ -34,7 +34,7 @@ def build(tmp_path_factory, name):
 def kernels(tmp_path_factory):
     so = build(tmp_path_factory, "attention_emu")
     so.emu_flash_fwd.argtypes = [F32] * 5 + [INTS, INTS, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int]
+    so.emu_flash_bwd.argtypes = [F32] * 10 + [INTS, INTS, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     so.emu_decode_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6
                                         + [INTS, ctypes.c_float])
     so.emu_extend_attention.argtypes = ([F32] * 4 + [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 5
@@ -129,8 +129,9 @@ MODES = {"tf32": 0, "bf16": 1, "bf16in": 2}
 @pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed,rows",
                          [s + (64,) for s in SHAPES] + [s + (128,) for s in SHAPES if s[4] <= 64])
 def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, rows, mode):
-    """The kernels against PyTorch; `rows`: the forward kernel's rows per block (64, or 128 with
-    two row blocks a warp: head sizes 32 and 64, as cuda.rs chooses with LMKIT_CUDA_FLASH_ROWS)."""
+    """The kernels against PyTorch; `rows`: the forward and dQ kernels' rows per block (64, or 128
+    with two row blocks a warp: head sizes 32 and 64, as cuda.rs chooses with
+    LMKIT_CUDA_FLASH_ROWS)."""
     bf16 = mode > 0
     rng = np.random.default_rng(hd + t)
     scale = 1.0 / np.sqrt(hd)
@@ -173,7 +174,7 @@ def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, pack
     dk = np.full((b * t, ckv), np.nan, dtype=np.float32)
     dv = np.full((b * t, ckv), np.nan, dtype=np.float32)
     assert kernels.emu_flash_bwd(q_ptr, k_ptr, v_ptr, ptr(o), dout_ptr, ptr(lse), ptr(dvec), ptr(dq), ptr(dk),
-                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale, mode) == 0
+                                 ptr(dv), dims, ints(*lds, c, c, c, ckv, ckv), scale, mode, rows) == 0
 
     shape = lambda x, h: x.reshape(b, t, h, hd)  # noqa: E731
     want = reference(shape(qn, heads), shape(kn, kv_heads), shape(vn, kv_heads), shape(dout, heads),

@@ -626,15 +626,15 @@ pub struct Gpu {
     /// their products' operands in bf16 ([`Gpu::operand`], [`Gpu::operand_buf`]); f32 operands
     /// are rounded to bf16 by cuBLAS. From [`set_bf16_products`].
     pub bf16: bool,
-    /// Query rows per block of the flash forward kernel: 64 (16 a warp) or 128 (32 a warp:
-    /// every key and value fragment read from shared memory serves two row blocks; head sizes
-    /// 32 and 64, else 64 rows). From [`flash_forward_rows`].
+    /// Query rows per block of the flash forward and dQ kernels: 64 (16 a warp) or 128 (32 a
+    /// warp: every key and value fragment read from shared memory serves two row blocks; head
+    /// sizes 32 and 64, else 64 rows). From [`flash_block_rows`].
     pub flash_rows: usize,
 }
 
-/// The flash forward kernel's rows per block for the [`Gpu`]s made from now on:
+/// The flash forward and dQ kernels' rows per block for the [`Gpu`]s made from now on:
 /// `LMKIT_CUDA_FLASH_ROWS` (64 or 128), 64 when it is not set or names neither (read once).
-pub fn flash_forward_rows() -> usize {
+pub fn flash_block_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
         match std::env::var("LMKIT_CUDA_FLASH_ROWS")
@@ -1207,7 +1207,12 @@ impl Gpu {
         // each of the other two (per buffer); the dK/dV kernel also holds the query tile's
         // log-sum-exps and row dots (per buffer).
         let streamed = 2 * plan.buffers;
-        let dq_shared = plan.tiles(2 * ATT_ROWS + streamed * plan.keys, s.hd);
+        // 64 rows a block, or 128 (`_dq2_`: two row blocks a warp, tiles of 32 keys).
+        let (dq_rows, dq_keys, dq_kind) = match self.flash_rows {
+            128 if s.hd <= 64 => (128, 32, "dq2"),
+            _ => (ATT_ROWS, plan.keys, "dq"),
+        };
+        let dq_shared = plan.tiles(2 * dq_rows + streamed * dq_keys, s.hd);
         let dkdv_shared =
             plan.tiles(2 * ATT_ROWS + streamed * plan.queries, s.hd) + 4 * streamed * plan.queries;
         let tiles = s.t.div_ceil(ATT_ROWS);
@@ -1215,9 +1220,13 @@ impl Gpu {
         args.push(Arg::P(dq.need_f32(&s, s.heads, "attention dq")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dq.ld)?), Arg::F(scale)]);
-        let name = format!("{}_bwd_dq_{}", plan.prefix, s.hd);
+        let name = format!("{}_bwd_{dq_kind}_{}", plan.prefix, s.hd);
         // Scores, dP and dQ: three products over the causal half.
-        let launch = ((tiles, s.b * s.heads), ATT_THREADS, dq_shared);
+        let launch = (
+            (s.t.div_ceil(dq_rows), s.b * s.heads),
+            ATT_THREADS,
+            dq_shared,
+        );
         let work = Work {
             flops: 3.0 * s.causal_products(),
             bytes: 0.0,

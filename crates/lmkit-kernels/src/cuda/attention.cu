@@ -562,59 +562,73 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
 }
 
 // dQ = scale · dS·K with dS = P ⊙ (dP − d), dP = dO·Vᵀ, P = exp(scale·q·kᵀ − lse), over the key
-// tiles up to the block's last row. Grid (⌈t/64⌉, b·heads), 128 threads.
-template <class P, class In, int HD, int BC>
+// tiles up to the block's last row. Each warp owns MT blocks of 16 rows (a block 64·MT rows).
+// Grid (⌈t/(64·MT)⌉, b·heads), 128 threads.
+template <class P, class In, int HD, int BC, int MT>
 __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
                              const typename In::S* v, const typename In::S* dout,
                              const float* lse, const float* dvec, float* dq, int t, int heads,
                              int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,
                              float scale) {
-  constexpr int LD = HD + P::PAD;
+  constexpr int LD = HD + P::PAD, ROWS = ATT_ROWS * MT;
   typedef typename P::T T;
   typedef typename In::S S;
   LMKIT_DYNAMIC_SHARED(smem);
-  T* sQ = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sG = sQ + ATT_ROWS * LD;          // dO [64, LD]
-  T* sK = sG + ATT_ROWS * LD;          // [BC, LD] per buffer
+  T* sQ = reinterpret_cast<T*>(smem);  // [ROWS, LD]
+  T* sG = sQ + ROWS * LD;              // dO [ROWS, LD]
+  T* sK = sG + ROWS * LD;              // [BC, LD] per buffer
   T* sV = sK + In::BUFFERS * BC * LD;  // [BC, LD] per buffer
-  int q0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;
+  int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
   int bi = blockIdx.y / heads, h = blockIdx.y % heads, kvh = h / (heads / kv_heads);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const S* kg = k + (int64_t)bi * t * ldk + kvh * HD;
   const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
-  In::template fetch<HD>(sQ, ATT_ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
-  In::template fetch<HD>(sG, ATT_ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
-  int rows[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
-  float lrow[2], drow[2];
+  In::template fetch<HD>(sQ, ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
+  In::template fetch<HD>(sG, ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
+  // The warp's first row; row block mb's rows are r0 + 16·mb + (lane/4, lane/4 + 8).
+  int r0 = q0 + warp * 16 * MT;
+  int rows[MT][2];
+  float lrow[MT][2], drow[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    int64_t stat = (int64_t)blockIdx.y * t + rows[r];
-    lrow[r] = rows[r] < t ? lse[stat] * ATT_LOG2E : 0.0f;
-    drow[r] = rows[r] < t ? dvec[stat] : 0.0f;
-  }
+  for (int mb = 0; mb < MT; mb++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      rows[mb][r] = r0 + 16 * mb + lane / 4 + 8 * r;
+      int64_t stat = (int64_t)blockIdx.y * t + rows[mb][r];
+      lrow[mb][r] = rows[mb][r] < t ? lse[stat] * ATT_LOG2E : 0.0f;
+      drow[mb][r] = rows[mb][r] < t ? dvec[stat] : 0.0f;
+    }
   const float sl = scale * ATT_LOG2E;
-  float acc[HD / 8][4];
-  zero<HD>(acc);
-  int kend = min(t, q0 + ATT_ROWS);
+  float acc[MT][HD / 8][4];
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++) zero<HD>(acc[mb]);
+  int kend = min(t, q0 + ROWS);
   stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
                                                                  const T* tv) {
-    float s[BC / 8][4], dp[BC / 8][4];
-    zero<BC>(s);
-    zero<BC>(dp);
-    mma_abt<P, HD, BC>(s, sQ, LD, warp * 16, tk, LD);
-    mma_abt<P, HD, BC>(dp, sG, LD, warp * 16, tv, LD);
+    float s[MT][BC / 8][4], dp[MT][BC / 8][4];
 #pragma unroll
-    for (int j = 0; j < BC / 8; j++)
+    for (int mb = 0; mb < MT; mb++) {
+      zero<BC>(s[mb]);
+      zero<BC>(dp[mb]);
+    }
+    mma_abt_m<P, HD, BC, MT>(s, sQ, LD, warp * 16 * MT, tk, LD);
+    mma_abt_m<P, HD, BC, MT>(dp, sG, LD, warp * 16 * MT, tv, LD);
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
-        bool in = kj <= rows[r] && kj < t && rows[r] < t;
-        float p = in ? exp2f(s[j][e] * sl - lrow[r]) : 0.0f;
-        s[j][e] = p * (dp[j][e] - drow[r]);
-      }
-    mma_px<P, BC, HD>(acc, s, tk, LD);
+    for (int mb = 0; mb < MT; mb++)
+#pragma unroll
+      for (int j = 0; j < BC / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int kj = k0 + 8 * j + lane % 4 * 2 + (e & 1), r = e / 2;
+          bool in = kj <= rows[mb][r] && kj < t && rows[mb][r] < t;
+          float p = in ? exp2f(s[mb][j][e] * sl - lrow[mb][r]) : 0.0f;
+          s[mb][j][e] = p * (dp[mb][j][e] - drow[mb][r]);
+        }
+    mma_px_m<P, BC, HD, MT>(acc, s, tk, LD);
   });
-  write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, acc, q0 + warp * 16, t, scale);
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++)
+    write_rows<HD>(dq + (int64_t)bi * t * lddq + h * HD, lddq, acc[mb], r0 + 16 * mb, t, scale);
 }
 
 // dV = Σ_h Pᵀ·dO and dK = scale · Σ_h dSᵀ·Q over the query heads h of key/value head kvh and
@@ -703,8 +717,8 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
       const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
       float* dq, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,   \
       float scale) {                                                                             \
-    flash_bwd_dq<P, IN, HD, BC>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk, ldv, \
-                                ldd, lddq, scale);                                               \
+    flash_bwd_dq<P, IN, HD, BC, 1>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk,   \
+                                   ldv, ldd, lddq, scale);                                       \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dkdv_##HD(                \
       const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
@@ -714,21 +728,29 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
                                   ldk, ldv, ldd, lddk, lddv, scale);                             \
   }
 
-// The forward kernel with two row blocks a warp (128 rows a block), for head sizes 32 and 64
-// (at 128 its accumulators spill: 255 registers, `ptxas -v` for sm_90).
-#define ATT_FWD2(NAME, P, IN, S, HD, BC)                                                         \
+// The forward and dQ kernels with two row blocks a warp (128 rows a block), for head sizes 32
+// and 64 (at 128 the forward's accumulators spill: 255 registers, `ptxas -v` for sm_90); the
+// dQ kernel with tiles of 32 keys (of 64 its scores, dP and dQ take more than 255 registers).
+#define ATT_ROWS2(NAME, P, IN, S, HD)                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_fwd2_##HD(                    \
       const S* q, const S* k, const S* v, S* o, float* lse, int t, int heads, int kv_heads,      \
       int ldq, int ldk, int ldv, int ldo, float scale) {                                         \
-    flash_fwd<P, IN, HD, BC, 2>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale); \
+    flash_fwd<P, IN, HD, 64, 2>(q, k, v, o, lse, t, heads, kv_heads, ldq, ldk, ldv, ldo, scale); \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dq2_##HD(                 \
+      const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
+      float* dq, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd, int lddq,   \
+      float scale) {                                                                             \
+    flash_bwd_dq<P, IN, HD, 32, 2>(q, k, v, dout, lse, dvec, dq, t, heads, kv_heads, ldq, ldk,   \
+                                   ldv, ldd, lddq, scale);                                       \
   }
 
-ATT_FWD2(flash, Tf32, F32In<Tf32>, float, 32, 64)
-ATT_FWD2(flash, Tf32, F32In<Tf32>, float, 64, 64)
-ATT_FWD2(flash_bf16, Bf16, F32In<Bf16>, float, 32, 64)
-ATT_FWD2(flash_bf16, Bf16, F32In<Bf16>, float, 64, 64)
-ATT_FWD2(flash_bf16in, Bf16, Bf16In, uint16_t, 32, 64)
-ATT_FWD2(flash_bf16in, Bf16, Bf16In, uint16_t, 64, 64)
+ATT_ROWS2(flash, Tf32, F32In<Tf32>, float, 32)
+ATT_ROWS2(flash, Tf32, F32In<Tf32>, float, 64)
+ATT_ROWS2(flash_bf16, Bf16, F32In<Bf16>, float, 32)
+ATT_ROWS2(flash_bf16, Bf16, F32In<Bf16>, float, 64)
+ATT_ROWS2(flash_bf16in, Bf16, Bf16In, uint16_t, 32)
+ATT_ROWS2(flash_bf16in, Bf16, Bf16In, uint16_t, 64)
 
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 32, 64, 64)
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 64, 64, 64)

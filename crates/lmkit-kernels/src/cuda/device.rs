@@ -212,7 +212,7 @@ impl Gpu {
             },
             tf32: true,
             bf16: BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed),
-            flash_rows: super::flash_forward_rows(),
+            flash_rows: super::flash_block_rows(),
         }
     }
 

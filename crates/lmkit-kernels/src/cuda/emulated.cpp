@@ -68,6 +68,7 @@ struct Entry {
   }
 
 #define ATT(NAME, HD) K(NAME##_fwd_##HD), K(NAME##_bwd_dq_##HD), K(NAME##_bwd_dkdv_##HD)
+#define ATT2(NAME, HD) K(NAME##_fwd2_##HD), K(NAME##_bwd_dq2_##HD)
 
 const Entry KERNELS[] = {
     K(embed_fwd), K(embed_bwd_tokens), K(embed_bwd_positions), K(add_rows),
@@ -83,8 +84,8 @@ const Entry KERNELS[] = {
     K(extend_attention_bf16),
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
     ATT(flash_bf16, 128), ATT(flash_bf16in, 32), ATT(flash_bf16in, 64), ATT(flash_bf16in, 128),
-    K(flash_fwd2_32), K(flash_fwd2_64), K(flash_bf16_fwd2_32), K(flash_bf16_fwd2_64),
-    K(flash_bf16in_fwd2_32), K(flash_bf16in_fwd2_64),
+    ATT2(flash, 32), ATT2(flash, 64), ATT2(flash_bf16, 32), ATT2(flash_bf16, 64),
+    ATT2(flash_bf16in, 32), ATT2(flash_bf16in, 64),
 };
 
 }  // namespace

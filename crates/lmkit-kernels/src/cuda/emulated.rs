@@ -103,7 +103,7 @@ impl Gpu {
             hw: Hw,
             tf32: true,
             bf16: BF16_PRODUCTS.load(Ordering::Relaxed),
-            flash_rows: super::flash_forward_rows(),
+            flash_rows: super::flash_block_rows(),
         })
     }
 

@@ -1031,19 +1031,14 @@ pub(crate) mod tests {
     }
 
     /// With bf16 products the passes' attention runs the flash kernels on bf16 inputs (head
-    /// size 32 in these tests; the forward's 128-row kernel with LMKIT_CUDA_FLASH_ROWS=128) and
-    /// every product has bf16 operands.
+    /// size 32 in these tests; the forward and dQ kernels of 128 rows with
+    /// LMKIT_CUDA_FLASH_ROWS=128) and every product has bf16 operands.
     pub(crate) fn assert_bf16_throughout((kernels, products): (Vec<String>, Vec<String>)) {
-        let forward = match lmkit_kernels::cuda::flash_forward_rows() {
-            128 => "flash_bf16in_fwd2_32",
-            _ => "flash_bf16in_fwd_32",
+        let (forward, dq) = match lmkit_kernels::cuda::flash_block_rows() {
+            128 => ("flash_bf16in_fwd2_32", "flash_bf16in_bwd_dq2_32"),
+            _ => ("flash_bf16in_fwd_32", "flash_bf16in_bwd_dq_32"),
         };
-        for k in [
-            forward,
-            "flash_bf16in_bwd_dq_32",
-            "flash_bf16in_bwd_dkdv_32",
-            "attn_row_dots_h16",
-        ] {
+        for k in [forward, dq, "flash_bf16in_bwd_dkdv_32", "attn_row_dots_h16"] {
             assert!(kernels.iter().any(|n| n == k), "{k} not run: {kernels:?}");
         }
         assert!(!products.is_empty(), "no products timed");
