@@ -33,9 +33,11 @@ size_t dq_bytes(int hd, int mode, int rows) {
   int k = rows == ATT_ROWS ? keys(hd, mode > 0) : 32;
   return tile_bytes(2 * rows + streamed(mode) * k, hd, mode > 0);
 }
-size_t dkdv_bytes(int hd, int mode) {
-  return tile_bytes(2 * ATT_ROWS + streamed(mode) * queries(hd), hd, mode > 0) +
-         4 * size_t(streamed(mode) * queries(hd));
+size_t dkdv_bytes(int hd, int mode, int rows) {
+  // The 128-key dK/dV kernel (bf16 products) streams tiles of 32 queries.
+  bool two = rows != ATT_ROWS && mode > 0;
+  int keys_ = two ? rows : ATT_ROWS, q = two ? 32 : queries(hd);
+  return tile_bytes(2 * keys_ + streamed(mode) * q, hd, mode > 0) + 4 * size_t(streamed(mode) * q);
 }
 
 dim3 grid(int t, int bh, int rows = ATT_ROWS) { return {unsigned((t + rows - 1) / rows), unsigned(bh), 1}; }
@@ -61,7 +63,8 @@ std::vector<uint16_t> bf16_rows(const float* o, size_t len) {
 // the outputs' (backward); mode: as above (with 2, q, k, v and dout hold bf16 bits, and the
 // kernels' o is bf16: written into `o` widened, and read by the backward rounded). Returns 0, or
 // 1 for an unsupported head size. `rows`: the forward and dQ kernels' rows per block, 64
-// (`_fwd_`, `_bwd_dq_`) or 128 (`_fwd2_`, `_bwd_dq2_`: head sizes 32 and 64).
+// (`_fwd_`, `_bwd_dq_`) or 128 (`_fwd2_`, `_bwd_dq2_`: head sizes 32 and 64), and the dK/dV
+// kernel's keys with bf16 products (`_bwd_dkdv2_`).
 extern "C" int emu_flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
                              const int* dims, const int* ld, float scale, int mode, int rows) {
   int b = dims[0], t = dims[1], heads = dims[2], kvh = dims[3], hd = dims[4];
@@ -109,12 +112,13 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   });
   auto run = [&](auto dq_kernel, auto dkdv_kernel, auto s) {
     using S = decltype(s);
-    size_t dq_shared = dq_bytes(hd, mode, rows), dkdv_shared = dkdv_bytes(hd, mode);
+    size_t dq_shared = dq_bytes(hd, mode, rows), dkdv_shared = dkdv_bytes(hd, mode, rows);
+    int dkdv_keys = two && mode > 0 ? rows : ATT_ROWS;
     emu::launch(grid(t, b * heads, rows), THREADS, dq_shared, [&] {
       dq_kernel(in<S>(q), in<S>(k), in<S>(v), in<S>(dout), lse, dvec, dq, t, heads, kvh, ld[0],
                 ld[1], ld[2], ld[4], ld[5], scale);
     });
-    emu::launch(grid(t, b * kvh), THREADS, dkdv_shared, [&] {
+    emu::launch(grid(t, b * kvh, dkdv_keys), THREADS, dkdv_shared, [&] {
       dkdv_kernel(in<S>(q), in<S>(k), in<S>(v), in<S>(dout), lse, dvec, dk, dv, t, heads, kvh,
                   ld[0], ld[1], ld[2], ld[4], ld[6], ld[7], scale);
     });
@@ -122,12 +126,12 @@ extern "C" int emu_flash_bwd(const float* q, const float* k, const float* v, con
   float f = 0;
   uint16_t h = 0;
   if (hd == 32 && two)
-    mode == 2 ? run(flash_bf16in_bwd_dq2_32, flash_bf16in_bwd_dkdv_32, h)
-    : mode    ? run(flash_bf16_bwd_dq2_32, flash_bf16_bwd_dkdv_32, f)
+    mode == 2 ? run(flash_bf16in_bwd_dq2_32, flash_bf16in_bwd_dkdv2_32, h)
+    : mode    ? run(flash_bf16_bwd_dq2_32, flash_bf16_bwd_dkdv2_32, f)
               : run(flash_bwd_dq2_32, flash_bwd_dkdv_32, f);
   else if (hd == 64 && two)
-    mode == 2 ? run(flash_bf16in_bwd_dq2_64, flash_bf16in_bwd_dkdv_64, h)
-    : mode    ? run(flash_bf16_bwd_dq2_64, flash_bf16_bwd_dkdv_64, f)
+    mode == 2 ? run(flash_bf16in_bwd_dq2_64, flash_bf16in_bwd_dkdv2_64, h)
+    : mode    ? run(flash_bf16_bwd_dq2_64, flash_bf16_bwd_dkdv2_64, f)
               : run(flash_bwd_dq2_64, flash_bwd_dkdv_64, f);
   else if (hd == 32)
     mode == 2 ? run(flash_bf16in_bwd_dq_32, flash_bf16in_bwd_dkdv_32, h)

@@ -129,9 +129,9 @@ MODES = {"tf32": 0, "bf16": 1, "bf16in": 2}
 @pytest.mark.parametrize("b,t,heads,kv_heads,hd,packed,rows",
                          [s + (64,) for s in SHAPES] + [s + (128,) for s in SHAPES if s[4] <= 64])
 def test_flash_attention_equals_pytorch(kernels, b, t, heads, kv_heads, hd, packed, rows, mode):
-    """The kernels against PyTorch; `rows`: the forward and dQ kernels' rows per block (64, or 128
-    with two row blocks a warp: head sizes 32 and 64, as cuda.rs chooses with
-    LMKIT_CUDA_FLASH_ROWS)."""
+    """The kernels against PyTorch; `rows`: the forward and dQ kernels' rows per block, and with
+    bf16 products the dK/dV kernel's keys (64, or 128 with two blocks of 16 a warp: head sizes 32
+    and 64, as cuda.rs chooses with LMKIT_CUDA_FLASH_ROWS)."""
     bf16 = mode > 0
     rng = np.random.default_rng(hd + t)
     scale = 1.0 / np.sqrt(hd)

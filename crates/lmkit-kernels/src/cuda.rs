@@ -626,13 +626,15 @@ pub struct Gpu {
     /// their products' operands in bf16 ([`Gpu::operand`], [`Gpu::operand_buf`]); f32 operands
     /// are rounded to bf16 by cuBLAS. From [`set_bf16_products`].
     pub bf16: bool,
-    /// Query rows per block of the flash forward and dQ kernels: 64 (16 a warp) or 128 (32 a
-    /// warp: every key and value fragment read from shared memory serves two row blocks; head
-    /// sizes 32 and 64, else 64 rows). From [`flash_block_rows`].
+    /// Query rows per block of the flash forward and dQ kernels, and keys per block of the dK/dV
+    /// kernel with bf16 products: 64 (16 a warp) or 128 (32 a warp: every fragment of the other
+    /// operand read from shared memory serves two blocks of 16; head sizes 32 and 64, else 64).
+    /// From [`flash_block_rows`].
     pub flash_rows: usize,
 }
 
-/// The flash forward and dQ kernels' rows per block for the [`Gpu`]s made from now on:
+/// The flash kernels' rows (or keys) per block ([`Gpu::flash_rows`]) for the [`Gpu`]s made
+/// from now on:
 /// `LMKIT_CUDA_FLASH_ROWS` (64 or 128), 64 when it is not set or names neither (read once).
 pub fn flash_block_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -1213,9 +1215,15 @@ impl Gpu {
             _ => (ATT_ROWS, plan.keys, "dq"),
         };
         let dq_shared = plan.tiles(2 * dq_rows + streamed * dq_keys, s.hd);
+        // 64 keys a block, or 128 with bf16 products (`_dkdv2_`: two key blocks a warp, tiles of
+        // 32 queries).
+        let (dkdv_keys, dkdv_queries, dkdv_kind) = match self.flash_rows {
+            128 if s.hd <= 64 && self.bf16 => (128, 32, "dkdv2"),
+            _ => (ATT_ROWS, plan.queries, "dkdv"),
+        };
         let dkdv_shared =
-            plan.tiles(2 * ATT_ROWS + streamed * plan.queries, s.hd) + 4 * streamed * plan.queries;
-        let tiles = s.t.div_ceil(ATT_ROWS);
+            plan.tiles(2 * dkdv_keys + streamed * dkdv_queries, s.hd) + 4 * streamed * dkdv_queries;
+        let tiles = s.t.div_ceil(dkdv_keys);
         let mut args = inputs.to_vec();
         args.push(Arg::P(dq.need_f32(&s, s.heads, "attention dq")?));
         args.extend(sizes);
@@ -1237,7 +1245,7 @@ impl Gpu {
         args.push(Arg::P(dv.need_f32(&s, s.kv_heads, "attention dv")?));
         args.extend(sizes);
         args.extend([Arg::I(int(dk.ld)?), Arg::I(int(dv.ld)?), Arg::F(scale)]);
-        let name = format!("{}_bwd_dkdv_{}", plan.prefix, s.hd);
+        let name = format!("{}_bwd_{dkdv_kind}_{}", plan.prefix, s.hd);
         // Scores, dP, dV and dK: four products over the causal half.
         let launch = ((tiles, s.b * s.kv_heads), ATT_THREADS, dkdv_shared);
         let work = Work {

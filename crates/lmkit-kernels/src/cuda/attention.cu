@@ -632,33 +632,43 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
 }
 
 // dV = Σ_h Pᵀ·dO and dK = scale · Σ_h dSᵀ·Q over the query heads h of key/value head kvh and
-// the query tiles from the block's first key on. Grid (⌈t/64⌉, b·kv_heads), 128 threads.
-template <class P, class In, int HD, int BQ>
+// the query tiles from the block's first key on. Each warp owns MT blocks of 16 keys (a block
+// 64·MT keys). Grid (⌈t/(64·MT)⌉, b·kv_heads), 128 threads.
+template <class P, class In, int HD, int BQ, int MT>
 __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
                                const typename In::S* v, const typename In::S* dout,
                                const float* lse, const float* dvec, float* dk, float* dv, int t,
                                int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,
                                int lddk, int lddv, float scale) {
-  constexpr int LD = HD + P::PAD;
+  constexpr int LD = HD + P::PAD, KEYS = ATT_ROWS * MT;
   typedef typename P::T T;
   LMKIT_DYNAMIC_SHARED(smem);
-  T* sK = reinterpret_cast<T*>(smem);  // [64, LD]
-  T* sV = sK + ATT_ROWS * LD;          // [64, LD]
-  T* sQ = sV + ATT_ROWS * LD;          // [BQ, LD] per buffer
+  T* sK = reinterpret_cast<T*>(smem);  // [KEYS, LD]
+  T* sV = sK + KEYS * LD;              // [KEYS, LD]
+  T* sQ = sV + KEYS * LD;              // [BQ, LD] per buffer
   T* sG = sQ + In::BUFFERS * BQ * LD;  // dO [BQ, LD] per buffer
   // The query tile's lse (log2 units) and row dots [BQ], per buffer.
   float* sL = reinterpret_cast<float*>(sG + In::BUFFERS * BQ * LD);
   float* sD = sL + In::BUFFERS * BQ;
-  int k0 = blockIdx.x * ATT_ROWS;  // the first keys have the most queries: launched first
+  int k0 = blockIdx.x * KEYS;  // the first keys have the most queries: launched first
   int bi = blockIdx.y / kv_heads, kvh = blockIdx.y % kv_heads, group = heads / kv_heads;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  In::template fetch<HD>(sK, ATT_ROWS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
-  In::template fetch<HD>(sV, ATT_ROWS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
-  int keys[2] = {k0 + warp * 16 + lane / 4, k0 + warp * 16 + lane / 4 + 8};
+  In::template fetch<HD>(sK, KEYS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
+  In::template fetch<HD>(sV, KEYS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
+  // The warp's first key; key block mb's keys are w0 + 16·mb + (lane/4, lane/4 + 8).
+  int w0 = k0 + warp * 16 * MT;
+  int keys[MT][2];
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) keys[mb][r] = w0 + 16 * mb + lane / 4 + 8 * r;
   const float sl = scale * ATT_LOG2E;
-  float kacc[HD / 8][4], vacc[HD / 8][4];
-  zero<HD>(kacc);
-  zero<HD>(vacc);
+  float kacc[MT][HD / 8][4], vacc[MT][HD / 8][4];
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++) {
+    zero<HD>(kacc[mb]);
+    zero<HD>(vacc[mb]);
+  }
   // The query tiles of every query head of the group, one after another: tile i is query
   // head member i / per of the group, rows first + (i % per)·BQ.
   int first = k0 / BQ * BQ, per = (t - first + BQ - 1) / BQ;
@@ -681,25 +691,33 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
     const T* tg = sG + b * BQ * LD;
     const float* tl = sL + b * BQ;
     const float* td = sD + b * BQ;
-    float st[BQ / 8][4], dpt[BQ / 8][4];
-    zero<BQ>(st);
-    zero<BQ>(dpt);
-    mma_abt<P, HD, BQ>(st, sK, LD, warp * 16, tq, LD);
-    mma_abt<P, HD, BQ>(dpt, sV, LD, warp * 16, tg, LD);
+    float st[MT][BQ / 8][4], dpt[MT][BQ / 8][4];
 #pragma unroll
-    for (int j = 0; j < BQ / 8; j++)
+    for (int mb = 0; mb < MT; mb++) {
+      zero<BQ>(st[mb]);
+      zero<BQ>(dpt[mb]);
+    }
+    mma_abt_m<P, HD, BQ, MT>(st, sK, LD, warp * 16 * MT, tq, LD);
+    mma_abt_m<P, HD, BQ, MT>(dpt, sV, LD, warp * 16 * MT, tg, LD);
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int c = 8 * j + lane % 4 * 2 + (e & 1), qi = q0 + c, kj = keys[e / 2];
-        float p = kj <= qi && qi < t && kj < t ? exp2f(st[j][e] * sl - tl[c]) : 0.0f;
-        st[j][e] = p;
-        dpt[j][e] = p * (dpt[j][e] - td[c]);
-      }
-    mma_px<P, BQ, HD>(vacc, st, tg, LD);
-    mma_px<P, BQ, HD>(kacc, dpt, tq, LD);
+    for (int mb = 0; mb < MT; mb++)
+#pragma unroll
+      for (int j = 0; j < BQ / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int c = 8 * j + lane % 4 * 2 + (e & 1), qi = q0 + c, kj = keys[mb][e / 2];
+          float p = kj <= qi && qi < t && kj < t ? exp2f(st[mb][j][e] * sl - tl[c]) : 0.0f;
+          st[mb][j][e] = p;
+          dpt[mb][j][e] = p * (dpt[mb][j][e] - td[c]);
+        }
+    mma_px_m<P, BQ, HD, MT>(vacc, st, tg, LD);
+    mma_px_m<P, BQ, HD, MT>(kacc, dpt, tq, LD);
   });
-  write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kacc, k0 + warp * 16, t, scale);
-  write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vacc, k0 + warp * 16, t, 1.0f);
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++) {
+    write_rows<HD>(dk + (int64_t)bi * t * lddk + kvh * HD, lddk, kacc[mb], w0 + 16 * mb, t, scale);
+    write_rows<HD>(dv + (int64_t)bi * t * lddv + kvh * HD, lddv, vacc[mb], w0 + 16 * mb, t, 1.0f);
+  }
 }
 
 // The kernels: TF32 (flash_*) and bf16 (flash_bf16_*) on f32 operands, and bf16 on bf16
@@ -724,7 +742,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
       const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
       float* dk, float* dv, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,  \
       int lddk, int lddv, float scale) {                                                         \
-    flash_bwd_dkdv<P, IN, HD, BQ>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq,    \
+    flash_bwd_dkdv<P, IN, HD, BQ, 1>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq, \
                                   ldk, ldv, ldd, lddk, lddv, scale);                             \
   }
 
@@ -745,12 +763,27 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
                                    ldv, ldd, lddq, scale);                                       \
   }
 
+// The dK/dV kernel with two blocks of 16 keys a warp (128 keys a block) and tiles of 32
+// queries, for bf16 products and head sizes 32 and 64 (with TF32 at 64 it spills).
+#define ATT_DKDV2(NAME, P, IN, S, HD)                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) NAME##_bwd_dkdv2_##HD(               \
+      const S* q, const S* k, const S* v, const S* dout, const float* lse, const float* dvec,    \
+      float* dk, float* dv, int t, int heads, int kv_heads, int ldq, int ldk, int ldv, int ldd,  \
+      int lddk, int lddv, float scale) {                                                         \
+    flash_bwd_dkdv<P, IN, HD, 32, 2>(q, k, v, dout, lse, dvec, dk, dv, t, heads, kv_heads, ldq,  \
+                                     ldk, ldv, ldd, lddk, lddv, scale);                          \
+  }
+
 ATT_ROWS2(flash, Tf32, F32In<Tf32>, float, 32)
 ATT_ROWS2(flash, Tf32, F32In<Tf32>, float, 64)
 ATT_ROWS2(flash_bf16, Bf16, F32In<Bf16>, float, 32)
 ATT_ROWS2(flash_bf16, Bf16, F32In<Bf16>, float, 64)
 ATT_ROWS2(flash_bf16in, Bf16, Bf16In, uint16_t, 32)
 ATT_ROWS2(flash_bf16in, Bf16, Bf16In, uint16_t, 64)
+ATT_DKDV2(flash_bf16, Bf16, F32In<Bf16>, float, 32)
+ATT_DKDV2(flash_bf16, Bf16, F32In<Bf16>, float, 64)
+ATT_DKDV2(flash_bf16in, Bf16, Bf16In, uint16_t, 32)
+ATT_DKDV2(flash_bf16in, Bf16, Bf16In, uint16_t, 64)
 
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 32, 64, 64)
 ATT_KERNELS(flash, Tf32, F32In<Tf32>, float, 64, 64, 64)

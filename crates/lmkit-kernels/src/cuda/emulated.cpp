@@ -85,7 +85,8 @@ const Entry KERNELS[] = {
     ATT(flash, 32), ATT(flash, 64), ATT(flash, 128), ATT(flash_bf16, 32), ATT(flash_bf16, 64),
     ATT(flash_bf16, 128), ATT(flash_bf16in, 32), ATT(flash_bf16in, 64), ATT(flash_bf16in, 128),
     ATT2(flash, 32), ATT2(flash, 64), ATT2(flash_bf16, 32), ATT2(flash_bf16, 64),
-    ATT2(flash_bf16in, 32), ATT2(flash_bf16in, 64),
+    ATT2(flash_bf16in, 32), ATT2(flash_bf16in, 64), K(flash_bf16_bwd_dkdv2_32),
+    K(flash_bf16_bwd_dkdv2_64), K(flash_bf16in_bwd_dkdv2_32), K(flash_bf16in_bwd_dkdv2_64),
 };
 
 }  // namespace

@@ -1031,14 +1031,19 @@ pub(crate) mod tests {
     }
 
     /// With bf16 products the passes' attention runs the flash kernels on bf16 inputs (head
-    /// size 32 in these tests; the forward and dQ kernels of 128 rows with
-    /// LMKIT_CUDA_FLASH_ROWS=128) and every product has bf16 operands.
+    /// size 32 in these tests; those of 128 rows or keys with LMKIT_CUDA_FLASH_ROWS=128) and
+    /// every product has bf16 operands.
     pub(crate) fn assert_bf16_throughout((kernels, products): (Vec<String>, Vec<String>)) {
-        let (forward, dq) = match lmkit_kernels::cuda::flash_block_rows() {
-            128 => ("flash_bf16in_fwd2_32", "flash_bf16in_bwd_dq2_32"),
-            _ => ("flash_bf16in_fwd_32", "flash_bf16in_bwd_dq_32"),
+        let kinds = match lmkit_kernels::cuda::flash_block_rows() {
+            128 => ["fwd2", "bwd_dq2", "bwd_dkdv2"],
+            _ => ["fwd", "bwd_dq", "bwd_dkdv"],
         };
-        for k in [forward, dq, "flash_bf16in_bwd_dkdv_32", "attn_row_dots_h16"] {
+        let flash = kinds.map(|k| format!("flash_bf16in_{k}_32"));
+        for k in flash
+            .iter()
+            .map(String::as_str)
+            .chain(["attn_row_dots_h16"])
+        {
             assert!(kernels.iter().any(|n| n == k), "{k} not run: {kernels:?}");
         }
         assert!(!products.is_empty(), "no products timed");
