@@ -336,6 +336,23 @@ __device__ __forceinline__ void zero(float (*acc)[4]) {
     for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 }
 
+// The backward kernels' two products for MT row blocks of the warp (rows r0.. of tiles a and
+// b): s[m] = A_m·Xᵀ (the scores) and dp[m] = B_m·Yᵀ (dP), over HD columns, X and Y the N rows
+// of tiles x and y.
+template <class P, int HD, int N, int MT>
+__device__ __forceinline__ void scores_and_dp(float (*s)[N / 8][4], float (*dp)[N / 8][4],
+                                              const typename P::T* a, const typename P::T* b,
+                                              int r0, const typename P::T* x,
+                                              const typename P::T* y, int ld) {
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++) {
+    zero<N>(s[mb]);
+    zero<N>(dp[mb]);
+  }
+  mma_abt_m<P, HD, N, MT>(s, a, ld, r0, x, ld);
+  mma_abt_m<P, HD, N, MT>(dp, b, ld, r0, y, ld);
+}
+
 // Two adjacent output values: f32, or rounded to bf16 (an even column: 4-byte aligned).
 __device__ __forceinline__ void store_out(float* p, float x0, float x1) {
   p[0] = x0;
@@ -606,13 +623,7 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
   stream_kv<P, In, HD, BC>(sK, sV, kg, ldk, vg, ldv, kend, t, [&](int k0, const T* tk,
                                                                  const T* tv) {
     float s[MT][BC / 8][4], dp[MT][BC / 8][4];
-#pragma unroll
-    for (int mb = 0; mb < MT; mb++) {
-      zero<BC>(s[mb]);
-      zero<BC>(dp[mb]);
-    }
-    mma_abt_m<P, HD, BC, MT>(s, sQ, LD, warp * 16 * MT, tk, LD);
-    mma_abt_m<P, HD, BC, MT>(dp, sG, LD, warp * 16 * MT, tv, LD);
+    scores_and_dp<P, HD, BC, MT>(s, dp, sQ, sG, warp * 16 * MT, tk, tv, LD);
 #pragma unroll
     for (int mb = 0; mb < MT; mb++)
 #pragma unroll
@@ -692,13 +703,7 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
     const float* tl = sL + b * BQ;
     const float* td = sD + b * BQ;
     float st[MT][BQ / 8][4], dpt[MT][BQ / 8][4];
-#pragma unroll
-    for (int mb = 0; mb < MT; mb++) {
-      zero<BQ>(st[mb]);
-      zero<BQ>(dpt[mb]);
-    }
-    mma_abt_m<P, HD, BQ, MT>(st, sK, LD, warp * 16 * MT, tq, LD);
-    mma_abt_m<P, HD, BQ, MT>(dpt, sV, LD, warp * 16 * MT, tg, LD);
+    scores_and_dp<P, HD, BQ, MT>(st, dpt, sK, sV, warp * 16 * MT, tq, tg, LD);
 #pragma unroll
     for (int mb = 0; mb < MT; mb++)
 #pragma unroll
