@@ -406,7 +406,10 @@ impl Group {
             || lmkit_kernels::cuda::Comm::new(nccl, device, id, rank, world),
             move |wait| {
                 eprintln!(
-                    "error: rank {rank} of {world}: the NCCL communicator was not formed within                      {} s (a member stopped after it got rank 0's id, or NCCL cannot connect the                      members: NCCL_DEBUG=INFO shows why, NCCL_SOCKET_IFNAME names the network;                      {TIMEOUT_VAR} sets the wait in seconds); this process stops",
+                    "error: rank {rank} of {world}: the NCCL communicator was not formed within \
+                     {} s (a member stopped after it got rank 0's id, or NCCL cannot connect the \
+                     members: NCCL_DEBUG=INFO shows why, NCCL_SOCKET_IFNAME names the network; \
+                     {TIMEOUT_VAR} sets the wait in seconds); this process stops",
                     wait.as_secs()
                 );
                 std::process::exit(1);
