@@ -634,19 +634,26 @@ pub struct Gpu {
 }
 
 /// The flash kernels' rows (or keys) per block ([`Gpu::flash_rows`]) for the [`Gpu`]s made
-/// from now on:
-/// `LMKIT_CUDA_FLASH_ROWS` (64 or 128), 64 when it is not set or names neither (read once).
+/// from now on: `LMKIT_CUDA_FLASH_ROWS` (64 or 128), 64 when it is not set or names neither
+/// (with a warning; read once).
 pub fn flash_block_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        match std::env::var("LMKIT_CUDA_FLASH_ROWS")
-            .as_deref()
-            .map(str::trim)
-        {
-            Ok("128") => 128,
-            _ => ATT_ROWS,
-        }
+        let v = std::env::var("LMKIT_CUDA_FLASH_ROWS").unwrap_or_default();
+        flash_rows_setting(&v).unwrap_or_else(|| {
+            eprintln!("warning: LMKIT_CUDA_FLASH_ROWS={v:?} is not 64 or 128: 64 is used");
+            ATT_ROWS
+        })
     })
+}
+
+/// The rows an `LMKIT_CUDA_FLASH_ROWS` value names (empty: the default, 64).
+fn flash_rows_setting(value: &str) -> Option<usize> {
+    match value.trim() {
+        "" | "64" => Some(ATT_ROWS),
+        "128" => Some(128),
+        _ => None,
+    }
 }
 
 static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -3005,6 +3012,15 @@ mod tests {
         assert!(too_few.contains("number of arguments"), "{too_few}");
         let unknown = launch("fil", &[p]).unwrap_err();
         assert!(unknown.contains("no kernel fil"), "{unknown}");
+    }
+
+    #[test]
+    fn flash_rows_settings_are_64_or_128() {
+        assert_eq!(flash_rows_setting(""), Some(64));
+        assert_eq!(flash_rows_setting(" 64"), Some(64));
+        assert_eq!(flash_rows_setting("128\n"), Some(128));
+        assert_eq!(flash_rows_setting("256"), None);
+        assert_eq!(flash_rows_setting("wide"), None);
     }
 
     /// The flash kernels (TF32 and bf16) on the GPU against the f64 reference: grouped-query
