@@ -108,6 +108,12 @@ impl DecodeRows {
     }
 }
 
+/// The address of an optional buffer, checked to hold `elements`, or 0: a null pointer, which
+/// the kernel taking it skips.
+fn need_opt<T>(d: Option<Dev<T>>, elements: usize, what: &str) -> Result<u64> {
+    d.map_or(Ok(0), |d| d.need(elements, what))
+}
+
 /// Sizes of a causal attention: batch, tokens, query heads, key/value heads, head size.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -1445,10 +1451,7 @@ impl Gpu {
     ) -> Result<()> {
         let args = [
             Arg::P(out.need(n * c, "add_rows out")?),
-            Arg::P(match x {
-                Some(x) => x.need(n * c, "add_rows x")?,
-                None => 0,
-            }),
+            Arg::P(need_opt(x, n * c, "add_rows x")?),
             Arg::P(bias.need(c, "add_rows bias")?),
             Arg::I(int(n)?),
             Arg::I(int(c)?),
@@ -1504,10 +1507,7 @@ impl Gpu {
         stats.need(2 * n, "layer_norm_bwd stats")?;
         let args = [
             Arg::P(dx.need(n * c, "layer_norm_bwd dx")?),
-            Arg::P(match dx16 {
-                Some(d) => d.need(n * c, "layer_norm_bwd dx16")?,
-                None => 0,
-            }),
+            Arg::P(need_opt(dx16, n * c, "layer_norm_bwd dx16")?),
             Arg::P(dy.need(n * c, "layer_norm_bwd dy")?),
             Arg::P(x.need(n * c, "layer_norm_bwd x")?),
             Arg::P(w.need(c, "layer_norm_bwd w")?),
@@ -1602,10 +1602,7 @@ impl Gpu {
     ) -> Result<()> {
         let args = [
             Arg::P(dx.need(n * c, "rms_norm_bwd dx")?),
-            Arg::P(match dx16 {
-                Some(d) => d.need(n * c, "rms_norm_bwd dx16")?,
-                None => 0,
-            }),
+            Arg::P(need_opt(dx16, n * c, "rms_norm_bwd dx16")?),
             Arg::P(dy.need(n * c, "rms_norm_bwd dy")?),
             Arg::P(x.need(n * c, "rms_norm_bwd x")?),
             Arg::P(w.need(c, "rms_norm_bwd w")?),
@@ -1908,10 +1905,7 @@ impl Gpu {
         };
         let args = [
             Arg::P(dh.need(len, "act_bwd dh")?),
-            Arg::P(match dh16 {
-                Some(d) => d.need(len, "act_bwd dh16")?,
-                None => 0,
-            }),
+            Arg::P(need_opt(dh16, len, "act_bwd dh16")?),
             Arg::P(h.need(len, "act_bwd h")?),
             Arg::P(dg.need(len, "act_bwd dg")?),
             Arg::L(len as i64),
@@ -2105,16 +2099,10 @@ impl Gpu {
         let args = |dw: Dev<f32>, db: Option<Dev<f32>>| -> Result<Vec<Arg>> {
             Ok(vec![
                 Arg::P(dw.need(chunks * c, "norm_weight_grads dw")?),
-                Arg::P(match db {
-                    Some(db) => db.need(chunks * c, "norm_weight_grads db")?,
-                    None => 0,
-                }),
+                Arg::P(need_opt(db, chunks * c, "norm_weight_grads db")?),
                 Arg::P(dy.need(n * c, "norm_weight_grads dy")?),
                 Arg::P(x.need(n * c, "norm_weight_grads x")?),
-                Arg::P(match mean {
-                    Some(m) => m.need(n, "norm_weight_grads mean")?,
-                    None => 0,
-                }),
+                Arg::P(need_opt(mean, n, "norm_weight_grads mean")?),
                 Arg::P(rstd.need(n, "norm_weight_grads rstd")?),
                 Arg::I(int(n)?),
                 Arg::I(int(c)?),
@@ -3051,7 +3039,7 @@ mod tests {
         let checks = [32, 64, 128].map(Gpu::flash_check_shape);
         // TF32; bf16 products on f32 inputs; bf16 inputs (cp.async tiles).
         let modes = [(false, false), (true, false), (true, true)];
-        // The forward kernel with 64 rows a block and with 128 (two row blocks a warp; 200
+        // The kernels with 64 rows (keys) a block and with 128 (two blocks of 16 a warp; 200
         // tokens: a full block, a partial one, and rows of one warp in both of its blocks).
         let wide = AttnShape {
             b: 1,

@@ -379,6 +379,17 @@ __device__ __forceinline__ void write_rows(O* dst, int64_t ld, const float (*acc
   }
 }
 
+// The lane's rows in the warp's MT blocks of 16 rows from r0 (the m16n8 accumulator layout):
+// block mb's are r0 + 16·mb + lane/4 and that + 8.
+template <int MT>
+__device__ __forceinline__ void lane_rows(int (*rows)[2], int r0) {
+  int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mb = 0; mb < MT; mb++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) rows[mb][r] = r0 + 16 * mb + lane / 4 + 8 * r;
+}
+
 // The maximum (or sum) of x over the 4 lanes that hold a row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -498,9 +509,10 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
   const S* kg = k + (int64_t)bi * t * ldk + kvh * HD;
   const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
   In::template fetch<HD>(sQ, ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
-  // The warp's first row; row block mb's rows are r0 + 16·mb + (lane/4, lane/4 + 8).
+  // The warp's first row, and the lane's rows.
   int r0 = q0 + warp * 16 * MT;
   int rows[MT][2];
+  lane_rows<MT>(rows, r0);
   // The online softmax's running max (log2 units of the scaled scores) and this lane's part
   // of the running sum, per row.
   float m[MT][2], l[MT][2];
@@ -508,7 +520,6 @@ __device__ void flash_fwd(const typename In::S* q, const typename In::S* k,
   for (int mb = 0; mb < MT; mb++)
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-      rows[mb][r] = r0 + 16 * mb + lane / 4 + 8 * r;
       m[mb][r] = -INFINITY;
       l[mb][r] = 0.0f;
     }
@@ -602,15 +613,15 @@ __device__ void flash_bwd_dq(const typename In::S* q, const typename In::S* k,
   const S* vg = v + (int64_t)bi * t * ldv + kvh * HD;
   In::template fetch<HD>(sQ, ROWS, q + (int64_t)bi * t * ldq + h * HD, ldq, q0, t);
   In::template fetch<HD>(sG, ROWS, dout + (int64_t)bi * t * ldd + h * HD, ldd, q0, t);
-  // The warp's first row; row block mb's rows are r0 + 16·mb + (lane/4, lane/4 + 8).
+  // The warp's first row, and the lane's rows.
   int r0 = q0 + warp * 16 * MT;
   int rows[MT][2];
+  lane_rows<MT>(rows, r0);
   float lrow[MT][2], drow[MT][2];
 #pragma unroll
   for (int mb = 0; mb < MT; mb++)
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-      rows[mb][r] = r0 + 16 * mb + lane / 4 + 8 * r;
       int64_t stat = (int64_t)blockIdx.y * t + rows[mb][r];
       lrow[mb][r] = rows[mb][r] < t ? lse[stat] * ATT_LOG2E : 0.0f;
       drow[mb][r] = rows[mb][r] < t ? dvec[stat] : 0.0f;
@@ -666,13 +677,10 @@ __device__ void flash_bwd_dkdv(const typename In::S* q, const typename In::S* k,
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   In::template fetch<HD>(sK, KEYS, k + (int64_t)bi * t * ldk + kvh * HD, ldk, k0, t);
   In::template fetch<HD>(sV, KEYS, v + (int64_t)bi * t * ldv + kvh * HD, ldv, k0, t);
-  // The warp's first key; key block mb's keys are w0 + 16·mb + (lane/4, lane/4 + 8).
+  // The warp's first key, and the lane's keys.
   int w0 = k0 + warp * 16 * MT;
   int keys[MT][2];
-#pragma unroll
-  for (int mb = 0; mb < MT; mb++)
-#pragma unroll
-    for (int r = 0; r < 2; r++) keys[mb][r] = w0 + 16 * mb + lane / 4 + 8 * r;
+  lane_rows<MT>(keys, w0);
   const float sl = scale * ATT_LOG2E;
   float kacc[MT][HD / 8][4], vacc[MT][HD / 8][4];
 #pragma unroll
