@@ -64,16 +64,26 @@ extern "C" void emu_cross_entropy_bf16(uint16_t* logits, float* loss, const uint
               [&] { cross_entropy_bf16(logits, loss, targets, v, sc); });
 }
 
+// The column sums' first or second stage as `Gpu::column_sums` launches it: `vec` columns a lane
+// (1, or 4 for f32 rows and 8 for bf16 rows, 16-byte aligned), blocks of 256 threads.
+static dim3 sums_grid(int cols, int vec, int chunks) {
+  return {unsigned((cols + 32 * vec - 1) / (32 * vec)), unsigned(chunks), 1};
+}
+
 extern "C" void emu_column_sums(float* out, const float* src, int n, int cols, int per,
-                                int chunks) {
-  emu::launch({unsigned((cols + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
-              [&] { column_sums(out, src, n, cols, per); });
+                                int chunks, int vec) {
+  emu::launch(sums_grid(cols, vec, chunks), {SUM_THREADS, 1, 1}, 0, [&] {
+    if (vec == 1) column_sums(out, src, n, cols, per);
+    else column_sums_v4(out, src, n, cols, per);
+  });
 }
 
 extern "C" void emu_column_sums_h16(float* out, const uint16_t* src, int n, int cols, int per,
-                                    int chunks) {
-  emu::launch({unsigned((cols + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
-              [&] { column_sums_h16(out, src, n, cols, per); });
+                                    int chunks, int vec) {
+  emu::launch(sums_grid(cols, vec, chunks), {SUM_THREADS, 1, 1}, 0, [&] {
+    if (vec == 1) column_sums_h16(out, src, n, cols, per);
+    else column_sums_h16_v8(out, src, n, cols, per);
+  });
 }
 
 extern "C" void emu_layer_norm_fwd(float* out, float* mean, float* rstd, const float* x,
@@ -125,9 +135,11 @@ extern "C" void emu_layer_norm_bwd(float* dx, const float* dy, const float* x, c
 // The norm weight gradients' first stage, `chunks` rows of partial sums (mean null: RMSNorm's).
 extern "C" void emu_norm_weight_sums(float* dw, float* db, const float* dy, const float* x,
                                      const float* mean, const float* rstd, int n, int c, int per,
-                                     int chunks) {
-  emu::launch({unsigned((c + 31) / 32), unsigned(chunks), 1}, {1024, 1, 1}, 0,
-              [&] { norm_weight_sums(dw, db, dy, x, mean, rstd, n, c, per); });
+                                     int chunks, int vec) {
+  emu::launch(sums_grid(c, vec, chunks), {SUM_THREADS, 1, 1}, 0, [&] {
+    if (vec == 1) norm_weight_sums(dw, db, dy, x, mean, rstd, n, c, per);
+    else norm_weight_sums_v4(dw, db, dy, x, mean, rstd, n, c, per);
+  });
 }
 
 extern "C" void emu_softmax_causal(float* p, int64_t rows, int t, float scale, const float* probs,

@@ -54,11 +54,11 @@ def train_kernels(tmp_path_factory):
     so.emu_swiglu_bwd.argtypes = [F32, F32, F32, l, i, l]
     so.emu_cross_entropy.argtypes = [F32, F32, u, i, i, f]
     so.emu_cross_entropy_bf16.argtypes = [u, F32, u, i, i, f]
-    so.emu_column_sums.argtypes = [F32, F32, i, i, i, i]
-    so.emu_column_sums_h16.argtypes = [F32, u, i, i, i, i]
+    so.emu_column_sums.argtypes = [F32, F32, i, i, i, i, i]
+    so.emu_column_sums_h16.argtypes = [F32, u, i, i, i, i, i]
     so.emu_layer_norm_fwd.argtypes = [F32] * 6 + [i, i, f]
     so.emu_layer_norm_bwd.argtypes = [F32] * 6 + [i, i, i]
-    so.emu_norm_weight_sums.argtypes = [u] * 6 + [i, i, i, i]
+    so.emu_norm_weight_sums.argtypes = [u] * 6 + [i, i, i, i, i]
     so.emu_layer_norm_fwd_bf16.argtypes = [u] + [F32] * 5 + [i, i, f]
     so.emu_rms_norm_fwd_bf16.argtypes = [u, F32, F32, F32, i, i, f]
     so.emu_swiglu_fwd_bf16.argtypes = [u, F32, F32, l, i, l]
@@ -317,18 +317,30 @@ def test_rms_norm_equals_pytorch(train_kernels):
     close(dw, wt.grad.numpy(), "rms norm dw", 1e-5)
 
 
-def norm_weight_sums(kernels, dy, x, mean, rstd):
+def norm_weight_sums(kernels, dy, x, mean, rstd, vec=1):
     """`Gpu::norm_weight_grads`: norm_weight_sums into rows of partial sums (chunks of at least
-    256 rows, at most 64 chunks), those rows summed in f64 here; (dw, db), db None without a
-    mean (RMSNorm)."""
+    128 rows, at most 128 chunks; `vec` columns a lane: 1, or 4 with dy and x 16-byte aligned),
+    those rows summed in f64 here; (dw, db), db None without a mean (RMSNorm)."""
     n, c = dy.shape
     chunks, per = row_chunks(n)
     dw = np.full((chunks, c), np.nan, np.float32)
     db = np.full((chunks, c), np.nan, np.float32) if mean is not None else None
+    if vec > 1:
+        dy, x = aligned(dy), aligned(x)
     addr = lambda a: None if a is None else a.ctypes.data
     kernels.emu_norm_weight_sums(addr(dw), addr(db), addr(dy), addr(x), addr(mean), addr(rstd),
-                                 n, c, per, chunks)
+                                 n, c, per, chunks, vec)
     return dw.astype(np.float64).sum(0), None if db is None else db.astype(np.float64).sum(0)
+
+
+def aligned(a):
+    """A copy of `a` whose data starts 16-byte aligned (as the GPU's allocations do), for the
+    kernels that read 16 bytes a lane."""
+    raw = np.empty(a.nbytes + 16, np.uint8)
+    skip = -raw.ctypes.data % 16
+    out = raw[skip:skip + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def test_rope_equals_the_rotate_half_definition_and_its_gradient(train_kernels):
@@ -441,10 +453,11 @@ def test_layer_norm_equals_pytorch(train_kernels):
     close(db, bt.grad.numpy(), "layer norm db", 1e-5)
 
 
-def test_norm_weight_sums_over_chunks_of_rows(train_kernels):
+@pytest.mark.parametrize("vec", [1, 4])
+def test_norm_weight_sums_over_chunks_of_rows(train_kernels, vec):
     """The norms' weight and bias gradients over many rows (several chunks, a partial block of
     columns): each chunk's partial sums of dy·x̂ and dy, with x̂ from the kept mean and 1/std
-    (LayerNorm) or 1/rms alone (RMSNorm)."""
+    (LayerNorm) or 1/rms alone (RMSNorm); one column a lane, or four."""
     rng = np.random.default_rng(12)
     n, c = 1300, 40
     x = rng.standard_normal((n, c), dtype=np.float32) * 2 + 1
@@ -453,10 +466,10 @@ def test_norm_weight_sums_over_chunks_of_rows(train_kernels):
     rstd = (1 / np.sqrt(x.var(1) + 1e-5)).astype(np.float32)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     xh = (x64 - mean[:, None]) * rstd[:, None]
-    dw, db = norm_weight_sums(train_kernels, dy, x, mean, rstd)
+    dw, db = norm_weight_sums(train_kernels, dy, x, mean, rstd, vec)
     close(dw, (dy64 * xh).sum(0), "layer norm dw over chunks", 1e-5)
     close(db, dy64.sum(0), "layer norm db over chunks", 1e-5)
-    dw, db = norm_weight_sums(train_kernels, dy, x, None, rstd)
+    dw, db = norm_weight_sums(train_kernels, dy, x, None, rstd, vec)
     assert db is None
     close(dw, (dy64 * x64 * rstd[:, None]).sum(0), "rms norm dw over chunks", 1e-5)
 
@@ -523,41 +536,48 @@ def test_bf16_outputs_equal_pytorch_rounding(train_kernels):
 
 def row_chunks(n):
     """How `Gpu::column_sums` and `Gpu::norm_weight_grads` split n rows (`row_chunks` in
-    crates/lmkit-kernels/src/cuda.rs): (chunks, rows per chunk), chunks of at least 256 rows, at
-    most 64 of them."""
-    chunks = min(max(-(-n // 256), 1), 64)
+    crates/lmkit-kernels/src/cuda.rs): (chunks, rows per chunk), chunks of at least 128 rows, at
+    most 128 of them."""
+    chunks = min(max(-(-n // 128), 1), 128)
     return chunks, -(-n // chunks)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_column_sums_equal_numpy(train_kernels, bf16):
+@pytest.mark.parametrize("wide", [False, True])
+def test_column_sums_equal_numpy(train_kernels, bf16, wide):
     """The bias and norm-weight gradients' column sums, of f32 rows or bf16 rows (the GELU
-    gradient's): a partial block of columns, fewer rows than the kernel's 32 row groups, and many
-    rows, as `Gpu::column_sums` launches it: chunks of at least 256 rows summed apart into rows
-    of partial sums (f32), then those rows summed."""
+    gradient's), one column a lane or (`wide`, 16-byte aligned rows) 16 bytes a lane: a partial
+    block of columns, fewer rows than the kernel's 8 row groups, and many rows, as
+    `Gpu::column_sums` launches it: chunks of at least 128 rows summed apart into rows of
+    partial sums (f32), then those rows summed."""
     rng = np.random.default_rng(8)
-    for n, cols in [(1000, 70), (5, 33), (1, 1), (300, 64), (20000, 40)]:
-        src = rng.standard_normal((n, cols), dtype=np.float32)
+    shapes = [(1000, 70), (5, 33), (1, 1), (300, 64), (20000, 40)]
+    if wide:
+        shapes = [(1000, 72), (5, 8), (1, 8), (300, 64), (20000, 40), (40, 520)]
+    for n, cols in shapes:
+        src = aligned(rng.standard_normal((n, cols), dtype=np.float32))
+        vec = (8 if bf16 else 4) if wide else 1
         if bf16:
-            bits = bf16_bits(src)
+            bits = aligned(bf16_bits(src))
             src = (bits.astype(np.uint32) << 16).view(np.float32)
 
             def first(out, n, per, chunks):
-                train_kernels.emu_column_sums_h16(ptr(out), bits.ctypes.data, n, cols, per, chunks)
+                train_kernels.emu_column_sums_h16(ptr(out), bits.ctypes.data, n, cols, per, chunks, vec)
         else:
             def first(out, n, per, chunks):
-                train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, per, chunks)
+                train_kernels.emu_column_sums(ptr(out), ptr(src), n, cols, per, chunks, vec)
         out = np.full(cols, np.nan, np.float32)
         chunks, per = row_chunks(n)
         if chunks == 1:
             first(out, n, n, 1)
         else:
-            partial = np.full((chunks, cols), np.nan, np.float32)
+            partial = aligned(np.full((chunks, cols), np.nan, np.float32))
             first(partial, n, per, chunks)
             ends = [min(n, (c + 1) * per) for c in range(chunks)]
             want = [src[c * per:ends[c]].astype(np.float64).sum(0) for c in range(chunks)]
             close(partial, np.array(want), f"partial column sums of {n} x {cols}", 1e-5)
-            train_kernels.emu_column_sums(ptr(out), ptr(partial), chunks, cols, chunks, 1)
+            train_kernels.emu_column_sums(ptr(out), ptr(partial), chunks, cols, chunks, 1,
+                                          4 if wide and cols % 4 == 0 else 1)
         close(out, src.astype(np.float64).sum(0), f"column sums of {n} x {cols}", 3e-5)
 
 

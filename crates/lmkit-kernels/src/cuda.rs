@@ -2056,9 +2056,16 @@ impl Gpu {
         }
         let (chunks, per) = row_chunks(n);
         let sums = |out: Dev<f32>, src: Data, (n, per, chunks): (usize, usize, usize)| {
-            let (kernel, src, elem) = match src {
-                Data::F32(s) => ("column_sums", s.need(n * cols, "column_sums src")?, 4),
-                Data::Bf16(s) => ("column_sums_h16", s.need(n * cols, "column_sums src")?, 2),
+            let (src, elem) = match src {
+                Data::F32(s) => (s.need(n * cols, "column_sums src")?, 4),
+                Data::Bf16(s) => (s.need(n * cols, "column_sums src")?, 2),
+            };
+            let vec = lanes(elem, cols, &[src]);
+            let kernel = match (elem, vec) {
+                (4, 1) => "column_sums",
+                (4, _) => "column_sums_v4",
+                (_, 1) => "column_sums_h16",
+                _ => "column_sums_h16_v8",
             };
             let args = [
                 Arg::P(out.need(chunks * cols, "column_sums out")?),
@@ -2067,7 +2074,7 @@ impl Gpu {
                 Arg::I(int(cols)?),
                 Arg::I(int(per)?),
             ];
-            let launch = ((blocks(cols, 32) as usize, chunks), 1024, 0);
+            let launch = ((blocks(cols, 32 * vec) as usize, chunks), SUM_THREADS, 0);
             let work = Work::bytes((elem * n + 4 * chunks) * cols);
             self.launch_in(Module::Train, kernel, launch, &args, work)
         };
@@ -2096,12 +2103,17 @@ impl Gpu {
             return db.map_or(Ok(()), |db| self.fill(db, 0.0, c));
         }
         let (chunks, per) = row_chunks(n);
+        let (dy, x) = (
+            dy.need(n * c, "norm_weight_grads dy")?,
+            x.need(n * c, "norm_weight_grads x")?,
+        );
+        let vec = lanes(4, c, &[dy, x]);
         let args = |dw: Dev<f32>, db: Option<Dev<f32>>| -> Result<Vec<Arg>> {
             Ok(vec![
                 Arg::P(dw.need(chunks * c, "norm_weight_grads dw")?),
                 Arg::P(need_opt(db, chunks * c, "norm_weight_grads db")?),
-                Arg::P(dy.need(n * c, "norm_weight_grads dy")?),
-                Arg::P(x.need(n * c, "norm_weight_grads x")?),
+                Arg::P(dy),
+                Arg::P(x),
                 Arg::P(need_opt(mean, n, "norm_weight_grads mean")?),
                 Arg::P(rstd.need(n, "norm_weight_grads rstd")?),
                 Arg::I(int(n)?),
@@ -2109,11 +2121,15 @@ impl Gpu {
                 Arg::I(int(per)?),
             ])
         };
-        let launch = ((blocks(c, 32) as usize, chunks), 1024, 0);
+        let launch = ((blocks(c, 32 * vec) as usize, chunks), SUM_THREADS, 0);
         let outputs = 1 + usize::from(db.is_some());
         let work = Work::bytes(8 * n * c + 8 * n + 4 * outputs * chunks * c);
-        let run =
-            |args: Vec<Arg>| self.launch_in(Module::Train, "norm_weight_sums", launch, &args, work);
+        let kernel = if vec == 1 {
+            "norm_weight_sums"
+        } else {
+            "norm_weight_sums_v4"
+        };
+        let run = |args: Vec<Arg>| self.launch_in(Module::Train, kernel, launch, &args, work);
         if chunks == 1 {
             return run(args(dw, db)?);
         }
@@ -2138,13 +2154,29 @@ impl Gpu {
     }
 }
 
-/// How the column sums split n rows: (chunks, rows per chunk). Chunks of at least 256 rows, each
-/// summed by its own blocks into a row of partial sums, then those rows summed (in order): one
-/// block per 32 columns alone keeps most of a GPU idle (24 blocks for 768 columns; 288 GB/s
-/// measured on an H200).
+/// How the column sums split n rows: (chunks, rows per chunk). Chunks of at least 128 rows (16
+/// a thread), at most 128 of them, each summed by its own blocks into a row of partial sums, then
+/// those rows summed (in order): one block per 32 columns alone keeps most of a GPU idle (24
+/// blocks for 768 columns; 288 GB/s measured on an H200). 64 chunks of 8,192 rows of 768 f32
+/// columns: 384 blocks of 8 warps.
 fn row_chunks(n: usize) -> (usize, usize) {
-    let chunks = n.div_ceil(256).clamp(1, 64);
+    let chunks = n.div_ceil(128).clamp(1, 128);
     (chunks, n.div_ceil(chunks))
+}
+
+/// Threads of a block of the column sums' kernels (train.cu's SUM_THREADS).
+const SUM_THREADS: u32 = 256;
+
+/// The columns a lane of the column sums' kernels reads in one 16-byte load from rows of
+/// `elem`-byte values at `rows` (each `cols` wide): 16 / elem where every row starts 16-byte
+/// aligned, else one.
+fn lanes(elem: usize, cols: usize, rows: &[u64]) -> usize {
+    let v = 16 / elem;
+    if cols.is_multiple_of(v) && rows.iter().all(|a| a.is_multiple_of(16)) {
+        v
+    } else {
+        1
+    }
 }
 
 /// Blocks of `decode_attention` a launch should have at least to keep a large GPU busy (two per
@@ -2521,32 +2553,50 @@ mod tests {
     }
 
     /// Column sums over few and many rows (one launch, and chunks of rows summed apart, then
-    /// their sums) equal the sums in f64, the same bits every run.
+    /// their sums) equal the sums in f64, the same bits every run: one column a lane, and four
+    /// (rows of a multiple of 4 columns, 16-byte aligned; not a view one value in).
     #[test]
     fn gpu_column_sums_equal_the_sums_in_f64() {
         let Some(gpu) = gpu() else {
             return;
         };
-        let cols = 70;
         let mut draw = crate::testing::uniform(5);
-        for n in [1, 255, 256, 1000, 20_000] {
-            let x = draw(n * cols);
-            let src = gpu.upload(&x).unwrap();
-            let out = gpu.uninit(cols).unwrap();
-            gpu.column_sums(out.dev(), src.dev(), (n, cols)).unwrap();
-            let got = gpu.download(&out, cols).unwrap();
-            for (j, g) in got.iter().enumerate() {
-                let want: f64 = (0..n).map(|r| x[r * cols + j] as f64).sum();
-                let tol = 1e-6 * n as f64;
-                assert!(
-                    (*g as f64 - want).abs() <= tol,
-                    "{n} rows, column {j}: {g} vs {want}"
-                );
+        for (cols, skip) in [(70, 0), (72, 0), (72, 1)] {
+            for n in [1, 127, 128, 1000, 20_000] {
+                let x = draw(n * cols + skip);
+                let up = gpu.upload(&x).unwrap();
+                let src = up.dev().at(skip).unwrap();
+                let x = &x[skip..];
+                let wide = cols % 4 == 0 && skip == 0 && up.dev().addr.is_multiple_of(16);
+                assert_eq!(lanes(4, cols, &[src.addr]), if wide { 4 } else { 1 });
+                let out = gpu.uninit(cols).unwrap();
+                gpu.column_sums(out.dev(), src, (n, cols)).unwrap();
+                let got = gpu.download(&out, cols).unwrap();
+                for (j, g) in got.iter().enumerate() {
+                    let want: f64 = (0..n).map(|r| x[r * cols + j] as f64).sum();
+                    let tol = 1e-6 * n as f64;
+                    assert!(
+                        (*g as f64 - want).abs() <= tol,
+                        "{n} x {cols}, {skip} skipped, column {j}: {g} vs {want}"
+                    );
+                }
+                let again = gpu.uninit(cols).unwrap();
+                gpu.column_sums(again.dev(), src, (n, cols)).unwrap();
+                assert_eq!(gpu.download(&again, cols).unwrap(), got, "{n} rows");
             }
-            let again = gpu.uninit(cols).unwrap();
-            gpu.column_sums(again.dev(), src.dev(), (n, cols)).unwrap();
-            assert_eq!(gpu.download(&again, cols).unwrap(), got, "{n} rows");
         }
+    }
+
+    /// The column sums read 16 bytes a lane where every row starts 16-byte aligned: 4 f32s or
+    /// 8 bf16s.
+    #[test]
+    fn column_sums_read_16_bytes_a_lane_from_aligned_rows() {
+        assert_eq!(lanes(4, 768, &[0x1000, 0x2000]), 4);
+        assert_eq!(lanes(2, 768, &[0x1000]), 8);
+        assert_eq!(lanes(4, 770, &[0x1000]), 1, "rows of 3080 bytes");
+        assert_eq!(lanes(2, 772, &[0x1000]), 1, "rows of 1544 bytes");
+        assert_eq!(lanes(4, 768, &[0x1000, 0x2004]), 1, "one input 4 bytes off");
+        assert_eq!(lanes(4, 4, &[0x1010]), 4);
     }
 
     /// A norm's weight and bias gradients over few and many rows (chunks of rows summed apart,

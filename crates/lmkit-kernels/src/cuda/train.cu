@@ -495,63 +495,121 @@ extern "C" __global__ void cross_entropy_bf16(uint16_t* logits, float* loss,
     cross_entropy_row(logits, loss, targets, v, sc);
 }
 
+// Threads of a block of the column sums (8 warps of row groups).
+#define SUM_THREADS 256
+
+// V adjacent values of type T, read in one load (V·sizeof(T) bytes, aligned to that).
+template <int V, class T>
+struct alignas(V * sizeof(T)) Lanes {
+    T v[V];
+};
+
+// The V adjacent values at p (aligned to V values) as f32s, into out[0..V).
+template <int V, class T>
+__device__ __forceinline__ void load_lanes(float* out, const T* p) {
+    Lanes<V, T> l = *reinterpret_cast<const Lanes<V, T>*>(p);
+#pragma unroll
+    for (int v = 0; v < V; v++) out[v] = get(&l.v[v]);
+}
+
 // Column sums, K at a time, over rows [y·per, min(n, (y + 1)·per)) of the n rows for the grid's
 // row y (the gradients of a bias or a norm's weight, or their partial sums over chunks of rows):
-// add(r, col, s) adds row r's values of column col into s[0..K), and out[k][y·cols + col] gets
-// the k-th sum (out[k] null: not written). A block of 32 × 32 threads per 32 columns and chunk,
-// thread (g, j) summing every 32nd row from g of its column (a warp reads 32 adjacent columns of
-// a row), then the 32 partial sums added in order: f32, the same order every run.
-template <int K, class Add>
+// add(r, col, s) adds row r's values of columns col..col+V into s[k][0..V) for k < K, and
+// out[k][y·cols + col] gets the k-th sum (out[k] null: not written); cols is a multiple of V. A
+// block of 8 warps per 32·V columns and chunk, thread (g, j) summing every 8th row from g of its
+// V adjacent columns (a warp reads 32·V adjacent columns of a row, V a lane in one load: 512
+// bytes of f32 rows with V = 4), then the 8 partial sums of each column added in order: f32, the
+// same order every run.
+template <int K, int V, class Add>
 __device__ void column_sums_by(float* const (&out)[K], int n, int cols, int per, Add add) {
-    __shared__ float part[K][WARP][WARP + 1];
-    int j = threadIdx.x % WARP, g = threadIdx.x / WARP, groups = blockDim.x / WARP;
-    int col = blockIdx.x * WARP + j;
+    constexpr int GROUPS = SUM_THREADS / WARP, SPAN = WARP * V;
+    __shared__ float part[K][GROUPS][SPAN];
+    int j = threadIdx.x % WARP, g = threadIdx.x / WARP;
+    int base = blockIdx.x * SPAN, col = base + j * V;
     int64_t first = (int64_t)blockIdx.y * per;
     int64_t end = first + per < n ? first + per : n;
-    float s[K] = {};
-    if (col < cols)
-        for (int64_t r = first + g; r < end; r += groups) add(r, col, s);
-    for (int k = 0; k < K; k++) part[k][g][j] = s[k];
+    float s[K][V] = {};
+    if (col < cols) {
+#pragma unroll 4
+        for (int64_t r = first + g; r < end; r += GROUPS) add(r, col, s);
+    }
+    for (int k = 0; k < K; k++)
+        for (int v = 0; v < V; v++) part[k][g][j * V + v] = s[k][v];
     __syncthreads();
-    if (g == 0 && col < cols)
-        for (int k = 0; k < K; k++) {
-            if (!out[k]) continue;
+    for (int k = 0; k < K; k++) {
+        if (!out[k]) continue;
+        for (int c = threadIdx.x; c < SPAN && base + c < cols; c += SUM_THREADS) {
             float t = 0.0f;
-            for (int q = 0; q < groups; q++) t += part[k][q][j];
-            out[k][(int64_t)blockIdx.y * cols + col] = t;
+            for (int q = 0; q < GROUPS; q++) t += part[k][q][c];
+            out[k][(int64_t)blockIdx.y * cols + base + c] = t;
         }
+    }
 }
 
 // out[y·cols + j] = Σ_r src[r·cols + j] (f32 or bf16 rows), as column_sums_by.
-template <class I>
+template <int V, class I>
 __device__ void column_sums_rows(float* out, const I* src, int n, int cols, int per) {
     float* const outs[1] = {out};
-    column_sums_by(outs, n, cols, per,
-                   [&](int64_t r, int col, float* s) { s[0] += get(&src[r * cols + col]); });
+    column_sums_by<1, V>(outs, n, cols, per, [&](int64_t r, int col, float (*s)[V]) {
+        float a[V];
+        load_lanes<V>(a, &src[r * cols + col]);
+#pragma unroll
+        for (int v = 0; v < V; v++) s[0][v] += a[v];
+    });
 }
 
+// The kernels: f32 rows one column a lane, or four (cols a multiple of 4, rows 16-byte
+// aligned); bf16 rows one or eight (the same).
 extern "C" __global__ void column_sums(float* out, const float* src, int n, int cols, int per) {
-    column_sums_rows(out, src, n, cols, per);
+    column_sums_rows<1>(out, src, n, cols, per);
 }
 
-// The same over bf16 rows (the sums in f32).
+extern "C" __global__ void column_sums_v4(float* out, const float* src, int n, int cols,
+                                          int per) {
+    column_sums_rows<4>(out, src, n, cols, per);
+}
+
 extern "C" __global__ void column_sums_h16(float* out, const uint16_t* src, int n, int cols,
                                            int per) {
-    column_sums_rows(out, src, n, cols, per);
+    column_sums_rows<1>(out, src, n, cols, per);
+}
+
+extern "C" __global__ void column_sums_h16_v8(float* out, const uint16_t* src, int n, int cols,
+                                              int per) {
+    column_sums_rows<8>(out, src, n, cols, per);
 }
 
 // A norm's weight and bias gradients, as column_sums_by: dw[y·c + j] = Σ_r dy[r, j]·x̂[r, j] with
 // x̂ = (x − mean[r])·rstd[r] (mean null: RMSNorm's x·rstd[r]), and db[y·c + j] = Σ_r dy[r, j]
 // where db is given — one read of dy and x instead of writing dy ⊙ x̂ and summing it and dy apart.
+template <int V>
+__device__ void norm_weight_sums_by(float* dw, float* db, const float* dy, const float* x,
+                                    const float* mean, const float* rstd, int n, int c, int per) {
+    float* const outs[2] = {dw, db};
+    column_sums_by<2, V>(outs, n, c, per, [&](int64_t r, int col, float (*s)[V]) {
+        float d[V], xs[V];
+        load_lanes<V>(d, &dy[r * c + col]);
+        load_lanes<V>(xs, &x[r * c + col]);
+        float centre = mean ? mean[r] : 0.0f, scale = rstd[r];
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            s[0][v] += d[v] * ((xs[v] - centre) * scale);
+            s[1][v] += d[v];
+        }
+    });
+}
+
 extern "C" __global__ void norm_weight_sums(float* dw, float* db, const float* dy, const float* x,
                                             const float* mean, const float* rstd, int n, int c,
                                             int per) {
-    float* const outs[2] = {dw, db};
-    column_sums_by(outs, n, c, per, [&](int64_t r, int col, float* s) {
-        float d = dy[r * c + col];
-        s[0] += d * ((x[r * c + col] - (mean ? mean[r] : 0.0f)) * rstd[r]);
-        s[1] += d;
-    });
+    norm_weight_sums_by<1>(dw, db, dy, x, mean, rstd, n, c, per);
+}
+
+// The same four columns a lane (c a multiple of 4, dy and x 16-byte aligned).
+extern "C" __global__ void norm_weight_sums_v4(float* dw, float* db, const float* dy,
+                                               const float* x, const float* mean,
+                                               const float* rstd, int n, int c, int per) {
+    norm_weight_sums_by<4>(dw, db, dy, x, mean, rstd, n, c, per);
 }
 
 // out = value everywhere.
