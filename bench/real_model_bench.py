@@ -112,7 +112,9 @@ TRANSFORMERS = textwrap.dedent("""
 
 
 def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=None, dtype="f32"):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), **(extra_env or {}))
+    # LMKIT_CUDA_TIMING: lmkit also says how a decoding step's time splits between running the
+    # pass on the host and reading its logits (on a GPU: waiting for the pass).
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), LMKIT_CUDA_TIMING="1", **(extra_env or {}))
     cmd = [binary, "generate", "--model", model, "--prompt-ids", ",".join(map(str, ids)), "--greedy", "--ignore-eos",
            "--max-tokens", n_decode, "--ids", "--device", device]
     if dtype != "f32":
@@ -121,8 +123,12 @@ def lmkit_run(binary, ids, n_decode, threads, model, device="cpu", extra_env=Non
     m = re.search(r"in ([\d.]+) s \(([\d.]+) tokens/s\), (\d+) generated in [\d.]+ s \(([\d.]+) tokens/s after", err)
     if not m:
         sys.exit(f"unexpected lmkit output: {err}")
-    return {"prompt": float(m.group(2)), "decode": float(m.group(4)), "rss": rss,
-            "ids": [int(i) for i in out.split()]}
+    r = {"prompt": float(m.group(2)), "decode": float(m.group(4)), "rss": rss,
+         "ids": [int(i) for i in out.split()]}
+    clock = re.search(r"decoding steps: ([\d.]+) ms a step running the pass on the host, ([\d.]+) ms reading", err)
+    if clock:
+        r["pass_ms"], r["read_ms"] = float(clock.group(1)), float(clock.group(2))
+    return r
 
 
 def python_run(script, ids, n_decode, threads, model, device="cpu", dtype="f32"):
@@ -207,8 +213,10 @@ def main():
         for name, fn in runners.items():
             res = fn()
             results[name].append(res)
+            split = (f"  step: pass {res['pass_ms']:.3f} ms on the host, read {res['read_ms']:.3f} ms"
+                     if "pass_ms" in res else "")
             print(f"round {r + 1} {name:17s} prompt {res['prompt']:7.1f} tok/s  decode {res['decode']:6.1f} tok/s  "
-                  f"peak RSS {res['rss']:6.0f} MB", flush=True)
+                  f"peak RSS {res['rss']:6.0f} MB{split}", flush=True)
     where = f"on {a.device}" if on_gpu else f"{a.threads} threads"
     print(f"\nSmolLM2-135M-Instruct {label}, {where}, prompt {len(ids)} tokens, decode {a.decode} tokens, "
           f"medians of {a.rounds}:")

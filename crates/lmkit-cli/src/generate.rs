@@ -366,6 +366,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         prompt.len() as f64 / prompt_secs.max(1e-9),
         ids.len(),
     );
+    if std::env::var_os("LMKIT_CUDA_TIMING").is_some() {
+        let c = lmkit_infer::step_clock();
+        let ms = |s: f64| 1e3 * s / c.steps.max(1) as f64;
+        eprintln!(
+            "[{} decoding steps: {:.3} ms a step running the pass on the host, {:.3} ms reading its logits (on a GPU: waiting for the pass to finish)]",
+            c.steps,
+            ms(c.pass_secs),
+            ms(c.read_secs),
+        );
+    }
     Ok(())
 }
 

@@ -27,6 +27,29 @@ pub type Result<T> = std::result::Result<T, InferError>;
 /// and the other sequences' next tokens are not held up long.
 pub const PACKED_PROMPT_TOKENS: usize = 2048;
 
+/// Where [`Decoder::step`]'s time went, over the process's decoding steps (one new token each;
+/// prompts not counted): the host's time running
+/// the model's pass up to the read of its logits (on a GPU: launching the work, which runs
+/// asynchronously), and the time that read took (on a GPU: waiting for the work to finish, and
+/// the copy). Batch-1 decoding on a GPU whose steps are mostly the first is held up by the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepClock {
+    pub steps: u64,
+    pub pass_secs: f64,
+    pub read_secs: f64,
+}
+
+static STEP_CLOCK: std::sync::Mutex<StepClock> = std::sync::Mutex::new(StepClock {
+    steps: 0,
+    pass_secs: 0.0,
+    read_secs: 0.0,
+});
+
+/// The [`StepClock`] of the steps so far.
+pub fn step_clock() -> StepClock {
+    *STEP_CLOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why generation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
@@ -194,10 +217,18 @@ impl Decoder {
         if let Some(why) = self.limit() {
             return Ok(Step::Done(why));
         }
+        let started = std::time::Instant::now();
         let input = Tensor::new(self.pending.as_slice(), model.device())?.unsqueeze(0)?;
         // Only the last position's logits are sampled from.
         let logits = model.forward_last(&input, &mut self.cache)?;
+        let passed = std::time::Instant::now();
         let last: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        if input.elem_count() == 1 {
+            let mut clock = STEP_CLOCK.lock().unwrap_or_else(|e| e.into_inner());
+            clock.steps += 1;
+            clock.pass_secs += (passed - started).as_secs_f64();
+            clock.read_secs += passed.elapsed().as_secs_f64();
+        }
         Ok(self.take(&last))
     }
 

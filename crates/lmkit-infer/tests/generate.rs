@@ -341,3 +341,23 @@ fn equal_prompts_in_one_pass_sample_as_independent_decoders() {
         );
     }
 }
+
+/// The step clock counts the decoding steps (one new token each; the prompt's pass not) and the
+/// time of their passes and of their logits' reads.
+#[test]
+fn the_step_clock_counts_decoding_steps() {
+    let (m, _) = tiny_model();
+    let before = lmkit_infer::step_clock();
+    let mut d =
+        lmkit_infer::Decoder::new(&m, &[1, 2, 3], opts(5, None, SamplingParams::greedy())).unwrap();
+    let mut tokens = 0;
+    while let lmkit_infer::Step::Token(_) = d.step(&m).unwrap() {
+        tokens += 1;
+    }
+    assert_eq!(tokens, 5);
+    let after = lmkit_infer::step_clock();
+    // Other tests of this process may decode at the same time: at least these 4.
+    assert!(after.steps >= before.steps + 4, "{before:?} {after:?}");
+    assert!(after.pass_secs > before.pass_secs, "{before:?} {after:?}");
+    assert!(after.read_secs >= before.read_secs, "{before:?} {after:?}");
+}
