@@ -3,12 +3,15 @@
 and with --peer, transformers' batched `generate` on the same model and device as the peer.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/serve_bench.py [--model DIR] [--clients 8] [--requests 32]
-           [--max-tokens 48] [--device cpu|cuda] [--peer]
+           [--max-tokens 48] [--device cpu|cuda] [--peer] [--client-procs N]
 
 Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
 depend on the weights) is made from the bundled English corpus. Each request streams a chat
 completion; latency is the time to the last chunk, TTFT the time to the first content chunk.
-After the run every request must have a row in the server's SQLite log.
+After the run every request must have a row in the server's SQLite log. The concurrent clients
+run as threads of --client-procs processes (default: half the machine's cores, at most 8): the
+official client parses each chunk in Python, and one process's GIL caps the chunks a second it
+can take (≈ 3,000 on a 2-core machine, where one process is all there is room for).
 
 --peer: transformers decodes the same prompts (their chat-formatted token ids, as the server
 tokenized them) as one batch of 1 and one batch of --clients rows, sampling --max-tokens new
@@ -27,7 +30,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import openai
 
@@ -98,10 +102,42 @@ def one(c, i, max_tokens):
     return time.perf_counter() - t0, ttft or 0.0, tokens
 
 
-def phase(c, clients, requests, max_tokens, offset):
+def client(url):
+    return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+
+
+def client_share(url, threads, ids, max_tokens):
+    """One client process's share of a phase: requests `ids`, `threads` at a time."""
+    c = client(url)
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(lambda i: one(c, i, max_tokens), ids))
+
+
+def client_pool(procs):
+    """`procs` client processes, started now (forked before PyTorch is loaded, outside the timed
+    phases), or None for one."""
+    if procs <= 1:
+        return None
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork"))
+    list(pool.map(time.sleep, [0.1] * procs))
+    return pool
+
+
+def phase(url, clients, requests, max_tokens, offset, pool=None):
+    """`requests` streamed requests, `clients` at a time, from the client processes of `pool`
+    (each running its share of the clients as threads: one Python process parsing every
+    stream's chunks under its GIL would be what limits the throughput of many streams), or from
+    this one."""
+    procs = min(pool._max_workers, clients) if pool else 1
+    ids = list(range(offset, offset + requests))
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as ex:
-        res = list(ex.map(lambda i: one(c, offset + i, max_tokens), range(requests)))
+    if procs == 1:
+        res = client_share(url, clients, ids, max_tokens)
+    else:
+        shares = [ids[k::procs] for k in range(procs)]
+        threads = [clients // procs + (k < clients % procs) for k in range(procs)]
+        futures = [pool.submit(client_share, url, threads[k], shares[k], max_tokens) for k in range(procs)]
+        res = [r for f in futures for r in f.result()]
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in res)
     ttft = sorted(r[1] for r in res)
@@ -120,6 +156,8 @@ def main():
     ap.add_argument("--max-active", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the server's --device, and the peer's)")
     ap.add_argument("--peer", action="store_true", help="also decode with transformers' generate (see above)")
+    ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 1) // 2)),
+                    help="processes the concurrent clients are spread over (default: half the cores, at most 8)")
     a = ap.parse_args()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-serve-bench-"))
@@ -135,8 +173,8 @@ def main():
         if "serving" not in line:
             raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
         url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
-        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        one(c, 0, 4)  # warm-up
+        pool = client_pool(min(a.client_procs, a.clients))
+        one(client(url), 0, 4)  # warm-up
         if a.peer:
             import torch
             import transformers
@@ -144,10 +182,12 @@ def main():
             hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
             prompts = [chat_ids(lm, model, i, tmp) for i in range(a.clients)]
             peer_phase(hf, torch, prompts[:1], 4, a.device)  # warm-up
-        seq = phase(c, 1, max(4, a.requests // 4), a.max_tokens, 1000)
+        seq = phase(url, 1, max(4, a.requests // 4), a.max_tokens, 1000)
         if a.peer:
             peer["seq"] = peer_phase(hf, torch, prompts[:1], a.max_tokens, a.device)
-        par = phase(c, a.clients, a.requests, a.max_tokens, 2000)
+        par = phase(url, a.clients, a.requests, a.max_tokens, 2000, pool)
+        if pool:
+            pool.shutdown()
         if a.peer:
             peer["par"] = peer_phase(hf, torch, prompts, a.max_tokens, a.device)
         rows = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(finish_reason = 'cancelled') FROM completions").fetchone()
@@ -156,7 +196,7 @@ def main():
         proc.terminate()
         proc.wait(timeout=30)
     print(f"model {model}; device {a.device}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; "
-          f"server --max-active {a.max_active}")
+          f"server --max-active {a.max_active}; clients in {max(1, min(a.client_procs, a.clients))} processes")
     print()
     print("| clients | requests | p50 latency s | p99 latency s | p50 time to first token s | completion tokens/s |")
     print("|---|---|---|---|---|---|")
