@@ -22,7 +22,9 @@
 #    (eager f32, eager bf16 autocast + SDPA, torch.compile), and the autograd path as a baseline;
 #    GPT-2 small again with lmkit's flash attention and bf16 products (and beside it the same
 #    lmkit with LMKIT_CUDA_BGRAD=epilogue: the MLP bias's gradient summed by the GELU gradient's
-#    product instead of its own column sums);
+#    product instead of its own column sums); the SmolLM2-135M-shaped Llama (context 1024, batch 8)
+#    through lmkit's hand-written pass (flash attention, bf16 products) vs PyTorch eager bf16
+#    autocast + SDPA (LlamaForCausalLM);
 # 4. bench/serve_bench.py --device cuda --peer: `lmkit serve` with 8 and 32 streaming clients vs
 #    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
 #    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
@@ -255,6 +257,10 @@ echo "== speed vs PyTorch, GPT-2 small: lmkit with flash attention and bf16 prod
 LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
   --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 --lmkit-set 'train.dtype="bf16"' \
   --baseline "$bin" --baseline-env LMKIT_CUDA_BGRAD=epilogue || failed+=("bench large bf16")
+echo "== speed vs PyTorch, a SmolLM2-135M-shaped Llama: lmkit's pass with flash attention and bf16 products"
+LMKIT_CUDA_ATTENTION=flash LMKIT_BIN="$bin" "$py" "$here/bench/train_bench.py" --device cuda --steps 10 \
+  --rounds 2 --family llama --layers 30 --heads 9 --kv-heads 3 --dim 576 --inter 1536 --ctx 1024 \
+  --batch 8 --torch-modes bf16 --lmkit-set 'train.dtype="bf16"' || failed+=("bench llama bf16")
 fi
 
 if want serve; then

@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Training and decoding speed: lmkit vs PyTorch eager (transformers GPT2LMHeadModel) on one
-GPT-2 config, measured in the same run, next to this machine's peak f32 GEMM. PyTorch runs with
-transformers' default attention (torch's scaled_dot_product_attention) unless --torch-modes says otherwise.
+"""Training and decoding speed: lmkit vs PyTorch eager (transformers GPT2LMHeadModel, or
+LlamaForCausalLM with --family llama) on one config, measured in the same run, next to this
+machine's peak f32 GEMM. PyTorch runs with transformers' default attention (torch's
+scaled_dot_product_attention) unless --torch-modes says otherwise.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/train_bench.py [--steps 6] [--rounds 3] [--layers 6 --heads 6 --dim 384 --ctx 256 --batch 8]
        [--device cuda]   # both sides on the GPU (lmkit built with --features cuda; LMKIT_BIN names it)
+       [--family llama [--kv-heads 3] [--inter 1536]]   # a Llama (RMSNorm, rotary, SwiGLU, grouped-query heads, tied embeddings)
        [--lmkit-blas builtin|off|/path/to/libopenblas.so]   # LMKIT_BLAS for lmkit's runs (builtin: no system BLAS)
        [--baseline OTHER_LMKIT [--baseline-blas VALUE] [--baseline-env VAR=VALUE]]   # also train with another lmkit binary (e.g. built from an earlier commit),
                                   # alternating with the others in every round: is a change no slower?
 
 Model FLOPs per token ≈ 6·N (N = non-embedding parameters + lm_head) + 6·layers·ctx·dim for attention
 (Kaplan et al. 2020 / the PaLM appendix convention), so GFLOP/s = tokens/s · flops_per_token / 1e9.
+A Llama's non-embedding parameters per layer: dim·(dim + 2·kv_dim) for q|k|v, dim² for the output
+projection, 3·dim·inter for the SwiGLU MLP.
 """
 import argparse
 import atexit
@@ -48,6 +52,10 @@ def main():
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"])
+    ap.add_argument("--kv-heads", type=int, help="--family llama: key/value heads (default: --heads)")
+    ap.add_argument("--inter", type=int, help="--family llama: the MLP's width (default: 8/3 of --dim, "
+                    "a multiple of 64)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both lmkit and PyTorch)")
     ap.add_argument("--baseline", help="another lmkit binary to train with in the same rounds")
@@ -97,19 +105,37 @@ def main():
     sync()
     gemm = 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
-    non_emb = a.layers * 12 * a.dim * a.dim
+    kv_heads = a.kv_heads or a.heads
+    inter = a.inter or -(-8 * a.dim // 3 // 64) * 64
+    if a.family == "llama":
+        kv_dim = a.dim // a.heads * kv_heads
+        non_emb = a.layers * (a.dim * (a.dim + 2 * kv_dim) + a.dim * a.dim + 3 * a.dim * inter)
+    else:
+        non_emb = a.layers * 12 * a.dim * a.dim
     flops_per_token = 6 * (non_emb + a.vocab * a.dim) + 6 * a.layers * a.ctx * a.dim
     tokens_per_step = a.batch * a.ctx
 
     # lmkit: `lmkit train` for warmup + steps; tokens/s from metrics.jsonl (steps after the first).
-    (tmp / "run.toml").write_text(f"""
-[model]
-model_type = "gpt2"
+    if a.family == "llama":
+        model_toml = f"""model_type = "llama"
+hidden_size = {a.dim}
+intermediate_size = {inter}
+num_hidden_layers = {a.layers}
+num_attention_heads = {a.heads}
+num_key_value_heads = {kv_heads}
+max_position_embeddings = {a.ctx}
+tie_word_embeddings = true
+vocab_size = {a.vocab}"""
+    else:
+        model_toml = f"""model_type = "gpt2"
 n_positions = {a.ctx}
 n_embd = {a.dim}
 n_layer = {a.layers}
 n_head = {a.heads}
-vocab_size = {a.vocab}
+vocab_size = {a.vocab}"""
+    (tmp / "run.toml").write_text(f"""
+[model]
+{model_toml}
 [data]
 train = "{tmp}/shards"
 tokenizer = "{tmp}/tok"
@@ -145,16 +171,23 @@ device = "{a.device}"
         return len(step_tps) / sum(1 / t for t in step_tps)
 
     # PyTorch: the same model in transformers, AdamW, cross-entropy, clipping; one fresh model per side.
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     modes = (a.torch_modes or ("eager,bf16,compile" if dev.type == "cuda" else "eager")).split(",")
     data = torch.randint(0, a.vocab, (a.batch, a.ctx + 1), device=dev)
 
     def torch_side(mode):
         torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
-                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-                         attn_implementation="eager" if mode == "eager-attention" else "sdpa")
-        model = GPT2LMHeadModel(cfg).to(dev)
+        attn = "eager" if mode == "eager-attention" else "sdpa"
+        if a.family == "llama":
+            cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.dim, intermediate_size=inter,
+                              num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                              num_key_value_heads=kv_heads, max_position_embeddings=a.ctx,
+                              tie_word_embeddings=True, attn_implementation=attn)
+            model = LlamaForCausalLM(cfg).to(dev)
+        else:
+            cfg = GPT2Config(vocab_size=a.vocab, n_positions=a.ctx, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
+                             resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, attn_implementation=attn)
+            model = GPT2LMHeadModel(cfg).to(dev)
         amp = mode in ("bf16", "compile")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                 fused=dev.type == "cuda" and amp)
@@ -219,17 +252,20 @@ device = "{a.device}"
     # lmkit's own measure of the generation loop (prompt + decode, after loading), as for transformers below.
     m = re.search(r"prompt tokens in ([0-9.]+) s .*?(\d+) generated in ([0-9.]+) s", gen.stderr)
     lm_dec_loop = int(m.group(2)) / (float(m.group(1)) + float(m.group(3))) if m else float("nan")
-    hf = GPT2LMHeadModel.from_pretrained(ckpt).to(dev).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).to(dev).eval()
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=dev)
     with torch.no_grad():
-        hf.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                    pad_token_id=0)
         sync()
         t0 = time.perf_counter()
-        hf.generate(ids, do_sample=False, max_new_tokens=a.decode_tokens, min_new_tokens=a.decode_tokens, pad_token_id=0)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=a.decode_tokens,
+                    min_new_tokens=a.decode_tokens, pad_token_id=0)
         sync()
         hf_dec = a.decode_tokens / (time.perf_counter() - t0)
 
-    print(f"config: {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
+    family = f"llama ({kv_heads} key/value heads, MLP {inter})" if a.family == "llama" else "gpt2"
+    print(f"config: {family}, {a.layers} layers, {a.heads} heads, {a.dim} dims, context {a.ctx}, batch {a.batch}, vocab {a.vocab}; "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; device {a.device}; {os.cpu_count()} cores, torch threads {threads}")
     print(f"lmkit's matrix products: {matmul.get('out')}" + (f"; the baseline's: {matmul.get('baseline')}" if base_runs else ""))
     print()
