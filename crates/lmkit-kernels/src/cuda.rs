@@ -2552,6 +2552,30 @@ mod tests {
         }
     }
 
+    /// Uploads arrive whole and in order while the GPU is busy: small ones through the staging
+    /// slots (more uploads than slots, so that each slot is reused, some while the GPU has not
+    /// reached earlier copies), larger ones directly.
+    #[test]
+    fn gpu_uploads_arrive_whole_while_the_gpu_is_busy() {
+        let Some(gpu) = gpu() else {
+            return;
+        };
+        let busy = gpu.uninit(1 << 20).unwrap();
+        let mut sent = Vec::new();
+        for i in 0..300u64 {
+            if i % 16 == 0 {
+                gpu.fill(busy.dev(), i as f32, 1 << 20).unwrap();
+            }
+            // 8 bytes to 40 KiB: most within a slot, some over it.
+            let len = 1 + (i as usize * 37) % 5000;
+            let data: Vec<u64> = (0..len as u64).map(|j| i << 32 | j).collect();
+            sent.push((gpu.upload(&data).unwrap(), data));
+        }
+        for (i, (buf, data)) in sent.iter().enumerate() {
+            assert_eq!(&gpu.download(buf, data.len()).unwrap(), data, "upload {i}");
+        }
+    }
+
     /// Column sums over few and many rows (one launch, and chunks of rows summed apart, then
     /// their sums) equal the sums in f64, the same bits every run: one column a lane, and four
     /// (rows of a multiple of 4 columns, 16-byte aligned; not a view one value in).

@@ -100,6 +100,51 @@ const LT_KEPT: usize = 8;
 /// counts), all dropped when it is reached.
 const LT_ALGOS_KEPT: usize = 1024;
 
+/// Uploads of at most this many bytes take a staging slot ([`Gpu::upload`]).
+const STAGED_BYTES: usize = 16 << 10;
+/// Staging slots per device and thread.
+const STAGING_SLOTS: usize = 64;
+
+/// Page-locked host memory for small uploads: a copy from pageable memory may first wait for
+/// everything queued on the stream (the driver stages it through memory of its own), which
+/// made each layer of a decoding step — whose attention takes a table of its sequences' cache
+/// addresses and lengths — wait for the layers before it instead of being queued behind them.
+/// A copy from page-locked memory is queued and returns at once. Slots are taken in turn, each
+/// reused once the GPU has passed its previous copy (an event after it).
+#[derive(Default)]
+struct Staging {
+    slots: Vec<Slot>,
+    next: usize,
+}
+
+struct Slot {
+    host: cudarc::driver::PinnedHostSlice<u8>,
+    event: cudarc::driver::CudaEvent,
+    /// Whether a copy from it was queued (its event recorded).
+    used: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // The page-locked memory is freed with the slots: their copies must have run.
+        for s in self.slots.iter().filter(|s| s.used) {
+            let _ = s.event.synchronize();
+        }
+    }
+}
+
+/// The staging slots made so far, per device and host thread (as [`LtHandles`]: a thread's
+/// copies go to its stream), at most [`LT_KEPT`] sets, the oldest freed first.
+#[allow(clippy::type_complexity)]
+static STAGING: std::sync::LazyLock<
+    std::sync::Mutex<
+        Vec<(
+            (candle_core::cuda_backend::DeviceId, std::thread::ThreadId),
+            Staging,
+        )>,
+    >,
+> = std::sync::LazyLock::new(|| std::sync::Mutex::new(Vec::new()));
+
 /// Whether [`keep_freed_memory`] ran for GPU i (bit i).
 static POOLS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -285,14 +330,89 @@ impl Gpu {
         Ok(self.buf(s))
     }
 
+    /// `data` in a new buffer on the GPU, copied in stream order. Up to [`STAGED_BYTES`] (the
+    /// tables a decoding step's attention takes for each layer) go through a page-locked
+    /// staging slot ([`Staging`]) and do not wait for the GPU; larger data is copied from where
+    /// it is, which from pageable memory may wait for the stream's earlier work first.
     pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > 0 && bytes <= STAGED_BYTES {
+            let stream = self.hw.dev.cuda_stream();
+            // SAFETY: written by the copy below before anything reads it.
+            let buf = self.buf(
+                unsafe { stream.alloc::<T>(data.len()) }
+                    .map_err(self.alloc_fail("alloc", bytes))?,
+            );
+            // SAFETY: T is plain data (DeviceRepr): its bytes are what the GPU gets.
+            let src = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
+            // Where page-locked memory cannot be had, the copy below.
+            if self.staged_copy(buf.dev.addr, src).is_ok() {
+                return Ok(buf);
+            }
+        }
         let s = self
             .hw
             .dev
             .cuda_stream()
             .clone_htod(data)
-            .map_err(self.alloc_fail("upload", std::mem::size_of_val(data)))?;
+            .map_err(self.alloc_fail("upload", bytes))?;
         Ok(self.buf(s))
+    }
+
+    /// Copies `src` (at most [`STAGED_BYTES`]) to device address `dst` in stream order, through
+    /// the next of this device's and thread's staging slots: the slot's previous copy is waited
+    /// for (64 copies back: the host rarely runs that far ahead), `src` written into it, the
+    /// copy from page-locked memory queued (it returns at once) and an event recorded after it.
+    fn staged_copy(&self, dst: u64, src: &[u8]) -> Result<()> {
+        use cudarc::driver::result;
+        let stream = self.hw.dev.cuda_stream();
+        let ctx = stream.context();
+        let id = (self.hw.dev.id(), std::thread::current().id());
+        let mut all = STAGING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = match all.iter().position(|(d, _)| *d == id) {
+            Some(at) => at,
+            None => {
+                if all.len() >= LT_KEPT {
+                    all.remove(0);
+                }
+                all.push((id, Staging::default()));
+                all.len() - 1
+            }
+        };
+        let staging = &mut all[at].1;
+        let i = staging.next;
+        staging.next = (i + 1) % STAGING_SLOTS;
+        if i == staging.slots.len() {
+            // SAFETY: the slot is written before each copy from it.
+            let host = unsafe { ctx.alloc_pinned::<u8>(STAGED_BYTES) }
+                .map_err(Self::fail("cuMemHostAlloc"))?;
+            let event = ctx.new_event(None).map_err(Self::fail("cuEventCreate"))?;
+            staging.slots.push(Slot {
+                host,
+                event,
+                used: false,
+            });
+        }
+        let slot = &mut staging.slots[i];
+        if slot.used {
+            slot.event
+                .synchronize()
+                .map_err(Self::fail("cuEventSynchronize"))?;
+        }
+        let host = slot.host.as_mut_slice().map_err(Self::fail("staging"))?;
+        host[..src.len()].copy_from_slice(src);
+        ctx.bind_to_thread().map_err(Self::fail("bind context"))?;
+        // SAFETY: `dst` holds `src.len()` bytes (the caller's new buffer); the page-locked slot
+        // is not written again before the event recorded after this copy has passed.
+        unsafe { result::memcpy_htod_async(dst, &host[..src.len()], stream.cu_stream()) }
+            .map_err(Self::fail("cuMemcpyHtoDAsync"))?;
+        slot.event
+            .record(&stream)
+            .map_err(Self::fail("cuEventRecord"))?;
+        slot.used = true;
+        Ok(())
     }
 
     /// The GPU's index.
