@@ -2566,8 +2566,8 @@ mod tests {
             if i % 16 == 0 {
                 gpu.fill(busy.dev(), i as f32, 1 << 20).unwrap();
             }
-            // 8 bytes to 40 KiB: most within a slot, some over it.
-            let len = 1 + (i as usize * 37) % 5000;
+            // 8 bytes to 160 KiB: most within a slot, some over it.
+            let len = 1 + (i as usize * 137) % 20_000;
             let data: Vec<u64> = (0..len as u64).map(|j| i << 32 | j).collect();
             sent.push((gpu.upload(&data).unwrap(), data));
         }

@@ -100,8 +100,9 @@ const LT_KEPT: usize = 8;
 /// counts), all dropped when it is reached.
 const LT_ALGOS_KEPT: usize = 1024;
 
-/// Uploads of at most this many bytes take a staging slot ([`Gpu::upload`]).
-const STAGED_BYTES: usize = 16 << 10;
+/// Uploads of at most this many bytes take a staging slot ([`Gpu::upload`]): a decoding step's
+/// attention table, a training step's token ids (32 KiB for 8,192) and AdamW's chunk table.
+const STAGED_BYTES: usize = 64 << 10;
 /// Staging slots per device and thread.
 const STAGING_SLOTS: usize = 64;
 
@@ -330,8 +331,8 @@ impl Gpu {
         Ok(self.buf(s))
     }
 
-    /// `data` in a new buffer on the GPU, copied in stream order. Up to [`STAGED_BYTES`] (the
-    /// tables a decoding step's attention takes for each layer) go through a page-locked
+    /// `data` in a new buffer on the GPU, copied in stream order. Up to [`STAGED_BYTES`] (such as
+    /// the table a decoding step's attention takes for each layer) go through a page-locked
     /// staging slot ([`Staging`]) and do not wait for the GPU; larger data is copied from where
     /// it is, which from pageable memory may wait for the stream's earlier work first.
     pub(super) fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<T>> {
