@@ -7,7 +7,7 @@ use crate::layers::kv_cache::KvCache;
 use crate::layers::linear::Linear;
 use crate::layers::ops::LayerNorm;
 use crate::registry::ModelConfig;
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -169,11 +169,14 @@ impl Block {
         }
         // Views of the packed projection on a GPU, whose cache attention reads the heads in
         // place (three copies a layer fewer); copies on the CPU, whose attention wants them.
+        // The rows split into heads first, then narrowed: a view of q|k|v's heads for any
+        // number of rows (narrowed first, several rows would be copied by the reshape, and on
+        // a GPU each such copy also uploads its strides).
         let views = crate::layers::attention::takes_head_views(x);
+        let heads = qkv.reshape((b, t, 3 * self.n_head, hd))?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
-            let heads = qkv
-                .narrow(D::Minus1, i * e, e)?
-                .reshape((b, t, self.n_head, hd))?
+            let heads = heads
+                .narrow(2, i * self.n_head, self.n_head)?
                 .transpose(1, 2)?;
             if views {
                 Ok(heads)
