@@ -116,6 +116,8 @@ const STAGING_SLOTS: usize = 64;
 struct Staging {
     slots: Vec<Slot>,
     next: usize,
+    /// Page-locked memory could not be had: uploads copy from where the data is.
+    unavailable: bool,
 }
 
 struct Slot {
@@ -383,19 +385,30 @@ impl Gpu {
             }
         };
         let staging = &mut all[at].1;
+        if staging.unavailable {
+            candle_core::bail!("cuda: no page-locked staging memory");
+        }
         let i = staging.next;
-        staging.next = (i + 1) % STAGING_SLOTS;
         if i == staging.slots.len() {
             // SAFETY: the slot is written before each copy from it.
-            let host = unsafe { ctx.alloc_pinned::<u8>(STAGED_BYTES) }
-                .map_err(Self::fail("cuMemHostAlloc"))?;
-            let event = ctx.new_event(None).map_err(Self::fail("cuEventCreate"))?;
-            staging.slots.push(Slot {
-                host,
-                event,
-                used: false,
+            let made = unsafe { ctx.alloc_pinned::<u8>(STAGED_BYTES) }.and_then(|host| {
+                let event = ctx.new_event(None)?;
+                Ok(Slot {
+                    host,
+                    event,
+                    used: false,
+                })
             });
+            match made {
+                Ok(slot) => staging.slots.push(slot),
+                Err(e) => {
+                    // Not asked for again: this thread's uploads take the pageable path.
+                    staging.unavailable = true;
+                    return Err(Self::fail("cuMemHostAlloc")(e));
+                }
+            }
         }
+        staging.next = (i + 1) % STAGING_SLOTS;
         let slot = &mut staging.slots[i];
         if slot.used {
             slot.event
