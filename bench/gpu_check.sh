@@ -103,16 +103,18 @@ fi
 # -unfused: the biases and residuals written before the products (LMKIT_CUDA_EPILOGUE=0), or
 # -bgrad: the MLP bias's gradient summed by the GELU gradient's product (LMKIT_CUDA_BGRAD=epilogue),
 # or -rows128: the flash forward and dQ kernels with 128 rows a block, two row blocks a warp
-# (LMKIT_CUDA_FLASH_ROWS=128).
+# (LMKIT_CUDA_FLASH_ROWS=128), or -autotune: the epilogue products' algorithms timed and the
+# fastest kept (LMKIT_CUDA_AUTOTUNE=1).
 #   gpt2_small RUN STEPS OUT_DIR
 gpt2_small() {
-  local run="${1%-unfused}" epilogue=1 bgrad= rows=
+  local run="${1%-unfused}" epilogue=1 bgrad= rows= tune=
   [ "$run" != "$1" ] && epilogue=0
   [ "${run%-bgrad}" != "$run" ] && run="${run%-bgrad}" && bgrad=epilogue
   [ "${run%-rows128}" != "$run" ] && run="${run%-rows128}" && rows=128
+  [ "${run%-autotune}" != "$run" ] && run="${run%-autotune}" && tune=1
   local att="${run%-bf16}" dtype=f32
   [ "$run" = flash-bf16 ] && dtype=bf16
-  LMKIT_CUDA_FLASH_ROWS=$rows LMKIT_CUDA_BGRAD=$bgrad LMKIT_CUDA_EPILOGUE=$epilogue LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
+  LMKIT_CUDA_AUTOTUNE=$tune LMKIT_CUDA_FLASH_ROWS=$rows LMKIT_CUDA_BGRAD=$bgrad LMKIT_CUDA_EPILOGUE=$epilogue LMKIT_CUDA_ATTENTION=$att "$bin" train --config "$here/configs/gpt-small.toml" \
     --set "data.train=\"$tmp/shards\"" --set "data.tokenizer=\"$tmp/tok\"" \
     --set model.n_layer=12 --set model.n_head=12 --set model.n_embd=768 --set model.n_positions=1024 \
     --set train.seq_len=1024 --set train.batch_size=8 --set "train.max_steps=$2" --set train.log_every=1 \
@@ -123,7 +125,7 @@ gpt2_small() {
 
 if want ops; then
 echo "== where a GPT-2-small step's time goes: each kernel and product shape (LMKIT_CUDA_TIMING=ops)"
-for run in materialized flash-bf16 flash-bf16-bgrad flash-bf16-rows128; do
+for run in materialized flash-bf16 flash-bf16-bgrad flash-bf16-rows128 flash-bf16-autotune; do
   LMKIT_CUDA_TIMING=ops gpt2_small "$run" 3 "$tmp/ops-$run" 2>"$out/ops-$run.log" || failed+=("ops $run")
   # The last step's pass: its phases, then its 25 longest ops.
   echo "$run:"; grep "cuda pass" "$out/ops-$run.log" | tail -1

@@ -22,13 +22,17 @@ mod device;
 #[cfg(feature = "cuda")]
 use device as hw;
 #[cfg(feature = "cuda")]
-pub use device::{layers_on, prepare_device, set_tf32_products, tf32_products, Comm, Elem};
+pub use device::{
+    autotune, layers_on, prepare_device, set_autotune, set_tf32_products, tf32_products, Comm, Elem,
+};
 #[cfg(not(feature = "cuda"))]
 mod emulated;
 #[cfg(not(feature = "cuda"))]
 use emulated as hw;
 #[cfg(not(feature = "cuda"))]
-pub use emulated::{layers_on, set_emulated_layers, set_tf32_products, tf32_products, Elem};
+pub use emulated::{
+    autotune, layers_on, set_autotune, set_emulated_layers, set_tf32_products, tf32_products, Elem,
+};
 mod decode;
 mod gelu;
 mod infer;

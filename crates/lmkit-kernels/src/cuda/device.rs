@@ -100,6 +100,35 @@ const LT_KEPT: usize = 8;
 /// counts), all dropped when it is reached.
 const LT_ALGOS_KEPT: usize = 1024;
 
+/// Algorithms timed per product shape with [`autotune`] on, and the timed runs of each.
+const TUNE_CANDIDATES: usize = 8;
+const TUNE_RUNS: usize = 3;
+
+/// 0: not chosen yet (LMKIT_CUDA_AUTOTUNE decides), 1: on, 2: off.
+static AUTOTUNE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the products with epilogues time the heuristic's first [`TUNE_CANDIDATES`]
+/// algorithms the first time a shape (and types, epilogue, alignments) comes, and keep the
+/// fastest, instead of taking the heuristic's first: LMKIT_CUDA_AUTOTUNE=1, or
+/// [`set_autotune`]. For training, whose shapes repeat every step; each new shape costs a wait
+/// for the GPU and a few dozen products.
+pub fn autotune() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match AUTOTUNE.load(Relaxed) {
+        0 => {
+            let on = std::env::var("LMKIT_CUDA_AUTOTUNE").is_ok_and(|v| v == "1");
+            set_autotune(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Turns [`autotune`] on or off.
+pub fn set_autotune(on: bool) {
+    AUTOTUNE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Uploads of at most this many bytes take a staging slot ([`Gpu::upload`]): a decoding step's
 /// attention table, a training step's token ids (32 KiB for 8,192) and AdamW's chunk table.
 const STAGED_BYTES: usize = 64 << 10;
@@ -752,10 +781,14 @@ impl Gpu {
                 workspace: lt.workspace.len(),
             };
             let key = plan.key();
-            let Ok(ready) = plan.make(lt.handle, algos.get(key)) else {
+            let cached = algos.get(key);
+            // Timing candidates runs the product several times: only where that gives the
+            // same result (d not also the C it adds).
+            let tune = cached.is_none() && autotune() && out.c != Some(out.d);
+            let candidates = if tune { TUNE_CANDIDATES } else { 1 };
+            let Ok(ready) = plan.make(lt.handle, cached, candidates) else {
                 return Ok(false);
             };
-            algos.keep(key, ready.algo);
             let workspace = {
                 let stream = self.hw.dev.cuda_stream();
                 let (addr, _sync) = lt.workspace.device_ptr(&stream);
@@ -763,34 +796,70 @@ impl Gpu {
             };
             let (alpha, beta) = (1f32, if out.c.is_some() { 1f32 } else { 0f32 });
             let l = &ready.layouts.0;
-            // SAFETY: the description and layouts were made for these operands, the algorithm for
-            // a product of the same key (shape, types, epilogue, alignments); a, b, c, d and the
-            // bias are live device buffers whose lengths the caller checked; the workspace lives
-            // as long as the handle; candle's stream for this device orders the product with the
-            // pass's other work and with other products using the workspace.
-            unsafe {
-                cudarc::cublaslt::result::matmul(
-                    lt.handle,
-                    ready.desc.0,
-                    &alpha as *const f32 as *const _,
-                    &beta as *const f32 as *const _,
-                    pb as *const _,
-                    l[0],
-                    pa as *const _,
-                    l[1],
-                    out.c.unwrap_or(out.d) as *const _,
-                    l[2],
-                    out.d as *mut _,
-                    l[2],
-                    &ready.algo,
-                    workspace as *mut _,
-                    lt.workspace.len(),
-                    self.hw.dev.cuda_stream().cu_stream() as *mut _,
-                )
-            }
-            .map_err(Self::fail("cublasLt matmul"))?;
+            let run = |algo: &lt_sys::cublasLtMatmulAlgo_t| {
+                // SAFETY: the description and layouts were made for these operands, the
+                // algorithm for a product of the same key (shape, types, epilogue, alignments);
+                // a, b, c, d and the bias are live device buffers whose lengths the caller
+                // checked; the workspace lives as long as the handle; candle's stream for this
+                // device orders the product with the pass's other work and with other products
+                // using the workspace.
+                unsafe {
+                    cudarc::cublaslt::result::matmul(
+                        lt.handle,
+                        ready.desc.0,
+                        &alpha as *const f32 as *const _,
+                        &beta as *const f32 as *const _,
+                        pb as *const _,
+                        l[0],
+                        pa as *const _,
+                        l[1],
+                        out.c.unwrap_or(out.d) as *const _,
+                        l[2],
+                        out.d as *mut _,
+                        l[2],
+                        algo,
+                        workspace as *mut _,
+                        lt.workspace.len(),
+                        self.hw.dev.cuda_stream().cu_stream() as *mut _,
+                    )
+                }
+            };
+            let algo = if ready.algos.len() > 1 {
+                self.fastest(&ready.algos, &run)?
+            } else {
+                ready.algos[0]
+            };
+            algos.keep(key, algo);
+            run(&algo).map_err(Self::fail("cublasLt matmul"))?;
             Ok(true)
         })
+    }
+
+    /// The algorithm of `algos` whose product `run` takes the least time on the GPU: each run
+    /// once, then [`TUNE_RUNS`] times between two events (waiting for the GPU); one that fails is
+    /// passed over (the heuristic's first where all do).
+    fn fastest(
+        &self,
+        algos: &[lt_sys::cublasLtMatmulAlgo_t],
+        run: &impl Fn(
+            &lt_sys::cublasLtMatmulAlgo_t,
+        ) -> std::result::Result<(), cudarc::cublaslt::result::CublasError>,
+    ) -> Result<lt_sys::cublasLtMatmulAlgo_t> {
+        let mut best = (f64::INFINITY, algos[0]);
+        for algo in algos {
+            if run(algo).is_err() {
+                continue;
+            }
+            let start = self.mark()?;
+            if (0..TUNE_RUNS).any(|_| run(algo).is_err()) {
+                continue;
+            }
+            let secs = self.mark()?.secs_since(&start)?;
+            if secs < best.0 {
+                best = (secs, *algo);
+            }
+        }
+        Ok(best.1)
     }
 }
 
@@ -849,11 +918,11 @@ struct LtKey {
     workspace: usize,
 }
 
-/// A described product and the algorithm cuBLASLt's heuristic chose for it.
+/// A described product and the algorithms cuBLASLt's heuristic chose for it, best first.
 struct LtReady {
     desc: LtDesc,
     layouts: LtLayouts,
-    algo: lt_sys::cublasLtMatmulAlgo_t,
+    algos: Vec<lt_sys::cublasLtMatmulAlgo_t>,
 }
 
 struct LtDesc(lt_sys::cublasLtMatmulDesc_t);
@@ -931,12 +1000,14 @@ impl LtPlan {
         Ok(())
     }
 
-    /// The description, layouts and `algo`, or without it the heuristic's algorithm; an error
-    /// where cuBLASLt refuses any of them or has no algorithm.
+    /// The description, layouts and `algo`, or without it the heuristic's first `candidates`
+    /// algorithms (at least one), best first; an error where cuBLASLt refuses any of them or has
+    /// no algorithm.
     fn make(
         &self,
         handle: lt_sys::cublasLtHandle_t,
         algo: Option<lt_sys::cublasLtMatmulAlgo_t>,
+        candidates: usize,
     ) -> std::result::Result<LtReady, cudarc::cublaslt::result::CublasError> {
         use cudarc::cublaslt::result as lt;
         use lt_sys::cublasLtMatmulDescAttributes_t as Desc;
@@ -1010,7 +1081,7 @@ impl LtPlan {
                 return Ok(LtReady {
                     desc,
                     layouts,
-                    algo,
+                    algos: vec![algo],
                 });
             }
             let pref = LtPref(lt::create_matmul_pref()?);
@@ -1032,12 +1103,43 @@ impl LtPlan {
                 pref_set(attr, a as *const u32 as _, 4)?;
             }
             let l = &layouts.0;
-            let heuristic =
-                lt::get_matmul_algo_heuristic(handle, desc.0, l[0], l[1], l[2], l[2], pref.0)?;
+            let algos = if candidates <= 1 {
+                let heuristic =
+                    lt::get_matmul_algo_heuristic(handle, desc.0, l[0], l[1], l[2], l[2], pref.0)?;
+                vec![heuristic.algo]
+            } else {
+                let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+                    vec![std::mem::zeroed(); candidates];
+                let mut count = 0;
+                lt_sys::cublasLtMatmulAlgoGetHeuristic(
+                    handle,
+                    desc.0,
+                    l[0],
+                    l[1],
+                    l[2],
+                    l[2],
+                    pref.0,
+                    candidates as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
+                )
+                .result()?;
+                let found: Vec<_> = results[..count.clamp(0, candidates as i32) as usize]
+                    .iter()
+                    .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                    .map(|r| r.algo)
+                    .collect();
+                if found.is_empty() {
+                    return Err(cudarc::cublaslt::result::CublasError(
+                        lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+                    ));
+                }
+                found
+            };
             Ok(LtReady {
                 desc,
                 layouts,
-                algo: heuristic.algo,
+                algos,
             })
         }
     }

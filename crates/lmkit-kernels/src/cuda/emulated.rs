@@ -73,6 +73,15 @@ pub fn set_tf32_products(on: bool) {
     TF32.store(on, Ordering::Relaxed)
 }
 
+/// The emulated GPU runs a product one way: there are no algorithms to time
+/// (`LMKIT_CUDA_AUTOTUNE` is for the GPU's cuBLASLt).
+pub fn autotune() -> bool {
+    false
+}
+
+/// Nothing to turn on in the emulation ([`autotune`]).
+pub fn set_autotune(_: bool) {}
+
 unsafe extern "C" {
     fn lmkit_cuda_emu_launch(
         name: *const std::ffi::c_char,

@@ -452,6 +452,62 @@ mod tests {
     use super::*;
     use crate::cuda::Bf16;
 
+    /// With LMKIT_CUDA_AUTOTUNE the fused products (bias and residual; f32, and bf16 operands
+    /// and output) take the fastest of the heuristic's algorithms, timed at their shape's first
+    /// product: their results still equal the unfused products'. (On the emulated GPU, which
+    /// has one way to run a product, nothing is tuned.)
+    #[test]
+    fn gpu_autotuned_products_equal_the_unfused() {
+        let Some(mut gpu) = crate::testing::gpu_device().and_then(|d| Gpu::of(&d)) else {
+            return;
+        };
+        gpu.tf32 = false;
+        // A shape no other test uses, so that its algorithms are chosen here.
+        let (rows, cols, k) = (37, 40, 24);
+        let mut draw = crate::testing::uniform(12);
+        let (a, w, bias, residual) = (
+            draw(rows * k),
+            draw(k * cols),
+            draw(cols),
+            draw(rows * cols),
+        );
+        let half = |x: &[f32]| -> Vec<Bf16> { x.iter().map(|&v| Bf16::from_f32(v)).collect() };
+        let f32s = [&a, &w, &residual].map(|x| gpu.upload(x).unwrap());
+        let bf16s = [&a, &w, &residual].map(|x| gpu.upload(&half(x)).unwrap());
+        let db = gpu.upload(&bias).unwrap();
+        crate::cuda::set_autotune(true);
+        for bf16 in [false, true] {
+            gpu.bf16 = bf16;
+            let pick = |i: usize| -> Data {
+                if bf16 {
+                    bf16s[i].dev().into()
+                } else {
+                    f32s[i].dev().into()
+                }
+            };
+            let added = Added {
+                bias: Some(db.dev().into()),
+                residual: Some(pick(2)),
+            };
+            let ops = (plain(pick(0), k), plain(pick(1), cols));
+            let run = |fused| {
+                gpu.linear_values((rows, cols, k), ops, added, (bf16, fused))
+                    .unwrap()
+            };
+            let unfused = run(false).expect("the unfused product");
+            let Some(fused) = run(true) else {
+                eprintln!("no cuBLASLt algorithm for the fused product, bf16 {bf16}");
+                continue;
+            };
+            let top = unfused.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (f, u)) in fused.iter().zip(&unfused).enumerate() {
+                let tol = tolerance(bf16) as f32 * top;
+                assert!((f - u).abs() <= tol, "bf16 {bf16}, {i}: {f} vs {u}");
+            }
+        }
+        crate::cuda::set_autotune(false);
+    }
+
     /// `linear`, fused and unfused, with f32 and bf16 operands, the weight plain and transposed,
     /// every combination of bias and residual, f32 and bf16 outputs, against the loops in f64
     /// (on a GPU: cuBLASLt's epilogue and C ≠ D against the definition).
