@@ -247,11 +247,14 @@ device = "{a.device}"
     ckpt = tmp / "out" / (tmp / "out" / "latest").read_text().strip()
     prompt = "1,2,3,4,5,6,7,8"
     t0 = time.perf_counter()
-    gen = run([lm, "generate", "--model", ckpt, "--prompt-ids", prompt, "--greedy", "--ids", "--ignore-eos", "--max-tokens", a.decode_tokens, "--device", a.device])
+    # LMKIT_CUDA_TIMING: lmkit also says how a decoding step's time splits (below).
+    gen = run([lm, "generate", "--model", ckpt, "--prompt-ids", prompt, "--greedy", "--ids", "--ignore-eos", "--max-tokens", a.decode_tokens, "--device", a.device],
+              env=dict(os.environ, LMKIT_CUDA_TIMING="1"))
     lm_dec = a.decode_tokens / (time.perf_counter() - t0)
     # lmkit's own measure of the generation loop (prompt + decode, after loading), as for transformers below.
     m = re.search(r"prompt tokens in ([0-9.]+) s .*?(\d+) generated in ([0-9.]+) s", gen.stderr)
     lm_dec_loop = int(m.group(2)) / (float(m.group(1)) + float(m.group(3))) if m else float("nan")
+    split = re.search(r"decoding steps: ([0-9.]+) ms a step running the pass on the host, ([0-9.]+) ms reading", gen.stderr)
     hf = AutoModelForCausalLM.from_pretrained(ckpt).to(dev).eval()
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=dev)
     with torch.no_grad():
@@ -293,6 +296,9 @@ device = "{a.device}"
     print(f"| peak f32 GEMM GFLOP/s (torch, {n}x{n}, {a.device}) | | {gemm:.1f} | |")
     print(f"| greedy decode tokens/s (KV cache, batch 1; lmkit incl. process start+load) | {lm_dec:,.1f} | {hf_dec:,.1f} | {lm_dec / hf_dec:.2f}x |")
     print(f"| greedy decode tokens/s (KV cache, batch 1; generation loop only, both) | {lm_dec_loop:,.1f} | {hf_dec:,.1f} | {lm_dec_loop / hf_dec:.2f}x |")
+    if split:
+        print(f"| lmkit's decoding step: ms running the pass on the host / ms reading its logits | "
+              f"{split.group(1)} / {split.group(2)} | | |")
 
 
 if __name__ == "__main__":
