@@ -563,28 +563,48 @@ impl OpTimes {
     }
 }
 
-/// 0: not chosen yet (LMKIT_CUDA_TIMING decides), 1: every op timed, 2: not.
-static OP_TIMING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// An on/off setting that an environment variable chooses the first time it is read, unless
+/// a `set` came first (the GPU paths' switches: timing, epilogues, tuning).
+struct Switch(std::sync::atomic::AtomicU8);
+
+impl Switch {
+    /// Not chosen yet.
+    const fn new() -> Switch {
+        Switch(std::sync::atomic::AtomicU8::new(0))
+    }
+
+    /// The setting: the last `set`, or where there was none, `from_env()` (kept from then on).
+    fn get(&self, from_env: impl FnOnce() -> bool) -> bool {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => {
+                let on = from_env();
+                self.set(on);
+                on
+            }
+            v => v == 1,
+        }
+    }
+
+    fn set(&self, on: bool) {
+        let v = if on { 1 } else { 2 };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// LMKIT_CUDA_TIMING=ops, or [`set_op_timing`].
+static OP_TIMING: Switch = Switch::new();
 
 /// Whether every launch and product is timed: LMKIT_CUDA_TIMING=ops, or [`set_op_timing`]. Each
 /// is then preceded and followed by an event on its stream (no synchronisation), and its entry
 /// is the GPU's time between them: the work's own time, and any wait for the host to launch it
 /// where the GPU had nothing else queued.
 pub fn op_timing() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match OP_TIMING.load(Relaxed) {
-        0 => {
-            let on = std::env::var("LMKIT_CUDA_TIMING").is_ok_and(|v| v == "ops");
-            set_op_timing(on);
-            on
-        }
-        v => v == 1,
-    }
+    OP_TIMING.get(|| std::env::var("LMKIT_CUDA_TIMING").is_ok_and(|v| v == "ops"))
 }
 
 /// Times every launch and product from now on (`true`), or none.
 pub fn set_op_timing(on: bool) {
-    OP_TIMING.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    OP_TIMING.set(on);
 }
 
 /// The op times this thread gathered since the last call, the longest first (waiting for the

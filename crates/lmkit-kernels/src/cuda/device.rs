@@ -104,8 +104,8 @@ const LT_ALGOS_KEPT: usize = 1024;
 const TUNE_CANDIDATES: usize = 8;
 const TUNE_RUNS: usize = 3;
 
-/// 0: not chosen yet (LMKIT_CUDA_AUTOTUNE decides), 1: on, 2: off.
-static AUTOTUNE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// LMKIT_CUDA_AUTOTUNE=1, or [`set_autotune`].
+static AUTOTUNE: super::Switch = super::Switch::new();
 
 /// Whether the products with epilogues time the heuristic's first [`TUNE_CANDIDATES`]
 /// algorithms the first time a shape (and types, epilogue, alignments) comes, and keep the
@@ -113,20 +113,12 @@ static AUTOTUNE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(
 /// [`set_autotune`]. For training, whose shapes repeat every step; each new shape costs a wait
 /// for the GPU and a few dozen products.
 pub fn autotune() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match AUTOTUNE.load(Relaxed) {
-        0 => {
-            let on = std::env::var("LMKIT_CUDA_AUTOTUNE").is_ok_and(|v| v == "1");
-            set_autotune(on);
-            on
-        }
-        v => v == 1,
-    }
+    AUTOTUNE.get(|| std::env::var("LMKIT_CUDA_AUTOTUNE").is_ok_and(|v| v == "1"))
 }
 
 /// Turns [`autotune`] on or off.
 pub fn set_autotune(on: bool) {
-    AUTOTUNE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    AUTOTUNE.set(on);
 }
 
 /// Uploads of at most this many bytes take a staging slot ([`Gpu::upload`]): a decoding step's

@@ -11,33 +11,27 @@
 //! callers take the unfused kernels.
 
 use super::linear::{fused_epilogues, Act};
-use super::{plain, transposed, Added, Bf16, Dev, Gpu, Mat};
+use super::{plain, transposed, Added, Bf16, Dev, Gpu, Mat, Switch};
 use candle_core::Result;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Which of the two epilogues may run: bit 0 the forward's, bit 1 the backward's.
 static SIDES: AtomicU8 = AtomicU8::new(3);
 
-/// 0: not chosen yet (LMKIT_CUDA_BGRAD decides), 1: the bias's gradient in the epilogue, 2: not.
-static BGRAD: AtomicU8 = AtomicU8::new(0);
+/// The bias's gradient in the epilogue (LMKIT_CUDA_BGRAD unless [`set_bias_grad_in_epilogue`]
+/// came first).
+static BGRAD: Switch = Switch::new();
 
 /// Whether the GELU's backward product sums the bias's gradient in its epilogue (`DGELU_BGRAD`,
 /// LMKIT_CUDA_BGRAD=epilogue) rather than leaving it to [`Gpu::column_sums`] of its output.
 pub fn bias_grad_in_epilogue() -> bool {
-    match BGRAD.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("LMKIT_CUDA_BGRAD").is_ok_and(|v| v == "epilogue");
-            set_bias_grad_in_epilogue(on);
-            on
-        }
-        v => v == 1,
-    }
+    BGRAD.get(|| std::env::var("LMKIT_CUDA_BGRAD").is_ok_and(|v| v == "epilogue"))
 }
 
 /// Chooses [`bias_grad_in_epilogue`] from now on.
 #[doc(hidden)]
 pub fn set_bias_grad_in_epilogue(on: bool) {
-    BGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    BGRAD.set(on);
 }
 
 /// Lets the GELU epilogues run (where checked) or not, each side apart: for tests of the paths

@@ -3,9 +3,8 @@
 //! read as its C matrix, where the GPU passes the run-time check; else the bias and the residual
 //! are written into the output first and the product added to it (β = 1).
 
-use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Work};
+use super::{plain, transposed, Batched, Buf, Data, Dev, Gpu, Mat, Switch, Work};
 use candle_core::Result;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// What [`Gpu::linear`] adds to its product.
 #[derive(Clone, Copy, Debug, Default)]
@@ -89,25 +88,18 @@ impl Widened {
     }
 }
 
-/// 0: not chosen yet (LMKIT_CUDA_EPILOGUE decides), 1: fused where checked, 2: never fused.
-static FUSED: AtomicU8 = AtomicU8::new(0);
+/// Fused where checked (LMKIT_CUDA_EPILOGUE unless [`set_fused_epilogues`] came first).
+static FUSED: Switch = Switch::new();
 
 /// Whether [`Gpu::linear`] may fuse its bias and residual into the product (cuBLASLt's
 /// epilogue): yes unless LMKIT_CUDA_EPILOGUE=0 or [`set_fused_epilogues`] said no.
 pub fn fused_epilogues() -> bool {
-    match FUSED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("LMKIT_CUDA_EPILOGUE").map_or(true, |v| v != "0");
-            set_fused_epilogues(on);
-            on
-        }
-        v => v == 1,
-    }
+    FUSED.get(|| std::env::var("LMKIT_CUDA_EPILOGUE").map_or(true, |v| v != "0"))
 }
 
 /// Lets [`Gpu::linear`] fuse (`true`, where the run-time check passes) or not.
 pub fn set_fused_epilogues(on: bool) {
-    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    FUSED.set(on);
 }
 
 /// Largest difference the run-time check allows between the fused and the unfused product,
