@@ -123,12 +123,11 @@ def client_pool(procs):
     return pool
 
 
-def phase(url, clients, requests, max_tokens, offset, pool=None):
-    """`requests` streamed requests, `clients` at a time, from the client processes of `pool`
-    (each running its share of the clients as threads: one Python process parsing every
+def phase(url, clients, requests, max_tokens, offset, pool=None, procs=1):
+    """`requests` streamed requests, `clients` at a time, from the `procs` client processes of
+    `pool` (each running its share of the clients as threads: one Python process parsing every
     stream's chunks under its GIL would be what limits the throughput of many streams), or from
     this one."""
-    procs = min(pool._max_workers, clients) if pool else 1
     ids = list(range(offset, offset + requests))
     t0 = time.perf_counter()
     if procs == 1:
@@ -159,6 +158,7 @@ def main():
     ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 1) // 2)),
                     help="processes the concurrent clients are spread over (default: half the cores, at most 8)")
     a = ap.parse_args()
+    procs = max(1, min(a.client_procs, a.clients))
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-serve-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
@@ -173,7 +173,7 @@ def main():
         if "serving" not in line:
             raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
         url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
-        pool = client_pool(min(a.client_procs, a.clients))
+        pool = client_pool(procs)
         one(client(url), 0, 4)  # warm-up
         if a.peer:
             import torch
@@ -185,7 +185,7 @@ def main():
         seq = phase(url, 1, max(4, a.requests // 4), a.max_tokens, 1000)
         if a.peer:
             peer["seq"] = peer_phase(hf, torch, prompts[:1], a.max_tokens, a.device)
-        par = phase(url, a.clients, a.requests, a.max_tokens, 2000, pool)
+        par = phase(url, a.clients, a.requests, a.max_tokens, 2000, pool, procs)
         if pool:
             pool.shutdown()
         if a.peer:
@@ -196,7 +196,7 @@ def main():
         proc.terminate()
         proc.wait(timeout=30)
     print(f"model {model}; device {a.device}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; "
-          f"server --max-active {a.max_active}; clients in {max(1, min(a.client_procs, a.clients))} processes")
+          f"server --max-active {a.max_active}; clients in {procs} processes")
     print()
     print("| clients | requests | p50 latency s | p99 latency s | p50 time to first token s | completion tokens/s |")
     print("|---|---|---|---|---|---|")
