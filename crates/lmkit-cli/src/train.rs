@@ -21,6 +21,8 @@ use std::path::PathBuf;
     variables set: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (README.md, GPU).\n\
     A member that has not joined after 300 s, or is silent in an exchange for 1800 s, stops the\n\
     run with an error naming it; LMKIT_GROUP_TIMEOUT=SECONDS sets both waits (0: for ever).\n\
+    Where LOCAL_WORLD_SIZE says N members share this machine (torchrun and --procs set it),\n\
+    each takes cores/N worker threads unless RAYON_NUM_THREADS is set.\n\
     On GPUs the gradients are averaged by NCCL where every process loads it (libnccl.so.2 on\n\
     the library path, e.g. from PyTorch's wheel, or LMKIT_NCCL=/path/libnccl.so.2); otherwise,\n\
     and with LMKIT_NCCL=0, they are summed over TCP through the CPU."
@@ -212,6 +214,7 @@ fn launch(n: usize, gpus: bool) -> Result<()> {
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
             .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string());
         if rank > 0 {

@@ -245,6 +245,13 @@ fn a_data_parallel_group_trains_like_one_process_with_the_whole_batch() {
     for (out, how) in [("one", &one[..]), ("two", &group[..])] {
         let err = run(out, &[how, &["--max-steps", "3"]].concat());
         assert_eq!(err.contains("group of 2 processes"), out == "two", "{err}");
+        // The group's members share this machine's cores (LOCAL_WORLD_SIZE) instead of each
+        // starting a thread per core.
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let shared = format!("worker threads: {} ", (cores / 2).max(1));
+            assert_eq!(err.contains(&shared), out == "two", "{err}");
+        }
         let err = run(out, &[how, &["--max-steps", "6", "--resume"]].concat());
         assert!(
             err.contains("resumed from") && err.contains("step 3"),
@@ -262,6 +269,20 @@ fn a_data_parallel_group_trains_like_one_process_with_the_whole_batch() {
             .collect()
     };
     let (one, two) = (losses("one"), losses("two"));
+    // The group logs the time rank 0 spent in each step's gradient exchange; one process none.
+    let exchanges = |out: &str| -> Vec<f64> {
+        std::fs::read_to_string(d.path().join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["group_exchange_secs"]
+                    .as_f64()
+            })
+            .collect()
+    };
+    assert!(exchanges("one").is_empty());
+    let ex = exchanges("two");
+    assert!(ex.len() == 6 && ex.iter().all(|&s| s > 0.0), "{ex:?}");
     assert_eq!(one.len(), 6, "{one:?}");
     assert_eq!(
         one.iter().map(|r| r.0).collect::<Vec<_>>(),

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"LMKG";
 
+/// Values converted to or from bytes at a time in an exchange.
+const CHUNK: usize = 1 << 16;
+
 /// How long the members of a group wait for each other.
 #[derive(Clone, Copy, Debug)]
 struct Waits {
@@ -130,6 +133,33 @@ fn var(name: &str) -> Result<Option<usize>> {
             .map_err(|_| group_err(format!("{name}={v} is not a whole number"))),
         Err(_) => Ok(None),
     }
+}
+
+/// Worker threads for each of `local` group members on a machine of `cores` cores: the cores
+/// shared out, at least one each.
+fn shared_threads(cores: usize, local: usize) -> usize {
+    (cores / local.max(1)).max(1)
+}
+
+/// Where `LOCAL_WORLD_SIZE` (set by torchrun and by `lmkit train --procs`) says that this is one
+/// of several group members on this machine and `RAYON_NUM_THREADS` is not set: the machine's
+/// cores shared out among them as this process's worker threads, so that N members do not each
+/// start a thread per core and take turns on them. Call before anything runs on the worker
+/// threads; returns the threads set (`None`: nothing changed).
+pub fn share_cores() -> Result<Option<usize>> {
+    let Some(local) = var("LOCAL_WORLD_SIZE")? else {
+        return Ok(None);
+    };
+    if local < 2 || std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return Ok(None);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = shared_threads(cores, local);
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok()
+        .map(|()| threads))
 }
 
 impl Group {
@@ -556,9 +586,13 @@ impl Conn {
 
     fn write_f32s(&mut self, data: &[f32]) -> std::io::Result<()> {
         self.writer.write_all(&(data.len() as u64).to_le_bytes())?;
-        for chunk in data.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-            self.writer.write_all(&bytes)?;
+        let mut bytes = vec![0u8; 4 * CHUNK];
+        for chunk in data.chunks(CHUNK) {
+            let b = &mut bytes[..chunk.len() * 4];
+            for (o, v) in b.chunks_exact_mut(4).zip(chunk) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+            self.writer.write_all(b)?;
         }
         self.writer.flush()
     }
@@ -592,8 +626,8 @@ impl Conn {
 
     fn read_f32s(&mut self, out: &mut [f32]) -> std::io::Result<()> {
         self.read_len(out.len())?;
-        let mut bytes = vec![0u8; 4 << 16];
-        for chunk in out.chunks_mut(1 << 16) {
+        let mut bytes = vec![0u8; 4 * CHUNK];
+        for chunk in out.chunks_mut(CHUNK) {
             let b = &mut bytes[..chunk.len() * 4];
             self.reader.read_exact(b)?;
             for (o, c) in chunk.iter_mut().zip(b.chunks_exact(4)) {
@@ -631,6 +665,16 @@ mod tests {
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn members_on_one_machine_share_its_cores() {
+        assert_eq!(shared_threads(2, 2), 1);
+        assert_eq!(shared_threads(16, 3), 5);
+        assert_eq!(shared_threads(16, 4), 4);
+        // More members than cores: one thread each, not none.
+        assert_eq!(shared_threads(2, 4), 1);
+        assert_eq!(shared_threads(8, 0), 8);
     }
 
     /// Work that cannot be interrupted (NCCL's init) gets a watchdog: past the wait it runs the
@@ -729,6 +773,28 @@ mod tests {
             rank
         });
         assert_eq!(ranks, [0, 1, 2]);
+    }
+
+    /// Exchanges of many chunks (more than the sockets' buffers hold) and a last chunk shorter
+    /// than the others: every value the sum in rank order.
+    #[test]
+    fn long_exchanges_sum_every_chunk_in_rank_order() {
+        const N: usize = 4 * 1024 * 1024 + 7;
+        fn value(rank: usize, i: usize) -> f32 {
+            ((i * 7 + rank * 13) % 1001) as f32 * 0.37 - 150.0
+        }
+        let sums = in_group(3, 43, |mut g| {
+            let rank = g.rank();
+            let mut x: Vec<f32> = (0..N).map(|i| value(rank, i)).collect();
+            g.all_reduce_sum(&mut x).unwrap();
+            x
+        });
+        for (rank, got) in sums.iter().enumerate() {
+            let wrong = (0..N).find(|&i| {
+                got[i].to_bits() != ((value(0, i) + value(1, i)) + value(2, i)).to_bits()
+            });
+            assert_eq!(wrong, None, "rank {rank}");
+        }
     }
 
     #[test]

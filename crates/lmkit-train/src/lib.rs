@@ -59,6 +59,13 @@ pub struct Summary {
 pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<Summary> {
     let resume = start == Start::Resume;
     let t = &cfg.train;
+    // Before anything runs on the worker threads: one of several members on this machine takes
+    // its share of the cores.
+    if let Some(n) = group::share_cores()? {
+        progress.message(&format!(
+            "worker threads: {n} (this machine's cores shared by LOCAL_WORLD_SIZE processes; RAYON_NUM_THREADS sets them)"
+        ));
+    }
     let tk_path = &cfg.data.tokenizer;
     let tokenizer = lmkit_tokenize::load(tk_path)?;
     let tk_dir = if tk_path.is_dir() {

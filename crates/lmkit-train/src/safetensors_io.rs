@@ -43,21 +43,24 @@ pub fn write_safetensors(
         Ok(())
     };
     for (_, t) in sorted {
-        let t = t.to_dtype(DType::F32)?;
-        let (storage, layout) = t.storage_and_layout();
-        let slice = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(cpu), Some((start, end))) => Some(&cpu.as_slice::<f32>()?[start..end]),
-            _ => None,
-        };
-        match slice {
-            Some(values) => put(values)?,
-            None => {
-                drop(storage);
-                put(&t.flatten_all()?.to_vec1::<f32>()?)?
-            }
-        }
+        with_f32_values(t, &mut put)?;
     }
     Ok(())
+}
+
+/// `f` of `t`'s values as f32 in row-major order: read in place where `t` is a contiguous f32
+/// tensor on the CPU, else from a converted copy.
+pub(crate) fn with_f32_values<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.to_dtype(DType::F32)?;
+    let (storage, layout) = t.storage_and_layout();
+    if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+        return f(&cpu.as_slice::<f32>()?[start..end]);
+    }
+    drop(storage);
+    f(&t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// Values converted and written at a time.

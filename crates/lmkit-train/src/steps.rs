@@ -235,25 +235,28 @@ fn reduce(
     let total: usize = grads.iter().map(Tensor::elem_count).sum();
     let mut buf = Vec::with_capacity(total + 3);
     for g in &grads {
-        buf.extend(
-            g.flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()?,
-        );
+        crate::safetensors_io::with_f32_values(g, |values| {
+            buf.extend_from_slice(values);
+            Ok(())
+        })?;
     }
     buf.push(loss as f32);
     buf.extend(flags.map(|f| f as u8 as f32));
     group.all_reduce_sum(&mut buf)?;
+    let flags = [buf[total + 1] > 0.0, buf[total + 2] > 0.0];
+    let loss = buf[total] as f64 * inv;
+    // The mean, scaled where it lies (one pass) and then copied into each gradient's tensor.
+    let scale = inv as f32;
+    buf[..total].iter_mut().for_each(|v| *v *= scale);
     let mut at = 0;
     let mut mean = Vec::with_capacity(grads.len());
     for g in &grads {
         let n = g.elem_count();
         let sum = Tensor::from_slice(&buf[at..at + n], g.shape(), g.device())?;
-        mean.push((sum * inv)?.to_dtype(g.dtype())?);
+        mean.push(sum.to_dtype(g.dtype())?);
         at += n;
     }
-    let flags = [buf[total + 1] > 0.0, buf[total + 2] > 0.0];
-    Ok((mean, buf[total] as f64 * inv, flags))
+    Ok((mean, loss, flags))
 }
 
 /// Trains from `from` to `t.max_steps` (or the time limit, or a stop request).
@@ -313,7 +316,14 @@ pub(crate) fn run(
         let [mut out_of_time, mut interrupted] = limits();
         let grads = if group.world() > 1 {
             let flags = [out_of_time, interrupted];
+            let exchange = Instant::now();
             let (g, loss, flags) = reduce(group, grads, loss_sum, flags)?;
+            // This member's time in the exchange: waiting for the others, and the sum through
+            // the CPU (on GPUs, NCCL's all-reduce is queued on the GPU and not in this time).
+            extra.insert(
+                "group_exchange_secs".into(),
+                exchange.elapsed().as_secs_f64(),
+            );
             loss_sum = loss;
             n_tok *= group.world() as u64;
             [out_of_time, interrupted] = flags;
