@@ -11,7 +11,8 @@ use std::path::PathBuf;
     lmkit serve runs/quickstart/gpt --port 8080 --api-key sk-local-1 --db reviews.sqlite\n  \
     lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n  \
     lmkit serve smollm2/ --adapter legal=runs/sft-legal --adapter chat=runs/sft-chat   # model: \"legal\" picks an adapter\n  \
-    lmkit serve smollm2/ --device cuda --dtype bf16 --max-active 32\n\n\
+    lmkit serve smollm2/ --device cuda --dtype bf16 --max-active 32\n  \
+    lmkit serve smollm2/ --kv-memory 4GiB   # the decoding sequences' KV caches within 4 GiB\n\n\
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
     GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
@@ -51,6 +52,12 @@ pub struct ServeArgs {
     /// Sequences decoded at once (their steps interleave)
     #[arg(long, default_value_t = 8)]
     max_active: usize,
+    /// The most memory the decoding sequences' KV caches may take together, e.g. 8GiB or 512MiB:
+    /// a request starts once the room its cache can come to need (prompt and max_tokens) fits
+    /// beside the others' and waits in the queue until then; auto: 90% of a GPU's free memory
+    /// once the model is loaded, half of the CPU machine's available memory; none: no limit
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(lmkit_serve::KvMemory))]
+    kv_memory: lmkit_serve::KvMemory,
     /// Prompt tokens read per round at most, in the same pass as the decoding steps: prompts
     /// that arrive together share it (each attending only to itself), a longer prompt is read in
     /// pieces over several rounds so the others' tokens keep coming; 0 reads each prompt whole
@@ -136,6 +143,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ..Limits::default()
         },
         max_active: a.max_active,
+        kv_memory: a.kv_memory,
         prompt_tokens: a.prompt_tokens,
         max_queue: a.max_queue,
         moderator,
@@ -167,8 +175,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let kv = match state.kv_budget {
+        Some(kv) => format!(
+            "KV caches: up to {} for the decoding sequences together ({} positions at {} KiB; --kv-memory)",
+            lmkit_core::memory::gib(kv.bytes as f64),
+            kv.bytes / kv.per_position,
+            kv.per_position.div_ceil(1024),
+        ),
+        None => "KV caches: no limit (--kv-memory)".to_string(),
+    };
     rt.block_on(lmkit_serve::serve(state, &host, port, |addr| {
+        // The first line says where: scripts and tests wait for it.
         eprintln!("serving `{name}` on http://{addr} (chat page: http://{addr}/, review: http://{addr}/review); Ctrl-C stops");
+        eprintln!("{kv}");
     }))?;
     Ok(())
 }

@@ -30,7 +30,8 @@ pub const PACKED_PROMPT_TOKENS: usize = 2048;
 /// Where [`Decoder::step`]'s time went, over the process's decoding steps (one new token each;
 /// prompts not counted): the host's time running the model's pass up to the read of its logits
 /// (on a GPU: launching the work, which runs asynchronously), and the time that read took (on a
-/// GPU: waiting for the work to finish, and the copy). Batch-1 decoding on a GPU whose steps are mostly the first is held up by the host.
+/// GPU: waiting for the work to finish, and the copy). Batch-1 decoding on a GPU whose steps
+/// are mostly the first is held up by the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepClock {
     pub steps: u64,

@@ -15,6 +15,20 @@ pub fn cuda_device_count() -> Option<usize> {
     None
 }
 
+/// Bytes `device` can still give to new allocations: the GPU's free memory, or on the CPU the
+/// memory available without swapping; `None` where it cannot be read.
+pub fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => lmkit_core::memory::available(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        _ => None,
+    }
+}
+
 /// Parses a device name as the command line and run configs write it.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let s = spec.trim().to_ascii_lowercase();

@@ -17,7 +17,7 @@ pub use families::{bart, bert, gpt2, gpt_neox, llama, rnn};
 /// candle's error type, for crates that handle tensors from these models.
 pub use candle_core as candle_error;
 pub use candle_core::{DType, Device, Tensor};
-pub use device::{cuda_device_count, parse_device, parse_dtype};
+pub use device::{cuda_device_count, free_memory, parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use families::gpt2::Gpt2Config;
 pub use families::llama::LlamaConfig;

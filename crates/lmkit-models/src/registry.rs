@@ -327,6 +327,19 @@ impl DecoderConfig {
         with_decoder!(self, c => c.vocab_size())
     }
 
+    /// Bytes a sequence's KV cache takes per position with its values in `elem`-byte numbers
+    /// (the model's activation type): every layer's keys and values; 0 for a recurrent model,
+    /// whose state does not grow with the text.
+    pub fn kv_bytes_per_position(&self, elem: usize) -> u64 {
+        let (layers, width) = match self {
+            DecoderConfig::Gpt2(c) => (c.n_layer, c.n_embd),
+            DecoderConfig::GptNeox(c) => (c.num_hidden_layers, c.hidden_size),
+            DecoderConfig::Llama(c) => (c.num_hidden_layers, c.num_kv_heads() * c.head_dim()),
+            DecoderConfig::Rnn(_) => (0, 0),
+        };
+        (2 * layers * width * elem) as u64
+    }
+
     pub fn max_positions(&self) -> usize {
         with_decoder!(self, c => c.max_positions())
     }

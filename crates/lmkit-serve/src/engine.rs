@@ -41,6 +41,8 @@ pub struct Engine {
     active: Arc<AtomicUsize>,
     stats: Arc<Busy>,
     max_queue: usize,
+    /// Bytes of the KV budget the active sequences hold.
+    kv_reserved: Arc<AtomicU64>,
 }
 
 /// The worker's rounds so far and the time they took (the model's passes over the round's
@@ -49,6 +51,48 @@ pub struct Engine {
 struct Busy {
     rounds: AtomicU64,
     nanos: AtomicU64,
+}
+
+/// What the active sequences' KV caches may take together: each sequence reserves, when it
+/// starts decoding, the room its cache can come to need (its prompt and the most tokens it may
+/// generate, within the model's context: what [`lmkit_infer::Decoder`] reserves), and a job
+/// whose room does not fit beside the others' waits for sequences to finish — instead of the
+/// caches growing until an allocation fails mid-round (on a GPU, every sequence of the round
+/// failing; on the CPU, the process aborting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    /// Bytes the caches may reserve together.
+    pub bytes: u64,
+    /// Bytes a cache takes per position (all layers' keys and values).
+    pub per_position: u64,
+}
+
+impl KvBudget {
+    /// The bytes `job`'s cache can come to take.
+    fn need(&self, job: &Job) -> u64 {
+        let most = job
+            .prompt
+            .len()
+            .saturating_add(job.opts.max_tokens)
+            .min(job.opts.max_positions)
+            .max(lmkit_models::layers::kv_cache::FIRST_CAPACITY);
+        self.per_position.saturating_mul(most as u64)
+    }
+
+    /// Why `job` can never start within this budget: its cache alone can come to need more
+    /// than all of it (`None`: it fits once enough other sequences are done).
+    pub fn refusal(&self, job: &Job) -> Option<String> {
+        let need = self.need(job);
+        (need > self.bytes).then(|| {
+            format!(
+                "this request's KV cache can reach {} ({} prompt tokens and up to {} new ones), more than the server's --kv-memory allows all sequences together ({}); ask for fewer tokens",
+                lmkit_core::memory::gib(need as f64),
+                job.prompt.len(),
+                job.opts.max_tokens,
+                lmkit_core::memory::gib(self.bytes as f64),
+            )
+        })
+    }
 }
 
 /// Why a job was not accepted.
@@ -61,33 +105,48 @@ pub enum Rejected {
 }
 
 impl Engine {
-    /// Starts the worker thread. At most `max_active` sequences decode at once; up to
-    /// `max_queue` jobs (active ones included) are accepted before `submit` answers `Busy`;
-    /// each round reads up to `prompt_tokens` prompt tokens beside the decoding steps
-    /// ([`Decoder::step_many`]).
+    /// Starts the worker thread. At most `max_active` sequences decode at once, their caches
+    /// within `kv` where given; up to `max_queue` jobs (active ones included) are accepted
+    /// before `submit` answers `Busy`; each round reads up to `prompt_tokens` prompt tokens
+    /// beside the decoding steps ([`Decoder::step_many`]).
     pub fn start(
         models: Vec<CausalLm>,
         max_active: usize,
         max_queue: usize,
         prompt_tokens: usize,
+        kv: Option<KvBudget>,
     ) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
+        let kv_reserved = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(Busy::default());
         let counts = Counts {
             depth: depth.clone(),
             active: active.clone(),
+            kv_reserved: kv_reserved.clone(),
             busy: stats.clone(),
         };
         std::thread::Builder::new()
             .name("lmkit-engine".into())
-            .spawn(move || worker(models, rx, counts, max_active.max(1), prompt_tokens))
+            .spawn(move || {
+                worker(
+                    models,
+                    rx,
+                    counts,
+                    Limits {
+                        max_active: max_active.max(1),
+                        prompt_tokens,
+                        kv,
+                    },
+                )
+            })
             .expect("spawning the model thread");
         Engine {
             tx,
             depth,
             active,
+            kv_reserved,
             stats,
             max_queue: max_queue.max(1),
         }
@@ -130,6 +189,11 @@ impl Engine {
         self.active.load(Ordering::SeqCst)
     }
 
+    /// Bytes of the KV budget the decoding sequences hold (0 without a budget).
+    pub fn kv_reserved(&self) -> u64 {
+        self.kv_reserved.load(Ordering::SeqCst)
+    }
+
     /// The worker's rounds so far and the seconds they took: the model's own time, without
     /// HTTP, templates, tokenization or waiting for work.
     pub fn busy(&self) -> (u64, f64) {
@@ -144,7 +208,15 @@ impl Engine {
 struct Counts {
     depth: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    kv_reserved: Arc<AtomicU64>,
     busy: Arc<Busy>,
+}
+
+/// The worker's limits (see [`Engine::start`]).
+struct Limits {
+    max_active: usize,
+    prompt_tokens: usize,
+    kv: Option<KvBudget>,
 }
 
 struct Running {
@@ -153,75 +225,165 @@ struct Running {
     decoder: Decoder,
     events: UnboundedSender<(usize, Event)>,
     cancel: Arc<AtomicBool>,
+    /// The bytes of the KV budget this sequence holds.
+    kv_bytes: u64,
 }
 
-fn admit(models: &[CausalLm], job: Job, active: &mut Vec<Running>, depth: &AtomicUsize) {
-    let Some(model) = models.get(job.model) else {
-        let _ = job
-            .events
-            .send((job.index, Event::Error("no such model".into())));
-        depth.fetch_sub(1, Ordering::SeqCst);
-        return;
-    };
-    match Decoder::new(model, &job.prompt, job.opts) {
-        Ok(mut decoder) => active.push(Running {
-            decoder: {
-                if let Some(c) = job.constraint {
-                    decoder.constrain(c);
-                }
-                decoder
-            },
-            index: job.index,
-            model: job.model,
-            events: job.events,
-            cancel: job.cancel,
-        }),
-        Err(e) => {
-            let _ = job.events.send((job.index, Event::Error(e.to_string())));
-            depth.fetch_sub(1, Ordering::SeqCst);
+/// The active sequences and what they hold of the KV budget (also kept in `gauge`, for
+/// [`Engine::kv_reserved`]).
+struct Active {
+    running: Vec<Running>,
+    kv_reserved: u64,
+    gauge: Arc<AtomicU64>,
+}
+
+impl Active {
+    fn reserve(&mut self, bytes: u64) {
+        self.kv_reserved += bytes;
+        self.gauge.store(self.kv_reserved, Ordering::SeqCst);
+    }
+
+    /// Keeps the sequences `keep` says yes to, releasing the others' share of the budget and
+    /// their place in the queue's count.
+    fn retain(&mut self, depth: &AtomicUsize, keep: impl FnMut(&Running) -> bool) {
+        let kept: Vec<bool> = self.running.iter().map(keep).collect();
+        let (mut freed, mut gone) = (0, 0);
+        for (r, _) in self.running.iter().zip(&kept).filter(|(_, k)| !**k) {
+            freed += r.kv_bytes;
+            gone += 1;
         }
+        // The counts first: dropping a sequence closes its client's channel.
+        self.kv_reserved -= freed;
+        self.gauge.store(self.kv_reserved, Ordering::SeqCst);
+        depth.fetch_sub(gone, Ordering::SeqCst);
+        let mut kept = kept.into_iter();
+        self.running.retain(|_| kept.next().unwrap_or(false));
     }
 }
 
-fn worker(
-    models: Vec<CausalLm>,
-    rx: Receiver<Job>,
-    counts: Counts,
-    max_active: usize,
-    prompt_tokens: usize,
-) {
+/// Whether a job offered to the worker was taken (started, or answered with an error) or must
+/// wait for room in the KV budget.
+enum Offer {
+    Taken,
+    Wait(Box<Job>),
+}
+
+/// Starts `job` where its cache fits beside the active sequences' within `kv` (any job fits an
+/// empty worker unless it needs more than the whole budget: an error then).
+fn offer(
+    models: &[CausalLm],
+    job: Job,
+    active: &mut Active,
+    kv: Option<KvBudget>,
+    depth: &AtomicUsize,
+) -> Offer {
+    let fail = |events: &UnboundedSender<(usize, Event)>, index: usize, msg: String| {
+        let _ = events.send((index, Event::Error(msg)));
+        depth.fetch_sub(1, Ordering::SeqCst);
+        Offer::Taken
+    };
+    if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
+        depth.fetch_sub(1, Ordering::SeqCst);
+        return Offer::Taken;
+    }
+    let need = kv.map_or(0, |b| b.need(&job));
+    if let Some(b) = kv {
+        if let Some(msg) = b.refusal(&job) {
+            return fail(&job.events, job.index, msg);
+        }
+        if active.kv_reserved + need > b.bytes {
+            return Offer::Wait(Box::new(job));
+        }
+    }
+    let Some(model) = models.get(job.model) else {
+        return fail(&job.events, job.index, "no such model".into());
+    };
+    match Decoder::new(model, &job.prompt, job.opts) {
+        Ok(mut decoder) => {
+            if let Some(c) = job.constraint {
+                decoder.constrain(c);
+            }
+            active.running.push(Running {
+                decoder,
+                index: job.index,
+                model: job.model,
+                events: job.events,
+                cancel: job.cancel,
+                kv_bytes: need,
+            });
+            active.reserve(need);
+            Offer::Taken
+        }
+        Err(e) => fail(&job.events, job.index, e.to_string()),
+    }
+}
+
+fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, limits: Limits) {
     let Counts {
         depth,
         active: active_count,
+        kv_reserved,
         busy,
     } = counts;
-    let mut active: Vec<Running> = Vec::new();
+    let Limits {
+        max_active,
+        prompt_tokens,
+        kv,
+    } = limits;
+    let mut sequences = Active {
+        running: Vec::new(),
+        kv_reserved: 0,
+        gauge: kv_reserved,
+    };
+    // The next job in arrival order, waiting for room in the KV budget (the jobs behind it
+    // wait too: first come, first served).
+    let mut waiting: Option<Job> = None;
     let mut open = true;
     loop {
-        if active.is_empty() {
+        if sequences.running.is_empty() && waiting.is_none() {
             if !open {
                 return;
             }
             match rx.recv() {
-                Ok(job) => admit(&models, job, &mut active, &depth),
+                Ok(job) => waiting = Some(job),
                 Err(_) => return,
             }
         }
-        while open && active.len() < max_active {
-            match rx.try_recv() {
-                Ok(job) => admit(&models, job, &mut active, &depth),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => open = false,
+        while sequences.running.len() < max_active {
+            let job = match waiting.take() {
+                Some(job) => job,
+                None if !open => break,
+                None => match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                },
+            };
+            if let Offer::Wait(job) = offer(&models, job, &mut sequences, kv, &depth) {
+                waiting = Some(*job);
+                break;
             }
         }
-        active_count.store(active.len(), Ordering::SeqCst);
-        active.retain(|r| {
-            let gone = r.cancel.load(Ordering::SeqCst) || r.events.is_closed();
-            if gone {
-                depth.fetch_sub(1, Ordering::SeqCst);
-            }
-            !gone
+        // A job waiting for room whose client has gone no longer holds up the queue.
+        if waiting
+            .as_ref()
+            .is_some_and(|j| j.cancel.load(Ordering::SeqCst) || j.events.is_closed())
+        {
+            waiting = None;
+            depth.fetch_sub(1, Ordering::SeqCst);
+        }
+        if sequences.running.is_empty() {
+            // Nothing started (every job taken so far was answered with an error).
+            continue;
+        }
+        active_count.store(sequences.running.len(), Ordering::SeqCst);
+        sequences.retain(&depth, |r| {
+            !(r.cancel.load(Ordering::SeqCst) || r.events.is_closed())
         });
+        let active = &mut sequences.running;
         // One step for every active sequence; those of one variant share one pass (with the
         // prompts' pieces that fit this round).
         let round = std::time::Instant::now();
@@ -270,15 +432,11 @@ fn worker(
                     Ok(Step::Done(why)) => (Event::Done(why), false),
                     Err(e) => (Event::Error(e.to_string()), false),
                 };
-                let keep = r.events.send((r.index, event)).is_ok() && more;
-                if !keep {
-                    depth.fetch_sub(1, Ordering::SeqCst);
-                }
-                keep
+                r.events.send((r.index, event)).is_ok() && more
             })
             .collect();
         let mut keep = keep.into_iter();
-        active.retain(|_| keep.next().unwrap_or(false));
-        active_count.store(active.len(), Ordering::SeqCst);
+        sequences.retain(&depth, |_| keep.next().unwrap_or(false));
+        active_count.store(sequences.running.len(), Ordering::SeqCst);
     }
 }

@@ -19,7 +19,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use engine::Engine;
+use engine::{Engine, KvBudget};
 use error::ApiError;
 use lmkit_models::CausalLm;
 use moderation::Moderator;
@@ -108,6 +108,85 @@ pub struct ServeConfig {
     pub index: Option<PathBuf>,
     /// The index's embedding model, when it has moved since the index was built.
     pub index_embedding_model: Option<PathBuf>,
+    /// What the active sequences' KV caches may reserve together.
+    pub kv_memory: KvMemory,
+}
+
+/// How much memory the active sequences' KV caches may reserve together (`--kv-memory`; see
+/// [`engine::KvBudget`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvMemory {
+    /// A share of what the device has free once the model is loaded: 90% of a GPU's free
+    /// memory, half of the memory the CPU machine has available.
+    Auto,
+    Bytes(u64),
+    /// No limit.
+    Unlimited,
+}
+
+impl std::str::FromStr for KvMemory {
+    type Err = String;
+
+    /// `auto`, `none` (or `0`: no limit), or a size: a number with an optional unit, `B`, `KB`,
+    /// `MB`, `GB`, `TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024).
+    fn from_str(s: &str) -> Result<KvMemory, String> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => return Ok(KvMemory::Auto),
+            "none" | "unlimited" | "0" => return Ok(KvMemory::Unlimited),
+            _ => {}
+        }
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let scale: u64 = match unit.trim() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "`{s}`: unknown unit (expected e.g. 8GiB, 512MiB, 2GB, auto or none)"
+                ))
+            }
+        };
+        match number.parse::<f64>() {
+            Ok(n) if n.is_finite() && n > 0.0 => Ok(KvMemory::Bytes((n * scale as f64) as u64)),
+            _ => Err(format!(
+                "`{s}`: expected a size such as 8GiB or 512MiB, auto, or none"
+            )),
+        }
+    }
+}
+
+/// The KV budget `kv` comes to for a model whose caches take `per_position` bytes a position
+/// on a device with `free` bytes free (`None`: no limit).
+fn kv_budget(kv: KvMemory, per_position: u64, free: Option<u64>, gpu: bool) -> Option<KvBudget> {
+    if per_position == 0 {
+        return None;
+    }
+    let bytes = match kv {
+        KvMemory::Unlimited => return None,
+        KvMemory::Bytes(b) => b,
+        KvMemory::Auto => {
+            let free = free?;
+            if gpu {
+                free / 10 * 9
+            } else {
+                free / 2
+            }
+        }
+    };
+    Some(KvBudget {
+        bytes,
+        per_position,
+    })
 }
 
 /// The encoder behind `/v1/embeddings`.
@@ -143,6 +222,8 @@ pub struct AppState {
     pub created: i64,
     pub embedder: Option<Arc<Embedder>>,
     pub retriever: Option<api::retrieval::Retriever>,
+    /// What the active sequences' KV caches may reserve together (`None`: no limit).
+    pub kv_budget: Option<KvBudget>,
     /// The grammar engine for constrained output (`response_format`, `tools`), built on first use.
     pub grammars: std::sync::OnceLock<Result<Arc<lmkit_infer::constrain::Grammars>, String>>,
 }
@@ -183,18 +264,14 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
     }
     let dir = lmkit_models::resolve_checkpoint(&cfg.model_dir);
     let device = lmkit_models::parse_device(&cfg.device)?;
+    let dtype = lmkit_models::parse_dtype(&cfg.dtype)?;
     let mut variants = vec![None];
     for (name, path) in &cfg.adapters {
         let a = lmkit_models::layers::lora::Adapters::load(path, &device)
             .map_err(|e| ServeError::Config(format!("adapter `{name}`: {e}")))?;
         variants.push(Some(a));
     }
-    let (models, mcfg) = CausalLm::load_variants(
-        &dir,
-        &variants,
-        &device,
-        lmkit_models::parse_dtype(&cfg.dtype)?,
-    )?;
+    let (models, mcfg) = CausalLm::load_variants(&dir, &variants, &device, dtype)?;
     let tokenizer = lmkit_tokenize::load(&dir)?;
     let template = lmkit_tokenize::chat::load_template(&dir)?;
     let tk_vocab = tokenizer.get_vocab_size(true);
@@ -256,12 +333,26 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
         None => None,
     };
+    // Measured once the model (and the embedding model) is loaded: what is left for the caches.
+    let kv_budget = kv_budget(
+        cfg.kv_memory,
+        mcfg.kv_bytes_per_position(dtype.size_in_bytes()),
+        lmkit_models::free_memory(&device),
+        !device.is_cpu(),
+    );
     let (eos, warning) = lmkit_models::sampleable_stop_ids(&dir, mcfg.vocab_size())?;
     if let Some(w) = warning {
         eprintln!("lmkit serve: warning: {w}");
     }
     Ok(Arc::new(AppState {
-        engine: Engine::start(models, cfg.max_active, cfg.max_queue, cfg.prompt_tokens),
+        engine: Engine::start(
+            models,
+            cfg.max_active,
+            cfg.max_queue,
+            cfg.prompt_tokens,
+            kv_budget,
+        ),
+        kv_budget,
         template,
         adapters: cfg.adapters.iter().map(|(n, _)| n.clone()).collect(),
         model_name,
@@ -326,6 +417,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             state.engine.depth(),
             state.engine.active(),
             state.engine.busy(),
+            (state.engine.kv_reserved(), state.kv_budget.map(|b| b.bytes)),
         ),
     )
         .into_response()

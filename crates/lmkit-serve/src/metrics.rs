@@ -93,9 +93,16 @@ impl Metrics {
         self.with(|m| m.first_token.observe(seconds));
     }
 
-    /// The metrics in Prometheus' text format, with the engine's queue depth, active sequences
-    /// and `(rounds, seconds)` of work ([`crate::engine::Engine::busy`]).
-    pub fn render(&self, queue_depth: usize, active: usize, (rounds, busy): (u64, f64)) -> String {
+    /// The metrics in Prometheus' text format, with the engine's queue depth, active sequences,
+    /// `(rounds, seconds)` of work ([`crate::engine::Engine::busy`]) and `(KV bytes reserved, the
+    /// KV budget if any)` ([`crate::engine::Engine::kv_reserved`]).
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        active: usize,
+        (rounds, busy): (u64, f64),
+        (kv_reserved, kv_budget): (u64, Option<u64>),
+    ) -> String {
         let mut out = String::new();
         self.with(|m| {
             out.push_str("# HELP lmkit_requests_total HTTP requests by endpoint and status.\n# TYPE lmkit_requests_total counter\n");
@@ -141,6 +148,16 @@ impl Metrics {
             out,
             "# HELP lmkit_engine_busy_seconds_total Time the model worker spent in its rounds (passes and sampling; no HTTP, templates or tokenization).\n# TYPE lmkit_engine_busy_seconds_total counter\nlmkit_engine_busy_seconds_total {busy:.6}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP lmkit_kv_reserved_bytes KV cache room the decoding sequences hold (their prompts and max_tokens).\n# TYPE lmkit_kv_reserved_bytes gauge\nlmkit_kv_reserved_bytes {kv_reserved}"
+        );
+        if let Some(b) = kv_budget {
+            let _ = writeln!(
+                out,
+                "# HELP lmkit_kv_budget_bytes What the decoding sequences' KV caches may hold together (--kv-memory).\n# TYPE lmkit_kv_budget_bytes gauge\nlmkit_kv_budget_bytes {b}"
+            );
+        }
         out
     }
 }

@@ -74,6 +74,7 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
         adapters: Vec::new(),
         index: None,
         index_embedding_model: None,
+        kv_memory: lmkit_serve::KvMemory::Auto,
     }
 }
 
@@ -1009,4 +1010,120 @@ async fn futures_join<F: std::future::Future<Output = String>>(fs: Vec<F>) -> Ve
         out.push(f.await);
     }
     out
+}
+
+/// With a KV budget that holds one sequence's cache but not two, the second job waits until
+/// the first is done (first come, first served), and a job whose cache alone would exceed the
+/// budget is answered with an error naming --kv-memory instead of starting.
+#[tokio::test]
+async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
+    use lmkit_serve::engine::{Event, Job};
+    let d = tempfile::tempdir().unwrap();
+    let per_position = state(&d.path().join("a.sqlite"), &[], Moderator::none(), 8)
+        .kv_budget
+        .expect("a budget by default")
+        .per_position;
+    // gpt2, 2 layers of 32: keys and values in f32.
+    assert_eq!(per_position, 2 * 2 * 32 * 4);
+    let st = load_state(ServeConfig {
+        kv_memory: lmkit_serve::KvMemory::Bytes(100 * per_position),
+        ..config(&d.path().join("b.sqlite"), 8)
+    })
+    .unwrap();
+    assert_eq!(st.kv_budget.unwrap().bytes, 100 * per_position);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Each of the first two needs 64 positions (the fewest a cache holds); the third 3 + 200.
+    let job = |index: usize, max_tokens: usize| Job {
+        index,
+        model: 0,
+        prompt: vec![5, 6, 7],
+        opts: lmkit_infer::GenerateOptions {
+            max_tokens,
+            sampling: lmkit_infer::SamplingParams::greedy(),
+            stop_ids: Vec::new(),
+            max_positions: st.max_positions,
+        },
+        events: tx.clone(),
+        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        constraint: None,
+    };
+    st.engine
+        .submit(vec![job(0, 6), job(1, 6), job(2, 200)])
+        .unwrap();
+    drop(tx);
+    let mut order = Vec::new();
+    // A job left waiting for room that never comes would hold the channel open: a failure,
+    // not a hang.
+    let wait = std::time::Duration::from_secs(60);
+    while let Some((i, e)) = tokio::time::timeout(wait, rx.recv())
+        .await
+        .expect("the engine stopped answering")
+    {
+        match e {
+            Event::Token(_) => order.push((i, "token")),
+            Event::Done(_) => order.push((i, "done")),
+            Event::Error(msg) => {
+                assert_eq!(i, 2, "{msg}");
+                assert!(msg.contains("--kv-memory"), "{msg}");
+                order.push((i, "error"));
+            }
+        }
+    }
+    let first_of = |i: usize| order.iter().position(|e| e.0 == i).unwrap();
+    let done_of = |i: usize| order.iter().position(|&e| e == (i, "done")).unwrap();
+    assert!(done_of(0) < first_of(1), "{order:?}");
+    assert_eq!(
+        order.iter().filter(|e| e.1 == "token").count(),
+        12,
+        "{order:?}"
+    );
+    assert!(order.contains(&(2, "error")), "{order:?}");
+    // Both released their share: the engine is empty and takes new work.
+    assert_eq!(st.engine.depth(), 0);
+    assert_eq!(st.engine.kv_reserved(), 0);
+    let (_, b, _) = call(&st, "GET", "/metrics", "", None).await;
+    let m = String::from_utf8(b).unwrap();
+    assert!(m.contains("lmkit_kv_reserved_bytes 0\n"), "{m}");
+    let budget = format!("lmkit_kv_budget_bytes {}\n", 100 * per_position);
+    assert!(m.contains(&budget), "{m}");
+    // Over HTTP, a request that could never fit is the client's to fix; one that fits is served.
+    let (status, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "the cat", "max_tokens": 200}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--kv-memory"),
+        "{v}"
+    );
+    let (status, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": "the cat", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+#[test]
+fn kv_memory_sizes_parse_with_units() {
+    use lmkit_serve::KvMemory;
+    let p = |s: &str| s.parse::<KvMemory>();
+    assert_eq!(p("auto"), Ok(KvMemory::Auto));
+    assert_eq!(p("none"), Ok(KvMemory::Unlimited));
+    assert_eq!(p("0"), Ok(KvMemory::Unlimited));
+    assert_eq!(p("8GiB"), Ok(KvMemory::Bytes(8 << 30)));
+    assert_eq!(p("512 MiB"), Ok(KvMemory::Bytes(512 << 20)));
+    assert_eq!(p("1.5gb"), Ok(KvMemory::Bytes(1_500_000_000)));
+    assert_eq!(p("4096"), Ok(KvMemory::Bytes(4096)));
+    for bad in ["", "lots", "8 parsecs", "-1GiB", "GiB"] {
+        let e = p(bad).unwrap_err();
+        assert!(e.contains("8GiB"), "{bad}: {e}");
+    }
 }

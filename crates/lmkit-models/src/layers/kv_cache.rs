@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 /// Positions a layer's buffers hold at least once decoding continues a first pass.
-const FIRST_CAPACITY: usize = 64;
+pub const FIRST_CAPACITY: usize = 64;
 
 /// One layer's keys and values.
 enum Slot {
@@ -29,10 +29,14 @@ fn buffers(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<(Tens
 }
 
 /// The room to allocate for `end` positions where doubling asks for `doubled`, for a sequence
-/// of at most `most` positions (0: not known).
-fn capacity(end: usize, doubled: usize, most: usize) -> usize {
+/// of at most `most` positions (0: not known). With `whole`, a known length is allocated at
+/// once: on a GPU, where a buffer comes from the memory pool without being touched, a cache then
+/// never grows (no new buffers and copies of the cache in the middle of decoding), and holds
+/// what a server's KV budget counted for it; on the CPU the buffers grow as the sequence does
+/// (zeroing room that a sequence stopping early never uses costs time and memory there).
+fn capacity(end: usize, doubled: usize, most: usize, whole: bool) -> usize {
     let want = end.max(doubled).max(FIRST_CAPACITY);
-    if most >= end && (want >= most || 2 * end >= most) {
+    if most >= end && (whole || want >= most || 2 * end >= most) {
         most
     } else {
         want
@@ -201,7 +205,7 @@ impl KvCache {
                 let mut dims = like.dims().to_vec();
                 // Room for the tokens after a prompt where more are known to follow.
                 let doubled = if most > end { 2 * end } else { 0 };
-                dims[2] = capacity(end, doubled, most);
+                dims[2] = capacity(end, doubled, most, !like.device().is_cpu());
                 let bk = Tensor::zeros(dims.as_slice(), like.dtype(), like.device())?;
                 let bv = bk.zeros_like()?;
                 (bk, bv)
@@ -211,10 +215,13 @@ impl KvCache {
             }
             Some(Slot::Buffered(bk, bv)) if end <= bk.dim(2)? => (bk, bv),
             Some(Slot::Buffered(bk, bv)) => {
-                let cap = capacity(end, 2 * bk.dim(2)?, most);
+                let cap = capacity(end, 2 * bk.dim(2)?, most, !bk.device().is_cpu());
                 buffers(&bk.narrow(2, 0, start)?, &bv.narrow(2, 0, start)?, cap)?
             }
-            Some(Slot::First(fk, fv)) => buffers(&fk, &fv, capacity(end, 2 * start, most))?,
+            Some(Slot::First(fk, fv)) => {
+                let whole = !fk.device().is_cpu();
+                buffers(&fk, &fv, capacity(end, 2 * start, most, whole))?
+            }
         };
         *slot = Some(Slot::Buffered(bk.clone(), bv.clone()));
         if layer + 1 == self.layers.len() {
@@ -375,6 +382,12 @@ mod tests {
         assert_eq!(rooms(4128, 4000, 3), [0, 4128]);
         // Far from the end: doubling, then the reserved length once doubling would pass it.
         assert_eq!(rooms(300, 100, 210), [0, 200, 300, 600]);
+        // On a GPU the reserved length at once; past it (or without one) doubling again.
+        assert_eq!(capacity(110, 200, 300, true), 300);
+        assert_eq!(capacity(110, 200, 300, false), 200);
+        assert_eq!(capacity(10, 20, 21, true), 21);
+        assert_eq!(capacity(301, 600, 300, true), 600);
+        assert_eq!(capacity(10, 20, 0, true), 64);
 
         // Buffers a kernel writes in place from the first pass on.
         let mut cache = KvCache::new(1);

@@ -301,7 +301,7 @@ pub(super) async fn run(
     let cancels: Vec<Arc<AtomicBool>> = (0..prep.params.n)
         .map(|_| Arc::new(AtomicBool::new(false)))
         .collect();
-    let jobs = (0..prep.params.n)
+    let jobs: Vec<Job> = (0..prep.params.n)
         .map(|i| Job {
             index: i,
             model: prep.params.model,
@@ -321,6 +321,12 @@ pub(super) async fn run(
         })
         .collect();
     drop(tx);
+    // A request whose cache could never fit the KV budget is the client's to fix (fewer tokens).
+    if let (Some(kv), Some(job)) = (state.kv_budget, jobs.first()) {
+        if let Some(why) = kv.refusal(job) {
+            return Err(ApiError::invalid("max_tokens", why));
+        }
+    }
     match state.engine.submit(jobs) {
         Ok(()) => {}
         Err(Rejected::Busy) => return Err(ApiError::busy(state.limits.retry_after)),
