@@ -33,9 +33,11 @@
 #    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
 #    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache; then
 #    the same model in bf16 (`--dtype bf16`) vs transformers in bf16 (and with LMKIT_CUDA_KEEP_FREED=0).
+# 6. (`dp`, where the machine has 2 or more GPUs) bench/dp_bench.py --device cuda: `lmkit train
+#    --gpus N` (NCCL) vs PyTorch DDP (NCCL, bf16 autocast) for N = 1, 2, ... up to the GPUs there.
 # Keeps going after a failed step (to collect everything) and exits non-zero if any failed.
 # GPU_CHECK_ONLY="tests attention ..." runs only those steps (tests, parity, curves, attention,
-# ops, llama, speed, serve, long), for a device command that must stay within its time limit.
+# ops, llama, speed, serve, long, dp), for a device command that must stay within its time limit.
 set -uo pipefail
 failed=()
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -237,6 +239,13 @@ for att in flash materialized; do
     --set "train.out_dir=\"$tmp/llama-$att\"" 2>"$out/llama-$att.log" || failed+=("llama $att")
 done
 grep "cuda pass" "$out/llama-flash.log" | tail -3
+# Where a step of the Llama pass goes, with bf16 products (its backward took 3x its forward):
+# the last step's phases, then its 25 longest ops.
+LMKIT_CUDA_TIMING=ops LMKIT_CUDA_ATTENTION=flash "$bin" train --config "$tmp/llama.toml" \
+  --set "train.out_dir=\"$tmp/llama-ops\"" --set 'train.dtype="bf16"' --set train.max_steps=3 \
+  2>"$out/llama-ops.log" || failed+=("llama ops")
+echo "llama, flash + bf16:"; grep "cuda pass" "$out/llama-ops.log" | tail -1
+tac "$out/llama-ops.log" | awk '/^cuda pass/ {exit} /^cuda op/' | tac | head -25
 "$py" - "$tmp" <<'PY'
 import json, sys
 runs = {a: [r for r in map(json.loads, open(f"{sys.argv[1]}/llama-{a}/metrics.jsonl")) if "loss" in r and "step" in r]
@@ -293,6 +302,18 @@ LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random 
 echo "== the same in bf16: lmkit --dtype bf16 vs transformers in bf16"
 LMKIT_BIN="$bin" "$py" "$here/bench/real_model_bench.py" --device cuda --random --prompt 4000 --decode 128 \
   --rounds 3 --dtype bf16 --baseline-env LMKIT_CUDA_KEEP_FREED=0 || failed+=("long-context bench bf16")
+fi
+if want dp; then
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  echo "== data-parallel training on $gpus GPUs: lmkit train --gpus N vs PyTorch DDP"
+  sizes=1; n=2
+  while [ "$n" -le "$gpus" ]; do sizes="$sizes,$n"; n=$((n * 2)); done
+  LMKIT_BIN="$bin" "$py" "$here/bench/dp_bench.py" --device cuda --procs "$sizes" --rounds 3 --steps 10 \
+    --layers 12 --heads 12 --dim 768 --ctx 1024 --batch 8 || failed+=("data-parallel bench")
+else
+  echo "== data-parallel training: skipped ($gpus GPU: NCCL between GPUs needs 2 or more)"
+fi
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $out)" >&2

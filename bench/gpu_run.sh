@@ -3,7 +3,7 @@
 # scripts/gpu-bundle.sh and carried along) and runs bench/gpu_check.sh with its binaries; logs go to
 # $OUT (the device tool brings them back) or ./gpu-out.
 #   bash bench/gpu_run.sh [--tests-only] [STEP...]
-# STEPs (tests, parity, curves, attention, ops, llama, speed, serve, long) choose gpu_check.sh's steps; none:
+# STEPs (tests, parity, curves, attention, ops, llama, speed, serve, long, dp) choose gpu_check.sh's steps; none:
 # all of them, which may not fit one 10-minute device command.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from measure import served_url  # noqa: E402
 from long_window_bench import MAKE_MODEL, MODEL as SMOLLM2  # noqa: E402
 from serve_bench import ROOT, make_model, peer_phase, render_ids  # noqa: E402
 
@@ -63,10 +64,7 @@ def start_server(lm, model, tmp, name, n, device, extra):
                              "--max-active", str(n), "--max-queue", "512", "--device", device, *extra],
                             stderr=subprocess.PIPE, text=True)
     atexit.register(proc.terminate)
-    line = proc.stderr.readline()
-    if "serving" not in line:
-        raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
-    url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
+    url = served_url(proc) + "/v1"
     return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
 
 
@@ -147,7 +145,7 @@ def main():
     ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
     sizes = [int(x) for x in a.bursts.split(",")]
-    texts = messages(max(sizes))
+    texts = messages(max(*sizes, 4))  # and the 4 streams of the long prompt's test
     ids = [render_ids(lm, model, t, tmp / f"burst-{i}.json") for i, t in enumerate(texts)]
     rows = []
     for n in sizes:

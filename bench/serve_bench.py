@@ -35,22 +35,17 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import openai
 
+from measure import run_checked, served_url, tokenized_corpus
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ["In the beginning", "And God said", "The word of the LORD", "Blessed are", "And it came to pass",
            "Now the serpent", "Hear, O Israel", "The LORD is my shepherd"]
 
 
-def run(lm, *args):
-    p = subprocess.run([lm, *map(str, args)], capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"lmkit {args[0]} failed: {p.stderr}")
-
-
 def make_model(lm, tmp):
-    run(lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", "8192", "--output", tmp / "tok")
-    run(lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards")
-    run(lm, "train", "--config", ROOT / "configs/gpt-small.toml", "--set", f'data.train="{tmp}/shards"',
-        "--set", f'data.tokenizer="{tmp}/tok"', "--set", f'train.out_dir="{tmp}/gpt"', "--max-steps", "1")
+    tokenized_corpus(lm, tmp, 8192)
+    run_checked([lm, "train", "--config", ROOT / "configs/gpt-small.toml", "--set", f'data.train="{tmp}/shards"',
+                 "--set", f'data.tokenizer="{tmp}/tok"', "--set", f'train.out_dir="{tmp}/gpt"', "--max-steps", "1"])
     return tmp / "gpt"
 
 
@@ -169,10 +164,7 @@ def main():
                             stderr=subprocess.PIPE, text=True)
     peer = {}
     try:
-        line = proc.stderr.readline()
-        if "serving" not in line:
-            raise SystemExit(f"server did not start: {line}{proc.stderr.read()}")
-        url = "http://" + line.split("on http://")[1].split()[0] + "/v1"
+        url = served_url(proc) + "/v1"
         pool = client_pool(procs)
         one(client(url), 0, 4)  # warm-up
         if a.peer:

@@ -31,14 +31,9 @@ import time
 
 import torch
 
+from measure import run_checked as run, run_config, tokenized_corpus
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run(cmd, **kw):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    if p.returncode:
-        sys.exit(f"{cmd} failed: {p.stderr}")
-    return p
 
 
 def main():
@@ -91,8 +86,7 @@ def main():
     threads = torch.get_num_threads()
 
     # Data for lmkit: tokenizer + shards from the bundled corpus.
-    run([lm, "tokenizer", "train", "--input", ROOT / "data/en", "--vocab-size", a.vocab, "--output", tmp / "tok"])
-    run([lm, "tokenizer", "encode", "--tokenizer", tmp / "tok", "--input", ROOT / "data/en", "--shards", tmp / "shards"])
+    tokenized_corpus(lm, tmp, a.vocab)
 
     # Peak f32 GEMM.
     n = 2048 if dev.type == "cpu" else 8192
@@ -133,23 +127,7 @@ n_embd = {a.dim}
 n_layer = {a.layers}
 n_head = {a.heads}
 vocab_size = {a.vocab}"""
-    (tmp / "run.toml").write_text(f"""
-[model]
-{model_toml}
-[data]
-train = "{tmp}/shards"
-tokenizer = "{tmp}/tok"
-[train]
-out_dir = "{tmp}/out"
-seq_len = {a.ctx}
-batch_size = {a.batch}
-max_steps = {a.steps + 1}
-warmup_steps = 1
-eval_every = 0
-save_every = 0
-log_every = 1
-device = "{a.device}"
-""")
+    (tmp / "run.toml").write_text(run_config(tmp, model_toml, a.ctx, a.batch, a.steps + 1, a.device))
     matmul = {}
 
     def lmkit_train(binary=lm, out="out", extra=(), blas=a.lmkit_blas, extra_env=()):

@@ -316,7 +316,10 @@ def test_server_routes_requests_to_adapters(lmkit, tmp_path):
                              f"tuned={tmp_path}/adapter", "--db", tmp_path / "db.sqlite"], stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
-        assert "serving" in line, line + proc.stderr.read()
+        if "serving" not in line:
+            # Stopped first: reading the rest of its output waits for it to end.
+            proc.terminate()
+            pytest.fail(line + proc.communicate(timeout=10)[1])
         url = "http://" + line.split("on http://")[1].split()[0]
         models = json.load(urllib.request.urlopen(url + "/v1/models"))
         assert [m["id"] for m in models["data"]] == ["base", "tuned"]

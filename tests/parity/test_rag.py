@@ -238,7 +238,10 @@ def rag_server(bin_path, index, tmp_path_factory):
     proc = subprocess.Popen([bin_path, "serve", gguf, "--port", "0", "--index", index, "--model-name", "smol",
                              "--db", tmp / "db.sqlite"], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
-    assert "serving" in line, line + proc.stderr.read()
+    if "serving" not in line:
+        # Stopped first: reading the rest of its output waits for it to end.
+        proc.terminate()
+        pytest.fail(line + proc.communicate(timeout=10)[1])
     base = line.split("on http://")[1].split()[0]
     yield {"base": f"http://{base}", "url": f"http://{base}/v1"}
     proc.terminate()
