@@ -12,7 +12,8 @@ use std::path::PathBuf;
     lmkit serve runs/quickstart/gpt --moderation-rules configs/moderation-rules.txt --moderation-policy flag\n  \
     lmkit serve smollm2/ --adapter legal=runs/sft-legal --adapter chat=runs/sft-chat   # model: \"legal\" picks an adapter\n  \
     lmkit serve smollm2/ --device cuda --dtype bf16 --max-active 32\n  \
-    lmkit serve smollm2/ --kv-memory 4GiB   # the decoding sequences' KV caches within 4 GiB\n\n\
+    lmkit serve smollm2/ --kv-memory 4GiB   # the decoding sequences' KV caches within 4 GiB\n  \
+    lmkit serve smollm2/ --prefix-cache none   # read every prompt whole (no reuse of earlier ones' keys and values)\n\n\
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
     GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
@@ -58,6 +59,12 @@ pub struct ServeArgs {
     /// once the model is loaded, half of the CPU machine's available memory; none: no limit
     #[arg(long, default_value = "auto", value_parser = clap::value_parser!(lmkit_serve::KvMemory))]
     kv_memory: lmkit_serve::KvMemory,
+    /// The most memory kept of finished sequences' keys and values, for the requests that begin
+    /// with the same tokens (a chat's next turn, a shared system prompt or document), which then
+    /// read only the rest of their prompt; entries give way to decoding sequences. auto: a
+    /// quarter of --kv-memory's budget (1 GiB without one); none: every prompt read whole
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(lmkit_serve::PrefixCacheSize))]
+    prefix_cache: lmkit_serve::PrefixCacheSize,
     /// Prompt tokens read per round at most, in the same pass as the decoding steps: prompts
     /// that arrive together share it (each attending only to itself), a longer prompt is read in
     /// pieces over several rounds so the others' tokens keep coming; 0 reads each prompt whole
@@ -144,6 +151,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         max_active: a.max_active,
         kv_memory: a.kv_memory,
+        prefix_cache: a.prefix_cache,
         prompt_tokens: a.prompt_tokens,
         max_queue: a.max_queue,
         moderator,
@@ -183,6 +191,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv.per_position.div_ceil(1024),
         ),
         None => "KV caches: no limit (--kv-memory)".to_string(),
+    };
+    let kv = match state.prefix_cache {
+        0 => format!("{kv}; prefix cache: off"),
+        b => format!(
+            "{kv}; prefix cache: up to {} (--prefix-cache)",
+            lmkit_core::memory::gib(b as f64)
+        ),
     };
     rt.block_on(lmkit_serve::serve(state, &host, port, |addr| {
         // The first line says where: scripts and tests wait for it.

@@ -131,6 +131,40 @@ impl Decoder {
         Ok(d)
     }
 
+    /// Like [`Decoder::new`], starting from `cache`: the keys and values of the prompt's first
+    /// `cache.len()` tokens, as another sequence that read them left them
+    /// ([`lmkit_models::KvCache::prefix`]); only the rest of the prompt is read. At least the
+    /// prompt's last token must be left to read (its logits give the first token).
+    pub fn with_prefix(
+        model: &CausalLm,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        cache: lmkit_models::KvCache,
+    ) -> Result<Decoder> {
+        let mut d = Decoder::new(model, prompt, opts)?;
+        let n = cache.len();
+        if n >= prompt.len() || cache.num_layers() != d.cache.num_layers() {
+            return Err(InferError::Invalid(format!(
+                "a cached prefix of {n} positions over {} layers cannot start a prompt of {} tokens for a model of {} layers",
+                cache.num_layers(),
+                prompt.len(),
+                d.cache.num_layers()
+            )));
+        }
+        d.cache = cache;
+        d.cache.reserve(d.most_positions());
+        d.pending.drain(..n);
+        Ok(d)
+    }
+
+    /// The tokens whose keys and values this decoder's cache holds (its prompt and output so
+    /// far, less what it has yet to read), and the cache; `None` where the two disagree (a pass
+    /// that failed partway).
+    pub fn cached(&self) -> Option<(&[u32], &lmkit_models::KvCache)> {
+        let read = self.history.len().checked_sub(self.pending.len())?;
+        (read == self.cache.len()).then(|| (&self.history[..read], &self.cache))
+    }
+
     /// The most positions this decoder's cache can come to hold: its prompt and the tokens it
     /// may still generate, within the model's context.
     fn most_positions(&self) -> usize {
@@ -179,6 +213,8 @@ impl Decoder {
 
     /// Samples from the logits of the last position and records the token.
     fn take(&mut self, last: &[f32]) -> Step {
+        // The pass read every pending token: the cache holds them now.
+        self.pending.clear();
         let next = match &mut self.constraint {
             None => sample(last, &self.history, &self.opts.sampling, &mut self.rng),
             Some(c) => {
@@ -207,7 +243,6 @@ impl Decoder {
         }
         self.generated.push(next);
         self.history.push(next);
-        self.pending.clear();
         self.pending.push(next);
         Step::Token(next)
     }

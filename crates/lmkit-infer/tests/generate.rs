@@ -342,6 +342,118 @@ fn equal_prompts_in_one_pass_sample_as_independent_decoders() {
     }
 }
 
+/// A sequence that starts from the keys and values another one left for the start of its
+/// prompt (a server's prefix cache: a chat's next turn) generates what it would have reading the
+/// whole prompt — with the prefix copied or as views of a cache that decodes on meanwhile, read
+/// alone or beside other sequences, and for a prefix that ends inside the earlier sequence's.
+#[test]
+fn a_cached_prefix_continues_as_the_whole_prompt_would() {
+    for config in [
+        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
+        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 40}"#,
+        r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
+            "max_position_embeddings": 40}"#,
+    ] {
+        let m = random_model(config);
+        let o = |max_tokens: usize, stop: Option<u32>, seed: u64| GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_p: Some(0.9),
+                seed,
+                ..Default::default()
+            },
+            stop_ids: stop.into_iter().collect(),
+            max_positions: 40,
+        };
+        let first: &[u32] = &[1, 2, 3, 4, 5];
+        let out = generate(&m, first, &o(8, None, 1), &mut |_, _| true)
+            .unwrap()
+            .0;
+        // Ended by its length (its last token not read), and by a stop token (all read: the
+        // stop's first draw ends it).
+        let at = out.iter().position(|&t| t == out[4]).unwrap();
+        for (stop, read) in [(None, 5 + 7), (Some(out[4]), 5 + at)] {
+            let mut d = lmkit_infer::Decoder::new(&m, first, o(8, stop, 1)).unwrap();
+            lmkit_infer::finish_all(&m, std::slice::from_mut(&mut d), &mut [false], 64).unwrap();
+            let (tokens, cache) = d.cached().unwrap();
+            assert_eq!(tokens.len(), read, "{config}");
+            assert_eq!(&tokens[..5], first);
+            assert_eq!(&tokens[5..], &out[..read - 5]);
+            // The next turn: all that was read and more; a prompt that leaves it after 3.
+            let next: Vec<u32> = tokens.iter().copied().chain([7, 8, 9]).collect();
+            let apart: Vec<u32> = tokens[..3].iter().copied().chain([20, 21]).collect();
+            for (prompt, n) in [(&next, read), (&apart, 3)] {
+                let want = generate(&m, prompt, &o(6, None, 9), &mut |_, _| true)
+                    .unwrap()
+                    .0;
+                for (copy, prompt_tokens) in [(true, 64), (false, 2), (true, 0)] {
+                    let prefix = cache.prefix(n, copy).unwrap().unwrap();
+                    assert_eq!(prefix.len(), n);
+                    let mut ds = vec![
+                        lmkit_infer::Decoder::with_prefix(&m, prompt, o(6, None, 9), prefix)
+                            .unwrap(),
+                        // Another sequence in the same passes.
+                        lmkit_infer::Decoder::new(&m, &[30, 31, 32], o(5, None, 3)).unwrap(),
+                    ];
+                    lmkit_infer::finish_all(&m, &mut ds, &mut [false, false], prompt_tokens)
+                        .unwrap();
+                    assert_eq!(
+                        ds[0].generated(),
+                        &want[..],
+                        "{config} {copy} {prompt_tokens}"
+                    );
+                }
+            }
+        }
+        // Views of a cache whose sequence decodes on: the positions they show are not written
+        // again.
+        let mut live = lmkit_infer::Decoder::new(&m, first, o(12, None, 4)).unwrap();
+        for _ in 0..3 {
+            live.step(&m).unwrap();
+        }
+        let (tokens, cache) = live.cached().unwrap();
+        let tokens = tokens.to_vec();
+        let view = cache.prefix(tokens.len(), false).unwrap().unwrap();
+        let whole = cache.prefix(tokens.len(), true).unwrap().unwrap();
+        for _ in 0..5 {
+            live.step(&m).unwrap();
+        }
+        let prompt: Vec<u32> = tokens.iter().copied().chain([11]).collect();
+        let want = generate(&m, &prompt, &o(4, None, 5), &mut |_, _| true)
+            .unwrap()
+            .0;
+        let mut d = lmkit_infer::Decoder::with_prefix(&m, &prompt, o(4, None, 5), view).unwrap();
+        lmkit_infer::finish_all(&m, std::slice::from_mut(&mut d), &mut [false], 64).unwrap();
+        assert_eq!(d.generated(), &want[..], "{config}");
+        // A prefix must leave the prompt's last token to read.
+        assert!(lmkit_infer::Decoder::with_prefix(&m, &tokens, o(4, None, 5), whole).is_err());
+    }
+    // A recurrent model's state is that of all its positions: no prefix of it.
+    let m = random_model(
+        r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
+            "num_layers": 2, "max_position_embeddings": 40}"#,
+    );
+    let mut d = lmkit_infer::Decoder::new(
+        &m,
+        &[1, 2, 3],
+        GenerateOptions {
+            max_tokens: 3,
+            sampling: SamplingParams::greedy(),
+            stop_ids: Vec::new(),
+            max_positions: 40,
+        },
+    )
+    .unwrap();
+    d.step(&m).unwrap();
+    let (tokens, cache) = d.cached().unwrap();
+    assert_eq!(tokens, [1, 2, 3]);
+    assert!(cache.prefix(2, true).unwrap().is_none());
+}
+
 /// The step clock counts the decoding steps (one new token each; the prompt's pass not) and the
 /// time of their passes and of their logits' reads.
 #[test]

@@ -4,6 +4,7 @@
 //! the next round instead of waiting for the others to finish); the prompts that arrive are read
 //! in the same pass, a long one in pieces over several rounds.
 
+use crate::prefix::PrefixCache;
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
 use lmkit_models::CausalLm;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +15,10 @@ use tokio::sync::mpsc::UnboundedSender;
 /// What the worker reports for one sequence.
 #[derive(Debug)]
 pub enum Event {
+    /// The sequence starts with this many of its prompt's tokens already read (their keys and
+    /// values from an earlier sequence's: [`crate::prefix::PrefixCache`]); sent before its first
+    /// token, and only where there are some.
+    Cached(usize),
     Token(u32),
     Done(Finish),
     Error(String),
@@ -43,6 +48,16 @@ pub struct Engine {
     max_queue: usize,
     /// Bytes of the KV budget the active sequences hold.
     kv_reserved: Arc<AtomicU64>,
+    prefix: Arc<PrefixStats>,
+}
+
+/// The prompts' tokens and how many of them came from the prefix cache; its bytes and entries.
+#[derive(Default)]
+pub struct PrefixStats {
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub bytes: AtomicU64,
+    pub entries: AtomicU64,
 }
 
 /// The worker's rounds so far and the time they took (the model's passes over the round's
@@ -105,50 +120,34 @@ pub enum Rejected {
 }
 
 impl Engine {
-    /// Starts the worker thread. At most `max_active` sequences decode at once, their caches
-    /// within `kv` where given; up to `max_queue` jobs (active ones included) are accepted
-    /// before `submit` answers `Busy`; each round reads up to `prompt_tokens` prompt tokens
-    /// beside the decoding steps ([`Decoder::step_many`]).
-    pub fn start(
-        models: Vec<CausalLm>,
-        max_active: usize,
-        max_queue: usize,
-        prompt_tokens: usize,
-        kv: Option<KvBudget>,
-    ) -> Engine {
-        let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
+    /// Starts the worker thread, which decodes within `cap` (see [`Capacity`]).
+    pub fn start(models: Vec<CausalLm>, cap: Capacity) -> Engine {
+        let max_queue = cap.max_queue.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(max_queue);
         let depth = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         let kv_reserved = Arc::new(AtomicU64::new(0));
+        let prefix = Arc::new(PrefixStats::default());
         let stats = Arc::new(Busy::default());
         let counts = Counts {
             depth: depth.clone(),
             active: active.clone(),
             kv_reserved: kv_reserved.clone(),
+            prefix: prefix.clone(),
             busy: stats.clone(),
         };
         std::thread::Builder::new()
             .name("lmkit-engine".into())
-            .spawn(move || {
-                worker(
-                    models,
-                    rx,
-                    counts,
-                    Limits {
-                        max_active: max_active.max(1),
-                        prompt_tokens,
-                        kv,
-                    },
-                )
-            })
+            .spawn(move || worker(models, rx, counts, cap))
             .expect("spawning the model thread");
         Engine {
             tx,
             depth,
             active,
             kv_reserved,
+            prefix,
             stats,
-            max_queue: max_queue.max(1),
+            max_queue,
         }
     }
 
@@ -194,6 +193,12 @@ impl Engine {
         self.kv_reserved.load(Ordering::SeqCst)
     }
 
+    /// The prompts' tokens so far, those of them read from the prefix cache, and its bytes and
+    /// entries now.
+    pub fn prefix_stats(&self) -> &PrefixStats {
+        &self.prefix
+    }
+
     /// The worker's rounds so far and the seconds they took: the model's own time, without
     /// HTTP, templates, tokenization or waiting for work.
     pub fn busy(&self) -> (u64, f64) {
@@ -209,14 +214,26 @@ struct Counts {
     depth: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
     kv_reserved: Arc<AtomicU64>,
+    prefix: Arc<PrefixStats>,
     busy: Arc<Busy>,
 }
 
-/// The worker's limits (see [`Engine::start`]).
-struct Limits {
-    max_active: usize,
-    prompt_tokens: usize,
-    kv: Option<KvBudget>,
+/// What the worker may take on (see [`Engine::start`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    /// Sequences decoded at once.
+    pub max_active: usize,
+    /// Jobs accepted (active ones included) before [`Engine::submit`] answers `Busy`.
+    pub max_queue: usize,
+    /// Prompt tokens read per round beside the decoding steps ([`Decoder::step_many`]).
+    pub prompt_tokens: usize,
+    /// What the active sequences' caches (and the prefix cache's entries) may take together.
+    pub kv: Option<KvBudget>,
+    /// Bytes the prefix cache may keep (0: none kept; see [`PrefixCache`]).
+    pub prefix_cache: u64,
+    /// Bytes a sequence's KV cache takes per position (0: the model's state does not grow
+    /// with the text, and no prefix cache is kept).
+    pub kv_per_position: u64,
 }
 
 struct Running {
@@ -230,11 +247,13 @@ struct Running {
 }
 
 /// The active sequences and what they hold of the KV budget (also kept in `gauge`, for
-/// [`Engine::kv_reserved`]).
+/// [`Engine::kv_reserved`]); the prefix cache, which the sequences that end fill.
 struct Active {
     running: Vec<Running>,
     kv_reserved: u64,
     gauge: Arc<AtomicU64>,
+    prefix: Option<PrefixCache>,
+    stats: Arc<PrefixStats>,
 }
 
 impl Active {
@@ -243,8 +262,20 @@ impl Active {
         self.gauge.store(self.kv_reserved, Ordering::SeqCst);
     }
 
+    /// The bytes the prefix cache holds.
+    fn prefix_bytes(&self) -> u64 {
+        self.prefix.as_ref().map_or(0, PrefixCache::bytes)
+    }
+
+    fn publish_prefix(&self) {
+        if let Some(p) = &self.prefix {
+            self.stats.bytes.store(p.bytes(), Ordering::Relaxed);
+            self.stats.entries.store(p.len() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Keeps the sequences `keep` says yes to, releasing the others' share of the budget and
-    /// their place in the queue's count.
+    /// their place in the queue's count; what the others read goes into the prefix cache.
     fn retain(&mut self, depth: &AtomicUsize, keep: impl FnMut(&Running) -> bool) {
         let kept: Vec<bool> = self.running.iter().map(keep).collect();
         let (mut freed, mut gone) = (0, 0);
@@ -257,7 +288,23 @@ impl Active {
         self.gauge.store(self.kv_reserved, Ordering::SeqCst);
         depth.fetch_sub(gone, Ordering::SeqCst);
         let mut kept = kept.into_iter();
-        self.running.retain(|_| kept.next().unwrap_or(false));
+        let mut ended = Vec::new();
+        let running = std::mem::take(&mut self.running);
+        for r in running {
+            if kept.next().unwrap_or(false) {
+                self.running.push(r);
+            } else {
+                ended.push(r);
+            }
+        }
+        if let Some(p) = &mut self.prefix {
+            for r in &ended {
+                if let Some((tokens, cache)) = r.decoder.cached() {
+                    p.insert(r.model, tokens, cache);
+                }
+            }
+            self.publish_prefix();
+        }
     }
 }
 
@@ -294,12 +341,35 @@ fn offer(
         if active.kv_reserved + need > b.bytes {
             return Offer::Wait(Box::new(job));
         }
+        // The prefix cache's entries give way to decoding sequences.
+        if active.kv_reserved + need + active.prefix_bytes() > b.bytes {
+            if let Some(p) = &mut active.prefix {
+                p.shrink_to(b.bytes - active.kv_reserved - need);
+            }
+            active.publish_prefix();
+        }
     }
     let Some(model) = models.get(job.model) else {
         return fail(&job.events, job.index, "no such model".into());
     };
-    match Decoder::new(model, &job.prompt, job.opts) {
+    let prefix = active
+        .prefix
+        .as_mut()
+        .and_then(|p| p.lookup(job.model, &job.prompt));
+    let cached = prefix.as_ref().map_or(0, |c| c.len());
+    let decoder = match prefix {
+        Some(c) => Decoder::with_prefix(model, &job.prompt, job.opts, c),
+        None => Decoder::new(model, &job.prompt, job.opts),
+    };
+    match decoder {
         Ok(mut decoder) => {
+            let s = &active.stats;
+            s.prompt_tokens
+                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            s.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
+            if cached > 0 {
+                let _ = job.events.send((job.index, Event::Cached(cached)));
+            }
             if let Some(c) = job.constraint {
                 decoder.constrain(c);
             }
@@ -318,22 +388,30 @@ fn offer(
     }
 }
 
-fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, limits: Limits) {
+fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacity) {
     let Counts {
         depth,
         active: active_count,
         kv_reserved,
+        prefix,
         busy,
     } = counts;
-    let Limits {
+    let Capacity {
         max_active,
         prompt_tokens,
         kv,
-    } = limits;
+        prefix_cache,
+        kv_per_position,
+        ..
+    } = cap;
+    let max_active = max_active.max(1);
     let mut sequences = Active {
         running: Vec::new(),
         kv_reserved: 0,
         gauge: kv_reserved,
+        prefix: (prefix_cache > 0 && kv_per_position > 0)
+            .then(|| PrefixCache::new(prefix_cache, kv_per_position)),
+        stats: prefix,
     };
     // The next job in arrival order, waiting for room in the KV budget (the jobs behind it
     // wait too: first come, first served).

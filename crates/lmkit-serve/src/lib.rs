@@ -11,6 +11,7 @@ pub mod error;
 pub mod guard;
 pub mod metrics;
 pub mod moderation;
+pub mod prefix;
 pub mod store;
 pub mod web;
 
@@ -19,7 +20,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use engine::{Engine, KvBudget};
+use engine::{Capacity, Engine, KvBudget};
 use error::ApiError;
 use lmkit_models::CausalLm;
 use moderation::Moderator;
@@ -110,6 +111,40 @@ pub struct ServeConfig {
     pub index_embedding_model: Option<PathBuf>,
     /// What the active sequences' KV caches may reserve together.
     pub kv_memory: KvMemory,
+    /// What the prefix cache may keep ([`prefix::PrefixCache`]).
+    pub prefix_cache: PrefixCacheSize,
+}
+
+/// How much the prefix cache may keep (`--prefix-cache`; see [`prefix::PrefixCache`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PrefixCacheSize {
+    /// A quarter of the KV budget (1 GiB where the KV caches have no limit).
+    Auto,
+    Bytes(u64),
+    /// None kept: every prompt read whole.
+    Off,
+}
+
+impl std::str::FromStr for PrefixCacheSize {
+    type Err = String;
+
+    /// `auto`, `none` (or `0`), or a size as `--kv-memory` takes one.
+    fn from_str(s: &str) -> Result<PrefixCacheSize, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(PrefixCacheSize::Auto),
+            "none" | "off" | "0" => Ok(PrefixCacheSize::Off),
+            _ => parse_size(s).map(PrefixCacheSize::Bytes),
+        }
+    }
+}
+
+/// The bytes the prefix cache may keep, for a KV budget of `kv` (`None`: no limit).
+fn prefix_cache_bytes(size: PrefixCacheSize, kv: Option<KvBudget>) -> u64 {
+    match size {
+        PrefixCacheSize::Off => 0,
+        PrefixCacheSize::Bytes(b) => b,
+        PrefixCacheSize::Auto => kv.map_or(1 << 30, |b| b.bytes / 4),
+    }
 }
 
 /// How much memory the active sequences' KV caches may reserve together (`--kv-memory`; see
@@ -127,41 +162,45 @@ pub enum KvMemory {
 impl std::str::FromStr for KvMemory {
     type Err = String;
 
-    /// `auto`, `none` (or `0`: no limit), or a size: a number with an optional unit, `B`, `KB`,
-    /// `MB`, `GB`, `TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024).
+    /// `auto`, `none` (or `0`: no limit), or a size ([`parse_size`]).
     fn from_str(s: &str) -> Result<KvMemory, String> {
-        let t = s.trim().to_ascii_lowercase();
-        match t.as_str() {
-            "auto" => return Ok(KvMemory::Auto),
-            "none" | "unlimited" | "0" => return Ok(KvMemory::Unlimited),
-            _ => {}
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(KvMemory::Auto),
+            "none" | "unlimited" | "0" => Ok(KvMemory::Unlimited),
+            _ => parse_size(s).map(KvMemory::Bytes),
         }
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (number, unit) = t.split_at(split);
-        let scale: u64 = match unit.trim() {
-            "" | "b" => 1,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            "kib" => 1 << 10,
-            "mib" => 1 << 20,
-            "gib" => 1 << 30,
-            "tib" => 1 << 40,
-            _ => {
-                return Err(format!(
-                    "`{s}`: unknown unit (expected e.g. 8GiB, 512MiB, 2GB, auto or none)"
-                ))
-            }
-        };
-        match number.parse::<f64>() {
-            Ok(n) if n.is_finite() && n > 0.0 => Ok(KvMemory::Bytes((n * scale as f64) as u64)),
-            _ => Err(format!(
-                "`{s}`: expected a size such as 8GiB or 512MiB, auto, or none"
-            )),
+    }
+}
+
+/// A size: a number with an optional unit, `B`, `KB`, `MB`, `GB`, `TB` (powers of 1000) or
+/// `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024); more than 0.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit (expected e.g. 8GiB, 512MiB, 2GB, auto or none)"
+            ))
         }
+    };
+    match number.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok((n * scale as f64) as u64),
+        _ => Err(format!(
+            "`{s}`: expected a size such as 8GiB or 512MiB, auto, or none"
+        )),
     }
 }
 
@@ -224,6 +263,8 @@ pub struct AppState {
     pub retriever: Option<api::retrieval::Retriever>,
     /// What the active sequences' KV caches may reserve together (`None`: no limit).
     pub kv_budget: Option<KvBudget>,
+    /// Bytes the prefix cache may keep (0: none).
+    pub prefix_cache: u64,
     /// The grammar engine for constrained output (`response_format`, `tools`), built on first use.
     pub grammars: std::sync::OnceLock<Result<Arc<lmkit_infer::constrain::Grammars>, String>>,
 }
@@ -334,12 +375,17 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         None => None,
     };
     // Measured once the model (and the embedding model) is loaded: what is left for the caches.
+    let kv_per_position = mcfg.kv_bytes_per_position(dtype.size_in_bytes());
     let kv_budget = kv_budget(
         cfg.kv_memory,
-        mcfg.kv_bytes_per_position(dtype.size_in_bytes()),
+        kv_per_position,
         lmkit_models::free_memory(&device),
         !device.is_cpu(),
     );
+    let prefix_cache = match kv_per_position {
+        0 => 0,
+        _ => prefix_cache_bytes(cfg.prefix_cache, kv_budget),
+    };
     let (eos, warning) = lmkit_models::sampleable_stop_ids(&dir, mcfg.vocab_size())?;
     if let Some(w) = warning {
         eprintln!("lmkit serve: warning: {w}");
@@ -347,12 +393,17 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
     Ok(Arc::new(AppState {
         engine: Engine::start(
             models,
-            cfg.max_active,
-            cfg.max_queue,
-            cfg.prompt_tokens,
-            kv_budget,
+            Capacity {
+                max_active: cfg.max_active,
+                max_queue: cfg.max_queue,
+                prompt_tokens: cfg.prompt_tokens,
+                kv: kv_budget,
+                prefix_cache,
+                kv_per_position,
+            },
         ),
         kv_budget,
+        prefix_cache,
         template,
         adapters: cfg.adapters.iter().map(|(n, _)| n.clone()).collect(),
         model_name,
@@ -413,12 +464,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(
-            state.engine.depth(),
-            state.engine.active(),
-            state.engine.busy(),
-            (state.engine.kv_reserved(), state.kv_budget.map(|b| b.bytes)),
-        ),
+        state
+            .metrics
+            .render(&state.engine, state.kv_budget.map(|b| b.bytes)),
     )
         .into_response()
 }

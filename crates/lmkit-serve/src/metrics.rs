@@ -93,16 +93,14 @@ impl Metrics {
         self.with(|m| m.first_token.observe(seconds));
     }
 
-    /// The metrics in Prometheus' text format, with the engine's queue depth, active sequences,
-    /// `(rounds, seconds)` of work ([`crate::engine::Engine::busy`]) and `(KV bytes reserved, the
-    /// KV budget if any)` ([`crate::engine::Engine::kv_reserved`]).
-    pub fn render(
-        &self,
-        queue_depth: usize,
-        active: usize,
-        (rounds, busy): (u64, f64),
-        (kv_reserved, kv_budget): (u64, Option<u64>),
-    ) -> String {
+    /// The metrics in Prometheus' text format, with the engine's: its queue depth, active
+    /// sequences, rounds of work and their seconds ([`crate::engine::Engine::busy`]), KV bytes
+    /// reserved and the prefix cache's counts; and the KV budget if any.
+    pub fn render(&self, engine: &crate::engine::Engine, kv_budget: Option<u64>) -> String {
+        let (queue_depth, active) = (engine.depth(), engine.active());
+        let ((rounds, busy), kv_reserved) = (engine.busy(), engine.kv_reserved());
+        let prefix = engine.prefix_stats();
+        let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         self.with(|m| {
             out.push_str("# HELP lmkit_requests_total HTTP requests by endpoint and status.\n# TYPE lmkit_requests_total counter\n");
@@ -158,6 +156,18 @@ impl Metrics {
                 "# HELP lmkit_kv_budget_bytes What the decoding sequences' KV caches may hold together (--kv-memory).\n# TYPE lmkit_kv_budget_bytes gauge\nlmkit_kv_budget_bytes {b}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP lmkit_prompt_tokens_read_total Prompt tokens of the sequences started, by where their keys and values came from: read by the model, or from the prefix cache.\n# TYPE lmkit_prompt_tokens_read_total counter\nlmkit_prompt_tokens_read_total{{from=\"model\"}} {}\nlmkit_prompt_tokens_read_total{{from=\"prefix_cache\"}} {}",
+            read(&prefix.prompt_tokens).saturating_sub(read(&prefix.cached_tokens)),
+            read(&prefix.cached_tokens),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lmkit_prefix_cache_bytes Keys and values the prefix cache keeps (--prefix-cache).\n# TYPE lmkit_prefix_cache_bytes gauge\nlmkit_prefix_cache_bytes {}\n# HELP lmkit_prefix_cache_entries Sequences the prefix cache keeps.\n# TYPE lmkit_prefix_cache_entries gauge\nlmkit_prefix_cache_entries {}",
+            read(&prefix.bytes),
+            read(&prefix.entries),
+        );
         out
     }
 }

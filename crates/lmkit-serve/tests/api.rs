@@ -75,6 +75,7 @@ fn config(db: &Path, max_queue: usize) -> ServeConfig {
         index: None,
         index_embedding_model: None,
         kv_memory: lmkit_serve::KvMemory::Auto,
+        prefix_cache: lmkit_serve::PrefixCacheSize::Auto,
     }
 }
 
@@ -1060,6 +1061,7 @@ async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
         .expect("the engine stopped answering")
     {
         match e {
+            Event::Cached(_) => {}
             Event::Token(_) => order.push((i, "token")),
             Event::Done(_) => order.push((i, "done")),
             Event::Error(msg) => {
@@ -1126,4 +1128,147 @@ fn kv_memory_sizes_parse_with_units() {
         let e = p(bad).unwrap_err();
         assert!(e.contains("8GiB"), "{bad}: {e}");
     }
+}
+
+/// A request that begins as an earlier one did (its prompt, or its prompt and answer: a chat's
+/// next turn) reads only the rest: `usage` counts the cached tokens, /metrics the tokens read
+/// from the prefix cache, and the answer is the plain generation loop's over the whole prompt.
+#[tokio::test]
+async fn a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest() {
+    let d = tempfile::tempdir().unwrap();
+    let st = state(&d.path().join("a.sqlite"), &[], Moderator::none(), 8);
+    assert!(st.prefix_cache > 0);
+    let first = "the cat sat on the mat and the dog";
+    let (status, v) = post(
+        &st,
+        "/v1/completions",
+        json!({"prompt": first, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let p1 = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v}"
+    );
+    let next = format!("{first} sat on the log and the cat");
+    let body = json!({"prompt": next, "max_tokens": 8, "temperature": 0});
+    let (status, v) = post(&st, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let p2 = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= p1 && cached < p2, "{p1} {p2} {v}");
+    assert_eq!(v["choices"][0]["text"], greedy_reference(&next, 8), "{v}");
+    // Streamed, with usage: the whole of the second prompt is cached now but its last token.
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let (_, b, _) = call(&st, "POST", "/v1/completions", stream.to_string(), None).await;
+    let text = String::from_utf8(b).unwrap();
+    let usage: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+        .expect("a usage chunk")["usage"]
+        .clone();
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        p2 - 1,
+        "{text}"
+    );
+    let (_, b, _) = call(&st, "GET", "/metrics", "", None).await;
+    let m = String::from_utf8(b).unwrap();
+    let from_cache = format!(
+        "lmkit_prompt_tokens_read_total{{from=\"prefix_cache\"}} {}\n",
+        cached + p2 - 1
+    );
+    assert!(m.contains(&from_cache), "{m}");
+    let from_model = format!(
+        "lmkit_prompt_tokens_read_total{{from=\"model\"}} {}\n",
+        p1 + p2 - cached + 1
+    );
+    assert!(m.contains(&from_model), "{m}");
+    assert!(!m.contains("lmkit_prefix_cache_entries 0\n"), "{m}");
+    // Off: every prompt read whole, the same answer.
+    let off = load_state(ServeConfig {
+        prefix_cache: lmkit_serve::PrefixCacheSize::Off,
+        ..config(&d.path().join("b.sqlite"), 8)
+    })
+    .unwrap();
+    assert_eq!(off.prefix_cache, 0);
+    for _ in 0..2 {
+        let (status, w) = post(&off, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{w}");
+        assert_eq!(
+            w["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+            "{w}"
+        );
+        assert_eq!(w["choices"][0]["text"], v["choices"][0]["text"]);
+    }
+}
+
+/// The prefix cache's entries give way to the decoding sequences within the KV budget: while a
+/// sequence that needs the room they hold decodes, they hold none of it.
+#[tokio::test]
+async fn prefix_cache_entries_give_way_to_decoding_sequences() {
+    use lmkit_serve::engine::{Event, Job};
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    let per_position = 2 * 2 * 32 * 4;
+    let st = load_state(ServeConfig {
+        kv_memory: lmkit_serve::KvMemory::Bytes(100 * per_position),
+        prefix_cache: lmkit_serve::PrefixCacheSize::Bytes(100 * per_position),
+        ..config(&d.path().join("a.sqlite"), 8)
+    })
+    .unwrap();
+    let stats = st.engine.prefix_stats();
+    let body =
+        json!({"prompt": "the cat sat", "max_tokens": 60, "temperature": 0, "ignore_eos": true});
+    let (status, v) = post(&st, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(stats.entries.load(Ordering::SeqCst), 1);
+    let held = stats.bytes.load(Ordering::SeqCst);
+    assert!(held >= 60 * per_position, "{held} {v}");
+    // 90 new tokens after 3 others: more room than the budget leaves beside the entry.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        index: 0,
+        model: 0,
+        prompt: vec![7, 8, 9],
+        opts: lmkit_infer::GenerateOptions {
+            max_tokens: 90,
+            sampling: lmkit_infer::SamplingParams::greedy(),
+            stop_ids: Vec::new(),
+            max_positions: st.max_positions,
+        },
+        events: tx,
+        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        constraint: None,
+    };
+    st.engine.submit(vec![job]).unwrap();
+    let wait = std::time::Duration::from_secs(60);
+    let mut tokens = 0;
+    while let Some((_, e)) = tokio::time::timeout(wait, rx.recv())
+        .await
+        .expect("the sequence waited for room that did not come")
+    {
+        match e {
+            Event::Token(_) => {
+                tokens += 1;
+                if tokens == 1 {
+                    // Decoding: its room reserved, the entry gone.
+                    assert_eq!(st.engine.kv_reserved(), 93 * per_position);
+                    assert_eq!(stats.bytes.load(Ordering::SeqCst), 0);
+                    assert_eq!(stats.entries.load(Ordering::SeqCst), 0);
+                }
+            }
+            Event::Done(_) => break,
+            Event::Cached(n) => panic!("{n} tokens from an entry that had to go"),
+            Event::Error(msg) => panic!("{msg}"),
+        }
+    }
+    assert_eq!(tokens, 90);
 }

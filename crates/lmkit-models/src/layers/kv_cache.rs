@@ -247,6 +247,46 @@ impl KvCache {
         self.len += n;
     }
 
+    /// A cache of this one's first `n` positions (`n` at most [`KvCache::len`]) to start a
+    /// sequence whose tokens begin with the `n` this one read (a server's prefix cache): a
+    /// continuation takes them as a first pass's keys and values, and copies them into buffers
+    /// of its own before it writes. With `copy` they are copied now, into tensors of exactly `n`
+    /// positions (what a store of finished sequences keeps: not their buffers' spare room);
+    /// else they are views of this cache's, which stay valid while it decodes on (a cache never
+    /// writes the positions it holds again). `None` where this cache cannot be cut so: a
+    /// recurrent model's (its state is that of all its positions), a packed pass's, or `n` of
+    /// 0 or past its length.
+    pub fn prefix(&self, n: usize, copy: bool) -> candle_core::Result<Option<KvCache>> {
+        if n == 0
+            || n > self.len
+            || self.segments.is_some()
+            || self.recurrent.iter().any(Option::is_some)
+            || self.layers.iter().any(Option::is_none)
+        {
+            return Ok(None);
+        }
+        let layers = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|slot| {
+                let (Slot::First(k, v) | Slot::Buffered(k, v)) = slot;
+                let (k, v) = (k.narrow(2, 0, n)?, v.narrow(2, 0, n)?);
+                let (k, v) = if copy { buffers(&k, &v, n)? } else { (k, v) };
+                Ok(Some(Slot::First(k, v)))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Some(KvCache {
+            layers,
+            recurrent: self.recurrent.clone(),
+            len: n,
+            discard_kv: false,
+            segments: None,
+            queued: 0,
+            reserved: 0,
+        }))
+    }
+
     /// An independent copy: buffers that decoding writes in place are copied; the first pass's
     /// keys and values (never written in place) are shared. Several continuations of one
     /// prompt can then start from one pass over it.

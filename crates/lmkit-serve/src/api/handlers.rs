@@ -270,6 +270,7 @@ pub(super) async fn run(
             reasons: vec!["content_filter"],
             tokens: vec![0],
             completion_tokens: 0,
+            cached_tokens: 0,
             verdict: Verdict::default(),
         };
         log(&state, &prep, &outcome, started).await;
@@ -359,6 +360,7 @@ pub(super) async fn run(
             if include_usage {
                 let _ = out_tx.send(Chunk::Usage {
                     prompt: prep.prompt_ids.len(),
+                    cached: outcome.cached_tokens,
                     completion: outcome.completion_tokens,
                 });
             }
@@ -425,11 +427,7 @@ pub(super) async fn run(
         "created": created,
         "model": state.variant_name(prep.params.model),
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prep.prompt_ids.len(),
-            "completion_tokens": outcome.completion_tokens,
-            "total_tokens": prep.prompt_ids.len() + outcome.completion_tokens,
-        },
+        "usage": usage(prep.prompt_ids.len(), outcome.cached_tokens, outcome.completion_tokens),
         "moderation": {
             "prompt": prep.prompt_verdict,
             "completion": outcome.verdict,

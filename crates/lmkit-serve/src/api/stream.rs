@@ -21,6 +21,8 @@ pub(super) enum Chunk {
     },
     Usage {
         prompt: usize,
+        /// The prompt's tokens that came from the prefix cache.
+        cached: usize,
         completion: usize,
     },
     /// The passages retrieved into the prompt, sent before the first token.
@@ -39,7 +41,20 @@ pub(super) struct Outcome {
     /// Tokens generated per choice.
     pub(super) tokens: Vec<usize>,
     pub(super) completion_tokens: usize,
+    /// The prompt's tokens whose keys and values came from the prefix cache (the most over the
+    /// choices).
+    pub(super) cached_tokens: usize,
     pub(super) verdict: Verdict,
+}
+
+/// The response's `usage`: OpenAI's fields, the prompt's cached tokens among its details.
+pub(super) fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chunk) -> SseEvent {
@@ -68,9 +83,13 @@ pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chun
             json!({"id": id, "object": object, "created": created, "model": model,
             "choices": [choice(index, None, Some(reason))]})
         }
-        Chunk::Usage { prompt, completion } => {
+        Chunk::Usage {
+            prompt,
+            cached,
+            completion,
+        } => {
             json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+            "choices": [], "usage": usage(prompt, cached, completion)})
         }
         Chunk::ToolCalls { index, calls } => {
             let calls: Vec<Value> = calls
@@ -117,6 +136,7 @@ pub(super) async fn drive(
     let mut verdict = Verdict::default();
     let mut first = true;
     let mut client_gone = false;
+    let mut cached_tokens = 0;
     // With `tools`, a reply is held back while it may still be a call (it starts with `{`).
     let mut holding = vec![prep.structured.tools.is_some(); n];
     let send = |c: Chunk, gone: &mut bool| {
@@ -134,6 +154,10 @@ pub(super) async fn drive(
             continue;
         }
         let (delta, done) = match ev {
+            Event::Cached(n) => {
+                cached_tokens = cached_tokens.max(n);
+                continue;
+            }
             Event::Token(t) => {
                 if first {
                     state.metrics.first_token(started.elapsed().as_secs_f64());
@@ -259,6 +283,7 @@ pub(super) async fn drive(
             .collect(),
         tokens: ids.iter().map(|v| v.len()).collect(),
         completion_tokens,
+        cached_tokens,
         verdict,
     }
 }
