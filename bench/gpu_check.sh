@@ -29,6 +29,7 @@
 #    transformers' generate with batches of 8 and 32; bench/prefill_bench.py --device cuda: 8 and
 #    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
 #    lmkit run again with LMKIT_CUDA_DECODE=0 (the cache attention through composed ops);
+#    bench/chat_turns_bench.py --device cuda: a chat's turns with and without the prefix cache;
 # 5. (`long`) bench/real_model_bench.py --device cuda --random: batch-1 generation after a
 #    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
 #    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache; then
@@ -290,6 +291,9 @@ if "$py" -c "import openai" 2>/dev/null; then
   echo "-- the same without the cache attention kernels (LMKIT_CUDA_DECODE=0: composed ops)"
   LMKIT_CUDA_DECODE=0 LMKIT_BIN="$bin" "$py" "$here/bench/prefill_bench.py" --device cuda --bursts 8,32 \
     --repeats 3 || failed+=("prefill bench, composed")
+  echo "== a chat's turns on the GPU: the prefix cache vs every turn read whole vs transformers"
+  LMKIT_BIN="$bin" "$py" "$here/bench/chat_turns_bench.py" --device cuda --turns 6 --repeats 3 \
+    || failed+=("chat turns bench")
 else
   echo "skipped: the openai package is not installed (pip install openai)"
 fi
