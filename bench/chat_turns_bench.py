@@ -33,9 +33,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from long_window_bench import MAKE_MODEL, MODEL as SMOLLM2  # noqa: E402
-from prefill_bench import busy_seconds, start_server  # noqa: E402
-from serve_bench import ROOT, make_model  # noqa: E402
+from prefill_bench import bench_model, busy_seconds, start_server  # noqa: E402
+from serve_bench import ROOT  # noqa: E402
 
 
 def conversation(words, at, turns):
@@ -92,17 +91,10 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the servers' --device, and the peer's)")
     a = ap.parse_args()
     import torch
-    import transformers
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-chat-turns-bench-"))
     atexit.register(shutil.rmtree, tmp, True)
-    if a.smollm2:
-        if not (SMOLLM2 / "config.json").exists():
-            subprocess.run([sys.executable, "-c", MAKE_MODEL, SMOLLM2], check=True)
-        a.model = SMOLLM2
-    model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
-    ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+    model, hf = bench_model(a, lm, tmp)
     cached = start_server(lm, model, tmp, "cached", 4, a.device, [])
     whole = start_server(lm, model, tmp, "whole", 4, a.device, ["--prefix-cache", "none"])
     words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()

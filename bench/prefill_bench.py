@@ -124,6 +124,21 @@ def peer_burst(hf, torch, prompts, device):
     return len(prompts) / peer_phase(hf, torch, prompts, 1, device)
 
 
+def bench_model(a, lm, tmp):
+    """The model the arguments name (--model, --smollm2, else one made from the corpus) and
+    transformers' copy of it in f32 on --device."""
+    import torch
+    import transformers
+    if a.smollm2:
+        if not (SMOLLM2 / "config.json").exists():
+            subprocess.run([sys.executable, "-c", MAKE_MODEL, SMOLLM2], check=True)
+        a.model = SMOLLM2
+    model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
+    ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+    return model, hf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
@@ -133,17 +148,10 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the servers' --device, and the peer's)")
     a = ap.parse_args()
     import torch
-    import transformers
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-prefill-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # removed when the bench ends
-    if a.smollm2:
-        if not (SMOLLM2 / "config.json").exists():
-            subprocess.run([sys.executable, "-c", MAKE_MODEL, SMOLLM2], check=True)
-        a.model = SMOLLM2
-    model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
-    ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+    model, hf = bench_model(a, lm, tmp)
     sizes = [int(x) for x in a.bursts.split(",")]
     texts = messages(max(*sizes, 4))  # and the 4 streams of the long prompt's test
     ids = [render_ids(lm, model, t, tmp / f"burst-{i}.json") for i, t in enumerate(texts)]

@@ -169,6 +169,17 @@ fn text_stream_cuts_at_stop_strings_and_holds_partial_characters() {
     assert_eq!(text, "hello world. 안녕하세요 ");
 }
 
+/// Small decoders of each family, for the tests that compare ways of decoding.
+const GPT2: &str = r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#;
+const LLAMA: &str = r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 40}"#;
+const NEOX: &str = r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
+    "max_position_embeddings": 40}"#;
+const LSTM: &str = r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
+    "num_layers": 2, "max_position_embeddings": 40}"#;
+
 fn random_model(config: &str) -> CausalLm {
     lmkit_models::testing::random_model(config, 7, 1.0)
 }
@@ -176,15 +187,10 @@ fn random_model(config: &str) -> CausalLm {
 #[test]
 fn batched_steps_equal_one_sequence_at_a_time() {
     for config in [
-        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
-        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 40}"#,
-        r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
-            "max_position_embeddings": 40}"#,
-        r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
-            "num_layers": 2, "max_position_embeddings": 40}"#,
+        GPT2,
+        LLAMA,
+        NEOX,
+        LSTM,
         r#"{"model_type": "lmkit_rnn", "cell": "rnn", "vocab_size": 61, "hidden_size": 20,
             "embedding_size": 12, "num_layers": 1, "max_position_embeddings": 40}"#,
     ] {
@@ -295,14 +301,7 @@ fn a_sequence_that_fails_its_pass_fails_alone() {
 fn equal_prompts_in_one_pass_sample_as_independent_decoders() {
     // The choices of one request: one prompt, several seeds (read once, the cache copied), next
     // to another prompt.
-    for config in [
-        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
-        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 40}"#,
-        r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
-            "num_layers": 2, "max_position_embeddings": 40}"#,
-    ] {
+    for config in [GPT2, LLAMA, LSTM] {
         let m = random_model(config);
         let opts = |seed| GenerateOptions {
             max_tokens: 6,
@@ -348,15 +347,7 @@ fn equal_prompts_in_one_pass_sample_as_independent_decoders() {
 /// alone or beside other sequences, and for a prefix that ends inside the earlier sequence's.
 #[test]
 fn a_cached_prefix_continues_as_the_whole_prompt_would() {
-    for config in [
-        r#"{"model_type": "gpt2", "vocab_size": 61, "n_positions": 40, "n_embd": 24, "n_layer": 2, "n_head": 3}"#,
-        r#"{"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 40}"#,
-        r#"{"model_type": "gpt_neox", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.5,
-            "max_position_embeddings": 40}"#,
-    ] {
+    for config in [GPT2, LLAMA, NEOX] {
         let m = random_model(config);
         let o = |max_tokens: usize, stop: Option<u32>, seed: u64| GenerateOptions {
             max_tokens,
@@ -433,10 +424,7 @@ fn a_cached_prefix_continues_as_the_whole_prompt_would() {
         assert!(lmkit_infer::Decoder::with_prefix(&m, &tokens, o(4, None, 5), whole).is_err());
     }
     // A recurrent model's state is that of all its positions: no prefix of it.
-    let m = random_model(
-        r#"{"model_type": "lmkit_rnn", "cell": "lstm", "vocab_size": 61, "hidden_size": 20,
-            "num_layers": 2, "max_position_embeddings": 40}"#,
-    );
+    let m = random_model(LSTM);
     let mut d = lmkit_infer::Decoder::new(
         &m,
         &[1, 2, 3],
