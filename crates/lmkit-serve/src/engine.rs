@@ -276,27 +276,15 @@ impl Active {
 
     /// Keeps the sequences `keep` says yes to, releasing the others' share of the budget and
     /// their place in the queue's count; what the others read goes into the prefix cache.
-    fn retain(&mut self, depth: &AtomicUsize, keep: impl FnMut(&Running) -> bool) {
-        let kept: Vec<bool> = self.running.iter().map(keep).collect();
-        let (mut freed, mut gone) = (0, 0);
-        for (r, _) in self.running.iter().zip(&kept).filter(|(_, k)| !**k) {
-            freed += r.kv_bytes;
-            gone += 1;
-        }
-        // The counts first: dropping a sequence closes its client's channel.
-        self.kv_reserved -= freed;
+    fn retain(&mut self, depth: &AtomicUsize, mut keep: impl FnMut(&Running) -> bool) {
+        let (running, ended): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| keep(r));
+        self.running = running;
+        // The counts first: dropping a sequence (at the end here) closes its client's channel.
+        self.kv_reserved -= ended.iter().map(|r| r.kv_bytes).sum::<u64>();
         self.gauge.store(self.kv_reserved, Ordering::SeqCst);
-        depth.fetch_sub(gone, Ordering::SeqCst);
-        let mut kept = kept.into_iter();
-        let mut ended = Vec::new();
-        let running = std::mem::take(&mut self.running);
-        for r in running {
-            if kept.next().unwrap_or(false) {
-                self.running.push(r);
-            } else {
-                ended.push(r);
-            }
-        }
+        depth.fetch_sub(ended.len(), Ordering::SeqCst);
         if let Some(p) = &mut self.prefix {
             for r in &ended {
                 if let Some((tokens, cache)) = r.decoder.cached() {

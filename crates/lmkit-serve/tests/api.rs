@@ -1013,12 +1013,37 @@ async fn futures_join<F: std::future::Future<Output = String>>(fs: Vec<F>) -> Ve
     out
 }
 
+/// A job for the base model submitted to the engine directly: greedy, no stop tokens, its
+/// events tagged `index`.
+fn greedy_job(
+    st: &AppState,
+    index: usize,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    events: tokio::sync::mpsc::UnboundedSender<(usize, lmkit_serve::engine::Event)>,
+) -> lmkit_serve::engine::Job {
+    lmkit_serve::engine::Job {
+        index,
+        model: 0,
+        prompt,
+        opts: lmkit_infer::GenerateOptions {
+            max_tokens,
+            sampling: lmkit_infer::SamplingParams::greedy(),
+            stop_ids: Vec::new(),
+            max_positions: st.max_positions,
+        },
+        events,
+        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        constraint: None,
+    }
+}
+
 /// With a KV budget that holds one sequence's cache but not two, the second job waits until
 /// the first is done (first come, first served), and a job whose cache alone would exceed the
 /// budget is answered with an error naming --kv-memory instead of starting.
 #[tokio::test]
 async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
-    use lmkit_serve::engine::{Event, Job};
+    use lmkit_serve::engine::Event;
     let d = tempfile::tempdir().unwrap();
     let per_position = state(&d.path().join("a.sqlite"), &[], Moderator::none(), 8)
         .kv_budget
@@ -1034,20 +1059,7 @@ async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
     assert_eq!(st.kv_budget.unwrap().bytes, 100 * per_position);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // Each of the first two needs 64 positions (the fewest a cache holds); the third 3 + 200.
-    let job = |index: usize, max_tokens: usize| Job {
-        index,
-        model: 0,
-        prompt: vec![5, 6, 7],
-        opts: lmkit_infer::GenerateOptions {
-            max_tokens,
-            sampling: lmkit_infer::SamplingParams::greedy(),
-            stop_ids: Vec::new(),
-            max_positions: st.max_positions,
-        },
-        events: tx.clone(),
-        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        constraint: None,
-    };
+    let job = |index, max_tokens| greedy_job(&st, index, vec![5, 6, 7], max_tokens, tx.clone());
     st.engine
         .submit(vec![job(0, 6), job(1, 6), job(2, 200)])
         .unwrap();
@@ -1214,7 +1226,7 @@ async fn a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest() {
 /// sequence that needs the room they hold decodes, they hold none of it.
 #[tokio::test]
 async fn prefix_cache_entries_give_way_to_decoding_sequences() {
-    use lmkit_serve::engine::{Event, Job};
+    use lmkit_serve::engine::Event;
     use std::sync::atomic::Ordering;
     let d = tempfile::tempdir().unwrap();
     let per_position = 2 * 2 * 32 * 4;
@@ -1234,20 +1246,7 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
     assert!(held >= 60 * per_position, "{held} {v}");
     // 90 new tokens after 3 others: more room than the budget leaves beside the entry.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job {
-        index: 0,
-        model: 0,
-        prompt: vec![7, 8, 9],
-        opts: lmkit_infer::GenerateOptions {
-            max_tokens: 90,
-            sampling: lmkit_infer::SamplingParams::greedy(),
-            stop_ids: Vec::new(),
-            max_positions: st.max_positions,
-        },
-        events: tx,
-        cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        constraint: None,
-    };
+    let job = greedy_job(&st, 0, vec![7, 8, 9], 90, tx);
     st.engine.submit(vec![job]).unwrap();
     let wait = std::time::Duration::from_secs(60);
     let mut tokens = 0;
