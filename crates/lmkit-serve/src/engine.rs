@@ -247,10 +247,13 @@ struct Running {
 }
 
 /// The active sequences and what they hold of the KV budget (also kept in `gauge`, for
-/// [`Engine::kv_reserved`]); the prefix cache, which the sequences that end fill.
+/// [`Engine::kv_reserved`]); the prefix cache, which the sequences fill as they finish reading
+/// their prompts and as they end.
 struct Active {
     running: Vec<Running>,
     kv_reserved: u64,
+    /// The KV budget's bytes (`None`: no budget).
+    kv_budget: Option<u64>,
     gauge: Arc<AtomicU64>,
     prefix: Option<PrefixCache>,
     stats: Arc<PrefixStats>,
@@ -267,6 +270,30 @@ impl Active {
         self.prefix.as_ref().map_or(0, PrefixCache::bytes)
     }
 
+    /// The bytes the prefix cache may hold beside the decoding sequences' room in the budget.
+    fn prefix_room(&self) -> u64 {
+        self.kv_budget
+            .map_or(u64::MAX, |b| b.saturating_sub(self.kv_reserved))
+    }
+
+    /// Keeps in the prefix cache the prompts that this round's steps finished reading (a
+    /// sequence's first token): the requests that arrive while these sequences decode — many
+    /// with one system prompt or document — start from them instead of waiting for their end.
+    fn keep_prompts(&mut self, steps: &[Option<lmkit_infer::Result<Step>>]) {
+        let room = self.prefix_room();
+        let Some(p) = &mut self.prefix else {
+            return;
+        };
+        for (r, step) in self.running.iter().zip(steps) {
+            if matches!(step, Some(Ok(Step::Token(_)))) && r.decoder.generated().len() == 1 {
+                if let Some((tokens, cache)) = r.decoder.cached() {
+                    p.insert(r.model, tokens, cache, room);
+                }
+            }
+        }
+        self.publish_prefix();
+    }
+
     fn publish_prefix(&self) {
         if let Some(p) = &self.prefix {
             self.stats.bytes.store(p.bytes(), Ordering::Relaxed);
@@ -276,23 +303,30 @@ impl Active {
 
     /// Keeps the sequences `keep` says yes to, releasing the others' share of the budget and
     /// their place in the queue's count; what the others read goes into the prefix cache.
-    fn retain(&mut self, depth: &AtomicUsize, mut keep: impl FnMut(&Running) -> bool) {
+    /// Returns the others, in their order (dropping one closes its client's channel).
+    fn retain(
+        &mut self,
+        depth: &AtomicUsize,
+        mut keep: impl FnMut(&Running) -> bool,
+    ) -> Vec<Running> {
         let (running, ended): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|r| keep(r));
         self.running = running;
-        // The counts first: dropping a sequence (at the end here) closes its client's channel.
+        // The counts first: the caller then tells the clients.
         self.kv_reserved -= ended.iter().map(|r| r.kv_bytes).sum::<u64>();
         self.gauge.store(self.kv_reserved, Ordering::SeqCst);
         depth.fetch_sub(ended.len(), Ordering::SeqCst);
+        let room = self.prefix_room();
         if let Some(p) = &mut self.prefix {
             for r in &ended {
                 if let Some((tokens, cache)) = r.decoder.cached() {
-                    p.insert(r.model, tokens, cache);
+                    p.insert(r.model, tokens, cache, room);
                 }
             }
             self.publish_prefix();
         }
+        ended
     }
 }
 
@@ -396,6 +430,7 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
     let mut sequences = Active {
         running: Vec::new(),
         kv_reserved: 0,
+        kv_budget: kv.map(|b| b.bytes),
         gauge: kv_reserved,
         prefix: (prefix_cache > 0 && kv_per_position > 0)
             .then(|| PrefixCache::new(prefix_cache, kv_per_position)),
@@ -446,9 +481,9 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
             continue;
         }
         active_count.store(sequences.running.len(), Ordering::SeqCst);
-        sequences.retain(&depth, |r| {
+        drop(sequences.retain(&depth, |r| {
             !(r.cancel.load(Ordering::SeqCst) || r.events.is_closed())
-        });
+        }));
         let active = &mut sequences.running;
         // One step for every active sequence; those of one variant share one pass (with the
         // prompts' pieces that fit this round).
@@ -476,33 +511,46 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         let nanos = round.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         busy.nanos.fetch_add(nanos, Ordering::Relaxed);
         busy.rounds.fetch_add(1, Ordering::Relaxed);
-        let results = results
+        // Before the tokens go out: a client that has its first token finds its prompt kept.
+        sequences.keep_prompts(&results);
+        let mut results = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Ok(Step::Done(Finish::Length))));
-        let keep: Vec<bool> = active
-            .iter()
-            .zip(results)
-            .map(|(r, res)| {
-                let (event, more) = match res {
-                    Ok(Step::Token(t)) => (Event::Token(t), true),
-                    // Its prompt is still being read (a client gone meanwhile is dropped at
-                    // the next round's start).
-                    Ok(Step::Pending) => return true,
-                    Ok(Step::Done(_)) if r.decoder.constraint_error().is_some() => (
-                        Event::Error(format!(
-                            "constrained decoding: {}",
-                            r.decoder.constraint_error().unwrap_or_default()
-                        )),
-                        false,
-                    ),
-                    Ok(Step::Done(why)) => (Event::Done(why), false),
-                    Err(e) => (Event::Error(e.to_string()), false),
-                };
-                r.events.send((r.index, event)).is_ok() && more
-            })
-            .collect();
-        let mut keep = keep.into_iter();
-        sequences.retain(&depth, |_| keep.next().unwrap_or(false));
+        // The last events of the sequences that end (`None`: a client already gone), sent once
+        // what they read is kept: a client that has its answer finds it in the prefix cache.
+        let mut last = Vec::new();
+        let ended = sequences.retain(&depth, |r| {
+            let (event, more) = match results.next().unwrap_or(Ok(Step::Done(Finish::Length))) {
+                Ok(Step::Token(t)) => (Event::Token(t), true),
+                // Its prompt is still being read (a client gone meanwhile is dropped at the
+                // next round's start).
+                Ok(Step::Pending) => return true,
+                Ok(Step::Done(_)) if r.decoder.constraint_error().is_some() => (
+                    Event::Error(format!(
+                        "constrained decoding: {}",
+                        r.decoder.constraint_error().unwrap_or_default()
+                    )),
+                    false,
+                ),
+                Ok(Step::Done(why)) => (Event::Done(why), false),
+                Err(e) => (Event::Error(e.to_string()), false),
+            };
+            if !more {
+                last.push(Some(event));
+                return false;
+            }
+            let sent = r.events.send((r.index, event)).is_ok();
+            if !sent {
+                last.push(None);
+            }
+            sent
+        });
+        for (r, event) in ended.iter().zip(last) {
+            if let Some(event) = event {
+                let _ = r.events.send((r.index, event));
+            }
+        }
+        drop(ended);
         active_count.store(sequences.running.len(), Ordering::SeqCst);
     }
 }

@@ -1,10 +1,11 @@
-//! The keys and values of finished sequences, kept for the requests that begin with the same
-//! tokens — a chat's next turn (which sends the whole conversation again), many requests with
-//! one system prompt or one long document: such a request reads only the rest of its prompt
-//! (what vLLM calls automatic prefix caching, llama.cpp's server `cache_prompt`). Entries are
-//! exact copies of the positions a sequence read, at most `cap` bytes together, the least
-//! recently used dropped first; they also give way to the decoding sequences' room in the KV
-//! budget ([`PrefixCache::shrink_to`]).
+//! The keys and values of sequences' prompts (kept once read) and of finished sequences, kept
+//! for the requests that begin with the same tokens — a chat's next turn (which sends the whole
+//! conversation again), many requests with one system prompt or one long document, also while
+//! the first of them still decodes: such a request reads only the rest of its prompt (what vLLM
+//! calls automatic prefix caching, llama.cpp's server `cache_prompt`). Entries are exact copies
+//! of the positions a sequence read, at most `cap` bytes together, the least recently used
+//! dropped first; they also give way to the decoding sequences' room in the KV budget
+//! ([`PrefixCache::shrink_to`], and the room given to [`PrefixCache::insert`]).
 
 use lmkit_models::KvCache;
 
@@ -82,13 +83,16 @@ impl PrefixCache {
         Some(cache)
     }
 
-    /// Keeps a copy of the keys and values `cache` holds for `tokens` (a finished sequence's
-    /// prompt and output, as it read them) for variant `model`. An entry that `tokens` extends
-    /// is replaced; where an entry already holds all of `tokens` nothing is copied.
-    pub fn insert(&mut self, model: usize, tokens: &[u32], cache: &KvCache) {
+    /// Keeps a copy of the keys and values `cache` holds for `tokens` (a sequence's prompt once
+    /// read, or its prompt and output when it ends) for variant `model`, the entries then
+    /// holding at most `room` bytes (and the cap) together: the least recently used others
+    /// give way, and nothing is kept where the copy alone would not fit. An entry that `tokens`
+    /// extends is replaced; where an entry already holds all of `tokens` nothing is copied.
+    pub fn insert(&mut self, model: usize, tokens: &[u32], cache: &KvCache, room: u64) {
         let n = tokens.len();
         let bytes = self.per_position.saturating_mul(n as u64);
-        if n < 2 || n != cache.len() || bytes > self.cap {
+        let limit = room.min(self.cap);
+        if n < 2 || n != cache.len() || bytes > limit {
             return;
         }
         let now = self.tick();
@@ -120,7 +124,7 @@ impl PrefixCache {
             used: now,
         });
         self.bytes += bytes;
-        self.shrink_to(self.cap);
+        self.shrink_to(limit);
         while self.entries.len() > MAX_ENTRIES {
             self.drop_oldest();
         }
@@ -179,8 +183,8 @@ mod tests {
     #[test]
     fn lookups_find_the_longest_start_short_of_the_last_token() {
         let mut p = PrefixCache::new(1 << 20, 32);
-        p.insert(0, &[1, 2, 3, 4, 5], &cache_of(&[1, 2, 3, 4, 5]));
-        p.insert(0, &[1, 2, 9, 9], &cache_of(&[1, 2, 9, 9]));
+        p.insert(0, &[1, 2, 3, 4, 5], &cache_of(&[1, 2, 3, 4, 5]), u64::MAX);
+        p.insert(0, &[1, 2, 9, 9], &cache_of(&[1, 2, 9, 9]), u64::MAX);
         assert_eq!(p.len(), 2);
         assert_eq!(p.bytes(), 9 * 32);
         // The longer match wins; the prompt's last token is always left to read.
@@ -198,20 +202,25 @@ mod tests {
     #[test]
     fn a_longer_sequence_replaces_its_start_and_the_oldest_give_way() {
         let mut p = PrefixCache::new(10 * 8, 8);
-        p.insert(0, &[1, 2, 3], &cache_of(&[1, 2, 3]));
+        p.insert(0, &[1, 2, 3], &cache_of(&[1, 2, 3]), u64::MAX);
         // A chat's next turn extends the first: one entry, of the longer tokens.
-        p.insert(0, &[1, 2, 3, 4, 5, 6], &cache_of(&[1, 2, 3, 4, 5, 6]));
+        p.insert(
+            0,
+            &[1, 2, 3, 4, 5, 6],
+            &cache_of(&[1, 2, 3, 4, 5, 6]),
+            u64::MAX,
+        );
         assert_eq!((p.len(), p.bytes()), (1, 6 * 8));
         // A start of an entry adds nothing.
-        p.insert(0, &[1, 2, 3, 4], &cache_of(&[1, 2, 3, 4]));
+        p.insert(0, &[1, 2, 3, 4], &cache_of(&[1, 2, 3, 4]), u64::MAX);
         assert_eq!((p.len(), p.bytes()), (1, 6 * 8));
         // Over the cap: the least recently used goes.
-        p.insert(0, &[5, 6, 7], &cache_of(&[5, 6, 7]));
+        p.insert(0, &[5, 6, 7], &cache_of(&[5, 6, 7]), u64::MAX);
         assert_eq!(
             held(&p.lookup(0, &[1, 2, 3, 4, 5, 6, 7]).unwrap()),
             [1, 2, 3, 4, 5, 6]
         );
-        p.insert(0, &[8, 9, 10], &cache_of(&[8, 9, 10]));
+        p.insert(0, &[8, 9, 10], &cache_of(&[8, 9, 10]), u64::MAX);
         assert_eq!((p.len(), p.bytes()), (2, 9 * 8));
         assert!(p.lookup(0, &[5, 6, 7, 8]).is_none());
         assert!(p.lookup(0, &[1, 2, 3, 4]).is_some());
@@ -221,9 +230,19 @@ mod tests {
         p.shrink_to(0);
         assert!(p.is_empty() && p.bytes() == 0);
         // Too large for the cap, or a cache that does not hold the tokens: not kept.
-        p.insert(0, &[1; 11], &cache_of(&[1; 11]));
-        p.insert(0, &[1, 2, 3], &cache_of(&[1, 2]));
+        p.insert(0, &[1; 11], &cache_of(&[1; 11]), u64::MAX);
+        p.insert(0, &[1, 2, 3], &cache_of(&[1, 2]), u64::MAX);
         assert!(p.is_empty());
+        // Within the room the decoding sequences leave: older entries give way to the new one,
+        // which is not kept where it alone would not fit.
+        p.insert(0, &[1, 2, 3], &cache_of(&[1, 2, 3]), u64::MAX);
+        p.insert(0, &[4, 5, 6], &cache_of(&[4, 5, 6]), u64::MAX);
+        p.insert(0, &[7, 8, 9, 10], &cache_of(&[7, 8, 9, 10]), 6 * 8);
+        assert_eq!((p.len(), p.bytes()), (1, 4 * 8));
+        assert!(p.lookup(0, &[7, 8, 9, 10, 11]).is_some());
+        p.insert(0, &[5, 5, 5], &cache_of(&[5, 5, 5]), 2 * 8);
+        assert_eq!((p.len(), p.bytes()), (1, 4 * 8));
+        assert!(p.lookup(0, &[5, 5, 5, 5]).is_none());
     }
 
     /// The copy an entry keeps is its own: the sequence's buffers written on afterwards (past
@@ -234,7 +253,7 @@ mod tests {
         let mut c = cache_of(&[1, 2, 3]);
         let x = Tensor::full(7f32, (1, 1, 1, 4), &Device::Cpu).unwrap();
         c.append(0, &x, &x).unwrap();
-        p.insert(0, &[1, 2, 3, 7], &c);
+        p.insert(0, &[1, 2, 3, 7], &c, u64::MAX);
         c.append(0, &x, &x).unwrap();
         c.clear();
         assert_eq!(held(&p.lookup(0, &[1, 2, 3, 7, 7]).unwrap()), [1, 2, 3, 7]);

@@ -1244,9 +1244,9 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
     assert_eq!(stats.entries.load(Ordering::SeqCst), 1);
     let held = stats.bytes.load(Ordering::SeqCst);
     assert!(held >= 60 * per_position, "{held} {v}");
-    // 90 new tokens after 3 others: more room than the budget leaves beside the entry.
+    // 95 new tokens after 3 others: more room than the budget leaves beside the entry.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = greedy_job(&st, 0, vec![7, 8, 9], 90, tx);
+    let job = greedy_job(&st, 0, vec![7, 8, 9], 95, tx);
     st.engine.submit(vec![job]).unwrap();
     let wait = std::time::Duration::from_secs(60);
     let mut tokens = 0;
@@ -1258,8 +1258,9 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
             Event::Token(_) => {
                 tokens += 1;
                 if tokens == 1 {
-                    // Decoding: its room reserved, the entry gone.
-                    assert_eq!(st.engine.kv_reserved(), 93 * per_position);
+                    // Decoding: its room reserved, the entry gone, and its own prompt (3
+                    // positions) not kept either: the budget leaves 2.
+                    assert_eq!(st.engine.kv_reserved(), 98 * per_position);
                     assert_eq!(stats.bytes.load(Ordering::SeqCst), 0);
                     assert_eq!(stats.entries.load(Ordering::SeqCst), 0);
                 }
@@ -1269,5 +1270,65 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
             Event::Error(msg) => panic!("{msg}"),
         }
     }
-    assert_eq!(tokens, 90);
+    assert_eq!(tokens, 95);
+}
+
+/// A prompt is kept as soon as it has been read, while its sequence still decodes: a request
+/// that arrives meanwhile and begins the same way (many requests with one system prompt or
+/// document) reads only the rest, and generates what reading all of it does.
+#[tokio::test]
+async fn a_prompt_is_kept_for_other_requests_once_read() {
+    use lmkit_serve::engine::Event;
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    let st = state(&d.path().join("a.sqlite"), &[], Moderator::none(), 8);
+    let stats = st.engine.prefix_stats();
+    let wait = std::time::Duration::from_secs(60);
+    let shared: Vec<u32> = (0..24).map(|i| 5 + (i * 7) % 50).collect();
+    // Long enough (to the end of the context) to be decoding still when the second one comes.
+    let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let long = greedy_job(&st, 0, shared.clone(), st.max_positions - shared.len(), tx);
+    let cancel = long.cancel.clone();
+    st.engine.submit(vec![long]).unwrap();
+    match tokio::time::timeout(wait, first.recv()).await.unwrap() {
+        Some((_, Event::Token(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    let entries = stats.entries.load(Ordering::SeqCst);
+    if st.engine.active() == 1 {
+        // Still decoding (so it has not ended, which keeps what it read too).
+        assert_eq!(entries, 1);
+        // 2 layers' keys and values of 32 f32 values a position.
+        let per_position = 2 * 2 * 32 * 4;
+        let held = stats.bytes.load(Ordering::SeqCst);
+        assert_eq!(held, shared.len() as u64 * per_position);
+    }
+    let mut prompt = shared.clone();
+    prompt.extend([1, 2, 3]);
+    let (tx, mut second) = tokio::sync::mpsc::unbounded_channel();
+    st.engine
+        .submit(vec![greedy_job(&st, 1, prompt.clone(), 6, tx)])
+        .unwrap();
+    let (mut cached, mut tokens) = (0, Vec::new());
+    while let Some((_, e)) = tokio::time::timeout(wait, second.recv()).await.unwrap() {
+        match e {
+            Event::Cached(n) => cached = n,
+            Event::Token(t) => tokens.push(t),
+            Event::Done(_) => break,
+            Event::Error(msg) => panic!("{msg}"),
+        }
+    }
+    assert!(cached >= shared.len(), "{cached}");
+    cancel.store(true, Ordering::SeqCst);
+    drop(first);
+    let (model, cfg) =
+        lmkit_models::CausalLm::load(&model_dir(), &lmkit_models::Device::Cpu).unwrap();
+    let opts = lmkit_infer::GenerateOptions {
+        max_tokens: 6,
+        sampling: lmkit_infer::SamplingParams::greedy(),
+        stop_ids: Vec::new(),
+        max_positions: cfg.max_positions(),
+    };
+    let (reference, _) = lmkit_infer::generate(&model, &prompt, &opts, &mut |_, _| true).unwrap();
+    assert_eq!(tokens, reference);
 }
