@@ -30,6 +30,7 @@
 #    32 prompts sent at once, read in packed passes and one at a time, vs transformers; each
 #    lmkit run again with LMKIT_CUDA_DECODE=0 (the cache attention through composed ops);
 #    bench/chat_turns_bench.py --device cuda: a chat's turns with and without the prefix cache;
+#    bench/shared_prompt_bench.py --device cuda: requests with one system prompt, staggered;
 # 5. (`long`) bench/real_model_bench.py --device cuda --random: batch-1 generation after a
 #    4,000-token prompt with a SmolLM2-135M-shaped Llama, lmkit (and again with
 #    LMKIT_CUDA_DECODE=0) vs transformers: prompt and decoding tokens/s over a long cache; then
@@ -294,6 +295,9 @@ if "$py" -c "import openai" 2>/dev/null; then
   echo "== a chat's turns on the GPU: the prefix cache vs every turn read whole vs transformers"
   LMKIT_BIN="$bin" "$py" "$here/bench/chat_turns_bench.py" --device cuda --turns 6 --repeats 3 \
     || failed+=("chat turns bench")
+  echo "== requests sharing a system prompt on the GPU, sent while the earlier ones decode: the prefix cache vs none"
+  LMKIT_BIN="$bin" "$py" "$here/bench/shared_prompt_bench.py" --device cuda --repeats 3 \
+    || failed+=("shared prompt bench")
 else
   echo "skipped: the openai package is not installed (pip install openai)"
 fi
