@@ -300,6 +300,9 @@ impl Blas {
         let split = self.single_threaded;
         match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                if let Some((v, s)) = few_rows_product(a, l1, b, l2)? {
+                    return Ok((CpuStorage::F32(v), s));
+                }
                 let (v, s) = gemm_batched(self.sgemm, self.sgemv, split, 1f32, a, l1, b, l2)?;
                 Ok((CpuStorage::F32(v), s))
             }
@@ -310,6 +313,51 @@ impl Blas {
             _ => candle_core::bail!("blas matmul: f32 or f64 operands of one dtype only"),
         }
     }
+}
+
+/// a · b through [`crate::few_rows`] where it applies: one product (no batch), a few rows of a
+/// stored as rows; `None` otherwise.
+fn few_rows_product(
+    a: &[f32],
+    la: &Layout,
+    b: &[f32],
+    lb: &Layout,
+) -> candle_core::Result<Option<(Vec<f32>, Shape)>> {
+    let (da, db) = (la.dims(), lb.dims());
+    let r = da.len();
+    if r < 2 || db.len() != r || da[..r - 2].iter().chain(&db[..r - 2]).any(|&d| d != 1) {
+        return Ok(None);
+    }
+    let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+    let (sa, sb) = (la.stride(), lb.stride());
+    let (Some(ma), Some(mb)) = (
+        describe(m, k, sa[r - 2], sa[r - 1]),
+        describe(k, n, sb[r - 2], sb[r - 1]),
+    ) else {
+        return Ok(None);
+    };
+    if ma.trans || !crate::few_rows::applies(m, n, k) {
+        return Ok(None);
+    }
+    let w = crate::few_rows::Weight {
+        data: &b[lb.start_offset()..],
+        ld: mb.ld,
+        trans: mb.trans,
+    };
+    let mut out = vec![0f32; m * n];
+    // SAFETY: `out` holds m rows of n values.
+    let done = unsafe {
+        crate::few_rows::product(
+            (m, n, k),
+            (&a[la.start_offset()..], ma.ld),
+            w,
+            (out.as_mut_ptr(), n),
+            false,
+        )
+    };
+    let mut shape = da[..r - 1].to_vec();
+    shape.push(n);
+    Ok(done.then(|| (out, shape.into())))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -857,6 +905,21 @@ pub trait BlasFloat:
     fn attention_gemm(blas: &Blas) -> Gemm<Self> {
         Self::builtin_gemm().unwrap_or_else(|| Self::gemm(blas))
     }
+    /// C[m×n] (rows `ldc` apart) = op(A)·op(B) (plus C when `accumulate`) through
+    /// [`crate::few_rows`] where it applies (f32, a few rows of A stored as rows); whether it ran.
+    ///
+    /// # Safety
+    /// As [`gemm_into`]'s: `c` valid for the m rows of n elements, initialised when accumulating.
+    unsafe fn few_rows(
+        (m, n, k): (usize, usize, usize),
+        a: &Operand<Self>,
+        b: &Operand<Self>,
+        (c, ldc): (*mut Self, usize),
+        accumulate: bool,
+    ) -> bool {
+        let _ = ((m, n, k), a, b, (c, ldc), accumulate);
+        false
+    }
 }
 
 impl BlasFloat for f32 {
@@ -868,6 +931,24 @@ impl BlasFloat for f32 {
     }
     fn gemv(blas: &Blas) -> Gemv<f32> {
         blas.sgemv
+    }
+    unsafe fn few_rows(
+        (m, n, k): (usize, usize, usize),
+        a: &Operand<f32>,
+        b: &Operand<f32>,
+        (c, ldc): (*mut f32, usize),
+        accumulate: bool,
+    ) -> bool {
+        if a.trans || !crate::few_rows::applies(m, n, k) {
+            return false;
+        }
+        let w = crate::few_rows::Weight {
+            data: b.data,
+            ld: b.ld,
+            trans: b.trans,
+        };
+        // SAFETY: the caller's guarantee on `c`.
+        unsafe { crate::few_rows::product((m, n, k), (a.data, a.ld), w, (c, ldc), accumulate) }
     }
 }
 
@@ -1012,6 +1093,10 @@ unsafe fn gemm_into<T: BlasFloat>(
                 unsafe { std::ptr::write_bytes(c.wrapping_add(i * ldc), 0, n) };
             }
         }
+        return Ok(());
+    }
+    // SAFETY: the caller's guarantee on `c`.
+    if unsafe { T::few_rows((m, n, k), &a, &b, (c, ldc), accumulate) } {
         return Ok(());
     }
     let threads = rayon::current_num_threads().max(1);

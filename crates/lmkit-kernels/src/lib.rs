@@ -35,6 +35,7 @@ pub mod buffers;
 pub mod causal;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
+pub mod few_rows;
 pub mod fused;
 pub mod gemm;
 pub mod half_weights;

@@ -525,7 +525,9 @@ impl CausalLm {
             // while the pool's threads spin through the caller's sequential work. (A GPU's pass
             // stays on the caller's thread: its work goes to that thread's stream, with that
             // thread's cuBLASLt workspace.)
-            return rayon::scope(|_| self.hidden_rows(ids, caches));
+            return rayon::scope(|_| {
+                lmkit_kernels::few_rows::in_pass(|| self.hidden_rows(ids, caches))
+            });
         }
         Ok(match self {
             CausalLm::Gpt2(m) => m.hidden(ids, caches)?,

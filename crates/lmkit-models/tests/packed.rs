@@ -77,6 +77,65 @@ fn a_packed_pass_equals_one_pass_per_sequence() {
     }
 }
 
+/// Models whose weights are large enough for the few-row products
+/// (`lmkit_kernels::few_rows`: a packed pass of 2 to 16 rows, on the thread pool): a serving
+/// round's decoding steps and short prompts packed together give the logits of each sequence's
+/// pass alone (one row at a time: the matrix-vector products).
+#[test]
+fn packed_passes_of_a_few_rows_equal_passes_alone() {
+    let dev = Device::Cpu;
+    let configs = [
+        r#"{"model_type": "gpt2", "vocab_size": 300, "n_positions": 40, "n_embd": 192, "n_layer": 2, "n_head": 3}"#,
+        r#"{"model_type": "llama", "vocab_size": 300, "hidden_size": 128, "intermediate_size": 320,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 40}"#,
+    ];
+    for config in configs {
+        let m = random_model(config);
+        let before = lmkit_kernels::few_rows::products_taken();
+        let seqs: [&[u32]; 4] = [&[1, 2, 3], &[7], &[5, 9, 11, 13, 2], &[30, 31]];
+        let mut alone: Vec<KvCache> = (0..4).map(|_| m.new_cache()).collect();
+        let mut packed: Vec<KvCache> = (0..4).map(|_| m.new_cache()).collect();
+        let one = |s: &[u32], c: &mut KvCache| {
+            // One position at a time: every product of one row.
+            let mut last = None;
+            for &t in s {
+                let ids = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
+                last = Some(m.forward_last(&ids, c).unwrap());
+            }
+            last.unwrap()
+        };
+        let want: Vec<Tensor> = seqs
+            .iter()
+            .zip(&mut alone)
+            .map(|(s, c)| one(s, c))
+            .collect();
+        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
+        let got = m.forward_packed_last(&seqs, &mut refs).unwrap();
+        let d = max_diff(&got, &Tensor::cat(&want, 0).unwrap());
+        assert!(d < 1e-4, "{config}: logits differ by {d}");
+        let step: [&[u32]; 4] = [&[3], &[4], &[5], &[6]];
+        let want: Vec<Tensor> = step
+            .iter()
+            .zip(&mut alone)
+            .map(|(s, c)| one(s, c))
+            .collect();
+        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
+        let got = m.forward_packed_last(&step, &mut refs).unwrap();
+        let d = max_diff(&got, &Tensor::cat(&want, 0).unwrap());
+        assert!(
+            d < 1e-4,
+            "{config}: the decoding steps' logits differ by {d}"
+        );
+        if lmkit_kernels::blas::available() {
+            assert!(
+                lmkit_kernels::few_rows::products_taken() > before,
+                "{config}: no product of a few rows"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_packed_pass_refuses_what_it_cannot_read() {
     let m = random_model(CONFIGS[1]);

@@ -1,0 +1,468 @@
+//! f32 products of a few rows (2 to [`FEW_ROWS`]) against a large matrix on the CPU: a serving
+//! round's decoding steps (one new row a sequence) or a short prompt against a weight.
+//!
+//! A BLAS gemm packs the whole weight into its own layout first — a copy as large as the weight
+//! for every product (at 8 rows against SmolLM2's weights OpenBLAS's packing, `sgemm_incopy`,
+//! took more of the time than its multiplying) — and lmkit splits products of fewer than 16
+//! rows over no threads. Here each task takes a tile of the output's columns, streams its part
+//! of the weight once and multiplies every row against it while it is in cache; the tasks run on
+//! the polling team, as the one-row products do ([`crate::team`]).
+
+use crate::simd::simd_versions;
+
+/// The most rows a product may have to take this path.
+pub const FEW_ROWS: usize = 16;
+
+/// Products whose weight holds fewer values stay with the library (too small to split).
+const MIN_WEIGHT: usize = 1 << 15;
+
+/// Output columns per task: their weight values stay in the L2 cache while every row passes.
+const COLS_PER_TASK: usize = 32;
+
+/// Values of the shared dimension per step of the row-by-column kernel (two AVX2 vectors, one
+/// AVX-512 vector: independent sums enough to keep the adders busy).
+const LANES: usize = 16;
+
+thread_local! {
+    /// Whether this thread runs a model pass ([`in_pass`]).
+    static IN_PASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a model's pass, which runs on a thread of rayon's pool so that the thread takes
+/// part in its products) with its few-row products split as on any other thread.
+pub fn in_pass<R>(f: impl FnOnce() -> R) -> R {
+    let was = IN_PASS.with(|p| p.replace(true));
+    /// Restores the flag, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_PASS.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(was);
+    f()
+}
+
+/// Products this path has run in this process (for tests that check it was taken).
+static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many products this path has run in this process.
+pub fn products_taken() -> u64 {
+    TAKEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether a product of m rows against a k×n matrix goes this way: a few rows, a weight worth
+/// splitting, and a caller that is not one of rayon's tasks — or one running a model's pass
+/// ([`in_pass`]): the other tasks of a parallel loop (a recurrence's steps, many small products
+/// side by side) keep the library's single-threaded products.
+pub fn applies(m: usize, n: usize, k: usize) -> bool {
+    (2..=FEW_ROWS).contains(&m)
+        && n.saturating_mul(k) >= MIN_WEIGHT
+        && (rayon::current_thread_index().is_none() || IN_PASS.with(|p| p.get()))
+}
+
+/// The weight operand: `data` with rows `ld` apart, k×n (`trans`: stored n×k, row j holding
+/// output column j's k values, as a linear layer's [out, in] weight is).
+#[derive(Clone, Copy)]
+pub struct Weight<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub trans: bool,
+}
+
+/// C[m×n] = A[m×k] · W (plus C's previous contents when `accumulate`), A's rows `lda` apart,
+/// C's `ldc` apart (from `c`). Returns false, touching nothing, where the operands do not hold
+/// the sizes.
+///
+/// # Safety
+/// `c` must be valid for writes of rows i < m of n elements at `c + i·ldc` (initialised when
+/// `accumulate`), and nothing else may access them during the call.
+pub unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (&[f32], usize),
+    w: Weight,
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+) -> bool {
+    let stored = if w.trans { (n, k) } else { (k, n) };
+    if !crate::blas::holds(a.len(), (m, k), lda)
+        || !crate::blas::holds(w.data.len(), stored, w.ld)
+        || ldc < n
+    {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = crate::blas::SharedOut(c);
+    crate::team::for_each(n.div_ceil(COLS_PER_TASK), &|t| {
+        let j0 = t * COLS_PER_TASK;
+        let cols = COLS_PER_TASK.min(n - j0);
+        let mut tile = [0f32; FEW_ROWS * COLS_PER_TASK];
+        let tile = &mut tile[..m * cols];
+        if w.trans {
+            dot_tile(a, lda, m, &w.data[j0 * w.ld..], w.ld, cols, k, tile);
+        } else {
+            axpy_tile(a, lda, m, &w.data[j0..], w.ld, cols, k, tile);
+        }
+        for (i, row) in tile.chunks_exact(cols).enumerate() {
+            // SAFETY: task t alone writes columns j0..j0 + cols of the m rows, which the caller
+            // guarantees are valid (and initialised when accumulating).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(i * ldc + j0), cols) };
+            if accumulate {
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d += v;
+                }
+            } else {
+                dst.copy_from_slice(row);
+            }
+        }
+    });
+    true
+}
+
+/// `R` rows of A against one weight row (output column): R sums.
+#[inline(always)]
+fn dots<const R: usize>(x: [&[f32]; R], w: &[f32], k: usize) -> [f32; R] {
+    let mut acc = [[0f32; LANES]; R];
+    let body = k / LANES * LANES;
+    let mut kk = 0;
+    while kk < body {
+        let wv: &[f32; LANES] = w[kk..kk + LANES].try_into().expect("LANES values");
+        for r in 0..R {
+            let xv: &[f32; LANES] = x[r][kk..kk + LANES].try_into().expect("LANES values");
+            for l in 0..LANES {
+                acc[r][l] += xv[l] * wv[l];
+            }
+        }
+        kk += LANES;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut s = acc[r].iter().sum::<f32>();
+        for q in body..k {
+            s += x[r][q] * w[q];
+        }
+        out[r] = s;
+    }
+    out
+}
+
+/// `R` rows of A against `LANES` columns of a row-major k×n weight (`w` from the first column,
+/// rows `ld` apart): R × LANES sums, row by row.
+#[inline(always)]
+fn strip<const R: usize>(x: [&[f32]; R], w: &[f32], ld: usize, k: usize) -> [[f32; LANES]; R] {
+    let mut acc = [[0f32; LANES]; R];
+    for kk in 0..k {
+        let wv: &[f32; LANES] = w[kk * ld..kk * ld + LANES]
+            .try_into()
+            .expect("LANES values");
+        for r in 0..R {
+            let xv = x[r][kk];
+            for l in 0..LANES {
+                acc[r][l] += xv * wv[l];
+            }
+        }
+    }
+    acc
+}
+
+/// The first row and the number of rows of each group of (at most) four of m rows.
+fn groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m).step_by(4).map(move |i| (i, (m - i).min(4)))
+}
+
+/// `R` rows of A (from `x[r]`) against one weight row `w`, k values each: R sums, with AVX2
+/// and FMA (two vectors of 8 a row: independent sums enough to keep the FMA units busy).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; each pointer must be valid for reads of k values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize>(x: [*const f32; R], w: *const f32, k: usize) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    let body = k / 16 * 16;
+    let mut q = 0;
+    let mut out = [0f32; R];
+    // SAFETY: q + 16 ≤ body ≤ k values are read from each pointer; the tail reads q < k.
+    unsafe {
+        while q < body {
+            let w0 = _mm256_loadu_ps(w.add(q));
+            let w1 = _mm256_loadu_ps(w.add(q + 8));
+            for r in 0..R {
+                lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r].add(q)), w0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r].add(q + 8)), w1, hi[r]);
+            }
+            q += 16;
+        }
+        for r in 0..R {
+            let v = _mm256_add_ps(lo[r], hi[r]);
+            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps::<1>(v, v));
+            let mut s = _mm_cvtss_f32(v);
+            for p in body..k {
+                s += *x[r].add(p) * *w.add(p);
+            }
+            out[r] = s;
+        }
+    }
+    out
+}
+
+/// tile[i·cols + j] = Σ_q A[i, q] · w[j·ld + q] for the m rows and `cols` weight rows.
+#[allow(clippy::too_many_arguments)]
+fn dot_tile(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &[f32],
+    ld: usize,
+    cols: usize,
+    k: usize,
+    tile: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::simd_level() >= 1 {
+        // Every row and weight row read below lies within `a` and `w`.
+        assert!(m == 0 || (m - 1) * lda + k <= a.len());
+        assert!(cols == 0 || (cols - 1) * ld + k <= w.len());
+        assert!(tile.len() >= m * cols);
+        let row = |i: usize| a[i * lda..].as_ptr();
+        for (i, r) in groups(m) {
+            for j in 0..cols {
+                let wj = w[j * ld..].as_ptr();
+                let mut put = |q: usize, v: f32| tile[(i + q) * cols + j] = v;
+                // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values
+                // read from each row and from weight row j in bounds.
+                unsafe {
+                    match r {
+                        4 => dots_avx2([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, k)
+                            .into_iter()
+                            .enumerate()
+                            .for_each(|(q, v)| put(q, v)),
+                        3 => dots_avx2([row(i), row(i + 1), row(i + 2)], wj, k)
+                            .into_iter()
+                            .enumerate()
+                            .for_each(|(q, v)| put(q, v)),
+                        2 => dots_avx2([row(i), row(i + 1)], wj, k)
+                            .into_iter()
+                            .enumerate()
+                            .for_each(|(q, v)| put(q, v)),
+                        _ => put(0, dots_avx2([row(i)], wj, k)[0]),
+                    }
+                }
+            }
+        }
+        return;
+    }
+    dot_tile_portable(a, lda, m, w, ld, cols, k, tile)
+}
+
+simd_versions! {
+    /// [`dot_tile`] without AVX2.
+    #[allow(clippy::too_many_arguments)]
+    fn dot_tile_portable(a: &[f32], lda: usize, m: usize, w: &[f32], ld: usize, cols: usize, k: usize, tile: &mut [f32]) {
+        let row = |i: usize| &a[i * lda..i * lda + k];
+        for (i, r) in groups(m) {
+            for j in 0..cols {
+                let wj = &w[j * ld..j * ld + k];
+                match r {
+                    4 => {
+                        let s = dots([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, k);
+                        for (q, v) in s.into_iter().enumerate() {
+                            tile[(i + q) * cols + j] = v;
+                        }
+                    }
+                    3 => {
+                        let s = dots([row(i), row(i + 1), row(i + 2)], wj, k);
+                        for (q, v) in s.into_iter().enumerate() {
+                            tile[(i + q) * cols + j] = v;
+                        }
+                    }
+                    2 => {
+                        let s = dots([row(i), row(i + 1)], wj, k);
+                        for (q, v) in s.into_iter().enumerate() {
+                            tile[(i + q) * cols + j] = v;
+                        }
+                    }
+                    _ => tile[i * cols + j] = dots([row(i)], wj, k)[0],
+                }
+            }
+        }
+    }
+}
+
+simd_versions! {
+    /// tile[i·cols + j] = Σ_q A[i, q] · w[q·ld + j] for the m rows and `cols` columns.
+    #[allow(clippy::too_many_arguments)]
+    fn axpy_tile(a: &[f32], lda: usize, m: usize, w: &[f32], ld: usize, cols: usize, k: usize, tile: &mut [f32]) {
+        let row = |i: usize| &a[i * lda..i * lda + k];
+        let body = cols / LANES * LANES;
+        for (i, r) in groups(m) {
+            for j0 in (0..body).step_by(LANES) {
+                let wj = &w[j0..];
+                let mut put = |q: usize, v: [f32; LANES]| {
+                    tile[(i + q) * cols + j0..(i + q) * cols + j0 + LANES].copy_from_slice(&v);
+                };
+                match r {
+                    4 => {
+                        let s = strip([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, ld, k);
+                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
+                    }
+                    3 => {
+                        let s = strip([row(i), row(i + 1), row(i + 2)], wj, ld, k);
+                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
+                    }
+                    2 => {
+                        let s = strip([row(i), row(i + 1)], wj, ld, k);
+                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
+                    }
+                    _ => put(0, strip([row(i)], wj, ld, k)[0]),
+                }
+            }
+            // The last columns, fewer than LANES.
+            for q in i..i + r {
+                let x = row(q);
+                for j in body..cols {
+                    let mut s = 0f32;
+                    for (p, &xv) in x.iter().enumerate() {
+                        s += xv * w[p * ld + j];
+                    }
+                    tile[q * cols + j] = s;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], lda: usize, w: Weight) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|q| {
+                        let wv = if w.trans {
+                            w.data[j * w.ld + q]
+                        } else {
+                            w.data[q * w.ld + j]
+                        };
+                        a[i * lda + q] as f64 * wv as f64
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(40503));
+                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every row count 2..=16, both weight layouts, shapes with and without tails (k and n not
+    /// multiples of the lanes or the tile), rows and outputs with gaps, written and added.
+    #[test]
+    fn products_equal_the_sums_written_out() {
+        for &(n, k) in &[(64, 512), (70, 37), (33, 1030), (5, 16)] {
+            for trans in [true, false] {
+                for m in 2..=FEW_ROWS {
+                    let (lda, ldw, ldc) = (k + 3, if trans { k + 5 } else { n + 7 }, n + 2);
+                    let a = values(m * lda, 1);
+                    let stored = if trans { n } else { k };
+                    let data = values(stored * ldw, 2);
+                    let w = Weight {
+                        data: &data,
+                        ld: ldw,
+                        trans,
+                    };
+                    let want = reference(m, n, k, &a, lda, w);
+                    for accumulate in [false, true] {
+                        let mut c = values(m * ldc, 3);
+                        let before = c.clone();
+                        // SAFETY: c holds m rows of ldc ≥ n values.
+                        let ok = unsafe {
+                            product((m, n, k), (&a, lda), w, (c.as_mut_ptr(), ldc), accumulate)
+                        };
+                        assert!(ok);
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let got = c[i * ldc + j] as f64;
+                                let old = before[i * ldc + j] as f64;
+                                if j >= n {
+                                    assert_eq!(got, old, "gap touched at {i},{j}");
+                                    continue;
+                                }
+                                let expect = want[i * n + j] + if accumulate { old } else { 0.0 };
+                                assert!(
+                                    (got - expect).abs() <= 1e-4 * (1.0 + expect.abs()) * (k as f64).sqrt(),
+                                    "m {m} n {n} k {k} trans {trans} acc {accumulate} at {i},{j}: {got} vs {expect}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The weight-row kernel without AVX2 (what CPUs without it run) gives the same sums.
+    #[test]
+    fn the_portable_kernel_equals_the_vector_one() {
+        let (m, cols, k, lda, ld) = (7, 5, 45, 50, 47);
+        let a = values(m * lda, 4);
+        let w = values(cols * ld, 5);
+        let (mut fast, mut portable) = (vec![0f32; m * cols], vec![0f32; m * cols]);
+        dot_tile(&a, lda, m, &w, ld, cols, k, &mut fast);
+        dot_tile_portable(&a, lda, m, &w, ld, cols, k, &mut portable);
+        for (x, y) in fast.iter().zip(&portable) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        let want = reference(
+            m,
+            cols,
+            k,
+            &a,
+            lda,
+            Weight {
+                data: &w,
+                ld,
+                trans: true,
+            },
+        );
+        for (x, y) in portable.iter().zip(&want) {
+            assert!((*x as f64 - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn operands_too_small_are_refused_untouched() {
+        let a = values(4 * 10, 1);
+        let w = values(10 * 8, 2);
+        let mut c = vec![7f32; 4 * 8];
+        let weight = Weight {
+            data: &w,
+            ld: 8,
+            trans: false,
+        };
+        // SAFETY: c holds 4 rows of 8.
+        let ok = unsafe { product((4, 8, 11), (&a, 10), weight, (c.as_mut_ptr(), 8), false) };
+        assert!(!ok);
+        assert!(c.iter().all(|&v| v == 7.0));
+        assert!(applies(8, 576, 576) && !applies(1, 576, 576) && !applies(17, 576, 576));
+        assert!(!applies(8, 16, 16));
+    }
+}
