@@ -195,17 +195,19 @@ fn forward<T: BlasFloat>(
         .zip(pre.par_chunks(rows * t * gh))
         .zip(s0.par_chunks(rows * width))
         .try_for_each(|((out, pre), s0)| {
-            forward_rows(
-                (blas, packed.as_ref()),
-                cell,
-                (pre, w, s0),
-                out,
-                Dims {
-                    b: s0.len() / width,
-                    t,
-                    h,
-                },
-            )
+            crate::few_rows::outside_pass(|| {
+                forward_rows(
+                    (blas, packed.as_ref()),
+                    cell,
+                    (pre, w, s0),
+                    out,
+                    Dims {
+                        b: s0.len() / width,
+                        t,
+                        h,
+                    },
+                )
+            })
         })?;
     Ok(out)
 }
@@ -306,14 +308,16 @@ fn backward<T: BlasFloat>(
                 t,
                 h,
             };
-            backward_rows(
-                (blas, packed.as_ref()),
-                cell,
-                (z, w, s0),
-                (out, dout),
-                dz,
-                d,
-            )
+            crate::few_rows::outside_pass(|| {
+                backward_rows(
+                    (blas, packed.as_ref()),
+                    cell,
+                    (z, w, s0),
+                    (out, dout),
+                    dz,
+                    d,
+                )
+            })
         })?;
     // dW_hh = Σ_s dz_sᵀ · h_{s-1}
     let mut dw = vec![T::zero(); gh * h];

@@ -78,7 +78,7 @@ fn a_packed_pass_equals_one_pass_per_sequence() {
 }
 
 /// Models whose weights are large enough for the few-row products
-/// (`lmkit_kernels::few_rows`: a packed pass of 2 to 16 rows, on the thread pool): a serving
+/// (`lmkit_kernels::few_rows`: a packed pass of 2 to 32 rows, on the thread pool): a serving
 /// round's decoding steps and short prompts packed together give the logits of each sequence's
 /// pass alone (one row at a time: the matrix-vector products).
 #[test]
