@@ -172,6 +172,7 @@ def main():
             times["peer"].append(peer_burst(hf, torch, ids[:n], a.device))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, tokens, med))
+    ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
     cfg = json.loads((ckpt / "config.json").read_text())
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     words = (ROOT / "data/en/web_bible.txt").read_text(encoding="utf-8").split()
