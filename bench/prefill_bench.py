@@ -59,6 +59,10 @@ def messages(n):
     return out
 
 
+# The bursts send the same prompts again: every prompt is read whole, as the first time.
+NO_CACHE = ["--prefix-cache", "none"]
+
+
 def start_server(lm, model, tmp, name, n, device, extra):
     proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", tmp / f"{name}.sqlite",
                              "--max-active", str(n), "--max-queue", "512", "--device", device, *extra],
@@ -157,8 +161,8 @@ def main():
     ids = [render_ids(lm, model, t, tmp / f"burst-{i}.json") for i, t in enumerate(texts)]
     rows = []
     for n in sizes:
-        packed = start_server(lm, model, tmp, f"packed{n}", n, a.device, [])
-        alone = start_server(lm, model, tmp, f"alone{n}", n, a.device, ["--prompt-tokens", "0"])
+        packed = start_server(lm, model, tmp, f"packed{n}", n, a.device, NO_CACHE)
+        alone = start_server(lm, model, tmp, f"alone{n}", n, a.device, ["--prompt-tokens", "0", *NO_CACHE])
         for c in (packed, alone):
             burst(c, texts[:2])  # warm-up
         peer_burst(hf, torch, ids[:2], a.device)
@@ -179,7 +183,7 @@ def main():
     long_text = " ".join(words[50000:50000 + min(1500, int(context * 0.6))])
     long_tokens = len(render_ids(lm, model, long_text, tmp / "long.json"))
     budgets = [0, max(16, long_tokens // 8), 2048]
-    servers = {b: start_server(lm, model, tmp, f"budget{b}", 8, a.device, ["--prompt-tokens", str(b)])
+    servers = {b: start_server(lm, model, tmp, f"budget{b}", 8, a.device, ["--prompt-tokens", str(b), *NO_CACHE])
                for b in budgets}
     for c in servers.values():
         burst(c, texts[:2])  # warm-up
