@@ -83,7 +83,7 @@ pub struct Weight<'a> {
 
 /// C[m×n] = A[m×k] · W (plus C's previous contents when `accumulate`), A's rows `lda` apart,
 /// C's `ldc` apart (from `c`). Returns false, touching nothing, where the operands do not hold
-/// the sizes.
+/// the sizes or there are more than [`FEW_ROWS`] rows.
 ///
 /// # Safety
 /// `c` must be valid for writes of rows i < m of n elements at `c + i·ldc` (initialised when
@@ -99,6 +99,7 @@ pub unsafe fn product(
     if !crate::blas::holds(a.len(), (m, k), lda)
         || !crate::blas::holds(w.data.len(), stored, w.ld)
         || ldc < n
+        || m > FEW_ROWS
     {
         return false;
     }
@@ -460,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn operands_too_small_are_refused_untouched() {
+    fn products_it_cannot_take_are_refused_untouched() {
         let a = values(4 * 10, 1);
         let w = values(10 * 8, 2);
         let mut c = vec![7f32; 4 * 8];
@@ -471,6 +472,13 @@ mod tests {
         };
         // SAFETY: c holds 4 rows of 8.
         let ok = unsafe { product((4, 8, 11), (&a, 10), weight, (c.as_mut_ptr(), 8), false) };
+        assert!(!ok);
+        assert!(c.iter().all(|&v| v == 7.0));
+        // More rows than the tiles hold.
+        let rows = FEW_ROWS + 1;
+        let (a, mut c) = (values(rows * 10, 1), vec![7f32; rows * 8]);
+        // SAFETY: c holds `rows` rows of 8.
+        let ok = unsafe { product((rows, 8, 10), (&a, 10), weight, (c.as_mut_ptr(), 8), false) };
         assert!(!ok);
         assert!(c.iter().all(|&v| v == 7.0));
         assert!(applies(8, 576, 576) && !applies(1, 576, 576));
