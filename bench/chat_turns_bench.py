@@ -105,13 +105,13 @@ def main():
     # times[turn][name] -> per repeat
     names = ["cached", "cached model", "whole", "whole model", "transformers"]
     times = [{n: [] for n in names} for _ in range(a.turns)]
-    tokens, saved = [0] * a.turns, [[] for _ in range(a.turns)]
+    tokens, saved = [[] for _ in range(a.turns)], [[] for _ in range(a.turns)]
     for r in range(a.repeats):
         msgs = conversation(words, 5000 + r * 3000, a.turns)
         for t in range(a.turns):
             turn = msgs[:2 * t + 1]
             ids = render(lm, model, turn, tmp / "turn.json")
-            tokens[t] = len(ids)
+            tokens[t].append(len(ids))
             wall, busy, hit = ask(cached, turn)
             times[t]["cached"].append(wall)
             times[t]["cached model"].append(busy)
@@ -128,7 +128,7 @@ def main():
           "(model s) | transformers generate s | cache's speed-up (model) | lmkit vs transformers (model) |")
     print("|---|---|---|---|---|---|---|---|")
     for t, m in enumerate(med):
-        print(f"| {t + 1} | {tokens[t]} | {statistics.median(saved[t]):.0f} | {m['cached']:.3f} ({m['cached model']:.3f}) | "
+        print(f"| {t + 1} | {statistics.median(tokens[t]):.0f} | {statistics.median(saved[t]):.0f} | {m['cached']:.3f} ({m['cached model']:.3f}) | "
               f"{m['whole']:.3f} ({m['whole model']:.3f}) | {m['transformers']:.3f} | "
               f"{m['whole'] / m['cached']:.2f}x ({m['whole model'] / m['cached model']:.2f}x) | "
               f"{m['transformers'] / m['cached']:.2f}x ({m['transformers'] / m['cached model']:.2f}x) |")
