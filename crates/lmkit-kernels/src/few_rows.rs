@@ -180,6 +180,39 @@ fn strip<const R: usize>(x: [&[f32]; R], w: &[f32], ld: usize, k: usize) -> [[f3
     acc
 }
 
+/// `$body` with `$rows` the group of `$r` rows (4, 3, 2 or 1) from row `$i`, `$row(i)` each, as
+/// an array of that length: the kernels take their number of rows as a constant.
+macro_rules! with_rows {
+    ($r:expr, $i:expr, $row:expr, |$rows:ident| $body:expr) => {
+        match $r {
+            4 => {
+                let $rows = [$row($i), $row($i + 1), $row($i + 2), $row($i + 3)];
+                $body
+            }
+            3 => {
+                let $rows = [$row($i), $row($i + 1), $row($i + 2)];
+                $body
+            }
+            2 => {
+                let $rows = [$row($i), $row($i + 1)];
+                $body
+            }
+            _ => {
+                let $rows = [$row($i)];
+                $body
+            }
+        }
+    };
+}
+
+/// `put(q, values[q])` for each of a group's values.
+#[inline(always)]
+fn put_each<T, const R: usize>(values: [T; R], mut put: impl FnMut(usize, T)) {
+    for (q, v) in values.into_iter().enumerate() {
+        put(q, v);
+    }
+}
+
 /// The first row and the number of rows of each group of (at most) four of m rows.
 fn groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m).step_by(4).map(move |i| (i, (m - i).min(4)))
@@ -247,26 +280,13 @@ fn dot_tile(
         for (i, r) in groups(m) {
             for j in 0..cols {
                 let wj = w[j * ld..].as_ptr();
-                let mut put = |q: usize, v: f32| tile[(i + q) * cols + j] = v;
+                let put = |q: usize, v: f32| tile[(i + q) * cols + j] = v;
                 // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values
                 // read from each row and from weight row j in bounds.
-                unsafe {
-                    match r {
-                        4 => dots_avx2([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, k)
-                            .into_iter()
-                            .enumerate()
-                            .for_each(|(q, v)| put(q, v)),
-                        3 => dots_avx2([row(i), row(i + 1), row(i + 2)], wj, k)
-                            .into_iter()
-                            .enumerate()
-                            .for_each(|(q, v)| put(q, v)),
-                        2 => dots_avx2([row(i), row(i + 1)], wj, k)
-                            .into_iter()
-                            .enumerate()
-                            .for_each(|(q, v)| put(q, v)),
-                        _ => put(0, dots_avx2([row(i)], wj, k)[0]),
-                    }
-                }
+                with_rows!(r, i, row, |rows| put_each(
+                    unsafe { dots_avx2(rows, wj, k) },
+                    put
+                ));
             }
         }
         return;
@@ -282,27 +302,8 @@ simd_versions! {
         for (i, r) in groups(m) {
             for j in 0..cols {
                 let wj = &w[j * ld..j * ld + k];
-                match r {
-                    4 => {
-                        let s = dots([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, k);
-                        for (q, v) in s.into_iter().enumerate() {
-                            tile[(i + q) * cols + j] = v;
-                        }
-                    }
-                    3 => {
-                        let s = dots([row(i), row(i + 1), row(i + 2)], wj, k);
-                        for (q, v) in s.into_iter().enumerate() {
-                            tile[(i + q) * cols + j] = v;
-                        }
-                    }
-                    2 => {
-                        let s = dots([row(i), row(i + 1)], wj, k);
-                        for (q, v) in s.into_iter().enumerate() {
-                            tile[(i + q) * cols + j] = v;
-                        }
-                    }
-                    _ => tile[i * cols + j] = dots([row(i)], wj, k)[0],
-                }
+                let put = |q: usize, v: f32| tile[(i + q) * cols + j] = v;
+                with_rows!(r, i, row, |rows| put_each(dots(rows, wj, k), put));
             }
         }
     }
@@ -317,24 +318,10 @@ simd_versions! {
         for (i, r) in groups(m) {
             for j0 in (0..body).step_by(LANES) {
                 let wj = &w[j0..];
-                let mut put = |q: usize, v: [f32; LANES]| {
+                let put = |q: usize, v: [f32; LANES]| {
                     tile[(i + q) * cols + j0..(i + q) * cols + j0 + LANES].copy_from_slice(&v);
                 };
-                match r {
-                    4 => {
-                        let s = strip([row(i), row(i + 1), row(i + 2), row(i + 3)], wj, ld, k);
-                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
-                    }
-                    3 => {
-                        let s = strip([row(i), row(i + 1), row(i + 2)], wj, ld, k);
-                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
-                    }
-                    2 => {
-                        let s = strip([row(i), row(i + 1)], wj, ld, k);
-                        s.into_iter().enumerate().for_each(|(q, v)| put(q, v));
-                    }
-                    _ => put(0, strip([row(i)], wj, ld, k)[0]),
-                }
+                with_rows!(r, i, row, |rows| put_each(strip(rows, wj, ld, k), put));
             }
             // The last columns, fewer than LANES.
             for q in i..i + r {

@@ -105,28 +105,19 @@ fn packed_passes_of_a_few_rows_equal_passes_alone() {
             }
             last.unwrap()
         };
-        let want: Vec<Tensor> = seqs
-            .iter()
-            .zip(&mut alone)
-            .map(|(s, c)| one(s, c))
-            .collect();
-        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
-        let got = m.forward_packed_last(&seqs, &mut refs).unwrap();
-        let d = max_diff(&got, &Tensor::cat(&want, 0).unwrap());
-        assert!(d < 1e-4, "{config}: logits differ by {d}");
+        // The prompts, then one decoding step each.
         let step: [&[u32]; 4] = [&[3], &[4], &[5], &[6]];
-        let want: Vec<Tensor> = step
-            .iter()
-            .zip(&mut alone)
-            .map(|(s, c)| one(s, c))
-            .collect();
-        let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
-        let got = m.forward_packed_last(&step, &mut refs).unwrap();
-        let d = max_diff(&got, &Tensor::cat(&want, 0).unwrap());
-        assert!(
-            d < 1e-4,
-            "{config}: the decoding steps' logits differ by {d}"
-        );
+        for (round, what) in [(seqs, "logits"), (step, "the decoding steps' logits")] {
+            let want: Vec<Tensor> = round
+                .iter()
+                .zip(&mut alone)
+                .map(|(s, c)| one(s, c))
+                .collect();
+            let mut refs: Vec<&mut KvCache> = packed.iter_mut().collect();
+            let got = m.forward_packed_last(&round, &mut refs).unwrap();
+            let d = max_diff(&got, &Tensor::cat(&want, 0).unwrap());
+            assert!(d < 1e-4, "{config}: {what} differ by {d}");
+        }
         if lmkit_kernels::blas::available() {
             assert!(
                 lmkit_kernels::few_rows::products_taken() > before,
