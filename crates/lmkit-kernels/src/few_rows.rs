@@ -8,7 +8,9 @@
 //! output's columns, streams its part of the weight once and multiplies every row against it
 //! while it is in cache; the tasks run on the polling team, as the one-row products do
 //! ([`crate::team`]). With SmolLM2-135M-Instruct (f32) on 2 cores, `lmkit serve` went from 66 to
-//! 160 completion tokens/s with 8 streams and from 131 to 194 with 32 (`bench/serve_bench.py`).
+//! 160 completion tokens/s with 8 streams and from 131 to 194 with 32 (`bench/serve_bench.py`);
+//! taking weight rows three at a time against each group of four rows (12 sums in registers)
+//! then took 32 streams from 207 to 235.
 
 use crate::simd::simd_versions;
 
@@ -218,44 +220,100 @@ fn groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m).step_by(4).map(move |i| (i, (m - i).min(4)))
 }
 
-/// `R` rows of A (from `x[r]`) against one weight row `w`, k values each: R sums, with AVX2
-/// and FMA (two vectors of 8 a row: independent sums enough to keep the FMA units busy).
+/// Weight rows (output columns) per call of [`block_avx2`]: with four rows of A, 12 sums in
+/// registers, each step loading 4 + 3 vectors for 12 fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+const BLOCK_COLS: usize = 3;
+
+/// `R` rows of A (from `x[r]`) against `C` weight rows (from `w[c]`), k values each: R × C sums,
+/// with AVX2 and FMA. Each step of 8 values loads every weight row's vector once and every row's
+/// once, for R × C multiply-adds into independent sums (enough of them to keep both FMA units
+/// busy at 4 × 3).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; each pointer must be valid for reads of k values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2<const R: usize>(x: [*const f32; R], w: *const f32, k: usize) -> [f32; R] {
+unsafe fn block_avx2<const R: usize, const C: usize>(
+    x: [*const f32; R],
+    w: [*const f32; C],
+    k: usize,
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
-    let body = k / 16 * 16;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let body = k / 8 * 8;
     let mut q = 0;
-    let mut out = [0f32; R];
-    // SAFETY: q + 16 ≤ body ≤ k values are read from each pointer; the tail reads q < k.
+    let mut out = [[0f32; C]; R];
+    // SAFETY: q + 8 ≤ body ≤ k values are read from each pointer; the tail reads q < k.
     unsafe {
         while q < body {
-            let w0 = _mm256_loadu_ps(w.add(q));
-            let w1 = _mm256_loadu_ps(w.add(q + 8));
-            for r in 0..R {
-                lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r].add(q)), w0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r].add(q + 8)), w1, hi[r]);
+            let mut wv = [_mm256_setzero_ps(); C];
+            for c in 0..C {
+                wv[c] = _mm256_loadu_ps(w[c].add(q));
             }
-            q += 16;
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(x[r].add(q));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+                }
+            }
+            q += 8;
         }
         for r in 0..R {
-            let v = _mm256_add_ps(lo[r], hi[r]);
-            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps::<1>(v, v));
-            let mut s = _mm_cvtss_f32(v);
-            for p in body..k {
-                s += *x[r].add(p) * *w.add(p);
+            for c in 0..C {
+                let v = acc[r][c];
+                let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                let v = _mm_add_ss(v, _mm_shuffle_ps::<1>(v, v));
+                let mut s = _mm_cvtss_f32(v);
+                for p in body..k {
+                    s += *x[r].add(p) * *w[c].add(p);
+                }
+                out[r][c] = s;
             }
-            out[r] = s;
         }
     }
     out
+}
+
+/// The group `x` of R rows against the `cols` weight rows from `w` (`ld` apart), `width` (at
+/// most [`BLOCK_COLS`]) weight rows at a time (the last time, fewer) through [`block_avx2`]:
+/// `put(r, j, sum)`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; each row pointer must be valid for reads of k values, and
+/// `w + j·ld` for j < cols too.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_group_avx2<const R: usize>(
+    x: [*const f32; R],
+    (w, ld, cols): (*const f32, usize, usize),
+    k: usize,
+    width: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let mut j = 0;
+    while j < cols {
+        let c = width.min(BLOCK_COLS).min(cols - j);
+        // SAFETY: the caller keeps weight rows j..j + c (< cols) and the rows in bounds.
+        let wr = |q: usize| unsafe { w.add((j + q) * ld) };
+        let mut emit = |sums: &[[f32; BLOCK_COLS]]| {
+            for (r, s) in sums.iter().enumerate() {
+                for (q, &v) in s[..c].iter().enumerate() {
+                    put(r, j + q, v);
+                }
+            }
+        };
+        // SAFETY: as the caller's; simd_level checked AVX2 and FMA.
+        unsafe {
+            match c {
+                3 => emit(&block_avx2(x, [wr(0), wr(1), wr(2)], k)),
+                2 => emit(&block_avx2(x, [wr(0), wr(1)], k).map(|[a, b]| [a, b, 0.0])),
+                _ => emit(&block_avx2(x, [wr(0)], k).map(|[a]| [a, 0.0, 0.0])),
+            }
+        }
+        j += c;
+    }
 }
 
 /// tile[i·cols + j] = Σ_q A[i, q] · w[j·ld + q] for the m rows and `cols` weight rows.
@@ -278,16 +336,17 @@ fn dot_tile(
         assert!(tile.len() >= m * cols);
         let row = |i: usize| a[i * lda..].as_ptr();
         for (i, r) in groups(m) {
-            for j in 0..cols {
-                let wj = w[j * ld..].as_ptr();
-                let put = |q: usize, v: f32| tile[(i + q) * cols + j] = v;
-                // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values
-                // read from each row and from weight row j in bounds.
-                with_rows!(r, i, row, |rows| put_each(
-                    unsafe { dots_avx2(rows, wj, k) },
-                    put
-                ));
-            }
+            let put = |q: usize, j: usize, v: f32| tile[(i + q) * cols + j] = v;
+            // The first group reads the tile's weight rows from memory: one after another, a
+            // single stream the hardware prefetcher follows (three read side by side took a
+            // round's products at 8 rows from 35 to 43 ms: examples/few_rows_speed.rs). The
+            // other groups find them in the cache and take three at a time.
+            let width = if i == 0 { 1 } else { BLOCK_COLS };
+            // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values read
+            // from each row and from each of the `cols` weight rows in bounds.
+            with_rows!(r, i, row, |rows| unsafe {
+                row_group_avx2(rows, (w.as_ptr(), ld, cols), k, width, put)
+            });
         }
         return;
     }
