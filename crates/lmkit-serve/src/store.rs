@@ -38,6 +38,8 @@ pub struct Completion {
     /// The moderation result as JSON.
     pub moderation: String,
     pub prompt_tokens: i64,
+    /// Of the prompt tokens, those whose keys and values came from the prefix cache.
+    pub cached_tokens: i64,
     pub completion_tokens: i64,
     pub latency_ms: f64,
     pub finish_reason: String,
@@ -72,7 +74,8 @@ CREATE TABLE IF NOT EXISTS completions (
     rating INTEGER,
     rated_at INTEGER,
     comment TEXT,
-    correction TEXT
+    correction TEXT,
+    cached_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS completions_created ON completions(created);
 CREATE INDEX IF NOT EXISTS completions_prompt ON completions(prompt);
@@ -102,7 +105,8 @@ pub struct RecentFilter {
 macro_rules! columns {
     () => {
         "id, request_id, created, endpoint, model, prompt, messages, output, params, \
-         moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating"
+         moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason, rating, \
+         cached_tokens"
     };
 }
 const COLUMNS: &str = columns!();
@@ -126,8 +130,9 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<Completion> {
         latency_ms: r.get(12)?,
         finish_reason: r.get(13)?,
         rating: r.get(14)?,
-        comment: r.get(15)?,
-        correction: r.get(16)?,
+        cached_tokens: r.get(15)?,
+        comment: r.get(16)?,
+        correction: r.get(17)?,
     })
 }
 
@@ -167,7 +172,8 @@ impl Store {
             path: path.to_path_buf(),
             msg: format!("{e} (is this an lmkit completions database?)"),
         })?;
-        // Databases written before raters could comment or correct get the columns.
+        // Databases written before raters could comment or correct, or before the prefix
+        // cache's share of a prompt was kept, get the columns.
         let mut have = std::collections::BTreeSet::new();
         {
             let mut st = conn.prepare("PRAGMA table_info(completions)").map_err(db)?;
@@ -176,9 +182,13 @@ impl Store {
                 have.insert(n.map_err(db)?);
             }
         }
-        for col in ["comment", "correction"] {
+        for (col, ty) in [
+            ("comment", "TEXT"),
+            ("correction", "TEXT"),
+            ("cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
             if !have.contains(col) {
-                conn.execute_batch(&format!("ALTER TABLE completions ADD COLUMN {col} TEXT"))
+                conn.execute_batch(&format!("ALTER TABLE completions ADD COLUMN {col} {ty}"))
                     .map_err(db)?;
             }
         }
@@ -210,7 +220,7 @@ impl Store {
             conn.execute(
                 &format!(
                     "INSERT INTO completions ({COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                 ),
                 params![
                     c.id,
@@ -227,7 +237,8 @@ impl Store {
                     c.completion_tokens,
                     c.latency_ms,
                     c.finish_reason,
-                    c.rating
+                    c.rating,
+                    c.cached_tokens
                 ],
             )
             .map(|_| ())
@@ -477,6 +488,7 @@ mod tests {
             params: "{}".into(),
             moderation: "{}".into(),
             prompt_tokens: 3,
+            cached_tokens: 0,
             completion_tokens: 2,
             latency_ms: 1.5,
             finish_reason: "stop".into(),
@@ -581,16 +593,35 @@ mod tests {
     }
 
     #[test]
-    fn ratings_carry_comments_and_corrections_also_in_older_databases() {
+    fn older_databases_get_comments_corrections_and_cached_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("old.sqlite");
-        // A database from before comments and corrections.
+        // A database from before comments, corrections and the prefix cache's share, with a
+        // row written then.
         let old = SCHEMA
-            .replace(",\n    comment TEXT,\n    correction TEXT", "")
+            .replace(
+                ",\n    comment TEXT,\n    correction TEXT,\n    cached_tokens INTEGER NOT NULL DEFAULT 0",
+                "",
+            )
             .replace("rated_at INTEGER,", "rated_at INTEGER");
-        assert!(!old.contains("correction"));
-        Connection::open(&p).unwrap().execute_batch(&old).unwrap();
+        assert!(!old.contains("correction") && !old.contains("cached_tokens"));
+        let conn = Connection::open(&p).unwrap();
+        conn.execute_batch(&old).unwrap();
+        conn.execute_batch(
+            "INSERT INTO completions (id, request_id, created, endpoint, model, prompt, output, \
+             params, moderation, prompt_tokens, completion_tokens, latency_ms, finish_reason) \
+             VALUES ('before', 'before', 1, 'completions', 'm', 'Q', 'A', '{}', '{}', 4, 1, \
+             2.0, 'stop')",
+        )
+        .unwrap();
+        drop(conn);
         let s = Store::open(&p).unwrap();
+        let before = s.get("before").unwrap().unwrap();
+        assert_eq!((before.prompt_tokens, before.cached_tokens), (4, 0));
+        let mut cached = completion("c", "Q?", "A");
+        cached.cached_tokens = 2;
+        s.insert(&cached).unwrap();
+        assert_eq!(s.get("c").unwrap().unwrap().cached_tokens, 2);
         s.insert(&completion("a", "Q?", "no idea")).unwrap();
         let mut chat = completion("b", "<|user|>hi", "hm");
         chat.messages = Some(r#"[{"role": "user", "content": "hi"}]"#.into());

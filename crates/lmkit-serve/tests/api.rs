@@ -1143,8 +1143,9 @@ fn kv_memory_sizes_parse_with_units() {
 }
 
 /// A request that begins as an earlier one did (its prompt, or its prompt and answer: a chat's
-/// next turn) reads only the rest: `usage` counts the cached tokens, /metrics the tokens read
-/// from the prefix cache, and the answer is the plain generation loop's over the whole prompt.
+/// next turn) reads only the rest: `usage` and the log count the cached tokens, /metrics the
+/// tokens read from the prefix cache, and the answer is the plain generation loop's over the
+/// whole prompt.
 #[tokio::test]
 async fn a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest() {
     let d = tempfile::tempdir().unwrap();
@@ -1173,6 +1174,12 @@ async fn a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest() {
         .unwrap();
     assert!(cached >= p1 && cached < p2, "{p1} {p2} {v}");
     assert_eq!(v["choices"][0]["text"], greedy_reference(&next, 8), "{v}");
+    // The log keeps the prefix cache's share too.
+    let row = st.store.get(v["id"].as_str().unwrap()).unwrap().unwrap();
+    assert_eq!(
+        (row.prompt_tokens, row.cached_tokens),
+        (p2 as i64, cached as i64)
+    );
     // Streamed, with usage: the whole of the second prompt is cached now but its last token.
     let mut stream = body.clone();
     stream["stream"] = json!(true);

@@ -1,4 +1,5 @@
-//! Storing every finished completion (prompt, output, parameters, moderation, tokens, latency).
+//! Storing every finished completion (prompt, output, parameters, moderation, tokens — the
+//! prompt's, the prefix cache's share of them, the completion's — latency).
 
 use super::*;
 
@@ -32,6 +33,7 @@ pub(super) async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, sta
             params: prep.params.json.to_string(),
             moderation: moderation.clone(),
             prompt_tokens: prep.prompt_ids.len() as i64,
+            cached_tokens: o.cached_tokens as i64,
             completion_tokens: o.tokens.get(i).copied().unwrap_or(0) as i64,
             latency_ms,
             finish_reason: r.to_string(),
