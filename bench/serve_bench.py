@@ -3,7 +3,7 @@
 and with --peer, transformers' batched `generate` on the same model and device as the peer.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/serve_bench.py [--model DIR] [--clients 8] [--requests 32]
-           [--max-tokens 48] [--device cpu|cuda] [--peer] [--client-procs N]
+           [--max-tokens 48] [--device cpu|cuda] [--dtype f32|bf16|f16] [--peer] [--client-procs N]
 
 Without --model, a configs/gpt-small.toml model (random weights after one step; speed does not
 depend on the weights) is made from the bundled English corpus. Each request streams a chat
@@ -18,6 +18,7 @@ tokenized them) as one batch of 1 and one batch of --clients rows, sampling --ma
 tokens each (no early stop), alternating with the server's phases; completion tokens/s side by
 side. The server decodes its streams by continuous batching over HTTP; transformers gets the
 batch at once without a server, so the ratio includes lmkit's HTTP, JSON and scheduling costs.
+--dtype loads the model in that type in both (the server's --dtype; transformers' `dtype`).
 """
 import argparse
 import atexit
@@ -149,6 +150,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-active", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the server's --device, and the peer's)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
+                    help="the model's type in the server (--dtype) and the peer")
     ap.add_argument("--peer", action="store_true", help="also decode with transformers' generate (see above)")
     ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 1) // 2)),
                     help="processes the concurrent clients are spread over (default: half the cores, at most 8)")
@@ -160,7 +163,8 @@ def main():
     model = pathlib.Path(a.model) if a.model else make_model(lm, tmp)
     db = tmp / "db.sqlite"
     proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", db,
-                             "--max-active", str(a.max_active), "--max-queue", "256", "--device", a.device],
+                             "--max-active", str(a.max_active), "--max-queue", "256", "--device", a.device,
+                             "--dtype", a.dtype],
                             stderr=subprocess.PIPE, text=True)
     peer = {}
     try:
@@ -171,7 +175,8 @@ def main():
             import torch
             import transformers
             ckpt = model / (model / "latest").read_text().strip() if (model / "latest").exists() else model
-            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(a.device).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                ckpt, dtype={"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]).to(a.device).eval()
             prompts = [chat_ids(lm, model, i, tmp) for i in range(a.clients)]
             peer_phase(hf, torch, prompts[:1], 4, a.device)  # warm-up
         seq = phase(url, 1, max(4, a.requests // 4), a.max_tokens, 1000)
@@ -187,7 +192,7 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"model {model}; device {a.device}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; "
+    print(f"model {model} ({a.dtype}); device {a.device}; {os.cpu_count()} cores; {a.max_tokens} max tokens per reply; "
           f"server --max-active {a.max_active}; clients in {procs} processes")
     print()
     print("| clients | requests | p50 latency s | p99 latency s | p50 time to first token s | completion tokens/s |")

@@ -116,7 +116,7 @@ pub unsafe fn product(
         let mut tile = [0f32; FEW_ROWS * COLS_PER_TASK];
         let tile = &mut tile[..m * cols];
         if w.trans {
-            dot_tile(a, lda, m, &w.data[j0 * w.ld..], w.ld, cols, k, tile);
+            dot_tile(a, lda, m, &w.data[j0 * w.ld..], w.ld, cols, k, tile, true);
         } else {
             axpy_tile(a, lda, m, &w.data[j0..], w.ld, cols, k, tile);
         }
@@ -316,9 +316,11 @@ unsafe fn row_group_avx2<const R: usize>(
     }
 }
 
-/// tile[i·cols + j] = Σ_q A[i, q] · w[j·ld + q] for the m rows and `cols` weight rows.
+/// tile[i·cols + j] = Σ_q A[i, q] · w[j·ld + q] for the m rows (any number) and `cols` weight
+/// rows, on the calling thread; `from_memory`: the weight rows are not in the cache yet (the
+/// first group of rows reads them in order).
 #[allow(clippy::too_many_arguments)]
-fn dot_tile(
+pub(crate) fn dot_tile(
     a: &[f32],
     lda: usize,
     m: usize,
@@ -327,6 +329,7 @@ fn dot_tile(
     cols: usize,
     k: usize,
     tile: &mut [f32],
+    from_memory: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::simd_level() >= 1 {
@@ -341,7 +344,7 @@ fn dot_tile(
             // single stream the hardware prefetcher follows (three read side by side took a
             // round's products at 8 rows from 35 to 43 ms: examples/few_rows_speed.rs). The
             // other groups find them in the cache and take three at a time.
-            let width = if i == 0 { 1 } else { BLOCK_COLS };
+            let width = if i == 0 && from_memory { 1 } else { BLOCK_COLS };
             // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values read
             // from each row and from each of the `cols` weight rows in bounds.
             with_rows!(r, i, row, |rows| unsafe {
@@ -484,7 +487,7 @@ mod tests {
         let a = values(m * lda, 4);
         let w = values(cols * ld, 5);
         let (mut fast, mut portable) = (vec![0f32; m * cols], vec![0f32; m * cols]);
-        dot_tile(&a, lda, m, &w, ld, cols, k, &mut fast);
+        dot_tile(&a, lda, m, &w, ld, cols, k, &mut fast, true);
         dot_tile_portable(&a, lda, m, &w, ld, cols, k, &mut portable);
         for (x, y) in fast.iter().zip(&portable) {
             assert!((x - y).abs() < 1e-4, "{x} vs {y}");

@@ -13,10 +13,6 @@ use rayon::prelude::*;
 /// stays in the core's cache while every input row reads it.
 const BLOCK: usize = 128;
 
-/// Input rows from which a block's product goes through BLAS (when loaded) instead of dot
-/// products: fewer rows do not amortise the call.
-const BLAS_ROWS: usize = 4;
-
 /// `x · wt` for `x` [.., k] and `wt` [k, n] the transposed view of a contiguous half-precision
 /// weight W [n, k] (how a linear layer hands its weight to the product), both of one half type
 /// on the CPU and without gradients: [.., n] in that type. `None` where the operands are not
@@ -121,7 +117,10 @@ fn multiply<T: Half>(
 ) -> candle_core::Result<Vec<T>> {
     let mut xf = vec![0.0f32; m * k];
     T::widen(x, &mut xf);
-    let blas = if m >= BLAS_ROWS {
+    // More rows than a serving round's go through BLAS (when loaded); fewer do not amortise
+    // its packing of the block, and take the few-row kernel (AVX2: weight rows three at a time
+    // against groups of four input rows).
+    let blas = if m > crate::few_rows::FEW_ROWS {
         crate::blas::loaded_blas()
     } else {
         None
@@ -135,10 +134,8 @@ fn multiply<T: Half>(
             if let Some(blas) = blas {
                 return crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k));
             }
-            let mut y = Vec::with_capacity(m * nb);
-            for row in xf.chunks_exact(k) {
-                y.extend(wf.chunks_exact(k).map(|col| dot(row, col)));
-            }
+            let mut y = vec![0.0f32; m * nb];
+            crate::few_rows::dot_tile(&xf, k, m, &wf, k, nb, k, &mut y, false);
             Ok(y)
         })
         .collect::<candle_core::Result<_>>()?;
@@ -154,37 +151,20 @@ fn multiply<T: Half>(
     Ok(out)
 }
 
-/// Σ a_i·b_i in f32 over eight running sums (they vectorise).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
     /// The block product equals the widened operands' product rounded once, for both half types,
-    /// shapes that leave partial blocks, one row (dot products) and many (BLAS where loaded),
+    /// shapes that leave partial blocks, one row, a few (the few-row kernel) and more (BLAS
+    /// where loaded),
     /// and a batch axis; other operands are left to the caller.
     #[test]
     fn half_weight_products_equal_the_widened_product_rounded() {
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F16] {
-            for (rows, k, n) in [(1, 37, 300), (5, 64, 129), (9, 130, 7)] {
+            for (rows, k, n) in [(1, 37, 300), (5, 64, 129), (9, 130, 7), (40, 50, 130)] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let (xh, wh) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
