@@ -1,14 +1,17 @@
-//! The products of one serving round of SmolLM2-135M (f32 weights stored [out, in]) through
+//! The products of one serving round of SmolLM2-135M (f32 weights stored [out, in], or with
+//! `--in-out` [in, out] as GPT-2's are) through
 //! `few_rows` at 8 and 32 rows, each weight read from memory as a round reads it: each shape's
 //! median of 21 calls in GFLOP/s, and the round's total.
 //!
-//! usage: `cargo run --release -p lmkit-kernels --example few_rows_speed`
+//! usage: `cargo run --release -p lmkit-kernels --example few_rows_speed [-- --in-out]`
 
 use lmkit_kernels::few_rows::{product, Weight};
 use std::time::Instant;
 
 fn main() {
-    println!("{} threads", rayon::current_num_threads());
+    let trans = !std::env::args().any(|a| a == "--in-out");
+    let layout = if trans { "[out, in]" } else { "[in, out]" };
+    println!("{} threads; weights {layout}", rayon::current_num_threads());
     // (n, k, per layer): qkv, o, gate+up, down; the output layer once.
     let shapes = [
         (960usize, 576usize, 30usize),
@@ -45,8 +48,8 @@ fn main() {
                         (&a, k),
                         Weight {
                             data: w,
-                            ld: k,
-                            trans: true,
+                            ld: if trans { k } else { n },
+                            trans,
                         },
                         (c.as_mut_ptr(), n),
                         false,
