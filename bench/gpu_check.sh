@@ -286,6 +286,9 @@ if "$py" -c "import openai" 2>/dev/null; then
     LMKIT_CUDA_DECODE=0 LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --clients $n \
       --requests $((2 * n)) --max-active $n --max-tokens 64 || failed+=("serve bench $n, composed")
   done
+  echo "== serving in bf16 on the GPU (32 streams) vs transformers' batched generate in bf16"
+  LMKIT_BIN="$bin" "$py" "$here/bench/serve_bench.py" --device cuda --dtype bf16 --clients 32 \
+    --requests 64 --max-active 32 --max-tokens 64 --peer || failed+=("serve bench bf16")
   echo "== prompts arriving together on the GPU: packed passes vs one at a time vs transformers"
   LMKIT_BIN="$bin" "$py" "$here/bench/prefill_bench.py" --device cuda --bursts 8,32 --repeats 5 \
     || failed+=("prefill bench")
