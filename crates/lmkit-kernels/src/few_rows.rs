@@ -23,6 +23,15 @@ const MIN_WEIGHT: usize = 1 << 15;
 /// Output columns per task: their weight values stay in the L2 cache while every row passes.
 const COLS_PER_TASK: usize = 32;
 
+/// Output columns per task for a weight stored [in, out] (as GPT-2's are): each of the weight's
+/// rows gives a task 1 KiB side by side (32 columns were 128 bytes: a page and a cache miss
+/// each, for a tile of every row, took a round's products at 8 rows 1.3x longer).
+const COLS_IN_OUT: usize = 256;
+
+/// The [in, out] weight's rows per pass over the rows of A: 128 KiB of a task's columns, in the
+/// L2 cache while every group of rows reads them.
+const K_CHUNK: usize = 128;
+
 /// Values of the shared dimension per step of the row-by-column kernel (two AVX2 vectors, one
 /// AVX-512 vector: independent sums enough to keep the adders busy).
 const LANES: usize = 16;
@@ -110,10 +119,11 @@ pub unsafe fn product(
     }
     TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = crate::blas::SharedOut(c);
-    crate::team::for_each(n.div_ceil(COLS_PER_TASK), &|t| {
-        let j0 = t * COLS_PER_TASK;
-        let cols = COLS_PER_TASK.min(n - j0);
-        let mut tile = [0f32; FEW_ROWS * COLS_PER_TASK];
+    let per_task = if w.trans { COLS_PER_TASK } else { COLS_IN_OUT };
+    crate::team::for_each(n.div_ceil(per_task), &|t| {
+        let j0 = t * per_task;
+        let cols = per_task.min(n - j0);
+        let mut tile = [0f32; FEW_ROWS * COLS_IN_OUT];
         let tile = &mut tile[..m * cols];
         if w.trans {
             dot_tile(a, lda, m, &w.data[j0 * w.ld..], w.ld, cols, k, tile, true);
@@ -372,29 +382,39 @@ simd_versions! {
 }
 
 simd_versions! {
-    /// tile[i·cols + j] = Σ_q A[i, q] · w[q·ld + j] for the m rows and `cols` columns.
+    /// tile[i·cols + j] = Σ_q A[i, q] · w[q·ld + j] for the m rows and `cols` columns: the
+    /// weight's rows [`K_CHUNK`] at a time, each chunk's part of the tile (`cols` values of each
+    /// of its rows, side by side in memory) read in from memory once and kept in cache while
+    /// every group of rows passes, its sums added into the tile.
     #[allow(clippy::too_many_arguments)]
     fn axpy_tile(a: &[f32], lda: usize, m: usize, w: &[f32], ld: usize, cols: usize, k: usize, tile: &mut [f32]) {
-        let row = |i: usize| &a[i * lda..i * lda + k];
         let body = cols / LANES * LANES;
-        for (i, r) in groups(m) {
-            for j0 in (0..body).step_by(LANES) {
-                let wj = &w[j0..];
-                let put = |q: usize, v: [f32; LANES]| {
-                    tile[(i + q) * cols + j0..(i + q) * cols + j0 + LANES].copy_from_slice(&v);
-                };
-                with_rows!(r, i, row, |rows| put_each(strip(rows, wj, ld, k), put));
-            }
-            // The last columns, fewer than LANES.
-            for q in i..i + r {
-                let x = row(q);
-                for j in body..cols {
-                    let mut s = 0f32;
-                    for (p, &xv) in x.iter().enumerate() {
-                        s += xv * w[p * ld + j];
-                    }
-                    tile[q * cols + j] = s;
+        tile[..m * cols].fill(0.0);
+        for k0 in (0..k).step_by(K_CHUNK) {
+            let kl = K_CHUNK.min(k - k0);
+            let row = |i: usize| &a[i * lda + k0..i * lda + k0 + kl];
+            for (i, r) in groups(m) {
+                for j0 in (0..body).step_by(LANES) {
+                    let wj = &w[k0 * ld + j0..];
+                    let put = |q: usize, v: [f32; LANES]| {
+                        let at = (i + q) * cols + j0;
+                        for (t, v) in tile[at..at + LANES].iter_mut().zip(v) {
+                            *t += v;
+                        }
+                    };
+                    with_rows!(r, i, row, |rows| put_each(strip(rows, wj, ld, kl), put));
                 }
+            }
+        }
+        // The last columns, fewer than LANES.
+        for q in 0..m {
+            let x = &a[q * lda..q * lda + k];
+            for j in body..cols {
+                let mut s = 0f32;
+                for (p, &xv) in x.iter().enumerate() {
+                    s += xv * w[p * ld + j];
+                }
+                tile[q * cols + j] = s;
             }
         }
     }
@@ -438,7 +458,7 @@ mod tests {
     /// multiples of the lanes or the tile), rows and outputs with gaps, written and added.
     #[test]
     fn products_equal_the_sums_written_out() {
-        for &(n, k) in &[(64, 512), (70, 37), (33, 1030), (5, 16)] {
+        for &(n, k) in &[(64, 512), (70, 37), (33, 1030), (5, 16), (300, 140)] {
             for trans in [true, false] {
                 for m in 2..=FEW_ROWS {
                     let (lda, ldw, ldc) = (k + 3, if trans { k + 5 } else { n + 7 }, n + 2);
