@@ -123,13 +123,18 @@ pub unsafe fn product(
     crate::team::for_each(n.div_ceil(per_task), &|t| {
         let j0 = t * per_task;
         let cols = per_task.min(n - j0);
-        let mut tile = [0f32; FEW_ROWS * COLS_IN_OUT];
-        let tile = &mut tile[..m * cols];
-        if w.trans {
+        let (mut dots, mut strips);
+        let tile = if w.trans {
+            dots = [0f32; FEW_ROWS * COLS_PER_TASK];
+            let tile = &mut dots[..m * cols];
             dot_tile(a, lda, m, &w.data[j0 * w.ld..], w.ld, cols, k, tile, true);
+            tile
         } else {
+            strips = [0f32; FEW_ROWS * COLS_IN_OUT];
+            let tile = &mut strips[..m * cols];
             axpy_tile(a, lda, m, &w.data[j0..], w.ld, cols, k, tile);
-        }
+            tile
+        };
         for (i, row) in tile.chunks_exact(cols).enumerate() {
             // SAFETY: task t alone writes columns j0..j0 + cols of the m rows, which the caller
             // guarantees are valid (and initialised when accumulating).
