@@ -158,8 +158,7 @@ mod tests {
 
     /// The block product equals the widened operands' product rounded once, for both half types,
     /// shapes that leave partial blocks, one row, a few (the few-row kernel) and more (BLAS
-    /// where loaded),
-    /// and a batch axis; other operands are left to the caller.
+    /// where loaded), and a batch axis; other operands are left to the caller.
     #[test]
     fn half_weight_products_equal_the_widened_product_rounded() {
         let dev = Device::Cpu;
