@@ -562,16 +562,7 @@ fn in_out_tile(
             }
         });
         // The last columns, fewer than 8.
-        for q in 0..m {
-            let x = &a[q * lda..q * lda + k];
-            for j in vectors..cols {
-                let mut s = 0f32;
-                for (p, &xv) in x.iter().enumerate() {
-                    s += xv * w[p * ld + j];
-                }
-                tile[q * cols + j] = s;
-            }
-        }
+        last_columns(a, lda, m, w, ld, vectors..cols, k, tile);
         return;
     }
     axpy_tile(a, lda, m, w, ld, cols, k, tile)
@@ -603,15 +594,32 @@ simd_versions! {
             }
         }
         // The last columns, fewer than LANES.
-        for q in 0..m {
-            let x = &a[q * lda..q * lda + k];
-            for j in body..cols {
-                let mut s = 0f32;
-                for (p, &xv) in x.iter().enumerate() {
-                    s += xv * w[p * ld + j];
-                }
-                tile[q * cols + j] = s;
+        last_columns(a, lda, m, w, ld, body..cols, k, tile);
+    }
+}
+
+/// tile[i·cols + j] = Σ_q A[i, q] · w[q·ld + j] for the m rows and the columns `js`, which end
+/// at the tile's width `cols`, one sum at a time: the few columns the vector kernels leave.
+#[allow(clippy::too_many_arguments)]
+fn last_columns(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &[f32],
+    ld: usize,
+    js: std::ops::Range<usize>,
+    k: usize,
+    tile: &mut [f32],
+) {
+    let cols = js.end;
+    for q in 0..m {
+        let x = &a[q * lda..q * lda + k];
+        for j in js.clone() {
+            let mut s = 0f32;
+            for (p, &xv) in x.iter().enumerate() {
+                s += xv * w[p * ld + j];
             }
+            tile[q * cols + j] = s;
         }
     }
 }
