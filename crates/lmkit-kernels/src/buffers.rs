@@ -48,8 +48,56 @@ pub fn zeros<T: Float + Send + Sync>(len: usize) -> Vec<T> {
     par_filled(len, 1 << 16, |_, _| {})
 }
 
+/// The [cols, rows] transpose of the [rows, cols] matrix `src` (row-major both): each task
+/// writes 32 rows of the result, reading the source 32 × 32 at a time so that each of its
+/// rows' cache lines is read once, and the tasks share rayon's threads.
+///
+/// # Panics
+/// Where `src` does not hold rows × cols values.
+pub fn transposed<T: Copy + Send + Sync>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    assert_eq!(src.len(), rows * cols, "a [{rows}, {cols}] matrix");
+    let mut out = Box::<[T]>::new_uninit_slice(src.len());
+    if rows > 0 {
+        out.par_chunks_mut(TILE * rows)
+            .enumerate()
+            .for_each(|(t, block)| {
+                let j0 = t * TILE;
+                let width = block.len() / rows;
+                for i0 in (0..rows).step_by(TILE) {
+                    for i in i0..rows.min(i0 + TILE) {
+                        let row = &src[i * cols + j0..i * cols + j0 + width];
+                        for (j, &v) in row.iter().enumerate() {
+                            block[j * rows + i].write(v);
+                        }
+                    }
+                }
+            });
+    }
+    // SAFETY: block t holds result rows 32·t.., each of whose `rows` values is written above.
+    unsafe { out.assume_init() }.into_vec()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn transposes_put_each_value_at_its_mirror() {
+        for (rows, cols) in [(70, 45), (1, 33), (33, 1), (0, 5), (5, 0), (64, 64)] {
+            let src: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let t = super::transposed(&src, rows, cols);
+            assert_eq!(t.len(), src.len());
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(
+                        t[j * rows + i],
+                        src[i * cols + j],
+                        "({i}, {j}) of [{rows}, {cols}]"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn rows_repeat_the_bias() {
         assert_eq!(
