@@ -441,13 +441,16 @@ impl CausalLm {
                 seen: Default::default(),
             };
             let vb = candle_nn::VarBuilder::from_backend(Box::new(shared), dtype, device.clone());
-            for a in adapters {
-                let (m, c) = build_one(a, &|| {
-                    Self::from_var_builder(&cfg, vb.clone(), dir).map(|m| (m, cfg.clone()))
-                })?;
-                out.push(m);
-                config = Some(c);
-            }
+            layers::linear::sharing_copies(|| -> Result<()> {
+                for a in adapters {
+                    let (m, c) = build_one(a, &|| {
+                        Self::from_var_builder(&cfg, vb.clone(), dir).map(|m| (m, cfg.clone()))
+                    })?;
+                    out.push(m);
+                    config = Some(c);
+                }
+                Ok(())
+            })?;
         }
         let config =
             config.ok_or_else(|| ModelError::Device("no model variant asked for".into()))?;

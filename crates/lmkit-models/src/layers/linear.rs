@@ -323,10 +323,48 @@ impl Module for Linear {
 /// (`cargo run --release -p lmkit-kernels --example few_rows_speed [-- --in-out]`). Weights being
 /// trained keep their layout (the training passes read them as stored).
 fn rows_per_output(w: Tensor) -> candle_core::Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
     if w.is_variable() || !w.device().is_cpu() || w.rank() != 2 {
         return Ok(w);
     }
+    let shared = COPIES.with(|c| c.borrow().as_ref().and_then(|m| m.get(&w.id()).cloned()));
+    if let Some(t) = shared {
+        return Ok(t);
+    }
+    let source = w.id();
+    let t = transposed_copy(w)?;
+    COPIES.with(|c| {
+        if let Some(m) = c.borrow_mut().as_mut() {
+            m.insert(source, t.clone());
+        }
+    });
+    Ok(t)
+}
+
+thread_local! {
+    /// While [`sharing_copies`] runs: each Conv1D weight's copy by the loaded tensor's id.
+    static COPIES: std::cell::RefCell<Option<std::collections::HashMap<candle_core::TensorId, Tensor>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `build` with the [out, in] copies of Conv1D weights kept by the tensor they copy: models
+/// built from one source of weights that hands out one tensor per name (a base and its adapted
+/// variants, [`crate::CausalLm::load_variants`]) then share each copy, as they share the
+/// weights themselves.
+pub(crate) fn sharing_copies<R>(build: impl FnOnce() -> R) -> R {
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            COPIES.with(|c| *c.borrow_mut() = None);
+        }
+    }
+    COPIES.with(|c| *c.borrow_mut() = Some(Default::default()));
+    let _forget = Forget;
+    build()
+}
+
+/// `w` [in, out] as a transposed view of a contiguous copy (see [`rows_per_output`]).
+fn transposed_copy(w: Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
     let (k, n) = w.dims2()?;
     // The copy through lmkit's blocked transpose where the values lie in order (candle's copy of
     // a transposed view goes value by value: 0.28 s more to load a GPT-2-small checkpoint).
@@ -577,6 +615,14 @@ mod tests {
             let wide = |t: &Tensor| values(&t.to_dtype(DType::F32).unwrap());
             assert_eq!(wide(half.weight()), wide(&w.to_dtype(dtype).unwrap()));
         }
+        // Layers built while copies are shared (a base and its adapted variants) hold one copy
+        // of a weight they load alike; built apart, each makes its own.
+        let (one, two) = sharing_copies(|| (load(DType::F32), load(DType::F32)));
+        assert_eq!(one.weight().id(), two.weight().id());
+        assert_ne!(
+            load(DType::F32).weight().id(),
+            load(DType::F32).weight().id()
+        );
         let vm = VarMap::new();
         let trained = Linear::conv1d(k, n, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
         assert!(trained.weight().is_variable() && trained.weight().is_contiguous());
