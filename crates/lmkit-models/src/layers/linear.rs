@@ -34,7 +34,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `nn.Linear` layout: `weight` [out, in] (and `bias` [out]) under `vb`, created with
+    /// `nn.Linear` layout: `weight` [out, in] (and `bias` of `[out]`) under `vb`, created with
     /// candle-nn's initialisation.
     pub fn new(
         in_dim: usize,
@@ -53,7 +53,8 @@ impl Linear {
         })
     }
 
-    /// transformers' `Conv1D` layout: `weight` [in, out] and `bias` [out] under `vb`.
+    /// transformers' `Conv1D` layout: `weight` [in, out] and `bias` of `[out]` under `vb` (a
+    /// weight not being trained is kept [out, in] behind an [in, out] view, `rows_per_output`).
     pub fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let path = vb.prefix();
         let (weight, bias) = saved_or(
