@@ -293,7 +293,9 @@ fn checked_weights(
 /// from it (a base and its adapted variants) share their weights' memory.
 struct SharedWeights {
     inner: Box<dyn candle_nn::var_builder::SimpleBackend>,
-    seen: std::sync::Mutex<std::collections::HashMap<String, Tensor>>,
+    /// What it has handed out (a Conv1D weight's [out, in] copy replaces the tensor read,
+    /// [`layers::linear::keeping_copies_in`]).
+    seen: layers::linear::Loaded,
 }
 
 impl candle_nn::var_builder::SimpleBackend for SharedWeights {
@@ -436,12 +438,13 @@ impl CausalLm {
             let cfg = DecoderConfig::load(&dir.join("config.json"))?;
             refuse_rnn_dtype(&cfg, dtype)?;
             let weights = checked_weights(dir, Some(cfg.num_layers()))?;
+            let seen = layers::linear::Loaded::default();
             let shared = SharedWeights {
                 inner: weights.into_backend(),
-                seen: Default::default(),
+                seen: seen.clone(),
             };
             let vb = candle_nn::VarBuilder::from_backend(Box::new(shared), dtype, device.clone());
-            layers::linear::sharing_copies(|| -> Result<()> {
+            layers::linear::keeping_copies_in(&seen, || -> Result<()> {
                 for a in adapters {
                     let (m, c) = build_one(a, &|| {
                         Self::from_var_builder(&cfg, vb.clone(), dir).map(|m| (m, cfg.clone()))

@@ -324,41 +324,46 @@ impl Module for Linear {
 /// (`cargo run --release -p lmkit-kernels --example few_rows_speed [-- --in-out]`). Weights being
 /// trained keep their layout (the training passes read them as stored).
 fn rows_per_output(w: Tensor) -> candle_core::Result<Tensor> {
-    if w.is_variable() || !w.device().is_cpu() || w.rank() != 2 {
+    if w.is_variable() || !w.device().is_cpu() || w.rank() != 2 || w.is_fortran_contiguous() {
+        // Trained, elsewhere, or kept per output already (the copy a shared source hands out).
         return Ok(w);
     }
-    let shared = COPIES.with(|c| c.borrow().as_ref().and_then(|m| m.get(&w.id()).cloned()));
-    if let Some(t) = shared {
-        return Ok(t);
-    }
-    let source = w.id();
-    let t = transposed_copy(w)?;
-    COPIES.with(|c| {
-        if let Some(m) = c.borrow_mut().as_mut() {
-            m.insert(source, t.clone());
+    let t = transposed_copy(w.clone())?;
+    // A shared source hands out the copy from now on, in place of the values it read: the next
+    // variant's layer takes the copy as it is, and the values read are freed as soon as this
+    // layer has its copy, not once all the variants are built.
+    LOADED.with(|l| {
+        if let Some(loaded) = l.borrow().as_ref() {
+            let mut loaded = loaded.lock().unwrap_or_else(|p| p.into_inner());
+            for v in loaded.values_mut().filter(|v| v.id() == w.id()) {
+                *v = t.clone();
+            }
         }
     });
     Ok(t)
 }
 
+/// The tensors a source that hands out one tensor per name has read, by name (the source of a
+/// base model and its adapted variants, [`crate::CausalLm::load_variants`]).
+pub(crate) type Loaded = Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>;
+
 thread_local! {
-    /// While [`sharing_copies`] runs: each Conv1D weight's copy by the loaded tensor's id.
-    static COPIES: std::cell::RefCell<Option<std::collections::HashMap<candle_core::TensorId, Tensor>>> =
-        const { std::cell::RefCell::new(None) };
+    /// While [`keeping_copies_in`] runs: the shared source's tensors.
+    static LOADED: std::cell::RefCell<Option<Loaded>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `build` with the [out, in] copies of Conv1D weights kept by the tensor they copy: models
-/// built from one source of weights that hands out one tensor per name (a base and its adapted
-/// variants, [`crate::CausalLm::load_variants`]) then share each copy, as they share the
-/// weights themselves.
-pub(crate) fn sharing_copies<R>(build: impl FnOnce() -> R) -> R {
+/// Runs `build` with the [out, in] copies of Conv1D weights put in `loaded` in place of the
+/// tensors they copy: models built from that source (a base and its adapted variants) then
+/// share each copy, as they share the other weights, and the values read do not stay beside the
+/// copies while the models are built.
+pub(crate) fn keeping_copies_in<R>(loaded: &Loaded, build: impl FnOnce() -> R) -> R {
     struct Forget;
     impl Drop for Forget {
         fn drop(&mut self) {
-            COPIES.with(|c| *c.borrow_mut() = None);
+            LOADED.with(|l| *l.borrow_mut() = None);
         }
     }
-    COPIES.with(|c| *c.borrow_mut() = Some(Default::default()));
+    LOADED.with(|l| *l.borrow_mut() = Some(loaded.clone()));
     let _forget = Forget;
     build()
 }
@@ -616,10 +621,28 @@ mod tests {
             let wide = |t: &Tensor| values(&t.to_dtype(DType::F32).unwrap());
             assert_eq!(wide(half.weight()), wide(&w.to_dtype(dtype).unwrap()));
         }
-        // Layers built while copies are shared (a base and its adapted variants) hold one copy
-        // of a weight they load alike; built apart, each makes its own.
-        let (one, two) = sharing_copies(|| (load(DType::F32), load(DType::F32)));
+        // Layers built from a source that keeps what it has read (a base and its adapted
+        // variants) hold one copy, and the source holds the copy in place of the values read;
+        // built apart, each makes its own.
+        let loaded = Loaded::default();
+        loaded
+            .lock()
+            .unwrap()
+            .extend([("c.weight".to_string(), w.clone())]);
+        let from_loaded = || {
+            let w = loaded.lock().unwrap()["c.weight"].clone();
+            let tensors = [
+                ("c.weight".to_string(), w),
+                ("c.bias".to_string(), b.clone()),
+            ];
+            let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
+            Linear::conv1d(k, n, vb.pp("c")).unwrap()
+        };
+        let (one, two) = keeping_copies_in(&loaded, || (from_loaded(), from_loaded()));
         assert_eq!(one.weight().id(), two.weight().id());
+        let kept = loaded.lock().unwrap()["c.weight"].clone();
+        assert_eq!(kept.id(), one.weight().id(), "the source holds the copy");
+        assert_eq!(values(&one.weight().clone()), values(&w));
         assert_ne!(
             load(DType::F32).weight().id(),
             load(DType::F32).weight().id()
