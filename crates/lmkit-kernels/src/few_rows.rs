@@ -21,7 +21,7 @@ pub const FEW_ROWS: usize = 32;
 const MIN_WEIGHT: usize = 1 << 15;
 
 /// Output columns per task: their weight values stay in the L2 cache while every row passes.
-const COLS_PER_TASK: usize = 32;
+pub(crate) const COLS_PER_TASK: usize = 32;
 
 /// Output columns per task for a weight stored [in, out] (as GPT-2's are): each of the weight's
 /// rows gives a task 1 KiB side by side (32 columns were 128 bytes: a page and a cache miss
@@ -92,6 +92,47 @@ pub struct Weight<'a> {
     pub trans: bool,
 }
 
+/// A weight value type [`dot_tile`] reads: f32, or a half type (bf16, f16) widened to f32 as it
+/// is loaded into a register (a model loaded in a half type: [`crate::half_weights`]), so that
+/// its products read half the bytes and write no f32 copy.
+pub(crate) trait WeightValue: Copy + Send + Sync + 'static {
+    /// Which of the three: the kernels load each their own way.
+    const KIND: ValueKind;
+    fn widen(self) -> f32;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ValueKind {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightValue for f32 {
+    const KIND: ValueKind = ValueKind::F32;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightValue for half::bf16 {
+    const KIND: ValueKind = ValueKind::Bf16;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // bf16 is f32's upper half.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl WeightValue for half::f16 {
+    const KIND: ValueKind = ValueKind::F16;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// C[m×n] = A[m×k] · W (plus C's previous contents when `accumulate`), A's rows `lda` apart,
 /// C's `ldc` apart (from `c`). Returns false, touching nothing, where the operands do not hold
 /// the sizes or there are more than [`FEW_ROWS`] rows.
@@ -153,12 +194,12 @@ pub unsafe fn product(
 
 /// `R` rows of A against one weight row (output column): R sums.
 #[inline(always)]
-fn dots<const R: usize>(x: [&[f32]; R], w: &[f32], k: usize) -> [f32; R] {
+fn dots<W: WeightValue, const R: usize>(x: [&[f32]; R], w: &[W], k: usize) -> [f32; R] {
     let mut acc = [[0f32; LANES]; R];
     let body = k / LANES * LANES;
     let mut kk = 0;
     while kk < body {
-        let wv: &[f32; LANES] = w[kk..kk + LANES].try_into().expect("LANES values");
+        let wv: [f32; LANES] = std::array::from_fn(|l| w[kk + l].widen());
         for r in 0..R {
             let xv: &[f32; LANES] = x[r][kk..kk + LANES].try_into().expect("LANES values");
             for l in 0..LANES {
@@ -171,7 +212,7 @@ fn dots<const R: usize>(x: [&[f32]; R], w: &[f32], k: usize) -> [f32; R] {
     for r in 0..R {
         let mut s = acc[r].iter().sum::<f32>();
         for q in body..k {
-            s += x[r][q] * w[q];
+            s += x[r][q] * w[q].widen();
         }
         out[r] = s;
     }
@@ -248,10 +289,10 @@ const BLOCK_COLS: usize = 3;
 /// # Safety
 /// The CPU must have AVX2 and FMA; each pointer must be valid for reads of k values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2<const R: usize, const C: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_avx2<W: WeightValue, const R: usize, const C: usize>(
     x: [*const f32; R],
-    w: [*const f32; C],
+    w: [*const W; C],
     k: usize,
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
@@ -264,7 +305,15 @@ unsafe fn block_avx2<const R: usize, const C: usize>(
         while q < body {
             let mut wv = [_mm256_setzero_ps(); C];
             for c in 0..C {
-                wv[c] = _mm256_loadu_ps(w[c].add(q));
+                let p = w[c].add(q);
+                // Eight weight values as f32 (the match is decided when W is: one load each).
+                wv[c] = match W::KIND {
+                    ValueKind::F32 => _mm256_loadu_ps(p.cast()),
+                    ValueKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                    )),
+                    ValueKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                };
             }
             for r in 0..R {
                 let xv = _mm256_loadu_ps(x[r].add(q));
@@ -282,7 +331,7 @@ unsafe fn block_avx2<const R: usize, const C: usize>(
                 let v = _mm_add_ss(v, _mm_shuffle_ps::<1>(v, v));
                 let mut s = _mm_cvtss_f32(v);
                 for p in body..k {
-                    s += *x[r].add(p) * *w[c].add(p);
+                    s += *x[r].add(p) * (*w[c].add(p)).widen();
                 }
                 out[r][c] = s;
             }
@@ -300,9 +349,9 @@ unsafe fn block_avx2<const R: usize, const C: usize>(
 /// `w + j·ld` for j < cols too.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_group_avx2<const R: usize>(
+unsafe fn row_group_avx2<W: WeightValue, const R: usize>(
     x: [*const f32; R],
-    (w, ld, cols): (*const f32, usize, usize),
+    (w, ld, cols): (*const W, usize, usize),
     k: usize,
     width: usize,
     mut put: impl FnMut(usize, usize, f32),
@@ -319,7 +368,7 @@ unsafe fn row_group_avx2<const R: usize>(
                 }
             }
         };
-        // SAFETY: as the caller's; simd_level checked AVX2 and FMA.
+        // SAFETY: as the caller's, who checked AVX2, FMA and F16C.
         unsafe {
             match c {
                 3 => emit(&block_avx2(x, [wr(0), wr(1), wr(2)], k)),
@@ -335,11 +384,11 @@ unsafe fn row_group_avx2<const R: usize>(
 /// rows, on the calling thread; `from_memory`: the weight rows are not in the cache yet (the
 /// first group of rows reads them in order).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dot_tile(
+pub(crate) fn dot_tile<W: WeightValue>(
     a: &[f32],
     lda: usize,
     m: usize,
-    w: &[f32],
+    w: &[W],
     ld: usize,
     cols: usize,
     k: usize,
@@ -347,7 +396,7 @@ pub(crate) fn dot_tile(
     from_memory: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 {
+    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
         // Every row and weight row read below lies within `a` and `w`.
         assert!(m == 0 || (m - 1) * lda + k <= a.len());
         assert!(cols == 0 || (cols - 1) * ld + k <= w.len());
@@ -360,8 +409,9 @@ pub(crate) fn dot_tile(
             // round's products at 8 rows from 35 to 43 ms: examples/few_rows_speed.rs). The
             // other groups find them in the cache and take three at a time.
             let width = if i == 0 && from_memory { 1 } else { BLOCK_COLS };
-            // SAFETY: simd_level checked AVX2 and FMA; the asserts above keep the k values read
-            // from each row and from each of the `cols` weight rows in bounds.
+            // SAFETY: simd_level checked AVX2 and FMA, and F16C was checked (f16 weights are
+            // widened with it); the asserts above keep the k values read from each row and
+            // from each of the `cols` weight rows in bounds.
             with_rows!(r, i, row, |rows| unsafe {
                 row_group_avx2(rows, (w.as_ptr(), ld, cols), k, width, put)
             });
@@ -374,7 +424,7 @@ pub(crate) fn dot_tile(
 simd_versions! {
     /// [`dot_tile`] without AVX2.
     #[allow(clippy::too_many_arguments)]
-    fn dot_tile_portable(a: &[f32], lda: usize, m: usize, w: &[f32], ld: usize, cols: usize, k: usize, tile: &mut [f32]) {
+    fn dot_tile_portable<W: WeightValue>(a: &[f32], lda: usize, m: usize, w: &[W], ld: usize, cols: usize, k: usize, tile: &mut [f32]) {
         let row = |i: usize| &a[i * lda..i * lda + k];
         for (i, r) in groups(m) {
             for j in 0..cols {
@@ -731,6 +781,44 @@ mod tests {
         for (x, y) in portable.iter().zip(&want) {
             assert!((*x as f64 - y).abs() < 1e-4, "{x} vs {y}");
         }
+        // Half-precision weights, widened as they are read: the sums of their f32 values.
+        fn widened<W: WeightValue>(w: &[f32], to: impl Fn(f32) -> W) -> (Vec<W>, Vec<f32>) {
+            let half: Vec<W> = w.iter().map(|&v| to(v)).collect();
+            let wide = half.iter().map(|v| v.widen()).collect();
+            (half, wide)
+        }
+        fn check<W: WeightValue>(
+            a: &[f32],
+            (m, cols, k, lda, ld): Dims,
+            (w, wide): (Vec<W>, Vec<f32>),
+        ) {
+            let (mut fast, mut portable) = (vec![0f32; m * cols], vec![0f32; m * cols]);
+            dot_tile(a, lda, m, &w, ld, cols, k, &mut fast, true);
+            dot_tile_portable(a, lda, m, &w, ld, cols, k, &mut portable);
+            let data = &wide;
+            let want = reference(
+                m,
+                cols,
+                k,
+                a,
+                lda,
+                Weight {
+                    data,
+                    ld,
+                    trans: true,
+                },
+            );
+            for ((x, y), z) in fast.iter().zip(&portable).zip(&want) {
+                assert!(
+                    (*x as f64 - z).abs() < 1e-4 && (*y as f64 - z).abs() < 1e-4,
+                    "{x}, {y} vs {z}"
+                );
+            }
+        }
+        type Dims = (usize, usize, usize, usize, usize);
+        let dims = (m, cols, k, lda, ld);
+        check(&a, dims, widened(&w, half::bf16::from_f32));
+        check(&a, dims, widened(&w, half::f16::from_f32));
     }
 
     /// The packed [in, out] kernel gives the portable one's sums for tiles of whole panels, of

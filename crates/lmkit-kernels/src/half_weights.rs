@@ -80,13 +80,13 @@ impl CustomOp2 for HalfProduct {
 }
 
 /// A half type: widened to f32 and rounded back.
-trait Half: Copy + Send + Sync {
-    fn widen(src: &[Self], dst: &mut [f32]);
+trait Half: crate::few_rows::WeightValue {
+    fn widen_all(src: &[Self], dst: &mut [f32]);
     fn narrow(v: f32) -> Self;
 }
 
 impl Half for half::bf16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
+    fn widen_all(src: &[Self], dst: &mut [f32]) {
         // bf16 is f32's upper half: a shift (vectorises).
         for (d, s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
@@ -99,7 +99,7 @@ impl Half for half::bf16 {
 }
 
 impl Half for half::f16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
+    fn widen_all(src: &[Self], dst: &mut [f32]) {
         // The F16C instructions where the CPU has them.
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
     }
@@ -109,34 +109,39 @@ impl Half for half::f16 {
     }
 }
 
-/// x [m, k] · w [n, k]ᵀ in f32, rounded to `T` once: blocks of w's rows over rayon's threads.
-fn multiply<T: Half>(
+/// x [m, k] · w [n, k]ᵀ in f32, rounded to `T` once.
+fn multiply<T: Half>(x: &[T], w: &[T], dims: (usize, usize, usize)) -> candle_core::Result<Vec<T>> {
+    multiply_with(crate::blas::loaded_blas(), x, w, dims)
+}
+
+/// [`multiply`] with `blas` for products of more rows than a serving round's.
+fn multiply_with<T: Half>(
+    blas: Option<&crate::blas::Blas>,
     x: &[T],
     w: &[T],
     (m, n, k): (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
+    use crate::few_rows::FEW_ROWS;
     let mut xf = vec![0.0f32; m * k];
-    T::widen(x, &mut xf);
-    // More rows than a serving round's go through BLAS (when loaded); fewer do not amortise
-    // its packing of the block, and take the few-row kernel (AVX2: weight rows three at a time
-    // against groups of four input rows).
-    let blas = if m > crate::few_rows::FEW_ROWS {
-        crate::blas::loaded_blas()
-    } else {
-        None
+    T::widen_all(x, &mut xf);
+    if m <= FEW_ROWS {
+        return Ok(few_rows(&xf, w, (m, n, k)));
+    }
+    // More rows go through BLAS: blocks of w's rows widened over rayon's threads, each
+    // multiplied while its core has it in cache; without BLAS, FEW_ROWS rows at a time.
+    let Some(blas) = blas else {
+        return Ok(xf
+            .chunks(FEW_ROWS * k)
+            .flat_map(|rows| few_rows(rows, w, (rows.len() / k, n, k)))
+            .collect());
     };
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .map(|b| {
             let (j0, nb) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
             let mut wf = vec![0.0f32; nb * k];
-            T::widen(&w[j0 * k..(j0 + nb) * k], &mut wf);
-            if let Some(blas) = blas {
-                return crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k));
-            }
-            let mut y = vec![0.0f32; m * nb];
-            crate::few_rows::dot_tile(&xf, k, m, &wf, k, nb, k, &mut y, false);
-            Ok(y)
+            T::widen_all(&w[j0 * k..(j0 + nb) * k], &mut wf);
+            crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k))
         })
         .collect::<candle_core::Result<_>>()?;
     let mut out = vec![T::narrow(0.0); m * n];
@@ -149,6 +154,32 @@ fn multiply<T: Half>(
         }
     }
     Ok(out)
+}
+
+/// The few-row product (a decoding step's rows, a serving round's): tasks of
+/// [`crate::few_rows::COLS_PER_TASK`] of w's rows on the polling team, each read once from
+/// memory in its half type and widened in registers as the few-row kernel multiplies it
+/// (widening each block into an f32 copy first took more of a decoding step than the
+/// products: `lmkit generate --dtype bf16` on SmolLM2-135M 35.9 tokens/s, f32 47.6).
+fn few_rows<T: Half>(xf: &[f32], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+    use crate::few_rows::COLS_PER_TASK as COLS;
+    let mut out = vec![T::narrow(0.0); m * n];
+    let dst = crate::blas::SharedOut(out.as_mut_ptr());
+    crate::team::for_each(n.div_ceil(COLS), &|t| {
+        let (j0, cols) = (t * COLS, COLS.min(n - t * COLS));
+        let mut tile = [0f32; crate::few_rows::FEW_ROWS * COLS];
+        let tile = &mut tile[..m * cols];
+        crate::few_rows::dot_tile(xf, k, m, &w[j0 * k..], k, cols, k, tile, true);
+        for (i, row) in tile.chunks_exact(cols).enumerate() {
+            // SAFETY: task t alone writes columns j0..j0 + cols of the m rows of `out`, which
+            // outlives the loop.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * n + j0), cols) };
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = T::narrow(v);
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -195,6 +226,30 @@ mod tests {
                 );
             }
         }
+        // More rows than the few-row kernel takes, without BLAS: a few rows at a time.
+        let (m, n, k) = (crate::few_rows::FEW_ROWS * 2 + 3, 70, 45);
+        let x: Vec<half::bf16> = (0..m * k)
+            .map(|i| half::bf16::from_f32((i % 7) as f32 - 3.0))
+            .collect();
+        let w: Vec<half::bf16> = (0..n * k)
+            .map(|i| half::bf16::from_f32((i % 5) as f32 * 0.5))
+            .collect();
+        let got = multiply_with(None, &x, &w, (m, n, k)).unwrap();
+        let want = multiply_with(crate::blas::loaded_blas(), &x, &w, (m, n, k)).unwrap();
+        assert_eq!(got.len(), m * n);
+        for (i, g) in got.iter().enumerate() {
+            let (r, j) = (i / n, i % n);
+            let sum: f32 = (0..k)
+                .map(|q| x[r * k + q].to_f32() * w[j * k + q].to_f32())
+                .sum();
+            // Small integers and halves: every sum is exact, and so is its rounding.
+            assert_eq!(
+                g.to_f32(),
+                half::bf16::from_f32(sum).to_f32(),
+                "row {r}, column {j}"
+            );
+        }
+        assert_eq!(got, want);
         // Not a transposed contiguous weight, f32, or tracked: not taken.
         let x = Tensor::ones((2, 8), DType::BF16, &dev).unwrap();
         let w = Tensor::ones((8, 3), DType::BF16, &dev).unwrap();
