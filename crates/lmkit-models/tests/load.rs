@@ -1,4 +1,5 @@
-//! Loading checkpoints: weights with NaN or infinite values are refused, naming the tensor.
+//! Loading checkpoints: weights with NaN or infinite values are refused, naming the tensor; the
+//! variants of one checkpoint share its weights.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -6,12 +7,9 @@ use lmkit_models::{CausalLm, DecoderConfig};
 use std::collections::HashMap;
 use std::path::Path;
 
-#[test]
-fn weights_with_nan_are_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = serde_json::json!({"model_type": "gpt2", "vocab_size": 11, "n_positions": 8,
-                                    "n_embd": 4, "n_layer": 1, "n_head": 2});
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+/// Writes `config` (a GPT-2 config) into `dir`; its model's variables, by name.
+fn gpt2_variables(dir: &Path, config: serde_json::Value) -> VarMap {
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let cfg = DecoderConfig::from_json(config, Path::new("t")).unwrap();
     let vm = VarMap::new();
     CausalLm::from_var_builder(
@@ -20,6 +18,15 @@ fn weights_with_nan_are_refused_by_name() {
         Path::new("t"),
     )
     .unwrap();
+    vm
+}
+
+#[test]
+fn weights_with_nan_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({"model_type": "gpt2", "vocab_size": 11, "n_positions": 8,
+                                    "n_embd": 4, "n_layer": 1, "n_head": 2});
+    let vm = gpt2_variables(dir.path(), config);
     let mut tensors: HashMap<String, Tensor> = vm
         .data()
         .lock()
@@ -55,16 +62,8 @@ fn variants_share_the_weights_and_compute_as_one_load() {
     let dir = tempfile::tempdir().unwrap();
     let config = serde_json::json!({"model_type": "gpt2", "vocab_size": 13, "n_positions": 8,
                                     "n_embd": 8, "n_layer": 2, "n_head": 2});
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let cfg = DecoderConfig::from_json(config, Path::new("t")).unwrap();
-    let vm = VarMap::new();
+    let vm = gpt2_variables(dir.path(), config);
     let dev = Device::Cpu;
-    CausalLm::from_var_builder(
-        &cfg,
-        VarBuilder::from_varmap(&vm, DType::F32, &dev),
-        Path::new("t"),
-    )
-    .unwrap();
     let tensors: HashMap<String, Tensor> = lmkit_kernels::testing::vars_by_name(&vm)
         .into_iter()
         .enumerate()
