@@ -1,9 +1,10 @@
 //! The attention of a decoding step: one query position per head against every cached key
-//! (f32, CPU). Through BLAS this was three small products per layer, each waking the thread pool,
+//! (CPU; f32 caches, or bf16/f16 ones read in their type and widened in registers). Through BLAS this was three small products per layer, each waking the thread pool,
 //! and the softmax between them. Here a short cache is one loop per key/value head on the
 //! calling thread, reading each cached key row once for all the query heads that share it; a
 //! longer one is split by query head over the polling [`crate::team`].
 
+use crate::few_rows::WeightValue;
 use crate::simd::prefetch;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -18,14 +19,46 @@ const AHEAD: usize = 8;
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::AHEAD;
+    use crate::few_rows::{load8, WeightValue};
     use crate::simd::prefetch;
-    use crate::vector::avx2::dot;
     use std::arch::x86_64::*;
+
+    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains (f32 rows: as `vector::dot` sums them).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot<W: WeightValue>(x: &[f32], y: &[W]) -> f32 {
+        let n = x.len().min(y.len());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n, the length of both slices.
+            unsafe {
+                a0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    load8(y.as_ptr().add(i)),
+                    a0,
+                );
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                    load8(y.as_ptr().add(i + 8)),
+                    a1,
+                );
+            }
+            i += 16;
+        }
+        let a = _mm256_add_ps(a0, a1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+        for j in i..n {
+            s += x[j] * y[j].widen();
+        }
+        s
+    }
 
     /// o ← Σⱼ pⱼ·vⱼ (row j of `v` at j·stride, d values): 64 columns at a time, held in eight
     /// registers across all the rows.
-    #[target_feature(enable = "avx2,fma")]
-    fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn weighted_rows<W: WeightValue>(p: &[f32], v: &[W], stride: usize, o: &mut [f32]) {
         let d = o.len();
         let mut c0 = 0;
         while c0 + 64 <= d {
@@ -36,7 +69,7 @@ mod avx2 {
                 let w = _mm256_set1_ps(pj);
                 for (c, a) in acc.iter_mut().enumerate() {
                     // SAFETY: `row` holds 64 values and 8·c + 8 ≤ 64.
-                    let x = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * c)) };
+                    let x = unsafe { load8(row.as_ptr().add(8 * c)) };
                     *a = _mm256_fmadd_ps(w, x, *a);
                 }
             }
@@ -51,16 +84,16 @@ mod avx2 {
         }
     }
 
-    /// [`super::attend_group`] with AVX2 and FMA.
+    /// [`super::attend_group`] with AVX2, FMA and F16C.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA (`simd_level` ≥ 1).
+    /// The CPU must have AVX2, FMA and F16C.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_group(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_group<W: WeightValue>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[W],
+        v: &[W],
         d: usize,
         stride: usize,
         scale: f32,
@@ -79,24 +112,29 @@ mod avx2 {
 }
 
 /// o ← Σⱼ pⱼ·vⱼ, one value at a time.
-fn weighted_rows_scalar(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+fn weighted_rows_scalar<W: WeightValue>(p: &[f32], v: &[W], stride: usize, o: &mut [f32]) {
     let d = o.len();
     o.iter_mut().for_each(|x| *x = 0.0);
     for (j, &pj) in p.iter().enumerate() {
         for (x, &w) in o.iter_mut().zip(&v[j * stride..j * stride + d]) {
-            *x += pj * w;
+            *x += pj * w.widen();
         }
     }
+}
+
+/// Σ xᵢ·yᵢ, one value at a time.
+fn dot_scalar<W: WeightValue>(x: &[f32], y: &[W]) -> f32 {
+    x.iter().zip(y).map(|(a, b)| a * b.widen()).sum()
 }
 
 /// The query heads that share one key/value head: for each query row of `q` (rep × d), its
 /// `scores` row ← softmax(scale·q·kⱼ) over the key rows (row j of `k` and `v` at j·stride), then
 /// its `o` row ← Σⱼ scoresⱼ·vⱼ.
 #[allow(clippy::too_many_arguments)]
-fn attend_group(
+fn attend_group<W: WeightValue>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[W],
+    v: &[W],
     d: usize,
     stride: usize,
     scale: f32,
@@ -104,8 +142,8 @@ fn attend_group(
     o: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA.
+    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
         return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
     }
     attend_group_with(
@@ -113,7 +151,7 @@ fn attend_group(
         (d, stride, scale),
         scores,
         o,
-        |x, y| x.iter().zip(y).map(|(a, b)| a * b).sum(),
+        dot_scalar,
         weighted_rows_scalar,
     )
 }
@@ -121,13 +159,13 @@ fn attend_group(
 /// [`attend_group`] with the given dot product and weighted sum of rows (inlined into the
 /// vector version, whose target features the closures inherit).
 #[inline(always)]
-fn attend_group_with(
-    (q, k, v): (&[f32], &[f32], &[f32]),
+fn attend_group_with<W: WeightValue>(
+    (q, k, v): (&[f32], &[W], &[W]),
     (d, stride, scale): (usize, usize, f32),
     scores: &mut [f32],
     o: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    weighted_rows: impl Fn(&[f32], &[f32], usize, &mut [f32]),
+    dot: impl Fn(&[f32], &[W]) -> f32,
+    weighted_rows: impl Fn(&[f32], &[W], usize, &mut [f32]),
 ) {
     let rep = q.len() / d.max(1);
     let s = scores.len() / rep.max(1);
@@ -177,13 +215,41 @@ impl CustomOp3 for AttendOne {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
-            candle_core::bail!("attend_one: f32 only");
-        };
         let Some((q0, q1)) = lq.contiguous_offsets() else {
             candle_core::bail!("attend_one: the queries must be contiguous");
         };
-        let q = &q[q0..q1];
+        // Half-precision queries widened (a row a head); keys and values read where they are.
+        fn wide<T: WeightValue>(q: &[T]) -> Vec<f32> {
+            q.iter().map(|v| v.widen()).collect()
+        }
+        let out = match (sq, sk, sv) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.run(&q[q0..q1], lq, (k, lk), (v, lv))?)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let o = self.run(&wide(&q[q0..q1]), lq, (k, lk), (v, lv))?;
+                CpuStorage::BF16(o.into_iter().map(half::bf16::from_f32).collect())
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let o = self.run(&wide(&q[q0..q1]), lq, (k, lk), (v, lv))?;
+                CpuStorage::F16(o.into_iter().map(half::f16::from_f32).collect())
+            }
+            _ => candle_core::bail!("attend_one: f32, bf16 or f16 queries, keys and values"),
+        };
+        Ok((out, lq.shape().clone()))
+    }
+}
+
+impl AttendOne {
+    /// The step's attention for the queries `q` (laid out as `lq` says, in f32) against keys and
+    /// values of type W: [b, heads, 1, d] in f32.
+    fn run<W: WeightValue>(
+        &self,
+        q: &[f32],
+        lq: &Layout,
+        (k, lk): (&[W], &Layout),
+        (v, lv): (&[W], &Layout),
+    ) -> candle_core::Result<Vec<f32>> {
         let heads = lq.dims()[1];
         let (kd, vd) = (lk.dims(), lv.dims());
         let (b, kv_heads, s, d) = (kd[0], kd[1], kd[2], kd[3]);
@@ -240,23 +306,26 @@ impl CustomOp3 for AttendOne {
                 attend_group(q, k, v, d, stride, scale, &mut scores, o);
             }
         }
-        Ok((CpuStorage::F32(out), lq.shape().clone()))
+        Ok(out)
     }
 }
 
 /// softmax(scale·q·kᵀ)·v for one query position per head (a decoding step, which sees every
 /// key): q [b, h, 1, d], k and v [b, h_kv, s, d] with h a multiple of h_kv (grouped-query heads)
-/// and contiguous rows (views of a KV cache's buffers are read in place). f32 on the CPU without
-/// gradients; `None` otherwise (the caller computes it another way).
+/// and contiguous rows (views of a KV cache's buffers are read in place). On the CPU without
+/// gradients, all three f32, bf16 or f16 (a half-precision model: scores, softmax and sums in
+/// f32, the output rounded once); `None` otherwise (the caller computes it another way).
 pub fn attend_one(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Option<Tensor>> {
-    let fits = [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4 && !t.track_op())
+    let dtype = q.dtype();
+    let fits = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && [q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == 4 && !t.track_op())
         && q.dim(2)? == 1
         && k.dims() == v.dims()
         && k.stride() == v.stride()
@@ -315,6 +384,65 @@ mod tests {
         // Tracked tensors (training) are left to the differentiable path.
         let var = candle_core::Var::from_tensor(&q).unwrap();
         assert!(attend_one(var.as_tensor(), &k, &v, 0.3).unwrap().is_none());
+    }
+
+    /// Half-precision queries, keys and values (a bf16 or f16 model's KV cache, read in place):
+    /// the attention of their values computed in f64, rounded once to the type; the scalar loop
+    /// (CPUs without AVX2) gives what the dispatched one gives on such keys.
+    #[test]
+    fn half_precision_caches_are_read_in_their_type() {
+        let dev = Device::Cpu;
+        let (b, h, kv, d) = (2, 6, 2, 72);
+        for (dtype, step) in [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)] {
+            for s in [37, 300] {
+                let r = |s: &[usize]| {
+                    let x = crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
+                    x.to_dtype(dtype).unwrap()
+                };
+                let q = r(&[b, h, 1, d]);
+                let (kb, vb) = (r(&[b, kv, 320, d]), r(&[b, kv, 320, d]));
+                let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
+                let got = attend_one(&q, &k, &v, 0.1)
+                    .unwrap()
+                    .expect("takes half types");
+                assert_eq!(got.dtype(), dtype);
+                let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+                let rep = |x: &Tensor| {
+                    wide(x)
+                        .unsqueeze(2)
+                        .unwrap()
+                        .expand((b, kv, h / kv, s, d))
+                        .unwrap()
+                        .reshape((b, h, s, d))
+                        .unwrap()
+                };
+                let att = (wide(&q).matmul(&rep(&k).t().unwrap()).unwrap() * 0.1).unwrap();
+                let want = candle_nn_softmax(&att).matmul(&rep(&v)).unwrap();
+                let size: f64 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let err = crate::testing::max_diff(&wide(&got), &want);
+                assert!(err <= step * size, "{dtype:?}, {s} keys: {err} of {size}");
+            }
+        }
+        let r = |n: usize, seed: f32| -> Vec<half::bf16> {
+            (0..n)
+                .map(|i| half::bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / (50.0 + seed)))
+                .collect()
+        };
+        let (rep, s, d, stride) = (3, 29, 72, 80);
+        let q: Vec<f32> = r(rep * d, 1.0).iter().map(|v| v.to_f32()).collect();
+        let (k, v) = (r(s * stride, 2.0), r(s * stride, 3.0));
+        let (mut s1, mut o1) = (vec![0f32; rep * s], vec![0f32; rep * d]);
+        let (mut s2, mut o2) = (s1.clone(), o1.clone());
+        attend_group(&q, &k, &v, d, stride, 0.2, &mut s1, &mut o1);
+        attend_group_with(
+            (&q, &k, &v),
+            (d, stride, 0.2),
+            &mut s2,
+            &mut o2,
+            dot_scalar,
+            weighted_rows_scalar,
+        );
+        assert!(o1.iter().zip(&o2).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
     /// The scalar loop (CPUs without AVX2) gives what the dispatched one gives.

@@ -133,6 +133,28 @@ impl WeightValue for half::f16 {
     }
 }
 
+/// Eight values of `W` from `p` as f32 (the match is decided when W is: one load each, and a
+/// widening for the half types).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `p` must be valid for reads of 8 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(crate) unsafe fn load8<W: WeightValue>(p: *const W) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's.
+    unsafe {
+        match W::KIND {
+            ValueKind::F32 => _mm256_loadu_ps(p.cast()),
+            ValueKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast()),
+            ))),
+            ValueKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+        }
+    }
+}
+
 /// C[m×n] = A[m×k] · W (plus C's previous contents when `accumulate`), A's rows `lda` apart,
 /// C's `ldc` apart (from `c`). Returns false, touching nothing, where the operands do not hold
 /// the sizes or there are more than [`FEW_ROWS`] rows.
@@ -305,15 +327,7 @@ unsafe fn block_avx2<W: WeightValue, const R: usize, const C: usize>(
         while q < body {
             let mut wv = [_mm256_setzero_ps(); C];
             for c in 0..C {
-                let p = w[c].add(q);
-                // Eight weight values as f32 (the match is decided when W is: one load each).
-                wv[c] = match W::KIND {
-                    ValueKind::F32 => _mm256_loadu_ps(p.cast()),
-                    ValueKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
-                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
-                    )),
-                    ValueKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                };
+                wv[c] = load8(w[c].add(q));
             }
             for r in 0..R {
                 let xv = _mm256_loadu_ps(x[r].add(q));
