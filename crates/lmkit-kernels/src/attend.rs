@@ -1,6 +1,7 @@
 //! The attention of a decoding step: one query position per head against every cached key
-//! (CPU; f32 caches, or bf16/f16 ones read in their type and widened in registers). Through BLAS this was three small products per layer, each waking the thread pool,
-//! and the softmax between them. Here a short cache is one loop per key/value head on the
+//! (CPU; f32 caches, or bf16/f16 ones read in their type and widened in registers). Through BLAS
+//! this was three small products per layer, each waking the thread pool, and the softmax between
+//! them (and a half-precision model's caches were converted to f32 whole, every layer and step). Here a short cache is one loop per key/value head on the
 //! calling thread, reading each cached key row once for all the query heads that share it; a
 //! longer one is split by query head over the polling [`crate::team`].
 
@@ -21,39 +22,8 @@ mod avx2 {
     use super::AHEAD;
     use crate::few_rows::{load8, WeightValue};
     use crate::simd::prefetch;
+    use crate::vector::avx2::dot;
     use std::arch::x86_64::*;
-
-    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains (f32 rows: as `vector::dot` sums them).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot<W: WeightValue>(x: &[f32], y: &[W]) -> f32 {
-        let n = x.len().min(y.len());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n, the length of both slices.
-            unsafe {
-                a0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    load8(y.as_ptr().add(i)),
-                    a0,
-                );
-                a1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    load8(y.as_ptr().add(i + 8)),
-                    a1,
-                );
-            }
-            i += 16;
-        }
-        let a = _mm256_add_ps(a0, a1);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-        for j in i..n {
-            s += x[j] * y[j].widen();
-        }
-        s
-    }
 
     /// o ← Σⱼ pⱼ·vⱼ (row j of `v` at j·stride, d values): 64 columns at a time, held in eight
     /// registers across all the rows.
@@ -387,8 +357,7 @@ mod tests {
     }
 
     /// Half-precision queries, keys and values (a bf16 or f16 model's KV cache, read in place):
-    /// the attention of their values computed in f64, rounded once to the type; the scalar loop
-    /// (CPUs without AVX2) gives what the dispatched one gives on such keys.
+    /// the attention of their values computed in f64, rounded once to the type.
     #[test]
     fn half_precision_caches_are_read_in_their_type() {
         let dev = Device::Cpu;
@@ -423,29 +392,10 @@ mod tests {
                 assert!(err <= step * size, "{dtype:?}, {s} keys: {err} of {size}");
             }
         }
-        let r = |n: usize, seed: f32| -> Vec<half::bf16> {
-            (0..n)
-                .map(|i| half::bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / (50.0 + seed)))
-                .collect()
-        };
-        let (rep, s, d, stride) = (3, 29, 72, 80);
-        let q: Vec<f32> = r(rep * d, 1.0).iter().map(|v| v.to_f32()).collect();
-        let (k, v) = (r(s * stride, 2.0), r(s * stride, 3.0));
-        let (mut s1, mut o1) = (vec![0f32; rep * s], vec![0f32; rep * d]);
-        let (mut s2, mut o2) = (s1.clone(), o1.clone());
-        attend_group(&q, &k, &v, d, stride, 0.2, &mut s1, &mut o1);
-        attend_group_with(
-            (&q, &k, &v),
-            (d, stride, 0.2),
-            &mut s2,
-            &mut o2,
-            dot_scalar,
-            weighted_rows_scalar,
-        );
-        assert!(o1.iter().zip(&o2).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
-    /// The scalar loop (CPUs without AVX2) gives what the dispatched one gives.
+    /// The scalar loop (CPUs without AVX2) gives what the dispatched one gives, for f32 keys
+    /// and values and for bf16 ones.
     #[test]
     fn the_scalar_loop_agrees() {
         let dev = Device::Cpu;
@@ -457,18 +407,29 @@ mod tests {
         };
         let (rep, s, d, stride) = (3, 29, 72, 80);
         let (q, k, v) = (r(rep * d), r(s * stride), r(s * stride));
-        let (mut s1, mut o1) = (vec![0f32; rep * s], vec![0f32; rep * d]);
-        let (mut s2, mut o2) = (s1.clone(), o1.clone());
-        attend_group(&q, &k, &v, d, stride, 0.2, &mut s1, &mut o1);
-        attend_group_with(
-            (&q, &k, &v),
-            (d, stride, 0.2),
-            &mut s2,
-            &mut o2,
-            |x, y| x.iter().zip(y).map(|(a, b)| a * b).sum(),
-            weighted_rows_scalar,
-        );
-        assert!(o1.iter().zip(&o2).all(|(a, b)| (a - b).abs() < 1e-5));
+        fn agree<W: WeightValue>(q: &[f32], k: &[W], v: &[W], (rep, s, d, stride): Dims) {
+            let (mut s1, mut o1) = (vec![0f32; rep * s], vec![0f32; rep * d]);
+            let (mut s2, mut o2) = (s1.clone(), o1.clone());
+            attend_group(q, k, v, d, stride, 0.2, &mut s1, &mut o1);
+            let (scalar_dot, scalar_rows) = (dot_scalar, weighted_rows_scalar);
+            attend_group_with(
+                (q, k, v),
+                (d, stride, 0.2),
+                &mut s2,
+                &mut o2,
+                scalar_dot,
+                scalar_rows,
+            );
+            assert!(o1.iter().zip(&o2).all(|(a, b)| (a - b).abs() < 1e-5));
+        }
+        type Dims = (usize, usize, usize, usize);
+        agree(&q, &k, &v, (rep, s, d, stride));
+        let half = |x: &[f32]| {
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect::<Vec<_>>()
+        };
+        agree(&q, &half(&k), &half(&v), (rep, s, d, stride));
     }
 
     fn candle_nn_softmax(x: &Tensor) -> Tensor {

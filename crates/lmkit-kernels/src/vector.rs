@@ -3,11 +3,13 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
+    use crate::few_rows::{load8, WeightValue};
     use std::arch::x86_64::*;
 
-    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
+    /// Σ xᵢ·yᵢ, 16 values per step in two FMA chains; `y` f32, or a half type widened in
+    /// registers (a bf16 or f16 KV cache's keys: [`crate::attend`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn dot<W: WeightValue>(x: &[f32], y: &[W]) -> f32 {
         let n = x.len().min(y.len());
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
@@ -16,12 +18,12 @@ pub(crate) mod avx2 {
             unsafe {
                 a0 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(x.as_ptr().add(i)),
-                    _mm256_loadu_ps(y.as_ptr().add(i)),
+                    load8(y.as_ptr().add(i)),
                     a0,
                 );
                 a1 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+                    load8(y.as_ptr().add(i + 8)),
                     a1,
                 );
             }
@@ -32,14 +34,14 @@ pub(crate) mod avx2 {
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
         for j in i..n {
-            s += x[j] * y[j];
+            s += x[j] * y[j].widen();
         }
         s
     }
 
     /// Σ xᵢ·yᵢ, 32 values per step in four FMA chains (for long rows, where two chains leave
     /// the adder waiting on its own latency).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot4(x: &[f32], y: &[f32]) -> f32 {
         let n = x.len().min(y.len());
         let (xp, yp) = (x.as_ptr(), y.as_ptr());
@@ -100,7 +102,7 @@ pub(crate) mod avx2 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
         let d = q.len();
         for (j, o) in out.iter_mut().enumerate() {
@@ -114,8 +116,8 @@ pub(crate) mod avx2 {
 #[inline]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA.
+    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
         return unsafe { avx2::dot4(x, y) };
     }
     dot_scalar(x, y)
@@ -152,8 +154,8 @@ pub fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
     let d = q.len();
     assert!(rows.len() >= out.len() * d, "dots: rows too short");
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA.
+    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
         return unsafe { avx2::dots(q, rows, out) };
     }
     for (j, o) in out.iter_mut().enumerate() {
