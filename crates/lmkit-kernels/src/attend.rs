@@ -112,8 +112,8 @@ fn attend_group<W: WeightValue>(
     o: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
+    if crate::simd::simd_level() >= 1 {
+        // SAFETY: simd_level checked that the CPU has AVX2, FMA and F16C.
         return unsafe { avx2::attend_group(q, k, v, d, stride, scale, scores, o) };
     }
     attend_group_with(

@@ -309,7 +309,7 @@ const BLOCK_COLS: usize = 3;
 /// busy at 4 × 3).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; each pointer must be valid for reads of k values.
+/// The CPU must have AVX2, FMA and F16C; each pointer must be valid for reads of k values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_avx2<W: WeightValue, const R: usize, const C: usize>(
@@ -359,7 +359,7 @@ unsafe fn block_avx2<W: WeightValue, const R: usize, const C: usize>(
 /// `put(r, j, sum)`.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; each row pointer must be valid for reads of k values, and
+/// The CPU must have AVX2, FMA and F16C; each row pointer must be valid for reads of k values, and
 /// `w + j·ld` for j < cols too.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -410,7 +410,7 @@ pub(crate) fn dot_tile<W: WeightValue>(
     from_memory: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
+    if crate::simd::simd_level() >= 1 {
         // Every row and weight row read below lies within `a` and `w`.
         assert!(m == 0 || (m - 1) * lda + k <= a.len());
         assert!(cols == 0 || (cols - 1) * ld + k <= w.len());
@@ -423,9 +423,9 @@ pub(crate) fn dot_tile<W: WeightValue>(
             // round's products at 8 rows from 35 to 43 ms: examples/few_rows_speed.rs). The
             // other groups find them in the cache and take three at a time.
             let width = if i == 0 && from_memory { 1 } else { BLOCK_COLS };
-            // SAFETY: simd_level checked AVX2 and FMA, and F16C was checked (f16 weights are
-            // widened with it); the asserts above keep the k values read from each row and
-            // from each of the `cols` weight rows in bounds.
+            // SAFETY: simd_level checked AVX2, FMA and F16C (f16 weights are widened with it);
+            // the asserts above keep the k values read from each row and from each of the
+            // `cols` weight rows in bounds.
             with_rows!(r, i, row, |rows| unsafe {
                 row_group_avx2(rows, (w.as_ptr(), ld, cols), k, width, put)
             });

@@ -87,9 +87,9 @@ trait Half: crate::few_rows::WeightValue {
 
 impl Half for half::bf16 {
     fn widen_all(src: &[Self], dst: &mut [f32]) {
-        // bf16 is f32's upper half: a shift (vectorises).
+        // A shift each (vectorises).
         for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
+            *d = crate::few_rows::WeightValue::widen(*s);
         }
     }
 

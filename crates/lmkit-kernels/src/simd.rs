@@ -2,21 +2,27 @@
 //! kernel body again for AVX-512 and AVX2 + FMA and runs the widest this CPU has.
 
 /// Which vector instructions the kernels may use: 2 = AVX-512, 1 = AVX2 with FMA, 0 = the
-/// build's baseline (SSE2 on x86-64: 4 floats per instruction). The widest the CPU has, unless
+/// build's baseline (SSE2 on x86-64: 4 floats per instruction). Levels 1 and 2 also mean F16C
+/// (every CPU with AVX2 has it), with which kernels widen f16 values as they load them. The widest the CPU has, unless
 /// `LMKIT_SIMD` (`avx512`, `avx2` or `baseline`) caps it — to run as on an older CPU.
 #[cfg(target_arch = "x86_64")]
 pub fn simd_level() -> u8 {
     static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
         use std::arch::is_x86_feature_detected as has;
-        let detected =
-            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-                2
-            } else if has!("avx2") && has!("fma") {
-                1
-            } else {
-                0
-            };
+        let f16c = has!("f16c");
+        let detected = if f16c
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+        {
+            2
+        } else if f16c && has!("avx2") && has!("fma") {
+            1
+        } else {
+            0
+        };
         match std::env::var("LMKIT_SIMD") {
             Err(_) => detected,
             Ok(v) if v.trim().is_empty() => detected,

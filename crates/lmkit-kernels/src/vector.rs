@@ -116,8 +116,8 @@ pub(crate) mod avx2 {
 #[inline]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
+    if crate::simd::simd_level() >= 1 {
+        // SAFETY: simd_level checked that the CPU has AVX2, FMA and F16C.
         return unsafe { avx2::dot4(x, y) };
     }
     dot_scalar(x, y)
@@ -154,8 +154,8 @@ pub fn dots(q: &[f32], rows: &[f32], out: &mut [f32]) {
     let d = q.len();
     assert!(rows.len() >= out.len() * d, "dots: rows too short");
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::simd_level() >= 1 && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: simd_level checked that the CPU has AVX2 and FMA, and F16C was checked.
+    if crate::simd::simd_level() >= 1 {
+        // SAFETY: simd_level checked that the CPU has AVX2, FMA and F16C.
         return unsafe { avx2::dots(q, rows, out) };
     }
     for (j, o) in out.iter_mut().enumerate() {
