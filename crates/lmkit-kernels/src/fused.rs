@@ -700,7 +700,7 @@ struct SwiGluGateGrad;
 
 simd_versions! {
     /// One block of the forward: o = g·σ(g)·u.
-    fn swiglu_block<T: FastMath>(g: &[T], u: &[T], o: &mut [T]) {
+    pub(crate) fn swiglu_block<T: FastMath>(g: &[T], u: &[T], o: &mut [T]) {
         for ((o, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
             let s = T::one() / (T::one() + (-gi).exp_fast());
             *o = gi * s * ui;
@@ -823,6 +823,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         && up.dims() == gate.dims()
     {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    if let Some(y) = crate::half_ops::swiglu(gate, up)? {
+        return Ok(y);
     }
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     if crate::cuda::layers_on(gate) {
@@ -1184,7 +1187,7 @@ fn rms_rstd<T: Float>(r: &[T], eps: T) -> T {
 
 simd_versions! {
     /// RMSNorm of the rows of `xs` into `o`.
-    fn rms_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], eps: T) {
+    pub(crate) fn rms_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], eps: T) {
         let n = w.len();
         for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
             let rstd = rms_rstd(r, eps);
@@ -1304,6 +1307,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<
     if gpu_inference(x, &[w]) && w.dims() == [n] {
         return candle_nn::ops::rms_norm(&x.contiguous()?, &w.contiguous()?, eps as f32).map(Some);
     }
+    if let Some(y) = crate::half_ops::rms_norm(x, w, eps)? {
+        return Ok(Some(y));
+    }
     if !(fused_ok(x) && w.dtype() == x.dtype() && w.device().is_cpu() && w.dims() == [n]) {
         return Ok(None);
     }
@@ -1323,7 +1329,7 @@ struct RopeOp {
 simd_versions! {
     /// Rotates each row of `xs` (d values, position `pos0 + row` modulo t) into `o`.
     #[allow(clippy::too_many_arguments)]
-    fn rope_block<T: FastMath>(
+    pub(crate) fn rope_block<T: FastMath>(
         o: &mut [T],
         xs: &[T],
         cos: &[T],
@@ -1439,7 +1445,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Optio
             c.dtype() == x.dtype() && c.device().is_cpu() && c.dims() == [dims[r - 2], d / 2]
         });
     if !fits {
-        return Ok(None);
+        return crate::half_ops::rope(x, cos, sin);
     }
     x.contiguous()?
         .apply_op3(

@@ -18,6 +18,21 @@ const BLOCK: usize = 128;
 /// on the CPU and without gradients: [.., n] in that type. `None` where the operands are not
 /// that (the caller multiplies them another way).
 pub fn product(x: &Tensor, wt: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    product_with(x, wt, None)
+}
+
+/// `r + x · wt` (a residual connection after a linear layer without bias), the sum rounded once:
+/// [`product`] with `r` of the output's shape and type added before the rounding. `None` where
+/// the operands are not those.
+pub fn product_add(x: &Tensor, wt: &Tensor, r: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    product_with(x, wt, Some(r))
+}
+
+fn product_with(
+    x: &Tensor,
+    wt: &Tensor,
+    r: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
     let dtype = x.dtype();
     let here = |t: &Tensor| t.dtype() == dtype && t.device().is_cpu() && !t.track_op();
     if !matches!(dtype, DType::BF16 | DType::F16) || !here(x) || !here(wt) || wt.rank() != 2 {
@@ -29,19 +44,26 @@ pub fn product(x: &Tensor, wt: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let mut dims = x.dims().to_vec();
-    let m = x.elem_count() / k;
-    let y = x
-        .reshape((m, k))?
-        .contiguous()?
-        .apply_op2_no_bwd(&w, &HalfProduct)?;
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
+    let m = x.elem_count() / k;
+    let residual = match r {
+        Some(r) if !here(r) || r.dims() != dims.as_slice() => return Ok(None),
+        Some(r) => Some(r.reshape((m, n))?.contiguous()?),
+        None => None,
+    };
+    let y = x
+        .reshape((m, k))?
+        .contiguous()?
+        .apply_op2_no_bwd(&w, &HalfProduct { residual })?;
     y.reshape(dims).map(Some)
 }
 
-/// [m, k] · [n, k]ᵀ → [m, n], all in one half type (see [`product`]).
-struct HalfProduct;
+/// [m, k] · [n, k]ᵀ (+ a residual [m, n]) → [m, n], all in one half type (see [`product`]).
+struct HalfProduct {
+    residual: Option<Tensor>,
+}
 
 impl CustomOp2 for HalfProduct {
     fn name(&self) -> &'static str {
@@ -60,18 +82,33 @@ impl CustomOp2 for HalfProduct {
         if k != k2 {
             candle_core::bail!("half-weight product: [{m}, {k}] · [{n}, {k2}]ᵀ");
         }
-        let slices = |a: &Layout, b: &Layout| match (a.contiguous_offsets(), b.contiguous_offsets())
-        {
-            (Some(a), Some(b)) => Ok((a.0..a.1, b.0..b.1)),
-            _ => candle_core::bail!("half-weight product: operands must be contiguous"),
+        let range = |l: &Layout| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => candle_core::bail!("half-weight product: operands must be contiguous"),
         };
-        let (r1, r2) = slices(l1, l2)?;
+        let (r1, r2) = (range(l1)?, range(l2)?);
+        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cpu(s) if l.dims() == [m, n] => Some((s, range(l)?)),
+                _ => candle_core::bail!(
+                    "half-weight product: the residual must be [{m}, {n}] on the CPU"
+                ),
+            },
+            None => None,
+        };
         let y = match (s1, s2) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                CpuStorage::BF16(multiply(&x[r1], &w[r2], (m, n, k))?)
+                let r = residual
+                    .map(|(s, at)| s.as_slice::<half::bf16>().map(|r| &r[at]))
+                    .transpose()?;
+                CpuStorage::BF16(multiply(&x[r1], &w[r2], r, (m, n, k))?)
             }
             (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                CpuStorage::F16(multiply(&x[r1], &w[r2], (m, n, k))?)
+                let r = residual
+                    .map(|(s, at)| s.as_slice::<half::f16>().map(|r| &r[at]))
+                    .transpose()?;
+                CpuStorage::F16(multiply(&x[r1], &w[r2], r, (m, n, k))?)
             }
             _ => candle_core::bail!("half-weight product: operands of one half type expected"),
         };
@@ -79,10 +116,12 @@ impl CustomOp2 for HalfProduct {
     }
 }
 
-/// A half type: widened to f32 and rounded back.
-trait Half: crate::few_rows::WeightValue {
+/// A half type: widened to f32 and rounded back (to nearest, ties to even, as PyTorch rounds).
+pub(crate) trait Half: crate::few_rows::WeightValue + candle_core::WithDType {
     fn widen_all(src: &[Self], dst: &mut [f32]);
     fn narrow(v: f32) -> Self;
+    /// `dst[i] = narrow(src[i])` for the shorter of the two.
+    fn narrow_all(src: &[f32], dst: &mut [Self]);
 }
 
 impl Half for half::bf16 {
@@ -96,6 +135,23 @@ impl Half for half::bf16 {
     fn narrow(v: f32) -> Self {
         half::bf16::from_f32(v)
     }
+
+    fn narrow_all(src: &[f32], dst: &mut [Self]) {
+        narrow_bf16(src, dst)
+    }
+}
+
+crate::simd::simd_versions! {
+    /// f32 → bf16 without branches, so that it vectorises: `half::bf16::from_f32`'s rounding
+    /// (to nearest, ties to even; a NaN stays a quiet NaN of its sign).
+    fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            let b = v.to_bits();
+            let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+            let nan = ((b >> 16) as u16) | 0x40;
+            *d = half::bf16::from_bits(if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded });
+        }
+    }
 }
 
 impl Half for half::f16 {
@@ -107,11 +163,21 @@ impl Half for half::f16 {
     fn narrow(v: f32) -> Self {
         half::f16::from_f32(v)
     }
+
+    fn narrow_all(src: &[f32], dst: &mut [Self]) {
+        let n = src.len().min(dst.len());
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut dst[..n], &src[..n]);
+    }
 }
 
-/// x [m, k] · w [n, k]ᵀ in f32, rounded to `T` once.
-fn multiply<T: Half>(x: &[T], w: &[T], dims: (usize, usize, usize)) -> candle_core::Result<Vec<T>> {
-    multiply_with(crate::blas::loaded_blas(), x, w, dims)
+/// x [m, k] · w [n, k]ᵀ (+ r [m, n]) in f32, rounded to `T` once.
+fn multiply<T: Half>(
+    x: &[T],
+    w: &[T],
+    r: Option<&[T]>,
+    dims: (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
+    multiply_with(crate::blas::loaded_blas(), x, w, r, dims)
 }
 
 /// [`multiply`] with `blas` for products of more rows than a serving round's.
@@ -119,20 +185,28 @@ fn multiply_with<T: Half>(
     blas: Option<&crate::blas::Blas>,
     x: &[T],
     w: &[T],
+    r: Option<&[T]>,
     (m, n, k): (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
     use crate::few_rows::FEW_ROWS;
+    if r.is_some_and(|r| r.len() != m * n) {
+        candle_core::bail!("half-weight product: the residual must hold {m} × {n} values");
+    }
     let mut xf = vec![0.0f32; m * k];
     T::widen_all(x, &mut xf);
     if m <= FEW_ROWS {
-        return Ok(few_rows(&xf, w, (m, n, k)));
+        return Ok(few_rows(&xf, w, r, (m, n, k)));
     }
     // More rows go through BLAS: blocks of w's rows widened over rayon's threads, each
     // multiplied while its core has it in cache; without BLAS, FEW_ROWS rows at a time.
     let Some(blas) = blas else {
         return Ok(xf
             .chunks(FEW_ROWS * k)
-            .flat_map(|rows| few_rows(rows, w, (rows.len() / k, n, k)))
+            .enumerate()
+            .flat_map(|(i, rows)| {
+                let r = r.map(|r| &r[i * FEW_ROWS * n..][..rows.len() / k * n]);
+                few_rows(rows, w, r, (rows.len() / k, n, k))
+            })
             .collect());
     };
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(BLOCK))
@@ -144,16 +218,27 @@ fn multiply_with<T: Half>(
             crate::blas::product(blas, (m, nb, k), plain(&xf, k), transposed(&wf, k))
         })
         .collect::<candle_core::Result<_>>()?;
+    // Each output row gathered from the blocks, the residual added, and rounded.
     let mut out = vec![T::narrow(0.0); m * n];
-    for (b, y) in blocks.iter().enumerate() {
-        let (j0, nb) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
-        for (i, row) in y.chunks_exact(nb).enumerate() {
-            for (o, &v) in out[i * n + j0..i * n + j0 + nb].iter_mut().zip(row) {
-                *o = T::narrow(v);
-            }
+    out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
+        let mut row = vec![0f32; n];
+        for (b, y) in blocks.iter().enumerate() {
+            let (j0, nb) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
+            row[j0..j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
         }
-    }
+        if let Some(r) = r {
+            add_widened(&mut row, &r[i * n..(i + 1) * n]);
+        }
+        T::narrow_all(&row, o);
+    });
     Ok(out)
+}
+
+/// `acc[i] += r[i]` widened.
+fn add_widened<T: Half>(acc: &mut [f32], r: &[T]) {
+    for (a, &v) in acc.iter_mut().zip(r) {
+        *a += v.widen();
+    }
 }
 
 /// The few-row product (a decoding step's rows, a serving round's): tasks of
@@ -161,7 +246,12 @@ fn multiply_with<T: Half>(
 /// memory in its half type and widened in registers as the few-row kernel multiplies it
 /// (widening each block into an f32 copy first took more of a decoding step than the
 /// products: `lmkit generate --dtype bf16` on SmolLM2-135M 35.9 tokens/s, f32 47.6).
-fn few_rows<T: Half>(xf: &[f32], w: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+fn few_rows<T: Half>(
+    xf: &[f32],
+    w: &[T],
+    r: Option<&[T]>,
+    (m, n, k): (usize, usize, usize),
+) -> Vec<T> {
     use crate::few_rows::COLS_PER_TASK as COLS;
     let mut out = vec![T::narrow(0.0); m * n];
     let dst = crate::blas::SharedOut(out.as_mut_ptr());
@@ -170,13 +260,14 @@ fn few_rows<T: Half>(xf: &[f32], w: &[T], (m, n, k): (usize, usize, usize)) -> V
         let mut tile = [0f32; crate::few_rows::FEW_ROWS * COLS];
         let tile = &mut tile[..m * cols];
         crate::few_rows::dot_tile(xf, k, m, &w[j0 * k..], k, cols, k, tile, true);
-        for (i, row) in tile.chunks_exact(cols).enumerate() {
+        for (i, row) in tile.chunks_exact_mut(cols).enumerate() {
+            if let Some(r) = r {
+                add_widened(row, &r[i * n + j0..i * n + j0 + cols]);
+            }
             // SAFETY: task t alone writes columns j0..j0 + cols of the m rows of `out`, which
             // outlives the loop.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * n + j0), cols) };
-            for (o, &v) in o.iter_mut().zip(row) {
-                *o = T::narrow(v);
-            }
+            T::narrow_all(row, o);
         }
     });
     out
@@ -226,30 +317,69 @@ mod tests {
                 );
             }
         }
-        // More rows than the few-row kernel takes, without BLAS: a few rows at a time.
-        let (m, n, k) = (crate::few_rows::FEW_ROWS * 2 + 3, 70, 45);
-        let x: Vec<half::bf16> = (0..m * k)
-            .map(|i| half::bf16::from_f32((i % 7) as f32 - 3.0))
-            .collect();
-        let w: Vec<half::bf16> = (0..n * k)
-            .map(|i| half::bf16::from_f32((i % 5) as f32 * 0.5))
-            .collect();
-        let got = multiply_with(None, &x, &w, (m, n, k)).unwrap();
-        let want = multiply_with(crate::blas::loaded_blas(), &x, &w, (m, n, k)).unwrap();
-        assert_eq!(got.len(), m * n);
-        for (i, g) in got.iter().enumerate() {
-            let (r, j) = (i / n, i % n);
-            let sum: f32 = (0..k)
-                .map(|q| x[r * k + q].to_f32() * w[j * k + q].to_f32())
-                .sum();
-            // Small integers and halves: every sum is exact, and so is its rounding.
-            assert_eq!(
-                g.to_f32(),
-                half::bf16::from_f32(sum).to_f32(),
-                "row {r}, column {j}"
-            );
+        // More rows than the few-row kernel takes, without BLAS (a few rows at a time) and
+        // with; and a few rows; each with and without a residual added before the rounding.
+        for m in [crate::few_rows::FEW_ROWS * 2 + 3, 3] {
+            let (n, k) = (70, 45);
+            let x: Vec<half::bf16> = (0..m * k)
+                .map(|i| half::bf16::from_f32((i % 7) as f32 - 3.0))
+                .collect();
+            let w: Vec<half::bf16> = (0..n * k)
+                .map(|i| half::bf16::from_f32((i % 5) as f32 * 0.5))
+                .collect();
+            let r: Vec<half::bf16> = (0..m * n)
+                .map(|i| half::bf16::from_f32((i % 11) as f32 * 0.25 - 1.0))
+                .collect();
+            for residual in [None, Some(&r[..])] {
+                let got = multiply_with(None, &x, &w, residual, (m, n, k)).unwrap();
+                let want =
+                    multiply_with(crate::blas::loaded_blas(), &x, &w, residual, (m, n, k)).unwrap();
+                assert_eq!(got.len(), m * n);
+                for (i, g) in got.iter().enumerate() {
+                    let (row, j) = (i / n, i % n);
+                    let sum: f32 = (0..k)
+                        .map(|q| x[row * k + q].to_f32() * w[j * k + q].to_f32())
+                        .sum::<f32>()
+                        + residual.map_or(0.0, |r| r[i].to_f32());
+                    // Small integers, halves and quarters: every sum is exact, and so is its
+                    // rounding.
+                    assert_eq!(
+                        g.to_f32(),
+                        half::bf16::from_f32(sum).to_f32(),
+                        "{m} rows: row {row}, column {j}, residual {}",
+                        residual.is_some()
+                    );
+                }
+                assert_eq!(got, want);
+            }
         }
-        assert_eq!(got, want);
+        // Through the tensor entry point: r + x·wᵀ rounded once, and r of another shape
+        // not taken.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 40), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 24), &dev).unwrap();
+        let h = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = product_add(&h(&x), &h(&w).t().unwrap(), &h(&r))
+            .unwrap()
+            .expect("taken");
+        let f = |t: &Tensor| h(t).to_dtype(DType::F32).unwrap();
+        let want = (f(&x).broadcast_matmul(&f(&w).t().unwrap()).unwrap() + f(&r)).unwrap();
+        let (got, want) = (
+            got.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= w.abs() / 256.0 + 1e-5, "{g} against {w}");
+        }
+        let r2 = h(&r).narrow(2, 0, 20).unwrap();
+        assert!(product_add(&h(&x), &h(&w).t().unwrap(), &r2)
+            .unwrap()
+            .is_none());
         // Not a transposed contiguous weight, f32, or tracked: not taken.
         let x = Tensor::ones((2, 8), DType::BF16, &dev).unwrap();
         let w = Tensor::ones((8, 3), DType::BF16, &dev).unwrap();
@@ -261,5 +391,42 @@ mod tests {
         assert!(product(&x32, &w32.t().unwrap().t().unwrap())
             .unwrap()
             .is_none());
+    }
+
+    /// The vectorised bf16 rounding equals `half`'s, bit for bit: ties both ways, values next
+    /// to the largest, infinities, subnormals, NaNs of both signs and a sweep of bit patterns.
+    #[test]
+    fn bf16_rounding_equals_half_s() {
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x7f7f_ffff,
+            0x7f7f_7fff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0xffc0_0001,
+            0x7f80_0001,
+            0xff80_0001,
+            0x0000_8000,
+            0x0001_8000,
+            0x8000_7fff,
+        ];
+        bits.extend((0..200_000u32).map(|i| i.wrapping_mul(2_654_435_761)));
+        let src: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![half::bf16::ZERO; src.len()];
+        half::bf16::narrow_all(&src, &mut got);
+        for (v, g) in src.iter().zip(&got) {
+            assert_eq!(
+                g.to_bits(),
+                half::bf16::from_f32(*v).to_bits(),
+                "{:#010x}",
+                v.to_bits()
+            );
+        }
     }
 }

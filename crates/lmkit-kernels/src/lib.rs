@@ -9,6 +9,8 @@
 //! - [`fused`]: elementwise and row-wise kernels (softmax, GELU, layer/RMS norm, rope, bias,
 //!   cross-entropy) as slice-level forward/backward pairs, compiled per SIMD level and chosen at
 //!   run time ([`simd`]), wrapped as candle custom ops with analytic backward passes.
+//! - [`half_weights`], [`half_ops`]: products, element-wise and row-wise kernels for models
+//!   loaded in bf16 or f16 on the CPU, computed in f32 and rounded once.
 //! - [`padded_attention`]: encoder self-attention over a padded batch, each sequence over its
 //!   own tokens (inference).
 //! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
@@ -38,6 +40,7 @@ pub mod cuda;
 pub mod few_rows;
 pub mod fused;
 pub mod gemm;
+pub mod half_ops;
 pub mod half_weights;
 pub mod nccl;
 pub mod padded_attention;

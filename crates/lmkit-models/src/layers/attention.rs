@@ -63,6 +63,9 @@ pub fn attention(
         let p = probabilities(&att, v.dtype())?;
         return lmkit_kernels::blas::matmul(&p, v)?.reshape((b, heads, 1, d));
     }
+    if let Some(y) = in_f32(q, k, v, mask, scale)? {
+        return Ok(y);
+    }
     let s = k.dim(2)?;
     if matches!(mask, Mask::Causal) && t > QUERY_BLOCK {
         // Long causal passes (scoring a long window) in blocks of queries: each block's scores
@@ -111,6 +114,34 @@ pub fn attention(
     };
     let p = probabilities(&att, v.dtype())?;
     lmkit_kernels::blas::matmul(&p, &v)
+}
+
+/// A half-type model's attention over several queries on the CPU (a prompt, a prefill): q, k
+/// and v widened once and the whole of it computed in f32 — scores, softmax and the weighted
+/// sum, as PyTorch's CPU attention keeps its scores in f32 — and the output rounded once.
+/// Composed in the half type, each product converted its operands to f32 and rounded its result
+/// (the scores too, t × keys values a head), and the conversions took longer than the products.
+/// `None` for other types and devices, and for tensors that track gradients.
+fn in_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Ok(None);
+    }
+    let wide = |t: &Tensor| lmkit_kernels::half_ops::convert(t, DType::F32);
+    let (Some(qf), Some(kf), Some(vf)) = (wide(q)?, wide(k)?, wide(v)?) else {
+        return Ok(None);
+    };
+    let y = attention(&qf, &kf, &vf, mask, scale)?;
+    match lmkit_kernels::half_ops::convert(&y, dtype)? {
+        Some(y) => Ok(Some(y)),
+        None => y.to_dtype(dtype).map(Some),
+    }
 }
 
 /// Scores of a half-precision model in f32: its scaling, mask and softmax run in f32, as
@@ -484,6 +515,45 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         lmkit_kernels::testing::max_diff(a, b)
+    }
+
+    /// A half-type model's attention over several queries is the f32 attention of its widened
+    /// q, k and v (scores unrounded), rounded once: causal (one block and several, grouped
+    /// heads) and with a padding bias; both half types.
+    #[test]
+    fn half_type_prompts_attend_in_f32() {
+        let dev = Device::Cpu;
+        for dtype in [DType::BF16, DType::F16] {
+            let step = if dtype == DType::BF16 {
+                1.0 / 256.0
+            } else {
+                1.0 / 2048.0
+            };
+            for (t, s) in [(40, 40), (QUERY_BLOCK + 30, QUERY_BLOCK + 30), (9, 20)] {
+                let r = |shape: &[usize]| {
+                    Tensor::randn(0f32, 1.5, shape, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let (q, k, v) = (r(&[1, 4, t, 16]), r(&[1, 2, s, 16]), r(&[1, 2, s, 16]));
+                let bias = Tensor::randn(0f32, 1.0, (1, 1, t, s), &dev).unwrap();
+                let wide = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+                for mask in [Mask::Causal, Mask::Bias(Some(&bias))] {
+                    let got = attention(&q, &k, &v, mask, 0.25).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let want = attention(&wide(&q), &wide(&k), &wide(&v), mask, 0.25).unwrap();
+                    let size = want.abs().unwrap().max_all().unwrap();
+                    let size: f32 = size.to_scalar().unwrap();
+                    let err = max_diff(&wide(&got), &want);
+                    // One rounding of the output (the f32 path's own sums differ in order only).
+                    assert!(
+                        err <= (size * step) as f64,
+                        "{dtype:?} t {t} s {s} {mask:?}: {err} of {size}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

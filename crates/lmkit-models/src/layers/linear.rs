@@ -266,6 +266,13 @@ impl Linear {
                     None => self.forward(x)? + r,
                 }
             }
+            (Weight::Dense(_) | Weight::Transposed(_), None) if adapter_off => {
+                // A half-type model on the CPU: the residual added before the one rounding.
+                match lmkit_kernels::half_weights::product_add(x, &self.dense_in_out()?, r)? {
+                    Some(y) => Ok(y),
+                    None => self.forward(x)? + r,
+                }
+            }
             _ => self.forward(x)? + r,
         }
     }
