@@ -765,6 +765,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
                 return Ok(y);
             }
         }
+        if let Some(y) = crate::half_weights::product_bias(x, w, b)? {
+            return Ok(y);
+        }
         return crate::fused::add_bias(&matmul(x, w)?, b);
     }
     x.contiguous()?

@@ -497,7 +497,7 @@ fn gelu_consts<T: Float>() -> (T, T) {
 
 simd_versions! {
     /// One block of the GELU forward: o = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
-    fn gelu_block<T: FastMath>(x: &[T], o: &mut [T]) {
+    pub(crate) fn gelu_block<T: FastMath>(x: &[T], o: &mut [T]) {
         let (k, a) = gelu_consts::<T>();
         let half = c::<T>(0.5);
         for (o, &v) in o.iter_mut().zip(x) {
@@ -565,6 +565,9 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(Gelu);
     }
+    if let Some(y) = crate::half_ops::gelu_tanh(x)? {
+        return Ok(y);
+    }
     x.gelu()
 }
 
@@ -577,7 +580,7 @@ struct GeluErfBwd;
 
 simd_versions! {
     /// One block of the forward: o = ½x(1 + erf(x/√2)).
-    fn gelu_erf_block<T: FastMath>(x: &[T], o: &mut [T]) {
+    pub(crate) fn gelu_erf_block<T: FastMath>(x: &[T], o: &mut [T]) {
         let (half, r2) = (c::<T>(0.5), c::<T>(std::f64::consts::FRAC_1_SQRT_2));
         for (o, &v) in o.iter_mut().zip(x) {
             *o = half * v * (T::one() + (v * r2).erf_fast());
@@ -651,6 +654,9 @@ impl CustomOp2 for GeluErfBwd {
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(GeluErf);
+    }
+    if let Some(y) = crate::half_ops::gelu_erf(x)? {
+        return Ok(y);
     }
     x.gelu_erf()
 }
@@ -980,7 +986,7 @@ fn row_stats<T: Float>(r: &[T], eps: T) -> (T, T) {
 
 simd_versions! {
     /// LayerNorm of the rows of `xs` into `o`.
-    fn layer_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], b: &[T], eps: T) {
+    pub(crate) fn layer_norm_block<T: FastMath>(o: &mut [T], xs: &[T], w: &[T], b: &[T], eps: T) {
         let n = w.len();
         for (o, r) in o.chunks_mut(n).zip(xs.chunks(n)) {
             let (mean, rstd) = row_stats(r, eps);
@@ -1161,7 +1167,7 @@ pub fn layer_norm(
     }
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().is_cpu() && t.dims() == [n];
     if !(fused_ok(x) && same(w) && same(b)) {
-        return Ok(None);
+        return crate::half_ops::layer_norm(x, w, b, eps);
     }
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })

@@ -1,5 +1,6 @@
 //! Inference in a half type (bf16, f16) on the CPU for the fused element-wise and row-wise
-//! kernels (SwiGLU, RMSNorm, rotary embedding) and the conversions to and from f32: each task
+//! kernels (SwiGLU, the GELUs, sums, RMSNorm, LayerNorm, rotary embedding) and the conversions
+//! to and from f32: each task
 //! widens its tile of the inputs into f32, runs the f32 kernel of [`crate::fused`] on it and
 //! rounds the result once. candle's ops in these types are a chain of composed ops, each
 //! converting element by element and rounding its output (a bf16 prompt of SmolLM2-135M spent
@@ -154,6 +155,78 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<
     by_type!(x, go(&xc, &wc, n, eps))
 }
 
+/// The tanh GELU (see [`crate::fused::gelu_tanh`]).
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    elementwise(x, crate::fused::gelu_block)
+}
+
+/// The exact GELU (see [`crate::fused::gelu_erf`]).
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    elementwise(x, crate::fused::gelu_erf_block)
+}
+
+/// `f` (an f32 block kernel) on every value of `x`.
+fn elementwise(x: &Tensor, f: fn(&[f32], &mut [f32])) -> candle_core::Result<Option<Tensor>> {
+    if !half_inference(x, &[]) {
+        return Ok(None);
+    }
+    let xc = x.contiguous()?;
+    fn go<T: Half>(x: &Tensor, f: fn(&[f32], &mut [f32])) -> candle_core::Result<Vec<T>> {
+        with_values::<T, _>(&[x], |v| through_f32(v, 1, |_, x, o| f(&x[0], o)))
+    }
+    by_type!(x, go(&xc, f))
+}
+
+/// `a + b` (same shapes), the sum rounded once.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !half_inference(a, &[b]) || a.dims() != b.dims() {
+        return Ok(None);
+    }
+    let (ac, bc) = (a.contiguous()?, b.contiguous()?);
+    fn go<T: Half>(a: &Tensor, b: &Tensor) -> candle_core::Result<Vec<T>> {
+        with_values::<T, _>(&[a, b], |v| {
+            through_f32(v, 1, |_, x, o| {
+                for ((o, &p), &q) in o.iter_mut().zip(&x[0]).zip(&x[1]) {
+                    *o = p + q;
+                }
+            })
+        })
+    }
+    by_type!(a, go(&ac, &bc))
+}
+
+/// LayerNorm over the last dim with weight `w` and bias `b` [n] (see
+/// [`crate::fused::layer_norm`]).
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    if !half_inference(x, &[w, b]) || w.dims() != [n] || b.dims() != [n] || n == 0 {
+        return Ok(None);
+    }
+    let (xc, wc, bc) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    fn go<T: Half>(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        n: usize,
+        eps: f64,
+    ) -> candle_core::Result<Vec<T>> {
+        with_values::<T, _>(&[x, w, b], |v| {
+            let (mut wf, mut bf) = (vec![0f32; n], vec![0f32; n]);
+            T::widen_all(v[1], &mut wf);
+            T::widen_all(v[2], &mut bf);
+            through_f32(&v[..1], n, |_, x, o| {
+                crate::fused::layer_norm_block(o, &x[0], &wf, &bf, eps as f32)
+            })
+        })
+    }
+    by_type!(x, go(&xc, &wc, &bc, n, eps))
+}
+
 /// Rotary embedding of x [.., t, d] with cos/sin [t, d/2] (see [`crate::fused::rope`]).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let dims = x.dims();
@@ -237,7 +310,32 @@ mod tests {
                 crate::fused::swiglu(&xr, &ur).unwrap(),
                 "swiglu",
             );
+            check(
+                gelu_tanh(&xh).unwrap(),
+                crate::fused::gelu_tanh(&xr).unwrap(),
+                "gelu_tanh",
+            );
+            check(
+                gelu_erf(&xh).unwrap(),
+                crate::fused::gelu_erf(&xr).unwrap(),
+                "gelu_erf",
+            );
+            check(add(&xh, &uh).unwrap(), (&xr + &ur).unwrap(), "add");
             let w = Tensor::randn(1f32, 0.3, 1000, &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, 1000, &dev).unwrap();
+            check(
+                layer_norm(
+                    &xh,
+                    &w.to_dtype(dtype).unwrap(),
+                    &b.to_dtype(dtype).unwrap(),
+                    1e-5,
+                )
+                .unwrap(),
+                crate::fused::layer_norm(&xr, &rounded(&w, dtype), &rounded(&b, dtype), 1e-5)
+                    .unwrap()
+                    .unwrap(),
+                "layer_norm",
+            );
             check(
                 rms_norm(&xh, &w.to_dtype(dtype).unwrap(), 1e-5).unwrap(),
                 crate::fused::rms_norm(&xr, &rounded(&w, dtype), 1e-5)

@@ -18,19 +18,26 @@ const BLOCK: usize = 128;
 /// on the CPU and without gradients: [.., n] in that type. `None` where the operands are not
 /// that (the caller multiplies them another way).
 pub fn product(x: &Tensor, wt: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    product_with(x, wt, None)
+    product_with(x, wt, None, None)
+}
+
+/// `x · wt + b` (a linear layer with a bias [n]), the sum rounded once: [`product`] with the bias
+/// added before the rounding. `None` where the operands are not those.
+pub fn product_bias(x: &Tensor, wt: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    product_with(x, wt, Some(b), None)
 }
 
 /// `r + x · wt` (a residual connection after a linear layer without bias), the sum rounded once:
 /// [`product`] with `r` of the output's shape and type added before the rounding. `None` where
 /// the operands are not those.
 pub fn product_add(x: &Tensor, wt: &Tensor, r: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    product_with(x, wt, Some(r))
+    product_with(x, wt, None, Some(r))
 }
 
 fn product_with(
     x: &Tensor,
     wt: &Tensor,
+    b: Option<&Tensor>,
     r: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
     let dtype = x.dtype();
@@ -53,15 +60,22 @@ fn product_with(
         Some(r) => Some(r.reshape((m, n))?.contiguous()?),
         None => None,
     };
+    let bias = match b {
+        Some(b) if !here(b) || b.dims() != [n] => return Ok(None),
+        Some(b) => Some(b.contiguous()?),
+        None => None,
+    };
     let y = x
         .reshape((m, k))?
         .contiguous()?
-        .apply_op2_no_bwd(&w, &HalfProduct { residual })?;
+        .apply_op2_no_bwd(&w, &HalfProduct { bias, residual })?;
     y.reshape(dims).map(Some)
 }
 
-/// [m, k] · [n, k]ᵀ (+ a residual [m, n]) → [m, n], all in one half type (see [`product`]).
+/// [m, k] · [n, k]ᵀ (+ a bias [n]) (+ a residual [m, n]) → [m, n], all in one half type (see
+/// [`product`]).
 struct HalfProduct {
+    bias: Option<Tensor>,
     residual: Option<Tensor>,
 }
 
@@ -87,28 +101,33 @@ impl CustomOp2 for HalfProduct {
             None => candle_core::bail!("half-weight product: operands must be contiguous"),
         };
         let (r1, r2) = (range(l1)?, range(l2)?);
-        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
-        let residual = match &residual {
-            Some((s, l)) => match &**s {
-                candle_core::Storage::Cpu(s) if l.dims() == [m, n] => Some((s, range(l)?)),
-                _ => candle_core::bail!(
-                    "half-weight product: the residual must be [{m}, {n}] on the CPU"
-                ),
-            },
-            None => None,
-        };
+        // The addends' values: a bias [n] and a residual [m, n], on the CPU.
+        let (bias, residual) = (
+            self.bias.as_ref().map(|t| t.storage_and_layout()),
+            self.residual.as_ref().map(|t| t.storage_and_layout()),
+        );
+        let (bias, residual) = (addend(&bias, &[n])?, addend(&residual, &[m, n])?);
+        fn values<'a, T: candle_core::WithDType>(
+            a: &Option<(&'a CpuStorage, std::ops::Range<usize>)>,
+        ) -> candle_core::Result<Option<&'a [T]>> {
+            a.as_ref()
+                .map(|(s, at)| s.as_slice::<T>().map(|v| &v[at.clone()]))
+                .transpose()
+        }
         let y = match (s1, s2) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let r = residual
-                    .map(|(s, at)| s.as_slice::<half::bf16>().map(|r| &r[at]))
-                    .transpose()?;
-                CpuStorage::BF16(multiply(&x[r1], &w[r2], r, (m, n, k))?)
+                let add = Addends {
+                    bias: values(&bias)?,
+                    residual: values(&residual)?,
+                };
+                CpuStorage::BF16(multiply(&x[r1], &w[r2], add, (m, n, k))?)
             }
             (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                let r = residual
-                    .map(|(s, at)| s.as_slice::<half::f16>().map(|r| &r[at]))
-                    .transpose()?;
-                CpuStorage::F16(multiply(&x[r1], &w[r2], r, (m, n, k))?)
+                let add = Addends {
+                    bias: values(&bias)?,
+                    residual: values(&residual)?,
+                };
+                CpuStorage::F16(multiply(&x[r1], &w[r2], add, (m, n, k))?)
             }
             _ => candle_core::bail!("half-weight product: operands of one half type expected"),
         };
@@ -170,14 +189,60 @@ impl Half for half::f16 {
     }
 }
 
-/// x [m, k] · w [n, k]ᵀ (+ r [m, n]) in f32, rounded to `T` once.
+/// A held tensor's CPU storage and the range of its contiguous values, checked to be `dims`.
+#[allow(clippy::type_complexity)]
+fn addend<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
+    held: &'a Option<(G, &Layout)>,
+    dims: &[usize],
+) -> candle_core::Result<Option<(&'a CpuStorage, std::ops::Range<usize>)>> {
+    let Some((s, l)) = held else {
+        return Ok(None);
+    };
+    match (&**s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(s), Some((a, b))) if l.dims() == dims => Ok(Some((s, a..b))),
+        _ => candle_core::bail!(
+            "half-weight product: an addend must be a contiguous {dims:?} on the CPU"
+        ),
+    }
+}
+
+/// What a product adds to its f32 sums before their one rounding: a bias [n] on every row, and
+/// a residual [m, n].
+#[derive(Clone, Copy)]
+struct Addends<'a, T> {
+    bias: Option<&'a [T]>,
+    residual: Option<&'a [T]>,
+}
+
+impl<T: Half> Addends<'_, T> {
+    /// Adds columns j0.. of row i (rows of n) to `sums`.
+    fn add_to(&self, sums: &mut [f32], i: usize, j0: usize, n: usize) {
+        let at = j0..j0 + sums.len();
+        if let Some(b) = self.bias {
+            add_widened(sums, &b[at.clone()]);
+        }
+        if let Some(r) = self.residual {
+            add_widened(sums, &r[i * n..][at]);
+        }
+    }
+
+    /// The addends of rows i0.. .
+    fn rows_after(self, i0: usize, n: usize) -> Self {
+        Addends {
+            bias: self.bias,
+            residual: self.residual.map(|r| &r[i0 * n..]),
+        }
+    }
+}
+
+/// x [m, k] · w [n, k]ᵀ (+ the addends) in f32, rounded to `T` once.
 fn multiply<T: Half>(
     x: &[T],
     w: &[T],
-    r: Option<&[T]>,
+    add: Addends<T>,
     dims: (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
-    multiply_with(crate::blas::loaded_blas(), x, w, r, dims)
+    multiply_with(crate::blas::loaded_blas(), x, w, add, dims)
 }
 
 /// [`multiply`] with `blas` for products of more rows than a serving round's.
@@ -185,17 +250,17 @@ fn multiply_with<T: Half>(
     blas: Option<&crate::blas::Blas>,
     x: &[T],
     w: &[T],
-    r: Option<&[T]>,
+    add: Addends<T>,
     (m, n, k): (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
     use crate::few_rows::FEW_ROWS;
-    if r.is_some_and(|r| r.len() != m * n) {
-        candle_core::bail!("half-weight product: the residual must hold {m} × {n} values");
+    if add.residual.is_some_and(|r| r.len() != m * n) || add.bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!("half-weight product: the addends must hold {n} and {m} × {n} values");
     }
     let mut xf = vec![0.0f32; m * k];
     T::widen_all(x, &mut xf);
     if m <= FEW_ROWS {
-        return Ok(few_rows(&xf, w, r, (m, n, k)));
+        return Ok(few_rows(&xf, w, add, (m, n, k)));
     }
     // More rows go through BLAS: blocks of w's rows widened over rayon's threads, each
     // multiplied while its core has it in cache; without BLAS, FEW_ROWS rows at a time.
@@ -204,8 +269,12 @@ fn multiply_with<T: Half>(
             .chunks(FEW_ROWS * k)
             .enumerate()
             .flat_map(|(i, rows)| {
-                let r = r.map(|r| &r[i * FEW_ROWS * n..][..rows.len() / k * n]);
-                few_rows(rows, w, r, (rows.len() / k, n, k))
+                few_rows(
+                    rows,
+                    w,
+                    add.rows_after(i * FEW_ROWS, n),
+                    (rows.len() / k, n, k),
+                )
             })
             .collect());
     };
@@ -226,9 +295,7 @@ fn multiply_with<T: Half>(
             let (j0, nb) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
             row[j0..j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
         }
-        if let Some(r) = r {
-            add_widened(&mut row, &r[i * n..(i + 1) * n]);
-        }
+        add.add_to(&mut row, i, 0, n);
         T::narrow_all(&row, o);
     });
     Ok(out)
@@ -249,7 +316,7 @@ fn add_widened<T: Half>(acc: &mut [f32], r: &[T]) {
 fn few_rows<T: Half>(
     xf: &[f32],
     w: &[T],
-    r: Option<&[T]>,
+    add: Addends<T>,
     (m, n, k): (usize, usize, usize),
 ) -> Vec<T> {
     use crate::few_rows::COLS_PER_TASK as COLS;
@@ -261,9 +328,7 @@ fn few_rows<T: Half>(
         let tile = &mut tile[..m * cols];
         crate::few_rows::dot_tile(xf, k, m, &w[j0 * k..], k, cols, k, tile, true);
         for (i, row) in tile.chunks_exact_mut(cols).enumerate() {
-            if let Some(r) = r {
-                add_widened(row, &r[i * n + j0..i * n + j0 + cols]);
-            }
+            add.add_to(row, i, j0, n);
             // SAFETY: task t alone writes columns j0..j0 + cols of the m rows of `out`, which
             // outlives the loop.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i * n + j0), cols) };
@@ -330,23 +395,30 @@ mod tests {
             let r: Vec<half::bf16> = (0..m * n)
                 .map(|i| half::bf16::from_f32((i % 11) as f32 * 0.25 - 1.0))
                 .collect();
-            for residual in [None, Some(&r[..])] {
-                let got = multiply_with(None, &x, &w, residual, (m, n, k)).unwrap();
+            let bias: Vec<half::bf16> = (0..n)
+                .map(|j| half::bf16::from_f32((j % 3) as f32 - 1.0))
+                .collect();
+            let (b, rr) = (Some(&bias[..]), Some(&r[..]));
+            for (bias, residual) in [(None, None), (None, rr), (b, rr), (b, None)] {
+                let add = Addends { bias, residual };
+                let got = multiply_with(None, &x, &w, add, (m, n, k)).unwrap();
                 let want =
-                    multiply_with(crate::blas::loaded_blas(), &x, &w, residual, (m, n, k)).unwrap();
+                    multiply_with(crate::blas::loaded_blas(), &x, &w, add, (m, n, k)).unwrap();
                 assert_eq!(got.len(), m * n);
                 for (i, g) in got.iter().enumerate() {
                     let (row, j) = (i / n, i % n);
                     let sum: f32 = (0..k)
                         .map(|q| x[row * k + q].to_f32() * w[j * k + q].to_f32())
                         .sum::<f32>()
+                        + bias.map_or(0.0, |b| b[j].to_f32())
                         + residual.map_or(0.0, |r| r[i].to_f32());
                     // Small integers, halves and quarters: every sum is exact, and so is its
                     // rounding.
                     assert_eq!(
                         g.to_f32(),
                         half::bf16::from_f32(sum).to_f32(),
-                        "{m} rows: row {row}, column {j}, residual {}",
+                        "{m} rows: row {row}, column {j}, bias {}, residual {}",
+                        bias.is_some(),
                         residual.is_some()
                     );
                 }
@@ -376,6 +448,30 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= w.abs() / 256.0 + 1e-5, "{g} against {w}");
         }
+        // And x·wᵀ + b.
+        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let got = product_bias(&h(&x), &h(&w).t().unwrap(), &h(&b))
+            .unwrap()
+            .expect("taken");
+        let want = f(&x)
+            .broadcast_matmul(&f(&w).t().unwrap())
+            .unwrap()
+            .broadcast_add(&f(&b))
+            .unwrap();
+        let got = got.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+        let want = want.flatten_all().unwrap();
+        for (g, w) in got
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(want.to_vec1::<f32>().unwrap())
+        {
+            assert!((g - w).abs() <= w.abs() / 256.0 + 1e-5, "{g} against {w}");
+        }
+        let b2 = h(&b).narrow(0, 0, 20).unwrap();
+        assert!(product_bias(&h(&x), &h(&w).t().unwrap(), &b2)
+            .unwrap()
+            .is_none());
         let r2 = h(&r).narrow(2, 0, 20).unwrap();
         assert!(product_add(&h(&x), &h(&w).t().unwrap(), &r2)
             .unwrap()

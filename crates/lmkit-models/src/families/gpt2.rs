@@ -204,7 +204,11 @@ impl Block {
 /// which rounds differently).
 pub(crate) fn residual(layer: &Linear, h: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() {
-        x + layer.forward(h)?
+        let y = layer.forward(h)?;
+        match lmkit_kernels::half_ops::add(x, &y)? {
+            Some(sum) => Ok(sum),
+            None => x + y,
+        }
     } else {
         layer.forward_add(h, x)
     }
