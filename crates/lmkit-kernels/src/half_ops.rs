@@ -284,11 +284,7 @@ mod tests {
     fn half_type_ops_equal_the_f32_kernels_rounded_once() {
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F16] {
-            let step = if dtype == DType::BF16 {
-                1.0 / 256.0
-            } else {
-                1.0 / 2048.0
-            };
+            let step = crate::testing::rounding_step(dtype) as f32;
             let check = |got: Option<Tensor>, want: Tensor, what: &str| {
                 let got = got.expect(what);
                 assert_eq!(got.dtype(), dtype, "{what}");

@@ -371,11 +371,7 @@ mod tests {
                     .unwrap();
                 let size: f64 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 // One rounding to the half type (bf16: 2⁻⁸ relative, f16: 2⁻¹¹) and f32 sums.
-                let step = if dtype == DType::BF16 {
-                    1.0 / 256.0
-                } else {
-                    1.0 / 2048.0
-                };
+                let step = crate::testing::rounding_step(dtype);
                 assert!(
                     err <= step * size,
                     "{dtype:?} {rows}x{k}x{n}: {err} of {size}"

@@ -109,3 +109,13 @@ pub fn uniform(seed: u64) -> impl FnMut(usize) -> Vec<f32> {
             .collect()
     }
 }
+
+/// The relative size of one rounding step of a half type (to nearest: half a unit in the last
+/// place) — bf16 2⁻⁸, f16 2⁻¹¹ — with f32's (2⁻²⁴) for any other type.
+pub fn rounding_step(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1.0 / 256.0,
+        DType::F16 => 1.0 / 2048.0,
+        _ => 1.0 / 16_777_216.0,
+    }
+}

@@ -524,11 +524,7 @@ mod tests {
     fn half_type_prompts_attend_in_f32() {
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F16] {
-            let step = if dtype == DType::BF16 {
-                1.0 / 256.0
-            } else {
-                1.0 / 2048.0
-            };
+            let step = lmkit_kernels::testing::rounding_step(dtype);
             for (t, s) in [(40, 40), (QUERY_BLOCK + 30, QUERY_BLOCK + 30), (9, 20)] {
                 let r = |shape: &[usize]| {
                     Tensor::randn(0f32, 1.5, shape, &dev)
@@ -548,7 +544,7 @@ mod tests {
                     let err = max_diff(&wide(&got), &want);
                     // One rounding of the output (the f32 path's own sums differ in order only).
                     assert!(
-                        err <= (size * step) as f64,
+                        err <= size as f64 * step,
                         "{dtype:?} t {t} s {s} {mask:?}: {err} of {size}"
                     );
                 }
