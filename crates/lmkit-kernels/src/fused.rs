@@ -1,7 +1,8 @@
 //! Fused CPU kernels with analytic backward passes, for ops whose candle backward is a long chain
 //! of elementwise tensor ops (measured by `examples/op_bench.rs`: GELU's backward took 10x its
-//! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64; other devices and
-//! dtypes fall back to composed ops. lmkit-models/tests/gradients.rs checks them against finite differences.
+//! forward, softmax's 7x). Each kernel runs over rows in parallel, in f32 or f64 (bf16/f16
+//! inference on the CPU through [`crate::half_ops`]); other devices and dtypes fall back to
+//! composed ops. lmkit-models/tests/gradients.rs checks them against finite differences.
 
 use crate::simd::simd_versions;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
@@ -560,7 +561,8 @@ impl CustomOp2 for GeluBwd {
     }
 }
 
-/// GELU with the tanh approximation.
+/// GELU with the tanh approximation (the fused kernel in f32/f64 on the CPU, and for inference in
+/// a half type there through [`crate::half_ops`]).
 pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(Gelu);
@@ -650,7 +652,8 @@ impl CustomOp2 for GeluErfBwd {
     }
 }
 
-/// The exact (erf) GELU.
+/// The exact (erf) GELU (the fused kernel in f32/f64 on the CPU, and for inference in a half type
+/// there through [`crate::half_ops`]).
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(x) {
         return x.contiguous()?.apply_op1(GeluErf);
@@ -820,8 +823,9 @@ impl CustomOp3 for SwiGluGateGrad {
     }
 }
 
-/// silu(gate)·up: the fused kernel on the CPU in f32/f64 (same shapes), one launch on a GPU in f32
-/// where nothing tracks gradients (`cuda::swiglu_rows`), composed ops elsewhere.
+/// silu(gate)·up: the fused kernel on the CPU in f32/f64 (same shapes) and for inference in a half
+/// type there ([`crate::half_ops`]), one launch on a GPU in f32 where nothing tracks gradients
+/// (`cuda::swiglu_rows`), composed ops elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if fused_ok(gate)
         && up.dtype() == gate.dtype()
@@ -830,14 +834,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     {
         return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
     }
-    if let Some(y) = crate::half_ops::swiglu(gate, up)? {
-        return Ok(y);
-    }
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     if crate::cuda::layers_on(gate) {
         if let Some(y) = crate::cuda::swiglu_rows(gate, up)? {
             return Ok(y);
         }
+    }
+    if let Some(y) = crate::half_ops::swiglu(gate, up)? {
+        return Ok(y);
     }
     candle_nn::ops::silu(gate)? * up
 }
@@ -1152,8 +1156,8 @@ impl CustomOp3 for LayerNormBwd {
 }
 
 /// LayerNorm over the last dim with weight `w` and bias `b` ([n] each): the fused kernel on the
-/// CPU in f32/f64, candle-nn's on a GPU where nothing tracks gradients, `None` elsewhere (the
-/// caller composes it from tensor ops).
+/// CPU in f32/f64 (and for inference in a half type there: [`crate::half_ops`]), candle-nn's on a
+/// GPU where nothing tracks gradients, `None` elsewhere (the caller composes it from tensor ops).
 pub fn layer_norm(
     x: &Tensor,
     w: &Tensor,
@@ -1305,9 +1309,9 @@ impl CustomOp3 for RmsNormBwd {
     }
 }
 
-/// RMSNorm over the last dim with weight `w` [n]: the fused kernel on the CPU in f32/f64,
-/// candle-nn's on a GPU where nothing tracks gradients, `None` elsewhere (the caller composes it
-/// from tensor ops).
+/// RMSNorm over the last dim with weight `w` [n]: the fused kernel on the CPU in f32/f64 (and for
+/// inference in a half type there: [`crate::half_ops`]), candle-nn's on a GPU where nothing tracks
+/// gradients, `None` elsewhere (the caller composes it from tensor ops).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
     let n = x.dim(D::Minus1)?;
     if gpu_inference(x, &[w]) && w.dims() == [n] {
@@ -1440,7 +1444,8 @@ impl CustomOp3 for RopeOp {
 }
 
 /// Rotary embedding of x [.., t, d] with cos/sin [t, d/2] ("rotate half" layout): the fused kernel
-/// on the CPU in f32/f64 (gradient for x only: the tables are constants), `None` elsewhere.
+/// on the CPU in f32/f64 (gradient for x only: the tables are constants) and for inference in a
+/// half type there ([`crate::half_ops`]), `None` elsewhere.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let dims = x.dims();
     let (r, d) = (dims.len(), *dims.last().unwrap_or(&0));
