@@ -1,8 +1,7 @@
 //! Inference in a half type (bf16, f16) on the CPU for the fused element-wise and row-wise
 //! kernels (SwiGLU, the GELUs, sums, RMSNorm, LayerNorm, rotary embedding) and the conversions
-//! to and from f32: each task
-//! widens its tile of the inputs into f32, runs the f32 kernel of [`crate::fused`] on it and
-//! rounds the result once. candle's ops in these types are a chain of composed ops, each
+//! to and from f32: each task widens its tile of the inputs into f32, runs the f32 kernel of
+//! [`crate::fused`] on it and rounds the result once. candle's ops in these types are a chain of composed ops, each
 //! converting element by element and rounding its output (a bf16 prompt of SmolLM2-135M spent
 //! about a fifth of its time in them and in candle's single-threaded conversions).
 //!
