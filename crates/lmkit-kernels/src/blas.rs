@@ -1787,9 +1787,14 @@ impl CustomOp2 for CausalSelfAttentionBwd {
 /// (q | k | v, as GPT-2's `c_attn` gives it) to the heads' concatenated output [b, t, c]:
 /// per (row, head), P = causal softmax(q·kᵀ/√d), y = P·v, with BLAS products on strided views of
 /// `qkv` — no head split, transposes, mask or separate softmax in the graph. The backward pass
-/// recomputes P instead of keeping it. `None` when it does not apply (not CPU f32/f64, or no
-/// BLAS library): the caller uses the composed attention.
+/// recomputes P instead of keeping it. A half-type `qkv` (inference) goes through f32. `None`
+/// when it does not apply (not on the CPU in f32/f64 or a half type, or no BLAS library): the
+/// caller uses the composed attention.
 pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Option<Tensor>> {
+    // A half-type model's pass: in f32, the output rounded once.
+    if let Some(y) = crate::half_ops::in_f32(qkv, |q| causal_self_attention(q, heads))? {
+        return Ok(Some(y));
+    }
     if !(qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64) && available()) {
         return Ok(None);
     }
@@ -2000,8 +2005,9 @@ impl candle_core::CustomOp3 for RopeAttentionBwd<'_> {
 /// projections give them side by side) to the heads' output [b, t, heads·head dim]. Each row
 /// is one sequence, or the sequences `segments` gives (lengths in order; positions and
 /// attention restart at each). BLAS products over the causal blocks only, no [t, t] mask or
-/// repeated key/value heads; the backward pass recomputes P. `None` when it does not apply
-/// (not CPU f32/f64, or no BLAS library): the caller composes the attention.
+/// repeated key/value heads; the backward pass recomputes P. A half-type `qkv` (inference) goes
+/// through f32 (`table` is f32 for such a model). `None` when it does not apply (not on the CPU
+/// in f32/f64 or a half type, or no BLAS library): the caller composes the attention.
 pub fn rope_causal_attention(
     qkv: &Tensor,
     table: &Tensor,
@@ -2009,6 +2015,11 @@ pub fn rope_causal_attention(
     kv_heads: usize,
     segments: Option<&[Vec<usize>]>,
 ) -> candle_core::Result<Option<Tensor>> {
+    // A half-type model's pass (its table is f32): in f32, the output rounded once.
+    let wide = |q: &Tensor| rope_causal_attention(q, table, heads, kv_heads, segments);
+    if let Some(y) = crate::half_ops::in_f32(qkv, wide)? {
+        return Ok(Some(y));
+    }
     let fits = qkv.device().is_cpu()
         && table.device().is_cpu()
         && matches!(qkv.dtype(), DType::F32 | DType::F64)
@@ -2239,6 +2250,55 @@ mod tests {
                 .unwrap();
             let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
             assert_same(ours, reference, &[&qkv], tol, &format!("{dtype:?}"));
+        }
+    }
+
+    /// A half-type model's scoring passes (inference) run the f32 kernels on the widened
+    /// projections and round their output once: the same values as the f32 kernel on them.
+    #[test]
+    fn half_type_scoring_attention_goes_through_f32() {
+        if !blas_or_skip() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (b, t, heads, kv, hd) = (2usize, 37usize, 4usize, 2usize, 8usize);
+        let table = Tensor::randn(0f32, 1.0, (t, hd), &dev).unwrap();
+        let values = |x: Tensor| {
+            x.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            let half = |w: usize| {
+                Tensor::randn(0f32, 1.0, (b, t, w), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let wide = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let qkv = half((heads + 2 * kv) * hd);
+            let got = rope_causal_attention(&qkv, &table, heads, kv, None)
+                .unwrap()
+                .expect("in f32");
+            assert_eq!(got.dtype(), dtype);
+            let want = rope_causal_attention(&wide(&qkv), &table, heads, kv, None)
+                .unwrap()
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            assert_eq!(values(got), values(want), "{dtype:?} rope attention");
+            let qkv = half(3 * heads * hd);
+            let got = causal_self_attention(&qkv, heads).unwrap().expect("in f32");
+            assert_eq!(got.dtype(), dtype);
+            let want = causal_self_attention(&wide(&qkv), heads)
+                .unwrap()
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            assert_eq!(values(got), values(want), "{dtype:?} self-attention");
         }
     }
 

@@ -109,6 +109,26 @@ fn narrow<T: Half>(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, x.elem_count(), &Device::Cpu)
 }
 
+/// `f` of `x` widened to f32, its result rounded back to `x`'s half type: for a half-type tensor
+/// on the CPU tracking no gradient, so that an f32-only kernel (the scoring passes' attention
+/// straight from the projections) serves a half-type model too. `None` for other tensors, or
+/// where `f` gives `None`.
+pub fn in_f32(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Option<Tensor>>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !half_inference(x, &[]) {
+        return Ok(None);
+    }
+    let Some(wide) = convert(x, DType::F32)? else {
+        return Ok(None);
+    };
+    match f(&wide)? {
+        Some(y) => convert(&y, x.dtype()),
+        None => Ok(None),
+    }
+}
+
 /// Runs `go::<bf16>` or `go::<f16>` by `x`'s type and shapes the result as `x`.
 macro_rules! by_type {
     ($x:expr, $go:ident ( $($arg:expr),* )) => {{
