@@ -16,12 +16,13 @@ BIN = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
 MEMORY = 4 << 30
 
 
-def run(args, cwd):
+def run(args, cwd, env=None):
+    """`env`: the environment instead of this process's."""
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
 
     return subprocess.run([BIN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          preexec_fn=cap)
+                          preexec_fn=cap, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,26 @@ def test_bad_input_is_a_clear_error(tmp_path, name, files, args, needle, absent)
 def test_oversized_runs_are_refused_before_allocating(tmp_path, corpus, name, model, train, needle):
     (tmp_path / "run.toml").write_text(run_config(corpus, model, train))
     check(run(["train", "--config", "run.toml"], tmp_path), needle)
+    assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
+
+
+# (name, environment, extra arguments of `lmkit train`, text the error must contain): a data-parallel
+# group's settings (torchrun's variables, --procs) out of range.
+GROUP_CASES = [
+    ("WORLD_SIZE of 10^12", {"WORLD_SIZE": str(10**12), "RANK": "0", "MASTER_PORT": "29500"}, [], "WORLD_SIZE"),
+    ("MASTER_PORT of 70000", {"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "70000"}, [], "MASTER_PORT=70000"),
+    ("RANK not a number", {"WORLD_SIZE": "2", "RANK": "first", "MASTER_PORT": "29500"}, [], "RANK=first"),
+    ("--procs 10^12", {}, ["--procs", str(10**12)], "--procs/--gpus"),
+]
+
+
+@pytest.mark.parametrize("name,env,extra,needle", GROUP_CASES, ids=[c[0] for c in GROUP_CASES])
+def test_bad_group_settings_are_a_clear_error(tmp_path, corpus, name, env, extra, needle):
+    (tmp_path / "run.toml").write_text(run_config(corpus))
+    group = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    outside = {k: v for k, v in os.environ.items() if k not in group}
+    p = run(["train", "--config", "run.toml", *extra], tmp_path, {**outside, **env})
+    check(p, needle)
     assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
 
 

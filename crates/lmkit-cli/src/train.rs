@@ -163,6 +163,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if n == 0 {
             anyhow::bail!("--procs/--gpus: the number of processes must be at least 1");
         }
+        if n > lmkit_train::group::MAX_WORLD {
+            anyhow::bail!(
+                "--procs/--gpus {n}: a group takes at most {} processes",
+                lmkit_train::group::MAX_WORLD
+            );
+        }
         if a.gpus.is_some() {
             match lmkit_models::cuda_device_count() {
                 None => anyhow::bail!(

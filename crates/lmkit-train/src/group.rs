@@ -82,6 +82,10 @@ impl Waits {
 /// Names the seconds a member waits for another's part of an exchange.
 const TIMEOUT_VAR: &str = "LMKIT_GROUP_TIMEOUT";
 
+/// The most members a group takes: the root keeps a connection to every other member (one file
+/// descriptor each) and sums their buffers in turn.
+pub const MAX_WORLD: usize = 4096;
+
 /// This process's place in its training group.
 pub struct Group {
     rank: usize,
@@ -191,7 +195,11 @@ impl Group {
         let host = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
         let port = var("MASTER_PORT")?
             .ok_or_else(|| group_err("WORLD_SIZE is set but MASTER_PORT is not"))?;
-        let addr = (host.as_str(), port as u16)
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| group_err(format!("MASTER_PORT={port} is not a port (1 to 65535)")))?;
+        let addr = (host.as_str(), port)
             .to_socket_addrs()
             .map_err(|e| group_err(format!("MASTER_ADDR {host}:{port}: {e}")))?
             .next()
@@ -212,6 +220,11 @@ impl Group {
         fingerprint: u64,
         waits: Waits,
     ) -> Result<Group> {
+        if world > MAX_WORLD {
+            return Err(group_err(format!(
+                "WORLD_SIZE {world} is more than a group takes ({MAX_WORLD} processes)"
+            )));
+        }
         if rank >= world {
             return Err(group_err(format!(
                 "RANK {rank} is not below WORLD_SIZE {world}"
