@@ -2263,14 +2263,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, t, heads, kv, hd) = (2usize, 37usize, 4usize, 2usize, 8usize);
         let table = Tensor::randn(0f32, 1.0, (t, hd), &dev).unwrap();
-        let values = |x: Tensor| {
-            x.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let values = |x: Tensor| crate::testing::values(&x);
         for dtype in [DType::BF16, DType::F16] {
             let half = |w: usize| {
                 Tensor::randn(0f32, 1.0, (b, t, w), &dev)

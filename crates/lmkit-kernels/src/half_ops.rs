@@ -282,18 +282,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::values;
 
     fn rounded(t: &Tensor, dtype: DType) -> Tensor {
         t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
     }
 
     /// Each op on half-type inputs equals the f32 fused kernel on the same (rounded) inputs,
@@ -303,7 +295,7 @@ mod tests {
     fn half_type_ops_equal_the_f32_kernels_rounded_once() {
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F16] {
-            let step = crate::testing::rounding_step(dtype) as f32;
+            let step = crate::testing::rounding_step(dtype);
             let check = |got: Option<Tensor>, want: Tensor, what: &str| {
                 let got = got.expect(what);
                 assert_eq!(got.dtype(), dtype, "{what}");

@@ -221,14 +221,6 @@ mod tests {
         ]);
         candle_core::safetensors::save(&tensors, &path).unwrap();
         let w = super::MappedWeights::open(std::slice::from_ref(&path)).unwrap();
-        let bits = |t: &Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
         for (name, stored) in [("a", &a), ("b", &b)] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let got = w
@@ -242,8 +234,8 @@ mod tests {
                     .unwrap();
                 assert_eq!(got.dtype(), dtype);
                 assert_eq!(
-                    bits(&got),
-                    bits(&stored.to_dtype(dtype).unwrap()),
+                    crate::testing::values(&got),
+                    crate::testing::values(&stored.to_dtype(dtype).unwrap()),
                     "{name} as {dtype:?}"
                 );
             }

@@ -18,6 +18,16 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// A tensor's values in order, widened to f64 (exactly, from any of candle's float types).
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// `ours` equals `reference` within `tol`, and so do the gradients of Σ (· ⊙ r) for `vars`
 /// (r random, the same for both).
 pub fn assert_same(ours: Tensor, reference: Tensor, vars: &[&Var], tol: f64, what: &str) {
