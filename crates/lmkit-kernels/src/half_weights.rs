@@ -141,6 +141,8 @@ pub(crate) trait Half: crate::few_rows::WeightValue + candle_core::WithDType {
     fn narrow(v: f32) -> Self;
     /// `dst[i] = narrow(src[i])` for the shorter of the two.
     fn narrow_all(src: &[f32], dst: &mut [Self]);
+    /// The values as bf16 (`None` for another type).
+    fn bf16s(x: &[Self]) -> Option<&[half::bf16]>;
 }
 
 impl Half for half::bf16 {
@@ -157,6 +159,10 @@ impl Half for half::bf16 {
 
     fn narrow_all(src: &[f32], dst: &mut [Self]) {
         narrow_bf16(src, dst)
+    }
+
+    fn bf16s(x: &[Self]) -> Option<&[half::bf16]> {
+        Some(x)
     }
 }
 
@@ -186,6 +192,10 @@ impl Half for half::f16 {
     fn narrow_all(src: &[f32], dst: &mut [Self]) {
         let n = src.len().min(dst.len());
         half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut dst[..n], &src[..n]);
+    }
+
+    fn bf16s(_: &[Self]) -> Option<&[half::bf16]> {
+        None
     }
 }
 
@@ -242,11 +252,14 @@ fn multiply<T: Half>(
     add: Addends<T>,
     dims: (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
-    multiply_with(crate::blas::loaded_blas(), x, w, add, dims)
+    let tiles = T::bf16s(x).is_some() && crate::amx::available();
+    multiply_with(tiles, crate::blas::loaded_blas(), x, w, add, dims)
 }
 
-/// [`multiply`] with `blas` for products of more rows than a serving round's.
+/// [`multiply`] with AMX tiles where `tiles` (bf16 operands and a CPU with them), else with
+/// `blas`, for products of more rows than a serving round's.
 fn multiply_with<T: Half>(
+    tiles: bool,
     blas: Option<&crate::blas::Blas>,
     x: &[T],
     w: &[T],
@@ -256,6 +269,30 @@ fn multiply_with<T: Half>(
     use crate::few_rows::FEW_ROWS;
     if add.residual.is_some_and(|r| r.len() != m * n) || add.bias.is_some_and(|b| b.len() != n) {
         candle_core::bail!("half-weight product: the addends must hold {n} and {m} × {n} values");
+    }
+    if m > FEW_ROWS && tiles {
+        if let (Some(xb), Some(wb)) = (T::bf16s(x), T::bf16s(w)) {
+            // Tasks of whole blocks of 32 columns, as many as a multiple of the threads.
+            let ld = n.next_multiple_of(32);
+            let tasks =
+                ld.div_ceil(BLOCK * rayon::current_num_threads()) * rayon::current_num_threads();
+            let width = ld.div_ceil(tasks).next_multiple_of(32);
+            if let Some(sums) = crate::amx::product(xb, wb, (m, n, k), width) {
+                let mut out = vec![T::narrow(0.0); m * n];
+                out.par_chunks_mut(n)
+                    .zip(sums.par_chunks(ld))
+                    .enumerate()
+                    .for_each_init(
+                        || vec![0f32; n],
+                        |row, (i, (o, s))| {
+                            row.copy_from_slice(&s[..n]);
+                            add.add_to(row, i, 0, n);
+                            T::narrow_all(row, o);
+                        },
+                    );
+                return Ok(out);
+            }
+        }
     }
     let mut xf = vec![0.0f32; m * k];
     T::widen_all(x, &mut xf);
@@ -378,9 +415,10 @@ mod tests {
                 );
             }
         }
-        // More rows than the few-row kernel takes, without BLAS (a few rows at a time) and
-        // with; and a few rows; each with and without a residual added before the rounding.
-        for m in [crate::few_rows::FEW_ROWS * 2 + 3, 3] {
+        // More rows than the few-row kernel takes, without BLAS (a few rows at a time), with
+        // it and on AMX tiles (where the CPU has them; rows over more than one block of 32);
+        // and a few rows; each with and without a residual added before the rounding.
+        for m in [crate::few_rows::FEW_ROWS * 2 + 3, 37, 3] {
             let (n, k) = (70, 45);
             let x: Vec<half::bf16> = (0..m * k)
                 .map(|i| half::bf16::from_f32((i % 7) as f32 - 3.0))
@@ -397,9 +435,12 @@ mod tests {
             let (b, rr) = (Some(&bias[..]), Some(&r[..]));
             for (bias, residual) in [(None, None), (None, rr), (b, rr), (b, None)] {
                 let add = Addends { bias, residual };
-                let got = multiply_with(None, &x, &w, add, (m, n, k)).unwrap();
-                let want =
-                    multiply_with(crate::blas::loaded_blas(), &x, &w, add, (m, n, k)).unwrap();
+                let got = multiply_with(false, None, &x, &w, add, (m, n, k)).unwrap();
+                let blas = crate::blas::loaded_blas();
+                let want = multiply_with(false, blas, &x, &w, add, (m, n, k)).unwrap();
+                // Where the CPU has no AMX, the same way as `want`.
+                let tiles = multiply_with(true, blas, &x, &w, add, (m, n, k)).unwrap();
+                assert_eq!(got, tiles);
                 assert_eq!(got.len(), m * n);
                 for (i, g) in got.iter().enumerate() {
                     let (row, j) = (i / n, i % n);

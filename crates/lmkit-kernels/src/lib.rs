@@ -31,6 +31,7 @@
 //! block carries a `SAFETY` note; raw product entry points check operand extents first.
 
 pub mod adamw;
+pub mod amx;
 pub mod attend;
 pub mod blas;
 pub mod buffers;
