@@ -92,18 +92,20 @@ fn pack(
     let pairs = kp / 2;
     out.clear();
     out.resize(cols.len() * pairs, 0);
-    let pair = |row: &[bf16], p: usize| {
-        let hi = row.get(2 * p + 1).map_or(0, |v| v.to_bits());
-        u32::from(row[2 * p].to_bits()) | u32::from(hi) << 16
-    };
     for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
         let j0 = cols.start + g * 16;
-        let rows: Vec<&[bf16]> = (j0..n.min(j0 + 16))
-            .map(|j| &w[j * k..(j + 1) * k])
-            .collect();
-        for (p, step) in group.chunks_exact_mut(16).take(k.div_ceil(2)).enumerate() {
-            for (d, row) in step.iter_mut().zip(&rows) {
-                *d = pair(row, p);
+        for (c, j) in (j0..n.min(j0 + 16)).enumerate() {
+            // Row by row: each read in order, the writes 64 bytes apart within the group.
+            let row = &w[j * k..(j + 1) * k];
+            let mut at = c;
+            for two in row.chunks_exact(2) {
+                group[at] = u32::from(two[0].to_bits()) | u32::from(two[1].to_bits()) << 16;
+                at += 16;
+            }
+            if let [.., last] = row {
+                if k % 2 == 1 {
+                    group[at] = u32::from(last.to_bits());
+                }
             }
         }
     }
