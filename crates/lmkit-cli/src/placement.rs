@@ -9,7 +9,7 @@ pub struct Placement {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// The model's type: f32, or bf16/f16 for half the memory (Hugging Face directories; on the
-    /// CPU a half type saves memory, not time)
+    /// CPU a half type saves memory, and bf16 reads prompts faster where the CPU has AMX tiles)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
