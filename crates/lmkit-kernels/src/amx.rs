@@ -182,8 +182,8 @@ mod x86 {
                 let b = packed.wrapping_add((j / 16) * group);
                 let c = sums.wrapping_add(i0 * ld + j);
                 // SAFETY: each load reads 16 rows of 64 bytes within `xa` (rows i0 .. i0 + 32,
-                // values kk .. kk + 32) or a group of `packed` (pair rows kk/2 .. kk/2 + 16, 16 pairs each);
-                // each store writes 16 rows of 16 f32 within the block's sums.
+                // values kk .. kk + 32) or a group of `packed` (pair rows kk/2 .. kk/2 + 16, 16
+                // pairs each); each store writes 16 rows of 16 f32 within the block's sums.
                 unsafe {
                     asm!(
                         "tilezero tmm0",

@@ -4,6 +4,8 @@
 //! every product (which doubled the memory the half type saves and made a decoding step of a
 //! 135M-parameter model spend most of its time writing and reading that copy). Products
 //! accumulate in f32 and the result is rounded once, as PyTorch's CPU products in these types.
+//! On a CPU with AMX tiles, bf16 products of more rows than a serving round's run on them
+//! ([`crate::amx`]) with no f32 copy of either operand.
 
 use crate::blas::{plain, transposed};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
