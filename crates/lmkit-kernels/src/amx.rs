@@ -52,14 +52,10 @@ pub fn product(
         k.next_multiple_of(BLOCK),
     );
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let mut xa = vec![0u16; mp * kp];
+    let mut xa = vec![bf16::ZERO; mp * kp];
     xa.par_chunks_mut(kp)
         .zip(x[..m * k].par_chunks(k))
-        .for_each(|(d, s)| {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d = s.to_bits();
-            }
-        });
+        .for_each(|(d, s)| d[..k].copy_from_slice(s));
     let mut sums = vec![0f32; mp * np];
     let dst = crate::blas::SharedOut(sums.as_mut_ptr());
     let xa = &xa;
@@ -74,7 +70,14 @@ pub fn product(
             // values hold columns j0 .. j0 + nb of every block of rows, which no other task
             // writes.
             unsafe {
-                x86::blocks(xa.as_ptr(), (mp, kp), packed.as_ptr(), nb, dst.at(j0), np)
+                x86::blocks(
+                    xa.as_ptr().cast(),
+                    (mp, kp),
+                    packed.as_ptr(),
+                    nb,
+                    dst.at(j0),
+                    np,
+                )
             };
         });
     Some(sums)

@@ -254,12 +254,18 @@ fn multiply<T: Half>(
     add: Addends<T>,
     dims: (usize, usize, usize),
 ) -> candle_core::Result<Vec<T>> {
-    let tiles = T::bf16s(x).is_some() && crate::amx::available();
-    multiply_with(tiles, crate::blas::loaded_blas(), x, w, add, dims)
+    multiply_with(
+        crate::amx::available(),
+        crate::blas::loaded_blas(),
+        x,
+        w,
+        add,
+        dims,
+    )
 }
 
-/// [`multiply`] with AMX tiles where `tiles` (bf16 operands and a CPU with them), else with
-/// `blas`, for products of more rows than a serving round's.
+/// [`multiply`] with AMX tiles where `tiles` (the CPU has them) and the operands are bf16, else
+/// with `blas`, for products of more rows than a serving round's.
 fn multiply_with<T: Half>(
     tiles: bool,
     blas: Option<&crate::blas::Blas>,
@@ -279,19 +285,15 @@ fn multiply_with<T: Half>(
             let tasks =
                 ld.div_ceil(BLOCK * rayon::current_num_threads()) * rayon::current_num_threads();
             let width = ld.div_ceil(tasks).next_multiple_of(32);
-            if let Some(sums) = crate::amx::product(xb, wb, (m, n, k), width) {
+            if let Some(mut sums) = crate::amx::product(xb, wb, (m, n, k), width) {
                 let mut out = vec![T::narrow(0.0); m * n];
                 out.par_chunks_mut(n)
-                    .zip(sums.par_chunks(ld))
+                    .zip(sums.par_chunks_mut(ld))
                     .enumerate()
-                    .for_each_init(
-                        || vec![0f32; n],
-                        |row, (i, (o, s))| {
-                            row.copy_from_slice(&s[..n]);
-                            add.add_to(row, i, 0, n);
-                            T::narrow_all(row, o);
-                        },
-                    );
+                    .for_each(|(i, (o, s))| {
+                        add.add_to(&mut s[..n], i, 0, n);
+                        T::narrow_all(&s[..n], o);
+                    });
                 return Ok(out);
             }
         }
