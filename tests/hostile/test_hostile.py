@@ -92,6 +92,11 @@ def check(p, needle):
         assert sign not in p.stderr, p.stderr[-2000:]
 
 
+def assert_no_checkpoints(out):
+    """A refused run left no checkpoint in its output directory `out`."""
+    assert not (out.exists() and list(out.glob("ckpt-*"))), f"checkpoints left in {out}"
+
+
 @pytest.mark.parametrize("name,files,args,needle,absent", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_error(tmp_path, name, files, args, needle, absent):
     for path, content in files.items():
@@ -110,7 +115,7 @@ def test_bad_input_is_a_clear_error(tmp_path, name, files, args, needle, absent)
 def test_oversized_runs_are_refused_before_allocating(tmp_path, corpus, name, model, train, needle):
     (tmp_path / "run.toml").write_text(run_config(corpus, model, train))
     check(run(["train", "--config", "run.toml"], tmp_path), needle)
-    assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
+    assert_no_checkpoints(tmp_path / "out")
 
 
 # (name, environment, extra arguments of `lmkit train`, text the error must contain): a data-parallel
@@ -130,7 +135,7 @@ def test_bad_group_settings_are_a_clear_error(tmp_path, corpus, name, env, extra
     outside = {k: v for k, v in os.environ.items() if k not in group}
     p = run(["train", "--config", "run.toml", *extra], tmp_path, {**outside, **env})
     check(p, needle)
-    assert not list((tmp_path / "out").glob("ckpt-*")) if (tmp_path / "out").exists() else True
+    assert_no_checkpoints(tmp_path / "out")
 
 
 def random_words_line(path, n_bytes):
