@@ -1,9 +1,11 @@
 //! The matrix products of one GPT-2 training step at bench/train_bench.py's shapes (batch 8 ×
 //! 256 tokens, 6 layers of 384 dims, vocabulary 8,192, the output layer in chunks of 512 rows),
 //! split over rayon's threads as the training pass splits them: each shape's best of 15 calls,
-//! and the step's total. With `LMKIT_BLAS=builtin` (the built-in product) or a library path.
+//! and the step's total. With `LMKIT_BLAS=builtin` (the built-in product) or a library path;
+//! with `--bf16`, the products of `train.dtype = "bf16"` (operands rounded to bf16, on AMX tiles
+//! where the CPU has them).
 //!
-//! usage: `LMKIT_BLAS=builtin cargo run --release -p lmkit-kernels --example step_gemms`
+//! usage: `LMKIT_BLAS=builtin cargo run --release -p lmkit-kernels --example step_gemms [-- --bf16]`
 
 use lmkit_kernels::blas::{self, plain, transposed};
 use std::time::Instant;
@@ -11,10 +13,18 @@ use std::time::Instant;
 fn main() {
     lmkit_kernels::system::tune_allocator();
     let lib = blas::require("step products").unwrap();
+    let bf16 = std::env::args().any(|a| a == "--bf16");
+    blas::set_bf16_products(bf16);
+    let tiles = lmkit_kernels::amx::available();
     println!(
-        "{}; {} threads",
+        "{}; {} threads{}",
         blas::backend(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        match (bf16, tiles) {
+            (true, true) => "; bf16 products on AMX tiles",
+            (true, false) => "; no AMX tiles on this CPU: f32 products",
+            _ => "",
+        }
     );
     let (n, c, hid, v) = (2048usize, 384usize, 1536usize, 8192usize);
     // (m, n, k, A transposed, B transposed, calls per step)

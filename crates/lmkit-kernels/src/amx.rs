@@ -14,6 +14,11 @@ use half::bf16;
 /// Rows and columns of a block of sums (2 × 2 tiles of 16 × 16), and the depth of a tile.
 const BLOCK: usize = 32;
 
+/// The depth packed at a time: a task's packed columns (at most a few hundred, 1 KiB per column
+/// here) stay in the core's cache however deep the product (a weight gradient's depth is the
+/// batch's tokens).
+const DEPTH: usize = 512;
+
 /// Whether this CPU has AMX with bf16 and the kernel lets this process use its tile data
 /// (asked once), and lmkit's vector instructions are not capped below AVX-512 (`LMKIT_SIMD`).
 pub fn available() -> bool {
@@ -46,70 +51,268 @@ pub fn product(
     {
         return None;
     }
-    let (mp, np, kp) = (
-        m.next_multiple_of(BLOCK),
-        n.next_multiple_of(BLOCK),
-        k.next_multiple_of(BLOCK),
-    );
+    let kp = k.next_multiple_of(BLOCK);
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let mut xa = vec![bf16::ZERO; mp * kp];
+    let mut xa = vec![bf16::ZERO; m.next_multiple_of(BLOCK) * kp];
     xa.par_chunks_mut(kp)
         .zip(x[..m * k].par_chunks(k))
         .for_each(|(d, s)| d[..k].copy_from_slice(s));
+    let (mp, np) = (xa.len() / kp, n.next_multiple_of(BLOCK));
     let mut sums = vec![0f32; mp * np];
-    let dst = crate::blas::SharedOut(sums.as_mut_ptr());
-    let xa = &xa;
+    // SAFETY: `sums` holds mp rows of np values (every block whole).
+    unsafe {
+        run(
+            &xa,
+            (mp, np, kp),
+            width,
+            (sums.as_mut_ptr(), np),
+            false,
+            |cols, depth, packed| pack(w, (n, k), cols, depth, packed),
+        )
+    };
+    Some(sums)
+}
+
+/// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
+/// many tasks as a multiple of rayon's threads, about 128 columns each or fewer (a task's
+/// packed columns stay in the core's cache while every block of input rows reads them).
+pub fn task_width(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let ld = n.next_multiple_of(BLOCK);
+    let tasks = ld.div_ceil(128 * threads) * threads;
+    ld.div_ceil(tasks).next_multiple_of(BLOCK)
+}
+
+/// C [m×n] (rows `ldc` apart) = op(A)[m×k] · op(B)[k×n], plus C's previous contents when
+/// `accumulate`, from f32 operands rounded to bf16 (to nearest, ties to even) with f32 sums:
+/// the mixed-precision product of `train.dtype = "bf16"`. False (C untouched) where
+/// [`available`] is false or m, n or k is zero.
+///
+/// # Safety
+/// The operands must hold op(A) and op(B) with their leading dimensions; `c` must be valid for
+/// writes of the m rows of n values, row i at `c + i·ldc` (initialised when accumulating), and
+/// not overlap the operands.
+pub unsafe fn product_f32(
+    (m, n, k): (usize, usize, usize),
+    a: &crate::blas::Operand<f32>,
+    b: &crate::blas::Operand<f32>,
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+) -> bool {
+    use rayon::prelude::*;
+    if !available() || m * n * k == 0 {
+        return false;
+    }
+    let kp = k.next_multiple_of(BLOCK);
+    // op(A)'s rows rounded and padded with zeros to whole tiles, a block of 32 rows a task.
+    let mut xa = vec![bf16::ZERO; m.next_multiple_of(BLOCK) * kp];
+    if a.trans {
+        // A stored [k, m]: a block of 32 of its rows a task, read in order and written into
+        // every row of `xa` 64 bytes at a time.
+        let out = crate::blas::SharedOut(xa.as_mut_ptr());
+        (0..k.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
+            // SAFETY: `xa` holds m rows of kp values; task blk alone writes values
+            // 32·blk .. 32·blk + 32 of them.
+            unsafe { transpose_rows(a, (blk * BLOCK, m, k, kp), out.at(0)) }
+        });
+    } else {
+        xa.par_chunks_mut(BLOCK * kp)
+            .zip(a.data.par_chunks(BLOCK * a.ld))
+            .for_each(|(rows, src)| {
+                for (row, s) in rows.chunks_exact_mut(kp).zip(src.chunks(a.ld)) {
+                    crate::half_weights::narrow_bf16(&s[..k], &mut row[..k]);
+                }
+            });
+    }
+    // SAFETY: `available` was checked; the caller's guarantee on C.
+    unsafe {
+        run(
+            &xa,
+            (m, n, kp),
+            task_width(n),
+            (c, ldc),
+            accumulate,
+            |cols, depth, packed| pack_f32(b, (n, k), cols, depth, packed),
+        )
+    };
+    true
+}
+
+/// C [m×n] (rows `ldc` apart) = the padded rows `xa` (m rounded up to 32, × kp bf16) by n
+/// columns, plus C when `accumulate`, each task of `width` columns packing them with `pack`
+/// first.
+///
+/// # Safety
+/// [`available`] is true; `c` is valid for writes of m rows of n values, row i at `c + i·ldc`
+/// (initialised when accumulating).
+unsafe fn run(
+    xa: &[bf16],
+    (m, n, kp): (usize, usize, usize),
+    width: usize,
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+    pack: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &mut Vec<u32>) + Sync,
+) {
+    use rayon::prelude::*;
+    let (mp, np) = (xa.len() / kp, n.next_multiple_of(BLOCK));
+    let dst = crate::blas::SharedOut(c);
     (0..np.div_ceil(width))
         .into_par_iter()
         .for_each_init(Vec::new, |packed: &mut Vec<u32>, t| {
             let (j0, nb) = (t * width, width.min(np - t * width));
-            pack(w, (n, k, kp), j0..j0 + nb, packed);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` checked the CPU and the permission; `xa` holds mp rows of kp
-            // values, `packed` nb/16 groups of kp/2 rows of 64 bytes; the sums' rows of np
-            // values hold columns j0 .. j0 + nb of every block of rows, which no other task
-            // writes.
-            unsafe {
-                x86::blocks(
-                    xa.as_ptr().cast(),
-                    (mp, kp),
-                    packed.as_ptr(),
-                    nb,
-                    dst.at(j0),
-                    np,
-                )
-            };
+            // The depth in blocks, the sums of each added to the last's in C.
+            for d0 in (0..kp).step_by(DEPTH) {
+                let depth = DEPTH.min(kp - d0);
+                pack(j0..j0 + nb, d0..d0 + depth, packed);
+                debug_assert_eq!(packed.len(), nb * depth / 2);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the caller's guarantees; `xa` holds mp rows of kp values (both
+                // multiples of 32) and the block's values d0 .. d0 + depth lie within each row;
+                // `packed` holds nb/16 groups of depth/2 rows of 64 bytes; the task writes C's
+                // columns j0 .. j0 + min(nb, n - j0) of its m rows, which no other task writes,
+                // and has written them once before it adds to them.
+                unsafe {
+                    x86::blocks(
+                        xa.as_ptr().add(d0).cast(),
+                        (mp, kp, depth),
+                        packed.as_ptr(),
+                        nb,
+                        (dst.at(j0), ldc),
+                        (m, nb.min(n - j0)),
+                        accumulate || d0 > 0,
+                    )
+                };
+            }
         });
-    Some(sums)
 }
 
-/// Packs columns `cols` of op(w) = wᵀ (rows of w, padded with zero rows past n and zero values
-/// past k up to kp) in the tiles' pair layout: a group of 16 columns holds, for each pair p of
-/// the depth, the 16 columns' values 2p and 2p + 1 (32 bits each, 64 bytes).
+/// Values p0 .. p0 + 32 (those below k) of every row of op(A) = Aᵀ [m×k] (A stored [k, m])
+/// rounded to bf16 into `xa` (rows of kp values): A's rows p0 .. p0 + 32 are read in order, in
+/// blocks of 32 values transposed in the cache (each row of `xa` then gets 64 bytes at once).
+///
+/// # Safety
+/// `xa` is valid for writes of m rows of kp values, of which no other thread writes values
+/// p0 .. p0 + 32 meanwhile; A holds k rows of m values, `a.ld` apart.
+unsafe fn transpose_rows(
+    a: &crate::blas::Operand<f32>,
+    (p0, m, k, kp): (usize, usize, usize, usize),
+    xa: *mut bf16,
+) {
+    let depth = BLOCK.min(k - p0);
+    // block[r][d]: row i0 + r's value p0 + d.
+    let mut block = [[bf16::ZERO; BLOCK]; BLOCK];
+    for i0 in (0..m).step_by(BLOCK) {
+        let count = BLOCK.min(m - i0);
+        for d in 0..depth {
+            let src = &a.data[(p0 + d) * a.ld + i0..][..count];
+            for (b, &x) in block.iter_mut().zip(src) {
+                b[d] = bf16::from_bits(crate::half_weights::round_bf16(x));
+            }
+        }
+        for (r, b) in block.iter().enumerate().take(count) {
+            // SAFETY: row i0 + r < m of `xa`, values p0 .. p0 + depth ≤ kp: the caller's.
+            let row = unsafe { std::slice::from_raw_parts_mut(xa.add((i0 + r) * kp + p0), depth) };
+            row.copy_from_slice(&b[..depth]);
+        }
+    }
+}
+
+crate::simd::simd_versions! {
+    /// As [`pack`], for an f32 op(B) [k×n] (`dims` = (n, k)), each value rounded to bf16.
+    fn pack_f32(
+        b: &crate::blas::Operand<f32>,
+        dims: (usize, usize),
+        cols: std::ops::Range<usize>,
+        depth: std::ops::Range<usize>,
+        out: &mut Vec<u32>,
+    ) {
+        let (n, k) = dims;
+        let pairs = depth.len() / 2;
+        out.clear();
+        out.resize(cols.len() * pairs, 0);
+        // The values of the depth block that exist, from d0.
+        let (d0, real) = (depth.start, k.min(depth.end).saturating_sub(depth.start));
+        let mut row = vec![bf16::ZERO; if b.trans { real } else { 0 }];
+        for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
+            let j0 = cols.start + g * 16;
+            let count = n.saturating_sub(j0).min(16);
+            if count == 0 {
+                continue; // padding columns: zeros
+            }
+            if b.trans {
+                // B stored [n, k]: row j holds op(B)'s column j, rounded in order.
+                for (c, j) in (j0..j0 + count).enumerate() {
+                    crate::half_weights::narrow_bf16(&b.data[j * b.ld + d0..][..real], &mut row);
+                    scatter_pairs(&row, &mut group[c..]);
+                }
+            } else {
+                // B stored [k, n]: rows 2p and 2p + 1 give pair p of the 16 columns side by side
+                // (a whole group in fixed-size steps, which vectorise).
+                for (p, at) in group.chunks_exact_mut(16).take(real.div_ceil(2)).enumerate() {
+                    let r0 = (d0 + 2 * p) * b.ld + j0;
+                    let lo = &b.data[r0..][..count];
+                    let hi = if 2 * p + 1 < real { &b.data[r0 + b.ld..][..count] } else { &[] };
+                    match (lo.try_into(), hi.try_into(), <&mut [u32; 16]>::try_from(&mut *at)) {
+                        (Ok(lo), Ok(hi), Ok(at)) => interleave(lo, hi, at),
+                        _ => {
+                            for (c, o) in at.iter_mut().take(count).enumerate() {
+                                let h = hi.get(c).map_or(0, |&v| crate::half_weights::round_bf16(v));
+                                *o = u32::from(crate::half_weights::round_bf16(lo[c]))
+                                    | u32::from(h) << 16;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pairs of 16 columns' values from two rows, rounded to bf16: (lo[c], hi[c]) in `at[c]`.
+#[inline(always)]
+fn interleave(lo: &[f32; 16], hi: &[f32; 16], at: &mut [u32; 16]) {
+    for c in 0..16 {
+        at[c] = u32::from(crate::half_weights::round_bf16(lo[c]))
+            | u32::from(crate::half_weights::round_bf16(hi[c])) << 16;
+    }
+}
+
+/// One column's values `row` (bf16, in depth order) into its place of a group in the tiles'
+/// pair layout: pair p at `group[16 p]`.
+#[inline(always)]
+fn scatter_pairs(row: &[bf16], group: &mut [u32]) {
+    let mut at = 0;
+    for two in row.chunks_exact(2) {
+        group[at] = u32::from(two[0].to_bits()) | u32::from(two[1].to_bits()) << 16;
+        at += 16;
+    }
+    if let [.., last] = row {
+        if row.len() % 2 == 1 {
+            group[at] = u32::from(last.to_bits());
+        }
+    }
+}
+
+/// Packs columns `cols` of op(w) = wᵀ over the block `depth` of the depth (rows of w, padded
+/// with zero rows past n and zero values past k) in the tiles' pair layout: a group of 16
+/// columns holds, for each pair p of the block, the 16 columns' values 2p and 2p + 1 (32 bits
+/// each, 64 bytes).
 fn pack(
     w: &[bf16],
-    (n, k, kp): (usize, usize, usize),
+    (n, k): (usize, usize),
     cols: std::ops::Range<usize>,
+    depth: std::ops::Range<usize>,
     out: &mut Vec<u32>,
 ) {
-    let pairs = kp / 2;
+    let pairs = depth.len() / 2;
+    let end = k.min(depth.end).max(depth.start);
     out.clear();
     out.resize(cols.len() * pairs, 0);
     for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
         let j0 = cols.start + g * 16;
         for (c, j) in (j0..n.min(j0 + 16)).enumerate() {
             // Row by row: each read in order, the writes 64 bytes apart within the group.
-            let row = &w[j * k..(j + 1) * k];
-            let mut at = c;
-            for two in row.chunks_exact(2) {
-                group[at] = u32::from(two[0].to_bits()) | u32::from(two[1].to_bits()) << 16;
-                at += 16;
-            }
-            if let [.., last] = row {
-                if k % 2 == 1 {
-                    group[at] = u32::from(last.to_bits());
-                }
-            }
+            scatter_pairs(&w[j * k + depth.start..j * k + end], &mut group[c..]);
         }
     }
 }
@@ -159,43 +362,72 @@ mod x86 {
             } == 0
     }
 
-    /// Sums[i, j0 + c] for every row block of the input and the task's `nb` columns (see
-    /// [`super::product`]).
+    /// C[i, c] (rows `ldc` apart from `c`) = the sums of row i of the input by the task's
+    /// column c, for the `rows` × `cols` of C that exist (plus C's values when `accumulate`):
+    /// whole blocks of 32 × 32 go from and to C's tiles directly, the edges through a block on
+    /// the stack.
     ///
     /// # Safety
-    /// The CPU has AMX-BF16 and this process its permission; `xa` holds `mp` rows of `kp`
-    /// values (both multiples of 32); `packed` nb / 16 groups of kp / 2 rows of 16 pairs;
-    /// `sums` rows `ld` f32 apart, each with nb writable values from it, for mp rows.
+    /// The CPU has AMX-BF16 and this process its permission; `xa` holds `mp` rows `lda` values
+    /// apart of `depth` values (all multiples of 32, rows ≤ mp); `packed` nb / 16 groups of
+    /// depth / 2 rows of 16 pairs (cols ≤ nb); `c` valid for writes of `rows` rows of `cols`
+    /// f32, `ldc` apart (initialised when accumulating).
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn blocks(
         xa: *const u16,
-        (mp, kp): (usize, usize),
+        (mp, lda, depth): (usize, usize, usize),
         packed: *const u32,
         nb: usize,
-        sums: *mut f32,
-        ld: usize,
+        (c, ldc): (*mut f32, usize),
+        (rows, cols): (usize, usize),
+        accumulate: bool,
     ) {
-        let (a_stride, c_stride) = (kp * 2, ld * 4);
+        debug_assert!(rows <= mp && cols <= nb);
+        let a_stride = lda * 2;
         // u32 pairs per group of 16 columns.
-        let group = 8 * kp;
+        let group = 8 * depth;
+        let mut edge = [0f32; BLOCK * BLOCK];
         // SAFETY: the configuration is valid (palette 1, rows of 64 bytes).
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-        for i0 in (0..mp).step_by(BLOCK) {
-            for j in (0..nb).step_by(BLOCK) {
-                let a = xa.wrapping_add(i0 * kp);
+        for i0 in (0..rows).step_by(BLOCK) {
+            for j in (0..cols).step_by(BLOCK) {
+                let whole = i0 + BLOCK <= rows && j + BLOCK <= cols;
+                let a = xa.wrapping_add(i0 * lda);
                 let b = packed.wrapping_add((j / 16) * group);
-                let c = sums.wrapping_add(i0 * ld + j);
+                // Whole blocks in C itself; edges in `edge`, rows of 32.
+                let (out, ld) = if whole {
+                    (c.wrapping_add(i0 * ldc + j), ldc)
+                } else {
+                    (edge.as_mut_ptr(), BLOCK)
+                };
                 // SAFETY: each load reads 16 rows of 64 bytes within `xa` (rows i0 .. i0 + 32,
                 // values kk .. kk + 32) or a group of `packed` (pair rows kk/2 .. kk/2 + 16, 16
-                // pairs each); each store writes 16 rows of 16 f32 within the block's sums.
+                // pairs each); the sums' loads and stores read and write 16 rows of 16 f32 within
+                // C's whole block or `edge`.
                 unsafe {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                    for kk in (0..kp).step_by(BLOCK) {
+                    if whole && accumulate {
+                        asm!(
+                            "tileloadd tmm0, [{c00} + {sc}*1]",
+                            "tileloadd tmm1, [{c01} + {sc}*1]",
+                            "tileloadd tmm2, [{c10} + {sc}*1]",
+                            "tileloadd tmm3, [{c11} + {sc}*1]",
+                            c00 = in(reg) out,
+                            c01 = in(reg) out.add(16),
+                            c10 = in(reg) out.add(16 * ld),
+                            c11 = in(reg) out.add(16 * ld + 16),
+                            sc = in(reg) ld * 4,
+                            options(nostack, readonly),
+                        );
+                    } else {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                    }
+                    for kk in (0..depth).step_by(BLOCK) {
                         asm!(
                             "tileloadd tmm4, [{a0} + {sa}*1]",
                             "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -206,7 +438,7 @@ mod x86 {
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
                             a0 = in(reg) a.add(kk),
-                            a1 = in(reg) a.add(16 * kp + kk),
+                            a1 = in(reg) a.add(16 * lda + kk),
                             b0 = in(reg) b.add(kk * 8),
                             b1 = in(reg) b.add(group + kk * 8),
                             sa = in(reg) a_stride,
@@ -219,13 +451,25 @@ mod x86 {
                         "tilestored [{c01} + {sc}*1], tmm1",
                         "tilestored [{c10} + {sc}*1], tmm2",
                         "tilestored [{c11} + {sc}*1], tmm3",
-                        c00 = in(reg) c,
-                        c01 = in(reg) c.add(16),
-                        c10 = in(reg) c.add(16 * ld),
-                        c11 = in(reg) c.add(16 * ld + 16),
-                        sc = in(reg) c_stride,
+                        c00 = in(reg) out,
+                        c01 = in(reg) out.add(16),
+                        c10 = in(reg) out.add(16 * ld),
+                        c11 = in(reg) out.add(16 * ld + 16),
+                        sc = in(reg) ld * 4,
                         options(nostack),
                     );
+                }
+                if !whole {
+                    let width = BLOCK.min(cols - j);
+                    for (r, sums) in edge.chunks_exact(BLOCK).take(rows - i0).enumerate() {
+                        // SAFETY: row i0 + r < rows of C, columns j .. j + width < cols.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(c.add((i0 + r) * ldc + j), width)
+                        };
+                        for (o, &v) in row.iter_mut().zip(sums) {
+                            *o = if accumulate { *o + v } else { v };
+                        }
+                    }
                 }
             }
         }
@@ -239,7 +483,8 @@ mod tests {
     use super::*;
 
     /// The tile products equal the f64 product of the same values within f32 accumulation, for
-    /// shapes with partial tiles in every dimension, several row blocks and several tasks.
+    /// shapes with partial tiles in every dimension, several row blocks, several tasks and
+    /// several blocks of the depth.
     #[test]
     fn tile_products_equal_the_widened_product() {
         if !available() {
@@ -258,6 +503,7 @@ mod tests {
             (13, 70, 45, 32),
             (70, 130, 388, 64),
             (40, 33, 6, 96),
+            (35, 40, 1030, 32),
         ] {
             let x: Vec<bf16> = (0..m * k).map(|_| draw()).collect();
             let w: Vec<bf16> = (0..n * k).map(|_| draw()).collect();
@@ -275,6 +521,91 @@ mod tests {
                     });
                     let err = (f64::from(got[i * ld + j]) - want).abs();
                     assert!(err <= 1e-6 * size.max(1.0), "{m}x{n}x{k}: ({i}, {j}) {err}");
+                }
+            }
+        }
+    }
+
+    /// The f32 products on tiles equal the f64 product of the operands rounded to bf16, for
+    /// each of op(A) and op(B) stored or transposed, into rows of C wider than n, with and
+    /// without C's previous contents added, over one or several blocks of the depth.
+    #[test]
+    fn f32_products_on_tiles_equal_the_product_of_the_rounded_operands() {
+        use crate::blas::{plain, transposed};
+        if !available() {
+            eprintln!("skipped: this CPU (or kernel) gives no AMX-BF16");
+            return;
+        }
+        let mut seed = 11u64;
+        let mut draw = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        };
+        let rounded = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+        for (m, n, k) in [(33, 32, 32), (70, 45, 97), (100, 300, 64), (40, 50, 1100)] {
+            for (ta, tb, accumulate) in [
+                (false, false, false),
+                (false, true, true),
+                (true, false, true),
+                (true, true, false),
+            ] {
+                // Stored with leading dimensions one wider than the rows need.
+                let (ra, ca) = if ta { (k, m) } else { (m, k) };
+                let (rb, cb) = if tb { (n, k) } else { (k, n) };
+                let a: Vec<f32> = (0..ra * (ca + 1)).map(|_| draw()).collect();
+                let b: Vec<f32> = (0..rb * (cb + 1)).map(|_| draw()).collect();
+                let ldc = n + 3;
+                let before: Vec<f32> = (0..m * ldc).map(|_| draw()).collect();
+                let mut c = before.clone();
+                fn op(t: bool, d: &[f32], ld: usize) -> crate::blas::Operand<'_, f32> {
+                    if t {
+                        transposed(d, ld)
+                    } else {
+                        plain(d, ld)
+                    }
+                }
+                let (oa, ob) = (op(ta, &a, ca + 1), op(tb, &b, cb + 1));
+                // SAFETY: the operands hold op(A) and op(B); `c` holds m rows of ldc values.
+                let taken =
+                    unsafe { product_f32((m, n, k), &oa, &ob, (c.as_mut_ptr(), ldc), accumulate) };
+                assert!(taken);
+                let at = |i: usize, p: usize| {
+                    if ta {
+                        a[p * (ca + 1) + i]
+                    } else {
+                        a[i * (ca + 1) + p]
+                    }
+                };
+                let bt = |p: usize, j: usize| {
+                    if tb {
+                        b[j * (cb + 1) + p]
+                    } else {
+                        b[p * (cb + 1) + j]
+                    }
+                };
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let at_c = i * ldc + j;
+                        if j >= n {
+                            assert_eq!(c[at_c], before[at_c], "a value past n changed");
+                            continue;
+                        }
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for p in 0..k {
+                            let v = rounded(at(i, p)) * rounded(bt(p, j));
+                            want += v;
+                            size += v.abs();
+                        }
+                        if accumulate {
+                            want += f64::from(before[at_c]);
+                        }
+                        let err = (f64::from(c[at_c]) - want).abs();
+                        let what =
+                            format!("{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate} ({i}, {j})");
+                        assert!(err <= 1e-6 * (size + 2.0), "{what}: {err}");
+                    }
                 }
             }
         }

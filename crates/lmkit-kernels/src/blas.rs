@@ -923,6 +923,21 @@ pub trait BlasFloat:
         let _ = ((m, n, k), a, b, (c, ldc), accumulate);
         false
     }
+    /// As [`BlasFloat::few_rows`], on AMX tiles from operands rounded to bf16 where
+    /// [`set_bf16_products`] asked for that (f32 only) and the CPU has them.
+    ///
+    /// # Safety
+    /// As [`BlasFloat::few_rows`].
+    unsafe fn bf16_tiles(
+        (m, n, k): (usize, usize, usize),
+        a: &Operand<Self>,
+        b: &Operand<Self>,
+        (c, ldc): (*mut Self, usize),
+        accumulate: bool,
+    ) -> bool {
+        let _ = ((m, n, k), a, b, (c, ldc), accumulate);
+        false
+    }
 }
 
 impl BlasFloat for f32 {
@@ -953,6 +968,35 @@ impl BlasFloat for f32 {
         // SAFETY: the caller's guarantee on `c`.
         unsafe { crate::few_rows::product((m, n, k), (a.data, a.ld), w, (c, ldc), accumulate) }
     }
+    unsafe fn bf16_tiles(
+        (m, n, k): (usize, usize, usize),
+        a: &Operand<f32>,
+        b: &Operand<f32>,
+        (c, ldc): (*mut f32, usize),
+        accumulate: bool,
+    ) -> bool {
+        if !bf16_products() || m <= crate::few_rows::FEW_ROWS || n < 32 || k < 32 {
+            return false;
+        }
+        // SAFETY: the caller's guarantee on `c`; `gemm_into` checked the operands' extents.
+        unsafe { crate::amx::product_f32((m, n, k), a, b, (c, ldc), accumulate) }
+    }
+}
+
+static BF16_PRODUCTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether f32 products of more than a few rows through [`gemm_par`], [`gemm_par_ld`] and
+/// [`product`] round their operands to bf16 and run on AMX tiles with f32 sums, where the CPU
+/// has them ([`crate::amx::available`]): `train.dtype = "bf16"` on the CPU. The training
+/// passes' linear layers and output layer take this path; attention's products, element-wise
+/// ops, weights, optimizer state, activations and gradients stay f32.
+pub fn set_bf16_products(on: bool) {
+    BF16_PRODUCTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// As set by [`set_bf16_products`].
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl BlasFloat for f64 {
@@ -1100,6 +1144,10 @@ unsafe fn gemm_into<T: BlasFloat>(
     }
     // SAFETY: the caller's guarantee on `c`.
     if unsafe { T::few_rows((m, n, k), &a, &b, (c, ldc), accumulate) } {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { T::bf16_tiles((m, n, k), &a, &b, (c, ldc), accumulate) } {
         return Ok(());
     }
     let threads = rayon::current_num_threads().max(1);

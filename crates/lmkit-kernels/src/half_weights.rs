@@ -171,13 +171,24 @@ impl Half for half::bf16 {
 crate::simd::simd_versions! {
     /// f32 → bf16 without branches, so that it vectorises: `half::bf16::from_f32`'s rounding
     /// (to nearest, ties to even; a NaN stays a quiet NaN of its sign).
-    fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
         for (d, &v) in dst.iter_mut().zip(src) {
-            let b = v.to_bits();
-            let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-            let nan = ((b >> 16) as u16) | 0x40;
-            *d = half::bf16::from_bits(if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded });
+            *d = half::bf16::from_bits(round_bf16(v));
         }
+    }
+}
+
+/// `v` rounded to bf16's bits, as [`narrow_bf16`] rounds (both results computed, then one
+/// chosen: no branch).
+#[inline(always)]
+pub(crate) fn round_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
     }
 }
 
@@ -280,11 +291,7 @@ fn multiply_with<T: Half>(
     }
     if m > FEW_ROWS && tiles {
         if let (Some(xb), Some(wb)) = (T::bf16s(x), T::bf16s(w)) {
-            // Tasks of whole blocks of 32 columns, as many as a multiple of the threads.
-            let ld = n.next_multiple_of(32);
-            let tasks =
-                ld.div_ceil(BLOCK * rayon::current_num_threads()) * rayon::current_num_threads();
-            let width = ld.div_ceil(tasks).next_multiple_of(32);
+            let (ld, width) = (n.next_multiple_of(32), crate::amx::task_width(n));
             if let Some(mut sums) = crate::amx::product(xb, wb, (m, n, k), width) {
                 let mut out = vec![T::narrow(0.0); m * n];
                 out.par_chunks_mut(n)

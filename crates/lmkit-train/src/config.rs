@@ -70,7 +70,9 @@ pub struct TrainConfig {
     pub tf32: bool,
     /// The products' precision: "f32" (with `tf32`), or "bf16" — on a CUDA device, the
     /// hand-written passes' products on the bf16 tensor cores (inputs rounded to bf16, f32
-    /// accumulation) while weights, optimizer state, activations and gradients stay f32.
+    /// accumulation) while weights, optimizer state, activations and gradients stay f32; on the
+    /// CPU, where it has AMX tiles, the linear layers' and output layer's products the same way
+    /// (`lmkit_kernels::blas::set_bf16_products`).
     pub dtype: Precision,
 }
 
@@ -257,14 +259,24 @@ pub(crate) fn validate_train(t: &TrainConfig) -> std::result::Result<(), String>
     if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
         return Err("train.beta1 and train.beta2 must be in [0, 1)".into());
     }
-    if t.dtype == Precision::Bf16 && !t.device.starts_with("cuda") {
+    if t.dtype == Precision::Bf16 && !t.device.starts_with("cuda") && !bf16_on_this_cpu() {
         return Err(format!(
-            "train.dtype = \"bf16\" runs a CUDA device's products in bf16; on {} training runs \
-             in f32: remove train.dtype or set train.device = \"cuda\"",
+            "train.dtype = \"bf16\" on {} runs the products on AMX tiles (Intel Xeon from \
+             Sapphire Rapids on), which this CPU, its kernel or LMKIT_SIMD does not give: remove \
+             train.dtype to train in f32, or set train.device = \"cuda\"",
             t.device
         ));
     }
     Ok(())
+}
+
+/// Whether this process can run bf16 products on the CPU (a test may pretend it cannot).
+fn bf16_on_this_cpu() -> bool {
+    #[cfg(test)]
+    if tests::NO_AMX.with(|c| c.get()) {
+        return false;
+    }
+    lmkit_kernels::amx::available()
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> std::result::Result<(), String> {
@@ -297,12 +309,23 @@ fn apply_override(table: &mut toml::Table, o: &str) -> std::result::Result<(), S
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// Set: [`bf16_on_this_cpu`] answers no on this thread.
+        pub(super) static NO_AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     #[test]
-    fn bf16_products_are_a_cuda_setting() {
+    fn bf16_products_need_amx_tiles_on_the_cpu() {
         let t: TrainConfig = toml::from_str("dtype = \"bf16\"").unwrap();
         assert_eq!(t.dtype, Precision::Bf16);
+        assert_eq!(validate_train(&t).is_ok(), lmkit_kernels::amx::available());
+        NO_AMX.with(|c| c.set(true));
         let e = validate_train(&t).unwrap_err();
-        assert!(e.contains("train.dtype") && e.contains("on cpu"), "{e}");
+        NO_AMX.with(|c| c.set(false));
+        assert!(
+            e.contains("train.dtype") && e.contains("on cpu") && e.contains("AMX"),
+            "{e}"
+        );
         let t = TrainConfig {
             device: "cuda:1".into(),
             ..t

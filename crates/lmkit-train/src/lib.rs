@@ -176,7 +176,17 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         lmkit_kernels::cuda::set_bf16_products(t.dtype == config::Precision::Bf16);
     }
     if dev.is_cpu() {
-        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
+        let bf16 = t.dtype == config::Precision::Bf16;
+        lmkit_kernels::blas::set_bf16_products(bf16);
+        let tiles = if bf16 {
+            "; bf16 products on AMX tiles"
+        } else {
+            ""
+        };
+        progress.message(&format!(
+            "CPU matmul: {}{tiles}",
+            lmkit_kernels::blas::backend()
+        ));
     }
     if let Some(how) = group.join_gpus(&dev)? {
         if group.is_root() {
