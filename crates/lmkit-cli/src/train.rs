@@ -12,7 +12,10 @@ use std::path::PathBuf;
     lmkit train --config configs/gpt-small.toml --set train.max_steps=2000 --set model.n_layer=6\n  \
     lmkit train --config configs/gpt-small.toml --resume        # continue after a crash or a stop\n  \
     lmkit train --config configs/gpt-small.toml --overwrite     # start again in the same OUT\n  \
-    lmkit train --config configs/gpt-small.toml --gpus 4        # data-parallel, one process per GPU\n\n\
+    lmkit train --config configs/gpt-small.toml --gpus 4        # data-parallel, one process per GPU\n  \
+    lmkit train --config configs/gpt-small.toml --set train.dtype=bf16   # bf16 products, f32 weights\n\n\
+    train.dtype=bf16 runs the products on the bf16 tensor cores of a GPU, or on the AMX tiles of\n\
+    an Intel Xeon from Sapphire Rapids on (refused on other CPUs); weights and optimizer stay f32.\n\n\
     Writes OUT/ckpt-NNNNNN/ (a Hugging Face model directory + trainer_state/), OUT/latest,\n\
     OUT/metrics.jsonl and OUT/loss.svg, where OUT is train.out_dir.\n\n\
     Data-parallel: --procs/--gpus N start N processes on this machine; each trains on its\n\
