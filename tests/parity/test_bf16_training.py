@@ -63,3 +63,28 @@ def test_bf16_products_follow_the_f32_loss_curve(data, tmp_path, kind):
     # The products were rounded (the curves are not the same one), and the model learns as in f32.
     assert bf16 != f32
     assert bf16[-1] < 0.5 * bf16[0], bf16
+
+
+def test_fine_tuning_takes_bf16_products_too(lmkit, tmp_path):
+    """`lmkit finetune` (as DPO, RL and reward training, which share its set-up) honours train.dtype
+    on the CPU: full fine-tuning of a random Llama follows its f32 losses within 0.5% a step."""
+    import test_finetune as ft
+
+    _, base = ft.make_base(lmkit, tmp_path)
+    ft.write_rows(tmp_path / "rows.jsonl", [{"messages": c} for c in ft.CONVERSATIONS])
+    cfg = ft.finetune(lmkit, tmp_path, base, steps=4, lr=1e-3, min_lr=1e-3)
+    binary = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
+    losses = {}
+    for dtype in ["f32", "bf16"]:
+        p = subprocess.run([binary, "finetune", "--config", cfg, "--overwrite", "--set", f'train.dtype="{dtype}"'],
+                           capture_output=True, text=True)
+        if p.returncode != 0 and dtype == "bf16":
+            assert "train.dtype" in p.stderr and "AMX" in p.stderr, p.stderr
+            pytest.skip("this CPU has no AMX tiles: train.dtype = \"bf16\" is refused with a clear error")
+        assert p.returncode == 0, p.stderr
+        losses[dtype] = [r["loss"] for r in ft.metrics(tmp_path / "out") if "loss" in r and "step" in r]
+    assert "bf16 products on AMX tiles" in p.stderr, p.stderr
+    f32, bf16 = losses["f32"], losses["bf16"]
+    assert len(bf16) == len(f32) == 4
+    assert max(abs(a - b) / b for a, b in zip(bf16, f32)) < 0.005, (bf16, f32)
+    assert bf16 != f32

@@ -1,9 +1,11 @@
 //! bf16 · bf16 products on Intel's AMX tiles (Sapphire Rapids on): `tdpbf16ps` multiplies a
 //! 16 × 32 bf16 tile by a 32 × 16 one (stored as 16 rows of pairs) into a 16 × 16 f32 tile, a
 //! whole block of a product per instruction. A model loaded in bf16 multiplies its prompts' rows
-//! by its weights this way: each task packs its columns of the weight once in the tiles' pair
-//! layout and passes every block of 32 input rows by them, four f32 tiles (32 × 32 sums) held in
-//! the tile registers over the whole depth.
+//! by its weights this way ([`product`]), and `train.dtype = "bf16"` its f32 products, each
+//! operand rounded to bf16 as it is packed ([`product_f32`]). Each task packs its columns of the
+//! second operand in the tiles' pair layout, 512 of the depth at a time, and passes every block of
+//! 32 rows of the first by them, four f32 tiles (32 × 32 sums) held in the tile registers over
+//! that depth; whole blocks of sums are loaded from and stored to the output where it lies.
 //!
 //! The sums are f32, as the widened product's; the instruction treats subnormal bf16 inputs as
 //! zero and adds each pair's products in its own order, so a sum may differ from the widened
@@ -100,11 +102,11 @@ pub unsafe fn product_f32(
     accumulate: bool,
 ) -> bool {
     use rayon::prelude::*;
-    if !available() || m * n * k == 0 {
+    if !available() || m == 0 || n == 0 || k == 0 {
         return false;
     }
     let kp = k.next_multiple_of(BLOCK);
-    // op(A)'s rows rounded and padded with zeros to whole tiles, a block of 32 rows a task.
+    // op(A)'s m rows rounded and padded with zeros to whole tiles.
     let mut xa = vec![bf16::ZERO; m.next_multiple_of(BLOCK) * kp];
     if a.trans {
         // A stored [k, m]: a block of 32 of its rows a task, read in order and written into
@@ -116,11 +118,13 @@ pub unsafe fn product_f32(
             unsafe { transpose_rows(a, (blk * BLOCK, m, k, kp), out.at(0)) }
         });
     } else {
+        // A block of 32 rows a task.
         xa.par_chunks_mut(BLOCK * kp)
-            .zip(a.data.par_chunks(BLOCK * a.ld))
-            .for_each(|(rows, src)| {
-                for (row, s) in rows.chunks_exact_mut(kp).zip(src.chunks(a.ld)) {
-                    crate::half_weights::narrow_bf16(&s[..k], &mut row[..k]);
+            .enumerate()
+            .for_each(|(blk, rows)| {
+                let i0 = blk * BLOCK;
+                for (i, row) in (i0..m.min(i0 + BLOCK)).zip(rows.chunks_exact_mut(kp)) {
+                    crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]);
                 }
             });
     }
@@ -228,7 +232,8 @@ crate::simd::simd_versions! {
     ) {
         let (n, k) = dims;
         let pairs = depth.len() / 2;
-        out.clear();
+        // Not cleared first: the loops below write every value of a whole group over the whole
+        // depth, and the groups that are not whole are zeroed first.
         out.resize(cols.len() * pairs, 0);
         // The values of the depth block that exist, from d0.
         let (d0, real) = (depth.start, k.min(depth.end).saturating_sub(depth.start));
@@ -236,8 +241,11 @@ crate::simd::simd_versions! {
         for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
+            if count < 16 || real < depth.len() {
+                group.fill(0); // padding columns or depth: zeros
+            }
             if count == 0 {
-                continue; // padding columns: zeros
+                continue;
             }
             if b.trans {
                 // B stored [n, k]: row j holds op(B)'s column j, rounded in order.

@@ -224,6 +224,15 @@ pub(crate) fn validate_tuning(
     adapter: bool,
 ) -> std::result::Result<(), String> {
     validate_train(t)?;
+    if t.dtype == Precision::Bf16 && t.device.starts_with("cuda") {
+        // The tuning commands' GPU products are f32: refused rather than silently not applied.
+        return Err(format!(
+            "train.dtype = \"bf16\" on {} applies to `lmkit train` only; fine-tuning, DPO, RL \
+             and reward training run a GPU's products in f32 (bf16 on the CPU needs AMX tiles): \
+             remove train.dtype",
+            t.device
+        ));
+    }
     if val_fraction.is_some_and(|v| !(0.0..0.5).contains(&v)) {
         return Err("data.val_fraction must be in [0, 0.5)".into());
     }
@@ -331,6 +340,18 @@ mod tests {
             ..t
         };
         assert!(validate_train(&t).is_ok());
+        // The tuning commands take bf16 products on the CPU only.
+        let e = validate_tuning(&t, None, None, false).unwrap_err();
+        assert!(
+            e.contains("train.dtype") && e.contains("`lmkit train` only"),
+            "{e}"
+        );
+        let cpu = TrainConfig {
+            device: "cpu".into(),
+            ..t
+        };
+        let tuning = validate_tuning(&cpu, None, None, false);
+        assert_eq!(tuning.is_ok(), lmkit_kernels::amx::available());
         assert_eq!(TrainConfig::default().dtype, Precision::F32);
         assert!(toml::from_str::<TrainConfig>("dtype = \"fp8\"").is_err());
     }

@@ -274,7 +274,7 @@ pub(crate) fn load_tuned(
     progress: &dyn Progress,
 ) -> Result<Tuned> {
     if dev.is_cpu() {
-        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
+        crate::cpu_products(t, progress);
     }
     let tuned = load_model(what, dev)?;
     if t.seq_len > tuned.max_positions {

@@ -54,6 +54,23 @@ pub struct Summary {
     pub parameters: usize,
 }
 
+/// Sets the precision of the CPU's products from `train.dtype` (bf16: on AMX tiles, which
+/// `validate_train` checked) and says which product runs: for `lmkit train` and the tuning
+/// commands alike.
+pub(crate) fn cpu_products(t: &config::TrainConfig, progress: &dyn Progress) {
+    let bf16 = t.dtype == config::Precision::Bf16;
+    lmkit_kernels::blas::set_bf16_products(bf16);
+    let tiles = if bf16 {
+        "; bf16 products on AMX tiles"
+    } else {
+        ""
+    };
+    progress.message(&format!(
+        "CPU matmul: {}{tiles}",
+        lmkit_kernels::blas::backend()
+    ));
+}
+
 /// Trains per `cfg`: a new run, or (`Start::Resume`) the run in `out_dir` from its `latest`
 /// checkpoint. A new run refuses a directory that holds another run unless `Start::Overwrite`.
 pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<Summary> {
@@ -176,17 +193,7 @@ pub fn train(cfg: &RunConfig, start: Start, progress: &dyn Progress) -> Result<S
         lmkit_kernels::cuda::set_bf16_products(t.dtype == config::Precision::Bf16);
     }
     if dev.is_cpu() {
-        let bf16 = t.dtype == config::Precision::Bf16;
-        lmkit_kernels::blas::set_bf16_products(bf16);
-        let tiles = if bf16 {
-            "; bf16 products on AMX tiles"
-        } else {
-            ""
-        };
-        progress.message(&format!(
-            "CPU matmul: {}{tiles}",
-            lmkit_kernels::blas::backend()
-        ));
+        cpu_products(t, progress);
     }
     if let Some(how) = group.join_gpus(&dev)? {
         if group.is_root() {

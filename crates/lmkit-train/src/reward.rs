@@ -393,7 +393,7 @@ pub fn train(
     };
     let (train, val) = (sets.train, sets.val);
     if dev.is_cpu() {
-        progress.message(&format!("CPU matmul: {}", lmkit_kernels::blas::backend()));
+        crate::cpu_products(t, progress);
     }
     let (rm, params, config, adapters, max_positions) = match &cfg.lora {
         Some(spec) => {
