@@ -499,12 +499,12 @@ mod tests {
             eprintln!("skipped: this CPU (or kernel) gives no AMX-BF16");
             return;
         }
-        let mut seed = 7u64;
-        let mut draw = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0)
+        let mut uniform = crate::testing::uniform(7);
+        let mut draw = |len| -> Vec<bf16> {
+            uniform(len)
+                .into_iter()
+                .map(|v| bf16::from_f32(4.0 * v))
+                .collect()
         };
         for (m, n, k, width) in [
             (1, 1, 1, 32),
@@ -513,8 +513,7 @@ mod tests {
             (40, 33, 6, 96),
             (35, 40, 1030, 32),
         ] {
-            let x: Vec<bf16> = (0..m * k).map(|_| draw()).collect();
-            let w: Vec<bf16> = (0..n * k).map(|_| draw()).collect();
+            let (x, w) = (draw(m * k), draw(n * k));
             let got = product(&x, &w, (m, n, k), width).expect("taken");
             let ld = n.next_multiple_of(BLOCK);
             assert_eq!(got.len(), m.next_multiple_of(BLOCK) * ld);
@@ -544,13 +543,8 @@ mod tests {
             eprintln!("skipped: this CPU (or kernel) gives no AMX-BF16");
             return;
         }
-        let mut seed = 11u64;
-        let mut draw = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        };
+        let mut uniform = crate::testing::uniform(11);
+        let mut draw = |len| -> Vec<f32> { uniform(len).into_iter().map(|v| 4.0 * v).collect() };
         let rounded = |v: f32| f64::from(bf16::from_f32(v).to_f32());
         for (m, n, k) in [(33, 32, 32), (70, 45, 97), (100, 300, 64), (40, 50, 1100)] {
             for (ta, tb, accumulate) in [
@@ -562,10 +556,10 @@ mod tests {
                 // Stored with leading dimensions one wider than the rows need.
                 let (ra, ca) = if ta { (k, m) } else { (m, k) };
                 let (rb, cb) = if tb { (n, k) } else { (k, n) };
-                let a: Vec<f32> = (0..ra * (ca + 1)).map(|_| draw()).collect();
-                let b: Vec<f32> = (0..rb * (cb + 1)).map(|_| draw()).collect();
+                let a = draw(ra * (ca + 1));
+                let b = draw(rb * (cb + 1));
                 let ldc = n + 3;
-                let before: Vec<f32> = (0..m * ldc).map(|_| draw()).collect();
+                let before = draw(m * ldc);
                 let mut c = before.clone();
                 fn op(t: bool, d: &[f32], ld: usize) -> crate::blas::Operand<'_, f32> {
                     if t {

@@ -908,27 +908,14 @@ pub trait BlasFloat:
     fn attention_gemm(blas: &Blas) -> Gemm<Self> {
         Self::builtin_gemm().unwrap_or_else(|| Self::gemm(blas))
     }
-    /// C[m×n] (rows `ldc` apart) = op(A)·op(B) (plus C when `accumulate`) through
-    /// [`crate::few_rows`] where it applies (f32, a few rows of A stored as rows); whether it ran.
+    /// C[m×n] (rows `ldc` apart) = op(A)·op(B) (plus C when `accumulate`) through lmkit's own
+    /// kernels where one applies (f32 only): [`crate::few_rows`] for a few rows of A stored as
+    /// rows, AMX tiles from operands rounded to bf16 for more where [`set_bf16_products`] asked
+    /// for that and the CPU has them; whether it ran.
     ///
     /// # Safety
     /// As [`gemm_into`]'s: `c` valid for the m rows of n elements, initialised when accumulating.
-    unsafe fn few_rows(
-        (m, n, k): (usize, usize, usize),
-        a: &Operand<Self>,
-        b: &Operand<Self>,
-        (c, ldc): (*mut Self, usize),
-        accumulate: bool,
-    ) -> bool {
-        let _ = ((m, n, k), a, b, (c, ldc), accumulate);
-        false
-    }
-    /// As [`BlasFloat::few_rows`], on AMX tiles from operands rounded to bf16 where
-    /// [`set_bf16_products`] asked for that (f32 only) and the CPU has them.
-    ///
-    /// # Safety
-    /// As [`BlasFloat::few_rows`].
-    unsafe fn bf16_tiles(
+    unsafe fn own_kernels(
         (m, n, k): (usize, usize, usize),
         a: &Operand<Self>,
         b: &Operand<Self>,
@@ -950,31 +937,24 @@ impl BlasFloat for f32 {
     fn gemv(blas: &Blas) -> Gemv<f32> {
         blas.sgemv
     }
-    unsafe fn few_rows(
+    unsafe fn own_kernels(
         (m, n, k): (usize, usize, usize),
         a: &Operand<f32>,
         b: &Operand<f32>,
         (c, ldc): (*mut f32, usize),
         accumulate: bool,
     ) -> bool {
-        if a.trans || !crate::few_rows::applies(m, n, k) {
-            return false;
+        if !a.trans && crate::few_rows::applies(m, n, k) {
+            let w = crate::few_rows::Weight {
+                data: b.data,
+                ld: b.ld,
+                trans: b.trans,
+            };
+            // SAFETY: the caller's guarantee on `c`.
+            return unsafe {
+                crate::few_rows::product((m, n, k), (a.data, a.ld), w, (c, ldc), accumulate)
+            };
         }
-        let w = crate::few_rows::Weight {
-            data: b.data,
-            ld: b.ld,
-            trans: b.trans,
-        };
-        // SAFETY: the caller's guarantee on `c`.
-        unsafe { crate::few_rows::product((m, n, k), (a.data, a.ld), w, (c, ldc), accumulate) }
-    }
-    unsafe fn bf16_tiles(
-        (m, n, k): (usize, usize, usize),
-        a: &Operand<f32>,
-        b: &Operand<f32>,
-        (c, ldc): (*mut f32, usize),
-        accumulate: bool,
-    ) -> bool {
         if !bf16_products() || m <= crate::few_rows::FEW_ROWS || n < 32 || k < 32 {
             return false;
         }
@@ -1143,11 +1123,7 @@ unsafe fn gemm_into<T: BlasFloat>(
         return Ok(());
     }
     // SAFETY: the caller's guarantee on `c`.
-    if unsafe { T::few_rows((m, n, k), &a, &b, (c, ldc), accumulate) } {
-        return Ok(());
-    }
-    // SAFETY: as above.
-    if unsafe { T::bf16_tiles((m, n, k), &a, &b, (c, ldc), accumulate) } {
+    if unsafe { T::own_kernels((m, n, k), &a, &b, (c, ldc), accumulate) } {
         return Ok(());
     }
     let threads = rayon::current_num_threads().max(1);
