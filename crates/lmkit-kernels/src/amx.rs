@@ -44,7 +44,6 @@ pub fn product(
     (m, n, k): (usize, usize, usize),
     width: usize,
 ) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
     if !available()
         || x.len() < m * k
         || w.len() < n * k
@@ -55,10 +54,9 @@ pub fn product(
     }
     let kp = k.next_multiple_of(BLOCK);
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let mut xa = vec![bf16::ZERO; m.next_multiple_of(BLOCK) * kp];
-    xa.par_chunks_mut(kp)
-        .zip(x[..m * k].par_chunks(k))
-        .for_each(|(d, s)| d[..k].copy_from_slice(s));
+    let xa = padded_rows(m, kp, |i, row| {
+        row[..k].copy_from_slice(&x[i * k..][..k]);
+    });
     let (mp, np) = (xa.len() / kp, n.next_multiple_of(BLOCK));
     let mut sums = vec![0f32; mp * np];
     // SAFETY: `sums` holds mp rows of np values (every block whole).
@@ -107,27 +105,22 @@ pub unsafe fn product_f32(
     }
     let kp = k.next_multiple_of(BLOCK);
     // op(A)'s m rows rounded and padded with zeros to whole tiles.
-    let mut xa = vec![bf16::ZERO; m.next_multiple_of(BLOCK) * kp];
-    if a.trans {
+    let xa = if a.trans {
         // A stored [k, m]: a block of 32 of its rows a task, read in order and written into
         // every row of `xa` 64 bytes at a time.
+        let mut xa = padded_rows(m, kp, |_, _| {});
         let out = crate::blas::SharedOut(xa.as_mut_ptr());
         (0..k.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
             // SAFETY: `xa` holds m rows of kp values; task blk alone writes values
             // 32·blk .. 32·blk + 32 of them.
             unsafe { transpose_rows(a, (blk * BLOCK, m, k, kp), out.at(0)) }
         });
+        xa
     } else {
-        // A block of 32 rows a task.
-        xa.par_chunks_mut(BLOCK * kp)
-            .enumerate()
-            .for_each(|(blk, rows)| {
-                let i0 = blk * BLOCK;
-                for (i, row) in (i0..m.min(i0 + BLOCK)).zip(rows.chunks_exact_mut(kp)) {
-                    crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]);
-                }
-            });
-    }
+        padded_rows(m, kp, |i, row| {
+            crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]);
+        })
+    };
     // SAFETY: `available` was checked; the caller's guarantee on C.
     unsafe {
         run(
@@ -140,6 +133,31 @@ pub unsafe fn product_f32(
         )
     };
     true
+}
+
+/// m rows of kp values, then zero rows up to a whole block of 32, each row i < m handed to
+/// `fill` zeroed: a block of rows a task, each row zeroed and filled while it is in the cache
+/// (rather than the whole buffer zeroed on one thread first).
+fn padded_rows(m: usize, kp: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Vec<bf16> {
+    use rayon::prelude::*;
+    let mut xa = Box::<[bf16]>::new_uninit_slice(m.next_multiple_of(BLOCK) * kp);
+    xa.par_chunks_mut(BLOCK * kp)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (r, row) in rows.chunks_exact_mut(kp).enumerate() {
+                for v in row.iter_mut() {
+                    v.write(bf16::ZERO);
+                }
+                // SAFETY: every value of the row was written just above.
+                let row =
+                    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<bf16>] as *mut [bf16]) };
+                if blk * BLOCK + r < m {
+                    fill(blk * BLOCK + r, row);
+                }
+            }
+        });
+    // SAFETY: every value was written above.
+    unsafe { xa.assume_init() }.into_vec()
 }
 
 /// C [m×n] (rows `ldc` apart) = the padded rows `xa` (m rounded up to 32, × kp bf16) by n
