@@ -30,7 +30,7 @@ def data(lmkit, tmp_path_factory):
     return tmp
 
 
-def train(data, kind, dtype, out):
+def train(data, kind, dtype, out, env=None):
     """Trains `kind` for STEPS steps with train.dtype = `dtype`: the process, and each step's loss."""
     (data / f"{kind}.toml").write_text(
         f'[model]\n{MODELS[kind]}'
@@ -39,7 +39,8 @@ def train(data, kind, dtype, out):
         f'eval_every = 0\nsave_every = 0\nlog_every = 1\n')
     binary = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
     p = subprocess.run([binary, "train", "--config", data / f"{kind}.toml", "--set", f'train.out_dir="{out}"',
-                        "--set", f'train.dtype="{dtype}"'], capture_output=True, text=True)
+                        "--set", f'train.dtype="{dtype}"'], capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
     if p.returncode != 0:
         return p, []
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -63,6 +64,16 @@ def test_bf16_products_follow_the_f32_loss_curve(data, tmp_path, kind):
     # The products were rounded (the curves are not the same one), and the model learns as in f32.
     assert bf16 != f32
     assert bf16[-1] < 0.5 * bf16[0], bf16
+
+
+def test_bf16_without_amx_tiles_is_refused_before_training(data, tmp_path):
+    """With the vector instructions capped below AVX-512 (as on a CPU without AMX), the setting is
+    an error naming it and what it needs, given before the run writes anything."""
+    p, _ = train(data, "gpt2", "bf16", tmp_path / "out", env={"LMKIT_SIMD": "avx2"})
+    assert p.returncode != 0
+    assert "train.dtype" in p.stderr and "AMX" in p.stderr and "remove train.dtype" in p.stderr, p.stderr
+    assert "panicked" not in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_fine_tuning_takes_bf16_products_too(lmkit, tmp_path):
