@@ -54,9 +54,14 @@ pub fn product(
     }
     let kp = k.next_multiple_of(BLOCK);
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let xa = padded_rows(m, kp, |i, row| {
-        row[..k].copy_from_slice(&x[i * k..][..k]);
-    });
+    let xa = padded_rows(
+        m,
+        kp,
+        |i, row| {
+            row[..k].copy_from_slice(&x[i * k..][..k]);
+        },
+        |_, _| {},
+    );
     let (mp, np) = (xa.len() / kp, n.next_multiple_of(BLOCK));
     let mut sums = vec![0f32; mp * np];
     // SAFETY: `sums` holds mp rows of np values (every block whole).
@@ -99,27 +104,27 @@ pub unsafe fn product_f32(
     (c, ldc): (*mut f32, usize),
     accumulate: bool,
 ) -> bool {
-    use rayon::prelude::*;
     if !available() || m == 0 || n == 0 || k == 0 {
         return false;
     }
     let kp = k.next_multiple_of(BLOCK);
     // op(A)'s m rows rounded and padded with zeros to whole tiles.
     let xa = if a.trans {
-        // A stored [k, m]: a block of 32 of its rows a task, read in order and written into
-        // every row of `xa` 64 bytes at a time.
-        let mut xa = padded_rows(m, kp, |_, _| {});
-        let out = crate::blas::SharedOut(xa.as_mut_ptr());
-        (0..k.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
-            // SAFETY: `xa` holds m rows of kp values; task blk alone writes values
-            // 32·blk .. 32·blk + 32 of them.
-            unsafe { transpose_rows(a, (blk * BLOCK, m, k, kp), out.at(0)) }
-        });
-        xa
+        // A stored [k, m]: each block of 32 rows of `xa` from A's columns i0 .. i0 + 32,
+        // transposed 32 × 32 values at a time in the cache.
+        padded_rows(
+            m,
+            kp,
+            |_, _| {},
+            |i0, rows| transpose_rows(a, (i0, m, k, kp), rows),
+        )
     } else {
-        padded_rows(m, kp, |i, row| {
-            crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]);
-        })
+        padded_rows(
+            m,
+            kp,
+            |i, row| crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]),
+            |_, _| {},
+        )
     };
     // SAFETY: `available` was checked; the caller's guarantee on C.
     unsafe {
@@ -135,10 +140,16 @@ pub unsafe fn product_f32(
     true
 }
 
-/// m rows of kp values, then zero rows up to a whole block of 32, each row i < m handed to
-/// `fill` zeroed: a block of rows a task, each row zeroed and filled while it is in the cache
-/// (rather than the whole buffer zeroed on one thread first).
-fn padded_rows(m: usize, kp: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) -> Vec<bf16> {
+/// m rows of kp values, then zero rows up to a whole block of 32: a block of 32 rows a task,
+/// zeroed, then each row i < m handed to `fill` and the block (rows i0 .. i0 + 32) to
+/// `fill_block`, while it is in the cache (rather than the whole buffer zeroed on one thread
+/// first).
+fn padded_rows(
+    m: usize,
+    kp: usize,
+    fill: impl Fn(usize, &mut [bf16]) + Sync,
+    fill_block: impl Fn(usize, &mut [bf16]) + Sync,
+) -> Vec<bf16> {
     use rayon::prelude::*;
     let mut xa = Box::<[bf16]>::new_uninit_slice(m.next_multiple_of(BLOCK) * kp);
     xa.par_chunks_mut(BLOCK * kp)
@@ -155,6 +166,9 @@ fn padded_rows(m: usize, kp: usize, fill: impl Fn(usize, &mut [bf16]) + Sync) ->
                     fill(blk * BLOCK + r, row);
                 }
             }
+            // SAFETY: every value of the block was written above.
+            let rows = unsafe { &mut *(rows as *mut [std::mem::MaybeUninit<bf16>] as *mut [bf16]) };
+            fill_block(blk * BLOCK, rows);
         });
     // SAFETY: every value was written above.
     unsafe { xa.assume_init() }.into_vec()
@@ -208,33 +222,36 @@ unsafe fn run(
         });
 }
 
-/// Values p0 .. p0 + 32 (those below k) of every row of op(A) = Aᵀ [m×k] (A stored [k, m])
-/// rounded to bf16 into `xa` (rows of kp values): A's rows p0 .. p0 + 32 are read in order, in
-/// blocks of 32 values transposed in the cache (each row of `xa` then gets 64 bytes at once).
-///
-/// # Safety
-/// `xa` is valid for writes of m rows of kp values, of which no other thread writes values
-/// p0 .. p0 + 32 meanwhile; A holds k rows of m values, `a.ld` apart.
-unsafe fn transpose_rows(
+/// Rows i0 .. i0 + 32 (those below m) of op(A) = Aᵀ [m×k] (A stored [k, m]) rounded to bf16
+/// into `rows` (32 rows of kp values, zeros where nothing is written): A's values i0 .. i0 + 32
+/// of its rows, 32 rows at a time, transposed in the cache.
+fn transpose_rows(
     a: &crate::blas::Operand<f32>,
-    (p0, m, k, kp): (usize, usize, usize, usize),
-    xa: *mut bf16,
+    (i0, m, k, kp): (usize, usize, usize, usize),
+    rows: &mut [bf16],
 ) {
-    let depth = BLOCK.min(k - p0);
+    debug_assert_eq!(rows.len(), BLOCK * kp);
+    let count = BLOCK.min(m - i0);
     // block[r][d]: row i0 + r's value p0 + d.
     let mut block = [[bf16::ZERO; BLOCK]; BLOCK];
-    for i0 in (0..m).step_by(BLOCK) {
-        let count = BLOCK.min(m - i0);
+    for p0 in (0..k).step_by(BLOCK) {
+        let depth = BLOCK.min(k - p0);
+        #[cfg(target_arch = "x86_64")]
+        if count == BLOCK && depth == BLOCK && crate::simd::simd_level() >= 2 {
+            let src = &a.data[p0 * a.ld + i0..][..(BLOCK - 1) * a.ld + BLOCK];
+            // SAFETY: AVX-512 is there; `src` holds 32 rows of 32 values `a.ld` apart, `rows`
+            // 32 rows of kp ≥ p0 + 32 values.
+            unsafe { x86::transpose_block(src.as_ptr(), a.ld, rows[p0..].as_mut_ptr().cast(), kp) };
+            continue;
+        }
         for d in 0..depth {
             let src = &a.data[(p0 + d) * a.ld + i0..][..count];
             for (b, &x) in block.iter_mut().zip(src) {
                 b[d] = bf16::from_bits(crate::half_weights::round_bf16(x));
             }
         }
-        for (r, b) in block.iter().enumerate().take(count) {
-            // SAFETY: row i0 + r < m of `xa`, values p0 .. p0 + depth ≤ kp: the caller's.
-            let row = unsafe { std::slice::from_raw_parts_mut(xa.add((i0 + r) * kp + p0), depth) };
-            row.copy_from_slice(&b[..depth]);
+        for (b, row) in block.iter().zip(rows.chunks_exact_mut(kp)).take(count) {
+            row[p0..p0 + depth].copy_from_slice(&b[..depth]);
         }
     }
 }
@@ -386,6 +403,55 @@ mod x86 {
                     XFEATURE_XTILEDATA,
                 )
             } == 0
+    }
+
+    /// `dst`'s rows r < 32 (`ld_dst` values apart), values 0 .. 32: value d of row r is value r
+    /// of `src`'s row d (`ld_src` apart), rounded to bf16 as `round_bf16` rounds. Rows 2p and
+    /// 2p + 1 give 16 pairs side by side, which a 16 × 16 transpose of the pairs puts in rows.
+    ///
+    /// # Safety
+    /// AVX-512 is there; `src` is valid for reads of 32 rows of 32 f32, `dst` for writes of 32
+    /// rows of 32 u16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn transpose_block(
+        src: *const f32,
+        ld_src: usize,
+        dst: *mut u16,
+        ld_dst: usize,
+    ) {
+        use std::arch::x86_64::*;
+        for h in 0..2 {
+            let mut pairs = [_mm512_setzero_ps(); 16];
+            for (p, pair) in pairs.iter_mut().enumerate() {
+                // SAFETY: rows 2p and 2p + 1 < 32 of `src`, values 16h .. 16h + 16.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm512_loadu_si512(src.add(2 * p * ld_src + 16 * h).cast()),
+                        _mm512_loadu_si512(src.add((2 * p + 1) * ld_src + 16 * h).cast()),
+                    )
+                };
+                let both = _mm512_or_si512(round(lo), _mm512_slli_epi32::<16>(round(hi)));
+                *pair = _mm512_castsi512_ps(both);
+            }
+            let rows = crate::gemm::x86::transpose16(pairs);
+            for (r, row) in rows.iter().enumerate() {
+                // SAFETY: row 16h + r < 32 of `dst`, 64 bytes.
+                unsafe { _mm512_storeu_ps(dst.add((16 * h + r) * ld_dst).cast(), *row) };
+            }
+        }
+    }
+
+    /// Each f32 (as bits) rounded to bf16's bits in the low half of its lane, as `round_bf16`.
+    #[target_feature(enable = "avx512f")]
+    fn round(b: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let magnitude = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+        _mm512_mask_blend_epi32(nan, rounded, quiet)
     }
 
     /// C[i, c] (rows `ldc` apart from `c`) = the sums of row i of the input by the task's
@@ -548,6 +614,54 @@ mod tests {
                     assert!(err <= 1e-6 * size.max(1.0), "{m}x{n}x{k}: ({i}, {j}) {err}");
                 }
             }
+        }
+    }
+
+    /// The AVX-512 transposition rounds as `round_bf16` does (ties to even, NaNs quieted,
+    /// overflow to infinity, subnormals kept) and puts value d of row r at row r, value d.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transposed_blocks_round_as_the_scalar_rounding() {
+        if crate::simd::simd_level() < 2 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let special = [
+            0x3f80_8000u32, // a tie below an even value: stays
+            0x3f81_8000,    // a tie below an odd value: up
+            0x3f80_8001,
+            0xbf81_7fff,
+            0x7f7f_ffff, // rounds to infinity
+            0x7f80_0000,
+            0xff80_0001, // a signalling NaN
+            0x7fc0_0000,
+            0xffff_ffff,
+            0x0000_8001, // subnormal
+            0x8000_0000,
+        ];
+        let ld = 37;
+        let mut uniform = crate::testing::uniform(5);
+        let mut src: Vec<f32> = uniform(32 * ld);
+        for (i, &bits) in special.iter().enumerate() {
+            src[i * 3 * ld + (7 * i) % 32] = f32::from_bits(bits);
+        }
+        let mut dst = vec![0u16; 32 * 40];
+        // SAFETY: AVX-512 is there; `src` holds 32 rows of 37 values, `dst` 32 rows of 40.
+        unsafe { x86::transpose_block(src.as_ptr(), ld, dst.as_mut_ptr(), 40) };
+        for r in 0..32 {
+            for d in 0..32 {
+                let want = crate::half_weights::round_bf16(src[d * ld + r]);
+                assert_eq!(
+                    dst[r * 40 + d],
+                    want,
+                    "row {r}, value {d}: {}",
+                    src[d * ld + r]
+                );
+            }
+            assert!(
+                dst[r * 40 + 32..][..8].iter().all(|&v| v == 0),
+                "row {r}: past 32 written"
+            );
         }
     }
 

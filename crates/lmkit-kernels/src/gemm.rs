@@ -172,7 +172,7 @@ unsafe fn tile_generic<T: Float, const MR: usize, const NR: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Defines an AVX micro-kernel of MR rows × (NV vectors of LANES) columns.
@@ -370,7 +370,7 @@ mod x86 {
 
     /// The transpose of a 16 × 16 block of f32 (row i in r[i]).
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // Pairs of rows interleaved, then pairs of pairs, then 128-bit lanes twice.
         let mut t = [_mm512_setzero_ps(); 16];
         for k in 0..8 {
