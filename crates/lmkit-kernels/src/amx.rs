@@ -12,6 +12,7 @@
 //! one's in its last bits (the one rounding to bf16 after hides nearly all of that).
 
 use half::bf16;
+use std::mem::MaybeUninit;
 
 /// Rows and columns of a block of sums (2 × 2 tiles of 16 × 16), and the depth of a tile.
 const BLOCK: usize = 32;
@@ -92,14 +93,13 @@ pub fn product(
     }
     let kp = k.next_multiple_of(BLOCK);
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let xa = padded_rows(
-        m,
-        kp,
-        |i, row| {
-            row[..k].copy_from_slice(&x[i * k..][..k]);
-        },
-        |_, _| {},
-    );
+    let xa = padded_rows((m, k, kp), |i0, rows| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(kp)) {
+            for (o, &v) in row.iter_mut().zip(&x[i * k..][..k]) {
+                o.write(v);
+            }
+        }
+    });
     let (mp, np) = (xa.bf16s().len() / kp, n.next_multiple_of(BLOCK));
     let mut sums = vec![0f32; mp * np];
     // SAFETY: `sums` holds mp rows of np values (every block whole).
@@ -150,19 +150,15 @@ pub unsafe fn product_f32(
     let xa = if a.trans {
         // A stored [k, m]: each block of 32 rows of `xa` from A's columns i0 .. i0 + 32,
         // transposed 32 × 32 values at a time in the cache.
-        padded_rows(
-            m,
-            kp,
-            |_, _| {},
-            |i0, rows| transpose_rows(a, (i0, m, k, kp), rows),
-        )
+        padded_rows((m, k, kp), |i0, rows| {
+            transpose_rows(a, (i0, m, k, kp), rows)
+        })
     } else {
-        padded_rows(
-            m,
-            kp,
-            |i, row| crate::half_weights::narrow_bf16(&a.data[i * a.ld..][..k], &mut row[..k]),
-            |_, _| {},
-        )
+        padded_rows((m, k, kp), |i0, rows| {
+            for (i, row) in (i0..m).zip(rows.chunks_exact_mut(kp)) {
+                round_into(&a.data[i * a.ld..][..k], &mut row[..k]);
+            }
+        })
     };
     // SAFETY: `available` was checked; the caller's guarantee on C.
     unsafe {
@@ -178,15 +174,12 @@ pub unsafe fn product_f32(
     true
 }
 
-/// m rows of kp values, then zero rows up to a whole block of 32: a block of 32 rows a task,
-/// zeroed, then each row i < m handed to `fill` and the block (rows i0 .. i0 + 32) to
-/// `fill_block`, while it is in the cache (rather than the whole buffer zeroed on one thread
-/// first).
+/// m rows of kp values, then zero rows up to a whole block of 32: a block of 32 rows a task.
+/// `fill(i0, rows)` writes values 0 .. k of each of the block's rows (kp apart) below m while
+/// the block is in the cache; the rest is zeroed here. Each value is written once.
 fn padded_rows(
-    m: usize,
-    kp: usize,
-    fill: impl Fn(usize, &mut [bf16]) + Sync,
-    fill_block: impl Fn(usize, &mut [bf16]) + Sync,
+    (m, k, kp): (usize, usize, usize),
+    fill: impl Fn(usize, &mut [MaybeUninit<bf16>]) + Sync,
 ) -> Rows {
     use rayon::prelude::*;
     // kp is a multiple of 32: each row whole lines.
@@ -194,32 +187,33 @@ fn padded_rows(
     let mut lines = Box::<[Line]>::new_uninit_slice(len / 32);
     // SAFETY: the lines' bytes as len bf16, not yet initialised (Line has no padding).
     let xa = unsafe {
-        std::slice::from_raw_parts_mut(
-            lines.as_mut_ptr().cast::<std::mem::MaybeUninit<bf16>>(),
-            len,
-        )
+        std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<MaybeUninit<bf16>>(), len)
     };
     xa.par_chunks_mut(BLOCK * kp)
         .enumerate()
         .for_each(|(blk, rows)| {
-            for (r, row) in rows.chunks_exact_mut(kp).enumerate() {
-                for v in row.iter_mut() {
+            let i0 = blk * BLOCK;
+            fill(i0, rows);
+            for (i, row) in (i0..).zip(rows.chunks_exact_mut(kp)) {
+                let from = if i < m { k } else { 0 };
+                for v in &mut row[from..] {
                     v.write(bf16::ZERO);
                 }
-                // SAFETY: every value of the row was written just above.
-                let row =
-                    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<bf16>] as *mut [bf16]) };
-                if blk * BLOCK + r < m {
-                    fill(blk * BLOCK + r, row);
-                }
             }
-            // SAFETY: every value of the block was written above.
-            let rows = unsafe { &mut *(rows as *mut [std::mem::MaybeUninit<bf16>] as *mut [bf16]) };
-            fill_block(blk * BLOCK, rows);
         });
     Rows {
-        // SAFETY: every value of every line was written above.
+        // SAFETY: every value of every line was written above: values 0 .. k of the rows
+        // below m by `fill`, the rest here.
         lines: unsafe { lines.assume_init() },
+    }
+}
+
+crate::simd::simd_versions! {
+    /// `src` rounded to bf16 (as `round_bf16` rounds) into `dst`'s first `src.len()` values.
+    fn round_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(bf16::from_bits(crate::half_weights::round_bf16(v)));
+        }
     }
 }
 
@@ -271,13 +265,13 @@ unsafe fn run(
     );
 }
 
-/// Rows i0 .. i0 + 32 (those below m) of op(A) = Aᵀ [m×k] (A stored [k, m]) rounded to bf16
-/// into `rows` (32 rows of kp values, zeros where nothing is written): A's values i0 .. i0 + 32
-/// of its rows, 32 rows at a time, transposed in the cache.
+/// Values 0 .. k of rows i0 .. i0 + 32 (those below m) of op(A) = Aᵀ [m×k] (A stored [k, m])
+/// rounded to bf16 into `rows` (32 rows of kp values): A's values i0 .. i0 + 32 of its rows,
+/// 32 rows at a time, transposed in the cache.
 fn transpose_rows(
     a: &crate::blas::Operand<f32>,
     (i0, m, k, kp): (usize, usize, usize, usize),
-    rows: &mut [bf16],
+    rows: &mut [MaybeUninit<bf16>],
 ) {
     debug_assert_eq!(rows.len(), BLOCK * kp);
     let count = BLOCK.min(m - i0);
@@ -300,7 +294,9 @@ fn transpose_rows(
             }
         }
         for (b, row) in block.iter().zip(rows.chunks_exact_mut(kp)).take(count) {
-            row[p0..p0 + depth].copy_from_slice(&b[..depth]);
+            for (o, &v) in row[p0..p0 + depth].iter_mut().zip(b) {
+                o.write(v);
+            }
         }
     }
 }
