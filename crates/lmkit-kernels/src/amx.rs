@@ -91,10 +91,12 @@ pub fn product(
     width: usize,
 ) -> Option<Vec<f32>> {
     if !available()
-        || x.len() < m * k
-        || w.len() < n * k
+        || m.checked_mul(k).is_none_or(|len| x.len() < len)
+        || n.checked_mul(k).is_none_or(|len| w.len() < len)
         || !width.is_multiple_of(BLOCK)
-        || m * n * k == 0
+        || m == 0
+        || n == 0
+        || k == 0
     {
         return None;
     }
@@ -629,6 +631,21 @@ mod tests {
     /// The tile products equal the f64 product of the same values within f32 accumulation, for
     /// shapes with partial tiles in every dimension, several row blocks, several tasks and
     /// several blocks of the depth.
+    #[test]
+    fn shapes_the_operands_cannot_hold_are_declined() {
+        let x = vec![bf16::ONE; 64];
+        for mnk in [
+            (usize::MAX, 2, 2),
+            (2, usize::MAX, 2),
+            (2, 2, usize::MAX),
+            (0, 2, 2),
+            (9, 2, 8),
+        ] {
+            assert!(product(&x, &x, mnk, 32).is_none(), "{mnk:?}");
+        }
+        assert!(product(&x, &x, (2, 2, 8), 16).is_none(), "a width of 16");
+    }
+
     #[test]
     fn tile_products_equal_the_widened_product() {
         if !available() {
