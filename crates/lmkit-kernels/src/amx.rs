@@ -628,9 +628,8 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// The tile products equal the f64 product of the same values within f32 accumulation, for
-    /// shapes with partial tiles in every dimension, several row blocks, several tasks and
-    /// several blocks of the depth.
+    /// Shapes whose sizes overflow, that the operands cannot hold, or an odd width give no
+    /// product (and no panic).
     #[test]
     fn shapes_the_operands_cannot_hold_are_declined() {
         let x = vec![bf16::ONE; 64];
@@ -646,6 +645,9 @@ mod tests {
         assert!(product(&x, &x, (2, 2, 8), 16).is_none(), "a width of 16");
     }
 
+    /// The tile products equal the f64 product of the same values within f32 accumulation, for
+    /// shapes with partial tiles in every dimension, several row blocks, several tasks and
+    /// several blocks of the depth.
     #[test]
     fn tile_products_equal_the_widened_product() {
         if !available() {
