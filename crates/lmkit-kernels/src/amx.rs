@@ -165,7 +165,7 @@ pub unsafe fn product_f32(
     } else {
         padded_rows((m, k, kp), |i0, rows| {
             for (i, row) in (i0..m).zip(rows.chunks_exact_mut(kp)) {
-                round_into(&a.data[i * a.ld..][..k], &mut row[..k]);
+                crate::half_weights::narrow_bf16_into(&a.data[i * a.ld..][..k], &mut row[..k]);
             }
         })
     };
@@ -214,15 +214,6 @@ fn padded_rows(
         // SAFETY: every value of every line was written above: values 0 .. k of the rows
         // below m by `fill`, the rest here.
         lines: unsafe { lines.assume_init() },
-    }
-}
-
-crate::simd::simd_versions! {
-    /// `src` rounded to bf16 (as `round_bf16` rounds) into `dst`'s first `src.len()` values.
-    fn round_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            d.write(bf16::from_bits(crate::half_weights::round_bf16(v)));
-        }
     }
 }
 

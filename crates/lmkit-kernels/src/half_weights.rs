@@ -168,12 +168,20 @@ impl Half for half::bf16 {
     }
 }
 
+/// f32 → bf16 without branches, so that it vectorises: `half::bf16::from_f32`'s rounding (to
+/// nearest, ties to even; a NaN stays a quiet NaN of its sign).
+pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    // SAFETY: MaybeUninit<bf16> has bf16's layout, and only initialised values are written.
+    let dst =
+        unsafe { &mut *(dst as *mut [half::bf16] as *mut [std::mem::MaybeUninit<half::bf16>]) };
+    narrow_bf16_into(src, dst)
+}
+
 crate::simd::simd_versions! {
-    /// f32 → bf16 without branches, so that it vectorises: `half::bf16::from_f32`'s rounding
-    /// (to nearest, ties to even; a NaN stays a quiet NaN of its sign).
-    pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    /// [`narrow_bf16`] into `dst`'s first `src.len()` values, which need not be initialised.
+    pub(crate) fn narrow_bf16_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<half::bf16>]) {
         for (d, &v) in dst.iter_mut().zip(src) {
-            *d = half::bf16::from_bits(round_bf16(v));
+            d.write(half::bf16::from_bits(round_bf16(v)));
         }
     }
 }
