@@ -2,7 +2,8 @@
 //! (what lmkit runs where the CPU has the kernel) next to block products through the loaded
 //! BLAS library's gemm and through the built-in gemm, alternating, minimum of 41 calls each.
 //! Shapes: a GPT-2 training step of bench/train_bench.py (8 rows of 256 tokens, 6 heads of 64)
-//! and a SmolLM2-135M fine-tuning step (4 rows of 256, 9 query heads over 3 key/value heads).
+//! and a SmolLM2-135M fine-tuning step (4 rows of 256, 9 query heads over 3 key/value heads),
+//! and one SmolLM2 sequence of 1,024 tokens (a long prompt's layer, forward).
 //!
 //! usage: `RAYON_NUM_THREADS=2 cargo run --release -p lmkit-kernels --example attn_speed`
 
@@ -25,6 +26,7 @@ fn main() {
             (8usize, 256usize, 6usize, 6usize, 64usize),
         ),
         ("SmolLM2 4×256, 9/3 heads", (4, 256, 9, 3, 64)),
+        ("SmolLM2 1×1024, 9/3 heads", (1, 1024, 9, 3, 64)),
     ] {
         let spans: Vec<(usize, usize)> = (0..b).map(|i| (i * t, t)).collect();
         let g = Gqa {

@@ -1557,81 +1557,197 @@ fn query_block<T: BlasFloat>() -> usize {
     64usize.div_ceil(mr) * mr
 }
 
-/// [`gqa_attention_fwd`] on the built-in micro-kernel, each operand packed once: every key/value
-/// head's keys (for q·kᵀ) and values (for p·v) first, then tasks of query rows of one head
-/// (their queries and probabilities packed by the task). Each strip of query rows (the
-/// kernel's MR) multiplies only the keys its last row sees, so the masked half of the scores
-/// is skipped to within a strip.
-fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
-    let rows = s.check(qkv.len(), "attention")?;
-    let (hd, w, c) = (s.hd, s.width(), s.out_width());
-    let scale = s.scale::<T>();
+/// Which operand of a causal attention [`CausalRows::start`] places.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Role {
+    /// A query head's rows.
+    Q,
+    /// A key/value head's keys.
+    K,
+    /// A key/value head's values.
+    V,
+    /// A query head's output rows.
+    Y,
+}
+
+/// Where the operands of a causal grouped-query attention lie: sequences of queries, each the
+/// last of its keys, with every head's rows of hd values at a fixed stride from a start of its
+/// own (the packed q|k|v of a training pass; the [b, heads, t, hd] heads and KV cache views of
+/// a prompt).
+pub(crate) struct CausalRows<'a, T> {
+    /// Per sequence: its queries t and the keys before its first query o (query i sees keys
+    /// 0 ..= o + i of the sequence's o + t).
+    pub seqs: &'a [(usize, usize)],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    /// Queries, keys and values, each with the stride between its rows.
+    pub q: (&'a [T], usize),
+    pub k: (&'a [T], usize),
+    pub v: (&'a [T], usize),
+    /// The stride between the output's rows.
+    pub y_ld: usize,
+    /// Where row 0 of (operand, sequence, head) starts: query and output heads h < heads, key
+    /// and value heads g < kv_heads.
+    pub start: &'a (dyn Fn(Role, usize, usize) -> usize + Sync),
+}
+
+impl<T> CausalRows<'_, T> {
+    /// `data` from row 0 of (role, sequence, head), or an error naming the operand.
+    fn rows<'d>(
+        &self,
+        data: &'d [T],
+        role: Role,
+        si: usize,
+        h: usize,
+    ) -> candle_core::Result<&'d [T]> {
+        match data.get((self.start)(role, si, h)..) {
+            Some(x) => Ok(x),
+            None => candle_core::bail!(
+                "attention: the {role:?} rows of head {h} lie past their storage"
+            ),
+        }
+    }
+}
+
+/// softmax(scale·q·kᵀ)·v over the causal keys of each sequence of `a` into `y` (each query
+/// head's rows at `a.start(Role::Y, ..)`, `a.y_ld` apart; the rest of `y` is left as it is), on
+/// the built-in micro-kernel with each operand packed once: every key/value head's keys (for
+/// q·kᵀ) and values (for p·v) first, then tasks of query rows of one head (their queries and
+/// probabilities packed by the task). Each strip of query rows (the kernel's MR) multiplies only
+/// the keys its last row sees, so the masked part of the scores is skipped to within a strip.
+pub(crate) fn causal_strips_fwd<T: BlasFloat>(
+    a: &CausalRows<T>,
+    y: &mut [T],
+    scale: T,
+) -> candle_core::Result<()> {
+    let hd = a.hd;
+    if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
+        candle_core::bail!(
+            "attention: {} query heads do not share {} key/value heads evenly",
+            a.heads,
+            a.kv_heads
+        );
+    }
+    let group = a.heads / a.kv_heads;
+    for (si, &(t, _)) in a.seqs.iter().enumerate() {
+        for h in (0..a.heads).filter(|_| t > 0) {
+            // The end of the head's last output row (saturating: past any storage).
+            let end = ((a.start)(Role::Y, si, h))
+                .saturating_add((t - 1).saturating_mul(a.y_ld))
+                .saturating_add(hd);
+            if end > y.len() {
+                candle_core::bail!("attention: the output rows of head {h} lie past its storage");
+            }
+        }
+    }
     let (_, nr) = crate::gemm::strip_widths::<T>();
-    let kv: Vec<(Strips<T>, Strips<T>)> = (0..s.spans.len() * s.kv_heads)
+    let kv: Vec<(Strips<T>, Strips<T>)> = (0..a.seqs.len() * a.kv_heads)
         .into_par_iter()
         .map(|task| {
-            let (r, t) = s.spans[task / s.kv_heads];
-            let (kc, vc) = s.kv_cols(task % s.kv_heads);
+            let (si, g) = (task / a.kv_heads, task % a.kv_heads);
+            let (t, o) = a.seqs[si];
             let (mut k, mut v) = (Strips::default(), Strips::default());
             if t > 0 {
-                // op(B) = Kᵀ [hd, t] and V [t, hd].
-                k.pack_b(&qkv[r * w + kc..], w, true, (hd, t))?;
-                v.pack_b(&qkv[r * w + vc..], w, false, (t, hd))?;
+                // op(B) = Kᵀ [hd, o + t] and V [o + t, hd].
+                let ((kd, kl), (vd, vl)) = (a.k, a.v);
+                k.pack_b(a.rows(kd, Role::K, si, g)?, kl, true, (hd, o + t))?;
+                v.pack_b(a.rows(vd, Role::V, si, g)?, vl, false, (o + t, hd))?;
             }
             Ok((k, v))
         })
         .collect::<candle_core::Result<_>>()?;
     let block = query_block::<T>();
-    let tasks = s.row_blocks(|_| block);
-    let mut y = crate::buffers::zeros(rows * c);
+    let mut tasks = Vec::new();
+    for (si, &(t, _)) in a.seqs.iter().enumerate() {
+        for h in 0..a.heads {
+            for r0 in (0..t).step_by(block) {
+                tasks.push((si, h, r0, (r0 + block).min(t)));
+            }
+        }
+    }
     let out = SharedOut(y.as_mut_ptr());
     let one = (T::one(), T::zero());
     tasks.into_par_iter().try_for_each_init(
         || (Strips::default(), Strips::default(), Vec::new()),
         |(qs, ps, p), (si, h, r0, r1)| {
-            let (r, _) = s.spans[si];
-            let (ks, vs) = &kv[si * s.kv_heads + h / s.group()];
-            let rb = r1 - r0;
-            qs.pack_a(&qkv[(r + r0) * w + h * hd..], w, false, (rb, hd))?;
-            // Scores [rb, r1] (rows lp apart: whole strips of keys); each strip of rows takes
-            // the keys its last row sees, the rest of a row is zeroed by its softmax.
-            let lp = r1.next_multiple_of(nr);
+            let (_, o) = a.seqs[si];
+            let (ks, vs) = &kv[si * a.kv_heads + h / group];
+            let (rb, (qd, ql)) = (r1 - r0, a.q);
+            let q = a.rows(qd, Role::Q, si, h)?;
+            qs.pack_a(q.get(r0 * ql..).unwrap_or_default(), ql, false, (rb, hd))?;
+            // Scores [rb, o + r1] (rows lp apart: whole strips of keys); each strip of rows
+            // takes the keys its last row sees, the rest of a row is zeroed by its softmax.
+            let keys = o + r1;
+            let lp = keys.next_multiple_of(nr);
             p.resize(rb * lp, T::zero());
-            // SAFETY: the [rb, lp] scores; keys run to the end of a strip: r1 ≤ t rounded up
-            // to whole strips, lp at most.
+            // SAFETY: the [rb, lp] scores; keys run to the end of a strip: o + r1 ≤ o + t
+            // rounded up to whole strips, lp at most.
             unsafe {
                 strip_product(
                     (qs, 0),
                     (ks, 0),
                     (rb, lp),
                     0..hd,
-                    Part::ColumnsBefore(r0),
+                    Part::ColumnsBefore(o + r0),
                     one,
                     p.as_mut_ptr(),
                     lp,
                 )
             };
             for (i, row) in p.chunks_mut(lp).enumerate() {
-                crate::fused::softmax_row(&mut row[..r1], r0 + i + 1, scale);
+                crate::fused::softmax_row(&mut row[..keys], o + r0 + i + 1, scale);
             }
-            ps.pack_a(p, lp, false, (rb, r1))?;
-            // SAFETY: task (span, h, r0) alone writes y[r + r0..r + r1, h·hd .. (h+1)·hd]
-            // (ldc = c): spans do not overlap. P is 0 past each row's last seen key.
+            ps.pack_a(p, lp, false, (rb, keys))?;
+            // SAFETY: task (sequence, h, r0) alone writes its query rows r0..r1 of head h,
+            // within `y` (checked above: every head's t rows); P is 0 past each row's last seen
+            // key.
             unsafe {
                 strip_product(
                     (ps, 0),
                     (vs, 0),
                     (rb, hd),
-                    0..r1,
-                    Part::StepsBefore(r0),
+                    0..keys,
+                    Part::StepsBefore(o + r0),
                     one,
-                    out.at((r + r0) * c + h * hd),
-                    c,
+                    out.at((a.start)(Role::Y, si, h) + r0 * a.y_ld),
+                    a.y_ld,
                 )
             };
             candle_core::Result::Ok(())
         },
     )?;
+    Ok(())
+}
+
+/// [`gqa_attention_fwd`] on the built-in micro-kernel ([`causal_strips_fwd`] over the packed
+/// q|k|v).
+fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
+    let rows = s.check(qkv.len(), "attention")?;
+    let (hd, w, c) = (s.hd, s.width(), s.out_width());
+    let seqs: Vec<(usize, usize)> = s.spans.iter().map(|&(_, t)| (t, 0)).collect();
+    let start = |role, si: usize, h: usize| {
+        let r = s.spans[si].0;
+        match role {
+            Role::Q => r * w + h * hd,
+            Role::K => r * w + s.kv_cols(h).0,
+            Role::V => r * w + s.kv_cols(h).1,
+            Role::Y => r * c + h * hd,
+        }
+    };
+    let mut y = crate::buffers::zeros(rows * c);
+    let a = CausalRows {
+        seqs: &seqs,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        hd,
+        q: (qkv, w),
+        k: (qkv, w),
+        v: (qkv, w),
+        y_ld: c,
+        start: &start,
+    };
+    causal_strips_fwd(&a, &mut y, s.scale())?;
     Ok(y)
 }
 

@@ -1,8 +1,10 @@
 //! Scaled dot-product attention (Vaswani et al. 2017), the one implementation every family
 //! calls: causal (decoders), bidirectional with a padding bias (encoders) and cross-attention
 //! (encoder-decoders), with grouped-query key/value heads, over a KV cache when decoding.
-//! On the CPU the causal softmax is one fused kernel (masked half skipped); GPT-2's packed
-//! q|k|v takes the fused attention kernel of `lmkit-kernels` for whole sequences. On a GPU, the
+//! On the CPU a prompt's causal attention is one kernel over operands packed once
+//! (`lmkit_kernels::attend::attend_causal`; where the CPU lacks its micro-kernel, the causal
+//! softmax is one fused kernel, masked half skipped); GPT-2's packed q|k|v takes the fused
+//! attention kernel of `lmkit-kernels` for whole sequences. On a GPU, the
 //! passes that continue KV caches (one sequence's prompt or decoding step, or a serving round's
 //! decoding steps and prompt pieces, each continuing its own cache) take one kernel launch a
 //! layer that writes their keys and values into the caches and attends over them (two with
@@ -69,6 +71,12 @@ pub fn attention(
         let att = scaled(widened(lmkit_kernels::blas::matmul(&q, &k.t()?)?)?, scale)?;
         let p = probabilities(&att, v.dtype())?;
         return lmkit_kernels::blas::matmul(&p, v)?.reshape((b, heads, 1, d));
+    }
+    if matches!(mask, Mask::Causal) {
+        // A prompt on the CPU (f32; a half-type model's comes back here widened by `in_f32`).
+        if let Some(y) = lmkit_kernels::attend::attend_causal(q, k, v, scale)? {
+            return Ok(y);
+        }
     }
     if let Some(y) = in_f32(q, k, v, mask, scale)? {
         return Ok(y);
