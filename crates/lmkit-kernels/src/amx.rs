@@ -110,8 +110,10 @@ pub fn product(
         }
     });
     let (mp, np) = (xa.bf16s().len() / kp, n.next_multiple_of(BLOCK));
-    let mut sums = vec![0f32; mp * np];
-    // SAFETY: `sums` holds mp rows of np values (every block whole).
+    // Not zeroed first: the product writes every sum.
+    let mut sums = Vec::with_capacity(mp * np);
+    // SAFETY: `sums` has room for mp rows of np values (every block whole); `run` over all mp
+    // rows and np columns, not accumulating, writes each of them before the length covers them.
     unsafe {
         run(
             xa.bf16s(),
@@ -120,8 +122,9 @@ pub fn product(
             (sums.as_mut_ptr(), np),
             false,
             |cols, depth, packed| pack(w, (n, k), cols, depth, packed),
-        )
-    };
+        );
+        sums.set_len(mp * np);
+    }
     Some(sums)
 }
 

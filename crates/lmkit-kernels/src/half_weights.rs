@@ -143,6 +143,8 @@ pub(crate) trait Half: crate::few_rows::WeightValue + candle_core::WithDType {
     fn narrow(v: f32) -> Self;
     /// `dst[i] = narrow(src[i])` for the shorter of the two.
     fn narrow_all(src: &[f32], dst: &mut [Self]);
+    /// `dst[i] = narrow(src[i])` for the shorter of the two, into memory not yet written.
+    fn narrow_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]);
     /// The values as bf16 (`None` for another type).
     fn bf16s(x: &[Self]) -> Option<&[half::bf16]>;
 }
@@ -161,6 +163,10 @@ impl Half for half::bf16 {
 
     fn narrow_all(src: &[f32], dst: &mut [Self]) {
         narrow_bf16(src, dst)
+    }
+
+    fn narrow_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]) {
+        narrow_bf16_into(src, dst)
     }
 
     fn bf16s(x: &[Self]) -> Option<&[half::bf16]> {
@@ -213,6 +219,12 @@ impl Half for half::f16 {
     fn narrow_all(src: &[f32], dst: &mut [Self]) {
         let n = src.len().min(dst.len());
         half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut dst[..n], &src[..n]);
+    }
+
+    fn narrow_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<Self>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(half::f16::from_f32(v));
+        }
     }
 
     fn bf16s(_: &[Self]) -> Option<&[half::bf16]> {
@@ -301,14 +313,19 @@ fn multiply_with<T: Half>(
         if let (Some(xb), Some(wb)) = (T::bf16s(x), T::bf16s(w)) {
             let (ld, width) = (n.next_multiple_of(32), crate::amx::task_width(n));
             if let Some(mut sums) = crate::amx::product(xb, wb, (m, n, k), width) {
-                let mut out = vec![T::narrow(0.0); m * n];
-                out.par_chunks_mut(n)
+                // Each value of the output written once (not zeroed first).
+                let mut out = Vec::with_capacity(m * n);
+                out.spare_capacity_mut()[..m * n]
+                    .par_chunks_mut(n)
                     .zip(sums.par_chunks_mut(ld))
                     .enumerate()
                     .for_each(|(i, (o, s))| {
                         add.add_to(&mut s[..n], i, 0, n);
-                        T::narrow_all(&s[..n], o);
+                        T::narrow_into(&s[..n], o);
                     });
+                // SAFETY: each of the m rows of n values was written above (`sums` holds at
+                // least m rows of ld ≥ n, so every chunk of `out` had its row of sums).
+                unsafe { out.set_len(m * n) };
                 return Ok(out);
             }
         }
