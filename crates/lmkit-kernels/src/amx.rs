@@ -256,7 +256,7 @@ unsafe fn run(
                     x86::blocks(
                         xa.as_ptr().add(d0).cast(),
                         (mp, kp, depth),
-                        packed.as_ptr(),
+                        (packed.as_ptr(), 8 * depth),
                         nb,
                         (dst.at(j0), ldc),
                         (m, nb.min(n - j0)),
@@ -408,6 +408,198 @@ fn pack(
     }
 }
 
+/// Values the tiles' attention reads: bf16 as they are, f32 rounded to bf16.
+pub(crate) trait TileValue: Copy + Send + Sync {
+    /// `dst[i]` = `src[i]` as bf16, for the shorter of the two.
+    fn to_bf16s(src: &[Self], dst: &mut [MaybeUninit<bf16>]);
+}
+
+impl TileValue for bf16 {
+    fn to_bf16s(src: &[Self], dst: &mut [MaybeUninit<bf16>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    }
+}
+
+impl TileValue for f32 {
+    fn to_bf16s(src: &[Self], dst: &mut [MaybeUninit<bf16>]) {
+        crate::half_weights::narrow_bf16_into(src, dst)
+    }
+}
+
+/// Query rows per task of [`causal_attention`]: two blocks of 32.
+const QUERY_ROWS: usize = 64;
+
+/// A key/value head's keys and values in the tiles' pair layout (see [`causal_attention`]).
+struct PackedKv {
+    /// op(B) = Kᵀ: groups of 16 keys, each kq / 2 rows of 16 pairs of the head's values.
+    keys: Lines,
+    /// op(B) = V: groups of 16 of the head's columns, each np / 2 rows of 16 pairs of keys.
+    values: Lines,
+    /// Keys rounded up to whole blocks.
+    np: usize,
+}
+
+/// softmax(scale·q·kᵀ)·v over the causal keys of each sequence of `a` (see
+/// [`crate::blas::causal_strips_fwd`]) on the tiles, into `y` (f32; each query head's rows at
+/// `a.start(Role::Y, ..)`, `a.y_ld` apart): q·kᵀ from q and k as bf16, the softmax in f32, its
+/// probabilities rounded to bf16 for p·v (as PyTorch's CPU flash attention in bf16 does), sums in
+/// f32. Each key/value head is packed once; tasks are blocks of 64 query rows of one head, each
+/// block of 32 rows multiplying only the blocks of keys its last row sees. False (y untouched)
+/// where [`available`] is false.
+pub(crate) fn causal_attention<T: TileValue>(
+    a: &crate::blas::CausalRows<T>,
+    y: &mut [f32],
+    scale: f32,
+) -> candle_core::Result<bool> {
+    use crate::blas::Role;
+    use rayon::prelude::*;
+    if !available() {
+        return Ok(false);
+    }
+    let group = a.check(y.len())?;
+    let (hd, kq) = (a.hd, a.hd.next_multiple_of(BLOCK));
+    if hd == 0 {
+        return Ok(true);
+    }
+    // Row j of a head's operand (within it: `check`).
+    fn row_of<'d, T>(
+        a: &crate::blas::CausalRows<'d, T>,
+        (data, ld): (&'d [T], usize),
+        (role, si, h): (Role, usize, usize),
+        j: usize,
+    ) -> candle_core::Result<&'d [T]> {
+        Ok(&a.rows(data, role, si, h)?[j * ld..j * ld + a.hd])
+    }
+    let row = |x, role, si, h, j| row_of(a, x, (role, si, h), j);
+    let kv: Vec<PackedKv> = (0..a.seqs.len() * a.kv_heads)
+        .into_par_iter()
+        .map(|task| {
+            let (si, g) = (task / a.kv_heads, task % a.kv_heads);
+            let (t, o) = a.seqs[si];
+            let n = if t > 0 { o + t } else { 0 };
+            let np = n.next_multiple_of(BLOCK);
+            let (mut keys, mut values) = (Lines::default(), Lines::default());
+            let ku = keys.u32s(np * kq / 2);
+            ku.fill(0);
+            let mut wide = vec![MaybeUninit::new(bf16::ZERO); 2 * hd];
+            for j in 0..n {
+                T::to_bf16s(row(a.k, Role::K, si, g, j)?, &mut wide[..hd]);
+                // SAFETY: the first hd values were written just above (or by the start).
+                let kj = unsafe { std::slice::from_raw_parts(wide.as_ptr().cast::<bf16>(), hd) };
+                scatter_pairs(kj, &mut ku[(j / 16) * (kq / 2) * 16 + j % 16..]);
+            }
+            let vu = values.u32s(kq * np / 2);
+            vu.fill(0);
+            for p in 0..n.div_ceil(2) {
+                T::to_bf16s(row(a.v, Role::V, si, g, 2 * p)?, &mut wide[..hd]);
+                if 2 * p + 1 < n {
+                    T::to_bf16s(row(a.v, Role::V, si, g, 2 * p + 1)?, &mut wide[hd..]);
+                } else {
+                    wide[hd..].fill(MaybeUninit::new(bf16::ZERO));
+                }
+                // SAFETY: all 2·hd values were written (by the start or just above).
+                let two =
+                    unsafe { std::slice::from_raw_parts(wide.as_ptr().cast::<bf16>(), 2 * hd) };
+                let (lo, hi) = two.split_at(hd);
+                for (c, (l, h)) in lo.iter().zip(hi).enumerate() {
+                    vu[(c / 16) * (np / 2) * 16 + p * 16 + c % 16] =
+                        u32::from(l.to_bits()) | u32::from(h.to_bits()) << 16;
+                }
+            }
+            Ok(PackedKv { keys, values, np })
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let mut tasks = Vec::new();
+    for (si, &(t, _)) in a.seqs.iter().enumerate() {
+        for h in 0..a.heads {
+            for r0 in (0..t).step_by(QUERY_ROWS) {
+                tasks.push((si, h, r0, (r0 + QUERY_ROWS).min(t)));
+            }
+        }
+    }
+    let out = crate::blas::SharedOut(y.as_mut_ptr());
+    tasks.into_par_iter().try_for_each_init(
+        || (Vec::new(), vec![0f32; QUERY_ROWS * kq]),
+        |(scores, sums): &mut (Vec<f32>, Vec<f32>), (si, h, r0, r1)| {
+            let (_, o) = a.seqs[si];
+            let packed = &kv[si * a.kv_heads + h / group];
+            let (rb, keys) = (r1 - r0, o + r1);
+            let (mq, lp) = (rb.next_multiple_of(BLOCK), keys.next_multiple_of(BLOCK));
+            // The keys block i0 of the rows sees: to its last row's, in whole blocks.
+            let seen = |i0: usize| (o + r0 + i0 + BLOCK).min(keys).next_multiple_of(BLOCK);
+            let q = a.rows(a.q.0, Role::Q, si, h)?;
+            let ql = a.q.1;
+            let qa = padded_rows((rb, hd, kq), |i0, rows| {
+                for (i, row) in (i0..rb).zip(rows.chunks_exact_mut(kq)) {
+                    T::to_bf16s(&q[(r0 + i) * ql..][..hd], &mut row[..hd]);
+                }
+            });
+            scores.resize(mq * lp, 0.0);
+            for i0 in (0..mq).step_by(BLOCK) {
+                let cols = seen(i0);
+                // SAFETY: `available`; `qa` holds mq rows of kq values, the keys kq / 2 pair
+                // rows of each of np ≥ cols columns' groups; the block's 32 rows of `cols`
+                // scores lie within `scores` (mq rows of lp ≥ cols).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::blocks(
+                        qa.bf16s().as_ptr().add(i0 * kq).cast(),
+                        (BLOCK, kq, kq),
+                        (packed.keys.as_ptr(), 8 * kq),
+                        cols,
+                        (scores.as_mut_ptr().add(i0 * lp), lp),
+                        (BLOCK, cols),
+                        false,
+                    )
+                };
+                for (i, r) in (i0..i0 + BLOCK).zip(scores[i0 * lp..].chunks_mut(lp)) {
+                    if i < rb {
+                        crate::fused::softmax_row(&mut r[..cols], o + r0 + i + 1, scale);
+                    } else {
+                        r[..cols].fill(0.0);
+                    }
+                }
+            }
+            let pa = padded_rows((mq, lp, lp), |i0, rows| {
+                let cols = seen(i0);
+                for (i, row) in (i0..).zip(rows.chunks_exact_mut(lp)) {
+                    crate::half_weights::narrow_bf16_into(&scores[i * lp..][..cols], row);
+                    row[cols..].fill(MaybeUninit::new(bf16::ZERO));
+                }
+            });
+            for i0 in (0..mq).step_by(BLOCK) {
+                // SAFETY: `available`; `pa` holds mq rows of lp ≥ seen(i0) values, the values
+                // np / 2 ≥ seen(i0) / 2 pair rows of each of kq columns' groups; the block's
+                // 32 rows of kq sums lie within `sums` (64 rows of kq).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::blocks(
+                        pa.bf16s().as_ptr().add(i0 * lp).cast(),
+                        (BLOCK, lp, seen(i0)),
+                        (packed.values.as_ptr(), 8 * packed.np),
+                        kq,
+                        (sums.as_mut_ptr().add(i0 * kq), kq),
+                        (BLOCK, kq),
+                        false,
+                    )
+                };
+            }
+            let y0 = (a.start)(Role::Y, si, h);
+            for (i, s) in sums.chunks_exact(kq).take(rb).enumerate() {
+                // SAFETY: task (sequence, h, r0) alone writes its query rows r0..r1 of head h,
+                // hd values each, within `y` (`check`).
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.at(y0 + (r0 + i) * a.y_ld), hd) };
+                dst.copy_from_slice(&s[..hd]);
+            }
+            candle_core::Result::Ok(())
+        },
+    )?;
+    Ok(true)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::BLOCK;
@@ -509,23 +701,21 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AMX-BF16 and this process its permission; `xa` holds `mp` rows `lda` values
-    /// apart of `depth` values (all multiples of 32, rows ≤ mp); `packed` nb / 16 groups of
-    /// depth / 2 rows of 16 pairs (cols ≤ nb); `c` valid for writes of `rows` rows of `cols`
+    /// apart of `depth` values (all multiples of 32, rows ≤ mp); `packed` nb / 16 groups, `group`
+    /// u32 apart, of depth / 2 rows of 16 pairs (cols ≤ nb); `c` valid for writes of `rows` rows of `cols`
     /// f32, `ldc` apart (initialised when accumulating).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn blocks(
         xa: *const u16,
         (mp, lda, depth): (usize, usize, usize),
-        packed: *const u32,
+        (packed, group): (*const u32, usize),
         nb: usize,
         (c, ldc): (*mut f32, usize),
         (rows, cols): (usize, usize),
         accumulate: bool,
     ) {
-        debug_assert!(rows <= mp && cols <= nb);
+        debug_assert!(rows <= mp && cols <= nb && group >= 8 * depth);
         let a_stride = lda * 2;
-        // u32 pairs per group of 16 columns.
-        let group = 8 * depth;
         let mut edge = [0f32; BLOCK * BLOCK];
         // SAFETY: the configuration is valid (palette 1, rows of 64 bytes).
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };

@@ -333,9 +333,6 @@ impl CustomOp3 for AttendCausal {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
-            candle_core::bail!("attend_causal: f32 queries, keys and values");
-        };
         let Some((q0, q1)) = lq.contiguous_offsets() else {
             candle_core::bail!("attend_causal: the queries must be contiguous");
         };
@@ -359,20 +356,40 @@ impl CustomOp3 for AttendCausal {
             Role::V => v_starts[bi * kv_heads + h],
             Role::Y => bi * t * heads * d + h * d,
         };
-        let rows = CausalRows {
-            seqs: &seqs,
-            heads,
-            kv_heads,
-            hd: d,
-            q: (&q[q0..q1], d),
-            k: (k, k_ld),
-            v: (v, v_ld),
-            y_ld: heads * d,
-            start: &start,
-        };
+        // The operands of either type.
+        macro_rules! rows {
+            ($q:expr, $k:expr, $v:expr) => {
+                CausalRows {
+                    seqs: &seqs,
+                    heads,
+                    kv_heads,
+                    hd: d,
+                    q: ($q, d),
+                    k: ($k, k_ld),
+                    v: ($v, v_ld),
+                    y_ld: heads * d,
+                    start: &start,
+                }
+            };
+        }
         let mut y = crate::buffers::zeros(b * t * heads * d);
-        causal_strips_fwd(&rows, &mut y, self.scale as f32)?;
-        Ok((CpuStorage::F32(y), Shape::from((b, t, heads, d))))
+        let scale = self.scale as f32;
+        let y = match (sq, sk, sv) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                causal_strips_fwd(&rows!(&q[q0..q1], k, v), &mut y, scale)?;
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                if !crate::amx::causal_attention(&rows!(&q[q0..q1], k, v), &mut y, scale)? {
+                    candle_core::bail!("attend_causal: bf16 needs the AMX tiles");
+                }
+                let mut narrow = vec![half::bf16::ZERO; y.len()];
+                crate::half_weights::narrow_bf16(&y, &mut narrow);
+                CpuStorage::BF16(narrow)
+            }
+            _ => candle_core::bail!("attend_causal: f32 (or bf16) queries, keys and values"),
+        };
+        Ok((y, Shape::from((b, t, heads, d))))
     }
 }
 
@@ -390,10 +407,16 @@ pub fn attend_causal(
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Option<Tensor>> {
-    let fits = crate::gemm::isa().is_some()
-        && [q, k, v].iter().all(|t| {
-            t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4 && !t.track_op()
-        })
+    let dtype = q.dtype();
+    let kernel = match dtype {
+        DType::F32 => crate::gemm::isa().is_some(),
+        DType::BF16 => crate::amx::available(),
+        _ => false,
+    };
+    let fits = kernel
+        && [q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == dtype && t.rank() == 4 && !t.track_op())
         && k.dims() == v.dims()
         && k.stride()[3] == 1
         && v.stride()[3] == 1
@@ -501,10 +524,65 @@ mod tests {
         assert!(attend_causal(var.as_tensor(), &k, &k, 0.3)
             .unwrap()
             .is_none());
-        let half = q.to_dtype(DType::BF16).unwrap();
+        let half = q.to_dtype(DType::F16).unwrap();
         assert!(attend_causal(&half, &half, &half, 0.3).unwrap().is_none());
         let short = k.narrow(2, 0, 3).unwrap();
         assert!(attend_causal(&q, &short, &short, 0.3).unwrap().is_none());
+    }
+
+    /// A bf16 prompt's causal attention on the AMX tiles equals the masked product of its
+    /// values computed in f64, within the rounding of its probabilities and of its output to
+    /// bf16: grouped-query heads, a head size that is not a whole tile (40), cached keys before
+    /// the queries, views of larger buffers, several tasks of queries with a partial last block.
+    #[test]
+    fn bf16_prompts_attend_on_the_tiles() {
+        if !crate::amx::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| {
+            let x = crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
+            x.to_dtype(DType::BF16).unwrap()
+        };
+        let (b, h, kv, d) = (2, 6, 2, 40);
+        for (t, s) in [(1, 1), (2, 9), (7, 7), (150, 150), (133, 170), (5, 300)] {
+            let q = r(&[b, h, t, d]);
+            let (kb, vb) = (r(&[b, kv, 320, d]), r(&[b, kv, 320, d]));
+            let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
+            let got = attend_causal(&q, &k, &v, 0.3)
+                .unwrap()
+                .expect("takes bf16 CPU views");
+            assert_eq!((got.dims(), got.dtype()), (&[b, h, t, d][..], DType::BF16));
+            let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+            let rep = |x: &Tensor| {
+                wide(x)
+                    .unsqueeze(2)
+                    .unwrap()
+                    .expand((b, kv, h / kv, s, d))
+                    .unwrap()
+                    .reshape((b, h, s, d))
+                    .unwrap()
+            };
+            let mask: Vec<f64> = (0..t)
+                .flat_map(|i| (0..s).map(move |j| if j <= s - t + i { 0.0 } else { -1e300 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, s), &dev).unwrap();
+            let att = (wide(&q).matmul(&rep(&k).t().unwrap()).unwrap() * 0.3).unwrap();
+            let p = candle_nn_softmax(&att.broadcast_add(&mask).unwrap());
+            let want = p.matmul(&rep(&v)).unwrap();
+            let size: f64 = wide(&v)
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let err = crate::testing::max_diff(&wide(&got), &want);
+            assert!(
+                err <= size / 128.0,
+                "{t} queries over {s} keys: {err} of {size}"
+            );
+        }
     }
 
     /// Half-precision queries, keys and values (a bf16 or f16 model's KV cache, read in place):

@@ -1594,7 +1594,7 @@ pub(crate) struct CausalRows<'a, T> {
 
 impl<T> CausalRows<'_, T> {
     /// `data` from row 0 of (role, sequence, head), or an error naming the operand.
-    fn rows<'d>(
+    pub(crate) fn rows<'d>(
         &self,
         data: &'d [T],
         role: Role,
@@ -1607,6 +1607,48 @@ impl<T> CausalRows<'_, T> {
                 "attention: the {role:?} rows of head {h} lie past their storage"
             ),
         }
+    }
+
+    /// Query heads per key/value head, once the heads divide evenly and every head's rows lie
+    /// within their operand (and the output's within `y_len` values).
+    pub(crate) fn check(&self, y_len: usize) -> candle_core::Result<usize> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            candle_core::bail!(
+                "attention: {} query heads do not share {} key/value heads evenly",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        // The end of a head's last row (saturating: past any storage).
+        let end = |role, si, h, rows: usize, ld: usize| {
+            (self.start)(role, si, h)
+                .saturating_add((rows - 1).saturating_mul(ld))
+                .saturating_add(self.hd)
+        };
+        for (si, &(t, o)) in self.seqs.iter().enumerate().filter(|(_, s)| s.0 > 0) {
+            for h in 0..self.heads {
+                for (role, ld, len) in [
+                    (Role::Q, self.q.1, self.q.0.len()),
+                    (Role::Y, self.y_ld, y_len),
+                ] {
+                    if end(role, si, h, t, ld) > len {
+                        candle_core::bail!(
+                            "attention: the {role:?} rows of head {h} lie past their storage"
+                        );
+                    }
+                }
+            }
+            for g in 0..self.kv_heads {
+                for (role, (data, ld)) in [(Role::K, self.k), (Role::V, self.v)] {
+                    if end(role, si, g, o + t, ld) > data.len() {
+                        candle_core::bail!(
+                            "attention: the {role:?} rows of head {g} lie past their storage"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(self.heads / self.kv_heads)
     }
 }
 
@@ -1622,25 +1664,7 @@ pub(crate) fn causal_strips_fwd<T: BlasFloat>(
     scale: T,
 ) -> candle_core::Result<()> {
     let hd = a.hd;
-    if a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-        candle_core::bail!(
-            "attention: {} query heads do not share {} key/value heads evenly",
-            a.heads,
-            a.kv_heads
-        );
-    }
-    let group = a.heads / a.kv_heads;
-    for (si, &(t, _)) in a.seqs.iter().enumerate() {
-        for h in (0..a.heads).filter(|_| t > 0) {
-            // The end of the head's last output row (saturating: past any storage).
-            let end = ((a.start)(Role::Y, si, h))
-                .saturating_add((t - 1).saturating_mul(a.y_ld))
-                .saturating_add(hd);
-            if end > y.len() {
-                candle_core::bail!("attention: the output rows of head {h} lie past its storage");
-            }
-        }
-    }
+    let group = a.check(y.len())?;
     let (_, nr) = crate::gemm::strip_widths::<T>();
     let kv: Vec<(Strips<T>, Strips<T>)> = (0..a.seqs.len() * a.kv_heads)
         .into_par_iter()
