@@ -1744,10 +1744,8 @@ pub(crate) fn causal_strips_fwd<T: BlasFloat>(
     Ok(())
 }
 
-/// [`gqa_attention_fwd`] on the built-in micro-kernel ([`causal_strips_fwd`] over the packed
-/// q|k|v).
-fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
-    let rows = s.check(qkv.len(), "attention")?;
+/// `f` of the rows of a causal attention over the packed q|k|v of `s` (see [`Gqa`]).
+fn on_packed<T, R>(qkv: &[T], s: &Gqa, f: impl FnOnce(&CausalRows<T>) -> R) -> R {
     let (hd, w, c) = (s.hd, s.width(), s.out_width());
     let seqs: Vec<(usize, usize)> = s.spans.iter().map(|&(_, t)| (t, 0)).collect();
     let start = |role, si: usize, h: usize| {
@@ -1759,8 +1757,7 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
             Role::Y => r * c + h * hd,
         }
     };
-    let mut y = crate::buffers::zeros(rows * c);
-    let a = CausalRows {
+    f(&CausalRows {
         seqs: &seqs,
         heads: s.heads,
         kv_heads: s.kv_heads,
@@ -1770,9 +1767,31 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
         v: (qkv, w),
         y_ld: c,
         start: &start,
-    };
-    causal_strips_fwd(&a, &mut y, s.scale())?;
+    })
+}
+
+/// [`gqa_attention_fwd`] on the built-in micro-kernel ([`causal_strips_fwd`] over the packed
+/// q|k|v).
+fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<Vec<T>> {
+    let rows = s.check(qkv.len(), "attention")?;
+    let mut y = crate::buffers::zeros(rows * s.out_width());
+    on_packed(qkv, &s, |a| causal_strips_fwd(a, &mut y, s.scale()))?;
     Ok(y)
+}
+
+/// The attention output [rows, heads·hd] of a bf16 packed q|k|v on the AMX tiles
+/// ([`crate::amx::causal_attention`]), rounded once; an error where the CPU has no tiles.
+fn tiles_attention_fwd(qkv: &[half::bf16], s: Gqa) -> candle_core::Result<Vec<half::bf16>> {
+    let rows = s.check(qkv.len(), "attention")?;
+    let mut y = crate::buffers::zeros(rows * s.out_width());
+    if !on_packed(qkv, &s, |a| {
+        crate::amx::causal_attention(a, &mut y, s.scale())
+    })? {
+        candle_core::bail!("fused attention: bf16 needs the AMX tiles");
+    }
+    let mut out = vec![half::bf16::ZERO; y.len()];
+    crate::half_weights::narrow_bf16(&y, &mut out);
+    Ok(out)
 }
 
 /// [`gqa_attention_bwd`] on the built-in micro-kernel, each operand packed once per task (a
@@ -1892,6 +1911,25 @@ pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&
     }
 }
 
+/// [`causal_self_attention`] of a bf16 q|k|v on the AMX tiles (inference: no backward).
+struct TilesSelfAttention {
+    heads: usize,
+}
+
+impl candle_core::CustomOp1 for TilesSelfAttention {
+    fn name(&self) -> &'static str {
+        "lmkit-tiles-self-attention"
+    }
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = heads_of(l, self.heads)?;
+        let CpuStorage::BF16(v) = st else {
+            candle_core::bail!("fused attention on the tiles: bf16 only");
+        };
+        let y = tiles_attention_fwd(contiguous(v, l)?, s.gqa(&s.spans()))?;
+        Ok((CpuStorage::BF16(y), (s.b, s.t, s.c()).into()))
+    }
+}
+
 impl candle_core::CustomOp1 for CausalSelfAttention {
     fn name(&self) -> &'static str {
         "lmkit-causal-self-attention"
@@ -1951,10 +1989,23 @@ impl CustomOp2 for CausalSelfAttentionBwd {
 /// (q | k | v, as GPT-2's `c_attn` gives it) to the heads' concatenated output [b, t, c]:
 /// per (row, head), P = causal softmax(q·kᵀ/√d), y = P·v, with BLAS products on strided views of
 /// `qkv` — no head split, transposes, mask or separate softmax in the graph. The backward pass
-/// recomputes P instead of keeping it. A half-type `qkv` (inference) goes through f32. `None`
-/// when it does not apply (not on the CPU in f32/f64 or a half type, or no BLAS library): the
+/// recomputes P instead of keeping it. A half-type `qkv` (inference) goes through f32, or for
+/// bf16 on a CPU with AMX tiles runs on them (`amx::causal_attention`). `None` when it does
+/// not apply (not on the CPU in f32/f64 or a half type, or no BLAS library): the
 /// caller uses the composed attention.
 pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Option<Tensor>> {
+    // A bf16 model's pass on a CPU with AMX tiles: on them (q, k, v and the probabilities in
+    // bf16, sums and softmax in f32).
+    if qkv.dtype() == DType::BF16
+        && qkv.device().is_cpu()
+        && !qkv.track_op()
+        && crate::amx::available()
+    {
+        return qkv
+            .contiguous()?
+            .apply_op1_no_bwd(&TilesSelfAttention { heads })
+            .map(Some);
+    }
     // A half-type model's pass: in f32, the output rounded once.
     if let Some(y) = crate::half_ops::in_f32(qkv, |q| causal_self_attention(q, heads))? {
         return Ok(Some(y));
@@ -2455,7 +2506,16 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            assert_eq!(values(got), values(want), "{dtype:?} self-attention");
+            if dtype == DType::BF16 && crate::amx::available() {
+                // On the tiles: the probabilities rounded to bf16 too (`tiles_self_attention`).
+                let err = crate::testing::max_diff(&wide(&got), &wide(&want));
+                assert!(
+                    err > 0.0 && err <= 4.0 / 128.0,
+                    "bf16 self-attention on tiles: {err}"
+                );
+            } else {
+                assert_eq!(values(got), values(want), "{dtype:?} self-attention");
+            }
         }
     }
 
