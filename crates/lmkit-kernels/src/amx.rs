@@ -5,7 +5,9 @@
 //! operand rounded to bf16 as it is packed ([`product_f32`]). Each task packs its columns of the
 //! second operand in the tiles' pair layout, 512 of the depth at a time, and passes every block of
 //! 32 rows of the first by them, four f32 tiles (32 × 32 sums) held in the tile registers over
-//! that depth; whole blocks of sums are loaded from and stored to the output where it lies.
+//! that depth; whole blocks of sums are loaded from and stored to the output where it lies. A bf16
+//! model's prompts attend on the tiles too ([`causal_attention`]: q·kᵀ and p·v as tile products
+//! over each key/value head packed once, the softmax between them in f32).
 //!
 //! The sums are f32, as the widened product's; the instruction treats subnormal bf16 inputs as
 //! zero and adds each pair's products in its own order, so a sum may differ from the widened
@@ -701,9 +703,9 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AMX-BF16 and this process its permission; `xa` holds `mp` rows `lda` values
-    /// apart of `depth` values (all multiples of 32, rows ≤ mp); `packed` nb / 16 groups, `group`
-    /// u32 apart, of depth / 2 rows of 16 pairs (cols ≤ nb); `c` valid for writes of `rows` rows of `cols`
-    /// f32, `ldc` apart (initialised when accumulating).
+    /// apart of `depth` values (all multiples of 32, rows ≤ mp); `packed` nb / 16 groups,
+    /// `group` u32 apart, of depth / 2 rows of 16 pairs (cols ≤ nb); `c` valid for writes of
+    /// `rows` rows of `cols` f32, `ldc` apart (initialised when accumulating).
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn blocks(
         xa: *const u16,
