@@ -2136,6 +2136,44 @@ impl RopeAttention {
     }
 }
 
+/// [`rope_causal_attention`] of a bf16 q|k|v (and the f32 table) on the AMX tiles: the rotation
+/// in f32 on the widened projections, as for f32, then [`crate::amx::causal_attention`] (q, k, v
+/// and the probabilities rounded to bf16), the output rounded once. Inference: no backward.
+struct RopeTilesAttention(RopeAttention);
+
+impl CustomOp2 for RopeTilesAttention {
+    fn name(&self) -> &'static str {
+        "lmkit-rope-tiles-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let hd = op.head_dim(l1, l2)?;
+        let (CpuStorage::BF16(x), CpuStorage::F32(t)) = (s1, s2) else {
+            candle_core::bail!("rope attention on the tiles: bf16 q|k|v and an f32 table");
+        };
+        let wide: Vec<f32> = contiguous(x, l1)?.iter().map(|v| v.to_f32()).collect();
+        let x = op.rotated(&wide, contiguous(t, l2)?, hd);
+        let s = op.gqa(hd);
+        let rows = s.check(x.len(), "rope attention")?;
+        let mut y = crate::buffers::zeros(rows * s.out_width());
+        if !on_packed(&x, &s, |a| {
+            crate::amx::causal_attention(a, &mut y, s.scale())
+        })? {
+            candle_core::bail!("rope attention: bf16 needs the AMX tiles");
+        }
+        let mut out = vec![half::bf16::ZERO; y.len()];
+        crate::half_weights::narrow_bf16(&y, &mut out);
+        let d = l1.dims();
+        Ok((CpuStorage::BF16(out), (d[0], d[1], op.heads * hd).into()))
+    }
+}
+
 impl CustomOp2 for RopeAttention {
     fn name(&self) -> &'static str {
         "lmkit-rope-attention"
@@ -2221,7 +2259,8 @@ impl candle_core::CustomOp3 for RopeAttentionBwd<'_> {
 /// is one sequence, or the sequences `segments` gives (lengths in order; positions and
 /// attention restart at each). BLAS products over the causal blocks only, no [t, t] mask or
 /// repeated key/value heads; the backward pass recomputes P. A half-type `qkv` (inference) goes
-/// through f32 (`table` is f32 for such a model). `None` when it does not apply (not on the CPU
+/// through f32 (`table` is f32 for such a model), or for bf16 on a CPU with AMX tiles rotates in
+/// f32 and attends on them (`amx::causal_attention`). `None` when it does not apply (not on the CPU
 /// in f32/f64 or a half type, or no BLAS library): the caller composes the attention.
 pub fn rope_causal_attention(
     qkv: &Tensor,
@@ -2230,6 +2269,30 @@ pub fn rope_causal_attention(
     kv_heads: usize,
     segments: Option<&[Vec<usize>]>,
 ) -> candle_core::Result<Option<Tensor>> {
+    // A bf16 model's pass on a CPU with AMX tiles: the rotation in f32, the attention on them.
+    if qkv.dtype() == DType::BF16
+        && table.dtype() == DType::F32
+        && qkv.device().is_cpu()
+        && table.device().is_cpu()
+        && !qkv.track_op()
+        && crate::amx::available()
+    {
+        let (b, t, _) = qkv.dims3()?;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            candle_core::bail!(
+                "rope attention: {heads} query heads for {kv_heads} key/value heads"
+            );
+        }
+        let op = RopeTilesAttention(RopeAttention {
+            heads,
+            kv_heads,
+            spans: sequence_spans(b, t, segments)?,
+        });
+        return qkv
+            .contiguous()?
+            .apply_op2_no_bwd(&table.contiguous()?, &op)
+            .map(Some);
+    }
     // A half-type model's pass (its table is f32): in f32, the output rounded once.
     let wide = |q: &Tensor| rope_causal_attention(q, table, heads, kv_heads, segments);
     if let Some(y) = crate::half_ops::in_f32(qkv, wide)? {
@@ -2469,7 +2532,8 @@ mod tests {
     }
 
     /// A half-type model's scoring passes (inference) run the f32 kernels on the widened
-    /// projections and round their output once: the same values as the f32 kernel on them.
+    /// projections and round their output once: the same values as the f32 kernel on them
+    /// (bf16 on a CPU with AMX tiles: on the tiles, within the rounding of their operands).
     #[test]
     fn half_type_scoring_attention_goes_through_f32() {
         if !blas_or_skip() {
@@ -2497,7 +2561,17 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            assert_eq!(values(got), values(want), "{dtype:?} rope attention");
+            let tiles = dtype == DType::BF16 && crate::amx::available();
+            if tiles {
+                // On the tiles: the rotated q and k and the probabilities rounded to bf16 too.
+                let err = crate::testing::max_diff(&wide(&got), &wide(&want));
+                assert!(
+                    err > 0.0 && err <= 4.0 / 64.0,
+                    "bf16 rope attention on tiles: {err}"
+                );
+            } else {
+                assert_eq!(values(got), values(want), "{dtype:?} rope attention");
+            }
             let qkv = half(3 * heads * hd);
             let got = causal_self_attention(&qkv, heads).unwrap().expect("in f32");
             assert_eq!(got.dtype(), dtype);
@@ -2506,8 +2580,8 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            if dtype == DType::BF16 && crate::amx::available() {
-                // On the tiles: the probabilities rounded to bf16 too (`tiles_self_attention`).
+            if tiles {
+                // On the tiles: the probabilities rounded to bf16 too (`tiles_attention_fwd`).
                 let err = crate::testing::max_diff(&wide(&got), &wide(&want));
                 assert!(
                     err > 0.0 && err <= 4.0 / 128.0,
