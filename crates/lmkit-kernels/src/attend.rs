@@ -478,71 +478,16 @@ mod tests {
         assert!(attend_one(var.as_tensor(), &k, &v, 0.3).unwrap().is_none());
     }
 
-    /// A prompt's causal attention equals softmax(scale·q·kᵀ + mask)·v computed in f64 by tensor
-    /// ops: grouped-query heads, a batch of two, keys and values that are views of larger
-    /// buffers (a KV cache), prompts with and without cached keys before them, of one query and
-    /// of several blocks of queries with a partial last strip.
-    #[test]
-    fn prompts_attend_as_the_masked_product() {
-        if crate::gemm::isa().is_none() {
-            return;
-        }
-        let dev = Device::Cpu;
-        let r = |s: &[usize]| crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
-        let (b, h, kv, d) = (2, 6, 2, 40);
-        for (t, s) in [(1, 1), (1, 9), (7, 7), (150, 150), (133, 170), (5, 300)] {
-            let q = r(&[b, h, t, d]);
-            let (kb, vb) = (r(&[b, kv, 320, d]), r(&[b, kv, 320, d]));
-            let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
-            let got = attend_causal(&q, &k, &v, 0.3)
-                .unwrap()
-                .expect("takes f32 CPU views");
-            assert_eq!(got.dims(), &[b, h, t, d]);
-            let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
-            let rep = |x: &Tensor| {
-                wide(x)
-                    .unsqueeze(2)
-                    .unwrap()
-                    .expand((b, kv, h / kv, s, d))
-                    .unwrap()
-                    .reshape((b, h, s, d))
-                    .unwrap()
-            };
-            let mask: Vec<f64> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| if j <= s - t + i { 0.0 } else { -1e300 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, s), &dev).unwrap();
-            let att = (wide(&q).matmul(&rep(&k).t().unwrap()).unwrap() * 0.3).unwrap();
-            let p = candle_nn_softmax(&att.broadcast_add(&mask).unwrap());
-            let want = p.matmul(&rep(&v)).unwrap();
-            let err = crate::testing::max_diff(&wide(&got), &want);
-            assert!(err < 1e-5, "{t} queries over {s} keys: {err}");
-        }
-        // Tracked tensors (training), other types, and more queries than keys are declined.
-        let (q, k) = (r(&[1, 2, 4, 8]), r(&[1, 2, 4, 8]));
-        let var = candle_core::Var::from_tensor(&q).unwrap();
-        assert!(attend_causal(var.as_tensor(), &k, &k, 0.3)
-            .unwrap()
-            .is_none());
-        let half = q.to_dtype(DType::F16).unwrap();
-        assert!(attend_causal(&half, &half, &half, 0.3).unwrap().is_none());
-        let short = k.narrow(2, 0, 3).unwrap();
-        assert!(attend_causal(&q, &short, &short, 0.3).unwrap().is_none());
-    }
-
-    /// A bf16 prompt's causal attention on the AMX tiles equals the masked product of its
-    /// values computed in f64, within the rounding of its probabilities and of its output to
-    /// bf16: grouped-query heads, a head size that is not a whole tile (40), cached keys before
-    /// the queries, views of larger buffers, several tasks of queries with a partial last block.
-    #[test]
-    fn bf16_prompts_attend_on_the_tiles() {
-        if !crate::amx::available() {
-            return;
-        }
+    /// Causal prompts of `dtype` against the masked product computed in f64 by tensor ops
+    /// (scale 0.3): grouped-query heads, a batch of two, a head size that is not a whole tile
+    /// (40), keys and values that are views of larger buffers (a KV cache), prompts with and
+    /// without cached keys before them, of one query and of several blocks of queries with a
+    /// partial last strip or block. `bound(max |v|)` is the error allowed.
+    fn prompts_against_the_masked_product(dtype: DType, bound: impl Fn(f64) -> f64) {
         let dev = Device::Cpu;
         let r = |s: &[usize]| {
             let x = crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
-            x.to_dtype(DType::BF16).unwrap()
+            x.to_dtype(dtype).unwrap()
         };
         let (b, h, kv, d) = (2, 6, 2, 40);
         for (t, s) in [(1, 1), (2, 9), (7, 7), (150, 150), (133, 170), (5, 300)] {
@@ -551,8 +496,8 @@ mod tests {
             let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
             let got = attend_causal(&q, &k, &v, 0.3)
                 .unwrap()
-                .expect("takes bf16 CPU views");
-            assert_eq!((got.dims(), got.dtype()), (&[b, h, t, d][..], DType::BF16));
+                .expect("takes CPU views");
+            assert_eq!((got.dims(), got.dtype()), (&[b, h, t, d][..], dtype));
             let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
             let rep = |x: &Tensor| {
                 wide(x)
@@ -579,10 +524,42 @@ mod tests {
                 .unwrap();
             let err = crate::testing::max_diff(&wide(&got), &want);
             assert!(
-                err <= size / 128.0,
-                "{t} queries over {s} keys: {err} of {size}"
+                err <= bound(size),
+                "{dtype:?}, {t} queries over {s} keys: {err}"
             );
         }
+    }
+
+    /// An f32 prompt's causal attention on the micro-kernel equals the masked product (see
+    /// [`prompts_against_the_masked_product`]); tracked tensors, f16 and more queries than keys
+    /// are declined.
+    #[test]
+    fn prompts_attend_as_the_masked_product() {
+        if crate::gemm::isa().is_none() {
+            return;
+        }
+        prompts_against_the_masked_product(DType::F32, |_| 1e-5);
+        let r = |s: &[usize]| crate::testing::randn(0f32, 1.0, s, &Device::Cpu).unwrap();
+        let (q, k) = (r(&[1, 2, 4, 8]), r(&[1, 2, 4, 8]));
+        let var = candle_core::Var::from_tensor(&q).unwrap();
+        assert!(attend_causal(var.as_tensor(), &k, &k, 0.3)
+            .unwrap()
+            .is_none());
+        let half = q.to_dtype(DType::F16).unwrap();
+        assert!(attend_causal(&half, &half, &half, 0.3).unwrap().is_none());
+        let short = k.narrow(2, 0, 3).unwrap();
+        assert!(attend_causal(&q, &short, &short, 0.3).unwrap().is_none());
+    }
+
+    /// A bf16 prompt's causal attention on the AMX tiles equals the masked product of its
+    /// values computed in f64, within the rounding of its probabilities and of its output to
+    /// bf16 (a 128th of the values' size).
+    #[test]
+    fn bf16_prompts_attend_on_the_tiles() {
+        if !crate::amx::available() {
+            return;
+        }
+        prompts_against_the_masked_product(DType::BF16, |size| size / 128.0);
     }
 
     /// Half-precision queries, keys and values (a bf16 or f16 model's KV cache, read in place):

@@ -2561,17 +2561,18 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
+            // On the tiles, the operands (rotated q and k too) and the probabilities are
+            // rounded to bf16 as well: close (within `bound`) but not equal.
             let tiles = dtype == DType::BF16 && crate::amx::available();
-            if tiles {
-                // On the tiles: the rotated q and k and the probabilities rounded to bf16 too.
-                let err = crate::testing::max_diff(&wide(&got), &wide(&want));
-                assert!(
-                    err > 0.0 && err <= 4.0 / 64.0,
-                    "bf16 rope attention on tiles: {err}"
-                );
-            } else {
-                assert_eq!(values(got), values(want), "{dtype:?} rope attention");
-            }
+            let agree = |got: Tensor, want: Tensor, bound: f64, what: &str| {
+                if tiles {
+                    let err = crate::testing::max_diff(&wide(&got), &wide(&want));
+                    assert!(err > 0.0 && err <= bound, "bf16 {what} on tiles: {err}");
+                } else {
+                    assert_eq!(values(got), values(want), "{dtype:?} {what}");
+                }
+            };
+            agree(got, want, 4.0 / 64.0, "rope attention");
             let qkv = half(3 * heads * hd);
             let got = causal_self_attention(&qkv, heads).unwrap().expect("in f32");
             assert_eq!(got.dtype(), dtype);
@@ -2580,16 +2581,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            if tiles {
-                // On the tiles: the probabilities rounded to bf16 too (`tiles_attention_fwd`).
-                let err = crate::testing::max_diff(&wide(&got), &wide(&want));
-                assert!(
-                    err > 0.0 && err <= 4.0 / 128.0,
-                    "bf16 self-attention on tiles: {err}"
-                );
-            } else {
-                assert_eq!(values(got), values(want), "{dtype:?} self-attention");
-            }
+            agree(got, want, 4.0 / 128.0, "self-attention");
         }
     }
 
