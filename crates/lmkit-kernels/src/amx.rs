@@ -513,16 +513,8 @@ pub(crate) fn causal_attention<T: TileValue>(
             Ok(PackedKv { keys, values, np })
         })
         .collect::<candle_core::Result<_>>()?;
-    let mut tasks = Vec::new();
-    for (si, &(t, _)) in a.seqs.iter().enumerate() {
-        for h in 0..a.heads {
-            for r0 in (0..t).step_by(QUERY_ROWS) {
-                tasks.push((si, h, r0, (r0 + QUERY_ROWS).min(t)));
-            }
-        }
-    }
     let out = crate::blas::SharedOut(y.as_mut_ptr());
-    tasks.into_par_iter().try_for_each_init(
+    a.tasks(QUERY_ROWS).into_par_iter().try_for_each_init(
         || (Vec::new(), vec![0f32; QUERY_ROWS * kq]),
         |(scores, sums): &mut (Vec<f32>, Vec<f32>), (si, h, r0, r1)| {
             let (_, o) = a.seqs[si];

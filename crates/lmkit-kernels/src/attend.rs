@@ -384,9 +384,7 @@ impl CustomOp3 for AttendCausal {
                 if !crate::amx::causal_attention(&rows!(&q[q0..q1], k, v), &mut y, scale)? {
                     candle_core::bail!("attend_causal: bf16 needs the AMX tiles");
                 }
-                let mut narrow = vec![half::bf16::ZERO; y.len()];
-                crate::half_weights::narrow_bf16(&y, &mut narrow);
-                CpuStorage::BF16(narrow)
+                CpuStorage::BF16(crate::half_weights::narrowed_bf16(&y))
             }
             _ => candle_core::bail!("attend_causal: f32 (or bf16) queries, keys and values"),
         };

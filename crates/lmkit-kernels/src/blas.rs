@@ -1650,6 +1650,20 @@ impl<T> CausalRows<'_, T> {
         }
         Ok(self.heads / self.kv_heads)
     }
+
+    /// The forward pass's tasks: (sequence, query head, first row, end row) for blocks of
+    /// `block` query rows of each head of each sequence.
+    pub(crate) fn tasks(&self, block: usize) -> Vec<(usize, usize, usize, usize)> {
+        let mut tasks = Vec::new();
+        for (si, &(t, _)) in self.seqs.iter().enumerate() {
+            for h in 0..self.heads {
+                for r0 in (0..t).step_by(block) {
+                    tasks.push((si, h, r0, (r0 + block).min(t)));
+                }
+            }
+        }
+        tasks
+    }
 }
 
 /// softmax(scale·q·kᵀ)·v over the causal keys of each sequence of `a` into `y` (each query
@@ -1681,15 +1695,7 @@ pub(crate) fn causal_strips_fwd<T: BlasFloat>(
             Ok((k, v))
         })
         .collect::<candle_core::Result<_>>()?;
-    let block = query_block::<T>();
-    let mut tasks = Vec::new();
-    for (si, &(t, _)) in a.seqs.iter().enumerate() {
-        for h in 0..a.heads {
-            for r0 in (0..t).step_by(block) {
-                tasks.push((si, h, r0, (r0 + block).min(t)));
-            }
-        }
-    }
+    let tasks = a.tasks(query_block::<T>());
     let out = SharedOut(y.as_mut_ptr());
     let one = (T::one(), T::zero());
     tasks.into_par_iter().try_for_each_init(
@@ -1779,9 +1785,13 @@ fn strips_attention_fwd<T: BlasFloat>(qkv: &[T], s: Gqa) -> candle_core::Result<
     Ok(y)
 }
 
-/// The attention output [rows, heads·hd] of a bf16 packed q|k|v on the AMX tiles
-/// ([`crate::amx::causal_attention`]), rounded once; an error where the CPU has no tiles.
-fn tiles_attention_fwd(qkv: &[half::bf16], s: Gqa) -> candle_core::Result<Vec<half::bf16>> {
+/// The attention output [rows, heads·hd] of a packed q|k|v (bf16, or f32 rounded to it) on the
+/// AMX tiles ([`crate::amx::causal_attention`]), rounded once to bf16; an error where the CPU
+/// has no tiles.
+fn tiles_attention_fwd<T: crate::amx::TileValue>(
+    qkv: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<half::bf16>> {
     let rows = s.check(qkv.len(), "attention")?;
     let mut y = crate::buffers::zeros(rows * s.out_width());
     if !on_packed(qkv, &s, |a| {
@@ -1789,9 +1799,7 @@ fn tiles_attention_fwd(qkv: &[half::bf16], s: Gqa) -> candle_core::Result<Vec<ha
     })? {
         candle_core::bail!("fused attention: bf16 needs the AMX tiles");
     }
-    let mut out = vec![half::bf16::ZERO; y.len()];
-    crate::half_weights::narrow_bf16(&y, &mut out);
-    Ok(out)
+    Ok(crate::half_weights::narrowed_bf16(&y))
 }
 
 /// [`gqa_attention_bwd`] on the built-in micro-kernel, each operand packed once per task (a
@@ -2066,6 +2074,26 @@ struct RopeAttention {
 struct RopeAttentionBwd<'a>(&'a RopeAttention);
 
 impl RopeAttention {
+    /// The op for `qkv` [b, t, _]: heads that divide evenly, each row's sequences.
+    fn new(
+        qkv: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        segments: Option<&[Vec<usize>]>,
+    ) -> candle_core::Result<Self> {
+        let (b, t, _) = qkv.dims3()?;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            candle_core::bail!(
+                "rope attention: {heads} query heads for {kv_heads} key/value heads"
+            );
+        }
+        Ok(Self {
+            heads,
+            kv_heads,
+            spans: sequence_spans(b, t, segments)?,
+        })
+    }
+
     fn gqa(&self, hd: usize) -> Gqa<'_> {
         Gqa {
             spans: &self.spans,
@@ -2159,16 +2187,7 @@ impl CustomOp2 for RopeTilesAttention {
         };
         let wide: Vec<f32> = contiguous(x, l1)?.iter().map(|v| v.to_f32()).collect();
         let x = op.rotated(&wide, contiguous(t, l2)?, hd);
-        let s = op.gqa(hd);
-        let rows = s.check(x.len(), "rope attention")?;
-        let mut y = crate::buffers::zeros(rows * s.out_width());
-        if !on_packed(&x, &s, |a| {
-            crate::amx::causal_attention(a, &mut y, s.scale())
-        })? {
-            candle_core::bail!("rope attention: bf16 needs the AMX tiles");
-        }
-        let mut out = vec![half::bf16::ZERO; y.len()];
-        crate::half_weights::narrow_bf16(&y, &mut out);
+        let out = tiles_attention_fwd(&x, op.gqa(hd))?;
         let d = l1.dims();
         Ok((CpuStorage::BF16(out), (d[0], d[1], op.heads * hd).into()))
     }
@@ -2277,17 +2296,7 @@ pub fn rope_causal_attention(
         && !qkv.track_op()
         && crate::amx::available()
     {
-        let (b, t, _) = qkv.dims3()?;
-        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            candle_core::bail!(
-                "rope attention: {heads} query heads for {kv_heads} key/value heads"
-            );
-        }
-        let op = RopeTilesAttention(RopeAttention {
-            heads,
-            kv_heads,
-            spans: sequence_spans(b, t, segments)?,
-        });
+        let op = RopeTilesAttention(RopeAttention::new(qkv, heads, kv_heads, segments)?);
         return qkv
             .contiguous()?
             .apply_op2_no_bwd(&table.contiguous()?, &op)
@@ -2306,15 +2315,7 @@ pub fn rope_causal_attention(
     if !fits {
         return Ok(None);
     }
-    let (b, t, _) = qkv.dims3()?;
-    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        candle_core::bail!("rope attention: {heads} query heads for {kv_heads} key/value heads");
-    }
-    let op = RopeAttention {
-        heads,
-        kv_heads,
-        spans: sequence_spans(b, t, segments)?,
-    };
+    let op = RopeAttention::new(qkv, heads, kv_heads, segments)?;
     qkv.contiguous()?
         .apply_op2(&table.contiguous()?, op)
         .map(Some)

@@ -183,6 +183,15 @@ pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
     narrow_bf16_into(src, dst)
 }
 
+/// A new vector of `src` rounded to bf16 as [`narrow_bf16`] rounds, each value written once.
+pub(crate) fn narrowed_bf16(src: &[f32]) -> Vec<half::bf16> {
+    let mut out = Vec::with_capacity(src.len());
+    narrow_bf16_into(src, &mut out.spare_capacity_mut()[..src.len()]);
+    // SAFETY: `narrow_bf16_into` wrote all src.len() values just above.
+    unsafe { out.set_len(src.len()) };
+    out
+}
+
 crate::simd::simd_versions! {
     /// [`narrow_bf16`] into `dst`'s first `src.len()` values, which need not be initialised.
     pub(crate) fn narrow_bf16_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<half::bf16>]) {
