@@ -482,9 +482,9 @@ pub(crate) fn causal_attention<T: TileValue>(
             let (t, o) = a.seqs[si];
             let n = if t > 0 { o + t } else { 0 };
             let np = n.next_multiple_of(BLOCK);
+            // New buffers: they start as zeros (the padding keys and values stay so).
             let (mut keys, mut values) = (Lines::default(), Lines::default());
             let ku = keys.u32s(np * kq / 2);
-            ku.fill(0);
             let mut wide = vec![MaybeUninit::new(bf16::ZERO); 2 * hd];
             for j in 0..n {
                 T::to_bf16s(row(a.k, Role::K, si, g, j)?, &mut wide[..hd]);
@@ -493,7 +493,6 @@ pub(crate) fn causal_attention<T: TileValue>(
                 scatter_pairs(kj, &mut ku[(j / 16) * (kq / 2) * 16 + j % 16..]);
             }
             let vu = values.u32s(kq * np / 2);
-            vu.fill(0);
             for p in 0..n.div_ceil(2) {
                 T::to_bf16s(row(a.v, Role::V, si, g, 2 * p)?, &mut wide[..hd]);
                 if 2 * p + 1 < n {
