@@ -130,6 +130,51 @@ pub fn product(
     Some(sums)
 }
 
+/// x [m, k] (f32, rows whole) times a block-quantized weight w [n, k] (`ty`'s blocks, row-major)ᵀ
+/// on the tiles: [m, n]. Each input value is rounded to bf16, each weight value dequantized in
+/// f32 (Q4_1's d·q + m as one fused multiply-add, Q8_0's d·q) and rounded to bf16, and the sums
+/// are f32. `None` where [`available`] is false or the sizes disagree (k a multiple of 32, x m
+/// rows of k, w n rows of k/32 blocks).
+pub fn quant_product(
+    x: &[f32],
+    w: &[u8],
+    ty: crate::quant::QType,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
+    let row_bytes = k / crate::quant::QK * ty.block_bytes();
+    if !available()
+        || m == 0
+        || n == 0
+        || k == 0
+        || !k.is_multiple_of(crate::quant::QK)
+        || m.checked_mul(k) != Some(x.len())
+        || n.checked_mul(row_bytes) != Some(w.len())
+    {
+        return None;
+    }
+    // k is a multiple of 32: rows of k values, rounded as they are copied.
+    let xa = padded_rows((m, k, k), |i0, rows| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(k)) {
+            crate::half_weights::narrow_bf16_into(&x[i * k..][..k], row);
+        }
+    });
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: `available` was checked; `out` has room for m rows of n values, and `run`, not
+    // accumulating, writes each of them before the length covers them.
+    unsafe {
+        run(
+            xa.bf16s(),
+            (m, n, k),
+            task_width(n),
+            (out.as_mut_ptr(), n),
+            false,
+            |cols, depth, packed| pack_quant(w, ty, (n, k), cols, depth, packed),
+        );
+        out.set_len(m * n);
+    }
+    Some(out)
+}
+
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
 /// many tasks as a multiple of rayon's threads, about 128 columns each or fewer (a task's
 /// packed columns stay in the core's cache while every block of input rows reads them).
@@ -410,6 +455,77 @@ fn pack(
     }
 }
 
+/// As [`pack`], for a block-quantized w [n, k] (`ty`'s blocks, row-major; k a multiple of 32,
+/// `depth` within it in whole blocks): each weight value dequantized in f32 and rounded to bf16.
+/// Only where [`available`] is true.
+fn pack_quant(
+    w: &[u8],
+    ty: crate::quant::QType,
+    (n, k): (usize, usize),
+    cols: std::ops::Range<usize>,
+    depth: std::ops::Range<usize>,
+    out: &mut Lines,
+) {
+    use crate::quant::QK;
+    debug_assert!(depth.start.is_multiple_of(QK) && depth.len().is_multiple_of(QK));
+    debug_assert!(depth.end <= k);
+    let (pairs, bytes) = (depth.len() / 2, ty.block_bytes());
+    let row_bytes = k / QK * bytes;
+    let out = out.u32s(cols.len() * pairs);
+    for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
+        let j0 = cols.start + g * 16;
+        let count = n.saturating_sub(j0).min(16);
+        // Each of the group's columns: its row's blocks over the depth (none: a padding column).
+        let rows: [&[u8]; 16] = std::array::from_fn(|c| {
+            if c >= count {
+                return &[][..];
+            }
+            &w[(j0 + c) * row_bytes + depth.start / QK * bytes..][..depth.len() / QK * bytes]
+        });
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles being there (the caller's), so is AVX-512; each row holds the
+        // depth's blocks or is empty, and the group depth / 2 pairs of 16 columns.
+        unsafe {
+            x86::pack_quant_group(ty, &rows, group)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "AMX tiles on another architecture: {:?}",
+            (group.len(), rows.len())
+        );
+    }
+}
+
+/// `blocks` (`ty`'s, whole) dequantized into `out` (32 values a block) in f32 as
+/// [`x86::pack_quant_group`] dequantizes them: Q4_1's d·q + m as one fused multiply-add, Q8_0's
+/// d·q.
+#[cfg(test)]
+pub(crate) fn dequantize(ty: crate::quant::QType, blocks: &[u8], out: &mut [f32]) {
+    use crate::quant::{QType, QK};
+    let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    for (b, vals) in blocks
+        .chunks_exact(ty.block_bytes())
+        .zip(out.chunks_exact_mut(QK))
+    {
+        match ty {
+            QType::Q4_1 => {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                for j in 0..QK / 2 {
+                    let q = b[4 + j];
+                    vals[j] = f32::from(q & 0x0f).mul_add(d, m);
+                    vals[j + QK / 2] = f32::from(q >> 4).mul_add(d, m);
+                }
+            }
+            QType::Q8_0 => {
+                let d = f16_at(b, 0);
+                for (v, &q) in vals.iter_mut().zip(&b[2..]) {
+                    *v = f32::from(q as i8) * d;
+                }
+            }
+        }
+    }
+}
+
 /// Values the tiles' attention reads: bf16 as they are, f32 rounded to bf16.
 pub(crate) trait TileValue: Copy + Send + Sync {
     /// `dst[i]` = `src[i]` as bf16, for the shorter of the two.
@@ -670,6 +786,76 @@ mod x86 {
             for (r, row) in rows.iter().enumerate() {
                 // SAFETY: row 16h + r < 32 of `dst`, 64 bytes.
                 unsafe { _mm512_storeu_ps(dst.add((16 * h + r) * ld_dst).cast(), *row) };
+            }
+        }
+    }
+
+    /// A group of 16 columns of a block-quantized weight over a depth in the tiles' pair layout
+    /// (pair p of column c at `group[16 p + c]`): `rows[c]` holds column c's blocks over the
+    /// depth (empty: a padding column, zeros), each value dequantized in f32 (Q4_1's d·q + m as
+    /// one fused multiply-add, Q8_0's d·q) and rounded as `round_bf16`. A block's 32 values are 16 pairs in one vector; the 16
+    /// columns' vectors, transposed, are 16 whole lines of the group.
+    ///
+    /// # Safety
+    /// AVX-512 (F, BW) is there; every non-empty row holds `group.len() / 256` whole blocks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_quant_group(
+        ty: crate::quant::QType,
+        rows: &[&[u8]; 16],
+        group: &mut [u32],
+    ) {
+        use crate::quant::{QType, QK};
+        use std::arch::x86_64::*;
+        let bytes = ty.block_bytes();
+        // Values 0 .. 32 of the two vectors (low halves of their lanes) side by side.
+        let evens = _mm512_set_epi16(
+            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20,
+            18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+        );
+        let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        for (blk, lines) in group.chunks_exact_mut(16 * QK / 2).enumerate() {
+            let mut pairs = [_mm512_setzero_ps(); 16];
+            for (pair, row) in pairs.iter_mut().zip(rows) {
+                let Some(b) = row.get(blk * bytes..(blk + 1) * bytes) else {
+                    continue;
+                };
+                // SAFETY: the block's 16 nibble bytes (Q4_1) or 32 value bytes (Q8_0).
+                let (lo, hi) = unsafe {
+                    match ty {
+                        QType::Q4_1 => {
+                            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[4..20].as_ptr().cast()));
+                            let (d, m) =
+                                (_mm512_set1_ps(f16_at(b, 0)), _mm512_set1_ps(f16_at(b, 2)));
+                            let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
+                            let hi = _mm512_srli_epi32::<4>(q);
+                            (
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+                            )
+                        }
+                        QType::Q8_0 => {
+                            let d = _mm512_set1_ps(f16_at(b, 0));
+                            let lo =
+                                _mm512_cvtepi8_epi32(_mm_loadu_si128(b[2..18].as_ptr().cast()));
+                            let hi =
+                                _mm512_cvtepi8_epi32(_mm_loadu_si128(b[18..34].as_ptr().cast()));
+                            (
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+                            )
+                        }
+                    }
+                };
+                let (lo, hi) = (
+                    round(_mm512_castps_si512(lo)),
+                    round(_mm512_castps_si512(hi)),
+                );
+                *pair = _mm512_castsi512_ps(_mm512_permutex2var_epi16(lo, evens, hi));
+            }
+            let lines_of = crate::gemm::x86::transpose16(pairs);
+            for (line, v) in lines.chunks_exact_mut(16).zip(lines_of) {
+                // SAFETY: 16 u32 of the group.
+                unsafe { _mm512_storeu_ps(line.as_mut_ptr().cast(), v) };
             }
         }
     }

@@ -2,7 +2,11 @@
 //! 8 bits per block as llama.cpp quantizes them, with AVX2 dot products chosen at run time, on
 //! lmkit's thread pool: Q4_1 (4-bit values with a scale and a minimum per block of 32; candle
 //! multiplies these one value at a time) and Q8_0 (8-bit values with a scale; candle's kernel
-//! runs on a second thread pool that competes with lmkit's for the cores).
+//! runs on a second thread pool that competes with lmkit's for the cores). On CPUs with AMX
+//! tiles, products of [`TILE_MIN_ROWS`] rows or more (prompts, scoring windows, decoding rounds of
+//! many streams) run on the tiles instead: the weights dequantized and rounded to bf16 as they
+//! are packed, the inputs rounded to bf16, the sums f32 ([`crate::amx::quant_product`]) — closer
+//! to the exact product than 8-bit activations, and several times faster.
 
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -344,9 +348,29 @@ pub fn quant_matmul(
     Tensor::from_vec(y, out_dims, x.device())
 }
 
+/// Input rows from which a product runs on the AMX tiles where the CPU has them
+/// ([`crate::amx::quant_product`]: inputs and dequantized weights rounded to bf16, f32 sums)
+/// rather than against 8-bit activations: a whole block of the tiles' rows. A prompt's
+/// products come here; a decoding step's (one row per stream) keep the 8-bit dot products,
+/// which read each weight byte once.
+pub const TILE_MIN_ROWS: usize = 16;
+
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of type `ty` (its raw blocks)ᵀ: the
-/// rows' outputs, n values each. The caller checks the sizes (see [`quant_matmul`]).
+/// rows' outputs, n values each. The caller checks the sizes (see [`quant_matmul`]). From
+/// [`TILE_MIN_ROWS`] rows on CPUs with AMX tiles, the product of the bf16-rounded values;
+/// otherwise against activations quantized to 8 bits as llama.cpp quantizes them.
 pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
+    let m = xs.len() / k.max(1);
+    if m >= TILE_MIN_ROWS {
+        if let Some(y) = crate::amx::quant_product(xs, w, ty, (m, n, k)) {
+            return y;
+        }
+    }
+    q8_product(xs, w, ty, n, k)
+}
+
+/// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1).
+fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
     let m = xs.len() / k.max(1);
     let blocks = k / QK;
     let mut q = Vec::with_capacity(m * blocks);
@@ -483,7 +507,7 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let got = quant_product(&xs, &bytes[..cols * row_bytes], ty, cols, k);
+                let got = q8_product(&xs, &bytes[..cols * row_bytes], ty, cols, k);
                 let mut xq = Vec::new();
                 for (i, x) in xs.chunks_exact(k).enumerate() {
                     quantize_q8_1(x, &mut xq);
@@ -527,5 +551,61 @@ mod tests {
         );
         let row = &bytes[..k / QK * Q8_0_BYTES];
         assert!((dot(QType::Q8_0, row, &xq) - dot_q8_0_scalar(row, &xq)).abs() < 1e-3);
+    }
+
+    /// On AMX tiles, products from TILE_MIN_ROWS rows equal the f64 product of the inputs and
+    /// dequantized weights (as candle dequantizes them, to an ulp) rounded to bf16, up to the f32 sums' order:
+    /// rows and columns past whole blocks, depths past one packed block (512).
+    #[test]
+    fn tile_products_equal_the_product_of_the_rounded_dequantized_values() {
+        if !crate::amx::available() {
+            eprintln!("no AMX tiles on this CPU: the tile products are not tested here");
+            return;
+        }
+        let dev = Device::Cpu;
+        let round = |v: f32| half::bf16::from_f32(v).to_f32();
+        for (ty, dtype) in [
+            (QType::Q4_1, GgmlDType::Q4_1),
+            (QType::Q8_0, GgmlDType::Q8_0),
+        ] {
+            for (m, n, k) in [(32, 16, 32), (45, 50, 608), (70, 97, 96)] {
+                let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let bytes = q.data().unwrap().to_vec();
+                let theirs = q.dequantize(&dev).unwrap().flatten_all().unwrap();
+                let mut ours = vec![0f32; n * k];
+                crate::amx::dequantize(ty, &bytes, &mut ours);
+                // Q4_1's d·q + m here is one fused multiply-add: within an ulp of candle's.
+                let ulps = ours
+                    .iter()
+                    .zip(theirs.to_vec1::<f32>().unwrap())
+                    .fold(0f32, |a, (&o, t)| {
+                        a.max((o - t).abs() / o.abs().max(t.abs()).max(f32::MIN_POSITIVE))
+                    });
+                assert!(ulps <= 2.0 * f32::EPSILON, "{ty:?}: {ulps}");
+                let wq: Vec<&[f32]> = ours.chunks_exact(k).collect();
+                let xs = crate::testing::randn(0f32, 1.0, m * k, &dev)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let got = quant_product(&xs, &bytes, ty, n, k);
+                assert_eq!(got.len(), m * n);
+                for (i, x) in xs.chunks_exact(k).enumerate() {
+                    for (j, wr) in wq.iter().enumerate() {
+                        let (mut want, mut scale) = (0f64, 0f64);
+                        for (&a, &b) in x.iter().zip(wr.iter()) {
+                            let t = f64::from(round(a)) * f64::from(round(b));
+                            want += t;
+                            scale += t.abs();
+                        }
+                        let g = f64::from(got[i * n + j]);
+                        assert!(
+                            (g - want).abs() <= 1e-5 * scale + 1e-6,
+                            "{ty:?} [{m}, {n}, {k}] row {i} column {j}: {g} against {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
