@@ -1,10 +1,12 @@
 //! The Q4_1 products of one serving round of SmolLM2-135M (its GGUF's block type) through
-//! `quant::quant_product` at 1, 4, 8 and 32 rows, each weight read from memory as a round reads
-//! it: each shape's median of 21 calls, the round's total, and its time per row.
+//! `quant::quant_product` at 1, 4, 8, 16, 32 and 512 rows (a prompt's), each weight read from
+//! memory as a round reads it: each shape's median of 21 calls, the round's total, and its time
+//! per row; beside it, in the same calls' turns, `quant::q8_product` (8-bit activations
+//! whatever the rows: what `quant_product` runs below `TILE_MIN_ROWS` rows or without AMX tiles).
 //!
 //! usage: `cargo run --release -p lmkit-kernels --example quant_rows_speed [-- ROWS,ROWS,..]`
 
-use lmkit_kernels::quant::{quant_product, QType, Q4_1_BYTES, QK};
+use lmkit_kernels::quant::{q8_product, quant_product, QType, Q4_1_BYTES, QK};
 use std::time::Instant;
 
 fn main() {
@@ -15,8 +17,13 @@ fn main() {
                 .map(|r| r.parse().expect("row counts"))
                 .collect()
         })
-        .unwrap_or_else(|| vec![1, 4, 8, 32]);
-    println!("{} threads; Q4_1 weights", rayon::current_num_threads());
+        .unwrap_or_else(|| vec![1, 4, 8, 16, 32, 512]);
+    println!(
+        "{} threads; Q4_1 weights; AMX tiles: {} (from {} rows)",
+        rayon::current_num_threads(),
+        lmkit_kernels::amx::available(),
+        lmkit_kernels::quant::TILE_MIN_ROWS
+    );
     // (n, k, per layer): q, k, v, o, gate, up, down (SmolLM2-135M's 30 layers).
     let shapes = [
         (576usize, 576usize, 60usize),
@@ -25,7 +32,7 @@ fn main() {
         (576, 1536, 30),
     ];
     for m in rows {
-        let mut round = 0.0;
+        let (mut round, mut round_q8) = (0.0, 0.0);
         for &(n, k, per) in &shapes {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
@@ -44,20 +51,31 @@ fn main() {
                     w
                 })
                 .collect();
-            let mut times = Vec::new();
+            let (mut times, mut times_q8) = (Vec::new(), Vec::new());
             for call in 0..21 {
+                let w = &ws[call % copies];
                 let t = Instant::now();
-                let y = quant_product(&x, &ws[call % copies], QType::Q4_1, n, k);
+                let y = quant_product(&x, w, QType::Q4_1, n, k);
                 times.push(t.elapsed().as_secs_f64());
+                assert_eq!(y.len(), m * n);
+                let w = &ws[(call + copies / 2) % copies];
+                let t = Instant::now();
+                let y = q8_product(&x, w, QType::Q4_1, n, k);
+                times_q8.push(t.elapsed().as_secs_f64());
                 assert_eq!(y.len(), m * n);
             }
             times.sort_by(f64::total_cmp);
+            times_q8.sort_by(f64::total_cmp);
             round += times[times.len() / 2] * per as f64;
+            round_q8 += times_q8[times_q8.len() / 2] * per as f64;
         }
         println!(
-            "m {m:2}: a round's products {:.2} ms, {:.2} ms a row",
+            "m {m:3}: a round's products {:8.2} ms, {:6.3} ms a row; 8-bit activations {:8.2} ms, {:6.3} ms a row ({:.2}x)",
             round * 1e3,
-            round * 1e3 / m as f64
+            round * 1e3 / m as f64,
+            round_q8 * 1e3,
+            round_q8 * 1e3 / m as f64,
+            round_q8 / round
         );
     }
 }

@@ -370,8 +370,9 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
     q8_product(xs, w, ty, n, k)
 }
 
-/// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1).
-fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
+/// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1), whatever
+/// the rows and the CPU: llama.cpp's arithmetic.
+pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
     let m = xs.len() / k.max(1);
     let blocks = k / QK;
     let mut q = Vec::with_capacity(m * blocks);
