@@ -175,6 +175,50 @@ pub fn quant_product(
     Some(out)
 }
 
+/// g [m, n] (f32, rows whole) times a block-quantized weight w [n, k] (`ty`'s blocks, row-major)
+/// on the tiles: [m, k] — the input gradient of a frozen quantized layer. Rounded and summed as
+/// [`quant_product`]. `None` where [`available`] is false or the sizes disagree.
+pub fn quant_product_nk(
+    g: &[f32],
+    w: &[u8],
+    ty: crate::quant::QType,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
+    let row_bytes = k / crate::quant::QK * ty.block_bytes();
+    if !available()
+        || m == 0
+        || n == 0
+        || k == 0
+        || !k.is_multiple_of(crate::quant::QK)
+        || m.checked_mul(n) != Some(g.len())
+        || n.checked_mul(row_bytes) != Some(w.len())
+    {
+        return None;
+    }
+    // The depth is w's rows: g's rows padded with zeros to whole tiles.
+    let np = n.next_multiple_of(BLOCK);
+    let xa = padded_rows((m, n, np), |i0, rows| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(np)) {
+            crate::half_weights::narrow_bf16_into(&g[i * n..][..n], &mut row[..n]);
+        }
+    });
+    let mut out = Vec::with_capacity(m * k);
+    // SAFETY: `available` was checked; `out` has room for m rows of k values, and `run`, not
+    // accumulating, writes each of them before the length covers them.
+    unsafe {
+        run(
+            xa.bf16s(),
+            (m, k, np),
+            task_width(k),
+            (out.as_mut_ptr(), k),
+            false,
+            |cols, depth, packed| pack_quant_nk(w, ty, (n, k), cols, depth, packed),
+        );
+        out.set_len(m * k);
+    }
+    Some(out)
+}
+
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
 /// many tasks as a multiple of rayon's threads, about 128 columns each or fewer (a task's
 /// packed columns stay in the core's cache while every block of input rows reads them).
@@ -493,6 +537,46 @@ fn pack_quant(
             "AMX tiles on another architecture: {:?}",
             (group.len(), rows.len())
         );
+    }
+}
+
+/// As [`pack`], for op(B) = w [n, k] as it is stored (block-quantized, `ty`'s blocks, k a
+/// multiple of 32): the depth is w's rows (zeros past n), the columns its values, each
+/// dequantized in f32 and rounded to bf16. Only where [`available`] is true.
+fn pack_quant_nk(
+    w: &[u8],
+    ty: crate::quant::QType,
+    (n, k): (usize, usize),
+    cols: std::ops::Range<usize>,
+    depth: std::ops::Range<usize>,
+    out: &mut Lines,
+) {
+    use crate::quant::QK;
+    let (pairs, bytes) = (depth.len() / 2, ty.block_bytes());
+    let row_bytes = k / QK * bytes;
+    let out = out.u32s(cols.len() * pairs);
+    for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
+        let c0 = cols.start + g * 16;
+        if c0 >= k {
+            group.fill(0); // padding columns
+            continue;
+        }
+        // Columns c0 .. c0 + 16: one half of each row's block c0 / 32 (k is whole blocks).
+        let (at, high) = (c0 / QK * bytes, (c0 / 16) % 2 == 1);
+        let block = |r: usize| (r < n).then(|| &w[r * row_bytes + at..][..bytes]);
+        for (p, line) in group.chunks_exact_mut(16).enumerate() {
+            let r = depth.start + 2 * p;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the tiles being there (the caller's), so is AVX-512; each block is whole.
+            unsafe {
+                x86::pack_half_blocks(ty, (block(r), block(r + 1)), high, line)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "AMX tiles on another architecture: {:?}",
+                (line.len(), high, r)
+            );
+        }
     }
 }
 
@@ -858,6 +942,56 @@ mod x86 {
                 unsafe { _mm512_storeu_ps(line.as_mut_ptr().cast(), v) };
             }
         }
+    }
+
+    /// One half (values 16..32 where `high`, else 0..16) of a block of `ty` from each of two
+    /// rows (none: zeros), dequantized as [`pack_quant_group`] dequantizes and rounded to bf16,
+    /// as 16 pairs (the first row's value low) in `line`.
+    ///
+    /// # Safety
+    /// AVX-512 (F, BW) is there; each block is whole (`ty`'s bytes); `line` holds 16 u32.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_half_blocks(
+        ty: crate::quant::QType,
+        (lo, hi): (Option<&[u8]>, Option<&[u8]>),
+        high: bool,
+        line: &mut [u32],
+    ) {
+        use crate::quant::QType;
+        use std::arch::x86_64::*;
+        debug_assert!(line.len() == 16);
+        let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let half = |b: Option<&[u8]>| -> __m512i {
+            let Some(b) = b else {
+                return _mm512_setzero_si512();
+            };
+            // SAFETY: 16 bytes of the whole block.
+            let v = unsafe {
+                match ty {
+                    QType::Q4_1 => {
+                        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[4..20].as_ptr().cast()));
+                        let q = if high {
+                            _mm512_srli_epi32::<4>(q)
+                        } else {
+                            _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
+                        };
+                        let (d, m) = (_mm512_set1_ps(f16_at(b, 0)), _mm512_set1_ps(f16_at(b, 2)));
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
+                    }
+                    QType::Q8_0 => {
+                        let from = if high { 18 } else { 2 };
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            b[from..from + 16].as_ptr().cast(),
+                        ));
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(f16_at(b, 0)))
+                    }
+                }
+            };
+            round(_mm512_castps_si512(v))
+        };
+        let pairs = _mm512_or_si512(half(lo), _mm512_slli_epi32::<16>(half(hi)));
+        // SAFETY: `line` holds 16 u32.
+        unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), pairs) };
     }
 
     /// Each f32 (as bits) rounded to bf16's bits in the low half of its lane, as `round_bf16`.

@@ -370,6 +370,18 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
     q8_product(xs, w, ty, n, k)
 }
 
+/// Rows of `g` (each of `n` values) times a weight [n, k] of type `ty` (its raw blocks) as it is
+/// stored: the rows' results, k values each — a frozen quantized layer's input gradient. On AMX
+/// tiles from [`TILE_MIN_ROWS`] rows (rounded and summed as [`quant_product`] there); `None`
+/// elsewhere, for the caller to multiply the dequantized weight. The caller checks the sizes.
+pub fn quant_product_nk(g: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Option<Vec<f32>> {
+    let m = g.len() / n.max(1);
+    if m < TILE_MIN_ROWS {
+        return None;
+    }
+    crate::amx::quant_product_nk(g, w, ty, (m, n, k))
+}
+
 /// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1), whatever
 /// the rows and the CPU: llama.cpp's arithmetic.
 pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
@@ -557,7 +569,8 @@ mod tests {
 
     /// On AMX tiles, products from TILE_MIN_ROWS rows equal the f64 product of the inputs and
     /// dequantized weights (as candle dequantizes them, to an ulp) rounded to bf16, up to the f32 sums' order:
-    /// rows and columns past whole blocks, depths past one packed block (512).
+    /// rows and columns past whole blocks, depths past one packed block (512); and the products
+    /// by the weight as stored (a gradient through the layer), whose depth is its rows.
     #[test]
     fn tile_products_equal_the_product_of_the_rounded_dequantized_values() {
         if !crate::amx::available() {
@@ -570,7 +583,7 @@ mod tests {
             (QType::Q4_1, GgmlDType::Q4_1),
             (QType::Q8_0, GgmlDType::Q8_0),
         ] {
-            for (m, n, k) in [(32, 16, 32), (45, 50, 608), (70, 97, 96)] {
+            for (m, n, k) in [(32, 16, 32), (45, 50, 608), (70, 97, 96), (16, 600, 64)] {
                 let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();
                 let bytes = q.data().unwrap().to_vec();
@@ -590,20 +603,47 @@ mod tests {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
+                let close = |got: f32, terms: &mut dyn Iterator<Item = (f32, f32)>, at: &str| {
+                    let (mut want, mut scale) = (0f64, 0f64);
+                    for (a, b) in terms {
+                        let t = f64::from(round(a)) * f64::from(round(b));
+                        want += t;
+                        scale += t.abs();
+                    }
+                    let got = f64::from(got);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale + 1e-6,
+                        "{ty:?} [{m}, {n}, {k}] {at}: {got} against {want}"
+                    );
+                };
+                // x [m, k] · wᵀ.
                 let got = quant_product(&xs, &bytes, ty, n, k);
                 assert_eq!(got.len(), m * n);
                 for (i, x) in xs.chunks_exact(k).enumerate() {
                     for (j, wr) in wq.iter().enumerate() {
-                        let (mut want, mut scale) = (0f64, 0f64);
-                        for (&a, &b) in x.iter().zip(wr.iter()) {
-                            let t = f64::from(round(a)) * f64::from(round(b));
-                            want += t;
-                            scale += t.abs();
-                        }
-                        let g = f64::from(got[i * n + j]);
-                        assert!(
-                            (g - want).abs() <= 1e-5 * scale + 1e-6,
-                            "{ty:?} [{m}, {n}, {k}] row {i} column {j}: {g} against {want}"
+                        let mut terms = x.iter().copied().zip(wr.iter().copied());
+                        close(
+                            got[i * n + j],
+                            &mut terms,
+                            &format!("x·wᵀ row {i} column {j}"),
+                        );
+                    }
+                }
+                // g [m, n] · w (a gradient through the layer).
+                let gs = crate::testing::randn(0f32, 1.0, m * n, &dev)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let gs = gs.as_slice();
+                let got = quant_product_nk(gs, &bytes, ty, n, k).expect("tiles");
+                assert_eq!(got.len(), m * k);
+                for (i, g) in gs.chunks_exact(n).enumerate() {
+                    for c in 0..k {
+                        let mut terms = g.iter().copied().zip(wq.iter().map(|r| r[c]));
+                        close(
+                            got[i * k + c],
+                            &mut terms,
+                            &format!("g·w row {i} column {c}"),
                         );
                     }
                 }

@@ -465,10 +465,18 @@ impl candle_core::CustomOp1 for FrozenQuant {
                 return Ok(Some(grad.broadcast_matmul(&w)?));
             }
         };
-        // grad [.., n] · W [n, k], W dequantized a block of rows at a time: a large layer (the
-        // output layer over a whole vocabulary) is never held in f32 whole.
         let (n, k) = t.shape().dims2()?;
         let data = t.data()?;
+        // Q4_1 and Q8_0 on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and the
+        // weight as packed rounded to bf16, f32 sums (as the forward product there).
+        if let (Some(ty), candle_core::DType::F32) = (own_kernel(t.dtype()), grad.dtype()) {
+            let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(dx) = lmkit_kernels::quant::quant_product_nk(&g, &data, ty, n, k) {
+                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
+            }
+        }
+        // grad [.., n] · W [n, k], W dequantized a block of rows at a time: a large layer (the
+        // output layer over a whole vocabulary) is never held in f32 whole.
         let row_bytes = data.len() / n.max(1);
         let rows_per_block = ((8 << 20) / (4 * k.max(1))).max(1);
         let g = grad.reshape(((), n))?;
@@ -668,23 +676,43 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let dense = q.dequantize(&dev).unwrap();
             let layer = Linear::quantized(q, None, "q").unwrap();
-            let x0 = lmkit_kernels::testing::randn(0f32, 1.0, (3, 1024), &dev).unwrap();
-            let x = candle_core::Var::from_tensor(&x0).unwrap();
-            let g = layer
-                .forward(x.as_tensor())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let got = g.get(x.as_tensor()).expect("a gradient for the input");
-            // d(sum(x·Wᵀ))/dx = ones · W (W large enough to be dequantized in two blocks).
-            let want = Tensor::ones((3, 2100), DType::F32, &dev)
-                .unwrap()
-                .matmul(&dense)
-                .unwrap();
-            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-3, "{dtype:?}");
+            // 3 rows: W dequantized (in two blocks of rows, W being large enough); 40 rows of a
+            // Q8_0 weight on AMX tiles: the gradient's rows (ones) and W rounded to bf16.
+            for rows in [3, 40] {
+                let tiles = rows >= lmkit_kernels::quant::TILE_MIN_ROWS
+                    && dtype == GgmlDType::Q8_0
+                    && lmkit_kernels::amx::available();
+                let x0 = lmkit_kernels::testing::randn(0f32, 1.0, (rows, 1024), &dev).unwrap();
+                let x = candle_core::Var::from_tensor(&x0).unwrap();
+                let g = layer
+                    .forward(x.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let got = g.get(x.as_tensor()).expect("a gradient for the input");
+                assert_eq!(got.dims(), [rows, 1024]);
+                // d(sum(x·Wᵀ))/dx = ones · W.
+                let w = if tiles {
+                    dense
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                } else {
+                    dense.clone()
+                };
+                let want = Tensor::ones((rows, 2100), DType::F32, &dev)
+                    .unwrap()
+                    .matmul(&w)
+                    .unwrap();
+                let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 1e-3,
+                    "{dtype:?} {rows} rows"
+                );
+            }
         }
     }
 }
