@@ -219,6 +219,89 @@ pub fn quant_product_nk(
     Some(out)
 }
 
+/// x [m, k] (f32, rows whole) times a weight w [n, k] of any block-quantized GGML type (its
+/// blocks, row-major; `deq` its dequantization)ᵀ on the tiles: [m, n]. Each weight row's values
+/// over a packed depth are dequantized by `deq` into f32, then rounded to bf16 as the inputs
+/// are; the sums are f32. `None` where [`available`] is false or the sizes disagree (k whole
+/// blocks, x m rows of k, w n rows).
+pub fn dequant_product(
+    x: &[f32],
+    w: &[u8],
+    deq: &crate::quant::Dequantizer,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
+    let (values, bytes) = (deq.block_values, deq.block_bytes);
+    if !available()
+        || m == 0
+        || n == 0
+        || k == 0
+        || values == 0
+        || !k.is_multiple_of(values)
+        || !DEPTH.is_multiple_of(values)
+        || !k.is_multiple_of(BLOCK)
+        || m.checked_mul(k) != Some(x.len())
+        || n.checked_mul(k / values * bytes) != Some(w.len())
+    {
+        return None;
+    }
+    let row_bytes = k / values * bytes;
+    let xa = padded_rows((m, k, k), |i0, rows| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(k)) {
+            crate::half_weights::narrow_bf16_into(&x[i * k..][..k], row);
+        }
+    });
+    let pack = |cols: std::ops::Range<usize>, depth: std::ops::Range<usize>, packed: &mut Lines| {
+        let pairs = depth.len() / 2;
+        let out = packed.u32s(cols.len() * pairs);
+        // The depth's blocks (DEPTH and k being whole blocks, so is the depth).
+        let (from, len) = (depth.start / values * bytes, depth.len() / values * bytes);
+        let mut scratch = vec![0f32; 16 * depth.len()];
+        for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
+            let j0 = cols.start + g * 16;
+            let count = n.saturating_sub(j0).min(16);
+            for (c, vals) in scratch
+                .chunks_exact_mut(depth.len())
+                .take(count)
+                .enumerate()
+            {
+                deq.to_f32(&w[(j0 + c) * row_bytes + from..][..len], vals);
+            }
+            let rows: [&[f32]; 16] = std::array::from_fn(|c| {
+                if c < count {
+                    &scratch[c * depth.len()..][..depth.len()]
+                } else {
+                    &[][..]
+                }
+            });
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the tiles being there (checked above), so is AVX-512; each row holds the
+            // depth's values or is empty, and the group depth / 2 pairs of 16 columns.
+            unsafe {
+                x86::pack_f32_group(&rows, group)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "AMX tiles on another architecture: {:?}",
+                (group.len(), rows.len())
+            );
+        }
+    };
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: as in `quant_product`.
+    unsafe {
+        run(
+            xa.bf16s(),
+            (m, n, k),
+            task_width(n),
+            (out.as_mut_ptr(), n),
+            false,
+            pack,
+        );
+        out.set_len(m * n);
+    }
+    Some(out)
+}
+
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
 /// many tasks as a multiple of rayon's threads, about 128 columns each or fewer (a task's
 /// packed columns stay in the core's cache while every block of input rows reads them).
@@ -992,6 +1075,41 @@ mod x86 {
         let pairs = _mm512_or_si512(half(lo), _mm512_slli_epi32::<16>(half(hi)));
         // SAFETY: `line` holds 16 u32.
         unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), pairs) };
+    }
+
+    /// As [`pack_quant_group`] from values already dequantized: `rows[c]` holds column c's f32
+    /// values over the depth (empty: a padding column, zeros), each rounded as `round_bf16`.
+    ///
+    /// # Safety
+    /// AVX-512 (F, BW) is there; every non-empty row holds `group.len() / 16` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_f32_group(rows: &[&[f32]; 16], group: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let evens = _mm512_set_epi16(
+            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20,
+            18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+        );
+        for (blk, lines) in group.chunks_exact_mut(16 * BLOCK / 2).enumerate() {
+            let mut pairs = [_mm512_setzero_ps(); 16];
+            for (pair, row) in pairs.iter_mut().zip(rows) {
+                let Some(v) = row.get(blk * BLOCK..(blk + 1) * BLOCK) else {
+                    continue;
+                };
+                // SAFETY: 32 values of the row.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm512_loadu_si512(v.as_ptr().cast()),
+                        _mm512_loadu_si512(v.as_ptr().add(16).cast()),
+                    )
+                };
+                *pair = _mm512_castsi512_ps(_mm512_permutex2var_epi16(round(lo), evens, round(hi)));
+            }
+            let lines_of = crate::gemm::x86::transpose16(pairs);
+            for (line, v) in lines.chunks_exact_mut(16).zip(lines_of) {
+                // SAFETY: 16 u32 of the group.
+                unsafe { _mm512_storeu_ps(line.as_mut_ptr().cast(), v) };
+            }
+        }
     }
 
     /// Each f32 (as bits) rounded to bf16's bits in the low half of its lane, as `round_bf16`.

@@ -382,6 +382,96 @@ pub fn quant_product_nk(g: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> O
     crate::amx::quant_product_nk(g, w, ty, (m, n, k))
 }
 
+/// Rows of `xs` (each of `k` values) times a weight [n, k] of any block-quantized GGML type
+/// `dtype` (its raw blocks)ᵀ on AMX tiles from [`TILE_MIN_ROWS`] rows: each weight value
+/// dequantized by candle's code, then rounded to bf16 as the inputs are, f32 sums. `None`
+/// elsewhere (fewer rows, no tiles, a type that is not block-quantized, sizes that disagree).
+pub fn tiles_product(
+    xs: &[f32],
+    w: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Option<Vec<f32>> {
+    let m = xs.len() / k.max(1);
+    if m < TILE_MIN_ROWS {
+        return None;
+    }
+    crate::amx::dequant_product(xs, w, &Dequantizer::of(dtype)?, (m, n, k))
+}
+
+/// A GGML block type's dequantization (candle's, block by block): any type a GGUF file holds
+/// can go to [`crate::amx::dequant_product`] through one.
+#[derive(Clone, Copy)]
+pub struct Dequantizer {
+    /// Values per block.
+    pub block_values: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+    to_float: fn(&[u8], &mut [f32]),
+}
+
+impl Dequantizer {
+    /// The block-quantized types (not F32, F16 or BF16); `None` for the others.
+    pub fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::k_quants::*;
+        use candle_core::quantized::GgmlDType as T;
+        fn make<B: GgmlType>() -> Dequantizer {
+            Dequantizer {
+                block_values: B::BLCK_SIZE,
+                block_bytes: std::mem::size_of::<B>(),
+                to_float: to_float_of::<B>,
+            }
+        }
+        let d = match dtype {
+            T::Q4_0 => make::<BlockQ4_0>(),
+            T::Q4_1 => make::<BlockQ4_1>(),
+            T::Q5_0 => make::<BlockQ5_0>(),
+            T::Q5_1 => make::<BlockQ5_1>(),
+            T::Q8_0 => make::<BlockQ8_0>(),
+            T::Q2K => make::<BlockQ2K>(),
+            T::Q3K => make::<BlockQ3K>(),
+            T::Q4K => make::<BlockQ4K>(),
+            T::Q5K => make::<BlockQ5K>(),
+            T::Q6K => make::<BlockQ6K>(),
+            _ => return None,
+        };
+        (d.block_bytes == dtype.type_size() && d.block_values == dtype.block_size()).then_some(d)
+    }
+
+    /// `blocks` (whole blocks of the type) dequantized into `out`, `block_values` a block.
+    pub fn to_f32(&self, blocks: &[u8], out: &mut [f32]) {
+        (self.to_float)(blocks, out)
+    }
+}
+
+/// candle's `to_float` over whole blocks of `B` given as bytes (copied to `B`'s alignment where
+/// they are not on it).
+fn to_float_of<B: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    let size = std::mem::size_of::<B>();
+    let count = bytes.len() / size;
+    let out = &mut out[..count * B::BLCK_SIZE];
+    // SAFETY: the block types are plain values (f16 and integer fields) for which any bytes are
+    // valid; `align_to` gives whole, aligned values only.
+    let (head, blocks, _) = unsafe { bytes[..count * size].align_to::<B>() };
+    if head.is_empty() && blocks.len() == count {
+        B::to_float(blocks, out);
+        return;
+    }
+    let mut aligned: Vec<B> = Vec::with_capacity(count);
+    // SAFETY: `aligned` has room for count values, filled with the bytes of count blocks (any
+    // bytes being valid) before its length covers them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            aligned.as_mut_ptr().cast::<u8>(),
+            count * size,
+        );
+        aligned.set_len(count);
+    }
+    B::to_float(&aligned, out);
+}
+
 /// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1), whatever
 /// the rows and the CPU: llama.cpp's arithmetic.
 pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
@@ -646,6 +736,65 @@ mod tests {
                             &format!("g·w row {i} column {c}"),
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Any block-quantized GGML type (here Q4_0, Q5_0, Q4_K and Q6_K) on the tiles through its
+    /// [`Dequantizer`]: candle's dequantization, and products equal to the f64 product of the
+    /// inputs and dequantized weights rounded to bf16, up to the f32 sums' order.
+    #[test]
+    fn any_block_type_multiplies_on_the_tiles_as_dequantized() {
+        let dev = Device::Cpu;
+        assert!(Dequantizer::of(GgmlDType::F16).is_none());
+        let round = |v: f32| half::bf16::from_f32(v).to_f32();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let deq = Dequantizer::of(dtype).expect("a block type");
+            let (m, n, k) = (37, 41, 768);
+            let w = crate::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().to_vec();
+            let theirs = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // From bytes off the blocks' alignment too.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let mut ours = vec![0f32; n * k];
+            deq.to_f32(&shifted[1..], &mut ours);
+            assert_eq!(ours, theirs, "{dtype:?}");
+            let xs = crate::testing::randn(0f32, 1.0, m * k, &dev)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let Some(got) = crate::amx::dequant_product(&xs, &bytes, &deq, (m, n, k)) else {
+                assert!(!crate::amx::available());
+                eprintln!("no AMX tiles on this CPU: the tile products are not tested here");
+                return;
+            };
+            for (i, x) in xs.chunks_exact(k).enumerate() {
+                for (j, wr) in theirs.chunks_exact(k).enumerate() {
+                    let (mut want, mut scale) = (0f64, 0f64);
+                    for (&a, &b) in x.iter().zip(wr) {
+                        let t = f64::from(round(a)) * f64::from(round(b));
+                        want += t;
+                        scale += t.abs();
+                    }
+                    let g = f64::from(got[i * n + j]);
+                    assert!(
+                        (g - want).abs() <= 1e-5 * scale + 1e-6,
+                        "{dtype:?} row {i} column {j}: {g} against {want}"
+                    );
                 }
             }
         }

@@ -301,7 +301,10 @@ impl Linear {
                             let (n, k) = t.shape().dims2()?;
                             lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
                         }
-                        None => q.forward(&x.contiguous()?)?,
+                        None => match tiles_forward(q, x)? {
+                            Some(y) => y,
+                            None => q.forward(&x.contiguous()?)?,
+                        },
                     }
                 };
                 match &self.bias {
@@ -444,10 +447,13 @@ impl candle_core::CustomOp1 for FrozenQuant {
         }
         let y = match own_kernel(t.dtype()) {
             Some(ty) => lmkit_kernels::quant::quant_product(xs, &t.data()?, ty, n, k),
-            None => {
-                let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
-                self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
-            }
+            None => match lmkit_kernels::quant::tiles_product(xs, &t.data()?, t.dtype(), n, k) {
+                Some(y) => y,
+                None => {
+                    let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
+                    self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+                }
+            },
         };
         *dims.last_mut().expect("checked above") = n;
         Ok((candle_core::CpuStorage::F32(y), dims.into()))
@@ -499,6 +505,32 @@ impl candle_core::CustomOp1 for FrozenQuant {
         let dx = dx.ok_or_else(|| candle_core::Error::Msg("empty quantized layer".into()))?;
         Ok(Some(dx.reshape(x.shape())?))
     }
+}
+
+/// x·Wᵀ for a block-quantized weight of a type without lmkit's own kernels (K-quants, Q4_0,
+/// Q5_*) on AMX tiles, where the CPU has them and x has lmkit_kernels::quant::TILE_MIN_ROWS rows
+/// or more (`lmkit_kernels::quant::tiles_product`); `None` otherwise (candle's product then).
+fn tiles_forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let QMatMul::QTensor(t) = q else {
+        return Ok(None);
+    };
+    let (n, k) = t.shape().dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if !t.device().is_cpu()
+        || !x.device().is_cpu()
+        || x.dtype() != candle_core::DType::F32
+        || rows < lmkit_kernels::quant::TILE_MIN_ROWS
+        || !lmkit_kernels::amx::available()
+    {
+        return Ok(None);
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let Some(y) = lmkit_kernels::quant::tiles_product(&xs, &t.data()?, t.dtype(), n, k) else {
+        return Ok(None);
+    };
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a product's input has dimensions") = n;
+    Ok(Some(Tensor::from_vec(y, dims, x.device())?))
 }
 
 /// The block types lmkit multiplies with its own kernels.
@@ -713,6 +745,39 @@ mod tests {
                     "{dtype:?} {rows} rows"
                 );
             }
+        }
+    }
+
+    /// A Q4_K layer (a type without lmkit's 8-bit kernels): from TILE_MIN_ROWS rows on AMX
+    /// tiles the product of x and the dequantized weight both rounded to bf16; fewer rows (or no
+    /// tiles) candle's product.
+    #[test]
+    fn k_quant_layers_multiply_on_the_tiles_from_enough_rows() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (n, k) = (70, 512);
+        let w = lmkit_kernels::testing::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let dense = q.dequantize(&dev).unwrap();
+        let candle = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+        let layer = Linear::quantized(q, None, "q").unwrap();
+        let bf16 = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        for rows in [3, 40] {
+            let x = lmkit_kernels::testing::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let got = layer.forward(&x).unwrap();
+            let want =
+                if rows >= lmkit_kernels::quant::TILE_MIN_ROWS && lmkit_kernels::amx::available() {
+                    bf16(&x).matmul(&bf16(&dense).t().unwrap()).unwrap()
+                } else {
+                    candle.forward(&x).unwrap()
+                };
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-3, "{rows} rows");
         }
     }
 }
