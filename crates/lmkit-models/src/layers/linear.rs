@@ -284,28 +284,25 @@ impl Linear {
                 lmkit_kernels::blas::linear(x, &self.dense_in_out()?, self.bias.as_ref())
             }
             Weight::Quantized(q, _) => {
-                // Q4_1 and Q8_0 on lmkit's kernels (see lmkit_kernels::quant).
+                // Q4_1 and Q8_0 on lmkit's kernels, every block type on AMX tiles from enough
+                // rows (see lmkit_kernels::quant), reading an f32 input's values in place.
+                let cpu =
+                    matches!(q, QMatMul::QTensor(t) if t.device().is_cpu()) && x.device().is_cpu();
                 let own = match q {
-                    QMatMul::QTensor(t) if t.device().is_cpu() => {
-                        own_kernel(t.dtype()).map(|ty| (t, ty))
-                    }
+                    QMatMul::QTensor(t) if cpu => own_kernel(t.dtype()).map(|ty| (t, ty)),
                     _ => None,
                 };
                 // Where a gradient must pass through the layer (adapters before it are
                 // trained), the product is a node that gives its input one.
                 let y = if x.track_op() {
                     x.contiguous()?.apply_op1(FrozenQuant(q.clone()))?
+                } else if cpu && x.dtype() == candle_core::DType::F32 {
+                    x.contiguous()?.apply_op1_no_bwd(&FrozenQuant(q.clone()))?
+                } else if let Some((t, ty)) = own {
+                    let (n, k) = t.shape().dims2()?;
+                    lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
                 } else {
-                    match own {
-                        Some((t, ty)) => {
-                            let (n, k) = t.shape().dims2()?;
-                            lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
-                        }
-                        None => match tiles_forward(q, x)? {
-                            Some(y) => y,
-                            None => q.forward(&x.contiguous()?)?,
-                        },
-                    }
+                    q.forward(&x.contiguous()?)?
                 };
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
@@ -505,32 +502,6 @@ impl candle_core::CustomOp1 for FrozenQuant {
         let dx = dx.ok_or_else(|| candle_core::Error::Msg("empty quantized layer".into()))?;
         Ok(Some(dx.reshape(x.shape())?))
     }
-}
-
-/// x·Wᵀ for a block-quantized weight of a type without lmkit's own kernels (K-quants, Q4_0,
-/// Q5_*) on AMX tiles, where the CPU has them and x has lmkit_kernels::quant::TILE_MIN_ROWS rows
-/// or more (`lmkit_kernels::quant::tiles_product`); `None` otherwise (candle's product then).
-fn tiles_forward(q: &QMatMul, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let QMatMul::QTensor(t) = q else {
-        return Ok(None);
-    };
-    let (n, k) = t.shape().dims2()?;
-    let rows = x.elem_count() / k.max(1);
-    if !t.device().is_cpu()
-        || !x.device().is_cpu()
-        || x.dtype() != candle_core::DType::F32
-        || rows < lmkit_kernels::quant::TILE_MIN_ROWS
-        || !lmkit_kernels::amx::available()
-    {
-        return Ok(None);
-    }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let Some(y) = lmkit_kernels::quant::tiles_product(&xs, &t.data()?, t.dtype(), n, k) else {
-        return Ok(None);
-    };
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("a product's input has dimensions") = n;
-    Ok(Some(Tensor::from_vec(y, dims, x.device())?))
 }
 
 /// The block types lmkit multiplies with its own kernels.
