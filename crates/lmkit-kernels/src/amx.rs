@@ -152,27 +152,46 @@ pub fn quant_product(
     {
         return None;
     }
-    // k is a multiple of 32: rows of k values, rounded as they are copied.
-    let xa = padded_rows((m, k, k), |i0, rows| {
-        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(k)) {
-            crate::half_weights::narrow_bf16_into(&x[i * k..][..k], row);
+    // SAFETY: `available` was checked.
+    Some(unsafe {
+        rounded_product(x, (m, n, k), |cols, depth, packed| {
+            pack_quant(w, ty, (n, k), cols, depth, packed)
+        })
+    })
+}
+
+/// The f32 rows `x` (m of `depth` values) rounded to bf16 times the `cols` columns `pack`
+/// packs, on the tiles: a new [m, cols]. The rows are padded with zeros to whole tiles (their
+/// depth to a multiple of 32), which `pack` packs zeros against past `depth`.
+///
+/// # Safety
+/// [`available`] is true.
+unsafe fn rounded_product(
+    x: &[f32],
+    (m, cols, depth): (usize, usize, usize),
+    pack: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &mut Lines) + Sync,
+) -> Vec<f32> {
+    let dp = depth.next_multiple_of(BLOCK);
+    let xa = padded_rows((m, depth, dp), |i0, rows| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(dp)) {
+            crate::half_weights::narrow_bf16_into(&x[i * depth..][..depth], &mut row[..depth]);
         }
     });
-    let mut out = Vec::with_capacity(m * n);
-    // SAFETY: `available` was checked; `out` has room for m rows of n values, and `run`, not
-    // accumulating, writes each of them before the length covers them.
+    let mut out = Vec::with_capacity(m * cols);
+    // SAFETY: the caller's `available`; `out` has room for m rows of `cols` values, and `run`,
+    // not accumulating, writes each of them before the length covers them.
     unsafe {
         run(
             xa.bf16s(),
-            (m, n, k),
-            task_width(n),
-            (out.as_mut_ptr(), n),
+            (m, cols, dp),
+            task_width(cols),
+            (out.as_mut_ptr(), cols),
             false,
-            |cols, depth, packed| pack_quant(w, ty, (n, k), cols, depth, packed),
+            pack,
         );
-        out.set_len(m * n);
+        out.set_len(m * cols);
     }
-    Some(out)
+    out
 }
 
 /// g [m, n] (f32, rows whole) times a block-quantized weight w [n, k] (`ty`'s blocks, row-major)
@@ -195,28 +214,13 @@ pub fn quant_product_nk(
     {
         return None;
     }
-    // The depth is w's rows: g's rows padded with zeros to whole tiles.
-    let np = n.next_multiple_of(BLOCK);
-    let xa = padded_rows((m, n, np), |i0, rows| {
-        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(np)) {
-            crate::half_weights::narrow_bf16_into(&g[i * n..][..n], &mut row[..n]);
-        }
-    });
-    let mut out = Vec::with_capacity(m * k);
-    // SAFETY: `available` was checked; `out` has room for m rows of k values, and `run`, not
-    // accumulating, writes each of them before the length covers them.
-    unsafe {
-        run(
-            xa.bf16s(),
-            (m, k, np),
-            task_width(k),
-            (out.as_mut_ptr(), k),
-            false,
-            |cols, depth, packed| pack_quant_nk(w, ty, (n, k), cols, depth, packed),
-        );
-        out.set_len(m * k);
-    }
-    Some(out)
+    // The depth is w's rows.
+    // SAFETY: `available` was checked.
+    Some(unsafe {
+        rounded_product(g, (m, k, n), |cols, depth, packed| {
+            pack_quant_nk(w, ty, (n, k), cols, depth, packed)
+        })
+    })
 }
 
 /// x [m, k] (f32, rows whole) times a weight w [n, k] of any block-quantized GGML type (its
@@ -245,11 +249,6 @@ pub fn dequant_product(
         return None;
     }
     let row_bytes = k / values * bytes;
-    let xa = padded_rows((m, k, k), |i0, rows| {
-        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(k)) {
-            crate::half_weights::narrow_bf16_into(&x[i * k..][..k], row);
-        }
-    });
     let pack = |cols: std::ops::Range<usize>, depth: std::ops::Range<usize>, packed: &mut Lines| {
         let pairs = depth.len() / 2;
         let out = packed.u32s(cols.len() * pairs);
@@ -286,20 +285,8 @@ pub fn dequant_product(
             );
         }
     };
-    let mut out = Vec::with_capacity(m * n);
-    // SAFETY: as in `quant_product`.
-    unsafe {
-        run(
-            xa.bf16s(),
-            (m, n, k),
-            task_width(n),
-            (out.as_mut_ptr(), n),
-            false,
-            pack,
-        );
-        out.set_len(m * n);
-    }
-    Some(out)
+    // SAFETY: `available` was checked.
+    Some(unsafe { rounded_product(x, (m, n, k), pack) })
 }
 
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
