@@ -141,15 +141,7 @@ pub fn quant_product(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
-    let row_bytes = k / crate::quant::QK * ty.block_bytes();
-    if !available()
-        || m == 0
-        || n == 0
-        || k == 0
-        || !k.is_multiple_of(crate::quant::QK)
-        || m.checked_mul(k) != Some(x.len())
-        || n.checked_mul(row_bytes) != Some(w.len())
-    {
+    if !quant_fits(ty, w, (m, n, k), (x.len(), k)) {
         return None;
     }
     // SAFETY: `available` was checked.
@@ -158,6 +150,23 @@ pub fn quant_product(
             pack_quant(w, ty, (n, k), cols, depth, packed)
         })
     })
+}
+
+/// Whether the tiles are there and the sizes agree for a product with the block-quantized w
+/// [n, k] (`ty`'s blocks, k a multiple of 32): an input of `len` values, m rows of `row`.
+fn quant_fits(
+    ty: crate::quant::QType,
+    w: &[u8],
+    (m, n, k): (usize, usize, usize),
+    (len, row): (usize, usize),
+) -> bool {
+    available()
+        && m > 0
+        && n > 0
+        && k > 0
+        && k.is_multiple_of(crate::quant::QK)
+        && m.checked_mul(row) == Some(len)
+        && n.checked_mul(k / crate::quant::QK * ty.block_bytes()) == Some(w.len())
 }
 
 /// The f32 rows `x` (m of `depth` values) rounded to bf16 times the `cols` columns `pack`
@@ -203,15 +212,7 @@ pub fn quant_product_nk(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
-    let row_bytes = k / crate::quant::QK * ty.block_bytes();
-    if !available()
-        || m == 0
-        || n == 0
-        || k == 0
-        || !k.is_multiple_of(crate::quant::QK)
-        || m.checked_mul(n) != Some(g.len())
-        || n.checked_mul(row_bytes) != Some(w.len())
-    {
+    if !quant_fits(ty, w, (m, n, k), (g.len(), n)) {
         return None;
     }
     // The depth is w's rows.
