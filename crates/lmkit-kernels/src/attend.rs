@@ -315,9 +315,11 @@ pub fn attend_one(
         .map(Some)
 }
 
-/// The causal attention of a prompt's queries ([`attend_causal`]).
+/// The causal attention of a prompt's queries ([`attend_causal`]; f32 ones on the AMX tiles
+/// where `tiles`, [`attend_causal_on_tiles`]).
 struct AttendCausal {
     scale: f64,
+    tiles: bool,
 }
 
 impl CustomOp3 for AttendCausal {
@@ -377,7 +379,10 @@ impl CustomOp3 for AttendCausal {
         let scale = self.scale as f32;
         let y = match (sq, sk, sv) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                causal_strips_fwd(&rows!(&q[q0..q1], k, v), &mut y, scale)?;
+                let rows = rows!(&q[q0..q1], k, v);
+                if !(self.tiles && crate::amx::causal_attention(&rows, &mut y, scale)?) {
+                    causal_strips_fwd(&rows, &mut y, scale)?;
+                }
                 CpuStorage::F32(y)
             }
             (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
@@ -408,9 +413,32 @@ pub fn attend_causal(
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Option<Tensor>> {
+    causal_op(q, k, v, scale, false)
+}
+
+/// [`attend_causal`] with f32 queries, keys and values on the AMX tiles too, where the CPU has
+/// them: each value rounded to bf16 as it is packed, the probabilities rounded to bf16 for p·v,
+/// f32 sums and output (the arithmetic of a model whose weights are block-quantized, whose
+/// products run on the tiles from bf16-rounded values). Elsewhere as [`attend_causal`].
+pub fn attend_causal_on_tiles(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    causal_op(q, k, v, scale, crate::amx::available())
+}
+
+fn causal_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    tiles: bool,
+) -> candle_core::Result<Option<Tensor>> {
     let dtype = q.dtype();
     let kernel = match dtype {
-        DType::F32 => crate::gemm::isa().is_some(),
+        DType::F32 => tiles || crate::gemm::isa().is_some(),
         DType::BF16 => crate::amx::available(),
         _ => false,
     };
@@ -427,7 +455,7 @@ pub fn attend_causal(
     }
     let y = q
         .contiguous()?
-        .apply_op3_no_bwd(k, v, &AttendCausal { scale })?;
+        .apply_op3_no_bwd(k, v, &AttendCausal { scale, tiles })?;
     y.transpose(1, 2).map(Some)
 }
 
@@ -485,6 +513,12 @@ mod tests {
     /// without cached keys before them, of one query and of several blocks of queries with a
     /// partial last strip or block. `bound(max |v|)` is the error allowed.
     fn prompts_against_the_masked_product(dtype: DType, bound: impl Fn(f64) -> f64) {
+        masked_product_of(dtype, false, bound)
+    }
+
+    /// As [`prompts_against_the_masked_product`], through [`attend_causal_on_tiles`] where
+    /// `tiles`, the reference's values then rounded to bf16 (as the tiles round them).
+    fn masked_product_of(dtype: DType, tiles: bool, bound: impl Fn(f64) -> f64) {
         let dev = Device::Cpu;
         let r = |s: &[usize]| {
             let x = crate::testing::randn(0f32, 1.0, s, &dev).unwrap();
@@ -495,11 +529,21 @@ mod tests {
             let q = r(&[b, h, t, d]);
             let (kb, vb) = (r(&[b, kv, 320, d]), r(&[b, kv, 320, d]));
             let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
-            let got = attend_causal(&q, &k, &v, 0.3)
-                .unwrap()
-                .expect("takes CPU views");
+            let attend = if tiles {
+                attend_causal_on_tiles
+            } else {
+                attend_causal
+            };
+            let got = attend(&q, &k, &v, 0.3).unwrap().expect("takes CPU views");
             assert_eq!((got.dims(), got.dtype()), (&[b, h, t, d][..], dtype));
-            let wide = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+            let wide = |x: &Tensor| {
+                let x = if tiles {
+                    x.to_dtype(DType::BF16).unwrap()
+                } else {
+                    x.clone()
+                };
+                x.to_dtype(DType::F64).unwrap()
+            };
             let rep = |x: &Tensor| {
                 wide(x)
                     .unsqueeze(2)
@@ -561,6 +605,24 @@ mod tests {
             return;
         }
         prompts_against_the_masked_product(DType::BF16, |size| size / 128.0);
+    }
+
+    /// f32 queries, keys and values on the tiles (a block-quantized model's prompt): the masked
+    /// product of their bf16-rounded values in f64, within the rounding of the probabilities; and
+    /// not the f32 kernel's result (the values were rounded).
+    #[test]
+    fn f32_prompts_attend_on_the_tiles_as_rounded() {
+        if !crate::amx::available() {
+            return;
+        }
+        masked_product_of(DType::F32, true, |size| size / 256.0);
+        let r = |s: &[usize]| crate::testing::randn(0f32, 1.0, s, &Device::Cpu).unwrap();
+        let (q, k, v) = (r(&[1, 4, 50, 32]), r(&[1, 2, 50, 32]), r(&[1, 2, 50, 32]));
+        let tiles = attend_causal_on_tiles(&q, &k, &v, 0.2)
+            .unwrap()
+            .expect("f32 on tiles");
+        let exact = attend_causal(&q, &k, &v, 0.2).unwrap().expect("f32");
+        assert!(crate::testing::max_diff(&tiles, &exact) > 1e-5);
     }
 
     /// Half-precision queries, keys and values (a bf16 or f16 model's KV cache, read in place):

@@ -271,7 +271,16 @@ impl Layer {
             qkv.narrow(3, d, d)?,
             qkv.narrow(3, 2 * d, d)?,
         );
-        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, Some(rope))?;
+        // A block-quantized model's prompts attend on the AMX tiles, as its products run.
+        let tiles = self.query_key_value.is_block_quantized();
+        let y = crate::layers::attention::attend_rows_as(
+            &q,
+            &k,
+            &v,
+            caches,
+            (layer, Some(rope)),
+            tiles,
+        )?;
         let y = y.transpose(1, 2)?.reshape((b, t, h))?;
         // (x + attn) + mlp(x), or x' + mlp(x') of x' = x + attn.
         let with_attn = residual(&self.dense, &y, x)?;

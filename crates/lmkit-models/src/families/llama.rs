@@ -470,7 +470,16 @@ impl Layer {
         }
         let v = heads(v, self.n_kv)?;
         // Grouped-query attention: each key/value head serves n_head / n_kv query heads.
-        let y = crate::layers::attention::attend_rows(&q, &k, &v, caches, layer, Some(rope))?;
+        // A block-quantized model's prompts attend on the AMX tiles, as its products run.
+        let tiles = self.qkv.is_block_quantized();
+        let y = crate::layers::attention::attend_rows_as(
+            &q,
+            &k,
+            &v,
+            caches,
+            (layer, Some(rope)),
+            tiles,
+        )?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;

@@ -283,6 +283,20 @@ pub fn attend_rows(
     layer: usize,
     rope: Option<&Rope>,
 ) -> candle_core::Result<Tensor> {
+    attend_rows_as(q, k, v, caches, (layer, rope), false)
+}
+
+/// [`attend_rows`]; where `tiles` (a layer whose weights are block-quantized), a prompt's f32
+/// queries, keys and values attend on the AMX tiles where the CPU has them, rounded to bf16 as
+/// the layer's products round theirs (`lmkit_kernels::attend::attend_causal_on_tiles`).
+pub fn attend_rows_as(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    caches: &mut [&mut KvCache],
+    (layer, rope): (usize, Option<&Rope>),
+    tiles: bool,
+) -> candle_core::Result<Tensor> {
     let attend = |q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut KvCache| {
         let (q, k) = match rope {
             Some(rope) => {
@@ -296,6 +310,12 @@ pub fn attend_rows(
             None => (q.contiguous()?, k.contiguous()?),
         };
         let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
+        if tiles && q.dim(2)? > 1 {
+            let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+            if let Some(y) = lmkit_kernels::attend::attend_causal_on_tiles(&q, &k, &v, scale)? {
+                return Ok(y);
+            }
+        }
         causal_attention(&q, &k, &v)
     };
     let (b, _, t, _) = q.dims4()?;

@@ -205,6 +205,12 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is block-quantized (a GGUF file's Q4_1, Q8_0, K-quants, ...) on the CPU.
+    pub fn is_block_quantized(&self) -> bool {
+        matches!(&self.weight, Weight::Quantized(QMatMul::QTensor(t), _)
+            if t.device().is_cpu() && lmkit_kernels::quant::Dequantizer::of(t.dtype()).is_some())
+    }
+
     /// (outputs, inputs), whatever the storage (nothing is dequantized).
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match &self.weight {
@@ -539,6 +545,14 @@ pub enum Fanout {
 }
 
 impl Fanout {
+    /// Whether a part's weight is block-quantized (a GGUF file's) on the CPU.
+    pub fn is_block_quantized(&self) -> bool {
+        match self {
+            Fanout::Apart(parts) => parts.iter().any(Linear::is_block_quantized),
+            Fanout::Stacked(layer, _) => layer.is_block_quantized(),
+        }
+    }
+
     /// The parts, stacked when they can be (they are then kept only in the stacked layer).
     pub fn new(parts: Vec<Linear>, path: &str) -> candle_core::Result<Fanout> {
         Ok(match Linear::stacked(&parts, path)? {
