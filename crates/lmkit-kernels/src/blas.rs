@@ -1792,6 +1792,16 @@ fn tiles_attention_fwd<T: crate::amx::TileValue>(
     qkv: &[T],
     s: Gqa,
 ) -> candle_core::Result<Vec<half::bf16>> {
+    Ok(crate::half_weights::narrowed_bf16(&tiles_attention_sums(
+        qkv, s,
+    )?))
+}
+
+/// [`tiles_attention_fwd`]'s output in f32, not rounded.
+fn tiles_attention_sums<T: crate::amx::TileValue>(
+    qkv: &[T],
+    s: Gqa,
+) -> candle_core::Result<Vec<f32>> {
     let rows = s.check(qkv.len(), "attention")?;
     let mut y = crate::buffers::zeros(rows * s.out_width());
     if !on_packed(qkv, &s, |a| {
@@ -1799,7 +1809,7 @@ fn tiles_attention_fwd<T: crate::amx::TileValue>(
     })? {
         candle_core::bail!("fused attention: bf16 needs the AMX tiles");
     }
-    Ok(crate::half_weights::narrowed_bf16(&y))
+    Ok(y)
 }
 
 /// [`gqa_attention_bwd`] on the built-in micro-kernel, each operand packed once per task (a
@@ -2182,14 +2192,21 @@ impl CustomOp2 for RopeTilesAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let op = &self.0;
         let hd = op.head_dim(l1, l2)?;
-        let (CpuStorage::BF16(x), CpuStorage::F32(t)) = (s1, s2) else {
-            candle_core::bail!("rope attention on the tiles: bf16 q|k|v and an f32 table");
+        let out = match (s1, s2) {
+            (CpuStorage::BF16(x), CpuStorage::F32(t)) => {
+                let wide: Vec<f32> = contiguous(x, l1)?.iter().map(|v| v.to_f32()).collect();
+                let x = op.rotated(&wide, contiguous(t, l2)?, hd);
+                CpuStorage::BF16(tiles_attention_fwd(&x, op.gqa(hd))?)
+            }
+            // A block-quantized model's f32 rows: rounded as they are packed, the output f32.
+            (CpuStorage::F32(x), CpuStorage::F32(t)) => {
+                let x = op.rotated(contiguous(x, l1)?, contiguous(t, l2)?, hd);
+                CpuStorage::F32(tiles_attention_sums(&x, op.gqa(hd))?)
+            }
+            _ => candle_core::bail!("rope attention on the tiles: bf16 or f32 q|k|v, an f32 table"),
         };
-        let wide: Vec<f32> = contiguous(x, l1)?.iter().map(|v| v.to_f32()).collect();
-        let x = op.rotated(&wide, contiguous(t, l2)?, hd);
-        let out = tiles_attention_fwd(&x, op.gqa(hd))?;
         let d = l1.dims();
-        Ok((CpuStorage::BF16(out), (d[0], d[1], op.heads * hd).into()))
+        Ok((out, (d[0], d[1], op.heads * hd).into()))
     }
 }
 
@@ -2319,6 +2336,33 @@ pub fn rope_causal_attention(
     qkv.contiguous()?
         .apply_op2(&table.contiguous()?, op)
         .map(Some)
+}
+
+/// [`rope_causal_attention`] with an f32 `qkv` on the AMX tiles where the CPU has them (a
+/// block-quantized model's pass, whose products run there): rotated in f32, then each value
+/// rounded to bf16 as it is packed, the probabilities rounded to bf16 for p·v, f32 sums and
+/// output. Elsewhere as [`rope_causal_attention`].
+pub fn rope_causal_attention_on_tiles(
+    qkv: &Tensor,
+    table: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    segments: Option<&[Vec<usize>]>,
+) -> candle_core::Result<Option<Tensor>> {
+    if qkv.dtype() == DType::F32
+        && table.dtype() == DType::F32
+        && qkv.device().is_cpu()
+        && table.device().is_cpu()
+        && !qkv.track_op()
+        && crate::amx::available()
+    {
+        let op = RopeTilesAttention(RopeAttention::new(qkv, heads, kv_heads, segments)?);
+        return qkv
+            .contiguous()?
+            .apply_op2_no_bwd(&table.contiguous()?, &op)
+            .map(Some);
+    }
+    rope_causal_attention(qkv, table, heads, kv_heads, segments)
 }
 
 #[cfg(test)]
@@ -2534,7 +2578,8 @@ mod tests {
 
     /// A half-type model's scoring passes (inference) run the f32 kernels on the widened
     /// projections and round their output once: the same values as the f32 kernel on them
-    /// (bf16 on a CPU with AMX tiles: on the tiles, within the rounding of their operands).
+    /// (bf16 on a CPU with AMX tiles: on the tiles, within the rounding of their operands); and
+    /// a block-quantized model's f32 rows through `rope_causal_attention_on_tiles`.
     #[test]
     fn half_type_scoring_attention_goes_through_f32() {
         if !blas_or_skip() {
@@ -2583,6 +2628,25 @@ mod tests {
                 .to_dtype(dtype)
                 .unwrap();
             agree(got, want, 4.0 / 128.0, "self-attention");
+        }
+        // A block-quantized model's f32 rows on the tiles: f32 out, within the rounding of the
+        // operands and probabilities to bf16 of the f32 kernel's (equal to it without tiles).
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, (heads + 2 * kv) * hd), &dev).unwrap();
+        let got = rope_causal_attention_on_tiles(&qkv, &table, heads, kv, None)
+            .unwrap()
+            .expect("f32");
+        let want = rope_causal_attention(&qkv, &table, heads, kv, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let err = crate::testing::max_diff(&got, &want);
+        if crate::amx::available() {
+            assert!(
+                err > 1e-5 && err <= 4.0 / 64.0,
+                "f32 rope attention on tiles: {err}"
+            );
+        } else {
+            assert_eq!(values(got), values(want));
         }
     }
 

@@ -450,13 +450,13 @@ impl Layer {
             let (table, rotated) = rope.table();
             if cache.discards_kv() && self.q_norm.is_none() && rotated == self.head_dim {
                 let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
-                let y = lmkit_kernels::blas::rope_causal_attention(
-                    &qkv,
-                    table,
-                    self.n_head,
-                    self.n_kv,
-                    cache.segments(),
-                )?;
+                // A block-quantized model's on the AMX tiles, as its products run.
+                let attend = if self.qkv.is_block_quantized() {
+                    lmkit_kernels::blas::rope_causal_attention_on_tiles
+                } else {
+                    lmkit_kernels::blas::rope_causal_attention
+                };
+                let y = attend(&qkv, table, self.n_head, self.n_kv, cache.segments())?;
                 if let Some(y) = y {
                     return self.mlp(&self.o_proj.forward_add(&y, x)?);
                 }
