@@ -2306,18 +2306,8 @@ pub fn rope_causal_attention(
     segments: Option<&[Vec<usize>]>,
 ) -> candle_core::Result<Option<Tensor>> {
     // A bf16 model's pass on a CPU with AMX tiles: the rotation in f32, the attention on them.
-    if qkv.dtype() == DType::BF16
-        && table.dtype() == DType::F32
-        && qkv.device().is_cpu()
-        && table.device().is_cpu()
-        && !qkv.track_op()
-        && crate::amx::available()
-    {
-        let op = RopeTilesAttention(RopeAttention::new(qkv, heads, kv_heads, segments)?);
-        return qkv
-            .contiguous()?
-            .apply_op2_no_bwd(&table.contiguous()?, &op)
-            .map(Some);
+    if let Some(y) = rope_on_tiles(qkv, table, (heads, kv_heads, segments), DType::BF16)? {
+        return Ok(Some(y));
     }
     // A half-type model's pass (its table is f32): in f32, the output rounded once.
     let wide = |q: &Tensor| rope_causal_attention(q, table, heads, kv_heads, segments);
@@ -2349,20 +2339,33 @@ pub fn rope_causal_attention_on_tiles(
     kv_heads: usize,
     segments: Option<&[Vec<usize>]>,
 ) -> candle_core::Result<Option<Tensor>> {
-    if qkv.dtype() == DType::F32
-        && table.dtype() == DType::F32
-        && qkv.device().is_cpu()
-        && table.device().is_cpu()
-        && !qkv.track_op()
-        && crate::amx::available()
-    {
-        let op = RopeTilesAttention(RopeAttention::new(qkv, heads, kv_heads, segments)?);
-        return qkv
-            .contiguous()?
-            .apply_op2_no_bwd(&table.contiguous()?, &op)
-            .map(Some);
+    if let Some(y) = rope_on_tiles(qkv, table, (heads, kv_heads, segments), DType::F32)? {
+        return Ok(Some(y));
     }
     rope_causal_attention(qkv, table, heads, kv_heads, segments)
+}
+
+/// [`RopeTilesAttention`] for a `qkv` of `dtype` with an f32 table, on the CPU without
+/// gradients where the tiles are there; `None` otherwise.
+fn rope_on_tiles(
+    qkv: &Tensor,
+    table: &Tensor,
+    (heads, kv_heads, segments): (usize, usize, Option<&[Vec<usize>]>),
+    dtype: DType,
+) -> candle_core::Result<Option<Tensor>> {
+    if qkv.dtype() != dtype
+        || table.dtype() != DType::F32
+        || !qkv.device().is_cpu()
+        || !table.device().is_cpu()
+        || qkv.track_op()
+        || !crate::amx::available()
+    {
+        return Ok(None);
+    }
+    let op = RopeTilesAttention(RopeAttention::new(qkv, heads, kv_heads, segments)?);
+    qkv.contiguous()?
+        .apply_op2_no_bwd(&table.contiguous()?, &op)
+        .map(Some)
 }
 
 #[cfg(test)]
