@@ -141,7 +141,12 @@ pub fn quant_product(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
-    if !quant_fits(ty, w, (m, n, k), (x.len(), k)) {
+    if !quant_fits(
+        (crate::quant::QK, ty.block_bytes()),
+        w,
+        (m, n, k),
+        (x.len(), k),
+    ) {
         return None;
     }
     // SAFETY: `available` was checked.
@@ -153,9 +158,10 @@ pub fn quant_product(
 }
 
 /// Whether the tiles are there and the sizes agree for a product with the block-quantized w
-/// [n, k] (`ty`'s blocks, k a multiple of 32): an input of `len` values, m rows of `row`.
+/// [n, k] (blocks of `values` values in `bytes` bytes; k whole blocks and whole tiles, a packed
+/// depth whole blocks): an input of `len` values, m rows of `row`.
 fn quant_fits(
-    ty: crate::quant::QType,
+    (values, bytes): (usize, usize),
     w: &[u8],
     (m, n, k): (usize, usize, usize),
     (len, row): (usize, usize),
@@ -164,9 +170,12 @@ fn quant_fits(
         && m > 0
         && n > 0
         && k > 0
-        && k.is_multiple_of(crate::quant::QK)
+        && values > 0
+        && k.is_multiple_of(values)
+        && k.is_multiple_of(BLOCK)
+        && DEPTH.is_multiple_of(values)
         && m.checked_mul(row) == Some(len)
-        && n.checked_mul(k / crate::quant::QK * ty.block_bytes()) == Some(w.len())
+        && n.checked_mul(k / values * bytes) == Some(w.len())
 }
 
 /// The f32 rows `x` (m of `depth` values) rounded to bf16 times the `cols` columns `pack`
@@ -212,7 +221,12 @@ pub fn quant_product_nk(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
-    if !quant_fits(ty, w, (m, n, k), (g.len(), n)) {
+    if !quant_fits(
+        (crate::quant::QK, ty.block_bytes()),
+        w,
+        (m, n, k),
+        (g.len(), n),
+    ) {
         return None;
     }
     // The depth is w's rows.
@@ -236,17 +250,7 @@ pub fn dequant_product(
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
     let (values, bytes) = (deq.block_values, deq.block_bytes);
-    if !available()
-        || m == 0
-        || n == 0
-        || k == 0
-        || values == 0
-        || !k.is_multiple_of(values)
-        || !DEPTH.is_multiple_of(values)
-        || !k.is_multiple_of(BLOCK)
-        || m.checked_mul(k) != Some(x.len())
-        || n.checked_mul(k / values * bytes) != Some(w.len())
-    {
+    if !quant_fits((values, bytes), w, (m, n, k), (x.len(), k)) {
         return None;
     }
     let row_bytes = k / values * bytes;
@@ -945,67 +949,32 @@ mod x86 {
         }
     }
 
-    /// A group of 16 columns of a block-quantized weight over a depth in the tiles' pair layout
-    /// (pair p of column c at `group[16 p + c]`): `rows[c]` holds column c's blocks over the
-    /// depth (empty: a padding column, zeros), each value dequantized in f32 (Q4_1's d·q + m as
-    /// one fused multiply-add, Q8_0's d·q) and rounded as `round_bf16`. A block's 32 values are 16 pairs in one vector; the 16
-    /// columns' vectors, transposed, are 16 whole lines of the group.
-    ///
-    /// # Safety
-    /// AVX-512 (F, BW) is there; every non-empty row holds `group.len() / 256` whole blocks.
+    /// A group of 16 columns over a depth in the tiles' pair layout (pair p of column c at
+    /// `group[16 p + c]`), 32 depth values at a time: `values(c, blk)` gives column c's values
+    /// 32 blk .. 32 blk + 32 as two vectors of 16 f32 (`None`: a padding column, zeros), which
+    /// are rounded as `round_bf16` into 16 pairs; the 16 columns' pairs, transposed, are 16
+    /// whole lines of the group.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack_quant_group(
-        ty: crate::quant::QType,
-        rows: &[&[u8]; 16],
+    fn pack_pairs(
         group: &mut [u32],
+        values: impl Fn(usize, usize) -> Option<[std::arch::x86_64::__m512; 2]>,
     ) {
-        use crate::quant::{QType, QK};
         use std::arch::x86_64::*;
-        let bytes = ty.block_bytes();
         // Values 0 .. 32 of the two vectors (low halves of their lanes) side by side.
         let evens = _mm512_set_epi16(
             62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20,
             18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
         );
-        let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-        for (blk, lines) in group.chunks_exact_mut(16 * QK / 2).enumerate() {
+        for (blk, lines) in group.chunks_exact_mut(16 * BLOCK / 2).enumerate() {
             let mut pairs = [_mm512_setzero_ps(); 16];
-            for (pair, row) in pairs.iter_mut().zip(rows) {
-                let Some(b) = row.get(blk * bytes..(blk + 1) * bytes) else {
-                    continue;
-                };
-                // SAFETY: the block's 16 nibble bytes (Q4_1) or 32 value bytes (Q8_0).
-                let (lo, hi) = unsafe {
-                    match ty {
-                        QType::Q4_1 => {
-                            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[4..20].as_ptr().cast()));
-                            let (d, m) =
-                                (_mm512_set1_ps(f16_at(b, 0)), _mm512_set1_ps(f16_at(b, 2)));
-                            let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
-                            let hi = _mm512_srli_epi32::<4>(q);
-                            (
-                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
-                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
-                            )
-                        }
-                        QType::Q8_0 => {
-                            let d = _mm512_set1_ps(f16_at(b, 0));
-                            let lo =
-                                _mm512_cvtepi8_epi32(_mm_loadu_si128(b[2..18].as_ptr().cast()));
-                            let hi =
-                                _mm512_cvtepi8_epi32(_mm_loadu_si128(b[18..34].as_ptr().cast()));
-                            (
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
-                            )
-                        }
-                    }
-                };
-                let (lo, hi) = (
-                    round(_mm512_castps_si512(lo)),
-                    round(_mm512_castps_si512(hi)),
-                );
-                *pair = _mm512_castsi512_ps(_mm512_permutex2var_epi16(lo, evens, hi));
+            for (c, pair) in pairs.iter_mut().enumerate() {
+                if let Some([lo, hi]) = values(c, blk) {
+                    let (lo, hi) = (
+                        round(_mm512_castps_si512(lo)),
+                        round(_mm512_castps_si512(hi)),
+                    );
+                    *pair = _mm512_castsi512_ps(_mm512_permutex2var_epi16(lo, evens, hi));
+                }
             }
             let lines_of = crate::gemm::x86::transpose16(pairs);
             for (line, v) in lines.chunks_exact_mut(16).zip(lines_of) {
@@ -1015,9 +984,62 @@ mod x86 {
         }
     }
 
+    /// One half of a block `b` of `ty` (values 16..32 where `high`, else 0..16) dequantized in
+    /// f32: Q4_1's d·q + m as one fused multiply-add, Q8_0's d·q.
+    #[target_feature(enable = "avx512f")]
+    fn half_block(ty: crate::quant::QType, b: &[u8], high: bool) -> std::arch::x86_64::__m512 {
+        use crate::quant::QType;
+        use std::arch::x86_64::*;
+        let f16_at = |at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        // The 16 bytes holding the half's values.
+        let bytes: &[u8; 16] = match ty {
+            QType::Q4_1 => &b[4..20],
+            QType::Q8_0 if high => &b[18..34],
+            QType::Q8_0 => &b[2..18],
+        }
+        .try_into()
+        .expect("16 bytes");
+        // SAFETY: a 16-byte array.
+        let raw = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+        match ty {
+            QType::Q4_1 => {
+                let q = _mm512_cvtepu8_epi32(raw);
+                let q = if high {
+                    _mm512_srli_epi32::<4>(q)
+                } else {
+                    _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
+                };
+                let (d, m) = (_mm512_set1_ps(f16_at(0)), _mm512_set1_ps(f16_at(2)));
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
+            }
+            QType::Q8_0 => {
+                let q = _mm512_cvtepi8_epi32(raw);
+                _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(f16_at(0)))
+            }
+        }
+    }
+
+    /// [`pack_pairs`] of a block-quantized weight: `rows[c]` holds column c's blocks over the
+    /// depth (empty: a padding column), each value dequantized by [`half_block`].
+    ///
+    /// # Safety
+    /// AVX-512 (F, BW) is there; every non-empty row holds `group.len() / 256` whole blocks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_quant_group(
+        ty: crate::quant::QType,
+        rows: &[&[u8]; 16],
+        group: &mut [u32],
+    ) {
+        let bytes = ty.block_bytes();
+        pack_pairs(group, |c, blk| {
+            let b = rows[c].get(blk * bytes..(blk + 1) * bytes)?;
+            Some([half_block(ty, b, false), half_block(ty, b, true)])
+        });
+    }
+
     /// One half (values 16..32 where `high`, else 0..16) of a block of `ty` from each of two
-    /// rows (none: zeros), dequantized as [`pack_quant_group`] dequantizes and rounded to bf16,
-    /// as 16 pairs (the first row's value low) in `line`.
+    /// rows (none: zeros), dequantized by [`half_block`] and rounded to bf16, as 16 pairs (the
+    /// first row's value low) in `line`.
     ///
     /// # Safety
     /// AVX-512 (F, BW) is there; each block is whole (`ty`'s bytes); `line` holds 16 u32.
@@ -1028,76 +1050,35 @@ mod x86 {
         high: bool,
         line: &mut [u32],
     ) {
-        use crate::quant::QType;
         use std::arch::x86_64::*;
         debug_assert!(line.len() == 16);
-        let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-        let half = |b: Option<&[u8]>| -> __m512i {
-            let Some(b) = b else {
-                return _mm512_setzero_si512();
-            };
-            // SAFETY: 16 bytes of the whole block.
-            let v = unsafe {
-                match ty {
-                    QType::Q4_1 => {
-                        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[4..20].as_ptr().cast()));
-                        let q = if high {
-                            _mm512_srli_epi32::<4>(q)
-                        } else {
-                            _mm512_and_si512(q, _mm512_set1_epi32(0x0f))
-                        };
-                        let (d, m) = (_mm512_set1_ps(f16_at(b, 0)), _mm512_set1_ps(f16_at(b, 2)));
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
-                    }
-                    QType::Q8_0 => {
-                        let from = if high { 18 } else { 2 };
-                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                            b[from..from + 16].as_ptr().cast(),
-                        ));
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(f16_at(b, 0)))
-                    }
-                }
-            };
-            round(_mm512_castps_si512(v))
+        let half = |b: Option<&[u8]>| match b {
+            Some(b) => round(_mm512_castps_si512(half_block(ty, b, high))),
+            None => _mm512_setzero_si512(),
         };
         let pairs = _mm512_or_si512(half(lo), _mm512_slli_epi32::<16>(half(hi)));
         // SAFETY: `line` holds 16 u32.
         unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), pairs) };
     }
 
-    /// As [`pack_quant_group`] from values already dequantized: `rows[c]` holds column c's f32
-    /// values over the depth (empty: a padding column, zeros), each rounded as `round_bf16`.
+    /// [`pack_pairs`] of values already dequantized: `rows[c]` holds column c's f32 values over
+    /// the depth (empty: a padding column).
     ///
     /// # Safety
     /// AVX-512 (F, BW) is there; every non-empty row holds `group.len() / 16` values.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn pack_f32_group(rows: &[&[f32]; 16], group: &mut [u32]) {
         use std::arch::x86_64::*;
-        let evens = _mm512_set_epi16(
-            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20,
-            18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
-        );
-        for (blk, lines) in group.chunks_exact_mut(16 * BLOCK / 2).enumerate() {
-            let mut pairs = [_mm512_setzero_ps(); 16];
-            for (pair, row) in pairs.iter_mut().zip(rows) {
-                let Some(v) = row.get(blk * BLOCK..(blk + 1) * BLOCK) else {
-                    continue;
-                };
-                // SAFETY: 32 values of the row.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm512_loadu_si512(v.as_ptr().cast()),
-                        _mm512_loadu_si512(v.as_ptr().add(16).cast()),
-                    )
-                };
-                *pair = _mm512_castsi512_ps(_mm512_permutex2var_epi16(round(lo), evens, round(hi)));
-            }
-            let lines_of = crate::gemm::x86::transpose16(pairs);
-            for (line, v) in lines.chunks_exact_mut(16).zip(lines_of) {
-                // SAFETY: 16 u32 of the group.
-                unsafe { _mm512_storeu_ps(line.as_mut_ptr().cast(), v) };
-            }
-        }
+        pack_pairs(group, |c, blk| {
+            let v = rows[c].get(blk * BLOCK..(blk + 1) * BLOCK)?;
+            // SAFETY: 32 values of the row.
+            Some(unsafe {
+                [
+                    _mm512_loadu_ps(v.as_ptr()),
+                    _mm512_loadu_ps(v.as_ptr().add(16)),
+                ]
+            })
+        });
     }
 
     /// Each f32 (as bits) rounded to bf16's bits in the low half of its lane, as `round_bf16`.
