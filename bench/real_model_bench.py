@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--gguf", help="another GGUF file of the same model (default: the PyPI package's Q4_1 file), "
+                    "e.g. one made by llama.cpp's quantize")
     ap.add_argument("--f32", action="store_true", help="lmkit reads the f32 transformers directory, not the GGUF")
     ap.add_argument("--random", action="store_true",
                     help="a random-init Llama of SmolLM2-135M's shape instead (f32; prompt ids drawn, not text)")
@@ -163,7 +165,7 @@ def main():
         a.f32, a.no_llama_cpp = True, True
     if not os.path.exists(a.lmkit):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
-    gguf = None if a.f32 else smollm2_gguf()
+    gguf = None if a.f32 else (pathlib.Path(a.gguf) if a.gguf else smollm2_gguf())
     model = gguf
     if a.random:
         import tempfile

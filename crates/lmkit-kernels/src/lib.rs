@@ -13,7 +13,8 @@
 //!   loaded in bf16 or f16 on the CPU, computed in f32 and rounded once.
 //! - [`padded_attention`]: encoder self-attention over a padded batch, each sequence over its
 //!   own tokens (inference).
-//! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel.
+//! - [`quant`]: products with block-quantized (GGUF) weights where candle has no vector kernel;
+//!   [`quant_dots`]: the 8-bit dot products of the other GGUF types (Q4_0, Q5_0/1, Q4_K–Q6_K).
 //! - [`adamw`]: the in-place AdamW update and the gradient norm.
 //! - [`buffers`]: uninitialised-buffer helpers for passes that write every element.
 //! - [`causal`]: causal attention and its gradients in f64, the reference the flash kernels are
@@ -46,6 +47,7 @@ pub mod half_weights;
 pub mod nccl;
 pub mod padded_attention;
 pub mod quant;
+pub mod quant_dots;
 pub mod recurrent;
 pub mod sampling;
 pub mod simd;

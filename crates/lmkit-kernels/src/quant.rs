@@ -47,10 +47,10 @@ impl QType {
 /// One quantized activation block: scale d, d times the sum of the quantized values, 32 signed
 /// bytes (ggml's Q8_1; Q8_0 is the same without the sum).
 #[derive(Clone, Copy)]
-struct Q8_1 {
-    d: f32,
-    s: f32,
-    qs: [i8; QK],
+pub(crate) struct Q8_1 {
+    pub(crate) d: f32,
+    pub(crate) s: f32,
+    pub(crate) qs: [i8; QK],
 }
 
 crate::simd::simd_versions! {
@@ -58,7 +58,7 @@ crate::simd::simd_versions! {
     /// with d and s rounded to f16 as the format stores them. (llama.cpp's AVX2 code rounds ties
     /// to even instead; on the teacher-forcing test's text that agreed less often with
     /// llama.cpp's top-1 choices, 96.5% against 97.7%, so the reference rounding stays.)
-    fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
+    pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
         out.clear();
         for block in x.chunks_exact(QK) {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -78,7 +78,7 @@ crate::simd::simd_versions! {
     }
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -113,7 +113,7 @@ fn dot_q8_0_scalar(w: &[u8], x: &[Q8_1]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{PREFETCH, Q4_1_BYTES, Q8_0_BYTES, Q8_1, QK};
     use crate::simd::prefetch;
     use std::arch::x86_64::*;
@@ -252,7 +252,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    fn hsum(acc: __m256) -> f32 {
+    pub(crate) fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
@@ -271,7 +271,7 @@ mod avx2 {
 
 /// Whether the AVX2 dot products run on this CPU (checked once).
 #[cfg(target_arch = "x86_64")]
-fn vector() -> bool {
+pub(crate) fn vector() -> bool {
     static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX2.get_or_init(avx2::available)
 }
@@ -400,6 +400,43 @@ pub fn tiles_product(
     crate::amx::dequant_product(xs, w, &Dequantizer::of(dtype)?, (m, n, k))
 }
 
+/// Rows of `xs` (each of `k` values) times a weight [n, k] of GGML type `dtype` (its raw blocks)ᵀ
+/// on lmkit's kernels: Q4_1 and Q8_0 as [`quant_product`]; the other block types on AMX tiles
+/// from [`TILE_MIN_ROWS`] rows ([`tiles_product`]), and below that (or without tiles) against
+/// 8-bit activations where [`crate::quant_dots`] has their dot products. `None` for the rest
+/// (Q2_K, Q3_K, unquantized types) and for sizes that disagree, for the caller to use candle's
+/// product.
+pub fn ggml_product(
+    xs: &[f32],
+    w: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Option<Vec<f32>> {
+    use candle_core::quantized::GgmlDType as T;
+    let own = match dtype {
+        T::Q4_1 => Some(QType::Q4_1),
+        T::Q8_0 => Some(QType::Q8_0),
+        _ => None,
+    };
+    let values = dtype.block_size();
+    let fits = k > 0
+        && k.is_multiple_of(values)
+        && xs.len().is_multiple_of(k)
+        && w.len() == n * (k / values) * dtype.type_size();
+    if !fits {
+        return None;
+    }
+    if let Some(ty) = own {
+        return Some(quant_product(xs, w, ty, n, k));
+    }
+    if let Some(y) = tiles_product(xs, w, dtype, n, k) {
+        return Some(y);
+    }
+    let ty = crate::quant_dots::DotType::of(dtype)?;
+    Some(crate::quant_dots::dot_product(xs, w, ty, n, k))
+}
+
 /// A GGML block type's dequantization (candle's, block by block): any type a GGUF file holds
 /// can go to [`crate::amx::dequant_product`] through one.
 #[derive(Clone, Copy)]
@@ -483,8 +520,22 @@ pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f3
         quantize_q8_1(r, &mut row);
         q.extend_from_slice(&row);
     }
-    let row_bytes = blocks * ty.block_bytes();
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
+    let row_bytes = blocks * ty.block_bytes();
+    tiled_product(&rows, w, (row_bytes, n, k), |wr, x| dot(ty, wr, x), |wr, x| dot4(ty, wr, x))
+}
+
+/// The outputs [m, n] of `rows` (m rows of quantized activations, each for a depth of `k`) against
+/// the n weight rows of `w` (`row_bytes` each), by `dot` (one weight row, one input row) and `dot4`
+/// (one weight row, four input rows), in column tiles on lmkit's threads.
+pub(crate) fn tiled_product<A: Sync>(
+    rows: &[&[A]],
+    w: &[u8],
+    (row_bytes, n, k): (usize, usize, usize),
+    dot: impl Fn(&[u8], &[A]) -> f32 + Sync,
+    dot4: impl Fn(&[u8], [&[A]; 4]) -> [f32; 4] + Sync,
+) -> Vec<f32> {
+    let m = rows.len();
     // Column-major tiles: each task computes COLUMNS_PER_TASK outputs (a tile of weight rows)
     // for every input row, row-major into `out`, so its weight rows stay in cache while the
     // inputs stream past.
@@ -495,7 +546,7 @@ pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f3
         while i + 4 <= m {
             let four = [rows[i], rows[i + 1], rows[i + 2], rows[i + 3]];
             for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
-                for (r, v) in dot4(ty, wr, four).into_iter().enumerate() {
+                for (r, v) in dot4(wr, four).into_iter().enumerate() {
                     out[(i + r) * cols + c] = v;
                 }
             }
@@ -503,7 +554,7 @@ pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f3
         }
         for (i, xq) in rows.iter().enumerate().skip(i) {
             for (c, wr) in tile.chunks_exact(row_bytes).enumerate() {
-                out[i * cols + c] = dot(ty, wr, xq);
+                out[i * cols + c] = dot(wr, xq);
             }
         }
     };

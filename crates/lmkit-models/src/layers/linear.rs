@@ -291,7 +291,8 @@ impl Linear {
             }
             Weight::Quantized(q, _) => {
                 // Q4_1 and Q8_0 on lmkit's kernels, every block type on AMX tiles from enough
-                // rows (see lmkit_kernels::quant), reading an f32 input's values in place.
+                // rows, the other common ones on lmkit's 8-bit dot products below that (see
+                // lmkit_kernels::quant::ggml_product), reading an f32 input's values in place.
                 let cpu =
                     matches!(q, QMatMul::QTensor(t) if t.device().is_cpu()) && x.device().is_cpu();
                 let own = match q {
@@ -448,15 +449,12 @@ impl candle_core::CustomOp1 for FrozenQuant {
         if dims.last() != Some(&k) {
             candle_core::bail!("frozen-quantized-linear: input {dims:?} against [{n}, {k}]");
         }
-        let y = match own_kernel(t.dtype()) {
-            Some(ty) => lmkit_kernels::quant::quant_product(xs, &t.data()?, ty, n, k),
-            None => match lmkit_kernels::quant::tiles_product(xs, &t.data()?, t.dtype(), n, k) {
-                Some(y) => y,
-                None => {
-                    let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
-                    self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
-                }
-            },
+        let y = match lmkit_kernels::quant::ggml_product(xs, &t.data()?, t.dtype(), n, k) {
+            Some(y) => y,
+            None => {
+                let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
+                self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+            }
         };
         *dims.last_mut().expect("checked above") = n;
         Ok((candle_core::CpuStorage::F32(y), dims.into()))

@@ -1,0 +1,647 @@
+//! 8-bit dot products for the GGUF block types besides Q4_1 and Q8_0 (those are in
+//! [`crate::quant`]), as llama.cpp computes them: Q4_0 and Q5_0 against activations in ggml's
+//! Q8_0 blocks, Q5_1 against Q8_1, and the K-quants Q4_K, Q5_K and Q6_K against Q8_K
+//! super-blocks (256 values, one f32 scale, the sums of each 16). AVX2 where the CPU has it,
+//! one value at a time elsewhere; on lmkit's threads through [`crate::quant`]'s column tiles.
+//!
+//! These are the types of llama.cpp's Q4_K_M and Q5_K_M files (with Q5_0/Q5_1 where a tensor's
+//! rows are not whole 256-value super-blocks). Decoding steps multiply a few rows, where the
+//! tiles do not pay ([`crate::quant::TILE_MIN_ROWS`]); before these, such steps went to candle's
+//! quantized product.
+
+use crate::quant::{f16_at, quantize_q8_1, tiled_product, Q8_1, QK};
+use candle_core::quantized::GgmlDType;
+
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// The block types with dot products here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DotType {
+    /// d (f16), 16 bytes of nibbles; a value is d·(q − 8).
+    Q4_0,
+    /// d (f16), 32 fifth bits, 16 bytes of nibbles; a value is d·(q − 16).
+    Q5_0,
+    /// d, m (f16), 32 fifth bits, 16 bytes of nibbles; a value is d·q + m.
+    Q5_1,
+    /// d, dmin (f16), 8 six-bit scales and mins, 128 bytes of nibbles; a value is
+    /// d·scale·q − dmin·min of its 32-value sub-block.
+    Q4K,
+    /// As Q4_K with a fifth bit per value (32 bytes before the nibbles).
+    Q5K,
+    /// 128 bytes of low nibbles, 64 of high bit pairs, 16 signed 8-bit scales, d (f16); a value
+    /// is d·scale·(q − 32) of its 16-value group.
+    Q6K,
+}
+
+impl DotType {
+    /// The GGML types this module multiplies; `None` for the others.
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => DotType::Q4_0,
+            GgmlDType::Q5_0 => DotType::Q5_0,
+            GgmlDType::Q5_1 => DotType::Q5_1,
+            GgmlDType::Q4K => DotType::Q4K,
+            GgmlDType::Q5K => DotType::Q5K,
+            GgmlDType::Q6K => DotType::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        match self {
+            DotType::Q4_0 | DotType::Q5_0 | DotType::Q5_1 => QK,
+            DotType::Q4K | DotType::Q5K | DotType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DotType::Q4_0 => 18,
+            DotType::Q5_0 => 22,
+            DotType::Q5_1 => 24,
+            DotType::Q4K => 144,
+            DotType::Q5K => 176,
+            DotType::Q6K => 210,
+        }
+    }
+
+    fn super_blocks(self) -> bool {
+        self.block_values() == QK_K
+    }
+}
+
+/// One activation super-block (ggml's Q8_K): scale d, 256 signed bytes, the sums of each 16.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8K {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+
+crate::simd::simd_versions! {
+    /// ggml's `quantize_row_q8_K_ref`, appending to `out`: per super-block, the value of largest
+    /// magnitude maps to −127, q = round-half-even(−127·x/max) (at most 127), d = −max/127 (f32).
+    fn quantize_q8_k(x: &[f32], out: &mut Vec<Q8K>) {
+        for block in x.chunks_exact(QK_K) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in block {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let mut b = Q8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+            if amax != 0.0 {
+                let iscale = -127.0 / max;
+                for (q, &v) in b.qs.iter_mut().zip(block) {
+                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+                }
+                for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                    *s = g.iter().map(|&q| q as i16).sum();
+                }
+                b.d = 1.0 / iscale;
+            }
+            out.push(b);
+        }
+    }
+}
+
+/// Rows of `xs` (each of `k` values) times a weight [n, k] of type `ty` (its raw blocks)ᵀ against
+/// activations quantized as llama.cpp quantizes them for the type: the rows' outputs, n values
+/// each. The caller checks the sizes (k a whole number of blocks, `w` n rows of them).
+pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec<f32> {
+    let blocks = k / ty.block_values();
+    let row_bytes = blocks * ty.block_bytes();
+    let sizes = (row_bytes, n, k);
+    if ty.super_blocks() {
+        let mut q = Vec::with_capacity(xs.len() / QK_K);
+        for r in xs.chunks_exact(k) {
+            quantize_q8_k(r, &mut q);
+        }
+        let rows: Vec<&[Q8K]> = q.chunks_exact(blocks).collect();
+        let one = |wr: &[u8], x: &[Q8K]| dot_k(ty, wr, x);
+        return tiled_product(&rows, w, sizes, one, |wr, x| x.map(|r| one(wr, r)));
+    }
+    let mut q = Vec::with_capacity(xs.len() / QK);
+    let mut row = Vec::with_capacity(blocks);
+    for r in xs.chunks_exact(k) {
+        quantize_q8_1(r, &mut row);
+        q.extend_from_slice(&row);
+    }
+    let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
+    let one = |wr: &[u8], x: &[Q8_1]| dot_32(ty, wr, x);
+    tiled_product(&rows, w, sizes, one, |wr, x| x.map(|r| one(wr, r)))
+}
+
+/// One weight row of a 32-value type against one activation row.
+fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::quant::vector() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
+            return unsafe { avx2::dot_32(ty, w, x) };
+        }
+    }
+    dot_32_scalar(ty, w, x)
+}
+
+/// One weight row of a K-quant type against one activation row.
+fn dot_k(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::quant::vector() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
+            return unsafe {
+                match ty {
+                    DotType::Q6K => avx2::dot_q6_k(w, x),
+                    _ => avx2::dot_q45_k(ty == DotType::Q5K, w, x),
+                }
+            };
+        }
+    }
+    dot_k_scalar(ty, w, x)
+}
+
+/// A 32-value block's quantized values: signed (Q4_0, Q5_0: offsets applied) or unsigned
+/// (Q5_1, 0..=31), each fitting a byte.
+fn values_32(ty: DotType, b: &[u8]) -> [i32; QK] {
+    let (qh, qs) = match ty {
+        DotType::Q4_0 => (0, &b[2..18]),
+        DotType::Q5_0 => (u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..22]),
+        _ => (u32::from_le_bytes([b[4], b[5], b[6], b[7]]), &b[8..24]),
+    };
+    let mut v = [0i32; QK];
+    for j in 0..QK / 2 {
+        let (lo, hi) = ((qs[j] & 0x0F) as i32, (qs[j] >> 4) as i32);
+        v[j] = lo | (((qh >> j) & 1) << 4) as i32;
+        v[j + QK / 2] = hi | (((qh >> (j + QK / 2)) & 1) << 4) as i32;
+    }
+    let offset = match ty {
+        DotType::Q4_0 => 8,
+        DotType::Q5_0 => 16,
+        _ => 0,
+    };
+    v.map(|q| q - offset)
+}
+
+/// `dot_32`, one value at a time.
+fn dot_32_scalar(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
+        let sumi: i32 = values_32(ty, b)
+            .iter()
+            .zip(&y.qs)
+            .map(|(&q, &v)| q * v as i32)
+            .sum();
+        acc += sumi as f32 * f16_at(b, 0) * y.d;
+        if ty == DotType::Q5_1 {
+            acc += f16_at(b, 2) * y.s;
+        }
+    }
+    acc
+}
+
+/// Q4_K's and Q5_K's eight 6-bit scales and eight 6-bit mins, packed in 12 bytes.
+fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, mn)
+}
+
+/// A K-quant super-block's 256 unsigned quantized values (before Q6_K's offset of 32).
+fn values_k(ty: DotType, b: &[u8]) -> [i32; QK_K] {
+    let mut v = [0i32; QK_K];
+    match ty {
+        DotType::Q6K => {
+            let (ql, qh) = (&b[..128], &b[128..192]);
+            for half in 0..2 {
+                let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                let v = &mut v[128 * half..];
+                for l in 0..32 {
+                    v[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32;
+                    v[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32;
+                    v[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32;
+                    v[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32;
+                }
+            }
+        }
+        _ => {
+            let five = ty == DotType::Q5K;
+            let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[..0], &b[16..144]) };
+            for c in 0..4 {
+                for l in 0..32 {
+                    let q = qs[32 * c + l];
+                    let (hl, hh) = if five { ((qh[l] >> (2 * c)) & 1, (qh[l] >> (2 * c + 1)) & 1) } else { (0, 0) };
+                    v[64 * c + l] = ((q & 0x0F) | (hl << 4)) as i32;
+                    v[64 * c + 32 + l] = ((q >> 4) | (hh << 4)) as i32;
+                }
+            }
+        }
+    }
+    v
+}
+
+/// `dot_k`, one value at a time.
+fn dot_k_scalar(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
+        let v = values_k(ty, b);
+        let sums = |g: usize, len: usize| -> i32 {
+            (g * len..(g + 1) * len).map(|i| v[i] * y.qs[i] as i32).sum()
+        };
+        if ty == DotType::Q6K {
+            let sc = &b[192..208];
+            let sumi: i32 = (0..16)
+                .map(|g| sc[g] as i8 as i32 * (sums(g, 16) - 32 * y.bsums[g] as i32))
+                .sum();
+            acc += f16_at(b, 208) * y.d * sumi as f32;
+        } else {
+            let (sc, mn) = k4_scales(&b[4..16]);
+            let sumi: i32 = (0..8).map(|j| sc[j] as i32 * sums(j, 32)).sum();
+            let summ: i32 = (0..8)
+                .map(|j| mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32))
+                .sum();
+            acc += f16_at(b, 0) * y.d * sumi as f32 - f16_at(b, 2) * y.d * summ as f32;
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{k4_scales, DotType, Q8K, QK_K};
+    use crate::quant::avx2::hsum;
+    use crate::quant::{f16_at, Q8_1};
+    use crate::simd::prefetch;
+    use std::arch::x86_64::*;
+
+    /// Bytes of weights fetched ahead of the block being multiplied (see `quant::PREFETCH`).
+    const PREFETCH: usize = 2048;
+
+    /// 32 bytes from the start of `b` (at least 32 long).
+    #[target_feature(enable = "avx2")]
+    fn load32(b: &[u8]) -> __m256i {
+        let b = &b[..32];
+        // SAFETY: `b` holds 32 bytes.
+        unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) }
+    }
+
+    /// 32 signed bytes.
+    #[target_feature(enable = "avx2")]
+    fn load32_i8(q: &[i8]) -> __m256i {
+        let q = &q[..32];
+        // SAFETY: `q` holds 32 bytes.
+        unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) }
+    }
+
+    /// 16 bytes of nibbles as 32 bytes: the low nibbles first, then the high ones.
+    #[target_feature(enable = "avx2")]
+    fn nibbles(b: &[u8]) -> __m256i {
+        let b = &b[..16];
+        // SAFETY: `b` holds 16 bytes.
+        let packed = unsafe { _mm_loadu_si128(b.as_ptr() as *const __m128i) };
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+
+    /// Byte j all ones where bit j of `bits` is set, zero elsewhere.
+    #[target_feature(enable = "avx2")]
+    fn bit_bytes(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        // Byte i of each 8 has every bit but bit i set: the OR is all ones where bit i is.
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+
+    /// The sums of four products of signed bytes, as f32 (|x| times y with x's sign).
+    #[target_feature(enable = "avx2")]
+    fn signed_sums(x: __m256i, y: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// `super::dot_32_scalar`, 32 values per step.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
+            let qy = load32_i8(&y.qs);
+            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
+            let sums = match ty {
+                DotType::Q4_0 => signed_sums(_mm256_sub_epi8(nibbles(&b[2..]), _mm256_set1_epi8(8)), qy),
+                DotType::Q5_0 => {
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    // Values without their fifth bit are q − 16: the nibble with 0xF0 above.
+                    let low = _mm256_andnot_si256(bit_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+                    signed_sums(_mm256_or_si256(nibbles(&b[6..]), low), qy)
+                }
+                _ => {
+                    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                    let high = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
+                    let q = _mm256_or_si256(nibbles(&b[8..]), high);
+                    mins += f16_at(b, 2) * y.s;
+                    let pairs = _mm256_maddubs_epi16(q, qy);
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                }
+            };
+            acc = _mm256_fmadd_ps(d, sums, acc);
+        }
+        hsum(acc) + mins
+    }
+
+    /// 16 in byte j where byte j of `qh` has `bit` set, 0 elsewhere.
+    #[target_feature(enable = "avx2")]
+    fn fifth_bits(qh: __m256i, bit: u8) -> __m256i {
+        let bit = _mm256_set1_epi8(bit as i8);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
+
+    /// The low two bits of each byte of `bits`, as bits 4 and 5.
+    #[target_feature(enable = "avx2")]
+    fn bit_pairs(bits: __m256i) -> __m256i {
+        _mm256_slli_epi16(_mm256_and_si256(bits, _mm256_set1_epi8(3)), 4)
+    }
+
+    /// Q4_K (`five` false) or Q5_K against Q8_K: per 64 values, the nibbles of 32 bytes (and the
+    /// fifth bits) times the activations in byte pairs, times the sub-blocks' scales in i32
+    /// lanes; the mins through the activations' sums of 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q45_k(five: bool, w: &[u8], x: &[Q8K]) -> f32 {
+        let bytes = if five { 176 } else { 144 };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (b, y) in w.chunks_exact(bytes).zip(x) {
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
+            let (sc, mn) = k4_scales(&b[4..16]);
+            let summ: i32 = (0..8)
+                .map(|j| mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32))
+                .sum();
+            mins += f16_at(b, 2) * y.d * summ as f32;
+            let qs = if five { &b[48..176] } else { &b[16..144] };
+            let qh = if five { load32(&b[16..48]) } else { _mm256_setzero_si256() };
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..4 {
+                let bits = load32(&qs[32 * c..]);
+                let mut lo = _mm256_and_si256(bits, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                if five {
+                    lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * c)));
+                    hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * c)));
+                }
+                let yl = load32_i8(&y.qs[64 * c..]);
+                let yh = load32_i8(&y.qs[64 * c + 32..]);
+                let pl = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, yl),
+                    _mm256_set1_epi16(sc[2 * c] as i16),
+                );
+                let ph = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, yh),
+                    _mm256_set1_epi16(sc[2 * c + 1] as i16),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum(acc) - mins
+    }
+
+    /// Q6_K against Q8_K: per 128 values, four vectors of 6-bit values (nibbles and bit pairs),
+    /// times the activations in byte pairs, times two groups' scales in i32 lanes; the offset of
+    /// 32 through the activations' sums of 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q6_k(w: &[u8], x: &[Q8K]) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for (b, y) in w.chunks_exact(210).zip(x) {
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
+            let sc = &b[192..208];
+            let offset: i32 = (0..16).map(|g| sc[g] as i8 as i32 * y.bsums[g] as i32).sum();
+            let mut sumi = _mm256_setzero_si256();
+            for half in 0..2 {
+                let ql0 = load32(&b[64 * half..]);
+                let ql1 = load32(&b[64 * half + 32..]);
+                let qh = load32(&b[128 + 32 * half..]);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), bit_pairs(qh)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), bit_pairs(_mm256_srli_epi16(qh, 2))),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        bit_pairs(_mm256_srli_epi16(qh, 4)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        bit_pairs(_mm256_srli_epi16(qh, 6)),
+                    ),
+                ];
+                for (t, q) in q.into_iter().enumerate() {
+                    let g = 8 * half + 2 * t;
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(sc[g + 1] as i8 as i16),
+                        _mm_set1_epi16(sc[g] as i8 as i16),
+                    );
+                    let yv = load32_i8(&y.qs[128 * half + 32 * t..]);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), scales);
+                    sumi = _mm256_add_epi32(sumi, p);
+                }
+            }
+            let d = f16_at(b, 208) * y.d;
+            let sums = _mm256_cvtepi32_ps(sumi);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), sums, acc);
+            offsets += d * offset as f32;
+        }
+        hsum(acc) - 32.0 * offsets
+    }
+
+    const _: () = assert!(QK_K == 256);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Module, Tensor};
+
+    const TYPES: [(DotType, GgmlDType); 6] = [
+        (DotType::Q4_0, GgmlDType::Q4_0),
+        (DotType::Q5_0, GgmlDType::Q5_0),
+        (DotType::Q5_1, GgmlDType::Q5_1),
+        (DotType::Q4K, GgmlDType::Q4K),
+        (DotType::Q5K, GgmlDType::Q5K),
+        (DotType::Q6K, GgmlDType::Q6K),
+    ];
+
+    /// Weights [n, k] with an offset (so minimums matter), quantized by candle: (bytes, the
+    /// dequantized values).
+    fn weights(dtype: GgmlDType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let dev = Device::Cpu;
+        let w = crate::testing::randn(0.3f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let values = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        (q.data().unwrap().to_vec(), values)
+    }
+
+    /// The activations as the products see them: each row quantized for the type, dequantized.
+    fn quantized_rows(ty: DotType, xs: &[f32], k: usize) -> Vec<f64> {
+        let mut out = Vec::new();
+        for r in xs.chunks_exact(k) {
+            if ty.super_blocks() {
+                let mut q = Vec::new();
+                quantize_q8_k(r, &mut q);
+                for b in &q {
+                    out.extend(b.qs.iter().map(|&v| b.d as f64 * v as f64));
+                }
+            } else {
+                let mut q = Vec::new();
+                quantize_q8_1(r, &mut q);
+                for b in &q {
+                    out.extend(b.qs.iter().map(|&v| b.d as f64 * v as f64));
+                }
+            }
+        }
+        out
+    }
+
+    /// Σ over the blocks of weight row `c` of its minimum times (the activation block's stored
+    /// sum − its exact one) for input row `i`.
+    fn q5_1_sums_rounding(bytes: &[u8], xs: &[f32], (i, c): (usize, usize), k: usize) -> f64 {
+        let mut q = Vec::new();
+        quantize_q8_1(&xs[i * k..(i + 1) * k], &mut q);
+        let row = &bytes[c * k / QK * 24..(c + 1) * k / QK * 24];
+        row.chunks_exact(24)
+            .zip(&q)
+            .map(|(b, y)| {
+                let exact: f64 = y.qs.iter().map(|&v| y.d as f64 * v as f64).sum();
+                f16_at(b, 2) as f64 * (y.s as f64 - exact)
+            })
+            .sum()
+    }
+
+    /// Each output is the f64 product of candle's dequantized weights and the 8-bit activations:
+    /// only the order of f32 sums differs. Row counts cover one row (the team's slices), fewer
+    /// and more than four (`dot4`'s groups) and a serial product; depths several blocks.
+    #[test]
+    fn dot_products_equal_the_dequantized_product_of_the_8_bit_activations() {
+        for (ty, dtype) in TYPES {
+            let k = 2 * QK_K;
+            for (m, n) in [(1, 70), (3, 40), (6, 300)] {
+                let (bytes, wv) = weights(dtype, n, k);
+                let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, m * k, &Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let y = dot_product(&xs, &bytes, ty, n, k);
+                let xq = quantized_rows(ty, &xs, k);
+                for i in 0..m {
+                    for c in 0..n {
+                        let (x, w) = (&xq[i * k..(i + 1) * k], &wv[c * k..(c + 1) * k]);
+                        let mut want: f64 = x.iter().zip(w).map(|(a, &b)| a * b as f64).sum();
+                        if ty == DotType::Q5_1 {
+                            // Minimums multiply the activations' block sums as stored: rounded
+                            // to f16 (ggml's Q8_1).
+                            want += q5_1_sums_rounding(&bytes, &xs, (i, c), k);
+                        }
+                        let size: f64 = x.iter().zip(w).map(|(a, &b)| (a * b as f64).abs()).sum();
+                        let got = y[i * n + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * size,
+                            "{ty:?} [{m}, {n}] at ({i}, {c}): {got} against {want}"
+                        );
+                    }
+                }
+                // The vector and scalar dot products agree.
+                let row = &bytes[..k / ty.block_values() * ty.block_bytes()];
+                let (a, b) = if ty.super_blocks() {
+                    let mut q = Vec::new();
+                    quantize_q8_k(&xs[..k], &mut q);
+                    (dot_k(ty, row, &q), dot_k_scalar(ty, row, &q))
+                } else {
+                    let mut q = Vec::new();
+                    quantize_q8_1(&xs[..k], &mut q);
+                    (dot_32(ty, row, &q), dot_32_scalar(ty, row, &q))
+                };
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{ty:?}: {a} against {b}");
+            }
+        }
+    }
+
+    /// Against candle's own quantized product (its kernels quantize the activations the same
+    /// way, up to rounding details): outputs within the 8-bit activations' error of each other.
+    #[test]
+    fn products_follow_candle_s() {
+        let dev = Device::Cpu;
+        let (m, n, k) = (2, 64, QK_K * 3);
+        for (ty, dtype) in TYPES {
+            let w = crate::testing::randn(0.3f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().to_vec();
+            let x = crate::testing::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let theirs = candle_core::quantized::QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let ours = Tensor::from_vec(dot_product(&xs, &bytes, ty, n, k), (m, n), &dev).unwrap();
+            // Outputs are sums of 768 products of N(0.3, 1) and N(0, 1) values (about ±30).
+            let d = crate::testing::max_diff(&ours, &theirs);
+            assert!(d < 0.2, "{ty:?}: {d}");
+        }
+    }
+
+    /// Q8_K: the value of largest magnitude is ∓127, every value within half a step, and the
+    /// sums of 16 are the sums of their bytes.
+    #[test]
+    fn activation_super_blocks_are_ggml_s_q8_k() {
+        let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, 2 * QK_K, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut q = Vec::new();
+        quantize_q8_k(&xs, &mut q);
+        quantize_q8_k(&[0.0; QK_K], &mut q);
+        assert_eq!(q.len(), 3);
+        for (b, x) in q[..2].iter().zip(xs.chunks_exact(QK_K)) {
+            let at = (0..QK_K).max_by(|&i, &j| x[i].abs().total_cmp(&x[j].abs())).unwrap();
+            assert_eq!(b.qs[at], -127);
+            for (&v, &xv) in b.qs.iter().zip(x) {
+                assert!((b.d * v as f32 - xv).abs() <= b.d.abs() * 0.5 + 1e-6);
+            }
+            for (g, &s) in b.bsums.iter().enumerate() {
+                assert_eq!(s as i32, b.qs[16 * g..16 * g + 16].iter().map(|&v| v as i32).sum::<i32>());
+            }
+        }
+        assert!(q[2].d == 0.0 && q[2].qs.iter().all(|&v| v == 0));
+    }
+}
