@@ -235,11 +235,19 @@ fn values_k(ty: DotType, b: &[u8]) -> [i32; QK_K] {
         }
         _ => {
             let five = ty == DotType::Q5K;
-            let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[..0], &b[16..144]) };
+            let (qh, qs) = if five {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[..0], &b[16..144])
+            };
             for c in 0..4 {
                 for l in 0..32 {
                     let q = qs[32 * c + l];
-                    let (hl, hh) = if five { ((qh[l] >> (2 * c)) & 1, (qh[l] >> (2 * c + 1)) & 1) } else { (0, 0) };
+                    let (hl, hh) = if five {
+                        ((qh[l] >> (2 * c)) & 1, (qh[l] >> (2 * c + 1)) & 1)
+                    } else {
+                        (0, 0)
+                    };
                     v[64 * c + l] = ((q & 0x0F) | (hl << 4)) as i32;
                     v[64 * c + 32 + l] = ((q >> 4) | (hh << 4)) as i32;
                 }
@@ -255,7 +263,9 @@ fn dot_k_scalar(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
     for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
         let v = values_k(ty, b);
         let sums = |g: usize, len: usize| -> i32 {
-            (g * len..(g + 1) * len).map(|i| v[i] * y.qs[i] as i32).sum()
+            (g * len..(g + 1) * len)
+                .map(|i| v[i] * y.qs[i] as i32)
+                .sum()
         };
         if ty == DotType::Q6K {
             let sc = &b[192..208];
@@ -279,12 +289,21 @@ fn dot_k_scalar(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
 mod avx2 {
     use super::{k4_scales, DotType, Q8K, QK_K};
     use crate::quant::avx2::hsum;
-    use crate::quant::{f16_at, Q8_1};
+    use crate::quant::{widen_f16, Q8_1};
     use crate::simd::prefetch;
     use std::arch::x86_64::*;
 
     /// Bytes of weights fetched ahead of the block being multiplied (see `quant::PREFETCH`).
     const PREFETCH: usize = 2048;
+
+    /// The two f16 at bytes `at..at + 4` of `b`, widened (see `quant::widen_f16`).
+    #[inline(always)]
+    fn f16_pair(b: &[u8], at: usize) -> (f32, f32) {
+        (
+            widen_f16(u16::from_le_bytes([b[at], b[at + 1]])),
+            widen_f16(u16::from_le_bytes([b[at + 2], b[at + 3]])),
+        )
+    }
 
     /// 32 bytes from the start of `b` (at least 32 long).
     #[target_feature(enable = "avx2")]
@@ -344,15 +363,34 @@ mod avx2 {
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+        // One loop per type: the type's decoding is not chosen again for each block.
+        // SAFETY: as this function's.
+        unsafe {
+            match ty {
+                DotType::Q4_0 => blocks_32::<0>(w, x),
+                DotType::Q5_0 => blocks_32::<1>(w, x),
+                _ => blocks_32::<2>(w, x),
+            }
+        }
+    }
+
+    /// `dot_32` for Q4_0 (`T` 0), Q5_0 (1) or Q5_1 (2).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blocks_32<const T: u8>(w: &[u8], x: &[Q8_1]) -> f32 {
+        let bytes = [18, 22, 24][T as usize];
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
-        for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
+        for (b, y) in w.chunks_exact(bytes).zip(x) {
             prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let qy = load32_i8(&y.qs);
-            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
-            let sums = match ty {
-                DotType::Q4_0 => signed_sums(_mm256_sub_epi8(nibbles(&b[2..]), _mm256_set1_epi8(8)), qy),
-                DotType::Q5_0 => {
+            let (d, m) = f16_pair(b, 0);
+            let d = _mm256_set1_ps(d * y.d);
+            let sums = match T {
+                0 => signed_sums(_mm256_sub_epi8(nibbles(&b[2..]), _mm256_set1_epi8(8)), qy),
+                1 => {
                     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                     // Values without their fifth bit are q − 16: the nibble with 0xF0 above.
                     let low = _mm256_andnot_si256(bit_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
@@ -362,7 +400,7 @@ mod avx2 {
                     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                     let high = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
                     let q = _mm256_or_si256(nibbles(&b[8..]), high);
-                    mins += f16_at(b, 2) * y.s;
+                    mins += m * y.s;
                     let pairs = _mm256_maddubs_epi16(q, qy);
                     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
                 }
@@ -404,9 +442,14 @@ mod avx2 {
             let summ: i32 = (0..8)
                 .map(|j| mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32))
                 .sum();
-            mins += f16_at(b, 2) * y.d * summ as f32;
+            let (d, dmin) = f16_pair(b, 0);
+            mins += dmin * y.d * summ as f32;
             let qs = if five { &b[48..176] } else { &b[16..144] };
-            let qh = if five { load32(&b[16..48]) } else { _mm256_setzero_si256() };
+            let qh = if five {
+                load32(&b[16..48])
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut sumi = _mm256_setzero_si256();
             for c in 0..4 {
                 let bits = load32(&qs[32 * c..]);
@@ -428,8 +471,7 @@ mod avx2 {
                 );
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
             }
-            let d = _mm256_set1_ps(f16_at(b, 0) * y.d);
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc);
         }
         hsum(acc) - mins
     }
@@ -448,7 +490,9 @@ mod avx2 {
         for (b, y) in w.chunks_exact(210).zip(x) {
             prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let sc = &b[192..208];
-            let offset: i32 = (0..16).map(|g| sc[g] as i8 as i32 * y.bsums[g] as i32).sum();
+            let offset: i32 = (0..16)
+                .map(|g| sc[g] as i8 as i32 * y.bsums[g] as i32)
+                .sum();
             let mut sumi = _mm256_setzero_si256();
             for half in 0..2 {
                 let ql0 = load32(&b[64 * half..]);
@@ -456,7 +500,10 @@ mod avx2 {
                 let qh = load32(&b[128 + 32 * half..]);
                 let q = [
                     _mm256_or_si256(_mm256_and_si256(ql0, m4), bit_pairs(qh)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), bit_pairs(_mm256_srli_epi16(qh, 2))),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        bit_pairs(_mm256_srli_epi16(qh, 2)),
+                    ),
                     _mm256_or_si256(
                         _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
                         bit_pairs(_mm256_srli_epi16(qh, 4)),
@@ -477,7 +524,7 @@ mod avx2 {
                     sumi = _mm256_add_epi32(sumi, p);
                 }
             }
-            let d = f16_at(b, 208) * y.d;
+            let d = f16_pair(b, 206).1 * y.d;
             let sums = _mm256_cvtepi32_ps(sumi);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), sums, acc);
             offsets += d * offset as f32;
@@ -509,7 +556,13 @@ mod tests {
         let dev = Device::Cpu;
         let w = crate::testing::randn(0.3f32, 1.0, (n, k), &dev).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let values = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let values = q
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         (q.data().unwrap().to_vec(), values)
     }
 
@@ -592,7 +645,10 @@ mod tests {
                     quantize_q8_1(&xs[..k], &mut q);
                     (dot_32(ty, row, &q), dot_32_scalar(ty, row, &q))
                 };
-                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{ty:?}: {a} against {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{ty:?}: {a} against {b}"
+                );
             }
         }
     }
@@ -633,13 +689,21 @@ mod tests {
         quantize_q8_k(&[0.0; QK_K], &mut q);
         assert_eq!(q.len(), 3);
         for (b, x) in q[..2].iter().zip(xs.chunks_exact(QK_K)) {
-            let at = (0..QK_K).max_by(|&i, &j| x[i].abs().total_cmp(&x[j].abs())).unwrap();
+            let at = (0..QK_K)
+                .max_by(|&i, &j| x[i].abs().total_cmp(&x[j].abs()))
+                .unwrap();
             assert_eq!(b.qs[at], -127);
             for (&v, &xv) in b.qs.iter().zip(x) {
                 assert!((b.d * v as f32 - xv).abs() <= b.d.abs() * 0.5 + 1e-6);
             }
             for (g, &s) in b.bsums.iter().enumerate() {
-                assert_eq!(s as i32, b.qs[16 * g..16 * g + 16].iter().map(|&v| v as i32).sum::<i32>());
+                assert_eq!(
+                    s as i32,
+                    b.qs[16 * g..16 * g + 16]
+                        .iter()
+                        .map(|&v| v as i32)
+                        .sum::<i32>()
+                );
             }
         }
         assert!(q[2].d == 0.0 && q[2].qs.iter().all(|&v| v == 0));
