@@ -15,11 +15,16 @@ LMKIT_BIN), lmkit and transformers run on the GPU in f32 (--f32 implied, llama.c
 batch-1 prompt processing and decoding there, a long --prompt showing the attention over a long
 cache. --baseline-env VAR=VALUE runs this lmkit again with that variable set (e.g.
 LMKIT_CUDA_DECODE=0: the GPU's cache attention through composed ops instead of its kernels).
+--q4-k-m runs both on llama.cpp's Q4_K_M quantization of the same model (made once under
+~/.cache/lmkit/bench by llama.cpp's own quantizer from the f32 weights; SmolLM2's rows of 576 values
+are not whole K-quant super-blocks, so most layers are Q5_0 there, the down projections Q4_K and
+Q6_K); --gguf FILE runs both on any other GGUF file of the model.
 --dtype bf16 or f16 (with --f32 or --random, implied) runs lmkit (`generate --dtype`) and
 transformers (`from_pretrained(dtype=...)`) with the weights in that type.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/real_model_bench.py [--rounds 3] [--threads 2]
        [--prompt 512] [--decode 128] [--no-transformers] [--no-llama-cpp] [--f32 | --random]
+       [--q4-k-m | --gguf FILE]
        [--device cpu|cuda] [--dtype f32|bf16|f16] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
 """
 import argparse
@@ -35,6 +40,29 @@ import textwrap
 from measure import run_measured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def q4_k_m_gguf(lmkit):
+    """llama.cpp's Q4_K_M of SmolLM2-135M-Instruct, made once from the f32 weights (the f32
+    directory written as an f32 GGUF by lmkit, quantized by llama.cpp's `llama_model_quantize`)."""
+    from long_window_bench import MAKE_MODEL, MODEL
+    out = MODEL.parent / "smollm2-q4_k_m.gguf"
+    if out.exists():
+        return out
+    if not (MODEL / "config.json").exists():
+        subprocess.run([sys.executable, "-c", MAKE_MODEL, MODEL], check=True)
+    import llama_cpp
+    f32 = MODEL.parent / "smollm2-f32.gguf.tmp"
+    subprocess.run([lmkit, "quantize", MODEL, f32, "--type", "f32"], check=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    tmp = out.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params) != 0:
+        sys.exit(f"llama.cpp could not quantize {f32}")
+    f32.unlink()
+    tmp.replace(out)
+    return out
 
 
 def smollm2_gguf():
@@ -148,6 +176,7 @@ def main():
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--q4-k-m", action="store_true", help="llama.cpp's Q4_K_M file of the model (made once)")
     ap.add_argument("--gguf", help="another GGUF file of the same model (default: the PyPI package's Q4_1 file), "
                     "e.g. one made by llama.cpp's quantize")
     ap.add_argument("--f32", action="store_true", help="lmkit reads the f32 transformers directory, not the GGUF")
@@ -165,6 +194,8 @@ def main():
         a.f32, a.no_llama_cpp = True, True
     if not os.path.exists(a.lmkit):
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
+    if a.q4_k_m:
+        a.gguf = q4_k_m_gguf(a.lmkit)
     gguf = None if a.f32 else (pathlib.Path(a.gguf) if a.gguf else smollm2_gguf())
     model = gguf
     if a.random:
@@ -196,7 +227,7 @@ def main():
             break
         chars *= 2
     ids = ids[: a.prompt]
-    label = f"(random weights, its shape) {a.dtype}" if a.random else a.dtype if a.f32 else "Q4_1"
+    label = f"(random weights, its shape) {a.dtype}" if a.random else a.dtype if a.f32 else (gguf.name if a.gguf else "Q4_1")
     runners = {"lmkit": lambda: lmkit_run(a.lmkit, ids, a.decode, a.threads, model, a.device, dtype=a.dtype)}
     if not a.no_llama_cpp:
         runners["llama.cpp"] = lambda: python_run(LLAMA_CPP, ids, a.decode, a.threads, gguf)
