@@ -123,7 +123,7 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
         }
         let rows: Vec<&[Q8K]> = q.chunks_exact(blocks).collect();
         let one = |wr: &[u8], x: &[Q8K]| dot_k(ty, wr, x);
-        return tiled_product(&rows, w, sizes, one, |wr, x| x.map(|r| one(wr, r)));
+        return tiled_product(&rows, w, sizes, one, |wr, x| dot4_k(ty, wr, x));
     }
     let mut q = Vec::with_capacity(xs.len() / QK);
     let mut row = Vec::with_capacity(blocks);
@@ -133,7 +133,7 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
     }
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
     let one = |wr: &[u8], x: &[Q8_1]| dot_32(ty, wr, x);
-    tiled_product(&rows, w, sizes, one, |wr, x| x.map(|r| one(wr, r)))
+    tiled_product(&rows, w, sizes, one, |wr, x| dot4_32(ty, wr, x))
 }
 
 /// One weight row of a 32-value type against one activation row.
@@ -148,6 +148,18 @@ fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
     dot_32_scalar(ty, w, x)
 }
 
+/// `dot_32` of one weight row against four activation rows (each weight block decoded once).
+fn dot4_32(ty: DotType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::quant::vector() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
+            return unsafe { avx2::dot4_32(ty, w, x) };
+        }
+    }
+    x.map(|r| dot_32_scalar(ty, w, r))
+}
+
 /// One weight row of a K-quant type against one activation row.
 fn dot_k(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -156,13 +168,30 @@ fn dot_k(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
             return unsafe {
                 match ty {
-                    DotType::Q6K => avx2::dot_q6_k(w, x),
-                    _ => avx2::dot_q45_k(ty == DotType::Q5K, w, x),
+                    DotType::Q6K => avx2::q6_k(w, [x])[0],
+                    _ => avx2::q45_k(ty == DotType::Q5K, w, [x])[0],
                 }
             };
         }
     }
     dot_k_scalar(ty, w, x)
+}
+
+/// `dot_k` of one weight row against four activation rows (each weight block decoded once).
+fn dot4_k(ty: DotType, w: &[u8], x: [&[Q8K]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::quant::vector() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
+            return unsafe {
+                match ty {
+                    DotType::Q6K => avx2::q6_k(w, x),
+                    _ => avx2::q45_k(ty == DotType::Q5K, w, x),
+                }
+            };
+        }
+    }
+    x.map(|r| dot_k_scalar(ty, w, r))
 }
 
 /// A 32-value block's quantized values: signed (Q4_0, Q5_0: offsets applied) or unsigned
@@ -350,10 +379,10 @@ mod avx2 {
         _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
     }
 
-    /// The sums of four products of signed bytes, as f32 (|x| times y with x's sign).
+    /// The sums of four products of bytes, as f32: `q` unsigned, `y` signed.
     #[target_feature(enable = "avx2")]
-    fn signed_sums(x: __m256i, y: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    fn byte_sums(q: __m256i, y: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(q, y);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
@@ -367,47 +396,71 @@ mod avx2 {
         // SAFETY: as this function's.
         unsafe {
             match ty {
-                DotType::Q4_0 => blocks_32::<0>(w, x),
-                DotType::Q5_0 => blocks_32::<1>(w, x),
-                _ => blocks_32::<2>(w, x),
+                DotType::Q4_0 => blocks_32::<0, 1>(w, [x])[0],
+                DotType::Q5_0 => blocks_32::<1, 1>(w, [x])[0],
+                _ => blocks_32::<2, 1>(w, [x])[0],
             }
         }
     }
 
-    /// `dot_32` for Q4_0 (`T` 0), Q5_0 (1) or Q5_1 (2).
+    /// `dot_32` of one weight row against four activation rows: each weight block decoded once.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blocks_32<const T: u8>(w: &[u8], x: &[Q8_1]) -> f32 {
+    pub(super) unsafe fn dot4_32(ty: DotType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
+        // SAFETY: as this function's.
+        unsafe {
+            match ty {
+                DotType::Q4_0 => blocks_32::<0, 4>(w, x),
+                DotType::Q5_0 => blocks_32::<1, 4>(w, x),
+                _ => blocks_32::<2, 4>(w, x),
+            }
+        }
+    }
+
+    /// One row of Q4_0 (`T` 0), Q5_0 (1) or Q5_1 (2) blocks against `R` activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blocks_32<const T: u8, const R: usize>(w: &[u8], x: [&[Q8_1]; R]) -> [f32; R] {
         let bytes = [18, 22, 24][T as usize];
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (b, y) in w.chunks_exact(bytes).zip(x) {
+        let blocks = x.iter().fold(w.len() / bytes, |n, r| n.min(r.len()));
+        let x = x.map(|r| &r[..blocks]);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for (i, b) in w.chunks_exact(bytes).take(blocks).enumerate() {
             prefetch(b.as_ptr().wrapping_add(PREFETCH));
-            let qy = load32_i8(&y.qs);
             let (d, m) = f16_pair(b, 0);
-            let d = _mm256_set1_ps(d * y.d);
-            let sums = match T {
-                0 => signed_sums(_mm256_sub_epi8(nibbles(&b[2..]), _mm256_set1_epi8(8)), qy),
+            // Q4_0 and Q5_0 values are signed: |q| times y with q's sign. Q5_1's are not.
+            let q = match T {
+                0 => _mm256_sub_epi8(nibbles(&b[2..]), _mm256_set1_epi8(8)),
                 1 => {
                     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                     // Values without their fifth bit are q − 16: the nibble with 0xF0 above.
                     let low = _mm256_andnot_si256(bit_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-                    signed_sums(_mm256_or_si256(nibbles(&b[6..]), low), qy)
+                    _mm256_or_si256(nibbles(&b[6..]), low)
                 }
                 _ => {
                     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                     let high = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
-                    let q = _mm256_or_si256(nibbles(&b[8..]), high);
-                    mins += m * y.s;
-                    let pairs = _mm256_maddubs_epi16(q, qy);
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                    _mm256_or_si256(nibbles(&b[8..]), high)
                 }
             };
-            acc = _mm256_fmadd_ps(d, sums, acc);
+            let signed = T < 2;
+            let aq = if signed { _mm256_sign_epi8(q, q) } else { q };
+            for r in 0..R {
+                let y = &x[r][i];
+                let qy = load32_i8(&y.qs);
+                let qy = if signed { _mm256_sign_epi8(qy, q) } else { qy };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), byte_sums(aq, qy), acc[r]);
+                if !signed {
+                    mins[r] += m * y.s;
+                }
+            }
         }
-        hsum(acc) + mins
+        std::array::from_fn(|r| hsum(acc[r]) + mins[r])
     }
 
     /// 16 in byte j where byte j of `qh` has `bit` set, 0 elsewhere.
@@ -424,33 +477,32 @@ mod avx2 {
         _mm256_slli_epi16(_mm256_and_si256(bits, _mm256_set1_epi8(3)), 4)
     }
 
-    /// Q4_K (`five` false) or Q5_K against Q8_K: per 64 values, the nibbles of 32 bytes (and the
-    /// fifth bits) times the activations in byte pairs, times the sub-blocks' scales in i32
-    /// lanes; the mins through the activations' sums of 16.
+    /// Q4_K (`five` false) or Q5_K against Q8_K, one weight row against `R` activation rows:
+    /// per 64 values, the nibbles of 32 bytes (and the fifth bits), decoded once, times each
+    /// row's activations in byte pairs, times the sub-blocks' scales in i32 lanes; the mins
+    /// through the activations' sums of 16.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q45_k(five: bool, w: &[u8], x: &[Q8K]) -> f32 {
+    pub(super) unsafe fn q45_k<const R: usize>(five: bool, w: &[u8], x: [&[Q8K]; R]) -> [f32; R] {
         let bytes = if five { 176 } else { 144 };
+        let blocks = x.iter().fold(w.len() / bytes, |n, r| n.min(r.len()));
+        let x = x.map(|r| &r[..blocks]);
         let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (b, y) in w.chunks_exact(bytes).zip(x) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for (i, b) in w.chunks_exact(bytes).take(blocks).enumerate() {
             prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let (sc, mn) = k4_scales(&b[4..16]);
-            let summ: i32 = (0..8)
-                .map(|j| mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32))
-                .sum();
             let (d, dmin) = f16_pair(b, 0);
-            mins += dmin * y.d * summ as f32;
             let qs = if five { &b[48..176] } else { &b[16..144] };
             let qh = if five {
                 load32(&b[16..48])
             } else {
                 _mm256_setzero_si256()
             };
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); R];
             for c in 0..4 {
                 let bits = load32(&qs[32 * c..]);
                 let mut lo = _mm256_and_si256(bits, m4);
@@ -459,41 +511,50 @@ mod avx2 {
                     lo = _mm256_or_si256(lo, fifth_bits(qh, 1 << (2 * c)));
                     hi = _mm256_or_si256(hi, fifth_bits(qh, 2 << (2 * c)));
                 }
-                let yl = load32_i8(&y.qs[64 * c..]);
-                let yh = load32_i8(&y.qs[64 * c + 32..]);
-                let pl = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, yl),
+                let (sl, sh) = (
                     _mm256_set1_epi16(sc[2 * c] as i16),
-                );
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, yh),
                     _mm256_set1_epi16(sc[2 * c + 1] as i16),
                 );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                for r in 0..R {
+                    let y = &x[r][i];
+                    let yl = load32_i8(&y.qs[64 * c..]);
+                    let yh = load32_i8(&y.qs[64 * c + 32..]);
+                    let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, yl), sl);
+                    let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yh), sh);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..R {
+                let y = &x[r][i];
+                let summ: i32 = (0..8)
+                    .map(|j| mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32))
+                    .sum();
+                mins[r] += dmin * y.d * summ as f32;
+                let sums = _mm256_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc[r]);
+            }
         }
-        hsum(acc) - mins
+        std::array::from_fn(|r| hsum(acc[r]) - mins[r])
     }
 
-    /// Q6_K against Q8_K: per 128 values, four vectors of 6-bit values (nibbles and bit pairs),
-    /// times the activations in byte pairs, times two groups' scales in i32 lanes; the offset of
-    /// 32 through the activations' sums of 16.
+    /// Q6_K against Q8_K, one weight row against `R` activation rows: per 128 values, four
+    /// vectors of 6-bit values (nibbles and bit pairs), decoded once, times each row's
+    /// activations in byte pairs, times two groups' scales in i32 lanes; the offset of 32
+    /// through the activations' sums of 16.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q6_k(w: &[u8], x: &[Q8K]) -> f32 {
+    pub(super) unsafe fn q6_k<const R: usize>(w: &[u8], x: [&[Q8K]; R]) -> [f32; R] {
+        let blocks = x.iter().fold(w.len() / 210, |n, r| n.min(r.len()));
+        let x = x.map(|r| &r[..blocks]);
         let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for (b, y) in w.chunks_exact(210).zip(x) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offsets = [0f32; R];
+        for (i, b) in w.chunks_exact(210).take(blocks).enumerate() {
             prefetch(b.as_ptr().wrapping_add(PREFETCH));
             let sc = &b[192..208];
-            let offset: i32 = (0..16)
-                .map(|g| sc[g] as i8 as i32 * y.bsums[g] as i32)
-                .sum();
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); R];
             for half in 0..2 {
                 let ql0 = load32(&b[64 * half..]);
                 let ql1 = load32(&b[64 * half + 32..]);
@@ -519,17 +580,25 @@ mod avx2 {
                         _mm_set1_epi16(sc[g + 1] as i8 as i16),
                         _mm_set1_epi16(sc[g] as i8 as i16),
                     );
-                    let yv = load32_i8(&y.qs[128 * half + 32 * t..]);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), scales);
-                    sumi = _mm256_add_epi32(sumi, p);
+                    for r in 0..R {
+                        let yv = load32_i8(&x[r][i].qs[128 * half + 32 * t..]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), scales);
+                        sumi[r] = _mm256_add_epi32(sumi[r], p);
+                    }
                 }
             }
-            let d = f16_pair(b, 206).1 * y.d;
-            let sums = _mm256_cvtepi32_ps(sumi);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), sums, acc);
-            offsets += d * offset as f32;
+            let d = f16_pair(b, 206).1;
+            for r in 0..R {
+                let y = &x[r][i];
+                let offset: i32 = (0..16)
+                    .map(|g| sc[g] as i8 as i32 * y.bsums[g] as i32)
+                    .sum();
+                let sums = _mm256_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc[r]);
+                offsets[r] += d * y.d * offset as f32;
+            }
         }
-        hsum(acc) - 32.0 * offsets
+        std::array::from_fn(|r| hsum(acc[r]) - 32.0 * offsets[r])
     }
 
     const _: () = assert!(QK_K == 256);
