@@ -294,6 +294,77 @@ pub fn dequant_product(
     Some(unsafe { rounded_product(x, (m, n, k), pack) })
 }
 
+/// g [m, n] (f32, rows whole) times a weight w [n, k] of any block-quantized GGML type (its
+/// blocks, row-major; `deq` its dequantization) as it is stored, on the tiles: [m, k] — a frozen
+/// quantized layer's input gradient. For each packed depth (w's rows), the blocks of those rows
+/// under a task's columns are dequantized by `deq` into f32, then rounded to bf16 as g is; the
+/// sums are f32. `None` where [`available`] is false or the sizes disagree.
+pub fn dequant_product_nk(
+    g: &[f32],
+    w: &[u8],
+    deq: &crate::quant::Dequantizer,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
+    let (values, bytes) = (deq.block_values, deq.block_bytes);
+    if !quant_fits((values, bytes), w, (m, n, k), (g.len(), n)) {
+        return None;
+    }
+    let row_bytes = k / values * bytes;
+    let pack = |cols: std::ops::Range<usize>, depth: std::ops::Range<usize>, packed: &mut Lines| {
+        let pairs = depth.len() / 2;
+        let out = packed.u32s(cols.len() * pairs);
+        // The blocks of each weight row under the columns, dequantized: depth.len() rows of
+        // `span` values (zero past w's last row).
+        let (b0, b1) = (cols.start / values, cols.end.min(k).div_ceil(values));
+        let span = b1.saturating_sub(b0) * values;
+        let mut rows_f32 = vec![0f32; depth.len() * span];
+        if span > 0 {
+            for (d, row) in depth.clone().zip(rows_f32.chunks_exact_mut(span)) {
+                if d < n {
+                    deq.to_f32(&w[d * row_bytes + b0 * bytes..][..(b1 - b0) * bytes], row);
+                }
+            }
+        }
+        // Each output column's values over the depth: a column of those rows.
+        let mut columns = vec![0f32; 16 * depth.len()];
+        for (gi, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
+            let j0 = cols.start + gi * 16;
+            let count = k.saturating_sub(j0).min(16);
+            for (c, col) in columns
+                .chunks_exact_mut(depth.len())
+                .take(count)
+                .enumerate()
+            {
+                let j = j0 + c - b0 * values;
+                for (v, row) in col.iter_mut().zip(rows_f32.chunks_exact(span)) {
+                    *v = row[j];
+                }
+            }
+            let rows: [&[f32]; 16] = std::array::from_fn(|c| {
+                if c < count {
+                    &columns[c * depth.len()..][..depth.len()]
+                } else {
+                    &[][..]
+                }
+            });
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the tiles being there (checked above), so is AVX-512; each row holds the
+            // depth's values or is empty, and the group depth / 2 pairs of 16 columns.
+            unsafe {
+                x86::pack_f32_group(&rows, group)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "AMX tiles on another architecture: {:?}",
+                (group.len(), rows.len())
+            );
+        }
+    };
+    // The depth is w's rows.
+    // SAFETY: `available` was checked.
+    Some(unsafe { rounded_product(g, (m, k, n), pack) })
+}
+
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
 /// many tasks as a multiple of rayon's threads, about 128 columns each or fewer (a task's
 /// packed columns stay in the core's cache while every block of input rows reads them).

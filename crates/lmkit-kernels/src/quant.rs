@@ -417,6 +417,24 @@ pub fn tiles_product(
     crate::amx::dequant_product(xs, w, &Dequantizer::of(dtype)?, (m, n, k))
 }
 
+/// Rows of `g` (each of `n` values) times a weight [n, k] of any block-quantized GGML type
+/// `dtype` (its raw blocks) as it is stored, on AMX tiles from [`TILE_MIN_ROWS`] rows (rounded
+/// and summed as [`tiles_product`]): a frozen quantized layer's input gradient. `None`
+/// elsewhere, for the caller to multiply the dequantized weight.
+pub fn tiles_product_nk(
+    g: &[f32],
+    w: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Option<Vec<f32>> {
+    let m = g.len() / n.max(1);
+    if m < TILE_MIN_ROWS {
+        return None;
+    }
+    crate::amx::dequant_product_nk(g, w, &Dequantizer::of(dtype)?, (m, n, k))
+}
+
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of GGML type `dtype` (its raw blocks)ᵀ
 /// on lmkit's kernels: Q4_1 and Q8_0 as [`quant_product`]; the other block types on AMX tiles
 /// from [`TILE_MIN_ROWS`] rows ([`tiles_product`]), and below that (or without tiles) against
@@ -868,6 +886,29 @@ mod tests {
                     assert!(
                         (g - want).abs() <= 1e-5 * scale + 1e-6,
                         "{dtype:?} row {i} column {j}: {g} against {want}"
+                    );
+                }
+            }
+            // g · W as W is stored (a frozen layer's input gradient): the depth is W's 41 rows
+            // (padded), the columns its 768 values (tasks' columns crossing super-blocks).
+            let gs = crate::testing::randn(0f32, 1.0, m * n, &dev)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = crate::amx::dequant_product_nk(&gs, &bytes, &deq, (m, n, k)).unwrap();
+            assert_eq!(got.len(), m * k);
+            for (i, g) in gs.chunks_exact(n).enumerate() {
+                for j in 0..k {
+                    let (mut want, mut scale) = (0f64, 0f64);
+                    for (d, &a) in g.iter().enumerate() {
+                        let t = f64::from(round(a)) * f64::from(round(theirs[d * k + j]));
+                        want += t;
+                        scale += t.abs();
+                    }
+                    let v = f64::from(got[i * k + j]);
+                    assert!(
+                        (v - want).abs() <= 1e-5 * scale + 1e-6,
+                        "{dtype:?} g·w row {i} column {j}: {v} against {want}"
                     );
                 }
             }

@@ -476,9 +476,14 @@ impl candle_core::CustomOp1 for FrozenQuant {
         let data = t.data()?;
         // Q4_1 and Q8_0 on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and the
         // weight as packed rounded to bf16, f32 sums (as the forward product there).
-        if let (Some(ty), candle_core::DType::F32) = (own_kernel(t.dtype()), grad.dtype()) {
+        // The other block types there too, dequantized by candle's code as packed.
+        if grad.dtype() == candle_core::DType::F32 {
             let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(dx) = lmkit_kernels::quant::quant_product_nk(&g, &data, ty, n, k) {
+            let dx = match own_kernel(t.dtype()) {
+                Some(ty) => lmkit_kernels::quant::quant_product_nk(&g, &data, ty, n, k),
+                None => lmkit_kernels::quant::tiles_product_nk(&g, &data, t.dtype(), n, k),
+            };
+            if let Some(dx) = dx {
                 return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
             }
         }
@@ -691,12 +696,12 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let dense = q.dequantize(&dev).unwrap();
             let layer = Linear::quantized(q, None, "q").unwrap();
-            // 3 rows: W dequantized (in two blocks of rows, W being large enough); 40 rows of a
-            // Q8_0 weight on AMX tiles: the gradient's rows (ones) and W rounded to bf16.
+            // 3 rows: W dequantized (in two blocks of rows, W being large enough); 40 rows on AMX
+            // tiles: the gradient's rows (ones) and W rounded to bf16 (Q8_0 packed from its
+            // blocks, Q4_K dequantized by candle's code as packed).
             for rows in [3, 40] {
-                let tiles = rows >= lmkit_kernels::quant::TILE_MIN_ROWS
-                    && dtype == GgmlDType::Q8_0
-                    && lmkit_kernels::amx::available();
+                let tiles =
+                    rows >= lmkit_kernels::quant::TILE_MIN_ROWS && lmkit_kernels::amx::available();
                 let x0 = lmkit_kernels::testing::randn(0f32, 1.0, (rows, 1024), &dev).unwrap();
                 let x = candle_core::Var::from_tensor(&x0).unwrap();
                 let g = layer
@@ -731,9 +736,9 @@ mod tests {
         }
     }
 
-    /// A Q4_K layer (a type without lmkit's 8-bit kernels): from TILE_MIN_ROWS rows on AMX
-    /// tiles the product of x and the dequantized weight both rounded to bf16; fewer rows (or no
-    /// tiles) candle's product.
+    /// A Q4_K layer: from TILE_MIN_ROWS rows on AMX tiles the product of x and the dequantized
+    /// weight both rounded to bf16; fewer rows (or no tiles) lmkit's dot products against Q8_K
+    /// activations, which give candle's product (the same activations, the same integer sums).
     #[test]
     fn k_quant_layers_multiply_on_the_tiles_from_enough_rows() {
         use candle_core::quantized::{GgmlDType, QTensor};
