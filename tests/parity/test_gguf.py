@@ -136,21 +136,25 @@ def test_chat_answers_the_capital_of_france(lmkit):
     assert "Paris" in out, out
 
 
-def test_greedy_generation_equals_llama_cpp_s(lmkit, llm):
-    prompt = "The three primary colors are"
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+def greedy_tokens_agree(lmkit, llm, model):
+    """How many of 16 greedy tokens after a short prompt lmkit and llama.cpp (`llm`, on the same
+    file `model`) agree on before they first part."""
+    ids = llm.tokenize(b"The three primary colors are", add_bos=False, special=True)
     llm.reset()
     ref = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
         ref.append(tok)
         if len(ref) == 16:
             break
-    out = lmkit("generate", "--model", GGUF, "--prompt-ids", ",".join(map(str, ids)), "--greedy",
+    out = lmkit("generate", "--model", model, "--prompt-ids", ",".join(map(str, ids)), "--greedy",
                 "--max-tokens", "16", "--ids")
     got = [int(i) for i in out.split()]
+    return next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), 16)
+
+
+def test_greedy_generation_equals_llama_cpp_s(lmkit, llm):
     # Greedy paths may part where two tokens are within rounding noise; they agree long before.
-    same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), 16)
-    assert same >= 8, (got, ref)
+    assert greedy_tokens_agree(lmkit, llm, GGUF) >= 8
 
 
 def write_gguf(path, tensors_bytes=b"", dtype=0, dims=(32,), offset=0, magic=b"GGUF", truncate=None):
@@ -509,15 +513,4 @@ def test_k_quant_file_follows_llama_cpp(lmkit, llm, q4_k_m, tmp_path, monkeypatc
     assert np.mean(ref.argmax(-1) == ours.argmax(-1)) >= 0.95
     # Decoding steps (one row: the dot products whatever the CPU) choose llama.cpp's tokens.
     monkeypatch.delenv("LMKIT_SIMD")
-    prompt = ref_llm.tokenize(b"The three primary colors are", add_bos=False, special=True)
-    ref_llm.reset()
-    want = []
-    for tok in ref_llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        want.append(tok)
-        if len(want) == 16:
-            break
-    out = lmkit("generate", "--model", q4_k_m, "--prompt-ids", ",".join(map(str, prompt)), "--greedy",
-                "--max-tokens", "16", "--ids")
-    got = [int(i) for i in out.split()]
-    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), 16)
-    assert same >= 8, (got, want)
+    assert greedy_tokens_agree(lmkit, ref_llm, q4_k_m) >= 8

@@ -270,24 +270,9 @@ pub fn dequant_product(
             {
                 deq.to_f32(&w[(j0 + c) * row_bytes + from..][..len], vals);
             }
-            let rows: [&[f32]; 16] = std::array::from_fn(|c| {
-                if c < count {
-                    &scratch[c * depth.len()..][..depth.len()]
-                } else {
-                    &[][..]
-                }
-            });
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the tiles being there (checked above), so is AVX-512; each row holds the
-            // depth's values or is empty, and the group depth / 2 pairs of 16 columns.
-            unsafe {
-                x86::pack_f32_group(&rows, group)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!(
-                "AMX tiles on another architecture: {:?}",
-                (group.len(), rows.len())
-            );
+            // SAFETY: the tiles being there (checked above), so is AVX-512; `count` columns of
+            // the depth's values, and the group depth / 2 pairs of 16 columns.
+            unsafe { pack_f32_columns(&scratch, (depth.len(), count), group) };
         }
     };
     // SAFETY: `available` was checked.
@@ -340,29 +325,39 @@ pub fn dequant_product_nk(
                     *v = row[j];
                 }
             }
-            let rows: [&[f32]; 16] = std::array::from_fn(|c| {
-                if c < count {
-                    &columns[c * depth.len()..][..depth.len()]
-                } else {
-                    &[][..]
-                }
-            });
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the tiles being there (checked above), so is AVX-512; each row holds the
-            // depth's values or is empty, and the group depth / 2 pairs of 16 columns.
-            unsafe {
-                x86::pack_f32_group(&rows, group)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!(
-                "AMX tiles on another architecture: {:?}",
-                (group.len(), rows.len())
-            );
+            // SAFETY: as in `dequant_product`.
+            unsafe { pack_f32_columns(&columns, (depth.len(), count), group) };
         }
     };
     // The depth is w's rows.
     // SAFETY: `available` was checked.
     Some(unsafe { rounded_product(g, (m, k, n), pack) })
+}
+
+/// Packs the first `count` of 16 columns' f32 values over a depth (`len` each, one column after
+/// another in `columns`; the rest padding) into `group`, their bf16 pairs.
+///
+/// # Safety
+/// AVX-512 (F, BW) is there (as it is wherever the tiles are); `columns` holds `count` × `len`
+/// values and `group` `len` / 2 pairs of 16 columns.
+unsafe fn pack_f32_columns(columns: &[f32], (len, count): (usize, usize), group: &mut [u32]) {
+    let rows: [&[f32]; 16] = std::array::from_fn(|c| {
+        if c < count {
+            &columns[c * len..][..len]
+        } else {
+            &[][..]
+        }
+    });
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's: AVX-512, each row the depth's values or empty.
+    unsafe {
+        x86::pack_f32_group(&rows, group)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "AMX tiles on another architecture: {:?}",
+        (group.len(), rows.len())
+    );
 }
 
 /// Weight rows (output columns) per task for a product of `n` of them: whole blocks of 32, as
