@@ -679,6 +679,19 @@ mod tests {
         assert!((dot(QType::Q4_1, row, &xq) - dot_scalar(row, &xq)).abs() < 1e-3);
     }
 
+    /// Every f16 bit pattern widens as `half` widens it (NaNs as NaNs with their payload).
+    #[test]
+    fn f16_scales_widen_exactly() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = widen_f16(h);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got:e} against {want:e}"
+            );
+        }
+    }
+
     /// However a product is split (one thread, the team by tiles of the result, the team or
     /// rayon's pool by tiles of every row), each output is the same dot product.
     #[test]
