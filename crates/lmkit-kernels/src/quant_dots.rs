@@ -6,8 +6,9 @@
 //!
 //! These are the types of llama.cpp's Q4_K_M and Q5_K_M files (with Q5_0/Q5_1 where a tensor's
 //! rows are not whole 256-value super-blocks). Decoding steps multiply a few rows, where the
-//! tiles do not pay ([`crate::quant::TILE_MIN_ROWS`]); before these, such steps went to candle's
-//! quantized product.
+//! tiles do not pay ([`crate::quant::TILE_MIN_ROWS`]). Candle's quantized product runs on a
+//! thread pool of its own, which competes with lmkit's for the cores: a Q4_K_M file decoded at a
+//! fifth of llama.cpp's speed on it (see README).
 
 use crate::quant::{f16_at, quantize_q8_1, tiled_product, Q8_1, QK};
 use candle_core::quantized::GgmlDType;
