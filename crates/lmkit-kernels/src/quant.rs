@@ -35,6 +35,16 @@ pub enum QType {
 }
 
 impl QType {
+    /// The GGML types with these kernels; `None` for the others.
+    pub fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as T;
+        match dtype {
+            T::Q4_1 => Some(QType::Q4_1),
+            T::Q8_0 => Some(QType::Q8_0),
+            _ => None,
+        }
+    }
+
     /// Bytes per block of 32 values.
     pub fn block_bytes(self) -> usize {
         match self {
@@ -387,18 +397,6 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
     q8_product(xs, w, ty, n, k)
 }
 
-/// Rows of `g` (each of `n` values) times a weight [n, k] of type `ty` (its raw blocks) as it is
-/// stored: the rows' results, k values each — a frozen quantized layer's input gradient. On AMX
-/// tiles from [`TILE_MIN_ROWS`] rows (rounded and summed as [`quant_product`] there); `None`
-/// elsewhere, for the caller to multiply the dequantized weight. The caller checks the sizes.
-pub fn quant_product_nk(g: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Option<Vec<f32>> {
-    let m = g.len() / n.max(1);
-    if m < TILE_MIN_ROWS {
-        return None;
-    }
-    crate::amx::quant_product_nk(g, w, ty, (m, n, k))
-}
-
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of any block-quantized GGML type
 /// `dtype` (its raw blocks)ᵀ on AMX tiles from [`TILE_MIN_ROWS`] rows: each weight value
 /// dequantized by candle's code, then rounded to bf16 as the inputs are, f32 sums. `None`
@@ -418,10 +416,12 @@ pub fn tiles_product(
 }
 
 /// Rows of `g` (each of `n` values) times a weight [n, k] of any block-quantized GGML type
-/// `dtype` (its raw blocks) as it is stored, on AMX tiles from [`TILE_MIN_ROWS`] rows (rounded
-/// and summed as [`tiles_product`]): a frozen quantized layer's input gradient. `None`
-/// elsewhere, for the caller to multiply the dequantized weight.
-pub fn tiles_product_nk(
+/// `dtype` (its raw blocks) as it is stored: the rows' results, k values each — a frozen
+/// quantized layer's input gradient. On AMX tiles from [`TILE_MIN_ROWS`] rows, rounded and summed
+/// as the forward product there (Q4_1 and Q8_0 packed from their blocks, the other types
+/// dequantized by candle's code as packed); `None` elsewhere (and for sizes that disagree), for
+/// the caller to multiply the dequantized weight.
+pub fn ggml_product_nk(
     g: &[f32],
     w: &[u8],
     dtype: candle_core::quantized::GgmlDType,
@@ -432,7 +432,10 @@ pub fn tiles_product_nk(
     if m < TILE_MIN_ROWS {
         return None;
     }
-    crate::amx::dequant_product_nk(g, w, &Dequantizer::of(dtype)?, (m, n, k))
+    match QType::of(dtype) {
+        Some(ty) => crate::amx::quant_product_nk(g, w, ty, (m, n, k)),
+        None => crate::amx::dequant_product_nk(g, w, &Dequantizer::of(dtype)?, (m, n, k)),
+    }
 }
 
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of GGML type `dtype` (its raw blocks)ᵀ
@@ -448,12 +451,6 @@ pub fn ggml_product(
     n: usize,
     k: usize,
 ) -> Option<Vec<f32>> {
-    use candle_core::quantized::GgmlDType as T;
-    let own = match dtype {
-        T::Q4_1 => Some(QType::Q4_1),
-        T::Q8_0 => Some(QType::Q8_0),
-        _ => None,
-    };
     let values = dtype.block_size();
     let fits = k > 0
         && k.is_multiple_of(values)
@@ -462,7 +459,7 @@ pub fn ggml_product(
     if !fits {
         return None;
     }
-    if let Some(ty) = own {
+    if let Some(ty) = QType::of(dtype) {
         return Some(quant_product(xs, w, ty, n, k));
     }
     if let Some(y) = tiles_product(xs, w, dtype, n, k) {
@@ -830,7 +827,7 @@ mod tests {
                     .to_vec1::<f32>()
                     .unwrap();
                 let gs = gs.as_slice();
-                let got = quant_product_nk(gs, &bytes, ty, n, k).expect("tiles");
+                let got = ggml_product_nk(gs, &bytes, dtype, n, k).expect("tiles");
                 assert_eq!(got.len(), m * k);
                 for (i, g) in gs.chunks_exact(n).enumerate() {
                     for c in 0..k {

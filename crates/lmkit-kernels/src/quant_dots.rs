@@ -123,8 +123,8 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
             quantize_q8_k(r, &mut q);
         }
         let rows: Vec<&[Q8K]> = q.chunks_exact(blocks).collect();
-        let one = |wr: &[u8], x: &[Q8K]| dot_k(ty, wr, x);
-        return tiled_product(&rows, w, sizes, one, |wr, x| dot4_k(ty, wr, x));
+        let one = |wr: &[u8], x: &[Q8K]| dots_k(ty, wr, [x])[0];
+        return tiled_product(&rows, w, sizes, one, |wr, x| dots_k(ty, wr, x));
     }
     let mut q = Vec::with_capacity(xs.len() / QK);
     let mut row = Vec::with_capacity(blocks);
@@ -133,53 +133,25 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
         q.extend_from_slice(&row);
     }
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
-    let one = |wr: &[u8], x: &[Q8_1]| dot_32(ty, wr, x);
-    tiled_product(&rows, w, sizes, one, |wr, x| dot4_32(ty, wr, x))
+    let one = |wr: &[u8], x: &[Q8_1]| dots_32(ty, wr, [x])[0];
+    tiled_product(&rows, w, sizes, one, |wr, x| dots_32(ty, wr, x))
 }
 
-/// One weight row of a 32-value type against one activation row.
-fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+/// One weight row of a 32-value type against `R` activation rows (1 or 4: with 4, each weight
+/// block decoded once).
+fn dots_32<const R: usize>(ty: DotType, w: &[u8], x: [&[Q8_1]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::quant::vector() {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
-            return unsafe { avx2::dot_32(ty, w, x) };
-        }
-    }
-    dot_32_scalar(ty, w, x)
-}
-
-/// `dot_32` of one weight row against four activation rows (each weight block decoded once).
-fn dot4_32(ty: DotType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::quant::vector() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
-            return unsafe { avx2::dot4_32(ty, w, x) };
+            return unsafe { avx2::dots_32(ty, w, x) };
         }
     }
     x.map(|r| dot_32_scalar(ty, w, r))
 }
 
-/// One weight row of a K-quant type against one activation row.
-fn dot_k(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::quant::vector() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked by `vector`).
-            return unsafe {
-                match ty {
-                    DotType::Q6K => avx2::q6_k(w, [x])[0],
-                    _ => avx2::q45_k(ty == DotType::Q5K, w, [x])[0],
-                }
-            };
-        }
-    }
-    dot_k_scalar(ty, w, x)
-}
-
-/// `dot_k` of one weight row against four activation rows (each weight block decoded once).
-fn dot4_k(ty: DotType, w: &[u8], x: [&[Q8K]; 4]) -> [f32; 4] {
+/// One weight row of a K-quant type against `R` activation rows (as [`dots_32`]).
+fn dots_k<const R: usize>(ty: DotType, w: &[u8], x: [&[Q8K]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::quant::vector() {
@@ -217,7 +189,7 @@ fn values_32(ty: DotType, b: &[u8]) -> [i32; QK] {
     v.map(|q| q - offset)
 }
 
-/// `dot_32`, one value at a time.
+/// One row of a 32-value type against one activation row, one value at a time.
 fn dot_32_scalar(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
@@ -287,7 +259,7 @@ fn values_k(ty: DotType, b: &[u8]) -> [i32; QK_K] {
     v
 }
 
-/// `dot_k`, one value at a time.
+/// One row of a K-quant type against one activation row, one value at a time.
 fn dot_k_scalar(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
@@ -387,35 +359,23 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
-    /// `super::dot_32_scalar`, 32 values per step.
+    /// `super::dot_32_scalar` of one weight row against `R` activation rows, 32 values per step.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_32(ty: DotType, w: &[u8], x: &[Q8_1]) -> f32 {
+    pub(super) unsafe fn dots_32<const R: usize>(
+        ty: DotType,
+        w: &[u8],
+        x: [&[Q8_1]; R],
+    ) -> [f32; R] {
         // One loop per type: the type's decoding is not chosen again for each block.
         // SAFETY: as this function's.
         unsafe {
             match ty {
-                DotType::Q4_0 => blocks_32::<0, 1>(w, [x])[0],
-                DotType::Q5_0 => blocks_32::<1, 1>(w, [x])[0],
-                _ => blocks_32::<2, 1>(w, [x])[0],
-            }
-        }
-    }
-
-    /// `dot_32` of one weight row against four activation rows: each weight block decoded once.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot4_32(ty: DotType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
-        // SAFETY: as this function's.
-        unsafe {
-            match ty {
-                DotType::Q4_0 => blocks_32::<0, 4>(w, x),
-                DotType::Q5_0 => blocks_32::<1, 4>(w, x),
-                _ => blocks_32::<2, 4>(w, x),
+                DotType::Q4_0 => blocks_32::<0, R>(w, x),
+                DotType::Q5_0 => blocks_32::<1, R>(w, x),
+                _ => blocks_32::<2, R>(w, x),
             }
         }
     }
@@ -709,11 +669,11 @@ mod tests {
                 let (a, b) = if ty.super_blocks() {
                     let mut q = Vec::new();
                     quantize_q8_k(&xs[..k], &mut q);
-                    (dot_k(ty, row, &q), dot_k_scalar(ty, row, &q))
+                    (dots_k(ty, row, [&q])[0], dot_k_scalar(ty, row, &q))
                 } else {
                     let mut q = Vec::new();
                     quantize_q8_1(&xs[..k], &mut q);
-                    (dot_32(ty, row, &q), dot_32_scalar(ty, row, &q))
+                    (dots_32(ty, row, [&q])[0], dot_32_scalar(ty, row, &q))
                 };
                 assert!(
                     (a - b).abs() <= 1e-4 * a.abs().max(1.0),

@@ -3,7 +3,7 @@
 //! bias on the CPU). Each layer knows its tensor path (`model.layers.0.self_attn.q_proj`), the key
 //! under which adapters and quantized weights are looked up.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::{Arc, OnceLock};
@@ -136,7 +136,7 @@ impl Linear {
                 return Ok(None);
             };
             if !t.device().is_cpu()
-                || own_kernel(t.dtype()).is_none()
+                || lmkit_kernels::quant::QType::of(t.dtype()).is_none()
                 || dtype.is_some_and(|d| d != t.dtype())
             {
                 return Ok(None);
@@ -296,7 +296,9 @@ impl Linear {
                 let cpu =
                     matches!(q, QMatMul::QTensor(t) if t.device().is_cpu()) && x.device().is_cpu();
                 let own = match q {
-                    QMatMul::QTensor(t) if cpu => own_kernel(t.dtype()).map(|ty| (t, ty)),
+                    QMatMul::QTensor(t) if cpu => {
+                        lmkit_kernels::quant::QType::of(t.dtype()).map(|ty| (t, ty))
+                    }
                     _ => None,
                 };
                 // Where a gradient must pass through the layer (adapters before it are
@@ -474,16 +476,11 @@ impl candle_core::CustomOp1 for FrozenQuant {
         };
         let (n, k) = t.shape().dims2()?;
         let data = t.data()?;
-        // Q4_1 and Q8_0 on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and the
-        // weight as packed rounded to bf16, f32 sums (as the forward product there).
-        // The other block types there too, dequantized by candle's code as packed.
+        // Every block type on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and
+        // the weight as packed rounded to bf16, f32 sums (as the forward product there).
         if grad.dtype() == candle_core::DType::F32 {
             let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let dx = match own_kernel(t.dtype()) {
-                Some(ty) => lmkit_kernels::quant::quant_product_nk(&g, &data, ty, n, k),
-                None => lmkit_kernels::quant::tiles_product_nk(&g, &data, t.dtype(), n, k),
-            };
-            if let Some(dx) = dx {
+            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, &data, t.dtype(), n, k) {
                 return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
             }
         }
@@ -510,15 +507,6 @@ impl candle_core::CustomOp1 for FrozenQuant {
         }
         let dx = dx.ok_or_else(|| candle_core::Error::Msg("empty quantized layer".into()))?;
         Ok(Some(dx.reshape(x.shape())?))
-    }
-}
-
-/// The block types lmkit multiplies with its own kernels.
-fn own_kernel(dtype: GgmlDType) -> Option<lmkit_kernels::quant::QType> {
-    match dtype {
-        GgmlDType::Q4_1 => Some(lmkit_kernels::quant::QType::Q4_1),
-        GgmlDType::Q8_0 => Some(lmkit_kernels::quant::QType::Q8_0),
-        _ => None,
     }
 }
 
