@@ -2,7 +2,8 @@
 //! type lmkit multiplies against 8-bit activations (`quant::ggml_product`), each weight read
 //! from memory as a decoding step reads it: the median of 3 turns of 41 calls, the weight bytes read per
 //! second, and beside it, in turns between lmkit's, candle's quantized product of the same
-//! weight.
+//! weight; for the types lmkit interleaves on CPUs with AVX-512 VNNI
+//! (`lmkit_kernels::interleaved`, as GGUF layers are loaded there), the interleaved product too.
 //!
 //! usage: `cargo run --release -p lmkit-kernels --example dot_types_speed`
 
@@ -48,7 +49,11 @@ fn main() -> candle_core::Result<()> {
                 QMatMul::from_qtensor(QTensor::new(s, (n, k))?)
             })
             .collect::<candle_core::Result<_>>()?;
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let packed: Vec<_> = ws
+            .iter()
+            .map_while(|b| lmkit_kernels::interleaved::Interleaved::new(b, dtype, n, k))
+            .collect();
+        let (mut ours, mut theirs, mut inter) = (Vec::new(), Vec::new(), Vec::new());
         // Turns of 41 calls each: the two products' thread pools wait differently between calls
         // (lmkit's polls for a few milliseconds), so calls of one are not mixed with the other's.
         for turn in 0..3 {
@@ -66,12 +71,35 @@ fn main() -> candle_core::Result<()> {
                 theirs.push(t.elapsed().as_secs_f64());
                 assert_eq!(y.dims(), [1, n]);
             }
+            if !packed.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                for call in 0..41 {
+                    let t = Instant::now();
+                    let y = packed[(call + turn) % copies]
+                        .product(&x)
+                        .expect("whole rows");
+                    inter.push(t.elapsed().as_secs_f64());
+                    assert_eq!(y.len(), n);
+                }
+            }
         }
         ours.sort_by(f64::total_cmp);
         theirs.sort_by(f64::total_cmp);
         let (a, b) = (ours[ours.len() / 2], theirs[theirs.len() / 2]);
+        let interleaved = if inter.is_empty() {
+            String::new()
+        } else {
+            inter.sort_by(f64::total_cmp);
+            let c = inter[inter.len() / 2];
+            format!(
+                "; interleaved {:7.1} us ({:5.1} GB/s, {:4.2}x the per-row)",
+                c * 1e6,
+                bytes.len() as f64 / c / 1e9,
+                a / c
+            )
+        };
         println!(
-            "{:>5}: lmkit {:7.1} us ({:5.1} GB/s), candle {:7.1} us ({:5.2}x)",
+            "{:>5}: lmkit {:7.1} us ({:5.1} GB/s), candle {:7.1} us ({:5.2}x){interleaved}",
             format!("{dtype:?}"),
             a * 1e6,
             bytes.len() as f64 / a / 1e9,

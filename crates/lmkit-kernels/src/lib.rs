@@ -44,6 +44,7 @@ pub mod fused;
 pub mod gemm;
 pub mod half_ops;
 pub mod half_weights;
+pub mod interleaved;
 pub mod nccl;
 pub mod padded_attention;
 pub mod quant;

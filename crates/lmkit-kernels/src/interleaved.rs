@@ -1,0 +1,723 @@
+//! Block-quantized weights with 16 rows interleaved, for decoding steps on CPUs with AVX-512
+//! VNNI: a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) is
+//! rearranged once, when it is loaded, so that the blocks of 16 rows at one depth lie together:
+//! their 16 scales side by side, then their values 4 bytes per row at a time. One 64-byte load then
+//! holds 4 values of each of the 16 rows, and one `vpdpbusd` multiplies them by the same 4
+//! activation bytes (broadcast), summing each row's products in its own lane: the 16 rows' dot
+//! products come out in one vector, scaled by the 16 scales in one step. The weights' bytes are
+//! read as one stream, and a block costs a sixteenth of the instructions of a per-row dot product.
+//! The arithmetic is llama.cpp's (8-bit activations, [`crate::quant::quantize_q8_1`]); only the
+//! order of the f32 sums differs from [`crate::quant::ggml_product`].
+//!
+//! The rearranged weight takes exactly the bytes of the original, which it replaces; products of
+//! [`crate::quant::TILE_MIN_ROWS`] rows or more on CPUs with AMX tiles (prompts) run on the tiles
+//! from a copy in the original layout made for the product (the tiles dequantize every block
+//! anyway), as does anything that needs the original blocks ([`Interleaved::original`]).
+//!
+//! Layout, per group of 16 rows and block index (16 blocks' bytes in all):
+//! - the 16 scales d (f16), then for Q4_1 and Q5_1 the 16 minimums m (f16);
+//! - Q8_0: 8 runs of 64 bytes; run j holds values 4j..4j+4 of each row (row r at bytes
+//!   4r..4r+4), each plus 128 (as unsigned bytes);
+//! - the 4- and 5-bit types: 4 runs of 64 bytes; run t holds, for row r at bytes 4r..4r+4, values
+//!   4t..4t+4 in the low nibbles and values 16+4t..16+4t+4 in the high ones (their low 4 bits);
+//!   then for Q5_0 and Q5_1 8 masks of 64 bits: bit 4r+p of mask j is the fifth bit of value
+//!   4j+p of row r.
+//!
+//! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here) are summed as
+//! stored, and the offset times the activations' sum is taken off in the integer sums.
+
+use crate::quant::{quantize_q8_1, Q8_1, QK};
+use candle_core::quantized::GgmlDType;
+
+/// Rows per interleaved group: one 512-bit vector's 32-bit lanes.
+pub const GROUP_ROWS: usize = 16;
+
+/// The block types this layout holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl Kind {
+    fn of(dtype: GgmlDType) -> Option<Kind> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Kind::Q4_0,
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q5_0 => Kind::Q5_0,
+            GgmlDType::Q5_1 => Kind::Q5_1,
+            GgmlDType::Q8_0 => Kind::Q8_0,
+            _ => return None,
+        })
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_0 => 18,
+            Kind::Q4_1 => 20,
+            Kind::Q5_0 => 22,
+            Kind::Q5_1 => 24,
+            Kind::Q8_0 => 34,
+        }
+    }
+
+    /// Whether blocks hold a minimum m after d (values are v·d + m).
+    fn has_min(self) -> bool {
+        matches!(self, Kind::Q4_1 | Kind::Q5_1)
+    }
+
+    /// Whether values have a fifth bit (kept in a 32-bit word after the scales).
+    fn fifth_bit(self) -> bool {
+        matches!(self, Kind::Q5_0 | Kind::Q5_1)
+    }
+
+    /// What the values as stored here exceed the signed values by (0 for the types with a
+    /// minimum, whose values are unsigned).
+    fn offset(self) -> i32 {
+        match self {
+            Kind::Q4_0 => 8,
+            Kind::Q5_0 => 16,
+            Kind::Q8_0 => 128,
+            Kind::Q4_1 | Kind::Q5_1 => 0,
+        }
+    }
+
+    /// Bytes of scales (and minimums) at the start of each block of the original layout.
+    fn scale_bytes(self) -> usize {
+        if self.has_min() {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// A block's 32 values as stored here: unsigned, the offset included (Q8_0's byte plus 128).
+    fn values(self, b: &[u8]) -> [u8; QK] {
+        let mut v = [0u8; QK];
+        if self == Kind::Q8_0 {
+            for (v, &q) in v.iter_mut().zip(&b[2..34]) {
+                *v = q ^ 0x80;
+            }
+            return v;
+        }
+        let s = self.scale_bytes();
+        let (qh, qs) = if self.fifth_bit() {
+            (
+                u32::from_le_bytes([b[s], b[s + 1], b[s + 2], b[s + 3]]),
+                &b[s + 4..s + 20],
+            )
+        } else {
+            (0, &b[s..s + 16])
+        };
+        for i in 0..16 {
+            v[i] = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4) as u8;
+            v[i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4) as u8;
+        }
+        v
+    }
+
+    /// The original block from its scale bytes and its values as [`Kind::values`] gives them.
+    fn block(self, scales: &[u8], v: &[u8; QK], out: &mut [u8]) {
+        let s = self.scale_bytes();
+        out[..s].copy_from_slice(&scales[..s]);
+        if self == Kind::Q8_0 {
+            for (o, &v) in out[2..34].iter_mut().zip(v) {
+                *o = v ^ 0x80;
+            }
+            return;
+        }
+        let mut at = s;
+        if self.fifth_bit() {
+            let qh = (0..QK).fold(0u32, |h, i| h | (((v[i] >> 4) & 1) as u32) << i);
+            out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
+            at += 4;
+        }
+        for i in 0..16 {
+            out[at + i] = (v[i] & 0x0F) | ((v[i + 16] & 0x0F) << 4);
+        }
+    }
+}
+
+/// A weight [n, k] of a 32-value GGML block type, its whole groups of 16 rows interleaved (see
+/// the module's note), the rows after the last whole group as stored.
+#[derive(Debug)]
+pub struct Interleaved {
+    dtype: GgmlDType,
+    kind: Kind,
+    n: usize,
+    k: usize,
+    groups: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+/// Whether this CPU multiplies interleaved weights: AVX-512 (F, BW, VL) with VNNI, and
+/// `LMKIT_SIMD` not capping the kernels below AVX-512.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            crate::simd::simd_level() >= 2 && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+impl Interleaved {
+    /// `bytes`, a weight [n, k] of type `dtype` as a GGUF file stores it, interleaved: `None`
+    /// where this CPU lacks the kernels ([`available`]), for other types, for fewer than 16 rows,
+    /// and for sizes that disagree.
+    pub fn new(bytes: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Interleaved> {
+        if !available() {
+            return None;
+        }
+        Self::rearranged(bytes, dtype, n, k)
+    }
+
+    /// As [`Interleaved::new`], whatever the CPU (the layout alone).
+    fn rearranged(bytes: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Interleaved> {
+        let kind = Kind::of(dtype)?;
+        let bb = kind.block_bytes();
+        if n < GROUP_ROWS || k == 0 || !k.is_multiple_of(QK) || bytes.len() != n * (k / QK) * bb {
+            return None;
+        }
+        let blocks = k / QK;
+        let row_bytes = blocks * bb;
+        let whole = n / GROUP_ROWS * GROUP_ROWS;
+        let mut groups = vec![0u8; whole * row_bytes];
+        let group_bytes = GROUP_ROWS * row_bytes;
+        let at = if kind.has_min() { 64 } else { 32 };
+        for (g, out) in groups.chunks_exact_mut(group_bytes).enumerate() {
+            let rows = &bytes[g * group_bytes..(g + 1) * group_bytes];
+            for (b, o) in out.chunks_exact_mut(GROUP_ROWS * bb).enumerate() {
+                let mut masks = [0u64; 8];
+                for r in 0..GROUP_ROWS {
+                    let block = &rows[r * row_bytes + b * bb..][..bb];
+                    o[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+                    if kind.has_min() {
+                        o[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&block[2..4]);
+                    }
+                    let v = kind.values(block);
+                    if kind == Kind::Q8_0 {
+                        for j in 0..8 {
+                            o[at + 64 * j + 4 * r..][..4].copy_from_slice(&v[4 * j..4 * j + 4]);
+                        }
+                        continue;
+                    }
+                    for t in 0..4 {
+                        for p in 0..4 {
+                            let (lo, hi) = (v[4 * t + p], v[16 + 4 * t + p]);
+                            o[at + 64 * t + 4 * r + p] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+                        }
+                    }
+                    for (j, mask) in masks.iter_mut().enumerate() {
+                        for p in 0..4 {
+                            *mask |= (((v[4 * j + p] >> 4) & 1) as u64) << (4 * r + p);
+                        }
+                    }
+                }
+                if kind.fifth_bit() {
+                    for (j, mask) in masks.iter().enumerate() {
+                        let m = at + 256 + 8 * j;
+                        o[m..m + 8].copy_from_slice(&mask.to_le_bytes());
+                    }
+                }
+            }
+        }
+        Some(Interleaved {
+            dtype,
+            kind,
+            n,
+            k,
+            groups,
+            tail: bytes[whole * row_bytes..].to_vec(),
+        })
+    }
+
+    /// The weight's type.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// (rows n, depth k).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held (as many as the original layout's).
+    pub fn len(&self) -> usize {
+        self.groups.len() + self.tail.len()
+    }
+
+    /// Whether the weight holds no bytes (never: it has 16 rows or more).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The weight's blocks in the original layout (as the GGUF file stored them), bit for bit.
+    pub fn original(&self) -> Vec<u8> {
+        let kind = self.kind;
+        let bb = kind.block_bytes();
+        let row_bytes = self.k / QK * bb;
+        let group_bytes = GROUP_ROWS * row_bytes;
+        let s = kind.scale_bytes();
+        let mut out = vec![0u8; self.len()];
+        for (g, rows) in out[..self.groups.len()]
+            .chunks_exact_mut(group_bytes)
+            .enumerate()
+        {
+            let packed = &self.groups[g * group_bytes..(g + 1) * group_bytes];
+            for (b, o) in packed.chunks_exact(GROUP_ROWS * bb).enumerate() {
+                let at = if kind.has_min() { 64 } else { 32 };
+                let masks: [u64; 8] = std::array::from_fn(|j| {
+                    if kind.fifth_bit() {
+                        let m = at + 256 + 8 * j;
+                        u64::from_le_bytes(o[m..m + 8].try_into().expect("8 bytes"))
+                    } else {
+                        0
+                    }
+                });
+                for r in 0..GROUP_ROWS {
+                    let mut scales = [0u8; 4];
+                    scales[..2].copy_from_slice(&o[2 * r..2 * r + 2]);
+                    if kind.has_min() {
+                        scales[2..].copy_from_slice(&o[32 + 2 * r..32 + 2 * r + 2]);
+                    }
+                    let mut v = [0u8; QK];
+                    if kind == Kind::Q8_0 {
+                        for j in 0..8 {
+                            v[4 * j..4 * j + 4].copy_from_slice(&o[at + 64 * j + 4 * r..][..4]);
+                        }
+                    } else {
+                        for t in 0..4 {
+                            for p in 0..4 {
+                                let byte = o[at + 64 * t + 4 * r + p];
+                                v[4 * t + p] = byte & 0x0F;
+                                v[16 + 4 * t + p] = byte >> 4;
+                            }
+                        }
+                        for (j, mask) in masks.iter().enumerate() {
+                            for p in 0..4 {
+                                v[4 * j + p] |= (((mask >> (4 * r + p)) & 1) as u8) << 4;
+                            }
+                        }
+                    }
+                    kind.block(&scales[..s], &v, &mut rows[r * row_bytes + b * bb..][..bb]);
+                }
+            }
+        }
+        out[self.groups.len()..].copy_from_slice(&self.tail);
+        out
+    }
+
+    /// Layers that read the same input, one above the other: one weight of all their rows, when
+    /// they are all of one type and depth and every one but the last is whole groups of 16 rows.
+    pub fn stacked(parts: &[&Interleaved]) -> Option<Interleaved> {
+        let first = parts.first()?;
+        let (last, before) = parts.split_last()?;
+        if parts
+            .iter()
+            .any(|p| p.dtype != first.dtype || p.k != first.k)
+            || before.iter().any(|p| !p.tail.is_empty())
+        {
+            return None;
+        }
+        let mut groups = Vec::with_capacity(parts.iter().map(|p| p.groups.len()).sum());
+        for p in parts {
+            groups.extend_from_slice(&p.groups);
+        }
+        Some(Interleaved {
+            dtype: first.dtype,
+            kind: first.kind,
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+            groups,
+            tail: last.tail.clone(),
+        })
+    }
+
+    /// Rows of `xs` (each of k values) times the weightᵀ: the rows' outputs, n values each; `None`
+    /// when `xs` is not whole rows. From [`crate::quant::TILE_MIN_ROWS`] rows where the CPU has
+    /// AMX tiles, on the tiles (from a copy in the original layout); otherwise against 8-bit
+    /// activations.
+    pub fn product(&self, xs: &[f32]) -> Option<Vec<f32>> {
+        if !xs.len().is_multiple_of(self.k) {
+            return None;
+        }
+        let m = xs.len() / self.k;
+        if m >= crate::quant::TILE_MIN_ROWS && crate::amx::available() {
+            let w = self.original();
+            return crate::quant::ggml_product(xs, &w, self.dtype, self.n, self.k);
+        }
+        if !available() {
+            // Built where the kernels run; kept for a caller that caps LMKIT_SIMD later.
+            let w = self.original();
+            return crate::quant::ggml_product(xs, &w, self.dtype, self.n, self.k);
+        }
+        Some(self.dots(xs, m))
+    }
+
+    /// The product against 8-bit activations, on the interleaved kernels (and the tail's rows
+    /// on [`crate::quant::ggml_product`]'s).
+    fn dots(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let blocks = k / QK;
+        let mut q = Vec::with_capacity(m * blocks);
+        let mut row = Vec::with_capacity(blocks);
+        for r in xs.chunks_exact(k) {
+            quantize_q8_1(r, &mut row);
+            q.extend_from_slice(&row);
+        }
+        let sums: Vec<i32> = q
+            .iter()
+            .map(|b| b.qs.iter().map(|&v| v as i32).sum())
+            .collect();
+        let acts: Vec<(&[Q8_1], &[i32])> = q
+            .chunks_exact(blocks)
+            .zip(sums.chunks_exact(blocks))
+            .collect();
+        let group_bytes = GROUP_ROWS * blocks * self.kind.block_bytes();
+        let whole = self.groups.len() / group_bytes * GROUP_ROWS;
+        let tile = |g0: usize, g1: usize, out: &mut [f32]| {
+            // out: [m, (g1 - g0) · 16] row-major.
+            let cols = (g1 - g0) * GROUP_ROWS;
+            for g in g0..g1 {
+                let w = &self.groups[g * group_bytes..(g + 1) * group_bytes];
+                let mut i = 0;
+                while i < m {
+                    let r = (m - i).min(4);
+                    let mut res = [[0f32; GROUP_ROWS]; 4];
+                    kernels::group(self.kind, w, &acts[i..i + r], &mut res[..r]);
+                    for (j, v) in res[..r].iter().enumerate() {
+                        let at = (i + j) * cols + (g - g0) * GROUP_ROWS;
+                        out[at..at + GROUP_ROWS].copy_from_slice(v);
+                    }
+                    i += r;
+                }
+            }
+        };
+        let tasks = (whole / GROUP_ROWS).div_ceil(GROUPS_PER_TASK);
+        let span = |t: usize| {
+            (
+                t * GROUPS_PER_TASK,
+                ((t + 1) * GROUPS_PER_TASK).min(whole / GROUP_ROWS),
+            )
+        };
+        let serial = m * n * k < PARALLEL_MIN_PRODUCTS;
+        let mut y = vec![0f32; m * n];
+        if m == 1 && whole == n {
+            let run = |t: usize, out: &mut [f32]| {
+                let (g0, g1) = span(t);
+                tile(g0, g1, out)
+            };
+            let per_task = GROUPS_PER_TASK * GROUP_ROWS;
+            if serial {
+                y.chunks_mut(per_task)
+                    .enumerate()
+                    .for_each(|(t, out)| run(t, out));
+            } else {
+                crate::team::for_each_chunk_mut(&mut y, per_task, run);
+            }
+            return y;
+        }
+        let make = |t: usize| {
+            let (g0, g1) = span(t);
+            let mut out = vec![0f32; m * (g1 - g0) * GROUP_ROWS];
+            tile(g0, g1, &mut out);
+            out
+        };
+        let tiles: Vec<Vec<f32>> = if serial {
+            (0..tasks).map(make).collect()
+        } else if m <= TEAM_MAX_ROWS {
+            crate::team::map(tasks, make)
+        } else {
+            use rayon::prelude::*;
+            (0..tasks).into_par_iter().map(make).collect()
+        };
+        for (t, tile) in tiles.iter().enumerate() {
+            let c0 = t * GROUPS_PER_TASK * GROUP_ROWS;
+            let cols = tile.len() / m;
+            for i in 0..m {
+                y[i * n + c0..i * n + c0 + cols].copy_from_slice(&tile[i * cols..(i + 1) * cols]);
+            }
+        }
+        if whole < n {
+            let rest = n - whole;
+            let part = crate::quant::ggml_product(xs, &self.tail, self.dtype, rest, k)
+                .expect("the tail's sizes were checked when it was made");
+            for i in 0..m {
+                y[i * n + whole..(i + 1) * n].copy_from_slice(&part[i * rest..(i + 1) * rest]);
+            }
+        }
+        y
+    }
+}
+
+/// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
+const GROUPS_PER_TASK: usize = 2;
+/// Products (rows × columns × depth) below which one thread does the whole product.
+const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
+/// Input rows up to which a product runs on [`crate::team`] rather than rayon's pool.
+const TEAM_MAX_ROWS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+mod kernels {
+    use super::{Kind, GROUP_ROWS};
+    use crate::quant::{Q8_1, QK};
+    use std::arch::x86_64::*;
+
+    /// Weight bytes fetched ahead of the block being multiplied.
+    const PREFETCH: usize = 4096;
+
+    /// One group's 16 outputs for each of 1–4 activation rows (`acts`: each row's blocks and
+    /// their sums of values), into `out` (one array per row).
+    pub(super) fn group(kind: Kind, w: &[u8], acts: &[(&[Q8_1], &[i32])], out: &mut [[f32; 16]]) {
+        assert!(
+            super::available(),
+            "the interleaved kernels need AVX-512 VNNI"
+        );
+        macro_rules! rows {
+            ($k:literal) => {
+                // SAFETY: `available` checked that the CPU has AVX-512 F, BW, VL and VNNI.
+                unsafe {
+                    match acts.len() {
+                        1 => one::<$k, 1>(w, acts, out),
+                        2 => one::<$k, 2>(w, acts, out),
+                        3 => one::<$k, 3>(w, acts, out),
+                        _ => one::<$k, 4>(w, acts, out),
+                    }
+                }
+            };
+        }
+        match kind {
+            Kind::Q4_0 => rows!(0),
+            Kind::Q4_1 => rows!(1),
+            Kind::Q5_0 => rows!(2),
+            Kind::Q5_1 => rows!(3),
+            Kind::Q8_0 => rows!(4),
+        }
+    }
+
+    /// The kind a kernel's constant names.
+    const fn kind(k: u8) -> Kind {
+        match k {
+            0 => Kind::Q4_0,
+            1 => Kind::Q4_1,
+            2 => Kind::Q5_0,
+            3 => Kind::Q5_1,
+            _ => Kind::Q8_0,
+        }
+    }
+
+    /// 4 activation bytes (values 4j..4j+4 of a block) in every 32-bit lane.
+    #[target_feature(enable = "avx512f")]
+    fn quad(y: &Q8_1, j: usize) -> __m512i {
+        let q = &y.qs[4 * j..4 * j + 4];
+        _mm512_set1_epi32(i32::from_le_bytes([
+            q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+        ]))
+    }
+
+    /// 64 bytes of `b` from `at`.
+    #[target_feature(enable = "avx512f")]
+    fn load64(b: &[u8], at: usize) -> __m512i {
+        let b = &b[at..at + 64];
+        // SAFETY: `b` holds 64 bytes.
+        unsafe { _mm512_loadu_si512(b.as_ptr() as *const __m512i) }
+    }
+
+    /// 16 f16 at `b[at..at + 32]`, widened.
+    #[target_feature(enable = "avx512f")]
+    fn halves16(b: &[u8], at: usize) -> __m512 {
+        let b = &b[at..at + 32];
+        // SAFETY: `b` holds 32 bytes.
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) })
+    }
+
+    /// The group's 16 outputs for `R` activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn one<const K: u8, const R: usize>(
+        w: &[u8],
+        acts: &[(&[Q8_1], &[i32])],
+        out: &mut [[f32; 16]],
+    ) {
+        let kind = kind(K);
+        let bb = GROUP_ROWS * kind.block_bytes();
+        let acts: [(&[Q8_1], &[i32]); R] = std::array::from_fn(|r| acts[r]);
+        let blocks = acts
+            .iter()
+            .fold(w.len() / bb, |b, (x, s)| b.min(x.len()).min(s.len()));
+        let at = if kind.has_min() { 64 } else { 32 };
+        let m4 = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            let mut even: [__m512i; R] =
+                std::array::from_fn(|r| _mm512_set1_epi32(-kind.offset() * acts[r].1[b]));
+            let mut odd = [_mm512_setzero_si512(); R];
+            if kind == Kind::Q8_0 {
+                for j in (0..8).step_by(2) {
+                    let (v0, v1) = (load64(block, at + 64 * j), load64(block, at + 64 * j + 64));
+                    for r in 0..R {
+                        let y = &acts[r].0[b];
+                        even[r] = _mm512_dpbusd_epi32(even[r], v0, quad(y, j));
+                        odd[r] = _mm512_dpbusd_epi32(odd[r], v1, quad(y, j + 1));
+                    }
+                }
+            } else {
+                for t in 0..4 {
+                    let v = load64(block, at + 64 * t);
+                    let mut lo = _mm512_and_si512(v, m4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    if kind.fifth_bit() {
+                        let mask = |j: usize| {
+                            let m = at + 256 + 8 * j;
+                            u64::from_le_bytes(block[m..m + 8].try_into().expect("8 bytes"))
+                        };
+                        lo = _mm512_mask_add_epi8(lo, mask(t), lo, sixteen);
+                        hi = _mm512_mask_add_epi8(hi, mask(t + 4), hi, sixteen);
+                    }
+                    for r in 0..R {
+                        let y = &acts[r].0[b];
+                        even[r] = _mm512_dpbusd_epi32(even[r], lo, quad(y, t));
+                        odd[r] = _mm512_dpbusd_epi32(odd[r], hi, quad(y, t + 4));
+                    }
+                }
+            }
+            let d = halves16(block, 0);
+            let mins = if kind.has_min() {
+                halves16(block, 32)
+            } else {
+                _mm512_setzero_ps()
+            };
+            for r in 0..R {
+                let y = &acts[r].0[b];
+                let sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+                acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(d, _mm512_set1_ps(y.d)), acc[r]);
+                if kind.has_min() {
+                    acc[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(y.s), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: `out[r]` holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
+
+    const _: () = assert!(QK == 32 && GROUP_ROWS == 16);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernels {
+    use super::Kind;
+    use crate::quant::Q8_1;
+
+    pub(super) fn group(_: Kind, _: &[u8], _: &[(&[Q8_1], &[i32])], _: &mut [[f32; 16]]) {
+        unreachable!("interleaved weights are made only where the kernels run")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::Device;
+
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
+    /// Weights [n, k] with an offset (so minimums matter), quantized by candle.
+    fn weights(dtype: GgmlDType, n: usize, k: usize) -> Vec<u8> {
+        let w = crate::testing::randn(0.3f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, dtype)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    }
+
+    /// Any bytes (scales that are NaN or infinite included) come back as they were: the layout
+    /// only moves bits. 53 rows: three whole groups and a tail.
+    #[test]
+    fn original_blocks_come_back_bit_for_bit() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for dtype in TYPES {
+            let (n, k) = (53, 96);
+            let len = n * k / QK * Kind::of(dtype).unwrap().block_bytes();
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 24) as u8
+                })
+                .collect();
+            let w = Interleaved::rearranged(&bytes, dtype, n, k).unwrap();
+            assert_eq!(w.len(), bytes.len());
+            assert_eq!(w.original(), bytes, "{dtype:?}");
+            // Stacked: the parts' rows one above the other, as stored.
+            let (a, b) = bytes.split_at(32 * k / QK * Kind::of(dtype).unwrap().block_bytes());
+            let a = Interleaved::rearranged(a, dtype, 32, k).unwrap();
+            let b = Interleaved::rearranged(b, dtype, n - 32, k).unwrap();
+            let s = Interleaved::stacked(&[&a, &b]).unwrap();
+            assert_eq!((s.dims(), s.original()), ((n, k), bytes.clone()));
+            // A part with a tail cannot go above another.
+            assert!(Interleaved::stacked(&[&b, &a]).is_none());
+        }
+        // Sizes that disagree, fewer than 16 rows, other types: not rearranged.
+        let w = weights(GgmlDType::Q4_0, 16, 64);
+        assert!(Interleaved::rearranged(&w, GgmlDType::Q4_0, 16, 64).is_some());
+        assert!(Interleaved::rearranged(&w[1..], GgmlDType::Q4_0, 16, 64).is_none());
+        assert!(Interleaved::rearranged(&w[..w.len() / 2], GgmlDType::Q4_0, 8, 64).is_none());
+        assert!(Interleaved::rearranged(&w, GgmlDType::Q4K, 16, 64).is_none());
+    }
+
+    /// The interleaved kernels give `quant::ggml_product`'s outputs (the per-row 8-bit dot
+    /// products, the same arithmetic) up to the order of f32 sums: 1–9 input rows (the kernels'
+    /// 1–4-row passes, a serial product and the team's), whole groups and a tail of 5 rows.
+    #[test]
+    fn products_equal_the_per_row_dot_products() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        for dtype in TYPES {
+            for (n, k) in [(53, 256), (96, 128)] {
+                let bytes = weights(dtype, n, k);
+                let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
+                for m in [1, 2, 3, 4, 5, 9] {
+                    let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
+                    let got = w.dots(&xs, m);
+                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 2e-5 * scale,
+                            "{dtype:?} [{n}, {k}] m {m} output {i}: {g} against {e}"
+                        );
+                    }
+                    assert_eq!(w.product(&xs).unwrap().len(), m * n);
+                }
+            }
+        }
+    }
+}
