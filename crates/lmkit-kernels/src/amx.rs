@@ -141,9 +141,72 @@ pub fn quant_product(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
+    quant_product_rows(x, QuantRows::Stored(w), ty, (m, n, k))
+}
+
+/// A block-quantized weight's rows as the tile products read them.
+#[derive(Clone, Copy)]
+pub enum QuantRows<'a> {
+    /// The blocks as stored, row after row.
+    Stored(&'a [u8]),
+    /// Rows interleaved in groups of 16 ([`crate::interleaved`]): each group of columns' blocks
+    /// over a packed depth are put back in the stored layout as they are packed.
+    Interleaved(&'a crate::interleaved::Interleaved),
+}
+
+impl QuantRows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            QuantRows::Stored(w) => w.len(),
+            QuantRows::Interleaved(w) => w.len(),
+        }
+    }
+
+    /// `f` of rows j0 .. j0 + `count` (at most 16; the rest empty): blocks `blocks` of each
+    /// (`bytes` a block, rows of `row_bytes`), in the stored layout.
+    fn with_rows<R>(
+        &self,
+        (j0, count): (usize, usize),
+        blocks: std::ops::Range<usize>,
+        (row_bytes, bytes): (usize, usize),
+        f: impl FnOnce(&[&[u8]; 16]) -> R,
+    ) -> R {
+        let len = blocks.len() * bytes;
+        match self {
+            QuantRows::Stored(w) => f(&std::array::from_fn(|c| {
+                if c < count {
+                    &w[(j0 + c) * row_bytes + blocks.start * bytes..][..len]
+                } else {
+                    &[][..]
+                }
+            })),
+            QuantRows::Interleaved(w) => {
+                let mut scratch = vec![0u8; count * len];
+                for (c, row) in scratch.chunks_exact_mut(len.max(1)).enumerate().take(count) {
+                    w.row_blocks(j0 + c, blocks.clone(), row);
+                }
+                f(&std::array::from_fn(|c| {
+                    if c < count {
+                        &scratch[c * len..(c + 1) * len]
+                    } else {
+                        &[][..]
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// [`quant_product`] of a weight as [`QuantRows`] holds it.
+pub fn quant_product_rows(
+    x: &[f32],
+    w: QuantRows,
+    ty: crate::quant::QType,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
     if !quant_fits(
         (crate::quant::QK, ty.block_bytes()),
-        w,
+        w.len(),
         (m, n, k),
         (x.len(), k),
     ) {
@@ -162,7 +225,7 @@ pub fn quant_product(
 /// depth whole blocks): an input of `len` values, m rows of `row`.
 fn quant_fits(
     (values, bytes): (usize, usize),
-    w: &[u8],
+    w: usize,
     (m, n, k): (usize, usize, usize),
     (len, row): (usize, usize),
 ) -> bool {
@@ -175,7 +238,7 @@ fn quant_fits(
         && k.is_multiple_of(BLOCK)
         && DEPTH.is_multiple_of(values)
         && m.checked_mul(row) == Some(len)
-        && n.checked_mul(k / values * bytes) == Some(w.len())
+        && n.checked_mul(k / values * bytes) == Some(w)
 }
 
 /// The f32 rows `x` (m of `depth` values) rounded to bf16 times the `cols` columns `pack`
@@ -223,7 +286,7 @@ pub fn quant_product_nk(
 ) -> Option<Vec<f32>> {
     if !quant_fits(
         (crate::quant::QK, ty.block_bytes()),
-        w,
+        w.len(),
         (m, n, k),
         (g.len(), n),
     ) {
@@ -249,8 +312,18 @@ pub fn dequant_product(
     deq: &crate::quant::Dequantizer,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
+    dequant_product_rows(x, QuantRows::Stored(w), deq, (m, n, k))
+}
+
+/// [`dequant_product`] of a weight as [`QuantRows`] holds it.
+pub fn dequant_product_rows(
+    x: &[f32],
+    w: QuantRows,
+    deq: &crate::quant::Dequantizer,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
     let (values, bytes) = (deq.block_values, deq.block_bytes);
-    if !quant_fits((values, bytes), w, (m, n, k), (x.len(), k)) {
+    if !quant_fits((values, bytes), w.len(), (m, n, k), (x.len(), k)) {
         return None;
     }
     let row_bytes = k / values * bytes;
@@ -258,18 +331,16 @@ pub fn dequant_product(
         let pairs = depth.len() / 2;
         let out = packed.u32s(cols.len() * pairs);
         // The depth's blocks (DEPTH and k being whole blocks, so is the depth).
-        let (from, len) = (depth.start / values * bytes, depth.len() / values * bytes);
+        let blocks = depth.start / values..depth.end / values;
         let mut scratch = vec![0f32; 16 * depth.len()];
         for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
-            for (c, vals) in scratch
-                .chunks_exact_mut(depth.len())
-                .take(count)
-                .enumerate()
-            {
-                deq.to_f32(&w[(j0 + c) * row_bytes + from..][..len], vals);
-            }
+            w.with_rows((j0, count), blocks.clone(), (row_bytes, bytes), |rows| {
+                for (vals, row) in scratch.chunks_exact_mut(depth.len()).zip(&rows[..count]) {
+                    deq.to_f32(row, vals);
+                }
+            });
             // SAFETY: the tiles being there (checked above), so is AVX-512; `count` columns of
             // the depth's values, and the group depth / 2 pairs of 16 columns.
             unsafe { pack_f32_columns(&scratch, (depth.len(), count), group) };
@@ -291,7 +362,7 @@ pub fn dequant_product_nk(
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
     let (values, bytes) = (deq.block_values, deq.block_bytes);
-    if !quant_fits((values, bytes), w, (m, n, k), (g.len(), n)) {
+    if !quant_fits((values, bytes), w.len(), (m, n, k), (g.len(), n)) {
         return None;
     }
     let row_bytes = k / values * bytes;
@@ -644,7 +715,7 @@ fn pack(
 /// `depth` within it in whole blocks): each weight value dequantized in f32 and rounded to bf16.
 /// Only where [`available`] is true.
 fn pack_quant(
-    w: &[u8],
+    w: QuantRows,
     ty: crate::quant::QType,
     (n, k): (usize, usize),
     cols: std::ops::Range<usize>,
@@ -661,23 +732,20 @@ fn pack_quant(
         let j0 = cols.start + g * 16;
         let count = n.saturating_sub(j0).min(16);
         // Each of the group's columns: its row's blocks over the depth (none: a padding column).
-        let rows: [&[u8]; 16] = std::array::from_fn(|c| {
-            if c >= count {
-                return &[][..];
-            }
-            &w[(j0 + c) * row_bytes + depth.start / QK * bytes..][..depth.len() / QK * bytes]
+        let blocks = depth.start / QK..depth.end / QK;
+        w.with_rows((j0, count), blocks, (row_bytes, bytes), |rows| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the tiles being there (the caller's), so is AVX-512; each row holds the
+            // depth's blocks or is empty, and the group depth / 2 pairs of 16 columns.
+            unsafe {
+                x86::pack_quant_group(ty, rows, group)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "AMX tiles on another architecture: {:?}",
+                (group.len(), rows.len())
+            );
         });
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the tiles being there (the caller's), so is AVX-512; each row holds the
-        // depth's blocks or is empty, and the group depth / 2 pairs of 16 columns.
-        unsafe {
-            x86::pack_quant_group(ty, &rows, group)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "AMX tiles on another architecture: {:?}",
-            (group.len(), rows.len())
-        );
     }
 }
 

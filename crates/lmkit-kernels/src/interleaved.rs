@@ -118,32 +118,10 @@ impl Kind {
         }
         v
     }
-
-    /// The original block from its scale bytes and its values as [`Kind::values`] gives them.
-    fn block(self, scales: &[u8], v: &[u8; QK], out: &mut [u8]) {
-        let s = self.scale_bytes();
-        out[..s].copy_from_slice(&scales[..s]);
-        if self == Kind::Q8_0 {
-            for (o, &v) in out[2..34].iter_mut().zip(v) {
-                *o = v ^ 0x80;
-            }
-            return;
-        }
-        let mut at = s;
-        if self.fifth_bit() {
-            let qh = (0..QK).fold(0u32, |h, i| h | (((v[i] >> 4) & 1) as u32) << i);
-            out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
-            at += 4;
-        }
-        for i in 0..16 {
-            out[at + i] = (v[i] & 0x0F) | ((v[i + 16] & 0x0F) << 4);
-        }
-    }
 }
 
 /// A weight [n, k] of a 32-value GGML block type, its whole groups of 16 rows interleaved (see
 /// the module's note), the rows after the last whole group as stored.
-#[derive(Debug)]
 pub struct Interleaved {
     dtype: GgmlDType,
     kind: Kind,
@@ -151,6 +129,12 @@ pub struct Interleaved {
     k: usize,
     groups: Vec<u8>,
     tail: Vec<u8>,
+}
+
+impl std::fmt::Debug for Interleaved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Interleaved({:?}, [{}, {}])", self.dtype, self.n, self.k)
+    }
 }
 
 /// Whether this CPU multiplies interleaved weights: AVX-512 (F, BW, VL) with VNNI, and
@@ -260,58 +244,64 @@ impl Interleaved {
 
     /// The weight's blocks in the original layout (as the GGUF file stored them), bit for bit.
     pub fn original(&self) -> Vec<u8> {
+        let row_bytes = self.k / QK * self.kind.block_bytes();
+        let mut out = vec![0u8; self.len()];
+        for (j, row) in out.chunks_exact_mut(row_bytes).enumerate() {
+            self.row_blocks(j, 0..self.k / QK, row);
+        }
+        out
+    }
+
+    /// Blocks `blocks` of row `j` in the original layout, into `out` (as many bytes).
+    pub fn row_blocks(&self, j: usize, blocks: std::ops::Range<usize>, out: &mut [u8]) {
         let kind = self.kind;
         let bb = kind.block_bytes();
         let row_bytes = self.k / QK * bb;
-        let group_bytes = GROUP_ROWS * row_bytes;
+        let whole = self.groups.len() / row_bytes;
+        let out = &mut out[..blocks.len() * bb];
+        if j >= whole {
+            let row = &self.tail[(j - whole) * row_bytes..(j - whole + 1) * row_bytes];
+            out.copy_from_slice(&row[blocks.start * bb..blocks.end * bb]);
+            return;
+        }
+        let (g, r) = (j / GROUP_ROWS, j % GROUP_ROWS);
+        let group = &self.groups[g * GROUP_ROWS * row_bytes..(g + 1) * GROUP_ROWS * row_bytes];
+        let at = if kind.has_min() { 64 } else { 32 };
         let s = kind.scale_bytes();
-        let mut out = vec![0u8; self.len()];
-        for (g, rows) in out[..self.groups.len()]
-            .chunks_exact_mut(group_bytes)
-            .enumerate()
-        {
-            let packed = &self.groups[g * group_bytes..(g + 1) * group_bytes];
-            for (b, o) in packed.chunks_exact(GROUP_ROWS * bb).enumerate() {
-                let at = if kind.has_min() { 64 } else { 32 };
-                let masks: [u64; 8] = std::array::from_fn(|j| {
-                    if kind.fifth_bit() {
-                        let m = at + 256 + 8 * j;
-                        u64::from_le_bytes(o[m..m + 8].try_into().expect("8 bytes"))
-                    } else {
-                        0
-                    }
-                });
-                for r in 0..GROUP_ROWS {
-                    let mut scales = [0u8; 4];
-                    scales[..2].copy_from_slice(&o[2 * r..2 * r + 2]);
-                    if kind.has_min() {
-                        scales[2..].copy_from_slice(&o[32 + 2 * r..32 + 2 * r + 2]);
-                    }
-                    let mut v = [0u8; QK];
-                    if kind == Kind::Q8_0 {
-                        for j in 0..8 {
-                            v[4 * j..4 * j + 4].copy_from_slice(&o[at + 64 * j + 4 * r..][..4]);
-                        }
-                    } else {
-                        for t in 0..4 {
-                            for p in 0..4 {
-                                let byte = o[at + 64 * t + 4 * r + p];
-                                v[4 * t + p] = byte & 0x0F;
-                                v[16 + 4 * t + p] = byte >> 4;
-                            }
-                        }
-                        for (j, mask) in masks.iter().enumerate() {
-                            for p in 0..4 {
-                                v[4 * j + p] |= (((mask >> (4 * r + p)) & 1) as u8) << 4;
-                            }
-                        }
-                    }
-                    kind.block(&scales[..s], &v, &mut rows[r * row_bytes + b * bb..][..bb]);
+        for (b, o) in blocks.zip(out.chunks_exact_mut(bb)) {
+            let packed = &group[b * GROUP_ROWS * bb..(b + 1) * GROUP_ROWS * bb];
+            o[..2].copy_from_slice(&packed[2 * r..2 * r + 2]);
+            if kind.has_min() {
+                o[2..4].copy_from_slice(&packed[32 + 2 * r..32 + 2 * r + 2]);
+            }
+            if kind == Kind::Q8_0 {
+                // Values 4q..4q + 4 from run q, less the 128 added.
+                for q in 0..8 {
+                    let v = u32::from_le_bytes(
+                        packed[at + 64 * q + 4 * r..][..4].try_into().expect("4"),
+                    );
+                    o[2 + 4 * q..6 + 4 * q].copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
                 }
+                continue;
+            }
+            let mut qs = s;
+            if kind.fifth_bit() {
+                // The fifth bits of values 4q..4q + 4: bits 4r..4r + 4 of mask q.
+                let mut qh = 0u32;
+                for q in 0..8 {
+                    let m = at + 256 + 8 * q;
+                    let mask = u64::from_le_bytes(packed[m..m + 8].try_into().expect("8"));
+                    qh |= (((mask >> (4 * r)) & 0xF) as u32) << (4 * q);
+                }
+                o[s..s + 4].copy_from_slice(&qh.to_le_bytes());
+                qs += 4;
+            }
+            // Byte i of the stored nibbles holds values i and i + 16, as byte 4r + i % 4 of run
+            // i / 4 does.
+            for t in 0..4 {
+                o[qs + 4 * t..qs + 4 * t + 4].copy_from_slice(&packed[at + 64 * t + 4 * r..][..4]);
             }
         }
-        out[self.groups.len()..].copy_from_slice(&self.tail);
-        out
     }
 
     /// Layers that read the same input, one above the other: one weight of all their rows, when
@@ -342,16 +332,27 @@ impl Interleaved {
 
     /// Rows of `xs` (each of k values) times the weightᵀ: the rows' outputs, n values each; `None`
     /// when `xs` is not whole rows. From [`crate::quant::TILE_MIN_ROWS`] rows where the CPU has
-    /// AMX tiles, on the tiles (from a copy in the original layout); otherwise against 8-bit
-    /// activations.
+    /// AMX tiles, on the tiles as [`crate::quant::ggml_product`] (each task's blocks put back in
+    /// the stored layout as it packs them); otherwise against 8-bit activations.
     pub fn product(&self, xs: &[f32]) -> Option<Vec<f32>> {
         if !xs.len().is_multiple_of(self.k) {
             return None;
         }
         let m = xs.len() / self.k;
-        if m >= crate::quant::TILE_MIN_ROWS && crate::amx::available() {
-            let w = self.original();
-            return crate::quant::ggml_product(xs, &w, self.dtype, self.n, self.k);
+        if m >= crate::quant::TILE_MIN_ROWS {
+            use crate::amx::QuantRows;
+            let dims = (m, self.n, self.k);
+            let rows = QuantRows::Interleaved(self);
+            let tiles = match crate::quant::QType::of(self.dtype) {
+                Some(ty) => crate::amx::quant_product_rows(xs, rows, ty, dims),
+                None => {
+                    let deq = crate::quant::Dequantizer::of(self.dtype)?;
+                    crate::amx::dequant_product_rows(xs, rows, &deq, dims)
+                }
+            };
+            if tiles.is_some() {
+                return tiles;
+            }
         }
         if !available() {
             // Built where the kernels run; kept for a caller that caps LMKIT_SIMD later.
@@ -717,6 +718,32 @@ mod tests {
                     }
                     assert_eq!(w.product(&xs).unwrap().len(), m * n);
                 }
+            }
+        }
+    }
+
+    /// From 16 rows on AMX tiles, the product packs the tiles from the interleaved blocks put
+    /// back per group of columns: the same values as from the stored blocks, to the bit (5 rows
+    /// of tail, a depth of several packed depths).
+    #[test]
+    fn tile_products_read_the_interleaved_blocks_as_stored() {
+        if !available() || !crate::amx::available() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI or AMX tiles");
+            return;
+        }
+        for dtype in TYPES {
+            let (n, k) = (69, 1024);
+            let bytes = weights(dtype, n, k);
+            let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
+            for m in [16, 21] {
+                let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
+                assert_eq!(w.product(&xs).unwrap(), want, "{dtype:?} m {m}");
             }
         }
     }

@@ -6,6 +6,7 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+use lmkit_kernels::interleaved::Interleaved;
 use std::sync::{Arc, OnceLock};
 
 use super::lora::{self, Lora};
@@ -22,6 +23,10 @@ enum Weight {
     /// the activations and run the quantized dot products; the dense copy is made only when
     /// something asks for the weight itself.
     Quantized(QMatMul, Arc<OnceLock<Tensor>>),
+    /// A block-quantized weight on a CPU with AVX-512 VNNI, its rows interleaved for decoding
+    /// steps' products (see `lmkit_kernels::interleaved`) in place of the blocks as stored; the
+    /// dense copy as for `Quantized`.
+    Interleaved(Arc<Interleaved>, Arc<OnceLock<Tensor>>),
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +114,12 @@ impl Linear {
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
                 Weight::Dense(w.to_dtype(candle_core::DType::F32)?)
             }
+            QMatMul::QTensor(t) if t.device().is_cpu() => {
+                match Interleaved::new(&t.data()?, t.dtype(), out_dim, in_dim) {
+                    Some(w) => Weight::Interleaved(Arc::new(w), Arc::default()),
+                    None => Weight::Quantized(QMatMul::QTensor(t), Arc::default()),
+                }
+            }
             q => Weight::Quantized(q, Arc::default()),
         };
         Ok(Linear {
@@ -121,11 +132,30 @@ impl Linear {
 
     /// One layer computing the outputs of `parts` (which read the same input) side by side, and
     /// each part's output width, when they are all block-quantized in one of lmkit's own kernel
-    /// types: one product quantizes the input once and shares one pass of the thread pool (the
-    /// query, key and value projections of a decoding step). `None` when they cannot be stacked.
+    /// types, or all interleaved alike: one product quantizes the input once and shares one pass
+    /// of the thread pool (the query, key and value projections of a decoding step). `None` when
+    /// they cannot be stacked.
     fn stacked(parts: &[Linear], path: &str) -> candle_core::Result<Option<(Linear, Vec<usize>)>> {
+        let rows: Option<Vec<&Interleaved>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Interleaved(w, _) if p.lora.is_none() => Some(&**w),
+                _ => None,
+            })
+            .collect();
+        if let Some(rows) = rows {
+            let Some(w) = Interleaved::stacked(&rows) else {
+                return Ok(None);
+            };
+            let layer = Linear {
+                weight: Weight::Interleaved(Arc::new(w), Arc::default()),
+                bias: stacked_bias(parts)?,
+                path: path.to_string(),
+                lora: None,
+            };
+            return Ok(Some((layer, rows.iter().map(|w| w.dims().0).collect())));
+        }
         let mut data = Vec::new();
-        let mut biases = Vec::new();
         let mut widths = Vec::new();
         let (mut cols, mut dtype) = (None, None);
         for part in parts {
@@ -149,10 +179,6 @@ impl Linear {
             widths.push(n);
             cols = Some(k);
             dtype = Some(t.dtype());
-            biases.push(match &part.bias {
-                Some(b) => b.clone(),
-                None => Tensor::zeros(n, candle_core::DType::F32, &t.device())?,
-            });
         }
         let (Some(k), Some(dtype)) = (cols, dtype) else {
             return Ok(None);
@@ -163,18 +189,13 @@ impl Linear {
             &device,
             dtype,
         )?;
-        let bias = if parts.iter().any(|p| p.bias.is_some()) {
-            Some(Tensor::cat(&biases, 0)?)
-        } else {
-            None
-        };
         let rows = widths.iter().sum::<usize>();
         let layer = Linear {
             weight: Weight::Quantized(
                 QMatMul::from_qtensor(QTensor::new(storage, (rows, k))?)?,
                 Arc::default(),
             ),
-            bias,
+            bias: stacked_bias(parts)?,
             path: path.to_string(),
             lora: None,
         };
@@ -193,6 +214,11 @@ impl Linear {
                 t.dequantize(&t.device())
                     .expect("a loaded GGUF tensor dequantizes")
             }),
+            Weight::Interleaved(w, dense) => dense.get_or_init(|| {
+                stored_blocks(w)
+                    .and_then(|t| t.dequantize(&candle_core::Device::Cpu))
+                    .expect("a loaded GGUF tensor dequantizes")
+            }),
         }
     }
 
@@ -201,14 +227,19 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Transposed(w) => w.t(),
-            Weight::Quantized(..) => Ok(self.weight().clone()),
+            Weight::Quantized(..) | Weight::Interleaved(..) => Ok(self.weight().clone()),
         }
     }
 
     /// Whether the weight is block-quantized (a GGUF file's Q4_1, Q8_0, K-quants, ...) on the CPU.
     pub fn is_block_quantized(&self) -> bool {
-        matches!(&self.weight, Weight::Quantized(QMatMul::QTensor(t), _)
-            if t.device().is_cpu() && lmkit_kernels::quant::Dequantizer::of(t.dtype()).is_some())
+        match &self.weight {
+            Weight::Quantized(QMatMul::QTensor(t), _) => {
+                t.device().is_cpu() && lmkit_kernels::quant::Dequantizer::of(t.dtype()).is_some()
+            }
+            Weight::Interleaved(..) => true,
+            _ => false,
+        }
     }
 
     /// (outputs, inputs), whatever the storage (nothing is dequantized).
@@ -218,6 +249,7 @@ impl Linear {
             Weight::Transposed(w) => w.dims2().map(|(i, o)| (o, i)),
             Weight::Quantized(QMatMul::QTensor(t), _) => t.shape().dims2(),
             Weight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w), _) => w.dims2(),
+            Weight::Interleaved(w, _) => Ok(w.dims()),
         }
     }
 
@@ -249,7 +281,9 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.t(),
             Weight::Transposed(w) => Ok(w.clone()),
-            Weight::Quantized(..) => candle_core::bail!("{}: a quantized weight", self.path),
+            Weight::Quantized(..) | Weight::Interleaved(..) => {
+                candle_core::bail!("{}: a quantized weight", self.path)
+            }
         }
     }
 
@@ -304,9 +338,11 @@ impl Linear {
                 // Where a gradient must pass through the layer (adapters before it are
                 // trained), the product is a node that gives its input one.
                 let y = if x.track_op() {
-                    x.contiguous()?.apply_op1(FrozenQuant(q.clone()))?
+                    x.contiguous()?
+                        .apply_op1(FrozenQuant(Frozen::Stored(q.clone())))?
                 } else if cpu && x.dtype() == candle_core::DType::F32 {
-                    x.contiguous()?.apply_op1_no_bwd(&FrozenQuant(q.clone()))?
+                    x.contiguous()?
+                        .apply_op1_no_bwd(&FrozenQuant(Frozen::Stored(q.clone())))?
                 } else if let Some((t, ty)) = own {
                     let (n, k) = t.shape().dims2()?;
                     lmkit_kernels::quant::quant_matmul(x, &t.data()?, ty, n, k)?
@@ -318,8 +354,52 @@ impl Linear {
                     None => Ok(y),
                 }
             }
+            Weight::Interleaved(w, _) => {
+                let op = FrozenQuant(Frozen::Interleaved(w.clone()));
+                let y = if x.track_op() {
+                    x.contiguous()?.apply_op1(op)?
+                } else {
+                    x.to_dtype(candle_core::DType::F32)?
+                        .contiguous()?
+                        .apply_op1_no_bwd(&op)?
+                };
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
+}
+
+/// The parts' biases side by side (zeros for a part without one), or `None` when no part has
+/// one.
+fn stacked_bias(parts: &[Linear]) -> candle_core::Result<Option<Tensor>> {
+    if parts.iter().all(|p| p.bias.is_none()) {
+        return Ok(None);
+    }
+    let biases = parts
+        .iter()
+        .map(|p| match &p.bias {
+            Some(b) => Ok(b.clone()),
+            None => Tensor::zeros(
+                p.dims()?.0,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            ),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&biases, 0)?))
+}
+
+/// An interleaved weight's blocks as stored, as a tensor of its type (on the CPU).
+fn stored_blocks(w: &Interleaved) -> candle_core::Result<QTensor> {
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(w.original()),
+        &candle_core::Device::Cpu,
+        w.dtype(),
+    )?;
+    QTensor::new(storage, w.dims())
 }
 
 impl Module for Linear {
@@ -425,7 +505,15 @@ fn saved_or(
 
 /// A frozen block-quantized product `x·Wᵀ` as a node of the graph: its input gets the gradient
 /// `grad · W` (what a frozen quantized layer needs when adapters before it are trained).
-struct FrozenQuant(QMatMul);
+struct FrozenQuant(Frozen);
+
+/// The weight of a [`FrozenQuant`].
+enum Frozen {
+    /// As the checkpoint stores it.
+    Stored(QMatMul),
+    /// Interleaved (on the CPU).
+    Interleaved(Arc<Interleaved>),
+}
 
 impl candle_core::CustomOp1 for FrozenQuant {
     fn name(&self) -> &'static str {
@@ -444,7 +532,18 @@ impl candle_core::CustomOp1 for FrozenQuant {
         };
         let xs = &all[start..end];
         let mut dims = layout.dims().to_vec();
-        let QMatMul::QTensor(t) = &self.0 else {
+        if let Frozen::Interleaved(w) = &self.0 {
+            let (n, k) = w.dims();
+            let y = match w.product(xs) {
+                Some(y) if dims.last() == Some(&k) => y,
+                _ => {
+                    candle_core::bail!("frozen-quantized-linear: input {dims:?} against [{n}, {k}]")
+                }
+            };
+            *dims.last_mut().expect("checked above") = n;
+            return Ok((candle_core::CpuStorage::F32(y), dims.into()));
+        }
+        let Frozen::Stored(QMatMul::QTensor(t)) = &self.0 else {
             candle_core::bail!("frozen-quantized-linear: the weight is not block-quantized");
         };
         let (n, k) = t.shape().dims2()?;
@@ -455,7 +554,10 @@ impl candle_core::CustomOp1 for FrozenQuant {
             Some(y) => y,
             None => {
                 let x = Tensor::from_slice(xs, dims.as_slice(), &candle_core::Device::Cpu)?;
-                self.0.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+                let Frozen::Stored(q) = &self.0 else {
+                    unreachable!("interleaved weights return above")
+                };
+                q.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
             }
         };
         *dims.last_mut().expect("checked above") = n;
@@ -463,13 +565,18 @@ impl candle_core::CustomOp1 for FrozenQuant {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let stored;
         let t = match &self.0 {
-            QMatMul::QTensor(t) if t.device().is_cpu() => t,
-            QMatMul::QTensor(t) => {
+            Frozen::Interleaved(w) => {
+                stored = stored_blocks(w)?;
+                &stored
+            }
+            Frozen::Stored(QMatMul::QTensor(t)) if t.device().is_cpu() => t,
+            Frozen::Stored(QMatMul::QTensor(t)) => {
                 let w = t.dequantize(&t.device())?;
                 return Ok(Some(grad.broadcast_matmul(&w)?));
             }
-            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => {
+            Frozen::Stored(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 let w = w.to_dtype(candle_core::DType::F32)?;
                 return Ok(Some(grad.broadcast_matmul(&w)?));
             }
