@@ -93,31 +93,6 @@ impl Kind {
             2
         }
     }
-
-    /// A block's 32 values as stored here: unsigned, the offset included (Q8_0's byte plus 128).
-    fn values(self, b: &[u8]) -> [u8; QK] {
-        let mut v = [0u8; QK];
-        if self == Kind::Q8_0 {
-            for (v, &q) in v.iter_mut().zip(&b[2..34]) {
-                *v = q ^ 0x80;
-            }
-            return v;
-        }
-        let s = self.scale_bytes();
-        let (qh, qs) = if self.fifth_bit() {
-            (
-                u32::from_le_bytes([b[s], b[s + 1], b[s + 2], b[s + 3]]),
-                &b[s + 4..s + 20],
-            )
-        } else {
-            (0, &b[s..s + 16])
-        };
-        for i in 0..16 {
-            v[i] = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4) as u8;
-            v[i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4) as u8;
-        }
-        v
-    }
 }
 
 /// A weight [n, k] of a 32-value GGML block type, its whole groups of 16 rows interleaved (see
@@ -185,23 +160,30 @@ impl Interleaved {
                     if kind.has_min() {
                         o[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&block[2..4]);
                     }
-                    let v = kind.values(block);
                     if kind == Kind::Q8_0 {
+                        // Values 4j..4j + 4 into run j, plus 128.
                         for j in 0..8 {
-                            o[at + 64 * j + 4 * r..][..4].copy_from_slice(&v[4 * j..4 * j + 4]);
+                            let v = u32::from_le_bytes(
+                                block[2 + 4 * j..6 + 4 * j].try_into().expect("4"),
+                            );
+                            o[at + 64 * j + 4 * r..][..4]
+                                .copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
                         }
                         continue;
                     }
-                    for t in 0..4 {
-                        for p in 0..4 {
-                            let (lo, hi) = (v[4 * t + p], v[16 + 4 * t + p]);
-                            o[at + 64 * t + 4 * r + p] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+                    let mut qs = kind.scale_bytes();
+                    if kind.fifth_bit() {
+                        // Bits 4j..4j + 4 of the fifth bits into bits 4r..4r + 4 of mask j.
+                        let qh = u32::from_le_bytes(block[qs..qs + 4].try_into().expect("4"));
+                        for (j, mask) in masks.iter_mut().enumerate() {
+                            *mask |= (((qh >> (4 * j)) & 0xF) as u64) << (4 * r);
                         }
+                        qs += 4;
                     }
-                    for (j, mask) in masks.iter_mut().enumerate() {
-                        for p in 0..4 {
-                            *mask |= (((v[4 * j + p] >> 4) & 1) as u64) << (4 * r + p);
-                        }
+                    // Stored byte i (values i and i + 16) into byte 4r + i % 4 of run i / 4.
+                    for t in 0..4 {
+                        o[at + 64 * t + 4 * r..][..4]
+                            .copy_from_slice(&block[qs + 4 * t..qs + 4 * t + 4]);
                     }
                 }
                 if kind.fifth_bit() {
