@@ -162,6 +162,26 @@ impl QuantRows<'_> {
         }
     }
 
+    /// Blocks `blocks` of row `j` (`bytes` a block, rows of `row_bytes`) in the stored layout:
+    /// where they are stored so, in place; otherwise put back into `buf`.
+    fn row<'s>(
+        &'s self,
+        j: usize,
+        blocks: std::ops::Range<usize>,
+        (row_bytes, bytes): (usize, usize),
+        buf: &'s mut Vec<u8>,
+    ) -> &'s [u8] {
+        let len = blocks.len() * bytes;
+        match self {
+            QuantRows::Stored(w) => &w[j * row_bytes + blocks.start * bytes..][..len],
+            QuantRows::Interleaved(w) => {
+                buf.resize(len, 0);
+                w.row_blocks(j, blocks, buf);
+                buf
+            }
+        }
+    }
+
     /// `f` of rows j0 .. j0 + `count` (at most 16; the rest empty): blocks `blocks` of each
     /// (`bytes` a block, rows of `row_bytes`), in the stored layout.
     fn with_rows<R>(
@@ -284,6 +304,16 @@ pub fn quant_product_nk(
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
+    quant_product_nk_rows(g, QuantRows::Stored(w), ty, (m, n, k))
+}
+
+/// [`quant_product_nk`] of a weight as [`QuantRows`] holds it.
+pub fn quant_product_nk_rows(
+    g: &[f32],
+    w: QuantRows,
+    ty: crate::quant::QType,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
     if !quant_fits(
         (crate::quant::QK, ty.block_bytes()),
         w.len(),
@@ -336,11 +366,19 @@ pub fn dequant_product_rows(
         for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
-            w.with_rows((j0, count), blocks.clone(), (row_bytes, bytes), |rows| {
-                for (vals, row) in scratch.chunks_exact_mut(depth.len()).zip(&rows[..count]) {
-                    deq.to_f32(row, vals);
+            match w {
+                QuantRows::Interleaved(w) => {
+                    w.dequantize_rows(j0, count, blocks.clone(), &mut scratch)
                 }
-            });
+                QuantRows::Stored(_) => {
+                    w.with_rows((j0, count), blocks.clone(), (row_bytes, bytes), |rows| {
+                        for (vals, row) in scratch.chunks_exact_mut(depth.len()).zip(&rows[..count])
+                        {
+                            deq.to_f32(row, vals);
+                        }
+                    })
+                }
+            }
             // SAFETY: the tiles being there (checked above), so is AVX-512; `count` columns of
             // the depth's values, and the group depth / 2 pairs of 16 columns.
             unsafe { pack_f32_columns(&scratch, (depth.len(), count), group) };
@@ -361,6 +399,16 @@ pub fn dequant_product_nk(
     deq: &crate::quant::Dequantizer,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
+    dequant_product_nk_rows(g, QuantRows::Stored(w), deq, (m, n, k))
+}
+
+/// [`dequant_product_nk`] of a weight as [`QuantRows`] holds it.
+pub fn dequant_product_nk_rows(
+    g: &[f32],
+    w: QuantRows,
+    deq: &crate::quant::Dequantizer,
+    (m, n, k): (usize, usize, usize),
+) -> Option<Vec<f32>> {
     let (values, bytes) = (deq.block_values, deq.block_bytes);
     if !quant_fits((values, bytes), w.len(), (m, n, k), (g.len(), n)) {
         return None;
@@ -375,9 +423,14 @@ pub fn dequant_product_nk(
         let span = b1.saturating_sub(b0) * values;
         let mut rows_f32 = vec![0f32; depth.len() * span];
         if span > 0 {
+            let mut buf = Vec::new();
             for (d, row) in depth.clone().zip(rows_f32.chunks_exact_mut(span)) {
-                if d < n {
-                    deq.to_f32(&w[d * row_bytes + b0 * bytes..][..(b1 - b0) * bytes], row);
+                match w {
+                    _ if d >= n => {}
+                    QuantRows::Interleaved(w) => w.dequantize_rows(d, 1, b0..b1, row),
+                    QuantRows::Stored(_) => {
+                        deq.to_f32(w.row(d, b0..b1, (row_bytes, bytes), &mut buf), row)
+                    }
                 }
             }
         }
@@ -753,7 +806,7 @@ fn pack_quant(
 /// multiple of 32): the depth is w's rows (zeros past n), the columns its values, each
 /// dequantized in f32 and rounded to bf16. Only where [`available`] is true.
 fn pack_quant_nk(
-    w: &[u8],
+    w: QuantRows,
     ty: crate::quant::QType,
     (n, k): (usize, usize),
     cols: std::ops::Range<usize>,
@@ -764,6 +817,7 @@ fn pack_quant_nk(
     let (pairs, bytes) = (depth.len() / 2, ty.block_bytes());
     let row_bytes = k / QK * bytes;
     let out = out.u32s(cols.len() * pairs);
+    let (mut buf0, mut buf1) = (Vec::new(), Vec::new());
     for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
         let c0 = cols.start + g * 16;
         if c0 >= k {
@@ -771,14 +825,16 @@ fn pack_quant_nk(
             continue;
         }
         // Columns c0 .. c0 + 16: one half of each row's block c0 / 32 (k is whole blocks).
-        let (at, high) = (c0 / QK * bytes, (c0 / 16) % 2 == 1);
-        let block = |r: usize| (r < n).then(|| &w[r * row_bytes + at..][..bytes]);
+        let (at, high) = (c0 / QK, (c0 / 16) % 2 == 1);
+        let sizes = (row_bytes, bytes);
         for (p, line) in group.chunks_exact_mut(16).enumerate() {
             let r = depth.start + 2 * p;
+            let block = |r: usize, buf| (r < n).then(|| w.row(r, at..at + 1, sizes, buf));
+            let (block0, block1) = (block(r, &mut buf0), block(r + 1, &mut buf1));
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the tiles being there (the caller's), so is AVX-512; each block is whole.
             unsafe {
-                x86::pack_half_blocks(ty, (block(r), block(r + 1)), high, line)
+                x86::pack_half_blocks(ty, (block0, block1), high, line)
             };
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!(

@@ -286,6 +286,41 @@ impl Interleaved {
         }
     }
 
+    /// Rows j0 .. j0 + `count`, blocks `blocks`, dequantized as candle's `to_float` dequantizes
+    /// the stored blocks (to the bit): row c's values at `out[c·len..]`, len = 32 a block. Rows
+    /// within one group are read straight from the interleaved runs; others are put back first.
+    pub fn dequantize_rows(
+        &self,
+        j0: usize,
+        count: usize,
+        blocks: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let len = blocks.len() * QK;
+        let bb = self.kind.block_bytes();
+        let row_bytes = self.k / QK * bb;
+        let whole = self.groups.len() / row_bytes;
+        let (g, r0) = (j0 / GROUP_ROWS, j0 % GROUP_ROWS);
+        if count == 0 || j0 + count > whole || r0 + count > GROUP_ROWS {
+            let deq = crate::quant::Dequantizer::of(self.dtype).expect("a block type");
+            let mut buf = vec![0u8; blocks.len() * bb];
+            for (c, vals) in out.chunks_exact_mut(len).take(count).enumerate() {
+                self.row_blocks(j0 + c, blocks.clone(), &mut buf);
+                deq.to_f32(&buf, vals);
+            }
+            return;
+        }
+        let group = &self.groups[g * GROUP_ROWS * row_bytes..(g + 1) * GROUP_ROWS * row_bytes];
+        let rows = r0..r0 + count;
+        match self.kind {
+            Kind::Q4_0 => dequantize_group::<0>(group, blocks, rows, out),
+            Kind::Q4_1 => dequantize_group::<1>(group, blocks, rows, out),
+            Kind::Q5_0 => dequantize_group::<2>(group, blocks, rows, out),
+            Kind::Q5_1 => dequantize_group::<3>(group, blocks, rows, out),
+            Kind::Q8_0 => dequantize_group::<4>(group, blocks, rows, out),
+        }
+    }
+
     /// Layers that read the same input, one above the other: one weight of all their rows, when
     /// they are all of one type and depth and every one but the last is whole groups of 16 rows.
     pub fn stacked(parts: &[&Interleaved]) -> Option<Interleaved> {
@@ -440,6 +475,77 @@ impl Interleaved {
     }
 }
 
+/// The kind a constant names (in the kernels' order).
+const fn kind_of(k: u8) -> Kind {
+    match k {
+        0 => Kind::Q4_0,
+        1 => Kind::Q4_1,
+        2 => Kind::Q5_0,
+        3 => Kind::Q5_1,
+        _ => Kind::Q8_0,
+    }
+}
+
+/// [`Interleaved::dequantize_rows`] within one group (`group`: its bytes), rows `rows` of it.
+fn dequantize_group<const K: u8>(
+    group: &[u8],
+    blocks: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let kind = kind_of(K);
+    let bb = GROUP_ROWS * kind.block_bytes();
+    let len = blocks.len() * QK;
+    let at = if kind.has_min() { 64 } else { 32 };
+    let f16 = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    for (i, b) in blocks.enumerate() {
+        let packed = &group[b * bb..(b + 1) * bb];
+        for (c, r) in rows.clone().enumerate() {
+            let d = f16(packed, 2 * r);
+            let o = &mut out[c * len + i * QK..][..QK];
+            if kind == Kind::Q8_0 {
+                for q in 0..8 {
+                    for p in 0..4 {
+                        let v = (packed[at + 64 * q + 4 * r + p] ^ 0x80) as i8;
+                        o[4 * q + p] = (v as f32) * d;
+                    }
+                }
+                continue;
+            }
+            let m = if kind.has_min() {
+                f16(packed, 32 + 2 * r)
+            } else {
+                0.0
+            };
+            let mut qh = 0u32;
+            if kind.fifth_bit() {
+                for q in 0..8 {
+                    let at = at + 256 + 8 * q;
+                    let mask = u64::from_le_bytes(packed[at..at + 8].try_into().expect("8"));
+                    qh |= (((mask >> (4 * r)) & 0xF) as u32) << (4 * q);
+                }
+            }
+            let off = kind.offset();
+            for t in 0..4 {
+                for p in 0..4 {
+                    let v = 4 * t + p;
+                    let byte = packed[at + 64 * t + 4 * r + p];
+                    let lo = ((byte & 0x0F) as u32 | ((qh >> v) & 1) << 4) as i32 - off;
+                    let hi = ((byte >> 4) as u32 | ((qh >> (v + 16)) & 1) << 4) as i32 - off;
+                    // As candle's: (q as f32)·d, plus m for the types that have one.
+                    if kind.has_min() {
+                        o[v] = (lo as f32) * d + m;
+                        o[v + 16] = (hi as f32) * d + m;
+                    } else {
+                        o[v] = (lo as f32) * d;
+                        o[v + 16] = (hi as f32) * d;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
 const GROUPS_PER_TASK: usize = 2;
 /// Products (rows × columns × depth) below which one thread does the whole product.
@@ -485,17 +591,6 @@ mod kernels {
         }
     }
 
-    /// The kind a kernel's constant names.
-    const fn kind(k: u8) -> Kind {
-        match k {
-            0 => Kind::Q4_0,
-            1 => Kind::Q4_1,
-            2 => Kind::Q5_0,
-            3 => Kind::Q5_1,
-            _ => Kind::Q8_0,
-        }
-    }
-
     /// 4 activation bytes (values 4j..4j+4 of a block) in every 32-bit lane.
     #[target_feature(enable = "avx512f")]
     fn quad(y: &Q8_1, j: usize) -> __m512i {
@@ -531,7 +626,7 @@ mod kernels {
         acts: &[(&[Q8_1], &[i32])],
         out: &mut [[f32; 16]],
     ) {
-        let kind = kind(K);
+        let kind = super::kind_of(K);
         let bb = GROUP_ROWS * kind.block_bytes();
         let acts: [(&[Q8_1], &[i32]); R] = std::array::from_fn(|r| acts[r]);
         let blocks = acts
@@ -669,6 +764,34 @@ mod tests {
         assert!(Interleaved::rearranged(&w, GgmlDType::Q4K, 16, 64).is_none());
     }
 
+    /// Rows dequantized straight from the interleaved runs equal candle's dequantization of the
+    /// stored blocks, to the bit: rows within a group (from its start and inside it), rows of
+    /// the tail and across groups (put back first), a range of blocks.
+    #[test]
+    fn rows_dequantize_as_candle_s() {
+        for dtype in TYPES {
+            let (n, k) = (53, 256);
+            let bytes = weights(dtype, n, k);
+            let w = Interleaved::rearranged(&bytes, dtype, n, k).unwrap();
+            let deq = crate::quant::Dequantizer::of(dtype).unwrap();
+            let row_bytes = bytes.len() / n;
+            let bb = deq.block_bytes;
+            for (j0, count, blocks) in [(0, 16, 0..8), (19, 5, 2..7), (30, 4, 1..3), (48, 5, 0..8)]
+            {
+                let len = blocks.len() * 32;
+                let mut got = vec![f32::NAN; count * len];
+                w.dequantize_rows(j0, count, blocks.clone(), &mut got);
+                let mut want = vec![0f32; count * len];
+                for (c, vals) in want.chunks_exact_mut(len).enumerate() {
+                    let row = &bytes[(j0 + c) * row_bytes..];
+                    deq.to_f32(&row[blocks.start * bb..blocks.end * bb], vals);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} rows {j0}+{count}");
+            }
+        }
+    }
+
     /// The interleaved kernels give `quant::ggml_product`'s outputs (the per-row 8-bit dot
     /// products, the same arithmetic) up to the order of f32 sums: 1–9 input rows (the kernels'
     /// 1–4-row passes, a serial product and the team's), whole groups and a tail of 5 rows.
@@ -706,7 +829,7 @@ mod tests {
 
     /// From 16 rows on AMX tiles, the product packs the tiles from the interleaved blocks put
     /// back per group of columns: the same values as from the stored blocks, to the bit (5 rows
-    /// of tail, a depth of several packed depths).
+    /// of tail, a depth of several packed depths); so does the input gradient's product g·W.
     #[test]
     fn tile_products_read_the_interleaved_blocks_as_stored() {
         if !available() || !crate::amx::available() {
@@ -726,6 +849,12 @@ mod tests {
                     .unwrap();
                 let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
                 assert_eq!(w.product(&xs).unwrap(), want, "{dtype:?} m {m}");
+                // A frozen layer's input gradient: g [m, n] times the weight as stored.
+                let g = &xs[..m * n];
+                let rows = crate::amx::QuantRows::Interleaved(&w);
+                let want = crate::quant::ggml_product_nk(g, &bytes, dtype, n, k).unwrap();
+                let got = crate::quant::ggml_product_nk_rows(g, rows, dtype, n, k).unwrap();
+                assert_eq!(got, want, "{dtype:?} m {m}, g·W");
             }
         }
     }

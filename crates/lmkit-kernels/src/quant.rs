@@ -428,13 +428,24 @@ pub fn ggml_product_nk(
     n: usize,
     k: usize,
 ) -> Option<Vec<f32>> {
+    ggml_product_nk_rows(g, crate::amx::QuantRows::Stored(w), dtype, n, k)
+}
+
+/// [`ggml_product_nk`] of a weight as [`crate::amx::QuantRows`] holds it.
+pub fn ggml_product_nk_rows(
+    g: &[f32],
+    w: crate::amx::QuantRows,
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Option<Vec<f32>> {
     let m = g.len() / n.max(1);
     if m < TILE_MIN_ROWS {
         return None;
     }
     match QType::of(dtype) {
-        Some(ty) => crate::amx::quant_product_nk(g, w, ty, (m, n, k)),
-        None => crate::amx::dequant_product_nk(g, w, &Dequantizer::of(dtype)?, (m, n, k)),
+        Some(ty) => crate::amx::quant_product_nk_rows(g, w, ty, (m, n, k)),
+        None => crate::amx::dequant_product_nk_rows(g, w, &Dequantizer::of(dtype)?, (m, n, k)),
     }
 }
 

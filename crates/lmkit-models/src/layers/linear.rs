@@ -565,6 +565,16 @@ impl candle_core::CustomOp1 for FrozenQuant {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let (Frozen::Interleaved(w), candle_core::DType::F32) = (&self.0, grad.dtype()) {
+            // On the tiles from enough rows, each task's blocks put back as stored as it packs.
+            let (n, k) = w.dims();
+            let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let rows = lmkit_kernels::amx::QuantRows::Interleaved(w);
+            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk_rows(&g, rows, w.dtype(), n, k)
+            {
+                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
+            }
+        }
         let stored;
         let t = match &self.0 {
             Frozen::Interleaved(w) => {
