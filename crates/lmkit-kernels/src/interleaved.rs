@@ -26,7 +26,7 @@
 //! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here) are summed as
 //! stored, and the offset times the activations' sum is taken off in the integer sums.
 
-use crate::quant::{quantize_q8_1, Q8_1, QK};
+use crate::quant::{Q8_1, QK};
 use candle_core::quantized::GgmlDType;
 
 /// Rows per interleaved group: one 512-bit vector's 32-bit lanes.
@@ -384,12 +384,7 @@ impl Interleaved {
     fn dots(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let blocks = k / QK;
-        let mut q = Vec::with_capacity(m * blocks);
-        let mut row = Vec::with_capacity(blocks);
-        for r in xs.chunks_exact(k) {
-            quantize_q8_1(r, &mut row);
-            q.extend_from_slice(&row);
-        }
+        let q = crate::quant::quantize_rows_q8_1(xs, k);
         let sums: Vec<i32> = q
             .iter()
             .map(|b| b.qs.iter().map(|&v| v as i32).sum())
@@ -418,58 +413,28 @@ impl Interleaved {
                 }
             }
         };
-        let tasks = (whole / GROUP_ROWS).div_ceil(GROUPS_PER_TASK);
-        let span = |t: usize| {
-            (
-                t * GROUPS_PER_TASK,
-                ((t + 1) * GROUPS_PER_TASK).min(whole / GROUP_ROWS),
-            )
-        };
-        let serial = m * n * k < PARALLEL_MIN_PRODUCTS;
-        let mut y = vec![0f32; m * n];
-        if m == 1 && whole == n {
-            let run = |t: usize, out: &mut [f32]| {
-                let (g0, g1) = span(t);
-                tile(g0, g1, out)
-            };
-            let per_task = GROUPS_PER_TASK * GROUP_ROWS;
-            if serial {
-                y.chunks_mut(per_task)
-                    .enumerate()
-                    .for_each(|(t, out)| run(t, out));
-            } else {
-                crate::team::for_each_chunk_mut(&mut y, per_task, run);
-            }
+        let per_task = GROUPS_PER_TASK * GROUP_ROWS;
+        let y = crate::quant::column_tasks((m, whole, k), per_task, |t, out| {
+            let g0 = t * GROUPS_PER_TASK;
+            tile(g0, (g0 + GROUPS_PER_TASK).min(whole / GROUP_ROWS), out)
+        });
+        if whole == n {
             return y;
         }
-        let make = |t: usize| {
-            let (g0, g1) = span(t);
-            let mut out = vec![0f32; m * (g1 - g0) * GROUP_ROWS];
-            tile(g0, g1, &mut out);
-            out
-        };
-        let tiles: Vec<Vec<f32>> = if serial {
-            (0..tasks).map(make).collect()
-        } else if m <= TEAM_MAX_ROWS {
-            crate::team::map(tasks, make)
-        } else {
-            use rayon::prelude::*;
-            (0..tasks).into_par_iter().map(make).collect()
-        };
-        for (t, tile) in tiles.iter().enumerate() {
-            let c0 = t * GROUPS_PER_TASK * GROUP_ROWS;
-            let cols = tile.len() / m;
-            for i in 0..m {
-                y[i * n + c0..i * n + c0 + cols].copy_from_slice(&tile[i * cols..(i + 1) * cols]);
-            }
-        }
-        if whole < n {
-            let rest = n - whole;
-            let part = crate::quant::ggml_product(xs, &self.tail, self.dtype, rest, k)
-                .expect("the tail's sizes were checked when it was made");
-            for i in 0..m {
-                y[i * n + whole..(i + 1) * n].copy_from_slice(&part[i * rest..(i + 1) * rest]);
-            }
+        // The rows after the last whole group: their outputs after the groups'.
+        let mut y: Vec<f32> = y
+            .chunks_exact(whole)
+            .flat_map(|row| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, n - whole))
+            })
+            .collect();
+        let rest = n - whole;
+        let part = crate::quant::ggml_product(xs, &self.tail, self.dtype, rest, k)
+            .expect("the tail's sizes were checked when it was made");
+        for i in 0..m {
+            y[i * n + whole..(i + 1) * n].copy_from_slice(&part[i * rest..(i + 1) * rest]);
         }
         y
     }
@@ -548,10 +513,6 @@ fn dequantize_group<const K: u8>(
 
 /// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
 const GROUPS_PER_TASK: usize = 2;
-/// Products (rows × columns × depth) below which one thread does the whole product.
-const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
-/// Input rows up to which a product runs on [`crate::team`] rather than rayon's pool.
-const TEAM_MAX_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
@@ -728,6 +689,16 @@ mod tests {
             .to_vec()
     }
 
+    /// m rows of k normal values.
+    fn inputs(m: usize, k: usize) -> Vec<f32> {
+        crate::testing::randn(0f32, 1.0, (m, k), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     /// Any bytes (scales that are NaN or infinite included) come back as they were: the layout
     /// only moves bits. 53 rows: three whole groups and a tail.
     #[test]
@@ -806,12 +777,7 @@ mod tests {
                 let bytes = weights(dtype, n, k);
                 let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
                 for m in [1, 2, 3, 4, 5, 9] {
-                    let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, (m, k), &Device::Cpu)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
+                    let xs = inputs(m, k);
                     let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
                     let got = w.dots(&xs, m);
                     let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
@@ -841,12 +807,7 @@ mod tests {
             let bytes = weights(dtype, n, k);
             let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
             for m in [16, 21] {
-                let xs: Vec<f32> = crate::testing::randn(0f32, 1.0, (m, k), &Device::Cpu)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let xs = inputs(m, k);
                 let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
                 assert_eq!(w.product(&xs).unwrap(), want, "{dtype:?} m {m}");
                 // A frozen layer's input gradient: g [m, n] times the weight as stored.

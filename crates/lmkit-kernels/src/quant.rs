@@ -88,6 +88,18 @@ crate::simd::simd_versions! {
     }
 }
 
+/// Every row of `xs` (rows of `k` values, k whole blocks) quantized by [`quantize_q8_1`], the
+/// rows' blocks one after another.
+pub(crate) fn quantize_rows_q8_1(xs: &[f32], k: usize) -> Vec<Q8_1> {
+    let mut q = Vec::with_capacity(xs.len() / QK);
+    let mut row = Vec::with_capacity(k / QK);
+    for r in xs.chunks_exact(k) {
+        quantize_q8_1(r, &mut row);
+        q.extend_from_slice(&row);
+    }
+    q
+}
+
 /// An f16's bits as f32, in integer and scalar float operations, inline: for one value per block
 /// in the dot products' loops. F16C converts in a vector register, and a 16-bit value reaches one
 /// by an insert that keeps the register's other lanes: the compiler picked the accumulator's
@@ -555,14 +567,8 @@ fn to_float_of<B: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out:
 /// [`quant_product`] against activations quantized to 8 bits per block (ggml's Q8_1), whatever
 /// the rows and the CPU: llama.cpp's arithmetic.
 pub fn q8_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
-    let m = xs.len() / k.max(1);
     let blocks = k / QK;
-    let mut q = Vec::with_capacity(m * blocks);
-    let mut row = Vec::with_capacity(blocks);
-    for r in xs.chunks_exact(k) {
-        quantize_q8_1(r, &mut row);
-        q.extend_from_slice(&row);
-    }
+    let q = quantize_rows_q8_1(xs, k);
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
     let row_bytes = blocks * ty.block_bytes();
     tiled_product(
@@ -609,37 +615,50 @@ pub(crate) fn tiled_product<A: Sync>(
     };
     let chunk = row_bytes * COLUMNS_PER_TASK;
     let weights = |t: usize| &w[t * chunk..((t + 1) * chunk).min(w.len())];
+    column_tasks((m, n, k), COLUMNS_PER_TASK, |t, out| tile(weights(t), out))
+}
+
+/// The outputs [m, n] of a product split into tasks of `per_task` consecutive output columns
+/// (the last may have fewer): task t computes its columns for every input row into `out`,
+/// row-major [m, its columns], by `tile(t, out)`. One input row (a decoding step): each task
+/// writes its slice of the result, on the polling team — these products come a hundred or more
+/// to a step, and waking rayon's sleeping threads for each costs more than the split gains. More
+/// rows: the tasks' outputs are gathered (on the team up to [`TEAM_MAX_ROWS`] rows, rayon's pool
+/// beyond). Small products run on one thread.
+pub(crate) fn column_tasks(
+    (m, n, k): (usize, usize, usize),
+    per_task: usize,
+    tile: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     // Small products cost less than handing out their tiles.
     let serial = m * n * k < PARALLEL_MIN_PRODUCTS;
     let mut y = vec![0f32; m * n];
     if m == 1 {
-        // One row (a decoding step): each tile's outputs are a slice of the result. These
-        // products come a hundred or more to a step, so they go to the polling team: waking
-        // rayon's sleeping threads for each costs more than the split gains.
-        let run = |t: usize, out: &mut [f32]| tile(weights(t), out);
         if serial {
-            y.chunks_mut(COLUMNS_PER_TASK)
+            y.chunks_mut(per_task)
                 .enumerate()
-                .for_each(|(t, out)| run(t, out));
+                .for_each(|(t, out)| tile(t, out));
         } else {
-            crate::team::for_each_chunk_mut(&mut y, COLUMNS_PER_TASK, run);
+            crate::team::for_each_chunk_mut(&mut y, per_task, &tile);
         }
         return y;
     }
-    let make = |t: &[u8]| {
-        let mut out = vec![0f32; m * (t.len() / row_bytes)];
+    let tasks = n.div_ceil(per_task);
+    let make = |t: usize| {
+        let cols = per_task.min(n - t * per_task);
+        let mut out = vec![0f32; m * cols];
         tile(t, &mut out);
         out
     };
     let tiles: Vec<Vec<f32>> = if serial {
-        w.chunks(chunk).map(make).collect()
+        (0..tasks).map(make).collect()
     } else if m <= TEAM_MAX_ROWS {
-        crate::team::map(w.len().div_ceil(chunk), |t| make(weights(t)))
+        crate::team::map(tasks, make)
     } else {
-        w.par_chunks(chunk).map(make).collect()
+        (0..tasks).into_par_iter().map(make).collect()
     };
     for (t, tile) in tiles.iter().enumerate() {
-        let c0 = t * COLUMNS_PER_TASK;
+        let c0 = t * per_task;
         let cols = tile.len() / m.max(1);
         for i in 0..m {
             y[i * n + c0..i * n + c0 + cols].copy_from_slice(&tile[i * cols..(i + 1) * cols]);

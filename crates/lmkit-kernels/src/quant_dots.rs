@@ -10,7 +10,7 @@
 //! thread pool of its own, which competes with lmkit's for the cores: a Q4_K_M file decoded at a
 //! fifth of llama.cpp's speed on it (see README).
 
-use crate::quant::{f16_at, quantize_q8_1, tiled_product, Q8_1, QK};
+use crate::quant::{f16_at, tiled_product, Q8_1, QK};
 use candle_core::quantized::GgmlDType;
 
 /// Values per K-quant super-block.
@@ -126,12 +126,7 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
         let one = |wr: &[u8], x: &[Q8K]| dots_k(ty, wr, [x])[0];
         return tiled_product(&rows, w, sizes, one, |wr, x| dots_k(ty, wr, x));
     }
-    let mut q = Vec::with_capacity(xs.len() / QK);
-    let mut row = Vec::with_capacity(blocks);
-    for r in xs.chunks_exact(k) {
-        quantize_q8_1(r, &mut row);
-        q.extend_from_slice(&row);
-    }
+    let q = crate::quant::quantize_rows_q8_1(xs, k);
     let rows: Vec<&[Q8_1]> = q.chunks_exact(blocks).collect();
     let one = |wr: &[u8], x: &[Q8_1]| dots_32(ty, wr, [x])[0];
     tiled_product(&rows, w, sizes, one, |wr, x| dots_32(ty, wr, x))
@@ -568,6 +563,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::quantize_q8_1;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Module, Tensor};
 
