@@ -380,7 +380,7 @@ impl Interleaved {
     }
 
     /// The product against 8-bit activations, on the interleaved kernels (and the tail's rows
-    /// on [`crate::quant::ggml_product`]'s).
+    /// on the per-row ones, [`crate::quant::eight_bit_product`]).
     fn dots(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let blocks = k / QK;
@@ -431,8 +431,8 @@ impl Interleaved {
             })
             .collect();
         let rest = n - whole;
-        let part = crate::quant::ggml_product(xs, &self.tail, self.dtype, rest, k)
-            .expect("the tail's sizes were checked when it was made");
+        let part = crate::quant::eight_bit_product(xs, &self.tail, self.dtype, rest, k)
+            .expect("the tail's type and sizes were checked when it was made");
         for i in 0..m {
             y[i * n + whole..(i + 1) * n].copy_from_slice(&part[i * rest..(i + 1) * rest]);
         }
@@ -763,9 +763,9 @@ mod tests {
         }
     }
 
-    /// The interleaved kernels give `quant::ggml_product`'s outputs (the per-row 8-bit dot
-    /// products, the same arithmetic) up to the order of f32 sums: 1–9 input rows (the kernels'
-    /// 1–4-row passes, a serial product and the team's), whole groups and a tail of 5 rows.
+    /// The interleaved kernels give the per-row 8-bit dot products' outputs (the same arithmetic)
+    /// up to the order of f32 sums: 1–9 input rows (the kernels' 1–4-row passes, a serial product
+    /// and the team's) and 19 (rayon's pool), whole groups and a tail of 5 rows.
     #[test]
     fn products_equal_the_per_row_dot_products() {
         if !available() {
@@ -776,9 +776,11 @@ mod tests {
             for (n, k) in [(53, 256), (96, 128)] {
                 let bytes = weights(dtype, n, k);
                 let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
-                for m in [1, 2, 3, 4, 5, 9] {
+                for m in [1, 2, 3, 4, 5, 9, 19] {
                     let xs = inputs(m, k);
-                    let want = crate::quant::ggml_product(&xs, &bytes, dtype, n, k).unwrap();
+                    // The per-row 8-bit products whatever the rows (from 16, where the CPU has no
+                    // AMX tiles, the interleaved ones take prompts too).
+                    let want = crate::quant::eight_bit_product(&xs, &bytes, dtype, n, k).unwrap();
                     let got = w.dots(&xs, m);
                     let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {

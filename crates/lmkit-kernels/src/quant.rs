@@ -474,12 +474,7 @@ pub fn ggml_product(
     n: usize,
     k: usize,
 ) -> Option<Vec<f32>> {
-    let values = dtype.block_size();
-    let fits = k > 0
-        && k.is_multiple_of(values)
-        && xs.len().is_multiple_of(k)
-        && w.len() == n * (k / values) * dtype.type_size();
-    if !fits {
+    if !sizes_fit(xs, w, dtype, n, k) {
         return None;
     }
     if let Some(ty) = QType::of(dtype) {
@@ -487,6 +482,41 @@ pub fn ggml_product(
     }
     if let Some(y) = tiles_product(xs, w, dtype, n, k) {
         return Some(y);
+    }
+    eight_bit_product(xs, w, dtype, n, k)
+}
+
+/// Whether `xs` is whole rows of k (whole blocks of `dtype`) and `w` n rows of them.
+fn sizes_fit(
+    xs: &[f32],
+    w: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> bool {
+    let values = dtype.block_size();
+    k > 0
+        && k.is_multiple_of(values)
+        && xs.len().is_multiple_of(k)
+        && w.len() == n * (k / values) * dtype.type_size()
+}
+
+/// Rows of `xs` times a weight [n, k] of GGML type `dtype` (its raw blocks)ᵀ against 8-bit
+/// activations whatever the rows and the CPU (no tiles): Q4_1 and Q8_0 by [`q8_product`], the
+/// types [`crate::quant_dots`] has by its dot products. `None` for other types and for sizes that
+/// disagree.
+pub(crate) fn eight_bit_product(
+    xs: &[f32],
+    w: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Option<Vec<f32>> {
+    if !sizes_fit(xs, w, dtype, n, k) {
+        return None;
+    }
+    if let Some(ty) = QType::of(dtype) {
+        return Some(q8_product(xs, w, ty, n, k));
     }
     let ty = crate::quant_dots::DotType::of(dtype)?;
     Some(crate::quant_dots::dot_product(xs, w, ty, n, k))
