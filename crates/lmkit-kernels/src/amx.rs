@@ -137,11 +137,24 @@ pub fn product(
 /// rows of k, w n rows of k/32 blocks).
 pub fn quant_product(
     x: &[f32],
-    w: &[u8],
+    w: QuantRows,
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
 ) -> Option<Vec<f32>> {
-    quant_product_rows(x, QuantRows::Stored(w), ty, (m, n, k))
+    if !quant_fits(
+        (crate::quant::QK, ty.block_bytes()),
+        w.len(),
+        (m, n, k),
+        (x.len(), k),
+    ) {
+        return None;
+    }
+    // SAFETY: `available` was checked.
+    Some(unsafe {
+        rounded_product(x, (m, n, k), |cols, depth, packed| {
+            pack_quant(w, ty, (n, k), cols, depth, packed)
+        })
+    })
 }
 
 /// A block-quantized weight's rows as the tile products read them.
@@ -192,52 +205,27 @@ impl QuantRows<'_> {
         f: impl FnOnce(&[&[u8]; 16]) -> R,
     ) -> R {
         let len = blocks.len() * bytes;
-        match self {
-            QuantRows::Stored(w) => f(&std::array::from_fn(|c| {
-                if c < count {
-                    &w[(j0 + c) * row_bytes + blocks.start * bytes..][..len]
-                } else {
-                    &[][..]
-                }
-            })),
+        // Where row c's blocks start, and the rows' stride: in place, or in a copy put back.
+        let scratch: Vec<u8>;
+        let (data, at, stride) = match self {
+            QuantRows::Stored(w) => (*w, j0 * row_bytes + blocks.start * bytes, row_bytes),
             QuantRows::Interleaved(w) => {
-                let mut scratch = vec![0u8; count * len];
-                for (c, row) in scratch.chunks_exact_mut(len.max(1)).enumerate().take(count) {
+                let mut rows = vec![0u8; count * len];
+                for (c, row) in rows.chunks_exact_mut(len.max(1)).enumerate().take(count) {
                     w.row_blocks(j0 + c, blocks.clone(), row);
                 }
-                f(&std::array::from_fn(|c| {
-                    if c < count {
-                        &scratch[c * len..(c + 1) * len]
-                    } else {
-                        &[][..]
-                    }
-                }))
+                scratch = rows;
+                (&scratch[..], 0, len)
             }
-        }
+        };
+        f(&std::array::from_fn(|c| {
+            if c < count {
+                &data[at + c * stride..][..len]
+            } else {
+                &[][..]
+            }
+        }))
     }
-}
-
-/// [`quant_product`] of a weight as [`QuantRows`] holds it.
-pub fn quant_product_rows(
-    x: &[f32],
-    w: QuantRows,
-    ty: crate::quant::QType,
-    (m, n, k): (usize, usize, usize),
-) -> Option<Vec<f32>> {
-    if !quant_fits(
-        (crate::quant::QK, ty.block_bytes()),
-        w.len(),
-        (m, n, k),
-        (x.len(), k),
-    ) {
-        return None;
-    }
-    // SAFETY: `available` was checked.
-    Some(unsafe {
-        rounded_product(x, (m, n, k), |cols, depth, packed| {
-            pack_quant(w, ty, (n, k), cols, depth, packed)
-        })
-    })
 }
 
 /// Whether the tiles are there and the sizes agree for a product with the block-quantized w
@@ -300,16 +288,6 @@ unsafe fn rounded_product(
 /// [`quant_product`]. `None` where [`available`] is false or the sizes disagree.
 pub fn quant_product_nk(
     g: &[f32],
-    w: &[u8],
-    ty: crate::quant::QType,
-    (m, n, k): (usize, usize, usize),
-) -> Option<Vec<f32>> {
-    quant_product_nk_rows(g, QuantRows::Stored(w), ty, (m, n, k))
-}
-
-/// [`quant_product_nk`] of a weight as [`QuantRows`] holds it.
-pub fn quant_product_nk_rows(
-    g: &[f32],
     w: QuantRows,
     ty: crate::quant::QType,
     (m, n, k): (usize, usize, usize),
@@ -337,16 +315,6 @@ pub fn quant_product_nk_rows(
 /// are; the sums are f32. `None` where [`available`] is false or the sizes disagree (k whole
 /// blocks, x m rows of k, w n rows).
 pub fn dequant_product(
-    x: &[f32],
-    w: &[u8],
-    deq: &crate::quant::Dequantizer,
-    (m, n, k): (usize, usize, usize),
-) -> Option<Vec<f32>> {
-    dequant_product_rows(x, QuantRows::Stored(w), deq, (m, n, k))
-}
-
-/// [`dequant_product`] of a weight as [`QuantRows`] holds it.
-pub fn dequant_product_rows(
     x: &[f32],
     w: QuantRows,
     deq: &crate::quant::Dequantizer,
@@ -394,16 +362,6 @@ pub fn dequant_product_rows(
 /// under a task's columns are dequantized by `deq` into f32, then rounded to bf16 as g is; the
 /// sums are f32. `None` where [`available`] is false or the sizes disagree.
 pub fn dequant_product_nk(
-    g: &[f32],
-    w: &[u8],
-    deq: &crate::quant::Dequantizer,
-    (m, n, k): (usize, usize, usize),
-) -> Option<Vec<f32>> {
-    dequant_product_nk_rows(g, QuantRows::Stored(w), deq, (m, n, k))
-}
-
-/// [`dequant_product_nk`] of a weight as [`QuantRows`] holds it.
-pub fn dequant_product_nk_rows(
     g: &[f32],
     w: QuantRows,
     deq: &crate::quant::Dequantizer,

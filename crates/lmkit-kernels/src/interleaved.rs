@@ -349,34 +349,15 @@ impl Interleaved {
 
     /// Rows of `xs` (each of k values) times the weightᵀ: the rows' outputs, n values each; `None`
     /// when `xs` is not whole rows. From [`crate::quant::TILE_MIN_ROWS`] rows where the CPU has
-    /// AMX tiles, on the tiles as [`crate::quant::ggml_product`] (each task's blocks put back in
+    /// AMX tiles, on the tiles ([`crate::quant::tiles_product`]: each task's blocks put back in
     /// the stored layout as it packs them); otherwise against 8-bit activations.
     pub fn product(&self, xs: &[f32]) -> Option<Vec<f32>> {
         if !xs.len().is_multiple_of(self.k) {
             return None;
         }
-        let m = xs.len() / self.k;
-        if m >= crate::quant::TILE_MIN_ROWS {
-            use crate::amx::QuantRows;
-            let dims = (m, self.n, self.k);
-            let rows = QuantRows::Interleaved(self);
-            let tiles = match crate::quant::QType::of(self.dtype) {
-                Some(ty) => crate::amx::quant_product_rows(xs, rows, ty, dims),
-                None => {
-                    let deq = crate::quant::Dequantizer::of(self.dtype)?;
-                    crate::amx::dequant_product_rows(xs, rows, &deq, dims)
-                }
-            };
-            if tiles.is_some() {
-                return tiles;
-            }
-        }
-        if !available() {
-            // Built where the kernels run; kept for a caller that caps LMKIT_SIMD later.
-            let w = self.original();
-            return crate::quant::ggml_product(xs, &w, self.dtype, self.n, self.k);
-        }
-        Some(self.dots(xs, m))
+        let rows = crate::amx::QuantRows::Interleaved(self);
+        let tiles = crate::quant::tiles_product(xs, rows, self.dtype, self.n, self.k);
+        tiles.or_else(|| Some(self.dots(xs, xs.len() / self.k)))
     }
 
     /// The product against 8-bit activations, on the interleaved kernels (and the tail's rows
@@ -668,6 +649,7 @@ mod kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::amx::QuantRows;
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
@@ -814,9 +796,9 @@ mod tests {
                 assert_eq!(w.product(&xs).unwrap(), want, "{dtype:?} m {m}");
                 // A frozen layer's input gradient: g [m, n] times the weight as stored.
                 let g = &xs[..m * n];
-                let rows = crate::amx::QuantRows::Interleaved(&w);
-                let want = crate::quant::ggml_product_nk(g, &bytes, dtype, n, k).unwrap();
-                let got = crate::quant::ggml_product_nk_rows(g, rows, dtype, n, k).unwrap();
+                let (rows, stored) = (QuantRows::Interleaved(&w), QuantRows::Stored(&bytes));
+                let want = crate::quant::ggml_product_nk(g, stored, dtype, n, k).unwrap();
+                let got = crate::quant::ggml_product_nk(g, rows, dtype, n, k).unwrap();
                 assert_eq!(got, want, "{dtype:?} m {m}, g·W");
             }
         }

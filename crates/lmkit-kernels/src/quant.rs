@@ -402,6 +402,7 @@ pub const TILE_MIN_ROWS: usize = 16;
 pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec<f32> {
     let m = xs.len() / k.max(1);
     if m >= TILE_MIN_ROWS {
+        let w = crate::amx::QuantRows::Stored(w);
         if let Some(y) = crate::amx::quant_product(xs, w, ty, (m, n, k)) {
             return y;
         }
@@ -410,12 +411,13 @@ pub fn quant_product(xs: &[f32], w: &[u8], ty: QType, n: usize, k: usize) -> Vec
 }
 
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of any block-quantized GGML type
-/// `dtype` (its raw blocks)ᵀ on AMX tiles from [`TILE_MIN_ROWS`] rows: each weight value
-/// dequantized by candle's code, then rounded to bf16 as the inputs are, f32 sums. `None`
-/// elsewhere (fewer rows, no tiles, a type that is not block-quantized, sizes that disagree).
+/// `dtype` (as `w` holds its blocks)ᵀ on AMX tiles from [`TILE_MIN_ROWS`] rows: each weight value
+/// dequantized (Q4_1 and Q8_0 by lmkit's packers, the other types as candle's code does), then
+/// rounded to bf16 as the inputs are, f32 sums. `None` elsewhere (fewer rows, no tiles, a type
+/// that is not block-quantized, sizes that disagree).
 pub fn tiles_product(
     xs: &[f32],
-    w: &[u8],
+    w: crate::amx::QuantRows,
     dtype: candle_core::quantized::GgmlDType,
     n: usize,
     k: usize,
@@ -424,7 +426,10 @@ pub fn tiles_product(
     if m < TILE_MIN_ROWS {
         return None;
     }
-    crate::amx::dequant_product(xs, w, &Dequantizer::of(dtype)?, (m, n, k))
+    match QType::of(dtype) {
+        Some(ty) => crate::amx::quant_product(xs, w, ty, (m, n, k)),
+        None => crate::amx::dequant_product(xs, w, &Dequantizer::of(dtype)?, (m, n, k)),
+    }
 }
 
 /// Rows of `g` (each of `n` values) times a weight [n, k] of any block-quantized GGML type
@@ -434,17 +439,6 @@ pub fn tiles_product(
 /// dequantized by candle's code as packed); `None` elsewhere (and for sizes that disagree), for
 /// the caller to multiply the dequantized weight.
 pub fn ggml_product_nk(
-    g: &[f32],
-    w: &[u8],
-    dtype: candle_core::quantized::GgmlDType,
-    n: usize,
-    k: usize,
-) -> Option<Vec<f32>> {
-    ggml_product_nk_rows(g, crate::amx::QuantRows::Stored(w), dtype, n, k)
-}
-
-/// [`ggml_product_nk`] of a weight as [`crate::amx::QuantRows`] holds it.
-pub fn ggml_product_nk_rows(
     g: &[f32],
     w: crate::amx::QuantRows,
     dtype: candle_core::quantized::GgmlDType,
@@ -456,8 +450,8 @@ pub fn ggml_product_nk_rows(
         return None;
     }
     match QType::of(dtype) {
-        Some(ty) => crate::amx::quant_product_nk_rows(g, w, ty, (m, n, k)),
-        None => crate::amx::dequant_product_nk_rows(g, w, &Dequantizer::of(dtype)?, (m, n, k)),
+        Some(ty) => crate::amx::quant_product_nk(g, w, ty, (m, n, k)),
+        None => crate::amx::dequant_product_nk(g, w, &Dequantizer::of(dtype)?, (m, n, k)),
     }
 }
 
@@ -477,10 +471,7 @@ pub fn ggml_product(
     if !sizes_fit(xs, w, dtype, n, k) {
         return None;
     }
-    if let Some(ty) = QType::of(dtype) {
-        return Some(quant_product(xs, w, ty, n, k));
-    }
-    if let Some(y) = tiles_product(xs, w, dtype, n, k) {
+    if let Some(y) = tiles_product(xs, crate::amx::QuantRows::Stored(w), dtype, n, k) {
         return Some(y);
     }
     eight_bit_product(xs, w, dtype, n, k)
@@ -887,7 +878,8 @@ mod tests {
                     .to_vec1::<f32>()
                     .unwrap();
                 let gs = gs.as_slice();
-                let got = ggml_product_nk(gs, &bytes, dtype, n, k).expect("tiles");
+                let stored = crate::amx::QuantRows::Stored(&bytes);
+                let got = ggml_product_nk(gs, stored, dtype, n, k).expect("tiles");
                 assert_eq!(got.len(), m * k);
                 for (i, g) in gs.chunks_exact(n).enumerate() {
                     for c in 0..k {
@@ -939,7 +931,8 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let Some(got) = crate::amx::dequant_product(&xs, &bytes, &deq, (m, n, k)) else {
+            let stored = crate::amx::QuantRows::Stored(&bytes);
+            let Some(got) = crate::amx::dequant_product(&xs, stored, &deq, (m, n, k)) else {
                 assert!(!crate::amx::available());
                 eprintln!("no AMX tiles on this CPU: the tile products are not tested here");
                 return;
@@ -965,7 +958,7 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let got = crate::amx::dequant_product_nk(&gs, &bytes, &deq, (m, n, k)).unwrap();
+            let got = crate::amx::dequant_product_nk(&gs, stored, &deq, (m, n, k)).unwrap();
             assert_eq!(got.len(), m * k);
             for (i, g) in gs.chunks_exact(n).enumerate() {
                 for j in 0..k {

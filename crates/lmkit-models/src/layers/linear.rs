@@ -570,8 +570,7 @@ impl candle_core::CustomOp1 for FrozenQuant {
             let (n, k) = w.dims();
             let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let rows = lmkit_kernels::amx::QuantRows::Interleaved(w);
-            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk_rows(&g, rows, w.dtype(), n, k)
-            {
+            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, rows, w.dtype(), n, k) {
                 return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
             }
         }
@@ -597,7 +596,8 @@ impl candle_core::CustomOp1 for FrozenQuant {
         // the weight as packed rounded to bf16, f32 sums (as the forward product there).
         if grad.dtype() == candle_core::DType::F32 {
             let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, &data, t.dtype(), n, k) {
+            let stored = lmkit_kernels::amx::QuantRows::Stored(&data);
+            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, stored, t.dtype(), n, k) {
                 return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
             }
         }
