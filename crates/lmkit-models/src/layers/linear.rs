@@ -565,22 +565,36 @@ impl candle_core::CustomOp1 for FrozenQuant {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if let (Frozen::Interleaved(w), candle_core::DType::F32) = (&self.0, grad.dtype()) {
-            // On the tiles from enough rows, each task's blocks put back as stored as it packs.
-            let (n, k) = w.dims();
-            let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let rows = lmkit_kernels::amx::QuantRows::Interleaved(w);
-            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, rows, w.dtype(), n, k) {
-                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
+        use lmkit_kernels::amx::QuantRows;
+        // Every block type on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and
+        // the weight as packed rounded to bf16, f32 sums (as the forward product there); an
+        // interleaved weight read in place, each task's blocks put back as stored as it packs.
+        let on_tiles = |w: QuantRows, dtype, (n, k)| -> candle_core::Result<Option<Tensor>> {
+            if grad.dtype() != candle_core::DType::F32 {
+                return Ok(None);
             }
-        }
+            let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            match lmkit_kernels::quant::ggml_product_nk(&g, w, dtype, n, k) {
+                Some(dx) => Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?)),
+                None => Ok(None),
+            }
+        };
         let stored;
         let t = match &self.0 {
             Frozen::Interleaved(w) => {
+                if let Some(dx) = on_tiles(QuantRows::Interleaved(w), w.dtype(), w.dims())? {
+                    return Ok(Some(dx));
+                }
                 stored = stored_blocks(w)?;
                 &stored
             }
-            Frozen::Stored(QMatMul::QTensor(t)) if t.device().is_cpu() => t,
+            Frozen::Stored(QMatMul::QTensor(t)) if t.device().is_cpu() => {
+                let rows = QuantRows::Stored(&t.data()?);
+                if let Some(dx) = on_tiles(rows, t.dtype(), t.shape().dims2()?)? {
+                    return Ok(Some(dx));
+                }
+                t
+            }
             Frozen::Stored(QMatMul::QTensor(t)) => {
                 let w = t.dequantize(&t.device())?;
                 return Ok(Some(grad.broadcast_matmul(&w)?));
@@ -592,15 +606,6 @@ impl candle_core::CustomOp1 for FrozenQuant {
         };
         let (n, k) = t.shape().dims2()?;
         let data = t.data()?;
-        // Every block type on AMX tiles from lmkit_kernels::quant::TILE_MIN_ROWS rows: grad and
-        // the weight as packed rounded to bf16, f32 sums (as the forward product there).
-        if grad.dtype() == candle_core::DType::F32 {
-            let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let stored = lmkit_kernels::amx::QuantRows::Stored(&data);
-            if let Some(dx) = lmkit_kernels::quant::ggml_product_nk(&g, stored, t.dtype(), n, k) {
-                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
-            }
-        }
         // grad [.., n] · W [n, k], W dequantized a block of rows at a time: a large layer (the
         // output layer over a whole vocabulary) is never held in f32 whole.
         let row_bytes = data.len() / n.max(1);
