@@ -18,13 +18,16 @@ LMKIT_CUDA_DECODE=0: the GPU's cache attention through composed ops instead of i
 --q4-k-m runs both on llama.cpp's Q4_K_M quantization of the same model (made once under
 ~/.cache/lmkit/bench by llama.cpp's own quantizer from the f32 weights; SmolLM2's rows of 576 values
 are not whole K-quant super-blocks, so most layers are Q5_0 there, the down projections Q4_K and
-Q6_K); --gguf FILE runs both on any other GGUF file of the model.
+Q6_K); --k-quant runs both on llama.cpp's Q4_K_M quantization of a random-init Llama whose rows are
+whole super-blocks (hidden 2048, FFN 5632, 8 layers, 4 KV heads, SmolLM2's tokenizer; made once under
+~/.cache/lmkit/bench): Q4_K and Q6_K almost everywhere, as in a 7B Q4_K_M file. --gguf FILE runs
+both on any other GGUF file of the model.
 --dtype bf16 or f16 (with --f32 or --random, implied) runs lmkit (`generate --dtype`) and
 transformers (`from_pretrained(dtype=...)`) with the weights in that type.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/real_model_bench.py [--rounds 3] [--threads 2]
        [--prompt 512] [--decode 128] [--no-transformers] [--no-llama-cpp] [--f32 | --random]
-       [--q4-k-m | --gguf FILE]
+       [--q4-k-m | --k-quant | --gguf FILE]
        [--device cpu|cuda] [--dtype f32|bf16|f16] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
 """
 import argparse
@@ -62,6 +65,44 @@ def q4_k_m_gguf(lmkit):
         sys.exit(f"llama.cpp could not quantize {f32}")
     f32.unlink()
     tmp.replace(out)
+    return out
+
+
+# A Llama of a 7B's proportions at a small size, rows of whole K-quant super-blocks (random weights).
+K_QUANT_LLAMA = textwrap.dedent("""
+    import shutil, sys, pathlib, torch, transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+    for f in pathlib.Path(sys.argv[2]).glob("tokenizer*"):
+        shutil.copy(f, sys.argv[1])
+""")
+
+
+def k_quant_gguf(lmkit):
+    """llama.cpp's Q4_K_M of K_QUANT_LLAMA, made once (transformers' random init, written as an f32
+    GGUF by lmkit, quantized by llama.cpp's `llama_model_quantize`)."""
+    import tempfile
+    from long_window_bench import MAKE_MODEL, MODEL
+    out = MODEL.parent / "k-quant-llama-q4_k_m.gguf"
+    if out.exists():
+        return out
+    if not (MODEL / "config.json").exists():
+        subprocess.run([sys.executable, "-c", MAKE_MODEL, MODEL], check=True)
+    import llama_cpp
+    with tempfile.TemporaryDirectory(prefix="lmkit-k-quant-llama-", dir=MODEL.parent) as tmp:
+        model, f32 = pathlib.Path(tmp) / "model", pathlib.Path(tmp) / "f32.gguf"
+        subprocess.run([sys.executable, "-c", K_QUANT_LLAMA, model, MODEL], check=True)
+        subprocess.run([lmkit, "quantize", model, f32, "--type", "f32"], check=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.nthread = 2
+        part = pathlib.Path(tmp) / "q4_k_m.gguf"
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
+            sys.exit(f"llama.cpp could not quantize {f32}")
+        part.replace(out)
     return out
 
 
@@ -177,6 +218,8 @@ def main():
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--q4-k-m", action="store_true", help="llama.cpp's Q4_K_M file of the model (made once)")
+    ap.add_argument("--k-quant", action="store_true",
+                    help="llama.cpp's Q4_K_M file of a random-init Llama of whole super-blocks (made once)")
     ap.add_argument("--gguf", help="another GGUF file of the same model (default: the PyPI package's Q4_1 file), "
                     "e.g. one made by llama.cpp's quantize")
     ap.add_argument("--f32", action="store_true", help="lmkit reads the f32 transformers directory, not the GGUF")
@@ -196,6 +239,8 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "lmkit-cli"], cwd=ROOT, check=True)
     if a.q4_k_m:
         a.gguf = q4_k_m_gguf(a.lmkit)
+    if a.k_quant:
+        a.gguf = k_quant_gguf(a.lmkit)
     gguf = None if a.f32 else (pathlib.Path(a.gguf) if a.gguf else smollm2_gguf())
     model = gguf
     if a.random:
@@ -251,7 +296,8 @@ def main():
             print(f"round {r + 1} {name:17s} prompt {res['prompt']:7.1f} tok/s  decode {res['decode']:6.1f} tok/s  "
                   f"peak RSS {res['rss']:6.0f} MB{split}", flush=True)
     where = f"on {a.device}" if on_gpu else f"{a.threads} threads"
-    print(f"\nSmolLM2-135M-Instruct {label}, {where}, prompt {len(ids)} tokens, decode {a.decode} tokens, "
+    name = "Random-init Llama (2048/5632, 8 layers)" if a.k_quant else "SmolLM2-135M-Instruct"
+    print(f"\n{name} {label}, {where}, prompt {len(ids)} tokens, decode {a.decode} tokens, "
           f"medians of {a.rounds}:")
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("prompt", "decode", "rss")} for k, v in results.items()}
     peer = next((k for k in ("llama.cpp", hf) if k in med), "lmkit")

@@ -1,32 +1,44 @@
 //! Block-quantized weights with 16 rows interleaved, for decoding steps on CPUs with AVX-512
-//! VNNI: a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) is
-//! rearranged once, when it is loaded, so that the blocks of 16 rows at one depth lie together:
-//! their 16 scales side by side, then their values 4 bytes per row at a time. One 64-byte load then
-//! holds 4 values of each of the 16 rows, and one `vpdpbusd` multiplies them by the same 4
-//! activation bytes (broadcast), summing each row's products in its own lane: the 16 rows' dot
-//! products come out in one vector, scaled by the 16 scales in one step. The weights' bytes are
-//! read as one stream, and a block costs a sixteenth of the instructions of a per-row dot product.
-//! The arithmetic is llama.cpp's (8-bit activations, [`crate::quant::quantize_q8_1`]); only the
-//! order of the f32 sums differs from [`crate::quant::ggml_product`].
+//! VNNI: a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the
+//! K-quants Q4_K, Q5_K and Q6_K (256-value super-blocks) is rearranged once, when it is loaded,
+//! so that the blocks of 16 rows at one depth lie together: their 16 scales side by side, then
+//! their values 4 bytes per row at a time. One 64-byte load then holds 4 values of each of the
+//! 16 rows, and one `vpdpbusd` multiplies them by the same 4 activation bytes (broadcast),
+//! summing each row's products in its own lane: the 16 rows' dot products come out in one
+//! vector, scaled by the 16 scales in one step. The weights' bytes are read as one stream, and a
+//! block costs a sixteenth of the instructions of a per-row dot product. The arithmetic is
+//! llama.cpp's (8-bit activations: [`crate::quant::quantize_q8_1`] for the 32-value types, Q8_K
+//! super-blocks for the K-quants, with the same integer sums); only the order of the f32 sums
+//! differs from [`crate::quant::ggml_product`].
 //!
 //! The rearranged weight takes exactly the bytes of the original, which it replaces; products of
-//! [`crate::quant::TILE_MIN_ROWS`] rows or more on CPUs with AMX tiles (prompts) run on the tiles
-//! from a copy in the original layout made for the product (the tiles dequantize every block
-//! anyway), as does anything that needs the original blocks ([`Interleaved::original`]).
+//! [`crate::quant::TILE_MIN_ROWS`] rows or more on CPUs with AMX tiles (prompts) run on the tiles,
+//! which read the blocks put back in the original layout (or dequantized straight from the
+//! runs) as they pack them, as does anything that needs the original blocks
+//! ([`Interleaved::original`]).
 //!
-//! Layout, per group of 16 rows and block index (16 blocks' bytes in all):
-//! - the 16 scales d (f16), then for Q4_1 and Q5_1 the 16 minimums m (f16);
-//! - Q8_0: 8 runs of 64 bytes; run j holds values 4j..4j+4 of each row (row r at bytes
-//!   4r..4r+4), each plus 128 (as unsigned bytes);
-//! - the 4- and 5-bit types: 4 runs of 64 bytes; run t holds, for row r at bytes 4r..4r+4, values
-//!   4t..4t+4 in the low nibbles and values 16+4t..16+4t+4 in the high ones (their low 4 bits);
-//!   then for Q5_0 and Q5_1 8 masks of 64 bits: bit 4r+p of mask j is the fifth bit of value
-//!   4j+p of row r.
+//! Layout, per group of 16 rows and block index (16 blocks' bytes in all; "runs" of 64 bytes
+//! hold 4 bytes of each row, row r at bytes 4r..4r + 4):
+//! - the 16 scales d (f16), then for Q4_1, Q5_1, Q4_K and Q5_K the 16 minimums m or dmin (f16);
+//! - Q8_0: 8 runs; run j holds values 4j..4j+4 of each row, each plus 128 (as unsigned bytes);
+//! - the 4- and 5-bit 32-value types: 4 runs; run t holds values 4t..4t+4 in the low nibbles and
+//!   values 16+4t..16+4t+4 in the high ones (their low 4 bits); then for Q5_0 and Q5_1 8 masks of
+//!   64 bits: bit 4r+p of mask j is the fifth bit of value 4j+p of row r;
+//! - Q4_K and Q5_K: 3 runs of the 12 bytes of 6-bit scales and mins as stored, then 32 runs of
+//!   the 128 bytes of nibbles as stored (run u: bytes 4u..4u + 4, whose low nibbles are values
+//!   64(u / 8) + 4(u % 8).. of sub-block 2(u / 8), the high ones 32 values later, of the next
+//!   sub-block); then for Q5_K 64 masks of 64 bits: bit 4r+p of mask 16c + 2t + h is the fifth
+//!   bit of nibble h of byte 32c + 4t + p;
+//! - Q6_K: 4 runs of the 16 signed 8-bit scales, 32 runs of the 128 bytes of low nibbles, 16
+//!   runs of the 64 bytes of high bit pairs (each as stored).
 //!
-//! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here) are summed as
-//! stored, and the offset times the activations' sum is taken off in the integer sums.
+//! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here, Q6_K's 32) are
+//! summed as stored, and the offset times the activations' sum is taken off in the integer sums.
+//! The K-quants' sub-block scales multiply each sub-block's integer sums in i32 (`vpmulld`), and
+//! Q4_K's and Q5_K's minimums meet the activations' sums of each sub-block in `vpdpwssd`.
 
 use crate::quant::{Q8_1, QK};
+use crate::quant_dots::{Q8K, QK_K};
 use candle_core::quantized::GgmlDType;
 
 /// Rows per interleaved group: one 512-bit vector's 32-bit lanes.
@@ -40,6 +52,31 @@ enum Kind {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// Where a part of each stored block goes in a group's interleaved block (offsets in bytes).
+#[derive(Clone, Copy)]
+enum Seg {
+    /// The f16 at `src`: the 16 rows' side by side at `dst`.
+    Halves { src: usize, dst: usize },
+    /// Bytes src .. src + len (a multiple of 4): run u, at dst + 64u, holds bytes 4u .. 4u + 4
+    /// of each row (row r at 4r), each 32-bit word xor `flip`.
+    Quads {
+        src: usize,
+        len: usize,
+        dst: usize,
+        flip: u32,
+    },
+    /// The fifth bits at `src`: `count` masks of 64 bits at `dst`, bits 4r .. 4r + 4 of mask j
+    /// being row r's bits [`Kind::fifth_bit_at`](j, 0..4).
+    Masks {
+        src: usize,
+        count: usize,
+        dst: usize,
+    },
 }
 
 impl Kind {
@@ -50,6 +87,9 @@ impl Kind {
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q5_1 => Kind::Q5_1,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q4K => Kind::Q4K,
+            GgmlDType::Q5K => Kind::Q5K,
+            GgmlDType::Q6K => Kind::Q6K,
             _ => return None,
         })
     }
@@ -61,7 +101,24 @@ impl Kind {
             Kind::Q5_0 => 22,
             Kind::Q5_1 => 24,
             Kind::Q8_0 => 34,
+            Kind::Q4K => 144,
+            Kind::Q5K => 176,
+            Kind::Q6K => 210,
         }
+    }
+
+    /// Values per block: 32, or a K-quant super-block's 256.
+    fn block_values(self) -> usize {
+        if self.super_blocks() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Whether blocks are K-quant super-blocks (multiplied against Q8_K activations).
+    fn super_blocks(self) -> bool {
+        matches!(self, Kind::Q4K | Kind::Q5K | Kind::Q6K)
     }
 
     /// Whether blocks hold a minimum m after d (values are v·d + m).
@@ -81,22 +138,93 @@ impl Kind {
             Kind::Q4_0 => 8,
             Kind::Q5_0 => 16,
             Kind::Q8_0 => 128,
-            Kind::Q4_1 | Kind::Q5_1 => 0,
+            _ => 0,
         }
     }
 
-    /// Bytes of scales (and minimums) at the start of each block of the original layout.
-    fn scale_bytes(self) -> usize {
-        if self.has_min() {
-            4
+    /// Where each part of a stored block goes (see the module's note).
+    fn segments(self) -> &'static [Seg] {
+        use Seg::*;
+        macro_rules! quads {
+            ($src:literal, $len:literal, $dst:literal) => {
+                Quads {
+                    src: $src,
+                    len: $len,
+                    dst: $dst,
+                    flip: 0,
+                }
+            };
+        }
+        const D: Seg = Halves { src: 0, dst: 0 };
+        const M: Seg = Halves { src: 2, dst: 32 };
+        match self {
+            Kind::Q4_0 => &[D, quads!(2, 16, 32)],
+            Kind::Q4_1 => &[D, M, quads!(4, 16, 64)],
+            Kind::Q5_0 => &[
+                D,
+                quads!(6, 16, 32),
+                Masks {
+                    src: 2,
+                    count: 8,
+                    dst: 288,
+                },
+            ],
+            Kind::Q5_1 => &[
+                D,
+                M,
+                quads!(8, 16, 64),
+                Masks {
+                    src: 4,
+                    count: 8,
+                    dst: 320,
+                },
+            ],
+            Kind::Q8_0 => &[
+                D,
+                Quads {
+                    src: 2,
+                    len: 32,
+                    dst: 32,
+                    flip: 0x8080_8080,
+                },
+            ],
+            Kind::Q4K => &[D, M, quads!(4, 12, 64), quads!(16, 128, 256)],
+            Kind::Q5K => &[
+                D,
+                M,
+                quads!(4, 12, 64),
+                quads!(48, 128, 256),
+                Masks {
+                    src: 16,
+                    count: 64,
+                    dst: 2304,
+                },
+            ],
+            Kind::Q6K => &[
+                Halves { src: 208, dst: 0 },
+                quads!(192, 16, 32),
+                quads!(0, 128, 288),
+                quads!(128, 64, 2336),
+            ],
+        }
+    }
+
+    /// The index, among a block's fifth bits (little-endian from their first byte), of the bit
+    /// that goes to bit 4r + p of mask j: Q5_0's and Q5_1's value 4j + p; Q5_K's mask
+    /// 16c + 2t + h holds the fifth bits of the low (h = 0) or high (h = 1) nibbles of byte
+    /// 32c + 4t + p of its values, bit 2c + h of fifth-bit byte 4t + p.
+    fn fifth_bit_at(self, j: usize, p: usize) -> usize {
+        if self == Kind::Q5K {
+            let (c, t, h) = (j / 16, j % 16 / 2, j % 2);
+            8 * (4 * t + p) + 2 * c + h
         } else {
-            2
+            4 * j + p
         }
     }
 }
 
-/// A weight [n, k] of a 32-value GGML block type, its whole groups of 16 rows interleaved (see
-/// the module's note), the rows after the last whole group as stored.
+/// A weight [n, k] of a GGML block type the layout holds, its whole groups of 16 rows interleaved
+/// (see the module's note), the rows after the last whole group as stored.
 pub struct Interleaved {
     dtype: GgmlDType,
     kind: Kind,
@@ -140,56 +268,52 @@ impl Interleaved {
     /// As [`Interleaved::new`], whatever the CPU (the layout alone).
     fn rearranged(bytes: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Interleaved> {
         let kind = Kind::of(dtype)?;
-        let bb = kind.block_bytes();
-        if n < GROUP_ROWS || k == 0 || !k.is_multiple_of(QK) || bytes.len() != n * (k / QK) * bb {
+        let (bb, values) = (kind.block_bytes(), kind.block_values());
+        if n < GROUP_ROWS
+            || k == 0
+            || !k.is_multiple_of(values)
+            || bytes.len() != n * (k / values) * bb
+        {
             return None;
         }
-        let blocks = k / QK;
-        let row_bytes = blocks * bb;
+        let row_bytes = k / values * bb;
         let whole = n / GROUP_ROWS * GROUP_ROWS;
         let mut groups = vec![0u8; whole * row_bytes];
         let group_bytes = GROUP_ROWS * row_bytes;
-        let at = if kind.has_min() { 64 } else { 32 };
         for (g, out) in groups.chunks_exact_mut(group_bytes).enumerate() {
             let rows = &bytes[g * group_bytes..(g + 1) * group_bytes];
             for (b, o) in out.chunks_exact_mut(GROUP_ROWS * bb).enumerate() {
-                let mut masks = [0u64; 8];
                 for r in 0..GROUP_ROWS {
                     let block = &rows[r * row_bytes + b * bb..][..bb];
-                    o[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-                    if kind.has_min() {
-                        o[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&block[2..4]);
-                    }
-                    if kind == Kind::Q8_0 {
-                        // Values 4j..4j + 4 into run j, plus 128.
-                        for j in 0..8 {
-                            let v = u32::from_le_bytes(
-                                block[2 + 4 * j..6 + 4 * j].try_into().expect("4"),
-                            );
-                            o[at + 64 * j + 4 * r..][..4]
-                                .copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
+                    for &seg in kind.segments() {
+                        match seg {
+                            Seg::Halves { src, dst } => o[dst + 2 * r..dst + 2 * r + 2]
+                                .copy_from_slice(&block[src..src + 2]),
+                            Seg::Quads {
+                                src,
+                                len,
+                                dst,
+                                flip,
+                            } => {
+                                for (u, q) in block[src..src + len].chunks_exact(4).enumerate() {
+                                    let v = u32::from_le_bytes(q.try_into().expect("4")) ^ flip;
+                                    o[dst + 64 * u + 4 * r..][..4]
+                                        .copy_from_slice(&v.to_le_bytes());
+                                }
+                            }
+                            Seg::Masks { src, count, dst } => {
+                                let bits = &block[src..];
+                                for j in 0..count {
+                                    let nibble = (0..4).fold(0u64, |a, p| {
+                                        let i = kind.fifth_bit_at(j, p);
+                                        a | (((bits[i / 8] >> (i % 8)) & 1) as u64) << p
+                                    });
+                                    let m = &mut o[dst + 8 * j..dst + 8 * j + 8];
+                                    let mask = u64::from_le_bytes((&*m).try_into().expect("8"));
+                                    m.copy_from_slice(&(mask | nibble << (4 * r)).to_le_bytes());
+                                }
+                            }
                         }
-                        continue;
-                    }
-                    let mut qs = kind.scale_bytes();
-                    if kind.fifth_bit() {
-                        // Bits 4j..4j + 4 of the fifth bits into bits 4r..4r + 4 of mask j.
-                        let qh = u32::from_le_bytes(block[qs..qs + 4].try_into().expect("4"));
-                        for (j, mask) in masks.iter_mut().enumerate() {
-                            *mask |= (((qh >> (4 * j)) & 0xF) as u64) << (4 * r);
-                        }
-                        qs += 4;
-                    }
-                    // Stored byte i (values i and i + 16) into byte 4r + i % 4 of run i / 4.
-                    for t in 0..4 {
-                        o[at + 64 * t + 4 * r..][..4]
-                            .copy_from_slice(&block[qs + 4 * t..qs + 4 * t + 4]);
-                    }
-                }
-                if kind.fifth_bit() {
-                    for (j, mask) in masks.iter().enumerate() {
-                        let m = at + 256 + 8 * j;
-                        o[m..m + 8].copy_from_slice(&mask.to_le_bytes());
                     }
                 }
             }
@@ -226,10 +350,11 @@ impl Interleaved {
 
     /// The weight's blocks in the original layout (as the GGUF file stored them), bit for bit.
     pub fn original(&self) -> Vec<u8> {
-        let row_bytes = self.k / QK * self.kind.block_bytes();
+        let blocks = self.k / self.kind.block_values();
+        let row_bytes = blocks * self.kind.block_bytes();
         let mut out = vec![0u8; self.len()];
         for (j, row) in out.chunks_exact_mut(row_bytes).enumerate() {
-            self.row_blocks(j, 0..self.k / QK, row);
+            self.row_blocks(j, 0..blocks, row);
         }
         out
     }
@@ -238,7 +363,7 @@ impl Interleaved {
     pub fn row_blocks(&self, j: usize, blocks: std::ops::Range<usize>, out: &mut [u8]) {
         let kind = self.kind;
         let bb = kind.block_bytes();
-        let row_bytes = self.k / QK * bb;
+        let row_bytes = self.k / kind.block_values() * bb;
         let whole = self.groups.len() / row_bytes;
         let out = &mut out[..blocks.len() * bb];
         if j >= whole {
@@ -248,40 +373,39 @@ impl Interleaved {
         }
         let (g, r) = (j / GROUP_ROWS, j % GROUP_ROWS);
         let group = &self.groups[g * GROUP_ROWS * row_bytes..(g + 1) * GROUP_ROWS * row_bytes];
-        let at = if kind.has_min() { 64 } else { 32 };
-        let s = kind.scale_bytes();
         for (b, o) in blocks.zip(out.chunks_exact_mut(bb)) {
             let packed = &group[b * GROUP_ROWS * bb..(b + 1) * GROUP_ROWS * bb];
-            o[..2].copy_from_slice(&packed[2 * r..2 * r + 2]);
-            if kind.has_min() {
-                o[2..4].copy_from_slice(&packed[32 + 2 * r..32 + 2 * r + 2]);
-            }
-            if kind == Kind::Q8_0 {
-                // Values 4q..4q + 4 from run q, less the 128 added.
-                for q in 0..8 {
-                    let v = u32::from_le_bytes(
-                        packed[at + 64 * q + 4 * r..][..4].try_into().expect("4"),
-                    );
-                    o[2 + 4 * q..6 + 4 * q].copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
+            for &seg in kind.segments() {
+                match seg {
+                    Seg::Halves { src, dst } => {
+                        o[src..src + 2].copy_from_slice(&packed[dst + 2 * r..dst + 2 * r + 2])
+                    }
+                    Seg::Quads {
+                        src,
+                        len,
+                        dst,
+                        flip,
+                    } => {
+                        for (u, q) in o[src..src + len].chunks_exact_mut(4).enumerate() {
+                            let v = &packed[dst + 64 * u + 4 * r..][..4];
+                            let v = u32::from_le_bytes(v.try_into().expect("4")) ^ flip;
+                            q.copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                    Seg::Masks { src, count, dst } => {
+                        // count masks of 4 bits a row: count / 2 bytes of fifth bits.
+                        let bits = &mut o[src..src + count / 2];
+                        bits.fill(0);
+                        for j in 0..count {
+                            let m = &packed[dst + 8 * j..dst + 8 * j + 8];
+                            let mask = u64::from_le_bytes(m.try_into().expect("8"));
+                            for p in 0..4 {
+                                let i = kind.fifth_bit_at(j, p);
+                                bits[i / 8] |= (((mask >> (4 * r + p)) & 1) as u8) << (i % 8);
+                            }
+                        }
+                    }
                 }
-                continue;
-            }
-            let mut qs = s;
-            if kind.fifth_bit() {
-                // The fifth bits of values 4q..4q + 4: bits 4r..4r + 4 of mask q.
-                let mut qh = 0u32;
-                for q in 0..8 {
-                    let m = at + 256 + 8 * q;
-                    let mask = u64::from_le_bytes(packed[m..m + 8].try_into().expect("8"));
-                    qh |= (((mask >> (4 * r)) & 0xF) as u32) << (4 * q);
-                }
-                o[s..s + 4].copy_from_slice(&qh.to_le_bytes());
-                qs += 4;
-            }
-            // Byte i of the stored nibbles holds values i and i + 16, as byte 4r + i % 4 of run
-            // i / 4 does.
-            for t in 0..4 {
-                o[qs + 4 * t..qs + 4 * t + 4].copy_from_slice(&packed[at + 64 * t + 4 * r..][..4]);
             }
         }
     }
@@ -296,12 +420,24 @@ impl Interleaved {
         blocks: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        let len = blocks.len() * QK;
+        let values = self.kind.block_values();
+        let len = blocks.len() * values;
         let bb = self.kind.block_bytes();
-        let row_bytes = self.k / QK * bb;
+        let row_bytes = self.k / values * bb;
         let whole = self.groups.len() / row_bytes;
         let (g, r0) = (j0 / GROUP_ROWS, j0 % GROUP_ROWS);
-        if count == 0 || j0 + count > whole || r0 + count > GROUP_ROWS {
+        // Rows within one group of the 32-value types, straight from the runs.
+        type Direct = fn(&[u8], std::ops::Range<usize>, std::ops::Range<usize>, &mut [f32]);
+        let direct: Option<Direct> = match self.kind {
+            Kind::Q4_0 => Some(dequantize_group::<0>),
+            Kind::Q4_1 => Some(dequantize_group::<1>),
+            Kind::Q5_0 => Some(dequantize_group::<2>),
+            Kind::Q5_1 => Some(dequantize_group::<3>),
+            Kind::Q8_0 => Some(dequantize_group::<4>),
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => None,
+        };
+        let within = count > 0 && j0 + count <= whole && r0 + count <= GROUP_ROWS;
+        let (Some(direct), true) = (direct, within) else {
             let deq = crate::quant::Dequantizer::of(self.dtype).expect("a block type");
             let mut buf = vec![0u8; blocks.len() * bb];
             for (c, vals) in out.chunks_exact_mut(len).take(count).enumerate() {
@@ -309,16 +445,9 @@ impl Interleaved {
                 deq.to_f32(&buf, vals);
             }
             return;
-        }
+        };
         let group = &self.groups[g * GROUP_ROWS * row_bytes..(g + 1) * GROUP_ROWS * row_bytes];
-        let rows = r0..r0 + count;
-        match self.kind {
-            Kind::Q4_0 => dequantize_group::<0>(group, blocks, rows, out),
-            Kind::Q4_1 => dequantize_group::<1>(group, blocks, rows, out),
-            Kind::Q5_0 => dequantize_group::<2>(group, blocks, rows, out),
-            Kind::Q5_1 => dequantize_group::<3>(group, blocks, rows, out),
-            Kind::Q8_0 => dequantize_group::<4>(group, blocks, rows, out),
-        }
+        direct(group, blocks, r0..r0 + count, out)
     }
 
     /// Layers that read the same input, one above the other: one weight of all their rows, when
@@ -364,16 +493,23 @@ impl Interleaved {
     /// on the per-row ones, [`crate::quant::eight_bit_product`]).
     fn dots(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let blocks = k / QK;
-        let q = crate::quant::quantize_rows_q8_1(xs, k);
-        let sums: Vec<i32> = q
-            .iter()
-            .map(|b| b.qs.iter().map(|&v| v as i32).sum())
-            .collect();
-        let acts: Vec<(&[Q8_1], &[i32])> = q
-            .chunks_exact(blocks)
-            .zip(sums.chunks_exact(blocks))
-            .collect();
+        let blocks = k / self.kind.block_values();
+        let (q, sums, q_k);
+        let acts = if self.kind.super_blocks() {
+            q_k = crate::quant_dots::quantize_rows_q8_k(xs, k);
+            Acts::Super(q_k.chunks_exact(blocks).collect())
+        } else {
+            q = crate::quant::quantize_rows_q8_1(xs, k);
+            sums = q
+                .iter()
+                .map(|b| b.qs.iter().map(|&v| v as i32).sum())
+                .collect::<Vec<i32>>();
+            Acts::Small(
+                q.chunks_exact(blocks)
+                    .zip(sums.chunks_exact(blocks))
+                    .collect(),
+            )
+        };
         let group_bytes = GROUP_ROWS * blocks * self.kind.block_bytes();
         let whole = self.groups.len() / group_bytes * GROUP_ROWS;
         let tile = |g0: usize, g1: usize, out: &mut [f32]| {
@@ -385,7 +521,12 @@ impl Interleaved {
                 while i < m {
                     let r = (m - i).min(4);
                     let mut res = [[0f32; GROUP_ROWS]; 4];
-                    kernels::group(self.kind, w, &acts[i..i + r], &mut res[..r]);
+                    match &acts {
+                        Acts::Small(a) => kernels::group(self.kind, w, &a[i..i + r], &mut res[..r]),
+                        Acts::Super(a) => {
+                            kernels::group_k(self.kind, w, &a[i..i + r], &mut res[..r])
+                        }
+                    }
                     for (j, v) in res[..r].iter().enumerate() {
                         let at = (i + j) * cols + (g - g0) * GROUP_ROWS;
                         out[at..at + GROUP_ROWS].copy_from_slice(v);
@@ -421,6 +562,14 @@ impl Interleaved {
     }
 }
 
+/// Rows of activations quantized for a product: each row's blocks.
+enum Acts<'a> {
+    /// Q8_1 blocks (the 32-value types) and each block's sum of values.
+    Small(Vec<(&'a [Q8_1], &'a [i32])>),
+    /// Q8_K super-blocks (the K-quants).
+    Super(Vec<&'a [Q8K]>),
+}
+
 /// The kind a constant names (in the kernels' order).
 const fn kind_of(k: u8) -> Kind {
     match k {
@@ -428,7 +577,10 @@ const fn kind_of(k: u8) -> Kind {
         1 => Kind::Q4_1,
         2 => Kind::Q5_0,
         3 => Kind::Q5_1,
-        _ => Kind::Q8_0,
+        4 => Kind::Q8_0,
+        5 => Kind::Q4K,
+        6 => Kind::Q5K,
+        _ => Kind::Q6K,
     }
 }
 
@@ -499,6 +651,7 @@ const GROUPS_PER_TASK: usize = 2;
 mod kernels {
     use super::{Kind, GROUP_ROWS};
     use crate::quant::{Q8_1, QK};
+    use crate::quant_dots::Q8K;
     use std::arch::x86_64::*;
 
     /// Weight bytes fetched ahead of the block being multiplied.
@@ -530,13 +683,236 @@ mod kernels {
             Kind::Q5_0 => rows!(2),
             Kind::Q5_1 => rows!(3),
             Kind::Q8_0 => rows!(4),
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("{kind:?} takes Q8_K activations"),
+        }
+    }
+
+    /// One group's 16 outputs of a K-quant type for each of 1–4 activation rows (`acts`: each
+    /// row's Q8_K super-blocks), into `out` (one array per row).
+    pub(super) fn group_k(kind: Kind, w: &[u8], acts: &[&[Q8K]], out: &mut [[f32; 16]]) {
+        assert!(
+            super::available(),
+            "the interleaved kernels need AVX-512 VNNI"
+        );
+        macro_rules! rows {
+            ($f:ident $(, $five:literal)?) => {
+                // SAFETY: `available` checked that the CPU has AVX-512 F, BW, VL and VNNI.
+                unsafe {
+                    match acts.len() {
+                        1 => $f::<$($five,)? 1>(w, acts, out),
+                        2 => $f::<$($five,)? 2>(w, acts, out),
+                        3 => $f::<$($five,)? 3>(w, acts, out),
+                        _ => $f::<$($five,)? 4>(w, acts, out),
+                    }
+                }
+            };
+        }
+        match kind {
+            Kind::Q4K => rows!(q45_k, false),
+            Kind::Q5K => rows!(q45_k, true),
+            Kind::Q6K => rows!(q6_k),
+            _ => unreachable!("{kind:?} takes Q8_1 activations"),
+        }
+    }
+
+    /// Lane i of `v` shifted right by `bits`.
+    #[target_feature(enable = "avx512f")]
+    fn shift_right(v: __m512i, bits: usize) -> __m512i {
+        _mm512_srl_epi32(v, _mm_cvtsi32_si128(bits as i32))
+    }
+
+    /// An i32 lane's byte `byte` (0..4), sign-extended.
+    #[target_feature(enable = "avx512f")]
+    fn signed_byte(v: __m512i, byte: usize) -> __m512i {
+        _mm512_srai_epi32::<24>(_mm512_sll_epi32(
+            v,
+            _mm_cvtsi32_si128(8 * (3 - byte) as i32),
+        ))
+    }
+
+    /// Q4_K (and Q5_K, `FIVE`): per 32-value sub-block j, each row's integer dot products
+    /// (`vpdpbusd` of the unsigned 4-bit values, plus 16 where a fifth bit is set) times its
+    /// 6-bit scale (`vpmulld`), summed in i32; the mins' term Σ min_j·(the activations' sums of
+    /// sub-block j) by `vpdpwssd` of the mins against the sums in 16-bit pairs; then
+    /// d·y.d·sums − dmin·y.d·mins, as llama.cpp's.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q45_k<const FIVE: bool, const R: usize>(
+        w: &[u8],
+        acts: &[&[Q8K]],
+        out: &mut [[f32; 16]],
+    ) {
+        let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
+        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m6 = _mm512_set1_epi8(63);
+        let m30 = _mm512_set1_epi8(0x30);
+        let byte = _mm512_set1_epi32(0xFF);
+        let low_words = _mm512_set1_epi32(0x00FF_00FF);
+        let sixteen = _mm512_set1_epi8(16);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            // Each row's 12 bytes of 6-bit scales and mins, 4 a run: bytes 0..4 (s0), 4..8
+            // (s1), 8..12 (s2); scales and mins of sub-blocks 0..4 and 4..8, a byte each.
+            let (s0, s1, s2) = (load64(block, 64), load64(block, 128), load64(block, 192));
+            let high = |v: __m512i, top: __m512i| {
+                _mm512_or_si512(
+                    _mm512_and_si512(v, m4),
+                    _mm512_and_si512(_mm512_srli_epi16(top, 2), m30),
+                )
+            };
+            let scales = [_mm512_and_si512(s0, m6), high(s2, s0)];
+            let mins = [_mm512_and_si512(s1, m6), high(_mm512_srli_epi16(s2, 4), s1)];
+            let mut sums = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let mut lo_s = [_mm512_setzero_si512(); R];
+                let mut hi_s = [_mm512_setzero_si512(); R];
+                for t in 0..8 {
+                    let v = load64(block, 256 + 64 * (8 * c + t));
+                    let mut lo = _mm512_and_si512(v, m4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    if FIVE {
+                        let mask = |j: usize| {
+                            let m = 2304 + 8 * j;
+                            u64::from_le_bytes(block[m..m + 8].try_into().expect("8 bytes"))
+                        };
+                        lo = _mm512_mask_add_epi8(lo, mask(16 * c + 2 * t), lo, sixteen);
+                        hi = _mm512_mask_add_epi8(hi, mask(16 * c + 2 * t + 1), hi, sixteen);
+                    }
+                    for r in 0..R {
+                        let y = &acts[r][b].qs;
+                        lo_s[r] = _mm512_dpbusd_epi32(lo_s[r], lo, quad_at(y, 64 * c + 4 * t));
+                        hi_s[r] = _mm512_dpbusd_epi32(hi_s[r], hi, quad_at(y, 64 * c + 32 + 4 * t));
+                    }
+                }
+                // Sub-blocks 2c and 2c + 1: byte 2c % 4 (and the next) of the scales' run.
+                let sc = scales[c / 2];
+                let sl = _mm512_and_si512(shift_right(sc, 16 * (c % 2)), byte);
+                let sh = _mm512_and_si512(shift_right(sc, 16 * (c % 2) + 8), byte);
+                for r in 0..R {
+                    let p = _mm512_add_epi32(
+                        _mm512_mullo_epi32(lo_s[r], sl),
+                        _mm512_mullo_epi32(hi_s[r], sh),
+                    );
+                    sums[r] = _mm512_add_epi32(sums[r], p);
+                }
+            }
+            let d = halves16(block, 0);
+            let dmin = halves16(block, 32);
+            for r in 0..R {
+                let y = &acts[r][b];
+                // Sub-block j's activation sum, and two of them as 16-bit pairs.
+                let sum = |j: usize| y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
+                let pair = |a: usize, b: usize| {
+                    _mm512_set1_epi32((sum(a) as u16 as u32 | (sum(b) as u16 as u32) << 16) as i32)
+                };
+                let mut m = _mm512_setzero_si512();
+                for (h, mn) in mins.iter().enumerate() {
+                    // Mins 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs.
+                    let even = _mm512_and_si512(*mn, low_words);
+                    let odd = _mm512_srli_epi16(*mn, 8);
+                    m = _mm512_dpwssd_epi32(m, even, pair(4 * h, 4 * h + 2));
+                    m = _mm512_dpwssd_epi32(m, odd, pair(4 * h + 1, 4 * h + 3));
+                }
+                let yd = _mm512_set1_ps(y.d);
+                let s = _mm512_cvtepi32_ps(sums[r]);
+                acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
+                acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, yd), acc[r]);
+            }
+        }
+        for r in 0..R {
+            // SAFETY: `out[r]` holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
+
+    /// Q6_K: per 16-value group g, each row's integer dot products (`vpdpbusd` of the unsigned
+    /// 6-bit values, from −32·the activations' sum of the group: the offset) times its signed
+    /// 8-bit scale (`vpmulld`), summed in i32; then d·y.d·sums, as llama.cpp's.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q6_k<const R: usize>(w: &[u8], acts: &[&[Q8K]], out: &mut [[f32; 16]]) {
+        let bb = GROUP_ROWS * 210;
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
+        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            let mut sums = [_mm512_setzero_si512(); R];
+            for h in 0..2 {
+                // Values 128h + 32q + 4t .. + 4 (q = 0..4) from the runs of low bits at
+                // 4t and 32 + 4t of half h's 64 bytes and its high bit pairs at 4t; groups
+                // 8h + 2q + t / 4: the first four t, then the next.
+                for part in 0..2 {
+                    let mut s: [[__m512i; 4]; R] = std::array::from_fn(|r| {
+                        let y = &acts[r][b];
+                        std::array::from_fn(|q| {
+                            _mm512_set1_epi32(-32 * y.bsums[8 * h + 2 * q + part] as i32)
+                        })
+                    });
+                    for t in 4 * part..4 * part + 4 {
+                        let a = load64(block, 288 + 64 * (16 * h + t));
+                        let c = load64(block, 288 + 64 * (16 * h + 8 + t));
+                        let bits = load64(block, 2336 + 64 * (8 * h + t));
+                        let with = |low: __m512i, pair: __m512i| {
+                            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(pair, m30))
+                        };
+                        let v = [
+                            with(a, _mm512_slli_epi16(bits, 4)),
+                            with(c, _mm512_slli_epi16(bits, 2)),
+                            with(_mm512_srli_epi16(a, 4), bits),
+                            with(_mm512_srli_epi16(c, 4), _mm512_srli_epi16(bits, 2)),
+                        ];
+                        for r in 0..R {
+                            let y = &acts[r][b].qs;
+                            for q in 0..4 {
+                                let x = quad_at(y, 128 * h + 32 * q + 4 * t);
+                                s[r][q] = _mm512_dpbusd_epi32(s[r][q], v[q], x);
+                            }
+                        }
+                    }
+                    let scales: [__m512i; 4] = std::array::from_fn(|q| {
+                        let g = 8 * h + 2 * q + part;
+                        signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
+                    });
+                    for (sum, s) in sums.iter_mut().zip(&s) {
+                        for (s, sc) in s.iter().zip(&scales) {
+                            *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(*s, *sc));
+                        }
+                    }
+                }
+            }
+            let d = halves16(block, 0);
+            for r in 0..R {
+                let yd = _mm512_set1_ps(acts[r][b].d);
+                let s = _mm512_cvtepi32_ps(sums[r]);
+                acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
+            }
+        }
+        for r in 0..R {
+            // SAFETY: `out[r]` holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 
     /// 4 activation bytes (values 4j..4j+4 of a block) in every 32-bit lane.
     #[target_feature(enable = "avx512f")]
     fn quad(y: &Q8_1, j: usize) -> __m512i {
-        let q = &y.qs[4 * j..4 * j + 4];
+        quad_at(&y.qs, 4 * j)
+    }
+
+    /// Activation bytes at..at + 4 in every 32-bit lane.
+    #[target_feature(enable = "avx512f")]
+    fn quad_at(qs: &[i8], at: usize) -> __m512i {
+        let q = &qs[at..at + 4];
         _mm512_set1_epi32(i32::from_le_bytes([
             q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
         ]))
@@ -644,6 +1020,10 @@ mod kernels {
     pub(super) fn group(_: Kind, _: &[u8], _: &[(&[Q8_1], &[i32])], _: &mut [[f32; 16]]) {
         unreachable!("interleaved weights are made only where the kernels run")
     }
+
+    pub(super) fn group_k(_: Kind, _: &[u8], _: &[&[crate::quant_dots::Q8K]], _: &mut [[f32; 16]]) {
+        unreachable!("interleaved weights are made only where the kernels run")
+    }
 }
 
 #[cfg(test)]
@@ -653,13 +1033,21 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
-    const TYPES: [GgmlDType; 5] = [
+    const TYPES: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ];
+
+    /// A depth of `blocks` blocks of `dtype`.
+    fn depth(dtype: GgmlDType, blocks: usize) -> usize {
+        blocks * Kind::of(dtype).unwrap().block_values()
+    }
 
     /// Weights [n, k] with an offset (so minimums matter), quantized by candle.
     fn weights(dtype: GgmlDType, n: usize, k: usize) -> Vec<u8> {
@@ -687,8 +1075,8 @@ mod tests {
     fn original_blocks_come_back_bit_for_bit() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for dtype in TYPES {
-            let (n, k) = (53, 96);
-            let len = n * k / QK * Kind::of(dtype).unwrap().block_bytes();
+            let (n, k) = (53, depth(dtype, 3));
+            let len = n * 3 * Kind::of(dtype).unwrap().block_bytes();
             let bytes: Vec<u8> = (0..len)
                 .map(|_| {
                     state ^= state << 13;
@@ -701,7 +1089,7 @@ mod tests {
             assert_eq!(w.len(), bytes.len());
             assert_eq!(w.original(), bytes, "{dtype:?}");
             // Stacked: the parts' rows one above the other, as stored.
-            let (a, b) = bytes.split_at(32 * k / QK * Kind::of(dtype).unwrap().block_bytes());
+            let (a, b) = bytes.split_at(32 * 3 * Kind::of(dtype).unwrap().block_bytes());
             let a = Interleaved::rearranged(a, dtype, 32, k).unwrap();
             let b = Interleaved::rearranged(b, dtype, n - 32, k).unwrap();
             let s = Interleaved::stacked(&[&a, &b]).unwrap();
@@ -715,6 +1103,7 @@ mod tests {
         assert!(Interleaved::rearranged(&w[1..], GgmlDType::Q4_0, 16, 64).is_none());
         assert!(Interleaved::rearranged(&w[..w.len() / 2], GgmlDType::Q4_0, 8, 64).is_none());
         assert!(Interleaved::rearranged(&w, GgmlDType::Q4K, 16, 64).is_none());
+        assert!(Interleaved::rearranged(&w, GgmlDType::Q2K, 16, 64).is_none());
     }
 
     /// Rows dequantized straight from the interleaved runs equal candle's dequantization of the
@@ -723,7 +1112,7 @@ mod tests {
     #[test]
     fn rows_dequantize_as_candle_s() {
         for dtype in TYPES {
-            let (n, k) = (53, 256);
+            let (n, k) = (53, depth(dtype, 8));
             let bytes = weights(dtype, n, k);
             let w = Interleaved::rearranged(&bytes, dtype, n, k).unwrap();
             let deq = crate::quant::Dequantizer::of(dtype).unwrap();
@@ -731,7 +1120,7 @@ mod tests {
             let bb = deq.block_bytes;
             for (j0, count, blocks) in [(0, 16, 0..8), (19, 5, 2..7), (30, 4, 1..3), (48, 5, 0..8)]
             {
-                let len = blocks.len() * 32;
+                let len = depth(dtype, blocks.len());
                 let mut got = vec![f32::NAN; count * len];
                 w.dequantize_rows(j0, count, blocks.clone(), &mut got);
                 let mut want = vec![0f32; count * len];
@@ -755,7 +1144,7 @@ mod tests {
             return;
         }
         for dtype in TYPES {
-            for (n, k) in [(53, 256), (96, 128)] {
+            for (n, k) in [(53, depth(dtype, 2)), (96, depth(dtype, 4))] {
                 let bytes = weights(dtype, n, k);
                 let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
                 for m in [1, 2, 3, 4, 5, 9, 19] {
@@ -787,7 +1176,7 @@ mod tests {
             return;
         }
         for dtype in TYPES {
-            let (n, k) = (69, 1024);
+            let (n, k) = (69, 2048);
             let bytes = weights(dtype, n, k);
             let w = Interleaved::new(&bytes, dtype, n, k).unwrap();
             for m in [16, 21] {

@@ -77,9 +77,9 @@ impl DotType {
 /// One activation super-block (ggml's Q8_K): scale d, 256 signed bytes, the sums of each 16.
 #[derive(Clone, Copy)]
 pub(crate) struct Q8K {
-    d: f32,
-    qs: [i8; QK_K],
-    bsums: [i16; QK_K / 16],
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; QK_K],
+    pub(crate) bsums: [i16; QK_K / 16],
 }
 
 crate::simd::simd_versions! {
@@ -110,6 +110,16 @@ crate::simd::simd_versions! {
     }
 }
 
+/// Rows of `xs` (each of `k` values, a multiple of 256) quantized to Q8_K super-blocks, row after
+/// row.
+pub(crate) fn quantize_rows_q8_k(xs: &[f32], k: usize) -> Vec<Q8K> {
+    let mut q = Vec::with_capacity(xs.len() / QK_K);
+    for r in xs.chunks_exact(k) {
+        quantize_q8_k(r, &mut q);
+    }
+    q
+}
+
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of type `ty` (its raw blocks)ᵀ against
 /// activations quantized as llama.cpp quantizes them for the type: the rows' outputs, n values
 /// each. The caller checks the sizes (k a whole number of blocks, `w` n rows of them).
@@ -118,10 +128,7 @@ pub fn dot_product(xs: &[f32], w: &[u8], ty: DotType, n: usize, k: usize) -> Vec
     let row_bytes = blocks * ty.block_bytes();
     let sizes = (row_bytes, n, k);
     if ty.super_blocks() {
-        let mut q = Vec::with_capacity(xs.len() / QK_K);
-        for r in xs.chunks_exact(k) {
-            quantize_q8_k(r, &mut q);
-        }
+        let q = quantize_rows_q8_k(xs, k);
         let rows: Vec<&[Q8K]> = q.chunks_exact(blocks).collect();
         let one = |wr: &[u8], x: &[Q8K]| dots_k(ty, wr, [x])[0];
         return tiled_product(&rows, w, sizes, one, |wr, x| dots_k(ty, wr, x));
