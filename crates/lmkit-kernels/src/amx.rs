@@ -157,6 +157,9 @@ pub fn quant_product(
     })
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::round as round_bf16_bits;
+
 /// A block-quantized weight's rows as the tile products read them.
 #[derive(Clone, Copy)]
 pub enum QuantRows<'a> {
@@ -335,6 +338,10 @@ pub fn dequant_product(
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
             match w {
+                // The K-quants' whole groups straight into the lines.
+                QuantRows::Interleaved(w) if w.pack_lines((j0, count), blocks.clone(), group) => {
+                    continue
+                }
                 QuantRows::Interleaved(w) => {
                     w.dequantize_rows(j0, count, blocks.clone(), &mut scratch)
                 }
@@ -1231,7 +1238,7 @@ mod x86 {
 
     /// Each f32 (as bits) rounded to bf16's bits in the low half of its lane, as `round_bf16`.
     #[target_feature(enable = "avx512f")]
-    fn round(b: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    pub(crate) fn round(b: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
         use std::arch::x86_64::*;
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));

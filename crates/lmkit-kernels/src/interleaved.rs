@@ -450,6 +450,37 @@ impl Interleaved {
         direct(group, blocks, r0..r0 + count, out)
     }
 
+    /// Rows j0 .. j0 + 16 of a K-quant weight (one whole group), blocks `blocks`, as the AMX tile
+    /// packers lay out 16 columns: line p (16 u32, one a row) holds each row's values 2p and
+    /// 2p + 1 over the blocks' depth, dequantized as candle's `to_float` dequantizes them (to the
+    /// bit) and rounded to bf16 (the first in the low half), straight from the interleaved runs,
+    /// whose 32-bit lanes already hold one row each. `false`, with nothing written, for other
+    /// types and other rows (the caller dequantizes them by [`Interleaved::dequantize_rows`]).
+    pub(crate) fn pack_lines(
+        &self,
+        (j0, count): (usize, usize),
+        blocks: std::ops::Range<usize>,
+        out: &mut [u32],
+    ) -> bool {
+        let row_bytes = self.k / self.kind.block_values() * self.kind.block_bytes();
+        let whole = self.groups.len() / row_bytes;
+        let group_bytes = GROUP_ROWS * row_bytes;
+        if !self.kind.super_blocks()
+            || count != GROUP_ROWS
+            || !j0.is_multiple_of(GROUP_ROWS)
+            || j0 + GROUP_ROWS > whole
+            || blocks.end > self.k / QK_K
+            || out.len() < blocks.len() * GROUP_ROWS * QK_K / 2
+        {
+            return false;
+        }
+        let group = &self.groups[j0 / GROUP_ROWS * group_bytes..][..group_bytes];
+        assert!(available(), "interleaved weights need AVX-512 VNNI");
+        // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
+        unsafe { kernels::pack_k(self.kind, group, blocks, out) };
+        true
+    }
+
     /// Layers that read the same input, one above the other: one weight of all their rows, when
     /// they are all of one type and depth and every one but the last is whole groups of 16 rows.
     pub fn stacked(parts: &[&Interleaved]) -> Option<Interleaved> {
@@ -651,7 +682,7 @@ const GROUPS_PER_TASK: usize = 2;
 mod kernels {
     use super::{Kind, GROUP_ROWS};
     use crate::quant::{Q8_1, QK};
-    use crate::quant_dots::Q8K;
+    use crate::quant_dots::{Q8K, QK_K};
     use std::arch::x86_64::*;
 
     /// Weight bytes fetched ahead of the block being multiplied.
@@ -730,6 +761,163 @@ mod kernels {
         ))
     }
 
+    /// A Q4_K or Q5_K block's 6-bit scales and mins of sub-blocks 0..4 and 4..8, a byte each in
+    /// each row's lane: (scales, mins). Each row's 12 bytes lie in 3 runs: bytes 0..4, 4..8 and
+    /// 8..12.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn k4_scales(block: &[u8]) -> ([__m512i; 2], [__m512i; 2]) {
+        let (m4, m6, m30) = (
+            _mm512_set1_epi8(0x0F),
+            _mm512_set1_epi8(63),
+            _mm512_set1_epi8(0x30),
+        );
+        let (s0, s1, s2) = (load64(block, 64), load64(block, 128), load64(block, 192));
+        let high = |v: __m512i, top: __m512i| {
+            _mm512_or_si512(
+                _mm512_and_si512(v, m4),
+                _mm512_and_si512(_mm512_srli_epi16(top, 2), m30),
+            )
+        };
+        let scales = [_mm512_and_si512(s0, m6), high(s2, s0)];
+        let mins = [_mm512_and_si512(s1, m6), high(_mm512_srli_epi16(s2, 4), s1)];
+        (scales, mins)
+    }
+
+    /// Sub-block j's byte of [`k4_scales`]' pair, in each row's lane.
+    #[target_feature(enable = "avx512f")]
+    fn k4_byte(v: [__m512i; 2], j: usize) -> __m512i {
+        lane_byte(v[j / 4], j % 4)
+    }
+
+    /// Byte `byte` (0..4) of each 32-bit lane, zero-extended.
+    #[target_feature(enable = "avx512f")]
+    fn lane_byte(v: __m512i, byte: usize) -> __m512i {
+        _mm512_and_si512(shift_right(v, 8 * byte), _mm512_set1_epi32(0xFF))
+    }
+
+    /// Run 8c + t of a Q4_K (Q5_K: `FIVE`) block's values as bytes: [values 64c + 4t .. + 4
+    /// of sub-block 2c, values 64c + 32 + 4t .. + 4 of sub-block 2c + 1] of each row, plus 16
+    /// where a fifth bit is set.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn k4_values<const FIVE: bool>(block: &[u8], c: usize, t: usize) -> [__m512i; 2] {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let v = load64(block, 256 + 64 * (8 * c + t));
+        let mut lo = _mm512_and_si512(v, m4);
+        let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        if FIVE {
+            let mask = |j: usize| {
+                let m = 2304 + 8 * j;
+                u64::from_le_bytes(block[m..m + 8].try_into().expect("8 bytes"))
+            };
+            let sixteen = _mm512_set1_epi8(16);
+            lo = _mm512_mask_add_epi8(lo, mask(16 * c + 2 * t), lo, sixteen);
+            hi = _mm512_mask_add_epi8(hi, mask(16 * c + 2 * t + 1), hi, sixteen);
+        }
+        [lo, hi]
+    }
+
+    /// A Q6_K block's unsigned 6-bit values 128h + 32q + 4t .. + 4 (q = 0..4) of each row, as
+    /// bytes: low nibbles from the runs of half h's bytes 4t and 32 + 4t, bit pairs from its
+    /// high bits' byte 4t.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn q6_values(block: &[u8], h: usize, t: usize) -> [__m512i; 4] {
+        let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let a = load64(block, 288 + 64 * (16 * h + t));
+        let c = load64(block, 288 + 64 * (16 * h + 8 + t));
+        let bits = load64(block, 2336 + 64 * (8 * h + t));
+        let with = |low: __m512i, pair: __m512i| {
+            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(pair, m30))
+        };
+        [
+            with(a, _mm512_slli_epi16(bits, 4)),
+            with(c, _mm512_slli_epi16(bits, 2)),
+            with(_mm512_srli_epi16(a, 4), bits),
+            with(_mm512_srli_epi16(c, 4), _mm512_srli_epi16(bits, 2)),
+        ]
+    }
+
+    /// A Q6_K block's signed scale of 16-value group g, in each row's lane.
+    #[target_feature(enable = "avx512f")]
+    fn q6_scale(block: &[u8], g: usize) -> __m512i {
+        signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
+    }
+
+    /// [`super::Interleaved::pack_lines`] for the bytes of one group of a K-quant weight
+    /// (`group`), its blocks `blocks`: each value as candle's `to_float` computes it (Q4_K and
+    /// Q5_K: (d·scale)·q − dmin·min; Q6_K: (d·scale)·(q − 32)), rounded to bf16 as the tiles
+    /// round f32 values; values 2p and 2p + 1 of the 16 rows are line p.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_k(
+        kind: Kind,
+        group: &[u8],
+        blocks: std::ops::Range<usize>,
+        out: &mut [u32],
+    ) {
+        let bb = GROUP_ROWS * kind.block_bytes();
+        let lines_per_block = 16 * QK_K / 2;
+        // Values pos .. pos + 4 of each row (f[p]: value pos + p in row r's lane): lines
+        // pos / 2 and pos / 2 + 1.
+        let put = |lines: &mut [u32], pos: usize, f: [__m512; 4]| {
+            let r = f.map(|v| crate::amx::round_bf16_bits(_mm512_castps_si512(v)));
+            let pairs = [
+                _mm512_or_si512(r[0], _mm512_slli_epi32::<16>(r[1])),
+                _mm512_or_si512(r[2], _mm512_slli_epi32::<16>(r[3])),
+            ];
+            for (i, v) in pairs.into_iter().enumerate() {
+                let line = &mut lines[16 * (pos / 2 + i)..][..16];
+                // SAFETY: `line` holds 16 u32.
+                unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), v) };
+            }
+        };
+        let floats = |v: __m512i| _mm512_cvtepi32_ps(v);
+        for (b, lines) in blocks.zip(out.chunks_exact_mut(lines_per_block)) {
+            let block = &group[b * bb..(b + 1) * bb];
+            let d = halves16(block, 0);
+            if kind == Kind::Q6K {
+                let thirty_two = _mm512_set1_epi32(32);
+                for h in 0..2 {
+                    for t in 0..8 {
+                        let v = q6_values(block, h, t);
+                        for (q, v) in v.into_iter().enumerate() {
+                            let scale = q6_scale(block, 8 * h + 2 * q + t / 4);
+                            let ds = _mm512_mul_ps(d, floats(scale));
+                            let f = std::array::from_fn(|p| {
+                                let q = _mm512_sub_epi32(lane_byte(v, p), thirty_two);
+                                _mm512_mul_ps(ds, floats(q))
+                            });
+                            put(lines, 128 * h + 32 * q + 4 * t, f);
+                        }
+                    }
+                }
+                continue;
+            }
+            let dmin = halves16(block, 32);
+            let (scales, mins) = k4_scales(block);
+            for c in 0..4 {
+                let j = 2 * c;
+                let d1 = [j, j + 1].map(|j| _mm512_mul_ps(d, floats(k4_byte(scales, j))));
+                let m1 = [j, j + 1].map(|j| _mm512_mul_ps(dmin, floats(k4_byte(mins, j))));
+                for t in 0..8 {
+                    let v = if kind == Kind::Q5K {
+                        k4_values::<true>(block, c, t)
+                    } else {
+                        k4_values::<false>(block, c, t)
+                    };
+                    for (h, v) in v.into_iter().enumerate() {
+                        let f = std::array::from_fn(|p| {
+                            let q = floats(lane_byte(v, p));
+                            _mm512_sub_ps(_mm512_mul_ps(d1[h], q), m1[h])
+                        });
+                        put(lines, 64 * c + 32 * h + 4 * t, f);
+                    }
+                }
+            }
+        }
+    }
+
     /// Q4_K (and Q5_K, `FIVE`): per 32-value sub-block j, each row's integer dot products
     /// (`vpdpbusd` of the unsigned 4-bit values, plus 16 where a fifth bit is set) times its
     /// 6-bit scale (`vpmulld`), summed in i32; the mins' term Σ min_j·(the activations' sums of
@@ -747,42 +935,17 @@ mod kernels {
         let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
         let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
         let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m6 = _mm512_set1_epi8(63);
-        let m30 = _mm512_set1_epi8(0x30);
-        let byte = _mm512_set1_epi32(0xFF);
         let low_words = _mm512_set1_epi32(0x00FF_00FF);
-        let sixteen = _mm512_set1_epi8(16);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
-            // Each row's 12 bytes of 6-bit scales and mins, 4 a run: bytes 0..4 (s0), 4..8
-            // (s1), 8..12 (s2); scales and mins of sub-blocks 0..4 and 4..8, a byte each.
-            let (s0, s1, s2) = (load64(block, 64), load64(block, 128), load64(block, 192));
-            let high = |v: __m512i, top: __m512i| {
-                _mm512_or_si512(
-                    _mm512_and_si512(v, m4),
-                    _mm512_and_si512(_mm512_srli_epi16(top, 2), m30),
-                )
-            };
-            let scales = [_mm512_and_si512(s0, m6), high(s2, s0)];
-            let mins = [_mm512_and_si512(s1, m6), high(_mm512_srli_epi16(s2, 4), s1)];
+            let (scales, mins) = k4_scales(block);
             let mut sums = [_mm512_setzero_si512(); R];
             for c in 0..4 {
                 let mut lo_s = [_mm512_setzero_si512(); R];
                 let mut hi_s = [_mm512_setzero_si512(); R];
                 for t in 0..8 {
-                    let v = load64(block, 256 + 64 * (8 * c + t));
-                    let mut lo = _mm512_and_si512(v, m4);
-                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    if FIVE {
-                        let mask = |j: usize| {
-                            let m = 2304 + 8 * j;
-                            u64::from_le_bytes(block[m..m + 8].try_into().expect("8 bytes"))
-                        };
-                        lo = _mm512_mask_add_epi8(lo, mask(16 * c + 2 * t), lo, sixteen);
-                        hi = _mm512_mask_add_epi8(hi, mask(16 * c + 2 * t + 1), hi, sixteen);
-                    }
+                    let [lo, hi] = k4_values::<FIVE>(block, c, t);
                     for r in 0..R {
                         let y = &acts[r][b].qs;
                         lo_s[r] = _mm512_dpbusd_epi32(lo_s[r], lo, quad_at(y, 64 * c + 4 * t));
@@ -790,9 +953,7 @@ mod kernels {
                     }
                 }
                 // Sub-blocks 2c and 2c + 1: byte 2c % 4 (and the next) of the scales' run.
-                let sc = scales[c / 2];
-                let sl = _mm512_and_si512(shift_right(sc, 16 * (c % 2)), byte);
-                let sh = _mm512_and_si512(shift_right(sc, 16 * (c % 2) + 8), byte);
+                let (sl, sh) = (k4_byte(scales, 2 * c), k4_byte(scales, 2 * c + 1));
                 for r in 0..R {
                     let p = _mm512_add_epi32(
                         _mm512_mullo_epi32(lo_s[r], sl),
@@ -841,8 +1002,6 @@ mod kernels {
         let bb = GROUP_ROWS * 210;
         let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
         let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m30 = _mm512_set1_epi8(0x30);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
@@ -859,18 +1018,7 @@ mod kernels {
                         })
                     });
                     for t in 4 * part..4 * part + 4 {
-                        let a = load64(block, 288 + 64 * (16 * h + t));
-                        let c = load64(block, 288 + 64 * (16 * h + 8 + t));
-                        let bits = load64(block, 2336 + 64 * (8 * h + t));
-                        let with = |low: __m512i, pair: __m512i| {
-                            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(pair, m30))
-                        };
-                        let v = [
-                            with(a, _mm512_slli_epi16(bits, 4)),
-                            with(c, _mm512_slli_epi16(bits, 2)),
-                            with(_mm512_srli_epi16(a, 4), bits),
-                            with(_mm512_srli_epi16(c, 4), _mm512_srli_epi16(bits, 2)),
-                        ];
+                        let v = q6_values(block, h, t);
                         for r in 0..R {
                             let y = &acts[r][b].qs;
                             for q in 0..4 {
@@ -879,10 +1027,8 @@ mod kernels {
                             }
                         }
                     }
-                    let scales: [__m512i; 4] = std::array::from_fn(|q| {
-                        let g = 8 * h + 2 * q + part;
-                        signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
-                    });
+                    let scales: [__m512i; 4] =
+                        std::array::from_fn(|q| q6_scale(block, 8 * h + 2 * q + part));
                     for (sum, s) in sums.iter_mut().zip(&s) {
                         for (s, sc) in s.iter().zip(&scales) {
                             *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(*s, *sc));
@@ -1022,6 +1168,10 @@ mod kernels {
     }
 
     pub(super) fn group_k(_: Kind, _: &[u8], _: &[&[crate::quant_dots::Q8K]], _: &mut [[f32; 16]]) {
+        unreachable!("interleaved weights are made only where the kernels run")
+    }
+
+    pub(super) unsafe fn pack_k(_: Kind, _: &[u8], _: std::ops::Range<usize>, _: &mut [u32]) {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 }
