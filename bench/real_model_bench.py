@@ -68,7 +68,8 @@ def q4_k_m_gguf(lmkit):
     return out
 
 
-# A Llama of a 7B's proportions at a small size, rows of whole K-quant super-blocks (random weights).
+# A Llama of a 7B's proportions at a small size, rows of whole K-quant super-blocks (random weights;
+# SmolLM2's tokenizer and chat template).
 K_QUANT_LLAMA = textwrap.dedent("""
     import shutil, sys, pathlib, torch, transformers
     torch.manual_seed(0)
@@ -76,8 +77,9 @@ K_QUANT_LLAMA = textwrap.dedent("""
                                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
                                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
     transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
-    for f in pathlib.Path(sys.argv[2]).glob("tokenizer*"):
-        shutil.copy(f, sys.argv[1])
+    for pattern in ("tokenizer*", "chat_template*"):
+        for f in pathlib.Path(sys.argv[2]).glob(pattern):
+            shutil.copy(f, sys.argv[1])
 """)
 
 

@@ -209,16 +209,19 @@ def test_broken_gguf_files_are_refused_by_name(tiny_model, tmp_path, case, needl
     assert "panicked" not in r.stderr
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16", "q4_k", "q5_k", "q6_k"])
 def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
     """An lmkit-trained Llama written by `lmkit quantize`: llama.cpp loads the file, tokenizes as
-    lmkit does, and decodes greedily the same 32 tokens as lmkit on the same file."""
+    lmkit does, and decodes greedily the same 32 tokens as lmkit on the same file. The K-quant
+    files' model is 256 wide (rows of whole super-blocks: every layer of the type; on CPUs with
+    AVX-512 VNNI, interleaved)."""
+    hidden, ffn = (256, 512) if qtype.endswith("_k") else (64, 128)
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. 고양이가 매트 위에 앉았다. 1234 dogs!\n" * 80, encoding="utf-8")
     lmkit("tokenizer", "train", "--input", corpus, "--vocab-size", "320", "--output", tmp_path / "tok")
     lmkit("tokenizer", "encode", "--tokenizer", tmp_path / "tok", "--input", corpus, "--shards", tmp_path / "shards")
     (tmp_path / "run.toml").write_text(
-        '[model]\nmodel_type = "llama"\nhidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 2\n'
+        f'[model]\nmodel_type = "llama"\nhidden_size = {hidden}\nintermediate_size = {ffn}\nnum_hidden_layers = 2\n'
         'num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\n'
         f'[data]\ntrain = "{tmp_path}/shards"\ntokenizer = "{tmp_path}/tok"\nval_fraction = 0.0\n'
         f'[train]\nout_dir = "{tmp_path}/out"\nseq_len = 32\nbatch_size = 4\nmax_steps = 30\nwarmup_steps = 2\n'
@@ -226,6 +229,11 @@ def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
     lmkit("train", "--config", tmp_path / "run.toml")
     gguf = tmp_path / f"m-{qtype}.gguf"
     lmkit("quantize", tmp_path / "out", gguf, "--type", qtype)
+    if qtype.endswith("_k"):
+        from gguf import GGUFReader
+
+        types = {t.name: t.tensor_type.name for t in GGUFReader(str(gguf)).tensors}
+        assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_k.weight"] == qtype.upper(), types
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=2, verbose=False)
     text = "the cat sat on 고양이가"
     ids = llm.tokenize(text.encode(), add_bos=False, special=True)

@@ -688,6 +688,17 @@ mod kernels {
     /// Weight bytes fetched ahead of the block being multiplied.
     const PREFETCH: usize = 4096;
 
+    /// Every line of the bytes `PREFETCH` after `block` (as long as `block`) fetched ahead: a
+    /// group's block spans 5–53 lines, more than one prefetch a block and the hardware's (which
+    /// stops at each page) keep ahead of.
+    #[inline(always)]
+    fn prefetch_block(block: &[u8]) {
+        let ahead = block.as_ptr().wrapping_add(PREFETCH);
+        for line in (0..block.len()).step_by(64) {
+            crate::simd::prefetch(ahead.wrapping_add(line));
+        }
+    }
+
     /// One group's 16 outputs for each of 1–4 activation rows (`acts`: each row's blocks and
     /// their sums of values), into `out` (one array per row).
     pub(super) fn group(kind: Kind, w: &[u8], acts: &[(&[Q8_1], &[i32])], out: &mut [[f32; 16]]) {
@@ -825,15 +836,19 @@ mod kernels {
         let a = load64(block, 288 + 64 * (16 * h + t));
         let c = load64(block, 288 + 64 * (16 * h + 8 + t));
         let bits = load64(block, 2336 + 64 * (8 * h + t));
-        let with = |low: __m512i, pair: __m512i| {
-            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(pair, m30))
-        };
-        [
-            with(a, _mm512_slli_epi16(bits, 4)),
-            with(c, _mm512_slli_epi16(bits, 2)),
-            with(_mm512_srli_epi16(a, 4), bits),
-            with(_mm512_srli_epi16(c, 4), _mm512_srli_epi16(bits, 2)),
-        ]
+        let low = [a, c, _mm512_srli_epi16(a, 4), _mm512_srli_epi16(c, 4)];
+        let pairs = [
+            _mm512_slli_epi16(bits, 4),
+            _mm512_slli_epi16(bits, 2),
+            bits,
+            _mm512_srli_epi16(bits, 2),
+        ];
+        let mut v = [_mm512_setzero_si512(); 4];
+        for ((v, low), pair) in v.iter_mut().zip(low).zip(pairs) {
+            // (low & 0x0F) | (pair & 0x30)
+            *v = _mm512_ternarylogic_epi32::<0xF8>(_mm512_and_si512(pair, m30), low, m4);
+        }
+        v
     }
 
     /// A Q6_K block's signed scale of 16-value group g, in each row's lane.
@@ -938,7 +953,7 @@ mod kernels {
         let low_words = _mm512_set1_epi32(0x00FF_00FF);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
-            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            prefetch_block(block);
             let (scales, mins) = k4_scales(block);
             let mut sums = [_mm512_setzero_si512(); R];
             for c in 0..4 {
@@ -966,18 +981,21 @@ mod kernels {
             let dmin = halves16(block, 32);
             for r in 0..R {
                 let y = &acts[r][b];
-                // Sub-block j's activation sum, and two of them as 16-bit pairs.
-                let sum = |j: usize| y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32;
-                let pair = |a: usize, b: usize| {
-                    _mm512_set1_epi32((sum(a) as u16 as u32 | (sum(b) as u16 as u32) << 16) as i32)
-                };
+                // Each sub-block's activation sum, as 16 bits.
+                let mut sum = [0u32; 8];
+                for (j, s) in sum.iter_mut().enumerate() {
+                    *s = (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32) as u16 as u32;
+                }
                 let mut m = _mm512_setzero_si512();
                 for (h, mn) in mins.iter().enumerate() {
-                    // Mins 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs.
+                    // Mins 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs, against those sums.
                     let even = _mm512_and_si512(*mn, low_words);
                     let odd = _mm512_srli_epi16(*mn, 8);
-                    m = _mm512_dpwssd_epi32(m, even, pair(4 * h, 4 * h + 2));
-                    m = _mm512_dpwssd_epi32(m, odd, pair(4 * h + 1, 4 * h + 3));
+                    let (a, c) = (4 * h, 4 * h + 1);
+                    let pair_even = _mm512_set1_epi32((sum[a] | sum[a + 2] << 16) as i32);
+                    let pair_odd = _mm512_set1_epi32((sum[c] | sum[c + 2] << 16) as i32);
+                    m = _mm512_dpwssd_epi32(m, even, pair_even);
+                    m = _mm512_dpwssd_epi32(m, odd, pair_odd);
                 }
                 let yd = _mm512_set1_ps(y.d);
                 let s = _mm512_cvtepi32_ps(sums[r]);
@@ -1004,19 +1022,20 @@ mod kernels {
         let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
-            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            prefetch_block(block);
             let mut sums = [_mm512_setzero_si512(); R];
             for h in 0..2 {
                 // Values 128h + 32q + 4t .. + 4 (q = 0..4) from the runs of low bits at
                 // 4t and 32 + 4t of half h's 64 bytes and its high bit pairs at 4t; groups
                 // 8h + 2q + t / 4: the first four t, then the next.
                 for part in 0..2 {
-                    let mut s: [[__m512i; 4]; R] = std::array::from_fn(|r| {
-                        let y = &acts[r][b];
-                        std::array::from_fn(|q| {
-                            _mm512_set1_epi32(-32 * y.bsums[8 * h + 2 * q + part] as i32)
-                        })
-                    });
+                    // (Loops, not closures: closures here would not take the target features.)
+                    let mut s = [[_mm512_setzero_si512(); 4]; R];
+                    for (s, y) in s.iter_mut().zip(&acts) {
+                        for (q, s) in s.iter_mut().enumerate() {
+                            *s = _mm512_set1_epi32(-32 * y[b].bsums[8 * h + 2 * q + part] as i32);
+                        }
+                    }
                     for t in 4 * part..4 * part + 4 {
                         let v = q6_values(block, h, t);
                         for r in 0..R {
@@ -1027,8 +1046,10 @@ mod kernels {
                             }
                         }
                     }
-                    let scales: [__m512i; 4] =
-                        std::array::from_fn(|q| q6_scale(block, 8 * h + 2 * q + part));
+                    let mut scales = [_mm512_setzero_si512(); 4];
+                    for (q, sc) in scales.iter_mut().enumerate() {
+                        *sc = q6_scale(block, 8 * h + 2 * q + part);
+                    }
                     for (sum, s) in sums.iter_mut().zip(&s) {
                         for (s, sc) in s.iter().zip(&scales) {
                             *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(*s, *sc));
@@ -1101,7 +1122,7 @@ mod kernels {
         let sixteen = _mm512_set1_epi8(16);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
-            crate::simd::prefetch(block.as_ptr().wrapping_add(PREFETCH));
+            prefetch_block(block);
             let mut even: [__m512i; R] =
                 std::array::from_fn(|r| _mm512_set1_epi32(-kind.offset() * acts[r].1[b]));
             let mut odd = [_mm512_setzero_si512(); R];
