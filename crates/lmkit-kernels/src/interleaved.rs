@@ -71,7 +71,7 @@ enum Seg {
         flip: u32,
     },
     /// The fifth bits at `src`: `count` masks of 64 bits at `dst`, bits 4r .. 4r + 4 of mask j
-    /// being row r's bits [`Kind::fifth_bit_at`](j, 0..4).
+    /// being row r's nibble j of [`Kind::fifth_nibbles`].
     Masks {
         src: usize,
         count: usize,
@@ -209,16 +209,46 @@ impl Kind {
         }
     }
 
-    /// The index, among a block's fifth bits (little-endian from their first byte), of the bit
-    /// that goes to bit 4r + p of mask j: Q5_0's and Q5_1's value 4j + p; Q5_K's mask
-    /// 16c + 2t + h holds the fifth bits of the low (h = 0) or high (h = 1) nibbles of byte
-    /// 32c + 4t + p of its values, bit 2c + h of fifth-bit byte 4t + p.
-    fn fifth_bit_at(self, j: usize, p: usize) -> usize {
-        if self == Kind::Q5K {
-            let (c, t, h) = (j / 16, j % 16 / 2, j % 2);
-            8 * (4 * t + p) + 2 * c + h
-        } else {
-            4 * j + p
+    /// A block's fifth bits (`bits`) as the nibbles of its masks: bit p of nibble j goes to bit
+    /// 4r + p of mask j. Q5_0's and Q5_1's nibble j is their 32-bit word's bits 4j..4j + 4
+    /// (values 4j..4j + 4); Q5_K's nibble 16c + 2t + h holds the fifth bits of the low (h = 0) or
+    /// high (h = 1) nibbles of bytes 32c + 4t .. + 4 of its values: bit 2c + h of fifth-bit
+    /// bytes 4t .. 4t + 4.
+    fn fifth_nibbles(self, bits: &[u8], nibbles: &mut [u8]) {
+        if self != Kind::Q5K {
+            let word = u32::from_le_bytes(bits[..4].try_into().expect("4 bytes"));
+            for (j, n) in nibbles.iter_mut().take(8).enumerate() {
+                *n = (word >> (4 * j)) as u8 & 0xF;
+            }
+            return;
+        }
+        for t in 0..8 {
+            let word = u32::from_le_bytes(bits[4 * t..4 * t + 4].try_into().expect("4 bytes"));
+            for b in 0..8 {
+                // Bit b of each of the 4 bytes, gathered into bits 24..28 (no carries reach
+                // them: the cross products land elsewhere, each on its own bit).
+                let n = ((word >> b) & 0x0101_0101).wrapping_mul(0x0102_0408) >> 24;
+                nibbles[16 * (b / 2) + 2 * t + b % 2] = n as u8 & 0xF;
+            }
+        }
+    }
+
+    /// The inverse of [`Kind::fifth_nibbles`]: the fifth bits (`bits`, all written) from the
+    /// masks' nibbles.
+    fn fifth_bits(self, nibbles: &[u8], bits: &mut [u8]) {
+        if self != Kind::Q5K {
+            let word = (0..8).fold(0u32, |w, j| w | (nibbles[j] as u32 & 0xF) << (4 * j));
+            bits[..4].copy_from_slice(&word.to_le_bytes());
+            return;
+        }
+        for t in 0..8 {
+            let mut word = 0u32;
+            for b in 0..8 {
+                let n = nibbles[16 * (b / 2) + 2 * t + b % 2] as u32 & 0xF;
+                // Bit p of the nibble to bit 8p (each lands on its own bit, as above).
+                word |= (n.wrapping_mul(0x0020_4081) & 0x0101_0101) << b;
+            }
+            bits[4 * t..4 * t + 4].copy_from_slice(&word.to_le_bytes());
         }
     }
 }
@@ -283,35 +313,43 @@ impl Interleaved {
         for (g, out) in groups.chunks_exact_mut(group_bytes).enumerate() {
             let rows = &bytes[g * group_bytes..(g + 1) * group_bytes];
             for (b, o) in out.chunks_exact_mut(GROUP_ROWS * bb).enumerate() {
-                for r in 0..GROUP_ROWS {
-                    let block = &rows[r * row_bytes + b * bb..][..bb];
-                    for &seg in kind.segments() {
-                        match seg {
-                            Seg::Halves { src, dst } => o[dst + 2 * r..dst + 2 * r + 2]
-                                .copy_from_slice(&block[src..src + 2]),
-                            Seg::Quads {
-                                src,
-                                len,
-                                dst,
-                                flip,
-                            } => {
-                                for (u, q) in block[src..src + len].chunks_exact(4).enumerate() {
+                let blocks: [&[u8]; GROUP_ROWS] =
+                    std::array::from_fn(|r| &rows[r * row_bytes + b * bb..][..bb]);
+                for &seg in kind.segments() {
+                    match seg {
+                        Seg::Halves { src, dst } => {
+                            for (r, h) in o[dst..dst + 32].chunks_exact_mut(2).enumerate() {
+                                h.copy_from_slice(&blocks[r][src..src + 2]);
+                            }
+                        }
+                        Seg::Quads {
+                            src,
+                            len,
+                            dst,
+                            flip,
+                        } => {
+                            // Run u: word u of each row, one run written after another.
+                            let runs = o[dst..dst + 16 * len].chunks_exact_mut(64);
+                            for (u, run) in runs.enumerate() {
+                                for (w, block) in run.chunks_exact_mut(4).zip(&blocks) {
+                                    let q = &block[src + 4 * u..src + 4 * u + 4];
                                     let v = u32::from_le_bytes(q.try_into().expect("4")) ^ flip;
-                                    o[dst + 64 * u + 4 * r..][..4]
-                                        .copy_from_slice(&v.to_le_bytes());
+                                    w.copy_from_slice(&v.to_le_bytes());
                                 }
                             }
-                            Seg::Masks { src, count, dst } => {
-                                let bits = &block[src..];
-                                for j in 0..count {
-                                    let nibble = (0..4).fold(0u64, |a, p| {
-                                        let i = kind.fifth_bit_at(j, p);
-                                        a | (((bits[i / 8] >> (i % 8)) & 1) as u64) << p
-                                    });
-                                    let m = &mut o[dst + 8 * j..dst + 8 * j + 8];
-                                    let mask = u64::from_le_bytes((&*m).try_into().expect("8"));
-                                    m.copy_from_slice(&(mask | nibble << (4 * r)).to_le_bytes());
+                        }
+                        Seg::Masks { src, count, dst } => {
+                            let mut masks = [0u64; 64];
+                            let mut nibbles = [0u8; 64];
+                            for (r, block) in blocks.iter().enumerate() {
+                                kind.fifth_nibbles(&block[src..], &mut nibbles);
+                                for (m, &n) in masks.iter_mut().zip(&nibbles[..count]) {
+                                    *m |= (n as u64) << (4 * r);
                                 }
+                            }
+                            let out = o[dst..dst + 8 * count].chunks_exact_mut(8);
+                            for (m, mask) in out.zip(&masks) {
+                                m.copy_from_slice(&mask.to_le_bytes());
                             }
                         }
                     }
@@ -393,17 +431,14 @@ impl Interleaved {
                         }
                     }
                     Seg::Masks { src, count, dst } => {
-                        // count masks of 4 bits a row: count / 2 bytes of fifth bits.
-                        let bits = &mut o[src..src + count / 2];
-                        bits.fill(0);
-                        for j in 0..count {
+                        let mut nibbles = [0u8; 64];
+                        for (j, n) in nibbles[..count].iter_mut().enumerate() {
                             let m = &packed[dst + 8 * j..dst + 8 * j + 8];
                             let mask = u64::from_le_bytes(m.try_into().expect("8"));
-                            for p in 0..4 {
-                                let i = kind.fifth_bit_at(j, p);
-                                bits[i / 8] |= (((mask >> (4 * r + p)) & 1) as u8) << (i % 8);
-                            }
+                            *n = (mask >> (4 * r)) as u8 & 0xF;
                         }
+                        // count masks of 4 bits a row: count / 2 bytes of fifth bits.
+                        kind.fifth_bits(&nibbles, &mut o[src..src + count / 2]);
                     }
                 }
             }
