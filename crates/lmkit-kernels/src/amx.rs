@@ -338,7 +338,7 @@ pub fn dequant_product(
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
             match w {
-                // The K-quants' whole groups straight into the lines.
+                // Whole groups straight into the lines.
                 QuantRows::Interleaved(w) if w.pack_lines((j0, count), blocks.clone(), group) => {
                     continue
                 }
@@ -751,6 +751,12 @@ fn pack_quant(
         let count = n.saturating_sub(j0).min(16);
         // Each of the group's columns: its row's blocks over the depth (none: a padding column).
         let blocks = depth.start / QK..depth.end / QK;
+        // An interleaved weight's whole groups straight into the lines.
+        if let QuantRows::Interleaved(w) = w {
+            if w.pack_lines((j0, count), blocks.clone(), group) {
+                continue;
+            }
+        }
         w.with_rows((j0, count), blocks, (row_bytes, bytes), |rows| {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the tiles being there (the caller's), so is AVX-512; each row holds the

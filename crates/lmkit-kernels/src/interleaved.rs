@@ -485,12 +485,14 @@ impl Interleaved {
         direct(group, blocks, r0..r0 + count, out)
     }
 
-    /// Rows j0 .. j0 + 16 of a K-quant weight (one whole group), blocks `blocks`, as the AMX tile
-    /// packers lay out 16 columns: line p (16 u32, one a row) holds each row's values 2p and
-    /// 2p + 1 over the blocks' depth, dequantized as candle's `to_float` dequantizes them (to the
-    /// bit) and rounded to bf16 (the first in the low half), straight from the interleaved runs,
-    /// whose 32-bit lanes already hold one row each. `false`, with nothing written, for other
-    /// types and other rows (the caller dequantizes them by [`Interleaved::dequantize_rows`]).
+    /// Rows j0 .. j0 + 16 (one whole group), blocks `blocks`, as the AMX tile packers lay out 16
+    /// columns: line p (16 u32, one a row) holds each row's values 2p and 2p + 1 over the blocks'
+    /// depth, rounded to bf16 (the first in the low half), straight from the interleaved runs,
+    /// whose 32-bit lanes already hold one row each. Each value is dequantized as the tiles'
+    /// packers of the stored blocks dequantize it, to the bit: Q4_1's d·q + m as one fused
+    /// multiply-add and Q8_0's d·q (as `amx`'s packers), the other types as candle's `to_float`.
+    /// `false`, with nothing written, for other rows (the caller puts them back or dequantizes
+    /// them by [`Interleaved::dequantize_rows`]).
     pub(crate) fn pack_lines(
         &self,
         (j0, count): (usize, usize),
@@ -500,19 +502,19 @@ impl Interleaved {
         let row_bytes = self.k / self.kind.block_values() * self.kind.block_bytes();
         let whole = self.groups.len() / row_bytes;
         let group_bytes = GROUP_ROWS * row_bytes;
-        if !self.kind.super_blocks()
-            || count != GROUP_ROWS
+        let values = self.kind.block_values();
+        if count != GROUP_ROWS
             || !j0.is_multiple_of(GROUP_ROWS)
             || j0 + GROUP_ROWS > whole
-            || blocks.end > self.k / QK_K
-            || out.len() < blocks.len() * GROUP_ROWS * QK_K / 2
+            || blocks.end > self.k / values
+            || out.len() < blocks.len() * GROUP_ROWS * values / 2
         {
             return false;
         }
         let group = &self.groups[j0 / GROUP_ROWS * group_bytes..][..group_bytes];
         assert!(available(), "interleaved weights need AVX-512 VNNI");
         // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
-        unsafe { kernels::pack_k(self.kind, group, blocks, out) };
+        unsafe { kernels::pack_group(self.kind, group, blocks, out) };
         true
     }
 
@@ -892,22 +894,83 @@ mod kernels {
         signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
     }
 
-    /// [`super::Interleaved::pack_lines`] for the bytes of one group of a K-quant weight
-    /// (`group`), its blocks `blocks`: each value as candle's `to_float` computes it (Q4_K and
-    /// Q5_K: (d·scale)·q − dmin·min; Q6_K: (d·scale)·(q − 32)), rounded to bf16 as the tiles
-    /// round f32 values; values 2p and 2p + 1 of the 16 rows are line p.
+    /// [`pack_group`] for one block of the 32-value types (`d`: its 16 scales): `put(lines, pos,
+    /// f)` takes values pos .. pos + 4 of each row.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_block_32(
+        kind: Kind,
+        block: &[u8],
+        d: __m512,
+        lines: &mut [u32],
+        put: impl Fn(&mut [u32], usize, [__m512; 4]),
+    ) {
+        let at = if kind.has_min() { 64 } else { 32 };
+        if kind == Kind::Q8_0 {
+            // Run j: values 4j .. 4j + 4, stored plus 128.
+            let offset = _mm512_set1_epi32(128);
+            for j in 0..8 {
+                let v = load64(block, at + 64 * j);
+                let mut f = [_mm512_setzero_ps(); 4];
+                for (p, f) in f.iter_mut().enumerate() {
+                    let q = _mm512_sub_epi32(lane_byte(v, p), offset);
+                    *f = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+                }
+                put(lines, 4 * j, f);
+            }
+            return;
+        }
+        let m = if kind.has_min() {
+            halves16(block, 32)
+        } else {
+            _mm512_setzero_ps()
+        };
+        let (m4, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
+        let offset = _mm512_set1_epi32(kind.offset());
+        for t in 0..4 {
+            let v = load64(block, at + 64 * t);
+            let mut halves = [
+                _mm512_and_si512(v, m4),
+                _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+            ];
+            if kind.fifth_bit() {
+                for (h, x) in halves.iter_mut().enumerate() {
+                    let at = at + 256 + 8 * (t + 4 * h);
+                    let mask = u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
+                    *x = _mm512_mask_add_epi8(*x, mask, *x, sixteen);
+                }
+            }
+            for (h, x) in halves.into_iter().enumerate() {
+                let mut f = [_mm512_setzero_ps(); 4];
+                for (p, f) in f.iter_mut().enumerate() {
+                    let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(lane_byte(x, p), offset));
+                    *f = match kind {
+                        Kind::Q4_1 => _mm512_fmadd_ps(q, d, m),
+                        Kind::Q5_1 => _mm512_add_ps(_mm512_mul_ps(q, d), m),
+                        _ => _mm512_mul_ps(q, d),
+                    };
+                }
+                put(lines, 16 * h + 4 * t, f);
+            }
+        }
+    }
+
+    /// [`super::Interleaved::pack_lines`] for the bytes of one group (`group`), its blocks
+    /// `blocks`: each value as the tiles' packers compute it (Q4_K and Q5_K: (d·scale)·q −
+    /// dmin·min; Q6_K: (d·scale)·(q − 32); Q4_1: d·q + m fused; Q5_1: q·d + m; the others q·d,
+    /// q less the offset), rounded to bf16 as the tiles round f32 values; values 2p and 2p + 1 of
+    /// the 16 rows are line p.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack_k(
+    pub(super) unsafe fn pack_group(
         kind: Kind,
         group: &[u8],
         blocks: std::ops::Range<usize>,
         out: &mut [u32],
     ) {
         let bb = GROUP_ROWS * kind.block_bytes();
-        let lines_per_block = 16 * QK_K / 2;
+        let lines_per_block = 16 * kind.block_values() / 2;
         // Values pos .. pos + 4 of each row (f[p]: value pos + p in row r's lane): lines
         // pos / 2 and pos / 2 + 1.
         let put = |lines: &mut [u32], pos: usize, f: [__m512; 4]| {
@@ -926,6 +989,10 @@ mod kernels {
         for (b, lines) in blocks.zip(out.chunks_exact_mut(lines_per_block)) {
             let block = &group[b * bb..(b + 1) * bb];
             let d = halves16(block, 0);
+            if !kind.super_blocks() {
+                pack_block_32(kind, block, d, lines, put);
+                continue;
+            }
             if kind == Kind::Q6K {
                 let thirty_two = _mm512_set1_epi32(32);
                 for h in 0..2 {
@@ -1227,7 +1294,7 @@ mod kernels {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 
-    pub(super) unsafe fn pack_k(_: Kind, _: &[u8], _: std::ops::Range<usize>, _: &mut [u32]) {
+    pub(super) unsafe fn pack_group(_: Kind, _: &[u8], _: std::ops::Range<usize>, _: &mut [u32]) {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 }
