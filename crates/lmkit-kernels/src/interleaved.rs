@@ -719,7 +719,7 @@ const GROUPS_PER_TASK: usize = 2;
 mod kernels {
     use super::{Kind, GROUP_ROWS};
     use crate::quant::{Q8_1, QK};
-    use crate::quant_dots::{Q8K, QK_K};
+    use crate::quant_dots::Q8K;
     use std::arch::x86_64::*;
 
     /// Weight bytes fetched ahead of the block being multiplied.
