@@ -13,8 +13,9 @@
 //!
 //! The rearranged weight takes exactly the bytes of the original, which it replaces; products of
 //! [`crate::quant::TILE_MIN_ROWS`] rows or more on CPUs with AMX tiles (prompts) run on the tiles,
-//! which read the blocks put back in the original layout (or dequantized straight from the
-//! runs) as they pack them, as does anything that needs the original blocks
+//! whose packers take each whole group's values straight from the runs (their 32-bit lanes are
+//! already one row each: [`Interleaved::pack_lines`]) and the rows of a last, partial group put
+//! back in the original layout, as is anything that needs the original blocks
 //! ([`Interleaved::original`]).
 //!
 //! Layout, per group of 16 rows and block index (16 blocks' bytes in all; "runs" of 64 bytes
@@ -446,8 +447,9 @@ impl Interleaved {
     }
 
     /// Rows j0 .. j0 + `count`, blocks `blocks`, dequantized as candle's `to_float` dequantizes
-    /// the stored blocks (to the bit): row c's values at `out[c·len..]`, len = 32 a block. Rows
-    /// within one group are read straight from the interleaved runs; others are put back first.
+    /// the stored blocks (to the bit): row c's values at `out[c·len..]`, len = the values of
+    /// `blocks`. Rows of the 32-value types within one group are read straight from the
+    /// interleaved runs; others (and the K-quants') are put back first.
     pub fn dequantize_rows(
         &self,
         j0: usize,
@@ -546,8 +548,8 @@ impl Interleaved {
 
     /// Rows of `xs` (each of k values) times the weightᵀ: the rows' outputs, n values each; `None`
     /// when `xs` is not whole rows. From [`crate::quant::TILE_MIN_ROWS`] rows where the CPU has
-    /// AMX tiles, on the tiles ([`crate::quant::tiles_product`]: each task's blocks put back in
-    /// the stored layout as it packs them); otherwise against 8-bit activations.
+    /// AMX tiles, on the tiles ([`crate::quant::tiles_product`], packed by
+    /// [`Interleaved::pack_lines`]); otherwise against 8-bit activations.
     pub fn product(&self, xs: &[f32]) -> Option<Vec<f32>> {
         if !xs.len().is_multiple_of(self.k) {
             return None;
@@ -1439,9 +1441,10 @@ mod tests {
         }
     }
 
-    /// From 16 rows on AMX tiles, the product packs the tiles from the interleaved blocks put
-    /// back per group of columns: the same values as from the stored blocks, to the bit (5 rows
-    /// of tail, a depth of several packed depths); so does the input gradient's product g·W.
+    /// From 16 rows on AMX tiles, the product packs whole groups straight from the interleaved
+    /// runs ([`Interleaved::pack_lines`]) and the tail's rows put back: the same values as from
+    /// the stored blocks, to the bit, for every type (4 whole groups and 5 rows of tail, a depth
+    /// of several packed depths); so does the input gradient's product g·W (rows put back).
     #[test]
     fn tile_products_read_the_interleaved_blocks_as_stored() {
         if !available() || !crate::amx::available() {
