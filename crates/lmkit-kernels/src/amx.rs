@@ -70,17 +70,25 @@ impl Rows {
 }
 
 /// Whether this CPU has AMX with bf16 and the kernel lets this process use its tile data
-/// (asked once), and lmkit's vector instructions are not capped below AVX-512 (`LMKIT_SIMD`).
+/// (asked once), lmkit's vector instructions are not capped below AVX-512 (`LMKIT_SIMD`), and
+/// `LMKIT_AMX` does not turn the tiles off (`0` or `off`: to run as on an AVX-512 CPU without
+/// them).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        crate::simd::simd_level() >= 2 && *AMX.get_or_init(x86::enable)
+        crate::simd::simd_level() >= 2
+            && *AMX.get_or_init(|| !turned_off(std::env::var("LMKIT_AMX").ok()) && x86::enable())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// Whether an `LMKIT_AMX` value turns the tiles off: `0` or `off` (any case, spaces around).
+fn turned_off(value: Option<String>) -> bool {
+    value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "off"))
 }
 
 /// The f32 sums x [m, k] · w [n, k]ᵀ in rows of `n.next_multiple_of(32)` (the sums of the
@@ -1372,6 +1380,16 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lmkit_amx_turns_the_tiles_off_only_when_asked() {
+        for v in ["0", "off", " OFF "] {
+            assert!(turned_off(Some(v.into())), "{v:?}");
+        }
+        for v in [None, Some(""), Some("1"), Some("on"), Some("no")] {
+            assert!(!turned_off(v.map(String::from)), "{v:?}");
+        }
+    }
 
     /// Shapes whose sizes overflow, that the operands cannot hold, or an odd width give no
     /// product (and no panic).
