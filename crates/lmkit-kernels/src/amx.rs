@@ -397,12 +397,16 @@ pub fn dequant_product_nk(
         let mut rows_f32 = vec![0f32; depth.len() * span];
         if span > 0 {
             let mut buf = Vec::new();
-            for (d, row) in depth.clone().zip(rows_f32.chunks_exact_mut(span)) {
+            // 16 rows at a time: an interleaved weight's whole groups straight from its runs.
+            for (c, rows) in rows_f32.chunks_mut(16 * span).enumerate() {
+                let d0 = depth.start + 16 * c;
+                let count = (rows.len() / span).min(n.saturating_sub(d0));
                 match w {
-                    _ if d >= n => {}
-                    QuantRows::Interleaved(w) => w.dequantize_rows(d, 1, b0..b1, row),
+                    QuantRows::Interleaved(w) => w.dequantize_rows(d0, count, b0..b1, rows),
                     QuantRows::Stored(_) => {
-                        deq.to_f32(w.row(d, b0..b1, (row_bytes, bytes), &mut buf), row)
+                        for (d, row) in (d0..d0 + count).zip(rows.chunks_exact_mut(span)) {
+                            deq.to_f32(w.row(d, b0..b1, (row_bytes, bytes), &mut buf), row)
+                        }
                     }
                 }
             }

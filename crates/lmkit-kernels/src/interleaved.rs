@@ -431,8 +431,8 @@ impl Interleaved {
 
     /// Rows j0 .. j0 + `count`, blocks `blocks`, dequantized as candle's `to_float` dequantizes
     /// the stored blocks (to the bit): row c's values at `out[c·len..]`, len = the values of
-    /// `blocks`. Rows of the 32-value types within one group are read straight from the
-    /// interleaved runs; others (and the K-quants') are put back first.
+    /// `blocks`. A whole group of 16 rows is dequantized straight from the interleaved runs, 16
+    /// rows a vector; other rows are put back first.
     pub fn dequantize_rows(
         &self,
         j0: usize,
@@ -445,29 +445,20 @@ impl Interleaved {
         let bb = self.kind.block_bytes();
         let row_bytes = self.k / values * bb;
         let whole = self.groups.len() / row_bytes;
-        let (g, r0) = (j0 / GROUP_ROWS, j0 % GROUP_ROWS);
-        // Rows within one group of the 32-value types, straight from the runs.
-        type Direct = fn(&[u8], std::ops::Range<usize>, std::ops::Range<usize>, &mut [f32]);
-        let direct: Option<Direct> = match self.kind {
-            Kind::Q4_0 => Some(dequantize_group::<0>),
-            Kind::Q4_1 => Some(dequantize_group::<1>),
-            Kind::Q5_0 => Some(dequantize_group::<2>),
-            Kind::Q5_1 => Some(dequantize_group::<3>),
-            Kind::Q8_0 => Some(dequantize_group::<4>),
-            Kind::Q4K | Kind::Q5K | Kind::Q6K => None,
-        };
-        let within = count > 0 && j0 + count <= whole && r0 + count <= GROUP_ROWS;
-        let (Some(direct), true) = (direct, within) else {
-            let deq = crate::quant::Dequantizer::of(self.dtype).expect("a block type");
-            let mut buf = vec![0u8; blocks.len() * bb];
-            for (c, vals) in out.chunks_exact_mut(len).take(count).enumerate() {
-                self.row_blocks(j0 + c, blocks.clone(), &mut buf);
-                deq.to_f32(&buf, vals);
-            }
+        if count == GROUP_ROWS && j0.is_multiple_of(GROUP_ROWS) && j0 + count <= whole {
+            // A whole group, straight from the runs.
+            let group = &self.groups[j0 * row_bytes..(j0 + GROUP_ROWS) * row_bytes];
+            assert!(available(), "interleaved weights need AVX-512 VNNI");
+            // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
+            unsafe { kernels::dequantize_group(self.kind, group, blocks, Sink::Rows(out, len)) };
             return;
-        };
-        let group = &self.groups[g * GROUP_ROWS * row_bytes..(g + 1) * GROUP_ROWS * row_bytes];
-        direct(group, blocks, r0..r0 + count, out)
+        }
+        let deq = crate::quant::Dequantizer::of(self.dtype).expect("a block type");
+        let mut buf = vec![0u8; blocks.len() * bb];
+        for (c, vals) in out.chunks_exact_mut(len).take(count).enumerate() {
+            self.row_blocks(j0 + c, blocks.clone(), &mut buf);
+            deq.to_f32(&buf, vals);
+        }
     }
 
     /// Rows j0 .. j0 + 16 (one whole group), blocks `blocks`, as the AMX tile packers lay out 16
@@ -499,7 +490,7 @@ impl Interleaved {
         let group = &self.groups[j0 / GROUP_ROWS * group_bytes..][..group_bytes];
         assert!(available(), "interleaved weights need AVX-512 VNNI");
         // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
-        unsafe { kernels::pack_group(self.kind, group, blocks, out) };
+        unsafe { kernels::dequantize_group(self.kind, group, blocks, Sink::Lines(out)) };
         true
     }
 
@@ -615,6 +606,14 @@ impl Interleaved {
     }
 }
 
+/// Where a group's dequantized values go.
+pub(crate) enum Sink<'a> {
+    /// Tile lines (16 u32 a line: each row's two values of a depth pair, rounded to bf16).
+    Lines(&'a mut [u32]),
+    /// Rows of the given length, one after another.
+    Rows(&'a mut [f32], usize),
+}
+
 /// Rows of activations quantized for a product: each row's blocks.
 enum Acts<'a> {
     /// Q8_1 blocks (the 32-value types) and each block's sum of values.
@@ -637,72 +636,12 @@ const fn kind_of(k: u8) -> Kind {
     }
 }
 
-/// [`Interleaved::dequantize_rows`] within one group (`group`: its bytes), rows `rows` of it.
-fn dequantize_group<const K: u8>(
-    group: &[u8],
-    blocks: std::ops::Range<usize>,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    let kind = kind_of(K);
-    let bb = GROUP_ROWS * kind.block_bytes();
-    let len = blocks.len() * QK;
-    let at = if kind.has_min() { 64 } else { 32 };
-    let f16 = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    for (i, b) in blocks.enumerate() {
-        let packed = &group[b * bb..(b + 1) * bb];
-        for (c, r) in rows.clone().enumerate() {
-            let d = f16(packed, 2 * r);
-            let o = &mut out[c * len + i * QK..][..QK];
-            if kind == Kind::Q8_0 {
-                for q in 0..8 {
-                    for p in 0..4 {
-                        let v = (packed[at + 64 * q + 4 * r + p] ^ 0x80) as i8;
-                        o[4 * q + p] = (v as f32) * d;
-                    }
-                }
-                continue;
-            }
-            let m = if kind.has_min() {
-                f16(packed, 32 + 2 * r)
-            } else {
-                0.0
-            };
-            let mut qh = 0u32;
-            if kind.fifth_bit() {
-                for q in 0..8 {
-                    let at = at + 256 + 8 * q;
-                    let mask = u64::from_le_bytes(packed[at..at + 8].try_into().expect("8"));
-                    qh |= (((mask >> (4 * r)) & 0xF) as u32) << (4 * q);
-                }
-            }
-            let off = kind.offset();
-            for t in 0..4 {
-                for p in 0..4 {
-                    let v = 4 * t + p;
-                    let byte = packed[at + 64 * t + 4 * r + p];
-                    let lo = ((byte & 0x0F) as u32 | ((qh >> v) & 1) << 4) as i32 - off;
-                    let hi = ((byte >> 4) as u32 | ((qh >> (v + 16)) & 1) << 4) as i32 - off;
-                    // As candle's: (q as f32)·d, plus m for the types that have one.
-                    if kind.has_min() {
-                        o[v] = (lo as f32) * d + m;
-                        o[v + 16] = (hi as f32) * d + m;
-                    } else {
-                        o[v] = (lo as f32) * d;
-                        o[v + 16] = (hi as f32) * d;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
 const GROUPS_PER_TASK: usize = 2;
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{Kind, GROUP_ROWS};
+    use super::{Kind, Sink, GROUP_ROWS};
     use crate::quant::{Q8_1, QK};
     use crate::quant_dots::Q8K;
     use std::arch::x86_64::*;
@@ -879,16 +818,10 @@ mod kernels {
         signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
     }
 
-    /// [`pack_group`] for one block of the 32-value types (`d`: its 16 scales): `put(lines, pos,
-    /// f)` takes values pos .. pos + 4 of each row.
+    /// [`dequantize_group`] for one block of the 32-value types (`d`: its 16 scales), its values
+    /// at `first` of the depth.
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn pack_block_32(
-        kind: Kind,
-        block: &[u8],
-        d: __m512,
-        lines: &mut [u32],
-        put: impl Fn(&mut [u32], usize, [__m512; 4]),
-    ) {
+    fn dequantize_block_32(kind: Kind, block: &[u8], d: __m512, sink: &mut Sink, first: usize) {
         let at = if kind.has_min() { 64 } else { 32 };
         if kind == Kind::Q8_0 {
             // Run j: values 4j .. 4j + 4, stored plus 128.
@@ -900,7 +833,7 @@ mod kernels {
                     let q = _mm512_sub_epi32(lane_byte(v, p), offset);
                     *f = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
                 }
-                put(lines, 4 * j, f);
+                emit(sink, first + 4 * j, f);
             }
             return;
         }
@@ -934,48 +867,85 @@ mod kernels {
                         _ => _mm512_mul_ps(q, d),
                     };
                 }
-                put(lines, 16 * h + 4 * t, f);
+                emit(sink, first + 16 * h + 4 * t, f);
             }
         }
     }
 
-    /// [`super::Interleaved::pack_lines`] for the bytes of one group (`group`), its blocks
-    /// `blocks`: each value as the tiles' packers compute it (Q4_K and Q5_K: (d·scale)·q −
-    /// dmin·min; Q6_K: (d·scale)·(q − 32); Q4_1: d·q + m fused; Q5_1: q·d + m; the others q·d,
-    /// q less the offset), rounded to bf16 as the tiles round f32 values; values 2p and 2p + 1 of
-    /// the 16 rows are line p.
+    /// Values at .. at + 4 of the blocks' depth, for each of the 16 rows (`f[p]`: value at + p
+    /// in row r's lane), into `sink`: as tile lines, rounded to bf16 (lines at / 2 and
+    /// at / 2 + 1, two values a lane), or as rows (4 values at `at` of each row's `len`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn emit(sink: &mut Sink, at: usize, f: [__m512; 4]) {
+        match sink {
+            Sink::Lines(lines) => {
+                let r = [
+                    crate::amx::round_bf16_bits(_mm512_castps_si512(f[0])),
+                    crate::amx::round_bf16_bits(_mm512_castps_si512(f[1])),
+                    crate::amx::round_bf16_bits(_mm512_castps_si512(f[2])),
+                    crate::amx::round_bf16_bits(_mm512_castps_si512(f[3])),
+                ];
+                let pairs = [
+                    _mm512_or_si512(r[0], _mm512_slli_epi32::<16>(r[1])),
+                    _mm512_or_si512(r[2], _mm512_slli_epi32::<16>(r[3])),
+                ];
+                for (i, v) in pairs.into_iter().enumerate() {
+                    let line = &mut lines[16 * (at / 2 + i)..][..16];
+                    // SAFETY: `line` holds 16 u32.
+                    unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), v) };
+                }
+            }
+            Sink::Rows(out, len) => {
+                // A 4 × 16 transpose: in each 128-bit lane q, rows 4q .. 4q + 4 (u[i]: row
+                // 4q + i's 4 values).
+                let t0 = _mm512_unpacklo_ps(f[0], f[1]);
+                let t1 = _mm512_unpackhi_ps(f[0], f[1]);
+                let t2 = _mm512_unpacklo_ps(f[2], f[3]);
+                let t3 = _mm512_unpackhi_ps(f[2], f[3]);
+                let u = [
+                    _mm512_shuffle_ps::<0x44>(t0, t2),
+                    _mm512_shuffle_ps::<0xEE>(t0, t2),
+                    _mm512_shuffle_ps::<0x44>(t1, t3),
+                    _mm512_shuffle_ps::<0xEE>(t1, t3),
+                ];
+                let mut rows = [[0f32; 16]; 4];
+                for (row, u) in rows.iter_mut().zip(u) {
+                    // SAFETY: `row` holds 16 f32.
+                    unsafe { _mm512_storeu_ps(row.as_mut_ptr(), u) };
+                }
+                for q in 0..4 {
+                    for (i, row) in rows.iter().enumerate() {
+                        let r = 4 * q + i;
+                        out[r * *len + at..][..4].copy_from_slice(&row[4 * q..4 * q + 4]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The values of one group (`group`: its bytes), blocks `blocks`, into `sink` (see
+    /// [`emit`]): each value as the tiles' packers of the stored blocks compute it (Q4_K and
+    /// Q5_K: (d·scale)·q − dmin·min; Q6_K: (d·scale)·(q − 32); Q4_1: d·q + m fused; Q5_1:
+    /// q·d + m; the others q·d, q less the offset), which is also candle's `to_float` (Q4_1's
+    /// q·d is exact in f32, so fused or not is the same).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack_group(
+    pub(super) unsafe fn dequantize_group(
         kind: Kind,
         group: &[u8],
         blocks: std::ops::Range<usize>,
-        out: &mut [u32],
+        mut sink: Sink,
     ) {
         let bb = GROUP_ROWS * kind.block_bytes();
-        let lines_per_block = 16 * kind.block_values() / 2;
-        // Values pos .. pos + 4 of each row (f[p]: value pos + p in row r's lane): lines
-        // pos / 2 and pos / 2 + 1.
-        let put = |lines: &mut [u32], pos: usize, f: [__m512; 4]| {
-            let r = f.map(|v| crate::amx::round_bf16_bits(_mm512_castps_si512(v)));
-            let pairs = [
-                _mm512_or_si512(r[0], _mm512_slli_epi32::<16>(r[1])),
-                _mm512_or_si512(r[2], _mm512_slli_epi32::<16>(r[3])),
-            ];
-            for (i, v) in pairs.into_iter().enumerate() {
-                let line = &mut lines[16 * (pos / 2 + i)..][..16];
-                // SAFETY: `line` holds 16 u32.
-                unsafe { _mm512_storeu_si512(line.as_mut_ptr().cast(), v) };
-            }
-        };
-        let floats = |v: __m512i| _mm512_cvtepi32_ps(v);
-        for (b, lines) in blocks.zip(out.chunks_exact_mut(lines_per_block)) {
+        let values = kind.block_values();
+        for (i, b) in blocks.enumerate() {
             let block = &group[b * bb..(b + 1) * bb];
             let d = halves16(block, 0);
+            let at = i * values;
             if !kind.super_blocks() {
-                pack_block_32(kind, block, d, lines, put);
+                dequantize_block_32(kind, block, d, &mut sink, at);
                 continue;
             }
             if kind == Kind::Q6K {
@@ -985,12 +955,13 @@ mod kernels {
                         let v = q6_values(block, h, t);
                         for (q, v) in v.into_iter().enumerate() {
                             let scale = q6_scale(block, 8 * h + 2 * q + t / 4);
-                            let ds = _mm512_mul_ps(d, floats(scale));
-                            let f = std::array::from_fn(|p| {
+                            let ds = _mm512_mul_ps(d, _mm512_cvtepi32_ps(scale));
+                            let mut f = [_mm512_setzero_ps(); 4];
+                            for (p, f) in f.iter_mut().enumerate() {
                                 let q = _mm512_sub_epi32(lane_byte(v, p), thirty_two);
-                                _mm512_mul_ps(ds, floats(q))
-                            });
-                            put(lines, 128 * h + 32 * q + 4 * t, f);
+                                *f = _mm512_mul_ps(ds, _mm512_cvtepi32_ps(q));
+                            }
+                            emit(&mut sink, at + 128 * h + 32 * q + 4 * t, f);
                         }
                     }
                 }
@@ -999,9 +970,13 @@ mod kernels {
             let dmin = halves16(block, 32);
             let (scales, mins) = k4_scales(block);
             for c in 0..4 {
-                let j = 2 * c;
-                let d1 = [j, j + 1].map(|j| _mm512_mul_ps(d, floats(k4_byte(scales, j))));
-                let m1 = [j, j + 1].map(|j| _mm512_mul_ps(dmin, floats(k4_byte(mins, j))));
+                let mut d1 = [_mm512_setzero_ps(); 2];
+                let mut m1 = [_mm512_setzero_ps(); 2];
+                for h in 0..2 {
+                    let j = 2 * c + h;
+                    d1[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(k4_byte(scales, j)));
+                    m1[h] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(k4_byte(mins, j)));
+                }
                 for t in 0..8 {
                     let v = if kind == Kind::Q5K {
                         k4_values::<true>(block, c, t)
@@ -1009,11 +984,12 @@ mod kernels {
                         k4_values::<false>(block, c, t)
                     };
                     for (h, v) in v.into_iter().enumerate() {
-                        let f = std::array::from_fn(|p| {
-                            let q = floats(lane_byte(v, p));
-                            _mm512_sub_ps(_mm512_mul_ps(d1[h], q), m1[h])
-                        });
-                        put(lines, 64 * c + 32 * h + 4 * t, f);
+                        let mut f = [_mm512_setzero_ps(); 4];
+                        for (p, f) in f.iter_mut().enumerate() {
+                            let q = _mm512_cvtepi32_ps(lane_byte(v, p));
+                            *f = _mm512_sub_ps(_mm512_mul_ps(d1[h], q), m1[h]);
+                        }
+                        emit(&mut sink, at + 64 * c + 32 * h + 4 * t, f);
                     }
                 }
             }
@@ -1268,7 +1244,7 @@ mod kernels {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
-    use super::Kind;
+    use super::{Kind, Sink};
     use crate::quant::Q8_1;
 
     pub(super) fn group(_: Kind, _: &[u8], _: &[(&[Q8_1], &[i32])], _: &mut [[f32; 16]]) {
@@ -1279,7 +1255,7 @@ mod kernels {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 
-    pub(super) unsafe fn pack_group(_: Kind, _: &[u8], _: std::ops::Range<usize>, _: &mut [u32]) {
+    pub(super) unsafe fn dequantize_group(_: Kind, _: &[u8], _: std::ops::Range<usize>, _: Sink) {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 }
@@ -1364,9 +1340,9 @@ mod tests {
         assert!(Interleaved::rearranged(&w, GgmlDType::Q2K, 16, 64).is_none());
     }
 
-    /// Rows dequantized straight from the interleaved runs equal candle's dequantization of the
-    /// stored blocks, to the bit: rows within a group (from its start and inside it), rows of
-    /// the tail and across groups (put back first), a range of blocks.
+    /// Rows dequantized from the interleaved layout equal candle's dequantization of the stored
+    /// blocks, to the bit: whole groups (straight from the runs), rows inside a group, across
+    /// groups and of the tail (put back first), ranges of blocks.
     #[test]
     fn rows_dequantize_as_candle_s() {
         for dtype in TYPES {
@@ -1376,8 +1352,13 @@ mod tests {
             let deq = crate::quant::Dequantizer::of(dtype).unwrap();
             let row_bytes = bytes.len() / n;
             let bb = deq.block_bytes;
-            for (j0, count, blocks) in [(0, 16, 0..8), (19, 5, 2..7), (30, 4, 1..3), (48, 5, 0..8)]
-            {
+            for (j0, count, blocks) in [
+                (0, 16, 0..8),
+                (32, 16, 3..7),
+                (19, 5, 2..7),
+                (30, 4, 1..3),
+                (48, 5, 0..8),
+            ] {
                 let len = depth(dtype, blocks.len());
                 let mut got = vec![f32::NAN; count * len];
                 w.dequantize_rows(j0, count, blocks.clone(), &mut got);
