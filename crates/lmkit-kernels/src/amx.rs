@@ -345,23 +345,17 @@ pub fn dequant_product(
         for (g, group) in out.chunks_exact_mut(16 * pairs).enumerate() {
             let j0 = cols.start + g * 16;
             let count = n.saturating_sub(j0).min(16);
-            match w {
-                // Whole groups straight into the lines.
-                QuantRows::Interleaved(w) if w.pack_lines((j0, count), blocks.clone(), group) => {
-                    continue
-                }
-                QuantRows::Interleaved(w) => {
-                    w.dequantize_rows(j0, count, blocks.clone(), &mut scratch)
-                }
-                QuantRows::Stored(_) => {
-                    w.with_rows((j0, count), blocks.clone(), (row_bytes, bytes), |rows| {
-                        for (vals, row) in scratch.chunks_exact_mut(depth.len()).zip(&rows[..count])
-                        {
-                            deq.to_f32(row, vals);
-                        }
-                    })
+            // An interleaved weight's whole groups straight into the lines.
+            if let QuantRows::Interleaved(w) = w {
+                if w.pack_lines((j0, count), blocks.clone(), group) {
+                    continue;
                 }
             }
+            w.with_rows((j0, count), blocks.clone(), (row_bytes, bytes), |rows| {
+                for (vals, row) in scratch.chunks_exact_mut(depth.len()).zip(&rows[..count]) {
+                    deq.to_f32(row, vals);
+                }
+            });
             // SAFETY: the tiles being there (checked above), so is AVX-512; `count` columns of
             // the depth's values, and the group depth / 2 pairs of 16 columns.
             unsafe { pack_f32_columns(&scratch, (depth.len(), count), group) };

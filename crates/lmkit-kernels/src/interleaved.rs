@@ -370,12 +370,21 @@ impl Interleaved {
         self.len() == 0
     }
 
+    /// Bytes of one row's blocks.
+    fn row_bytes(&self) -> usize {
+        self.k / self.kind.block_values() * self.kind.block_bytes()
+    }
+
+    /// Rows in whole groups (interleaved; the rest are the tail).
+    fn whole_rows(&self) -> usize {
+        self.groups.len() / self.row_bytes()
+    }
+
     /// The weight's blocks in the original layout (as the GGUF file stored them), bit for bit.
     pub fn original(&self) -> Vec<u8> {
         let blocks = self.k / self.kind.block_values();
-        let row_bytes = blocks * self.kind.block_bytes();
         let mut out = vec![0u8; self.len()];
-        for (j, row) in out.chunks_exact_mut(row_bytes).enumerate() {
+        for (j, row) in out.chunks_exact_mut(self.row_bytes()).enumerate() {
             self.row_blocks(j, 0..blocks, row);
         }
         out
@@ -385,8 +394,7 @@ impl Interleaved {
     pub fn row_blocks(&self, j: usize, blocks: std::ops::Range<usize>, out: &mut [u8]) {
         let kind = self.kind;
         let bb = kind.block_bytes();
-        let row_bytes = self.k / kind.block_values() * bb;
-        let whole = self.groups.len() / row_bytes;
+        let (row_bytes, whole) = (self.row_bytes(), self.whole_rows());
         let out = &mut out[..blocks.len() * bb];
         if j >= whole {
             let row = &self.tail[(j - whole) * row_bytes..(j - whole + 1) * row_bytes];
@@ -440,21 +448,12 @@ impl Interleaved {
         blocks: std::ops::Range<usize>,
         out: &mut [f32],
     ) {
-        let values = self.kind.block_values();
-        let len = blocks.len() * values;
-        let bb = self.kind.block_bytes();
-        let row_bytes = self.k / values * bb;
-        let whole = self.groups.len() / row_bytes;
-        if count == GROUP_ROWS && j0.is_multiple_of(GROUP_ROWS) && j0 + count <= whole {
-            // A whole group, straight from the runs.
-            let group = &self.groups[j0 * row_bytes..(j0 + GROUP_ROWS) * row_bytes];
-            assert!(available(), "interleaved weights need AVX-512 VNNI");
-            // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
-            unsafe { kernels::dequantize_group(self.kind, group, blocks, Sink::Rows(out, len)) };
+        let len = blocks.len() * self.kind.block_values();
+        if self.whole_group((j0, count), blocks.clone(), Sink::Rows(out, len)) {
             return;
         }
         let deq = crate::quant::Dequantizer::of(self.dtype).expect("a block type");
-        let mut buf = vec![0u8; blocks.len() * bb];
+        let mut buf = vec![0u8; blocks.len() * self.kind.block_bytes()];
         for (c, vals) in out.chunks_exact_mut(len).take(count).enumerate() {
             self.row_blocks(j0 + c, blocks.clone(), &mut buf);
             deq.to_f32(&buf, vals);
@@ -475,22 +474,39 @@ impl Interleaved {
         blocks: std::ops::Range<usize>,
         out: &mut [u32],
     ) -> bool {
-        let row_bytes = self.k / self.kind.block_values() * self.kind.block_bytes();
-        let whole = self.groups.len() / row_bytes;
-        let group_bytes = GROUP_ROWS * row_bytes;
+        self.whole_group((j0, count), blocks, Sink::Lines(out))
+    }
+
+    /// Rows j0 .. j0 + `count`, blocks `blocks`, into `sink` straight from the runs when they are
+    /// one whole group and the sink holds all their values; `false`, with nothing written,
+    /// otherwise.
+    fn whole_group(
+        &self,
+        (j0, count): (usize, usize),
+        blocks: std::ops::Range<usize>,
+        sink: Sink,
+    ) -> bool {
         let values = self.kind.block_values();
+        let row = blocks.len() * values;
+        // Room for the 16 rows' values: lines of two values a lane, or rows of `len` at least
+        // `row` long.
+        let room = match &sink {
+            Sink::Lines(out) => out.len() >= GROUP_ROWS * row / 2,
+            Sink::Rows(out, len) => *len >= row && out.len() >= GROUP_ROWS * len,
+        };
         if count != GROUP_ROWS
             || !j0.is_multiple_of(GROUP_ROWS)
-            || j0 + GROUP_ROWS > whole
+            || j0 + GROUP_ROWS > self.whole_rows()
             || blocks.end > self.k / values
-            || out.len() < blocks.len() * GROUP_ROWS * values / 2
+            || !room
         {
             return false;
         }
+        let group_bytes = GROUP_ROWS * self.row_bytes();
         let group = &self.groups[j0 / GROUP_ROWS * group_bytes..][..group_bytes];
         assert!(available(), "interleaved weights need AVX-512 VNNI");
         // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
-        unsafe { kernels::dequantize_group(self.kind, group, blocks, Sink::Lines(out)) };
+        unsafe { kernels::dequantize_group(self.kind, group, blocks, sink) };
         true
     }
 
@@ -554,8 +570,7 @@ impl Interleaved {
                     .collect(),
             )
         };
-        let group_bytes = GROUP_ROWS * blocks * self.kind.block_bytes();
-        let whole = self.groups.len() / group_bytes * GROUP_ROWS;
+        let (group_bytes, whole) = (GROUP_ROWS * self.row_bytes(), self.whole_rows());
         let tile = |g0: usize, g1: usize, out: &mut [f32]| {
             // out: [m, (g1 - g0) · 16] row-major.
             let cols = (g1 - g0) * GROUP_ROWS;

@@ -460,7 +460,8 @@ pub fn ggml_product_nk(
 /// from [`TILE_MIN_ROWS`] rows ([`tiles_product`]), and below that (or without tiles) against
 /// 8-bit activations where [`crate::quant_dots`] has their dot products. `None` for the rest
 /// (Q2_K, Q3_K, unquantized types) and for sizes that disagree, for the caller to use candle's
-/// product.
+/// product (each path checks the sizes: the tiles' `amx::quant_fits`, [`eight_bit_product`]'s
+/// [`sizes_fit`]).
 pub fn ggml_product(
     xs: &[f32],
     w: &[u8],
@@ -468,13 +469,8 @@ pub fn ggml_product(
     n: usize,
     k: usize,
 ) -> Option<Vec<f32>> {
-    if !sizes_fit(xs, w, dtype, n, k) {
-        return None;
-    }
-    if let Some(y) = tiles_product(xs, crate::amx::QuantRows::Stored(w), dtype, n, k) {
-        return Some(y);
-    }
-    eight_bit_product(xs, w, dtype, n, k)
+    tiles_product(xs, crate::amx::QuantRows::Stored(w), dtype, n, k)
+        .or_else(|| eight_bit_product(xs, w, dtype, n, k))
 }
 
 /// Whether `xs` is whole rows of k (whole blocks of `dtype`) and `w` n rows of them.
