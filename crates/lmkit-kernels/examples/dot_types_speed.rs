@@ -37,6 +37,8 @@ fn main() -> candle_core::Result<()> {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
     ] {
         let bytes = QTensor::quantize(&w, dtype)?.data()?.to_vec();
         // Copies enough that each call reads its weight from memory.

@@ -1,6 +1,6 @@
 //! Block-quantized weights with 16 rows interleaved, for decoding steps on CPUs with AVX-512
 //! VNNI: a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the
-//! K-quants Q4_K, Q5_K and Q6_K (256-value super-blocks) is rearranged once, when it is loaded,
+//! K-quants Q2_K to Q6_K (256-value super-blocks) is rearranged once, when it is loaded,
 //! so that the blocks of 16 rows at one depth lie together: their 16 scales side by side, then
 //! their values 4 bytes per row at a time. One 64-byte load then holds 4 values of each of the
 //! 16 rows, and one `vpdpbusd` multiplies them by the same 4 activation bytes (broadcast),
@@ -31,12 +31,18 @@
 //!   sub-block); then for Q5_K 64 masks of 64 bits: bit 4r+p of mask 16c + 2t + h is the fifth
 //!   bit of nibble h of byte 32c + 4t + p;
 //! - Q6_K: 4 runs of the 16 signed 8-bit scales, 32 runs of the 128 bytes of low nibbles, 16
-//!   runs of the 64 bytes of high bit pairs (each as stored).
+//!   runs of the 64 bytes of high bit pairs (each as stored);
+//! - Q2_K: d, dmin, then 4 runs of the 16 bytes of 4-bit scales and mins, 16 runs of the 64
+//!   bytes of 2-bit values (run u: bytes 4u .. 4u + 4, whose bits 2j are values 128(u / 8) + 32j
+//!   + 4(u % 8) .. + 4);
+//! - Q3_K: d, then 3 runs of the 12 bytes of 6-bit scales, 16 runs of the 64 bytes of low 2-bit
+//!   values (as Q2_K's), then 64 masks of 64 bits: bit 4r+p of mask 4u + j is the third bit of
+//!   the value at bits 2j of byte p of run u (bit 4(u / 8) + j of high-bit byte 4(u % 8) + p).
 //!
-//! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here, Q6_K's 32) are
+//! Values stored with an offset (Q4_0's 8, Q5_0's 16, Q8_0's 128 added here, Q3_K's 4, Q6_K's 32) are
 //! summed as stored, and the offset times the activations' sum is taken off in the integer sums.
 //! The K-quants' sub-block scales multiply each sub-block's integer sums in i32 (`vpmulld`), and
-//! Q4_K's and Q5_K's minimums meet the activations' sums of each sub-block in `vpdpwssd`.
+//! Q2_K's, Q4_K's and Q5_K's minimums meet the activations' sums of each sub-block in `vpdpwssd`.
 
 use crate::quant::{Q8_1, QK};
 use crate::quant_dots::{Q8K, QK_K};
@@ -56,6 +62,8 @@ enum Kind {
     Q4K,
     Q5K,
     Q6K,
+    Q2K,
+    Q3K,
 }
 
 /// Where a part of each stored block goes in a group's interleaved block (offsets in bytes).
@@ -91,6 +99,8 @@ impl Kind {
             GgmlDType::Q4K => Kind::Q4K,
             GgmlDType::Q5K => Kind::Q5K,
             GgmlDType::Q6K => Kind::Q6K,
+            GgmlDType::Q2K => Kind::Q2K,
+            GgmlDType::Q3K => Kind::Q3K,
             _ => return None,
         })
     }
@@ -105,6 +115,8 @@ impl Kind {
             Kind::Q4K => 144,
             Kind::Q5K => 176,
             Kind::Q6K => 210,
+            Kind::Q2K => 84,
+            Kind::Q3K => 110,
         }
     }
 
@@ -119,7 +131,10 @@ impl Kind {
 
     /// Whether blocks are K-quant super-blocks (multiplied against Q8_K activations).
     fn super_blocks(self) -> bool {
-        matches!(self, Kind::Q4K | Kind::Q5K | Kind::Q6K)
+        matches!(
+            self,
+            Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K
+        )
     }
 
     /// Whether blocks hold a minimum m after d (values are v·d + m).
@@ -190,16 +205,38 @@ impl Kind {
                 quads!(0, 128, 288),
                 quads!(128, 64, 2336),
             ],
+            Kind::Q2K => &[
+                Halves { src: 80, dst: 0 },
+                Halves { src: 82, dst: 32 },
+                quads!(0, 16, 64),
+                quads!(16, 64, 320),
+            ],
+            Kind::Q3K => &[
+                Halves { src: 108, dst: 0 },
+                quads!(96, 12, 32),
+                quads!(32, 64, 224),
+                masks!(0, 64, 1248),
+            ],
         }
     }
 
-    /// A block's fifth bits (`bits`) as the nibbles of its masks: bit p of nibble j goes to bit
-    /// 4r + p of mask j. Q5_0's and Q5_1's nibble j is their 32-bit word's bits 4j..4j + 4
-    /// (values 4j..4j + 4); Q5_K's nibble 16c + 2t + h holds the fifth bits of the low (h = 0) or
-    /// high (h = 1) nibbles of bytes 32c + 4t .. + 4 of its values: bit 2c + h of fifth-bit
-    /// bytes 4t .. 4t + 4.
+    /// Which of Q5_K's (Q3_K's) masks holds bit b of its fifth-bit (high-bit) bytes 4t .. 4t + 4:
+    /// Q5_K's 16c + 2t + h holds the fifth bits of the low (h = 0) or high (h = 1) nibbles of
+    /// bytes 32c + 4t .. + 4 of its values, bit 2c + h; Q3_K's 4u + j (u = 8(b / 4) + t, j = b %
+    /// 4) those of the values at bits 2j of run u, bit 4(u / 8) + j.
+    fn mask_of(self, t: usize, b: usize) -> usize {
+        if self == Kind::Q3K {
+            32 * (b / 4) + 4 * t + b % 4
+        } else {
+            16 * (b / 2) + 2 * t + b % 2
+        }
+    }
+
+    /// A block's fifth bits (`bits`; Q3_K's high bits) as the nibbles of its masks: bit p of
+    /// nibble j goes to bit 4r + p of mask j. Q5_0's and Q5_1's nibble j is their 32-bit word's
+    /// bits 4j..4j + 4 (values 4j..4j + 4); the K-quants' as [`Kind::mask_of`] says.
     fn fifth_nibbles(self, bits: &[u8], nibbles: &mut [u8]) {
-        if self != Kind::Q5K {
+        if !self.super_blocks() {
             let word = u32::from_le_bytes(bits[..4].try_into().expect("4 bytes"));
             for (j, n) in nibbles.iter_mut().take(8).enumerate() {
                 *n = (word >> (4 * j)) as u8 & 0xF;
@@ -212,7 +249,7 @@ impl Kind {
                 // Bit b of each of the 4 bytes, gathered into bits 24..28 (no carries reach
                 // them: the cross products land elsewhere, each on its own bit).
                 let n = ((word >> b) & 0x0101_0101).wrapping_mul(0x0102_0408) >> 24;
-                nibbles[16 * (b / 2) + 2 * t + b % 2] = n as u8 & 0xF;
+                nibbles[self.mask_of(t, b)] = n as u8 & 0xF;
             }
         }
     }
@@ -220,7 +257,7 @@ impl Kind {
     /// The inverse of [`Kind::fifth_nibbles`]: the fifth bits (`bits`, all written) from the
     /// masks' nibbles.
     fn fifth_bits(self, nibbles: &[u8], bits: &mut [u8]) {
-        if self != Kind::Q5K {
+        if !self.super_blocks() {
             let word = (0..8).fold(0u32, |w, j| w | (nibbles[j] as u32 & 0xF) << (4 * j));
             bits[..4].copy_from_slice(&word.to_le_bytes());
             return;
@@ -228,7 +265,7 @@ impl Kind {
         for t in 0..8 {
             let mut word = 0u32;
             for b in 0..8 {
-                let n = nibbles[16 * (b / 2) + 2 * t + b % 2] as u32 & 0xF;
+                let n = nibbles[self.mask_of(t, b)] as u32 & 0xF;
                 // Bit p of the nibble to bit 8p (each lands on its own bit, as above).
                 word |= (n.wrapping_mul(0x0020_4081) & 0x0101_0101) << b;
             }
@@ -701,7 +738,7 @@ mod kernels {
             Kind::Q5_0 => rows!(2),
             Kind::Q5_1 => rows!(3),
             Kind::Q8_0 => rows!(4),
-            Kind::Q4K | Kind::Q5K | Kind::Q6K => unreachable!("{kind:?} takes Q8_K activations"),
+            _ => unreachable!("{kind:?} takes Q8_K activations"),
         }
     }
 
@@ -729,6 +766,8 @@ mod kernels {
             Kind::Q4K => rows!(q45_k, false),
             Kind::Q5K => rows!(q45_k, true),
             Kind::Q6K => rows!(q6_k),
+            Kind::Q2K => rows!(q23_k, false),
+            Kind::Q3K => rows!(q23_k, true),
             _ => unreachable!("{kind:?} takes Q8_1 activations"),
         }
     }
@@ -831,6 +870,96 @@ mod kernels {
     #[target_feature(enable = "avx512f")]
     fn q6_scale(block: &[u8], g: usize) -> __m512i {
         signed_byte(load64(block, 32 + 64 * (g / 4)), g % 4)
+    }
+
+    /// A Q2_K (Q3_K: `THREE`) block's scales, 4 groups' a run (group g at byte g % 4 of run
+    /// g / 4): Q2_K's 4-bit scales and mins as stored (the scale in the low nibble); Q3_K's 6-bit
+    /// scales (before their offset of 32) from its 3 runs of 12 packed bytes: the low nibbles of
+    /// bytes 0..8 (groups 0..8), their high nibbles (8..16), the top bit pairs from bytes 8..12.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn k23_scales<const THREE: bool>(block: &[u8]) -> [__m512i; 4] {
+        if !THREE {
+            return std::array::from_fn(|q| load64(block, 64 + 64 * q));
+        }
+        let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let (s0, s1, s2) = (load64(block, 32), load64(block, 96), load64(block, 160));
+        let join = |low: __m512i, top: __m512i| {
+            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(top, m30))
+        };
+        [
+            join(s0, _mm512_slli_epi16(s2, 4)),
+            join(s1, _mm512_slli_epi16(s2, 2)),
+            join(_mm512_srli_epi16(s0, 4), s2),
+            join(_mm512_srli_epi16(s1, 4), _mm512_srli_epi16(s2, 2)),
+        ]
+    }
+
+    /// Values 128n + 32j + 4(u % 8) .. + 4 of each row of a Q2_K (Q3_K: `THREE`) block, as
+    /// unsigned bytes (Q3_K's 0..8, before its offset of 4): bits 2j of run u (`run`, u = 8n +
+    /// ..), plus 4 where Q3_K's mask 4u + j has the value's bit.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn k23_values<const THREE: bool>(block: &[u8], run: __m512i, u: usize, j: usize) -> __m512i {
+        let q = _mm512_and_si512(shift_right(run, 2 * j), _mm512_set1_epi8(3));
+        if !THREE {
+            return q;
+        }
+        let m = 1248 + 8 * (4 * u + j);
+        let mask = u64::from_le_bytes(block[m..m + 8].try_into().expect("8 bytes"));
+        _mm512_mask_add_epi8(q, mask, q, _mm512_set1_epi8(4))
+    }
+
+    /// Run u of a Q2_K or Q3_K block's 2-bit values.
+    #[target_feature(enable = "avx512f")]
+    fn k23_run<const THREE: bool>(block: &[u8], u: usize) -> __m512i {
+        load64(block, if THREE { 224 } else { 320 } + 64 * u)
+    }
+
+    /// [`dequantize_group`] for one block of Q2_K or Q3_K (`THREE`; `d`: its 16 scales), its
+    /// values at `first` of the depth.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn dequantize_block_23<const THREE: bool>(
+        block: &[u8],
+        d: __m512,
+        sink: &mut Sink,
+        first: usize,
+    ) {
+        let scales = k23_scales::<THREE>(block);
+        let dmin = if THREE {
+            _mm512_setzero_ps()
+        } else {
+            halves16(block, 32)
+        };
+        for u in 0..16 {
+            let run = k23_run::<THREE>(block, u);
+            for j in 0..4 {
+                // Group 8n + 2j + s for run u = 8n + 4s + i.
+                let g = 8 * (u / 8) + 2 * j + u % 8 / 4;
+                let sc = lane_byte(scales[g / 4], g % 4);
+                let (dl, ml) = if THREE {
+                    let s = _mm512_sub_epi32(sc, _mm512_set1_epi32(32));
+                    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(s)), _mm512_setzero_ps())
+                } else {
+                    let s = _mm512_and_si512(sc, _mm512_set1_epi32(0x0F));
+                    let m = _mm512_srli_epi32::<4>(sc);
+                    (
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(s)),
+                        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m)),
+                    )
+                };
+                let v = k23_values::<THREE>(block, run, u, j);
+                let offset = _mm512_set1_epi32(if THREE { 4 } else { 0 });
+                let mut f = [_mm512_setzero_ps(); 4];
+                for (p, f) in f.iter_mut().enumerate() {
+                    let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(lane_byte(v, p), offset));
+                    *f = if THREE {
+                        _mm512_mul_ps(dl, q)
+                    } else {
+                        _mm512_sub_ps(_mm512_mul_ps(dl, q), ml)
+                    };
+                }
+                emit(sink, first + 128 * (u / 8) + 32 * j + 4 * (u % 8), f);
+            }
+        }
     }
 
     /// [`dequantize_group`] for one block of the 32-value types (`d`: its 16 scales), its values
@@ -961,6 +1090,14 @@ mod kernels {
             let at = i * values;
             if !kind.super_blocks() {
                 dequantize_block_32(kind, block, d, &mut sink, at);
+                continue;
+            }
+            match kind {
+                Kind::Q2K => dequantize_block_23::<false>(block, d, &mut sink, at),
+                Kind::Q3K => dequantize_block_23::<true>(block, d, &mut sink, at),
+                _ => {}
+            }
+            if matches!(kind, Kind::Q2K | Kind::Q3K) {
                 continue;
             }
             if kind == Kind::Q6K {
@@ -1148,6 +1285,100 @@ mod kernels {
         }
     }
 
+    /// Q2_K (Q3_K: `THREE`): per 16-value group g, each row's integer dot products (`vpdpbusd`
+    /// of the unsigned 2-bit values, Q3_K's 3-bit ones from −4·the activations' sum of the group:
+    /// the offset) times its scale (`vpmulld`; Q3_K's less 32), summed in i32; Q2_K's mins'
+    /// term Σ min_g·(the activations' sum of group g) by `vpdpwssd` of the mins against the sums
+    /// in 16-bit pairs; then d·y.d·sums (− dmin·y.d·mins), as llama.cpp's.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn q23_k<const THREE: bool, const R: usize>(
+        w: &[u8],
+        acts: &[&[Q8K]],
+        out: &mut [[f32; 16]],
+    ) {
+        let bb = GROUP_ROWS * if THREE { 110 } else { 84 };
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
+        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let (m4, low_words) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi32(0x00FF_00FF));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+            prefetch_block(block);
+            let scales = k23_scales::<THREE>(block);
+            let mut sums = [_mm512_setzero_si512(); R];
+            for n in 0..2 {
+                for s in 0..2 {
+                    // Runs 8n + 4s .. + 4: values 128n + 32j + 16s .. + 16, group 8n + 2j + s.
+                    let runs: [__m512i; 4] =
+                        std::array::from_fn(|i| k23_run::<THREE>(block, 8 * n + 4 * s + i));
+                    for j in 0..4 {
+                        let g = 8 * n + 2 * j + s;
+                        let mut a = [_mm512_setzero_si512(); R];
+                        if THREE {
+                            for (a, y) in a.iter_mut().zip(&acts) {
+                                *a = _mm512_set1_epi32(-4 * y[b].bsums[g] as i32);
+                            }
+                        }
+                        for (i, &run) in runs.iter().enumerate() {
+                            let v = k23_values::<THREE>(block, run, 8 * n + 4 * s + i, j);
+                            for r in 0..R {
+                                let x = quad_at(&acts[r][b].qs, 16 * g + 4 * i);
+                                a[r] = _mm512_dpbusd_epi32(a[r], v, x);
+                            }
+                        }
+                        let sc = lane_byte(scales[g / 4], g % 4);
+                        let sc = if THREE {
+                            _mm512_sub_epi32(sc, _mm512_set1_epi32(32))
+                        } else {
+                            _mm512_and_si512(sc, _mm512_set1_epi32(0x0F))
+                        };
+                        for (sum, a) in sums.iter_mut().zip(a) {
+                            *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(a, sc));
+                        }
+                    }
+                }
+            }
+            let d = halves16(block, 0);
+            // Q2_K's mins of groups 4q, 4q + 2 and 4q + 1, 4q + 3 as 16-bit pairs.
+            let mut pairs = [[_mm512_setzero_si512(); 2]; 4];
+            if !THREE {
+                for (p, sc) in pairs.iter_mut().zip(scales) {
+                    let mins = _mm512_and_si512(_mm512_srli_epi16(sc, 4), m4);
+                    *p = [
+                        _mm512_and_si512(mins, low_words),
+                        _mm512_srli_epi16(mins, 8),
+                    ];
+                }
+            }
+            for r in 0..R {
+                let y = &acts[r][b];
+                let yd = _mm512_set1_ps(y.d);
+                let s = _mm512_cvtepi32_ps(sums[r]);
+                acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
+                if !THREE {
+                    let sum = |g: usize| y.bsums[g] as u16 as u32;
+                    let mut m = _mm512_setzero_si512();
+                    for (q, [even, odd]) in pairs.iter().enumerate() {
+                        let (a, c) = (4 * q, 4 * q + 1);
+                        let pair_even = _mm512_set1_epi32((sum(a) | sum(a + 2) << 16) as i32);
+                        let pair_odd = _mm512_set1_epi32((sum(c) | sum(c + 2) << 16) as i32);
+                        m = _mm512_dpwssd_epi32(m, *even, pair_even);
+                        m = _mm512_dpwssd_epi32(m, *odd, pair_odd);
+                    }
+                    let dmin = halves16(block, 32);
+                    acc[r] =
+                        _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, yd), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: `out[r]` holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
+
     /// 4 activation bytes (values 4j..4j+4 of a block) in every 32-bit lane.
     #[target_feature(enable = "avx512f")]
     fn quad(y: &Q8_1, j: usize) -> __m512i {
@@ -1282,7 +1513,7 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
-    const TYPES: [GgmlDType; 8] = [
+    const TYPES: [GgmlDType; 10] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
@@ -1291,6 +1522,8 @@ mod tests {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
     ];
 
     /// A depth of `blocks` blocks of `dtype`.
@@ -1352,7 +1585,7 @@ mod tests {
         assert!(Interleaved::rearranged(&w[1..], GgmlDType::Q4_0, 16, 64).is_none());
         assert!(Interleaved::rearranged(&w[..w.len() / 2], GgmlDType::Q4_0, 8, 64).is_none());
         assert!(Interleaved::rearranged(&w, GgmlDType::Q4K, 16, 64).is_none());
-        assert!(Interleaved::rearranged(&w, GgmlDType::Q2K, 16, 64).is_none());
+        assert!(Interleaved::rearranged(&w, GgmlDType::F16, 16, 64).is_none());
     }
 
     /// Rows dequantized from the interleaved layout equal candle's dequantization of the stored

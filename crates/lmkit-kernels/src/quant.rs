@@ -458,8 +458,8 @@ pub fn ggml_product_nk(
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of GGML type `dtype` (its raw blocks)ᵀ
 /// on lmkit's kernels: Q4_1 and Q8_0 as [`quant_product`]; the other block types on AMX tiles
 /// from [`TILE_MIN_ROWS`] rows ([`tiles_product`]), and below that (or without tiles) against
-/// 8-bit activations where [`crate::quant_dots`] has their dot products. `None` for the rest
-/// (Q2_K, Q3_K, unquantized types) and for sizes that disagree, for the caller to use candle's
+/// 8-bit activations where [`crate::quant_dots`] has their dot products (every other block type).
+/// `None` for unquantized types and for sizes that disagree, for the caller to use candle's
 /// product (each path checks the sizes: the tiles' `amx::quant_fits`, [`eight_bit_product`]'s
 /// [`sizes_fit`]).
 pub fn ggml_product(

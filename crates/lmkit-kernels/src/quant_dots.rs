@@ -1,11 +1,11 @@
 //! 8-bit dot products for the GGUF block types besides Q4_1 and Q8_0 (those are in
 //! [`crate::quant`]), as llama.cpp computes them: Q4_0 and Q5_0 against activations in ggml's
-//! Q8_0 blocks, Q5_1 against Q8_1, and the K-quants Q4_K, Q5_K and Q6_K against Q8_K
+//! Q8_0 blocks, Q5_1 against Q8_1, and the K-quants Q2_K to Q6_K against Q8_K
 //! super-blocks (256 values, one f32 scale, the sums of each 16). AVX2 where the CPU has it,
 //! one value at a time elsewhere; on lmkit's threads through [`crate::quant`]'s column tiles.
 //!
-//! These are the types of llama.cpp's Q4_K_M and Q5_K_M files (with Q5_0/Q5_1 where a tensor's
-//! rows are not whole 256-value super-blocks). Decoding steps multiply a few rows, where the
+//! These are the types of llama.cpp's Q2_K, Q3_K_M, Q4_K_M and Q5_K_M files (with Q5_0/Q5_1
+//! where a tensor's rows are not whole 256-value super-blocks). Decoding steps multiply a few rows, where the
 //! tiles do not pay ([`crate::quant::TILE_MIN_ROWS`]). Candle's quantized product runs on a
 //! thread pool of its own, which competes with lmkit's for the cores: a Q4_K_M file decoded at a
 //! fifth of llama.cpp's speed on it (see README).
@@ -33,6 +33,12 @@ pub enum DotType {
     /// 128 bytes of low nibbles, 64 of high bit pairs, 16 signed 8-bit scales, d (f16); a value
     /// is d·scale·(q − 32) of its 16-value group.
     Q6K,
+    /// 16 bytes of 4-bit scales (low nibbles) and mins (high), 64 bytes of 2-bit values, d and
+    /// dmin (f16); a value is d·scale·q − dmin·min of its 16-value group.
+    Q2K,
+    /// 32 bytes of high bits, 64 of 2-bit low values, 12 bytes of 16 six-bit scales, d (f16); a
+    /// value is d·(scale − 32)·(q − 4) of its 16-value group (q: 3 bits).
+    Q3K,
 }
 
 impl DotType {
@@ -45,6 +51,8 @@ impl DotType {
             GgmlDType::Q4K => DotType::Q4K,
             GgmlDType::Q5K => DotType::Q5K,
             GgmlDType::Q6K => DotType::Q6K,
+            GgmlDType::Q2K => DotType::Q2K,
+            GgmlDType::Q3K => DotType::Q3K,
             _ => return None,
         })
     }
@@ -53,7 +61,7 @@ impl DotType {
     pub fn block_values(self) -> usize {
         match self {
             DotType::Q4_0 | DotType::Q5_0 | DotType::Q5_1 => QK,
-            DotType::Q4K | DotType::Q5K | DotType::Q6K => QK_K,
+            _ => QK_K,
         }
     }
 
@@ -66,6 +74,8 @@ impl DotType {
             DotType::Q4K => 144,
             DotType::Q5K => 176,
             DotType::Q6K => 210,
+            DotType::Q2K => 84,
+            DotType::Q3K => 110,
         }
     }
 
@@ -161,6 +171,8 @@ fn dots_k<const R: usize>(ty: DotType, w: &[u8], x: [&[Q8K]; R]) -> [f32; R] {
             return unsafe {
                 match ty {
                     DotType::Q6K => avx2::q6_k(w, x),
+                    DotType::Q2K => avx2::q23_k(false, w, x),
+                    DotType::Q3K => avx2::q23_k(true, w, x),
                     _ => avx2::q45_k(ty == DotType::Q5K, w, x),
                 }
             };
@@ -220,10 +232,42 @@ fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-/// A K-quant super-block's 256 unsigned quantized values (before Q6_K's offset of 32).
+/// Q3_K's sixteen 6-bit scales (before their offset of 32), packed in 12 bytes: the low
+/// nibbles of bytes 0..8 then their high nibbles, the top bit pairs in bytes 8..12.
+#[inline(always)]
+fn q3_scales(s: &[u8]) -> [u8; 16] {
+    let mut sc = [0u8; 16];
+    for (g, sc) in sc.iter_mut().enumerate() {
+        let (q, i) = (g / 4, g % 4);
+        let low = s[4 * (q % 2) + i] >> (4 * (q / 2)) & 0x0F;
+        *sc = low | ((s[8 + i] >> (2 * q)) & 3) << 4;
+    }
+    sc
+}
+
+/// A K-quant super-block's 256 unsigned quantized values (before Q6_K's offset of 32 and Q3_K's
+/// of 4).
 fn values_k(ty: DotType, b: &[u8]) -> [i32; QK_K] {
     let mut v = [0i32; QK_K];
     match ty {
+        DotType::Q2K | DotType::Q3K => {
+            // Value 128n + 32j + l' (l' < 32): bits 2j of byte 32n + l' of the 2-bit values;
+            // Q3_K's third bit is bit 4n + j of high-bit byte l'.
+            let (hm, qs) = if ty == DotType::Q3K {
+                (&b[..32], &b[32..96])
+            } else {
+                (&b[..0], &b[16..80])
+            };
+            for n in 0..2 {
+                for j in 0..4 {
+                    for l in 0..32 {
+                        let low = (qs[32 * n + l] >> (2 * j)) & 3;
+                        let high = hm.get(l).map_or(0, |h| (h >> (4 * n + j)) & 1);
+                        v[128 * n + 32 * j + l] = (low | high << 2) as i32;
+                    }
+                }
+            }
+        }
         DotType::Q6K => {
             let (ql, qh) = (&b[..128], &b[128..192]);
             for half in 0..2 {
@@ -271,7 +315,20 @@ fn dot_k_scalar(ty: DotType, w: &[u8], x: &[Q8K]) -> f32 {
                 .map(|i| v[i] * y.qs[i] as i32)
                 .sum()
         };
-        if ty == DotType::Q6K {
+        if ty == DotType::Q2K {
+            let sc = &b[..16];
+            let sumi: i32 = (0..16).map(|g| (sc[g] & 0x0F) as i32 * sums(g, 16)).sum();
+            let summ: i32 = (0..16)
+                .map(|g| (sc[g] >> 4) as i32 * y.bsums[g] as i32)
+                .sum();
+            acc += f16_at(b, 80) * y.d * sumi as f32 - f16_at(b, 82) * y.d * summ as f32;
+        } else if ty == DotType::Q3K {
+            let sc = q3_scales(&b[96..108]);
+            let sumi: i32 = (0..16)
+                .map(|g| (sc[g] as i32 - 32) * (sums(g, 16) - 4 * y.bsums[g] as i32))
+                .sum();
+            acc += f16_at(b, 108) * y.d * sumi as f32;
+        } else if ty == DotType::Q6K {
             let sc = &b[192..208];
             let sumi: i32 = (0..16)
                 .map(|g| sc[g] as i8 as i32 * (sums(g, 16) - 32 * y.bsums[g] as i32))
@@ -564,6 +621,104 @@ mod avx2 {
         std::array::from_fn(|r| hsum(acc[r]) - 32.0 * offsets[r])
     }
 
+    /// Q2_K (`three` false) or Q3_K against Q8_K, one weight row against `R` activation rows:
+    /// per 32 values (2 bits of 32 bytes, and Q3_K's third bits), decoded once, times each row's
+    /// activations in byte pairs, times two groups' scales in i32 lanes; Q2_K's mins and Q3_K's
+    /// offset of 4 through the activations' sums of 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q23_k<const R: usize>(three: bool, w: &[u8], x: [&[Q8K]; R]) -> [f32; R] {
+        let bytes = if three { 110 } else { 84 };
+        let blocks = x.iter().fold(w.len() / bytes, |n, r| n.min(r.len()));
+        let x = x.map(|r| &r[..blocks]);
+        let m2 = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut after = [0f32; R];
+        for (i, b) in w.chunks_exact(bytes).take(blocks).enumerate() {
+            prefetch(b.as_ptr().wrapping_add(PREFETCH));
+            // Scales (Q3_K's less 32) and Q2_K's mins, per 16-value group (loops, not `map`:
+            // a closure here would not be inlined into this function's target features).
+            let (mut sc, mut mn) = ([0i16; 16], [0i16; 16]);
+            if three {
+                // The 6-bit scales as 4 words of 4 bytes: low nibbles of words 0 and 1, then
+                // their high nibbles; the top bit pairs from word 2.
+                let word = |i: usize| {
+                    u32::from_le_bytes(b[96 + 4 * i..100 + 4 * i].try_into().expect("4"))
+                };
+                let (a0, a1, top) = (word(0), word(1), word(2));
+                let (m4, m2) = (0x0F0F_0F0F, 0x0303_0303);
+                let words = _mm_set_epi32(
+                    (((a1 >> 4) & m4) | ((top >> 6) & m2) << 4) as i32,
+                    (((a0 >> 4) & m4) | ((top >> 4) & m2) << 4) as i32,
+                    ((a1 & m4) | ((top >> 2) & m2) << 4) as i32,
+                    ((a0 & m4) | (top & m2) << 4) as i32,
+                );
+                let scales = _mm256_sub_epi16(_mm256_cvtepu8_epi16(words), _mm256_set1_epi16(32));
+                // SAFETY: `sc` holds 16 i16.
+                unsafe { _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, scales) };
+            } else {
+                // SAFETY: `b` holds the block's 84 bytes, the scales its first 16.
+                let bytes = unsafe { _mm_loadu_si128(b.as_ptr() as *const __m128i) };
+                let m4 = _mm_set1_epi8(0x0F);
+                let low = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, m4));
+                let high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4));
+                // SAFETY: each array holds 16 i16.
+                unsafe {
+                    _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, low);
+                    _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, high);
+                }
+            }
+            let (d, dmin) = if three {
+                (f16_pair(b, 106).1, 0.0)
+            } else {
+                f16_pair(b, 80)
+            };
+            let qs = if three { &b[32..96] } else { &b[16..80] };
+            let hm = if three {
+                load32(&b[..32])
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for n in 0..2 {
+                let bits = load32(&qs[32 * n..]);
+                for j in 0..4 {
+                    let shift = _mm_cvtsi32_si128(2 * j as i32);
+                    let mut q = _mm256_and_si256(_mm256_srl_epi16(bits, shift), m2);
+                    if three {
+                        let bit = _mm256_set1_epi8(1 << (4 * n + j));
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                        q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+                    }
+                    let g = 8 * n + 2 * j;
+                    let scales = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+                    for r in 0..R {
+                        let yv = load32_i8(&x[r][i].qs[128 * n + 32 * j..]);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), scales);
+                        sumi[r] = _mm256_add_epi32(sumi[r], p);
+                    }
+                }
+            }
+            for r in 0..R {
+                let y = &x[r][i];
+                let sums = _mm256_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), sums, acc[r]);
+                // Q2_K: Σ min·(sum of 16); Q3_K: 4·Σ scale·(sum of 16).
+                let by = if three { &sc } else { &mn };
+                // SAFETY: both hold 16 i16.
+                let s = unsafe {
+                    let by = _mm256_loadu_si256(by.as_ptr() as *const __m256i);
+                    let sums = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                    hsum(_mm256_cvtepi32_ps(_mm256_madd_epi16(by, sums)))
+                };
+                after[r] += if three { 4.0 * d } else { dmin } * y.d * s;
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]) - after[r])
+    }
+
     const _: () = assert!(QK_K == 256);
 }
 
@@ -574,13 +729,15 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Module, Tensor};
 
-    const TYPES: [(DotType, GgmlDType); 6] = [
+    const TYPES: [(DotType, GgmlDType); 8] = [
         (DotType::Q4_0, GgmlDType::Q4_0),
         (DotType::Q5_0, GgmlDType::Q5_0),
         (DotType::Q5_1, GgmlDType::Q5_1),
         (DotType::Q4K, GgmlDType::Q4K),
         (DotType::Q5K, GgmlDType::Q5K),
         (DotType::Q6K, GgmlDType::Q6K),
+        (DotType::Q2K, GgmlDType::Q2K),
+        (DotType::Q3K, GgmlDType::Q3K),
     ];
 
     /// Weights [n, k] with an offset (so minimums matter), quantized by candle: (bytes, the
