@@ -20,14 +20,15 @@ LMKIT_CUDA_DECODE=0: the GPU's cache attention through composed ops instead of i
 are not whole K-quant super-blocks, so most layers are Q5_0 there, the down projections Q4_K and
 Q6_K); --k-quant runs both on llama.cpp's Q4_K_M quantization of a random-init Llama whose rows are
 whole super-blocks (hidden 2048, FFN 5632, 8 layers, 4 KV heads, SmolLM2's tokenizer; made once under
-~/.cache/lmkit/bench): Q4_K and Q6_K almost everywhere, as in a 7B Q4_K_M file. --gguf FILE runs
-both on any other GGUF file of the model.
+~/.cache/lmkit/bench): Q4_K and Q6_K almost everywhere, as in a 7B Q4_K_M file; --k-quant Q3_K_M
+or --k-quant Q2_K, llama.cpp's quantization of that type (mostly Q3_K; mostly Q2_K with Q3_K and
+Q4_K). --gguf FILE runs both on any other GGUF file of the model.
 --dtype bf16 or f16 (with --f32 or --random, implied) runs lmkit (`generate --dtype`) and
 transformers (`from_pretrained(dtype=...)`) with the weights in that type.
 
 usage: ~/.cache/lmkit/venv/bin/python bench/real_model_bench.py [--rounds 3] [--threads 2]
        [--prompt 512] [--decode 128] [--no-transformers] [--no-llama-cpp] [--f32 | --random]
-       [--q4-k-m | --k-quant | --gguf FILE]
+       [--q4-k-m | --k-quant [Q4_K_M|Q3_K_M|Q2_K] | --gguf FILE]
        [--device cpu|cuda] [--dtype f32|bf16|f16] [--baseline OTHER_LMKIT] [--baseline-env VAR=VALUE]
 """
 import argparse
@@ -91,12 +92,12 @@ K_QUANT_LLAMA = random_llama(2048, 5632, 8, 16, 4, """
 """)
 
 
-def k_quant_gguf(lmkit):
-    """llama.cpp's Q4_K_M of K_QUANT_LLAMA, made once (transformers' random init, written as an f32
-    GGUF by lmkit, quantized by llama.cpp's `llama_model_quantize`)."""
+def k_quant_gguf(lmkit, ftype="Q4_K_M"):
+    """llama.cpp's `ftype` (Q4_K_M, Q3_K_M, Q2_K...) of K_QUANT_LLAMA, made once (transformers'
+    random init, written as an f32 GGUF by lmkit, quantized by llama.cpp's `llama_model_quantize`)."""
     import tempfile
     from long_window_bench import MAKE_MODEL, MODEL
-    out = MODEL.parent / "k-quant-llama-q4_k_m.gguf"
+    out = MODEL.parent / f"k-quant-llama-{ftype.lower()}.gguf"
     if out.exists():
         return out
     if not (MODEL / "config.json").exists():
@@ -107,9 +108,9 @@ def k_quant_gguf(lmkit):
         subprocess.run([sys.executable, "-c", K_QUANT_LLAMA, model, MODEL], check=True)
         subprocess.run([lmkit, "quantize", model, f32, "--type", "f32"], check=True)
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
         params.nthread = 2
-        part = pathlib.Path(tmp) / "q4_k_m.gguf"
+        part = pathlib.Path(tmp) / "part.gguf"
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
             sys.exit(f"llama.cpp could not quantize {f32}")
         part.replace(out)
@@ -221,8 +222,9 @@ def main():
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--q4-k-m", action="store_true", help="llama.cpp's Q4_K_M file of the model (made once)")
-    ap.add_argument("--k-quant", action="store_true",
-                    help="llama.cpp's Q4_K_M file of a random-init Llama of whole super-blocks (made once)")
+    ap.add_argument("--k-quant", nargs="?", const="Q4_K_M", choices=["Q4_K_M", "Q3_K_M", "Q2_K"],
+                    help="llama.cpp's Q4_K_M (or the type given) file of a random-init Llama of whole "
+                    "super-blocks (made once)")
     ap.add_argument("--gguf", help="another GGUF file of the same model (default: the PyPI package's Q4_1 file), "
                     "e.g. one made by llama.cpp's quantize")
     ap.add_argument("--f32", action="store_true", help="lmkit reads the f32 transformers directory, not the GGUF")
@@ -243,7 +245,7 @@ def main():
     if a.q4_k_m:
         a.gguf = q4_k_m_gguf(a.lmkit)
     if a.k_quant:
-        a.gguf = k_quant_gguf(a.lmkit)
+        a.gguf = k_quant_gguf(a.lmkit, a.k_quant)
     gguf = None if a.f32 else (pathlib.Path(a.gguf) if a.gguf else smollm2_gguf())
     model = gguf
     if a.random:

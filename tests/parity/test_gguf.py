@@ -209,7 +209,7 @@ def test_broken_gguf_files_are_refused_by_name(tiny_model, tmp_path, case, needl
     assert "panicked" not in r.stderr
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_quantized_lmkit_llama_runs_in_llama_cpp(lmkit, tmp_path, qtype):
     """An lmkit-trained Llama written by `lmkit quantize`: llama.cpp loads the file, tokenizes as
     lmkit does, and decodes greedily the same 32 tokens as lmkit on the same file. The K-quant

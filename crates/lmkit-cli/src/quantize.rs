@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 #[command(
-    after_help = "Types: f32, f16, q4_0, q4_1, q8_0, q4_k, q5_k, q6_k (k-quants need rows of a multiple of 256 \
+    after_help = "Types: f32, f16, q4_0, q4_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k (k-quants need rows of a multiple of 256 \
 values; tensors whose rows are not are written as q8_0).\n\n\
 Examples:\n  lmkit quantize runs/llama/ llama-q8_0.gguf --type q8_0\n  \
 lmkit quantize SmolLM2-135M-Instruct/ smollm2-q4_1.gguf --type q4_1\n  \

@@ -435,6 +435,8 @@ pub const QUANT_TYPES: &[(&str, GgmlDType, u32)] = &[
     ("q4_0", GgmlDType::Q4_0, 2),
     ("q4_1", GgmlDType::Q4_1, 3),
     ("q8_0", GgmlDType::Q8_0, 7),
+    ("q2_k", GgmlDType::Q2K, 10),
+    ("q3_k", GgmlDType::Q3K, 11),
     ("q4_k", GgmlDType::Q4K, 14),
     ("q5_k", GgmlDType::Q5K, 16),
     ("q6_k", GgmlDType::Q6K, 18),
