@@ -512,7 +512,12 @@ pub fn write_llama(
     };
     let few_bits = matches!(
         dtype,
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q5K
+        GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
     );
     let mut put =
         |gguf: String, t: Tensor, norm: bool, report: &mut QuantizeReport| -> Result<()> {
