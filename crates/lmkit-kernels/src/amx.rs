@@ -57,12 +57,31 @@ impl Lines {
     }
 }
 
-/// The tile input's rows (bf16, whole blocks of 32 rows) on 64-byte boundaries.
+/// The tile input's rows (bf16, whole blocks of 32 rows) on 64-byte boundaries, `ld` values
+/// apart ([`row_stride`]).
 struct Rows {
     lines: Box<[Line]>,
+    ld: usize,
+}
+
+/// Values between the starts of the tile input's rows of `kp` values: kp, or one 64-byte line
+/// more where kp·2 bytes is a multiple of 1 KiB. A tile load reads 16 rows at once, a block of
+/// sums 32: rows 4 KiB apart (a depth of 2048) all fall in one set of the 12-way L1 cache, and
+/// evict each other.
+fn row_stride(kp: usize) -> usize {
+    if kp.is_multiple_of(512) {
+        kp + 32
+    } else {
+        kp
+    }
 }
 
 impl Rows {
+    /// Rows held (whole blocks of 32).
+    fn count(&self) -> usize {
+        self.lines.len() * 32 / self.ld
+    }
+
     fn bf16s(&self) -> &[bf16] {
         // SAFETY: a Line is 32 bf16's bytes with no padding, every one initialised.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.lines.len() * 32) }
@@ -112,21 +131,21 @@ pub fn product(
     }
     let kp = k.next_multiple_of(BLOCK);
     // x's rows padded with zeros to whole tiles: mp rows of kp values.
-    let xa = padded_rows((m, k, kp), |i0, rows| {
-        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(kp)) {
+    let xa = padded_rows((m, k, kp), |i0, rows, ld| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(ld)) {
             for (o, &v) in row.iter_mut().zip(&x[i * k..][..k]) {
                 o.write(v);
             }
         }
     });
-    let (mp, np) = (xa.bf16s().len() / kp, n.next_multiple_of(BLOCK));
+    let (mp, np) = (xa.count(), n.next_multiple_of(BLOCK));
     // Not zeroed first: the product writes every sum.
     let mut sums = Vec::with_capacity(mp * np);
     // SAFETY: `sums` has room for mp rows of np values (every block whole); `run` over all mp
     // rows and np columns, not accumulating, writes each of them before the length covers them.
     unsafe {
         run(
-            xa.bf16s(),
+            &xa,
             (mp, np, kp),
             width,
             (sums.as_mut_ptr(), np),
@@ -272,8 +291,8 @@ unsafe fn rounded_product(
     pack: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &mut Lines) + Sync,
 ) -> Vec<f32> {
     let dp = depth.next_multiple_of(BLOCK);
-    let xa = padded_rows((m, depth, dp), |i0, rows| {
-        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(dp)) {
+    let xa = padded_rows((m, depth, dp), |i0, rows, ld| {
+        for (i, row) in (i0..m).zip(rows.chunks_exact_mut(ld)) {
             crate::half_weights::narrow_bf16_into(&x[i * depth..][..depth], &mut row[..depth]);
         }
     });
@@ -282,7 +301,7 @@ unsafe fn rounded_product(
     // not accumulating, writes each of them before the length covers them.
     unsafe {
         run(
-            xa.bf16s(),
+            &xa,
             (m, cols, dp),
             task_width(cols),
             (out.as_mut_ptr(), cols),
@@ -489,12 +508,12 @@ pub unsafe fn product_f32(
     let xa = if a.trans {
         // A stored [k, m]: each block of 32 rows of `xa` from A's columns i0 .. i0 + 32,
         // transposed 32 × 32 values at a time in the cache.
-        padded_rows((m, k, kp), |i0, rows| {
-            transpose_rows(a, (i0, m, k, kp), rows)
+        padded_rows((m, k, kp), |i0, rows, ld| {
+            transpose_rows(a, (i0, m, k, ld), rows)
         })
     } else {
-        padded_rows((m, k, kp), |i0, rows| {
-            for (i, row) in (i0..m).zip(rows.chunks_exact_mut(kp)) {
+        padded_rows((m, k, kp), |i0, rows, ld| {
+            for (i, row) in (i0..m).zip(rows.chunks_exact_mut(ld)) {
                 crate::half_weights::narrow_bf16_into(&a.data[i * a.ld..][..k], &mut row[..k]);
             }
         })
@@ -502,7 +521,7 @@ pub unsafe fn product_f32(
     // SAFETY: `available` was checked; the caller's guarantee on C.
     unsafe {
         run(
-            xa.bf16s(),
+            &xa,
             (m, n, kp),
             task_width(n),
             (c, ldc),
@@ -513,27 +532,29 @@ pub unsafe fn product_f32(
     true
 }
 
-/// m rows of kp values, then zero rows up to a whole block of 32: a block of 32 rows a task.
-/// `fill(i0, rows)` writes values 0 .. k of each of the block's rows (kp apart) below m while
-/// the block is in the cache; the rest is zeroed here. Each value is written once.
+/// m rows of kp values ([`row_stride`] apart), then zero rows up to a whole block of 32: a
+/// block of 32 rows a task. `fill(i0, rows, ld)` writes values 0 .. k of each of the block's
+/// rows (ld apart) below m while the block is in the cache; the rest is zeroed here. Each value
+/// is written once.
 fn padded_rows(
     (m, k, kp): (usize, usize, usize),
-    fill: impl Fn(usize, &mut [MaybeUninit<bf16>]) + Sync,
+    fill: impl Fn(usize, &mut [MaybeUninit<bf16>], usize) + Sync,
 ) -> Rows {
     use rayon::prelude::*;
-    // kp is a multiple of 32: each row whole lines.
-    let len = m.next_multiple_of(BLOCK) * kp;
+    // kp (so ld) is a multiple of 32: each row whole lines.
+    let ld = row_stride(kp);
+    let len = m.next_multiple_of(BLOCK) * ld;
     let mut lines = Box::<[Line]>::new_uninit_slice(len / 32);
     // SAFETY: the lines' bytes as len bf16, not yet initialised (Line has no padding).
     let xa = unsafe {
         std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<MaybeUninit<bf16>>(), len)
     };
-    xa.par_chunks_mut(BLOCK * kp)
+    xa.par_chunks_mut(BLOCK * ld)
         .enumerate()
         .for_each(|(blk, rows)| {
             let i0 = blk * BLOCK;
-            fill(i0, rows);
-            for (i, row) in (i0..).zip(rows.chunks_exact_mut(kp)) {
+            fill(i0, rows, ld);
+            for (i, row) in (i0..).zip(rows.chunks_exact_mut(ld)) {
                 let from = if i < m { k } else { 0 };
                 for v in &mut row[from..] {
                     v.write(bf16::ZERO);
@@ -544,6 +565,7 @@ fn padded_rows(
         // SAFETY: every value of every line was written above: values 0 .. k of the rows
         // below m by `fill`, the rest here.
         lines: unsafe { lines.assume_init() },
+        ld,
     }
 }
 
@@ -555,7 +577,7 @@ fn padded_rows(
 /// [`available`] is true; `c` is valid for writes of m rows of n values, row i at `c + i·ldc`
 /// (initialised when accumulating).
 unsafe fn run(
-    xa: &[bf16],
+    xa: &Rows,
     (m, n, kp): (usize, usize, usize),
     width: usize,
     (c, ldc): (*mut f32, usize),
@@ -563,7 +585,8 @@ unsafe fn run(
     pack: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &mut Lines) + Sync,
 ) {
     use rayon::prelude::*;
-    let (mp, np) = (xa.len() / kp, n.next_multiple_of(BLOCK));
+    let (mp, np) = (xa.count(), n.next_multiple_of(BLOCK));
+    let (ld, xa) = (xa.ld, xa.bf16s());
     let dst = crate::blas::SharedOut(c);
     (0..np.div_ceil(width)).into_par_iter().for_each_init(
         Lines::default,
@@ -582,7 +605,7 @@ unsafe fn run(
                 unsafe {
                     x86::blocks(
                         xa.as_ptr().add(d0).cast(),
-                        (mp, kp, depth),
+                        (mp, ld, depth),
                         (packed.as_ptr(), 8 * depth),
                         nb,
                         (dst.at(j0), ldc),
@@ -596,14 +619,14 @@ unsafe fn run(
 }
 
 /// Values 0 .. k of rows i0 .. i0 + 32 (those below m) of op(A) = Aᵀ [m×k] (A stored [k, m])
-/// rounded to bf16 into `rows` (32 rows of kp values): A's values i0 .. i0 + 32 of its rows,
+/// rounded to bf16 into `rows` (32 rows `ld` values apart): A's values i0 .. i0 + 32 of its rows,
 /// 32 rows at a time, transposed in the cache.
 fn transpose_rows(
     a: &crate::blas::Operand<f32>,
-    (i0, m, k, kp): (usize, usize, usize, usize),
+    (i0, m, k, ld): (usize, usize, usize, usize),
     rows: &mut [MaybeUninit<bf16>],
 ) {
-    debug_assert_eq!(rows.len(), BLOCK * kp);
+    debug_assert_eq!(rows.len(), BLOCK * ld);
     let count = BLOCK.min(m - i0);
     // block[r][d]: row i0 + r's value p0 + d.
     let mut block = [[bf16::ZERO; BLOCK]; BLOCK];
@@ -613,8 +636,8 @@ fn transpose_rows(
         if count == BLOCK && depth == BLOCK && crate::simd::simd_level() >= 2 {
             let src = &a.data[p0 * a.ld + i0..][..(BLOCK - 1) * a.ld + BLOCK];
             // SAFETY: AVX-512 is there; `src` holds 32 rows of 32 values `a.ld` apart, `rows`
-            // 32 rows of kp ≥ p0 + 32 values.
-            unsafe { x86::transpose_block(src.as_ptr(), a.ld, rows[p0..].as_mut_ptr().cast(), kp) };
+            // 32 rows of ld ≥ p0 + 32 values.
+            unsafe { x86::transpose_block(src.as_ptr(), a.ld, rows[p0..].as_mut_ptr().cast(), ld) };
             continue;
         }
         for d in 0..depth {
@@ -623,7 +646,7 @@ fn transpose_rows(
                 b[d] = bf16::from_bits(crate::half_weights::round_bf16(x));
             }
         }
-        for (b, row) in block.iter().zip(rows.chunks_exact_mut(kp)).take(count) {
+        for (b, row) in block.iter().zip(rows.chunks_exact_mut(ld)).take(count) {
             for (o, &v) in row[p0..p0 + depth].iter_mut().zip(b) {
                 o.write(v);
             }
@@ -966,8 +989,8 @@ pub(crate) fn causal_attention<T: TileValue>(
             let seen = |i0: usize| (o + r0 + i0 + BLOCK).min(keys).next_multiple_of(BLOCK);
             let q = a.rows(a.q.0, Role::Q, si, h)?;
             let ql = a.q.1;
-            let qa = padded_rows((rb, hd, kq), |i0, rows| {
-                for (i, row) in (i0..rb).zip(rows.chunks_exact_mut(kq)) {
+            let qa = padded_rows((rb, hd, kq), |i0, rows, ld| {
+                for (i, row) in (i0..rb).zip(rows.chunks_exact_mut(ld)) {
                     T::to_bf16s(&q[(r0 + i) * ql..][..hd], &mut row[..hd]);
                 }
             });
@@ -980,8 +1003,8 @@ pub(crate) fn causal_attention<T: TileValue>(
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     x86::blocks(
-                        qa.bf16s().as_ptr().add(i0 * kq).cast(),
-                        (BLOCK, kq, kq),
+                        qa.bf16s().as_ptr().add(i0 * qa.ld).cast(),
+                        (BLOCK, qa.ld, kq),
                         (packed.keys.as_ptr(), 8 * kq),
                         cols,
                         (scores.as_mut_ptr().add(i0 * lp), lp),
@@ -997,9 +1020,9 @@ pub(crate) fn causal_attention<T: TileValue>(
                     }
                 }
             }
-            let pa = padded_rows((mq, lp, lp), |i0, rows| {
+            let pa = padded_rows((mq, lp, lp), |i0, rows, ld| {
                 let cols = seen(i0);
-                for (i, row) in (i0..).zip(rows.chunks_exact_mut(lp)) {
+                for (i, row) in (i0..).zip(rows.chunks_exact_mut(ld)) {
                     crate::half_weights::narrow_bf16_into(&scores[i * lp..][..cols], row);
                     row[cols..].fill(MaybeUninit::new(bf16::ZERO));
                 }
@@ -1011,8 +1034,8 @@ pub(crate) fn causal_attention<T: TileValue>(
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     x86::blocks(
-                        pa.bf16s().as_ptr().add(i0 * lp).cast(),
-                        (BLOCK, lp, seen(i0)),
+                        pa.bf16s().as_ptr().add(i0 * pa.ld).cast(),
+                        (BLOCK, pa.ld, seen(i0)),
                         (packed.values.as_ptr(), 8 * packed.np),
                         kq,
                         (sums.as_mut_ptr().add(i0 * kq), kq),
@@ -1428,6 +1451,9 @@ mod tests {
             (70, 130, 388, 64),
             (40, 33, 6, 96),
             (35, 40, 1030, 32),
+            // Depths of a multiple of 512: rows a line further apart than their values.
+            (35, 40, 1024, 32),
+            (33, 64, 512, 64),
         ] {
             let (x, w) = (draw(m * k), draw(n * k));
             let got = product(&x, &w, (m, n, k), width).expect("taken");

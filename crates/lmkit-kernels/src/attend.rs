@@ -525,9 +525,18 @@ mod tests {
             x.to_dtype(dtype).unwrap()
         };
         let (b, h, kv, d) = (2, 6, 2, 40);
-        for (t, s) in [(1, 1), (2, 9), (7, 7), (150, 150), (133, 170), (5, 300)] {
+        // (40, 500): the tiles' probabilities rows of 512 keys, a line further apart.
+        for (t, s) in [
+            (1, 1),
+            (2, 9),
+            (7, 7),
+            (150, 150),
+            (133, 170),
+            (5, 300),
+            (40, 500),
+        ] {
             let q = r(&[b, h, t, d]);
-            let (kb, vb) = (r(&[b, kv, 320, d]), r(&[b, kv, 320, d]));
+            let (kb, vb) = (r(&[b, kv, 512, d]), r(&[b, kv, 512, d]));
             let (k, v) = (kb.narrow(2, 0, s).unwrap(), vb.narrow(2, 0, s).unwrap());
             let attend = if tiles {
                 attend_causal_on_tiles
