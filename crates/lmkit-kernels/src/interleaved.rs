@@ -1068,8 +1068,9 @@ mod kernels {
     }
 
     /// The values of one group (`group`: its bytes), blocks `blocks`, into `sink` (see
-    /// [`emit`]): each value as the tiles' packers of the stored blocks compute it (Q4_K and
-    /// Q5_K: (d·scale)·q − dmin·min; Q6_K: (d·scale)·(q − 32); Q4_1: d·q + m fused; Q5_1:
+    /// [`emit`]): each value as the tiles' packers of the stored blocks compute it (Q2_K, Q4_K
+    /// and Q5_K: (d·scale)·q − dmin·min; Q3_K: (d·(scale − 32))·(q − 4); Q6_K: (d·scale)·(q −
+    /// 32); Q4_1: d·q + m fused; Q5_1:
     /// q·d + m; the others q·d, q less the offset), which is also candle's `to_float` (Q4_1's
     /// q·d is exact in f32, so fused or not is the same).
     ///
@@ -1088,16 +1089,13 @@ mod kernels {
             let block = &group[b * bb..(b + 1) * bb];
             let d = halves16(block, 0);
             let at = i * values;
-            if !kind.super_blocks() {
-                dequantize_block_32(kind, block, d, &mut sink, at);
-                continue;
-            }
             match kind {
                 Kind::Q2K => dequantize_block_23::<false>(block, d, &mut sink, at),
                 Kind::Q3K => dequantize_block_23::<true>(block, d, &mut sink, at),
+                _ if !kind.super_blocks() => dequantize_block_32(kind, block, d, &mut sink, at),
                 _ => {}
             }
-            if matches!(kind, Kind::Q2K | Kind::Q3K) {
+            if !matches!(kind, Kind::Q4K | Kind::Q5K | Kind::Q6K) {
                 continue;
             }
             if kind == Kind::Q6K {
