@@ -821,6 +821,24 @@ mod kernels {
         _mm512_and_si512(shift_right(v, 8 * byte), _mm512_set1_epi32(0xFF))
     }
 
+    /// Σ_j min_j·sums[j] in each row's lane: `mins[h]` holds each row's minimums 4h .. 4h + 4,
+    /// a byte each; `sums` the activations' sums of those sub-blocks (or groups) as 16 bits.
+    /// Minimums 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs, by `vpdpwssd` against pairs of
+    /// the sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn mins_dot(mins: &[__m512i], sums: &[u32]) -> __m512i {
+        let low_words = _mm512_set1_epi32(0x00FF_00FF);
+        let mut m = _mm512_setzero_si512();
+        for (h, mn) in mins.iter().enumerate() {
+            let (a, c) = (4 * h, 4 * h + 1);
+            let pair_even = _mm512_set1_epi32((sums[a] | sums[a + 2] << 16) as i32);
+            let pair_odd = _mm512_set1_epi32((sums[c] | sums[c + 2] << 16) as i32);
+            m = _mm512_dpwssd_epi32(m, _mm512_and_si512(*mn, low_words), pair_even);
+            m = _mm512_dpwssd_epi32(m, _mm512_srli_epi16(*mn, 8), pair_odd);
+        }
+        m
+    }
+
     /// Run 8c + t of a Q4_K (Q5_K: `FIVE`) block's values as bytes: [values 64c + 4t .. + 4
     /// of sub-block 2c, values 64c + 32 + 4t .. + 4 of sub-block 2c + 1] of each row, plus 16
     /// where a fifth bit is set.
@@ -879,7 +897,11 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512bw")]
     fn k23_scales<const THREE: bool>(block: &[u8]) -> [__m512i; 4] {
         if !THREE {
-            return std::array::from_fn(|q| load64(block, 64 + 64 * q));
+            let mut runs = [_mm512_setzero_si512(); 4];
+            for (q, run) in runs.iter_mut().enumerate() {
+                *run = load64(block, 64 + 64 * q);
+            }
+            return runs;
         }
         let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
         let (s0, s1, s2) = (load64(block, 32), load64(block, 96), load64(block, 160));
@@ -1163,7 +1185,6 @@ mod kernels {
         let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
         let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
         let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
-        let low_words = _mm512_set1_epi32(0x00FF_00FF);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1199,17 +1220,7 @@ mod kernels {
                 for (j, s) in sum.iter_mut().enumerate() {
                     *s = (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32) as u16 as u32;
                 }
-                let mut m = _mm512_setzero_si512();
-                for (h, mn) in mins.iter().enumerate() {
-                    // Mins 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs, against those sums.
-                    let even = _mm512_and_si512(*mn, low_words);
-                    let odd = _mm512_srli_epi16(*mn, 8);
-                    let (a, c) = (4 * h, 4 * h + 1);
-                    let pair_even = _mm512_set1_epi32((sum[a] | sum[a + 2] << 16) as i32);
-                    let pair_odd = _mm512_set1_epi32((sum[c] | sum[c + 2] << 16) as i32);
-                    m = _mm512_dpwssd_epi32(m, even, pair_even);
-                    m = _mm512_dpwssd_epi32(m, odd, pair_odd);
-                }
+                let m = mins_dot(&mins, &sum);
                 let yd = _mm512_set1_ps(y.d);
                 let s = _mm512_cvtepi32_ps(sums[r]);
                 acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
@@ -1300,7 +1311,7 @@ mod kernels {
         let bb = GROUP_ROWS * if THREE { 110 } else { 84 };
         let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
         let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
-        let (m4, low_words) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi32(0x00FF_00FF));
+        let m4 = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1309,8 +1320,11 @@ mod kernels {
             for n in 0..2 {
                 for s in 0..2 {
                     // Runs 8n + 4s .. + 4: values 128n + 32j + 16s .. + 16, group 8n + 2j + s.
-                    let runs: [__m512i; 4] =
-                        std::array::from_fn(|i| k23_run::<THREE>(block, 8 * n + 4 * s + i));
+                    // (Loops, not closures: closures here would not take the target features.)
+                    let mut runs = [_mm512_setzero_si512(); 4];
+                    for (i, run) in runs.iter_mut().enumerate() {
+                        *run = k23_run::<THREE>(block, 8 * n + 4 * s + i);
+                    }
                     for j in 0..4 {
                         let g = 8 * n + 2 * j + s;
                         let mut a = [_mm512_setzero_si512(); R];
@@ -1339,16 +1353,14 @@ mod kernels {
                 }
             }
             let d = halves16(block, 0);
-            // Q2_K's mins of groups 4q, 4q + 2 and 4q + 1, 4q + 3 as 16-bit pairs.
-            let mut pairs = [[_mm512_setzero_si512(); 2]; 4];
+            // Q2_K's mins (the scales' high nibbles) and dmin.
+            let mut mins = [_mm512_setzero_si512(); 4];
+            let mut dmin = _mm512_setzero_ps();
             if !THREE {
-                for (p, sc) in pairs.iter_mut().zip(scales) {
-                    let mins = _mm512_and_si512(_mm512_srli_epi16(sc, 4), m4);
-                    *p = [
-                        _mm512_and_si512(mins, low_words),
-                        _mm512_srli_epi16(mins, 8),
-                    ];
+                for (m, sc) in mins.iter_mut().zip(scales) {
+                    *m = _mm512_and_si512(_mm512_srli_epi16(sc, 4), m4);
                 }
+                dmin = halves16(block, 32);
             }
             for r in 0..R {
                 let y = &acts[r][b];
@@ -1356,16 +1368,11 @@ mod kernels {
                 let s = _mm512_cvtepi32_ps(sums[r]);
                 acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
                 if !THREE {
-                    let sum = |g: usize| y.bsums[g] as u16 as u32;
-                    let mut m = _mm512_setzero_si512();
-                    for (q, [even, odd]) in pairs.iter().enumerate() {
-                        let (a, c) = (4 * q, 4 * q + 1);
-                        let pair_even = _mm512_set1_epi32((sum(a) | sum(a + 2) << 16) as i32);
-                        let pair_odd = _mm512_set1_epi32((sum(c) | sum(c + 2) << 16) as i32);
-                        m = _mm512_dpwssd_epi32(m, *even, pair_even);
-                        m = _mm512_dpwssd_epi32(m, *odd, pair_odd);
+                    let mut sum = [0u32; 16];
+                    for (s, &g) in sum.iter_mut().zip(&y.bsums) {
+                        *s = g as u16 as u32;
                     }
-                    let dmin = halves16(block, 32);
+                    let m = mins_dot(&mins, &sum);
                     acc[r] =
                         _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, yd), acc[r]);
                 }

@@ -644,10 +644,12 @@ mod avx2 {
             if three {
                 // The 6-bit scales as 4 words of 4 bytes: low nibbles of words 0 and 1, then
                 // their high nibbles; the top bit pairs from word 2.
-                let word = |i: usize| {
-                    u32::from_le_bytes(b[96 + 4 * i..100 + 4 * i].try_into().expect("4"))
-                };
-                let (a0, a1, top) = (word(0), word(1), word(2));
+                // (No closure here: it would not take this function's target features.)
+                let mut words = [0u32; 3];
+                for (i, w) in words.iter_mut().enumerate() {
+                    *w = u32::from_le_bytes(b[96 + 4 * i..100 + 4 * i].try_into().expect("4"));
+                }
+                let [a0, a1, top] = words;
                 let (m4, m2) = (0x0F0F_0F0F, 0x0303_0303);
                 let words = _mm_set_epi32(
                     (((a1 >> 4) & m4) | ((top >> 6) & m2) << 4) as i32,
