@@ -569,7 +569,7 @@ fn padded_rows(
     }
 }
 
-/// C [m×n] (rows `ldc` apart) = the padded rows `xa` (m rounded up to 32, × kp bf16) by n
+/// C [m×n] (rows `ldc` apart) = the padded rows `xa` (m rounded up to 32, of kp bf16) by n
 /// columns, plus C when `accumulate`, each task of `width` columns packing them with `pack`
 /// first.
 ///
