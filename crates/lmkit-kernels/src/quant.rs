@@ -63,41 +63,148 @@ pub(crate) struct Q8_1 {
     pub(crate) qs: [i8; QK],
 }
 
-crate::simd::simd_versions! {
-    /// ggml's `quantize_row_q8_1_ref`: per block, d = max|x|/127, q = round(x/d), and s = d·Σq,
-    /// with d and s rounded to f16 as the format stores them. (llama.cpp's AVX2 code rounds ties
-    /// to even instead; on the teacher-forcing test's text that agreed less often with
-    /// llama.cpp's top-1 choices, 96.5% against 97.7%, so the reference rounding stays.)
-    pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
-        out.clear();
-        for block in x.chunks_exact(QK) {
-            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(block) {
-                *q = (v * id).round() as i8;
-            }
-            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
-            out.push(Q8_1 {
-                d: f16::from_f32(d).to_f32(),
-                s: f16::from_f32(sum as f32 * d).to_f32(),
-                qs,
-            });
+impl Q8_1 {
+    const ZERO: Q8_1 = Q8_1 {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK],
+    };
+}
+
+/// ggml's `quantize_row_q8_1_ref`: per block, d = max|x|/127, q = round(x/d), and s = d·Σq,
+/// with d and s rounded to f16 as the format stores them; `out` replaced by `x`'s blocks.
+/// (llama.cpp's AVX2 code rounds ties to even instead; on the teacher-forcing test's text that
+/// agreed less often with llama.cpp's top-1 choices, 96.5% against 97.7%, so the reference
+/// rounding stays.)
+#[cfg(test)]
+pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
+    out.clear();
+    out.resize(x.len() / QK, Q8_1::ZERO);
+    quantize_q8_1_into(x, out);
+}
+
+/// [`quantize_q8_1`] into `out`, a block for each 32 values of `x`: on AVX-512 where the CPU has
+/// it (the same bytes and scales).
+fn quantize_q8_1_into(x: &[f32], out: &mut [Q8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::simd_level() == 2 {
+        for (block, q) in x.chunks_exact(QK).zip(out) {
+            // SAFETY: level 2 means the CPU has AVX-512 F, BW, DQ and VL.
+            let (d, sum, qs) = unsafe { avx512::q8_1_block(block) };
+            *q = q8_1_scales(d, sum, qs);
         }
+        return;
+    }
+    for (block, q) in x.chunks_exact(QK).zip(out) {
+        let (d, sum, qs) = q8_1_block(block);
+        *q = q8_1_scales(d, sum, qs);
+    }
+}
+
+/// One Q8_1 block's d, Σq and bytes, one value at a time: the reference the vector code equals,
+/// NaN, infinite and subnormal values included (as Rust's casts treat them).
+pub(crate) fn q8_1_block(block: &[f32]) -> (f32, i32, [i8; QK]) {
+    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, v) in qs.iter_mut().zip(block) {
+        *q = (v * id).round() as i8;
+    }
+    (d, qs.iter().map(|&q| q as i32).sum(), qs)
+}
+
+/// A block from its d, Σq and bytes: d and s = d·Σq rounded to f16 as the format stores them.
+fn q8_1_scales(d: f32, sum: i32, qs: [i8; QK]) -> Q8_1 {
+    Q8_1 {
+        d: f16::from_f32(d).to_f32(),
+        s: f16::from_f32(sum as f32 * d).to_f32(),
+        qs,
     }
 }
 
 /// Every row of `xs` (rows of `k` values, k whole blocks) quantized by [`quantize_q8_1`], the
-/// rows' blocks one after another.
+/// rows' blocks one after another (rows of a prompt on the team's threads).
 pub(crate) fn quantize_rows_q8_1(xs: &[f32], k: usize) -> Vec<Q8_1> {
-    let mut q = Vec::with_capacity(xs.len() / QK);
-    let mut row = Vec::with_capacity(k / QK);
-    for r in xs.chunks_exact(k) {
-        quantize_q8_1(r, &mut row);
-        q.extend_from_slice(&row);
-    }
+    let mut q = vec![Q8_1::ZERO; xs.len() / QK];
+    by_rows(xs, k, &mut q, k / QK, quantize_q8_1_into);
     q
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::QK;
+    use crate::quant_dots::avx512::load16;
+    use std::arch::x86_64::*;
+
+    /// [`super::q8_1_block`] 16 values an instruction: the largest magnitude by `vmaxps` (which,
+    /// as `f32::max`, passes over NaN), each value rounded half away from zero (its truncation,
+    /// plus ±1 where the part cut off is at least a half: exact), clamped to the i8 range (Rust's
+    /// saturating cast; NaN to 0).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, DQ and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(crate) unsafe fn q8_1_block(block: &[f32]) -> (f32, i32, [i8; QK]) {
+        let x = [load16(block, 0), load16(block, 1)];
+        // max(NaN, top) is `top`: the second operand.
+        let top = _mm512_max_ps(_mm512_abs_ps(x[0]), _mm512_setzero_ps());
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x[1]), top));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+        let (low, high) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut qs = [0i8; QK];
+        let mut sum = _mm512_setzero_si512();
+        for (i, x) in x.into_iter().enumerate() {
+            let v = _mm512_mul_ps(x, id);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
+            // ±1 with v's sign.
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(one),
+                _mm512_and_si512(_mm512_castps_si512(v), sign),
+            ));
+            let r = _mm512_mask_add_ps(t, up, t, step);
+            let r = _mm512_min_ps(_mm512_max_ps(r, low), high);
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+            let q = _mm512_maskz_mov_epi32(ordered, _mm512_cvttps_epi32(r));
+            sum = _mm512_add_epi32(sum, q);
+            let out = &mut qs[16 * i..16 * i + 16];
+            // SAFETY: `out` holds 16 bytes.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        }
+        (d, _mm512_reduce_add_epi32(sum), qs)
+    }
+}
+
+/// Values of activations [`by_rows`] quantizes on one thread: the team's hand-off costs more
+/// than this (about 10 µs a row of 2,048 on one core, one value at a time).
+const QUANTIZE_SERIAL_VALUES: usize = 1 << 14;
+
+/// `f(rows of xs, their outputs)` for every row of `xs` (`k` values each; `per_row` outputs
+/// each, in `out`): in pieces on the team's threads where there are more values than
+/// [`QUANTIZE_SERIAL_VALUES`], else at once.
+pub(crate) fn by_rows<T: Send>(
+    xs: &[f32],
+    k: usize,
+    out: &mut [T],
+    per_row: usize,
+    f: impl Fn(&[f32], &mut [T]) + Sync,
+) {
+    let m = xs.len() / k.max(1);
+    if xs.len() <= QUANTIZE_SERIAL_VALUES || m < 2 || per_row == 0 {
+        f(xs, out);
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // A few pieces a thread, each of whole rows.
+    let rows = m.div_ceil(4 * threads).max(1);
+    crate::team::for_each_chunk_mut(out, rows * per_row, |i, piece: &mut [T]| {
+        let first = i * rows * k;
+        f(&xs[first..first + piece.len() / per_row * k], piece)
+    });
 }
 
 /// An f16's bits as f32, in integer and scalar float operations, inline: for one value per block

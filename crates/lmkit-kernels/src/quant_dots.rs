@@ -92,42 +92,135 @@ pub(crate) struct Q8K {
     pub(crate) bsums: [i16; QK_K / 16],
 }
 
-crate::simd::simd_versions! {
-    /// ggml's `quantize_row_q8_K_ref`, appending to `out`: per super-block, the value of largest
-    /// magnitude maps to −127, q = round-half-even(−127·x/max) (at most 127), d = −max/127 (f32).
-    fn quantize_q8_k(x: &[f32], out: &mut Vec<Q8K>) {
-        for block in x.chunks_exact(QK_K) {
-            let (mut max, mut amax) = (0f32, 0f32);
-            for &v in block {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
-            let mut b = Q8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
-            if amax != 0.0 {
-                let iscale = -127.0 / max;
-                for (q, &v) in b.qs.iter_mut().zip(block) {
-                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-                }
-                for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-                    *s = g.iter().map(|&q| q as i16).sum();
-                }
-                b.d = 1.0 / iscale;
-            }
-            out.push(b);
+impl Q8K {
+    const ZERO: Q8K = Q8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
+/// ggml's `quantize_row_q8_K_ref`, appending to `out`: per super-block, the value of largest
+/// magnitude maps to −127, q = round-half-even(−127·x/max) (at most 127), d = −max/127 (f32).
+#[cfg(test)]
+pub(crate) fn quantize_q8_k(x: &[f32], out: &mut Vec<Q8K>) {
+    let start = out.len();
+    out.resize(start + x.len() / QK_K, Q8K::ZERO);
+    quantize_q8_k_into(x, &mut out[start..]);
+}
+
+/// [`quantize_q8_k`] into `out`, a super-block for each 256 values of `x`: on AVX-512 where the
+/// CPU has it (the same bytes and scales).
+fn quantize_q8_k_into(x: &[f32], out: &mut [Q8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::simd_level() == 2 {
+        for (block, q) in x.chunks_exact(QK_K).zip(out) {
+            // SAFETY: level 2 means the CPU has AVX-512 F, BW, DQ and VL.
+            *q = unsafe { avx512::q8_k_block(block) };
         }
+        return;
+    }
+    for (block, q) in x.chunks_exact(QK_K).zip(out) {
+        *q = q8_k_block(block);
     }
 }
 
-/// Rows of `xs` (each of `k` values, a multiple of 256) quantized to Q8_K super-blocks, row after
-/// row.
-pub(crate) fn quantize_rows_q8_k(xs: &[f32], k: usize) -> Vec<Q8K> {
-    let mut q = Vec::with_capacity(xs.len() / QK_K);
-    for r in xs.chunks_exact(k) {
-        quantize_q8_k(r, &mut q);
+/// One Q8_K super-block, one value at a time: the reference the vector code equals, NaN, infinite
+/// and subnormal values included (as Rust's casts treat them).
+fn q8_k_block(block: &[f32]) -> Q8K {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in block {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
     }
+    let mut b = Q8K::ZERO;
+    if amax != 0.0 {
+        let iscale = -127.0 / max;
+        for (q, &v) in b.qs.iter_mut().zip(block) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = g.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+    b
+}
+
+/// Rows of `xs` (each of `k` values, a multiple of 256) quantized to Q8_K super-blocks, row after
+/// row (rows of a prompt on the team's threads).
+pub(crate) fn quantize_rows_q8_k(xs: &[f32], k: usize) -> Vec<Q8K> {
+    let mut q = vec![Q8K::ZERO; xs.len() / QK_K];
+    crate::quant::by_rows(xs, k, &mut q, k / QK_K, quantize_q8_k_into);
     q
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::{Q8K, QK_K};
+    use std::arch::x86_64::*;
+
+    /// [`super::q8_k_block`] 16 values an instruction: the largest magnitude by `vmaxps` (which,
+    /// as the reference's comparison, passes over NaN), the first value of that magnitude, then
+    /// each value's rounding to nearest-even in the float range of an i32 (Rust's saturating
+    /// cast), at most 127, and its low byte (Rust's `as i8`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, DQ and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn q8_k_block(block: &[f32]) -> Q8K {
+        let block = &block[..QK_K];
+        let mut top = _mm512_setzero_ps();
+        for i in 0..16 {
+            // max(NaN, top) is `top`: the second operand.
+            top = _mm512_max_ps(_mm512_abs_ps(load16(block, i)), top);
+        }
+        let amax = _mm512_reduce_max_ps(top);
+        let mut b = Q8K::ZERO;
+        if amax == 0.0 {
+            return b;
+        }
+        let mut max = 0f32;
+        let wanted = _mm512_set1_ps(amax);
+        for i in 0..16 {
+            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(load16(block, i)), wanted);
+            if hit != 0 {
+                max = block[16 * i + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let scale = _mm512_set1_ps(iscale);
+        let (low, high) = (_mm512_set1_ps(-2147483648.0), _mm512_set1_ps(2147483520.0));
+        let top_q = _mm512_set1_epi32(127);
+        for i in 0..16 {
+            let x = _mm512_mul_ps(scale, load16(block, i));
+            // NaN becomes −2³¹ here (`vmaxps` returns its second operand), whose low byte is
+            // the reference's 0.
+            let x = _mm512_min_ps(_mm512_max_ps(x, low), high);
+            let q =
+                _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            let q = _mm512_min_epi32(q, top_q);
+            let bytes = _mm512_cvtepi32_epi8(q);
+            let out = &mut b.qs[16 * i..16 * i + 16];
+            // SAFETY: `out` holds 16 bytes.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), bytes) };
+            // The low bytes' sum, as the reference sums the stored bytes.
+            b.bsums[i] = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(bytes)) as i16;
+        }
+        b.d = 1.0 / iscale;
+        b
+    }
+
+    /// Values 16i .. 16i + 16 of `x`.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn load16(x: &[f32], i: usize) -> __m512 {
+        let v = &x[16 * i..16 * i + 16];
+        // SAFETY: `v` holds 16 f32.
+        unsafe { _mm512_loadu_ps(v.as_ptr()) }
+    }
 }
 
 /// Rows of `xs` (each of `k` values) times a weight [n, k] of type `ty` (its raw blocks)ᵀ against
@@ -899,5 +992,111 @@ mod tests {
             }
         }
         assert!(q[2].d == 0.0 && q[2].qs.iter().all(|&v| v == 0));
+    }
+
+    /// Blocks that reach every branch of the activation quantizers: normal values, ties (every
+    /// value a half step apart with a largest magnitude of 127, so the scale is ±1), the largest
+    /// magnitude twice with both signs, zeros, NaN and infinite values, subnormal values (the
+    /// scale's inverse infinite), `blocks` of 256.
+    fn awkward_activations(blocks: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = crate::testing::randn(0f32, 1.0, blocks * QK_K, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let special: [&dyn Fn(usize) -> f32; 7] = [
+            &|i| (i as f32 - 128.0) * 0.5 + if i % 32 == 3 { 1000.0 } else { 0.0 },
+            &|i| match i {
+                2 => 3.0,
+                10 => -3.0,
+                _ => (i % 7) as f32 * 0.25,
+            },
+            &|_| 0.0,
+            &|i| match i % 50 {
+                0 => f32::NAN,
+                1 => -f32::INFINITY,
+                _ => i as f32,
+            },
+            &|i| (i as f32 - 100.0) * 1e-41,
+            &|i| {
+                if i == 77 {
+                    f32::INFINITY
+                } else {
+                    i as f32 - 3.0
+                }
+            },
+            // NaN in the lane (of 16) where the largest magnitude is, before and after it.
+            &|i| match i {
+                16 => -50.0,
+                _ if i % 32 == 0 => f32::NAN,
+                _ => 1.0,
+            },
+        ];
+        for (b, f) in special.iter().enumerate() {
+            for i in 0..QK_K {
+                x[b * QK_K + i] = f(i);
+            }
+        }
+        // The ties' block: values 127 (its 32-value blocks' largest) and halves.
+        for v in &mut x[..QK_K] {
+            if *v > 900.0 {
+                *v = 127.0;
+            }
+        }
+        x
+    }
+
+    /// The AVX-512 activation quantizers give the reference's bytes, sums and scales to the bit,
+    /// on every kind of block (`awkward_activations`), and quantizing many rows on the team's
+    /// threads gives what row after row gives.
+    #[test]
+    fn vector_activation_quantizers_equal_the_reference() {
+        let x = awkward_activations(10);
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::simd_level() == 2 {
+            for block in x.chunks_exact(QK_K) {
+                let (a, b) = (q8_k_block(block), unsafe { avx512::q8_k_block(block) });
+                assert_eq!(a.d.to_bits(), b.d.to_bits(), "{:?}", &block[..8]);
+                assert_eq!(a.qs, b.qs, "{:?}", &block[..8]);
+                assert_eq!(a.bsums, b.bsums);
+            }
+            for block in x.chunks_exact(QK) {
+                let (a, b) = (crate::quant::q8_1_block(block), unsafe {
+                    crate::quant::avx512::q8_1_block(block)
+                });
+                assert_eq!(a.0.to_bits(), b.0.to_bits(), "{block:?}");
+                assert_eq!((a.1, a.2), (b.1, b.2), "{block:?}");
+            }
+        } else {
+            eprintln!("no AVX-512: the vector quantizers were not compared");
+        }
+        // Rows: 40 of 512 values (more than one thread's share).
+        let k = 2 * QK_K;
+        let rows = crate::testing::randn(0f32, 1.0, 40 * k, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let all = quantize_rows_q8_k(&rows, k);
+        let all_1 = crate::quant::quantize_rows_q8_1(&rows, k);
+        let (mut one, mut one_1) = (Vec::new(), Vec::new());
+        for r in rows.chunks_exact(k) {
+            quantize_q8_k(r, &mut one);
+            let mut q = Vec::new();
+            quantize_q8_1(r, &mut q);
+            one_1.extend(q);
+        }
+        assert_eq!(all.len(), one.len());
+        for (a, b) in all.iter().zip(&one) {
+            assert_eq!(
+                (a.d.to_bits(), a.qs, a.bsums),
+                (b.d.to_bits(), b.qs, b.bsums)
+            );
+        }
+        assert_eq!(all_1.len(), one_1.len());
+        for (a, b) in all_1.iter().zip(&one_1) {
+            assert_eq!(
+                (a.d.to_bits(), a.s.to_bits(), a.qs),
+                (b.d.to_bits(), b.s.to_bits(), b.qs)
+            );
+        }
     }
 }
