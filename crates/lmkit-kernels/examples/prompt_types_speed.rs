@@ -4,7 +4,8 @@
 //! and `LMKIT_AMX` is not 0, otherwise on the interleaved kernels against 8-bit activations.
 //! Prints each type's median of 15 calls and its multiply-adds per second.
 //!
-//! usage: `cargo run --release -p lmkit-kernels --example prompt_types_speed [-- ROWS]`
+//! usage: `cargo run --release -p lmkit-kernels --example prompt_types_speed [-- ROWS [TYPE]]`
+//! (TYPE as printed, e.g. Q4K: that type alone)
 //! (`LMKIT_AMX=0` for the kernels a CPU without AMX runs)
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -17,6 +18,7 @@ fn main() -> candle_core::Result<()> {
         .nth(1)
         .map(|a| a.parse().expect("a row count"))
         .unwrap_or(128);
+    let only = std::env::args().nth(2);
     let (n, k) = (2048usize, 2048usize);
     let dev = Device::Cpu;
     println!(
@@ -44,6 +46,9 @@ fn main() -> candle_core::Result<()> {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
+        if only.as_ref().is_some_and(|t| *t != format!("{dtype:?}")) {
+            continue;
+        }
         let bytes = QTensor::quantize(&w, dtype)?.data()?.to_vec();
         let Some(packed) = Interleaved::new(&bytes, dtype, n, k) else {
             println!("{dtype:?}: not interleaved on this CPU");

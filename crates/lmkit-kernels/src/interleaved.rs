@@ -137,6 +137,16 @@ impl Kind {
         )
     }
 
+    /// Activation rows the kernels take a pass (each weight block decoded once for them): 8, or
+    /// 4 for Q6_K, whose kernel keeps 4 sums a row (8 rows' would not fit the 32 registers).
+    fn rows_a_pass(self) -> usize {
+        if self == Kind::Q6K {
+            4
+        } else {
+            MAX_ROWS
+        }
+    }
+
     /// Whether blocks hold a minimum m after d (values are v·d + m).
     fn has_min(self) -> bool {
         matches!(self, Kind::Q4_1 | Kind::Q5_1)
@@ -591,10 +601,18 @@ impl Interleaved {
     fn dots(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let blocks = k / self.kind.block_values();
-        let (q, sums, q_k);
+        let (q, sums, q_k, terms);
         let acts = if self.kind.super_blocks() {
             q_k = crate::quant_dots::quantize_rows_q8_k(xs, k);
-            Acts::Super(q_k.chunks_exact(blocks).collect())
+            terms = q_k
+                .iter()
+                .map(|y| block_terms(self.kind, y))
+                .collect::<Vec<_>>();
+            Acts::Super(
+                q_k.chunks_exact(blocks)
+                    .zip(terms.chunks_exact(blocks))
+                    .collect(),
+            )
         } else {
             q = crate::quant::quantize_rows_q8_1(xs, k);
             sums = q
@@ -615,8 +633,8 @@ impl Interleaved {
                 let w = &self.groups[g * group_bytes..(g + 1) * group_bytes];
                 let mut i = 0;
                 while i < m {
-                    let r = (m - i).min(4);
-                    let mut res = [[0f32; GROUP_ROWS]; 4];
+                    let r = (m - i).min(self.kind.rows_a_pass());
+                    let mut res = [[0f32; GROUP_ROWS]; MAX_ROWS];
                     match &acts {
                         Acts::Small(a) => kernels::group(self.kind, w, &a[i..i + r], &mut res[..r]),
                         Acts::Super(a) => {
@@ -670,8 +688,45 @@ pub(crate) enum Sink<'a> {
 enum Acts<'a> {
     /// Q8_1 blocks (the 32-value types) and each block's sum of values.
     Small(Vec<(&'a [Q8_1], &'a [i32])>),
-    /// Q8_K super-blocks (the K-quants).
-    Super(Vec<&'a [Q8K]>),
+    /// Q8_K super-blocks (the K-quants) and each one's [`block_terms`].
+    Super(Vec<(&'a [Q8K], &'a [[i32; 16]])>),
+}
+
+/// What a K-quant kernel needs of an activation super-block's sums of 16, computed once for
+/// every group of weight rows it meets: Q4_K's and Q5_K's sums of each 32-value sub-block, Q2_K's
+/// of each 16-value group, as [`kernels`]' `mins_dot` pairs them (words 2h and 2h + 1: the sums
+/// of sub-blocks 4h, 4h + 2 and of 4h + 1, 4h + 3, 16 bits each); Q3_K's and Q6_K's sums of
+/// each group times −4 and −32, their values' offsets.
+fn block_terms(kind: Kind, y: &Q8K) -> [i32; 16] {
+    let mut t = [0i32; 16];
+    let mut sums = [0u32; 16];
+    match kind {
+        Kind::Q4K | Kind::Q5K => {
+            for (j, s) in sums.iter_mut().take(8).enumerate() {
+                *s = (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32) as u16 as u32;
+            }
+        }
+        Kind::Q2K => {
+            for (s, &b) in sums.iter_mut().zip(&y.bsums) {
+                *s = b as u16 as u32;
+            }
+        }
+        Kind::Q3K | Kind::Q6K => {
+            let offset = if kind == Kind::Q3K { -4 } else { -32 };
+            for (t, &b) in t.iter_mut().zip(&y.bsums) {
+                *t = offset * b as i32;
+            }
+            return t;
+        }
+        _ => return t,
+    }
+    let runs = if kind == Kind::Q2K { 4 } else { 2 };
+    for h in 0..runs {
+        let (a, c) = (4 * h, 4 * h + 1);
+        t[2 * h] = (sums[a] | sums[a + 2] << 16) as i32;
+        t[2 * h + 1] = (sums[c] | sums[c + 2] << 16) as i32;
+    }
+    t
 }
 
 /// The kind a constant names (in the kernels' order).
@@ -687,6 +742,9 @@ const fn kind_of(k: u8) -> Kind {
         _ => Kind::Q6K,
     }
 }
+
+/// The most activation rows the kernels take a pass ([`Kind::rows_a_pass`]).
+const MAX_ROWS: usize = 8;
 
 /// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
 const GROUPS_PER_TASK: usize = 2;
@@ -727,7 +785,11 @@ mod kernels {
                         1 => one::<$k, 1>(w, acts, out),
                         2 => one::<$k, 2>(w, acts, out),
                         3 => one::<$k, 3>(w, acts, out),
-                        _ => one::<$k, 4>(w, acts, out),
+                        4 => one::<$k, 4>(w, acts, out),
+                        5 => one::<$k, 5>(w, acts, out),
+                        6 => one::<$k, 6>(w, acts, out),
+                        7 => one::<$k, 7>(w, acts, out),
+                        _ => one::<$k, 8>(w, acts, out),
                     }
                 }
             };
@@ -744,7 +806,12 @@ mod kernels {
 
     /// One group's 16 outputs of a K-quant type for each of 1–4 activation rows (`acts`: each
     /// row's Q8_K super-blocks), into `out` (one array per row).
-    pub(super) fn group_k(kind: Kind, w: &[u8], acts: &[&[Q8K]], out: &mut [[f32; 16]]) {
+    pub(super) fn group_k(
+        kind: Kind,
+        w: &[u8],
+        acts: &[(&[Q8K], &[[i32; 16]])],
+        out: &mut [[f32; 16]],
+    ) {
         assert!(
             super::available(),
             "the interleaved kernels need AVX-512 VNNI"
@@ -757,7 +824,11 @@ mod kernels {
                         1 => $f::<$($five,)? 1>(w, acts, out),
                         2 => $f::<$($five,)? 2>(w, acts, out),
                         3 => $f::<$($five,)? 3>(w, acts, out),
-                        _ => $f::<$($five,)? 4>(w, acts, out),
+                        4 => $f::<$($five,)? 4>(w, acts, out),
+                        5 => $f::<$($five,)? 5>(w, acts, out),
+                        6 => $f::<$($five,)? 6>(w, acts, out),
+                        7 => $f::<$($five,)? 7>(w, acts, out),
+                        _ => $f::<$($five,)? 8>(w, acts, out),
                     }
                 }
             };
@@ -821,20 +892,28 @@ mod kernels {
         _mm512_and_si512(shift_right(v, 8 * byte), _mm512_set1_epi32(0xFF))
     }
 
-    /// Σ_j min_j·sums[j] in each row's lane: `mins[h]` holds each row's minimums 4h .. 4h + 4,
-    /// a byte each; `sums` the activations' sums of those sub-blocks (or groups) as 16 bits.
-    /// Minimums 4h, 4h + 2 and 4h + 1, 4h + 3 as 16-bit pairs, by `vpdpwssd` against pairs of
-    /// the sums.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn mins_dot(mins: &[__m512i], sums: &[u32]) -> __m512i {
+    /// A block's minimums as `mins_dot` takes them: `mins[h]` holds each row's minimums 4h ..
+    /// 4h + 4, a byte each; pair 2h their minimums 4h, 4h + 2 and pair 2h + 1 minimums 4h + 1,
+    /// 4h + 3, as 16-bit pairs (the pairs after `2 · mins.len()` zero).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn min_pairs(mins: &[__m512i]) -> [__m512i; 8] {
         let low_words = _mm512_set1_epi32(0x00FF_00FF);
-        let mut m = _mm512_setzero_si512();
+        let mut pairs = [_mm512_setzero_si512(); 8];
         for (h, mn) in mins.iter().enumerate() {
-            let (a, c) = (4 * h, 4 * h + 1);
-            let pair_even = _mm512_set1_epi32((sums[a] | sums[a + 2] << 16) as i32);
-            let pair_odd = _mm512_set1_epi32((sums[c] | sums[c + 2] << 16) as i32);
-            m = _mm512_dpwssd_epi32(m, _mm512_and_si512(*mn, low_words), pair_even);
-            m = _mm512_dpwssd_epi32(m, _mm512_srli_epi16(*mn, 8), pair_odd);
+            pairs[2 * h] = _mm512_and_si512(*mn, low_words);
+            pairs[2 * h + 1] = _mm512_srli_epi16(*mn, 8);
+        }
+        pairs
+    }
+
+    /// Σ_j min_j·sums[j] in each row's lane, by `vpdpwssd` of the first `n` of [`min_pairs`]
+    /// against the activations' sums of those sub-blocks (or groups) paired the same way
+    /// ([`super::block_terms`]).
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    fn mins_dot(pairs: &[__m512i; 8], n: usize, sums: &[i32; 16]) -> __m512i {
+        let mut m = _mm512_setzero_si512();
+        for (p, &s) in pairs.iter().zip(sums).take(n) {
+            m = _mm512_dpwssd_epi32(m, *p, _mm512_set1_epi32(s));
         }
         m
     }
@@ -1179,12 +1258,14 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn q45_k<const FIVE: bool, const R: usize>(
         w: &[u8],
-        acts: &[&[Q8K]],
+        acts: &[(&[Q8K], &[[i32; 16]])],
         out: &mut [[f32; 16]],
     ) {
         let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
-        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
+        let blocks =
+            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1213,14 +1294,10 @@ mod kernels {
             }
             let d = halves16(block, 0);
             let dmin = halves16(block, 32);
+            let pairs = min_pairs(&mins);
             for r in 0..R {
                 let y = &acts[r][b];
-                // Each sub-block's activation sum, as 16 bits.
-                let mut sum = [0u32; 8];
-                for (j, s) in sum.iter_mut().enumerate() {
-                    *s = (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32) as u16 as u32;
-                }
-                let m = mins_dot(&mins, &sum);
+                let m = mins_dot(&pairs, 4, &terms[r][b]);
                 let yd = _mm512_set1_ps(y.d);
                 let s = _mm512_cvtepi32_ps(sums[r]);
                 acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
@@ -1240,10 +1317,16 @@ mod kernels {
     /// # Safety
     /// The CPU must have AVX-512 F, BW, VL and VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q6_k<const R: usize>(w: &[u8], acts: &[&[Q8K]], out: &mut [[f32; 16]]) {
+    unsafe fn q6_k<const R: usize>(
+        w: &[u8],
+        acts: &[(&[Q8K], &[[i32; 16]])],
+        out: &mut [[f32; 16]],
+    ) {
         let bb = GROUP_ROWS * 210;
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
-        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
+        let blocks =
+            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1255,9 +1338,10 @@ mod kernels {
                 for part in 0..2 {
                     // (Loops, not closures: closures here would not take the target features.)
                     let mut s = [[_mm512_setzero_si512(); 4]; R];
-                    for (s, y) in s.iter_mut().zip(&acts) {
+                    for (s, t) in s.iter_mut().zip(&terms) {
                         for (q, s) in s.iter_mut().enumerate() {
-                            *s = _mm512_set1_epi32(-32 * y[b].bsums[8 * h + 2 * q + part] as i32);
+                            // −32·the group's activation sum.
+                            *s = _mm512_set1_epi32(t[b][8 * h + 2 * q + part]);
                         }
                     }
                     for t in 4 * part..4 * part + 4 {
@@ -1305,12 +1389,14 @@ mod kernels {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn q23_k<const THREE: bool, const R: usize>(
         w: &[u8],
-        acts: &[&[Q8K]],
+        acts: &[(&[Q8K], &[[i32; 16]])],
         out: &mut [[f32; 16]],
     ) {
         let bb = GROUP_ROWS * if THREE { 110 } else { 84 };
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r]);
-        let blocks = acts.iter().fold(w.len() / bb, |b, x| b.min(x.len()));
+        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
+        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
+        let blocks =
+            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
         let m4 = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
@@ -1329,8 +1415,9 @@ mod kernels {
                         let g = 8 * n + 2 * j + s;
                         let mut a = [_mm512_setzero_si512(); R];
                         if THREE {
-                            for (a, y) in a.iter_mut().zip(&acts) {
-                                *a = _mm512_set1_epi32(-4 * y[b].bsums[g] as i32);
+                            for (a, t) in a.iter_mut().zip(&terms) {
+                                // −4·the group's activation sum.
+                                *a = _mm512_set1_epi32(t[b][g]);
                             }
                         }
                         for (i, &run) in runs.iter().enumerate() {
@@ -1362,17 +1449,14 @@ mod kernels {
                 }
                 dmin = halves16(block, 32);
             }
+            let pairs = min_pairs(&mins);
             for r in 0..R {
                 let y = &acts[r][b];
                 let yd = _mm512_set1_ps(y.d);
                 let s = _mm512_cvtepi32_ps(sums[r]);
                 acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, yd), acc[r]);
                 if !THREE {
-                    let mut sum = [0u32; 16];
-                    for (s, &g) in sum.iter_mut().zip(&y.bsums) {
-                        *s = g as u16 as u32;
-                    }
-                    let m = mins_dot(&mins, &sum);
+                    let m = mins_dot(&pairs, 8, &terms[r][b]);
                     acc[r] =
                         _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, yd), acc[r]);
                 }
@@ -1502,7 +1586,12 @@ mod kernels {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 
-    pub(super) fn group_k(_: Kind, _: &[u8], _: &[&[crate::quant_dots::Q8K]], _: &mut [[f32; 16]]) {
+    pub(super) fn group_k(
+        _: Kind,
+        _: &[u8],
+        _: &[(&[crate::quant_dots::Q8K], &[[i32; 16]])],
+        _: &mut [[f32; 16]],
+    ) {
         unreachable!("interleaved weights are made only where the kernels run")
     }
 
