@@ -9,7 +9,10 @@
 //! block costs a sixteenth of the instructions of a per-row dot product. The arithmetic is
 //! llama.cpp's (8-bit activations: [`crate::quant::quantize_q8_1`] for the 32-value types, Q8_K
 //! super-blocks for the K-quants, with the same integer sums); only the order of the f32 sums
-//! differs from [`crate::quant::ggml_product`].
+//! differs from [`crate::quant::ggml_product`]. Products of several rows (decoding rounds of
+//! several streams; prompts where the CPU has no AMX tiles) decode each weight block once for up
+//! to 8 rows ([`Kind::rows_a_pass`]), and what the K-quant kernels need of each activation
+//! super-block's sums besides its bytes is computed once a product ([`block_terms`]).
 //!
 //! The rearranged weight takes exactly the bytes of the original, which it replaces; products of
 //! [`crate::quant::TILE_MIN_ROWS`] rows or more on CPUs with AMX tiles (prompts) run on the tiles,
@@ -616,9 +619,10 @@ impl Interleaved {
             )
         } else {
             q = crate::quant::quantize_rows_q8_1(xs, k);
+            let offset = self.kind.offset();
             sums = q
                 .iter()
-                .map(|b| b.qs.iter().map(|&v| v as i32).sum())
+                .map(|b| -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>())
                 .collect::<Vec<i32>>();
             Acts::Small(
                 q.chunks_exact(blocks)
@@ -687,7 +691,8 @@ pub(crate) enum Sink<'a> {
 
 /// Rows of activations quantized for a product: each row's blocks.
 enum Acts<'a> {
-    /// Q8_1 blocks (the 32-value types) and each block's sum of values.
+    /// Q8_1 blocks (the 32-value types) and each block's sum of values times −(the weights'
+    /// offset, [`Kind::offset`]).
     Small(Vec<(&'a [Q8_1], &'a [i32])>),
     /// Q8_K super-blocks (the K-quants) and each one's [`block_terms`].
     Super(Vec<(&'a [Q8K], &'a [[i32; 16]])>),
@@ -771,8 +776,8 @@ mod kernels {
         }
     }
 
-    /// One group's 16 outputs for each of 1–4 activation rows (`acts`: each row's blocks and
-    /// their sums of values), into `out` (one array per row).
+    /// One group's 16 outputs for each of 1–8 activation rows (`acts`: each row's blocks and
+    /// their sums of values times −the offset), into `out` (one array per row).
     pub(super) fn group(kind: Kind, w: &[u8], acts: &[(&[Q8_1], &[i32])], out: &mut [[f32; 16]]) {
         assert!(
             super::available(),
@@ -805,8 +810,8 @@ mod kernels {
         }
     }
 
-    /// One group's 16 outputs of a K-quant type for each of 1–4 activation rows (`acts`: each
-    /// row's Q8_K super-blocks), into `out` (one array per row).
+    /// One group's 16 outputs of a K-quant type for each of 1–8 activation rows (`acts`: each
+    /// row's Q8_K super-blocks and their [`super::block_terms`]), into `out` (one array per row).
     pub(super) fn group_k(
         kind: Kind,
         w: &[u8],
@@ -1522,8 +1527,11 @@ mod kernels {
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
-            let mut even: [__m512i; R] =
-                std::array::from_fn(|r| _mm512_set1_epi32(-kind.offset() * acts[r].1[b]));
+            // From −offset·the activations' sum (loops, not closures: see `q23_k`).
+            let mut even = [_mm512_setzero_si512(); R];
+            for (e, a) in even.iter_mut().zip(&acts) {
+                *e = _mm512_set1_epi32(a.1[b]);
+            }
             let mut odd = [_mm512_setzero_si512(); R];
             if kind == Kind::Q8_0 {
                 for j in (0..8).step_by(2) {
@@ -1717,8 +1725,9 @@ mod tests {
     }
 
     /// The interleaved kernels give the per-row 8-bit dot products' outputs (the same arithmetic)
-    /// up to the order of f32 sums: 1–9 input rows (the kernels' 1–4-row passes, a serial product
-    /// and the team's) and 19 (rayon's pool), whole groups and a tail of 5 rows.
+    /// up to the order of f32 sums: 1–9 input rows (the kernels' passes of 1–8 rows, 4 for Q5_K and
+    /// Q6_K, a serial product and the team's) and 19 (rayon's pool), whole groups and a tail of 5
+    /// rows.
     #[test]
     fn products_equal_the_per_row_dot_products() {
         if !available() {
