@@ -1386,9 +1386,10 @@ mod kernels {
 
     /// Q2_K (Q3_K: `THREE`): per 16-value group g, each row's integer dot products (`vpdpbusd`
     /// of the unsigned 2-bit values, Q3_K's 3-bit ones from −4·the activations' sum of the group:
-    /// the offset) times its scale (`vpmulld`; Q3_K's less 32), summed in i32; Q2_K's mins'
-    /// term Σ min_g·(the activations' sum of group g) by `vpdpwssd` of the mins against the sums
-    /// in 16-bit pairs; then d·y.d·sums (− dmin·y.d·mins), as llama.cpp's.
+    /// the offset) times its scale (Q3_K's less 32), two groups' at once by `vpdpwssd` of their
+    /// sums as 16-bit pairs, summed in i32; Q2_K's mins' term Σ min_g·(the activations' sum of
+    /// group g) by `vpdpwssd` of the mins against the sums in 16-bit pairs; then d·y.d·sums (−
+    /// dmin·y.d·mins), as llama.cpp's.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW, VL and VNNI.
@@ -1417,30 +1418,58 @@ mod kernels {
                     for (i, run) in runs.iter_mut().enumerate() {
                         *run = k23_run::<THREE>(block, 8 * n + 4 * s + i);
                     }
-                    for j in 0..4 {
+                    // Groups g and g + 2 (j and j + 1) together: each one's dot products fit
+                    // 16 bits (Q2_K |Σ| ≤ 16·3·127, Q3_K's with its offset ≤ 16·4·127), so
+                    // both are scaled by one `vpdpwssd` of the pair against their scales'.
+                    for jp in 0..2 {
+                        let j = 2 * jp;
                         let g = 8 * n + 2 * j + s;
-                        let mut a = [_mm512_setzero_si512(); R];
+                        let mut a = [[_mm512_setzero_si512(); R]; 2];
                         if THREE {
-                            for (a, t) in a.iter_mut().zip(&terms) {
-                                // −4·the group's activation sum.
-                                *a = _mm512_set1_epi32(t[b][g]);
+                            for (h, a) in a.iter_mut().enumerate() {
+                                for (a, t) in a.iter_mut().zip(&terms) {
+                                    // −4·the group's activation sum.
+                                    *a = _mm512_set1_epi32(t[b][g + 2 * h]);
+                                }
                             }
                         }
                         for (i, &run) in runs.iter().enumerate() {
-                            let v = k23_values::<THREE>(block, run, 8 * n + 4 * s + i, j);
+                            let u = 8 * n + 4 * s + i;
+                            let v = [
+                                k23_values::<THREE>(block, run, u, j),
+                                k23_values::<THREE>(block, run, u, j + 1),
+                            ];
                             for r in 0..R {
-                                let x = quad_at(&acts[r][b].qs, 16 * g + 4 * i);
-                                a[r] = _mm512_dpbusd_epi32(a[r], v, x);
+                                let y = &acts[r][b].qs;
+                                let x =
+                                    [quad_at(y, 16 * g + 4 * i), quad_at(y, 16 * g + 32 + 4 * i)];
+                                a[0][r] = _mm512_dpbusd_epi32(a[0][r], v[0], x[0]);
+                                a[1][r] = _mm512_dpbusd_epi32(a[1][r], v[1], x[1]);
                             }
                         }
-                        let sc = lane_byte(scales[g / 4], g % 4);
-                        let sc = if THREE {
-                            _mm512_sub_epi32(sc, _mm512_set1_epi32(32))
-                        } else {
-                            _mm512_and_si512(sc, _mm512_set1_epi32(0x0F))
-                        };
-                        for (sum, a) in sums.iter_mut().zip(a) {
-                            *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(a, sc));
+                        // The two groups' scales as the low and high 16 bits of each lane.
+                        let mut sc = [_mm512_setzero_si512(); 2];
+                        for (h, sc) in sc.iter_mut().enumerate() {
+                            let g = g + 2 * h;
+                            let v = lane_byte(scales[g / 4], g % 4);
+                            *sc = if THREE {
+                                _mm512_sub_epi32(v, _mm512_set1_epi32(32))
+                            } else {
+                                _mm512_and_si512(v, _mm512_set1_epi32(0x0F))
+                            };
+                        }
+                        let pair = _mm512_mask_blend_epi16(
+                            0xAAAA_AAAA,
+                            sc[0],
+                            _mm512_slli_epi32::<16>(sc[1]),
+                        );
+                        for r in 0..R {
+                            let both = _mm512_mask_blend_epi16(
+                                0xAAAA_AAAA,
+                                a[0][r],
+                                _mm512_slli_epi32::<16>(a[1][r]),
+                            );
+                            sums[r] = _mm512_dpwssd_epi32(sums[r], both, pair);
                         }
                     }
                 }
