@@ -10,7 +10,6 @@
 
 use candle_core::{Device, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -462,8 +461,6 @@ fn dot4(ty: QType, w: &[u8], x: [&[Q8_1]; 4]) -> [f32; 4] {
 const COLUMNS_PER_TASK: usize = 32;
 /// Products (rows × columns × depth) below which one thread does the whole product.
 const PARALLEL_MIN_PRODUCTS: usize = 1 << 16;
-/// Input rows up to which a product runs on [`crate::team`] rather than rayon's pool.
-const TEAM_MAX_ROWS: usize = 16;
 
 /// x [.., k] (f32, CPU) times a weight [n, k] of type `ty` (its raw blocks, row-major)ᵀ: [.., n].
 pub fn quant_matmul(
@@ -747,8 +744,10 @@ pub(crate) fn tiled_product<A: Sync>(
 /// row-major [m, its columns], by `tile(t, out)`. One input row (a decoding step): each task
 /// writes its slice of the result, on the polling team — these products come a hundred or more
 /// to a step, and waking rayon's sleeping threads for each costs more than the split gains. More
-/// rows: the tasks' outputs are gathered (on the team up to [`TEAM_MAX_ROWS`] rows, rayon's pool
-/// beyond). Small products run on one thread.
+/// rows: the tasks' outputs are gathered, on the team too (prompts' products on rayon's pool,
+/// while the team's helpers still polled from the activations' quantization or a step before,
+/// ran at 0.6x: the two pools' threads took turns on the cores). Small products run on one
+/// thread.
 pub(crate) fn column_tasks(
     (m, n, k): (usize, usize, usize),
     per_task: usize,
@@ -776,10 +775,8 @@ pub(crate) fn column_tasks(
     };
     let tiles: Vec<Vec<f32>> = if serial {
         (0..tasks).map(make).collect()
-    } else if m <= TEAM_MAX_ROWS {
-        crate::team::map(tasks, make)
     } else {
-        (0..tasks).into_par_iter().map(make).collect()
+        crate::team::map(tasks, make)
     };
     for (t, tile) in tiles.iter().enumerate() {
         let c0 = t * per_task;
