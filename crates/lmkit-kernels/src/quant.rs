@@ -94,14 +94,23 @@ fn quantize_q8_1_into(x: &[f32], out: &mut [Q8_1]) {
         }
         return;
     }
-    for (block, q) in x.chunks_exact(QK).zip(out) {
-        let (d, sum, qs) = q8_1_block(block);
-        *q = q8_1_scales(d, sum, qs);
+    quantize_q8_1_values(x, out);
+}
+
+crate::simd::simd_versions! {
+    /// [`quantize_q8_1_into`] one value at a time (compiled for AVX2 too, where the compiler
+    /// vectorises what it can).
+    fn quantize_q8_1_values(x: &[f32], out: &mut [Q8_1]) {
+        for (block, q) in x.chunks_exact(QK).zip(out) {
+            let (d, sum, qs) = q8_1_block(block);
+            *q = q8_1_scales(d, sum, qs);
+        }
     }
 }
 
 /// One Q8_1 block's d, Σq and bytes, one value at a time: the reference the vector code equals,
 /// NaN, infinite and subnormal values included (as Rust's casts treat them).
+#[inline(always)]
 pub(crate) fn q8_1_block(block: &[f32]) -> (f32, i32, [i8; QK]) {
     let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;

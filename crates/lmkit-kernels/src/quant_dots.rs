@@ -120,13 +120,22 @@ fn quantize_q8_k_into(x: &[f32], out: &mut [Q8K]) {
         }
         return;
     }
-    for (block, q) in x.chunks_exact(QK_K).zip(out) {
-        *q = q8_k_block(block);
+    quantize_q8_k_values(x, out);
+}
+
+crate::simd::simd_versions! {
+    /// [`quantize_q8_k_into`] one value at a time (compiled for AVX2 too, where the compiler
+    /// vectorises the rounding: without SSE4.1 it is a library call per value).
+    fn quantize_q8_k_values(x: &[f32], out: &mut [Q8K]) {
+        for (block, q) in x.chunks_exact(QK_K).zip(out) {
+            *q = q8_k_block(block);
+        }
     }
 }
 
 /// One Q8_K super-block, one value at a time: the reference the vector code equals, NaN, infinite
 /// and subnormal values included (as Rust's casts treat them).
+#[inline(always)]
 fn q8_k_block(block: &[f32]) -> Q8K {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in block {
