@@ -7,7 +7,7 @@
 //!
 //! usage: `cargo run --release -p lmkit-kernels --example dot_types_speed`
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::borrow::Cow;
 use std::time::Instant;
@@ -28,18 +28,7 @@ fn main() -> candle_core::Result<()> {
         .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
         .collect();
     let xt = Tensor::from_slice(&x, (1, k), &dev)?;
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-    ] {
+    for dtype in lmkit_kernels::interleaved::TYPES {
         let bytes = QTensor::quantize(&w, dtype)?.data()?.to_vec();
         // Copies enough that each call reads its weight from memory.
         let copies = (96usize << 20).div_ceil(bytes.len());

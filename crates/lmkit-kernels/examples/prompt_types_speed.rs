@@ -8,7 +8,7 @@
 //! (TYPE as printed, e.g. Q4K: that type alone)
 //! (`LMKIT_AMX=0` for the kernels a CPU without AMX runs)
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use lmkit_kernels::interleaved::Interleaved;
 use std::time::Instant;
@@ -34,18 +34,7 @@ fn main() -> candle_core::Result<()> {
     let x: Vec<f32> = (0..m * k)
         .map(|i| ((i * 7919) % 113) as f32 / 113.0 - 0.5)
         .collect();
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in lmkit_kernels::interleaved::TYPES {
         if only.as_ref().is_some_and(|t| *t != format!("{dtype:?}")) {
             continue;
         }

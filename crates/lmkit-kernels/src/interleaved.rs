@@ -305,6 +305,21 @@ impl std::fmt::Debug for Interleaved {
     }
 }
 
+/// The block types [`Interleaved::new`] rearranges (each GGUF type lmkit multiplies against
+/// 8-bit activations).
+pub const TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// Whether this CPU multiplies interleaved weights: AVX-512 (F, BW, VL) with VNNI, and
 /// `LMKIT_SIMD` not capping the kernels below AVX-512.
 pub fn available() -> bool {
@@ -1644,19 +1659,6 @@ mod tests {
     use crate::amx::QuantRows;
     use candle_core::quantized::QTensor;
     use candle_core::Device;
-
-    const TYPES: [GgmlDType; 10] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-    ];
 
     /// A depth of `blocks` blocks of `dtype`.
     fn depth(dtype: GgmlDType, blocks: usize) -> usize {
