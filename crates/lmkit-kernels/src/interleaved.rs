@@ -1,5 +1,5 @@
-//! Block-quantized weights with 16 rows interleaved, for decoding steps on CPUs with AVX-512
-//! VNNI: a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the
+//! Block-quantized weights with 16 rows interleaved, for decoding steps and prompts on CPUs with
+//! AVX-512 VNNI, and with AVX2 (the kernels of `avx2`, which read each run as two halves): a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the
 //! K-quants Q2_K to Q6_K (256-value super-blocks) is rearranged once, when it is loaded,
 //! so that the blocks of 16 rows at one depth lie together: their 16 scales side by side, then
 //! their values 4 bytes per row at a time. One 64-byte load then holds 4 values of each of the
@@ -144,6 +144,10 @@ impl Kind {
     /// 4 for Q5_K and Q6_K (measured: 8 rows' sums did not fit the 32 registers of their kernels
     /// and ran 7–15% slower).
     fn rows_a_pass(self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if !vnni() {
+            return avx2::rows_a_pass(self);
+        }
         if matches!(self, Kind::Q6K | Kind::Q5K) {
             4
         } else {
@@ -320,9 +324,20 @@ pub const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q6K,
 ];
 
-/// Whether this CPU multiplies interleaved weights: AVX-512 (F, BW, VL) with VNNI, and
-/// `LMKIT_SIMD` not capping the kernels below AVX-512.
+/// Whether this CPU multiplies interleaved weights: AVX-512 (F, BW, VL) with VNNI ([`vnni`]),
+/// or AVX2 with FMA and F16C (the kernels of `avx2`), as far as `LMKIT_SIMD` allows.
 pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::simd_level() >= 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the products run on the AVX-512 VNNI kernels (AVX-512 F, BW, VL and VNNI, and
+/// `LMKIT_SIMD` not capping the kernels below AVX-512); the AVX2 ones where not.
+pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -560,7 +575,8 @@ impl Interleaved {
             Sink::Lines(out) => out.len() >= GROUP_ROWS * row / 2,
             Sink::Rows(out, len) => *len >= row && out.len() >= GROUP_ROWS * len,
         };
-        if count != GROUP_ROWS
+        if !vnni()
+            || count != GROUP_ROWS
             || !j0.is_multiple_of(GROUP_ROWS)
             || j0 + GROUP_ROWS > self.whole_rows()
             || blocks.end > self.k / values
@@ -570,8 +586,7 @@ impl Interleaved {
         }
         let group_bytes = GROUP_ROWS * self.row_bytes();
         let group = &self.groups[j0 / GROUP_ROWS * group_bytes..][..group_bytes];
-        assert!(available(), "interleaved weights need AVX-512 VNNI");
-        // SAFETY: `available` checked that the CPU has AVX-512 F and BW.
+        // SAFETY: `vnni` checked that the CPU has AVX-512 F and BW.
         unsafe { kernels::dequantize_group(self.kind, group, blocks, sink) };
         true
     }
@@ -623,10 +638,15 @@ impl Interleaved {
         let (q, sums, q_k, terms);
         let acts = if self.kind.super_blocks() {
             q_k = crate::quant_dots::quantize_rows_q8_k(xs, k);
-            terms = q_k
-                .iter()
-                .map(|y| block_terms(self.kind, y))
-                .collect::<Vec<_>>();
+            #[cfg(target_arch = "x86_64")]
+            let of = if vnni() {
+                self.kind
+            } else {
+                avx2::terms_kind(self.kind)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let of = self.kind;
+            terms = q_k.iter().map(|y| block_terms(of, y)).collect::<Vec<_>>();
             Acts::Super(
                 q_k.chunks_exact(blocks)
                     .zip(terms.chunks_exact(blocks))
@@ -771,6 +791,9 @@ const MAX_ROWS: usize = 8;
 const GROUPS_PER_TASK: usize = 2;
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(target_arch = "x86_64")]
 mod kernels {
     use super::{Kind, Sink, GROUP_ROWS};
     use crate::quant::{Q8_1, QK};
@@ -794,13 +817,12 @@ mod kernels {
     /// One group's 16 outputs for each of 1–8 activation rows (`acts`: each row's blocks and
     /// their sums of values times −the offset), into `out` (one array per row).
     pub(super) fn group(kind: Kind, w: &[u8], acts: &[(&[Q8_1], &[i32])], out: &mut [[f32; 16]]) {
-        assert!(
-            super::available(),
-            "the interleaved kernels need AVX-512 VNNI"
-        );
+        if !super::vnni() {
+            return super::avx2::group(kind, w, acts, out);
+        }
         macro_rules! rows {
             ($k:literal) => {
-                // SAFETY: `available` checked that the CPU has AVX-512 F, BW, VL and VNNI.
+                // SAFETY: `vnni` checked that the CPU has AVX-512 F, BW, VL and VNNI.
                 unsafe {
                     match acts.len() {
                         1 => one::<$k, 1>(w, acts, out),
@@ -833,13 +855,12 @@ mod kernels {
         acts: &[(&[Q8K], &[[i32; 16]])],
         out: &mut [[f32; 16]],
     ) {
-        assert!(
-            super::available(),
-            "the interleaved kernels need AVX-512 VNNI"
-        );
+        if !super::vnni() {
+            return super::avx2::group_k(kind, w, acts, out);
+        }
         macro_rules! rows {
             ($f:ident $(, $five:literal)?) => {
-                // SAFETY: `available` checked that the CPU has AVX-512 F, BW, VL and VNNI.
+                // SAFETY: `vnni` checked that the CPU has AVX-512 F, BW, VL and VNNI.
                 unsafe {
                     match acts.len() {
                         1 => $f::<$($five,)? 1>(w, acts, out),
@@ -1727,10 +1748,6 @@ mod tests {
     /// groups and of the tail (put back first), ranges of blocks.
     #[test]
     fn rows_dequantize_as_candle_s() {
-        if !available() {
-            eprintln!("skipped: this CPU lacks AVX-512 VNNI (or LMKIT_SIMD caps it)");
-            return;
-        }
         for dtype in TYPES {
             let (n, k) = (53, depth(dtype, 8));
             let bytes = weights(dtype, n, k);
@@ -1766,7 +1783,7 @@ mod tests {
     #[test]
     fn products_equal_the_per_row_dot_products() {
         if !available() {
-            eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+            eprintln!("skipped: this CPU lacks AVX2 (or LMKIT_SIMD caps it)");
             return;
         }
         for dtype in TYPES {
@@ -1787,6 +1804,93 @@ mod tests {
                         );
                     }
                     assert_eq!(w.product(&xs).unwrap().len(), m * n);
+                }
+            }
+        }
+    }
+
+    /// The AVX2 kernels give the AVX-512 VNNI kernels' outputs to the bit (the same integer sums,
+    /// the same f32 steps) for 1–4 activation rows: weights of normal values, and weights whose
+    /// values are all at the top (or the bottom) of their range, their f16 scales 1, against rows
+    /// whose 8-bit activations are all −128 (or −127), +127 or normal — the extremes of each
+    /// kernel's sums in 16 bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_equal_the_avx512_ones() {
+        if !vnni() {
+            eprintln!("skipped: this CPU lacks AVX-512 VNNI (or LMKIT_SIMD caps it)");
+            return;
+        }
+        let bits = |v: &[[f32; 16]]| {
+            v.iter()
+                .flatten()
+                .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                .collect::<Vec<_>>()
+        };
+        for dtype in TYPES {
+            let kind = Kind::of(dtype).unwrap();
+            let (n, k) = (16, depth(dtype, 3));
+            let normal = weights(dtype, n, k);
+            let mut patterns = vec![normal.clone()];
+            for byte in [0xFF, 0x80] {
+                // Every byte `byte`, but the f16 scales (and minimums) 1.
+                let mut w = vec![byte; normal.len()];
+                for block in w.chunks_exact_mut(kind.block_bytes()) {
+                    for seg in kind.segments() {
+                        if let Seg::Halves { src, .. } = *seg {
+                            block[src..src + 2].copy_from_slice(&0x3C00u16.to_le_bytes());
+                        }
+                    }
+                }
+                patterns.push(w);
+            }
+            let mut xs = inputs(1, k);
+            xs.extend(std::iter::repeat_n(-1.0, k));
+            xs.extend(std::iter::repeat_n(-1e-40, k));
+            xs.extend(std::iter::repeat_n(1.0, k));
+            let m = 4;
+            for (p, bytes) in patterns.iter().enumerate() {
+                let w = Interleaved::rearranged(bytes, dtype, n, k).unwrap();
+                let mut wide = [[0f32; 16]; 4];
+                let mut narrow = [[0f32; 16]; 4];
+                for rows in [1, 2, 3, 4] {
+                    // The rows from the last (the extremes first).
+                    let xs = &xs[(m - rows) * k..];
+                    if kind.super_blocks() {
+                        let q = crate::quant_dots::quantize_rows_q8_k(xs, k);
+                        let of = |kind| q.iter().map(|y| block_terms(kind, y)).collect::<Vec<_>>();
+                        let (t_wide, t_narrow) = (of(kind), of(avx2::terms_kind(kind)));
+                        let blocks = k / QK_K;
+                        let a_wide: Vec<(&[Q8K], &[[i32; 16]])> = q
+                            .chunks_exact(blocks)
+                            .zip(t_wide.chunks_exact(blocks))
+                            .collect();
+                        let a_narrow: Vec<(&[Q8K], &[[i32; 16]])> = q
+                            .chunks_exact(blocks)
+                            .zip(t_narrow.chunks_exact(blocks))
+                            .collect();
+                        kernels::group_k(kind, &w.groups, &a_wide, &mut wide[..rows]);
+                        avx2::group_k(kind, &w.groups, &a_narrow, &mut narrow[..rows]);
+                    } else {
+                        let q = crate::quant::quantize_rows_q8_1(xs, k);
+                        let offset = kind.offset();
+                        let sums = q
+                            .iter()
+                            .map(|b| -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+                            .collect::<Vec<i32>>();
+                        let blocks = k / QK;
+                        let acts = q
+                            .chunks_exact(blocks)
+                            .zip(sums.chunks_exact(blocks))
+                            .collect::<Vec<_>>();
+                        kernels::group(kind, &w.groups, &acts, &mut wide[..rows]);
+                        avx2::group(kind, &w.groups, &acts, &mut narrow[..rows]);
+                    }
+                    assert_eq!(
+                        bits(&narrow[..rows]),
+                        bits(&wide[..rows]),
+                        "{dtype:?} weights {p}, {rows} rows"
+                    );
                 }
             }
         }
