@@ -106,7 +106,7 @@ pub fn available() -> bool {
 }
 
 /// Whether an `LMKIT_AMX` value turns the tiles off: `0` or `off` (any case, spaces around).
-fn turned_off(value: Option<String>) -> bool {
+pub(crate) fn turned_off(value: Option<String>) -> bool {
     value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "off"))
 }
 

@@ -1809,8 +1809,9 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernels give the AVX-512 VNNI kernels' outputs to the bit (the same integer sums,
-    /// the same f32 steps) for 1–4 activation rows: weights of normal values, and weights whose
+    /// The AVX2 kernels, with AVX-VNNI (where the CPU has it) and without, give the AVX-512 VNNI
+    /// kernels' outputs to the bit (the same integer sums, the same f32 steps) for 1–4 activation
+    /// rows: weights of normal values, and weights whose
     /// values are all at the top (or the bottom) of their range, their f16 scales 1, against rows
     /// whose 8-bit activations are all −128 (or −127), +127 or normal — the extremes of each
     /// kernel's sums in 16 bits.
@@ -1849,11 +1850,15 @@ mod tests {
             xs.extend(std::iter::repeat_n(-1e-40, k));
             xs.extend(std::iter::repeat_n(1.0, k));
             let m = 4;
+            let dps = [false, true];
             for (p, bytes) in patterns.iter().enumerate() {
                 let w = Interleaved::rearranged(bytes, dtype, n, k).unwrap();
                 let mut wide = [[0f32; 16]; 4];
                 let mut narrow = [[0f32; 16]; 4];
-                for rows in [1, 2, 3, 4] {
+                for (rows, dp) in [1, 2, 3, 4].into_iter().flat_map(|r| dps.map(|dp| (r, dp))) {
+                    if dp && !avx2::has_avx_vnni() {
+                        continue;
+                    }
                     // The rows from the last (the extremes first).
                     let xs = &xs[(m - rows) * k..];
                     if kind.super_blocks() {
@@ -1870,7 +1875,8 @@ mod tests {
                             .zip(t_narrow.chunks_exact(blocks))
                             .collect();
                         kernels::group_k(kind, &w.groups, &a_wide, &mut wide[..rows]);
-                        avx2::group_k(kind, &w.groups, &a_narrow, &mut narrow[..rows]);
+                        let out = &mut narrow[..rows];
+                        avx2::group_k_as(dp, kind, &w.groups, &a_narrow, out);
                     } else {
                         let q = crate::quant::quantize_rows_q8_1(xs, k);
                         let offset = kind.offset();
@@ -1884,12 +1890,12 @@ mod tests {
                             .zip(sums.chunks_exact(blocks))
                             .collect::<Vec<_>>();
                         kernels::group(kind, &w.groups, &acts, &mut wide[..rows]);
-                        avx2::group(kind, &w.groups, &acts, &mut narrow[..rows]);
+                        avx2::group_as(dp, kind, &w.groups, &acts, &mut narrow[..rows]);
                     }
                     assert_eq!(
                         bits(&narrow[..rows]),
                         bits(&wide[..rows]),
-                        "{dtype:?} weights {p}, {rows} rows"
+                        "{dtype:?} weights {p}, {rows} rows, AVX-VNNI {dp}"
                     );
                 }
             }
