@@ -28,14 +28,15 @@ use std::arch::x86_64::*;
 /// Rows of a group a pass reads (one 256-bit vector's 32-bit lanes).
 const HALF: usize = 8;
 
-/// Activation rows a pass (each weight block decoded once for them; measured on 128 rows, the
-/// best of 4, 6 and 8: more rows than the 16 registers hold spill, but the weights' decoding is
-/// shared by more).
+/// Activation rows a pass (each weight block decoded once for them), with AVX-VNNI or without:
+/// measured on 128 rows, the best of 4, 6 and 8 (more rows than the 16 registers hold spill, but
+/// the weights' decoding is shared by more).
 pub(super) fn rows_a_pass(kind: Kind) -> usize {
-    match kind {
-        Kind::Q5_0 | Kind::Q5_1 => 4,
-        Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0 | Kind::Q4K => 6,
-        Kind::Q2K | Kind::Q3K | Kind::Q5K | Kind::Q6K => 8,
+    match (kind, avx_vnni()) {
+        (Kind::Q4_0 | Kind::Q4_1 | Kind::Q2K | Kind::Q6K, _) => 4,
+        (Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0, false) => 4,
+        (Kind::Q4K, _) | (Kind::Q5K, false) => 6,
+        _ => 8,
     }
 }
 
@@ -601,49 +602,55 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
                 let mut sums = [_mm256_setzero_si256(); R];
-                // Values 128h + 32q + 4t .. + 4 (group 8h + 2q + t / 4): low nibbles of the run at
-                // 4t (q even) or 32 + 4t (q odd) of half h's 64 bytes, the bit pair 2(q) of its
-                // high bits' run 4t.
+                // Values 128h + 32q + 4t .. + 4 (q = 0..4; group 8h + 2q + t / 4): low nibbles of
+                // the runs at 4t and 32 + 4t of half h's 64 bytes, bit pairs from its high bits' run
+                // at 4t (as the AVX-512 `q6_values`).
                 for h in 0..2 {
-                    for q in 0..4 {
-                        for part in 0..2 {
+                    for part in 0..2 {
+                        // The 4 groups' scales (signed), as `scaled` takes them.
+                        let mut scales = [_mm256_setzero_si256(); 4];
+                        for (q, sc) in scales.iter_mut().enumerate() {
                             let g = 8 * h + 2 * q + part;
                             let run = load32(block, 32 + 64 * (g / 4) + o);
-                            let scale = _mm256_srai_epi32::<24>(_mm256_sll_epi32(
+                            let v = _mm256_srai_epi32::<24>(_mm256_sll_epi32(
                                 run,
                                 _mm_cvtsi32_si128(8 * (3 - g % 4) as i32),
                             ));
-                            let scale2 = both_halves(scale);
-                            let mut p = [_mm256_setzero_si256(); R];
-                            for t in 4 * part..4 * part + 4 {
-                                let low = load32(block, 288 + 64 * (16 * h + 8 * (q % 2) + t) + o);
-                                let low = if q < 2 {
-                                    low
-                                } else {
-                                    _mm256_srli_epi16::<4>(low)
-                                };
-                                let bits = load32(block, 2336 + 64 * (8 * h + t) + o);
-                                let top =
-                                    _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - 2 * q as i32));
-                                let top = if q == 3 {
-                                    _mm256_srli_epi16::<2>(bits)
-                                } else {
-                                    top
-                                };
-                                let v = _mm256_or_si256(
+                            *sc = if DP { v } else { both_halves(v) };
+                        }
+                        let mut p = [[_mm256_setzero_si256(); 4]; R];
+                        for t in 4 * part..4 * part + 4 {
+                            let a = load32(block, 288 + 64 * (16 * h + t) + o);
+                            let c = load32(block, 288 + 64 * (16 * h + 8 + t) + o);
+                            let bits = load32(block, 2336 + 64 * (8 * h + t) + o);
+                            let low = [a, c, _mm256_srli_epi16::<4>(a), _mm256_srli_epi16::<4>(c)];
+                            let top = [
+                                _mm256_slli_epi16::<4>(bits),
+                                _mm256_slli_epi16::<2>(bits),
+                                bits,
+                                _mm256_srli_epi16::<2>(bits),
+                            ];
+                            let mut v = [_mm256_setzero_si256(); 4];
+                            for ((v, low), top) in v.iter_mut().zip(low).zip(top) {
+                                *v = _mm256_or_si256(
                                     _mm256_and_si256(low, m4),
                                     _mm256_and_si256(top, m30),
                                 );
-                                for r in 0..R {
-                                    let x = quad_at(&acts[r][b].qs, 128 * h + 32 * q + 4 * t);
-                                    p[r] = dot::<DP>(p[r], v, x);
+                            }
+                            for r in 0..R {
+                                let y = &acts[r][b].qs;
+                                for q in 0..4 {
+                                    let x = quad_at(y, 128 * h + 32 * q + 4 * t);
+                                    p[r][q] = dot::<DP>(p[r][q], v[q], x);
                                 }
-                                // (vpdpbusd's sums are i32: a flush a group.)
-                                if t % 2 == 1 && (!DP || t % 4 == 3) {
-                                    for r in 0..R {
-                                        let s = scaled::<DP>(p[r], scale, scale2);
+                            }
+                            // (vpdpbusd's sums are i32: a flush a group.)
+                            if t % 2 == 1 && (!DP || t % 4 == 3) {
+                                for r in 0..R {
+                                    for q in 0..4 {
+                                        let s = scaled::<DP>(p[r][q], scales[q], scales[q]);
                                         sums[r] = _mm256_add_epi32(sums[r], s);
-                                        p[r] = _mm256_setzero_si256();
+                                        p[r][q] = _mm256_setzero_si256();
                                     }
                                 }
                             }
