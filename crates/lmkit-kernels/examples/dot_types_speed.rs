@@ -2,7 +2,7 @@
 //! type lmkit multiplies against 8-bit activations (`quant::ggml_product`), each weight read
 //! from memory as a decoding step reads it: the median of 3 turns of 41 calls, the weight bytes read per
 //! second, and beside it, in turns between lmkit's, candle's quantized product of the same
-//! weight; for the types lmkit interleaves on CPUs with AVX-512 VNNI
+//! weight; for the types lmkit interleaves on CPUs with AVX2 or AVX-512 VNNI
 //! (`lmkit_kernels::interleaved`, as GGUF layers are loaded there), the interleaved product too.
 //!
 //! usage: `cargo run --release -p lmkit-kernels --example dot_types_speed`

@@ -1,12 +1,13 @@
 //! A prompt's product (128 input rows by default) against a [2048, 2048] weight of each GGUF
 //! block type lmkit interleaves (`lmkit_kernels::interleaved`, as GGUF layers are loaded on CPUs
-//! with AVX-512 VNNI), through `Interleaved::product`: on the AMX tiles where the CPU has them
-//! and `LMKIT_AMX` is not 0, otherwise on the interleaved kernels against 8-bit activations.
+//! with AVX2 or AVX-512 VNNI), through `Interleaved::product`: on the AMX tiles where the CPU has
+//! them and `LMKIT_AMX` is not 0, otherwise on the interleaved kernels against 8-bit activations.
 //! Prints each type's median of 15 calls and its multiply-adds per second.
 //!
 //! usage: `cargo run --release -p lmkit-kernels --example prompt_types_speed [-- ROWS [TYPE]]`
 //! (TYPE as printed, e.g. Q4K: that type alone)
-//! (`LMKIT_AMX=0` for the kernels a CPU without AMX runs)
+//! (`LMKIT_AMX=0` for the kernels a CPU without AMX runs; `LMKIT_SIMD=avx2` for the AVX2 ones,
+//! with AVX-VNNI where the CPU has it, `LMKIT_AVX_VNNI=0` without)
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};

@@ -1,6 +1,8 @@
 //! Block-quantized weights with 16 rows interleaved, for decoding steps and prompts on CPUs with
-//! AVX-512 VNNI, and with AVX2 (the kernels of `avx2`, which read each run as two halves): a weight of one of GGML's 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the
-//! K-quants Q2_K to Q6_K (256-value super-blocks) is rearranged once, when it is loaded,
+//! AVX-512 VNNI, and on CPUs with AVX2 (the kernels of `avx2`, which read each run as two
+//! halves, with AVX-VNNI's `vpdpbusd` where the CPU has it): a weight of one of GGML's 32-value
+//! block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or of the K-quants Q2_K to Q6_K (256-value
+//! super-blocks) is rearranged once, when it is loaded,
 //! so that the blocks of 16 rows at one depth lie together: their 16 scales side by side, then
 //! their values 4 bytes per row at a time. One 64-byte load then holds 4 values of each of the
 //! 16 rows, and one `vpdpbusd` multiplies them by the same 4 activation bytes (broadcast),
@@ -807,7 +809,7 @@ mod kernels {
     /// group's block spans 5–53 lines, more than one prefetch a block and the hardware's (which
     /// stops at each page) keep ahead of.
     #[inline(always)]
-    fn prefetch_block(block: &[u8]) {
+    pub(super) fn prefetch_block(block: &[u8]) {
         let ahead = block.as_ptr().wrapping_add(PREFETCH);
         for line in (0..block.len()).step_by(64) {
             crate::simd::prefetch(ahead.wrapping_add(line));

@@ -395,6 +395,10 @@ unsafe fn one_body<const DP: bool, const K: u8, const R: usize>(
             let o = 32 * half;
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+                if half == 0 {
+                    // (The second pass reads the lines again from the cache.)
+                    super::kernels::prefetch_block(block);
+                }
                 let mut sums = [_mm256_setzero_si256(); R];
                 if kind == Kind::Q8_0 && DP {
                     for j in 0..8 {
@@ -503,6 +507,10 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
             let o = 32 * half;
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+                if half == 0 {
+                    // (The second pass reads the lines again from the cache.)
+                    super::kernels::prefetch_block(block);
+                }
                 // The 6-bit scales and mins of sub-blocks 0..4 and 4..8, a byte each in each lane.
                 let (s0, s1, s2) = (
                     load32(block, 64 + o),
@@ -601,6 +609,10 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
             let o = 32 * half;
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+                if half == 0 {
+                    // (The second pass reads the lines again from the cache.)
+                    super::kernels::prefetch_block(block);
+                }
                 let mut sums = [_mm256_setzero_si256(); R];
                 // Values 128h + 32q + 4t .. + 4 (q = 0..4; group 8h + 2q + t / 4): low nibbles of
                 // the runs at 4t and 32 + 4t of half h's 64 bytes, bit pairs from its high bits' run
@@ -702,6 +714,10 @@ unsafe fn q23_k_body<const DP: bool, const THREE: bool, const R: usize>(
             let o = 32 * half;
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
+                if half == 0 {
+                    // (The second pass reads the lines again from the cache.)
+                    super::kernels::prefetch_block(block);
+                }
                 // The scales, 4 groups a run (group g at byte g % 4 of run g / 4): Q2_K's 4-bit
                 // scale and min a byte, Q3_K's 6-bit scales less 32 (signed bytes).
                 let mut scales = [_mm256_setzero_si256(); 4];

@@ -23,8 +23,8 @@ enum Weight {
     /// the activations and run the quantized dot products; the dense copy is made only when
     /// something asks for the weight itself.
     Quantized(QMatMul, Arc<OnceLock<Tensor>>),
-    /// A block-quantized weight on a CPU with AVX-512 VNNI, its rows interleaved for decoding
-    /// steps' products (see `lmkit_kernels::interleaved`) in place of the blocks as stored; the
+    /// A block-quantized weight on a CPU with AVX2 or AVX-512 VNNI, its rows interleaved for
+    /// decoding steps' and prompts' products (see `lmkit_kernels::interleaved`) in place of the blocks as stored; the
     /// dense copy as for `Quantized`.
     Interleaved(Arc<Interleaved>, Arc<OnceLock<Tensor>>),
 }
