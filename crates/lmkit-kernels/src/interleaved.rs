@@ -772,6 +772,19 @@ fn block_terms(kind: Kind, y: &Q8K) -> [i32; 16] {
     t
 }
 
+/// The first `R` rows of a K-quant kernel's activations, as arrays: each row's Q8_K super-blocks
+/// and their [`block_terms`], and the blocks all of them hold (at most `blocks`, the weight's).
+#[allow(clippy::type_complexity)]
+fn super_rows<'a, const R: usize>(
+    acts: &[(&'a [Q8K], &'a [[i32; 16]])],
+    blocks: usize,
+) -> ([&'a [Q8K]; R], [&'a [[i32; 16]]; R], usize) {
+    let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
+    let rows: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
+    let blocks = (rows.iter().zip(&terms)).fold(blocks, |b, (x, t)| b.min(x.len()).min(t.len()));
+    (rows, terms, blocks)
+}
+
 /// The kind a constant names (in the kernels' order).
 const fn kind_of(k: u8) -> Kind {
     match k {
@@ -1306,10 +1319,7 @@ mod kernels {
         out: &mut [[f32; 16]],
     ) {
         let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1367,10 +1377,7 @@ mod kernels {
         out: &mut [[f32; 16]],
     ) {
         let bb = GROUP_ROWS * 210;
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {
             prefetch_block(block);
@@ -1438,10 +1445,7 @@ mod kernels {
         out: &mut [[f32; 16]],
     ) {
         let bb = GROUP_ROWS * if THREE { 110 } else { 84 };
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let m4 = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, block) in w.chunks_exact(bb).take(blocks).enumerate() {

@@ -373,6 +373,8 @@ fn store<const R: usize>(acc: &[__m256; R], out: &mut [[f32; 16]], half: usize) 
 /// widened to 16 bits and multiplied by `vpmaddwd` (each row's two pairs summed at the block's
 /// end); then d·y.d·sums (+ m·y.s).
 ///
+/// # Safety
+/// Only compiled into the functions of `compiled!`, called where the CPU has their features.
 #[inline(always)]
 unsafe fn one_body<const DP: bool, const K: u8, const R: usize>(
     w: &[u8],
@@ -482,6 +484,8 @@ unsafe fn one_body<const DP: bool, const K: u8, const R: usize>(
 /// scale; the mins' term by `vpmaddwd` of the mins against the activations' sub-block sums in
 /// 16-bit pairs; then d·y.d·sums − dmin·y.d·mins (as the AVX-512 `q45_k`).
 ///
+/// # Safety
+/// Only compiled into the functions of `compiled!`, called where the CPU has their features.
 #[inline(always)]
 unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
     w: &[u8],
@@ -492,10 +496,7 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
     // the features its intrinsics need (the caller checked the CPU has them).
     unsafe {
         let bb = GROUP_ROWS * if FIVE { 176 } else { 144 };
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let (m4, m6, m30) = (
             _mm256_set1_epi8(0x0F),
             _mm256_set1_epi8(63),
@@ -590,6 +591,8 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
 /// term −32·Σ_g scale_g·(the activations' sum of group g) by `vpmaddwd` of the scales against
 /// the sums in 16-bit pairs; then d·y.d·sums (as the AVX-512 `q6_k`).
 ///
+/// # Safety
+/// Only compiled into the functions of `compiled!`, called where the CPU has their features.
 #[inline(always)]
 unsafe fn q6_k_body<const DP: bool, const R: usize>(
     w: &[u8],
@@ -600,10 +603,7 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
     // the features its intrinsics need (the caller checked the CPU has them).
     unsafe {
         let bb = GROUP_ROWS * 210;
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         for half in 0..2 {
             let o = 32 * half;
@@ -695,6 +695,8 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
 /// mins' term by `vpmaddwd` of the scales (mins) against the sums in 16-bit pairs; then
 /// d·y.d·sums (− dmin·y.d·mins), as the AVX-512 `q23_k`.
 ///
+/// # Safety
+/// Only compiled into the functions of `compiled!`, called where the CPU has their features.
 #[inline(always)]
 unsafe fn q23_k_body<const DP: bool, const THREE: bool, const R: usize>(
     w: &[u8],
@@ -705,10 +707,7 @@ unsafe fn q23_k_body<const DP: bool, const THREE: bool, const R: usize>(
     // the features its intrinsics need (the caller checked the CPU has them).
     unsafe {
         let bb = GROUP_ROWS * if THREE { 110 } else { 84 };
-        let terms: [&[[i32; 16]]; R] = std::array::from_fn(|r| acts[r].1);
-        let acts: [&[Q8K]; R] = std::array::from_fn(|r| acts[r].0);
-        let blocks =
-            (acts.iter().zip(&terms)).fold(w.len() / bb, |b, (x, t)| b.min(x.len()).min(t.len()));
+        let (acts, terms, blocks) = super::super_rows::<R>(acts, w.len() / bb);
         let (m3, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(0x0F));
         for half in 0..2 {
             let o = 32 * half;
