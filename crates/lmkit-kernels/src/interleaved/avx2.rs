@@ -368,10 +368,10 @@ fn store<const R: usize>(acc: &[__m256; R], out: &mut [[f32; 16]], half: usize) 
 }
 
 /// The 32-value types (as the AVX-512 `one`): per block, the unsigned values' products with
-/// the activations summed in 16 bits (Q4_0/Q4_1: all 8 of a row's pair sums, ≤ 8·2·15·128;
-/// Q5_0/Q5_1: 4, ≤ 4·2·31·128), widened, from −offset·the activations' sum; Q8_0's values
-/// widened to 16 bits and multiplied by `vpmaddwd` (each row's two pairs summed at the block's
-/// end); then d·y.d·sums (+ m·y.s).
+/// the activations (with `DP` by `vpdpbusd`, in i32; without, in 16 bits: Q4_0/Q4_1 all 8 of a
+/// row's pair sums, ≤ 8·2·15·128, Q5_0/Q5_1 4, ≤ 4·2·31·128, then widened), from −offset·the
+/// activations' sum; without `DP`, Q8_0's values widened to 16 bits and multiplied by
+/// `vpmaddwd` (each row's two pairs summed at the block's end); then d·y.d·sums (+ m·y.s).
 ///
 /// # Safety
 /// Only compiled into the functions of `compiled!`, called where the CPU has their features.
@@ -481,7 +481,7 @@ unsafe fn one_body<const DP: bool, const K: u8, const R: usize>(
 
 /// Q4_K (Q5_K: `FIVE`): per 32-value sub-block, each row's products summed in 16 bits (Q4_K:
 /// all 8 runs, ≤ 8·2·15·128; Q5_K: 4, ≤ 4·2·31·128) and widened against the sub-block's 6-bit
-/// scale; the mins' term by `vpmaddwd` of the mins against the activations' sub-block sums in
+/// scale (with `DP`: summed by `vpdpbusd` in i32, times the scale by `vpmulld`); the mins' term by `vpmaddwd` of the mins against the activations' sub-block sums in
 /// 16-bit pairs; then d·y.d·sums − dmin·y.d·mins (as the AVX-512 `q45_k`).
 ///
 /// # Safety
@@ -587,7 +587,8 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
 }
 
 /// Q6_K: per 16-value group, each row's products of the unsigned 6-bit values summed in 16 bits
-/// (2 runs at a time, ≤ 2·2·63·128) and widened against the group's signed scale; the offset's
+/// (2 runs at a time, ≤ 2·2·63·128) and widened against the group's signed scale (with `DP`:
+/// `vpdpbusd` and `vpmulld`); the offset's
 /// term −32·Σ_g scale_g·(the activations' sum of group g) by `vpmaddwd` of the scales against
 /// the sums in 16-bit pairs; then d·y.d·sums (as the AVX-512 `q6_k`).
 ///
@@ -691,7 +692,7 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
 
 /// Q2_K (Q3_K: `THREE`): per 16-value group, each row's products of the unsigned 2-bit (3-bit)
 /// values summed in 16 bits (4 runs, ≤ 4·2·7·128) and widened against the group's scale (Q3_K's
-/// less 32); Q3_K's offset's term −4·Σ_g scale_g·(the activations' sum of group g) and Q2_K's
+/// less 32; with `DP`: `vpdpbusd` and `vpmulld`); Q3_K's offset's term −4·Σ_g scale_g·(the activations' sum of group g) and Q2_K's
 /// mins' term by `vpmaddwd` of the scales (mins) against the sums in 16-bit pairs; then
 /// d·y.d·sums (− dmin·y.d·mins), as the AVX-512 `q23_k`.
 ///
