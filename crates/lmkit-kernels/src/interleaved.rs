@@ -1816,11 +1816,10 @@ mod tests {
     }
 
     /// The AVX2 kernels, with AVX-VNNI (where the CPU has it) and without, give the AVX-512 VNNI
-    /// kernels' outputs to the bit (the same integer sums, the same f32 steps) for 1–4 activation
-    /// rows: weights of normal values, and weights whose
-    /// values are all at the top (or the bottom) of their range, their f16 scales 1, against rows
-    /// whose 8-bit activations are all −128 (or −127), +127 or normal — the extremes of each
-    /// kernel's sums in 16 bits.
+    /// kernels' outputs to the bit (the same integer sums, the same f32 steps) for 1–8 activation
+    /// rows: weights of normal values, and weights whose values are all at the top (or the
+    /// bottom) of their range, their f16 scales 1, against rows whose 8-bit activations are all
+    /// −128 (or −127), +127 or normal — the extremes of each kernel's sums in 16 bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_kernels_equal_the_avx512_ones() {
@@ -1851,22 +1850,21 @@ mod tests {
                 }
                 patterns.push(w);
             }
-            let mut xs = inputs(1, k);
-            xs.extend(std::iter::repeat_n(-1.0, k));
+            // The extremes first, then normal rows: 8 in all.
+            let mut xs = vec![-1.0; k];
             xs.extend(std::iter::repeat_n(-1e-40, k));
             xs.extend(std::iter::repeat_n(1.0, k));
-            let m = 4;
+            xs.extend(inputs(MAX_ROWS - 3, k));
             let dps = [false, true];
             for (p, bytes) in patterns.iter().enumerate() {
                 let w = Interleaved::rearranged(bytes, dtype, n, k).unwrap();
-                let mut wide = [[0f32; 16]; 4];
-                let mut narrow = [[0f32; 16]; 4];
-                for (rows, dp) in [1, 2, 3, 4].into_iter().flat_map(|r| dps.map(|dp| (r, dp))) {
+                let mut wide = [[0f32; 16]; MAX_ROWS];
+                let mut narrow = [[0f32; 16]; MAX_ROWS];
+                for (rows, dp) in (1..=MAX_ROWS).flat_map(|r| dps.map(|dp| (r, dp))) {
                     if dp && !avx2::has_avx_vnni() {
                         continue;
                     }
-                    // The rows from the last (the extremes first).
-                    let xs = &xs[(m - rows) * k..];
+                    let xs = &xs[..rows * k];
                     if kind.super_blocks() {
                         let q = crate::quant_dots::quantize_rows_q8_k(xs, k);
                         let of = |kind| q.iter().map(|y| block_terms(kind, y)).collect::<Vec<_>>();
