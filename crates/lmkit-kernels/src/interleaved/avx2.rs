@@ -481,8 +481,9 @@ unsafe fn one_body<const DP: bool, const K: u8, const R: usize>(
 
 /// Q4_K (Q5_K: `FIVE`): per 32-value sub-block, each row's products summed in 16 bits (Q4_K:
 /// all 8 runs, ≤ 8·2·15·128; Q5_K: 4, ≤ 4·2·31·128) and widened against the sub-block's 6-bit
-/// scale (with `DP`: summed by `vpdpbusd` in i32, times the scale by `vpmulld`); the mins' term by `vpmaddwd` of the mins against the activations' sub-block sums in
-/// 16-bit pairs; then d·y.d·sums − dmin·y.d·mins (as the AVX-512 `q45_k`).
+/// scale (with `DP`: summed by `vpdpbusd` in i32, times the scale by `vpmulld`); the mins'
+/// term by `vpmaddwd` of the mins against the activations' sub-block sums in 16-bit pairs;
+/// then d·y.d·sums − dmin·y.d·mins (as the AVX-512 `q45_k`).
 ///
 /// # Safety
 /// Only compiled into the functions of `compiled!`, called where the CPU has their features.
@@ -692,9 +693,10 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
 
 /// Q2_K (Q3_K: `THREE`): per 16-value group, each row's products of the unsigned 2-bit (3-bit)
 /// values summed in 16 bits (4 runs, ≤ 4·2·7·128) and widened against the group's scale (Q3_K's
-/// less 32; with `DP`: `vpdpbusd` and `vpmulld`); Q3_K's offset's term −4·Σ_g scale_g·(the activations' sum of group g) and Q2_K's
-/// mins' term by `vpmaddwd` of the scales (mins) against the sums in 16-bit pairs; then
-/// d·y.d·sums (− dmin·y.d·mins), as the AVX-512 `q23_k`.
+/// less 32; with `DP`: `vpdpbusd` and `vpmulld`); Q3_K's offset's term −4·Σ_g scale_g·(the
+/// activations' sum of group g) and Q2_K's mins' term by `vpmaddwd` of the scales (mins)
+/// against the sums in 16-bit pairs; then d·y.d·sums (− dmin·y.d·mins), as the AVX-512
+/// `q23_k`.
 ///
 /// # Safety
 /// Only compiled into the functions of `compiled!`, called where the CPU has their features.
