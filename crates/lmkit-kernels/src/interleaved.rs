@@ -157,6 +157,15 @@ impl Kind {
         }
     }
 
+    /// The kind whose [`block_terms`] the kernels that run here take for this one.
+    fn terms_kind(self) -> Kind {
+        #[cfg(target_arch = "x86_64")]
+        if !vnni() {
+            return avx2::terms_kind(self);
+        }
+        self
+    }
+
     /// Whether blocks hold a minimum m after d (values are v·d + m).
     fn has_min(self) -> bool {
         matches!(self, Kind::Q4_1 | Kind::Q5_1)
@@ -640,14 +649,7 @@ impl Interleaved {
         let (q, sums, q_k, terms);
         let acts = if self.kind.super_blocks() {
             q_k = crate::quant_dots::quantize_rows_q8_k(xs, k);
-            #[cfg(target_arch = "x86_64")]
-            let of = if vnni() {
-                self.kind
-            } else {
-                avx2::terms_kind(self.kind)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let of = self.kind;
+            let of = self.kind.terms_kind();
             terms = q_k.iter().map(|y| block_terms(of, y)).collect::<Vec<_>>();
             Acts::Super(
                 q_k.chunks_exact(blocks)
@@ -656,11 +658,7 @@ impl Interleaved {
             )
         } else {
             q = crate::quant::quantize_rows_q8_1(xs, k);
-            let offset = self.kind.offset();
-            sums = q
-                .iter()
-                .map(|b| -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>())
-                .collect::<Vec<i32>>();
+            sums = offset_sums(self.kind, &q);
             Acts::Small(
                 q.chunks_exact(blocks)
                     .zip(sums.chunks_exact(blocks))
@@ -772,6 +770,15 @@ fn block_terms(kind: Kind, y: &Q8K) -> [i32; 16] {
     t
 }
 
+/// Each Q8_1 block's sum of values times −(the weights' offset, [`Kind::offset`]): where the
+/// 32-value kernels' integer sums start.
+fn offset_sums(kind: Kind, q: &[Q8_1]) -> Vec<i32> {
+    let offset = kind.offset();
+    q.iter()
+        .map(|b| -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+        .collect()
+}
+
 /// The first `R` rows of a K-quant kernel's activations, as arrays: each row's Q8_K super-blocks
 /// and their [`block_terms`], and the blocks all of them hold (at most `blocks`, the weight's).
 #[allow(clippy::type_complexity)]
@@ -804,6 +811,24 @@ const MAX_ROWS: usize = 8;
 
 /// Groups of 16 rows one parallel task multiplies (32 outputs, as `quant`'s tasks).
 const GROUPS_PER_TASK: usize = 2;
+
+/// The `R`-row kernel `$f` (const arguments `$c` before `R`) for `$rows` rows: 1..=8
+/// ([`MAX_ROWS`]), for both kernel sets.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($f:ident, [$($c:expr),*], $rows:expr, $w:expr, $acts:expr, $out:expr) => {
+        match $rows {
+            1 => $f::<$($c,)* 1>($w, $acts, $out),
+            2 => $f::<$($c,)* 2>($w, $acts, $out),
+            3 => $f::<$($c,)* 3>($w, $acts, $out),
+            4 => $f::<$($c,)* 4>($w, $acts, $out),
+            5 => $f::<$($c,)* 5>($w, $acts, $out),
+            6 => $f::<$($c,)* 6>($w, $acts, $out),
+            7 => $f::<$($c,)* 7>($w, $acts, $out),
+            _ => $f::<$($c,)* 8>($w, $acts, $out),
+        }
+    };
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -838,18 +863,7 @@ mod kernels {
         macro_rules! rows {
             ($k:literal) => {
                 // SAFETY: `vnni` checked that the CPU has AVX-512 F, BW, VL and VNNI.
-                unsafe {
-                    match acts.len() {
-                        1 => one::<$k, 1>(w, acts, out),
-                        2 => one::<$k, 2>(w, acts, out),
-                        3 => one::<$k, 3>(w, acts, out),
-                        4 => one::<$k, 4>(w, acts, out),
-                        5 => one::<$k, 5>(w, acts, out),
-                        6 => one::<$k, 6>(w, acts, out),
-                        7 => one::<$k, 7>(w, acts, out),
-                        _ => one::<$k, 8>(w, acts, out),
-                    }
-                }
+                unsafe { by_rows!(one, [$k], acts.len(), w, acts, out) }
             };
         }
         match kind {
@@ -876,18 +890,7 @@ mod kernels {
         macro_rules! rows {
             ($f:ident $(, $five:literal)?) => {
                 // SAFETY: `vnni` checked that the CPU has AVX-512 F, BW, VL and VNNI.
-                unsafe {
-                    match acts.len() {
-                        1 => $f::<$($five,)? 1>(w, acts, out),
-                        2 => $f::<$($five,)? 2>(w, acts, out),
-                        3 => $f::<$($five,)? 3>(w, acts, out),
-                        4 => $f::<$($five,)? 4>(w, acts, out),
-                        5 => $f::<$($five,)? 5>(w, acts, out),
-                        6 => $f::<$($five,)? 6>(w, acts, out),
-                        7 => $f::<$($five,)? 7>(w, acts, out),
-                        _ => $f::<$($five,)? 8>(w, acts, out),
-                    }
-                }
+                unsafe { by_rows!($f, [$($five)?], acts.len(), w, acts, out) }
             };
         }
         match kind {
@@ -1883,11 +1886,7 @@ mod tests {
                         avx2::group_k_as(dp, kind, &w.groups, &a_narrow, out);
                     } else {
                         let q = crate::quant::quantize_rows_q8_1(xs, k);
-                        let offset = kind.offset();
-                        let sums = q
-                            .iter()
-                            .map(|b| -offset * b.qs.iter().map(|&v| v as i32).sum::<i32>())
-                            .collect::<Vec<i32>>();
+                        let sums = offset_sums(kind, &q);
                         let blocks = k / QK;
                         let acts = q
                             .chunks_exact(blocks)

@@ -68,22 +68,6 @@ pub(super) fn has_avx_vnni() -> bool {
     std::arch::is_x86_feature_detected!("avxvnni")
 }
 
-/// The `R`-row kernel `$f` (const arguments `$c` before `R`) for `$rows` rows: 1..=8.
-macro_rules! by_rows {
-    ($f:ident, [$($c:expr),*], $rows:expr, $w:expr, $acts:expr, $out:expr) => {
-        match $rows {
-            1 => $f::<$($c,)* 1>($w, $acts, $out),
-            2 => $f::<$($c,)* 2>($w, $acts, $out),
-            3 => $f::<$($c,)* 3>($w, $acts, $out),
-            4 => $f::<$($c,)* 4>($w, $acts, $out),
-            5 => $f::<$($c,)* 5>($w, $acts, $out),
-            6 => $f::<$($c,)* 6>($w, $acts, $out),
-            7 => $f::<$($c,)* 7>($w, $acts, $out),
-            _ => $f::<$($c,)* 8>($w, $acts, $out),
-        }
-    };
-}
-
 /// One group's 16 outputs for each of 1–8 activation rows (as the AVX-512 kernels' `group`).
 pub(super) fn group(kind: Kind, w: &[u8], acts: &[(&[Q8_1], &[i32])], out: &mut [[f32; 16]]) {
     group_as(avx_vnni(), kind, w, acts, out)
@@ -229,19 +213,36 @@ fn dp4(acc: __m256i, v: __m256i, x: __m256i) -> __m256i {
     _mm256_dpbusd_avx_epi32(acc, v, x)
 }
 
-/// [`dot`]'s sums, each row's in i32, times a scale: with `DP`, `scale` (each lane's i32,
-/// `vpmulld`); without, `both` (the scale in both 16-bit halves of each lane, `vpmaddwd`).
+/// A scale (each lane's i32, within ±2¹⁵) as [`scaled`] takes it: as it is with `DP`, in both
+/// 16-bit halves of each lane without.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[inline(always)]
-unsafe fn scaled<const DP: bool>(acc: __m256i, scale: __m256i, both: __m256i) -> __m256i {
+unsafe fn scale_for<const DP: bool>(v: __m256i) -> __m256i {
+    // SAFETY: as the caller says.
+    unsafe {
+        if DP {
+            v
+        } else {
+            both_halves(v)
+        }
+    }
+}
+
+/// [`dot`]'s sums, each row's in i32, times a scale of [`scale_for`]: with `DP` by `vpmulld`,
+/// without by `vpmaddwd`.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline(always)]
+unsafe fn scaled<const DP: bool>(acc: __m256i, scale: __m256i) -> __m256i {
     // SAFETY: as the caller says.
     unsafe {
         if DP {
             _mm256_mullo_epi32(acc, scale)
         } else {
-            widen(acc, both)
+            widen(acc, scale)
         }
     }
 }
@@ -535,9 +536,8 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
                 ];
                 let mut sums = [_mm256_setzero_si256(); R];
                 for c in 0..4 {
-                    let sl = lane_byte(scales[c / 2], (2 * c) % 4);
-                    let sh = lane_byte(scales[c / 2], (2 * c) % 4 + 1);
-                    let (sl2, sh2) = (both_halves(sl), both_halves(sh));
+                    let sl = scale_for::<DP>(lane_byte(scales[c / 2], (2 * c) % 4));
+                    let sh = scale_for::<DP>(lane_byte(scales[c / 2], (2 * c) % 4 + 1));
                     let mut lo_s = [_mm256_setzero_si256(); R];
                     let mut hi_s = [_mm256_setzero_si256(); R];
                     for t in 0..8 {
@@ -557,8 +557,8 @@ unsafe fn q45_k_body<const DP: bool, const FIVE: bool, const R: usize>(
                         if t % flush == flush - 1 {
                             for r in 0..R {
                                 let p = _mm256_add_epi32(
-                                    scaled::<DP>(lo_s[r], sl, sl2),
-                                    scaled::<DP>(hi_s[r], sh, sh2),
+                                    scaled::<DP>(lo_s[r], sl),
+                                    scaled::<DP>(hi_s[r], sh),
                                 );
                                 sums[r] = _mm256_add_epi32(sums[r], p);
                                 lo_s[r] = _mm256_setzero_si256();
@@ -630,7 +630,7 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
                                 run,
                                 _mm_cvtsi32_si128(8 * (3 - g % 4) as i32),
                             ));
-                            *sc = if DP { v } else { both_halves(v) };
+                            *sc = scale_for::<DP>(v);
                         }
                         let mut p = [[_mm256_setzero_si256(); 4]; R];
                         for t in 4 * part..4 * part + 4 {
@@ -662,7 +662,7 @@ unsafe fn q6_k_body<const DP: bool, const R: usize>(
                             if t % 2 == 1 && (!DP || t % 4 == 3) {
                                 for r in 0..R {
                                     for q in 0..4 {
-                                        let s = scaled::<DP>(p[r][q], scales[q], scales[q]);
+                                        let s = scaled::<DP>(p[r][q], scales[q]);
                                         sums[r] = _mm256_add_epi32(sums[r], s);
                                         p[r][q] = _mm256_setzero_si256();
                                     }
@@ -752,13 +752,12 @@ unsafe fn q23_k_body<const DP: bool, const THREE: bool, const R: usize>(
                         for j in 0..4 {
                             let g = 8 * n + 2 * j + s;
                             let sc = lane_byte(scales[g / 4], g % 4);
-                            let sc = if THREE {
+                            let sc = scale_for::<DP>(if THREE {
                                 // The signed byte, sign-extended.
                                 _mm256_srai_epi32::<24>(_mm256_slli_epi32::<24>(sc))
                             } else {
                                 _mm256_and_si256(sc, _mm256_set1_epi32(0x0F))
-                            };
-                            let sc2 = both_halves(sc);
+                            });
                             let mut p = [_mm256_setzero_si256(); R];
                             for (i, &run) in runs.iter().enumerate() {
                                 let u = 8 * n + 4 * s + i;
@@ -775,7 +774,7 @@ unsafe fn q23_k_body<const DP: bool, const THREE: bool, const R: usize>(
                                 }
                             }
                             for r in 0..R {
-                                sums[r] = _mm256_add_epi32(sums[r], scaled::<DP>(p[r], sc, sc2));
+                                sums[r] = _mm256_add_epi32(sums[r], scaled::<DP>(p[r], sc));
                             }
                         }
                     }
