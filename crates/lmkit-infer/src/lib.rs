@@ -5,7 +5,7 @@ pub mod beam;
 pub mod constrain;
 pub mod sampling;
 
-pub use sampling::{sample, Random, Rng, SamplingParams};
+pub use sampling::{logprobs, sample, Random, Rng, SamplingParams, TokenLogprobs};
 
 use lmkit_models::{CausalLm, ModelError, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -88,6 +88,11 @@ pub struct Decoder {
     /// A grammar the output must follow.
     constraint: Option<constrain::Constraint>,
     constraint_error: Option<String>,
+    /// How many of the most likely tokens' log-probabilities to keep with each token taken
+    /// (`None`: none are computed).
+    logprobs: Option<usize>,
+    /// The last token's, where asked for.
+    last_logprobs: Option<TokenLogprobs>,
 }
 
 /// What one decoding step produced.
@@ -126,6 +131,8 @@ impl Decoder {
             stopped_by: None,
             constraint: None,
             constraint_error: None,
+            logprobs: None,
+            last_logprobs: None,
         };
         d.cache.reserve(d.most_positions());
         Ok(d)
@@ -180,6 +187,18 @@ impl Decoder {
         self.constraint = Some(c);
     }
 
+    /// Makes each token taken keep its log-probability and the `top` most likely tokens' at its
+    /// position ([`Decoder::last_logprobs`]).
+    pub fn keep_logprobs(&mut self, top: usize) {
+        self.logprobs = Some(top);
+    }
+
+    /// The log-probabilities of the token the last step took (`None` where not asked for with
+    /// [`Decoder::keep_logprobs`] or the last step took none).
+    pub fn last_logprobs(&self) -> Option<&TokenLogprobs> {
+        self.last_logprobs.as_ref()
+    }
+
     /// Why the constraint ended decoding early, if it did (an engine error).
     pub fn constraint_error(&self) -> Option<&str> {
         self.constraint_error.as_deref()
@@ -215,6 +234,7 @@ impl Decoder {
     fn take(&mut self, last: &[f32]) -> Step {
         // The pass read every pending token: the cache holds them now.
         self.pending.clear();
+        self.last_logprobs = None;
         let next = match &mut self.constraint {
             None => sample(last, &self.history, &self.opts.sampling, &mut self.rng),
             Some(c) => {
@@ -240,6 +260,9 @@ impl Decoder {
         if self.opts.stop_ids.contains(&next) {
             self.stopped_by = Some(next);
             return Step::Done(Finish::Eos);
+        }
+        if let Some(top) = self.logprobs {
+            self.last_logprobs = Some(logprobs(last, next, top));
         }
         self.generated.push(next);
         self.history.push(next);
@@ -407,6 +430,43 @@ impl Decoder {
     }
 }
 
+/// Prompt positions read a pass by [`score_prompt`]: their logits (positions × vocabulary f32)
+/// stay a few tens of MB.
+const SCORE_POSITIONS: usize = 256;
+
+/// The log-probabilities of `prompt`'s tokens after the first (each under the model given the
+/// tokens before it, with the `top` most likely tokens' at its position), and the cache of
+/// all but its last token: [`Decoder::with_prefix`] then reads only that one to continue (what
+/// `echo` with `logprobs` asks of a completion). Read in passes of a few hundred positions.
+pub fn score_prompt(
+    model: &CausalLm,
+    prompt: &[u32],
+    top: usize,
+) -> Result<(Vec<TokenLogprobs>, lmkit_models::KvCache)> {
+    score_prompt_in_pieces(model, prompt, top, SCORE_POSITIONS)
+}
+
+/// [`score_prompt`] reading `positions` a pass (tests of the pieces' joins).
+#[doc(hidden)]
+pub fn score_prompt_in_pieces(
+    model: &CausalLm,
+    prompt: &[u32],
+    top: usize,
+    positions: usize,
+) -> Result<(Vec<TokenLogprobs>, lmkit_models::KvCache)> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
+    // Position p predicts prompt[p + 1]: positions 0 .. len - 1.
+    let read = prompt.len().saturating_sub(1);
+    for (c, piece) in prompt[..read].chunks(positions.max(1)).enumerate() {
+        let ids = Tensor::new(piece, model.device())?.unsqueeze(0)?;
+        let rows: Vec<Vec<f32>> = model.forward(&ids, &mut cache)?.squeeze(0)?.to_vec2()?;
+        let next = &prompt[c * positions.max(1) + 1..];
+        out.extend(rows.iter().zip(next).map(|(row, &t)| logprobs(row, t, top)));
+    }
+    Ok((out, cache))
+}
+
 /// Whether [`Decoder::step_many`] draws the tokens of a model on the CPU side by side as it does
 /// on a GPU (tests of that path; see [`draw_side_by_side_on_cpu`]).
 static DRAWS_SIDE_BY_SIDE_ON_CPU: AtomicBool = AtomicBool::new(false);
@@ -515,6 +575,8 @@ pub struct TextStream<'a> {
     tokenizer: &'a lmkit_tokenize::Tokenizer,
     stops: Vec<String>,
     emitted: usize,
+    /// The length of the text of the ids of the last `push` (less an incomplete character).
+    decoded: usize,
     pub stopped: bool,
 }
 
@@ -524,6 +586,7 @@ impl<'a> TextStream<'a> {
             tokenizer,
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             emitted: 0,
+            decoded: 0,
             stopped: false,
         }
     }
@@ -532,6 +595,7 @@ impl<'a> TextStream<'a> {
     pub fn push(&mut self, generated: &[u32]) -> Result<String> {
         let text = lmkit_tokenize::decode(self.tokenizer, generated)
             .map_err(|e| InferError::Invalid(e.to_string()))?;
+        self.decoded = text.trim_end_matches('\u{FFFD}').len();
         let mut end = text.len();
         if let Some(cut) = self
             .stops
@@ -560,6 +624,12 @@ impl<'a> TextStream<'a> {
         let delta = text[self.emitted..end].to_string();
         self.emitted = end;
         Ok(delta)
+    }
+
+    /// Where the text of the ids given to the last [`TextStream::push`] ends (before an
+    /// incomplete character at its end): the next token's text starts there.
+    pub fn decoded_len(&self) -> usize {
+        self.decoded
     }
 
     /// What is left to print at the end (held-back text that turned out not to be a stop string).

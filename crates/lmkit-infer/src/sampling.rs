@@ -217,6 +217,45 @@ fn reach(keys: &mut [u64], w: &[f64], passes: impl Fn(f64) -> bool) -> (usize, f
     (hi.max(1) - 1, before)
 }
 
+/// A chosen token's log-probability under the model and the most likely tokens' at its position
+/// (OpenAI's `logprobs`): the log-softmax of the logits as the model gives them, before
+/// temperature, penalties, top-k/top-p and grammars (vLLM's default, `raw_logprobs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Up to the number asked for, most likely first (ties: the lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprobs`] of `token` and the `top` most likely tokens from `logits` (the sum of the
+/// exponentials in f64; a logit of +inf or NaN gives NaN).
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |x: f32| (f64::from(x) - lse) as f32;
+    // The `top` largest, kept sorted (`top` is small: OpenAI allows 20).
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() == top && best.last().is_some_and(|&(_, y)| x.total_cmp(&y).is_le()) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, y)| y.total_cmp(&x).is_ge());
+            best.insert(at, (i as u32, x));
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&x| lp(x)),
+        top: best.into_iter().map(|(i, x)| (i, lp(x))).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,5 +436,25 @@ mod tests {
         };
         let mut rng = Rng::new(1);
         assert!((0..5000).all(|_| sample(&logits, &[], &p, &mut rng) != 2));
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_its_largest_values() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5, 2.0];
+        let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        let want = |i: usize| (logits[i] as f64 - lse) as f32;
+        let got = logprobs(&logits, 4, 3);
+        assert_eq!(got.token, 4);
+        assert!((got.logprob - want(4)).abs() < 1e-6);
+        let ids: Vec<u32> = got.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 5], "most likely first, ties by id");
+        for (i, lp) in &got.top {
+            assert!((lp - want(*i as usize)).abs() < 1e-6);
+        }
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(logprobs(&logits, 0, 10).top.len(), logits.len());
+        // Large logits do not overflow.
+        let big = [1000.0f32, 1000.0];
+        assert!((logprobs(&big, 1, 1).logprob - (0.5f32).ln()).abs() < 1e-6);
     }
 }

@@ -461,3 +461,59 @@ fn the_step_clock_counts_decoding_steps() {
     assert!(after.pass_secs > before.pass_secs, "{before:?} {after:?}");
     assert!(after.read_secs >= before.read_secs, "{before:?} {after:?}");
 }
+
+/// The prompt's log-probabilities read in pieces equal the log-softmax of one pass over it, and
+/// a decoder continuing from the scoring pass's cache takes the tokens (and log-probabilities)
+/// of one that reads the whole prompt.
+#[test]
+fn scored_prompts_continue_as_whole_prompts() {
+    use lmkit_models::Tensor;
+    let (m, _) = tiny_model();
+    let prompt = [3u32, 9, 14, 2, 41, 7, 30, 5, 11];
+    let whole = {
+        let ids = Tensor::new(&prompt[..prompt.len() - 1], m.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let rows: Vec<Vec<f32>> = m
+            .forward(&ids, &mut m.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        rows
+    };
+    for pieces in [1, 3, 4, 8, 256] {
+        let (scores, cache) = lmkit_infer::score_prompt_in_pieces(&m, &prompt, 3, pieces).unwrap();
+        assert_eq!(scores.len(), prompt.len() - 1);
+        assert_eq!(cache.len(), prompt.len() - 1);
+        for (p, s) in scores.iter().enumerate() {
+            let want = lmkit_infer::logprobs(&whole[p], prompt[p + 1], 3);
+            assert_eq!(s.token, prompt[p + 1]);
+            assert!(
+                (s.logprob - want.logprob).abs() < 1e-5,
+                "{pieces}: {s:?} {want:?}"
+            );
+            let ids = |t: &[(u32, f32)]| t.iter().map(|x| x.0).collect::<Vec<_>>();
+            assert_eq!(ids(&s.top), ids(&want.top), "{pieces} at {p}");
+        }
+        let o = opts(3, None, SamplingParams::greedy());
+        let mut cont = lmkit_infer::Decoder::with_prefix(&m, &prompt, o.clone(), cache).unwrap();
+        let mut fresh = lmkit_infer::Decoder::new(&m, &prompt, o).unwrap();
+        cont.keep_logprobs(2);
+        fresh.keep_logprobs(2);
+        for _ in 0..3 {
+            assert_eq!(cont.step(&m).unwrap(), fresh.step(&m).unwrap());
+            let (a, b) = (
+                cont.last_logprobs().unwrap(),
+                fresh.last_logprobs().unwrap(),
+            );
+            assert_eq!(a.token, b.token);
+            assert!((a.logprob - b.logprob).abs() < 1e-5);
+        }
+    }
+    // A prompt of one token: nothing to score, nothing cached.
+    let (scores, cache) = lmkit_infer::score_prompt(&m, &[4], 1).unwrap();
+    assert!(scores.is_empty() && cache.is_empty());
+}

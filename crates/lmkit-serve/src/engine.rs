@@ -19,7 +19,11 @@ pub enum Event {
     /// values from an earlier sequence's: [`crate::prefix::PrefixCache`]); sent before its first
     /// token, and only where there are some.
     Cached(usize),
-    Token(u32),
+    /// The log-probabilities of the prompt's tokens after the first, sent first where the job
+    /// asked for them ([`Job::prompt_logprobs`]).
+    Prompt(Vec<lmkit_infer::TokenLogprobs>),
+    /// A token, with its log-probabilities where the job asked for them.
+    Token(u32, Option<lmkit_infer::TokenLogprobs>),
     Done(Finish),
     Error(String),
 }
@@ -36,6 +40,12 @@ pub struct Job {
     pub cancel: Arc<AtomicBool>,
     /// A grammar the output must follow.
     pub constraint: Option<lmkit_infer::constrain::Constraint>,
+    /// Each token's log-probability and this many of the most likely tokens' are sent with it.
+    pub logprobs: Option<usize>,
+    /// The prompt's log-probabilities (this many of the most likely tokens' at each position)
+    /// are sent before the first token ([`Event::Prompt`]); its keys and values are then read
+    /// in a pass of their own, not taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// The submitting side of the worker, with the count of jobs queued or running.
@@ -374,11 +384,23 @@ fn offer(
     let Some(model) = models.get(job.model) else {
         return fail(&job.events, job.index, "no such model".into());
     };
-    let prefix = active
-        .prefix
-        .as_mut()
-        .and_then(|p| p.lookup(job.model, &job.prompt));
-    let cached = prefix.as_ref().map_or(0, |c| c.len());
+    let (prefix, cached) = match job.prompt_logprobs {
+        Some(top) => match lmkit_infer::score_prompt(model, &job.prompt, top) {
+            Ok((scores, cache)) => {
+                let _ = job.events.send((job.index, Event::Prompt(scores)));
+                (Some(cache).filter(|c| !c.is_empty()), 0)
+            }
+            Err(e) => return fail(&job.events, job.index, e.to_string()),
+        },
+        None => {
+            let prefix = active
+                .prefix
+                .as_mut()
+                .and_then(|p| p.lookup(job.model, &job.prompt));
+            let cached = prefix.as_ref().map_or(0, |c| c.len());
+            (prefix, cached)
+        }
+    };
     let decoder = match prefix {
         Some(c) => Decoder::with_prefix(model, &job.prompt, job.opts, c),
         None => Decoder::new(model, &job.prompt, job.opts),
@@ -394,6 +416,9 @@ fn offer(
             }
             if let Some(c) = job.constraint {
                 decoder.constrain(c);
+            }
+            if let Some(top) = job.logprobs {
+                decoder.keep_logprobs(top);
             }
             active.running.push(Running {
                 decoder,
@@ -521,7 +546,7 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         let mut last = Vec::new();
         let ended = sequences.retain(&depth, |r| {
             let (event, more) = match results.next().unwrap_or(Ok(Step::Done(Finish::Length))) {
-                Ok(Step::Token(t)) => (Event::Token(t), true),
+                Ok(Step::Token(t)) => (Event::Token(t, r.decoder.last_logprobs().cloned()), true),
                 // Its prompt is still being read (a client gone meanwhile is dropped at the
                 // next round's start).
                 Ok(Step::Pending) => return true,

@@ -1035,6 +1035,8 @@ fn greedy_job(
         events,
         cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         constraint: None,
+        logprobs: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -1073,8 +1075,8 @@ async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
         .expect("the engine stopped answering")
     {
         match e {
-            Event::Cached(_) => {}
-            Event::Token(_) => order.push((i, "token")),
+            Event::Cached(_) | Event::Prompt(_) => {}
+            Event::Token(..) => order.push((i, "token")),
             Event::Done(_) => order.push((i, "done")),
             Event::Error(msg) => {
                 assert_eq!(i, 2, "{msg}");
@@ -1262,7 +1264,7 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
         .expect("the sequence waited for room that did not come")
     {
         match e {
-            Event::Token(_) => {
+            Event::Token(..) => {
                 tokens += 1;
                 if tokens == 1 {
                     // Decoding: its room reserved, the entry gone, and its own prompt (3
@@ -1275,6 +1277,7 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
             Event::Done(_) => break,
             Event::Cached(n) => panic!("{n} tokens from an entry that had to go"),
             Event::Error(msg) => panic!("{msg}"),
+            Event::Prompt(_) => panic!("prompt log-probabilities not asked for"),
         }
     }
     assert_eq!(tokens, 95);
@@ -1298,7 +1301,7 @@ async fn a_prompt_is_kept_for_other_requests_once_read() {
     let cancel = long.cancel.clone();
     st.engine.submit(vec![long]).unwrap();
     match tokio::time::timeout(wait, first.recv()).await.unwrap() {
-        Some((_, Event::Token(_))) => {}
+        Some((_, Event::Token(..))) => {}
         other => panic!("{other:?}"),
     }
     let entries = stats.entries.load(Ordering::SeqCst);
@@ -1320,9 +1323,10 @@ async fn a_prompt_is_kept_for_other_requests_once_read() {
     while let Some((_, e)) = tokio::time::timeout(wait, second.recv()).await.unwrap() {
         match e {
             Event::Cached(n) => cached = n,
-            Event::Token(t) => tokens.push(t),
+            Event::Token(t, _) => tokens.push(t),
             Event::Done(_) => break,
             Event::Error(msg) => panic!("{msg}"),
+            Event::Prompt(_) => panic!("prompt log-probabilities not asked for"),
         }
     }
     assert!(cached >= shared.len(), "{cached}");

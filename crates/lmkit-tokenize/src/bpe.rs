@@ -393,6 +393,46 @@ pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {
     tk.decode(ids, false).map_err(tk_err)
 }
 
+/// The bytes token `id` stands for, as OpenAI's `logprobs` give them (`bytes`): exact where one
+/// token is part of a character (byte-level BPE's pieces mapped back through its byte alphabet,
+/// SentencePiece's `<0xHH>` byte tokens), SentencePiece's word marker `▁` as a space; otherwise
+/// the token decoded alone. `None` for an id outside the vocabulary.
+pub fn token_bytes(tk: &Tokenizer, id: u32) -> Option<Vec<u8>> {
+    let piece = tk.id_to_token(id)?;
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+        if let (2, Ok(b)) = (hex.len(), u8::from_str_radix(hex, 16)) {
+            return Some(vec![b]);
+        }
+    }
+    let alone = tk.decode(&[id], false).unwrap_or_default();
+    // Byte-level BPE: each character of the piece one byte; checked against the decoder (a
+    // piece of plain letters under another scheme maps to the same bytes).
+    let mapped: Option<Vec<u8>> = piece.chars().map(byte_of_char).collect();
+    if let Some(bytes) = mapped {
+        if String::from_utf8_lossy(&bytes) == alone {
+            return Some(bytes);
+        }
+    }
+    if piece.contains('\u{2581}') && !tk.get_added_vocabulary().is_special_token(&piece) {
+        return Some(piece.replace('\u{2581}', " ").into_bytes());
+    }
+    Some(alone.into_bytes())
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c` (printable Latin-1 characters stand for
+/// themselves, the other 68 bytes for U+0100 on, in order).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let c = c as u32;
+    if c < 256 {
+        return printable(c).then_some(c as u8);
+    }
+    (0..256u32)
+        .filter(|&b| !printable(b))
+        .nth((c - 256) as usize)
+        .map(|b| b as u8)
+}
+
 /// Compression statistics of a tokenizer on some texts.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TokenStats {

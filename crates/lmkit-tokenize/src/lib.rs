@@ -12,8 +12,8 @@ pub mod stream;
 
 pub use bpe::{
     add_special_tokens, decode, encode_batch, encode_prompt, encode_with_specials, load, pieces,
-    save, train, train_with_report, TokenStats, TrainOptions, TrainReport, CHUNK_BYTES,
-    DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, MAX_PIECE_BYTES,
+    save, token_bytes, train, train_with_report, TokenStats, TrainOptions, TrainReport,
+    CHUNK_BYTES, DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, MAX_PIECE_BYTES,
 };
 pub use error::{Result, TokenizeError};
 pub use shards::{Dtype, ShardHeader, ShardWriter, TokenDataset, TokenShard};

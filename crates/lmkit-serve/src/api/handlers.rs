@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Prompts one request may carry (a list of texts or of token lists): each is a request of its
+/// own to the engine, their choices answered together.
+const MOST_PROMPTS: usize = 64;
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -9,66 +13,151 @@ pub async fn completions(
     let started = Instant::now();
     let result = async {
         let (prompt, mut v) = split_body(body, state.limits.max_body_bytes, "prompt")?;
-        if let Some(e) = v.as_object_mut().and_then(|o| o.remove("echo")) {
-            if e != json!(false) && !e.is_null() {
-                return Err(ApiError::invalid("echo", "`echo` is not supported"));
-            }
-        }
+        let echo = match v.as_object_mut().and_then(|o| o.remove("echo")) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(_) => return Err(ApiError::invalid("echo", "`echo` must be true or false")),
+        };
         let prompt: Prompt = serde_json::from_value(prompt).map_err(|_| {
             ApiError::invalid(
                 "prompt",
-                "`prompt` must be a string, a list of one string, or a list of token ids",
+                "`prompt` must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
             )
         })?;
         let structured = structured::options(&mut v, false)?;
-        let params = sampling(&state, v)?;
-        let (prompt_text, prompt_ids) = match prompt {
-            Prompt::Text(t) => {
-                let ids = encode(&state, &t)?;
-                (t, ids)
-            }
-            Prompt::Texts(mut v) if v.len() == 1 => {
-                let t = v.remove(0);
-                let ids = encode(&state, &t)?;
-                (t, ids)
-            }
-            Prompt::Texts(_) => {
+        let params = sampling(&state, v, false, echo)?;
+        let known = |ids: Vec<u32>| {
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= state.vocab_size) {
                 return Err(ApiError::invalid(
                     "prompt",
-                    "send one prompt per request (a list of several prompts is not supported; use `n` for several completions)",
-                ))
+                    format!("token id {bad} is out of range for the vocabulary of {}", state.vocab_size),
+                ));
             }
-            Prompt::Ids(ids) => {
-                if let Some(bad) = ids.iter().find(|&&i| i as usize >= state.vocab_size) {
-                    return Err(ApiError::invalid(
-                        "prompt",
-                        format!("token id {bad} is out of range for the vocabulary of {}", state.vocab_size),
-                    ));
-                }
-                let t = lmkit_tokenize::decode(&state.tokenizer, &ids)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                (t, ids)
-            }
+            let t = lmkit_tokenize::decode(&state.tokenizer, &ids)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok((t, ids))
         };
-        let verdict = state.moderator.check(&prompt_text);
-        let stops = params.stops.clone();
-        Ok::<_, ApiError>(Prepared {
-            endpoint: "completions",
-            chat: false,
-            id: format!("cmpl-{:016x}", fresh_id()),
-            prompt_text,
-            messages: None,
-            prompt_ids,
-            eos: if params.ignore_eos { Vec::new() } else { state.eos.clone() },
-            params,
-            stops,
-            prompt_verdict: verdict,
-            sources: None,
-            structured,
-        })
+        let text = |t: String| encode(&state, &t).map(|ids| (t, ids));
+        let prompts: Vec<(String, Vec<u32>)> = match prompt {
+            Prompt::Text(t) => vec![text(t)?],
+            Prompt::Texts(v) => v.into_iter().map(text).collect::<Result<_, _>>()?,
+            Prompt::Ids(ids) => vec![known(ids)?],
+            Prompt::IdLists(v) => v.into_iter().map(known).collect::<Result<_, _>>()?,
+        };
+        if prompts.is_empty() || prompts.len() > MOST_PROMPTS {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("`prompt` takes 1 to {MOST_PROMPTS} prompts"),
+            ));
+        }
+        if prompts.len() > 1 && params.stream {
+            return Err(ApiError::invalid(
+                "stream",
+                "streaming takes one prompt per request; send several prompts without `stream`",
+            ));
+        }
+        Ok::<_, ApiError>(
+            prompts
+                .into_iter()
+                .map(|(prompt_text, prompt_ids)| {
+                    let verdict = state.moderator.check(&prompt_text);
+                    Prepared {
+                        endpoint: "completions",
+                        chat: false,
+                        echo,
+                        id: format!("cmpl-{:016x}", fresh_id()),
+                        prompt_text,
+                        messages: None,
+                        prompt_ids,
+                        eos: if params.ignore_eos { Vec::new() } else { state.eos.clone() },
+                        stops: params.stops.clone(),
+                        params: params.clone(),
+                        prompt_verdict: verdict,
+                        sources: None,
+                        structured: structured.clone(),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
     }
     .await;
-    respond(state, "completions", result, started).await
+    match result {
+        Ok(mut preps) if preps.len() == 1 => {
+            respond(state, "completions", Ok(preps.remove(0)), started).await
+        }
+        Ok(preps) => {
+            let r = several(state.clone(), preps, started)
+                .await
+                .unwrap_or_else(|e| e.into_response());
+            state.metrics.request("completions", r.status().as_u16());
+            state
+                .metrics
+                .latency("completions", started.elapsed().as_secs_f64());
+            r
+        }
+        Err(e) => respond(state, "completions", Err(e), started).await,
+    }
+}
+
+/// A completion request of several prompts: each prompt's choices as a request of its own
+/// (stored under its own id), answered together, prompt k's choice j at index k·n + j, the
+/// usage summed (OpenAI's order and indices). The response takes the first prompt's id, and
+/// the moderation verdicts of the first flagged prompt and completion (or the first's).
+async fn several(
+    state: Arc<AppState>,
+    preps: Vec<Prepared>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let mut submitted = Vec::with_capacity(preps.len());
+    for p in preps {
+        submitted.push(submit(&state, p, started).await?);
+    }
+    let bodies = futures_util::future::join_all(
+        submitted
+            .into_iter()
+            .map(|(p, rx, c)| answer(state.clone(), p, rx, c, started)),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<Value>, ApiError>>()?;
+    let mut body = bodies[0].clone();
+    let mut choices = Vec::new();
+    let count = |key: &str| -> u64 {
+        bodies
+            .iter()
+            .map(|b| b["usage"][key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    for (k, b) in bodies.iter().enumerate() {
+        let n = b["choices"].as_array().map_or(0, |c| c.len());
+        for c in b["choices"].as_array().into_iter().flatten() {
+            let mut c = c.clone();
+            c["index"] = json!(k * n + c["index"].as_u64().unwrap_or(0) as usize);
+            choices.push(c);
+        }
+    }
+    body["choices"] = json!(choices);
+    body["usage"] = usage(
+        count("prompt_tokens") as usize,
+        bodies
+            .iter()
+            .map(|b| {
+                b["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum::<u64>() as usize,
+        count("completion_tokens") as usize,
+    );
+    for part in ["prompt", "completion"] {
+        if let Some(flagged) = bodies
+            .iter()
+            .find(|b| b["moderation"][part]["flagged"] == json!(true))
+        {
+            body["moderation"][part] = flagged["moderation"][part].clone();
+        }
+    }
+    Ok(Json(body).into_response())
 }
 
 pub async fn chat_completions(
@@ -94,7 +183,7 @@ pub async fn chat_completions(
                 ApiError::invalid(&path, format!("`{path}`: {msg}"))
             })?
         };
-        let params = sampling(&state, v)?;
+        let params = sampling(&state, v, true, false)?;
         if messages.is_empty() {
             return Err(ApiError::invalid("messages", "`messages` must not be empty"));
         }
@@ -210,6 +299,7 @@ pub async fn chat_completions(
         Ok::<_, ApiError>(Prepared {
             endpoint: "chat/completions",
             chat: true,
+            echo: false,
             id: format!("chatcmpl-{:016x}", fresh_id()),
             prompt_text,
             messages: serde_json::to_string(&msgs).ok(),
@@ -259,8 +349,28 @@ pub(super) async fn run(
     prepared: Result<Prepared, ApiError>,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let mut prep = prepared?;
-    let max_tokens = finish_room(&state, &mut prep)?;
+    let (prep, rx, cancels) = submit(&state, prepared?, started).await?;
+    if prep.params.stream {
+        return Ok(stream(state, prep, rx, cancels, started));
+    }
+    Ok(Json(answer(state, prep, rx, cancels, started).await?).into_response())
+}
+
+/// A request's choices, given to the engine: what [`stream`] or [`answer`] reads them from.
+type Submitted = (
+    Prepared,
+    mpsc::UnboundedReceiver<(usize, Event)>,
+    Vec<Arc<AtomicBool>>,
+);
+
+/// Checks a prepared request (its room in the context, moderation of its prompt, constraints,
+/// the KV budget) and gives its choices to the engine.
+async fn submit(
+    state: &Arc<AppState>,
+    mut prep: Prepared,
+    started: Instant,
+) -> Result<Submitted, ApiError> {
+    let max_tokens = finish_room(state, &mut prep)?;
     if prep.prompt_verdict.flagged {
         state.metrics.flagged();
     }
@@ -272,8 +382,9 @@ pub(super) async fn run(
             completion_tokens: 0,
             cached_tokens: 0,
             verdict: Verdict::default(),
+            logprobs: vec![Value::Null],
         };
-        log(&state, &prep, &outcome, started).await;
+        log(state, &prep, &outcome, started).await;
         return Err(ApiError::invalid(
             if prep.chat { "messages" } else { "prompt" },
             format!(
@@ -293,7 +404,7 @@ pub(super) async fn run(
             prep.structured
                 .spec
                 .as_ref()
-                .map(|s| structured::compile(&state, s, field))
+                .map(|s| structured::compile(state, s, field))
                 .transpose()
         })
         .collect::<Result<Vec<_>, ApiError>>()?
@@ -319,6 +430,8 @@ pub(super) async fn run(
             events: tx.clone(),
             cancel: cancels[i].clone(),
             constraint: constraints.next().flatten(),
+            logprobs: prep.params.logprobs,
+            prompt_logprobs: prep.params.logprobs.filter(|_| prep.echo),
         })
         .collect();
     drop(tx);
@@ -339,51 +452,70 @@ pub(super) async fn run(
             ))
         }
     }
-    if prep.params.stream {
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Chunk>();
-        let created = now();
-        let (id, model, chat, include_usage) = (
-            prep.id.clone(),
-            state.variant_name(prep.params.model).to_string(),
-            prep.chat,
-            prep.params.include_usage,
-        );
-        let st = state.clone();
-        tokio::spawn(async move {
-            if let Some(s) = &prep.sources {
-                let _ = out_tx.send(Chunk::Sources(s.clone()));
+    Ok((prep, rx, cancels))
+}
+
+/// The choices' tokens streamed as Server-Sent Events.
+fn stream(
+    state: Arc<AppState>,
+    prep: Prepared,
+    rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    cancels: Vec<Arc<AtomicBool>>,
+    started: Instant,
+) -> Response {
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Chunk>();
+    let created = now();
+    let (id, model, chat, include_usage) = (
+        prep.id.clone(),
+        state.variant_name(prep.params.model).to_string(),
+        prep.chat,
+        prep.params.include_usage,
+    );
+    let st = state.clone();
+    tokio::spawn(async move {
+        if let Some(s) = &prep.sources {
+            let _ = out_tx.send(Chunk::Sources(s.clone()));
+        }
+        let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
+        log(&st, &prep, &outcome, started).await;
+        st.metrics
+            .latency(prep.endpoint, started.elapsed().as_secs_f64());
+        if include_usage {
+            let _ = out_tx.send(Chunk::Usage {
+                prompt: prep.prompt_ids.len(),
+                cached: outcome.cached_tokens,
+                completion: outcome.completion_tokens,
+            });
+        }
+    });
+    let stream = futures_util::stream::unfold((out_rx, false), move |(mut rx, done)| {
+        let (id, model) = (id.clone(), model.clone());
+        async move {
+            if done {
+                return None;
             }
-            let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
-            log(&st, &prep, &outcome, started).await;
-            st.metrics
-                .latency(prep.endpoint, started.elapsed().as_secs_f64());
-            if include_usage {
-                let _ = out_tx.send(Chunk::Usage {
-                    prompt: prep.prompt_ids.len(),
-                    cached: outcome.cached_tokens,
-                    completion: outcome.completion_tokens,
-                });
+            match rx.recv().await {
+                Some(c) => Some((
+                    Ok::<_, Infallible>(sse_chunk(&id, &model, created, chat, c)),
+                    (rx, false),
+                )),
+                None => Some((Ok(SseEvent::default().data("[DONE]")), (rx, true))),
             }
-        });
-        let stream = futures_util::stream::unfold((out_rx, false), move |(mut rx, done)| {
-            let (id, model) = (id.clone(), model.clone());
-            async move {
-                if done {
-                    return None;
-                }
-                match rx.recv().await {
-                    Some(c) => Some((
-                        Ok::<_, Infallible>(sse_chunk(&id, &model, created, chat, c)),
-                        (rx, false),
-                    )),
-                    None => Some((Ok(SseEvent::default().data("[DONE]")), (rx, true))),
-                }
-            }
-        });
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response());
-    }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// The choices' whole answer (the response body).
+async fn answer(
+    state: Arc<AppState>,
+    prep: Prepared,
+    rx: mpsc::UnboundedReceiver<(usize, Event)>,
+    cancels: Vec<Arc<AtomicBool>>,
+    started: Instant,
+) -> Result<Value, ApiError> {
     // A client that leaves drops this handler; the choices then end (cancelled) and are still
     // stored and counted, by a task of their own.
     let watch = ClientWatch {
@@ -412,12 +544,15 @@ pub(super) async fn run(
         .enumerate()
         .map(|(i, (t, r))| {
             let calls = prep.structured.tools.as_ref().and_then(|_| structured::tool_calls(t));
+            let lp = outcome.logprobs.get(i).cloned().unwrap_or(Value::Null);
             if let Some(calls) = calls {
-                json!({"index": i, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls", "logprobs": null})
+                json!({"index": i, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls", "logprobs": lp})
             } else if prep.chat {
-                json!({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": null})
+                json!({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": lp})
+            } else if prep.echo {
+                json!({"index": i, "text": format!("{}{t}", prep.prompt_text), "finish_reason": r, "logprobs": lp})
             } else {
-                json!({"index": i, "text": t, "finish_reason": r, "logprobs": null})
+                json!({"index": i, "text": t, "finish_reason": r, "logprobs": lp})
             }
         })
         .collect();
@@ -437,7 +572,7 @@ pub(super) async fn run(
     if let Some(s) = &prep.sources {
         body["sources"] = json!(s);
     }
-    Ok(Json(body).into_response())
+    Ok(body)
 }
 
 /// `POST /v1/embeddings`: mean-pooled sentence embeddings from the BERT given with

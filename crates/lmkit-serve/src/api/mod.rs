@@ -4,6 +4,7 @@
 
 mod handlers;
 mod log;
+mod logprobs;
 mod prompt;
 pub mod retrieval;
 mod stream;

@@ -8,6 +8,9 @@ pub(super) use lmkit_core::rng::fresh_id;
 pub(super) struct Prepared {
     pub(super) endpoint: &'static str,
     pub(super) chat: bool,
+    /// The completions endpoint's `echo`: the prompt's text (and log-probabilities) before each
+    /// choice's.
+    pub(super) echo: bool,
     pub(super) id: String,
     pub(super) prompt_text: String,
     pub(super) messages: Option<String>,

@@ -14,10 +14,14 @@ pub(super) enum Chunk {
     Delta {
         index: usize,
         text: String,
+        /// The log-probabilities of the tokens whose text starts in this piece, where asked for.
+        logprobs: Option<Value>,
     },
     Finish {
         index: usize,
         reason: &'static str,
+        /// Those of the tokens not yet sent (text held back to the end), where asked for.
+        logprobs: Option<Value>,
     },
     Usage {
         prompt: usize,
@@ -45,6 +49,8 @@ pub(super) struct Outcome {
     /// choices).
     pub(super) cached_tokens: usize,
     pub(super) verdict: Verdict,
+    /// Each choice's `logprobs` (null where not asked for).
+    pub(super) logprobs: Vec<Value>,
 }
 
 /// The response's `usage`: OpenAI's fields, the prompt's cached tokens among its details.
@@ -63,25 +69,34 @@ pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chun
     } else {
         "text_completion"
     };
-    let choice = |index: usize, text: Option<&str>, reason: Option<&str>| {
+    let choice = |index: usize, text: Option<&str>, reason: Option<&str>, lp: Option<Value>| {
+        let lp = lp.unwrap_or(Value::Null);
         if chat {
             let delta = match text {
                 Some(t) => json!({"role": "assistant", "content": t}),
                 None => json!({}),
             };
-            json!({"index": index, "delta": delta, "finish_reason": reason, "logprobs": null})
+            json!({"index": index, "delta": delta, "finish_reason": reason, "logprobs": lp})
         } else {
-            json!({"index": index, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": null})
+            json!({"index": index, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": lp})
         }
     };
     let v = match c {
-        Chunk::Delta { index, text } => {
+        Chunk::Delta {
+            index,
+            text,
+            logprobs,
+        } => {
             json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [choice(index, Some(&text), None)]})
+            "choices": [choice(index, Some(&text), None, logprobs)]})
         }
-        Chunk::Finish { index, reason } => {
+        Chunk::Finish {
+            index,
+            reason,
+            logprobs,
+        } => {
             json!({"id": id, "object": object, "created": created, "model": model,
-            "choices": [choice(index, None, Some(reason))]})
+            "choices": [choice(index, None, Some(reason), logprobs)]})
         }
         Chunk::Usage {
             prompt,
@@ -139,6 +154,35 @@ pub(super) async fn drive(
     let mut cached_tokens = 0;
     // With `tools`, a reply is held back while it may still be a call (it starts with `{`).
     let mut holding = vec![prep.structured.tools.is_some(); n];
+    // Log-probabilities: each choice's tokens so far, how many of them went out in chunks, and
+    // how many the answer keeps (set when it ends: those whose text starts in its text, or all
+    // where no stop string or moderation cut it).
+    let chat = prep.chat;
+    let want = prep.params.logprobs.is_some();
+    // An echoed prompt: its text goes before each choice's (its log-probabilities too, where
+    // asked for: the engine sends them first). `at`: the text offset (in characters) where each
+    // choice's next streamed token starts.
+    let mut at = vec![0usize; n];
+    let mut prompt_scores: Vec<Vec<lmkit_infer::TokenLogprobs>> = vec![Vec::new(); n];
+    let mut echoed = vec![!prep.echo; n];
+    let mut scored: Vec<Vec<super::logprobs::Scored>> = (0..n).map(|_| Vec::new()).collect();
+    let mut sent = vec![0usize; n];
+    let mut keep = vec![0usize; n];
+    // The log-probabilities of choice i's tokens after those sent, up to `upto` tokens (a
+    // streamed chunk's; `None` where not asked for or not streaming).
+    let due =
+        |scored: &[super::logprobs::Scored], sent: &mut usize, at: &mut usize, upto: usize| {
+            (want && out.is_some()).then(|| {
+                let upto = upto.max(*sent);
+                let v = super::logprobs::object(state, chat, &scored[*sent..upto], at);
+                *sent = upto;
+                v
+            })
+        };
+    // How many of the tokens start within the first `len` bytes of the text.
+    let within = |scored: &[super::logprobs::Scored], len: usize| {
+        scored.iter().take_while(|s| s.offset < len).count()
+    };
     let send = |c: Chunk, gone: &mut bool| {
         if let Some(o) = out {
             if o.send(c).is_err() {
@@ -153,15 +197,45 @@ pub(super) async fn drive(
         if reasons[i].is_some() {
             continue;
         }
+        let ev = match ev {
+            Event::Prompt(scores) => {
+                prompt_scores[i] = scores;
+                None
+            }
+            ev => Some(ev),
+        };
+        if !echoed[i] {
+            echoed[i] = true;
+            let lists = || {
+                let p = &prep.prompt_ids;
+                super::logprobs::echoed(state, p, &prompt_scores[i], &[], &mut at[i])
+            };
+            send(
+                Chunk::Delta {
+                    index: i,
+                    text: prep.prompt_text.clone(),
+                    logprobs: (want && out.is_some()).then(lists),
+                },
+                &mut client_gone,
+            );
+        }
+        let Some(ev) = ev else {
+            continue;
+        };
         let (delta, done) = match ev {
             Event::Cached(n) => {
                 cached_tokens = cached_tokens.max(n);
                 continue;
             }
-            Event::Token(t) => {
+            Event::Prompt(_) => continue,
+            Event::Token(t, lp) => {
                 if first {
                     state.metrics.first_token(started.elapsed().as_secs_f64());
                     first = false;
+                }
+                if let Some(lp) = lp {
+                    let offset = streams[i].decoded_len();
+                    scored[i].push(super::logprobs::Scored { lp, offset });
                 }
                 ids[i].push(t);
                 let d = streams[i].push(&ids[i]).unwrap_or_default();
@@ -197,19 +271,23 @@ pub(super) async fn drive(
                 texts[i] = candidate;
                 let head = texts[i].trim_start();
                 if !holding[i] {
+                    let upto = within(&scored[i], texts[i].len());
                     send(
                         Chunk::Delta {
                             index: i,
                             text: delta,
+                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
                         },
                         &mut client_gone,
                     );
                 } else if !head.is_empty() && !head.starts_with('{') {
                     holding[i] = false;
+                    let upto = within(&scored[i], texts[i].len());
                     send(
                         Chunk::Delta {
                             index: i,
                             text: texts[i].clone(),
+                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
                         },
                         &mut client_gone,
                     );
@@ -223,24 +301,34 @@ pub(super) async fn drive(
                     send(Chunk::ToolCalls { index: i, calls }, &mut client_gone);
                     done = Some("tool_calls");
                 }
-                _ if !texts[i].is_empty() => send(
-                    Chunk::Delta {
-                        index: i,
-                        text: texts[i].clone(),
-                    },
-                    &mut client_gone,
-                ),
+                _ if !texts[i].is_empty() => {
+                    let upto = within(&scored[i], texts[i].len());
+                    send(
+                        Chunk::Delta {
+                            index: i,
+                            text: texts[i].clone(),
+                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
+                        },
+                        &mut client_gone,
+                    )
+                }
                 _ => {}
             }
         }
         if let Some(r) = done {
             reasons[i] = Some(r);
             cancels[i].store(true, Ordering::SeqCst);
+            keep[i] = if streams[i].stopped || r == "content_filter" {
+                within(&scored[i], texts[i].len())
+            } else {
+                scored[i].len()
+            };
             if r != "error" {
                 send(
                     Chunk::Finish {
                         index: i,
                         reason: r,
+                        logprobs: due(&scored[i], &mut sent[i], &mut at[i], keep[i]),
                     },
                     &mut client_gone,
                 );
@@ -285,5 +373,17 @@ pub(super) async fn drive(
         completion_tokens,
         cached_tokens,
         verdict,
+        logprobs: scored
+            .iter()
+            .zip(&keep)
+            .zip(&prompt_scores)
+            .map(|((s, &k), scores)| match (want, prep.echo) {
+                (false, _) => Value::Null,
+                (true, false) => super::logprobs::object(state, chat, &s[..k], &mut 0),
+                (true, true) => {
+                    super::logprobs::echoed(state, &prep.prompt_ids, scores, &s[..k], &mut 0)
+                }
+            })
+            .collect(),
     }
 }

@@ -10,13 +10,15 @@ pub(super) enum OneOrMany {
     Many(Vec<String>),
 }
 
-/// `prompt`: text, one text in a list, or token ids.
+/// `prompt`: text, a list of texts, token ids, or a list of lists of token ids (one choice, or
+/// `n`, for each prompt).
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub(super) enum Prompt {
     Text(String),
     Texts(Vec<String>),
     Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
 }
 
 #[derive(Deserialize)]
@@ -49,6 +51,7 @@ pub(super) struct Sampling {
     pub(super) presence_penalty: Option<f32>,
     pub(super) frequency_penalty: Option<f32>,
     pub(super) logprobs: Option<Value>,
+    pub(super) top_logprobs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +82,7 @@ pub(super) struct ContentPart {
 }
 
 /// Checked request parameters.
+#[derive(Clone)]
 pub(super) struct Params {
     /// The model variant (0: the base; i: adapter i).
     pub(super) model: usize,
@@ -89,6 +93,9 @@ pub(super) struct Params {
     pub(super) include_usage: bool,
     pub(super) stops: Vec<String>,
     pub(super) ignore_eos: bool,
+    /// Log-probabilities with each token, and this many of the most likely tokens' (`None`:
+    /// none).
+    pub(super) logprobs: Option<usize>,
     pub(super) json: Value,
 }
 

@@ -128,7 +128,14 @@ pub(super) fn split_body(
     Ok((taken, v))
 }
 
-pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
+/// The sampling fields of a request body (`chat`: of /v1/chat/completions; `echo`: a completion
+/// that echoes its prompt, which may ask for no tokens).
+pub(super) fn sampling(
+    state: &AppState,
+    v: Value,
+    chat: bool,
+    echo: bool,
+) -> Result<Params, ApiError> {
     let s: Sampling = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.into_inner().to_string();
@@ -164,10 +171,10 @@ pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
     };
     let limit = state.limits.max_tokens;
     let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
-        Some(0) => {
+        Some(0) if !echo => {
             return Err(ApiError::invalid(
                 "max_tokens",
-                "`max_tokens` must be at least 1",
+                "`max_tokens` must be at least 1 (0 only with `echo`: the prompt scored alone)",
             ))
         }
         Some(m) if m as usize > limit => {
@@ -207,12 +214,7 @@ pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             ));
         }
     }
-    if s.logprobs
-        .as_ref()
-        .is_some_and(|l| !l.is_null() && l != &json!(false))
-    {
-        return Err(ApiError::invalid("logprobs", "`logprobs` is not supported"));
-    }
+    let logprobs = logprobs_asked(chat, s.logprobs.as_ref(), s.top_logprobs)?;
     let stops = match s.stop {
         None => Vec::new(),
         Some(OneOrMany::One(s)) => vec![s],
@@ -245,6 +247,58 @@ pub(super) fn sampling(state: &AppState, v: Value) -> Result<Params, ApiError> {
             .unwrap_or(false),
         stops,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        logprobs,
         json: v,
     })
+}
+
+/// The most likely tokens asked for beside each token's log-probability (`None`: no
+/// log-probabilities): chat's `logprobs: true` with `top_logprobs` (0 to 20), or the completions
+/// endpoint's `logprobs: N` (0 to 20; OpenAI's legacy API allows 5).
+fn logprobs_asked(
+    chat: bool,
+    logprobs: Option<&Value>,
+    top: Option<u64>,
+) -> Result<Option<usize>, ApiError> {
+    const MOST: u64 = 20;
+    let logprobs = logprobs.filter(|v| !v.is_null());
+    if chat {
+        let on = match logprobs {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    "`logprobs` must be true or false (the number of alternatives goes in `top_logprobs`)",
+                ))
+            }
+        };
+        return match top {
+            Some(t) if t > MOST => Err(ApiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MOST}"),
+            )),
+            Some(_) if !on => Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            )),
+            t => Ok(on.then_some(t.unwrap_or(0) as usize)),
+        };
+    }
+    if top.is_some() {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` is for /v1/chat/completions; here `logprobs` takes the number",
+        ));
+    }
+    match logprobs {
+        None | Some(Value::Bool(false)) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MOST => Ok(Some(n as usize)),
+            _ => Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be a number of alternatives between 0 and {MOST}"),
+            )),
+        },
+    }
 }

@@ -1,0 +1,143 @@
+"""Log-probabilities from `lmkit serve` through the official `openai` client, against transformers'
+log-softmax of the same checkpoint: the completions endpoint's `logprobs` (generated tokens, and the
+prompt's with `echo`, as lm-evaluation-harness's `local-completions` scores a text), several prompts
+in one request, and chat's `logprobs`/`top_logprobs`, streamed and not."""
+import pathlib
+
+import openai
+import pytest
+import torch
+from conftest import SERVER_KEY as KEY
+from transformers import AutoModelForCausalLM
+
+IDS = [5, 17, 42, 8, 99, 3, 61, 7, 120, 33]
+
+
+def client(server):
+    return openai.OpenAI(base_url=server["url"], api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """transformers' log-softmax over the vocabulary at each position of `ids` (f64)."""
+    run = pathlib.Path(server["model"])
+    model = AutoModelForCausalLM.from_pretrained(run / (run / "latest").read_text().strip()).eval()
+
+    def logprobs(ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        return torch.log_softmax(logits, -1)
+
+    return logprobs
+
+
+def test_echoed_prompt_logprobs_equal_transformers(server, reference):
+    r = client(server).completions.create(model="tiny", prompt=[IDS], max_tokens=0, echo=True, logprobs=3,
+                                          temperature=0)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(IDS) and r.usage.completion_tokens == 0
+    assert "".join(lp.tokens) == ch.text  # the prompt's text, echoed
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = reference(IDS)
+    for p in range(1, len(IDS)):
+        assert abs(lp.token_logprobs[p] - ref[p - 1, IDS[p]].item()) < 1e-4, p
+        want = torch.topk(ref[p - 1], 3).values.tolist()
+        got = sorted(lp.top_logprobs[p].values(), reverse=True)
+        # Two tokens of one text share an entry: compare the values present.
+        assert all(min(abs(g - w) for w in want) < 1e-4 for g in got) and got[0] == pytest.approx(want[0], abs=1e-4)
+    # Offsets: where the tokens' texts before end, in characters (as vLLM counts them).
+    offsets = [0]
+    for t in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp.text_offset == offsets
+
+
+def test_generated_token_logprobs_follow_transformers_greedy_path(server, reference):
+    r = client(server).completions.create(model="tiny", prompt=IDS, max_tokens=6, logprobs=2, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    seq, want = list(IDS), []
+    for _ in range(6):
+        row = reference(seq)[-1]
+        t = int(row.argmax())
+        want.append((row[t].item(), torch.topk(row, 2).values.tolist()))
+        seq.append(t)
+    assert len(lp.token_logprobs) == 6
+    for got, (w, top) in zip(lp.token_logprobs, want):
+        assert got == pytest.approx(w, abs=1e-4)
+    for got, (_, top) in zip(lp.top_logprobs, want):
+        assert max(got.values()) == pytest.approx(top[0], abs=1e-4)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0
+
+    # The same with echo: the prompt's entries, then these; offsets past the prompt's text.
+    e = client(server).completions.create(model="tiny", prompt=IDS, max_tokens=6, logprobs=2, temperature=0,
+                                          echo=True, extra_body={"ignore_eos": True}).choices[0]
+    prompt_text = e.text[: len(e.text) - len(r.choices[0].text)]
+    assert e.text == prompt_text + r.choices[0].text
+    assert e.logprobs.token_logprobs[len(IDS):] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    prompt_chars = sum(len(t) for t in e.logprobs.tokens[: len(IDS)])
+    assert e.logprobs.text_offset[len(IDS):] == [prompt_chars + o for o in lp.text_offset]
+
+
+def test_several_prompts_in_one_request(server):
+    c = client(server)
+    other = IDS[3:] + [11, 12]
+    both = c.completions.create(model="tiny", prompt=[IDS, other], max_tokens=1, echo=True, logprobs=1,
+                                temperature=0)
+    assert [ch.index for ch in both.choices] == [0, 1]
+    for ch, ids in zip(both.choices, [IDS, other]):
+        alone = c.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                     temperature=0).choices[0]
+        assert ch.text == alone.text
+        assert ch.logprobs.token_logprobs[1:] == pytest.approx(alone.logprobs.token_logprobs[1:], abs=1e-5)
+    assert both.usage.prompt_tokens == len(IDS) + len(other)
+    texts = c.completions.create(model="tiny", prompt=["the cat", "the dog"], max_tokens=3, n=2, seed=3)
+    assert sorted(ch.index for ch in texts.choices) == [0, 1, 2, 3]
+
+
+def test_chat_logprobs_streamed_and_whole(server):
+    c = client(server)
+    msgs = [{"role": "user", "content": "where is the cat?"}]
+    whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                      top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert content and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    assert all(e.logprob <= e.top_logprobs[0].logprob + 1e-6 for e in content)  # greedy: the best or tied
+    assert b"".join(bytes(e.bytes) for e in content).decode() == whole.choices[0].message.content
+    streamed = []
+    for chunk in c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                           top_logprobs=2, stream=True):
+        for ch in chunk.choices:
+            if ch.logprobs and ch.logprobs.content:
+                streamed.extend(ch.logprobs.content)
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    # Not asked for: null, as before.
+    assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("endpoint,body,param", [
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": 3}, "logprobs"),
+    ("completions", {"logprobs": True}, "logprobs"),
+    ("completions", {"logprobs": 21}, "logprobs"),
+    ("completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("completions", {"max_tokens": 0}, "max_tokens"),
+    ("completions", {"echo": "yes"}, "echo"),
+    ("completions", {"prompt": [[1, 2], [3]], "stream": True}, "stream"),
+    ("completions", {"prompt": [[1, 2], [99999]]}, "prompt"),
+])
+def test_bad_logprobs_requests_name_their_field(server, endpoint, body, param):
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "chat":
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                      extra_body=body)
+        else:
+            body = {"prompt": "the", **body}
+            c.completions.create(model="tiny", prompt=body.pop("prompt"), extra_body=body)
+    assert e.value.body["param"] == param, e.value.body
