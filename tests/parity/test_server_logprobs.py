@@ -119,6 +119,28 @@ def test_chat_logprobs_streamed_and_whole(server):
     assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
 
 
+def test_lm_evaluation_harness_loglikelihood_requests(server, reference):
+    """What lm-evaluation-harness's `local-completions` model sends for `loglikelihood` (a batch of
+    context + continuation token lists, echo, logprobs 1, max_tokens 1) and how it reads the answer
+    (the continuation's summed log-probabilities, and whether each of its tokens was the most
+    likely), against transformers."""
+    greedy_cont = []
+    for _ in range(2):
+        greedy_cont.append(int(reference(IDS[:4] + greedy_cont)[-1].argmax()))
+    pairs = [(IDS[:6], IDS[6:]), ([7, 7, 19], [4]), (IDS[2:5], [250, 251, 9]), (IDS[:4], greedy_cont)]
+    out = client(server).completions.create(model="tiny", prompt=[c + t for c, t in pairs], temperature=0,
+                                            max_tokens=1, logprobs=1, seed=1234, echo=True)
+    for ch, (ctx, cont) in zip(sorted(out.choices, key=lambda c: c.index), pairs):
+        lps = ch.logprobs.token_logprobs[len(ctx):-1]
+        tops = ch.logprobs.top_logprobs[len(ctx):-1]
+        ref = reference(ctx + cont)
+        want = [ref[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont)]
+        assert sum(lps) == pytest.approx(sum(want), abs=1e-4)
+        greedy = all(int(ref[len(ctx) - 1 + k].argmax()) == t for k, t in enumerate(cont))
+        assert all(lp == max(top.values()) for lp, top in zip(lps, tops)) == greedy
+        assert greedy == (cont == greedy_cont)
+
+
 @pytest.mark.parametrize("endpoint,body,param", [
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),

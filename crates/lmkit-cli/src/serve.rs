@@ -14,8 +14,9 @@ use std::path::PathBuf;
     lmkit serve smollm2/ --device cuda --dtype bf16 --max-active 32\n  \
     lmkit serve smollm2/ --kv-memory 4GiB   # the decoding sequences' KV caches within 4 GiB\n  \
     lmkit serve smollm2/ --prefix-cache none   # read every prompt whole (no reuse of earlier ones' keys and values)\n\n\
-    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE),\n\
-    GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
+    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for SSE;\n\
+    logprobs; echo and lists of prompts on /v1/completions, as lm-evaluation-harness's local-completions\n\
+    model sends them), GET /health, GET /metrics (Prometheus), GET / (chat page), GET /review (rate completions, pick the\n\
     better of two). Every completion is stored in the SQLite database (--db) for review; export the\n\
     preference pairs with `lmkit data export-preferences`.")]
 pub struct ServeArgs {

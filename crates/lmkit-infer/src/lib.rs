@@ -438,11 +438,7 @@ const SCORE_POSITIONS: usize = 256;
 /// tokens before it, with the `top` most likely tokens' at its position), and the cache of
 /// all but its last token: [`Decoder::with_prefix`] then reads only that one to continue (what
 /// `echo` with `logprobs` asks of a completion). Read in passes of a few hundred positions.
-pub fn score_prompt(
-    model: &CausalLm,
-    prompt: &[u32],
-    top: usize,
-) -> Result<(Vec<TokenLogprobs>, lmkit_models::KvCache)> {
+pub fn score_prompt(model: &CausalLm, prompt: &[u32], top: usize) -> Result<Scores> {
     score_prompt_in_pieces(model, prompt, top, SCORE_POSITIONS)
 }
 
@@ -453,7 +449,7 @@ pub fn score_prompt_in_pieces(
     prompt: &[u32],
     top: usize,
     positions: usize,
-) -> Result<(Vec<TokenLogprobs>, lmkit_models::KvCache)> {
+) -> Result<Scores> {
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
     // Position p predicts prompt[p + 1]: positions 0 .. len - 1.
@@ -465,6 +461,77 @@ pub fn score_prompt_in_pieces(
         out.extend(rows.iter().zip(next).map(|(row, &t)| logprobs(row, t, top)));
     }
     Ok((out, cache))
+}
+
+/// Prompt positions read together at most by [`score_prompts`]: their logits stay a few hundred
+/// MB for a large vocabulary.
+const SCORE_PACKED: usize = 1024;
+
+/// What [`score_prompt`] gives for one prompt.
+pub type Scores = (Vec<TokenLogprobs>, lmkit_models::KvCache);
+
+/// [`score_prompt`] for several prompts (each with its number of most likely tokens), in their
+/// order: prompts that fit in a thousand positions together are read in one pass (the output
+/// layer's product over every position then reads its weight once for all of them, as a padded
+/// batch would), a longer one alone in pieces. A pass that fails is read again prompt by prompt,
+/// so that an error is only its own prompt's.
+pub fn score_prompts(model: &CausalLm, prompts: &[(&[u32], usize)]) -> Vec<Result<Scores>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    let mut group: Vec<(&[u32], usize)> = Vec::new();
+    let mut used = 0;
+    let flush = |group: &mut Vec<(&[u32], usize)>, out: &mut Vec<Result<Scores>>| {
+        match score_together(model, group) {
+            Ok(all) => out.extend(all.into_iter().map(Ok)),
+            Err(_) => out.extend(group.iter().map(|&(p, top)| score_prompt(model, p, top))),
+        }
+        group.clear();
+    };
+    for &(prompt, top) in prompts {
+        let read = prompt.len().saturating_sub(1);
+        if read == 0 || read > SCORE_PACKED {
+            flush(&mut group, &mut out);
+            used = 0;
+            out.push(score_prompt(model, prompt, top));
+            continue;
+        }
+        if used + read > SCORE_PACKED {
+            flush(&mut group, &mut out);
+            used = 0;
+        }
+        group.push((prompt, top));
+        used += read;
+    }
+    flush(&mut group, &mut out);
+    out
+}
+
+/// The prompts (all but their last tokens, each at least one) read in one packed pass.
+fn score_together(model: &CausalLm, prompts: &[(&[u32], usize)]) -> Result<Vec<Scores>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs: Vec<&[u32]> = prompts.iter().map(|(p, _)| &p[..p.len() - 1]).collect();
+    let mut caches: Vec<lmkit_models::KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let rows: Vec<Vec<f32>> = {
+        let mut refs: Vec<&mut lmkit_models::KvCache> = caches.iter_mut().collect();
+        model.forward_packed(&seqs, &mut refs)?.to_vec2()?
+    };
+    let mut at = 0;
+    Ok(prompts
+        .iter()
+        .zip(caches)
+        .map(|(&(p, top), cache)| {
+            use rayon::prelude::*;
+            let n = p.len() - 1;
+            let scores = rows[at..at + n]
+                .par_iter()
+                .zip(&p[1..])
+                .map(|(row, &t)| logprobs(row, t, top))
+                .collect();
+            at += n;
+            (scores, cache)
+        })
+        .collect())
 }
 
 /// Whether [`Decoder::step_many`] draws the tokens of a model on the CPU side by side as it does

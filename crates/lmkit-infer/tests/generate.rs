@@ -517,3 +517,30 @@ fn scored_prompts_continue_as_whole_prompts() {
     let (scores, cache) = lmkit_infer::score_prompt(&m, &[4], 1).unwrap();
     assert!(scores.is_empty() && cache.is_empty());
 }
+
+/// Prompts scored together (one packed pass) give each prompt's scores and cache as scoring it
+/// alone does, in order, whatever their lengths (one token: nothing to score).
+#[test]
+fn prompts_scored_together_equal_each_alone() {
+    let (m, _) = tiny_model();
+    let prompts: [&[u32]; 4] = [&[3, 9, 14, 2, 41], &[8], &[7, 7, 30, 5, 11, 2, 19, 4, 6], &[1, 2]];
+    let asked: Vec<(&[u32], usize)> = prompts.iter().map(|&p| (p, 2)).collect();
+    let together = lmkit_infer::score_prompts(&m, &asked);
+    assert_eq!(together.len(), prompts.len());
+    for (p, got) in prompts.iter().zip(together) {
+        let (got, cache) = got.unwrap();
+        let (want, alone) = lmkit_infer::score_prompt(&m, p, 2).unwrap();
+        assert_eq!(cache.len(), alone.len());
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert_eq!(a.token, b.token);
+            assert!((a.logprob - b.logprob).abs() < 1e-5, "{a:?} {b:?}");
+            assert_eq!(a.top.len(), 2);
+        }
+        // The cache continues the prompt as the one of scoring it alone does.
+        let o = opts(2, None, SamplingParams::greedy());
+        let mut x = lmkit_infer::Decoder::with_prefix(&m, p, o.clone(), cache).unwrap();
+        let mut y = lmkit_infer::Decoder::new(&m, p, o).unwrap();
+        assert_eq!(x.step(&m).unwrap(), y.step(&m).unwrap());
+    }
+}

@@ -609,16 +609,7 @@ impl CausalLm {
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&rows, 0)?);
         }
-        let ids: Vec<u32> = seqs.concat();
-        let t = ids.len();
-        for (c, s) in caches.iter_mut().zip(seqs) {
-            c.queue(s.len());
-        }
-        let hidden = Tensor::from_vec(ids, (1, t), self.device())
-            .map_err(ModelError::from)
-            .and_then(|ids| self.hidden_rows(&ids, caches));
-        // Whether the pass ended or failed part-way, the counts were for it alone.
-        caches.iter_mut().for_each(|c| c.queue(0));
+        let hidden = self.packed_hidden(seqs, caches);
         let ends: Vec<u32> = seqs
             .iter()
             .scan(0, |end, s| {
@@ -629,6 +620,48 @@ impl CausalLm {
         let ends = Tensor::new(ends.as_slice(), self.device())?;
         let last = hidden?.squeeze(0)?.index_select(&ends, 0)?;
         self.logits(&last)
+    }
+
+    /// Logits [n, vocab] of every position of the `seqs` (n positions in all), sequence i
+    /// continuing `caches[i]`: the sequences go through the model together as in
+    /// [`CausalLm::forward_packed_last`] (one at a time for recurrent models).
+    pub fn forward_packed(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if seqs.len() != caches.len() || seqs.iter().any(|s| s.is_empty()) {
+            return Err(candle_core::Error::Msg(format!(
+                "{} sequences (none empty) for {} caches",
+                seqs.len(),
+                caches.len()
+            ))
+            .into());
+        }
+        if seqs.len() == 1 || self.is_recurrent() {
+            let rows = seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(s, c)| {
+                    let ids = Tensor::new(*s, self.device())?.unsqueeze(0)?;
+                    Ok(self.forward(&ids, c)?.squeeze(0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&rows, 0)?);
+        }
+        self.logits(&self.packed_hidden(seqs, caches)?.squeeze(0)?)
+    }
+
+    /// Hidden states [1, n, dim] of the `seqs` packed one after another in a single row, each
+    /// attending only to its own cache and positions.
+    fn packed_hidden(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let ids: Vec<u32> = seqs.concat();
+        let t = ids.len();
+        for (c, s) in caches.iter_mut().zip(seqs) {
+            c.queue(s.len());
+        }
+        let hidden = Tensor::from_vec(ids, (1, t), self.device())
+            .map_err(ModelError::from)
+            .and_then(|ids| self.hidden_rows(&ids, caches));
+        // Whether the pass ended or failed part-way, the counts were for it alone.
+        caches.iter_mut().for_each(|c| c.queue(0));
+        hidden
     }
 
     /// Logits [batch, seq, vocab] (f32) for `ids` [batch, seq] continuing the cached positions.

@@ -6,7 +6,8 @@
 
 use crate::prefix::PrefixCache;
 use lmkit_infer::{Decoder, Finish, GenerateOptions, Step};
-use lmkit_models::CausalLm;
+use lmkit_models::{CausalLm, KvCache};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -352,6 +353,7 @@ enum Offer {
 fn offer(
     models: &[CausalLm],
     job: Job,
+    scored: Option<KvCache>,
     active: &mut Active,
     kv: Option<KvBudget>,
     depth: &AtomicUsize,
@@ -384,15 +386,16 @@ fn offer(
     let Some(model) = models.get(job.model) else {
         return fail(&job.events, job.index, "no such model".into());
     };
-    let (prefix, cached) = match job.prompt_logprobs {
-        Some(top) => match lmkit_infer::score_prompt(model, &job.prompt, top) {
+    let (prefix, cached) = match (scored, job.prompt_logprobs) {
+        (Some(cache), _) => (Some(cache), 0),
+        (None, Some(top)) => match lmkit_infer::score_prompt(model, &job.prompt, top) {
             Ok((scores, cache)) => {
                 let _ = job.events.send((job.index, Event::Prompt(scores)));
                 (Some(cache).filter(|c| !c.is_empty()), 0)
             }
             Err(e) => return fail(&job.events, job.index, e.to_string()),
         },
-        None => {
+        (None, None) => {
             let prefix = active
                 .prefix
                 .as_mut()
@@ -435,6 +438,49 @@ fn offer(
     }
 }
 
+/// Reads the prompts of `jobs` (which ask for their prompts' log-probabilities) together, each
+/// model variant's in one pass ([`lmkit_infer::score_prompts`]), and sends each job its scores:
+/// the jobs, in order, then continue from their prompts' caches (where one was kept). A job whose
+/// prompt failed gets the error and is dropped; one for a variant not served goes on unscored
+/// (its start answers it with an error).
+fn score_jobs(
+    models: &[CausalLm],
+    jobs: Vec<Job>,
+    depth: &AtomicUsize,
+) -> Vec<(Job, Option<KvCache>)> {
+    let mut results: Vec<Option<lmkit_infer::Result<lmkit_infer::Scores>>> =
+        jobs.iter().map(|_| None).collect();
+    for (m, model) in models.iter().enumerate() {
+        let mine: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].model == m).collect();
+        let prompts: Vec<(&[u32], usize)> = mine
+            .iter()
+            .map(|&i| (jobs[i].prompt.as_slice(), jobs[i].prompt_logprobs.unwrap_or(0)))
+            .collect();
+        for (i, r) in mine.into_iter().zip(lmkit_infer::score_prompts(model, &prompts)) {
+            results[i] = Some(r);
+        }
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for (mut job, r) in jobs.into_iter().zip(results) {
+        match r {
+            Some(Ok((scores, cache))) => {
+                let _ = job.events.send((job.index, Event::Prompt(scores)));
+                job.prompt_logprobs = None;
+                out.push((job, Some(cache).filter(|c| !c.is_empty())));
+            }
+            Some(Err(e)) => {
+                let _ = job.events.send((job.index, Event::Error(e.to_string())));
+                depth.fetch_sub(1, Ordering::SeqCst);
+            }
+            None => {
+                job.prompt_logprobs = None;
+                out.push((job, None));
+            }
+        }
+    }
+    out
+}
+
 fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacity) {
     let Counts {
         depth,
@@ -461,26 +507,28 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
             .then(|| PrefixCache::new(prefix_cache, kv_per_position)),
         stats: prefix,
     };
-    // The next job in arrival order, waiting for room in the KV budget (the jobs behind it
-    // wait too: first come, first served).
-    let mut waiting: Option<Job> = None;
+    // The next jobs in arrival order, taken from the queue: one waiting for room in the KV
+    // budget (the jobs behind it wait too: first come, first served), and jobs whose prompts
+    // were scored together, each with its prompt's cache where it kept one.
+    let mut next: VecDeque<(Job, Option<KvCache>)> = VecDeque::new();
     let mut open = true;
+    let gone = |j: &Job| j.cancel.load(Ordering::SeqCst) || j.events.is_closed();
     loop {
-        if sequences.running.is_empty() && waiting.is_none() {
+        if sequences.running.is_empty() && next.is_empty() {
             if !open {
                 return;
             }
             match rx.recv() {
-                Ok(job) => waiting = Some(job),
+                Ok(job) => next.push_back((job, None)),
                 Err(_) => return,
             }
         }
         while sequences.running.len() < max_active {
-            let job = match waiting.take() {
-                Some(job) => job,
+            let (job, cache) = match next.pop_front() {
+                Some(j) => j,
                 None if !open => break,
                 None => match rx.try_recv() {
-                    Ok(job) => job,
+                    Ok(job) => (job, None),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         open = false;
@@ -488,17 +536,48 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     }
                 },
             };
-            if let Offer::Wait(job) = offer(&models, job, &mut sequences, kv, &depth) {
-                waiting = Some(*job);
+            if job.prompt_logprobs.is_some() && cache.is_none() && !gone(&job) {
+                // This job's prompt and those of the scoring jobs queued right behind it, read
+                // together; they then start in order.
+                let room = max_active - sequences.running.len();
+                let mut batch = vec![job];
+                while batch.len() < room {
+                    match next.front() {
+                        Some((j, None)) if j.prompt_logprobs.is_some() => {
+                            batch.extend(next.pop_front().map(|(j, _)| j));
+                            continue;
+                        }
+                        Some(_) => break,
+                        None if !open => break,
+                        None => {}
+                    }
+                    match rx.try_recv() {
+                        Ok(j) if j.prompt_logprobs.is_some() => batch.push(j),
+                        Ok(j) => {
+                            next.push_back((j, None));
+                            break;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                for scored in score_jobs(&models, batch, &depth).into_iter().rev() {
+                    next.push_front(scored);
+                }
+                continue;
+            }
+            if let Offer::Wait(job) = offer(&models, job, cache, &mut sequences, kv, &depth) {
+                // (A scored prompt's cache is let go: the job reads its prompt when it starts.)
+                next.push_front((*job, None));
                 break;
             }
         }
         // A job waiting for room whose client has gone no longer holds up the queue.
-        if waiting
-            .as_ref()
-            .is_some_and(|j| j.cancel.load(Ordering::SeqCst) || j.events.is_closed())
-        {
-            waiting = None;
+        while next.front().is_some_and(|(j, _)| gone(j)) {
+            next.pop_front();
             depth.fetch_sub(1, Ordering::SeqCst);
         }
         if sequences.running.is_empty() {
