@@ -148,9 +148,10 @@ def main():
     for name, ts in times.items():
         s = statistics.median(ts)
         print(f"  {name:12} {s:7.2f} s  {a.pairs / s:7.1f} pairs/s  {tokens / s:8.0f} tokens/s  ({base / s:.2f}x)")
-    diff = max(abs(x[0] - y[0]) for x, y in zip(ours, theirs))
+    diffs = [abs(x[0] - y[0]) for x, y in zip(ours, theirs)]
     agree = sum(x[1] == y[1] for x, y in zip(ours, theirs))
-    print(f"  largest log-likelihood difference {diff:.2e}; greedy flags equal for {agree} of {len(pairs)} pairs")
+    print(f"  log-likelihood difference: largest {max(diffs):.2e}, mean {statistics.mean(diffs):.2e}; "
+          f"greedy flags equal for {agree} of {len(pairs)} pairs")
 
 
 if __name__ == "__main__":

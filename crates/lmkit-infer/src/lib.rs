@@ -511,7 +511,8 @@ fn score_together(model: &CausalLm, prompts: &[(&[u32], usize)]) -> Result<Vec<S
         return Ok(Vec::new());
     }
     let seqs: Vec<&[u32]> = prompts.iter().map(|(p, _)| &p[..p.len() - 1]).collect();
-    let mut caches: Vec<lmkit_models::KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut caches: Vec<lmkit_models::KvCache> =
+        prompts.iter().map(|_| model.new_cache()).collect();
     let rows: Vec<Vec<f32>> = {
         let mut refs: Vec<&mut lmkit_models::KvCache> = caches.iter_mut().collect();
         model.forward_packed(&seqs, &mut refs)?.to_vec2()?

@@ -523,7 +523,12 @@ fn scored_prompts_continue_as_whole_prompts() {
 #[test]
 fn prompts_scored_together_equal_each_alone() {
     let (m, _) = tiny_model();
-    let prompts: [&[u32]; 4] = [&[3, 9, 14, 2, 41], &[8], &[7, 7, 30, 5, 11, 2, 19, 4, 6], &[1, 2]];
+    let prompts: [&[u32]; 4] = [
+        &[3, 9, 14, 2, 41],
+        &[8],
+        &[7, 7, 30, 5, 11, 2, 19, 4, 6],
+        &[1, 2],
+    ];
     let asked: Vec<(&[u32], usize)> = prompts.iter().map(|&p| (p, 2)).collect();
     let together = lmkit_infer::score_prompts(&m, &asked);
     assert_eq!(together.len(), prompts.len());

@@ -454,9 +454,17 @@ fn score_jobs(
         let mine: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].model == m).collect();
         let prompts: Vec<(&[u32], usize)> = mine
             .iter()
-            .map(|&i| (jobs[i].prompt.as_slice(), jobs[i].prompt_logprobs.unwrap_or(0)))
+            .map(|&i| {
+                (
+                    jobs[i].prompt.as_slice(),
+                    jobs[i].prompt_logprobs.unwrap_or(0),
+                )
+            })
             .collect();
-        for (i, r) in mine.into_iter().zip(lmkit_infer::score_prompts(model, &prompts)) {
+        for (i, r) in mine
+            .into_iter()
+            .zip(lmkit_infer::score_prompts(model, &prompts))
+        {
             results[i] = Some(r);
         }
     }
