@@ -183,6 +183,17 @@ pub(super) async fn drive(
     let within = |scored: &[super::logprobs::Scored], len: usize| {
         scored.iter().take_while(|s| s.offset < len).count()
     };
+    // A piece of choice `index`'s text (now `len` bytes), with the entries of its tokens not yet
+    // sent whose text starts before that end.
+    let piece = |index: usize, text: String, len: usize, tokens: (&[_], &mut usize, &mut usize)| {
+        let (scored, sent, at) = tokens;
+        let logprobs = due(scored, sent, at, within(scored, len));
+        Chunk::Delta {
+            index,
+            text,
+            logprobs,
+        }
+    };
     let send = |c: Chunk, gone: &mut bool| {
         if let Some(o) = out {
             if o.send(c).is_err() {
@@ -270,27 +281,13 @@ pub(super) async fn drive(
             } else {
                 texts[i] = candidate;
                 let head = texts[i].trim_start();
+                let tokens = (scored[i].as_slice(), &mut sent[i], &mut at[i]);
                 if !holding[i] {
-                    let upto = within(&scored[i], texts[i].len());
-                    send(
-                        Chunk::Delta {
-                            index: i,
-                            text: delta,
-                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
-                        },
-                        &mut client_gone,
-                    );
+                    send(piece(i, delta, texts[i].len(), tokens), &mut client_gone);
                 } else if !head.is_empty() && !head.starts_with('{') {
                     holding[i] = false;
-                    let upto = within(&scored[i], texts[i].len());
-                    send(
-                        Chunk::Delta {
-                            index: i,
-                            text: texts[i].clone(),
-                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
-                        },
-                        &mut client_gone,
-                    );
+                    let all = texts[i].clone();
+                    send(piece(i, all, texts[i].len(), tokens), &mut client_gone);
                 }
             }
         }
@@ -302,15 +299,9 @@ pub(super) async fn drive(
                     done = Some("tool_calls");
                 }
                 _ if !texts[i].is_empty() => {
-                    let upto = within(&scored[i], texts[i].len());
-                    send(
-                        Chunk::Delta {
-                            index: i,
-                            text: texts[i].clone(),
-                            logprobs: due(&scored[i], &mut sent[i], &mut at[i], upto),
-                        },
-                        &mut client_gone,
-                    )
+                    let tokens = (scored[i].as_slice(), &mut sent[i], &mut at[i]);
+                    let all = texts[i].clone();
+                    send(piece(i, all, texts[i].len(), tokens), &mut client_gone)
                 }
                 _ => {}
             }
