@@ -278,7 +278,7 @@ fn logprobs_asked(
                 "top_logprobs",
                 format!("`top_logprobs` must be between 0 and {MOST}"),
             )),
-            Some(_) if !on => Err(ApiError::invalid(
+            Some(t) if t > 0 && !on => Err(ApiError::invalid(
                 "top_logprobs",
                 "`top_logprobs` needs `logprobs: true`",
             )),
