@@ -1,7 +1,8 @@
 """Log-probabilities from `lmkit serve` through the official `openai` client, against transformers'
 log-softmax of the same checkpoint: the completions endpoint's `logprobs` (generated tokens, and the
 prompt's with `echo`, as lm-evaluation-harness's `local-completions` scores a text), several prompts
-in one request, and chat's `logprobs`/`top_logprobs`, streamed and not."""
+in one request, and chat's `logprobs`/`top_logprobs`, streamed and not; and the logit adjustments
+(`frequency_penalty`, `presence_penalty`, `logit_bias`) against OpenAI's formula on the same logits."""
 import pathlib
 
 import openai
@@ -141,6 +142,48 @@ def test_lm_evaluation_harness_loglikelihood_requests(server, reference):
         assert greedy == (cont == greedy_cont)
 
 
+def greedy(reference, ids, steps, freq=0.0, pres=0.0, bias=None):
+    """Greedy tokens from transformers' distribution adjusted as OpenAI documents: each logit less
+    frequency·count + presence·[count > 0] over the tokens generated so far, plus its bias."""
+    seq, out = list(ids), []
+    for _ in range(steps):
+        row = reference(seq)[-1].clone()
+        for t in set(out):
+            row[t] -= freq * out.count(t) + pres
+        for t, b in (bias or {}).items():
+            row[t] += b
+        t = int(row.argmax())
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def test_penalties_and_logit_bias_follow_openai_s_formula(server, reference):
+    run = pathlib.Path(server["model"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(run / (run / "latest").read_text().strip())
+    c = client(server)
+
+    def text(**kw):
+        return c.completions.create(model="tiny", prompt=IDS, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True}, **kw).choices[0].text
+
+    plain = greedy(reference, IDS, 8)
+    assert text() == tok.decode(plain)
+    want = greedy(reference, IDS, 8, freq=1.5, pres=0.5)
+    assert want != plain  # the penalties change this continuation
+    assert text(frequency_penalty=1.5, presence_penalty=0.5) == tok.decode(want)
+    bias = {plain[0]: -100.0, 17: 3.0}
+    want = greedy(reference, IDS, 8, bias=bias)
+    assert want[0] != plain[0]
+    assert text(logit_bias={str(t): b for t, b in bias.items()}) == tok.decode(want)
+    # Log-probabilities stay the model's own.
+    lp = c.completions.create(model="tiny", prompt=IDS, max_tokens=1, temperature=0, logprobs=1,
+                              logit_bias={str(plain[0]): -100}).choices[0].logprobs
+    second = greedy(reference, IDS, 1, bias={plain[0]: -100.0})[0]
+    assert lp.token_logprobs[0] == pytest.approx(reference(IDS)[-1, second].item(), abs=1e-4)
+
+
 @pytest.mark.parametrize("endpoint,body,param", [
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
@@ -152,6 +195,11 @@ def test_lm_evaluation_harness_loglikelihood_requests(server, reference):
     ("completions", {"echo": "yes"}, "echo"),
     ("completions", {"prompt": [[1, 2], [3]], "stream": True}, "stream"),
     ("completions", {"prompt": [[1, 2], [99999]]}, "prompt"),
+    ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": -3}, "frequency_penalty"),
+    ("completions", {"logit_bias": {"99999": 1}}, "logit_bias"),
+    ("chat", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("completions", {"logit_bias": {"cat": 1}}, "logit_bias"),
 ])
 def test_bad_logprobs_requests_name_their_field(server, endpoint, body, param):
     c = client(server)

@@ -5,7 +5,7 @@ pub mod beam;
 pub mod constrain;
 pub mod sampling;
 
-pub use sampling::{logprobs, sample, Random, Rng, SamplingParams, TokenLogprobs};
+pub use sampling::{logprobs, sample, LogitAdjust, Random, Rng, SamplingParams, TokenLogprobs};
 
 use lmkit_models::{CausalLm, ModelError, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -93,6 +93,8 @@ pub struct Decoder {
     logprobs: Option<usize>,
     /// The last token's, where asked for.
     last_logprobs: Option<TokenLogprobs>,
+    /// Penalties and biases applied to the logits before each token is chosen.
+    adjust: Option<LogitAdjust>,
 }
 
 /// What one decoding step produced.
@@ -133,6 +135,7 @@ impl Decoder {
             constraint_error: None,
             logprobs: None,
             last_logprobs: None,
+            adjust: None,
         };
         d.cache.reserve(d.most_positions());
         Ok(d)
@@ -193,6 +196,13 @@ impl Decoder {
         self.logprobs = Some(top);
     }
 
+    /// Makes each token be chosen from logits adjusted by `a` (OpenAI's frequency and presence
+    /// penalties over the tokens generated so far, and `logit_bias`); log-probabilities stay the
+    /// model's own.
+    pub fn adjust_logits(&mut self, a: LogitAdjust) {
+        self.adjust = (!a.is_noop()).then_some(a);
+    }
+
     /// The log-probabilities of the token the last step took (`None` where not asked for with
     /// [`Decoder::keep_logprobs`] or the last step took none).
     pub fn last_logprobs(&self) -> Option<&TokenLogprobs> {
@@ -235,6 +245,19 @@ impl Decoder {
         // The pass read every pending token: the cache holds them now.
         self.pending.clear();
         self.last_logprobs = None;
+        let raw = last;
+        let adjusted;
+        let last = match &self.adjust {
+            Some(a) => {
+                adjusted = {
+                    let mut l = raw.to_vec();
+                    a.apply(&mut l, &self.generated);
+                    l
+                };
+                adjusted.as_slice()
+            }
+            None => raw,
+        };
         let next = match &mut self.constraint {
             None => sample(last, &self.history, &self.opts.sampling, &mut self.rng),
             Some(c) => {
@@ -262,7 +285,7 @@ impl Decoder {
             return Step::Done(Finish::Eos);
         }
         if let Some(top) = self.logprobs {
-            self.last_logprobs = Some(logprobs(last, next, top));
+            self.last_logprobs = Some(logprobs(raw, next, top));
         }
         self.generated.push(next);
         self.history.push(next);

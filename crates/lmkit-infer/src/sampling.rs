@@ -60,6 +60,46 @@ impl SamplingParams {
     }
 }
 
+/// OpenAI's adjustments of the logits before sampling: a frequency and a presence penalty over
+/// the tokens generated so far (not the prompt) — l[t] −= frequency·count(t) + presence·[count(t)
+/// > 0] — and a bias added to chosen tokens' logits (`logit_bias`, −100 bans a token and 100
+/// forces it in practice).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogitAdjust {
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// (token id, bias) pairs.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl LogitAdjust {
+    /// Whether it changes nothing.
+    pub fn is_noop(&self) -> bool {
+        self.frequency_penalty == 0.0 && self.presence_penalty == 0.0 && self.logit_bias.is_empty()
+    }
+
+    /// Adjusts `logits` in place for the tokens `generated` so far (ids outside the logits are
+    /// left alone).
+    pub fn apply(&self, logits: &mut [f32], generated: &[u32]) {
+        if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.frequency_penalty * c as f32 + self.presence_penalty;
+                }
+            }
+        }
+        for &(t, b) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+}
+
 /// The generator sampling draws from (splitmix64: the same sequence on every platform).
 pub type Rng = lmkit_core::rng::SplitMix64;
 pub use lmkit_core::rng::Random;
@@ -454,5 +494,18 @@ mod tests {
         // Large logits do not overflow (the normaliser is an f32 near 1000: steps of 6e-5).
         let big = [1000.0f32, 1000.0];
         assert!((logprobs(&big, 1, 1).logprob - (0.5f32).ln()).abs() < 1e-4);
+    }
+
+    #[test]
+    fn logit_adjustments_follow_openai_s_formula() {
+        let a = LogitAdjust {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            logit_bias: vec![(3, 10.0), (99, 1.0)],
+        };
+        let mut l = [1.0f32, 1.0, 1.0, 1.0];
+        a.apply(&mut l, &[0, 2, 0, 0]);
+        assert_eq!(l, [1.0 - 1.5 - 0.25, 1.0, 1.0 - 0.5 - 0.25, 11.0]);
+        assert!(LogitAdjust::default().is_noop() && !a.is_noop());
     }
 }

@@ -47,6 +47,8 @@ pub struct Job {
     /// are sent before the first token ([`Event::Prompt`]); its keys and values are then read
     /// in a pass of their own, not taken from the prefix cache.
     pub prompt_logprobs: Option<usize>,
+    /// Frequency and presence penalties and biases applied to the logits it samples from.
+    pub adjust: lmkit_infer::LogitAdjust,
 }
 
 /// The submitting side of the worker, with the count of jobs queued or running.
@@ -423,6 +425,7 @@ fn offer(
             if let Some(top) = job.logprobs {
                 decoder.keep_logprobs(top);
             }
+            decoder.adjust_logits(job.adjust);
             active.running.push(Running {
                 decoder,
                 index: job.index,

@@ -1037,6 +1037,7 @@ fn greedy_job(
         constraint: None,
         logprobs: None,
         prompt_logprobs: None,
+        adjust: Default::default(),
     }
 }
 

@@ -432,6 +432,7 @@ async fn submit(
             constraint: constraints.next().flatten(),
             logprobs: prep.params.logprobs,
             prompt_logprobs: prep.params.logprobs.filter(|_| prep.echo),
+            adjust: prep.params.adjust.clone(),
         })
         .collect();
     drop(tx);

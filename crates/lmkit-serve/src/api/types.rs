@@ -52,6 +52,7 @@ pub(super) struct Sampling {
     pub(super) frequency_penalty: Option<f32>,
     pub(super) logprobs: Option<Value>,
     pub(super) top_logprobs: Option<u64>,
+    pub(super) logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +97,8 @@ pub(super) struct Params {
     /// Log-probabilities with each token, and this many of the most likely tokens' (`None`:
     /// none).
     pub(super) logprobs: Option<usize>,
+    /// Frequency and presence penalties, `logit_bias`.
+    pub(super) adjust: lmkit_infer::LogitAdjust,
     pub(super) json: Value,
 }
 

@@ -207,13 +207,18 @@ pub(super) fn sampling(
         ("presence_penalty", s.presence_penalty),
         ("frequency_penalty", s.frequency_penalty),
     ] {
-        if v.is_some_and(|v| v != 0.0) {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
             return Err(ApiError::invalid(
                 name,
-                format!("`{name}` is not supported (use `repetition_penalty`); leave it out or 0"),
+                format!("`{name}` must be between -2 and 2"),
             ));
         }
     }
+    let adjust = lmkit_infer::LogitAdjust {
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        logit_bias: logit_bias(state, s.logit_bias)?,
+    };
     let logprobs = logprobs_asked(chat, s.logprobs.as_ref(), s.top_logprobs)?;
     let stops = match s.stop {
         None => Vec::new(),
@@ -248,8 +253,47 @@ pub(super) fn sampling(
         stops,
         ignore_eos: s.ignore_eos.unwrap_or(false),
         logprobs,
+        adjust,
         json: v,
     })
+}
+
+/// `logit_bias` (token ids, as strings, to a bias between -100 and 100; at most 300 of them, as
+/// OpenAI allows) as (id, bias) pairs.
+fn logit_bias(
+    state: &AppState,
+    bias: Option<std::collections::BTreeMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bias = bias.unwrap_or_default();
+    if bias.len() > 300 {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            "`logit_bias` takes at most 300 tokens",
+        ));
+    }
+    bias.into_iter()
+        .map(|(k, b)| {
+            let id = k
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&i| (i as usize) < state.vocab_size);
+            match id {
+                None => Err(ApiError::invalid(
+                    "logit_bias",
+                    format!(
+                        "`logit_bias` key `{k}` is not a token id of the vocabulary of {}",
+                        state.vocab_size
+                    ),
+                )),
+                Some(_) if !(-100.0..=100.0).contains(&b) => Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` of token {k} must be between -100 and 100"),
+                )),
+                Some(i) => Ok((i, b)),
+            }
+        })
+        .collect()
 }
 
 /// The most likely tokens asked for beside each token's log-probability (`None`: no
