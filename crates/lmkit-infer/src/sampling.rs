@@ -61,9 +61,9 @@ impl SamplingParams {
 }
 
 /// OpenAI's adjustments of the logits before sampling: a frequency and a presence penalty over
-/// the tokens generated so far (not the prompt) — l[t] −= frequency·count(t) + presence·[count(t)
-/// > 0] — and a bias added to chosen tokens' logits (`logit_bias`, −100 bans a token and 100
-/// forces it in practice).
+/// the tokens generated so far (not the prompt) — l\[t\] −= frequency·count(t) + presence where
+/// count(t) is not 0 — and a bias added to chosen tokens' logits (`logit_bias`, −100 bans a token
+/// and 100 forces it in practice).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LogitAdjust {
     pub frequency_penalty: f32,
