@@ -477,3 +477,59 @@ pub fn stats(
     docs.finish()?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer(
+        decoder: serde_json::Value,
+        vocab: serde_json::Value,
+        fallback: bool,
+    ) -> Tokenizer {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": decoder,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": fallback, "ignore_merges": false, "vocab": vocab, "merges": []},
+        });
+        serde_json::to_string(&json).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn token_bytes_are_exact_for_byte_level_and_sentencepiece_tokens() {
+        // SentencePiece's scheme: byte tokens, `▁` for a space (the first one stripped when a
+        // text is decoded).
+        let decoders = [
+            serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+            serde_json::json!({"type": "ByteFallback"}),
+            serde_json::json!({"type": "Fuse"}),
+            serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}),
+        ];
+        let spm = tokenizer(
+            serde_json::json!({"type": "Sequence", "decoders": decoders}),
+            serde_json::json!({"<unk>": 0, "<s>": 1, "<0xE2>": 2, "▁the": 3, "cat": 4}),
+            true,
+        );
+        assert_eq!(token_bytes(&spm, 2).unwrap(), [0xE2]);
+        assert_eq!(token_bytes(&spm, 3).unwrap(), b" the");
+        assert_eq!(token_bytes(&spm, 4).unwrap(), b"cat");
+        assert_eq!(token_bytes(&spm, 1).unwrap(), b"<s>");
+        assert!(token_bytes(&spm, 99).is_none());
+        // Byte-level BPE: `Ġ` is the space, `ì` the byte 0xEC (part of a character), `Ċ` the
+        // newline.
+        let byte_level = tokenizer(
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": true,
+                "trim_offsets": true, "use_regex": true}),
+            serde_json::json!({"Ġthe": 0, "<s>": 1, "ì": 2, "Ċ": 3, "ìĬ": 4}),
+            false,
+        );
+        assert_eq!(token_bytes(&byte_level, 0).unwrap(), b" the");
+        assert_eq!(token_bytes(&byte_level, 2).unwrap(), [0xEC]);
+        assert_eq!(token_bytes(&byte_level, 3).unwrap(), b"\n");
+        assert_eq!(token_bytes(&byte_level, 4).unwrap(), [0xEC, 0x8A]);
+    }
+}
