@@ -21,8 +21,10 @@ usage: ~/.cache/lmkit/venv/bin/python bench/score_bench.py [--pairs 256] [--batc
        [--context 96] [--rounds 3] [--threads 2] [--model DIR | --gguf [FILE]]
 """
 import argparse
+import atexit
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,7 +119,9 @@ def main():
     pairs = pairs_from_text(lambda t: tok(t, add_special_tokens=False)["input_ids"], a.pairs, a.context)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **gguf).eval()
     lm = os.environ.get("LMKIT_BIN", str(ROOT / "target/release/lmkit"))
-    db = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-score-bench-")) / "db.sqlite"
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmkit-score-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the server's database, removed when the bench ends
+    db = tmp / "db.sqlite"
     proc = subprocess.Popen([lm, "serve", model, "--port", "0", "--model-name", "bench", "--db", db,
                              "--max-queue", "256"], stderr=subprocess.PIPE, text=True)
     try:
