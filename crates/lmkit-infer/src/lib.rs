@@ -473,14 +473,15 @@ pub fn score_prompt_in_pieces(
     top: usize,
     positions: usize,
 ) -> Result<Scores> {
+    let positions = positions.max(1);
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
     // Position p predicts prompt[p + 1]: positions 0 .. len - 1.
     let read = prompt.len().saturating_sub(1);
-    for (c, piece) in prompt[..read].chunks(positions.max(1)).enumerate() {
+    for (c, piece) in prompt[..read].chunks(positions).enumerate() {
         let ids = Tensor::new(piece, model.device())?.unsqueeze(0)?;
         let rows: Vec<Vec<f32>> = model.forward(&ids, &mut cache)?.squeeze(0)?.to_vec2()?;
-        let next = &prompt[c * positions.max(1) + 1..];
+        let next = &prompt[c * positions + 1..];
         out.extend(rows.iter().zip(next).map(|(row, &t)| logprobs(row, t, top)));
     }
     Ok((out, cache))

@@ -585,17 +585,7 @@ impl CausalLm {
         seqs: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
-        if seqs.len() != caches.len() {
-            return Err(candle_core::Error::Msg(format!(
-                "{} sequences for {} caches",
-                seqs.len(),
-                caches.len()
-            ))
-            .into());
-        }
-        if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
-            return Err(candle_core::Error::Msg(format!("sequence {i} is empty")).into());
-        }
+        check_packed(seqs, caches)?;
         if seqs.len() > 1 && seqs.iter().all(|s| s.len() == 1) {
             // Decoding steps: one row each, every row continuing its own cache.
             let ids = Tensor::new(seqs.concat(), self.device())?.unsqueeze(1)?;
@@ -626,14 +616,7 @@ impl CausalLm {
     /// continuing `caches[i]`: the sequences go through the model together as in
     /// [`CausalLm::forward_packed_last`] (one at a time for recurrent models).
     pub fn forward_packed(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        if seqs.len() != caches.len() || seqs.iter().any(|s| s.is_empty()) {
-            return Err(candle_core::Error::Msg(format!(
-                "{} sequences (none empty) for {} caches",
-                seqs.len(),
-                caches.len()
-            ))
-            .into());
-        }
+        check_packed(seqs, caches)?;
         if seqs.len() == 1 || self.is_recurrent() {
             let rows = seqs
                 .iter()
@@ -668,6 +651,22 @@ impl CausalLm {
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.logits(&self.hidden(ids, cache)?)
     }
+}
+
+/// Packed sequences' checks: one cache each, none empty.
+fn check_packed(seqs: &[&[u32]], caches: &[&mut KvCache]) -> Result<()> {
+    if seqs.len() != caches.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "{} sequences for {} caches",
+            seqs.len(),
+            caches.len()
+        ))
+        .into());
+    }
+    if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+        return Err(candle_core::Error::Msg(format!("sequence {i} is empty")).into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -45,7 +45,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// The prompt's log-probabilities (this many of the most likely tokens' at each position)
     /// are sent before the first token ([`Event::Prompt`]); its keys and values are then read
-    /// in a pass of their own, not taken from the prefix cache.
+    /// in a scoring pass (with the prompts of other such jobs queued beside it), not taken from
+    /// the prefix cache.
     pub prompt_logprobs: Option<usize>,
     /// Frequency and presence penalties and biases applied to the logits it samples from.
     pub adjust: lmkit_infer::LogitAdjust,
@@ -388,16 +389,10 @@ fn offer(
     let Some(model) = models.get(job.model) else {
         return fail(&job.events, job.index, "no such model".into());
     };
-    let (prefix, cached) = match (scored, job.prompt_logprobs) {
-        (Some(cache), _) => (Some(cache), 0),
-        (None, Some(top)) => match lmkit_infer::score_prompt(model, &job.prompt, top) {
-            Ok((scores, cache)) => {
-                let _ = job.events.send((job.index, Event::Prompt(scores)));
-                (Some(cache).filter(|c| !c.is_empty()), 0)
-            }
-            Err(e) => return fail(&job.events, job.index, e.to_string()),
-        },
-        (None, None) => {
+    // (A job that asks for its prompt's log-probabilities comes here scored, by `score_jobs`.)
+    let (prefix, cached) = match scored {
+        Some(cache) => (Some(cache), 0),
+        None => {
             let prefix = active
                 .prefix
                 .as_mut()

@@ -159,6 +159,8 @@ pub(super) async fn drive(
     // where no stop string or moderation cut it).
     let chat = prep.chat;
     let want = prep.params.logprobs.is_some();
+    // Whether streamed chunks carry them.
+    let in_chunks = want && out.is_some();
     // An echoed prompt: its text goes before each choice's (its log-probabilities too, where
     // asked for: the engine sends them first). `at`: the text offset (in characters) where each
     // choice's next streamed token starts.
@@ -172,7 +174,7 @@ pub(super) async fn drive(
     // streamed chunk's; `None` where not asked for or not streaming).
     let due =
         |scored: &[super::logprobs::Scored], sent: &mut usize, at: &mut usize, upto: usize| {
-            (want && out.is_some()).then(|| {
+            in_chunks.then(|| {
                 let upto = upto.max(*sent);
                 let v = super::logprobs::object(state, chat, &scored[*sent..upto], at);
                 *sent = upto;
@@ -208,13 +210,10 @@ pub(super) async fn drive(
         if reasons[i].is_some() {
             continue;
         }
-        let ev = match ev {
-            Event::Prompt(scores) => {
-                prompt_scores[i] = scores;
-                None
-            }
-            ev => Some(ev),
-        };
+        let mut ev = ev;
+        if let Event::Prompt(scores) = &mut ev {
+            prompt_scores[i] = std::mem::take(scores);
+        }
         if !echoed[i] {
             echoed[i] = true;
             let lists = || {
@@ -225,14 +224,11 @@ pub(super) async fn drive(
                 Chunk::Delta {
                     index: i,
                     text: prep.prompt_text.clone(),
-                    logprobs: (want && out.is_some()).then(lists),
+                    logprobs: in_chunks.then(lists),
                 },
                 &mut client_gone,
             );
         }
-        let Some(ev) = ev else {
-            continue;
-        };
         let (delta, done) = match ev {
             Event::Cached(n) => {
                 cached_tokens = cached_tokens.max(n);
