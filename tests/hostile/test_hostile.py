@@ -72,6 +72,12 @@ CASES = [
     ("truncated lmkb",
      {"m.lmkb": b"LMKB" + b"\x01\x00\x00\x00" + b"\x00" * 40, "t.txt": "a\n"},
      ["ngram", "ppl", "-m", "m.lmkb", "--input", "t.txt"], "m.lmkb", []),
+    ("tokenizer.json cut off in its decoder",
+     {"tok/tokenizer.json": '{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], '
+                            '"normalizer": null, "pre_tokenizer": null, "post_processor": null, '
+                            '"decoder": {"type": "ByteLevel", "add_prefix_space": false', "t.txt": "a b\n"},
+     ["tokenizer", "encode", "--tokenizer", "tok", "--input", "t.txt", "--shards", "shards"],
+     "tokenizer.json: cannot load tokenizer: not valid JSON", ["shards"]),
     ("not a GGUF",
      {"m.gguf": b"GGUX" + b"\x00" * 64},
      ["generate", "--model", "m.gguf", "--prompt-ids", "1", "--ids"], "m.gguf", []),

@@ -150,6 +150,12 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
         path.to_path_buf()
     };
     let text = std::fs::read_to_string(&file).map_err(|e| TokenizeError::io(&file, e))?;
+    // The JSON's syntax first: tokenizers' decoder field panics on a file that ends early
+    // (a truncated download or copy) where this names the line and column.
+    serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| TokenizeError::Load {
+        path: file.clone(),
+        msg: format!("not valid JSON ({e}); is the file whole?"),
+    })?;
     let mut tk = text.parse::<Tokenizer>().map_err(|e| TokenizeError::Load {
         path: file.clone(),
         msg: e.to_string(),
