@@ -164,3 +164,21 @@ def test_a_huge_line_trains_and_encodes_within_the_memory_cap(tmp_path, corpus):
             tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "from 1 documents (67.11 MB)" in p.stderr, p.stderr
+
+
+def test_a_llama_declaring_a_huge_context_runs_within_the_memory_cap(tmp_path, corpus):
+    """Rotary tables grow with the positions used (Qwen2.5-1M's config declares 1,010,000; a whole
+    table of 10^12 took the model's load past any memory): such a Llama trains and generates
+    under the cap, and a GGUF file, whose context length is 32 bits, is refused naming the field."""
+    (tmp_path / "run.toml").write_text(
+        '[model]\nmodel_type = "llama"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 1\n'
+        f'num_attention_heads = 2\nmax_position_embeddings = {10**12}\n'
+        f'[data]\ntrain = "{corpus}/shards"\ntokenizer = "{corpus}/tok"\n'
+        '[train]\nout_dir = "out"\nseq_len = 16\nbatch_size = 4\nmax_steps = 2\n')
+    p = run(["train", "--config", "run.toml"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run(["generate", "--model", "out", "--prompt", "the cat", "--max-tokens", "4", "--greedy"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "4 generated" in p.stderr, p.stderr
+    check(run(["quantize", "out", "m.gguf", "--type", "q8_0"], tmp_path), "max_position_embeddings")
+    assert not (tmp_path / "m.gguf").exists()

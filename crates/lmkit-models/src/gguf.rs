@@ -493,6 +493,12 @@ pub fn write_llama(
     if rope.scaling != crate::families::llama::RopeScaling::None {
         return Err(bad("rope scaling is not written to GGUF yet".into()));
     }
+    if u32::try_from(cfg.max_position_embeddings).is_err() {
+        return Err(bad(format!(
+            "max_position_embeddings ({}) does not fit GGUF's 32-bit `llama.context_length`",
+            cfg.max_position_embeddings
+        )));
+    }
     let dev = Device::Cpu;
     let vb = crate::mmap_weights(&dir, &dev, None, candle_core::DType::F32)?;
     let (h, v, i_size) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);

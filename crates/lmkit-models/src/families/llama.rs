@@ -447,7 +447,7 @@ impl Layer {
         if let [cache] = caches {
             // One pass whose keys and values are not kept (scoring, training): rotation and
             // attention in one kernel over the projections side by side.
-            let (table, rotated) = rope.table();
+            let (table, rotated) = rope.table(cache.len() + t)?;
             if cache.discards_kv() && self.q_norm.is_none() && rotated == self.head_dim {
                 let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
                 // A block-quantized model's on the AMX tiles, as its products run.
@@ -456,7 +456,7 @@ impl Layer {
                 } else {
                     lmkit_kernels::blas::rope_causal_attention
                 };
-                let y = attend(&qkv, table, self.n_head, self.n_kv, cache.segments())?;
+                let y = attend(&qkv, &table, self.n_head, self.n_kv, cache.segments())?;
                 if let Some(y) = y {
                     return self.mlp(&self.o_proj.forward_add(&y, x)?);
                 }

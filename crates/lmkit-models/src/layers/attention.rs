@@ -454,7 +454,12 @@ fn cached_on_gpu(
             new,
         })
         .collect();
-    let table = rope.map(|r| r.table()).filter(|(_, rotated)| *rotated > 0);
+    let end = slots.iter().map(|s| s.len + s.new).max().unwrap_or(0);
+    let table = rope.map(|r| r.table(end)).transpose()?;
+    let table = table
+        .as_ref()
+        .map(|(t, rotated)| (t, *rotated))
+        .filter(|(_, rotated)| *rotated > 0);
     let scale = 1.0 / (hd as f64).sqrt();
     match lmkit_kernels::cuda::cache_attention(q, k, v, &slots, table, scale)? {
         Some(y) => Ok(y),

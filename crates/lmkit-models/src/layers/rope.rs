@@ -3,6 +3,8 @@
 //! `rope_parameters` of 5.x) and the cos/sin tables applied to queries and keys, over the whole
 //! head or (GPT-NeoX's `rotary_pct`) its first dimensions.
 
+use std::sync::RwLock;
+
 use candle_core::{DType, Device, Tensor, D};
 
 /// How positions rotate queries and keys.
@@ -133,26 +135,49 @@ impl RopeSpec {
     }
 }
 
-/// cos/sin tables [max_positions, rotated/2] applied to the first `rotated` dimensions of each
-/// head (all of them unless the model rotates part of the head).
+/// Positions the tables first cover: they grow (doubling) as longer sequences come, up to
+/// `max_positions`, so that a config declaring a context of a million positions or more does
+/// not cost its whole table at load (1 GiB for a head of 128 at a million).
+const FIRST_POSITIONS: usize = 4096;
+
+/// cos/sin tables [positions, rotated/2] applied to the first `rotated` dimensions of each head
+/// (all of them unless the model rotates part of the head), for the positions used so far.
 pub struct Rope {
+    inv_freq: Vec<f32>,
+    max_positions: usize,
+    dtype: DType,
+    device: Device,
+    rotated: usize,
+    tables: RwLock<Tables>,
+}
+
+#[derive(Clone)]
+struct Tables {
+    positions: usize,
     cos: Tensor,
     sin: Tensor,
     /// [positions, rotated]: each position's cos values, then its sin values.
     table: Tensor,
-    rotated: usize,
 }
 
-impl Rope {
-    pub fn new(
-        inv_freq: Vec<f32>,
-        max_positions: usize,
+impl Tables {
+    /// Positions `0..positions`: each row is computed alone, so a longer table's first rows
+    /// equal a shorter one's.
+    fn new(
+        inv_freq: &[f32],
+        positions: usize,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Self> {
         let half = inv_freq.len();
-        let inv = Tensor::from_vec(inv_freq, (1, half), dev)?;
-        let pos = Tensor::arange(0u32, max_positions as u32, dev)?
+        if positions > u32::MAX as usize {
+            candle_core::bail!(
+                "rotary tables of {positions} positions (at most {})",
+                u32::MAX
+            );
+        }
+        let inv = Tensor::from_slice(inv_freq, (1, half), dev)?;
+        let pos = Tensor::arange(0u32, positions as u32, dev)?
             .to_dtype(DType::F32)?
             .unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv)?;
@@ -163,25 +188,63 @@ impl Rope {
             DType::BF16 | DType::F16 => Tensor::cat(&[&freqs.cos()?, &freqs.sin()?], 1)?,
             _ => Tensor::cat(&[&cos, &sin], 1)?,
         };
-        Ok(Rope {
-            table,
+        Ok(Tables {
+            positions,
             cos,
             sin,
-            rotated: 2 * half,
+            table,
+        })
+    }
+}
+
+impl Rope {
+    pub fn new(
+        inv_freq: Vec<f32>,
+        max_positions: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let tables = Tables::new(&inv_freq, max_positions.min(FIRST_POSITIONS), dtype, dev)?;
+        Ok(Rope {
+            rotated: 2 * inv_freq.len(),
+            inv_freq,
+            max_positions,
+            dtype,
+            device: dev.clone(),
+            tables: RwLock::new(tables),
         })
     }
 
-    /// The table [positions, rotated] (each position's cos values, then its sin values; f32 for
-    /// a half-precision model) and how many leading values of a head it rotates.
-    pub fn table(&self) -> (&Tensor, usize) {
-        (&self.table, self.rotated)
+    /// Tables that cover positions `0..positions` (at most `max_positions`).
+    fn tables(&self, positions: usize) -> candle_core::Result<Tables> {
+        let wanted = positions.min(self.max_positions);
+        {
+            let t = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if t.positions >= wanted {
+                return Ok(t.clone());
+            }
+        }
+        let mut t = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        if t.positions < wanted {
+            let grown = wanted.max(2 * t.positions).min(self.max_positions);
+            *t = Tables::new(&self.inv_freq, grown, self.dtype, &self.device)?;
+        }
+        Ok(t.clone())
+    }
+
+    /// The table [at least `positions` (up to `max_positions`), rotated] (each position's cos
+    /// values, then its sin values; f32 for a half-precision model) and how many leading values
+    /// of a head it rotates.
+    pub fn table(&self, positions: usize) -> candle_core::Result<(Tensor, usize)> {
+        Ok((self.tables(positions)?.table, self.rotated))
     }
 
     /// `x` [b, h, t, d] at positions `start..start + t`, rotated.
     pub fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
+        let tables = self.tables(start + t)?;
+        let cos = tables.cos.narrow(0, start, t)?;
+        let sin = tables.sin.narrow(0, start, t)?;
         let d = x.dim(D::Minus1)?;
         if self.rotated == 0 {
             return Ok(x.clone());
@@ -218,6 +281,43 @@ mod tests {
         // Position 0 is not rotated at all.
         let y0 = part.apply(&x.narrow(2, 0, 1).unwrap(), 0).unwrap();
         assert!(lmkit_kernels::testing::max_diff(&y0, &x.narrow(2, 0, 1).unwrap()) < 1e-7);
+    }
+
+    #[test]
+    fn tables_grow_with_the_positions_used_and_equal_tables_built_whole() {
+        let dev = Device::Cpu;
+        let inv = RopeSpec::from_config(10_000.0, &None, &None)
+            .unwrap()
+            .inv_freq(8);
+        // A context of 10^12 positions costs a table of the first ones at load.
+        let rope = Rope::new(inv.clone(), 1 << 40, DType::F32, &dev).unwrap();
+        let (first, rotated) = rope.table(10).unwrap();
+        assert_eq!((first.dims2().unwrap(), rotated), ((FIRST_POSITIONS, 8), 8));
+        let (grown, _) = rope.table(FIRST_POSITIONS + 1).unwrap();
+        assert_eq!(grown.dim(0).unwrap(), 2 * FIRST_POSITIONS);
+        let whole = Tables::new(&inv, 3 * FIRST_POSITIONS, DType::F32, &dev).unwrap();
+        let head = |t: &Tensor, n: usize| t.narrow(0, 0, n).unwrap();
+        assert_eq!(
+            lmkit_kernels::testing::max_diff(&grown, &head(&whole.table, 2 * FIRST_POSITIONS)),
+            0.0
+        );
+        // Rotating positions past the tables grows them; the result is the whole table's.
+        let x = lmkit_kernels::testing::randn(0f32, 1.0, &[1, 2, 3, 8], &dev).unwrap();
+        let start = 2 * FIRST_POSITIONS + 7;
+        let y = rope.apply(&x, start).unwrap();
+        let (cos, sin) = (
+            whole.cos.narrow(0, start, 3).unwrap(),
+            whole.sin.narrow(0, start, 3).unwrap(),
+        );
+        let want = crate::layers::ops::rope(&x, &cos, &sin).unwrap();
+        assert_eq!(lmkit_kernels::testing::max_diff(&y, &want), 0.0);
+        assert_eq!(
+            rope.table(0).unwrap().0.dim(0).unwrap(),
+            4 * FIRST_POSITIONS
+        );
+        // Never past the model's positions.
+        let short = Rope::new(inv, 100, DType::F32, &dev).unwrap();
+        assert_eq!(short.table(1_000).unwrap().0.dim(0).unwrap(), 100);
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub fn scored_rows(
     if !parts.embed_tokens.device().is_cpu() || !blas::available() {
         return Ok(None);
     }
-    let (table, rotated) = parts.rope.table();
+    let (table, rotated) = parts.rope.table(batch.t)?;
     let hd = parts.layers.first().map_or(0, |l| l.head_dim);
     if rotated != hd || parts.lm_head.lora().is_some_and(|l| l.is_on()) {
         return Ok(None);
@@ -124,7 +124,7 @@ pub fn scored_rows(
     // Every tensor the pass reads, each once (a tied output layer is the embedding).
     let mut reg = Registry::default();
     let embed = reg.add(parts.embed_tokens);
-    let table = reg.add(table);
+    let table = reg.add(&table);
     let mut layers = Vec::with_capacity(parts.layers.len());
     for l in &parts.layers {
         let Some(layer) = LayerIdx::new(&mut reg, l, n) else {

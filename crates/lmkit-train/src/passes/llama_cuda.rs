@@ -122,7 +122,7 @@ pub(super) fn pass(
     if !reduced || !flash_attention_chosen() {
         return Ok(None);
     }
-    let (table, rotated) = parts.rope.table();
+    let (table, rotated) = parts.rope.table(t)?;
     let Some(first) = parts.layers.first() else {
         return Ok(None);
     };
@@ -158,7 +158,7 @@ pub(super) fn pass(
         );
     }
     let mut all = tensors.clone();
-    all.push(table);
+    all.push(&table);
     let guards: Vec<_> = all.iter().map(|p| p.storage_and_layout()).collect();
     let Some(data) = guards
         .iter()
