@@ -88,6 +88,9 @@ TRAIN_CASES = [
     ("n_positions = 10^9", {"n_positions": 10**9}, None, "needs about"),
     ("batch of 10^8 sequences", None, {"batch_size": 10**8}, "needs about"),
     ("vocabulary of 10^9", {"vocab_size": 10**9}, None, "needs about"),
+    # Sizes whose parameter count passes 2^64 (it wrapped to a small count, then allocation panicked).
+    ("n_positions = 2^63 - 1", {"n_positions": 2**63 - 1}, None, "needs about"),
+    ("n_inner = 2^63 - 1", {"n_inner": 2**63 - 1}, None, "needs about"),
 ]
 
 
@@ -182,3 +185,40 @@ def test_a_llama_declaring_a_huge_context_runs_within_the_memory_cap(tmp_path, c
     assert "4 generated" in p.stderr, p.stderr
     check(run(["quantize", "out", "m.gguf", "--type", "q8_0"], tmp_path), "max_position_embeddings")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def tuning(corpus, tmp_path_factory):
+    """A tiny Llama base, chat rows and a LoRA fine-tuning config over them."""
+    d = tmp_path_factory.mktemp("tuning")
+    (d / "base.toml").write_text(
+        '[model]\nmodel_type = "llama"\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 1\n'
+        'num_attention_heads = 2\nmax_position_embeddings = 64\n'
+        f'[data]\ntrain = "{corpus}/shards"\ntokenizer = "{corpus}/tok"\n'
+        '[train]\nout_dir = "base"\nseq_len = 16\nbatch_size = 4\nmax_steps = 1\n')
+    p = subprocess.run([BIN, "train", "--config", "base.toml"], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on the mat"}]}]
+    (d / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 8))
+    (d / "sft.toml").write_text(
+        f'base = "{d}/base"\n[data]\ntrain = "{d}/sft.jsonl"\n'
+        '[train]\nmax_steps = 1\nbatch_size = 2\nseq_len = 32\n[lora]\nr = 4\nalpha = 8\n'
+        'target_modules = "all-linear"\n')
+    return d
+
+
+# (name, --set overrides of the fine-tuning config, text the error must contain): sizes that aborted on
+# allocation before anything was checked.
+TUNING_CASES = [
+    ("lora.r = 10^12", ["lora.r=1000000000000"], "lower lora.r"),
+    ("batch of 10^12 rows", ["train.batch_size=1000000000000"], "train.batch_size (1000000000000)"),
+]
+
+
+@pytest.mark.parametrize("name,sets,needle", TUNING_CASES, ids=[c[0] for c in TUNING_CASES])
+def test_oversized_tuning_is_refused_before_allocating(tmp_path, tuning, name, sets, needle):
+    args = ["finetune", "--config", tuning / "sft.toml", "--set", f'train.out_dir="{tmp_path}/out"']
+    for s in sets:
+        args += ["--set", s]
+    check(run(args, tmp_path), needle)
+    assert_no_checkpoints(tmp_path / "out")

@@ -22,6 +22,9 @@ pub enum ModelError {
     },
     #[error("{0}")]
     Device(String),
+    /// A construction refused for the reason given (a setting the machine cannot hold).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

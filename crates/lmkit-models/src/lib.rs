@@ -338,6 +338,10 @@ impl candle_nn::var_builder::SimpleBackend for SharedWeights {
 pub(crate) fn tensor_error(path: &Path, e: candle_core::Error) -> ModelError {
     // candle may append a backtrace to its message; the first line says what failed.
     let msg = first_line(&e);
+    if msg.starts_with("lora.") {
+        // An adapter setting refused while the layers were built (see `lora::check_room`).
+        return ModelError::Refused(msg);
+    }
     // candle names the tensor in its message ("cannot find tensor X", "shape mismatch for X").
     let name = msg
         .split_whitespace()

@@ -259,10 +259,25 @@ pub(crate) fn validate_train(t: &TrainConfig) -> std::result::Result<(), String>
             return Err(format!("{name} must be at least 1"));
         }
     }
-    if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+    if !(t.lr > 0.0 && t.lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
         return Err(format!(
-            "need 0 ≤ train.min_lr ({}) ≤ train.lr ({}) and lr > 0",
+            "need 0 ≤ train.min_lr ({}) ≤ train.lr ({}) and lr > 0, finite",
             t.min_lr, t.lr
+        ));
+    }
+    // As PyTorch's AdamW checks its own; grad_clip 0 turns clipping off.
+    for (name, v) in [
+        ("train.weight_decay", t.weight_decay),
+        ("train.eps", t.eps),
+        ("train.grad_clip", t.grad_clip),
+    ] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(format!("{name} must be a finite number ≥ 0, not {v}"));
+        }
+    }
+    if let Some(m) = t.max_time.filter(|m| m.is_nan() || *m <= 0.0) {
+        return Err(format!(
+            "train.max_time must be a number of seconds > 0, not {m} (leave it out for no limit)"
         ));
     }
     if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
@@ -321,6 +336,26 @@ mod tests {
     thread_local! {
         /// Set: [`bf16_on_this_cpu`] answers no on this thread.
         pub(super) static NO_AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn optimizer_values_out_of_range_are_refused_naming_the_field() {
+        let ok: TrainConfig = toml::from_str("grad_clip = 0.0\nmax_time = 1e9").unwrap();
+        assert_eq!(validate_train(&ok), Ok(()));
+        for (line, field) in [
+            ("lr = inf", "train.lr"),
+            ("weight_decay = -0.1", "train.weight_decay"),
+            ("weight_decay = nan", "train.weight_decay"),
+            ("eps = -1e-8", "train.eps"),
+            ("grad_clip = -1.0", "train.grad_clip"),
+            ("grad_clip = nan", "train.grad_clip"),
+            ("max_time = 0.0", "train.max_time"),
+            ("max_time = nan", "train.max_time"),
+        ] {
+            let t: TrainConfig = toml::from_str(line).unwrap();
+            let e = validate_train(&t).unwrap_err();
+            assert!(e.contains(field), "{line}: {e}");
+        }
     }
 
     #[test]

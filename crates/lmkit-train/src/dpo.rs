@@ -805,7 +805,11 @@ pub fn dpo(
         if let Some(a) = adapters {
             a.set_dropout_seed(None);
         }
-        let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
+        let limit = t
+            .eval_batches
+            .max(1)
+            .saturating_mul(t.batch_size)
+            .min(val.len());
         let (mut loss, mut extra, mut batches) = (0.0, Extra::new(), 0usize);
         for (k, chunk) in val[..limit].chunks(t.batch_size).enumerate() {
             let pairs: Vec<&Pair> = chunk.iter().collect();

@@ -283,6 +283,13 @@ pub(crate) fn load_tuned(
             t.seq_len, tuned.max_positions
         )));
     }
+    let width = tuned.model.output().dims()?.1;
+    crate::init::check_step_tokens(
+        t.batch_size as f64,
+        t.seq_len,
+        width,
+        &format!("train.batch_size ({})", t.batch_size),
+    )?;
     Ok(tuned)
 }
 
@@ -754,7 +761,11 @@ pub fn finetune(
         if let Some(a) = adapters {
             a.set_dropout_seed(None);
         }
-        let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
+        let limit = t
+            .eval_batches
+            .max(1)
+            .saturating_mul(t.batch_size)
+            .min(val.len());
         let (mut sum, mut count) = (0.0, 0usize);
         for chunk in val[..limit].chunks(t.batch_size) {
             let rows: Vec<Vec<&Example>> = chunk.iter().map(|e| vec![e]).collect();

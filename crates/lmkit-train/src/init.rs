@@ -71,9 +71,33 @@ pub(crate) fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize) -> Resul
          state; {} for activations of batch {batch} × {seq} tokens) but {} are available; \
          shrink [model] or train.batch_size / train.seq_len",
         gib(params + acts),
-        cfg.num_parameters(),
+        match cfg.num_parameters() {
+            n if n < 1_000_000_000_000_000 => n.to_string(),
+            n => format!("{:.2e}", n as f64),
+        },
         gib(params),
         gib(acts),
+        gib(avail as f64)
+    )))
+}
+
+/// Refuses a step of `rows` sequences of `seq` positions (`rows` named by `what`) whose hidden
+/// states alone — one f32 vector of `width` a position, the least a pass keeps — exceed the
+/// memory the machine has: such a step would abort on allocation. A lower bound, so it refuses
+/// only sizes no pass could hold.
+pub(crate) fn check_step_tokens(rows: f64, seq: usize, width: usize, what: &str) -> Result<()> {
+    let Some(avail) = lmkit_core::memory::available() else {
+        return Ok(());
+    };
+    let bytes = rows * seq as f64 * width as f64 * 4.0;
+    if bytes <= avail as f64 {
+        return Ok(());
+    }
+    use lmkit_core::memory::gib;
+    Err(TrainError::Data(format!(
+        "{what} × train.seq_len ({seq}) positions a step: their hidden states alone need {} but \
+         {} are available; lower them",
+        gib(bytes),
         gib(avail as f64)
     )))
 }

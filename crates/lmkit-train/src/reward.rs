@@ -425,6 +425,12 @@ pub fn train(
         "lora": cfg.lora,
         "seq_len": t.seq_len,
     });
+    crate::init::check_step_tokens(
+        2.0 * t.batch_size as f64,
+        t.seq_len,
+        rm.model.output().dims()?.1,
+        &format!("train.batch_size ({}) pairs", t.batch_size),
+    )?;
     let tuned = Tuned {
         model: rm.model,
         base: cfg.base.clone(),
@@ -511,7 +517,11 @@ pub fn train(
         if val.is_empty() {
             return Ok(None);
         }
-        let limit = (t.eval_batches.max(1) * t.batch_size).min(val.len());
+        let limit = t
+            .eval_batches
+            .max(1)
+            .saturating_mul(t.batch_size)
+            .min(val.len());
         let pairs: Vec<&Pair> = val[..limit].iter().collect();
         let (loss, extra) = batch(&pairs, None)?;
         Ok(Some(Validation {

@@ -515,6 +515,15 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
     let (tuned, output, mut opt, from) =
         begin(what, t, identity, &toml_text, start, &dev, progress)?;
+    crate::init::check_step_tokens(
+        t.batch_size as f64 * r.group_size as f64,
+        t.seq_len,
+        tuned.model.output().dims()?.1,
+        &format!(
+            "train.batch_size ({}) × rl.group_size ({})",
+            t.batch_size, r.group_size
+        ),
+    )?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let samples_path = output.out.join("completions.jsonl");
     keep_samples_through(&samples_path, from.step)?;

@@ -259,6 +259,29 @@ fn reduce(
     Ok((mean, loss, flags))
 }
 
+/// Refuses to save weights that are no longer finite — an update whose learning rate or weight
+/// decay was far too large, or a gradient that overflowed —, which a checkpoint would keep and a
+/// finished run would hide (the loss is measured before the update that broke them).
+fn check_weights(opt: &AdamW, step: usize) -> Result<()> {
+    for p in &opt.params {
+        let w = p.var.as_tensor();
+        // x − x is 0 for every finite x and NaN for ±inf and NaN: the sum says if any is not.
+        let s = w
+            .sub(w)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !s.is_finite() {
+            return Err(TrainError::Data(format!(
+                "the weights of {} are no longer finite after step {step}; lower train.lr or \
+                 train.weight_decay (no checkpoint written for this step)",
+                p.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Trains from `from` to `t.max_steps` (or the time limit, or a stop request).
 pub(crate) fn run(
     t: &TrainConfig,
@@ -372,6 +395,14 @@ pub(crate) fn run(
             if let Some(v) = validation {
                 metrics::append(metrics_path, &v.record(at.step))?;
                 let v = v.loss;
+                if !v.is_finite() {
+                    // Weights still finite but so large that the logits overflow.
+                    return Err(TrainError::Data(format!(
+                        "validation loss became {v} after step {}; lower train.lr or \
+                         train.weight_decay (no checkpoint written for this step)",
+                        at.step
+                    )));
+                }
                 progress.message(&format!(
                     "step {}: train loss {last_loss:.4}, validation loss {v:.4}",
                     at.step
@@ -387,6 +418,7 @@ pub(crate) fn run(
                 || out_of_time
                 || interrupted)
         {
+            check_weights(opt, at.step)?;
             checkpoint_dir = Some(save(opt, now(at))?);
         }
         if out_of_time {
@@ -404,7 +436,10 @@ pub(crate) fn run(
     progress.finish();
     let checkpoint = match checkpoint_dir {
         Some(d) => d,
-        None if writer => save(opt, now(at))?,
+        None if writer => {
+            check_weights(opt, at.step)?;
+            save(opt, now(at))?
+        }
         // Other members: the run's directory (rank 0 wrote the checkpoint).
         None => metrics_path
             .parent()

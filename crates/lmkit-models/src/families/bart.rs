@@ -115,18 +115,18 @@ impl FamilyConfig for BartConfig {
     }
     fn num_parameters(&self) -> u64 {
         let (v, d, p) = (
-            self.vocab_size as u64,
-            self.d_model as u64,
-            self.max_position_embeddings as u64 + 2,
+            self.vocab_size as f64,
+            self.d_model as f64,
+            self.max_position_embeddings as f64 + 2.0,
         );
-        let attn = 4 * (d * d + d);
-        let ffn = |f: u64| d * f + f + f * d + d;
-        let enc = attn + 2 * d + ffn(self.encoder_ffn_dim as u64) + 2 * d;
-        let dec = 2 * (attn + 2 * d) + ffn(self.decoder_ffn_dim as u64) + 2 * d;
-        let stacks = 2 * (p * d + 2 * d)
-            + self.encoder_layers as u64 * enc
-            + self.decoder_layers as u64 * dec;
-        v * d + stacks + v
+        let attn = 4.0 * (d * d + d);
+        let ffn = |f: f64| d * f + f + f * d + d;
+        let enc = attn + 2.0 * d + ffn(self.encoder_ffn_dim as f64) + 2.0 * d;
+        let dec = 2.0 * (attn + 2.0 * d) + ffn(self.decoder_ffn_dim as f64) + 2.0 * d;
+        let stacks = 2.0 * (p * d + 2.0 * d)
+            + self.encoder_layers as f64 * enc
+            + self.decoder_layers as f64 * dec;
+        super::count(v * d + stacks + v)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -203,15 +203,15 @@ impl FamilyConfig for BertConfig {
     }
     fn num_parameters(&self) -> u64 {
         let (v, h, i) = (
-            self.vocab_size as u64,
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
+            self.vocab_size as f64,
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
         );
         let embeddings =
-            (v + self.max_position_embeddings as u64 + self.type_vocab_size as u64) * h + 2 * h;
-        let layer = 4 * (h * h + h) + 4 * h + (h * i + i) + (i * h + h);
-        let head = (h * h + h) + 2 * h + v + if self.tie_word_embeddings { 0 } else { v * h };
-        embeddings + self.num_hidden_layers as u64 * layer + head
+            (v + self.max_position_embeddings as f64 + self.type_vocab_size as f64) * h + 2.0 * h;
+        let layer = 4.0 * (h * h + h) + 4.0 * h + (h * i + i) + (i * h + h);
+        let head = (h * h + h) + 2.0 * h + v + if self.tie_word_embeddings { 0.0 } else { v * h };
+        super::count(embeddings + self.num_hidden_layers as f64 * layer + head)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

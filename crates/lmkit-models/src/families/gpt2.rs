@@ -96,14 +96,14 @@ impl FamilyConfig for Gpt2Config {
     }
     fn num_parameters(&self) -> u64 {
         let (v, p, c, i) = (
-            self.vocab_size as u64,
-            self.n_positions as u64,
-            self.n_embd as u64,
-            self.n_inner() as u64,
+            self.vocab_size as f64,
+            self.n_positions as f64,
+            self.n_embd as f64,
+            self.n_inner() as f64,
         );
-        let block = 4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * i + i) + (i * c + c);
-        let head = if self.tie_word_embeddings { 0 } else { v * c };
-        v * c + p * c + self.n_layer as u64 * block + 2 * c + head
+        let block = 4.0 * c + (c * 3.0 * c + 3.0 * c) + (c * c + c) + (c * i + i) + (i * c + c);
+        let head = if self.tie_word_embeddings { 0.0 } else { v * c };
+        super::count(v * c + p * c + self.n_layer as f64 * block + 2.0 * c + head)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -175,14 +175,14 @@ impl FamilyConfig for GptNeoxConfig {
     }
     fn num_parameters(&self) -> u64 {
         let (v, h, i) = (
-            self.vocab_size as u64,
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
+            self.vocab_size as f64,
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
         );
-        let attn_bias = if self.attention_bias { 4 * h } else { 0 };
-        let layer = 4 * h + 4 * h * h + attn_bias + (h * i + i) + (i * h + h);
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers as u64 * layer + 2 * h + head
+        let attn_bias = if self.attention_bias { 4.0 * h } else { 0.0 };
+        let layer = 4.0 * h + 4.0 * h * h + attn_bias + (h * i + i) + (i * h + h);
+        let head = if self.tie_word_embeddings { 0.0 } else { v * h };
+        super::count(v * h + self.num_hidden_layers as f64 * layer + 2.0 * h + head)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -249,26 +249,27 @@ impl FamilyConfig for LlamaConfig {
     }
     fn num_parameters(&self) -> u64 {
         let (v, h, i) = (
-            self.vocab_size as u64,
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
+            self.vocab_size as f64,
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
         );
+        let hd = self.head_dim() as f64;
         let (q, kv) = (
-            (self.num_attention_heads * self.head_dim()) as u64,
-            (self.num_kv_heads() * self.head_dim()) as u64,
+            self.num_attention_heads as f64 * hd,
+            self.num_kv_heads() as f64 * hd,
         );
         let (qkv_bias, o_bias) = self.arch.biases(self);
-        let attn_bias = if qkv_bias { q + 2 * kv } else { 0 }
-            + if o_bias { h } else { 0 }
+        let attn_bias = if qkv_bias { q + 2.0 * kv } else { 0.0 }
+            + if o_bias { h } else { 0.0 }
             + if self.arch == Arch::Qwen3 {
-                2 * self.head_dim() as u64
+                2.0 * hd
             } else {
-                0
+                0.0
             };
-        let mlp_bias = if self.mlp_bias { 2 * i + h } else { 0 };
-        let layer = 2 * h + h * q + 2 * h * kv + q * h + attn_bias + 3 * h * i + mlp_bias;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers as u64 * layer + h + head
+        let mlp_bias = if self.mlp_bias { 2.0 * i + h } else { 0.0 };
+        let layer = 2.0 * h + h * q + 2.0 * h * kv + q * h + attn_bias + 3.0 * h * i + mlp_bias;
+        let head = if self.tie_word_embeddings { 0.0 } else { v * h };
+        super::count(v * h + self.num_hidden_layers as f64 * layer + h + head)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if name.ends_with("bias") {

@@ -91,7 +91,8 @@ pub trait FamilyConfig: Sized + serde::de::DeserializeOwned {
     /// `config.json` token-id fields a new model takes from its tokenizer (when not given).
     fn token_id_fields(ids: SpecialIds) -> TokenIdFields;
     /// Parameters of a model of this config (tied tensors once): what memory checks count
-    /// before anything is allocated.
+    /// before anything is allocated. Counted in f64 (exact below 2^53), so that a config of
+    /// absurd sizes gives a huge count (at most `u64::MAX`) rather than one wrapped past 2^64.
     fn num_parameters(&self) -> u64;
     /// The role of the parameter tensor named `name` (Hugging Face name).
     fn param_role(&self, name: &str) -> ParamRole;
@@ -156,4 +157,9 @@ pub(crate) mod one_or_first {
             None => s.serialize_none(),
         }
     }
+}
+
+/// A parameter count computed in f64, as a whole number (`as` saturates at `u64::MAX`).
+fn count(n: f64) -> u64 {
+    n.round() as u64
 }

@@ -114,22 +114,23 @@ impl FamilyConfig for RnnConfig {
     }
     fn num_parameters(&self) -> u64 {
         let (v, h, e) = (
-            self.vocab_size as u64,
-            self.hidden_size as u64,
-            self.embedding_size() as u64,
+            self.vocab_size as f64,
+            self.hidden_size as f64,
+            self.embedding_size() as f64,
         );
         let gates = match self.cell {
-            Cell::Rnn => 1,
-            Cell::Lstm => 4,
+            Cell::Rnn => 1.0,
+            Cell::Lstm => 4.0,
         };
-        let layers: u64 = (0..self.num_layers as u64)
-            .map(|k| {
-                let input = if k == 0 { e } else { h };
-                gates * h * (input + h) + 2 * gates * h
-            })
-            .sum();
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * e + layers + head
+        // The first layer reads the embeddings, the others the layer below.
+        let layer = |input: f64| gates * h * (input + h) + 2.0 * gates * h;
+        let layers = if self.num_layers == 0 {
+            0.0
+        } else {
+            layer(e) + (self.num_layers - 1) as f64 * layer(h)
+        };
+        let head = if self.tie_word_embeddings { 0.0 } else { v * h };
+        super::count(v * e + layers + head)
     }
     fn param_role(&self, name: &str) -> ParamRole {
         if let Some(rest) = name.strip_prefix("rnn.") {

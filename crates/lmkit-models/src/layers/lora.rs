@@ -374,6 +374,26 @@ pub fn attach_embedding(path: &str, vocab: usize, dim: usize) -> candle_core::Re
     })
 }
 
+/// Refuses a new adapter of rank `r` on the layer at `path` ([in, out] sizes) whose A and B,
+/// with their gradients and AdamW's two moments (16 bytes a value), cannot fit in the memory
+/// the machine has (a rank of 10^12 aborted on allocation).
+fn check_room(path: &str, r: usize, in_dim: usize, out_dim: usize) -> candle_core::Result<()> {
+    let bytes = r as f64 * (in_dim as f64 + out_dim as f64) * 16.0;
+    match lmkit_core::memory::available() {
+        Some(avail) if bytes > avail as f64 => {
+            use lmkit_core::memory::gib;
+            candle_core::bail!(
+                "lora.r = {r}: the adapter of {path} alone needs {} (A [{r}, {in_dim}] and B \
+                 [{out_dim}, {r}] with gradients and optimizer state) but {} are available; \
+                 lower lora.r",
+                gib(bytes),
+                gib(avail as f64)
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The adapter for the layer at `path` ([in, out] sizes), when a model is being built with
 /// adapters that target it. Called by `Linear`'s constructors.
 pub(crate) fn attach(
@@ -633,6 +653,7 @@ impl Adapters {
                 if !names_match(names, path) {
                     return Ok(None);
                 }
+                check_room(path, r, vocab, dim)?;
                 // PEFT's initialisation of embedding adapters: A zero, B standard normal.
                 let mut rng = lmkit_core::rng::MixChain::new(lmkit_core::rng::mix(
                     seed ^ lmkit_core::rng::mix(fnv(path)),
@@ -765,6 +786,7 @@ impl Adapters {
                     return Ok(None);
                 }
                 let r = self.spec.r;
+                check_room(path, r, in_dim, out_dim)?;
                 let mut rng = lmkit_core::rng::MixChain::new(lmkit_core::rng::mix(
                     seed ^ lmkit_core::rng::mix(fnv(path)),
                 ));
