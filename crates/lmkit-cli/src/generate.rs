@@ -233,8 +233,10 @@ fn write_ids(out: &mut impl Write, ids: &[u32]) -> std::io::Result<()> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if a.num_beams == 0 {
-        bail!("--num-beams must be at least 1 (1: no beam search)");
+    // Each beam keeps its own cache and candidates (transformers' users take 2–16).
+    const MAX_BEAMS: usize = 256;
+    if a.num_beams == 0 || a.num_beams > MAX_BEAMS {
+        bail!("--num-beams must be in 1..={MAX_BEAMS} (1: no beam search)");
     }
     if a.source.is_some() || !a.source_ids.is_empty() {
         return run_seq2seq(&a);

@@ -161,6 +161,13 @@ fn estimate_options(a: &TrainArgs) -> Result<lmkit_ngram::EstimateOptions> {
         Some(v) => Some(three_discounts("discount-fallback", v)?),
         None => None,
     };
+    if a.order == 0 || a.order > lmkit_ngram::MAX_ORDER {
+        bail!(
+            "--order {} is not in 1..={}",
+            a.order,
+            lmkit_ngram::MAX_ORDER
+        );
+    }
     let mut given = vec![None; a.order];
     for spec in &a.discounts {
         let parsed = spec.split_once('=').and_then(|(n, ds)| {

@@ -235,6 +235,9 @@ fn preview(text: &str) -> String {
     s
 }
 
+/// The most MinHash permutations a document's signature may have (each a u64 a document).
+const MAX_PERMUTATIONS: usize = 8192;
+
 fn validate(o: &PrepareOptions) -> Result<()> {
     let bad = |name, value: String, msg: &str| {
         Err(DataError::BadOption {
@@ -259,6 +262,14 @@ fn validate(o: &PrepareOptions) -> Result<()> {
                 "num_perm/shingle_size",
                 format!("{}/{}", m.num_perm, m.shingle_size),
                 "must be at least 1",
+            );
+        }
+        if m.num_perm > MAX_PERMUTATIONS {
+            // Each document keeps a signature of num_perm hashes.
+            return bad(
+                "num_perm",
+                m.num_perm.to_string(),
+                &format!("must be at most {MAX_PERMUTATIONS} (128 is the usual choice)"),
             );
         }
     }

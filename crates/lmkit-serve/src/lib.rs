@@ -290,6 +290,14 @@ pub fn read_keys(path: &Path) -> Result<Vec<String>, ServeError> {
 
 /// Loads the model and its tokenizer and starts the model worker.
 pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
+    // The queue's channel holds room for every waiting sequence from the start.
+    const MAX_QUEUE: usize = 1 << 20;
+    if cfg.max_queue > MAX_QUEUE {
+        return Err(ServeError::Config(format!(
+            "--max-queue ({}) must be at most {MAX_QUEUE}",
+            cfg.max_queue
+        )));
+    }
     if cfg.limits.max_n > cfg.max_queue {
         // A request for more choices than the queue holds could never be accepted: clients
         // would retry its 429 forever.
