@@ -1,0 +1,190 @@
+"""Mutated files, seeded: files lmkit wrote (tokenizer, token shards, checkpoints and their training
+state, GGUF, ARPA and binary n-gram models) are cut short, overwritten in a few bytes, given huge
+length or count fields, or (JSON) a value of another type, and the command that reads them must end
+with success or a clear error (exit code 0 or 1) — not a panic, an abort on allocation, a signal or a
+hang — within a 4 GiB address space.
+
+LMKIT_FUZZ_ROUNDS (default 120) and LMKIT_FUZZ_SEED (default 0) run a longer or another campaign;
+a failing case's files are kept under pytest's temporary directory and named in the message."""
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from test_hostile import BIN, run
+
+ROUNDS = int(os.environ.get("LMKIT_FUZZ_ROUNDS", "120"))
+SEED = int(os.environ.get("LMKIT_FUZZ_SEED", "0"))
+SIGNS = ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE")
+
+
+def mutate_bytes(data, rng):
+    data = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0 and len(data) > 1:
+        return bytes(data[:rng.randrange(len(data))])
+    if kind == 1:
+        for _ in range(rng.randint(1, 8)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data)
+    if kind == 2 and len(data) >= 8:
+        # Header fields (lengths, counts, offsets) sit near the start.
+        i = rng.randrange(min(len(data) - 8, 4096) + 1)
+        value = rng.choice([0, 1, 2**31, 2**32 - 1, 2**40, 2**63 - 1, 2**64 - 1, rng.randrange(2**64)])
+        data[i:i + 8] = struct.pack("<Q", value)
+        return bytes(data)
+    if kind == 3 and len(data) >= 4:
+        i = rng.randrange(min(len(data) - 4, 4096) + 1)
+        data[i:i + 4] = struct.pack("<I", rng.choice([0, 1, 255, 2**31 - 1, 2**31, 2**32 - 1]))
+        return bytes(data)
+    i = rng.randrange(len(data) + 1)
+    return bytes(data[:i]) + rng.randbytes(rng.randint(1, 64)) + bytes(data[i:])
+
+
+ODD = [0, -1, 1, 2**31, 2**32, 2**53, 10**12, -10**12, 1e308, 0.5, "x", None, [], {}, True, ""]
+
+
+def mutate_json(obj, rng):
+    """One value somewhere in `obj` replaced by an odd one (or its key removed)."""
+    paths = []
+
+    def walk(o, p):
+        paths.append(p)
+        items = o.items() if isinstance(o, dict) else enumerate(o[:50]) if isinstance(o, list) else ()
+        for k, v in items:
+            walk(v, p + [k])
+
+    walk(obj, [])
+    path = rng.choice(paths[1:] or paths)
+    if not path:
+        return rng.choice(ODD)
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    if isinstance(parent, dict) and rng.random() < 0.3:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = rng.choice(ODD)
+    return obj
+
+
+def mutate_file(path, rng):
+    """Mutates `path` in place; says how."""
+    data = path.read_bytes()
+    if path.suffix == ".json" and rng.random() < 0.7:
+        try:
+            path.write_text(json.dumps(mutate_json(json.loads(data), rng)))
+            return "json value"
+        except ValueError:
+            pass
+    if path.suffix in (".arpa", ".jsonl") and rng.random() < 0.5:
+        lines = data.decode("utf-8", "replace").split("\n")
+        i = rng.randrange(len(lines))
+        lines[i] = rng.choice(["", "x" * rng.randint(1, 10), "\t", "-1e999 a b", lines[i][:len(lines[i]) // 2]])
+        path.write_text("\n".join(lines))
+        return f"line {i + 1}"
+    path.write_bytes(mutate_bytes(data, rng))
+    return "bytes"
+
+
+def lmkit(d, *args):
+    p = subprocess.run([BIN, *map(str, args)], cwd=d, capture_output=True, text=True)
+    assert p.returncode == 0, (args, p.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """What lmkit writes, made once: tokenizer, shards, a GPT-2 and a Llama run, GGUF files, n-gram models."""
+    d = tmp_path_factory.mktemp("made")
+    words = "the cat sat on a mat and the dog ran to the old red barn while birds sang".split()
+    rng = random.Random(1)
+    (d / "c.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(12)) + "\n" for _ in range(600)))
+    (d / "t.txt").write_text("the cat sat on the mat\nthe dog ran\n")
+    lmkit(d, "tokenizer", "train", "--input", "c.txt", "--vocab-size", "300", "--output", "tok")
+    lmkit(d, "tokenizer", "encode", "--tokenizer", "tok", "--input", "c.txt", "--shards", "shards")
+    data = f'[data]\ntrain = "{d}/shards"\ntokenizer = "{d}/tok"\n'
+    train = '[train]\nout_dir = "{}"\nseq_len = 16\nbatch_size = 4\nmax_steps = 2\n'
+    (d / "gpt.toml").write_text('[model]\nmodel_type = "gpt2"\nn_positions = 32\nn_embd = 32\nn_layer = 2\n'
+                                'n_head = 2\n' + data + train.format("gpt"))
+    # 256 wide: whole blocks of the K-quants.
+    (d / "llama.toml").write_text('[model]\nmodel_type = "llama"\nhidden_size = 256\nintermediate_size = 256\n'
+                                  'num_hidden_layers = 1\nnum_attention_heads = 4\nnum_key_value_heads = 2\n'
+                                  'max_position_embeddings = 64\n' + data + train.format("llama"))
+    lmkit(d, "train", "--config", "gpt.toml")
+    lmkit(d, "train", "--config", "llama.toml")
+    for q in ("q8_0", "q4_k", "q6_k"):
+        lmkit(d, "quantize", "llama", f"{q}.gguf", "--type", q)
+    lmkit(d, "ngram", "train", "--order", "3", "--discount-fallback", "--input", "c.txt", "--output", "m.arpa")
+    lmkit(d, "ngram", "train", "--order", "3", "--discount-fallback", "--input", "c.txt", "--output", "m.lmkb")
+    return d
+
+
+def generate(model):
+    return ["generate", "--model", model, "--prompt", "the cat", "--max-tokens", "3", "--greedy"]
+
+
+def resume(work):
+    return ["train", "--config", work / "run.toml", "--resume", "--set", f'train.out_dir="{work}"',
+            "--set", "train.max_steps=3"]
+
+
+# (name, what is copied, files within it that are mutated, the command that reads the copy)
+TARGETS = [
+    ("tokenizer", "tok", ["tokenizer.json", "tokenizer_config.json"],
+     lambda w: ["tokenizer", "encode", "--tokenizer", w, "--input", "t.txt", "--shards", f"{w}.out"]),
+    ("checkpoint", "gpt/ckpt-000002",
+     ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"],
+     generate),
+    ("llama checkpoint", "llama/ckpt-000002", ["model.safetensors", "config.json"], generate),
+    ("training state", "gpt",
+     ["ckpt-000002/trainer_state/state.json", "ckpt-000002/trainer_state/optimizer.safetensors",
+      "ckpt-000002/model.safetensors", "latest", "metrics.jsonl"], resume),
+    ("gguf q8_0", "q8_0.gguf", [""], generate),
+    ("gguf q4_k", "q4_k.gguf", [""], generate),
+    ("gguf q6_k", "q6_k.gguf", [""], generate),
+    ("arpa", "m.arpa", [""], lambda w: ["ngram", "ppl", "-m", w, "--input", "t.txt"]),
+    ("lmkb", "m.lmkb", [""], lambda w: ["ngram", "ppl", "-m", w, "--input", "t.txt"]),
+    ("shards", "shards", ["tokens-00000.bin", "tokens-00000.json"],
+     lambda w: ["train", "--config", "gpt.toml", "--set", f'data.train="{w}"', "--set", f'train.out_dir="{w}.run"',
+                "--set", "train.max_steps=1"]),
+]
+
+
+def test_each_target_reads_its_unmutated_files(made, tmp_path):
+    """The commands succeed on what lmkit wrote: the errors below come from the mutations."""
+    for name, source, _, command in TARGETS:
+        work = tmp_path / name.replace(" ", "-")
+        src = made / source
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work)
+        p = run(command(work), made)
+        assert p.returncode == 0, (name, p.stderr[-2000:])
+
+
+def test_mutated_files_end_in_success_or_a_clear_error(made, tmp_path):
+    rng = random.Random(SEED)
+    failures = []
+    for i in range(ROUNDS):
+        name, source, files, command = rng.choice(TARGETS)
+        work = tmp_path / f"{i}-{name.replace(' ', '-')}"
+        src = made / source
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work)
+        inside = rng.choice(files)
+        how = mutate_file(work / inside if inside else work, rng)
+        try:
+            p = run(command(work), made)
+            rc, err = p.returncode, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, err = "timeout", ""
+        if rc not in (0, 1) or any(s in err for s in SIGNS):
+            failures.append(f"{work} ({name}: {inside or source}, {how}): exit {rc}\n{err[-1500:]}")
+            continue
+        for leftover in (work, f"{work}.out", f"{work}.run"):
+            shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else None
+        if os.path.isfile(work):
+            os.unlink(work)
+    assert not failures, f"{len(failures)} of {ROUNDS} cases (seed {SEED}):\n" + "\n".join(failures)
