@@ -396,10 +396,12 @@ pub(crate) fn run(
                 metrics::append(metrics_path, &v.record(at.step))?;
                 let v = v.loss;
                 if !v.is_finite() {
-                    // Weights still finite but so large that the logits overflow.
+                    // Weights still finite but so large that the logits overflow (or rows that
+                    // give no loss).
                     return Err(TrainError::Data(format!(
                         "validation loss became {v} after step {}; lower train.lr or \
-                         train.weight_decay (no checkpoint written for this step)",
+                         train.weight_decay, or check the validation data (no checkpoint \
+                         written for this step)",
                         at.step
                     )));
                 }
