@@ -6,12 +6,16 @@ hang — within a 4 GiB address space.
 
 LMKIT_FUZZ_ROUNDS (default 120) and LMKIT_FUZZ_SEED (default 0) run a longer or another campaign;
 a failing case's files are kept under pytest's temporary directory and named in the message."""
+import copy
+import http.client
 import json
+import math
 import os
 import random
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -114,7 +118,7 @@ def made(tmp_path_factory):
     # 256 wide: whole blocks of the K-quants.
     (d / "llama.toml").write_text('[model]\nmodel_type = "llama"\nhidden_size = 256\nintermediate_size = 256\n'
                                   'num_hidden_layers = 1\nnum_attention_heads = 4\nnum_key_value_heads = 2\n'
-                                  'max_position_embeddings = 64\n' + data + train.format("llama"))
+                                  'max_position_embeddings = 512\n' + data + train.format("llama"))
     lmkit(d, "train", "--config", "gpt.toml")
     lmkit(d, "train", "--config", "llama.toml")
     for q in ("q8_0", "q4_k", "q6_k"):
@@ -188,3 +192,109 @@ def test_mutated_files_end_in_success_or_a_clear_error(made, tmp_path):
         if os.path.isfile(work):
             os.unlink(work)
     assert not failures, f"{len(failures)} of {ROUNDS} cases (seed {SEED}):\n" + "\n".join(failures)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "age": {"type": "integer"}},
+          "required": ["name"]}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# Requests of each kind the API takes; each round sends one with one to three values changed.
+REQUESTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "hi there"}], "max_tokens": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+                              "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True},
+                              "logprobs": True, "top_logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "n": 2, "seed": 3,
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "weather"}}, "max_tokens": 12}),
+    ("/v1/completions", {"prompt": "the cat", "max_tokens": 5, "stop": ["\n", "the"], "logprobs": 2, "echo": True}),
+    ("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 3, "frequency_penalty": 0.5,
+                         "presence_penalty": 0.1, "logit_bias": {"5": -100, "7": 3}}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5, "stream": True, "n": 2, "temperature": 1.0, "top_p": 0.9,
+                         "response_format": {"type": "regex", "regex": "(19|20)[0-9]{2}"}}),
+]
+
+
+def test_mutated_requests_get_an_answer_or_a_4xx(made, tmp_path):
+    """The server answers every mutated request with a 200 or a 4xx (never a 5xx or a dropped
+    connection), stays up, and its log has no panic."""
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([BIN, "serve", made / "llama", "--port", "0", "--db", tmp_path / "db.sqlite"],
+                            stderr=log, stdout=log)
+    try:
+        for _ in range(600):
+            line = next((l for l in log_path.read_text().splitlines() if "serving" in l), None)
+            if line or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert line, log_path.read_text()
+        host, port = line.split("on http://")[1].split()[0].split(":")
+
+        def send(path, data):
+            c = http.client.HTTPConnection(host, int(port), timeout=60)
+            try:
+                c.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                r = c.getresponse()
+                return r.status, r.read()
+            except (OSError, http.client.HTTPException) as e:
+                return repr(e), b""
+            finally:
+                c.close()
+
+        for path, request in REQUESTS:
+            status, answer = send(path, json.dumps(request).encode())
+            assert status == 200, (path, request, answer[:500])
+        rng = random.Random(SEED)
+        failures = []
+        for i in range(max(ROUNDS, 100)):
+            path, request = rng.choice(REQUESTS)
+            body = copy.deepcopy(request)
+            for _ in range(rng.randint(1, 3)):
+                body = mutate_json(body, rng)
+            data = json.dumps(body).encode()
+            if rng.random() < 0.1:
+                data = mutate_bytes(data, rng)
+            status, answer = send(path, data)
+            if not isinstance(status, int) or status >= 500:
+                failures.append(f"{i}: {path} {data[:300]!r} -> {status} {answer[:300]!r}")
+            assert proc.poll() is None, f"the server exited at request {i}: {path} {data[:300]!r}"
+        assert not failures, "\n".join(failures)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    text = log_path.read_text()
+    assert "panicked" not in text, text[-3000:]
+
+
+# Keys whose large values only ask for a long run (more steps, micro-batches or validation batches).
+LONG = {"train.max_steps", "train.grad_accum", "train.eval_batches"}
+ODD_SETTINGS = ["0", "-1", "nan", "inf", str(10**12), str(2**63 - 1), '"x"', "true"]
+
+
+@pytest.mark.parametrize("key", [
+    "model.n_positions", "model.n_embd", "model.n_layer", "model.n_head", "model.n_inner", "model.vocab_size",
+    "train.seq_len", "train.batch_size", "train.grad_accum", "train.max_steps", "train.lr", "train.min_lr",
+    "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.eps", "train.beta1", "train.beta2",
+    "train.eval_every", "train.eval_batches", "train.save_every", "train.log_every", "train.max_time",
+    "train.keep_checkpoints", "data.val_fraction"])
+def test_odd_settings_end_in_success_or_a_clear_error(made, tmp_path, key):
+    """`lmkit train --set KEY=VALUE` with zero, negative, NaN, infinite, huge and mistyped values:
+    a run (of two steps) or an error naming the field, never a panic, an abort or a hang."""
+    for value in ODD_SETTINGS:
+        if key in LONG and value in (str(10**12), str(2**63 - 1), "inf"):
+            continue
+        out = tmp_path / f"out-{ODD_SETTINGS.index(value)}"
+        p = run(["train", "--config", "gpt.toml", "--set", f'train.out_dir="{out}"', "--set", f"{key}={value}"],
+                made)
+        assert p.returncode in (0, 1) and not any(s in p.stderr for s in SIGNS), (key, value, p.stderr[-2000:])
+        if p.returncode == 0:
+            # A run that ends is one whose losses are numbers.
+            for line in (out / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                for name in ("loss", "val_loss"):
+                    if record.get(name) is not None:
+                        assert math.isfinite(record[name]), (key, value, line)
