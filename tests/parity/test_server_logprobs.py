@@ -1,7 +1,7 @@
 """Log-probabilities from `lmkit serve` through the official `openai` client, against transformers'
 log-softmax of the same checkpoint: the completions endpoint's `logprobs` (generated tokens, and the
 prompt's with `echo`, as lm-evaluation-harness's `local-completions` scores a text), several prompts
-in one request, and chat's `logprobs`/`top_logprobs`, streamed and not; and the logit adjustments
+in one request (streamed too), and chat's `logprobs`/`top_logprobs`, streamed and not; and the logit adjustments
 (`frequency_penalty`, `presence_penalty`, `logit_bias`) against OpenAI's formula on the same logits."""
 import pathlib
 
@@ -96,6 +96,34 @@ def test_several_prompts_in_one_request(server):
     assert both.usage.prompt_tokens == len(IDS) + len(other)
     texts = c.completions.create(model="tiny", prompt=["the cat", "the dog"], max_tokens=3, n=2, seed=3)
     assert sorted(ch.index for ch in texts.choices) == [0, 1, 2, 3]
+
+
+def test_several_prompts_streamed(server):
+    """Streamed, several prompts' chunks come interleaved under one id, each choice at its index
+    k·n + j; joined, each choice's text and log-probabilities are the whole answer's, and the usage
+    chunk sums the prompts'."""
+    c = client(server)
+    other = IDS[3:] + [11, 12]
+    args = dict(model="tiny", prompt=[IDS, other, IDS[:4]], max_tokens=6, n=2, temperature=0, logprobs=2, echo=True)
+    whole = c.completions.create(**args)
+    texts, lps, ids, usage = {}, {}, set(), None
+    for chunk in c.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        ids.add(chunk.id)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.logprobs is not None:
+                lps.setdefault(ch.index, []).extend(ch.logprobs.token_logprobs)
+    assert len(ids) == 1
+    assert sorted(texts) == list(range(6))
+    for ch in whole.choices:
+        assert texts[ch.index] == ch.text, ch.index
+        assert [x is None for x in lps[ch.index]] == [x is None for x in ch.logprobs.token_logprobs]
+        assert [x for x in lps[ch.index] if x is not None] == pytest.approx(
+            [x for x in ch.logprobs.token_logprobs if x is not None], abs=1e-5)
+    assert usage.prompt_tokens == whole.usage.prompt_tokens == len(IDS) + len(other) + 4
+    assert usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_chat_logprobs_streamed_and_whole(server):
@@ -193,7 +221,6 @@ def test_penalties_and_logit_bias_follow_openai_s_formula(server, reference):
     ("completions", {"top_logprobs": 2}, "top_logprobs"),
     ("completions", {"max_tokens": 0}, "max_tokens"),
     ("completions", {"echo": "yes"}, "echo"),
-    ("completions", {"prompt": [[1, 2], [3]], "stream": True}, "stream"),
     ("completions", {"prompt": [[1, 2], [99999]]}, "prompt"),
     ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
     ("chat", {"frequency_penalty": -3}, "frequency_penalty"),

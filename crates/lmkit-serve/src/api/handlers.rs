@@ -50,12 +50,6 @@ pub async fn completions(
                 format!("`prompt` takes 1 to {MOST_PROMPTS} prompts"),
             ));
         }
-        if prompts.len() > 1 && params.stream {
-            return Err(ApiError::invalid(
-                "stream",
-                "streaming takes one prompt per request; send several prompts without `stream`",
-            ));
-        }
         Ok::<_, ApiError>(
             prompts
                 .into_iter()
@@ -86,13 +80,17 @@ pub async fn completions(
             respond(state, "completions", Ok(preps.remove(0)), started).await
         }
         Ok(preps) => {
+            let streamed = preps[0].params.stream;
             let r = several(state.clone(), preps, started)
                 .await
                 .unwrap_or_else(|e| e.into_response());
             state.metrics.request("completions", r.status().as_u16());
-            state
-                .metrics
-                .latency("completions", started.elapsed().as_secs_f64());
+            if !streamed {
+                // (A stream's latency is counted when it ends.)
+                state
+                    .metrics
+                    .latency("completions", started.elapsed().as_secs_f64());
+            }
             r
         }
         Err(e) => respond(state, "completions", Err(e), started).await,
@@ -111,6 +109,9 @@ async fn several(
     let mut submitted = Vec::with_capacity(preps.len());
     for p in preps {
         submitted.push(submit(&state, p, started).await?);
+    }
+    if submitted[0].0.params.stream {
+        return Ok(stream_several(state, submitted, started));
     }
     let bodies = futures_util::future::join_all(
         submitted
@@ -158,6 +159,95 @@ async fn several(
         }
     }
     Ok(Json(body).into_response())
+}
+
+/// [`several`]'s prompts streamed: their chunks interleaved as they come, each choice at its
+/// index k·n + j, under the first prompt's id; with `stream_options.include_usage`, one usage
+/// chunk of their sums at the end.
+fn stream_several(state: Arc<AppState>, submitted: Vec<Submitted>, started: Instant) -> Response {
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Chunk>();
+    let created = now();
+    let first = &submitted[0].0;
+    let (id, model, include_usage) = (
+        first.id.clone(),
+        state.variant_name(first.params.model).to_string(),
+        first.params.include_usage,
+    );
+    let n = first.params.n;
+    let tasks: Vec<_> = submitted
+        .into_iter()
+        .enumerate()
+        .map(|(k, (prep, rx, cancels))| {
+            let (st, out) = (state.clone(), out_tx.clone());
+            tokio::spawn(async move {
+                // This prompt's chunks, renumbered into the request's; a client that left ends
+                // the forwarding, which `drive` sees as its own client leaving.
+                let (tx, mut own) = mpsc::unbounded_channel::<Chunk>();
+                let forward = tokio::spawn(async move {
+                    while let Some(c) = own.recv().await {
+                        let c = match c {
+                            Chunk::Delta {
+                                index,
+                                text,
+                                logprobs,
+                            } => Chunk::Delta {
+                                index: k * n + index,
+                                text,
+                                logprobs,
+                            },
+                            Chunk::Finish {
+                                index,
+                                reason,
+                                logprobs,
+                            } => Chunk::Finish {
+                                index: k * n + index,
+                                reason,
+                                logprobs,
+                            },
+                            Chunk::ToolCalls { index, calls } => Chunk::ToolCalls {
+                                index: k * n + index,
+                                calls,
+                            },
+                            other => other,
+                        };
+                        if out.send(c).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let outcome = drive(&st, &prep, rx, &cancels, Some(&tx), started).await;
+                drop(tx);
+                let _ = forward.await;
+                log(&st, &prep, &outcome, started).await;
+                (
+                    prep.prompt_ids.len(),
+                    outcome.cached_tokens,
+                    outcome.completion_tokens,
+                )
+            })
+        })
+        .collect();
+    let st = state.clone();
+    tokio::spawn(async move {
+        let (mut prompt, mut cached, mut completion) = (0, 0, 0);
+        for t in tasks {
+            if let Ok((p, c, g)) = t.await {
+                prompt += p;
+                cached += c;
+                completion += g;
+            }
+        }
+        st.metrics
+            .latency("completions", started.elapsed().as_secs_f64());
+        if include_usage {
+            let _ = out_tx.send(Chunk::Usage {
+                prompt,
+                cached,
+                completion,
+            });
+        }
+    });
+    sse_response(out_rx, id, model, created, false)
 }
 
 pub async fn chat_completions(
@@ -489,7 +579,18 @@ fn stream(
             });
         }
     });
-    let stream = futures_util::stream::unfold((out_rx, false), move |(mut rx, done)| {
+    sse_response(out_rx, id, model, created, chat)
+}
+
+/// The chunks `rx` gives as server-sent events, then `[DONE]` once every sender has gone.
+fn sse_response(
+    rx: mpsc::UnboundedReceiver<Chunk>,
+    id: String,
+    model: String,
+    created: i64,
+    chat: bool,
+) -> Response {
+    let stream = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
         let (id, model) = (id.clone(), model.clone());
         async move {
             if done {
