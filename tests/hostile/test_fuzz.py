@@ -6,6 +6,7 @@ hang — within a 4 GiB address space.
 
 LMKIT_FUZZ_ROUNDS (default 120) and LMKIT_FUZZ_SEED (default 0) run a longer or another campaign;
 a failing case's files are kept under pytest's temporary directory and named in the message."""
+import contextlib
 import copy
 import http.client
 import json
@@ -194,6 +195,43 @@ def test_mutated_files_end_in_success_or_a_clear_error(made, tmp_path):
     assert not failures, f"{len(failures)} of {ROUNDS} cases (seed {SEED}):\n" + "\n".join(failures)
 
 
+@contextlib.contextmanager
+def serving(made, tmp_path):
+    """`lmkit serve` on the Llama run: (host, port, its log's path, the process)."""
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([BIN, "serve", made / "llama", "--port", "0", "--db", tmp_path / "db.sqlite"],
+                            stderr=log, stdout=log)
+    try:
+        line = None
+        for _ in range(600):
+            line = next((l for l in log_path.read_text().splitlines() if "serving" in l), None)
+            if line or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert line, log_path.read_text()
+        host, port = line.split("on http://")[1].split()[0].split(":")
+        yield host, int(port), log_path, proc
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def post(host, port, path, data):
+    """(status, body) of a POST, or (the exception's text, b"") where the connection failed."""
+    c = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        c.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, r.read()
+    except (OSError, http.client.HTTPException) as e:
+        return repr(e), b""
+    finally:
+        c.close()
+
+
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}, "age": {"type": "integer"}},
           "required": ["name"]}
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
@@ -220,29 +258,9 @@ REQUESTS = [
 def test_mutated_requests_get_an_answer_or_a_4xx(made, tmp_path):
     """The server answers every mutated request with a 200 or a 4xx (never a 5xx or a dropped
     connection), stays up, and its log has no panic."""
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([BIN, "serve", made / "llama", "--port", "0", "--db", tmp_path / "db.sqlite"],
-                            stderr=log, stdout=log)
-    try:
-        for _ in range(600):
-            line = next((l for l in log_path.read_text().splitlines() if "serving" in l), None)
-            if line or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert line, log_path.read_text()
-        host, port = line.split("on http://")[1].split()[0].split(":")
-
+    with serving(made, tmp_path) as (host, port, log_path, proc):
         def send(path, data):
-            c = http.client.HTTPConnection(host, int(port), timeout=60)
-            try:
-                c.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-                r = c.getresponse()
-                return r.status, r.read()
-            except (OSError, http.client.HTTPException) as e:
-                return repr(e), b""
-            finally:
-                c.close()
+            return post(host, port, path, data)
 
         for path, request in REQUESTS:
             status, answer = send(path, json.dumps(request).encode())
@@ -262,10 +280,6 @@ def test_mutated_requests_get_an_answer_or_a_4xx(made, tmp_path):
                 failures.append(f"{i}: {path} {data[:300]!r} -> {status} {answer[:300]!r}")
             assert proc.poll() is None, f"the server exited at request {i}: {path} {data[:300]!r}"
         assert not failures, "\n".join(failures)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     text = log_path.read_text()
     assert "panicked" not in text, text[-3000:]
 
@@ -298,3 +312,32 @@ def test_odd_settings_end_in_success_or_a_clear_error(made, tmp_path, key):
                 for name in ("loss", "val_loss"):
                     if record.get(name) is not None:
                         assert math.isfinite(record[name]), (key, value, line)
+
+
+def ref_chain(n):
+    """A schema whose `$ref`s follow each other n deep."""
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    defs[f"d{n}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def test_deep_schemas_are_compiled_or_refused(made, tmp_path):
+    """A chain of 3,000 `$ref`s overflowed the stack of the thread compiling it — `lmkit generate`'s
+    main thread, and at 2,000 a server's worker (one request aborted the server). Now such a schema
+    is compiled on a thread with room, more than 4,096 `$ref`s are refused (400), and a grammar the
+    parser cannot take is refused (400) too."""
+    (tmp_path / "deep.json").write_text(json.dumps(ref_chain(3000)))
+    p = run(["generate", "--model", "llama", "--prompt", "the", "--max-tokens", "2", "--json-schema",
+             tmp_path / "deep.json"], made)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (tmp_path / "deeper.json").write_text(json.dumps(ref_chain(5000)))
+    check_error = run(["generate", "--model", "llama", "--prompt", "the", "--max-tokens", "2", "--json-schema",
+                       tmp_path / "deeper.json"], made)
+    assert check_error.returncode == 1 and "at most 4096" in check_error.stderr, check_error.stderr[-2000:]
+    cycle = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    with serving(made, tmp_path) as (host, port, log_path, proc):
+        for schema, want in [(ref_chain(2000), 200), (ref_chain(5000), 400), (cycle, 400)]:
+            body = {"prompt": "the", "max_tokens": 2,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+            status, answer = post(host, port, "/v1/completions", json.dumps(body).encode())
+            assert status == want, (status, answer[:500])

@@ -237,17 +237,68 @@ impl Grammars {
     /// Compiles a constraint for one sequence. Schemas using features the engine does not
     /// implement are refused with the features named.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, String> {
-        let grammar = spec.top_level()?;
-        let parser = self
-            .factory
-            .create_parser(grammar)
-            .map_err(|e| e.to_string())?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(e);
+        if let Grammar::JsonSchema(s) = &spec.grammar {
+            let refs = count_refs(s);
+            if refs > MOST_REFS {
+                return Err(format!(
+                    "the schema has {refs} `$ref`s; at most {MOST_REFS} are read"
+                ));
+            }
         }
+        let grammar = spec.top_level()?;
+        // llguidance turns a schema into a grammar by recursion, a level for each `$ref` it
+        // follows: a chain of 2,000 of them overflowed a 2 MiB stack (a server's worker thread),
+        // which aborts the process. The compilation runs on a thread with room to spare.
+        let compile = || -> Result<Matcher, String> {
+            let parser = self
+                .factory
+                .create_parser(grammar)
+                .map_err(|e| e.to_string())?;
+            let mut matcher = Matcher::new(Ok(parser));
+            if let Some(e) = matcher.get_error() {
+                return Err(e);
+            }
+            // The first mask: a grammar too large for the parser's limits (an alternative of
+            // 20,000 strings, `a{1000}{1000}`) fails here, as the request's error, rather
+            // than at its first token.
+            matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+            Ok(matcher)
+        };
+        let matcher = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("grammar".into())
+                .stack_size(COMPILE_STACK)
+                .spawn_scoped(s, compile)
+                .map_err(|e| format!("cannot start the grammar compiler's thread: {e}"))?
+                .join()
+                .map_err(|_| "the grammar compiler failed".to_string())
+        })??;
         Ok(Constraint { matcher })
     }
+}
+
+/// The stack of the thread that compiles a grammar (address space; pages are used as touched).
+const COMPILE_STACK: usize = 256 << 20;
+
+/// The most `$ref`s a schema may hold: real schemas hold tens; each one followed is a level of
+/// the compiler's recursion (a chain of 4,096 takes a few MiB of [`COMPILE_STACK`]).
+const MOST_REFS: usize = 4096;
+
+/// `$ref` keys anywhere in `schema` (counted without recursion: its nesting is the client's).
+fn count_refs(schema: &Value) -> usize {
+    let mut n = 0;
+    let mut todo = vec![schema];
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Object(o) => {
+                n += usize::from(o.contains_key("$ref"));
+                todo.extend(o.values());
+            }
+            Value::Array(a) => todo.extend(a),
+            _ => {}
+        }
+    }
+    n
 }
 
 /// One sequence's constraint state.
