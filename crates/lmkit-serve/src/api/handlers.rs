@@ -185,31 +185,7 @@ fn stream_several(state: Arc<AppState>, submitted: Vec<Submitted>, started: Inst
                 let (tx, mut own) = mpsc::unbounded_channel::<Chunk>();
                 let forward = tokio::spawn(async move {
                     while let Some(c) = own.recv().await {
-                        let c = match c {
-                            Chunk::Delta {
-                                index,
-                                text,
-                                logprobs,
-                            } => Chunk::Delta {
-                                index: k * n + index,
-                                text,
-                                logprobs,
-                            },
-                            Chunk::Finish {
-                                index,
-                                reason,
-                                logprobs,
-                            } => Chunk::Finish {
-                                index: k * n + index,
-                                reason,
-                                logprobs,
-                            },
-                            Chunk::ToolCalls { index, calls } => Chunk::ToolCalls {
-                                index: k * n + index,
-                                calls,
-                            },
-                            other => other,
-                        };
+                        let c = c.shifted(k * n);
                         if out.send(c).is_err() {
                             break;
                         }

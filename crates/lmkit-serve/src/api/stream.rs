@@ -39,6 +39,20 @@ pub(super) enum Chunk {
     Error(ApiError),
 }
 
+impl Chunk {
+    /// The chunk as choice `index + offset`'s (a request of several prompts numbers all their
+    /// choices in one sequence).
+    pub(super) fn shifted(mut self, offset: usize) -> Chunk {
+        if let Chunk::Delta { index, .. }
+        | Chunk::Finish { index, .. }
+        | Chunk::ToolCalls { index, .. } = &mut self
+        {
+            *index += offset;
+        }
+        self
+    }
+}
+
 pub(super) struct Outcome {
     pub(super) texts: Vec<String>,
     pub(super) reasons: Vec<&'static str>,
