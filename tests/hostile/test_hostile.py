@@ -80,7 +80,7 @@ CASES = [
      "tokenizer.json: cannot load tokenizer: not valid JSON", ["shards"]),
     # Sizes given on the command line that were allocated before they were checked.
     ("n-gram order of 10^12", {"t.txt": "a b\n"},
-     ["ngram", "train", "--order", "1000000000000", "--input", "t.txt", "--output", "m.arpa"], "--order",
+     ["ngram", "train", "--order", "1000000000000", "--input", "t.txt", "--output", "m.arpa"], "order must be between",
      ["m.arpa"]),
     ("10^12 MinHash permutations", {"t.txt": "a b\n"},
      ["data", "prepare", "--input", "t.txt", "--output", "out", "--num-perm", "1000000000000"], "num_perm",

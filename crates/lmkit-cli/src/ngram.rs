@@ -162,11 +162,12 @@ fn estimate_options(a: &TrainArgs) -> Result<lmkit_ngram::EstimateOptions> {
         None => None,
     };
     if a.order == 0 || a.order > lmkit_ngram::MAX_ORDER {
-        bail!(
-            "--order {} is not in 1..={}",
-            a.order,
-            lmkit_ngram::MAX_ORDER
-        );
+        // (The library says so too, after this table would have been allocated.)
+        return Err(lmkit_ngram::NgramError::BadOrder {
+            order: a.order,
+            max: lmkit_ngram::MAX_ORDER,
+        }
+        .into());
     }
     let mut given = vec![None; a.order];
     for spec in &a.discounts {
