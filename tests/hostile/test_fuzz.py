@@ -20,11 +20,10 @@ import time
 
 import pytest
 
-from test_hostile import BIN, run
+from test_hostile import BIN, SIGNS, run
 
 ROUNDS = int(os.environ.get("LMKIT_FUZZ_ROUNDS", "120"))
 SEED = int(os.environ.get("LMKIT_FUZZ_SEED", "0"))
-SIGNS = ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE")
 
 
 def mutate_bytes(data, rng):

@@ -14,6 +14,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("LMKIT_BIN", str(ROOT / "target" / "release" / "lmkit"))
 MEMORY = 4 << 30
+# What a panic, an abort on allocation or a crash leaves in stderr.
+SIGNS = ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE")
 
 
 def run(args, cwd, env=None):
@@ -108,7 +110,7 @@ TRAIN_CASES = [
 def check(p, needle):
     assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
     assert needle in p.stderr, p.stderr[-2000:]
-    for sign in ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE"):
+    for sign in SIGNS:
         assert sign not in p.stderr, p.stderr[-2000:]
 
 

@@ -283,11 +283,10 @@ pub(crate) fn load_tuned(
             t.seq_len, tuned.max_positions
         )));
     }
-    let width = tuned.model.output().dims()?.1;
     crate::init::check_step_tokens(
+        &tuned.model,
         t.batch_size as f64,
         t.seq_len,
-        width,
         &format!("train.batch_size ({})", t.batch_size),
     )?;
     Ok(tuned)

@@ -81,14 +81,20 @@ pub(crate) fn check_memory(cfg: &ModelConfig, batch: usize, seq: usize) -> Resul
     )))
 }
 
-/// Refuses a step of `rows` sequences of `seq` positions (`rows` named by `what`) whose hidden
-/// states alone — one f32 vector of `width` a position, the least a pass keeps — exceed the
-/// memory the machine has: such a step would abort on allocation. A lower bound, so it refuses
-/// only sizes no pass could hold.
-pub(crate) fn check_step_tokens(rows: f64, seq: usize, width: usize, what: &str) -> Result<()> {
+/// Refuses a step of `rows` sequences of `seq` positions (`rows` named by `what`) through
+/// `model` whose hidden states alone — one f32 vector of the model's width a position, the least
+/// a pass keeps — exceed the memory the machine has: such a step would abort on allocation. A
+/// lower bound, so it refuses only sizes no pass could hold.
+pub(crate) fn check_step_tokens(
+    model: &lmkit_models::CausalLm,
+    rows: f64,
+    seq: usize,
+    what: &str,
+) -> Result<()> {
     let Some(avail) = lmkit_core::memory::available() else {
         return Ok(());
     };
+    let width = model.output().dims()?.1;
     let bytes = rows * seq as f64 * width as f64 * 4.0;
     if bytes <= avail as f64 {
         return Ok(());

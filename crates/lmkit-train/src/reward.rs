@@ -426,9 +426,9 @@ pub fn train(
         "seq_len": t.seq_len,
     });
     crate::init::check_step_tokens(
+        &rm.model,
         2.0 * t.batch_size as f64,
         t.seq_len,
-        rm.model.output().dims()?.1,
         &format!("train.batch_size ({}) pairs", t.batch_size),
     )?;
     let tuned = Tuned {

@@ -516,9 +516,9 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
     let (tuned, output, mut opt, from) =
         begin(what, t, identity, &toml_text, start, &dev, progress)?;
     crate::init::check_step_tokens(
+        &tuned.model,
         t.batch_size as f64 * r.group_size as f64,
         t.seq_len,
-        tuned.model.output().dims()?.1,
         &format!(
             "train.batch_size ({}) × rl.group_size ({})",
             t.batch_size, r.group_size

@@ -180,20 +180,8 @@ fn stream_several(state: Arc<AppState>, submitted: Vec<Submitted>, started: Inst
         .map(|(k, (prep, rx, cancels))| {
             let (st, out) = (state.clone(), out_tx.clone());
             tokio::spawn(async move {
-                // This prompt's chunks, renumbered into the request's; a client that left ends
-                // the forwarding, which `drive` sees as its own client leaving.
-                let (tx, mut own) = mpsc::unbounded_channel::<Chunk>();
-                let forward = tokio::spawn(async move {
-                    while let Some(c) = own.recv().await {
-                        let c = c.shifted(k * n);
-                        if out.send(c).is_err() {
-                            break;
-                        }
-                    }
-                });
-                let outcome = drive(&st, &prep, rx, &cancels, Some(&tx), started).await;
-                drop(tx);
-                let _ = forward.await;
+                // This prompt's choices come at k·n + j; a client that left ends them all.
+                let outcome = drive(&st, &prep, rx, &cancels, Some((&out, k * n)), started).await;
                 log(&st, &prep, &outcome, started).await;
                 (
                     prep.prompt_ids.len(),
@@ -543,7 +531,7 @@ fn stream(
         if let Some(s) = &prep.sources {
             let _ = out_tx.send(Chunk::Sources(s.clone()));
         }
-        let outcome = drive(&st, &prep, rx, &cancels, Some(&out_tx), started).await;
+        let outcome = drive(&st, &prep, rx, &cancels, Some((&out_tx, 0)), started).await;
         log(&st, &prep, &outcome, started).await;
         st.metrics
             .latency(prep.endpoint, started.elapsed().as_secs_f64());

@@ -145,14 +145,14 @@ pub(super) fn sse_chunk(id: &str, model: &str, created: i64, chat: bool, c: Chun
 }
 
 /// Collects the engine's events for every choice into text, applying stop strings and
-/// moderation; with `out`, streams each piece as it comes. Stops all choices when the client
-/// goes away.
+/// moderation; with `out` (a sender, and the index in the response of this request's first
+/// choice), streams each piece as it comes. Stops all choices when the client goes away.
 pub(super) async fn drive(
     state: &AppState,
     prep: &Prepared,
     mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
     cancels: &[Arc<AtomicBool>],
-    out: Option<&mpsc::UnboundedSender<Chunk>>,
+    out: Option<(&mpsc::UnboundedSender<Chunk>, usize)>,
     started: Instant,
 ) -> Outcome {
     let n = prep.params.n;
@@ -211,8 +211,8 @@ pub(super) async fn drive(
         }
     };
     let send = |c: Chunk, gone: &mut bool| {
-        if let Some(o) = out {
-            if o.send(c).is_err() {
+        if let Some((o, first)) = out {
+            if o.send(c.shifted(first)).is_err() {
                 *gone = true;
             }
         }
