@@ -235,3 +235,14 @@ def test_oversized_tuning_is_refused_before_allocating(tmp_path, tuning, name, s
         args += ["--set", s]
     check(run(args, tmp_path), needle)
     assert_no_checkpoints(tmp_path / "out")
+
+
+def test_oversized_rl_group_is_refused_before_its_directory_is_touched(tmp_path, tuning):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "the cat"}) + "\n")
+    (tmp_path / "rl.toml").write_text(
+        f'base = "{tuning}/base"\n[data]\nprompts = "{tmp_path}/prompts.jsonl"\n'
+        '[rl]\ngroup_size = 1000000000000\nmax_new_tokens = 4\n[reward]\nregex = "a"\n'
+        f'[train]\nout_dir = "{tmp_path}/out"\nmax_steps = 1\nbatch_size = 2\nseq_len = 32\n')
+    check(run(["rl", "--config", tmp_path / "rl.toml"], tmp_path),
+          "train.batch_size (2) × rl.group_size (1000000000000)")
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").iterdir())

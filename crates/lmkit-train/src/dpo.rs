@@ -740,6 +740,7 @@ pub fn dpo(
         lora: cfg.lora.as_ref(),
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
+        group: None,
     };
     let identity = serde_json::json!({
         "base": base.to_string_lossy(),
@@ -999,6 +1000,7 @@ fn reference_scores(
                     lora: None,
                     adapter: None,
                     seed: t.seed,
+                    group: None,
                 };
                 crate::finetune::load_model(what, dev)?.model
             };
@@ -1018,6 +1020,7 @@ fn reference_scores(
                 lora: cfg.lora.as_ref(),
                 adapter: cfg.adapter.as_deref(),
                 seed: t.seed,
+                group: None,
             };
             let start = crate::finetune::load_model(what, dev)?;
             score_pairs(&start.model, pairs, dev, progress)?

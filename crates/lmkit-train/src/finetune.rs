@@ -160,6 +160,10 @@ pub(crate) struct Tuning<'a> {
     pub lora: Option<&'a LoraSpec>,
     pub adapter: Option<&'a Path>,
     pub seed: u64,
+    /// Sequences a step reads for each of `train.batch_size`'s examples beyond one, named by
+    /// their setting (RL's `rl.group_size` completions a prompt); checked against the memory
+    /// before the run's directory is touched.
+    pub group: Option<(&'a str, usize)>,
 }
 
 /// The trainable tensors of `adapters` as optimizer parameters (biases without weight decay).
@@ -283,12 +287,17 @@ pub(crate) fn load_tuned(
             t.seq_len, tuned.max_positions
         )));
     }
-    crate::init::check_step_tokens(
-        &tuned.model,
-        t.batch_size as f64,
-        t.seq_len,
-        &format!("train.batch_size ({})", t.batch_size),
-    )?;
+    let (rows, what) = match what.group {
+        Some((name, g)) => (
+            t.batch_size as f64 * g as f64,
+            format!("train.batch_size ({}) × {name} ({g})", t.batch_size),
+        ),
+        None => (
+            t.batch_size as f64,
+            format!("train.batch_size ({})", t.batch_size),
+        ),
+    };
+    crate::init::check_step_tokens(&tuned.model, rows, t.seq_len, &what)?;
     Ok(tuned)
 }
 
@@ -662,6 +671,7 @@ pub fn finetune(
         lora: cfg.lora.as_ref(),
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
+        group: None,
     };
     // What a checkpoint must have been written by to be resumed.
     let identity = serde_json::json!({

@@ -501,6 +501,7 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
         lora: cfg.lora.as_ref(),
         adapter: cfg.adapter.as_deref(),
         seed: t.seed,
+        group: Some(("rl.group_size", r.group_size)),
     };
     let identity = serde_json::json!({
         "base": cfg.base.to_string_lossy(),
@@ -515,15 +516,6 @@ pub fn rl(cfg: &RlConfig, start: Start, progress: &dyn Progress) -> Result<(Summ
     let toml_text = toml::to_string_pretty(cfg).unwrap_or_default();
     let (tuned, output, mut opt, from) =
         begin(what, t, identity, &toml_text, start, &dev, progress)?;
-    crate::init::check_step_tokens(
-        &tuned.model,
-        t.batch_size as f64 * r.group_size as f64,
-        t.seq_len,
-        &format!(
-            "train.batch_size ({}) × rl.group_size ({})",
-            t.batch_size, r.group_size
-        ),
-    )?;
     let n_params: usize = opt.params.iter().map(|p| p.var.elem_count()).sum();
     let samples_path = output.out.join("completions.jsonl");
     keep_samples_through(&samples_path, from.step)?;
