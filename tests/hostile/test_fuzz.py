@@ -340,3 +340,30 @@ def test_deep_schemas_are_compiled_or_refused(made, tmp_path):
                     "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
             status, answer = post(host, port, "/v1/completions", json.dumps(body).encode())
             assert status == want, (status, answer[:500])
+
+
+def test_a_grammar_that_fails_while_generating_is_the_client_s_error(made, tmp_path):
+    """A grammar the parser takes at its first token but not at its second (after "x", a row of
+    20,000 alternatives: past llguidance's limit of 2,000 items) answered 500 "generation failed;
+    see the server log". Now it is a 400 naming `response_format` with the engine's reason (an
+    error event where it streams), and `lmkit generate` says the reason without the parser's state."""
+    lark = 'start: "x" big\nbig: ' + " | ".join(f'"w{i}"' for i in range(20000)) + "\n"
+    (tmp_path / "g.lark").write_text(lark)
+    p = run(["generate", "--model", "llama", "--prompt", "the", "--max-tokens", "4", "--grammar",
+             tmp_path / "g.lark"], made)
+    assert p.returncode == 1 and "Current row has" in p.stderr, p.stderr[-2000:]
+    assert "<state>" not in p.stderr and len(p.stderr) < 1000, p.stderr[-2000:]
+    with serving(made, tmp_path) as (host, port, log_path, proc):
+        body = {"prompt": "the", "max_tokens": 4, "response_format": {"type": "lark", "lark": lark}}
+        status, answer = post(host, port, "/v1/completions", json.dumps(body).encode())
+        assert status == 400, (status, answer[:500])
+        error = json.loads(answer)["error"]
+        assert error["param"] == "response_format" and "Current row has" in error["message"], error
+        assert "<state>" not in error["message"], error
+        status, answer = post(host, port, "/v1/completions", json.dumps({**body, "stream": True}).encode())
+        assert status == 200, (status, answer[:500])
+        events = [json.loads(line[6:]) for line in answer.decode().splitlines()
+                  if line.startswith("data: {")]
+        assert any(e.get("error", {}).get("param") == "response_format" for e in events), events
+        assert answer.decode().rstrip().endswith("data: [DONE]"), answer[-200:]
+        assert proc.poll() is None

@@ -203,8 +203,9 @@ impl Decoder {
         self.adjust = (!a.is_noop()).then_some(a);
     }
 
-    /// The log-probabilities of the token the last step took (`None` where not asked for with
-    /// [`Decoder::keep_logprobs`] or the last step took none).
+    /// The log-probabilities of the token the last step took, or of the stop token that ended
+    /// decoding at the last step (`None` where not asked for with [`Decoder::keep_logprobs`] or
+    /// the last step took none).
     pub fn last_logprobs(&self) -> Option<&TokenLogprobs> {
         self.last_logprobs.as_ref()
     }
@@ -282,6 +283,9 @@ impl Decoder {
         };
         if self.opts.stop_ids.contains(&next) {
             self.stopped_by = Some(next);
+            if let Some(top) = self.logprobs {
+                self.last_logprobs = Some(logprobs(raw, next, top));
+            }
             return Step::Done(Finish::Eos);
         }
         if let Some(top) = self.logprobs {
@@ -296,6 +300,8 @@ impl Decoder {
     /// Runs the model on the pending tokens and samples the next one.
     pub fn step(&mut self, model: &CausalLm) -> Result<Step> {
         if let Some(why) = self.limit() {
+            // No token taken: none has log-probabilities.
+            self.last_logprobs = None;
             return Ok(Step::Done(why));
         }
         let started = std::time::Instant::now();
@@ -329,9 +335,12 @@ impl Decoder {
     ) -> Vec<Result<Step>> {
         let mut out: Vec<Option<Result<Step>>> = decoders.iter().map(|_| None).collect();
         let mut live = Vec::new();
-        for (i, d) in decoders.iter().enumerate() {
+        for (i, d) in decoders.iter_mut().enumerate() {
             match d.limit() {
-                Some(why) => out[i] = Some(Ok(Step::Done(why))),
+                Some(why) => {
+                    d.last_logprobs = None;
+                    out[i] = Some(Ok(Step::Done(why)));
+                }
                 None => live.push(i),
             }
         }
@@ -647,6 +656,8 @@ pub fn generate_constrained(
     loop {
         let step = d.step(model)?;
         if let Some(e) = d.constraint_error() {
+            // The engine's first line says why; the rest is its parser's state.
+            let e = e.lines().next().unwrap_or_default();
             return Err(InferError::Invalid(format!("constrained decoding: {e}")));
         }
         match step {

@@ -75,6 +75,55 @@ fn stops_on_length_context_eos_and_callback() {
     assert_eq!((ids.len(), why), (2, Finish::Stopped));
 }
 
+/// The stop token that ends decoding has its log-probabilities kept as a taken token's are (a
+/// sequence's probability counts the token that ended it).
+#[test]
+fn the_stop_token_has_its_logprobs() {
+    let (m, _) = tiny_model();
+    let mut free =
+        lmkit_infer::Decoder::new(&m, &[1, 2], opts(5, None, SamplingParams::greedy())).unwrap();
+    free.keep_logprobs(2);
+    let lmkit_infer::Step::Token(first) = free.step(&m).unwrap() else {
+        panic!("no first token")
+    };
+    let want = free.last_logprobs().unwrap().clone();
+    let o = opts(5, Some(first), SamplingParams::greedy());
+    let mut stopped = lmkit_infer::Decoder::new(&m, &[1, 2], o).unwrap();
+    stopped.keep_logprobs(2);
+    assert_eq!(
+        stopped.step(&m).unwrap(),
+        lmkit_infer::Step::Done(Finish::Eos)
+    );
+    let got = stopped.last_logprobs().unwrap();
+    assert_eq!((got.token, &got.top), (first, &want.top));
+    assert_eq!(got.logprob, want.logprob);
+    assert!(stopped.generated().is_empty());
+    // A sequence ended by its length takes no token: no log-probabilities (not the last
+    // token's again).
+    let mut short =
+        lmkit_infer::Decoder::new(&m, &[1, 2], opts(1, None, SamplingParams::greedy())).unwrap();
+    short.keep_logprobs(0);
+    assert_eq!(short.step(&m).unwrap(), lmkit_infer::Step::Token(first));
+    assert!(short.last_logprobs().is_some());
+    assert_eq!(
+        short.step(&m).unwrap(),
+        lmkit_infer::Step::Done(Finish::Length)
+    );
+    assert!(short.last_logprobs().is_none());
+    let mut batched =
+        lmkit_infer::Decoder::new(&m, &[1, 2], opts(1, None, SamplingParams::greedy())).unwrap();
+    batched.keep_logprobs(0);
+    for want in [
+        lmkit_infer::Step::Token(first),
+        lmkit_infer::Step::Done(Finish::Length),
+    ] {
+        let r = lmkit_infer::Decoder::step_many(&m, &mut [&mut batched], 16);
+        assert_eq!(r[0].as_ref().unwrap(), &want);
+        let taken = matches!(want, lmkit_infer::Step::Token(_));
+        assert_eq!(batched.last_logprobs().is_some(), taken);
+    }
+}
+
 #[test]
 fn sampling_is_reproducible_by_seed() {
     let (m, _) = tiny_model();

@@ -25,8 +25,13 @@ pub enum Event {
     Prompt(Vec<lmkit_infer::TokenLogprobs>),
     /// A token, with its log-probabilities where the job asked for them.
     Token(u32, Option<lmkit_infer::TokenLogprobs>),
-    Done(Finish),
+    /// The sequence ended, with the log-probability of the stop token that ended it where
+    /// log-probabilities were asked for ([`Finish::Eos`]).
+    Done(Finish, Option<f32>),
     Error(String),
+    /// The request's own constraint ended the sequence: its grammar failed past the first token
+    /// (a limit of the grammar engine's reached mid-way): the client's to fix.
+    Invalid(String),
 }
 
 /// One sequence to decode. Events go to `events` tagged with `index`; the worker drops the job
@@ -636,13 +641,13 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 // next round's start).
                 Ok(Step::Pending) => return true,
                 Ok(Step::Done(_)) if r.decoder.constraint_error().is_some() => (
-                    Event::Error(format!(
-                        "constrained decoding: {}",
-                        r.decoder.constraint_error().unwrap_or_default()
-                    )),
+                    Event::Invalid(r.decoder.constraint_error().unwrap_or_default().to_string()),
                     false,
                 ),
-                Ok(Step::Done(why)) => (Event::Done(why), false),
+                Ok(Step::Done(why)) => (
+                    Event::Done(why, r.decoder.last_logprobs().map(|l| l.logprob)),
+                    false,
+                ),
                 Err(e) => (Event::Error(e.to_string()), false),
             };
             if !more {

@@ -1078,7 +1078,8 @@ async fn sequences_start_only_when_their_kv_cache_fits_the_budget() {
         match e {
             Event::Cached(_) | Event::Prompt(_) => {}
             Event::Token(..) => order.push((i, "token")),
-            Event::Done(_) => order.push((i, "done")),
+            Event::Done(..) => order.push((i, "done")),
+            Event::Invalid(msg) => panic!("{msg}"),
             Event::Error(msg) => {
                 assert_eq!(i, 2, "{msg}");
                 assert!(msg.contains("--kv-memory"), "{msg}");
@@ -1275,9 +1276,9 @@ async fn prefix_cache_entries_give_way_to_decoding_sequences() {
                     assert_eq!(stats.entries.load(Ordering::SeqCst), 0);
                 }
             }
-            Event::Done(_) => break,
+            Event::Done(..) => break,
             Event::Cached(n) => panic!("{n} tokens from an entry that had to go"),
-            Event::Error(msg) => panic!("{msg}"),
+            Event::Error(msg) | Event::Invalid(msg) => panic!("{msg}"),
             Event::Prompt(_) => panic!("prompt log-probabilities not asked for"),
         }
     }
@@ -1325,8 +1326,8 @@ async fn a_prompt_is_kept_for_other_requests_once_read() {
         match e {
             Event::Cached(n) => cached = n,
             Event::Token(t, _) => tokens.push(t),
-            Event::Done(_) => break,
-            Event::Error(msg) => panic!("{msg}"),
+            Event::Done(..) => break,
+            Event::Error(msg) | Event::Invalid(msg) => panic!("{msg}"),
             Event::Prompt(_) => panic!("prompt log-probabilities not asked for"),
         }
     }

@@ -65,6 +65,12 @@ pub(super) struct Outcome {
     pub(super) verdict: Verdict,
     /// Each choice's `logprobs` (null where not asked for).
     pub(super) logprobs: Vec<Value>,
+    /// The first error a choice ended with (its reason is `error`).
+    pub(super) error: Option<ApiError>,
+    /// Each choice's mean log-probability a token (its text's tokens and the stop token that
+    /// ended it; −∞ where it has none): how `best_of` ranks them. `NaN` where the job did not
+    /// ask for log-probabilities.
+    pub(super) scores: Vec<f64>,
 }
 
 /// The response's `usage`: OpenAI's fields, the prompt's cached tokens among its details.
@@ -166,6 +172,7 @@ pub(super) async fn drive(
     let mut first = true;
     let mut client_gone = false;
     let mut cached_tokens = 0;
+    let mut error = None;
     // With `tools`, a reply is held back while it may still be a call (it starts with `{`).
     let mut holding = vec![prep.structured.tools.is_some(); n];
     // Log-probabilities: each choice's tokens so far, how many of them went out in chunks, and
@@ -184,6 +191,8 @@ pub(super) async fn drive(
     let mut scored: Vec<Vec<super::logprobs::Scored>> = (0..n).map(|_| Vec::new()).collect();
     let mut sent = vec![0usize; n];
     let mut keep = vec![0usize; n];
+    // The log-probability of the stop token that ended each choice, where one did.
+    let mut end: Vec<Option<f32>> = vec![None; n];
     // The log-probabilities of choice i's tokens after those sent, up to `upto` tokens (a
     // streamed chunk's; `None` where not asked for or not streaming).
     let due =
@@ -262,16 +271,34 @@ pub(super) async fn drive(
                 let d = streams[i].push(&ids[i]).unwrap_or_default();
                 (d, streams[i].stopped.then_some("stop"))
             }
-            Event::Done(f) => (
-                streams[i].finish(&ids[i]).unwrap_or_default(),
-                Some(finish_reason(f)),
-            ),
+            Event::Done(f, lp) => {
+                end[i] = lp;
+                (
+                    streams[i].finish(&ids[i]).unwrap_or_default(),
+                    Some(finish_reason(f)),
+                )
+            }
             Event::Error(msg) => {
                 eprintln!("lmkit serve: {} choice {i}: {msg}", prep.id);
-                send(
-                    Chunk::Error(ApiError::internal(format!("generation failed: {msg}"))),
-                    &mut client_gone,
+                let e = ApiError::internal(format!("generation failed: {msg}"));
+                error.get_or_insert_with(|| e.clone());
+                send(Chunk::Error(e), &mut client_gone);
+                (String::new(), Some("error"))
+            }
+            Event::Invalid(msg) => {
+                let field = if prep.structured.tools.is_some() {
+                    "tools"
+                } else {
+                    "response_format"
+                };
+                // The engine's first line says why; the rest is its parser's state.
+                let why = msg.lines().next().unwrap_or_default();
+                let e = ApiError::invalid(
+                    field,
+                    format!("the schema or grammar failed while generating: {why}"),
                 );
+                error.get_or_insert_with(|| e.clone());
+                send(Chunk::Error(e), &mut client_gone);
                 (String::new(), Some("error"))
             }
         };
@@ -361,6 +388,23 @@ pub(super) async fn drive(
         state.metrics.flagged();
     }
     let completion_tokens = ids.iter().map(|v| v.len()).sum();
+    let scores = (0..n)
+        .map(|i| {
+            if scored[i].len() < ids[i].len() {
+                return f64::NAN;
+            }
+            let ended = end[i].filter(|_| !streams[i].stopped);
+            let lps = scored[i][..keep[i]].iter().map(|s| s.lp.logprob);
+            let (sum, count) = lps
+                .chain(ended)
+                .fold((0.0, 0usize), |(s, c), lp| (s + lp as f64, c + 1));
+            if count == 0 {
+                f64::NEG_INFINITY
+            } else {
+                sum / count as f64
+            }
+        })
+        .collect();
     state
         .metrics
         .tokens(prep.prompt_ids.len() as u64, completion_tokens as u64);
@@ -374,6 +418,8 @@ pub(super) async fn drive(
         completion_tokens,
         cached_tokens,
         verdict,
+        error,
+        scores,
         logprobs: scored
             .iter()
             .zip(&keep)
