@@ -1,7 +1,7 @@
 """Log-probabilities from `lmkit serve` through the official `openai` client, against transformers'
 log-softmax of the same checkpoint: the completions endpoint's `logprobs` (generated tokens, and the
 prompt's with `echo`, as lm-evaluation-harness's `local-completions` scores a text), several prompts
-in one request (streamed too), and chat's `logprobs`/`top_logprobs`, streamed and not; and the logit adjustments
+in one request (streamed too), `best_of`'s ranking by them, and chat's `logprobs`/`top_logprobs`, streamed and not; and the logit adjustments
 (`frequency_penalty`, `presence_penalty`, `logit_bias`) against OpenAI's formula on the same logits."""
 import pathlib
 
@@ -124,6 +124,49 @@ def test_several_prompts_streamed(server):
             [x for x in ch.logprobs.token_logprobs if x is not None], abs=1e-5)
     assert usage.prompt_tokens == whole.usage.prompt_tokens == len(IDS) + len(other) + 4
     assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_best_of_answers_the_choices_of_the_highest_mean_logprob(server):
+    """`best_of` generates that many choices and answers with the `n` whose tokens have the highest
+    mean log-probability (OpenAI's "log probability per token"), best first: the same choices, with
+    the same seed, as `n = best_of` gives, ranked by their own `logprobs`."""
+    c = client(server)
+    args = dict(model="tiny", prompt=IDS, max_tokens=6, seed=7, temperature=1.0, extra_body={"ignore_eos": True})
+    every = c.completions.create(**args, n=5, logprobs=0)
+    means = [sum(ch.logprobs.token_logprobs) / len(ch.logprobs.token_logprobs) for ch in every.choices]
+    assert len({ch.text for ch in every.choices}) > 2, [ch.text for ch in every.choices]
+    ranked = sorted(range(5), key=lambda i: -means[i])
+    best = c.completions.create(**args, n=2, best_of=5)
+    assert [ch.index for ch in best.choices] == [0, 1]
+    assert [ch.text for ch in best.choices] == [every.choices[i].text for i in ranked[:2]], means
+    assert all(ch.logprobs is None for ch in best.choices)
+    # Every choice generated is counted.
+    assert best.usage.completion_tokens == every.usage.completion_tokens == 30
+    one = c.completions.create(**args, best_of=5, logprobs=1, echo=True)
+    assert len(one.choices) == 1
+    top = every.choices[ranked[0]]
+    assert one.choices[0].text.endswith(top.text)
+    assert one.choices[0].logprobs.token_logprobs[-6:] == pytest.approx(top.logprobs.token_logprobs, abs=1e-5)
+    # Several prompts: each prompt's best, at its own index.
+    two = c.completions.create(**{**args, "prompt": [IDS, IDS]}, best_of=5)
+    assert [(ch.index, ch.text) for ch in two.choices] == [(0, top.text), (1, top.text)]
+
+
+@pytest.mark.parametrize("endpoint,body", [
+    ("completions", {"n": 3, "best_of": 2}),
+    ("completions", {"best_of": 0}),
+    ("completions", {"best_of": 100000}),
+    ("completions", {"best_of": 2, "stream": True}),
+    ("chat", {"best_of": 2}),
+])
+def test_bad_best_of_is_refused_naming_it(server, endpoint, body):
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "chat":
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body=body)
+        else:
+            c.completions.create(model="tiny", prompt="the", extra_body=body)
+    assert e.value.body["param"] == "best_of", e.value.body
 
 
 def test_chat_logprobs_streamed_and_whole(server):

@@ -1,6 +1,6 @@
 //! `lmkit generate`: continue a prompt with a checkpoint, streaming the text.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use lmkit_infer::{generate_constrained, Finish, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
@@ -16,7 +16,8 @@ use std::path::PathBuf;
     lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --greedy   # encoder-decoder\n  \
     lmkit generate --model runs/bart/ --source 'the cat sat on the mat' --num-beams 4 --length-penalty 1.0\n  \
     lmkit generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'A person: ' --json-schema person.json --greedy\n  \
-    lmkit generate --model runs/gpt/ --prompt 'Year: ' --regex '(19|20)[0-9]{2}'"
+    lmkit generate --model runs/gpt/ --prompt 'Year: ' --regex '(19|20)[0-9]{2}'\n  \
+    lmkit generate --model qwen2.5-coder/ --prompt 'def area(r):\n    ' --suffix '\n    return a' --greedy"
 )]
 pub struct GenerateArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
@@ -31,6 +32,10 @@ pub struct GenerateArgs {
     /// Prompt text
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
+    /// Fill in the middle: the text that follows the generated one (--prompt is the text before
+    /// it); needs a code model with fill-in-the-middle tokens (<|fim_prefix|>, <fim_prefix>...)
+    #[arg(long, requires = "prompt")]
+    suffix: Option<String>,
     /// Encoder-decoder models: the text to translate or summarize
     #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
     source: Option<String>,
@@ -270,8 +275,27 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             );
         }
     }
-    let prompt: Vec<u32> = match (&a.prompt, &tokenizer) {
-        (Some(text), Some(tk)) => lmkit_tokenize::encode_prompt(tk, text)?,
+    // Fill in the middle: the model's tokens for it, and those that end a middle.
+    let fim = match (&a.suffix, &tokenizer) {
+        (Some(_), Some(tk)) => {
+            let meta = lmkit_tokenize::gguf::is_gguf(&tok_path)
+                .then(|| lmkit_tokenize::gguf::GgufMeta::read(&tok_path).ok())
+                .flatten();
+            Some(
+                lmkit_tokenize::fim::Fim::find(tk, meta.as_ref()).with_context(|| {
+                    format!(
+                        "--suffix: {} has no fill-in-the-middle tokens (such as <|fim_prefix|>, \
+                     <|fim_suffix|>, <|fim_middle|>); it needs a code model trained with them",
+                        tok_path.display()
+                    )
+                })?,
+            )
+        }
+        _ => None,
+    };
+    let prompt: Vec<u32> = match (&a.prompt, &tokenizer, &fim, &a.suffix) {
+        (Some(text), Some(tk), Some(f), Some(suffix)) => f.prompt(tk, text, suffix)?,
+        (Some(text), Some(tk), _, _) => lmkit_tokenize::encode_prompt(tk, text)?,
         _ => a.prompt_ids.clone(),
     };
     if prompt.is_empty() {
@@ -290,7 +314,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stop_ids: if a.ignore_eos {
             Vec::new()
         } else {
-            stop_ids(&a.model, cfg.vocab_size())?
+            let mut ids = stop_ids(&a.model, cfg.vocab_size())?;
+            for &t in fim.iter().flat_map(|f| &f.ends) {
+                if !ids.contains(&t) {
+                    ids.push(t);
+                }
+            }
+            ids
         },
         max_positions: cfg.max_positions(),
     };

@@ -248,6 +248,8 @@ pub struct AppState {
     /// The model's end-of-text ids (config.json, generation_config.json or GGUF metadata).
     pub eos: Vec<u32>,
     pub chat_end: Option<u32>,
+    /// The model's fill-in-the-middle tokens, where it has them (completions' `suffix`).
+    pub fim: Option<lmkit_tokenize::fim::Fim>,
     pub moderator: Moderator,
     pub store: Arc<Store>,
     pub metrics: metrics::Metrics,
@@ -348,6 +350,11 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
     }
     let chat_end = tokenizer.token_to_id("<|end|>");
+    let meta = lmkit_tokenize::gguf::is_gguf(&dir)
+        .then(|| lmkit_tokenize::gguf::GgufMeta::read(&dir).ok())
+        .flatten();
+    let fim = lmkit_tokenize::fim::Fim::find(&tokenizer, meta.as_ref());
+    drop(meta);
     let embedder = match &cfg.embedding_model {
         Some(p) => {
             let d = lmkit_models::resolve_checkpoint(p);
@@ -419,6 +426,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         vocab_size: mcfg.vocab_size(),
         eos,
         chat_end,
+        fim,
         tokenizer,
         moderator: cfg.moderator,
         store: Arc::new(store),

@@ -95,6 +95,11 @@ impl GgufMeta {
         }
     }
 
+    /// A token id the metadata gives under `key` (`tokenizer.ggml.eos_token_id`...).
+    pub fn token_id(&self, key: &str) -> Option<u32> {
+        self.int(key)
+    }
+
     /// The chat template (`tokenizer.chat_template`), if the file has one.
     pub fn chat_template(&self) -> Option<String> {
         self.str("tokenizer.chat_template").map(String::from)

@@ -5,6 +5,7 @@
 pub mod bpe;
 pub mod chat;
 pub mod error;
+pub mod fim;
 pub mod gguf;
 mod jinja;
 pub mod shards;

@@ -18,6 +18,26 @@ pub async fn completions(
             Some(Value::Bool(b)) => b,
             Some(_) => return Err(ApiError::invalid("echo", "`echo` must be true or false")),
         };
+        // Fill-in-the-middle: the text the completion goes before.
+        let suffix = match v.as_object_mut().and_then(|o| o.remove("suffix")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err(ApiError::invalid("suffix", "`suffix` must be a string")),
+        };
+        let fim = match (&suffix, &state.fim) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ApiError::invalid(
+                    "suffix",
+                    "this model has no fill-in-the-middle tokens (such as <|fim_prefix|>, \
+                     <|fim_suffix|>, <|fim_middle|>): `suffix` needs a code model trained with them",
+                ))
+            }
+            (Some(_), Some(_)) if echo => {
+                return Err(ApiError::invalid("suffix", "`echo` and `suffix` cannot be combined"))
+            }
+            (Some(s), Some(f)) => Some((s.as_str(), f)),
+        };
         let prompt: Prompt = serde_json::from_value(prompt).map_err(|_| {
             ApiError::invalid(
                 "prompt",
@@ -37,13 +57,30 @@ pub async fn completions(
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             Ok((t, ids))
         };
-        let text = |t: String| encode(&state, &t).map(|ids| (t, ids));
+        let text = |t: String| match fim {
+            None => encode(&state, &t).map(|ids| (t, ids)),
+            Some((suffix, f)) => f
+                .prompt(&state.tokenizer, &t, suffix)
+                .map(|ids| (t, ids))
+                .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}"))),
+        };
         let prompts: Vec<(String, Vec<u32>)> = match prompt {
             Prompt::Text(t) => vec![text(t)?],
             Prompt::Texts(v) => v.into_iter().map(text).collect::<Result<_, _>>()?,
+            Prompt::Ids(_) | Prompt::IdLists(_) if fim.is_some() => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "with `suffix`, the prompt (the text before the middle) must be text, not token ids",
+                ))
+            }
             Prompt::Ids(ids) => vec![known(ids)?],
             Prompt::IdLists(v) => v.into_iter().map(known).collect::<Result<_, _>>()?,
         };
+        // A middle also ends at the model's fill-in-the-middle end tokens.
+        let mut eos = if params.ignore_eos { Vec::new() } else { state.eos.clone() };
+        if let (Some((_, f)), false) = (fim, params.ignore_eos) {
+            eos.extend(f.ends.iter().filter(|t| !state.eos.contains(t)));
+        }
         if prompts.is_empty() || prompts.len() > MOST_PROMPTS {
             return Err(ApiError::invalid(
                 "prompt",
@@ -63,7 +100,7 @@ pub async fn completions(
                         prompt_text,
                         messages: None,
                         prompt_ids,
-                        eos: if params.ignore_eos { Vec::new() } else { state.eos.clone() },
+                        eos: eos.clone(),
                         stops: params.stops.clone(),
                         params: params.clone(),
                         prompt_verdict: verdict,
@@ -437,6 +474,8 @@ async fn submit(
             cached_tokens: 0,
             verdict: Verdict::default(),
             logprobs: vec![Value::Null],
+            error: None,
+            scores: vec![f64::NAN],
         };
         log(state, &prep, &outcome, started).await;
         return Err(ApiError::invalid(
@@ -484,7 +523,11 @@ async fn submit(
             events: tx.clone(),
             cancel: cancels[i].clone(),
             constraint: constraints.next().flatten(),
-            logprobs: prep.params.logprobs,
+            // `best_of` ranks the choices by their tokens' log-probabilities.
+            logprobs: prep
+                .params
+                .logprobs
+                .or((prep.params.returned < prep.params.n).then_some(0)),
             prompt_logprobs: prep.params.logprobs.filter(|_| prep.echo),
             adjust: prep.params.adjust.clone(),
         })
@@ -600,17 +643,19 @@ async fn answer(
     .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))?;
     watch.disarm();
     if outcome.reasons.contains(&"error") {
-        return Err(ApiError::internal("generation failed; see the server log"));
+        return Err(match outcome.error {
+            Some(e) if e.status == StatusCode::BAD_REQUEST => e,
+            _ => ApiError::internal("generation failed; see the server log"),
+        });
     }
     let created = now();
-    let choices: Vec<Value> = outcome
-        .texts
-        .iter()
-        .zip(&outcome.reasons)
+    let choices: Vec<Value> = best(&outcome.scores, prep.params.returned)
+        .into_iter()
         .enumerate()
-        .map(|(i, (t, r))| {
+        .map(|(i, c)| {
+            let (t, r) = (&outcome.texts[c], outcome.reasons[c]);
             let calls = prep.structured.tools.as_ref().and_then(|_| structured::tool_calls(t));
-            let lp = outcome.logprobs.get(i).cloned().unwrap_or(Value::Null);
+            let lp = outcome.logprobs.get(c).cloned().unwrap_or(Value::Null);
             if let Some(calls) = calls {
                 json!({"index": i, "message": {"role": "assistant", "content": null, "tool_calls": calls}, "finish_reason": "tool_calls", "logprobs": lp})
             } else if prep.chat {
@@ -639,6 +684,18 @@ async fn answer(
         body["sources"] = json!(s);
     }
     Ok(body)
+}
+
+/// The `returned` choices to answer with, out of those `scores` ranks: all, in order, where
+/// there are no more; else (`best_of`) those of the highest mean log-probability a token, best
+/// first (ties: the lower index first).
+fn best(scores: &[f64], returned: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    if returned < scores.len() {
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        order.truncate(returned);
+    }
+    order
 }
 
 /// `POST /v1/embeddings`: mean-pooled sentence embeddings from the BERT given with

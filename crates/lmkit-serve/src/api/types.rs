@@ -43,6 +43,9 @@ pub(super) struct Sampling {
     /// lmkit extension (as in vLLM): keep generating past the end-of-sequence token.
     pub(super) ignore_eos: Option<bool>,
     pub(super) n: Option<u64>,
+    /// Completions only: choices generated, of which the `n` of the highest mean
+    /// log-probability a token are answered.
+    pub(super) best_of: Option<u64>,
     pub(super) stream: Option<bool>,
     pub(super) stream_options: Option<StreamOptions>,
     pub(super) stop: Option<OneOrMany>,
@@ -89,7 +92,10 @@ pub(super) struct Params {
     pub(super) model: usize,
     pub(super) max_tokens: Option<usize>,
     pub(super) sampling: SamplingParams,
+    /// Choices generated (`best_of` where given, else `n`).
     pub(super) n: usize,
+    /// Choices answered (`n`): the best of those generated where fewer.
+    pub(super) returned: usize,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
     pub(super) stops: Vec<String>,

@@ -203,6 +203,32 @@ pub(super) fn sampling(
             format!("`n` must be between 1 and {}", state.limits.max_n),
         ));
     }
+    let stream = s.stream.unwrap_or(false);
+    let generated = match s.best_of {
+        None => n,
+        Some(_) if chat => {
+            return Err(ApiError::invalid(
+                "best_of",
+                "`best_of` is a completions parameter; chat completions take `n`",
+            ))
+        }
+        Some(b) if b < n || b as usize > state.limits.max_n => {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!(
+                    "`best_of` must be at least `n` ({n}) and at most {}",
+                    state.limits.max_n
+                ),
+            ))
+        }
+        Some(b) if b > n && stream => {
+            return Err(ApiError::invalid(
+                "best_of",
+                "choices picked by `best_of` cannot be streamed: set `stream` to false or `best_of` to `n`",
+            ))
+        }
+        Some(b) => b,
+    };
     for (name, v) in [
         ("presence_penalty", s.presence_penalty),
         ("frequency_penalty", s.frequency_penalty),
@@ -244,8 +270,9 @@ pub(super) fn sampling(
         model,
         max_tokens,
         sampling,
-        n: n as usize,
-        stream: s.stream.unwrap_or(false),
+        n: generated as usize,
+        returned: n as usize,
+        stream,
         include_usage: s
             .stream_options
             .and_then(|o| o.include_usage)
