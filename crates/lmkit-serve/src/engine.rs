@@ -534,6 +534,9 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 Err(_) => return,
             }
         }
+        // Prompts scored this round: one batch a round while sequences decode, so that their
+        // tokens keep coming between batches.
+        let mut scored_batch = false;
         while sequences.running.len() < max_active {
             let (job, cache) = match next.pop_front() {
                 Some(j) => j,
@@ -548,13 +551,30 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 },
             };
             if job.prompt_logprobs.is_some() && cache.is_none() && !gone(&job) {
+                if scored_batch && !sequences.running.is_empty() {
+                    // The decoding sequences' round first.
+                    next.push_front((job, None));
+                    break;
+                }
+                scored_batch = true;
                 // This job's prompt and those of the scoring jobs queued right behind it, read
-                // together; they then start in order.
+                // together, up to `prompt_tokens` positions (the prompt reading a decoding round
+                // takes; a longer prompt alone); they then start in order.
                 let room = max_active - sequences.running.len();
+                let budget = if prompt_tokens == 0 {
+                    usize::MAX
+                } else {
+                    prompt_tokens
+                };
+                let mut positions = job.prompt.len();
+                let fits = |j: &Job, positions: usize| {
+                    j.prompt_logprobs.is_some() && positions + j.prompt.len() <= budget
+                };
                 let mut batch = vec![job];
                 while batch.len() < room {
                     match next.front() {
-                        Some((j, None)) if j.prompt_logprobs.is_some() => {
+                        Some((j, None)) if fits(j, positions) => {
+                            positions += j.prompt.len();
                             batch.extend(next.pop_front().map(|(j, _)| j));
                             continue;
                         }
@@ -563,7 +583,10 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                         None => {}
                     }
                     match rx.try_recv() {
-                        Ok(j) if j.prompt_logprobs.is_some() => batch.push(j),
+                        Ok(j) if fits(&j, positions) => {
+                            positions += j.prompt.len();
+                            batch.push(j);
+                        }
                         Ok(j) => {
                             next.push_back((j, None));
                             break;

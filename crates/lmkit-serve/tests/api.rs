@@ -1345,3 +1345,66 @@ async fn a_prompt_is_kept_for_other_requests_once_read() {
     let (reference, _) = lmkit_infer::generate(&model, &prompt, &opts, &mut |_, _| true).unwrap();
     assert_eq!(tokens, reference);
 }
+
+/// Prompts scored for their log-probabilities are read in batches of at most `--prompt-tokens`
+/// positions, one batch a round while other sequences decode: a decoding sequence gets a token
+/// between two batches (it waited for all of them before).
+#[tokio::test]
+async fn scoring_batches_take_turns_with_decoding_sequences() {
+    use lmkit_serve::engine::Event;
+    let d = tempfile::tempdir().unwrap();
+    let st = load_state(ServeConfig {
+        prompt_tokens: 8,
+        ..config(&d.path().join("s.sqlite"), 16)
+    })
+    .unwrap();
+    let wait = std::time::Duration::from_secs(60);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    st.engine
+        .submit(vec![greedy_job(&st, 0, vec![5, 6, 7], 60, tx.clone())])
+        .unwrap();
+    // The first sequence decodes before the scoring jobs come.
+    loop {
+        match tokio::time::timeout(wait, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            (0, Event::Token(..)) => break,
+            (_, Event::Cached(_)) => {}
+            e => panic!("{e:?}"),
+        }
+    }
+    let scoring = |index| {
+        let mut j = greedy_job(&st, index, vec![9, 10, 11, 12, 13, 14], 1, tx.clone());
+        j.prompt_logprobs = Some(0);
+        j
+    };
+    st.engine
+        .submit(vec![scoring(1), scoring(2), scoring(3)])
+        .unwrap();
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some((i, e)) = tokio::time::timeout(wait, rx.recv()).await.unwrap() {
+        match e {
+            Event::Prompt(s) => {
+                assert_eq!(s.len(), 5);
+                order.push((i, "prompt"));
+            }
+            Event::Token(..) => order.push((i, "token")),
+            Event::Done(..) => order.push((i, "done")),
+            Event::Cached(_) => {}
+            Event::Error(m) | Event::Invalid(m) => panic!("{m}"),
+        }
+    }
+    let prompts: Vec<usize> = (0..order.len())
+        .filter(|&k| order[k].1 == "prompt")
+        .collect();
+    assert_eq!(prompts.len(), 3, "{order:?}");
+    for w in prompts.windows(2) {
+        assert!(
+            order[w[0]..w[1]].contains(&(0, "token")),
+            "no token of the decoding sequence between two scoring batches: {order:?}"
+        );
+    }
+}
