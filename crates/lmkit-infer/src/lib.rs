@@ -482,18 +482,60 @@ pub fn score_prompt_in_pieces(
     top: usize,
     positions: usize,
 ) -> Result<Scores> {
-    let positions = positions.max(1);
-    let mut cache = model.new_cache();
-    let mut out = Vec::with_capacity(prompt.len().saturating_sub(1));
-    // Position p predicts prompt[p + 1]: positions 0 .. len - 1.
-    let read = prompt.len().saturating_sub(1);
-    for (c, piece) in prompt[..read].chunks(positions).enumerate() {
-        let ids = Tensor::new(piece, model.device())?.unsqueeze(0)?;
-        let rows: Vec<Vec<f32>> = model.forward(&ids, &mut cache)?.squeeze(0)?.to_vec2()?;
-        let next = &prompt[c * positions + 1..];
-        out.extend(rows.iter().zip(next).map(|(row, &t)| logprobs(row, t, top)));
+    let mut s = PromptScoring::new(model, prompt, top);
+    s.pass = positions.max(1);
+    s.advance(model, usize::MAX)?;
+    Ok(s.finish())
+}
+
+/// [`score_prompt`] spread over calls: each [`PromptScoring::advance`] reads some more of the
+/// prompt (a server's scoring of a long prompt between its decoding rounds).
+pub struct PromptScoring {
+    prompt: Vec<u32>,
+    top: usize,
+    /// Positions a pass reads at most.
+    pass: usize,
+    scores: Vec<TokenLogprobs>,
+    cache: lmkit_models::KvCache,
+}
+
+impl PromptScoring {
+    pub fn new(model: &CausalLm, prompt: &[u32], top: usize) -> PromptScoring {
+        PromptScoring {
+            prompt: prompt.to_vec(),
+            top,
+            pass: SCORE_POSITIONS,
+            scores: Vec::with_capacity(prompt.len().saturating_sub(1)),
+            cache: model.new_cache(),
+        }
     }
-    Ok((out, cache))
+
+    /// Reads up to `positions` more of the prompt's positions; true once all are read.
+    pub fn advance(&mut self, model: &CausalLm, positions: usize) -> Result<bool> {
+        // Position p predicts prompt[p + 1]: positions 0 .. len - 1.
+        let read = self.prompt.len().saturating_sub(1);
+        let end = read.min(self.scores.len().saturating_add(positions.max(1)));
+        while self.scores.len() < end {
+            let from = self.scores.len();
+            let to = end.min(from + self.pass);
+            let ids = Tensor::new(&self.prompt[from..to], model.device())?.unsqueeze(0)?;
+            let rows: Vec<Vec<f32>> = model
+                .forward(&ids, &mut self.cache)?
+                .squeeze(0)?
+                .to_vec2()?;
+            let next = &self.prompt[from + 1..];
+            let top = self.top;
+            self.scores
+                .extend(rows.iter().zip(next).map(|(row, &t)| logprobs(row, t, top)));
+        }
+        Ok(self.scores.len() == read)
+    }
+
+    /// The scores and the cache of the positions read (all of them once
+    /// [`PromptScoring::advance`] said so).
+    pub fn finish(self) -> Scores {
+        (self.scores, self.cache)
+    }
 }
 
 /// Prompt positions read together at most by [`score_prompts`]: their logits stay a few hundred

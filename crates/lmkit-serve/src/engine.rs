@@ -474,15 +474,7 @@ fn score_jobs(
     let mut out = Vec::with_capacity(jobs.len());
     for (mut job, r) in jobs.into_iter().zip(results) {
         match r {
-            Some(Ok((scores, cache))) => {
-                let _ = job.events.send((job.index, Event::Prompt(scores)));
-                job.prompt_logprobs = None;
-                out.push((job, Some(cache).filter(|c| !c.is_empty())));
-            }
-            Some(Err(e)) => {
-                let _ = job.events.send((job.index, Event::Error(e.to_string())));
-                depth.fetch_sub(1, Ordering::SeqCst);
-            }
+            Some(r) => out.extend(scored(job, r, depth)),
             None => {
                 job.prompt_logprobs = None;
                 out.push((job, None));
@@ -490,6 +482,27 @@ fn score_jobs(
         }
     }
     out
+}
+
+/// Sends a scored job its prompt's scores and gives it back to start from its prompt's cache
+/// (where one was kept); a job whose prompt failed gets the error and is dropped (`None`).
+fn scored(
+    mut job: Job,
+    r: lmkit_infer::Result<lmkit_infer::Scores>,
+    depth: &AtomicUsize,
+) -> Option<(Job, Option<KvCache>)> {
+    match r {
+        Ok((scores, cache)) => {
+            let _ = job.events.send((job.index, Event::Prompt(scores)));
+            job.prompt_logprobs = None;
+            Some((job, Some(cache).filter(|c| !c.is_empty())))
+        }
+        Err(e) => {
+            let _ = job.events.send((job.index, Event::Error(e.to_string())));
+            depth.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
+    }
 }
 
 fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacity) {
@@ -524,8 +537,16 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
     let mut next: VecDeque<(Job, Option<KvCache>)> = VecDeque::new();
     let mut open = true;
     let gone = |j: &Job| j.cancel.load(Ordering::SeqCst) || j.events.is_closed();
+    // Positions of prompts scored a round while sequences decode.
+    let budget = if prompt_tokens == 0 {
+        usize::MAX
+    } else {
+        prompt_tokens
+    };
+    // A prompt longer than that being scored a part a round (the jobs behind it wait).
+    let mut partial: Option<(Job, lmkit_infer::PromptScoring)> = None;
     loop {
-        if sequences.running.is_empty() && next.is_empty() {
+        if sequences.running.is_empty() && next.is_empty() && partial.is_none() {
             if !open {
                 return;
             }
@@ -537,7 +558,28 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         // Prompts scored this round: one batch a round while sequences decode, so that their
         // tokens keep coming between batches.
         let mut scored_batch = false;
-        while sequences.running.len() < max_active {
+        if let Some((job, mut scoring)) = partial.take() {
+            scored_batch = true;
+            if gone(&job) {
+                depth.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                let more = if sequences.running.is_empty() {
+                    usize::MAX
+                } else {
+                    budget
+                };
+                match scoring.advance(&models[job.model], more) {
+                    Ok(false) => partial = Some((job, scoring)),
+                    Ok(true) => {
+                        if let Some(j) = scored(job, Ok(scoring.finish()), &depth) {
+                            next.push_front(j);
+                        }
+                    }
+                    Err(e) => drop(scored(job, Err(e), &depth)),
+                }
+            }
+        }
+        while partial.is_none() && sequences.running.len() < max_active {
             let (job, cache) = match next.pop_front() {
                 Some(j) => j,
                 None if !open => break,
@@ -557,15 +599,33 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     break;
                 }
                 scored_batch = true;
+                if job.prompt.len() > budget
+                    && !sequences.running.is_empty()
+                    && job.model < models.len()
+                {
+                    // Too long for a round: a part a round, the decoding sequences' tokens
+                    // between the parts.
+                    let model = &models[job.model];
+                    let top = job.prompt_logprobs.unwrap_or(0);
+                    let mut scoring = lmkit_infer::PromptScoring::new(model, &job.prompt, top);
+                    match scoring.advance(model, budget) {
+                        Ok(false) => {
+                            partial = Some((job, scoring));
+                            break;
+                        }
+                        Ok(true) => {
+                            if let Some(j) = scored(job, Ok(scoring.finish()), &depth) {
+                                next.push_front(j);
+                            }
+                        }
+                        Err(e) => drop(scored(job, Err(e), &depth)),
+                    }
+                    continue;
+                }
                 // This job's prompt and those of the scoring jobs queued right behind it, read
                 // together, up to `prompt_tokens` positions (the prompt reading a decoding round
                 // takes; a longer prompt alone); they then start in order.
                 let room = max_active - sequences.running.len();
-                let budget = if prompt_tokens == 0 {
-                    usize::MAX
-                } else {
-                    prompt_tokens
-                };
                 let mut positions = job.prompt.len();
                 let fits = |j: &Job, positions: usize| {
                     j.prompt_logprobs.is_some() && positions + j.prompt.len() <= budget

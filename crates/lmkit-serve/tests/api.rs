@@ -1408,3 +1408,72 @@ async fn scoring_batches_take_turns_with_decoding_sequences() {
         );
     }
 }
+
+/// A prompt longer than `--prompt-tokens` scored while another sequence decodes is read a part a
+/// round, that sequence's tokens between the parts; its scores equal those of reading it whole
+/// (nothing else decoding).
+#[tokio::test]
+async fn a_long_scored_prompt_is_read_in_parts_between_decoding_rounds() {
+    use lmkit_serve::engine::Event;
+    let d = tempfile::tempdir().unwrap();
+    let st = load_state(ServeConfig {
+        prompt_tokens: 8,
+        ..config(&d.path().join("p.sqlite"), 16)
+    })
+    .unwrap();
+    let wait = std::time::Duration::from_secs(60);
+    let long: Vec<u32> = (0..41).map(|i| 5 + (i * 7) % 50).collect();
+    let scoring = |tx| {
+        let mut j = greedy_job(&st, 1, long.clone(), 1, tx);
+        j.prompt_logprobs = Some(2);
+        j
+    };
+    // Alone: read whole.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    st.engine.submit(vec![scoring(tx)]).unwrap();
+    let mut whole = None;
+    while let Some((_, e)) = tokio::time::timeout(wait, rx.recv()).await.unwrap() {
+        if let Event::Prompt(s) = e {
+            whole = Some(s);
+        }
+    }
+    let whole = whole.expect("scores");
+    assert_eq!(whole.len(), 40);
+    // Beside a decoding sequence: in parts of 8 positions.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    st.engine
+        .submit(vec![greedy_job(&st, 0, vec![5, 6, 7], 200, tx.clone())])
+        .unwrap();
+    loop {
+        match tokio::time::timeout(wait, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            (0, Event::Token(..)) => break,
+            (_, Event::Cached(_)) => {}
+            e => panic!("{e:?}"),
+        }
+    }
+    st.engine.submit(vec![scoring(tx)]).unwrap();
+    let mut between = 0;
+    let parts = loop {
+        match tokio::time::timeout(wait, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            (0, Event::Token(..)) => between += 1,
+            (1, Event::Prompt(s)) => break s,
+            (_, Event::Cached(_)) => {}
+            e => panic!("{e:?}"),
+        }
+    };
+    // 40 positions in 5 parts: at least 4 rounds of the other sequence between them.
+    assert!(between >= 4, "{between} tokens while the prompt was scored");
+    assert_eq!(parts.len(), whole.len());
+    for (a, b) in parts.iter().zip(&whole) {
+        assert_eq!((a.token, a.top.len()), (b.token, b.top.len()));
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+    }
+}
