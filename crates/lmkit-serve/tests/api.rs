@@ -1346,26 +1346,34 @@ async fn a_prompt_is_kept_for_other_requests_once_read() {
     assert_eq!(tokens, reference);
 }
 
-/// Prompts scored for their log-probabilities are read in batches of at most `--prompt-tokens`
-/// positions, one batch a round while other sequences decode: a decoding sequence gets a token
-/// between two batches (it waited for all of them before).
-#[tokio::test]
-async fn scoring_batches_take_turns_with_decoding_sequences() {
+type Events = (
+    tokio::sync::mpsc::UnboundedSender<(usize, lmkit_serve::engine::Event)>,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, lmkit_serve::engine::Event)>,
+);
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A server whose rounds read at most 8 prompt positions, with a sequence (index 0) decoding
+/// `max_tokens` greedily once its first token has come, and its events' channel.
+async fn decoding_beside(d: &Path, max_tokens: usize) -> (Arc<AppState>, Events) {
     use lmkit_serve::engine::Event;
-    let d = tempfile::tempdir().unwrap();
     let st = load_state(ServeConfig {
         prompt_tokens: 8,
-        ..config(&d.path().join("s.sqlite"), 16)
+        ..config(&d.join("s.sqlite"), 16)
     })
     .unwrap();
-    let wait = std::time::Duration::from_secs(60);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     st.engine
-        .submit(vec![greedy_job(&st, 0, vec![5, 6, 7], 60, tx.clone())])
+        .submit(vec![greedy_job(
+            &st,
+            0,
+            vec![5, 6, 7],
+            max_tokens,
+            tx.clone(),
+        )])
         .unwrap();
-    // The first sequence decodes before the scoring jobs come.
     loop {
-        match tokio::time::timeout(wait, rx.recv())
+        match tokio::time::timeout(WAIT, rx.recv())
             .await
             .unwrap()
             .unwrap()
@@ -1375,17 +1383,36 @@ async fn scoring_batches_take_turns_with_decoding_sequences() {
             e => panic!("{e:?}"),
         }
     }
-    let scoring = |index| {
-        let mut j = greedy_job(&st, index, vec![9, 10, 11, 12, 13, 14], 1, tx.clone());
-        j.prompt_logprobs = Some(0);
-        j
-    };
+    (st, (tx, rx))
+}
+
+/// A job asking for its prompt's log-probabilities (and one token).
+fn scoring_job(
+    st: &AppState,
+    index: usize,
+    prompt: Vec<u32>,
+    events: tokio::sync::mpsc::UnboundedSender<(usize, lmkit_serve::engine::Event)>,
+) -> lmkit_serve::engine::Job {
+    let mut j = greedy_job(st, index, prompt, 1, events);
+    j.prompt_logprobs = Some(2);
+    j
+}
+
+/// Prompts scored for their log-probabilities are read in batches of at most `--prompt-tokens`
+/// positions, one batch a round while other sequences decode: a decoding sequence gets a token
+/// between two batches (it waited for all of them before).
+#[tokio::test]
+async fn scoring_batches_take_turns_with_decoding_sequences() {
+    use lmkit_serve::engine::Event;
+    let d = tempfile::tempdir().unwrap();
+    let (st, (tx, mut rx)) = decoding_beside(d.path(), 60).await;
+    let scoring = |index| scoring_job(&st, index, vec![9, 10, 11, 12, 13, 14], tx.clone());
     st.engine
         .submit(vec![scoring(1), scoring(2), scoring(3)])
         .unwrap();
     drop(tx);
     let mut order = Vec::new();
-    while let Some((i, e)) = tokio::time::timeout(wait, rx.recv()).await.unwrap() {
+    while let Some((i, e)) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
         match e {
             Event::Prompt(s) => {
                 assert_eq!(s.len(), 5);
@@ -1415,24 +1442,20 @@ async fn scoring_batches_take_turns_with_decoding_sequences() {
 #[tokio::test]
 async fn a_long_scored_prompt_is_read_in_parts_between_decoding_rounds() {
     use lmkit_serve::engine::Event;
+    let long: Vec<u32> = (0..41).map(|i| 5 + (i * 7) % 50).collect();
+    // Alone: read whole.
     let d = tempfile::tempdir().unwrap();
     let st = load_state(ServeConfig {
         prompt_tokens: 8,
         ..config(&d.path().join("p.sqlite"), 16)
     })
     .unwrap();
-    let wait = std::time::Duration::from_secs(60);
-    let long: Vec<u32> = (0..41).map(|i| 5 + (i * 7) % 50).collect();
-    let scoring = |tx| {
-        let mut j = greedy_job(&st, 1, long.clone(), 1, tx);
-        j.prompt_logprobs = Some(2);
-        j
-    };
-    // Alone: read whole.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    st.engine.submit(vec![scoring(tx)]).unwrap();
+    st.engine
+        .submit(vec![scoring_job(&st, 1, long.clone(), tx)])
+        .unwrap();
     let mut whole = None;
-    while let Some((_, e)) = tokio::time::timeout(wait, rx.recv()).await.unwrap() {
+    while let Some((_, e)) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
         if let Event::Prompt(s) = e {
             whole = Some(s);
         }
@@ -1440,25 +1463,13 @@ async fn a_long_scored_prompt_is_read_in_parts_between_decoding_rounds() {
     let whole = whole.expect("scores");
     assert_eq!(whole.len(), 40);
     // Beside a decoding sequence: in parts of 8 positions.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (st, (tx, mut rx)) = decoding_beside(d.path(), 200).await;
     st.engine
-        .submit(vec![greedy_job(&st, 0, vec![5, 6, 7], 200, tx.clone())])
+        .submit(vec![scoring_job(&st, 1, long, tx)])
         .unwrap();
-    loop {
-        match tokio::time::timeout(wait, rx.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            (0, Event::Token(..)) => break,
-            (_, Event::Cached(_)) => {}
-            e => panic!("{e:?}"),
-        }
-    }
-    st.engine.submit(vec![scoring(tx)]).unwrap();
     let mut between = 0;
     let parts = loop {
-        match tokio::time::timeout(wait, rx.recv())
+        match tokio::time::timeout(WAIT, rx.recv())
             .await
             .unwrap()
             .unwrap()
