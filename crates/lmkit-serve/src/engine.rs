@@ -505,6 +505,29 @@ fn scored(
     }
 }
 
+/// Reads up to `positions` more of a long scored prompt: the job and its scoring back while
+/// some of it remains; else the job, its scores sent, at the front of `next` (dropped, its
+/// error sent, where the pass failed).
+fn score_part(
+    job: Job,
+    mut scoring: lmkit_infer::PromptScoring,
+    model: &CausalLm,
+    positions: usize,
+    next: &mut VecDeque<(Job, Option<KvCache>)>,
+    depth: &AtomicUsize,
+) -> Option<(Job, lmkit_infer::PromptScoring)> {
+    match scoring.advance(model, positions) {
+        Ok(false) => return Some((job, scoring)),
+        Ok(true) => {
+            if let Some(j) = scored(job, Ok(scoring.finish()), depth) {
+                next.push_front(j);
+            }
+        }
+        Err(e) => drop(scored(job, Err(e), depth)),
+    }
+    None
+}
+
 fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacity) {
     let Counts {
         depth,
@@ -558,7 +581,7 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         // Prompts scored this round: one batch a round while sequences decode, so that their
         // tokens keep coming between batches.
         let mut scored_batch = false;
-        if let Some((job, mut scoring)) = partial.take() {
+        if let Some((job, scoring)) = partial.take() {
             scored_batch = true;
             if gone(&job) {
                 depth.fetch_sub(1, Ordering::SeqCst);
@@ -568,15 +591,8 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 } else {
                     budget
                 };
-                match scoring.advance(&models[job.model], more) {
-                    Ok(false) => partial = Some((job, scoring)),
-                    Ok(true) => {
-                        if let Some(j) = scored(job, Ok(scoring.finish()), &depth) {
-                            next.push_front(j);
-                        }
-                    }
-                    Err(e) => drop(scored(job, Err(e), &depth)),
-                }
+                let model = &models[job.model];
+                partial = score_part(job, scoring, model, more, &mut next, &depth);
             }
         }
         while partial.is_none() && sequences.running.len() < max_active {
@@ -607,18 +623,10 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     // between the parts.
                     let model = &models[job.model];
                     let top = job.prompt_logprobs.unwrap_or(0);
-                    let mut scoring = lmkit_infer::PromptScoring::new(model, &job.prompt, top);
-                    match scoring.advance(model, budget) {
-                        Ok(false) => {
-                            partial = Some((job, scoring));
-                            break;
-                        }
-                        Ok(true) => {
-                            if let Some(j) = scored(job, Ok(scoring.finish()), &depth) {
-                                next.push_front(j);
-                            }
-                        }
-                        Err(e) => drop(scored(job, Err(e), &depth)),
+                    let scoring = lmkit_infer::PromptScoring::new(model, &job.prompt, top);
+                    partial = score_part(job, scoring, model, budget, &mut next, &depth);
+                    if partial.is_some() {
+                        break;
                     }
                     continue;
                 }
