@@ -277,20 +277,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     // Fill in the middle: the model's tokens for it, and those that end a middle.
     let fim = match (&a.suffix, &tokenizer) {
-        (Some(_), Some(tk)) => {
-            let meta = lmkit_tokenize::gguf::is_gguf(&tok_path)
-                .then(|| lmkit_tokenize::gguf::GgufMeta::read(&tok_path).ok())
-                .flatten();
-            Some(
-                lmkit_tokenize::fim::Fim::find(tk, meta.as_ref()).with_context(|| {
-                    format!(
-                        "--suffix: {} has no fill-in-the-middle tokens (such as <|fim_prefix|>, \
+        (Some(_), Some(tk)) => Some(lmkit_tokenize::fim::Fim::of(&tok_path, tk).with_context(
+            || {
+                format!(
+                    "--suffix: {} has no fill-in-the-middle tokens (such as <|fim_prefix|>, \
                      <|fim_suffix|>, <|fim_middle|>); it needs a code model trained with them",
-                        tok_path.display()
-                    )
-                })?,
-            )
-        }
+                    tok_path.display()
+                )
+            },
+        )?),
         _ => None,
     };
     let prompt: Vec<u32> = match (&a.prompt, &tokenizer, &fim, &a.suffix) {
@@ -315,10 +310,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             Vec::new()
         } else {
             let mut ids = stop_ids(&a.model, cfg.vocab_size())?;
-            for &t in fim.iter().flat_map(|f| &f.ends) {
-                if !ids.contains(&t) {
-                    ids.push(t);
-                }
+            if let Some(f) = &fim {
+                f.add_ends(&mut ids);
             }
             ids
         },

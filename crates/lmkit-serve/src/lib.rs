@@ -350,11 +350,7 @@ pub fn load_state(cfg: ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
     }
     let chat_end = tokenizer.token_to_id("<|end|>");
-    let meta = lmkit_tokenize::gguf::is_gguf(&dir)
-        .then(|| lmkit_tokenize::gguf::GgufMeta::read(&dir).ok())
-        .flatten();
-    let fim = lmkit_tokenize::fim::Fim::find(&tokenizer, meta.as_ref());
-    drop(meta);
+    let fim = lmkit_tokenize::fim::Fim::of(&dir, &tokenizer);
     let embedder = match &cfg.embedding_model {
         Some(p) => {
             let d = lmkit_models::resolve_checkpoint(p);

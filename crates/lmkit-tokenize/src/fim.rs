@@ -7,6 +7,7 @@
 
 use crate::error::Result;
 use crate::gguf::GgufMeta;
+use std::path::Path;
 use tokenizers::Tokenizer;
 
 /// The token texts llama.cpp takes for each role (llama-vocab.cpp), most common first.
@@ -94,6 +95,23 @@ impl Fim {
             middle,
             ends,
         })
+    }
+
+    /// [`Fim::find`] for `tk` loaded from `path` (a GGUF file's metadata read for its keys).
+    pub fn of(path: &Path, tk: &Tokenizer) -> Option<Fim> {
+        let meta = crate::gguf::is_gguf(path)
+            .then(|| GgufMeta::read(path).ok())
+            .flatten();
+        Fim::find(tk, meta.as_ref())
+    }
+
+    /// Adds the tokens that end a middle to the stop tokens `stops` (those not there already).
+    pub fn add_ends(&self, stops: &mut Vec<u32>) {
+        for &t in &self.ends {
+            if !stops.contains(&t) {
+                stops.push(t);
+            }
+        }
     }
 
     /// The prompt that asks for the text between `prefix` and `suffix` (each encoded as a

@@ -79,7 +79,7 @@ pub async fn completions(
         // A middle also ends at the model's fill-in-the-middle end tokens.
         let mut eos = if params.ignore_eos { Vec::new() } else { state.eos.clone() };
         if let (Some((_, f)), false) = (fim, params.ignore_eos) {
-            eos.extend(f.ends.iter().filter(|t| !state.eos.contains(t)));
+            f.add_ends(&mut eos);
         }
         if prompts.is_empty() || prompts.len() > MOST_PROMPTS {
             return Err(ApiError::invalid(
@@ -642,9 +642,9 @@ async fn answer(
     .await
     .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))?;
     watch.disarm();
-    if outcome.reasons.contains(&"error") {
-        return Err(match outcome.error {
-            Some(e) if e.status == StatusCode::BAD_REQUEST => e,
+    if let Some(e) = outcome.error {
+        return Err(match e.status {
+            StatusCode::BAD_REQUEST => e,
             _ => ApiError::internal("generation failed; see the server log"),
         });
     }
