@@ -284,6 +284,31 @@ impl Active {
         self.gauge.store(self.kv_reserved, Ordering::SeqCst);
     }
 
+    fn release(&mut self, bytes: u64) {
+        self.kv_reserved -= bytes;
+        self.gauge.store(self.kv_reserved, Ordering::SeqCst);
+    }
+
+    /// Whether `need` more bytes fit beside those reserved within the budget `kv` (always,
+    /// without one).
+    fn fits(&self, kv: Option<KvBudget>, need: u64) -> bool {
+        kv.is_none_or(|b| self.kv_reserved + need <= b.bytes)
+    }
+
+    /// Has the prefix cache's entries give way to `need` more bytes beside those reserved.
+    fn make_room(&mut self, kv: Option<KvBudget>, need: u64) {
+        let Some(b) = kv else {
+            return;
+        };
+        let limit = b.bytes.saturating_sub(self.kv_reserved + need);
+        if self.prefix_bytes() > limit {
+            if let Some(p) = &mut self.prefix {
+                p.shrink_to(limit);
+            }
+            self.publish_prefix();
+        }
+    }
+
     /// The bytes the prefix cache holds.
     fn prefix_bytes(&self) -> u64 {
         self.prefix.as_ref().map_or(0, PrefixCache::bytes)
@@ -380,17 +405,12 @@ fn offer(
         if let Some(msg) = b.refusal(&job) {
             return fail(&job.events, job.index, msg);
         }
-        if active.kv_reserved + need > b.bytes {
-            return Offer::Wait(Box::new(job));
-        }
-        // The prefix cache's entries give way to decoding sequences.
-        if active.kv_reserved + need + active.prefix_bytes() > b.bytes {
-            if let Some(p) = &mut active.prefix {
-                p.shrink_to(b.bytes - active.kv_reserved - need);
-            }
-            active.publish_prefix();
-        }
     }
+    if !active.fits(kv, need) {
+        return Offer::Wait(Box::new(job));
+    }
+    // The prefix cache's entries give way to decoding sequences.
+    active.make_room(kv, need);
     let Some(model) = models.get(job.model) else {
         return fail(&job.events, job.index, "no such model".into());
     };
@@ -505,26 +525,35 @@ fn scored(
     }
 }
 
-/// Reads up to `positions` more of a long scored prompt: the job and its scoring back while
-/// some of it remains; else the job, its scores sent, at the front of `next` (dropped, its
-/// error sent, where the pass failed).
-fn score_part(
+/// A prompt too long for a round being scored a part a round, and the bytes of the KV budget it
+/// holds meanwhile: the room its sequence's cache can come to need.
+struct Partial {
     job: Job,
-    mut scoring: lmkit_infer::PromptScoring,
+    scoring: lmkit_infer::PromptScoring,
+    kv_bytes: u64,
+}
+
+/// Reads up to `positions` more of a long scored prompt: it comes back while some of it remains;
+/// else the job, its scores sent, goes to the front of `next` (dropped, its error sent, where the
+/// pass failed) and its share of the budget is let go (the job reserves it again as it starts).
+fn score_part(
+    mut part: Partial,
     model: &CausalLm,
     positions: usize,
     next: &mut VecDeque<(Job, Option<KvCache>)>,
+    active: &mut Active,
     depth: &AtomicUsize,
-) -> Option<(Job, lmkit_infer::PromptScoring)> {
-    match scoring.advance(model, positions) {
-        Ok(false) => return Some((job, scoring)),
+) -> Option<Partial> {
+    match part.scoring.advance(model, positions) {
+        Ok(false) => return Some(part),
         Ok(true) => {
-            if let Some(j) = scored(job, Ok(scoring.finish()), depth) {
+            if let Some(j) = scored(part.job, Ok(part.scoring.finish()), depth) {
                 next.push_front(j);
             }
         }
-        Err(e) => drop(scored(job, Err(e), depth)),
+        Err(e) => drop(scored(part.job, Err(e), depth)),
     }
+    active.release(part.kv_bytes);
     None
 }
 
@@ -567,7 +596,7 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         prompt_tokens
     };
     // A prompt longer than that being scored a part a round (the jobs behind it wait).
-    let mut partial: Option<(Job, lmkit_infer::PromptScoring)> = None;
+    let mut partial: Option<Partial> = None;
     loop {
         if sequences.running.is_empty() && next.is_empty() && partial.is_none() {
             if !open {
@@ -581,18 +610,19 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
         // Prompts scored this round: one batch a round while sequences decode, so that their
         // tokens keep coming between batches.
         let mut scored_batch = false;
-        if let Some((job, scoring)) = partial.take() {
+        if let Some(part) = partial.take() {
             scored_batch = true;
-            if gone(&job) {
+            if gone(&part.job) {
                 depth.fetch_sub(1, Ordering::SeqCst);
+                sequences.release(part.kv_bytes);
             } else {
                 let more = if sequences.running.is_empty() {
                     usize::MAX
                 } else {
                     budget
                 };
-                let model = &models[job.model];
-                partial = score_part(job, scoring, model, more, &mut next, &depth);
+                let model = &models[part.job.model];
+                partial = score_part(part, model, more, &mut next, &mut sequences, &depth);
             }
         }
         while partial.is_none() && sequences.running.len() < max_active {
@@ -608,7 +638,15 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     }
                 },
             };
-            if job.prompt_logprobs.is_some() && cache.is_none() && !gone(&job) {
+            // A prompt is scored once its sequence's cache fits the budget (its cache is then
+            // held until the sequence starts); until then it waits as `offer` has it wait.
+            let need = kv.map_or(0, |b| b.need(&job));
+            if job.prompt_logprobs.is_some()
+                && cache.is_none()
+                && !gone(&job)
+                && kv.is_none_or(|b| b.refusal(&job).is_none())
+                && sequences.fits(kv, need)
+            {
                 if scored_batch && !sequences.running.is_empty() {
                     // The decoding sequences' round first.
                     next.push_front((job, None));
@@ -624,7 +662,14 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     let model = &models[job.model];
                     let top = job.prompt_logprobs.unwrap_or(0);
                     let scoring = lmkit_infer::PromptScoring::new(model, &job.prompt, top);
-                    partial = score_part(job, scoring, model, budget, &mut next, &depth);
+                    sequences.make_room(kv, need);
+                    sequences.reserve(need);
+                    let part = Partial {
+                        job,
+                        scoring,
+                        kv_bytes: need,
+                    };
+                    partial = score_part(part, model, budget, &mut next, &mut sequences, &depth);
                     if partial.is_some() {
                         break;
                     }
@@ -635,14 +680,20 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 // takes; a longer prompt alone); they then start in order.
                 let room = max_active - sequences.running.len();
                 let mut positions = job.prompt.len();
-                let fits = |j: &Job, positions: usize| {
-                    j.prompt_logprobs.is_some() && positions + j.prompt.len() <= budget
+                // The bytes of the budget the batch's sequences will reserve as they start.
+                let mut batch_need = need;
+                let left = kv.map_or(u64::MAX, |b| b.bytes.saturating_sub(sequences.kv_reserved));
+                let fits = |j: &Job, positions: usize, batch_need: u64| {
+                    j.prompt_logprobs.is_some()
+                        && positions + j.prompt.len() <= budget
+                        && batch_need + kv.map_or(0, |b| b.need(j)) <= left
                 };
                 let mut batch = vec![job];
                 while batch.len() < room {
                     match next.front() {
-                        Some((j, None)) if fits(j, positions) => {
+                        Some((j, None)) if fits(j, positions, batch_need) => {
                             positions += j.prompt.len();
+                            batch_need += kv.map_or(0, |b| b.need(j));
                             batch.extend(next.pop_front().map(|(j, _)| j));
                             continue;
                         }
@@ -651,8 +702,9 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                         None => {}
                     }
                     match rx.try_recv() {
-                        Ok(j) if fits(&j, positions) => {
+                        Ok(j) if fits(&j, positions, batch_need) => {
                             positions += j.prompt.len();
+                            batch_need += kv.map_or(0, |b| b.need(&j));
                             batch.push(j);
                         }
                         Ok(j) => {
@@ -666,6 +718,8 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                         }
                     }
                 }
+                // The prefix cache's entries give way to the batch's caches.
+                sequences.make_room(kv, batch_need);
                 for scored in score_jobs(&models, batch, &depth).into_iter().rev() {
                     next.push_front(scored);
                 }

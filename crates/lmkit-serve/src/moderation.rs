@@ -41,6 +41,23 @@ pub struct Verdict {
     pub categories: Vec<String>,
 }
 
+impl Verdict {
+    /// The verdict on several texts: flagged where one of them is, with their categories in
+    /// the order first met.
+    pub fn of_all<'a>(verdicts: impl IntoIterator<Item = &'a Verdict>) -> Verdict {
+        let mut all = Verdict::default();
+        for v in verdicts {
+            all.flagged |= v.flagged;
+            for c in &v.categories {
+                if !all.categories.contains(c) {
+                    all.categories.push(c.clone());
+                }
+            }
+        }
+        all
+    }
+}
+
 pub struct Moderator {
     rules: Vec<Rule>,
     classifier: Option<crate::classifier::Classifier>,

@@ -547,6 +547,74 @@ async fn moderation_refuses_or_flags_and_logs_the_decision() {
     assert!(row.moderation.contains("\"flagged\":true"));
 }
 
+/// Each choice is moderated on its own text: its stored row carries its own verdict (they all
+/// carried the verdict on every choice), and a `best_of` answer the verdict on the choice it
+/// answers with, not on those it generated and left out.
+#[tokio::test]
+async fn each_choice_is_moderated_on_its_own_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = state(&dir.path().join("a.sqlite"), &[], Moderator::none(), 16);
+    let texts = |v: &Value| -> Vec<String> {
+        let choices = v["choices"].as_array().unwrap();
+        choices
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A seed and a rule (one letter) that flags some of 4 choices but not the best of them.
+    let mut found = None;
+    'search: for seed in 0..20 {
+        let body = move |extra: Value| {
+            let mut b =
+                json!({"prompt": "the cat", "max_tokens": 5, "temperature": 1.0, "seed": seed});
+            b.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let (_, all) = post(&plain, "/v1/completions", body(json!({"n": 4}))).await;
+        let (_, one) = post(&plain, "/v1/completions", body(json!({"best_of": 4}))).await;
+        let (all, best) = (texts(&all), texts(&one).remove(0));
+        assert!(all.contains(&best), "{best:?} {all:?}");
+        for c in all.concat().chars().filter(|c| c.is_ascii_alphanumeric()) {
+            let rules = format!("odd: {c}\n");
+            let m = Moderator::parse(&rules, "rules", Policy::Flag).unwrap();
+            if !m.check(&best).flagged && all.iter().any(|t| m.check(t).flagged) {
+                found = Some((body, rules, all, best));
+                break 'search;
+            }
+        }
+    }
+    let (body, rules, all, best) = found.expect("no seed whose choices a letter tells apart");
+    let st = state(
+        &dir.path().join("b.sqlite"),
+        &[],
+        Moderator::parse(&rules, "rules", Policy::Flag).unwrap(),
+        16,
+    );
+    let m = Moderator::parse(&rules, "rules", Policy::Flag).unwrap();
+    let (s, v) = post(&st, "/v1/completions", body(json!({"n": 4}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(texts(&v), all);
+    assert_eq!(v["moderation"]["completion"]["flagged"], true);
+    let (s, v) = post(&st, "/v1/completions", body(json!({"best_of": 4}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(texts(&v), vec![best.clone()]);
+    assert_eq!(v["moderation"]["completion"]["flagged"], false, "{v}");
+    let rows = st.store.recent(20, &Default::default()).unwrap();
+    assert_eq!(rows.len(), 8);
+    for r in &rows {
+        let stored: Value = serde_json::from_str(&r.moderation).unwrap();
+        let own = m.check(&r.output).flagged;
+        assert_eq!(
+            stored["completion"]["flagged"], own,
+            "{:?}: {}",
+            r.output, r.moderation
+        );
+    }
+    assert!(rows.iter().any(|r| m.check(&r.output).flagged));
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_429_and_a_disconnect_cancels_generation() {
     let dir = tempfile::tempdir().unwrap();
@@ -1356,9 +1424,19 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// A server whose rounds read at most 8 prompt positions, with a sequence (index 0) decoding
 /// `max_tokens` greedily once its first token has come, and its events' channel.
 async fn decoding_beside(d: &Path, max_tokens: usize) -> (Arc<AppState>, Events) {
+    decoding_within(d, max_tokens, lmkit_serve::KvMemory::Auto).await
+}
+
+/// [`decoding_beside`] within a KV budget of `kv_memory`.
+async fn decoding_within(
+    d: &Path,
+    max_tokens: usize,
+    kv_memory: lmkit_serve::KvMemory,
+) -> (Arc<AppState>, Events) {
     use lmkit_serve::engine::Event;
     let st = load_state(ServeConfig {
         prompt_tokens: 8,
+        kv_memory,
         ..config(&d.join("s.sqlite"), 16)
     })
     .unwrap();
@@ -1486,5 +1564,53 @@ async fn a_long_scored_prompt_is_read_in_parts_between_decoding_rounds() {
     for (a, b) in parts.iter().zip(&whole) {
         assert_eq!((a.token, a.top.len()), (b.token, b.top.len()));
         assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+    }
+}
+
+/// A prompt scored for its log-probabilities waits, as other jobs do, until its sequence's
+/// cache fits the KV budget beside the decoding sequences': it is scored after the sequence
+/// holding the room ends (it was read at once before, its cache outside the budget), whether it
+/// is read in one batch or a part a round; where both fit, the long prompt is read in parts
+/// while the other decodes. Each lets its room go at the end.
+#[tokio::test]
+async fn scored_prompts_wait_for_room_in_the_kv_budget() {
+    use lmkit_serve::engine::Event;
+    use lmkit_serve::KvMemory;
+    // gpt2, 2 layers of 32: keys and values in f32.
+    let per_position = 2 * 2 * 32 * 4;
+    let short: Vec<u32> = vec![9, 10, 11, 12, 13, 14];
+    let long: Vec<u32> = (0..41).map(|i| 5 + (i * 7) % 50).collect();
+    // The decoding sequence and the scored one each need 64 positions (the fewest a cache
+    // holds): 100 holds one of them, 200 both.
+    for (prompt, positions, waits) in [(&short, 100, true), (&long, 100, true), (&long, 200, false)]
+    {
+        let d = tempfile::tempdir().unwrap();
+        let budget = KvMemory::Bytes(positions * per_position);
+        let (st, (tx, mut rx)) = decoding_within(d.path(), 30, budget).await;
+        st.engine
+            .submit(vec![scoring_job(&st, 1, prompt.clone(), tx)])
+            .unwrap();
+        let mut order = Vec::new();
+        while let Some((i, e)) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+            match e {
+                Event::Prompt(s) => {
+                    assert_eq!(s.len(), prompt.len() - 1);
+                    order.push((i, "prompt"));
+                }
+                Event::Done(..) => order.push((i, "done")),
+                Event::Token(..) | Event::Cached(_) => {}
+                Event::Error(m) | Event::Invalid(m) => panic!("{m}"),
+            }
+        }
+        let at = |e| order.iter().position(|&o| o == e).unwrap();
+        assert_eq!(
+            at((0, "done")) < at((1, "prompt")),
+            waits,
+            "{} prompt tokens, {positions} positions: {order:?}",
+            prompt.len()
+        );
+        assert_eq!(order.len(), 3, "{order:?}");
+        assert_eq!(st.engine.kv_reserved(), 0);
+        assert_eq!(st.engine.depth(), 0);
     }
 }

@@ -472,7 +472,7 @@ async fn submit(
             tokens: vec![0],
             completion_tokens: 0,
             cached_tokens: 0,
-            verdict: Verdict::default(),
+            verdicts: vec![Verdict::default()],
             logprobs: vec![Value::Null],
             error: None,
             scores: vec![f64::NAN],
@@ -649,7 +649,10 @@ async fn answer(
         });
     }
     let created = now();
-    let choices: Vec<Value> = best(&outcome.scores, prep.params.returned)
+    let chosen = best(&outcome.scores, prep.params.returned);
+    // The verdict on the choices answered with (`best_of`'s others are stored with their own).
+    let verdict = Verdict::of_all(chosen.iter().map(|&c| &outcome.verdicts[c]));
+    let choices: Vec<Value> = chosen
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
@@ -676,7 +679,7 @@ async fn answer(
         "usage": usage(prep.prompt_ids.len(), outcome.cached_tokens, outcome.completion_tokens),
         "moderation": {
             "prompt": prep.prompt_verdict,
-            "completion": outcome.verdict,
+            "completion": verdict,
             "policy": format!("{:?}", state.moderator.policy).to_lowercase(),
         },
     });

@@ -6,12 +6,16 @@ use super::*;
 /// Stores one row per choice; waits for the write so a client that got its answer finds it.
 pub(super) async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, started: Instant) {
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let moderation = json!({
-        "prompt": prep.prompt_verdict,
-        "completion": o.verdict,
-        "policy": format!("{:?}", state.moderator.policy).to_lowercase(),
-    })
-    .to_string();
+    // Each choice's row with the verdict on its own text.
+    let policy = format!("{:?}", state.moderator.policy).to_lowercase();
+    let moderation = |i: usize| {
+        json!({
+            "prompt": prep.prompt_verdict,
+            "completion": o.verdicts.get(i).cloned().unwrap_or_default(),
+            "policy": policy,
+        })
+        .to_string()
+    };
     let rows: Vec<Completion> = o
         .texts
         .iter()
@@ -31,7 +35,7 @@ pub(super) async fn log(state: &Arc<AppState>, prep: &Prepared, o: &Outcome, sta
             messages: prep.messages.clone(),
             output: t.clone(),
             params: prep.params.json.to_string(),
-            moderation: moderation.clone(),
+            moderation: moderation(i),
             prompt_tokens: prep.prompt_ids.len() as i64,
             cached_tokens: o.cached_tokens as i64,
             completion_tokens: o.tokens.get(i).copied().unwrap_or(0) as i64,

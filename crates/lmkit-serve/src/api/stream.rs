@@ -62,7 +62,9 @@ pub(super) struct Outcome {
     /// The prompt's tokens whose keys and values came from the prefix cache (the most over the
     /// choices).
     pub(super) cached_tokens: usize,
-    pub(super) verdict: Verdict,
+    /// Each choice's moderation verdict (a choice that moderation cut short: the verdict on
+    /// the text it cut).
+    pub(super) verdicts: Vec<Verdict>,
     /// Each choice's `logprobs` (null where not asked for).
     pub(super) logprobs: Vec<Value>,
     /// The first error a choice ended with (its reason is `error`).
@@ -168,7 +170,7 @@ pub(super) async fn drive(
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut texts = vec![String::new(); n];
     let mut reasons: Vec<Option<&'static str>> = vec![None; n];
-    let mut verdict = Verdict::default();
+    let mut verdicts = vec![Verdict::default(); n];
     let mut first = true;
     let mut client_gone = false;
     let mut cached_tokens = 0;
@@ -308,12 +310,7 @@ pub(super) async fn drive(
             candidate.push_str(&delta);
             let v = state.moderator.check(&candidate);
             if v.flagged && state.moderator.policy == Policy::Refuse {
-                for c in v.categories {
-                    if !verdict.categories.contains(&c) {
-                        verdict.categories.push(c);
-                    }
-                }
-                verdict.flagged = true;
+                verdicts[i] = v;
                 done = Some("content_filter");
             } else {
                 texts[i] = candidate;
@@ -373,18 +370,12 @@ pub(super) async fn drive(
         c.store(true, Ordering::SeqCst);
         r.get_or_insert("cancelled");
     }
-    if !verdict.flagged {
-        for t in &texts {
-            let v = state.moderator.check(t);
-            for c in v.categories {
-                if !verdict.categories.contains(&c) {
-                    verdict.categories.push(c);
-                }
-            }
+    for (v, t) in verdicts.iter_mut().zip(&texts) {
+        if !v.flagged {
+            *v = state.moderator.check(t);
         }
-        verdict.flagged = !verdict.categories.is_empty();
     }
-    if verdict.flagged {
+    if verdicts.iter().any(|v| v.flagged) {
         state.metrics.flagged();
     }
     let completion_tokens = ids.iter().map(|v| v.len()).sum();
@@ -417,7 +408,7 @@ pub(super) async fn drive(
         tokens: ids.iter().map(|v| v.len()).collect(),
         completion_tokens,
         cached_tokens,
-        verdict,
+        verdicts,
         error,
         scores,
         logprobs: scored
