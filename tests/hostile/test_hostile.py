@@ -246,3 +246,23 @@ def test_oversized_rl_group_is_refused_before_its_directory_is_touched(tmp_path,
     check(run(["rl", "--config", tmp_path / "rl.toml"], tmp_path),
           "train.batch_size (2) × rl.group_size (1000000000000)")
     assert not (tmp_path / "out").exists(), list((tmp_path / "out").iterdir())
+
+
+def test_an_output_naming_a_pipe_or_a_link_is_written_through(tmp_path, corpus):
+    """`--output` naming a symbolic link to standard output (what /dev/stdout is) or to a file is
+    written through, and the link stays: the write's closing rename replaced the link with a
+    file (run as root, `--output /dev/null` replaced the system's /dev/null with a file)."""
+    out = tmp_path / "out.arpa"
+    out.symlink_to("/proc/self/fd/1")
+    args = ["ngram", "train", "--order", "2", "--discount-fallback", "--input", corpus / "c.txt", "--output", out]
+    p = run(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("\\data\\"), p.stdout[:200]
+    assert out.is_symlink()
+    real = tmp_path / "real.arpa"
+    real.write_text("old")
+    (tmp_path / "link.arpa").symlink_to(real)
+    p = run(args[:-1] + [tmp_path / "link.arpa"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "link.arpa").is_symlink()
+    assert real.read_text().startswith("\\data\\")

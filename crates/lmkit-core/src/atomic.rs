@@ -16,12 +16,45 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
+/// Where a file written as `path` goes.
+enum Target {
+    /// A regular file, new or replaced by a rename: `path` itself, or where `path` is a
+    /// symbolic link to a file, that file (the link stays).
+    File(PathBuf),
+    /// A device, pipe or socket (`/dev/null`, `/dev/stdout`, a FIFO), written in place:
+    /// renaming a file over it would replace it.
+    Special,
+}
+
+fn target(path: &Path) -> Target {
+    // (`metadata` follows links, also /proc's links to pipes, which `canonicalize` cannot.)
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            let link = std::fs::symlink_metadata(path).is_ok_and(|l| l.file_type().is_symlink());
+            match link.then(|| std::fs::canonicalize(path)) {
+                Some(Ok(real)) => Target::File(real),
+                _ => Target::File(path.to_path_buf()),
+            }
+        }
+        Ok(m) if !m.is_dir() => Target::Special,
+        // New, a directory (the rename says why not), or a link to nothing (replaced).
+        _ => Target::File(path.to_path_buf()),
+    }
+}
+
+fn open_special(path: &Path) -> Result<std::fs::File, PathError> {
+    std::fs::OpenOptions::new().write(true).open(path).at(path)
+}
+
 /// A file being written under a temporary name in `dir`; [`AtomicFile::commit`] gives it its
-/// name. Dropped without a commit, the temporary file is removed.
+/// name. Dropped without a commit, the temporary file is removed. A file for a device, pipe or
+/// socket is written into it directly ([`AtomicFile::create_for`]), or copied into it at the
+/// commit.
 pub struct AtomicFile {
     dir: PathBuf,
     writer: BufWriter<std::fs::File>,
-    temp: tempfile::TempPath,
+    /// `None`: writing into a device, pipe or socket.
+    temp: Option<tempfile::TempPath>,
 }
 
 impl AtomicFile {
@@ -35,27 +68,50 @@ impl AtomicFile {
         Ok(AtomicFile {
             dir: dir.to_path_buf(),
             writer: BufWriter::with_capacity(1 << 20, file),
-            temp,
+            temp: Some(temp),
         })
     }
 
-    /// Starts a file that will become `path`.
+    /// Starts a file that will become `path` (beside the file a symbolic link `path` points to;
+    /// into `path` itself where it is a device, pipe or socket).
     pub fn create_for(path: &Path) -> Result<AtomicFile, PathError> {
-        Self::create_in(parent_of(path))
+        match target(path) {
+            Target::File(real) => Self::create_in(parent_of(&real)),
+            Target::Special => Ok(AtomicFile {
+                dir: parent_of(path).to_path_buf(),
+                writer: BufWriter::with_capacity(1 << 20, open_special(path)?),
+                temp: None,
+            }),
+        }
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<std::fs::File> {
         &mut self.writer
     }
 
-    /// Flushes, fsyncs and renames the file to `path` (in the same directory).
+    /// Flushes, fsyncs and renames the file to `path` (in the same directory; where `path` is a
+    /// symbolic link to a file, over that file).
     pub fn commit(self, path: &Path) -> Result<(), PathError> {
         let AtomicFile {
             dir, writer, temp, ..
         } = self;
-        let file = writer.into_inner().map_err(|e| e.into_error()).at(path)?;
+        let mut file = writer.into_inner().map_err(|e| e.into_error()).at(path)?;
+        let Some(temp) = temp else {
+            return Ok(());
+        };
+        let real = match target(path) {
+            Target::File(real) => real,
+            Target::Special => {
+                use std::io::Seek;
+                file.rewind().at(path)?;
+                let mut out = open_special(path)?;
+                std::io::copy(&mut file, &mut out).at(path)?;
+                out.flush().at(path)?;
+                return Ok(());
+            }
+        };
         file.sync_all().at(path)?;
-        temp.persist(path).map_err(|e| e.error).at(path)?;
+        temp.persist(&real).map_err(|e| e.error).at(path)?;
         // The rename is durable once the directory is synced (best effort: not every
         // filesystem lets a directory be opened for it).
         if let Ok(d) = std::fs::File::open(&dir) {
@@ -104,6 +160,12 @@ impl AtomicDir {
     /// aside first and removed only once the new one is in place.
     pub fn commit(self, name: impl AsRef<std::ffi::OsStr>) -> Result<PathBuf, PathError> {
         let target = self.parent.join(name.as_ref());
+        if let Ok(m) = std::fs::metadata(&target) {
+            if !m.is_dir() {
+                let e = std::io::Error::other("exists and is not a directory; give a new path");
+                return Err(PathError::new(&target, e));
+            }
+        }
         let old = if target.exists() {
             let old = AtomicDir::create_in(&self.parent)?;
             std::fs::rename(&target, old.path().join("old")).at(&target)?;
@@ -231,6 +293,56 @@ pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A symbolic link to a file, a FIFO, or a link to a FIFO given as the path (`/dev/null`
+    /// and `/dev/stdout` are such files) is written through: the rename replaced each of them
+    /// with a regular file (as root, `--output /dev/null` replaced the system's /dev/null). A
+    /// directory is not committed over a file.
+    #[test]
+    fn links_devices_and_pipes_are_written_through_not_replaced() {
+        use std::os::unix::fs::{symlink, FileTypeExt};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let real = d.join("real.txt");
+        std::fs::write(&real, "old").unwrap();
+        symlink(&real, d.join("link")).unwrap();
+        write_atomic_bytes(&d.join("link"), b"new").unwrap();
+        let link = std::fs::symlink_metadata(d.join("link")).unwrap();
+        assert!(link.file_type().is_symlink());
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+
+        let fifo = d.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        symlink(&fifo, d.join("to-fifo")).unwrap();
+        for (path, in_dir) in [("fifo", false), ("to-fifo", false), ("fifo", true)] {
+            let read_from = fifo.clone();
+            let reader = std::thread::spawn(move || std::fs::read(read_from).unwrap());
+            let path = d.join(path);
+            if in_dir {
+                let mut f = AtomicFile::create_in(d).unwrap();
+                f.write_all(b"piped").unwrap();
+                f.commit(&path).unwrap();
+            } else {
+                write_atomic_bytes(&path, b"piped").unwrap();
+            }
+            // (Checked before the join: a FIFO replaced never gets a writer.)
+            let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+            assert!(kind.is_fifo(), "{}", path.display());
+            assert_eq!(reader.join().unwrap(), b"piped");
+        }
+        assert!(std::fs::read_dir(d).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TEMP_PREFIX)));
+
+        let out = AtomicDir::create_in(d).unwrap();
+        std::fs::write(out.path().join("a"), "a").unwrap();
+        let e = out.commit("real.txt").unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+    }
 
     #[test]
     fn writes_whole_files_and_leaves_no_temporaries() {
