@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use lmkit_tokenize::CHUNK_BYTES;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 /// Lines of `path` (or stdin), with a clear error on invalid UTF-8.
@@ -15,12 +15,17 @@ pub fn read_lines(path: Option<&Path>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The longest line read: a file without line ends (or an endless one, such as /dev/zero) is an
+/// error, not an allocation that fails.
+pub const MAX_LINE_BYTES: usize = 256 << 20;
+
 /// Streams the lines of `path` (or stdin) to `f`, `chunk` lines (or [`CHUNK_BYTES`] of text) at a
-/// time, so that a large input is never held whole; invalid UTF-8 is an error naming the line.
+/// time, so that a large input is never held whole; invalid UTF-8 and a line over
+/// [`MAX_LINE_BYTES`] are errors naming the line.
 pub fn for_line_chunks(
     path: Option<&Path>,
     chunk: usize,
-    mut f: impl FnMut(Vec<String>) -> Result<()>,
+    f: impl FnMut(Vec<String>) -> Result<()>,
 ) -> Result<()> {
     let (reader, name): (Box<dyn BufRead>, String) = match path {
         Some(p) => (
@@ -32,14 +37,40 @@ pub fn for_line_chunks(
         ),
         None => (Box::new(std::io::stdin().lock()), "<stdin>".to_string()),
     };
+    line_chunks(reader, &name, chunk, MAX_LINE_BYTES, f)
+}
+
+/// [`for_line_chunks`] on `reader` (called `name` in errors), its lines at most `max_line` bytes.
+fn line_chunks(
+    mut reader: impl BufRead,
+    name: &str,
+    chunk: usize,
+    max_line: usize,
+    mut f: impl FnMut(Vec<String>) -> Result<()>,
+) -> Result<()> {
     let mut buf = Vec::new();
     let mut buffered = 0;
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let bytes = line.with_context(|| name.clone())?;
+    for i in 1.. {
+        let mut bytes = Vec::new();
+        let limit = max_line as u64 + 1;
+        let n = (&mut reader)
+            .take(limit)
+            .read_until(b'\n', &mut bytes)
+            .with_context(|| name.to_string())?;
+        if n == 0 {
+            break;
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        } else if n as u64 == limit {
+            anyhow::bail!(
+                "{name}:{i}: line is longer than {} MiB; put one document or sentence a line",
+                max_line >> 20
+            );
+        }
         let mut s = String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
-                "{name}:{}: line is not valid UTF-8 (byte {})",
-                i + 1,
+                "{name}:{i}: line is not valid UTF-8 (byte {})",
                 e.utf8_error().valid_up_to()
             )
         })?;
@@ -85,4 +116,36 @@ pub fn rank(
         println!("{}\t{:.6}\t{}", rank + 1, lp, c);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(reader: impl BufRead, max_line: usize) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        line_chunks(reader, "in.txt", 2, max_line, |c| {
+            out.extend(c);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Lines as `split(b'\n')` gives them (a last line without its end, `\r\n` ends), up to the
+    /// longest line allowed; an endless line (/dev/zero) is an error naming the line, where it
+    /// grew the buffer until the allocation aborted.
+    #[test]
+    fn lines_end_at_newlines_and_an_endless_one_is_an_error() {
+        let read = |text: &str| lines(text.as_bytes(), 4).unwrap();
+        assert_eq!(read("ab\r\ncd\n\nefgh"), ["ab", "cd", "", "efgh"]);
+        assert_eq!(read("abcd\n"), ["abcd"]);
+        assert_eq!(read(""), Vec::<String>::new());
+        let e = lines("abcde\n".as_bytes(), 4).unwrap_err().to_string();
+        assert!(e.starts_with("in.txt:1: line is longer than"), "{e}");
+        let endless = std::io::BufReader::new("ab\n".as_bytes().chain(std::io::repeat(0)));
+        let e = lines(endless, 1 << 20).unwrap_err().to_string();
+        assert!(e.starts_with("in.txt:2: line is longer than 1 MiB"), "{e}");
+        let e = lines(&b"ok\n\xff\n"[..], 4).unwrap_err().to_string();
+        assert!(e.contains("in.txt:2: line is not valid UTF-8"), "{e}");
+    }
 }
