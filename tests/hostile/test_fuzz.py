@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import stat
 import struct
 import subprocess
 import time
@@ -311,6 +313,79 @@ def test_odd_settings_end_in_success_or_a_clear_error(made, tmp_path, key):
                 for name in ("loss", "val_loss"):
                     if record.get(name) is not None:
                         assert math.isfinite(record[name]), (key, value, line)
+
+
+# Commands whose options are given odd values: each runs as written on `made`'s files (its outputs
+# relative: they go to the case's own directory).
+COMMANDS = [
+    lambda d: ["generate", "--model", d / "gpt/ckpt-000002", "--prompt", "the cat", "--max-tokens", "3"],
+    lambda d: ["generate", "--model", d / "q8_0.gguf", "--prompt", "the cat", "--max-tokens", "3"],
+    lambda d: ["eval", "ppl", "--model", d / "gpt/ckpt-000002", "--input", d / "t.txt"],
+    lambda d: ["eval", "rank", "--model", d / "gpt/ckpt-000002", "--input", d / "t.txt"],
+    lambda d: ["model", "logits", "--model", d / "gpt/ckpt-000002", "--ids", "1,2"],
+    lambda d: ["tokenizer", "train", "--input", d / "c.txt", "--vocab-size", "300", "--output", "tok"],
+    lambda d: ["tokenizer", "encode", "--tokenizer", d / "tok", "--input", d / "t.txt", "--shards", "shards"],
+    lambda d: ["tokenizer", "stats", "--tokenizer", d / "tok", "--input", d / "t.txt"],
+    lambda d: ["ngram", "train", "--order", "3", "--discount-fallback", "--input", d / "c.txt", "--output", "m.arpa"],
+    lambda d: ["ngram", "convert", d / "m.arpa", "m.lmkb"],
+    lambda d: ["ngram", "ppl", "--model", d / "m.lmkb", "--input", d / "t.txt"],
+    lambda d: ["data", "prepare", "--input", d / "c.txt", "--output", "prepared"],
+    lambda d: ["quantize", d / "llama/ckpt-000002", "q.gguf", "--type", "q8_0"],
+    lambda d: ["train", "--config", d / "gpt.toml", "--set", 'train.out_dir="run"'],
+]
+ODD_FLAGS = ["0", "-1", "nan", "inf", "1e308", "4294967296", "18446744073709551616", "9" * 40, "x", "", "-0.5",
+             "1,2", ".", ".."]
+# Options whose large values only ask for a long run.
+LONG_FLAGS = {"--max-steps", "--max-time"}
+
+
+def options(args):
+    """The options of the command `args` runs that take a value, as its --help lists them."""
+    words = [a for a in args[:2] if isinstance(a, str) and not a.startswith("-")]
+    text = subprocess.run([BIN, *words, "--help"], capture_output=True, text=True).stdout
+    return sorted(set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+) <", text, re.M)))
+
+
+def test_odd_option_values_end_in_success_or_a_clear_error(made, tmp_path):
+    """Commands given odd values for an option (zero, negative, NaN, infinite, huge, mistyped,
+    empty, a directory; device files where this may make them): success, a clear error or a
+    usage error (exit code 0, 1 or 2), never a panic, an abort or a hang; and a device file given
+    for an option stays a device file."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    try:
+        os.mknod(devices / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(devices / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    except PermissionError:
+        pass
+    each = [(c, o) for c in COMMANDS for o in options(c(made))]
+    cases = [(c, o, v) for c, o in each for v in ODD_FLAGS
+             if not (o in LONG_FLAGS and v in ("inf", "1e308", "4294967296", "18446744073709551616", "9" * 40))]
+    assert len(cases) > 500, len(cases)
+    rng = random.Random(SEED)
+    # Every option given each device file; a sample of the rest.
+    cases = [(c, o, str(d)) for c, o in each for d in sorted(devices.iterdir())] + \
+        rng.sample(cases, min(len(cases), ROUNDS * 2))
+    failures = []
+    for i, (command, option, value) in enumerate(cases):
+        args = command(made)
+        if option in args:
+            del args[args.index(option):args.index(option) + 2]
+        # (`=`: a value such as -1 is not taken for an option.)
+        args.append(f"{option}={value}")
+        work = tmp_path / str(i) / "w"
+        work.mkdir(parents=True)
+        try:
+            p = run(args, work)
+            rc, err = p.returncode, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, err = "timeout", ""
+        if rc not in (0, 1, 2) or any(s in err for s in SIGNS):
+            failures.append(f"{args}: exit {rc}\n{err[-1500:]}")
+        for d in devices.iterdir():
+            assert stat.S_ISCHR(d.lstat().st_mode), f"{args} replaced {d}"
+        shutil.rmtree(tmp_path / str(i), ignore_errors=True)
+    assert not failures, f"{len(failures)} cases (seed {SEED}):\n" + "\n".join(failures)
 
 
 def ref_chain(n):

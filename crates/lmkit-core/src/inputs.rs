@@ -13,6 +13,31 @@ pub enum InputError {
     NoInputFiles { path: PathBuf, what: String },
 }
 
+/// The longest text line the readers of line-per-document or line-per-sentence text (and of
+/// ARPA files) take: an input without line ends (or an endless one, such as /dev/zero) is an
+/// error, not a buffer that grows until an allocation aborts.
+pub const MAX_LINE_BYTES: usize = 256 << 20;
+
+/// Reads one line of `r` into `buf` (appending, its `\n` included) as `read_until` does, but
+/// at most `max` bytes of it: a longer line is an error (`InvalidData`) that says so.
+pub fn read_line_within(
+    r: &mut impl std::io::BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    use std::io::{BufRead, Read};
+    let limit = max as u64 + 1;
+    let n = r.take(limit).read_until(b'\n', buf)?;
+    if n as u64 == limit && buf.last() != Some(&b'\n') {
+        let mib = max as f64 / (1 << 20) as f64;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("line is longer than {mib} MiB"),
+        ));
+    }
+    Ok(n)
+}
+
 /// `path` itself when it is a file; otherwise every file below the directory whose name
 /// `accept` takes, sorted by path. Hidden files and directories (names starting with `.`) are
 /// skipped; symbolic links are followed, and a link that loops is an error. `what` describes

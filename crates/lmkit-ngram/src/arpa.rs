@@ -97,6 +97,8 @@ struct LineReader<'a, R: BufRead> {
     buf: String,
     /// False when the last line read had no newline: the file ended mid-line.
     complete: bool,
+    /// The longest line taken ([`lmkit_core::MAX_LINE_BYTES`]).
+    max_line: usize,
 }
 
 impl<'a, R: BufRead> LineReader<'a, R> {
@@ -104,10 +106,15 @@ impl<'a, R: BufRead> LineReader<'a, R> {
         // The line's buffer is reused from line to line.
         let mut bytes = std::mem::take(&mut self.buf).into_bytes();
         bytes.clear();
-        let n = self
-            .r
-            .read_until(b'\n', &mut bytes)
-            .map_err(|e| NgramError::io(self.path, e))?;
+        let n = match lmkit_core::read_line_within(&mut self.r, &mut bytes, self.max_line) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.line_no += 1;
+                self.complete = true;
+                return Err(self.err(e.to_string()));
+            }
+            Err(e) => return Err(NgramError::io(self.path, e)),
+        };
         if n == 0 {
             return Ok(None);
         }
@@ -177,6 +184,7 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         line_no: 0,
         buf: String::new(),
         complete: true,
+        max_line: lmkit_core::MAX_LINE_BYTES,
     };
     loop {
         match lr.next()? {
@@ -412,6 +420,23 @@ fn entry_fields(line: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file without line ends (/dev/zero given as the model) is an error naming its line, not
+    /// a buffer grown until the allocation aborts.
+    #[test]
+    fn an_endless_line_is_an_error_naming_it() {
+        let endless = std::io::BufReader::new(std::io::Read::chain(
+            &b"# a model\n"[..],
+            std::io::repeat(0),
+        ));
+        let e = read_arpa(endless, Path::new("m.arpa"), Tokenization::Words).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("m.arpa") && e.contains("line is longer than 256 MiB"),
+            "{e}"
+        );
+        assert!(e.contains('2'), "{e}");
+    }
 
     /// A header declaring an absurd count is an error at the first missing entry, not an
     /// allocation of that size.

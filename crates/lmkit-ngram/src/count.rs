@@ -16,7 +16,7 @@ use rayon::slice::ParallelSliceMut;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// Padding in a reversed record shorter than the model order.
@@ -148,9 +148,9 @@ fn count_impl<const N: usize>(
         let mut line_no = 0u64;
         loop {
             line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| NgramError::io(path, e))?;
+            let n =
+                lmkit_core::read_line_within(&mut reader, &mut line, lmkit_core::MAX_LINE_BYTES)
+                    .map_err(|e| NgramError::io(path, e))?;
             if n == 0 {
                 break;
             }
