@@ -144,6 +144,11 @@ def test_task_loglikelihoods_match_transformers(hf, tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert res["examples"] == 7
     assert res["acc"] == sum(d["pick"] == d["answer"] for d in details) / 7
+    # --limit takes the first examples of a JSONL task too (it was read for YAML tasks only).
+    out = hf["run"]("eval", "tasks", "--model", hf["dir"], "--tasks", f, "--details", tmp_path / "d3.jsonl",
+                    "--limit", 3)
+    assert "| mini | 3 |" in out, out
+    assert [json.loads(l) for l in (tmp_path / "d3.jsonl").read_text().splitlines()] == details[:3]
 
 
 def test_texts_start_after_the_tokenizer_s_bos_as_in_the_harness(hf, tmp_path):

@@ -254,6 +254,9 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             details,
             harness: opts,
         } => {
+            if opts.limit == Some(0) {
+                bail!("--limit 0 leaves nothing to evaluate: give at least 1 (the first N documents or examples of each task)");
+            }
             let s = model.load()?;
             let mut results = Vec::new();
             let mut detail_lines = Vec::new();
@@ -265,7 +268,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
                     detail_lines.extend(det);
                     continue;
                 }
-                let examples = tasks::load(f)?;
+                let mut examples = tasks::load(f)?;
+                if let Some(n) = opts.limit {
+                    examples.truncate(n);
+                }
                 let name = f
                     .file_stem()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -315,7 +321,7 @@ fn is_yaml(p: &std::path::Path) -> bool {
 
 #[derive(Args)]
 pub(crate) struct HarnessOptions {
-    /// YAML tasks: evaluate only the first N documents
+    /// Evaluate only the first N documents of each task (YAML) or examples (JSONL)
     #[arg(long)]
     limit: Option<usize>,
     /// YAML tasks: few-shot examples per prompt (default: the task's `num_fewshot`, else 0)
