@@ -42,6 +42,22 @@ fn target(path: &Path) -> Target {
     }
 }
 
+/// A builder of temporary files and directories whose permissions are `bits` less the
+/// process's umask (applied as they are created): outputs are made as any other file is (0644
+/// and 0755 under the usual umask 022), not with a temporary file's 0600.
+fn builder(bits: u32) -> tempfile::Builder<'static, 'static> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(TEMP_PREFIX);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(bits));
+    }
+    #[cfg(not(unix))]
+    let _ = bits;
+    b
+}
+
 fn open_special(path: &Path) -> Result<std::fs::File, PathError> {
     std::fs::OpenOptions::new().write(true).open(path).at(path)
 }
@@ -60,10 +76,7 @@ pub struct AtomicFile {
 impl AtomicFile {
     /// Starts a file in `dir` (which must exist).
     pub fn create_in(dir: &Path) -> Result<AtomicFile, PathError> {
-        let tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempfile_in(dir)
-            .at(dir)?;
+        let tmp = builder(0o666).tempfile_in(dir).at(dir)?;
         let (file, temp) = tmp.into_parts();
         Ok(AtomicFile {
             dir: dir.to_path_buf(),
@@ -110,6 +123,10 @@ impl AtomicFile {
                 return Ok(());
             }
         };
+        // A file replaced keeps its permissions.
+        if let Ok(m) = std::fs::metadata(&real) {
+            file.set_permissions(m.permissions()).at(path)?;
+        }
         file.sync_all().at(path)?;
         temp.persist(&real).map_err(|e| e.error).at(path)?;
         // The rename is durable once the directory is synced (best effort: not every
@@ -141,10 +158,7 @@ impl AtomicDir {
     /// Starts a directory in `parent` (created if missing).
     pub fn create_in(parent: &Path) -> Result<AtomicDir, PathError> {
         std::fs::create_dir_all(parent).at(parent)?;
-        let temp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempdir_in(parent)
-            .at(parent)?;
+        let temp = builder(0o777).tempdir_in(parent).at(parent)?;
         Ok(AtomicDir {
             parent: parent.to_path_buf(),
             temp,
@@ -298,6 +312,37 @@ mod tests {
     /// and `/dev/stdout` are such files) is written through: the rename replaced each of them
     /// with a regular file (as root, `--output /dev/null` replaced the system's /dev/null). A
     /// directory is not committed over a file.
+    /// Files and directories written are made with the permissions any other file gets (0666
+    /// and 0777 less the umask), not a temporary file's 0600 (which left checkpoints and shards
+    /// unreadable to any other user), and a file replaced keeps its own.
+    #[test]
+    fn outputs_get_the_usual_permissions_and_a_replaced_file_keeps_its_own() {
+        use std::os::unix::fs::PermissionsExt;
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_atomic_bytes(&d.join("new.txt"), b"x").unwrap();
+        assert_eq!(mode(&d.join("new.txt")), 0o666 & !umask);
+        let out = AtomicDir::create_in(d).unwrap();
+        std::fs::write(out.path().join("a"), "1").unwrap();
+        let done = out.commit("run").unwrap();
+        assert_eq!(mode(&done), 0o777 & !umask);
+        let kept = d.join("kept.txt");
+        std::fs::write(&kept, "old").unwrap();
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic_bytes(&kept, b"new").unwrap();
+        assert_eq!(
+            (mode(&kept), std::fs::read(&kept).unwrap()),
+            (0o640, b"new".to_vec())
+        );
+    }
+
     #[test]
     fn links_devices_and_pipes_are_written_through_not_replaced() {
         use std::os::unix::fs::{symlink, FileTypeExt};
