@@ -185,6 +185,33 @@ def test_a_huge_line_trains_and_encodes_within_the_memory_cap(tmp_path, corpus):
     assert "from 1 documents (67.11 MB)" in p.stderr, p.stderr
 
 
+def peak_memory(args, cwd):
+    """Runs lmkit under the cap; its exit code, stderr and peak resident memory in bytes."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+    with open(cwd / "stderr.txt", "wb") as err:
+        p = subprocess.Popen([BIN, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
+                             preexec_fn=cap)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, (cwd / "stderr.txt").read_text(errors="replace"), usage.ru_maxrss * 1024
+
+
+def test_a_huge_documents_ids_are_written_a_part_at_a_time(tmp_path, corpus):
+    """A 64 MiB line of one-token bytes is 64 M ids: they were gathered into one vector before
+    being written (a peak of ~630 MB; a 600 MB line aborted under the cap). Now they go to the
+    shard a batch of pieces at a time, and the peak stays near the text's own copies."""
+    n = 64 << 20
+    (tmp_path / "nul.txt").write_bytes(b"\0" * n + b"\n")
+    rc, err, peak = peak_memory(["tokenizer", "encode", "--tokenizer", corpus / "tok", "--input", "nul.txt",
+                                 "--shards", "shards"], tmp_path)
+    assert rc == 0, err[-2000:]
+    header = json.loads((tmp_path / "shards" / "tokens-00000.json").read_text())
+    assert (header["count"], header["documents"]) == (n + 1, 1), header
+    assert peak < 5 * n, f"peak resident memory {peak / 2**20:.0f} MiB for a {n >> 20} MiB document"
+
+
 def test_a_llama_declaring_a_huge_context_runs_within_the_memory_cap(tmp_path, corpus):
     """Rotary tables grow with the positions used (Qwen2.5-1M's config declares 1,010,000; a whole
     table of 10^12 took the model's load past any memory): such a Llama trains and generates

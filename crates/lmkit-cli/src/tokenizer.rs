@@ -215,22 +215,66 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
                 None => None,
             };
             let mut out = BufWriter::new(std::io::stdout().lock());
-            let mut encode_chunk = |chunk: Vec<String>| -> Result<()> {
-                for (t, ids) in chunk.iter().zip(lmkit_tokenize::encode_batch(&tk, &chunk)?) {
-                    let ids = if add_special_tokens {
-                        lmkit_tokenize::add_special_tokens(&tk, ids)?
-                    } else {
-                        ids
-                    };
-                    bytes += t.len() as u64;
-                    match writer.as_mut() {
-                        Some(w) => w.write_document(&ids)?,
-                        None => {
-                            let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-                            writeln!(out, "{}", line.join(" "))?;
+            // The special tokens put around each document: written around its ids as they come
+            // (a huge document's ids come a batch at a time); where the tokenizer's
+            // post-processor does more than that, each document's ids are gathered and given to it.
+            let affixes = match add_special_tokens {
+                true => lmkit_tokenize::special_affixes(&tk)?,
+                false => Some((Vec::new(), Vec::new())),
+            };
+            let mut gathered: Vec<u32> = Vec::new();
+            let mut started = false; // ids of the current document written
+            let mut emit = |ids: &[u32], end: bool| -> Result<()> {
+                match writer.as_mut() {
+                    Some(w) => {
+                        w.write_ids(ids)?;
+                        if end {
+                            w.end_document()?;
+                        }
+                    }
+                    None => {
+                        for id in ids {
+                            if started {
+                                out.write_all(b" ")?;
+                            }
+                            write!(out, "{id}")?;
+                            started = true;
+                        }
+                        if end {
+                            out.write_all(b"\n")?;
+                            started = false;
                         }
                     }
                 }
+                Ok(())
+            };
+            let mut encode_chunk = |chunk: Vec<String>| -> Result<()> {
+                let mut first = true; // the next call starts a document
+                lmkit_tokenize::encode_each::<anyhow::Error>(&tk, &chunk, |i, ids, last| {
+                    match &affixes {
+                        Some((head, tail)) => {
+                            if first {
+                                emit(head, false)?;
+                            }
+                            emit(ids, false)?;
+                            if last {
+                                emit(tail, true)?;
+                            }
+                        }
+                        None => {
+                            gathered.extend_from_slice(ids);
+                            if last {
+                                let all = std::mem::take(&mut gathered);
+                                emit(&lmkit_tokenize::add_special_tokens(&tk, all)?, true)?;
+                            }
+                        }
+                    }
+                    first = last;
+                    if last {
+                        bytes += chunk[i].len() as u64;
+                    }
+                    Ok(())
+                })?;
                 lmkit_core::Progress::advance(&bar, chunk.len() as u64);
                 Ok(())
             };

@@ -226,7 +226,7 @@ pub const MAX_PIECE_BYTES: usize = 1 << 16;
 
 /// Text encoded in one batch when a document is cut into pieces: an encoding keeps ~100 bytes
 /// per token, so a batch of 1 MiB of text holds at most ~100 MB of encodings at once.
-const BATCH_BYTES: usize = 1 << 20;
+pub const BATCH_BYTES: usize = 1 << 20;
 
 /// Documents handed to [`encode_batch`] at once by the streaming commands: up to 4096 of them or
 /// this much text.
@@ -355,32 +355,102 @@ pub fn encode_batch(tk: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>> {
             .map_err(tk_err)?;
         return Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect());
     }
-    // Pieces go through in batches of BATCH_BYTES; only the ids of earlier batches are kept.
     let mut out = vec![Vec::new(); texts.len()];
     let all: Vec<(usize, &str)> = texts
         .iter()
         .enumerate()
         .flat_map(|(i, t)| pieces(t, MAX_PIECE_BYTES).into_iter().map(move |p| (i, p)))
         .collect();
+    encode_pieces::<TokenizeError>(tk, &all, |i, ids| {
+        out[i].extend_from_slice(ids);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Encodes `pieces` (text `i`'s pieces, as `(i, piece)`) in batches of up to [`BATCH_BYTES`] of
+/// text, handing each piece's ids to `f` in order: only one batch's encodings are held at once.
+fn encode_pieces<E: From<TokenizeError>>(
+    tk: &Tokenizer,
+    pieces: &[(usize, &str)],
+    mut f: impl FnMut(usize, &[u32]) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let mut start = 0;
-    while start < all.len() {
+    while start < pieces.len() {
         // A batch holds up to 1 MiB of text (at least one piece).
         let mut end = start + 1;
-        let mut bytes = all[start].1.len();
-        while end < all.len() && bytes + all[end].1.len() <= BATCH_BYTES {
-            bytes += all[end].1.len();
+        let mut bytes = pieces[start].1.len();
+        while end < pieces.len() && bytes + pieces[end].1.len() <= BATCH_BYTES {
+            bytes += pieces[end].1.len();
             end += 1;
         }
-        let group = &all[start..end];
+        let group = &pieces[start..end];
         let enc = tk
             .encode_batch(group.iter().map(|&(_, p)| p).collect::<Vec<_>>(), false)
             .map_err(tk_err)?;
         for (&(i, _), e) in group.iter().zip(enc) {
-            out[i].extend_from_slice(e.get_ids());
+            f(i, e.get_ids())?;
         }
         start = end;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Encodes `texts` in order (no special tokens added), handing `f` each text's ids as
+/// `(index, ids, last)`: a text of up to [`BATCH_BYTES`] in one call, a longer one a batch of
+/// its pieces at a time, so that the ids of a huge document are never held whole (a 600 MB line
+/// of one-byte tokens took 4.8 GB as one vector). Every text gets at least one call, and its
+/// last has `last` true; the ids of a text's calls joined are [`encode_batch`]'s.
+pub fn encode_each<E: From<TokenizeError>>(
+    tk: &Tokenizer,
+    texts: &[String],
+    mut f: impl FnMut(usize, &[u32], bool) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let short: Vec<String> = texts
+        .iter()
+        .filter(|t| t.len() <= BATCH_BYTES)
+        .cloned()
+        .collect();
+    let mut short_ids = encode_batch(tk, &short)?.into_iter();
+    for (i, text) in texts.iter().enumerate() {
+        if text.len() <= BATCH_BYTES {
+            let ids = short_ids.next().unwrap_or_default();
+            f(i, &ids, true)?;
+        } else {
+            let all: Vec<(usize, &str)> = pieces(text, MAX_PIECE_BYTES)
+                .into_iter()
+                .map(|p| (i, p))
+                .collect();
+            encode_pieces(tk, &all, |i, ids| f(i, ids, false))?;
+            f(i, &[], true)?;
+        }
+    }
+    Ok(())
+}
+
+/// The ids the tokenizer's post-processor puts before and after a text's ids (what
+/// [`add_special_tokens`] adds), so that they can be written around ids streamed by
+/// [`encode_each`]; `None` when the post-processor does more than put the same ids around any
+/// text (then add them to the whole text's ids).
+pub fn special_affixes(tk: &Tokenizer) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+    if tk.get_post_processor().is_none() {
+        return Ok(Some((Vec::new(), Vec::new())));
+    }
+    // A probe id that is not a special token, put through alone and three times.
+    let special = tk.get_added_tokens_decoder();
+    let Some(p) = (0..tk.get_vocab_size(true) as u32).find(|i| !special.contains_key(i)) else {
+        return Ok(None);
+    };
+    let one = add_special_tokens(tk, vec![p])?;
+    let Some(k) = one.iter().position(|&i| i == p) else {
+        return Ok(None);
+    };
+    let (head, tail) = (one[..k].to_vec(), one[k + 1..].to_vec());
+    let three = add_special_tokens(tk, vec![p; 3])?;
+    if three != [&head[..], &[p; 3], &tail[..]].concat() {
+        return Ok(None);
+    }
+    Ok(Some((head, tail)))
 }
 
 pub fn decode(tk: &Tokenizer, ids: &[u32]) -> Result<String> {
@@ -473,12 +543,16 @@ pub fn stats(
         if chunk.is_empty() {
             break;
         }
-        for (t, i) in chunk.iter().zip(encode_batch(tk, &chunk)?) {
-            s.documents += 1;
-            s.bytes += t.len() as u64;
-            s.words += t.split_whitespace().count() as u64;
-            s.tokens += i.len() as u64;
-        }
+        encode_each::<TokenizeError>(tk, &chunk, |i, ids, last| {
+            s.tokens += ids.len() as u64;
+            if last {
+                let t = &chunk[i];
+                s.documents += 1;
+                s.bytes += t.len() as u64;
+                s.words += t.split_whitespace().count() as u64;
+            }
+            Ok(())
+        })?;
     }
     docs.finish()?;
     Ok(s)

@@ -12,9 +12,10 @@ pub mod shards;
 pub mod stream;
 
 pub use bpe::{
-    add_special_tokens, decode, encode_batch, encode_prompt, encode_with_specials, load, pieces,
-    save, token_bytes, train, train_with_report, TokenStats, TrainOptions, TrainReport,
-    CHUNK_BYTES, DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, MAX_PIECE_BYTES,
+    add_special_tokens, decode, encode_batch, encode_each, encode_prompt, encode_with_specials,
+    load, pieces, save, special_affixes, token_bytes, train, train_with_report, TokenStats,
+    TrainOptions, TrainReport, BATCH_BYTES, CHUNK_BYTES, DEFAULT_SPECIAL_TOKENS, ENDOFTEXT,
+    MAX_PIECE_BYTES,
 };
 pub use error::{Result, TokenizeError};
 pub use shards::{Dtype, ShardHeader, ShardWriter, TokenDataset, TokenShard};

@@ -80,26 +80,45 @@ impl ShardWriter {
 
     /// Appends one document's ids (and the end-of-text id).
     pub fn write_document(&mut self, ids: &[u32]) -> Result<()> {
-        let io = |e| TokenizeError::io(&self.dir, e);
+        self.write_ids(ids)?;
+        self.end_document()
+    }
+
+    /// Appends ids to the document being written (a document may come in parts: see
+    /// [`crate::encode_each`]); [`Self::end_document`] ends it.
+    pub fn write_ids(&mut self, ids: &[u32]) -> Result<()> {
         if self.current.is_none() {
             self.current = Some((AtomicFile::create_in(&self.dir)?, 0, 0));
         }
-        let dtype = self.dtype;
-        let full = if let Some((w, count, docs)) = self.current.as_mut() {
-            for &id in ids.iter().chain(self.eot_id.as_ref()) {
-                match dtype {
-                    Dtype::U16 => w.write_all(&(id as u16).to_le_bytes()),
-                    Dtype::U32 => w.write_all(&id.to_le_bytes()),
+        let dir = &self.dir;
+        if let Some((w, count, _)) = self.current.as_mut() {
+            let width = if self.dtype == Dtype::U16 { 2 } else { 4 };
+            let mut bytes = Vec::with_capacity(ids.len() * width);
+            for &id in ids {
+                match self.dtype {
+                    Dtype::U16 => bytes.extend_from_slice(&(id as u16).to_le_bytes()),
+                    Dtype::U32 => bytes.extend_from_slice(&id.to_le_bytes()),
                 }
-                .map_err(io)?;
-                *count += 1;
             }
-            *docs += 1;
-            *count >= self.shard_tokens
-        } else {
-            false
+            w.write_all(&bytes).map_err(|e| TokenizeError::io(dir, e))?;
+            *count += ids.len() as u64;
+        }
+        self.tokens += ids.len() as u64;
+        Ok(())
+    }
+
+    /// Ends the document being written: appends the end-of-text id, and closes the shard once
+    /// it holds `shard_tokens` tokens (shards end at document ends).
+    pub fn end_document(&mut self) -> Result<()> {
+        let eot = self.eot_id;
+        self.write_ids(eot.as_slice())?;
+        let full = match self.current.as_mut() {
+            Some((_, count, docs)) => {
+                *docs += 1;
+                *count >= self.shard_tokens
+            }
+            None => false,
         };
-        self.tokens += ids.len() as u64 + u64::from(self.eot_id.is_some());
         self.documents += 1;
         if full {
             self.close_shard()?;

@@ -249,3 +249,96 @@ fn training_cuts_overlong_words() {
         "encoding keeps every byte"
     );
 }
+
+/// `encode_each` hands a text over `BATCH_BYTES` on a batch of pieces at a time, in order: the
+/// ids of each text's calls joined are `encode_batch`'s, each text ends with one `last` call,
+/// and a shard written in parts holds what one written whole does.
+#[test]
+fn huge_texts_are_encoded_and_written_a_part_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let tk = train(&corpus(dir.path()), &small()).unwrap();
+    let long: String = CORPUS
+        .replace('\n', " ")
+        .repeat(2 * lmkit_tokenize::BATCH_BYTES / CORPUS.len() + 10);
+    assert!(long.len() > 2 * lmkit_tokenize::BATCH_BYTES);
+    let texts = vec![
+        "the earth".to_string(),
+        long.clone(),
+        String::new(),
+        long[..CORPUS.len()].to_string(),
+        long,
+    ];
+    let whole = encode_batch(&tk, &texts).unwrap();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); texts.len()];
+    let (mut calls, mut ended) = (vec![0; texts.len()], Vec::new());
+    let sd = dir.path().join("parts");
+    let eot = tk.token_to_id("<|endoftext|>");
+    let mut w = ShardWriter::new(&sd, tk.get_vocab_size(true), eot, 1 << 40).unwrap();
+    lmkit_tokenize::encode_each::<TokenizeError>(&tk, &texts, |i, ids, last| {
+        assert!(ended.len() == i, "text {i} after {ended:?} ended");
+        got[i].extend_from_slice(ids);
+        calls[i] += 1;
+        w.write_ids(ids)?;
+        if last {
+            ended.push(i);
+            w.end_document()?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    w.finish().unwrap();
+    assert_eq!(got, whole);
+    assert_eq!(ended, [0, 1, 2, 3, 4]);
+    assert_eq!(calls[0], 1);
+    assert!(calls[1] > 3, "{calls:?}");
+    let sd2 = dir.path().join("whole");
+    let mut w2 = ShardWriter::new(&sd2, tk.get_vocab_size(true), eot, 1 << 40).unwrap();
+    for ids in &whole {
+        w2.write_document(ids).unwrap();
+    }
+    w2.finish().unwrap();
+    assert_eq!((w.tokens, w.documents), (w2.tokens, w2.documents));
+    let (a, b) = (
+        TokenDataset::open_dir(&sd).unwrap(),
+        TokenDataset::open_dir(&sd2).unwrap(),
+    );
+    assert_eq!(a.window(0, a.len() as usize), b.window(0, b.len() as usize));
+}
+
+/// The special tokens a post-processor puts around every text (Llama's BOS, BERT's CLS and
+/// SEP) are found, to be written around ids that come in parts; the same as
+/// `add_special_tokens` gives.
+#[test]
+fn special_affixes_are_what_the_post_processor_adds() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = train(&corpus(dir.path()), &small()).unwrap();
+    let ids = encode_batch(&trained, &["the earth was".to_string()])
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        lmkit_tokenize::special_affixes(&trained).unwrap(),
+        Some((vec![], vec![]))
+    );
+    let mut json: serde_json::Value =
+        serde_json::from_str(&trained.to_string(false).unwrap()).unwrap();
+    let (s, e) = (trained.token_to_id("<|endoftext|>").unwrap(), 0u32);
+    let template = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [s], "tokens": ["<|endoftext|>"]}},
+    });
+    let bert =
+        serde_json::json!({"type": "BertProcessing", "sep": ["x", e], "cls": ["<|endoftext|>", s]});
+    for (pp, head, tail) in [(template, vec![s], vec![]), (bert, vec![s], vec![e])] {
+        json["post_processor"] = pp;
+        let tk: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        let (h, t) = lmkit_tokenize::special_affixes(&tk).unwrap().unwrap();
+        assert_eq!((&h, &t), (&head, &tail));
+        assert_eq!(
+            lmkit_tokenize::add_special_tokens(&tk, ids.clone()).unwrap(),
+            [&h[..], &ids[..], &t[..]].concat()
+        );
+    }
+}
