@@ -5,7 +5,7 @@ use clap::Args;
 use lmkit_infer::{generate_constrained, GenerateOptions, SamplingParams, TextStream};
 use lmkit_models::CausalLm;
 use lmkit_tokenize::chat::{encode_chat, load_template, Message};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -138,11 +138,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
     loop {
         write!(out, "> ")?;
         out.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        let n =
+            lmkit_core::read_line_within(&mut stdin.lock(), &mut bytes, lmkit_core::MAX_LINE_BYTES)
+                .map_err(|e| anyhow::anyhow!("<stdin>: {e}"))?;
+        if n == 0 {
             writeln!(out)?;
             return Ok(());
         }
+        let line = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "<stdin>: the line is not valid UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            )
+        })?;
         let line = line.trim();
         match line {
             "" => continue,

@@ -246,6 +246,27 @@ pub fn splittable(path: &Path, opts: &IngestOptions) -> bool {
         }
 }
 
+/// Reads past the rest of a line without keeping it (it may be as long as the file): the bytes
+/// read, and whether a line end ended them.
+fn skip_line(r: &mut impl BufRead) -> std::io::Result<(u64, bool)> {
+    let mut n = 0u64;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((n, false));
+        }
+        let (take, ended) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        r.consume(take);
+        n += take as u64;
+        if ended {
+            return Ok((n, true));
+        }
+    }
+}
+
 /// The first line that starts at or after byte `start` of `file`: its offset and how many lines
 /// come before it. (A line belongs to the range its first byte is in.)
 fn first_line_from(file: &mut File, path: &Path, start: u64) -> Result<(u64, u64)> {
@@ -273,12 +294,9 @@ fn first_line_from(file: &mut File, path: &Path, start: u64) -> Result<(u64, u64
     }
     // ... and, when `start` is inside a line, skip to its end.
     if last != b'\n' {
-        let mut rest = Vec::new();
-        let n = r
-            .read_until(b'\n', &mut rest)
-            .map_err(|e| DataError::io(path, e))?;
-        pos += n as u64;
-        lines += u64::from(rest.last() == Some(&b'\n'));
+        let (n, ended) = skip_line(&mut r).map_err(|e| DataError::io(path, e))?;
+        pos += n;
+        lines += u64::from(ended);
     }
     Ok((pos, lines))
 }
@@ -373,24 +391,43 @@ pub fn read_docs_in(
     let mut pending_start = 0u64;
     while pos < end {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
-            if gz {
-                DataError::BadRecord {
-                    path: path.to_path_buf(),
-                    line: line_no + 1,
-                    msg: format!(
-                        "{} stream is corrupt or truncated: {e}",
-                        if compression == Compression::Gzip {
-                            "gzip"
-                        } else {
-                            "Zstandard"
-                        }
-                    ),
+        // A line over MAX_LINE_BYTES (a file without line ends, an endless stream) is a bad
+        // record, not a buffer that grows until an allocation aborts: an error naming it, or
+        // with `skip_bad` read past and counted.
+        let n =
+            match lmkit_core::read_line_within(&mut reader, &mut buf, lmkit_core::MAX_LINE_BYTES) {
+                Err(e) if buf.len() > lmkit_core::MAX_LINE_BYTES => {
+                    line_no += 1;
+                    if opts.skip_bad {
+                        let (rest, _) =
+                            skip_line(&mut reader).map_err(|e| DataError::io(path, e))?;
+                        let n = buf.len() as u64 + rest;
+                        pos += n;
+                        on_bytes(n);
+                    }
+                    bad_line(path, line_no, e.to_string(), opts.skip_bad, skipped)?;
+                    continue;
                 }
-            } else {
-                DataError::io(path, e)
+                r => r,
             }
-        })?;
+            .map_err(|e| {
+                if gz {
+                    DataError::BadRecord {
+                        path: path.to_path_buf(),
+                        line: line_no + 1,
+                        msg: format!(
+                            "{} stream is corrupt or truncated: {e}",
+                            if compression == Compression::Gzip {
+                                "gzip"
+                            } else {
+                                "Zstandard"
+                            }
+                        ),
+                    }
+                } else {
+                    DataError::io(path, e)
+                }
+            })?;
         if n == 0 {
             break;
         }
@@ -745,6 +782,62 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// A line over `MAX_LINE_BYTES` (here a sparse file of zeros without a line end) is an error
+    /// naming its line, not a buffer grown until an allocation aborts; with `skip_bad` it is
+    /// read past and counted, and the lines after it are read, in a range read too.
+    #[test]
+    fn an_overlong_line_is_a_bad_record() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.txt");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(b"first\n").unwrap();
+        f.set_len(6 + lmkit_core::MAX_LINE_BYTES as u64 + 10)
+            .unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"\nafter\n").unwrap();
+        let read = |skip_bad: bool, range: Option<std::ops::Range<u64>>| {
+            let opts = IngestOptions {
+                skip_bad,
+                ..Default::default()
+            };
+            let (mut got, mut bad) = (Vec::new(), Vec::new());
+            let r = read_docs_in(
+                &path,
+                &opts,
+                range,
+                &mut |_| {},
+                &mut |s| bad.push(s.source),
+                &mut |d| {
+                    got.push(d.text);
+                    Ok(())
+                },
+            );
+            (r.map_err(|e| e.to_string()), got, bad)
+        };
+        let (r, got, _) = read(false, None);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("t.txt") && e.contains(":2") && e.contains("longer than 256 MiB"),
+            "{e}"
+        );
+        assert_eq!(got, ["first"]);
+        let (r, got, bad) = read(true, None);
+        r.unwrap();
+        assert_eq!(
+            (got, bad.len()),
+            (vec!["first".to_string(), "after".to_string()], 1)
+        );
+        assert!(bad[0].ends_with("t.txt:2"), "{bad:?}");
+        // A range that starts inside the long line reads from the next one.
+        let (r, got, _) = read(false, Some(100..u64::MAX));
+        r.unwrap();
+        assert_eq!(got, ["after"]);
     }
 
     /// The field picker reads what a full parse would, and fails where it fails.
