@@ -18,13 +18,13 @@ MEMORY = 4 << 30
 SIGNS = ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE")
 
 
-def run(args, cwd, env=None):
-    """`env`: the environment instead of this process's."""
+def run(args, cwd, env=None, stdin=None):
+    """`env`: the environment instead of this process's; `stdin`: a file for standard input."""
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
 
     return subprocess.run([BIN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          preexec_fn=cap, env=env)
+                          preexec_fn=cap, env=env, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,15 @@ def test_a_huge_line_trains_and_encodes_within_the_memory_cap(tmp_path, corpus):
             tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "from 1 documents (67.11 MB)" in p.stderr, p.stderr
+
+
+def test_endless_standard_input_is_a_clear_error(tmp_path):
+    """Documents read from standard input without line ends (/dev/zero) grew one buffer until the
+    allocation aborted; a line over 256 MiB is now a bad record naming its line."""
+    with open("/dev/zero", "rb") as zero:
+        p = run(["data", "prepare", "--input", "-", "--output", "out"], tmp_path, stdin=zero)
+    check(p, "-:1: line is longer than 256 MiB")
+    assert not (tmp_path / "out").exists()
 
 
 def peak_memory(args, cwd):
