@@ -97,8 +97,6 @@ struct LineReader<'a, R: BufRead> {
     buf: String,
     /// False when the last line read had no newline: the file ended mid-line.
     complete: bool,
-    /// The longest line taken ([`lmkit_core::MAX_LINE_BYTES`]).
-    max_line: usize,
 }
 
 impl<'a, R: BufRead> LineReader<'a, R> {
@@ -106,15 +104,17 @@ impl<'a, R: BufRead> LineReader<'a, R> {
         // The line's buffer is reused from line to line.
         let mut bytes = std::mem::take(&mut self.buf).into_bytes();
         bytes.clear();
-        let n = match lmkit_core::read_line_within(&mut self.r, &mut bytes, self.max_line) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                self.line_no += 1;
-                self.complete = true;
-                return Err(self.err(e.to_string()));
-            }
-            Err(e) => return Err(NgramError::io(self.path, e)),
-        };
+        let n =
+            match lmkit_core::read_line_within(&mut self.r, &mut bytes, lmkit_core::MAX_LINE_BYTES)
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.line_no += 1;
+                    self.complete = true;
+                    return Err(self.err(e.to_string()));
+                }
+                Err(e) => return Err(NgramError::io(self.path, e)),
+            };
         if n == 0 {
             return Ok(None);
         }
@@ -184,7 +184,6 @@ pub fn read_arpa(r: impl BufRead, path: &Path, tokenization: Tokenization) -> Re
         line_no: 0,
         buf: String::new(),
         complete: true,
-        max_line: lmkit_core::MAX_LINE_BYTES,
     };
     loop {
         match lr.next()? {

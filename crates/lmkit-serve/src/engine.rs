@@ -683,17 +683,23 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 // The bytes of the budget the batch's sequences will reserve as they start.
                 let mut batch_need = need;
                 let left = kv.map_or(u64::MAX, |b| b.bytes.saturating_sub(sequences.kv_reserved));
+                // A job's bytes of the budget, if it joins the batch.
                 let fits = |j: &Job, positions: usize, batch_need: u64| {
-                    j.prompt_logprobs.is_some()
+                    let need = kv.map_or(0, |b| b.need(j));
+                    (j.prompt_logprobs.is_some()
                         && positions + j.prompt.len() <= budget
-                        && batch_need + kv.map_or(0, |b| b.need(j)) <= left
+                        && batch_need + need <= left)
+                        .then_some(need)
                 };
                 let mut batch = vec![job];
                 while batch.len() < room {
                     match next.front() {
-                        Some((j, None)) if fits(j, positions, batch_need) => {
+                        Some((j, None)) => {
+                            let Some(need) = fits(j, positions, batch_need) else {
+                                break;
+                            };
                             positions += j.prompt.len();
-                            batch_need += kv.map_or(0, |b| b.need(j));
+                            batch_need += need;
                             batch.extend(next.pop_front().map(|(j, _)| j));
                             continue;
                         }
@@ -702,15 +708,17 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                         None => {}
                     }
                     match rx.try_recv() {
-                        Ok(j) if fits(&j, positions, batch_need) => {
-                            positions += j.prompt.len();
-                            batch_need += kv.map_or(0, |b| b.need(&j));
-                            batch.push(j);
-                        }
-                        Ok(j) => {
-                            next.push_back((j, None));
-                            break;
-                        }
+                        Ok(j) => match fits(&j, positions, batch_need) {
+                            Some(need) => {
+                                positions += j.prompt.len();
+                                batch_need += need;
+                                batch.push(j);
+                            }
+                            None => {
+                                next.push_back((j, None));
+                                break;
+                            }
+                        },
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => {
                             open = false;
