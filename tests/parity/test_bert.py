@@ -50,6 +50,11 @@ def test_embeddings_are_mean_pooled_hidden_states(bert, tmp_path):
     out = bert["run"]("embed", "--model", bert["dir"], "--input", tmp_path / "in.txt")
     got = [json.loads(l) for l in out.splitlines()]
     assert [g["text"] for g in got] == texts
+    # `--output` holds the same lines, written whole over an earlier file (nothing left beside it).
+    (tmp_path / "e.jsonl").write_text("earlier\n")
+    bert["run"]("embed", "--model", bert["dir"], "--input", tmp_path / "in.txt", "--output", tmp_path / "e.jsonl")
+    assert (tmp_path / "e.jsonl").read_text() == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl", "in.txt"]
     for g, t in zip(got, texts):
         ids = bert["tok"].encode(t).ids
         with torch.no_grad():

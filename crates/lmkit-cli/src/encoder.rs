@@ -198,9 +198,15 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         .into_iter()
         .filter(|l| !l.trim().is_empty())
         .collect();
-    let mut out: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    // `--output` is written whole once every text is embedded (an earlier file stays until then).
+    let mut file = match &a.output {
+        Some(p) => Some(lmkit_core::AtomicFile::create_for(p)?),
+        None => None,
+    };
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let out: &mut dyn Write = match file.as_mut() {
+        Some(f) => f,
+        None => &mut stdout,
     };
     let started = std::time::Instant::now();
     let vectors = lmkit_infer::embed_batched(&m, &tk, &lines, a.batch_size, &dev, &|_| {})?;
@@ -214,5 +220,8 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::json!({"text": t, "embedding": e}))?;
     }
     out.flush()?;
+    if let (Some(f), Some(p)) = (file, &a.output) {
+        f.commit(p)?;
+    }
     Ok(())
 }
