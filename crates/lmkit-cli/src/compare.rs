@@ -45,12 +45,13 @@ struct Row {
 fn write(path: &Path, lines: &[String]) -> Result<()> {
     let mut text = lines.join("\n");
     text.push('\n');
-    std::fs::write(path, text).with_context(|| path.display().to_string())
+    Ok(lmkit_core::write_atomic_bytes(path, text.as_bytes())?)
 }
 
 pub fn run(a: CompareArgs) -> Result<()> {
     let out = &a.output;
-    std::fs::create_dir_all(out)?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the directory", out.display()))?;
     let mut files = Vec::new();
     for p in &a.input {
         files.extend(lmkit_ngram::collect_inputs(p)?);
@@ -170,7 +171,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             "{}.toml",
             dir.file_name().unwrap_or_default().to_string_lossy()
         ));
-        std::fs::write(&cfg_path, &toml)?;
+        lmkit_core::write_atomic_bytes(&cfg_path, toml.as_bytes())?;
         let cfg = lmkit_train::RunConfig::load(&cfg_path, &[])?;
         eprintln!("training {name} for {} s", a.seconds);
         let t0 = Instant::now();
@@ -208,7 +209,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         ));
     }
     print!("{md}");
-    std::fs::write(out.join("results.md"), &md)?;
+    lmkit_core::write_atomic_bytes(&out.join("results.md"), md.as_bytes())?;
     let json: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -217,9 +218,9 @@ pub fn run(a: CompareArgs) -> Result<()> {
                 "held_out": r.eval})
         })
         .collect();
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&json)? + "\n",
+    lmkit_core::write_atomic_bytes(
+        &out.join("results.json"),
+        (serde_json::to_string_pretty(&json)? + "\n").as_bytes(),
     )?;
     Ok(())
 }

@@ -64,7 +64,8 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
         text.push_str(&serde_json::to_string(r).unwrap_or_default());
         text.push('\n');
     }
-    std::fs::write(path, text).map_err(|e| TrainError::io(path, e))
+    // (Replaced whole: a crash here leaves the old records, not half of them.)
+    Ok(lmkit_core::write_atomic_bytes(path, text.as_bytes())?)
 }
 
 pub fn append(path: &Path, r: &Record) -> Result<()> {
