@@ -130,6 +130,19 @@ def made(tmp_path_factory):
     return d
 
 
+def test_outputs_get_the_usual_permissions(made):
+    """Every file and directory the commands wrote (tokenizer, shards, checkpoints, GGUF and n-gram
+    models) is made as any other file is, 0666 or 0777 less the umask: they were made with a
+    temporary file's 0600 (0700 for directories), unreadable to every other user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = list(made.rglob("*"))
+    assert len(paths) > 30, paths
+    wrong = [f"{p.relative_to(made)}: {stat.S_IMODE(p.lstat().st_mode):o}" for p in paths
+             if stat.S_IMODE(p.lstat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~mask]
+    assert not wrong, f"umask {mask:o}:\n" + "\n".join(wrong)
+
+
 def generate(model):
     return ["generate", "--model", model, "--prompt", "the cat", "--max-tokens", "3", "--greedy"]
 
