@@ -406,12 +406,17 @@ pub fn encode_each<E: From<TokenizeError>>(
     texts: &[String],
     mut f: impl FnMut(usize, &[u32], bool) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    let short: Vec<String> = texts
-        .iter()
-        .filter(|t| t.len() <= BATCH_BYTES)
-        .cloned()
-        .collect();
-    let mut short_ids = encode_batch(tk, &short)?.into_iter();
+    let short_ids = if texts.iter().all(|t| t.len() <= BATCH_BYTES) {
+        encode_batch(tk, texts)?
+    } else {
+        let short: Vec<String> = texts
+            .iter()
+            .filter(|t| t.len() <= BATCH_BYTES)
+            .cloned()
+            .collect();
+        encode_batch(tk, &short)?
+    };
+    let mut short_ids = short_ids.into_iter();
     for (i, text) in texts.iter().enumerate() {
         if text.len() <= BATCH_BYTES {
             let ids = short_ids.next().unwrap_or_default();
