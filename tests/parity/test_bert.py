@@ -3,6 +3,7 @@ loads in lmkit and gives the same masked-LM logits; mean-pooled sentence embeddi
 ones computed from transformers' hidden states; a broken checkpoint is refused by name."""
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -55,6 +56,10 @@ def test_embeddings_are_mean_pooled_hidden_states(bert, tmp_path):
     bert["run"]("embed", "--model", bert["dir"], "--input", tmp_path / "in.txt", "--output", tmp_path / "e.jsonl")
     assert (tmp_path / "e.jsonl").read_text() == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl", "in.txt"]
+    # An output that cannot be made is an error naming where.
+    r = subprocess.run([bert["bin"], "embed", "--model", bert["dir"], "--input", tmp_path / "in.txt", "--output",
+                        tmp_path / "no" / "e.jsonl"], capture_output=True, text=True)
+    assert r.returncode == 1 and str(tmp_path / "no") in r.stderr, r.stderr
     for g, t in zip(got, texts):
         ids = bert["tok"].encode(t).ids
         with torch.no_grad():
