@@ -595,7 +595,8 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
     } else {
         prompt_tokens
     };
-    // A prompt longer than that being scored a part a round (the jobs behind it wait).
+    // A prompt longer than that being scored a part a round. Jobs that decode start meanwhile
+    // (a slot is kept for its sequence, whose room it holds); scored prompts behind it wait.
     let mut partial: Option<Partial> = None;
     loop {
         if sequences.running.is_empty() && next.is_empty() && partial.is_none() {
@@ -625,7 +626,7 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                 partial = score_part(part, model, more, &mut next, &mut sequences, &depth);
             }
         }
-        while partial.is_none() && sequences.running.len() < max_active {
+        while sequences.running.len() + usize::from(partial.is_some()) < max_active {
             let (job, cache) = match next.pop_front() {
                 Some(j) => j,
                 None if !open => break,
@@ -638,6 +639,11 @@ fn worker(models: Vec<CausalLm>, rx: Receiver<Job>, counts: Counts, cap: Capacit
                     }
                 },
             };
+            if partial.is_some() && job.prompt_logprobs.is_some() && cache.is_none() {
+                // One scored prompt is read at a time.
+                next.push_front((job, None));
+                break;
+            }
             // A prompt is scored once its sequence's cache fits the budget (its cache is then
             // held until the sequence starts); until then it waits as `offer` has it wait.
             let need = kv.map_or(0, |b| b.need(&job));

@@ -1476,6 +1476,40 @@ fn scoring_job(
     j
 }
 
+/// While a long scored prompt is read a part a round, a job that decodes starts beside it (it
+/// waited until the whole prompt was read); a second scored prompt waits for the first.
+#[tokio::test]
+async fn decoding_jobs_start_while_a_long_prompt_is_scored() {
+    use lmkit_serve::engine::Event;
+    let d = tempfile::tempdir().unwrap();
+    let (st, (tx, mut rx)) = decoding_within(d.path(), 40, lmkit_serve::KvMemory::Unlimited).await;
+    // 41 positions: 6 parts of 8 (`--prompt-tokens`), a round each.
+    let long: Vec<u32> = (0..41).map(|i| 5 + (i * 7) % 50).collect();
+    st.engine
+        .submit(vec![
+            scoring_job(&st, 1, long.clone(), tx.clone()),
+            greedy_job(&st, 2, vec![8, 9], 2, tx.clone()),
+            scoring_job(&st, 3, long, tx.clone()),
+        ])
+        .unwrap();
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some((i, e)) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+        match e {
+            Event::Prompt(_) => order.push((i, "prompt")),
+            Event::Token(..) => order.push((i, "token")),
+            Event::Done(..) => order.push((i, "done")),
+            Event::Cached(_) => {}
+            Event::Error(m) | Event::Invalid(m) => panic!("{m}"),
+        }
+    }
+    let at = |e| order.iter().position(|&o| o == e).unwrap();
+    assert!(at((2, "done")) < at((1, "prompt")), "{order:?}");
+    assert!(at((1, "prompt")) < at((3, "prompt")), "{order:?}");
+    assert_eq!(st.engine.kv_reserved(), 0);
+    assert_eq!(st.engine.depth(), 0);
+}
+
 /// Prompts scored for their log-probabilities are read in batches of at most `--prompt-tokens`
 /// positions, one batch a round while other sequences decode: a decoding sequence gets a token
 /// between two batches (it waited for all of them before).
