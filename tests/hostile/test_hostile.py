@@ -19,11 +19,13 @@ MEMORY = 4 << 30
 SIGNS = ("panicked", "memory allocation of", "Aborted", "RUST_BACKTRACE")
 
 
+def cap():
+    """Caps the address space of the process about to run (a `preexec_fn`)."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
 def run(args, cwd, env=None, stdin=None):
     """`env`: the environment instead of this process's; `stdin`: a file for standard input."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-
     return subprocess.run([BIN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
                           preexec_fn=cap, env=env, stdin=stdin)
 
@@ -203,9 +205,6 @@ PEAK = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=s
 
 def peak_memory(args, cwd):
     """Runs lmkit under the cap: its exit code, stderr and peak resident memory in bytes."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-
     p = subprocess.run([sys.executable, "-c", PEAK, BIN, *map(str, args)], cwd=cwd, capture_output=True,
                        text=True, timeout=120, preexec_fn=cap)
     rc, kib = map(int, p.stdout.split())

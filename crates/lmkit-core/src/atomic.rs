@@ -308,10 +308,6 @@ pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
 mod tests {
     use super::*;
 
-    /// A symbolic link to a file, a FIFO, or a link to a FIFO given as the path (`/dev/null`
-    /// and `/dev/stdout` are such files) is written through: the rename replaced each of them
-    /// with a regular file (as root, `--output /dev/null` replaced the system's /dev/null). A
-    /// directory is not committed over a file.
     /// Files and directories written are made with the permissions any other file gets (0666
     /// and 0777 less the umask), not a temporary file's 0600 (which left checkpoints and shards
     /// unreadable to any other user), and a file replaced keeps its own.
@@ -343,6 +339,10 @@ mod tests {
         );
     }
 
+    /// A symbolic link to a file, a FIFO, or a link to a FIFO given as the path (`/dev/null`
+    /// and `/dev/stdout` are such files) is written through: the rename replaced each of them
+    /// with a regular file (as root, `--output /dev/null` replaced the system's /dev/null). A
+    /// directory is not committed over a file.
     #[test]
     fn links_devices_and_pipes_are_written_through_not_replaced() {
         use std::os::unix::fs::{symlink, FileTypeExt};
