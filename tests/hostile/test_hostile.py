@@ -197,6 +197,24 @@ def test_endless_standard_input_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("unit, what", [("paragraph", "paragraph"), ("file", "file (one document")])
+def test_an_endless_paragraph_is_a_clear_error(tmp_path, unit, what):
+    """Lines read without end as one paragraph (or as one file) grew one string until the
+    allocation aborted; a paragraph or file over 256 MiB is now a bad record naming where it
+    starts."""
+    yes = subprocess.Popen(["yes", "a line of text"], stdout=subprocess.PIPE)
+    try:
+        p = run(["data", "prepare", "--input", "-", "--unit", unit, "--output", "out"], tmp_path,
+                stdin=yes.stdout)
+    finally:
+        yes.kill()
+        yes.wait()
+        yes.stdout.close()
+    check(p, f"-:1: {what}")
+    assert "is longer than 256 MiB" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
 # Runs a command and prints its exit code and peak resident memory. (A child forked from this test
 # process would count this process's own memory, which it held until its exec, in its peak.)
 PEAK = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "

@@ -19,6 +19,11 @@ pub enum TxtUnit {
     File,
 }
 
+/// The longest document that a paragraph or a whole file makes (`--txt-unit`); a longer one is a
+/// bad record, as a line over [`lmkit_core::MAX_LINE_BYTES`] is. (An HTML page over
+/// [`crate::warc::MAX_RECORD`] is passed over as too large, as a WARC record is.)
+pub const MAX_DOC_BYTES: usize = lmkit_core::MAX_LINE_BYTES;
+
 #[derive(Clone, Debug)]
 pub struct IngestOptions {
     pub txt_unit: TxtUnit,
@@ -370,18 +375,24 @@ pub fn read_docs_in(
         }
         Format::Warc => return read_warc(&mut reader, path, on_bytes, skipped, f),
         Format::Html => {
+            // A page over MAX_RECORD is passed over and counted, as a WARC record is.
+            let limit = crate::warc::MAX_RECORD;
             let mut bytes = Vec::new();
-            reader
+            (&mut reader)
+                .take(limit + 1)
                 .read_to_end(&mut bytes)
                 .map_err(|e| DataError::io(path, e))?;
             on_bytes(bytes.len() as u64);
-            return deliver(
-                crate::warc::html_doc(&bytes, None),
-                display,
-                None,
-                skipped,
-                f,
-            );
+            let content = if bytes.len() as u64 > limit {
+                let rest = std::io::copy(&mut reader, &mut std::io::sink())
+                    .map_err(|e| DataError::io(path, e))?;
+                on_bytes(rest);
+                let reason = format!("page over {} MiB", limit >> 20);
+                crate::warc::Content::Skipped("too-large", reason)
+            } else {
+                crate::warc::html_doc(&bytes, None)
+            };
+            return deliver(content, display, None, skipped, f);
         }
         Format::Txt | Format::Jsonl | Format::Parquet => {}
     }
@@ -389,6 +400,8 @@ pub fn read_docs_in(
     let mut json = JsonBlock::default();
     let mut pending = String::new(); // paragraph/file accumulation
     let mut pending_start = 0u64;
+    // The paragraph or file being read is over MAX_DOC_BYTES: its lines are passed over.
+    let mut overlong = false;
     while pos < end {
         buf.clear();
         // A line over MAX_LINE_BYTES (a file without line ends, an endless stream) is a bad
@@ -470,11 +483,31 @@ pub fn read_docs_in(
                         })?;
                     }
                     pending.clear();
+                    overlong = false;
+                    continue;
+                }
+                if overlong {
+                    // The rest of a document too long to keep.
                     continue;
                 }
                 if pending.is_empty() {
                     pending_start = line_no;
-                } else {
+                }
+                // A document over MAX_DOC_BYTES (a file without blank lines read as paragraphs,
+                // an endless stream as one file) is a bad record like an over-long line, not a
+                // string that grows until an allocation aborts.
+                if pending.len() + 1 + text.len() > MAX_DOC_BYTES {
+                    pending = String::new();
+                    overlong = true;
+                    let unit = match opts.txt_unit {
+                        TxtUnit::Paragraph => "paragraph",
+                        _ => "file (one document with --txt-unit file)",
+                    };
+                    let msg = format!("{unit} is longer than {} MiB", MAX_DOC_BYTES >> 20);
+                    bad_line(path, pending_start, msg, opts.skip_bad, skipped)?;
+                    continue;
+                }
+                if !pending.is_empty() {
                     pending.push('\n');
                 }
                 pending.push_str(text);
@@ -782,6 +815,98 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// A paragraph or a whole file over `MAX_DOC_BYTES`, each of its lines within the line limit,
+    /// is an error naming where it starts; with `skip_bad` it is passed over and counted, and the
+    /// paragraphs after it are read.
+    #[test]
+    fn an_overlong_paragraph_or_file_is_a_bad_record() {
+        use std::io::{Seek, SeekFrom, Write};
+        // Lines of 200 and 100 MiB (holes of NUL bytes), each within the line limit, make a
+        // paragraph (line 3) over MAX_DOC_BYTES.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.txt");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(b"first\n\n").unwrap();
+        for (hole, after) in [(200u64 << 20, &b"\n"[..]), (100 << 20, b"\n\nafter\n")] {
+            f.seek(SeekFrom::Current(hole as i64)).unwrap();
+            f.write_all(after).unwrap();
+        }
+        drop(f);
+        let read = |unit: TxtUnit, skip_bad: bool| {
+            let opts = IngestOptions {
+                txt_unit: unit,
+                skip_bad,
+                ..Default::default()
+            };
+            let (mut got, mut bad) = (Vec::new(), Vec::new());
+            let r = read_docs_in(
+                &path,
+                &opts,
+                None,
+                &mut |_| {},
+                &mut |s| bad.push((s.source, s.reason)),
+                &mut |d| {
+                    got.push(d.text);
+                    Ok(())
+                },
+            );
+            (r.map_err(|e| e.to_string()), got, bad)
+        };
+        let (r, got, _) = read(TxtUnit::Paragraph, false);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("t.txt:3") && e.contains("paragraph is longer than 256 MiB"),
+            "{e}"
+        );
+        assert_eq!(got, ["first"]);
+        let (r, got, bad) = read(TxtUnit::Paragraph, true);
+        r.unwrap();
+        assert_eq!(got, ["first", "after"]);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].0.ends_with("t.txt:3"), "{bad:?}");
+        let (r, got, _) = read(TxtUnit::File, false);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("t.txt:1") && e.contains("file (one document"),
+            "{e}"
+        );
+        assert!(got.is_empty());
+        let (r, got, bad) = read(TxtUnit::File, true);
+        r.unwrap();
+        assert!(got.is_empty());
+        assert_eq!(bad.len(), 1);
+    }
+
+    /// An HTML page over `MAX_RECORD` is passed over as too large, as a WARC record is, and its
+    /// bytes are counted.
+    #[test]
+    fn an_html_page_over_the_record_limit_is_passed_over() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.html");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(b"<html><body><p>text</p>").unwrap();
+        let len = crate::warc::MAX_RECORD + 100;
+        f.set_len(len).unwrap();
+        drop(f);
+        let (mut got, mut skipped, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        read_docs_in(
+            &path,
+            &IngestOptions::default(),
+            None,
+            &mut |n| bytes += n,
+            &mut |s| skipped.push((s.kind, s.reason)),
+            &mut |d| {
+                got.push(d.text);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(got.is_empty());
+        assert_eq!(skipped, [("too-large", "page over 64 MiB".to_string())]);
+        assert_eq!(bytes, len);
     }
 
     /// A line over `MAX_LINE_BYTES` (here a sparse file of zeros without a line end) is an error
