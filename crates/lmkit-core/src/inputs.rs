@@ -38,6 +38,41 @@ pub fn read_line_within(
     Ok(n)
 }
 
+/// The lines of `r` as [`BufRead::lines`](std::io::BufRead::lines) gives them (without their
+/// `\n` or `\r\n`), each read within [`MAX_LINE_BYTES`]: a longer line is an error
+/// (`InvalidData`, saying so), as a line that is not UTF-8 is. Nothing follows an error.
+pub fn lines_within<R: std::io::BufRead>(
+    mut r: R,
+) -> impl Iterator<Item = std::io::Result<String>> {
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        let mut buf = Vec::new();
+        let line = match read_line_within(&mut r, &mut buf, MAX_LINE_BYTES) {
+            Ok(0) => return None,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                }
+                String::from_utf8(buf).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+                    )
+                })
+            }
+            Err(e) => Err(e),
+        };
+        failed = line.is_err();
+        Some(line)
+    })
+}
+
 /// `path` itself when it is a file; otherwise every file below the directory whose name
 /// `accept` takes, sorted by path. Hidden files and directories (names starting with `.`) are
 /// skipped; symbolic links are followed, and a link that loops is an error. `what` describes
@@ -103,6 +138,31 @@ mod tests {
 
     fn txt(name: &str) -> bool {
         name.ends_with(".txt")
+    }
+
+    /// `lines_within` gives what `BufRead::lines` gives, and an error (then nothing) for a line
+    /// over `MAX_LINE_BYTES` (an endless input) or one that is not UTF-8.
+    #[test]
+    fn lines_within_are_lines_and_an_endless_line_is_an_error() {
+        use std::io::{BufRead, Read};
+        let text = "one\r\ntwo\n\nthree";
+        let got: Vec<String> = lines_within(text.as_bytes()).map(Result::unwrap).collect();
+        let want: Vec<String> = text.as_bytes().lines().map(Result::unwrap).collect();
+        assert_eq!(got, want);
+        let bad: Vec<_> = lines_within(&b"ok\n\xff\nafter\n"[..]).collect();
+        assert_eq!(bad.len(), 2);
+        assert!(bad[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("not UTF-8"));
+        let endless =
+            std::io::BufReader::new(std::io::repeat(b'a').take(MAX_LINE_BYTES as u64 + 2));
+        let mut lines = lines_within(endless);
+        let e = lines.next().unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("longer than 256 MiB"), "{e}");
+        assert!(lines.next().is_none());
     }
 
     #[test]

@@ -16,5 +16,5 @@ pub mod tokens;
 
 pub use atomic::{write_atomic, write_atomic_bytes, AtomicDir, AtomicFile, OutputDir};
 pub use error::{PathError, PathResultExt};
-pub use inputs::{collect_inputs, is_gguf, read_line_within, MAX_LINE_BYTES};
+pub use inputs::{collect_inputs, is_gguf, lines_within, read_line_within, MAX_LINE_BYTES};
 pub use progress::{NoProgress, Progress, Unit};

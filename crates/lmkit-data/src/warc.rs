@@ -34,11 +34,20 @@ pub enum Content {
     Skipped(&'static str, String),
 }
 
-/// One line into `line` (cleared first); its length, 0 at the end.
-fn read_line(r: &mut dyn BufRead, line: &mut Vec<u8>) -> Result<usize, String> {
+/// The longest record header taken (a line of it included: a file without line ends, not WARC
+/// at all, is not gathered whole as one line).
+const MAX_HEADER: usize = 1 << 20;
+
+/// One line of record `number`'s header into `line` (cleared first); its length, 0 at the end.
+fn read_line(mut r: &mut dyn BufRead, line: &mut Vec<u8>, number: u64) -> Result<usize, String> {
     line.clear();
-    r.read_until(b'\n', line)
-        .map_err(|e| format!("read failed: {e}"))
+    lmkit_core::read_line_within(&mut r, line, MAX_HEADER).map_err(|e| {
+        if line.len() > MAX_HEADER {
+            format!("record {number}: header longer than 1 MiB")
+        } else {
+            format!("read failed: {e}")
+        }
+    })
 }
 
 /// Reads the next record (the `number`-th, named in errors), `Ok(None)` at the end. Errors say
@@ -47,7 +56,7 @@ pub fn next_record(r: &mut dyn BufRead, number: u64) -> Result<Option<Record>, S
     let mut line = Vec::new();
     // Records are separated by blank lines; skip any before the version line.
     loop {
-        let n = read_line(r, &mut line)?;
+        let n = read_line(r, &mut line, number)?;
         if n == 0 {
             return Ok(None);
         }
@@ -68,12 +77,12 @@ pub fn next_record(r: &mut dyn BufRead, number: u64) -> Result<Option<Record>, S
     let mut length: Option<u64> = None;
     let mut header_bytes = line.len();
     loop {
-        let n = read_line(r, &mut line)?;
+        let n = read_line(r, &mut line, number)?;
         if n == 0 {
             return Err(format!("record {number}: the file ends inside its header"));
         }
         header_bytes += n;
-        if header_bytes > 1 << 20 {
+        if header_bytes > MAX_HEADER {
             return Err(format!("record {number}: header longer than 1 MiB"));
         }
         let text = String::from_utf8_lossy(&line);
@@ -369,6 +378,12 @@ mod tests {
         assert!(next_record(&mut r, 1)
             .unwrap_err()
             .contains("no Content-Length"));
+        // A file without line ends is not read whole as one line.
+        let zeros = vec![0u8; MAX_HEADER + 10];
+        let mut r = &zeros[..];
+        let e = next_record(&mut r, 1).unwrap_err();
+        assert!(e.contains("record 1: header longer than 1 MiB"), "{e}");
+        assert!(r.len() >= 8, "{} bytes left", r.len());
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 use crate::{Found, RagError, Result};
 use serde::{Deserialize, Serialize};
-use std::io::BufRead;
 use std::path::Path;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -24,8 +23,12 @@ pub struct Question {
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     let f = std::fs::File::open(path).map_err(|e| lmkit_core::PathError::new(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| lmkit_core::PathError::new(path, e))?;
+    for (i, line) in lmkit_core::lines_within(std::io::BufReader::new(f)).enumerate() {
+        let line = line.map_err(|e| RagError::Input {
+            path: path.to_path_buf(),
+            line: i + 1,
+            what: e.to_string(),
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -94,6 +97,21 @@ pub fn score(ranks: &[Option<usize>], k: usize) -> Scores {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A question file without line ends (here a sparse file of zeros) is an error naming its
+    /// line, not a buffer grown until an allocation aborts.
+    #[test]
+    fn a_question_file_without_line_ends_is_an_error_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.jsonl");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(lmkit_core::MAX_LINE_BYTES as u64 + 10).unwrap();
+        let e = read_questions(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("q.jsonl") && e.contains(":1") && e.contains("longer than 256 MiB"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn hit_rates_and_reciprocal_ranks() {

@@ -21,7 +21,7 @@ use crate::{RagError, Result};
 use lmkit_core::PathError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "lmkit-index";
@@ -285,8 +285,8 @@ impl Index {
         let cp = dir.join("chunks.jsonl");
         let f = std::fs::File::open(&cp).map_err(|e| PathError::new(&cp, e))?;
         let mut chunks = Vec::with_capacity(n);
-        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(|e| PathError::new(&cp, e))?;
+        for (i, line) in lmkit_core::lines_within(std::io::BufReader::new(f)).enumerate() {
+            let line = line.map_err(|e| RagError::corrupt(&cp, format!("line {}: {e}", i + 1)))?;
             let c: ChunkInfo = serde_json::from_str(&line)
                 .map_err(|e| RagError::corrupt(&cp, format!("line {}: {e}", i + 1)))?;
             chunks.push(c);

@@ -81,7 +81,7 @@ pub fn read(path: &Path, text_field: &str) -> Result<Vec<Document>> {
         }]);
     }
     let mut out = Vec::new();
-    for (i, line) in r.lines().enumerate() {
+    for (i, line) in lmkit_core::lines_within(r).enumerate() {
         let bad = |what: String| RagError::Input {
             path: path.to_path_buf(),
             line: i + 1,
