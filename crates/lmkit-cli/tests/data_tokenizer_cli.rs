@@ -212,6 +212,32 @@ fn export_preferences_names_a_missing_database() {
         "{err}"
     );
     assert!(!out.exists());
+    // A FIFO (or a device) is refused, not opened: SQLite said "disk I/O error" for a FIFO, and
+    // made its journal file beside a device (`/dev/zero-journal`).
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let (ok, _, err) = lmkit(
+        &[
+            "data",
+            "export-ratings",
+            "--db",
+            fifo.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("not a database file"), "{err}");
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["fifo"]);
 }
 
 /// Shards and prepared corpora are written as a whole: a new run leaves no stale files of an

@@ -512,8 +512,17 @@ fn fingerprint(paths: &[&Path]) -> Result<u128> {
                 lmkit_models::resolve_run(p, "adapter_config.json")
             };
             dir_files(&d)?
-        } else {
+        } else if p.is_file() {
             vec![p.to_path_buf()]
+        } else {
+            // (A device such as /dev/zero would be hashed without end.)
+            return Err(TrainError::io(
+                p,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a model directory or a GGUF file",
+                ),
+            ));
         };
         for f in files {
             let mut file = std::fs::File::open(&f).map_err(|e| TrainError::io(&f, e))?;
@@ -1044,6 +1053,19 @@ fn reference_scores(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model given as neither a directory nor a regular file (a device: `/dev/zero` was hashed
+    /// without end) is an error naming it.
+    #[test]
+    fn a_reference_that_is_not_a_file_is_an_error() {
+        let e = fingerprint(&[Path::new("/dev/null")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/null") && e.contains("not a model directory or a GGUF file"),
+            "{e}"
+        );
+    }
 
     fn spec(loss: LossType, eps: f64) -> DpoSpec {
         DpoSpec {

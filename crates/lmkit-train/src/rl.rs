@@ -1278,6 +1278,9 @@ fn add_source(rewards: &mut [f64], parts: &mut Extra, name: &str, got: &[f64]) {
     );
 }
 
+/// The most a reward command may print (a number a line, a line for each completion).
+const MAX_REWARD_OUTPUT: usize = 16 << 20;
+
 /// Runs the reward command once over all samples.
 fn command_rewards(
     cmd: &str,
@@ -1304,17 +1307,25 @@ fn command_rewards(
         .map_err(|e| fail(format!("cannot start: {e}")))?;
     let mut stdin = child.stdin.take().ok_or_else(|| fail("no stdin".into()))?;
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+    // Each pipe is read to its end (the command never blocks on a full pipe), keeping its first
+    // `keep` bytes and counting the rest: a command that prints without end (`yes`) is an error,
+    // not a buffer grown until an allocation aborts.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>, keep: usize| {
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
+            let (mut buf, mut total) = (Vec::new(), 0u64);
             if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
+                use std::io::Read;
+                let _ = (&mut p).take(keep as u64).read_to_end(&mut buf);
+                total = buf.len() as u64 + std::io::copy(&mut p, &mut std::io::sink()).unwrap_or(0);
             }
-            buf
+            (buf, total)
         })
     };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let stdout = drain(
+        child.stdout.take().map(|p| Box::new(p) as _),
+        MAX_REWARD_OUTPUT,
+    );
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _), 64 << 10);
     let t0 = Instant::now();
     let status = loop {
         match child.try_wait().map_err(|e| fail(format!("{e}")))? {
@@ -1330,12 +1341,29 @@ fn command_rewards(
         }
     };
     let _ = writer.join();
-    let out = std::process::Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (stdout, printed) = stdout.join().unwrap_or_default();
+    let (stderr, _) = stderr.join().unwrap_or_default();
+    if !status.success() {
+        let said = String::from_utf8_lossy(&stderr);
+        let said = said.trim();
+        // Its last lines (a Python traceback ends with the error).
+        let mut from = said.len().saturating_sub(2000);
+        while !said.is_char_boundary(from) {
+            from += 1;
+        }
+        let tail = &said[from..];
+        return Err(fail(format!(
+            "{status}{}{tail}",
+            if tail.is_empty() { "" } else { ":\n" }
+        )));
+    }
+    if printed > stdout.len() as u64 {
+        return Err(fail(format!(
+            "printed more than {} MiB; print one number a line, one line for each completion",
+            MAX_REWARD_OUTPUT >> 20
+        )));
+    }
+    let text = String::from_utf8_lossy(&stdout);
     let got: Vec<f64> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -1482,6 +1510,42 @@ mod tests {
             let f = |x: f64| ppo_token_loss(a, x, old, 0.2).0;
             assert!(((f(lp + h) - f(lp - h)) / (2.0 * h) - d).abs() < 1e-6);
         }
+    }
+
+    /// A reward command's numbers are read one a line; one that fails is an error with its exit
+    /// status and what it said, and one that prints too much an error (it was read whole, and
+    /// `cat /dev/zero` aborted on allocation).
+    #[test]
+    fn reward_commands_print_numbers_and_their_failures_are_errors() {
+        let prompts = [Prompt {
+            ids: vec![1],
+            text: "p".into(),
+            row: serde_json::json!({"prompt": "p"}),
+        }];
+        let samples: Vec<Sample> = (0..2)
+            .map(|i| Sample {
+                prompt: 0,
+                ids: vec![2],
+                stop: None,
+                text: format!("c{i}"),
+            })
+            .collect();
+        let run = |cmd: &str| command_rewards(cmd, 30.0, &samples, &prompts);
+        assert_eq!(
+            run("cat > /dev/null; printf '1\\n0.5\\n'").unwrap(),
+            [1.0, 0.5]
+        );
+        let e = run("cat > /dev/null; echo 1; echo 'it broke' >&2; exit 3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exit status: 3") && e.contains("it broke"),
+            "{e}"
+        );
+        let e = run("cat > /dev/null; head -c 20000000 /dev/zero")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("printed more than 16 MiB"), "{e}");
     }
 
     #[test]
