@@ -12,6 +12,7 @@ import http.client
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -455,3 +456,36 @@ def test_a_grammar_that_fails_while_generating_is_the_client_s_error(made, tmp_p
         assert any(e.get("error", {}).get("param") == "response_format" for e in events), events
         assert answer.decode().rstrip().endswith("data: [DONE]"), answer[-200:]
         assert proc.poll() is None
+
+
+def test_tuning_inputs_that_are_devices_or_print_without_end_are_clear_errors(made, tmp_path):
+    """A DPO `reference` naming a device was hashed without end (/dev/zero: a hang); a GRPO reward
+    command's output was read whole (one printing without end aborted on allocation) and its exit
+    status ignored. Now each is an error that says what is wrong."""
+    rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"}] * 4
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": "the dog"}) + "\n" for _ in range(4)))
+    train = '[train]\nout_dir = "out"\nmax_steps = 1\nbatch_size = 2\nseq_len = 32\n[lora]\nr = 2\nalpha = 4\n'
+    base = f'base = "{made}/llama"\n'
+    device = tmp_path / "zero"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    except PermissionError:
+        device = pathlib.Path("/dev/zero")  # read, never written
+    rl = base + f'[data]\nprompts = "{tmp_path}/prompts.jsonl"\n[rl]\ngroup_size = 2\nmax_new_tokens = 2\n'
+    cases = [
+        (["dpo"], base + f'reference = "{device}"\n[data]\ntrain = "{tmp_path}/pref.jsonl"\n',
+         "not a model directory or a GGUF file"),
+        (["rl"], rl + '[reward]\ncommand = "cat > /dev/null; head -c 100000000 /dev/zero"\n',
+         "printed more than 16 MiB"),
+        (["rl"], rl + '[reward]\ncommand = "cat > /dev/null; echo 1; echo it broke >&2; exit 3"\n',
+         "exit status: 3:\nit broke"),
+    ]
+    for i, (command, config, want) in enumerate(cases):
+        work = tmp_path / str(i)
+        work.mkdir()
+        (work / "c.toml").write_text(config + train)
+        p = run([*command, "--config", "c.toml"], work)
+        assert p.returncode == 1 and want in p.stderr, (config, p.returncode, p.stderr[-2000:])
+        assert len(p.stderr) < 10_000 and not any(s in p.stderr for s in SIGNS), (config, p.stderr[-2000:])
+    assert stat.S_ISCHR(device.lstat().st_mode)
