@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from test_hostile import BIN, SIGNS, run
+from test_hostile import BIN, MEMORY, SIGNS, cap, run
 
 ROUNDS = int(os.environ.get("LMKIT_FUZZ_ROUNDS", "120"))
 SEED = int(os.environ.get("LMKIT_FUZZ_SEED", "0"))
@@ -211,12 +211,12 @@ def test_mutated_files_end_in_success_or_a_clear_error(made, tmp_path):
 
 
 @contextlib.contextmanager
-def serving(made, tmp_path):
+def serving(made, tmp_path, preexec_fn=None):
     """`lmkit serve` on the Llama run: (host, port, its log's path, the process)."""
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([BIN, "serve", made / "llama", "--port", "0", "--db", tmp_path / "db.sqlite"],
-                            stderr=log, stdout=log)
+                            stderr=log, stdout=log, preexec_fn=preexec_fn)
     try:
         line = None
         for _ in range(600):
@@ -489,3 +489,14 @@ def test_tuning_inputs_that_are_devices_or_print_without_end_are_clear_errors(ma
         assert p.returncode == 1 and want in p.stderr, (config, p.returncode, p.stderr[-2000:])
         assert len(p.stderr) < 10_000 and not any(s in p.stderr for s in SIGNS), (config, p.stderr[-2000:])
     assert stat.S_ISCHR(device.lstat().st_mode)
+
+
+def test_the_servers_caches_fit_within_its_memory_limit(made, tmp_path):
+    """The KV caches' default budget is sized by the memory the server may still take: under a
+    4 GiB address-space limit (as in a container with a memory limit) it budgeted half the
+    machine's `MemAvailable` (11.5 GiB on a 24 GiB machine) and would abort on allocation before
+    refusing a sequence."""
+    with serving(made, tmp_path, preexec_fn=cap) as (host, port, log_path, proc):
+        line = next(l for l in log_path.read_text().splitlines() if "KV caches: up to" in l)
+    kv, prefix = (float(x) for x in re.findall(r"up to ([0-9.]+) GiB", line))
+    assert 0 < kv + prefix < MEMORY / (1 << 30), line
