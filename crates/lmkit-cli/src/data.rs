@@ -351,13 +351,6 @@ fn export(
             db.display()
         );
     }
-    if !db.is_file() {
-        // (SQLite would make its journal beside a device or directory given here.)
-        anyhow::bail!(
-            "{}: not a database file (give the --db that `lmkit serve` wrote)",
-            db.display()
-        );
-    }
     let store = lmkit_serve::store::Store::open(db)?;
     let dir = output
         .parent()

@@ -154,6 +154,14 @@ impl Store {
             path: path.to_path_buf(),
             msg: e.to_string(),
         };
+        // A device, FIFO or directory is refused before SQLite opens it (it made its journal
+        // file beside a device: `/dev/zero-journal`).
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(StoreError::Db {
+                path: path.to_path_buf(),
+                msg: "not a database file (a device, FIFO or directory)".into(),
+            });
+        }
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
@@ -496,6 +504,31 @@ mod tests {
             comment: None,
             correction: None,
         }
+    }
+
+    /// A directory or FIFO given as the database is refused before SQLite opens it, and nothing
+    /// is made beside it (SQLite made its journal beside a device).
+    #[test]
+    fn a_path_that_is_not_a_file_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        for p in [&sub, &fifo] {
+            let e = Store::open(p).err().expect("refused").to_string();
+            assert!(e.contains("not a database file"), "{e}");
+        }
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["fifo", "sub"]);
     }
 
     /// The review list's filters: creation time, moderation flags (prompt or completion), model,
