@@ -817,6 +817,33 @@ mod tests {
         out
     }
 
+    /// What reading `path` (the part `range`) gives: its result, the documents' texts, what was
+    /// skipped and the bytes counted.
+    fn read_all(
+        path: &Path,
+        opts: &IngestOptions,
+        range: Option<std::ops::Range<u64>>,
+    ) -> (
+        std::result::Result<(), String>,
+        Vec<String>,
+        Vec<Skipped>,
+        u64,
+    ) {
+        let (mut got, mut skipped, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        let r = read_docs_in(
+            path,
+            opts,
+            range,
+            &mut |n| bytes += n,
+            &mut |s| skipped.push(s),
+            &mut |d| {
+                got.push(d.text);
+                Ok(())
+            },
+        );
+        (r.map_err(|e| e.to_string()), got, skipped, bytes)
+    }
+
     /// A paragraph or a whole file over `MAX_DOC_BYTES`, each of its lines within the line limit,
     /// is an error naming where it starts; with `skip_bad` it is passed over and counted, and the
     /// paragraphs after it are read.
@@ -834,25 +861,14 @@ mod tests {
             f.write_all(after).unwrap();
         }
         drop(f);
-        let read = |unit: TxtUnit, skip_bad: bool| {
+        let read = |txt_unit: TxtUnit, skip_bad: bool| {
             let opts = IngestOptions {
-                txt_unit: unit,
+                txt_unit,
                 skip_bad,
                 ..Default::default()
             };
-            let (mut got, mut bad) = (Vec::new(), Vec::new());
-            let r = read_docs_in(
-                &path,
-                &opts,
-                None,
-                &mut |_| {},
-                &mut |s| bad.push((s.source, s.reason)),
-                &mut |d| {
-                    got.push(d.text);
-                    Ok(())
-                },
-            );
-            (r.map_err(|e| e.to_string()), got, bad)
+            let (r, got, bad, _) = read_all(&path, &opts, None);
+            (r, got, bad)
         };
         let (r, got, _) = read(TxtUnit::Paragraph, false);
         let e = r.unwrap_err();
@@ -865,7 +881,7 @@ mod tests {
         r.unwrap();
         assert_eq!(got, ["first", "after"]);
         assert_eq!(bad.len(), 1);
-        assert!(bad[0].0.ends_with("t.txt:3"), "{bad:?}");
+        assert!(bad[0].source.ends_with("t.txt:3"), "{:?}", bad[0].source);
         let (r, got, _) = read(TxtUnit::File, false);
         let e = r.unwrap_err();
         assert!(
@@ -891,21 +907,14 @@ mod tests {
         let len = crate::warc::MAX_RECORD + 100;
         f.set_len(len).unwrap();
         drop(f);
-        let (mut got, mut skipped, mut bytes) = (Vec::new(), Vec::new(), 0u64);
-        read_docs_in(
-            &path,
-            &IngestOptions::default(),
-            None,
-            &mut |n| bytes += n,
-            &mut |s| skipped.push((s.kind, s.reason)),
-            &mut |d| {
-                got.push(d.text);
-                Ok(())
-            },
-        )
-        .unwrap();
+        let (r, got, skipped, bytes) = read_all(&path, &IngestOptions::default(), None);
+        r.unwrap();
         assert!(got.is_empty());
-        assert_eq!(skipped, [("too-large", "page over 64 MiB".to_string())]);
+        let skipped: Vec<_> = skipped
+            .iter()
+            .map(|s| (s.kind, s.reason.as_str()))
+            .collect();
+        assert_eq!(skipped, [("too-large", "page over 64 MiB")]);
         assert_eq!(bytes, len);
     }
 
@@ -931,19 +940,8 @@ mod tests {
                 skip_bad,
                 ..Default::default()
             };
-            let (mut got, mut bad) = (Vec::new(), Vec::new());
-            let r = read_docs_in(
-                &path,
-                &opts,
-                range,
-                &mut |_| {},
-                &mut |s| bad.push(s.source),
-                &mut |d| {
-                    got.push(d.text);
-                    Ok(())
-                },
-            );
-            (r.map_err(|e| e.to_string()), got, bad)
+            let (r, got, bad, _) = read_all(&path, &opts, range);
+            (r, got, bad)
         };
         let (r, got, _) = read(false, None);
         let e = r.unwrap_err();
@@ -958,7 +956,7 @@ mod tests {
             (got, bad.len()),
             (vec!["first".to_string(), "after".to_string()], 1)
         );
-        assert!(bad[0].ends_with("t.txt:2"), "{bad:?}");
+        assert!(bad[0].source.ends_with("t.txt:2"), "{:?}", bad[0].source);
         // A range that starts inside the long line reads from the next one.
         let (r, got, _) = read(false, Some(100..u64::MAX));
         r.unwrap();
