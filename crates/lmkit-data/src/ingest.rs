@@ -19,7 +19,7 @@ pub enum TxtUnit {
     File,
 }
 
-/// The longest document that a paragraph or a whole file makes (`--txt-unit`); a longer one is a
+/// The longest document that a paragraph or a whole file makes (`--unit`); a longer one is a
 /// bad record, as a line over [`lmkit_core::MAX_LINE_BYTES`] is. (An HTML page over
 /// [`crate::warc::MAX_RECORD`] is passed over as too large, as a WARC record is.)
 pub const MAX_DOC_BYTES: usize = lmkit_core::MAX_LINE_BYTES;
@@ -501,7 +501,7 @@ pub fn read_docs_in(
                     overlong = true;
                     let unit = match opts.txt_unit {
                         TxtUnit::Paragraph => "paragraph",
-                        _ => "file (one document with --txt-unit file)",
+                        _ => "file (one document with --unit file)",
                     };
                     let msg = format!("{unit} is longer than {} MiB", MAX_DOC_BYTES >> 20);
                     bad_line(path, pending_start, msg, opts.skip_bad, skipped)?;

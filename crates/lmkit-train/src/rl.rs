@@ -1307,25 +1307,34 @@ fn command_rewards(
         .map_err(|e| fail(format!("cannot start: {e}")))?;
     let mut stdin = child.stdin.take().ok_or_else(|| fail("no stdin".into()))?;
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    // Each pipe is read to its end (the command never blocks on a full pipe), keeping its first
-    // `keep` bytes and counting the rest: a command that prints without end (`yes`) is an error,
-    // not a buffer grown until an allocation aborts.
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>, keep: usize| {
+    // Both pipes are read to their ends (the command never blocks on a full pipe), keeping the
+    // first MAX_REWARD_OUTPUT bytes of standard output and counting the rest (a command that
+    // prints without end is an error, not a buffer grown until an allocation aborts), and the last
+    // 64 KiB of standard error (a Python traceback ends with the error).
+    let stdout = child.stdout.take().map(|mut p| {
         std::thread::spawn(move || {
-            let (mut buf, mut total) = (Vec::new(), 0u64);
-            if let Some(mut p) = pipe {
-                use std::io::Read;
-                let _ = (&mut p).take(keep as u64).read_to_end(&mut buf);
-                total = buf.len() as u64 + std::io::copy(&mut p, &mut std::io::sink()).unwrap_or(0);
-            }
-            (buf, total)
+            use std::io::Read;
+            let mut kept = Vec::new();
+            let _ = (&mut p)
+                .take(MAX_REWARD_OUTPUT as u64)
+                .read_to_end(&mut kept);
+            let rest = std::io::copy(&mut p, &mut std::io::sink()).unwrap_or(0);
+            (kept.len() as u64 + rest, kept)
         })
-    };
-    let stdout = drain(
-        child.stdout.take().map(|p| Box::new(p) as _),
-        MAX_REWARD_OUTPUT,
-    );
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _), 64 << 10);
+    });
+    let stderr = child.stderr.take().map(|mut p| {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut kept, mut chunk) = (Vec::new(), vec![0u8; 8 << 10]);
+            while let Ok(n @ 1..) = p.read(&mut chunk) {
+                kept.extend_from_slice(&chunk[..n]);
+                if kept.len() > 128 << 10 {
+                    kept.drain(..kept.len() - (64 << 10));
+                }
+            }
+            kept
+        })
+    });
     let t0 = Instant::now();
     let status = loop {
         match child.try_wait().map_err(|e| fail(format!("{e}")))? {
@@ -1341,8 +1350,8 @@ fn command_rewards(
         }
     };
     let _ = writer.join();
-    let (stdout, printed) = stdout.join().unwrap_or_default();
-    let (stderr, _) = stderr.join().unwrap_or_default();
+    let (printed, stdout) = stdout.and_then(|t| t.join().ok()).unwrap_or_default();
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
     if !status.success() {
         let said = String::from_utf8_lossy(&stderr);
         let said = said.trim();
@@ -1513,8 +1522,8 @@ mod tests {
     }
 
     /// A reward command's numbers are read one a line; one that fails is an error with its exit
-    /// status and what it said, and one that prints too much an error (it was read whole, and
-    /// `cat /dev/zero` aborted on allocation).
+    /// status and the end of what it said, and one that prints too much an error (it was read
+    /// whole, and `cat /dev/zero` aborted on allocation).
     #[test]
     fn reward_commands_print_numbers_and_their_failures_are_errors() {
         let prompts = [Prompt {
@@ -1541,6 +1550,18 @@ mod tests {
         assert!(
             e.contains("exit status: 3") && e.contains("it broke"),
             "{e}"
+        );
+        // The end of a long standard error is what is quoted.
+        let e = run(
+            "cat > /dev/null; head -c 300000 /dev/zero | tr '\\0' x >&2; echo last >&2; exit 1",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.ends_with("xxlast") && e.len() < 3000,
+            "{} … {}",
+            e.len(),
+            &e[e.len() - 100..]
         );
         let e = run("cat > /dev/null; head -c 20000000 /dev/zero")
             .unwrap_err()
