@@ -197,7 +197,6 @@ def test_endless_standard_input_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 @pytest.mark.parametrize("unit, what", [("paragraph", "paragraph"), ("file", "file (one document")])
 def test_an_endless_paragraph_is_a_clear_error(tmp_path, unit, what):
     """Lines read without end as one paragraph (or as one file) grew one string until the
@@ -214,6 +213,7 @@ def test_an_endless_paragraph_is_a_clear_error(tmp_path, unit, what):
     check(p, f"-:1: {what}")
     assert "is longer than 256 MiB" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists()
+
 
 # Runs a command and prints its exit code and peak resident memory. (A child forked from this test
 # process would count this process's own memory, which it held until its exec, in its peak.)

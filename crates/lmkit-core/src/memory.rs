@@ -24,10 +24,18 @@ pub fn available() -> Option<u64> {
 
 /// Linux's `MemAvailable`, in bytes.
 fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kib_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
+}
+
+/// The bytes of a `NAME:  N kB` line of a `/proc` file's `text` (`/proc/meminfo`,
+/// `/proc/self/status`).
+fn kib_field(text: &str, name: &str) -> Option<u64> {
     let kib: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .find_map(|l| l.strip_prefix(name))?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -64,8 +72,12 @@ fn cgroup_room(cgroup: &str, root: &Path) -> Option<u64> {
         let (base, limit, usage, cache): (PathBuf, _, _, _) = if controllers.is_empty() {
             (root.into(), "memory.max", "memory.current", "inactive_file")
         } else if controllers.split(',').any(|c| c == "memory") {
-            let files = ("memory.limit_in_bytes", "memory.usage_in_bytes");
-            (root.join("memory"), files.0, files.1, "total_inactive_file")
+            (
+                root.join("memory"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
         } else {
             continue;
         };
@@ -95,15 +107,7 @@ fn address_space_room(limits: &str, status: &str) -> Option<u64> {
         .split_whitespace()
         .next()?;
     let limit: u64 = soft.parse().ok()?; // "unlimited" is no limit
-    let used_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(limit.saturating_sub(used_kib * 1024))
+    Some(limit.saturating_sub(kib_field(status, "VmSize:")?))
 }
 
 /// `bytes` as GiB with two decimals, for messages.
